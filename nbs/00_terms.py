@@ -1,0 +1,184 @@
+# %%
+#| default_exp terms
+
+# %% [markdown]
+# # Terms
+# > The vocabulary of moe-lit, the dimension legend, the mapping to vLLM and Hugging Face names, and the argument checks every public function uses.
+
+# %%
+#| export
+from __future__ import annotations
+from dataclasses import dataclass
+import torch
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# In this notebook: the vocabulary table `TERMS` (with `vllm_name` / `hf_names` look-ups), the dimension legend
+# `DIMENSIONS`, and the argument checks `check_int`, `check_choice` and `check_tensor`. It is a **reference** page
+# (Diátaxis): read it once, come back to it when a name is unclear.
+#
+# ## The vocabulary
+#
+# A Mixture-of-Experts (MoE) layer sends each of `num_tokens` tokens to `top_k` of `num_experts` expert MLPs and sums
+# their outputs, weighted by the router. The same quantity has different names in vLLM, in Hugging Face
+# `config.json` files and in papers; moe-lit uses exactly one, listed here with its counterparts.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class Term:
+    "One moe-lit name with its meaning and its spelling in vLLM and in Hugging Face configs."
+    name: str            # the moe-lit spelling, used everywhere in code and docs
+    meaning: str         # one line, with shape and dtype for tensors
+    vllm: str            # vLLM's spelling ("" when vLLM has none)
+    hf: tuple = ()       # Hugging Face config.json keys that carry it (all known variants)
+
+TERMS = (
+    Term("num_experts", "routed experts in the model (global, logical)", "global_num_experts / num_experts",
+         ("num_experts", "num_local_experts", "n_routed_experts")),
+    Term("num_local_experts", "experts held by one EP rank", "local_num_experts", ()),
+    Term("top_k", "experts each token is routed to", "top_k / experts_per_token / topk", ("num_experts_per_tok",)),
+    Term("hidden_size", "model width H; rows of the MoE input are [hidden_size]", "hidden_dim / hidden_size",
+         ("hidden_size",)),
+    Term("intermediate_size", "width I of one expert MLP (per expert, before TP sharding)", "intermediate_size",
+         ("moe_intermediate_size", "intermediate_size")),
+    Term("num_shared_experts", "always-on experts added to every token", "n_shared_experts", ("n_shared_experts",)),
+    Term("num_tokens", "tokens T in the batch handed to the layer", "M (in kernels)", ()),
+    Term("topk_ids", "[num_tokens, top_k] int32, the expert id chosen for each slot", "topk_ids", ()),
+    Term("topk_weights", "[num_tokens, top_k] float32, router weight of each slot", "topk_weights", ()),
+    Term("expert_map", "[num_experts] int32, global expert id -> local index on this rank, -1 = not local",
+         "expert_map", ()),
+    Term("expert_num_tokens", "[num_local_experts] int32, valid leading rows in each expert's slab (batched format)",
+         "expert_num_tokens", ()),
+    Term("max_num_tokens_per_expert", "rows of each expert's slab in the batched format (capacity)",
+         "max_num_tokens * num_dispatchers", ()),
+    Term("global_to_physical", "[num_experts] int64, global id -> physical id (round-robin tables)",
+         "expert_global_to_physical", ()),
+    Term("physical_to_global", "[num_experts] int64, inverse permutation of global_to_physical",
+         "expert_physical_to_global", ()),
+    Term("local_to_global", "[num_local_experts] int64, local index -> global id on one rank",
+         "expert_local_to_global", ()),
+    Term("routed_scaling_factor", "multiplier of routed weights after renormalisation", "routed_scaling_factor",
+         ("routed_scaling_factor",)),
+    Term("num_expert_group", "expert groups for grouped top-k routing", "num_expert_group", ("n_group",)),
+    Term("topk_group", "groups kept per token in grouped top-k routing", "topk_group", ("topk_group",)),
+    Term("scoring_func", "'softmax' or 'sigmoid' over the router logits", "scoring_func", ("scoring_func",)),
+    Term("renormalize", "divide the top_k weights by their sum", "renormalize", ("norm_topk_prob",)),
+)
+
+# %% [markdown]
+# Two look-ups turn the table into answers, and its test checks that the table stays one-to-one.
+
+# %%
+#| export
+def vllm_name(name: str) -> str:
+    "vLLM's spelling of the moe-lit term `name`; raises ValueError for an unknown term."
+    for t in TERMS:
+        if t.name == name: return t.vllm
+    raise ValueError(f"name: expected one of {[t.name for t in TERMS]}, got {name!r}")
+
+def hf_names(name: str) -> tuple:
+    "The Hugging Face config.json keys that carry the moe-lit term `name` (empty when none does)."
+    vllm_name(name)  # validates
+    return next(t.hf for t in TERMS if t.name == name)
+
+# %%
+#| test terms_lookup
+test_eq(vllm_name("top_k"), "top_k / experts_per_token / topk")
+test_eq(hf_names("num_experts"), ("num_experts", "num_local_experts", "n_routed_experts"))
+test_eq(len({t.name for t in TERMS}), len(TERMS))  # one entry per name
+test_fail(lambda: vllm_name("topk"), contains="expected one of")
+
+# %% [markdown]
+# ## Dimension legend
+#
+# Kernel-local letters are declared once. Inside GEMM kernels **M, N, K mean GEMM dimensions only**: `K` is never
+# top-k (which is always spelled `top_k`, or `TOP_K` as a Triton constexpr).
+
+# %%
+#| export
+DIMENSIONS = {
+    "T": "num_tokens: tokens entering the layer",
+    "E": "num_experts (global) or num_local_experts (per rank), as the shape comment says",
+    "H": "hidden_size",
+    "I": "intermediate_size (per expert)",
+    "M": "GEMM rows (tokens of one expert in the batched format)",
+    "N": "GEMM output columns (2*I for the fused gate/up weight w13, H for w2)",
+    "K": "GEMM reduction length (H for w13, I for w2); never top_k",
+}
+
+# %%
+#| test dimension_legend
+assert set(DIMENSIONS) == set("TEHIMNK") and "never top_k" in DIMENSIONS["K"]
+
+# %% [markdown]
+# ## Argument checks
+#
+# Bad input gets a `ValueError` that names the argument, the expected value and the actual value — never a silent
+# wrong result. Every public function of moe-lit validates through these three helpers, so the messages read the same
+# everywhere: `<argument>: expected <what>, got <what>`.
+
+# %%
+#| export
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    "Check that `value` is an int (not a bool) with `lo <= value` and `value < hi` when given; returns it."
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if lo is not None and value < lo: raise ValueError(f"{name}: expected >= {lo}, got {value}")
+    if hi is not None and value >= hi: raise ValueError(f"{name}: expected < {hi}, got {value}")
+    return value
+
+# %%
+#| test check_int
+test_eq(check_int("top_k", 2, lo=1), 2)
+test_fail(lambda: check_int("top_k", 0, lo=1), contains="top_k: expected >= 1, got 0")
+test_fail(lambda: check_int("ep_rank", 4, lo=0, hi=4), contains="ep_rank: expected < 4, got 4")
+test_fail(lambda: check_int("top_k", 2.0), contains="top_k: expected an int, got float")
+test_fail(lambda: check_int("top_k", True), contains="expected an int, got bool")
+
+# %%
+#| export
+def check_choice(name: str, value, choices) -> object:
+    "Check that `value` is one of `choices`; returns it."
+    if value not in tuple(choices): raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+# %%
+#| test check_choice
+test_eq(check_choice("scoring_func", "sigmoid", ("softmax", "sigmoid")), "sigmoid")
+test_fail(lambda: check_choice("scoring_func", "relu", ("softmax", "sigmoid")),
+          contains="scoring_func: expected one of ['softmax', 'sigmoid'], got 'relu'")
+
+# %% [markdown]
+# `check_tensor` enforces the shape comments: `shape` may hold `None` for "any size" and `dtype` may be one dtype or a
+# tuple of allowed ones. Shape comments in moe-lit docstrings are enforced this way, not just written.
+
+# %%
+#| export
+def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None) -> torch.Tensor:
+    "Check that `t` is a tensor with the given rank, shape (None = any size) and dtype(s); returns it."
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if shape is not None: ndim = len(shape)
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if shape is not None and any(s is not None and s != a for s, a in zip(shape, t.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if dtype is not None:
+        allowed = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in allowed:
+            raise ValueError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    return t
+
+# %%
+#| test check_tensor
+x = torch.zeros(4, 8, dtype=torch.int32)
+test_eq(check_tensor("topk_ids", x, shape=(4, None), dtype=(torch.int32, torch.int64)).shape, (4, 8))
+test_fail(lambda: check_tensor("topk_ids", x, shape=(5, None)), contains="topk_ids: expected shape [5, *], got [4, 8]")
+test_fail(lambda: check_tensor("topk_ids", x, ndim=3), contains="expected a 3-D tensor, got shape (4, 8)")
+test_fail(lambda: check_tensor("topk_ids", x, dtype=torch.int64), contains="expected dtype torch.int64, got torch.int32")
+test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.Tensor, got list")

@@ -1,0 +1,108 @@
+# %%
+#| default_exp testing
+
+# %% [markdown]
+# # Testing policy
+# > One way to compare a result with its float64 reference, used by every test in moe-lit, and the poison that makes unwritten rows visible.
+
+# %%
+#| export
+from __future__ import annotations
+import torch
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# In this notebook: `tolerance` (the dtype table), `assert_close` (the one comparison) and `poison_rows` (fill the rows
+# a kernel must not touch with NaN or a huge value). A **reference** page.
+#
+# ## Contract
+#
+# - The reference is computed in **float64** on the CPU; the result under test keeps its own dtype.
+# - The result's dtype and shape are asserted first.
+# - `|actual - expected| <= atol + rtol·|expected|` elementwise, with `rtol` from the dtype table and
+#   `atol = rtol · rms(expected)`. A NaN or an infinity where the reference is finite always fails.
+# - Failures print the worst indices, their values and the count of violations.
+#
+# > **Why atol scales with the reference's RMS and not with a separate reduction length.** For a dot product of
+# > length `n` over random inputs, both the output and its rounding error grow as `√n`; their ratio is set by the
+# > dtype's unit roundoff. Taking `atol` relative to the RMS of the reference therefore already scales it with the
+# > reduction length (`hidden_size` or `intermediate_size`), and it stays meaningful for elements that cancel to
+# > nearly 0, where a pure relative test would fail on noise.
+
+# %%
+#| export
+_RTOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,   # IEEE fp32 on the CPU; GPU fp32 GEMMs may use tf32 (~1e-3)
+    torch.float16: 4e-3,   # unit roundoff 2^-11, plus the rounding of the intermediate activation
+    torch.bfloat16: 3e-2,  # unit roundoff 2^-8, plus the rounding of the intermediate activation
+}
+
+def tolerance(dtype: torch.dtype) -> float:
+    "Relative tolerance of the result dtype `dtype` against a float64 reference (the package's one table)."
+    if dtype not in _RTOL: raise ValueError(f"dtype: expected one of {list(_RTOL)}, got {dtype}")
+    return _RTOL[dtype]
+
+# %%
+#| test tolerance_table
+assert tolerance(torch.bfloat16) > tolerance(torch.float16) > tolerance(torch.float32) > tolerance(torch.float64)
+test_fail(lambda: tolerance(torch.int32), contains="dtype: expected one of")
+
+# %%
+#| export
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 rtol: float | None = None, name: str = "result"):
+    "Assert `actual` matches the float64 `expected` within the dtype's tolerance; report the worst elements."
+    dtype = actual.dtype if dtype is None else dtype
+    if actual.dtype != dtype: raise AssertionError(f"{name}: expected dtype {dtype}, got {actual.dtype}")
+    if tuple(actual.shape) != tuple(expected.shape):
+        raise AssertionError(f"{name}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}")
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    rtol = tolerance(dtype) if rtol is None else rtol
+    atol = rtol * (e.square().mean().sqrt().item() if e.numel() else 0.0)
+    err = (a - e).abs()
+    bad = ~(err <= atol + rtol * e.abs())      # NaN in `a` compares False, so it is bad
+    bad &= ~(a.isnan() & e.isnan())          # ... unless the reference is NaN there too
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = ", ".join(f"{tuple(i)}: got {a[tuple(i)].item():.6g}, want {e[tuple(i)].item():.6g}" for i in idx)
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements outside rtol={rtol:g}, "
+                             f"atol={atol:.3g}; first: {worst}")
+
+# %%
+#| test assert_close_policy
+torch.manual_seed(0)
+ref = torch.randn(16, 32, dtype=torch.float64)
+assert_close(ref.to(torch.bfloat16), ref)                      # bf16 rounding is inside the bf16 tolerance
+test_fail(lambda: assert_close(ref.float(), ref, dtype=torch.bfloat16), contains="expected dtype torch.bfloat16")
+test_fail(lambda: assert_close(ref.float()[:8], ref), contains="expected shape")
+off = ref.float().clone(); off[3, 5] += 0.5
+test_fail(lambda: assert_close(off, ref), contains="(3, 5)")  # the worst index is named
+nan = ref.float().clone(); nan[0, 0] = float("nan")
+test_fail(lambda: assert_close(nan, ref), contains="1 of 512")  # NaN where the reference is finite fails
+
+# %% [markdown]
+# ## Poisoned rows
+#
+# In the batched format only the first `expert_num_tokens[e]` rows of expert `e`'s slab are valid. Tests fill every
+# other row — of the input *and* of the output buffer, before the call — with NaN (and, separately, 1e30, which
+# survives code that zeroes NaN) so that a kernel which reads a padded row into a valid one, or writes a row it
+# should not, is caught.
+
+# %%
+#| export
+def poison_rows(slab: torch.Tensor, expert_num_tokens: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
+    "Fill rows `>= expert_num_tokens[e]` of `slab [E, max_tokens, ...]` with `value`, in place; returns `slab`."
+    rows = torch.arange(slab.shape[1], device=slab.device)
+    pad = rows[None, :] >= expert_num_tokens.to(slab.device)[:, None].long()   # [E, max_tokens]
+    slab[pad] = value
+    return slab
+
+# %%
+#| test poison_rows
+s = poison_rows(torch.zeros(3, 4, 2), torch.tensor([0, 2, 4], dtype=torch.int32))
+test_eq(s.isnan().all(-1).sum(-1).tolist(), [4, 2, 0])
+test_eq(s[1, :2].isnan().any().item(), False)

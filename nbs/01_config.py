@@ -1,0 +1,411 @@
+# %%
+#| default_exp config
+
+# %% [markdown]
+# # Configuration
+# > The backend descriptor table — every fact about an all2all backend declared once — and the parallel and MoE configs whose properties are one-line reads of it.
+
+# %%
+#| export
+from __future__ import annotations
+import enum
+from dataclasses import dataclass, field, fields, replace
+import torch
+from moe_lit.terms import check_int, check_choice
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# In this notebook: `ActivationFormat`, `BackendDescriptor` and the table `BACKENDS` (looked up with `get_backend`),
+# `ParallelConfig` with `ParallelConfig.make` and its properties, and `MoEConfig`. An **explanation** page with the
+# reference of each symbol.
+#
+# ## Why a table
+#
+# An all2all backend moves tokens between expert-parallel (EP) ranks. What the rest of the layer must do depends on a
+# handful of facts about it: do tokens arrive as one flat list or grouped per local expert? Does it locate an
+# expert's rank by a contiguous "physical" numbering, so round-robin placement needs translation tables? Does it
+# quantize activations before sending them? What integer type does it want for expert ids?
+#
+# vLLM answers these questions with properties such as `use_deepep_ll_kernels`, and in several places asked "is this
+# DeepEP low-latency?" where it meant "does this backend use the batched activation format?". When NIXL EP — a second
+# batched backend — arrived, the places that asked the first question picked kernels of the wrong format (vLLM PR
+# #40412). moe-lit declares each fact once per backend, in one frozen record, and derives every decision from the
+# record. Adding a backend means adding one record.
+#
+# ## Activation formats
+
+# %%
+#| export
+class ActivationFormat(enum.Enum):
+    "How dispatched activations are laid out for the experts (mirrors vLLM's `FusedMoEActivationFormat`)."
+    Standard = "standard"                 # a1 [num_tokens, hidden_size]; ids travel beside it
+    BatchedExperts = "batched_experts"    # a1 [num_local_experts, max_tokens, hidden_size] + expert_num_tokens
+
+# %% [markdown]
+# ## The backend descriptor table
+
+# %%
+#| export
+@dataclass(frozen=True)
+class BackendDescriptor:
+    "Every fact moe-lit needs about one all2all backend; all backend-dependent decisions read these fields."
+    name: str                                  # the `all2all_backend` string, as vLLM spells it
+    activation_format: ActivationFormat        # layout the experts receive
+    moves_tokens: bool                         # True: tokens travel between ranks (an all2all); False: masking only
+    needs_round_robin_routing_tables: bool     # dispatch locates ranks by contiguous physical ids
+    quantizes_before_dispatch: bool            # activations may be quantized (FP8) before they are sent
+    dispatch_quant_block: tuple | None         # block shape of that quantization, e.g. (1, 128)
+    topk_id_dtype: torch.dtype                 # dtype of topk_ids the dispatch wants
+    supported_hidden_sizes: tuple | None       # None = any; else the layer's hidden size is rounded up to one
+    max_tokens_semantics: str                  # how the per-expert capacity of the batched format is sized
+    summary: str                               # one line for reports
+
+    def round_up_hidden_size(self, hidden_size: int) -> int:
+        "Smallest supported hidden size >= `hidden_size` (tokens).  Raises ValueError above the largest."
+        check_int("hidden_size", hidden_size, lo=1)
+        if self.supported_hidden_sizes is None: return hidden_size
+        for h in sorted(self.supported_hidden_sizes):
+            if h >= hidden_size: return h
+        raise ValueError(f"hidden_size: expected <= {max(self.supported_hidden_sizes)} for all2all backend "
+                         f"{self.name!r}, got {hidden_size}")
+
+# %% [markdown]
+# The values below come from vLLM's prepare/finalize implementations (see the study of vLLM's `fused_moe`, §2–3):
+# DeepEP low-latency and NIXL EP deliver `[E_local, max_tokens_per_rank · num_ranks, H]` slabs, locate an expert's
+# rank by `physical_id // E_local`, quantize to FP8 in 128-element chunks before sending when the experts use
+# 128×128 block FP8, want int64 expert ids, and accept only the hidden sizes listed. DeepEP high-throughput and the
+# all-gather/reduce-scatter backend deliver flat token lists. `none` is the no-all2all case: a single device, or TP+EP
+# with DP=1, where every rank sees every token and masks with `expert_map`.
+#
+# > Not verified against upstream and therefore conservative: whether `allgather_reducescatter` quantizes before
+# > its all-gather (recorded as False) and the hidden-size limits of DeepEP high-throughput (recorded as none).
+
+# %%
+#| export
+_LL_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+
+BACKENDS: dict[str, BackendDescriptor] = {d.name: d for d in (
+    BackendDescriptor("none", ActivationFormat.Standard, False, False, False, None, torch.int32, None,
+                      "not used (no dispatch)",
+                      "no all2all: every rank sees all tokens, masks non-local experts, outputs are all-reduced"),
+    BackendDescriptor("allgather_reducescatter", ActivationFormat.Standard, True, False, False, None, torch.int32,
+                      None, "not used (flat token lists)",
+                      "all-gather tokens and ids over the EP group, run local experts, reduce-scatter outputs"),
+    BackendDescriptor("deepep_high_throughput", ActivationFormat.Standard, True, False, True, (1, 128), torch.int64,
+                      None, "not used (flat token lists)",
+                      "DeepEP normal kernels: token-level all2all into a flat list, FP8 block dispatch"),
+    BackendDescriptor("deepep_low_latency", ActivationFormat.BatchedExperts, True, True, True, (1, 128),
+                      torch.int64, _LL_HIDDEN, "max_num_tokens_per_rank * num_dispatchers rows per local expert",
+                      "DeepEP low-latency kernels: per-expert slabs addressed by physical expert id"),
+    BackendDescriptor("nixl_ep", ActivationFormat.BatchedExperts, True, True, True, (1, 128), torch.int64,
+                      _LL_HIDDEN, "max_num_tokens_per_rank * num_dispatchers rows per local expert",
+                      "NIXL EP: the DeepEP low-latency contract over NIXL, elastic EP ranks"),
+)}
+
+def get_backend(name: str) -> BackendDescriptor:
+    "The descriptor of all2all backend `name`; raises ValueError listing the known backends."
+    if name not in BACKENDS: raise ValueError(f"all2all_backend: expected one of {list(BACKENDS)}, got {name!r}")
+    return BACKENDS[name]
+
+# %%
+#| test backend_table
+test_eq(get_backend("nixl_ep").activation_format, ActivationFormat.BatchedExperts)
+test_eq(get_backend("deepep_low_latency").round_up_hidden_size(2880), 3072)   # gpt-oss hidden size is padded
+test_eq(get_backend("none").round_up_hidden_size(2880), 2880)
+test_fail(lambda: get_backend("nixl_ep").round_up_hidden_size(9000), contains="hidden_size: expected <= 8192")
+test_fail(lambda: get_backend("pplx"), contains="all2all_backend: expected one of ['none', 'allgather_reducescatter'")
+for name, d in BACKENDS.items():
+    test_eq(d.name, name)
+    # a backend that needs round-robin tables addresses experts by physical id: only batched backends do
+    assert not d.needs_round_robin_routing_tables or d.activation_format is ActivationFormat.BatchedExperts
+
+# %% [markdown]
+# ## ParallelConfig
+#
+# The layer sees one parallel configuration per device. vLLM's rule (`FusedMoEParallelConfig.make`) flattens tensor
+# parallelism (TP) across data parallelism (DP) and prefill context parallelism (PCP): the flat group has
+# `dp · pcp · tp` devices and device `(dp_rank, pcp_rank, tp_rank)` has flat rank
+# `dp_rank · pcp · tp + pcp_rank · tp + tp_rank`. Without EP the flat group shards each expert (TP); with EP it owns
+# whole experts (EP) and TP becomes 1.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class ParallelConfig:
+    "The MoE layer's view of the deployment on one device (mirrors vLLM's `FusedMoEParallelConfig`)."
+    tp_size: int = 1
+    tp_rank: int = 0
+    dp_size: int = 1
+    dp_rank: int = 0
+    pcp_size: int = 1
+    pcp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+    use_ep: bool = False
+    all2all_backend: str = "none"
+    enable_eplb: bool = False
+
+    def __post_init__(self):
+        for size, rank in (("tp_size", "tp_rank"), ("dp_size", "dp_rank"), ("pcp_size", "pcp_rank"),
+                           ("ep_size", "ep_rank")):
+            check_int(size, getattr(self, size), lo=1)
+            check_int(rank, getattr(self, rank), lo=0, hi=getattr(self, size))
+        get_backend(self.all2all_backend)
+
+    @property
+    def backend(self) -> BackendDescriptor:
+        "The descriptor record of `all2all_backend`."
+        return get_backend(self.all2all_backend)
+
+# %% [markdown]
+# `make` takes the deployment as a user states it and applies the flattening rule.
+
+# %%
+#| export
+@classmethod
+def _make(cls, tp_size: int, dp_size: int, pcp_size: int = 1, tp_rank: int = 0, dp_rank: int = 0,
+          pcp_rank: int = 0, enable_expert_parallel: bool = False, all2all_backend: str = "none",
+          enable_eplb: bool = False) -> ParallelConfig:
+    "Flatten TP across DP and PCP; the flat group becomes the EP group when EP is on (vLLM's `make`)."
+    check_int("tp_size", tp_size, lo=1); check_int("dp_size", dp_size, lo=1); check_int("pcp_size", pcp_size, lo=1)
+    check_int("tp_rank", tp_rank, lo=0, hi=tp_size); check_int("dp_rank", dp_rank, lo=0, hi=dp_size)
+    check_int("pcp_rank", pcp_rank, lo=0, hi=pcp_size)
+    get_backend(all2all_backend)
+    flat_size = dp_size * pcp_size * tp_size
+    flat_rank = dp_rank * pcp_size * tp_size + pcp_rank * tp_size + tp_rank
+    use_ep = flat_size > 1 and enable_expert_parallel
+    tp, ep = ((1, 0), (flat_size, flat_rank)) if use_ep else ((flat_size, flat_rank), (1, 0))
+    return cls(tp_size=tp[0], tp_rank=tp[1], dp_size=dp_size, dp_rank=dp_rank, pcp_size=pcp_size,
+               pcp_rank=pcp_rank, ep_size=ep[0], ep_rank=ep[1], use_ep=use_ep, all2all_backend=all2all_backend,
+               enable_eplb=enable_eplb)
+
+ParallelConfig.make = _make
+
+# %% [markdown]
+# The six worked examples of vLLM's docstring, one row per device: `(TP, DP, EP)` as `(size, rank)` pairs.
+
+# %%
+#| test make_worked_examples
+def views(tp, dp, ep):
+    out = []
+    for dp_rank in range(dp):
+        for tp_rank in range(tp):
+            c = ParallelConfig.make(tp_size=tp, dp_size=dp, tp_rank=tp_rank, dp_rank=dp_rank, enable_expert_parallel=ep)
+            out.append(((c.tp_size, c.tp_rank), (c.dp_size, c.dp_rank), (c.ep_size, c.ep_rank)))
+    return out
+test_eq(views(1, 1, False), [((1, 0), (1, 0), (1, 0))])
+test_eq(views(2, 1, False), [((2, 0), (1, 0), (1, 0)), ((2, 1), (1, 0), (1, 0))])
+test_eq(views(1, 2, False), [((2, 0), (2, 0), (1, 0)), ((2, 1), (2, 1), (1, 0))])
+test_eq(views(2, 2, False), [((4, 0), (2, 0), (1, 0)), ((4, 1), (2, 0), (1, 0)),
+                             ((4, 2), (2, 1), (1, 0)), ((4, 3), (2, 1), (1, 0))])
+test_eq(views(2, 1, True), [((1, 0), (1, 0), (2, 0)), ((1, 0), (1, 0), (2, 1))])
+test_eq(views(1, 2, True), [((1, 0), (2, 0), (2, 0)), ((1, 0), (2, 1), (2, 1))])
+test_eq(views(2, 2, True), [((1, 0), (2, 0), (4, 0)), ((1, 0), (2, 0), (4, 1)),
+                            ((1, 0), (2, 1), (4, 2)), ((1, 0), (2, 1), (4, 3))])
+assert not ParallelConfig.make(1, 1, enable_expert_parallel=True).use_ep    # one device: EP has nothing to split
+test_eq(ParallelConfig.make(1, 2, pcp_size=2, dp_rank=1, pcp_rank=1, enable_expert_parallel=True).ep_rank, 3)
+
+# %%
+#| test make_bad_input
+test_fail(lambda: ParallelConfig.make(0, 1), contains="tp_size: expected >= 1, got 0")
+test_fail(lambda: ParallelConfig.make(2, 1, tp_rank=2), contains="tp_rank: expected < 2, got 2")
+test_fail(lambda: ParallelConfig.make(1, 2, dp_rank=-1), contains="dp_rank: expected >= 0, got -1")
+test_fail(lambda: ParallelConfig.make(1, 2, all2all_backend="deepep"), contains="all2all_backend: expected one of")
+test_fail(lambda: ParallelConfig(ep_size=2, ep_rank=2), contains="ep_rank: expected < 2, got 2")
+
+# %% [markdown]
+# ### Properties: reads of the descriptor
+#
+# `use_all2all_kernels` is vLLM's condition — EP on, and more than one DP or PCP rank (with DP = 1, TP+EP runs every
+# token on every rank and masks) — and, in moe-lit, a backend that moves tokens at all (`none` does not). Every
+# other property is `use_all2all_kernels` and one field of the record. The three `use_<backend>_kernels`
+# properties exist because they are vLLM's vocabulary; no decision in moe-lit reads them.
+
+# %%
+#| export
+def _prop(f):
+    setattr(ParallelConfig, f.__name__, property(f))
+    return f
+
+@_prop
+def use_all2all_kernels(self) -> bool:
+    "Tokens are dispatched between EP ranks: EP on, DP or PCP > 1, and the backend moves tokens."
+    return self.use_ep and (self.dp_size > 1 or self.pcp_size > 1) and self.backend.moves_tokens
+
+@_prop
+def use_batched_activation_format(self) -> bool:
+    "Experts receive `[E_local, max_tokens, H]` slabs (DeepEP low-latency, NIXL EP, ...)."
+    return self.use_all2all_kernels and self.backend.activation_format is ActivationFormat.BatchedExperts
+
+@_prop
+def activation_format(self) -> ActivationFormat:
+    "The format the experts receive on this deployment."
+    return ActivationFormat.BatchedExperts if self.use_batched_activation_format else ActivationFormat.Standard
+
+@_prop
+def needs_round_robin_routing_tables(self) -> bool:
+    "Dispatch needs `global_to_physical` when experts are placed round robin."
+    return self.use_all2all_kernels and self.backend.needs_round_robin_routing_tables
+
+@_prop
+def topk_indices_dtype(self) -> torch.dtype:
+    "dtype of `topk_ids` handed to dispatch (int32 when nothing is dispatched)."
+    return self.backend.topk_id_dtype if self.use_all2all_kernels else torch.int32
+
+# %%
+#| export
+def _is(name):
+    def f(self) -> bool: return self.use_all2all_kernels and self.backend.name == name
+    f.__doc__ = f"vLLM's name for: all2all kernels are in use and the backend is `{name}`."
+    return property(f)
+
+ParallelConfig.use_ag_rs_all2all_kernels = _is("allgather_reducescatter")
+ParallelConfig.use_deepep_ht_kernels = _is("deepep_high_throughput")
+ParallelConfig.use_deepep_ll_kernels = _is("deepep_low_latency")
+ParallelConfig.use_nixl_ep_kernels = _is("nixl_ep")
+
+# %%
+#| test properties_follow_the_table
+for name, d in BACKENDS.items():
+    on = ParallelConfig.make(tp_size=1, dp_size=4, dp_rank=3, enable_expert_parallel=True, all2all_backend=name)
+    test_eq(on.use_all2all_kernels, d.moves_tokens)
+    test_eq(on.activation_format, d.activation_format if d.moves_tokens else ActivationFormat.Standard)
+    test_eq(on.use_batched_activation_format, on.activation_format is ActivationFormat.BatchedExperts)
+    test_eq(on.needs_round_robin_routing_tables, d.moves_tokens and d.needs_round_robin_routing_tables)
+    test_eq(on.topk_indices_dtype, d.topk_id_dtype if d.moves_tokens else torch.int32)
+    # TP+EP with DP = 1, or EP off: no all2all, so Standard format whatever the backend says
+    for off in (ParallelConfig.make(tp_size=4, dp_size=1, enable_expert_parallel=True, all2all_backend=name),
+                ParallelConfig.make(tp_size=1, dp_size=4, enable_expert_parallel=False, all2all_backend=name)):
+        assert not off.use_all2all_kernels and off.activation_format is ActivationFormat.Standard
+test_eq(ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep").use_nixl_ep_kernels, True)
+test_eq(ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep").use_deepep_ll_kernels, False)
+test_eq(ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="deepep_low_latency").use_deepep_ll_kernels, True)
+
+# %% [markdown]
+# ### Explaining the properties
+#
+# Every property can say why it has its value: `explain` returns one row per property with the inputs it read. The
+# `moe-lit run` report prints these rows.
+
+# %%
+#| export
+def _explain(self) -> list[tuple[str, object, str]]:
+    "One `(property, value, reason)` row per derived property of this parallel config."
+    d = self.backend
+    why_a2a = (f"use_ep={self.use_ep}, dp_size={self.dp_size}, pcp_size={self.pcp_size}, "
+               f"backend {d.name!r} moves_tokens={d.moves_tokens}")
+    rows = [("use_all2all_kernels", self.use_all2all_kernels, why_a2a),
+            ("activation_format", self.activation_format.value,
+             f"use_all2all_kernels={self.use_all2all_kernels} and {d.name!r} declares {d.activation_format.value}"),
+            ("use_batched_activation_format", self.use_batched_activation_format, "activation_format is batched_experts"),
+            ("needs_round_robin_routing_tables", self.needs_round_robin_routing_tables,
+             f"use_all2all_kernels={self.use_all2all_kernels} and {d.name!r} declares "
+             f"needs_round_robin_routing_tables={d.needs_round_robin_routing_tables}"),
+            ("topk_indices_dtype", str(self.topk_indices_dtype).replace("torch.", ""),
+             f"{d.name!r} declares {str(d.topk_id_dtype).replace('torch.', '')}" if self.use_all2all_kernels
+             else "nothing is dispatched: int32")]
+    for p in ("use_ag_rs_all2all_kernels", "use_deepep_ht_kernels", "use_deepep_ll_kernels", "use_nixl_ep_kernels"):
+        rows.append((p, getattr(self, p), "vLLM's name; moe-lit decides by the rows above"))
+    return rows
+
+ParallelConfig.explain = _explain
+
+# %%
+#| test explain_rows
+rows = dict((p, (v, r)) for p, v, r in ParallelConfig.make(1, 8, enable_expert_parallel=True,
+                                                            all2all_backend="nixl_ep").explain())
+test_eq(rows["activation_format"][0], "batched_experts")
+test_eq(rows["needs_round_robin_routing_tables"][0], True)
+assert all(r for _, r in rows.values())   # every row has a reason
+
+# %% [markdown]
+# ## MoEConfig
+#
+# The shapes of one MoE layer, its routing options and the deployment. The format-related properties delegate to the
+# parallel config, so there is exactly one place that decides them.
+
+# %%
+#| export
+ROUTING_METHODS = ("topk", "grouped_topk", "llama4")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+@dataclass(frozen=True)
+class MoEConfig:
+    "One MoE layer: shapes, routing options, dtype and deployment."
+    num_experts: int                      # routed experts (global, logical)
+    top_k: int                            # experts per token
+    hidden_size: int                      # H
+    intermediate_size: int                # I, per expert
+    num_shared_experts: int = 0           # always-on experts (their width is `shared_intermediate_size`)
+    shared_intermediate_size: int | None = None   # I of the shared experts (default: intermediate_size)
+    dtype: torch.dtype = torch.bfloat16   # activation and weight dtype
+    routing_method: str = "topk"          # 'topk', 'grouped_topk' or 'llama4' (top-1 sigmoid on the raw logit)
+    scoring_func: str = "softmax"         # 'softmax' or 'sigmoid'
+    renormalize: bool = True              # divide the top_k weights by their sum
+    num_expert_group: int | None = None   # grouped top-k: number of groups
+    topk_group: int | None = None         # grouped top-k: groups kept per token
+    routed_scaling_factor: float = 1.0    # multiplies routed weights (after renormalising)
+    has_correction_bias: bool = False     # e_score_correction_bias selects experts (DeepSeek-V3 noaux_tc)
+    apply_router_weight_on_input: bool = False   # scale the input by the weight (Llama-4, top_k = 1)
+    num_redundant_experts: int = 0        # EPLB extra physical replicas
+    max_num_tokens: int = 256             # per-rank token cap of the batched format (vLLM's default)
+    name: str = ""                        # model name for reports
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        check_int("num_experts", self.num_experts, lo=1)
+        check_int("top_k", self.top_k, lo=1, hi=self.num_experts + 1)
+        check_int("hidden_size", self.hidden_size, lo=1)
+        check_int("intermediate_size", self.intermediate_size, lo=1)
+        check_int("num_shared_experts", self.num_shared_experts, lo=0)
+        check_int("num_redundant_experts", self.num_redundant_experts, lo=0)
+        check_int("max_num_tokens", self.max_num_tokens, lo=1)
+        check_choice("routing_method", self.routing_method, ROUTING_METHODS)
+        check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
+        check_choice("dtype", self.dtype, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if not isinstance(self.parallel, ParallelConfig):
+            raise ValueError(f"parallel: expected a ParallelConfig, got {type(self.parallel).__name__}")
+        if self.routing_method == "grouped_topk":
+            check_int("num_expert_group", self.num_expert_group, lo=1)
+            check_int("topk_group", self.topk_group, lo=1, hi=self.num_expert_group + 1)
+        if self.routing_method == "llama4" and self.top_k != 1:
+            raise ValueError(f"top_k: expected 1 for routing_method 'llama4', got {self.top_k}")
+
+# %% [markdown]
+# Delegation to the parallel config — the layer, the placement and the report all ask the `MoEConfig`, and it
+# asks the one record.
+
+# %%
+#| export
+def _delegate(name):
+    def f(self): return getattr(self.parallel, name)
+    f.__doc__ = f"Delegated to `self.parallel.{name}`."
+    setattr(MoEConfig, name, property(f))
+
+for _n in ("use_batched_activation_format", "needs_round_robin_routing_tables", "activation_format",
+           "use_all2all_kernels", "topk_indices_dtype", "ep_size", "ep_rank", "use_ep", "backend"):
+    _delegate(_n)
+
+def _num_physical_experts(self) -> int:
+    "Physical experts: routed experts plus EPLB redundant replicas."
+    return self.num_experts + self.num_redundant_experts
+
+MoEConfig.num_physical_experts = property(_num_physical_experts)
+MoEConfig.replace = lambda self, **kw: replace(self, **kw)
+
+# %%
+#| test moe_config
+par = ParallelConfig.make(tp_size=1, dp_size=8, dp_rank=2, enable_expert_parallel=True, all2all_backend="nixl_ep")
+cfg = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768, parallel=par)
+test_eq(cfg.activation_format, ActivationFormat.BatchedExperts)
+test_eq((cfg.use_batched_activation_format, cfg.needs_round_robin_routing_tables, cfg.ep_size, cfg.ep_rank),
+        (True, True, 8, 2))
+test_eq(cfg.replace(parallel=ParallelConfig()).activation_format, ActivationFormat.Standard)
+test_fail(lambda: MoEConfig(8, 9, 16, 16), contains="top_k: expected < 9, got 9")
+test_fail(lambda: MoEConfig(8, 2, 16, 16, scoring_func="relu"), contains="scoring_func: expected one of")
+test_fail(lambda: MoEConfig(8, 2, 16, 16, routing_method="grouped_topk"), contains="num_expert_group: expected an int")
+test_fail(lambda: MoEConfig(8, 2, 16, 16, routing_method="llama4"), contains="top_k: expected 1")
+test_fail(lambda: MoEConfig(8, 2, 16, 0), contains="intermediate_size: expected >= 1, got 0")

@@ -1,0 +1,6 @@
+# %% [markdown]
+# # moe-lit
+# > Mixture-of-Experts layers with expert parallelism, rebuilt small, correct by construction, and explained.
+
+# %% [markdown]
+# placeholder

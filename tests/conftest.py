@@ -1,0 +1,27 @@
+"""pytest set-up shared by the generated test files (hand-written; the test_*.py files are generated).
+
+Without a CUDA device, Triton kernels must run in the interpreter: TRITON_INTERPRET has to be in the
+environment before any module that *defines* a kernel is imported, so it is set here, first.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    "Leave `gpu`-marked tests out on a machine without a GPU (they are full-size sweeps for the device)."
+    if torch.cuda.is_available(): return
+    kept = [it for it in items if "gpu" not in it.keywords]
+    dropped = [it for it in items if "gpu" in it.keywords]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+# fastcore's helpers are named test_*; generated files import them, so tell pytest they are not tests.
+import fastcore.test as _ft
+for _name in dir(_ft):
+    if _name.startswith("test"): setattr(getattr(_ft, _name), "__test__", False)
