@@ -1,6 +1,73 @@
 # %% [markdown]
 # # moe-lit
-# > Mixture-of-Experts layers with expert parallelism, rebuilt small, correct by construction, and explained.
+# > Mixture-of-Experts layers with expert parallelism — the design of vLLM's fused MoE, rebuilt small, correct by construction, and explained.
 
 # %% [markdown]
-# placeholder
+# moe-lit is a literate Python + Triton library for the Mixture-of-Experts (MoE) layer of a transformer served with
+# expert parallelism (EP). A layer routes each token to `top_k` of `num_experts` expert MLPs; under EP the experts
+# live on different ranks and an *all2all backend* carries tokens to them and back. Whether the experts receive one
+# flat token list (the **Standard** activation format) or per-expert slabs (the **BatchedExperts** format of DeepEP
+# low-latency and NIXL EP) is a property of that backend — and every later choice must agree with it: the experts
+# kernel, the placement of experts on ranks and its routing tables, how shared experts are added.
+#
+# In moe-lit every such fact is declared **once**, in one backend descriptor table (`moe_lit.config.BACKENDS`), and
+# every decision is derived from it and can explain itself. Each module is a chapter: read the notebooks in order.
+#
+# ## Install and run
+#
+# On a fresh Linux machine with Python ≥ 3.11, from a clone of this repository, two commands. The first installs
+# moe-lit into `.venv` (the CPU build of torch, then the package with its development tools) and runs the main job on
+# the built-in default, the MoE layer of Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert width 768):
+#
+# ```sh
+# bash .ci/install && .venv/bin/moe-lit run
+# ```
+#
+# The second runs the whole test suite — the regeneration check, every notebook, and the exported tests under pytest:
+#
+# ```sh
+# bash .ci/test
+# ```
+#
+# `moe-lit run` prints the resolved parallel config with the reason for every backend property, the backend's record,
+# the placement and routing tables, the per-expert load, the output checked against a float64 reference and the time.
+# Try a deployment: `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs the eight
+# ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
+# weights) and checks that they sum to the single-device result. `moe-lit tables` prints the placement tables only;
+# `--json` gives the report as JSON; `moe-lit run --help` lists the options.
+#
+# ## In Python
+
+# %%
+import torch
+from moe_lit.config import ParallelConfig
+from moe_lit.models import preset
+from moe_lit.layer import run_emulated_ep
+
+par = ParallelConfig.make(tp_size=1, dp_size=4, enable_expert_parallel=True, all2all_backend="nixl_ep")
+cfg = preset("qwen3-30b-a3b", parallel=par).replace(num_experts=16, hidden_size=128, intermediate_size=64)  # scaled down
+print(cfg.activation_format, cfg.needs_round_robin_routing_tables)  # both read from the nixl_ep record
+run = run_emulated_ep(cfg, torch.randn(32, cfg.hidden_size).bfloat16())  # 4 ranks in turn, summed
+print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():.3g}")
+
+# %% [markdown]
+# ## Module map
+#
+# | notebook | module | what it decides or computes |
+# |---|---|---|
+# | `00_terms` | `moe_lit.terms` | vocabulary, dimension legend, names in vLLM and Hugging Face, argument checks |
+# | `00_testing` | `moe_lit.testing` | the one float64 comparison policy and the poison for unwritten rows |
+# | `01_config` | `moe_lit.config` | the backend descriptor table, `ParallelConfig` (vLLM's flattening rule), `MoEConfig` |
+# | `02_models` | `moe_lit.models` | real-model presets and Hugging Face `config.json` parsing |
+# | `03_routing` | `moe_lit.routing` | softmax / sigmoid / grouped top-k routers, correction bias, per-expert load |
+# | `04_placement` | `moe_lit.placement` | linear and round-robin placement, `expert_map`, routing tables, EPLB replicas |
+# | `05_formats` | `moe_lit.formats` | the Standard and BatchedExperts contracts and the reference MoE in both |
+# | `12_layer` | `moe_lit.layer` | `FusedMoE` and the emulated expert-parallel run |
+# | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables` |
+#
+# ## Developing
+#
+# The notebooks in `nbs/` (jupytext percent files) are the source; `moe_lit/`, `tests/test_*.py` and this README are
+# generated from them by `python .ci/regen.py`, and the test command fails when the generated files are out of date.
+# Cells tagged `#| test NAME` are exported as pytest tests; cells tagged `#| gpu` run only with `bash .ci/test --gpu`
+# on a machine with a CUDA GPU.

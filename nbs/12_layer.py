@@ -1,0 +1,282 @@
+# %%
+#| default_exp layer
+
+# %% [markdown]
+# # The MoE layer
+# > `FusedMoE`: router, placement and one rank's expert weights in an `nn.Module`, and the emulated expert-parallel run whose ranks must sum to the single-device result.
+
+# %%
+#| export
+from __future__ import annotations
+import math, time
+from dataclasses import dataclass, field
+import torch
+from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
+from moe_lit.routing import select_experts, expert_load
+from moe_lit.placement import Placement
+from moe_lit.formats import moe_reference_standard, moe_reference_batched
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.testing import assert_close
+from moe_lit.config import BACKENDS
+
+# %% [markdown]
+# In this notebook: `RandomExpertWeights` (the weights of a model, generated per expert on demand), `FusedMoE` (one
+# rank's layer) and `run_emulated_ep` (every rank of a deployment in turn, checked against the single-device and the
+# float64 results). A **how-to** page with the reference of each symbol.
+#
+# ## Weights, one expert at a time
+#
+# A model's expert weights can be far larger than one machine's memory (DeepSeek-V3: 256 experts × 44 M parameters
+# per layer, 22.5 GB in bf16). An expert-parallel rank holds only its own experts, so moe-lit generates weights *per
+# global expert*, from a seed derived from `(seed, expert id)`: every rank, and the single-device computation, see
+# exactly the same numbers for expert `g` without anyone holding all of them.
+
+# %%
+#| export
+class RandomExpertWeights:
+    "Deterministic random weights for a model's MoE layer: expert `g`'s tensors depend only on `(seed, g)`."
+    def __init__(self, config: MoEConfig, seed: int = 0):
+        if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        self.config, self.seed = config, check_int("seed", seed, lo=0)
+
+    def _gen(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+
+    def router(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        "`(gate [num_experts, hidden_size] fp32, e_score_correction_bias [num_experts] fp32 or None)`."
+        c, g = self.config, self._gen(0)
+        gate = torch.randn(c.num_experts, c.hidden_size, generator=g) * (2.0 / math.sqrt(c.hidden_size))
+        bias = torch.randn(c.num_experts, generator=g) * 0.1 if c.has_correction_bias else None
+        return gate, bias
+
+# %% [markdown]
+# Weights are scaled so activations stay of order 1 through the layer (`w13 ~ N(0, 1/H)`, `w2 ~ N(0, 1/I)`), which
+# keeps the relative-error figures of the report meaningful.
+
+# %%
+#| export
+def _experts(self, expert_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    "Stacked weights of the global experts `expert_ids`: `(w13 [n, 2·I, H], w2 [n, H, I])` in the config's dtype."
+    c = self.config
+    ids = [int(g) for g in expert_ids]
+    for g in ids: check_int("expert_ids[i]", g, lo=0, hi=c.num_experts)
+    w13 = torch.empty(len(ids), 2 * c.intermediate_size, c.hidden_size, dtype=c.dtype)
+    w2 = torch.empty(len(ids), c.hidden_size, c.intermediate_size, dtype=c.dtype)
+    for j, g in enumerate(ids):
+        gen = self._gen(g + 1)
+        w13[j].normal_(0.0, 1.0 / math.sqrt(c.hidden_size), generator=gen)
+        w2[j].normal_(0.0, 1.0 / math.sqrt(c.intermediate_size), generator=gen)
+    return w13, w2
+
+RandomExpertWeights.experts = _experts
+
+# %%
+#| test random_weights_are_per_expert
+cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8)
+src = RandomExpertWeights(cfg, seed=3)
+a13, a2 = src.experts([0, 1, 2, 3, 4, 5])
+b13, b2 = src.experts([4, 1])
+assert torch.equal(a13[[4, 1]], b13) and torch.equal(a2[[4, 1]], b2)       # the same expert, whoever asks
+assert not torch.equal(a13[0], a13[1])                                     # different experts differ
+test_eq(a13.dtype, torch.bfloat16)
+test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected < 6, got 6")
+
+# %% [markdown]
+# ## FusedMoE: one rank's layer
+#
+# The layer holds the router (replicated on every rank), the rank's placement and only its local experts' weights.
+# `forward` routes, turns global expert ids into the rank's local slots (through `expert_map`, or through
+# `global_to_physical` when the backend addresses experts by physical id), and runs the reference path **in the format
+# the deployment's backend declares**: `config.activation_format`, a read of the descriptor table — there is no other
+# place that decides it.
+
+# %%
+#| export
+class FusedMoE(torch.nn.Module):
+    "One EP rank's MoE layer: router, placement and local expert weights; forward via the reference path."
+    def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
+                 seed: int = 0):
+        super().__init__()
+        if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        if config.num_redundant_experts:
+            raise ValueError(f"num_redundant_experts: expected 0 (EPLB replicas are not run by the layer yet), "
+                             f"got {config.num_redundant_experts}")
+        self.config = config
+        self.placement = Placement.build(config, strategy=placement)
+        weights = RandomExpertWeights(config, seed) if weights is None else weights
+        gate, bias = weights.router()
+        self.register_buffer("gate", gate)                              # [num_experts, hidden_size] fp32
+        self.register_buffer("e_score_correction_bias", bias)           # [num_experts] fp32 or None
+        w13, w2 = weights.experts(self.placement.local_to_global.tolist())
+        self.w13 = torch.nn.Parameter(w13, requires_grad=False)         # [E_local, 2·I, H]
+        self.w2 = torch.nn.Parameter(w2, requires_grad=False)           # [E_local, H, I]
+
+# %% [markdown]
+# Routing runs in fp32 on every rank with the same router, so every rank agrees on `topk_ids`. The ids take the
+# dtype the backend wants (`topk_indices_dtype`: int64 for DeepEP and NIXL EP, int32 otherwise).
+
+# %%
+#| export
+def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
+    check_tensor("hidden", hidden, shape=(None, self.config.hidden_size))
+    logits = hidden.float() @ self.gate.T                                # [T, num_experts] fp32
+    wts, ids = select_experts(self.config, logits, self.e_score_correction_bias)
+    return wts, ids.to(self.config.topk_indices_dtype)
+
+FusedMoE.route = _route
+
+# %% [markdown]
+# The capacity of the batched format follows DeepEP low-latency's contract: each rank sends at most
+# `max_num_tokens_per_rank` tokens, so a local expert's slab has `max_num_tokens_per_rank · num_dispatchers` rows.
+# In the emulation all `T` tokens are processed at once, standing for `ep_size` ranks with `ceil(T / ep_size)` tokens
+# each; that per-rank count must not exceed the config's `max_num_tokens` (vLLM's default is 256).
+
+# %%
+#| export
+def _batched_capacity(self, num_tokens: int) -> int:
+    "Rows per local expert slab for `num_tokens` tokens spread over the EP ranks (tokens)."
+    per_rank = math.ceil(num_tokens / self.config.ep_size)
+    if per_rank > self.config.max_num_tokens:
+        raise ValueError(f"num_tokens: expected at most max_num_tokens={self.config.max_num_tokens} per rank "
+                         f"({self.config.max_num_tokens * self.config.ep_size} in all), got {per_rank} per rank")
+    return max(per_rank, 1) * self.config.ep_size
+
+def _forward(self, hidden: torch.Tensor, topk: tuple | None = None) -> torch.Tensor:
+    "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
+    check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
+    wts, ids = self.route(hidden) if topk is None else topk
+    local = self.placement.local_slot(ids)                               # [T, top_k] local expert or -1
+    kw = dict(apply_router_weight_on_input=self.config.apply_router_weight_on_input)
+    if self.config.activation_format is ActivationFormat.BatchedExperts:
+        return moe_reference_batched(hidden, self.w13, self.w2, wts, local, self._batched_capacity(len(hidden)), **kw)
+    return moe_reference_standard(hidden, self.w13, self.w2, wts, local, **kw)
+
+FusedMoE._batched_capacity, FusedMoE.forward = _batched_capacity, _forward
+
+# %%
+#| test fused_moe_single_device
+torch.manual_seed(0)
+cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float32)
+layer = FusedMoE(cfg, seed=1)
+x = torch.randn(5, 32)
+wts, ids = layer.route(x)
+test_eq((wts.dtype, ids.dtype, tuple(ids.shape)), (torch.float32, torch.int32, (5, 2)))
+want = moe_reference_standard(x.double(), layer.w13.double(), layer.w2.double(), wts, ids)
+assert_close(layer(x), want)
+test_fail(lambda: layer(x.bfloat16()), contains="hidden: expected dtype torch.float32")
+test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*, 32]")
+
+# %% [markdown]
+# ## Emulated expert parallelism
+#
+# `run_emulated_ep` runs each rank of a deployment in turn in one process, exactly as the rank would run: its own
+# parallel config (from `ParallelConfig.make` with its ranks), placement, weights, dispatch, experts and combine. The
+# ranks' outputs are summed — the all-reduce (no all2all) or the combine at the tokens' owners (all2all). Alongside,
+# with the same weight tensors, it accumulates
+#
+# - the **single-device** result: the Standard path over all experts with fp32 accumulation, streamed in the ranks'
+#   chunks of experts (`accumulate_into`), so that no more than one rank's weights are alive at any time;
+# - the **float64 reference**: the same computation in float64, upcasting one expert at a time.
+#
+# Routing is computed once (every rank has the same router) and shared by the three computations.
+
+# %%
+#| export
+@dataclass
+class EPRun:
+    "Result of `run_emulated_ep`: outputs, checks and timings."
+    config: MoEConfig                 # the deployment as seen by rank 0
+    placements: list                  # one Placement per rank
+    topk_weights: torch.Tensor        # [T, top_k] fp32
+    topk_ids: torch.Tensor            # [T, top_k] global ids
+    output: torch.Tensor              # [T, H] config.dtype: the sum over ranks
+    single_device: torch.Tensor       # [T, H] config.dtype
+    reference: torch.Tensor           # [T, H] float64
+    rank_seconds: list = field(default_factory=list)   # forward time of each rank (s)
+    weight_seconds: float = 0.0       # time spent generating weights (s)
+
+# %%
+#| export
+def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
+    "The config of EP rank `ep_rank` of `config`'s deployment (DP·TP devices, EP on), built with `ParallelConfig.make`."
+    p = config.parallel
+    check_int("ep_rank", ep_rank, lo=0, hi=p.ep_size)
+    check_int("tp_size", tp_size, lo=1)
+    if p.ep_size % tp_size: raise ValueError(f"tp_size: expected a divisor of ep_size={p.ep_size}, got {tp_size}")
+    par = ParallelConfig.make(tp_size=tp_size, dp_size=p.ep_size // tp_size, tp_rank=ep_rank % tp_size,
+                              dp_rank=ep_rank // tp_size, enable_expert_parallel=p.ep_size > 1,
+                              all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
+    return config.replace(parallel=par)
+
+# %%
+#| export
+def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
+                    tp_size: int = 1, on_rank=None) -> EPRun:
+    "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
+    check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
+    weights, ep = RandomExpertWeights(config, seed), config.parallel.ep_size
+    T, H = hidden.shape
+    out, single, ref = (torch.zeros(T, H, dtype=d) for d in (torch.float32, torch.float32, torch.float64))
+    placements, rank_s, weight_s, topk = [], [], 0.0, None
+    for r in range(ep):
+        t0 = time.perf_counter()
+        layer = FusedMoE(rank_config(config, r, tp_size), weights, placement)      # holds rank r's weights only
+        t1 = time.perf_counter(); weight_s += t1 - t0
+        topk = layer.route(hidden) if topk is None else topk
+        out += layer(hidden, topk).float()
+        rank_s.append(time.perf_counter() - t1)
+        local = layer.placement.local_slot(topk[1])
+        kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
+        moe_reference_standard(hidden, layer.w13, layer.w2, topk[0], local, accumulate_into=single, **kw)
+        moe_reference_standard(hidden.double(), layer.w13, layer.w2, topk[0], local, accumulate_into=ref, **kw)
+        placements.append(layer.placement)
+        if on_rank is not None: on_rank(r, layer)
+        del layer
+    return EPRun(rank_config(config, 0, tp_size), placements, topk[0], topk[1], out.to(config.dtype),
+                 single.to(config.dtype), ref, rank_s, weight_s)
+
+# %% [markdown]
+# The emulated ranks sum to the single-device result for every backend of the descriptor table and both placements,
+# and both match the float64 reference. The format each rank ran in is the one the table declares.
+
+# %%
+#| test emulated_ep_every_backend
+torch.manual_seed(0)
+base = MoEConfig(num_experts=8, top_k=3, hidden_size=32, intermediate_size=16, dtype=torch.float32,
+                 routing_method="grouped_topk", num_expert_group=4, topk_group=2)
+x = torch.randn(11, 32)
+for name, d in BACKENDS.items():
+    for strategy in ("linear", "round_robin"):
+        cfg = base.replace(parallel=ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend=name))
+        seen = []
+        run = run_emulated_ep(cfg, x, seed=2, placement=strategy, on_rank=lambda r, l: seen.append(l.config.activation_format))
+        test_eq(set(seen), {d.activation_format if d.moves_tokens else ActivationFormat.Standard})
+        want_rr = strategy == "round_robin" and (not d.moves_tokens or d.needs_round_robin_routing_tables)
+        test_eq({p.strategy for p in run.placements}, {"round_robin" if want_rr else "linear"})
+        assert_close(run.output, run.reference, name=f"{name}/{strategy}")
+        assert_close(run.single_device, run.reference)
+        test_eq(run.topk_ids.dtype, cfg.topk_indices_dtype)
+
+# %% [markdown]
+# Rank count does not change the answer: 1, 2 and 4 ranks of the same model give the same output (to the dtype's
+# tolerance), and the placement of every expert on exactly one rank is checked through the ranks' `local_to_global`.
+
+# %%
+#| test emulated_ep_rank_counts
+torch.manual_seed(1)
+base = MoEConfig(num_experts=9, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.bfloat16)
+x = torch.randn(13, 32).bfloat16()
+outs = []
+for ep in (1, 2, 4):
+    cfg = base.replace(parallel=ParallelConfig.make(1, ep, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    run = run_emulated_ep(cfg, x, seed=5)
+    owned = torch.cat([p.local_to_global for p in run.placements]).sort().values
+    test_eq(owned.tolist(), list(range(9)))                                   # each expert on exactly one rank
+    assert_close(run.output, run.reference); outs.append(run.output)
+assert_close(outs[1], outs[0].double()); assert_close(outs[2], outs[0].double())
+test_fail(lambda: run_emulated_ep(cfg, x.float()), contains="hidden: expected dtype torch.bfloat16")
