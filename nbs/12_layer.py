@@ -9,6 +9,7 @@
 #| export
 from __future__ import annotations
 import math, time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice
@@ -66,10 +67,12 @@ def _experts(self, expert_ids) -> tuple[torch.Tensor, torch.Tensor]:
     for g in ids: check_int("expert_ids[i]", g, lo=0, hi=c.num_experts)
     w13 = torch.empty(len(ids), 2 * c.intermediate_size, c.hidden_size, dtype=c.dtype)
     w2 = torch.empty(len(ids), c.hidden_size, c.intermediate_size, dtype=c.dtype)
-    for j, g in enumerate(ids):
+    def fill(j, g):                      # torch's CPU generator is serial: one thread per expert instead
         gen = self._gen(g + 1)
         w13[j].normal_(0.0, 1.0 / math.sqrt(c.hidden_size), generator=gen)
         w2[j].normal_(0.0, 1.0 / math.sqrt(c.intermediate_size), generator=gen)
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(fill, range(len(ids)), ids))
     return w13, w2
 
 RandomExpertWeights.experts = _experts
