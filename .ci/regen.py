@@ -57,12 +57,14 @@ def is_import_cell(body):
 
 
 def write_tests(py: Path, nb):
-    module, imports, tests = None, [], []
+    module, imports, tests, seen_export = None, [], [], False
     for cell in nb.cells:
         if cell.cell_type != "code": continue
         d, body = directives(cell.source)
+        first_export, seen_export = "export" in d and not seen_export, seen_export or "export" in d
         if "default_exp" in d: module = d["default_exp"]
-        elif ("export" in d or "exports" in d or "hide" in d) and is_import_cell(body) and "test" not in d:
+        elif ("export" in d or "exports" in d or "hide" in d) and "test" not in d and (
+                is_import_cell(body) or first_export):   # the first export cell is the imports cell
             imports.append("\n".join(body))
         elif "test" in d:
             name = d["test"]

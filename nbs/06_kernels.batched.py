@@ -1,0 +1,397 @@
+# %%
+#| default_exp kernels.batched
+
+# %% [markdown]
+# # The batched-experts GEMM
+# > A Triton grouped GEMM over `[E, max_tokens, K]` slabs that reads only valid rows, skips empty experts before touching their weights, and fuses SiLU-and-mul into its epilogue.
+
+# %%
+#| export
+from __future__ import annotations
+import os, json
+from pathlib import Path
+import torch
+if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")   # before any @triton.jit
+import triton
+import triton.language as tl
+from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.config import ActivationFormat
+from moe_lit.formats import silu_and_mul
+from moe_lit.testing import assert_close, poison_rows
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.formats import experts_reference_batched
+
+# %% [markdown]
+# In this notebook: the reference `batched_gemm_reference`, the kernel `_batched_moe_gemm_kernel`, its launcher
+# `batched_moe_gemm`, the tile configuration (`default_tile_config`, `tile_config_path`, `lookup_tile_config`) and the
+# experts class `BatchedTritonExperts` (GEMM1 with SiLU-and-mul, then GEMM2). It follows the Triton tutorials'
+# order: motivation → reference → kernel → launcher → tests → interpretation; the benchmark lives in `14_bench`.
+#
+# ## Motivation
+#
+# DeepEP low-latency and NIXL EP hand each rank one slab per local expert, `a [E, max_tokens, K]`, with
+# `expert_num_tokens [E]` valid leading rows. The slab is sized for the worst case (every rank sending
+# `max_num_tokens_per_rank` tokens to one expert), so at decode most rows are padding and some experts are empty. The
+# experts' GEMM must therefore (1) never compute or read padding into valid rows, (2) cost nothing for an empty
+# expert — in particular, not read its weights, which dominate the bytes at decode — and (3) still run at the speed
+# of a dense GEMM on the valid rows.
+#
+# In the study of vLLM's batched Triton kernel (§4 of the reference), its slowness comes from choices that stop the
+# compiler from specialising and vectorising: every stride passed as int64 (so a unit stride is not known to be 1), a
+# `% N` on the column offsets, a runtime `min()` per tile. The kernel below passes strides as plain ints (Triton
+# specialises a stride of 1 and divisibility by 16), masks only where a constexpr says a dimension is ragged, and
+# uses int64 only for the expert's base offset.
+#
+# ## Reference
+#
+# The spec, written for clarity: for each expert, a matmul on its valid rows, optionally followed by SiLU-and-mul.
+
+# %%
+#| export
+def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K]
+                           w: torch.Tensor,                  # [E, N, K]
+                           expert_num_tokens: torch.Tensor,  # [E] int32, valid leading rows of each slab
+                           activation: str | None = None,    # None or "silu_and_mul"
+                           out: torch.Tensor | None = None,  # [E, max_tokens, N or N/2]; rows >= count untouched
+                          ) -> torch.Tensor:
+    "`out[e, :n_e] = act(a[e, :n_e] @ w[e].T)`, computed in a's dtype (float64 for a float64 reference)."
+    E, M, _ = a.shape
+    n_out = w.shape[1] // 2 if activation == "silu_and_mul" else w.shape[1]
+    out = torch.full((E, M, n_out), float("nan"), dtype=a.dtype) if out is None else out
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    for e, n in enumerate(expert_num_tokens.tolist()):
+        if n == 0: continue
+        y = a[e, :n].to(acc) @ w[e].to(acc).T
+        out[e, :n] = (silu_and_mul(y) if activation == "silu_and_mul" else y).to(out.dtype)
+    return out
+
+# %% [markdown]
+# ## Kernel
+#
+# Pseudocode of one program, for expert `e` and output tile `(m, n)`:
+#
+# ```
+# count = expert_num_tokens[e]
+# if m·BLOCK_M >= count: return                        # before any weight load
+# acc = 0                                              # [BLOCK_M, BLOCK_N] fp32 (two of them with SiLU: gate, up)
+# for k in 0 .. K step BLOCK_K:
+#     A = a[e, m-tile, k-tile]   rows >= count masked to 0
+#     W = w[e, n-tile, k-tile]   (and the up rows n + N/2 with SiLU)
+#     acc += A @ Wᵀ
+# out[e, valid rows of m-tile, n-tile] = silu(acc_gate) * acc_up   or   acc     (cast once)
+# ```
+#
+# Bytes per expert with `c` valid rows: the weights `N·K` (read `ceil(c / BLOCK_M)` times, from L2 after the
+# first), the activations `c·K` per N-tile, the output `c·N`. At decode `c` is small, the weights dominate, and the
+# floor is the weight bytes of the experts that have tokens divided by the memory bandwidth.
+#
+# **Grid** `(cdiv(max_tokens, BLOCK_M) · cdiv(N_out, BLOCK_N), E)`; program `pid` of axis 0 is
+# `(pid_n, pid_m) = divmod(pid, num_m_tiles)`, so programs that share a weight tile run next to each other and the
+# second reads it from L2. Programs with `m_start >= expert_num_tokens[e]` exit at once.
+#
+# **Constexprs**: `BLOCK_M/N/K` the tile; `SILU` fuses SiLU-and-mul (the weight holds `2·N_out` rows: gate, then
+# up); `EVEN_K`, `EVEN_N` drop the K and N masks when the tile divides the dimension; `UPCAST` converts bf16 to fp32
+# after the load (the CPU interpreter cannot do bf16 arithmetic); `PRECISION` is `"ieee"` for fp32 inputs (the GPU
+# would otherwise use tf32) and ignored for 16-bit inputs.
+#
+# > **Two accumulators for SiLU.** Gate and up are separate `tl.dot` chains into separate accumulators: a single
+# > accumulator fed by two dots has been miscompiled on some GPUs (triton#10821).
+
+# %%
+#| export
+@triton.jit
+def _batched_moe_gemm_kernel(
+    a_ptr,                      # [E, max_tokens, K]
+    w_ptr,                      # [E, N_w, K], N_w = N_OUT (plain) or 2·N_OUT (SILU: gate rows, then up rows)
+    c_ptr,                      # [E, max_tokens, N_OUT]
+    expert_num_tokens_ptr,      # [E] int32
+    N_OUT, K, MAX_TOKENS, num_m_tiles,
+    stride_ae, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ce, stride_cm, stride_cn,
+    SILU: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid, e = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
+    count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)   # memory-safe even if unvalidated
+    if pid_m * BLOCK_M >= count: return                       # empty tile: no weight is read
+    e64 = e.to(tl.int64)                                      # E·N·K and E·max_tokens·K can pass 2^31
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < count, offs_n < N_OUT
+    a_ptrs = a_ptr + e64 * stride_ae + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + e64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk   # [BLOCK_K, BLOCK_N]
+    up_off = N_OUT * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        if EVEN_K: a_mask = mask_m[:, None]                   # padding rows are read as 0, never as data
+        else: a_mask = mask_m[:, None] & k_ok[None, :]
+        if EVEN_N: w_mask = k_ok[:, None]
+        else: w_mask = k_ok[:, None] & mask_n[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if EVEN_K and EVEN_N: w = tl.load(w_ptrs)
+        else: w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        if UPCAST: a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if SILU:
+            if EVEN_K and EVEN_N: w_up = tl.load(w_ptrs + up_off)
+            else: w_up = tl.load(w_ptrs + up_off, mask=w_mask, other=0.0)
+            if UPCAST: w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up        # SiLU(gate) · up in fp32, cast once below
+    c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+# %% [markdown]
+# ## Tile configuration
+#
+# A tile configuration is `BLOCK_M/N/K`, `num_warps` and `num_stages`. moe-lit looks it up in a JSON table first and
+# falls back to a heuristic. The table follows vLLM's tuned-config format: one file per
+# `(kernel, E, N, device)`, named `E=<E>,N=<N>,device_name=<name>[,dtype=<dtype>].json` (spaces in the device name
+# become `_`), holding `{"<M>": {config}, ...}`; the entry whose `M` is nearest to the expected rows per expert wins.
+# Files live in `$MOE_LIT_TILE_CONFIG_DIR/<kernel>/` or in the package's `configs/<kernel>/`.
+#
+# > **Which M.** vLLM looks its batched configs up with the padded capacity `max_tokens`, which at decode is many
+# > times the real rows per expert (weakness §12.8). moe-lit's launcher takes `expected_m`, the caller's estimate
+# > of valid rows per expert (`num_tokens · top_k / num_experts`), and uses `max_tokens` only when none is given.
+
+# %%
+#| export
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+def _pow2(x: int) -> int: return 1 << max(0, (int(x) - 1).bit_length())
+
+def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
+    "Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`."
+    if INTERPRET:   # the interpreter's cost is programs x K-steps, so use few, large tiles
+        return dict(BLOCK_M=min(64, max(16, _pow2(M))), BLOCK_N=min(128, max(16, _pow2(N))),
+                    BLOCK_K=min(128, max(16, _pow2(K))), num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=min(64, max(16, _pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    if M <= 64:     # weight-streaming regime: one M tile, narrow N tiles so many programs stream in parallel
+        return dict(BLOCK_M=max(16, _pow2(M)), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+
+# %%
+#| export
+def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
+                     config_dir: str | Path | None = None) -> Path:
+    "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
+    root = Path(config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
+    tag = "" if dtype is None else f",dtype={_DTYPE_TAG[dtype]}"
+    return root / kernel / f"E={E},N={N},device_name={device_name.replace(' ', '_')}{tag}.json"
+
+def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
+                       device_name: str | None = None, config_dir: str | Path | None = None) -> dict:
+    "The tile for `M` expected rows: the table's nearest-M entry (dtype-specific file first), else the heuristic."
+    if device_name is None:
+        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
+    for dt in (dtype, None):
+        p = tile_config_path(kernel, E, N, device_name, dt, config_dir)
+        if p.exists():
+            table = {int(m): c for m, c in json.loads(p.read_text()).items()}
+            return dict(table[min(table, key=lambda m: (abs(m - M), m))])
+    return default_tile_config(E, N, K, M, dtype)
+
+# %%
+#| test tile_config_table
+import tempfile, json
+from pathlib import Path
+with tempfile.TemporaryDirectory() as d:
+    p = tile_config_path("batched_moe_gemm", 32, 4096, "NVIDIA H200", torch.bfloat16, d)
+    test_eq(p.name, "E=32,N=4096,device_name=NVIDIA_H200,dtype=bf16.json")
+    p.parent.mkdir(parents=True)
+    small, big = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    p.write_text(json.dumps({"16": small, "512": big}))
+    test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA H200", d), small)
+    test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.bfloat16, "NVIDIA H200", d), big)
+    # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
+    test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
+            default_tile_config(32, 4096, 7168, 400, torch.float16))
+
+# %% [markdown]
+# ## Launcher
+
+# %%
+#| export
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+def _check_extent(name: str, t: torch.Tensor):
+    "Offsets inside one expert are int32 in the kernel: refuse a per-expert extent of 2^31 elements or more."
+    extent = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+    if extent >= 2**31: raise ValueError(f"{name}: expected a per-expert extent < 2^31 elements, got {extent}")
+
+def _check_gemm_args(a, w, expert_num_tokens, activation, out):
+    check_tensor("a", a, ndim=3, dtype=_FLOATS)
+    E, M, K = a.shape
+    check_tensor("w", w, shape=(E, None, K), dtype=a.dtype)
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
+    check_choice("activation", activation, (None, "silu_and_mul"))
+    N = w.shape[1]
+    if activation == "silu_and_mul" and N % 2: raise ValueError(f"w: expected an even N for silu_and_mul, got {N}")
+    n_out = N // 2 if activation == "silu_and_mul" else N
+    if out is not None: check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype)
+    for name, t in (("expert_num_tokens", expert_num_tokens), ("w", w), ("out", out)):
+        if t is not None and t.device != a.device:
+            raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
+    return E, M, K, N, n_out
+
+# %%
+#| export
+def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
+                     w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows for SiLU)
+                     expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
+                     activation: str | None = None,     # None, or "silu_and_mul" -> N/2 outputs
+                     out: torch.Tensor | None = None,   # [E, max_tokens, N or N/2]; rows >= count never written
+                     config: dict | None = None,        # tile override: BLOCK_M/N/K, num_warps, num_stages
+                     expected_m: int | None = None,     # expected valid rows per expert (tile lookup only)
+                     validate: bool = True,             # check counts <= max_tokens on the host (one sync)
+                    ) -> torch.Tensor:                  # `out`
+    "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ)`, fp32 accumulation (the batched-experts contract)."
+    E, M, K, N, n_out = _check_gemm_args(a, w, expert_num_tokens, activation, out)
+    if validate and E and not (0 <= int(expert_num_tokens.min()) and int(expert_num_tokens.max()) <= M):
+        raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
+    out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
+    for name, t in (("a", a), ("w", w), ("out", out)): _check_extent(name, t)
+    if E == 0 or M == 0 or n_out == 0: return out
+    cfg = dict(config or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    num_m_tiles = triton.cdiv(M, bm)
+    grid = (num_m_tiles * triton.cdiv(n_out, bn), E)
+    _batched_moe_gemm_kernel[grid](
+        a, w, out, expert_num_tokens, n_out, K, M, num_m_tiles, *a.stride(), *w.stride(), *out.stride(),
+        SILU=activation == "silu_and_mul", EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0,
+        UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+    return out
+
+# %% [markdown]
+# ## Tests
+#
+# Every test compares with the float64 reference on fresh random inputs. Before the call, every row
+# `>= expert_num_tokens[e]` of the input *and* of the output buffer is poisoned — with NaN, then with 1e30 — so a
+# kernel that reads padding into a valid row, or writes a padding row, fails. Each case names the edge it covers.
+
+# %%
+#| export
+def random_batched_problem(E, M, K, N, counts, dtype, device="cpu", seed=0):
+    "Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1)."
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(E, M, K, generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn(E, N, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+    return a, w, torch.tensor(counts, dtype=torch.int32, device=device)
+
+# (E, max_tokens, K, N, counts, what it covers)
+GEMM_CASES = [
+    (4, 40, 96, 80, [0, 1, 17, 40], "counts 0/1/17/max; K and N not multiples of the tile"),
+    (3, 16, 64, 64, [0, 0, 0], "all experts empty"),
+    (4, 32, 64, 96, [32, 0, 0, 0], "every token on one expert"),
+    (5, 8, 48, 40, [3, 8, 1, 0, 5], "prime E; fewer rows than BLOCK_M"),
+    (2, 70, 128, 128, [70, 66], "more rows than one M tile"),
+]
+
+# %%
+#| export
+def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device="cpu", poison=float("nan"), config=None):
+    "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
+    a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
+    poison_rows(a, cnt, poison)
+    n_out = N // 2 if activation else N
+    out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
+    got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config)
+    want = batched_gemm_reference(a.double().cpu(), w.double().cpu(), cnt.cpu(), activation)
+    valid = torch.arange(M)[None, :] < cnt.cpu()[:, None].long()             # [E, M]
+    assert_close(got.cpu()[valid], want[valid], name=f"{E}x{M}x{K}x{N} {dtype} {activation}")
+    pad = got.cpu()[~valid]
+    assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
+    return got
+
+# %%
+#| test batched_gemm_catalog
+for E, M, K, N, counts, what in GEMM_CASES:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        check_batched_gemm(E, M, K, N, counts, dtype)
+
+# %%
+#| test batched_gemm_silu_and_mul
+for E, M, K, N, counts, what in GEMM_CASES:
+    for dtype in (torch.float32, torch.bfloat16):
+        check_batched_gemm(E, M, K, 2 * N, counts, dtype, activation="silu_and_mul")
+
+# %%
+#| test batched_gemm_poison_1e30
+for E, M, K, N, counts, what in GEMM_CASES[:2]:
+    check_batched_gemm(E, M, K, N, counts, torch.float32, poison=1e30)
+    check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, activation="silu_and_mul", poison=1e30)
+
+# %%
+#| test batched_gemm_bad_input
+a, w, cnt = random_batched_problem(2, 8, 16, 32, [3, 8], torch.float32)
+test_fail(lambda: batched_moe_gemm(a[0], w, cnt), contains="a: expected a 3-D tensor")
+test_fail(lambda: batched_moe_gemm(a, w[:, :, :8], cnt), contains="w: expected shape [2, *, 16]")
+test_fail(lambda: batched_moe_gemm(a, w.half(), cnt), contains="w: expected dtype torch.float32")
+test_fail(lambda: batched_moe_gemm(a, w, cnt.long()), contains="expert_num_tokens: expected dtype torch.int32")
+test_fail(lambda: batched_moe_gemm(a, w, torch.tensor([3, 9], dtype=torch.int32)), contains="expected values in [0, 8]")
+test_fail(lambda: batched_moe_gemm(a, w, cnt, activation="gelu"), contains="activation: expected one of")
+test_fail(lambda: batched_moe_gemm(a, w[:, :31], cnt, activation="silu_and_mul"), contains="w: expected an even N")
+test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16)), contains="out: expected shape [2, 8, 32]")
+test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
+
+# %% [markdown]
+# Counts above `max_tokens` with validation off are clamped inside the kernel, so even a wrong count cannot read or
+# write outside the slab (the validated path raises instead, above).
+
+# %%
+#| test batched_gemm_unvalidated_counts_stay_in_bounds
+a, w, cnt = random_batched_problem(2, 8, 16, 32, [8, 8], torch.float32)
+got = batched_moe_gemm(a, w, torch.tensor([100, 8], dtype=torch.int32), validate=False)
+assert_close(got, batched_gemm_reference(a.double(), w.double(), cnt))
+
+# %% [markdown]
+# ## The experts: GEMM1 with SiLU-and-mul, then GEMM2
+#
+# `BatchedTritonExperts` is the experts stage of the BatchedExperts format: it takes the dispatched slabs and
+# returns the experts' outputs in the same layout. Its `activation_format` is declared, so composition can check it
+# against the prepare/finalize it is paired with.
+
+# %%
+#| export
+class BatchedTritonExperts:
+    "Batched-format experts on Triton: `h = SiLU-and-mul(a @ w13ᵀ)`, `out = h @ w2ᵀ`, valid rows only."
+    activation_format = ActivationFormat.BatchedExperts
+
+    def apply(self, a: torch.Tensor,                   # [E, max_tokens, H]
+              expert_num_tokens: torch.Tensor,         # [E] int32
+              w13: torch.Tensor,                       # [E, 2·I, H], gate rows then up rows
+              w2: torch.Tensor,                        # [E, H, I]
+              expected_m: int | None = None,           # expected valid rows per expert (tile choice)
+              out: torch.Tensor | None = None,         # [E, max_tokens, H]; rows >= count never written
+             ) -> torch.Tensor:
+        "Run the experts on the valid rows of each slab (the two launches share the count validation)."
+        check_tensor("w2", w2, shape=(a.shape[0], a.shape[2], w13.shape[1] // 2), dtype=a.dtype)
+        h = batched_moe_gemm(a, w13, expert_num_tokens, "silu_and_mul", expected_m=expected_m)
+        return batched_moe_gemm(h, w2, expert_num_tokens, out=out, expected_m=expected_m, validate=False)
+
+# %%
+#| test batched_triton_experts
+for dtype in (torch.float32, torch.bfloat16):
+    g = torch.Generator().manual_seed(1)
+    E, M, H, I = 3, 24, 64, 48
+    a = torch.randn(E, M, H, generator=g).to(dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
+    cnt = torch.tensor([24, 0, 7], dtype=torch.int32)
+    poison_rows(a, cnt)
+    out = BatchedTritonExperts().apply(a, cnt, w13, w2, out=poison_rows(torch.zeros_like(a), cnt))
+    want = experts_reference_batched(a.double(), cnt, w13.double(), w2.double())
+    valid = torch.arange(M)[None, :] < cnt[:, None]
+    assert_close(out[valid], want[valid]); assert out[~valid].isnan().all()
+test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)

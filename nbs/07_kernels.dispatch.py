@@ -1,0 +1,338 @@
+# %%
+#| default_exp kernels.dispatch
+
+# %% [markdown]
+# # Dispatch and combine
+# > Triton kernels that scatter each (token, slot) pair into its local expert's slab and return the experts' rows to their tokens as a weighted sum.
+
+# %%
+#| export
+from __future__ import annotations
+import torch
+from moe_lit.kernels.batched import INTERPRET, BatchedTritonExperts   # sets TRITON_INTERPRET without a GPU
+import triton
+import triton.language as tl
+from moe_lit.terms import check_int, check_tensor
+from moe_lit.formats import dispatch_batched_reference
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.testing import assert_close, poison_rows
+from moe_lit.formats import combine_batched_reference, moe_reference_standard
+from moe_lit.placement import determine_expert_map, round_robin_routing_tables, expert_block
+
+# %% [markdown]
+# In this notebook: `batched_dispatch` (kernel `_batched_dispatch_kernel`) and `batched_combine` (kernel
+# `_batched_combine_kernel`), the in-process versions of what DeepEP low-latency and NIXL EP do across ranks, with
+# their specs `dispatch_batched_reference` and `combine_batched_reference` from `05_formats`. Motivation → reference →
+# kernel → launcher → tests.
+#
+# ## Motivation
+#
+# The batched format needs two data movements around the experts: before, every `(token, slot)` pair whose expert is
+# local goes to the next free row of that expert's slab; after, every pair's output row goes back to its token,
+# multiplied by the router weight and summed over the `top_k` slots. Both are pure memory traffic — `T·top_k·H`
+# elements each way — and both must be exact about the edges: a non-local or `-1` slot contributes exactly 0, and a
+# slab that would overflow its capacity is an error, never a silent drop (DeepEP#427 is a dispatch that miscounted
+# under imbalance).
+#
+# ## Dispatch kernel
+#
+# ```
+# for each token t (one program), for each slot k:
+#     local = local expert of topk_ids[t, k]  (through expert_map, or global_to_physical − physical_offset, or as is)
+#     if local is not on this rank: slot_map[t, k] = −1; continue
+#     row = atomic_add(counts[local], 1)                      # the next free row
+#     if row >= max_tokens: overflow = 1; slot_map[t, k] = −1; continue
+#     a[local, row, :] = hidden[t, :] (· topk_weights[t, k] when the weight is applied on the input)
+#     slot_map[t, k] = local · max_tokens + row
+# ```
+#
+# Grid `(T,)`; constexprs `TOP_K`, `BLOCK_H` (the row is copied in `BLOCK_H` chunks), `MODE` (0: ids are already
+# local, 1: `expert_map`, 2: `global_to_physical`), `SCALE` (apply the router weight on the input, in fp32). Rows within an expert come in whatever order the atomics grant them — program order in the
+# interpreter, any order on a GPU — so tests check values and permutations, never row order.
+
+# %%
+#| export
+@triton.jit
+def _batched_dispatch_kernel(
+    hidden_ptr,         # [T, H]
+    topk_ids_ptr,       # [T, TOP_K] int32/int64, global (or local, MODE 0) expert ids, -1 = none
+    topk_weights_ptr,   # [T, TOP_K] fp32 (read when SCALE)
+    map_ptr,            # MODE 1: expert_map [num_experts] int32; MODE 2: global_to_physical [num_experts] int64
+    a_ptr,              # [E_local, max_tokens, H] output slabs
+    counts_ptr,         # [E_local] int32, zeroed; becomes expert_num_tokens (+ overflowed pairs)
+    slot_map_ptr,       # [T, TOP_K] int64 output
+    overflow_ptr,       # [1] int32, set to 1 when a pair does not fit
+    H, num_local_experts, num_experts, max_tokens, physical_offset,
+    stride_ht, stride_ae, stride_am,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SCALE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    for k in tl.static_range(TOP_K):
+        gid = tl.load(topk_ids_ptr + t * TOP_K + k).to(tl.int64)
+        in_range = (gid >= 0) & (gid < num_experts)
+        local = gid
+        if MODE == 1: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64)
+        if MODE == 2: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64) - physical_offset
+        ok = in_range & (local >= 0) & (local < num_local_experts)
+        slot = gid * 0 - 1                                       # int64 -1: the pair is not here
+        if ok:
+            row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)
+            if row < max_tokens:
+                slot = local * max_tokens + row
+                w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
+                for h0 in range(0, tl.cdiv(H, BLOCK_H)):
+                    hm = h0 * BLOCK_H + offs_h < H
+                    x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
+                    if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
+                    tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
+            else:
+                tl.atomic_max(overflow_ptr, 1)
+        tl.store(slot_map_ptr + t * TOP_K + k, slot)
+
+# %% [markdown]
+# ## Dispatch launcher
+#
+# The launcher resolves which table turns a global id into a local slot — `expert_map` (linear or round-robin
+# placement without physical ids), `global_to_physical` with this rank's `physical_offset` (DeepEP low-latency and
+# NIXL EP with round-robin placement), or neither (the ids are already local) — and after the kernel checks the
+# overflow flag. With `check_overflow=False` (inside a captured CUDA graph, where a host check is impossible) it
+# returns the flag instead, and the caller must read it after the graph runs.
+
+# %%
+#| export
+def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
+                     topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
+                     num_local_experts: int,                   # E_local: slabs on this rank
+                     max_tokens: int,                          # rows per slab (capacity)
+                     expert_map: torch.Tensor | None = None,   # [num_experts] int32, global -> local or -1
+                     global_to_physical: torch.Tensor | None = None,  # [num_experts] int64 (round-robin tables)
+                     physical_offset: int = 0,                 # first physical id of this rank (with the tables)
+                     topk_weights: torch.Tensor | None = None, # [num_tokens, top_k] fp32: scale rows on input
+                     out: torch.Tensor | None = None,          # [E_local, max_tokens, hidden_size] slab buffer
+                     check_overflow: bool = True,              # raise on overflow (one host sync)
+                    ):
+    "Scatter pairs into slabs: `(a [E_local, max_tokens, H], expert_num_tokens [E_local] int32, slot_map [T, top_k] int64)`."
+    check_tensor("hidden", hidden, ndim=2)
+    T, H = hidden.shape
+    check_tensor("topk_ids", topk_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
+    check_int("num_local_experts", num_local_experts, lo=1); check_int("max_tokens", max_tokens, lo=1)
+    check_int("physical_offset", physical_offset, lo=0)
+    if expert_map is not None and global_to_physical is not None:
+        raise ValueError("expert_map: expected None when global_to_physical is given (one table decides), got a tensor")
+    table, mode = (expert_map, 1) if expert_map is not None else (global_to_physical, 2) if global_to_physical is not None else (None, 0)
+    if mode: check_tensor("expert_map" if mode == 1 else "global_to_physical", table, ndim=1,
+                          dtype=torch.int32 if mode == 1 else torch.int64)
+    num_experts = table.shape[0] if mode else num_local_experts
+    if topk_weights is not None: check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
+    a = torch.empty(num_local_experts, max_tokens, H, dtype=hidden.dtype, device=hidden.device) if out is None else \
+        check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=hidden.dtype)
+    for name, t in (("hidden", hidden), ("out", a)):
+        if t.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {t.stride(-1)}")
+    if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
+        raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got "
+                         f"{topk_ids.min().item()}..{topk_ids.max().item()}")
+    counts = torch.zeros(num_local_experts, dtype=torch.int32, device=hidden.device)
+    slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
+    flag = torch.zeros(1, dtype=torch.int32, device=hidden.device)
+    if T:
+        _batched_dispatch_kernel[(T,)](
+            hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
+            table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
+            physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
+            BLOCK_H=min(1024, triton.next_power_of_2(H)), MODE=mode, SCALE=topk_weights is not None)
+    if not check_overflow: return a, counts, slot_map, flag
+    if int(flag.item()):
+        raise ValueError(f"max_tokens: expected >= {int(counts.max())} (the busiest local expert's pairs), "
+                         f"got {max_tokens}: capacity overflow")
+    return a, counts, slot_map
+
+# %% [markdown]
+# ## Combine kernel
+#
+# ```
+# for each token t and H-block (one program):
+#     acc = 0                                          # fp32
+#     for each slot k: if slot_map[t, k] >= 0: acc += w[t, k] · expert_out.flat[slot_map[t, k], H-block]
+#     out[t, H-block] = acc                            # cast once
+# ```
+#
+# Grid `(T, cdiv(H, BLOCK_H))`. A `-1` slot is skipped by scalar control flow, so its row is never loaded — `0 · NaN`
+# would be NaN, and padding rows may hold anything. The sum runs in a fixed slot order with no atomics, so the result
+# is bitwise repeatable.
+
+# %%
+#| export
+@triton.jit
+def _batched_combine_kernel(
+    expert_out_ptr,     # [E_local, max_tokens, H]
+    topk_weights_ptr,   # [T, TOP_K] fp32
+    slot_map_ptr,       # [T, TOP_K] int64, e·max_tokens + row, or -1
+    out_ptr,            # [T, H]
+    H, max_tokens, stride_ee, stride_em, stride_ot,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = offs_h < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        slot = tl.load(slot_map_ptr + t * TOP_K + k)
+        if slot >= 0:
+            e, r = slot // max_tokens, slot % max_tokens
+            y = tl.load(expert_out_ptr + e * stride_ee + r * stride_em + offs_h, mask=hm, other=0.0).to(tl.float32)
+            if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + k)
+            acc += y
+    tl.store(out_ptr + t * stride_ot + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
+
+# %%
+#| export
+def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
+                    topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
+                    slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
+                    out: torch.Tensor | None = None,    # [num_tokens, hidden_size], expert_out's dtype
+                    apply_router_weight_on_input: bool = False,  # weights were applied at dispatch: sum with 1
+                    validate: bool = True,              # check slot_map's range on the host (one sync)
+                   ) -> torch.Tensor:                   # `out`
+    "Weighted sum over each token's slots: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`, fp32 accumulation."
+    check_tensor("expert_out", expert_out, ndim=3)
+    E, M, H = expert_out.shape
+    check_tensor("topk_weights", topk_weights, ndim=2, dtype=torch.float32)
+    T, top_k = topk_weights.shape
+    check_tensor("slot_map", slot_map, shape=(T, top_k), dtype=torch.int64)
+    out = torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device) if out is None else \
+        check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype)
+    for name, x in (("expert_out", expert_out), ("out", out)):
+        if x.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {x.stride(-1)}")
+    if validate and T and ((slot_map < -1) | (slot_map >= E * M)).any():
+        raise ValueError(f"slot_map: expected values in [-1, {E * M}), got {slot_map.min().item()}..{slot_map.max().item()}")
+    if T and H:
+        bh = min(1024, triton.next_power_of_2(H))
+        _batched_combine_kernel[(T, triton.cdiv(H, bh))](
+            expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
+            expert_out.stride(1), out.stride(0), TOP_K=top_k, BLOCK_H=bh, WEIGHTED=not apply_router_weight_on_input)
+    return out
+
+# %% [markdown]
+# ## Tests
+#
+# Dispatch against its spec: the same counts, each pair's row holds its token's hidden state, the slot map is a
+# permutation of the valid rows, and non-local and `-1` slots are `-1`. All three id translations are covered.
+
+# %%
+#| export
+def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, **kw):
+    "Check `batched_dispatch` against `dispatch_batched_reference` on the local ids it should produce (test body)."
+    a, counts, slot_map = batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, **kw)
+    _, want_counts, want_map = dispatch_batched_reference(hidden.cpu(), local_ids.cpu(), num_local_experts, max_tokens)
+    assert torch.equal(counts.cpu(), want_counts), (counts, want_counts)
+    sm = slot_map.cpu()
+    assert torch.equal(sm >= 0, want_map >= 0)                                    # the same pairs are local
+    assert torch.equal(torch.where(sm >= 0, sm // max_tokens, -1), local_ids.cpu().long().clamp(min=-1))
+    valid = sm[sm >= 0]
+    assert valid.unique().numel() == valid.numel()                                 # no row given twice
+    assert ((valid % max_tokens) < counts.cpu().long()[valid // max_tokens]).all()  # rows are the leading ones
+    rows = a.reshape(-1, hidden.shape[1])[slot_map.clamp(min=0)].cpu()           # [T, top_k, H]
+    src = hidden.cpu()[:, None, :].expand_as(rows)
+    scale = kw.get("topk_weights")
+    if scale is not None: src = (src.float() * scale.cpu()[..., None]).to(hidden.dtype)
+    assert torch.equal(rows[sm >= 0], src[sm >= 0])
+    return a, counts, slot_map
+
+# %%
+#| test dispatch_all_translations
+g = torch.Generator().manual_seed(0)
+T, H, E, k, S = 13, 40, 9, 3, 2
+hidden = torch.randn(T, H, generator=g)
+ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int(); ids[4, 2] = -1
+for rank in range(S):
+    n_local, emap = determine_expert_map(S, rank, E, "linear")
+    local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)
+    check_dispatch(hidden, ids, n_local, T, local, expert_map=emap)                    # linear, expert_map
+    n_local, emap = determine_expert_map(S, rank, E, "round_robin")
+    g2p, _, _ = round_robin_routing_tables(E, S, rank)
+    local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)
+    check_dispatch(hidden, ids.long(), n_local, T, local, global_to_physical=g2p,       # round robin, physical ids
+                   physical_offset=expert_block(E, S, rank)[0])
+local = torch.where(ids < 5, ids, -1)
+check_dispatch(hidden.bfloat16(), local, 5, T, local)                                    # ids already local, bf16
+check_dispatch(hidden, local, 5, T, local, topk_weights=torch.rand(T, k, generator=g))   # weight on the input
+
+# %%
+#| test dispatch_overflow_and_bad_input
+hidden, ids = torch.randn(6, 8), torch.zeros(6, 2, dtype=torch.int32); ids[:, 1] = 1    # 6 pairs on each of 2 experts
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 5), contains="max_tokens: expected >= 6")
+a, counts, slot_map, flag = batched_dispatch(hidden, ids, 2, 5, check_overflow=False)   # graph-safe: the flag says so
+test_eq(flag.item(), 1); test_eq(int((slot_map >= 0).sum()), 10)
+test_fail(lambda: batched_dispatch(hidden, ids + 5, 2, 6), contains="topk_ids: expected values in [-1, 2)")
+test_fail(lambda: batched_dispatch(hidden, ids.float(), 2, 6), contains="topk_ids: expected dtype")
+test_fail(lambda: batched_dispatch(hidden[:, None], ids, 2, 6), contains="hidden: expected a 2-D tensor")
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int64)), contains="expert_map: expected dtype torch.int32")
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32),
+                                   global_to_physical=torch.zeros(4, dtype=torch.int64)), contains="expert_map: expected None")
+test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
+test_fail(lambda: batched_dispatch(hidden.t(), ids[:, :1].repeat(1, 1)[:8], 2, 6), contains="expected")
+
+# %% [markdown]
+# Combine against its spec on slabs whose padding is poisoned (NaN, then 1e30): a `-1` slot or a padding row would
+# show.
+
+# %%
+#| test combine_matches_reference
+g = torch.Generator().manual_seed(1)
+T, H, E, k = 11, 48, 4, 3
+ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int(); ids[0] = -1; ids[3, 1] = -1
+wts = torch.rand(T, k, generator=g)
+for dtype in (torch.float32, torch.bfloat16):
+    for poison in (float("nan"), 1e30):
+        a, counts, slot_map = batched_dispatch(torch.randn(T, H, generator=g).to(dtype), ids, E, T)
+        poison_rows(a, counts, poison)
+        want = combine_batched_reference(a.double(), wts, slot_map)
+        got = batched_combine(a, wts, slot_map)
+        assert_close(got, want); test_eq(got[0].abs().max().item(), 0.0)               # a token with no local slot
+        assert_close(batched_combine(a, wts, slot_map, apply_router_weight_on_input=True),
+                     combine_batched_reference(a.double(), wts, slot_map, apply_router_weight_on_input=True))
+test_fail(lambda: batched_combine(a, wts, slot_map + 1000), contains="slot_map: expected values in [-1, 44)")
+test_fail(lambda: batched_combine(a, wts.double(), slot_map), contains="topk_weights: expected dtype torch.float32")
+test_fail(lambda: batched_combine(a, wts, slot_map.int()), contains="slot_map: expected dtype torch.int64")
+
+# %% [markdown]
+# ## The whole batched path
+#
+# Dispatch → `BatchedTritonExperts` (GEMM1 + SiLU-and-mul, GEMM2) → combine equals the float64 Standard reference,
+# for each rank of a round-robin deployment, with `-1` ids, `top_k = 1` and `top_k = E`.
+
+# %%
+#| export
+def batched_moe_triton(hidden, w13, w2, topk_weights, topk_ids, num_local_experts, max_tokens, expected_m=None,
+                       apply_router_weight_on_input=False, **table):
+    "Dispatch -> batched experts -> combine on Triton; `table` is `expert_map=` or `global_to_physical=, physical_offset=`."
+    a, counts, slot_map = batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens,
+                                           topk_weights=topk_weights if apply_router_weight_on_input else None, **table)
+    y = BatchedTritonExperts().apply(a, counts, w13, w2, expected_m=expected_m)
+    return batched_combine(y, topk_weights, slot_map, apply_router_weight_on_input=apply_router_weight_on_input,
+                           validate=False)
+
+# %%
+#| test batched_path_end_to_end
+g = torch.Generator().manual_seed(2)
+E, H, I, S = 6, 32, 16, 2
+w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+for T, k in ((9, 2), (5, 1), (4, E)):                                        # top_k = 1 and top_k = E
+    hidden = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    if k > 1: ids[1, 0] = -1
+    wts = torch.rand(T, k, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
+        total = torch.zeros(T, H, dtype=torch.float64)
+        for rank in range(S):
+            n_local, emap = determine_expert_map(S, rank, E, "round_robin")
+            g2p, _, l2g = round_robin_routing_tables(E, S, rank)
+            total += batched_moe_triton(hidden.to(dtype), w13[l2g].to(dtype), w2[l2g].to(dtype), wts, ids.long(),
+                                        n_local, T, global_to_physical=g2p,
+                                        physical_offset=expert_block(E, S, rank)[0]).double()
+        assert_close(total.to(dtype), want, name=f"T={T} top_k={k} {dtype}")
