@@ -15,7 +15,7 @@ from .placement import Placement
 from .formats import moe_reference_standard, moe_reference_batched
 
 # %% auto #0
-__all__ = ['RandomExpertWeights', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep']
+__all__ = ['RandomExpertWeights', 'resolve_experts', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep']
 
 # %% ../nbs/12_layer.ipynb #d24a113e03ca
 class RandomExpertWeights:
@@ -52,12 +52,25 @@ def _experts(self, expert_ids) -> tuple[torch.Tensor, torch.Tensor]:
 
 RandomExpertWeights.experts = _experts
 
-# %% ../nbs/12_layer.ipynb #13442ff1adf5
+# %% ../nbs/12_layer.ipynb #2523a40d483e
+def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device) -> tuple[str, str]:
+    "`(implementation, reason)`: 'triton' or 'torch' for the requested `experts` ('auto', 'triton' or 'torch')."
+    check_choice("experts", experts, ("auto", "triton", "torch"))
+    if activation_format is not ActivationFormat.BatchedExperts:
+        return "torch", f"format {activation_format.value}: the torch reference (no Triton kernel for this format yet)"
+    if experts == "torch": return "torch", "requested: the torch reference of the batched contract"
+    if experts == "triton": return "triton", "requested: Triton batched kernels" + ("" if device.type == "cuda" else
+                                                                                  " (CPU: in the Triton interpreter)")
+    if device.type == "cuda": return "triton", "format batched_experts on a GPU: Triton dispatch, GEMMs and combine"
+    return "torch", "format batched_experts on the CPU: the torch reference (pass experts='triton' for the kernels)"
+
+# %% ../nbs/12_layer.ipynb #d1a988f414a1
 class FusedMoE(torch.nn.Module):
     "One EP rank's MoE layer: router, placement and local expert weights; forward via the reference path."
     def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
-                 seed: int = 0):
+                 seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu"):
         super().__init__()
+        self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, torch.device(device))
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
         if config.num_redundant_experts:
             raise ValueError(f"num_redundant_experts: expected 0 (EPLB replicas are not run by the layer yet), "
@@ -66,11 +79,11 @@ class FusedMoE(torch.nn.Module):
         self.placement = Placement.build(config, strategy=placement)
         weights = RandomExpertWeights(config, seed) if weights is None else weights
         gate, bias = weights.router()
-        self.register_buffer("gate", gate)                              # [num_experts, hidden_size] fp32
-        self.register_buffer("e_score_correction_bias", bias)           # [num_experts] fp32 or None
+        self.register_buffer("gate", gate.to(device))                   # [num_experts, hidden_size] fp32
+        self.register_buffer("e_score_correction_bias", None if bias is None else bias.to(device))  # [num_experts]
         w13, w2 = weights.experts(self.placement.local_to_global.tolist())
-        self.w13 = torch.nn.Parameter(w13, requires_grad=False)         # [E_local, 2·I, H]
-        self.w2 = torch.nn.Parameter(w2, requires_grad=False)           # [E_local, H, I]
+        self.w13 = torch.nn.Parameter(w13.to(device), requires_grad=False)   # [E_local, 2·I, H]
+        self.w2 = torch.nn.Parameter(w2.to(device), requires_grad=False)     # [E_local, H, I]
 
 # %% ../nbs/12_layer.ipynb #67d0a51945bc
 def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +95,7 @@ def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 FusedMoE.route = _route
 
-# %% ../nbs/12_layer.ipynb #a2315c51f19f
+# %% ../nbs/12_layer.ipynb #c07ab23ebb49
 def _batched_capacity(self, num_tokens: int) -> int:
     "Rows per local expert slab for `num_tokens` tokens spread over the EP ranks (tokens)."
     per_rank = math.ceil(num_tokens / self.config.ep_size)
@@ -97,13 +110,21 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None) -> torch.Ten
     wts, ids = self.route(hidden) if topk is None else topk
     local = self.placement.local_slot(ids)                               # [T, top_k] local expert or -1
     kw = dict(apply_router_weight_on_input=self.config.apply_router_weight_on_input)
-    if self.config.activation_format is ActivationFormat.BatchedExperts:
-        return moe_reference_batched(hidden, self.w13, self.w2, wts, local, self._batched_capacity(len(hidden)), **kw)
-    return moe_reference_standard(hidden, self.w13, self.w2, wts, local, **kw)
+    if self.config.activation_format is not ActivationFormat.BatchedExperts:
+        return moe_reference_standard(hidden, self.w13, self.w2, wts, local, **kw)
+    capacity = self._batched_capacity(len(hidden))
+    if self.experts == "torch": return moe_reference_batched(hidden, self.w13, self.w2, wts, local, capacity, **kw)
+    from moe_lit.kernels.dispatch import batched_moe_triton          # lazy: the reference path needs no Triton
+    p = self.placement
+    table = (dict(global_to_physical=p.global_to_physical.to(hidden.device), physical_offset=p.physical_offset)
+             if p.global_to_physical is not None else
+             dict(expert_map=p.expert_map.to(hidden.device)) if p.expert_map is not None else {})
+    expected_m = max(1, round(ids.numel() / self.config.num_experts))  # rows per expert if routing were uniform
+    return batched_moe_triton(hidden, self.w13, self.w2, wts, ids, p.num_local_experts, capacity, expected_m, **kw, **table)
 
 FusedMoE._batched_capacity, FusedMoE.forward = _batched_capacity, _forward
 
-# %% ../nbs/12_layer.ipynb #7e14c07d7e58
+# %% ../nbs/12_layer.ipynb #7ed2073572c4
 @dataclass
 class EPRun:
     "Result of `run_emulated_ep`: outputs, checks and timings."
@@ -114,6 +135,7 @@ class EPRun:
     output: torch.Tensor              # [T, H] config.dtype: the sum over ranks
     single_device: torch.Tensor       # [T, H] config.dtype
     reference: torch.Tensor           # [T, H] float64
+    experts: tuple = ("torch", "")    # (implementation, reason) of rank 0's experts
     rank_seconds: list = field(default_factory=list)   # forward time of each rank (s)
     weight_seconds: float = 0.0       # time spent generating weights (s)
 
@@ -129,28 +151,31 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #c71f18e6a9d3
+# %% ../nbs/12_layer.ipynb #d9e0d6f8ad91
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
-                    tp_size: int = 1, on_rank=None) -> EPRun:
+                    tp_size: int = 1, on_rank=None, experts: str = "auto") -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
     check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
     weights, ep = RandomExpertWeights(config, seed), config.parallel.ep_size
     T, H = hidden.shape
-    out, single, ref = (torch.zeros(T, H, dtype=d) for d in (torch.float32, torch.float32, torch.float64))
+    out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (torch.float32, torch.float32, torch.float64))
     placements, rank_s, weight_s, topk = [], [], 0.0, None
     for r in range(ep):
         t0 = time.perf_counter()
-        layer = FusedMoE(rank_config(config, r, tp_size), weights, placement)      # holds rank r's weights only
+        layer = FusedMoE(rank_config(config, r, tp_size), weights, placement, experts=experts,
+                         device=hidden.device)                                    # holds rank r's weights only
         t1 = time.perf_counter(); weight_s += t1 - t0
         topk = layer.route(hidden) if topk is None else topk
         out += layer(hidden, topk).float()
+        if hidden.is_cuda: torch.cuda.synchronize()
         rank_s.append(time.perf_counter() - t1)
         local = layer.placement.local_slot(topk[1])
         kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
         moe_reference_standard(hidden, layer.w13, layer.w2, topk[0], local, accumulate_into=single, **kw)
         moe_reference_standard(hidden.double(), layer.w13, layer.w2, topk[0], local, accumulate_into=ref, **kw)
         placements.append(layer.placement)
+        impl = (layer.experts, layer.experts_reason)
         if on_rank is not None: on_rank(r, layer)
         del layer
     return EPRun(rank_config(config, 0, tp_size), placements, topk[0], topk[1], out.to(config.dtype),
-                 single.to(config.dtype), ref, rank_s, weight_s)
+                 single.to(config.dtype), ref, impl, rank_s, weight_s)

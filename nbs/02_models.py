@@ -18,7 +18,6 @@ from moe_lit.config import MoEConfig, ParallelConfig, SCORING_FUNCS
 #| hide
 from fastcore.test import test_eq, test_fail
 import tempfile
-from IPython.display import Markdown
 
 # %% [markdown]
 # In this notebook: the preset table `PRESETS` (looked up with `preset`, default `DEFAULT_PRESET`), the one-line
@@ -302,6 +301,7 @@ test_fail(lambda: markdown_table([dict(a=1), dict(b=2)]), contains="rows[1]: exp
 # Every preset, generated from `PRESETS`:
 
 # %%
+from IPython.display import Markdown
 Markdown(markdown_table(preset_table()))
 
 # %% [markdown]

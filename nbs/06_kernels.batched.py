@@ -60,7 +60,7 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
     "`out[e, :n_e] = act(a[e, :n_e] @ w[e].T)`, computed in a's dtype (float64 for a float64 reference)."
     E, M, _ = a.shape
     n_out = w.shape[1] // 2 if activation == "silu_and_mul" else w.shape[1]
-    out = torch.full((E, M, n_out), float("nan"), dtype=a.dtype) if out is None else out
+    out = torch.full((E, M, n_out), float("nan"), dtype=a.dtype, device=a.device) if out is None else out
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     for e, n in enumerate(expert_num_tokens.tolist()):
         if n == 0: continue
@@ -307,7 +307,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device="cpu",
     n_out = N // 2 if activation else N
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
     got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config)
-    want = batched_gemm_reference(a.double().cpu(), w.double().cpu(), cnt.cpu(), activation)
+    want = batched_gemm_reference(a.double(), w.double(), cnt, activation).cpu()
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None].long()             # [E, M]
     assert_close(got.cpu()[valid], want[valid], name=f"{E}x{M}x{K}x{N} {dtype} {activation}")
     pad = got.cpu()[~valid]
@@ -344,6 +344,37 @@ test_fail(lambda: batched_moe_gemm(a, w, cnt, activation="gelu"), contains="acti
 test_fail(lambda: batched_moe_gemm(a, w[:, :31], cnt, activation="silu_and_mul"), contains="w: expected an even N")
 test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16)), contains="out: expected shape [2, 8, 32]")
 test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
+
+# %% [markdown]
+# On the GPU the same check runs at the benchmark's real shapes (with counts that include 0, 1, 17 and the
+# capacity), in bf16 with and without the fused epilogue, and in fp16.
+
+# %%
+#| test batched_gemm_real_shapes
+#| gpu
+for E, M, K, N, rows in ((32, 128, 7168, 4096, 1024), (128, 64, 2048, 1536, 512), (8, 64, 4096, 28672, 128),
+                         (128, 64, 2880, 5760, 512), (32, 1024, 7168, 4096, 16384)):
+    g = torch.Generator().manual_seed(E + M)
+    counts = torch.bincount(torch.randint(0, E, (rows,), generator=g), minlength=E).clamp(max=M)
+    counts[:4] = torch.tensor([0, 1, 17, M])                                  # the edge counts, every time
+    for dtype, act in ((torch.bfloat16, None), (torch.bfloat16, "silu_and_mul"), (torch.float16, None)):
+        check_batched_gemm(E, M, K, N, counts.tolist(), dtype, act, device="cuda")
+
+# %% [markdown]
+# Offsets past 2^31: with `E·N·K > 2^31` elements the last expert's weights start beyond the int32 range, which
+# the kernel reaches through an int64 expert offset.
+
+# %%
+#| test batched_gemm_int64_offsets
+#| gpu
+E, M, K, N = 40, 16, 7168, 8192                       # E·N·K = 2.35e9 > 2^31
+a = torch.randn(E, M, K, device="cuda", dtype=torch.bfloat16)
+w = torch.empty(E, N, K, device="cuda", dtype=torch.bfloat16).normal_(0, K**-0.5)
+cnt = torch.zeros(E, dtype=torch.int32, device="cuda"); cnt[0], cnt[-1] = 3, 16
+got = batched_moe_gemm(a, w, cnt)
+for e in (0, E - 1):
+    n = int(cnt[e])
+    assert_close(got[e, :n], (a[e, :n].double() @ w[e].double().T), name=f"expert {e}")
 
 # %% [markdown]
 # Counts above `max_tokens` with validation off are clamped inside the kernel, so even a wrong count cannot read or

@@ -336,3 +336,19 @@ for T, k in ((9, 2), (5, 1), (4, E)):                                        # t
                                         n_local, T, global_to_physical=g2p,
                                         physical_offset=expert_block(E, S, rank)[0]).double()
         assert_close(total.to(dtype), want, name=f"T={T} top_k={k} {dtype}")
+
+# %% [markdown]
+# On the GPU, at DeepSeek-V3 EP8 shapes (4096 tokens, hidden 7168, 32 of 256 experts local, top-8), where the
+# atomics really race: counts, permutation and values still match the spec.
+
+# %%
+#| test dispatch_combine_real_shapes
+#| gpu
+T, H, E, k, S, rank = 4096, 7168, 256, 8, 8, 3
+ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int().cuda()
+hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+n_local, emap = determine_expert_map(S, rank, E, "linear")
+local = torch.where(ids >= 0, emap.cuda()[ids.clamp(min=0).long()], -1)
+a, counts, slot_map = check_dispatch(hidden, ids, n_local, T, local, expert_map=emap.cuda())
+wts = torch.rand(T, k, device="cuda")
+assert_close(batched_combine(a, wts, slot_map), combine_batched_reference(a.double(), wts, slot_map))

@@ -103,14 +103,15 @@ def _placement_rows(run) -> dict:
 # %%
 #| export
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear", seed: int = 0,
-               tp_size: int = 1) -> dict:
+               tp_size: int = 1, experts: str = "auto", device: str = "cpu") -> dict:
     "Run the main job on `num_tokens` random tokens and return the report as JSON-ready data."
     check_int("num_tokens", num_tokens, lo=1); check_int("seed", seed, lo=0)
     t0 = time.perf_counter()
-    hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7)).to(config.dtype)
-    run = run_emulated_ep(config, hidden, seed=seed, placement=placement, tp_size=tp_size)
-    load = expert_load(run.topk_ids, config.num_experts)
-    per_rank = [int(load[p.local_to_global].sum()) for p in run.placements]
+    hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
+    hidden = hidden.to(device=device, dtype=config.dtype)
+    run = run_emulated_ep(config, hidden, seed=seed, placement=placement, tp_size=tp_size, experts=experts)
+    load = expert_load(run.topk_ids.cpu(), config.num_experts)
+    per_rank = [int(load[p.local_to_global.cpu()].sum()) for p in run.placements]
     fwd = sum(run.rank_seconds)
     c = run.config
     return {
@@ -121,6 +122,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
         "backend": {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else getattr(v, "value", v))
                     for k, v in asdict(c.backend).items()},
         "properties": [{"property": p, "value": v, "reason": r} for p, v, r in c.parallel.explain()],
+        "experts": {"implementation": run.experts[0], "reason": run.experts[1], "device": str(hidden.device)},
         "placement": {"requested": placement, **_placement_rows(run)},
         "load": {"per_expert": _abridge(load, 32), "min": int(load.min()), "max": int(load.max()),
                  "mean": float(load.float().mean()), "empty_experts": int((load == 0).sum()),
@@ -180,8 +182,10 @@ def _section_model(r: dict) -> list[str]:
 
 def _section_properties(r: dict) -> list[str]:
     w = max(len(p["property"]) for p in r["properties"])
+    e = r["experts"]
     return ["", "parallel config properties (rank 0)"] + [
-        f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in r["properties"]]
+        f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in r["properties"]] + [
+        "", f"experts: {e['implementation']} on {e['device']} ({e['reason']})"]
 
 # %%
 #| export
@@ -271,9 +275,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--placement", default="linear", choices=["linear", "round_robin"])
         p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
         if name == "run":
+            p.add_argument("--experts", default="auto", choices=["auto", "triton", "torch"],
+                           help="experts implementation: auto = Triton on a GPU, the torch reference otherwise")
+            p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                           help="where the layer runs (auto: cuda when a GPU is present)")
             p.add_argument("--tokens", type=int, default=64, help="tokens in the batch")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--json", action="store_true", help="print the report as JSON")
+    b = sub.add_parser("bench", help="benchmark the batched-experts GEMM against peers and the roofline (GPU)")
+    b.add_argument("--tune", action="store_true", help="sweep tile candidates first and save the winners")
+    b.add_argument("--config-dir", help="where tuned tile tables are written (default: the package's configs/)")
+    b.add_argument("--out", help="write the results as JSON to this file")
+    b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
     return ap
 
 # %%
@@ -281,16 +294,30 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Returns the exit status: 0, or 1 when a check of `run` fails, 2 on bad input."
     args = _parser().parse_args(argv)
+    if args.command == "bench": return _bench(args)
     try:
         cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all, args.dtype)
         if args.command == "tables":
             print(tables_report(cfg, args.placement, args.tp)); return 0
-        report = run_report(cfg, args.tokens, args.placement, args.seed, args.tp)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU, got none")
+        report = run_report(cfg, args.tokens, args.placement, args.seed, args.tp, args.experts, device)
     except ValueError as e:
         print(f"moe-lit: error: {e}", file=sys.stderr); return 2
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     checks = [c for c in report["check"].values() if c is not None]
     return 0 if all(c["ok"] for c in checks) else 1
+
+# %%
+#| export
+def _bench(args) -> int:
+    "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
+    from moe_lit.bench import SCENARIOS, run_bench, format_bench
+    scs = [s for s in SCENARIOS if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
+    try: report = run_bench(args.out, args.tune, args.config_dir, scs, progress=lambda n: print(f"... {n}", file=sys.stderr))
+    except ValueError as e:
+        print(f"moe-lit: error: {e}", file=sys.stderr); return 2
+    print(format_bench(report)); return 0
 
 # %%
 #| test main_entry_point
@@ -306,3 +333,7 @@ assert "num_tokens: expected >= 1, got 0" in err.getvalue()
 with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["tables", "--model", "deepseek-v3", "--ep", "4",
                                                                     "--all2all", "deepep_low_latency", "--placement", "round_robin"]), 0)
 assert "global_to_physical" in out.getvalue()
+
+# %%
+#| export
+if __name__ == "__main__": sys.exit(main())

@@ -63,6 +63,29 @@ def test_batched_gemm_bad_input():
     test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
 
 
+@pytest.mark.gpu
+def test_batched_gemm_real_shapes():
+    for E, M, K, N, rows in ((32, 128, 7168, 4096, 1024), (128, 64, 2048, 1536, 512), (8, 64, 4096, 28672, 128),
+                             (128, 64, 2880, 5760, 512), (32, 1024, 7168, 4096, 16384)):
+        g = torch.Generator().manual_seed(E + M)
+        counts = torch.bincount(torch.randint(0, E, (rows,), generator=g), minlength=E).clamp(max=M)
+        counts[:4] = torch.tensor([0, 1, 17, M])                                  # the edge counts, every time
+        for dtype, act in ((torch.bfloat16, None), (torch.bfloat16, "silu_and_mul"), (torch.float16, None)):
+            check_batched_gemm(E, M, K, N, counts.tolist(), dtype, act, device="cuda")
+
+
+@pytest.mark.gpu
+def test_batched_gemm_int64_offsets():
+    E, M, K, N = 40, 16, 7168, 8192                       # E·N·K = 2.35e9 > 2^31
+    a = torch.randn(E, M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.empty(E, N, K, device="cuda", dtype=torch.bfloat16).normal_(0, K**-0.5)
+    cnt = torch.zeros(E, dtype=torch.int32, device="cuda"); cnt[0], cnt[-1] = 3, 16
+    got = batched_moe_gemm(a, w, cnt)
+    for e in (0, E - 1):
+        n = int(cnt[e])
+        assert_close(got[e, :n], (a[e, :n].double() @ w[e].double().T), name=f"expert {e}")
+
+
 def test_batched_gemm_unvalidated_counts_stay_in_bounds():
     a, w, cnt = random_batched_problem(2, 8, 16, 32, [8, 8], torch.float32)
     got = batched_moe_gemm(a, w, torch.tensor([100, 8], dtype=torch.int32), validate=False)

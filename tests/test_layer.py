@@ -27,6 +27,14 @@ def test_random_weights_are_per_expert():
     test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected < 6, got 6")
 
 
+def test_resolve_experts():
+    B, S = ActivationFormat.BatchedExperts, ActivationFormat.Standard
+    test_eq(resolve_experts("auto", B, torch.device("cuda"))[0], "triton")
+    test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
+    test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "torch")
+    test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+
+
 def test_fused_moe_single_device():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float32)
@@ -71,3 +79,15 @@ def test_emulated_ep_rank_counts():
         assert_close(run.output, run.reference); outs.append(run.output)
     assert_close(outs[1], outs[0].double()); assert_close(outs[2], outs[0].double())
     test_fail(lambda: run_emulated_ep(cfg, x.float()), contains="hidden: expected dtype torch.bfloat16")
+
+
+def test_emulated_ep_triton_experts():
+    torch.manual_seed(3)
+    base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.bfloat16,
+                     routing_method="grouped_topk", num_expert_group=2, topk_group=1)
+    x = torch.randn(7, 32).bfloat16()
+    for strategy in ("round_robin", "linear"):
+        cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="deepep_low_latency"))
+        run = run_emulated_ep(cfg, x, seed=4, placement=strategy, experts="triton")
+        test_eq(run.experts[0], "triton")
+        assert_close(run.output, run.reference, name=strategy)

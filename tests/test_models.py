@@ -8,7 +8,6 @@ from moe_lit.terms import check_int, check_choice, hf_names
 from moe_lit.config import MoEConfig, ParallelConfig, SCORING_FUNCS
 from fastcore.test import test_eq, test_fail
 import tempfile
-from IPython.display import Markdown
 from moe_lit.models import *
 
 

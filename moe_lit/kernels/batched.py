@@ -19,7 +19,7 @@ from ..testing import assert_close, poison_rows
 __all__ = ['INTERPRET', 'GEMM_CASES', 'batched_gemm_reference', 'default_tile_config', 'tile_config_path', 'lookup_tile_config',
            'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
-# %% ../../nbs/06_kernels.batched.ipynb #15573d980ea8
+# %% ../../nbs/06_kernels.batched.ipynb #784096195d77
 def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K]
                            w: torch.Tensor,                  # [E, N, K]
                            expert_num_tokens: torch.Tensor,  # [E] int32, valid leading rows of each slab
@@ -29,7 +29,7 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
     "`out[e, :n_e] = act(a[e, :n_e] @ w[e].T)`, computed in a's dtype (float64 for a float64 reference)."
     E, M, _ = a.shape
     n_out = w.shape[1] // 2 if activation == "silu_and_mul" else w.shape[1]
-    out = torch.full((E, M, n_out), float("nan"), dtype=a.dtype) if out is None else out
+    out = torch.full((E, M, n_out), float("nan"), dtype=a.dtype, device=a.device) if out is None else out
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     for e, n in enumerate(expert_num_tokens.tolist()):
         if n == 0: continue
@@ -190,7 +190,7 @@ GEMM_CASES = [
     (2, 70, 128, 128, [70, 66], "more rows than one M tile"),
 ]
 
-# %% ../../nbs/06_kernels.batched.ipynb #024ba514870a
+# %% ../../nbs/06_kernels.batched.ipynb #62cbf83ed741
 def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device="cpu", poison=float("nan"), config=None):
     "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
@@ -198,7 +198,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device="cpu",
     n_out = N // 2 if activation else N
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
     got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config)
-    want = batched_gemm_reference(a.double().cpu(), w.double().cpu(), cnt.cpu(), activation)
+    want = batched_gemm_reference(a.double(), w.double(), cnt, activation).cpu()
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None].long()             # [E, M]
     assert_close(got.cpu()[valid], want[valid], name=f"{E}x{M}x{K}x{N} {dtype} {activation}")
     pad = got.cpu()[~valid]

@@ -1,0 +1,250 @@
+# %%
+#| default_exp bench
+
+# %% [markdown]
+# # Benchmarks
+# > The batched-experts GEMM against the kernels a user would otherwise pick and against the roofline floor, all measured in the same run on the same GPU.
+
+# %%
+#| export
+from __future__ import annotations
+import json, math, time
+from pathlib import Path
+import torch
+from moe_lit.terms import check_int, check_choice
+from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, INTERPRET
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# In this notebook: `SCENARIOS`, `measure_device` (copy bandwidth and bf16 matmul rate), `roofline_floor`,
+# `routed_counts`, `bench_scenario`, `tune_scenario`, `run_bench` (what `moe-lit bench` runs) and `plot_bench`. A
+# **how-to** page; the numbers and figure at the end come from a committed results file.
+#
+# ## What is measured
+#
+# For each scenario — local experts `E`, `K = hidden_size`, `N = 2·intermediate_size` (GEMM1), capacity `M` rows per
+# expert, and `rows` routed (token, slot) pairs spread over the experts by random routing with a fixed seed — the run
+# times GEMM1 (`[rows of expert e, K] × [K, N]` for every expert) four ways:
+#
+# - **moe-lit**: `batched_moe_gemm` on the `[E, M, K]` slabs (and, separately, with the fused SiLU-and-mul epilogue);
+# - **torch.bmm** on the padded batch: all `M` rows of every expert, valid or not;
+# - **torch._grouped_mm** on the packed valid rows with per-expert offsets;
+# - a **per-expert `torch.mm` loop** over the valid rows of each expert with tokens.
+#
+# Each is reported in µs and as a percentage of the **roofline floor** measured in the same run:
+# `floor = max(bytes / copy bandwidth, flops / matmul rate)`, where `bytes` counts the weights of the experts that
+# have tokens plus the valid activation rows in and the output rows out, and `flops = 2·rows·N·K`. The copy
+# bandwidth counts the bytes read plus written by a device-to-device copy, so a kernel that mostly reads can pass
+# 100%.
+
+# %%
+#| export
+SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per expert, routed rows)
+    dict(name="DeepSeek-V3 EP8 decode", E=32, K=7168, N=4096, M=128, rows=1024),
+    dict(name="DeepSeek-V3 EP8 prefill", E=32, K=7168, N=4096, M=1024, rows=16384),
+    dict(name="Qwen3-30B-A3B decode", E=128, K=2048, N=1536, M=64, rows=512),
+    dict(name="Mixtral-8x7B decode", E=8, K=4096, N=28672, M=64, rows=128),
+    dict(name="gpt-oss-120b decode", E=128, K=2880, N=5760, M=64, rows=512),
+]
+
+def routed_counts(E: int, M: int, rows: int, seed: int = 0) -> torch.Tensor:
+    "`expert_num_tokens [E]` int32 for `rows` pairs routed uniformly at random (fixed seed), capped at `M` each."
+    check_int("E", E, lo=1); check_int("M", M, lo=1); check_int("rows", rows, lo=0, hi=E * M + 1)
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(torch.randint(0, E, (rows,), generator=g), minlength=E)
+    while counts.max() > M:                      # move the overflow to the emptiest experts: rows stay exact
+        e_hi, e_lo = int(counts.argmax()), int(counts.argmin())
+        counts[e_hi] -= 1; counts[e_lo] += 1
+    return counts.int()
+
+# %%
+#| test routed_counts
+c = routed_counts(32, 128, 1024)
+test_eq((int(c.sum()), c.dtype, c.max().item() <= 128), (1024, torch.int32, True))
+test_eq(routed_counts(4, 2, 8).tolist(), [2, 2, 2, 2])              # full capacity is exact
+test_fail(lambda: routed_counts(4, 2, 9), contains="rows: expected < 9, got 9")
+
+# %%
+#| export
+def roofline_floor(E_active: int, rows: int, K: int, N: int, bytes_per_el: int, copy_Bps: float,
+                   flops_per_s: float) -> dict:
+    "Floor time (s) of GEMM1 over the active experts: max of the byte time and the flop time."
+    nbytes = (E_active * N * K + rows * K + rows * N) * bytes_per_el
+    flops = 2.0 * rows * N * K
+    return dict(bytes=nbytes, flops=flops, floor_s=max(nbytes / copy_Bps, flops / flops_per_s),
+                bound="memory" if nbytes / copy_Bps >= flops / flops_per_s else "compute")
+
+# %%
+#| test roofline_floor
+f = roofline_floor(32, 1024, 7168, 4096, 2, 4.3e12, 790e12)
+test_eq(f["bound"], "memory"); assert abs(f["floor_s"] - f["bytes"] / 4.3e12) < 1e-15
+test_eq(roofline_floor(32, 16384, 7168, 4096, 2, 4.3e12, 790e12)["bound"], "compute")
+
+# %% [markdown]
+# ## Measuring the card
+#
+# The ceilings are measured, not quoted: a device-to-device copy of a 2 GiB buffer (bytes read + written) and an
+# 8192³ bf16 `torch.mm` on random data, each the median of `triton.testing.do_bench`.
+
+# %%
+#| export
+def measure_device(copy_bytes: int = 2 << 30, mm_size: int = 8192) -> dict:
+    "Copy bandwidth (B/s, read + write) and bf16 matmul rate (FLOP/s) of the current CUDA device."
+    import triton.testing
+    if not torch.cuda.is_available() or INTERPRET: raise ValueError("device: expected a CUDA GPU, got none")
+    src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    t_copy = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3
+    a = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16)
+    t_mm = triton.testing.do_bench(lambda: a @ b, return_mode="median") * 1e-3
+    del src, dst, a, b
+    return dict(device_name=torch.cuda.get_device_name(), copy_Bps=2 * copy_bytes / t_copy,
+                bf16_flops=2.0 * mm_size**3 / t_mm, torch=torch.__version__)
+
+# %% [markdown]
+# ## One scenario
+
+# %%
+#| export
+def _problem(sc: dict, dtype=torch.bfloat16, seed: int = 0):
+    E, K, N, M = sc["E"], sc["K"], sc["N"], sc["M"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(E, M, K, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(E, N, K, device="cuda", dtype=dtype, generator=g) / math.sqrt(K)
+    counts = routed_counts(E, M, sc["rows"], seed).cuda()
+    return a, w, counts
+
+def _peers(a, w, counts):
+    "The peer implementations of GEMM1 as zero-argument callables (host-side counts precomputed, not timed)."
+    E, M, K = a.shape
+    c = counts.tolist()
+    offs = torch.tensor(c, device=a.device).cumsum(0).to(torch.int32)
+    packed = torch.cat([a[e, :n] for e, n in enumerate(c)])                       # [rows, K]
+    wt = w.transpose(1, 2)                                                       # [E, K, N] view
+    active = [e for e, n in enumerate(c) if n]
+    return {"torch.bmm (padded)": lambda: torch.bmm(a, wt),
+            "torch._grouped_mm (packed)": lambda: torch._grouped_mm(packed, wt, offs=offs),
+            "per-expert torch.mm loop": lambda: [a[e, :c[e]] @ w[e].T for e in active]}
+
+# %%
+#| export
+def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=torch.bfloat16,
+                   with_peers: bool = True) -> dict:
+    "Time moe-lit's GEMM1 (plain and fused SiLU) and the peers on scenario `sc`; µs and % of the roofline floor."
+    import triton.testing
+    a, w, counts = _problem(sc, dtype)
+    E, M, K = a.shape
+    N, exp_m = w.shape[1], max(1, sc["rows"] // E)
+    cfg = configs or lookup_tile_config("batched_moe_gemm", E, N, K, exp_m, dtype)
+    out = torch.empty(E, M, N, device="cuda", dtype=dtype)
+    out_silu = torch.empty(E, M, N // 2, device="cuda", dtype=dtype)
+    impls = {"moe-lit batched_moe_gemm": lambda: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False),
+             "moe-lit + fused SiLU-and-mul": lambda: batched_moe_gemm(a, w, counts, "silu_and_mul", out=out_silu,
+                                                                       config=cfg, validate=False)}
+    if with_peers: impls.update(_peers(a, w, counts))
+    floor = roofline_floor(int((counts > 0).sum()), sc["rows"], K, N, a.element_size(), device["copy_Bps"],
+                           device["bf16_flops"])
+    res = {}
+    for name, fn in impls.items():
+        t = triton.testing.do_bench(fn, return_mode="median") * 1e-3
+        res[name] = dict(us=t * 1e6, pct_floor=100.0 * floor["floor_s"] / t)
+    return dict(scenario=sc, config=cfg, floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res)
+
+# %% [markdown]
+# ## Tuning
+#
+# `tune_scenario` times candidate tiles for one scenario and returns the fastest; `run_bench(tune=True)` writes the
+# winners into the JSON tile table (`tile_config_path`) that the launcher reads, keyed by the expected rows per
+# expert. The candidates depend on the regime: narrow N tiles and deep K tiles while weights stream (decode), large
+# square tiles with 8 warps once the arithmetic dominates (prefill).
+
+# %%
+#| export
+def tile_candidates(expected_m: int) -> list[dict]:
+    "Candidate tiles for `expected_m` valid rows per expert."
+    if expected_m <= 64:
+        bms = sorted({max(16, 1 << (max(1, expected_m) - 1).bit_length()), 16, 32, 64})
+        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
+                for bm in bms for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4, 5)
+                if bm * bk + bn * bk <= 64 * 256 + 128 * 256]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
+            for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for nw in (4, 8) for st in (3, 4)
+            if not (bn == 256 and bk == 128) and not (bm == 128 and bn == 256 and nw == 4)]
+
+def tune_scenario(sc: dict, dtype=torch.bfloat16) -> tuple[dict, list]:
+    "`(best tile, [(tile, µs)...])` for GEMM1 of scenario `sc` (candidates that fail to compile are skipped)."
+    import triton.testing
+    a, w, counts = _problem(sc, dtype)
+    out = torch.empty(a.shape[0], a.shape[1], w.shape[1], device="cuda", dtype=dtype)
+    timings = []
+    for cfg in tile_candidates(max(1, sc["rows"] // sc["E"])):
+        try: t = triton.testing.do_bench(lambda: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False),
+                                         warmup=5, rep=30, return_mode="median")
+        except Exception as e: t = float("inf")      # out of shared memory / registers on this GPU
+        timings.append((cfg, t * 1e3))
+    return min(timings, key=lambda x: x[1])[0], timings
+
+# %%
+#| export
+def run_bench(out_json: str | Path | None = None, tune: bool = False, config_dir: str | Path | None = None,
+              scenarios: list | None = None, progress=None) -> dict:
+    "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
+    import subprocess
+    device = measure_device()
+    results = []
+    for sc in scenarios or SCENARIOS:
+        if progress: progress(sc["name"])
+        cfg, sweep = (tune_scenario(sc) if tune else (None, []))
+        if tune:
+            p = tile_config_path("batched_moe_gemm", sc["E"], sc["N"], device["device_name"], torch.bfloat16, config_dir)
+            table = json.loads(p.read_text()) if p.exists() else {}
+            table[str(max(1, sc["rows"] // sc["E"]))] = cfg
+            p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
+        results.append(dict(bench_scenario(sc, device, cfg), tuned=bool(tune), sweep_size=len(sweep)))
+    try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError: commit = ""
+    report = dict(device=device, dtype="bf16", date=time.strftime("%Y-%m-%d"), commit=commit, scenarios=results)
+    if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
+    return report
+
+# %% [markdown]
+# ## Reading the results
+
+# %%
+#| export
+def format_bench(report: dict) -> str:
+    "The benchmark report as a text table: µs and % of the floor per implementation and scenario."
+    d = report["device"]
+    lines = [f"{d['device_name']}: copy {d['copy_Bps'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
+             f"{d['bf16_flops'] / 1e12:.0f} TFLOP/s; {report['dtype']}, {report['date']}, commit {report['commit']}"]
+    for r in report["scenarios"]:
+        sc = r["scenario"]
+        lines.append(f"\n{sc['name']}: E={sc['E']} K={sc['K']} N={sc['N']} M={sc['M']} rows={sc['rows']}; "
+                     f"floor {r['floor_us']:.1f} us ({r['bound']}-bound); tile {r['config']}")
+        for name, v in r["results"].items():
+            lines.append(f"  {name:<30} {v['us']:10.1f} us  {v['pct_floor']:6.1f}% of floor")
+    return "\n".join(lines)
+
+# %%
+#| export
+def plot_bench(report: dict):
+    "Grouped bars: % of the roofline floor per scenario and implementation. Returns the matplotlib Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(report["scenarios"][0]["results"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar([j + i * width for j in range(len(report["scenarios"]))],
+               [r["results"][n]["pct_floor"] for r in report["scenarios"]], width, label=n)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(report["scenarios"]))],
+                  [r["scenario"]["name"].replace(" ", "\n", 1) for r in report["scenarios"]], fontsize=8)
+    ax.axhline(100, color="k", lw=0.8, ls="--"); ax.set_ylabel("% of roofline floor (higher is better)")
+    d = report["device"]
+    ax.set_title(f"GEMM1, {report['dtype']}, {d['device_name']}, {report['date']}, commit {report['commit']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=3); fig.tight_layout(); plt.close(fig)
+    return fig
