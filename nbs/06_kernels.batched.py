@@ -165,6 +165,7 @@ def _batched_moe_gemm_kernel(
 # %%
 #| export
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"   # where kernel tensors live by default
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 def _pow2(x: int) -> int: return 1 << max(0, (int(x) - 1).bit_length())
@@ -282,9 +283,9 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
 
 # %%
 #| export
-def random_batched_problem(E, M, K, N, counts, dtype, device="cpu", seed=0):
+def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
     "Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1)."
-    g = torch.Generator().manual_seed(seed)
+    g, device = torch.Generator().manual_seed(seed), device or DEVICE
     a = torch.randn(E, M, K, generator=g).to(device=device, dtype=dtype)
     w = (torch.randn(E, N, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
     return a, w, torch.tensor(counts, dtype=torch.int32, device=device)
@@ -300,9 +301,10 @@ GEMM_CASES = [
 
 # %%
 #| export
-def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device="cpu", poison=float("nan"), config=None):
+def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None):
     "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
+    device = a.device
     poison_rows(a, cnt, poison)
     n_out = N // 2 if activation else N
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
@@ -339,10 +341,10 @@ test_fail(lambda: batched_moe_gemm(a[0], w, cnt), contains="a: expected a 3-D te
 test_fail(lambda: batched_moe_gemm(a, w[:, :, :8], cnt), contains="w: expected shape [2, *, 16]")
 test_fail(lambda: batched_moe_gemm(a, w.half(), cnt), contains="w: expected dtype torch.float32")
 test_fail(lambda: batched_moe_gemm(a, w, cnt.long()), contains="expert_num_tokens: expected dtype torch.int32")
-test_fail(lambda: batched_moe_gemm(a, w, torch.tensor([3, 9], dtype=torch.int32)), contains="expected values in [0, 8]")
+test_fail(lambda: batched_moe_gemm(a, w, torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)), contains="expected values in [0, 8]")
 test_fail(lambda: batched_moe_gemm(a, w, cnt, activation="gelu"), contains="activation: expected one of")
 test_fail(lambda: batched_moe_gemm(a, w[:, :31], cnt, activation="silu_and_mul"), contains="w: expected an even N")
-test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16)), contains="out: expected shape [2, 8, 32]")
+test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16, device=DEVICE)), contains="out: expected shape [2, 8, 32]")
 test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
 
 # %% [markdown]
@@ -383,7 +385,7 @@ for e in (0, E - 1):
 # %%
 #| test batched_gemm_unvalidated_counts_stay_in_bounds
 a, w, cnt = random_batched_problem(2, 8, 16, 32, [8, 8], torch.float32)
-got = batched_moe_gemm(a, w, torch.tensor([100, 8], dtype=torch.int32), validate=False)
+got = batched_moe_gemm(a, w, torch.tensor([100, 8], dtype=torch.int32, device=DEVICE), validate=False)
 assert_close(got, batched_gemm_reference(a.double(), w.double(), cnt))
 
 # %% [markdown]
@@ -419,10 +421,11 @@ for dtype in (torch.float32, torch.bfloat16):
     a = torch.randn(E, M, H, generator=g).to(dtype)
     w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
     w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
-    cnt = torch.tensor([24, 0, 7], dtype=torch.int32)
+    a, w13, w2 = a.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE)
+    cnt = torch.tensor([24, 0, 7], dtype=torch.int32, device=DEVICE)
     poison_rows(a, cnt)
-    out = BatchedTritonExperts().apply(a, cnt, w13, w2, out=poison_rows(torch.zeros_like(a), cnt))
-    want = experts_reference_batched(a.double(), cnt, w13.double(), w2.double())
-    valid = torch.arange(M)[None, :] < cnt[:, None]
+    out = BatchedTritonExperts().apply(a, cnt, w13, w2, out=poison_rows(torch.zeros_like(a), cnt)).cpu()
+    want = experts_reference_batched(a.double().cpu(), cnt.cpu(), w13.double().cpu(), w2.double().cpu())
+    valid = torch.arange(M)[None, :] < cnt.cpu()[:, None]
     assert_close(out[valid], want[valid]); assert out[~valid].isnan().all()
 test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)

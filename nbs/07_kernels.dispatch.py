@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.kernels.batched import INTERPRET, BatchedTritonExperts   # sets TRITON_INTERPRET without a GPU
+from moe_lit.kernels.batched import INTERPRET, DEVICE, BatchedTritonExperts   # sets TRITON_INTERPRET without a GPU
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor
@@ -246,33 +246,36 @@ def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, *
 #| test dispatch_all_translations
 g = torch.Generator().manual_seed(0)
 T, H, E, k, S = 13, 40, 9, 3, 2
-hidden = torch.randn(T, H, generator=g)
+hidden = torch.randn(T, H, generator=g).to(DEVICE)
 ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int(); ids[4, 2] = -1
+ids = ids.to(DEVICE)
 for rank in range(S):
     n_local, emap = determine_expert_map(S, rank, E, "linear")
+    emap = emap.to(DEVICE)
     local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)
     check_dispatch(hidden, ids, n_local, T, local, expert_map=emap)                    # linear, expert_map
     n_local, emap = determine_expert_map(S, rank, E, "round_robin")
-    g2p, _, _ = round_robin_routing_tables(E, S, rank)
+    g2p, emap = round_robin_routing_tables(E, S, rank)[0].to(DEVICE), emap.to(DEVICE)
     local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)
     check_dispatch(hidden, ids.long(), n_local, T, local, global_to_physical=g2p,       # round robin, physical ids
                    physical_offset=expert_block(E, S, rank)[0])
 local = torch.where(ids < 5, ids, -1)
 check_dispatch(hidden.bfloat16(), local, 5, T, local)                                    # ids already local, bf16
-check_dispatch(hidden, local, 5, T, local, topk_weights=torch.rand(T, k, generator=g))   # weight on the input
+check_dispatch(hidden, local, 5, T, local, topk_weights=torch.rand(T, k, generator=g).to(DEVICE))   # weight on input
 
 # %%
 #| test dispatch_overflow_and_bad_input
-hidden, ids = torch.randn(6, 8), torch.zeros(6, 2, dtype=torch.int32); ids[:, 1] = 1    # 6 pairs on each of 2 experts
+hidden, ids = torch.randn(6, 8, device=DEVICE), torch.zeros(6, 2, dtype=torch.int32, device=DEVICE)
+ids[:, 1] = 1                                                                            # 6 pairs on each of 2 experts
 test_fail(lambda: batched_dispatch(hidden, ids, 2, 5), contains="max_tokens: expected >= 6")
 a, counts, slot_map, flag = batched_dispatch(hidden, ids, 2, 5, check_overflow=False)   # graph-safe: the flag says so
 test_eq(flag.item(), 1); test_eq(int((slot_map >= 0).sum()), 10)
 test_fail(lambda: batched_dispatch(hidden, ids + 5, 2, 6), contains="topk_ids: expected values in [-1, 2)")
 test_fail(lambda: batched_dispatch(hidden, ids.float(), 2, 6), contains="topk_ids: expected dtype")
 test_fail(lambda: batched_dispatch(hidden[:, None], ids, 2, 6), contains="hidden: expected a 2-D tensor")
-test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int64)), contains="expert_map: expected dtype torch.int32")
-test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32),
-                                   global_to_physical=torch.zeros(4, dtype=torch.int64)), contains="expert_map: expected None")
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected dtype torch.int32")
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32, device=DEVICE),
+                                   global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
 test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
 test_fail(lambda: batched_dispatch(hidden.t(), ids[:, :1].repeat(1, 1)[:8], 2, 6), contains="expected")
 
@@ -285,10 +288,10 @@ test_fail(lambda: batched_dispatch(hidden.t(), ids[:, :1].repeat(1, 1)[:8], 2, 6
 g = torch.Generator().manual_seed(1)
 T, H, E, k = 11, 48, 4, 3
 ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int(); ids[0] = -1; ids[3, 1] = -1
-wts = torch.rand(T, k, generator=g)
+ids, wts = ids.to(DEVICE), torch.rand(T, k, generator=g).to(DEVICE)
 for dtype in (torch.float32, torch.bfloat16):
     for poison in (float("nan"), 1e30):
-        a, counts, slot_map = batched_dispatch(torch.randn(T, H, generator=g).to(dtype), ids, E, T)
+        a, counts, slot_map = batched_dispatch(torch.randn(T, H, generator=g).to(DEVICE, dtype), ids, E, T)
         poison_rows(a, counts, poison)
         want = combine_batched_reference(a.double(), wts, slot_map)
         got = batched_combine(a, wts, slot_map)
@@ -326,15 +329,16 @@ for T, k in ((9, 2), (5, 1), (4, E)):                                        # t
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
     if k > 1: ids[1, 0] = -1
     wts = torch.rand(T, k, generator=g)
+    dev = lambda *ts: [t.to(DEVICE) for t in ts]
     for dtype in (torch.float32, torch.bfloat16):
         want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
         total = torch.zeros(T, H, dtype=torch.float64)
         for rank in range(S):
             n_local, emap = determine_expert_map(S, rank, E, "round_robin")
             g2p, _, l2g = round_robin_routing_tables(E, S, rank)
-            total += batched_moe_triton(hidden.to(dtype), w13[l2g].to(dtype), w2[l2g].to(dtype), wts, ids.long(),
-                                        n_local, T, global_to_physical=g2p,
-                                        physical_offset=expert_block(E, S, rank)[0]).double()
+            h_, w13_, w2_, wts_, ids_, g2p_ = dev(hidden.to(dtype), w13[l2g].to(dtype), w2[l2g].to(dtype), wts, ids.long(), g2p)
+            total += batched_moe_triton(h_, w13_, w2_, wts_, ids_, n_local, T, global_to_physical=g2p_,
+                                        physical_offset=expert_block(E, S, rank)[0]).double().cpu()
         assert_close(total.to(dtype), want, name=f"T={T} top_k={k} {dtype}")
 
 # %% [markdown]

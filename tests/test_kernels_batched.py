@@ -56,10 +56,10 @@ def test_batched_gemm_bad_input():
     test_fail(lambda: batched_moe_gemm(a, w[:, :, :8], cnt), contains="w: expected shape [2, *, 16]")
     test_fail(lambda: batched_moe_gemm(a, w.half(), cnt), contains="w: expected dtype torch.float32")
     test_fail(lambda: batched_moe_gemm(a, w, cnt.long()), contains="expert_num_tokens: expected dtype torch.int32")
-    test_fail(lambda: batched_moe_gemm(a, w, torch.tensor([3, 9], dtype=torch.int32)), contains="expected values in [0, 8]")
+    test_fail(lambda: batched_moe_gemm(a, w, torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)), contains="expected values in [0, 8]")
     test_fail(lambda: batched_moe_gemm(a, w, cnt, activation="gelu"), contains="activation: expected one of")
     test_fail(lambda: batched_moe_gemm(a, w[:, :31], cnt, activation="silu_and_mul"), contains="w: expected an even N")
-    test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16)), contains="out: expected shape [2, 8, 32]")
+    test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16, device=DEVICE)), contains="out: expected shape [2, 8, 32]")
     test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
 
 
@@ -88,7 +88,7 @@ def test_batched_gemm_int64_offsets():
 
 def test_batched_gemm_unvalidated_counts_stay_in_bounds():
     a, w, cnt = random_batched_problem(2, 8, 16, 32, [8, 8], torch.float32)
-    got = batched_moe_gemm(a, w, torch.tensor([100, 8], dtype=torch.int32), validate=False)
+    got = batched_moe_gemm(a, w, torch.tensor([100, 8], dtype=torch.int32, device=DEVICE), validate=False)
     assert_close(got, batched_gemm_reference(a.double(), w.double(), cnt))
 
 
@@ -99,10 +99,11 @@ def test_batched_triton_experts():
         a = torch.randn(E, M, H, generator=g).to(dtype)
         w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
         w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
-        cnt = torch.tensor([24, 0, 7], dtype=torch.int32)
+        a, w13, w2 = a.to(DEVICE), w13.to(DEVICE), w2.to(DEVICE)
+        cnt = torch.tensor([24, 0, 7], dtype=torch.int32, device=DEVICE)
         poison_rows(a, cnt)
-        out = BatchedTritonExperts().apply(a, cnt, w13, w2, out=poison_rows(torch.zeros_like(a), cnt))
-        want = experts_reference_batched(a.double(), cnt, w13.double(), w2.double())
-        valid = torch.arange(M)[None, :] < cnt[:, None]
+        out = BatchedTritonExperts().apply(a, cnt, w13, w2, out=poison_rows(torch.zeros_like(a), cnt)).cpu()
+        want = experts_reference_batched(a.double().cpu(), cnt.cpu(), w13.double().cpu(), w2.double().cpu())
+        valid = torch.arange(M)[None, :] < cnt.cpu()[:, None]
         assert_close(out[valid], want[valid]); assert out[~valid].isnan().all()
     test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)

@@ -13,6 +13,7 @@ from moe_lit.formats import moe_reference_standard, moe_reference_batched
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS
+from moe_lit.kernels.batched import DEVICE
 from moe_lit.layer import *
 
 
@@ -85,7 +86,7 @@ def test_emulated_ep_triton_experts():
     torch.manual_seed(3)
     base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.bfloat16,
                      routing_method="grouped_topk", num_expert_group=2, topk_group=1)
-    x = torch.randn(7, 32).bfloat16()
+    x = torch.randn(7, 32).bfloat16().to(DEVICE)             # the kernels' device: a GPU when there is one
     for strategy in ("round_robin", "linear"):
         cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="deepep_low_latency"))
         run = run_emulated_ep(cfg, x, seed=4, placement=strategy, experts="triton")

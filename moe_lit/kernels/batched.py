@@ -16,8 +16,9 @@ from ..formats import silu_and_mul
 from ..testing import assert_close, poison_rows
 
 # %% auto #0
-__all__ = ['INTERPRET', 'GEMM_CASES', 'batched_gemm_reference', 'default_tile_config', 'tile_config_path', 'lookup_tile_config',
-           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+__all__ = ['INTERPRET', 'DEVICE', 'GEMM_CASES', 'batched_gemm_reference', 'default_tile_config', 'tile_config_path',
+           'lookup_tile_config', 'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm',
+           'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #784096195d77
 def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K]
@@ -85,8 +86,9 @@ def _batched_moe_gemm_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/06_kernels.batched.ipynb #228e00b470cb
+# %% ../../nbs/06_kernels.batched.ipynb #2c856db0e5ae
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"   # where kernel tensors live by default
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 def _pow2(x: int) -> int: return 1 << max(0, (int(x) - 1).bit_length())
@@ -173,10 +175,10 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
 
-# %% ../../nbs/06_kernels.batched.ipynb #b73557321175
-def random_batched_problem(E, M, K, N, counts, dtype, device="cpu", seed=0):
+# %% ../../nbs/06_kernels.batched.ipynb #81ad315e3da3
+def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
     "Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1)."
-    g = torch.Generator().manual_seed(seed)
+    g, device = torch.Generator().manual_seed(seed), device or DEVICE
     a = torch.randn(E, M, K, generator=g).to(device=device, dtype=dtype)
     w = (torch.randn(E, N, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
     return a, w, torch.tensor(counts, dtype=torch.int32, device=device)
@@ -190,10 +192,11 @@ GEMM_CASES = [
     (2, 70, 128, 128, [70, 66], "more rows than one M tile"),
 ]
 
-# %% ../../nbs/06_kernels.batched.ipynb #62cbf83ed741
-def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device="cpu", poison=float("nan"), config=None):
+# %% ../../nbs/06_kernels.batched.ipynb #8b05b3d86914
+def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None):
     "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
+    device = a.device
     poison_rows(a, cnt, poison)
     n_out = N // 2 if activation else N
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
