@@ -12,7 +12,7 @@ import json, math, time
 from pathlib import Path
 import torch
 from moe_lit.terms import check_int, check_choice
-from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, INTERPRET
+from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
 
 # %%
 #| hide
@@ -165,12 +165,12 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
 # %%
 #| export
 def tile_candidates(expected_m: int) -> list[dict]:
-    "Candidate tiles for `expected_m` valid rows per expert."
+    "Candidate tiles for `expected_m` valid rows per expert (only those that fit in shared memory)."
     if expected_m <= 64:
-        bms = sorted({max(16, 1 << (max(1, expected_m) - 1).bit_length()), 16, 32, 64})
-        return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
-                for bm in bms for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4, 5)
-                if bm * bk + bn * bk <= 64 * 256 + 128 * 256]
+        bm0 = max(16, 1 << (max(1, expected_m) - 1).bit_length())
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
+                 for bm in sorted({bm0, min(64, 2 * bm0)}) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
+        return [c for c in cands if fit_shared_memory(c, False, 2) == c]
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
             for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for nw in (4, 8) for st in (3, 4)
             if not (bn == 256 and bk == 128) and not (bm == 128 and bn == 256 and nw == 4)]

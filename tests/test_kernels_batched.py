@@ -32,6 +32,13 @@ def test_tile_config_table():
                 default_tile_config(32, 4096, 7168, 400, torch.float16))
 
 
+def test_fit_shared_memory():
+    big = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=5)
+    fit = fit_shared_memory(big, silu=True, element_size=2)
+    assert (fit["num_stages"] + 1) * (64 + 2 * 128) * fit["BLOCK_K"] * 2 <= SMEM_BUDGET
+    test_eq(fit_shared_memory(dict(big, BLOCK_K=64, num_stages=3), silu=False, element_size=2)["num_stages"], 3)  # fits: kept
+
+
 def test_batched_gemm_catalog():
     for E, M, K, N, counts, what in GEMM_CASES:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):

@@ -75,7 +75,8 @@ def test_nan_rows():
             test_eq(w[t].tolist(), [0.0] * 8)                 # finite: zero, not NaN
         w1, ids1 = fused_topk(logits[1:2], 8, True, scoring, e_score_correction_bias=torch.zeros(16))
         w1b, ids1b = fused_topk(logits, 8, True, scoring, e_score_correction_bias=torch.zeros(16))
-        assert torch.equal(ids1b[1:2], ids1) and torch.equal(w1b[1:2], w1)   # the clean row is unaffected
+        assert torch.equal(ids1b[1:2], ids1)                                  # the clean row is unaffected:
+        test_close(w1b[1:2], w1, eps=1e-6)   # same ids; weights to fp32 rounding (batched CPU kernels may reorder sums)
 
 
 def test_all_negative_logits():

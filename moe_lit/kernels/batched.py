@@ -16,9 +16,9 @@ from ..formats import silu_and_mul
 from ..testing import assert_close, poison_rows
 
 # %% auto #0
-__all__ = ['INTERPRET', 'DEVICE', 'GEMM_CASES', 'batched_gemm_reference', 'default_tile_config', 'tile_config_path',
-           'lookup_tile_config', 'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm',
-           'BatchedTritonExperts']
+__all__ = ['INTERPRET', 'DEVICE', 'SMEM_BUDGET', 'GEMM_CASES', 'batched_gemm_reference', 'default_tile_config',
+           'tile_config_path', 'lookup_tile_config', 'fit_shared_memory', 'batched_moe_gemm', 'random_batched_problem',
+           'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #784096195d77
 def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K]
@@ -147,7 +147,18 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out):
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
     return E, M, K, N, n_out
 
-# %% ../../nbs/06_kernels.batched.ipynb #86659e6bbbe6
+# %% ../../nbs/06_kernels.batched.ipynb #9cc5391f3d0a
+SMEM_BUDGET = 224 * 1024   # bytes of shared memory per program on Hopper (232448 less a margin for the epilogue)
+
+def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
+    "Shrink `num_stages`, then `BLOCK_K`, until the pipelined tiles fit in shared memory (Triton keeps stages + 1 buffers)."
+    cfg = dict(cfg)
+    need = lambda c: (c["num_stages"] + 1) * (c["BLOCK_M"] + (2 if silu else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * element_size
+    while need(cfg) > SMEM_BUDGET and cfg["num_stages"] > 2: cfg["num_stages"] -= 1
+    while need(cfg) > SMEM_BUDGET and cfg["BLOCK_K"] > 32: cfg["BLOCK_K"] //= 2
+    return cfg
+
+# %% ../../nbs/06_kernels.batched.ipynb #4994c095e7e2
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows for SiLU)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -165,6 +176,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     for name, t in (("a", a), ("w", w), ("out", out)): _check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = dict(config or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
+    if not INTERPRET: cfg = fit_shared_memory(cfg, activation == "silu_and_mul", a.element_size())
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = triton.cdiv(M, bm)
     grid = (num_m_tiles * triton.cdiv(n_out, bn), E)
