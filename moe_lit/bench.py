@@ -101,7 +101,7 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
         res[name] = dict(us=t * 1e6, pct_floor=100.0 * floor["floor_s"] / t)
     return dict(scenario=sc, config=cfg, floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res)
 
-# %% ../nbs/14_bench.ipynb #ef0287051c95
+# %% ../nbs/14_bench.ipynb #0b19ee2a8cfe
 def tile_candidates(expected_m: int) -> list[dict]:
     "Candidate tiles for `expected_m` valid rows per expert (only those that fit in shared memory)."
     if expected_m <= 64:
@@ -109,9 +109,11 @@ def tile_candidates(expected_m: int) -> list[dict]:
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
                  for bm in sorted({bm0, min(64, 2 * bm0)}) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
         return [c for c in cands if fit_shared_memory(c, False, 2) == c]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
-            for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for nw in (4, 8) for st in (3, 4)
-            if not (bn == 256 and bk == 128) and not (bm == 128 and bn == 256 and nw == 4)]
+    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st, TMA=True)
+             for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for nw in (4, 8) for st in (3, 4, 5)
+             if not (bm == 128 and bn == 256 and nw == 4)]
+    cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
+    return [c for c in cands if fit_shared_memory(c, False, 2) == c]
 
 def tune_scenario(sc: dict, dtype=torch.bfloat16) -> tuple[dict, list]:
     "`(best tile, [(tile, µs)...])` for GEMM1 of scenario `sc` (candidates that fail to compile are skipped)."
@@ -126,11 +128,11 @@ def tune_scenario(sc: dict, dtype=torch.bfloat16) -> tuple[dict, list]:
         timings.append((cfg, t * 1e3))
     return min(timings, key=lambda x: x[1])[0], timings
 
-# %% ../nbs/14_bench.ipynb #92b9eee9717e
+# %% ../nbs/14_bench.ipynb #aa18ec65ba62
 def run_bench(out_json: str | Path | None = None, tune: bool = False, config_dir: str | Path | None = None,
               scenarios: list | None = None, progress=None) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
-    import subprocess
+    import os, subprocess
     device = measure_device()
     results = []
     for sc in scenarios or SCENARIOS:
@@ -142,8 +144,10 @@ def run_bench(out_json: str | Path | None = None, tune: bool = False, config_dir
             table[str(max(1, sc["rows"] // sc["E"]))] = cfg
             p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
         results.append(dict(bench_scenario(sc, device, cfg), tuned=bool(tune), sweep_size=len(sweep)))
-    try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError: commit = ""
+    commit = os.environ.get("MOE_LIT_COMMIT", "")
+    if not commit:
+        try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError: pass
     report = dict(device=device, dtype="bf16", date=time.strftime("%Y-%m-%d"), commit=commit, scenarios=results)
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report

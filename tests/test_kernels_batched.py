@@ -51,6 +51,14 @@ def test_batched_gemm_silu_and_mul():
             check_batched_gemm(E, M, K, 2 * N, counts, dtype, activation="silu_and_mul")
 
 
+def test_batched_gemm_tma_kernel():
+    for E, M, K, N, counts, what in GEMM_CASES:
+        for act in (None, "silu_and_mul"):
+            cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, TMA=True)
+            check_batched_gemm(E, M, K, 2 * N if act else N, counts, torch.bfloat16, act, config=cfg)
+            check_batched_gemm(E, M, K, N, counts, torch.float16, config=cfg, poison=1e30)
+
+
 def test_batched_gemm_poison_1e30():
     for E, M, K, N, counts, what in GEMM_CASES[:2]:
         check_batched_gemm(E, M, K, N, counts, torch.float32, poison=1e30)

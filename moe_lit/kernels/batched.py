@@ -86,7 +86,40 @@ def _batched_moe_gemm_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/06_kernels.batched.ipynb #2c856db0e5ae
+# %% ../../nbs/06_kernels.batched.ipynb #8a8e8fa6fdf3
+@triton.jit
+def _batched_moe_gemm_tma_kernel(
+    a_desc,                     # descriptor over a viewed as [E·max_tokens, K], box [BLOCK_M, BLOCK_K]
+    w_desc,                     # descriptor over w viewed as [E·N_w, K], box [BLOCK_N, BLOCK_K]
+    c_ptr,                      # [E, max_tokens, N_OUT]
+    expert_num_tokens_ptr,      # [E] int32
+    N_OUT, N_W, K, MAX_TOKENS, num_m_tiles, stride_ce, stride_cm, stride_cn,
+    SILU: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid, e = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
+    count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)
+    if pid_m * BLOCK_M >= count: return                       # empty tile: no weight is read
+    row_a = e * MAX_TOKENS + pid_m * BLOCK_M
+    row_w = e * N_W + pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([row_a, k * BLOCK_K])
+        w = w_desc.load([row_w, k * BLOCK_K])
+        if UPCAST: a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w.T, acc)
+        if SILU:
+            w_up = w_desc.load([row_w + N_OUT, k * BLOCK_K])
+            if UPCAST: w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(a, w_up.T, acc_up)
+    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
+
+# %% ../../nbs/06_kernels.batched.ipynb #272c88761e5f
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"   # where kernel tensors live by default
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -102,7 +135,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, max(16, _pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     if M <= 64:     # weight-streaming regime: one M tile, narrow N tiles so many programs stream in parallel
         return dict(BLOCK_M=max(16, _pow2(M)), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
 # %% ../../nbs/06_kernels.batched.ipynb #08a32babd6e1
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
@@ -147,18 +180,25 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out):
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
     return E, M, K, N, n_out
 
-# %% ../../nbs/06_kernels.batched.ipynb #9cc5391f3d0a
+# %% ../../nbs/06_kernels.batched.ipynb #fc6fc295e582
+def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
+    "Tensor descriptors need contiguous 16-byte-aligned rows and int32 row coordinates; fp32 stays on the pointer kernel."
+    return (a.dtype != torch.float32 and a.is_contiguous() and w.is_contiguous()
+            and (a.shape[2] * a.element_size()) % 16 == 0 and a.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+            and a.shape[0] * max(a.shape[1], w.shape[1]) < 2**31)
+
 SMEM_BUDGET = 224 * 1024   # bytes of shared memory per program on Hopper (232448 less a margin for the epilogue)
 
 def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
-    "Shrink `num_stages`, then `BLOCK_K`, until the pipelined tiles fit in shared memory (Triton keeps stages + 1 buffers)."
+    "Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit shared memory."
     cfg = dict(cfg)
+    if silu and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 128: cfg["BLOCK_N"] //= 2   # two fp32 accumulators in registers
     need = lambda c: (c["num_stages"] + 1) * (c["BLOCK_M"] + (2 if silu else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * element_size
     while need(cfg) > SMEM_BUDGET and cfg["num_stages"] > 2: cfg["num_stages"] -= 1
     while need(cfg) > SMEM_BUDGET and cfg["BLOCK_K"] > 32: cfg["BLOCK_K"] //= 2
     return cfg
 
-# %% ../../nbs/06_kernels.batched.ipynb #4994c095e7e2
+# %% ../../nbs/06_kernels.batched.ipynb #8c1f749e9a8f
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows for SiLU)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -177,12 +217,20 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = dict(config or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation == "silu_and_mul", a.element_size())
-    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
     num_m_tiles = triton.cdiv(M, bm)
     grid = (num_m_tiles * triton.cdiv(n_out, bn), E)
+    silu = activation == "silu_and_mul"
+    if tma and _tma_ok(a, w):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        _batched_moe_gemm_tma_kernel[grid](
+            TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
+            out, expert_num_tokens, n_out, N, K, M, num_m_tiles, *out.stride(), SILU=silu,
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        return out
     _batched_moe_gemm_kernel[grid](
         a, w, out, expert_num_tokens, n_out, K, M, num_m_tiles, *a.stride(), *w.stride(), *out.stride(),
-        SILU=activation == "silu_and_mul", EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0,
+        SILU=silu, EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0,
         UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
