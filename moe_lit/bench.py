@@ -101,7 +101,7 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
         res[name] = dict(us=t * 1e6, pct_floor=100.0 * floor["floor_s"] / t)
     return dict(scenario=sc, config=cfg, floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res)
 
-# %% ../nbs/14_bench.ipynb #0b19ee2a8cfe
+# %% ../nbs/14_bench.ipynb #1c322ad3d174
 def tile_candidates(expected_m: int) -> list[dict]:
     "Candidate tiles for `expected_m` valid rows per expert (only those that fit in shared memory)."
     if expected_m <= 64:
@@ -112,6 +112,7 @@ def tile_candidates(expected_m: int) -> list[dict]:
     cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st, TMA=True)
              for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for nw in (4, 8) for st in (3, 4, 5)
              if not (bm == 128 and bn == 256 and nw == 4)]
+    cands += [dict(c, WARP_SPECIALIZE=True) for c in cands if c["BLOCK_K"] == 64]          # producer/consumer warps
     cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
     return [c for c in cands if fit_shared_memory(c, False, 2) == c]
 

@@ -174,6 +174,7 @@ def _batched_moe_gemm_tma_kernel(
     expert_num_tokens_ptr,      # [E] int32
     N_OUT, N_W, K, MAX_TOKENS, num_m_tiles, stride_ce, stride_cm, stride_cn,
     SILU: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid, e = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
@@ -183,7 +184,7 @@ def _batched_moe_gemm_tma_kernel(
     row_w = e * N_W + pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
         a = a_desc.load([row_a, k * BLOCK_K])
         w = w_desc.load([row_w, k * BLOCK_K])
         if UPCAST: a, w = a.to(tl.float32), w.to(tl.float32)
@@ -307,7 +308,8 @@ SMEM_BUDGET = 224 * 1024   # bytes of shared memory per program on Hopper (23244
 def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
     "Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit shared memory."
     cfg = dict(cfg)
-    if silu and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 128: cfg["BLOCK_N"] //= 2   # two fp32 accumulators in registers
+    while silu and 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 32 * cfg["num_warps"] and cfg["BLOCK_N"] > 16:
+        cfg["BLOCK_N"] //= 2             # SiLU keeps two fp32 accumulators: at most 128 registers a thread for them
     need = lambda c: (c["num_stages"] + 1) * (c["BLOCK_M"] + (2 if silu else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * element_size
     while need(cfg) > SMEM_BUDGET and cfg["num_stages"] > 2: cfg["num_stages"] -= 1
     while need(cfg) > SMEM_BUDGET and cfg["BLOCK_K"] > 32: cfg["BLOCK_K"] //= 2
@@ -341,6 +343,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     cfg = dict(config or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation == "silu_and_mul", a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
+    if not tma: cfg.pop("WARP_SPECIALIZE", None)
     num_m_tiles = triton.cdiv(M, bm)
     grid = (num_m_tiles * triton.cdiv(n_out, bn), E)
     silu = activation == "silu_and_mul"
@@ -349,7 +352,8 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
         _batched_moe_gemm_tma_kernel[grid](
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
             out, expert_num_tokens, n_out, N, K, M, num_m_tiles, *out.stride(), SILU=silu,
-            UPCAST=INTERPRET and a.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            WARP_SPECIALIZE=cfg.pop("WARP_SPECIALIZE", False), **cfg)
         return out
     _batched_moe_gemm_kernel[grid](
         a, w, out, expert_num_tokens, n_out, K, M, num_m_tiles, *a.stride(), *w.stride(), *out.stride(),

@@ -174,6 +174,7 @@ def tile_candidates(expected_m: int) -> list[dict]:
     cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st, TMA=True)
              for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for nw in (4, 8) for st in (3, 4, 5)
              if not (bm == 128 and bn == 256 and nw == 4)]
+    cands += [dict(c, WARP_SPECIALIZE=True) for c in cands if c["BLOCK_K"] == 64]          # producer/consumer warps
     cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
     return [c for c in cands if fit_shared_memory(c, False, 2) == c]
 

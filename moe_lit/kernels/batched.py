@@ -86,7 +86,7 @@ def _batched_moe_gemm_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/06_kernels.batched.ipynb #8a8e8fa6fdf3
+# %% ../../nbs/06_kernels.batched.ipynb #582350999937
 @triton.jit
 def _batched_moe_gemm_tma_kernel(
     a_desc,                     # descriptor over a viewed as [E·max_tokens, K], box [BLOCK_M, BLOCK_K]
@@ -95,6 +95,7 @@ def _batched_moe_gemm_tma_kernel(
     expert_num_tokens_ptr,      # [E] int32
     N_OUT, N_W, K, MAX_TOKENS, num_m_tiles, stride_ce, stride_cm, stride_cn,
     SILU: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     pid, e = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
@@ -104,7 +105,7 @@ def _batched_moe_gemm_tma_kernel(
     row_w = e * N_W + pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in tl.range(0, tl.cdiv(K, BLOCK_K), warp_specialize=WARP_SPECIALIZE):
         a = a_desc.load([row_a, k * BLOCK_K])
         w = w_desc.load([row_w, k * BLOCK_K])
         if UPCAST: a, w = a.to(tl.float32), w.to(tl.float32)
@@ -180,7 +181,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out):
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
     return E, M, K, N, n_out
 
-# %% ../../nbs/06_kernels.batched.ipynb #fc6fc295e582
+# %% ../../nbs/06_kernels.batched.ipynb #c0f03d8a1109
 def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     "Tensor descriptors need contiguous 16-byte-aligned rows and int32 row coordinates; fp32 stays on the pointer kernel."
     return (a.dtype != torch.float32 and a.is_contiguous() and w.is_contiguous()
@@ -192,13 +193,14 @@ SMEM_BUDGET = 224 * 1024   # bytes of shared memory per program on Hopper (23244
 def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
     "Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit shared memory."
     cfg = dict(cfg)
-    if silu and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 128: cfg["BLOCK_N"] //= 2   # two fp32 accumulators in registers
+    while silu and 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 32 * cfg["num_warps"] and cfg["BLOCK_N"] > 16:
+        cfg["BLOCK_N"] //= 2             # SiLU keeps two fp32 accumulators: at most 128 registers a thread for them
     need = lambda c: (c["num_stages"] + 1) * (c["BLOCK_M"] + (2 if silu else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * element_size
     while need(cfg) > SMEM_BUDGET and cfg["num_stages"] > 2: cfg["num_stages"] -= 1
     while need(cfg) > SMEM_BUDGET and cfg["BLOCK_K"] > 32: cfg["BLOCK_K"] //= 2
     return cfg
 
-# %% ../../nbs/06_kernels.batched.ipynb #8c1f749e9a8f
+# %% ../../nbs/06_kernels.batched.ipynb #d03f42508c36
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows for SiLU)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -218,6 +220,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     cfg = dict(config or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation == "silu_and_mul", a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
+    if not tma: cfg.pop("WARP_SPECIALIZE", None)
     num_m_tiles = triton.cdiv(M, bm)
     grid = (num_m_tiles * triton.cdiv(n_out, bn), E)
     silu = activation == "silu_and_mul"
@@ -226,7 +229,8 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
         _batched_moe_gemm_tma_kernel[grid](
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
             out, expert_num_tokens, n_out, N, K, M, num_m_tiles, *out.stride(), SILU=silu,
-            UPCAST=INTERPRET and a.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            WARP_SPECIALIZE=cfg.pop("WARP_SPECIALIZE", False), **cfg)
         return out
     _batched_moe_gemm_kernel[grid](
         a, w, out, expert_num_tokens, n_out, K, M, num_m_tiles, *a.stride(), *w.stride(), *out.stride(),
