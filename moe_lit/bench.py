@@ -12,7 +12,7 @@ from .kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_p
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'routed_counts', 'roofline_floor', 'measure_device', 'bench_scenario', 'tile_candidates', 'tune_scenario',
-           'run_bench', 'format_bench', 'plot_bench']
+           'run_bench', 'format_bench', 'plot_bench', 'load_bench_results']
 
 # %% ../nbs/14_bench.ipynb #781ae8fb2b8e
 SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per expert, routed rows)
@@ -167,7 +167,7 @@ def format_bench(report: dict) -> str:
             lines.append(f"  {name:<30} {v['us']:10.1f} us  {v['pct_floor']:6.1f}% of floor")
     return "\n".join(lines)
 
-# %% ../nbs/14_bench.ipynb #ca556fba3272
+# %% ../nbs/14_bench.ipynb #cfbbe7057862
 def plot_bench(report: dict):
     "Grouped bars: % of the roofline floor per scenario and implementation. Returns the matplotlib Figure."
     import matplotlib; matplotlib.use("Agg")
@@ -181,7 +181,21 @@ def plot_bench(report: dict):
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(report["scenarios"]))],
                   [r["scenario"]["name"].replace(" ", "\n", 1) for r in report["scenarios"]], fontsize=8)
     ax.axhline(100, color="k", lw=0.8, ls="--"); ax.set_ylabel("% of roofline floor (higher is better)")
+    ax.set_ylim(0, 130)
     d = report["device"]
     ax.set_title(f"GEMM1, {report['dtype']}, {d['device_name']}, {report['date']}, commit {report['commit']}", fontsize=9)
     ax.legend(fontsize=7, ncol=3); fig.tight_layout(); plt.close(fig)
     return fig
+
+# %% ../nbs/14_bench.ipynb #612311787321
+def load_bench_results(*paths) -> dict:
+    "Merge committed benchmark JSON files: later files replace earlier ones' scenarios of the same name."
+    merged = None
+    for p in paths:
+        rep = json.loads(Path(p).read_text())
+        if merged is None: merged = dict(rep, scenarios=list(rep["scenarios"]), commit=rep["commit"])
+        else:
+            names = {r["scenario"]["name"]: i for i, r in enumerate(merged["scenarios"])}
+            for r in rep["scenarios"]: merged["scenarios"][names[r["scenario"]["name"]]] = r
+            merged["commit"] += "+" + rep["commit"]
+    return merged

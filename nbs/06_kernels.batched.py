@@ -150,6 +150,42 @@ def _batched_moe_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 # %% [markdown]
+# ### The tile map
+#
+# Which programs do work is decided by the counts alone. The figure draws the grid of one N column for a decode-like
+# batch: each cell is an `(expert, M-tile)` program; its shade is the fraction of its `BLOCK_M` rows that are valid,
+# and blank cells exit before reading a weight. (The demo uses BLOCK_M = 8 for a readable picture; the kernel's
+# smallest tile is 16.)
+
+# %%
+#| export
+def plot_tile_map(expert_num_tokens: torch.Tensor,   # [E] int, valid rows per expert
+                  max_tokens: int,                   # rows per slab
+                  block_m: int = 16,                 # BLOCK_M of the kernel
+                  title: str = ""):
+    "Heat-map of the (expert, M-tile) programs of one N column: valid-row fraction, blank where the program exits."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts = expert_num_tokens.detach().cpu().long()
+    tiles = -(-max_tokens // block_m)
+    start = torch.arange(tiles)[:, None] * block_m                            # [tiles, 1]
+    frac = ((counts[None, :] - start).clamp(0, block_m) / block_m).float()    # [tiles, E]
+    frac[frac == 0] = float("nan")                                             # programs that exit at once
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.12 * len(counts)), 0.5 + 0.35 * tiles))
+    im = ax.imshow(frac.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("local expert e"); ax.set_ylabel(f"M-tile (BLOCK_M={block_m})")
+    ax.set_title(title or f"{int((counts > 0).sum())} of {len(counts)} experts have rows; blank = exits before any load",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, label="valid rows / BLOCK_M"); fig.tight_layout(); plt.close(fig)
+    return fig
+
+# %%
+g = torch.Generator().manual_seed(0)
+demo_counts = torch.bincount(torch.randint(0, 32, (320,), generator=g), minlength=32).clamp(max=32)  # ~10 rows each
+demo_counts[[3, 17]], demo_counts[9] = 0, 32                            # two experts with no tokens, one full slab
+plot_tile_map(demo_counts, max_tokens=32, block_m=8)
+
+# %% [markdown]
 # ### A second kernel for the compute-bound regime
 #
 # At prefill every expert has hundreds of rows and the GEMM is limited by the tensor cores, not by memory. There the
@@ -236,7 +272,8 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
-    root = Path(config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
+    import moe_lit
+    root = Path(config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or Path(moe_lit.__file__).resolve().parent / "configs")
     tag = "" if dtype is None else f",dtype={_DTYPE_TAG[dtype]}"
     return root / kernel / f"E={E},N={N},device_name={device_name.replace(' ', '_')}{tag}.json"
 
@@ -528,3 +565,27 @@ for dtype in (torch.float32, torch.bfloat16):
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None]
     assert_close(out[valid], want[valid]); assert out[~valid].isnan().all()
 test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)
+
+# %% [markdown]
+# ## Interpretation
+#
+# The benchmark (`14_bench`, committed results in `nbs/bench/`) measured GEMM1 on one NVIDIA H200 in bf16 on
+# 2026-11-29 (commit a98f01a for the decode rows, 097bb63 for the prefill row), against a copy bandwidth of 4.27 TB/s
+# and a bf16 matmul rate of about 700 TFLOP/s measured in the same runs:
+#
+# | scenario (E, K, N, M, rows) | moe-lit | + fused SiLU | torch.bmm padded | torch._grouped_mm | per-expert mm |
+# |---|---|---|---|---|---|
+# | DeepSeek-V3 EP8 decode (32, 7168, 4096, 128, 1024) | 97.6% | 95.6% | 88.1% | 69.2% | 43.4% |
+# | DeepSeek-V3 EP8 prefill (32, 7168, 4096, 1024, 16384) | 80.5% | 79.8% | 47.4% | 78.7% | 85.6% |
+# | Qwen3-30B-A3B decode (128, 2048, 1536, 64, 512) | 96.9% | 96.4% | 85.4% | 69.5% | 4.9% |
+# | Mixtral-8x7B decode (8, 4096, 28672, 64, 128) | 100.5% | 96.7% | 91.7% | 63.0% | 92.2% |
+# | gpt-oss-120b decode (128, 2880, 5760, 64, 512) | 103.6% | 100.5% | 94.1% | 68.8% | 26.5% |
+#
+# (% of the roofline floor; higher is better; a read-mostly kernel can pass 100% because the floor's bandwidth
+# counts reads and writes.) At decode the kernel streams the active experts' weights at the copy bandwidth: the
+# early exit means an empty expert costs nothing, and narrow N tiles with deep K tiles keep enough loads in flight.
+# Fusing SiLU-and-mul costs 1–4%. At prefill the arithmetic dominates; the tensor-descriptor kernel reaches 80% of
+# cuBLAS's square-matmul rate on the valid rows — ahead of `torch._grouped_mm` and `torch.bmm`, behind the
+# per-expert cuBLAS loop (85.6%), whose tiles need no padding for the ragged counts. Between two runs the prefill row
+# moved between 79.5% and 80.5%; warp specialisation did not help on this Triton (3.6) and failed to compile for 8 of
+# 37 candidate tiles.

@@ -249,7 +249,45 @@ def plot_bench(report: dict):
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(report["scenarios"]))],
                   [r["scenario"]["name"].replace(" ", "\n", 1) for r in report["scenarios"]], fontsize=8)
     ax.axhline(100, color="k", lw=0.8, ls="--"); ax.set_ylabel("% of roofline floor (higher is better)")
+    ax.set_ylim(0, 130)
     d = report["device"]
     ax.set_title(f"GEMM1, {report['dtype']}, {d['device_name']}, {report['date']}, commit {report['commit']}", fontsize=9)
     ax.legend(fontsize=7, ncol=3); fig.tight_layout(); plt.close(fig)
     return fig
+
+# %% [markdown]
+# ## Results on an H200
+#
+# The committed results (`nbs/bench/`): the decode rows from the full run at commit a98f01a, the prefill row from the
+# run at commit 097bb63 that tuned the tensor-descriptor kernel. Reproduce with `moe-lit bench` (the tuned tiles are in
+# the package's `configs/`), or `moe-lit bench --tune` to sweep again.
+
+# %%
+#| export
+def load_bench_results(*paths) -> dict:
+    "Merge committed benchmark JSON files: later files replace earlier ones' scenarios of the same name."
+    merged = None
+    for p in paths:
+        rep = json.loads(Path(p).read_text())
+        if merged is None: merged = dict(rep, scenarios=list(rep["scenarios"]), commit=rep["commit"])
+        else:
+            names = {r["scenario"]["name"]: i for i, r in enumerate(merged["scenarios"])}
+            for r in rep["scenarios"]: merged["scenarios"][names[r["scenario"]["name"]]] = r
+            merged["commit"] += "+" + rep["commit"]
+    return merged
+
+# %%
+h200 = load_bench_results("bench/batched_gemm_h200_a98f01a.json", "bench/batched_gemm_h200_prefill_097bb63.json")
+print(format_bench(h200))
+
+# %%
+plot_bench(h200)
+
+# %% [markdown]
+# **Interpretation.** Every decode row runs at 97–104% of the floor: the weights of the experts that have tokens are
+# read once at the card's copy bandwidth, empty experts cost nothing, and the fused SiLU-and-mul epilogue costs 1–4%.
+# The padded `torch.bmm` pays for the padding rows only where they are many (85–94%), `torch._grouped_mm` stays near
+# 70%, and the per-expert loop collapses when there are many small experts (5% on Qwen3, launch-bound). At prefill
+# (compute-bound) moe-lit reaches 80.5% of the floor — cuBLAS's square-matmul rate on the valid rows — with the
+# tensor-descriptor kernel, above `torch._grouped_mm` (78.7%) and below the per-expert cuBLAS loop (85.6%), which has no
+# ragged last tiles. Closing that gap (a persistent, expert-aware schedule) is open work.

@@ -16,7 +16,7 @@ from ..formats import silu_and_mul
 from ..testing import assert_close, poison_rows
 
 # %% auto #0
-__all__ = ['INTERPRET', 'DEVICE', 'SMEM_BUDGET', 'GEMM_CASES', 'batched_gemm_reference', 'default_tile_config',
+__all__ = ['INTERPRET', 'DEVICE', 'SMEM_BUDGET', 'GEMM_CASES', 'batched_gemm_reference', 'plot_tile_map', 'default_tile_config',
            'tile_config_path', 'lookup_tile_config', 'fit_shared_memory', 'batched_moe_gemm', 'random_batched_problem',
            'check_batched_gemm', 'BatchedTritonExperts']
 
@@ -86,6 +86,27 @@ def _batched_moe_gemm_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+# %% ../../nbs/06_kernels.batched.ipynb #3297a63c6977
+def plot_tile_map(expert_num_tokens: torch.Tensor,   # [E] int, valid rows per expert
+                  max_tokens: int,                   # rows per slab
+                  block_m: int = 16,                 # BLOCK_M of the kernel
+                  title: str = ""):
+    "Heat-map of the (expert, M-tile) programs of one N column: valid-row fraction, blank where the program exits."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts = expert_num_tokens.detach().cpu().long()
+    tiles = -(-max_tokens // block_m)
+    start = torch.arange(tiles)[:, None] * block_m                            # [tiles, 1]
+    frac = ((counts[None, :] - start).clamp(0, block_m) / block_m).float()    # [tiles, E]
+    frac[frac == 0] = float("nan")                                             # programs that exit at once
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.12 * len(counts)), 0.5 + 0.35 * tiles))
+    im = ax.imshow(frac.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("local expert e"); ax.set_ylabel(f"M-tile (BLOCK_M={block_m})")
+    ax.set_title(title or f"{int((counts > 0).sum())} of {len(counts)} experts have rows; blank = exits before any load",
+                 fontsize=9)
+    fig.colorbar(im, ax=ax, label="valid rows / BLOCK_M"); fig.tight_layout(); plt.close(fig)
+    return fig
+
 # %% ../../nbs/06_kernels.batched.ipynb #582350999937
 @triton.jit
 def _batched_moe_gemm_tma_kernel(
@@ -138,11 +159,12 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=max(16, _pow2(M)), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #08a32babd6e1
+# %% ../../nbs/06_kernels.batched.ipynb #2fbf11e3467e
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
-    root = Path(config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "configs")
+    import moe_lit
+    root = Path(config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or Path(moe_lit.__file__).resolve().parent / "configs")
     tag = "" if dtype is None else f",dtype={_DTYPE_TAG[dtype]}"
     return root / kernel / f"E={E},N={N},device_name={device_name.replace(' ', '_')}{tag}.json"
 
