@@ -12,29 +12,35 @@ from .config import ActivationFormat
 __all__ = ['silu_and_mul', 'expert_mlp', 'moe_reference_standard', 'dispatch_batched_reference', 'experts_reference_batched',
            'combine_batched_reference', 'moe_reference_batched']
 
-# %% ../nbs/05_formats.ipynb #6879f5571c56
+# %% ../nbs/05_formats.ipynb #c553d0c5ec7c
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     "Accumulation dtype: float64 for float64 inputs, float32 for everything else."
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     "SiLU of the first half of the last dim times the second half: `[..., 2·I] -> [..., I]`, same dtype as `x`."
-    check_tensor("x", x)
-    if x.shape[-1] % 2: raise ValueError(f"x: expected an even last dim (gate then up), got {x.shape[-1]}")
+    check_tensor("x", x, dtype=_FLOATS)
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x: expected an even last dim (gate then up), got shape {tuple(x.shape)}")
     gate, up = x.float().chunk(2, dim=-1) if x.dtype != torch.float64 else x.chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
-# %% ../nbs/05_formats.ipynb #b9d1d63c6b74
+# %% ../nbs/05_formats.ipynb #02e93dc32b7d
 def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
                w13: torch.Tensor, # [2·intermediate_size, hidden_size], gate rows then up rows
                w2: torch.Tensor,  # [hidden_size, intermediate_size]
               ) -> torch.Tensor:  # [n, hidden_size] in the accumulation dtype (fp32, or fp64 for fp64 inputs)
     "One gated SiLU expert, with the kernels' precision: fp32 products, SiLU-and-mul cast once to the input dtype."
+    check_tensor("x", x, ndim=2, dtype=_FLOATS)
+    check_tensor("w13", w13, shape=(None, x.shape[1]), dtype=_FLOATS)
+    check_tensor("w2", w2, shape=(x.shape[1], w13.shape[0] // 2), dtype=_FLOATS)
     acc = _acc_dtype(x.dtype)
     h = silu_and_mul((x.to(acc) @ w13.to(acc).T)).to(x.dtype)   # the fused GEMM1 epilogue writes x.dtype
     return h.to(acc) @ w2.to(acc).T
 
-# %% ../nbs/05_formats.ipynb #3e68fce5a394
+# %% ../nbs/05_formats.ipynb #52871009b30f
 def _local_ids(topk_ids, num_local_experts, expert_map):
     "Map global ids to local slots through `expert_map` (-1 stays -1); without a map the ids must be local."
     if expert_map is None:
@@ -43,12 +49,18 @@ def _local_ids(topk_ids, num_local_experts, expert_map):
                                        f"got {topk_ids[bad][0].item()}")
         return topk_ids.long()
     check_tensor("expert_map", expert_map, ndim=1, dtype=torch.int32)
+    if expert_map.numel() and ((expert_map < -1) | (expert_map >= num_local_experts)).any():
+        raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got "
+                         f"{expert_map.min().item()}..{expert_map.max().item()}")
     if ((topk_ids >= expert_map.shape[0]) | (topk_ids < -1)).any():
         raise ValueError(f"topk_ids: expected values in [-1, {expert_map.shape[0]}), got {topk_ids.min().item()}.."
                          f"{topk_ids.max().item()}")
     return torch.where(topk_ids >= 0, expert_map.to(topk_ids.device)[topk_ids.clamp(min=0).long()].long(), -1)
 
-# %% ../nbs/05_formats.ipynb #454d04f72c84
+# %% ../nbs/05_formats.ipynb #1e381bd7ebc2
+def _check_bool(name, value):
+    if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
 def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("hidden", hidden, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
     T, H = hidden.shape
@@ -62,7 +74,7 @@ def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     return T, H, E
 
-# %% ../nbs/05_formats.ipynb #082f6c07a8f2
+# %% ../nbs/05_formats.ipynb #526e8f960989
 def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_size] f64/f32/f16/bf16
                            w13: torch.Tensor,           # [num_local_experts, 2·intermediate_size, hidden_size]
                            w2: torch.Tensor,            # [num_local_experts, hidden_size, intermediate_size]
@@ -74,6 +86,7 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
                           ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "Standard-format MoE: per local expert, gather its (token, slot) pairs, run the expert, weighted-add the rows."
     T, H, E = _check_moe_args(hidden, w13, w2, topk_weights, topk_ids)
+    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     local = _local_ids(topk_ids, E, expert_map)
     acc = _acc_dtype(hidden.dtype)
     out = torch.zeros(T, H, dtype=acc, device=hidden.device) if accumulate_into is None else accumulate_into
@@ -88,7 +101,7 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
         out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
     return out if accumulate_into is not None else out.to(hidden.dtype)
 
-# %% ../nbs/05_formats.ipynb #e2fafb0c50ea
+# %% ../nbs/05_formats.ipynb #45ddf98c1e6b
 def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_size]
                                local_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, local expert or -1
                                num_local_experts: int,   # E_local, slabs to fill
@@ -96,9 +109,11 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
                                topk_weights: torch.Tensor | None = None,  # [num_tokens, top_k] fp32: scale rows
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Scatter pairs into `a [E_local, max_tokens, H]` (padding NaN); returns `(a, expert_num_tokens, slot_map)`."
-    check_tensor("hidden", hidden, ndim=2)
+    check_tensor("hidden", hidden, ndim=2, dtype=_FLOATS)
     T, H = hidden.shape
     check_tensor("local_ids", local_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
     check_int("num_local_experts", num_local_experts, lo=1)
     check_int("max_tokens", max_tokens, lo=1)
     if ((local_ids < -1) | (local_ids >= num_local_experts)).any():
@@ -117,9 +132,9 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
     if topk_weights is not None:
         src = (src.to(_acc_dtype(hidden.dtype)) * topk_weights.reshape(-1, 1).to(_acc_dtype(hidden.dtype))).to(hidden.dtype)
     a[slot_map[slot_map >= 0]] = src[slot_map >= 0]
-    return a.view(num_local_experts, max_tokens, H), counts.int(), slot_map.view(T, -1)
+    return a.view(num_local_experts, max_tokens, H), counts.int(), slot_map.view(T, local_ids.shape[1])
 
-# %% ../nbs/05_formats.ipynb #681eb5ea17a9
+# %% ../nbs/05_formats.ipynb #006251495cf3
 def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_tokens, hidden_size]
                               expert_num_tokens: torch.Tensor,  # [E_local] int32, valid leading rows
                               w13: torch.Tensor,                # [E_local, 2·intermediate_size, hidden_size]
@@ -127,10 +142,11 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
                               out: torch.Tensor | None = None,  # [E_local, max_tokens, hidden_size], a's dtype
                              ) -> torch.Tensor:                 # `out`; rows >= count untouched
     "Batched-format experts: `out[e, :n_e] = expert_e(a[e, :n_e])`; padding rows are never read or written."
-    check_tensor("a", a, ndim=3)
+    check_tensor("a", a, ndim=3, dtype=_FLOATS)
     E, M, H = a.shape
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
     check_tensor("w13", w13, shape=(E, None, H), dtype=a.dtype)
+    if w13.shape[1] % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {w13.shape[1]}")
     check_tensor("w2", w2, shape=(E, H, w13.shape[1] // 2), dtype=a.dtype)
     if ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
@@ -139,17 +155,21 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
         if n: out[e, :n] = expert_mlp(a[e, :n], w13[e], w2[e]).to(a.dtype)
     return out
 
-# %% ../nbs/05_formats.ipynb #80d38dadf972
+# %% ../nbs/05_formats.ipynb #8ccb749236aa
 def combine_batched_reference(expert_out: torch.Tensor,    # [E_local, max_tokens, hidden_size]
                               topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
                               slot_map: torch.Tensor,      # [num_tokens, top_k] int64, e·max_tokens+row or -1
                               apply_router_weight_on_input: bool = False,  # weights were applied at dispatch
                              ) -> torch.Tensor:            # [num_tokens, hidden_size], expert_out's dtype
     "Weighted sum over the `top_k` slots of each token: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`."
-    check_tensor("expert_out", expert_out, ndim=3)
+    check_tensor("expert_out", expert_out, ndim=3, dtype=_FLOATS)
     check_tensor("topk_weights", topk_weights, ndim=2, dtype=torch.float32)
     check_tensor("slot_map", slot_map, shape=tuple(topk_weights.shape), dtype=torch.int64)
+    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     E, M, H = expert_out.shape
+    if E * M == 0:                                     # an empty slab: nothing is local, every token gets 0
+        if (slot_map >= 0).any(): raise ValueError(f"slot_map: expected only -1 for an empty expert_out, got {slot_map.max().item()}")
+        return torch.zeros(slot_map.shape[0], H, dtype=expert_out.dtype, device=expert_out.device)
     if ((slot_map < -1) | (slot_map >= E * M)).any():
         raise ValueError(f"slot_map: expected values in [-1, {E * M}), got {slot_map.min().item()}..{slot_map.max().item()}")
     acc = _acc_dtype(expert_out.dtype)
@@ -158,20 +178,23 @@ def combine_batched_reference(expert_out: torch.Tensor,    # [E_local, max_token
     valid = (slot_map >= 0)[..., None]
     return torch.where(valid, rows * w[..., None].to(acc), 0).sum(1).to(expert_out.dtype)
 
-# %% ../nbs/05_formats.ipynb #76701e2ce680
+# %% ../nbs/05_formats.ipynb #d563734087fe
 def moe_reference_batched(hidden: torch.Tensor,        # [num_tokens, hidden_size]
                           w13: torch.Tensor,           # [E_local, 2·intermediate_size, hidden_size]
                           w2: torch.Tensor,            # [E_local, hidden_size, intermediate_size]
                           topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
                           local_ids: torch.Tensor,     # [num_tokens, top_k] int32/int64, local expert or -1
-                          max_tokens: int | None = None,  # slab capacity; default num_tokens (always enough)
+                          max_tokens: int | None = None,  # slab capacity; default: the busiest local expert's pairs
                           apply_router_weight_on_input: bool = False,
                          ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "BatchedExperts-format MoE: dispatch -> experts on valid rows -> weighted combine."
     _check_moe_args(hidden, w13, w2, topk_weights, local_ids)
-    max_tokens = hidden.shape[0] if max_tokens is None else max_tokens
+    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    if max_tokens is None:                              # enough for any routing, duplicates in a row included
+        flat = local_ids.reshape(-1).long()
+        max_tokens = max(1, int(torch.bincount(flat[flat >= 0], minlength=1).max()) if flat.numel() else 1)
+    check_int("max_tokens", max_tokens, lo=1)
     a, counts, slot_map = dispatch_batched_reference(
-        hidden, local_ids, w13.shape[0], max(max_tokens, 1),
-        topk_weights if apply_router_weight_on_input else None)
+        hidden, local_ids, w13.shape[0], max_tokens, topk_weights if apply_router_weight_on_input else None)
     y = experts_reference_batched(a, counts, w13, w2)
     return combine_batched_reference(y, topk_weights, slot_map, apply_router_weight_on_input)

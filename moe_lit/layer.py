@@ -15,14 +15,14 @@ from .placement import Placement
 from .formats import moe_reference_standard, moe_reference_batched
 
 # %% auto #0
-__all__ = ['RandomExpertWeights', 'resolve_experts', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep']
+__all__ = ['RandomExpertWeights', 'check_device', 'resolve_experts', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep']
 
-# %% ../nbs/12_layer.ipynb #d24a113e03ca
+# %% ../nbs/12_layer.ipynb #b23b12a6ad30
 class RandomExpertWeights:
     "Deterministic random weights for a model's MoE layer: expert `g`'s tensors depend only on `(seed, g)`."
     def __init__(self, config: MoEConfig, seed: int = 0):
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        self.config, self.seed = config, check_int("seed", seed, lo=0)
+        self.config, self.seed = config, check_int("seed", seed, lo=0, hi=2**40)   # seed·1_000_003 + g stays < 2^63
 
     def _gen(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
@@ -34,12 +34,16 @@ class RandomExpertWeights:
         bias = torch.randn(c.num_experts, generator=g) * 0.1 if c.has_correction_bias else None
         return gate, bias
 
-# %% ../nbs/12_layer.ipynb #4bed89b919f1
+# %% ../nbs/12_layer.ipynb #aa135f1a6b39
 def _experts(self, expert_ids) -> tuple[torch.Tensor, torch.Tensor]:
     "Stacked weights of the global experts `expert_ids`: `(w13 [n, 2·I, H], w2 [n, H, I])` in the config's dtype."
     c = self.config
-    ids = [int(g) for g in expert_ids]
-    for g in ids: check_int("expert_ids[i]", g, lo=0, hi=c.num_experts)
+    if isinstance(expert_ids, torch.Tensor):
+        check_tensor("expert_ids", expert_ids, ndim=1, dtype=(torch.int32, torch.int64))
+        expert_ids = expert_ids.tolist()
+    if isinstance(expert_ids, (str, bytes)) or not hasattr(expert_ids, "__iter__"):
+        raise ValueError(f"expert_ids: expected a sequence of ints, got {type(expert_ids).__name__}")
+    ids = [check_int("expert_ids[i]", g, lo=0, hi=c.num_experts) for g in expert_ids]
     w13 = torch.empty(len(ids), 2 * c.intermediate_size, c.hidden_size, dtype=c.dtype)
     w2 = torch.empty(len(ids), c.hidden_size, c.intermediate_size, dtype=c.dtype)
     def fill(j, g):                      # torch's CPU generator is serial: one thread per expert instead
@@ -51,6 +55,15 @@ def _experts(self, expert_ids) -> tuple[torch.Tensor, torch.Tensor]:
     return w13, w2
 
 RandomExpertWeights.experts = _experts
+
+# %% ../nbs/12_layer.ipynb #4e6b9ffa57a5
+def check_device(device) -> torch.device:
+    "`device` as a torch.device, refusing unknown names and CUDA on a machine without a GPU."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"device: expected 'cpu', 'cuda' or a torch.device, got {device!r}") from None
+    if d.type not in ("cpu", "cuda"): raise ValueError(f"device: expected a cpu or cuda device, got {d}")
+    if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
+    return d
 
 # %% ../nbs/12_layer.ipynb #2523a40d483e
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device) -> tuple[str, str]:
@@ -64,20 +77,27 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return "triton", "format batched_experts on a GPU: Triton dispatch, GEMMs and combine"
     return "torch", "format batched_experts on the CPU: the torch reference (pass experts='triton' for the kernels)"
 
-# %% ../nbs/12_layer.ipynb #d1a988f414a1
+# %% ../nbs/12_layer.ipynb #b391f4f7c556
 class FusedMoE(torch.nn.Module):
     "One EP rank's MoE layer: router, placement and local expert weights; forward via the reference path."
     def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
                  seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu"):
         super().__init__()
-        self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, torch.device(device))
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        device = check_device(device)
+        self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device)
         if config.num_redundant_experts:
             raise ValueError(f"num_redundant_experts: expected 0 (EPLB replicas are not run by the layer yet), "
                              f"got {config.num_redundant_experts}")
         self.config = config
         self.placement = Placement.build(config, strategy=placement)
         weights = RandomExpertWeights(config, seed) if weights is None else weights
+        if not isinstance(weights, RandomExpertWeights):
+            raise ValueError(f"weights: expected a RandomExpertWeights, got {type(weights).__name__}")
+        shape = lambda c: (c.num_experts, c.hidden_size, c.intermediate_size, c.dtype, c.has_correction_bias)
+        if shape(weights.config) != shape(config):
+            raise ValueError(f"weights: expected weights for (num_experts, hidden_size, intermediate_size, dtype, "
+                             f"correction bias) = {shape(config)}, got {shape(weights.config)}")
         gate, bias = weights.router()
         self.register_buffer("gate", gate.to(device))                   # [num_experts, hidden_size] fp32
         self.register_buffer("e_score_correction_bias", None if bias is None else bias.to(device))  # [num_experts]
@@ -85,17 +105,18 @@ class FusedMoE(torch.nn.Module):
         self.w13 = torch.nn.Parameter(w13.to(device), requires_grad=False)   # [E_local, 2·I, H]
         self.w2 = torch.nn.Parameter(w2.to(device), requires_grad=False)     # [E_local, H, I]
 
-# %% ../nbs/12_layer.ipynb #67d0a51945bc
+# %% ../nbs/12_layer.ipynb #cbf39cc7d9f5
 def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
-    check_tensor("hidden", hidden, shape=(None, self.config.hidden_size))
+    check_tensor("hidden", hidden, shape=(None, self.config.hidden_size),
+                 dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
     logits = hidden.float() @ self.gate.T                                # [T, num_experts] fp32
     wts, ids = select_experts(self.config, logits, self.e_score_correction_bias)
     return wts, ids.to(self.config.topk_indices_dtype)
 
 FusedMoE.route = _route
 
-# %% ../nbs/12_layer.ipynb #c07ab23ebb49
+# %% ../nbs/12_layer.ipynb #217bd0045010
 def _batched_capacity(self, num_tokens: int) -> int:
     "Rows per local expert slab for `num_tokens` tokens spread over the EP ranks (tokens)."
     per_rank = math.ceil(num_tokens / self.config.ep_size)
@@ -120,7 +141,8 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None) -> torch.Ten
              if p.global_to_physical is not None else
              dict(expert_map=p.expert_map.to(hidden.device)) if p.expert_map is not None else {})
     expected_m = max(1, round(ids.numel() / self.config.num_experts))  # rows per expert if routing were uniform
-    return batched_moe_triton(hidden, self.w13, self.w2, wts, ids, p.num_local_experts, capacity, expected_m, **kw, **table)
+    return batched_moe_triton(hidden.contiguous(), self.w13, self.w2, wts, ids, p.num_local_experts, capacity,
+                              expected_m, **kw, **table)
 
 FusedMoE._batched_capacity, FusedMoE.forward = _batched_capacity, _forward
 
@@ -139,9 +161,10 @@ class EPRun:
     rank_seconds: list = field(default_factory=list)   # forward time of each rank (s)
     weight_seconds: float = 0.0       # time spent generating weights (s)
 
-# %% ../nbs/12_layer.ipynb #e595a97be374
+# %% ../nbs/12_layer.ipynb #eda123210dc6
 def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
     "The config of EP rank `ep_rank` of `config`'s deployment (DP·TP devices, EP on), built with `ParallelConfig.make`."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     p = config.parallel
     check_int("ep_rank", ep_rank, lo=0, hi=p.ep_size)
     check_int("tp_size", tp_size, lo=1)
@@ -151,11 +174,13 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #d9e0d6f8ad91
+# %% ../nbs/12_layer.ipynb #a61338650262
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto") -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
+    if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
     weights, ep = RandomExpertWeights(config, seed), config.parallel.ep_size
     T, H = hidden.shape
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (torch.float32, torch.float32, torch.float64))

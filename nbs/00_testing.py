@@ -8,7 +8,9 @@
 # %%
 #| export
 from __future__ import annotations
+import math
 import torch
+from moe_lit.terms import check_tensor
 
 # %%
 #| hide
@@ -43,7 +45,7 @@ _RTOL = {
 
 def tolerance(dtype: torch.dtype) -> float:
     "Relative tolerance of the result dtype `dtype` against a float64 reference (the package's one table)."
-    if dtype not in _RTOL: raise ValueError(f"dtype: expected one of {list(_RTOL)}, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or dtype not in _RTOL: raise ValueError(f"dtype: expected one of {list(_RTOL)}, got {dtype}")
     return _RTOL[dtype]
 
 # %%
@@ -56,16 +58,20 @@ test_fail(lambda: tolerance(torch.int32), contains="dtype: expected one of")
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
                  rtol: float | None = None, name: str = "result"):
     "Assert `actual` matches the float64 `expected` within the dtype's tolerance; report the worst elements."
+    check_tensor("actual", actual); check_tensor("expected", expected)
     dtype = actual.dtype if dtype is None else dtype
     if actual.dtype != dtype: raise AssertionError(f"{name}: expected dtype {dtype}, got {actual.dtype}")
     if tuple(actual.shape) != tuple(expected.shape):
         raise AssertionError(f"{name}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}")
     a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     rtol = tolerance(dtype) if rtol is None else rtol
-    atol = rtol * (e.square().mean().sqrt().item() if e.numel() else 0.0)
-    err = (a - e).abs()
-    bad = ~(err <= atol + rtol * e.abs())      # NaN in `a` compares False, so it is bad
-    bad &= ~(a.isnan() & e.isnan())          # ... unless the reference is NaN there too
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+        raise ValueError(f"rtol: expected a finite number >= 0, got {rtol!r}")
+    fin = e[e.isfinite()]
+    atol = rtol * (fin.square().mean().sqrt().item() if fin.numel() else 0.0)   # scale of the finite reference
+    close = (a - e).abs() <= atol + rtol * e.abs()    # NaN in `a` compares False, so it is bad
+    same = (a == e) | (a.isnan() & e.isnan())          # where the reference is ±inf or NaN, only the same value
+    bad = ~torch.where(e.isfinite(), close, same)
     if bad.any():
         idx = bad.nonzero()[:5].tolist()
         worst = ", ".join(f"{tuple(i)}: got {a[tuple(i)].item():.6g}, want {e[tuple(i)].item():.6g}" for i in idx)
@@ -83,6 +89,14 @@ off = ref.float().clone(); off[3, 5] += 0.5
 test_fail(lambda: assert_close(off, ref), contains="(3, 5)")  # the worst index is named
 nan = ref.float().clone(); nan[0, 0] = float("nan")
 test_fail(lambda: assert_close(nan, ref), contains="1 of 512")  # NaN where the reference is finite fails
+inf_ref = torch.tensor([float("inf"), 100.0, 3.0, float("-inf")], dtype=torch.float64)
+assert_close(torch.tensor([float("inf"), 100.0, 3.0, float("-inf")]), inf_ref)          # equal infinities match
+test_fail(lambda: assert_close(torch.tensor([1.0, 100.0, 3.0, float("-inf")]), inf_ref), contains="(0,)")
+test_fail(lambda: assert_close(torch.tensor([float("-inf"), 100.0, 3.0, float("-inf")]), inf_ref), contains="(0,)")
+nan_ref = torch.tensor([float("nan"), 5.0], dtype=torch.float64)
+assert_close(torch.tensor([float("nan"), 5.0]), nan_ref)                      # a NaN in the reference spoils nothing else
+test_fail(lambda: assert_close(ref.float(), ref, rtol=-1.0), contains="rtol: expected a finite number >= 0")
+test_fail(lambda: assert_close([1.0], ref), contains="actual: expected a torch.Tensor")
 
 # %% [markdown]
 # ## Poisoned rows
@@ -96,6 +110,11 @@ test_fail(lambda: assert_close(nan, ref), contains="1 of 512")  # NaN where the 
 #| export
 def poison_rows(slab: torch.Tensor, expert_num_tokens: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
     "Fill rows `>= expert_num_tokens[e]` of `slab [E, max_tokens, ...]` with `value`, in place; returns `slab`."
+    check_tensor("slab", slab)
+    if slab.dim() < 2: raise ValueError(f"slab: expected at least 2 dims [E, max_tokens, ...], got shape {tuple(slab.shape)}")
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(slab.shape[0],), dtype=(torch.int32, torch.int64))
+    if slab.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.bool):
+        raise ValueError(f"slab: expected a floating dtype, got {slab.dtype}")
     rows = torch.arange(slab.shape[1], device=slab.device)
     pad = rows[None, :] >= expert_num_tokens.to(slab.device)[:, None].long()   # [E, max_tokens]
     slab[pad] = value
@@ -106,3 +125,6 @@ def poison_rows(slab: torch.Tensor, expert_num_tokens: torch.Tensor, value: floa
 s = poison_rows(torch.zeros(3, 4, 2), torch.tensor([0, 2, 4], dtype=torch.int32))
 test_eq(s.isnan().all(-1).sum(-1).tolist(), [4, 2, 0])
 test_eq(s[1, :2].isnan().any().item(), False)
+test_fail(lambda: poison_rows(torch.zeros(4), torch.tensor([1])), contains="slab: expected at least 2 dims")
+test_fail(lambda: poison_rows(torch.zeros(3, 4), torch.tensor([1, 2])), contains="expert_num_tokens: expected shape [3]")
+test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor([1, 2, 3])), contains="slab: expected a floating dtype")

@@ -56,14 +56,17 @@ from moe_lit.testing import assert_close, poison_rows
 
 # %%
 #| export
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     "Accumulation dtype: float64 for float64 inputs, float32 for everything else."
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     "SiLU of the first half of the last dim times the second half: `[..., 2·I] -> [..., I]`, same dtype as `x`."
-    check_tensor("x", x)
-    if x.shape[-1] % 2: raise ValueError(f"x: expected an even last dim (gate then up), got {x.shape[-1]}")
+    check_tensor("x", x, dtype=_FLOATS)
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x: expected an even last dim (gate then up), got shape {tuple(x.shape)}")
     gate, up = x.float().chunk(2, dim=-1) if x.dtype != torch.float64 else x.chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
@@ -72,6 +75,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 x = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
 assert_close(silu_and_mul(x), torch.tensor([[0.0 * 2.0, 1.0 / (1.0 + math.exp(-1.0)) * 3.0]], dtype=torch.float64))
 test_fail(lambda: silu_and_mul(torch.zeros(2, 3)), contains="x: expected an even last dim")
+test_fail(lambda: silu_and_mul(torch.tensor(1.0)), contains="x: expected an even last dim")
+test_fail(lambda: silu_and_mul(torch.zeros(2, 4, dtype=torch.int32)), contains="x: expected dtype")
 
 # %%
 #| export
@@ -80,6 +85,9 @@ def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
                w2: torch.Tensor,  # [hidden_size, intermediate_size]
               ) -> torch.Tensor:  # [n, hidden_size] in the accumulation dtype (fp32, or fp64 for fp64 inputs)
     "One gated SiLU expert, with the kernels' precision: fp32 products, SiLU-and-mul cast once to the input dtype."
+    check_tensor("x", x, ndim=2, dtype=_FLOATS)
+    check_tensor("w13", w13, shape=(None, x.shape[1]), dtype=_FLOATS)
+    check_tensor("w2", w2, shape=(x.shape[1], w13.shape[0] // 2), dtype=_FLOATS)
     acc = _acc_dtype(x.dtype)
     h = silu_and_mul((x.to(acc) @ w13.to(acc).T)).to(x.dtype)   # the fused GEMM1 epilogue writes x.dtype
     return h.to(acc) @ w2.to(acc).T
@@ -91,6 +99,8 @@ x, w13, w2 = torch.randn(5, 8, dtype=torch.float64), torch.randn(6, 8, dtype=tor
 g, u = x @ w13[:3].T, x @ w13[3:].T
 assert_close(expert_mlp(x, w13, w2), (g * torch.sigmoid(g) * u) @ w2.T)
 test_eq(expert_mlp(x.bfloat16(), w13.bfloat16(), w2.bfloat16()).dtype, torch.float32)
+test_fail(lambda: expert_mlp(x[:, :7], w13, w2), contains="w13: expected shape [*, 7]")
+test_fail(lambda: expert_mlp(x[0], w13, w2), contains="x: expected a 2-D tensor")
 
 # %% [markdown]
 # ## Standard format
@@ -110,6 +120,9 @@ def _local_ids(topk_ids, num_local_experts, expert_map):
                                        f"got {topk_ids[bad][0].item()}")
         return topk_ids.long()
     check_tensor("expert_map", expert_map, ndim=1, dtype=torch.int32)
+    if expert_map.numel() and ((expert_map < -1) | (expert_map >= num_local_experts)).any():
+        raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got "
+                         f"{expert_map.min().item()}..{expert_map.max().item()}")
     if ((topk_ids >= expert_map.shape[0]) | (topk_ids < -1)).any():
         raise ValueError(f"topk_ids: expected values in [-1, {expert_map.shape[0]}), got {topk_ids.min().item()}.."
                          f"{topk_ids.max().item()}")
@@ -117,6 +130,9 @@ def _local_ids(topk_ids, num_local_experts, expert_map):
 
 # %%
 #| export
+def _check_bool(name, value):
+    if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
 def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("hidden", hidden, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
     T, H = hidden.shape
@@ -143,6 +159,7 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
                           ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "Standard-format MoE: per local expert, gather its (token, slot) pairs, run the expert, weighted-add the rows."
     T, H, E = _check_moe_args(hidden, w13, w2, topk_weights, topk_ids)
+    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     local = _local_ids(topk_ids, E, expert_map)
     acc = _acc_dtype(hidden.dtype)
     out = torch.zeros(T, H, dtype=acc, device=hidden.device) if accumulate_into is None else accumulate_into
@@ -198,6 +215,9 @@ for owned in (torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])):
     parts.append(moe_reference_standard(hidden, w13[owned], w2[owned], wts, ids, expert_map=emap))
 assert_close(parts[0] + parts[1], full)
 test_fail(lambda: moe_reference_standard(hidden, w13[:3], w2[:3], wts, ids), contains="topk_ids: expected values in [-1, 3)")
+bad_map = torch.tensor([0, 1, 2, 7, -1, -1], dtype=torch.int32)                  # 7 is no local expert of 3
+test_fail(lambda: moe_reference_standard(hidden, w13[:3], w2[:3], wts, ids, expert_map=bad_map),
+          contains="expert_map: expected values in [-1, 3), got -1..7")
 
 # %% [markdown]
 # `accumulate_into` lets a caller stream the experts in chunks into one fp32 (or fp64) buffer; adding the chunks
@@ -252,9 +272,11 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
                                topk_weights: torch.Tensor | None = None,  # [num_tokens, top_k] fp32: scale rows
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Scatter pairs into `a [E_local, max_tokens, H]` (padding NaN); returns `(a, expert_num_tokens, slot_map)`."
-    check_tensor("hidden", hidden, ndim=2)
+    check_tensor("hidden", hidden, ndim=2, dtype=_FLOATS)
     T, H = hidden.shape
     check_tensor("local_ids", local_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
     check_int("num_local_experts", num_local_experts, lo=1)
     check_int("max_tokens", max_tokens, lo=1)
     if ((local_ids < -1) | (local_ids >= num_local_experts)).any():
@@ -273,7 +295,7 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
     if topk_weights is not None:
         src = (src.to(_acc_dtype(hidden.dtype)) * topk_weights.reshape(-1, 1).to(_acc_dtype(hidden.dtype))).to(hidden.dtype)
     a[slot_map[slot_map >= 0]] = src[slot_map >= 0]
-    return a.view(num_local_experts, max_tokens, H), counts.int(), slot_map.view(T, -1)
+    return a.view(num_local_experts, max_tokens, H), counts.int(), slot_map.view(T, local_ids.shape[1])
 
 # %%
 #| test dispatch_batched
@@ -286,6 +308,10 @@ test_eq(slot_map.tolist(), [[4, 0], [5, -1], [8, 6], [1, 9]])
 assert a[0, 2:].isnan().all() and a[1, 3:].isnan().all()                # padding is NaN: readers are caught
 test_fail(lambda: dispatch_batched_reference(h, ids, 3, 2), contains="max_tokens: expected >= 3")
 test_fail(lambda: dispatch_batched_reference(h, ids, 2, 4), contains="local_ids: expected values in [-1, 2)")
+test_fail(lambda: dispatch_batched_reference(h, ids, 3, 4, topk_weights=torch.ones(2, 4)), contains="topk_weights: expected shape [4, 2]")
+test_fail(lambda: dispatch_batched_reference(h.long(), ids, 3, 4), contains="hidden: expected dtype")
+a, counts, slot_map = dispatch_batched_reference(h[:0], ids[:0], 3, 4)                  # zero tokens
+test_eq((tuple(slot_map.shape), counts.tolist()), ((0, 2), [0, 0, 0]))
 
 # %% [markdown]
 # **Experts** run on the valid rows of each slab only. Rows `>= expert_num_tokens[e]` of the output are left exactly as
@@ -301,10 +327,11 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
                               out: torch.Tensor | None = None,  # [E_local, max_tokens, hidden_size], a's dtype
                              ) -> torch.Tensor:                 # `out`; rows >= count untouched
     "Batched-format experts: `out[e, :n_e] = expert_e(a[e, :n_e])`; padding rows are never read or written."
-    check_tensor("a", a, ndim=3)
+    check_tensor("a", a, ndim=3, dtype=_FLOATS)
     E, M, H = a.shape
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
     check_tensor("w13", w13, shape=(E, None, H), dtype=a.dtype)
+    if w13.shape[1] % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {w13.shape[1]}")
     check_tensor("w2", w2, shape=(E, H, w13.shape[1] // 2), dtype=a.dtype)
     if ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
@@ -326,10 +353,14 @@ def combine_batched_reference(expert_out: torch.Tensor,    # [E_local, max_token
                               apply_router_weight_on_input: bool = False,  # weights were applied at dispatch
                              ) -> torch.Tensor:            # [num_tokens, hidden_size], expert_out's dtype
     "Weighted sum over the `top_k` slots of each token: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`."
-    check_tensor("expert_out", expert_out, ndim=3)
+    check_tensor("expert_out", expert_out, ndim=3, dtype=_FLOATS)
     check_tensor("topk_weights", topk_weights, ndim=2, dtype=torch.float32)
     check_tensor("slot_map", slot_map, shape=tuple(topk_weights.shape), dtype=torch.int64)
+    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     E, M, H = expert_out.shape
+    if E * M == 0:                                     # an empty slab: nothing is local, every token gets 0
+        if (slot_map >= 0).any(): raise ValueError(f"slot_map: expected only -1 for an empty expert_out, got {slot_map.max().item()}")
+        return torch.zeros(slot_map.shape[0], H, dtype=expert_out.dtype, device=expert_out.device)
     if ((slot_map < -1) | (slot_map >= E * M)).any():
         raise ValueError(f"slot_map: expected values in [-1, {E * M}), got {slot_map.min().item()}..{slot_map.max().item()}")
     acc = _acc_dtype(expert_out.dtype)
@@ -349,15 +380,18 @@ def moe_reference_batched(hidden: torch.Tensor,        # [num_tokens, hidden_siz
                           w2: torch.Tensor,            # [E_local, hidden_size, intermediate_size]
                           topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
                           local_ids: torch.Tensor,     # [num_tokens, top_k] int32/int64, local expert or -1
-                          max_tokens: int | None = None,  # slab capacity; default num_tokens (always enough)
+                          max_tokens: int | None = None,  # slab capacity; default: the busiest local expert's pairs
                           apply_router_weight_on_input: bool = False,
                          ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "BatchedExperts-format MoE: dispatch -> experts on valid rows -> weighted combine."
     _check_moe_args(hidden, w13, w2, topk_weights, local_ids)
-    max_tokens = hidden.shape[0] if max_tokens is None else max_tokens
+    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    if max_tokens is None:                              # enough for any routing, duplicates in a row included
+        flat = local_ids.reshape(-1).long()
+        max_tokens = max(1, int(torch.bincount(flat[flat >= 0], minlength=1).max()) if flat.numel() else 1)
+    check_int("max_tokens", max_tokens, lo=1)
     a, counts, slot_map = dispatch_batched_reference(
-        hidden, local_ids, w13.shape[0], max(max_tokens, 1),
-        topk_weights if apply_router_weight_on_input else None)
+        hidden, local_ids, w13.shape[0], max_tokens, topk_weights if apply_router_weight_on_input else None)
     y = experts_reference_batched(a, counts, w13, w2)
     return combine_batched_reference(y, topk_weights, slot_map, apply_router_weight_on_input)
 
@@ -374,6 +408,10 @@ want = moe_reference_standard(hidden, w13, w2, wts, ids)
 assert_close(moe_reference_batched(hidden, w13, w2, wts, ids), want)
 for dt in (torch.float32, torch.bfloat16):
     assert_close(moe_reference_batched(hidden.to(dt), w13.to(dt), w2.to(dt), wts, ids), want, name=str(dt))
+dup = torch.zeros(T, k, dtype=torch.int32)                                     # every slot on expert 0, twice per token
+assert_close(moe_reference_batched(hidden, w13, w2, wts, dup), moe_reference_standard(hidden, w13, w2, wts, dup))
+test_eq(moe_reference_batched(hidden[:0], w13, w2, wts[:0], ids[:0]).shape, (0, H))   # zero tokens
+test_fail(lambda: moe_reference_batched(hidden, w13, w2, wts, ids, max_tokens=0), contains="max_tokens: expected >= 1")
 for poison in (float("nan"), 1e30):                                            # padding can never leak
     a, counts, slot_map = dispatch_batched_reference(hidden, ids, E, T)
     poison_rows(a, counts, poison)

@@ -43,7 +43,7 @@ class RandomExpertWeights:
     "Deterministic random weights for a model's MoE layer: expert `g`'s tensors depend only on `(seed, g)`."
     def __init__(self, config: MoEConfig, seed: int = 0):
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        self.config, self.seed = config, check_int("seed", seed, lo=0)
+        self.config, self.seed = config, check_int("seed", seed, lo=0, hi=2**40)   # seed·1_000_003 + g stays < 2^63
 
     def _gen(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
@@ -64,8 +64,12 @@ class RandomExpertWeights:
 def _experts(self, expert_ids) -> tuple[torch.Tensor, torch.Tensor]:
     "Stacked weights of the global experts `expert_ids`: `(w13 [n, 2·I, H], w2 [n, H, I])` in the config's dtype."
     c = self.config
-    ids = [int(g) for g in expert_ids]
-    for g in ids: check_int("expert_ids[i]", g, lo=0, hi=c.num_experts)
+    if isinstance(expert_ids, torch.Tensor):
+        check_tensor("expert_ids", expert_ids, ndim=1, dtype=(torch.int32, torch.int64))
+        expert_ids = expert_ids.tolist()
+    if isinstance(expert_ids, (str, bytes)) or not hasattr(expert_ids, "__iter__"):
+        raise ValueError(f"expert_ids: expected a sequence of ints, got {type(expert_ids).__name__}")
+    ids = [check_int("expert_ids[i]", g, lo=0, hi=c.num_experts) for g in expert_ids]
     w13 = torch.empty(len(ids), 2 * c.intermediate_size, c.hidden_size, dtype=c.dtype)
     w2 = torch.empty(len(ids), c.hidden_size, c.intermediate_size, dtype=c.dtype)
     def fill(j, g):                      # torch's CPU generator is serial: one thread per expert instead
@@ -88,6 +92,9 @@ assert torch.equal(a13[[4, 1]], b13) and torch.equal(a2[[4, 1]], b2)       # the
 assert not torch.equal(a13[0], a13[1])                                     # different experts differ
 test_eq(a13.dtype, torch.bfloat16)
 test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected < 6, got 6")
+test_fail(lambda: src.experts([2.7]), contains="expert_ids[i]: expected an int, got float")
+test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
+test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected < 1099511627776")
 
 # %% [markdown]
 # ## FusedMoE: one rank's layer
@@ -104,6 +111,16 @@ test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected < 6, got 6
 # SiLU-and-mul, GEMM2, combine; `06_kernels.batched`, `07_kernels.dispatch`) on a GPU, the torch reference of the
 # same contract on the CPU, where Triton would run in its slow interpreter. `experts="triton"` forces the kernels (in
 # the interpreter without a GPU); the Standard format has no Triton kernel yet and always runs the reference.
+
+# %%
+#| export
+def check_device(device) -> torch.device:
+    "`device` as a torch.device, refusing unknown names and CUDA on a machine without a GPU."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"device: expected 'cpu', 'cuda' or a torch.device, got {device!r}") from None
+    if d.type not in ("cpu", "cuda"): raise ValueError(f"device: expected a cpu or cuda device, got {d}")
+    if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
+    return d
 
 # %%
 #| export
@@ -125,6 +142,8 @@ test_eq(resolve_experts("auto", B, torch.device("cuda"))[0], "triton")
 test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
 test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "torch")
 test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
+test_fail(lambda: check_device(None), contains="device: expected")
 
 # %%
 #| export
@@ -133,14 +152,21 @@ class FusedMoE(torch.nn.Module):
     def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
                  seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu"):
         super().__init__()
-        self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, torch.device(device))
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        device = check_device(device)
+        self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device)
         if config.num_redundant_experts:
             raise ValueError(f"num_redundant_experts: expected 0 (EPLB replicas are not run by the layer yet), "
                              f"got {config.num_redundant_experts}")
         self.config = config
         self.placement = Placement.build(config, strategy=placement)
         weights = RandomExpertWeights(config, seed) if weights is None else weights
+        if not isinstance(weights, RandomExpertWeights):
+            raise ValueError(f"weights: expected a RandomExpertWeights, got {type(weights).__name__}")
+        shape = lambda c: (c.num_experts, c.hidden_size, c.intermediate_size, c.dtype, c.has_correction_bias)
+        if shape(weights.config) != shape(config):
+            raise ValueError(f"weights: expected weights for (num_experts, hidden_size, intermediate_size, dtype, "
+                             f"correction bias) = {shape(config)}, got {shape(weights.config)}")
         gate, bias = weights.router()
         self.register_buffer("gate", gate.to(device))                   # [num_experts, hidden_size] fp32
         self.register_buffer("e_score_correction_bias", None if bias is None else bias.to(device))  # [num_experts]
@@ -156,7 +182,8 @@ class FusedMoE(torch.nn.Module):
 #| export
 def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
-    check_tensor("hidden", hidden, shape=(None, self.config.hidden_size))
+    check_tensor("hidden", hidden, shape=(None, self.config.hidden_size),
+                 dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
     logits = hidden.float() @ self.gate.T                                # [T, num_experts] fp32
     wts, ids = select_experts(self.config, logits, self.e_score_correction_bias)
     return wts, ids.to(self.config.topk_indices_dtype)
@@ -195,7 +222,8 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None) -> torch.Ten
              if p.global_to_physical is not None else
              dict(expert_map=p.expert_map.to(hidden.device)) if p.expert_map is not None else {})
     expected_m = max(1, round(ids.numel() / self.config.num_experts))  # rows per expert if routing were uniform
-    return batched_moe_triton(hidden, self.w13, self.w2, wts, ids, p.num_local_experts, capacity, expected_m, **kw, **table)
+    return batched_moe_triton(hidden.contiguous(), self.w13, self.w2, wts, ids, p.num_local_experts, capacity,
+                              expected_m, **kw, **table)
 
 FusedMoE._batched_capacity, FusedMoE.forward = _batched_capacity, _forward
 
@@ -246,6 +274,7 @@ class EPRun:
 #| export
 def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
     "The config of EP rank `ep_rank` of `config`'s deployment (DP·TP devices, EP on), built with `ParallelConfig.make`."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     p = config.parallel
     check_int("ep_rank", ep_rank, lo=0, hi=p.ep_size)
     check_int("tp_size", tp_size, lo=1)
@@ -260,7 +289,9 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto") -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
+    if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
     weights, ep = RandomExpertWeights(config, seed), config.parallel.ep_size
     T, H = hidden.shape
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (torch.float32, torch.float32, torch.float64))
@@ -325,6 +356,12 @@ for ep in (1, 2, 4):
     assert_close(run.output, run.reference); outs.append(run.output)
 assert_close(outs[1], outs[0].double()); assert_close(outs[2], outs[0].double())
 test_fail(lambda: run_emulated_ep(cfg, x.float()), contains="hidden: expected dtype torch.bfloat16")
+test_fail(lambda: run_emulated_ep("x", x), contains="config: expected a MoEConfig, got str")
+test_fail(lambda: FusedMoE(cfg, weights=RandomExpertWeights(cfg.replace(hidden_size=16))), contains="weights: expected weights for")
+test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a RandomExpertWeights, got str")
+test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
+zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
+test_eq(zero.output.shape, (0, 32))
 
 # %% [markdown]
 # The Triton path through the layer: the same deployment with `experts="triton"` (the interpreter on a CPU) gives the

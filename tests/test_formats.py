@@ -14,6 +14,8 @@ def test_silu_and_mul():
     x = torch.tensor([[0.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
     assert_close(silu_and_mul(x), torch.tensor([[0.0 * 2.0, 1.0 / (1.0 + math.exp(-1.0)) * 3.0]], dtype=torch.float64))
     test_fail(lambda: silu_and_mul(torch.zeros(2, 3)), contains="x: expected an even last dim")
+    test_fail(lambda: silu_and_mul(torch.tensor(1.0)), contains="x: expected an even last dim")
+    test_fail(lambda: silu_and_mul(torch.zeros(2, 4, dtype=torch.int32)), contains="x: expected dtype")
 
 
 def test_expert_mlp_matches_definition():
@@ -22,6 +24,8 @@ def test_expert_mlp_matches_definition():
     g, u = x @ w13[:3].T, x @ w13[3:].T
     assert_close(expert_mlp(x, w13, w2), (g * torch.sigmoid(g) * u) @ w2.T)
     test_eq(expert_mlp(x.bfloat16(), w13.bfloat16(), w2.bfloat16()).dtype, torch.float32)
+    test_fail(lambda: expert_mlp(x[:, :7], w13, w2), contains="w13: expected shape [*, 7]")
+    test_fail(lambda: expert_mlp(x[0], w13, w2), contains="x: expected a 2-D tensor")
 
 
 def test_standard_matches_definition():
@@ -56,6 +60,9 @@ def test_standard_expert_map_split():
         parts.append(moe_reference_standard(hidden, w13[owned], w2[owned], wts, ids, expert_map=emap))
     assert_close(parts[0] + parts[1], full)
     test_fail(lambda: moe_reference_standard(hidden, w13[:3], w2[:3], wts, ids), contains="topk_ids: expected values in [-1, 3)")
+    bad_map = torch.tensor([0, 1, 2, 7, -1, -1], dtype=torch.int32)                  # 7 is no local expert of 3
+    test_fail(lambda: moe_reference_standard(hidden, w13[:3], w2[:3], wts, ids, expert_map=bad_map),
+              contains="expert_map: expected values in [-1, 3), got -1..7")
 
 
 def test_standard_chunked_is_bitwise_equal():
@@ -94,6 +101,10 @@ def test_dispatch_batched():
     assert a[0, 2:].isnan().all() and a[1, 3:].isnan().all()                # padding is NaN: readers are caught
     test_fail(lambda: dispatch_batched_reference(h, ids, 3, 2), contains="max_tokens: expected >= 3")
     test_fail(lambda: dispatch_batched_reference(h, ids, 2, 4), contains="local_ids: expected values in [-1, 2)")
+    test_fail(lambda: dispatch_batched_reference(h, ids, 3, 4, topk_weights=torch.ones(2, 4)), contains="topk_weights: expected shape [4, 2]")
+    test_fail(lambda: dispatch_batched_reference(h.long(), ids, 3, 4), contains="hidden: expected dtype")
+    a, counts, slot_map = dispatch_batched_reference(h[:0], ids[:0], 3, 4)                  # zero tokens
+    test_eq((tuple(slot_map.shape), counts.tolist()), ((0, 2), [0, 0, 0]))
 
 
 def test_batched_equals_standard():
@@ -108,6 +119,10 @@ def test_batched_equals_standard():
     assert_close(moe_reference_batched(hidden, w13, w2, wts, ids), want)
     for dt in (torch.float32, torch.bfloat16):
         assert_close(moe_reference_batched(hidden.to(dt), w13.to(dt), w2.to(dt), wts, ids), want, name=str(dt))
+    dup = torch.zeros(T, k, dtype=torch.int32)                                     # every slot on expert 0, twice per token
+    assert_close(moe_reference_batched(hidden, w13, w2, wts, dup), moe_reference_standard(hidden, w13, w2, wts, dup))
+    test_eq(moe_reference_batched(hidden[:0], w13, w2, wts[:0], ids[:0]).shape, (0, H))   # zero tokens
+    test_fail(lambda: moe_reference_batched(hidden, w13, w2, wts, ids, max_tokens=0), contains="max_tokens: expected >= 1")
     for poison in (float("nan"), 1e30):                                            # padding can never leak
         a, counts, slot_map = dispatch_batched_reference(hidden, ids, E, T)
         poison_rows(a, counts, poison)

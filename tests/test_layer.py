@@ -26,6 +26,9 @@ def test_random_weights_are_per_expert():
     assert not torch.equal(a13[0], a13[1])                                     # different experts differ
     test_eq(a13.dtype, torch.bfloat16)
     test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected < 6, got 6")
+    test_fail(lambda: src.experts([2.7]), contains="expert_ids[i]: expected an int, got float")
+    test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
+    test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected < 1099511627776")
 
 
 def test_resolve_experts():
@@ -34,6 +37,8 @@ def test_resolve_experts():
     test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
     test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "torch")
     test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+    test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
+    test_fail(lambda: check_device(None), contains="device: expected")
 
 
 def test_fused_moe_single_device():
@@ -80,6 +85,12 @@ def test_emulated_ep_rank_counts():
         assert_close(run.output, run.reference); outs.append(run.output)
     assert_close(outs[1], outs[0].double()); assert_close(outs[2], outs[0].double())
     test_fail(lambda: run_emulated_ep(cfg, x.float()), contains="hidden: expected dtype torch.bfloat16")
+    test_fail(lambda: run_emulated_ep("x", x), contains="config: expected a MoEConfig, got str")
+    test_fail(lambda: FusedMoE(cfg, weights=RandomExpertWeights(cfg.replace(hidden_size=16))), contains="weights: expected weights for")
+    test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a RandomExpertWeights, got str")
+    test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
+    zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
+    test_eq(zero.output.shape, (0, 32))
 
 
 def test_emulated_ep_triton_experts():
