@@ -159,21 +159,24 @@ ParallelConfig.use_deepep_ht_kernels = _is("deepep_high_throughput")
 ParallelConfig.use_deepep_ll_kernels = _is("deepep_low_latency")
 ParallelConfig.use_nixl_ep_kernels = _is("nixl_ep")
 
-# %% ../nbs/01_config.ipynb #6b525460cb7a
+# %% ../nbs/01_config.ipynb #e71268a9b194
 def _explain(self) -> list[tuple[str, object, str]]:
-    "One `(property, value, reason)` row per derived property of this parallel config."
-    d = self.backend
-    why_a2a = (f"use_ep={self.use_ep}, dp_size={self.dp_size}, pcp_size={self.pcp_size}, "
-               f"backend {d.name!r} moves_tokens={d.moves_tokens}")
-    rows = [("use_all2all_kernels", self.use_all2all_kernels, why_a2a),
+    "One `(property, value, reason)` row per derived property; each reason holds whichever value the row has."
+    d, a2a = self.backend, self.use_all2all_kernels
+    fmt, rr = d.activation_format.value, d.needs_round_robin_routing_tables
+    why_a2a = (f"use_ep and (dp_size > 1 or pcp_size > 1) and the backend moves tokens: use_ep={self.use_ep}, "
+               f"dp_size={self.dp_size}, pcp_size={self.pcp_size}, {d.name!r} declares moves_tokens={d.moves_tokens}")
+    rows = [("use_all2all_kernels", a2a, why_a2a),
             ("activation_format", self.activation_format.value,
-             f"use_all2all_kernels={self.use_all2all_kernels} and {d.name!r} declares {d.activation_format.value}"),
-            ("use_batched_activation_format", self.use_batched_activation_format, "activation_format is batched_experts"),
+             f"{d.name!r} declares {fmt}" if a2a else f"no all2all: every rank gets the standard token list "
+             f"(whatever {d.name!r} declares: {fmt})"),
+            ("use_batched_activation_format", self.use_batched_activation_format,
+             f"activation_format is {self.activation_format.value}"),
             ("needs_round_robin_routing_tables", self.needs_round_robin_routing_tables,
-             f"use_all2all_kernels={self.use_all2all_kernels} and {d.name!r} declares "
-             f"needs_round_robin_routing_tables={d.needs_round_robin_routing_tables}"),
+             f"{d.name!r} declares needs_round_robin_routing_tables={rr}" if a2a else
+             "no all2all: nothing is dispatched by physical id, each rank masks with expert_map"),
             ("topk_indices_dtype", str(self.topk_indices_dtype).replace("torch.", ""),
-             f"{d.name!r} declares {str(d.topk_id_dtype).replace('torch.', '')}" if self.use_all2all_kernels
+             f"{d.name!r} declares {str(d.topk_id_dtype).replace('torch.', '')}" if a2a
              else "nothing is dispatched: int32")]
     for p in ("use_ag_rs_all2all_kernels", "use_deepep_ht_kernels", "use_deepep_ll_kernels", "use_nixl_ep_kernels"):
         rows.append((p, getattr(self, p), "vLLM's name; moe-lit decides by the rows above"))

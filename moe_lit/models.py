@@ -122,9 +122,9 @@ HF_KEYS: dict[str, tuple] = {   # moe-lit field -> config.json spellings, in the
     "intermediate_size": hf_names("intermediate_size"),   # moe_intermediate_size first: it wins when both are present
 }
 
-# %% ../nbs/02_models.ipynb #1bada5a10a06
+# %% ../nbs/02_models.ipynb #1eab4d7b0807
 def _read_config_json(path_or_dict) -> tuple[dict, str]:
-    "The config dict, and the checkpoint directory's name as a fallback model name (empty for a dict)."
+    "The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name."
     if isinstance(path_or_dict, dict): return path_or_dict, ""
     if not isinstance(path_or_dict, (str, Path)):
         raise ValueError(f"path_or_dict: expected a dict, a config.json path or a directory, "
@@ -138,7 +138,7 @@ def _read_config_json(path_or_dict) -> tuple[dict, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"path_or_dict: expected valid JSON in {p}, got {e}") from None
     if not isinstance(cfg, dict): raise ValueError(f"path_or_dict: expected a JSON object in {p}, got {type(cfg).__name__}")
-    return cfg, p.resolve().parent.name
+    return cfg, p.stem if p.stem != "config" else p.resolve().parent.name   # gpt-oss-20b.json names its model
 
 def _text_view(cfg: dict) -> dict:
     "The top-level keys overlaid by `text_config` (multimodal checkpoints keep the language model's keys there)."
@@ -234,18 +234,18 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
             return _HF_DTYPES[check_choice(f"config.json {key}", name, tuple(_HF_DTYPES))]
     return torch.bfloat16
 
-# %% ../nbs/02_models.ipynb #bd49c7dbfde1
+# %% ../nbs/02_models.ipynb #20835c3bf6dc
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
                       ) -> MoEConfig:
     "The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe reads)."
-    raw, dir_name = _read_config_json(path_or_dict)
+    raw, file_name = _read_config_json(path_or_dict)
     cfg = _text_view(raw)
     num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)
-    name = _get(cfg, "_name_or_path", "") or dir_name or _get(cfg, "model_type", "")
+    name = _get(cfg, "_name_or_path", "") or _get(cfg, "name_or_path", "") or file_name or _get(cfg, "model_type", "")
     return MoEConfig(num_experts=num_experts, top_k=_shape(cfg, "top_k"), hidden_size=_shape(cfg, "hidden_size"),
                      intermediate_size=intermediate_size, num_shared_experts=num_shared,
                      shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,

@@ -69,7 +69,7 @@ def local_to_global(
     out[local] = owned       # ordered by local index; for monotone maps this is vLLM's `where(expert_map != -1)`
     return out
 
-# %% ../nbs/04_placement.ipynb #dbf132f44710
+# %% ../nbs/04_placement.ipynb #6569fd89252d
 def _round_robin_blockers(parallel, num_expert_group, num_redundant_experts, enable_eplb) -> list[str]:
     "Every condition that stops round robin, each as a phrase naming it (empty: round robin is honoured)."
     out = []
@@ -81,8 +81,8 @@ def _round_robin_blockers(parallel, num_expert_group, num_redundant_experts, ena
     if num_redundant_experts: out.append(f"round_robin needs num_redundant_experts == 0; it is {num_redundant_experts}")
     if enable_eplb: out.append("round_robin needs enable_eplb False; EPLB lays its physical experts out linearly")
     if parallel.use_all2all_kernels and not parallel.needs_round_robin_routing_tables:
-        out.append("round_robin needs needs_round_robin_routing_tables when all2all kernels are used; "
-                   f"backend {parallel.all2all_backend!r} does not")
+        out.append("round_robin with all2all kernels needs a backend whose needs_round_robin_routing_tables is "
+                   f"True; {parallel.all2all_backend!r} declares False")
     return out
 
 # %% ../nbs/04_placement.ipynb #50bcece8ca8d

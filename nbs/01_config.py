@@ -288,24 +288,28 @@ test_eq(ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="
 # ### Explaining the properties
 #
 # Every property can say why it has its value: `explain` returns one row per property with the inputs it read. The
-# `moe-lit run` report prints these rows.
+# `moe-lit run` report prints these rows. A reason is worded from what decided the value, so it is true for `True`
+# and for `False`: without all2all the backend's declared format and tables do not apply, and the rows say so.
 
 # %%
 #| export
 def _explain(self) -> list[tuple[str, object, str]]:
-    "One `(property, value, reason)` row per derived property of this parallel config."
-    d = self.backend
-    why_a2a = (f"use_ep={self.use_ep}, dp_size={self.dp_size}, pcp_size={self.pcp_size}, "
-               f"backend {d.name!r} moves_tokens={d.moves_tokens}")
-    rows = [("use_all2all_kernels", self.use_all2all_kernels, why_a2a),
+    "One `(property, value, reason)` row per derived property; each reason holds whichever value the row has."
+    d, a2a = self.backend, self.use_all2all_kernels
+    fmt, rr = d.activation_format.value, d.needs_round_robin_routing_tables
+    why_a2a = (f"use_ep and (dp_size > 1 or pcp_size > 1) and the backend moves tokens: use_ep={self.use_ep}, "
+               f"dp_size={self.dp_size}, pcp_size={self.pcp_size}, {d.name!r} declares moves_tokens={d.moves_tokens}")
+    rows = [("use_all2all_kernels", a2a, why_a2a),
             ("activation_format", self.activation_format.value,
-             f"use_all2all_kernels={self.use_all2all_kernels} and {d.name!r} declares {d.activation_format.value}"),
-            ("use_batched_activation_format", self.use_batched_activation_format, "activation_format is batched_experts"),
+             f"{d.name!r} declares {fmt}" if a2a else f"no all2all: every rank gets the standard token list "
+             f"(whatever {d.name!r} declares: {fmt})"),
+            ("use_batched_activation_format", self.use_batched_activation_format,
+             f"activation_format is {self.activation_format.value}"),
             ("needs_round_robin_routing_tables", self.needs_round_robin_routing_tables,
-             f"use_all2all_kernels={self.use_all2all_kernels} and {d.name!r} declares "
-             f"needs_round_robin_routing_tables={d.needs_round_robin_routing_tables}"),
+             f"{d.name!r} declares needs_round_robin_routing_tables={rr}" if a2a else
+             "no all2all: nothing is dispatched by physical id, each rank masks with expert_map"),
             ("topk_indices_dtype", str(self.topk_indices_dtype).replace("torch.", ""),
-             f"{d.name!r} declares {str(d.topk_id_dtype).replace('torch.', '')}" if self.use_all2all_kernels
+             f"{d.name!r} declares {str(d.topk_id_dtype).replace('torch.', '')}" if a2a
              else "nothing is dispatched: int32")]
     for p in ("use_ag_rs_all2all_kernels", "use_deepep_ht_kernels", "use_deepep_ll_kernels", "use_nixl_ep_kernels"):
         rows.append((p, getattr(self, p), "vLLM's name; moe-lit decides by the rows above"))
@@ -320,6 +324,26 @@ rows = dict((p, (v, r)) for p, v, r in ParallelConfig.make(1, 8, enable_expert_p
 test_eq(rows["activation_format"][0], "batched_experts")
 test_eq(rows["needs_round_robin_routing_tables"][0], True)
 assert all(r for _, r in rows.values())   # every row has a reason
+
+# %% [markdown]
+# A reason must hold for either value of its row. TP+EP with one DP rank names a batched backend but dispatches
+# nothing, so its rows must say "standard", never repeat what the backend would deliver as if it were used.
+
+# %%
+#| test explain_reasons_hold_for_both_values
+for name in BACKENDS:
+    for par in (ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend=name),   # all2all (if it moves)
+                ParallelConfig.make(4, 1, enable_expert_parallel=True, all2all_backend=name)):  # TP+EP: none
+        rows = {p: (v, r) for p, v, r in par.explain()}
+        test_eq(rows["use_batched_activation_format"][1], f"activation_format is {rows['activation_format'][0]}")
+        assert rows["activation_format"][1].startswith("no all2all") != par.use_all2all_kernels, (name, rows)
+        assert f"needs_round_robin_routing_tables={par.backend.needs_round_robin_routing_tables}" in \
+            rows["needs_round_robin_routing_tables"][1] or not par.use_all2all_kernels
+        assert f"moves_tokens={par.backend.moves_tokens}" in rows["use_all2all_kernels"][1]
+tp_ep = {p: r for p, _, r in ParallelConfig.make(2, 1, enable_expert_parallel=True,
+                                                 all2all_backend="deepep_low_latency").explain()}
+test_eq(tp_ep["use_batched_activation_format"], "activation_format is standard")
+assert tp_ep["activation_format"].startswith("no all2all") and "expert_map" in tp_ep["needs_round_robin_routing_tables"]
 
 # %% [markdown]
 # ## MoEConfig

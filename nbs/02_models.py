@@ -322,7 +322,8 @@ Markdown(markdown_table(preset_table()))
 #   `n_shared_experts · moe_intermediate_size`; `shared_expert_intermediate_size` (Qwen2-MoE, Qwen3-Next) gives one
 #   shared expert of that width; Llama-4 always has one of width `intermediate_size`.
 # - **dtype** comes from `torch_dtype` (or `dtype`, its newer name) unless the caller passes one; bfloat16 when absent.
-# - **name** is `_name_or_path` when the file records it, else the checkpoint directory's name, else `model_type`.
+# - **name** is `_name_or_path` (or `name_or_path`) when the file records it, else the file's stem when it is not
+#   `config` (`gpt-oss-20b.json`), else the checkpoint directory's name, else `model_type` (for a dict).
 #
 # > Hugging Face's `num_local_experts` (Mixtral, gpt-oss, Llama-4) means *all* routed experts of the model, not the
 # > experts of one rank: it is moe-lit's `num_experts`. moe-lit's `num_local_experts` is the per-rank count that
@@ -352,7 +353,7 @@ test_eq(HF_KEYS["intermediate_size"], ("moe_intermediate_size", "intermediate_si
 # %%
 #| export
 def _read_config_json(path_or_dict) -> tuple[dict, str]:
-    "The config dict, and the checkpoint directory's name as a fallback model name (empty for a dict)."
+    "The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name."
     if isinstance(path_or_dict, dict): return path_or_dict, ""
     if not isinstance(path_or_dict, (str, Path)):
         raise ValueError(f"path_or_dict: expected a dict, a config.json path or a directory, "
@@ -366,7 +367,7 @@ def _read_config_json(path_or_dict) -> tuple[dict, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"path_or_dict: expected valid JSON in {p}, got {e}") from None
     if not isinstance(cfg, dict): raise ValueError(f"path_or_dict: expected a JSON object in {p}, got {type(cfg).__name__}")
-    return cfg, p.resolve().parent.name
+    return cfg, p.stem if p.stem != "config" else p.resolve().parent.name   # gpt-oss-20b.json names its model
 
 def _text_view(cfg: dict) -> dict:
     "The top-level keys overlaid by `text_config` (multimodal checkpoints keep the language model's keys there)."
@@ -495,12 +496,12 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
                       ) -> MoEConfig:
     "The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe reads)."
-    raw, dir_name = _read_config_json(path_or_dict)
+    raw, file_name = _read_config_json(path_or_dict)
     cfg = _text_view(raw)
     num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)
-    name = _get(cfg, "_name_or_path", "") or dir_name or _get(cfg, "model_type", "")
+    name = _get(cfg, "_name_or_path", "") or _get(cfg, "name_or_path", "") or file_name or _get(cfg, "model_type", "")
     return MoEConfig(num_experts=num_experts, top_k=_shape(cfg, "top_k"), hidden_size=_shape(cfg, "hidden_size"),
                      intermediate_size=intermediate_size, num_shared_experts=num_shared,
                      shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
@@ -610,6 +611,13 @@ test_eq((c.dtype, c.name), (torch.float16, "Qwen/Qwen1.5-MoE-A2.7B"))   # torch_
 test_eq(moe_config_from_hf(qwen2_moe, dtype=torch.float32).dtype, torch.float32)          # the caller wins
 test_eq(moe_config_from_hf({**qwen2_moe, "torch_dtype": None, "dtype": "bfloat16"}).dtype, torch.bfloat16)
 test_eq(moe_config_from_hf({k: v for k, v in qwen2_moe.items() if k != "_name_or_path"}).name, "qwen2_moe")
+no_path = {k: v for k, v in qwen2_moe.items() if k != "_name_or_path"}
+test_eq(moe_config_from_hf({**no_path, "name_or_path": "Qwen/Qwen1.5-MoE"}).name, "Qwen/Qwen1.5-MoE")
+with tempfile.TemporaryDirectory() as d:                                 # a file not named config.json: its stem
+    (Path(d) / "qwen1.5-moe.json").write_text(json.dumps(no_path))
+    test_eq(moe_config_from_hf(Path(d) / "qwen1.5-moe.json").name, "qwen1.5-moe")
+    (Path(d) / "qwen1.5-moe.json").write_text(json.dumps(qwen2_moe))  # _name_or_path wins over the file's name
+    test_eq(moe_config_from_hf(Path(d) / "qwen1.5-moe.json").name, "Qwen/Qwen1.5-MoE-A2.7B")
 # an unknown model type without norm_topk_prob renormalises (the Mixtral default)
 test_eq(moe_config_from_hf({"num_experts": 8, "num_experts_per_tok": 2, "hidden_size": 16,
                             "intermediate_size": 32}).renormalize, True)

@@ -232,8 +232,8 @@ def _round_robin_blockers(parallel, num_expert_group, num_redundant_experts, ena
     if num_redundant_experts: out.append(f"round_robin needs num_redundant_experts == 0; it is {num_redundant_experts}")
     if enable_eplb: out.append("round_robin needs enable_eplb False; EPLB lays its physical experts out linearly")
     if parallel.use_all2all_kernels and not parallel.needs_round_robin_routing_tables:
-        out.append("round_robin needs needs_round_robin_routing_tables when all2all kernels are used; "
-                   f"backend {parallel.all2all_backend!r} does not")
+        out.append("round_robin with all2all kernels needs a backend whose needs_round_robin_routing_tables is "
+                   f"True; {parallel.all2all_backend!r} declares False")
     return out
 
 # %%
@@ -271,8 +271,8 @@ cases = {  # id: (request, use_ep, num_expert_group, num_redundant_experts, enab
     "redundant-experts":   ("round_robin", True, 2, 1, False, "deepep_low_latency", "linear", "num_redundant_experts"),
     "eplb-enabled":        ("round_robin", True, 2, 0, True, "deepep_low_latency", "linear", "enable_eplb"),
     "unsupported-backend": ("round_robin", True, 2, 0, False, "allgather_reducescatter", "linear",
-                            "round_robin needs needs_round_robin_routing_tables when all2all kernels are used; "
-                            "backend 'allgather_reducescatter' does not"),
+                            "round_robin with all2all kernels needs a backend whose "
+                            "needs_round_robin_routing_tables is True; 'allgather_reducescatter' declares False"),
     "deepep-low-latency":  ("round_robin", True, 2, 0, False, "deepep_low_latency", "round_robin", "requested"),
     "nixl-ep":             ("round_robin", True, 2, 0, False, "nixl_ep", "round_robin", "requested"),
 }
@@ -611,7 +611,7 @@ p = Placement.build(cfg("allgather_reducescatter", dp=1, tp=2), "round_robin")  
 test_eq((p.strategy, p.global_to_physical, p.expert_map.tolist()), ("round_robin", None, [0, -1, 1, -1, 2, -1, 3, -1]))
 p = Placement.build(cfg("allgather_reducescatter"), "round_robin")                # all2all without tables: linear
 test_eq((p.strategy, p.global_to_physical), ("linear", None))
-assert "backend 'allgather_reducescatter' does not" in p.reason
+assert "'allgather_reducescatter' declares False" in p.reason
 p = Placement.build(cfg("nixl_ep", num_redundant_experts=2, enable_eplb=True), "round_robin", ep_rank=1)
 test_eq((p.strategy, p.num_experts, p.num_local_experts), ("linear", 10, 5))
 test_eq(p.local_to_global.tolist(), [5, 6, 7, 8, 9])                             # physical ids 5..9 on rank 1

@@ -8,9 +8,10 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, json, math, sys, time
+import argparse, enum, json, os, sys, time
 from dataclasses import asdict
 import torch
+from moe_lit import __version__
 from moe_lit.terms import check_int
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, preset, moe_config_from_hf
@@ -21,14 +22,15 @@ from moe_lit.testing import assert_close, tolerance
 
 # %%
 #| hide
-from fastcore.test import test_eq, test_fail
+from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, tempfile
 from pathlib import Path
 
 # %% [markdown]
-# In this notebook: `build_config` (model + deployment from the command line), `run_report` (the main job, as a
-# dict), `format_report` (the same as text), `tables_report`, and `main`, the `moe-lit` entry point. A **how-to**
-# page.
+# In this notebook: `build_config` (model + deployment from the command line), `all2all_note` and
+# `dispatch_hidden_size` (what the backend does on that deployment), `run_report` (the main job, as full data),
+# `format_report` (the same as abridged text), `tables_report` and `format_tables`, and `main`, the `moe-lit` entry
+# point. A **how-to** page.
 #
 # ## From arguments to a config
 #
@@ -64,78 +66,173 @@ test_fail(lambda: build_config(dtype="fp8"), contains="dtype: expected one of ['
 test_fail(lambda: build_config(all2all="pplx", ep=2), contains="all2all_backend: expected one of")
 
 # %% [markdown]
-# ## The main job
+# ## What the backend does on this deployment
 #
-# `run_report` runs the deployment with `run_emulated_ep` and collects the report as plain data (JSON-ready): the
-# model, the resolved parallel config with the reason for every property, the backend's record, the placement and
-# routing tables, the per-expert load, the checks and the time. Long tables are abridged for large `num_experts`.
+# A user names an all2all backend, but the deployment decides whether any all2all happens: one EP rank has nothing to
+# dispatch, and TP+EP with one DP rank gives every rank every token and masks with `expert_map`. The report must not
+# let a requested backend look as if it were used. `all2all_note` says which case holds; it reads only
+# `ParallelConfig` properties and the backend's record (`moves_tokens`), never the backend's name.
 
 # %%
 #| export
-def _abridge(xs, keep: int = 16) -> list:
-    "`xs` as a list, with the middle replaced by '...' when longer than `keep`."
-    xs = [x.item() if hasattr(x, "item") else x for x in xs]
-    return xs if len(xs) <= keep else xs[: keep // 2] + ["..."] + xs[-keep // 4:]
+def all2all_note(parallel: ParallelConfig,   # the deployment; only its properties and backend record are read
+                ) -> str:                    # one sentence for reports
+    "Does `parallel`'s all2all backend dispatch tokens, and if not, why not (a requested backend left unused is named)."
+    if not isinstance(parallel, ParallelConfig):
+        raise ValueError(f"parallel: expected a ParallelConfig, got {type(parallel).__name__}")
+    d = parallel.backend
+    if parallel.use_all2all_kernels:
+        return (f"backend {d.name!r} dispatches tokens between {parallel.ep_size} EP ranks "
+                f"({parallel.activation_format.value} format)")
+    if not parallel.use_ep: why = "expert parallelism is off, so every rank holds every expert"
+    elif parallel.dp_size == 1 and parallel.pcp_size == 1: why = "TP+EP with one DP rank masks with expert_map"
+    else: why = f"{d.name!r} declares moves_tokens=False: every rank sees every token and masks with expert_map"
+    lead = f"backend {d.name!r} requested but not used: " if d.moves_tokens else ""
+    return f"{lead}no all2all ({why})"
+
+# %%
+#| test all2all_note
+make = lambda tp, dp, name: ParallelConfig.make(tp, dp, enable_expert_parallel=tp * dp > 1, all2all_backend=name)
+test_eq(all2all_note(make(2, 1, "deepep_low_latency")),
+        "backend 'deepep_low_latency' requested but not used: no all2all (TP+EP with one DP rank masks with expert_map)")
+test_eq(all2all_note(make(1, 1, "nixl_ep")), "backend 'nixl_ep' requested but not used: no all2all "
+        "(expert parallelism is off, so every rank holds every expert)")
+test_eq(all2all_note(make(1, 4, "nixl_ep")),
+        "backend 'nixl_ep' dispatches tokens between 4 EP ranks (batched_experts format)")
+for name, d in BACKENDS.items():                       # the note follows the record, whatever the backend is called
+    for tp, dp in ((1, 1), (4, 1), (1, 4)):
+        par = make(tp, dp, name)
+        assert ("requested but not used" in all2all_note(par)) == (d.moves_tokens and not par.use_all2all_kernels)
+test_fail(lambda: all2all_note("ep8"), contains="parallel: expected a ParallelConfig, got str")
+
+# %% [markdown]
+# DeepEP low-latency and NIXL EP dispatch only the hidden sizes their kernels were built for; a layer whose
+# `hidden_size` is not one of them is dispatched padded to the next one (vLLM rounds up in the prepare step), and one
+# above the largest cannot run on that backend. `dispatch_hidden_size` states which, from the record's
+# `supported_hidden_sizes`.
+#
+# > The emulated ranks compute on the unpadded rows (padding the dispatch is a later change); the note says so, so the
+# > report stays truthful about what ran.
+
+# %%
+#| export
+def dispatch_hidden_size(config: MoEConfig,   # the layer on its deployment (rank 0's config)
+                        ) -> tuple[int, str | None]:   # (elements per token the dispatch sends, note or None)
+    "The hidden size the all2all dispatch sends, rounded up to a size the backend supports; ValueError above its largest."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    d, h = config.backend, config.hidden_size
+    if not config.use_all2all_kernels or d.supported_hidden_sizes is None: return h, None
+    padded, sizes = d.round_up_hidden_size(h), ", ".join(map(str, d.supported_hidden_sizes))
+    if padded == h: return h, f"hidden_size {h} is dispatched as is by {d.name!r} (supported sizes {sizes})"
+    return padded, (f"hidden_size {h} is dispatched padded to {padded} by {d.name!r} (supported sizes {sizes}); "
+                    "this emulation computes on the unpadded rows")
+
+# %%
+#| test dispatch_hidden_size
+ll = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="deepep_low_latency")
+gpt_oss = MoEConfig(num_experts=8, top_k=2, hidden_size=2880, intermediate_size=16, parallel=ll)
+h, note = dispatch_hidden_size(gpt_oss)
+test_eq(h, 3072); assert note.startswith("hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'")
+test_eq(dispatch_hidden_size(gpt_oss.replace(hidden_size=4096))[0], 4096)
+test_eq(dispatch_hidden_size(gpt_oss.replace(parallel=ParallelConfig())), (2880, None))   # no all2all: no limit
+test_fail(lambda: dispatch_hidden_size(gpt_oss.replace(hidden_size=9000)), contains="hidden_size: expected <= 8192")
+test_fail(lambda: dispatch_hidden_size(ll), contains="config: expected a MoEConfig")
+
+# %% [markdown]
+# ## The main job
+#
+# `run_report` runs the deployment with `run_emulated_ep` and collects the report as plain data (JSON-ready): the
+# model, the resolved parallel config with the reason for every property, the backend's record and what it does here,
+# the placement and routing tables, the per-expert load, the checks and the time. The data is complete — every table
+# has all its entries, so `--json` can be processed further; only the text (`format_report`) abridges long tables.
+
+# %%
+#| export
+def _plain(v):
+    "A JSON-ready value: a dtype as its name ('bfloat16'), an enum as its value, anything else unchanged."
+    if isinstance(v, torch.dtype): return str(v).replace("torch.", "")
+    return v.value if isinstance(v, enum.Enum) else v
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "max |a - b| / max |b| (0 for an all-zero b)."
     a, b = a.double(), b.double()
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
 
-# %%
-#| export
 def _check(actual, reference, dtype) -> dict:
     try: assert_close(actual, reference, dtype=dtype); ok, msg = True, ""
     except AssertionError as e: ok, msg = False, str(e)
     return {"max_rel_err": _max_rel(actual, reference), "rtol": tolerance(dtype), "ok": ok, "detail": msg}
 
+# %%
+#| export
 def _placement_rows(run) -> dict:
+    "Every rank's placement, in full: strategy, reason, local_to_global, rank 0's expert_map, routing tables."
     p0 = run.placements[0]
-    tables = None
-    if p0.global_to_physical is not None:
-        tables = {"global_to_physical": _abridge(p0.global_to_physical), "physical_to_global": _abridge(p0.physical_to_global)}
+    tables = None if p0.global_to_physical is None else {
+        "global_to_physical": p0.global_to_physical.tolist(), "physical_to_global": p0.physical_to_global.tolist()}
     return {"strategy": p0.strategy, "reason": p0.reason,
-            "ranks": [{"rank": r, "num_local_experts": p.num_local_experts, "local_to_global": _abridge(p.local_to_global)}
+            "ranks": [{"rank": r, "num_local_experts": p.num_local_experts, "local_to_global": p.local_to_global.tolist()}
                       for r, p in enumerate(run.placements)],
-            "expert_map_rank0": None if p0.expert_map is None else _abridge(p0.expert_map),
-            "routing_tables": tables}
+            "expert_map_rank0": None if p0.expert_map is None else p0.expert_map.tolist(), "routing_tables": tables}
+
+def _load_rows(run, num_experts: int) -> dict:
+    "Token-slots per expert (all of them) and per rank, with the summary numbers."
+    load = expert_load(run.topk_ids.cpu(), num_experts)
+    return {"per_expert": load.tolist(), "min": int(load.min()), "max": int(load.max()),
+            "mean": float(load.float().mean()), "empty_experts": int((load == 0).sum()),
+            "hottest": [[int(e), int(load[e])] for e in load.argsort(descending=True, stable=True)[:5]],
+            "per_rank": [int(load[p.local_to_global.cpu()].sum()) for p in run.placements]}
+
+# %% [markdown]
+# The time of each part is reported so the parts add up to the total. `run_emulated_ep` times the weights and each
+# rank's forward; the rest of the run — the single-device and float64 reference computations and the checks — is
+# measured as what remains of the total. Tokens per second is `num_tokens / forward time` of this emulation on this
+# machine, with the ranks run one after another in one process: a way to compare runs, not a serving throughput.
+
+# %%
+#| export
+def _timing(run, num_tokens: int, total_s: float) -> dict:
+    "Seconds per part (weights + forward + reference_and_checks = total) and the emulation's tokens/s."
+    fwd, w = sum(run.rank_seconds), run.weight_seconds
+    return {"weights_s": w, "forward_s": fwd, "reference_and_checks_s": total_s - w - fwd, "total_s": total_s,
+            "per_rank_forward_s": list(run.rank_seconds),
+            "tokens_per_s": num_tokens / fwd if fwd else None,
+            "tokens_per_s_is": "num_tokens / forward_s of this emulation on this machine (ranks run in turn in "
+                               "one process), not a serving throughput"}
+
+def _checks(run, config: MoEConfig) -> dict:
+    return {"vs_float64": _check(run.output, run.reference, config.dtype),
+            "single_device_vs_float64": _check(run.single_device, run.reference, config.dtype),
+            "ep_vs_single_device": None if run.config.ep_size == 1 else
+                _check(run.output, run.single_device.double(), config.dtype)}
 
 # %%
 #| export
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear", seed: int = 0,
                tp_size: int = 1, experts: str = "auto", device: str = "cpu") -> dict:
-    "Run the main job on `num_tokens` random tokens and return the report as JSON-ready data."
+    "Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data."
     check_int("num_tokens", num_tokens, lo=1); check_int("seed", seed, lo=0)
+    dispatch_h, h_note = dispatch_hidden_size(rank_config(config, 0, tp_size))   # H the backend cannot send: fail now
     t0 = time.perf_counter()
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
     hidden = hidden.to(device=device, dtype=config.dtype)
     run = run_emulated_ep(config, hidden, seed=seed, placement=placement, tp_size=tp_size, experts=experts)
-    load = expert_load(run.topk_ids.cpu(), config.num_experts)
-    per_rank = [int(load[p.local_to_global.cpu()].sum()) for p in run.placements]
-    fwd = sum(run.rank_seconds)
     c = run.config
-    return {
-        "model": {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v)
-                  for k, v in asdict(config).items() if k != "parallel"},
+    report = {
+        "model": {k: _plain(v) for k, v in asdict(config).items() if k != "parallel"},
         "deployment": {"ep_size": c.ep_size, "tp_per_dp_rank": tp_size, "dp_size": c.parallel.dp_size,
-                       "all2all_backend": c.parallel.all2all_backend, "num_tokens": num_tokens},
-        "backend": {k: (str(v).replace("torch.", "") if isinstance(v, torch.dtype) else getattr(v, "value", v))
-                    for k, v in asdict(c.backend).items()},
+                       "all2all_backend": c.parallel.all2all_backend, "all2all_used": c.use_all2all_kernels,
+                       "all2all_note": all2all_note(c.parallel), "dispatch_hidden_size": dispatch_h,
+                       "hidden_size_note": h_note, "num_tokens": num_tokens},
+        "backend": {k: _plain(v) for k, v in asdict(c.backend).items()},
         "properties": [{"property": p, "value": v, "reason": r} for p, v, r in c.parallel.explain()],
         "experts": {"implementation": run.experts[0], "reason": run.experts[1], "device": str(hidden.device)},
         "placement": {"requested": placement, **_placement_rows(run)},
-        "load": {"per_expert": _abridge(load, 32), "min": int(load.min()), "max": int(load.max()),
-                 "mean": float(load.float().mean()), "empty_experts": int((load == 0).sum()),
-                 "hottest": [[int(e), int(load[e])] for e in load.argsort(descending=True, stable=True)[:5]],
-                 "per_rank": per_rank},
-        "check": {"vs_float64": _check(run.output, run.reference, config.dtype),
-                  "single_device_vs_float64": _check(run.single_device, run.reference, config.dtype),
-                  "ep_vs_single_device": None if c.ep_size == 1 else
-                      _check(run.output, run.single_device.double(), config.dtype)},
-        "timing": {"forward_s": fwd, "tokens_per_s": num_tokens / fwd if fwd else float("inf"),
-                   "per_rank_forward_s": [round(s, 4) for s in run.rank_seconds],
-                   "weights_s": run.weight_seconds, "total_s": time.perf_counter() - t0},
+        "load": _load_rows(run, config.num_experts),
+        "check": _checks(run, config),
     }
+    report["timing"] = _timing(run, num_tokens, time.perf_counter() - t0)   # after the checks: they are timed too
+    return report
 
 # %% [markdown]
 # A small run shows the report's parts. The test checks the decisions it reports, not the numbers: the batched format
@@ -153,24 +250,55 @@ test_eq(rep["placement"]["strategy"], "round_robin")
 test_eq(rep["placement"]["routing_tables"]["global_to_physical"][:4], [0, 4, 8, 12])
 assert rep["check"]["vs_float64"]["ok"] and rep["check"]["ep_vs_single_device"]["ok"]
 test_eq(sum(rep["load"]["per_rank"]), 12 * 4)
+test_eq((rep["deployment"]["all2all_used"], rep["deployment"]["dispatch_hidden_size"]), (True, 2048))  # 64 padded
 json.dumps(rep)                                                                  # the report is JSON-ready
 ungrouped = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, parallel=par)
 rep = run_report(ungrouped, num_tokens=4, placement="round_robin")
 test_eq(rep["placement"]["strategy"], "linear"); assert "group" in rep["placement"]["reason"]
 
 # %% [markdown]
+# The report keeps every entry of every table, however many experts there are — the text abridges, the data does
+# not — and its times add up.
+
+# %%
+#| test run_report_full_data
+par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="deepep_low_latency")
+wide = MoEConfig(num_experts=40, top_k=2, hidden_size=32, intermediate_size=16, routing_method="grouped_topk",
+                 num_expert_group=4, topk_group=2, dtype=torch.float32, parallel=par)
+rep = json.loads(json.dumps(run_report(wide, num_tokens=3, placement="round_robin")))
+test_eq(rep["load"]["per_expert"].__len__(), 40); test_eq(sum(rep["load"]["per_expert"]), 3 * 2)
+test_eq([q["local_to_global"] for q in rep["placement"]["ranks"]], [list(range(0, 40, 2)), list(range(1, 40, 2))])
+test_eq(sorted(rep["placement"]["routing_tables"]["global_to_physical"]), list(range(40)))
+assert "..." not in json.dumps(rep)
+t = rep["timing"]
+test_close(t["weights_s"] + t["forward_s"] + t["reference_and_checks_s"], t["total_s"], eps=1e-9)
+assert t["reference_and_checks_s"] > 0 and "not a serving throughput" in t["tokens_per_s_is"]
+test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), contains="hidden_size: expected <= 8192")
+
+# %% [markdown]
 # ## The report as text
+#
+# The text abridges long lists (the middle replaced by `'...'`); nothing else is left out.
 
 # %%
 #| export
+def _abridge(xs: list | None, keep: int = 16) -> list | None:
+    "`xs` with the middle replaced by '...' when longer than `keep` (for text only; the report keeps all)."
+    if xs is None or len(xs) <= keep: return xs
+    return xs[: keep // 2] + ["..."] + xs[-keep // 4:]
+
 def _verdict(c: dict | None) -> str:
     if c is None: return "n/a (one rank)"
     return f"max rel err {c['max_rel_err']:.2e} (rtol {c['rtol']:g}) {'OK' if c['ok'] else 'FAIL: ' + c['detail']}"
 
+# %%
+#| export
 def _section_model(r: dict) -> list[str]:
     m, d, b = r["model"], r["deployment"], r["backend"]
+    a2a = f"all2all {d['all2all_backend']!r}" + ("" if d["all2all_used"] else
+                                                 " requested but not used" if b["moves_tokens"] else " (no all2all)")
     return [f"moe-lit run: {m['name'] or 'custom model'} MoE layer, {d['num_tokens']} tokens, {m['dtype']}, "
-            f"{d['ep_size']} EP rank(s) ({d['dp_size']} DP x {d['tp_per_dp_rank']} TP), all2all {d['all2all_backend']!r}",
+            f"{d['ep_size']} EP rank(s) ({d['dp_size']} DP x {d['tp_per_dp_rank']} TP), {a2a}",
             "", "model",
             f"  num_experts={m['num_experts']} top_k={m['top_k']} hidden_size={m['hidden_size']} "
             f"intermediate_size={m['intermediate_size']} num_shared_experts={m['num_shared_experts']}",
@@ -178,7 +306,9 @@ def _section_model(r: dict) -> list[str]:
             f"num_expert_group={m['num_expert_group']} topk_group={m['topk_group']} "
             f"routed_scaling_factor={m['routed_scaling_factor']} correction_bias={m['has_correction_bias']}",
             "", f"backend {b['name']!r}: {b['summary']}",
-            "  " + " ".join(f"{k}={v}" for k, v in b.items() if k not in ("name", "summary"))]
+            "  " + " ".join(f"{k}={v}" for k, v in b.items() if k not in ("name", "summary")),
+            f"  on this deployment: {d['all2all_note']}"] + (
+            [f"  {d['hidden_size_note']}"] if d["hidden_size_note"] else [])
 
 def _section_properties(r: dict) -> list[str]:
     w = max(len(p["property"]) for p in r["properties"])
@@ -189,100 +319,182 @@ def _section_properties(r: dict) -> list[str]:
 
 # %%
 #| export
+def _placement_head(p: dict) -> str:
+    "'placement linear (as requested)', or the request and the reason it was not honoured."
+    if p["reason"] == "requested": return f"placement {p['strategy']} (as requested)"
+    return f"placement {p['strategy']} (requested {p['requested']}; {p['reason']})"
+
 def _section_placement(r: dict) -> list[str]:
     p = r["placement"]
-    out = ["", f"placement {p['strategy']} (requested {p['requested']}: {p['reason']})"]
+    out = ["", _placement_head(p)]
     ranks = p["ranks"] if len(p["ranks"]) <= 8 else p["ranks"][:4] + p["ranks"][-2:]
-    out += [f"  rank {q['rank']}: {q['num_local_experts']} local experts, local_to_global {q['local_to_global']}"
+    out += [f"  rank {q['rank']}: {q['num_local_experts']} local experts, local_to_global {_abridge(q['local_to_global'])}"
             for q in ranks]
-    out.append(f"  expert_map (rank 0): {p['expert_map_rank0']}")
+    out.append(f"  expert_map (rank 0): {_abridge(p['expert_map_rank0'])}")
     t = p["routing_tables"]
     out += ["  routing tables: not used (linear placement or a backend without physical ids)"] if t is None else [
-        f"  global_to_physical: {t['global_to_physical']}", f"  physical_to_global: {t['physical_to_global']}"]
+        f"  global_to_physical: {_abridge(t['global_to_physical'])}",
+        f"  physical_to_global: {_abridge(t['physical_to_global'])}"]
     return out
 
-def _section_load_check_time(r: dict) -> list[str]:
-    l, c, t = r["load"], r["check"], r["timing"]
+# %%
+#| export
+def _section_load_check(r: dict) -> list[str]:
+    l, c = r["load"], r["check"]
     return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
                 f"{l['empty_experts']} experts empty; hottest (expert, slots) {l['hottest']}",
-            f"  per rank: {l['per_rank']}", f"  per expert: {l['per_expert']}",
+            f"  per rank: {l['per_rank']}", f"  per expert: {_abridge(l['per_expert'], 32)}",
             "", "check", f"  output vs float64 reference:         {_verdict(c['vs_float64'])}",
             f"  single-device vs float64 reference:  {_verdict(c['single_device_vs_float64'])}",
-            f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}",
-            "", f"time: forward {t['forward_s']:.3f} s over all ranks ({t['tokens_per_s']:.1f} tokens/s), "
-                f"per rank {t['per_rank_forward_s']} s; weights generated in {t['weights_s']:.2f} s; "
-                f"total {t['total_s']:.2f} s"]
+            f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"]
+
+def _section_time(r: dict) -> list[str]:
+    t = r["timing"]
+    rate = "n/a" if t["tokens_per_s"] is None else f"{t['tokens_per_s']:.1f}"
+    return ["", "time (this emulation on this machine: the ranks run one after another in one process)",
+            f"  weights generated {t['weights_s']:.2f} s + forward {t['forward_s']:.2f} s (all ranks; per rank "
+            f"{[round(s, 3) for s in t['per_rank_forward_s']]} s) + single-device and float64 references and checks "
+            f"{t['reference_and_checks_s']:.2f} s = total {t['total_s']:.2f} s",
+            f"  {rate} tokens/s = tokens / forward time of this emulation (not a serving throughput)"]
 
 def format_report(report: dict) -> str:
-    "The report of `run_report` as text."
+    "The report of `run_report` as text, long lists abridged."
     return "\n".join(_section_model(report) + _section_properties(report) + _section_placement(report)
-                     + _section_load_check_time(report))
+                     + _section_load_check(report) + _section_time(report))
 
 # %%
 #| test format_report
 small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
 text = format_report(run_report(small, num_tokens=6))
-for part in ("backend 'none'", "use_batched_activation_format", "placement linear", "output vs float64 reference",
-             "tokens/s", "n/a (one rank)"):
+for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
+             "output vs float64 reference", "tokens/s", "n/a (one rank)", "not a serving throughput",
+             "references and checks", "on this deployment: no all2all"):
     assert part in text, part
+par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP
+wide = MoEConfig(num_experts=40, top_k=2, hidden_size=2880, intermediate_size=8, dtype=torch.float32, parallel=par)
+text = format_report(run_report(wide, num_tokens=2, placement="round_robin", tp_size=2))
+assert "all2all 'deepep_low_latency' requested but not used" in text.splitlines()[0]
+assert "backend 'deepep_low_latency' requested but not used: no all2all (TP+EP with one DP rank" in text
+assert "'...'" in text and "padded" not in text                                  # abridged; no dispatch, no padding
+text = format_report(run_report(wide.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
+                     all2all_backend="deepep_low_latency")), num_tokens=2, placement="linear"))
+assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
 
 # %% [markdown]
 # ## Placement tables
 #
-# `tables_report` prints, for every rank of a deployment, its local experts, its `expert_map` and — when the backend
-# addresses experts by physical id and the placement is round robin — the routing tables. It builds no weights.
+# `tables_report` collects, for every rank of a deployment, its local experts, its `expert_map` and — when the
+# backend addresses experts by physical id and the placement is round robin — the routing tables, all in full. It
+# builds no weights. `format_tables` prints them.
 
 # %%
 #| export
-def tables_report(config: MoEConfig, placement: str = "linear", tp_size: int = 1) -> str:
-    "Text of every rank's placement for `config`'s deployment: local experts, expert_map, routing tables."
-    lines = []
-    for r in range(config.ep_size):
-        p = Placement.build(rank_config(config, r, tp_size), strategy=placement)
-        if r == 0:
-            lines += [f"{config.name or 'model'}: {config.num_experts} experts on {config.ep_size} rank(s), "
-                      f"backend {config.parallel.all2all_backend!r}, placement {p.strategy} ({p.reason})"]
-            if p.global_to_physical is not None:
-                lines += [f"global_to_physical: {p.global_to_physical.tolist()}",
-                          f"physical_to_global: {p.physical_to_global.tolist()}"]
-        lines += [f"rank {r}: local_to_global {p.local_to_global.tolist()}",
-                  f"        expert_map {None if p.expert_map is None else p.expert_map.tolist()}"]
+def tables_report(config: MoEConfig,        # the model on its deployment
+                  placement: str = "linear",  # requested strategy: 'linear' or 'round_robin'
+                  tp_size: int = 1,           # TP size inside each DP rank (as `run_report`'s)
+                 ) -> dict:
+    "Every rank's placement for `config`'s deployment as JSON-ready data: local experts, expert_map, routing tables."
+    ranks = [rank_config(config, r, tp_size) for r in range(config.ep_size)]     # the deployment as run uses it
+    dispatch_h, h_note = dispatch_hidden_size(ranks[0])
+    ps = [Placement.build(c, strategy=placement) for c in ranks]
+    p0, par = ps[0], ranks[0].parallel
+    return {"model": config.name, "num_experts": config.num_experts, "ep_size": config.ep_size,
+            "all2all_backend": par.all2all_backend, "all2all_used": par.use_all2all_kernels,
+            "all2all_note": all2all_note(par), "dispatch_hidden_size": dispatch_h, "hidden_size_note": h_note,
+            "placement": {"requested": placement, "strategy": p0.strategy, "reason": p0.reason},
+            "global_to_physical": None if p0.global_to_physical is None else p0.global_to_physical.tolist(),
+            "physical_to_global": None if p0.physical_to_global is None else p0.physical_to_global.tolist(),
+            "ranks": [{"rank": r, "num_local_experts": p.num_local_experts, "local_to_global": p.local_to_global.tolist(),
+                       "expert_map": None if p.expert_map is None else p.expert_map.tolist()} for r, p in enumerate(ps)]}
+
+# %%
+#| export
+def format_tables(tables: dict,   # the data of `tables_report`
+                 ) -> str:
+    "The tables of `tables_report` as text, in full."
+    t = tables
+    lines = [f"{t['model'] or 'model'}: {t['num_experts']} experts on {t['ep_size']} EP rank(s), "
+             f"{_placement_head(t['placement'])}", f"all2all: {t['all2all_note']}"]
+    if t["hidden_size_note"]: lines.append(t["hidden_size_note"])
+    if t["global_to_physical"] is not None:
+        lines += [f"global_to_physical: {t['global_to_physical']}", f"physical_to_global: {t['physical_to_global']}"]
+    for q in t["ranks"]:
+        lines += [f"rank {q['rank']}: local_to_global {q['local_to_global']}", f"        expert_map {q['expert_map']}"]
     return "\n".join(lines)
 
 # %%
 #| test tables_report
 cfg = build_config("deepseek-v3", ep=2, all2all="nixl_ep")
-text = tables_report(cfg.replace(num_experts=8, num_expert_group=2, topk_group=1), placement="round_robin")
+tables = tables_report(cfg.replace(num_experts=8, num_expert_group=2, topk_group=1), placement="round_robin")
+text = format_tables(tables)
 assert "global_to_physical: [0, 4, 1, 5, 2, 6, 3, 7]" in text and "rank 1: local_to_global [1, 3, 5, 7]" in text
+assert "placement round_robin (as requested)" in text and "dispatches tokens between 2 EP ranks" in text
+test_eq(tables["ranks"][1]["expert_map"], [-1, 0, -1, 1, -1, 2, -1, 3]); json.dumps(tables)
+tp_ep = tables_report(build_config("deepseek-v3", ep=2, tp=2, all2all="deepep_low_latency"), tp_size=2)
+test_eq(tp_ep["all2all_used"], False)
+assert "all2all: backend 'deepep_low_latency' requested but not used" in format_tables(tp_ep)
+test_eq(len(tp_ep["ranks"][0]["local_to_global"]), 128)                          # full, not abridged
 
 # %% [markdown]
 # ## The entry point
+#
+# Every option's help shows its default. Errors from the command line name the flag that set the bad value
+# (`--tokens`, not `num_tokens`), and a closed output pipe (`moe-lit tables | head -1`) ends the command quietly.
+
+# %%
+#| export
+_HELP = {
+    "--ep": "expert-parallel ranks (devices) in all",
+    "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
+            "rank: no all2all, experts masked with expert_map",
+    "--all2all": "all2all backend that moves tokens between EP ranks (used only with more than one DP rank)",
+    "--placement": "how experts are spread over the EP ranks: linear (contiguous blocks) or round_robin (expert e on "
+                   "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
+                   "report says why",
+    "--dtype": "activation and weight dtype of the layer (the reference is always computed in float64)",
+    "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
+    "--device": "where the layer runs: auto = cuda when a GPU is present, else cpu",
+    "--tokens": "tokens in the batch (random hidden states)",
+    "--seed": "seed of the random weights and hidden states: the same seed gives the same numbers",
+}
+
+# %%
+#| export
+def _add_deployment_args(p: argparse.ArgumentParser) -> None:
+    "The options `run` and `tables` share: the model and the deployment."
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(PRESETS), help="a built-in preset")
+    src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
+    p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
+    p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
+    p.add_argument("--all2all", default="none", choices=list(BACKENDS), help=_HELP["--all2all"])
+    p.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help=_HELP["--placement"])
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    "The options of `run` only."
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help=_HELP["--dtype"])
+    p.add_argument("--experts", default="auto", choices=["auto", "triton", "torch"], help=_HELP["--experts"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_HELP["--device"])
+    p.add_argument("--tokens", type=int, default=64, help=_HELP["--tokens"])
+    p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
+    p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
 # %%
 #| export
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
+                                 formatter_class=fmt)
+    ap.add_argument("--version", action="version", version=f"moe-lit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    for name, help_ in (("run", "build a model's MoE layer on a deployment and report every decision and check"),
-                        ("tables", "print the placement and routing tables of a deployment")):
-        p = sub.add_parser(name, help=help_)
-        src = p.add_mutually_exclusive_group()
-        src.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(PRESETS), help="a built-in preset")
-        src.add_argument("--config", help="a Hugging Face config.json (file or directory) instead of --model")
-        p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (devices)")
-        p.add_argument("--tp", type=int, default=1, help="TP size inside each DP rank (--tp = --ep: TP+EP, no all2all)")
-        p.add_argument("--all2all", default="none", choices=list(BACKENDS), help="all2all backend")
-        p.add_argument("--placement", default="linear", choices=["linear", "round_robin"])
-        p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-        if name == "run":
-            p.add_argument("--experts", default="auto", choices=["auto", "triton", "torch"],
-                           help="experts implementation: auto = Triton on a GPU, the torch reference otherwise")
-            p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                           help="where the layer runs (auto: cuda when a GPU is present)")
-            p.add_argument("--tokens", type=int, default=64, help="tokens in the batch")
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--json", action="store_true", help="print the report as JSON")
-    b = sub.add_parser("bench", help="benchmark the batched-experts GEMM against peers and the roofline (GPU)")
+    run = sub.add_parser("run", help="build a model's MoE layer on a deployment and report every decision and check",
+                         formatter_class=fmt)
+    _add_deployment_args(run); _add_run_args(run)
+    tables = sub.add_parser("tables", help="print the placement and routing tables of a deployment", formatter_class=fmt)
+    _add_deployment_args(tables)
+    tables.add_argument("--json", action="store_true", help="print every rank's tables as JSON")
+    b = sub.add_parser("bench", help="benchmark the batched-experts GEMM against peers and the roofline (GPU)",
+                       formatter_class=fmt)
     b.add_argument("--tune", action="store_true", help="sweep tile candidates first and save the winners")
     b.add_argument("--config-dir", help="where tuned tile tables are written (default: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
@@ -291,22 +503,51 @@ def _parser() -> argparse.ArgumentParser:
 
 # %%
 #| export
-def main(argv: list[str] | None = None) -> int:
-    "The `moe-lit` command. Returns the exit status: 0, or 1 when a check of `run` fails, 2 on bad input."
-    args = _parser().parse_args(argv)
+_FLAGS = {"num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
+          "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
+          "device": "--device", "experts": "--experts"}
+
+def _flag_error(e: ValueError) -> str:
+    "The message of `e` with the argument it names replaced by the command-line flag that set it."
+    name, _, rest = str(e).partition(": ")
+    if name in _FLAGS: return f"{_FLAGS[name]}: {rest}"
+    if name.startswith("config.json"): return f"--config: {e}"         # a bad key in the file --config names
+    return str(e)
+
+def _quiet_closed_stdout() -> None:
+    "Point stdout at /dev/null so the interpreter's last flush into a closed pipe is silent (the Python docs' recipe)."
+    try: fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError): return              # not a real file (e.g. a test's StringIO)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd); os.close(devnull)
+
+# %%
+#| export
+def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
-        cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all, args.dtype)
+        cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all,
+                           getattr(args, "dtype", "bf16"))
         if args.command == "tables":
-            print(tables_report(cfg, args.placement, args.tp)); return 0
+            tables = tables_report(cfg, args.placement, args.tp)
+            print(json.dumps(tables, indent=1) if args.json else format_tables(tables)); return 0
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU, got none")
         report = run_report(cfg, args.tokens, args.placement, args.seed, args.tp, args.experts, device)
     except ValueError as e:
-        print(f"moe-lit: error: {e}", file=sys.stderr); return 2
+        print(f"moe-lit: error: {_flag_error(e)}", file=sys.stderr); return 2
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     checks = [c for c in report["check"].values() if c is not None]
     return 0 if all(c["ok"] for c in checks) else 1
+
+def main(argv: list[str] | None = None) -> int:
+    "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
+    try:
+        status = _run(_parser().parse_args(argv))
+        sys.stdout.flush()                                # a reader that went away shows up here, not at exit
+        return status
+    except BrokenPipeError:                               # `moe-lit tables | head -1`: stop quietly, as SIGPIPE would
+        _quiet_closed_stdout(); return 141
 
 # %%
 #| export
@@ -321,19 +562,67 @@ def _bench(args) -> int:
 
 # %%
 #| test main_entry_point
-with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config.json, end to end
-    Path(d, "config.json").write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 32,
-                                                  "num_experts_per_tok": 2, "intermediate_size": 16}))
+with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
+    f = Path(d, "tiny-mixtral.json")
+    f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 32,
+                             "num_experts_per_tok": 2, "intermediate_size": 16}))
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        test_eq(main(["run", "--config", d, "--tokens", "5", "--ep", "2", "--all2all", "nixl_ep", "--json"]), 0)
+        test_eq(main(["run", "--config", str(f), "--tokens", "5", "--ep", "2", "--all2all", "nixl_ep", "--json"]), 0)
 rep = json.loads(out.getvalue())
 test_eq((rep["model"]["num_experts"], rep["properties"][1]["value"]), (4, "batched_experts"))
-with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", "--tokens", "0"]), 2)
-assert "num_tokens: expected >= 1, got 0" in err.getvalue()
+test_eq(rep["model"]["name"], "tiny-mixtral")                  # the file's name, not its temporary directory's
 with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["tables", "--model", "deepseek-v3", "--ep", "4",
                                                                     "--all2all", "deepep_low_latency", "--placement", "round_robin"]), 0)
 assert "global_to_physical" in out.getvalue()
+with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["tables", "--ep", "2", "--tp", "2", "--json",
+                                                                    "--all2all", "nixl_ep"]), 0)
+tables = json.loads(out.getvalue())
+test_eq((len(tables["ranks"][1]["local_to_global"]), tables["all2all_used"]), (64, False))   # full lists, as JSON
 
 # %%
+#| test main_errors_name_the_flag
+with tempfile.TemporaryDirectory() as d:
+    big, bad = Path(d, "big.json"), Path(d, "bad.json")
+    big.write_text(json.dumps({"num_experts": 8, "num_experts_per_tok": 2, "hidden_size": 9000, "intermediate_size": 8}))
+    bad.write_text(json.dumps({"num_experts": "8", "num_experts_per_tok": 2, "hidden_size": 64, "intermediate_size": 8}))
+    for argv, msg in ((["run", "--tokens", "0"], "moe-lit: error: --tokens: expected >= 1, got 0"),
+                      (["run", "--seed", "-1"], "moe-lit: error: --seed: expected >= 0, got -1"),
+                      (["tables", "--ep", "6", "--tp", "4"], "moe-lit: error: --tp: expected a divisor of ep=6, got 4"),
+                      (["tables", "--config", str(Path(d, "missing.json"))], "--config: expected an existing config.json"),
+                      (["tables", "--config", str(bad)], "--config: config.json num_experts: expected an int"),
+                      (["tables", "--config", str(big), "--ep", "2", "--all2all", "nixl_ep"],
+                       "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000")):
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
+        assert msg in err.getvalue(), (argv, err.getvalue())
+
+# %%
+#| test main_options
+from moe_lit import __version__
+def exit_code(argv):
+    try: main(argv)
+    except SystemExit as e: return e.code
+for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
+                               (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
+                               (["tables", "--help"], 0, "no all2all, experts masked with expert_map", "--dtype")):
+    with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(exit_code(argv), code)
+    text = " ".join(out.getvalue().split())                    # argparse wraps to the terminal's width
+    assert has in text and (lacks is None or lacks not in text), (argv, text)
+with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(exit_code(["tables", "--dtype", "fp32"]), 2)
+assert "unrecognized arguments: --dtype" in err.getvalue()       # --dtype does nothing for tables, so it is not offered
+
+# %%
+#| test main_closed_pipe
+class ClosedPipe(io.StringIO):                                 # stdout whose reader has gone (`| head -1`)
+    def write(self, s): raise BrokenPipeError(32, "Broken pipe")
+with contextlib.redirect_stdout(ClosedPipe()), contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(main(["tables", "--ep", "2"]), 141)                # 128 + SIGPIPE, what a shell reports for `yes | head`
+test_eq(err.getvalue(), "")                                    # no traceback
+
+# %% [markdown]
+# `python -m moe_lit.cli` runs the command too. The cell is not evaluated in the notebook, where `sys.argv` holds the
+# notebook runner's arguments.
+
+# %%
+#| eval: false
 #| export
 if __name__ == "__main__": sys.exit(main())

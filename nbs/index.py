@@ -29,12 +29,14 @@
 # bash .ci/test
 # ```
 #
-# `moe-lit run` prints the resolved parallel config with the reason for every backend property, the backend's record,
-# the placement and routing tables, the per-expert load, the output checked against a float64 reference and the time.
+# `moe-lit run` prints the resolved parallel config with the reason for every backend property, the backend's record
+# and whether the deployment uses it at all, the placement and routing tables, the per-expert load, the output checked
+# against a float64 reference and the time of each part (weights, forward, references and checks).
 # Try a deployment: `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs the eight
 # ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
-# weights) and checks that they sum to the single-device result. `moe-lit tables` prints the placement tables only;
-# `--json` gives the report as JSON; `moe-lit run --help` lists the options.
+# weights) and checks that they sum to the single-device result. `moe-lit tables` prints the placement tables only.
+# With `--json`, both commands print their full data (the text abridges long lists); `moe-lit run --help` lists the
+# options with their defaults, and `moe-lit --version` the version.
 #
 # ## In Python
 

@@ -75,6 +75,22 @@ def test_explain_rows():
     assert all(r for _, r in rows.values())   # every row has a reason
 
 
+def test_explain_reasons_hold_for_both_values():
+    for name in BACKENDS:
+        for par in (ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend=name),   # all2all (if it moves)
+                    ParallelConfig.make(4, 1, enable_expert_parallel=True, all2all_backend=name)):  # TP+EP: none
+            rows = {p: (v, r) for p, v, r in par.explain()}
+            test_eq(rows["use_batched_activation_format"][1], f"activation_format is {rows['activation_format'][0]}")
+            assert rows["activation_format"][1].startswith("no all2all") != par.use_all2all_kernels, (name, rows)
+            assert f"needs_round_robin_routing_tables={par.backend.needs_round_robin_routing_tables}" in \
+                rows["needs_round_robin_routing_tables"][1] or not par.use_all2all_kernels
+            assert f"moves_tokens={par.backend.moves_tokens}" in rows["use_all2all_kernels"][1]
+    tp_ep = {p: r for p, _, r in ParallelConfig.make(2, 1, enable_expert_parallel=True,
+                                                     all2all_backend="deepep_low_latency").explain()}
+    test_eq(tp_ep["use_batched_activation_format"], "activation_format is standard")
+    assert tp_ep["activation_format"].startswith("no all2all") and "expert_map" in tp_ep["needs_round_robin_routing_tables"]
+
+
 def test_moe_config():
     par = ParallelConfig.make(tp_size=1, dp_size=8, dp_rank=2, enable_expert_parallel=True, all2all_backend="nixl_ep")
     cfg = MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768, parallel=par)

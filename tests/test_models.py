@@ -196,6 +196,13 @@ def test_from_hf_sources_and_options():
     test_eq(moe_config_from_hf(qwen2_moe, dtype=torch.float32).dtype, torch.float32)          # the caller wins
     test_eq(moe_config_from_hf({**qwen2_moe, "torch_dtype": None, "dtype": "bfloat16"}).dtype, torch.bfloat16)
     test_eq(moe_config_from_hf({k: v for k, v in qwen2_moe.items() if k != "_name_or_path"}).name, "qwen2_moe")
+    no_path = {k: v for k, v in qwen2_moe.items() if k != "_name_or_path"}
+    test_eq(moe_config_from_hf({**no_path, "name_or_path": "Qwen/Qwen1.5-MoE"}).name, "Qwen/Qwen1.5-MoE")
+    with tempfile.TemporaryDirectory() as d:                                 # a file not named config.json: its stem
+        (Path(d) / "qwen1.5-moe.json").write_text(json.dumps(no_path))
+        test_eq(moe_config_from_hf(Path(d) / "qwen1.5-moe.json").name, "qwen1.5-moe")
+        (Path(d) / "qwen1.5-moe.json").write_text(json.dumps(qwen2_moe))  # _name_or_path wins over the file's name
+        test_eq(moe_config_from_hf(Path(d) / "qwen1.5-moe.json").name, "Qwen/Qwen1.5-MoE-A2.7B")
     # an unknown model type without norm_topk_prob renormalises (the Mixtral default)
     test_eq(moe_config_from_hf({"num_experts": 8, "num_experts_per_tok": 2, "hidden_size": 16,
                                 "intermediate_size": 32}).renormalize, True)

@@ -87,8 +87,8 @@ def test_resolve_pinned_cases():
         "redundant-experts":   ("round_robin", True, 2, 1, False, "deepep_low_latency", "linear", "num_redundant_experts"),
         "eplb-enabled":        ("round_robin", True, 2, 0, True, "deepep_low_latency", "linear", "enable_eplb"),
         "unsupported-backend": ("round_robin", True, 2, 0, False, "allgather_reducescatter", "linear",
-                                "round_robin needs needs_round_robin_routing_tables when all2all kernels are used; "
-                                "backend 'allgather_reducescatter' does not"),
+                                "round_robin with all2all kernels needs a backend whose "
+                                "needs_round_robin_routing_tables is True; 'allgather_reducescatter' declares False"),
         "deepep-low-latency":  ("round_robin", True, 2, 0, False, "deepep_low_latency", "round_robin", "requested"),
         "nixl-ep":             ("round_robin", True, 2, 0, False, "nixl_ep", "round_robin", "requested"),
     }
@@ -238,7 +238,7 @@ def test_placement_build():
     test_eq((p.strategy, p.global_to_physical, p.expert_map.tolist()), ("round_robin", None, [0, -1, 1, -1, 2, -1, 3, -1]))
     p = Placement.build(cfg("allgather_reducescatter"), "round_robin")                # all2all without tables: linear
     test_eq((p.strategy, p.global_to_physical), ("linear", None))
-    assert "backend 'allgather_reducescatter' does not" in p.reason
+    assert "'allgather_reducescatter' declares False" in p.reason
     p = Placement.build(cfg("nixl_ep", num_redundant_experts=2, enable_eplb=True), "round_robin", ep_rank=1)
     test_eq((p.strategy, p.num_experts, p.num_local_experts), ("linear", 10, 5))
     test_eq(p.local_to_global.tolist(), [5, 6, 7, 8, 9])                             # physical ids 5..9 on rank 1
