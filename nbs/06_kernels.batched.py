@@ -569,23 +569,21 @@ test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)
 # %% [markdown]
 # ## Interpretation
 #
-# The benchmark (`14_bench`, committed results in `nbs/bench/`) measured GEMM1 on one NVIDIA H200 in bf16 on
-# 2026-11-29 (commit a98f01a for the decode rows, 097bb63 for the prefill row), against a copy bandwidth of 4.27 TB/s
-# and a bf16 matmul rate of about 700 TFLOP/s measured in the same runs:
+# The benchmark (`14_bench`; results in `nbs/bench/batched_gemm_h200_c950aab.json`) measured GEMM1 on one NVIDIA
+# H200 in bf16 on 2026-11-29 at commit c950aab, against a copy bandwidth of 4.27 TB/s (read + write) and a bf16 matmul
+# rate of 694 TFLOP/s measured in the same run (% of the roofline floor, higher is better):
 #
 # | scenario (E, K, N, M, rows) | moe-lit | + fused SiLU | torch.bmm padded | torch._grouped_mm | per-expert mm |
 # |---|---|---|---|---|---|
-# | DeepSeek-V3 EP8 decode (32, 7168, 4096, 128, 1024) | 97.6% | 95.6% | 88.1% | 69.2% | 43.4% |
-# | DeepSeek-V3 EP8 prefill (32, 7168, 4096, 1024, 16384) | 80.5% | 79.8% | 47.4% | 78.7% | 85.6% |
-# | Qwen3-30B-A3B decode (128, 2048, 1536, 64, 512) | 96.9% | 96.4% | 85.4% | 69.5% | 4.9% |
-# | Mixtral-8x7B decode (8, 4096, 28672, 64, 128) | 100.5% | 96.7% | 91.7% | 63.0% | 92.2% |
-# | gpt-oss-120b decode (128, 2880, 5760, 64, 512) | 103.6% | 100.5% | 94.1% | 68.8% | 26.5% |
+# | DeepSeek-V3 EP8 decode (32, 7168, 4096, 128, 1024) | 97.8% | 95.2% | 88.2% | 69.2% | 58.2% |
+# | DeepSeek-V3 EP8 prefill (32, 7168, 4096, 1024, 16384) | 81.9% | 81.3% | 47.7% | 78.5% | 89.4% |
+# | Qwen3-30B-A3B decode (128, 2048, 1536, 64, 512) | 96.7% | 96.6% | 85.5% | 69.5% | 6.7% |
+# | Mixtral-8x7B decode (8, 4096, 28672, 64, 128) | 100.9% | 96.7% | 91.7% | 63.0% | 92.2% |
+# | gpt-oss-120b decode (128, 2880, 5760, 64, 512) | 103.7% | 100.1% | 93.8% | 68.6% | 35.2% |
 #
-# (% of the roofline floor; higher is better; a read-mostly kernel can pass 100% because the floor's bandwidth
-# counts reads and writes.) At decode the kernel streams the active experts' weights at the copy bandwidth: the
-# early exit means an empty expert costs nothing, and narrow N tiles with deep K tiles keep enough loads in flight.
-# Fusing SiLU-and-mul costs 1–4%. At prefill the arithmetic dominates; the tensor-descriptor kernel reaches 80% of
-# cuBLAS's square-matmul rate on the valid rows — ahead of `torch._grouped_mm` and `torch.bmm`, behind the
-# per-expert cuBLAS loop (85.6%), whose tiles need no padding for the ragged counts. Between two runs the prefill row
-# moved between 79.5% and 80.5%; warp specialisation did not help on this Triton (3.6) and failed to compile for 8 of
+# A read-mostly kernel can pass 100% because the floor's bandwidth counts reads and writes. At decode the pointer
+# kernel streams the active experts' weights at the copy bandwidth: the early exit makes an empty expert free, and
+# narrow N tiles with deep K tiles keep enough loads in flight. At prefill the tensor-descriptor kernel reaches 82%
+# of cuBLAS's square-matmul rate on the valid rows; the per-expert cuBLAS loop is faster (89%) because its tiles need
+# no padding for the ragged counts. Warp specialisation did not help on Triton 3.6 and failed to compile for 8 of
 # 37 candidate tiles.
