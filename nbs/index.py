@@ -64,8 +64,11 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # | `03_routing` | `moe_lit.routing` | softmax / sigmoid / grouped top-k routers, correction bias, per-expert load |
 # | `04_placement` | `moe_lit.placement` | linear and round-robin placement, `expert_map`, routing tables, EPLB replicas |
 # | `05_formats` | `moe_lit.formats` | the Standard and BatchedExperts contracts and the reference MoE in both |
-# | `12_layer` | `moe_lit.layer` | `FusedMoE` and the emulated expert-parallel run |
-# | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables` |
+# | `06_kernels.batched` | `moe_lit.kernels.batched` | Triton batched-experts GEMM with fused SiLU-and-mul, tile tables |
+# | `07_kernels.dispatch` | `moe_lit.kernels.dispatch` | Triton dispatch into per-expert slabs and the weighted combine |
+# | `12_layer` | `moe_lit.layer` | `FusedMoE` (reference or Triton experts) and the emulated expert-parallel run |
+# | `14_bench` | `moe_lit.bench` | the GEMM against torch peers and the measured roofline, tile tuning |
+# | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `bench` |
 #
 # ## Developing
 #
@@ -73,3 +76,8 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # generated from them by `python .ci/regen.py`, and the test command fails when the generated files are out of date.
 # Cells tagged `#| test NAME` are exported as pytest tests; cells tagged `#| gpu` run only with `bash .ci/test --gpu`
 # on a machine with a CUDA GPU.
+#
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`, set automatically), at
+# small shapes. On a machine with a CUDA GPU, `bash .ci/gpu` runs the whole suite including the full-size `gpu` tests,
+# a `compute-sanitizer` memcheck of the kernel tests, the DeepSeek-V3 EP8 job on the GPU and `moe-lit bench`
+# (`bash .ci/gpu --tune` re-tunes the tile tables first). The committed H200 results are in `nbs/bench/`.
