@@ -587,3 +587,10 @@ test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)
 # of cuBLAS's square-matmul rate on the valid rows; the per-expert cuBLAS loop is faster (89%) because its tiles need
 # no padding for the ragged counts. Warp specialisation did not help on Triton 3.6 and failed to compile for 8 of
 # 37 candidate tiles.
+
+# %% [markdown]
+# The same results as a figure (drawn by `plot_bench` from `14_bench`, which this page only borrows for the picture):
+
+# %%
+from moe_lit.bench import load_bench_results, plot_bench
+plot_bench(load_bench_results("bench/batched_gemm_h200_c950aab.json"))
