@@ -8,6 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
+import math
 from dataclasses import dataclass
 import torch
 
@@ -17,7 +18,8 @@ from fastcore.test import test_eq, test_fail
 
 # %% [markdown]
 # In this notebook: the vocabulary table `TERMS` (with `vllm_name` / `hf_names` look-ups), the dimension legend
-# `DIMENSIONS`, and the argument checks `check_int`, `check_choice` and `check_tensor`. It is a **reference** page
+# `DIMENSIONS`, and the argument checks `check_int`, `check_bool`, `check_positive_real`, `check_choice` and
+# `check_tensor`. It is a **reference** page
 # (Diátaxis): read it once, come back to it when a name is unclear.
 #
 # ## The vocabulary
@@ -151,6 +153,29 @@ def check_choice(name: str, value, choices) -> object:
 test_eq(check_choice("scoring_func", "sigmoid", ("softmax", "sigmoid")), "sigmoid")
 test_fail(lambda: check_choice("scoring_func", "relu", ("softmax", "sigmoid")),
           contains="scoring_func: expected one of ['softmax', 'sigmoid'], got 'relu'")
+
+# %%
+#| export
+def check_bool(name: str, value) -> bool:
+    "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
+    if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return value
+
+def check_positive_real(name: str, value) -> float:
+    "Check that `value` is a finite int or float > 0 (not a bool, not a str); returns it as a float."
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try: ok = ok and math.isfinite(float(value)) and value > 0
+    except OverflowError: ok = False                    # an int too large for a float
+    if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
+    return float(value)
+
+# %%
+#| test check_bool_and_real
+test_eq(check_bool("renormalize", True), True)
+test_fail(lambda: check_bool("renormalize", 1), contains="renormalize: expected a bool, got int 1")
+test_eq(check_positive_real("routed_scaling_factor", 2), 2.0)
+for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
+    test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
 
 # %% [markdown]
 # `check_tensor` enforces the shape comments: `shape` may hold `None` for "any size" and `dtype` may be one dtype or a

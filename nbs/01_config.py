@@ -8,10 +8,10 @@
 # %%
 #| export
 from __future__ import annotations
-import enum
+import enum, math
 from dataclasses import dataclass, field, fields, replace
 import torch
-from moe_lit.terms import check_int, check_choice
+from moe_lit.terms import check_int, check_choice, check_bool, check_positive_real
 
 # %%
 #| hide
@@ -19,8 +19,8 @@ from fastcore.test import test_eq, test_fail
 
 # %% [markdown]
 # In this notebook: `ActivationFormat`, `BackendDescriptor` and the table `BACKENDS` (looked up with `get_backend`),
-# `ParallelConfig` with `ParallelConfig.make` and its properties, and `MoEConfig`. An **explanation** page with the
-# reference of each symbol.
+# `ParallelConfig` with `ParallelConfig.make` and its properties, `MoEConfig`, and `SIZE_LIMIT`, the bound on every
+# size. An **explanation** page with the reference of each symbol.
 #
 # ## Why a table
 #
@@ -107,7 +107,8 @@ BACKENDS: dict[str, BackendDescriptor] = {d.name: d for d in (
 
 def get_backend(name: str) -> BackendDescriptor:
     "The descriptor of all2all backend `name`; raises ValueError listing the known backends."
-    if name not in BACKENDS: raise ValueError(f"all2all_backend: expected one of {list(BACKENDS)}, got {name!r}")
+    if not isinstance(name, str) or name not in BACKENDS:   # a list or dict must not reach the dict look-up
+        raise ValueError(f"all2all_backend: expected one of {list(BACKENDS)}, got {name!r}")
     return BACKENDS[name]
 
 # %%
@@ -117,10 +118,32 @@ test_eq(get_backend("deepep_low_latency").round_up_hidden_size(2880), 3072)   # 
 test_eq(get_backend("none").round_up_hidden_size(2880), 2880)
 test_fail(lambda: get_backend("nixl_ep").round_up_hidden_size(9000), contains="hidden_size: expected <= 8192")
 test_fail(lambda: get_backend("pplx"), contains="all2all_backend: expected one of ['none', 'allgather_reducescatter'")
+test_fail(lambda: get_backend(["none"]), contains="all2all_backend: expected one of ['none'")   # no TypeError
 for name, d in BACKENDS.items():
     test_eq(d.name, name)
     # a backend that needs round-robin tables addresses experts by physical id: only batched backends do
     assert not d.needs_round_robin_routing_tables or d.activation_format is ActivationFormat.BatchedExperts
+
+# %% [markdown]
+# ## Limits, and two more checks
+#
+# Every size and id in moe-lit — experts, ranks, hidden and intermediate widths, token caps — must be below
+# `SIZE_LIMIT = 2**31`. Expert ids, expert maps and per-expert counts are int32 tensors (the dtype vLLM's kernels
+# take), so a larger value would wrap silently when cast, and a size beyond it asks for tensors no device holds.
+# Configs and table builders reject such values with the usual `ValueError` instead of failing inside an allocation.
+#
+# > Two private checks complete those of `moe_lit.terms` with the same `<argument>: expected <x>, got <y>` messages:
+# > a flag must be a Python `bool` (`1`, `numpy.bool_` and a bool tensor are refused: `1 in (True, False)` is true,
+# > and a tensor's truth value can raise), and a factor must be a finite `int` or `float` above zero.
+
+# %%
+#| export
+SIZE_LIMIT = 2**31   # exclusive bound of every size and id: expert ids, maps and counts are int32 tensors
+
+
+# %%
+#| test size_limit
+test_eq(SIZE_LIMIT - 1, torch.iinfo(torch.int32).max)   # the largest id an int32 table holds
 
 # %% [markdown]
 # ## ParallelConfig
@@ -151,14 +174,67 @@ class ParallelConfig:
     def __post_init__(self):
         for size, rank in (("tp_size", "tp_rank"), ("dp_size", "dp_rank"), ("pcp_size", "pcp_rank"),
                            ("ep_size", "ep_rank")):
-            check_int(size, getattr(self, size), lo=1)
+            check_int(size, getattr(self, size), lo=1, hi=SIZE_LIMIT)
             check_int(rank, getattr(self, rank), lo=0, hi=getattr(self, size))
+        check_bool("use_ep", self.use_ep); check_bool("enable_eplb", self.enable_eplb)
         get_backend(self.all2all_backend)
+        _check_flat_group(self)
 
     @property
     def backend(self) -> BackendDescriptor:
         "The descriptor record of `all2all_backend`."
         return get_backend(self.all2all_backend)
+
+# %% [markdown]
+# A `ParallelConfig` built by hand must be one that the flattening rule can produce, or the properties below would
+# describe a deployment that does not exist. The flat group is the EP group when `use_ep` is true and the TP group
+# otherwise; it spans every DP and PCP rank, so its size is `dp_size · pcp_size · tp` for the user's TP size `tp`, and
+# device `(dp_rank, pcp_rank)` holds the flat ranks `[(dp_rank · pcp_size + pcp_rank) · tp, … + tp)`. Hence:
+#
+# - `use_ep` true means more than one EP rank and `tp_size = 1` (the EP group takes TP's devices);
+# - `use_ep` false means `ep_size = 1`;
+# - the flat size is a multiple of `dp_size · pcp_size`, and the flat rank lies in its device's block.
+#
+# With TP = 2, DP = 2 and EP on, for example, `ep_size = 4`, `dp_size = 2`, `tp_size = 1`, and DP rank 1 holds EP
+# ranks 2 and 3.
+
+# %%
+#| export
+def _check_flat_group(p: ParallelConfig) -> None:
+    "Raise ValueError unless `p` is a state vLLM's flattening rule (see `make`) can produce."
+    if p.use_ep and p.ep_size == 1:
+        raise ValueError("use_ep: expected False when ep_size is 1 (one EP rank has nothing to split), got True")
+    if not p.use_ep and p.ep_size > 1: raise ValueError(f"ep_size: expected 1 when use_ep is False, got {p.ep_size}")
+    if p.use_ep and p.tp_size > 1:
+        raise ValueError(f"tp_size: expected 1 when use_ep is True (the EP group takes TP's devices), got {p.tp_size}")
+    flat, size, rank = ("ep", p.ep_size, p.ep_rank) if p.use_ep else ("tp", p.tp_size, p.tp_rank)
+    outer = p.dp_size * p.pcp_size
+    if size % outer:
+        raise ValueError(f"{flat}_size: expected a multiple of dp_size * pcp_size = {outer} (the flat group spans "
+                         f"every DP and PCP rank), got {size}")
+    tp = size // outer                                   # the TP size the deployment was stated with
+    first = (p.dp_rank * p.pcp_size + p.pcp_rank) * tp
+    if not first <= rank < first + tp:
+        raise ValueError(f"{flat}_rank: expected in [{first}, {first + tp}) for dp_rank={p.dp_rank}, "
+                         f"pcp_rank={p.pcp_rank} (flat rank = (dp_rank * pcp_size + pcp_rank) * {tp} + tp rank), "
+                         f"got {rank}")
+
+# %%
+#| test parallel_config_invariants
+test_eq(ParallelConfig(ep_size=4, ep_rank=3, dp_size=2, dp_rank=1, use_ep=True).ep_size, 4)   # TP=2, DP=2, EP on
+test_eq(ParallelConfig(tp_size=4, tp_rank=1, dp_size=2, dp_rank=0).tp_rank, 1)                # TP=2, DP=2, EP off
+test_fail(lambda: ParallelConfig(use_ep=True), contains="use_ep: expected False when ep_size is 1")
+test_fail(lambda: ParallelConfig(ep_size=2), contains="ep_size: expected 1 when use_ep is False, got 2")
+test_fail(lambda: ParallelConfig(ep_size=2, tp_size=2, use_ep=True), contains="tp_size: expected 1 when use_ep is True")
+test_fail(lambda: ParallelConfig(ep_size=2, dp_size=4, use_ep=True),
+          contains="ep_size: expected a multiple of dp_size * pcp_size = 4")
+test_fail(lambda: ParallelConfig(dp_size=2), contains="tp_size: expected a multiple of dp_size * pcp_size = 2")
+test_fail(lambda: ParallelConfig(ep_size=4, ep_rank=1, dp_size=2, dp_rank=1, use_ep=True),
+          contains="ep_rank: expected in [2, 4) for dp_rank=1, pcp_rank=0")
+test_fail(lambda: ParallelConfig(use_ep="no"), contains="use_ep: expected a bool, got str 'no'")
+test_fail(lambda: ParallelConfig(enable_eplb="no"), contains="enable_eplb: expected a bool, got str")
+test_fail(lambda: ParallelConfig(all2all_backend=["x"]), contains="all2all_backend: expected one of")
+test_fail(lambda: ParallelConfig(dp_size=2**31), contains="dp_size: expected < 2147483648")
 
 # %% [markdown]
 # `make` takes the deployment as a user states it and applies the flattening rule.
@@ -173,6 +249,7 @@ def _make(cls, tp_size: int, dp_size: int, pcp_size: int = 1, tp_rank: int = 0, 
     check_int("tp_size", tp_size, lo=1); check_int("dp_size", dp_size, lo=1); check_int("pcp_size", pcp_size, lo=1)
     check_int("tp_rank", tp_rank, lo=0, hi=tp_size); check_int("dp_rank", dp_rank, lo=0, hi=dp_size)
     check_int("pcp_rank", pcp_rank, lo=0, hi=pcp_size)
+    check_bool("enable_expert_parallel", enable_expert_parallel); check_bool("enable_eplb", enable_eplb)
     get_backend(all2all_backend)
     flat_size = dp_size * pcp_size * tp_size
     flat_rank = dp_rank * pcp_size * tp_size + pcp_rank * tp_size + tp_rank
@@ -207,6 +284,13 @@ test_eq(views(2, 2, True), [((1, 0), (2, 0), (4, 0)), ((1, 0), (2, 0), (4, 1)),
                             ((1, 0), (2, 1), (4, 2)), ((1, 0), (2, 1), (4, 3))])
 assert not ParallelConfig.make(1, 1, enable_expert_parallel=True).use_ep    # one device: EP has nothing to split
 test_eq(ParallelConfig.make(1, 2, pcp_size=2, dp_rank=1, pcp_rank=1, enable_expert_parallel=True).ep_rank, 3)
+for tp in (1, 2):                                        # every state `make` produces passes the checks
+    for dp in (1, 2, 3):
+        for pcp in (1, 2):
+            for ep in (False, True):
+                for r in range(tp * dp * pcp):
+                    ParallelConfig.make(tp, dp, pcp, tp_rank=r % tp, pcp_rank=r // tp % pcp, dp_rank=r // (tp * pcp),
+                                        enable_expert_parallel=ep)
 
 # %%
 #| test make_bad_input
@@ -215,6 +299,11 @@ test_fail(lambda: ParallelConfig.make(2, 1, tp_rank=2), contains="tp_rank: expec
 test_fail(lambda: ParallelConfig.make(1, 2, dp_rank=-1), contains="dp_rank: expected >= 0, got -1")
 test_fail(lambda: ParallelConfig.make(1, 2, all2all_backend="deepep"), contains="all2all_backend: expected one of")
 test_fail(lambda: ParallelConfig(ep_size=2, ep_rank=2), contains="ep_rank: expected < 2, got 2")
+test_fail(lambda: ParallelConfig.make(1, 2, enable_expert_parallel="no"),
+          contains="enable_expert_parallel: expected a bool, got str 'no'")
+test_fail(lambda: ParallelConfig.make(1, 2, enable_expert_parallel=True, enable_eplb=1),
+          contains="enable_eplb: expected a bool, got int 1")
+test_fail(lambda: ParallelConfig.make(1, 2, all2all_backend=["none"]), contains="all2all_backend: expected one of")
 
 # %% [markdown]
 # ### Properties: reads of the descriptor
@@ -380,23 +469,84 @@ class MoEConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
-        check_int("num_experts", self.num_experts, lo=1)
-        check_int("top_k", self.top_k, lo=1, hi=self.num_experts + 1)
-        check_int("hidden_size", self.hidden_size, lo=1)
-        check_int("intermediate_size", self.intermediate_size, lo=1)
-        check_int("num_shared_experts", self.num_shared_experts, lo=0)
-        check_int("num_redundant_experts", self.num_redundant_experts, lo=0)
-        check_int("max_num_tokens", self.max_num_tokens, lo=1)
-        check_choice("routing_method", self.routing_method, ROUTING_METHODS)
-        check_choice("scoring_func", self.scoring_func, SCORING_FUNCS)
-        check_choice("dtype", self.dtype, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
-        if not isinstance(self.parallel, ParallelConfig):
-            raise ValueError(f"parallel: expected a ParallelConfig, got {type(self.parallel).__name__}")
-        if self.routing_method == "grouped_topk":
-            check_int("num_expert_group", self.num_expert_group, lo=1)
-            check_int("topk_group", self.topk_group, lo=1, hi=self.num_expert_group + 1)
-        if self.routing_method == "llama4" and self.top_k != 1:
-            raise ValueError(f"top_k: expected 1 for routing_method 'llama4', got {self.top_k}")
+        _check_moe_shapes(self); _check_moe_routing(self); _check_moe_deployment(self)
+
+# %% [markdown]
+# ### What a MoEConfig guarantees
+#
+# Every field is checked when the config is made (and again by `replace`), so no later function meets a config it
+# cannot run:
+#
+# - **Shapes** are ints in range and below `SIZE_LIMIT`, and so are the physical experts
+#   (`num_experts + num_redundant_experts`); `shared_intermediate_size` is `None` or at least 1; `name` is a str.
+# - **Routing options** are of their type — the three flags are bools, `routed_scaling_factor` is a finite number
+#   above 0 — and `num_expert_group` and `topk_group`, whenever given, are ints >= 1 with
+#   `topk_group <= num_expert_group`, even if the routing is not grouped (the placement reads `num_expert_group`).
+# - **`grouped_topk`** needs both group counts, and when the experts split into groups it needs
+#   `top_k <= topk_group · num_experts / num_expert_group` (the kept groups must hold `top_k` experts). When they do
+#   not split — `num_experts % num_expert_group != 0`, or one expert per group with a correction bias — the config
+#   is accepted: `grouped_topk` then falls back to plain top-k with a `RoutingFallbackWarning`, as vLLM does (silently)
+#   for DeepSeek-V3's 8-expert, 8-group test model, and `top_k <= num_experts` is the only bound.
+# - **`llama4`** routes one expert by its raw logit and has neither a correction bias nor a scaling factor, so it
+#   needs `top_k = 1`, `has_correction_bias = False` and `routed_scaling_factor = 1`.
+# - **Deployment:** `parallel` is a `ParallelConfig`, and when tokens go through all2all kernels the backend can send
+#   `hidden_size` — `round_up_hidden_size` of its record decides (DeepEP low-latency and NIXL EP stop at 8192).
+
+# %%
+#| export
+def _check_moe_shapes(c: MoEConfig) -> None:
+    "Shapes of a MoEConfig: ints in range and below SIZE_LIMIT; dtype and name of their types."
+    check_int("num_experts", c.num_experts, lo=1, hi=SIZE_LIMIT)
+    check_int("top_k", c.top_k, lo=1, hi=c.num_experts + 1)
+    check_int("hidden_size", c.hidden_size, lo=1, hi=SIZE_LIMIT)
+    check_int("intermediate_size", c.intermediate_size, lo=1, hi=SIZE_LIMIT)
+    check_int("num_shared_experts", c.num_shared_experts, lo=0, hi=SIZE_LIMIT)
+    if c.shared_intermediate_size is not None:
+        check_int("shared_intermediate_size", c.shared_intermediate_size, lo=1, hi=SIZE_LIMIT)
+    check_int("num_redundant_experts", c.num_redundant_experts, lo=0, hi=SIZE_LIMIT)
+    if c.num_experts + c.num_redundant_experts >= SIZE_LIMIT:
+        raise ValueError(f"num_redundant_experts: expected num_experts + num_redundant_experts < {SIZE_LIMIT} "
+                         f"(physical ids are int32), got {c.num_experts} + {c.num_redundant_experts}")
+    check_int("max_num_tokens", c.max_num_tokens, lo=1, hi=SIZE_LIMIT)
+    check_choice("dtype", c.dtype, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if not isinstance(c.name, str): raise ValueError(f"name: expected a str, got {type(c.name).__name__} {c.name!r}")
+
+# %%
+#| export
+def _check_moe_routing(c: MoEConfig) -> None:
+    "Routing options of a MoEConfig: types, group counts, and what grouped_topk and llama4 can run."
+    check_choice("routing_method", c.routing_method, ROUTING_METHODS)
+    check_choice("scoring_func", c.scoring_func, SCORING_FUNCS)
+    for flag in ("renormalize", "has_correction_bias", "apply_router_weight_on_input"):
+        check_bool(flag, getattr(c, flag))
+    check_positive_real("routed_scaling_factor", c.routed_scaling_factor)
+    for f in ("num_expert_group", "topk_group"):             # checked whenever given; required by grouped_topk
+        if getattr(c, f) is not None or c.routing_method == "grouped_topk":
+            check_int(f, getattr(c, f), lo=1, hi=SIZE_LIMIT)
+    if c.num_expert_group is not None and c.topk_group is not None:
+        check_int("topk_group", c.topk_group, lo=1, hi=c.num_expert_group + 1)
+    if c.routing_method == "grouped_topk":
+        size, rem = divmod(c.num_experts, c.num_expert_group)
+        groupable = rem == 0 and (size >= 2 or not c.has_correction_bias)   # else routing falls back (03_routing)
+        if groupable and c.top_k > c.topk_group * size:
+            raise ValueError(f"top_k: expected <= topk_group * experts per group = {c.topk_group * size} for "
+                             f"routing_method 'grouped_topk', got {c.top_k}")
+    if c.routing_method == "llama4":
+        if c.top_k != 1: raise ValueError(f"top_k: expected 1 for routing_method 'llama4', got {c.top_k}")
+        if c.has_correction_bias:
+            raise ValueError("has_correction_bias: expected False for routing_method 'llama4', got True")
+        if c.routed_scaling_factor != 1:
+            raise ValueError(f"routed_scaling_factor: expected 1.0 for routing_method 'llama4', "
+                             f"got {c.routed_scaling_factor}")
+
+# %%
+#| export
+def _check_moe_deployment(c: MoEConfig) -> None:
+    "The deployment of a MoEConfig: a ParallelConfig whose all2all backend, if used, can send `hidden_size`."
+    if not isinstance(c.parallel, ParallelConfig):
+        raise ValueError(f"parallel: expected a ParallelConfig, got {type(c.parallel).__name__}")
+    if c.parallel.use_all2all_kernels:
+        c.parallel.backend.round_up_hidden_size(c.hidden_size)   # ValueError above the largest size it sends
 
 # %% [markdown]
 # Delegation to the parallel config — the layer, the placement and the report all ask the `MoEConfig`, and it
@@ -433,3 +583,63 @@ test_fail(lambda: MoEConfig(8, 2, 16, 16, scoring_func="relu"), contains="scorin
 test_fail(lambda: MoEConfig(8, 2, 16, 16, routing_method="grouped_topk"), contains="num_expert_group: expected an int")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, routing_method="llama4"), contains="top_k: expected 1")
 test_fail(lambda: MoEConfig(8, 2, 16, 0), contains="intermediate_size: expected >= 1, got 0")
+
+# %% [markdown]
+# Each guarantee, one bad value at a time:
+
+# %%
+#| test moe_config_bad_input
+bad = {"renormalize": ("yes", "renormalize: expected a bool, got str 'yes'"),
+       "has_correction_bias": (1, "has_correction_bias: expected a bool, got int 1"),
+       "apply_router_weight_on_input": ("no", "apply_router_weight_on_input: expected a bool"),
+       "routed_scaling_factor": ("2", "routed_scaling_factor: expected a finite number > 0, got str '2'"),
+       "num_expert_group": (0, "num_expert_group: expected >= 1, got 0"),        # checked although routing is topk
+       "topk_group": ("a", "topk_group: expected an int, got str"),
+       "shared_intermediate_size": (0, "shared_intermediate_size: expected >= 1, got 0"),
+       "name": (3, "name: expected a str, got int 3"),
+       "num_experts": (2**40, "num_experts: expected < 2147483648, got 1099511627776"),
+       "hidden_size": (2**31, "hidden_size: expected < 2147483648"),
+       "num_redundant_experts": (2**31 - 8, "num_redundant_experts: expected num_experts + num_redundant_experts <")}
+shapes = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16)
+for field_name, (value, msg) in bad.items():
+    test_fail(lambda: MoEConfig(**{**shapes, field_name: value}), contains=msg)
+for x in (float("nan"), float("inf"), True, 0, -1.5, 10**400):
+    test_fail(lambda: MoEConfig(8, 2, 16, 16, routed_scaling_factor=x),
+              contains="routed_scaling_factor: expected a finite")
+test_fail(lambda: MoEConfig(8, 2, 16, 16, num_expert_group=2, topk_group=3), contains="topk_group: expected < 3, got 3")
+test_eq(MoEConfig(8, 2, 16, 16, routed_scaling_factor=2).routed_scaling_factor, 2)   # an int factor is a number
+
+# %% [markdown]
+# Grouped top-k and Llama-4: what the router can run is what the config accepts. Experts that do not split into
+# groups are accepted, because the router falls back to plain top-k (and warns).
+
+# %%
+#| test moe_config_routing_rules
+grouped = dict(routing_method="grouped_topk", num_expert_group=4, topk_group=2)
+test_eq(MoEConfig(16, 8, 16, 16, **grouped).top_k, 8)                    # 2 groups of 4 hold 8 experts
+test_fail(lambda: MoEConfig(16, 9, 16, 16, **grouped), contains="top_k: expected <= topk_group * experts per group = 8")
+test_eq(MoEConfig(10, 5, 16, 16, **grouped).top_k, 5)                    # 10 % 4 != 0: falls back, top_k <= 10
+test_eq(MoEConfig(8, 8, 16, 16, routing_method="grouped_topk", num_expert_group=8, topk_group=4,
+                  has_correction_bias=True).top_k, 8)                    # DeepSeek-V3's 8-expert test model
+test_fail(lambda: MoEConfig(8, 8, 16, 16, routing_method="grouped_topk", num_expert_group=8, topk_group=4),
+          contains="top_k: expected <= topk_group * experts per group = 4")   # no bias: 8 groups of 1 are valid
+llama4 = dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False)
+test_fail(lambda: MoEConfig(16, 1, 16, 16, has_correction_bias=True, **llama4),
+          contains="has_correction_bias: expected False for routing_method 'llama4', got True")
+test_fail(lambda: MoEConfig(16, 1, 16, 16, routed_scaling_factor=2.0, **llama4),
+          contains="routed_scaling_factor: expected 1.0 for routing_method 'llama4', got 2.0")
+
+# %% [markdown]
+# The hidden-size limit of a backend is enforced by the config, through the record: a deployment whose all2all
+# cannot send the layer's rows is refused when it is made, whatever the backend is called.
+
+# %%
+#| test moe_config_hidden_size_limit
+for name, d in BACKENDS.items():
+    par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=name)
+    limited = par.use_all2all_kernels and d.supported_hidden_sizes is not None
+    if limited: test_fail(lambda: MoEConfig(8, 2, 9000, 16, parallel=par), contains="hidden_size: expected <= 8192")
+    else: test_eq(MoEConfig(8, 2, 9000, 16, parallel=par).hidden_size, 9000)
+    test_eq(MoEConfig(8, 2, 2880, 16, parallel=par).hidden_size, 2880)   # padded when dispatched, not refused
+tp_ep = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="nixl_ep")   # no all2all: no limit
+test_eq(MoEConfig(8, 2, 9000, 16, parallel=tp_ep).hidden_size, 9000)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import torch
-from moe_lit.terms import check_int, check_choice, hf_names
-from moe_lit.config import MoEConfig, ParallelConfig, SCORING_FUNCS
+from moe_lit.terms import check_int, check_choice, check_positive_real, hf_names
+from moe_lit.config import MoEConfig, ParallelConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %%
 #| hide
@@ -249,6 +249,9 @@ test_eq(describe_routing(PRESETS["deepseek-v3"]),
 test_eq(describe_routing(PRESETS["llama-4-scout"]), "top-1 logit → sigmoid → weight applied to the input")
 test_eq(describe_routing(MoEConfig(8, 2, 16, 16, renormalize=False)), "softmax → top-2")
 test_fail(lambda: describe_routing("mixtral-8x7b"), contains="cfg: expected a MoEConfig, got str")
+# a value describe_routing could not format never reaches it: the config refuses it when made
+test_fail(lambda: describe_routing(MoEConfig(8, 2, 16, 16, routed_scaling_factor="x")),
+          contains="routed_scaling_factor: expected a finite number > 0, got str 'x'")
 
 # %% [markdown]
 # `preset_table` gives one row per preset — the data behind `moe-lit tables` and the table below — and
@@ -383,16 +386,23 @@ def _get(cfg: dict, key: str, default=None):
     v = cfg.get(key)
     return default if v is None else v
 
-def _first(cfg: dict, keys: tuple, hint: str = ""):
-    "(key, value) of the first of `keys` present with a non-null value; ValueError listing them all otherwise."
+def _first(cfg: dict, field: str, keys: tuple, hint: str = ""):
+    "(key, value) of the first of `keys` present with a non-null value; else ValueError naming `field` and the keys."
     for k in keys:
         if cfg.get(k) is not None: return k, cfg[k]
-    raise ValueError(f"config.json: expected one of {list(keys)}, found none{hint}")
+    raise ValueError(f"config.json {field}: expected one of the keys {list(keys)}, got none of them{hint}")
 
 def _shape(cfg: dict, field: str, hint: str = "") -> int:
-    "The positive int stored under the first spelling of `field` (see HF_KEYS) that the file has."
-    key, v = _first(cfg, HF_KEYS[field], hint)
-    return check_int(f"config.json {key}", v, lo=1)
+    "The positive int, below SIZE_LIMIT, stored under the first spelling of `field` (see HF_KEYS) that the file has."
+    key, v = _first(cfg, field, HF_KEYS[field], hint)
+    return check_int(f"config.json {key}", v, lo=1, hi=SIZE_LIMIT)
+
+def _model_type(cfg: dict) -> str | None:
+    "The file's `model_type` (None when absent): a str, since it is looked up in the model-family table."
+    t = cfg.get("model_type")
+    if t is not None and not isinstance(t, str):
+        raise ValueError(f"config.json model_type: expected a str, got {type(t).__name__} {t!r}")
+    return t
 
 # %% [markdown]
 # ### Model families: what config.json does not say
@@ -431,23 +441,23 @@ _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")   # DeepSeek's to
 def _groups_from_hf(cfg: dict, fam: dict) -> dict:
     "routing_method, num_expert_group, topk_group and has_correction_bias from topk_method / n_group / topk_group."
     n_group = cfg.get("n_group")
-    if n_group is not None: check_int("config.json n_group", n_group, lo=1)
+    if n_group is not None: check_int("config.json n_group", n_group, lo=1, hi=SIZE_LIMIT)
     method = _get(cfg, "topk_method", fam.get("topk_method"))
     if method is None: method = "group_limited_greedy" if (n_group or 1) > 1 else "greedy"
     check_choice("config.json topk_method", method, _TOPK_METHODS)
     out = dict(routing_method="topk", has_correction_bias=method == "noaux_tc")
     if method == "group_limited_greedy" or (method == "noaux_tc" and (n_group or 1) > 1):
-        _first(cfg, ("n_group",))                     # grouped selection needs both group counts
-        _, topk_group = _first(cfg, ("topk_group",))
+        _first(cfg, "num_expert_group", ("n_group",))   # grouped selection needs both group counts
+        _, topk_group = _first(cfg, "topk_group", ("topk_group",))
         out.update(routing_method="grouped_topk", num_expert_group=n_group,
-                   topk_group=check_int("config.json topk_group", topk_group, lo=1))
+                   topk_group=check_int("config.json topk_group", topk_group, lo=1, hi=SIZE_LIMIT))
     return out
 
 # %%
 #| export
 def _routing_from_hf(cfg: dict) -> dict:
     "The MoEConfig routing fields: config.json keys where present, the model family's behaviour where not."
-    fam = _FAMILIES.get(cfg.get("model_type"), {})
+    fam = _FAMILIES.get(_model_type(cfg), {})
     if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (§6.4)
         return dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False,
                     apply_router_weight_on_input=True)
@@ -458,10 +468,8 @@ def _routing_from_hf(cfg: dict) -> dict:
             raise ValueError(f"config.json norm_topk_prob: expected a bool, got {renormalize!r}")
     scoring = check_choice("config.json scoring_func", _get(cfg, "scoring_func", fam.get("scoring_func", "softmax")),
                            SCORING_FUNCS)
-    scale = _get(cfg, "routed_scaling_factor", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-        raise ValueError(f"config.json routed_scaling_factor: expected a positive number, got {scale!r}")
-    return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=float(scale),
+    scale = check_positive_real("config.json routed_scaling_factor", _get(cfg, "routed_scaling_factor", 1.0))
+    return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
                 **_groups_from_hf(cfg, fam))
 
 # %%
@@ -470,11 +478,12 @@ _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": t
 
 def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]:
     "(num_shared_experts, width of the one always-on MLP they form) from config.json."
-    n = check_int("config.json n_shared_experts", _get(cfg, "n_shared_experts", 0), lo=0)
+    n = check_int("config.json n_shared_experts", _get(cfg, "n_shared_experts", 0), lo=0, hi=SIZE_LIMIT)
     if n: return n, n * intermediate_size                     # DeepSeek / GLM: n experts fused into one MLP
-    width = check_int("config.json shared_expert_intermediate_size", _get(cfg, "shared_expert_intermediate_size", 0), lo=0)
+    width = check_int("config.json shared_expert_intermediate_size", _get(cfg, "shared_expert_intermediate_size", 0),
+                      lo=0, hi=SIZE_LIMIT)
     if width: return 1, width                                 # Qwen2-MoE / Qwen3-Next: one shared expert
-    if _FAMILIES.get(cfg.get("model_type"), {}).get("routing_method") == "llama4":
+    if _FAMILIES.get(_model_type(cfg), {}).get("routing_method") == "llama4":
         return 1, intermediate_size                           # Llama4TextMoe.shared_expert has the experts' width
     return 0, None
 
@@ -501,11 +510,14 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
     num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)
-    name = _get(cfg, "_name_or_path", "") or _get(cfg, "name_or_path", "") or file_name or _get(cfg, "model_type", "")
+    for key in ("_name_or_path", "name_or_path"):
+        if not isinstance(_get(cfg, key, ""), str):
+            raise ValueError(f"config.json {key}: expected a str, got {type(cfg[key]).__name__} {cfg[key]!r}")
+    name = _get(cfg, "_name_or_path", "") or _get(cfg, "name_or_path", "") or file_name or (_model_type(cfg) or "")
     return MoEConfig(num_experts=num_experts, top_k=_shape(cfg, "top_k"), hidden_size=_shape(cfg, "hidden_size"),
                      intermediate_size=intermediate_size, num_shared_experts=num_shared,
                      shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
-                     name=str(name), parallel=ParallelConfig() if parallel is None else parallel,
+                     name=name, parallel=ParallelConfig() if parallel is None else parallel,
                      **_routing_from_hf(cfg))
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)
@@ -633,26 +645,53 @@ test_eq(MoEConfig.from_hf_config(qwen2_moe, parallel=par), moe_config_from_hf(qw
 # %%
 #| test from_hf_bad_keys
 dense = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32}
-test_fail(lambda: moe_config_from_hf(dense),
-          contains="config.json: expected one of ['num_experts', 'num_local_experts', 'n_routed_experts'], found none")
+test_fail(lambda: moe_config_from_hf(dense), contains="config.json num_experts: expected one of the keys "
+          "['num_experts', 'num_local_experts', 'n_routed_experts'], got none of them (a dense model has no MoE layer)")
 moe = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "hidden_size": 2048,
        "moe_intermediate_size": 768}
 drop = lambda *keys: {k: v for k, v in moe.items() if k not in keys}
 test_fail(lambda: moe_config_from_hf(drop("num_experts_per_tok")),
-          contains="config.json: expected one of ['num_experts_per_tok', 'experts_per_token'], found none")
-test_fail(lambda: moe_config_from_hf(drop("hidden_size")), contains="config.json: expected one of ['hidden_size']")
-test_fail(lambda: moe_config_from_hf(drop("moe_intermediate_size")),
-          contains="config.json: expected one of ['moe_intermediate_size', 'intermediate_size'], found none")
+          contains="config.json top_k: expected one of the keys ['num_experts_per_tok', 'experts_per_token'], got none")
+test_fail(lambda: moe_config_from_hf(drop("hidden_size")),
+          contains="config.json hidden_size: expected one of the keys ['hidden_size'], got none of them")
+test_fail(lambda: moe_config_from_hf(drop("moe_intermediate_size")), contains="config.json intermediate_size: "
+          "expected one of the keys ['moe_intermediate_size', 'intermediate_size'], got none of them")
 test_fail(lambda: moe_config_from_hf({**moe, "num_experts": "128"}), contains="config.json num_experts: expected an int")
 test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 0}), contains="config.json num_experts: expected >= 1, got 0")
 test_fail(lambda: moe_config_from_hf({**moe, "norm_topk_prob": "yes"}), contains="config.json norm_topk_prob: expected a bool")
 test_fail(lambda: moe_config_from_hf({**moe, "scoring_func": "sqrtsoftplus"}), contains="config.json scoring_func: expected one of")
 test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "aux_free"}), contains="config.json topk_method: expected one of")
 test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "group_limited_greedy", "n_group": 8}),
-          contains="config.json: expected one of ['topk_group'], found none")
-test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": -1}), contains="config.json routed_scaling_factor: expected a positive")
+          contains="config.json topk_group: expected one of the keys ['topk_group'], got none of them")
+test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "group_limited_greedy", "topk_group": 2}),
+          contains="config.json num_expert_group: expected one of the keys ['n_group'], got none of them")
+test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": -1}),
+          contains="config.json routed_scaling_factor: expected a finite number > 0, got int -1")
 test_fail(lambda: moe_config_from_hf({**moe, "torch_dtype": "int8"}), contains="config.json torch_dtype: expected one of")
 test_fail(lambda: moe_config_from_hf(moe, parallel="ep8"), contains="parallel: expected a ParallelConfig, got str")
+
+# %% [markdown]
+# Values JSON can hold but no layer has: a `model_type` that is not a string, a scaling factor of `NaN` or
+# `Infinity` (Python's `json` reads both), and sizes too large for the int32 tables every later step builds
+# (`SIZE_LIMIT`).
+
+# %%
+#| test from_hf_bad_values
+moe = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "hidden_size": 2048,
+       "moe_intermediate_size": 768}
+for t in (["x"], {"a": 1}, 3):
+    test_fail(lambda: moe_config_from_hf({**moe, "model_type": t}), contains="config.json model_type: expected a str, got")
+for x in ("NaN", "Infinity", "-Infinity"):
+    raw = json.loads(json.dumps(moe)[:-1] + f', "routed_scaling_factor": {x}}}')   # as json reads a file
+    test_fail(lambda: moe_config_from_hf(raw), contains="config.json routed_scaling_factor: expected a finite number > 0")
+test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": "2.5"}),
+          contains="config.json routed_scaling_factor: expected a finite number > 0, got str '2.5'")
+test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 10**30}), contains="config.json num_experts: expected < 2147483648")
+test_fail(lambda: moe_config_from_hf({**moe, "hidden_size": 2**31}), contains="config.json hidden_size: expected < 2147483648")
+test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**40}), contains="config.json n_shared_experts: expected <")
+test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**22}),   # 2**22 * 768 is too wide for one MLP
+          contains="shared_intermediate_size: expected < 2147483648")
+test_fail(lambda: moe_config_from_hf({**moe, "_name_or_path": ["Qwen"]}), contains="config.json _name_or_path: expected a str")
 
 # %%
 #| test from_hf_bad_source

@@ -8,16 +8,16 @@
 # %%
 #| export
 from __future__ import annotations
-import math
 import warnings
 import torch
-from moe_lit.terms import check_int, check_choice, check_tensor
-from moe_lit.config import MoEConfig, SCORING_FUNCS
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real
+from moe_lit.config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
 from moe_lit.testing import assert_close
+import numpy as np
 
 # %% [markdown]
 # In this notebook: the deterministic selection primitive `stable_topk`; the routers `fused_topk` (softmax or sigmoid
@@ -43,7 +43,12 @@ from moe_lit.testing import assert_close
 # 4. **A token whose scores contain a NaN is routed to the experts `0, 1, …, top_k-1` with weight 0**, and the
 #    other tokens are unaffected. vLLM crashed or produced out-of-range ids on NaN router logits (vLLM #39391,
 #    SGLang #30079). A zero weight means the token contributes nothing, while the ids stay distinct and in range
-#    so every later table (alignment, dispatch) stays valid.
+#    so every later table (alignment, dispatch) stays valid. The rule covers **infinite logits under softmax**: a
+#    row with a `+inf` logit normalises `inf / inf`, and a row of only `-inf` logits `0 / 0`, both NaN, so such a
+#    token gets weight 0 like a NaN one. moe-lit does not give a `+inf` expert the whole weight: an infinite logit is
+#    an overflowed hidden state, no more trustworthy than a NaN. Sigmoid maps `±inf` to the numbers 1 and 0, so
+#    under sigmoid (and in `llama4_topk`) such a token is routed normally; `-inf` logits among finite ones are
+#    valid under both and are simply chosen last.
 # 5. **With a correction bias, experts are selected on `score + bias` and weighted by `score`**, recomputed from
 #    the logits and gathered at the selected ids, never `(score + bias) - bias` (flashinfer #3875, where the
 #    weights collapsed to zero; vLLM-metax #270, where biased weights leaked out).
@@ -64,11 +69,13 @@ from moe_lit.testing import assert_close
 
 # %%
 #| export
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)   # scores and logits
+
 def stable_topk(values: torch.Tensor,  # [num_tokens, n] float, scores to select from
                 top_k: int,            # entries kept per row, 1 <= top_k <= n
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     "The `top_k` largest entries of each row, descending, ties to the lower index, NaN as -inf: (values, int64 ids)."
-    check_tensor("values", values, ndim=2)
+    check_tensor("values", values, ndim=2, dtype=_FLOAT_DTYPES)   # an int tensor cannot hold the -inf NaN becomes
     check_int("top_k", top_k, lo=1, hi=values.shape[1] + 1)
     clean = values.masked_fill(values.isnan(), float("-inf"))
     vals, ids = torch.sort(clean, dim=-1, descending=True, stable=True)   # stable: equal values keep index order
@@ -85,17 +92,17 @@ test_eq(stable_topk(v, 7)[1][0].tolist(), [1, 2, 4, 6, 0, 3, 5])   # NaN ranks l
 test_eq(stable_topk(torch.zeros(2, 300), 4)[1].tolist(), [[0, 1, 2, 3]] * 2)
 test_fail(lambda: stable_topk(v, 8), contains="top_k: expected < 8, got 8")
 test_fail(lambda: stable_topk(v[0], 2), contains="values: expected a 2-D tensor")
+test_fail(lambda: stable_topk(torch.ones(2, 3, dtype=torch.int32), 1), contains="values: expected dtype torch.float16")
 
 # %% [markdown]
 # ## Argument checks shared by the routers
 #
-# The routers validate the same four arguments. The checks are private; the messages are the package's
-# `<argument>: expected <x>, got <y>`, and the bad-input tests below document them.
+# The routers validate the same arguments. The checks are private; the messages are the package's
+# `<argument>: expected <x>, got <y>`, and the bad-input tests below document them. `renormalize` must be a Python
+# bool and `routed_scaling_factor` a finite number > 0: the checks `MoEConfig` applies to the same fields.
 
 # %%
 #| export
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 def _check_logits(gating_output) -> torch.Tensor:
     "Validate router logits `[num_tokens, num_experts]` of a float dtype, with at least one expert."
     check_tensor("gating_output", gating_output, ndim=2, dtype=_FLOAT_DTYPES)
@@ -111,13 +118,6 @@ def _check_bias(bias, num_experts: int, device) -> torch.Tensor | None:
         raise ValueError("e_score_correction_bias: expected finite values, got NaN or inf")
     return bias.to(device=device, dtype=torch.float32)
 
-def _check_scale(routed_scaling_factor) -> float:
-    "Validate `routed_scaling_factor`: a finite number > 0."
-    x = routed_scaling_factor
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
-        raise ValueError(f"routed_scaling_factor: expected a finite number > 0, got {x!r}")
-    return float(x)
-
 # %% [markdown]
 # ## Scores and weights
 #
@@ -125,8 +125,8 @@ def _check_scale(routed_scaling_factor) -> float:
 # the tokens whose scores are not numbers), and turning the gathered scores into final weights.
 #
 # > A token is *invalid* when any of its scores is NaN: a NaN logit, or a softmax over a `+inf` or all-`-inf`
-# > row. A single NaN logit poisons the whole softmax row anyway; treating the sigmoid case the same way gives
-# > one rule for both scoring functions instead of routing a half-broken hidden state to its finite experts.
+# > row (rule 4). A single NaN logit poisons the whole softmax row anyway; treating the sigmoid case the same way
+# > gives one rule for both scoring functions instead of routing a half-broken hidden state to its finite experts.
 
 # %%
 #| export
@@ -166,10 +166,10 @@ def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any fl
     _check_logits(gating_output)
     num_experts = gating_output.shape[1]
     check_int("top_k", top_k, lo=1, hi=num_experts + 1)
-    check_choice("renormalize", renormalize, (True, False))
+    check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
     bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device)
-    scale = _check_scale(routed_scaling_factor)
+    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
     scores, invalid = _router_scores(gating_output, scoring_func)
     choice = scores if bias is None else scores + bias           # select on the biased score ...
     choice = choice.masked_fill(invalid[:, None], float("-inf"))  # invalid tokens: all tie -> experts 0..top_k-1
@@ -408,10 +408,10 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
     check_int("num_expert_group", num_expert_group, lo=1)
     check_int("topk_group", topk_group, lo=1, hi=num_expert_group + 1)
     check_int("top_k", top_k, lo=1, hi=num_experts + 1)
-    check_choice("renormalize", renormalize, (True, False))
+    check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
     bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device)
-    scale = _check_scale(routed_scaling_factor)
+    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
     reason = ungroupable_reason(num_experts, num_expert_group, bias is not None)
     if reason is not None:                                        # vLLM falls back silently; moe-lit says so
         warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=2)
@@ -549,6 +549,26 @@ test_eq((w.dtype, ids.dtype), (torch.float32, torch.int32))
 test_fail(lambda: llama4_topk(logits, 5), contains="top_k: expected < 5")
 
 # %% [markdown]
+# **Infinite logits**, in every router (rule 4): under softmax a `+inf` logit, or a row of `-inf` only, makes the
+# token invalid — ids `0 … top_k-1`, weight 0 — exactly as a NaN does; under sigmoid (and in `llama4_topk`) `+inf`
+# scores 1 and the token is routed normally. `-inf` logits among finite ones are valid and chosen last.
+
+# %%
+#| test infinite_logits
+inf = float("inf")
+logits = torch.tensor([[inf, 0.0, 1.0, 2.0], [0.0, 1.0, 2.0, 3.0], [-inf] * 4, [-inf, -inf, 0.0, 1.0]])
+w, ids = fused_topk(logits, 2, True)                                           # softmax
+test_eq((ids[[0, 2]].tolist(), w[[0, 2]].tolist()), ([[0, 1]] * 2, [[0.0, 0.0]] * 2))   # invalid, like NaN
+assert torch.equal(ids[[1]], fused_topk(logits[[1]], 2, True)[1])             # the other tokens are unaffected
+test_eq(ids[3].tolist(), [3, 2]); test_close(w[3].sum(), 1.0, eps=1e-6)        # -inf among finite: valid
+w, ids = grouped_topk(logits, 2, True, 2, 1)                                   # grouped softmax: the same rule
+test_eq((ids[0].tolist(), w[0].tolist()), ([0, 1], [0.0, 0.0]))
+w, ids = fused_topk(logits, 2, False, "sigmoid")                               # sigmoid: +inf scores 1.0
+test_eq((ids[0].tolist(), w[0, 0].item()), ([0, 3], 1.0))
+test_eq(w[2].tolist(), [0.0, 0.0]); assert torch.isfinite(fused_topk(logits, 2, True, "sigmoid")[0]).all()
+test_eq(llama4_topk(logits[[0]]), (torch.tensor([[1.0]]), torch.tensor([[0]], dtype=torch.int32)))
+
+# %% [markdown]
 # ## Bad input
 #
 # Every router names the argument it rejects.
@@ -561,12 +581,16 @@ test_fail(lambda: fused_topk(g.long(), 2, True), contains="gating_output: expect
 test_fail(lambda: fused_topk(g, 65, True), contains="top_k: expected < 65, got 65")
 test_fail(lambda: fused_topk(g, 0, True), contains="top_k: expected >= 1, got 0")
 test_fail(lambda: fused_topk(g, 2, True, "relu"), contains="scoring_func: expected one of")
-test_fail(lambda: fused_topk(g, 2, "yes"), contains="renormalize: expected one of")
+for flag in ("yes", 1, np.bool_(True), torch.tensor([True, False]), None):   # only a Python bool
+    test_fail(lambda: fused_topk(g, 2, flag), contains="renormalize: expected a bool, got")
+    test_fail(lambda: grouped_topk(g, 2, flag, 8, 2), contains="renormalize: expected a bool, got")
 test_fail(lambda: fused_topk(g, 2, True, e_score_correction_bias=torch.zeros(63)),
           contains="e_score_correction_bias: expected shape [64], got [63]")
 test_fail(lambda: fused_topk(g, 2, True, e_score_correction_bias=torch.full((64,), float("nan"))),
           contains="e_score_correction_bias: expected finite values")
-test_fail(lambda: fused_topk(g, 2, True, routed_scaling_factor=0.0), contains="routed_scaling_factor: expected")
+for x in (0.0, float("nan"), float("inf"), "2", True, 10**400):
+    test_fail(lambda: fused_topk(g, 2, True, routed_scaling_factor=x),
+              contains="routed_scaling_factor: expected a finite number > 0")
 test_fail(lambda: grouped_topk(g, 2, True, 8, 9), contains="topk_group: expected < 9, got 9")
 test_fail(lambda: grouped_topk(g, 2, True, 0, 1), contains="num_expert_group: expected >= 1, got 0")
 test_fail(lambda: grouped_topk(g, 2, True, 8, 0), contains="topk_group: expected >= 1, got 0")
@@ -586,7 +610,8 @@ test_fail(lambda: llama4_topk(g.int()), contains="gating_output: expected dtype"
 #
 # > `llama4` takes neither `renormalize` nor `scoring_func` from the config: the routing method fixes them (sigmoid
 # > of the raw logit, never renormalised), as vLLM's Llama-4 routing function ignores its `renormalize` argument.
-# > A `routed_scaling_factor` other than 1 or a correction bias with `llama4` is refused rather than dropped.
+# > A `routed_scaling_factor` other than 1 or a correction bias with `llama4` is refused by `MoEConfig` when the
+# > config is made, rather than dropped here.
 # > The ids are int32; casting them to the dtype a dispatch wants (`config.topk_indices_dtype`) is the prepare
 # > step's job.
 
@@ -606,12 +631,7 @@ def select_experts(config: MoEConfig,             # the layer: routing_method an
     if not config.has_correction_bias and bias is not None:
         raise ValueError("e_score_correction_bias: expected None (config.has_correction_bias is False), got a tensor")
     c = config
-    if c.routing_method == "llama4":
-        if c.has_correction_bias: raise ValueError("has_correction_bias: expected False for routing_method 'llama4'")
-        if c.routed_scaling_factor != 1.0:
-            raise ValueError(f"routed_scaling_factor: expected 1.0 for routing_method 'llama4', got "
-                             f"{c.routed_scaling_factor}")
-        return llama4_topk(gating_output, c.top_k)
+    if c.routing_method == "llama4": return llama4_topk(gating_output, c.top_k)   # MoEConfig: no bias, no scale
     if c.routing_method == "grouped_topk":
         return grouped_topk(gating_output, c.top_k, c.renormalize, c.num_expert_group, c.topk_group,
                             c.scoring_func, c.routed_scaling_factor, bias)
@@ -642,8 +662,33 @@ test_fail(lambda: select_experts(cfg.replace(has_correction_bias=False), g, torc
 test_fail(lambda: select_experts(cfg, g, torch.zeros(15)), contains="e_score_correction_bias: expected shape [16]")
 test_fail(lambda: select_experts(cfg, g[:, :8], torch.zeros(16)), contains="gating_output: expected shape [*, 16]")
 test_fail(lambda: select_experts("cfg", g), contains="config: expected a MoEConfig")
-llama = MoEConfig(16, 1, 64, 32, routing_method="llama4", routed_scaling_factor=2.0)
-test_fail(lambda: select_experts(llama, g), contains="routed_scaling_factor: expected 1.0")
+test_fail(lambda: select_experts(MoEConfig(16, 1, 64, 32, routing_method="llama4", routed_scaling_factor=2.0), g),
+          contains="routed_scaling_factor: expected 1.0")                    # refused by the config itself
+
+# %% [markdown]
+# `MoEConfig` accepts a grouped config exactly when `grouped_topk` can route it — directly, or through the fallback
+# to plain top-k for experts that do not split into groups — so `select_experts` never fails on a config the
+# library made.
+
+# %%
+#| test config_accepts_what_grouped_topk_runs
+torch.manual_seed(10)
+g = torch.randn(2, 12)
+for E in (8, 12):
+    for G in (2, 3, 4, 8):
+        for topk_group in (1, 2):
+            for top_k in (1, 4, 8):
+                for has_bias in (False, True):
+                    kw = dict(routing_method="grouped_topk", num_expert_group=G, topk_group=topk_group,
+                              scoring_func="sigmoid", has_correction_bias=has_bias)
+                    try: MoEConfig(E, top_k, 16, 16, **kw); accepted = True
+                    except ValueError: accepted = False
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RoutingFallbackWarning)
+                        try: grouped_topk(g[:, :E], top_k, True, G, topk_group, "sigmoid", 1.0,
+                                          torch.zeros(E) if has_bias else None); runs = True
+                        except ValueError: runs = False
+                    test_eq((E, G, topk_group, top_k, has_bias, accepted), (E, G, topk_group, top_k, has_bias, runs))
 
 # %% [markdown]
 # ## Per-expert load
@@ -658,7 +703,7 @@ def expert_load(topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, expe
                 num_experts: int,        # length of the result
                 ) -> torch.Tensor:
     "Slots routed to each expert: `[num_experts]` int64 counts, `-1` ids ignored."
-    check_int("num_experts", num_experts, lo=1)
+    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)   # ids are int32: no larger count is meaningful
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
     ids = topk_ids.flatten().long()
     ids = ids[ids != -1]
@@ -677,6 +722,7 @@ _, ids = fused_topk(torch.randn(64, 16), 4, True)
 test_eq(expert_load(ids, 16).sum().item(), 64 * 4)          # counts sum to num_tokens * top_k
 test_fail(lambda: expert_load(ids, 8), contains="topk_ids: expected ids in [-1, 8)")
 test_fail(lambda: expert_load(ids.float(), 16), contains="topk_ids: expected dtype")
+test_fail(lambda: expert_load(ids, 2**62), contains="num_experts: expected < 2147483648, got 4611686018427387904")
 
 # %%
 #| export

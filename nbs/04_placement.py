@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_choice, check_tensor
-from moe_lit.config import ParallelConfig, MoEConfig
+from moe_lit.config import ParallelConfig, MoEConfig, SIZE_LIMIT
 
 # %%
 #| hide
@@ -42,7 +42,8 @@ from moe_lit.config import BACKENDS
 #
 # Every rank must own at least one expert, so `num_experts >= ep_size` is required: a rank with zero experts would
 # hold an empty weight tensor and make every later shape edge case the normal case. moe-lit rejects it with a
-# `ValueError` (vLLM does not check).
+# `ValueError` (vLLM does not check). Expert counts must also stay below `SIZE_LIMIT` (2³¹): expert maps and physical
+# ids are int32, and a larger count would ask for tables no device holds.
 
 # %%
 #| export
@@ -56,7 +57,7 @@ def expert_block(
     "The contiguous block `[offset, offset + count)` rank `ep_rank` holds in a linear layout (first `rem` ranks +1)."
     check_int("ep_size", ep_size, lo=1)
     check_int("ep_rank", ep_rank, lo=0, hi=ep_size)
-    check_int("num_experts", num_experts, lo=1)
+    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
     if num_experts < ep_size:
         raise ValueError(f"num_experts: expected >= ep_size ({ep_size}) so that every rank owns at least one expert, "
                          f"got {num_experts}")
@@ -83,6 +84,7 @@ test_fail(lambda: expert_block(8, 2, 2), contains="ep_rank: expected < 2, got 2"
 test_fail(lambda: expert_block(8, 2, -1), contains="ep_rank: expected >= 0, got -1")
 test_fail(lambda: expert_block(3, 4, 0), contains="num_experts: expected >= ep_size (4)")
 test_fail(lambda: expert_block(8.0, 2, 0), contains="num_experts: expected an int")
+test_fail(lambda: expert_block(2**31, 2, 0), contains="num_experts: expected < 2147483648, got 2147483648")
 
 # %% [markdown]
 # ## The expert map
@@ -102,7 +104,7 @@ def determine_expert_map(
 ) -> tuple[int, torch.Tensor | None]:  # (num_local_experts, expert_map [global_num_experts] int32 or None)
     "This rank's expert count and `expert_map` (global id -> local index, -1 = not local), as vLLM's does."
     check_int("ep_size", ep_size, lo=1)
-    check_int("global_num_experts", global_num_experts, lo=1)
+    check_int("global_num_experts", global_num_experts, lo=1, hi=SIZE_LIMIT)   # before allocating the map
     if global_num_experts < ep_size:
         raise ValueError(f"global_num_experts: expected >= ep_size ({ep_size}) so that every rank owns at least one "
                          f"expert, got {global_num_experts}")
@@ -147,6 +149,7 @@ test_fail(lambda: determine_expert_map(4, 0, 3), contains="global_num_experts: e
 test_fail(lambda: determine_expert_map(2, 0, 8, "zigzag"),
           contains="strategy: expected one of ['linear', 'round_robin'], got 'zigzag'")
 test_fail(lambda: determine_expert_map(2, 0, 8.0), contains="global_num_experts: expected an int")
+test_fail(lambda: determine_expert_map(2, 0, 10**12), contains="global_num_experts: expected < 2147483648, got 1000000000000")
 
 # %% [markdown]
 # ### From local to global
@@ -204,7 +207,8 @@ test_fail(lambda: local_to_global([0, 1]), contains="expert_map: expected a torc
 # A request for round robin is not always honoured. vLLM (`determine_expert_placement_strategy`, then
 # `ExpertMapManager._determine_placement_strategy`) falls back to linear when:
 #
-# 1. EP is off, or `ep_size == 1` — there is nothing to spread;
+# 1. EP is off — there is nothing to spread (a `ParallelConfig` with EP on always has `ep_size > 1`, so one EP rank
+#    is this case too);
 # 2. the model has no more than one expert group (`num_expert_group` is `None` or 1). This is vLLM's precondition,
 #    kept so moe-lit resolves as vLLM does; nothing in the placement itself needs groups — it is the case where
 #    round robin was measured to help;
@@ -224,8 +228,7 @@ test_fail(lambda: local_to_global([0, 1]), contains="expert_map: expected a torc
 def _round_robin_blockers(parallel, num_expert_group, num_redundant_experts, enable_eplb) -> list[str]:
     "Every condition that stops round robin, each as a phrase naming it (empty: round robin is honoured)."
     out = []
-    if not parallel.use_ep: out.append("round_robin needs expert parallelism; use_ep is False")
-    elif parallel.ep_size == 1: out.append("round_robin needs ep_size > 1; ep_size is 1")
+    if not parallel.use_ep: out.append("round_robin needs expert parallelism; use_ep is False")   # also ep_size 1
     if num_expert_group is None or num_expert_group <= 1:   # vLLM's precondition, kept to resolve as vLLM does
         out.append(f"round_robin needs num_expert_group > 1 (vLLM's precondition); num_expert_group is "
                    f"{num_expert_group}")
@@ -297,9 +300,9 @@ for name, d in BACKENDS.items():
     test_eq(got == "round_robin", (not d.moves_tokens) or d.needs_round_robin_routing_tables)
     tp_ep = ParallelConfig.make(tp_size=4, dp_size=1, enable_expert_parallel=True, all2all_backend=name)
     test_eq(resolve_placement_strategy("round_robin", tp_ep, 8, 0, False), ("round_robin", "requested"))
-one_rank = ParallelConfig(use_ep=True)   # hand-built: EP "on" with one rank
+one_rank = ParallelConfig.make(1, 1, enable_expert_parallel=True)   # EP asked for on one device: use_ep is False
 test_eq(resolve_placement_strategy("round_robin", one_rank, 8, 0, False)[1],
-        "fell back to linear: round_robin needs ep_size > 1; ep_size is 1")
+        "fell back to linear: round_robin needs expert parallelism; use_ep is False")
 par = ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
 reason = resolve_placement_strategy("round_robin", par, None, 2, True)[1]
 assert all(s in reason for s in ("num_expert_group is None", "it is 2", "enable_eplb", "'allgather_reducescatter'"))
@@ -428,6 +431,9 @@ def eplb_replicas(
     check_int("num_redundant_experts", num_redundant_experts, lo=0)
     check_int("ep_size", ep_size, lo=1)
     num_physical = num_logical_experts + num_redundant_experts
+    if num_physical >= SIZE_LIMIT:
+        raise ValueError(f"num_redundant_experts: expected num_logical_experts + num_redundant_experts < {SIZE_LIMIT} "
+                         f"(physical ids are int32), got {num_logical_experts} + {num_redundant_experts}")
     if num_physical % ep_size:
         raise ValueError(f"ep_size: expected a divisor of num_logical_experts + num_redundant_experts = "
                          f"{num_physical}, got {ep_size}. EPLB needs the physical experts to divide evenly across ranks: "
@@ -464,6 +470,7 @@ test_fail(lambda: eplb_replicas(8, 2, 3), contains="EPLB needs the physical expe
 test_fail(lambda: eplb_replicas(0, 2, 2), contains="num_logical_experts: expected >= 1, got 0")
 test_fail(lambda: eplb_replicas(8, -1, 1), contains="num_redundant_experts: expected >= 0, got -1")
 test_fail(lambda: eplb_replicas(8, 2, 0), contains="ep_size: expected >= 1, got 0")
+test_fail(lambda: eplb_replicas(8, 2**31, 1), contains="num_redundant_experts: expected num_logical_experts + num_redundant_")
 
 # %% [markdown]
 # ### Logical to physical ids
@@ -474,6 +481,39 @@ test_fail(lambda: eplb_replicas(8, 2, 0), contains="ep_size: expected >= 1, got 
 #
 # > vLLM turns out-of-range ids into -1 silently; moe-lit raises instead, since an out-of-range id is always an
 # > upstream bug and a silent -1 drops the token's contribution. An id of -1 (a slot already marked empty) stays -1.
+#
+# The table is checked before it is used. Every physical slot holds exactly one logical expert, so with
+# `P = logical_replica_count.sum()` physical experts, the counted entries (the first `logical_replica_count[l]` of
+# row `l`) are the ids `0 … P-1`, each exactly once, and every other entry is the padding `-1`. A larger id would
+# wrap in the int32 result (`2**40` becomes 0), a repeated one would send two logical experts to one set of weights,
+# and a `-1` among the counted entries would route tokens to "no expert".
+
+# %%
+#| export
+def _check_replica_table(logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor) -> None:
+    "Raise ValueError unless the counted entries are the physical ids 0..P-1 once each and the rest is -1 padding."
+    check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
+    num_logical, max_replicas = logical_to_physical.shape
+    if num_logical < 1 or max_replicas < 1:
+        raise ValueError(f"logical_to_physical: expected at least one logical expert (row) and one replica (column), "
+                         f"got shape {list(logical_to_physical.shape)}")
+    check_tensor("logical_replica_count", logical_replica_count, shape=(num_logical,), dtype=torch.int64)
+    if ((logical_replica_count < 1) | (logical_replica_count > max_replicas)).any():
+        raise ValueError(f"logical_replica_count: expected values in [1, {max_replicas}], "
+                         f"got {logical_replica_count.tolist()}")
+    num_physical = int(logical_replica_count.sum())                     # <= numel, so below SIZE_LIMIT in practice
+    counted = torch.arange(max_replicas, device=logical_to_physical.device) < logical_replica_count[:, None]
+    t = logical_to_physical
+    for bad, want in ((counted & ((t < 0) | (t >= num_physical)), f"a physical id in [0, {num_physical})"),
+                      (~counted & (t != -1), "-1 padding")):
+        if bad.any():
+            l, j = bad.nonzero()[0].tolist()
+            raise ValueError(f"logical_to_physical: expected {want} at [{l}, {j}] (logical_replica_count[{l}] = "
+                             f"{int(logical_replica_count[l])}), got {int(t[l, j])}")
+    uses = torch.bincount(t[counted], minlength=num_physical)
+    if (uses > 1).any():
+        p = int((uses > 1).nonzero()[0])
+        raise ValueError(f"logical_to_physical: expected each physical id once, got {p} {int(uses[p])} times")
 
 # %%
 #| export
@@ -484,15 +524,8 @@ def map_to_physical(
 ) -> torch.Tensor:                        # same shape as topk_ids, int32: physical ids, -1 where topk_ids is -1
     "Replace each logical id by one of its physical replicas: replica = flat position % count (vLLM's EPLB mapping)."
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
-    num_logical, max_replicas = logical_to_physical.shape
-    check_tensor("logical_replica_count", logical_replica_count, shape=(num_logical,), dtype=torch.int64)
-    if ((logical_replica_count < 1) | (logical_replica_count > max_replicas)).any():
-        raise ValueError(f"logical_replica_count: expected values in [1, {max_replicas}], "
-                         f"got {logical_replica_count.tolist()}")
-    valid_replica = torch.arange(max_replicas, device=logical_to_physical.device) < logical_replica_count[:, None]
-    if (logical_to_physical[valid_replica] < 0).any():
-        raise ValueError("logical_to_physical: expected a physical id >= 0 in every counted replica, got -1 padding")
+    _check_replica_table(logical_to_physical, logical_replica_count)
+    num_logical = logical_to_physical.shape[0]
     ids = topk_ids.reshape(-1).long()
     if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_logical):
         raise ValueError(f"topk_ids: expected ids in [-1, {num_logical}), got min {int(ids.min())}, "
@@ -529,8 +562,32 @@ one = torch.tensor([[0]])
 test_fail(lambda: map_to_physical(one, l2p[:, 0], count), contains="logical_to_physical: expected a 2-D")
 test_fail(lambda: map_to_physical(one, l2p, count[:4]), contains="logical_replica_count: expected shape [8]")
 test_fail(lambda: map_to_physical(one, l2p, count + 5), contains="logical_replica_count: expected values in [1, 2]")
-test_fail(lambda: map_to_physical(one, l2p, torch.full((8,), 2)),
-          contains="logical_to_physical: expected a physical id >= 0")
+test_fail(lambda: map_to_physical(one, l2p, torch.full((8,), 2)),     # counts 16 replicas, the table holds 10
+          contains="logical_to_physical: expected a physical id in [0, 16) at [2, 1] (logical_replica_count[2] = 2), got -1")
+
+# %% [markdown]
+# A table that is not a valid EPLB map is refused before any id is looked up in it:
+
+# %%
+#| test map_to_physical_bad_table
+l2p, count = eplb_replicas(8, 2, 2)
+one, none = torch.tensor([[0]]), torch.tensor([[-1]])
+def with_entry(l, j, v): t = l2p.clone(); t[l, j] = v; return t
+test_fail(lambda: map_to_physical(none, l2p[:0], count[:0]), contains="logical_to_physical: expected at least one "
+          "logical expert (row) and one replica (column), got shape [0, 2]")
+test_fail(lambda: map_to_physical(one, with_entry(0, 0, 2**40), count),        # would wrap to 0 in int32
+          contains="logical_to_physical: expected a physical id in [0, 10) at [0, 0] (logical_replica_count[0] = 2), "
+                   "got 1099511627776")
+test_fail(lambda: map_to_physical(one, with_entry(0, 0, -5), count),
+          contains="logical_to_physical: expected a physical id in [0, 10) at [0, 0] (logical_replica_count[0] = 2), got -5")
+test_fail(lambda: map_to_physical(one, with_entry(2, 1, -5), count),
+          contains="logical_to_physical: expected -1 padding at [2, 1] (logical_replica_count[2] = 1), got -5")
+test_fail(lambda: map_to_physical(one, with_entry(1, 0, 0), count),            # logical 0 and 1 share physical 0
+          contains="logical_to_physical: expected each physical id once, got 0 2 times")
+test_fail(lambda: map_to_physical(one, torch.tensor([[0], [0]]), torch.tensor([1, 1])),
+          contains="logical_to_physical: expected each physical id once, got 0 2 times")
+swap = torch.tensor([1, 0, 2, 3, 4, 5, 6, 7])                                  # logical 0 and 1 trade replicas:
+test_eq(map_to_physical(one, l2p[swap], count[swap]).tolist(), [[1]])          # any permutation is a valid table
 
 # %% [markdown]
 # ## One rank's placement

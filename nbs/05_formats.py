@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.terms import check_int, check_tensor
+from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.config import ActivationFormat
 
 # %%
@@ -130,9 +130,6 @@ def _local_ids(topk_ids, num_local_experts, expert_map):
 
 # %%
 #| export
-def _check_bool(name, value):
-    if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
-
 def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("hidden", hidden, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
     T, H = hidden.shape
@@ -159,7 +156,7 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
                           ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "Standard-format MoE: per local expert, gather its (token, slot) pairs, run the expert, weighted-add the rows."
     T, H, E = _check_moe_args(hidden, w13, w2, topk_weights, topk_ids)
-    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     local = _local_ids(topk_ids, E, expert_map)
     acc = _acc_dtype(hidden.dtype)
     out = torch.zeros(T, H, dtype=acc, device=hidden.device) if accumulate_into is None else accumulate_into
@@ -356,7 +353,7 @@ def combine_batched_reference(expert_out: torch.Tensor,    # [E_local, max_token
     check_tensor("expert_out", expert_out, ndim=3, dtype=_FLOATS)
     check_tensor("topk_weights", topk_weights, ndim=2, dtype=torch.float32)
     check_tensor("slot_map", slot_map, shape=tuple(topk_weights.shape), dtype=torch.int64)
-    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     E, M, H = expert_out.shape
     if E * M == 0:                                     # an empty slab: nothing is local, every token gets 0
         if (slot_map >= 0).any(): raise ValueError(f"slot_map: expected only -1 for an empty expert_out, got {slot_map.max().item()}")
@@ -385,7 +382,7 @@ def moe_reference_batched(hidden: torch.Tensor,        # [num_tokens, hidden_siz
                          ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "BatchedExperts-format MoE: dispatch -> experts on valid rows -> weighted combine."
     _check_moe_args(hidden, w13, w2, topk_weights, local_ids)
-    _check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     if max_tokens is None:                              # enough for any routing, duplicates in a row included
         flat = local_ids.reshape(-1).long()
         max_tokens = max(1, int(torch.bincount(flat[flat >= 0], minlength=1).max()) if flat.numel() else 1)

@@ -14,7 +14,7 @@ import torch
 from moe_lit import __version__
 from moe_lit.terms import check_int
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
-from moe_lit.models import PRESETS, preset, moe_config_from_hf
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -38,22 +38,32 @@ from pathlib import Path
 # data-parallel ranks of `tp` devices each with expert parallelism on, so `ParallelConfig.make` flattens them into an
 # EP group of `N`. With `--tp N --ep N` (one DP rank) there is no all2all at all — TP+EP masks with `expert_map` and the
 # backend's format does not apply, which the report explains.
+#
+# The model is a preset (`DEFAULT_PRESET` when neither is named) or a Hugging Face `config.json`, never both. Its dtype
+# is the model's own — the file's `torch_dtype`, bfloat16 for every preset — unless `dtype` names another.
 
 # %%
 #| export
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-def build_config(model: str | None = "qwen3-30b-a3b", config_path: str | None = None, ep: int = 1, tp: int = 1,
-                 all2all: str = "none", dtype: str = "bf16") -> MoEConfig:
+def build_config(model: str | None = None,        # a preset name; None: DEFAULT_PRESET, or config_path's model
+                 config_path: str | None = None,  # a Hugging Face config.json (file or directory) instead of a preset
+                 ep: int = 1, tp: int = 1,        # EP ranks in all; TP size inside each DP rank
+                 all2all: str = "none",           # all2all backend
+                 dtype: str | None = None,        # 'bf16', 'fp16' or 'fp32'; None: the model's own dtype
+                ) -> MoEConfig:
     "The MoE config of a preset `model` (or an HF `config_path`) deployed on `ep` EP ranks of `tp`-way TP groups."
+    if model is not None and config_path is not None:
+        raise ValueError(f"model: expected None when config_path is given (a preset or a config.json, not both), "
+                         f"got {model!r}")
     check_int("ep", ep, lo=1); check_int("tp", tp, lo=1)
     if ep % tp: raise ValueError(f"tp: expected a divisor of ep={ep}, got {tp}")
-    if dtype not in DTYPES: raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
+        raise ValueError(f"dtype: expected one of {list(DTYPES)} or None (the model's own), got {dtype!r}")
     par = ParallelConfig.make(tp_size=tp, dp_size=ep // tp, enable_expert_parallel=ep > 1, all2all_backend=all2all)
     if config_path is not None: cfg = moe_config_from_hf(config_path, parallel=par)
-    else: cfg = preset(model, parallel=par)
-    cfg = cfg.replace(dtype=DTYPES[dtype])
-    return cfg
+    else: cfg = preset(DEFAULT_PRESET if model is None else model, parallel=par)
+    return cfg if dtype is None else cfg.replace(dtype=DTYPES[dtype])
 
 # %%
 #| test build_config
@@ -62,8 +72,22 @@ test_eq((cfg.num_experts, cfg.ep_size, cfg.use_batched_activation_format), (256,
 test_eq(build_config("deepseek-v3", ep=8, tp=8, all2all="nixl_ep").use_batched_activation_format, False)  # TP+EP
 test_fail(lambda: build_config("nope"), contains="expected one of")
 test_fail(lambda: build_config(ep=6, tp=4), contains="tp: expected a divisor of ep=6, got 4")
-test_fail(lambda: build_config(dtype="fp8"), contains="dtype: expected one of ['bf16', 'fp16', 'fp32'], got 'fp8'")
+test_fail(lambda: build_config(dtype="fp8"), contains="dtype: expected one of ['bf16', 'fp16', 'fp32'] or None")
+test_fail(lambda: build_config(dtype=["bf16"]), contains="dtype: expected one of ['bf16', 'fp16', 'fp32'] or None "
+          "(the model's own), got ['bf16']")
 test_fail(lambda: build_config(all2all="pplx", ep=2), contains="all2all_backend: expected one of")
+test_fail(lambda: build_config(all2all=["none"], ep=2), contains="all2all_backend: expected one of")
+test_eq(build_config().name, PRESETS[DEFAULT_PRESET].name)                       # no model named: the default preset
+test_eq((build_config().dtype, build_config(dtype="fp32").dtype), (torch.bfloat16, torch.float32))
+with tempfile.TemporaryDirectory() as d:                                         # the file's torch_dtype is kept ...
+    f = Path(d, "config.json")
+    f.write_text(json.dumps({"num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 32, "intermediate_size": 16,
+                             "torch_dtype": "float32"}))
+    test_eq(build_config(config_path=str(f)).dtype, torch.float32)
+    test_eq(build_config(config_path=str(f), dtype="fp16").dtype, torch.float16)   # ... unless dtype is given
+    test_fail(lambda: build_config("deepseek-v3", config_path=str(f)),
+              contains="model: expected None when config_path is given (a preset or a config.json, not both), "
+                       "got 'deepseek-v3'")
 
 # %% [markdown]
 # ## What the backend does on this deployment
@@ -357,10 +381,31 @@ def _section_time(r: dict) -> list[str]:
             f"{t['reference_and_checks_s']:.2f} s = total {t['total_s']:.2f} s",
             f"  {rate} tokens/s = tokens / forward time of this emulation (not a serving throughput)"]
 
-def format_report(report: dict) -> str:
+# %% [markdown]
+# > `format_report` and `format_tables` accept only what `run_report` and `tables_report` return: a dict without one
+# > of the top-level keys, or with a section of another shape, is a `ValueError` naming the argument, never a
+# > `KeyError` from the middle of the formatting.
+
+# %%
+#| export
+_REPORT_KEYS = ("model", "deployment", "backend", "properties", "experts", "placement", "load", "check", "timing")
+
+def _formatted(data, name: str, made_by: str, keys: tuple, lines) -> str:
+    "'\\n'.join(lines(data)); ValueError naming `name` unless `data` has the shape of the dict `made_by` returns."
+    missing = [k for k in keys if k not in data] if isinstance(data, dict) else None
+    if missing is None or missing:
+        got = type(data).__name__ if missing is None else f"a dict without {missing}"
+        raise ValueError(f"{name}: expected the dict {made_by} returns (keys {list(keys)}), got {got}")
+    try: return "\n".join(lines(data))
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:   # a section of another shape
+        raise ValueError(f"{name}: expected the dict {made_by} returns, got one whose sections differ from it "
+                         f"({type(e).__name__}: {e})") from None
+
+def format_report(report: dict,   # the data of `run_report`
+                 ) -> str:
     "The report of `run_report` as text, long lists abridged."
-    return "\n".join(_section_model(report) + _section_properties(report) + _section_placement(report)
-                     + _section_load_check(report) + _section_time(report))
+    return _formatted(report, "report", "run_report", _REPORT_KEYS, lambda r: _section_model(r) + _section_properties(r)
+                      + _section_placement(r) + _section_load_check(r) + _section_time(r))
 
 # %%
 #| test format_report
@@ -379,6 +424,15 @@ assert "'...'" in text and "padded" not in text                                 
 text = format_report(run_report(wide.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
                      all2all_backend="deepep_low_latency")), num_tokens=2, placement="linear"))
 assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
+
+# %%
+#| test format_report_bad_input
+test_fail(lambda: format_report({}), contains="report: expected the dict run_report returns (keys ['model', "
+          "'deployment', 'backend', 'properties', 'experts', 'placement', 'load', 'check', 'timing']), got a dict without")
+test_fail(lambda: format_report("report"), contains="report: expected the dict run_report returns (keys")
+rep = run_report(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), num_tokens=2)
+test_fail(lambda: format_report({**rep, "load": {}}), contains="report: expected the dict run_report returns, got one "
+          "whose sections differ from it (KeyError: 'min')")
 
 # %% [markdown]
 # ## Placement tables
@@ -409,10 +463,15 @@ def tables_report(config: MoEConfig,        # the model on its deployment
 
 # %%
 #| export
+_TABLES_KEYS = ("model", "num_experts", "ep_size", "placement", "all2all_note", "hidden_size_note",
+                "global_to_physical", "physical_to_global", "ranks")
+
 def format_tables(tables: dict,   # the data of `tables_report`
                  ) -> str:
     "The tables of `tables_report` as text, in full."
-    t = tables
+    return _formatted(tables, "tables", "tables_report", _TABLES_KEYS, _tables_lines)
+
+def _tables_lines(t: dict) -> list[str]:
     lines = [f"{t['model'] or 'model'}: {t['num_experts']} experts on {t['ep_size']} EP rank(s), "
              f"{_placement_head(t['placement'])}", f"all2all: {t['all2all_note']}"]
     if t["hidden_size_note"]: lines.append(t["hidden_size_note"])
@@ -420,12 +479,12 @@ def format_tables(tables: dict,   # the data of `tables_report`
         lines += [f"global_to_physical: {t['global_to_physical']}", f"physical_to_global: {t['physical_to_global']}"]
     for q in t["ranks"]:
         lines += [f"rank {q['rank']}: local_to_global {q['local_to_global']}", f"        expert_map {q['expert_map']}"]
-    return "\n".join(lines)
+    return lines
 
 # %%
 #| test tables_report
 cfg = build_config("deepseek-v3", ep=2, all2all="nixl_ep")
-tables = tables_report(cfg.replace(num_experts=8, num_expert_group=2, topk_group=1), placement="round_robin")
+tables = tables_report(cfg.replace(num_experts=8, num_expert_group=2, topk_group=2), placement="round_robin")
 text = format_tables(tables)
 assert "global_to_physical: [0, 4, 1, 5, 2, 6, 3, 7]" in text and "rank 1: local_to_global [1, 3, 5, 7]" in text
 assert "placement round_robin (as requested)" in text and "dispatches tokens between 2 EP ranks" in text
@@ -434,6 +493,7 @@ tp_ep = tables_report(build_config("deepseek-v3", ep=2, tp=2, all2all="deepep_lo
 test_eq(tp_ep["all2all_used"], False)
 assert "all2all: backend 'deepep_low_latency' requested but not used" in format_tables(tp_ep)
 test_eq(len(tp_ep["ranks"][0]["local_to_global"]), 128)                          # full, not abridged
+test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the dict tables_report returns (keys")
 
 # %% [markdown]
 # ## The entry point
@@ -451,7 +511,8 @@ _HELP = {
     "--placement": "how experts are spread over the EP ranks: linear (contiguous blocks) or round_robin (expert e on "
                    "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
                    "report says why",
-    "--dtype": "activation and weight dtype of the layer (the reference is always computed in float64)",
+    "--dtype": "activation and weight dtype of the layer; unset (%(default)s) means the model's own: the torch_dtype "
+               "of --config's file, bf16 for every preset (the reference is always computed in float64)",
     "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
     "--device": "where the layer runs: auto = cuda when a GPU is present, else cpu",
     "--tokens": "tokens in the batch (random hidden states)",
@@ -463,7 +524,7 @@ _HELP = {
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     "The options `run` and `tables` share: the model and the deployment."
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(PRESETS), help="a built-in preset")
+    src.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
     src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
     p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
     p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
@@ -472,7 +533,7 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     "The options of `run` only."
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help=_HELP["--dtype"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help=_HELP["--dtype"])
     p.add_argument("--experts", default="auto", choices=["auto", "triton", "torch"], help=_HELP["--experts"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_HELP["--device"])
     p.add_argument("--tokens", type=int, default=64, help=_HELP["--tokens"])
@@ -527,7 +588,7 @@ def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
         cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all,
-                           getattr(args, "dtype", "bf16"))
+                           getattr(args, "dtype", None))           # `tables` has no --dtype
         if args.command == "tables":
             tables = tables_report(cfg, args.placement, args.tp)
             print(json.dumps(tables, indent=1) if args.json else format_tables(tables)); return 0
@@ -565,12 +626,16 @@ def _bench(args) -> int:
 with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
     f = Path(d, "tiny-mixtral.json")
     f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 32,
-                             "num_experts_per_tok": 2, "intermediate_size": 16}))
+                             "num_experts_per_tok": 2, "intermediate_size": 16, "torch_dtype": "float32"}))
     with contextlib.redirect_stdout(io.StringIO()) as out:
         test_eq(main(["run", "--config", str(f), "--tokens", "5", "--ep", "2", "--all2all", "nixl_ep", "--json"]), 0)
+    with contextlib.redirect_stdout(io.StringIO()) as out16:
+        test_eq(main(["run", "--config", str(f), "--tokens", "2", "--dtype", "fp16", "--json"]), 0)
 rep = json.loads(out.getvalue())
 test_eq((rep["model"]["num_experts"], rep["properties"][1]["value"]), (4, "batched_experts"))
 test_eq(rep["model"]["name"], "tiny-mixtral")                  # the file's name, not its temporary directory's
+test_eq(rep["model"]["dtype"], "float32")                      # the file's torch_dtype, not a default of --dtype
+test_eq(json.loads(out16.getvalue())["model"]["dtype"], "float16")   # --dtype given: it wins
 with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["tables", "--model", "deepseek-v3", "--ep", "4",
                                                                     "--all2all", "deepep_low_latency", "--placement", "round_robin"]), 0)
 assert "global_to_physical" in out.getvalue()
@@ -603,6 +668,8 @@ def exit_code(argv):
     except SystemExit as e: return e.code
 for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
                                (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
+                               (["run", "--help"], 0, "unset (None) means the model's own: the torch_dtype of --config's "
+                                                      "file, bf16 for every preset", None),
                                (["tables", "--help"], 0, "no all2all, experts masked with expert_map", "--dtype")):
     with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(exit_code(argv), code)
     text = " ".join(out.getvalue().split())                    # argparse wraps to the terminal's width

@@ -7,7 +7,7 @@ import torch
 from moe_lit import __version__
 from moe_lit.terms import check_int
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
-from moe_lit.models import PRESETS, preset, moe_config_from_hf
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -24,8 +24,22 @@ def test_build_config():
     test_eq(build_config("deepseek-v3", ep=8, tp=8, all2all="nixl_ep").use_batched_activation_format, False)  # TP+EP
     test_fail(lambda: build_config("nope"), contains="expected one of")
     test_fail(lambda: build_config(ep=6, tp=4), contains="tp: expected a divisor of ep=6, got 4")
-    test_fail(lambda: build_config(dtype="fp8"), contains="dtype: expected one of ['bf16', 'fp16', 'fp32'], got 'fp8'")
+    test_fail(lambda: build_config(dtype="fp8"), contains="dtype: expected one of ['bf16', 'fp16', 'fp32'] or None")
+    test_fail(lambda: build_config(dtype=["bf16"]), contains="dtype: expected one of ['bf16', 'fp16', 'fp32'] or None "
+              "(the model's own), got ['bf16']")
     test_fail(lambda: build_config(all2all="pplx", ep=2), contains="all2all_backend: expected one of")
+    test_fail(lambda: build_config(all2all=["none"], ep=2), contains="all2all_backend: expected one of")
+    test_eq(build_config().name, PRESETS[DEFAULT_PRESET].name)                       # no model named: the default preset
+    test_eq((build_config().dtype, build_config(dtype="fp32").dtype), (torch.bfloat16, torch.float32))
+    with tempfile.TemporaryDirectory() as d:                                         # the file's torch_dtype is kept ...
+        f = Path(d, "config.json")
+        f.write_text(json.dumps({"num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 32, "intermediate_size": 16,
+                                 "torch_dtype": "float32"}))
+        test_eq(build_config(config_path=str(f)).dtype, torch.float32)
+        test_eq(build_config(config_path=str(f), dtype="fp16").dtype, torch.float16)   # ... unless dtype is given
+        test_fail(lambda: build_config("deepseek-v3", config_path=str(f)),
+                  contains="model: expected None when config_path is given (a preset or a config.json, not both), "
+                           "got 'deepseek-v3'")
 
 
 def test_all2all_note():
@@ -105,9 +119,18 @@ def test_format_report():
     assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
 
 
+def test_format_report_bad_input():
+    test_fail(lambda: format_report({}), contains="report: expected the dict run_report returns (keys ['model', "
+              "'deployment', 'backend', 'properties', 'experts', 'placement', 'load', 'check', 'timing']), got a dict without")
+    test_fail(lambda: format_report("report"), contains="report: expected the dict run_report returns (keys")
+    rep = run_report(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), num_tokens=2)
+    test_fail(lambda: format_report({**rep, "load": {}}), contains="report: expected the dict run_report returns, got one "
+              "whose sections differ from it (KeyError: 'min')")
+
+
 def test_tables_report():
     cfg = build_config("deepseek-v3", ep=2, all2all="nixl_ep")
-    tables = tables_report(cfg.replace(num_experts=8, num_expert_group=2, topk_group=1), placement="round_robin")
+    tables = tables_report(cfg.replace(num_experts=8, num_expert_group=2, topk_group=2), placement="round_robin")
     text = format_tables(tables)
     assert "global_to_physical: [0, 4, 1, 5, 2, 6, 3, 7]" in text and "rank 1: local_to_global [1, 3, 5, 7]" in text
     assert "placement round_robin (as requested)" in text and "dispatches tokens between 2 EP ranks" in text
@@ -116,18 +139,23 @@ def test_tables_report():
     test_eq(tp_ep["all2all_used"], False)
     assert "all2all: backend 'deepep_low_latency' requested but not used" in format_tables(tp_ep)
     test_eq(len(tp_ep["ranks"][0]["local_to_global"]), 128)                          # full, not abridged
+    test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the dict tables_report returns (keys")
 
 
 def test_main_entry_point():
     with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
         f = Path(d, "tiny-mixtral.json")
         f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 32,
-                                 "num_experts_per_tok": 2, "intermediate_size": 16}))
+                                 "num_experts_per_tok": 2, "intermediate_size": 16, "torch_dtype": "float32"}))
         with contextlib.redirect_stdout(io.StringIO()) as out:
             test_eq(main(["run", "--config", str(f), "--tokens", "5", "--ep", "2", "--all2all", "nixl_ep", "--json"]), 0)
+        with contextlib.redirect_stdout(io.StringIO()) as out16:
+            test_eq(main(["run", "--config", str(f), "--tokens", "2", "--dtype", "fp16", "--json"]), 0)
     rep = json.loads(out.getvalue())
     test_eq((rep["model"]["num_experts"], rep["properties"][1]["value"]), (4, "batched_experts"))
     test_eq(rep["model"]["name"], "tiny-mixtral")                  # the file's name, not its temporary directory's
+    test_eq(rep["model"]["dtype"], "float32")                      # the file's torch_dtype, not a default of --dtype
+    test_eq(json.loads(out16.getvalue())["model"]["dtype"], "float16")   # --dtype given: it wins
     with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["tables", "--model", "deepseek-v3", "--ep", "4",
                                                                         "--all2all", "deepep_low_latency", "--placement", "round_robin"]), 0)
     assert "global_to_physical" in out.getvalue()
@@ -160,6 +188,8 @@ def test_main_options():
         except SystemExit as e: return e.code
     for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
                                    (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
+                                   (["run", "--help"], 0, "unset (None) means the model's own: the torch_dtype of --config's "
+                                                          "file, bf16 for every preset", None),
                                    (["tables", "--help"], 0, "no all2all, experts masked with expert_map", "--dtype")):
         with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(exit_code(argv), code)
         text = " ".join(out.getvalue().split())                    # argparse wraps to the terminal's width

@@ -2,7 +2,7 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.terms import check_int, check_tensor
+from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.config import ActivationFormat
 import math
 from fastcore.test import test_eq, test_fail

@@ -4,8 +4,8 @@ import pytest
 import json
 from pathlib import Path
 import torch
-from moe_lit.terms import check_int, check_choice, hf_names
-from moe_lit.config import MoEConfig, ParallelConfig, SCORING_FUNCS
+from moe_lit.terms import check_int, check_choice, check_positive_real, hf_names
+from moe_lit.config import MoEConfig, ParallelConfig, SCORING_FUNCS, SIZE_LIMIT
 from fastcore.test import test_eq, test_fail
 import tempfile
 from moe_lit.models import *
@@ -76,6 +76,9 @@ def test_describe_routing():
     test_eq(describe_routing(PRESETS["llama-4-scout"]), "top-1 logit → sigmoid → weight applied to the input")
     test_eq(describe_routing(MoEConfig(8, 2, 16, 16, renormalize=False)), "softmax → top-2")
     test_fail(lambda: describe_routing("mixtral-8x7b"), contains="cfg: expected a MoEConfig, got str")
+    # a value describe_routing could not format never reaches it: the config refuses it when made
+    test_fail(lambda: describe_routing(MoEConfig(8, 2, 16, 16, routed_scaling_factor="x")),
+              contains="routed_scaling_factor: expected a finite number > 0, got str 'x'")
 
 
 def test_preset_table():
@@ -212,26 +215,48 @@ def test_from_hf_sources_and_options():
 
 def test_from_hf_bad_keys():
     dense = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32}
-    test_fail(lambda: moe_config_from_hf(dense),
-              contains="config.json: expected one of ['num_experts', 'num_local_experts', 'n_routed_experts'], found none")
+    test_fail(lambda: moe_config_from_hf(dense), contains="config.json num_experts: expected one of the keys "
+              "['num_experts', 'num_local_experts', 'n_routed_experts'], got none of them (a dense model has no MoE layer)")
     moe = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "hidden_size": 2048,
            "moe_intermediate_size": 768}
     drop = lambda *keys: {k: v for k, v in moe.items() if k not in keys}
     test_fail(lambda: moe_config_from_hf(drop("num_experts_per_tok")),
-              contains="config.json: expected one of ['num_experts_per_tok', 'experts_per_token'], found none")
-    test_fail(lambda: moe_config_from_hf(drop("hidden_size")), contains="config.json: expected one of ['hidden_size']")
-    test_fail(lambda: moe_config_from_hf(drop("moe_intermediate_size")),
-              contains="config.json: expected one of ['moe_intermediate_size', 'intermediate_size'], found none")
+              contains="config.json top_k: expected one of the keys ['num_experts_per_tok', 'experts_per_token'], got none")
+    test_fail(lambda: moe_config_from_hf(drop("hidden_size")),
+              contains="config.json hidden_size: expected one of the keys ['hidden_size'], got none of them")
+    test_fail(lambda: moe_config_from_hf(drop("moe_intermediate_size")), contains="config.json intermediate_size: "
+              "expected one of the keys ['moe_intermediate_size', 'intermediate_size'], got none of them")
     test_fail(lambda: moe_config_from_hf({**moe, "num_experts": "128"}), contains="config.json num_experts: expected an int")
     test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 0}), contains="config.json num_experts: expected >= 1, got 0")
     test_fail(lambda: moe_config_from_hf({**moe, "norm_topk_prob": "yes"}), contains="config.json norm_topk_prob: expected a bool")
     test_fail(lambda: moe_config_from_hf({**moe, "scoring_func": "sqrtsoftplus"}), contains="config.json scoring_func: expected one of")
     test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "aux_free"}), contains="config.json topk_method: expected one of")
     test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "group_limited_greedy", "n_group": 8}),
-              contains="config.json: expected one of ['topk_group'], found none")
-    test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": -1}), contains="config.json routed_scaling_factor: expected a positive")
+              contains="config.json topk_group: expected one of the keys ['topk_group'], got none of them")
+    test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "group_limited_greedy", "topk_group": 2}),
+              contains="config.json num_expert_group: expected one of the keys ['n_group'], got none of them")
+    test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": -1}),
+              contains="config.json routed_scaling_factor: expected a finite number > 0, got int -1")
     test_fail(lambda: moe_config_from_hf({**moe, "torch_dtype": "int8"}), contains="config.json torch_dtype: expected one of")
     test_fail(lambda: moe_config_from_hf(moe, parallel="ep8"), contains="parallel: expected a ParallelConfig, got str")
+
+
+def test_from_hf_bad_values():
+    moe = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "hidden_size": 2048,
+           "moe_intermediate_size": 768}
+    for t in (["x"], {"a": 1}, 3):
+        test_fail(lambda: moe_config_from_hf({**moe, "model_type": t}), contains="config.json model_type: expected a str, got")
+    for x in ("NaN", "Infinity", "-Infinity"):
+        raw = json.loads(json.dumps(moe)[:-1] + f', "routed_scaling_factor": {x}}}')   # as json reads a file
+        test_fail(lambda: moe_config_from_hf(raw), contains="config.json routed_scaling_factor: expected a finite number > 0")
+    test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": "2.5"}),
+              contains="config.json routed_scaling_factor: expected a finite number > 0, got str '2.5'")
+    test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 10**30}), contains="config.json num_experts: expected < 2147483648")
+    test_fail(lambda: moe_config_from_hf({**moe, "hidden_size": 2**31}), contains="config.json hidden_size: expected < 2147483648")
+    test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**40}), contains="config.json n_shared_experts: expected <")
+    test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**22}),   # 2**22 * 768 is too wide for one MLP
+              contains="shared_intermediate_size: expected < 2147483648")
+    test_fail(lambda: moe_config_from_hf({**moe, "_name_or_path": ["Qwen"]}), contains="config.json _name_or_path: expected a str")
 
 
 def test_from_hf_bad_source():

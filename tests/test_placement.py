@@ -4,7 +4,7 @@ import pytest
 from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_choice, check_tensor
-from moe_lit.config import ParallelConfig, MoEConfig
+from moe_lit.config import ParallelConfig, MoEConfig, SIZE_LIMIT
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS
 from moe_lit.placement import *
@@ -26,6 +26,7 @@ def test_expert_block_bad_input():
     test_fail(lambda: expert_block(8, 2, -1), contains="ep_rank: expected >= 0, got -1")
     test_fail(lambda: expert_block(3, 4, 0), contains="num_experts: expected >= ep_size (4)")
     test_fail(lambda: expert_block(8.0, 2, 0), contains="num_experts: expected an int")
+    test_fail(lambda: expert_block(2**31, 2, 0), contains="num_experts: expected < 2147483648, got 2147483648")
 
 
 def test_determine_expert_map_worked_maps():
@@ -55,6 +56,7 @@ def test_determine_expert_map_bad_input():
     test_fail(lambda: determine_expert_map(2, 0, 8, "zigzag"),
               contains="strategy: expected one of ['linear', 'round_robin'], got 'zigzag'")
     test_fail(lambda: determine_expert_map(2, 0, 8.0), contains="global_num_experts: expected an int")
+    test_fail(lambda: determine_expert_map(2, 0, 10**12), contains="global_num_experts: expected < 2147483648, got 1000000000000")
 
 
 def test_local_to_global():
@@ -108,9 +110,9 @@ def test_resolve_follows_the_table():
         test_eq(got == "round_robin", (not d.moves_tokens) or d.needs_round_robin_routing_tables)
         tp_ep = ParallelConfig.make(tp_size=4, dp_size=1, enable_expert_parallel=True, all2all_backend=name)
         test_eq(resolve_placement_strategy("round_robin", tp_ep, 8, 0, False), ("round_robin", "requested"))
-    one_rank = ParallelConfig(use_ep=True)   # hand-built: EP "on" with one rank
+    one_rank = ParallelConfig.make(1, 1, enable_expert_parallel=True)   # EP asked for on one device: use_ep is False
     test_eq(resolve_placement_strategy("round_robin", one_rank, 8, 0, False)[1],
-            "fell back to linear: round_robin needs ep_size > 1; ep_size is 1")
+            "fell back to linear: round_robin needs expert parallelism; use_ep is False")
     par = ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
     reason = resolve_placement_strategy("round_robin", par, None, 2, True)[1]
     assert all(s in reason for s in ("num_expert_group is None", "it is 2", "enable_eplb", "'allgather_reducescatter'"))
@@ -189,6 +191,7 @@ def test_eplb_replicas_bad_input():
     test_fail(lambda: eplb_replicas(0, 2, 2), contains="num_logical_experts: expected >= 1, got 0")
     test_fail(lambda: eplb_replicas(8, -1, 1), contains="num_redundant_experts: expected >= 0, got -1")
     test_fail(lambda: eplb_replicas(8, 2, 0), contains="ep_size: expected >= 1, got 0")
+    test_fail(lambda: eplb_replicas(8, 2**31, 1), contains="num_redundant_experts: expected num_logical_experts + num_redundant_")
 
 
 def test_map_to_physical():
@@ -217,8 +220,29 @@ def test_map_to_physical_bad_input():
     test_fail(lambda: map_to_physical(one, l2p[:, 0], count), contains="logical_to_physical: expected a 2-D")
     test_fail(lambda: map_to_physical(one, l2p, count[:4]), contains="logical_replica_count: expected shape [8]")
     test_fail(lambda: map_to_physical(one, l2p, count + 5), contains="logical_replica_count: expected values in [1, 2]")
-    test_fail(lambda: map_to_physical(one, l2p, torch.full((8,), 2)),
-              contains="logical_to_physical: expected a physical id >= 0")
+    test_fail(lambda: map_to_physical(one, l2p, torch.full((8,), 2)),     # counts 16 replicas, the table holds 10
+              contains="logical_to_physical: expected a physical id in [0, 16) at [2, 1] (logical_replica_count[2] = 2), got -1")
+
+
+def test_map_to_physical_bad_table():
+    l2p, count = eplb_replicas(8, 2, 2)
+    one, none = torch.tensor([[0]]), torch.tensor([[-1]])
+    def with_entry(l, j, v): t = l2p.clone(); t[l, j] = v; return t
+    test_fail(lambda: map_to_physical(none, l2p[:0], count[:0]), contains="logical_to_physical: expected at least one "
+              "logical expert (row) and one replica (column), got shape [0, 2]")
+    test_fail(lambda: map_to_physical(one, with_entry(0, 0, 2**40), count),        # would wrap to 0 in int32
+              contains="logical_to_physical: expected a physical id in [0, 10) at [0, 0] (logical_replica_count[0] = 2), "
+                       "got 1099511627776")
+    test_fail(lambda: map_to_physical(one, with_entry(0, 0, -5), count),
+              contains="logical_to_physical: expected a physical id in [0, 10) at [0, 0] (logical_replica_count[0] = 2), got -5")
+    test_fail(lambda: map_to_physical(one, with_entry(2, 1, -5), count),
+              contains="logical_to_physical: expected -1 padding at [2, 1] (logical_replica_count[2] = 1), got -5")
+    test_fail(lambda: map_to_physical(one, with_entry(1, 0, 0), count),            # logical 0 and 1 share physical 0
+              contains="logical_to_physical: expected each physical id once, got 0 2 times")
+    test_fail(lambda: map_to_physical(one, torch.tensor([[0], [0]]), torch.tensor([1, 1])),
+              contains="logical_to_physical: expected each physical id once, got 0 2 times")
+    swap = torch.tensor([1, 0, 2, 3, 4, 5, 6, 7])                                  # logical 0 and 1 trade replicas:
+    test_eq(map_to_physical(one, l2p[swap], count[swap]).tolist(), [[1]])          # any permutation is a valid table
 
 
 def test_placement_build():
