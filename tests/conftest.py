@@ -10,6 +10,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter hard-wires debug=False, which silences tl.device_assert and Triton's int32-overflow
+    # sanitizer; switch both on so an offset that would wrap on the GPU fails the test here instead.
+    import dataclasses
+    import triton.runtime.interpreter as _ti
+    _ti.interpreter_builder.options = dataclasses.replace(_ti.interpreter_builder.options, debug=True)
+
 
 def pytest_collection_modifyitems(config, items):
     "Leave `gpu`-marked tests out on a machine without a GPU (they are full-size sweeps for the device)."
