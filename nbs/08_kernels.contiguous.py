@@ -1,0 +1,407 @@
+# %%
+#| default_exp kernels.contiguous
+
+# %% [markdown]
+# # The contiguous path: alignment and the fused-MoE GEMM
+# > `moe_align_block_size` sorts the (token, slot) pairs by expert into blocks of `BLOCK_M` rows; a grouped GEMM then runs one expert per block over the flat Standard-format tokens.
+
+# %%
+#| export
+from __future__ import annotations
+import torch
+from moe_lit.kernels.batched import INTERPRET, DEVICE   # sets TRITON_INTERPRET on a machine without a GPU
+import triton
+import triton.language as tl
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
+from moe_lit.config import ActivationFormat
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory
+from moe_lit.kernels.dispatch import batched_combine
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.testing import assert_close
+from moe_lit.formats import moe_reference_standard
+from moe_lit.placement import determine_expert_map
+
+# %% [markdown]
+# In this notebook: the spec `moe_align_block_size_reference`, the Triton `moe_align_block_size`, the grouped GEMM
+# `fused_moe_gemm` over the aligned blocks, and `TritonExperts`, the Standard-format experts (GEMM1 with SiLU-and-mul,
+# GEMM2 with the router weight, then the weighted sum over the slots). Motivation → reference → kernels → launchers →
+# tests.
+#
+# ## Motivation
+#
+# In the Standard format the experts receive the flat token list `a1 [T, H]` with `topk_ids [T, top_k]`. A grouped GEMM
+# wants each tile of rows to belong to one expert. `moe_align_block_size` therefore sorts the `T·top_k` (token, slot)
+# pairs by expert and pads each expert's run to a multiple of `BLOCK_M` with a sentinel, so block `b` of the sorted
+# list belongs to the single expert `expert_ids[b]`. The GEMM then gathers its rows through the sorted list — no
+# activation is copied.
+#
+# **Contract** (vLLM's `moe_align_block_size`, §5.1 of the study of vLLM):
+# - `sorted_token_ids [max_padded]` int32: the flat pair index `t·top_k + k` of every pair routed to an expert,
+#   each exactly once, grouped by expert in ascending expert order; every expert's run is padded to a multiple of
+#   `block_size` with the sentinel `T·top_k`; positions past `num_tokens_post_padded` hold the sentinel too.
+#   `max_padded = T·top_k + num_experts·(block_size − 1)` bounds the padded length.
+# - `expert_ids [max_padded / block_size]` int32: the expert of each block — the *local* expert through `expert_map`,
+#   `-1` for a block of an expert that is not local (its rows are computed by nobody and contribute 0).
+# - `num_tokens_post_padded [1]` int32: `Σ_e ceil(cnt_e / B)·B`.
+# - Slots with id `-1` (no expert) are not placed at all: they cannot be counted towards expert `E − 1` (vLLM #46408).
+#
+# ## Reference
+
+# %%
+#| export
+def _check_align_args(topk_ids, block_size, num_experts, expert_map):
+    check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    check_int("block_size", block_size, lo=1, hi=4097)
+    check_int("num_experts", num_experts, lo=1, hi=2**31)
+    if topk_ids.numel() and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
+        raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got {topk_ids.min().item()}..{topk_ids.max().item()}")
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, shape=(num_experts,), dtype=torch.int32)
+
+def moe_align_block_size_reference(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
+                                   block_size: int,            # BLOCK_M of the GEMM
+                                   num_experts: int,           # global experts (ids are < num_experts)
+                                   expert_map: torch.Tensor | None = None,  # [num_experts] int32 global -> local/-1
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Spec: `(sorted_token_ids, expert_ids, num_tokens_post_padded)` with pairs in ascending (expert, pair) order."
+    _check_align_args(topk_ids, block_size, num_experts, expert_map)
+    n, sentinel = topk_ids.numel(), topk_ids.numel()
+    flat = topk_ids.reshape(-1).long().cpu()
+    max_padded = n + num_experts * (block_size - 1)
+    sorted_ids = torch.full((max_padded,), sentinel, dtype=torch.int32)
+    expert_ids = torch.full((-(-max_padded // block_size),), -1, dtype=torch.int32)
+    pos = 0
+    for e in range(num_experts):
+        pairs = (flat == e).nonzero()[:, 0]
+        padded = -(-len(pairs) // block_size) * block_size
+        sorted_ids[pos:pos + len(pairs)] = pairs.int()
+        local = e if expert_map is None else int(expert_map[e])
+        expert_ids[pos // block_size:(pos + padded) // block_size] = local
+        pos += padded
+    return sorted_ids, expert_ids, torch.tensor([pos], dtype=torch.int32)
+
+# %%
+#| test align_reference_worked_example
+ids = torch.tensor([[2, 0], [2, -1], [1, 2]], dtype=torch.int32)    # pairs 0..5; pair 3 has no expert
+s, e, n = moe_align_block_size_reference(ids, 2, 3)
+test_eq(n.tolist(), [8])                                           # expert 0: 1 pair -> 2 rows, expert 1: 1 -> 2, expert 2: 3 -> 4
+test_eq(s[:8].tolist(), [1, 6, 4, 6, 0, 2, 5, 6])                   # sentinel 6 pads each run
+test_eq(e[:4].tolist(), [0, 1, 2, 2])
+
+# %% [markdown]
+# ## Alignment kernels
+#
+# Three small launches, all on int32 work buffers that are **zeroed before use** (sglang#3339 read uninitialised
+# count buffers):
+#
+# ```
+# count   (grid cdiv(T·top_k, BLOCK)):  counts[id] += 1 for every pair with id >= 0         (atomics)
+# offsets (grid 1):                     padded = ceil(counts / B)·B; offsets = exclusive cumsum(padded);
+#                                       num_tokens_post_padded = Σ padded; expert_ids[blocks of e] = local(e)
+# scatter (grid cdiv(T·top_k, BLOCK)):  sorted[offsets[id] + atomic_add(cursor[id], 1)] = pair
+# ```
+#
+# Within an expert's run the pairs come in the order the atomics grant them (program order in the interpreter, any
+# order on a GPU): tests check the permutation and the padding, not the order inside a run.
+
+# %%
+#| export
+@triton.jit
+def _align_count_kernel(ids_ptr, counts_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
+    tl.atomic_add(counts_ptr + ids, 1, mask=ids >= 0)
+
+@triton.jit
+def _align_offsets_kernel(counts_ptr, map_ptr, offsets_ptr, expert_ids_ptr, ntpp_ptr, num_experts,
+                          BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MAP: tl.constexpr):
+    e = tl.arange(0, BLOCK_E)
+    cnt = tl.load(counts_ptr + e, mask=e < num_experts, other=0)
+    padded = (cnt + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(offsets_ptr + e, ends - padded, mask=e < num_experts)
+    tl.store(ntpp_ptr, tl.sum(padded, axis=0))
+    for x in range(0, num_experts):                         # blocks of expert x get its local id (or -1)
+        c = tl.load(counts_ptr + x)
+        start = tl.load(offsets_ptr + x) // BLOCK_SIZE
+        local = x
+        if HAS_MAP: local = tl.load(map_ptr + x)
+        for b in range(start, start + (c + BLOCK_SIZE - 1) // BLOCK_SIZE):
+            tl.store(expert_ids_ptr + b, local)
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
+    ok = ids >= 0
+    rank = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
+    start = tl.load(offsets_ptr + ids, mask=ok, other=0)
+    tl.store(sorted_ptr + start + rank, offs, mask=ok)
+
+# %%
+#| export
+def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
+                         block_size: int,            # BLOCK_M of the GEMM that consumes the blocks
+                         num_experts: int,           # global experts
+                         expert_map: torch.Tensor | None = None,  # [num_experts] int32, global -> local or -1
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Sort pairs by expert, each run padded to `block_size`: `(sorted_token_ids, expert_ids, num_tokens_post_padded)`."
+    _check_align_args(topk_ids, block_size, num_experts, expert_map)
+    dev, n = topk_ids.device, topk_ids.numel()
+    max_padded = n + num_experts * (block_size - 1)
+    sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=dev)           # sentinel everywhere first
+    expert_ids = torch.full((-(-max_padded // block_size),), -1, dtype=torch.int32, device=dev)
+    counts, cursor, offsets = (torch.zeros(num_experts, dtype=torch.int32, device=dev) for _ in range(3))
+    ntpp = torch.zeros(1, dtype=torch.int32, device=dev)
+    flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    BLOCK = 256
+    if n: _align_count_kernel[(triton.cdiv(n, BLOCK),)](flat, counts, n, BLOCK=BLOCK)
+    _align_offsets_kernel[(1,)](counts, expert_map if expert_map is not None else counts, offsets, expert_ids, ntpp,
+                                num_experts, BLOCK_SIZE=block_size, BLOCK_E=triton.next_power_of_2(num_experts),
+                                HAS_MAP=expert_map is not None)
+    if n: _align_scatter_kernel[(triton.cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, BLOCK=BLOCK)
+    return sorted_ids, expert_ids, ntpp
+
+# %% [markdown]
+# ## Tests of the alignment
+#
+# Invariants rather than a fixed order: every pair with an expert appears exactly once; each expert's run starts at
+# its offset, holds exactly its pairs and is padded with the sentinel to a multiple of the block; the padded total
+# is `Σ_e ceil(cnt_e / B)·B`; positions after it are sentinel; `expert_ids` match the reference (local ids, `-1` for
+# non-local experts).
+
+# %%
+#| export
+def check_alignment(topk_ids, block_size, num_experts, expert_map=None):
+    "Compare `moe_align_block_size` with its spec through order-free invariants (the test body)."
+    s, e, n = moe_align_block_size(topk_ids, block_size, num_experts, expert_map)
+    rs, re_, rn = moe_align_block_size_reference(topk_ids.cpu(), block_size, num_experts,
+                                                 None if expert_map is None else expert_map.cpu())
+    s, e, n = s.cpu(), e.cpu(), n.cpu()
+    assert torch.equal(n, rn), (n, rn)
+    total, sentinel = int(n), topk_ids.numel()
+    assert torch.equal(e[: total // block_size], re_[: total // block_size])
+    for b in range(total // block_size):                          # same pairs per block, in any order
+        assert torch.equal(s[b * block_size:(b + 1) * block_size].sort().values,
+                           rs[b * block_size:(b + 1) * block_size].sort().values) or \
+               _same_run(s, rs, b, e, block_size), f"block {b}"
+    assert (s[total:] == sentinel).all()
+    placed = s[s != sentinel].long()
+    flat = topk_ids.reshape(-1).cpu()
+    assert torch.equal(placed.sort().values, (flat >= 0).nonzero()[:, 0])   # each pair with an expert once
+    return s, e, n
+
+def _same_run(s, rs, b, e, block_size):
+    "Blocks of one expert may split its pairs differently; compare the expert's whole run instead."
+    run = (e == e[b]).nonzero()[:, 0]
+    lo, hi = int(run.min()) * block_size, (int(run.max()) + 1) * block_size
+    return torch.equal(s[lo:hi].sort().values, rs[lo:hi].sort().values)
+
+# %%
+#| test align_invariants
+g = torch.Generator().manual_seed(0)
+for T, k, E, B in ((1, 1, 4, 16), (7, 2, 5, 4), (33, 8, 64, 16), (16, 4, 4, 64), (5, 3, 3, 1)):
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    ids[0, 0] = -1                                                        # a slot with no expert
+    check_alignment(ids.to(DEVICE), B, E)
+ids = torch.zeros(12, 2, dtype=torch.int64); ids[:, 1] = 3                     # every pair on two experts
+check_alignment(ids.to(DEVICE), 8, 5)
+n_local, emap = determine_expert_map(2, 1, 6, "round_robin")                    # non-local experts' blocks are -1
+ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(9)]).int()
+_, e, n = check_alignment(ids.to(DEVICE), 4, 6, emap.to(DEVICE))
+assert set(e[: int(n) // 4].tolist()) <= {-1, 0, 1, 2}
+check_alignment(torch.empty(0, 2, dtype=torch.int32, device=DEVICE), 16, 8)   # zero tokens
+test_fail(lambda: moe_align_block_size(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
+test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8), contains="block_size: expected >= 1")
+
+# %% [markdown]
+# ## The grouped GEMM over aligned blocks
+#
+# ```
+# for each block b of BLOCK_M sorted positions and N-tile n (one program):
+#     if b·BLOCK_M >= num_tokens_post_padded or expert_ids[b] == -1: return       # no weight is read
+#     pairs = sorted_token_ids[b-block];  valid = pairs < T·top_k                   # sentinel rows are masked
+#     rows  = pairs // top_k  (GEMM1 reads token rows)   or   pairs  (GEMM2 reads pair rows)
+#     acc   = A[rows] @ W[expert_ids[b], n-tile]ᵀ                                   # fp32
+#     GEMM1: acc = SiLU(w·gate)·(w·up) with w = router weight when applied on the input, else SiLU(gate)·up
+#     GEMM2: acc = w·acc when the router weight is applied on the output
+#     C[pairs, n-tile] = acc                                                        # valid rows only
+# ```
+#
+# Grid `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major so consecutive programs share the weight
+# tile. Row offsets are int64: `T·top_k·N` passes 2^31 at long prefills (sglang#4727: 56k tokens × top-8 × 7168).
+# `-1` blocks write nothing; the final weighted sum (`batched_combine` over the pair rows) skips the pairs that were
+# never computed, so unwritten rows are never read. With the router weight on the input, a linear GEMM1 lets the
+# weight scale the accumulators before SiLU: `W1·(w·x) = w·(W1·x)`.
+
+# %%
+#| export
+@triton.jit
+def _fused_moe_kernel(
+    a_ptr,                 # [T, K] (GEMM1, token rows) or [T·top_k, K] (GEMM2, pair rows)
+    w_ptr,                 # [E_local, N_w, K]
+    c_ptr,                 # [T·top_k, N_OUT]
+    sorted_ptr, expert_ids_ptr, ntpp_ptr,
+    weights_ptr,           # [T·top_k] fp32 router weights (read when WEIGHT != 0)
+    N_OUT, K, num_pairs, num_m_blocks,
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
+    TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, SILU: tl.constexpr, WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
+    if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if e < 0: return                                            # a non-local expert's block: nothing to compute
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    valid = pairs < num_pairs
+    rows = pairs if A_PER_PAIR else pairs // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N_OUT), other=0.0)
+        if UPCAST: a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if SILU:
+            w_up = tl.load(w_ptrs + N_OUT * stride_wn, mask=k_ok[:, None] & (offs_n[None, :] < N_OUT), other=0.0)
+            if UPCAST: w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    if WEIGHT != 0:
+        rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+        if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw     # on the input: scales the linear GEMM1
+        else: acc = acc * rw                                    # on the output (GEMM2), in fp32
+    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N_OUT))
+
+# %%
+#| export
+def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
+                   w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows for SiLU
+                   sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
+                   expert_ids: torch.Tensor,         # [max_padded / BLOCK_M] int32, local expert or -1
+                   num_tokens_post_padded: torch.Tensor,  # [1] int32
+                   top_k: int,                       # slots per token
+                   block_m: int,                     # the block size the alignment used
+                   activation: str | None = None,    # None or "silu_and_mul"
+                   topk_weights: torch.Tensor | None = None,  # [T, top_k] fp32, applied per `weight_stage`
+                   weight_stage: str | None = None,  # None, "input" (GEMM1) or "output" (GEMM2)
+                   out: torch.Tensor | None = None,  # [T·top_k, N or N/2]; rows of uncomputed pairs untouched
+                   config: dict | None = None,       # tile override (BLOCK_M is fixed by the alignment)
+                   rows: str = "token",              # "token": a has a row per token (GEMM1); "pair": per pair (GEMM2)
+                  ) -> torch.Tensor:
+    "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[expert(block)]ᵀ)` (vLLM's fused_moe_kernel)."
+    check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    check_tensor("w", w, shape=(None, None, a.shape[1]), dtype=a.dtype)
+    check_int("top_k", top_k, lo=1); check_int("block_m", block_m, lo=16 if not INTERPRET else 1)
+    check_choice("activation", activation, (None, "silu_and_mul")); check_choice("weight_stage", weight_stage, (None, "input", "output"))
+    per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
+    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
+    check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
+    E, N, K = w.shape
+    n_out = N // 2 if activation else N
+    num_pairs = (a.shape[0] if per_pair else a.shape[0] * top_k)
+    if weight_stage is not None:
+        check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
+    out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device) if out is None else \
+        check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype)
+    if num_pairs == 0: return out
+    cfg = dict(config or lookup_tile_config("fused_moe_gemm", E, N, K, block_m, a.dtype))
+    cfg["BLOCK_M"] = block_m
+    if not INTERPRET: cfg = fit_shared_memory(cfg, activation is not None, a.element_size())
+    cfg.pop("TMA", None); cfg.pop("WARP_SPECIALIZE", None)
+    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    num_m_blocks = expert_ids.numel()
+    _fused_moe_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
+        a, w, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
+        topk_weights if topk_weights is not None else out, n_out, K, num_pairs, num_m_blocks,
+        *a.stride(), *w.stride(), *out.stride(), TOP_K=top_k, A_PER_PAIR=per_pair, SILU=activation is not None,
+        WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+    return out
+
+# %% [markdown]
+# ## The Standard-format experts
+#
+# `TritonExperts` chains the pieces: align the pairs by local expert, GEMM1 with SiLU-and-mul over token rows, GEMM2
+# with the router weight over pair rows, and the sum over each token's slots — `batched_combine` viewing the pair rows
+# as one slab, with `-1` for pairs that are not on this rank. The block size follows the expected rows per expert.
+
+# %%
+#| export
+class TritonExperts:
+    "Standard-format experts on Triton: align -> GEMM1 + SiLU-and-mul -> GEMM2 (x router weight) -> sum over slots."
+    activation_format = ActivationFormat.Standard
+
+    def apply(self, hidden: torch.Tensor,        # [T, H]
+              w13: torch.Tensor,                 # [E_local, 2·I, H]
+              w2: torch.Tensor,                  # [E_local, H, I]
+              topk_weights: torch.Tensor,        # [T, top_k] fp32
+              local_ids: torch.Tensor,           # [T, top_k] local expert per slot, -1 = not on this rank
+              apply_router_weight_on_input: bool = False,
+              block_m: int | None = None,        # alignment block (default from the expected rows per expert)
+             ) -> torch.Tensor:                  # [T, H], hidden's dtype
+        "This rank's share of the MoE output for the flat token list."
+        check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        T, k = local_ids.shape
+        E = w13.shape[0]
+        if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, T * k // E))))
+        s, e, n = moe_align_block_size(local_ids, block_m, E)
+        on_in = apply_router_weight_on_input
+        h = fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, "silu_and_mul", topk_weights,
+                           "input" if on_in else None)
+        y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair")
+        pairs = torch.arange(T * k, device=hidden.device).view(T, k)
+        slot_map = torch.where(local_ids >= 0, pairs, -1)
+        return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
+                               validate=False)      # weights already applied: sum with weight 1
+
+# %%
+#| test triton_experts_match_reference
+g = torch.Generator().manual_seed(1)
+E, H, I = 6, 48, 32
+w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+for T, k in ((9, 2), (1, 1), (5, E), (40, 3)):                         # top_k = 1, top_k = E, T < BLOCK_M
+    hidden = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    if k > 1: ids[0, 1] = -1
+    wts = torch.rand(T, k, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        for on_in in (False, True):
+            want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids,
+                                          apply_router_weight_on_input=on_in)
+            got = TritonExperts().apply(*(t.to(DEVICE) for t in (hidden.to(dtype), w13.to(dtype), w2.to(dtype), wts, ids)),
+                                        apply_router_weight_on_input=on_in)
+            assert_close(got, want, name=f"T={T} top_k={k} {dtype} on_input={on_in}")
+test_eq(TritonExperts.activation_format, ActivationFormat.Standard)
+
+# %% [markdown]
+# On a rank of an EP deployment the local ids come from the placement; non-local slots are `-1` and contribute 0.
+# Two ranks sum to the single-device result.
+
+# %%
+#| test triton_experts_two_ranks
+g = torch.Generator().manual_seed(2)
+E, H, I, T, k = 8, 32, 16, 11, 3
+w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+total = torch.zeros(T, H, dtype=torch.float64)
+for rank in range(2):
+    n_local, emap = determine_expert_map(2, rank, E, "linear")
+    local = torch.where(ids >= 0, emap[ids.long()], -1).int()
+    owned = (emap >= 0).nonzero()[:, 0]
+    total += TritonExperts().apply(*(t.to(DEVICE) for t in (hidden, w13[owned], w2[owned], wts, local))).double().cpu()
+assert_close(total.float(), moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids))
