@@ -65,17 +65,18 @@ def check_device(device) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
     return d
 
-# %% ../nbs/12_layer.ipynb #2523a40d483e
+# %% ../nbs/12_layer.ipynb #ca1dee566f4c
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device) -> tuple[str, str]:
     "`(implementation, reason)`: 'triton' or 'torch' for the requested `experts` ('auto', 'triton' or 'torch')."
     check_choice("experts", experts, ("auto", "triton", "torch"))
-    if activation_format is not ActivationFormat.BatchedExperts:
-        return "torch", f"format {activation_format.value}: the torch reference (no Triton kernel for this format yet)"
-    if experts == "torch": return "torch", "requested: the torch reference of the batched contract"
-    if experts == "triton": return "triton", "requested: Triton batched kernels" + ("" if device.type == "cuda" else
-                                                                                  " (CPU: in the Triton interpreter)")
-    if device.type == "cuda": return "triton", "format batched_experts on a GPU: Triton dispatch, GEMMs and combine"
-    return "torch", "format batched_experts on the CPU: the torch reference (pass experts='triton' for the kernels)"
+    fmt = activation_format.value
+    kernels = ("Triton dispatch, batched GEMMs and combine" if activation_format is ActivationFormat.BatchedExperts
+               else "Triton alignment, fused-MoE GEMMs and slot sum")
+    if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract"
+    if experts == "triton": return "triton", f"requested: {kernels}" + ("" if device.type == "cuda" else
+                                                                        " (CPU: in the Triton interpreter)")
+    if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
+    return "torch", f"format {fmt} on the CPU: the torch reference (pass experts='triton' for the kernels)"
 
 # %% ../nbs/12_layer.ipynb #b391f4f7c556
 class FusedMoE(torch.nn.Module):
@@ -116,7 +117,7 @@ def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 FusedMoE.route = _route
 
-# %% ../nbs/12_layer.ipynb #217bd0045010
+# %% ../nbs/12_layer.ipynb #272208e60741
 def _batched_capacity(self, num_tokens: int) -> int:
     "Rows per local expert slab for `num_tokens` tokens spread over the EP ranks (tokens)."
     per_rank = math.ceil(num_tokens / self.config.ep_size)
@@ -132,7 +133,9 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None) -> torch.Ten
     local = self.placement.local_slot(ids)                               # [T, top_k] local expert or -1
     kw = dict(apply_router_weight_on_input=self.config.apply_router_weight_on_input)
     if self.config.activation_format is not ActivationFormat.BatchedExperts:
-        return moe_reference_standard(hidden, self.w13, self.w2, wts, local, **kw)
+        if self.experts == "torch": return moe_reference_standard(hidden, self.w13, self.w2, wts, local, **kw)
+        from moe_lit.kernels.contiguous import TritonExperts          # lazy: the reference path needs no Triton
+        return TritonExperts().apply(hidden, self.w13, self.w2, wts, local, **kw)
     capacity = self._batched_capacity(len(hidden))
     if self.experts == "torch": return moe_reference_batched(hidden, self.w13, self.w2, wts, local, capacity, **kw)
     from moe_lit.kernels.dispatch import batched_moe_triton          # lazy: the reference path needs no Triton

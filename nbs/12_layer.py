@@ -107,10 +107,10 @@ test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expecte
 
 # %% [markdown]
 # **Which experts run.** The activation format decides the *family* of experts — BatchedExperts slabs need batched
-# experts — and the device decides the implementation within it: the Triton kernels (dispatch, GEMM1 with fused
-# SiLU-and-mul, GEMM2, combine; `06_kernels.batched`, `07_kernels.dispatch`) on a GPU, the torch reference of the
-# same contract on the CPU, where Triton would run in its slow interpreter. `experts="triton"` forces the kernels (in
-# the interpreter without a GPU); the Standard format has no Triton kernel yet and always runs the reference.
+# experts (`06_kernels.batched`, `07_kernels.dispatch`), a flat token list needs the contiguous path
+# (`08_kernels.contiguous`) — and the device decides the implementation within it: the Triton kernels on a GPU, the
+# torch reference of the same contract on the CPU, where Triton would run in its slow interpreter.
+# `experts="triton"` forces the kernels (in the interpreter without a GPU).
 
 # %%
 #| export
@@ -127,20 +127,22 @@ def check_device(device) -> torch.device:
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device) -> tuple[str, str]:
     "`(implementation, reason)`: 'triton' or 'torch' for the requested `experts` ('auto', 'triton' or 'torch')."
     check_choice("experts", experts, ("auto", "triton", "torch"))
-    if activation_format is not ActivationFormat.BatchedExperts:
-        return "torch", f"format {activation_format.value}: the torch reference (no Triton kernel for this format yet)"
-    if experts == "torch": return "torch", "requested: the torch reference of the batched contract"
-    if experts == "triton": return "triton", "requested: Triton batched kernels" + ("" if device.type == "cuda" else
-                                                                                  " (CPU: in the Triton interpreter)")
-    if device.type == "cuda": return "triton", "format batched_experts on a GPU: Triton dispatch, GEMMs and combine"
-    return "torch", "format batched_experts on the CPU: the torch reference (pass experts='triton' for the kernels)"
+    fmt = activation_format.value
+    kernels = ("Triton dispatch, batched GEMMs and combine" if activation_format is ActivationFormat.BatchedExperts
+               else "Triton alignment, fused-MoE GEMMs and slot sum")
+    if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract"
+    if experts == "triton": return "triton", f"requested: {kernels}" + ("" if device.type == "cuda" else
+                                                                        " (CPU: in the Triton interpreter)")
+    if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
+    return "torch", f"format {fmt} on the CPU: the torch reference (pass experts='triton' for the kernels)"
 
 # %%
 #| test resolve_experts
 B, S = ActivationFormat.BatchedExperts, ActivationFormat.Standard
 test_eq(resolve_experts("auto", B, torch.device("cuda"))[0], "triton")
 test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
-test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "torch")
+test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
+test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
 test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
 test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
 test_fail(lambda: check_device(None), contains="device: expected")
@@ -213,7 +215,9 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None) -> torch.Ten
     local = self.placement.local_slot(ids)                               # [T, top_k] local expert or -1
     kw = dict(apply_router_weight_on_input=self.config.apply_router_weight_on_input)
     if self.config.activation_format is not ActivationFormat.BatchedExperts:
-        return moe_reference_standard(hidden, self.w13, self.w2, wts, local, **kw)
+        if self.experts == "torch": return moe_reference_standard(hidden, self.w13, self.w2, wts, local, **kw)
+        from moe_lit.kernels.contiguous import TritonExperts          # lazy: the reference path needs no Triton
+        return TritonExperts().apply(hidden, self.w13, self.w2, wts, local, **kw)
     capacity = self._batched_capacity(len(hidden))
     if self.experts == "torch": return moe_reference_batched(hidden, self.w13, self.w2, wts, local, capacity, **kw)
     from moe_lit.kernels.dispatch import batched_moe_triton          # lazy: the reference path needs no Triton
@@ -364,9 +368,9 @@ zero = run_emulated_ep(cfg, x[:0])                                             #
 test_eq(zero.output.shape, (0, 32))
 
 # %% [markdown]
-# The Triton path through the layer: the same deployment with `experts="triton"` (the interpreter on a CPU) gives the
-# reference's answer, for both id translations (round robin through `global_to_physical`, linear through
-# `expert_map`).
+# The Triton paths through the layer: deployments with `experts="triton"` (the interpreter on a CPU) give the
+# reference's answer — the batched path with both id translations (round robin through `global_to_physical`, linear
+# through `expert_map`) and the contiguous path for Standard-format backends.
 
 # %%
 #| test emulated_ep_triton_experts
@@ -374,8 +378,9 @@ torch.manual_seed(3)
 base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.bfloat16,
                  routing_method="grouped_topk", num_expert_group=2, topk_group=1)
 x = torch.randn(7, 32).bfloat16().to(DEVICE)             # the kernels' device: a GPU when there is one
-for strategy in ("round_robin", "linear"):
-    cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="deepep_low_latency"))
+for strategy, backend in (("round_robin", "deepep_low_latency"), ("linear", "deepep_low_latency"),
+                          ("linear", "allgather_reducescatter"), ("round_robin", "none")):
+    cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend))
     run = run_emulated_ep(cfg, x, seed=4, placement=strategy, experts="triton")
     test_eq(run.experts[0], "triton")
     assert_close(run.output, run.reference, name=strategy)

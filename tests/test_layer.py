@@ -35,7 +35,8 @@ def test_resolve_experts():
     B, S = ActivationFormat.BatchedExperts, ActivationFormat.Standard
     test_eq(resolve_experts("auto", B, torch.device("cuda"))[0], "triton")
     test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
-    test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "torch")
+    test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
+    test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
     test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
     test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
     test_fail(lambda: check_device(None), contains="device: expected")
@@ -98,8 +99,9 @@ def test_emulated_ep_triton_experts():
     base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.bfloat16,
                      routing_method="grouped_topk", num_expert_group=2, topk_group=1)
     x = torch.randn(7, 32).bfloat16().to(DEVICE)             # the kernels' device: a GPU when there is one
-    for strategy in ("round_robin", "linear"):
-        cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="deepep_low_latency"))
+    for strategy, backend in (("round_robin", "deepep_low_latency"), ("linear", "deepep_low_latency"),
+                              ("linear", "allgather_reducescatter"), ("round_robin", "none")):
+        cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend))
         run = run_emulated_ep(cfg, x, seed=4, placement=strategy, experts="triton")
         test_eq(run.experts[0], "triton")
         assert_close(run.output, run.reference, name=strategy)
