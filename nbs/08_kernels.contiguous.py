@@ -405,3 +405,21 @@ for rank in range(2):
     owned = (emap >= 0).nonzero()[:, 0]
     total += TritonExperts().apply(*(t.to(DEVICE) for t in (hidden, w13[owned], w2[owned], wts, local))).double().cpu()
 assert_close(total.float(), moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids))
+
+# %% [markdown]
+# On the GPU: DeepSeek-V3 EP8 decode and prefill shapes (32 local experts, hidden 7168, expert width 2048, top-8).
+
+# %%
+#| test triton_experts_real_shapes
+#| gpu
+for T in (128, 2048):
+    g = torch.Generator().manual_seed(T)
+    E, H, I, k = 32, 7168, 2048, 8
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16().cuda()
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16().cuda()
+    hidden = torch.randn(T, H, generator=g).bfloat16().cuda()
+    ids = torch.stack([torch.randperm(4 * E, generator=g)[:k] for _ in range(T)]).int()   # 3/4 of slots not local
+    local = torch.where(ids < E, ids, -1).cuda()
+    wts = torch.rand(T, k, generator=g).cuda()
+    want = moe_reference_standard(hidden.double(), w13, w2, wts, local)
+    assert_close(TritonExperts().apply(hidden, w13, w2, wts, local), want, name=f"T={T}")

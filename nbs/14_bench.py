@@ -43,11 +43,11 @@ from fastcore.test import test_eq, test_fail
 # %%
 #| export
 SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per expert, routed rows)
-    dict(name="DeepSeek-V3 EP8 decode", E=32, K=7168, N=4096, M=128, rows=1024),
-    dict(name="DeepSeek-V3 EP8 prefill", E=32, K=7168, N=4096, M=1024, rows=16384),
-    dict(name="Qwen3-30B-A3B decode", E=128, K=2048, N=1536, M=64, rows=512),
-    dict(name="Mixtral-8x7B decode", E=8, K=4096, N=28672, M=64, rows=128),
-    dict(name="gpt-oss-120b decode", E=128, K=2880, N=5760, M=64, rows=512),
+    dict(name="DeepSeek-V3 EP8 decode", E=32, K=7168, N=4096, M=128, rows=1024, top_k=8),
+    dict(name="DeepSeek-V3 EP8 prefill", E=32, K=7168, N=4096, M=1024, rows=16384, top_k=8),
+    dict(name="Qwen3-30B-A3B decode", E=128, K=2048, N=1536, M=64, rows=512, top_k=8),
+    dict(name="Mixtral-8x7B decode", E=8, K=4096, N=28672, M=64, rows=128, top_k=2),
+    dict(name="gpt-oss-120b decode", E=128, K=2880, N=5760, M=64, rows=512, top_k=4),
 ]
 
 def routed_counts(E: int, M: int, rows: int, seed: int = 0) -> torch.Tensor:
@@ -146,13 +146,45 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
              "moe-lit + fused SiLU-and-mul": lambda: batched_moe_gemm(a, w, counts, "silu_and_mul", out=out_silu,
                                                                        config=cfg, validate=False)}
     if with_peers: impls.update(_peers(a, w, counts))
+    align_us = None
+    if "top_k" in sc:                           # the Standard format's kernel on the same rows: T = rows / top_k
+        from moe_lit.kernels.contiguous import moe_align_block_size, fused_moe_gemm
+        T, k = sc["rows"] // sc["top_k"], sc["top_k"]
+        g = torch.Generator().manual_seed(1)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int().cuda()
+        x = torch.randn(T, K, device="cuda", dtype=dtype)
+        bm = 64 if exp_m <= 64 else 128
+        aligned = moe_align_block_size(ids, bm, E)
+        c_out = torch.empty(T * k, N, device="cuda", dtype=dtype)
+        impls["moe-lit contiguous fused_moe_gemm"] = lambda: fused_moe_gemm(x, w, *aligned, k, bm, out=c_out)
+        align_us = triton.testing.do_bench(lambda: moe_align_block_size(ids, bm, E), return_mode="median") * 1e3
     floor = roofline_floor(int((counts > 0).sum()), sc["rows"], K, N, a.element_size(), device["copy_Bps"],
                            device["bf16_flops"])
     res = {}
     for name, fn in impls.items():
         t = triton.testing.do_bench(fn, return_mode="median") * 1e-3
         res[name] = dict(us=t * 1e6, pct_floor=100.0 * floor["floor_s"] / t)
-    return dict(scenario=sc, config=cfg, floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res)
+    return dict(scenario=sc, config=cfg, floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res,
+                align_us=align_us)
+
+# %% [markdown]
+# ## The fixed cost of alignment at decode
+#
+# The contiguous path pays for `moe_align_block_size` (three small launches) before its GEMMs; at tiny batches that
+# fixed cost can rival the GEMM. `align_cost` times it for `T = 1 … 16` tokens.
+
+# %%
+#| export
+def align_cost(num_experts: int = 256, top_k: int = 8, block_m: int = 16, tokens=(1, 2, 4, 8, 16)) -> list[dict]:
+    "Median µs of `moe_align_block_size` for each token count (GPU)."
+    import triton.testing
+    from moe_lit.kernels.contiguous import moe_align_block_size
+    out = []
+    for T in tokens:
+        ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(T)]).int().cuda()
+        us = triton.testing.do_bench(lambda: moe_align_block_size(ids, block_m, num_experts), return_mode="median") * 1e3
+        out.append(dict(num_tokens=T, num_experts=num_experts, top_k=top_k, block_m=block_m, us=us))
+    return out
 
 # %% [markdown]
 # ## Tuning
@@ -231,7 +263,9 @@ def format_bench(report: dict) -> str:
         lines.append(f"\n{sc['name']}: E={sc['E']} K={sc['K']} N={sc['N']} M={sc['M']} rows={sc['rows']}; "
                      f"floor {r['floor_us']:.1f} us ({r['bound']}-bound); tile {r['config']}")
         for name, v in r["results"].items():
-            lines.append(f"  {name:<30} {v['us']:10.1f} us  {v['pct_floor']:6.1f}% of floor")
+            lines.append(f"  {name:<34} {v['us']:10.1f} us  {v['pct_floor']:6.1f}% of floor")
+        if r.get("align_us") is not None:
+            lines.append(f"  {'(contiguous: moe_align_block_size)':<34} {r['align_us']:10.1f} us  (not in the GEMM time)")
     return "\n".join(lines)
 
 # %%
