@@ -94,13 +94,14 @@ test_eq(e[:4].tolist(), [0, 1, 2, 2])
 # %% [markdown]
 # ## Alignment kernels
 #
-# Three small launches, all on int32 work buffers that are **zeroed before use** (sglang#3339 read uninitialised
+# Four small launches, all on int32 work buffers that are **zeroed before use** (sglang#3339 read uninitialised
 # count buffers):
 #
 # ```
 # count   (grid cdiv(T·top_k, BLOCK)):  counts[id] += 1 for every pair with id >= 0         (atomics)
 # offsets (grid 1):                     padded = ceil(counts / B)·B; offsets = exclusive cumsum(padded);
-#                                       num_tokens_post_padded = Σ padded; expert_ids[blocks of e] = local(e)
+#                                       num_tokens_post_padded = Σ padded
+# ids     (grid E):                     expert_ids[blocks of e] = local(e)  (its local id, or -1)
 # scatter (grid cdiv(T·top_k, BLOCK)):  sorted[offsets[id] + atomic_add(cursor[id], 1)] = pair
 # ```
 #
@@ -116,21 +117,25 @@ def _align_count_kernel(ids_ptr, counts_ptr, n, BLOCK: tl.constexpr):
     tl.atomic_add(counts_ptr + ids, 1, mask=ids >= 0)
 
 @triton.jit
-def _align_offsets_kernel(counts_ptr, map_ptr, offsets_ptr, expert_ids_ptr, ntpp_ptr, num_experts,
-                          BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MAP: tl.constexpr):
+def _align_offsets_kernel(counts_ptr, offsets_ptr, ntpp_ptr, num_experts,
+                          BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr):
     e = tl.arange(0, BLOCK_E)
     cnt = tl.load(counts_ptr + e, mask=e < num_experts, other=0)
     padded = (cnt + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
     ends = tl.cumsum(padded, axis=0)
     tl.store(offsets_ptr + e, ends - padded, mask=e < num_experts)
     tl.store(ntpp_ptr, tl.sum(padded, axis=0))
-    for x in range(0, num_experts):                         # blocks of expert x get its local id (or -1)
-        c = tl.load(counts_ptr + x)
-        start = tl.load(offsets_ptr + x) // BLOCK_SIZE
-        local = x
-        if HAS_MAP: local = tl.load(map_ptr + x)
-        for b in range(start, start + (c + BLOCK_SIZE - 1) // BLOCK_SIZE):
-            tl.store(expert_ids_ptr + b, local)
+
+@triton.jit
+def _align_expert_ids_kernel(counts_ptr, offsets_ptr, map_ptr, expert_ids_ptr,
+                             BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr):
+    x = tl.program_id(0)                                        # one program per expert: its blocks get its id
+    c = tl.load(counts_ptr + x)
+    start = tl.load(offsets_ptr + x) // BLOCK_SIZE
+    local = x
+    if HAS_MAP: local = tl.load(map_ptr + x)                    # local id, or -1 for a non-local expert
+    for b in range(start, start + (c + BLOCK_SIZE - 1) // BLOCK_SIZE):
+        tl.store(expert_ids_ptr + b, local)
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, BLOCK: tl.constexpr):
@@ -159,9 +164,10 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
     if n: _align_count_kernel[(triton.cdiv(n, BLOCK),)](flat, counts, n, BLOCK=BLOCK)
-    _align_offsets_kernel[(1,)](counts, expert_map if expert_map is not None else counts, offsets, expert_ids, ntpp,
-                                num_experts, BLOCK_SIZE=block_size, BLOCK_E=triton.next_power_of_2(num_experts),
-                                HAS_MAP=expert_map is not None)
+    _align_offsets_kernel[(1,)](counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
+                                BLOCK_E=triton.next_power_of_2(num_experts))
+    _align_expert_ids_kernel[(num_experts,)](counts, offsets, expert_map if expert_map is not None else counts,
+                                             expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
     if n: _align_scatter_kernel[(triton.cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 

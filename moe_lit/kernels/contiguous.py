@@ -48,7 +48,7 @@ def moe_align_block_size_reference(topk_ids: torch.Tensor,     # [T, top_k] int3
         pos += padded
     return sorted_ids, expert_ids, torch.tensor([pos], dtype=torch.int32)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #faf461be055a
+# %% ../../nbs/08_kernels.contiguous.ipynb #a57eb4aecb61
 @triton.jit
 def _align_count_kernel(ids_ptr, counts_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -56,21 +56,25 @@ def _align_count_kernel(ids_ptr, counts_ptr, n, BLOCK: tl.constexpr):
     tl.atomic_add(counts_ptr + ids, 1, mask=ids >= 0)
 
 @triton.jit
-def _align_offsets_kernel(counts_ptr, map_ptr, offsets_ptr, expert_ids_ptr, ntpp_ptr, num_experts,
-                          BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MAP: tl.constexpr):
+def _align_offsets_kernel(counts_ptr, offsets_ptr, ntpp_ptr, num_experts,
+                          BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr):
     e = tl.arange(0, BLOCK_E)
     cnt = tl.load(counts_ptr + e, mask=e < num_experts, other=0)
     padded = (cnt + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
     ends = tl.cumsum(padded, axis=0)
     tl.store(offsets_ptr + e, ends - padded, mask=e < num_experts)
     tl.store(ntpp_ptr, tl.sum(padded, axis=0))
-    for x in range(0, num_experts):                         # blocks of expert x get its local id (or -1)
-        c = tl.load(counts_ptr + x)
-        start = tl.load(offsets_ptr + x) // BLOCK_SIZE
-        local = x
-        if HAS_MAP: local = tl.load(map_ptr + x)
-        for b in range(start, start + (c + BLOCK_SIZE - 1) // BLOCK_SIZE):
-            tl.store(expert_ids_ptr + b, local)
+
+@triton.jit
+def _align_expert_ids_kernel(counts_ptr, offsets_ptr, map_ptr, expert_ids_ptr,
+                             BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr):
+    x = tl.program_id(0)                                        # one program per expert: its blocks get its id
+    c = tl.load(counts_ptr + x)
+    start = tl.load(offsets_ptr + x) // BLOCK_SIZE
+    local = x
+    if HAS_MAP: local = tl.load(map_ptr + x)                    # local id, or -1 for a non-local expert
+    for b in range(start, start + (c + BLOCK_SIZE - 1) // BLOCK_SIZE):
+        tl.store(expert_ids_ptr + b, local)
 
 @triton.jit
 def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, BLOCK: tl.constexpr):
@@ -81,7 +85,7 @@ def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, BLOCK
     start = tl.load(offsets_ptr + ids, mask=ok, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=ok)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #4f87f0262b5a
+# %% ../../nbs/08_kernels.contiguous.ipynb #7cba2aeaa5ce
 def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
                          block_size: int,            # BLOCK_M of the GEMM that consumes the blocks
                          num_experts: int,           # global experts
@@ -98,9 +102,10 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
     if n: _align_count_kernel[(triton.cdiv(n, BLOCK),)](flat, counts, n, BLOCK=BLOCK)
-    _align_offsets_kernel[(1,)](counts, expert_map if expert_map is not None else counts, offsets, expert_ids, ntpp,
-                                num_experts, BLOCK_SIZE=block_size, BLOCK_E=triton.next_power_of_2(num_experts),
-                                HAS_MAP=expert_map is not None)
+    _align_offsets_kernel[(1,)](counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
+                                BLOCK_E=triton.next_power_of_2(num_experts))
+    _align_expert_ids_kernel[(num_experts,)](counts, offsets, expert_map if expert_map is not None else counts,
+                                             expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
     if n: _align_scatter_kernel[(triton.cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
