@@ -52,11 +52,11 @@ from moe_lit.placement import determine_expert_map
 
 # %%
 #| export
-def _check_align_args(topk_ids, block_size, num_experts, expert_map):
+def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
     check_int("block_size", block_size, lo=1, hi=4097)
     check_int("num_experts", num_experts, lo=1, hi=2**31)
-    if topk_ids.numel() and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
+    if validate and topk_ids.numel() and ((topk_ids < -1) | (topk_ids >= num_experts)).any():   # one host sync
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got {topk_ids.min().item()}..{topk_ids.max().item()}")
     if expert_map is not None:
         check_tensor("expert_map", expert_map, shape=(num_experts,), dtype=torch.int32)
@@ -152,9 +152,10 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
                          block_size: int,            # BLOCK_M of the GEMM that consumes the blocks
                          num_experts: int,           # global experts
                          expert_map: torch.Tensor | None = None,  # [num_experts] int32, global -> local or -1
+                         validate: bool = True,      # check the id range on the host (one sync; off in hot paths)
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Sort pairs by expert, each run padded to `block_size`: `(sorted_token_ids, expert_ids, num_tokens_post_padded)`."
-    _check_align_args(topk_ids, block_size, num_experts, expert_map)
+    _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
     dev, n = topk_ids.device, topk_ids.numel()
     max_padded = n + num_experts * (block_size - 1)
     sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=dev)           # sentinel everywhere first
@@ -364,7 +365,7 @@ class TritonExperts:
         T, k = local_ids.shape
         E = w13.shape[0]
         if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, T * k // E))))
-        s, e, n = moe_align_block_size(local_ids, block_m, E)
+        s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
         on_in = apply_router_weight_on_input
         h = fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, "silu_and_mul", topk_weights,
                            "input" if on_in else None)
