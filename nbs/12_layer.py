@@ -16,7 +16,8 @@ from moe_lit.terms import check_int, check_tensor, check_choice
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, moe_reference_batched
+from moe_lit.formats import moe_reference_standard, expert_mlp
+from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 
 # %%
 #| hide
@@ -81,6 +82,18 @@ def _experts(self, expert_ids) -> tuple[torch.Tensor, torch.Tensor]:
     return w13, w2
 
 RandomExpertWeights.experts = _experts
+
+def _shared(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    "The shared experts as one MLP `(w13 [2·I_s, H], w2 [H, I_s])`, I_s = shared_intermediate_size; None without."
+    c = self.config
+    if not c.num_shared_experts: return None
+    i_s = c.shared_intermediate_size or c.num_shared_experts * c.intermediate_size
+    gen = self._gen(c.num_experts + 1)
+    w13 = torch.empty(2 * i_s, c.hidden_size, dtype=c.dtype).normal_(0.0, 1.0 / math.sqrt(c.hidden_size), generator=gen)
+    w2 = torch.empty(c.hidden_size, i_s, dtype=c.dtype).normal_(0.0, 1.0 / math.sqrt(i_s), generator=gen)
+    return w13, w2
+
+RandomExpertWeights.shared = _shared
 
 # %%
 #| test random_weights_are_per_expert
@@ -175,6 +188,8 @@ class FusedMoE(torch.nn.Module):
         w13, w2 = weights.experts(self.placement.local_to_global.tolist())
         self.w13 = torch.nn.Parameter(w13.to(device), requires_grad=False)   # [E_local, 2·I, H]
         self.w2 = torch.nn.Parameter(w2.to(device), requires_grad=False)     # [E_local, H, I]
+        shared = weights.shared()
+        self.shared_experts = None if shared is None else SharedExperts(*(t.to(device) for t in shared))
 
 # %% [markdown]
 # Routing runs in fp32 on every rank with the same router, so every rank agrees on `topk_ids`. The ids take the
@@ -193,43 +208,24 @@ def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 FusedMoE.route = _route
 
 # %% [markdown]
-# The capacity of the batched format follows DeepEP low-latency's contract: each rank sends at most
-# `max_num_tokens_per_rank` tokens, so a local expert's slab has `max_num_tokens_per_rank · num_dispatchers` rows.
-# In the emulation all `T` tokens are processed at once, standing for `ep_size` ranks with `ceil(T / ep_size)` tokens
-# each; that per-rank count must not exceed the config's `max_num_tokens` (vLLM's default is 256).
+# The forward pass is a `ModularKernel` (`10_modular`) for every path: the prepare/finalize is built from the
+# backend's record — its format, its topk id dtype, and for the batched format the DeepEP low-latency capacity
+# `max_num_tokens_per_rank · num_dispatchers` (in the emulation all `T` tokens stand for `ep_size` ranks of
+# `ceil(T / ep_size)` tokens, which must not exceed `max_num_tokens`) — and the experts are chosen by *its* format.
+# The shared experts are added when `add_shared` says this rank owns them (the emulation adds them once).
 
 # %%
 #| export
-def _batched_capacity(self, num_tokens: int) -> int:
-    "Rows per local expert slab for `num_tokens` tokens spread over the EP ranks (tokens)."
-    per_rank = math.ceil(num_tokens / self.config.ep_size)
-    if per_rank > self.config.max_num_tokens:
-        raise ValueError(f"num_tokens: expected at most max_num_tokens={self.config.max_num_tokens} per rank "
-                         f"({self.config.max_num_tokens * self.config.ep_size} in all), got {per_rank} per rank")
-    return max(per_rank, 1) * self.config.ep_size
-
-def _forward(self, hidden: torch.Tensor, topk: tuple | None = None) -> torch.Tensor:
+def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     wts, ids = self.route(hidden) if topk is None else topk
-    local = self.placement.local_slot(ids)                               # [T, top_k] local expert or -1
-    kw = dict(apply_router_weight_on_input=self.config.apply_router_weight_on_input)
-    if self.config.activation_format is not ActivationFormat.BatchedExperts:
-        if self.experts == "torch": return moe_reference_standard(hidden, self.w13, self.w2, wts, local, **kw)
-        from moe_lit.kernels.contiguous import TritonExperts          # lazy: the reference path needs no Triton
-        return TritonExperts().apply(hidden, self.w13, self.w2, wts, local, **kw)
-    capacity = self._batched_capacity(len(hidden))
-    if self.experts == "torch": return moe_reference_batched(hidden, self.w13, self.w2, wts, local, capacity, **kw)
-    from moe_lit.kernels.dispatch import batched_moe_triton          # lazy: the reference path needs no Triton
-    p = self.placement
-    table = (dict(global_to_physical=p.global_to_physical.to(hidden.device), physical_offset=p.physical_offset)
-             if p.global_to_physical is not None else
-             dict(expert_map=p.expert_map.to(hidden.device)) if p.expert_map is not None else {})
-    expected_m = max(1, round(ids.numel() / self.config.num_experts))  # rows per expert if routing were uniform
-    return batched_moe_triton(hidden.contiguous(), self.w13, self.w2, wts, ids, p.num_local_experts, capacity,
-                              expected_m, **kw, **table)
+    pf = make_prepare_finalize(self.config, len(hidden), use_triton=self.experts == "triton")
+    mk = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
+    return mk(hidden, self.w13, self.w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
+              add_shared=add_shared)
 
-FusedMoE._batched_capacity, FusedMoE.forward = _batched_capacity, _forward
+FusedMoE.forward = _forward
 
 # %%
 #| test fused_moe_single_device
@@ -255,6 +251,9 @@ test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*
 # - the **single-device** result: the Standard path over all experts with fp32 accumulation, streamed in the ranks'
 #   chunks of experts (`accumulate_into`), so that no more than one rank's weights are alive at any time;
 # - the **float64 reference**: the same computation in float64, upcasting one expert at a time.
+#
+# Shared experts are added once — by rank 0 in the emulation, where every rank sees every token — and once to each
+# of the two references.
 #
 # Routing is computed once (every rank has the same router) and shared by the three computations.
 
@@ -306,13 +305,16 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
                          device=hidden.device)                                    # holds rank r's weights only
         t1 = time.perf_counter(); weight_s += t1 - t0
         topk = layer.route(hidden) if topk is None else topk
-        out += layer(hidden, topk).float()
+        out += layer(hidden, topk, add_shared=r == 0).float()          # shared experts once, not once per rank
         if hidden.is_cuda: torch.cuda.synchronize()
         rank_s.append(time.perf_counter() - t1)
         local = layer.placement.local_slot(topk[1])
         kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
         moe_reference_standard(hidden, layer.w13, layer.w2, topk[0], local, accumulate_into=single, **kw)
         moe_reference_standard(hidden.double(), layer.w13, layer.w2, topk[0], local, accumulate_into=ref, **kw)
+        if r == 0 and layer.shared_experts is not None:
+            sh = layer.shared_experts
+            single += sh(hidden).float(); ref += expert_mlp(hidden.double(), sh.w13, sh.w2)
         placements.append(layer.placement)
         impl = (layer.experts, layer.experts_reason)
         if on_rank is not None: on_rank(r, layer)
@@ -384,3 +386,23 @@ for strategy, backend in (("round_robin", "deepep_low_latency"), ("linear", "dee
     run = run_emulated_ep(cfg, x, seed=4, placement=strategy, experts="triton")
     test_eq(run.experts[0], "triton")
     assert_close(run.output, run.reference, name=strategy)
+
+# %% [markdown]
+# Shared experts are added exactly once: the same model with one shared expert gives the same output on 1, 2 and 4
+# ranks, in both formats, and it differs from the model without it by exactly the shared MLP.
+
+# %%
+#| test shared_experts_once
+torch.manual_seed(4)
+base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float32,
+                 num_shared_experts=1, shared_intermediate_size=24)
+x = torch.randn(6, 32)
+outs = []
+for ep, backend in ((1, "none"), (2, "allgather_reducescatter"), (4, "nixl_ep")):
+    run = run_emulated_ep(base.replace(parallel=ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1,
+                                                                    all2all_backend=backend)), x, seed=1)
+    assert_close(run.output, run.reference); outs.append(run.output)
+for o in outs[1:]: assert_close(o, outs[0].double())
+plain = run_emulated_ep(base.replace(num_shared_experts=0, shared_intermediate_size=None), x, seed=1)
+sh = RandomExpertWeights(base, seed=1).shared()
+assert_close(outs[0] - plain.output, expert_mlp(x.double(), sh[0].double(), sh[1].double()))

@@ -9,7 +9,8 @@ from moe_lit.terms import check_int, check_tensor, check_choice
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, moe_reference_batched
+from moe_lit.formats import moe_reference_standard, expert_mlp
+from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS
@@ -105,3 +106,19 @@ def test_emulated_ep_triton_experts():
         run = run_emulated_ep(cfg, x, seed=4, placement=strategy, experts="triton")
         test_eq(run.experts[0], "triton")
         assert_close(run.output, run.reference, name=strategy)
+
+
+def test_shared_experts_once():
+    torch.manual_seed(4)
+    base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float32,
+                     num_shared_experts=1, shared_intermediate_size=24)
+    x = torch.randn(6, 32)
+    outs = []
+    for ep, backend in ((1, "none"), (2, "allgather_reducescatter"), (4, "nixl_ep")):
+        run = run_emulated_ep(base.replace(parallel=ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1,
+                                                                        all2all_backend=backend)), x, seed=1)
+        assert_close(run.output, run.reference); outs.append(run.output)
+    for o in outs[1:]: assert_close(o, outs[0].double())
+    plain = run_emulated_ep(base.replace(num_shared_experts=0, shared_intermediate_size=None), x, seed=1)
+    sh = RandomExpertWeights(base, seed=1).shared()
+    assert_close(outs[0] - plain.output, expert_mlp(x.double(), sh[0].double(), sh[1].double()))

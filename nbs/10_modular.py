@@ -1,0 +1,305 @@
+# %%
+#| default_exp modular
+
+# %% [markdown]
+# # The modular kernel
+# > Prepare/finalize (dispatch and combine) and experts as separate parts, composed only when their activation formats match — and the shared experts added exactly once.
+
+# %%
+#| export
+from __future__ import annotations
+from dataclasses import dataclass
+import torch
+from moe_lit.terms import check_int, check_tensor, check_bool, check_choice
+from moe_lit.config import ActivationFormat, MoEConfig
+from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
+                             combine_batched_reference, expert_mlp)
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.testing import assert_close
+from moe_lit.config import BACKENDS, ParallelConfig
+from moe_lit.placement import Placement
+
+# %% [markdown]
+# In this notebook: `Prepared` (what prepare hands to the experts), the prepare/finalize implementations
+# `StandardPrepareFinalize` and `BatchedPrepareFinalize`, the experts `TorchStandardExperts`, `TorchBatchedExperts`
+# (and the Triton `TritonExperts`, `BatchedTritonExperts` from the kernel chapters), `SharedExperts`,
+# `ModularKernel`, and the factories `make_prepare_finalize` / `make_experts` that the layer uses. An
+# **explanation** page.
+#
+# ## The composition rule
+#
+# vLLM splits a fused-MoE forward into `[router] → [quantize + dispatch] → [experts] → [combine]` and pairs the
+# dispatch and the combine in one *prepare/finalize* object, because their collectives must match. The experts in
+# between must accept the layout the prepare produces — its **activation format**. In vLLM the oracles computed that
+# format from the parallel config while the experts were built from the prepare/finalize's format: two sources of
+# truth, and the NIXL EP bug was the two disagreeing. Here the rule is structural:
+#
+# 1. the prepare/finalize is built first, from the backend's descriptor record;
+# 2. the experts are chosen *by the prepare/finalize's format*;
+# 3. `ModularKernel` refuses a pair whose formats differ, naming both formats and both classes.
+#
+# ## What prepare hands over
+
+# %%
+#| export
+@dataclass
+class Prepared:
+    "The output of `prepare`: the activations in the prepare/finalize's format plus what finalize needs."
+    format: ActivationFormat
+    a: torch.Tensor                          # Standard: [T, H]; BatchedExperts: [E_local, max_tokens, H]
+    topk_weights: torch.Tensor               # [T, top_k] fp32
+    local_ids: torch.Tensor | None = None    # Standard: [T, top_k] local expert per slot, -1 = not on this rank
+    expert_num_tokens: torch.Tensor | None = None  # BatchedExperts: [E_local] int32
+    slot_map: torch.Tensor | None = None     # BatchedExperts: [T, top_k] int64, e·max_tokens + row or -1
+    apply_router_weight_on_input: bool = False
+
+# %% [markdown]
+# ## Prepare/finalize
+#
+# Both in-process implementations leave the caller's `hidden` untouched (a shared expert reads it afterwards —
+# vLLM #28939 read it after an in-place routed pass). Neither reduces across ranks: `output_is_reduced` is False and
+# the sum over ranks is the deployment's all-reduce or combine, done once by the caller.
+
+# %%
+#| export
+class StandardPrepareFinalize:
+    "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
+    activation_format = ActivationFormat.Standard
+    output_is_reduced = False
+    num_dispatchers = 1
+    max_num_tokens_per_rank = None
+
+    def __init__(self, topk_indices_dtype: torch.dtype = torch.int32): self.topk_indices_dtype = topk_indices_dtype
+
+    def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
+        "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids),
+                        apply_router_weight_on_input=apply_router_weight_on_input)
+
+    def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
+        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
+        return expert_out
+
+# %%
+#| export
+class BatchedPrepareFinalize:
+    "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
+    activation_format = ActivationFormat.BatchedExperts
+    output_is_reduced = False
+
+    def __init__(self, max_num_tokens_per_rank: int, num_dispatchers: int, use_triton: bool = False,
+                 topk_indices_dtype: torch.dtype = torch.int64):
+        self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
+        self.num_dispatchers = check_int("num_dispatchers", num_dispatchers, lo=1)
+        self.use_triton, self.topk_indices_dtype = check_bool("use_triton", use_triton), topk_indices_dtype
+
+    def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
+        "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        cap, scale = self.max_num_tokens_per_rank * self.num_dispatchers, topk_weights if apply_router_weight_on_input else None
+        if self.use_triton:
+            from moe_lit.kernels.dispatch import batched_dispatch
+            p = placement
+            table = (dict(global_to_physical=p.global_to_physical.to(hidden.device), physical_offset=p.physical_offset)
+                     if p.global_to_physical is not None else
+                     dict(expert_map=p.expert_map.to(hidden.device)) if p.expert_map is not None else {})
+            a, counts, slot_map = batched_dispatch(hidden.contiguous(), topk_ids, p.num_local_experts, cap,
+                                                   topk_weights=scale, **table)
+        else:
+            a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids),
+                                                             placement.num_local_experts, cap, scale)
+        return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
+                        apply_router_weight_on_input=apply_router_weight_on_input)
+
+    def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
+        on_in = prepared.apply_router_weight_on_input
+        if self.use_triton:
+            from moe_lit.kernels.dispatch import batched_combine
+            return batched_combine(expert_out, prepared.topk_weights, prepared.slot_map, apply_router_weight_on_input=on_in)
+        return combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
+
+# %% [markdown]
+# ## Experts
+#
+# Each experts class declares its format and takes the `Prepared` of that format. The torch classes are the
+# references; the Triton ones live in the kernel chapters and are wrapped here so every experts class has the same
+# `apply(prepared, w13, w2)`.
+
+# %%
+#| export
+class TorchStandardExperts:
+    "Standard-format experts, torch reference: per local expert, gather its pairs, run it, weighted-add."
+    activation_format = ActivationFormat.Standard
+    def apply(self, prepared: Prepared, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        return moe_reference_standard(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
+                                      apply_router_weight_on_input=prepared.apply_router_weight_on_input)
+    def workspace_shapes(self, T, H, I, top_k, E_local, max_tokens=None):
+        "Shapes of (intermediate, per-expert output, result): `[T·top_k, I]`, `[T·top_k, H]`, `[T, H]`."
+        return (T * top_k, I), (T * top_k, H), (T, H)
+
+class TorchBatchedExperts:
+    "Batched-format experts, torch reference: each expert on the valid rows of its slab."
+    activation_format = ActivationFormat.BatchedExperts
+    def apply(self, prepared: Prepared, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        return experts_reference_batched(prepared.a, prepared.expert_num_tokens, w13, w2)
+    def workspace_shapes(self, T, H, I, top_k, E_local, max_tokens):
+        "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
+        return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
+
+# %%
+#| export
+class TritonStandardExperts(TorchStandardExperts):
+    "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
+    def apply(self, prepared, w13, w2):
+        from moe_lit.kernels.contiguous import TritonExperts
+        return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
+                                     prepared.apply_router_weight_on_input)
+
+class TritonBatchedExperts(TorchBatchedExperts):
+    "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
+    def apply(self, prepared, w13, w2):
+        from moe_lit.kernels.batched import BatchedTritonExperts
+        return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2)
+
+EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
+           ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,
+           ("triton", ActivationFormat.Standard): TritonStandardExperts,
+           ("triton", ActivationFormat.BatchedExperts): TritonBatchedExperts}
+
+# %% [markdown]
+# ## Shared experts
+#
+# A shared expert is an always-on gated MLP applied to every token. It is added **once**, to the final output, on the
+# original input and on the unpadded hidden size: never scaled by `routed_scaling_factor` (that factor belongs to the
+# routed weights — sglang#28237 scaled the shared expert by its inverse on one path), and never reduced a second time
+# (vLLM #49378 reduced Aria's twice under TP).
+
+# %%
+#| export
+class SharedExperts(torch.nn.Module):
+    "The always-on experts as one gated SiLU MLP: `w13 [2·I_shared, H]` (gate then up), `w2 [H, I_shared]`."
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+        super().__init__()
+        check_tensor("w13", w13, ndim=2)
+        check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)
+        self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast)."
+        return expert_mlp(hidden, self.w13, self.w2).to(hidden.dtype)
+
+# %% [markdown]
+# ## ModularKernel
+
+# %%
+#| export
+class ModularKernel:
+    "A prepare/finalize and experts of the same activation format, plus optional shared experts."
+    def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None):
+        pf_fmt, ex_fmt = getattr(prepare_finalize, "activation_format", None), getattr(experts, "activation_format", None)
+        if not isinstance(pf_fmt, ActivationFormat) or not isinstance(ex_fmt, ActivationFormat):
+            raise ValueError(f"prepare_finalize, experts: expected objects declaring an activation_format, got "
+                             f"{type(prepare_finalize).__name__} and {type(experts).__name__}")
+        if pf_fmt is not ex_fmt:
+            raise ValueError(f"experts: expected {pf_fmt.value} experts to pair with {type(prepare_finalize).__name__} "
+                             f"({pf_fmt.value}), got {type(experts).__name__} ({ex_fmt.value})")
+        if shared_experts is not None and not isinstance(shared_experts, SharedExperts):
+            raise ValueError(f"shared_experts: expected a SharedExperts or None, got {type(shared_experts).__name__}")
+        self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
+
+    def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
+                add_shared: bool = True) -> torch.Tensor:
+        "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
+        prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
+        out = self.prepare_finalize.finalize(self.experts.apply(prepared, w13, w2), prepared)
+        if add_shared and self.shared_experts is not None: out = out + self.shared_experts(hidden)
+        return out
+
+    __call__ = forward
+
+# %% [markdown]
+# ## Building the parts from the descriptor
+
+# %%
+#| export
+def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False):
+    "The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype)."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    check_int("num_tokens", num_tokens, lo=0)
+    if config.activation_format is ActivationFormat.BatchedExperts:
+        per_rank = -(-num_tokens // config.ep_size)
+        if per_rank > config.max_num_tokens:
+            raise ValueError(f"num_tokens: expected at most max_num_tokens={config.max_num_tokens} per rank "
+                             f"({config.max_num_tokens * config.ep_size} in all), got {per_rank} per rank")
+        return BatchedPrepareFinalize(max(per_rank, 1), config.ep_size, use_triton, config.topk_indices_dtype)
+    return StandardPrepareFinalize(config.topk_indices_dtype)
+
+def make_experts(prepare_finalize, implementation: str = "torch"):
+    "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."
+    check_choice("implementation", implementation, ("torch", "triton"))
+    return EXPERTS[(implementation, prepare_finalize.activation_format)]()
+
+# %% [markdown]
+# ## Tests
+#
+# Every backend × every experts class: exactly the format-compatible pairs compose; the others raise the clear
+# error. The prepare/finalize is built from the backend record, so NIXL EP and DeepEP low-latency can only take
+# batched experts.
+
+# %%
+#| test composition_walk
+for name, d in BACKENDS.items():
+    cfg = MoEConfig(8, 2, 16, 8, parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=name))
+    pf = make_prepare_finalize(cfg, 4)
+    test_eq(pf.activation_format, cfg.activation_format)
+    for (impl, fmt), cls in EXPERTS.items():
+        if fmt is pf.activation_format: ModularKernel(pf, cls())
+        else: test_fail(lambda: ModularKernel(pf, cls()), contains=f"got {cls.__name__} ({fmt.value})")
+    test_eq(make_experts(pf).activation_format, pf.activation_format)
+test_fail(lambda: ModularKernel(StandardPrepareFinalize(), TorchBatchedExperts()),
+          contains="expected standard experts to pair with StandardPrepareFinalize (standard), got TorchBatchedExperts (batched_experts)")
+test_fail(lambda: ModularKernel(object(), TorchStandardExperts()), contains="expected objects declaring an activation_format")
+
+# %% [markdown]
+# Both formats, torch and Triton (the interpreter on a CPU), compute the same layer — checked against the float64
+# reference, with a shared expert, weights applied on the input for `top_k > 1`, and a rank of a round-robin
+# deployment.
+
+# %%
+#| test modular_kernels_agree
+from moe_lit.kernels.batched import DEVICE
+g = torch.Generator().manual_seed(0)
+E, H, I, T, k = 8, 32, 16, 9, 3
+w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+sh = SharedExperts(torch.randn(2 * I, H, generator=g) / H**0.5, torch.randn(H, I, generator=g) / I**0.5)
+hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).long()
+for name in ("none", "nixl_ep"):
+    for on_in in (False, True):
+        for rank in range(2):
+            cfg = MoEConfig(E, k, H, I, dtype=torch.float32, routing_method="grouped_topk", num_expert_group=2, topk_group=1,
+                            parallel=ParallelConfig.make(1, 2, dp_rank=rank, enable_expert_parallel=True, all2all_backend=name))
+            p = Placement.build(cfg, "round_robin")
+            want = moe_reference_standard(hidden.double(), w13[p.local_to_global].double(), w2[p.local_to_global].double(),
+                                          wts, p.local_slot(ids), apply_router_weight_on_input=on_in)
+            for impl in ("torch", "triton"):
+                pf = make_prepare_finalize(cfg, T, use_triton=impl == "triton")
+                mk = ModularKernel(pf, make_experts(pf, impl), sh)
+                dev = lambda t: t.to(DEVICE) if impl == "triton" else t
+                got = mk(dev(hidden), dev(w13[p.local_to_global]), dev(w2[p.local_to_global]), dev(wts), dev(ids), p,
+                         on_in, add_shared=False)
+                assert_close(got.cpu(), want, name=f"{name} {impl} rank {rank} on_input={on_in}")
+# the shared expert is added once, on the original input, whatever the routed path did
+pf = StandardPrepareFinalize(); mk = ModularKernel(pf, TorchStandardExperts(), sh)
+p1 = Placement.build(MoEConfig(E, k, H, I, dtype=torch.float32))
+x = hidden.clone()
+out = mk(x, w13, w2, wts, ids, p1)
+assert torch.equal(x, hidden)                                                   # prepare did not modify the input
+assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
+             + expert_mlp(hidden.double(), sh.w13.double(), sh.w2.double()))
