@@ -58,7 +58,7 @@ def all2all_note(parallel: ParallelConfig,   # the deployment; only its properti
     lead = f"backend {d.name!r} requested but not used: " if d.moves_tokens else ""
     return f"{lead}no all2all ({why})"
 
-# %% ../nbs/15_cli.ipynb #93735ab4d59c
+# %% ../nbs/15_cli.ipynb #0a616f7d0c75
 def dispatch_hidden_size(config: MoEConfig,   # the layer on its deployment (rank 0's config)
                         ) -> tuple[int, str | None]:   # (elements per token the dispatch sends, note or None)
     "The hidden size the all2all dispatch sends, rounded up to a size the backend supports; ValueError above its largest."
@@ -68,7 +68,7 @@ def dispatch_hidden_size(config: MoEConfig,   # the layer on its deployment (ran
     padded, sizes = d.round_up_hidden_size(h), ", ".join(map(str, d.supported_hidden_sizes))
     if padded == h: return h, f"hidden_size {h} is dispatched as is by {d.name!r} (supported sizes {sizes})"
     return padded, (f"hidden_size {h} is dispatched padded to {padded} by {d.name!r} (supported sizes {sizes}); "
-                    "this emulation computes on the unpadded rows")
+                    "weights and activations get zero columns, the output is sliced back to {h}".replace("{h}", str(h)))
 
 # %% ../nbs/15_cli.ipynb #44c32f205c02
 def _plain(v):

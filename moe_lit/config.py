@@ -294,7 +294,7 @@ def _check_moe_deployment(c: MoEConfig) -> None:
     if c.parallel.use_all2all_kernels:
         c.parallel.backend.round_up_hidden_size(c.hidden_size)   # ValueError above the largest size it sends
 
-# %% ../nbs/01_config.ipynb #17b1d60c488d
+# %% ../nbs/01_config.ipynb #e8bc200e8455
 def _delegate(name):
     def f(self): return getattr(self.parallel, name)
     f.__doc__ = f"Delegated to `self.parallel.{name}`."
@@ -310,3 +310,9 @@ def _num_physical_experts(self) -> int:
 
 MoEConfig.num_physical_experts = property(_num_physical_experts)
 MoEConfig.replace = lambda self, **kw: replace(self, **kw)
+
+def _padded_hidden_size(self) -> int:
+    "Hidden size the dispatch sends: rounded up to a size the backend supports when tokens travel (else unchanged)."
+    return self.backend.round_up_hidden_size(self.hidden_size) if self.use_all2all_kernels else self.hidden_size
+
+MoEConfig.padded_hidden_size = property(_padded_hidden_size)

@@ -91,7 +91,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference (pass experts='triton' for the kernels)"
 
-# %% ../nbs/12_layer.ipynb #4ef6a9204892
+# %% ../nbs/12_layer.ipynb #ba48bbb3f67f
 class FusedMoE(torch.nn.Module):
     "One EP rank's MoE layer: router, placement and local expert weights; forward via the reference path."
     def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
@@ -116,8 +116,10 @@ class FusedMoE(torch.nn.Module):
         self.register_buffer("gate", gate.to(device))                   # [num_experts, hidden_size] fp32
         self.register_buffer("e_score_correction_bias", None if bias is None else bias.to(device))  # [num_experts]
         w13, w2 = weights.experts(self.placement.local_to_global.tolist())
-        self.w13 = torch.nn.Parameter(w13.to(device), requires_grad=False)   # [E_local, 2·I, H]
-        self.w2 = torch.nn.Parameter(w2.to(device), requires_grad=False)     # [E_local, H, I]
+        pad = config.padded_hidden_size - config.hidden_size          # the backend's wire size (zero columns)
+        if pad: w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
+        self.w13 = torch.nn.Parameter(w13.to(device), requires_grad=False)   # [E_local, 2·I, H_padded]
+        self.w2 = torch.nn.Parameter(w2.to(device), requires_grad=False)     # [E_local, H_padded, I]
         shared = weights.shared()
         self.shared_experts = None if shared is None else SharedExperts(*(t.to(device) for t in shared))
 
@@ -172,7 +174,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #cb638de86393
+# %% ../nbs/12_layer.ipynb #d20920ae104f
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto") -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
@@ -194,8 +196,9 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         rank_s.append(time.perf_counter() - t1)
         local = layer.placement.local_slot(topk[1])
         kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
-        moe_reference_standard(hidden, layer.w13, layer.w2, topk[0], local, accumulate_into=single, **kw)
-        moe_reference_standard(hidden.double(), layer.w13, layer.w2, topk[0], local, accumulate_into=ref, **kw)
+        w13, w2 = layer.w13[:, :, :H], layer.w2[:, :H]                    # the references run unpadded
+        moe_reference_standard(hidden, w13, w2, topk[0], local, accumulate_into=single, **kw)
+        moe_reference_standard(hidden.double(), w13, w2, topk[0], local, accumulate_into=ref, **kw)
         if r == 0 and layer.shared_experts is not None:
             sh = layer.shared_experts
             single += sh(hidden).float(); ref += expert_mlp(hidden.double(), sh.w13, sh.w2)

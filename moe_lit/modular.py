@@ -16,7 +16,7 @@ __all__ = ['EXPERTS', 'Prepared', 'StandardPrepareFinalize', 'BatchedPrepareFina
            'TorchBatchedExperts', 'TritonStandardExperts', 'TritonBatchedExperts', 'SharedExperts', 'ModularKernel',
            'make_prepare_finalize', 'make_experts']
 
-# %% ../nbs/10_modular.ipynb #0890b9e8a642
+# %% ../nbs/10_modular.ipynb #cd60a2d2a240
 @dataclass
 class Prepared:
     "The output of `prepare`: the activations in the prepare/finalize's format plus what finalize needs."
@@ -27,6 +27,7 @@ class Prepared:
     expert_num_tokens: torch.Tensor | None = None  # BatchedExperts: [E_local] int32
     slot_map: torch.Tensor | None = None     # BatchedExperts: [T, top_k] int64, e·max_tokens + row or -1
     apply_router_weight_on_input: bool = False
+    hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
 
 # %% ../nbs/10_modular.ipynb #c7eae2c32220
 class StandardPrepareFinalize:
@@ -49,15 +50,16 @@ class StandardPrepareFinalize:
         check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
         return expert_out
 
-# %% ../nbs/10_modular.ipynb #9b21e7bd89c9
+# %% ../nbs/10_modular.ipynb #7a8d46cc1533
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
     output_is_reduced = False
 
     def __init__(self, max_num_tokens_per_rank: int, num_dispatchers: int, use_triton: bool = False,
-                 topk_indices_dtype: torch.dtype = torch.int64):
+                 topk_indices_dtype: torch.dtype = torch.int64, padded_hidden_size: int | None = None):
         self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
+        self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.num_dispatchers = check_int("num_dispatchers", num_dispatchers, lo=1)
         self.use_triton, self.topk_indices_dtype = check_bool("use_triton", use_triton), topk_indices_dtype
 
@@ -65,6 +67,11 @@ class BatchedPrepareFinalize:
         "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         cap, scale = self.max_num_tokens_per_rank * self.num_dispatchers, topk_weights if apply_router_weight_on_input else None
+        H = hidden.shape[1]
+        if self.padded_hidden_size is not None and self.padded_hidden_size != H:   # the backend's wire size: zeros
+            if self.padded_hidden_size < H:
+                raise ValueError(f"hidden: expected at most padded_hidden_size={self.padded_hidden_size} columns, got {H}")
+            hidden = torch.nn.functional.pad(hidden, (0, self.padded_hidden_size - H))
         if self.use_triton:
             from moe_lit.kernels.dispatch import batched_dispatch
             p = placement
@@ -77,15 +84,16 @@ class BatchedPrepareFinalize:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids),
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
-                        apply_router_weight_on_input=apply_router_weight_on_input)
+                        apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H)
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
         on_in = prepared.apply_router_weight_on_input
         if self.use_triton:
             from moe_lit.kernels.dispatch import batched_combine
-            return batched_combine(expert_out, prepared.topk_weights, prepared.slot_map, apply_router_weight_on_input=on_in)
-        return combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
+            out = batched_combine(expert_out, prepared.topk_weights, prepared.slot_map, apply_router_weight_on_input=on_in)
+        else: out = combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
+        return out[:, :prepared.hidden_size] if out.shape[1] != prepared.hidden_size else out   # padding never leaks
 
 # %% ../nbs/10_modular.ipynb #adc65072ac65
 class TorchStandardExperts:
@@ -164,7 +172,7 @@ class ModularKernel:
 
     __call__ = forward
 
-# %% ../nbs/10_modular.ipynb #aff01f284a34
+# %% ../nbs/10_modular.ipynb #8eba19176777
 def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False):
     "The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -174,7 +182,8 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
         if per_rank > config.max_num_tokens:
             raise ValueError(f"num_tokens: expected at most max_num_tokens={config.max_num_tokens} per rank "
                              f"({config.max_num_tokens * config.ep_size} in all), got {per_rank} per rank")
-        return BatchedPrepareFinalize(max(per_rank, 1), config.ep_size, use_triton, config.topk_indices_dtype)
+        return BatchedPrepareFinalize(max(per_rank, 1), config.ep_size, use_triton, config.topk_indices_dtype,
+                                      config.padded_hidden_size)
     return StandardPrepareFinalize(config.topk_indices_dtype)
 
 def make_experts(prepare_finalize, implementation: str = "torch"):

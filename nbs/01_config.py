@@ -570,6 +570,12 @@ def _num_physical_experts(self) -> int:
 MoEConfig.num_physical_experts = property(_num_physical_experts)
 MoEConfig.replace = lambda self, **kw: replace(self, **kw)
 
+def _padded_hidden_size(self) -> int:
+    "Hidden size the dispatch sends: rounded up to a size the backend supports when tokens travel (else unchanged)."
+    return self.backend.round_up_hidden_size(self.hidden_size) if self.use_all2all_kernels else self.hidden_size
+
+MoEConfig.padded_hidden_size = property(_padded_hidden_size)
+
 # %%
 #| test moe_config
 par = ParallelConfig.make(tp_size=1, dp_size=8, dp_rank=2, enable_expert_parallel=True, all2all_backend="nixl_ep")
@@ -578,6 +584,8 @@ test_eq(cfg.activation_format, ActivationFormat.BatchedExperts)
 test_eq((cfg.use_batched_activation_format, cfg.needs_round_robin_routing_tables, cfg.ep_size, cfg.ep_rank),
         (True, True, 8, 2))
 test_eq(cfg.replace(parallel=ParallelConfig()).activation_format, ActivationFormat.Standard)
+test_eq(cfg.replace(hidden_size=2880).padded_hidden_size, 3072)            # gpt-oss over NIXL EP: padded
+test_eq(cfg.replace(hidden_size=2880, parallel=ParallelConfig()).padded_hidden_size, 2880)   # nothing travels
 test_fail(lambda: MoEConfig(8, 9, 16, 16), contains="top_k: expected < 9, got 9")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, scoring_func="relu"), contains="scoring_func: expected one of")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, routing_method="grouped_topk"), contains="num_expert_group: expected an int")

@@ -55,6 +55,7 @@ class Prepared:
     expert_num_tokens: torch.Tensor | None = None  # BatchedExperts: [E_local] int32
     slot_map: torch.Tensor | None = None     # BatchedExperts: [T, top_k] int64, e·max_tokens + row or -1
     apply_router_weight_on_input: bool = False
+    hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
 
 # %% [markdown]
 # ## Prepare/finalize
@@ -93,8 +94,9 @@ class BatchedPrepareFinalize:
     output_is_reduced = False
 
     def __init__(self, max_num_tokens_per_rank: int, num_dispatchers: int, use_triton: bool = False,
-                 topk_indices_dtype: torch.dtype = torch.int64):
+                 topk_indices_dtype: torch.dtype = torch.int64, padded_hidden_size: int | None = None):
         self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
+        self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.num_dispatchers = check_int("num_dispatchers", num_dispatchers, lo=1)
         self.use_triton, self.topk_indices_dtype = check_bool("use_triton", use_triton), topk_indices_dtype
 
@@ -102,6 +104,11 @@ class BatchedPrepareFinalize:
         "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         cap, scale = self.max_num_tokens_per_rank * self.num_dispatchers, topk_weights if apply_router_weight_on_input else None
+        H = hidden.shape[1]
+        if self.padded_hidden_size is not None and self.padded_hidden_size != H:   # the backend's wire size: zeros
+            if self.padded_hidden_size < H:
+                raise ValueError(f"hidden: expected at most padded_hidden_size={self.padded_hidden_size} columns, got {H}")
+            hidden = torch.nn.functional.pad(hidden, (0, self.padded_hidden_size - H))
         if self.use_triton:
             from moe_lit.kernels.dispatch import batched_dispatch
             p = placement
@@ -114,17 +121,24 @@ class BatchedPrepareFinalize:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids),
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
-                        apply_router_weight_on_input=apply_router_weight_on_input)
+                        apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H)
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
         on_in = prepared.apply_router_weight_on_input
         if self.use_triton:
             from moe_lit.kernels.dispatch import batched_combine
-            return batched_combine(expert_out, prepared.topk_weights, prepared.slot_map, apply_router_weight_on_input=on_in)
-        return combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
+            out = batched_combine(expert_out, prepared.topk_weights, prepared.slot_map, apply_router_weight_on_input=on_in)
+        else: out = combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
+        return out[:, :prepared.hidden_size] if out.shape[1] != prepared.hidden_size else out   # padding never leaks
 
 # %% [markdown]
+# **Padded hidden sizes.** DeepEP low-latency and NIXL EP send only the hidden sizes their record lists, so
+# gpt-oss's 2880 travels as 3072 (`MoEConfig.padded_hidden_size`). The batched prepare pads the activations with
+# zero columns, the layer pads its expert weights with zero columns (w13) and zero rows (w2), and finalize slices
+# the output back: zero columns add nothing to any product, and the public output keeps the unpadded shape
+# (vLLM #40794 and its follow-ups leaked the padded shape).
+#
 # ## Experts
 #
 # Each experts class declares its format and takes the `Prepared` of that format. The torch classes are the
@@ -237,7 +251,8 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
         if per_rank > config.max_num_tokens:
             raise ValueError(f"num_tokens: expected at most max_num_tokens={config.max_num_tokens} per rank "
                              f"({config.max_num_tokens * config.ep_size} in all), got {per_rank} per rank")
-        return BatchedPrepareFinalize(max(per_rank, 1), config.ep_size, use_triton, config.topk_indices_dtype)
+        return BatchedPrepareFinalize(max(per_rank, 1), config.ep_size, use_triton, config.topk_indices_dtype,
+                                      config.padded_hidden_size)
     return StandardPrepareFinalize(config.topk_indices_dtype)
 
 def make_experts(prepare_finalize, implementation: str = "torch"):
@@ -288,12 +303,14 @@ for name in ("none", "nixl_ep"):
             p = Placement.build(cfg, "round_robin")
             want = moe_reference_standard(hidden.double(), w13[p.local_to_global].double(), w2[p.local_to_global].double(),
                                           wts, p.local_slot(ids), apply_router_weight_on_input=on_in)
+            pad = cfg.padded_hidden_size - H                           # NIXL EP sends 2048 columns: zero-pad weights
+            w13_r = torch.nn.functional.pad(w13[p.local_to_global], (0, pad))
+            w2_r = torch.nn.functional.pad(w2[p.local_to_global], (0, 0, 0, pad))
             for impl in ("torch", "triton"):
                 pf = make_prepare_finalize(cfg, T, use_triton=impl == "triton")
                 mk = ModularKernel(pf, make_experts(pf, impl), sh)
                 dev = lambda t: t.to(DEVICE) if impl == "triton" else t
-                got = mk(dev(hidden), dev(w13[p.local_to_global]), dev(w2[p.local_to_global]), dev(wts), dev(ids), p,
-                         on_in, add_shared=False)
+                got = mk(dev(hidden), dev(w13_r), dev(w2_r), dev(wts), dev(ids), p, on_in, add_shared=False)
                 assert_close(got.cpu(), want, name=f"{name} {impl} rank {rank} on_input={on_in}")
 # the shared expert is added once, on the original input, whatever the routed path did
 pf = StandardPrepareFinalize(); mk = ModularKernel(pf, TorchStandardExperts(), sh)
@@ -303,3 +320,26 @@ out = mk(x, w13, w2, wts, ids, p1)
 assert torch.equal(x, hidden)                                                   # prepare did not modify the input
 assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
              + expert_mlp(hidden.double(), sh.w13.double(), sh.w2.double()))
+
+# %% [markdown]
+# The padding never shows: a gpt-oss-sized hidden (2880) over NIXL EP is dispatched as 3072 columns and comes back
+# as 2880, equal to the unpadded computation.
+
+# %%
+#| test padded_hidden_never_leaks
+g = torch.Generator().manual_seed(5)
+E, H, I, T, k = 4, 2880, 8, 3, 2
+cfg = MoEConfig(E, k, H, I, dtype=torch.float32, parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+test_eq(cfg.padded_hidden_size, 3072)
+p = Placement.build(cfg)
+w13, w2 = torch.randn(p.num_local_experts, 2 * I, H, generator=g) / H**0.5, torch.randn(p.num_local_experts, H, I, generator=g)
+hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).long()
+pf = make_prepare_finalize(cfg, T)
+prepared = pf.prepare(hidden, wts, ids, p)
+test_eq(prepared.a.shape[-1], 3072)                                          # the wire size
+pad = 3072 - H
+out = ModularKernel(pf, TorchBatchedExperts())(hidden, torch.nn.functional.pad(w13, (0, pad)),
+                                               torch.nn.functional.pad(w2, (0, 0, 0, pad)), wts, ids, p)
+test_eq(out.shape, (T, H))
+assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, p.local_slot(ids)))

@@ -186,8 +186,10 @@ class FusedMoE(torch.nn.Module):
         self.register_buffer("gate", gate.to(device))                   # [num_experts, hidden_size] fp32
         self.register_buffer("e_score_correction_bias", None if bias is None else bias.to(device))  # [num_experts]
         w13, w2 = weights.experts(self.placement.local_to_global.tolist())
-        self.w13 = torch.nn.Parameter(w13.to(device), requires_grad=False)   # [E_local, 2·I, H]
-        self.w2 = torch.nn.Parameter(w2.to(device), requires_grad=False)     # [E_local, H, I]
+        pad = config.padded_hidden_size - config.hidden_size          # the backend's wire size (zero columns)
+        if pad: w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
+        self.w13 = torch.nn.Parameter(w13.to(device), requires_grad=False)   # [E_local, 2·I, H_padded]
+        self.w2 = torch.nn.Parameter(w2.to(device), requires_grad=False)     # [E_local, H_padded, I]
         shared = weights.shared()
         self.shared_experts = None if shared is None else SharedExperts(*(t.to(device) for t in shared))
 
@@ -310,8 +312,9 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         rank_s.append(time.perf_counter() - t1)
         local = layer.placement.local_slot(topk[1])
         kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
-        moe_reference_standard(hidden, layer.w13, layer.w2, topk[0], local, accumulate_into=single, **kw)
-        moe_reference_standard(hidden.double(), layer.w13, layer.w2, topk[0], local, accumulate_into=ref, **kw)
+        w13, w2 = layer.w13[:, :, :H], layer.w2[:, :H]                    # the references run unpadded
+        moe_reference_standard(hidden, w13, w2, topk[0], local, accumulate_into=single, **kw)
+        moe_reference_standard(hidden.double(), w13, w2, topk[0], local, accumulate_into=ref, **kw)
         if r == 0 and layer.shared_experts is not None:
             sh = layer.shared_experts
             single += sh(hidden).float(); ref += expert_mlp(hidden.double(), sh.w13, sh.w2)

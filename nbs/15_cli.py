@@ -135,8 +135,8 @@ test_fail(lambda: all2all_note("ep8"), contains="parallel: expected a ParallelCo
 # above the largest cannot run on that backend. `dispatch_hidden_size` states which, from the record's
 # `supported_hidden_sizes`.
 #
-# > The emulated ranks compute on the unpadded rows (padding the dispatch is a later change); the note says so, so the
-# > report stays truthful about what ran.
+# > The layer really pads (`10_modular`): zero columns in the dispatched activations and the expert weights, and
+# > the combined output is sliced back, so the report's shapes and checks are the unpadded model's.
 
 # %%
 #| export
@@ -149,7 +149,7 @@ def dispatch_hidden_size(config: MoEConfig,   # the layer on its deployment (ran
     padded, sizes = d.round_up_hidden_size(h), ", ".join(map(str, d.supported_hidden_sizes))
     if padded == h: return h, f"hidden_size {h} is dispatched as is by {d.name!r} (supported sizes {sizes})"
     return padded, (f"hidden_size {h} is dispatched padded to {padded} by {d.name!r} (supported sizes {sizes}); "
-                    "this emulation computes on the unpadded rows")
+                    "weights and activations get zero columns, the output is sliced back to {h}".replace("{h}", str(h)))
 
 # %%
 #| test dispatch_hidden_size

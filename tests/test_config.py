@@ -132,6 +132,8 @@ def test_moe_config():
     test_eq((cfg.use_batched_activation_format, cfg.needs_round_robin_routing_tables, cfg.ep_size, cfg.ep_rank),
             (True, True, 8, 2))
     test_eq(cfg.replace(parallel=ParallelConfig()).activation_format, ActivationFormat.Standard)
+    test_eq(cfg.replace(hidden_size=2880).padded_hidden_size, 3072)            # gpt-oss over NIXL EP: padded
+    test_eq(cfg.replace(hidden_size=2880, parallel=ParallelConfig()).padded_hidden_size, 2880)   # nothing travels
     test_fail(lambda: MoEConfig(8, 9, 16, 16), contains="top_k: expected < 9, got 9")
     test_fail(lambda: MoEConfig(8, 2, 16, 16, scoring_func="relu"), contains="scoring_func: expected one of")
     test_fail(lambda: MoEConfig(8, 2, 16, 16, routing_method="grouped_topk"), contains="num_expert_group: expected an int")

@@ -44,12 +44,14 @@ def test_modular_kernels_agree():
                 p = Placement.build(cfg, "round_robin")
                 want = moe_reference_standard(hidden.double(), w13[p.local_to_global].double(), w2[p.local_to_global].double(),
                                               wts, p.local_slot(ids), apply_router_weight_on_input=on_in)
+                pad = cfg.padded_hidden_size - H                           # NIXL EP sends 2048 columns: zero-pad weights
+                w13_r = torch.nn.functional.pad(w13[p.local_to_global], (0, pad))
+                w2_r = torch.nn.functional.pad(w2[p.local_to_global], (0, 0, 0, pad))
                 for impl in ("torch", "triton"):
                     pf = make_prepare_finalize(cfg, T, use_triton=impl == "triton")
                     mk = ModularKernel(pf, make_experts(pf, impl), sh)
                     dev = lambda t: t.to(DEVICE) if impl == "triton" else t
-                    got = mk(dev(hidden), dev(w13[p.local_to_global]), dev(w2[p.local_to_global]), dev(wts), dev(ids), p,
-                             on_in, add_shared=False)
+                    got = mk(dev(hidden), dev(w13_r), dev(w2_r), dev(wts), dev(ids), p, on_in, add_shared=False)
                     assert_close(got.cpu(), want, name=f"{name} {impl} rank {rank} on_input={on_in}")
     # the shared expert is added once, on the original input, whatever the routed path did
     pf = StandardPrepareFinalize(); mk = ModularKernel(pf, TorchStandardExperts(), sh)
@@ -59,3 +61,22 @@ def test_modular_kernels_agree():
     assert torch.equal(x, hidden)                                                   # prepare did not modify the input
     assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
                  + expert_mlp(hidden.double(), sh.w13.double(), sh.w2.double()))
+
+
+def test_padded_hidden_never_leaks():
+    g = torch.Generator().manual_seed(5)
+    E, H, I, T, k = 4, 2880, 8, 3, 2
+    cfg = MoEConfig(E, k, H, I, dtype=torch.float32, parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    test_eq(cfg.padded_hidden_size, 3072)
+    p = Placement.build(cfg)
+    w13, w2 = torch.randn(p.num_local_experts, 2 * I, H, generator=g) / H**0.5, torch.randn(p.num_local_experts, H, I, generator=g)
+    hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).long()
+    pf = make_prepare_finalize(cfg, T)
+    prepared = pf.prepare(hidden, wts, ids, p)
+    test_eq(prepared.a.shape[-1], 3072)                                          # the wire size
+    pad = 3072 - H
+    out = ModularKernel(pf, TorchBatchedExperts())(hidden, torch.nn.functional.pad(w13, (0, pad)),
+                                                   torch.nn.functional.pad(w2, (0, 0, 0, pad)), wts, ids, p)
+    test_eq(out.shape, (T, H))
+    assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, p.local_slot(ids)))
