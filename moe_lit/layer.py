@@ -174,7 +174,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #d20920ae104f
+# %% ../nbs/12_layer.ipynb #28c94585482b
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto") -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
@@ -183,7 +183,8 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
     weights, ep = RandomExpertWeights(config, seed), config.parallel.ep_size
     T, H = hidden.shape
-    out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (torch.float32, torch.float32, torch.float64))
+    acc = torch.float64 if config.dtype == torch.float64 else torch.float32          # as the experts accumulate
+    out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
     placements, rank_s, weight_s, topk = [], [], 0.0, None
     for r in range(ep):
         t0 = time.perf_counter()
@@ -191,7 +192,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
                          device=hidden.device)                                    # holds rank r's weights only
         t1 = time.perf_counter(); weight_s += t1 - t0
         topk = layer.route(hidden) if topk is None else topk
-        out += layer(hidden, topk, add_shared=r == 0).float()          # shared experts once, not once per rank
+        out += layer(hidden, topk, add_shared=r == 0).to(acc)           # shared experts once, not once per rank
         if hidden.is_cuda: torch.cuda.synchronize()
         rank_s.append(time.perf_counter() - t1)
         local = layer.placement.local_slot(topk[1])
@@ -201,7 +202,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         moe_reference_standard(hidden.double(), w13, w2, topk[0], local, accumulate_into=ref, **kw)
         if r == 0 and layer.shared_experts is not None:
             sh = layer.shared_experts
-            single += sh(hidden).float(); ref += expert_mlp(hidden.double(), sh.w13, sh.w2)
+            single += sh(hidden).to(acc); ref += expert_mlp(hidden.double(), sh.w13, sh.w2)
         placements.append(layer.placement)
         impl = (layer.experts, layer.experts_reason)
         if on_rank is not None: on_rank(r, layer)

@@ -299,7 +299,8 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
     weights, ep = RandomExpertWeights(config, seed), config.parallel.ep_size
     T, H = hidden.shape
-    out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (torch.float32, torch.float32, torch.float64))
+    acc = torch.float64 if config.dtype == torch.float64 else torch.float32          # as the experts accumulate
+    out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
     placements, rank_s, weight_s, topk = [], [], 0.0, None
     for r in range(ep):
         t0 = time.perf_counter()
@@ -307,7 +308,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
                          device=hidden.device)                                    # holds rank r's weights only
         t1 = time.perf_counter(); weight_s += t1 - t0
         topk = layer.route(hidden) if topk is None else topk
-        out += layer(hidden, topk, add_shared=r == 0).float()          # shared experts once, not once per rank
+        out += layer(hidden, topk, add_shared=r == 0).to(acc)           # shared experts once, not once per rank
         if hidden.is_cuda: torch.cuda.synchronize()
         rank_s.append(time.perf_counter() - t1)
         local = layer.placement.local_slot(topk[1])
@@ -317,7 +318,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         moe_reference_standard(hidden.double(), w13, w2, topk[0], local, accumulate_into=ref, **kw)
         if r == 0 and layer.shared_experts is not None:
             sh = layer.shared_experts
-            single += sh(hidden).float(); ref += expert_mlp(hidden.double(), sh.w13, sh.w2)
+            single += sh(hidden).to(acc); ref += expert_mlp(hidden.double(), sh.w13, sh.w2)
         placements.append(layer.placement)
         impl = (layer.experts, layer.experts_reason)
         if on_rank is not None: on_rank(r, layer)
@@ -409,3 +410,19 @@ for o in outs[1:]: assert_close(o, outs[0].double())
 plain = run_emulated_ep(base.replace(num_shared_experts=0, shared_intermediate_size=None), x, seed=1)
 sh = RandomExpertWeights(base, seed=1).shared()
 assert_close(outs[0] - plain.output, expert_mlp(x.double(), sh[0].double(), sh[1].double()))
+
+# %% [markdown]
+# `routed_scaling_factor` multiplies the routed experts only: folded into the router weights (as moe-lit's routers
+# do) it gives exactly the routed output scaled afterwards, and the shared expert stays unscaled (sglang#28237).
+
+# %%
+#| test routed_scaling_factor_routed_only
+torch.manual_seed(5)
+base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float64,
+                 num_shared_experts=1, routing_method="grouped_topk", num_expert_group=4, topk_group=2)
+x = torch.randn(5, 32, dtype=torch.float64)
+one = run_emulated_ep(base, x, seed=2)
+scaled = run_emulated_ep(base.replace(routed_scaling_factor=2.5), x, seed=2)
+sh = RandomExpertWeights(base, seed=2).shared()
+shared = expert_mlp(x, sh[0], sh[1])
+assert_close(scaled.output - shared, 2.5 * (one.output - shared), rtol=1e-6)   # router weights are fp32 by contract

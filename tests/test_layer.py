@@ -122,3 +122,15 @@ def test_shared_experts_once():
     plain = run_emulated_ep(base.replace(num_shared_experts=0, shared_intermediate_size=None), x, seed=1)
     sh = RandomExpertWeights(base, seed=1).shared()
     assert_close(outs[0] - plain.output, expert_mlp(x.double(), sh[0].double(), sh[1].double()))
+
+
+def test_routed_scaling_factor_routed_only():
+    torch.manual_seed(5)
+    base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float64,
+                     num_shared_experts=1, routing_method="grouped_topk", num_expert_group=4, topk_group=2)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    one = run_emulated_ep(base, x, seed=2)
+    scaled = run_emulated_ep(base.replace(routed_scaling_factor=2.5), x, seed=2)
+    sh = RandomExpertWeights(base, seed=2).shared()
+    shared = expert_mlp(x, sh[0], sh[1])
+    assert_close(scaled.output - shared, 2.5 * (one.output - shared), rtol=1e-6)   # router weights are fp32 by contract
