@@ -173,6 +173,41 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     return sorted_ids, expert_ids, ntpp
 
 # %% [markdown]
+# ### The aligned layout
+#
+# The figure shows `sorted_token_ids` for 10 tokens with top-2 over 5 experts and `block_size = 4`: each column is
+# a position, coloured by the expert of its block; grey cells hold the sentinel (padding); vertical lines separate
+# blocks, one expert per block.
+
+# %%
+#| export
+def plot_aligned_layout(sorted_token_ids: torch.Tensor,  # [max_padded] int32
+                        expert_ids: torch.Tensor,        # [num_blocks] int32
+                        num_tokens_post_padded,          # [1] int32 tensor or int
+                        block_size: int, num_pairs: int, title: str = ""):
+    "Strip of the sorted, padded positions: colour = block's expert, grey = sentinel; returns the Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = int(num_tokens_post_padded)
+    s, e = sorted_token_ids[:n].cpu(), expert_ids[: n // block_size].cpu()
+    colour = e.repeat_interleave(block_size).float()
+    colour[s >= num_pairs] = float("nan")                                     # sentinel
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * n), 1.6))
+    cmap = plt.get_cmap("tab10").copy(); cmap.set_bad("lightgrey")
+    ax.imshow(colour[None, :].numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=9, interpolation="nearest")
+    for i, v in enumerate(s.tolist()):
+        ax.text(i, 0, "·" if v >= num_pairs else str(v), ha="center", va="center", fontsize=7)
+    for b in range(1, n // block_size): ax.axvline(b * block_size - 0.5, color="k", lw=1)
+    ax.set_yticks([]); ax.set_xlabel("sorted position (number = pair t·top_k + k; · = sentinel)")
+    ax.set_title(title or f"blocks of {block_size}; experts {e.tolist()}", fontsize=9)
+    fig.tight_layout(); plt.close(fig)
+    return fig
+
+# %%
+demo_ids = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(t))[:2] for t in range(10)]).int()
+plot_aligned_layout(*moe_align_block_size_reference(demo_ids, 4, 5), block_size=4, num_pairs=20)
+
+# %% [markdown]
 # ## Tests of the alignment
 #
 # Invariants rather than a fixed order: every pair with an expert appears exactly once; each expert's run starts at
@@ -430,3 +465,16 @@ for T in (128, 2048):
     wts = torch.rand(T, k, generator=g).cuda()
     want = moe_reference_standard(hidden.double(), w13, w2, wts, local)
     assert_close(TritonExperts().apply(hidden, w13, w2, wts, local), want, name=f"T={T}")
+
+# %% [markdown]
+# ## Interpretation (first measurements, work in progress)
+#
+# One H200 run at commit 7665e29 (`nbs/bench/batched_and_contiguous_h200_7665e29.*`, bf16, 2026-11-29) timed this
+# GEMM1 on the benchmark's rows with `T = rows / top_k` and heuristic tiles (no tuned table yet): 88.9% of the floor
+# on DeepSeek-V3 EP8 decode, 70.0% on its prefill, 84.0% on Qwen3-30B-A3B, 88.9% on Mixtral and 87.3% on gpt-oss-120b
+# — below the batched kernel on the same rows (98, 86, 97, 101, 104%) and below the bar this path is held to (90% at
+# decode, 80% at prefill). The gather of token rows through `sorted_token_ids` and untuned tiles are the first
+# suspects. The same run measured `moe_align_block_size` at 164–216 µs on the benchmark rows and ≈ 310 µs at
+# `T = 1…16` (E = 256): that version filled `expert_ids` in one serial program and validated the ids with a host
+# sync inside the timed call. Both are fixed since (one program per expert; validation optional and off in
+# `TritonExperts`); the new cost has not been measured on the GPU yet.

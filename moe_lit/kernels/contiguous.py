@@ -14,7 +14,8 @@ from .batched import lookup_tile_config, fit_shared_memory
 from .dispatch import batched_combine
 
 # %% auto #0
-__all__ = ['moe_align_block_size_reference', 'moe_align_block_size', 'check_alignment', 'fused_moe_gemm', 'TritonExperts']
+__all__ = ['moe_align_block_size_reference', 'moe_align_block_size', 'plot_aligned_layout', 'check_alignment', 'fused_moe_gemm',
+           'TritonExperts']
 
 # %% ../../nbs/08_kernels.contiguous.ipynb #24eaae9bae89
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
@@ -109,6 +110,29 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
                                              expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
     if n: _align_scatter_kernel[(triton.cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
+
+# %% ../../nbs/08_kernels.contiguous.ipynb #72af491dec9c
+def plot_aligned_layout(sorted_token_ids: torch.Tensor,  # [max_padded] int32
+                        expert_ids: torch.Tensor,        # [num_blocks] int32
+                        num_tokens_post_padded,          # [1] int32 tensor or int
+                        block_size: int, num_pairs: int, title: str = ""):
+    "Strip of the sorted, padded positions: colour = block's expert, grey = sentinel; returns the Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = int(num_tokens_post_padded)
+    s, e = sorted_token_ids[:n].cpu(), expert_ids[: n // block_size].cpu()
+    colour = e.repeat_interleave(block_size).float()
+    colour[s >= num_pairs] = float("nan")                                     # sentinel
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * n), 1.6))
+    cmap = plt.get_cmap("tab10").copy(); cmap.set_bad("lightgrey")
+    ax.imshow(colour[None, :].numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=9, interpolation="nearest")
+    for i, v in enumerate(s.tolist()):
+        ax.text(i, 0, "·" if v >= num_pairs else str(v), ha="center", va="center", fontsize=7)
+    for b in range(1, n // block_size): ax.axvline(b * block_size - 0.5, color="k", lw=1)
+    ax.set_yticks([]); ax.set_xlabel("sorted position (number = pair t·top_k + k; · = sentinel)")
+    ax.set_title(title or f"blocks of {block_size}; experts {e.tolist()}", fontsize=9)
+    fig.tight_layout(); plt.close(fig)
+    return fig
 
 # %% ../../nbs/08_kernels.contiguous.ipynb #d40465dfe190
 def check_alignment(topk_ids, block_size, num_experts, expert_map=None):
