@@ -66,7 +66,9 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # | `05_formats` | `moe_lit.formats` | the Standard and BatchedExperts contracts and the reference MoE in both |
 # | `06_kernels.batched` | `moe_lit.kernels.batched` | Triton batched-experts GEMM with fused SiLU-and-mul, tile tables |
 # | `07_kernels.dispatch` | `moe_lit.kernels.dispatch` | Triton dispatch into per-expert slabs and the weighted combine |
-# | `12_layer` | `moe_lit.layer` | `FusedMoE` (reference or Triton experts) and the emulated expert-parallel run |
+# | `08_kernels.contiguous` | `moe_lit.kernels.contiguous` | Triton `moe_align_block_size` and the fused-MoE GEMM over aligned blocks |
+# | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
+# | `12_layer` | `moe_lit.layer` | `FusedMoE` through the modular kernel (torch or Triton) and the emulated EP run |
 # | `14_bench` | `moe_lit.bench` | the GEMM against torch peers and the measured roofline, tile tuning |
 # | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `bench` |
 #
