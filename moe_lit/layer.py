@@ -18,7 +18,7 @@ from .modular import ModularKernel, SharedExperts, make_prepare_finalize, make_e
 # %% auto #0
 __all__ = ['RandomExpertWeights', 'check_device', 'resolve_experts', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep']
 
-# %% ../nbs/12_layer.ipynb #b23b12a6ad30
+# %% ../nbs/12_layer.ipynb #a6470a86336a
 class RandomExpertWeights:
     "Deterministic random weights for a model's MoE layer: expert `g`'s tensors depend only on `(seed, g)`."
     def __init__(self, config: MoEConfig, seed: int = 0):
@@ -31,8 +31,8 @@ class RandomExpertWeights:
     def router(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         "`(gate [num_experts, hidden_size] fp32, e_score_correction_bias [num_experts] fp32 or None)`."
         c, g = self.config, self._gen(0)
-        gate = torch.randn(c.num_experts, c.hidden_size, generator=g) * (2.0 / math.sqrt(c.hidden_size))
-        bias = torch.randn(c.num_experts, generator=g) * 0.1 if c.has_correction_bias else None
+        gate = torch.randn(c.num_experts, c.hidden_size, generator=g) / math.sqrt(c.hidden_size)   # logits ~ N(0, 1)
+        bias = torch.randn(c.num_experts, generator=g) * 0.01 if c.has_correction_bias else None   # a small nudge
         return gate, bias
 
 # %% ../nbs/12_layer.ipynb #5abece75a8fc
@@ -78,7 +78,7 @@ def check_device(device) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
     return d
 
-# %% ../nbs/12_layer.ipynb #ca1dee566f4c
+# %% ../nbs/12_layer.ipynb #da19094231e1
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device) -> tuple[str, str]:
     "`(implementation, reason)`: 'triton' or 'torch' for the requested `experts` ('auto', 'triton' or 'torch')."
     check_choice("experts", experts, ("auto", "triton", "torch"))
@@ -89,7 +89,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if experts == "triton": return "triton", f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                         " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
-    return "torch", f"format {fmt} on the CPU: the torch reference (pass experts='triton' for the kernels)"
+    return "torch", f"format {fmt} on the CPU: the torch reference (experts='triton', --experts triton, runs the kernels)"
 
 # %% ../nbs/12_layer.ipynb #ba48bbb3f67f
 class FusedMoE(torch.nn.Module):

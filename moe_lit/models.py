@@ -11,8 +11,8 @@ from .terms import check_int, check_choice, check_positive_real, hf_names
 from .config import MoEConfig, ParallelConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEFAULT_PRESET', 'HF_KEYS', 'preset', 'describe_routing', 'preset_table', 'markdown_table',
-           'moe_config_from_hf']
+__all__ = ['PRESETS', 'DEFAULT_PRESET', 'HF_KEYS', 'preset_caveats', 'preset', 'describe_routing', 'preset_table',
+           'markdown_table', 'moe_config_from_hf']
 
 # %% ../nbs/02_models.ipynb #087bc8cb8f1b
 PRESETS: dict[str, MoEConfig] = {
@@ -49,6 +49,19 @@ PRESETS["gpt-oss-20b"] = MoEConfig(num_experts=32, top_k=4, hidden_size=2880, in
                                    scoring_func="softmax", renormalize=True, name="openai/gpt-oss-20b")
 PRESETS["gpt-oss-120b"] = MoEConfig(num_experts=128, top_k=4, hidden_size=2880, intermediate_size=2880,
                                     scoring_func="softmax", renormalize=True, name="openai/gpt-oss-120b")
+
+# %% ../nbs/02_models.ipynb #90c9f1ed3851
+_CAVEATS = {
+    "openai/gpt-oss-": "gpt-oss's swigluoai activation, expert and router biases and MXFP4 weights are not modelled: "
+                       "SiLU-gated bf16 experts of the same shapes run instead",
+    "deepseek-ai/DeepSeek-V3": "DeepSeek-V3's released weights are FP8 (128x128 blocks); here the experts run in the "
+                               "chosen dtype",
+}
+
+def preset_caveats(config: MoEConfig) -> list[str]:
+    "What moe-lit does not model for `config`'s model (matched by its name); empty for other models."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    return [text for prefix, text in _CAVEATS.items() if config.name.startswith(prefix)]
 
 # %% ../nbs/02_models.ipynb #0e0f2a2c2d63
 # meta-llama/Llama-4-Scout-17B-16E config.json, text_config: num_local_experts 16, num_experts_per_tok 1,

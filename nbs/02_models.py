@@ -141,6 +141,29 @@ PRESETS["gpt-oss-20b"] = MoEConfig(num_experts=32, top_k=4, hidden_size=2880, in
 PRESETS["gpt-oss-120b"] = MoEConfig(num_experts=128, top_k=4, hidden_size=2880, intermediate_size=2880,
                                     scoring_func="softmax", renormalize=True, name="openai/gpt-oss-120b")
 
+# %% [markdown]
+# What a preset does not model is said where it is used: `preset_caveats` returns the caveats of a config by its
+# model name, and `moe-lit run` prints them.
+
+# %%
+#| export
+_CAVEATS = {
+    "openai/gpt-oss-": "gpt-oss's swigluoai activation, expert and router biases and MXFP4 weights are not modelled: "
+                       "SiLU-gated bf16 experts of the same shapes run instead",
+    "deepseek-ai/DeepSeek-V3": "DeepSeek-V3's released weights are FP8 (128x128 blocks); here the experts run in the "
+                               "chosen dtype",
+}
+
+def preset_caveats(config: MoEConfig) -> list[str]:
+    "What moe-lit does not model for `config`'s model (matched by its name); empty for other models."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    return [text for prefix, text in _CAVEATS.items() if config.name.startswith(prefix)]
+
+# %%
+#| test preset_caveats
+assert "swigluoai" in preset_caveats(PRESETS["gpt-oss-20b"])[0] and "FP8" in preset_caveats(PRESETS["deepseek-v3"])[0]
+test_eq(preset_caveats(PRESETS["qwen3-30b-a3b"]), [])
+
 # %%
 #| test preset_gpt_oss
 test_eq([(PRESETS[n].num_experts, PRESETS[n].top_k, PRESETS[n].hidden_size, PRESETS[n].intermediate_size)

@@ -52,8 +52,8 @@ class RandomExpertWeights:
     def router(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         "`(gate [num_experts, hidden_size] fp32, e_score_correction_bias [num_experts] fp32 or None)`."
         c, g = self.config, self._gen(0)
-        gate = torch.randn(c.num_experts, c.hidden_size, generator=g) * (2.0 / math.sqrt(c.hidden_size))
-        bias = torch.randn(c.num_experts, generator=g) * 0.1 if c.has_correction_bias else None
+        gate = torch.randn(c.num_experts, c.hidden_size, generator=g) / math.sqrt(c.hidden_size)   # logits ~ N(0, 1)
+        bias = torch.randn(c.num_experts, generator=g) * 0.01 if c.has_correction_bias else None   # a small nudge
         return gate, bias
 
 # %% [markdown]
@@ -147,7 +147,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if experts == "triton": return "triton", f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                         " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
-    return "torch", f"format {fmt} on the CPU: the torch reference (pass experts='triton' for the kernels)"
+    return "torch", f"format {fmt} on the CPU: the torch reference (experts='triton', --experts triton, runs the kernels)"
 
 # %%
 #| test resolve_experts

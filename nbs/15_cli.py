@@ -14,7 +14,7 @@ import torch
 from moe_lit import __version__
 from moe_lit.terms import check_int
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
-from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -49,7 +49,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def build_config(model: str | None = None,        # a preset name; None: DEFAULT_PRESET, or config_path's model
                  config_path: str | None = None,  # a Hugging Face config.json (file or directory) instead of a preset
                  ep: int = 1, tp: int = 1,        # EP ranks in all; TP size inside each DP rank
-                 all2all: str = "none",           # all2all backend
+                 all2all: str | None = None,      # all2all backend; None: 'allgather_reducescatter' (vLLM's default)
+                                                  # when there is more than one DP rank, else 'none'
                  dtype: str | None = None,        # 'bf16', 'fp16' or 'fp32'; None: the model's own dtype
                 ) -> MoEConfig:
     "The MoE config of a preset `model` (or an HF `config_path`) deployed on `ep` EP ranks of `tp`-way TP groups."
@@ -60,6 +61,7 @@ def build_config(model: str | None = None,        # a preset name; None: DEFAULT
     if ep % tp: raise ValueError(f"tp: expected a divisor of ep={ep}, got {tp}")
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ValueError(f"dtype: expected one of {list(DTYPES)} or None (the model's own), got {dtype!r}")
+    if all2all is None: all2all = "allgather_reducescatter" if ep // tp > 1 else "none"
     par = ParallelConfig.make(tp_size=tp, dp_size=ep // tp, enable_expert_parallel=ep > 1, all2all_backend=all2all)
     if config_path is not None: cfg = moe_config_from_hf(config_path, parallel=par)
     else: cfg = preset(DEFAULT_PRESET if model is None else model, parallel=par)
@@ -235,7 +237,7 @@ def _checks(run, config: MoEConfig) -> dict:
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear", seed: int = 0,
                tp_size: int = 1, experts: str = "auto", device: str = "cpu") -> dict:
     "Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data."
-    check_int("num_tokens", num_tokens, lo=1); check_int("seed", seed, lo=0)
+    check_int("num_tokens", num_tokens, lo=1, hi=65537); check_int("seed", seed, lo=0)   # a batch, not a dataset
     dispatch_h, h_note = dispatch_hidden_size(rank_config(config, 0, tp_size))   # H the backend cannot send: fail now
     t0 = time.perf_counter()
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
@@ -251,6 +253,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
         "backend": {k: _plain(v) for k, v in asdict(c.backend).items()},
         "properties": [{"property": p, "value": v, "reason": r} for p, v, r in c.parallel.explain()],
         "experts": {"implementation": run.experts[0], "reason": run.experts[1], "device": str(hidden.device)},
+        "caveats": preset_caveats(config),
         "placement": {"requested": placement, **_placement_rows(run)},
         "load": _load_rows(run, config.num_experts),
         "check": _checks(run, config),
@@ -332,7 +335,11 @@ def _section_model(r: dict) -> list[str]:
             "", f"backend {b['name']!r}: {b['summary']}",
             "  " + " ".join(f"{k}={v}" for k, v in b.items() if k not in ("name", "summary")),
             f"  on this deployment: {d['all2all_note']}"] + (
-            [f"  {d['hidden_size_note']}"] if d["hidden_size_note"] else [])
+            [f"  {d['hidden_size_note']}"] if d["hidden_size_note"] else []) + (
+            ["  activations travel unquantized here: FP8 dispatch is declared by the record but not emulated yet"]
+            if d["all2all_used"] and b["quantizes_before_dispatch"] else []) + (
+            [f"  note: {c}" for c in r.get("caveats", [])]) + [
+            "  weights and router are random (seeded); the load below comes from the random router, not the model"]
 
 def _section_properties(r: dict) -> list[str]:
     w = max(len(p["property"]) for p in r["properties"])
@@ -368,7 +375,7 @@ def _section_load_check(r: dict) -> list[str]:
     return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
                 f"{l['empty_experts']} experts empty; hottest (expert, slots) {l['hottest']}",
             f"  per rank: {l['per_rank']}", f"  per expert: {_abridge(l['per_expert'], 32)}",
-            "", "check", f"  output vs float64 reference:         {_verdict(c['vs_float64'])}",
+            "", "check", f"  EP output vs float64 reference:      {_verdict(c['vs_float64'])}",
             f"  single-device vs float64 reference:  {_verdict(c['single_device_vs_float64'])}",
             f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"]
 
@@ -412,7 +419,7 @@ def format_report(report: dict,   # the data of `run_report`
 small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
 text = format_report(run_report(small, num_tokens=6))
 for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
-             "output vs float64 reference", "tokens/s", "n/a (one rank)", "not a serving throughput",
+             "EP output vs float64 reference", "tokens/s", "n/a (one rank)", "not a serving throughput",
              "references and checks", "on this deployment: no all2all"):
     assert part in text, part
 par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP
@@ -507,7 +514,8 @@ _HELP = {
     "--ep": "expert-parallel ranks (devices) in all",
     "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
             "rank: no all2all, experts masked with expert_map",
-    "--all2all": "all2all backend that moves tokens between EP ranks (used only with more than one DP rank)",
+    "--all2all": "all2all backend that moves tokens between EP ranks (used only with more than one DP rank); "
+                 "default: allgather_reducescatter with more than one DP rank (vLLM's default), else none",
     "--placement": "how experts are spread over the EP ranks: linear (contiguous blocks) or round_robin (expert e on "
                    "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
                    "report says why",
@@ -528,7 +536,7 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
     p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
     p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
-    p.add_argument("--all2all", default="none", choices=list(BACKENDS), help=_HELP["--all2all"])
+    p.add_argument("--all2all", default=None, choices=list(BACKENDS), help=_HELP["--all2all"])
     p.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help=_HELP["--placement"])
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -557,7 +565,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark the batched-experts GEMM against peers and the roofline (GPU)",
                        formatter_class=fmt)
     b.add_argument("--tune", action="store_true", help="sweep tile candidates first and save the winners")
-    b.add_argument("--config-dir", help="where tuned tile tables are written (default: the package's configs/)")
+    b.add_argument("--config-dir", help="where tuned tile tables are written (None: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
     return ap

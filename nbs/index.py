@@ -34,9 +34,12 @@
 # against a float64 reference and the time of each part (weights, forward, references and checks).
 # Try a deployment: `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs the eight
 # ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
-# weights) and checks that they sum to the single-device result. `moe-lit tables` prints the placement tables only.
-# With `--json`, both commands print their full data (the text abridges long lists); `moe-lit run --help` lists the
-# options with their defaults, and `moe-lit --version` the version.
+# weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 3–4 minutes (most of it
+# generating DeepSeek-V3's 11 billion random expert weights) and 3.3 GB. `moe-lit tables` prints the placement tables
+# in full. `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
+# lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
+# torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
+# shapes (a full-size model takes minutes).
 #
 # ## In Python
 

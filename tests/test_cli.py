@@ -7,7 +7,7 @@ import torch
 from moe_lit import __version__
 from moe_lit.terms import check_int
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
-from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -105,7 +105,7 @@ def test_format_report():
     small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
     text = format_report(run_report(small, num_tokens=6))
     for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
-                 "output vs float64 reference", "tokens/s", "n/a (one rank)", "not a serving throughput",
+                 "EP output vs float64 reference", "tokens/s", "n/a (one rank)", "not a serving throughput",
                  "references and checks", "on this deployment: no all2all"):
         assert part in text, part
     par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP

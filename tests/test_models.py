@@ -31,6 +31,11 @@ def test_preset_deepseek_v3():
     test_eq(c.num_experts % c.num_expert_group, 0)   # 8 groups of 32 experts
 
 
+def test_preset_caveats():
+    assert "swigluoai" in preset_caveats(PRESETS["gpt-oss-20b"])[0] and "FP8" in preset_caveats(PRESETS["deepseek-v3"])[0]
+    test_eq(preset_caveats(PRESETS["qwen3-30b-a3b"]), [])
+
+
 def test_preset_gpt_oss():
     test_eq([(PRESETS[n].num_experts, PRESETS[n].top_k, PRESETS[n].hidden_size, PRESETS[n].intermediate_size)
              for n in ("gpt-oss-20b", "gpt-oss-120b")], [(32, 4, 2880, 2880), (128, 4, 2880, 2880)])
