@@ -10,7 +10,7 @@ import torch
 
 # %% auto #0
 __all__ = ['TERMS', 'DIMENSIONS', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'check_tensor']
+           'check_positive_real', 'check_tensor', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -122,3 +122,12 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
         if t.dtype not in allowed:
             raise ValueError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
     return t
+
+# %% ../nbs/00_terms.ipynb #d30cfe821060
+def progress(iterable, desc: str = "", total: int | None = None):
+    "`iterable` wrapped in a tqdm progress bar on stderr when tqdm is installed and progress is on; else as is."
+    import os, sys
+    if os.environ.get("MOE_LIT_PROGRESS", "1") == "0": return iterable
+    try: from tqdm.auto import tqdm
+    except ImportError: return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, disable=not sys.stderr.isatty())

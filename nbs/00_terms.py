@@ -207,3 +207,23 @@ test_fail(lambda: check_tensor("topk_ids", x, shape=(5, None)), contains="topk_i
 test_fail(lambda: check_tensor("topk_ids", x, ndim=3), contains="expected a 3-D tensor, got shape (4, 8)")
 test_fail(lambda: check_tensor("topk_ids", x, dtype=torch.int64), contains="expected dtype torch.int64, got torch.int32")
 test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.Tensor, got list")
+
+# %% [markdown]
+# ## Progress
+#
+# Long work — the ranks of an emulated deployment, benchmark scenarios, tuning candidates — shows a progress bar from
+# `tqdm` (the `progress` extra) on a terminal; without `tqdm`, or when `MOE_LIT_PROGRESS=0`, it runs silently.
+
+# %%
+#| export
+def progress(iterable, desc: str = "", total: int | None = None):
+    "`iterable` wrapped in a tqdm progress bar on stderr when tqdm is installed and progress is on; else as is."
+    import os, sys
+    if os.environ.get("MOE_LIT_PROGRESS", "1") == "0": return iterable
+    try: from tqdm.auto import tqdm
+    except ImportError: return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+
+# %%
+#| test progress_passthrough
+test_eq(list(progress(range(3), "ranks")), [0, 1, 2])

@@ -12,7 +12,7 @@ import math, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.terms import check_int, check_tensor, check_choice, progress
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
@@ -302,7 +302,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     acc = torch.float64 if config.dtype == torch.float64 else torch.float32          # as the experts accumulate
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
     placements, rank_s, weight_s, topk = [], [], 0.0, None
-    for r in range(ep):
+    for r in progress(range(ep), "EP ranks"):
         t0 = time.perf_counter()
         layer = FusedMoE(rank_config(config, r, tp_size), weights, placement, experts=experts,
                          device=hidden.device)                                    # holds rank r's weights only

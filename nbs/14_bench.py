@@ -11,7 +11,7 @@ from __future__ import annotations
 import json, math, time
 from pathlib import Path
 import torch
-from moe_lit.terms import check_int, check_choice
+from moe_lit.terms import check_int, check_choice, progress
 from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
 
 # %%
@@ -218,7 +218,8 @@ def tune_scenario(sc: dict, dtype=torch.bfloat16) -> tuple[dict, list]:
     a, w, counts = _problem(sc, dtype)
     out = torch.empty(a.shape[0], a.shape[1], w.shape[1], device="cuda", dtype=dtype)
     timings = []
-    for cfg in tile_candidates(max(1, sc["rows"] // sc["E"])):
+    cands = tile_candidates(max(1, sc["rows"] // sc["E"]))
+    for cfg in progress(cands, f"tiles of {sc['name']}"):
         try: t = triton.testing.do_bench(lambda: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False),
                                          warmup=5, rep=30, return_mode="median")
         except Exception as e: t = float("inf")      # out of shared memory / registers on this GPU
@@ -233,7 +234,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool = False, config_dir
     import os, subprocess
     device = measure_device()
     results = []
-    for sc in scenarios or SCENARIOS:
+    for sc in progress(scenarios or SCENARIOS, "scenarios"):
         if progress: progress(sc["name"])
         cfg, sweep = (tune_scenario(sc) if tune else (None, []))
         if tune:

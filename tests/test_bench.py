@@ -4,7 +4,7 @@ import pytest
 import json, math, time
 from pathlib import Path
 import torch
-from moe_lit.terms import check_int, check_choice
+from moe_lit.terms import check_int, check_choice, progress
 from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
 from fastcore.test import test_eq, test_fail
 from moe_lit.bench import *
