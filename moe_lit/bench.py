@@ -217,12 +217,20 @@ def plot_bench(report: dict):
     ax.legend(fontsize=7, ncol=3); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/14_bench.ipynb #612311787321
+# %% ../nbs/14_bench.ipynb #fadc9981a50f
+def _find_results(p) -> Path:
+    "A results file by path, else under `nbs/bench/` of the checkout the current directory is in (docs builds move)."
+    p = Path(p)
+    if p.exists(): return p
+    for d in (Path.cwd(), *Path.cwd().parents):
+        if (d / "nbs" / "bench" / p.name).exists(): return d / "nbs" / "bench" / p.name
+    raise ValueError(f"paths: expected an existing benchmark results file, got {str(p)!r}")
+
 def load_bench_results(*paths) -> dict:
     "Merge committed benchmark JSON files: later files replace earlier ones' scenarios of the same name."
     merged = None
     for p in paths:
-        rep = json.loads(Path(p).read_text())
+        rep = json.loads(_find_results(p).read_text())
         if merged is None: merged = dict(rep, scenarios=list(rep["scenarios"]), commit=rep["commit"])
         else:
             names = {r["scenario"]["name"]: i for i, r in enumerate(merged["scenarios"])}

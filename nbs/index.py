@@ -41,6 +41,16 @@
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
 # shapes (a full-size model takes minutes).
 #
+# ## Documentation
+#
+# Each notebook is a chapter of the documentation site. On a machine with Quarto, `nbdev_docs` builds it as a Quarto
+# website (`_quarto.yml`). Where Quarto cannot be installed (it downloads itself at install time),
+# `.venv/bin/python .ci/docs.py` builds the same chapters offline into `_docs/`: it executes every notebook on the CPU
+# (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc; `bash .ci/test`
+# then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
+# `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton and numpy
+# (`[plot]` adds matplotlib, `[progress]` tqdm).
+#
 # ## In Python
 
 # %%
