@@ -23,7 +23,9 @@
 # bash .ci/install && .venv/bin/moe-lit run
 # ```
 #
-# The second runs the whole test suite — the regeneration check, every notebook, and the exported tests under pytest:
+# The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
+# the wheel installed into a fresh venv, and the documentation site built and opened in headless Chromium
+# (about 7 minutes on 2 CPU cores):
 #
 # ```sh
 # bash .ci/test
