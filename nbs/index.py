@@ -82,6 +82,7 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # | `06_kernels.batched` | `moe_lit.kernels.batched` | Triton batched-experts GEMM with fused SiLU-and-mul, tile tables |
 # | `07_kernels.dispatch` | `moe_lit.kernels.dispatch` | Triton dispatch into per-expert slabs and the weighted combine |
 # | `08_kernels.contiguous` | `moe_lit.kernels.contiguous` | Triton `moe_align_block_size` and the fused-MoE GEMM over aligned blocks |
+# | `09_quant` | `moe_lit.quant` | FP8 (tensor / channel / token / 128×128 block), MXFP4 and NVFP4 quantize and dequantize |
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
 # | `12_layer` | `moe_lit.layer` | `FusedMoE` through the modular kernel (torch or Triton) and the emulated EP run |
 # | `14_bench` | `moe_lit.bench` | the GEMM against torch peers and the measured roofline, tile tuning |

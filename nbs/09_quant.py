@@ -1,0 +1,244 @@
+# %%
+#| default_exp quant
+
+# %% [markdown]
+# # Quantization formats
+# > FP8 e4m3 with per-tensor, per-channel, per-token and 128×128 block scales; MXFP4 and NVFP4 (e2m1 values, two per byte) — quantize and dequantize in plain torch, exact where the format can be exact.
+
+# %%
+#| export
+from __future__ import annotations
+import torch
+from moe_lit.terms import check_int, check_tensor, check_choice
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.testing import assert_close
+
+# %% [markdown]
+# In this notebook: the e2m1 code (`E2M1_VALUES`, `e2m1_encode`, `pack_fp4`, `unpack_fp4`), FP8 (`quantize_fp8`,
+# `dequantize_fp8`), MXFP4 (`quantize_mxfp4`, `dequantize_mxfp4`) and NVFP4 (`quantize_nvfp4`, `dequantize_nvfp4`).
+# A **reference** page: these are the specs the quantized kernels will be checked against. Formats follow the
+# study of vLLM (§9) and the OCP Microscaling (MX) specification v1.0.
+#
+# ## e2m1, two values per byte
+#
+# FP4 e2m1 has 1 sign, 2 exponent and 1 mantissa bit; codes 0–7 are the magnitudes
+# `0, 0.5, 1, 1.5, 2, 3, 4, 6` and bit 3 is the sign. **Packing:** element `2j` goes in the **low** nibble of byte `j`,
+# element `2j + 1` in the high nibble (vLLM's and ModelOpt's order). Rounding is to the nearest value, ties to the
+# even mantissa (the thresholds 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5), and magnitudes above 6 saturate to 6.
+
+# %%
+#| export
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_E2M1_UP = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])     # boundaries between neighbouring magnitudes
+_TIE_UP = torch.tensor([False, True, False, True, False, True, False])  # at a tie, round up iff the upper is even
+
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    "Nearest e2m1 code (uint8 0–15, sign in bit 3) of each element of float `x`, ties to even, saturating at ±6."
+    check_tensor("x", x, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    a = x.abs().float()
+    up = _E2M1_UP.to(a.device)
+    code = (a[..., None] > up).sum(-1) + ((a[..., None] == up) & _TIE_UP.to(a.device)).sum(-1)
+    return (code + 8 * (x < 0)).to(torch.uint8)
+
+def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
+    "float32 values of uint8 e2m1 codes."
+    check_tensor("code", code, dtype=torch.uint8)
+    v = E2M1_VALUES.to(code.device)[(code & 7).long()]
+    return torch.where(code & 8 > 0, -v, v)
+
+# %%
+#| test e2m1_round_trip
+vals = torch.cat([E2M1_VALUES, -E2M1_VALUES[1:]])
+test_eq(e2m1_decode(e2m1_encode(vals)), vals)                                  # every representable value is exact
+test_eq(e2m1_decode(e2m1_encode(torch.tensor([0.25, 0.75, 1.25, 2.5, 5.0, 7.0, -100.0]))).tolist(),
+        [0.0, 1.0, 1.0, 2.0, 4.0, 6.0, -6.0])                                 # ties to even mantissa; saturation
+
+# %%
+#| export
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    "Pack uint8 e2m1 codes `[..., K]` (K even) two per byte: `[..., K/2]`, element 2j in the low nibble."
+    check_tensor("codes", codes, dtype=torch.uint8)
+    if codes.shape[-1] % 2: raise ValueError(f"codes: expected an even last dim, got {codes.shape[-1]}")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    "Inverse of `pack_fp4`: `[..., K/2]` uint8 -> `[..., K]` uint8 codes."
+    check_tensor("packed", packed, dtype=torch.uint8)
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+# %%
+#| test fp4_nibble_order
+codes = torch.tensor([[1, 2, 3, 15]], dtype=torch.uint8)
+test_eq(pack_fp4(codes).tolist(), [[0x21, 0xF3]])                              # element 0 low, element 1 high
+test_eq(unpack_fp4(pack_fp4(codes)), codes)
+test_fail(lambda: pack_fp4(codes[:, :3]), contains="codes: expected an even last dim")
+
+# %% [markdown]
+# ## FP8 e4m3
+#
+# `float8_e4m3fn` holds magnitudes up to 448. A scale maps each group's absolute maximum to 448: `q = fp8(x / s)`,
+# `x̂ = q · s`. Granularities: **tensor** (one scale), **channel** (one per row of a weight `[N, K]`: scale `[N, 1]`),
+# **token** (one per row of activations: the same shape rule), **block** (one per `128 × 128` tile: scale
+# `[ceil(N/128), ceil(K/128)]`). Partial last blocks take the maximum over the elements they have — the shapes use
+# ceil-div (a per-rank intermediate of 192 with block 128 gives 2 blocks, vLLM #48173).
+
+# %%
+#| export
+FP8_MAX = 448.0
+
+def _group_amax(x: torch.Tensor, granularity: str, block: tuple) -> torch.Tensor:
+    "Absolute maximum per scale group, shaped like the scale."
+    a = x.abs().float()
+    if granularity == "tensor": return a.amax().reshape(1)
+    if granularity in ("channel", "token"): return a.amax(-1, keepdim=True)
+    bn, bk = block
+    *lead, N, K = a.shape
+    pad = torch.nn.functional.pad(a, (0, -K % bk, 0, -N % bn))
+    return pad.reshape(*lead, pad.shape[-2] // bn, bn, pad.shape[-1] // bk, bk).amax((-3, -1))
+
+def _expand(scale: torch.Tensor, shape, granularity: str, block: tuple) -> torch.Tensor:
+    if granularity != "block": return scale
+    bn, bk = block
+    return scale.repeat_interleave(bn, -2)[..., : shape[-2], :].repeat_interleave(bk, -1)[..., : shape[-1]]
+
+# %%
+#| export
+def quantize_fp8(x: torch.Tensor,                  # [..., N, K] (weights) or [..., T, K] (activations), float
+                 granularity: str = "block",       # 'tensor', 'channel', 'token' or 'block'
+                 block: tuple = (128, 128),        # block shape for 'block'
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(q float8_e4m3fn like x, scale fp32)`: each group's |max| maps to 448; scale shapes use ceil-div."
+    check_tensor("x", x, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    check_choice("granularity", granularity, ("tensor", "channel", "token", "block"))
+    if x.dim() < 2: raise ValueError(f"x: expected at least 2 dims [..., rows, K], got shape {tuple(x.shape)}")
+    check_int("block[0]", block[0], lo=1); check_int("block[1]", block[1], lo=1)
+    scale = (_group_amax(x, granularity, block) / FP8_MAX).clamp(min=1e-12)
+    q = (x.float() / _expand(scale, x.shape, granularity, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, granularity: str = "block", block: tuple = (128, 128),
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    "`q · scale` broadcast over each group, in `dtype`."
+    check_tensor("q", q, dtype=torch.float8_e4m3fn)
+    check_choice("granularity", granularity, ("tensor", "channel", "token", "block"))
+    return (q.float() * _expand(scale, q.shape, granularity, block)).to(dtype)
+
+# %%
+#| test fp8_block_scales_partial_blocks
+g = torch.Generator().manual_seed(0)
+E, H, I = 4, 256, 192                                     # I per rank 192: not a multiple of 128 (vLLM #48173)
+w13, w2 = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+q13, s13 = quantize_fp8(w13); q2, s2 = quantize_fp8(w2)
+test_eq((tuple(s13.shape), tuple(s2.shape)), ((E, 3, 2), (E, 2, 2)))           # ceil(384/128)=3, ceil(192/128)=2
+for w, q, s in ((w13, q13, s13), (w2, q2, s2)):
+    d = dequantize_fp8(q, s)
+    per_elem_scale = dequantize_fp8(torch.ones_like(q), s)                      # each element's scale
+    assert ((d - w).abs() <= 16 * per_elem_scale + 1e-6).all()                 # half an e4m3 ulp at 448 is 16
+    assert torch.nn.functional.cosine_similarity(d.flatten(), w.flatten(), dim=0) > 0.999
+for gran, shape in (("tensor", (1,)), ("channel", (E, 2 * I, 1))):
+    q, s = quantize_fp8(w13, gran); test_eq(tuple(s.shape), shape)
+    assert torch.nn.functional.cosine_similarity(dequantize_fp8(q, s, gran).flatten(), w13.flatten(), dim=0) > 0.999
+
+# %%
+#| test fp8_exact_on_representable
+s_true = torch.tensor([[2.0 ** -3, 2.0 ** 4]])                                 # two blocks, different exponents
+x = torch.cat([torch.tensor([448.0, -3.5, 0.125, 1.0] * 32)[None] * s_true[0, 0],
+               torch.tensor([-448.0, 6.0, -0.5, 2.0] * 32)[None] * s_true[0, 1]], dim=1)   # [1, 256]: asymmetric
+q, s = quantize_fp8(x, "block", (1, 128))
+test_eq(s, s_true)
+test_eq(dequantize_fp8(q, s, "block", (1, 128)), x)                             # bit-exact
+
+# %% [markdown]
+# ## MXFP4 (OCP MX)
+#
+# 32 consecutive elements along K share one **e8m0** scale (a uint8 exponent: value `2^(e − 127)`), chosen as
+# `floor(log2(amax)) − 2` so the block's largest magnitude lands in e2m1's top binade (6 = 1.5·2²); elements are
+# e2m1, packed two per byte. No global scale.
+
+# %%
+#| export
+def quantize_mxfp4(x: torch.Tensor,   # [..., K] float, K a multiple of 32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(packed uint8 [..., K/2], scales uint8 e8m0 [..., K/32])` per the OCP MX spec (nearest, ties to even)."
+    check_tensor("x", x, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    if x.dim() < 1 or x.shape[-1] % 32: raise ValueError(f"x: expected a last dim that is a multiple of 32, got {tuple(x.shape)}")
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = blocks.abs().amax(-1)
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=2.0 ** -127))) - 2, torch.full_like(amax, -127))
+    exp = exp.clamp(-127, 127)
+    codes = e2m1_encode(blocks / torch.exp2(exp)[..., None]).reshape(x.shape)
+    return pack_fp4(codes), (exp + 127).to(torch.uint8)
+
+def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    "`e2m1(code) · 2^(scale − 127)` over groups of 32, in `dtype`: `[..., K]`."
+    v = e2m1_decode(unpack_fp4(packed))
+    check_tensor("scales", scales, shape=(*packed.shape[:-1], v.shape[-1] // 32), dtype=torch.uint8)
+    return (v.reshape(*v.shape[:-1], -1, 32) * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
+
+# %%
+#| test mxfp4_exact_and_accurate
+blocks = [torch.tensor([6.0, -0.5, 1.5, 3.0] * 8) * 2.0 ** -4,                 # different exponents per block,
+          torch.tensor([-4.0, 2.0, 0.0, 1.0] * 8) * 2.0 ** 5]                   # asymmetric values
+x = torch.cat(blocks)[None]
+p, s = quantize_mxfp4(x)
+test_eq(s.tolist(), [[127 - 4, 127 + 5]])                                       # floor(log2 amax) - 2 per block
+test_eq(dequantize_mxfp4(p, s), x)                                              # bit-exact on representable values
+w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+d = dequantize_mxfp4(*quantize_mxfp4(w))
+assert torch.nn.functional.cosine_similarity(d.flatten(), w.flatten(), dim=0) > 0.99
+assert ((d - w).norm() / w.norm()) < 0.15                                       # 4-bit: ~10% relative error
+test_fail(lambda: quantize_mxfp4(torch.zeros(2, 48)), contains="x: expected a last dim that is a multiple of 32")
+
+# %% [markdown]
+# ## NVFP4
+#
+# 16 consecutive elements along K share one **float8 e4m3** block scale, and the whole tensor one fp32 **global**
+# scale, so that block scales stay inside fp8's range: `global = amax(x) / (6 · 448)`, `s = fp8(amax_block / (6 ·
+# global))`, `q = e2m1(x / (s · global))`, `x̂ = q · s · global`.
+
+# %%
+#| export
+def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a multiple of 16
+                   global_scale: float | None = None,      # fp32 global scale; default amax(x) / (6·448)
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    "`(packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], global_scale)` (NVIDIA's NVFP4)."
+    check_tensor("x", x, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    if x.dim() < 1 or x.shape[-1] % 16: raise ValueError(f"x: expected a last dim that is a multiple of 16, got {tuple(x.shape)}")
+    blocks = x.float().reshape(*x.shape[:-1], -1, 16)
+    if global_scale is None: global_scale = max(float(x.abs().max()) / (6.0 * FP8_MAX), 1e-12)
+    s = (blocks.abs().amax(-1) / (6.0 * global_scale)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    denom = (s.float() * global_scale)[..., None]
+    codes = e2m1_encode(torch.where(denom > 0, blocks / denom.clamp(min=1e-30), 0.0)).reshape(x.shape)
+    return pack_fp4(codes), s, float(global_scale)
+
+def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: float,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    "`e2m1(code) · fp32(block scale) · global_scale` over groups of 16, in `dtype`."
+    v = e2m1_decode(unpack_fp4(packed))
+    check_tensor("scales", scales, shape=(*packed.shape[:-1], v.shape[-1] // 16), dtype=torch.float8_e4m3fn)
+    return (v.reshape(*v.shape[:-1], -1, 16) * scales.float()[..., None] * global_scale).reshape(v.shape).to(dtype)
+
+# %%
+#| test nvfp4_exact_and_accurate
+x = torch.cat([torch.tensor([6.0, -1.5, 0.5, 3.0] * 4) * 0.25, torch.tensor([-6.0, 3.0, 1.0, 0.0] * 4) * 2.0])[None]
+p, s, gs = quantize_nvfp4(x, global_scale=1.0)                                  # block scales 0.25 and 2: exact in e4m3
+test_eq(s.float().tolist(), [[0.25, 2.0]])
+test_eq(dequantize_nvfp4(p, s, gs), x)                                          # bit-exact on representable values
+w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+d = dequantize_nvfp4(*quantize_nvfp4(w))
+assert torch.nn.functional.cosine_similarity(d.flatten(), w.flatten(), dim=0) > 0.99
+assert ((d - w).norm() / w.norm()) < 0.12
+
+# %%
+#| test quant_bad_input
+test_fail(lambda: quantize_fp8(torch.zeros(8)), contains="x: expected at least 2 dims")
+test_fail(lambda: quantize_fp8(torch.zeros(2, 8), "row"), contains="granularity: expected one of")
+test_fail(lambda: quantize_fp8(torch.zeros(2, 8, dtype=torch.int32)), contains="x: expected dtype")
+test_fail(lambda: dequantize_fp8(torch.zeros(2, 8), torch.ones(1)), contains="q: expected dtype torch.float8_e4m3fn")
+test_fail(lambda: quantize_nvfp4(torch.zeros(2, 24)), contains="x: expected a last dim that is a multiple of 16")
+p, s = quantize_mxfp4(torch.randn(2, 64))
+test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
+test_fail(lambda: unpack_fp4(p.int()), contains="packed: expected dtype torch.uint8")
