@@ -157,15 +157,15 @@ def tune_scenario(sc: dict, dtype=torch.bfloat16) -> tuple[dict, list]:
         timings.append((cfg, t * 1e3))
     return min(timings, key=lambda x: x[1])[0], timings
 
-# %% ../nbs/14_bench.ipynb #135ccd4a1825
+# %% ../nbs/14_bench.ipynb #027542efc9c4
 def run_bench(out_json: str | Path | None = None, tune: bool = False, config_dir: str | Path | None = None,
-              scenarios: list | None = None, progress=None) -> dict:
+              scenarios: list | None = None, on_scenario=None) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
     import os, subprocess
     device = measure_device()
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):
-        if progress: progress(sc["name"])
+        if on_scenario: on_scenario(sc["name"])
         cfg, sweep = (tune_scenario(sc) if tune else (None, []))
         if tune:
             p = tile_config_path("batched_moe_gemm", sc["E"], sc["N"], device["device_name"], torch.bfloat16, config_dir)

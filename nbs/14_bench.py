@@ -229,13 +229,13 @@ def tune_scenario(sc: dict, dtype=torch.bfloat16) -> tuple[dict, list]:
 # %%
 #| export
 def run_bench(out_json: str | Path | None = None, tune: bool = False, config_dir: str | Path | None = None,
-              scenarios: list | None = None, progress=None) -> dict:
+              scenarios: list | None = None, on_scenario=None) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
     import os, subprocess
     device = measure_device()
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):
-        if progress: progress(sc["name"])
+        if on_scenario: on_scenario(sc["name"])
         cfg, sweep = (tune_scenario(sc) if tune else (None, []))
         if tune:
             p = tile_config_path("batched_moe_gemm", sc["E"], sc["N"], device["device_name"], torch.bfloat16, config_dir)

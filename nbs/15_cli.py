@@ -12,9 +12,10 @@ import argparse, enum, json, os, sys, time
 from dataclasses import asdict
 import torch
 from moe_lit import __version__
-from moe_lit.terms import check_int
+from moe_lit.terms import check_int, check_choice
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats
+from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -562,6 +563,13 @@ def _parser() -> argparse.ArgumentParser:
     tables = sub.add_parser("tables", help="print the placement and routing tables of a deployment", formatter_class=fmt)
     _add_deployment_args(tables)
     tables.add_argument("--json", action="store_true", help="print every rank's tables as JSON")
+    ex = sub.add_parser("explain", help="the resolved properties and the oracle's decision table for a deployment",
+                        formatter_class=fmt)
+    _add_deployment_args(ex)
+    ex.add_argument("--quant", default="unquantized", choices=list(QUANT_SCHEMES), help="weight/activation quantization")
+    ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
+    ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
+    ex.add_argument("--json", action="store_true", help="print the decision as JSON")
     b = sub.add_parser("bench", help="benchmark the batched-experts GEMM against peers and the roofline (GPU)",
                        formatter_class=fmt)
     b.add_argument("--tune", action="store_true", help="sweep tile candidates first and save the winners")
@@ -572,7 +580,50 @@ def _parser() -> argparse.ArgumentParser:
 
 # %%
 #| export
-_FLAGS = {"num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
+def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,
+                   num_tokens: int = 64) -> dict:
+    "The deployment's properties with reasons, the prepare/finalize's format and the oracle's decision, as data."
+    from moe_lit.modular import make_prepare_finalize
+    dev = detect_device() if device == "detect" else DEVICES.get(device) or check_choice("device", device, list(DEVICES))
+    pf = make_prepare_finalize(config, num_tokens)
+    d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
+    return {"model": config.name, "deployment": all2all_note(config.parallel),
+            "properties": [{"property": p, "value": v, "reason": r} for p, v, r in config.parallel.explain()],
+            "prepare_finalize": {"class": type(pf).__name__, "activation_format": pf.activation_format.value},
+            "device": {"kind": dev.kind, "capability": dev.capability, "libraries": sorted(dev.libraries)},
+            "quant_scheme": quant, "chosen": d.chosen.name,
+            "candidates": [{"name": n, "accepted": ok, "reason": r} for n, ok, r in d.trace]}
+
+def format_explain(rep: dict) -> str:
+    "`explain_report` as text: properties, then the decision table."
+    w = max(len(p["property"]) for p in rep["properties"])
+    lines = [f"moe-lit explain: {rep['model'] or 'custom model'}; {rep['deployment']}", ""]
+    lines += [f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in rep["properties"]]
+    pf, dev = rep["prepare_finalize"], rep["device"]
+    lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']} "
+                  f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]
+    n = max(len(c["name"]) for c in rep["candidates"])
+    lines += [f"  {c['name']:<{n}}  {'CHOSEN  ' if c['name'] == rep['chosen'] else ('ok      ' if c['accepted'] else 'rejected')}"
+              f"  {c['reason']}" for c in rep["candidates"]]
+    return "\n".join(lines)
+
+# %%
+#| test explain_nixl_nvfp4
+rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
+test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_dequant"))
+text = format_explain(rep)
+assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    test_eq(main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--quant", "fp8_w8a8_block",
+                  "--device", "cpu", "--json"]), 0)
+test_eq(json.loads(out.getvalue())["chosen"], "torch_batched")
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
+assert "needs a CUDA GPU" in err.getvalue()
+
+# %%
+#| export
+_FLAGS = {"override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
           "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
           "device": "--device", "experts": "--experts"}
 
@@ -597,6 +648,9 @@ def _run(args) -> int:
     try:
         cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all,
                            getattr(args, "dtype", None))           # `tables` has no --dtype
+        if args.command == "explain":
+            rep = explain_report(cfg, args.quant, args.device, args.backend)
+            print(json.dumps(rep, indent=1) if args.json else format_explain(rep)); return 0
         if args.command == "tables":
             tables = tables_report(cfg, args.placement, args.tp)
             print(json.dumps(tables, indent=1) if args.json else format_tables(tables)); return 0
@@ -624,7 +678,7 @@ def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
     from moe_lit.bench import SCENARIOS, run_bench, format_bench
     scs = [s for s in SCENARIOS if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
-    try: report = run_bench(args.out, args.tune, args.config_dir, scs, progress=lambda n: print(f"... {n}", file=sys.stderr))
+    try: report = run_bench(args.out, args.tune, args.config_dir, scs, on_scenario=lambda n: print(f"... {n}", file=sys.stderr))
     except ValueError as e:
         print(f"moe-lit: error: {e}", file=sys.stderr); return 2
     print(format_bench(report)); return 0

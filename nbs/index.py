@@ -38,7 +38,8 @@
 # ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
 # weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 3–4 minutes (most of it
 # generating DeepSeek-V3's 11 billion random expert weights) and 3.3 GB. `moe-lit tables` prints the placement tables
-# in full. `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
+# in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
+# reason and the oracle's decision table. `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
 # shapes (a full-size model takes minutes).
@@ -84,9 +85,10 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # | `08_kernels.contiguous` | `moe_lit.kernels.contiguous` | Triton `moe_align_block_size` and the fused-MoE GEMM over aligned blocks |
 # | `09_quant` | `moe_lit.quant` | FP8 (tensor / channel / token / 128×128 block), MXFP4 and NVFP4 quantize and dequantize |
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
+# | `11_oracle` | `moe_lit.oracle` | experts-backend selection from the prepare/finalize's format, with a reason per candidate |
 # | `12_layer` | `moe_lit.layer` | `FusedMoE` through the modular kernel (torch or Triton) and the emulated EP run |
 # | `14_bench` | `moe_lit.bench` | the GEMM against torch peers and the measured roofline, tile tuning |
-# | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `bench` |
+# | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `explain`, `bench` |
 #
 # ## Developing
 #

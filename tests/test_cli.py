@@ -5,9 +5,10 @@ import argparse, enum, json, os, sys, time
 from dataclasses import asdict
 import torch
 from moe_lit import __version__
-from moe_lit.terms import check_int
+from moe_lit.terms import check_int, check_choice
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats
+from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -140,6 +141,20 @@ def test_tables_report():
     assert "all2all: backend 'deepep_low_latency' requested but not used" in format_tables(tp_ep)
     test_eq(len(tp_ep["ranks"][0]["local_to_global"]), 128)                          # full, not abridged
     test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the dict tables_report returns (keys")
+
+
+def test_explain_nixl_nvfp4():
+    rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
+    test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_dequant"))
+    text = format_explain(rep)
+    assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        test_eq(main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--quant", "fp8_w8a8_block",
+                      "--device", "cpu", "--json"]), 0)
+    test_eq(json.loads(out.getvalue())["chosen"], "torch_batched")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
+    assert "needs a CUDA GPU" in err.getvalue()
 
 
 def test_main_entry_point():

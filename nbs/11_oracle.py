@@ -1,0 +1,255 @@
+# %%
+#| default_exp oracle
+
+# %% [markdown]
+# # The oracle
+# > Which experts backend runs a layer: a pure function of frozen inputs that scans one priority list, takes the activation format from the prepare/finalize, and gives a reason for every candidate.
+
+# %%
+#| export
+from __future__ import annotations
+from dataclasses import dataclass, field
+import torch
+from moe_lit.terms import check_choice
+from moe_lit.config import ActivationFormat, MoEConfig, get_backend
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.config import BACKENDS, ParallelConfig
+from moe_lit.modular import make_prepare_finalize
+
+# %% [markdown]
+# In this notebook: `DeviceCaps` (with `DEVICES`), `QUANT_SCHEMES`, `ExpertsBackend` and the priority lists,
+# `select_experts_backend` (plus `select_unquantized_moe_backend`, `select_fp8_moe_backend`,
+# `select_mxfp4_moe_backend`, `select_nvfp4_moe_backend`) and the `Decision` it returns. An **explanation** page.
+#
+# ## Why the format is an input
+#
+# vLLM's FP4 oracles asked "is this DeepEP low-latency?" to decide whether batched experts were needed, and picked a
+# Standard-format kernel for NIXL EP (vLLM PR #40412). Here the oracle never looks at backend names: the activation
+# format is an input, read from the prepare/finalize built for the deployment (`10_modular`), and every candidate
+# declares the format it consumes. A candidate of the wrong format is rejected *with that reason* — it cannot be
+# chosen by accident.
+#
+# ## Inputs
+
+# %%
+#| export
+@dataclass(frozen=True)
+class DeviceCaps:
+    "What the oracle needs to know about the device: kind, compute capability and the libraries installed."
+    kind: str                                  # 'cpu', 'a100', 'h100', 'h200', 'b200'
+    capability: tuple | None                   # CUDA compute capability, None on the CPU
+    libraries: frozenset = frozenset()         # optional kernel libraries installed (e.g. 'flashinfer', 'deep_gemm')
+
+    @property
+    def is_gpu(self) -> bool: return self.capability is not None
+
+DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
+           "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
+
+QUANT_SCHEMES = ("unquantized", "fp8_w8a8_block", "fp8_w8a8_tensor", "mxfp4_w4a16", "nvfp4_w4a16")
+
+def detect_device() -> DeviceCaps:
+    "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."
+    import importlib.util
+    libs = frozenset(l for l in ("flashinfer", "deep_gemm") if importlib.util.find_spec(l) is not None)
+    if not torch.cuda.is_available(): return DeviceCaps("cpu", None, libs)
+    name = torch.cuda.get_device_name().lower()
+    kind = next((k for k in ("h200", "h100", "b200", "a100") if k in name), "gpu")
+    return DeviceCaps(kind, torch.cuda.get_device_capability(), libs)
+
+# %% [markdown]
+# ## Candidates
+#
+# Each candidate declares the activation format it consumes, the quant schemes it runs, and a predicate over the
+# device that returns `(ok, reason)`. moe-lit's own Triton kernels run unquantized weights today; quantized weights run
+# as a **declared emulation** (dequantize the weights to the activation dtype, then the unquantized experts of the
+# same format) until the FP8/FP4 kernels land. Library backends that moe-lit cannot run are listed so their rejection
+# is visible.
+#
+# > **Status.** The quantized formats exist (`09_quant`) but the layer does not load quantized weights yet: for an
+# > emulated scheme, `make_moe_kernel` returns the unquantized experts of the chosen format, and the caller passes
+# > the dequantized weights (`dequantize_fp8`, `dequantize_mxfp4`, `dequantize_nvfp4`). The FP8 w8a8 and FP4 w4a16
+# > Triton kernels that will replace the emulation are the open part of this chapter.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class ExpertsBackend:
+    "One experts implementation the oracle can choose."
+    name: str
+    activation_format: ActivationFormat
+    quant_schemes: tuple
+    implementation: str                       # 'triton' or 'torch' (moe_lit.modular.make_experts), or 'external'
+    emulated: bool = False                    # quantized weights are dequantized first
+    needs_gpu: bool = False
+    min_capability: tuple | None = None
+    library: str | None = None
+
+    def check(self, device: DeviceCaps) -> tuple[bool, str]:
+        "Device and library predicates: `(ok, reason)`."
+        if self.library is not None and self.library not in device.libraries:
+            return False, f"needs the '{self.library}' library, not installed"
+        if self.implementation == "external": return False, "external backend: moe-lit has no adapter for it yet"
+        if self.needs_gpu and not device.is_gpu: return False, f"needs a CUDA GPU, device is {device.kind}"
+        if self.min_capability and (device.capability or (0, 0)) < self.min_capability:
+            return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
+        return True, "device and libraries fit"
+
+# %%
+#| export
+_S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
+_ALL = QUANT_SCHEMES
+_Q = QUANT_SCHEMES[1:]
+CANDIDATES = (   # one priority list; per scheme the oracle scans it in this order
+    ExpertsBackend("flashinfer_cutlass_fp4", _S, ("nvfp4_w4a16",), "external", min_capability=(10, 0), library="flashinfer"),
+    ExpertsBackend("deep_gemm_fp8", _S, ("fp8_w8a8_block",), "external", min_capability=(9, 0), library="deep_gemm"),
+    ExpertsBackend("triton_contiguous", _S, ("unquantized",), "triton", needs_gpu=True),
+    ExpertsBackend("triton_batched", _B, ("unquantized",), "triton", needs_gpu=True),
+    ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True),
+    ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True),
+    ExpertsBackend("torch_standard", _S, _ALL, "torch"),
+    ExpertsBackend("torch_batched", _B, _ALL, "torch"),
+)
+
+# %% [markdown]
+# ## The decision
+
+# %%
+#| export
+@dataclass(frozen=True)
+class Decision:
+    "The chosen backend and, for every candidate in priority order, `(name, accepted, reason)`."
+    chosen: ExpertsBackend
+    activation_format: ActivationFormat
+    quant_scheme: str
+    device: DeviceCaps
+    trace: tuple
+
+    def table(self) -> str:
+        "The decision as a markdown table (the CLI and the notebook show it)."
+        rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else ('accepted' if ok else 'rejected')} | {r} |"
+                for n, ok, r in self.trace]
+        return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}",
+                          "", "| candidate | verdict | reason |", "|---|---|---|", *rows])
+
+    def _repr_markdown_(self): return self.table()
+
+# %%
+#| export
+def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_format: ActivationFormat,
+                           device: DeviceCaps, override: str | None = None) -> Decision:
+    "Scan the priority list once; the first candidate that fits format, scheme, device and override is chosen."
+    if not isinstance(moe_config, MoEConfig): raise ValueError(f"moe_config: expected a MoEConfig, got {type(moe_config).__name__}")
+    check_choice("quant_scheme", quant_scheme, QUANT_SCHEMES)
+    if not isinstance(activation_format, ActivationFormat):
+        raise ValueError(f"activation_format: expected an ActivationFormat, got {activation_format!r}")
+    if not isinstance(device, DeviceCaps): raise ValueError(f"device: expected a DeviceCaps, got {type(device).__name__}")
+    if override is not None: check_choice("override", override, [c.name for c in CANDIDATES])
+    trace, chosen = [], None
+    for c in CANDIDATES:
+        if c.activation_format is not activation_format:
+            ok, why = False, f"consumes {c.activation_format.value}, the prepare/finalize produces {activation_format.value}"
+        elif quant_scheme not in c.quant_schemes: ok, why = False, f"does not run {quant_scheme}"
+        else: ok, why = c.check(device)
+        if ok and quant_scheme != "unquantized": why += "; weights dequantized to the activation dtype first (an emulation)"
+        if ok and override is not None and c.name != override: ok, why = False, f"not the override '{override}'"
+        if ok and chosen is not None: why = f"fits, but '{chosen.name}' comes first"
+        trace.append((c.name, ok, why))
+        if ok and chosen is None: chosen = c
+    if chosen is None:
+        reason = dict((n, r) for n, _, r in trace)[override] if override else "no candidate fits"
+        raise ValueError(f"override: expected a backend that fits this layer, got {override!r}: {reason}" if override
+                         else f"quant_scheme: no experts backend runs {quant_scheme} in {activation_format.value} on {device.kind}")
+    return Decision(chosen, activation_format, quant_scheme, device, tuple(trace))
+
+# %% [markdown]
+# The thin entry points of vLLM's oracles, and `make_moe_kernel`, which builds the prepare/finalize *first* and asks
+# the oracle with its format — one source of truth.
+
+# %%
+#| export
+def select_unquantized_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
+    "`select_experts_backend` for unquantized weights."
+    return select_experts_backend(moe_config, "unquantized", activation_format, device, override)
+
+def select_fp8_moe_backend(moe_config, activation_format, device, override=None, block: bool = True) -> Decision:
+    "`select_experts_backend` for FP8 w8a8 (128×128 block scales, or per-tensor)."
+    return select_experts_backend(moe_config, "fp8_w8a8_block" if block else "fp8_w8a8_tensor", activation_format,
+                                  device, override)
+
+def select_mxfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
+    "`select_experts_backend` for MXFP4 weights with 16-bit activations."
+    return select_experts_backend(moe_config, "mxfp4_w4a16", activation_format, device, override)
+
+def select_nvfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
+    "`select_experts_backend` for NVFP4 weights with 16-bit activations."
+    return select_experts_backend(moe_config, "nvfp4_w4a16", activation_format, device, override)
+
+# %%
+#| export
+def make_moe_kernel(moe_config: MoEConfig, num_tokens: int, quant_scheme: str = "unquantized",
+                    device: DeviceCaps | None = None, override: str | None = None, shared_experts=None):
+    "`(ModularKernel, Decision)`: the prepare/finalize from the backend record, then the experts the oracle picks for its format."
+    from moe_lit.modular import ModularKernel, make_prepare_finalize, make_experts
+    device = detect_device() if device is None else device
+    probe = make_prepare_finalize(moe_config, num_tokens)
+    decision = select_experts_backend(moe_config, quant_scheme, probe.activation_format, device, override)
+    pf = make_prepare_finalize(moe_config, num_tokens, use_triton=decision.chosen.implementation == "triton")
+    return ModularKernel(pf, make_experts(pf, decision.chosen.implementation), shared_experts), decision
+
+# %% [markdown]
+# ## Tests
+#
+# The exhaustive walk: every backend of the descriptor table × every quant scheme × every device kind. The chosen
+# experts' format equals the prepare/finalize's, every reason is non-empty, and the choice is deterministic.
+
+# %%
+#| test oracle_exhaustive_walk
+for name in BACKENDS:
+    cfg = MoEConfig(16, 2, 2048, 64, parallel=ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend=name))
+    fmt = make_prepare_finalize(cfg, 8).activation_format
+    for scheme in QUANT_SCHEMES:
+        for dev in DEVICES.values():
+            d = select_experts_backend(cfg, scheme, fmt, dev)
+            test_eq(d.chosen.activation_format, fmt)
+            assert all(r for _, _, r in d.trace) and len(d.trace) == len(CANDIDATES)
+            test_eq(select_experts_backend(cfg, scheme, fmt, dev), d)           # deterministic
+            if not dev.is_gpu: test_eq(d.chosen.implementation, "torch")        # no GPU: a torch backend, said so
+
+# %% [markdown]
+# The seed's scenario, named: NIXL EP with NVFP4 and with MXFP4 weights on a Hopper GPU. The prepare/finalize is
+# batched, so only batched experts can be chosen; the Standard candidates are rejected for their format.
+
+# %%
+#| test nixl_ep_fp4_picks_batched_experts
+cfg = MoEConfig(128, 4, 3072, 2880, parallel=ParallelConfig.make(1, 8, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+fmt = make_prepare_finalize(cfg, 64).activation_format
+test_eq(fmt, ActivationFormat.BatchedExperts)
+for select in (select_nvfp4_moe_backend, select_mxfp4_moe_backend):
+    d = select(cfg, fmt, DEVICES["h200"])
+    test_eq((d.chosen.name, d.chosen.activation_format), ("triton_batched_dequant", ActivationFormat.BatchedExperts))
+    reasons = dict((n, r) for n, _, r in d.trace)
+    assert "consumes standard, the prepare/finalize produces batched_experts" in reasons["triton_contiguous_dequant"]
+    assert "an emulation" in dict((n, r) for n, ok, r in d.trace if ok)["triton_batched_dequant"]
+
+# %%
+#| test oracle_override_and_bad_input
+cfg = MoEConfig(8, 2, 64, 32)
+S = ActivationFormat.Standard
+test_eq(select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], override="torch_standard").chosen.name, "torch_standard")
+test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], override="triton_batched"),
+          contains="consumes batched_experts")                                  # an incompatible override raises
+test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], override="triton_contiguous"),
+          contains="needs a CUDA GPU")
+test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")
+test_fail(lambda: select_experts_backend(cfg, "unquantized", "standard", DEVICES["cpu"]), contains="activation_format: expected an ActivationFormat")
+test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], override="cutlass"), contains="override: expected one of")
+d = select_experts_backend(cfg, "nvfp4_w4a16", S, DeviceCaps("b200", (10, 0), frozenset({"flashinfer"})))
+assert "no adapter" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
+
+# %%
+select_experts_backend(MoEConfig(128, 4, 3072, 2880, parallel=ParallelConfig.make(1, 8, enable_expert_parallel=True, all2all_backend="nixl_ep")),
+                       "nvfp4_w4a16", ActivationFormat.BatchedExperts, DEVICES["h200"])
