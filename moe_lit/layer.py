@@ -91,9 +91,9 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference (experts='triton', --experts triton, runs the kernels)"
 
-# %% ../nbs/12_layer.ipynb #ba48bbb3f67f
+# %% ../nbs/12_layer.ipynb #4cc978baba9e
 class FusedMoE(torch.nn.Module):
-    "One EP rank's MoE layer: router, placement and local expert weights; forward via the reference path."
+    "One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel."
     def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
                  seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu"):
         super().__init__()

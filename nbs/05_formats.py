@@ -46,10 +46,12 @@ from moe_lit.testing import assert_close, poison_rows
 # (a declared layout, as vLLM's `w13`); `w2 [num_local_experts, hidden_size, intermediate_size]`. An expert is the
 # gated SiLU MLP `w2 · (SiLU(w13_gate · x) ⊙ (w13_up · x))`.
 #
-# > **Precision.** Low-precision inputs (bf16, fp16, fp32) are computed the way the Triton kernels compute them:
-# > matrix products accumulate in fp32, SiLU-and-mul runs in fp32 and is cast to the input dtype once (the fused
-# > epilogue), the second product accumulates in fp32 and the weighted sum over the `top_k` slots is fp32, cast once
-# > at the end. float64 inputs run entirely in float64: that is the reference every test compares with.
+# > **Precision.** Low-precision inputs (bf16, fp16, fp32) are computed close to the way the Triton kernels compute
+# > them: matrix products accumulate in fp32 and SiLU-and-mul runs in fp32 and is cast to the input dtype once (the
+# > fused epilogue). The Standard reference then keeps each expert's output in fp32 and casts once after the sum over
+# > the `top_k` slots; the batched reference and the Triton paths round each slot's output to the input dtype first
+# > and sum in fp32 — a difference of one rounding, inside every dtype's tolerance. float64 inputs run entirely in
+# > float64: that is the reference every test compares with.
 
 # %% [markdown]
 # ## The expert MLP

@@ -111,10 +111,10 @@ test_eq(e[:4].tolist(), [0, 1, 2, 2])
 # %%
 #| export
 @triton.jit
-def _align_count_kernel(ids_ptr, counts_ptr, n, BLOCK: tl.constexpr):
+def _align_count_kernel(ids_ptr, counts_ptr, n, num_experts, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
-    tl.atomic_add(counts_ptr + ids, 1, mask=ids >= 0)
+    tl.atomic_add(counts_ptr + ids, 1, mask=(ids >= 0) & (ids < num_experts))   # in bounds even if unvalidated
 
 @triton.jit
 def _align_offsets_kernel(counts_ptr, offsets_ptr, ntpp_ptr, num_experts,
@@ -138,10 +138,10 @@ def _align_expert_ids_kernel(counts_ptr, offsets_ptr, map_ptr, expert_ids_ptr,
         tl.store(expert_ids_ptr + b, local)
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, BLOCK: tl.constexpr):
+def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, num_experts, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
-    ok = ids >= 0
+    ok = (ids >= 0) & (ids < num_experts)
     rank = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
     start = tl.load(offsets_ptr + ids, mask=ok, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=ok)
@@ -164,12 +164,12 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     ntpp = torch.zeros(1, dtype=torch.int32, device=dev)
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
-    if n: _align_count_kernel[(triton.cdiv(n, BLOCK),)](flat, counts, n, BLOCK=BLOCK)
+    if n: _align_count_kernel[(triton.cdiv(n, BLOCK),)](flat, counts, n, num_experts, BLOCK=BLOCK)
     _align_offsets_kernel[(1,)](counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
                                 BLOCK_E=triton.next_power_of_2(num_experts))
     _align_expert_ids_kernel[(num_experts,)](counts, offsets, expert_map if expert_map is not None else counts,
                                              expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
-    if n: _align_scatter_kernel[(triton.cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, BLOCK=BLOCK)
+    if n: _align_scatter_kernel[(triton.cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
 # %% [markdown]
@@ -257,6 +257,8 @@ _, e, n = check_alignment(ids.to(DEVICE), 4, 6, emap.to(DEVICE))
 assert set(e[: int(n) // 4].tolist()) <= {-1, 0, 1, 2}
 check_alignment(torch.empty(0, 2, dtype=torch.int32, device=DEVICE), 16, 8)   # zero tokens
 test_fail(lambda: moe_align_block_size(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
+s, e, n = moe_align_block_size(torch.tensor([[0, 100000], [1, 3]], device=DEVICE), 4, 2, validate=False)
+test_eq(n.item(), 8)                                               # out-of-range ids are skipped, never indexed
 test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8), contains="block_size: expected >= 1")
 
 # %% [markdown]
@@ -288,7 +290,7 @@ def _fused_moe_kernel(
     c_ptr,                 # [T·top_k, N_OUT]
     sorted_ptr, expert_ids_ptr, ntpp_ptr,
     weights_ptr,           # [T·top_k] fp32 router weights (read when WEIGHT != 0)
-    N_OUT, K, num_pairs, num_m_blocks,
+    N_OUT, K, num_pairs, num_m_blocks, num_sorted,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, SILU: tl.constexpr, WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -298,7 +300,8 @@ def _fused_moe_kernel(
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0: return                                            # a non-local expert's block: nothing to compute
-    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
     valid = pairs < num_pairs
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -367,7 +370,8 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     num_m_blocks = expert_ids.numel()
     _fused_moe_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
         a, w, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
-        topk_weights if topk_weights is not None else out, n_out, K, num_pairs, num_m_blocks,
+        topk_weights.contiguous() if topk_weights is not None else out, n_out, K, num_pairs, num_m_blocks,
+        sorted_token_ids.numel(),
         *a.stride(), *w.stride(), *out.stride(), TOP_K=top_k, A_PER_PAIR=per_pair, SILU=activation is not None,
         WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
@@ -399,6 +403,7 @@ class TritonExperts:
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         T, k = local_ids.shape
         E = w13.shape[0]
+        if T == 0: return hidden.new_zeros(0, w2.shape[1])
         if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, T * k // E))))
         s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
         on_in = apply_router_weight_on_input

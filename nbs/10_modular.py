@@ -56,6 +56,7 @@ class Prepared:
     slot_map: torch.Tensor | None = None     # BatchedExperts: [T, top_k] int64, e·max_tokens + row or -1
     apply_router_weight_on_input: bool = False
     hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
+    expected_m: int | None = None            # expected rows per local expert (tile choice), from the routing
 
 # %% [markdown]
 # ## Prepare/finalize
@@ -121,14 +122,16 @@ class BatchedPrepareFinalize:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids),
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
-                        apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H)
+                        apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
+                        expected_m=max(1, topk_ids.numel() // placement.num_experts))   # not the padded capacity
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
         on_in = prepared.apply_router_weight_on_input
         if self.use_triton:
             from moe_lit.kernels.dispatch import batched_combine
-            out = batched_combine(expert_out, prepared.topk_weights, prepared.slot_map, apply_router_weight_on_input=on_in)
+            out = batched_combine(expert_out, prepared.topk_weights, prepared.slot_map, apply_router_weight_on_input=on_in,
+                                  validate=False)       # slots come from our own dispatch: in range by construction
         else: out = combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
         return out[:, :prepared.hidden_size] if out.shape[1] != prepared.hidden_size else out   # padding never leaks
 
@@ -179,7 +182,7 @@ class TritonBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
     def apply(self, prepared, w13, w2):
         from moe_lit.kernels.batched import BatchedTritonExperts
-        return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2)
+        return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m)
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,

@@ -114,8 +114,8 @@ test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expecte
 #
 # The layer holds the router (replicated on every rank), the rank's placement and only its local experts' weights.
 # `forward` routes, turns global expert ids into the rank's local slots (through `expert_map`, or through
-# `global_to_physical` when the backend addresses experts by physical id), and runs the reference path **in the format
-# the deployment's backend declares**: `config.activation_format`, a read of the descriptor table — there is no other
+# `global_to_physical` when the backend addresses experts by physical id), and runs the experts (torch reference or
+# Triton) **in the format the deployment's backend declares**: `config.activation_format`, a read of the descriptor table — there is no other
 # place that decides it.
 
 # %% [markdown]
@@ -163,7 +163,7 @@ test_fail(lambda: check_device(None), contains="device: expected")
 # %%
 #| export
 class FusedMoE(torch.nn.Module):
-    "One EP rank's MoE layer: router, placement and local expert weights; forward via the reference path."
+    "One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel."
     def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
                  seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu"):
         super().__init__()

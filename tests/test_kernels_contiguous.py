@@ -38,6 +38,8 @@ def test_align_invariants():
     assert set(e[: int(n) // 4].tolist()) <= {-1, 0, 1, 2}
     check_alignment(torch.empty(0, 2, dtype=torch.int32, device=DEVICE), 16, 8)   # zero tokens
     test_fail(lambda: moe_align_block_size(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
+    s, e, n = moe_align_block_size(torch.tensor([[0, 100000], [1, 3]], device=DEVICE), 4, 2, validate=False)
+    test_eq(n.item(), 8)                                               # out-of-range ids are skipped, never indexed
     test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8), contains="block_size: expected >= 1")
 
 

@@ -40,7 +40,7 @@ def test_dispatch_overflow_and_bad_input():
     ids[:, 1] = 1                                                                            # 6 pairs on each of 2 experts
     test_fail(lambda: batched_dispatch(hidden, ids, 2, 5), contains="max_tokens: expected >= 6")
     a, counts, slot_map, flag = batched_dispatch(hidden, ids, 2, 5, check_overflow=False)   # graph-safe: the flag says so
-    test_eq(flag.item(), 1); test_eq(int((slot_map >= 0).sum()), 10)
+    test_eq(flag.item(), 1); test_eq(int((slot_map >= 0).sum()), 10); test_eq(counts.tolist(), [5, 5])   # capped
     test_fail(lambda: batched_dispatch(hidden, ids + 5, 2, 6), contains="topk_ids: expected values in [-1, 2)")
     test_fail(lambda: batched_dispatch(hidden, ids.float(), 2, 6), contains="topk_ids: expected dtype")
     test_fail(lambda: batched_dispatch(hidden[:, None], ids, 2, 6), contains="hidden: expected a 2-D tensor")
@@ -48,7 +48,7 @@ def test_dispatch_overflow_and_bad_input():
     test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32, device=DEVICE),
                                        global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
     test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
-    test_fail(lambda: batched_dispatch(hidden.t(), ids[:, :1].repeat(1, 1)[:8], 2, 6), contains="expected")
+    test_fail(lambda: batched_dispatch(torch.randn(8, 6, device=DEVICE).t(), ids, 2, 6), contains="hidden: expected a unit stride")
 
 
 def test_combine_matches_reference():

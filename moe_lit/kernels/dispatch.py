@@ -53,7 +53,7 @@ def _batched_dispatch_kernel(
                 tl.atomic_max(overflow_ptr, 1)
         tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #44c866eb3362
+# %% ../../nbs/07_kernels.dispatch.ipynb #4b19674bd062
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -94,7 +94,7 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
             table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
             BLOCK_H=min(1024, triton.next_power_of_2(H)), MODE=mode, SCALE=topk_weights is not None)
-    if not check_overflow: return a, counts, slot_map, flag
+    if not check_overflow: return a, counts.clamp_(max=max_tokens), slot_map, flag   # counts stay a valid contract
     if int(flag.item()):
         raise ValueError(f"max_tokens: expected >= {int(counts.max())} (the busiest local expert's pairs), "
                          f"got {max_tokens}: capacity overflow")
