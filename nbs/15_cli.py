@@ -608,20 +608,6 @@ def format_explain(rep: dict) -> str:
     return "\n".join(lines)
 
 # %%
-#| test explain_nixl_nvfp4
-rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
-test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_dequant"))
-text = format_explain(rep)
-assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text
-with contextlib.redirect_stdout(io.StringIO()) as out:
-    test_eq(main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--quant", "fp8_w8a8_block",
-                  "--device", "cpu", "--json"]), 0)
-test_eq(json.loads(out.getvalue())["chosen"], "torch_batched")
-with contextlib.redirect_stderr(io.StringIO()) as err:
-    test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
-assert "needs a CUDA GPU" in err.getvalue()
-
-# %%
 #| export
 _FLAGS = {"override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
           "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
@@ -755,3 +741,17 @@ test_eq(err.getvalue(), "")                                    # no traceback
 #| eval: false
 #| export
 if __name__ == "__main__": sys.exit(main())
+
+# %%
+#| test explain_nixl_nvfp4
+rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
+test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_dequant"))
+text = format_explain(rep)
+assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    test_eq(main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--quant", "fp8_w8a8_block",
+                  "--device", "cpu", "--json"]), 0)
+test_eq(json.loads(out.getvalue())["chosen"], "torch_batched")
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
+assert "needs a CUDA GPU" in err.getvalue()

@@ -143,20 +143,6 @@ def test_tables_report():
     test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the dict tables_report returns (keys")
 
 
-def test_explain_nixl_nvfp4():
-    rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
-    test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_dequant"))
-    text = format_explain(rep)
-    assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        test_eq(main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--quant", "fp8_w8a8_block",
-                      "--device", "cpu", "--json"]), 0)
-    test_eq(json.loads(out.getvalue())["chosen"], "torch_batched")
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
-    assert "needs a CUDA GPU" in err.getvalue()
-
-
 def test_main_entry_point():
     with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
         f = Path(d, "tiny-mixtral.json")
@@ -219,3 +205,17 @@ def test_main_closed_pipe():
     with contextlib.redirect_stdout(ClosedPipe()), contextlib.redirect_stderr(io.StringIO()) as err:
         test_eq(main(["tables", "--ep", "2"]), 141)                # 128 + SIGPIPE, what a shell reports for `yes | head`
     test_eq(err.getvalue(), "")                                    # no traceback
+
+
+def test_explain_nixl_nvfp4():
+    rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
+    test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_dequant"))
+    text = format_explain(rep)
+    assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        test_eq(main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--quant", "fp8_w8a8_block",
+                      "--device", "cpu", "--json"]), 0)
+    test_eq(json.loads(out.getvalue())["chosen"], "torch_batched")
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
+    assert "needs a CUDA GPU" in err.getvalue()
