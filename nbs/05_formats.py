@@ -133,10 +133,9 @@ def _local_ids(topk_ids, num_local_experts, expert_map):
 # %%
 #| export
 def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
-    check_tensor("hidden", hidden, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+    check_tensor("hidden", hidden, ndim=2, dtype=_FLOATS)
     T, H = hidden.shape
-    floats = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-    check_tensor("w13", w13, ndim=3, dtype=floats)
+    check_tensor("w13", w13, ndim=3, dtype=_FLOATS)
     E, two_i = w13.shape[0], w13.shape[1]
     check_tensor("w13", w13, shape=(E, None, H))
     if two_i % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {two_i}")

@@ -16,7 +16,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, progress
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp
+from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype, _FLOATS
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 
 # %%
@@ -202,7 +202,7 @@ class FusedMoE(torch.nn.Module):
 def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size),
-                 dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+                 dtype=_FLOATS)
     logits = hidden.float() @ self.gate.T                                # [T, num_experts] fp32
     wts, ids = select_experts(self.config, logits, self.e_score_correction_bias)
     return wts, ids.to(self.config.topk_indices_dtype)
@@ -299,7 +299,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
     weights, ep = RandomExpertWeights(config, seed), config.parallel.ep_size
     T, H = hidden.shape
-    acc = torch.float64 if config.dtype == torch.float64 else torch.float32          # as the experts accumulate
+    acc = _acc_dtype(config.dtype)                                              # as the experts accumulate
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
     placements, rank_s, weight_s, topk = [], [], 0.0, None
     for r in progress(range(ep), "EP ranks"):

@@ -9,7 +9,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, progress
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp
+from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype, _FLOATS
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
