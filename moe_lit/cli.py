@@ -353,15 +353,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
     return ap
 
-# %% ../nbs/15_cli.ipynb #992c7d03749b
+# %% ../nbs/15_cli.ipynb #f86c535fb260
 def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,
-                   num_tokens: int = 64) -> dict:
-    "The deployment's properties with reasons, the prepare/finalize's format and the oracle's decision, as data."
+                   num_tokens: int = 64, placement: str = "linear", tp_size: int = 1) -> dict:
+    "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
     from moe_lit.modular import make_prepare_finalize
     dev = detect_device() if device == "detect" else DEVICES.get(device) or check_choice("device", device, list(DEVICES))
+    place = Placement.build(rank_config(config, 0, tp_size), strategy=placement)   # validates the deployment too
     pf = make_prepare_finalize(config, num_tokens)
     d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
     return {"model": config.name, "deployment": all2all_note(config.parallel),
+            "placement": {"requested": placement, "strategy": place.strategy, "reason": place.reason},
             "properties": [{"property": p, "value": v, "reason": r} for p, v, r in config.parallel.explain()],
             "prepare_finalize": {"class": type(pf).__name__, "activation_format": pf.activation_format.value},
             "device": {"kind": dev.kind, "capability": dev.capability, "libraries": sorted(dev.libraries)},
@@ -374,6 +376,8 @@ def format_explain(rep: dict) -> str:
     lines = [f"moe-lit explain: {rep['model'] or 'custom model'}; {rep['deployment']}", ""]
     lines += [f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in rep["properties"]]
     pf, dev = rep["prepare_finalize"], rep["device"]
+    pl = rep["placement"]
+    lines += ["", f"placement {pl['strategy']} (requested {pl['requested']}: {pl['reason']})"]
     lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']} "
                   f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]
     n = max(len(c["name"]) for c in rep["candidates"])
@@ -400,14 +404,14 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #a16db70a1609
+# %% ../nbs/15_cli.ipynb #da0a872c6ae2
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
         cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all,
                            getattr(args, "dtype", None))           # `tables` has no --dtype
         if args.command == "explain":
-            rep = explain_report(cfg, args.quant, args.device, args.backend)
+            rep = explain_report(cfg, args.quant, args.device, args.backend, placement=args.placement, tp_size=args.tp)
             print(json.dumps(rep, indent=1) if args.json else format_explain(rep)); return 0
         if args.command == "tables":
             tables = tables_report(cfg, args.placement, args.tp)

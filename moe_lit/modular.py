@@ -30,7 +30,16 @@ class Prepared:
     hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
     expected_m: int | None = None            # expected rows per local expert (tile choice), from the routing
 
-# %% ../nbs/10_modular.ipynb #c7eae2c32220
+# %% ../nbs/10_modular.ipynb #0c977f69dab7
+def _check_prepare_args(hidden, topk_weights, topk_ids, placement):
+    "What every prepare needs: `hidden [T, H]` float, `topk_ids` and `topk_weights [T, top_k]`, a Placement."
+    from moe_lit.placement import Placement
+    check_tensor("hidden", hidden, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+    check_tensor("topk_ids", topk_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
+    check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
+    if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
+
+# %% ../nbs/10_modular.ipynb #392ba313e78f
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -42,6 +51,7 @@ class StandardPrepareFinalize:
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
+        _check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids),
                         apply_router_weight_on_input=apply_router_weight_on_input)
@@ -51,7 +61,7 @@ class StandardPrepareFinalize:
         check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
         return expert_out
 
-# %% ../nbs/10_modular.ipynb #6e494092ce4a
+# %% ../nbs/10_modular.ipynb #7e129a92f758
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -66,6 +76,7 @@ class BatchedPrepareFinalize:
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
+        _check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         cap, scale = self.max_num_tokens_per_rank * self.num_dispatchers, topk_weights if apply_router_weight_on_input else None
         H = hidden.shape[1]
@@ -137,12 +148,14 @@ EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("triton", ActivationFormat.Standard): TritonStandardExperts,
            ("triton", ActivationFormat.BatchedExperts): TritonBatchedExperts}
 
-# %% ../nbs/10_modular.ipynb #05c2d86bfd7c
+# %% ../nbs/10_modular.ipynb #2a582c750d5f
 class SharedExperts(torch.nn.Module):
     "The always-on experts as one gated SiLU MLP: `w13 [2·I_shared, H]` (gate then up), `w2 [H, I_shared]`."
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
         super().__init__()
-        check_tensor("w13", w13, ndim=2)
+        check_tensor("w13", w13, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+        if w13.shape[0] == 0 or w13.shape[0] % 2:
+            raise ValueError(f"w13: expected a positive even number of rows (gate then up), got {w13.shape[0]}")
         check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)
         self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
 
@@ -150,7 +163,7 @@ class SharedExperts(torch.nn.Module):
         "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast)."
         return expert_mlp(hidden, self.w13, self.w2).to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #48820b5a27c2
+# %% ../nbs/10_modular.ipynb #1918f3b7a3f8
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None):
@@ -168,6 +181,7 @@ class ModularKernel:
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
                 add_shared: bool = True) -> torch.Tensor:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
+        check_bool("add_shared", add_shared)
         prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         out = self.prepare_finalize.finalize(self.experts.apply(prepared, w13, w2), prepared)
         if add_shared and self.shared_experts is not None: out = out + self.shared_experts(hidden)

@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real
 
 # %%
 #| hide
@@ -31,21 +31,44 @@ from moe_lit.testing import assert_close
 
 # %%
 #| export
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+def _check_float_input(name: str, x, min_dim: int = 1) -> torch.Tensor:
+    "A floating tensor of at least `min_dim` dims with finite values (a NaN or inf would poison its whole scale group)."
+    check_tensor(name, x, dtype=_FLOATS)
+    if x.dim() < min_dim: raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
+    if x.numel() and not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise ValueError(f"{name}: expected finite values, got {x[tuple(bad)].item()} at {bad}")
+    return x
+
+def _check_out_dtype(dtype) -> torch.dtype:
+    if dtype not in _FLOATS: raise ValueError(f"dtype: expected one of {list(_FLOATS)}, got {dtype!r}")
+    return dtype
+
+_TINY = torch.finfo(torch.float32).tiny      # smallest normal fp32: a scale never collapses below it
+
+# %%
+#| export
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _E2M1_UP = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])     # boundaries between neighbouring magnitudes
 _TIE_UP = torch.tensor([False, True, False, True, False, True, False])  # at a tie, round up iff the upper is even
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     "Nearest e2m1 code (uint8 0–15, sign in bit 3) of each element of float `x`, ties to even, saturating at ±6."
-    check_tensor("x", x, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    _check_float_input("x", x, min_dim=0)
     a = x.abs().float()
     up = _E2M1_UP.to(a.device)
     code = (a[..., None] > up).sum(-1) + ((a[..., None] == up) & _TIE_UP.to(a.device)).sum(-1)
     return (code + 8 * (x < 0)).to(torch.uint8)
 
+def _check_codes(name, codes):
+    check_tensor(name, codes, dtype=torch.uint8)
+    if codes.numel() and int(codes.max()) > 15: raise ValueError(f"{name}: expected values in [0, 15], got {int(codes.max())}")
+
 def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
     "float32 values of uint8 e2m1 codes."
-    check_tensor("code", code, dtype=torch.uint8)
+    _check_codes("code", code)
     v = E2M1_VALUES.to(code.device)[(code & 7).long()]
     return torch.where(code & 8 > 0, -v, v)
 
@@ -60,13 +83,14 @@ test_eq(e2m1_decode(e2m1_encode(torch.tensor([0.25, 0.75, 1.25, 2.5, 5.0, 7.0, -
 #| export
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
     "Pack uint8 e2m1 codes `[..., K]` (K even) two per byte: `[..., K/2]`, element 2j in the low nibble."
-    check_tensor("codes", codes, dtype=torch.uint8)
-    if codes.shape[-1] % 2: raise ValueError(f"codes: expected an even last dim, got {codes.shape[-1]}")
+    _check_codes("codes", codes)
+    if codes.dim() < 1 or codes.shape[-1] % 2: raise ValueError(f"codes: expected an even last dim, got shape {tuple(codes.shape)}")
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     "Inverse of `pack_fp4`: `[..., K/2]` uint8 -> `[..., K]` uint8 codes."
     check_tensor("packed", packed, dtype=torch.uint8)
+    if packed.dim() < 1: raise ValueError(f"packed: expected at least 1 dim, got shape {tuple(packed.shape)}")
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
 
 # %%
@@ -99,6 +123,11 @@ def _group_amax(x: torch.Tensor, granularity: str, block: tuple) -> torch.Tensor
     pad = torch.nn.functional.pad(a, (0, -K % bk, 0, -N % bn))
     return pad.reshape(*lead, pad.shape[-2] // bn, bn, pad.shape[-1] // bk, bk).amax((-3, -1))
 
+def _check_block(block):
+    if not (isinstance(block, (tuple, list)) and len(block) == 2):
+        raise ValueError(f"block: expected a pair of ints, got {block!r}")
+    check_int("block[0]", block[0], lo=1); check_int("block[1]", block[1], lo=1)
+
 def _expand(scale: torch.Tensor, shape, granularity: str, block: tuple) -> torch.Tensor:
     if granularity != "block": return scale
     bn, bk = block
@@ -111,11 +140,11 @@ def quantize_fp8(x: torch.Tensor,                  # [..., N, K] (weights) or [.
                  block: tuple = (128, 128),        # block shape for 'block'
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(q float8_e4m3fn like x, scale fp32)`: each group's |max| maps to 448; scale shapes use ceil-div."
-    check_tensor("x", x, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    _check_float_input("x", x, min_dim=2)
     check_choice("granularity", granularity, ("tensor", "channel", "token", "block"))
-    if x.dim() < 2: raise ValueError(f"x: expected at least 2 dims [..., rows, K], got shape {tuple(x.shape)}")
-    check_int("block[0]", block[0], lo=1); check_int("block[1]", block[1], lo=1)
-    scale = (_group_amax(x, granularity, block) / FP8_MAX).clamp(min=1e-12)
+    _check_block(block)
+    if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    scale = (_group_amax(x, granularity, block) / FP8_MAX).clamp(min=_TINY)
     q = (x.float() / _expand(scale, x.shape, granularity, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
@@ -124,6 +153,12 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, granularity: str = "blo
     "`q · scale` broadcast over each group, in `dtype`."
     check_tensor("q", q, dtype=torch.float8_e4m3fn)
     check_choice("granularity", granularity, ("tensor", "channel", "token", "block"))
+    _check_block(block); _check_out_dtype(dtype)
+    if q.dim() < 2: raise ValueError(f"q: expected at least 2 dims, got shape {tuple(q.shape)}")
+    *lead, N, K = q.shape
+    want = {"tensor": (1,), "channel": (*lead, N, 1), "token": (*lead, N, 1),
+            "block": (*lead, -(-N // block[0]), -(-K // block[1]))}[granularity]
+    check_tensor("scale", scale, shape=want, dtype=torch.float32)
     return (q.float() * _expand(scale, q.shape, granularity, block)).to(dtype)
 
 # %%
@@ -163,8 +198,8 @@ test_eq(dequantize_fp8(q, s, "block", (1, 128)), x)                             
 def quantize_mxfp4(x: torch.Tensor,   # [..., K] float, K a multiple of 32
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(packed uint8 [..., K/2], scales uint8 e8m0 [..., K/32])` per the OCP MX spec (nearest, ties to even)."
-    check_tensor("x", x, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
-    if x.dim() < 1 or x.shape[-1] % 32: raise ValueError(f"x: expected a last dim that is a multiple of 32, got {tuple(x.shape)}")
+    _check_float_input("x", x)
+    if x.shape[-1] % 32: raise ValueError(f"x: expected a last dim that is a multiple of 32, got {tuple(x.shape)}")
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
     amax = blocks.abs().amax(-1)
     exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=2.0 ** -127))) - 2, torch.full_like(amax, -127))
@@ -174,6 +209,9 @@ def quantize_mxfp4(x: torch.Tensor,   # [..., K] float, K a multiple of 32
 
 def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     "`e2m1(code) · 2^(scale − 127)` over groups of 32, in `dtype`: `[..., K]`."
+    _check_out_dtype(dtype)
+    if packed.dim() < 1 or packed.shape[-1] % 16:
+        raise ValueError(f"packed: expected a last dim that is a multiple of 16 (32 values), got shape {tuple(packed.shape)}")
     v = e2m1_decode(unpack_fp4(packed))
     check_tensor("scales", scales, shape=(*packed.shape[:-1], v.shape[-1] // 32), dtype=torch.uint8)
     return (v.reshape(*v.shape[:-1], -1, 32) * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
@@ -205,10 +243,15 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
                    global_scale: float | None = None,      # fp32 global scale; default amax(x) / (6·448)
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
     "`(packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], global_scale)` (NVIDIA's NVFP4)."
-    check_tensor("x", x, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
-    if x.dim() < 1 or x.shape[-1] % 16: raise ValueError(f"x: expected a last dim that is a multiple of 16, got {tuple(x.shape)}")
+    _check_float_input("x", x)
+    if x.shape[-1] % 16: raise ValueError(f"x: expected a last dim that is a multiple of 16, got {tuple(x.shape)}")
     blocks = x.float().reshape(*x.shape[:-1], -1, 16)
-    if global_scale is None: global_scale = max(float(x.abs().max()) / (6.0 * FP8_MAX), 1e-12)
+    if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    if global_scale is None: global_scale = max(float(x.abs().max()) / (6.0 * FP8_MAX), _TINY)
+    global_scale = check_positive_real("global_scale", global_scale)
+    amax = float(x.abs().max())
+    if amax / (6.0 * global_scale) > FP8_MAX * 1.0001:      # block scales would saturate e4m3: values clipped
+        raise ValueError(f"global_scale: expected >= amax(x)/(6·448) = {amax / (6 * FP8_MAX):.3g}, got {global_scale:.3g}")
     s = (blocks.abs().amax(-1) / (6.0 * global_scale)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     denom = (s.float() * global_scale)[..., None]
     codes = e2m1_encode(torch.where(denom > 0, blocks / denom.clamp(min=1e-30), 0.0)).reshape(x.shape)
@@ -217,6 +260,9 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
 def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: float,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     "`e2m1(code) · fp32(block scale) · global_scale` over groups of 16, in `dtype`."
+    global_scale = check_positive_real("global_scale", global_scale); _check_out_dtype(dtype)
+    if packed.dim() < 1 or packed.shape[-1] % 8:
+        raise ValueError(f"packed: expected a last dim that is a multiple of 8 (16 values), got shape {tuple(packed.shape)}")
     v = e2m1_decode(unpack_fp4(packed))
     check_tensor("scales", scales, shape=(*packed.shape[:-1], v.shape[-1] // 16), dtype=torch.float8_e4m3fn)
     return (v.reshape(*v.shape[:-1], -1, 16) * scales.float()[..., None] * global_scale).reshape(v.shape).to(dtype)
@@ -242,3 +288,24 @@ test_fail(lambda: quantize_nvfp4(torch.zeros(2, 24)), contains="x: expected a la
 p, s = quantize_mxfp4(torch.randn(2, 64))
 test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
 test_fail(lambda: unpack_fp4(p.int()), contains="packed: expected dtype torch.uint8")
+
+# %%
+#| test quant_refuses_non_finite_and_bad_scales
+x = torch.randn(8, 64)
+for bad in (float("nan"), float("inf")):
+    xb = x.clone(); xb[1, 3] = bad
+    for f in (lambda: quantize_fp8(xb), lambda: quantize_mxfp4(xb), lambda: quantize_nvfp4(xb), lambda: e2m1_encode(xb)):
+        test_fail(f, contains="x: expected finite values")
+tiny = x * 1e-20                                                                 # tiny magnitudes do not collapse to 0
+q, s_ = quantize_fp8(tiny, "tensor")
+d = dequantize_fp8(q, s_, "tensor").double()
+assert (d - tiny.double()).norm() / tiny.double().norm() < 0.05                 # not all zeros (a fixed 1e-12 floor was)
+test_fail(lambda: quantize_nvfp4(x, 0.0), contains="global_scale: expected a finite number > 0")
+test_fail(lambda: quantize_nvfp4(x, 1e-12), contains="global_scale: expected >=")
+q, s_ = quantize_fp8(torch.randn(256, 256))
+test_fail(lambda: dequantize_fp8(q, torch.ones(3, 3)), contains="scale: expected shape [2, 2]")
+test_fail(lambda: dequantize_fp8(q, s_, dtype=torch.int8), contains="dtype: expected one of")
+test_fail(lambda: quantize_fp8(x, "block", 128), contains="block: expected a pair of ints")
+test_fail(lambda: pack_fp4(torch.tensor([16, 1], dtype=torch.uint8)), contains="codes: expected values in [0, 15], got 16")
+p_, s2 = quantize_mxfp4(torch.randn(4, 64))
+test_fail(lambda: dequantize_mxfp4(p_[:, :10], s2), contains="packed: expected a last dim that is a multiple of 16")

@@ -67,6 +67,16 @@ class Prepared:
 
 # %%
 #| export
+def _check_prepare_args(hidden, topk_weights, topk_ids, placement):
+    "What every prepare needs: `hidden [T, H]` float, `topk_ids` and `topk_weights [T, top_k]`, a Placement."
+    from moe_lit.placement import Placement
+    check_tensor("hidden", hidden, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+    check_tensor("topk_ids", topk_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
+    check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
+    if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
+
+# %%
+#| export
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -78,6 +88,7 @@ class StandardPrepareFinalize:
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
+        _check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids),
                         apply_router_weight_on_input=apply_router_weight_on_input)
@@ -103,6 +114,7 @@ class BatchedPrepareFinalize:
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
+        _check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         cap, scale = self.max_num_tokens_per_rank * self.num_dispatchers, topk_weights if apply_router_weight_on_input else None
         H = hidden.shape[1]
@@ -203,7 +215,9 @@ class SharedExperts(torch.nn.Module):
     "The always-on experts as one gated SiLU MLP: `w13 [2·I_shared, H]` (gate then up), `w2 [H, I_shared]`."
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
         super().__init__()
-        check_tensor("w13", w13, ndim=2)
+        check_tensor("w13", w13, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+        if w13.shape[0] == 0 or w13.shape[0] % 2:
+            raise ValueError(f"w13: expected a positive even number of rows (gate then up), got {w13.shape[0]}")
         check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)
         self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
 
@@ -233,6 +247,7 @@ class ModularKernel:
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
                 add_shared: bool = True) -> torch.Tensor:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
+        check_bool("add_shared", add_shared)
         prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         out = self.prepare_finalize.finalize(self.experts.apply(prepared, w13, w2), prepared)
         if add_shared and self.shared_experts is not None: out = out + self.shared_experts(hidden)
@@ -283,6 +298,11 @@ for name, d in BACKENDS.items():
 test_fail(lambda: ModularKernel(StandardPrepareFinalize(), TorchBatchedExperts()),
           contains="expected standard experts to pair with StandardPrepareFinalize (standard), got TorchBatchedExperts (batched_experts)")
 test_fail(lambda: ModularKernel(object(), TorchStandardExperts()), contains="expected objects declaring an activation_format")
+mk0 = ModularKernel(StandardPrepareFinalize(), TorchStandardExperts())
+h0, w0, ids0 = torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32)
+test_fail(lambda: mk0(h0, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="placement: expected a Placement")
+test_fail(lambda: mk0(h0[0], torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="hidden: expected a 2-D tensor")
+test_fail(lambda: SharedExperts(torch.randn(17, 16), torch.randn(16, 8)), contains="w13: expected a positive even number")
 
 # %% [markdown]
 # Both formats, torch and Triton (the interpreter on a CPU), compute the same layer — checked against the float64

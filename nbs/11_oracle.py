@@ -10,7 +10,7 @@
 from __future__ import annotations
 from dataclasses import dataclass, field
 import torch
-from moe_lit.terms import check_choice
+from moe_lit.terms import check_choice, check_bool
 from moe_lit.config import ActivationFormat, MoEConfig, get_backend
 
 # %%
@@ -42,6 +42,16 @@ class DeviceCaps:
     kind: str                                  # 'cpu', 'a100', 'h100', 'h200', 'b200'
     capability: tuple | None                   # CUDA compute capability, None on the CPU
     libraries: frozenset = frozenset()         # optional kernel libraries installed (e.g. 'flashinfer', 'deep_gemm')
+
+    def __post_init__(self):
+        if not isinstance(self.kind, str): raise ValueError(f"kind: expected a str, got {self.kind!r}")
+        cap = self.capability
+        if cap is not None and not (isinstance(cap, tuple) and len(cap) == 2 and all(isinstance(c, int) for c in cap)):
+            raise ValueError(f"capability: expected None or a pair of ints, got {cap!r}")
+        if (self.kind == "cpu") != (cap is None):
+            raise ValueError(f"capability: expected None exactly for kind 'cpu', got {cap!r} for {self.kind!r}")
+        if not (isinstance(self.libraries, frozenset) and all(isinstance(l, str) for l in self.libraries)):
+            raise ValueError(f"libraries: expected a frozenset of names, got {self.libraries!r}")
 
     @property
     def is_gpu(self) -> bool: return self.capability is not None
@@ -177,6 +187,7 @@ def select_unquantized_moe_backend(moe_config, activation_format, device, overri
 
 def select_fp8_moe_backend(moe_config, activation_format, device, override=None, block: bool = True) -> Decision:
     "`select_experts_backend` for FP8 w8a8 (128×128 block scales, or per-tensor)."
+    check_bool("block", block)
     return select_experts_backend(moe_config, "fp8_w8a8_block" if block else "fp8_w8a8_tensor", activation_format,
                                   device, override)
 
@@ -247,6 +258,10 @@ test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], 
 test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")
 test_fail(lambda: select_experts_backend(cfg, "unquantized", "standard", DEVICES["cpu"]), contains="activation_format: expected an ActivationFormat")
 test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], override="cutlass"), contains="override: expected one of")
+test_fail(lambda: DeviceCaps("h100", "9.0"), contains="capability: expected None or a pair of ints")
+test_fail(lambda: DeviceCaps("cpu", (9, 0)), contains="capability: expected None exactly for kind 'cpu'")
+test_fail(lambda: DeviceCaps("h100", (9, 0), "flashinfer_x"), contains="libraries: expected a frozenset")
+test_fail(lambda: select_fp8_moe_backend(cfg, S, DEVICES["cpu"], block="no"), contains="block: expected a bool")
 d = select_experts_backend(cfg, "nvfp4_w4a16", S, DeviceCaps("b200", (10, 0), frozenset({"flashinfer"})))
 assert "no adapter" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
 

@@ -581,13 +581,15 @@ def _parser() -> argparse.ArgumentParser:
 # %%
 #| export
 def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,
-                   num_tokens: int = 64) -> dict:
-    "The deployment's properties with reasons, the prepare/finalize's format and the oracle's decision, as data."
+                   num_tokens: int = 64, placement: str = "linear", tp_size: int = 1) -> dict:
+    "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
     from moe_lit.modular import make_prepare_finalize
     dev = detect_device() if device == "detect" else DEVICES.get(device) or check_choice("device", device, list(DEVICES))
+    place = Placement.build(rank_config(config, 0, tp_size), strategy=placement)   # validates the deployment too
     pf = make_prepare_finalize(config, num_tokens)
     d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
     return {"model": config.name, "deployment": all2all_note(config.parallel),
+            "placement": {"requested": placement, "strategy": place.strategy, "reason": place.reason},
             "properties": [{"property": p, "value": v, "reason": r} for p, v, r in config.parallel.explain()],
             "prepare_finalize": {"class": type(pf).__name__, "activation_format": pf.activation_format.value},
             "device": {"kind": dev.kind, "capability": dev.capability, "libraries": sorted(dev.libraries)},
@@ -600,6 +602,8 @@ def format_explain(rep: dict) -> str:
     lines = [f"moe-lit explain: {rep['model'] or 'custom model'}; {rep['deployment']}", ""]
     lines += [f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in rep["properties"]]
     pf, dev = rep["prepare_finalize"], rep["device"]
+    pl = rep["placement"]
+    lines += ["", f"placement {pl['strategy']} (requested {pl['requested']}: {pl['reason']})"]
     lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']} "
                   f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]
     n = max(len(c["name"]) for c in rep["candidates"])
@@ -635,7 +639,7 @@ def _run(args) -> int:
         cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all,
                            getattr(args, "dtype", None))           # `tables` has no --dtype
         if args.command == "explain":
-            rep = explain_report(cfg, args.quant, args.device, args.backend)
+            rep = explain_report(cfg, args.quant, args.device, args.backend, placement=args.placement, tp_size=args.tp)
             print(json.dumps(rep, indent=1) if args.json else format_explain(rep)); return 0
         if args.command == "tables":
             tables = tables_report(cfg, args.placement, args.tp)
@@ -755,3 +759,8 @@ test_eq(json.loads(out.getvalue())["chosen"], "torch_batched")
 with contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
 assert "needs a CUDA GPU" in err.getvalue()
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    test_eq(main(["explain", "--ep", "256", "--device", "cpu"]), 2)                 # more ranks than experts
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--placement", "round_robin", "--device", "cpu"])
+assert "placement round_robin" in out.getvalue()

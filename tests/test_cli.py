@@ -219,3 +219,8 @@ def test_explain_nixl_nvfp4():
     with contextlib.redirect_stderr(io.StringIO()) as err:
         test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
     assert "needs a CUDA GPU" in err.getvalue()
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        test_eq(main(["explain", "--ep", "256", "--device", "cpu"]), 2)                 # more ranks than experts
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--placement", "round_robin", "--device", "cpu"])
+    assert "placement round_robin" in out.getvalue()

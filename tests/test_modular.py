@@ -26,6 +26,11 @@ def test_composition_walk():
     test_fail(lambda: ModularKernel(StandardPrepareFinalize(), TorchBatchedExperts()),
               contains="expected standard experts to pair with StandardPrepareFinalize (standard), got TorchBatchedExperts (batched_experts)")
     test_fail(lambda: ModularKernel(object(), TorchStandardExperts()), contains="expected objects declaring an activation_format")
+    mk0 = ModularKernel(StandardPrepareFinalize(), TorchStandardExperts())
+    h0, w0, ids0 = torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32)
+    test_fail(lambda: mk0(h0, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="placement: expected a Placement")
+    test_fail(lambda: mk0(h0[0], torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="hidden: expected a 2-D tensor")
+    test_fail(lambda: SharedExperts(torch.randn(17, 16), torch.randn(16, 8)), contains="w13: expected a positive even number")
 
 
 def test_modular_kernels_agree():

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from dataclasses import dataclass, field
 import torch
-from moe_lit.terms import check_choice
+from moe_lit.terms import check_choice, check_bool
 from moe_lit.config import ActivationFormat, MoEConfig, get_backend
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS, ParallelConfig
@@ -47,5 +47,9 @@ def test_oracle_override_and_bad_input():
     test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")
     test_fail(lambda: select_experts_backend(cfg, "unquantized", "standard", DEVICES["cpu"]), contains="activation_format: expected an ActivationFormat")
     test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], override="cutlass"), contains="override: expected one of")
+    test_fail(lambda: DeviceCaps("h100", "9.0"), contains="capability: expected None or a pair of ints")
+    test_fail(lambda: DeviceCaps("cpu", (9, 0)), contains="capability: expected None exactly for kind 'cpu'")
+    test_fail(lambda: DeviceCaps("h100", (9, 0), "flashinfer_x"), contains="libraries: expected a frozenset")
+    test_fail(lambda: select_fp8_moe_backend(cfg, S, DEVICES["cpu"], block="no"), contains="block: expected a bool")
     d = select_experts_backend(cfg, "nvfp4_w4a16", S, DeviceCaps("b200", (10, 0), frozenset({"flashinfer"})))
     assert "no adapter" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.quant import *
@@ -81,3 +81,24 @@ def test_quant_bad_input():
     p, s = quantize_mxfp4(torch.randn(2, 64))
     test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
     test_fail(lambda: unpack_fp4(p.int()), contains="packed: expected dtype torch.uint8")
+
+
+def test_quant_refuses_non_finite_and_bad_scales():
+    x = torch.randn(8, 64)
+    for bad in (float("nan"), float("inf")):
+        xb = x.clone(); xb[1, 3] = bad
+        for f in (lambda: quantize_fp8(xb), lambda: quantize_mxfp4(xb), lambda: quantize_nvfp4(xb), lambda: e2m1_encode(xb)):
+            test_fail(f, contains="x: expected finite values")
+    tiny = x * 1e-20                                                                 # tiny magnitudes do not collapse to 0
+    q, s_ = quantize_fp8(tiny, "tensor")
+    d = dequantize_fp8(q, s_, "tensor").double()
+    assert (d - tiny.double()).norm() / tiny.double().norm() < 0.05                 # not all zeros (a fixed 1e-12 floor was)
+    test_fail(lambda: quantize_nvfp4(x, 0.0), contains="global_scale: expected a finite number > 0")
+    test_fail(lambda: quantize_nvfp4(x, 1e-12), contains="global_scale: expected >=")
+    q, s_ = quantize_fp8(torch.randn(256, 256))
+    test_fail(lambda: dequantize_fp8(q, torch.ones(3, 3)), contains="scale: expected shape [2, 2]")
+    test_fail(lambda: dequantize_fp8(q, s_, dtype=torch.int8), contains="dtype: expected one of")
+    test_fail(lambda: quantize_fp8(x, "block", 128), contains="block: expected a pair of ints")
+    test_fail(lambda: pack_fp4(torch.tensor([16, 1], dtype=torch.uint8)), contains="codes: expected values in [0, 15], got 16")
+    p_, s2 = quantize_mxfp4(torch.randn(4, 64))
+    test_fail(lambda: dequantize_mxfp4(p_[:, :10], s2), contains="packed: expected a last dim that is a multiple of 16")
