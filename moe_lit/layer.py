@@ -78,7 +78,7 @@ def check_device(device) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
     return d
 
-# %% ../nbs/12_layer.ipynb #da19094231e1
+# %% ../nbs/12_layer.ipynb #ebafb0956d7d
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device) -> tuple[str, str]:
     "`(implementation, reason)`: 'triton' or 'torch' for the requested `experts` ('auto', 'triton' or 'torch')."
     check_choice("experts", experts, ("auto", "triton", "torch"))
@@ -89,7 +89,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if experts == "triton": return "triton", f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                         " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
-    return "torch", f"format {fmt} on the CPU: the torch reference (experts='triton', --experts triton, runs the kernels)"
+    return "torch", f"format {fmt} on the CPU: the torch reference; --experts triton runs the kernels in the interpreter"
 
 # %% ../nbs/12_layer.ipynb #4cc978baba9e
 class FusedMoE(torch.nn.Module):

@@ -147,7 +147,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if experts == "triton": return "triton", f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                         " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
-    return "torch", f"format {fmt} on the CPU: the torch reference (experts='triton', --experts triton, runs the kernels)"
+    return "torch", f"format {fmt} on the CPU: the torch reference; --experts triton runs the kernels in the interpreter"
 
 # %%
 #| test resolve_experts

@@ -516,7 +516,7 @@ _HELP = {
     "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
             "rank: no all2all, experts masked with expert_map",
     "--all2all": "all2all backend that moves tokens between EP ranks (used only with more than one DP rank); "
-                 "default: allgather_reducescatter with more than one DP rank (vLLM's default), else none",
+                 "None means allgather_reducescatter with more than one DP rank (vLLM's default), else none",
     "--placement": "how experts are spread over the EP ranks: linear (contiguous blocks) or round_robin (expert e on "
                    "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
                    "report says why",

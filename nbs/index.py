@@ -64,7 +64,7 @@ from moe_lit.layer import run_emulated_ep
 
 par = ParallelConfig.make(tp_size=1, dp_size=4, enable_expert_parallel=True, all2all_backend="nixl_ep")
 cfg = preset("qwen3-30b-a3b", parallel=par).replace(num_experts=16, hidden_size=128, intermediate_size=64)  # scaled down
-print(cfg.activation_format, cfg.needs_round_robin_routing_tables)  # both read from the nixl_ep record
+print(cfg.activation_format.value, cfg.needs_round_robin_routing_tables)  # both read from the nixl_ep record
 run = run_emulated_ep(cfg, torch.randn(32, cfg.hidden_size).bfloat16())  # 4 ranks in turn, summed
 print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():.3g}")
 
