@@ -325,7 +325,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
-# %% ../nbs/15_cli.ipynb #35a8619665fd
+# %% ../nbs/15_cli.ipynb #1d92c11fbfdb
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
@@ -345,9 +345,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
-    b = sub.add_parser("bench", help="benchmark the batched-experts GEMM against peers and the roofline (GPU)",
+    b = sub.add_parser("bench", help="benchmark the experts GEMMs of both formats against peers and the roofline (GPU)",
                        formatter_class=fmt)
-    b.add_argument("--tune", action="store_true", help="sweep tile candidates first and save the winners")
+    b.add_argument("--tune", nargs="?", const="all", default=False, choices=["all", "batched", "contiguous"],
+                   help="sweep tile candidates of these kernels first and save the winners (no value: all)")
     b.add_argument("--config-dir", help="where tuned tile tables are written (None: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")

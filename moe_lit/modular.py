@@ -39,7 +39,7 @@ def _check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
 
-# %% ../nbs/10_modular.ipynb #392ba313e78f
+# %% ../nbs/10_modular.ipynb #f5651fd8d336
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -54,7 +54,8 @@ class StandardPrepareFinalize:
         _check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids),
-                        apply_router_weight_on_input=apply_router_weight_on_input)
+                        apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
+                        expected_m=max(1, topk_ids.numel() // placement.num_experts))
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
@@ -129,13 +130,13 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #552cdbf2f5d9
+# %% ../nbs/10_modular.ipynb #5bcd1fd4ccf6
 class TritonStandardExperts(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2):
         from moe_lit.kernels.contiguous import TritonExperts
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
-                                     prepared.apply_router_weight_on_input)
+                                     prepared.apply_router_weight_on_input, expected_m=prepared.expected_m)
 
 class TritonBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."

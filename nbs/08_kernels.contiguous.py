@@ -262,6 +262,72 @@ test_eq(n.item(), 8)                                               # out-of-rang
 test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8), contains="block_size: expected >= 1")
 
 # %% [markdown]
+# ## A cheaper layout for tiny batches: one block per pair
+#
+# Alignment costs four launches and two atomic passes whatever the batch; at decode with a handful of tokens that
+# fixed cost rivals the GEMMs (measured below). When the pairs are few, every pair can simply get its own block:
+# position `p·B` holds pair `p`, the other `B − 1` rows of the block are the sentinel, and `expert_ids[p]` is the
+# pair's local expert. One launch builds it, with no counting and no atomics. The GEMMs accept it unchanged — it is
+# a valid aligned layout whose runs are one pair long — but each block reads its expert's whole weight slice, so two
+# pairs of the same expert read it twice. With `T·top_k` pairs over many experts that is rare at `T ≤ 4` and
+# common at larger `T`; `TritonExperts` switches at `pair_blocks_max_pairs` pairs.
+
+# %%
+#| export
+@triton.jit
+def _pair_blocks_kernel(ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr, n, num_experts,
+                        BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)            # sorted positions
+    ok = offs < n * BLOCK_SIZE
+    pair = offs // BLOCK_SIZE
+    first = (offs % BLOCK_SIZE) == 0
+    tl.store(sorted_ptr + offs, tl.where(first, pair, n), mask=ok)   # pair p at p·B, sentinel elsewhere
+    ids = tl.load(ids_ptr + pair, mask=ok & first, other=-1)
+    in_range = (ids >= 0) & (ids < num_experts)
+    local = tl.where(in_range, ids, -1)
+    if HAS_MAP: local = tl.load(map_ptr + ids, mask=in_range, other=-1)   # global -> local or -1
+    tl.store(expert_ids_ptr + pair, local, mask=ok & first)
+    if tl.program_id(0) == 0: tl.store(ntpp_ptr, n * BLOCK_SIZE)
+
+def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
+                    block_size: int,            # BLOCK_M of the GEMM
+                    num_experts: int,           # global experts
+                    expert_map: torch.Tensor | None = None,  # [num_experts] int32, global -> local or -1
+                    validate: bool = True,      # check the id range on the host (one sync)
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "One block per (token, k) pair, in one launch: `(sorted_token_ids, expert_ids, num_tokens_post_padded)`."
+    _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
+    dev, n = topk_ids.device, topk_ids.numel()
+    sorted_ids = torch.empty(max(1, n) * block_size, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(max(1, n), dtype=torch.int32, device=dev)
+    ntpp = torch.empty(1, dtype=torch.int32, device=dev)
+    if n == 0: return sorted_ids.fill_(0), expert_ids.fill_(-1), ntpp.fill_(0)
+    BLOCK = max(256, triton.next_power_of_2(block_size))
+    _pair_blocks_kernel[(triton.cdiv(n * block_size, BLOCK),)](
+        topk_ids.reshape(-1).contiguous(), expert_map if expert_map is not None else expert_ids, sorted_ids,
+        expert_ids, ntpp, n, num_experts, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None, BLOCK=BLOCK)
+    return sorted_ids, expert_ids, ntpp
+
+# %%
+#| test pair_blocks_layout
+g = torch.Generator().manual_seed(3)
+ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(3)]).int()
+ids[1, 0] = -1
+s, e, n = moe_pair_blocks(ids.to(DEVICE), 4, 6)
+test_eq(n.item(), 24)
+test_eq(s.cpu().view(6, 4)[:, 0].tolist(), list(range(6)))                  # pair p heads block p
+assert (s.cpu().view(6, 4)[:, 1:] == 6).all()                               # the rest is the sentinel
+test_eq(e.cpu().tolist(), ids.flatten().tolist())
+n_local, emap = determine_expert_map(2, 1, 6, "linear")                     # rank 1 owns experts 3..5
+_, e, _ = moe_pair_blocks(ids.to(DEVICE), 4, 6, emap.to(DEVICE))
+test_eq(e.cpu().tolist(), [int(emap[i]) if i >= 0 else -1 for i in ids.flatten().tolist()])
+_, e, n = moe_pair_blocks(torch.empty(0, 2, dtype=torch.int32, device=DEVICE), 16, 4)
+test_eq((n.item(), e.cpu().tolist()), (0, [-1]))
+_, e, _ = moe_pair_blocks(torch.tensor([[0, 99]], device=DEVICE), 4, 2, validate=False)
+test_eq(e.cpu().tolist(), [0, -1])                                          # out-of-range ids: skipped, not indexed
+test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
+
+# %% [markdown]
 # ## The grouped GEMM over aligned blocks
 #
 # ```
@@ -287,16 +353,25 @@ test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8)
 def _fused_moe_kernel(
     a_ptr,                 # [T, K] (GEMM1, token rows) or [T·top_k, K] (GEMM2, pair rows)
     w_ptr,                 # [E_local, N_w, K]
+    w_desc,                # None, or a descriptor over w viewed as [E_local·N_w, K], box [BLOCK_N, BLOCK_K]
     c_ptr,                 # [T·top_k, N_OUT]
     sorted_ptr, expert_ids_ptr, ntpp_ptr,
     weights_ptr,           # [T·top_k] fp32 router weights (read when WEIGHT != 0)
-    N_OUT, K, num_pairs, num_m_blocks, num_sorted,
+    N_OUT, N_W, K, num_pairs, num_m_blocks, num_sorted,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, SILU: tl.constexpr, WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
+    if GROUP_M == 0:                                            # N-tile major: a weight tile serves every block
+        pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
+    else:                                                       # grouped order (Triton matmul tutorial): A reuse
+        num_n = tl.cdiv(N_OUT, BLOCK_N)
+        first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+        rows_in_group = tl.minimum(num_m_blocks - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
+        pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
     if e < 0: return                                            # a non-local expert's block: nothing to compute
@@ -308,18 +383,18 @@ def _fused_moe_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    row_w = (e * N_W + pid_n * BLOCK_N).to(tl.int32)           # descriptor row (E·N_w < 2^31 is checked on the host)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N_OUT), other=0.0)
-        if UPCAST: a, w = a.to(tl.float32), w.to(tl.float32)
+        if EVEN_K: a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+        else: a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w, w_up = _load_w(w_ptrs, w_desc, row_w, k * BLOCK_K, N_OUT * stride_wn, k_ok, offs_n < N_OUT, N_OUT,
+                          SILU, EVEN_K, EVEN_N)
+        if UPCAST: a, w, w_up = a.to(tl.float32), w.to(tl.float32), w_up.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if SILU:
-            w_up = tl.load(w_ptrs + N_OUT * stride_wn, mask=k_ok[:, None] & (offs_n[None, :] < N_OUT), other=0.0)
-            if UPCAST: w_up = w_up.to(tl.float32)
-            acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        if SILU: acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     if WEIGHT != 0:
@@ -329,6 +404,26 @@ def _fused_moe_kernel(
     if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N_OUT))
+
+@triton.jit
+def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, SILU: tl.constexpr, EVEN_K: tl.constexpr,
+            EVEN_N: tl.constexpr):
+    "The `[BLOCK_K, BLOCK_N]` weight tile (and the up tile for SiLU): through the descriptor, or masked pointer loads."
+    if w_desc is not None:                                      # TMA: whole boxes (the host allows it for even N)
+        w = w_desc.load([row_w, k0]).T
+        w_up = w
+        if SILU: w_up = w_desc.load([row_w + N_OUT, k0]).T
+    else:
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptrs)
+            w_up = w
+            if SILU: w_up = tl.load(w_ptrs + up_off)
+        else:
+            mask = k_ok[:, None] & n_ok[None, :]
+            w = tl.load(w_ptrs, mask=mask, other=0.0)
+            w_up = w
+            if SILU: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
+    return w, w_up
 
 # %%
 #| export
@@ -345,6 +440,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
                    out: torch.Tensor | None = None,  # [T·top_k, N or N/2]; rows of uncomputed pairs untouched
                    config: dict | None = None,       # tile override (BLOCK_M is fixed by the alignment)
                    rows: str = "token",              # "token": a has a row per token (GEMM1); "pair": per pair (GEMM2)
+                   expected_m: int | None = None,    # expected rows per expert (tile lookup); default pairs / E
                   ) -> torch.Tensor:
     "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[expert(block)]ᵀ)` (vLLM's fused_moe_kernel)."
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
@@ -362,20 +458,77 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device) if out is None else \
         check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype)
     if num_pairs == 0: return out
-    cfg = dict(config or lookup_tile_config("fused_moe_gemm", E, N, K, block_m, a.dtype))
+    if expected_m is None: expected_m = max(1, num_pairs // E)
+    check_int("expected_m", expected_m, lo=1)
+    cfg = dict(config or lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, a.dtype))
     cfg["BLOCK_M"] = block_m
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation is not None, a.element_size())
-    cfg.pop("TMA", None); cfg.pop("WARP_SPECIALIZE", None)
-    bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    cfg.pop("WARP_SPECIALIZE", None)
+    bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
+    group_m = cfg.pop("GROUP_M", 0)
+    w_desc = None
+    if tma and n_out % bn == 0 and _w_descriptor_ok(w) and E * N < 2**31:     # whole boxes: the up tile never crosses rows
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
     num_m_blocks = expert_ids.numel()
     _fused_moe_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
-        a, w, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
-        topk_weights.contiguous() if topk_weights is not None else out, n_out, K, num_pairs, num_m_blocks,
+        a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
+        topk_weights.contiguous() if topk_weights is not None else out, n_out, N, K, num_pairs, num_m_blocks,
         sorted_token_ids.numel(),
         *a.stride(), *w.stride(), *out.stride(), TOP_K=top_k, A_PER_PAIR=per_pair, SILU=activation is not None,
         WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
+        EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
+
+def _w_descriptor_ok(w: torch.Tensor) -> bool:
+    "A tensor descriptor needs a contiguous w with 16-byte aligned rows and base."
+    return w.is_contiguous() and (w.shape[2] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
+
+# %% [markdown]
+# The GEMM alone, against a float64 spec, through every code path of the kernel: even and ragged K and N (masked
+# loads), the grouped program order, and the weight tile through a tensor descriptor. Rows of pairs that have no
+# local expert are poisoned with NaN first and must come back untouched; every other row must be written.
+
+# %%
+#| test fused_moe_gemm_paths
+g = torch.Generator().manual_seed(4)
+for H, I in ((64, 64), (48, 40)):                                          # even, then ragged K and N
+    E, T, k = 4, 13, 2
+    x, w = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    ids[2, 1] = ids[7, 0] = -1
+    gate, up = torch.einsum("th,enh->ten", x.double(), w.double()).split(I, dim=-1)
+    want = (torch.nn.functional.silu(gate) * up)[torch.arange(T)[:, None], ids.long().clamp(min=0)].reshape(T * k, I)
+    aligned = moe_align_block_size(ids.to(DEVICE), 16, E)
+    for cfg in (dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1), dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=2),
+                dict(BLOCK_N=32, BLOCK_K=32, TMA=True)):
+        out = torch.full((T * k, I), float("nan"), device=DEVICE)
+        fused_moe_gemm(x.to(DEVICE), w.to(DEVICE), *aligned, k, 16, "silu_and_mul", out=out, config=cfg)
+        out, live = out.cpu(), (ids.flatten() >= 0)
+        assert out[~live].isnan().all(), f"{cfg}: a pair without a local expert was written"
+        assert_close(out[live], want[live], name=f"H={H} I={I} {cfg}")
+
+# %% [markdown]
+# On the GPU, the int32-overflow class: `T·top_k·N > 2^31` output elements, so the last pairs' row offsets only
+# fit in int64 (sglang#4727 wrapped here). Only the rows past the 2^31 boundary are checked, against torch.
+
+# %%
+#| test fused_moe_gemm_int64_offsets
+#| gpu
+E, I, H, T, k = 8, 128, 7168, 40000, 8                          # 320,000 pairs x 7168 = 2.29e9 outputs
+g = torch.Generator(device="cuda").manual_seed(5)
+h = torch.randn(T * k, I, device="cuda", dtype=torch.bfloat16, generator=g)
+w2 = (torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=g) / I**0.5)
+ids = torch.randint(0, E, (T, k), device="cuda", dtype=torch.int32, generator=g)
+wts = torch.rand(T, k, device="cuda", generator=g)
+aligned = moe_align_block_size(ids, 64, E)
+out = fused_moe_gemm(h, w2, *aligned, k, 64, None, wts, "output", rows="pair")
+assert T * k * H > 2**31
+tail = torch.arange(T * k - 4096, T * k, device="cuda")             # rows whose offsets pass 2^31
+per_expert = torch.stack([h[tail].double() @ w2[e].double().T for e in range(E)])    # [E, 4096, H]
+want = per_expert[ids.flatten()[tail].long(), torch.arange(4096, device="cuda")] * wts.flatten()[tail, None].double()
+assert_close(out[tail], want, name="rows past 2^31")
 
 # %% [markdown]
 # ## The Standard-format experts
@@ -389,6 +542,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + SiLU-and-mul -> GEMM2 (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
+    pair_blocks_max_pairs = 32          # at most this many (token, k) pairs: one block per pair, no alignment
 
     def apply(self, hidden: torch.Tensor,        # [T, H]
               w13: torch.Tensor,                 # [E_local, 2·I, H]
@@ -396,20 +550,27 @@ class TritonExperts:
               topk_weights: torch.Tensor,        # [T, top_k] fp32
               local_ids: torch.Tensor,           # [T, top_k] local expert per slot, -1 = not on this rank
               apply_router_weight_on_input: bool = False,
-              block_m: int | None = None,        # alignment block (default from the expected rows per expert)
+              block_m: int | None = None,        # alignment block (default: the tuned tile's BLOCK_M)
+              expected_m: int | None = None,     # expected rows per local expert (default T·top_k / E_local)
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list."
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         T, k = local_ids.shape
-        E = w13.shape[0]
+        E, N, H = w13.shape
         if T == 0: return hidden.new_zeros(0, w2.shape[1])
-        if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, T * k // E))))
-        s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
+        expected_m = max(1, T * k // E) if expected_m is None else check_int("expected_m", expected_m, lo=1)
+        cfg1 = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)
+        cfg2 = lookup_tile_config("fused_moe_gemm", E, w2.shape[1], w2.shape[2], expected_m, hidden.dtype)
+        if block_m is None: block_m = cfg1["BLOCK_M"]
+        tiny = T * k <= self.pair_blocks_max_pairs
+        align = moe_pair_blocks if tiny else moe_align_block_size
+        s, e, n = align(local_ids, block_m, E, validate=False)                 # ids come from the placement
         on_in = apply_router_weight_on_input
         h = fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, "silu_and_mul", topk_weights,
-                           "input" if on_in else None)
-        y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair")
+                           "input" if on_in else None, config=cfg1)
+        y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", config=cfg2,
+                           rows="pair")
         pairs = torch.arange(T * k, device=hidden.device).view(T, k)
         slot_map = torch.where(local_ids >= 0, pairs, -1)
         return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
@@ -432,6 +593,9 @@ for T, k in ((9, 2), (1, 1), (5, E), (40, 3)):                         # top_k =
             got = TritonExperts().apply(*(t.to(DEVICE) for t in (hidden.to(dtype), w13.to(dtype), w2.to(dtype), wts, ids)),
                                         apply_router_weight_on_input=on_in)
             assert_close(got, want, name=f"T={T} top_k={k} {dtype} on_input={on_in}")
+    aligned = TritonExperts(); aligned.pair_blocks_max_pairs = 0                 # the aligned layout at every size
+    got = aligned.apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)))
+    assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids), name=f"aligned T={T}")
 test_eq(TritonExperts.activation_format, ActivationFormat.Standard)
 
 # %% [markdown]

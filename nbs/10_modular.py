@@ -91,7 +91,8 @@ class StandardPrepareFinalize:
         _check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids),
-                        apply_router_weight_on_input=apply_router_weight_on_input)
+                        apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
+                        expected_m=max(1, topk_ids.numel() // placement.num_experts))
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
@@ -188,7 +189,7 @@ class TritonStandardExperts(TorchStandardExperts):
     def apply(self, prepared, w13, w2):
         from moe_lit.kernels.contiguous import TritonExperts
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
-                                     prepared.apply_router_weight_on_input)
+                                     prepared.apply_router_weight_on_input, expected_m=prepared.expected_m)
 
 class TritonBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."

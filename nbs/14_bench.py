@@ -118,6 +118,13 @@ def _problem(sc: dict, dtype=torch.bfloat16, seed: int = 0):
     counts = routed_counts(E, M, sc["rows"], seed).cuda()
     return a, w, counts
 
+def _contiguous_problem(sc: dict, dtype=torch.bfloat16, seed: int = 1):
+    "`(x [T, K], local ids [T, top_k])` with T = rows / top_k: each token on top_k distinct experts (fixed seed)."
+    E, k = sc["E"], sc["top_k"]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(sc["rows"] // k)]).int().cuda()
+    return torch.randn(ids.shape[0], sc["K"], device="cuda", dtype=dtype), ids
+
 def _peers(a, w, counts):
     "The peer implementations of GEMM1 as zero-argument callables (host-side counts precomputed, not timed)."
     E, M, K = a.shape
@@ -133,7 +140,7 @@ def _peers(a, w, counts):
 # %%
 #| export
 def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=torch.bfloat16,
-                   with_peers: bool = True) -> dict:
+                   with_peers: bool = True, contiguous_config: dict | None = None) -> dict:
     "Time moe-lit's GEMM1 (plain and fused SiLU) and the peers on scenario `sc`; µs and % of the roofline floor."
     import triton.testing
     a, w, counts = _problem(sc, dtype)
@@ -149,14 +156,14 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
     align_us = None
     if "top_k" in sc:                           # the Standard format's kernel on the same rows: T = rows / top_k
         from moe_lit.kernels.contiguous import moe_align_block_size, fused_moe_gemm
-        T, k = sc["rows"] // sc["top_k"], sc["top_k"]
-        g = torch.Generator().manual_seed(1)
-        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int().cuda()
-        x = torch.randn(T, K, device="cuda", dtype=dtype)
-        bm = 64 if exp_m <= 64 else 128
+        x, ids = _contiguous_problem(sc, dtype)
+        T, k = ids.shape
+        c_cfg = contiguous_config or lookup_tile_config("fused_moe_gemm", E, N, K, exp_m, dtype)
+        bm = c_cfg["BLOCK_M"]
         aligned = moe_align_block_size(ids, bm, E)
         c_out = torch.empty(T * k, N, device="cuda", dtype=dtype)
-        impls["moe-lit contiguous fused_moe_gemm"] = lambda: fused_moe_gemm(x, w, *aligned, k, bm, out=c_out)
+        impls["moe-lit contiguous fused_moe_gemm"] = lambda: fused_moe_gemm(x, w, *aligned, k, bm, out=c_out,
+                                                                            config=c_cfg, expected_m=exp_m)
         align_us = triton.testing.do_bench(lambda: moe_align_block_size(ids, bm, E, validate=False),
                                            return_mode="median") * 1e3
     floor = roofline_floor(int((counts > 0).sum()), sc["rows"], K, N, a.element_size(), device["copy_Bps"],
@@ -165,27 +172,42 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
     for name, fn in impls.items():
         t = triton.testing.do_bench(fn, return_mode="median") * 1e-3
         res[name] = dict(us=t * 1e6, pct_floor=100.0 * floor["floor_s"] / t)
-    return dict(scenario=sc, config=cfg, floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res,
-                align_us=align_us)
+    return dict(scenario=sc, config=cfg, contiguous_config=c_cfg if "top_k" in sc else None,
+                floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res, align_us=align_us)
 
 # %% [markdown]
 # ## The fixed cost of alignment at decode
 #
-# The contiguous path pays for `moe_align_block_size` (three small launches) before its GEMMs; at tiny batches that
-# fixed cost can rival the GEMM. `align_cost` times it for `T = 1 … 16` tokens.
+# The contiguous path pays for `moe_align_block_size` (four small launches) before its GEMMs; at tiny batches that
+# fixed cost can rival the GEMMs. `align_cost` times, for `T = 1 … 16` tokens of DeepSeek-V3 on rank 0 of EP8, the two
+# layout builders (`moe_align_block_size` and the one-launch `moe_pair_blocks`) and rank 0's whole
+# `TritonExperts.apply` (both GEMMs and the sum) with each layout.
 
 # %%
 #| export
-def align_cost(num_experts: int = 256, top_k: int = 8, block_m: int = 16, tokens=(1, 2, 4, 8, 16)) -> list[dict]:
-    "Median µs of `moe_align_block_size` for each token count (GPU)."
+def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_size: int = 7168,
+               intermediate_size: int = 2048, tokens=(1, 2, 4, 8, 16)) -> list[dict]:
+    "Median µs per token count of both layouts' builders and of rank 0's whole `TritonExperts.apply` with each (GPU)."
     import triton.testing
-    from moe_lit.kernels.contiguous import moe_align_block_size
+    from moe_lit.kernels.contiguous import moe_align_block_size, moe_pair_blocks, TritonExperts
+    E = num_experts // ep_size                                       # rank 0 holds experts 0 .. E-1
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(E, 2 * intermediate_size, hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
+    w2 = torch.randn(E, hidden_size, intermediate_size, device="cuda", dtype=torch.bfloat16, generator=g)
+    aligned, paired = TritonExperts(), TritonExperts()
+    aligned.pair_blocks_max_pairs, paired.pair_blocks_max_pairs = 0, 1 << 30
+    bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e3
     out = []
     for T in tokens:
         ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(T)]).int().cuda()
-        us = triton.testing.do_bench(lambda: moe_align_block_size(ids, block_m, num_experts, validate=False),
-                                     return_mode="median") * 1e3
-        out.append(dict(num_tokens=T, num_experts=num_experts, top_k=top_k, block_m=block_m, us=us))
+        local = torch.where(ids < E, ids, -1).int()
+        x, wts = torch.randn(T, hidden_size, device="cuda", dtype=torch.bfloat16), torch.rand(T, top_k, device="cuda")
+        out.append(dict(num_tokens=T, num_experts=num_experts, top_k=top_k, local_experts=E, block_m=16,
+                        align_us=bench(lambda: moe_align_block_size(local, 16, E, validate=False)),
+                        pair_blocks_us=bench(lambda: moe_pair_blocks(local, 16, E, validate=False)),
+                        experts_aligned_us=bench(lambda: aligned.apply(x, w13, w2, wts, local)),
+                        experts_pair_blocks_us=bench(lambda: paired.apply(x, w13, w2, wts, local))))
+    del w13, w2
     return out
 
 # %% [markdown]
@@ -198,8 +220,9 @@ def align_cost(num_experts: int = 256, top_k: int = 8, block_m: int = 16, tokens
 
 # %%
 #| export
-def tile_candidates(expected_m: int) -> list[dict]:
-    "Candidate tiles for `expected_m` valid rows per expert (only those that fit in shared memory)."
+def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
+    "Candidate tiles of `kernel` ('batched_moe_gemm' or 'fused_moe_gemm') for `expected_m` rows per expert."
+    check_choice("kernel", kernel, TUNABLE)
     if expected_m <= 64:
         bm0 = max(16, 1 << (max(1, expected_m) - 1).bit_length())
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
@@ -208,46 +231,88 @@ def tile_candidates(expected_m: int) -> list[dict]:
     cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st, TMA=True)
              for bm in (64, 128) for bn in (128, 256) for bk in (64, 128) for nw in (4, 8) for st in (3, 4, 5)
              if not (bm == 128 and bn == 256 and nw == 4)]
-    cands += [dict(c, WARP_SPECIALIZE=True) for c in cands if c["BLOCK_K"] == 64]          # producer/consumer warps
-    cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
+    if kernel == "fused_moe_gemm":   # gathered A rows: pointer loads for A, the weight tile by descriptor or pointers
+        cands = [dict(c, TMA=tma, GROUP_M=gm) for c in cands if c["BLOCK_K"] == 64 and c["num_stages"] < 5
+                 for tma in (True, False) for gm in (0, 8) if not (gm and not tma)]
+    else:
+        cands += [dict(c, WARP_SPECIALIZE=True) for c in cands if c["BLOCK_K"] == 64]      # producer/consumer warps
+        cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
     return [c for c in cands if fit_shared_memory(c, False, 2) == c]
 
-def tune_scenario(sc: dict, dtype=torch.bfloat16) -> tuple[dict, list]:
-    "`(best tile, [(tile, µs)...])` for GEMM1 of scenario `sc` (candidates that fail to compile are skipped)."
-    import triton.testing
+TUNABLE = ("batched_moe_gemm", "fused_moe_gemm")
+
+# %%
+#| test tile_candidates
+for kernel in TUNABLE:
+    for m in (4, 32, 512):
+        cands = tile_candidates(m, kernel)
+        assert cands and all(fit_shared_memory(c, False, 2) == c for c in cands), (kernel, m)
+        assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)          # no duplicates
+assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
+test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")
+
+# %%
+#| export
+def _gemm1_callable(sc: dict, kernel: str, dtype=torch.bfloat16):
+    "`f(cfg)` that runs GEMM1 of scenario `sc` with tile `cfg` on `kernel`'s layout of the same routed rows."
     a, w, counts = _problem(sc, dtype)
-    out = torch.empty(a.shape[0], a.shape[1], w.shape[1], device="cuda", dtype=dtype)
+    if kernel == "batched_moe_gemm":
+        out = torch.empty(a.shape[0], a.shape[1], w.shape[1], device="cuda", dtype=dtype)
+        return lambda cfg: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False)
+    from moe_lit.kernels.contiguous import moe_align_block_size, fused_moe_gemm
+    x, ids = _contiguous_problem(sc, dtype)
+    out = torch.empty(ids.numel(), w.shape[1], device="cuda", dtype=dtype)
+    layouts = {}
+    def run(cfg):
+        bm = cfg["BLOCK_M"]
+        if bm not in layouts: layouts[bm] = moe_align_block_size(ids, bm, sc["E"])
+        return fused_moe_gemm(x, w, *layouts[bm], ids.shape[1], bm, out=out, config=cfg)
+    return run
+
+def tune_scenario(sc: dict, dtype=torch.bfloat16, kernel: str = "batched_moe_gemm") -> tuple[dict, list]:
+    "`(best tile, [(tile, µs)...])` for GEMM1 of scenario `sc` on `kernel` (candidates that fail to compile are skipped)."
+    import triton.testing
+    check_choice("kernel", kernel, TUNABLE)
+    run = _gemm1_callable(sc, kernel, dtype)
     timings = []
-    cands = tile_candidates(max(1, sc["rows"] // sc["E"]))
-    for cfg in progress(cands, f"tiles of {sc['name']}"):
-        try: t = triton.testing.do_bench(lambda: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False),
-                                         warmup=5, rep=30, return_mode="median")
-        except Exception as e: t = float("inf")      # out of shared memory / registers on this GPU
+    for cfg in progress(tile_candidates(max(1, sc["rows"] // sc["E"]), kernel), f"{kernel} tiles of {sc['name']}"):
+        try: t = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception: t = float("inf")           # out of shared memory / registers on this GPU
         timings.append((cfg, t * 1e3))
     return min(timings, key=lambda x: x[1])[0], timings
 
 # %%
 #| export
-def run_bench(out_json: str | Path | None = None, tune: bool = False, config_dir: str | Path | None = None,
-              scenarios: list | None = None, on_scenario=None) -> dict:
+def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -> None:
+    "Write the winning tile into `kernel`'s JSON table, keyed by the scenario's expected rows per expert."
+    p = tile_config_path(kernel, sc["E"], sc["N"], device_name, torch.bfloat16, config_dir)
+    table = json.loads(p.read_text()) if p.exists() else {}
+    table[str(max(1, sc["rows"] // sc["E"]))] = cfg
+    p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
+
+def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
+              scenarios: list | None = None, on_scenario=None, align: bool = True) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
     import os, subprocess
+    tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:]}[
+        check_choice("tune", tune, (False, True, "all", "batched", "contiguous"))]
     device = measure_device()
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):
         if on_scenario: on_scenario(sc["name"])
-        cfg, sweep = (tune_scenario(sc) if tune else (None, []))
-        if tune:
-            p = tile_config_path("batched_moe_gemm", sc["E"], sc["N"], device["device_name"], torch.bfloat16, config_dir)
-            table = json.loads(p.read_text()) if p.exists() else {}
-            table[str(max(1, sc["rows"] // sc["E"]))] = cfg
-            p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
-        results.append(dict(bench_scenario(sc, device, cfg), tuned=bool(tune), sweep_size=len(sweep)))
+        best, sweeps = {}, {}
+        for kernel in tune:
+            best[kernel], sweeps[kernel] = tune_scenario(sc, kernel=kernel)
+            _save_tile(kernel, sc, best[kernel], device["device_name"], config_dir)
+        results.append(dict(bench_scenario(sc, device, best.get("batched_moe_gemm"),
+                                           contiguous_config=best.get("fused_moe_gemm")),
+                            tuned=list(tune), sweeps={k: [(c, t) for c, t in v] for k, v in sweeps.items()}))
     commit = os.environ.get("MOE_LIT_COMMIT", "")
     if not commit:
         try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         except OSError: pass
-    report = dict(device=device, dtype="bf16", date=time.strftime("%Y-%m-%d"), commit=commit, scenarios=results)
+    report = dict(device=device, dtype="bf16", date=time.strftime("%Y-%m-%d"), commit=commit, scenarios=results,
+                  align=align_cost() if align else None)
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
@@ -269,6 +334,14 @@ def format_bench(report: dict) -> str:
             lines.append(f"  {name:<34} {v['us']:10.1f} us  {v['pct_floor']:6.1f}% of floor")
         if r.get("align_us") is not None:
             lines.append(f"  {'(contiguous: moe_align_block_size)':<34} {r['align_us']:10.1f} us  (not in the GEMM time)")
+    if report.get("align"):
+        a0 = report["align"][0]
+        lines.append(f"\nContiguous layouts at decode ({a0['num_experts']} experts, top-{a0['top_k']}, rank 0 of "
+                     f"{a0['num_experts'] // a0['local_experts']}; µs): tokens, align, pair blocks, experts aligned, "
+                     f"experts pair blocks")
+        for a in report["align"]:
+            lines.append(f"  T={a['num_tokens']:<3} {a['align_us']:8.1f} {a['pair_blocks_us']:8.1f} "
+                         f"{a['experts_aligned_us']:10.1f} {a['experts_pair_blocks_us']:10.1f}")
     return "\n".join(lines)
 
 # %%

@@ -21,3 +21,13 @@ def test_roofline_floor():
     f = roofline_floor(32, 1024, 7168, 4096, 2, 4.3e12, 790e12)
     test_eq(f["bound"], "memory"); assert abs(f["floor_s"] - f["bytes"] / 4.3e12) < 1e-15
     test_eq(roofline_floor(32, 16384, 7168, 4096, 2, 4.3e12, 790e12)["bound"], "compute")
+
+
+def test_tile_candidates():
+    for kernel in TUNABLE:
+        for m in (4, 32, 512):
+            cands = tile_candidates(m, kernel)
+            assert cands and all(fit_shared_memory(c, False, 2) == c for c in cands), (kernel, m)
+            assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)          # no duplicates
+    assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
+    test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")

@@ -43,6 +43,61 @@ def test_align_invariants():
     test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8), contains="block_size: expected >= 1")
 
 
+def test_pair_blocks_layout():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(3)]).int()
+    ids[1, 0] = -1
+    s, e, n = moe_pair_blocks(ids.to(DEVICE), 4, 6)
+    test_eq(n.item(), 24)
+    test_eq(s.cpu().view(6, 4)[:, 0].tolist(), list(range(6)))                  # pair p heads block p
+    assert (s.cpu().view(6, 4)[:, 1:] == 6).all()                               # the rest is the sentinel
+    test_eq(e.cpu().tolist(), ids.flatten().tolist())
+    n_local, emap = determine_expert_map(2, 1, 6, "linear")                     # rank 1 owns experts 3..5
+    _, e, _ = moe_pair_blocks(ids.to(DEVICE), 4, 6, emap.to(DEVICE))
+    test_eq(e.cpu().tolist(), [int(emap[i]) if i >= 0 else -1 for i in ids.flatten().tolist()])
+    _, e, n = moe_pair_blocks(torch.empty(0, 2, dtype=torch.int32, device=DEVICE), 16, 4)
+    test_eq((n.item(), e.cpu().tolist()), (0, [-1]))
+    _, e, _ = moe_pair_blocks(torch.tensor([[0, 99]], device=DEVICE), 4, 2, validate=False)
+    test_eq(e.cpu().tolist(), [0, -1])                                          # out-of-range ids: skipped, not indexed
+    test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
+
+
+def test_fused_moe_gemm_paths():
+    g = torch.Generator().manual_seed(4)
+    for H, I in ((64, 64), (48, 40)):                                          # even, then ragged K and N
+        E, T, k = 4, 13, 2
+        x, w = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g) / H**0.5
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+        ids[2, 1] = ids[7, 0] = -1
+        gate, up = torch.einsum("th,enh->ten", x.double(), w.double()).split(I, dim=-1)
+        want = (torch.nn.functional.silu(gate) * up)[torch.arange(T)[:, None], ids.long().clamp(min=0)].reshape(T * k, I)
+        aligned = moe_align_block_size(ids.to(DEVICE), 16, E)
+        for cfg in (dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1), dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=2),
+                    dict(BLOCK_N=32, BLOCK_K=32, TMA=True)):
+            out = torch.full((T * k, I), float("nan"), device=DEVICE)
+            fused_moe_gemm(x.to(DEVICE), w.to(DEVICE), *aligned, k, 16, "silu_and_mul", out=out, config=cfg)
+            out, live = out.cpu(), (ids.flatten() >= 0)
+            assert out[~live].isnan().all(), f"{cfg}: a pair without a local expert was written"
+            assert_close(out[live], want[live], name=f"H={H} I={I} {cfg}")
+
+
+@pytest.mark.gpu
+def test_fused_moe_gemm_int64_offsets():
+    E, I, H, T, k = 8, 128, 7168, 40000, 8                          # 320,000 pairs x 7168 = 2.29e9 outputs
+    g = torch.Generator(device="cuda").manual_seed(5)
+    h = torch.randn(T * k, I, device="cuda", dtype=torch.bfloat16, generator=g)
+    w2 = (torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=g) / I**0.5)
+    ids = torch.randint(0, E, (T, k), device="cuda", dtype=torch.int32, generator=g)
+    wts = torch.rand(T, k, device="cuda", generator=g)
+    aligned = moe_align_block_size(ids, 64, E)
+    out = fused_moe_gemm(h, w2, *aligned, k, 64, None, wts, "output", rows="pair")
+    assert T * k * H > 2**31
+    tail = torch.arange(T * k - 4096, T * k, device="cuda")             # rows whose offsets pass 2^31
+    per_expert = torch.stack([h[tail].double() @ w2[e].double().T for e in range(E)])    # [E, 4096, H]
+    want = per_expert[ids.flatten()[tail].long(), torch.arange(4096, device="cuda")] * wts.flatten()[tail, None].double()
+    assert_close(out[tail], want, name="rows past 2^31")
+
+
 def test_triton_experts_match_reference():
     g = torch.Generator().manual_seed(1)
     E, H, I = 6, 48, 32
@@ -59,6 +114,9 @@ def test_triton_experts_match_reference():
                 got = TritonExperts().apply(*(t.to(DEVICE) for t in (hidden.to(dtype), w13.to(dtype), w2.to(dtype), wts, ids)),
                                             apply_router_weight_on_input=on_in)
                 assert_close(got, want, name=f"T={T} top_k={k} {dtype} on_input={on_in}")
+        aligned = TritonExperts(); aligned.pair_blocks_max_pairs = 0                 # the aligned layout at every size
+        got = aligned.apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)))
+        assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids), name=f"aligned T={T}")
     test_eq(TritonExperts.activation_format, ActivationFormat.Standard)
 
 
