@@ -280,12 +280,16 @@ def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch
 def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
                        device_name: str | None = None, config_dir: str | Path | None = None) -> dict:
     "The tile for `M` expected rows: the table's nearest-M entry (dtype-specific file first), else the heuristic."
-    if device_name is None:
-        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
+    if device_name is None: device_name = _device_name()
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
         if table: return dict(table[min(table, key=lambda m: (abs(m - M), m))])
     return default_tile_config(E, N, K, M, dtype)
+
+@functools.lru_cache(maxsize=None)
+def _device_name() -> str:
+    "The current device's name, asked once (launchers look tables up on every call)."
+    return torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 @functools.lru_cache(maxsize=256)
 def _load_table(path: Path) -> dict | None:

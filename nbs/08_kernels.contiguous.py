@@ -160,8 +160,8 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     max_padded = n + num_experts * (block_size - 1)
     sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=dev)           # sentinel everywhere first
     expert_ids = torch.full((-(-max_padded // block_size),), -1, dtype=torch.int32, device=dev)
-    counts, cursor, offsets = (torch.zeros(num_experts, dtype=torch.int32, device=dev) for _ in range(3))
-    ntpp = torch.zeros(1, dtype=torch.int32, device=dev)
+    work = torch.zeros(3 * num_experts + 1, dtype=torch.int32, device=dev)             # one fill for four buffers
+    counts, cursor, offsets, ntpp = work.split([num_experts, num_experts, num_experts, 1])
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
     if n: _align_count_kernel[(triton.cdiv(n, BLOCK),)](flat, counts, n, num_experts, BLOCK=BLOCK)

@@ -196,17 +196,21 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
     w2 = torch.randn(E, hidden_size, intermediate_size, device="cuda", dtype=torch.bfloat16, generator=g)
     aligned, paired = TritonExperts(), TritonExperts()
     aligned.pair_blocks_max_pairs, paired.pair_blocks_max_pairs = 0, 1 << 30
-    bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e3
+    def bench(f):        # eager (what a Python caller pays, launches included) and replayed as a CUDA graph (GPU only)
+        return (triton.testing.do_bench(f, return_mode="median") * 1e3,
+                triton.testing.do_bench_cudagraph(f, return_mode="median") * 1e3)
     out = []
     for T in tokens:
         ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(T)]).int().cuda()
         local = torch.where(ids < E, ids, -1).int()
         x, wts = torch.randn(T, hidden_size, device="cuda", dtype=torch.bfloat16), torch.rand(T, top_k, device="cuda")
-        out.append(dict(num_tokens=T, num_experts=num_experts, top_k=top_k, local_experts=E, block_m=16,
-                        align_us=bench(lambda: moe_align_block_size(local, 16, E, validate=False)),
-                        pair_blocks_us=bench(lambda: moe_pair_blocks(local, 16, E, validate=False)),
-                        experts_aligned_us=bench(lambda: aligned.apply(x, w13, w2, wts, local)),
-                        experts_pair_blocks_us=bench(lambda: paired.apply(x, w13, w2, wts, local))))
+        row = dict(num_tokens=T, num_experts=num_experts, top_k=top_k, local_experts=E, block_m=16)
+        for name, f in (("align", lambda: moe_align_block_size(local, 16, E, validate=False)),
+                        ("pair_blocks", lambda: moe_pair_blocks(local, 16, E, validate=False)),
+                        ("experts_aligned", lambda: aligned.apply(x, w13, w2, wts, local)),
+                        ("experts_pair_blocks", lambda: paired.apply(x, w13, w2, wts, local))):
+            row[f"{name}_us"], row[f"{name}_graph_us"] = bench(f)
+        out.append(row)
     del w13, w2
     return out
 
@@ -337,11 +341,12 @@ def format_bench(report: dict) -> str:
     if report.get("align"):
         a0 = report["align"][0]
         lines.append(f"\nContiguous layouts at decode ({a0['num_experts']} experts, top-{a0['top_k']}, rank 0 of "
-                     f"{a0['num_experts'] // a0['local_experts']}; µs): tokens, align, pair blocks, experts aligned, "
-                     f"experts pair blocks")
+                     f"{a0['num_experts'] // a0['local_experts']}); µs eager / µs replayed as a CUDA graph:")
+        lines.append(f"  {'T':<5}{'align':>16}{'pair blocks':>16}{'experts, aligned':>20}{'experts, pair blocks':>24}")
         for a in report["align"]:
-            lines.append(f"  T={a['num_tokens']:<3} {a['align_us']:8.1f} {a['pair_blocks_us']:8.1f} "
-                         f"{a['experts_aligned_us']:10.1f} {a['experts_pair_blocks_us']:10.1f}")
+            cell = lambda n: f"{a[n + '_us']:.1f} / {a.get(n + '_graph_us', float('nan')):.1f}"
+            lines.append(f"  {a['num_tokens']:<5}{cell('align'):>16}{cell('pair_blocks'):>16}"
+                         f"{cell('experts_aligned'):>20}{cell('experts_pair_blocks'):>24}")
     return "\n".join(lines)
 
 # %%
