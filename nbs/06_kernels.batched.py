@@ -385,6 +385,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     for name, t in (("a", a), ("w", w), ("out", out)): _check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = dict(config or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
+    cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation == "silu_and_mul", a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
     if not tma: cfg.pop("WARP_SPECIALIZE", None)

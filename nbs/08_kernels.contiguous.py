@@ -461,6 +461,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if expected_m is None: expected_m = max(1, num_pairs // E)
     check_int("expected_m", expected_m, lo=1)
     cfg = dict(config or lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, a.dtype))
+    cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
     cfg["BLOCK_M"] = block_m
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation is not None, a.element_size())
     cfg.pop("WARP_SPECIALIZE", None)
@@ -636,14 +637,26 @@ for T in (128, 2048):
     assert_close(TritonExperts().apply(hidden, w13, w2, wts, local), want, name=f"T={T}")
 
 # %% [markdown]
-# ## Interpretation (first measurements, work in progress)
+# ## Measured on an H200
 #
-# One H200 run at commit 7665e29 (`nbs/bench/batched_and_contiguous_h200_7665e29.*`, bf16, 2026-11-29) timed this
-# GEMM1 on the benchmark's rows with `T = rows / top_k` and heuristic tiles (no tuned table yet): 88.9% of the floor
-# on DeepSeek-V3 EP8 decode, 70.0% on its prefill, 84.0% on Qwen3-30B-A3B, 88.9% on Mixtral and 87.3% on gpt-oss-120b
-# — below the batched kernel on the same rows (98, 86, 97, 101, 104%) and below the bar this path is held to (90% at
-# decode, 80% at prefill). The gather of token rows through `sorted_token_ids` and untuned tiles are the first
-# suspects. The same run measured `moe_align_block_size` at 164–216 µs on the benchmark rows and ≈ 310 µs at
-# `T = 1…16` (E = 256): that version filled `expert_ids` in one serial program and validated the ids with a host
-# sync inside the timed call. Both are fixed since (one program per expert; validation optional and off in
-# `TritonExperts`); the new cost has not been measured on the GPU yet.
+# `moe-lit bench` at commit dba5a43 (`nbs/bench/batched_and_contiguous_h200_dba5a43.*`, bf16, tuned tiles from
+# `moe-lit bench --tune contiguous`) times this GEMM1 on the benchmark's routed rows with `T = rows / top_k`:
+#
+# | scenario | contiguous, % of floor | batched, % of floor | alignment (eager) |
+# |---|---|---|---|
+# | DeepSeek-V3 EP8 decode | 99.5 | 100.7 | 69 µs |
+# | DeepSeek-V3 EP8 prefill | 90.0 | 87.1 | 78 µs |
+# | Qwen3-30B-A3B decode | 99.6 | 99.2 | 67 µs |
+# | Mixtral-8x7B decode | 101.4 | 103.6 | 127 µs |
+# | gpt-oss-120b decode | 105.6 | 106.5 | 66 µs |
+#
+# The first, untuned run (commit 7665e29) measured 88.9, 70.0, 84.0, 88.9 and 87.3%: a 64-row block for 4 rows per
+# expert, masked loads on even shapes, and pointer loads for the prefill weight tile. The tuned tiles use 16-row
+# blocks where experts get 4 rows, unmasked loads when K and N divide, and at prefill a 128×256×64 tile, 8 warps,
+# with the weight tile through a tensor descriptor (the token rows stay gathered pointer loads: Hopper's TMA cannot
+# gather rows). Prefill moves by ±4 points between runs (79.0% in the tuning run, 90.8% in its sweep).
+#
+# Alignment is a fixed cost outside the GEMM: 8.8 µs of GPU time at T = 1…16 (replayed as a CUDA graph), but
+# 70–200 µs for an eager Python caller, where its four launches are host-bound. The pair-block layout costs 1.1 µs
+# of GPU time and one launch; `14_bench` shows the whole experts stage with each layout and why the switch is at 32
+# pairs.

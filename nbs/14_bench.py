@@ -373,9 +373,10 @@ def plot_bench(report: dict):
 # %% [markdown]
 # ## Results on an H200
 #
-# The committed results (`nbs/bench/batched_gemm_h200_c950aab.json`, with its log) come from one run of
-# `moe-lit bench` at commit c950aab on an NVIDIA H200, bf16, 2026-11-29, using the tuned tiles shipped in the
-# package's `configs/` (found by `moe-lit bench --tune`; the prefill sweep is in `nbs/bench/tune_sweep_prefill_*.json`).
+# The committed results (`nbs/bench/batched_and_contiguous_h200_dba5a43.json`, with its log) come from one run of
+# `moe-lit bench` at commit dba5a43 on an NVIDIA H200, bf16, 2026-11-29, using the tuned tiles shipped in the
+# package's `configs/` for both kernels (found by `moe-lit bench --tune`; the contiguous kernel's sweep is in
+# `nbs/bench/batched_and_contiguous_h200_f606edd.json`, the batched prefill sweep in `tune_sweep_prefill_*.json`).
 
 # %%
 #| export
@@ -400,19 +401,28 @@ def load_bench_results(*paths) -> dict:
     return merged
 
 # %%
-h200 = load_bench_results("bench/batched_gemm_h200_c950aab.json")
+h200 = load_bench_results("bench/batched_and_contiguous_h200_dba5a43.json")
 print(format_bench(h200))
 
 # %%
 plot_bench(h200)
 
 # %% [markdown]
-# **Interpretation.** Every decode row runs at 97–104% of the floor (DeepSeek-V3 97.8%, Qwen3 96.7%, Mixtral 100.9%,
-# gpt-oss 103.7%): the weights of the experts that have tokens are read once at the card's copy bandwidth, empty
-# experts cost nothing, and the fused SiLU-and-mul epilogue costs 0–4%. The padded `torch.bmm` pays for its padding
-# rows (86–94%), `torch._grouped_mm` stays near 70%, and the per-expert loop collapses when there are many small
-# experts (6.7% on Qwen3: launch-bound). At prefill, which is compute-bound, the tensor-descriptor kernel reaches
-# 81.9% of the floor (the floor uses cuBLAS's 8192³ rate measured in the same run, 694 TFLOP/s), ahead of
-# `torch._grouped_mm` (78.5%) and `torch.bmm` (47.7%), behind the per-expert cuBLAS loop (89.4%), whose tiles need no
-# padding for the ragged counts. Across three runs the prefill row measured 79.5–81.9% (the first with an earlier
-# tile). Closing the prefill gap — a persistent, expert-aware schedule — is open work.
+# **Interpretation.** Both formats' kernels run every decode row at 98–107% of the floor (batched: DeepSeek-V3
+# 100.7%, Qwen3 99.2%, Mixtral 103.6%, gpt-oss 106.5%; contiguous: 99.5%, 99.6%, 101.4%, 105.6%): the weights of the
+# experts that have tokens are read once at the card's copy bandwidth, empty experts cost nothing, and the fused
+# SiLU-and-mul epilogue costs 1–4%. (Above 100% means the kernel read faster than the copy that defines the floor —
+# a copy also writes.) The padded `torch.bmm` pays for its padding rows (89–98%), `torch._grouped_mm` stays near
+# 70%, and the per-expert loop collapses when there are many small experts (7% on Qwen3: launch-bound). At prefill,
+# compute-bound, the contiguous kernel reaches 90.0% of the floor (the floor uses cuBLAS's 8192³ rate measured in the
+# same run, 694 TFLOP/s) with its weight tile read through a tensor descriptor; the batched kernel 87.1%, cuBLAS's
+# per-expert loop 89.3%, `torch._grouped_mm` 79.0%. Prefill rows move by ±4 points between runs (clocks under a
+# sustained compute load): the contiguous prefill measured 79.0% in the tuning run at f606edd and 90.8% in its sweep.
+#
+# The decode table at the end separates what a Python caller pays (eager, launches included) from what the GPU does
+# (the same calls replayed as a CUDA graph). On the GPU `moe_align_block_size` costs 8.8 µs and the one-launch
+# pair-block layout 1.1 µs at every T = 1…16; eager, the alignment's four launches cost 70–200 µs of host time
+# against 4–38 µs — launch overhead dominates unless the step is captured in a graph, as serving engines do. For the
+# whole experts stage of rank 0 (graph replay), pair blocks win at T = 1, 2, 4 (72 vs 85, 88 vs 100, 94 vs 100 µs)
+# and lose from T = 8 on (289 vs 281, 546 vs 476 µs), when pairs start to share experts and a shared expert's
+# weights are read once per pair: `TritonExperts` switches at 32 pairs (T = 4 at top-8).

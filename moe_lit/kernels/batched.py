@@ -229,7 +229,7 @@ def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
     while need(cfg) > SMEM_BUDGET and cfg["BLOCK_K"] > 32: cfg["BLOCK_K"] //= 2
     return cfg
 
-# %% ../../nbs/06_kernels.batched.ipynb #cf6a9fee381e
+# %% ../../nbs/06_kernels.batched.ipynb #30c1a040259e
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows for SiLU)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -247,6 +247,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     for name, t in (("a", a), ("w", w), ("out", out)): _check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = dict(config or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
+    cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation == "silu_and_mul", a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
     if not tma: cfg.pop("WARP_SPECIALIZE", None)

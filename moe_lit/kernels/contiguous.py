@@ -272,7 +272,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, SILU: tl.const
             if SILU: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #e7db55818e1f
+# %% ../../nbs/08_kernels.contiguous.ipynb #4745082163b8
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows for SiLU
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -307,6 +307,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if expected_m is None: expected_m = max(1, num_pairs // E)
     check_int("expected_m", expected_m, lo=1)
     cfg = dict(config or lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, a.dtype))
+    cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
     cfg["BLOCK_M"] = block_m
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation is not None, a.element_size())
     cfg.pop("WARP_SPECIALIZE", None)
