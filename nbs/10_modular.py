@@ -197,10 +197,25 @@ class TritonBatchedExperts(TorchBatchedExperts):
         from moe_lit.kernels.batched import BatchedTritonExperts
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m)
 
+class TritonQuantStandardExperts(TorchStandardExperts):
+    "Standard-format experts on quantized weights (`09a_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
+    def apply(self, prepared, w13, w2=None):
+        from moe_lit.kernels.quant import TritonQuantExperts
+        return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
+                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m)
+
+class TritonQuantBatchedExperts(TorchBatchedExperts):
+    "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
+    def apply(self, prepared, w13, w2=None):
+        from moe_lit.kernels.quant import BatchedTritonQuantExperts
+        return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m)
+
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,
            ("triton", ActivationFormat.Standard): TritonStandardExperts,
-           ("triton", ActivationFormat.BatchedExperts): TritonBatchedExperts}
+           ("triton", ActivationFormat.BatchedExperts): TritonBatchedExperts,
+           ("triton_quant", ActivationFormat.Standard): TritonQuantStandardExperts,
+           ("triton_quant", ActivationFormat.BatchedExperts): TritonQuantBatchedExperts}
 
 # %% [markdown]
 # ## Shared experts
@@ -276,7 +291,7 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
 
 def make_experts(prepare_finalize, implementation: str = "torch"):
     "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."
-    check_choice("implementation", implementation, ("torch", "triton"))
+    check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))
     return EXPERTS[(implementation, prepare_finalize.activation_format)]()
 
 # %% [markdown]

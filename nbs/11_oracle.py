@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from moe_lit.terms import check_choice, check_bool
 from moe_lit.config import ActivationFormat, MoEConfig, get_backend
+from moe_lit.kernels.quant import QUANT_SCHEMES as _KERNEL_SCHEMES
 
 # %%
 #| hide
@@ -59,7 +60,7 @@ class DeviceCaps:
 DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
 
-QUANT_SCHEMES = ("unquantized", "fp8_w8a8_block", "fp8_w8a8_tensor", "mxfp4_w4a16", "nvfp4_w4a16")
+QUANT_SCHEMES = ("unquantized", *_KERNEL_SCHEMES)     # the schemes of `09a_kernels.quant`
 
 def detect_device() -> DeviceCaps:
     "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."
@@ -74,15 +75,12 @@ def detect_device() -> DeviceCaps:
 # ## Candidates
 #
 # Each candidate declares the activation format it consumes, the quant schemes it runs, and a predicate over the
-# device that returns `(ok, reason)`. moe-lit's own Triton kernels run unquantized weights today; quantized weights run
-# as a **declared emulation** (dequantize the weights to the activation dtype, then the unquantized experts of the
-# same format) until the FP8/FP4 kernels land. Library backends that moe-lit cannot run are listed so their rejection
-# is visible.
-#
-# > **Status.** The quantized formats exist (`09_quant`) but the layer does not load quantized weights yet: for an
-# > emulated scheme, `make_moe_kernel` returns the unquantized experts of the chosen format, and the caller passes
-# > the dequantized weights (`dequantize_fp8`, `dequantize_mxfp4`, `dequantize_nvfp4`). The FP8 w8a8 and FP4 w4a16
-# > Triton kernels that will replace the emulation are the open part of this chapter.
+# device that returns `(ok, reason)`. moe-lit's Triton kernels run unquantized weights (`06`, `08`), FP8 w8a8 on the
+# hardware FP8 path of Ada/Hopper and later (`09a`), and FP4 weights with 16-bit activations by dequantizing in the
+# K loop (`09a`) — an **emulation** on Hopper, which has no FP4 tensor cores, and said so in the reason. Where none of
+# those fits (FP8 on an A100), the **dequant** candidates dequantize the weights once and run the unquantized experts
+# of the same format; on a CPU the torch references do the same. Library backends that moe-lit cannot run are listed
+# so their rejection is visible.
 
 # %%
 #| export
@@ -92,11 +90,12 @@ class ExpertsBackend:
     name: str
     activation_format: ActivationFormat
     quant_schemes: tuple
-    implementation: str                       # 'triton' or 'torch' (moe_lit.modular.make_experts), or 'external'
-    emulated: bool = False                    # quantized weights are dequantized first
+    implementation: str                       # 'triton', 'triton_quant', 'torch' (moe_lit.modular.make_experts), or 'external'
+    emulated: bool = False                    # quantized weights are dequantized (once, or in the K loop)
     needs_gpu: bool = False
     min_capability: tuple | None = None
     library: str | None = None
+    note: str = ""                            # how it runs a quantized scheme (appended to an accepting reason)
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
         "Device and library predicates: `(ok, reason)`."
@@ -113,15 +112,26 @@ class ExpertsBackend:
 _S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
 _ALL = QUANT_SCHEMES
 _Q = QUANT_SCHEMES[1:]
+_FP8 = tuple(q for q in _Q if q.startswith("fp8"))
+_FP4 = tuple(q for q in _Q if q.endswith("w4a16"))
+_DEQUANT = "weights dequantized to the activation dtype once, then the unquantized experts (an emulation)"
+_HW_FP8 = "hardware FP8: e4m3 x e4m3 tensor-core dots, fp32 accumulation, scales applied in fp32"
+_W4A16 = "FP4 codes dequantized to bf16/fp16 inside the K loop (an emulation: no FP4 tensor cores before Blackwell)"
 CANDIDATES = (   # one priority list; per scheme the oracle scans it in this order
     ExpertsBackend("flashinfer_cutlass_fp4", _S, ("nvfp4_w4a16",), "external", min_capability=(10, 0), library="flashinfer"),
     ExpertsBackend("deep_gemm_fp8", _S, ("fp8_w8a8_block",), "external", min_capability=(9, 0), library="deep_gemm"),
     ExpertsBackend("triton_contiguous", _S, ("unquantized",), "triton", needs_gpu=True),
     ExpertsBackend("triton_batched", _B, ("unquantized",), "triton", needs_gpu=True),
-    ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True),
-    ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True),
-    ExpertsBackend("torch_standard", _S, _ALL, "torch"),
-    ExpertsBackend("torch_batched", _B, _ALL, "torch"),
+    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
+    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
+    ExpertsBackend("triton_contiguous_w4a16", _S, _FP4, "triton_quant", emulated=True, needs_gpu=True,
+                   min_capability=(8, 0), note=_W4A16),
+    ExpertsBackend("triton_batched_w4a16", _B, _FP4, "triton_quant", emulated=True, needs_gpu=True,
+                   min_capability=(8, 0), note=_W4A16),
+    ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
+    ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
+    ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT),
+    ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT),
 )
 
 # %% [markdown]
@@ -163,8 +173,10 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
         if c.activation_format is not activation_format:
             ok, why = False, f"consumes {c.activation_format.value}, the prepare/finalize produces {activation_format.value}"
         elif quant_scheme not in c.quant_schemes: ok, why = False, f"does not run {quant_scheme}"
+        elif c.implementation == "triton_quant" and moe_config.dtype not in (torch.bfloat16, torch.float16):
+            ok, why = False, f"needs bf16/fp16 activations, the layer's dtype is {str(moe_config.dtype)[6:]}"
         else: ok, why = c.check(device)
-        if ok and quant_scheme != "unquantized": why += "; weights dequantized to the activation dtype first (an emulation)"
+        if ok and quant_scheme != "unquantized": why += f"; {c.note}"
         if ok and override is not None and c.name != override: ok, why = False, f"not the override '{override}'"
         if ok and chosen is not None: why = f"fits, but '{chosen.name}' comes first"
         trace.append((c.name, ok, why))
@@ -185,11 +197,10 @@ def select_unquantized_moe_backend(moe_config, activation_format, device, overri
     "`select_experts_backend` for unquantized weights."
     return select_experts_backend(moe_config, "unquantized", activation_format, device, override)
 
-def select_fp8_moe_backend(moe_config, activation_format, device, override=None, block: bool = True) -> Decision:
-    "`select_experts_backend` for FP8 w8a8 (128×128 block scales, or per-tensor)."
-    check_bool("block", block)
-    return select_experts_backend(moe_config, "fp8_w8a8_block" if block else "fp8_w8a8_tensor", activation_format,
-                                  device, override)
+def select_fp8_moe_backend(moe_config, activation_format, device, override=None, granularity: str = "block") -> Decision:
+    "`select_experts_backend` for FP8 w8a8 with weight scales per 'tensor', 'channel' or 128×128 'block'."
+    check_choice("granularity", granularity, ("tensor", "channel", "block"))
+    return select_experts_backend(moe_config, f"fp8_w8a8_{granularity}", activation_format, device, override)
 
 def select_mxfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
     "`select_experts_backend` for MXFP4 weights with 16-bit activations."
@@ -241,10 +252,30 @@ fmt = make_prepare_finalize(cfg, 64).activation_format
 test_eq(fmt, ActivationFormat.BatchedExperts)
 for select in (select_nvfp4_moe_backend, select_mxfp4_moe_backend):
     d = select(cfg, fmt, DEVICES["h200"])
-    test_eq((d.chosen.name, d.chosen.activation_format), ("triton_batched_dequant", ActivationFormat.BatchedExperts))
+    test_eq((d.chosen.name, d.chosen.activation_format), ("triton_batched_w4a16", ActivationFormat.BatchedExperts))
     reasons = dict((n, r) for n, _, r in d.trace)
-    assert "consumes standard, the prepare/finalize produces batched_experts" in reasons["triton_contiguous_dequant"]
-    assert "an emulation" in dict((n, r) for n, ok, r in d.trace if ok)["triton_batched_dequant"]
+    for standard in ("triton_contiguous_w4a16", "triton_contiguous_dequant", "torch_standard"):
+        assert "consumes standard, the prepare/finalize produces batched_experts" in reasons[standard]
+    assert "an emulation" in dict((n, r) for n, ok, r in d.trace if ok)["triton_batched_w4a16"]
+
+# %% [markdown]
+# FP8 takes the hardware path where the device has FP8 tensor cores (compute capability 8.9 and up) and falls back
+# to the declared dequant emulation where it has not (an A100); FP4 on a B200 without FlashInfer stays on the K-loop
+# emulation, and says why the library backend was passed over.
+
+# %%
+#| test oracle_fp8_and_fp4_by_device
+cfg = MoEConfig(16, 2, 2048, 64)
+S = ActivationFormat.Standard
+for scheme in ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block"):
+    d = select_experts_backend(cfg, scheme, S, DEVICES["h200"])
+    test_eq(d.chosen.name, "triton_contiguous_fp8"); assert "hardware FP8" in dict((n, r) for n, _, r in d.trace)[d.chosen.name]
+    d = select_experts_backend(cfg, scheme, S, DEVICES["a100"])
+    test_eq(d.chosen.name, "triton_contiguous_dequant")
+    assert "needs compute capability >= (8, 9)" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_fp8"]
+d = select_nvfp4_moe_backend(cfg, S, DEVICES["b200"])
+test_eq(d.chosen.name, "triton_contiguous_w4a16")
+assert "needs the 'flashinfer' library" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
 
 # %%
 #| test oracle_override_and_bad_input
@@ -261,10 +292,44 @@ test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], 
 test_fail(lambda: DeviceCaps("h100", "9.0"), contains="capability: expected None or a pair of ints")
 test_fail(lambda: DeviceCaps("cpu", (9, 0)), contains="capability: expected None exactly for kind 'cpu'")
 test_fail(lambda: DeviceCaps("h100", (9, 0), "flashinfer_x"), contains="libraries: expected a frozenset")
-test_fail(lambda: select_fp8_moe_backend(cfg, S, DEVICES["cpu"], block="no"), contains="block: expected a bool")
+test_fail(lambda: select_fp8_moe_backend(cfg, S, DEVICES["cpu"], granularity="row"), contains="granularity: expected one of")
 d = select_experts_backend(cfg, "nvfp4_w4a16", S, DeviceCaps("b200", (10, 0), frozenset({"flashinfer"})))
 assert "no adapter" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
 
 # %%
 select_experts_backend(MoEConfig(128, 4, 3072, 2880, parallel=ParallelConfig.make(1, 8, enable_expert_parallel=True, all2all_backend="nixl_ep")),
                        "nvfp4_w4a16", ActivationFormat.BatchedExperts, DEVICES["h200"])
+
+# %% [markdown]
+# ## The whole decision table
+#
+# Every format × device × scheme at once: each cell is the backend chosen, coloured by how it runs (Triton kernel on
+# the quantized codes, Triton on dequantized weights, torch reference). The batched rows — DeepEP low-latency and NIXL
+# EP — never show a Standard-format backend, whatever the scheme or device.
+
+# %%
+#| export
+def plot_decisions(moe_config: MoEConfig | None = None, devices=("cpu", "a100", "h200", "b200")):
+    "Table figure: the chosen backend per (activation format, device) row and quant-scheme column. Returns the Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cfg = moe_config or MoEConfig(128, 4, 3072, 2880)
+    rows, cells, colours = [], [], []
+    shade = {"triton": "#cfe8cf", "triton_quant": "#9fd49f", "torch": "#e8e0cf"}
+    for fmt in ActivationFormat:
+        for dev in devices:
+            rows.append(f"{fmt.value} / {dev}")
+            ds = [select_experts_backend(cfg, q, fmt, DEVICES[dev]).chosen for q in QUANT_SCHEMES]
+            cells.append([c.name for c in ds])
+            colours.append([("#f4d6c6" if c.emulated and c.implementation == "triton" else shade[c.implementation]) for c in ds])
+    fig, ax = plt.subplots(figsize=(13, 0.42 * len(rows) + 0.9))
+    ax.axis("off")
+    t = ax.table(cellText=cells, cellColours=colours, rowLabels=rows, colLabels=list(QUANT_SCHEMES), loc="center")
+    t.auto_set_font_size(False); t.set_fontsize(7.5); t.scale(1, 1.3)
+    ax.set_title("chosen experts backend (green: Triton on the codes or unquantized; orange: Triton on weights "
+                 "dequantized once; beige: torch reference)", fontsize=8)
+    fig.tight_layout(); plt.close(fig)
+    return fig
+
+# %%
+plot_decisions()

@@ -18,6 +18,7 @@ from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
 from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype, _FLOATS
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
+from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
 
 # %%
 #| hide
@@ -137,17 +138,26 @@ def check_device(device) -> torch.device:
 
 # %%
 #| export
-def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device) -> tuple[str, str]:
-    "`(implementation, reason)`: 'triton' or 'torch' for the requested `experts` ('auto', 'triton' or 'torch')."
-    check_choice("experts", experts, ("auto", "triton", "torch"))
-    fmt = activation_format.value
+def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
+                    quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
+                   ) -> tuple[str, str]:
+    "`(implementation, reason)`: 'triton', 'triton_quant' or 'torch' for the requested `experts` ('auto', 'triton', 'torch')."
+    check_choice("experts", experts, ("auto", "triton", "torch")); check_choice("quant", quant, QUANT_SCHEMES)
+    fmt, q = activation_format.value, quant != "unquantized"
+    if backend is not None or (experts == "auto" and device.type == "cuda" and config is not None):
+        if config is None: raise ValueError("config: expected the MoEConfig when a backend is forced, got None")
+        d = select_experts_backend(config, quant, activation_format, detect_device() if device.type == "cuda"
+                                   else DEVICES["cpu"], backend)                      # the oracle decides
+        return d.chosen.implementation, f"oracle: {d.chosen.name} — {dict((n, r) for n, _, r in d.trace)[d.chosen.name]}"
     kernels = ("Triton dispatch, batched GEMMs and combine" if activation_format is ActivationFormat.BatchedExperts
-               else "Triton alignment, fused-MoE GEMMs and slot sum")
-    if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract"
-    if experts == "triton": return "triton", f"requested: {kernels}" + ("" if device.type == "cuda" else
-                                                                        " (CPU: in the Triton interpreter)")
-    if device.type == "cuda": return "triton", f"format {fmt} on a GPU: {kernels}"
-    return "torch", f"format {fmt} on the CPU: the torch reference; --experts triton runs the kernels in the interpreter"
+               else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
+    deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
+    if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
+    impl = "triton_quant" if q else "triton"
+    if experts == "triton": return impl, f"requested: {kernels}" + ("" if device.type == "cuda" else
+                                                                    " (CPU: in the Triton interpreter)")
+    if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
+    return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton runs the kernels in the interpreter"
 
 # %%
 #| test resolve_experts
@@ -157,6 +167,14 @@ test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
 test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
 test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
 test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+test_eq(resolve_experts("triton", S, torch.device("cpu"), "fp8_w8a8_block")[0], "triton_quant")
+impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
+assert impl == "torch" and "dequantized once (an emulation)" in why
+impl, why = resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32), backend="torch_standard")
+assert impl == "torch" and why.startswith("oracle: torch_standard")
+test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
+                                  backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
+test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
 test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
 test_fail(lambda: check_device(None), contains="device: expected")
 
@@ -165,11 +183,14 @@ test_fail(lambda: check_device(None), contains="device: expected")
 class FusedMoE(torch.nn.Module):
     "One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel."
     def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
-                 seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu"):
+                 seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu", quant: str = "unquantized",
+                 backend: str | None = None):
         super().__init__()
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
         device = check_device(device)
-        self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device)
+        self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
+                                                            backend)
+        self.quant = quant
         if config.num_redundant_experts:
             raise ValueError(f"num_redundant_experts: expected 0 (EPLB replicas are not run by the layer yet), "
                              f"got {config.num_redundant_experts}")
@@ -188,8 +209,13 @@ class FusedMoE(torch.nn.Module):
         w13, w2 = weights.experts(self.placement.local_to_global.tolist())
         pad = config.padded_hidden_size - config.hidden_size          # the backend's wire size (zero columns)
         if pad: w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
-        self.w13 = torch.nn.Parameter(w13.to(device), requires_grad=False)   # [E_local, 2·I, H_padded]
-        self.w2 = torch.nn.Parameter(w2.to(device), requires_grad=False)     # [E_local, H_padded, I]
+        w13, w2, self.qweights = w13.to(device), w2.to(device), None
+        if quant != "unquantized":      # quantize at load; the float weights kept are the dequantized ones
+            from moe_lit.kernels.quant import quantize_expert_weights
+            self.qweights = quantize_expert_weights(w13, w2, quant)
+            w13, w2 = (t.to(config.dtype) for t in self.qweights.dequantize())
+        self.w13 = torch.nn.Parameter(w13, requires_grad=False)   # [E_local, 2·I, H_padded]
+        self.w2 = torch.nn.Parameter(w2, requires_grad=False)     # [E_local, H_padded, I]
         shared = weights.shared()
         self.shared_experts = None if shared is None else SharedExperts(*(t.to(device) for t in shared))
 
@@ -222,9 +248,10 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: 
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     wts, ids = self.route(hidden) if topk is None else topk
-    pf = make_prepare_finalize(self.config, len(hidden), use_triton=self.experts == "triton")
+    pf = make_prepare_finalize(self.config, len(hidden), use_triton=self.experts != "torch")
     mk = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
-    return mk(hidden, self.w13, self.w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
+    w13, w2 = (self.qweights, None) if self.experts == "triton_quant" else (self.w13, self.w2)
+    return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
               add_shared=add_shared)
 
 FusedMoE.forward = _forward
@@ -241,6 +268,34 @@ want = moe_reference_standard(x.double(), layer.w13.double(), layer.w2.double(),
 assert_close(layer(x), want)
 test_fail(lambda: layer(x.bfloat16()), contains="hidden: expected dtype torch.float32")
 test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*, 32]")
+
+# %% [markdown]
+# **Quantized weights.** With `quant`, the layer quantizes its experts at load (`09a_kernels.quant`) and keeps the
+# dequantized weights beside the codes: the quantized experts read the codes, the torch references (and the dequant
+# emulations) read the dequantized weights, so a check against the reference measures the kernels, and the
+# activation quantization of w8a8 — never the weight rounding, which both sides share.
+
+# %%
+#| test fused_moe_quantized
+torch.manual_seed(3)
+x = torch.randn(6, 64).bfloat16()
+for fmt_backend in ("none", "nixl_ep"):
+    par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=fmt_backend)
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=64, parallel=par)
+    for quant, experts in (("fp8_w8a8_block", "triton"), ("mxfp4_w4a16", "triton"), ("nvfp4_w4a16", "torch"),
+                           ("fp8_w8a8_channel", "torch")):
+        layer = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE)
+        test_eq(layer.experts, {"triton": "triton_quant", "torch": "torch"}[experts])
+        topk = layer.route(x.to(DEVICE))
+        local = layer.placement.local_slot(topk[1])
+        w13, w2 = layer.w13[:, :, :64].double().cpu(), layer.w2[:, :64].double().cpu()   # NIXL EP pads H to 2048
+        want = moe_reference_standard(x.double(), w13, w2, topk[0].cpu(), local.cpu())
+        got = layer(x.to(DEVICE), topk)
+        rtol = 0.1 if quant.startswith("fp8") and experts == "triton" else None   # w8a8 also rounds activations
+        assert_close(got.cpu(), want, rtol=rtol, name=f"{fmt_backend} {quant} {experts}")
+        cos = torch.nn.functional.cosine_similarity(got.double().cpu().flatten(), want.flatten(), dim=0)
+        assert cos > 0.995, (quant, cos)
+test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
 
 # %% [markdown]
 # ## Emulated expert parallelism
@@ -274,6 +329,7 @@ class EPRun:
     experts: tuple = ("torch", "")    # (implementation, reason) of rank 0's experts
     rank_seconds: list = field(default_factory=list)   # forward time of each rank (s)
     weight_seconds: float = 0.0       # time spent generating weights (s)
+    quant: str = "unquantized"        # the experts' weights (references use the dequantized weights)
 
 # %%
 #| export
@@ -292,7 +348,8 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
 # %%
 #| export
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
-                    tp_size: int = 1, on_rank=None, experts: str = "auto") -> EPRun:
+                    tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
+                    backend: str | None = None) -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
@@ -305,7 +362,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     for r in progress(range(ep), "EP ranks"):
         t0 = time.perf_counter()
         layer = FusedMoE(rank_config(config, r, tp_size), weights, placement, experts=experts,
-                         device=hidden.device)                                    # holds rank r's weights only
+                         device=hidden.device, quant=quant, backend=backend)     # holds rank r's weights only
         t1 = time.perf_counter(); weight_s += t1 - t0
         topk = layer.route(hidden) if topk is None else topk
         out += layer(hidden, topk, add_shared=r == 0).to(acc)           # shared experts once, not once per rank
@@ -324,7 +381,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         if on_rank is not None: on_rank(r, layer)
         del layer
     return EPRun(rank_config(config, 0, tp_size), placements, topk[0], topk[1], out.to(config.dtype),
-                 single.to(config.dtype), ref, impl, rank_s, weight_s)
+                 single.to(config.dtype), ref, impl, rank_s, weight_s, quant)
 
 # %% [markdown]
 # The emulated ranks sum to the single-device result for every backend of the descriptor table and both placements,
