@@ -261,15 +261,36 @@ class ModularKernel:
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
 
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
-                add_shared: bool = True) -> torch.Tensor:
+                add_shared: bool = True, timings: dict | None = None) -> torch.Tensor:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
         check_bool("add_shared", add_shared)
+        clock = _Clock(timings, hidden.device)         # seconds of each stage, synchronized, when `timings` is a dict
         prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
-        out = self.prepare_finalize.finalize(self.experts.apply(prepared, w13, w2), prepared)
+        clock("prepare_s")
+        expert_out = self.experts.apply(prepared, w13, w2)
+        clock("experts_s")
+        out = self.prepare_finalize.finalize(expert_out, prepared)
+        clock("finalize_s")
         if add_shared and self.shared_experts is not None: out = out + self.shared_experts(hidden)
         return out
 
     __call__ = forward
+
+# %%
+#| export
+class _Clock:
+    "Records the seconds since the last call under a name in `timings` (after a device sync); a no-op when None."
+    def __init__(self, timings, device):
+        if timings is not None and not isinstance(timings, dict): raise ValueError(f"timings: expected a dict or None, got {type(timings).__name__}")
+        self.timings, self.cuda = timings, torch.device(device).type == "cuda"
+        self.t = self._now() if timings is not None else 0.0
+    def _now(self):
+        import time
+        if self.cuda: torch.cuda.synchronize()
+        return time.perf_counter()
+    def __call__(self, name: str):
+        if self.timings is None: return
+        t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
 # %% [markdown]
 # ## Building the parts from the descriptor
@@ -382,3 +403,20 @@ out = ModularKernel(pf, TorchBatchedExperts())(hidden, torch.nn.functional.pad(w
                                                torch.nn.functional.pad(w2, (0, 0, 0, pad)), wts, ids, p)
 test_eq(out.shape, (T, H))
 assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, p.local_slot(ids)))
+
+# %% [markdown]
+# Each stage can be timed (the distributed runs report dispatch, experts and combine per rank): pass a dict as
+# `timings`; the stages synchronize the device before each reading, so only ask for it when measuring.
+
+# %%
+#| test modular_stage_timings
+cfg = MoEConfig(8, 2, 16, 8, dtype=torch.float32)
+pf = make_prepare_finalize(cfg, 4)
+mk = ModularKernel(pf, make_experts(pf))
+g = torch.Generator().manual_seed(0)
+hidden, w13, w2 = torch.randn(4, 16, generator=g), torch.randn(8, 16, 16, generator=g), torch.randn(8, 16, 8, generator=g)
+ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(4)]).int()
+t = {}
+out = mk(hidden, w13, w2, torch.rand(4, 2, generator=g), ids, Placement.build(cfg), timings=t)
+test_eq(set(t), {"prepare_s", "experts_s", "finalize_s"}); assert all(v >= 0 for v in t.values())
+test_fail(lambda: mk(hidden, w13, w2, torch.rand(4, 2), ids, Placement.build(cfg), timings=[]), contains="timings: expected a dict")
