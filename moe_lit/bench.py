@@ -11,8 +11,9 @@ from .terms import check_int, check_choice, progress
 from .kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
 
 # %% auto #0
-__all__ = ['SCENARIOS', 'TUNABLE', 'routed_counts', 'roofline_floor', 'measure_device', 'bench_scenario', 'align_cost',
-           'tile_candidates', 'tune_scenario', 'run_bench', 'format_bench', 'plot_bench', 'load_bench_results']
+__all__ = ['SCENARIOS', 'TUNABLE', 'QUANT_BENCH_SCHEMES', 'routed_counts', 'roofline_floor', 'measure_device', 'bench_scenario',
+           'align_cost', 'tile_candidates', 'tune_scenario', 'run_bench', 'bench_quant', 'format_bench_quant',
+           'format_bench', 'plot_bench', 'load_bench_results']
 
 # %% ../nbs/14_bench.ipynb #a28f9a709827
 SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per expert, routed rows)
@@ -203,7 +204,7 @@ def tune_scenario(sc: dict, dtype=torch.bfloat16, kernel: str = "batched_moe_gem
         timings.append((cfg, t * 1e3))
     return min(timings, key=lambda x: x[1])[0], timings
 
-# %% ../nbs/14_bench.ipynb #d0b1dda784b7
+# %% ../nbs/14_bench.ipynb #d622fa1c8e87
 def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -> None:
     "Write the winning tile into `kernel`'s JSON table, keyed by the scenario's expected rows per expert."
     p = tile_config_path(kernel, sc["E"], sc["N"], device_name, torch.bfloat16, config_dir)
@@ -212,7 +213,7 @@ def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -
     p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
 
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
-              scenarios: list | None = None, on_scenario=None, align: bool = True) -> dict:
+              scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
     import os, subprocess
     tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:]}[
@@ -233,11 +234,61 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
         try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         except OSError: pass
     report = dict(device=device, dtype="bf16", date=time.strftime("%Y-%m-%d"), commit=commit, scenarios=results,
-                  align=align_cost() if align else None)
+                  align=align_cost() if align else None, quant=bench_quant(device, scenarios) if quant else None)
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #43b738ba7ac0
+# %% ../nbs/14_bench.ipynb #becab28fb23c
+QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
+
+def _quant_bytes(qw, which: str, experts) -> int:
+    "Bytes of `which` ('w13'/'w2') codes, scales and global scales of the listed experts."
+    parts = [getattr(qw, which), getattr(qw, which + "_scale"), getattr(qw, which + "_global_scale")]
+    return sum(t[0].numel() * t.element_size() * len(experts) for t in parts if t is not None and t.dim() > 0) + \
+        sum(t.numel() * t.element_size() for t in parts if t is not None and t.dim() == 0)
+
+def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH_SCHEMES) -> list[dict]:
+    "µs and % of the weight-bytes floor of quantized GEMM1 (+SiLU) in both formats, per decode scenario and scheme."
+    import triton.testing
+    from moe_lit.kernels.quant import quantize_expert_weights, batched_moe_gemm_quant, fused_moe_gemm_quant
+    from moe_lit.kernels.contiguous import moe_align_block_size
+    bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
+    rows = []
+    for sc in [s for s in (scenarios or SCENARIOS) if "decode" in s["name"]]:
+        a, w13, counts = _problem(sc)
+        E, M, K = a.shape
+        N, exp_m = w13.shape[1], max(1, sc["rows"] // E)
+        w2 = torch.randn(E, K, N // 2, device="cuda", dtype=a.dtype) / math.sqrt(N // 2)
+        x, ids = _contiguous_problem(sc)
+        active = [e for e, n in enumerate(counts.tolist()) if n]
+        io_bytes = (sc["rows"] * K + sc["rows"] * N // 2) * a.element_size()
+        bf16_s = bench(lambda: batched_moe_gemm(a, w13, counts, "silu_and_mul", config=None, expected_m=exp_m, validate=False))
+        for scheme in progress(schemes, f"schemes of {sc['name']}"):
+            qw = quantize_expert_weights(w13, w2, scheme)
+            floor_s = (_quant_bytes(qw, "w13", active) + io_bytes) / device["copy_Bps"]
+            bm = lookup_tile_config("fused_moe_gemm", E, N, K, exp_m, a.dtype)["BLOCK_M"]
+            aligned = moe_align_block_size(ids, bm, E)
+            t_b = bench(lambda: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", expected_m=exp_m, validate=False))
+            t_c = bench(lambda: fused_moe_gemm_quant(x, qw, *aligned, ids.shape[1], bm, "silu_and_mul"))
+            rows.append(dict(scenario=sc["name"], scheme=scheme, floor_us=floor_s * 1e6,
+                             bytes_per_weight=_quant_bytes(qw, "w13", [0]) / (N * K), bf16_batched_us=bf16_s * 1e6,
+                             batched_us=t_b * 1e6, batched_pct_floor=100 * floor_s / t_b,
+                             contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c))
+            del qw
+        del a, w13, w2
+    return rows
+
+def format_bench_quant(rows: list[dict]) -> str:
+    "The quantized rows as a text table."
+    lines = [f"{'scenario':<24}{'scheme':<16}{'B/weight':>9}{'floor us':>10}{'batched us (% floor)':>24}"
+             f"{'contiguous us (% floor)':>26}{'bf16 batched us':>17}"]
+    for r in rows:
+        lines.append(f"{r['scenario']:<24}{r['scheme']:<16}{r['bytes_per_weight']:>9.3f}{r['floor_us']:>10.1f}"
+                     f"{r['batched_us']:>14.1f} ({r['batched_pct_floor']:5.1f}%)"
+                     f"{r['contiguous_us']:>16.1f} ({r['contiguous_pct_floor']:5.1f}%){r['bf16_batched_us']:>17.1f}")
+    return "\n".join(lines)
+
+# %% ../nbs/14_bench.ipynb #ca9dd406fc14
 def format_bench(report: dict) -> str:
     "The benchmark report as a text table: µs and % of the floor per implementation and scenario."
     d = report["device"]
@@ -251,6 +302,9 @@ def format_bench(report: dict) -> str:
             lines.append(f"  {name:<34} {v['us']:10.1f} us  {v['pct_floor']:6.1f}% of floor")
         if r.get("align_us") is not None:
             lines.append(f"  {'(contiguous: moe_align_block_size)':<34} {r['align_us']:10.1f} us  (not in the GEMM time)")
+    if report.get("quant"):
+        lines += ["", "Quantized GEMM1 + SiLU-and-mul at decode (floor: weight codes + scales + activations at the "
+                      "copy bandwidth):", format_bench_quant(report["quant"])]
     if report.get("align"):
         a0 = report["align"][0]
         lines.append(f"\nContiguous layouts at decode ({a0['num_experts']} experts, top-{a0['top_k']}, rank 0 of "

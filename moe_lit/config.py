@@ -20,7 +20,7 @@ class ActivationFormat(enum.Enum):
     Standard = "standard"                 # a1 [num_tokens, hidden_size]; ids travel beside it
     BatchedExperts = "batched_experts"    # a1 [num_local_experts, max_tokens, hidden_size] + expert_num_tokens
 
-# %% ../nbs/01_config.ipynb #af3dcad1ec6e
+# %% ../nbs/01_config.ipynb #b74da357caf6
 @dataclass(frozen=True)
 class BackendDescriptor:
     "Every fact moe-lit needs about one all2all backend; all backend-dependent decisions read these fields."
@@ -34,6 +34,7 @@ class BackendDescriptor:
     supported_hidden_sizes: tuple | None       # None = any; else the layer's hidden size is rounded up to one
     max_tokens_semantics: str                  # how the per-expert capacity of the batched format is sized
     summary: str                               # one line for reports
+    native_library: str | None = None          # Python module of the library that implements it (None: moe-lit's own)
 
     def round_up_hidden_size(self, hidden_size: int) -> int:
         "Smallest supported hidden size >= `hidden_size` (tokens).  Raises ValueError above the largest."
@@ -44,7 +45,7 @@ class BackendDescriptor:
         raise ValueError(f"hidden_size: expected <= {max(self.supported_hidden_sizes)} for all2all backend "
                          f"{self.name!r}, got {hidden_size}")
 
-# %% ../nbs/01_config.ipynb #ad503b1723a3
+# %% ../nbs/01_config.ipynb #4f4fc936b818
 _LL_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 
 BACKENDS: dict[str, BackendDescriptor] = {d.name: d for d in (
@@ -56,13 +57,13 @@ BACKENDS: dict[str, BackendDescriptor] = {d.name: d for d in (
                       "all-gather tokens and ids over the EP group, run local experts, reduce-scatter outputs"),
     BackendDescriptor("deepep_high_throughput", ActivationFormat.Standard, True, False, True, (1, 128), torch.int64,
                       None, "not used (flat token lists)",
-                      "DeepEP normal kernels: token-level all2all into a flat list, FP8 block dispatch"),
+                      "DeepEP normal kernels: token-level all2all into a flat list, FP8 block dispatch", "deep_ep"),
     BackendDescriptor("deepep_low_latency", ActivationFormat.BatchedExperts, True, True, True, (1, 128),
                       torch.int64, _LL_HIDDEN, "max_num_tokens_per_rank * num_dispatchers rows per local expert",
-                      "DeepEP low-latency kernels: per-expert slabs addressed by physical expert id"),
+                      "DeepEP low-latency kernels: per-expert slabs addressed by physical expert id", "deep_ep"),
     BackendDescriptor("nixl_ep", ActivationFormat.BatchedExperts, True, True, True, (1, 128), torch.int64,
                       _LL_HIDDEN, "max_num_tokens_per_rank * num_dispatchers rows per local expert",
-                      "NIXL EP: the DeepEP low-latency contract over NIXL, elastic EP ranks"),
+                      "NIXL EP: the DeepEP low-latency contract over NIXL, elastic EP ranks", "nixl_ep"),
 )}
 
 def get_backend(name: str) -> BackendDescriptor:

@@ -13,8 +13,8 @@ from .formats import (moe_reference_standard, dispatch_batched_reference, expert
 
 # %% auto #0
 __all__ = ['EXPERTS', 'Prepared', 'StandardPrepareFinalize', 'BatchedPrepareFinalize', 'TorchStandardExperts',
-           'TorchBatchedExperts', 'TritonStandardExperts', 'TritonBatchedExperts', 'SharedExperts', 'ModularKernel',
-           'make_prepare_finalize', 'make_experts']
+           'TorchBatchedExperts', 'TritonStandardExperts', 'TritonBatchedExperts', 'TritonQuantStandardExperts',
+           'TritonQuantBatchedExperts', 'SharedExperts', 'ModularKernel', 'make_prepare_finalize', 'make_experts']
 
 # %% ../nbs/10_modular.ipynb #1540a5e4b7db
 @dataclass
@@ -130,7 +130,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #5bcd1fd4ccf6
+# %% ../nbs/10_modular.ipynb #afad9f2970b8
 class TritonStandardExperts(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2):
@@ -144,10 +144,25 @@ class TritonBatchedExperts(TorchBatchedExperts):
         from moe_lit.kernels.batched import BatchedTritonExperts
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m)
 
+class TritonQuantStandardExperts(TorchStandardExperts):
+    "Standard-format experts on quantized weights (`09a_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
+    def apply(self, prepared, w13, w2=None):
+        from moe_lit.kernels.quant import TritonQuantExperts
+        return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
+                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m)
+
+class TritonQuantBatchedExperts(TorchBatchedExperts):
+    "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
+    def apply(self, prepared, w13, w2=None):
+        from moe_lit.kernels.quant import BatchedTritonQuantExperts
+        return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m)
+
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,
            ("triton", ActivationFormat.Standard): TritonStandardExperts,
-           ("triton", ActivationFormat.BatchedExperts): TritonBatchedExperts}
+           ("triton", ActivationFormat.BatchedExperts): TritonBatchedExperts,
+           ("triton_quant", ActivationFormat.Standard): TritonQuantStandardExperts,
+           ("triton_quant", ActivationFormat.BatchedExperts): TritonQuantBatchedExperts}
 
 # %% ../nbs/10_modular.ipynb #2a582c750d5f
 class SharedExperts(torch.nn.Module):
@@ -164,7 +179,7 @@ class SharedExperts(torch.nn.Module):
         "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast)."
         return expert_mlp(hidden, self.w13, self.w2).to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #1918f3b7a3f8
+# %% ../nbs/10_modular.ipynb #0b0644590bb0
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None):
@@ -180,17 +195,37 @@ class ModularKernel:
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
 
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
-                add_shared: bool = True) -> torch.Tensor:
+                add_shared: bool = True, timings: dict | None = None) -> torch.Tensor:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
         check_bool("add_shared", add_shared)
+        clock = _Clock(timings, hidden.device)         # seconds of each stage, synchronized, when `timings` is a dict
         prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
-        out = self.prepare_finalize.finalize(self.experts.apply(prepared, w13, w2), prepared)
+        clock("prepare_s")
+        expert_out = self.experts.apply(prepared, w13, w2)
+        clock("experts_s")
+        out = self.prepare_finalize.finalize(expert_out, prepared)
+        clock("finalize_s")
         if add_shared and self.shared_experts is not None: out = out + self.shared_experts(hidden)
         return out
 
     __call__ = forward
 
-# %% ../nbs/10_modular.ipynb #8eba19176777
+# %% ../nbs/10_modular.ipynb #561a9880c7e5
+class _Clock:
+    "Records the seconds since the last call under a name in `timings` (after a device sync); a no-op when None."
+    def __init__(self, timings, device):
+        if timings is not None and not isinstance(timings, dict): raise ValueError(f"timings: expected a dict or None, got {type(timings).__name__}")
+        self.timings, self.cuda = timings, torch.device(device).type == "cuda"
+        self.t = self._now() if timings is not None else 0.0
+    def _now(self):
+        import time
+        if self.cuda: torch.cuda.synchronize()
+        return time.perf_counter()
+    def __call__(self, name: str):
+        if self.timings is None: return
+        t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
+
+# %% ../nbs/10_modular.ipynb #f194f13b2025
 def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False):
     "The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -206,5 +241,5 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
 
 def make_experts(prepare_finalize, implementation: str = "torch"):
     "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."
-    check_choice("implementation", implementation, ("torch", "triton"))
+    check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))
     return EXPERTS[(implementation, prepare_finalize.activation_format)]()

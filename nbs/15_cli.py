@@ -19,6 +19,7 @@ from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
+from moe_lit.distributed import transport_note
 from moe_lit.testing import assert_close, tolerance
 
 # %%
@@ -566,6 +567,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
     p.add_argument("--quant", default="unquantized", choices=list(QUANT_SCHEMES), help=_HELP["--quant"])
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
+    p.add_argument("--distributed", action="store_true",
+                   help="run across the processes torchrun started (one EP rank each; --ep defaults to their number)")
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
 # %%
@@ -612,6 +615,7 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
             "placement": {"requested": placement, "strategy": place.strategy, "reason": place.reason},
             "properties": [{"property": p, "value": v, "reason": r} for p, v, r in config.parallel.explain()],
             "prepare_finalize": {"class": type(pf).__name__, "activation_format": pf.activation_format.value},
+            "across_processes": transport_note(config),
             "device": {"kind": dev.kind, "capability": dev.capability, "libraries": sorted(dev.libraries)},
             "quant_scheme": quant, "chosen": d.chosen.name,
             "candidates": [{"name": n, "accepted": ok, "reason": r} for n, ok, r in d.trace]}
@@ -624,6 +628,7 @@ def format_explain(rep: dict) -> str:
     pf, dev = rep["prepare_finalize"], rep["device"]
     pl = rep["placement"]
     lines += ["", f"placement {pl['strategy']} (requested {pl['requested']}: {pl['reason']})"]
+    lines += ["", f"across processes (--distributed): {rep['across_processes']}"]
     lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']} "
                   f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]
     n = max(len(c["name"]) for c in rep["candidates"])
@@ -664,6 +669,7 @@ def _run(args) -> int:
         if args.command == "tables":
             tables = tables_report(cfg, args.placement, args.tp)
             print(json.dumps(tables, indent=1) if args.json else format_tables(tables)); return 0
+        if args.distributed: return _run_distributed(args)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU, got none")
         report = run_report(cfg, args.tokens, args.placement, args.seed, args.tp, args.experts, device, args.quant,
@@ -673,6 +679,19 @@ def _run(args) -> int:
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     checks = [c for c in report["check"].values() if c is not None]
     return 0 if all(c["ok"] for c in checks) else 1
+
+def _run_distributed(args) -> int:
+    "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.main`), rank 0 reports."
+    from moe_lit.distributed import main as distributed_main
+    unsupported = [f for f, given in (("--config", args.config), ("--tp", args.tp != 1), ("--backend", args.backend),
+                                      ("--quant", args.quant != "unquantized"), ("--device", args.device != "auto")) if given]
+    if unsupported:
+        raise ValueError(f"--distributed: expected none of {unsupported} (one GPU per process, presets only), got them")
+    argv = ["--model", args.model, "--placement", args.placement, "--tokens", str(args.tokens), "--seed", str(args.seed),
+            "--experts", args.experts] + (["--ep", str(args.ep)] if args.ep != 1 else []) + \
+           (["--all2all", args.all2all] if args.all2all else []) + (["--dtype", args.dtype] if args.dtype else []) + \
+           (["--json"] if args.json else [])
+    return distributed_main(argv)
 
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."

@@ -39,7 +39,8 @@
 # weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 3–4 minutes (most of it
 # generating DeepSeek-V3's 11 billion random expert weights) and 3.3 GB. `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
-# reason and the oracle's decision table. `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
+# reason and the oracle's decision table; `moe-lit run --quant fp8_w8a8_block` (or `mxfp4_w4a16`, `nvfp4_w4a16`, …)
+# quantizes the experts at load and checks against the dequantized weights. `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
 # shapes (a full-size model takes minutes).
@@ -84,10 +85,12 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # | `07_kernels.dispatch` | `moe_lit.kernels.dispatch` | Triton dispatch into per-expert slabs and the weighted combine |
 # | `08_kernels.contiguous` | `moe_lit.kernels.contiguous` | Triton `moe_align_block_size` and the fused-MoE GEMM over aligned blocks |
 # | `09_quant` | `moe_lit.quant` | FP8 (tensor / channel / token / 128×128 block), MXFP4 and NVFP4 quantize and dequantize |
+# | `09a_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 and FP4 w4a16 Triton GEMMs of both formats, quantized experts |
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
 # | `11_oracle` | `moe_lit.oracle` | experts-backend selection from the prepare/finalize's format, with a reason per candidate |
 # | `12_layer` | `moe_lit.layer` | `FusedMoE` through the modular kernel (torch or Triton) and the emulated EP run |
-# | `14_bench` | `moe_lit.bench` | the GEMM against torch peers and the measured roofline, tile tuning |
+# | `13_distributed` | `moe_lit.distributed` | EP across processes on torch.distributed: all-gather/reduce-scatter and all-to-all |
+# | `14_bench` | `moe_lit.bench` | both formats' GEMMs against torch peers and the measured roofline, quantized decode, tuning |
 # | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `explain`, `bench` |
 #
 # ## Developing
@@ -100,4 +103,14 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # Without a GPU the Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`, set automatically), at
 # small shapes. On a machine with a CUDA GPU, `bash .ci/gpu` runs the whole suite including the full-size `gpu` tests,
 # a `compute-sanitizer` memcheck of the kernel tests, the DeepSeek-V3 EP8 job on the GPU and `moe-lit bench`
-# (`bash .ci/gpu --tune` re-tunes the tile tables first). The committed H200 results are in `nbs/bench/`.
+# (`bash .ci/gpu --tune` re-tunes the tile tables first); `bash .ci/gpu-multi` runs the distributed job over NCCL
+# with one GPU per process. The committed H200 results are in `nbs/bench/`.
+#
+# ## Across processes
+#
+# The same layer runs across real processes on torch.distributed (gloo on CPUs, NCCL with one GPU per process);
+# rank 0 gathers the output and checks it against the single-process result:
+#
+# ```sh
+# .venv/bin/torchrun --nproc-per-node 2 -m moe_lit.distributed --model qwen3-30b-a3b --all2all nixl_ep --placement round_robin
+# ```

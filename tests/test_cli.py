@@ -12,6 +12,7 @@ from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
+from moe_lit.distributed import transport_note
 from moe_lit.testing import assert_close, tolerance
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, tempfile
@@ -143,6 +144,25 @@ def test_tables_report():
     test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the dict tables_report returns (keys")
 
 
+def test_run_quantized_cli():
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d, "tiny-moe.json")
+        f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 64,
+                                 "num_experts_per_tok": 2, "intermediate_size": 64, "torch_dtype": "bfloat16"}))
+        for q, experts in (("fp8_w8a8_block", "triton"), ("mxfp4_w4a16", "auto"), ("nvfp4_w4a16", "auto")):
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                test_eq(main(["run", "--config", str(f), "--ep", "2", "--quant", q, "--experts", experts, "--tokens", "6",
+                              "--json"]), 0)
+            rep = json.loads(out.getvalue())
+            test_eq(rep["experts"]["quant"], q)
+            test_eq(rep["experts"]["implementation"], "triton_quant" if experts == "triton" else "torch")
+            assert rep["check"]["vs_float64"]["ok"] and rep["check"]["vs_float64"]["cosine"] > 0.99
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            test_eq(main(["run", "--config", str(f), "--quant", "nvfp4_w4a16", "--backend", "triton_contiguous_w4a16",
+                          "--device", "cpu"]), 2)
+    assert "needs a CUDA GPU" in err.getvalue(), err.getvalue()
+
+
 def test_main_entry_point():
     with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
         f = Path(d, "tiny-mixtral.json")
@@ -209,7 +229,7 @@ def test_main_closed_pipe():
 
 def test_explain_nixl_nvfp4():
     rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
-    test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_dequant"))
+    test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_w4a16"))
     text = format_explain(rep)
     assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text
     with contextlib.redirect_stdout(io.StringIO()) as out:

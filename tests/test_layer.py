@@ -11,6 +11,7 @@ from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
 from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype, _FLOATS
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
+from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS
@@ -39,6 +40,14 @@ def test_resolve_experts():
     test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
     test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
     test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+    test_eq(resolve_experts("triton", S, torch.device("cpu"), "fp8_w8a8_block")[0], "triton_quant")
+    impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
+    assert impl == "torch" and "dequantized once (an emulation)" in why
+    impl, why = resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32), backend="torch_standard")
+    assert impl == "torch" and why.startswith("oracle: torch_standard")
+    test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
+                                      backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
+    test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
     test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
     test_fail(lambda: check_device(None), contains="device: expected")
 
@@ -54,6 +63,28 @@ def test_fused_moe_single_device():
     assert_close(layer(x), want)
     test_fail(lambda: layer(x.bfloat16()), contains="hidden: expected dtype torch.float32")
     test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*, 32]")
+
+
+def test_fused_moe_quantized():
+    torch.manual_seed(3)
+    x = torch.randn(6, 64).bfloat16()
+    for fmt_backend in ("none", "nixl_ep"):
+        par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=fmt_backend)
+        cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=64, parallel=par)
+        for quant, experts in (("fp8_w8a8_block", "triton"), ("mxfp4_w4a16", "triton"), ("nvfp4_w4a16", "torch"),
+                               ("fp8_w8a8_channel", "torch")):
+            layer = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE)
+            test_eq(layer.experts, {"triton": "triton_quant", "torch": "torch"}[experts])
+            topk = layer.route(x.to(DEVICE))
+            local = layer.placement.local_slot(topk[1])
+            w13, w2 = layer.w13[:, :, :64].double().cpu(), layer.w2[:, :64].double().cpu()   # NIXL EP pads H to 2048
+            want = moe_reference_standard(x.double(), w13, w2, topk[0].cpu(), local.cpu())
+            got = layer(x.to(DEVICE), topk)
+            rtol = 0.1 if quant.startswith("fp8") and experts == "triton" else None   # w8a8 also rounds activations
+            assert_close(got.cpu(), want, rtol=rtol, name=f"{fmt_backend} {quant} {experts}")
+            cos = torch.nn.functional.cosine_similarity(got.double().cpu().flatten(), want.flatten(), dim=0)
+            assert cos > 0.995, (quant, cos)
+    test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
 
 
 def test_emulated_ep_every_backend():

@@ -85,3 +85,16 @@ def test_padded_hidden_never_leaks():
                                                    torch.nn.functional.pad(w2, (0, 0, 0, pad)), wts, ids, p)
     test_eq(out.shape, (T, H))
     assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, p.local_slot(ids)))
+
+
+def test_modular_stage_timings():
+    cfg = MoEConfig(8, 2, 16, 8, dtype=torch.float32)
+    pf = make_prepare_finalize(cfg, 4)
+    mk = ModularKernel(pf, make_experts(pf))
+    g = torch.Generator().manual_seed(0)
+    hidden, w13, w2 = torch.randn(4, 16, generator=g), torch.randn(8, 16, 16, generator=g), torch.randn(8, 16, 8, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(4)]).int()
+    t = {}
+    out = mk(hidden, w13, w2, torch.rand(4, 2, generator=g), ids, Placement.build(cfg), timings=t)
+    test_eq(set(t), {"prepare_s", "experts_s", "finalize_s"}); assert all(v >= 0 for v in t.values())
+    test_fail(lambda: mk(hidden, w13, w2, torch.rand(4, 2), ids, Placement.build(cfg), timings=[]), contains="timings: expected a dict")

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from moe_lit.terms import check_choice, check_bool
 from moe_lit.config import ActivationFormat, MoEConfig, get_backend
+from moe_lit.kernels.quant import QUANT_SCHEMES as _KERNEL_SCHEMES
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.modular import make_prepare_finalize
@@ -30,10 +31,25 @@ def test_nixl_ep_fp4_picks_batched_experts():
     test_eq(fmt, ActivationFormat.BatchedExperts)
     for select in (select_nvfp4_moe_backend, select_mxfp4_moe_backend):
         d = select(cfg, fmt, DEVICES["h200"])
-        test_eq((d.chosen.name, d.chosen.activation_format), ("triton_batched_dequant", ActivationFormat.BatchedExperts))
+        test_eq((d.chosen.name, d.chosen.activation_format), ("triton_batched_w4a16", ActivationFormat.BatchedExperts))
         reasons = dict((n, r) for n, _, r in d.trace)
-        assert "consumes standard, the prepare/finalize produces batched_experts" in reasons["triton_contiguous_dequant"]
-        assert "an emulation" in dict((n, r) for n, ok, r in d.trace if ok)["triton_batched_dequant"]
+        for standard in ("triton_contiguous_w4a16", "triton_contiguous_dequant", "torch_standard"):
+            assert "consumes standard, the prepare/finalize produces batched_experts" in reasons[standard]
+        assert "an emulation" in dict((n, r) for n, ok, r in d.trace if ok)["triton_batched_w4a16"]
+
+
+def test_oracle_fp8_and_fp4_by_device():
+    cfg = MoEConfig(16, 2, 2048, 64)
+    S = ActivationFormat.Standard
+    for scheme in ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block"):
+        d = select_experts_backend(cfg, scheme, S, DEVICES["h200"])
+        test_eq(d.chosen.name, "triton_contiguous_fp8"); assert "hardware FP8" in dict((n, r) for n, _, r in d.trace)[d.chosen.name]
+        d = select_experts_backend(cfg, scheme, S, DEVICES["a100"])
+        test_eq(d.chosen.name, "triton_contiguous_dequant")
+        assert "needs compute capability >= (8, 9)" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_fp8"]
+    d = select_nvfp4_moe_backend(cfg, S, DEVICES["b200"])
+    test_eq(d.chosen.name, "triton_contiguous_w4a16")
+    assert "needs the 'flashinfer' library" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
 
 
 def test_oracle_override_and_bad_input():
@@ -50,6 +66,6 @@ def test_oracle_override_and_bad_input():
     test_fail(lambda: DeviceCaps("h100", "9.0"), contains="capability: expected None or a pair of ints")
     test_fail(lambda: DeviceCaps("cpu", (9, 0)), contains="capability: expected None exactly for kind 'cpu'")
     test_fail(lambda: DeviceCaps("h100", (9, 0), "flashinfer_x"), contains="libraries: expected a frozenset")
-    test_fail(lambda: select_fp8_moe_backend(cfg, S, DEVICES["cpu"], block="no"), contains="block: expected a bool")
+    test_fail(lambda: select_fp8_moe_backend(cfg, S, DEVICES["cpu"], granularity="row"), contains="granularity: expected one of")
     d = select_experts_backend(cfg, "nvfp4_w4a16", S, DeviceCaps("b200", (10, 0), frozenset({"flashinfer"})))
     assert "no adapter" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]

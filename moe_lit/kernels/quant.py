@@ -23,10 +23,11 @@ from ..testing import poison_rows
 # %% auto #0
 __all__ = ['QUANT_SCHEMES', 'WEIGHT_GRANULARITY', 'ACTIVATION_GRANULARITY', 'FP4_GROUP', 'QUANT_GEMM_CASES',
            'quant_weight_shapes', 'QuantizedExpertWeights', 'quantize_expert_weights', 'random_expert_weights',
-           'random_activations', 'fp8_quantize_activations_reference', 'fp8_quantize_activations',
+           'random_activations', 'plot_weight_scales', 'fp8_quantize_activations_reference', 'fp8_quantize_activations',
            'batched_gemm_quant_reference', 'batched_moe_gemm_quant', 'quant_error', 'assert_quant_close',
            'check_batched_gemm_quant', 'fused_moe_gemm_quant_reference', 'fused_moe_gemm_quant',
-           'check_fused_gemm_quant']
+           'check_fused_gemm_quant', 'BatchedTritonQuantExperts', 'quant_experts_reference_batched',
+           'experts_tolerance', 'TritonQuantExperts', 'quant_experts_reference_standard']
 
 # %% ../../nbs/09a_kernels.quant.ipynb #dbc1607f379e
 QUANT_SCHEMES = ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
@@ -143,26 +144,40 @@ def _dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor,
 QuantizedExpertWeights.dequantize_weight = _dequantize_weight
 QuantizedExpertWeights.dequantize = _dequantize
 
-# %% ../../nbs/09a_kernels.quant.ipynb #72cdd02c71c3
-def _tensors(qw):
+# %% ../../nbs/09a_kernels.quant.ipynb #980376d54155
+def _tensors(qw) -> dict:
     return {f: getattr(qw, f) for f in ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")}
 
 def _qw_replace(qw, fn):
+    "A new container with `fn` applied to every tensor (validated again on construction)."
     t = {k: (None if v is None else fn(v)) for k, v in _tensors(qw).items()}
     return QuantizedExpertWeights(qw.scheme, hidden_size=qw.hidden_size, intermediate_size=qw.intermediate_size,
                                   block_shape=qw.block_shape, **t)
 
-QuantizedExpertWeights.num_experts = property(lambda self: self.w13.shape[0])
-QuantizedExpertWeights.device = property(lambda self: self.w13.device)
-QuantizedExpertWeights.nbytes = property(
-    lambda self: sum(t.numel() * t.element_size() for t in _tensors(self).values() if t is not None))
-QuantizedExpertWeights.bytes_per_element = property(   # bytes of codes and scales per logical weight element
-    lambda self: self.nbytes / max(1, 3 * self.num_experts * self.hidden_size * self.intermediate_size))
-QuantizedExpertWeights.select = lambda self, experts: _qw_replace(self, lambda t: t[experts])
-QuantizedExpertWeights.to = lambda self, device: _qw_replace(self, lambda t: t.to(device))
-QuantizedExpertWeights.__repr__ = lambda self: (
-    f"QuantizedExpertWeights({self.scheme}, E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, "
-    f"block_shape={self.block_shape}, {self.bytes_per_element:.4f} bytes/element, device={self.device})")
+def _select(self, experts) -> QuantizedExpertWeights:
+    "The weights of a subset of experts (`experts`: an index tensor or list along E), e.g. the ones one EP rank holds."
+    return _qw_replace(self, lambda t: t[experts])
+
+def _to(self, device) -> QuantizedExpertWeights:
+    "Every tensor moved to `device`."
+    return _qw_replace(self, lambda t: t.to(device))
+
+def _nbytes(self) -> int:
+    "Bytes of codes, scales and global scales: what streaming these experts' weights reads."
+    return sum(t.numel() * t.element_size() for t in _tensors(self).values() if t is not None)
+
+def _repr(self) -> str:
+    return (f"QuantizedExpertWeights({self.scheme}, E={self.num_experts}, H={self.hidden_size}, "
+            f"I={self.intermediate_size}, block_shape={self.block_shape}, {self.bytes_per_element:.4f} bytes/element, "
+            f"device={self.device})")
+
+QuantizedExpertWeights.select, QuantizedExpertWeights.to, QuantizedExpertWeights.__repr__ = _select, _to, _repr
+QuantizedExpertWeights.nbytes = property(_nbytes)
+QuantizedExpertWeights.num_experts = property(lambda self: self.w13.shape[0], doc="E, the experts held")
+QuantizedExpertWeights.device = property(lambda self: self.w13.device, doc="the device of every tensor")
+QuantizedExpertWeights.bytes_per_element = property(
+    lambda self: self.nbytes / max(1, 3 * self.num_experts * self.hidden_size * self.intermediate_size),
+    doc="bytes of codes and scales per logical weight element (3·H·I elements per expert)")
 
 # %% ../../nbs/09a_kernels.quant.ipynb #5a43228cea79
 def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
@@ -196,22 +211,26 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
         parts[name + "_global_scale"] = torch.stack([p[2] for p in per]) if per[0][2] is not None else None
     return QuantizedExpertWeights(scheme, hidden_size=H, intermediate_size=two_i // 2, block_shape=block, **parts)
 
-# %% ../../nbs/09a_kernels.quant.ipynb #c11ee3f1c6a0
-def _structured(shape, g: torch.Generator) -> torch.Tensor:
-    "Gaussian values whose power-of-two magnitude changes per 128×128 block and per 16-column group, with a per-block offset."
-    *lead, N, K = shape
-    up = lambda t, bn, bk: t.repeat_interleave(bn, -2)[..., :N, :].repeat_interleave(bk, -1)[..., :K]
+# %% ../../nbs/09a_kernels.quant.ipynb #bed6af44a216
+def _structured(N: int, K: int, g: torch.Generator) -> torch.Tensor:
+    "`[N, K]` Gaussian values whose power-of-two magnitude changes per 128×128 block and per 16-column group, with a per-block offset."
+    kw = dict(generator=g, device=g.device)
+    up = lambda t, bn, bk: t.repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
     nb, kb = -(-N // 128), -(-K // 128)
-    blk = up(torch.randint(-3, 4, (*lead, nb, kb), generator=g).float(), 128, 128)
-    fine = up(torch.randint(-2, 3, (*lead, N, -(-K // 16)), generator=g).float(), 1, 16)
-    off = up(torch.rand((*lead, nb, kb), generator=g) - 0.5, 128, 128)
-    return (torch.randn(shape, generator=g) + off) * torch.exp2(blk + fine)
+    blk = up(torch.randint(-3, 4, (nb, kb), **kw).float(), 128, 128)
+    fine = up(torch.randint(-2, 3, (N, -(-K // 16)), **kw).float(), 1, 16)
+    off = up(torch.rand((nb, kb), **kw) - 0.5, 128, 128)
+    return (torch.randn((N, K), **kw) + off) * torch.exp2(blk + fine)
 
-def random_expert_weights(E: int, H: int, I: int, seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(w13 [E, 2·I, H], w2 [E, H, I])` fp32 with block-wise exponents (see above), scaled so outputs are O(1)."
-    g = torch.Generator().manual_seed(seed)
-    w13, w2 = _structured((E, 2 * I, H), g) / (4 * H**0.5), _structured((E, H, I), g) / (4 * I**0.5)
-    return w13.to(device or DEVICE), w2.to(device or DEVICE)
+def random_expert_weights(E: int, H: int, I: int, seed: int = 0, device=None,
+                          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(w13 [E, 2·I, H], w2 [E, H, I])` with block-wise exponents (see above), scaled so outputs are O(1); built on `device`."
+    device = torch.device(device or DEVICE)
+    g = torch.Generator(device=device).manual_seed(seed)            # one expert at a time: memory stays one expert wide
+    w13, w2 = torch.empty(E, 2 * I, H, dtype=dtype, device=device), torch.empty(E, H, I, dtype=dtype, device=device)
+    for e in range(E):
+        w13[e], w2[e] = _structured(2 * I, H, g) / (4 * H**0.5), _structured(H, I, g) / (4 * I**0.5)
+    return w13, w2
 
 def random_activations(shape: tuple, dtype: torch.dtype, seed: int = 0, device=None) -> torch.Tensor:
     "Activations `[..., K]` whose magnitude changes by powers of two (2^-2 … 2^2) every 64 columns of each row."
@@ -220,16 +239,40 @@ def random_activations(shape: tuple, dtype: torch.dtype, seed: int = 0, device=N
     e = torch.randint(-2, 3, (*lead, -(-K // 64)), generator=g).float().repeat_interleave(64, -1)[..., :K]
     return (torch.randn(shape, generator=g) * torch.exp2(e)).to(device=device or DEVICE, dtype=dtype)
 
-# %% ../../nbs/09a_kernels.quant.ipynb #90a56f06a9f9
+# %% ../../nbs/09a_kernels.quant.ipynb #bc11bad609b2
+def _element_scales(qw: QuantizedExpertWeights, which: str, expert: int) -> torch.Tensor:
+    "`[N, K]` fp32: the factor each weight element's code is multiplied by (NVFP4: block scale · global scale)."
+    codes, scale, gs, N, K = _weight_parts(qw, which)
+    check_int("expert", expert, lo=0, hi=qw.num_experts)
+    s = torch.exp2(scale[expert].float() - 127) if qw.scheme == "mxfp4_w4a16" else scale[expert].float()
+    if qw.scheme in ("fp8_w8a8_tensor", "fp8_w8a8_channel"): return s.reshape(-1, 1).expand(N, K)
+    gn, gk = qw.block_shape
+    out = s.repeat_interleave(gn, 0)[:N].repeat_interleave(gk, 1)[:, :K]
+    return out * float(gs[expert]) if gs is not None else out
+
+def plot_weight_scales(qw: QuantizedExpertWeights, which: str = "w13", expert: int = 0, title: str = ""):
+    "Heat-map of log2 of the scale each element of one expert's weight gets; returns the Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = _element_scales(qw, which, expert).cpu()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    im = ax.imshow(torch.log2(s).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel(f"K (column of {which})"); ax.set_ylabel("N (row)")
+    ax.set_title(title or f"{qw.scheme}: log2 of each element's scale, {which}[{expert}]", fontsize=9)
+    fig.colorbar(im, ax=ax, label="log2 scale"); fig.tight_layout(); plt.close(fig)
+    return fig
+
+# %% ../../nbs/09a_kernels.quant.ipynb #17c17fffd27b
 @triton.jit
 def _round_to_e4m3(x):
-    "fp32 -> the nearest e4m3 value, as fp32 (ties to even), for |x| <= 448. Interpreter-only workaround."
-    a = tl.abs(x)
+    "fp32 -> the nearest e4m3 value, as fp32 (ties to even), for |x| <= 448; NaN passes. Interpreter-only workaround."
+    ok = tl.abs(x) <= 448.0                    # false only for NaN: x was clamped to ±448 before
+    a = tl.where(ok, tl.abs(x), 0.0)           # a NaN's bits would overflow the int32 add below
     bits = a.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)  # keep 3 mantissa bits
     sub = (a + 16384.0) - 16384.0              # below 2^-6 the e4m3 spacing is 2^-9, the fp32 spacing at 2^14
     r = tl.where(a < 0.015625, sub, normal)
-    return tl.where(x < 0, -r, r)
+    return tl.where(ok, tl.where(x < 0, -r, r), x)
 
 # %% ../../nbs/09a_kernels.quant.ipynb #951194f46a6d
 @triton.jit
@@ -435,7 +478,7 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
         out[e, :n] = silu_and_mul(y) if activation else y
     return out
 
-# %% ../../nbs/09a_kernels.quant.ipynb #df639feae032
+# %% ../../nbs/09a_kernels.quant.ipynb #0756928c121c
 @triton.jit
 def _batched_moe_gemm_quant_kernel(
     a_ptr,          # [E, max_tokens, K] float8 (w8a8) or bf16/fp16 (w4a16); rows >= count never read
@@ -451,6 +494,7 @@ def _batched_moe_gemm_quant_kernel(
     FMT: tl.constexpr, SILU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    "grid = (cdiv(max_tokens, BLOCK_M)·cdiv(N_OUT, BLOCK_N), E); programs with m_start >= expert_num_tokens[e] exit."
     pid, e = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)
@@ -513,7 +557,7 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
     cfg["BLOCK_K"] = bk
     return cfg
 
-# %% ../../nbs/09a_kernels.quant.ipynb #51e9132137b6
+# %% ../../nbs/09a_kernels.quant.ipynb #64e7f69b0470
 def _check_extent(name: str, t: torch.Tensor):
     "Offsets inside one expert (or one row list) are int32 in the kernels: refuse an extent of 2^31 elements or more."
     extent = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
@@ -525,7 +569,8 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
     if not _is_fp8(scheme):
         check_tensor("a", a, dtype=_ACT16)
         if a_scale is not None: raise ValueError(f"a_scale: expected None for the weight-only scheme {scheme}, got a tensor")
-        if out_dtype is not None and out_dtype != a.dtype: raise ValueError(f"out_dtype: expected {a.dtype} (a's dtype) for {scheme}, got {out_dtype}")
+        if out_dtype is not None and out_dtype != a.dtype:
+            raise ValueError(f"out_dtype: expected {a.dtype} (a's dtype) for {scheme}, got {out_dtype}")
         return a, qw.w13_scale, (0, 0, 0), a.dtype
     gran, gk = ACTIVATION_GRANULARITY[scheme], (qw.block_shape or (1, 128))[1]
     check_tensor("a", a, dtype=(*_ACT16, torch.float8_e4m3fn))
@@ -616,13 +661,13 @@ def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1
     if not (rel < rel_tol and cos > cos_min):
         raise AssertionError(f"{name}: relative error {rel:.3g} (limit {rel_tol:g}), cosine {cos:.6f} (limit {cos_min:g})")
 
-# %% ../../nbs/09a_kernels.quant.ipynb #60223d9ae2fb
+# %% ../../nbs/09a_kernels.quant.ipynb #0ade4dd35bba
 def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts: list, activation=None,
-                             dtype=torch.bfloat16, seed: int = 0, device=None, config=None, rel_tol=1e-2, cos_min=0.9999):
+                             dtype=torch.bfloat16, seed: int = 0, device=None, config=None, rel_tol=1e-2, cos_min=0.9999,
+                             qw: QuantizedExpertWeights | None = None):   # reuse these weights (else random ones)
     "Run `batched_moe_gemm_quant` on a poisoned random problem and compare with the float64 spec (the test body)."
     device = device or DEVICE
-    w13, w2 = random_expert_weights(E, H, I, seed, device)
-    qw = quantize_expert_weights(w13, w2, scheme)
+    qw = qw or quantize_expert_weights(*random_expert_weights(E, H, I, seed, device), scheme)
     which = "w13" if activation else "w2"
     K, N = (H, 2 * I) if which == "w13" else (I, H)
     n_out = N // 2 if activation else N
@@ -636,10 +681,10 @@ def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts
     assert got.cpu()[~valid].isnan().all(), f"{scheme}: a padding row was written"
     return got
 
-# %% ../../nbs/09a_kernels.quant.ipynb #34b9df75f6cb
+# %% ../../nbs/09a_kernels.quant.ipynb #52f567cd7b36
 # (E, max_tokens, H, I, counts, what it covers)
 QUANT_GEMM_CASES = [
-    (4, 24, 144, 80, [0, 1, 7, 24], "counts 0/1/odd/max; partial 128-blocks on N and K; MXFP4 pads K"),
+    (4, 24, 152, 72, [0, 1, 7, 24], "counts 0/1/odd/max; partial 128-blocks on N and K; both FP4 formats pad K"),
     (2, 8, 256, 192, [3, 8], "I = 192 per rank: a block straddles gate/up rows; w2's K ends in a half block"),
 ]
 
@@ -670,7 +715,7 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
         out[pairs] = silu_and_mul(y) if activation else y
     return out
 
-# %% ../../nbs/09a_kernels.quant.ipynb #ff613d105750
+# %% ../../nbs/09a_kernels.quant.ipynb #1a20d8991238
 @triton.jit
 def _fused_moe_quant_kernel(
     a_ptr,          # [T, K] (token rows) or [T·top_k, K] (pair rows): float8 (w8a8) or bf16/fp16 (w4a16)
@@ -686,6 +731,7 @@ def _fused_moe_quant_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    "grid = (cdiv(max_padded, BLOCK_M)·cdiv(N_OUT, BLOCK_N),); blocks past num_tokens_post_padded or of expert -1 exit."
     pid = tl.program_id(0)
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
@@ -785,14 +831,14 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
         GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
 
-# %% ../../nbs/09a_kernels.quant.ipynb #e51a5e0d56b1
+# %% ../../nbs/09a_kernels.quant.ipynb #efe002321b3a
 def check_fused_gemm_quant(scheme: str, T: int, top_k: int, E: int, H: int, I: int, activation=None,
                            dtype=torch.bfloat16, block_m: int = 16, seed: int = 0, device=None, config=None,
-                           rel_tol=1e-2, cos_min=0.9999):
+                           rel_tol=1e-2, cos_min=0.9999, qw: QuantizedExpertWeights | None = None):
     "Run `fused_moe_gemm_quant` on a random routing (with -1 slots) and compare with the float64 spec (the test body)."
     device = device or DEVICE
     g = torch.Generator().manual_seed(seed)
-    qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed, device), scheme)
+    qw = qw or quantize_expert_weights(*random_expert_weights(E, H, I, seed, device), scheme)
     ids = torch.stack([torch.randperm(E + 1, generator=g)[:top_k] for _ in range(T)]).int()
     local = torch.where(ids < E, ids, -1).to(device)             # id E stands for "another rank": -1
     wts = torch.rand(T, top_k, generator=g).to(device)
@@ -810,3 +856,80 @@ def check_fused_gemm_quant(scheme: str, T: int, top_k: int, E: int, H: int, I: i
     assert_quant_close(got.cpu()[pair_ok], want.cpu()[pair_ok], rel_tol, cos_min, name=f"{scheme} {activation} {dtype}")
     assert got.cpu()[~pair_ok].isnan().all(), f"{scheme}: a row of a non-local pair was written"
     return got
+
+# %% ../../nbs/09a_kernels.quant.ipynb #0155dd7d284f
+class BatchedTritonQuantExperts:
+    "Batched-format experts, quantized: `h = SiLU-and-mul(a @ W13ᵀ)`, `out = h @ W2ᵀ` on valid rows (FP8 w8a8 or FP4 w4a16)."
+    activation_format = ActivationFormat.BatchedExperts
+
+    def apply(self, a: torch.Tensor,                   # [E, max_tokens, H] bf16/fp16, or float8 with a_scale (w8a8)
+              expert_num_tokens: torch.Tensor,         # [E] int32
+              qw: QuantizedExpertWeights,              # both weights of the E local experts
+              expected_m: int | None = None,           # expected valid rows per expert (tile choice)
+              out: torch.Tensor | None = None,         # [E, max_tokens, H]; rows >= count never written
+              a_scale: torch.Tensor | None = None,     # pre-quantized a's scales (see batched_moe_gemm_quant)
+              out_dtype: torch.dtype | None = None,    # dtype of h and the output for fp8 a (default bf16)
+             ) -> torch.Tensor:
+        "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
+        h = batched_moe_gemm_quant(a, qw, expert_num_tokens, "silu_and_mul", a_scale=a_scale, out_dtype=out_dtype,
+                                   expected_m=expected_m)
+        return batched_moe_gemm_quant(h, qw, expert_num_tokens, out=out, expected_m=expected_m, validate=False)
+
+# %% ../../nbs/09a_kernels.quant.ipynb #84fb15642ad9
+def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Tensor, qw: QuantizedExpertWeights,
+                                    a_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                                   ) -> torch.Tensor:          # [E, max_tokens, H] float64, NaN past the counts
+    "Spec of `BatchedTritonQuantExperts`: the two GEMM specs, with the intermediate stored in the activation dtype."
+    hdt = a.dtype if a.dtype in _ACT16 else (out_dtype or torch.bfloat16)
+    h = batched_gemm_quant_reference(a, qw, expert_num_tokens, "silu_and_mul", a_scale=a_scale).to(hdt)
+    return batched_gemm_quant_reference(h, qw, expert_num_tokens)
+
+# %% ../../nbs/09a_kernels.quant.ipynb #a68227724fd2
+def experts_tolerance(scheme: str) -> tuple[float, float]:
+    "`(relative error bound, cosine bound)` of a quantized experts class (two GEMMs) against its spec."
+    check_choice("scheme", scheme, QUANT_SCHEMES)
+    return (5e-2, 0.998) if _is_fp8(scheme) else (2e-2, 0.9995)
+
+# %% ../../nbs/09a_kernels.quant.ipynb #85299f5cff22
+class TritonQuantExperts:
+    "Standard-format experts, quantized: align -> GEMM1 + SiLU-and-mul -> GEMM2 (x router weight) -> sum over slots."
+    activation_format = ActivationFormat.Standard
+
+    def apply(self, hidden: torch.Tensor,        # [T, H] bf16/fp16
+              qw: QuantizedExpertWeights,        # both weights of the E local experts
+              topk_weights: torch.Tensor,        # [T, top_k] fp32
+              local_ids: torch.Tensor,           # [T, top_k] int32/int64, local expert per slot, -1 = not on this rank
+              apply_router_weight_on_input: bool = False,
+              block_m: int | None = None,        # alignment block (default from the expected rows per expert)
+              expected_m: int | None = None,     # expected rows per local expert (default T·top_k / E)
+             ) -> torch.Tensor:                  # [T, H], hidden's dtype
+        "This rank's share of the MoE output for the flat token list, with quantized expert weights."
+        if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+        check_tensor("hidden", hidden, shape=(None, qw.hidden_size), dtype=_ACT16)
+        check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
+        check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
+        if T == 0: return hidden.new_zeros(0, qw.hidden_size)
+        if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, expected_m or T * k // E))))
+        s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
+        # zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that GEMM1 never
+        # writes; they must hold zeros, not uninitialised memory (one per-tensor scale would even span them)
+        h = fused_moe_gemm_quant(hidden.contiguous(), qw, s, e, n, k, block_m, "silu_and_mul", topk_weights,
+                                 "input" if on_in else None, out=torch.zeros(T * k, I, dtype=hidden.dtype, device=hidden.device))
+        y = fused_moe_gemm_quant(h, qw, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair")
+        slot_map = torch.where(local_ids >= 0, torch.arange(T * k, device=hidden.device).view(T, k), -1)
+        return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
+                               validate=False)      # weights already applied: sum with weight 1
+
+# %% ../../nbs/09a_kernels.quant.ipynb #a8686ce5ebe0
+def quant_experts_reference_standard(hidden: torch.Tensor, qw: QuantizedExpertWeights, topk_weights: torch.Tensor,
+                                     local_ids: torch.Tensor, apply_router_weight_on_input: bool = False,
+                                    ) -> torch.Tensor:         # [T, H] float64
+    "Spec of `TritonQuantExperts`: the two GEMM specs over the pairs, the intermediate in hidden's dtype, the slot sum."
+    T, k = local_ids.shape
+    on_in, local = apply_router_weight_on_input, local_ids.to(hidden.device)
+    h = fused_moe_gemm_quant_reference(hidden, qw, local, "silu_and_mul", topk_weights, "input" if on_in else None)
+    h = torch.where((local.reshape(-1) >= 0)[:, None], h, 0.0).to(hidden.dtype)   # uncomputed rows: zero (never read)
+    y = fused_moe_gemm_quant_reference(h, qw, local, None, topk_weights, None if on_in else "output", rows="pair")
+    return torch.where((local >= 0)[..., None], y.view(T, k, -1), 0.0).sum(1)

@@ -1,0 +1,1366 @@
+# %%
+#| default_exp distributed
+
+# %% [markdown]
+# # Expert parallelism across processes
+# > Dispatch and combine over torch.distributed in both activation formats — all-gather/reduce-scatter for the Standard format, an all-to-all into per-expert slabs for BatchedExperts — and the main job run for real on N processes.
+
+# %%
+#| export
+from __future__ import annotations
+import argparse, datetime, importlib, importlib.util, json, os, pickle, socket, subprocess, sys, tempfile, time, traceback
+from dataclasses import dataclass, field
+import torch
+import torch.distributed as dist
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real
+from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
+from moe_lit.routing import select_experts
+from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
+from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype
+from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, _check_prepare_args
+from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts
+from moe_lit.testing import assert_close, tolerance
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.config import BACKENDS, ParallelConfig, MoEConfig
+from moe_lit.placement import Placement
+from moe_lit.layer import rank_config
+from moe_lit.testing import assert_close
+
+# %% [markdown]
+# In this notebook: where each `(token, k)` pair goes (`dispatch_destinations`, `slab_sources`, `plot_dispatch`), the
+# two prepare/finalize implementations over `torch.distributed` — `AllGatherReduceScatterPrepareFinalize` (Standard
+# format) and `AllToAllBatchedPrepareFinalize` (BatchedExperts format) — the factory
+# `make_distributed_prepare_finalize` with `transport_note`, the main job across processes (`init_distributed`,
+# `run_distributed`, `format_distributed_report`, `main`) and the launcher the tests use (`launch` and its jobs). An
+# **explanation** page with a **how-to** (the command below).
+#
+# ## Running it
+#
+# The main job of `moe-lit run`, for real, on N processes — one per GPU with NCCL on a GPU machine, over gloo on a CPU
+# machine (the same command):
+#
+# ```bash
+# torchrun --nproc-per-node 2 -m moe_lit.distributed --model qwen3-30b-a3b --ep 2 --all2all nixl_ep --tokens 64
+# ```
+#
+# Every rank builds only its own experts' weights, routes only its own share of the tokens, dispatches them to the
+# experts' owners and combines the results; rank 0 gathers the output, checks it against the single-process reference
+# and the float64 reference, and prints the report. `--ep` must equal the number of processes (it defaults to it).
+#
+# ## Dispatch and combine
+#
+# Under expert parallelism (EP) rank `r` holds `num_local_experts` whole experts and its own batch of tokens (its
+# data-parallel share). A token must meet its `top_k` experts, which mostly live on other ranks: **dispatch** brings
+# each token to them, the experts run, and **combine** brings the results back to the token's rank and sums its
+# `top_k` slots with the router weights. The backend record decides the layout the experts receive, and that decides
+# how the tokens travel:
+#
+# - **Standard format — all-gather / reduce-scatter** (`allgather_reducescatter`, and every backend whose tokens
+#   arrive as a flat list). Prepare all-gathers every rank's tokens, `topk_ids` and `topk_weights`, so every rank holds
+#   the whole batch `[Σ_r T_r, H]`; its local experts run on it with non-local ids masked to `-1` (the Standard
+#   contract, through the placement). Each rank now holds a *partial* output for every token — the sum over its own
+#   experts. Finalize reduce-scatters: the partial outputs of all ranks are summed and each rank keeps the rows of its
+#   own tokens. Every rank sends and receives `(S − 1)·T·H` elements each way, whatever the routing. This is vLLM's
+#   `allgather_reducescatter` backend (its `AgRsAll2AllManager`, the "naive" DP/EP path of the vLLM study, §1.3).
+# - **BatchedExperts format — all-to-all** (`deepep_low_latency`, `nixl_ep`). Each `(token, k)` pair travels only to
+#   the rank owning its expert. The counts go first, so every receiver knows how many rows arrive from whom for which
+#   local expert; then the rows. The receiver writes them into per-expert slabs `[E_local, max_num_tokens_per_rank · S,
+#   H]` with `expert_num_tokens` — the contract of DeepEP low-latency and NIXL EP. Combine sends each row's expert
+#   output back to its sender, in the order it came, and the sender applies the router weight (unless it was applied
+#   on the input) and sums the slots in fp32. A rank sends `T·top_k·H` elements each way.
+#
+# > **Which rank owns an expert.** DeepEP low-latency and NIXL EP locate an expert by its *physical* id: rank `r` owns
+# > the contiguous physical block `[offset_r, offset_r + count_r)` of a linear layout, and the local slot is
+# > `physical − offset_r`. Linear placement is that layout already; round robin goes through `global_to_physical`
+# > (`04_placement`). `dispatch_destinations` does exactly this, so one dispatch serves both placements, and EPLB's
+# > physical replicas are simply more physical ids.
+#
+# ## Where each pair goes
+
+# %%
+#| export
+def dispatch_destinations(
+    placement: Placement,     # a rank's placement; every rank of the deployment gives the same answer
+    topk_ids: torch.Tensor,   # [num_tokens, top_k] int32/int64, global (physical under EPLB) ids, -1 = empty slot
+) -> tuple[torch.Tensor, torch.Tensor]:  # (dest_rank, dest_slot): [num_tokens, top_k] int64 each, -1 for empty slots
+    "Owner rank and local slot of every `(token, k)` pair, found as DeepEP low-latency does: by physical id blocks."
+    if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
+    check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    p, ids = placement, topk_ids.long()
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= p.num_experts):
+        raise ValueError(f"topk_ids: expected ids in [-1, {p.num_experts}), got min {int(ids.min())}, max {int(ids.max())}")
+    safe = ids.clamp(min=0)                                  # -1 must not index a table's last entry; masked below
+    if p.global_to_physical is not None: phys = p.global_to_physical.to(ids.device)[safe]
+    elif p.strategy == "round_robin":                        # round robin masked by expert_map: same numbering
+        phys = round_robin_routing_tables(p.num_experts, p.ep_size, 0)[0].to(ids.device)[safe]
+    else: phys = safe                                        # linear: physical id = global id
+    offsets = torch.tensor([expert_block(p.num_experts, p.ep_size, r)[0] for r in range(p.ep_size)], device=ids.device)
+    rank = torch.searchsorted(offsets, phys, right=True) - 1
+    slot = phys - offsets[rank]
+    return rank.masked_fill(ids < 0, -1), slot.masked_fill(ids < 0, -1)
+
+# %% [markdown]
+# The destination of a pair must be the rank whose own placement calls that id local, at the same slot — for linear
+# and round-robin placement, with and without routing tables, and with EPLB replicas (bug class B.8: dispatch and the
+# weights must agree on which expert a token meets).
+
+# %%
+#| test dispatch_destinations
+def placements(E, S, backend, strategy, **kw):
+    par = ParallelConfig.make(1, S, enable_expert_parallel=True, all2all_backend=backend, enable_eplb=kw.pop("eplb", False))
+    cfg = MoEConfig(E, 2, 16, 16, routing_method="grouped_topk", num_expert_group=2, topk_group=1, parallel=par, **kw)
+    return [Placement.build(rank_config(cfg, r), strategy) for r in range(S)]
+for E, S, backend, strategy, kw in ((8, 2, "nixl_ep", "round_robin", {}), (9, 2, "nixl_ep", "round_robin", {}),
+                                    (10, 4, "none", "round_robin", {}), (9, 4, "allgather_reducescatter", "linear", {}),
+                                    (8, 2, "nixl_ep", "linear", dict(num_redundant_experts=2, eplb=True))):
+    ps = placements(E, S, backend, strategy, **kw)
+    ids = torch.arange(-1, ps[0].num_experts)[:, None].repeat(1, 2)           # every physical id, and -1
+    for p in ps:
+        rank, slot = dispatch_destinations(p, ids)
+        test_eq((rank.dtype, rank.shape), (torch.int64, ids.shape))
+        for r, q in enumerate(ps):                                           # r's own view: local exactly there
+            test_eq(torch.where(rank == r, slot, -1), q.local_slot(ids))
+test_eq(dispatch_destinations(ps[0], torch.tensor([[8, -1]]))[0].tolist(), [[1, -1]])   # replica 8 lives on rank 1
+test_fail(lambda: dispatch_destinations(ps[0], torch.tensor([[10]])), contains="topk_ids: expected ids in [-1, 10)")
+test_fail(lambda: dispatch_destinations("p", torch.tensor([[0]])), contains="placement: expected a Placement, got str")
+test_fail(lambda: dispatch_destinations(ps[0], torch.tensor([0])), contains="topk_ids: expected a 2-D tensor")
+
+# %% [markdown]
+# ### The send plan and the receive layout
+#
+# A sender orders its valid pairs by `(destination rank, slot, position)` and counts them per `(destination rank,
+# slot)`: one `[S, max_local]` table per rank (`max_local` is rank 0's expert count, the largest). Every rank
+# all-gathers every rank's table, so after one collective each rank holds the same `[S_send, S_recv, max_local]`
+# count table. From it alone the receiver knows where every arriving row goes: senders in rank order, each sender's
+# rows slot by slot, and within a slot the rows of earlier senders first. Nothing but the rows themselves needs to
+# travel afterwards — no ids, no slots.
+#
+# > **Capacity is decided by every rank at once.** The count table is identical on every rank, so each rank checks
+# > every other rank's capacity too and raises the same `ValueError` at the same point, before any row moves. A rank
+# > that raised alone would leave the others blocked in the next collective until the timeout; a silent truncation
+# > would drop tokens (bug class E.24). The capacity is vLLM's: at most `max_num_tokens_per_rank` tokens per rank, and
+# > so at most `max_num_tokens_per_rank · S` rows per local expert slab.
+
+# %%
+#| export
+def _send_plan(placement: Placement, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(order [n_send] int64 flat pair index t·top_k + k in send order, counts [S, max_local] int64)`."
+    dest_rank, dest_slot = dispatch_destinations(placement, topk_ids)
+    width = expert_block(placement.num_experts, placement.ep_size, 0)[1]    # rank 0 holds the most experts
+    key = (dest_rank * width + dest_slot).flatten()
+    valid = (dest_rank.flatten() >= 0).nonzero().flatten()
+    sorted_key, perm = torch.sort(key[valid], stable=True)                  # stable: token order within a slot
+    counts = torch.bincount(sorted_key, minlength=placement.ep_size * width).view(placement.ep_size, width)
+    return valid[perm], counts
+
+def _receive_layout(recv_table: torch.Tensor, num_local_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(rows [n_recv] int64: e·capacity + row of each arriving pair, senders [n_recv] int64)` from `recv_table [S, max_local]`."
+    cnt = recv_table[:, :num_local_experts]                                 # [S_send, E_local]
+    dev, flat = cnt.device, cnt.flatten()                                   # sender-major, as the rows arrive
+    base = cnt.cumsum(0) - cnt                                              # rows of slot e taken by earlier senders
+    start = torch.arange(num_local_experts, device=dev)[None, :] * capacity + base
+    chunk = flat.cumsum(0) - flat                                           # where each (sender, slot) chunk begins
+    within = torch.arange(int(flat.sum()), device=dev) - chunk.repeat_interleave(flat)
+    senders = torch.arange(cnt.shape[0], device=dev).repeat_interleave(num_local_experts).repeat_interleave(flat)
+    return start.flatten().repeat_interleave(flat) + within, senders
+
+# %%
+#| export
+def _check_count_table(table: torch.Tensor,       # [S_send, S_recv, max_local] int64, pairs per (sender, rank, slot)
+                       token_counts: list,        # tokens of each rank
+                       num_experts: int,          # physical experts placed
+                       max_num_tokens_per_rank: int) -> None:
+    "Raise the same ValueError on every rank when any rank's tokens or any slab's rows exceed the capacity."
+    S = len(token_counts)
+    over = [r for r, n in enumerate(token_counts) if n > max_num_tokens_per_rank]
+    if over:
+        raise ValueError(f"num_tokens: expected at most max_num_tokens_per_rank={max_num_tokens_per_rank} tokens on "
+                         f"every rank, got {token_counts} (ranks {over} over): capacity overflow, raised on every rank")
+    rows, cap = table.sum(0), max_num_tokens_per_rank * S                   # [S_recv, max_local] rows per slab
+    if rows.numel() and int(rows.max()) > cap:
+        r, e = divmod(int(rows.argmax()), rows.shape[1])
+        raise ValueError(f"expert_num_tokens: expected at most max_num_tokens_per_rank * num_ranks = {cap} rows per "
+                         f"local expert, got {int(rows.max())} for local expert {e} of rank {r}: capacity overflow, "
+                         f"raised on every rank")
+    for r in range(S):                                                      # pairs for slots a rank does not have
+        if rows[r, expert_block(num_experts, S, r)[1]:].any():
+            raise ValueError(f"placement: expected every rank to place {num_experts} experts the same way, got pairs "
+                             f"for a local slot rank {r} does not hold")
+
+# %% [markdown]
+# `slab_sources` runs the same plan in one process for a whole deployment — the placement and the `topk_ids` of every
+# rank — and returns, for each receiving rank, which rank's token fills every row of its slabs. It is what
+# `plot_dispatch` draws, and the distributed dispatch records the same table for the rows it really received, so the
+# figure and the tests agree with the real thing.
+
+# %%
+#| export
+def slab_sources(
+    placements: list,               # one Placement per rank, rank order
+    topk_ids: list,                 # one [T_r, top_k] int32/int64 tensor of dispatched ids per rank
+    max_num_tokens_per_rank: int,   # per-rank token cap; slabs hold max_num_tokens_per_rank · S rows
+) -> list:                          # per rank: [E_local, max_num_tokens_per_rank · S] int64, sender rank, -1 = padding
+    "Single-process emulation of the all-to-all dispatch: the sender of every slab row on every rank."
+    if not isinstance(placements, (list, tuple)) or not placements or not all(isinstance(p, Placement) for p in placements):
+        raise ValueError(f"placements: expected a non-empty list of Placement, got {placements!r:.80}")
+    S = len(placements)
+    if [(p.ep_size, p.ep_rank) for p in placements] != [(S, r) for r in range(S)]:
+        raise ValueError(f"placements: expected ranks 0..{S - 1} of one {S}-rank deployment, got "
+                         f"{[(p.ep_rank, p.ep_size) for p in placements]} as (rank, size)")
+    if not isinstance(topk_ids, (list, tuple)) or len(topk_ids) != S:
+        raise ValueError(f"topk_ids: expected a list of {S} tensors (one per rank), got {type(topk_ids).__name__}")
+    check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
+    plans = [_send_plan(p, ids) for p, ids in zip(placements, topk_ids)]
+    table = torch.stack([c.cpu() for _, c in plans])
+    _check_count_table(table, [len(i) for i in topk_ids], placements[0].num_experts, max_num_tokens_per_rank)
+    out, cap = [], max_num_tokens_per_rank * S
+    for r, p in enumerate(placements):
+        rows, senders = _receive_layout(table[:, r], p.num_local_experts, cap)
+        src = torch.full((p.num_local_experts * cap,), -1, dtype=torch.int64)
+        src[rows] = senders
+        out.append(src.view(p.num_local_experts, cap))
+    return out
+
+# %% [markdown]
+# Two ranks, two experts each (linear). Rank 0 sends tokens 0 and 1, rank 1 sends token 2; every row of a slab is
+# filled by sender order, and rows past `expert_num_tokens` are padding (`-1`). Capacity is checked first.
+
+# %%
+#| test slab_sources
+par = lambda r: ParallelConfig.make(1, 2, dp_rank=r, enable_expert_parallel=True, all2all_backend="nixl_ep")
+ps = [Placement.build(MoEConfig(4, 2, 16, 16, parallel=par(r))) for r in range(2)]
+ids = [torch.tensor([[0, 3], [0, 1]]), torch.tensor([[3, 0]])]              # experts 0, 1 on rank 0; 2, 3 on rank 1
+src = slab_sources(ps, ids, max_num_tokens_per_rank=2)
+test_eq([s.shape for s in src], [(2, 4), (2, 4)])
+test_eq(src[0].tolist(), [[0, 0, 1, -1], [0, -1, -1, -1]])                  # expert 0: rank 0 twice, then rank 1
+test_eq(src[1].tolist(), [[-1] * 4, [0, 1, -1, -1]])                        # expert 2 receives nothing
+test_eq([int((s >= 0).sum()) for s in src], [4, 2])                         # 6 pairs in all
+empty = slab_sources(ps, [ids[0][:0], ids[1][:0]], 1)                      # no tokens anywhere
+test_eq([int((s >= 0).sum()) for s in empty], [0, 0])
+test_fail(lambda: slab_sources(ps, ids, 1), contains="num_tokens: expected at most max_num_tokens_per_rank=1 tokens "
+          "on every rank, got [2, 1] (ranks [0] over): capacity overflow")
+dup = [torch.tensor([[0, 0], [0, 0]]), torch.tensor([[0, 0], [0, 0]])]      # duplicate ids: 8 rows for one slab
+test_fail(lambda: slab_sources(ps, dup, 2), contains="expert_num_tokens: expected at most max_num_tokens_per_rank * "
+          "num_ranks = 4 rows per local expert, got 8 for local expert 0 of rank 0")
+test_fail(lambda: slab_sources(ps[::-1], ids, 2), contains="placements: expected ranks 0..1 of one 2-rank deployment")
+test_fail(lambda: slab_sources(ps, ids[:1], 2), contains="topk_ids: expected a list of 2 tensors")
+test_fail(lambda: slab_sources([], ids, 2), contains="placements: expected a non-empty list of Placement")
+
+# %% [markdown]
+# ### A picture of the dispatch
+#
+# `plot_dispatch` draws, for each receiving rank, its slabs as rows (one per local expert, labelled with the global id
+# it holds) and their capacity as columns; a filled cell is coloured by the rank whose token it holds, padding is
+# left white.
+
+# %%
+#| export
+def plot_dispatch(
+    placements: list,               # one Placement per rank
+    topk_ids: list,                 # one [T_r, top_k] tensor of dispatched ids per rank
+    max_num_tokens_per_rank: int,   # per-rank token cap (slab capacity = this · S)
+):                                  # matplotlib Figure
+    "One panel per receiving rank: its slabs `[E_local, capacity]`, each row coloured by the rank that sent it."
+    sources = slab_sources(placements, topk_ids, max_num_tokens_per_rank)   # validates before importing matplotlib
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    S, cmap = len(placements), plt.get_cmap("tab10")
+    fig, axes = plt.subplots(S, 1, figsize=(8, 0.45 * sum(p.num_local_experts for p in placements) + 0.9 * S),
+                             squeeze=False)
+    for r, (ax, src, p) in enumerate(zip(axes[:, 0], sources, placements)):
+        img = torch.ones(*src.shape, 4)                                    # white padding
+        for s in range(S): img[src == s] = torch.tensor(cmap(s % 10), dtype=img.dtype)
+        ax.imshow(img.numpy(), aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(p.num_local_experts), [f"expert {int(g)}" for g in p.local_to_global])
+        ax.set_title(f"rank {r} receives {int((src >= 0).sum())} pairs into {p.num_local_experts} slabs of "
+                     f"{src.shape[1]} rows", fontsize=9)
+    axes[-1, 0].set_xlabel("slab row")
+    fig.legend(handles=[Patch(color=cmap(s % 10), label=f"token of rank {s}") for s in range(S)], loc="upper right",
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    return fig
+
+# %% [markdown]
+# Eight experts on four ranks, placed round robin (NIXL EP reads the routing tables), two experts per token, and
+# uneven batches — rank 1 has no tokens at all. Rank 1 still *receives* rows: dispatch goes by expert, not by sender.
+
+# %%
+g = torch.Generator().manual_seed(0)
+demo = MoEConfig(8, 2, 64, 32, routing_method="grouped_topk", num_expert_group=4, topk_group=2,
+                 parallel=ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+demo_placements = [Placement.build(rank_config(demo, r), "round_robin") for r in range(4)]
+demo_ids = [torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(n)]) if n else torch.empty(0, 2, dtype=torch.long)
+            for n in (6, 0, 3, 5)]
+fig = plot_dispatch(demo_placements, demo_ids, max_num_tokens_per_rank=6)
+fig
+
+# %%
+#| test plot_dispatch
+import matplotlib.pyplot as plt
+par = lambda r: ParallelConfig.make(1, 2, dp_rank=r, enable_expert_parallel=True, all2all_backend="nixl_ep")
+ps = [Placement.build(MoEConfig(4, 2, 16, 16, parallel=par(r))) for r in range(2)]
+fig = plot_dispatch(ps, [torch.tensor([[0, 3], [0, 1]]), torch.tensor([[3, 0]])], 2)
+test_eq([ax.get_title() for ax in fig.axes], ["rank 0 receives 4 pairs into 2 slabs of 4 rows",
+                                              "rank 1 receives 2 pairs into 2 slabs of 4 rows"])
+plt.close(fig)
+test_fail(lambda: plot_dispatch(ps, [torch.tensor([[0, 3]])], 2), contains="topk_ids: expected a list of 2 tensors")
+
+# %% [markdown]
+# ## Collectives with uneven row counts
+#
+# `all_gather` and `reduce_scatter` move equal-sized pieces, but ranks hold different numbers of tokens (zero
+# included). The count of each rank is all-gathered first; the pieces are then padded to the largest count, moved,
+# and the padding dropped. `all_to_all_single` takes split sizes, so the all-to-all needs no padding.
+#
+# > The helpers use `all_gather_single` / `reduce_scatter_single` where this torch has them (2.13 deprecates the
+# > `*_into_tensor` / `*_tensor` names) and the older names otherwise. When every rank has zero rows, every rank knows
+# > it from the counts and none calls the collective.
+
+# %%
+#| export
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+def _gather_counts(n: int, group, device) -> list:
+    "The value `n` of every rank of `group`, in rank order (one all-gather)."
+    out = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
+    _all_gather_into(out, torch.tensor([n], dtype=torch.int64, device=device), group=group)
+    return out.tolist()
+
+def _all_gather_rows(x: torch.Tensor, counts: list, group) -> torch.Tensor:
+    "All-gather `x [counts[rank], ...]` of every rank into `[sum(counts), ...]`: pad to the max, gather, unpad."
+    m, S = max(counts), len(counts)
+    if m == 0: return x.new_empty((0, *x.shape[1:]))
+    buf = x.new_zeros((m, *x.shape[1:]))
+    buf[:x.shape[0]] = x
+    out = x.new_empty((S * m, *x.shape[1:]))
+    _all_gather_into(out, buf, group=group)
+    keep = torch.cat([torch.arange(c, device=x.device) + r * m for r, c in enumerate(counts)])
+    return out[keep]
+
+# %%
+#| export
+def _reduce_scatter_rows(x: torch.Tensor, counts: list, group) -> torch.Tensor:
+    "Sum `x [sum(counts), ...]` over the ranks and keep this rank's rows `[counts[rank], ...]` (one reduce-scatter)."
+    m, S, rank = max(counts), len(counts), dist.get_rank(group)
+    if m == 0: return x.new_empty((0, *x.shape[1:]))
+    buf = x.new_zeros((S * m, *x.shape[1:]))
+    buf[torch.cat([torch.arange(c, device=x.device) + r * m for r, c in enumerate(counts)])] = x
+    out = x.new_empty((m, *x.shape[1:]))
+    _reduce_scatter(out, buf, group=group)
+    return out[:counts[rank]]
+
+def _all_to_all_rows(x: torch.Tensor, send_counts: list, recv_counts: list, group) -> torch.Tensor:
+    "Send `send_counts[r]` consecutive rows of `x` to rank r; receive `recv_counts[r]` from rank r, in rank order."
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+    return out
+
+# %% [markdown]
+# ## The Standard format: all-gather and reduce-scatter
+#
+# Both distributed prepare/finalize classes hand the experts a `DistributedPrepared`: the `Prepared` of `10_modular`
+# plus what finalize needs to send the rows back. They have the protocol attributes of `10_modular`'s classes, so
+# `ModularKernel(pf, make_experts(pf, impl))` composes them with any experts of their format, torch or Triton. Both
+# return each rank's *own* tokens, already summed over every rank's experts: `output_is_reduced` is True, and the
+# shared experts, which `ModularKernel` adds after finalize on the rank's own input, are added once per token.
+
+# %%
+#| export
+@dataclass
+class DistributedPrepared(Prepared):
+    "`Prepared` plus the bookkeeping the distributed finalize needs to return the rows to their ranks."
+    token_counts: list | None = None          # tokens of each rank of the group
+    send_order: torch.Tensor | None = None    # all-to-all: [n_send] int64, flat pair index t·top_k + k of each sent row
+    send_counts: list | None = None           # all-to-all: rows sent to each rank
+    recv_counts: list | None = None           # all-to-all: rows received from each rank
+    recv_rows: torch.Tensor | None = None     # all-to-all: [n_recv] int64, e·capacity + row of each received pair
+    total_pairs: int = 0                      # all-to-all: pairs dispatched by the whole group (0: nothing moves)
+
+# %%
+#| export
+def _check_group(group):
+    "`group` (None = the default group) after checking that torch.distributed is initialized."
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group: expected an initialized torch.distributed process group (call init_distributed, or "
+                         "run under torchrun), got none")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    return group
+
+def _group_device(group) -> torch.device:
+    "Where tensors of `group`'s collectives live: this process's GPU for NCCL, the CPU for gloo."
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+def _pad_columns(x: torch.Tensor, width: int | None) -> torch.Tensor:
+    "`x [n, H]` with zero columns up to the backend's wire size `width` (unchanged when None or equal)."
+    if width is None or width == x.shape[1]: return x
+    if width < x.shape[1]: raise ValueError(f"hidden: expected at most padded_hidden_size={width} columns, got {x.shape[1]}")
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+# %%
+#| export
+class AllGatherReduceScatterPrepareFinalize:
+    "Standard format over torch.distributed: all-gather the group's tokens and routing, reduce-scatter the outputs."
+    activation_format = ActivationFormat.Standard
+    output_is_reduced = True                     # finalize returns this rank's tokens summed over every rank's experts
+    max_num_tokens_per_rank = None               # no capacity: the gathered batch is as large as it needs to be
+
+    def __init__(self, group=None,                          # the EP group (None: the default group)
+                 topk_indices_dtype: torch.dtype = torch.int32,   # dtype of topk_ids the router should produce
+                 padded_hidden_size: int | None = None):    # wire width of the hidden rows (None: as they come)
+        self.group = _check_group(group)
+        self.num_dispatchers, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
+        self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
+        self.stats = {}                                     # what the last prepare moved (for reports)
+
+# %%
+#| export
+def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input):
+    "The arguments every distributed prepare needs, and a placement of this rank of this group."
+    _check_prepare_args(hidden, topk_weights, topk_ids, placement)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    if (placement.ep_size, placement.ep_rank) != (pf.num_dispatchers, pf.rank):
+        raise ValueError(f"placement: expected the placement of rank {pf.rank} of {pf.num_dispatchers}, got rank "
+                         f"{placement.ep_rank} of {placement.ep_size}")
+
+def _agrs_prepare(self, hidden: torch.Tensor,        # [T, H] this rank's tokens (T may be 0)
+                  topk_weights: torch.Tensor,        # [T, top_k] fp32
+                  topk_ids: torch.Tensor,            # [T, top_k] int32/int64 global (physical) ids, -1 = none
+                  placement: Placement,              # this rank's placement
+                  apply_router_weight_on_input: bool = False) -> DistributedPrepared:
+    "All-gather tokens `a [ΣT, H]`, weights and ids of the group; ids become this rank's local slots (or -1)."
+    _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
+    counts = _gather_counts(hidden.shape[0], self.group, hidden.device)
+    a = _all_gather_rows(_pad_columns(hidden, self.padded_hidden_size), counts, self.group)
+    wts = _all_gather_rows(topk_weights, counts, self.group)
+    local = placement.local_slot(_all_gather_rows(topk_ids, counts, self.group))
+    self.stats = {"tokens": hidden.shape[0], "pairs_sent": int((topk_ids >= 0).sum()),
+                  "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts)}
+    return DistributedPrepared(self.activation_format, a, wts, local_ids=local, hidden_size=hidden.shape[1],
+                               apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts)
+
+# %%
+#| export
+def _agrs_finalize(self, expert_out: torch.Tensor,   # [ΣT, H_wire] this rank's partial sums for every gathered token
+                   prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens, summed over ranks
+    "Reduce-scatter the partial outputs in fp32 (fp64 for fp64) and keep this rank's rows, unpadded."
+    check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
+    mine = _reduce_scatter_rows(expert_out.to(_acc_dtype(expert_out.dtype)), prepared.token_counts, self.group)
+    return mine[:, :prepared.hidden_size].to(expert_out.dtype)
+
+AllGatherReduceScatterPrepareFinalize.prepare = _agrs_prepare
+AllGatherReduceScatterPrepareFinalize.finalize = _agrs_finalize
+
+# %% [markdown]
+# > The partial outputs are reduced in fp32 (float64 for float64 layers), not in the activation dtype: summing `S`
+# > bf16-rounded partials in bf16 would add a rounding per rank. It doubles the reduce-scatter's bytes for bf16: a
+# > trade of bandwidth for accuracy that a bandwidth-bound deployment may want to make the other way.
+#
+# ## The BatchedExperts format: all-to-all
+#
+# Prepare: plan, all-gather the count tables, check capacity (the same answer on every rank), send each pair's row to
+# its owner with `all_to_all_single`, and write the arriving rows into the slabs. Slab rows past
+# `expert_num_tokens[e]` are NaN, so an experts kernel that reads padding is caught (as the reference dispatch of
+# `05_formats` does). With `apply_router_weight_on_input` the sender scales each pair's row before sending, once.
+
+# %%
+#| export
+class AllToAllBatchedPrepareFinalize:
+    "BatchedExperts over torch.distributed all-to-all: pairs to their expert's owner, outputs back to their sender."
+    activation_format = ActivationFormat.BatchedExperts
+    output_is_reduced = True                     # combine returns this rank's tokens with every slot summed
+
+    def __init__(self, max_num_tokens_per_rank: int,        # per-rank token cap; slabs hold this · num_dispatchers rows
+                 group=None,                                # the EP group (None: the default group)
+                 topk_indices_dtype: torch.dtype = torch.int64,   # DeepEP low-latency and NIXL EP take int64 ids
+                 padded_hidden_size: int | None = None):    # wire width of the hidden rows (None: as they come)
+        self.group = _check_group(group)
+        self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
+        self.num_dispatchers, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
+        self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
+        self.stats = {}
+
+    @property
+    def capacity(self) -> int:
+        "Rows of each local expert's slab: `max_num_tokens_per_rank · num_dispatchers` (DeepEP low-latency's sizing)."
+        return self.max_num_tokens_per_rank * self.num_dispatchers
+
+# %%
+#| export
+def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Placement) -> tuple[torch.Tensor, list]:
+    "All-gather every rank's `[S, max_local]` pair counts and token count; check capacity the same way on every rank."
+    S = pf.num_dispatchers
+    mine = torch.cat([counts.flatten(), torch.tensor([num_tokens], device=counts.device)])
+    table = _all_gather_rows(mine[None], [1] * S, pf.group).cpu()              # [S, S·max_local + 1]
+    token_counts, table = table[:, -1].tolist(), table[:, :-1].view(S, S, -1)  # [S_send, S_recv, max_local]
+    _check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
+    return table, token_counts
+
+# %%
+#| export
+def _a2a_prepare(self, hidden: torch.Tensor,        # [T, H] this rank's tokens (T may be 0)
+                 topk_weights: torch.Tensor,        # [T, top_k] fp32
+                 topk_ids: torch.Tensor,            # [T, top_k] int32/int64 global (physical) ids, -1 = none
+                 placement: Placement,              # this rank's placement
+                 apply_router_weight_on_input: bool = False) -> DistributedPrepared:
+    "Slabs `a [E_local, capacity, H_wire]` (padding NaN) and `expert_num_tokens [E_local]` int32 of this rank."
+    _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
+    (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
+    x = _pad_columns(hidden, self.padded_hidden_size)
+    order, counts = _send_plan(placement, topk_ids)
+    table, token_counts = _exchange_counts(self, counts, T, placement)        # counts first: sizes and capacity
+    send_counts, recv_counts = table[me].sum(1).tolist(), table[:, me].sum(1).tolist()
+    rows = x[order // k]
+    if apply_router_weight_on_input:                   # scaled once, at the sender (vLLM #43694 scaled twice)
+        acc = _acc_dtype(x.dtype)
+        rows = (rows.to(acc) * topk_weights.flatten()[order, None].to(acc)).to(x.dtype)
+    total = int(table.sum())
+    received = _all_to_all_rows(rows, send_counts, recv_counts, self.group) if total else rows[:0]
+    E, cap = placement.num_local_experts, self.capacity
+    recv_rows, senders = _receive_layout(table[:, me].to(dev), E, cap)
+    a = torch.full((E * cap, x.shape[1]), float("nan"), dtype=x.dtype, device=dev)
+    a[recv_rows] = received
+    expert_num_tokens = table[:, me, :E].sum(0).to(device=dev, dtype=torch.int32)
+    _record_a2a_stats(self, T, order, recv_rows, senders, expert_num_tokens, topk_ids, E)
+    return DistributedPrepared(self.activation_format, a.view(E, cap, -1), topk_weights, expert_num_tokens=expert_num_tokens,
+                               apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
+                               expected_m=max(1, total // placement.num_experts), token_counts=token_counts,
+                               send_order=order, send_counts=send_counts, recv_counts=recv_counts, recv_rows=recv_rows,
+                               total_pairs=total)
+
+# %% [markdown]
+# The statistics a report shows — and the tests compare with `slab_sources` — are kept by the last prepare.
+
+# %%
+#| export
+def _record_a2a_stats(pf, T, order, recv_rows, senders, expert_num_tokens, topk_ids, E):
+    "What the last all-to-all prepare moved: pairs each way, rows per expert, and the sender of every slab row."
+    src = torch.full((E * pf.capacity,), -1, dtype=torch.int64)
+    src[recv_rows.cpu()] = senders.cpu()
+    pf.stats = {"tokens": T, "pairs_sent": len(order), "pairs_received": len(recv_rows),
+                "expert_num_tokens": expert_num_tokens.tolist(), "slab_source": src.view(E, pf.capacity),
+                "topk_ids": topk_ids.cpu()}
+
+# %% [markdown]
+# Combine: every received row's expert output goes back to its sender in the order it arrived, so the sender gets its
+# pairs back in its own send order and adds them into its tokens, weighted, in fp32.
+
+# %%
+#| export
+def _a2a_finalize(self, expert_out: torch.Tensor,   # [E_local, capacity, H_wire]; rows >= expert_num_tokens unread
+                  prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens
+    "Send each received row's output back to its sender, who weights (unless applied on input) and sums in fp32."
+    E, cap, Hw = prepared.a.shape
+    check_tensor("expert_out", expert_out, shape=(E, cap, Hw))
+    out_rows = expert_out.reshape(E * cap, Hw)[prepared.recv_rows]          # valid rows only: padding never travels
+    back = (_all_to_all_rows(out_rows, prepared.recv_counts, prepared.send_counts, self.group)
+            if prepared.total_pairs else out_rows[:0])
+    (T, k), acc = prepared.topk_weights.shape, _acc_dtype(expert_out.dtype)
+    w = prepared.topk_weights.flatten()[prepared.send_order].to(acc)
+    if prepared.apply_router_weight_on_input: w = torch.ones_like(w)      # applied once, at dispatch
+    out = torch.zeros(T, Hw, dtype=acc, device=expert_out.device)
+    out.index_add_(0, prepared.send_order // k, back.to(acc) * w[:, None])
+    return out[:, :prepared.hidden_size].to(expert_out.dtype)               # the wire padding never leaks
+
+AllToAllBatchedPrepareFinalize.prepare = _a2a_prepare
+AllToAllBatchedPrepareFinalize.finalize = _a2a_finalize
+
+# %% [markdown]
+# ## Choosing the transport
+#
+# The factory reads the deployment's activation format — a read of the backend's record — and never the backend's
+# name: BatchedExperts gets the all-to-all, Standard the all-gather/reduce-scatter. On a deployment without all2all
+# (the `none` backend with several DP ranks) every rank must still see every token, which across processes *is* the
+# all-gather, so it gets that implementation too.
+#
+# DeepEP and NIXL EP are real libraries. When their record is chosen, `transport_note` says whether the library is
+# installed (an import check that does not import it) and which implementation serves the backend. moe-lit has no
+# adapter that drives them yet: the backend is served by moe-lit's implementation of the same contract, and the note
+# says so — `moe-lit explain` can show it.
+
+# %%
+#| export
+NATIVE_LIBRARIES = {n: d.native_library for n, d in BACKENDS.items() if d.native_library}   # read from the records
+
+def _installed(module: str) -> bool:
+    "Is `module` importable here (found by importlib, not imported)?"
+    try: return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError): return False
+
+# %%
+#| export
+def transport_note(config: MoEConfig) -> str:
+    "One sentence: which implementation carries `config`'s dispatch across processes, and the real library's status."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    d, fmt = config.backend, config.activation_format
+    impl = ("AllToAllBatchedPrepareFinalize (moe-lit's torch.distributed all-to-all into per-expert slabs)"
+            if fmt is ActivationFormat.BatchedExperts else
+            "AllGatherReduceScatterPrepareFinalize (moe-lit's torch.distributed all-gather / reduce-scatter)")
+    if config.ep_size == 1: return f"{d.name}: one rank, nothing travels; {impl} runs as a no-op exchange"
+    head = (f"{d.name}: {fmt.value} format served by {impl}" if config.use_all2all_kernels else
+            f"{d.name}: no all2all on this deployment, so every rank all-gathers every token: {impl}")
+    module = d.native_library
+    if module is None: return head
+    if _installed(module):
+        return f"{head}; the {module} library is installed, but moe-lit has no adapter for it yet, so it is not used"
+    return f"{head}; the {module} library is not installed (moe-lit's implementation of the same contract is used)"
+
+# %%
+#| test transport_note
+make = lambda name, dp=2: MoEConfig(8, 2, 16, 16, parallel=ParallelConfig.make(1, dp, enable_expert_parallel=True,
+                                                                               all2all_backend=name))
+for name, d in BACKENDS.items():
+    note = transport_note(make(name))
+    assert note.startswith(f"{name}: "), note
+    batched = d.moves_tokens and d.activation_format is ActivationFormat.BatchedExperts
+    assert ("AllToAllBatchedPrepareFinalize" in note) == batched, note      # the format decides, never the name
+    assert ("library" in note) == (name in NATIVE_LIBRARIES), note
+assert "no all2all on this deployment" in transport_note(make("none"))
+assert "deep_ep library is not installed" in transport_note(make("deepep_low_latency")) or importlib.util.find_spec("deep_ep")
+assert "one rank, nothing travels" in transport_note(make("nixl_ep", dp=1))
+test_fail(lambda: transport_note("nixl_ep"), contains="config: expected a MoEConfig, got str")
+
+# %%
+#| export
+def make_distributed_prepare_finalize(
+    config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
+    group=None,                               # the EP group (None: the default group)
+    max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
+):
+    "The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    group = _check_group(group)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if config.ep_size != size:
+        raise ValueError(f"config.parallel.ep_size: expected the group's world size {size}, got {config.ep_size}")
+    if config.ep_rank != rank:
+        raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
+    if config.activation_format is ActivationFormat.BatchedExperts:
+        cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
+        check_int("max_num_tokens_per_rank", cap, lo=1)
+        return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size)
+    return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size)
+
+# %% [markdown]
+# Outside a process group the factory and both classes say what is missing:
+
+# %%
+#| test factory_needs_a_group
+if not dist.is_initialized():
+    cfg = MoEConfig(8, 2, 16, 16)
+    test_fail(lambda: make_distributed_prepare_finalize(cfg), contains="group: expected an initialized torch.distributed")
+    test_fail(lambda: AllToAllBatchedPrepareFinalize(4), contains="group: expected an initialized torch.distributed")
+    test_fail(lambda: AllGatherReduceScatterPrepareFinalize(), contains="group: expected an initialized")
+test_fail(lambda: make_distributed_prepare_finalize("cfg"), contains="config: expected a MoEConfig, got str")
+
+# %% [markdown]
+# ## Joining the process group
+#
+# `init_distributed` reads what `torchrun` puts in the environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+# `MASTER_PORT`, `LOCAL_RANK`) and joins with a timeout, so a collective that waits for a dead or stuck peer fails
+# instead of hanging. Without a GPU it uses gloo and the CPU; with GPUs, NCCL and one GPU per process, the one named by
+# `LOCAL_RANK`. Run without torchrun (none of the variables set) it makes a one-process group.
+
+# %%
+#| export
+def _free_port() -> int:
+    "A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+# %%
+#| export
+def init_distributed(timeout_s: float = 600.0,      # seconds a collective may wait for its peers
+                     backend: str | None = None,    # 'gloo' or 'nccl'; None: NCCL with a GPU, else gloo
+                    ) -> tuple[int, int, torch.device]:   # (rank, world size, this process's device)
+    "Join the process group torchrun's environment describes (or a one-process group without it)."
+    check_positive_real("timeout_s", timeout_s)
+    backend = ("nccl" if torch.cuda.is_available() else "gloo") if backend is None else backend
+    check_choice("backend", backend, ("gloo", "nccl"))
+    if backend == "nccl" and not torch.cuda.is_available(): raise ValueError("backend: expected 'gloo' without a CUDA GPU, got 'nccl'")
+    if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), _group_device(None)   # already joined
+    names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [n for n in names if n not in os.environ]
+    if missing and len(missing) < len(names):
+        raise ValueError(f"environment: expected {', '.join(names)} (torchrun sets them), got {missing} unset")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if backend == "nccl":
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK: expected < {torch.cuda.device_count()} (one GPU per process), got {local}")
+        device = torch.device("cuda", local); torch.cuda.set_device(device)
+    kw = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1) if missing else {}
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+    return dist.get_rank(), dist.get_world_size(), device
+
+# %% [markdown]
+# ## The main job across processes
+#
+# `run_distributed` is the main job of `moe-lit run` on real processes. Every rank
+#
+# 1. takes its config from the deployment (`rank_config`: DP rank `r` of `S`, EP on) and builds its `Placement`;
+# 2. generates only its own experts' weights (`RandomExpertWeights`: expert `g` depends only on `(seed, g)`; under
+#    EPLB a physical slot `p` holds logical expert `p % num_experts`, vLLM's initial EPLB map);
+# 3. takes its share of the tokens — the batch is drawn from the shared seed exactly as `moe-lit run` draws it, so
+#    both commands see the same tokens — and routes them with the replicated router (EPLB: each logical id then goes
+#    to one of its physical replicas, `map_to_physical`);
+# 4. runs `ModularKernel(make_distributed_prepare_finalize(...), experts)` and gets its own tokens' output.
+#
+# Rank 0 gathers every rank's output and routing, and computes the single-process result the existing way — the
+# Standard path over all experts, streamed in chunks of experts into an fp32 accumulator, and the same in float64 —
+# from the logical routing the ranks used. It then checks the distributed output against both, with the package's one
+# `assert_close` policy.
+
+# %%
+#| export
+def split_tokens(num_tokens: int,   # tokens in the whole batch
+                 num_ranks: int,    # ranks sharing it
+                ) -> list:          # tokens of each rank
+    "Split a batch over ranks as evenly as possible, the first `num_tokens % num_ranks` ranks taking one more."
+    check_int("num_tokens", num_tokens, lo=0); check_int("num_ranks", num_ranks, lo=1)
+    base, rem = divmod(num_tokens, num_ranks)
+    return [base + (r < rem) for r in range(num_ranks)]
+
+# %%
+#| test split_tokens
+test_eq(split_tokens(11, 4), [3, 3, 3, 2])
+test_eq(split_tokens(1, 3), [1, 0, 0])
+test_eq(split_tokens(0, 2), [0, 0])
+test_fail(lambda: split_tokens(-1, 2), contains="num_tokens: expected >= 0, got -1")
+test_fail(lambda: split_tokens(4, 0), contains="num_ranks: expected >= 1, got 0")
+
+# %%
+#| export
+@dataclass
+class DistributedRun:
+    "What `run_distributed` returns on every rank; the references and the report on rank 0 only."
+    config: MoEConfig                       # this rank's config
+    placement: Placement                    # this rank's placement
+    token_counts: list                      # tokens of each rank
+    output_local: torch.Tensor              # [T_rank, H] config.dtype: this rank's tokens' output
+    rank_stats: list                        # per rank: what its prepare moved, weights_s and forward_s (seconds)
+    experts: tuple = ("torch", "")          # (implementation, reason)
+    prepare_finalize: str = ""              # class name of the prepare/finalize
+    output: torch.Tensor | None = None          # [T, H] config.dtype, every rank's output in rank order (CPU)
+    topk_weights: torch.Tensor | None = None    # [T, top_k] fp32, every rank's router weights
+    topk_ids: torch.Tensor | None = None        # [T, top_k] int64, the logical ids every rank routed to
+    single_device: torch.Tensor | None = None   # rank 0: [T, H] config.dtype, the single-process result
+    reference: torch.Tensor | None = None       # rank 0: [T, H] float64
+    report: dict | None = None                  # rank 0: JSON-ready report
+
+# %%
+#| export
+def _local_weights(cfg: MoEConfig, place: Placement, weights: RandomExpertWeights, device):
+    "This rank's `(w13, w2)` padded to the wire width, and its shared experts (None without)."
+    logical = (place.local_to_global % cfg.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
+    w13, w2 = weights.experts(logical)
+    pad = cfg.padded_hidden_size - cfg.hidden_size                  # the backend's wire width: zero columns
+    if pad: w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
+    shared = weights.shared()
+    return w13.to(device), w2.to(device), None if shared is None else SharedExperts(*(t.to(device) for t in shared))
+
+def _tokens(config: MoEConfig, num_tokens: int, seed: int) -> torch.Tensor:
+    "The batch `[num_tokens, H]` in config.dtype on the CPU, drawn as `moe-lit run` draws it (seed + 7)."
+    return torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7)).to(config.dtype)
+
+def _route(cfg: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor):
+    "`(topk_weights [T, top_k] fp32, logical topk_ids [T, top_k] int64)` from the replicated router."
+    gate, bias = weights.router()
+    logits = hidden.float() @ gate.to(hidden.device).T
+    wts, ids = select_experts(cfg, logits, None if bias is None else bias.to(hidden.device))
+    return wts, ids.long()
+
+def _to_physical(cfg: MoEConfig, logical: torch.Tensor) -> torch.Tensor:
+    "EPLB: one physical replica per logical id (`map_to_physical`); otherwise unchanged. In the backend's id dtype."
+    if cfg.num_redundant_experts:
+        l2p, count = eplb_replicas(cfg.num_experts, cfg.num_redundant_experts, cfg.ep_size)
+        logical = map_to_physical(logical, l2p.to(logical.device), count.to(logical.device))
+    return logical.to(cfg.topk_indices_dtype)
+
+# %%
+#| export
+def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor, wts, ids):
+    "`(single [T, H] config.dtype, reference [T, H] float64)`: all experts in chunks, fp32 and float64 accumulation."
+    T, L = hidden.shape[0], config.num_experts
+    acc = _acc_dtype(config.dtype)
+    single, ref = torch.zeros(T, config.hidden_size, dtype=acc), torch.zeros(T, config.hidden_size, dtype=torch.float64)
+    kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
+    step = max(1, -(-L // max(1, config.ep_size)))                  # one rank's worth of experts alive at a time
+    for lo in range(0, L, step):
+        chunk = list(range(lo, min(L, lo + step)))
+        w13, w2 = weights.experts(chunk)
+        emap = torch.full((L,), -1, dtype=torch.long); emap[chunk] = torch.arange(len(chunk))
+        local = torch.where(ids >= 0, emap[ids.clamp(min=0)], -1)
+        moe_reference_standard(hidden, w13, w2, wts, local, accumulate_into=single, **kw)
+        moe_reference_standard(hidden.double(), w13, w2, wts, local, accumulate_into=ref, **kw)
+    shared = weights.shared()
+    if shared is not None:
+        single += SharedExperts(*shared)(hidden).to(acc); ref += expert_mlp(hidden.double(), *shared)
+    return single.to(config.dtype), ref
+
+# %%
+#| export
+def run_distributed(config: MoEConfig,                 # the model on its deployment: parallel.ep_size = world size
+                    num_tokens: int = 64,              # tokens in the whole batch, split over the ranks
+                    placement: str = "linear",         # requested placement: 'linear' or 'round_robin'
+                    seed: int = 0,                     # seed of the weights and the tokens (shared by every rank)
+                    experts: str = "auto",             # 'auto', 'torch' or 'triton'
+                    token_counts: list | None = None,  # tokens of each rank (sum = num_tokens); None: split_tokens
+                    max_num_tokens_per_rank: int | None = None,   # batched capacity; None: config.max_num_tokens
+                    group=None) -> DistributedRun:     # the EP group (None: the default group)
+    "The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result."
+    rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
+    device, cfg, t0 = _group_device(group), rank_config(config, rank), time.perf_counter()
+    place, weights = Placement.build(cfg, placement), RandomExpertWeights(config, seed)
+    w13, w2, shared = _local_weights(cfg, place, weights, device)
+    hidden_all = _tokens(config, num_tokens, seed)
+    hidden = hidden_all[sum(counts[:rank]):sum(counts[:rank + 1])].to(device)
+    wts, logical = _route(cfg, weights, hidden)
+    ids = _to_physical(cfg, logical)
+    pf = make_distributed_prepare_finalize(cfg, group, max_num_tokens_per_rank)
+    impl = resolve_experts(experts, pf.activation_format, device)
+    mk, t1 = ModularKernel(pf, make_experts(pf, impl[0]), shared), time.perf_counter()
+    stages = {}                                             # dispatch (prepare), experts, combine (finalize) seconds
+    out = mk(hidden, w13, w2, wts, ids, place, cfg.apply_router_weight_on_input, timings=stages)
+    if device.type == "cuda": torch.cuda.synchronize()
+    stats = dict(pf.stats, weights_s=t1 - t0, forward_s=time.perf_counter() - t1, **stages)
+    run = DistributedRun(cfg, place, counts, out, [None] * S, impl, type(pf).__name__)
+    dist.all_gather_object(run.rank_stats, stats, group=group)
+    run.output, run.topk_weights, run.topk_ids = (_all_gather_rows(t, counts, group).cpu() for t in (out, wts, logical))
+    if rank == 0: _finish_on_rank0(run, config, weights, hidden_all, placement, seed, dist.get_backend(group), device)
+    return run
+
+# %%
+#| export
+def _check_run_args(config, num_tokens, seed, token_counts, group) -> tuple[int, int, list]:
+    "`(rank, world size, tokens of each rank)` after checking the arguments of `run_distributed`."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    group = _check_group(group)
+    rank, S = dist.get_rank(group), dist.get_world_size(group)
+    if config.ep_size != S:
+        raise ValueError(f"config.parallel.ep_size: expected the group's world size {S}, got {config.ep_size}")
+    check_int("num_tokens", num_tokens, lo=0, hi=65537); check_int("seed", seed, lo=0)
+    counts = split_tokens(num_tokens, S) if token_counts is None else _check_token_counts(token_counts, num_tokens, S)
+    return rank, S, counts
+
+def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
+    "`token_counts` as a list of `num_ranks` ints >= 0 summing to `num_tokens`."
+    if not isinstance(token_counts, (list, tuple)) or len(token_counts) != num_ranks:
+        raise ValueError(f"token_counts: expected a list of {num_ranks} ints (one per rank), got {token_counts!r}")
+    counts = [check_int("token_counts[r]", n, lo=0) for n in token_counts]
+    if sum(counts) != num_tokens: raise ValueError(f"token_counts: expected a sum of num_tokens={num_tokens}, got {counts}")
+    return counts
+
+def _check(actual: torch.Tensor, reference: torch.Tensor, dtype) -> dict:
+    "assert_close as data: `{max_rel_err, rtol, ok, detail}`."
+    try: assert_close(actual, reference, dtype=dtype); ok, msg = True, ""
+    except AssertionError as e: ok, msg = False, str(e)
+    a, b = actual.double(), reference.double()
+    rel = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
+    return {"max_rel_err": rel, "rtol": tolerance(dtype), "ok": ok, "detail": msg}
+
+# %% [markdown]
+# On rank 0 the run is checked and reported. For the batched format, the slab layout each rank really received is also
+# compared with `slab_sources` computed from the ids the ranks dispatched — the figure above is the real dispatch.
+
+# %%
+#| export
+def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement, seed, backend, device) -> None:
+    "Rank 0: the single-process result, the checks and the report, stored in `run`."
+    t0, S, cfg = time.perf_counter(), len(run.token_counts), run.config
+    run.single_device, run.reference = _single_process(config, weights, hidden_all, run.topk_weights, run.topk_ids)
+    batched = cfg.activation_format is ActivationFormat.BatchedExperts
+    slabs_ok = None
+    if batched:
+        places = [Placement.build(rank_config(config, r), placement) for r in range(S)]
+        want = slab_sources(places, [s["topk_ids"] for s in run.rank_stats], run.rank_stats[0]["slab_source"].shape[1] // S)
+        slabs_ok = all(torch.equal(w, s["slab_source"]) for w, s in zip(want, run.rank_stats))
+    routed_here = _route(config, weights, hidden_all)[1]            # the whole batch routed in one process
+    run.report = {"model": config.name, "world_size": S, "process_group": backend, "device": str(device),
+                  "all2all_backend": cfg.backend.name, "activation_format": cfg.activation_format.value,
+                  "transport": transport_note(cfg), "prepare_finalize": run.prepare_finalize,
+                  "experts": {"implementation": run.experts[0], "reason": run.experts[1]},
+                  "placement": {"requested": placement, "strategy": run.placement.strategy, "reason": run.placement.reason},
+                  "num_tokens": sum(run.token_counts), "tokens_per_rank": run.token_counts, "seed": seed,
+                  "pairs_sent_per_rank": [s["pairs_sent"] for s in run.rank_stats],
+                  "pairs_received_per_rank": [s["pairs_received"] for s in run.rank_stats],
+                  "expert_num_tokens_per_rank": [s["expert_num_tokens"] for s in run.rank_stats] if batched else None,
+                  "slab_layout_matches_emulation": slabs_ok,
+                  "routing_same_as_single_process": bool(torch.equal(routed_here, run.topk_ids)),
+                  "check": {"distributed_vs_float64": _check(run.output, run.reference, config.dtype),
+                            "single_process_vs_float64": _check(run.single_device, run.reference, config.dtype),
+                            "distributed_vs_single_process": _check(run.output, run.single_device.double(), config.dtype)},
+                  "timing": {"weights_s_per_rank": [s["weights_s"] for s in run.rank_stats],
+                             "forward_s_per_rank": [s["forward_s"] for s in run.rank_stats],
+                             **{f"{k}_per_rank": [s.get(k) for s in run.rank_stats]
+                                for k in ("prepare_s", "experts_s", "finalize_s")},
+                             "reference_s": time.perf_counter() - t0}}
+
+# %% [markdown]
+# The report as text, for `main` (and, later, `moe-lit run --distributed`):
+
+# %%
+#| export
+def format_distributed_report(report: dict) -> str:
+    "The report of `run_distributed` as a few lines of text."
+    if not isinstance(report, dict) or "check" not in report:
+        raise ValueError(f"report: expected the report dict of run_distributed (rank 0), got {type(report).__name__}")
+    r, c, t = report, report["check"], report["timing"]
+    verdict = lambda x: f"{'ok' if x['ok'] else 'FAILED'} (max rel err {x['max_rel_err']:.2e}, rtol {x['rtol']:g})"
+    procs = f"{r['world_size']} process" + ("es" if r["world_size"] > 1 else "")
+    lines = [f"moe-lit distributed: {r['model'] or 'model'} on {procs} ({r['process_group']}, {r['device']})",
+             f"  deployment   all2all {r['all2all_backend']!r} -> {r['activation_format']} format",
+             f"  transport    {r['transport']}",
+             f"  experts      {r['experts']['implementation']} ({r['experts']['reason']})",
+             f"  placement    {r['placement']['strategy']} ({r['placement']['reason']})",
+             f"  tokens       {r['num_tokens']} in all, per rank {r['tokens_per_rank']}",
+             f"  pairs        sent per rank {r['pairs_sent_per_rank']}, received per rank {r['pairs_received_per_rank']}"]
+    if r["expert_num_tokens_per_rank"] is not None:            # the text abridges; the report keeps every count
+        rows = [f"{min(n, default=0)}-{max(n, default=0)} ({n.count(0)} empty)" for n in r["expert_num_tokens_per_rank"]]
+        lines.append(f"  slabs        rows per local expert, per rank: {', '.join(rows)}; layout matches the "
+                     f"emulation: {r['slab_layout_matches_emulation']}")
+    lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
+              f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",
+              f"               single process vs float64: {verdict(c['single_process_vs_float64'])}",
+              f"  time         forward {max(t['forward_s_per_rank']):.3f} s (slowest rank), weights "
+              f"{max(t['weights_s_per_rank']):.3f} s, reference on rank 0 {t['reference_s']:.3f} s"]
+    return "\n".join(lines)
+
+# %% [markdown]
+# ## Launching processes from Python
+#
+# Tests (and notebooks) start their own processes: `launch` runs a module-level function on `world_size` fresh Python
+# processes joined by torch.distributed, the way `torchrun` would (same environment variables, one free port), and
+# returns each rank's result. It never waits forever:
+#
+# - every collective has a timeout (`collective_timeout_s`), so a rank waiting for a dead peer fails by itself;
+# - when a rank fails, the others get a short grace period to notice and exit with their own error — gloo notices a
+#   closed peer at once — then the launcher kills what is left;
+# - a hard deadline (`timeout_s`) kills every process still running and raises `DistributedTimeoutError`.
+#
+# Every rank's error is collected, so the exception says which rank failed first and how the others stopped.
+
+# %%
+#| export
+class DistributedJobError(RuntimeError):
+    "A launched job failed: `errors` maps each failed rank to its error text; `pids` are the processes (all ended)."
+    def __init__(self, message: str, errors: dict, pids: list):
+        super().__init__(message)
+        self.errors, self.pids = errors, pids
+
+class DistributedTimeoutError(DistributedJobError, TimeoutError):
+    "A launched job was still running at its deadline: every process was killed."
+
+_WORKER = "import sys; from moe_lit.distributed import worker_main; worker_main(sys.argv[1])"
+
+# %%
+#| export
+def _describe_failure(e: BaseException) -> str:
+    "A rank's error, saying plainly when it only stopped because a peer failed or timed out."
+    text = f"{type(e).__name__}: {e}".strip()
+    peer = isinstance(e, getattr(dist, "DistBackendError", ())) or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out", "NCCL")))
+    return f"stopped in a collective because a peer rank failed or timed out ({text.splitlines()[0][:300]})" if peer else text
+
+def worker_main(spec_path: str) -> None:
+    "The entry point of a process started by `launch`: join the group, run the job, write the result or the error."
+    with open(spec_path, "rb") as f: spec = pickle.load(f)
+    rank, out = int(os.environ["RANK"]), spec["out"]
+    try:
+        init_distributed(spec["collective_timeout_s"], spec["backend"])
+        result = spec["fn"](**spec["kwargs"])
+        part = os.path.join(out, f"rank{rank}.part")
+        torch.save(result, part)
+        os.replace(part, os.path.join(out, f"rank{rank}.pt"))    # the launcher never reads a half-written result
+    except BaseException as e:                        # a rank that fails must leave, not wait in the next collective
+        traceback.print_exc()
+        with open(os.path.join(out, f"rank{rank}.err"), "w") as f: f.write(_describe_failure(e))
+        sys.stdout.flush(); sys.stderr.flush(); os._exit(1)
+    dist.destroy_process_group()
+
+# %%
+#| export
+def _worker_env(rank: int, world_size: int, port: int) -> dict:
+    "The environment torchrun would give rank `rank`, plus the package's path, one thread and no progress bars."
+    import moe_lit
+    root = os.path.dirname(os.path.dirname(os.path.abspath(moe_lit.__file__)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+               LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), MOE_LIT_PROGRESS="0")
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env.setdefault("OMP_NUM_THREADS", "1")            # as torchrun does: N processes must not fight over the cores
+    return env
+
+def _wait(procs: list, timeout_s: float, grace_s: float) -> tuple[list, bool]:
+    "Poll until all exit; after the first failure allow `grace_s` more; kill what is left at the deadline."
+    deadline, failed = time.monotonic() + timeout_s, False
+    while any(p.poll() is None for p in procs):
+        if not failed and any(p.poll() not in (None, 0) for p in procs):
+            failed, deadline = True, min(deadline, time.monotonic() + grace_s)
+        if time.monotonic() > deadline:
+            killed = [r for r, p in enumerate(procs) if p.poll() is None]
+            for r in killed: procs[r].kill()
+            for p in procs: p.wait()
+            return killed, not failed
+        time.sleep(0.02)
+    return [], False
+
+# %%
+#| export
+def _job_error(name, tmp, procs, killed, timed_out, timeout_s) -> DistributedJobError:
+    "The exception for a failed or timed-out job, with every rank's error (or its log's tail)."
+    errors = {}
+    for r, p in enumerate(procs):
+        err, log = os.path.join(tmp, f"rank{r}.err"), os.path.join(tmp, f"rank{r}.log")
+        if os.path.exists(err): errors[r] = open(err).read()
+        elif r in killed: errors[r] = ("still running at the deadline" if timed_out else "still running after the "
+                                       "grace period that followed another rank's failure") + ": killed by the launcher"
+        elif p.returncode != 0:
+            tail = open(log, errors="replace").read()[-1500:] if os.path.exists(log) else ""
+            errors[r] = f"exited with status {p.returncode} without an error report; log tail:\n{tail}"
+    pids = [p.pid for p in procs]
+    if timed_out:
+        return DistributedTimeoutError(f"distributed job {name!r}: ranks {killed} still running after {timeout_s:g} s "
+                                       f"(a hang); every process was killed", errors, pids)
+    detail = "; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items(), key=lambda re: "peer rank" in re[1]))
+    return DistributedJobError(f"distributed job {name!r} failed on ranks {sorted(errors)}: {detail}", errors, pids)
+
+# %%
+#| export
+def launch(fn,                                  # a module-level function the workers can import (e.g. run_cases)
+           world_size: int,                     # processes to start
+           timeout_s: float = 120.0,            # hard deadline for the whole job (s); then everything is killed
+           backend: str = "gloo",               # 'gloo' (CPU) or 'nccl' (one GPU per process)
+           collective_timeout_s: float | None = None,   # timeout of each collective (s); None: timeout_s / 2
+           **kwargs) -> list:                   # fn(**kwargs) of every rank, in rank order
+    "Run `fn(**kwargs)` on `world_size` fresh processes joined by torch.distributed; raise if any rank fails or hangs."
+    name, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if name == "__main__" and "<" not in qual:                 # this notebook's copy of an exported job: the module's
+        fn = getattr(importlib.import_module("moe_lit.distributed"), qual, fn)
+        name = getattr(fn, "__module__", None)
+    if not callable(fn) or name in (None, "__main__") or "<" in qual:
+        raise ValueError(f"fn: expected a module-level function the worker processes can import, got {fn!r}")
+    check_int("world_size", world_size, lo=1, hi=257); check_positive_real("timeout_s", timeout_s)
+    check_choice("backend", backend, ("gloo", "nccl"))
+    coll = timeout_s / 2 if collective_timeout_s is None else check_positive_real("collective_timeout_s", collective_timeout_s)
+    with tempfile.TemporaryDirectory(prefix="moe_lit_launch_") as tmp:
+        spec = os.path.join(tmp, "spec.pkl")
+        with open(spec, "wb") as f:
+            pickle.dump({"fn": fn, "kwargs": kwargs, "backend": backend, "collective_timeout_s": coll, "out": tmp}, f)
+        port, procs = _free_port(), []
+        for r in range(world_size):
+            with open(os.path.join(tmp, f"rank{r}.log"), "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, spec], env=_worker_env(r, world_size, port),
+                                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        killed, timed_out = _wait(procs, timeout_s, grace_s=coll + 10.0)
+        if timed_out or killed or any(p.returncode for p in procs):
+            raise _job_error(qual, tmp, procs, killed, timed_out, timeout_s)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+# %% [markdown]
+# ### Jobs
+#
+# The functions `launch` runs must be importable by the workers, so they live here, not in test cells: `run_cases`
+# runs `run_distributed` once per case on every rank (process start-up is the expensive part, so one launch checks
+# many cases), `failing_job` and `sleeping_job` fail and hang on purpose, and `world_one_job` drives both
+# prepare/finalize classes at world size 1 (the NCCL check on one GPU).
+
+# %%
+#| export
+def run_cases(cases: list) -> list:
+    "Job: `run_distributed(**case)` per case on every rank; rank 0 returns outputs and references, the others stats."
+    out = []
+    for case in cases:
+        kw = dict(case); name, expect = kw.pop("name"), kw.pop("expect_error", None)
+        try: run = run_distributed(**kw)
+        except ValueError as e:                              # consistent errors only: every rank raises the same
+            if expect is None or expect not in str(e): raise
+            out.append({"name": name, "error": str(e)}); continue
+        if expect is not None: raise AssertionError(f"{name}: expected a ValueError containing {expect!r}, got none")
+        res = {"name": name, "pairs_received": run.rank_stats[dist.get_rank()]["pairs_received"]}
+        if run.report is not None:
+            res.update(output=run.output, reference=run.reference, single_device=run.single_device, report=run.report,
+                       dispatched=[s.get("topk_ids") for s in run.rank_stats])
+        out.append(res)
+    return out
+
+def failing_job(fail_rank: int, config: MoEConfig) -> None:
+    "Job: one healthy run on every rank, then rank `fail_rank` raises while the others start the next run."
+    run_distributed(config, num_tokens=4)
+    if dist.get_rank() == fail_rank: raise RuntimeError(f"injected failure on rank {fail_rank}")
+    run_distributed(config, num_tokens=4)                    # the others wait in a collective for the dead rank
+
+def sleeping_job(seconds: float) -> None:
+    "Job: hang (sleep) — for the test that a hang fails within the launcher's deadline."
+    time.sleep(seconds)
+
+# %%
+#| export
+def world_one_job(experts: str = "triton") -> list:
+    "Job at world size 1: both prepare/finalize classes around `experts`, vs the float64 reference; plus run_distributed."
+    device, g = _group_device(None), torch.Generator().manual_seed(3)
+    cfg = MoEConfig(8, 2, 64, 32, dtype=torch.bfloat16, num_shared_experts=1, name="world-one")
+    place, weights = Placement.build(cfg), RandomExpertWeights(cfg, 1)
+    w13, w2, shared = _local_weights(cfg, place, weights, device)
+    hidden = torch.randn(13, 64, generator=g).to(device=device, dtype=cfg.dtype)
+    wts, ids = _route(cfg, weights, hidden)
+    ref = moe_reference_standard(hidden.double().cpu(), w13.cpu(), w2.cpu(), wts.cpu(), ids.cpu())
+    ref = ref + expert_mlp(hidden.double().cpu(), shared.w13.cpu(), shared.w2.cpu())
+    out = []
+    for pf in (AllGatherReduceScatterPrepareFinalize(), AllToAllBatchedPrepareFinalize(16)):
+        mk = ModularKernel(pf, make_experts(pf, experts), shared)
+        got = mk(hidden, w13, w2, wts, ids.to(pf.topk_indices_dtype), place)
+        out.append({"name": f"{type(pf).__name__}/{experts}", "output": got.cpu(), "reference": ref})
+    run = run_distributed(cfg, num_tokens=9, experts=experts)
+    out.append({"name": f"run_distributed/{experts}", "output": run.output, "reference": run.reference})
+    return out
+
+# %% [markdown]
+# ### The test sweep
+#
+# `sweep_cases` lists the cases the multi-process tests run, for a given world size: every backend × both placements
+# (each resolved the way the record allows), uneven token counts with a rank that has none, a batch with no tokens at
+# all, a single token so that every other rank *receives* nothing, EPLB replicas (twice, with the ranks' batches
+# swapped so different replicas serve the same tokens), bf16 with a shared expert and router weights applied on the
+# input in both formats, the Triton experts (in the interpreter on a CPU), and an overflow that must raise on every
+# rank. Hidden size 24 is dispatched as 2048 by the batched backends, so the padding path is in every batched case.
+
+# %%
+#| export
+def sweep_cases(world_size: int,        # ranks of the launch
+                triton: bool = False,   # include cases with the Triton experts (the interpreter on a CPU)
+               ) -> list:               # kwargs of run_distributed, plus 'name' and 'expect_error'
+    "The cases of the multi-process test sweep at `world_size` (see above)."
+    check_int("world_size", world_size, lo=2, hi=9); check_bool("triton", triton)
+    S = world_size
+    def cfg(backend, eplb=False, **kw):
+        base = dict(num_experts=8, top_k=2, hidden_size=24, intermediate_size=16, dtype=torch.float32, max_num_tokens=8,
+                    routing_method="grouped_topk", num_expert_group=4, topk_group=2, name="sweep")
+        par = ParallelConfig.make(1, S, enable_expert_parallel=True, all2all_backend=backend, enable_eplb=eplb)
+        return MoEConfig(**{**base, **kw}, parallel=par)
+    uneven = [7, 0] + [3 + r for r in range(S - 2)]                         # rank 1 has no tokens
+    cases = [dict(name=f"{b}/{p}", config=cfg(b), num_tokens=sum(uneven), token_counts=uneven, placement=p, seed=1)
+             for b in BACKENDS for p in ("linear", "round_robin")]
+    one = [0] * S; one[S - 1] = 1
+    replicated = cfg("nixl_ep", eplb=True, num_redundant_experts=S)     # S extra physical copies: 8 + S split evenly
+    cases += [dict(name="no tokens anywhere", config=cfg("deepep_low_latency"), num_tokens=0),
+              dict(name="no tokens anywhere/standard", config=cfg("allgather_reducescatter"), num_tokens=0),
+              dict(name="one token: other ranks receive nothing", config=cfg("nixl_ep", top_k=1), num_tokens=1, token_counts=one),
+              dict(name="eplb", config=replicated, num_tokens=3 * S, token_counts=[2] * (S - 1) + [S + 2], seed=2),
+              dict(name="eplb/other replicas", config=replicated, num_tokens=3 * S, token_counts=[S + 2] + [2] * (S - 1),
+                   seed=2)]
+    for b in ("allgather_reducescatter", "deepep_low_latency"):
+        c = cfg(b, dtype=torch.bfloat16, num_shared_experts=1, apply_router_weight_on_input=True)
+        cases.append(dict(name=f"{b}/bf16 shared on-input", config=c, num_tokens=3 * S, placement="round_robin"))
+    if triton: cases += [dict(name=f"{b}/triton", config=cfg(b), num_tokens=2 * S, experts="triton")
+                         for b in ("allgather_reducescatter", "nixl_ep")]
+    cases.append(dict(name="overflow", config=cfg("nixl_ep"), num_tokens=9 + S, token_counts=[10] + [1] * (S - 1),
+                      expect_error="capacity overflow"))
+    return cases
+
+# %% [markdown]
+# ## Tests in one process
+#
+# In one process, without torchrun's variables, `init_distributed` joins a one-process gloo group. That is enough to
+# check, without starting any process, that both prepare/finalize classes compute the layer and that bad arguments
+# are refused with a clear message from inside a group:
+
+# %%
+#| test one_process_group
+if not dist.is_initialized() and not any(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+    test_eq(init_distributed(timeout_s=60, backend="gloo"), (0, 1, torch.device("cpu")))
+    try:
+        test_eq(init_distributed(), (0, 1, torch.device("cpu")))            # already joined: the same group
+        for res in world_one_job(experts="torch"): assert_close(res["output"], res["reference"], name=res["name"])
+        two = MoEConfig(8, 2, 16, 16, parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+        test_fail(lambda: make_distributed_prepare_finalize(two), contains="config.parallel.ep_size: expected the "
+                  "group's world size 1, got 2")
+        test_fail(lambda: run_distributed(two), contains="config.parallel.ep_size: expected the group's world size 1")
+        one = MoEConfig(8, 2, 16, 16)
+        test_fail(lambda: run_distributed(one, 4, token_counts=[3]), contains="token_counts: expected a sum of num_tokens=4, got [3]")
+        test_fail(lambda: run_distributed(one, 4, placement="zigzag"), contains="strategy: expected one of")
+        test_fail(lambda: run_distributed(one, -1), contains="num_tokens: expected >= 0, got -1")
+        test_fail(lambda: AllToAllBatchedPrepareFinalize(0), contains="max_num_tokens_per_rank: expected >= 1, got 0")
+        test_fail(lambda: AllGatherReduceScatterPrepareFinalize(topk_indices_dtype=torch.float32),
+                  contains="topk_indices_dtype: expected one of")
+        h, w, i, p1 = torch.randn(3, 16), torch.rand(3, 2), torch.zeros(3, 2, dtype=torch.long), Placement.build(rank_config(two, 1))
+        test_fail(lambda: AllToAllBatchedPrepareFinalize(4).prepare(h, w, i, p1),
+                  contains="placement: expected the placement of rank 0 of 1, got rank 1 of 2")
+        test_fail(lambda: AllGatherReduceScatterPrepareFinalize().prepare(h[0], w, i, p1), contains="hidden: expected a 2-D")
+    finally: dist.destroy_process_group()
+if not any(v in os.environ for v in ("RANK", "WORLD_SIZE")):               # a half-set torchrun environment
+    os.environ["RANK"] = "0"
+    try: test_fail(lambda: init_distributed(), contains="environment: expected RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
+    finally: del os.environ["RANK"]
+
+# %% [markdown]
+# ## Tests across processes
+#
+# Two ranks, then four, on gloo: every case's gathered output is compared with the float64 reference and with the
+# single-process result; a rank that received nothing is seen; the EPLB runs used replicas and still agree; the
+# overflow raised the same error on every rank; and each batched run's real slab layout equals the emulation's.
+
+# %%
+#| test distributed_world_2
+t0 = time.monotonic()
+results = launch(run_cases, 2, timeout_s=180, cases=sweep_cases(2, triton=not torch.cuda.is_available()))
+for res in results[0]:
+    if "error" in res: continue
+    for key, want in (("output", res["reference"]), ("single_device", res["reference"])):
+        assert_close(res[key], want, name=f"{res['name']} {key}")
+    assert_close(res["output"], res["single_device"].double(), name=f"{res['name']} vs single process")
+    assert res["report"]["slab_layout_matches_emulation"] in (True, None), res["name"]
+by_name = {r["name"]: r for r in results[0]}
+test_eq(by_name["nixl_ep/round_robin"]["report"]["placement"]["strategy"], "round_robin")
+test_eq(by_name["allgather_reducescatter/round_robin"]["report"]["placement"]["strategy"], "linear")
+test_eq(by_name["nixl_ep/linear"]["report"]["tokens_per_rank"], [7, 0])
+assert 0 in by_name["one token: other ranks receive nothing"]["report"]["pairs_received_per_rank"]
+assert any((d >= 8).any() for d in by_name["eplb"]["dispatched"] + by_name["eplb/other replicas"]["dispatched"])
+for rank_results in results:                                       # the overflow raised on EVERY rank
+    assert "capacity overflow, raised on every rank" in {r["name"]: r for r in rank_results}["overflow"]["error"]
+print(f"{len(results[0])} cases on 2 ranks in {time.monotonic() - t0:.1f} s")
+
+# %%
+#| test distributed_world_4
+t0 = time.monotonic()
+results = launch(run_cases, 4, timeout_s=240, cases=sweep_cases(4))
+for res in results[0]:
+    if "error" in res: continue
+    assert_close(res["output"], res["reference"], name=res["name"])
+    assert_close(res["output"], res["single_device"].double(), name=f"{res['name']} vs single process")
+    assert res["report"]["check"]["distributed_vs_float64"]["ok"], res["name"]
+    assert res["report"]["slab_layout_matches_emulation"] in (True, None), res["name"]
+by_name = {r["name"]: r for r in results[0]}
+test_eq(by_name["deepep_low_latency/linear"]["report"]["tokens_per_rank"], [7, 0, 3, 4])
+test_eq(sum(by_name["nixl_ep/round_robin"]["report"]["pairs_received_per_rank"]), 14 * 2)
+assert by_name["one token: other ranks receive nothing"]["report"]["pairs_received_per_rank"].count(0) == 3
+test_eq([{r["name"]: r for r in rr}["overflow"]["error"] for rr in results], [results[0][-1]["error"]] * 4)
+print(f"{len(results[0])} cases on 4 ranks in {time.monotonic() - t0:.1f} s")
+
+# %% [markdown]
+# A rank that fails makes every rank exit with a clear error — its own, or "a peer rank failed" — well within the
+# deadline, and nobody is killed: the ranks noticed by themselves. A hang fails the launch at its deadline and kills
+# the processes, so it can never block CI.
+
+# %%
+#| test failing_rank_stops_every_rank
+cfg = MoEConfig(8, 2, 24, 16, dtype=torch.float32, max_num_tokens=8,
+                parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+t0 = time.monotonic()
+try: launch(failing_job, 2, timeout_s=120, collective_timeout_s=30, fail_rank=1, config=cfg); raise AssertionError("no error")
+except DistributedJobError as e: err = e
+assert not isinstance(err, DistributedTimeoutError) and time.monotonic() - t0 < 60
+test_eq(sorted(err.errors), [0, 1])                                  # both ranks reported an error of their own
+assert err.errors[1] == "RuntimeError: injected failure on rank 1", err.errors
+assert err.errors[0].startswith("stopped in a collective because a peer rank failed"), err.errors
+assert str(err).startswith("distributed job 'failing_job' failed on ranks [0, 1]: rank 1: RuntimeError: injected")
+
+# %%
+#| test hang_fails_at_the_deadline
+t0 = time.monotonic()
+try: launch(sleeping_job, 1, timeout_s=6, seconds=3600); raise AssertionError("no timeout")
+except DistributedTimeoutError as e: err = e
+assert time.monotonic() - t0 < 20 and "still running after 6 s (a hang); every process was killed" in str(err)
+for pid in err.pids:                                                  # nothing is left behind
+    test_fail(lambda: os.kill(pid, 0), exc=ProcessLookupError)
+
+# %%
+#| test launch_bad_input
+test_fail(lambda: launch(lambda: 0, 2), contains="fn: expected a module-level function the worker processes can import")
+test_fail(lambda: launch(run_cases, 0, cases=[]), contains="world_size: expected >= 1, got 0")
+test_fail(lambda: launch(run_cases, 2, timeout_s=0, cases=[]), contains="timeout_s: expected a finite number > 0")
+test_fail(lambda: launch(run_cases, 2, backend="mpi", cases=[]), contains="backend: expected one of ['gloo', 'nccl']")
+test_fail(lambda: sweep_cases(1), contains="world_size: expected >= 2, got 1")
+test_fail(lambda: format_distributed_report({}), contains="report: expected the report dict of run_distributed")
+test_fail(lambda: init_distributed(timeout_s=-1), contains="timeout_s: expected a finite number > 0")
+test_fail(lambda: init_distributed(backend="mpi"), contains="backend: expected one of ['gloo', 'nccl'], got 'mpi'")
+
+# %% [markdown]
+# On a GPU: NCCL at world size 1, with the Triton experts, through both prepare/finalize classes and the main job.
+
+# %%
+#| test nccl_world_1
+#| gpu
+for res in launch(world_one_job, 1, timeout_s=300, backend="nccl", experts="triton")[0]:
+    assert_close(res["output"], res["reference"], name=res["name"])
+if torch.cuda.device_count() >= 2:                                   # a machine with two GPUs: the sweep on NCCL too
+    for res in launch(run_cases, 2, timeout_s=300, backend="nccl", cases=sweep_cases(2, triton=True))[0]:
+        if "error" not in res: assert_close(res["output"], res["reference"], name=f"nccl {res['name']}")
+
+# %% [markdown]
+# ## A run, and its report
+#
+# One small run on two processes, as `torchrun` would start it; rank 0's report:
+
+# %%
+demo_cfg = MoEConfig(8, 2, 64, 32, dtype=torch.float32, routing_method="grouped_topk", num_expert_group=4, topk_group=2,
+                     name="tiny-grouped", parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
+                                                                       all2all_backend="nixl_ep"))
+demo_results = launch(run_cases, 2, timeout_s=120, cases=[dict(name="demo", config=demo_cfg, num_tokens=10,
+                                                               placement="round_robin")])
+print(format_distributed_report(demo_results[0][0]["report"]))
+
+# %% [markdown]
+# ## The torchrun entry point
+#
+# `main` is what `torchrun ... -m moe_lit.distributed` runs on every process: a few options, the model from the
+# presets, the deployment `--ep N` data-parallel ranks with EP on (`N` = the number of processes). Exit status: 0, 1
+# when a check fails, 2 on bad input (the same on every rank: each rank validates the same arguments).
+
+# %%
+#| export
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m moe_lit.distributed",
+                                 description="The moe-lit main job on N processes (one EP rank each).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
+    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (default)")
+    ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
+                    help="all2all backend; None: allgather_reducescatter with more than one rank, else none")
+    ap.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help="expert placement")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens in the whole batch, split over the ranks")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokens")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="None: the model's own")
+    ap.add_argument("--experts", default="auto", choices=["auto", "triton", "torch"], help="auto: Triton on a GPU")
+    ap.add_argument("--max-tokens-per-rank", type=int, default=None, help="batched capacity; None: the model's")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait for its peers")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    return ap
+
+# %%
+#| export
+def main(argv: list | None = None) -> int:
+    "`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report."
+    args = _parser().parse_args(argv)
+    try: rank, world, _ = init_distributed(args.timeout)
+    except ValueError as e: print(f"moe-lit distributed: error: {e}", file=sys.stderr); return 2
+    try:
+        ep = world if args.ep is None else args.ep
+        if ep != world: raise ValueError(f"--ep: expected the number of processes ({world}), got {ep}")
+        all2all = args.all2all or ("allgather_reducescatter" if ep > 1 else "none")
+        cfg = preset(args.model, ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=all2all))
+        if args.dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype])
+        run = run_distributed(cfg, args.tokens, args.placement, args.seed, args.experts,
+                              max_num_tokens_per_rank=args.max_tokens_per_rank)
+    except ValueError as e:                             # every rank says it: torchrun may stop the others first
+        sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {e}\n"); sys.stderr.flush()   # one write: no interleaving
+        dist.destroy_process_group(); return 2
+    status = 0
+    if rank == 0:
+        print(json.dumps(run.report, indent=1) if args.json else format_distributed_report(run.report), flush=True)
+        status = 0 if all(c["ok"] for c in run.report["check"].values()) else 1
+    dist.destroy_process_group()
+    return status
+
+# %%
+#| export
+#| eval: false
+if __name__ == "__main__": sys.exit(main())
