@@ -144,7 +144,9 @@ def quantize_fp8(x: torch.Tensor,                  # [..., N, K] (weights) or [.
     check_choice("granularity", granularity, ("tensor", "channel", "token", "block"))
     _check_block(block)
     if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
-    scale = (_group_amax(x, granularity, block) / FP8_MAX).clamp(min=_TINY)
+    amax = _group_amax(x, granularity, block)
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=_TINY)   # a tensor divisor: torch's CUDA division by a
+                                                                      # Python scalar multiplies by 1/448, 1 ulp off
     q = (x.float() / _expand(scale, x.shape, granularity, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 

@@ -578,7 +578,7 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
         if granularity == "tensor":
             amax = torch.zeros(E, dtype=torch.float32, device=x.device)
             _quantize_fp8_rows_kernel[grid](x3, q, s, amax, counts, *args, 0, 0, MODE=1, **common)
-            s.copy_((amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny).view(E, 1, 1))
+            s.copy_((amax / torch.full_like(amax, FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny).view(E, 1, 1))
             _quantize_fp8_rows_kernel[grid](x3, q, s, amax, counts, *args, 1, 0, MODE=2, **common)
         else:
             _quantize_fp8_rows_kernel[grid](x3, q, s, s, counts, *args, s.stride(0), s.stride(1), MODE=0, **common)

@@ -18,7 +18,7 @@ from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, 
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
-from moe_lit.layer import run_emulated_ep, rank_config
+from moe_lit.layer import run_emulated_ep, rank_config, check_tolerance
 from moe_lit.distributed import transport_note
 from moe_lit.testing import assert_close, tolerance
 
@@ -185,12 +185,6 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "max |a - b| / max |b| (0 for an all-zero b)."
     a, b = a.double(), b.double()
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
-
-def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementation: str = "torch") -> tuple[float, float]:
-    "`(rtol, minimum cosine)` of a run's output against its float64 reference: the dtype's, wider where w8a8 rounds activations."
-    rtol = tolerance(dtype)
-    if quant.startswith("fp8_w8a8") and implementation == "triton_quant": return max(rtol, 0.1), 0.995
-    return rtol, 0.999
 
 def _check(actual, reference, dtype, quant: str = "unquantized", implementation: str = "torch") -> dict:
     rtol, cos_min = check_tolerance(dtype, quant, implementation)

@@ -345,7 +345,7 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
         s[e, : (n if granularity != "tensor" else 1)] = se.reshape(-1, G)
     return (q[0], s[0]) if expert_num_tokens is None else (q, s)
 
-# %% ../../nbs/09a_kernels.quant.ipynb #48ea4dbedd82
+# %% ../../nbs/09a_kernels.quant.ipynb #f1056914b2fb
 def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous), float
                              granularity: str,           # 'tensor', 'token' or 'group' (1 x group_k)
                              expert_num_tokens: torch.Tensor | None = None,  # [E] int32: valid rows (batched)
@@ -373,7 +373,7 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
         if granularity == "tensor":
             amax = torch.zeros(E, dtype=torch.float32, device=x.device)
             _quantize_fp8_rows_kernel[grid](x3, q, s, amax, counts, *args, 0, 0, MODE=1, **common)
-            s.copy_((amax / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny).view(E, 1, 1))
+            s.copy_((amax / torch.full_like(amax, FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny).view(E, 1, 1))
             _quantize_fp8_rows_kernel[grid](x3, q, s, amax, counts, *args, 1, 0, MODE=2, **common)
         else:
             _quantize_fp8_rows_kernel[grid](x3, q, s, s, counts, *args, s.stride(0), s.stride(1), MODE=0, **common)
