@@ -635,23 +635,24 @@ test_fail(lambda: fp8_quantize_activations(x, "token", cnt + 30), contains="expe
 # > not fold the add back into the dot when `max_num_imprecise_acc` is non-zero (`CombineDotAddFPattern`, Triton 3.x).
 # > The block scheme needs the per-tile product anyway, to apply that tile's scales.
 #
-# > **FP4 unpacking.** A byte tile `[BLOCK_N, BLOCK_K/2]` is split into low and high nibbles and interleaved along K
-# > (`tl.interleave`), so column `2j` is the low nibble of byte `j` — the nibble order of `09_quant`. The e2m1 value
-# > is computed from the code's bits without a table: exponent `e` and mantissa `m` give `0.5·m` when `e = 0` and
-# > `(2 + m)·2^(e−2)` otherwise. The group scale multiplies through a `[BLOCK_N, BLOCK_K/G, G]` view, the e8m0 scale
-# > becomes `2^(s−127)` by placing `s` in an fp32 exponent field, and the NVFP4 global scale is left to the epilogue:
-# > `code · block scale` is at most 6 · 448 and exact in bf16 and fp16, so the bf16 weight tile equals the fp32
-# > dequantized weight divided by the global scale.
+# > **FP4 unpacking.** The byte tile is loaded K-major, `[BLOCK_K/2, BLOCK_N]`, and never interleaved: the low
+# > nibbles hold the even K columns and the high nibbles the odd ones (the nibble order of `09_quant`), so the
+# > activation tile is split the same way (`tl.split` of an `[BLOCK_M, BLOCK_K/2, 2]` view) and each half gets its own
+# > `tl.dot`. A code becomes a number with three integer operations and no table: its exponent and mantissa bits are
+# > placed in an fp16's exponent and mantissa fields, which makes an exact fp16 equal to the e2m1 value times 2^-14
+# > (the e2m1 subnormal 0.5 lands on an fp16 subnormal); the 2^14 is folded into the group scale. The scale tile is
+# > loaded with one address per byte column (repeats hit the L1 cache) instead of reshaping the weight tile. The e8m0
+# > scale becomes `2^(s−127)` by placing `s` in an fp32 exponent field, and the NVFP4 global scale is left to the
+# > epilogue: `code · block scale` is at most 6 · 448 and exact in bf16 and fp16, so the bf16 weight tile equals the
+# > fp32 dequantized weight divided by the global scale.
 
 # %%
 #| export
 @triton.jit
-def _e2m1_to_f32(code):
-    "fp32 value of 4-bit e2m1 codes (sign in bit 3): 0.5·m for exponent 0, else (2 + m)·2^(e−2)."
-    c = code & 7
-    e, m = c >> 1, c & 1
-    mag = tl.where(e == 0, m * 2, (2 + m) << e).to(tl.float32) * 0.25
-    return tl.where((code & 8) != 0, -mag, mag)
+def _e2m1_fp16(code):
+    "e2m1 `code` (uint8, sign in bit 3) as the fp16 whose value is the e2m1 value times 2^-14 (exact, 0.5 included)."
+    c = code.to(tl.uint16)
+    return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
 
 # %%
 #| export
@@ -679,16 +680,15 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
         acc += part
     else:                                                         # FP4 w4a16: e2m1 codes, two a byte
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
-                    mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)            # [BLOCK_N, BLOCK_K/2] uint8
-        v = _e2m1_to_f32(tl.interleave(b & 0xF, b >> 4))                                # [BLOCK_N, BLOCK_K]
-        offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
-        s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
-                    mask=row_ok[:, None] & (offs_g * GROUP_K < 2 * K_W)[None, :], other=0)
+        ok = (offs_b < K_W)[:, None] & row_ok[None, :]
+        b = tl.load(w_ptr + rows[None, :] * stride_wn + offs_b[:, None] * stride_wk, mask=ok, other=0)  # [BLOCK_K/2, BLOCK_N]
+        s = tl.load(ws_ptr + rows[None, :] * stride_wsn + (offs_b // (GROUP_K // 2))[:, None] * stride_wsk, mask=ok, other=0)
         if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)           # e8m0: 2^(s − 127)
         else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                      # e4m3 block scale (as uint8)
-        v = tl.reshape(tl.reshape(v, (v.shape[0], BLOCK_K // GROUP_K, GROUP_K)) * s[:, :, None], (v.shape[0], BLOCK_K))
-        acc = tl.dot(a, tl.trans(v.to(a.dtype)), acc, input_precision=PRECISION)
+        s = s * 16384.0                                                                 # _e2m1_fp16 is value · 2^-14
+        a_lo, a_hi = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))             # even, odd K columns
+        acc = tl.dot(a_lo, (_e2m1_fp16(b & 0xF).to(tl.float32) * s).to(a.dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(a_hi, (_e2m1_fp16(b >> 4).to(tl.float32) * s).to(a.dtype), acc, input_precision=PRECISION)
     return acc
 
 # %%

@@ -379,16 +379,14 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
             _quantize_fp8_rows_kernel[grid](x3, q, s, s, counts, *args, s.stride(0), s.stride(1), MODE=0, **common)
     return (q[0], s[0]) if expert_num_tokens is None else (q, s)
 
-# %% ../../nbs/09a_kernels.quant.ipynb #1e60fc018218
+# %% ../../nbs/09a_kernels.quant.ipynb #80b03ea804e1
 @triton.jit
-def _e2m1_to_f32(code):
-    "fp32 value of 4-bit e2m1 codes (sign in bit 3): 0.5·m for exponent 0, else (2 + m)·2^(e−2)."
-    c = code & 7
-    e, m = c >> 1, c & 1
-    mag = tl.where(e == 0, m * 2, (2 + m) << e).to(tl.float32) * 0.25
-    return tl.where((code & 8) != 0, -mag, mag)
+def _e2m1_fp16(code):
+    "e2m1 `code` (uint8, sign in bit 3) as the fp16 whose value is the e2m1 value times 2^-14 (exact, 0.5 included)."
+    c = code.to(tl.uint16)
+    return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
 
-# %% ../../nbs/09a_kernels.quant.ipynb #691fe44d068f
+# %% ../../nbs/09a_kernels.quant.ipynb #5e12e404ef7e
 @triton.jit
 def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
                   a,          # [BLOCK_M, BLOCK_K] activations: float8 (FMT 0/1), bf16/fp16 (fp32 when interpreted)
@@ -413,16 +411,15 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
         acc += part
     else:                                                         # FP4 w4a16: e2m1 codes, two a byte
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
-                    mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)            # [BLOCK_N, BLOCK_K/2] uint8
-        v = _e2m1_to_f32(tl.interleave(b & 0xF, b >> 4))                                # [BLOCK_N, BLOCK_K]
-        offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
-        s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
-                    mask=row_ok[:, None] & (offs_g * GROUP_K < 2 * K_W)[None, :], other=0)
+        ok = (offs_b < K_W)[:, None] & row_ok[None, :]
+        b = tl.load(w_ptr + rows[None, :] * stride_wn + offs_b[:, None] * stride_wk, mask=ok, other=0)  # [BLOCK_K/2, BLOCK_N]
+        s = tl.load(ws_ptr + rows[None, :] * stride_wsn + (offs_b // (GROUP_K // 2))[:, None] * stride_wsk, mask=ok, other=0)
         if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)           # e8m0: 2^(s − 127)
         else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                      # e4m3 block scale (as uint8)
-        v = tl.reshape(tl.reshape(v, (v.shape[0], BLOCK_K // GROUP_K, GROUP_K)) * s[:, :, None], (v.shape[0], BLOCK_K))
-        acc = tl.dot(a, tl.trans(v.to(a.dtype)), acc, input_precision=PRECISION)
+        s = s * 16384.0                                                                 # _e2m1_fp16 is value · 2^-14
+        a_lo, a_hi = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))             # even, odd K columns
+        acc = tl.dot(a_lo, (_e2m1_fp16(b & 0xF).to(tl.float32) * s).to(a.dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(a_hi, (_e2m1_fp16(b >> 4).to(tl.float32) * s).to(a.dtype), acc, input_precision=PRECISION)
     return acc
 
 # %% ../../nbs/09a_kernels.quant.ipynb #f439213f1dda
