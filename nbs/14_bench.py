@@ -490,3 +490,27 @@ plot_bench(h200)
 # whole experts stage of rank 0 (graph replay), pair blocks win at T = 1, 2, 4 (72 vs 85, 88 vs 100, 94 vs 100 µs)
 # and lose from T = 8 on (289 vs 281, 546 vs 476 µs), when pairs start to share experts and a shared expert's
 # weights are read once per pair: `TritonExperts` switches at 32 pairs (T = 4 at top-8).
+
+# %% [markdown]
+# ### Quantized weights at decode, H200
+#
+# `nbs/bench/quant_bench_h200_498b446.json` (commit 498b446, same card, 2026-11-29): GEMM1 + SiLU-and-mul of the
+# quantized kernels against the weight-bytes floor, with the bf16 batched kernel of the same run for comparison.
+
+# %%
+quant = json.loads(_find_results("bench/quant_bench_h200_498b446.json").read_text())
+print(format_bench_quant(quant["quant"]))
+
+# %% [markdown]
+# **Interpretation.** FP8 w8a8 reads half the bytes of bf16 and runs 1.3–1.8× faster than the bf16 kernel on the
+# large decode rows (DeepSeek-V3 contiguous 259 vs 465 µs, 86.5% of its floor; Mixtral 267 µs, 82.8%; gpt-oss 605 µs,
+# 82.3%); on Qwen3-30B-A3B, whose GEMM is small (95 µs floor), the separate activation-quantization launch and the
+# 16-row tiles leave it at 42–46% and no faster than bf16. The FP4 w4a16 kernels are **not yet fast**: 14–22% of
+# their floor, 1.2–2× *slower* than bf16 on the large rows although they read 0.53–0.56 bytes per weight. They are
+# bound by the per-element dequantization in the K loop, not by memory: every weight element is decoded, scaled and
+# converted once per program, and at decode there is one M tile per expert, so nothing amortizes it. The first
+# version (interleaved nibbles, arithmetic decode, the scale applied through a reshaped weight tile) measured 6.6–11%
+# (`bench_h200_5412918.log`); splitting the K tile into even/odd dots, decoding through fp16 bit fields and loading
+# the scale per byte column doubled it. Closing the rest needs a cheaper dequantization per element — a pre-shuffled
+# weight layout so that one 32-bit load yields eight codes converted with packed `f16x2` arithmetic (as the Marlin
+# kernels do), or Blackwell's native FP4 tensor cores — and is open work.
