@@ -19,8 +19,8 @@ from .distributed import transport_note
 from .testing import assert_close, tolerance
 
 # %% auto #0
-__all__ = ['DTYPES', 'build_config', 'all2all_note', 'dispatch_hidden_size', 'run_report', 'format_report', 'tables_report',
-           'format_tables', 'explain_report', 'format_explain', 'main']
+__all__ = ['DTYPES', 'QUANT_ALIASES', 'build_config', 'all2all_note', 'dispatch_hidden_size', 'run_report', 'format_report',
+           'tables_report', 'format_tables', 'explain_report', 'format_explain', 'main']
 
 # %% ../nbs/15_cli.ipynb #1e314efd6c02
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -297,9 +297,10 @@ def _tables_lines(t: dict) -> list[str]:
         lines += [f"rank {q['rank']}: local_to_global {q['local_to_global']}", f"        expert_map {q['expert_map']}"]
     return lines
 
-# %% ../nbs/15_cli.ipynb #7e5e471aaa1b
+# %% ../nbs/15_cli.ipynb #39502d1211d0
 _HELP = {
-    "--quant": "quantize the experts at load: FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
+    "--quant": "quantize the experts at load (short names fp8, mxfp4, nvfp4 = fp8_w8a8_block, mxfp4_w4a16, nvfp4_w4a16): "
+               "FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
                "16-bit activations (MXFP4, NVFP4); the check compares with the dequantized weights",
     "--ep": "expert-parallel ranks (devices) in all",
     "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
@@ -317,7 +318,13 @@ _HELP = {
     "--seed": "seed of the random weights and hidden states: the same seed gives the same numbers",
 }
 
-# %% ../nbs/15_cli.ipynb #630f979f5de2
+# %% ../nbs/15_cli.ipynb #0ab45ef78c93
+QUANT_ALIASES = {"fp8": "fp8_w8a8_block", "mxfp4": "mxfp4_w4a16", "nvfp4": "nvfp4_w4a16"}   # the common checkpoints
+
+def _quant_scheme(name: str) -> str:
+    "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES`."
+    return QUANT_ALIASES.get(name, name)
+
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     "The options `run` and `tables` share: the model and the deployment."
     src = p.add_mutually_exclusive_group()
@@ -335,13 +342,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_HELP["--device"])
     p.add_argument("--tokens", type=int, default=64, help=_HELP["--tokens"])
     p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
-    p.add_argument("--quant", default="unquantized", choices=list(QUANT_SCHEMES), help=_HELP["--quant"])
+    p.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=list(QUANT_SCHEMES), help=_HELP["--quant"])
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
                    help="run across the processes torchrun started (one EP rank each; --ep defaults to their number)")
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
-# %% ../nbs/15_cli.ipynb #1d92c11fbfdb
+# %% ../nbs/15_cli.ipynb #ad19f490338a
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
@@ -357,7 +364,8 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("explain", help="the resolved properties and the oracle's decision table for a deployment",
                         formatter_class=fmt)
     _add_deployment_args(ex)
-    ex.add_argument("--quant", default="unquantized", choices=list(QUANT_SCHEMES), help="weight/activation quantization")
+    ex.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=list(QUANT_SCHEMES),
+                    help="weight/activation quantization (short names: " + ", ".join(f"{k} = {v}" for k, v in QUANT_ALIASES.items()) + ")")
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")

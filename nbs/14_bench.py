@@ -480,8 +480,10 @@ plot_bench(h200)
 # 70%, and the per-expert loop collapses when there are many small experts (7% on Qwen3: launch-bound). At prefill,
 # compute-bound, the contiguous kernel reaches 90.0% of the floor (the floor uses cuBLAS's 8192³ rate measured in the
 # same run, 694 TFLOP/s) with its weight tile read through a tensor descriptor; the batched kernel 87.1%, cuBLAS's
-# per-expert loop 89.3%, `torch._grouped_mm` 79.0%. Prefill rows move by ±4 points between runs (clocks under a
-# sustained compute load): the contiguous prefill measured 79.0% in the tuning run at f606edd and 90.8% in its sweep.
+# per-expert loop 89.3%, `torch._grouped_mm` 79.0%. Prefill rows move between runs: the contiguous prefill measured
+# 79.0% (f606edd), 90.0% (dba5a43) and 76.7% (5412918, `bench_h200_5412918.log`, a run whose cuBLAS reference rate
+# came out at 742 TFLOP/s instead of 685–694, which tightens the floor by 7%); the batched prefill 82.5%, 87.1% and
+# 79.7%. At the 80% bar the prefill row is met in one run of three — not reliably.
 #
 # The decode table at the end separates what a Python caller pays (eager, launches included) from what the GPU does
 # (the same calls replayed as a CUDA graph). On the GPU `moe_align_block_size` costs 8.8 µs and the one-launch

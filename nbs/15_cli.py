@@ -522,7 +522,8 @@ test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the 
 # %%
 #| export
 _HELP = {
-    "--quant": "quantize the experts at load: FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
+    "--quant": "quantize the experts at load (short names fp8, mxfp4, nvfp4 = fp8_w8a8_block, mxfp4_w4a16, nvfp4_w4a16): "
+               "FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
                "16-bit activations (MXFP4, NVFP4); the check compares with the dequantized weights",
     "--ep": "expert-parallel ranks (devices) in all",
     "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
@@ -542,6 +543,12 @@ _HELP = {
 
 # %%
 #| export
+QUANT_ALIASES = {"fp8": "fp8_w8a8_block", "mxfp4": "mxfp4_w4a16", "nvfp4": "nvfp4_w4a16"}   # the common checkpoints
+
+def _quant_scheme(name: str) -> str:
+    "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES`."
+    return QUANT_ALIASES.get(name, name)
+
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     "The options `run` and `tables` share: the model and the deployment."
     src = p.add_mutually_exclusive_group()
@@ -559,7 +566,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_HELP["--device"])
     p.add_argument("--tokens", type=int, default=64, help=_HELP["--tokens"])
     p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
-    p.add_argument("--quant", default="unquantized", choices=list(QUANT_SCHEMES), help=_HELP["--quant"])
+    p.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=list(QUANT_SCHEMES), help=_HELP["--quant"])
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
                    help="run across the processes torchrun started (one EP rank each; --ep defaults to their number)")
@@ -582,7 +589,8 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("explain", help="the resolved properties and the oracle's decision table for a deployment",
                         formatter_class=fmt)
     _add_deployment_args(ex)
-    ex.add_argument("--quant", default="unquantized", choices=list(QUANT_SCHEMES), help="weight/activation quantization")
+    ex.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=list(QUANT_SCHEMES),
+                    help="weight/activation quantization (short names: " + ", ".join(f"{k} = {v}" for k, v in QUANT_ALIASES.items()) + ")")
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
@@ -718,12 +726,12 @@ with tempfile.TemporaryDirectory() as d:
     f = Path(d, "tiny-moe.json")
     f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 64,
                              "num_experts_per_tok": 2, "intermediate_size": 64, "torch_dtype": "bfloat16"}))
-    for q, experts in (("fp8_w8a8_block", "triton"), ("mxfp4_w4a16", "auto"), ("nvfp4_w4a16", "auto")):
+    for q, experts in (("fp8", "triton"), ("mxfp4_w4a16", "auto"), ("nvfp4", "auto")):
         with contextlib.redirect_stdout(io.StringIO()) as out:
             test_eq(main(["run", "--config", str(f), "--ep", "2", "--quant", q, "--experts", experts, "--tokens", "6",
                           "--json"]), 0)
         rep = json.loads(out.getvalue())
-        test_eq(rep["experts"]["quant"], q)
+        test_eq(rep["experts"]["quant"], QUANT_ALIASES.get(q, q))                  # short names resolve
         on_gpu = experts == "triton" or torch.cuda.is_available()              # auto: the oracle's kernels on a GPU
         test_eq(rep["experts"]["implementation"], "triton_quant" if on_gpu else "torch")
         assert rep["check"]["vs_float64"]["ok"] and rep["check"]["vs_float64"]["cosine"] > 0.99
