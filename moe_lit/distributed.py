@@ -23,7 +23,7 @@ __all__ = ['NATIVE_LIBRARIES', 'dispatch_destinations', 'slab_sources', 'plot_di
            'AllGatherReduceScatterPrepareFinalize', 'AllToAllBatchedPrepareFinalize', 'transport_note',
            'make_distributed_prepare_finalize', 'init_distributed', 'split_tokens', 'DistributedRun', 'run_distributed',
            'format_distributed_report', 'DistributedJobError', 'DistributedTimeoutError', 'worker_main', 'launch',
-           'run_cases', 'failing_job', 'sleeping_job', 'world_one_job', 'sweep_cases', 'main']
+           'run_cases', 'failing_job', 'disagreeing_counts_job', 'sleeping_job', 'world_one_job', 'sweep_cases', 'main']
 
 # %% ../nbs/13_distributed.ipynb #9947166ee134
 def dispatch_destinations(
@@ -538,7 +538,7 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
     if rank == 0: _finish_on_rank0(run, config, weights, hidden_all, placement, seed, dist.get_backend(group), device)
     return run
 
-# %% ../nbs/13_distributed.ipynb #c9a253c46416
+# %% ../nbs/13_distributed.ipynb #f03030d309a6
 def _check_run_args(config, num_tokens, seed, token_counts, group) -> tuple[int, int, list]:
     "`(rank, world size, tokens of each rank)` after checking the arguments of `run_distributed`."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -548,6 +548,10 @@ def _check_run_args(config, num_tokens, seed, token_counts, group) -> tuple[int,
         raise ValueError(f"config.parallel.ep_size: expected the group's world size {S}, got {config.ep_size}")
     check_int("num_tokens", num_tokens, lo=0, hi=65537); check_int("seed", seed, lo=0)
     counts = split_tokens(num_tokens, S) if token_counts is None else _check_token_counts(token_counts, num_tokens, S)
+    seen = [None] * S
+    dist.all_gather_object(seen, (num_tokens, counts, seed), group=group)     # every rank must agree, or all raise
+    if any(x != seen[0] for x in seen):
+        raise ValueError(f"token_counts: expected the same (num_tokens, token_counts, seed) on every rank, got {seen}")
     return rank, S, counts
 
 def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
@@ -735,7 +739,7 @@ def launch(fn,                                  # a module-level function the wo
             raise _job_error(qual, tmp, procs, killed, timed_out, timeout_s)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
-# %% ../nbs/13_distributed.ipynb #589c7b3d8826
+# %% ../nbs/13_distributed.ipynb #4b47ffcc2b62
 def run_cases(cases: list) -> list:
     "Job: `run_distributed(**case)` per case on every rank; rank 0 returns outputs and references, the others stats."
     out = []
@@ -758,6 +762,10 @@ def failing_job(fail_rank: int, config: MoEConfig) -> None:
     run_distributed(config, num_tokens=4)
     if dist.get_rank() == fail_rank: raise RuntimeError(f"injected failure on rank {fail_rank}")
     run_distributed(config, num_tokens=4)                    # the others wait in a collective for the dead rank
+
+def disagreeing_counts_job(config: MoEConfig) -> None:
+    "Job: the ranks pass different `token_counts` for the same batch (a caller's bug that every rank must catch)."
+    run_distributed(config, num_tokens=4, token_counts=[1, 3] if dist.get_rank() == 0 else [3, 1])
 
 def sleeping_job(seconds: float) -> None:
     "Job: hang (sleep) — for the test that a hang fails within the launcher's deadline."

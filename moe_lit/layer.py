@@ -81,7 +81,7 @@ def check_device(device) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
     return d
 
-# %% ../nbs/12_layer.ipynb #5dc5cb3bfa22
+# %% ../nbs/12_layer.ipynb #6b800d725e13
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
@@ -98,6 +98,9 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
     impl = "triton_quant" if q else "triton"
+    if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
+                         f"{str(config.dtype)[6:]} (use --experts torch, or --dtype bf16)")
     if experts == "triton": return impl, f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                     " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"

@@ -130,13 +130,14 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #afad9f2970b8
+# %% ../nbs/10_modular.ipynb #6e469a2c4451
 class TritonStandardExperts(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2):
         from moe_lit.kernels.contiguous import TritonExperts
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
-                                     prepared.apply_router_weight_on_input, expected_m=prepared.expected_m)
+                                     prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                     validate=False)     # local ids come from the placement: in range by construction
 
 class TritonBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
@@ -149,7 +150,8 @@ class TritonQuantStandardExperts(TorchStandardExperts):
     def apply(self, prepared, w13, w2=None):
         from moe_lit.kernels.quant import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
-                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m)
+                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                          validate=False)     # ids from the placement
 
 class TritonQuantBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."

@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")   # before any @triton.jit
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import silu_and_mul
 from moe_lit.testing import assert_close, poison_rows
@@ -341,6 +341,36 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out):
 
 # %%
 #| export
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
+
+def check_tile_config(config) -> dict | None:
+    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
+    if config is None: return None
+    if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
+    unknown = sorted(set(config) - set(TILE_KEYS))
+    if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
+    for key in ("BLOCK_N", "BLOCK_K"):
+        if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
+        if key in config:
+            v = check_int(f"config[{key!r}]", config[key], lo=1, hi=1025)
+            if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
+    if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
+    if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
+    for key in ("TMA", "WARP_SPECIALIZE"):
+        if key in config: check_bool(f"config[{key!r}]", config[key])
+    return config
+
+# %%
+#| test check_tile_config
+check_tile_config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, TMA=True))
+test_fail(lambda: check_tile_config("fast"), contains="config: expected a dict")
+test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
+test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
+test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
+
+# %%
+#| export
 def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     "Tensor descriptors need contiguous 16-byte-aligned rows and int32 row coordinates; fp32 stays on the pointer kernel."
     return (a.dtype != torch.float32 and a.is_contiguous() and w.is_contiguous()
@@ -379,12 +409,13 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
                     ) -> torch.Tensor:                  # `out`
     "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ)`, fp32 accumulation (the batched-experts contract)."
     E, M, K, N, n_out = _check_gemm_args(a, w, expert_num_tokens, activation, out)
+    if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if validate and E and not (0 <= int((mm := torch.aminmax(expert_num_tokens)).min) and int(mm.max) <= M):
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
     for name, t in (("a", a), ("w", w), ("out", out)): _check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
-    cfg = dict(config or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
+    cfg = dict(check_tile_config(config) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
     cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
     if not INTERPRET: cfg = fit_shared_memory(cfg, activation == "silu_and_mul", a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)

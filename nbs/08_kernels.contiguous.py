@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
-from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.dispatch import batched_combine
 
 # %%
@@ -55,7 +55,7 @@ from moe_lit.placement import determine_expert_map
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
     check_int("block_size", block_size, lo=1, hi=4097)
-    check_int("num_experts", num_experts, lo=1, hi=2**31)
+    check_int("num_experts", num_experts, lo=1, hi=2**16 + 1)         # the work buffers grow with E·block_size
     if validate and topk_ids.numel() and ((topk_ids < -1) | (topk_ids >= num_experts)).any():   # one host sync
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got {topk_ids.min().item()}..{topk_ids.max().item()}")
     if expert_map is not None:
@@ -357,7 +357,7 @@ def _fused_moe_kernel(
     c_ptr,                 # [T·top_k, N_OUT]
     sorted_ptr, expert_ids_ptr, ntpp_ptr,
     weights_ptr,           # [T·top_k] fp32 router weights (read when WEIGHT != 0)
-    N_OUT, N_W, K, num_pairs, num_m_blocks, num_sorted,
+    N_OUT, N_W, K, num_pairs, num_m_blocks, num_sorted, num_local,
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, SILU: tl.constexpr, WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GROUP_M: tl.constexpr,
@@ -374,10 +374,10 @@ def _fused_moe_kernel(
         pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if e < 0: return                                            # a non-local expert's block: nothing to compute
+    if (e < 0) | (e >= num_local): return                       # a non-local (or unknown) expert's block: no read
     offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
-    valid = pairs < num_pairs
+    valid = (pairs >= 0) & (pairs < num_pairs)                  # sentinel (and any out-of-range) rows are masked
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -445,12 +445,15 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[expert(block)]ᵀ)` (vLLM's fused_moe_kernel)."
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_tensor("w", w, shape=(None, None, a.shape[1]), dtype=a.dtype)
-    check_int("top_k", top_k, lo=1); check_int("block_m", block_m, lo=16 if not INTERPRET else 1)
+    check_int("top_k", top_k, lo=1); _check_block_m(block_m)
     check_choice("activation", activation, (None, "silu_and_mul")); check_choice("weight_stage", weight_stage, (None, "input", "output"))
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
     check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
+    check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32)
+    check_tile_config(config)
     E, N, K = w.shape
+    if activation and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for silu_and_mul, got {N}")
     n_out = N // 2 if activation else N
     num_pairs = (a.shape[0] if per_pair else a.shape[0] * top_k)
     if weight_stage is not None:
@@ -475,12 +478,18 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     _fused_moe_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out, n_out, N, K, num_pairs, num_m_blocks,
-        sorted_token_ids.numel(),
+        sorted_token_ids.numel(), E,
         *a.stride(), *w.stride(), *out.stride(), TOP_K=top_k, A_PER_PAIR=per_pair, SILU=activation is not None,
         WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
         EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
+
+def _check_block_m(block_m) -> int:
+    "BLOCK_M of the alignment and the GEMM: a power of two, at least 16 for the tensor cores (1 in the interpreter)."
+    check_int("block_m", block_m, lo=16 if not INTERPRET else 1, hi=257)
+    if block_m & (block_m - 1): raise ValueError(f"block_m: expected a power of two, got {block_m}")
+    return block_m
 
 def _w_descriptor_ok(w: torch.Tensor) -> bool:
     "A tensor descriptor needs a contiguous w with 16-byte aligned rows and base."
@@ -509,6 +518,38 @@ for H, I in ((64, 64), (48, 40)):                                          # eve
         out, live = out.cpu(), (ids.flatten() >= 0)
         assert out[~live].isnan().all(), f"{cfg}: a pair without a local expert was written"
         assert_close(out[live], want[live], name=f"H={H} I={I} {cfg}")
+
+# %% [markdown]
+# Bad input: aligned arrays that were not made by the alignment (a negative or huge pair index, an expert id past the
+# local experts) are masked inside the kernel — nothing is read or written outside the tensors given — and shapes,
+# block sizes, tile overrides and ids that the host can check raise a ValueError naming the argument.
+
+# %%
+#| test contiguous_bad_input
+g = torch.Generator().manual_seed(6)
+E, H, I, T, k = 2, 32, 32, 3, 2
+x, w = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, 2 * I, H, generator=g).to(DEVICE)
+ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
+s, e, n = moe_align_block_size(ids, 16, E)
+big = torch.full((20, I), float("nan"), device=DEVICE)
+s_bad = s.clone(); s_bad[0] = -1                                   # a negative pair index: masked, not written
+fused_moe_gemm(x, w, s_bad, e, n, k, 16, "silu_and_mul", out=big[10:16])
+assert big[:10].isnan().all() and big[16:].isnan().all()
+e_bad = e.clone(); e_bad[0] = 7                                    # an expert id past the local experts: block skipped
+out = fused_moe_gemm(x, w, s, e_bad, n, k, 16, "silu_and_mul", out=torch.full((T * k, I), float("nan"), device=DEVICE))
+assert out[s[:16][s[:16] < T * k].long()].isnan().all()
+wts = torch.rand(T, k, device=DEVICE)
+test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids + 5), contains="local_ids: expected values in [-1, 2)")
+y = TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, torch.where(ids == 1, 9, ids).int(), validate=False)
+assert y.isfinite().all()                                          # unchecked ids are dropped, never read as garbage
+test_fail(lambda: TritonExperts().apply(x, w[:, :-1], torch.randn(E, H, I, device=DEVICE), wts, ids), contains="w13: expected a positive even")
+test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H + 3, I, device=DEVICE), wts, ids), contains="w2: expected shape")
+test_fail(lambda: TritonExperts().apply(x.int(), w, w, wts, ids), contains="hidden: expected dtype")
+test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids, block_m=24), contains="block_m: expected a power of two")
+test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", config=dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
+test_fail(lambda: fused_moe_gemm(x, w[:, :-1], s, e, n, k, 16, "silu_and_mul"), contains="w: expected an even N")
+test_fail(lambda: fused_moe_gemm(x, w, s, e, n.float(), k, 16, "silu_and_mul"), contains="num_tokens_post_padded: expected dtype")
+test_eq(TritonExperts().apply(x, w[:0], torch.randn(0, H, I, device=DEVICE), wts, torch.full_like(ids, -1)).abs().sum().item(), 0)
 
 # %% [markdown]
 # On the GPU, the int32-overflow class: `T·top_k·N > 2^31` output elements, so the last pairs' row offsets only
@@ -553,17 +594,25 @@ class TritonExperts:
               apply_router_weight_on_input: bool = False,
               block_m: int | None = None,        # alignment block (default: the tuned tile's BLOCK_M)
               expected_m: int | None = None,     # expected rows per local expert (default T·top_k / E_local)
+              validate: bool = True,             # check local_ids on the host (one sync; ids from a placement skip it)
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
-        "This rank's share of the MoE output for the flat token list."
-        check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
-        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
-        T, k = local_ids.shape
+        "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
+        check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+        check_tensor("w13", w13, shape=(None, None, hidden.shape[1]), dtype=hidden.dtype)
         E, N, H = w13.shape
-        if T == 0: return hidden.new_zeros(0, w2.shape[1])
+        if N % 2 or N == 0: raise ValueError(f"w13: expected a positive even number of rows (gate, then up), got {N}")
+        check_tensor("w2", w2, shape=(E, H, N // 2), dtype=hidden.dtype)
+        check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
+        check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input); check_bool("validate", validate)
+        T, k = local_ids.shape
+        if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= E)).any():       # one host sync
+            raise ValueError(f"local_ids: expected values in [-1, {E}), got {local_ids.min().item()}..{local_ids.max().item()}")
+        if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
         expected_m = max(1, T * k // E) if expected_m is None else check_int("expected_m", expected_m, lo=1)
         cfg1 = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)
         cfg2 = lookup_tile_config("fused_moe_gemm", E, w2.shape[1], w2.shape[2], expected_m, hidden.dtype)
-        if block_m is None: block_m = cfg1["BLOCK_M"]
+        block_m = _check_block_m(cfg1["BLOCK_M"] if block_m is None else block_m)
         tiny = T * k <= self.pair_blocks_max_pairs
         align = moe_pair_blocks if tiny else moe_align_block_size
         s, e, n = align(local_ids, block_m, E, validate=False)                 # ids come from the placement
@@ -573,7 +622,7 @@ class TritonExperts:
         y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", config=cfg2,
                            rows="pair")
         pairs = torch.arange(T * k, device=hidden.device).view(T, k)
-        slot_map = torch.where(local_ids >= 0, pairs, -1)
+        slot_map = torch.where((local_ids >= 0) & (local_ids < E), pairs, -1)   # uncomputed rows are never read
         return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
                                validate=False)      # weights already applied: sum with weight 1
 

@@ -19,8 +19,8 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import silu_and_mul
 from moe_lit.quant import (FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
-from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory
-from moe_lit.kernels.contiguous import moe_align_block_size
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
+from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m
 from moe_lit.kernels.dispatch import batched_combine
 from moe_lit.testing import poison_rows
 
@@ -498,16 +498,19 @@ def _quantize_fp8_rows_kernel(
     x = tl.load(x_ptr + e64 * stride_xe + offs_r[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)                                          # also the interpreter's bf16 upcast
     amax = tl.max(tl.abs(x), axis=1)                              # [BLOCK_R]; masked entries are 0
+    nan_row = tl.sum((x != x).to(tl.int32), axis=1) > 0           # tl.max drops NaN: carry it through the scale
     if MODE == 1:
         tl.atomic_max(amax_ptr + e, tl.max(amax, axis=0))
     else:
         if MODE == 0:
             s = tl.maximum(tl.math.div_rn(amax, tl.full((BLOCK_R,), 448.0, tl.float32)), 1.1754943508222875e-38)
+            s = tl.where(nan_row, float("nan"), s)                    # a NaN (or inf: inf/inf) row stays NaN
             tl.store(s_ptr + e64 * stride_se + offs_r * stride_sm + g, s, mask=row_ok)
         else:
             s = tl.load(s_ptr + e) + tl.zeros((BLOCK_R,), tl.float32)
-        y = tl.math.div_rn(x, tl.broadcast_to(s[:, None], (BLOCK_R, GROUP)))
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        y_raw = tl.math.div_rn(x, tl.broadcast_to(s[:, None], (BLOCK_R, GROUP)))
+        y = tl.minimum(tl.maximum(y_raw, -448.0), 448.0)
+        y = tl.where(y_raw != y_raw, y_raw, y)                        # min/max would turn NaN into ±448
         if EMULATE_CAST: y = _round_to_e4m3(y)
         tl.store(q_ptr + e64 * stride_qe + offs_r[:, None] * stride_qm + offs_k[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
@@ -522,6 +525,7 @@ _GRAN_09 = {"tensor": "tensor", "token": "token", "group": "block"}
 def _check_act_quant_args(x, granularity, expert_num_tokens, group_k):
     check_choice("granularity", granularity, ("tensor", "token", "group"))
     check_int("group_k", group_k, lo=1)
+    if group_k & (group_k - 1): raise ValueError(f"group_k: expected a power of two, got {group_k}")
     check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32))
     if expert_num_tokens is None:
         if x.dim() != 2: raise ValueError(f"x: expected a 2-D [rows, K] tensor without expert_num_tokens, got shape {tuple(x.shape)}")
@@ -578,7 +582,8 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
         if granularity == "tensor":
             amax = torch.zeros(E, dtype=torch.float32, device=x.device)
             _quantize_fp8_rows_kernel[grid](x3, q, s, amax, counts, *args, 0, 0, MODE=1, **common)
-            s.copy_((amax / torch.full_like(amax, FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny).view(E, 1, 1))
+            scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
+            s.copy_(torch.where(amax.isfinite(), scale, float("nan")).view(E, 1, 1))   # inf anywhere: NaN, not zeros
             _quantize_fp8_rows_kernel[grid](x3, q, s, amax, counts, *args, 1, 0, MODE=2, **common)
         else:
             _quantize_fp8_rows_kernel[grid](x3, q, s, s, counts, *args, s.stride(0), s.stride(1), MODE=0, **common)
@@ -862,7 +867,7 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
                 config: dict | None) -> dict:
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
     name = f"{kernel}_{'fp8' if fmt < 2 else 'w4a16'}"
-    cfg = dict(config or lookup_tile_config(name, E, N, K, M, dtype if dtype in _ACT16 else torch.bfloat16))
+    cfg = dict(check_tile_config(config) or lookup_tile_config(name, E, N, K, M, dtype if dtype in _ACT16 else torch.bfloat16))
     for key in ("TMA", "WARP_SPECIALIZE"): cfg.pop(key, None)
     if not INTERPRET: cfg = fit_shared_memory(cfg, silu, 1 if fmt < 2 else 2)
     bk = max(32, cfg["BLOCK_K"])
@@ -946,6 +951,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
         check_tensor("out", out, shape=(E, M, n_out), dtype=odt)
     for name, t in (("a", a_k), ("w", wa["codes"]), ("out", out)): _check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
+    if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, odt, wa["FMT"], wa["GROUP_K"],
                       activation is not None, config)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
@@ -1163,7 +1169,7 @@ def _fused_moe_quant_kernel(
     c_ptr,          # [T·top_k, N_OUT]
     sorted_ptr, expert_ids_ptr, ntpp_ptr,   # from moe_align_block_size
     weights_ptr,    # [T·top_k] fp32 router weights (WEIGHT != 0)
-    N_OUT, K, K_W, num_pairs, num_m_blocks, num_sorted,
+    N_OUT, K, K_W, num_pairs, num_m_blocks, num_sorted, num_local,
     stride_am, stride_ak, stride_asm, stride_asg, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_cm, stride_cn,
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, SILU: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr,
@@ -1175,10 +1181,10 @@ def _fused_moe_quant_kernel(
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if e < 0: return                                              # a non-local expert's block: nothing is read or written
+    if (e < 0) | (e >= num_local): return                         # a non-local (or unknown) expert's block: no access
     offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
-    valid = pairs < num_pairs                                     # sentinel rows are masked everywhere
+    valid = (pairs >= 0) & (pairs < num_pairs)                    # sentinel (and out-of-range) rows are masked everywhere
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -1221,7 +1227,7 @@ def _fused_moe_quant_kernel(
 #| export
 def _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs):
-    check_int("top_k", top_k, lo=1); check_int("block_m", block_m, lo=16 if not INTERPRET else 1)
+    check_int("top_k", top_k, lo=1); _check_block_m(block_m)
     check_choice("weight_stage", weight_stage, (None, "input", "output"))
     check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
     check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
@@ -1269,7 +1275,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     _fused_moe_quant_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out, n_out, K, wa["K_W"], num_pairs, num_m_blocks,
-        sorted_token_ids.numel(), *a_k.stride(), *as_st[1:], *wa["codes"].stride(), *wa["scale_strides"], *out.stride(),
+        sorted_token_ids.numel(), qw.num_experts, *a_k.stride(), *as_st[1:], *wa["codes"].stride(), *wa["scale_strides"], *out.stride(),
         TOP_K=top_k, A_PER_PAIR=per_pair, SILU=activation is not None, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
         GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
@@ -1415,23 +1421,28 @@ class TritonQuantExperts:
               apply_router_weight_on_input: bool = False,
               block_m: int | None = None,        # alignment block (default from the expected rows per expert)
               expected_m: int | None = None,     # expected rows per local expert (default T·top_k / E)
+              validate: bool = True,             # check local_ids on the host (one sync; ids from a placement skip it)
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
-        "This rank's share of the MoE output for the flat token list, with quantized expert weights."
+        "This rank's share of the MoE output for the flat token list, with quantized expert weights; ValueError on bad input."
         if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
         check_tensor("hidden", hidden, shape=(None, qw.hidden_size), dtype=_ACT16)
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
-        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input); check_bool("validate", validate)
+        if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
-        if T == 0: return hidden.new_zeros(0, qw.hidden_size)
+        if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= E)).any():       # one host sync
+            raise ValueError(f"local_ids: expected values in [-1, {E}), got {local_ids.min().item()}..{local_ids.max().item()}")
+        if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
         if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, expected_m or T * k // E))))
+        _check_block_m(block_m)
         s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
         # zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that GEMM1 never
         # writes; they must hold zeros, not uninitialised memory (one per-tensor scale would even span them)
         h = fused_moe_gemm_quant(hidden.contiguous(), qw, s, e, n, k, block_m, "silu_and_mul", topk_weights,
                                  "input" if on_in else None, out=torch.zeros(T * k, I, dtype=hidden.dtype, device=hidden.device))
         y = fused_moe_gemm_quant(h, qw, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair")
-        slot_map = torch.where(local_ids >= 0, torch.arange(T * k, device=hidden.device).view(T, k), -1)
+        slot_map = torch.where((local_ids >= 0) & (local_ids < E), torch.arange(T * k, device=hidden.device).view(T, k), -1)
         return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
                                validate=False)      # weights already applied: sum with weight 1
 
@@ -1666,3 +1677,44 @@ for scheme, E, H, I, T, k in (("fp8_w8a8_block", 32, 7168, 2048, 128, 8), ("mxfp
 # weight element costs integer unpacking, a scale multiply and a conversion in registers before the bf16 MMA. The
 # tile heuristic is `06`'s, adjusted only for the formats' `BLOCK_K` limits; tuned tables go under the kernel names
 # `batched_moe_gemm_fp8`, `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8` and `fused_moe_gemm_w4a16`.
+
+# %% [markdown]
+# Inputs the host does not check on the hot path are still safe: a negative or huge pair index and an expert id past
+# the local experts are masked in the kernel, and a NaN (or inf) activation makes its own row NaN under token and
+# group scales — it never turns into a finite number. Ids, block sizes and tiles the host can check raise.
+
+# %%
+#| test quant_unchecked_inputs_are_safe
+w13, w2 = random_expert_weights(2, 64, 64, seed=7)
+ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
+hid = random_activations((3, 64), torch.bfloat16, seed=8)
+for scheme in ("fp8_w8a8_block", "mxfp4_w4a16"):
+    qw = quantize_expert_weights(w13, w2, scheme)
+    s, e, n = moe_align_block_size(ids, 16, 2)
+    big = torch.full((20, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    s_bad = s.clone(); s_bad[0] = -1
+    fused_moe_gemm_quant(hid, qw, s_bad, e, n, 2, 16, "silu_and_mul", out=big[10:16])
+    assert big[:10].isnan().all() and big[16:].isnan().all(), scheme            # nothing written outside `out`
+    e_bad = e.clone(); e_bad[0] = 7
+    out = fused_moe_gemm_quant(hid, qw, s, e_bad, n, 2, 16, "silu_and_mul",
+                               out=torch.full((6, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE))
+    assert out[s[:16][s[:16] < 6].long()].isnan().all(), scheme                 # the unknown expert's block is skipped
+    wts = torch.rand(3, 2, device=DEVICE)
+    test_fail(lambda: TritonQuantExperts().apply(hid, qw, wts, ids + 5), contains="local_ids: expected values in [-1, 2)")
+    y = TritonQuantExperts().apply(hid, qw, wts, torch.where(ids == 1, 9, ids).int(), validate=False)
+    assert y.isfinite().all(), scheme                                           # unchecked ids dropped, no garbage
+    test_fail(lambda: TritonQuantExperts().apply(hid, qw, wts, ids, block_m=24), contains="block_m: expected a power of two")
+    test_fail(lambda: fused_moe_gemm_quant(hid, qw, s, e, n, 2, 16, "silu_and_mul", config=dict(BLOCK_K=32)),
+              contains="config: expected a BLOCK_N")
+x = random_activations((4, 64), torch.bfloat16, seed=9); x[1, 3] = float("nan")
+for gran in ("token", "group"):                     # the NaN's scale is NaN (the codes of a NaN are not portable:
+    q, sc = fp8_quantize_activations(x, gran)        # the interpreter's e4m3 cast has no NaN), the other rows' finite
+    assert sc[1, 0].isnan() and sc[[0, 2, 3]].isfinite().all(), gran
+qw = quantize_expert_weights(w13, w2, "fp8_w8a8_block")
+cnt = torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
+y = batched_moe_gemm_quant(torch.stack([x, x]).to(DEVICE), qw, cnt, "silu_and_mul").float().cpu()
+assert y[0, 1].isnan().all() and y[0, [0, 2, 3]].isfinite().all()             # the NaN token's row only
+x[1, 3] = float("inf")
+q, sc = fp8_quantize_activations(x, "tensor")
+assert sc.isnan().all()                                                         # inf in a per-tensor scale: NaN, loudly
+test_fail(lambda: fp8_quantize_activations(x, "group", group_k=24), contains="group_k: expected a power of two")

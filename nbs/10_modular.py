@@ -189,7 +189,8 @@ class TritonStandardExperts(TorchStandardExperts):
     def apply(self, prepared, w13, w2):
         from moe_lit.kernels.contiguous import TritonExperts
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
-                                     prepared.apply_router_weight_on_input, expected_m=prepared.expected_m)
+                                     prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                     validate=False)     # local ids come from the placement: in range by construction
 
 class TritonBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
@@ -202,7 +203,8 @@ class TritonQuantStandardExperts(TorchStandardExperts):
     def apply(self, prepared, w13, w2=None):
         from moe_lit.kernels.quant import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
-                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m)
+                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                          validate=False)     # ids from the placement
 
 class TritonQuantBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."

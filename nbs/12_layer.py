@@ -155,6 +155,9 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
     impl = "triton_quant" if q else "triton"
+    if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
+                         f"{str(config.dtype)[6:]} (use --experts torch, or --dtype bf16)")
     if experts == "triton": return impl, f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                     " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
@@ -176,6 +179,8 @@ assert impl == "torch" and why.startswith("oracle: torch_standard")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                   backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
+test_fail(lambda: resolve_experts("triton", S, torch.device("cpu"), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
+          contains="quant: expected a bf16 or fp16 layer")
 test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
 test_fail(lambda: check_device(None), contains="device: expected")
 

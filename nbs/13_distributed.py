@@ -850,6 +850,10 @@ def _check_run_args(config, num_tokens, seed, token_counts, group) -> tuple[int,
         raise ValueError(f"config.parallel.ep_size: expected the group's world size {S}, got {config.ep_size}")
     check_int("num_tokens", num_tokens, lo=0, hi=65537); check_int("seed", seed, lo=0)
     counts = split_tokens(num_tokens, S) if token_counts is None else _check_token_counts(token_counts, num_tokens, S)
+    seen = [None] * S
+    dist.all_gather_object(seen, (num_tokens, counts, seed), group=group)     # every rank must agree, or all raise
+    if any(x != seen[0] for x in seen):
+        raise ValueError(f"token_counts: expected the same (num_tokens, token_counts, seed) on every rank, got {seen}")
     return rank, S, counts
 
 def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
@@ -1098,6 +1102,10 @@ def failing_job(fail_rank: int, config: MoEConfig) -> None:
     if dist.get_rank() == fail_rank: raise RuntimeError(f"injected failure on rank {fail_rank}")
     run_distributed(config, num_tokens=4)                    # the others wait in a collective for the dead rank
 
+def disagreeing_counts_job(config: MoEConfig) -> None:
+    "Job: the ranks pass different `token_counts` for the same batch (a caller's bug that every rank must catch)."
+    run_distributed(config, num_tokens=4, token_counts=[1, 3] if dist.get_rank() == 0 else [3, 1])
+
 def sleeping_job(seconds: float) -> None:
     "Job: hang (sleep) — for the test that a hang fails within the launcher's deadline."
     time.sleep(seconds)
@@ -1262,6 +1270,15 @@ test_eq(sorted(err.errors), [0, 1])                                  # both rank
 assert err.errors[1] == "RuntimeError: injected failure on rank 1", err.errors
 assert err.errors[0].startswith("stopped in a collective because a peer rank failed"), err.errors
 assert str(err).startswith("distributed job 'failing_job' failed on ranks [0, 1]: rank 1: RuntimeError: injected")
+
+# %%
+#| test ranks_that_disagree_all_raise
+cfg = MoEConfig(8, 2, 24, 16, dtype=torch.float32, max_num_tokens=8,
+                parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+try: launch(disagreeing_counts_job, 2, timeout_s=120, collective_timeout_s=30, config=cfg); raise AssertionError("no error")
+except DistributedJobError as e: err = e
+test_eq(sorted(err.errors), [0, 1])                                  # the same clear error on both ranks
+assert all("token_counts: expected the same (num_tokens, token_counts, seed) on every rank" in m for m in err.errors.values()), err.errors
 
 # %%
 #| test hang_fails_at_the_deadline

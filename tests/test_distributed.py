@@ -185,6 +185,15 @@ def test_failing_rank_stops_every_rank():
     assert str(err).startswith("distributed job 'failing_job' failed on ranks [0, 1]: rank 1: RuntimeError: injected")
 
 
+def test_ranks_that_disagree_all_raise():
+    cfg = MoEConfig(8, 2, 24, 16, dtype=torch.float32, max_num_tokens=8,
+                    parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    try: launch(disagreeing_counts_job, 2, timeout_s=120, collective_timeout_s=30, config=cfg); raise AssertionError("no error")
+    except DistributedJobError as e: err = e
+    test_eq(sorted(err.errors), [0, 1])                                  # the same clear error on both ranks
+    assert all("token_counts: expected the same (num_tokens, token_counts, seed) on every rank" in m for m in err.errors.values()), err.errors
+
+
 def test_hang_fails_at_the_deadline():
     t0 = time.monotonic()
     try: launch(sleeping_job, 1, timeout_s=6, seconds=3600); raise AssertionError("no timeout")

@@ -7,7 +7,7 @@ import torch
 if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")   # before any @triton.jit
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import silu_and_mul
 from moe_lit.testing import assert_close, poison_rows
@@ -30,6 +30,14 @@ def test_tile_config_table():
         # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
                 default_tile_config(32, 4096, 7168, 400, torch.float16))
+
+
+def test_check_tile_config():
+    check_tile_config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, TMA=True))
+    test_fail(lambda: check_tile_config("fast"), contains="config: expected a dict")
+    test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
+    test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
+    test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
 
 
 def test_fit_shared_memory():

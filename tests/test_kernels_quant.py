@@ -12,8 +12,8 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import silu_and_mul
 from moe_lit.quant import (FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
-from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory
-from moe_lit.kernels.contiguous import moe_align_block_size
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
+from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m
 from moe_lit.kernels.dispatch import batched_combine
 from moe_lit.testing import poison_rows
 from fastcore.test import test_eq, test_fail
@@ -361,3 +361,39 @@ def test_quant_experts_real_shapes():
         got = BatchedTritonQuantExperts().apply(a, cnt, qw)
         valid = torch.arange(M, device="cuda")[None, :] < cnt[:, None]
         assert_quant_close(got[valid], quant_experts_reference_batched(a, cnt, qw)[valid], *experts_tolerance(scheme), name=f"{scheme} batched")
+
+
+def test_quant_unchecked_inputs_are_safe():
+    w13, w2 = random_expert_weights(2, 64, 64, seed=7)
+    ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
+    hid = random_activations((3, 64), torch.bfloat16, seed=8)
+    for scheme in ("fp8_w8a8_block", "mxfp4_w4a16"):
+        qw = quantize_expert_weights(w13, w2, scheme)
+        s, e, n = moe_align_block_size(ids, 16, 2)
+        big = torch.full((20, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        s_bad = s.clone(); s_bad[0] = -1
+        fused_moe_gemm_quant(hid, qw, s_bad, e, n, 2, 16, "silu_and_mul", out=big[10:16])
+        assert big[:10].isnan().all() and big[16:].isnan().all(), scheme            # nothing written outside `out`
+        e_bad = e.clone(); e_bad[0] = 7
+        out = fused_moe_gemm_quant(hid, qw, s, e_bad, n, 2, 16, "silu_and_mul",
+                                   out=torch.full((6, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE))
+        assert out[s[:16][s[:16] < 6].long()].isnan().all(), scheme                 # the unknown expert's block is skipped
+        wts = torch.rand(3, 2, device=DEVICE)
+        test_fail(lambda: TritonQuantExperts().apply(hid, qw, wts, ids + 5), contains="local_ids: expected values in [-1, 2)")
+        y = TritonQuantExperts().apply(hid, qw, wts, torch.where(ids == 1, 9, ids).int(), validate=False)
+        assert y.isfinite().all(), scheme                                           # unchecked ids dropped, no garbage
+        test_fail(lambda: TritonQuantExperts().apply(hid, qw, wts, ids, block_m=24), contains="block_m: expected a power of two")
+        test_fail(lambda: fused_moe_gemm_quant(hid, qw, s, e, n, 2, 16, "silu_and_mul", config=dict(BLOCK_K=32)),
+                  contains="config: expected a BLOCK_N")
+    x = random_activations((4, 64), torch.bfloat16, seed=9); x[1, 3] = float("nan")
+    for gran in ("token", "group"):                     # the NaN's scale is NaN (the codes of a NaN are not portable:
+        q, sc = fp8_quantize_activations(x, gran)        # the interpreter's e4m3 cast has no NaN), the other rows' finite
+        assert sc[1, 0].isnan() and sc[[0, 2, 3]].isfinite().all(), gran
+    qw = quantize_expert_weights(w13, w2, "fp8_w8a8_block")
+    cnt = torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
+    y = batched_moe_gemm_quant(torch.stack([x, x]).to(DEVICE), qw, cnt, "silu_and_mul").float().cpu()
+    assert y[0, 1].isnan().all() and y[0, [0, 2, 3]].isfinite().all()             # the NaN token's row only
+    x[1, 3] = float("inf")
+    q, sc = fp8_quantize_activations(x, "tensor")
+    assert sc.isnan().all()                                                         # inf in a per-tensor scale: NaN, loudly
+    test_fail(lambda: fp8_quantize_activations(x, "group", group_k=24), contains="group_k: expected a power of two")
