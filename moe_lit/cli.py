@@ -378,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
     return ap
 
-# %% ../nbs/15_cli.ipynb #d6adb3b857ca
+# %% ../nbs/15_cli.ipynb #8ea1b7705fe2
 def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,
                    num_tokens: int = 64, placement: str = "linear", tp_size: int = 1) -> dict:
     "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
@@ -403,7 +403,8 @@ def format_explain(rep: dict) -> str:
     lines += [f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in rep["properties"]]
     pf, dev = rep["prepare_finalize"], rep["device"]
     pl = rep["placement"]
-    lines += ["", f"placement {pl['strategy']} (requested {pl['requested']}: {pl['reason']})"]
+    why = "as requested" if pl["reason"] == "requested" else f"requested {pl['requested']}: {pl['reason']}"
+    lines += ["", f"placement {pl['strategy']} ({why})"]
     lines += ["", f"across processes (--distributed): {rep['across_processes']}"]
     lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']} "
                   f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]
@@ -431,10 +432,11 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #c3d61ebb6bfd
+# %% ../nbs/15_cli.ipynb #a091b2f26de4
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
+        if args.command == "run" and args.distributed: return _run_distributed(args)   # before --ep/--tp are resolved
         cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all,
                            getattr(args, "dtype", None))           # `tables` has no --dtype
         if args.command == "explain":
@@ -443,7 +445,6 @@ def _run(args) -> int:
         if args.command == "tables":
             tables = tables_report(cfg, args.placement, args.tp)
             print(json.dumps(tables, indent=1) if args.json else format_tables(tables)); return 0
-        if args.distributed: return _run_distributed(args)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU, got none")
         report = run_report(cfg, args.tokens, args.placement, args.seed, args.tp, args.experts, device, args.quant,
@@ -460,7 +461,8 @@ def _run_distributed(args) -> int:
     unsupported = [f for f, given in (("--config", args.config), ("--tp", args.tp != 1), ("--backend", args.backend),
                                       ("--quant", args.quant != "unquantized"), ("--device", args.device != "auto")) if given]
     if unsupported:
-        raise ValueError(f"--distributed: expected none of {unsupported} (one GPU per process, presets only), got them")
+        raise ValueError(f"--distributed: expected none of {unsupported}: across processes moe-lit runs presets as "
+                         f"data-parallel EP ranks with unquantized experts so far, got them")
     argv = ["--model", args.model, "--placement", args.placement, "--tokens", str(args.tokens), "--seed", str(args.seed),
             "--experts", args.experts] + (["--ep", str(args.ep)] if args.ep != 1 else []) + \
            (["--all2all", args.all2all] if args.all2all else []) + (["--dtype", args.dtype] if args.dtype else []) + \

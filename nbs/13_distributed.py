@@ -211,6 +211,9 @@ def slab_sources(
     if [(p.ep_size, p.ep_rank) for p in placements] != [(S, r) for r in range(S)]:
         raise ValueError(f"placements: expected ranks 0..{S - 1} of one {S}-rank deployment, got "
                          f"{[(p.ep_rank, p.ep_size) for p in placements]} as (rank, size)")
+    if len({(p.num_experts, p.num_local_experts, p.strategy) for p in placements}) != 1:
+        raise ValueError(f"placements: expected one num_experts, num_local_experts and strategy on every rank, got "
+                         f"{[(p.num_experts, p.num_local_experts, p.strategy) for p in placements]}")
     if not isinstance(topk_ids, (list, tuple)) or len(topk_ids) != S:
         raise ValueError(f"topk_ids: expected a list of {S} tensors (one per rank), got {type(topk_ids).__name__}")
     check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
@@ -1339,7 +1342,7 @@ def _parser() -> argparse.ArgumentParser:
                                  description="The moe-lit main job on N processes (one EP rank each).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
-    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (default)")
+    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (None: that number)")
     ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
                     help="all2all backend; None: allgather_reducescatter with more than one rank, else none")
     ap.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help="expert placement")

@@ -36,11 +36,12 @@
 # against a float64 reference and the time of each part (weights, forward, references and checks).
 # Try a deployment: `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs the eight
 # ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
-# weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 3–4 minutes (most of it
-# generating DeepSeek-V3's 11 billion random expert weights) and 3.3 GB. `moe-lit tables` prints the placement tables
+# weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 4–6 minutes (generating
+# DeepSeek-V3's 11 billion random expert weights, then the single-device and float64 references) and about 6 GB. `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
 # reason and the oracle's decision table; `moe-lit run --quant fp8_w8a8_block` (or `mxfp4_w4a16`, `nvfp4_w4a16`, …)
-# quantizes the experts at load and checks against the dequantized weights. `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
+# quantizes the experts at load and checks against the dequantized weights (on a CPU the quantization itself takes
+# 10–50 s for FP8 and 1–3 minutes for FP4 on the default model). `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
 # shapes (a full-size model takes minutes).
@@ -112,5 +113,9 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # rank 0 gathers the output and checks it against the single-process result:
 #
 # ```sh
-# .venv/bin/torchrun --nproc-per-node 2 -m moe_lit.distributed --model qwen3-30b-a3b --all2all nixl_ep --placement round_robin
+# .venv/bin/torchrun --nproc-per-node 2 -m moe_lit.distributed --model qwen3-30b-a3b --all2all nixl_ep
 # ```
+#
+# `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets,
+# one EP rank per process, unquantized experts; `--ep` defaults to the number of processes). Each process holds its
+# own experts' weights, so DeepSeek-V3 needs about 12 GB per process at 2 processes.
