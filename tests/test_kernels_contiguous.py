@@ -81,33 +81,6 @@ def test_fused_moe_gemm_paths():
             assert_close(out[live], want[live], name=f"H={H} I={I} {cfg}")
 
 
-def test_contiguous_bad_input():
-    g = torch.Generator().manual_seed(6)
-    E, H, I, T, k = 2, 32, 32, 3, 2
-    x, w = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, 2 * I, H, generator=g).to(DEVICE)
-    ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
-    s, e, n = moe_align_block_size(ids, 16, E)
-    big = torch.full((20, I), float("nan"), device=DEVICE)
-    s_bad = s.clone(); s_bad[0] = -1                                   # a negative pair index: masked, not written
-    fused_moe_gemm(x, w, s_bad, e, n, k, 16, "silu_and_mul", out=big[10:16])
-    assert big[:10].isnan().all() and big[16:].isnan().all()
-    e_bad = e.clone(); e_bad[0] = 7                                    # an expert id past the local experts: block skipped
-    out = fused_moe_gemm(x, w, s, e_bad, n, k, 16, "silu_and_mul", out=torch.full((T * k, I), float("nan"), device=DEVICE))
-    assert out[s[:16][s[:16] < T * k].long()].isnan().all()
-    wts = torch.rand(T, k, device=DEVICE)
-    test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids + 5), contains="local_ids: expected values in [-1, 2)")
-    y = TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, torch.where(ids == 1, 9, ids).int(), validate=False)
-    assert y.isfinite().all()                                          # unchecked ids are dropped, never read as garbage
-    test_fail(lambda: TritonExperts().apply(x, w[:, :-1], torch.randn(E, H, I, device=DEVICE), wts, ids), contains="w13: expected a positive even")
-    test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H + 3, I, device=DEVICE), wts, ids), contains="w2: expected shape")
-    test_fail(lambda: TritonExperts().apply(x.int(), w, w, wts, ids), contains="hidden: expected dtype")
-    test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids, block_m=24), contains="block_m: expected a power of two")
-    test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", config=dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
-    test_fail(lambda: fused_moe_gemm(x, w[:, :-1], s, e, n, k, 16, "silu_and_mul"), contains="w: expected an even N")
-    test_fail(lambda: fused_moe_gemm(x, w, s, e, n.float(), k, 16, "silu_and_mul"), contains="num_tokens_post_padded: expected dtype")
-    test_eq(TritonExperts().apply(x, w[:0], torch.randn(0, H, I, device=DEVICE), wts, torch.full_like(ids, -1)).abs().sum().item(), 0)
-
-
 @pytest.mark.gpu
 def test_fused_moe_gemm_int64_offsets():
     E, I, H, T, k = 8, 128, 7168, 40000, 8                          # 320,000 pairs x 7168 = 2.29e9 outputs
@@ -160,6 +133,33 @@ def test_triton_experts_two_ranks():
         owned = (emap >= 0).nonzero()[:, 0]
         total += TritonExperts().apply(*(t.to(DEVICE) for t in (hidden, w13[owned], w2[owned], wts, local))).double().cpu()
     assert_close(total.float(), moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids))
+
+
+def test_contiguous_bad_input():
+    g = torch.Generator().manual_seed(6)
+    E, H, I, T, k = 2, 32, 32, 3, 2
+    x, w = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, 2 * I, H, generator=g).to(DEVICE)
+    ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
+    s, e, n = moe_align_block_size(ids, 16, E)
+    big = torch.full((20, I), float("nan"), device=DEVICE)
+    s_bad = s.clone(); s_bad[0] = -1                                   # a negative pair index: masked, not written
+    fused_moe_gemm(x, w, s_bad, e, n, k, 16, "silu_and_mul", out=big[10:16])
+    assert big[:10].isnan().all() and big[16:].isnan().all()
+    e_bad = e.clone(); e_bad[0] = 7                                    # an expert id past the local experts: block skipped
+    out = fused_moe_gemm(x, w, s, e_bad, n, k, 16, "silu_and_mul", out=torch.full((T * k, I), float("nan"), device=DEVICE))
+    assert out[s[:16][s[:16] < T * k].long()].isnan().all()
+    wts = torch.rand(T, k, device=DEVICE)
+    test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids + 5), contains="local_ids: expected values in [-1, 2)")
+    y = TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, torch.where(ids == 1, 9, ids).int(), validate=False)
+    assert y.isfinite().all()                                          # unchecked ids are dropped, never read as garbage
+    test_fail(lambda: TritonExperts().apply(x, w[:, :-1], torch.randn(E, H, I, device=DEVICE), wts, ids), contains="w13: expected a positive even")
+    test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H + 3, I, device=DEVICE), wts, ids), contains="w2: expected shape")
+    test_fail(lambda: TritonExperts().apply(x.int(), w, w, wts, ids), contains="hidden: expected dtype")
+    test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids, block_m=24), contains="block_m: expected a power of two")
+    test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", config=dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
+    test_fail(lambda: fused_moe_gemm(x, w[:, :-1], s, e, n, k, 16, "silu_and_mul"), contains="w: expected an even N")
+    test_fail(lambda: fused_moe_gemm(x, w, s, e, n.float(), k, 16, "silu_and_mul"), contains="num_tokens_post_padded: expected dtype")
+    test_eq(TritonExperts().apply(x, w[:0], torch.randn(0, H, I, device=DEVICE), wts, torch.full_like(ids, -1)).abs().sum().item(), 0)
 
 
 @pytest.mark.gpu
