@@ -20,8 +20,7 @@ from moe_lit.formats import silu_and_mul
 from moe_lit.quant import (FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
-from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m
-from moe_lit.kernels.dispatch import batched_combine
+from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m, _check_aligned_args, _check_local_ids, _sum_pairs
 from moe_lit.testing import poison_rows
 
 # %%
@@ -712,6 +711,42 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
         acc = acc * gs
     return acc
 
+# %%
+#| export
+@triton.jit
+def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's activation rows at K = 0
+                        as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
+                        row_ok,     # [BLOCK_M] bool: rows that exist (valid rows / non-sentinel pairs)
+                        w_e, ws_e, gs_ptr, e,   # this expert's codes and scales, the global scales, the expert
+                        offs_n, mask_n, K, K_W, N_OUT,
+                        stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk,
+                        FMT: tl.constexpr, SILU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    "Both formats' main loop: `(acc, acc_up)` of one output tile over all of K, every scale applied (fp32)."
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
+    for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kt * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+        if UPCAST: a = a.to(tl.float32)
+        if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=row_ok, other=0.0)
+        acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
+                            stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
+        if SILU:
+            acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
+                                   stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+    a_s_row = a_s
+    if FMT == 0: a_s_row = tl.load(as_ptrs, mask=row_ok, other=0.0)
+    gs = 1.0
+    if FMT == 3: gs = tl.load(gs_ptr + e)
+    acc = _quant_output_scales(acc, a_s_row, ws_e, gs, offs_n, mask_n, stride_wsn, FMT)
+    if SILU: acc_up = _quant_output_scales(acc_up, a_s_row, ws_e, gs, offs_n + N_OUT, mask_n, stride_wsn, FMT)
+    return acc, acc_up
+
 # %% [markdown]
 # ## The batched format
 #
@@ -812,28 +847,10 @@ def _batched_moe_gemm_quant_kernel(
     a_ptrs = a_ptr + e64 * stride_ae + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     as_ptrs = as_ptr + e64 * stride_ase + offs_m * stride_asm
     w_e, ws_e = w_ptr + e64 * stride_we, ws_ptr + e64 * stride_wse
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k0 = kt * BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-        if UPCAST: a = a.to(tl.float32)
-        if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=mask_m, other=0.0)
-        acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
-                            stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        if SILU:
-            acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
-                                   stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-    a_s_row = a_s
-    if FMT == 0: a_s_row = tl.load(as_ptrs, mask=mask_m, other=0.0)
-    gs = 1.0
-    if FMT == 3: gs = tl.load(gs_ptr + e)
-    acc = _quant_output_scales(acc, a_s_row, ws_e, gs, offs_n, mask_n, stride_wsn, FMT)
-    if SILU:
-        acc_up = _quant_output_scales(acc_up, a_s_row, ws_e, gs, offs_n + N_OUT, mask_n, stride_wsn, FMT)
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up                 # SiLU(gate) · up in fp32, cast once
+    acc, acc_up = _quant_tile_product(a_ptrs, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
+                                      stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, SILU,
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
+    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up          # SiLU(gate) · up in fp32, cast once
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -1192,26 +1209,9 @@ def _fused_moe_quant_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     as_ptrs = as_ptr + rows * stride_asm
     w_e, ws_e = w_ptr + e * stride_we, ws_ptr + e * stride_wse
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k0 = kt * BLOCK_K
-        a = tl.load(a_ptrs, mask=valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-        if UPCAST: a = a.to(tl.float32)
-        if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=valid, other=0.0)
-        acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
-                            stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        if SILU:
-            acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
-                                   stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-    a_s_row = a_s
-    if FMT == 0: a_s_row = tl.load(as_ptrs, mask=valid, other=0.0)
-    gs = 1.0
-    if FMT == 3: gs = tl.load(gs_ptr + e)
-    acc = _quant_output_scales(acc, a_s_row, ws_e, gs, offs_n, mask_n, stride_wsn, FMT)
-    if SILU: acc_up = _quant_output_scales(acc_up, a_s_row, ws_e, gs, offs_n + N_OUT, mask_n, stride_wsn, FMT)
+    acc, acc_up = _quant_tile_product(a_ptrs, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
+                                      stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, SILU,
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
     if WEIGHT != 0:
         rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
         if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw     # on the input: scales the linear GEMM1
@@ -1222,18 +1222,6 @@ def _fused_moe_quant_kernel(
 
 # %% [markdown]
 # ### Launcher
-
-# %%
-#| export
-def _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
-                        topk_weights, num_pairs):
-    check_int("top_k", top_k, lo=1); _check_block_m(block_m)
-    check_choice("weight_stage", weight_stage, (None, "input", "output"))
-    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
-    check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
-    check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32)
-    if weight_stage is not None:
-        check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
 
 # %%
 #| export
@@ -1428,11 +1416,10 @@ class TritonQuantExperts:
         check_tensor("hidden", hidden, shape=(None, qw.hidden_size), dtype=_ACT16)
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
-        check_bool("apply_router_weight_on_input", apply_router_weight_on_input); check_bool("validate", validate)
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
-        if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= E)).any():       # one host sync
-            raise ValueError(f"local_ids: expected values in [-1, {E}), got {local_ids.min().item()}..{local_ids.max().item()}")
+        _check_local_ids(local_ids, E, validate)
         if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
         if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, expected_m or T * k // E))))
         _check_block_m(block_m)
@@ -1442,9 +1429,7 @@ class TritonQuantExperts:
         h = fused_moe_gemm_quant(hidden.contiguous(), qw, s, e, n, k, block_m, "silu_and_mul", topk_weights,
                                  "input" if on_in else None, out=torch.zeros(T * k, I, dtype=hidden.dtype, device=hidden.device))
         y = fused_moe_gemm_quant(h, qw, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair")
-        slot_map = torch.where((local_ids >= 0) & (local_ids < E), torch.arange(T * k, device=hidden.device).view(T, k), -1)
-        return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
-                               validate=False)      # weights already applied: sum with weight 1
+        return _sum_pairs(y, topk_weights, local_ids, E)
 
 # %%
 #| export

@@ -13,8 +13,7 @@ from moe_lit.formats import silu_and_mul
 from moe_lit.quant import (FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
-from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m
-from moe_lit.kernels.dispatch import batched_combine
+from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m, _check_aligned_args, _check_local_ids, _sum_pairs
 from moe_lit.testing import poison_rows
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard

@@ -272,7 +272,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, SILU: tl.const
             if SILU: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #1bb4d90f7d46
+# %% ../../nbs/08_kernels.contiguous.ipynb #121267131bea
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows for SiLU
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -291,19 +291,16 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[expert(block)]ᵀ)` (vLLM's fused_moe_kernel)."
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_tensor("w", w, shape=(None, None, a.shape[1]), dtype=a.dtype)
-    check_int("top_k", top_k, lo=1); _check_block_m(block_m)
-    check_choice("activation", activation, (None, "silu_and_mul")); check_choice("weight_stage", weight_stage, (None, "input", "output"))
+    check_choice("activation", activation, (None, "silu_and_mul"))
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
-    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
-    check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
-    check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32)
+    check_int("top_k", top_k, lo=1)
+    num_pairs = (a.shape[0] if per_pair else a.shape[0] * top_k)
+    _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
+                        topk_weights, num_pairs)
     check_tile_config(config)
     E, N, K = w.shape
     if activation and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for silu_and_mul, got {N}")
     n_out = N // 2 if activation else N
-    num_pairs = (a.shape[0] if per_pair else a.shape[0] * top_k)
-    if weight_stage is not None:
-        check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
     out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device) if out is None else \
         check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype)
     if num_pairs == 0: return out
@@ -331,6 +328,33 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
 
+def _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
+                        topk_weights, num_pairs):
+    "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes."
+    check_int("top_k", top_k, lo=1); _check_block_m(block_m)
+    check_choice("weight_stage", weight_stage, (None, "input", "output"))
+    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
+    check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
+    check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32)
+    if weight_stage is not None:
+        check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
+
+def _check_local_ids(local_ids: torch.Tensor, num_local: int, validate: bool):
+    "With `validate`, local ids in [-1, num_local) (one host sync); the experts' hot paths pass False."
+    check_bool("validate", validate)
+    if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= num_local)).any():
+        raise ValueError(f"local_ids: expected values in [-1, {num_local}), got {local_ids.min().item()}..{local_ids.max().item()}")
+
+def _sum_pairs(y: torch.Tensor,              # [T·top_k, H] pair rows, router weights already applied
+               topk_weights: torch.Tensor,   # [T, top_k] fp32
+               local_ids: torch.Tensor,      # [T, top_k] local expert per slot
+               num_local: int) -> torch.Tensor:
+    "Each token's sum of its computed pair rows; slots without a local expert (or out of range) are never read."
+    T, k = local_ids.shape
+    slot_map = torch.where((local_ids >= 0) & (local_ids < num_local), torch.arange(T * k, device=y.device).view(T, k), -1)
+    return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
+                           validate=False)    # weights already applied: sum with weight 1
+
 def _check_block_m(block_m) -> int:
     "BLOCK_M of the alignment and the GEMM: a power of two, at least 16 for the tensor cores (1 in the interpreter)."
     check_int("block_m", block_m, lo=16 if not INTERPRET else 1, hi=257)
@@ -341,7 +365,7 @@ def _w_descriptor_ok(w: torch.Tensor) -> bool:
     "A tensor descriptor needs a contiguous w with 16-byte aligned rows and base."
     return w.is_contiguous() and (w.shape[2] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #a453229716b6
+# %% ../../nbs/08_kernels.contiguous.ipynb #350e0a4e5126
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + SiLU-and-mul -> GEMM2 (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -365,10 +389,9 @@ class TritonExperts:
         check_tensor("w2", w2, shape=(E, H, N // 2), dtype=hidden.dtype)
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
-        check_bool("apply_router_weight_on_input", apply_router_weight_on_input); check_bool("validate", validate)
+        check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        _check_local_ids(local_ids, E, validate)
         T, k = local_ids.shape
-        if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= E)).any():       # one host sync
-            raise ValueError(f"local_ids: expected values in [-1, {E}), got {local_ids.min().item()}..{local_ids.max().item()}")
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
         expected_m = max(1, T * k // E) if expected_m is None else check_int("expected_m", expected_m, lo=1)
         cfg1 = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)
@@ -382,7 +405,4 @@ class TritonExperts:
                            "input" if on_in else None, config=cfg1)
         y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", config=cfg2,
                            rows="pair")
-        pairs = torch.arange(T * k, device=hidden.device).view(T, k)
-        slot_map = torch.where((local_ids >= 0) & (local_ids < E), pairs, -1)   # uncomputed rows are never read
-        return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
-                               validate=False)      # weights already applied: sum with weight 1
+        return _sum_pairs(y, topk_weights, local_ids, E)
