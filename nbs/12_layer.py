@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, progress
-from moe_lit.testing import tolerance
+from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
@@ -288,6 +288,27 @@ def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementati
     rtol = tolerance(dtype)
     if quant.startswith("fp8_w8a8") and implementation == "triton_quant": return max(rtol, 0.15), 0.995
     return rtol, 0.999
+
+# %%
+#| export
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    "max |a - b| / max |b| (0 for an all-zero b)."
+    a, b = a.double(), b.double()
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
+
+def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float dtype, any device)
+                 reference: torch.Tensor,   # [T, H] float64 reference (or a second run, upcast)
+                 dtype: torch.dtype,        # the layer's dtype: picks the tolerance
+                 quant: str = "unquantized", implementation: str = "torch") -> dict:
+    "A run's check as data: `{max_rel_err, rtol, cosine, cosine_min, ok, detail}` under `check_tolerance` (never raises)."
+    rtol, cos_min = check_tolerance(dtype, quant, implementation)
+    try: assert_close(actual, reference, dtype=dtype, rtol=rtol); ok, msg = True, ""
+    except AssertionError as e: ok, msg = False, str(e)
+    a, b = actual.double().flatten().cpu(), reference.double().flatten().cpu()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item() if b.numel() and b.abs().max() > 0 else 1.0
+    if ok and cos < cos_min: ok, msg = False, f"cosine {cos:.6f} < {cos_min}"
+    return {"max_rel_err": _max_rel(actual, reference), "rtol": rtol, "cosine": cos, "cosine_min": cos_min, "ok": ok,
+            "detail": msg}
 
 # %%
 #| test fused_moe_quantized

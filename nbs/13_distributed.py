@@ -19,8 +19,8 @@ from moe_lit.routing import select_experts
 from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype
 from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, _check_prepare_args
-from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts
-from moe_lit.testing import assert_close, tolerance
+from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts, check_output
+from moe_lit.testing import assert_close
 
 # %%
 #| hide
@@ -867,14 +867,6 @@ def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
     if sum(counts) != num_tokens: raise ValueError(f"token_counts: expected a sum of num_tokens={num_tokens}, got {counts}")
     return counts
 
-def _check(actual: torch.Tensor, reference: torch.Tensor, dtype) -> dict:
-    "assert_close as data: `{max_rel_err, rtol, ok, detail}`."
-    try: assert_close(actual, reference, dtype=dtype); ok, msg = True, ""
-    except AssertionError as e: ok, msg = False, str(e)
-    a, b = actual.double(), reference.double()
-    rel = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
-    return {"max_rel_err": rel, "rtol": tolerance(dtype), "ok": ok, "detail": msg}
-
 # %% [markdown]
 # On rank 0 the run is checked and reported. For the batched format, the slab layout each rank really received is also
 # compared with `slab_sources` computed from the ids the ranks dispatched — the figure above is the real dispatch.
@@ -903,9 +895,9 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                   "expert_num_tokens_per_rank": [s["expert_num_tokens"] for s in run.rank_stats] if batched else None,
                   "slab_layout_matches_emulation": slabs_ok,
                   "routing_same_as_single_process": bool(torch.equal(routed_here, run.topk_ids)),
-                  "check": {"distributed_vs_float64": _check(run.output, run.reference, config.dtype),
-                            "single_process_vs_float64": _check(run.single_device, run.reference, config.dtype),
-                            "distributed_vs_single_process": _check(run.output, run.single_device.double(), config.dtype)},
+                  "check": {"distributed_vs_float64": check_output(run.output, run.reference, config.dtype),
+                            "single_process_vs_float64": check_output(run.single_device, run.reference, config.dtype),
+                            "distributed_vs_single_process": check_output(run.output, run.single_device.double(), config.dtype)},
                   "timing": {"weights_s_per_rank": [s["weights_s"] for s in run.rank_stats],
                              "forward_s_per_rank": [s["forward_s"] for s in run.rank_stats],
                              **{f"{k}_per_rank": [s.get(k) for s in run.rank_stats]

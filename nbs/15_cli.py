@@ -18,9 +18,7 @@ from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, 
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
-from moe_lit.layer import run_emulated_ep, rank_config, check_tolerance
-from moe_lit.distributed import transport_note
-from moe_lit.testing import assert_close, tolerance
+from moe_lit.layer import run_emulated_ep, rank_config, check_output
 
 # %%
 #| hide
@@ -181,20 +179,6 @@ def _plain(v):
     if isinstance(v, torch.dtype): return str(v).replace("torch.", "")
     return v.value if isinstance(v, enum.Enum) else v
 
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    "max |a - b| / max |b| (0 for an all-zero b)."
-    a, b = a.double(), b.double()
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
-
-def _check(actual, reference, dtype, quant: str = "unquantized", implementation: str = "torch") -> dict:
-    rtol, cos_min = check_tolerance(dtype, quant, implementation)
-    try: assert_close(actual, reference, dtype=dtype, rtol=rtol); ok, msg = True, ""
-    except AssertionError as e: ok, msg = False, str(e)
-    a, b = actual.double().flatten().cpu(), reference.double().flatten().cpu()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item() if b.numel() and b.abs().max() > 0 else 1.0
-    if ok and cos < cos_min: ok, msg = False, f"cosine {cos:.6f} < {cos_min}"
-    return {"max_rel_err": _max_rel(actual, reference), "rtol": rtol, "cosine": cos, "cosine_min": cos_min, "ok": ok,
-            "detail": msg}
 
 # %%
 #| export
@@ -235,10 +219,10 @@ def _timing(run, num_tokens: int, total_s: float) -> dict:
 
 def _checks(run, config: MoEConfig) -> dict:
     q = (run.quant, run.experts[0])        # w8a8 kernels round activations; the references do not
-    return {"vs_float64": _check(run.output, run.reference, config.dtype, *q),
-            "single_device_vs_float64": _check(run.single_device, run.reference, config.dtype),
+    return {"vs_float64": check_output(run.output, run.reference, config.dtype, *q),
+            "single_device_vs_float64": check_output(run.single_device, run.reference, config.dtype),
             "ep_vs_single_device": None if run.config.ep_size == 1 else
-                _check(run.output, run.single_device.double(), config.dtype, *q)}
+                check_output(run.output, run.single_device.double(), config.dtype, *q)}
 
 # %%
 #| export
@@ -605,6 +589,11 @@ def _parser() -> argparse.ArgumentParser:
 
 # %%
 #| export
+def _transport_note(config):
+    "`moe_lit.distributed.transport_note`, imported when `explain` runs (not at the command's start-up)."
+    from moe_lit.distributed import transport_note
+    return transport_note(config)
+
 def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,
                    num_tokens: int = 64, placement: str = "linear", tp_size: int = 1) -> dict:
     "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
@@ -617,7 +606,7 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
             "placement": {"requested": placement, "strategy": place.strategy, "reason": place.reason},
             "properties": [{"property": p, "value": v, "reason": r} for p, v, r in config.parallel.explain()],
             "prepare_finalize": {"class": type(pf).__name__, "activation_format": pf.activation_format.value},
-            "across_processes": transport_note(config),
+            "across_processes": _transport_note(config),
             "device": {"kind": dev.kind, "capability": dev.capability, "libraries": sorted(dev.libraries)},
             "quant_scheme": quant, "chosen": d.chosen.name,
             "candidates": [{"name": n, "accepted": ok, "reason": r} for n, ok, r in d.trace]}

@@ -11,9 +11,7 @@ from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, 
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
-from moe_lit.layer import run_emulated_ep, rank_config, check_tolerance
-from moe_lit.distributed import transport_note
-from moe_lit.testing import assert_close, tolerance
+from moe_lit.layer import run_emulated_ep, rank_config, check_output
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, tempfile
 from pathlib import Path

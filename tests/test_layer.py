@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, progress
-from moe_lit.testing import tolerance
+from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.routing import select_experts, expert_load
 from moe_lit.placement import Placement
