@@ -25,7 +25,7 @@
 #
 # The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
 # the wheel installed into a fresh venv, and the documentation site built and opened in headless Chromium
-# (about 7 minutes on 2 CPU cores):
+# (7–10 minutes on 2 otherwise idle CPU cores; twice that when other work shares them):
 #
 # ```sh
 # bash .ci/test
@@ -39,7 +39,7 @@
 # weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 4–6 minutes (generating
 # DeepSeek-V3's 11 billion random expert weights, then the single-device and float64 references) and about 6 GB. `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
-# reason and the oracle's decision table; `moe-lit run --quant fp8_w8a8_block` (or `mxfp4_w4a16`, `nvfp4_w4a16`, …)
+# reason and the oracle's decision table; `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
 # quantizes the experts at load and checks against the dequantized weights (on a CPU the quantization itself takes
 # 10–50 s for FP8 and 1–3 minutes for FP4 on the default model). `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
