@@ -10,8 +10,8 @@ import torch
 from .terms import check_int, check_choice, check_bool, check_positive_real
 
 # %% auto #0
-__all__ = ['BACKENDS', 'SIZE_LIMIT', 'ROUTING_METHODS', 'SCORING_FUNCS', 'ActivationFormat', 'BackendDescriptor', 'get_backend',
-           'ParallelConfig', 'use_all2all_kernels', 'use_batched_activation_format', 'activation_format',
+__all__ = ['BACKENDS', 'SIZE_LIMIT', 'ROUTING_METHODS', 'SCORING_FUNCS', 'ACTIVATIONS', 'ActivationFormat', 'BackendDescriptor',
+           'get_backend', 'ParallelConfig', 'use_all2all_kernels', 'use_batched_activation_format', 'activation_format',
            'needs_round_robin_routing_tables', 'topk_indices_dtype', 'MoEConfig']
 
 # %% ../nbs/01_config.ipynb #da5f2e56fa3f
@@ -212,9 +212,10 @@ def _explain(self) -> list[tuple[str, object, str]]:
 
 ParallelConfig.explain = _explain
 
-# %% ../nbs/01_config.ipynb #9d1d8646028c
+# %% ../nbs/01_config.ipynb #25a6c2dfa6f3
 ROUTING_METHODS = ("topk", "grouped_topk", "llama4")
 SCORING_FUNCS = ("softmax", "sigmoid")
+ACTIVATIONS = ("silu", "swigluoai")   # gated SiLU (most models); gpt-oss's clamped SwiGLU (see 05_formats)
 
 @dataclass(frozen=True)
 class MoEConfig:
@@ -234,6 +235,12 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0    # multiplies routed weights (after renormalising)
     has_correction_bias: bool = False     # e_score_correction_bias selects experts (DeepSeek-V3 noaux_tc)
     apply_router_weight_on_input: bool = False   # scale the input by the weight (Llama-4, top_k = 1)
+    has_router_bias: bool = False         # the router is a Linear with a bias added to the logits (gpt-oss)
+    activation: str = "silu"              # the experts' gated activation, one of ACTIVATIONS
+    swiglu_alpha: float = 1.702           # swigluoai only: gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0             # swigluoai only: gate clamped above, up clamped to [-limit, limit]
+    has_expert_bias: bool = False         # experts carry w13_bias [E, 2·I] and w2_bias [E, H] (gpt-oss)
+    shared_expert_gate: bool = False      # shared output scaled per token by sigmoid(x · gate) (Qwen2-MoE, Qwen3-Next)
     num_redundant_experts: int = 0        # EPLB extra physical replicas
     max_num_tokens: int = 256             # per-rank token cap of the batched format (vLLM's default)
     name: str = ""                        # model name for reports
@@ -260,13 +267,18 @@ def _check_moe_shapes(c: MoEConfig) -> None:
     check_choice("dtype", c.dtype, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
     if not isinstance(c.name, str): raise ValueError(f"name: expected a str, got {type(c.name).__name__} {c.name!r}")
 
-# %% ../nbs/01_config.ipynb #c8cab6bc7c4c
+# %% ../nbs/01_config.ipynb #d4a8d9ad0af8
 def _check_moe_routing(c: MoEConfig) -> None:
     "Routing options of a MoEConfig: types, group counts, and what grouped_topk and llama4 can run."
     check_choice("routing_method", c.routing_method, ROUTING_METHODS)
     check_choice("scoring_func", c.scoring_func, SCORING_FUNCS)
-    for flag in ("renormalize", "has_correction_bias", "apply_router_weight_on_input"):
+    for flag in ("renormalize", "has_correction_bias", "apply_router_weight_on_input", "has_router_bias",
+                 "has_expert_bias", "shared_expert_gate"):
         check_bool(flag, getattr(c, flag))
+    check_choice("activation", c.activation, ACTIVATIONS)
+    check_positive_real("swiglu_alpha", c.swiglu_alpha); check_positive_real("swiglu_limit", c.swiglu_limit)
+    if c.shared_expert_gate and not c.num_shared_experts:
+        raise ValueError("shared_expert_gate: expected False for a layer without shared experts, got True")
     check_positive_real("routed_scaling_factor", c.routed_scaling_factor)
     for f in ("num_expert_group", "topk_group"):             # checked whenever given; required by grouped_topk
         if getattr(c, f) is not None or c.routing_method == "grouped_topk":

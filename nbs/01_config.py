@@ -445,6 +445,7 @@ assert tp_ep["activation_format"].startswith("no all2all") and "expert_map" in t
 #| export
 ROUTING_METHODS = ("topk", "grouped_topk", "llama4")
 SCORING_FUNCS = ("softmax", "sigmoid")
+ACTIVATIONS = ("silu", "swigluoai")   # gated SiLU (most models); gpt-oss's clamped SwiGLU (see 05_formats)
 
 @dataclass(frozen=True)
 class MoEConfig:
@@ -464,6 +465,12 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0    # multiplies routed weights (after renormalising)
     has_correction_bias: bool = False     # e_score_correction_bias selects experts (DeepSeek-V3 noaux_tc)
     apply_router_weight_on_input: bool = False   # scale the input by the weight (Llama-4, top_k = 1)
+    has_router_bias: bool = False         # the router is a Linear with a bias added to the logits (gpt-oss)
+    activation: str = "silu"              # the experts' gated activation, one of ACTIVATIONS
+    swiglu_alpha: float = 1.702           # swigluoai only: gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0             # swigluoai only: gate clamped above, up clamped to [-limit, limit]
+    has_expert_bias: bool = False         # experts carry w13_bias [E, 2·I] and w2_bias [E, H] (gpt-oss)
+    shared_expert_gate: bool = False      # shared output scaled per token by sigmoid(x · gate) (Qwen2-MoE, Qwen3-Next)
     num_redundant_experts: int = 0        # EPLB extra physical replicas
     max_num_tokens: int = 256             # per-rank token cap of the batched format (vLLM's default)
     name: str = ""                        # model name for reports
@@ -480,7 +487,7 @@ class MoEConfig:
 #
 # - **Shapes** are ints in range and below `SIZE_LIMIT`, and so are the physical experts
 #   (`num_experts + num_redundant_experts`); `shared_intermediate_size` is `None` or at least 1; `name` is a str.
-# - **Routing options** are of their type — the three flags are bools, `routed_scaling_factor` is a finite number
+# - **Routing options** are of their type — the flags are bools, `routed_scaling_factor` is a finite number
 #   above 0 — and `num_expert_group` and `topk_group`, whenever given, are ints >= 1 with
 #   `topk_group <= num_expert_group`, even if the routing is not grouped (the placement reads `num_expert_group`).
 # - **`grouped_topk`** needs both group counts, and when the experts split into groups it needs
@@ -488,6 +495,10 @@ class MoEConfig:
 #   not split — `num_experts % num_expert_group != 0`, or one expert per group with a correction bias — the config
 #   is accepted: `grouped_topk` then falls back to plain top-k with a `RoutingFallbackWarning`, as vLLM does (silently)
 #   for DeepSeek-V3's 8-expert, 8-group test model, and `top_k <= num_experts` is the only bound.
+# - **Expert semantics**: `activation` is one of `ACTIVATIONS` (`silu`, or gpt-oss's clamped `swigluoai` whose
+#   `swiglu_alpha` and `swiglu_limit` are finite and above 0); `has_expert_bias` adds `w13_bias`/`w2_bias` to the
+#   two GEMMs; `has_router_bias` adds a bias to the router logits (it changes which experts are chosen, unlike the
+#   correction bias, which only selects); `shared_expert_gate` needs shared experts to gate.
 # - **`llama4`** routes one expert by its raw logit and has neither a correction bias nor a scaling factor, so it
 #   needs `top_k = 1`, `has_correction_bias = False` and `routed_scaling_factor = 1`.
 # - **Deployment:** `parallel` is a `ParallelConfig`, and when tokens go through all2all kernels the backend can send
@@ -518,8 +529,13 @@ def _check_moe_routing(c: MoEConfig) -> None:
     "Routing options of a MoEConfig: types, group counts, and what grouped_topk and llama4 can run."
     check_choice("routing_method", c.routing_method, ROUTING_METHODS)
     check_choice("scoring_func", c.scoring_func, SCORING_FUNCS)
-    for flag in ("renormalize", "has_correction_bias", "apply_router_weight_on_input"):
+    for flag in ("renormalize", "has_correction_bias", "apply_router_weight_on_input", "has_router_bias",
+                 "has_expert_bias", "shared_expert_gate"):
         check_bool(flag, getattr(c, flag))
+    check_choice("activation", c.activation, ACTIVATIONS)
+    check_positive_real("swiglu_alpha", c.swiglu_alpha); check_positive_real("swiglu_limit", c.swiglu_limit)
+    if c.shared_expert_gate and not c.num_shared_experts:
+        raise ValueError("shared_expert_gate: expected False for a layer without shared experts, got True")
     check_positive_real("routed_scaling_factor", c.routed_scaling_factor)
     for f in ("num_expert_group", "topk_group"):             # checked whenever given; required by grouped_topk
         if getattr(c, f) is not None or c.routing_method == "grouped_topk":
@@ -637,6 +653,17 @@ test_fail(lambda: MoEConfig(16, 1, 16, 16, has_correction_bias=True, **llama4),
           contains="has_correction_bias: expected False for routing_method 'llama4', got True")
 test_fail(lambda: MoEConfig(16, 1, 16, 16, routed_scaling_factor=2.0, **llama4),
           contains="routed_scaling_factor: expected 1.0 for routing_method 'llama4', got 2.0")
+
+# %%
+#| test moe_config_expert_semantics
+oss = MoEConfig(8, 2, 16, 16, activation="swigluoai", has_expert_bias=True, has_router_bias=True)
+test_eq((oss.activation, oss.swiglu_alpha, oss.swiglu_limit), ("swigluoai", 1.702, 7.0))
+test_fail(lambda: MoEConfig(8, 2, 16, 16, activation="gelu"), contains="activation: expected one of")
+test_fail(lambda: MoEConfig(8, 2, 16, 16, swiglu_limit=float("inf")), contains="swiglu_limit: expected")
+test_fail(lambda: MoEConfig(8, 2, 16, 16, has_expert_bias=1), contains="has_expert_bias: expected a bool")
+test_fail(lambda: MoEConfig(8, 2, 16, 16, shared_expert_gate=True),
+          contains="shared_expert_gate: expected False for a layer without shared experts")
+test_eq(MoEConfig(8, 2, 16, 16, num_shared_experts=1, shared_expert_gate=True).shared_expert_gate, True)
 
 # %% [markdown]
 # The hidden-size limit of a backend is enforced by the config, through the record: a deployment whose all2all

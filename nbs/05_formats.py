@@ -8,9 +8,10 @@
 # %%
 #| export
 from __future__ import annotations
+from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool
-from moe_lit.config import ActivationFormat
+from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, check_positive_real
+from moe_lit.config import ActivationFormat, ACTIVATIONS
 
 # %%
 #| hide
@@ -80,19 +81,87 @@ test_fail(lambda: silu_and_mul(torch.zeros(2, 3)), contains="x: expected an even
 test_fail(lambda: silu_and_mul(torch.tensor(1.0)), contains="x: expected an even last dim")
 test_fail(lambda: silu_and_mul(torch.zeros(2, 4, dtype=torch.int32)), contains="x: expected dtype")
 
+# %% [markdown]
+# ### The activation is part of the expert contract
+#
+# Most MoE models gate with SiLU. gpt-oss uses a clamped SwiGLU (`swigluoai` in vLLM's naming; the definition is
+# `GptOssExperts._apply_gate` in transformers' `modeling_gpt_oss.py` and the `swiglu` of OpenAI's
+# [gpt-oss reference](https://github.com/openai/gpt-oss/blob/main/gpt_oss/torch/model.py)):
+# `gate = min(gate, limit)`, `up = clamp(up, -limit, limit)`, `out = (up + 1) · gate · σ(α · gate)` with `α = 1.702`,
+# `limit = 7.0`. `Activation` is the one definition: the references and torch experts call it, and the Triton
+# epilogues take its `code`, `alpha` and `limit` (their specs are checked against it). Its input is always in
+# moe-lit's `w13` layout — gate columns, then up columns; checkpoints that interleave them (gpt-oss) are
+# de-interleaved at load.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class Activation:
+    "The experts' gated activation `[..., 2·I]` (gate then up) `-> [..., I]`, computed in fp32 (fp64 for fp64)."
+    name: str = "silu"        # one of ACTIVATIONS
+    alpha: float = 1.702      # swigluoai: gate · σ(alpha · gate)
+    limit: float = 7.0        # swigluoai: gate <= limit, |up| <= limit
+
+    def __post_init__(self):
+        check_choice("activation", self.name, ACTIVATIONS)
+        check_positive_real("alpha", self.alpha); check_positive_real("limit", self.limit)
+
+    @classmethod
+    def of(cls, config) -> "Activation":
+        "The activation of a MoEConfig."
+        return cls(config.activation, config.swiglu_alpha, config.swiglu_limit)
+
+    @property
+    def code(self) -> int:
+        "The Triton epilogues' constexpr: the index in ACTIVATIONS (0 silu, 1 swigluoai)."
+        return ACTIVATIONS.index(self.name)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        "The activation of `x [..., 2·I]` in the accumulation dtype's precision, cast back to `x.dtype`."
+        if self.name == "silu": return silu_and_mul(x)
+        check_tensor("x", x, dtype=_FLOATS)
+        if x.dim() < 1 or x.shape[-1] % 2:
+            raise ValueError(f"x: expected an even last dim (gate then up), got shape {tuple(x.shape)}")
+        gate, up = x.to(_acc_dtype(x.dtype)).chunk(2, dim=-1)
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return ((up + 1) * gate * torch.sigmoid(self.alpha * gate)).to(x.dtype)
+
+SILU = Activation()
+
+# %%
+#| test activation_definitions
+x = torch.tensor([[1.0, 9.0, 3.0, -8.0]], dtype=torch.float64)   # gates (1, 9), ups (3, -8)
+assert_close(Activation()(x), silu_and_mul(x))
+g, u = torch.tensor([1.0, 7.0], dtype=torch.float64), torch.tensor([3.0, -7.0], dtype=torch.float64)   # clamped
+assert_close(Activation("swigluoai")(x), ((u + 1) * g * torch.sigmoid(1.702 * g))[None])
+test_eq(Activation("swigluoai").code, 1); test_eq(SILU.code, 0)
+test_eq(Activation("swigluoai")(x.bfloat16()).dtype, torch.bfloat16)
+test_fail(lambda: Activation("gelu"), contains="activation: expected one of")
+test_fail(lambda: Activation("swigluoai")(torch.zeros(2, 3)), contains="x: expected an even last dim")
+
 # %%
 #| export
 def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
                w13: torch.Tensor, # [2·intermediate_size, hidden_size], gate rows then up rows
                w2: torch.Tensor,  # [hidden_size, intermediate_size]
+               w13_bias: torch.Tensor | None = None,  # [2·intermediate_size], added to GEMM1's output
+               w2_bias: torch.Tensor | None = None,   # [hidden_size], added to GEMM2's output
+               activation: Activation = SILU,         # the gated activation between the GEMMs
               ) -> torch.Tensor:  # [n, hidden_size] in the accumulation dtype (fp32, or fp64 for fp64 inputs)
-    "One gated SiLU expert, with the kernels' precision: fp32 products, SiLU-and-mul cast once to the input dtype."
+    "One gated expert, with the kernels' precision: fp32 products (+ bias), the activation cast once to the input dtype."
     check_tensor("x", x, ndim=2, dtype=_FLOATS)
     check_tensor("w13", w13, shape=(None, x.shape[1]), dtype=_FLOATS)
     check_tensor("w2", w2, shape=(x.shape[1], w13.shape[0] // 2), dtype=_FLOATS)
+    if w13_bias is not None: check_tensor("w13_bias", w13_bias, shape=(w13.shape[0],), dtype=_FLOATS)
+    if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=(w2.shape[0],), dtype=_FLOATS)
+    if not isinstance(activation, Activation):
+        raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
     acc = _acc_dtype(x.dtype)
-    h = silu_and_mul((x.to(acc) @ w13.to(acc).T)).to(x.dtype)   # the fused GEMM1 epilogue writes x.dtype
-    return h.to(acc) @ w2.to(acc).T
+    h = x.to(acc) @ w13.to(acc).T
+    if w13_bias is not None: h = h + w13_bias.to(acc)
+    h = activation(h).to(x.dtype)                               # the fused GEMM1 epilogue writes x.dtype
+    y = h.to(acc) @ w2.to(acc).T
+    return y if w2_bias is None else y + w2_bias.to(acc)
 
 # %%
 #| test expert_mlp_matches_definition
@@ -103,6 +172,17 @@ assert_close(expert_mlp(x, w13, w2), (g * torch.sigmoid(g) * u) @ w2.T)
 test_eq(expert_mlp(x.bfloat16(), w13.bfloat16(), w2.bfloat16()).dtype, torch.float32)
 test_fail(lambda: expert_mlp(x[:, :7], w13, w2), contains="w13: expected shape [*, 7]")
 test_fail(lambda: expert_mlp(x[0], w13, w2), contains="x: expected a 2-D tensor")
+
+# %%
+#| test expert_mlp_bias_and_swigluoai
+torch.manual_seed(0)
+x, w13, w2 = torch.randn(5, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+b13, b2 = torch.randn(6, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+h = x @ w13.T + b13
+want = Activation("swigluoai")(h) @ w2.T + b2
+assert_close(expert_mlp(x, w13, w2, b13, b2, Activation("swigluoai")), want)
+test_fail(lambda: expert_mlp(x, w13, w2, b13[:5]), contains="w13_bias: expected shape [6]")
+test_fail(lambda: expert_mlp(x, w13, w2, activation="silu"), contains="activation: expected an Activation")
 
 # %% [markdown]
 # ## Standard format
@@ -144,6 +224,15 @@ def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     return T, H, E
 
+def _check_expert_bias(w13_bias, w2_bias, w13, w2):
+    "Expert biases, when given, have one row per local expert: `w13_bias [E, 2·I]`, `w2_bias [E, H]`."
+    if w13_bias is not None: check_tensor("w13_bias", w13_bias, shape=tuple(w13.shape[:2]), dtype=_FLOATS)
+    if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=tuple(w2.shape[:2]), dtype=_FLOATS)
+
+def _row(t, e):
+    "Row `e` of an optional per-expert tensor."
+    return None if t is None else t[e]
+
 # %%
 #| export
 def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_size] f64/f32/f16/bf16
@@ -154,9 +243,13 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
                            expert_map: torch.Tensor | None = None,  # [num_experts] int32, global -> local or -1
                            apply_router_weight_on_input: bool = False,  # scale the input row, not the output
                            accumulate_into: torch.Tensor | None = None,  # [num_tokens, hidden_size] fp32/fp64
+                           w13_bias: torch.Tensor | None = None,  # [num_local_experts, 2·intermediate_size]
+                           w2_bias: torch.Tensor | None = None,   # [num_local_experts, hidden_size]
+                           activation: Activation = SILU,         # the experts' gated activation
                           ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "Standard-format MoE: per local expert, gather its (token, slot) pairs, run the expert, weighted-add the rows."
     T, H, E = _check_moe_args(hidden, w13, w2, topk_weights, topk_ids)
+    _check_expert_bias(w13_bias, w2_bias, w13, w2)
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     local = _local_ids(topk_ids, E, expert_map)
     acc = _acc_dtype(hidden.dtype)
@@ -168,7 +261,7 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
         w = topk_weights[tok, slot].to(acc)[:, None]
         x = hidden[tok]
         if apply_router_weight_on_input: x = (x.to(acc) * w).to(hidden.dtype)
-        y = expert_mlp(x, w13[e], w2[e])
+        y = expert_mlp(x, w13[e], w2[e], _row(w13_bias, e), _row(w2_bias, e), activation)
         out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
     return out if accumulate_into is not None else out.to(hidden.dtype)
 
@@ -323,6 +416,9 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
                               w13: torch.Tensor,                # [E_local, 2·intermediate_size, hidden_size]
                               w2: torch.Tensor,                 # [E_local, hidden_size, intermediate_size]
                               out: torch.Tensor | None = None,  # [E_local, max_tokens, hidden_size], a's dtype
+                              w13_bias: torch.Tensor | None = None,  # [E_local, 2·intermediate_size]
+                              w2_bias: torch.Tensor | None = None,   # [E_local, hidden_size]
+                              activation: Activation = SILU,         # the experts' gated activation
                              ) -> torch.Tensor:                 # `out`; rows >= count untouched
     "Batched-format experts: `out[e, :n_e] = expert_e(a[e, :n_e])`; padding rows are never read or written."
     check_tensor("a", a, ndim=3, dtype=_FLOATS)
@@ -331,11 +427,12 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
     check_tensor("w13", w13, shape=(E, None, H), dtype=a.dtype)
     if w13.shape[1] % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {w13.shape[1]}")
     check_tensor("w2", w2, shape=(E, H, w13.shape[1] // 2), dtype=a.dtype)
+    _check_expert_bias(w13_bias, w2_bias, w13, w2)
     if ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.full_like(a, float("nan")) if out is None else check_tensor("out", out, shape=(E, M, H), dtype=a.dtype)
     for e, n in enumerate(expert_num_tokens.tolist()):
-        if n: out[e, :n] = expert_mlp(a[e, :n], w13[e], w2[e]).to(a.dtype)
+        if n: out[e, :n] = expert_mlp(a[e, :n], w13[e], w2[e], _row(w13_bias, e), _row(w2_bias, e), activation).to(a.dtype)
     return out
 
 # %% [markdown]
@@ -380,6 +477,9 @@ def moe_reference_batched(hidden: torch.Tensor,        # [num_tokens, hidden_siz
                           local_ids: torch.Tensor,     # [num_tokens, top_k] int32/int64, local expert or -1
                           max_tokens: int | None = None,  # slab capacity; default: the busiest local expert's pairs
                           apply_router_weight_on_input: bool = False,
+                          w13_bias: torch.Tensor | None = None,  # [E_local, 2·intermediate_size]
+                          w2_bias: torch.Tensor | None = None,   # [E_local, hidden_size]
+                          activation: Activation = SILU,         # the experts' gated activation
                          ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "BatchedExperts-format MoE: dispatch -> experts on valid rows -> weighted combine."
     _check_moe_args(hidden, w13, w2, topk_weights, local_ids)
@@ -390,7 +490,7 @@ def moe_reference_batched(hidden: torch.Tensor,        # [num_tokens, hidden_siz
     check_int("max_tokens", max_tokens, lo=1)
     a, counts, slot_map = dispatch_batched_reference(
         hidden, local_ids, w13.shape[0], max_tokens, topk_weights if apply_router_weight_on_input else None)
-    y = experts_reference_batched(a, counts, w13, w2)
+    y = experts_reference_batched(a, counts, w13, w2, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
     return combine_batched_reference(y, topk_weights, slot_map, apply_router_weight_on_input)
 
 # %%
@@ -417,6 +517,27 @@ for poison in (float("nan"), 1e30):                                            #
     assert_close(combine_batched_reference(y, wts, slot_map), want)
     pad = torch.arange(T)[None, :] >= counts[:, None]                           # [E, T] rows past the count
     assert y[pad].isnan().all() if poison != poison else (y[pad] == poison).all()  # padding rows untouched
+
+# %%
+#| test biased_swigluoai_both_formats
+torch.manual_seed(5)
+T, H, I, E, k = 10, 16, 8, 4, 2
+hidden = torch.randn(T, H, dtype=torch.float64)
+w13, w2 = torch.randn(E, 2 * I, H, dtype=torch.float64) / 4, torch.randn(E, H, I, dtype=torch.float64) / 3
+ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int(); ids[0, 0] = -1
+wts = torch.rand(T, k)
+b13, b2 = torch.randn(E, 2 * I, dtype=torch.float64), torch.randn(E, H, dtype=torch.float64)
+act = Activation("swigluoai", limit=0.5)                                          # small limit: the clamps bite
+want = torch.zeros(T, H, dtype=torch.float64)
+for t in range(T):
+    for j in range(k):
+        e = int(ids[t, j])
+        if e < 0: continue
+        want[t] += wts[t, j].double() * (w2[e] @ act((w13[e] @ hidden[t] + b13[e])[None])[0] + b2[e])
+kw = dict(w13_bias=b13, w2_bias=b2, activation=act)
+assert_close(moe_reference_standard(hidden, w13, w2, wts, ids, **kw), want)
+assert_close(moe_reference_batched(hidden, w13, w2, wts, ids, **kw), want)
+test_fail(lambda: moe_reference_standard(hidden, w13, w2, wts, ids, w2_bias=b2[:, :3]), contains="w2_bias: expected shape")
 
 # %% [markdown]
 # Applying the router weight on the input (Llama-4 does it with `top_k = 1`) means `out[t] = Σ_k E_k(w_tk · x_t)`.

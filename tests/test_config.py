@@ -179,6 +179,17 @@ def test_moe_config_routing_rules():
               contains="routed_scaling_factor: expected 1.0 for routing_method 'llama4', got 2.0")
 
 
+def test_moe_config_expert_semantics():
+    oss = MoEConfig(8, 2, 16, 16, activation="swigluoai", has_expert_bias=True, has_router_bias=True)
+    test_eq((oss.activation, oss.swiglu_alpha, oss.swiglu_limit), ("swigluoai", 1.702, 7.0))
+    test_fail(lambda: MoEConfig(8, 2, 16, 16, activation="gelu"), contains="activation: expected one of")
+    test_fail(lambda: MoEConfig(8, 2, 16, 16, swiglu_limit=float("inf")), contains="swiglu_limit: expected")
+    test_fail(lambda: MoEConfig(8, 2, 16, 16, has_expert_bias=1), contains="has_expert_bias: expected a bool")
+    test_fail(lambda: MoEConfig(8, 2, 16, 16, shared_expert_gate=True),
+              contains="shared_expert_gate: expected False for a layer without shared experts")
+    test_eq(MoEConfig(8, 2, 16, 16, num_shared_experts=1, shared_expert_gate=True).shared_expert_gate, True)
+
+
 def test_moe_config_hidden_size_limit():
     for name, d in BACKENDS.items():
         par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=name)
