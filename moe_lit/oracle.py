@@ -50,7 +50,7 @@ def detect_device() -> DeviceCaps:
     kind = next((k for k in ("h200", "h100", "b200", "a100") if k in name), "gpu")
     return DeviceCaps(kind, torch.cuda.get_device_capability(), libs)
 
-# %% ../nbs/11_oracle.ipynb #d7d86c2c1347
+# %% ../nbs/11_oracle.ipynb #f774dd073137
 @dataclass(frozen=True)
 class ExpertsBackend:
     "One experts implementation the oracle can choose."
@@ -63,6 +63,8 @@ class ExpertsBackend:
     min_capability: tuple | None = None
     library: str | None = None
     note: str = ""                            # how it runs a quantized scheme (appended to an accepting reason)
+    activations: tuple = ("silu", "swigluoai")  # the gated activations its GEMM1 epilogue computes
+    expert_bias: bool = True                  # adds w13_bias / w2_bias in its GEMMs
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
         "Device and library predicates: `(ok, reason)`."
@@ -74,26 +76,31 @@ class ExpertsBackend:
             return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
         return True, "device and libraries fit"
 
-# %% ../nbs/11_oracle.ipynb #c2c70e1f0ce5
+# %% ../nbs/11_oracle.ipynb #98d3d06aab81
 _S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
 _ALL = QUANT_SCHEMES
 _Q = QUANT_SCHEMES[1:]
 _FP8 = tuple(q for q in _Q if q.startswith("fp8"))
 _FP4 = tuple(q for q in _Q if q.endswith("w4a16"))
 _DEQUANT = "weights dequantized to the activation dtype once, then the unquantized experts (an emulation)"
+_SILU_ONLY = dict(activations=("silu",), expert_bias=False)   # SiLU-gated, bias-free experts only
 _HW_FP8 = "hardware FP8: e4m3 x e4m3 tensor-core dots, fp32 accumulation, scales applied in fp32"
 _W4A16 = "FP4 codes dequantized to bf16/fp16 inside the K loop (an emulation: no FP4 tensor cores before Blackwell)"
 CANDIDATES = (   # one priority list; per scheme the oracle scans it in this order
-    ExpertsBackend("flashinfer_cutlass_fp4", _S, ("nvfp4_w4a16",), "external", min_capability=(10, 0), library="flashinfer"),
-    ExpertsBackend("deep_gemm_fp8", _S, ("fp8_w8a8_block",), "external", min_capability=(9, 0), library="deep_gemm"),
+    ExpertsBackend("flashinfer_cutlass_fp4", _S, ("nvfp4_w4a16",), "external", min_capability=(10, 0), library="flashinfer",
+                   **_SILU_ONLY),
+    ExpertsBackend("deep_gemm_fp8", _S, ("fp8_w8a8_block",), "external", min_capability=(9, 0), library="deep_gemm",
+                   **_SILU_ONLY),
     ExpertsBackend("triton_contiguous", _S, ("unquantized",), "triton", needs_gpu=True),
     ExpertsBackend("triton_batched", _B, ("unquantized",), "triton", needs_gpu=True),
-    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
-    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
+    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
+                   **_SILU_ONLY),
+    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
+                   **_SILU_ONLY),
     ExpertsBackend("triton_contiguous_w4a16", _S, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16),
+                   min_capability=(8, 0), note=_W4A16, **_SILU_ONLY),
     ExpertsBackend("triton_batched_w4a16", _B, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16),
+                   min_capability=(8, 0), note=_W4A16, **_SILU_ONLY),
     ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT),
@@ -119,7 +126,7 @@ class Decision:
 
     def _repr_markdown_(self): return self.table()
 
-# %% ../nbs/11_oracle.ipynb #e1e070950dc9
+# %% ../nbs/11_oracle.ipynb #177cf548e209
 def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_format: ActivationFormat,
                            device: DeviceCaps, override: str | None = None) -> Decision:
     "Scan the priority list once; the first candidate that fits format, scheme, device and override is chosen."
@@ -134,6 +141,10 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
         if c.activation_format is not activation_format:
             ok, why = False, f"consumes {c.activation_format.value}, the prepare/finalize produces {activation_format.value}"
         elif quant_scheme not in c.quant_schemes: ok, why = False, f"does not run {quant_scheme}"
+        elif moe_config.activation not in c.activations:
+            ok, why = False, f"runs {'/'.join(c.activations)} experts, the layer's activation is {moe_config.activation}"
+        elif moe_config.has_expert_bias and not c.expert_bias:
+            ok, why = False, "runs bias-free experts, the layer's experts have biases (w13_bias, w2_bias)"
         elif c.implementation == "triton_quant" and moe_config.dtype not in (torch.bfloat16, torch.float16):
             ok, why = False, f"needs bf16/fp16 activations, the layer's dtype is {str(moe_config.dtype)[6:]}"
         else: ok, why = c.check(device)

@@ -11,7 +11,7 @@ from .config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %% auto #0
 __all__ = ['stable_topk', 'fused_topk', 'RoutingFallbackWarning', 'ungroupable_reason', 'grouped_topk', 'llama4_topk',
-           'select_experts', 'expert_load', 'plot_expert_load']
+           'select_experts', 'router_logits', 'expert_load', 'plot_expert_load']
 
 # %% ../nbs/03_routing.ipynb #ff48c72af614
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)   # scores and logits
@@ -177,6 +177,16 @@ def select_experts(config: MoEConfig,             # the layer: routing_method an
         return grouped_topk(gating_output, c.top_k, c.renormalize, c.num_expert_group, c.topk_group,
                             c.scoring_func, c.routed_scaling_factor, bias)
     return fused_topk(gating_output, c.top_k, c.renormalize, c.scoring_func, bias, c.routed_scaling_factor)
+
+# %% ../nbs/03_routing.ipynb #80f600ee4ad5
+def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_size] any float dtype
+                  gate: torch.Tensor,                   # [num_experts, hidden_size] router weight
+                  gate_bias: torch.Tensor | None = None,  # [num_experts] router bias (gpt-oss), or None
+                 ) -> torch.Tensor:                     # [num_tokens, num_experts] fp32 (fp64 for fp64 hidden)
+    "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references)."
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(acc) @ gate.to(acc).T
+    return logits if gate_bias is None else logits + gate_bias.to(acc)
 
 # %% ../nbs/03_routing.ipynb #24c657275cbd
 def expert_load(topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, expert id per slot (-1 = not routed here)

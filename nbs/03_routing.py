@@ -666,6 +666,32 @@ test_fail(lambda: select_experts(MoEConfig(16, 1, 64, 32, routing_method="llama4
           contains="routed_scaling_factor: expected 1.0")                    # refused by the config itself
 
 # %% [markdown]
+# ## The router GEMM
+#
+# The logits are `hidden · gateᵀ` in fp32 on every rank (so every rank agrees on `topk_ids`), plus the router's own
+# bias where the model has one (gpt-oss's router is a `Linear` with a bias). Unlike the correction bias, that bias
+# moves the logits themselves, so it changes the weights as well as the choice. One function computes them for the
+# layer, the distributed run and the references.
+
+# %%
+#| export
+def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_size] any float dtype
+                  gate: torch.Tensor,                   # [num_experts, hidden_size] router weight
+                  gate_bias: torch.Tensor | None = None,  # [num_experts] router bias (gpt-oss), or None
+                 ) -> torch.Tensor:                     # [num_tokens, num_experts] fp32 (fp64 for fp64 hidden)
+    "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references)."
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(acc) @ gate.to(acc).T
+    return logits if gate_bias is None else logits + gate_bias.to(acc)
+
+# %%
+#| test router_logits
+h, g, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+test_eq(router_logits(h.bfloat16(), g).dtype, torch.float32)
+assert torch.allclose(router_logits(h, g, b), h @ g.T + b)
+test_eq(router_logits(h.double(), g).dtype, torch.float64)
+
+# %% [markdown]
 # `MoEConfig` accepts a grouped config exactly when `grouped_topk` can route it — directly, or through the fallback
 # to plain top-k for experts that do not split into groups — so `select_experts` never fails on a config the
 # library made.

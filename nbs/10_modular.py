@@ -13,7 +13,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
-                             combine_batched_reference, expert_mlp)
+                             combine_batched_reference, expert_mlp, Activation, SILU)
 
 # %%
 #| hide
@@ -166,9 +166,11 @@ class BatchedPrepareFinalize:
 class TorchStandardExperts:
     "Standard-format experts, torch reference: per local expert, gather its pairs, run it, weighted-add."
     activation_format = ActivationFormat.Standard
-    def apply(self, prepared: Prepared, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    def apply(self, prepared: Prepared, w13: torch.Tensor, w2: torch.Tensor, w13_bias=None, w2_bias=None,
+              activation: Activation = SILU) -> torch.Tensor:
         return moe_reference_standard(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
-                                      apply_router_weight_on_input=prepared.apply_router_weight_on_input)
+                                      apply_router_weight_on_input=prepared.apply_router_weight_on_input,
+                                      w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
     def workspace_shapes(self, T, H, I, top_k, E_local, max_tokens=None):
         "Shapes of (intermediate, per-expert output, result): `[T·top_k, I]`, `[T·top_k, H]`, `[T, H]`."
         return (T * top_k, I), (T * top_k, H), (T, H)
@@ -176,8 +178,10 @@ class TorchStandardExperts:
 class TorchBatchedExperts:
     "Batched-format experts, torch reference: each expert on the valid rows of its slab."
     activation_format = ActivationFormat.BatchedExperts
-    def apply(self, prepared: Prepared, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        return experts_reference_batched(prepared.a, prepared.expert_num_tokens, w13, w2)
+    def apply(self, prepared: Prepared, w13: torch.Tensor, w2: torch.Tensor, w13_bias=None, w2_bias=None,
+              activation: Activation = SILU) -> torch.Tensor:
+        return experts_reference_batched(prepared.a, prepared.expert_num_tokens, w13, w2, w13_bias=w13_bias,
+                                         w2_bias=w2_bias, activation=activation)
     def workspace_shapes(self, T, H, I, top_k, E_local, max_tokens):
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
@@ -186,21 +190,29 @@ class TorchBatchedExperts:
 #| export
 class TritonStandardExperts(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
-    def apply(self, prepared, w13, w2):
+    def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.contiguous import TritonExperts
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                      prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                     validate=False)     # local ids come from the placement: in range by construction
+                                     validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)     # local ids come from the placement: in range by construction
 
 class TritonBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
-    def apply(self, prepared, w13, w2):
+    def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
-        return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m)
+        return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
+                                            w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
+
+def _check_silu_unbiased(w13_bias, w2_bias, activation):
+    "The quantized Triton GEMMs run SiLU-gated, bias-free experts only (the oracle never picks them otherwise)."
+    if activation != SILU or w13_bias is not None or w2_bias is not None:
+        raise ValueError(f"activation: expected silu experts without biases for the quantized Triton kernels, got "
+                         f"{activation.name}{' with biases' if w13_bias is not None or w2_bias is not None else ''}")
 
 class TritonQuantStandardExperts(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09a_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
-    def apply(self, prepared, w13, w2=None):
+    def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
+        _check_silu_unbiased(w13_bias, w2_bias, activation)
         from moe_lit.kernels.quant import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
@@ -208,7 +220,8 @@ class TritonQuantStandardExperts(TorchStandardExperts):
 
 class TritonQuantBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
-    def apply(self, prepared, w13, w2=None):
+    def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
+        _check_silu_unbiased(w13_bias, w2_bias, activation)
         from moe_lit.kernels.quant import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m)
 
@@ -230,18 +243,23 @@ EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
 # %%
 #| export
 class SharedExperts(torch.nn.Module):
-    "The always-on experts as one gated SiLU MLP: `w13 [2·I_shared, H]` (gate then up), `w2 [H, I_shared]`."
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor):
+    "The always-on experts as one gated SiLU MLP `w13 [2·I_s, H]` (gate then up), `w2 [H, I_s]`; optionally gated per token."
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
+                 gate: torch.Tensor | None = None):   # [1, H]: output scaled by sigmoid(x · gateᵀ) (Qwen2-MoE)
         super().__init__()
         check_tensor("w13", w13, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
         if w13.shape[0] == 0 or w13.shape[0] % 2:
             raise ValueError(f"w13: expected a positive even number of rows (gate then up), got {w13.shape[0]}")
         check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)
+        if gate is not None: check_tensor("gate", gate, shape=(1, w13.shape[1]), dtype=w13.dtype)
         self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
+        self.gate = None if gate is None else torch.nn.Parameter(gate, requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast)."
-        return expert_mlp(hidden, self.w13, self.w2).to(hidden.dtype)
+        "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated."
+        y = expert_mlp(hidden, self.w13, self.w2)                       # accumulation dtype
+        if self.gate is not None: y = y * torch.sigmoid(hidden.to(y.dtype) @ self.gate.to(y.dtype).T)   # [T, 1]
+        return y.to(hidden.dtype)
 
 # %% [markdown]
 # ## ModularKernel
@@ -263,13 +281,14 @@ class ModularKernel:
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
 
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
-                add_shared: bool = True, timings: dict | None = None) -> torch.Tensor:
+                add_shared: bool = True, timings: dict | None = None, w13_bias=None, w2_bias=None,
+                activation: Activation = SILU) -> torch.Tensor:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
         check_bool("add_shared", add_shared)
         clock = _Clock(timings, hidden.device)         # seconds of each stage, synchronized, when `timings` is a dict
         prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")
-        expert_out = self.experts.apply(prepared, w13, w2)
+        expert_out = self.experts.apply(prepared, w13, w2, w13_bias, w2_bias, activation)
         clock("experts_s")
         out = self.prepare_finalize.finalize(expert_out, prepared)
         clock("finalize_s")
@@ -342,6 +361,18 @@ h0, w0, ids0 = torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torc
 test_fail(lambda: mk0(h0, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="placement: expected a Placement")
 test_fail(lambda: mk0(h0[0], torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="hidden: expected a 2-D tensor")
 test_fail(lambda: SharedExperts(torch.randn(17, 16), torch.randn(16, 8)), contains="w13: expected a positive even number")
+
+# %%
+#| test shared_experts_gate
+torch.manual_seed(2)
+H, I = 16, 8
+w13, w2, gate = torch.randn(2 * I, H, dtype=torch.float64), torch.randn(H, I, dtype=torch.float64), torch.randn(1, H, dtype=torch.float64)
+x = torch.randn(5, H, dtype=torch.float64)
+g, u = (x @ w13.T).chunk(2, dim=-1)
+want = torch.sigmoid(x @ gate.T) * ((torch.nn.functional.silu(g) * u) @ w2.T)      # Qwen2MoeSparseMoeBlock's definition
+assert_close(SharedExperts(w13, w2, gate)(x), want)
+assert not torch.allclose(SharedExperts(w13, w2)(x), want)                           # the gate matters
+test_fail(lambda: SharedExperts(w13, w2, gate[:, :5]), contains="gate: expected shape [1, 16]")
 
 # %% [markdown]
 # Both formats, torch and Triton (the interpreter on a CPU), compute the same layer — checked against the float64

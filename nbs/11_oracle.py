@@ -96,6 +96,8 @@ class ExpertsBackend:
     min_capability: tuple | None = None
     library: str | None = None
     note: str = ""                            # how it runs a quantized scheme (appended to an accepting reason)
+    activations: tuple = ("silu", "swigluoai")  # the gated activations its GEMM1 epilogue computes
+    expert_bias: bool = True                  # adds w13_bias / w2_bias in its GEMMs
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
         "Device and library predicates: `(ok, reason)`."
@@ -115,19 +117,24 @@ _Q = QUANT_SCHEMES[1:]
 _FP8 = tuple(q for q in _Q if q.startswith("fp8"))
 _FP4 = tuple(q for q in _Q if q.endswith("w4a16"))
 _DEQUANT = "weights dequantized to the activation dtype once, then the unquantized experts (an emulation)"
+_SILU_ONLY = dict(activations=("silu",), expert_bias=False)   # SiLU-gated, bias-free experts only
 _HW_FP8 = "hardware FP8: e4m3 x e4m3 tensor-core dots, fp32 accumulation, scales applied in fp32"
 _W4A16 = "FP4 codes dequantized to bf16/fp16 inside the K loop (an emulation: no FP4 tensor cores before Blackwell)"
 CANDIDATES = (   # one priority list; per scheme the oracle scans it in this order
-    ExpertsBackend("flashinfer_cutlass_fp4", _S, ("nvfp4_w4a16",), "external", min_capability=(10, 0), library="flashinfer"),
-    ExpertsBackend("deep_gemm_fp8", _S, ("fp8_w8a8_block",), "external", min_capability=(9, 0), library="deep_gemm"),
+    ExpertsBackend("flashinfer_cutlass_fp4", _S, ("nvfp4_w4a16",), "external", min_capability=(10, 0), library="flashinfer",
+                   **_SILU_ONLY),
+    ExpertsBackend("deep_gemm_fp8", _S, ("fp8_w8a8_block",), "external", min_capability=(9, 0), library="deep_gemm",
+                   **_SILU_ONLY),
     ExpertsBackend("triton_contiguous", _S, ("unquantized",), "triton", needs_gpu=True),
     ExpertsBackend("triton_batched", _B, ("unquantized",), "triton", needs_gpu=True),
-    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
-    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
+    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
+                   **_SILU_ONLY),
+    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
+                   **_SILU_ONLY),
     ExpertsBackend("triton_contiguous_w4a16", _S, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16),
+                   min_capability=(8, 0), note=_W4A16, **_SILU_ONLY),
     ExpertsBackend("triton_batched_w4a16", _B, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16),
+                   min_capability=(8, 0), note=_W4A16, **_SILU_ONLY),
     ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT),
@@ -173,6 +180,10 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
         if c.activation_format is not activation_format:
             ok, why = False, f"consumes {c.activation_format.value}, the prepare/finalize produces {activation_format.value}"
         elif quant_scheme not in c.quant_schemes: ok, why = False, f"does not run {quant_scheme}"
+        elif moe_config.activation not in c.activations:
+            ok, why = False, f"runs {'/'.join(c.activations)} experts, the layer's activation is {moe_config.activation}"
+        elif moe_config.has_expert_bias and not c.expert_bias:
+            ok, why = False, "runs bias-free experts, the layer's experts have biases (w13_bias, w2_bias)"
         elif c.implementation == "triton_quant" and moe_config.dtype not in (torch.bfloat16, torch.float16):
             ok, why = False, f"needs bf16/fp16 activations, the layer's dtype is {str(moe_config.dtype)[6:]}"
         else: ok, why = c.check(device)
@@ -276,6 +287,25 @@ for scheme in ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block"):
 d = select_nvfp4_moe_backend(cfg, S, DEVICES["b200"])
 test_eq(d.chosen.name, "triton_contiguous_w4a16")
 assert "needs the 'flashinfer' library" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
+
+# %% [markdown]
+# The experts' function is part of the match too. gpt-oss's clamped SwiGLU with biases runs in the unquantized Triton
+# kernels of both formats (their GEMM1 epilogue computes either activation, both GEMMs add a bias) and in the torch
+# references; the quantized Triton GEMMs compute SiLU-gated, bias-free experts only, so on MXFP4 gpt-oss weights the
+# oracle passes over them and says why — the weights are then dequantized once for the unquantized kernels.
+
+# %%
+#| test oracle_knows_activations
+oss = MoEConfig(32, 4, 2880, 2880, activation="swigluoai", has_expert_bias=True, has_router_bias=True)
+S, B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
+test_eq(select_experts_backend(oss, "unquantized", B, DEVICES["h200"]).chosen.name, "triton_batched")
+d = select_mxfp4_moe_backend(oss, S, DEVICES["h200"])
+test_eq(d.chosen.name, "triton_contiguous_dequant")
+assert "the layer's activation is swigluoai" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_w4a16"]
+d = select_mxfp4_moe_backend(oss.replace(activation="silu"), S, DEVICES["h200"])      # biases alone also rule it out
+assert "bias-free experts" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_w4a16"]
+test_eq(select_mxfp4_moe_backend(oss.replace(has_expert_bias=False, activation="silu"), S, DEVICES["h200"]).chosen.name,
+        "triton_contiguous_w4a16")
 
 # %%
 #| test oracle_override_and_bad_input

@@ -15,9 +15,11 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, progress
 from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
-from moe_lit.routing import select_experts, expert_load
+from collections.abc import Mapping
+from moe_lit.routing import select_experts, expert_load, router_logits
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype, _FLOATS
+from moe_lit.formats import moe_reference_standard, expert_mlp, Activation, SILU, _acc_dtype, _FLOATS
+from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
 
@@ -29,87 +31,9 @@ from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 
 # %% [markdown]
-# In this notebook: `RandomExpertWeights` (the weights of a model, generated per expert on demand), `FusedMoE` (one
-# rank's layer) and `run_emulated_ep` (every rank of a deployment in turn, checked against the single-device and the
-# float64 results). A **how-to** page with the reference of each symbol.
-#
-# ## Weights, one expert at a time
-#
-# A model's expert weights can be far larger than one machine's memory (DeepSeek-V3: 256 experts × 44 M parameters
-# per layer, 22.5 GB in bf16). An expert-parallel rank holds only its own experts, so moe-lit generates weights *per
-# global expert*, from a seed derived from `(seed, expert id)`: every rank, and the single-device computation, see
-# exactly the same numbers for expert `g` without anyone holding all of them.
-
-# %%
-#| export
-class RandomExpertWeights:
-    "Deterministic random weights for a model's MoE layer: expert `g`'s tensors depend only on `(seed, g)`."
-    def __init__(self, config: MoEConfig, seed: int = 0):
-        if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        self.config, self.seed = config, check_int("seed", seed, lo=0, hi=2**40)   # seed·1_000_003 + g stays < 2^63
-
-    def _gen(self, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
-
-    def router(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        "`(gate [num_experts, hidden_size] fp32, e_score_correction_bias [num_experts] fp32 or None)`."
-        c, g = self.config, self._gen(0)
-        gate = torch.randn(c.num_experts, c.hidden_size, generator=g) / math.sqrt(c.hidden_size)   # logits ~ N(0, 1)
-        bias = torch.randn(c.num_experts, generator=g) * 0.01 if c.has_correction_bias else None   # a small nudge
-        return gate, bias
-
-# %% [markdown]
-# Weights are scaled so activations stay of order 1 through the layer (`w13 ~ N(0, 1/H)`, `w2 ~ N(0, 1/I)`), which
-# keeps the relative-error figures of the report meaningful.
-
-# %%
-#| export
-def _experts(self, expert_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    "Stacked weights of the global experts `expert_ids`: `(w13 [n, 2·I, H], w2 [n, H, I])` in the config's dtype."
-    c = self.config
-    if isinstance(expert_ids, torch.Tensor):
-        check_tensor("expert_ids", expert_ids, ndim=1, dtype=(torch.int32, torch.int64))
-        expert_ids = expert_ids.tolist()
-    if isinstance(expert_ids, (str, bytes)) or not hasattr(expert_ids, "__iter__"):
-        raise ValueError(f"expert_ids: expected a sequence of ints, got {type(expert_ids).__name__}")
-    ids = [check_int("expert_ids[i]", g, lo=0, hi=c.num_experts) for g in expert_ids]
-    w13 = torch.empty(len(ids), 2 * c.intermediate_size, c.hidden_size, dtype=c.dtype)
-    w2 = torch.empty(len(ids), c.hidden_size, c.intermediate_size, dtype=c.dtype)
-    def fill(j, g):                      # torch's CPU generator is serial: one thread per expert instead
-        gen = self._gen(g + 1)
-        w13[j].normal_(0.0, 1.0 / math.sqrt(c.hidden_size), generator=gen)
-        w2[j].normal_(0.0, 1.0 / math.sqrt(c.intermediate_size), generator=gen)
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        list(pool.map(fill, range(len(ids)), ids))
-    return w13, w2
-
-RandomExpertWeights.experts = _experts
-
-def _shared(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-    "The shared experts as one MLP `(w13 [2·I_s, H], w2 [H, I_s])`, I_s = shared_intermediate_size; None without."
-    c = self.config
-    if not c.num_shared_experts: return None
-    i_s = c.shared_intermediate_size or c.num_shared_experts * c.intermediate_size
-    gen = self._gen(c.num_experts + 1)
-    w13 = torch.empty(2 * i_s, c.hidden_size, dtype=c.dtype).normal_(0.0, 1.0 / math.sqrt(c.hidden_size), generator=gen)
-    w2 = torch.empty(c.hidden_size, i_s, dtype=c.dtype).normal_(0.0, 1.0 / math.sqrt(i_s), generator=gen)
-    return w13, w2
-
-RandomExpertWeights.shared = _shared
-
-# %%
-#| test random_weights_are_per_expert
-cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8)
-src = RandomExpertWeights(cfg, seed=3)
-a13, a2 = src.experts([0, 1, 2, 3, 4, 5])
-b13, b2 = src.experts([4, 1])
-assert torch.equal(a13[[4, 1]], b13) and torch.equal(a2[[4, 1]], b2)       # the same expert, whoever asks
-assert not torch.equal(a13[0], a13[1])                                     # different experts differ
-test_eq(a13.dtype, torch.bfloat16)
-test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected < 6, got 6")
-test_fail(lambda: src.experts([2.7]), contains="expert_ids[i]: expected an int, got float")
-test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
-test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected < 1099511627776")
+# In this notebook: `FusedMoE` (one rank's layer, from any weight source of `11a_weights` or a checkpoint) and
+# `run_emulated_ep` (every rank of a deployment in turn, checked against the single-device and the float64 results).
+# A **how-to** page with the reference of each symbol.
 
 # %% [markdown]
 # ## FusedMoE: one rank's layer
@@ -154,7 +78,9 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
-    impl = "triton_quant" if q else "triton"
+    plain = config is None or (config.activation == "silu" and not config.has_expert_bias)   # what the quant GEMMs run
+    impl = "triton_quant" if q and plain else "triton"
+    if q and not plain: kernels += f" dequantized once (the quantized GEMMs run SiLU, bias-free experts only)"
     if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
                          f"{str(config.dtype)[6:]} (use --experts torch, or --dtype bf16)")
@@ -181,6 +107,9 @@ test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16",
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
 test_fail(lambda: resolve_experts("triton", S, torch.device("cpu"), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
           contains="quant: expected a bf16 or fp16 layer")
+oss = MoEConfig(8, 2, 64, 32, activation="swigluoai", has_expert_bias=True)
+impl, why = resolve_experts("triton", S, torch.device("cpu"), "mxfp4_w4a16", oss)
+assert impl == "triton" and "dequantized once" in why                    # the quant GEMMs cannot run gpt-oss's experts
 test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
 test_fail(lambda: check_device(None), contains="device: expected")
 
@@ -188,9 +117,10 @@ test_fail(lambda: check_device(None), contains="device: expected")
 #| export
 class FusedMoE(torch.nn.Module):
     "One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel."
-    def __init__(self, config: MoEConfig, weights: RandomExpertWeights | None = None, placement: str = "linear",
-                 seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu", quant: str = "unquantized",
-                 backend: str | None = None):
+    def __init__(self, config: MoEConfig,
+                 weights: WeightSource | Mapping | None = None,  # a source, a mapping of global tensors, or None: random
+                 placement: str = "linear", seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu",
+                 quant: str = "unquantized", backend: str | None = None):
         super().__init__()
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
         device = check_device(device)
@@ -200,30 +130,129 @@ class FusedMoE(torch.nn.Module):
         if config.num_redundant_experts:
             raise ValueError(f"num_redundant_experts: expected 0 (EPLB replicas are not run by the layer yet), "
                              f"got {config.num_redundant_experts}")
-        self.config = config
+        self.config, self.activation = config, Activation.of(config)
         self.placement = Placement.build(config, strategy=placement)
-        weights = RandomExpertWeights(config, seed) if weights is None else weights
-        if not isinstance(weights, RandomExpertWeights):
-            raise ValueError(f"weights: expected a RandomExpertWeights, got {type(weights).__name__}")
-        shape = lambda c: (c.num_experts, c.hidden_size, c.intermediate_size, c.dtype, c.has_correction_bias)
-        if shape(weights.config) != shape(config):
-            raise ValueError(f"weights: expected weights for (num_experts, hidden_size, intermediate_size, dtype, "
-                             f"correction bias) = {shape(config)}, got {shape(weights.config)}")
-        gate, bias = weights.router()
-        self.register_buffer("gate", gate.to(device))                   # [num_experts, hidden_size] fp32
-        self.register_buffer("e_score_correction_bias", None if bias is None else bias.to(device))  # [num_experts]
-        w13, w2 = weights.experts(self.placement.local_to_global.tolist())
-        pad = config.padded_hidden_size - config.hidden_size          # the backend's wire size (zero columns)
-        if pad: w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
-        w13, w2, self.qweights = w13.to(device), w2.to(device), None
-        if quant != "unquantized":      # quantize at load; the float weights kept are the dequantized ones
-            from moe_lit.kernels.quant import quantize_expert_weights
-            self.qweights = quantize_expert_weights(w13, w2, quant)
-            w13, w2 = (t.to(config.dtype) for t in self.qweights.dequantize())
-        self.w13 = torch.nn.Parameter(w13, requires_grad=False)   # [E_local, 2·I, H_padded]
-        self.w2 = torch.nn.Parameter(w2, requires_grad=False)     # [E_local, H_padded, I]
-        shared = weights.shared()
-        self.shared_experts = None if shared is None else SharedExperts(*(t.to(device) for t in shared))
+        source = _weight_source(config, weights, seed)
+        for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias")).items():
+            self.register_buffer(name, None if t is None else t.float().to(device))   # [E, H] / [E] fp32, replicated
+        self._load_experts(source, device)
+        shared = source.shared()
+        if (shared is None) != (not config.num_shared_experts):
+            raise ValueError(f"weights: expected shared experts iff num_shared_experts > 0 "
+                             f"({config.num_shared_experts}), got {'none' if shared is None else 'some'}")
+        if shared is not None:
+            shared = _checked({f"shared_experts.{k}": v for k, v in shared.items()}, config,
+                              ("shared_experts.w13", "shared_experts.w2", "shared_experts.gate"))
+            shared = [None if t is None else t.to(config.dtype).to(device) for t in shared.values()]
+        self.shared_experts = None if shared is None else SharedExperts(*shared)
+        self._register_load_state_dict_pre_hook(_refuse_quantized_state, with_module=True)
+        self.register_load_state_dict_post_hook(_requantize_after_load)
+
+# %% [markdown]
+# **Where the weights come from.** `weights` is any `WeightSource` (`11a_weights`: random, a mapping, a checkpoint)
+# or a plain mapping of global tensors named like the layer's `state_dict`, which the layer wraps in `TensorWeights`.
+# The layer asks the source for its own experts only (`placement.local_to_global`), checks every tensor's name and
+# shape once, here, casts to the layer's dtype and pads `hidden_size` to the backend's wire size with zeros (zero
+# columns of `w13`, zero rows of `w2` and `w2_bias`). A source built for another model — other shapes, biases,
+# activation or shared experts — is refused by naming both.
+
+# %%
+#| export
+def _facts(c: MoEConfig) -> tuple:
+    "What a weight source must agree on with the layer (its dtype may differ: the layer casts)."
+    return (c.num_experts, c.hidden_size, c.intermediate_size, c.has_correction_bias, c.has_router_bias,
+            c.has_expert_bias, c.activation, c.num_shared_experts, c.shared_intermediate_size, c.shared_expert_gate)
+
+def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
+    "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
+    if weights is None: return RandomExpertWeights(config, seed)
+    if isinstance(weights, Mapping): return TensorWeights(config, weights)
+    if not isinstance(weights, WeightSource):
+        raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) or "
+                         f"a mapping of tensors, got {type(weights).__name__}")
+    if _facts(weights.config) != _facts(config):
+        raise ValueError(f"weights: expected weights for (num_experts, hidden_size, intermediate_size, correction bias, "
+                         f"router bias, expert bias, activation, shared experts, shared width, shared gate) = "
+                         f"{_facts(config)}, got {_facts(weights.config)}")
+    return weights
+
+def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = None) -> dict:
+    "`{name: tensor or None}` for `names`: present and of the right shape iff the config needs it (`num`: experts asked)."
+    shapes = weight_shapes(config)
+    want = [n for n in names if n in shapes]
+    if not isinstance(tensors, dict) or set(tensors) - set(want):
+        raise ValueError(f"weights: expected the tensors {want}, got {sorted(tensors) if isinstance(tensors, dict) else tensors!r}")
+    out = {}
+    for n in names:
+        if n not in shapes: out[n] = None; continue
+        shape = shapes[n] if num is None or n.startswith("shared") or n in ("gate", "gate_bias") else (num, *shapes[n][1:])
+        if n not in tensors: raise ValueError(f"weights[{n!r}]: expected a tensor of shape {list(shape)}, got none")
+        out[n] = check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=_FLOATS)
+    return out
+
+# %%
+#| export
+def _load_experts(self, source: WeightSource, device: torch.device):
+    "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
+    c, ids = self.config, self.placement.local_to_global.tolist()
+    pad = c.padded_hidden_size - c.hidden_size                     # the backend's wire size (zero columns)
+    ex = _checked(source.experts(ids), c, ("w13", "w2", "w13_bias", "w2_bias"), num=len(ids))
+    w13, w2, b13, b2 = (None if t is None else t.to(c.dtype) for t in ex.values())
+    if pad:
+        w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
+        b2 = None if b2 is None else torch.nn.functional.pad(b2, (0, pad))
+    self.qweights, stored = None, self.quant != "unquantized" and source.quant_scheme == self.quant
+    if stored:                                                     # the checkpoint's codes: no dequantize -> requantize
+        if pad: raise ValueError(f"quant: expected a deployment without hidden-size padding for {self.quant} codes "
+                                 f"read as stored, got hidden_size {c.hidden_size} padded to {c.padded_hidden_size}")
+        self.qweights = source.quantized_experts(ids, self.quant).to(device)
+    elif self.quant != "unquantized":                              # quantize at load
+        from moe_lit.kernels.quant import quantize_expert_weights
+        self.qweights = quantize_expert_weights(w13.to(device), w2.to(device), self.quant)
+    if self.qweights is not None:                                  # the float weights kept are the dequantized ones
+        w13, w2 = (t.to(c.dtype) for t in self.qweights.dequantize())
+    param = lambda t: None if t is None else torch.nn.Parameter(t.to(device), requires_grad=False)
+    self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
+    self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
+
+FusedMoE._load_experts = _load_experts
+
+# %% [markdown]
+# **A quantized layer quantizes what it is given** — at construction, and again after `load_state_dict`: the
+# state_dict carries float weights (a quantized layer's own state_dict holds its dequantized weights), and the layer
+# re-quantizes them, so the codes never go stale and a layer called quantized never runs anything else. Quantized
+# tensors in a state_dict are refused.
+
+# %%
+#| export
+def _refuse_quantized_state(module, state_dict, prefix, *args):
+    "load_state_dict pre-hook: expert tensors must be float (a quantized layer quantizes them itself)."
+    for n in ("w13", "w2", "w13_bias", "w2_bias"):
+        t = state_dict.get(prefix + n)
+        if isinstance(t, torch.Tensor) and t.dtype not in _FLOATS:
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected float weights (a {module.quant} layer quantizes what "
+                             f"it is given), got dtype {str(t.dtype)[6:]}")
+
+def _requantize_after_load(module, incompatible_keys):
+    "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; keep the dequantized floats."
+    if module.quant == "unquantized": return
+    from moe_lit.kernels.quant import quantize_expert_weights
+    with torch.no_grad():
+        module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant)
+        w13, w2 = module.qweights.dequantize()
+        module.w13.copy_(w13); module.w2.copy_(w2)
+
+# %%
+#| export
+def _from_pretrained(cls, checkpoint_dir, layer_index: int, parallel: ParallelConfig | None = None,
+                     dtype: torch.dtype | None = None, **kwargs) -> "FusedMoE":
+    "The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11b_checkpoint`)."
+    from moe_lit.checkpoint import CheckpointWeights
+    src = CheckpointWeights(checkpoint_dir, layer_index, parallel=parallel, dtype=dtype)
+    kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
+    return cls(src.config, weights=src, **kwargs)
+
+FusedMoE.from_pretrained = classmethod(_from_pretrained)
 
 # %% [markdown]
 # Routing runs in fp32 on every rank with the same router, so every rank agrees on `topk_ids`. The ids take the
@@ -235,7 +264,7 @@ def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size),
                  dtype=_FLOATS)
-    logits = hidden.float() @ self.gate.T                                # [T, num_experts] fp32
+    logits = router_logits(hidden, self.gate, self.gate_bias)           # [T, num_experts] fp32
     wts, ids = select_experts(self.config, logits, self.e_score_correction_bias)
     return wts, ids.to(self.config.topk_indices_dtype)
 
@@ -258,7 +287,7 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: 
     mk = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     w13, w2 = (self.qweights, None) if self.experts == "triton_quant" else (self.w13, self.w2)
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
-              add_shared=add_shared)
+              add_shared=add_shared, w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation)
 
 FusedMoE.forward = _forward
 
@@ -333,6 +362,68 @@ for fmt_backend in ("none", "nixl_ep"):
 test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
 
 # %% [markdown]
+# A layer given a mapping of all global experts slices out its own; each rank of an expert-parallel deployment holds
+# only its experts, and the ranks add up to the whole layer. The test builds gpt-oss-style experts (clamped SwiGLU,
+# biases, a router bias) and a gated shared expert, and compares with the definition written out in float64.
+
+# %%
+#| test fused_moe_from_mapping
+torch.manual_seed(6)
+E, H, I, T = 6, 16, 8, 9
+cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.float64, activation="swigluoai",
+                swiglu_limit=0.8, has_expert_bias=True, has_router_bias=True, num_shared_experts=1,
+                shared_intermediate_size=12, shared_expert_gate=True)
+full = {n: torch.randn(*shape, dtype=torch.float64) for n, shape in weight_shapes(cfg).items()}
+x = torch.randn(T, H, dtype=torch.float64)
+logits = x @ full["gate"].T + full["gate_bias"]
+wts, ids = logits.softmax(-1).topk(2, dim=-1); wts = wts / wts.sum(-1, keepdim=True)
+act = Activation("swigluoai", limit=0.8)
+want = torch.zeros(T, H, dtype=torch.float64)
+for t in range(T):
+    for j in range(2):
+        e = ids[t, j]
+        want[t] += wts[t, j] * (full["w2"][e] @ act((full["w13"][e] @ x[t] + full["w13_bias"][e])[None])[0] + full["w2_bias"][e])
+g, u = (x @ full["shared_experts.w13"].T).chunk(2, dim=-1)
+want += torch.sigmoid(x @ full["shared_experts.gate"].T) * ((torch.nn.functional.silu(g) * u) @ full["shared_experts.w2"].T)
+layer = FusedMoE(cfg, weights=full)
+assert torch.equal(layer.route(x)[1].sort(-1).values.long(), ids.sort(-1).values)
+assert_close(layer(x), want, rtol=1e-6)                                        # router weights are fp32 by contract
+for backend in ("allgather_reducescatter", "nixl_ep"):                          # both formats, 3 ranks
+    par = ParallelConfig.make(1, 3, enable_expert_parallel=True, all2all_backend=backend)
+    run = run_emulated_ep(cfg.replace(parallel=par), x, weights=full)
+    assert_close(run.output, want, rtol=1e-6); assert_close(run.reference, want, rtol=1e-6)
+    test_eq([tuple(p.local_to_global.tolist()) for p in run.placements], [(0, 1), (2, 3), (4, 5)])
+test_fail(lambda: FusedMoE(cfg, weights={**full, "w2_bias": torch.zeros(E, H + 1, dtype=torch.float64)}),
+          contains="weights['w2_bias']: expected shape [6, 16], got [6, 17]")
+test_fail(lambda: FusedMoE(cfg.replace(has_expert_bias=False), weights=RandomExpertWeights(cfg)),
+          contains="weights: expected weights for")
+
+# %% [markdown]
+# `load_state_dict` into a quantized layer re-quantizes: after loading another layer's float weights, the output is
+# the new weights' (dequantized) result with both the Triton quantized experts and the torch experts, and quantized
+# tensors in the state_dict are refused.
+
+# %%
+#| test quantized_layer_load_state_dict
+torch.manual_seed(7)
+cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128)
+x = torch.randn(5, 128).bfloat16().to(DEVICE)
+donor = FusedMoE(cfg, seed=11, device=DEVICE)                                   # other float weights
+for experts in ("torch", "triton"):
+    layer = FusedMoE(cfg, seed=1, quant="fp8_w8a8_block", experts=experts, device=DEVICE)
+    old = layer.qweights.w13.clone()
+    layer.load_state_dict(donor.state_dict())
+    assert not torch.equal(layer.qweights.w13.view(torch.uint8), old.view(torch.uint8))   # the codes were redone
+    cos = torch.nn.functional.cosine_similarity(layer.w13.double().flatten(), donor.w13.double().flatten(), dim=0)
+    assert cos > 0.999, cos                                                      # the kept floats are the new weights'
+    topk = layer.route(x)
+    ref = moe_reference_standard(x.double().cpu(), layer.w13.double().cpu(), layer.w2.double().cpu(), topk[0].cpu(), topk[1].cpu())
+    check = check_output(layer(x, topk), ref, cfg.dtype, layer.quant, layer.experts)
+    assert check["ok"], (experts, check)                                         # the codes are the new weights' too
+    q = layer.state_dict(); q["w13"] = layer.qweights.w13
+    test_fail(lambda: layer.load_state_dict(q), contains="state_dict['w13']: expected float weights")
+
+# %% [markdown]
 # ## Emulated expert parallelism
 #
 # `run_emulated_ep` runs each rank of a deployment in turn in one process, exactly as the rank would run: its own
@@ -384,12 +475,14 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
 #| export
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
-                    backend: str | None = None) -> EPRun:
+                    backend: str | None = None,
+                    weights: WeightSource | Mapping | None = None,  # every rank's source; None: random from `seed`
+                   ) -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
-    weights, ep = RandomExpertWeights(config, seed), config.parallel.ep_size
+    weights, ep = _weight_source(config, weights, seed), config.parallel.ep_size
     T, H = hidden.shape
     acc = _acc_dtype(config.dtype)                                              # as the experts accumulate
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
@@ -404,13 +497,14 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         if hidden.is_cuda: torch.cuda.synchronize()
         rank_s.append(time.perf_counter() - t1)
         local = layer.placement.local_slot(topk[1])
-        kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
         w13, w2 = layer.w13[:, :, :H], layer.w2[:, :H]                    # the references run unpadded
+        kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input, w13_bias=layer.w13_bias,
+                  w2_bias=None if layer.w2_bias is None else layer.w2_bias[:, :H], activation=layer.activation)
         moe_reference_standard(hidden, w13, w2, topk[0], local, accumulate_into=single, **kw)
         moe_reference_standard(hidden.double(), w13, w2, topk[0], local, accumulate_into=ref, **kw)
         if r == 0 and layer.shared_experts is not None:
             sh = layer.shared_experts
-            single += sh(hidden).to(acc); ref += expert_mlp(hidden.double(), sh.w13, sh.w2)
+            single += sh(hidden).to(acc); ref += sh(hidden.double())    # fp64 input: computed in fp64
         placements.append(layer.placement)
         impl = (layer.experts, layer.experts_reason)
         if on_rank is not None: on_rank(r, layer)
@@ -460,7 +554,7 @@ assert_close(outs[1], outs[0].double()); assert_close(outs[2], outs[0].double())
 test_fail(lambda: run_emulated_ep(cfg, x.float()), contains="hidden: expected dtype torch.bfloat16")
 test_fail(lambda: run_emulated_ep("x", x), contains="config: expected a MoEConfig, got str")
 test_fail(lambda: FusedMoE(cfg, weights=RandomExpertWeights(cfg.replace(hidden_size=16))), contains="weights: expected weights for")
-test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a RandomExpertWeights, got str")
+test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a WeightSource")
 test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
 zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
 test_eq(zero.output.shape, (0, 32))
@@ -501,7 +595,7 @@ for ep, backend in ((1, "none"), (2, "allgather_reducescatter"), (4, "nixl_ep"))
 for o in outs[1:]: assert_close(o, outs[0].double())
 plain = run_emulated_ep(base.replace(num_shared_experts=0, shared_intermediate_size=None), x, seed=1)
 sh = RandomExpertWeights(base, seed=1).shared()
-assert_close(outs[0] - plain.output, expert_mlp(x.double(), sh[0].double(), sh[1].double()))
+assert_close(outs[0] - plain.output, expert_mlp(x.double(), sh["w13"].double(), sh["w2"].double()))
 
 # %% [markdown]
 # `routed_scaling_factor` multiplies the routed experts only: folded into the router weights (as moe-lit's routers
@@ -516,5 +610,5 @@ x = torch.randn(5, 32, dtype=torch.float64)
 one = run_emulated_ep(base, x, seed=2)
 scaled = run_emulated_ep(base.replace(routed_scaling_factor=2.5), x, seed=2)
 sh = RandomExpertWeights(base, seed=2).shared()
-shared = expert_mlp(x, sh[0], sh[1])
+shared = expert_mlp(x, sh["w13"], sh["w2"])
 assert_close(scaled.output - shared, 2.5 * (one.output - shared), rtol=1e-6)   # router weights are fp32 by contract

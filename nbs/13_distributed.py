@@ -15,7 +15,7 @@ import torch.distributed as dist
 from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
-from moe_lit.routing import select_experts
+from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype
 from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, _check_prepare_args
@@ -765,11 +765,12 @@ class DistributedRun:
 def _local_weights(cfg: MoEConfig, place: Placement, weights: RandomExpertWeights, device):
     "This rank's `(w13, w2)` padded to the wire width, and its shared experts (None without)."
     logical = (place.local_to_global % cfg.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
-    w13, w2 = weights.experts(logical)
+    ex = weights.experts(logical)
+    w13, w2 = ex["w13"], ex["w2"]
     pad = cfg.padded_hidden_size - cfg.hidden_size                  # the backend's wire width: zero columns
     if pad: w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
     shared = weights.shared()
-    return w13.to(device), w2.to(device), None if shared is None else SharedExperts(*(t.to(device) for t in shared))
+    return w13.to(device), w2.to(device), None if shared is None else SharedExperts(**{k: t.to(device) for k, t in shared.items()})
 
 def _tokens(config: MoEConfig, num_tokens: int, seed: int) -> torch.Tensor:
     "The batch `[num_tokens, H]` in config.dtype on the CPU, drawn as `moe-lit run` draws it (seed + 7)."
@@ -777,9 +778,9 @@ def _tokens(config: MoEConfig, num_tokens: int, seed: int) -> torch.Tensor:
 
 def _route(cfg: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor):
     "`(topk_weights [T, top_k] fp32, logical topk_ids [T, top_k] int64)` from the replicated router."
-    gate, bias = weights.router()
-    logits = hidden.float() @ gate.to(hidden.device).T
-    wts, ids = select_experts(cfg, logits, None if bias is None else bias.to(hidden.device))
+    r = {k: t.to(hidden.device) for k, t in weights.router().items()}
+    logits = router_logits(hidden, r["gate"], r.get("gate_bias"))
+    wts, ids = select_experts(cfg, logits, r.get("e_score_correction_bias"))
     return wts, ids.long()
 
 def _to_physical(cfg: MoEConfig, logical: torch.Tensor) -> torch.Tensor:
@@ -800,14 +801,16 @@ def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: tor
     step = max(1, -(-L // max(1, config.ep_size)))                  # one rank's worth of experts alive at a time
     for lo in range(0, L, step):
         chunk = list(range(lo, min(L, lo + step)))
-        w13, w2 = weights.experts(chunk)
+        ex = weights.experts(chunk)
+        w13, w2 = ex["w13"], ex["w2"]
         emap = torch.full((L,), -1, dtype=torch.long); emap[chunk] = torch.arange(len(chunk))
         local = torch.where(ids >= 0, emap[ids.clamp(min=0)], -1)
         moe_reference_standard(hidden, w13, w2, wts, local, accumulate_into=single, **kw)
         moe_reference_standard(hidden.double(), w13, w2, wts, local, accumulate_into=ref, **kw)
     shared = weights.shared()
     if shared is not None:
-        single += SharedExperts(*shared)(hidden).to(acc); ref += expert_mlp(hidden.double(), *shared)
+        sh = SharedExperts(**shared)
+        single += sh(hidden).to(acc); ref += sh(hidden.double())
     return single.to(config.dtype), ref
 
 # %%
@@ -851,6 +854,9 @@ def _check_run_args(config, num_tokens, seed, token_counts, group) -> tuple[int,
     rank, S = dist.get_rank(group), dist.get_world_size(group)
     if config.ep_size != S:
         raise ValueError(f"config.parallel.ep_size: expected the group's world size {S}, got {config.ep_size}")
+    if config.activation != "silu" or config.has_expert_bias:   # gpt-oss's experts run in FusedMoE / run_emulated_ep
+        raise ValueError(f"config: expected SiLU experts without biases across processes, got activation "
+                         f"{config.activation!r}, has_expert_bias={config.has_expert_bias}")
     check_int("num_tokens", num_tokens, lo=0, hi=65537); check_int("seed", seed, lo=0)
     counts = split_tokens(num_tokens, S) if token_counts is None else _check_token_counts(token_counts, num_tokens, S)
     seen = [None] * S

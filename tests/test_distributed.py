@@ -8,7 +8,7 @@ import torch.distributed as dist
 from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
-from moe_lit.routing import select_experts
+from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype
 from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, _check_prepare_args

@@ -8,9 +8,11 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, progress
 from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
-from moe_lit.routing import select_experts, expert_load
+from collections.abc import Mapping
+from moe_lit.routing import select_experts, expert_load, router_logits
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype, _FLOATS
+from moe_lit.formats import moe_reference_standard, expert_mlp, Activation, SILU, _acc_dtype, _FLOATS
+from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
 from fastcore.test import test_eq, test_fail
@@ -18,20 +20,6 @@ from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.layer import *
-
-
-def test_random_weights_are_per_expert():
-    cfg = MoEConfig(num_experts=6, top_k=2, hidden_size=16, intermediate_size=8)
-    src = RandomExpertWeights(cfg, seed=3)
-    a13, a2 = src.experts([0, 1, 2, 3, 4, 5])
-    b13, b2 = src.experts([4, 1])
-    assert torch.equal(a13[[4, 1]], b13) and torch.equal(a2[[4, 1]], b2)       # the same expert, whoever asks
-    assert not torch.equal(a13[0], a13[1])                                     # different experts differ
-    test_eq(a13.dtype, torch.bfloat16)
-    test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected < 6, got 6")
-    test_fail(lambda: src.experts([2.7]), contains="expert_ids[i]: expected an int, got float")
-    test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
-    test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected < 1099511627776")
 
 
 def test_resolve_experts():
@@ -51,6 +39,9 @@ def test_resolve_experts():
     test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
     test_fail(lambda: resolve_experts("triton", S, torch.device("cpu"), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
               contains="quant: expected a bf16 or fp16 layer")
+    oss = MoEConfig(8, 2, 64, 32, activation="swigluoai", has_expert_bias=True)
+    impl, why = resolve_experts("triton", S, torch.device("cpu"), "mxfp4_w4a16", oss)
+    assert impl == "triton" and "dequantized once" in why                    # the quant GEMMs cannot run gpt-oss's experts
     test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
     test_fail(lambda: check_device(None), contains="device: expected")
 
@@ -90,6 +81,58 @@ def test_fused_moe_quantized():
     test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
 
 
+def test_fused_moe_from_mapping():
+    torch.manual_seed(6)
+    E, H, I, T = 6, 16, 8, 9
+    cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.float64, activation="swigluoai",
+                    swiglu_limit=0.8, has_expert_bias=True, has_router_bias=True, num_shared_experts=1,
+                    shared_intermediate_size=12, shared_expert_gate=True)
+    full = {n: torch.randn(*shape, dtype=torch.float64) for n, shape in weight_shapes(cfg).items()}
+    x = torch.randn(T, H, dtype=torch.float64)
+    logits = x @ full["gate"].T + full["gate_bias"]
+    wts, ids = logits.softmax(-1).topk(2, dim=-1); wts = wts / wts.sum(-1, keepdim=True)
+    act = Activation("swigluoai", limit=0.8)
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(2):
+            e = ids[t, j]
+            want[t] += wts[t, j] * (full["w2"][e] @ act((full["w13"][e] @ x[t] + full["w13_bias"][e])[None])[0] + full["w2_bias"][e])
+    g, u = (x @ full["shared_experts.w13"].T).chunk(2, dim=-1)
+    want += torch.sigmoid(x @ full["shared_experts.gate"].T) * ((torch.nn.functional.silu(g) * u) @ full["shared_experts.w2"].T)
+    layer = FusedMoE(cfg, weights=full)
+    assert torch.equal(layer.route(x)[1].sort(-1).values.long(), ids.sort(-1).values)
+    assert_close(layer(x), want, rtol=1e-6)                                        # router weights are fp32 by contract
+    for backend in ("allgather_reducescatter", "nixl_ep"):                          # both formats, 3 ranks
+        par = ParallelConfig.make(1, 3, enable_expert_parallel=True, all2all_backend=backend)
+        run = run_emulated_ep(cfg.replace(parallel=par), x, weights=full)
+        assert_close(run.output, want, rtol=1e-6); assert_close(run.reference, want, rtol=1e-6)
+        test_eq([tuple(p.local_to_global.tolist()) for p in run.placements], [(0, 1), (2, 3), (4, 5)])
+    test_fail(lambda: FusedMoE(cfg, weights={**full, "w2_bias": torch.zeros(E, H + 1, dtype=torch.float64)}),
+              contains="weights['w2_bias']: expected shape [6, 16], got [6, 17]")
+    test_fail(lambda: FusedMoE(cfg.replace(has_expert_bias=False), weights=RandomExpertWeights(cfg)),
+              contains="weights: expected weights for")
+
+
+def test_quantized_layer_load_state_dict():
+    torch.manual_seed(7)
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128)
+    x = torch.randn(5, 128).bfloat16().to(DEVICE)
+    donor = FusedMoE(cfg, seed=11, device=DEVICE)                                   # other float weights
+    for experts in ("torch", "triton"):
+        layer = FusedMoE(cfg, seed=1, quant="fp8_w8a8_block", experts=experts, device=DEVICE)
+        old = layer.qweights.w13.clone()
+        layer.load_state_dict(donor.state_dict())
+        assert not torch.equal(layer.qweights.w13.view(torch.uint8), old.view(torch.uint8))   # the codes were redone
+        cos = torch.nn.functional.cosine_similarity(layer.w13.double().flatten(), donor.w13.double().flatten(), dim=0)
+        assert cos > 0.999, cos                                                      # the kept floats are the new weights'
+        topk = layer.route(x)
+        ref = moe_reference_standard(x.double().cpu(), layer.w13.double().cpu(), layer.w2.double().cpu(), topk[0].cpu(), topk[1].cpu())
+        check = check_output(layer(x, topk), ref, cfg.dtype, layer.quant, layer.experts)
+        assert check["ok"], (experts, check)                                         # the codes are the new weights' too
+        q = layer.state_dict(); q["w13"] = layer.qweights.w13
+        test_fail(lambda: layer.load_state_dict(q), contains="state_dict['w13']: expected float weights")
+
+
 def test_emulated_ep_every_backend():
     torch.manual_seed(0)
     base = MoEConfig(num_experts=8, top_k=3, hidden_size=32, intermediate_size=16, dtype=torch.float32,
@@ -123,7 +166,7 @@ def test_emulated_ep_rank_counts():
     test_fail(lambda: run_emulated_ep(cfg, x.float()), contains="hidden: expected dtype torch.bfloat16")
     test_fail(lambda: run_emulated_ep("x", x), contains="config: expected a MoEConfig, got str")
     test_fail(lambda: FusedMoE(cfg, weights=RandomExpertWeights(cfg.replace(hidden_size=16))), contains="weights: expected weights for")
-    test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a RandomExpertWeights, got str")
+    test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a WeightSource")
     test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
     zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
     test_eq(zero.output.shape, (0, 32))
@@ -155,7 +198,7 @@ def test_shared_experts_once():
     for o in outs[1:]: assert_close(o, outs[0].double())
     plain = run_emulated_ep(base.replace(num_shared_experts=0, shared_intermediate_size=None), x, seed=1)
     sh = RandomExpertWeights(base, seed=1).shared()
-    assert_close(outs[0] - plain.output, expert_mlp(x.double(), sh[0].double(), sh[1].double()))
+    assert_close(outs[0] - plain.output, expert_mlp(x.double(), sh["w13"].double(), sh["w2"].double()))
 
 
 def test_routed_scaling_factor_routed_only():
@@ -166,5 +209,5 @@ def test_routed_scaling_factor_routed_only():
     one = run_emulated_ep(base, x, seed=2)
     scaled = run_emulated_ep(base.replace(routed_scaling_factor=2.5), x, seed=2)
     sh = RandomExpertWeights(base, seed=2).shared()
-    shared = expert_mlp(x, sh[0], sh[1])
+    shared = expert_mlp(x, sh["w13"], sh["w2"])
     assert_close(scaled.output - shared, 2.5 * (one.output - shared), rtol=1e-6)   # router weights are fp32 by contract

@@ -32,7 +32,8 @@ def test_preset_deepseek_v3():
 
 
 def test_preset_caveats():
-    assert "swigluoai" in preset_caveats(PRESETS["gpt-oss-20b"])[0] and "FP8" in preset_caveats(PRESETS["deepseek-v3"])[0]
+    assert "MXFP4" in preset_caveats(PRESETS["gpt-oss-20b"])[0] and "FP8" in preset_caveats(PRESETS["deepseek-v3"])[0]
+    test_eq(preset_caveats(PRESETS["gpt-oss-20b"].replace(name="my-own-gpt-oss")), preset_caveats(PRESETS["gpt-oss-20b"]))
     test_eq(preset_caveats(PRESETS["qwen3-30b-a3b"]), [])
 
 
@@ -176,6 +177,23 @@ def test_from_hf_gpt_oss():
     original_20b = {"num_hidden_layers": 24, "num_experts": 32, "experts_per_token": 4, "vocab_size": 201088,
                     "hidden_size": 2880, "intermediate_size": 2880, "swiglu_limit": 7.0}
     test_eq(moe_config_from_hf(original_20b).replace(name="openai/gpt-oss-20b"), PRESETS["gpt-oss-20b"])
+    test_eq(moe_config_from_hf({**gpt_oss_120b, "swiglu_limit": 5.0}).swiglu_limit, 5.0)
+
+
+def test_from_hf_expert_semantics():
+    qwen2 = {"model_type": "qwen2_moe", "hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 8,
+             "num_experts_per_tok": 2, "shared_expert_intermediate_size": 48}
+    c = moe_config_from_hf(qwen2)
+    test_eq((c.shared_expert_gate, c.num_shared_experts, c.shared_intermediate_size, c.model_type), (True, 1, 48, "qwen2_moe"))
+    test_eq(moe_config_from_hf({**qwen2, "model_type": "qwen3_next"}).shared_expert_gate, True)
+    minimax = {"model_type": "minimax_m2", "hidden_size": 64, "intermediate_size": 32, "num_local_experts": 8,
+               "num_experts_per_tok": 2, "scoring_func": "sigmoid", "use_routing_bias": True}
+    c = moe_config_from_hf(minimax)
+    test_eq((c.scoring_func, c.has_correction_bias, c.renormalize, c.routing_method), ("sigmoid", True, True, "topk"))
+    c = moe_config_from_hf({**minimax, "model_type": "some_new_moe"})               # the key alone carries the bias
+    test_eq((c.scoring_func, c.has_correction_bias), ("sigmoid", True))
+    test_fail(lambda: moe_config_from_hf({**qwen2, "hidden_act": "gelu"}), contains="config.json hidden_act: expected one of")
+    test_fail(lambda: moe_config_from_hf({**minimax, "use_routing_bias": "yes"}), contains="use_routing_bias: expected a bool")
 
 
 def test_from_hf_llama4():

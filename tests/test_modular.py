@@ -6,7 +6,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
-                             combine_batched_reference, expert_mlp)
+                             combine_batched_reference, expert_mlp, Activation, SILU)
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS, ParallelConfig
@@ -31,6 +31,18 @@ def test_composition_walk():
     test_fail(lambda: mk0(h0, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="placement: expected a Placement")
     test_fail(lambda: mk0(h0[0], torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="hidden: expected a 2-D tensor")
     test_fail(lambda: SharedExperts(torch.randn(17, 16), torch.randn(16, 8)), contains="w13: expected a positive even number")
+
+
+def test_shared_experts_gate():
+    torch.manual_seed(2)
+    H, I = 16, 8
+    w13, w2, gate = torch.randn(2 * I, H, dtype=torch.float64), torch.randn(H, I, dtype=torch.float64), torch.randn(1, H, dtype=torch.float64)
+    x = torch.randn(5, H, dtype=torch.float64)
+    g, u = (x @ w13.T).chunk(2, dim=-1)
+    want = torch.sigmoid(x @ gate.T) * ((torch.nn.functional.silu(g) * u) @ w2.T)      # Qwen2MoeSparseMoeBlock's definition
+    assert_close(SharedExperts(w13, w2, gate)(x), want)
+    assert not torch.allclose(SharedExperts(w13, w2)(x), want)                           # the gate matters
+    test_fail(lambda: SharedExperts(w13, w2, gate[:, :5]), contains="gate: expected shape [1, 16]")
 
 
 def test_modular_kernels_agree():

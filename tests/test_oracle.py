@@ -52,6 +52,19 @@ def test_oracle_fp8_and_fp4_by_device():
     assert "needs the 'flashinfer' library" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
 
 
+def test_oracle_knows_activations():
+    oss = MoEConfig(32, 4, 2880, 2880, activation="swigluoai", has_expert_bias=True, has_router_bias=True)
+    S, B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
+    test_eq(select_experts_backend(oss, "unquantized", B, DEVICES["h200"]).chosen.name, "triton_batched")
+    d = select_mxfp4_moe_backend(oss, S, DEVICES["h200"])
+    test_eq(d.chosen.name, "triton_contiguous_dequant")
+    assert "the layer's activation is swigluoai" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_w4a16"]
+    d = select_mxfp4_moe_backend(oss.replace(activation="silu"), S, DEVICES["h200"])      # biases alone also rule it out
+    assert "bias-free experts" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_w4a16"]
+    test_eq(select_mxfp4_moe_backend(oss.replace(has_expert_bias=False, activation="silu"), S, DEVICES["h200"]).chosen.name,
+            "triton_contiguous_w4a16")
+
+
 def test_oracle_override_and_bad_input():
     cfg = MoEConfig(8, 2, 64, 32)
     S = ActivationFormat.Standard

@@ -289,6 +289,13 @@ def test_select_experts_bad_input():
               contains="routed_scaling_factor: expected 1.0")                    # refused by the config itself
 
 
+def test_router_logits():
+    h, g, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    test_eq(router_logits(h.bfloat16(), g).dtype, torch.float32)
+    assert torch.allclose(router_logits(h, g, b), h @ g.T + b)
+    test_eq(router_logits(h.double(), g).dtype, torch.float64)
+
+
 def test_config_accepts_what_grouped_topk_runs():
     torch.manual_seed(10)
     g = torch.randn(2, 12)
