@@ -128,3 +128,72 @@ test_eq(s[1, :2].isnan().any().item(), False)
 test_fail(lambda: poison_rows(torch.zeros(4), torch.tensor([1])), contains="slab: expected at least 2 dims")
 test_fail(lambda: poison_rows(torch.zeros(3, 4), torch.tensor([1, 2])), contains="expert_num_tokens: expected shape [3]")
 test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor([1, 2, 3])), contains="slab: expected a floating dtype")
+
+# %% [markdown]
+# ## Tiny Hugging Face models
+#
+# transformers' own MoE blocks are the numerical reference for every model family, and the tests build their models
+# and checkpoints with transformers itself — nothing is downloaded. `tiny_hf_model` makes a seeded model of one
+# family with a few experts and a small hidden size (its last decoder layers are MoE; DeepSeek's first is dense, as
+# in the real checkpoints); `hf_moe_output` runs one layer's MoE block on `[T, H]` rows, whatever the family's block
+# returns. transformers is an optional dependency (`pip install moe-lit[hf]`), imported only here.
+
+# %%
+#| export
+TINY_HF = {   # model_type -> config.json keys of a tiny model of that family (2 decoder layers, hidden 32)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True),
+    "qwen3_next": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                       head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                       linear_value_head_dim=8),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        n_group=4, topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=None,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, swiglu_limit=0.5),   # the clamps bite
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=32, head_dim=16),
+    "minimax_m2": dict(num_local_experts=6, num_experts_per_tok=2, head_dim=16),
+}
+
+def tiny_hf_model(model_type: str,       # a key of TINY_HF
+                  seed: int = 0,         # torch seed of the random initialisation
+                  dtype: torch.dtype = torch.float32,
+                  **overrides):          # config keys to change
+    "A seeded transformers causal LM of `model_type` with tiny sizes (2 layers, hidden 32), biases and buffers randomised."
+    if model_type not in TINY_HF: raise ValueError(f"model_type: expected one of {sorted(TINY_HF)}, got {model_type!r}")
+    import transformers
+    kw = dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+              vocab_size=64, **TINY_HF[model_type])
+    cfg = transformers.AutoConfig.for_model(model_type, **{**kw, **overrides})
+    torch.manual_seed(seed)
+    model = (transformers.Llama4ForCausalLM(cfg) if model_type == "llama4_text"
+             else transformers.AutoModelForCausalLM.from_config(cfg)).to(dtype).eval()
+    with torch.no_grad():                 # zero-initialised biases and buffers would hide a dropped bias
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("router.bias", "_proj_bias", "e_score_correction_bias")): t.normal_(0, 0.5)
+    return model
+
+def hf_moe_block(model, layer_index: int):
+    "The MoE block (router + experts + shared) of decoder layer `layer_index` of a transformers model."
+    layer = model.model.layers[layer_index]
+    return getattr(layer, "feed_forward", None) or layer.mlp          # Llama-4 calls it feed_forward
+
+def hf_moe_output(block, x: torch.Tensor) -> torch.Tensor:
+    "`[T, H]` output of a transformers MoE block on `x [T, H]` (blocks that also return router data are unwrapped)."
+    with torch.no_grad(): out = block(x[None])
+    out = out[0] if isinstance(out, tuple) else out
+    return out.reshape(x.shape)
+
+# %%
+#| test tiny_hf_models
+for t in TINY_HF:                                 # transformers is a test dependency: this fails without it
+    block = hf_moe_block(tiny_hf_model(t), 1)
+    test_eq(hf_moe_output(block, torch.randn(3, 32)).shape, (3, 32))
+    biases = [p for n, p in [*block.named_parameters(), *block.named_buffers()] if n.endswith(("bias",))]
+    assert all(b.abs().sum() > 0 for b in biases), t                 # no zero bias hides a dropped one
+test_fail(lambda: tiny_hf_model("bert"), contains="model_type: expected one of")

@@ -40,3 +40,12 @@ def test_poison_rows():
     test_fail(lambda: poison_rows(torch.zeros(4), torch.tensor([1])), contains="slab: expected at least 2 dims")
     test_fail(lambda: poison_rows(torch.zeros(3, 4), torch.tensor([1, 2])), contains="expert_num_tokens: expected shape [3]")
     test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor([1, 2, 3])), contains="slab: expected a floating dtype")
+
+
+def test_tiny_hf_models():
+    for t in TINY_HF:                                 # transformers is a test dependency: this fails without it
+        block = hf_moe_block(tiny_hf_model(t), 1)
+        test_eq(hf_moe_output(block, torch.randn(3, 32)).shape, (3, 32))
+        biases = [p for n, p in [*block.named_parameters(), *block.named_buffers()] if n.endswith(("bias",))]
+        assert all(b.abs().sum() > 0 for b in biases), t                 # no zero bias hides a dropped one
+    test_fail(lambda: tiny_hf_model("bert"), contains="model_type: expected one of")
