@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # The batched-experts GEMM
-# > A Triton grouped GEMM over `[E, max_tokens, K]` slabs that reads only valid rows, skips empty experts before touching their weights, and fuses SiLU-and-mul into its epilogue.
+# > A Triton grouped GEMM over `[E, max_tokens, K]` slabs that reads only valid rows, skips empty experts before touching their weights, and fuses the expert bias and the gated activation (SiLU or gpt-oss's clamped SwiGLU) into its epilogue.
 
 # %%
 #| export
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
-from moe_lit.formats import silu_and_mul
+from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
 
 # %%
@@ -25,9 +25,11 @@ from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
 
 # %% [markdown]
-# In this notebook: the reference `batched_gemm_reference`, the kernel `_batched_moe_gemm_kernel`, its launcher
-# `batched_moe_gemm`, the tile configuration (`default_tile_config`, `tile_config_path`, `lookup_tile_config`) and the
-# experts class `BatchedTritonExperts` (GEMM1 with SiLU-and-mul, then GEMM2). It follows the Triton tutorials'
+# In this notebook: the reference `batched_gemm_reference`, the kernel `_batched_moe_gemm_kernel` and its epilogue
+# helpers (`_add_expert_bias`, `_gated_activation`), its launcher `batched_moe_gemm` with its argument checks
+# (`check_activation`, `check_expert_bias`), the tile configuration (`default_tile_config`, `tile_config_path`,
+# `lookup_tile_config`) and the experts class `BatchedTritonExperts` (GEMM1 + bias + gated activation, then GEMM2 +
+# bias). It follows the Triton tutorials'
 # order: motivation → reference → kernel → launcher → tests → interpretation; the benchmark lives in `14_bench`.
 #
 # ## Motivation
@@ -47,25 +49,48 @@ from moe_lit.formats import experts_reference_batched
 #
 # ## Reference
 #
-# The spec, written for clarity: for each expert, a matmul on its valid rows, optionally followed by SiLU-and-mul.
+# The spec, written for clarity: for each expert, a matmul on its valid rows, plus the expert's bias row when there is
+# one, optionally followed by a gated activation. The activation is `moe_lit.formats.Activation` itself — the one
+# definition the kernel's epilogue is checked against.
+#
+# The launchers name the activation the same way: `None` for a plain GEMM, an `Activation` for the fused gated
+# epilogue, or `"silu_and_mul"`, the older spelling of `SILU`, which callers that predate `Activation` still pass.
+
+# %%
+#| export
+def check_activation(activation) -> Activation | None:
+    "A launcher's `activation` as an `Activation` (None for a plain GEMM); `'silu_and_mul'` names `SILU`."
+    if activation is None or isinstance(activation, Activation): return activation
+    check_choice("activation", activation, (None, "silu_and_mul"))
+    return SILU
+
+# %%
+#| test check_activation
+test_eq(check_activation("silu_and_mul"), SILU)
+test_eq(check_activation(None), None)
+test_eq(check_activation(Activation("swigluoai", limit=0.5)).limit, 0.5)
+test_fail(lambda: check_activation("swigluoai"), contains="activation: expected one of")
 
 # %%
 #| export
 def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K]
                            w: torch.Tensor,                  # [E, N, K]
                            expert_num_tokens: torch.Tensor,  # [E] int32, valid leading rows of each slab
-                           activation: str | None = None,    # None or "silu_and_mul"
+                           activation: Activation | str | None = None,  # None, an Activation, or "silu_and_mul"
                            out: torch.Tensor | None = None,  # [E, max_tokens, N or N/2]; rows >= count untouched
+                           bias: torch.Tensor | None = None, # [E, N], added to the product before the activation
                           ) -> torch.Tensor:
-    "`out[e, :n_e] = act(a[e, :n_e] @ w[e].T)`, computed in a's dtype (float64 for a float64 reference)."
+    "`out[e, :n_e] = act(a[e, :n_e] @ w[e].T + bias[e])`, computed in a's dtype (float64 for a float64 reference)."
+    act = check_activation(activation)
     E, M, _ = a.shape
-    n_out = w.shape[1] // 2 if activation == "silu_and_mul" else w.shape[1]
+    n_out = w.shape[1] // 2 if act else w.shape[1]
     out = torch.full((E, M, n_out), float("nan"), dtype=a.dtype, device=a.device) if out is None else out
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     for e, n in enumerate(expert_num_tokens.tolist()):
         if n == 0: continue
         y = a[e, :n].to(acc) @ w[e].to(acc).T
-        out[e, :n] = (silu_and_mul(y) if activation == "silu_and_mul" else y).to(out.dtype)
+        if bias is not None: y = y + bias[e].to(acc)
+        out[e, :n] = (act(y) if act else y).to(out.dtype)
     return out
 
 # %% [markdown]
@@ -76,12 +101,13 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
 # ```
 # count = expert_num_tokens[e]
 # if m·BLOCK_M >= count: return                        # before any weight load
-# acc = 0                                              # [BLOCK_M, BLOCK_N] fp32 (two of them with SiLU: gate, up)
+# acc = 0                                              # [BLOCK_M, BLOCK_N] fp32 (two when GATED: gate, up)
 # for k in 0 .. K step BLOCK_K:
 #     A = a[e, m-tile, k-tile]   rows >= count masked to 0
-#     W = w[e, n-tile, k-tile]   (and the up rows n + N/2 with SiLU)
+#     W = w[e, n-tile, k-tile]   (and the up rows n + N/2 when GATED)
 #     acc += A @ Wᵀ
-# out[e, valid rows of m-tile, n-tile] = silu(acc_gate) * acc_up   or   acc     (cast once)
+# acc += bias[e, n-tile]  (and bias[e, N/2 + n-tile] on acc_up)     only with HAS_BIAS
+# out[e, valid rows of m-tile, n-tile] = act(acc_gate, acc_up)   or   acc     (cast once)
 # ```
 #
 # Bytes per expert with `c` valid rows: the weights `N·K` (read `ceil(c / BLOCK_M)` times, from L2 after the
@@ -92,25 +118,78 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
 # `(pid_n, pid_m) = divmod(pid, num_m_tiles)`, so programs that share a weight tile run next to each other and the
 # second reads it from L2. Programs with `m_start >= expert_num_tokens[e]` exit at once.
 #
-# **Constexprs**: `BLOCK_M/N/K` the tile; `SILU` fuses SiLU-and-mul (the weight holds `2·N_out` rows: gate, then
-# up); `EVEN_K`, `EVEN_N` drop the K and N masks when the tile divides the dimension; `UPCAST` converts bf16 to fp32
+# **Constexprs**: `BLOCK_M/N/K` the tile; `GATED` fuses a gated activation (the weight holds `2·N_out` rows: gate,
+# then up); `ACTIVATION` picks it — `Activation.code`, 0 SiLU-and-mul, 1 gpt-oss's clamped SwiGLU, whose runtime
+# `alpha` and `limit` the kernel also takes; `HAS_BIAS` adds the expert's bias row to the fp32 accumulator(s);
+# `EVEN_K`, `EVEN_N` drop the K and N masks when the tile divides the dimension; `UPCAST` converts bf16 to fp32
 # after the load (the CPU interpreter cannot do bf16 arithmetic); `PRECISION` is `"ieee"` for fp32 inputs (the GPU
 # would otherwise use tf32) and ignored for 16-bit inputs.
 #
-# > **Two accumulators for SiLU.** Gate and up are separate `tl.dot` chains into separate accumulators: a single
-# > accumulator fed by two dots has been miscompiled on some GPUs (triton#10821).
+# > **Two accumulators for the gated epilogue.** Gate and up are separate `tl.dot` chains into separate
+# > accumulators: a single accumulator fed by two dots has been miscompiled on some GPUs (triton#10821).
+#
+# ### The epilogue: expert bias, then the gated activation
+#
+# The epilogue works on the fp32 accumulators, before the one cast to the output dtype:
+#
+# - **Bias.** With `HAS_BIAS`, row `e` of `bias [E, N_w]` is added to every valid row: columns `n` to the gate
+#   accumulator and `N_out + n` to the up accumulator when gated. It is added *before* the activation in GEMM1 and is
+#   simply part of the product in GEMM2 (`out = h·W2ᵀ + b2`, to which the router weight is applied later, at the
+#   combine). The bias may be bf16, fp16 or fp32 whatever the weights are; it is read as fp32.
+# - **Activation** `act(gate, up)`, in fp32:
+#   - `ACTIVATION = 0`, SiLU-and-mul: `gate · σ(gate) · up`;
+#   - `ACTIVATION = 1`, gpt-oss's clamped SwiGLU (`swigluoai`): `gate ← min(gate, limit)`,
+#     `up ← clamp(up, −limit, limit)`, then `(up + 1) · gate · σ(alpha · gate)`.
+#
+# > **Where the clamped SwiGLU comes from.** The public definitions are `GptOssExperts._apply_gate` in Hugging Face
+# > transformers (`src/transformers/models/gpt_oss/modeling_gpt_oss.py`) and vLLM's `SwigluOAIAndMul`, the
+# > `swigluoai` activation (`vllm/model_executor/layers/activation.py`); moe-lit's `Activation` restates them and is
+# > the spec these kernels are tested against. Both upstream versions read gate and up *interleaved* (even and odd
+# > columns), as the gpt-oss checkpoint stores them; moe-lit's `w13` holds the gate rows and then the up rows, so the
+# > epilogue reads the same two halves as for SiLU.
+#
+# > **The default costs nothing.** `ACTIVATION`, `GATED` and `HAS_BIAS` are constexprs: with `SILU` and no bias the
+# > branches for the clamp and the bias are not compiled at all, the bias pointer is passed as `None`, and the kernel
+# > is the SiLU-and-mul kernel it was before — same instructions, same tiles, same tuned tables (keyed as before on
+# > `(E, N, device, dtype)`). `alpha` and `limit` are runtime floats so that a model's own values do not each compile
+# > a new kernel.
+
+# %%
+#| export
+@triton.jit
+def _gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    "`act(gate, up)` on fp32 tiles: 0 = SiLU(gate)·up, 1 = gpt-oss's clamped SwiGLU (`Activation('swigluoai')`)."
+    if ACTIVATION == 0:
+        out = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        gate = tl.minimum(gate, limit)                         # only from above: a negative gate is not clamped
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = (up + 1.0) * gate / (1.0 + tl.exp(-alpha * gate))
+    return out
+
+@triton.jit
+def _add_expert_bias(acc, acc_up, bias_row_ptr, offs_n, mask_n, up_col, stride_bn, GATED: tl.constexpr):
+    "Add the expert's bias row to the fp32 accumulators: columns `offs_n` to acc, `up_col + offs_n` to acc_up."
+    acc += tl.load(bias_row_ptr + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        acc_up += tl.load(bias_row_ptr + (up_col + offs_n) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc, acc_up
 
 # %%
 #| export
 @triton.jit
 def _batched_moe_gemm_kernel(
     a_ptr,                      # [E, max_tokens, K]
-    w_ptr,                      # [E, N_w, K], N_w = N_OUT (plain) or 2·N_OUT (SILU: gate rows, then up rows)
+    w_ptr,                      # [E, N_w, K], N_w = N_OUT (plain) or 2·N_OUT (GATED: gate rows, then up rows)
     c_ptr,                      # [E, max_tokens, N_OUT]
     expert_num_tokens_ptr,      # [E] int32
+    bias_ptr,                   # [E, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
     N_OUT, K, MAX_TOKENS, num_m_tiles,
+    alpha, limit,               # fp32, read only when ACTIVATION == 1
     stride_ae, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ce, stride_cm, stride_cn,
-    SILU: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+    stride_be, stride_bn,
+    GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid, e = tl.program_id(0), tl.program_id(1)
@@ -138,14 +217,16 @@ def _batched_moe_gemm_kernel(
         else: w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         if UPCAST: a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if SILU:
+        if GATED:
             if EVEN_K and EVEN_N: w_up = tl.load(w_ptrs + up_off)
             else: w_up = tl.load(w_ptrs + up_off, mask=w_mask, other=0.0)
             if UPCAST: w_up = w_up.to(tl.float32)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up        # SiLU(gate) · up in fp32, cast once below
+    if HAS_BIAS:                                              # fp32, before the activation
+        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
+    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -199,6 +280,8 @@ plot_tile_map(demo_counts, max_tokens=32, block_m=8)
 # > input row `i` only, so such rows can only produce output rows that the masked store discards: no padding value
 # > reaches a valid row, and nothing past the count is written. The same holds for weight rows past `N_out`, which
 # > only feed masked columns. Rows are addressed as `e·max_tokens + m` in int32, which the launcher checks.
+#
+# Its epilogue is the pointer kernel's: the same bias and activation helpers, under the same constexprs.
 
 # %%
 #| export
@@ -208,9 +291,12 @@ def _batched_moe_gemm_tma_kernel(
     w_desc,                     # descriptor over w viewed as [E·N_w, K], box [BLOCK_N, BLOCK_K]
     c_ptr,                      # [E, max_tokens, N_OUT]
     expert_num_tokens_ptr,      # [E] int32
-    N_OUT, N_W, K, MAX_TOKENS, num_m_tiles, stride_ce, stride_cm, stride_cn,
-    SILU: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    bias_ptr,                   # [E, N_W] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
+    N_OUT, N_W, K, MAX_TOKENS, num_m_tiles,
+    alpha, limit,               # fp32, read only when ACTIVATION == 1
+    stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
+    GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid, e = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
@@ -225,13 +311,16 @@ def _batched_moe_gemm_tma_kernel(
         w = w_desc.load([row_w, k * BLOCK_K])
         if UPCAST: a, w = a.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(a, w.T, acc)
-        if SILU:
+        if GATED:
             w_up = w_desc.load([row_w + N_OUT, k * BLOCK_K])
             if UPCAST: w_up = w_up.to(tl.float32)
             acc_up = tl.dot(a, w_up.T, acc_up)
-    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e.to(tl.int64) * stride_be, offs_n, offs_n < N_OUT,
+                                       N_OUT, stride_bn, GATED)
+    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
@@ -324,20 +413,31 @@ def _check_extent(name: str, t: torch.Tensor):
     extent = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
     if extent >= 2**31: raise ValueError(f"{name}: expected a per-expert extent < 2^31 elements, got {extent}")
 
-def _check_gemm_args(a, w, expert_num_tokens, activation, out):
+def check_expert_bias(name: str,                   # the argument's name in errors: "bias", "w13_bias", "w2_bias"
+                      bias: torch.Tensor | None,   # [E, N] bf16/fp16/fp32, or None
+                      E: int, N: int,              # experts, and rows of the weight it belongs to
+                      device: torch.device) -> torch.Tensor | None:
+    "An expert bias as the kernels take it: `[E, N]`, any of bf16/fp16/fp32 (read as fp32), on `device`; None passes."
+    if bias is None: return None
+    check_tensor(name, bias, shape=(E, N), dtype=_FLOATS)
+    if bias.device != device: raise ValueError(f"{name}: expected device {device}, got {bias.device}")
+    return bias
+
+def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     check_tensor("a", a, ndim=3, dtype=_FLOATS)
     E, M, K = a.shape
     check_tensor("w", w, shape=(E, None, K), dtype=a.dtype)
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
-    check_choice("activation", activation, (None, "silu_and_mul"))
+    act = check_activation(activation)
     N = w.shape[1]
-    if activation == "silu_and_mul" and N % 2: raise ValueError(f"w: expected an even N for silu_and_mul, got {N}")
-    n_out = N // 2 if activation == "silu_and_mul" else N
+    if act and N % 2: raise ValueError(f"w: expected an even N for a gated activation ({act.name}), got {N}")
+    n_out = N // 2 if act else N
     if out is not None: check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype)
+    check_expert_bias("bias", bias, E, N, a.device)
     for name, t in (("expert_num_tokens", expert_num_tokens), ("w", w), ("out", out)):
         if t is not None and t.device != a.device:
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
-    return E, M, K, N, n_out
+    return E, M, K, N, n_out, act
 
 # %%
 #| export
@@ -398,17 +498,35 @@ test_eq(fit_shared_memory(dict(big, BLOCK_K=64, num_stages=3), silu=False, eleme
 
 # %%
 #| export
+def epilogue_args(act: Activation | None,           # the gated activation, or None for a plain GEMM
+                  bias: torch.Tensor | None,        # [E, N_w] expert bias, or None
+                 ) -> dict:
+    "The epilogue's kernel arguments, by keyword: bias pointer and strides, `alpha`, `limit` and the three constexprs."
+    return dict(bias_ptr=bias, stride_be=bias.stride(0) if bias is not None else 0,
+                stride_bn=bias.stride(1) if bias is not None else 0,
+                alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
+                GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
+
+# %%
+#| test epilogue_args
+test_eq({k: v for k, v in epilogue_args(SILU, None).items() if k.isupper()}, dict(GATED=True, ACTIVATION=0, HAS_BIAS=False))
+test_eq(epilogue_args(Activation("swigluoai", limit=0.5), torch.zeros(2, 4))["limit"], 0.5)
+test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"], 2)
+
+# %%
+#| export
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
-                     w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows for SiLU)
+                     w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
-                     activation: str | None = None,     # None, or "silu_and_mul" -> N/2 outputs
+                     activation: Activation | str | None = None,  # None, an Activation (-> N/2 outputs) or "silu_and_mul"
                      out: torch.Tensor | None = None,   # [E, max_tokens, N or N/2]; rows >= count never written
                      config: dict | None = None,        # tile override: BLOCK_M/N/K, num_warps, num_stages
                      expected_m: int | None = None,     # expected valid rows per expert (tile lookup only)
                      validate: bool = True,             # check counts <= max_tokens on the host (one sync)
+                     bias: torch.Tensor | None = None,  # [E, N] bf16/fp16/fp32, added in fp32 before the activation
                     ) -> torch.Tensor:                  # `out`
-    "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ)`, fp32 accumulation (the batched-experts contract)."
-    E, M, K, N, n_out = _check_gemm_args(a, w, expert_num_tokens, activation, out)
+    "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ + bias[e])`, fp32 accumulation (the batched-experts contract)."
+    E, M, K, N, n_out, act = _check_gemm_args(a, w, expert_num_tokens, activation, out, bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if validate and E and not (0 <= int((mm := torch.aminmax(expert_num_tokens)).min) and int(mm.max) <= M):
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
@@ -417,23 +535,27 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = dict(check_tile_config(config) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
     cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
-    if not INTERPRET: cfg = fit_shared_memory(cfg, activation == "silu_and_mul", a.element_size())
+    if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
     if not tma: cfg.pop("WARP_SPECIALIZE", None)
     num_m_tiles = triton.cdiv(M, bm)
     grid = (num_m_tiles * triton.cdiv(n_out, bn), E)
-    silu = activation == "silu_and_mul"
+    epilogue = epilogue_args(act, bias)
     if tma and _tma_ok(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
         _batched_moe_gemm_tma_kernel[grid](
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
-            out, expert_num_tokens, n_out, N, K, M, num_m_tiles, *out.stride(), SILU=silu,
+            out, expert_num_tokens, N_OUT=n_out, N_W=N, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
+            stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
             UPCAST=INTERPRET and a.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             WARP_SPECIALIZE=cfg.pop("WARP_SPECIALIZE", False), **cfg)
         return out
     _batched_moe_gemm_kernel[grid](
-        a, w, out, expert_num_tokens, n_out, K, M, num_m_tiles, *a.stride(), *w.stride(), *out.stride(),
-        SILU=silu, EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0,
+        a, w, out, expert_num_tokens, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
+        stride_ae=a.stride(0), stride_am=a.stride(1), stride_ak=a.stride(2),
+        stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
+        stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
+        EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0,
         UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
@@ -465,15 +587,19 @@ GEMM_CASES = [
 
 # %%
 #| export
-def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None):
+def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None,
+                       bias_dtype=None):
     "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
     device = a.device
+    bias = None if bias_dtype is None else \
+        torch.randn(E, N, generator=torch.Generator().manual_seed(E + N)).to(device=device, dtype=bias_dtype)
     poison_rows(a, cnt, poison)
     n_out = N // 2 if activation else N
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
-    got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config)
-    want = batched_gemm_reference(a.double(), w.double(), cnt, activation).cpu()
+    got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config, bias=bias)
+    want = batched_gemm_reference(a.double(), w.double(), cnt, activation,
+                                  bias=None if bias is None else bias.double()).cpu()
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None].long()             # [E, M]
     assert_close(got.cpu()[valid], want[valid], name=f"{E}x{M}x{K}x{N} {dtype} {activation}")
     pad = got.cpu()[~valid]
@@ -493,6 +619,38 @@ for E, M, K, N, counts, what in GEMM_CASES:
         check_batched_gemm(E, M, K, 2 * N, counts, dtype, activation="silu_and_mul")
 
 # %% [markdown]
+# The epilogue with a bias and gpt-oss's clamped SwiGLU, over the same catalog (partial N and K tiles, empty
+# experts, poisoned padding). `limit = 0.5` is far below the O(1) pre-activations, so both clamps bite on many
+# elements — a kernel that skipped either one, or added the bias after the activation, fails. The bias is the
+# weight's dtype or fp32; the plain GEMM (GEMM2's shape) takes a bias too.
+
+# %%
+#| test batched_gemm_swigluoai_bias
+act = Activation("swigluoai", limit=0.5)
+for E, M, K, N, counts, what in GEMM_CASES:
+    for dtype in (torch.float32, torch.bfloat16):
+        check_batched_gemm(E, M, K, 2 * N, counts, dtype, act, bias_dtype=dtype)
+    check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, act, bias_dtype=torch.float32)
+    check_batched_gemm(E, M, K, N, counts, torch.bfloat16, bias_dtype=torch.bfloat16)          # plain GEMM + bias
+    check_batched_gemm(E, M, K, 2 * N, counts, torch.float32, SILU, bias_dtype=torch.float32)   # SiLU + bias
+
+# %% [markdown]
+# The spec itself is pinned to the definition: with a small `limit` both clamps are active on this problem, and the
+# reference equals `Activation` applied to `a·wᵀ + b` written out by hand.
+
+# %%
+#| test batched_gemm_reference_swigluoai
+g = torch.Generator().manual_seed(3)
+a, w, b = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 12, 8, generator=g, dtype=torch.float64), torch.randn(2, 12, generator=g, dtype=torch.float64)
+cnt = torch.tensor([5, 2], dtype=torch.int32)
+pre = torch.einsum("emk,enk->emn", a, w) + b[:, None, :]
+assert (pre[..., :6] > 0.5).any() and (pre[..., 6:].abs() > 0.5).any()            # both clamps bite
+gate, up = pre[..., :6].clamp(max=0.5), pre[..., 6:].clamp(-0.5, 0.5)
+want = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+got = batched_gemm_reference(a, w, cnt, Activation("swigluoai", limit=0.5), bias=b)
+assert_close(got[0], want[0]); assert_close(got[1, :2], want[1, :2]); assert got[1, 2:].isnan().all()
+
+# %% [markdown]
 # The tensor-descriptor kernel is checked the same way, forced on through the tile (it runs in the interpreter too).
 
 # %%
@@ -502,6 +660,9 @@ for E, M, K, N, counts, what in GEMM_CASES:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, TMA=True)
         check_batched_gemm(E, M, K, 2 * N if act else N, counts, torch.bfloat16, act, config=cfg)
         check_batched_gemm(E, M, K, N, counts, torch.float16, config=cfg, poison=1e30)
+    check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, Activation("swigluoai", limit=0.5), config=cfg,
+                       bias_dtype=torch.bfloat16)
+    check_batched_gemm(E, M, K, N, counts, torch.float16, config=cfg, bias_dtype=torch.float32, poison=1e30)
 
 # %%
 #| test batched_gemm_poison_1e30
@@ -519,6 +680,8 @@ test_fail(lambda: batched_moe_gemm(a, w, cnt.long()), contains="expert_num_token
 test_fail(lambda: batched_moe_gemm(a, w, torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)), contains="expected values in [0, 8]")
 test_fail(lambda: batched_moe_gemm(a, w, cnt, activation="gelu"), contains="activation: expected one of")
 test_fail(lambda: batched_moe_gemm(a, w[:, :31], cnt, activation="silu_and_mul"), contains="w: expected an even N")
+test_fail(lambda: batched_moe_gemm(a, w, cnt, bias=torch.zeros(2, 16, device=DEVICE)), contains="bias: expected shape [2, 32]")
+test_fail(lambda: batched_moe_gemm(a, w, cnt, bias=torch.zeros(2, 32, device=DEVICE, dtype=torch.float64)), contains="bias: expected dtype")
 test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16, device=DEVICE)), contains="out: expected shape [2, 8, 32]")
 test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
 
@@ -566,16 +729,20 @@ assert_close(got[0], batched_gemm_reference(a.double(), w.double(), cnt)[0])    
 assert got[1].isnan().all()                                                     # nothing spilled into expert 1
 
 # %% [markdown]
-# ## The experts: GEMM1 with SiLU-and-mul, then GEMM2
+# ## The experts: GEMM1 with bias and activation, then GEMM2 with bias
 #
 # `BatchedTritonExperts` is the experts stage of the BatchedExperts format: it takes the dispatched slabs and
-# returns the experts' outputs in the same layout. Its `activation_format` is declared, so composition can check it
-# against the prepare/finalize it is paired with.
+# returns the experts' outputs in the same layout, `out[e, :n_e] = act(a·w13ᵀ + w13_bias[e])·w2ᵀ + w2_bias[e]` — the
+# expert of `moe_lit.formats.expert_mlp`, with the activation's output cast once to `a`'s dtype between the GEMMs.
+# The biases are optional (`w13_bias [E, 2·I]`, `w2_bias [E, H]`, bf16/fp16/fp32); `activation` is an `Activation`
+# (`SILU` by default). The router weight is not applied here: the combine applies it to the whole expert output,
+# bias included. Its `activation_format` is declared, so composition can check it against the prepare/finalize it
+# is paired with.
 
 # %%
 #| export
 class BatchedTritonExperts:
-    "Batched-format experts on Triton: `h = SiLU-and-mul(a @ w13ᵀ)`, `out = h @ w2ᵀ`, valid rows only."
+    "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
     activation_format = ActivationFormat.BatchedExperts
 
     def apply(self, a: torch.Tensor,                   # [E, max_tokens, H]
@@ -584,11 +751,20 @@ class BatchedTritonExperts:
               w2: torch.Tensor,                        # [E, H, I]
               expected_m: int | None = None,           # expected valid rows per expert (tile choice)
               out: torch.Tensor | None = None,         # [E, max_tokens, H]; rows >= count never written
+              w13_bias: torch.Tensor | None = None,    # [E, 2·I] bf16/fp16/fp32, added before the activation
+              w2_bias: torch.Tensor | None = None,     # [E, H] bf16/fp16/fp32, added to GEMM2's output
+              activation: Activation = SILU,           # the gated activation between the GEMMs
              ) -> torch.Tensor:
         "Run the experts on the valid rows of each slab (the two launches share the count validation)."
+        check_tensor("a", a, ndim=3)
+        check_tensor("w13", w13, ndim=3)
         check_tensor("w2", w2, shape=(a.shape[0], a.shape[2], w13.shape[1] // 2), dtype=a.dtype)
-        h = batched_moe_gemm(a, w13, expert_num_tokens, "silu_and_mul", expected_m=expected_m)
-        return batched_moe_gemm(h, w2, expert_num_tokens, out=out, expected_m=expected_m, validate=False)
+        if not isinstance(activation, Activation):
+            raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
+        check_expert_bias("w13_bias", w13_bias, a.shape[0], w13.shape[1], a.device)
+        check_expert_bias("w2_bias", w2_bias, a.shape[0], a.shape[2], a.device)
+        h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias)
+        return batched_moe_gemm(h, w2, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)
 
 # %%
 #| test batched_triton_experts
@@ -606,6 +782,61 @@ for dtype in (torch.float32, torch.bfloat16):
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None]
     assert_close(out[valid], want[valid]); assert out[~valid].isnan().all()
 test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)
+
+# %% [markdown]
+# gpt-oss's experts: biases on both GEMMs and the clamped SwiGLU, against the float64 reference of
+# `moe_lit.formats`, with an empty expert, ragged H and I (partial N and K tiles in both GEMMs), poisoned padding
+# rows and a small `limit` so the clamps bite. The second part shows the contract's failures.
+
+# %%
+#| test batched_triton_experts_swigluoai_bias
+act = Activation("swigluoai", limit=0.5)
+E, M, H, I = 3, 24, 48, 40
+for dtype in (torch.float32, torch.bfloat16):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(E, M, H, generator=g).to(DEVICE, dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(DEVICE, dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(DEVICE, dtype)
+    b13, b2 = torch.randn(E, 2 * I, generator=g).to(DEVICE, dtype), torch.randn(E, H, generator=g).to(DEVICE, dtype)
+    cnt = torch.tensor([24, 0, 7], dtype=torch.int32, device=DEVICE)
+    poison_rows(a, cnt)
+    out = BatchedTritonExperts().apply(a, cnt, w13, w2, out=poison_rows(torch.zeros_like(a), cnt), w13_bias=b13,
+                                       w2_bias=b2, activation=act).cpu()
+    a64, w13_64, w2_64, b13_64, b2_64 = (t.double().cpu() for t in (a, w13, w2, b13, b2))
+    want = experts_reference_batched(a64, cnt.cpu(), w13_64, w2_64, w13_bias=b13_64, w2_bias=b2_64, activation=act)
+    valid = torch.arange(M)[None, :] < cnt.cpu()[:, None]
+    assert_close(out[valid], want[valid], name=f"swigluoai + bias {dtype}"); assert out[~valid].isnan().all()
+experts, x = BatchedTritonExperts(), (a, cnt, w13, w2)
+test_fail(lambda: experts.apply(*x, w13_bias=b13[:, :I]), contains="w13_bias: expected shape [3, 80]")
+test_fail(lambda: experts.apply(*x, w2_bias=b13), contains="w2_bias: expected shape [3, 48]")
+test_fail(lambda: experts.apply(*x, w2_bias=b2.int()), contains="w2_bias: expected dtype")
+test_fail(lambda: experts.apply(*x, activation="swigluoai"), contains="activation: expected an Activation, got str")
+
+# %% [markdown]
+# On the GPU, gpt-oss-120b's expert shapes (hidden 2880, expert width 2880, 8 of its experts, top-4 routing of 64
+# tokens) in bf16, with its `alpha` and `limit` and biases of the checkpoint's scale, against the float64 reference.
+
+# %%
+#| test batched_triton_experts_gpt_oss_shapes
+#| gpu
+E, H, I, T, k = 8, 2880, 2880, 64, 4
+g = torch.Generator().manual_seed(120)
+pool = torch.tensor([0, 1, 2, 3, 4, 6, 7])                                   # expert 5 gets no tokens
+ids = pool[torch.stack([torch.randperm(7, generator=g)[:k] for _ in range(T)])]
+cnt = torch.bincount(ids.flatten(), minlength=E).int()
+M = int(cnt.max())
+a = torch.randn(E, M, H, generator=g).bfloat16()
+w13 = (torch.randn(E, 2 * I, H, generator=g) * 2 / H**0.5).bfloat16()       # pre-activations up to ~10: the clamps bite
+w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
+b13, b2 = torch.randn(E, 2 * I, generator=g).bfloat16(), torch.randn(E, H, generator=g).bfloat16()
+act = Activation("swigluoai")
+want = experts_reference_batched(a.double(), cnt, w13.double(), w2.double(), w13_bias=b13.double(),
+                                 w2_bias=b2.double(), activation=act)
+cuda = [t.cuda() for t in (a, cnt, w13, w2)]
+out = BatchedTritonExperts().apply(*cuda, out=poison_rows(torch.zeros_like(cuda[0]), cuda[1]),
+                                   w13_bias=b13.cuda(), w2_bias=b2.cuda(), activation=act).cpu()
+valid = torch.arange(M)[None, :] < cnt[:, None]
+assert_close(out[valid], want[valid], name="gpt-oss-120b experts"); assert out[~valid].isnan().all()
 
 # %% [markdown]
 # ## Interpretation

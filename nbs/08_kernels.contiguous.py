@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
+from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
 from moe_lit.kernels.dispatch import batched_combine
 
 # %%
@@ -26,9 +28,9 @@ from moe_lit.placement import determine_expert_map
 
 # %% [markdown]
 # In this notebook: the spec `moe_align_block_size_reference`, the Triton `moe_align_block_size`, the grouped GEMM
-# `fused_moe_gemm` over the aligned blocks, and `TritonExperts`, the Standard-format experts (GEMM1 with SiLU-and-mul,
-# GEMM2 with the router weight, then the weighted sum over the slots). Motivation → reference → kernels → launchers →
-# tests.
+# `fused_moe_gemm` over the aligned blocks, and `TritonExperts`, the Standard-format experts (GEMM1 with the expert bias
+# and the gated activation — SiLU or gpt-oss's clamped SwiGLU —, GEMM2 with the expert bias and the router weight,
+# then the weighted sum over the slots). Motivation → reference → kernels → launchers → tests.
 #
 # ## Motivation
 #
@@ -336,8 +338,8 @@ test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), co
 #     pairs = sorted_token_ids[b-block];  valid = pairs < T·top_k                   # sentinel rows are masked
 #     rows  = pairs // top_k  (GEMM1 reads token rows)   or   pairs  (GEMM2 reads pair rows)
 #     acc   = A[rows] @ W[expert_ids[b], n-tile]ᵀ                                   # fp32
-#     GEMM1: acc = SiLU(w·gate)·(w·up) with w = router weight when applied on the input, else SiLU(gate)·up
-#     GEMM2: acc = w·acc when the router weight is applied on the output
+#     GEMM1: acc = act(w·gate + b_gate, w·up + b_up) with w = router weight when applied on the input (else 1)
+#     GEMM2: acc = w·(acc + b) when the router weight is applied on the output (else acc + b)
 #     C[pairs, n-tile] = acc                                                        # valid rows only
 # ```
 #
@@ -345,7 +347,21 @@ test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), co
 # tile. Row offsets are int64: `T·top_k·N` passes 2^31 at long prefills (sglang#4727: 56k tokens × top-8 × 7168).
 # `-1` blocks write nothing; the final weighted sum (`batched_combine` over the pair rows) skips the pairs that were
 # never computed, so unwritten rows are never read. With the router weight on the input, a linear GEMM1 lets the
-# weight scale the accumulators before SiLU: `W1·(w·x) = w·(W1·x)`.
+# weight scale the accumulators before the activation: `W1·(w·x) = w·(W1·x)`.
+#
+# **The epilogue** is the batched kernel's (`06_kernels.batched`): the same helpers `_add_expert_bias` and
+# `_gated_activation` under the same constexprs `GATED`, `ACTIVATION` (`Activation.code`) and `HAS_BIAS`, with the
+# runtime `alpha` and `limit`. The bias row is the block's expert `expert_ids[b]` — every row of an aligned block
+# belongs to it. Its place relative to the router weight `w` follows the expert contract
+# `out[t] = Σ_k w_tk · (W2·act(W13·x_t + b13) + b2)`:
+#
+# - router weight on the output: GEMM2 adds `b2` first, then multiplies by `w`, so the bias is weighted like the
+#   rest of the expert's output;
+# - router weight on the input: the weight scaled `x`, not the bias, so GEMM1 scales the accumulators by `w` first
+#   and adds `b13` after: `W13·(w·x) + b13`; GEMM2 adds `b2` unweighted.
+#
+# > With `SILU` and no bias the kernel compiles exactly as before: the bias and clamp branches are constexpr-gated,
+# > the bias pointer is `None`, and the tuned tiles are looked up under the same `fused_moe_gemm` keys.
 
 # %%
 #| export
@@ -357,9 +373,12 @@ def _fused_moe_kernel(
     c_ptr,                 # [T·top_k, N_OUT]
     sorted_ptr, expert_ids_ptr, ntpp_ptr,
     weights_ptr,           # [T·top_k] fp32 router weights (read when WEIGHT != 0)
+    bias_ptr,              # [E_local, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
     N_OUT, N_W, K, num_pairs, num_m_blocks, num_sorted, num_local,
-    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
-    TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, SILU: tl.constexpr, WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
+    alpha, limit,          # fp32, read only when ACTIVATION == 1
+    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_be, stride_bn,
+    TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -391,61 +410,64 @@ def _fused_moe_kernel(
         if EVEN_K: a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
         else: a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         w, w_up = _load_w(w_ptrs, w_desc, row_w, k * BLOCK_K, N_OUT * stride_wn, k_ok, offs_n < N_OUT, N_OUT,
-                          SILU, EVEN_K, EVEN_N)
+                          GATED, EVEN_K, EVEN_N)
         if UPCAST: a, w, w_up = a.to(tl.float32), w.to(tl.float32), w_up.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if SILU: acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
+        if GATED: acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
-    if WEIGHT != 0:
-        rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
-        if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw     # on the input: scales the linear GEMM1
-        else: acc = acc * rw                                    # on the output (GEMM2), in fp32
-    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+    if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
+    if HAS_BIAS:                                                # the block's expert's row, fp32
+        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e * stride_be, offs_n, offs_n < N_OUT, N_OUT,
+                                       stride_bn, GATED)
+    if WEIGHT == 2: acc = acc * rw                              # on the output (GEMM2), bias included, in fp32
+    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N_OUT))
 
 @triton.jit
-def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, SILU: tl.constexpr, EVEN_K: tl.constexpr,
+def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.constexpr, EVEN_K: tl.constexpr,
             EVEN_N: tl.constexpr):
-    "The `[BLOCK_K, BLOCK_N]` weight tile (and the up tile for SiLU): through the descriptor, or masked pointer loads."
+    "The `[BLOCK_K, BLOCK_N]` weight tile (and the up tile when gated): through the descriptor, or masked pointer loads."
     if w_desc is not None:                                      # TMA: whole boxes (the host allows it for even N)
         w = w_desc.load([row_w, k0]).T
         w_up = w
-        if SILU: w_up = w_desc.load([row_w + N_OUT, k0]).T
+        if GATED: w_up = w_desc.load([row_w + N_OUT, k0]).T
     else:
         if EVEN_K and EVEN_N:
             w = tl.load(w_ptrs)
             w_up = w
-            if SILU: w_up = tl.load(w_ptrs + up_off)
+            if GATED: w_up = tl.load(w_ptrs + up_off)
         else:
             mask = k_ok[:, None] & n_ok[None, :]
             w = tl.load(w_ptrs, mask=mask, other=0.0)
             w_up = w
-            if SILU: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
+            if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
 # %%
 #| export
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
-                   w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows for SiLU
+                   w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
                    expert_ids: torch.Tensor,         # [max_padded / BLOCK_M] int32, local expert or -1
                    num_tokens_post_padded: torch.Tensor,  # [1] int32
                    top_k: int,                       # slots per token
                    block_m: int,                     # the block size the alignment used
-                   activation: str | None = None,    # None or "silu_and_mul"
+                   activation: Activation | str | None = None,  # None, an Activation, or "silu_and_mul" (SILU)
                    topk_weights: torch.Tensor | None = None,  # [T, top_k] fp32, applied per `weight_stage`
                    weight_stage: str | None = None,  # None, "input" (GEMM1) or "output" (GEMM2)
                    out: torch.Tensor | None = None,  # [T·top_k, N or N/2]; rows of uncomputed pairs untouched
                    config: dict | None = None,       # tile override (BLOCK_M is fixed by the alignment)
                    rows: str = "token",              # "token": a has a row per token (GEMM1); "pair": per pair (GEMM2)
                    expected_m: int | None = None,    # expected rows per expert (tile lookup); default pairs / E
+                   bias: torch.Tensor | None = None, # [E_local, N] bf16/fp16/fp32: fp32 add before act / router weight
                   ) -> torch.Tensor:
-    "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[expert(block)]ᵀ)` (vLLM's fused_moe_kernel)."
+    "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[e]ᵀ + bias[e])`, e = expert(block) (vLLM's fused_moe_kernel)."
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_tensor("w", w, shape=(None, None, a.shape[1]), dtype=a.dtype)
-    check_choice("activation", activation, (None, "silu_and_mul"))
+    act = check_activation(activation)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     check_int("top_k", top_k, lo=1)
     num_pairs = (a.shape[0] if per_pair else a.shape[0] * top_k)
@@ -453,8 +475,9 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
                         topk_weights, num_pairs)
     check_tile_config(config)
     E, N, K = w.shape
-    if activation and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for silu_and_mul, got {N}")
-    n_out = N // 2 if activation else N
+    if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
+    check_expert_bias("bias", bias, E, N, a.device)
+    n_out = N // 2 if act else N
     out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device) if out is None else \
         check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype)
     if num_pairs == 0: return out
@@ -463,7 +486,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     cfg = dict(config or lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, a.dtype))
     cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
     cfg["BLOCK_M"] = block_m
-    if not INTERPRET: cfg = fit_shared_memory(cfg, activation is not None, a.element_size())
+    if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
     cfg.pop("WARP_SPECIALIZE", None)
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
     group_m = cfg.pop("GROUP_M", 0)
@@ -474,9 +497,11 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     num_m_blocks = expert_ids.numel()
     _fused_moe_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
-        topk_weights.contiguous() if topk_weights is not None else out, n_out, N, K, num_pairs, num_m_blocks,
-        sorted_token_ids.numel(), E,
-        *a.stride(), *w.stride(), *out.stride(), TOP_K=top_k, A_PER_PAIR=per_pair, SILU=activation is not None,
+        weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, N_OUT=n_out, N_W=N, K=K,
+        num_pairs=num_pairs, num_m_blocks=num_m_blocks, num_sorted=sorted_token_ids.numel(), num_local=E,
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0), stride_wn=w.stride(1),
+        stride_wk=w.stride(2), stride_cm=out.stride(0), stride_cn=out.stride(1), **epilogue_args(act, bias),
+        TOP_K=top_k, A_PER_PAIR=per_pair,
         WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
         EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
@@ -544,6 +569,42 @@ for H, I in ((64, 64), (48, 40)):                                          # eve
         assert_close(out[live], want[live], name=f"H={H} I={I} {cfg}")
 
 # %% [markdown]
+# The epilogue with expert biases and gpt-oss's clamped SwiGLU, through the same code paths. `limit = 0.5` sits far
+# below the O(1) pre-activations, so both clamps bite. GEMM1 is checked with the router weight on the input (it
+# scales the product, not the bias) and without; GEMM2 adds its bias before the router weight on the output. The
+# spec is written out with `Activation`, the definition in `moe_lit.formats`.
+
+# %%
+#| test fused_moe_gemm_swigluoai_bias
+g = torch.Generator().manual_seed(7)
+act = Activation("swigluoai", limit=0.5)
+for H, I in ((64, 64), (48, 40)):                                          # even, then ragged K and N
+    E, T, k = 4, 13, 2
+    x, w13, w2 = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+    b13, b2 = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    ids[2, 1] = ids[7, 0] = -1
+    wts, live = torch.rand(T, k, generator=g), ids.flatten() >= 0
+    e_of = ids.long().clamp(min=0)                                          # [T, k], the pair's expert
+    pre = torch.einsum("th,enh->ten", x.double(), w13.double())[torch.arange(T)[:, None], e_of]   # [T, k, 2I]
+    assert (pre > 0.5).any() and (pre[..., I:].abs() > 0.5).any()          # both clamps bite
+    h = torch.randn(T * k, I, generator=g)
+    want2 = (torch.einsum("pi,phi->ph", h.double(), w2.double()[e_of.flatten()]) + b2.double()[e_of.flatten()]) * wts.double().flatten()[:, None]
+    aligned = moe_align_block_size(ids.to(DEVICE), 16, E)
+    for cfg in (dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1), dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=2),
+                dict(BLOCK_N=32, BLOCK_K=32, TMA=True)):
+        for on_in, bias_dtype in ((False, torch.float32), (True, torch.bfloat16)):
+            rw = wts.double()[..., None] if on_in else 1.0
+            want1 = act(pre * rw + b13.to(bias_dtype).double()[e_of]).reshape(T * k, I)
+            out = fused_moe_gemm(x.to(DEVICE), w13.to(DEVICE), *aligned, k, 16, act, wts.to(DEVICE), "input" if on_in else None,
+                                 out=torch.full((T * k, I), float("nan"), device=DEVICE), config=cfg, bias=b13.to(DEVICE, bias_dtype)).cpu()
+            assert out[~live].isnan().all(), f"{cfg}: a pair without a local expert was written"
+            assert_close(out[live], want1[live], name=f"GEMM1 H={H} I={I} on_input={on_in} {cfg}")
+        out = fused_moe_gemm(h.to(DEVICE), w2.to(DEVICE), *aligned, k, 16, None, wts.to(DEVICE), "output", rows="pair",
+                             out=torch.full((T * k, H), float("nan"), device=DEVICE), config=cfg, bias=b2.to(DEVICE)).cpu()
+        assert out[~live].isnan().all(); assert_close(out[live], want2[live], name=f"GEMM2 H={H} I={I} {cfg}")
+
+# %% [markdown]
 # On the GPU, the int32-overflow class: `T·top_k·N > 2^31` output elements, so the last pairs' row offsets only
 # fit in int64 (sglang#4727 wrapped here). Only the rows past the 2^31 boundary are checked, against torch.
 
@@ -567,14 +628,20 @@ assert_close(out[tail], want, name="rows past 2^31")
 # %% [markdown]
 # ## The Standard-format experts
 #
-# `TritonExperts` chains the pieces: align the pairs by local expert, GEMM1 with SiLU-and-mul over token rows, GEMM2
-# with the router weight over pair rows, and the sum over each token's slots — `batched_combine` viewing the pair rows
-# as one slab, with `-1` for pairs that are not on this rank. The block size follows the expected rows per expert.
+# `TritonExperts` chains the pieces: align the pairs by local expert, GEMM1 with the expert bias and the gated
+# activation over token rows, GEMM2 with the expert bias and the router weight over pair rows, and the sum over each
+# token's slots — `batched_combine` viewing the pair rows as one slab, with `-1` for pairs that are not on this rank.
+# The block size follows the expected rows per expert.
+#
+# It computes `out[t] = Σ_k w_tk · (W2·act(W13·x_t + b13) + b2)` over the slots with a local expert — or, with the
+# router weight on the input, `Σ_k W2·act(W13·(w_tk·x_t) + b13) + b2` — where `w13_bias [E_local, 2·I]` and
+# `w2_bias [E_local, H]` are optional (bf16/fp16/fp32) and `activation` is an `Activation` (`SILU` by default;
+# `Activation("swigluoai")` for gpt-oss).
 
 # %%
 #| export
 class TritonExperts:
-    "Standard-format experts on Triton: align -> GEMM1 + SiLU-and-mul -> GEMM2 (x router weight) -> sum over slots."
+    "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
     pair_blocks_max_pairs = 32          # at most this many (token, k) pairs: one block per pair, no alignment
 
@@ -587,6 +654,9 @@ class TritonExperts:
               block_m: int | None = None,        # alignment block (default: the tuned tile's BLOCK_M)
               expected_m: int | None = None,     # expected rows per local expert (default T·top_k / E_local)
               validate: bool = True,             # check local_ids on the host (one sync; ids from a placement skip it)
+              w13_bias: torch.Tensor | None = None,  # [E_local, 2·I] bf16/fp16/fp32, added before the activation
+              w2_bias: torch.Tensor | None = None,   # [E_local, H] bf16/fp16/fp32, added before the router weight
+              activation: Activation = SILU,     # the gated activation between the GEMMs
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
@@ -597,6 +667,10 @@ class TritonExperts:
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        if not isinstance(activation, Activation):
+            raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
+        check_expert_bias("w13_bias", w13_bias, E, N, hidden.device)
+        check_expert_bias("w2_bias", w2_bias, E, H, hidden.device)
         _check_local_ids(local_ids, E, validate)
         T, k = local_ids.shape
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
@@ -608,10 +682,10 @@ class TritonExperts:
         align = moe_pair_blocks if tiny else moe_align_block_size
         s, e, n = align(local_ids, block_m, E, validate=False)                 # ids come from the placement
         on_in = apply_router_weight_on_input
-        h = fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, "silu_and_mul", topk_weights,
-                           "input" if on_in else None, config=cfg1)
+        h = fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
+                           "input" if on_in else None, config=cfg1, bias=w13_bias)
         y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", config=cfg2,
-                           rows="pair")
+                           rows="pair", bias=w2_bias)
         return _sum_pairs(y, topk_weights, local_ids, E)
 
 # %%
@@ -635,6 +709,37 @@ for T, k in ((9, 2), (1, 1), (5, E), (40, 3)):                         # top_k =
     got = aligned.apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)))
     assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids), name=f"aligned T={T}")
 test_eq(TritonExperts.activation_format, ActivationFormat.Standard)
+
+# %% [markdown]
+# gpt-oss's experts — biases on both GEMMs, the clamped SwiGLU with a small `limit` — against the float64 reference of
+# `moe_lit.formats`, in fp32 and bf16, with the router weight on the output and on the input, through both layouts
+# (one block per pair, and the aligned blocks). Expert 4 has no tokens; ragged `H = 48`, `I = 40` leave partial N
+# and K tiles in both GEMMs; token 0 has no local expert at all and its hidden row is NaN: it must never be read,
+# and its output row is 0.
+
+# %%
+#| test triton_experts_swigluoai_bias
+g = torch.Generator().manual_seed(8)
+E, H, I = 6, 48, 40
+act = Activation("swigluoai", limit=0.5)
+w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+b13, b2 = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)
+pool = torch.tensor([0, 1, 2, 3, 5])                                        # expert 4 gets no tokens
+for T, k in ((9, 2), (2, 1), (40, 3)):
+    hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+    ids = pool[torch.stack([torch.randperm(5, generator=g)[:k] for _ in range(T)])].int()
+    ids[0] = -1; hidden[0] = float("nan")                                   # a token with no local expert
+    for dtype in (torch.float32, torch.bfloat16):
+        ws = [t.to(dtype) for t in (hidden, w13, w2, b13, b2)]
+        for on_in in (False, True):
+            want = moe_reference_standard(*(t.double() for t in ws[:3]), wts, ids, apply_router_weight_on_input=on_in,
+                                          w13_bias=ws[3].double(), w2_bias=ws[4].double(), activation=act)
+            for layout_max_pairs in (32, 0):                                # one block per pair when small; aligned
+                experts = TritonExperts(); experts.pair_blocks_max_pairs = layout_max_pairs
+                got = experts.apply(*(t.to(DEVICE) for t in (ws[0], ws[1], ws[2], wts, ids)), apply_router_weight_on_input=on_in,
+                                    w13_bias=ws[3].to(DEVICE), w2_bias=ws[4].to(DEVICE), activation=act).cpu()
+                assert (got[0] == 0).all(), "a token with no local expert"
+                assert_close(got, want, name=f"T={T} top_k={k} {dtype} on_input={on_in} max_pairs={layout_max_pairs}")
 
 # %% [markdown]
 # On a rank of an EP deployment the local ids come from the placement; non-local slots are `-1` and contribute 0.
@@ -686,6 +791,12 @@ test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", config=di
 test_fail(lambda: fused_moe_gemm(x, w[:, :-1], s, e, n, k, 16, "silu_and_mul"), contains="w: expected an even N")
 test_fail(lambda: fused_moe_gemm(x, w, s, e, n.float(), k, 16, "silu_and_mul"), contains="num_tokens_post_padded: expected dtype")
 test_eq(TritonExperts().apply(x, w[:0], torch.randn(0, H, I, device=DEVICE), wts, torch.full_like(ids, -1)).abs().sum().item(), 0)
+w2 = torch.randn(E, H, I, device=DEVICE)
+test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w13_bias=torch.zeros(E, I, device=DEVICE)), contains="w13_bias: expected shape [2, 64]")
+test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w2_bias=torch.zeros(E + 1, H, device=DEVICE)), contains="w2_bias: expected shape [2, 32]")
+test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w2_bias=torch.zeros(E, H, device=DEVICE, dtype=torch.int32)), contains="w2_bias: expected dtype")
+test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, activation="swigluoai"), contains="activation: expected an Activation, got str")
+test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", bias=torch.zeros(E, I, device=DEVICE)), contains="bias: expected shape [2, 64]")
 
 # %% [markdown]
 # On the GPU: DeepSeek-V3 EP8 decode and prefill shapes (32 local experts, hidden 7168, expert width 2048, top-8).
@@ -704,6 +815,31 @@ for T in (128, 2048):
     wts = torch.rand(T, k, generator=g).cuda()
     want = moe_reference_standard(hidden.double(), w13, w2, wts, local)
     assert_close(TritonExperts().apply(hidden, w13, w2, wts, local), want, name=f"T={T}")
+
+# %% [markdown]
+# On the GPU: gpt-oss-120b's expert shapes (hidden 2880, expert width 2880, top-4 routing of 64 tokens) in bf16, with
+# its `alpha` and `limit` and both biases, against the float64 reference; the routing picks among 16 experts of which
+# this rank holds 8, so about half of the slots are not local.
+
+# %%
+#| test triton_experts_gpt_oss_shapes
+#| gpu
+E, H, I, T, k = 8, 2880, 2880, 64, 4
+g = torch.Generator().manual_seed(120)
+w13 = (torch.randn(E, 2 * I, H, generator=g) * 2 / H**0.5).bfloat16().cuda()   # pre-activations up to ~10: clamps bite
+w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16().cuda()
+b13, b2 = torch.randn(E, 2 * I, generator=g).bfloat16().cuda(), torch.randn(E, H, generator=g).bfloat16().cuda()
+hidden = torch.randn(T, H, generator=g).bfloat16().cuda()
+ids = torch.stack([torch.randperm(2 * E, generator=g)[:k] for _ in range(T)]).int()
+local = torch.where(ids < E, ids, -1).cuda()
+wts = torch.rand(T, k, generator=g).cuda()
+act = Activation("swigluoai")
+for on_in in (False, True):
+    want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local, apply_router_weight_on_input=on_in,
+                                  w13_bias=b13.double(), w2_bias=b2.double(), activation=act)
+    got = TritonExperts().apply(hidden, w13, w2, wts, local, apply_router_weight_on_input=on_in, w13_bias=b13,
+                                w2_bias=b2, activation=act)
+    assert_close(got, want, name=f"gpt-oss-120b experts, on_input={on_in}")
 
 # %% [markdown]
 # ## Measured on an H200

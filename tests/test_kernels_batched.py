@@ -9,11 +9,18 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
-from moe_lit.formats import silu_and_mul
+from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
 from moe_lit.kernels.batched import *
+
+
+def test_check_activation():
+    test_eq(check_activation("silu_and_mul"), SILU)
+    test_eq(check_activation(None), None)
+    test_eq(check_activation(Activation("swigluoai", limit=0.5)).limit, 0.5)
+    test_fail(lambda: check_activation("swigluoai"), contains="activation: expected one of")
 
 
 def test_tile_config_table():
@@ -47,6 +54,12 @@ def test_fit_shared_memory():
     test_eq(fit_shared_memory(dict(big, BLOCK_K=64, num_stages=3), silu=False, element_size=2)["num_stages"], 3)  # fits: kept
 
 
+def test_epilogue_args():
+    test_eq({k: v for k, v in epilogue_args(SILU, None).items() if k.isupper()}, dict(GATED=True, ACTIVATION=0, HAS_BIAS=False))
+    test_eq(epilogue_args(Activation("swigluoai", limit=0.5), torch.zeros(2, 4))["limit"], 0.5)
+    test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"], 2)
+
+
 def test_batched_gemm_catalog():
     for E, M, K, N, counts, what in GEMM_CASES:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -59,12 +72,37 @@ def test_batched_gemm_silu_and_mul():
             check_batched_gemm(E, M, K, 2 * N, counts, dtype, activation="silu_and_mul")
 
 
+def test_batched_gemm_swigluoai_bias():
+    act = Activation("swigluoai", limit=0.5)
+    for E, M, K, N, counts, what in GEMM_CASES:
+        for dtype in (torch.float32, torch.bfloat16):
+            check_batched_gemm(E, M, K, 2 * N, counts, dtype, act, bias_dtype=dtype)
+        check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, act, bias_dtype=torch.float32)
+        check_batched_gemm(E, M, K, N, counts, torch.bfloat16, bias_dtype=torch.bfloat16)          # plain GEMM + bias
+        check_batched_gemm(E, M, K, 2 * N, counts, torch.float32, SILU, bias_dtype=torch.float32)   # SiLU + bias
+
+
+def test_batched_gemm_reference_swigluoai():
+    g = torch.Generator().manual_seed(3)
+    a, w, b = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 12, 8, generator=g, dtype=torch.float64), torch.randn(2, 12, generator=g, dtype=torch.float64)
+    cnt = torch.tensor([5, 2], dtype=torch.int32)
+    pre = torch.einsum("emk,enk->emn", a, w) + b[:, None, :]
+    assert (pre[..., :6] > 0.5).any() and (pre[..., 6:].abs() > 0.5).any()            # both clamps bite
+    gate, up = pre[..., :6].clamp(max=0.5), pre[..., 6:].clamp(-0.5, 0.5)
+    want = (up + 1) * gate * torch.sigmoid(1.702 * gate)
+    got = batched_gemm_reference(a, w, cnt, Activation("swigluoai", limit=0.5), bias=b)
+    assert_close(got[0], want[0]); assert_close(got[1, :2], want[1, :2]); assert got[1, 2:].isnan().all()
+
+
 def test_batched_gemm_tma_kernel():
     for E, M, K, N, counts, what in GEMM_CASES:
         for act in (None, "silu_and_mul"):
             cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, TMA=True)
             check_batched_gemm(E, M, K, 2 * N if act else N, counts, torch.bfloat16, act, config=cfg)
             check_batched_gemm(E, M, K, N, counts, torch.float16, config=cfg, poison=1e30)
+        check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, Activation("swigluoai", limit=0.5), config=cfg,
+                           bias_dtype=torch.bfloat16)
+        check_batched_gemm(E, M, K, N, counts, torch.float16, config=cfg, bias_dtype=torch.float32, poison=1e30)
 
 
 def test_batched_gemm_poison_1e30():
@@ -82,6 +120,8 @@ def test_batched_gemm_bad_input():
     test_fail(lambda: batched_moe_gemm(a, w, torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)), contains="expected values in [0, 8]")
     test_fail(lambda: batched_moe_gemm(a, w, cnt, activation="gelu"), contains="activation: expected one of")
     test_fail(lambda: batched_moe_gemm(a, w[:, :31], cnt, activation="silu_and_mul"), contains="w: expected an even N")
+    test_fail(lambda: batched_moe_gemm(a, w, cnt, bias=torch.zeros(2, 16, device=DEVICE)), contains="bias: expected shape [2, 32]")
+    test_fail(lambda: batched_moe_gemm(a, w, cnt, bias=torch.zeros(2, 32, device=DEVICE, dtype=torch.float64)), contains="bias: expected dtype")
     test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16, device=DEVICE)), contains="out: expected shape [2, 8, 32]")
     test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
 
@@ -132,3 +172,49 @@ def test_batched_triton_experts():
         valid = torch.arange(M)[None, :] < cnt.cpu()[:, None]
         assert_close(out[valid], want[valid]); assert out[~valid].isnan().all()
     test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)
+
+
+def test_batched_triton_experts_swigluoai_bias():
+    act = Activation("swigluoai", limit=0.5)
+    E, M, H, I = 3, 24, 48, 40
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(2)
+        a = torch.randn(E, M, H, generator=g).to(DEVICE, dtype)
+        w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(DEVICE, dtype)
+        w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(DEVICE, dtype)
+        b13, b2 = torch.randn(E, 2 * I, generator=g).to(DEVICE, dtype), torch.randn(E, H, generator=g).to(DEVICE, dtype)
+        cnt = torch.tensor([24, 0, 7], dtype=torch.int32, device=DEVICE)
+        poison_rows(a, cnt)
+        out = BatchedTritonExperts().apply(a, cnt, w13, w2, out=poison_rows(torch.zeros_like(a), cnt), w13_bias=b13,
+                                           w2_bias=b2, activation=act).cpu()
+        a64, w13_64, w2_64, b13_64, b2_64 = (t.double().cpu() for t in (a, w13, w2, b13, b2))
+        want = experts_reference_batched(a64, cnt.cpu(), w13_64, w2_64, w13_bias=b13_64, w2_bias=b2_64, activation=act)
+        valid = torch.arange(M)[None, :] < cnt.cpu()[:, None]
+        assert_close(out[valid], want[valid], name=f"swigluoai + bias {dtype}"); assert out[~valid].isnan().all()
+    experts, x = BatchedTritonExperts(), (a, cnt, w13, w2)
+    test_fail(lambda: experts.apply(*x, w13_bias=b13[:, :I]), contains="w13_bias: expected shape [3, 80]")
+    test_fail(lambda: experts.apply(*x, w2_bias=b13), contains="w2_bias: expected shape [3, 48]")
+    test_fail(lambda: experts.apply(*x, w2_bias=b2.int()), contains="w2_bias: expected dtype")
+    test_fail(lambda: experts.apply(*x, activation="swigluoai"), contains="activation: expected an Activation, got str")
+
+
+@pytest.mark.gpu
+def test_batched_triton_experts_gpt_oss_shapes():
+    E, H, I, T, k = 8, 2880, 2880, 64, 4
+    g = torch.Generator().manual_seed(120)
+    pool = torch.tensor([0, 1, 2, 3, 4, 6, 7])                                   # expert 5 gets no tokens
+    ids = pool[torch.stack([torch.randperm(7, generator=g)[:k] for _ in range(T)])]
+    cnt = torch.bincount(ids.flatten(), minlength=E).int()
+    M = int(cnt.max())
+    a = torch.randn(E, M, H, generator=g).bfloat16()
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * 2 / H**0.5).bfloat16()       # pre-activations up to ~10: the clamps bite
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16()
+    b13, b2 = torch.randn(E, 2 * I, generator=g).bfloat16(), torch.randn(E, H, generator=g).bfloat16()
+    act = Activation("swigluoai")
+    want = experts_reference_batched(a.double(), cnt, w13.double(), w2.double(), w13_bias=b13.double(),
+                                     w2_bias=b2.double(), activation=act)
+    cuda = [t.cuda() for t in (a, cnt, w13, w2)]
+    out = BatchedTritonExperts().apply(*cuda, out=poison_rows(torch.zeros_like(cuda[0]), cuda[1]),
+                                       w13_bias=b13.cuda(), w2_bias=b2.cuda(), activation=act).cpu()
+    valid = torch.arange(M)[None, :] < cnt[:, None]
+    assert_close(out[valid], want[valid], name="gpt-oss-120b experts"); assert out[~valid].isnan().all()

@@ -7,7 +7,9 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
+from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
 from moe_lit.kernels.dispatch import batched_combine
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
@@ -81,6 +83,36 @@ def test_fused_moe_gemm_paths():
             assert_close(out[live], want[live], name=f"H={H} I={I} {cfg}")
 
 
+def test_fused_moe_gemm_swigluoai_bias():
+    g = torch.Generator().manual_seed(7)
+    act = Activation("swigluoai", limit=0.5)
+    for H, I in ((64, 64), (48, 40)):                                          # even, then ragged K and N
+        E, T, k = 4, 13, 2
+        x, w13, w2 = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+        b13, b2 = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+        ids[2, 1] = ids[7, 0] = -1
+        wts, live = torch.rand(T, k, generator=g), ids.flatten() >= 0
+        e_of = ids.long().clamp(min=0)                                          # [T, k], the pair's expert
+        pre = torch.einsum("th,enh->ten", x.double(), w13.double())[torch.arange(T)[:, None], e_of]   # [T, k, 2I]
+        assert (pre > 0.5).any() and (pre[..., I:].abs() > 0.5).any()          # both clamps bite
+        h = torch.randn(T * k, I, generator=g)
+        want2 = (torch.einsum("pi,phi->ph", h.double(), w2.double()[e_of.flatten()]) + b2.double()[e_of.flatten()]) * wts.double().flatten()[:, None]
+        aligned = moe_align_block_size(ids.to(DEVICE), 16, E)
+        for cfg in (dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1), dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=2),
+                    dict(BLOCK_N=32, BLOCK_K=32, TMA=True)):
+            for on_in, bias_dtype in ((False, torch.float32), (True, torch.bfloat16)):
+                rw = wts.double()[..., None] if on_in else 1.0
+                want1 = act(pre * rw + b13.to(bias_dtype).double()[e_of]).reshape(T * k, I)
+                out = fused_moe_gemm(x.to(DEVICE), w13.to(DEVICE), *aligned, k, 16, act, wts.to(DEVICE), "input" if on_in else None,
+                                     out=torch.full((T * k, I), float("nan"), device=DEVICE), config=cfg, bias=b13.to(DEVICE, bias_dtype)).cpu()
+                assert out[~live].isnan().all(), f"{cfg}: a pair without a local expert was written"
+                assert_close(out[live], want1[live], name=f"GEMM1 H={H} I={I} on_input={on_in} {cfg}")
+            out = fused_moe_gemm(h.to(DEVICE), w2.to(DEVICE), *aligned, k, 16, None, wts.to(DEVICE), "output", rows="pair",
+                                 out=torch.full((T * k, H), float("nan"), device=DEVICE), config=cfg, bias=b2.to(DEVICE)).cpu()
+            assert out[~live].isnan().all(); assert_close(out[live], want2[live], name=f"GEMM2 H={H} I={I} {cfg}")
+
+
 @pytest.mark.gpu
 def test_fused_moe_gemm_int64_offsets():
     E, I, H, T, k = 8, 128, 7168, 40000, 8                          # 320,000 pairs x 7168 = 2.29e9 outputs
@@ -118,6 +150,30 @@ def test_triton_experts_match_reference():
         got = aligned.apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)))
         assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids), name=f"aligned T={T}")
     test_eq(TritonExperts.activation_format, ActivationFormat.Standard)
+
+
+def test_triton_experts_swigluoai_bias():
+    g = torch.Generator().manual_seed(8)
+    E, H, I = 6, 48, 40
+    act = Activation("swigluoai", limit=0.5)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+    b13, b2 = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g)
+    pool = torch.tensor([0, 1, 2, 3, 5])                                        # expert 4 gets no tokens
+    for T, k in ((9, 2), (2, 1), (40, 3)):
+        hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+        ids = pool[torch.stack([torch.randperm(5, generator=g)[:k] for _ in range(T)])].int()
+        ids[0] = -1; hidden[0] = float("nan")                                   # a token with no local expert
+        for dtype in (torch.float32, torch.bfloat16):
+            ws = [t.to(dtype) for t in (hidden, w13, w2, b13, b2)]
+            for on_in in (False, True):
+                want = moe_reference_standard(*(t.double() for t in ws[:3]), wts, ids, apply_router_weight_on_input=on_in,
+                                              w13_bias=ws[3].double(), w2_bias=ws[4].double(), activation=act)
+                for layout_max_pairs in (32, 0):                                # one block per pair when small; aligned
+                    experts = TritonExperts(); experts.pair_blocks_max_pairs = layout_max_pairs
+                    got = experts.apply(*(t.to(DEVICE) for t in (ws[0], ws[1], ws[2], wts, ids)), apply_router_weight_on_input=on_in,
+                                        w13_bias=ws[3].to(DEVICE), w2_bias=ws[4].to(DEVICE), activation=act).cpu()
+                    assert (got[0] == 0).all(), "a token with no local expert"
+                    assert_close(got, want, name=f"T={T} top_k={k} {dtype} on_input={on_in} max_pairs={layout_max_pairs}")
 
 
 def test_triton_experts_two_ranks():
@@ -160,6 +216,12 @@ def test_contiguous_bad_input():
     test_fail(lambda: fused_moe_gemm(x, w[:, :-1], s, e, n, k, 16, "silu_and_mul"), contains="w: expected an even N")
     test_fail(lambda: fused_moe_gemm(x, w, s, e, n.float(), k, 16, "silu_and_mul"), contains="num_tokens_post_padded: expected dtype")
     test_eq(TritonExperts().apply(x, w[:0], torch.randn(0, H, I, device=DEVICE), wts, torch.full_like(ids, -1)).abs().sum().item(), 0)
+    w2 = torch.randn(E, H, I, device=DEVICE)
+    test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w13_bias=torch.zeros(E, I, device=DEVICE)), contains="w13_bias: expected shape [2, 64]")
+    test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w2_bias=torch.zeros(E + 1, H, device=DEVICE)), contains="w2_bias: expected shape [2, 32]")
+    test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w2_bias=torch.zeros(E, H, device=DEVICE, dtype=torch.int32)), contains="w2_bias: expected dtype")
+    test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, activation="swigluoai"), contains="activation: expected an Activation, got str")
+    test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", bias=torch.zeros(E, I, device=DEVICE)), contains="bias: expected shape [2, 64]")
 
 
 @pytest.mark.gpu
@@ -175,3 +237,23 @@ def test_triton_experts_real_shapes():
         wts = torch.rand(T, k, generator=g).cuda()
         want = moe_reference_standard(hidden.double(), w13, w2, wts, local)
         assert_close(TritonExperts().apply(hidden, w13, w2, wts, local), want, name=f"T={T}")
+
+
+@pytest.mark.gpu
+def test_triton_experts_gpt_oss_shapes():
+    E, H, I, T, k = 8, 2880, 2880, 64, 4
+    g = torch.Generator().manual_seed(120)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * 2 / H**0.5).bfloat16().cuda()   # pre-activations up to ~10: clamps bite
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16().cuda()
+    b13, b2 = torch.randn(E, 2 * I, generator=g).bfloat16().cuda(), torch.randn(E, H, generator=g).bfloat16().cuda()
+    hidden = torch.randn(T, H, generator=g).bfloat16().cuda()
+    ids = torch.stack([torch.randperm(2 * E, generator=g)[:k] for _ in range(T)]).int()
+    local = torch.where(ids < E, ids, -1).cuda()
+    wts = torch.rand(T, k, generator=g).cuda()
+    act = Activation("swigluoai")
+    for on_in in (False, True):
+        want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local, apply_router_weight_on_input=on_in,
+                                      w13_bias=b13.double(), w2_bias=b2.double(), activation=act)
+        got = TritonExperts().apply(hidden, w13, w2, wts, local, apply_router_weight_on_input=on_in, w13_bias=b13,
+                                    w2_bias=b2, activation=act)
+        assert_close(got, want, name=f"gpt-oss-120b experts, on_input={on_in}")
