@@ -12,7 +12,7 @@ from .config import MoEConfig, ParallelConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEFAULT_PRESET', 'HF_KEYS', 'preset_caveats', 'preset', 'describe_routing', 'preset_table',
-           'markdown_table', 'moe_config_from_hf']
+           'markdown_table', 'read_config_json', 'text_config_view', 'moe_config_from_hf']
 
 # %% ../nbs/02_models.ipynb #9cf4eef26bc6
 PRESETS: dict[str, MoEConfig] = {
@@ -140,8 +140,8 @@ HF_KEYS: dict[str, tuple] = {   # moe-lit field -> config.json spellings, in the
     "intermediate_size": hf_names("intermediate_size"),   # moe_intermediate_size first: it wins when both are present
 }
 
-# %% ../nbs/02_models.ipynb #1eab4d7b0807
-def _read_config_json(path_or_dict) -> tuple[dict, str]:
+# %% ../nbs/02_models.ipynb #6341c7db7fe5
+def read_config_json(path_or_dict) -> tuple[dict, str]:
     "The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name."
     if isinstance(path_or_dict, dict): return path_or_dict, ""
     if not isinstance(path_or_dict, (str, Path)):
@@ -158,7 +158,7 @@ def _read_config_json(path_or_dict) -> tuple[dict, str]:
     if not isinstance(cfg, dict): raise ValueError(f"path_or_dict: expected a JSON object in {p}, got {type(cfg).__name__}")
     return cfg, p.stem if p.stem != "config" else p.resolve().parent.name   # gpt-oss-20b.json names its model
 
-def _text_view(cfg: dict) -> dict:
+def text_config_view(cfg: dict) -> dict:
     "The top-level keys overlaid by `text_config` (multimodal checkpoints keep the language model's keys there)."
     text = cfg.get("text_config")
     if text is None: return cfg
@@ -280,14 +280,14 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
             return _HF_DTYPES[check_choice(f"config.json {key}", name, tuple(_HF_DTYPES))]
     return torch.bfloat16
 
-# %% ../nbs/02_models.ipynb #f94a5128c565
+# %% ../nbs/02_models.ipynb #5c5c6ae62eb0
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
                       ) -> MoEConfig:
     "The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe reads)."
-    raw, file_name = _read_config_json(path_or_dict)
-    cfg = _text_view(raw)
+    raw, file_name = read_config_json(path_or_dict)
+    cfg = text_config_view(raw)
     num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)

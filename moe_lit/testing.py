@@ -61,7 +61,7 @@ def poison_rows(slab: torch.Tensor, expert_num_tokens: torch.Tensor, value: floa
     slab[pad] = value
     return slab
 
-# %% ../nbs/00_testing.ipynb #f36f75eb119e
+# %% ../nbs/00_testing.ipynb #ff3eb9584964
 TINY_HF = {   # model_type -> config.json keys of a tiny model of that family (2 decoder layers, hidden 32)
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -95,6 +95,7 @@ def tiny_hf_model(model_type: str,       # a key of TINY_HF
     torch.manual_seed(seed)
     model = (transformers.Llama4ForCausalLM(cfg) if model_type == "llama4_text"
              else transformers.AutoModelForCausalLM.from_config(cfg)).to(dtype).eval()
+    model.set_experts_implementation("eager")   # the plain per-expert loop: the reference (grouped_mm has no fp64)
     with torch.no_grad():                 # zero-initialised biases and buffers would hide a dropped bias
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("router.bias", "_proj_bias", "e_score_correction_bias")): t.normal_(0, 0.5)

@@ -173,6 +173,7 @@ def tiny_hf_model(model_type: str,       # a key of TINY_HF
     torch.manual_seed(seed)
     model = (transformers.Llama4ForCausalLM(cfg) if model_type == "llama4_text"
              else transformers.AutoModelForCausalLM.from_config(cfg)).to(dtype).eval()
+    model.set_experts_implementation("eager")   # the plain per-expert loop: the reference (grouped_mm has no fp64)
     with torch.no_grad():                 # zero-initialised biases and buffers would hide a dropped bias
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("router.bias", "_proj_bias", "e_score_correction_bias")): t.normal_(0, 0.5)

@@ -383,7 +383,7 @@ test_eq(HF_KEYS["intermediate_size"], ("moe_intermediate_size", "intermediate_si
 
 # %%
 #| export
-def _read_config_json(path_or_dict) -> tuple[dict, str]:
+def read_config_json(path_or_dict) -> tuple[dict, str]:
     "The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name."
     if isinstance(path_or_dict, dict): return path_or_dict, ""
     if not isinstance(path_or_dict, (str, Path)):
@@ -400,7 +400,7 @@ def _read_config_json(path_or_dict) -> tuple[dict, str]:
     if not isinstance(cfg, dict): raise ValueError(f"path_or_dict: expected a JSON object in {p}, got {type(cfg).__name__}")
     return cfg, p.stem if p.stem != "config" else p.resolve().parent.name   # gpt-oss-20b.json names its model
 
-def _text_view(cfg: dict) -> dict:
+def text_config_view(cfg: dict) -> dict:
     "The top-level keys overlaid by `text_config` (multimodal checkpoints keep the language model's keys there)."
     text = cfg.get("text_config")
     if text is None: return cfg
@@ -565,8 +565,8 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
                       ) -> MoEConfig:
     "The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe reads)."
-    raw, file_name = _read_config_json(path_or_dict)
-    cfg = _text_view(raw)
+    raw, file_name = read_config_json(path_or_dict)
+    cfg = text_config_view(raw)
     num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)

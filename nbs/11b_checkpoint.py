@@ -1,0 +1,943 @@
+# %%
+#| default_exp checkpoint
+
+# %% [markdown]
+# # Checkpoint weights
+# > One MoE layer of a Hugging Face checkpoint directory as a weight source: each family's key layout as data, converted to moe-lit's layout, a rank reading only its own experts' bytes, pre-quantized codes loaded as stored.
+
+# %%
+#| export
+from __future__ import annotations
+import json, threading
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from safetensors import safe_open
+from moe_lit.terms import check_int
+from moe_lit.config import ParallelConfig
+from moe_lit.models import moe_config_from_hf, text_config_view, read_config_json
+from moe_lit.weights import WeightSource, check_expert_ids
+from moe_lit.quant import dequantize_fp8, dequantize_mxfp4
+
+# %%
+#| hide
+import pickle, tempfile
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
+from fastcore.test import test_eq, test_fail
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, Llama4Config, Llama4ForConditionalGeneration
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+import moe_lit.checkpoint as checkpoint_module
+from moe_lit.kernels.quant import quantize_expert_weights
+
+# %% [markdown]
+# In this notebook: `CheckpointWeights` (the `WeightSource` of `11a_weights` for one MoE layer of a checkpoint
+# directory), `LAYOUTS` (where each model family keeps that layer's tensors) and `moe_layer_indices` (which decoder
+# layers are MoE). A **reference** page.
+#
+# `CheckpointWeights(checkpoint_dir, layer_index, parallel=None, dtype=None)` reads `config.json` (through
+# `moe_config_from_hf`) and the safetensors files of `checkpoint_dir`: several shards listed by
+# `model.safetensors.index.json` (its `weight_map`), or one `model.safetensors`. Every tensor of the layer is
+# checked — present, of the shape the config implies — at construction, from the files' headers alone; no weight
+# is read until asked for. It then answers the protocol in moe-lit's layout (`[out, in]` matrices, `w13` = gate rows
+# then up rows), whatever layout the checkpoint uses:
+#
+# - `router()`, `shared()`: the router (+ its bias, the correction bias) and the shared expert (+ its gate);
+# - `experts(ids)`: the experts `ids` only — per-expert keys of other experts are never opened, fused `[E, …]`
+#   tensors are sliced to the rows of `ids`;
+# - `quantized_experts(ids, scheme)`: for a pre-quantized checkpoint (`quant_scheme` = `'fp8_w8a8_block'` or
+#   `'mxfp4_w4a16'`), the stored codes and scales of `ids`, bit for bit; `experts(ids)` gives their dequantized
+#   floats instead, in the config's dtype. Float checkpoints return tensors in the dtype they are stored in.
+#
+# > Files are opened per call: each method opens the shards it needs with `safe_open(..., framework="pt")`, reads
+# > through `get_slice` and drops the handles when it returns (handles are kept per thread, so threads may call one
+# > source at once). A source therefore holds no file handle between calls (it can be pickled and sent to another
+# > process), and opening a file costs one header parse, small next to the
+# > megabytes of weights a call reads. `get_slice(key)[a:b]` reads only rows `a:b` of a tensor — the safetensors
+# > documentation's "loading only part of the tensors" ([huggingface.co/docs/safetensors](https://huggingface.co/docs/safetensors/index)).
+
+# %% [markdown]
+# ## Key layouts
+#
+# Every family writes a MoE layer under a prefix, `P` below (`{N}` is the layer index). What `save_pretrained` of
+# transformers 5 writes was read off tiny models of each family; the in-memory layout it converts from and to is its
+# `conversion_mapping.py` and each family's `modeling_*.py`.
+#
+# | `model_type` | prefix `P` | router (+ bias) | correction bias | experts | shared expert (+ gate) |
+# |---|---|---|---|---|---|
+# | `mixtral` | `model.layers.{N}.block_sparse_moe.` (Hub), `model.layers.{N}.mlp.` (transformers 5 fused) | `gate.weight` | — | `experts.{e}.w1` (gate) / `w3` (up) / `w2` (down) `.weight` | — |
+# | `minimax_m2` | as Mixtral | `gate.weight` | `e_score_correction_bias` | as Mixtral | — |
+# | `qwen2_moe`, `qwen3_next` | `model.layers.{N}.mlp.` | `gate.weight` | — | `experts.{e}.gate_proj` / `up_proj` / `down_proj` `.weight` | `shared_expert.*` (+ `shared_expert_gate.weight [1, H]`) |
+# | `qwen3_moe` | `model.layers.{N}.mlp.` | `gate.weight` | — | as Qwen2-MoE | — |
+# | `deepseek_v2`, `deepseek_v3`, `glm4_moe` | `model.layers.{N}.mlp.` | `gate.weight` | `gate.e_score_correction_bias` | as Qwen2-MoE | `shared_experts.*` |
+# | `gpt_oss` | `model.layers.{N}.mlp.` | `router.weight` (+ `router.bias`) | — | fused, transposed, interleaved: `experts.gate_up_proj [E, H, 2I]` (gate at even columns, up at odd), `experts.down_proj [E, I, H]`, `experts.gate_up_proj_bias [E, 2I]` (interleaved), `experts.down_proj_bias [E, H]` | — |
+# | `llama4_text` | `model.layers.{N}.feed_forward.` | `router.weight` | — | fused, transposed: `experts.gate_up_proj [E, H, 2I]` (gate columns then up), `experts.down_proj [E, I, H]` | `shared_expert.*` |
+# | `llama4` (with vision) | `language_model.model.layers.{N}.feed_forward.` | as `llama4_text` | — | as `llama4_text` | as `llama4_text` |
+#
+# Two more expert layouts are recognised by their keys in any family: transformers 5's in-memory fused layout
+# (`save_pretrained(..., save_original_format=False)`: `experts.gate_up_proj [E, 2I, H]`, gate rows then up rows,
+# `experts.down_proj [E, H, I]`), and, for Llama-4, per-expert `experts.{e}.gate_proj/up_proj/down_proj` keys. The
+# layout's `model_type` is the file's top-level one (`llama4` and `llama4_text` differ in prefix). Pre-quantized checkpoints
+# add, per weight, its scale: FP8 `….weight` (`float8_e4m3fn [N, K]`) with `….weight_scale_inv` (fp32
+# `[⌈N/128⌉, ⌈K/128⌉]`, DeepSeek-V3's `README_WEIGHTS.md` on the Hub); MXFP4 `experts.gate_up_proj_blocks
+# [E, 2I, H/32, 16]` (uint8, two e2m1 codes a byte) with `experts.gate_up_proj_scales [E, 2I, H/32]` (uint8 e8m0),
+# and the same for `down_proj` — `[out, in]` oriented, gate and up rows still interleaved (gpt-oss's model card, and
+# `convert_moe_packed_tensors` in transformers' `integrations/mxfp4.py`).
+#
+# Sources: transformers' `conversion_mapping.py` (`mixtral`, `qwen2_moe`, `minimax_m2` entries), `modeling_gpt_oss.py`
+# (`GptOssExperts._apply_gate`: `gate_up[..., ::2]`, `gate_up[..., 1::2]`), `modeling_llama4.py`
+# (`Llama4TextExperts.forward`: `gate_up.chunk(2, dim=-1)`), `modeling_qwen2_moe.py` (`shared_expert_gate`); the
+# model cards of deepseek-ai/DeepSeek-V3, openai/gpt-oss-20b and meta-llama/Llama-4-Scout-17B-16E on the Hub.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class CheckpointLayout:
+    "Where one model family's checkpoint keeps a MoE layer's tensors; keys are relative to its prefix."
+    prefixes: tuple                               # layer N's MoE block ('{N}' = the index): the first holding the router wins
+    router: str = "gate.weight"                   # [E, H]
+    router_bias: str | None = None                # [E], added to the logits (read when config.has_router_bias)
+    correction_bias: str | None = None            # [E], selection only (read when config.has_correction_bias)
+    per_expert: tuple | None = ("gate_proj", "up_proj", "down_proj")   # experts.{e}.<gate|up|down>.weight names
+    fused_transposed: bool = False                # fused float gate_up_proj is [E, H, 2I] (and down_proj [E, I, H])
+    interleaved: bool = False                     # fused gate_up alternates gate, up (gpt-oss); else gate then up
+    shared: str | None = None                     # the shared expert's module ('shared_experts.')
+    shared_gate: str | None = None                # [1, H] weight of sigmoid(x · w) scaling the shared output
+    moe_layers: str = "all"                       # which decoder layers are MoE: a key of MOE_LAYER_RULES
+
+# %%
+#| export
+_MLP = ("model.layers.{N}.mlp.",)
+_QWEN = dict(prefixes=_MLP, moe_layers="decoder_sparse_step")
+_DEEPSEEK = dict(prefixes=_MLP, correction_bias="gate.e_score_correction_bias", shared="shared_experts.",
+                 moe_layers="first_k_dense_replace")
+_LLAMA4 = dict(router="router.weight", fused_transposed=True, shared="shared_expert.", moe_layers="moe_layers")
+_MIXTRAL = dict(prefixes=("model.layers.{N}.block_sparse_moe.", *_MLP), per_expert=("w1", "w3", "w2"))   # Hub, transformers 5
+
+LAYOUTS: dict[str, CheckpointLayout] = {   # model_type -> layout (the table above)
+    "mixtral":     CheckpointLayout(**_MIXTRAL),
+    "minimax_m2":  CheckpointLayout(**_MIXTRAL, correction_bias="e_score_correction_bias"),
+    "qwen2_moe":   CheckpointLayout(**_QWEN, shared="shared_expert.", shared_gate="shared_expert_gate.weight"),
+    "qwen3_next":  CheckpointLayout(**_QWEN, shared="shared_expert.", shared_gate="shared_expert_gate.weight"),
+    "qwen3_moe":   CheckpointLayout(**_QWEN),
+    "deepseek_v2": CheckpointLayout(**_DEEPSEEK),
+    "deepseek_v3": CheckpointLayout(**_DEEPSEEK),
+    "glm4_moe":    CheckpointLayout(**_DEEPSEEK),
+    "gpt_oss":     CheckpointLayout(prefixes=_MLP, router="router.weight", router_bias="router.bias",
+                                    per_expert=None, fused_transposed=True, interleaved=True),
+    "llama4_text": CheckpointLayout(prefixes=("model.layers.{N}.feed_forward.",), **_LLAMA4),
+    "llama4":      CheckpointLayout(prefixes=("language_model.model.layers.{N}.feed_forward.",), **_LLAMA4),
+}
+
+# %% [markdown]
+# ## Which layers are MoE
+#
+# Families interleave dense and MoE decoder layers by different rules, each read from `config.json` (for a
+# multimodal file, its `text_config`); a key the file omits takes the default of the family's transformers config
+# class.
+#
+# | rule | families | layer `i` is MoE when |
+# |---|---|---|
+# | `all` | `mixtral`, `minimax_m2`, `gpt_oss` | always |
+# | `first_k_dense_replace` | `deepseek_v2`, `deepseek_v3`, `glm4_moe` | `i ≥ first_k_dense_replace` and `i % moe_layer_freq == 0` |
+# | `decoder_sparse_step` | `qwen2_moe`, `qwen3_moe`, `qwen3_next` | `i ∉ mlp_only_layers` and `(i + 1) % decoder_sparse_step == 0` |
+# | `moe_layers` | `llama4`, `llama4_text` | `i ∈ moe_layers`; without the key, `(i + 1) % interleave_moe_layer_step == 0` |
+#
+# > DeepSeek's `moe_layer_freq` condition is the one of its own modeling code on the Hub
+# > (`modeling_deepseek.py` of deepseek-ai/DeepSeek-V3); transformers' `DeepseekV3DecoderLayer` reads only
+# > `first_k_dense_replace`, which agrees for every released config (`moe_layer_freq: 1`). The defaults for an
+# > absent `first_k_dense_replace` are those of `DeepseekV2Config` (0), `DeepseekV3Config` (3) and `Glm4MoeConfig` (1).
+
+# %%
+#| export
+_FIRST_K_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3, "glm4_moe": 1}   # the transformers config classes
+
+def _count(cfg: dict, key: str, default: int, lo: int = 0) -> int:
+    v = cfg.get(key)
+    return check_int(f"config.json {key}", default if v is None else v, lo=lo)
+
+MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> is layer i MoE
+    "all": lambda c, t, n: lambda i: True,
+    "first_k_dense_replace": lambda c, t, n: lambda i: (
+        i >= _count(c, "first_k_dense_replace", _FIRST_K_DENSE_DEFAULT.get(t, 0))
+        and i % _count(c, "moe_layer_freq", 1, lo=1) == 0),
+    "decoder_sparse_step": lambda c, t, n: lambda i: (
+        i not in (c.get("mlp_only_layers") or []) and (i + 1) % _count(c, "decoder_sparse_step", 1, lo=1) == 0),
+    "moe_layers": lambda c, t, n: (lambda i: i in c["moe_layers"]) if c.get("moe_layers") is not None else
+                                  (lambda i: (i + 1) % _count(c, "interleave_moe_layer_step", 1, lo=1) == 0),
+}
+
+# %%
+#| export
+def _layout(cfg: dict) -> tuple[str, CheckpointLayout]:
+    "(model_type, its CheckpointLayout) of a config.json dict (the top-level model_type: it names the key prefix)."
+    t = cfg.get("model_type")
+    if t not in LAYOUTS:
+        raise ValueError(f"config.json model_type: expected one of {sorted(LAYOUTS)} (a known checkpoint key layout), "
+                         f"got {t!r}")
+    return t, LAYOUTS[t]
+
+def moe_layer_indices(config,  # a config.json's contents (dict), its path, or the checkpoint directory
+                     ) -> list[int]:
+    "The indices of the decoder layers of `config` that are MoE layers, by its family's rule (table above)."
+    if not isinstance(config, dict): config = read_config_json(config)[0]
+    t, layout = _layout(config)
+    text = text_config_view(config)
+    n = _count(text, "num_hidden_layers", 0, lo=1)
+    is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
+    return [i for i in range(n) if is_moe(i)]
+
+# %%
+#| test moe_layer_indices
+test_eq(moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 3}), [0, 1, 2])
+ds = {"model_type": "deepseek_v3", "num_hidden_layers": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1}
+test_eq(moe_layer_indices(ds), [1, 2, 3, 4, 5])
+test_eq(moe_layer_indices({**ds, "moe_layer_freq": 2}), [2, 4])
+test_eq(moe_layer_indices({"model_type": "deepseek_v3", "num_hidden_layers": 5}), [3, 4])   # DeepseekV3Config default 3
+test_eq(moe_layer_indices({"model_type": "glm4_moe", "num_hidden_layers": 3}), [1, 2])
+qw = {"model_type": "qwen2_moe", "num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+test_eq(moe_layer_indices(qw), [1, 5])
+test_eq(moe_layer_indices({"model_type": "qwen3_moe", "num_hidden_layers": 3, "mlp_only_layers": None}), [0, 1, 2])
+l4 = {"model_type": "llama4", "text_config": {"model_type": "llama4_text", "num_hidden_layers": 4,
+                                              "interleave_moe_layer_step": 2}}
+test_eq(moe_layer_indices(l4), [1, 3])
+test_eq(moe_layer_indices({**l4, "text_config": {**l4["text_config"], "moe_layers": [0, 2]}}), [0, 2])
+test_fail(lambda: moe_layer_indices({"model_type": "llama", "num_hidden_layers": 2}),
+          contains="config.json model_type: expected one of")
+test_fail(lambda: moe_layer_indices({**qw, "decoder_sparse_step": 0}), contains="config.json decoder_sparse_step: expected >= 1")
+test_fail(lambda: moe_layer_indices("no-such-dir"), contains="path_or_dict: expected an existing config.json")
+
+# %% [markdown]
+# ## Quantization schemes
+#
+# `quantization_config.quant_method` in `config.json` names how a pre-quantized checkpoint stores its weights; moe-lit
+# loads two of them as they are. The scheme applies to the experts only when their tensors are stored quantized
+# (checked from the keys and dtypes): the router is never quantized, and a family may keep other layers in floats.
+#
+# | `quant_method` | moe-lit scheme | expert tensors | scale group |
+# |---|---|---|---|
+# | `fp8` | `fp8_w8a8_block` | `….weight` float8_e4m3fn, `….weight_scale_inv` fp32 | `weight_block_size`, default `[128, 128]` |
+# | `mxfp4` | `mxfp4_w4a16` | `experts.*_blocks` uint8, `experts.*_scales` uint8 e8m0 | 1 × 32 |
+
+# %%
+#| export
+QUANT_METHODS = {"fp8": "fp8_w8a8_block", "mxfp4": "mxfp4_w4a16"}   # quantization_config.quant_method -> scheme
+
+def _quant_from_hf(cfg: dict) -> tuple[str | None, tuple | None]:
+    "(moe-lit scheme, scale block shape) named by config.json's quantization_config; (None, None) without one."
+    q = cfg.get("quantization_config")
+    if q is None: return None, None
+    if not isinstance(q, dict): raise ValueError(f"config.json quantization_config: expected an object, got {q!r}")
+    method = q.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise ValueError(f"config.json quantization_config.quant_method: expected one of {list(QUANT_METHODS)}, "
+                         f"got {method!r}")
+    if method == "mxfp4": return QUANT_METHODS[method], (1, 32)
+    block = q.get("weight_block_size") or [128, 128]
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"config.json quantization_config.weight_block_size: expected two positive ints, got {block!r}")
+    return QUANT_METHODS[method], tuple(block)
+
+# %% [markdown]
+# ## Reading shards lazily
+
+# %%
+#| export
+def _weight_map(root: Path) -> dict[str, str]:
+    "key -> shard file name: the index's `weight_map` when the directory has one, else every key of model.safetensors."
+    index, single = root / "model.safetensors.index.json", root / "model.safetensors"
+    if index.is_file():
+        try: wm = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e: wm = e
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise ValueError(f"checkpoint_dir: expected a 'weight_map' object of key -> file in {index}, got {wm!r:.80}")
+        return wm
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f: return dict.fromkeys(f.keys(), single.name)
+    raise ValueError(f"checkpoint_dir: expected model.safetensors or model.safetensors.index.json in '{root}', got neither")
+
+# %%
+#| export
+class _Shards:
+    "A checkpoint's key -> shard file map; inside `with`, tensors (or row ranges of them) are read through safe_open."
+    def __init__(self, root: Path): self.root, self.weight_map, self._open = root, _weight_map(root), {}
+
+    def __contains__(self, key: str) -> bool: return key in self.weight_map
+    def __enter__(self): self._open[threading.get_ident()] = {}; return self     # one call's handles, per thread
+    def __exit__(self, *exc): self._open.pop(threading.get_ident(), None)        # dropping them closes the files
+
+    def _slice(self, key: str):
+        if key not in self.weight_map: raise ValueError(f"checkpoint: expected key {key!r} in {self.root}, got none")
+        file, handles = self.weight_map[key], self._open[threading.get_ident()]
+        if file not in handles:
+            if not (self.root / file).is_file():
+                raise ValueError(f"checkpoint: expected the shard file '{file}' (holding {key!r}) in {self.root}, got none")
+            handles[file] = safe_open(str(self.root / file), framework="pt")
+        return handles[file].get_slice(key)
+
+    def meta(self, key: str) -> tuple[list, str]: sl = self._slice(key); return list(sl.get_shape()), sl.get_dtype()
+
+    def read(self, key: str, rows: tuple | None = None) -> torch.Tensor:
+        "The tensor `key`, or only its rows `rows[0]:rows[1]` along dim 0 (only those bytes are read)."
+        sl = self._slice(key)
+        return sl[rows[0]:rows[1]] if rows is not None else sl[:]
+
+# %%
+#| export
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    "`ids` as (start, stop) runs of consecutive ids, in order: [3, 4, 7, 2] -> [(3, 5), (7, 8), (2, 3)]."
+    runs = []
+    for g in ids:
+        if runs and runs[-1][1] == g: runs[-1] = (runs[-1][0], g + 1)
+        else: runs.append((g, g + 1))
+    return runs
+
+def _deinterleave(n: int) -> torch.Tensor:
+    "Row order that turns gate/up interleaved rows (gate at even, up at odd positions) into gate rows then up rows."
+    return torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
+
+# %%
+#| test runs_and_deinterleave
+runs, deinterleave = checkpoint_module._runs, checkpoint_module._deinterleave
+test_eq(runs([3, 4, 7, 2]), [(3, 5), (7, 8), (2, 3)])
+test_eq(runs([]), [])
+x = torch.tensor([10, 20, 11, 21, 12, 22])          # gate j at 2j, up j at 2j + 1
+test_eq(x[deinterleave(6)].tolist(), [10, 11, 12, 20, 21, 22])
+
+# %% [markdown]
+# ## CheckpointWeights
+#
+# Construction resolves everything that can be wrong before any weight is read: the directory and its
+# `config.json`, the MoE config (`moe_config_from_hf`, so a dense model is refused there), the family's layout, the
+# layer (one of `moe_layer_indices`), the quantization scheme and which expert layout the files use — fused when
+# `P + "experts.gate_up_proj"` (or its `_blocks`) is a key, per-expert when `P + "experts.0.<gate>.weight"` is —
+# and then every key the layer needs, with its shape, from the shard headers.
+
+# %%
+#| export
+class CheckpointWeights(WeightSource):
+    "One MoE layer of a Hugging Face checkpoint directory (config.json + safetensors), served in moe-lit's layout."
+    def __init__(self, checkpoint_dir: str | Path,                # a directory holding config.json and safetensors
+                 layer_index: int,                               # the decoder layer, one of moe_layer_indices
+                 parallel: ParallelConfig | None = None,         # deployment; None = single device
+                 dtype: torch.dtype | None = None):              # layer dtype; None = config.json's torch_dtype
+        root, raw = _read_checkpoint_dir(checkpoint_dir)
+        self.config = moe_config_from_hf(root, parallel, dtype)
+        self.model_type, self.layout = _layout(raw)
+        layers = moe_layer_indices(raw)
+        if isinstance(layer_index, bool) or layer_index not in layers:
+            raise ValueError(f"layer_index: expected one of the MoE layers {layers}, got {layer_index!r}")
+        self.checkpoint_dir, self.layer_index = root, layer_index
+        self._scheme, self.block_shape = _quant_from_hf(raw)
+        self._shards = _Shards(root)
+        self.prefix = self._find_prefix()
+        self.fused, self.quant_scheme = self._detect_experts()
+        with self._shards: self._check_keys()
+
+    def __repr__(self):
+        return (f"CheckpointWeights({str(self.checkpoint_dir)!r}, layer {self.layer_index}, {self.model_type}, "
+                f"{'fused' if self.fused else 'per-expert'}, quant_scheme={self.quant_scheme})")
+
+# %%
+#| export
+def _read_checkpoint_dir(checkpoint_dir) -> tuple[Path, dict]:
+    "(`checkpoint_dir` as a Path, its config.json as a dict), or ValueError naming `checkpoint_dir`."
+    if not isinstance(checkpoint_dir, (str, Path)):
+        raise ValueError(f"checkpoint_dir: expected a directory path, got {type(checkpoint_dir).__name__}")
+    root = Path(checkpoint_dir)
+    if not root.is_dir(): raise ValueError(f"checkpoint_dir: expected a directory, got '{checkpoint_dir}'")
+    if not (root / "config.json").is_file():
+        raise ValueError(f"checkpoint_dir: expected a config.json in '{checkpoint_dir}', got none")
+    try: raw = json.loads((root / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint_dir: expected valid JSON in {root / 'config.json'}, got {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"checkpoint_dir: expected a JSON object in {root / 'config.json'}, got {type(raw).__name__}")
+    return root, raw
+
+# %% [markdown]
+# #### Key names and expected shapes
+#
+# One function names every key of a tensor in the layout the files use (`_keys`), another gives the shape each must
+# have (`_key_shapes`): the construction check and the readers share them, so a key cannot be read under one name
+# and checked under another.
+
+# %%
+#| export
+_FUSED = {"w13": "experts.gate_up_proj", "w2": "experts.down_proj",
+          "w13_bias": "experts.gate_up_proj_bias", "w2_bias": "experts.down_proj_bias"}
+
+def _expert_key(self, which: str, expert: int | None = None, part: str = "weight") -> str:
+    "Key of `which` in ('gate', 'up', 'down') of one expert (per-expert layout); part 'weight' or 'bias'."
+    names = dict(zip(("gate", "up", "down"), self.layout.per_expert or ("gate_proj", "up_proj", "down_proj")))
+    return f"{self.prefix}experts.{expert}.{names[which]}.{part}"
+
+CheckpointWeights._expert_key = _expert_key
+
+def _find_prefix(self) -> str:
+    "The first of the layout's prefixes (for this layer) under which the router key is present."
+    cands = [p.format(N=self.layer_index) for p in self.layout.prefixes]
+    for p in cands:
+        if p + self.layout.router in self._shards: return p
+    raise ValueError(f"checkpoint: expected key {cands[0] + self.layout.router!r} in {self._shards.root}, got none"
+                     + (f" (nor under {cands[1:]})" if len(cands) > 1 else ""))
+
+CheckpointWeights._find_prefix = _find_prefix
+
+# %%
+#| export
+def _detect_experts(self) -> tuple[bool, str | None]:
+    "(fused?, quant_scheme) from the keys present: fused / per-expert, and whether the experts are stored quantized."
+    s, fused_key = self._shards, self.prefix + _FUSED["w13"]
+    if fused_key + "_blocks" in s:
+        if self._scheme != "mxfp4_w4a16":
+            raise ValueError(f"config.json quantization_config.quant_method: expected 'mxfp4' for the key "
+                             f"{fused_key + '_blocks'!r}, got {self._scheme!r}")
+        return True, self._scheme
+    if fused_key in s: fused, key = True, fused_key
+    elif self._expert_key("gate", 0) in s: fused, key = False, self._expert_key("gate", 0)
+    else:
+        raise ValueError(f"checkpoint: expected key {fused_key!r} or {self._expert_key('gate', 0)!r} in "
+                         f"{self._shards.root}, got none")
+    with s: stored = s.meta(key)[1]
+    if stored != "F8_E4M3": return fused, None
+    if self._scheme != "fp8_w8a8_block":
+        raise ValueError(f"config.json quantization_config.quant_method: expected 'fp8' for the float8 key {key!r}, "
+                         f"got {self._scheme!r}")
+    if fused and self.layout.fused_transposed:
+        raise ValueError(f"checkpoint: expected FP8 experts [out, in] oriented, got the transposed fused layout of "
+                         f"{self.model_type!r} ({key!r})")
+    return fused, self._scheme
+
+CheckpointWeights._detect_experts = _detect_experts
+
+# %%
+#| export
+def _key_shapes(self) -> dict[str, tuple]:
+    "Every key of this layer -> the shape it must have (floats; FP8 weights share their float shape)."
+    c, p, L = self.config, self.prefix, self.layout
+    E, H, I = c.num_experts, c.hidden_size, c.intermediate_size
+    out = {p + L.router: (E, H)}
+    if c.has_router_bias: out[p + self._need(L.router_bias, "router bias")] = (E,)
+    if c.has_correction_bias: out[p + self._need(L.correction_bias, "correction bias")] = (E,)
+    if self.quant_scheme == "mxfp4_w4a16":
+        for w, (N, K) in (("w13", (2 * I, H)), ("w2", (H, I))):
+            out[p + _FUSED[w] + "_blocks"], out[p + _FUSED[w] + "_scales"] = (E, N, -(-K // 32), 16), (E, N, -(-K // 32))
+    elif self.fused:
+        t = self.layout.fused_transposed
+        out[p + _FUSED["w13"]], out[p + _FUSED["w2"]] = ((E, H, 2 * I), (E, I, H)) if t else ((E, 2 * I, H), (E, H, I))
+    else:
+        for e in range(E):
+            out.update({self._expert_key("gate", e): (I, H), self._expert_key("up", e): (I, H),
+                        self._expert_key("down", e): (H, I)})
+    if c.has_expert_bias:
+        if self.fused: out.update({p + _FUSED["w13_bias"]: (E, 2 * I), p + _FUSED["w2_bias"]: (E, H)})
+        else:
+            for e in range(E):
+                out.update({self._expert_key(w, e, "bias"): (I if w != "down" else H,) for w in ("gate", "up", "down")})
+    return {**out, **self._shared_key_shapes()}
+
+# %%
+#| export
+def _shared_key_shapes(self) -> dict[str, tuple]:
+    "Keys and shapes of the shared expert (and its gate); empty without shared experts."
+    c, L = self.config, self.layout
+    if not c.num_shared_experts: return {}
+    H, i_s = c.hidden_size, c.shared_intermediate_size or c.num_shared_experts * c.intermediate_size
+    s = self.prefix + self._need(L.shared, "shared expert")
+    out = {s + "gate_proj.weight": (i_s, H), s + "up_proj.weight": (i_s, H), s + "down_proj.weight": (H, i_s)}
+    if c.shared_expert_gate: out[self.prefix + self._need(L.shared_gate, "shared expert gate")] = (1, H)
+    return out
+
+def _need(self, name: str | None, what: str) -> str:
+    "`name`, or ValueError when the config asks for a tensor the family's layout has no key for."
+    if name is None:
+        raise ValueError(f"config.json: the config has a {what}, but the {self.model_type!r} key layout has none")
+    return name
+
+CheckpointWeights._key_shapes, CheckpointWeights._shared_key_shapes = _key_shapes, _shared_key_shapes
+CheckpointWeights._need = _need
+
+# %%
+#| export
+def _scale_shape(shape: tuple, block: tuple) -> tuple:
+    "Shape of the FP8 block scales of a weight `[..., N, K]` (ceil-div: partial blocks have a scale too)."
+    return (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+
+def _check_keys(self):
+    "Every key of the layer is present with its shape (and, when float8, its weight_scale_inv), from the headers."
+    for key, want in self._key_shapes().items():
+        got, dtype = self._shards.meta(key)
+        if tuple(got) != tuple(want):
+            raise ValueError(f"checkpoint: expected key {key!r} of shape {list(want)}, got {got}")
+        if dtype == "F8_E4M3":
+            if self.block_shape is None or self._scheme != "fp8_w8a8_block":
+                raise ValueError(f"config.json quantization_config: expected quant_method 'fp8' for the float8 key "
+                                 f"{key!r}, got {self._scheme!r}")
+            sgot = self._shards.meta(key + "_scale_inv")[0]
+            if tuple(sgot) != _scale_shape(want, self.block_shape):
+                raise ValueError(f"checkpoint: expected key {key + '_scale_inv'!r} of shape "
+                                 f"{list(_scale_shape(want, self.block_shape))}, got {sgot}")
+
+CheckpointWeights._check_keys = _check_keys
+
+# %% [markdown]
+# #### Reading and converting
+#
+# `_read` returns a float tensor whatever the storage: an FP8 weight is dequantized with its `weight_scale_inv`
+# (`code · scale` per block, DeepSeek-V3's definition) into the config's dtype. Fused tensors are read run by run of
+# consecutive expert ids, so `[3, 4, 7]` reads rows `3:5` and `7:8` and nothing else.
+
+# %%
+#| export
+def _read(self, key: str, rows: tuple | None = None) -> torch.Tensor:
+    "Tensor `key` (rows `rows` of dim 0 when given) as floats: FP8 weights dequantized with their block scales."
+    t = self._shards.read(key, rows)
+    if t.dtype != torch.float8_e4m3fn: return t
+    s = self._shards.read(key + "_scale_inv", rows)
+    return dequantize_fp8(t, s, "block", self.block_shape, dtype=self.config.dtype)
+
+def _read_experts(self, key: str, ids: list[int], raw: bool = False) -> torch.Tensor:
+    "Rows `ids` of a fused `[E, ...]` tensor, read run by run; `raw` keeps stored codes (no dequantization)."
+    get = self._shards.read if raw else self._read
+    parts = [get(key, run) for run in _runs(ids)]
+    return torch.cat(parts) if parts else get(key, (0, 0))
+
+CheckpointWeights._read, CheckpointWeights._read_experts = _read, _read_experts
+
+# %%
+#| export
+def _router(self) -> dict[str, torch.Tensor]:
+    "`gate [E, H]`, and `gate_bias [E]` / `e_score_correction_bias [E]` when the config has them."
+    c, p, L = self.config, self.prefix, self.layout
+    with self._shards:
+        out = {"gate": self._read(p + L.router)}
+        if c.has_router_bias: out["gate_bias"] = self._read(p + L.router_bias)
+        if c.has_correction_bias: out["e_score_correction_bias"] = self._read(p + L.correction_bias)
+    return out
+
+def _shared(self) -> dict[str, torch.Tensor] | None:
+    "The shared expert: `w13 [2·I_s, H]` (gate rows then up rows), `w2 [H, I_s]` (+ `gate [1, H]`); None without one."
+    c = self.config
+    if not c.num_shared_experts: return None
+    s = self.prefix + self.layout.shared
+    with self._shards:
+        out = {"w13": torch.cat([self._read(s + "gate_proj.weight"), self._read(s + "up_proj.weight")]),
+               "w2": self._read(s + "down_proj.weight")}
+        if c.shared_expert_gate: out["gate"] = self._read(self.prefix + self.layout.shared_gate)
+    return out
+
+CheckpointWeights.router, CheckpointWeights.shared = _router, _shared
+
+# %%
+#| export
+def _fused_experts(self, ids: list[int]) -> dict[str, torch.Tensor]:
+    "w13 / w2 (+ biases) of `ids` from the fused tensors, converted to [n, 2·I, H] gate-then-up and [n, H, I]."
+    c, p, L = self.config, self.prefix, self.layout
+    I, H = c.intermediate_size, c.hidden_size
+    if self.quant_scheme == "mxfp4_w4a16":                  # [out, in]: dequantize, crop K padding
+        w13, w2 = (self._dequantized_mxfp4(w, ids) for w in ("w13", "w2"))
+    else:
+        w13, w2 = self._read_experts(p + _FUSED["w13"], ids), self._read_experts(p + _FUSED["w2"], ids)
+        if L.fused_transposed: w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
+    out = {"w13": w13[:, _deinterleave(2 * I)] if L.interleaved else w13, "w2": w2}
+    if c.has_expert_bias:
+        b13 = self._read_experts(p + _FUSED["w13_bias"], ids)
+        out.update(w13_bias=b13[:, _deinterleave(2 * I)] if L.interleaved else b13,
+                   w2_bias=self._read_experts(p + _FUSED["w2_bias"], ids))
+    return {k: v.contiguous() for k, v in out.items()}
+
+CheckpointWeights._fused_experts = _fused_experts
+
+# %%
+#| export
+def _mxfp4_parts(self, which: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    "(packed codes [n, N, K/2] uint8, scales [n, N, K/32] uint8) of `ids`, rows as stored (gpt-oss: interleaved)."
+    key = self.prefix + _FUSED[which]
+    blocks, scales = self._read_experts(key + "_blocks", ids, raw=True), self._read_experts(key + "_scales", ids, raw=True)
+    return blocks.flatten(2), scales                       # [n, N, K/32, 16] -> [n, N, K/2]
+
+def _dequantized_mxfp4(self, which: str, ids: list[int]) -> torch.Tensor:
+    "`[n, N, K]` floats (config dtype) of the MXFP4 weight `which` of `ids`, rows as stored."
+    K = self.config.hidden_size if which == "w13" else self.config.intermediate_size
+    codes, scales = self._mxfp4_parts(which, ids)
+    if not ids: return torch.empty(0, codes.shape[1], K, dtype=self.config.dtype)   # nothing to dequantize
+    return dequantize_mxfp4(codes, scales, self.config.dtype)[..., :K]
+
+CheckpointWeights._mxfp4_parts, CheckpointWeights._dequantized_mxfp4 = _mxfp4_parts, _dequantized_mxfp4
+
+# %%
+#| export
+def _per_expert(self, ids: list[int]) -> dict[str, torch.Tensor]:
+    "w13 / w2 (+ biases) of `ids` from per-expert keys: only the keys of experts `ids` are opened."
+    c, I, H, k = self.config, self.config.intermediate_size, self.config.hidden_size, self._expert_key
+    if not ids:                                      # no experts: empty tensors, of the dtype a read would give
+        dt = self._read(k("gate", 0), (0, 0)).dtype   # zero rows: no weight bytes read
+        out = {"w13": torch.empty(0, 2 * I, H, dtype=dt), "w2": torch.empty(0, H, I, dtype=dt)}
+        if c.has_expert_bias: out.update(w13_bias=torch.empty(0, 2 * I, dtype=dt), w2_bias=torch.empty(0, H, dtype=dt))
+        return out
+    gate_up = lambda g, part: torch.cat([self._read(k("gate", g, part)), self._read(k("up", g, part))])
+    out = {"w13": torch.stack([gate_up(g, "weight") for g in ids]),
+           "w2": torch.stack([self._read(k("down", g)) for g in ids])}
+    if c.has_expert_bias:
+        out.update(w13_bias=torch.stack([gate_up(g, "bias") for g in ids]),
+                   w2_bias=torch.stack([self._read(k("down", g, "bias")) for g in ids]))
+    return out
+
+def _experts(self, expert_ids) -> dict[str, torch.Tensor]:
+    "Floats of the global experts `expert_ids`: `w13 [n, 2·I, H]` (gate rows then up rows), `w2 [n, H, I]` (+ biases)."
+    ids = check_expert_ids(expert_ids, self.config.num_experts)
+    with self._shards: return self._fused_experts(ids) if self.fused else self._per_expert(ids)
+
+CheckpointWeights._per_expert, CheckpointWeights.experts = _per_expert, _experts
+
+# %% [markdown]
+# #### Pre-quantized experts
+#
+# moe-lit's `QuantizedExpertWeights` (`09a_kernels.quant`) keeps `w13` as `[E, 2·I, …]` codes, gate rows then up
+# rows, `[out, in]` — the checkpoints' own orientation for both schemes, so only rows move and no code is touched:
+#
+# - **FP8 block** (per-expert keys): `w13` stacks the gate and up codes, `w13_scale` their scales. The stacked
+#   scales are the scales of the stacked weight only when the gate's rows end on a block boundary, so
+#   `intermediate_size` must be a multiple of the block's rows (DeepSeek-V3: 2048 = 16 × 128).
+# - **MXFP4**: `_blocks [E, N, K/32, 16]` is `[E, N, K/2]` packed bytes, element `2j` in the low nibble — moe-lit's
+#   packing (`pack_fp4`) and transformers' `convert_moe_packed_tensors` agree — with the scales `[E, N, K/32]`
+#   as they are; gpt-oss's interleaved gate/up rows are permuted into gate rows then up rows.
+#
+# > `QuantizedExpertWeights` lives in a kernels module, which imports Triton; it is imported inside
+# > `quantized_experts` so that reading floats never does.
+
+# %%
+#| export
+def _quantized_experts(self, expert_ids, scheme: str):
+    "The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when stored in `scheme`; else None."
+    ids = check_expert_ids(expert_ids, self.config.num_experts)
+    if scheme is None or scheme != self.quant_scheme: return None
+    from moe_lit.kernels.quant import QuantizedExpertWeights   # imports Triton: only when codes are asked for
+    c, I = self.config, self.config.intermediate_size
+    with self._shards:
+        if scheme == "mxfp4_w4a16":
+            (w13, s13), (w2, s2) = self._mxfp4_parts("w13", ids), self._mxfp4_parts("w2", ids)
+            perm = _deinterleave(2 * I) if self.layout.interleaved else torch.arange(2 * I)
+            w13, s13 = w13[:, perm], s13[:, perm]
+        else:
+            w13, s13, w2, s2 = self._fp8_parts(ids)
+    return QuantizedExpertWeights(scheme, w13=w13.contiguous(), w13_scale=s13.contiguous(), w2=w2, w2_scale=s2,
+                                  hidden_size=c.hidden_size, intermediate_size=I, block_shape=self.block_shape)
+
+CheckpointWeights.quantized_experts = _quantized_experts
+
+# %%
+#| export
+def _fp8_parts(self, ids: list[int]) -> tuple:
+    "(w13 codes, w13 scales, w2 codes, w2 scales) of `ids` as stored: FP8 codes, fp32 block scales."
+    I, bn = self.config.intermediate_size, self.block_shape[0]
+    if self.fused:
+        key13, key2 = self.prefix + _FUSED["w13"], self.prefix + _FUSED["w2"]
+        return tuple(self._read_experts(k, ids, raw=True) for k in (key13, key13 + "_scale_inv", key2, key2 + "_scale_inv"))
+    if I % bn:
+        raise ValueError(f"checkpoint: expected intermediate_size {I} to be a multiple of the FP8 block rows {bn} "
+                         f"(gate and up scales are stacked), got {I % bn} rows left over")
+    k, r = self._expert_key, self._shards.read
+    parts = [[torch.cat([r(k("gate", g) + s), r(k("up", g) + s)]) for g in ids] for s in ("", "_scale_inv")]
+    parts += [[r(k("down", g) + s) for g in ids] for s in ("", "_scale_inv")]
+    parts = [torch.stack(p) for p in parts] if ids else [self._fp8_empty(w) for w in ("w13", "w13_scale", "w2", "w2_scale")]
+    return parts[0], parts[1], parts[2], parts[3]
+
+def _fp8_empty(self, which: str) -> torch.Tensor:
+    "An empty `[0, ...]` codes or scale tensor of `which` (no experts asked for)."
+    H, I = self.config.hidden_size, self.config.intermediate_size
+    shape = {"w13": (2 * I, H), "w2": (H, I)}[which.split("_")[0]]
+    if which.endswith("scale"): return torch.empty(0, *_scale_shape(shape, self.block_shape))
+    return torch.empty(0, *shape, dtype=torch.float8_e4m3fn)
+
+CheckpointWeights._fp8_parts, CheckpointWeights._fp8_empty = _fp8_parts, _fp8_empty
+
+# %% [markdown]
+# ## Tests against transformers
+#
+# Each family's tiny model is built by transformers itself (seeded, every float tensor drawn at random so no tensor
+# is the zero it was initialised to), saved with `save_pretrained` in shards of 100 KB, and read back; what
+# `CheckpointWeights` returns must equal the model's own parameters, converted by the rule each modeling file
+# states. In memory, transformers 5 keeps every per-expert family fused as `experts.gate_up_proj [E, 2I, H]` (gate
+# rows then up rows) under `mlp.` — moe-lit's layout already — so reading the Hub's per-expert keys must give exactly
+# those tensors back.
+
+# %%
+#| test per_expert_families_match_transformers
+base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+            vocab_size=64, intermediate_size=48, num_experts_per_tok=2, bos_token_id=0, eos_token_id=1)
+mla = dict(n_routed_experts=6, moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=16,
+           q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)    # MLA: kv heads == q heads
+qwen = dict(num_experts=6, moe_intermediate_size=16, shared_expert_intermediate_size=24)
+families = {   # model_type -> (config, in-memory correction-bias name, in-memory shared expert module)
+    "mixtral":     (dict(num_local_experts=6), None, None),
+    "minimax_m2":  (dict(num_local_experts=6), "e_score_correction_bias", None),
+    "qwen2_moe":   (qwen, None, "shared_expert."),
+    "qwen3_next":  (dict(qwen, linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
+                         linear_value_head_dim=8), None, "shared_expert."),
+    "qwen3_moe":   (dict(num_experts=6, moe_intermediate_size=16), None, None),
+    "deepseek_v2": (mla, None, "shared_experts."),
+    "deepseek_v3": (dict(mla, n_group=2, topk_group=1), "gate.e_score_correction_bias", "shared_experts."),
+    "glm4_moe":    (dict(mla, n_shared_experts=1, n_group=1, topk_group=1), "gate.e_score_correction_bias", "shared_experts."),
+}
+for model_type, (kw, corr, shared) in families.items():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**base, **kw}), dtype=torch.float32)
+    sd, m, ids = model.state_dict(), "model.layers.1.mlp.", [4, 1, 2]
+    with torch.no_grad(): [t.normal_() for t in sd.values() if t.is_floating_point()]
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d, max_shard_size="100KB")
+        src = CheckpointWeights(d, 1)
+        ex, r, sh = src.experts(ids), src.router(), src.shared()
+    assert len(set(src._shards.weight_map.values())) > 1 and not src.fused and src.quant_scheme is None, model_type
+    assert torch.equal(ex["w13"], sd[m + "experts.gate_up_proj"][ids]) and torch.equal(ex["w2"], sd[m + "experts.down_proj"][ids])
+    test_eq(sorted(r), sorted(["gate"] + ["e_score_correction_bias"] * (corr is not None)))
+    assert torch.equal(r["gate"], sd[m + "gate.weight"]) and (corr is None or torch.equal(r["e_score_correction_bias"], sd[m + corr]))
+    test_eq(sh is None, shared is None)
+    if shared:
+        w = {p: sd[f"{m}{shared}{p}_proj.weight"] for p in ("gate", "up", "down")}
+        assert torch.equal(sh["w13"], torch.cat([w["gate"], w["up"]])) and torch.equal(sh["w2"], w["down"])
+        test_eq("gate" in sh, m + "shared_expert_gate.weight" in sd)
+        if "gate" in sh: assert torch.equal(sh["gate"], sd[m + "shared_expert_gate.weight"])
+
+# %% [markdown]
+# The fused families keep their in-memory layout on disk: gpt-oss's `gate_up_proj [E, H, 2I]` holds gate at even
+# and up at odd columns (`GptOssExperts._apply_gate`), with interleaved biases and a biased router; Llama-4's
+# holds gate columns then up columns (`Llama4TextExperts.forward`). Transformers 5 can also save any family in its
+# in-memory fused layout (`save_original_format=False`), under `mlp.` even for Mixtral; one directory here is one
+# unsharded `model.safetensors`.
+
+# %%
+#| test fused_families_match_transformers
+base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8, vocab_size=64,
+            intermediate_size=16, num_experts_per_tok=2, num_local_experts=6, bos_token_id=0, eos_token_id=1)
+families = {   # model_type -> (config, save_pretrained options, in-memory prefix, router, w13 and w2 in moe-lit's layout)
+    "gpt_oss": ({}, dict(max_shard_size="100KB"), "mlp.", "router.",                     # gate even / up odd columns
+                lambda gu: torch.cat([gu[..., ::2], gu[..., 1::2]], -1).transpose(1, 2), lambda w: w.transpose(1, 2)),
+    "llama4_text": (dict(intermediate_size_mlp=64, num_experts_per_tok=1), dict(max_shard_size="100KB"), "feed_forward.",
+                    "router.", lambda gu: gu.transpose(1, 2), lambda w: w.transpose(1, 2)),  # gate columns then up
+    "minimax_m2": ({}, dict(save_original_format=False), "mlp.", "gate.", lambda gu: gu, lambda w: w),   # one file
+}
+ids = [5, 0, 3]
+for model_type, (kw, save, block, router, to_w13, to_w2) in families.items():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**base, **kw}), dtype=torch.float32)
+    sd, m = model.state_dict(), "model.layers.1." + block
+    with torch.no_grad(): [t.normal_() for t in sd.values() if t.is_floating_point()]
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d, **save)
+        src = CheckpointWeights(d, 1)
+        ex, r, sh = src.experts(ids), src.router(), src.shared()
+    assert src.fused, model_type
+    assert torch.equal(ex["w13"], to_w13(sd[m + "experts.gate_up_proj"][ids]))
+    assert torch.equal(ex["w2"], to_w2(sd[m + "experts.down_proj"][ids])) and torch.equal(r["gate"], sd[m + router + "weight"])
+    if model_type == "gpt_oss":                                         # biases: interleaved like the columns
+        b = sd[m + "experts.gate_up_proj_bias"][ids]
+        assert torch.equal(ex["w13_bias"], torch.cat([b[:, ::2], b[:, 1::2]], -1))
+        assert torch.equal(ex["w2_bias"], sd[m + "experts.down_proj_bias"][ids]) and torch.equal(r["gate_bias"], sd[m + "router.bias"])
+    if model_type == "llama4_text":
+        w = {p: sd[f"{m}shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")}
+        assert torch.equal(sh["w13"], torch.cat([w["gate"], w["up"]])) and torch.equal(sh["w2"], w["down"])
+    if model_type == "minimax_m2": assert torch.equal(r["e_score_correction_bias"], sd[m + "e_score_correction_bias"])
+
+# %% [markdown]
+# Llama-4 with its vision tower (`model_type` `llama4`) keeps the language model under `language_model.`, and
+# Maverick-style interleaving (`interleave_moe_layer_step: 2`) makes every other layer dense.
+
+# %%
+#| test llama4_multimodal_and_dense_layers
+text = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=8, vocab_size=64,
+            intermediate_size=16, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=2)
+vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32, image_size=28,
+              patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+torch.manual_seed(0)
+model = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision))
+sd, m = model.state_dict(), "language_model.model.layers.3.feed_forward."
+with torch.no_grad(): [t.normal_() for t in sd.values() if t.is_floating_point()]
+with tempfile.TemporaryDirectory() as d:
+    model.save_pretrained(d, max_shard_size="100KB")
+    test_eq(moe_layer_indices(json.load(open(f"{d}/config.json"))), [1, 3])
+    src = CheckpointWeights(d, 3)
+    ex, sh, r = src.experts([2, 3]), src.shared(), src.router()
+    test_fail(lambda: CheckpointWeights(d, 0), contains="layer_index: expected one of the MoE layers [1, 3], got 0")
+    test_fail(lambda: CheckpointWeights(d, 4), contains="layer_index: expected one of the MoE layers [1, 3], got 4")
+assert torch.equal(ex["w13"], sd[m + "experts.gate_up_proj"][[2, 3]].transpose(1, 2))
+assert torch.equal(ex["w2"], sd[m + "experts.down_proj"][[2, 3]].transpose(1, 2))
+assert torch.equal(sh["w2"], sd[m + "shared_expert.down_proj.weight"]) and torch.equal(r["gate"], sd[m + "router.weight"])
+test_eq((src.model_type, src.config.routing_method, src.config.top_k), ("llama4", "llama4", 1))
+
+# %% [markdown]
+# ## A rank reads only its experts
+#
+# Every read goes through `safe_open(...).get_slice(key)[rows]`; wrapping `safe_open` records which keys and rows a
+# call touches. Asking for experts `[3, 4, 1]` opens no other expert's key (per-expert layout) and reads rows
+# `3:5` and `1:2` of each fused tensor — and `get_tensor`, which reads a whole tensor, is never called.
+
+# %%
+#| test reads_only_the_experts_asked_for
+touched = []
+class Recording:                                            # wraps a safe_open handle, logging every read
+    def __init__(self, h): self.h = h
+    def keys(self): return self.h.keys()
+    def get_tensor(self, key): touched.append((key, "all")); return self.h.get_tensor(key)
+    def get_slice(self, key):
+        sl, log = self.h.get_slice(key), touched
+        class Slice:
+            get_shape, get_dtype = sl.get_shape, sl.get_dtype
+            def __getitem__(self, idx): log.append((key, (idx.start, idx.stop))); return sl[idx]
+        return Slice()
+real_open = checkpoint_module.safe_open
+base = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, head_dim=8, vocab_size=64,
+            intermediate_size=16, num_experts_per_tok=2, bos_token_id=0, eos_token_id=1)
+for model_type, kw in (("qwen3_moe", dict(num_experts=8, moe_intermediate_size=16)), ("gpt_oss", dict(num_local_experts=8))):
+    with tempfile.TemporaryDirectory() as d:
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **base, **kw)).save_pretrained(d, max_shard_size="100KB")
+        src, touched[:] = checkpoint_module.CheckpointWeights(d, 0), []   # the module's class reads the patched name
+        with mock.patch.object(checkpoint_module, "safe_open", lambda *a, **k: Recording(real_open(*a, **k))):
+            src.experts([3, 4, 1])
+        again = pickle.loads(pickle.dumps(src))              # no open file between calls; threads may share a source
+        with ThreadPoolExecutor(4) as pool: w2 = list(pool.map(lambda g: again.experts([g])["w2"], range(8)))
+        assert torch.equal(torch.cat(w2), src.experts(range(8))["w2"])
+    keys = {k for k, _ in touched}
+    if model_type == "qwen3_moe":
+        test_eq({k.split(".")[5] for k in keys}, {"3", "4", "1"})   # model.layers.0.mlp.experts.<e>.…
+        test_eq(len(keys), 9); assert all(rows == (None, None) for _, rows in touched)
+    else:
+        test_eq({rows for _, rows in touched}, {(3, 5), (1, 2)})
+        test_eq(keys, {f"model.layers.0.mlp.experts.{w}" for w in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")})
+
+# %% [markdown]
+# ## Bad input
+#
+# Everything is checked at construction, and each error names what was wrong: the directory, the config, the
+# layer, or the checkpoint's key with the shapes expected and found.
+
+# %%
+#| test bad_checkpoint_dirs_and_layers
+cfg = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 32,
+       "moe_intermediate_size": 16, "intermediate_size": 64, "torch_dtype": "float32", "mlp_only_layers": [0]}
+P = "model.layers.1.mlp."
+good = {P + "gate.weight": torch.randn(4, 32), **{f"{P}experts.{e}.{w}_proj.weight": torch.randn(32, 16) if w == "down"
+                                                  else torch.randn(16, 32) for e in range(4) for w in ("gate", "up", "down")}}
+def checkpoint(d, tensors=good, config=cfg, layer_index=1):   # write config.json + model.safetensors, open a layer
+    json.dump(config, open(f"{d}/config.json", "w")); save_file(tensors, f"{d}/model.safetensors")
+    return CheckpointWeights(d, layer_index)
+with tempfile.TemporaryDirectory() as d:
+    test_fail(lambda: CheckpointWeights(f"{d}/nope", 1), contains="checkpoint_dir: expected a directory, got")
+    test_fail(lambda: CheckpointWeights(d, 1), contains="checkpoint_dir: expected a config.json in")
+    test_fail(lambda: CheckpointWeights(3, 1), contains="checkpoint_dir: expected a directory path, got int")
+    test_eq(checkpoint(d).experts([3])["w13"].shape, (1, 32, 32)); test_eq(checkpoint(d).experts([])["w2"].shape, (0, 32, 16))
+    test_fail(lambda: checkpoint(d, layer_index=0), contains="layer_index: expected one of the MoE layers [1], got 0")
+    test_fail(lambda: checkpoint(d, layer_index="1"), contains="layer_index: expected one of the MoE layers [1], got '1'")
+    dense = {"model_type": "qwen3", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+    test_fail(lambda: checkpoint(d, config=dense), contains="(a dense model has no MoE layer)")
+    test_fail(lambda: checkpoint(d, config={**cfg, "model_type": "olmoe"}), contains="config.json model_type: expected one of")
+    test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "awq"}}),
+              contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got 'awq'")
+    test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[i]: expected < 4, got 4")
+
+# %%
+#| test bad_checkpoint_keys
+cfg = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 32,
+       "moe_intermediate_size": 16, "intermediate_size": 64, "torch_dtype": "float32", "mlp_only_layers": [0]}
+P = "model.layers.1.mlp."
+good = {P + "gate.weight": torch.randn(4, 32), **{f"{P}experts.{e}.{w}_proj.weight": torch.randn(32, 16) if w == "down"
+                                                  else torch.randn(16, 32) for e in range(4) for w in ("gate", "up", "down")}}
+def checkpoint(d, tensors):
+    json.dump(cfg, open(f"{d}/config.json", "w")); save_file(tensors, f"{d}/model.safetensors")
+    return CheckpointWeights(d, 1)
+with tempfile.TemporaryDirectory() as d:
+    missing = {k: v for k, v in good.items() if k != P + "experts.2.up_proj.weight"}
+    test_fail(lambda: checkpoint(d, missing), contains=f"checkpoint: expected key '{P}experts.2.up_proj.weight' in {d}, got none")
+    test_fail(lambda: checkpoint(d, {k: v for k, v in good.items() if "experts" not in k}),
+              contains=f"checkpoint: expected key '{P}experts.gate_up_proj' or '{P}experts.0.gate_proj.weight'")
+    bad = {**good, P + "experts.1.down_proj.weight": torch.randn(16, 32)}
+    test_fail(lambda: checkpoint(d, bad), contains=f"expected key '{P}experts.1.down_proj.weight' of shape [32, 16], got [16, 32]")
+    test_fail(lambda: checkpoint(d, {k.replace("layers.1", "layers.0"): v for k, v in good.items()}),
+              contains=f"checkpoint: expected key '{P}gate.weight' in")
+    Path(f"{d}/model.safetensors").unlink()
+    test_fail(lambda: CheckpointWeights(d, 1), contains="expected model.safetensors or model.safetensors.index.json")
+    json.dump({"weight_map": {k: "model-00001-of-00002.safetensors" for k in good}}, open(f"{d}/model.safetensors.index.json", "w"))
+    test_fail(lambda: CheckpointWeights(d, 1), contains="expected the shard file 'model-00001-of-00002.safetensors'")
+
+# %% [markdown]
+# ## Pre-quantized checkpoints
+#
+# The two checkpoints below are written by hand in each format's layout, from codes made by moe-lit's own quantizer
+# (`quantize_expert_weights`); the codes read back must be those codes, bit for bit, and the floats `experts()`
+# returns their dequantization. A DeepSeek-V3-style FP8 checkpoint (two shards and an index; the shared expert is
+# FP8 too, the router is not):
+
+# %%
+#| test fp8_block_checkpoint
+E, H, I, P = 4, 320, 128, "model.layers.1.mlp."          # H = 2.5 blocks: the last block column is partial
+torch.manual_seed(0)
+qw = quantize_expert_weights(torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5, "fp8_w8a8_block")
+shared = quantize_expert_weights(torch.randn(1, 2 * I, H), torch.randn(1, H, I), "fp8_w8a8_block")
+gate, bias, r = torch.randn(E, H).bfloat16(), torch.randn(E), I // 128      # r: scale rows of the gate half
+tensors = {P + "gate.weight": gate, P + "gate.e_score_correction_bias": bias}
+for name, q, e in [(f"experts.{e}.", qw, e) for e in range(E)] + [("shared_experts.", shared, 0)]:
+    for proj, codes, scale in (("gate_proj", q.w13[e, :I], q.w13_scale[e, :r]), ("up_proj", q.w13[e, I:], q.w13_scale[e, r:]),
+                               ("down_proj", q.w2[e], q.w2_scale[e])):
+        tensors[f"{P}{name}{proj}.weight"], tensors[f"{P}{name}{proj}.weight_scale_inv"] = codes.clone(), scale.clone()
+config = {"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": E,
+          "num_experts_per_tok": 2, "hidden_size": H, "moe_intermediate_size": I, "intermediate_size": 512,
+          "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "torch_dtype": "bfloat16",
+          "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
+with tempfile.TemporaryDirectory() as d:
+    json.dump(config, open(f"{d}/config.json", "w"))
+    shard = {k: f"model-0000{1 + ('experts.2' in k or 'experts.3' in k)}-of-00002.safetensors" for k in tensors}
+    for f in set(shard.values()): save_file({k: v for k, v in tensors.items() if shard[k] == f}, f"{d}/{f}")
+    json.dump({"metadata": {}, "weight_map": shard}, open(f"{d}/model.safetensors.index.json", "w"))
+    src = CheckpointWeights(d, 1)
+    q, ex, sh, rt = src.quantized_experts([2, 0], "fp8_w8a8_block"), src.experts([2, 0]), src.shared(), src.router()
+    test_eq((src.quant_scheme, src.quantized_experts([2, 0], "mxfp4_w4a16"), src.block_shape), ("fp8_w8a8_block", None, (128, 128)))
+    test_eq((src.quantized_experts([], "fp8_w8a8_block").num_experts, src.experts([])["w13"].shape), (0, (0, 2 * I, H)))
+for f in ("w13", "w2"):                                   # the stored bytes, untouched
+    assert torch.equal(getattr(q, f).view(torch.uint8), getattr(qw, f)[[2, 0]].view(torch.uint8))
+    assert torch.equal(getattr(q, f + "_scale"), getattr(qw, f + "_scale")[[2, 0]])
+w13, w2 = qw.select([2, 0]).dequantize(torch.bfloat16)
+assert torch.equal(ex["w13"], w13) and torch.equal(ex["w2"], w2) and ex["w13"].dtype == torch.bfloat16
+expand = lambda s: s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:, :H]    # DeepSeek-V3: code · scale per block
+assert torch.equal(ex["w13"][1], (qw.w13[0].float() * expand(qw.w13_scale[0])).bfloat16())
+assert all(torch.equal(sh[w], v[0]) for w, v in zip(("w13", "w2"), shared.dequantize(torch.bfloat16)))
+assert torch.equal(rt["gate"], gate) and torch.equal(rt["e_score_correction_bias"], bias)
+
+# %% [markdown]
+# A gpt-oss-style MXFP4 checkpoint: blocks and scales `[out, in]`, gate and up rows interleaved, biases in bf16.
+# Besides moe-lit's own dequantization, the floats are checked against transformers' `convert_moe_packed_tensors`,
+# which turns the same stored bytes into gpt-oss's `[E, H, 2I]` layout.
+
+# %%
+#| test mxfp4_checkpoint
+E, H, I, P = 4, 96, 64, "model.layers.0.mlp."
+torch.manual_seed(0)
+qw = quantize_expert_weights(torch.randn(E, 2 * I, H), torch.randn(E, H, I), "mxfp4_w4a16")
+b13, b2 = torch.randn(E, 2 * I).bfloat16(), torch.randn(E, H).bfloat16()
+inter = torch.stack([torch.arange(I), torch.arange(I, 2 * I)], 1).flatten()   # stored row 2j: gate j, 2j + 1: up j
+tensors = {P + "router.weight": torch.randn(E, H).bfloat16(), P + "router.bias": torch.randn(E).bfloat16(),
+           P + "experts.gate_up_proj_blocks": qw.w13[:, inter].reshape(E, 2 * I, H // 32, 16).contiguous(),
+           P + "experts.gate_up_proj_scales": qw.w13_scale[:, inter].contiguous(), P + "experts.gate_up_proj_bias": b13[:, inter],
+           P + "experts.down_proj_blocks": qw.w2.reshape(E, H, I // 32, 16).clone(), P + "experts.down_proj_scales": qw.w2_scale.clone(),
+           P + "experts.down_proj_bias": b2}
+config = {"model_type": "gpt_oss", "num_hidden_layers": 1, "num_local_experts": E, "num_experts_per_tok": 2, "hidden_size": H,
+          "intermediate_size": I, "torch_dtype": "bfloat16", "quantization_config": {"quant_method": "mxfp4"}}
+with tempfile.TemporaryDirectory() as d:
+    json.dump(config, open(f"{d}/config.json", "w")); save_file(tensors, f"{d}/model.safetensors")
+    src = CheckpointWeights(d, 0, dtype=torch.float32)
+    q, ex = src.quantized_experts([3, 1], "mxfp4_w4a16"), src.experts([3, 1])
+    test_eq((src.quant_scheme, src.quantized_experts([3, 1], "fp8_w8a8_block"), src.config.activation), ("mxfp4_w4a16", None, "swigluoai"))
+    test_eq((src.quantized_experts([], "mxfp4_w4a16").num_experts, src.experts([])["w13"].shape), (0, (0, 2 * I, H)))
+for f in ("w13", "w13_scale", "w2", "w2_scale"): assert torch.equal(getattr(q, f), getattr(qw, f)[[3, 1]]), f
+w13, w2 = qw.select([3, 1]).dequantize(torch.float32)
+assert torch.equal(ex["w13"], w13) and torch.equal(ex["w2"], w2)
+assert torch.equal(ex["w13_bias"], b13[[3, 1]]) and torch.equal(ex["w2_bias"], b2[[3, 1]])
+hf = convert_moe_packed_tensors(tensors[P + "experts.gate_up_proj_blocks"][[3, 1]],   # [n, H, 2I], gate at even columns
+                                tensors[P + "experts.gate_up_proj_scales"][[3, 1]], dtype=torch.float32)
+assert torch.equal(ex["w13"], torch.cat([hf[..., ::2], hf[..., 1::2]], -1).transpose(1, 2))
+hf2 = convert_moe_packed_tensors(tensors[P + "experts.down_proj_blocks"][[3, 1]], tensors[P + "experts.down_proj_scales"][[3, 1]],
+                                 dtype=torch.float32)
+assert torch.equal(ex["w2"], hf2.transpose(1, 2))
