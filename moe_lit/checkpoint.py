@@ -375,7 +375,7 @@ def _fused_experts(self, ids: list[int]) -> dict[str, torch.Tensor]:
 
 CheckpointWeights._fused_experts = _fused_experts
 
-# %% ../nbs/11b_checkpoint.ipynb #1dae930a1bf6
+# %% ../nbs/11b_checkpoint.ipynb #51bc0af300ec
 def _mxfp4_parts(self, which: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     "(packed codes [n, N, K/2] uint8, scales [n, N, K/32] uint8) of `ids`, rows as stored (gpt-oss: interleaved)."
     key = self.prefix + _FUSED[which]
@@ -386,7 +386,6 @@ def _dequantized_mxfp4(self, which: str, ids: list[int]) -> torch.Tensor:
     "`[n, N, K]` floats (config dtype) of the MXFP4 weight `which` of `ids`, rows as stored."
     K = self.config.hidden_size if which == "w13" else self.config.intermediate_size
     codes, scales = self._mxfp4_parts(which, ids)
-    if not ids: return torch.empty(0, codes.shape[1], K, dtype=self.config.dtype)   # nothing to dequantize
     return dequantize_mxfp4(codes, scales, self.config.dtype)[..., :K]
 
 CheckpointWeights._mxfp4_parts, CheckpointWeights._dequantized_mxfp4 = _mxfp4_parts, _dequantized_mxfp4

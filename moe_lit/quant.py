@@ -117,7 +117,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, granularity: str = "blo
     check_tensor("scale", scale, shape=want, dtype=torch.float32)
     return (q.float() * _expand(scale, q.shape, granularity, block)).to(dtype)
 
-# %% ../nbs/09_quant.ipynb #bb44426ac897
+# %% ../nbs/09_quant.ipynb #e7e6ab9fbab8
 def quantize_mxfp4(x: torch.Tensor,   # [..., K] float, K a multiple of 32
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(packed uint8 [..., K/2], scales uint8 e8m0 [..., K/32])` per the OCP MX spec (nearest, ties to even)."
@@ -137,7 +137,8 @@ def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         raise ValueError(f"packed: expected a last dim that is a multiple of 16 (32 values), got shape {tuple(packed.shape)}")
     v = e2m1_decode(unpack_fp4(packed))
     check_tensor("scales", scales, shape=(*packed.shape[:-1], v.shape[-1] // 32), dtype=torch.uint8)
-    return (v.reshape(*v.shape[:-1], -1, 32) * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
+    groups = v.reshape(*v.shape[:-1], v.shape[-1] // 32, 32)          # explicit sizes: also right for 0 rows
+    return (groups * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
 
 # %% ../nbs/09_quant.ipynb #12247fa23929
 def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a multiple of 16

@@ -198,3 +198,67 @@ for t in TINY_HF:                                 # transformers is a test depen
     biases = [p for n, p in [*block.named_parameters(), *block.named_buffers()] if n.endswith(("bias",))]
     assert all(b.abs().sum() > 0 for b in biases), t                 # no zero bias hides a dropped one
 test_fail(lambda: tiny_hf_model("bert"), contains="model_type: expected one of")
+
+# %% [markdown]
+# ## Pre-quantized checkpoints
+#
+# Two checkpoints written by hand in the layouts of the released ones, from codes made by moe-lit's own quantizer:
+# DeepSeek-V3's FP8 (per-projection `weight` e4m3 codes and fp32 `weight_scale_inv` per 128×128 block, two shards and
+# an index; `quantization_config.quant_method = "fp8"`) and gpt-oss's MXFP4 (`*_blocks [E, N, K/32, 16]` uint8,
+# `*_scales [E, N, K/32]` e8m0, gate and up rows interleaved, bf16 biases; `quant_method = "mxfp4"`). Each writer
+# returns the `QuantizedExpertWeights` it stored, so a test can check the codes read back bit for bit.
+
+# %%
+#| export
+def write_fp8_block_checkpoint(directory,                 # an existing empty directory
+                               E: int = 4, H: int = 320, I: int = 128,   # H = 2.5 blocks: a partial block column
+                               seed: int = 0) -> dict:
+    "A DeepSeek-V3-style FP8 block checkpoint (layer 1 MoE): returns `{experts, shared, gate, bias}` as stored."
+    import json
+    from safetensors.torch import save_file
+    from moe_lit.kernels.quant import quantize_expert_weights
+    torch.manual_seed(seed)
+    P, r = "model.layers.1.mlp.", I // 128                      # r: scale rows of the gate half
+    qw = quantize_expert_weights(torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5, "fp8_w8a8_block")
+    shared = quantize_expert_weights(torch.randn(1, 2 * I, H) / H**0.5, torch.randn(1, H, I) / I**0.5, "fp8_w8a8_block")
+    gate, bias = torch.randn(E, H).bfloat16(), torch.randn(E)
+    tensors = {P + "gate.weight": gate, P + "gate.e_score_correction_bias": bias}
+    for name, q, e in [(f"experts.{e}.", qw, e) for e in range(E)] + [("shared_experts.", shared, 0)]:
+        for proj, codes, scale in (("gate_proj", q.w13[e, :I], q.w13_scale[e, :r]),
+                                   ("up_proj", q.w13[e, I:], q.w13_scale[e, r:]), ("down_proj", q.w2[e], q.w2_scale[e])):
+            tensors[f"{P}{name}{proj}.weight"], tensors[f"{P}{name}{proj}.weight_scale_inv"] = codes.clone(), scale.clone()
+    config = {"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": E,
+              "num_experts_per_tok": 2, "hidden_size": H, "moe_intermediate_size": I, "intermediate_size": 512,
+              "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "torch_dtype": "bfloat16",
+              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}}
+    json.dump(config, open(f"{directory}/config.json", "w"))
+    shard = {k: f"model-0000{1 + ('experts.2' in k or 'experts.3' in k)}-of-00002.safetensors" for k in tensors}
+    for f in set(shard.values()): save_file({k: v for k, v in tensors.items() if shard[k] == f}, f"{directory}/{f}")
+    json.dump({"metadata": {}, "weight_map": shard}, open(f"{directory}/model.safetensors.index.json", "w"))
+    return {"experts": qw, "shared": shared, "gate": gate, "bias": bias, "tensors": tensors}
+
+# %%
+#| export
+def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed: int = 0,
+                           swiglu_limit: float = 7.0) -> dict:
+    "A gpt-oss-style MXFP4 checkpoint (one layer): returns `{experts, w13_bias, w2_bias, tensors}` as stored."
+    import json
+    from safetensors.torch import save_file
+    from moe_lit.kernels.quant import quantize_expert_weights
+    torch.manual_seed(seed)
+    P = "model.layers.0.mlp."
+    qw = quantize_expert_weights(torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5, "mxfp4_w4a16")
+    b13, b2 = (torch.randn(E, 2 * I) * 0.1).bfloat16(), (torch.randn(E, H) * 0.1).bfloat16()
+    inter = torch.stack([torch.arange(I), torch.arange(I, 2 * I)], 1).flatten()   # stored row 2j: gate j, 2j + 1: up j
+    tensors = {P + "router.weight": torch.randn(E, H).bfloat16(), P + "router.bias": torch.randn(E).bfloat16(),
+               P + "experts.gate_up_proj_blocks": qw.w13[:, inter].reshape(E, 2 * I, H // 32, 16).contiguous(),
+               P + "experts.gate_up_proj_scales": qw.w13_scale[:, inter].contiguous(),
+               P + "experts.gate_up_proj_bias": b13[:, inter],
+               P + "experts.down_proj_blocks": qw.w2.reshape(E, H, I // 32, 16).clone(),
+               P + "experts.down_proj_scales": qw.w2_scale.clone(), P + "experts.down_proj_bias": b2}
+    config = {"model_type": "gpt_oss", "num_hidden_layers": 1, "num_local_experts": E, "num_experts_per_tok": 2,
+              "hidden_size": H, "intermediate_size": I, "swiglu_limit": swiglu_limit, "torch_dtype": "bfloat16",
+              "quantization_config": {"quant_method": "mxfp4"}}
+    json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
+    return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}

@@ -216,10 +216,12 @@ def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
         raise ValueError(f"packed: expected a last dim that is a multiple of 16 (32 values), got shape {tuple(packed.shape)}")
     v = e2m1_decode(unpack_fp4(packed))
     check_tensor("scales", scales, shape=(*packed.shape[:-1], v.shape[-1] // 32), dtype=torch.uint8)
-    return (v.reshape(*v.shape[:-1], -1, 32) * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
+    groups = v.reshape(*v.shape[:-1], v.shape[-1] // 32, 32)          # explicit sizes: also right for 0 rows
+    return (groups * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
 
 # %%
 #| test mxfp4_exact_and_accurate
+test_eq(dequantize_mxfp4(torch.zeros(0, 3, 16, dtype=torch.uint8), torch.zeros(0, 3, 1, dtype=torch.uint8)).shape, (0, 3, 32))
 blocks = [torch.tensor([6.0, -0.5, 1.5, 3.0] * 8) * 2.0 ** -4,                 # different exponents per block,
           torch.tensor([-4.0, 2.0, 0.0, 1.0] * 8) * 2.0 ** 5]                   # asymmetric values
 x = torch.cat(blocks)[None]

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Llama4Config, Llama4F
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 import moe_lit.checkpoint as checkpoint_module
 from moe_lit.kernels.quant import quantize_expert_weights
+from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint
 
 # %% [markdown]
 # In this notebook: `CheckpointWeights` (the `WeightSource` of `11a_weights` for one MoE layer of a checkpoint
@@ -562,7 +563,6 @@ def _dequantized_mxfp4(self, which: str, ids: list[int]) -> torch.Tensor:
     "`[n, N, K]` floats (config dtype) of the MXFP4 weight `which` of `ids`, rows as stored."
     K = self.config.hidden_size if which == "w13" else self.config.intermediate_size
     codes, scales = self._mxfp4_parts(which, ids)
-    if not ids: return torch.empty(0, codes.shape[1], K, dtype=self.config.dtype)   # nothing to dequantize
     return dequantize_mxfp4(codes, scales, self.config.dtype)[..., :K]
 
 CheckpointWeights._mxfp4_parts, CheckpointWeights._dequantized_mxfp4 = _mxfp4_parts, _dequantized_mxfp4
@@ -873,25 +873,10 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| test fp8_block_checkpoint
-E, H, I, P = 4, 320, 128, "model.layers.1.mlp."          # H = 2.5 blocks: the last block column is partial
-torch.manual_seed(0)
-qw = quantize_expert_weights(torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5, "fp8_w8a8_block")
-shared = quantize_expert_weights(torch.randn(1, 2 * I, H), torch.randn(1, H, I), "fp8_w8a8_block")
-gate, bias, r = torch.randn(E, H).bfloat16(), torch.randn(E), I // 128      # r: scale rows of the gate half
-tensors = {P + "gate.weight": gate, P + "gate.e_score_correction_bias": bias}
-for name, q, e in [(f"experts.{e}.", qw, e) for e in range(E)] + [("shared_experts.", shared, 0)]:
-    for proj, codes, scale in (("gate_proj", q.w13[e, :I], q.w13_scale[e, :r]), ("up_proj", q.w13[e, I:], q.w13_scale[e, r:]),
-                               ("down_proj", q.w2[e], q.w2_scale[e])):
-        tensors[f"{P}{name}{proj}.weight"], tensors[f"{P}{name}{proj}.weight_scale_inv"] = codes.clone(), scale.clone()
-config = {"model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 1, "n_routed_experts": E,
-          "num_experts_per_tok": 2, "hidden_size": H, "moe_intermediate_size": I, "intermediate_size": 512,
-          "n_shared_experts": 1, "n_group": 1, "topk_group": 1, "torch_dtype": "bfloat16",
-          "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}
+E, H, I = 4, 320, 128                                     # H = 2.5 blocks: the last block column is partial
 with tempfile.TemporaryDirectory() as d:
-    json.dump(config, open(f"{d}/config.json", "w"))
-    shard = {k: f"model-0000{1 + ('experts.2' in k or 'experts.3' in k)}-of-00002.safetensors" for k in tensors}
-    for f in set(shard.values()): save_file({k: v for k, v in tensors.items() if shard[k] == f}, f"{d}/{f}")
-    json.dump({"metadata": {}, "weight_map": shard}, open(f"{d}/model.safetensors.index.json", "w"))
+    stored = write_fp8_block_checkpoint(d, E, H, I)
+    qw, shared, gate, bias = stored["experts"], stored["shared"], stored["gate"], stored["bias"]
     src = CheckpointWeights(d, 1)
     q, ex, sh, rt = src.quantized_experts([2, 0], "fp8_w8a8_block"), src.experts([2, 0]), src.shared(), src.router()
     test_eq((src.quant_scheme, src.quantized_experts([2, 0], "mxfp4_w4a16"), src.block_shape), ("fp8_w8a8_block", None, (128, 128)))
@@ -914,19 +899,9 @@ assert torch.equal(rt["gate"], gate) and torch.equal(rt["e_score_correction_bias
 # %%
 #| test mxfp4_checkpoint
 E, H, I, P = 4, 96, 64, "model.layers.0.mlp."
-torch.manual_seed(0)
-qw = quantize_expert_weights(torch.randn(E, 2 * I, H), torch.randn(E, H, I), "mxfp4_w4a16")
-b13, b2 = torch.randn(E, 2 * I).bfloat16(), torch.randn(E, H).bfloat16()
-inter = torch.stack([torch.arange(I), torch.arange(I, 2 * I)], 1).flatten()   # stored row 2j: gate j, 2j + 1: up j
-tensors = {P + "router.weight": torch.randn(E, H).bfloat16(), P + "router.bias": torch.randn(E).bfloat16(),
-           P + "experts.gate_up_proj_blocks": qw.w13[:, inter].reshape(E, 2 * I, H // 32, 16).contiguous(),
-           P + "experts.gate_up_proj_scales": qw.w13_scale[:, inter].contiguous(), P + "experts.gate_up_proj_bias": b13[:, inter],
-           P + "experts.down_proj_blocks": qw.w2.reshape(E, H, I // 32, 16).clone(), P + "experts.down_proj_scales": qw.w2_scale.clone(),
-           P + "experts.down_proj_bias": b2}
-config = {"model_type": "gpt_oss", "num_hidden_layers": 1, "num_local_experts": E, "num_experts_per_tok": 2, "hidden_size": H,
-          "intermediate_size": I, "torch_dtype": "bfloat16", "quantization_config": {"quant_method": "mxfp4"}}
 with tempfile.TemporaryDirectory() as d:
-    json.dump(config, open(f"{d}/config.json", "w")); save_file(tensors, f"{d}/model.safetensors")
+    stored = write_mxfp4_checkpoint(d, E, H, I)
+    qw, b13, b2, tensors = stored["experts"], stored["w13_bias"], stored["w2_bias"], stored["tensors"]
     src = CheckpointWeights(d, 0, dtype=torch.float32)
     q, ex = src.quantized_experts([3, 1], "mxfp4_w4a16"), src.experts([3, 1])
     test_eq((src.quant_scheme, src.quantized_experts([3, 1], "fp8_w8a8_block"), src.config.activation), ("mxfp4_w4a16", None, "swigluoai"))

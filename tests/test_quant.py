@@ -48,6 +48,7 @@ def test_fp8_exact_on_representable():
 
 
 def test_mxfp4_exact_and_accurate():
+    test_eq(dequantize_mxfp4(torch.zeros(0, 3, 16, dtype=torch.uint8), torch.zeros(0, 3, 1, dtype=torch.uint8)).shape, (0, 3, 32))
     blocks = [torch.tensor([6.0, -0.5, 1.5, 3.0] * 8) * 2.0 ** -4,                 # different exponents per block,
               torch.tensor([-4.0, 2.0, 0.0, 1.0] * 8) * 2.0 ** 5]                   # asymmetric values
     x = torch.cat(blocks)[None]

@@ -8,7 +8,7 @@ from moe_lit.models import markdown_table
 from moe_lit.testing import hf_moe_block, hf_moe_output
 import tempfile
 from fastcore.test import test_eq, test_fail
-from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF
+from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF, write_fp8_block_checkpoint, write_mxfp4_checkpoint
 from moe_lit.config import ParallelConfig
 from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
 from moe_lit.layer import run_emulated_ep
@@ -40,6 +40,37 @@ def test_parity_expert_parallel():
                 src = CheckpointWeights(d, 1, parallel=par, dtype=torch.float64)
                 run = run_emulated_ep(src.config, x, weights=src)
                 assert_close(run.output, want, rtol=1e-6, name=f"{t} {backend}")   # fp32 router weights
+
+
+def test_prequantized_checkpoints_load_codes_as_stored():
+    from moe_lit.layer import check_output
+    from moe_lit.formats import moe_reference_standard, Activation
+    from moe_lit.kernels.batched import DEVICE
+    x = torch.randn(6, 320).bfloat16()
+    with tempfile.TemporaryDirectory() as d:
+        stored = write_fp8_block_checkpoint(d)
+        for experts in ("torch", "triton"):
+            layer = FusedMoE.from_pretrained(d, 1, experts=experts, device=DEVICE)
+            test_eq((layer.quant, layer.experts), ("fp8_w8a8_block", {"torch": "torch", "triton": "triton_quant"}[experts]))
+            for f in ("w13", "w2"):
+                assert torch.equal(getattr(layer.qweights, f).cpu().view(torch.uint8), getattr(stored["experts"], f).view(torch.uint8))
+                assert torch.equal(getattr(layer.qweights, f + "_scale").cpu(), getattr(stored["experts"], f + "_scale"))
+            topk = layer.route(x.to(DEVICE))
+            ref = moe_reference_standard(x.double(), layer.w13.cpu(), layer.w2.cpu(), topk[0].cpu(), topk[1].cpu())
+            ref += layer.shared_experts(x.double().to(DEVICE)).cpu()              # fp64 in: computed in fp64
+            assert check_output(layer(x.to(DEVICE), topk), ref, torch.bfloat16, layer.quant, layer.experts)["ok"], experts
+    x = torch.randn(6, 96).bfloat16()
+    with tempfile.TemporaryDirectory() as d:
+        stored = write_mxfp4_checkpoint(d, swiglu_limit=0.5)
+        layer = FusedMoE.from_pretrained(d, 0)
+        test_eq((layer.quant, layer.config.activation, layer.config.swiglu_limit), ("mxfp4_w4a16", "swigluoai", 0.5))
+        for f in ("w13", "w13_scale", "w2", "w2_scale"): assert torch.equal(getattr(layer.qweights, f), getattr(stored["experts"], f))
+        assert torch.equal(layer.w13_bias.cpu(), stored["w13_bias"])
+        topk = layer.route(x)
+        ref = moe_reference_standard(x.double(), layer.w13, layer.w2, topk[0], topk[1], w13_bias=layer.w13_bias,
+                                     w2_bias=layer.w2_bias, activation=Activation("swigluoai", limit=0.5))
+        assert check_output(layer(x, topk), ref, torch.bfloat16, layer.quant, layer.experts)["ok"]
+        test_eq(FusedMoE.from_pretrained(d, 0, quant="unquantized").qweights, None)
 
 
 def test_from_pretrained_bad_input():
