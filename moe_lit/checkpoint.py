@@ -163,7 +163,7 @@ def _deinterleave(n: int) -> torch.Tensor:
     "Row order that turns gate/up interleaved rows (gate at even, up at odd positions) into gate rows then up rows."
     return torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
 
-# %% ../nbs/11b_checkpoint.ipynb #bd956b10aa2a
+# %% ../nbs/11b_checkpoint.ipynb #d049fa594867
 class CheckpointWeights(WeightSource):
     "One MoE layer of a Hugging Face checkpoint directory (config.json + safetensors), served in moe-lit's layout."
     def __init__(self, checkpoint_dir: str | Path,                # a directory holding config.json and safetensors
@@ -183,9 +183,13 @@ class CheckpointWeights(WeightSource):
         self.fused, self.quant_scheme = self._detect_experts()
         with self._shards: self._check_keys()
 
-    def __repr__(self):
-        return (f"CheckpointWeights({str(self.checkpoint_dir)!r}, layer {self.layer_index}, {self.model_type}, "
-                f"{'fused' if self.fused else 'per-expert'}, quant_scheme={self.quant_scheme})")
+    @property
+    def description(self) -> str:
+        "One line for reports: where the weights come from."
+        return (f"checkpoint {self.checkpoint_dir}, layer {self.layer_index} ({self.model_type}, "
+                f"{'fused' if self.fused else 'per-expert'} experts, {self.quant_scheme or 'float'} weights)")
+
+    def __repr__(self): return f"CheckpointWeights({self.description})"
 
 # %% ../nbs/11b_checkpoint.ipynb #f7fce1603eca
 def _read_checkpoint_dir(checkpoint_dir) -> tuple[Path, dict]:

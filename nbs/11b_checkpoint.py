@@ -336,9 +336,13 @@ class CheckpointWeights(WeightSource):
         self.fused, self.quant_scheme = self._detect_experts()
         with self._shards: self._check_keys()
 
-    def __repr__(self):
-        return (f"CheckpointWeights({str(self.checkpoint_dir)!r}, layer {self.layer_index}, {self.model_type}, "
-                f"{'fused' if self.fused else 'per-expert'}, quant_scheme={self.quant_scheme})")
+    @property
+    def description(self) -> str:
+        "One line for reports: where the weights come from."
+        return (f"checkpoint {self.checkpoint_dir}, layer {self.layer_index} ({self.model_type}, "
+                f"{'fused' if self.fused else 'per-expert'} experts, {self.quant_scheme or 'float'} weights)")
+
+    def __repr__(self): return f"CheckpointWeights({self.description})"
 
 # %%
 #| export

@@ -185,6 +185,24 @@ def test_main_entry_point():
     test_eq((len(tables["ranks"][1]["local_to_global"]), tables["all2all_used"]), (64, False))   # full lists, as JSON
 
 
+def test_run_checkpoint_weights():
+    from moe_lit.testing import tiny_hf_model
+    with tempfile.TemporaryDirectory() as d:
+        tiny_hf_model("deepseek_v3").save_pretrained(d, max_shard_size="100KB")
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            test_eq(main(["run", "--weights", d, "--tokens", "6", "--ep", "2", "--all2all", "nixl_ep", "--json"]), 0)
+        rep = json.loads(out.getvalue())
+        test_eq((rep["model"]["model_type"], rep["model"]["num_experts"]), ("deepseek_v3", 8))
+        assert rep["weights"].startswith("checkpoint") and "layer 1" in rep["weights"], rep["weights"]
+        assert rep["check"]["vs_float64"]["ok"] and rep["check"]["ep_vs_single_device"]["ok"]
+        with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--layer", "1"]), 0)
+        assert "weights: checkpoint" in out.getvalue()
+        for argv, msg in ((["--layer", "0"], "--layer: expected one of the MoE layers [1]"),
+                          (["--config", d], "--weights: expected no --config")):
+            with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", "--weights", d, *argv]), 2)
+            assert msg in err.getvalue(), err.getvalue()
+
+
 def test_main_errors_name_the_flag():
     with tempfile.TemporaryDirectory() as d:
         big, bad = Path(d, "big.json"), Path(d, "bad.json")
