@@ -71,6 +71,43 @@ run = run_emulated_ep(cfg, torch.randn(32, cfg.hidden_size).bfloat16())  # 4 ran
 print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():.3g}")
 
 # %% [markdown]
+# ## A real model's layer
+#
+# `FusedMoE.from_pretrained(checkpoint_dir, layer_index)` builds decoder layer `layer_index`'s MoE block from a Hugging
+# Face checkpoint directory (`config.json` + `*.safetensors`, sharded or not), reading only the experts the rank owns;
+# pre-quantized FP8-block (DeepSeek-V3) and MXFP4 (gpt-oss) checkpoints keep their codes as stored. The example
+# writes a tiny Qwen3-MoE with transformers itself (`pip install 'moe-lit[hf]'` adds transformers and safetensors; the
+# install above has them) — point `ckpt` at your own checkpoint instead:
+
+# %%
+import tempfile
+from moe_lit.layer import FusedMoE
+from moe_lit.testing import tiny_hf_model, hf_moe_block, hf_moe_output
+
+ckpt = tempfile.mkdtemp()
+model = tiny_hf_model("qwen3_moe")          # a seeded transformers model: AutoModelForCausalLM.from_config(...)
+model.save_pretrained(ckpt)
+layer = FusedMoE.from_pretrained(ckpt, layer_index=1, dtype=torch.float32)
+x = torch.randn(4, layer.config.hidden_size)
+print(f"max |moe-lit - transformers| = {(layer(x) - hf_moe_output(hf_moe_block(model, 1), x)).abs().max():.2g}")
+
+# %% [markdown]
+# The other way round, moe-lit runs the experts of every MoE layer inside a transformers model:
+
+# %%
+from transformers import AutoModelForCausalLM
+from moe_lit.integrations.transformers import register
+
+register()                                  # adds the experts implementation "moe_lit"
+hf = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="moe_lit")
+print(hf.config._experts_implementation)
+
+# %% [markdown]
+# And the main job on a checkpoint's layer: `.venv/bin/moe-lit run --weights CHECKPOINT_DIR --layer N` (any
+# `--ep`/`--all2all`/`--quant` deployment; without `--layer`, the first MoE layer). The chapter *Loading a real model*
+# (`12c_real_models`) has the key layouts and the parity with transformers' own blocks for every family.
+#
+# %% [markdown]
 # ## Module map
 #
 # | notebook | module | what it decides or computes |
@@ -89,7 +126,11 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # | `09a_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 and FP4 w4a16 Triton GEMMs of both formats, quantized experts |
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
 # | `11_oracle` | `moe_lit.oracle` | experts-backend selection from the prepare/finalize's format, with a reason per candidate |
-# | `12_layer` | `moe_lit.layer` | `FusedMoE` through the modular kernel (torch or Triton) and the emulated EP run |
+# | `11a_weights` | `moe_lit.weights` | the weight-source protocol: random per expert, a mapping of tensors |
+# | `11b_checkpoint` | `moe_lit.checkpoint` | one MoE layer of a Hugging Face checkpoint: key layouts, lazy safetensors reads, FP8/MXFP4 codes |
+# | `12_layer` | `moe_lit.layer` | `FusedMoE` (from any weight source or `from_pretrained`) and the emulated EP run |
+# | `12b_integrations.transformers` | `moe_lit.integrations.transformers` | moe-lit as a transformers experts implementation (`experts_implementation="moe_lit"`) |
+# | `12c_real_models` | `moe_lit.real_models` | loading a real model: key-layout table, parity with transformers for every family |
 # | `13_distributed` | `moe_lit.distributed` | EP across processes on torch.distributed: all-gather/reduce-scatter and all-to-all |
 # | `14_bench` | `moe_lit.bench` | both formats' GEMMs against torch peers and the measured roofline, quantized decode, tuning |
 # | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `explain`, `bench` |

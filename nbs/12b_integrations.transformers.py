@@ -1,0 +1,556 @@
+# %%
+#| default_exp integrations.transformers
+
+# %% [markdown]
+# # transformers: moe-lit as an experts implementation
+# > `register()` adds `"moe_lit"` to transformers' experts interface, so `from_pretrained(path, experts_implementation="moe_lit")` runs every MoE layer's experts through moe-lit.
+
+# %%
+#| export
+from __future__ import annotations
+import importlib, weakref
+from dataclasses import dataclass
+import torch
+from transformers.integrations.moe import ExpertsInterface
+from transformers.activations import SiLUActivation
+from moe_lit.terms import check_tensor, check_bool
+from moe_lit.formats import Activation, moe_reference_standard, _acc_dtype
+
+# %%
+#| hide
+import tempfile
+from unittest import mock
+import transformers
+from fastcore.test import test_eq, test_fail
+from moe_lit.testing import assert_close, tiny_hf_model, hf_moe_block, TINY_HF
+
+# %% [markdown]
+# In this notebook: `register`, which makes `"moe_lit"` an experts implementation of transformers; the pieces it is
+# made of — `convert_experts_weights` (transformers' weight layouts to moe-lit's), `experts_recipe` (which activation
+# and layout a module needs, or a `ValueError`), `experts_weights` (the converted weights, cached per module) and
+# `moe_lit_experts_forward` — and `experts_recipes`, the experts modules of a model it reaches. A **how-to** page
+# with the reference of each symbol.
+#
+# ## Use
+#
+# ```python
+# from transformers import AutoModelForCausalLM
+# from moe_lit.integrations.transformers import register
+#
+# register()
+# model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moe_lit")
+# ```
+#
+# `register()` comes first: transformers checks the name against its registry when the model is built.
+# `AutoModelForCausalLM.from_config(config, experts_implementation="moe_lit")` and, on a model already loaded,
+# `model.set_experts_implementation("moe_lit")` do the same. Everything else in the model (attention, router, shared
+# experts, norms) stays transformers' own; only the routed experts change hands.
+#
+# ## What transformers hands over
+#
+# In transformers 5 (checked on 5.17 and 5.24), an MoE model's routed experts are one module per layer holding every expert's weights as 3-D
+# tensors, and the class is decorated with `@use_experts_implementation`
+# ([`src/transformers/integrations/moe.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/integrations/moe.py);
+# the [experts interface docs](https://huggingface.co/docs/transformers/main/en/experts_interface)). At every forward the
+# decorated module looks up `config._experts_implementation` in the `ExpertsInterface` registry and calls the function
+# found there as `fn(self, hidden_states, top_k_index, top_k_weights)`:
+#
+# - `hidden_states [num_tokens, hidden_size]`, the model's dtype; the router has already run;
+# - `top_k_index [num_tokens, top_k]` int, the global expert of each slot; under transformers' expert parallelism an id
+#   `>= num_experts` is a sentinel for an expert held by another rank, which must contribute 0;
+# - `top_k_weights [num_tokens, top_k]`, the router weight of each slot, applied to the expert's output;
+# - the result is `[num_tokens, hidden_size]` in `hidden_states`' dtype: `Σ_k w_k · expert_{id_k}(x)`.
+#
+# The weights and their description are attributes of `self`: `gate_up_proj`, `down_proj`, with `has_bias` the
+# biases `gate_up_proj_bias` and `down_proj_bias`, and the layout flags `is_transposed` and `is_concatenated` (set by
+# the decorator). Between the two GEMMs the module applies `self._apply_gate` to the `[.., 2·I]` projection: by
+# default `act_fn(gate) · up` with the gate the first half; a model with another gated activation overrides the method
+# (gpt-oss: its clamped SwiGLU with `self.alpha`, `self.limit`).
+#
+# moe-lit's experts take `w13 [E, 2·I, H]` (gate rows, then up rows), `w2 [E, H, I]`, optional `w13_bias [E, 2·I]`
+# and `w2_bias [E, H]`, an `Activation`, fp32 `topk_weights` and ids in `[-1, E)` (`-1` contributes 0)
+# (`moe_reference_standard` in `05_formats`; `TritonExperts` in `08_kernels.contiguous`). The adapter is the
+# translation between the two.
+#
+# ## Layouts
+#
+# | layout (transformers) | families | `gate_up_proj` | `down_proj` | to moe-lit |
+# |---|---|---|---|---|
+# | concatenated | Mixtral, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, DeepSeek-V2/V3, MiniMax-M2 | `[E, 2·I, H]` gate rows then up rows | `[E, H, I]` | the same tensors: no copy |
+# | transposed | Llama-4 (not dispatched by transformers, see below) | `[E, H, 2·I]` gate columns then up columns | `[E, I, H]` | transpose both (a copy) |
+# | transposed, interleaved, biased | gpt-oss | `[E, H, 2·I]`, gate at even columns, up at odd | `[E, I, H]` | transpose, de-interleave the columns and the bias (a copy) |
+
+# %%
+#| export
+def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H, 2·I] when transposed
+                            down_proj: torch.Tensor,      # [E, H, I]; [E, I, H] when transposed
+                            gate_up_proj_bias: torch.Tensor | None = None,  # [E, 2·I], same order as the columns
+                            down_proj_bias: torch.Tensor | None = None,     # [E, H]
+                            transposed: bool = False,     # stored [E, in, out] (x @ W) instead of [E, out, in]
+                            interleaved: bool = False,    # gate/up alternate along 2·I (gate even) instead of halves
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    "moe-lit's `(w13 [E, 2·I, H] gate then up, w2 [E, H, I], w13_bias [E, 2·I], w2_bias [E, H])`; a matching layout is returned as is."
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
+    check_bool("transposed", transposed); check_bool("interleaved", interleaved)
+    w13 = gate_up_proj.transpose(1, 2) if transposed else gate_up_proj
+    w2 = down_proj.transpose(1, 2) if transposed else down_proj
+    E, N, H = w13.shape
+    if N % 2: raise ValueError(f"gate_up_proj: expected an even 2·intermediate_size, got shape {list(gate_up_proj.shape)}")
+    check_tensor("down_proj (as [E, H, I])", w2, shape=(E, H, N // 2))
+    b13 = gate_up_proj_bias
+    if b13 is not None: check_tensor("gate_up_proj_bias", b13, shape=(E, N))
+    if down_proj_bias is not None: check_tensor("down_proj_bias", down_proj_bias, shape=(E, H))
+    if interleaved:                                                  # gate0 up0 gate1 up1 ... -> gate block, up block
+        w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
+        b13 = None if b13 is None else torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)
+    return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
+
+# %% [markdown]
+# A gpt-oss-style expert, written out: transposed and interleaved weights must give the same expert as the converted
+# ones, and a concatenated, non-transposed layout comes back as the very same tensors (no copy).
+
+# %%
+#| test convert_layouts
+torch.manual_seed(0)
+E, H, I = 3, 8, 4
+gate, up, down = (torch.randn(*shape, dtype=torch.float64) for shape in ((E, I, H), (E, I, H), (E, H, I)))
+bg, bu = torch.randn(E, I, dtype=torch.float64), torch.randn(E, I, dtype=torch.float64)   # gate and up biases
+inter = torch.stack([gate, up], dim=2).reshape(E, 2 * I, H)            # rows gate0, up0, gate1, up1, ...
+w13, w2, b13, b2 = convert_experts_weights(inter.transpose(1, 2), down.transpose(1, 2),
+                                           torch.stack([bg, bu], dim=2).reshape(E, 2 * I), None,
+                                           transposed=True, interleaved=True)
+test_eq(w13, torch.cat([gate, up], dim=1)); test_eq(w2, down)
+test_eq(b13, torch.cat([bg, bu], dim=1)); test_eq(b2, None)
+assert w13.is_contiguous() and w2.is_contiguous()
+cat = torch.cat([gate, up], dim=1)
+same = convert_experts_weights(cat, down)
+assert same[0] is cat and same[1] is down                              # matching layout: the tensors themselves
+test_fail(lambda: convert_experts_weights(cat, down.transpose(1, 2)), contains="down_proj (as [E, H, I]): expected")
+test_fail(lambda: convert_experts_weights(cat[:, :-1], down), contains="expected an even 2·intermediate_size")
+test_fail(lambda: convert_experts_weights(cat, down, torch.zeros(E, I)), contains="gate_up_proj_bias: expected shape")
+
+# %% [markdown]
+# ## Activations
+#
+# The gate is code, not a flag: transformers calls `self._apply_gate`, which a model may override. The adapter
+# recognises a gate by the *function* the module's class uses, in a table of records, and maps it to moe-lit's
+# `Activation`. A gate that is not in the table, an `act_fn` other than SiLU under the default gate, an ungated expert
+# (`has_gate=False`) or a norm after each expert (`has_post_expert_norm`) raise a `ValueError` naming the module's
+# class: the adapter never computes something other than what the model defines.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class GateRule:
+    "A transformers experts gate that moe-lit reproduces: where the function lives and what it computes."
+    module: str               # the transformers module that defines the function
+    qualname: str             # the function's name in it (dotted for a method)
+    activation: str           # moe-lit's Activation name
+    interleaved: bool         # reads gate at even columns, up at odd (else gate half, then up half)
+    silu_act_fn: bool = False # computes `act_fn(gate) · up`, so moe-lit needs `act_fn` to be SiLU
+    params: tuple[str, ...] = ()  # module attributes passed as Activation(alpha=..., limit=...)
+
+# %%
+#| export
+GATE_RULES = (
+    GateRule(module="transformers.integrations.moe", qualname="_default_apply_gate", activation="silu",
+             interleaved=False, silu_act_fn=True),
+    GateRule(module="transformers.models.gpt_oss.modeling_gpt_oss", qualname="GptOssExperts._apply_gate",
+             activation="swigluoai", interleaved=True, params=("alpha", "limit")),
+)
+
+# %% [markdown]
+# Each rule names a function of the installed transformers; where one is missing, no module can match it.
+
+# %%
+#| export
+def _resolve(rule: GateRule):
+    "The function a rule names, or None where this transformers has no such module or name."
+    try: obj = importlib.import_module(rule.module)
+    except ImportError: return None
+    for part in rule.qualname.split("."): obj = getattr(obj, part, None)
+    return obj
+
+def _is_silu(act_fn) -> bool:
+    "transformers spells SiLU `SiLUActivation` ('silu') or `nn.SiLU` ('swish')."
+    return isinstance(act_fn, (torch.nn.SiLU, SiLUActivation))
+
+# %%
+{r.qualname: _resolve(r) for r in GATE_RULES}
+
+# %%
+#| export
+@dataclass(frozen=True)
+class ExpertsRecipe:
+    "What moe-lit runs for one transformers experts module."
+    activation: Activation    # the gated activation between the GEMMs
+    transposed: bool          # the module stores [E, in, out] weights
+    interleaved: bool         # the module's gate/up columns alternate
+    has_bias: bool            # the module has gate_up_proj_bias and down_proj_bias
+
+# %%
+#| export
+def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
+    "The activation and layout moe-lit needs for a transformers experts module; ValueError if it cannot run it."
+    name = type(module).__name__
+    if not all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated")):
+        raise ValueError(f"{name}: not a transformers experts module (no @use_experts_implementation flags)")
+    if not module.has_gate: raise ValueError(f"{name}: ungated experts (has_gate=False) are not supported by moe_lit")
+    if getattr(module, "has_post_expert_norm", False):
+        raise ValueError(f"{name}: a norm after each expert (has_post_expert_norm) is not supported by moe_lit")
+    fn = None if "_apply_gate" in vars(module) else getattr(type(module), "_apply_gate", None)
+    rule = next((r for r in GATE_RULES if fn is not None and fn is _resolve(r)), None)
+    if rule is None:
+        raise ValueError(f"{name}: its _apply_gate ({getattr(fn, '__qualname__', fn)}) is not one moe_lit "
+                         f"recognises; known: {', '.join(r.qualname for r in GATE_RULES)}")
+    if rule.silu_act_fn and not _is_silu(getattr(module, "act_fn", None)):
+        raise ValueError(f"{name}: act_fn {type(getattr(module, 'act_fn', None)).__name__} is not supported by "
+                         f"moe_lit (the default gate needs SiLU)")
+    if rule.interleaved == module.is_concatenated:
+        raise ValueError(f"{name}: is_concatenated={module.is_concatenated} contradicts its gate {rule.qualname}")
+    act = Activation(rule.activation, *(float(getattr(module, p)) for p in rule.params))
+    return ExpertsRecipe(activation=act, transposed=bool(module.is_transposed), interleaved=rule.interleaved,
+                         has_bias=bool(module.has_bias))
+
+# %% [markdown]
+# ## The converted weights, cached
+#
+# Converting a transposed or interleaved layout copies the weights, and doing it at every forward would cost a full
+# read and write of the expert weights per layer per step. `experts_weights` keeps the converted tensors per module
+# (a `weakref.WeakKeyDictionary`, so they go when the module goes) together with a key of the source parameters:
+# `data_ptr()`, `_version` (bumped by every in-place write through the parameter: `copy_` in `load_state_dict`, an
+# optimizer step), shape, strides, dtype and device. A changed key means new weights, and the entry is rebuilt.
+#
+# **Memory.** For those layouts the cache is a second copy of the expert weights, as large as the first: for
+# gpt-oss-20b dequantized to bf16, 24 layers × 32 experts × 3·2880² parameters × 2 bytes ≈ 38 GB. Concatenated,
+# non-transposed models (Mixtral, Qwen, DeepSeek, MiniMax) already have moe-lit's layout: the parameters are used as
+# they are, nothing is copied and nothing is cached. `clear_cache()` frees the copies, e.g. after switching back to
+# another implementation.
+#
+# > **Implementation notes.** A write through `param.data` (`p.data.copy_(...)`) does not bump `p._version` (`.data`
+# > has its own version counter), so it goes unnoticed for copied layouts; replacing `p.data` with a new tensor is
+# > noticed (a new `data_ptr`). The copies are made under `torch.no_grad()`: gradients do not reach the weights of a
+# > copied layout, so `"moe_lit"` is an inference implementation.
+
+# %%
+#| export
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # experts module -> (key, converted weights)
+
+def _weight_key(tensors) -> tuple:
+    "What identifies the contents of the source weights (see above)."
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, tuple(t.shape), t.stride(), t.dtype,
+                  t.device) for t in tensors)
+
+def clear_cache() -> int:
+    "Drop every cached converted weight; returns the number of modules whose copies were dropped."
+    n = len(_CACHE)
+    _CACHE.clear()
+    return n
+
+# %%
+#| export
+def experts_weights(module: torch.nn.Module,     # a transformers experts module
+                    recipe: ExpertsRecipe | None = None,  # experts_recipe(module), if already computed
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    "The module's `(w13, w2, w13_bias, w2_bias)` in moe-lit's layout, converted once per weight version."
+    recipe = experts_recipe(module) if recipe is None else recipe
+    names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if recipe.has_bias else ())
+    src = tuple(getattr(module, n) for n in names)
+    if not recipe.transposed and not recipe.interleaved:             # moe-lit's layout already: no copy, no cache
+        return convert_experts_weights(*src)
+    key = (recipe.transposed, recipe.interleaved, _weight_key(src))
+    hit = _CACHE.get(module)
+    if hit is not None and hit[0] == key: return hit[1]
+    with torch.no_grad():
+        weights = convert_experts_weights(*src, transposed=recipe.transposed, interleaved=recipe.interleaved)
+    _CACHE[module] = (key, weights)
+    return weights
+
+# %% [markdown]
+# ## The experts forward
+#
+# On a CUDA device the experts run on `TritonExperts` (imported only there, so that importing this module on a CPU
+# machine loads no Triton kernel). Elsewhere they run on the float64-capable reference `moe_reference_standard`, once
+# per slot with a unit weight, the router weights then applied in the accumulation dtype: moe-lit's router weights are
+# fp32, and rounding a float64 model's weights to fp32 would cost it ~1e-8 of relative accuracy. Ids outside
+# `[0, num_experts)` — transformers' expert-parallel sentinels — become `-1` and contribute 0.
+
+# %%
+#| export
+def _reference_experts(x, w13, w2, b13, b2, weights, ids, activation):
+    "Σ_k w_k · expert_{id_k}(x) on moe-lit's reference, the weights applied in the accumulation dtype."
+    acc = _acc_dtype(x.dtype)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    unit = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    for k in range(ids.shape[1]):
+        y = moe_reference_standard(x, w13, w2, unit, ids[:, k:k + 1], w13_bias=b13, w2_bias=b2, activation=activation,
+                                   accumulate_into=torch.zeros(x.shape, dtype=acc, device=x.device))
+        out += y * weights[:, k:k + 1].to(acc)
+    return out
+
+# %%
+#| export
+def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers experts module
+                            hidden_states: torch.Tensor, # [num_tokens, hidden_size]
+                            top_k_index: torch.Tensor,   # [num_tokens, top_k] int, global expert per slot
+                            top_k_weights: torch.Tensor, # [num_tokens, top_k] float, router weight per slot
+                           ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden_states' dtype
+    "transformers' experts forward, computed by moe-lit (the function `register` puts in the ExpertsInterface)."
+    recipe = experts_recipe(self)
+    w13, w2, b13, b2 = experts_weights(self, recipe)
+    E = w13.shape[0]
+    ids = torch.where((top_k_index >= 0) & (top_k_index < E), top_k_index, -1)   # EP sentinels contribute 0
+    if hidden_states.is_cuda and w13.dtype != torch.float64:
+        from moe_lit.kernels.contiguous import TritonExperts   # Triton only where it runs
+        out = TritonExperts().apply(hidden_states.to(w13.dtype), w13, w2, top_k_weights.float(), ids,
+                                    w13_bias=b13, w2_bias=b2, activation=recipe.activation)
+    else:
+        out = _reference_experts(hidden_states, w13, w2, b13, b2, top_k_weights, ids, recipe.activation)
+    return out.to(hidden_states.dtype)
+
+# %%
+#| export
+def register(name: str = "moe_lit") -> str:
+    "Register `moe_lit_experts_forward` as transformers experts implementation `name` (idempotent); returns `name`."
+    if not isinstance(name, str) or not name: raise ValueError(f"name: expected a non-empty str, got {name!r}")
+    ExpertsInterface.register(name, moe_lit_experts_forward)
+    return name
+
+# %% [markdown]
+# ## Which modules it reaches
+#
+# `experts_recipes(model)` lists the experts modules of a model that dispatch through the experts interface, with
+# their recipe: the way to check, before the first forward, that `"moe_lit"` reaches a model and can run all of it.
+# The examples and tests below use `tiny_hf_model` from `00_testing` (seeded tiny models of each family, 2 layers,
+# hidden 32, biases randomised, no download).
+#
+# > **Llama-4.** In transformers 5.17–5.24 `Llama4TextExperts` is not decorated with `@use_experts_implementation`:
+# > its router multiplies the scores into a copy of the tokens for *every* expert and the experts run densely, so
+# > `experts_implementation` is accepted but never reaches it (`experts_recipes` returns `{}`). Its transposed layout is
+# > still moe-lit's through `convert_experts_weights(..., transposed=True)` with the router weight on the input
+# > (checked below).
+
+# %%
+#| export
+def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
+    "`{module name: recipe}` for every experts module of `model` that dispatches through the experts interface."
+    return {n: experts_recipe(m) for n, m in model.named_modules()
+            if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
+
+# %%
+experts_recipes(tiny_hf_model("gpt_oss"))
+
+# %%
+#| test recipes_of_families
+test_eq(len(experts_recipes(tiny_hf_model("mixtral"))), 2)
+test_eq(len(experts_recipes(tiny_hf_model("deepseek_v3"))), 1)       # layer 0 is dense (first_k_dense_replace=1)
+model = tiny_hf_model("gpt_oss")
+r = next(iter(experts_recipes(model).values()))
+limit = model.model.layers[0].mlp.experts.limit                      # 0.5 from the config (5.17 hard-codes 7.0)
+test_eq(r, ExpertsRecipe(activation=Activation("swigluoai", alpha=1.702, limit=limit), transposed=True,
+                         interleaved=True, has_bias=True))
+r = next(iter(experts_recipes(tiny_hf_model("qwen3_moe")).values()))
+test_eq(r, ExpertsRecipe(activation=Activation("silu"), transposed=False, interleaved=False, has_bias=False))
+test_eq(experts_recipes(tiny_hf_model("llama4_text")), {})           # Llama-4's experts are not dispatched
+
+# %% [markdown]
+# ## Tests
+#
+# One experts module, the same routing, `"eager"` against `"moe_lit"`: every family, float32 and float64. The router
+# weights are random and the ids distinct per token, as a router gives them.
+
+# %%
+#| test module_matches_eager
+register()
+for model_type in [m for m in TINY_HF if m != "llama4_text"]:
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model = tiny_hf_model(model_type, dtype=dtype)
+        experts = model.get_submodule(next(iter(experts_recipes(model))))
+        if hasattr(experts, "limit"): experts.limit = model.config.swiglu_limit   # transformers 5.17 fixes 7.0
+        g = torch.Generator().manual_seed(1)
+        E, k, H = experts.gate_up_proj.shape[0], 2, model.config.hidden_size
+        x = torch.randn(11, H, generator=g, dtype=dtype)
+        ids = torch.rand(11, E, generator=g).topk(k).indices
+        w = torch.rand(11, k, generator=g, dtype=dtype).softmax(-1)
+        want = experts(x, ids, w)
+        model.set_experts_implementation("moe_lit")
+        got = experts(x, ids, w)
+        assert_close(got, want, rtol=rtol, name=f"{model_type} {dtype}")
+
+# %% [markdown]
+# The tiny gpt-oss has `swiglu_limit=0.5` (transformers 5.17 hard-codes 7.0 in the module, hence the assignment
+# above) and random biases, so that both clamps (`gate <= limit`, `|up| <= limit`) act in the test above:
+
+# %%
+#| test gpt_oss_clamps_bite
+model = tiny_hf_model("gpt_oss")
+experts = model.get_submodule(next(iter(experts_recipes(model))))
+x = torch.randn(11, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+h = x @ experts.gate_up_proj[0] + experts.gate_up_proj_bias[0]
+gate, up, limit = h[:, 0::2], h[:, 1::2], model.config.swiglu_limit
+assert (gate > limit).float().mean() > 0.1 and (up.abs() > limit).float().mean() > 0.1
+
+# %% [markdown]
+# A whole model: the logits with `experts_implementation="moe_lit"` equal the eager model's, built with
+# `from_config`, loaded with `from_pretrained` from a saved checkpoint, and switched with `set_experts_implementation`
+# on an existing model. A spy on the reference counts the experts calls, so a name that silently fails to reach the
+# experts cannot pass.
+
+# %%
+#| test model_from_config_and_pretrained
+register()
+ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+for model_type in [m for m in TINY_HF if m != "llama4_text"]:
+    eager = tiny_hf_model(model_type)                                 # experts_implementation "eager"
+    want = eager(ids, use_cache=False).logits                         # qwen3_next's cache wants attention layers
+    n = len(experts_recipes(eager))
+    spy = mock.Mock(wraps=moe_lit_experts_forward.__globals__["_reference_experts"])
+    with mock.patch.dict(moe_lit_experts_forward.__globals__, _reference_experts=spy):
+        ours = transformers.AutoModelForCausalLM.from_config(eager.config, experts_implementation="moe_lit")
+        ours.load_state_dict(eager.state_dict())
+        assert_close(ours.eval()(ids, use_cache=False).logits, want, rtol=1e-5, name=f"{model_type} from_config")
+        with tempfile.TemporaryDirectory() as d:
+            eager.save_pretrained(d)
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(d, experts_implementation="moe_lit",
+                                                                       dtype=torch.float32)
+            assert_close(loaded(ids, use_cache=False).logits, want, rtol=1e-5, name=f"{model_type} from_pretrained")
+    test_eq(spy.call_count, 2 * n)
+
+# %%
+#| test set_experts_implementation
+register()
+ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+for model_type in ("mixtral", "gpt_oss"):
+    model = tiny_hf_model(model_type)                                 # experts_implementation "eager"
+    want = model(ids).logits
+    model.set_experts_implementation("moe_lit")
+    test_eq(model.config._experts_implementation, "moe_lit")
+    spy = mock.Mock(wraps=moe_lit_experts_forward.__globals__["_reference_experts"])
+    with mock.patch.dict(moe_lit_experts_forward.__globals__, _reference_experts=spy):
+        assert_close(model(ids).logits, want, rtol=1e-5, name=model_type)
+    test_eq(spy.call_count, len(experts_recipes(model)))
+
+# %% [markdown]
+# Llama-4's layout, checked directly: its MoE block's routed output (router scores on the input, every expert dense)
+# against moe-lit's reference on the converted weights with `apply_router_weight_on_input=True`.
+
+# %%
+#| test llama4_layout
+model = tiny_hf_model("llama4_text")
+block = hf_moe_block(model, 0)
+x = torch.randn(11, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+scores, _ = block.router(x)                                       # [T, E], sigmoid of the top-k logits, 0 elsewhere
+E = scores.shape[1]
+want = block.experts(x.repeat(E, 1) * scores.T.reshape(-1, 1)).view(E, -1, x.shape[1]).sum(0)
+w, top = scores.topk(model.config.num_experts_per_tok, dim=-1)
+w13, w2, _, _ = convert_experts_weights(block.experts.gate_up_proj, block.experts.down_proj, transposed=True)
+got = moe_reference_standard(x, w13, w2, w.float(), top, apply_router_weight_on_input=True)
+assert_close(got, want, rtol=1e-5)
+
+# %% [markdown]
+# The cache: a copied layout (gpt-oss) converts once and reuses the copy; an in-place write to a weight, or a new
+# tensor behind it, rebuilds it; a matching layout (Mixtral) uses the parameters themselves.
+
+# %%
+#| test cache_invalidation
+register()
+clear_cache()
+model = tiny_hf_model("gpt_oss")
+model.set_experts_implementation("moe_lit")
+experts = model.get_submodule(next(iter(experts_recipes(model))))
+x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+ids, w = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [1, 0], [3, 2], [0, 2]]), torch.full((7, 2), 0.5)
+first = experts_weights(experts)
+assert experts_weights(experts)[0] is first[0]                    # cached: no second conversion
+before = experts(x, ids, w)
+with torch.no_grad(): experts.down_proj.mul_(2); experts.gate_up_proj_bias.add_(0.1)
+assert experts_weights(experts)[0] is not first[0]
+after = experts(x, ids, w)
+model.set_experts_implementation("eager")
+assert_close(after, experts(x, ids, w), rtol=1e-5)
+assert (after - before).abs().max() > 1e-3
+experts.gate_up_proj.data = experts.gate_up_proj.data * 3          # a new tensor behind the parameter
+assert torch.equal(experts_weights(experts)[0], convert_experts_weights(experts.gate_up_proj, experts.down_proj,
+                                                                       transposed=True, interleaved=True)[0])
+test_eq(clear_cache(), 1)                                          # the gpt-oss layer's copies
+mixtral = tiny_hf_model("mixtral")
+experts = mixtral.get_submodule(next(iter(experts_recipes(mixtral))))
+assert experts_weights(experts)[0] is experts.gate_up_proj            # no copy ...
+test_eq(clear_cache(), 0)                                          # ... and nothing cached
+
+# %% [markdown]
+# Expert-parallel sentinels (ids `>= num_experts`) contribute 0, as a slot of router weight 0 would:
+
+# %%
+#| test ep_sentinels
+register()
+model = tiny_hf_model("mixtral", dtype=torch.float64)
+experts = model.get_submodule(next(iter(experts_recipes(model))))
+experts._is_expert_parallel = True
+x = torch.randn(5, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+E = experts.num_experts
+ids = torch.tensor([[0, E], [E, 3], [2, 1], [E, E], [3, 1]])          # E == num_experts: on another rank
+w = torch.rand(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+off = ids >= E
+want = experts(x, ids.masked_fill(off, 0), w.masked_fill(off, 0.0))   # eager, those slots weighted 0
+model.set_experts_implementation("moe_lit")
+got = experts(x, ids, w)
+assert_close(got, want, rtol=1e-12)
+assert not got[3].any()                                             # both slots on other ranks: 0
+
+# %% [markdown]
+# What moe-lit cannot run raises, naming the module's class:
+
+# %%
+#| test unsupported_raise
+register()
+model = tiny_hf_model("mixtral", hidden_act="gelu")
+model.set_experts_implementation("moe_lit")
+ids = torch.randint(0, 64, (1, 4))
+test_fail(lambda: model(ids), contains="MixtralExperts: act_fn GELUActivation is not supported by moe_lit")
+test_fail(lambda: experts_recipes(model), contains="MixtralExperts: act_fn GELUActivation")
+model = tiny_hf_model("qwen3_moe")
+model.set_experts_implementation("moe_lit")
+experts = model.get_submodule(next(iter(experts_recipes(model))))
+experts._apply_gate = lambda h: h[..., ::2]                        # a gate moe-lit does not know
+test_fail(lambda: model(ids), contains="Qwen3MoeExperts: its _apply_gate")
+del experts._apply_gate
+experts.has_gate = False
+test_fail(lambda: model(ids), contains="Qwen3MoeExperts: ungated experts (has_gate=False)")
+experts.has_gate, experts.has_post_expert_norm = True, True
+test_fail(lambda: model(ids), contains="Qwen3MoeExperts: a norm after each expert")
+experts.has_post_expert_norm, experts.is_concatenated = False, False
+test_fail(lambda: experts_recipe(experts), contains="is_concatenated=False contradicts its gate _default_apply_gate")
+test_fail(lambda: experts_recipe(torch.nn.Linear(2, 2)), contains="Linear: not a transformers experts module")
+test_fail(lambda: register(""), contains="name: expected a non-empty str")
+
+# %% [markdown]
+# On a GPU, in bf16, the experts run on `TritonExperts`. Each bf16 run is measured against the same model in float64
+# on the CPU (the bf16 weights, upcast). One experts module must match it to a cosine of 0.999; the whole model must
+# be as close to it as transformers' eager bf16 run, up to bf16 noise, and agree with eager to a cosine of 0.99: a
+# tiny random model with clamps can amplify bf16 rounding through its layers, eager's as much as moe-lit's.
+
+# %%
+#| test cuda_bf16_matches_eager
+#| gpu
+register()
+cos = lambda a, b: torch.nn.functional.cosine_similarity(a.double().cpu().flatten(), b.double().cpu().flatten(), dim=0)
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, 64, (4, 33), generator=g)
+for model_type in ("mixtral", "gpt_oss"):
+    ref = tiny_hf_model(model_type, dtype=torch.bfloat16).double()             # the bf16 weights, in float64
+    model = tiny_hf_model(model_type, dtype=torch.bfloat16).cuda()
+    name = next(iter(experts_recipes(model)))
+    for m in (ref, model):                                                     # transformers 5.17 fixes 7.0
+        if hasattr(m.get_submodule(name), "limit"): m.get_submodule(name).limit = m.config.swiglu_limit
+    x = torch.randn(64, model.config.hidden_size, generator=g).bfloat16()
+    top = torch.rand(64, model.get_submodule(name).num_experts, generator=g).topk(2).indices
+    w = torch.rand(64, 2, generator=g).softmax(-1)
+    want, want_logits = ref.get_submodule(name)(x.double(), top, w.double()), ref(ids).logits
+    eager = model(ids.cuda()).logits
+    model.set_experts_implementation("moe_lit")
+    got, logits = model.get_submodule(name)(x.cuda(), top.cuda(), w.cuda()), model(ids.cuda()).logits
+    test_eq(got.dtype, torch.bfloat16); test_eq(logits.dtype, torch.bfloat16)
+    assert cos(got, want) > 0.999, f"{model_type} experts: cosine {cos(got, want)}"
+    assert cos(logits, want_logits) > cos(eager, want_logits) - 1e-3, f"{model_type}: {cos(logits, want_logits)}"
+    assert cos(logits, eager) > 0.99, f"{model_type}: cosine to eager {cos(logits, eager)}"
