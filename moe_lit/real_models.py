@@ -13,14 +13,14 @@ from .testing import hf_moe_block, hf_moe_output
 # %% auto #0
 __all__ = ['layout_table', 'hf_topk', 'parity']
 
-# %% ../nbs/12c_real_models.ipynb #f49335f3803d
+# %% ../nbs/12c_real_models.ipynb #21f9296bcd7b
 def layout_table() -> str:
     "The key layout of every model family moe-lit reads, as a markdown table (from `moe_lit.checkpoint.LAYOUTS`)."
     rows = []
     for t, l in LAYOUTS.items():
         experts = (f"fused `gate_up_proj`/`down_proj`{' (transposed)' if l.fused_transposed else ''}"
-                   f"{', gate/up interleaved' if l.interleaved else ''}; or per expert " +
-                   "/".join(f"`{p}`" for p in l.per_expert))
+                   f"{', gate/up interleaved' if l.interleaved else ''}" +
+                   ("; or per expert `experts.{e}.` " + "/".join(f"`{p}`" for p in l.per_expert) if l.per_expert else ""))
         rows.append({"model_type": f"`{t}`", "layer prefix": " or ".join(f"`{p}`" for p in l.prefixes),
                      "router": f"`{l.router}`" + (f" + `{l.router_bias}`" if l.router_bias else ""),
                      "correction bias": f"`{l.correction_bias}`" if l.correction_bias else "—", "experts": experts,

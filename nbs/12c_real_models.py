@@ -65,8 +65,8 @@ def layout_table() -> str:
     rows = []
     for t, l in LAYOUTS.items():
         experts = (f"fused `gate_up_proj`/`down_proj`{' (transposed)' if l.fused_transposed else ''}"
-                   f"{', gate/up interleaved' if l.interleaved else ''}; or per expert " +
-                   "/".join(f"`{p}`" for p in l.per_expert))
+                   f"{', gate/up interleaved' if l.interleaved else ''}" +
+                   ("; or per expert `experts.{e}.` " + "/".join(f"`{p}`" for p in l.per_expert) if l.per_expert else ""))
         rows.append({"model_type": f"`{t}`", "layer prefix": " or ".join(f"`{p}`" for p in l.prefixes),
                      "router": f"`{l.router}`" + (f" + `{l.router_bias}`" if l.router_bias else ""),
                      "correction bias": f"`{l.correction_bias}`" if l.correction_bias else "—", "experts": experts,

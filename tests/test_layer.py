@@ -81,38 +81,6 @@ def test_fused_moe_quantized():
     test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
 
 
-def test_fused_moe_from_mapping():
-    torch.manual_seed(6)
-    E, H, I, T = 6, 16, 8, 9
-    cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.float64, activation="swigluoai",
-                    swiglu_limit=0.8, has_expert_bias=True, has_router_bias=True, num_shared_experts=1,
-                    shared_intermediate_size=12, shared_expert_gate=True)
-    full = {n: torch.randn(*shape, dtype=torch.float64) for n, shape in weight_shapes(cfg).items()}
-    x = torch.randn(T, H, dtype=torch.float64)
-    logits = x @ full["gate"].T + full["gate_bias"]
-    wts, ids = logits.softmax(-1).topk(2, dim=-1); wts = wts / wts.sum(-1, keepdim=True)
-    act = Activation("swigluoai", limit=0.8)
-    want = torch.zeros(T, H, dtype=torch.float64)
-    for t in range(T):
-        for j in range(2):
-            e = ids[t, j]
-            want[t] += wts[t, j] * (full["w2"][e] @ act((full["w13"][e] @ x[t] + full["w13_bias"][e])[None])[0] + full["w2_bias"][e])
-    g, u = (x @ full["shared_experts.w13"].T).chunk(2, dim=-1)
-    want += torch.sigmoid(x @ full["shared_experts.gate"].T) * ((torch.nn.functional.silu(g) * u) @ full["shared_experts.w2"].T)
-    layer = FusedMoE(cfg, weights=full)
-    assert torch.equal(layer.route(x)[1].sort(-1).values.long(), ids.sort(-1).values)
-    assert_close(layer(x), want, rtol=1e-6)                                        # router weights are fp32 by contract
-    for backend in ("allgather_reducescatter", "nixl_ep"):                          # both formats, 3 ranks
-        par = ParallelConfig.make(1, 3, enable_expert_parallel=True, all2all_backend=backend)
-        run = run_emulated_ep(cfg.replace(parallel=par), x, weights=full)
-        assert_close(run.output, want, rtol=1e-6); assert_close(run.reference, want, rtol=1e-6)
-        test_eq([tuple(p.local_to_global.tolist()) for p in run.placements], [(0, 1), (2, 3), (4, 5)])
-    test_fail(lambda: FusedMoE(cfg, weights={**full, "w2_bias": torch.zeros(E, H + 1, dtype=torch.float64)}),
-              contains="weights['w2_bias']: expected shape [6, 16], got [6, 17]")
-    test_fail(lambda: FusedMoE(cfg.replace(has_expert_bias=False), weights=RandomExpertWeights(cfg)),
-              contains="weights: expected weights for")
-
-
 def test_quantized_layer_load_state_dict():
     torch.manual_seed(7)
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128)
@@ -183,6 +151,38 @@ def test_emulated_ep_triton_experts():
         run = run_emulated_ep(cfg, x, seed=4, placement=strategy, experts="triton")
         test_eq(run.experts[0], "triton")
         assert_close(run.output, run.reference, name=strategy)
+
+
+def test_fused_moe_from_mapping():
+    torch.manual_seed(6)
+    E, H, I, T = 6, 16, 8, 9
+    cfg = MoEConfig(num_experts=E, top_k=2, hidden_size=H, intermediate_size=I, dtype=torch.float64, activation="swigluoai",
+                    swiglu_limit=0.8, has_expert_bias=True, has_router_bias=True, num_shared_experts=1,
+                    shared_intermediate_size=12, shared_expert_gate=True)
+    full = {n: torch.randn(*shape, dtype=torch.float64) for n, shape in weight_shapes(cfg).items()}
+    x = torch.randn(T, H, dtype=torch.float64)
+    logits = x @ full["gate"].T + full["gate_bias"]
+    wts, ids = logits.softmax(-1).topk(2, dim=-1); wts = wts / wts.sum(-1, keepdim=True)
+    act = Activation("swigluoai", limit=0.8)
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(2):
+            e = ids[t, j]
+            want[t] += wts[t, j] * (full["w2"][e] @ act((full["w13"][e] @ x[t] + full["w13_bias"][e])[None])[0] + full["w2_bias"][e])
+    g, u = (x @ full["shared_experts.w13"].T).chunk(2, dim=-1)
+    want += torch.sigmoid(x @ full["shared_experts.gate"].T) * ((torch.nn.functional.silu(g) * u) @ full["shared_experts.w2"].T)
+    layer = FusedMoE(cfg, weights=full)
+    assert torch.equal(layer.route(x)[1].sort(-1).values.long(), ids.sort(-1).values)
+    assert_close(layer(x), want, rtol=1e-6)                                        # router weights are fp32 by contract
+    for backend in ("allgather_reducescatter", "nixl_ep"):                          # both formats, 3 ranks
+        par = ParallelConfig.make(1, 3, enable_expert_parallel=True, all2all_backend=backend)
+        run = run_emulated_ep(cfg.replace(parallel=par), x, weights=full)
+        assert_close(run.output, want, rtol=1e-6); assert_close(run.reference, want, rtol=1e-6)
+        test_eq([tuple(p.local_to_global.tolist()) for p in run.placements], [(0, 1), (2, 3), (4, 5)])
+    test_fail(lambda: FusedMoE(cfg, weights={**full, "w2_bias": torch.zeros(E, H + 1, dtype=torch.float64)}),
+              contains="weights['w2_bias']: expected shape [6, 16], got [6, 17]")
+    test_fail(lambda: FusedMoE(cfg.replace(has_expert_bias=False), weights=RandomExpertWeights(cfg)),
+              contains="weights: expected weights for")
 
 
 def test_shared_experts_once():
