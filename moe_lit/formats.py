@@ -10,8 +10,9 @@ from .terms import check_int, check_tensor, check_bool, check_choice, check_posi
 from .config import ActivationFormat, ACTIVATIONS
 
 # %% auto #0
-__all__ = ['SILU', 'silu_and_mul', 'Activation', 'expert_mlp', 'moe_reference_standard', 'dispatch_batched_reference',
-           'experts_reference_batched', 'combine_batched_reference', 'moe_reference_batched']
+__all__ = ['SILU', 'silu_and_mul', 'Activation', 'gate_up_from_interleaved', 'expert_mlp', 'moe_reference_standard',
+           'dispatch_batched_reference', 'experts_reference_batched', 'combine_batched_reference',
+           'moe_reference_batched']
 
 # %% ../nbs/05_formats.ipynb #c553d0c5ec7c
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -61,6 +62,18 @@ class Activation:
         return ((up + 1) * gate * torch.sigmoid(self.alpha * gate)).to(x.dtype)
 
 SILU = Activation()
+
+# %% ../nbs/05_formats.ipynb #fc8e3e962168
+def gate_up_from_interleaved(t: torch.Tensor,   # [..., 2·I, ...] gate/up alternating along `dim` (gate at even positions)
+                             dim: int = 1,       # the 2·I dimension (rows of w13 [E, 2·I, H]; columns of a bias [E, 2·I])
+                            ) -> torch.Tensor:   # same shape and dtype (codes too): gate half, then up half
+    "Reorder gate/up interleaved entries (gpt-oss's layout) into moe-lit's `w13` order: all gates, then all ups."
+    check_tensor("t", t)
+    if not -t.dim() <= dim < t.dim() or t.shape[dim] % 2:
+        raise ValueError(f"t: expected an even size along dim {dim}, got shape {tuple(t.shape)}")
+    n = t.shape[dim]
+    order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)]).to(t.device)
+    return t.index_select(dim, order)
 
 # %% ../nbs/05_formats.ipynb #1b09ab0acd25
 def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert

@@ -141,6 +141,26 @@ test_fail(lambda: Activation("swigluoai")(torch.zeros(2, 3)), contains="x: expec
 
 # %%
 #| export
+def gate_up_from_interleaved(t: torch.Tensor,   # [..., 2·I, ...] gate/up alternating along `dim` (gate at even positions)
+                             dim: int = 1,       # the 2·I dimension (rows of w13 [E, 2·I, H]; columns of a bias [E, 2·I])
+                            ) -> torch.Tensor:   # same shape and dtype (codes too): gate half, then up half
+    "Reorder gate/up interleaved entries (gpt-oss's layout) into moe-lit's `w13` order: all gates, then all ups."
+    check_tensor("t", t)
+    if not -t.dim() <= dim < t.dim() or t.shape[dim] % 2:
+        raise ValueError(f"t: expected an even size along dim {dim}, got shape {tuple(t.shape)}")
+    n = t.shape[dim]
+    order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)]).to(t.device)
+    return t.index_select(dim, order)
+
+# %%
+#| test gate_up_from_interleaved
+x = torch.tensor([[10, 20, 11, 21, 12, 22]], dtype=torch.uint8)   # gate j at 2j, up j at 2j + 1
+test_eq(gate_up_from_interleaved(x).tolist(), [[10, 11, 12, 20, 21, 22]])
+test_eq(gate_up_from_interleaved(x.T, dim=0).T.tolist(), [[10, 11, 12, 20, 21, 22]])
+test_fail(lambda: gate_up_from_interleaved(x[:, :5]), contains="t: expected an even size along dim 1")
+
+# %%
+#| export
 def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
                w13: torch.Tensor, # [2·intermediate_size, hidden_size], gate rows then up rows
                w2: torch.Tensor,  # [hidden_size, intermediate_size]

@@ -18,6 +18,7 @@ from moe_lit.config import ParallelConfig
 from moe_lit.models import moe_config_from_hf, text_config_view, read_config_json
 from moe_lit.weights import WeightSource, check_expert_ids
 from moe_lit.quant import dequantize_fp8, dequantize_mxfp4
+from moe_lit.formats import gate_up_from_interleaved
 
 # %%
 #| hide
@@ -294,17 +295,11 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
         else: runs.append((g, g + 1))
     return runs
 
-def _deinterleave(n: int) -> torch.Tensor:
-    "Row order that turns gate/up interleaved rows (gate at even, up at odd positions) into gate rows then up rows."
-    return torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)])
-
 # %%
-#| test runs_and_deinterleave
-runs, deinterleave = checkpoint_module._runs, checkpoint_module._deinterleave
+#| test runs
+runs = checkpoint_module._runs
 test_eq(runs([3, 4, 7, 2]), [(3, 5), (7, 8), (2, 3)])
 test_eq(runs([]), [])
-x = torch.tensor([10, 20, 11, 21, 12, 22])          # gate j at 2j, up j at 2j + 1
-test_eq(x[deinterleave(6)].tolist(), [10, 11, 12, 20, 21, 22])
 
 # %% [markdown]
 # ## CheckpointWeights
@@ -546,10 +541,10 @@ def _fused_experts(self, ids: list[int]) -> dict[str, torch.Tensor]:
     else:
         w13, w2 = self._read_experts(p + _FUSED["w13"], ids), self._read_experts(p + _FUSED["w2"], ids)
         if L.fused_transposed: w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
-    out = {"w13": w13[:, _deinterleave(2 * I)] if L.interleaved else w13, "w2": w2}
+    out = {"w13": gate_up_from_interleaved(w13) if L.interleaved else w13, "w2": w2}
     if c.has_expert_bias:
         b13 = self._read_experts(p + _FUSED["w13_bias"], ids)
-        out.update(w13_bias=b13[:, _deinterleave(2 * I)] if L.interleaved else b13,
+        out.update(w13_bias=gate_up_from_interleaved(b13) if L.interleaved else b13,
                    w2_bias=self._read_experts(p + _FUSED["w2_bias"], ids))
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -623,8 +618,7 @@ def _quantized_experts(self, expert_ids, scheme: str):
     with self._shards:
         if scheme == "mxfp4_w4a16":
             (w13, s13), (w2, s2) = self._mxfp4_parts("w13", ids), self._mxfp4_parts("w2", ids)
-            perm = _deinterleave(2 * I) if self.layout.interleaved else torch.arange(2 * I)
-            w13, s13 = w13[:, perm], s13[:, perm]
+            if self.layout.interleaved: w13, s13 = gate_up_from_interleaved(w13), gate_up_from_interleaved(s13)
         else:
             w13, s13, w2, s2 = self._fp8_parts(ids)
     return QuantizedExpertWeights(scheme, w13=w13.contiguous(), w13_scale=s13.contiguous(), w2=w2, w2_scale=s2,

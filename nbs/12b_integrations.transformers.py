@@ -14,7 +14,7 @@ import torch
 from transformers.integrations.moe import ExpertsInterface
 from transformers.activations import SiLUActivation
 from moe_lit.terms import check_tensor, check_bool
-from moe_lit.formats import Activation, moe_reference_standard, _acc_dtype
+from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved, _acc_dtype
 
 # %%
 #| hide
@@ -101,8 +101,8 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     if b13 is not None: check_tensor("gate_up_proj_bias", b13, shape=(E, N))
     if down_proj_bias is not None: check_tensor("down_proj_bias", down_proj_bias, shape=(E, H))
     if interleaved:                                                  # gate0 up0 gate1 up1 ... -> gate block, up block
-        w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
-        b13 = None if b13 is None else torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)
+        w13 = gate_up_from_interleaved(w13)
+        b13 = None if b13 is None else gate_up_from_interleaved(b13)
     return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
 
 # %% [markdown]

@@ -30,6 +30,13 @@ def test_activation_definitions():
     test_fail(lambda: Activation("swigluoai")(torch.zeros(2, 3)), contains="x: expected an even last dim")
 
 
+def test_gate_up_from_interleaved():
+    x = torch.tensor([[10, 20, 11, 21, 12, 22]], dtype=torch.uint8)   # gate j at 2j, up j at 2j + 1
+    test_eq(gate_up_from_interleaved(x).tolist(), [[10, 11, 12, 20, 21, 22]])
+    test_eq(gate_up_from_interleaved(x.T, dim=0).T.tolist(), [[10, 11, 12, 20, 21, 22]])
+    test_fail(lambda: gate_up_from_interleaved(x[:, :5]), contains="t: expected an even size along dim 1")
+
+
 def test_expert_mlp_matches_definition():
     torch.manual_seed(0)
     x, w13, w2 = torch.randn(5, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)

@@ -7,7 +7,7 @@ import torch
 from transformers.integrations.moe import ExpertsInterface
 from transformers.activations import SiLUActivation
 from moe_lit.terms import check_tensor, check_bool
-from moe_lit.formats import Activation, moe_reference_standard, _acc_dtype
+from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved, _acc_dtype
 import tempfile
 from unittest import mock
 import transformers
