@@ -32,7 +32,7 @@ def check_device(device) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
     return d
 
-# %% ../nbs/12_layer.ipynb #b1c761824346
+# %% ../nbs/12_layer.ipynb #6b800d725e13
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
@@ -48,9 +48,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
-    plain = config is None or (config.activation == "silu" and not config.has_expert_bias)   # what the quant GEMMs run
-    impl = "triton_quant" if q and plain else "triton"
-    if q and not plain: kernels += f" dequantized once (the quantized GEMMs run SiLU, bias-free experts only)"
+    impl = "triton_quant" if q else "triton"
     if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
                          f"{str(config.dtype)[6:]} (use --experts torch, or --dtype bf16)")

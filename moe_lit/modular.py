@@ -134,7 +134,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #a257d23b05e7
+# %% ../nbs/10_modular.ipynb #8bbc0b07ed17
 class TritonStandardExperts(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
@@ -150,27 +150,21 @@ class TritonBatchedExperts(TorchBatchedExperts):
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
                                             w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
-def _check_silu_unbiased(w13_bias, w2_bias, activation):
-    "The quantized Triton GEMMs run SiLU-gated, bias-free experts only (the oracle never picks them otherwise)."
-    if activation != SILU or w13_bias is not None or w2_bias is not None:
-        raise ValueError(f"activation: expected silu experts without biases for the quantized Triton kernels, got "
-                         f"{activation.name}{' with biases' if w13_bias is not None or w2_bias is not None else ''}")
-
 class TritonQuantStandardExperts(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09a_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
-        _check_silu_unbiased(w13_bias, w2_bias, activation)
         from moe_lit.kernels.quant import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                          validate=False)     # ids from the placement
+                                          validate=False,     # ids from the placement
+                                          w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
 class TritonQuantBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
-        _check_silu_unbiased(w13_bias, w2_bias, activation)
         from moe_lit.kernels.quant import BatchedTritonQuantExperts
-        return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m)
+        return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
+                                                 w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,

@@ -76,7 +76,7 @@ class ExpertsBackend:
             return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
         return True, "device and libraries fit"
 
-# %% ../nbs/11_oracle.ipynb #98d3d06aab81
+# %% ../nbs/11_oracle.ipynb #d1829162507f
 _S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
 _ALL = QUANT_SCHEMES
 _Q = QUANT_SCHEMES[1:]
@@ -93,14 +93,12 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
                    **_SILU_ONLY),
     ExpertsBackend("triton_contiguous", _S, ("unquantized",), "triton", needs_gpu=True),
     ExpertsBackend("triton_batched", _B, ("unquantized",), "triton", needs_gpu=True),
-    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
-                   **_SILU_ONLY),
-    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
-                   **_SILU_ONLY),
+    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
+    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
     ExpertsBackend("triton_contiguous_w4a16", _S, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16, **_SILU_ONLY),
+                   min_capability=(8, 0), note=_W4A16),
     ExpertsBackend("triton_batched_w4a16", _B, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16, **_SILU_ONLY),
+                   min_capability=(8, 0), note=_W4A16),
     ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT),

@@ -16,10 +16,11 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
-from moe_lit.formats import silu_and_mul
+from moe_lit.formats import Activation, SILU
 from moe_lit.quant import (FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
 from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m, _check_aligned_args, _check_local_ids, _sum_pairs
 from moe_lit.testing import poison_rows
 
@@ -35,9 +36,10 @@ from moe_lit.formats import moe_reference_standard
 # contiguous GEMM `fused_moe_gemm_quant`, each beside its torch spec (`batched_gemm_quant_reference`,
 # `fused_moe_gemm_quant_reference`); and the experts `BatchedTritonQuantExperts` (BatchedExperts format) and
 # `TritonQuantExperts` (Standard format), with their specs `quant_experts_reference_batched` and
-# `quant_experts_reference_standard`. Test helpers: `random_expert_weights`, `random_activations`, `quant_error`,
-# `assert_quant_close`, `experts_tolerance`, `check_batched_gemm_quant`, `check_fused_gemm_quant`; one figure,
-# `plot_weight_scales`. A **reference** page in Triton's order: motivation → spec → kernel →
+# `quant_experts_reference_standard`. All of them take the experts' semantics of `06`/`08`: an `Activation` (SiLU, or
+# gpt-oss's clamped SwiGLU) and optional expert biases, through the same epilogue helpers. Test helpers:
+# `random_expert_weights`, `random_activations`, `quant_error`, `assert_quant_close`, `experts_tolerance`,
+# `check_batched_gemm_quant`, `check_fused_gemm_quant`; one figure, `plot_weight_scales`. A **reference** page in Triton's order: motivation → spec → kernel →
 # launcher → tests → interpretation. Formats and their torch quantizers come from `09_quant`; the unquantized
 # kernels this chapter extends are in `06_kernels.batched` and `08_kernels.contiguous`.
 #
@@ -620,7 +622,7 @@ test_fail(lambda: fp8_quantize_activations(x, "token", cnt + 30), contains="expe
 # ## The K loop, written once
 #
 # Both GEMM kernels (batched and contiguous) call the same `@triton.jit` helper for every K tile and every weight
-# half (gate, then up when SiLU is fused). It loads the weight tile, keeps it fp8 or turns FP4 codes into the
+# half (gate, then up when a gated activation is fused). It loads the weight tile, keeps it fp8 or turns FP4 codes into the
 # activation dtype, runs `tl.dot`, and applies the scales that change along K. Scales that are constant along K are
 # applied once, after the loop, by a second shared helper.
 #
@@ -720,10 +722,10 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
                         w_e, ws_e, gs_ptr, e,   # this expert's codes and scales, the global scales, the expert
                         offs_n, mask_n, K, K_W, N_OUT,
                         stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk,
-                        FMT: tl.constexpr, SILU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        FMT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    "Both formats' main loop: `(acc, acc_up)` of one output tile over all of K, every scale applied (fp32)."
+    "Both formats' main loop: `(acc, acc_up)` of one output tile over all of K, every scale applied (real-valued fp32)."
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -735,7 +737,7 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
         if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=row_ok, other=0.0)
         acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
                             stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        if SILU:
+        if GATED:
             acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
                                    stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -744,7 +746,7 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
     gs = 1.0
     if FMT == 3: gs = tl.load(gs_ptr + e)
     acc = _quant_output_scales(acc, a_s_row, ws_e, gs, offs_n, mask_n, stride_wsn, FMT)
-    if SILU: acc_up = _quant_output_scales(acc_up, a_s_row, ws_e, gs, offs_n + N_OUT, mask_n, stride_wsn, FMT)
+    if GATED: acc_up = _quant_output_scales(acc_up, a_s_row, ws_e, gs, offs_n + N_OUT, mask_n, stride_wsn, FMT)
     return acc, acc_up
 
 # %% [markdown]
@@ -755,13 +757,19 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
 # The reference computes in float64 from the dequantized weights; for w8a8 it quantizes each expert's valid rows with
 # `09_quant`'s `quantize_fp8` first (the same values the kernel's quantizer produces), so kernel and spec see the same
 # fp8 activations and differ only by accumulation order and the output's rounding. `weight` picks `w13` or `w2`; left
-# out, it is `w13` with SiLU-and-mul and `w2` without (the MoE's GEMM1 and GEMM2).
+# out, it is `w13` with a gated activation and `w2` without (the MoE's GEMM1 and GEMM2).
+#
+# `activation` is named as in `06`'s launchers: `None` for a plain GEMM, an `Activation` (`SILU`, or gpt-oss's
+# `Activation("swigluoai", alpha, limit)`), or `"silu_and_mul"`, the older spelling of `SILU`. `bias` is the
+# expert's bias row `[E, N]` (N = rows of the weight: `2·I` for `w13`, `H` for `w2`), added to the real-valued
+# product — after every quantization scale — and before the activation. The activation is
+# `moe_lit.formats.Activation` itself, the one definition the kernels are checked against.
 
 # %%
 #| export
-def _which(weight, activation) -> str:
-    check_choice("activation", activation, (None, "silu_and_mul"))
-    return check_choice("weight", weight, ("w13", "w2")) if weight is not None else ("w13" if activation else "w2")
+def _which(weight, act: Activation | None) -> str:
+    "The weight a GEMM reads: `weight` if given, else `w13` for a gated GEMM and `w2` for a plain one."
+    return check_choice("weight", weight, ("w13", "w2")) if weight is not None else ("w13" if act else "w2")
 
 def _dequantized_rows(x, qw, expert_num_tokens, a_scale, K, used=None) -> torch.Tensor:
     "float64 activations as the GEMM sees them: fp8 quantize-dequantize for w8a8 (emulated in torch), as is for w4a16."
@@ -780,20 +788,23 @@ def _dequantized_rows(x, qw, expert_num_tokens, a_scale, K, used=None) -> torch.
 def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tokens, K] bf16/fp16 (or fp8 with a_scale)
                                  qw: QuantizedExpertWeights,
                                  expert_num_tokens: torch.Tensor,  # [E] int32
-                                 activation: str | None = None,    # None or "silu_and_mul"
+                                 activation: Activation | str | None = None,  # None, an Activation or "silu_and_mul"
                                  weight: str | None = None,        # "w13" / "w2"; default by activation
                                  a_scale: torch.Tensor | None = None,  # pre-quantized a's scales (w8a8)
+                                 bias: torch.Tensor | None = None, # [E, N] expert bias, added before the activation
                                 ) -> torch.Tensor:                 # [E, max_tokens, N or N/2] float64, NaN past counts
-    "Spec: `out[e, :n_e] = act(deq(quant(a[e, :n_e])) @ deq(W[e])ᵀ)` in float64."
-    which = _which(weight, activation)
+    "Spec: `out[e, :n_e] = act(deq(quant(a[e, :n_e])) @ deq(W[e])ᵀ + bias[e])` in float64."
+    act = check_activation(activation)
+    which = _which(weight, act)
     _, _, _, N, K = _weight_parts(qw, which)
     E, M, _ = a.shape
-    out = torch.full((E, M, N // 2 if activation else N), float("nan"), dtype=torch.float64, device=a.device)
+    out = torch.full((E, M, N // 2 if act else N), float("nan"), dtype=torch.float64, device=a.device)
     ad = _dequantized_rows(a, qw, expert_num_tokens, a_scale, K)
     for e, n in enumerate(expert_num_tokens.tolist()):
         if n == 0: continue
         y = ad[e, :n] @ qw.dequantize_weight(which, e, torch.float64).to(a.device).T
-        out[e, :n] = silu_and_mul(y) if activation else y
+        if bias is not None: y = y + bias[e].double().to(a.device)
+        out[e, :n] = act(y) if act else y
     return out
 
 # %% [markdown]
@@ -805,17 +816,28 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
 #     a   = A[e, m-tile, k-tile]              (float8 for w8a8, bf16/fp16 for w4a16; rows >= count read as 0)
 #     a_s = a_scale[e, m-tile, k0/128]        (block scheme only)
 #     acc    = _quant_k_step(acc,    a, a_s, gate rows n)
-#     acc_up = _quant_k_step(acc_up, a, a_s, up rows n + N_OUT)        (SiLU only; separate accumulators, triton#10821)
+#     acc_up = _quant_k_step(acc_up, a, a_s, up rows n + N_OUT)        (GATED only; separate accumulators, triton#10821)
 # acc (and acc_up) = _quant_output_scales(...)                           (tensor/channel scales; NVFP4 global scale)
-# out[e, valid rows, n-tile] = SiLU(acc)·acc_up  or  acc
+# acc (and acc_up) += bias[e, n-tile] (and bias[e, N_OUT + n-tile])     (HAS_BIAS only; real-valued fp32 by now)
+# out[e, valid rows, n-tile] = act(acc, acc_up)  or  acc                (act: SiLU-and-mul or clamped SwiGLU)
 # ```
 #
 # **Grid** `(cdiv(max_tokens, BLOCK_M) · cdiv(N_out, BLOCK_N), E)`, N-tile major as in `06`. Bytes per active expert:
 # the weight codes `N·K` (fp8) or `N·K/2` (FP4) plus scales, the activations `c·K` (fp8) or `2·c·K` (16-bit) per
-# N-tile, the output `c·N_out` — at decode the codes dominate. **Constexprs**: `FMT` (the table above), `SILU`,
+# N-tile, the output `c·N_out` — at decode the codes dominate (a bias adds `N` values per active expert). **Constexprs**:
+# `FMT` (the table above), `GATED` (a gated activation: the weight holds gate rows then up rows), `ACTIVATION`
+# (`Activation.code`: 0 SiLU-and-mul, 1 gpt-oss's clamped SwiGLU with the runtime `alpha` and `limit`), `HAS_BIAS`,
 # `UPCAST` (bf16 → fp32 after load in the interpreter; w4a16 only), `PRECISION`, `GROUP_N`/`GROUP_K` (the weight's
 # scale group), `BLOCK_M/N/K`. Offsets inside an expert are int32 (checked by the launcher); the expert's base offset
 # is int64.
+#
+# > **The epilogue is `06`'s.** After the K loop the accumulators hold the real-valued product — every weight and
+# > activation scale and the NVFP4 global scale already applied — and the kernel calls the unquantized kernels'
+# > helpers on them: `_add_expert_bias`, then `_gated_activation`. So the bias is never multiplied by a quantization
+# > scale: for FP8 tensor/channel scales, which are applied after the loop, adding it to the raw fp8 products would
+# > scale it by `a_scale · w_scale`. With `SILU` and no bias the constexprs drop the bias and clamp branches and the
+# > bias pointer is `None`, so the default kernel is the plain SiLU-and-mul kernel — same instructions, same tiles,
+# > same tuned tables (the keys do not include the activation or the bias).
 
 # %%
 #| export
@@ -823,16 +845,19 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
 def _batched_moe_gemm_quant_kernel(
     a_ptr,          # [E, max_tokens, K] float8 (w8a8) or bf16/fp16 (w4a16); rows >= count never read
     as_ptr,         # activation scales: e·stride_ase + m·stride_asm + (k // GROUP_K)·stride_asg (w8a8)
-    w_ptr,          # [E, N_w, K] float8 or [E, N_w, K_pad/2] uint8; N_w = N_OUT, or 2·N_OUT with SILU
+    w_ptr,          # [E, N_w, K] float8 or [E, N_w, K_pad/2] uint8; N_w = N_OUT, or 2·N_OUT with GATED
     ws_ptr,         # weight scales: e·stride_wse + (n // GROUP_N)·stride_wsn + (k // GROUP_K)·stride_wsk
     gs_ptr,         # [E] fp32 NVFP4 global scales (FMT 3)
     c_ptr,          # [E, max_tokens, N_OUT]
     expert_num_tokens_ptr,   # [E] int32
+    bias_ptr,       # [E, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
     N_OUT, K, K_W, MAX_TOKENS, num_m_tiles,
+    alpha, limit,   # fp32, read only when ACTIVATION == 1
     stride_ae, stride_am, stride_ak, stride_ase, stride_asm, stride_asg, stride_we, stride_wn, stride_wk,
-    stride_wse, stride_wsn, stride_wsk, stride_ce, stride_cm, stride_cn,
-    FMT: tl.constexpr, SILU: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_wse, stride_wsn, stride_wsk, stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
+    FMT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     "grid = (cdiv(max_tokens, BLOCK_M)·cdiv(N_OUT, BLOCK_N), E); programs with m_start >= expert_num_tokens[e] exit."
     pid, e = tl.program_id(0), tl.program_id(1)
@@ -848,9 +873,11 @@ def _batched_moe_gemm_quant_kernel(
     as_ptrs = as_ptr + e64 * stride_ase + offs_m * stride_asm
     w_e, ws_e = w_ptr + e64 * stride_we, ws_ptr + e64 * stride_wse
     acc, acc_up = _quant_tile_product(a_ptrs, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
-                                      stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, SILU,
+                                      stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
                                       UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
-    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up          # SiLU(gate) · up in fp32, cast once
+    if HAS_BIAS:                                                  # on the scaled (real-valued) fp32 product
+        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
+    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -879,6 +906,10 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     if qw.scheme == "nvfp4_w4a16": scale = scale.view(torch.uint8)   # loaded as bytes, bit-cast to e4m3 in the kernel
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme])
+
+def _named_strides(tensor: str, dims: str, strides) -> dict:
+    "Strides as the kernels' keywords: `_named_strides('a', 'emk', (s0, s1, s2))` -> `stride_ae`, `stride_am`, `stride_ak`."
+    return {f"stride_{tensor}{d}": int(st) for d, st in zip(dims, strides, strict=True)}
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
                 config: dict | None) -> dict:
@@ -929,35 +960,39 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
 
 # %%
 #| export
-def _check_quant_gemm_common(a, qw, activation, weight, ndim):
+def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
+    "`(which weight, its kernel arguments, output columns, Activation or None)`; checks qw, a's K and the bias `[E, N]`."
     if not isinstance(qw, QuantizedExpertWeights):
         raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
-    which = _which(weight, activation)
+    act = check_activation(activation)
+    which = _which(weight, act)
     wa = _weight_kernel_args(qw, which)
     check_tensor("a", a, ndim=ndim)
     if a.shape[-1] != wa["K"]:
         raise ValueError(f"a: expected K = {wa['K']} ({'hidden_size' if which == 'w13' else 'intermediate_size'} of "
                          f"{which}) in the last dim, got shape {list(a.shape)}")
-    if activation and wa["N"] % 2: raise ValueError(f"{which}: expected an even N for silu_and_mul, got {wa['N']}")
+    if act and wa["N"] % 2: raise ValueError(f"{which}: expected an even N for a gated activation ({act.name}), got {wa['N']}")
     if a.device != qw.device: raise ValueError(f"qw: expected device {a.device}, got {qw.device}")
-    return which, wa, (wa["N"] // 2 if activation else wa["N"])
+    check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
+    return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
 # %%
 #| export
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
-                           activation: str | None = None,     # None, or "silu_and_mul" -> N/2 outputs
+                           activation: Activation | str | None = None,  # None, an Activation or "silu_and_mul" -> N/2 outputs
                            out: torch.Tensor | None = None,   # [E, max_tokens, N or N/2]; rows >= count never written
-                           weight: str | None = None,         # "w13" or "w2"; default w13 with SiLU, w2 without
+                           weight: str | None = None,         # "w13" or "w2"; default w13 when gated, w2 without
                            a_scale: torch.Tensor | None = None,   # fp8 a's scales: [E, 1, 1] / [E, M, 1] / [E, M, ⌈K/128⌉]
                            out_dtype: torch.dtype | None = None,  # output dtype for fp8 a (default bf16)
                            config: dict | None = None,        # tile override: BLOCK_M/N/K, num_warps, num_stages
                            expected_m: int | None = None,     # expected valid rows per expert (tile lookup only)
                            validate: bool = True,             # check counts <= max_tokens on the host (one sync)
+                           bias: torch.Tensor | None = None,  # [E, N] bf16/fp16/fp32, added in fp32 after the scales, before act
                           ) -> torch.Tensor:                  # `out`
-    "Quantized masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ W[e]ᵀ)` (FP8 w8a8 or FP4 w4a16), fp32 accumulation."
-    which, wa, n_out = _check_quant_gemm_common(a, qw, activation, weight, 3)
+    "Quantized masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ W[e]ᵀ + bias[e])` (FP8 w8a8 or FP4 w4a16), fp32 accumulation."
+    which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 3, bias)
     E, M, K = a.shape
     if E != qw.num_experts: raise ValueError(f"a: expected {qw.num_experts} experts in dim 0, got shape {list(a.shape)}")
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
@@ -970,14 +1005,17 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     if E == 0 or M == 0 or n_out == 0: return out
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, odt, wa["FMT"], wa["GROUP_K"],
-                      activation is not None, config)
+                      act is not None, config)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = triton.cdiv(M, bm)
     upcast = INTERPRET and a_k.dtype == torch.bfloat16
     _batched_moe_gemm_quant_kernel[(num_m_tiles * triton.cdiv(n_out, bn), E)](
-        a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens, n_out, K, wa["K_W"], M, num_m_tiles,
-        *a_k.stride(), *as_strides, *wa["codes"].stride(), *wa["scale_strides"], *out.stride(),
-        FMT=wa["FMT"], SILU=activation is not None, UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
+        a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens,
+        N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
+        **_named_strides("a", "emk", a_k.stride()), **_named_strides("as", "emg", as_strides),
+        **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
+        **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
+        FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
         GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
 
@@ -1026,7 +1064,8 @@ test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05
 #| export
 def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts: list, activation=None,
                              dtype=torch.bfloat16, seed: int = 0, device=None, config=None, rel_tol=1e-2, cos_min=0.9999,
-                             qw: QuantizedExpertWeights | None = None):   # reuse these weights (else random ones)
+                             qw: QuantizedExpertWeights | None = None,    # reuse these weights (else random ones)
+                             bias: torch.Tensor | None = None):           # [E, N] expert bias of the GEMM's weight
     "Run `batched_moe_gemm_quant` on a poisoned random problem and compare with the float64 spec (the test body)."
     device = device or DEVICE
     qw = qw or quantize_expert_weights(*random_expert_weights(E, H, I, seed, device), scheme)
@@ -1036,8 +1075,8 @@ def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts
     cnt = torch.tensor(counts, dtype=torch.int32, device=device)
     a = poison_rows(random_activations((E, M, K), dtype, seed + 1, device), cnt)
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt)
-    got = batched_moe_gemm_quant(a, qw, cnt, activation, out=out, config=config)
-    want = batched_gemm_quant_reference(a, qw, cnt, activation)
+    got = batched_moe_gemm_quant(a, qw, cnt, activation, out=out, config=config, bias=bias)
+    want = batched_gemm_quant_reference(a, qw, cnt, activation, bias=bias)
     valid = (torch.arange(M, device=device)[None, :] < cnt[:, None]).cpu()
     assert_quant_close(got.cpu()[valid], want.cpu()[valid], rel_tol, cos_min, name=f"{scheme} {which} {activation} {dtype}")
     assert got.cpu()[~valid].isnan().all(), f"{scheme}: a padding row was written"
@@ -1132,6 +1171,11 @@ for scheme in ("fp8_w8a8_block", "fp8_w8a8_tensor"):
 # as `08`'s `fused_moe_gemm` does. Pairs without a local expert are NaN in the spec (the kernel leaves them unwritten).
 # For w8a8 the whole `a` is quantized (per-tensor: one scale over all its rows, so every row must be finite).
 #
+# The expert bias `bias [E, N]` sits where `08` puts it, from the expert contract
+# `out[t] = Σ_k rw_tk · (W2·act(W13·x_t + b13) + b2)`: with the router weight on the input, GEMM1 computes
+# `act(rw·(x·W13ᵀ) + b13)` — the weight scaled `x`, not the bias; with it on the output, GEMM2 computes
+# `rw·(h·W2ᵀ + b2)` — the bias is weighted like the rest of the expert's output.
+#
 # > **Router weight on the input, quantized.** Scaling GEMM1's fp32 output by `rw` equals quantizing `rw·x` for
 # > per-token and 1×128 scales (the scale absorbs the factor; only the bf16 rounding of `rw·x` differs) and is close to
 # > it for a per-tensor scale, where `rw·x` would use a smaller share of the fp8 range. vLLM multiplies the input
@@ -1142,27 +1186,32 @@ for scheme in ("fp8_w8a8_block", "fp8_w8a8_tensor"):
 def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (token rows) or [T·top_k, K] (pair rows)
                                    qw: QuantizedExpertWeights,
                                    local_ids: torch.Tensor,         # [T, top_k] int, local expert per slot or -1
-                                   activation: str | None = None,   # None or "silu_and_mul"
+                                   activation: Activation | str | None = None,  # None, an Activation or "silu_and_mul"
                                    topk_weights: torch.Tensor | None = None,  # [T, top_k] fp32
-                                   weight_stage: str | None = None, # None, "input" (before SiLU) or "output"
+                                   weight_stage: str | None = None, # None, "input" (before the bias) or "output" (after it)
                                    weight: str | None = None,       # "w13" / "w2"; default by activation
                                    rows: str = "token",             # "token" or "pair"
                                    a_scale: torch.Tensor | None = None,  # pre-quantized a's scales (w8a8)
+                                   bias: torch.Tensor | None = None,     # [E, N] expert bias
                                   ) -> torch.Tensor:                # [T·top_k, N or N/2] float64, NaN for non-local pairs
-    "Spec: `out[p] = act(rw·deq(quant(a[row(p)])) @ deq(W[local(p)])ᵀ)` in float64 for every pair with a local expert."
-    which = _which(weight, activation)
+    "Spec: `out[p] = act(rw·deq(quant(a[row(p)])) @ deq(W[e])ᵀ + bias[e])`, e = local(p), in float64 (rw on the output: `rw·(… + bias[e])`)."
+    act = check_activation(activation)
+    which = _which(weight, act)
     _, _, _, N, K = _weight_parts(qw, which)
     T, top_k = local_ids.shape
     flat = local_ids.reshape(-1).to(a.device)
     used = flat >= 0 if rows == "pair" else (local_ids.to(a.device) >= 0).any(1)   # rows some local pair reads
     ad = _dequantized_rows(a, qw, None, a_scale, K, used)
-    out = torch.full((T * top_k, N // 2 if activation else N), float("nan"), dtype=torch.float64, device=a.device)
+    out = torch.full((T * top_k, N // 2 if act else N), float("nan"), dtype=torch.float64, device=a.device)
     for e in range(qw.num_experts):
         pairs = (flat == e).nonzero()[:, 0]
         if pairs.numel() == 0: continue
         y = ad[pairs if rows == "pair" else pairs // top_k] @ qw.dequantize_weight(which, e, torch.float64).to(a.device).T
-        if weight_stage is not None: y = y * topk_weights.reshape(-1)[pairs].double().to(a.device)[:, None]
-        out[pairs] = silu_and_mul(y) if activation else y
+        rw = topk_weights.reshape(-1)[pairs].double().to(a.device)[:, None] if weight_stage is not None else None
+        if weight_stage == "input": y = y * rw
+        if bias is not None: y = y + bias[e].double().to(a.device)
+        if weight_stage == "output": y = y * rw
+        out[pairs] = act(y) if act else y
     return out
 
 # %% [markdown]
@@ -1172,8 +1221,10 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
 # a program reads its block's expert (`-1`: return without a load or a store), gathers the rows of its pairs
 # (sentinel positions are masked: their rows are read as 0 and never stored), and runs `_quant_k_step` and
 # `_quant_output_scales`. Activation scales are indexed by the row (token or pair), weight scales by the expert.
-# Router weights multiply in fp32 after the scales — before SiLU when applied on the input (the GEMM is linear in its
-# input), after GEMM2 otherwise. Token and pair indices are int64 (`T·top_k·N` passes 2^31 at long prefills,
+# Router weights multiply in fp32 after the scales — before the activation when applied on the input (the GEMM is
+# linear in its input), after GEMM2 otherwise. The epilogue is `08`'s: with the router weight on the input the
+# accumulators are scaled first and the expert bias added after; on the output the bias is added first and then
+# weighted; the gated activation comes last. Token and pair indices are int64 (`T·top_k·N` passes 2^31 at long prefills,
 # sglang#4727). **Grid** `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major.
 
 # %%
@@ -1186,12 +1237,14 @@ def _fused_moe_quant_kernel(
     c_ptr,          # [T·top_k, N_OUT]
     sorted_ptr, expert_ids_ptr, ntpp_ptr,   # from moe_align_block_size
     weights_ptr,    # [T·top_k] fp32 router weights (WEIGHT != 0)
+    bias_ptr,       # [E_local, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
     N_OUT, K, K_W, num_pairs, num_m_blocks, num_sorted, num_local,
+    alpha, limit,   # fp32, read only when ACTIVATION == 1
     stride_am, stride_ak, stride_asm, stride_asg, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
-    stride_cm, stride_cn,
-    TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, SILU: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_cm, stride_cn, stride_be, stride_bn,
+    TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     "grid = (cdiv(max_padded, BLOCK_M)·cdiv(N_OUT, BLOCK_N),); blocks past num_tokens_post_padded or of expert -1 exit."
     pid = tl.program_id(0)
@@ -1210,13 +1263,14 @@ def _fused_moe_quant_kernel(
     as_ptrs = as_ptr + rows * stride_asm
     w_e, ws_e = w_ptr + e * stride_we, ws_ptr + e * stride_wse
     acc, acc_up = _quant_tile_product(a_ptrs, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
-                                      stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, SILU,
+                                      stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
                                       UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
-    if WEIGHT != 0:
-        rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
-        if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw     # on the input: scales the linear GEMM1
-        else: acc = acc * rw                                    # on the output (GEMM2), in fp32
-    if SILU: acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+    if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
+    if HAS_BIAS:                                                # the block's expert's row, on the scaled fp32 product
+        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
+    if WEIGHT == 2: acc = acc * rw                              # on the output (GEMM2), bias included, in fp32
+    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
@@ -1232,18 +1286,19 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                          num_tokens_post_padded: torch.Tensor,  # [1] int32
                          top_k: int,                       # slots per token
                          block_m: int,                     # the block size the alignment used
-                         activation: str | None = None,    # None or "silu_and_mul"
+                         activation: Activation | str | None = None,  # None, an Activation or "silu_and_mul"
                          topk_weights: torch.Tensor | None = None,  # [T, top_k] fp32, applied per `weight_stage`
                          weight_stage: str | None = None,  # None, "input" (GEMM1) or "output" (GEMM2)
                          out: torch.Tensor | None = None,  # [T·top_k, N or N/2]; rows of uncomputed pairs untouched
-                         weight: str | None = None,        # "w13" or "w2"; default w13 with SiLU, w2 without
+                         weight: str | None = None,        # "w13" or "w2"; default w13 when gated, w2 without
                          rows: str = "token",              # "token": a row per token (GEMM1); "pair": per pair (GEMM2)
                          a_scale: torch.Tensor | None = None,   # fp8 a's scales: [1, 1] / [rows, 1] / [rows, ⌈K/128⌉]
                          out_dtype: torch.dtype | None = None,  # output dtype for fp8 a (default bf16)
                          config: dict | None = None,       # tile override (BLOCK_M is fixed by the alignment)
+                         bias: torch.Tensor | None = None, # [E_local, N] bf16/fp16/fp32: fp32 add after the scales (see the spec)
                         ) -> torch.Tensor:                 # `out`
-    "Quantized grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ W[expert(block)]ᵀ)`, fp32 accumulation."
-    which, wa, n_out = _check_quant_gemm_common(a, qw, activation, weight, 2)
+    "Quantized grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ W[e]ᵀ + bias[e])`, e = expert(block), fp32 accumulation."
+    which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 2, bias)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
     _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
@@ -1256,15 +1311,19 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     _check_extent("w", wa["codes"])
     if num_pairs == 0 or n_out == 0: return out
     cfg = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], K, block_m, odt, wa["FMT"], wa["GROUP_K"],
-                      activation is not None, config)
+                      act is not None, config)
     cfg["BLOCK_M"] = block_m
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype == torch.bfloat16
     _fused_moe_quant_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
-        topk_weights.contiguous() if topk_weights is not None else out, n_out, K, wa["K_W"], num_pairs, num_m_blocks,
-        sorted_token_ids.numel(), qw.num_experts, *a_k.stride(), *as_st[1:], *wa["codes"].stride(), *wa["scale_strides"], *out.stride(),
-        TOP_K=top_k, A_PER_PAIR=per_pair, SILU=activation is not None, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
+        topk_weights.contiguous() if topk_weights is not None else out,
+        N_OUT=n_out, K=K, K_W=wa["K_W"], num_pairs=num_pairs, num_m_blocks=num_m_blocks,
+        num_sorted=sorted_token_ids.numel(), num_local=qw.num_experts,
+        **_named_strides("a", "mk", a_k.stride()), **_named_strides("as", "mg", as_st[1:]),
+        **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
+        **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),
+        TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
         GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
@@ -1281,7 +1340,8 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
 #| export
 def check_fused_gemm_quant(scheme: str, T: int, top_k: int, E: int, H: int, I: int, activation=None,
                            dtype=torch.bfloat16, block_m: int = 16, seed: int = 0, device=None, config=None,
-                           rel_tol=1e-2, cos_min=0.9999, qw: QuantizedExpertWeights | None = None):
+                           rel_tol=1e-2, cos_min=0.9999, qw: QuantizedExpertWeights | None = None,
+                           bias: torch.Tensor | None = None):           # [E, N] expert bias of the GEMM's weight
     "Run `fused_moe_gemm_quant` on a random routing (with -1 slots) and compare with the float64 spec (the test body)."
     device = device or DEVICE
     g = torch.Generator().manual_seed(seed)
@@ -1298,8 +1358,8 @@ def check_fused_gemm_quant(scheme: str, T: int, top_k: int, E: int, H: int, I: i
         a[~pair_ok.to(device)] = 0.0 if scheme == "fp8_w8a8_tensor" else float("nan")   # rows never computed
         kw = dict(weight_stage="output", rows="pair")
     out = torch.full((T * top_k, I if activation else H), float("nan"), dtype=dtype, device=device)
-    got = fused_moe_gemm_quant(a, qw, s, e, n, top_k, block_m, activation, wts, out=out, config=config, **kw)
-    want = fused_moe_gemm_quant_reference(a, qw, local, activation, wts, **kw)
+    got = fused_moe_gemm_quant(a, qw, s, e, n, top_k, block_m, activation, wts, out=out, config=config, bias=bias, **kw)
+    want = fused_moe_gemm_quant_reference(a, qw, local, activation, wts, bias=bias, **kw)
     assert_quant_close(got.cpu()[pair_ok], want.cpu()[pair_ok], rel_tol, cos_min, name=f"{scheme} {activation} {dtype}")
     assert got.cpu()[~pair_ok].isnan().all(), f"{scheme}: a row of a non-local pair was written"
     return got
@@ -1325,11 +1385,18 @@ check_fused_gemm_quant("fp8_w8a8_channel", 6, 1, 3, 96, 64, None, seed=3)
 # %% [markdown]
 # ## The experts
 #
-# Both classes run GEMM1 (with SiLU-and-mul), quantize the intermediate again for w8a8, and run GEMM2 — all in the
-# chosen scheme. Their `apply` has the shape of the unquantized experts (`06`'s `BatchedTritonExperts`, `08`'s
-# `TritonExperts`) with the two weight tensors replaced by **one `QuantizedExpertWeights`**: the scheme, codes,
-# scales and the unpadded sizes travel together, so a call cannot pair `w13` of one scheme with `w2`'s scales of
-# another. The activations keep their own dtype (bf16/fp16); the intermediate is stored in it between the GEMMs.
+# Both classes run GEMM1 (with the expert bias and the gated activation), quantize the intermediate again for w8a8,
+# and run GEMM2 (with its expert bias) — all in the chosen scheme. Their `apply` has the shape of the unquantized
+# experts (`06`'s `BatchedTritonExperts`, `08`'s `TritonExperts`) with the two weight tensors replaced by **one
+# `QuantizedExpertWeights`**: the scheme, codes, scales and the unpadded sizes travel together, so a call cannot pair
+# `w13` of one scheme with `w2`'s scales of another. The activations keep their own dtype (bf16/fp16); the
+# intermediate is stored in it between the GEMMs.
+#
+# The expert semantics are the unquantized experts': `activation` is an `Activation` (`SILU` by default;
+# `Activation("swigluoai")` for gpt-oss), and the optional biases `w13_bias [E, 2·I]` and `w2_bias [E, H]`
+# (bf16/fp16/fp32) stay unquantized — gpt-oss's MXFP4 checkpoints store them in bf16 beside the codes. Each is added
+# to its GEMM's real-valued fp32 output: `b13` before the activation, `b2` before the router weight when that is
+# applied on the output (Standard format) — the batched format leaves the router weight to the combine.
 #
 # > **Where the intermediate is quantized.** Between the GEMMs the Triton activation quantizer runs on the stored
 # > intermediate (a separate launch, not fused into GEMM1's epilogue: a per-token scale needs the whole row, which
@@ -1339,8 +1406,19 @@ check_fused_gemm_quant("fp8_w8a8_channel", 6, 1, 3, 96, 64, None, seed=3)
 
 # %%
 #| export
+def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
+    "The experts' activation (an `Activation`) and biases (`w13_bias [E, 2·I]`, `w2_bias [E, H]`) against `qw`."
+    if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+    if not isinstance(activation, Activation):
+        raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
+    E = qw.num_experts
+    check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
+    check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
+
+# %%
+#| export
 class BatchedTritonQuantExperts:
-    "Batched-format experts, quantized: `h = SiLU-and-mul(a @ W13ᵀ)`, `out = h @ W2ᵀ` on valid rows (FP8 w8a8 or FP4 w4a16)."
+    "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
 
     def apply(self, a: torch.Tensor,                   # [E, max_tokens, H] bf16/fp16, or float8 with a_scale (w8a8)
@@ -1350,21 +1428,29 @@ class BatchedTritonQuantExperts:
               out: torch.Tensor | None = None,         # [E, max_tokens, H]; rows >= count never written
               a_scale: torch.Tensor | None = None,     # pre-quantized a's scales (see batched_moe_gemm_quant)
               out_dtype: torch.dtype | None = None,    # dtype of h and the output for fp8 a (default bf16)
+              w13_bias: torch.Tensor | None = None,    # [E, 2·I] bf16/fp16/fp32, added before the activation
+              w2_bias: torch.Tensor | None = None,     # [E, H] bf16/fp16/fp32, added to GEMM2's output
+              activation: Activation = SILU,           # the gated activation between the GEMMs
              ) -> torch.Tensor:
         "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
-        h = batched_moe_gemm_quant(a, qw, expert_num_tokens, "silu_and_mul", a_scale=a_scale, out_dtype=out_dtype,
-                                   expected_m=expected_m)
-        return batched_moe_gemm_quant(h, qw, expert_num_tokens, out=out, expected_m=expected_m, validate=False)
+        check_tensor("a", a, ndim=3)
+        _check_expert_semantics(qw, w13_bias, w2_bias, activation, a.device)
+        h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
+                                   expected_m=expected_m, bias=w13_bias)
+        return batched_moe_gemm_quant(h, qw, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)
 
 # %%
 #| export
 def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Tensor, qw: QuantizedExpertWeights,
                                     a_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                                    w13_bias: torch.Tensor | None = None,  # [E, 2·I]
+                                    w2_bias: torch.Tensor | None = None,   # [E, H]
+                                    activation: Activation = SILU,
                                    ) -> torch.Tensor:          # [E, max_tokens, H] float64, NaN past the counts
     "Spec of `BatchedTritonQuantExperts`: the two GEMM specs, with the intermediate stored in the activation dtype."
     hdt = a.dtype if a.dtype in _ACT16 else (out_dtype or torch.bfloat16)
-    h = batched_gemm_quant_reference(a, qw, expert_num_tokens, "silu_and_mul", a_scale=a_scale).to(hdt)
-    return batched_gemm_quant_reference(h, qw, expert_num_tokens)
+    h = batched_gemm_quant_reference(a, qw, expert_num_tokens, activation, a_scale=a_scale, bias=w13_bias).to(hdt)
+    return batched_gemm_quant_reference(h, qw, expert_num_tokens, bias=w2_bias)
 
 # %% [markdown]
 # The checks run every scheme on fresh random inputs with the slabs' padding poisoned, and against the spec. Through
@@ -1399,7 +1485,7 @@ test_eq(BatchedTritonQuantExperts.activation_format, ActivationFormat.BatchedExp
 # %%
 #| export
 class TritonQuantExperts:
-    "Standard-format experts, quantized: align -> GEMM1 + SiLU-and-mul -> GEMM2 (x router weight) -> sum over slots."
+    "Standard-format experts, quantized: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
 
     def apply(self, hidden: torch.Tensor,        # [T, H] bf16/fp16
@@ -1410,10 +1496,14 @@ class TritonQuantExperts:
               block_m: int | None = None,        # alignment block (default from the expected rows per expert)
               expected_m: int | None = None,     # expected rows per local expert (default T·top_k / E)
               validate: bool = True,             # check local_ids on the host (one sync; ids from a placement skip it)
+              w13_bias: torch.Tensor | None = None,  # [E, 2·I] bf16/fp16/fp32, added before the activation
+              w2_bias: torch.Tensor | None = None,   # [E, H] bf16/fp16/fp32, added before the router weight
+              activation: Activation = SILU,     # the gated activation between the GEMMs
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list, with quantized expert weights; ValueError on bad input."
         if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
         check_tensor("hidden", hidden, shape=(None, qw.hidden_size), dtype=_ACT16)
+        _check_expert_semantics(qw, w13_bias, w2_bias, activation, hidden.device)
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
@@ -1426,22 +1516,28 @@ class TritonQuantExperts:
         s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
         # zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that GEMM1 never
         # writes; they must hold zeros, not uninitialised memory (one per-tensor scale would even span them)
-        h = fused_moe_gemm_quant(hidden.contiguous(), qw, s, e, n, k, block_m, "silu_and_mul", topk_weights,
-                                 "input" if on_in else None, out=torch.zeros(T * k, I, dtype=hidden.dtype, device=hidden.device))
-        y = fused_moe_gemm_quant(h, qw, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair")
+        h = fused_moe_gemm_quant(hidden.contiguous(), qw, s, e, n, k, block_m, activation, topk_weights,
+                                 "input" if on_in else None, out=torch.zeros(T * k, I, dtype=hidden.dtype, device=hidden.device),
+                                 bias=w13_bias)
+        y = fused_moe_gemm_quant(h, qw, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair",
+                                 bias=w2_bias)
         return _sum_pairs(y, topk_weights, local_ids, E)
 
 # %%
 #| export
 def quant_experts_reference_standard(hidden: torch.Tensor, qw: QuantizedExpertWeights, topk_weights: torch.Tensor,
                                      local_ids: torch.Tensor, apply_router_weight_on_input: bool = False,
+                                     w13_bias: torch.Tensor | None = None,  # [E, 2·I]
+                                     w2_bias: torch.Tensor | None = None,   # [E, H]
+                                     activation: Activation = SILU,
                                     ) -> torch.Tensor:         # [T, H] float64
     "Spec of `TritonQuantExperts`: the two GEMM specs over the pairs, the intermediate in hidden's dtype, the slot sum."
     T, k = local_ids.shape
     on_in, local = apply_router_weight_on_input, local_ids.to(hidden.device)
-    h = fused_moe_gemm_quant_reference(hidden, qw, local, "silu_and_mul", topk_weights, "input" if on_in else None)
+    h = fused_moe_gemm_quant_reference(hidden, qw, local, activation, topk_weights, "input" if on_in else None, bias=w13_bias)
     h = torch.where((local.reshape(-1) >= 0)[:, None], h, 0.0).to(hidden.dtype)   # uncomputed rows: zero (never read)
-    y = fused_moe_gemm_quant_reference(h, qw, local, None, topk_weights, None if on_in else "output", rows="pair")
+    y = fused_moe_gemm_quant_reference(h, qw, local, None, topk_weights, None if on_in else "output", rows="pair",
+                                       bias=w2_bias)
     return torch.where((local >= 0)[..., None], y.view(T, k, -1), 0.0).sum(1)
 
 # %% [markdown]
@@ -1492,6 +1588,162 @@ for rank in range(2):
     local = torch.where((ids >= owned[0]) & (ids <= owned[-1]), ids - int(owned[0]), -1)
     total += TritonQuantExperts().apply(hidden, qw.select(owned.to(DEVICE)), wts, local).double().cpu()
 assert_quant_close(total, quant_experts_reference_standard(hidden, qw, wts, ids).cpu(), *experts_tolerance(qw.scheme))
+
+# %% [markdown]
+# ## gpt-oss's experts: expert biases and the clamped SwiGLU
+#
+# gpt-oss ships its experts in MXFP4 with bf16 biases, and its gated activation is the clamped SwiGLU
+# `Activation("swigluoai", alpha=1.702, limit=7)`: `gate ← min(gate, limit)`, `up ← clamp(up, −limit, limit)`,
+# `out = (up + 1) · gate · σ(alpha · gate)`. The quantized GEMMs and experts take the same arguments as the
+# unquantized ones — `activation` (an `Activation`; the launchers also accept `None` and `"silu_and_mul"`), `bias`
+# on the launchers, `w13_bias`/`w2_bias` on the experts — and compute, in fp32 on the real-valued product,
+#
+# - GEMM1: `h = act(x·W13ᵀ + b13)`, or `act(rw·(x·W13ᵀ) + b13)` with the router weight on the input;
+# - GEMM2: `y = h·W2ᵀ + b2`, times `rw` when the router weight is applied on the output (Standard format).
+#
+# The tests below hold every quantized path to the float64 spec on the dequantized weights with the tolerances of
+# the sections above: one GEMM at relative error < 1e-2 and cosine > 0.9999, both GEMMs at `experts_tolerance`.
+# `limit = 0.5` sits well inside the O(1) pre-activations of the test problems, so both clamps bite (checked). The
+# biases come in bf16 for `w13` and fp32 for `w2`.
+#
+# > **Why FP8 channel is in the GEMM test.** For the FP8 tensor and channel schemes the scales are applied after the
+# > K loop (`_quant_output_scales`), and so is NVFP4's global scale; a bias added to the accumulator before them
+# > would be multiplied by `a_scale · w_scale` (about 1e-4 here) or by the global scale. FP8 blocks
+# > and MXFP4 scale inside the loop, so only FP8 channel (or tensor) and NVFP4 tell the two orders apart — a kernel
+# > that adds the bias before the scales fails this test at relative errors of 0.1–0.7 (checked by moving the add).
+
+# %%
+#| test quant_gemm_swigluoai_bias
+act = Activation("swigluoai", limit=0.5)
+E, M, H, I, counts = 3, 16, 152, 72, [16, 0, 5]            # an empty expert; partial N and K tiles; FP4 pads K
+cnt = torch.tensor(counts, dtype=torch.int32, device=DEVICE)
+valid = (torch.arange(M)[None, :] < cnt.cpu()[:, None])
+for i, scheme in enumerate(("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block", "fp8_w8a8_channel")):
+    qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=70 + i), scheme)
+    g = torch.Generator().manual_seed(80 + i)
+    b13 = torch.randn(E, 2 * I, generator=g).to(DEVICE, torch.bfloat16)
+    b2 = torch.randn(E, H, generator=g).to(DEVICE)
+    pre = batched_gemm_quant_reference(random_activations((E, M, H), torch.bfloat16, 1), qw, cnt, weight="w13", bias=b13)
+    pre = pre.cpu()[valid]                                   # the helper's activations (seed + 1): the clamps bite
+    assert (pre[:, :I] > 0.5).any() and (pre[:, :I] < 0.5).any() and (pre[:, I:].abs() > 0.5).any(), scheme
+    check_batched_gemm_quant(scheme, E, M, H, I, counts, act, qw=qw, bias=b13)
+    check_batched_gemm_quant(scheme, E, M, H, I, counts, None, qw=qw, bias=b2)
+    check_fused_gemm_quant(scheme, 9, 2, E, H, I, act, qw=qw, bias=b13)   # rw on the input: scales the product, not b13
+    check_fused_gemm_quant(scheme, 9, 2, E, H, I, None, qw=qw, bias=b2)   # rw on the output: weights b2 too
+
+# %% [markdown]
+# Both experts classes, for the two FP4 formats and FP8 blocks: the batched slabs with poisoned padding rows and
+# output rows, and the Standard format with the router weight on the output and on the input, slots on other ranks,
+# and a token with no local expert whose hidden row is NaN (it must never be read; its output row is 0). The last
+# lines tie the spec to `moe_lit.formats`: for the weight-only formats, whose activations are not quantized, the
+# spec equals `moe_reference_standard` on the dequantized weights up to the bf16 rounding of the intermediate.
+
+# %%
+#| test quant_experts_swigluoai_bias
+act = Activation("swigluoai", limit=0.5)
+E, M, H, I = 3, 16, 152, 72
+cnt = torch.tensor([16, 0, 5], dtype=torch.int32, device=DEVICE)
+valid = (torch.arange(M)[None, :] < cnt.cpu()[:, None])
+g = torch.Generator().manual_seed(9)
+for i, scheme in enumerate(("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block")):
+    qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=90 + i), scheme)
+    b13, b2 = torch.randn(E, 2 * I, generator=g).to(DEVICE, torch.bfloat16), torch.randn(E, H, generator=g).to(DEVICE)
+    sem = dict(w13_bias=b13, w2_bias=b2, activation=act)
+    a = poison_rows(random_activations((E, M, H), torch.bfloat16, seed=100 + i), cnt)
+    out = poison_rows(torch.zeros(E, M, H, dtype=torch.bfloat16, device=DEVICE), cnt)
+    got = BatchedTritonQuantExperts().apply(a, cnt, qw, out=out, **sem).cpu()
+    want = quant_experts_reference_batched(a, cnt, qw, **sem).cpu()
+    assert_quant_close(got[valid], want[valid], *experts_tolerance(scheme), name=f"{scheme} batched")
+    assert got[~valid].isnan().all(), f"{scheme}: a padding row was written"
+    T, k = 9, 2
+    local = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(T)]).int()
+    local = torch.where(local < E, local, -1); local[0] = -1
+    hidden, wts = random_activations((T, H), torch.bfloat16, seed=110 + i), torch.rand(T, k, generator=g).to(DEVICE)
+    hidden[0] = float("nan")                                 # the token with no local expert: never read
+    for on_in in (False, True):
+        got = TritonQuantExperts().apply(hidden, qw, wts, local.to(DEVICE), on_in, **sem)
+        want = quant_experts_reference_standard(hidden, qw, wts, local, on_in, **sem)
+        test_eq(got.dtype, torch.bfloat16)
+        assert (got[0] == 0).all(), f"{scheme}: a token with no local expert"
+        assert_quant_close(got, want, *experts_tolerance(scheme), name=f"{scheme} standard on_input={on_in}")
+        if scheme == "fp8_w8a8_block": continue                 # its spec quantizes the activations
+        d13, d2 = qw.dequantize(torch.float64)
+        exact = moe_reference_standard(hidden.double().cpu(), d13, d2, wts.cpu(), local, apply_router_weight_on_input=on_in,
+                                       w13_bias=b13.double().cpu(), w2_bias=b2.double().cpu(), activation=act)
+        assert_quant_close(want.cpu(), exact, *experts_tolerance(scheme), name=f"{scheme} spec vs moe_lit.formats")
+
+# %% [markdown]
+# The arguments are checked before any launch: a bias of the wrong shape, dtype or device, and an activation that is
+# not an `Activation` (the launchers also take the older `"silu_and_mul"`, nothing else), raise a ValueError naming
+# the argument.
+
+# %%
+#| test quant_experts_bias_bad_input
+E, M, H, I = 2, 8, 96, 32
+qw = quantize_expert_weights(*random_expert_weights(E, H, I), "mxfp4_w4a16")
+a = random_activations((E, M, H), torch.bfloat16)
+cnt = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+ids = torch.tensor([[0, 1], [1, -1]], dtype=torch.int32, device=DEVICE)
+wts = torch.rand(2, 2, device=DEVICE)
+b13, b2 = torch.zeros(E, 2 * I, device=DEVICE), torch.zeros(E, H, device=DEVICE)
+for run in (lambda **kw: BatchedTritonQuantExperts().apply(a, cnt, qw, **kw),
+            lambda **kw: TritonQuantExperts().apply(a[0, :2], qw, wts, ids, **kw)):
+    test_fail(lambda: run(w13_bias=b2), contains="w13_bias: expected shape [2, 64], got [2, 96]")
+    test_fail(lambda: run(w2_bias=b13), contains="w2_bias: expected shape [2, 96], got [2, 64]")
+    test_fail(lambda: run(w13_bias=b13[:1]), contains="w13_bias: expected shape [2, 64]")
+    test_fail(lambda: run(w2_bias=b2.int()), contains="w2_bias: expected dtype")
+    test_fail(lambda: run(w2_bias=b2.to("meta")), contains="w2_bias: expected device")
+    test_fail(lambda: run(activation="swigluoai"), contains="activation: expected an Activation, got str")
+    test_fail(lambda: run(activation=None), contains="activation: expected an Activation, got NoneType")
+test_fail(lambda: batched_moe_gemm_quant(a, qw, cnt, "swigluoai"), contains="activation: expected one of")
+test_fail(lambda: batched_moe_gemm_quant(a, qw, cnt, SILU, bias=b2), contains="bias: expected shape [2, 64], got [2, 96]")
+s, e, n = moe_align_block_size(ids, 16, E)
+test_fail(lambda: fused_moe_gemm_quant(a[0, :4, :I], qw, s, e, n, 2, 16, rows="pair", bias=b13),
+          contains="bias: expected shape [2, 96], got [2, 64]")
+
+# %% [markdown]
+# On the GPU, at gpt-oss-120b's expert shapes (H = I = 2880) on a rank holding 8 of its experts, MXFP4 with bf16
+# activations and biases and gpt-oss's own `alpha` and `limit`; the routing picks 4 of 16 experts, so about half of
+# the slots are not local. The activations are doubled so that part of the pre-activations pass `limit = 7` (on the
+# CPU, at the Standard test's seed: 16% of the gates and 32% of the ups), as the clamp is meant to catch outliers.
+
+# %%
+#| test quant_experts_gpt_oss_shapes_standard
+#| gpu
+E, H, I, T, k = 8, 2880, 2880, 64, 4
+act = Activation("swigluoai")                                  # alpha 1.702, limit 7
+qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=120, device="cuda", dtype=torch.bfloat16), "mxfp4_w4a16")
+g = torch.Generator().manual_seed(121)
+b13, b2 = torch.randn(E, 2 * I, generator=g).bfloat16().cuda(), torch.randn(E, H, generator=g).bfloat16().cuda()
+hidden = random_activations((T, H), torch.bfloat16, 122, "cuda") * 2
+ids = torch.stack([torch.randperm(2 * E, generator=g)[:k] for _ in range(T)]).int()
+local = torch.where(ids < E, ids, -1).cuda()
+wts = torch.rand(T, k, generator=g).cuda()
+pre = fused_moe_gemm_quant_reference(hidden, qw, local, weight="w13", bias=b13)[local.reshape(-1) >= 0]
+assert (pre[:, :I] > act.limit).any() and (pre[:, I:].abs() > act.limit).any()          # both clamps bite
+for on_in in (False, True):
+    got = TritonQuantExperts().apply(hidden, qw, wts, local, on_in, w13_bias=b13, w2_bias=b2, activation=act)
+    want = quant_experts_reference_standard(hidden, qw, wts, local, on_in, w13_bias=b13, w2_bias=b2, activation=act)
+    assert_quant_close(got, want, *experts_tolerance(qw.scheme), name=f"gpt-oss-120b standard, on_input={on_in}")
+
+# %%
+#| test quant_experts_gpt_oss_shapes_batched
+#| gpu
+E, H, I, M = 8, 2880, 2880, 64
+act = Activation("swigluoai")
+qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=123, device="cuda", dtype=torch.bfloat16), "mxfp4_w4a16")
+g = torch.Generator().manual_seed(124)
+b13, b2 = torch.randn(E, 2 * I, generator=g).bfloat16().cuda(), torch.randn(E, H, generator=g).bfloat16().cuda()
+cnt = torch.randint(0, M + 1, (E,), generator=g).int(); cnt[:3] = torch.tensor([0, 1, M]); cnt = cnt.cuda()
+a = poison_rows(random_activations((E, M, H), torch.bfloat16, 125, "cuda") * 2, cnt)
+valid = torch.arange(M, device="cuda")[None, :] < cnt[:, None]
+pre = batched_gemm_quant_reference(a, qw, cnt, weight="w13", bias=b13)[valid]
+assert (pre[:, :I] > act.limit).any() and (pre[:, I:].abs() > act.limit).any()          # both clamps bite
+out = poison_rows(torch.zeros(E, M, H, dtype=torch.bfloat16, device="cuda"), cnt)
+got = BatchedTritonQuantExperts().apply(a, cnt, qw, out=out, w13_bias=b13, w2_bias=b2, activation=act)
+want = quant_experts_reference_batched(a, cnt, qw, w13_bias=b13, w2_bias=b2, activation=act)
+assert_quant_close(got[valid], want[valid], *experts_tolerance(qw.scheme), name="gpt-oss-120b batched")
+assert got[~valid].isnan().all(), "a padding row was written"
 
 # %% [markdown]
 # ## Bad input
@@ -1650,7 +1902,9 @@ for scheme, E, H, I, T, k in (("fp8_w8a8_block", 32, 7168, 2048, 128, 8), ("mxfp
 # **What is checked here (CPU, Triton interpreter).** Every scheme in both formats, GEMM1 with fused SiLU-and-mul and
 # GEMM2, matches its float64 spec (relative error < 1e-2, cosine > 0.9999 for one GEMM; through both GEMMs
 # `experts_tolerance`), padding rows and rows of non-local pairs are never written, the activation quantizer equals
-# `quantize_fp8` value for value, and permuted scales fail the same checks by a wide margin. What the interpreter
+# `quantize_fp8` value for value, and permuted scales fail the same checks by a wide margin. gpt-oss's semantics —
+# expert biases and the clamped SwiGLU with clamps that bite — hold to the same bounds for MXFP4, NVFP4 and FP8
+# (block; channel for one GEMM) in both formats, with the bias added after every quantization scale. What the interpreter
 # cannot show: tensor-core numerics (the fp8 MMA's reduced-precision accumulation inside a K tile, which the
 # per-tile `dot` bounds), whether the tiles compile within the register and shared-memory budget on sm_90, and speed.
 #

@@ -203,27 +203,21 @@ class TritonBatchedExperts(TorchBatchedExperts):
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
                                             w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
-def _check_silu_unbiased(w13_bias, w2_bias, activation):
-    "The quantized Triton GEMMs run SiLU-gated, bias-free experts only (the oracle never picks them otherwise)."
-    if activation != SILU or w13_bias is not None or w2_bias is not None:
-        raise ValueError(f"activation: expected silu experts without biases for the quantized Triton kernels, got "
-                         f"{activation.name}{' with biases' if w13_bias is not None or w2_bias is not None else ''}")
-
 class TritonQuantStandardExperts(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09a_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
-        _check_silu_unbiased(w13_bias, w2_bias, activation)
         from moe_lit.kernels.quant import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                          validate=False)     # ids from the placement
+                                          validate=False,     # ids from the placement
+                                          w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
 class TritonQuantBatchedExperts(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
-        _check_silu_unbiased(w13_bias, w2_bias, activation)
         from moe_lit.kernels.quant import BatchedTritonQuantExperts
-        return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m)
+        return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
+                                                 w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,

@@ -127,14 +127,12 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
                    **_SILU_ONLY),
     ExpertsBackend("triton_contiguous", _S, ("unquantized",), "triton", needs_gpu=True),
     ExpertsBackend("triton_batched", _B, ("unquantized",), "triton", needs_gpu=True),
-    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
-                   **_SILU_ONLY),
-    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
-                   **_SILU_ONLY),
+    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
+    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
     ExpertsBackend("triton_contiguous_w4a16", _S, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16, **_SILU_ONLY),
+                   min_capability=(8, 0), note=_W4A16),
     ExpertsBackend("triton_batched_w4a16", _B, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16, **_SILU_ONLY),
+                   min_capability=(8, 0), note=_W4A16),
     ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT),
@@ -289,23 +287,25 @@ test_eq(d.chosen.name, "triton_contiguous_w4a16")
 assert "needs the 'flashinfer' library" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
 
 # %% [markdown]
-# The experts' function is part of the match too. gpt-oss's clamped SwiGLU with biases runs in the unquantized Triton
-# kernels of both formats (their GEMM1 epilogue computes either activation, both GEMMs add a bias) and in the torch
-# references; the quantized Triton GEMMs compute SiLU-gated, bias-free experts only, so on MXFP4 gpt-oss weights the
-# oracle passes over them and says why — the weights are then dequantized once for the unquantized kernels.
+# The experts' function is part of the match too. gpt-oss's clamped SwiGLU with biases runs in moe-lit's Triton
+# kernels of both formats, quantized or not (their GEMM1 epilogue computes either activation, both GEMMs add a bias),
+# and in the torch references; the library backends declared here run SiLU-gated, bias-free experts only, so for
+# gpt-oss the oracle passes over them and says why.
 
 # %%
 #| test oracle_knows_activations
 oss = MoEConfig(32, 4, 2880, 2880, activation="swigluoai", has_expert_bias=True, has_router_bias=True)
 S, B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
 test_eq(select_experts_backend(oss, "unquantized", B, DEVICES["h200"]).chosen.name, "triton_batched")
-d = select_mxfp4_moe_backend(oss, S, DEVICES["h200"])
-test_eq(d.chosen.name, "triton_contiguous_dequant")
-assert "the layer's activation is swigluoai" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_w4a16"]
-d = select_mxfp4_moe_backend(oss.replace(activation="silu"), S, DEVICES["h200"])      # biases alone also rule it out
-assert "bias-free experts" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_w4a16"]
-test_eq(select_mxfp4_moe_backend(oss.replace(has_expert_bias=False, activation="silu"), S, DEVICES["h200"]).chosen.name,
-        "triton_contiguous_w4a16")
+test_eq(select_mxfp4_moe_backend(oss, B, DEVICES["h200"]).chosen.name, "triton_batched_w4a16")
+b200 = DeviceCaps("b200", (10, 0), frozenset({"flashinfer"}))
+d = select_nvfp4_moe_backend(oss, S, b200)
+test_eq(d.chosen.name, "triton_contiguous_w4a16")
+assert "the layer's activation is swigluoai" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
+d = select_nvfp4_moe_backend(oss.replace(activation="silu"), S, b200)      # biases alone also rule it out
+assert "bias-free experts" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
+d = select_nvfp4_moe_backend(oss.replace(activation="silu", has_expert_bias=False), S, b200)
+assert "no adapter" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]   # passes the function check
 
 # %%
 #| test oracle_override_and_bad_input

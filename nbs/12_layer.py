@@ -78,9 +78,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
-    plain = config is None or (config.activation == "silu" and not config.has_expert_bias)   # what the quant GEMMs run
-    impl = "triton_quant" if q and plain else "triton"
-    if q and not plain: kernels += f" dequantized once (the quantized GEMMs run SiLU, bias-free experts only)"
+    impl = "triton_quant" if q else "triton"
     if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
                          f"{str(config.dtype)[6:]} (use --experts torch, or --dtype bf16)")
@@ -107,9 +105,6 @@ test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16",
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
 test_fail(lambda: resolve_experts("triton", S, torch.device("cpu"), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
           contains="quant: expected a bf16 or fp16 layer")
-oss = MoEConfig(8, 2, 64, 32, activation="swigluoai", has_expert_bias=True)
-impl, why = resolve_experts("triton", S, torch.device("cpu"), "mxfp4_w4a16", oss)
-assert impl == "triton" and "dequantized once" in why                    # the quant GEMMs cannot run gpt-oss's experts
 test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
 test_fail(lambda: check_device(None), contains="device: expected")
 

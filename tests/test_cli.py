@@ -245,7 +245,7 @@ def test_main_closed_pipe():
 
 
 def test_explain_nixl_nvfp4():
-    rep = explain_report(build_config("deepseek-v3", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
+    rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
     test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_w4a16"))
     text = format_explain(rep)
     assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text

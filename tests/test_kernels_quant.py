@@ -9,10 +9,11 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
-from moe_lit.formats import silu_and_mul
+from moe_lit.formats import Activation, SILU
 from moe_lit.quant import (FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
 from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m, _check_aligned_args, _check_local_ids, _sum_pairs
 from moe_lit.testing import poison_rows
 from fastcore.test import test_eq, test_fail
@@ -236,6 +237,121 @@ def test_triton_quant_experts_two_ranks():
         local = torch.where((ids >= owned[0]) & (ids <= owned[-1]), ids - int(owned[0]), -1)
         total += TritonQuantExperts().apply(hidden, qw.select(owned.to(DEVICE)), wts, local).double().cpu()
     assert_quant_close(total, quant_experts_reference_standard(hidden, qw, wts, ids).cpu(), *experts_tolerance(qw.scheme))
+
+
+def test_quant_gemm_swigluoai_bias():
+    act = Activation("swigluoai", limit=0.5)
+    E, M, H, I, counts = 3, 16, 152, 72, [16, 0, 5]            # an empty expert; partial N and K tiles; FP4 pads K
+    cnt = torch.tensor(counts, dtype=torch.int32, device=DEVICE)
+    valid = (torch.arange(M)[None, :] < cnt.cpu()[:, None])
+    for i, scheme in enumerate(("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block", "fp8_w8a8_channel")):
+        qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=70 + i), scheme)
+        g = torch.Generator().manual_seed(80 + i)
+        b13 = torch.randn(E, 2 * I, generator=g).to(DEVICE, torch.bfloat16)
+        b2 = torch.randn(E, H, generator=g).to(DEVICE)
+        pre = batched_gemm_quant_reference(random_activations((E, M, H), torch.bfloat16, 1), qw, cnt, weight="w13", bias=b13)
+        pre = pre.cpu()[valid]                                   # the helper's activations (seed + 1): the clamps bite
+        assert (pre[:, :I] > 0.5).any() and (pre[:, :I] < 0.5).any() and (pre[:, I:].abs() > 0.5).any(), scheme
+        check_batched_gemm_quant(scheme, E, M, H, I, counts, act, qw=qw, bias=b13)
+        check_batched_gemm_quant(scheme, E, M, H, I, counts, None, qw=qw, bias=b2)
+        check_fused_gemm_quant(scheme, 9, 2, E, H, I, act, qw=qw, bias=b13)   # rw on the input: scales the product, not b13
+        check_fused_gemm_quant(scheme, 9, 2, E, H, I, None, qw=qw, bias=b2)   # rw on the output: weights b2 too
+
+
+def test_quant_experts_swigluoai_bias():
+    act = Activation("swigluoai", limit=0.5)
+    E, M, H, I = 3, 16, 152, 72
+    cnt = torch.tensor([16, 0, 5], dtype=torch.int32, device=DEVICE)
+    valid = (torch.arange(M)[None, :] < cnt.cpu()[:, None])
+    g = torch.Generator().manual_seed(9)
+    for i, scheme in enumerate(("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block")):
+        qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=90 + i), scheme)
+        b13, b2 = torch.randn(E, 2 * I, generator=g).to(DEVICE, torch.bfloat16), torch.randn(E, H, generator=g).to(DEVICE)
+        sem = dict(w13_bias=b13, w2_bias=b2, activation=act)
+        a = poison_rows(random_activations((E, M, H), torch.bfloat16, seed=100 + i), cnt)
+        out = poison_rows(torch.zeros(E, M, H, dtype=torch.bfloat16, device=DEVICE), cnt)
+        got = BatchedTritonQuantExperts().apply(a, cnt, qw, out=out, **sem).cpu()
+        want = quant_experts_reference_batched(a, cnt, qw, **sem).cpu()
+        assert_quant_close(got[valid], want[valid], *experts_tolerance(scheme), name=f"{scheme} batched")
+        assert got[~valid].isnan().all(), f"{scheme}: a padding row was written"
+        T, k = 9, 2
+        local = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(T)]).int()
+        local = torch.where(local < E, local, -1); local[0] = -1
+        hidden, wts = random_activations((T, H), torch.bfloat16, seed=110 + i), torch.rand(T, k, generator=g).to(DEVICE)
+        hidden[0] = float("nan")                                 # the token with no local expert: never read
+        for on_in in (False, True):
+            got = TritonQuantExperts().apply(hidden, qw, wts, local.to(DEVICE), on_in, **sem)
+            want = quant_experts_reference_standard(hidden, qw, wts, local, on_in, **sem)
+            test_eq(got.dtype, torch.bfloat16)
+            assert (got[0] == 0).all(), f"{scheme}: a token with no local expert"
+            assert_quant_close(got, want, *experts_tolerance(scheme), name=f"{scheme} standard on_input={on_in}")
+            if scheme == "fp8_w8a8_block": continue                 # its spec quantizes the activations
+            d13, d2 = qw.dequantize(torch.float64)
+            exact = moe_reference_standard(hidden.double().cpu(), d13, d2, wts.cpu(), local, apply_router_weight_on_input=on_in,
+                                           w13_bias=b13.double().cpu(), w2_bias=b2.double().cpu(), activation=act)
+            assert_quant_close(want.cpu(), exact, *experts_tolerance(scheme), name=f"{scheme} spec vs moe_lit.formats")
+
+
+def test_quant_experts_bias_bad_input():
+    E, M, H, I = 2, 8, 96, 32
+    qw = quantize_expert_weights(*random_expert_weights(E, H, I), "mxfp4_w4a16")
+    a = random_activations((E, M, H), torch.bfloat16)
+    cnt = torch.tensor([3, 8], dtype=torch.int32, device=DEVICE)
+    ids = torch.tensor([[0, 1], [1, -1]], dtype=torch.int32, device=DEVICE)
+    wts = torch.rand(2, 2, device=DEVICE)
+    b13, b2 = torch.zeros(E, 2 * I, device=DEVICE), torch.zeros(E, H, device=DEVICE)
+    for run in (lambda **kw: BatchedTritonQuantExperts().apply(a, cnt, qw, **kw),
+                lambda **kw: TritonQuantExperts().apply(a[0, :2], qw, wts, ids, **kw)):
+        test_fail(lambda: run(w13_bias=b2), contains="w13_bias: expected shape [2, 64], got [2, 96]")
+        test_fail(lambda: run(w2_bias=b13), contains="w2_bias: expected shape [2, 96], got [2, 64]")
+        test_fail(lambda: run(w13_bias=b13[:1]), contains="w13_bias: expected shape [2, 64]")
+        test_fail(lambda: run(w2_bias=b2.int()), contains="w2_bias: expected dtype")
+        test_fail(lambda: run(w2_bias=b2.to("meta")), contains="w2_bias: expected device")
+        test_fail(lambda: run(activation="swigluoai"), contains="activation: expected an Activation, got str")
+        test_fail(lambda: run(activation=None), contains="activation: expected an Activation, got NoneType")
+    test_fail(lambda: batched_moe_gemm_quant(a, qw, cnt, "swigluoai"), contains="activation: expected one of")
+    test_fail(lambda: batched_moe_gemm_quant(a, qw, cnt, SILU, bias=b2), contains="bias: expected shape [2, 64], got [2, 96]")
+    s, e, n = moe_align_block_size(ids, 16, E)
+    test_fail(lambda: fused_moe_gemm_quant(a[0, :4, :I], qw, s, e, n, 2, 16, rows="pair", bias=b13),
+              contains="bias: expected shape [2, 96], got [2, 64]")
+
+
+@pytest.mark.gpu
+def test_quant_experts_gpt_oss_shapes_standard():
+    E, H, I, T, k = 8, 2880, 2880, 64, 4
+    act = Activation("swigluoai")                                  # alpha 1.702, limit 7
+    qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=120, device="cuda", dtype=torch.bfloat16), "mxfp4_w4a16")
+    g = torch.Generator().manual_seed(121)
+    b13, b2 = torch.randn(E, 2 * I, generator=g).bfloat16().cuda(), torch.randn(E, H, generator=g).bfloat16().cuda()
+    hidden = random_activations((T, H), torch.bfloat16, 122, "cuda") * 2
+    ids = torch.stack([torch.randperm(2 * E, generator=g)[:k] for _ in range(T)]).int()
+    local = torch.where(ids < E, ids, -1).cuda()
+    wts = torch.rand(T, k, generator=g).cuda()
+    pre = fused_moe_gemm_quant_reference(hidden, qw, local, weight="w13", bias=b13)[local.reshape(-1) >= 0]
+    assert (pre[:, :I] > act.limit).any() and (pre[:, I:].abs() > act.limit).any()          # both clamps bite
+    for on_in in (False, True):
+        got = TritonQuantExperts().apply(hidden, qw, wts, local, on_in, w13_bias=b13, w2_bias=b2, activation=act)
+        want = quant_experts_reference_standard(hidden, qw, wts, local, on_in, w13_bias=b13, w2_bias=b2, activation=act)
+        assert_quant_close(got, want, *experts_tolerance(qw.scheme), name=f"gpt-oss-120b standard, on_input={on_in}")
+
+
+@pytest.mark.gpu
+def test_quant_experts_gpt_oss_shapes_batched():
+    E, H, I, M = 8, 2880, 2880, 64
+    act = Activation("swigluoai")
+    qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=123, device="cuda", dtype=torch.bfloat16), "mxfp4_w4a16")
+    g = torch.Generator().manual_seed(124)
+    b13, b2 = torch.randn(E, 2 * I, generator=g).bfloat16().cuda(), torch.randn(E, H, generator=g).bfloat16().cuda()
+    cnt = torch.randint(0, M + 1, (E,), generator=g).int(); cnt[:3] = torch.tensor([0, 1, M]); cnt = cnt.cuda()
+    a = poison_rows(random_activations((E, M, H), torch.bfloat16, 125, "cuda") * 2, cnt)
+    valid = torch.arange(M, device="cuda")[None, :] < cnt[:, None]
+    pre = batched_gemm_quant_reference(a, qw, cnt, weight="w13", bias=b13)[valid]
+    assert (pre[:, :I] > act.limit).any() and (pre[:, I:].abs() > act.limit).any()          # both clamps bite
+    out = poison_rows(torch.zeros(E, M, H, dtype=torch.bfloat16, device="cuda"), cnt)
+    got = BatchedTritonQuantExperts().apply(a, cnt, qw, out=out, w13_bias=b13, w2_bias=b2, activation=act)
+    want = quant_experts_reference_batched(a, cnt, qw, w13_bias=b13, w2_bias=b2, activation=act)
+    assert_quant_close(got[valid], want[valid], *experts_tolerance(qw.scheme), name="gpt-oss-120b batched")
+    assert got[~valid].isnan().all(), "a padding row was written"
 
 
 def test_quant_gemm_bad_input():

@@ -56,13 +56,15 @@ def test_oracle_knows_activations():
     oss = MoEConfig(32, 4, 2880, 2880, activation="swigluoai", has_expert_bias=True, has_router_bias=True)
     S, B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
     test_eq(select_experts_backend(oss, "unquantized", B, DEVICES["h200"]).chosen.name, "triton_batched")
-    d = select_mxfp4_moe_backend(oss, S, DEVICES["h200"])
-    test_eq(d.chosen.name, "triton_contiguous_dequant")
-    assert "the layer's activation is swigluoai" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_w4a16"]
-    d = select_mxfp4_moe_backend(oss.replace(activation="silu"), S, DEVICES["h200"])      # biases alone also rule it out
-    assert "bias-free experts" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_w4a16"]
-    test_eq(select_mxfp4_moe_backend(oss.replace(has_expert_bias=False, activation="silu"), S, DEVICES["h200"]).chosen.name,
-            "triton_contiguous_w4a16")
+    test_eq(select_mxfp4_moe_backend(oss, B, DEVICES["h200"]).chosen.name, "triton_batched_w4a16")
+    b200 = DeviceCaps("b200", (10, 0), frozenset({"flashinfer"}))
+    d = select_nvfp4_moe_backend(oss, S, b200)
+    test_eq(d.chosen.name, "triton_contiguous_w4a16")
+    assert "the layer's activation is swigluoai" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
+    d = select_nvfp4_moe_backend(oss.replace(activation="silu"), S, b200)      # biases alone also rule it out
+    assert "bias-free experts" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
+    d = select_nvfp4_moe_backend(oss.replace(activation="silu", has_expert_bias=False), S, b200)
+    assert "no adapter" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]   # passes the function check
 
 
 def test_oracle_override_and_bad_input():

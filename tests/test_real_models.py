@@ -62,14 +62,17 @@ def test_prequantized_checkpoints_load_codes_as_stored():
     x = torch.randn(6, 96).bfloat16()
     with tempfile.TemporaryDirectory() as d:
         stored = write_mxfp4_checkpoint(d, swiglu_limit=0.5)
-        layer = FusedMoE.from_pretrained(d, 0)
-        test_eq((layer.quant, layer.config.activation, layer.config.swiglu_limit), ("mxfp4_w4a16", "swigluoai", 0.5))
-        for f in ("w13", "w13_scale", "w2", "w2_scale"): assert torch.equal(getattr(layer.qweights, f), getattr(stored["experts"], f))
-        assert torch.equal(layer.w13_bias.cpu(), stored["w13_bias"])
-        topk = layer.route(x)
-        ref = moe_reference_standard(x.double(), layer.w13, layer.w2, topk[0], topk[1], w13_bias=layer.w13_bias,
-                                     w2_bias=layer.w2_bias, activation=Activation("swigluoai", limit=0.5))
-        assert check_output(layer(x, topk), ref, torch.bfloat16, layer.quant, layer.experts)["ok"]
+        for experts in ("torch", "triton"):                          # gpt-oss's experts in the FP4 kernels too
+            layer = FusedMoE.from_pretrained(d, 0, experts=experts, device=DEVICE)
+            test_eq((layer.quant, layer.config.activation, layer.config.swiglu_limit), ("mxfp4_w4a16", "swigluoai", 0.5))
+            for f in ("w13", "w13_scale", "w2", "w2_scale"):
+                assert torch.equal(getattr(layer.qweights, f).cpu(), getattr(stored["experts"], f))
+            assert torch.equal(layer.w13_bias.cpu(), stored["w13_bias"])
+            topk = layer.route(x.to(DEVICE))
+            ref = moe_reference_standard(x.double(), layer.w13.cpu(), layer.w2.cpu(), topk[0].cpu(), topk[1].cpu(),
+                                         w13_bias=layer.w13_bias.cpu(), w2_bias=layer.w2_bias.cpu(),
+                                         activation=Activation("swigluoai", limit=0.5))
+            assert check_output(layer(x.to(DEVICE), topk), ref, torch.bfloat16, layer.quant, layer.experts)["ok"], experts
         test_eq(FusedMoE.from_pretrained(d, 0, quant="unquantized").qweights, None)
 
 
