@@ -75,7 +75,7 @@ def gate_up_from_interleaved(t: torch.Tensor,   # [..., 2·I, ...] gate/up alter
     order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)]).to(t.device)
     return t.index_select(dim, order)
 
-# %% ../nbs/05_formats.ipynb #1b09ab0acd25
+# %% ../nbs/05_formats.ipynb #3ff89d74eb77
 def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
                w13: torch.Tensor, # [2·intermediate_size, hidden_size], gate rows then up rows
                w2: torch.Tensor,  # [hidden_size, intermediate_size]
@@ -91,6 +91,8 @@ def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
     if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=(w2.shape[0],), dtype=_FLOATS)
     if not isinstance(activation, Activation):
         raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
+    for n, t in (("w13", w13), ("w2", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+        if t is not None and t.device != x.device: raise ValueError(f"{n}: expected device {x.device}, got {t.device}")
     acc = _acc_dtype(x.dtype)
     h = x.to(acc) @ w13.to(acc).T
     if w13_bias is not None: h = h + w13_bias.to(acc)

@@ -210,10 +210,10 @@ def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementati
     if quant.startswith("fp8_w8a8") and implementation == "triton_quant": return max(rtol, 0.15), 0.995
     return rtol, 0.999
 
-# %% ../nbs/12_layer.ipynb #6766f8edca50
+# %% ../nbs/12_layer.ipynb #8b17134b3d54
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "max |a - b| / max |b| (0 for an all-zero b)."
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
 
 def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float dtype, any device)

@@ -62,7 +62,7 @@ def poison_rows(slab: torch.Tensor, expert_num_tokens: torch.Tensor, value: floa
     slab[pad] = value
     return slab
 
-# %% ../nbs/00_testing.ipynb #ff3eb9584964
+# %% ../nbs/00_testing.ipynb #880d82a52e5d
 TINY_HF = {   # model_type -> config.json keys of a tiny model of that family (2 decoder layers, hidden 32)
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
@@ -100,6 +100,8 @@ def tiny_hf_model(model_type: str,       # a key of TINY_HF
     with torch.no_grad():                 # zero-initialised biases and buffers would hide a dropped bias
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("router.bias", "_proj_bias", "e_score_correction_bias")): t.normal_(0, 0.5)
+    for m in model.modules():             # transformers < 5.2x hard-codes gpt-oss's alpha and limit: use the config's
+        if type(m).__name__ == "GptOssExperts": m.alpha, m.limit = getattr(cfg, "swiglu_alpha", 1.702), cfg.swiglu_limit
     return model
 
 def hf_moe_block(model, layer_index: int):

@@ -177,6 +177,8 @@ def tiny_hf_model(model_type: str,       # a key of TINY_HF
     with torch.no_grad():                 # zero-initialised biases and buffers would hide a dropped bias
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("router.bias", "_proj_bias", "e_score_correction_bias")): t.normal_(0, 0.5)
+    for m in model.modules():             # transformers < 5.2x hard-codes gpt-oss's alpha and limit: use the config's
+        if type(m).__name__ == "GptOssExperts": m.alpha, m.limit = getattr(cfg, "swiglu_alpha", 1.702), cfg.swiglu_limit
     return model
 
 def hf_moe_block(model, layer_index: int):

@@ -176,6 +176,8 @@ def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
     if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=(w2.shape[0],), dtype=_FLOATS)
     if not isinstance(activation, Activation):
         raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
+    for n, t in (("w13", w13), ("w2", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+        if t is not None and t.device != x.device: raise ValueError(f"{n}: expected device {x.device}, got {t.device}")
     acc = _acc_dtype(x.dtype)
     h = x.to(acc) @ w13.to(acc).T
     if w13_bias is not None: h = h + w13_bias.to(acc)

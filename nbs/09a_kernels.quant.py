@@ -1667,7 +1667,7 @@ for i, scheme in enumerate(("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block")):
         assert (got[0] == 0).all(), f"{scheme}: a token with no local expert"
         assert_quant_close(got, want, *experts_tolerance(scheme), name=f"{scheme} standard on_input={on_in}")
         if scheme == "fp8_w8a8_block": continue                 # its spec quantizes the activations
-        d13, d2 = qw.dequantize(torch.float64)
+        d13, d2 = (t.cpu() for t in qw.dequantize(torch.float64))
         exact = moe_reference_standard(hidden.double().cpu(), d13, d2, wts.cpu(), local, apply_router_weight_on_input=on_in,
                                        w13_bias=b13.double().cpu(), w2_bias=b2.double().cpu(), activation=act)
         assert_quant_close(want.cpu(), exact, *experts_tolerance(scheme), name=f"{scheme} spec vs moe_lit.formats")

@@ -317,7 +317,7 @@ def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementati
 #| export
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "max |a - b| / max |b| (0 for an all-zero b)."
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
 
 def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float dtype, any device)
