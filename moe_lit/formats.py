@@ -29,7 +29,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.float().chunk(2, dim=-1) if x.dtype != torch.float64 else x.chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
-# %% ../nbs/05_formats.ipynb #4878f38c72db
+# %% ../nbs/05_formats.ipynb #044c5bd0e9f9
 @dataclass(frozen=True)
 class Activation:
     "The experts' gated activation `[..., 2·I]` (gate then up) `-> [..., I]`, computed in fp32 (fp64 for fp64)."
@@ -44,7 +44,11 @@ class Activation:
     @classmethod
     def of(cls, config) -> "Activation":
         "The activation of a MoEConfig."
+        if not hasattr(config, "swiglu_limit"): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
         return cls(config.activation, config.swiglu_alpha, config.swiglu_limit)
+
+    def __repr__(self):
+        return f"Activation({self.name!r})" if self.name == "silu" else f"Activation({self.name!r}, alpha={self.alpha}, limit={self.limit})"
 
     @property
     def code(self) -> int:
@@ -117,7 +121,7 @@ def _local_ids(topk_ids, num_local_experts, expert_map):
                          f"{topk_ids.max().item()}")
     return torch.where(topk_ids >= 0, expert_map.to(topk_ids.device)[topk_ids.clamp(min=0).long()].long(), -1)
 
-# %% ../nbs/05_formats.ipynb #865c850817c6
+# %% ../nbs/05_formats.ipynb #cda3b02c5eeb
 def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("hidden", hidden, ndim=2, dtype=_FLOATS)
     T, H = hidden.shape
@@ -130,16 +134,18 @@ def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     return T, H, E
 
-def _check_expert_bias(w13_bias, w2_bias, w13, w2):
-    "Expert biases, when given, have one row per local expert: `w13_bias [E, 2·I]`, `w2_bias [E, H]`."
+def _check_expert_bias(w13_bias, w2_bias, w13, w2, activation):
+    "Expert biases, when given, have one row per local expert (`w13_bias [E, 2·I]`, `w2_bias [E, H]`); an Activation."
     if w13_bias is not None: check_tensor("w13_bias", w13_bias, shape=tuple(w13.shape[:2]), dtype=_FLOATS)
     if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=tuple(w2.shape[:2]), dtype=_FLOATS)
+    if not isinstance(activation, Activation):        # checked even when no expert gets a token
+        raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
 
 def _row(t, e):
     "Row `e` of an optional per-expert tensor."
     return None if t is None else t[e]
 
-# %% ../nbs/05_formats.ipynb #8a6d4aa7e1de
+# %% ../nbs/05_formats.ipynb #2f2af681141a
 def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_size] f64/f32/f16/bf16
                            w13: torch.Tensor,           # [num_local_experts, 2·intermediate_size, hidden_size]
                            w2: torch.Tensor,            # [num_local_experts, hidden_size, intermediate_size]
@@ -154,7 +160,7 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
                           ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "Standard-format MoE: per local expert, gather its (token, slot) pairs, run the expert, weighted-add the rows."
     T, H, E = _check_moe_args(hidden, w13, w2, topk_weights, topk_ids)
-    _check_expert_bias(w13_bias, w2_bias, w13, w2)
+    _check_expert_bias(w13_bias, w2_bias, w13, w2, activation)
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     local = _local_ids(topk_ids, E, expert_map)
     acc = _acc_dtype(hidden.dtype)
@@ -203,7 +209,7 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
     a[slot_map[slot_map >= 0]] = src[slot_map >= 0]
     return a.view(num_local_experts, max_tokens, H), counts.int(), slot_map.view(T, local_ids.shape[1])
 
-# %% ../nbs/05_formats.ipynb #099aba4e2cdf
+# %% ../nbs/05_formats.ipynb #fc013ff110fa
 def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_tokens, hidden_size]
                               expert_num_tokens: torch.Tensor,  # [E_local] int32, valid leading rows
                               w13: torch.Tensor,                # [E_local, 2·intermediate_size, hidden_size]
@@ -220,7 +226,7 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
     check_tensor("w13", w13, shape=(E, None, H), dtype=a.dtype)
     if w13.shape[1] % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {w13.shape[1]}")
     check_tensor("w2", w2, shape=(E, H, w13.shape[1] // 2), dtype=a.dtype)
-    _check_expert_bias(w13_bias, w2_bias, w13, w2)
+    _check_expert_bias(w13_bias, w2_bias, w13, w2, activation)
     if ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.full_like(a, float("nan")) if out is None else check_tensor("out", out, shape=(E, M, H), dtype=a.dtype)

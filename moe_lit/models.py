@@ -11,8 +11,8 @@ from .terms import check_int, check_choice, check_positive_real, hf_names
 from .config import MoEConfig, ParallelConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEFAULT_PRESET', 'HF_KEYS', 'preset_caveats', 'preset', 'describe_routing', 'preset_table',
-           'markdown_table', 'read_config_json', 'text_config_view', 'moe_config_from_hf']
+__all__ = ['PRESETS', 'DEFAULT_PRESET', 'HF_KEYS', 'preset_caveats', 'preset', 'describe_routing', 'describe_experts',
+           'preset_table', 'markdown_table', 'read_config_json', 'text_config_view', 'moe_config_from_hf']
 
 # %% ../nbs/02_models.ipynb #9cf4eef26bc6
 PRESETS: dict[str, MoEConfig] = {
@@ -107,6 +107,21 @@ def describe_routing(cfg: MoEConfig,  # the layer whose router to describe
     if cfg.routed_scaling_factor != 1.0: steps.append(f"×{cfg.routed_scaling_factor:g}")   # after renormalising
     if cfg.apply_router_weight_on_input: steps.append("weight applied to the input")
     return " → ".join(steps)
+
+# %% ../nbs/02_models.ipynb #80ae08c72338
+def describe_experts(cfg: MoEConfig,  # the layer whose experts to describe
+                    ) -> str:
+    "What one expert (and the shared expert) computes, e.g. 'SiLU-gated: silu(gate) · up; no biases'."
+    if not isinstance(cfg, MoEConfig): raise ValueError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
+    if cfg.activation == "swigluoai":
+        what = (f"clamped SwiGLU (swigluoai): (up + 1) · gate · σ({cfg.swiglu_alpha:g} · gate), gate ≤ {cfg.swiglu_limit:g}, "
+                f"|up| ≤ {cfg.swiglu_limit:g}")
+    else: what = "SiLU-gated: silu(gate) · up"
+    parts = [what, "biases on both GEMMs" if cfg.has_expert_bias else "no biases"]
+    if cfg.has_router_bias: parts.append("router bias on the logits")
+    if cfg.num_shared_experts:
+        parts.append("shared expert" + (" scaled by σ(x · shared_expert_gate)" if cfg.shared_expert_gate else " added once"))
+    return "; ".join(parts)
 
 # %% ../nbs/02_models.ipynb #ce9dacba010c
 def preset_table() -> list[dict]:
@@ -241,7 +256,7 @@ def _routing_from_hf(cfg: dict) -> dict:
     return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
                 **_groups_from_hf(cfg, fam))
 
-# %% ../nbs/02_models.ipynb #a2eed11ae96e
+# %% ../nbs/02_models.ipynb #fb3aaf3265db
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]:
@@ -266,6 +281,10 @@ def _experts_from_hf(cfg: dict) -> dict:
         out.update(swiglu_alpha=check_positive_real("config.json swiglu_alpha", _get(cfg, "swiglu_alpha", 1.702)),
                    swiglu_limit=check_positive_real("config.json swiglu_limit", _get(cfg, "swiglu_limit", 7.0)))
     else:
+        for key in ("swiglu_limit", "swiglu_alpha"):  # gpt-oss's constants on a SiLU family: a model moe-lit would misread
+            if cfg.get(key) is not None:
+                raise ValueError(f"config.json {key}: expected no {key} for model_type {t!r} (SiLU-gated experts), "
+                                 f"got {cfg[key]!r}")
         act = _get(cfg, "hidden_act", "silu")
         if act not in _SILU_NAMES:   # a key that changes the experts' math must never be dropped silently
             raise ValueError(f"config.json hidden_act: expected one of {list(_SILU_NAMES)} (moe-lit's experts are "
@@ -280,7 +299,7 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
             return _HF_DTYPES[check_choice(f"config.json {key}", name, tuple(_HF_DTYPES))]
     return torch.bfloat16
 
-# %% ../nbs/02_models.ipynb #5c5c6ae62eb0
+# %% ../nbs/02_models.ipynb #258fe076426a
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
@@ -299,6 +318,6 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                      intermediate_size=intermediate_size, num_shared_experts=num_shared,
                      shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
                      name=name, parallel=ParallelConfig() if parallel is None else parallel,
-                     **_routing_from_hf(cfg), **_experts_from_hf(cfg))
+                     **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)

@@ -10,7 +10,7 @@ import torch
 
 # %% auto #0
 __all__ = ['TERMS', 'DIMENSIONS', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'check_tensor', 'progress']
+           'check_positive_real', 'check_tensor', 'check_finite', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -121,6 +121,14 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
         allowed = dtype if isinstance(dtype, tuple) else (dtype,)
         if t.dtype not in allowed:
             raise ValueError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    return t
+
+# %% ../nbs/00_terms.ipynb #46f9860c22f7
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    "Check that every value of `t` is finite (a value check: it synchronizes, so it runs at construction or on request)."
+    if t.numel() and not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name}: expected finite values, got {t[tuple(bad)].item()} at {bad}")
     return t
 
 # %% ../nbs/00_terms.ipynb #d30cfe821060

@@ -109,13 +109,13 @@ def _random_shared(self) -> dict[str, torch.Tensor] | None:
 
 RandomExpertWeights.shared = _random_shared
 
-# %% ../nbs/11a_weights.ipynb #861e986885c3
+# %% ../nbs/11a_weights.ipynb #fafb46c2bab3
 class TensorWeights(WeightSource):
     "A mapping of global tensors named like the layer's state_dict (see `weight_shapes`), served per expert."
     def __init__(self, config: MoEConfig, tensors: Mapping):
         shapes = weight_shapes(config)
         if not isinstance(tensors, Mapping): raise ValueError(f"weights: expected a mapping of tensors, got {type(tensors).__name__}")
-        unknown = sorted(set(tensors) - set(shapes))
+        unknown = sorted(map(repr, set(tensors) - set(shapes)))
         if unknown: raise ValueError(f"weights: expected only the keys {sorted(shapes)} for this config, got {unknown}")
         for key, shape in shapes.items():
             if key not in tensors: raise ValueError(f"weights[{key!r}]: expected a tensor of shape {list(shape)}, got none")

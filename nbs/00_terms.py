@@ -208,6 +208,20 @@ test_fail(lambda: check_tensor("topk_ids", x, ndim=3), contains="expected a 3-D 
 test_fail(lambda: check_tensor("topk_ids", x, dtype=torch.int64), contains="expected dtype torch.int64, got torch.int32")
 test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.Tensor, got list")
 
+# %%
+#| export
+def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    "Check that every value of `t` is finite (a value check: it synchronizes, so it runs at construction or on request)."
+    if t.numel() and not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name}: expected finite values, got {t[tuple(bad)].item()} at {bad}")
+    return t
+
+# %%
+#| test check_finite
+test_eq(check_finite("w", torch.ones(2)).shape, (2,))
+test_fail(lambda: check_finite("w13", torch.tensor([[1.0, float("nan")]])), contains="w13: expected finite values, got nan at [0, 1]")
+
 # %% [markdown]
 # ## Progress
 #

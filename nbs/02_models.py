@@ -270,6 +270,30 @@ def describe_routing(cfg: MoEConfig,  # the layer whose router to describe
     return " → ".join(steps)
 
 # %%
+#| export
+def describe_experts(cfg: MoEConfig,  # the layer whose experts to describe
+                    ) -> str:
+    "What one expert (and the shared expert) computes, e.g. 'SiLU-gated: silu(gate) · up; no biases'."
+    if not isinstance(cfg, MoEConfig): raise ValueError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
+    if cfg.activation == "swigluoai":
+        what = (f"clamped SwiGLU (swigluoai): (up + 1) · gate · σ({cfg.swiglu_alpha:g} · gate), gate ≤ {cfg.swiglu_limit:g}, "
+                f"|up| ≤ {cfg.swiglu_limit:g}")
+    else: what = "SiLU-gated: silu(gate) · up"
+    parts = [what, "biases on both GEMMs" if cfg.has_expert_bias else "no biases"]
+    if cfg.has_router_bias: parts.append("router bias on the logits")
+    if cfg.num_shared_experts:
+        parts.append("shared expert" + (" scaled by σ(x · shared_expert_gate)" if cfg.shared_expert_gate else " added once"))
+    return "; ".join(parts)
+
+# %%
+#| test describe_experts
+test_eq(describe_experts(PRESETS["mixtral-8x7b"]), "SiLU-gated: silu(gate) · up; no biases")
+assert describe_experts(PRESETS["gpt-oss-20b"]).startswith("clamped SwiGLU (swigluoai): (up + 1) · gate · σ(1.702 · gate)")
+assert "router bias" in describe_experts(PRESETS["gpt-oss-20b"])
+test_eq(describe_experts(MoEConfig(8, 2, 16, 16, num_shared_experts=1, shared_expert_gate=True)).split("; ")[-1],
+        "shared expert scaled by σ(x · shared_expert_gate)")
+
+# %%
 #| test describe_routing
 test_eq(describe_routing(PRESETS["mixtral-8x7b"]), "softmax → top-2 → renormalize")
 test_eq(describe_routing(PRESETS["deepseek-v3"]),
@@ -541,6 +565,10 @@ def _experts_from_hf(cfg: dict) -> dict:
         out.update(swiglu_alpha=check_positive_real("config.json swiglu_alpha", _get(cfg, "swiglu_alpha", 1.702)),
                    swiglu_limit=check_positive_real("config.json swiglu_limit", _get(cfg, "swiglu_limit", 7.0)))
     else:
+        for key in ("swiglu_limit", "swiglu_alpha"):  # gpt-oss's constants on a SiLU family: a model moe-lit would misread
+            if cfg.get(key) is not None:
+                raise ValueError(f"config.json {key}: expected no {key} for model_type {t!r} (SiLU-gated experts), "
+                                 f"got {cfg[key]!r}")
         act = _get(cfg, "hidden_act", "silu")
         if act not in _SILU_NAMES:   # a key that changes the experts' math must never be dropped silently
             raise ValueError(f"config.json hidden_act: expected one of {list(_SILU_NAMES)} (moe-lit's experts are "
@@ -578,7 +606,7 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                      intermediate_size=intermediate_size, num_shared_experts=num_shared,
                      shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
                      name=name, parallel=ParallelConfig() if parallel is None else parallel,
-                     **_routing_from_hf(cfg), **_experts_from_hf(cfg))
+                     **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)
 
@@ -672,6 +700,9 @@ c = moe_config_from_hf({**minimax, "model_type": "some_new_moe"})               
 test_eq((c.scoring_func, c.has_correction_bias), ("sigmoid", True))
 test_fail(lambda: moe_config_from_hf({**qwen2, "hidden_act": "gelu"}), contains="config.json hidden_act: expected one of")
 test_fail(lambda: moe_config_from_hf({**minimax, "use_routing_bias": "yes"}), contains="use_routing_bias: expected a bool")
+test_fail(lambda: moe_config_from_hf({**minimax, "model_type": "mixtral", "swiglu_limit": 7.0}),
+          contains="config.json swiglu_limit: expected no swiglu_limit for model_type 'mixtral'")
+test_eq(moe_config_from_hf({**qwen2, "shared_expert_intermediate_size": 0}).shared_expert_gate, False)
 
 # %%
 #| test from_hf_llama4

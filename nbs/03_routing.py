@@ -10,7 +10,7 @@
 from __future__ import annotations
 import warnings
 import torch
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %%
@@ -114,8 +114,7 @@ def _check_bias(bias, num_experts: int, device) -> torch.Tensor | None:
     "Validate the correction bias `[num_experts]` (finite floats); returns it in float32 on `device`, or None."
     if bias is None: return None
     check_tensor("e_score_correction_bias", bias, shape=(num_experts,), dtype=_FLOAT_DTYPES)
-    if not torch.isfinite(bias).all():
-        raise ValueError("e_score_correction_bias: expected finite values, got NaN or inf")
+    check_finite("e_score_correction_bias", bias)
     return bias.to(device=device, dtype=torch.float32)
 
 # %% [markdown]

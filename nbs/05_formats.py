@@ -109,7 +109,11 @@ class Activation:
     @classmethod
     def of(cls, config) -> "Activation":
         "The activation of a MoEConfig."
+        if not hasattr(config, "swiglu_limit"): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
         return cls(config.activation, config.swiglu_alpha, config.swiglu_limit)
+
+    def __repr__(self):
+        return f"Activation({self.name!r})" if self.name == "silu" else f"Activation({self.name!r}, alpha={self.alpha}, limit={self.limit})"
 
     @property
     def code(self) -> int:
@@ -246,10 +250,12 @@ def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     return T, H, E
 
-def _check_expert_bias(w13_bias, w2_bias, w13, w2):
-    "Expert biases, when given, have one row per local expert: `w13_bias [E, 2·I]`, `w2_bias [E, H]`."
+def _check_expert_bias(w13_bias, w2_bias, w13, w2, activation):
+    "Expert biases, when given, have one row per local expert (`w13_bias [E, 2·I]`, `w2_bias [E, H]`); an Activation."
     if w13_bias is not None: check_tensor("w13_bias", w13_bias, shape=tuple(w13.shape[:2]), dtype=_FLOATS)
     if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=tuple(w2.shape[:2]), dtype=_FLOATS)
+    if not isinstance(activation, Activation):        # checked even when no expert gets a token
+        raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
 
 def _row(t, e):
     "Row `e` of an optional per-expert tensor."
@@ -271,7 +277,7 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
                           ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
     "Standard-format MoE: per local expert, gather its (token, slot) pairs, run the expert, weighted-add the rows."
     T, H, E = _check_moe_args(hidden, w13, w2, topk_weights, topk_ids)
-    _check_expert_bias(w13_bias, w2_bias, w13, w2)
+    _check_expert_bias(w13_bias, w2_bias, w13, w2, activation)
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     local = _local_ids(topk_ids, E, expert_map)
     acc = _acc_dtype(hidden.dtype)
@@ -449,7 +455,7 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
     check_tensor("w13", w13, shape=(E, None, H), dtype=a.dtype)
     if w13.shape[1] % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {w13.shape[1]}")
     check_tensor("w2", w2, shape=(E, H, w13.shape[1] // 2), dtype=a.dtype)
-    _check_expert_bias(w13_bias, w2_bias, w13, w2)
+    _check_expert_bias(w13_bias, w2_bias, w13, w2, activation)
     if ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.full_like(a, float("nan")) if out is None else check_tensor("out", out, shape=(E, M, H), dtype=a.dtype)

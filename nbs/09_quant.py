@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real
+from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real, check_finite
 
 # %%
 #| hide
@@ -37,10 +37,7 @@ def _check_float_input(name: str, x, min_dim: int = 1) -> torch.Tensor:
     "A floating tensor of at least `min_dim` dims with finite values (a NaN or inf would poison its whole scale group)."
     check_tensor(name, x, dtype=_FLOATS)
     if x.dim() < min_dim: raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
-    if x.numel() and not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"{name}: expected finite values, got {x[tuple(bad)].item()} at {bad}")
-    return x
+    return check_finite(name, x)
 
 def _check_out_dtype(dtype) -> torch.dtype:
     if dtype not in _FLOATS: raise ValueError(f"dtype: expected one of {list(_FLOATS)}, got {dtype!r}")

@@ -12,7 +12,7 @@ import math, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice, progress
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress
 from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
@@ -155,16 +155,17 @@ class FusedMoE(torch.nn.Module):
 #| export
 def _facts(c: MoEConfig) -> tuple:
     "What a weight source must agree on with the layer (its dtype may differ: the layer casts)."
+    act = (c.activation, c.swiglu_alpha, c.swiglu_limit) if c.activation == "swigluoai" else c.activation
     return (c.num_experts, c.hidden_size, c.intermediate_size, c.has_correction_bias, c.has_router_bias,
-            c.has_expert_bias, c.activation, c.num_shared_experts, c.shared_intermediate_size, c.shared_expert_gate)
+            c.has_expert_bias, act, c.num_shared_experts, c.shared_intermediate_size, c.shared_expert_gate)
 
 def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
     "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
     if weights is None: return RandomExpertWeights(config, seed)
     if isinstance(weights, Mapping): return TensorWeights(config, weights)
-    if not isinstance(weights, WeightSource):
-        raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) or "
-                         f"a mapping of tensors, got {type(weights).__name__}")
+    if not isinstance(weights, WeightSource) or not isinstance(getattr(weights, "config", None), MoEConfig):
+        raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) with "
+                         f"a MoEConfig, or a mapping of tensors, got {type(weights).__name__}")
     if _facts(weights.config) != _facts(config):
         raise ValueError(f"weights: expected weights for (num_experts, hidden_size, intermediate_size, correction bias, "
                          f"router bias, expert bias, activation, shared experts, shared width, shared gate) = "
@@ -182,8 +183,9 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         if n not in shapes: out[n] = None; continue
         shape = shapes[n] if num is None or n.startswith("shared") or n in ("gate", "gate_bias") else (num, *shapes[n][1:])
         if n not in tensors: raise ValueError(f"weights[{n!r}]: expected a tensor of shape {list(shape)}, got none")
-        out[n] = check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=_FLOATS)
+        out[n] = check_finite(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=_FLOATS))
     return out
+
 
 # %%
 #| export
@@ -221,12 +223,14 @@ FusedMoE._load_experts = _load_experts
 # %%
 #| export
 def _refuse_quantized_state(module, state_dict, prefix, *args):
-    "load_state_dict pre-hook: expert tensors must be float (a quantized layer quantizes them itself)."
-    for n in ("w13", "w2", "w13_bias", "w2_bias"):
+    "load_state_dict pre-hook: expert tensors must be finite floats (a quantized layer quantizes them itself)."
+    for n in ("w13", "w2", "w13_bias", "w2_bias", "gate", "gate_bias", "e_score_correction_bias"):
         t = state_dict.get(prefix + n)
-        if isinstance(t, torch.Tensor) and t.dtype not in _FLOATS:
+        if not isinstance(t, torch.Tensor): continue
+        if t.dtype not in _FLOATS:
             raise ValueError(f"state_dict[{prefix + n!r}]: expected float weights (a {module.quant} layer quantizes what "
                              f"it is given), got dtype {str(t.dtype)[6:]}")
+        check_finite(f"state_dict[{prefix + n!r}]", t)     # before anything is copied: a refused load changes nothing
 
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; keep the dequantized floats."
@@ -243,6 +247,8 @@ def _from_pretrained(cls, checkpoint_dir, layer_index: int, parallel: ParallelCo
                      dtype: torch.dtype | None = None, **kwargs) -> "FusedMoE":
     "The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11b_checkpoint`)."
     from moe_lit.checkpoint import CheckpointWeights
+    for k in ("weights", "config"):
+        if k in kwargs: raise ValueError(f"{k}: expected none with from_pretrained (the checkpoint gives it), got {kwargs[k]!r:.40}")
     src = CheckpointWeights(checkpoint_dir, layer_index, parallel=parallel, dtype=dtype)
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
@@ -380,6 +386,10 @@ for experts in ("torch", "triton"):
     assert check["ok"], (experts, check)                                         # the codes are the new weights' too
     q = layer.state_dict(); q["w13"] = layer.qweights.w13
     test_fail(lambda: layer.load_state_dict(q), contains="state_dict['w13']: expected float weights")
+    codes = layer.qweights.w13.clone()
+    bad = {**donor.state_dict(), "w2": donor.w2 * float("nan")}
+    test_fail(lambda: layer.load_state_dict(bad), contains="state_dict['w2']: expected finite values")
+    assert torch.equal(layer.qweights.w13.view(torch.uint8), codes.view(torch.uint8)) and layer.w2.isfinite().all()
 
 # %% [markdown]
 # ## Emulated expert parallelism
@@ -571,6 +581,10 @@ test_fail(lambda: FusedMoE(cfg, weights={**full, "w2_bias": torch.zeros(E, H + 1
           contains="weights['w2_bias']: expected shape [6, 16], got [6, 17]")
 test_fail(lambda: FusedMoE(cfg.replace(has_expert_bias=False), weights=RandomExpertWeights(cfg)),
           contains="weights: expected weights for")
+test_fail(lambda: FusedMoE(cfg.replace(swiglu_limit=7.0), weights=TensorWeights(cfg, full)),
+          contains="weights: expected weights for")                                # another clamp is another model
+test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"] * float("nan")}),
+          contains="weights['gate']: expected finite values")
 
 # %% [markdown]
 # Shared experts are added exactly once: the same model with one shared expert gives the same output on 1, 2 and 4

@@ -50,6 +50,17 @@ err = (layer(x) - hf_moe_output(hf_moe_block(hf, 1), x)).abs().max() / hf_moe_ou
 print(layer.config.name or layer.config.model_type, layer.experts_reason, f"max relative difference {err:.2g}")
 
 # %% [markdown]
+# **On an expert-parallel deployment** each rank builds its own layer: pass the rank's `ParallelConfig` (its
+# `dp_rank` is its EP rank when TP is 1) and it reads only its experts — here rank 1 of 2 under NIXL EP, which holds
+# experts 3, 4 and 5 of the 6:
+
+# %%
+from moe_lit.config import ParallelConfig
+par = ParallelConfig.make(tp_size=1, dp_size=2, dp_rank=1, enable_expert_parallel=True, all2all_backend="nixl_ep")
+rank1 = FusedMoE.from_pretrained(ckpt, layer_index=1, parallel=par, dtype=torch.float32)
+print(rank1.config.activation_format.value, rank1.placement.local_to_global.tolist(), tuple(rank1.w13.shape))
+
+# %% [markdown]
 # ## Key layouts
 #
 # Which tensor is which lives in one table, keyed by `model_type` (`LAYOUTS` in `11b_checkpoint`); `layout_table`
@@ -205,11 +216,14 @@ with tempfile.TemporaryDirectory() as d:
 #
 # The other direction — transformers routes, moe-lit runs the experts — is `moe_lit.integrations.transformers`
 # (`12b_integrations.transformers`): after `register()`, `AutoModelForCausalLM.from_pretrained(path,
-# experts_implementation="moe_lit")` runs every MoE layer's experts through moe-lit.
+# experts_implementation="moe_lit")` runs the experts of every MoE layer that transformers sends through its experts
+# interface — every family above except Llama-4, whose experts transformers computes without that interface (so
+# there the name is accepted and changes nothing; `12b` says how to check a model).
 #
 # ## What is not modelled
 #
-# Every family in the table above is modelled exactly. Qwen3-Next's whole model does not run on a CPU in
+# Every family in the table above is modelled exactly by `FusedMoE`; inside transformers, Llama-4's experts are not
+# reached (above). Qwen3-Next's whole model does not run on a CPU in
 # transformers (its linear-attention cache), so its parity is checked on the MoE block only, which is all moe-lit
 # computes. A `config.json` key that would change the experts' math and that moe-lit does not model — a `hidden_act`
 # other than SiLU outside gpt-oss, an unknown `topk_method` or `scoring_func` — is an error, never dropped.

@@ -14,7 +14,7 @@ import torch
 from moe_lit import __version__
 from moe_lit.terms import check_int, check_choice
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
-from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
@@ -250,7 +250,8 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
         "properties": [{"property": p, "value": v, "reason": r} for p, v, r in c.parallel.explain()],
         "experts": {"implementation": run.experts[0], "reason": run.experts[1], "device": str(hidden.device),
                     "quant": quant},
-        "caveats": preset_caveats(config),
+        "experts_function": describe_experts(config),
+        "caveats": preset_caveats(config) if weights is None else [],   # the caveats are about random weights
         "weights": getattr(weights, "description", None) or f"random (seed {seed})",
         "placement": {"requested": placement, **_placement_rows(run)},
         "load": _load_rows(run, config.num_experts),
@@ -330,8 +331,7 @@ def _section_model(r: dict) -> list[str]:
             f"  routing={m['routing_method']} scoring_func={m['scoring_func']} renormalize={m['renormalize']} "
             f"num_expert_group={m['num_expert_group']} topk_group={m['topk_group']} "
             f"routed_scaling_factor={m['routed_scaling_factor']} correction_bias={m['has_correction_bias']}",
-            f"  experts: activation={m.get('activation', 'silu')} expert_bias={m.get('has_expert_bias', False)} "
-            f"router_bias={m.get('has_router_bias', False)} shared_expert_gate={m.get('shared_expert_gate', False)}",
+            f"  experts: {r['experts_function']}",
             "", f"backend {b['name']!r}: {b['summary']}",
             "  " + " ".join(f"{k}={v}" for k, v in b.items() if k not in ("name", "summary")),
             f"  on this deployment: {d['all2all_note']}"] + (
@@ -384,7 +384,7 @@ def _section_time(r: dict) -> list[str]:
     t = r["timing"]
     rate = "n/a" if t["tokens_per_s"] is None else f"{t['tokens_per_s']:.1f}"
     return ["", "time (this emulation on this machine: the ranks run one after another in one process)",
-            f"  weights generated {t['weights_s']:.2f} s + forward {t['forward_s']:.2f} s (all ranks; per rank "
+            f"  weights {'loaded' if r.get('weights', 'random').startswith('checkpoint') else 'generated'} {t['weights_s']:.2f} s + forward {t['forward_s']:.2f} s (all ranks; per rank "
             f"{[round(s, 3) for s in t['per_rank_forward_s']]} s) + single-device and float64 references and checks "
             f"{t['reference_and_checks_s']:.2f} s = total {t['total_s']:.2f} s",
             f"  {rate} tokens/s = tokens / forward time of this emulation (not a serving throughput)"]
@@ -542,7 +542,7 @@ def _quant_scheme(name: str) -> str:
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     "The options `run` and `tables` share: the model and the deployment."
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
+    src.add_argument("--model", default=None, choices=sorted(PRESETS), help=f"a built-in preset (unset: {DEFAULT_PRESET})")
     src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
     p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
     p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
@@ -556,7 +556,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_HELP["--device"])
     p.add_argument("--tokens", type=int, default=64, help=_HELP["--tokens"])
     p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
-    p.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=list(QUANT_SCHEMES), help=_HELP["--quant"])
+    p.add_argument("--quant", default=None, type=_quant_scheme, choices=list(QUANT_SCHEMES), help=_HELP["--quant"])
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
                    help="run across the processes torchrun started (one EP rank each; --ep defaults to their number)")
@@ -564,7 +564,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
                         "with its own weights instead of random ones (the model comes from its config.json)")
     p.add_argument("--layer", type=int, default=None,
-                   help="with --weights: the decoder layer whose MoE block to load (default: the first MoE layer)")
+                   help="with --weights: the decoder layer whose MoE block to load; unset (%(default)s) means the "
+                        "checkpoint's first MoE layer")
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
 # %%
@@ -613,7 +614,7 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
     place = Placement.build(rank_config(config, 0, tp_size), strategy=placement)   # validates the deployment too
     pf = make_prepare_finalize(config, num_tokens)
     d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
-    return {"model": config.name, "deployment": all2all_note(config.parallel),
+    return {"model": config.name, "experts_function": describe_experts(config), "deployment": all2all_note(config.parallel),
             "placement": {"requested": placement, "strategy": place.strategy, "reason": place.reason},
             "properties": [{"property": p, "value": v, "reason": r} for p, v, r in config.parallel.explain()],
             "prepare_finalize": {"class": type(pf).__name__, "activation_format": pf.activation_format.value},
@@ -625,7 +626,8 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
 def format_explain(rep: dict) -> str:
     "`explain_report` as text: properties, then the decision table."
     w = max(len(p["property"]) for p in rep["properties"])
-    lines = [f"moe-lit explain: {rep['model'] or 'custom model'}; {rep['deployment']}", ""]
+    lines = [f"moe-lit explain: {rep['model'] or 'custom model'}; {rep['deployment']}",
+             f"experts: {rep['experts_function']}", ""]
     lines += [f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in rep["properties"]]
     pf, dev = rep["prepare_finalize"], rep["device"]
     pl = rep["placement"]
@@ -675,9 +677,11 @@ def _run(args) -> int:
             print(json.dumps(tables, indent=1) if args.json else format_tables(tables)); return 0
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU, got none")
-        source = _checkpoint(args, cfg) if args.weights else None
+        source = _checkpoint(args, cfg) if args.weights is not None else None
+        if source is None and args.layer is not None: raise ValueError("--layer: expected --weights with it, got none")
+        quant = args.quant or (source.quant_scheme if source is not None else None) or "unquantized"   # stored codes
         report = run_report(cfg if source is None else source.config, args.tokens, args.placement, args.seed, args.tp,
-                            args.experts, device, args.quant, args.backend, weights=source)
+                            args.experts, device, quant, args.backend, weights=source)
     except ValueError as e:
         print(f"moe-lit: error: {_flag_error(e)}", file=sys.stderr); return 2
     print(json.dumps(report, indent=1) if args.json else format_report(report))
@@ -687,25 +691,30 @@ def _run(args) -> int:
 def _checkpoint(args, cfg: MoEConfig):
     "`--weights DIR --layer N`: the checkpoint's MoE layer N (default: its first) on the deployment of `cfg`."
     from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
-    if args.config: raise ValueError("--weights: expected no --config (the checkpoint's own config.json is used), got both")
-    layer = args.layer
-    if layer is None:
-        layers = moe_layer_indices(args.weights)
-        if not layers: raise ValueError(f"--weights: expected a checkpoint with MoE layers, got none in {args.weights}")
-        layer = layers[0]
-    dtype = DTYPES[args.dtype] if args.dtype else None
-    return CheckpointWeights(args.weights, layer, parallel=cfg.parallel, dtype=dtype)
+    for flag, given in (("--config", args.config), ("--model", args.model)):
+        if given: raise ValueError(f"--weights: expected no {flag} (the checkpoint's own config.json is used), got {given}")
+    try:
+        layer = args.layer
+        if layer is None:
+            layers = moe_layer_indices(args.weights)
+            if not layers: raise ValueError(f"expected a checkpoint with MoE layers, got none in {args.weights}")
+            layer = layers[0]
+        return CheckpointWeights(args.weights, layer, parallel=cfg.parallel, dtype=DTYPES[args.dtype] if args.dtype else None)
+    except ValueError as e:                               # every complaint about the checkpoint names the flag that gave it
+        if str(e).startswith("layer_index:"): raise
+        raise ValueError(f"--weights: {e}") from None
 
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.main`), rank 0 reports."
     from moe_lit.distributed import main as distributed_main
-    unsupported = [f for f, given in (("--config", args.config), ("--weights", args.weights), ("--tp", args.tp != 1),
-                                      ("--backend", args.backend),
-                                      ("--quant", args.quant != "unquantized"), ("--device", args.device != "auto")) if given]
+    unsupported = [f for f, given in (("--config", args.config), ("--weights", args.weights is not None),
+                                      ("--tp", args.tp != 1), ("--backend", args.backend),
+                                      ("--quant", args.quant not in (None, "unquantized")), ("--device", args.device != "auto"))
+                   if given]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {unsupported}: across processes moe-lit runs presets as "
                          f"data-parallel EP ranks with unquantized experts so far, got them")
-    argv = ["--model", args.model, "--placement", args.placement, "--tokens", str(args.tokens), "--seed", str(args.seed),
+    argv = ["--model", args.model or DEFAULT_PRESET, "--placement", args.placement, "--tokens", str(args.tokens), "--seed", str(args.seed),
             "--experts", args.experts] + (["--ep", str(args.ep)] if args.ep != 1 else []) + \
            (["--all2all", args.all2all] if args.all2all else []) + (["--dtype", args.dtype] if args.dtype else []) + \
            (["--json"] if args.json else [])
@@ -786,7 +795,7 @@ test_eq((len(tables["ranks"][1]["local_to_global"]), tables["all2all_used"]), (6
 
 # %%
 #| test run_checkpoint_weights
-from moe_lit.testing import tiny_hf_model
+from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 with tempfile.TemporaryDirectory() as d:
     tiny_hf_model("deepseek_v3").save_pretrained(d, max_shard_size="100KB")
     with contextlib.redirect_stdout(io.StringIO()) as out:
@@ -797,10 +806,17 @@ with tempfile.TemporaryDirectory() as d:
     assert rep["check"]["vs_float64"]["ok"] and rep["check"]["ep_vs_single_device"]["ok"]
     with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--layer", "1"]), 0)
     assert "weights: checkpoint" in out.getvalue()
-    for argv, msg in ((["--layer", "0"], "--layer: expected one of the MoE layers [1]"),
-                      (["--config", d], "--weights: expected no --config")):
-        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", "--weights", d, *argv]), 2)
+    for argv, msg in ((["--weights", d, "--layer", "0"], "--layer: expected one of the MoE layers [1]"),
+                      (["--weights", d, "--config", d], "--weights: expected no --config"),
+                      (["--weights", d, "--model", "mixtral-8x7b"], "--weights: expected no --model"),
+                      (["--weights", d + "-missing"], "--weights: path_or_dict: expected an existing config.json"),
+                      (["--weights", ""], "--weights: "), (["--layer", "1"], "--layer: expected --weights with it")):
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", *argv]), 2)
         assert msg in err.getvalue(), err.getvalue()
+with tempfile.TemporaryDirectory() as d:                       # a pre-quantized checkpoint runs its stored codes
+    write_fp8_block_checkpoint(d)
+    with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--tokens", "3", "--json"]), 0)
+    test_eq(json.loads(out.getvalue())["experts"]["quant"], "fp8_w8a8_block")
 
 # %%
 #| test main_errors_name_the_flag

@@ -36,7 +36,7 @@
 # against a float64 reference and the time of each part (weights, forward, references and checks).
 # Try a deployment: `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs the eight
 # ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
-# weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 4–6 minutes (generating
+# weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 4–7 minutes (generating
 # DeepSeek-V3's 11 billion random expert weights, then the single-device and float64 references) and about 6 GB. `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
 # reason and the oracle's decision table; `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
@@ -80,7 +80,7 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # install above has them) — point `ckpt` at your own checkpoint instead:
 
 # %%
-import tempfile
+import tempfile, torch
 from moe_lit.layer import FusedMoE
 from moe_lit.testing import tiny_hf_model, hf_moe_block, hf_moe_output
 
@@ -103,8 +103,11 @@ hf = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="moe_lit"
 print(hf.config._experts_implementation)
 
 # %% [markdown]
-# And the main job on a checkpoint's layer: `.venv/bin/moe-lit run --weights CHECKPOINT_DIR --layer N` (any
-# `--ep`/`--all2all`/`--quant` deployment; without `--layer`, the first MoE layer). The chapter *Loading a real model*
+# (Llama-4 is the exception: transformers does not send its experts through that interface.) And the main job on a
+# checkpoint's layer: `.venv/bin/moe-lit run --weights CHECKPOINT_DIR --layer N` (any `--ep`/`--all2all` deployment;
+# without `--layer`, the first MoE layer; a pre-quantized checkpoint runs its stored codes unless `--quant` says
+# otherwise). On an expert-parallel deployment, `FusedMoE.from_pretrained(ckpt, N, parallel=...)` builds one rank's
+# layer and reads only that rank's experts. The chapter *Loading a real model*
 # (`12c_real_models`) has the key layouts and the parity with transformers' own blocks for every family.
 #
 # %% [markdown]

@@ -7,7 +7,7 @@ import torch
 from moe_lit import __version__
 from moe_lit.terms import check_int, check_choice
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
-from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
@@ -186,7 +186,7 @@ def test_main_entry_point():
 
 
 def test_run_checkpoint_weights():
-    from moe_lit.testing import tiny_hf_model
+    from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
     with tempfile.TemporaryDirectory() as d:
         tiny_hf_model("deepseek_v3").save_pretrained(d, max_shard_size="100KB")
         with contextlib.redirect_stdout(io.StringIO()) as out:
@@ -197,10 +197,17 @@ def test_run_checkpoint_weights():
         assert rep["check"]["vs_float64"]["ok"] and rep["check"]["ep_vs_single_device"]["ok"]
         with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--layer", "1"]), 0)
         assert "weights: checkpoint" in out.getvalue()
-        for argv, msg in ((["--layer", "0"], "--layer: expected one of the MoE layers [1]"),
-                          (["--config", d], "--weights: expected no --config")):
-            with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", "--weights", d, *argv]), 2)
+        for argv, msg in ((["--weights", d, "--layer", "0"], "--layer: expected one of the MoE layers [1]"),
+                          (["--weights", d, "--config", d], "--weights: expected no --config"),
+                          (["--weights", d, "--model", "mixtral-8x7b"], "--weights: expected no --model"),
+                          (["--weights", d + "-missing"], "--weights: path_or_dict: expected an existing config.json"),
+                          (["--weights", ""], "--weights: "), (["--layer", "1"], "--layer: expected --weights with it")):
+            with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", *argv]), 2)
             assert msg in err.getvalue(), err.getvalue()
+    with tempfile.TemporaryDirectory() as d:                       # a pre-quantized checkpoint runs its stored codes
+        write_fp8_block_checkpoint(d)
+        with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--tokens", "3", "--json"]), 0)
+        test_eq(json.loads(out.getvalue())["experts"]["quant"], "fp8_w8a8_block")
 
 
 def test_main_errors_name_the_flag():

@@ -5,7 +5,7 @@ import math, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice, progress
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress
 from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
@@ -96,6 +96,10 @@ def test_quantized_layer_load_state_dict():
         assert check["ok"], (experts, check)                                         # the codes are the new weights' too
         q = layer.state_dict(); q["w13"] = layer.qweights.w13
         test_fail(lambda: layer.load_state_dict(q), contains="state_dict['w13']: expected float weights")
+        codes = layer.qweights.w13.clone()
+        bad = {**donor.state_dict(), "w2": donor.w2 * float("nan")}
+        test_fail(lambda: layer.load_state_dict(bad), contains="state_dict['w2']: expected finite values")
+        assert torch.equal(layer.qweights.w13.view(torch.uint8), codes.view(torch.uint8)) and layer.w2.isfinite().all()
 
 
 def test_emulated_ep_every_backend():
@@ -180,6 +184,10 @@ def test_fused_moe_from_mapping():
               contains="weights['w2_bias']: expected shape [6, 16], got [6, 17]")
     test_fail(lambda: FusedMoE(cfg.replace(has_expert_bias=False), weights=RandomExpertWeights(cfg)),
               contains="weights: expected weights for")
+    test_fail(lambda: FusedMoE(cfg.replace(swiglu_limit=7.0), weights=TensorWeights(cfg, full)),
+              contains="weights: expected weights for")                                # another clamp is another model
+    test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"] * float("nan")}),
+              contains="weights['gate']: expected finite values")
 
 
 def test_shared_experts_once():

@@ -75,6 +75,14 @@ def test_preset_lookup():
     test_fail(lambda: preset("qwen3-30b-a3b", parallel="ep8"), contains="parallel: expected a ParallelConfig, got str")
 
 
+def test_describe_experts():
+    test_eq(describe_experts(PRESETS["mixtral-8x7b"]), "SiLU-gated: silu(gate) · up; no biases")
+    assert describe_experts(PRESETS["gpt-oss-20b"]).startswith("clamped SwiGLU (swigluoai): (up + 1) · gate · σ(1.702 · gate)")
+    assert "router bias" in describe_experts(PRESETS["gpt-oss-20b"])
+    test_eq(describe_experts(MoEConfig(8, 2, 16, 16, num_shared_experts=1, shared_expert_gate=True)).split("; ")[-1],
+            "shared expert scaled by σ(x · shared_expert_gate)")
+
+
 def test_describe_routing():
     test_eq(describe_routing(PRESETS["mixtral-8x7b"]), "softmax → top-2 → renormalize")
     test_eq(describe_routing(PRESETS["deepseek-v3"]),
@@ -194,6 +202,9 @@ def test_from_hf_expert_semantics():
     test_eq((c.scoring_func, c.has_correction_bias), ("sigmoid", True))
     test_fail(lambda: moe_config_from_hf({**qwen2, "hidden_act": "gelu"}), contains="config.json hidden_act: expected one of")
     test_fail(lambda: moe_config_from_hf({**minimax, "use_routing_bias": "yes"}), contains="use_routing_bias: expected a bool")
+    test_fail(lambda: moe_config_from_hf({**minimax, "model_type": "mixtral", "swiglu_limit": 7.0}),
+              contains="config.json swiglu_limit: expected no swiglu_limit for model_type 'mixtral'")
+    test_eq(moe_config_from_hf({**qwen2, "shared_expert_intermediate_size": 0}).shared_expert_gate, False)
 
 
 def test_from_hf_llama4():

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import warnings
 import torch
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 from fastcore.test import test_eq, test_fail, test_close
 from moe_lit.testing import assert_close
