@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib, weakref
 from dataclasses import dataclass
 import torch
-from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.activations import SiLUActivation
-from moe_lit.terms import check_tensor, check_bool
+from moe_lit.terms import check_tensor, check_bool, check_positive_real
 from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved, _acc_dtype
 
 # %%
@@ -40,6 +40,13 @@ from moe_lit.testing import assert_close, tiny_hf_model, hf_moe_block, TINY_HF
 # register()
 # model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moe_lit")
 # ```
+#
+# > **What is reached.** `"moe_lit"` runs only the experts modules that transformers dispatches through its experts
+# > interface (classes decorated with `@use_experts_implementation`). transformers accepts
+# > `experts_implementation="moe_lit"` for *any* model and says nothing when a model's MoE blocks never dispatch:
+# > **Llama-4** (`Llama4TextExperts`) is one, in transformers 5.17–5.24 — its experts keep running transformers' own
+# > dense code. Call `check_model(model)` after loading: it raises a `ValueError` naming the class of every MoE block
+# > `"moe_lit"` cannot reach (or cannot run), and returns the recipes of those it runs.
 #
 # `register()` comes first: transformers checks the name against its registry when the model is built.
 # `AutoModelForCausalLM.from_config(config, experts_implementation="moe_lit")` and, on a model already loaded,
@@ -92,6 +99,16 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     "moe-lit's `(w13 [E, 2·I, H] gate then up, w2 [E, H, I], w13_bias [E, 2·I], w2_bias [E, H])`; a matching layout is returned as is."
     check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
     check_bool("transposed", transposed); check_bool("interleaved", interleaved)
+    if not gate_up_proj.is_floating_point():
+        raise ValueError(f"gate_up_proj: expected a floating-point dtype, got {gate_up_proj.dtype}")
+    if down_proj.dtype != gate_up_proj.dtype:
+        raise ValueError(f"down_proj: expected gate_up_proj's dtype {gate_up_proj.dtype}, got {down_proj.dtype}")
+    for n, t in (("down_proj", down_proj), ("gate_up_proj_bias", gate_up_proj_bias), ("down_proj_bias", down_proj_bias)):
+        if t is None: continue
+        if n != "down_proj": check_tensor(n, t)
+        if t.device != gate_up_proj.device:
+            raise ValueError(f"{n}: expected gate_up_proj's device {gate_up_proj.device}, got {t.device}")
+        if not t.is_floating_point(): raise ValueError(f"{n}: expected a floating-point dtype, got {t.dtype}")
     w13 = gate_up_proj.transpose(1, 2) if transposed else gate_up_proj
     w2 = down_proj.transpose(1, 2) if transposed else down_proj
     E, N, H = w13.shape
@@ -128,6 +145,12 @@ assert same[0] is cat and same[1] is down                              # matchin
 test_fail(lambda: convert_experts_weights(cat, down.transpose(1, 2)), contains="down_proj (as [E, H, I]): expected")
 test_fail(lambda: convert_experts_weights(cat[:, :-1], down), contains="expected an even 2·intermediate_size")
 test_fail(lambda: convert_experts_weights(cat, down, torch.zeros(E, I)), contains="gate_up_proj_bias: expected shape")
+test_fail(lambda: convert_experts_weights(cat.long(), down.long()), contains="gate_up_proj: expected a floating-point")
+test_fail(lambda: convert_experts_weights(cat, down.float()), contains="down_proj: expected gate_up_proj's dtype")
+test_fail(lambda: convert_experts_weights(cat, down, torch.zeros(E, 2 * I, dtype=torch.float64, device="meta")),
+          contains="gate_up_proj_bias: expected gate_up_proj's device cpu, got meta")
+test_fail(lambda: convert_experts_weights(cat, down, None, torch.zeros(E, H, dtype=torch.float64, device="meta")),
+          contains="down_proj_bias: expected gate_up_proj's device")
 
 # %% [markdown]
 # ## Activations
@@ -172,8 +195,11 @@ def _resolve(rule: GateRule):
     return obj
 
 def _is_silu(act_fn) -> bool:
-    "transformers spells SiLU `SiLUActivation` ('silu') or `nn.SiLU` ('swish')."
-    return isinstance(act_fn, (torch.nn.SiLU, SiLUActivation))
+    "transformers spells SiLU `SiLUActivation` ('silu') or `nn.SiLU` ('swish'): exactly these, as they are."
+    # the exact type: a subclass may compute anything in its forward; and no hooks or instance `forward`, which would
+    # change what `act_fn(gate)` returns without changing its type (moe-lit computes SiLU itself, skipping them all)
+    return (type(act_fn) in (torch.nn.SiLU, SiLUActivation) and not act_fn._forward_hooks
+            and not act_fn._forward_pre_hooks and "forward" not in vars(act_fn))
 
 # %%
 {r.qualname: _resolve(r) for r in GATE_RULES}
@@ -187,6 +213,13 @@ class ExpertsRecipe:
     transposed: bool          # the module stores [E, in, out] weights
     interleaved: bool         # the module's gate/up columns alternate
     has_bias: bool            # the module has gate_up_proj_bias and down_proj_bias
+
+    def __repr__(self) -> str:
+        "As the dataclass's, but a SiLU activation without the swigluoai-only `alpha` and `limit` it does not use."
+        a = self.activation
+        act = f"Activation({a.name!r})" if a.name == "silu" else repr(a)   # as formats' own repr, where it has one
+        return (f"ExpertsRecipe(activation={act}, transposed={self.transposed}, interleaved={self.interleaved}, "
+                f"has_bias={self.has_bias})")
 
 # %%
 #| export
@@ -205,12 +238,21 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
                          f"recognises; known: {', '.join(r.qualname for r in GATE_RULES)}")
     if rule.silu_act_fn and not _is_silu(getattr(module, "act_fn", None)):
         raise ValueError(f"{name}: act_fn {type(getattr(module, 'act_fn', None)).__name__} is not supported by "
-                         f"moe_lit (the default gate needs SiLU)")
+                         f"moe_lit (the default gate needs exactly nn.SiLU or SiLUActivation, without hooks or a "
+                         f"replaced forward)")
     if rule.interleaved == module.is_concatenated:
         raise ValueError(f"{name}: is_concatenated={module.is_concatenated} contradicts its gate {rule.qualname}")
-    act = Activation(rule.activation, *(float(getattr(module, p)) for p in rule.params))
+    has_bias = module.has_bias
+    if not isinstance(has_bias, bool): raise ValueError(f"{name}.has_bias: expected a bool, got {has_bias!r}")
+    for b in ("gate_up_proj_bias", "down_proj_bias"):              # the flag must say what the parameters are
+        present = getattr(module, b, None) is not None
+        if present != has_bias:
+            raise ValueError(f"{name}: has_bias={has_bias} contradicts its parameters: {b} is "
+                             f"{'present' if present else 'missing or None'}")
+    act = Activation(rule.activation, *(check_positive_real(f"{name}.{p}", getattr(module, p, None))
+                                        for p in rule.params))
     return ExpertsRecipe(activation=act, transposed=bool(module.is_transposed), interleaved=rule.interleaved,
-                         has_bias=bool(module.has_bias))
+                         has_bias=has_bias)
 
 # %% [markdown]
 # ## The converted weights, cached
@@ -272,8 +314,10 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
 # On a CUDA device the experts run on `TritonExperts` (imported only there, so that importing this module on a CPU
 # machine loads no Triton kernel). Elsewhere they run on the float64-capable reference `moe_reference_standard`, once
 # per slot with a unit weight, the router weights then applied in the accumulation dtype: moe-lit's router weights are
-# fp32, and rounding a float64 model's weights to fp32 would cost it ~1e-8 of relative accuracy. Ids outside
-# `[0, num_experts)` — transformers' expert-parallel sentinels — become `-1` and contribute 0.
+# fp32, and rounding a float64 model's weights to fp32 would cost it ~1e-8 of relative accuracy. Ids must lie in
+# `[0, num_experts)`; the one exception is transformers' expert-parallel sentinel: on a module with
+# `_is_expert_parallel` set, an id `>= num_experts` becomes `-1` and contributes 0. Any other id raises a `ValueError`
+# (never dropped: a router bug must not become a silently smaller output).
 
 # %%
 #| export
@@ -299,7 +343,20 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
     recipe = experts_recipe(self)
     w13, w2, b13, b2 = experts_weights(self, recipe)
     E = w13.shape[0]
-    ids = torch.where((top_k_index >= 0) & (top_k_index < E), top_k_index, -1)   # EP sentinels contribute 0
+    check_tensor("top_k_index", top_k_index, ndim=2)
+    if top_k_index.is_floating_point() or top_k_index.is_complex() or top_k_index.dtype == torch.bool:
+        raise ValueError(f"top_k_index: expected an integer dtype, got {top_k_index.dtype}")
+    ep = getattr(self, "_is_expert_parallel", False) is True
+    bad = (top_k_index < 0) if ep else (top_k_index < 0) | (top_k_index >= E)
+    # One host synchronisation per forward, for this check; transformers' own eager path synchronises more (it reads
+    # the set of hit experts back to loop over them). Inside a CUDA-graph capture the check is skipped: the kernels
+    # mask ids outside their experts (no read out of bounds), and a capture cannot synchronise.
+    capturing = top_k_index.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and bad.any():
+        raise ValueError(f"top_k_index: expected ids in [0, {E}) (E = num_experts"
+                         f"{', or >= E as an expert-parallel sentinel' if ep else ''}), "
+                         f"got {top_k_index[bad][0].item()}")
+    ids = top_k_index.masked_fill(top_k_index >= E, -1) if ep else top_k_index   # EP sentinels contribute 0
     if hidden_states.is_cuda and w13.dtype != torch.float64:
         from moe_lit.kernels.contiguous import TritonExperts   # Triton only where it runs
         out = TritonExperts().apply(hidden_states.to(w13.dtype), w13, w2, top_k_weights.float(), ids,
@@ -310,9 +367,22 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
 
 # %%
 #| export
+BUILTIN_EXPERTS = ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe")   # transformers' own names
+
+def _is_ours(fn) -> bool:
+    "Whether `fn` is `moe_lit_experts_forward` (also from before an `importlib.reload` of this module)."
+    return fn is moe_lit_experts_forward or (getattr(fn, "__module__", None) == __name__ and
+                                             getattr(fn, "__qualname__", None) == "moe_lit_experts_forward")
+
 def register(name: str = "moe_lit") -> str:
     "Register `moe_lit_experts_forward` as transformers experts implementation `name` (idempotent); returns `name`."
     if not isinstance(name, str) or not name: raise ValueError(f"name: expected a non-empty str, got {name!r}")
+    held = ExpertsInterface._global_mapping.get(name)
+    if name in BUILTIN_EXPERTS or (held is not None and not _is_ours(held)):
+        # the registry is global: taking a name transformers (or someone else) defines would reroute every model
+        taken = set(BUILTIN_EXPERTS) | {k for k, v in ExpertsInterface._global_mapping.items() if not _is_ours(v)}
+        raise ValueError(f"name: expected a name transformers does not already define, got {name!r} "
+                         f"(taken: {', '.join(sorted(taken))})")
     ExpertsInterface.register(name, moe_lit_experts_forward)
     return name
 
@@ -328,7 +398,7 @@ def register(name: str = "moe_lit") -> str:
 # > its router multiplies the scores into a copy of the tokens for *every* expert and the experts run densely, so
 # > `experts_implementation` is accepted but never reaches it (`experts_recipes` returns `{}`). Its transposed layout is
 # > still moe-lit's through `convert_experts_weights(..., transposed=True)` with the router weight on the input
-# > (checked below).
+# > (checked below). `check_model` refuses such a model instead of letting `"moe_lit"` silently do nothing.
 
 # %%
 #| export
@@ -336,6 +406,48 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     "`{module name: recipe}` for every experts module of `model` that dispatches through the experts interface."
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
+
+# %% [markdown]
+# `check_model(model)` is the check to run: it finds the MoE blocks of a model by their weights — a module with a 3-D
+# expert weight (`gate_up_proj`, `down_proj`, `up_proj`, `gate_proj`, `w1`, `w2`, `w3`) or an `nn.ModuleList` of
+# experts — and raises a `ValueError` naming the class of each one that does not dispatch through the experts
+# interface (not decorated, or with its own `forward`), and for a model with no MoE block at all. A block that
+# dispatches must also have a recipe, so an unsupported one raises too. It returns `experts_recipes(model)`.
+
+# %%
+#| export
+_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
+def _dispatch_code():
+    "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
+    probe = type("_Probe", (torch.nn.Module,), {"forward": lambda self: None})
+    try: return use_experts_implementation(probe).forward.__code__
+    except Exception: return None
+
+_DISPATCH_CODE = _dispatch_code()
+
+def _dispatches(m: torch.nn.Module) -> bool:
+    "Whether `m` is an experts module whose forward goes through the experts interface."
+    fwd = vars(m).get("forward", type(m).forward)
+    return (all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated"))
+            and (_DISPATCH_CODE is None or getattr(fwd, "__code__", None) is _DISPATCH_CODE))
+
+def check_model(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
+    "`experts_recipes(model)`; ValueError if `model` has an MoE block 'moe_lit' cannot reach, or none at all."
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    blocks = {n: m for n, m in model.named_modules()
+              if any(isinstance(getattr(m, w, None), torch.Tensor) and getattr(m, w).dim() == 3 for w in _EXPERT_WEIGHTS)
+              or (isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] == "experts")}
+    if not blocks:
+        raise ValueError(f"model: expected a model with MoE experts modules, got {type(model).__name__} with none")
+    unreached = {n: type(m).__name__ for n, m in blocks.items() if not _dispatches(m)}
+    if unreached:
+        classes = ", ".join(sorted(set(unreached.values())))
+        raise ValueError(f"model: {type(model).__name__}'s experts {classes} ({len(unreached)} modules, e.g. "
+                         f"{next(iter(unreached))}) do not dispatch through transformers' experts interface, so "
+                         f"experts_implementation='moe_lit' would not reach them (they would run transformers' "
+                         f"own code)")
+    return experts_recipes(model)
 
 # %%
 experts_recipes(tiny_hf_model("gpt_oss"))
@@ -352,6 +464,25 @@ test_eq(r, ExpertsRecipe(activation=Activation("swigluoai", alpha=1.702, limit=l
 r = next(iter(experts_recipes(tiny_hf_model("qwen3_moe")).values()))
 test_eq(r, ExpertsRecipe(activation=Activation("silu"), transposed=False, interleaved=False, has_bias=False))
 test_eq(experts_recipes(tiny_hf_model("llama4_text")), {})           # Llama-4's experts are not dispatched
+test_eq(repr(r), "ExpertsRecipe(activation=Activation('silu'), transposed=False, interleaved=False, "
+                 "has_bias=False)")                                  # no gpt-oss alpha/limit on a SiLU recipe
+assert "alpha=1.702" in repr(experts_recipe(model.model.layers[0].mlp.experts))   # gpt-oss's are its own
+
+# %%
+#| test check_model
+test_fail(lambda: check_model(tiny_hf_model("llama4_text")),
+          contains="Llama4TextExperts (2 modules, e.g. model.layers.0.feed_forward.experts) do not dispatch")
+for model_type in [m for m in TINY_HF if m != "llama4_text"]:
+    model = tiny_hf_model(model_type)
+    test_eq(check_model(model), experts_recipes(model))
+test_fail(lambda: check_model(torch.nn.Linear(2, 2)), contains="model: expected a model with MoE experts modules")
+test_fail(lambda: check_model("mixtral"), contains="model: expected a torch.nn.Module, got str")
+model = tiny_hf_model("mixtral")
+experts = model.model.layers[1].mlp.experts
+experts.forward = lambda *a: a[0]                                   # its own forward: bypasses the interface
+test_fail(lambda: check_model(model), contains="MixtralExperts (1 modules, e.g. model.layers.1.mlp.experts)")
+model = tiny_hf_model("mixtral", hidden_act="gelu")                 # reached but not runnable: raises too
+test_fail(lambda: check_model(model), contains="MixtralExperts: act_fn GELUActivation")
 
 # %% [markdown]
 # ## Tests
@@ -524,6 +655,69 @@ experts.has_post_expert_norm, experts.is_concatenated = False, False
 test_fail(lambda: experts_recipe(experts), contains="is_concatenated=False contradicts its gate _default_apply_gate")
 test_fail(lambda: experts_recipe(torch.nn.Linear(2, 2)), contains="Linear: not a transformers experts module")
 test_fail(lambda: register(""), contains="name: expected a non-empty str")
+
+# %% [markdown]
+# Bad input raises too, rather than computing something else: an `act_fn` that only looks like SiLU, ids outside
+# `[0, num_experts)`, a `has_bias` flag that contradicts the parameters, a missing gate constant, and a name that
+# would replace one of transformers' implementations.
+
+# %%
+#| test bad_input_raise
+register()
+class ReluSiLU(torch.nn.SiLU):
+    def forward(self, x): return torch.relu(x)
+model = tiny_hf_model("qwen3_moe")
+experts = model.get_submodule(next(iter(experts_recipes(model))))
+experts.act_fn = ReluSiLU()                                         # a subclass: isinstance would pass it
+test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn ReluSiLU is not supported by moe_lit")
+experts.act_fn = torch.nn.SiLU()
+handle = experts.act_fn.register_forward_hook(lambda m, i, o: o * 0)
+test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn SiLU is not supported")
+handle.remove(); handle = experts.act_fn.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn SiLU is not supported")
+handle.remove(); experts.act_fn.forward = torch.relu                # an instance forward
+test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn SiLU is not supported")
+del experts.act_fn.forward
+test_eq(experts_recipe(experts).activation, Activation("silu"))     # plain nn.SiLU ('swish') is fine
+# expert ids: out of range raises; only expert parallelism's sentinels (>= E) are dropped
+model = tiny_hf_model("mixtral")
+model.set_experts_implementation("moe_lit")
+experts = model.get_submodule(next(iter(experts_recipes(model))))
+x, w = torch.randn(2, model.config.hidden_size), torch.full((2, 2), 0.5)
+E = experts.gate_up_proj.shape[0]
+test_fail(lambda: experts(x, torch.tensor([[0, 1], [7, 2]]), w), contains=f"top_k_index: expected ids in [0, {E})")
+test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")
+test_fail(lambda: experts(x, torch.tensor([[0., 1.], [2., 3.]]), w), contains="top_k_index: expected an integer dtype")
+experts._is_expert_parallel = True
+experts(x, torch.tensor([[0, 1], [7, 2]]), w)                       # a sentinel: fine
+test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")
+# has_bias contradicting the parameters
+model = tiny_hf_model("gpt_oss")
+experts = model.get_submodule(next(iter(experts_recipes(model))))
+experts.has_bias = False
+test_fail(lambda: experts_recipe(experts),
+          contains="GptOssExperts: has_bias=False contradicts its parameters: gate_up_proj_bias is present")
+experts.has_bias, experts.down_proj_bias = True, None
+test_fail(lambda: experts_recipe(experts),
+          contains="GptOssExperts: has_bias=True contradicts its parameters: down_proj_bias is missing or None")
+mixtral = tiny_hf_model("mixtral")
+mixtral.model.layers[0].mlp.experts.has_bias = True
+test_fail(lambda: experts_recipe(mixtral.model.layers[0].mlp.experts),
+          contains="MixtralExperts: has_bias=True contradicts its parameters: gate_up_proj_bias is missing")
+# the gate's constants
+experts = tiny_hf_model("gpt_oss").model.layers[0].mlp.experts
+experts.limit = None
+test_fail(lambda: experts_recipe(experts), contains="GptOssExperts.limit: expected a finite number > 0, got NoneType")
+experts.limit = 7.0; del experts.alpha
+test_fail(lambda: experts_recipe(experts), contains="GptOssExperts.alpha: expected a finite number > 0")
+# names transformers defines, or someone else registered, are refused; our own re-registration is not
+for name in ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe"):
+    test_fail(lambda: register(name), contains=f"name: expected a name transformers does not already define, "
+                                               f"got {name!r}")
+with mock.patch.dict(ExpertsInterface._global_mapping, {"theirs": lambda *a: None}):
+    test_fail(lambda: register("theirs"), contains="got 'theirs'")
+    assert ExpertsInterface._global_mapping["theirs"] is not moe_lit_experts_forward
+test_eq(register(), "moe_lit"); test_eq(register(), "moe_lit")
 
 # %% [markdown]
 # On a GPU, in bf16, the experts run on `TritonExperts`. Each bf16 run is measured against the same model in float64

@@ -4,9 +4,9 @@ import pytest
 import importlib, weakref
 from dataclasses import dataclass
 import torch
-from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.activations import SiLUActivation
-from moe_lit.terms import check_tensor, check_bool
+from moe_lit.terms import check_tensor, check_bool, check_positive_real
 from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved, _acc_dtype
 import tempfile
 from unittest import mock
@@ -34,6 +34,12 @@ def test_convert_layouts():
     test_fail(lambda: convert_experts_weights(cat, down.transpose(1, 2)), contains="down_proj (as [E, H, I]): expected")
     test_fail(lambda: convert_experts_weights(cat[:, :-1], down), contains="expected an even 2·intermediate_size")
     test_fail(lambda: convert_experts_weights(cat, down, torch.zeros(E, I)), contains="gate_up_proj_bias: expected shape")
+    test_fail(lambda: convert_experts_weights(cat.long(), down.long()), contains="gate_up_proj: expected a floating-point")
+    test_fail(lambda: convert_experts_weights(cat, down.float()), contains="down_proj: expected gate_up_proj's dtype")
+    test_fail(lambda: convert_experts_weights(cat, down, torch.zeros(E, 2 * I, dtype=torch.float64, device="meta")),
+              contains="gate_up_proj_bias: expected gate_up_proj's device cpu, got meta")
+    test_fail(lambda: convert_experts_weights(cat, down, None, torch.zeros(E, H, dtype=torch.float64, device="meta")),
+              contains="down_proj_bias: expected gate_up_proj's device")
 
 
 def test_recipes_of_families():
@@ -47,6 +53,25 @@ def test_recipes_of_families():
     r = next(iter(experts_recipes(tiny_hf_model("qwen3_moe")).values()))
     test_eq(r, ExpertsRecipe(activation=Activation("silu"), transposed=False, interleaved=False, has_bias=False))
     test_eq(experts_recipes(tiny_hf_model("llama4_text")), {})           # Llama-4's experts are not dispatched
+    test_eq(repr(r), "ExpertsRecipe(activation=Activation('silu'), transposed=False, interleaved=False, "
+                     "has_bias=False)")                                  # no gpt-oss alpha/limit on a SiLU recipe
+    assert "alpha=1.702" in repr(experts_recipe(model.model.layers[0].mlp.experts))   # gpt-oss's are its own
+
+
+def test_check_model():
+    test_fail(lambda: check_model(tiny_hf_model("llama4_text")),
+              contains="Llama4TextExperts (2 modules, e.g. model.layers.0.feed_forward.experts) do not dispatch")
+    for model_type in [m for m in TINY_HF if m != "llama4_text"]:
+        model = tiny_hf_model(model_type)
+        test_eq(check_model(model), experts_recipes(model))
+    test_fail(lambda: check_model(torch.nn.Linear(2, 2)), contains="model: expected a model with MoE experts modules")
+    test_fail(lambda: check_model("mixtral"), contains="model: expected a torch.nn.Module, got str")
+    model = tiny_hf_model("mixtral")
+    experts = model.model.layers[1].mlp.experts
+    experts.forward = lambda *a: a[0]                                   # its own forward: bypasses the interface
+    test_fail(lambda: check_model(model), contains="MixtralExperts (1 modules, e.g. model.layers.1.mlp.experts)")
+    model = tiny_hf_model("mixtral", hidden_act="gelu")                 # reached but not runnable: raises too
+    test_fail(lambda: check_model(model), contains="MixtralExperts: act_fn GELUActivation")
 
 
 def test_module_matches_eager():
@@ -189,6 +214,64 @@ def test_unsupported_raise():
     test_fail(lambda: experts_recipe(experts), contains="is_concatenated=False contradicts its gate _default_apply_gate")
     test_fail(lambda: experts_recipe(torch.nn.Linear(2, 2)), contains="Linear: not a transformers experts module")
     test_fail(lambda: register(""), contains="name: expected a non-empty str")
+
+
+def test_bad_input_raise():
+    register()
+    class ReluSiLU(torch.nn.SiLU):
+        def forward(self, x): return torch.relu(x)
+    model = tiny_hf_model("qwen3_moe")
+    experts = model.get_submodule(next(iter(experts_recipes(model))))
+    experts.act_fn = ReluSiLU()                                         # a subclass: isinstance would pass it
+    test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn ReluSiLU is not supported by moe_lit")
+    experts.act_fn = torch.nn.SiLU()
+    handle = experts.act_fn.register_forward_hook(lambda m, i, o: o * 0)
+    test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn SiLU is not supported")
+    handle.remove(); handle = experts.act_fn.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+    test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn SiLU is not supported")
+    handle.remove(); experts.act_fn.forward = torch.relu                # an instance forward
+    test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn SiLU is not supported")
+    del experts.act_fn.forward
+    test_eq(experts_recipe(experts).activation, Activation("silu"))     # plain nn.SiLU ('swish') is fine
+    # expert ids: out of range raises; only expert parallelism's sentinels (>= E) are dropped
+    model = tiny_hf_model("mixtral")
+    model.set_experts_implementation("moe_lit")
+    experts = model.get_submodule(next(iter(experts_recipes(model))))
+    x, w = torch.randn(2, model.config.hidden_size), torch.full((2, 2), 0.5)
+    E = experts.gate_up_proj.shape[0]
+    test_fail(lambda: experts(x, torch.tensor([[0, 1], [7, 2]]), w), contains=f"top_k_index: expected ids in [0, {E})")
+    test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")
+    test_fail(lambda: experts(x, torch.tensor([[0., 1.], [2., 3.]]), w), contains="top_k_index: expected an integer dtype")
+    experts._is_expert_parallel = True
+    experts(x, torch.tensor([[0, 1], [7, 2]]), w)                       # a sentinel: fine
+    test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")
+    # has_bias contradicting the parameters
+    model = tiny_hf_model("gpt_oss")
+    experts = model.get_submodule(next(iter(experts_recipes(model))))
+    experts.has_bias = False
+    test_fail(lambda: experts_recipe(experts),
+              contains="GptOssExperts: has_bias=False contradicts its parameters: gate_up_proj_bias is present")
+    experts.has_bias, experts.down_proj_bias = True, None
+    test_fail(lambda: experts_recipe(experts),
+              contains="GptOssExperts: has_bias=True contradicts its parameters: down_proj_bias is missing or None")
+    mixtral = tiny_hf_model("mixtral")
+    mixtral.model.layers[0].mlp.experts.has_bias = True
+    test_fail(lambda: experts_recipe(mixtral.model.layers[0].mlp.experts),
+              contains="MixtralExperts: has_bias=True contradicts its parameters: gate_up_proj_bias is missing")
+    # the gate's constants
+    experts = tiny_hf_model("gpt_oss").model.layers[0].mlp.experts
+    experts.limit = None
+    test_fail(lambda: experts_recipe(experts), contains="GptOssExperts.limit: expected a finite number > 0, got NoneType")
+    experts.limit = 7.0; del experts.alpha
+    test_fail(lambda: experts_recipe(experts), contains="GptOssExperts.alpha: expected a finite number > 0")
+    # names transformers defines, or someone else registered, are refused; our own re-registration is not
+    for name in ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe"):
+        test_fail(lambda: register(name), contains=f"name: expected a name transformers does not already define, "
+                                                   f"got {name!r}")
+    with mock.patch.dict(ExpertsInterface._global_mapping, {"theirs": lambda *a: None}):
+        test_fail(lambda: register("theirs"), contains="got 'theirs'")
+        assert ExpertsInterface._global_mapping["theirs"] is not moe_lit_experts_forward
+    test_eq(register(), "moe_lit"); test_eq(register(), "moe_lit")
 
 
 @pytest.mark.gpu
