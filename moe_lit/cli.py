@@ -414,8 +414,8 @@ def format_explain(rep: dict) -> str:
               f"  {c['reason']}" for c in rep["candidates"]]
     return "\n".join(lines)
 
-# %% ../nbs/15_cli.ipynb #517dbfc96c90
-_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
+# %% ../nbs/15_cli.ipynb #49ac871f38b2
+_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "checkpoint": "--weights", "override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
           "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
           "device": "--device", "experts": "--experts", "quant": "--quant", "backend": "--backend"}
 

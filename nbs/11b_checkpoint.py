@@ -12,9 +12,9 @@ import json, threading
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from safetensors import safe_open
+from safetensors import safe_open, SafetensorError
 from moe_lit.terms import check_int
-from moe_lit.config import ParallelConfig
+from moe_lit.config import ParallelConfig, SIZE_LIMIT
 from moe_lit.models import moe_config_from_hf, text_config_view, read_config_json
 from moe_lit.weights import WeightSource, check_expert_ids
 from moe_lit.quant import dequantize_fp8, dequantize_mxfp4
@@ -41,8 +41,8 @@ from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint
 # `CheckpointWeights(checkpoint_dir, layer_index, parallel=None, dtype=None)` reads `config.json` (through
 # `moe_config_from_hf`) and the safetensors files of `checkpoint_dir`: several shards listed by
 # `model.safetensors.index.json` (its `weight_map`), or one `model.safetensors`. Every tensor of the layer is
-# checked — present, of the shape the config implies — at construction, from the files' headers alone; no weight
-# is read until asked for. It then answers the protocol in moe-lit's layout (`[out, in]` matrices, `w13` = gate rows
+# checked — present, of the shape and dtype the config implies — at construction, from the files' headers alone;
+# no weight is read until asked for. It then answers the protocol in moe-lit's layout (`[out, in]` matrices, `w13` = gate rows
 # then up rows), whatever layout the checkpoint uses:
 #
 # - `router()`, `shared()`: the router (+ its bias, the correction bias) and the shared expert (+ its gate);
@@ -156,18 +156,36 @@ LAYOUTS: dict[str, CheckpointLayout] = {   # model_type -> layout (the table abo
 _FIRST_K_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3, "glm4_moe": 1}   # the transformers config classes
 
 def _count(cfg: dict, key: str, default: int, lo: int = 0) -> int:
+    "The int `cfg[key]` (`default` when absent or null), `lo <= v < SIZE_LIMIT`; bools, floats and strs refused."
     v = cfg.get(key)
-    return check_int(f"config.json {key}", default if v is None else v, lo=lo)
+    return check_int(f"config.json {key}", default if v is None else v, lo=lo, hi=SIZE_LIMIT)
 
-MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> is layer i MoE
+def _layer_set(cfg: dict, key: str) -> frozenset:
+    "The layer indices listed under `cfg[key]` (empty when absent or null): a list of ints, each checked."
+    v = cfg.get(key)
+    if v is None: return frozenset()
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"config.json {key}: expected a list of layer indices (ints), got {type(v).__name__} {v!r}")
+    return frozenset(check_int(f"config.json {key}[{j}]", i, lo=0, hi=SIZE_LIMIT) for j, i in enumerate(v))
+
+def _rule_first_k_dense(c, t, n):
+    k, freq = _count(c, "first_k_dense_replace", _FIRST_K_DENSE_DEFAULT.get(t, 0)), _count(c, "moe_layer_freq", 1, lo=1)
+    return lambda i: i >= k and i % freq == 0
+
+def _rule_sparse_step(c, t, n):
+    dense, step = _layer_set(c, "mlp_only_layers"), _count(c, "decoder_sparse_step", 1, lo=1)
+    return lambda i: i not in dense and (i + 1) % step == 0
+
+def _rule_moe_layers(c, t, n):
+    if c.get("moe_layers") is not None: moe = _layer_set(c, "moe_layers"); return lambda i: i in moe
+    step = _count(c, "interleave_moe_layer_step", 1, lo=1)
+    return lambda i: (i + 1) % step == 0
+
+MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> is layer i MoE (keys checked once)
     "all": lambda c, t, n: lambda i: True,
-    "first_k_dense_replace": lambda c, t, n: lambda i: (
-        i >= _count(c, "first_k_dense_replace", _FIRST_K_DENSE_DEFAULT.get(t, 0))
-        and i % _count(c, "moe_layer_freq", 1, lo=1) == 0),
-    "decoder_sparse_step": lambda c, t, n: lambda i: (
-        i not in (c.get("mlp_only_layers") or []) and (i + 1) % _count(c, "decoder_sparse_step", 1, lo=1) == 0),
-    "moe_layers": lambda c, t, n: (lambda i: i in c["moe_layers"]) if c.get("moe_layers") is not None else
-                                  (lambda i: (i + 1) % _count(c, "interleave_moe_layer_step", 1, lo=1) == 0),
+    "first_k_dense_replace": _rule_first_k_dense,
+    "decoder_sparse_step": _rule_sparse_step,
+    "moe_layers": _rule_moe_layers,
 }
 
 # %%
@@ -175,6 +193,8 @@ MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> i
 def _layout(cfg: dict) -> tuple[str, CheckpointLayout]:
     "(model_type, its CheckpointLayout) of a config.json dict (the top-level model_type: it names the key prefix)."
     t = cfg.get("model_type")
+    if t is not None and not isinstance(t, str):     # as moe_lit.models reads it: a str, looked up in a table
+        raise ValueError(f"config.json model_type: expected a str, got {type(t).__name__} {t!r}")
     if t not in LAYOUTS:
         raise ValueError(f"config.json model_type: expected one of {sorted(LAYOUTS)} (a known checkpoint key layout), "
                          f"got {t!r}")
@@ -209,6 +229,18 @@ test_fail(lambda: moe_layer_indices({"model_type": "llama", "num_hidden_layers":
           contains="config.json model_type: expected one of")
 test_fail(lambda: moe_layer_indices({**qw, "decoder_sparse_step": 0}), contains="config.json decoder_sparse_step: expected >= 1")
 test_fail(lambda: moe_layer_indices("no-such-dir"), contains="path_or_dict: expected an existing config.json")
+for bad in ("0", 5): test_fail(lambda: moe_layer_indices({**qw, "mlp_only_layers": bad}),
+                               contains=f"config.json mlp_only_layers: expected a list of layer indices (ints), got")
+for bad in ("01", 3): test_fail(lambda: moe_layer_indices({**l4, "text_config": {**l4["text_config"], "moe_layers": bad}}),
+                                contains="config.json moe_layers: expected a list of layer indices (ints), got")
+for bad in (True, 1.0):   # 1.0 == True == 1: would match layer 1
+    test_fail(lambda: moe_layer_indices({**l4, "text_config": {**l4["text_config"], "moe_layers": [bad]}}),
+              contains=f"config.json moe_layers[0]: expected an int, got {type(bad).__name__} {bad!r}")
+test_fail(lambda: moe_layer_indices({**qw, "mlp_only_layers": [True]}), contains="config.json mlp_only_layers[0]: expected an int, got bool")
+test_fail(lambda: moe_layer_indices({"model_type": ["mixtral"], "num_hidden_layers": 2}),
+          contains="config.json model_type: expected a str, got list ['mixtral']")
+test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 10**12}),
+          contains=f"config.json num_hidden_layers: expected < {SIZE_LIMIT}, got {10**12}")
 
 # %% [markdown]
 # ## Quantization schemes
@@ -232,12 +264,12 @@ def _quant_from_hf(cfg: dict) -> tuple[str | None, tuple | None]:
     if q is None: return None, None
     if not isinstance(q, dict): raise ValueError(f"config.json quantization_config: expected an object, got {q!r}")
     method = q.get("quant_method")
-    if method not in QUANT_METHODS:
+    if not isinstance(method, str) or method not in QUANT_METHODS:
         raise ValueError(f"config.json quantization_config.quant_method: expected one of {list(QUANT_METHODS)}, "
                          f"got {method!r}")
     if method == "mxfp4": return QUANT_METHODS[method], (1, 32)
     block = q.get("weight_block_size") or [128, 128]
-    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
         raise ValueError(f"config.json quantization_config.weight_block_size: expected two positive ints, got {block!r}")
     return QUANT_METHODS[method], tuple(block)
 
@@ -256,8 +288,18 @@ def _weight_map(root: Path) -> dict[str, str]:
             raise ValueError(f"checkpoint_dir: expected a 'weight_map' object of key -> file in {index}, got {wm!r:.80}")
         return wm
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f: return dict.fromkeys(f.keys(), single.name)
+        with _safe_open(single) as f: return dict.fromkeys(f.keys(), single.name)
     raise ValueError(f"checkpoint_dir: expected model.safetensors or model.safetensors.index.json in '{root}', got neither")
+
+# %%
+#| export
+def _unreadable(file: Path, error: Exception) -> ValueError:
+    return ValueError(f"checkpoint: expected a readable safetensors file {file}, got {type(error).__name__}: {error}")
+
+def _safe_open(file: Path):
+    "`safe_open(file)`; a file that is no safetensors file (garbage, truncated, zeroed, JSON...) is a ValueError."
+    try: return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e: raise _unreadable(file, e) from None
 
 # %%
 #| export
@@ -275,15 +317,22 @@ class _Shards:
         if file not in handles:
             if not (self.root / file).is_file():
                 raise ValueError(f"checkpoint: expected the shard file '{file}' (holding {key!r}) in {self.root}, got none")
-            handles[file] = safe_open(str(self.root / file), framework="pt")
-        return handles[file].get_slice(key)
+            handles[file] = _safe_open(self.root / file)
+        h = handles[file]
+        try: return h.get_slice(key)
+        except (SafetensorError, OSError) as e:
+            if key not in h.keys():
+                raise ValueError(f"checkpoint: expected key {key!r} in the shard file '{file}' (where the index's "
+                                 f"weight_map puts it), got none") from None
+            raise _unreadable(self.root / file, e) from None
 
     def meta(self, key: str) -> tuple[list, str]: sl = self._slice(key); return list(sl.get_shape()), sl.get_dtype()
 
     def read(self, key: str, rows: tuple | None = None) -> torch.Tensor:
         "The tensor `key`, or only its rows `rows[0]:rows[1]` along dim 0 (only those bytes are read)."
         sl = self._slice(key)
-        return sl[rows[0]:rows[1]] if rows is not None else sl[:]
+        try: return sl[rows[0]:rows[1]] if rows is not None else sl[:]
+        except (SafetensorError, OSError) as e: raise _unreadable(self.root / self.weight_map[key], e) from None
 
 # %%
 #| export
@@ -321,8 +370,9 @@ class CheckpointWeights(WeightSource):
         root, raw = _read_checkpoint_dir(checkpoint_dir)
         self.config = moe_config_from_hf(root, parallel, dtype)
         self.model_type, self.layout = _layout(raw)
+        check_int("layer_index", layer_index)           # 1.0 == 1 and True == 1: refused before the membership test
         layers = moe_layer_indices(raw)
-        if isinstance(layer_index, bool) or layer_index not in layers:
+        if layer_index not in layers:
             raise ValueError(f"layer_index: expected one of the MoE layers {layers}, got {layer_index!r}")
         self.checkpoint_dir, self.layer_index = root, layer_index
         self._scheme, self.block_shape = _quant_from_hf(raw)
@@ -465,22 +515,50 @@ def _scale_shape(shape: tuple, block: tuple) -> tuple:
     "Shape of the FP8 block scales of a weight `[..., N, K]` (ceil-div: partial blocks have a scale too)."
     return (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
 
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")    # safetensors dtype names of the float tensors moe-lit reads
+
+def _weight_groups(self) -> list[list[str]]:
+    "The weight-matrix keys read and stacked together (the routed experts', the shared expert's): one dtype each."
+    p, routed = self.prefix, []
+    if self.quant_scheme != "mxfp4_w4a16":
+        if self.fused: routed = [p + _FUSED["w13"], p + _FUSED["w2"]]
+        else: routed = [self._expert_key(w, e) for e in range(self.config.num_experts) for w in ("gate", "up", "down")]
+    shared = [k for k in self._shared_key_shapes() if k.endswith("_proj.weight")]
+    return [g for g in (routed, shared) if g]
+
+def _check_dtype(key: str, dtype: str, want: tuple, what: str):
+    if dtype not in want:
+        raise ValueError(f"checkpoint: expected key {key!r} of dtype {' or '.join(want)} ({what}), got {dtype}")
+
 def _check_keys(self):
-    "Every key of the layer is present with its shape (and, when float8, its weight_scale_inv), from the headers."
-    for key, want in self._key_shapes().items():
-        got, dtype = self._shards.meta(key)
+    "Every key of the layer is present with its shape and dtype (and, when float8, its weight_scale_inv), from the headers."
+    shapes, dtypes = self._key_shapes(), {}
+    for key, want in shapes.items():
+        got, dtypes[key] = self._shards.meta(key)
         if tuple(got) != tuple(want):
             raise ValueError(f"checkpoint: expected key {key!r} of shape {list(want)}, got {got}")
-        if dtype == "F8_E4M3":
+    for group in self._weight_groups():                # one dtype a group: a stack never mixes FP8 codes and floats
+        first = group[0]
+        _check_dtype(first, dtypes[first], ("F8_E4M3", *_FLOAT_DTYPES), "FP8 e4m3 codes or floats")
+        for key in group[1:]:
+            if dtypes[key] != dtypes[first]:
+                raise ValueError(f"checkpoint: expected key {key!r} of dtype {dtypes[first]} (as {first!r}), "
+                                 f"got {dtypes[key]}")
+    for key, dtype in dtypes.items():
+        if key.endswith(("_blocks", "_scales")) and self.quant_scheme == "mxfp4_w4a16":
+            _check_dtype(key, dtype, ("U8",), "MXFP4 codes and e8m0 scales")
+        elif dtype != "F8_E4M3": _check_dtype(key, dtype, _FLOAT_DTYPES, "floats")
+        else:
             if self.block_shape is None or self._scheme != "fp8_w8a8_block":
                 raise ValueError(f"config.json quantization_config: expected quant_method 'fp8' for the float8 key "
                                  f"{key!r}, got {self._scheme!r}")
-            sgot = self._shards.meta(key + "_scale_inv")[0]
-            if tuple(sgot) != _scale_shape(want, self.block_shape):
-                raise ValueError(f"checkpoint: expected key {key + '_scale_inv'!r} of shape "
-                                 f"{list(_scale_shape(want, self.block_shape))}, got {sgot}")
+            sgot, sdtype = self._shards.meta(key + "_scale_inv")
+            want = _scale_shape(shapes[key], self.block_shape)
+            if tuple(sgot) != want:
+                raise ValueError(f"checkpoint: expected key {key + '_scale_inv'!r} of shape {list(want)}, got {sgot}")
+            _check_dtype(key + "_scale_inv", sdtype, ("F32",), "FP8 block scales")
 
-CheckpointWeights._check_keys = _check_keys
+CheckpointWeights._check_keys, CheckpointWeights._weight_groups = _check_keys, _weight_groups
 
 # %% [markdown]
 # #### Reading and converting
@@ -495,16 +573,28 @@ def _read(self, key: str, rows: tuple | None = None) -> torch.Tensor:
     "Tensor `key` (rows `rows` of dim 0 when given) as floats: FP8 weights dequantized with their block scales."
     t = self._shards.read(key, rows)
     if t.dtype != torch.float8_e4m3fn: return t
-    s = self._shards.read(key + "_scale_inv", rows)
+    s = self._read_raw(key + "_scale_inv", rows)
     return dequantize_fp8(t, s, "block", self.block_shape, dtype=self.config.dtype)
+
+def _read_raw(self, key: str, rows: tuple | None = None) -> torch.Tensor:
+    "Tensor `key` (rows `rows`) as stored; quantization scales are checked (a bad one would give NaN or wrong weights)."
+    t = self._shards.read(key, rows)
+    if key.endswith("_scale_inv"): bad, want = ~(torch.isfinite(t) & (t > 0)), "finite FP8 block scales > 0"
+    elif key.endswith("_scales"): bad, want = t == 255, "e8m0 scale bytes other than 255 (NaN)"
+    else: return t
+    if bool(bad.any()):
+        at = [int(i) for i in bad.nonzero()[0]]
+        if rows is not None: at[0] += rows[0]          # the index in the stored tensor
+        raise ValueError(f"checkpoint: expected key {key!r} to hold {want}, got {t[bad][0].item()} at index {at}")
+    return t
 
 def _read_experts(self, key: str, ids: list[int], raw: bool = False) -> torch.Tensor:
     "Rows `ids` of a fused `[E, ...]` tensor, read run by run; `raw` keeps stored codes (no dequantization)."
-    get = self._shards.read if raw else self._read
+    get = self._read_raw if raw else self._read
     parts = [get(key, run) for run in _runs(ids)]
     return torch.cat(parts) if parts else get(key, (0, 0))
 
-CheckpointWeights._read, CheckpointWeights._read_experts = _read, _read_experts
+CheckpointWeights._read, CheckpointWeights._read_raw, CheckpointWeights._read_experts = _read, _read_raw, _read_experts
 
 # %%
 #| export
@@ -637,7 +727,7 @@ def _fp8_parts(self, ids: list[int]) -> tuple:
     if I % bn:
         raise ValueError(f"checkpoint: expected intermediate_size {I} to be a multiple of the FP8 block rows {bn} "
                          f"(gate and up scales are stacked), got {I % bn} rows left over")
-    k, r = self._expert_key, self._shards.read
+    k, r = self._expert_key, self._read_raw
     parts = [[torch.cat([r(k("gate", g) + s), r(k("up", g) + s)]) for g in ids] for s in ("", "_scale_inv")]
     parts += [[r(k("down", g) + s) for g in ids] for s in ("", "_scale_inv")]
     parts = [torch.stack(p) for p in parts] if ids else [self._fp8_empty(w) for w in ("w13", "w13_scale", "w2", "w2_scale")]
@@ -829,12 +919,18 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: CheckpointWeights(3, 1), contains="checkpoint_dir: expected a directory path, got int")
     test_eq(checkpoint(d).experts([3])["w13"].shape, (1, 32, 32)); test_eq(checkpoint(d).experts([])["w2"].shape, (0, 32, 16))
     test_fail(lambda: checkpoint(d, layer_index=0), contains="layer_index: expected one of the MoE layers [1], got 0")
-    test_fail(lambda: checkpoint(d, layer_index="1"), contains="layer_index: expected one of the MoE layers [1], got '1'")
+    test_fail(lambda: checkpoint(d, layer_index="1"), contains="layer_index: expected an int, got str '1'")
+    test_fail(lambda: checkpoint(d, layer_index=1.0), contains="layer_index: expected an int, got float 1.0")
+    test_fail(lambda: checkpoint(d, layer_index=True), contains="layer_index: expected an int, got bool True")
     dense = {"model_type": "qwen3", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
     test_fail(lambda: checkpoint(d, config=dense), contains="(a dense model has no MoE layer)")
     test_fail(lambda: checkpoint(d, config={**cfg, "model_type": "olmoe"}), contains="config.json model_type: expected one of")
     test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "awq"}}),
               contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got 'awq'")
+    test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": ["fp8"]}}),
+              contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got ['fp8']")
+    test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": [True, 128]}}),
+              contains="quantization_config.weight_block_size: expected two positive ints, got [True, 128]")
     test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[i]: expected < 4, got 4")
 
 # %%
@@ -860,6 +956,76 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: CheckpointWeights(d, 1), contains="expected model.safetensors or model.safetensors.index.json")
     json.dump({"weight_map": {k: "model-00001-of-00002.safetensors" for k in good}}, open(f"{d}/model.safetensors.index.json", "w"))
     test_fail(lambda: CheckpointWeights(d, 1), contains="expected the shard file 'model-00001-of-00002.safetensors'")
+
+# %% [markdown]
+# Dtypes are checked from the headers too: float weights must be floats, FP8 codes `F8_E4M3` with `F32` scales,
+# MXFP4 blocks and scales bytes, and the weights stacked together (the routed experts', the shared expert's) of one
+# dtype. The scales themselves can only be checked once read: `experts` and `quantized_experts` check those of the
+# experts they read (an FP8 scale must be finite and > 0, an e8m0 byte not 255, which the OCP MX format defines as NaN).
+# A file that is not a safetensors file, or lacks a key its index promises, is a `ValueError` naming it.
+
+# %%
+#| test bad_checkpoint_dtypes_scales_and_files
+cfg = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 32,
+       "moe_intermediate_size": 16, "intermediate_size": 64, "torch_dtype": "float32", "mlp_only_layers": [0]}
+P = "model.layers.1.mlp."
+good = {P + "gate.weight": torch.randn(4, 32), **{f"{P}experts.{e}.{w}_proj.weight": torch.randn(32, 16) if w == "down"
+                                                  else torch.randn(16, 32) for e in range(4) for w in ("gate", "up", "down")}}
+def rewrite(d, tensors, config=None, layer_index=1):   # one model.safetensors (+ config.json) replacing what d held
+    for f in Path(d).glob("model*.safetensors*"): f.unlink()
+    if config is not None: json.dump(config, open(f"{d}/config.json", "w"))
+    save_file(tensors, f"{d}/model.safetensors")
+    return CheckpointWeights(d, layer_index)
+k1 = P + "experts.1.gate_proj.weight"
+with tempfile.TemporaryDirectory() as d:
+    for dt, name in ((torch.int32, "I32"), (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.float8_e5m2, "F8_E5M2")):
+        test_fail(lambda: rewrite(d, {**good, k1: good[k1].to(dt)}, cfg),
+                  contains=f"checkpoint: expected key '{k1}' of dtype F32 (as '{P}experts.0.gate_proj.weight'), got {name}")
+    test_fail(lambda: rewrite(d, {**good, P + "experts.0.gate_proj.weight": good[k1].int()}),
+              contains=f"expected key '{P}experts.0.gate_proj.weight' of dtype F8_E4M3 or F16 or BF16 or F32 or F64 (FP8 e4m3 codes or floats), got I32")
+    test_fail(lambda: rewrite(d, {**good, P + "gate.weight": good[P + "gate.weight"].int()}),
+              contains=f"expected key '{P}gate.weight' of dtype F16 or BF16 or F32 or F64 (floats), got I32")
+with tempfile.TemporaryDirectory() as d:                   # FP8 block (DeepSeek-V3 style): codes, scales
+    stored = write_fp8_block_checkpoint(d, 4, 320, 128); t = stored["tensors"]
+    P, cfg8 = "model.layers.1.mlp.", json.load(open(f"{d}/config.json"))
+    w, sc = P + "experts.1.up_proj.weight", P + "experts.2.down_proj.weight_scale_inv"
+    test_fail(lambda: rewrite(d, {**t, w: t[w].float().to(torch.float8_e5m2)}),
+              contains=f"expected key '{w}' of dtype F8_E4M3 (as '{P}experts.0.gate_proj.weight'), got F8_E5M2")
+    test_fail(lambda: rewrite(d, {**t, w: t[w].bfloat16()}), contains=f"expected key '{w}' of dtype F8_E4M3 (as")
+    test_fail(lambda: rewrite(d, {**t, sc: t[sc].bfloat16()}), contains=f"expected key '{sc}' of dtype F32 (FP8 block scales), got BF16")
+    for v in (float("nan"), float("inf"), -1.0, 0.0):
+        bad = t[sc].clone(); bad[0, 0] = v
+        src = rewrite(d, {**t, sc: bad})
+        src.experts([0]); src.quantized_experts([1, 3], "fp8_w8a8_block")          # other experts read fine
+        for read in (lambda: src.experts([1, 2]), lambda: src.quantized_experts([2], "fp8_w8a8_block")):
+            test_fail(read, contains=f"checkpoint: expected key '{sc}' to hold finite FP8 block scales > 0, got {v} at index [0, 0]")
+    sh = P + "shared_experts.up_proj.weight_scale_inv"
+    test_fail(lambda: rewrite(d, {**t, sh: -t[sh]}).shared(), contains=f"expected key '{sh}' to hold finite FP8 block scales > 0")
+with tempfile.TemporaryDirectory() as d:                   # MXFP4 (gpt-oss style): e8m0 byte 255 is NaN
+    t, P = write_mxfp4_checkpoint(d)["tensors"], "model.layers.0.mlp."
+    s13 = P + "experts.gate_up_proj_scales"
+    nan = t[s13].clone(); nan[3, 5, 1] = 255
+    src = rewrite(d, {**t, s13: nan}, layer_index=0)
+    src.experts([0, 1]); src.quantized_experts([2], "mxfp4_w4a16")
+    for read in (lambda: src.experts([1, 3]), lambda: src.quantized_experts([3], "mxfp4_w4a16")):
+        test_fail(read, contains=f"checkpoint: expected key '{s13}' to hold e8m0 scale bytes other than 255 (NaN), got 255 at index [3, 5, 1]")
+    test_fail(lambda: rewrite(d, {**t, s13: t[s13].to(torch.int8)}, layer_index=0),
+              contains=f"expected key '{s13}' of dtype U8 (MXFP4 codes and e8m0 scales), got I8")
+with tempfile.TemporaryDirectory() as d:                   # unreadable files
+    P = "model.layers.1.mlp."; rewrite(d, good, cfg); f = Path(f"{d}/model.safetensors"); data = f.read_bytes()
+    for bad in (b"garbage" * 9, data[:-7], bytes(len(data)), b""):
+        f.write_bytes(bad)
+        test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected a readable safetensors file {f}, got SafetensorError")
+    f.unlink(); half = {k: v for k, v in good.items() if "experts.3" not in k}
+    save_file(half, f"{d}/a.safetensors"); save_file({k: v for k, v in good.items() if k not in half}, f"{d}/b.safetensors")
+    index = lambda wm: json.dump({"weight_map": wm}, open(f"{d}/model.safetensors.index.json", "w"))
+    index({k: "a.safetensors" for k in good})              # the index promises keys the shard lacks
+    test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected key '{P}experts.3.gate_proj.weight' in the shard file 'a.safetensors'")
+    index({k: "config.json" for k in good})
+    test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected a readable safetensors file {d}/config.json, got")
+    index({k: "a.safetensors" if k in half else "b.safetensors" for k in good}); src = CheckpointWeights(d, 1)
+    Path(f"{d}/b.safetensors").write_bytes(bytes(100))     # zeroed after construction: the read names the file
+    src.experts([0, 1]); test_fail(lambda: src.experts([3]), contains=f"expected a readable safetensors file {d}/b.safetensors")
 
 # %% [markdown]
 # ## Pre-quantized checkpoints

@@ -643,7 +643,7 @@ def format_explain(rep: dict) -> str:
 
 # %%
 #| export
-_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
+_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "checkpoint": "--weights", "override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
           "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
           "device": "--device", "experts": "--experts", "quant": "--quant", "backend": "--backend"}
 

@@ -5,9 +5,9 @@ import json, threading
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from safetensors import safe_open
+from safetensors import safe_open, SafetensorError
 from moe_lit.terms import check_int
-from moe_lit.config import ParallelConfig
+from moe_lit.config import ParallelConfig, SIZE_LIMIT
 from moe_lit.models import moe_config_from_hf, text_config_view, read_config_json
 from moe_lit.weights import WeightSource, check_expert_ids
 from moe_lit.quant import dequantize_fp8, dequantize_mxfp4
@@ -43,6 +43,18 @@ def test_moe_layer_indices():
               contains="config.json model_type: expected one of")
     test_fail(lambda: moe_layer_indices({**qw, "decoder_sparse_step": 0}), contains="config.json decoder_sparse_step: expected >= 1")
     test_fail(lambda: moe_layer_indices("no-such-dir"), contains="path_or_dict: expected an existing config.json")
+    for bad in ("0", 5): test_fail(lambda: moe_layer_indices({**qw, "mlp_only_layers": bad}),
+                                   contains=f"config.json mlp_only_layers: expected a list of layer indices (ints), got")
+    for bad in ("01", 3): test_fail(lambda: moe_layer_indices({**l4, "text_config": {**l4["text_config"], "moe_layers": bad}}),
+                                    contains="config.json moe_layers: expected a list of layer indices (ints), got")
+    for bad in (True, 1.0):   # 1.0 == True == 1: would match layer 1
+        test_fail(lambda: moe_layer_indices({**l4, "text_config": {**l4["text_config"], "moe_layers": [bad]}}),
+                  contains=f"config.json moe_layers[0]: expected an int, got {type(bad).__name__} {bad!r}")
+    test_fail(lambda: moe_layer_indices({**qw, "mlp_only_layers": [True]}), contains="config.json mlp_only_layers[0]: expected an int, got bool")
+    test_fail(lambda: moe_layer_indices({"model_type": ["mixtral"], "num_hidden_layers": 2}),
+              contains="config.json model_type: expected a str, got list ['mixtral']")
+    test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 10**12}),
+              contains=f"config.json num_hidden_layers: expected < {SIZE_LIMIT}, got {10**12}")
 
 
 def test_runs():
@@ -193,12 +205,18 @@ def test_bad_checkpoint_dirs_and_layers():
         test_fail(lambda: CheckpointWeights(3, 1), contains="checkpoint_dir: expected a directory path, got int")
         test_eq(checkpoint(d).experts([3])["w13"].shape, (1, 32, 32)); test_eq(checkpoint(d).experts([])["w2"].shape, (0, 32, 16))
         test_fail(lambda: checkpoint(d, layer_index=0), contains="layer_index: expected one of the MoE layers [1], got 0")
-        test_fail(lambda: checkpoint(d, layer_index="1"), contains="layer_index: expected one of the MoE layers [1], got '1'")
+        test_fail(lambda: checkpoint(d, layer_index="1"), contains="layer_index: expected an int, got str '1'")
+        test_fail(lambda: checkpoint(d, layer_index=1.0), contains="layer_index: expected an int, got float 1.0")
+        test_fail(lambda: checkpoint(d, layer_index=True), contains="layer_index: expected an int, got bool True")
         dense = {"model_type": "qwen3", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
         test_fail(lambda: checkpoint(d, config=dense), contains="(a dense model has no MoE layer)")
         test_fail(lambda: checkpoint(d, config={**cfg, "model_type": "olmoe"}), contains="config.json model_type: expected one of")
         test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "awq"}}),
                   contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got 'awq'")
+        test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": ["fp8"]}}),
+                  contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got ['fp8']")
+        test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": [True, 128]}}),
+                  contains="quantization_config.weight_block_size: expected two positive ints, got [True, 128]")
         test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[i]: expected < 4, got 4")
 
 
@@ -224,6 +242,69 @@ def test_bad_checkpoint_keys():
         test_fail(lambda: CheckpointWeights(d, 1), contains="expected model.safetensors or model.safetensors.index.json")
         json.dump({"weight_map": {k: "model-00001-of-00002.safetensors" for k in good}}, open(f"{d}/model.safetensors.index.json", "w"))
         test_fail(lambda: CheckpointWeights(d, 1), contains="expected the shard file 'model-00001-of-00002.safetensors'")
+
+
+def test_bad_checkpoint_dtypes_scales_and_files():
+    cfg = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 32,
+           "moe_intermediate_size": 16, "intermediate_size": 64, "torch_dtype": "float32", "mlp_only_layers": [0]}
+    P = "model.layers.1.mlp."
+    good = {P + "gate.weight": torch.randn(4, 32), **{f"{P}experts.{e}.{w}_proj.weight": torch.randn(32, 16) if w == "down"
+                                                      else torch.randn(16, 32) for e in range(4) for w in ("gate", "up", "down")}}
+    def rewrite(d, tensors, config=None, layer_index=1):   # one model.safetensors (+ config.json) replacing what d held
+        for f in Path(d).glob("model*.safetensors*"): f.unlink()
+        if config is not None: json.dump(config, open(f"{d}/config.json", "w"))
+        save_file(tensors, f"{d}/model.safetensors")
+        return CheckpointWeights(d, layer_index)
+    k1 = P + "experts.1.gate_proj.weight"
+    with tempfile.TemporaryDirectory() as d:
+        for dt, name in ((torch.int32, "I32"), (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.float8_e5m2, "F8_E5M2")):
+            test_fail(lambda: rewrite(d, {**good, k1: good[k1].to(dt)}, cfg),
+                      contains=f"checkpoint: expected key '{k1}' of dtype F32 (as '{P}experts.0.gate_proj.weight'), got {name}")
+        test_fail(lambda: rewrite(d, {**good, P + "experts.0.gate_proj.weight": good[k1].int()}),
+                  contains=f"expected key '{P}experts.0.gate_proj.weight' of dtype F8_E4M3 or F16 or BF16 or F32 or F64 (FP8 e4m3 codes or floats), got I32")
+        test_fail(lambda: rewrite(d, {**good, P + "gate.weight": good[P + "gate.weight"].int()}),
+                  contains=f"expected key '{P}gate.weight' of dtype F16 or BF16 or F32 or F64 (floats), got I32")
+    with tempfile.TemporaryDirectory() as d:                   # FP8 block (DeepSeek-V3 style): codes, scales
+        stored = write_fp8_block_checkpoint(d, 4, 320, 128); t = stored["tensors"]
+        P, cfg8 = "model.layers.1.mlp.", json.load(open(f"{d}/config.json"))
+        w, sc = P + "experts.1.up_proj.weight", P + "experts.2.down_proj.weight_scale_inv"
+        test_fail(lambda: rewrite(d, {**t, w: t[w].float().to(torch.float8_e5m2)}),
+                  contains=f"expected key '{w}' of dtype F8_E4M3 (as '{P}experts.0.gate_proj.weight'), got F8_E5M2")
+        test_fail(lambda: rewrite(d, {**t, w: t[w].bfloat16()}), contains=f"expected key '{w}' of dtype F8_E4M3 (as")
+        test_fail(lambda: rewrite(d, {**t, sc: t[sc].bfloat16()}), contains=f"expected key '{sc}' of dtype F32 (FP8 block scales), got BF16")
+        for v in (float("nan"), float("inf"), -1.0, 0.0):
+            bad = t[sc].clone(); bad[0, 0] = v
+            src = rewrite(d, {**t, sc: bad})
+            src.experts([0]); src.quantized_experts([1, 3], "fp8_w8a8_block")          # other experts read fine
+            for read in (lambda: src.experts([1, 2]), lambda: src.quantized_experts([2], "fp8_w8a8_block")):
+                test_fail(read, contains=f"checkpoint: expected key '{sc}' to hold finite FP8 block scales > 0, got {v} at index [0, 0]")
+        sh = P + "shared_experts.up_proj.weight_scale_inv"
+        test_fail(lambda: rewrite(d, {**t, sh: -t[sh]}).shared(), contains=f"expected key '{sh}' to hold finite FP8 block scales > 0")
+    with tempfile.TemporaryDirectory() as d:                   # MXFP4 (gpt-oss style): e8m0 byte 255 is NaN
+        t, P = write_mxfp4_checkpoint(d)["tensors"], "model.layers.0.mlp."
+        s13 = P + "experts.gate_up_proj_scales"
+        nan = t[s13].clone(); nan[3, 5, 1] = 255
+        src = rewrite(d, {**t, s13: nan}, layer_index=0)
+        src.experts([0, 1]); src.quantized_experts([2], "mxfp4_w4a16")
+        for read in (lambda: src.experts([1, 3]), lambda: src.quantized_experts([3], "mxfp4_w4a16")):
+            test_fail(read, contains=f"checkpoint: expected key '{s13}' to hold e8m0 scale bytes other than 255 (NaN), got 255 at index [3, 5, 1]")
+        test_fail(lambda: rewrite(d, {**t, s13: t[s13].to(torch.int8)}, layer_index=0),
+                  contains=f"expected key '{s13}' of dtype U8 (MXFP4 codes and e8m0 scales), got I8")
+    with tempfile.TemporaryDirectory() as d:                   # unreadable files
+        P = "model.layers.1.mlp."; rewrite(d, good, cfg); f = Path(f"{d}/model.safetensors"); data = f.read_bytes()
+        for bad in (b"garbage" * 9, data[:-7], bytes(len(data)), b""):
+            f.write_bytes(bad)
+            test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected a readable safetensors file {f}, got SafetensorError")
+        f.unlink(); half = {k: v for k, v in good.items() if "experts.3" not in k}
+        save_file(half, f"{d}/a.safetensors"); save_file({k: v for k, v in good.items() if k not in half}, f"{d}/b.safetensors")
+        index = lambda wm: json.dump({"weight_map": wm}, open(f"{d}/model.safetensors.index.json", "w"))
+        index({k: "a.safetensors" for k in good})              # the index promises keys the shard lacks
+        test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected key '{P}experts.3.gate_proj.weight' in the shard file 'a.safetensors'")
+        index({k: "config.json" for k in good})
+        test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected a readable safetensors file {d}/config.json, got")
+        index({k: "a.safetensors" if k in half else "b.safetensors" for k in good}); src = CheckpointWeights(d, 1)
+        Path(f"{d}/b.safetensors").write_bytes(bytes(100))     # zeroed after construction: the read names the file
+        src.experts([0, 1]); test_fail(lambda: src.experts([3]), contains=f"expected a readable safetensors file {d}/b.safetensors")
 
 
 def test_fp8_block_checkpoint():
