@@ -13,6 +13,7 @@ from moe_lit.layer import FusedMoE
 from moe_lit.checkpoint import LAYOUTS
 from moe_lit.models import markdown_table
 from moe_lit.testing import hf_moe_block, hf_moe_output
+from moe_lit.routing import router_logits
 
 # %%
 #| hide
@@ -117,13 +118,24 @@ def hf_topk(block, x: torch.Tensor) -> torch.Tensor:
 # %%
 #| export
 def parity(model, checkpoint_dir, layer_index: int, x: torch.Tensor, **layer_kwargs) -> dict:
-    "moe-lit's layer from `checkpoint_dir` against `model`'s block on `x [T, H]`: `{ids_equal, max_rel_err}`."
+    "moe-lit's layer from `checkpoint_dir` against `model`'s block on `x [T, H]`: `{ids_equal, max_rel_err, min_gap}`."
     block = hf_moe_block(model, layer_index)
     layer = FusedMoE.from_pretrained(checkpoint_dir, layer_index, dtype=x.dtype, **layer_kwargs)
     want, got = hf_moe_output(block, x), layer(x)
     ids = layer.route(x)[1]
     same = torch.equal(ids.long().sort(-1).values, hf_topk(block, x).long().sort(-1).values)
-    return {"ids_equal": same, "max_rel_err": ((got - want).abs().max() / want.abs().max()).item()}
+    return {"ids_equal": same, "max_rel_err": ((got - want).abs().max() / want.abs().max()).item(),
+            "min_gap": selection_gap(layer, x)}
+
+def selection_gap(layer: FusedMoE, x: torch.Tensor) -> float:
+    "Smallest gap, over tokens, between the last chosen and the first unchosen expert's selection score (fp64)."
+    c = layer.config
+    logits = router_logits(x.double(), layer.gate, layer.gate_bias)
+    scores = logits if c.routing_method == "llama4" else logits.softmax(-1) if c.scoring_func == "softmax" else logits.sigmoid()
+    if layer.e_score_correction_bias is not None: scores = scores + layer.e_score_correction_bias.double()
+    if c.top_k == c.num_experts: return float("inf")
+    top = scores.topk(c.top_k + 1, dim=-1).values                      # ungrouped: a bound for grouped routers too
+    return (top[:, -2] - top[:, -1]).min().item()
 
 # %%
 #| test parity_every_family
@@ -136,6 +148,7 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-6)):   # router wei
             x = torch.randn(16, 32, dtype=dtype, generator=torch.Generator().manual_seed(2))
             for i in moe_layer_indices(d):
                 r = parity(model, d, i, x)
+                assert r["min_gap"] > 1e-6, (t, r)                  # no near-tie: a rounding cannot pick another expert
                 assert r["ids_equal"] and r["max_rel_err"] <= tol, (t, dtype, i, r)
 
 # %% [markdown]
