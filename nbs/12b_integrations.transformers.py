@@ -369,10 +369,11 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
 #| export
 BUILTIN_EXPERTS = ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe")   # transformers' own names
 
+moe_lit_experts_forward.is_moe_lit = True   # marks every definition of it: a reloaded module, or this chapter run
+
 def _is_ours(fn) -> bool:
-    "Whether `fn` is `moe_lit_experts_forward` (also from before an `importlib.reload` of this module)."
-    return fn is moe_lit_experts_forward or (getattr(fn, "__module__", None) == __name__ and
-                                             getattr(fn, "__qualname__", None) == "moe_lit_experts_forward")
+    "Whether `fn` is a `moe_lit_experts_forward` (also one defined before an `importlib.reload` of this module)."
+    return getattr(fn, "is_moe_lit", False) is True
 
 def register(name: str = "moe_lit") -> str:
     "Register `moe_lit_experts_forward` as transformers experts implementation `name` (idempotent); returns `name`."
