@@ -19,7 +19,11 @@ from moe_lit.routing import router_logits
 #| hide
 import tempfile
 from fastcore.test import test_eq, test_fail
+from IPython.display import Markdown
 from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF, write_fp8_block_checkpoint, write_mxfp4_checkpoint
+from moe_lit.layer import check_output
+from moe_lit.formats import moe_reference_standard, Activation
+from moe_lit.kernels.batched import DEVICE
 from moe_lit.config import ParallelConfig
 from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
 from moe_lit.layer import run_emulated_ep
@@ -56,7 +60,6 @@ print(layer.config.name or layer.config.model_type, layer.experts_reason, f"max 
 # experts 3, 4 and 5 of the 6:
 
 # %%
-from moe_lit.config import ParallelConfig
 par = ParallelConfig.make(tp_size=1, dp_size=2, dp_rank=1, enable_expert_parallel=True, all2all_backend="nixl_ep")
 rank1 = FusedMoE.from_pretrained(ckpt, layer_index=1, parallel=par, dtype=torch.float32)
 print(rank1.config.activation_format.value, rank1.placement.local_to_global.tolist(), tuple(rank1.w13.shape))
@@ -86,7 +89,6 @@ def layout_table() -> str:
     return markdown_table(rows)
 
 # %%
-from IPython.display import Markdown
 Markdown(layout_table())
 
 # %% [markdown]
@@ -179,9 +181,6 @@ for t in ("deepseek_v3", "gpt_oss", "qwen2_moe", "llama4_text"):
 
 # %%
 #| test prequantized_checkpoints_load_codes_as_stored
-from moe_lit.layer import check_output
-from moe_lit.formats import moe_reference_standard, Activation
-from moe_lit.kernels.batched import DEVICE
 x = torch.randn(6, 320).bfloat16()
 with tempfile.TemporaryDirectory() as d:
     stored = write_fp8_block_checkpoint(d)

@@ -25,6 +25,7 @@ from moe_lit.layer import run_emulated_ep, rank_config, check_output
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, tempfile
 from pathlib import Path
+from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 
 # %% [markdown]
 # In this notebook: `build_config` (model + deployment from the command line), `all2all_note` and
@@ -795,7 +796,6 @@ test_eq((len(tables["ranks"][1]["local_to_global"]), tables["all2all_used"]), (6
 
 # %%
 #| test run_checkpoint_weights
-from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 with tempfile.TemporaryDirectory() as d:
     tiny_hf_model("deepseek_v3").save_pretrained(d, max_shard_size="100KB")
     with contextlib.redirect_stdout(io.StringIO()) as out:

@@ -84,6 +84,7 @@ import tempfile, torch
 from moe_lit.layer import FusedMoE
 from moe_lit.testing import tiny_hf_model, hf_moe_block, hf_moe_output
 
+# %%
 ckpt = tempfile.mkdtemp()
 model = tiny_hf_model("qwen3_moe")          # a seeded transformers model: AutoModelForCausalLM.from_config(...)
 model.save_pretrained(ckpt)
@@ -98,6 +99,7 @@ print(f"max |moe-lit - transformers| = {(layer(x) - hf_moe_output(hf_moe_block(m
 from transformers import AutoModelForCausalLM
 from moe_lit.integrations.transformers import register
 
+# %%
 register()                                  # adds the experts implementation "moe_lit"
 hf = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="moe_lit")
 print(hf.config._experts_implementation)

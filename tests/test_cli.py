@@ -15,6 +15,7 @@ from moe_lit.layer import run_emulated_ep, rank_config, check_output
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, tempfile
 from pathlib import Path
+from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 from moe_lit.cli import *
 
 
@@ -186,7 +187,6 @@ def test_main_entry_point():
 
 
 def test_run_checkpoint_weights():
-    from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
     with tempfile.TemporaryDirectory() as d:
         tiny_hf_model("deepseek_v3").save_pretrained(d, max_shard_size="100KB")
         with contextlib.redirect_stdout(io.StringIO()) as out:

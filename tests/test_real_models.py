@@ -9,7 +9,11 @@ from moe_lit.testing import hf_moe_block, hf_moe_output
 from moe_lit.routing import router_logits
 import tempfile
 from fastcore.test import test_eq, test_fail
+from IPython.display import Markdown
 from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF, write_fp8_block_checkpoint, write_mxfp4_checkpoint
+from moe_lit.layer import check_output
+from moe_lit.formats import moe_reference_standard, Activation
+from moe_lit.kernels.batched import DEVICE
 from moe_lit.config import ParallelConfig
 from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
 from moe_lit.layer import run_emulated_ep
@@ -45,9 +49,6 @@ def test_parity_expert_parallel():
 
 
 def test_prequantized_checkpoints_load_codes_as_stored():
-    from moe_lit.layer import check_output
-    from moe_lit.formats import moe_reference_standard, Activation
-    from moe_lit.kernels.batched import DEVICE
     x = torch.randn(6, 320).bfloat16()
     with tempfile.TemporaryDirectory() as d:
         stored = write_fp8_block_checkpoint(d)
