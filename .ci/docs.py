@@ -57,9 +57,11 @@ def clean_for_pandoc(nb: dict) -> dict:
             c = {k: v for k, v in c.items() if k in ("cell_type", "execution_count", "id", "metadata", "outputs", "source")}
             if not c["source"] and not c["outputs"]: continue
             md = [o["data"]["text/markdown"] for o in c["outputs"] if "text/markdown" in o.get("data", {})]
-            if not c["source"] and md and len(md) == len(c["outputs"]):   # show_doc: its markdown as a page section
-                c = {"cell_type": "markdown", "metadata": {}, "id": c.get("id", "x"),
-                     "source": "\n\n".join(m if isinstance(m, str) else "".join(m) for m in md)}
+            if md and len(md) == len(c["outputs"]):   # markdown output (show_doc, a table): render it as a page section
+                as_md = {"cell_type": "markdown", "metadata": {}, "id": c.get("id", "x") + "-md",
+                         "source": "\n\n".join(m if isinstance(m, str) else "".join(m) for m in md)}
+                if c["source"]: cells.append(dict(c, outputs=[]))     # the code, then what it displays
+                c = as_md
         elif not c["source"].strip(): continue
         cells.append(c)
     return dict(nb, cells=cells)

@@ -52,7 +52,7 @@ hf.save_pretrained(ckpt, max_shard_size="100KB")          # several shards and a
 layer = FusedMoE.from_pretrained(ckpt, layer_index=1, dtype=torch.float32)
 x = torch.randn(5, layer.config.hidden_size)
 err = (layer(x) - hf_moe_output(hf_moe_block(hf, 1), x)).abs().max() / hf_moe_output(hf_moe_block(hf, 1), x).abs().max()
-print(layer.config.name or layer.config.model_type, layer.experts_reason, f"max relative difference {err:.2g}")
+print(layer.config.model_type, layer.config.activation_format.value, f"max relative difference {err:.2g}")
 
 # %% [markdown]
 # **On an expert-parallel deployment** each rank builds its own layer: pass the rank's `ParallelConfig` (its
