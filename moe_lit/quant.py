@@ -8,8 +8,11 @@ import torch
 from .terms import check_int, check_tensor, check_choice, check_positive_real, check_finite
 
 # %% auto #0
-__all__ = ['E2M1_VALUES', 'FP8_MAX', 'e2m1_encode', 'e2m1_decode', 'pack_fp4', 'unpack_fp4', 'quantize_fp8', 'dequantize_fp8',
-           'quantize_mxfp4', 'dequantize_mxfp4', 'quantize_nvfp4', 'dequantize_nvfp4']
+__all__ = ['QUANT_SCHEMES', 'E2M1_VALUES', 'FP8_MAX', 'e2m1_encode', 'e2m1_decode', 'pack_fp4', 'unpack_fp4', 'quantize_fp8',
+           'dequantize_fp8', 'quantize_mxfp4', 'dequantize_mxfp4', 'quantize_nvfp4', 'dequantize_nvfp4']
+
+# %% ../nbs/09_quant.ipynb #f74fa6113f0f
+QUANT_SCHEMES = ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 # %% ../nbs/09_quant.ipynb #fa6c7999c39f
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

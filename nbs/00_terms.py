@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import math
+import math, os
 from dataclasses import dataclass
 import torch
 
@@ -216,6 +216,14 @@ def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name}: expected finite values, got {t[tuple(bad)].item()} at {bad}")
     return t
+
+# %%
+#| export
+def use_triton_interpreter_without_gpu() -> bool:
+    "For entry points only (the CLI, the test set-up): without a CUDA GPU, run Triton kernels in its CPU interpreter."
+    if torch.cuda.is_available(): return False
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # read when moe_lit.kernels is first imported: call this before
+    return True
 
 # %%
 #| test check_finite

@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import enum, math
+import enum
 from dataclasses import dataclass, field, fields, replace
 import torch
 from moe_lit.terms import check_int, check_choice, check_bool, check_positive_real

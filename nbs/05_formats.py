@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, check_positive_real
-from moe_lit.config import ActivationFormat, ACTIVATIONS
+from moe_lit.config import ACTIVATIONS
 
 # %%
 #| hide

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os, json, functools
 from pathlib import Path
 import torch
-if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")   # before any @triton.jit
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool

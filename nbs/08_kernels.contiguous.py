@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.kernels.batched import INTERPRET, DEVICE   # sets TRITON_INTERPRET on a machine without a GPU
+from moe_lit.kernels.batched import INTERPRET, DEVICE
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool

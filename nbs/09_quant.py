@@ -22,6 +22,14 @@ from moe_lit.testing import assert_close
 # A **reference** page: these are the specs the quantized kernels will be checked against. Formats follow the
 # study of vLLM (§9) and the OCP Microscaling (MX) specification v1.0.
 #
+# The quantized schemes moe-lit runs, by name (the kernels of `09a_kernels.quant`, the oracle and the layer all read
+# this one tuple; the oracle adds `unquantized`):
+
+# %%
+#| export
+QUANT_SCHEMES = ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
+
+# %% [markdown]
 # ## e2m1, two values per byte
 #
 # FP4 e2m1 has 1 sign, 2 exponent and 1 mantissa bit; codes 0–7 are the magnitudes

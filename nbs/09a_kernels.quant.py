@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import torch
-from moe_lit.kernels.batched import INTERPRET, DEVICE   # sets TRITON_INTERPRET on a machine without a GPU
+from moe_lit.kernels.batched import INTERPRET, DEVICE
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.quant import (FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
+from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
@@ -77,7 +77,6 @@ from moe_lit.formats import moe_reference_standard
 
 # %%
 #| export
-QUANT_SCHEMES = ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 WEIGHT_GRANULARITY = {"fp8_w8a8_tensor": "tensor", "fp8_w8a8_channel": "channel", "fp8_w8a8_block": "block"}
 ACTIVATION_GRANULARITY = {"fp8_w8a8_tensor": "tensor", "fp8_w8a8_channel": "token", "fp8_w8a8_block": "group"}
 FP4_GROUP = {"mxfp4_w4a16": 32, "nvfp4_w4a16": 16}      # elements along K sharing one scale

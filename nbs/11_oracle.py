@@ -8,11 +8,11 @@
 # %%
 #| export
 from __future__ import annotations
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_choice, check_bool
-from moe_lit.config import ActivationFormat, MoEConfig, get_backend
-from moe_lit.kernels.quant import QUANT_SCHEMES as _KERNEL_SCHEMES
+from moe_lit.terms import check_choice
+from moe_lit.config import ActivationFormat, MoEConfig
+from moe_lit.quant import QUANT_SCHEMES as _KERNEL_SCHEMES   # names only: the oracle imports no Triton
 
 # %%
 #| hide
@@ -60,7 +60,7 @@ class DeviceCaps:
 DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
 
-QUANT_SCHEMES = ("unquantized", *_KERNEL_SCHEMES)     # the schemes of `09a_kernels.quant`
+QUANT_SCHEMES = ("unquantized", *_KERNEL_SCHEMES)     # the schemes of `09_quant` (run by `09a_kernels.quant`)
 
 def detect_device() -> DeviceCaps:
     "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."

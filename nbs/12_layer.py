@@ -8,17 +8,16 @@
 # %%
 #| export
 from __future__ import annotations
-import math, time
-from concurrent.futures import ThreadPoolExecutor
+import os, time
 from dataclasses import dataclass, field
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress
 from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
-from moe_lit.routing import select_experts, expert_load, router_logits
+from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp, Activation, SILU, _acc_dtype, _FLOATS
+from moe_lit.formats import moe_reference_standard, expert_mlp, Activation, _acc_dtype, _FLOATS
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
@@ -78,6 +77,9 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
+    if experts == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("experts: expected a CUDA GPU for the Triton kernels, or TRITON_INTERPRET=1 set before "
+                         "moe_lit.kernels is imported (Triton's CPU interpreter; the moe-lit command sets it), got neither")
     impl = "triton_quant" if q else "triton"
     if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "

@@ -9,10 +9,10 @@
 #| export
 from __future__ import annotations
 import argparse, datetime, importlib, importlib.util, json, os, pickle, socket, subprocess, sys, tempfile, time, traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import torch
 import torch.distributed as dist
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, use_triton_interpreter_without_gpu
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
 from moe_lit.routing import select_experts, router_logits
@@ -1358,6 +1358,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list | None = None) -> int:
     "`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report."
     args = _parser().parse_args(argv)
+    use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try: rank, world, _ = init_distributed(args.timeout)
     except ValueError as e: print(f"moe-lit distributed: error: {e}", file=sys.stderr); return 2
     try:

@@ -12,7 +12,7 @@ import argparse, enum, json, os, sys, time
 from dataclasses import asdict
 import torch
 from moe_lit import __version__
-from moe_lit.terms import check_int, check_choice
+from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
@@ -723,6 +723,7 @@ def _run_distributed(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
+    use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try:
         status = _run(_parser().parse_args(argv))
         sys.stdout.flush()                                # a reader that went away shows up here, not at exit

@@ -147,7 +147,7 @@ print(hf.config._experts_implementation)
 # Cells tagged `#| test NAME` are exported as pytest tests; cells tagged `#| gpu` run only with `bash .ci/test --gpu`
 # on a machine with a CUDA GPU.
 #
-# Without a GPU the Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`, set automatically), at
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`, set by the test command and by the `moe-lit` command; importing moe-lit never changes the environment), at
 # small shapes. On a machine with a CUDA GPU, `bash .ci/gpu` runs the whole suite including the full-size `gpu` tests,
 # a `compute-sanitizer` memcheck of the kernel tests, the DeepSeek-V3 EP8 job on the GPU and `moe-lit bench`
 # (`bash .ci/gpu --tune` re-tunes the tile tables first); `bash .ci/gpu-multi` runs the distributed job over NCCL

@@ -5,7 +5,7 @@ import argparse, enum, json, os, sys, time
 from dataclasses import asdict
 import torch
 from moe_lit import __version__
-from moe_lit.terms import check_int, check_choice
+from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend

@@ -2,10 +2,10 @@
 from __future__ import annotations
 import pytest
 import argparse, datetime, importlib, importlib.util, json, os, pickle, socket, subprocess, sys, tempfile, time, traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import torch
 import torch.distributed as dist
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, use_triton_interpreter_without_gpu
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
 from moe_lit.routing import select_experts, router_logits

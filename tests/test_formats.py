@@ -4,7 +4,7 @@ import pytest
 from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, check_positive_real
-from moe_lit.config import ActivationFormat, ACTIVATIONS
+from moe_lit.config import ACTIVATIONS
 import math
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, poison_rows

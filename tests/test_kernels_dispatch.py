@@ -2,7 +2,7 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.kernels.batched import INTERPRET, DEVICE, BatchedTritonExperts   # sets TRITON_INTERPRET without a GPU
+from moe_lit.kernels.batched import DEVICE, BatchedTritonExperts
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor

@@ -4,13 +4,13 @@ import pytest
 import math
 from dataclasses import dataclass
 import torch
-from moe_lit.kernels.batched import INTERPRET, DEVICE   # sets TRITON_INTERPRET on a machine without a GPU
+from moe_lit.kernels.batched import INTERPRET, DEVICE
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.quant import (FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
+from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
