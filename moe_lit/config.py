@@ -45,25 +45,38 @@ class BackendDescriptor:
         raise ValueError(f"hidden_size: expected <= {max(self.supported_hidden_sizes)} for all2all backend "
                          f"{self.name!r}, got {hidden_size}")
 
-# %% ../nbs/01_config.ipynb #4f4fc936b818
+# %% ../nbs/01_config.ipynb #a47b7e68b9fc
 _LL_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 
+_S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
+_NO_SLABS = "not used (flat token lists)"
+_LL_SLABS = "max_num_tokens_per_rank * num_dispatchers rows per local expert"
 BACKENDS: dict[str, BackendDescriptor] = {d.name: d for d in (
-    BackendDescriptor("none", ActivationFormat.Standard, False, False, False, None, torch.int32, None,
-                      "not used (no dispatch)",
-                      "no all2all: every rank sees all tokens, masks non-local experts, outputs are all-reduced"),
-    BackendDescriptor("allgather_reducescatter", ActivationFormat.Standard, True, False, False, None, torch.int32,
-                      None, "not used (flat token lists)",
-                      "all-gather tokens and ids over the EP group, run local experts, reduce-scatter outputs"),
-    BackendDescriptor("deepep_high_throughput", ActivationFormat.Standard, True, False, True, (1, 128), torch.int64,
-                      None, "not used (flat token lists)",
-                      "DeepEP normal kernels: token-level all2all into a flat list, FP8 block dispatch", "deep_ep"),
-    BackendDescriptor("deepep_low_latency", ActivationFormat.BatchedExperts, True, True, True, (1, 128),
-                      torch.int64, _LL_HIDDEN, "max_num_tokens_per_rank * num_dispatchers rows per local expert",
-                      "DeepEP low-latency kernels: per-expert slabs addressed by physical expert id", "deep_ep"),
-    BackendDescriptor("nixl_ep", ActivationFormat.BatchedExperts, True, True, True, (1, 128), torch.int64,
-                      _LL_HIDDEN, "max_num_tokens_per_rank * num_dispatchers rows per local expert",
-                      "NIXL EP: the DeepEP low-latency contract over NIXL, elastic EP ranks", "nixl_ep"),
+    BackendDescriptor(
+        name="none", activation_format=_S, moves_tokens=False, needs_round_robin_routing_tables=False,
+        quantizes_before_dispatch=False, dispatch_quant_block=None, topk_id_dtype=torch.int32,
+        supported_hidden_sizes=None, max_tokens_semantics="not used (no dispatch)",
+        summary="no all2all: every rank sees all tokens, masks non-local experts, outputs are all-reduced"),
+    BackendDescriptor(
+        name="allgather_reducescatter", activation_format=_S, moves_tokens=True, needs_round_robin_routing_tables=False,
+        quantizes_before_dispatch=False, dispatch_quant_block=None, topk_id_dtype=torch.int32,
+        supported_hidden_sizes=None, max_tokens_semantics=_NO_SLABS,
+        summary="all-gather tokens and ids over the EP group, run local experts, reduce-scatter outputs"),
+    BackendDescriptor(
+        name="deepep_high_throughput", activation_format=_S, moves_tokens=True, needs_round_robin_routing_tables=False,
+        quantizes_before_dispatch=True, dispatch_quant_block=(1, 128), topk_id_dtype=torch.int64,
+        supported_hidden_sizes=None, max_tokens_semantics=_NO_SLABS,
+        summary="DeepEP normal kernels: token-level all2all into a flat list, FP8 block dispatch", native_library="deep_ep"),
+    BackendDescriptor(
+        name="deepep_low_latency", activation_format=_B, moves_tokens=True, needs_round_robin_routing_tables=True,
+        quantizes_before_dispatch=True, dispatch_quant_block=(1, 128), topk_id_dtype=torch.int64,
+        supported_hidden_sizes=_LL_HIDDEN, max_tokens_semantics=_LL_SLABS,
+        summary="DeepEP low-latency kernels: per-expert slabs addressed by physical expert id", native_library="deep_ep"),
+    BackendDescriptor(
+        name="nixl_ep", activation_format=_B, moves_tokens=True, needs_round_robin_routing_tables=True,
+        quantizes_before_dispatch=True, dispatch_quant_block=(1, 128), topk_id_dtype=torch.int64,
+        supported_hidden_sizes=_LL_HIDDEN, max_tokens_semantics=_LL_SLABS,
+        summary="NIXL EP: the DeepEP low-latency contract over NIXL, elastic EP ranks", native_library="nixl_ep"),
 )}
 
 def get_backend(name: str) -> BackendDescriptor:

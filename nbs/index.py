@@ -25,11 +25,15 @@
 #
 # The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
 # the wheel installed into a fresh venv, and the documentation site built and opened in headless Chromium
-# (7–10 minutes on 2 otherwise idle CPU cores; twice that when other work shares them):
+# (7–10 minutes on 2 otherwise idle CPU cores; twice that when other work shares them). When Chromium is missing it
+# first installs Debian's package, which needs root or sudo and takes about a minute:
 #
 # ```sh
 # bash .ci/test
 # ```
+#
+# The commands below assume the environment is active (`source .venv/bin/activate`); otherwise prefix them with
+# `.venv/bin/` (`.venv/bin/moe-lit`, `.venv/bin/python`, `.venv/bin/torchrun`).
 #
 # `moe-lit run` prints the resolved parallel config with the reason for every backend property, the backend's record
 # and whether the deployment uses it at all, the placement and routing tables, the per-expert load, the output checked
