@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import torch
 from moe_lit.terms import check_tensor
+from moe_lit.quant import QUANT_SCHEMES
 
 # %%
 #| hide
@@ -128,6 +129,85 @@ test_eq(s[1, :2].isnan().any().item(), False)
 test_fail(lambda: poison_rows(torch.zeros(4), torch.tensor([1])), contains="slab: expected at least 2 dims")
 test_fail(lambda: poison_rows(torch.zeros(3, 4), torch.tensor([1, 2])), contains="expert_num_tokens: expected shape [3]")
 test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor([1, 2, 3])), contains="slab: expected a floating dtype")
+
+# %% [markdown]
+# ## Runs and quantized kernels: one tolerance policy
+#
+# Everything above is the elementwise policy for a result against its float64 reference. Two more judgements rest on
+# it and live here too, so there is one place for every tolerance in moe-lit:
+#
+# - **a run's check** (`check_tolerance`, `check_output`), used by the layer's emulated EP run, the distributed run
+#   and the reports: the dtype's `rtol` and a minimum cosine, wider for w8a8 kernels, which round activations twice
+#   where the float64 reference does not;
+# - **quantized kernels against their specs** (`quant_error`, `assert_quant_close`, `experts_tolerance`): the relative
+#   error `‖got − want‖/‖want‖` and the cosine, since an elementwise bound is meaningless for 4-bit weights.
+
+# %%
+#| export
+def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementation: str = "torch") -> tuple[float, float]:
+    "`(rtol, minimum cosine)` of a run's output against its float64 reference: the dtype's, wider where w8a8 rounds activations."
+    rtol = tolerance(dtype)
+    if quant.startswith("fp8_w8a8") and implementation == "triton_quant": return max(rtol, 0.15), 0.995
+    return rtol, 0.999
+
+# %%
+#| export
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    "max |a - b| / max |b| (0 for an all-zero b)."
+    a, b = a.double().cpu(), b.double().cpu()
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
+
+def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float dtype, any device)
+                 reference: torch.Tensor,   # [T, H] float64 reference (or a second run, upcast)
+                 dtype: torch.dtype,        # the layer's dtype: picks the tolerance
+                 quant: str = "unquantized", implementation: str = "torch") -> dict:
+    "A run's check as data: `{max_rel_err, rtol, cosine, cosine_min, ok, detail}` under `check_tolerance` (never raises)."
+    rtol, cos_min = check_tolerance(dtype, quant, implementation)
+    try: assert_close(actual, reference, dtype=dtype, rtol=rtol); ok, msg = True, ""
+    except AssertionError as e: ok, msg = False, str(e)
+    a, b = actual.double().flatten().cpu(), reference.double().flatten().cpu()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item() if b.numel() and b.abs().max() > 0 else 1.0
+    if ok and cos < cos_min: ok, msg = False, f"cosine {cos:.6f} < {cos_min}"
+    return {"max_rel_err": _max_rel(actual, reference), "rtol": rtol, "cosine": cos, "cosine_min": cos_min, "ok": ok,
+            "detail": msg}
+
+# %%
+#| export
+def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    "`(relative error ‖got − want‖/‖want‖, cosine similarity)` in float64 over all elements."
+    g, w = got.detach().double().flatten().cpu(), want.detach().double().flatten().cpu()
+    if g.shape != w.shape: raise ValueError(f"got: expected {tuple(w.shape)} elements, got {tuple(g.shape)}")
+    rel = ((g - w).norm() / w.norm().clamp(min=1e-300)).item()
+    cos = torch.nn.functional.cosine_similarity(g, w, dim=0).item() if w.numel() else 1.0
+    return rel, cos
+
+def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1e-2, cos_min: float = 0.9999,
+                       name: str = "result"):
+    "Assert finite `got` with relative error < `rel_tol` and cosine > `cos_min` against `want` (float64 spec)."
+    if not torch.isfinite(got).all():
+        bad = (~torch.isfinite(got)).nonzero()[0].tolist()
+        raise AssertionError(f"{name}: non-finite value at {bad}: {got[tuple(bad)].item()}")
+    if not want.numel(): return
+    rel, cos = quant_error(got, want)
+    if not (rel < rel_tol and cos > cos_min):
+        raise AssertionError(f"{name}: relative error {rel:.3g} (limit {rel_tol:g}), cosine {cos:.6f} (limit {cos_min:g})")
+
+# %%
+#| test quant_error_measures
+w = torch.randn(1000, dtype=torch.float64)
+rel, cos = quant_error(w * 1.01, w)
+assert abs(rel - 0.01) < 1e-9 and cos > 0.99999
+assert_quant_close(w.float(), w)
+test_fail(lambda: assert_quant_close(-w, w), contains="cosine -1")
+test_fail(lambda: assert_quant_close(torch.full((3,), float("nan")), w[:3]), contains="non-finite value at [0]")
+test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05")
+
+# %%
+#| export
+def experts_tolerance(scheme: str) -> tuple[float, float]:
+    "`(relative error bound, cosine bound)` of a quantized experts class (two GEMMs) against its spec."
+    if scheme not in QUANT_SCHEMES: raise ValueError(f"scheme: expected one of {list(QUANT_SCHEMES)}, got {scheme!r}")
+    return (5e-2, 0.998) if scheme.startswith("fp8") else (2e-2, 0.9995)
 
 # %% [markdown]
 # ## Tiny Hugging Face models

@@ -22,7 +22,7 @@ from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8,
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
 from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m, _check_aligned_args, _check_local_ids, _sum_pairs
-from moe_lit.testing import poison_rows
+from moe_lit.testing import poison_rows, quant_error, assert_quant_close, experts_tolerance
 
 # %%
 #| hide
@@ -1030,37 +1030,6 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
 
 # %%
 #| export
-def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
-    "`(relative error ‖got − want‖/‖want‖, cosine similarity)` in float64 over all elements."
-    g, w = got.detach().double().flatten().cpu(), want.detach().double().flatten().cpu()
-    if g.shape != w.shape: raise ValueError(f"got: expected {tuple(w.shape)} elements, got {tuple(g.shape)}")
-    rel = ((g - w).norm() / w.norm().clamp(min=1e-300)).item()
-    cos = torch.nn.functional.cosine_similarity(g, w, dim=0).item() if w.numel() else 1.0
-    return rel, cos
-
-def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1e-2, cos_min: float = 0.9999,
-                       name: str = "result"):
-    "Assert finite `got` with relative error < `rel_tol` and cosine > `cos_min` against `want` (float64 spec)."
-    if not torch.isfinite(got).all():
-        bad = (~torch.isfinite(got)).nonzero()[0].tolist()
-        raise AssertionError(f"{name}: non-finite value at {bad}: {got[tuple(bad)].item()}")
-    if not want.numel(): return
-    rel, cos = quant_error(got, want)
-    if not (rel < rel_tol and cos > cos_min):
-        raise AssertionError(f"{name}: relative error {rel:.3g} (limit {rel_tol:g}), cosine {cos:.6f} (limit {cos_min:g})")
-
-# %%
-#| test quant_error_measures
-w = torch.randn(1000, dtype=torch.float64)
-rel, cos = quant_error(w * 1.01, w)
-assert abs(rel - 0.01) < 1e-9 and cos > 0.99999
-assert_quant_close(w.float(), w)
-test_fail(lambda: assert_quant_close(-w, w), contains="cosine -1")
-test_fail(lambda: assert_quant_close(torch.full((3,), float("nan")), w[:3]), contains="non-finite value at [0]")
-test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05")
-
-# %%
-#| export
 def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts: list, activation=None,
                              dtype=torch.bfloat16, seed: int = 0, device=None, config=None, rel_tol=1e-2, cos_min=0.9999,
                              qw: QuantizedExpertWeights | None = None,    # reuse these weights (else random ones)
@@ -1459,13 +1428,6 @@ def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Te
 # equally valid fp8 intermediates, and their outputs differ by fp8 rounding noise: the bound for w8a8 is relative
 # error < 5e-2 and cosine > 0.998 (measured 2.7% at worst here); for w4a16, whose intermediate stays bf16,
 # 2e-2 and 0.9995. Each GEMM alone is held to 1e-2 and 0.9999 above.
-
-# %%
-#| export
-def experts_tolerance(scheme: str) -> tuple[float, float]:
-    "`(relative error bound, cosine bound)` of a quantized experts class (two GEMMs) against its spec."
-    check_choice("scheme", scheme, QUANT_SCHEMES)
-    return (5e-2, 0.998) if _is_fp8(scheme) else (2e-2, 0.9995)
 
 # %%
 #| test batched_quant_experts

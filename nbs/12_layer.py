@@ -12,7 +12,6 @@ import os, time
 from dataclasses import dataclass, field
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress
-from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits
@@ -28,6 +27,7 @@ from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
+from moe_lit.testing import check_tolerance, check_output
 
 # %% [markdown]
 # In this notebook: `FusedMoE` (one rank's layer, from any weight source of `11a_weights` or a checkpoint) and
@@ -312,35 +312,6 @@ test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*
 # dequantized weights beside the codes: the quantized experts read the codes, the torch references (and the dequant
 # emulations) read the dequantized weights, so a check against the reference measures the kernels, and the
 # activation quantization of w8a8 — never the weight rounding, which both sides share.
-
-# %%
-#| export
-def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementation: str = "torch") -> tuple[float, float]:
-    "`(rtol, minimum cosine)` of a run's output against its float64 reference: the dtype's, wider where w8a8 rounds activations."
-    rtol = tolerance(dtype)
-    if quant.startswith("fp8_w8a8") and implementation == "triton_quant": return max(rtol, 0.15), 0.995
-    return rtol, 0.999
-
-# %%
-#| export
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    "max |a - b| / max |b| (0 for an all-zero b)."
-    a, b = a.double().cpu(), b.double().cpu()
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300) if b.numel() else 0.0
-
-def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float dtype, any device)
-                 reference: torch.Tensor,   # [T, H] float64 reference (or a second run, upcast)
-                 dtype: torch.dtype,        # the layer's dtype: picks the tolerance
-                 quant: str = "unquantized", implementation: str = "torch") -> dict:
-    "A run's check as data: `{max_rel_err, rtol, cosine, cosine_min, ok, detail}` under `check_tolerance` (never raises)."
-    rtol, cos_min = check_tolerance(dtype, quant, implementation)
-    try: assert_close(actual, reference, dtype=dtype, rtol=rtol); ok, msg = True, ""
-    except AssertionError as e: ok, msg = False, str(e)
-    a, b = actual.double().flatten().cpu(), reference.double().flatten().cpu()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item() if b.numel() and b.abs().max() > 0 else 1.0
-    if ok and cos < cos_min: ok, msg = False, f"cosine {cos:.6f} < {cos_min}"
-    return {"max_rel_err": _max_rel(actual, reference), "rtol": rtol, "cosine": cos, "cosine_min": cos_min, "ok": ok,
-            "detail": msg}
 
 # %%
 #| test fused_moe_quantized

@@ -11,7 +11,8 @@ from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, 
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
-from moe_lit.layer import run_emulated_ep, rank_config, check_output
+from moe_lit.layer import run_emulated_ep, rank_config
+from moe_lit.testing import check_output
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, tempfile
 from pathlib import Path

@@ -12,7 +12,8 @@ from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype
 from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, _check_prepare_args
-from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts, check_output
+from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts
+from moe_lit.testing import check_output
 from moe_lit.testing import assert_close
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS, ParallelConfig, MoEConfig

@@ -15,7 +15,7 @@ from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8,
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
 from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m, _check_aligned_args, _check_local_ids, _sum_pairs
-from moe_lit.testing import poison_rows
+from moe_lit.testing import poison_rows, quant_error, assert_quant_close, experts_tolerance
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard
 from moe_lit.kernels.quant import *
@@ -112,16 +112,6 @@ def test_fp8_activation_quantizer_matches_spec():
     test_fail(lambda: fp8_quantize_activations(x, "block", cnt), contains="granularity: expected one of")
     test_fail(lambda: fp8_quantize_activations(x, "token"), contains="x: expected a 2-D [rows, K] tensor")
     test_fail(lambda: fp8_quantize_activations(x, "token", cnt + 30), contains="expert_num_tokens: expected values in [0, 24]")
-
-
-def test_quant_error_measures():
-    w = torch.randn(1000, dtype=torch.float64)
-    rel, cos = quant_error(w * 1.01, w)
-    assert abs(rel - 0.01) < 1e-9 and cos > 0.99999
-    assert_quant_close(w.float(), w)
-    test_fail(lambda: assert_quant_close(-w, w), contains="cosine -1")
-    test_fail(lambda: assert_quant_close(torch.full((3,), float("nan")), w[:3]), contains="non-finite value at [0]")
-    test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05")
 
 
 def test_batched_gemm_quant_fp8():

@@ -5,7 +5,6 @@ import os, time
 from dataclasses import dataclass, field
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress
-from moe_lit.testing import tolerance, assert_close
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits
@@ -18,6 +17,7 @@ from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
+from moe_lit.testing import check_tolerance, check_output
 from moe_lit.layer import *
 
 

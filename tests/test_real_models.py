@@ -11,7 +11,7 @@ import tempfile
 from fastcore.test import test_eq, test_fail
 from IPython.display import Markdown
 from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF, write_fp8_block_checkpoint, write_mxfp4_checkpoint
-from moe_lit.layer import check_output
+from moe_lit.testing import check_output
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.config import ParallelConfig

@@ -4,6 +4,7 @@ import pytest
 import math
 import torch
 from moe_lit.terms import check_tensor
+from moe_lit.quant import QUANT_SCHEMES
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import *
 
@@ -40,6 +41,16 @@ def test_poison_rows():
     test_fail(lambda: poison_rows(torch.zeros(4), torch.tensor([1])), contains="slab: expected at least 2 dims")
     test_fail(lambda: poison_rows(torch.zeros(3, 4), torch.tensor([1, 2])), contains="expert_num_tokens: expected shape [3]")
     test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor([1, 2, 3])), contains="slab: expected a floating dtype")
+
+
+def test_quant_error_measures():
+    w = torch.randn(1000, dtype=torch.float64)
+    rel, cos = quant_error(w * 1.01, w)
+    assert abs(rel - 0.01) < 1e-9 and cos > 0.99999
+    assert_quant_close(w.float(), w)
+    test_fail(lambda: assert_quant_close(-w, w), contains="cosine -1")
+    test_fail(lambda: assert_quant_close(torch.full((3,), float("nan")), w[:3]), contains="non-finite value at [0]")
+    test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05")
 
 
 def test_tiny_hf_models():
