@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 
 # %% auto #0
-__all__ = ['TERMS', 'DIMENSIONS', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'check_tensor', 'check_finite', 'use_triton_interpreter_without_gpu', 'progress']
+__all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
+           'check_positive_real', 'check_tensor', 'acc_dtype', 'check_finite', 'use_triton_interpreter_without_gpu',
+           'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
         if t.dtype not in allowed:
             raise ValueError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
     return t
+
+# %% ../nbs/00_terms.ipynb #365b6e5e8050
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)   # the float dtypes moe-lit computes in
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    "Accumulation dtype of a computation in `dtype`: float64 for float64 inputs, float32 for everything else."
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 # %% ../nbs/00_terms.ipynb #46f9860c22f7
 def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -210,6 +210,18 @@ test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.T
 
 # %%
 #| export
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)   # the float dtypes moe-lit computes in
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    "Accumulation dtype of a computation in `dtype`: float64 for float64 inputs, float32 for everything else."
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+# %%
+#| test acc_dtype
+test_eq([acc_dtype(d) for d in FLOAT_DTYPES], [torch.float64, torch.float32, torch.float32, torch.float32])
+
+# %%
+#| export
 def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     "Check that every value of `t` is finite (a value check: it synchronizes, so it runs at construction or on request)."
     if t.numel() and not torch.isfinite(t).all():

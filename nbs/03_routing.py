@@ -10,7 +10,7 @@
 from __future__ import annotations
 import warnings
 import torch
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, check_finite
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, check_finite, FLOAT_DTYPES
 from moe_lit.config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %%
@@ -69,13 +69,12 @@ import numpy as np
 
 # %%
 #| export
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)   # scores and logits
 
 def stable_topk(values: torch.Tensor,  # [num_tokens, n] float, scores to select from
                 top_k: int,            # entries kept per row, 1 <= top_k <= n
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     "The `top_k` largest entries of each row, descending, ties to the lower index, NaN as -inf: (values, int64 ids)."
-    check_tensor("values", values, ndim=2, dtype=_FLOAT_DTYPES)   # an int tensor cannot hold the -inf NaN becomes
+    check_tensor("values", values, ndim=2, dtype=FLOAT_DTYPES)   # an int tensor cannot hold the -inf NaN becomes
     check_int("top_k", top_k, lo=1, hi=values.shape[1] + 1)
     clean = values.masked_fill(values.isnan(), float("-inf"))
     vals, ids = torch.sort(clean, dim=-1, descending=True, stable=True)   # stable: equal values keep index order
@@ -92,7 +91,7 @@ test_eq(stable_topk(v, 7)[1][0].tolist(), [1, 2, 4, 6, 0, 3, 5])   # NaN ranks l
 test_eq(stable_topk(torch.zeros(2, 300), 4)[1].tolist(), [[0, 1, 2, 3]] * 2)
 test_fail(lambda: stable_topk(v, 8), contains="top_k: expected < 8, got 8")
 test_fail(lambda: stable_topk(v[0], 2), contains="values: expected a 2-D tensor")
-test_fail(lambda: stable_topk(torch.ones(2, 3, dtype=torch.int32), 1), contains="values: expected dtype torch.float16")
+test_fail(lambda: stable_topk(torch.ones(2, 3, dtype=torch.int32), 1), contains="values: expected dtype torch.float64 or torch.float32 or torch.float16 or torch.bfloat16, got torch.int32")
 
 # %% [markdown]
 # ## Argument checks shared by the routers
@@ -105,7 +104,7 @@ test_fail(lambda: stable_topk(torch.ones(2, 3, dtype=torch.int32), 1), contains=
 #| export
 def _check_logits(gating_output) -> torch.Tensor:
     "Validate router logits `[num_tokens, num_experts]` of a float dtype, with at least one expert."
-    check_tensor("gating_output", gating_output, ndim=2, dtype=_FLOAT_DTYPES)
+    check_tensor("gating_output", gating_output, ndim=2, dtype=FLOAT_DTYPES)
     if gating_output.shape[1] < 1: raise ValueError(f"gating_output: expected >= 1 expert column, got shape "
                                                     f"{list(gating_output.shape)}")
     return gating_output
@@ -113,7 +112,7 @@ def _check_logits(gating_output) -> torch.Tensor:
 def _check_bias(bias, num_experts: int, device) -> torch.Tensor | None:
     "Validate the correction bias `[num_experts]` (finite floats); returns it in float32 on `device`, or None."
     if bias is None: return None
-    check_tensor("e_score_correction_bias", bias, shape=(num_experts,), dtype=_FLOAT_DTYPES)
+    check_tensor("e_score_correction_bias", bias, shape=(num_experts,), dtype=FLOAT_DTYPES)
     check_finite("e_score_correction_bias", bias)
     return bias.to(device=device, dtype=torch.float32)
 

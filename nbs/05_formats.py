@@ -10,7 +10,7 @@
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, check_positive_real
+from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, check_positive_real, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ACTIVATIONS
 
 # %%
@@ -59,15 +59,10 @@ from moe_lit.testing import assert_close, poison_rows
 
 # %%
 #| export
-_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    "Accumulation dtype: float64 for float64 inputs, float32 for everything else."
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     "SiLU of the first half of the last dim times the second half: `[..., 2·I] -> [..., I]`, same dtype as `x`."
-    check_tensor("x", x, dtype=_FLOATS)
+    check_tensor("x", x, dtype=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x: expected an even last dim (gate then up), got shape {tuple(x.shape)}")
     gate, up = x.float().chunk(2, dim=-1) if x.dtype != torch.float64 else x.chunk(2, dim=-1)
@@ -123,10 +118,10 @@ class Activation:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         "The activation of `x [..., 2·I]` in the accumulation dtype's precision, cast back to `x.dtype`."
         if self.name == "silu": return silu_and_mul(x)
-        check_tensor("x", x, dtype=_FLOATS)
+        check_tensor("x", x, dtype=FLOAT_DTYPES)
         if x.dim() < 1 or x.shape[-1] % 2:
             raise ValueError(f"x: expected an even last dim (gate then up), got shape {tuple(x.shape)}")
-        gate, up = x.to(_acc_dtype(x.dtype)).chunk(2, dim=-1)
+        gate, up = x.to(acc_dtype(x.dtype)).chunk(2, dim=-1)
         gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
         return ((up + 1) * gate * torch.sigmoid(self.alpha * gate)).to(x.dtype)
 
@@ -173,16 +168,16 @@ def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
                activation: Activation = SILU,         # the gated activation between the GEMMs
               ) -> torch.Tensor:  # [n, hidden_size] in the accumulation dtype (fp32, or fp64 for fp64 inputs)
     "One gated expert, with the kernels' precision: fp32 products (+ bias), the activation cast once to the input dtype."
-    check_tensor("x", x, ndim=2, dtype=_FLOATS)
-    check_tensor("w13", w13, shape=(None, x.shape[1]), dtype=_FLOATS)
-    check_tensor("w2", w2, shape=(x.shape[1], w13.shape[0] // 2), dtype=_FLOATS)
-    if w13_bias is not None: check_tensor("w13_bias", w13_bias, shape=(w13.shape[0],), dtype=_FLOATS)
-    if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=(w2.shape[0],), dtype=_FLOATS)
+    check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
+    check_tensor("w13", w13, shape=(None, x.shape[1]), dtype=FLOAT_DTYPES)
+    check_tensor("w2", w2, shape=(x.shape[1], w13.shape[0] // 2), dtype=FLOAT_DTYPES)
+    if w13_bias is not None: check_tensor("w13_bias", w13_bias, shape=(w13.shape[0],), dtype=FLOAT_DTYPES)
+    if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=(w2.shape[0],), dtype=FLOAT_DTYPES)
     if not isinstance(activation, Activation):
         raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
     for n, t in (("w13", w13), ("w2", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
         if t is not None and t.device != x.device: raise ValueError(f"{n}: expected device {x.device}, got {t.device}")
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     h = x.to(acc) @ w13.to(acc).T
     if w13_bias is not None: h = h + w13_bias.to(acc)
     h = activation(h).to(x.dtype)                               # the fused GEMM1 epilogue writes x.dtype
@@ -239,9 +234,9 @@ def _local_ids(topk_ids, num_local_experts, expert_map):
 # %%
 #| export
 def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
-    check_tensor("hidden", hidden, ndim=2, dtype=_FLOATS)
+    check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
     T, H = hidden.shape
-    check_tensor("w13", w13, ndim=3, dtype=_FLOATS)
+    check_tensor("w13", w13, ndim=3, dtype=FLOAT_DTYPES)
     E, two_i = w13.shape[0], w13.shape[1]
     check_tensor("w13", w13, shape=(E, None, H))
     if two_i % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {two_i}")
@@ -252,8 +247,8 @@ def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
 
 def _check_expert_bias(w13_bias, w2_bias, w13, w2, activation):
     "Expert biases, when given, have one row per local expert (`w13_bias [E, 2·I]`, `w2_bias [E, H]`); an Activation."
-    if w13_bias is not None: check_tensor("w13_bias", w13_bias, shape=tuple(w13.shape[:2]), dtype=_FLOATS)
-    if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=tuple(w2.shape[:2]), dtype=_FLOATS)
+    if w13_bias is not None: check_tensor("w13_bias", w13_bias, shape=tuple(w13.shape[:2]), dtype=FLOAT_DTYPES)
+    if w2_bias is not None: check_tensor("w2_bias", w2_bias, shape=tuple(w2.shape[:2]), dtype=FLOAT_DTYPES)
     if not isinstance(activation, Activation):        # checked even when no expert gets a token
         raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
 
@@ -280,7 +275,7 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
     _check_expert_bias(w13_bias, w2_bias, w13, w2, activation)
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     local = _local_ids(topk_ids, E, expert_map)
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     out = torch.zeros(T, H, dtype=acc, device=hidden.device) if accumulate_into is None else accumulate_into
     check_tensor("accumulate_into", out, shape=(T, H), dtype=acc)
     for e in range(E):
@@ -391,7 +386,7 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
                                topk_weights: torch.Tensor | None = None,  # [num_tokens, top_k] fp32: scale rows
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Scatter pairs into `a [E_local, max_tokens, H]` (padding NaN); returns `(a, expert_num_tokens, slot_map)`."
-    check_tensor("hidden", hidden, ndim=2, dtype=_FLOATS)
+    check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
     T, H = hidden.shape
     check_tensor("local_ids", local_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
     if topk_weights is not None:
@@ -412,7 +407,7 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
     a = torch.full((num_local_experts * max_tokens, H), float("nan"), dtype=hidden.dtype, device=hidden.device)
     src = hidden.repeat_interleave(local_ids.shape[1], dim=0)
     if topk_weights is not None:
-        src = (src.to(_acc_dtype(hidden.dtype)) * topk_weights.reshape(-1, 1).to(_acc_dtype(hidden.dtype))).to(hidden.dtype)
+        src = (src.to(acc_dtype(hidden.dtype)) * topk_weights.reshape(-1, 1).to(acc_dtype(hidden.dtype))).to(hidden.dtype)
     a[slot_map[slot_map >= 0]] = src[slot_map >= 0]
     return a.view(num_local_experts, max_tokens, H), counts.int(), slot_map.view(T, local_ids.shape[1])
 
@@ -449,7 +444,7 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
                               activation: Activation = SILU,         # the experts' gated activation
                              ) -> torch.Tensor:                 # `out`; rows >= count untouched
     "Batched-format experts: `out[e, :n_e] = expert_e(a[e, :n_e])`; padding rows are never read or written."
-    check_tensor("a", a, ndim=3, dtype=_FLOATS)
+    check_tensor("a", a, ndim=3, dtype=FLOAT_DTYPES)
     E, M, H = a.shape
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
     check_tensor("w13", w13, shape=(E, None, H), dtype=a.dtype)
@@ -476,7 +471,7 @@ def combine_batched_reference(expert_out: torch.Tensor,    # [E_local, max_token
                               apply_router_weight_on_input: bool = False,  # weights were applied at dispatch
                              ) -> torch.Tensor:            # [num_tokens, hidden_size], expert_out's dtype
     "Weighted sum over the `top_k` slots of each token: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`."
-    check_tensor("expert_out", expert_out, ndim=3, dtype=_FLOATS)
+    check_tensor("expert_out", expert_out, ndim=3, dtype=FLOAT_DTYPES)
     check_tensor("topk_weights", topk_weights, ndim=2, dtype=torch.float32)
     check_tensor("slot_map", slot_map, shape=tuple(topk_weights.shape), dtype=torch.int64)
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
@@ -486,7 +481,7 @@ def combine_batched_reference(expert_out: torch.Tensor,    # [E_local, max_token
         return torch.zeros(slot_map.shape[0], H, dtype=expert_out.dtype, device=expert_out.device)
     if ((slot_map < -1) | (slot_map >= E * M)).any():
         raise ValueError(f"slot_map: expected values in [-1, {E * M}), got {slot_map.min().item()}..{slot_map.max().item()}")
-    acc = _acc_dtype(expert_out.dtype)
+    acc = acc_dtype(expert_out.dtype)
     rows = expert_out.reshape(E * M, H)[slot_map.clamp(min=0)].to(acc)          # [T, top_k, H]
     w = torch.ones_like(topk_weights) if apply_router_weight_on_input else topk_weights
     valid = (slot_map >= 0)[..., None]

@@ -25,7 +25,7 @@ from moe_lit.formats import experts_reference_batched
 
 # %% [markdown]
 # In this notebook: the reference `batched_gemm_reference`, the kernel `_batched_moe_gemm_kernel` and its epilogue
-# helpers (`_add_expert_bias`, `_gated_activation`), its launcher `batched_moe_gemm` with its argument checks
+# helpers (`add_expert_bias`, `gated_activation`), its launcher `batched_moe_gemm` with its argument checks
 # (`check_activation`, `check_expert_bias`), the tile configuration (`default_tile_config`, `tile_config_path`,
 # `lookup_tile_config`) and the experts class `BatchedTritonExperts` (GEMM1 + bias + gated activation, then GEMM2 +
 # bias). It follows the Triton tutorials'
@@ -156,7 +156,7 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
 # %%
 #| export
 @triton.jit
-def _gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+def gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     "`act(gate, up)` on fp32 tiles: 0 = SiLU(gate)·up, 1 = gpt-oss's clamped SwiGLU (`Activation('swigluoai')`)."
     if ACTIVATION == 0:
         out = gate / (1.0 + tl.exp(-gate)) * up
@@ -167,7 +167,7 @@ def _gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     return out
 
 @triton.jit
-def _add_expert_bias(acc, acc_up, bias_row_ptr, offs_n, mask_n, up_col, stride_bn, GATED: tl.constexpr):
+def add_expert_bias(acc, acc_up, bias_row_ptr, offs_n, mask_n, up_col, stride_bn, GATED: tl.constexpr):
     "Add the expert's bias row to the fp32 accumulators: columns `offs_n` to acc, `up_col + offs_n` to acc_up."
     acc += tl.load(bias_row_ptr + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GATED:
@@ -224,8 +224,8 @@ def _batched_moe_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:                                              # fp32, before the activation
-        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
-    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
+        acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
+    if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -317,9 +317,9 @@ def _batched_moe_gemm_tma_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e.to(tl.int64) * stride_be, offs_n, offs_n < N_OUT,
+        acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e.to(tl.int64) * stride_be, offs_n, offs_n < N_OUT,
                                        N_OUT, stride_bn, GATED)
-    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
+    if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 

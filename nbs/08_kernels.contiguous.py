@@ -16,7 +16,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
-from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.dispatch import batched_combine
 
 # %%
@@ -349,8 +349,8 @@ test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), co
 # never computed, so unwritten rows are never read. With the router weight on the input, a linear GEMM1 lets the
 # weight scale the accumulators before the activation: `W1·(w·x) = w·(W1·x)`.
 #
-# **The epilogue** is the batched kernel's (`06_kernels.batched`): the same helpers `_add_expert_bias` and
-# `_gated_activation` under the same constexprs `GATED`, `ACTIVATION` (`Activation.code`) and `HAS_BIAS`, with the
+# **The epilogue** is the batched kernel's (`06_kernels.batched`): the same helpers `add_expert_bias` and
+# `gated_activation` under the same constexprs `GATED`, `ACTIVATION` (`Activation.code`) and `HAS_BIAS`, with the
 # runtime `alpha` and `limit`. The bias row is the block's expert `expert_ids[b]` — every row of an aligned block
 # belongs to it. Its place relative to the router weight `w` follows the expert contract
 # `out[t] = Σ_k w_tk · (W2·act(W13·x_t + b13) + b2)`:
@@ -419,10 +419,10 @@ def _fused_moe_kernel(
     if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
     if HAS_BIAS:                                                # the block's expert's row, fp32
-        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e * stride_be, offs_n, offs_n < N_OUT, N_OUT,
+        acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e * stride_be, offs_n, offs_n < N_OUT, N_OUT,
                                        stride_bn, GATED)
     if WEIGHT == 2: acc = acc * rw                              # on the output (GEMM2), bias included, in fp32
-    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
+    if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N_OUT))
 
@@ -471,7 +471,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     check_int("top_k", top_k, lo=1)
     num_pairs = (a.shape[0] if per_pair else a.shape[0] * top_k)
-    _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
+    check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs)
     check_tile_config(config)
     E, N, K = w.shape
@@ -507,10 +507,10 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
 
-def _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
+def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs):
     "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes."
-    check_int("top_k", top_k, lo=1); _check_block_m(block_m)
+    check_int("top_k", top_k, lo=1); check_block_m(block_m)
     check_choice("weight_stage", weight_stage, (None, "input", "output"))
     check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
     check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
@@ -518,13 +518,13 @@ def _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, to
     if weight_stage is not None:
         check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
 
-def _check_local_ids(local_ids: torch.Tensor, num_local: int, validate: bool):
+def check_local_ids(local_ids: torch.Tensor, num_local: int, validate: bool):
     "With `validate`, local ids in [-1, num_local) (one host sync); the experts' hot paths pass False."
     check_bool("validate", validate)
     if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= num_local)).any():
         raise ValueError(f"local_ids: expected values in [-1, {num_local}), got {local_ids.min().item()}..{local_ids.max().item()}")
 
-def _sum_pairs(y: torch.Tensor,              # [T·top_k, H] pair rows, router weights already applied
+def sum_pairs(y: torch.Tensor,              # [T·top_k, H] pair rows, router weights already applied
                topk_weights: torch.Tensor,   # [T, top_k] fp32
                local_ids: torch.Tensor,      # [T, top_k] local expert per slot
                num_local: int) -> torch.Tensor:
@@ -534,7 +534,7 @@ def _sum_pairs(y: torch.Tensor,              # [T·top_k, H] pair rows, router w
     return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
                            validate=False)    # weights already applied: sum with weight 1
 
-def _check_block_m(block_m) -> int:
+def check_block_m(block_m) -> int:
     "BLOCK_M of the alignment and the GEMM: a power of two, at least 16 for the tensor cores (1 in the interpreter)."
     check_int("block_m", block_m, lo=16 if not INTERPRET else 1, hi=257)
     if block_m & (block_m - 1): raise ValueError(f"block_m: expected a power of two, got {block_m}")
@@ -671,13 +671,13 @@ class TritonExperts:
             raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
         check_expert_bias("w13_bias", w13_bias, E, N, hidden.device)
         check_expert_bias("w2_bias", w2_bias, E, H, hidden.device)
-        _check_local_ids(local_ids, E, validate)
+        check_local_ids(local_ids, E, validate)
         T, k = local_ids.shape
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
         expected_m = max(1, T * k // E) if expected_m is None else check_int("expected_m", expected_m, lo=1)
         cfg1 = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)
         cfg2 = lookup_tile_config("fused_moe_gemm", E, w2.shape[1], w2.shape[2], expected_m, hidden.dtype)
-        block_m = _check_block_m(cfg1["BLOCK_M"] if block_m is None else block_m)
+        block_m = check_block_m(cfg1["BLOCK_M"] if block_m is None else block_m)
         tiny = T * k <= self.pair_blocks_max_pairs
         align = moe_pair_blocks if tiny else moe_align_block_size
         s, e, n = align(local_ids, block_m, E, validate=False)                 # ids come from the placement
@@ -686,7 +686,7 @@ class TritonExperts:
                            "input" if on_in else None, config=cfg1, bias=w13_bias)
         y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", config=cfg2,
                            rows="pair", bias=w2_bias)
-        return _sum_pairs(y, topk_weights, local_ids, E)
+        return sum_pairs(y, topk_weights, local_ids, E)
 
 # %%
 #| test triton_experts_match_reference

@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real, check_finite
+from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real, check_finite, FLOAT_DTYPES
 
 # %%
 #| hide
@@ -39,16 +39,15 @@ QUANT_SCHEMES = ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block", "mxfp4
 
 # %%
 #| export
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _check_float_input(name: str, x, min_dim: int = 1) -> torch.Tensor:
     "A floating tensor of at least `min_dim` dims with finite values (a NaN or inf would poison its whole scale group)."
-    check_tensor(name, x, dtype=_FLOATS)
+    check_tensor(name, x, dtype=FLOAT_DTYPES)
     if x.dim() < min_dim: raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
     return check_finite(name, x)
 
 def _check_out_dtype(dtype) -> torch.dtype:
-    if dtype not in _FLOATS: raise ValueError(f"dtype: expected one of {list(_FLOATS)}, got {dtype!r}")
+    if dtype not in FLOAT_DTYPES: raise ValueError(f"dtype: expected one of {list(FLOAT_DTYPES)}, got {dtype!r}")
     return dtype
 
 _TINY = torch.finfo(torch.float32).tiny      # smallest normal fp32: a scale never collapses below it

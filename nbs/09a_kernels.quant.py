@@ -14,14 +14,14 @@ import torch
 from moe_lit.kernels.batched import INTERPRET, DEVICE
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
-from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
-from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m, _check_aligned_args, _check_local_ids, _sum_pairs
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
+from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_aligned_args, check_local_ids, sum_pairs
 from moe_lit.testing import poison_rows, quant_error, assert_quant_close, experts_tolerance
 
 # %%
@@ -281,7 +281,7 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
     "Quantize both expert weights into `scheme`, one expert at a time (09_quant's quantizers)."
     check_choice("scheme", scheme, QUANT_SCHEMES)
     block = _check_block_shape(scheme, block_shape)
-    check_tensor("w13", w13, ndim=3, dtype=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    check_tensor("w13", w13, ndim=3, dtype=FLOAT_DTYPES)
     E, two_i, H = w13.shape
     if two_i % 2 or two_i == 0 or E == 0 or H == 0:
         raise ValueError(f"w13: expected a non-empty [E, 2·I, H] with an even 2·I, got shape {tuple(w13.shape)}")
@@ -832,7 +832,7 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
 #
 # > **The epilogue is `06`'s.** After the K loop the accumulators hold the real-valued product — every weight and
 # > activation scale and the NVFP4 global scale already applied — and the kernel calls the unquantized kernels'
-# > helpers on them: `_add_expert_bias`, then `_gated_activation`. So the bias is never multiplied by a quantization
+# > helpers on them: `add_expert_bias`, then `gated_activation`. So the bias is never multiplied by a quantization
 # > scale: for FP8 tensor/channel scales, which are applied after the loop, adding it to the raw fp8 products would
 # > scale it by `a_scale · w_scale`. With `SILU` and no bias the constexprs drop the bias and clamp branches and the
 # > bias pointer is `None`, so the default kernel is the plain SiLU-and-mul kernel — same instructions, same tiles,
@@ -875,8 +875,8 @@ def _batched_moe_gemm_quant_kernel(
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
                                       UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:                                                  # on the scaled (real-valued) fp32 product
-        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
-    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
+        acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
+    if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -1236,9 +1236,9 @@ def _fused_moe_quant_kernel(
     if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
     if HAS_BIAS:                                                # the block's expert's row, on the scaled fp32 product
-        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
+        acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
     if WEIGHT == 2: acc = acc * rw                              # on the output (GEMM2), bias included, in fp32
-    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
+    if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
@@ -1269,7 +1269,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 2, bias)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
-    _check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
+    check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs)
     if per_pair and a.shape[0] % top_k: raise ValueError(f"a: expected a multiple of top_k={top_k} pair rows, got {a.shape[0]}")
     K = a.shape[1]
@@ -1470,10 +1470,10 @@ class TritonQuantExperts:
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
-        _check_local_ids(local_ids, E, validate)
+        check_local_ids(local_ids, E, validate)
         if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
         if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, expected_m or T * k // E))))
-        _check_block_m(block_m)
+        check_block_m(block_m)
         s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
         # zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that GEMM1 never
         # writes; they must hold zeros, not uninitialised memory (one per-tensor scale would even span them)
@@ -1482,7 +1482,7 @@ class TritonQuantExperts:
                                  bias=w13_bias)
         y = fused_moe_gemm_quant(h, qw, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair",
                                  bias=w2_bias)
-        return _sum_pairs(y, topk_weights, local_ids, E)
+        return sum_pairs(y, topk_weights, local_ids, E)
 
 # %%
 #| export

@@ -10,7 +10,7 @@
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool, check_choice
+from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
                              combine_batched_reference, expert_mlp, Activation, SILU)
@@ -67,10 +67,10 @@ class Prepared:
 
 # %%
 #| export
-def _check_prepare_args(hidden, topk_weights, topk_ids, placement):
+def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     "What every prepare needs: `hidden [T, H]` float, `topk_ids` and `topk_weights [T, top_k]`, a Placement."
     from moe_lit.placement import Placement
-    check_tensor("hidden", hidden, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+    check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
     check_tensor("topk_ids", topk_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
@@ -88,7 +88,7 @@ class StandardPrepareFinalize:
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
-        _check_prepare_args(hidden, topk_weights, topk_ids, placement)
+        check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids),
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
@@ -115,7 +115,7 @@ class BatchedPrepareFinalize:
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
-        _check_prepare_args(hidden, topk_weights, topk_ids, placement)
+        check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         cap, scale = self.max_num_tokens_per_rank * self.num_dispatchers, topk_weights if apply_router_weight_on_input else None
         H = hidden.shape[1]
@@ -241,7 +241,7 @@ class SharedExperts(torch.nn.Module):
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
                  gate: torch.Tensor | None = None):   # [1, H]: output scaled by sigmoid(x · gateᵀ) (Qwen2-MoE)
         super().__init__()
-        check_tensor("w13", w13, ndim=2, dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+        check_tensor("w13", w13, ndim=2, dtype=FLOAT_DTYPES)
         if w13.shape[0] == 0 or w13.shape[0] % 2:
             raise ValueError(f"w13: expected a positive even number of rows (gate then up), got {w13.shape[0]}")
         check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)

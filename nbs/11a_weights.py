@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 import torch
-from moe_lit.terms import check_int, check_tensor
+from moe_lit.terms import check_int, check_tensor, FLOAT_DTYPES
 from moe_lit.config import MoEConfig
 
 # %%
@@ -191,7 +191,7 @@ class TensorWeights(WeightSource):
         for key, shape in shapes.items():
             if key not in tensors: raise ValueError(f"weights[{key!r}]: expected a tensor of shape {list(shape)}, got none")
             check_tensor(f"weights[{key!r}]", tensors[key], shape=shape,
-                         dtype=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+                         dtype=FLOAT_DTYPES)
         self.config, self.tensors = config, dict(tensors)
 
     def router(self): return {k: self.tensors[k] for k in ROUTER_KEYS if k in self.tensors}

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os, time
 from dataclasses import dataclass, field
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp, Activation, _acc_dtype, _FLOATS
+from moe_lit.formats import moe_reference_standard, expert_mlp, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
@@ -185,7 +185,7 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         if n not in shapes: out[n] = None; continue
         shape = shapes[n] if num is None or n.startswith("shared") or n in ("gate", "gate_bias") else (num, *shapes[n][1:])
         if n not in tensors: raise ValueError(f"weights[{n!r}]: expected a tensor of shape {list(shape)}, got none")
-        out[n] = check_finite(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=_FLOATS))
+        out[n] = check_finite(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
     return out
 
 
@@ -229,7 +229,7 @@ def _refuse_quantized_state(module, state_dict, prefix, *args):
     for n in ("w13", "w2", "w13_bias", "w2_bias", "gate", "gate_bias", "e_score_correction_bias"):
         t = state_dict.get(prefix + n)
         if not isinstance(t, torch.Tensor): continue
-        if t.dtype not in _FLOATS:
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"state_dict[{prefix + n!r}]: expected float weights (a {module.quant} layer quantizes what "
                              f"it is given), got dtype {str(t.dtype)[6:]}")
         check_finite(f"state_dict[{prefix + n!r}]", t)     # before anything is copied: a refused load changes nothing
@@ -266,7 +266,7 @@ FusedMoE.from_pretrained = classmethod(_from_pretrained)
 def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size),
-                 dtype=_FLOATS)
+                 dtype=FLOAT_DTYPES)
     logits = router_logits(hidden, self.gate, self.gate_bias)           # [T, num_experts] fp32
     wts, ids = select_experts(self.config, logits, self.e_score_correction_bias)
     return wts, ids.to(self.config.topk_indices_dtype)
@@ -425,7 +425,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
     weights, ep = _weight_source(config, weights, seed), config.parallel.ep_size
     T, H = hidden.shape
-    acc = _acc_dtype(config.dtype)                                              # as the experts accumulate
+    acc = acc_dtype(config.dtype)                                              # as the experts accumulate
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
     placements, rank_s, weight_s, topk = [], [], 0.0, None
     for r in progress(range(ep), "EP ranks"):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.activations import SiLUActivation
-from moe_lit.terms import check_tensor, check_bool, check_positive_real
-from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved, _acc_dtype
+from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype
+from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved
 
 # %%
 #| hide
@@ -323,7 +323,7 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
 #| export
 def _reference_experts(x, w13, w2, b13, b2, weights, ids, activation):
     "Σ_k w_k · expert_{id_k}(x) on moe-lit's reference, the weights applied in the accumulation dtype."
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
     unit = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
     for k in range(ids.shape[1]):

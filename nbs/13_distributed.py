@@ -12,13 +12,13 @@ import argparse, datetime, importlib, importlib.util, json, os, pickle, socket, 
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, use_triton_interpreter_without_gpu
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, use_triton_interpreter_without_gpu, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
-from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype
-from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, _check_prepare_args
+from moe_lit.formats import moe_reference_standard, expert_mlp
+from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, check_prepare_args
 from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts
 from moe_lit.testing import check_output
 from moe_lit.testing import assert_close
@@ -428,7 +428,7 @@ class AllGatherReduceScatterPrepareFinalize:
 #| export
 def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input):
     "The arguments every distributed prepare needs, and a placement of this rank of this group."
-    _check_prepare_args(hidden, topk_weights, topk_ids, placement)
+    check_prepare_args(hidden, topk_weights, topk_ids, placement)
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     if (placement.ep_size, placement.ep_rank) != (pf.num_dispatchers, pf.rank):
         raise ValueError(f"placement: expected the placement of rank {pf.rank} of {pf.num_dispatchers}, got rank "
@@ -456,7 +456,7 @@ def _agrs_finalize(self, expert_out: torch.Tensor,   # [ΣT, H_wire] this rank's
                    prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens, summed over ranks
     "Reduce-scatter the partial outputs in fp32 (fp64 for fp64) and keep this rank's rows, unpadded."
     check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
-    mine = _reduce_scatter_rows(expert_out.to(_acc_dtype(expert_out.dtype)), prepared.token_counts, self.group)
+    mine = _reduce_scatter_rows(expert_out.to(acc_dtype(expert_out.dtype)), prepared.token_counts, self.group)
     return mine[:, :prepared.hidden_size].to(expert_out.dtype)
 
 AllGatherReduceScatterPrepareFinalize.prepare = _agrs_prepare
@@ -524,7 +524,7 @@ def _a2a_prepare(self, hidden: torch.Tensor,        # [T, H] this rank's tokens 
     send_counts, recv_counts = table[me].sum(1).tolist(), table[:, me].sum(1).tolist()
     rows = x[order // k]
     if apply_router_weight_on_input:                   # scaled once, at the sender (vLLM #43694 scaled twice)
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         rows = (rows.to(acc) * topk_weights.flatten()[order, None].to(acc)).to(x.dtype)
     total = int(table.sum())
     received = _all_to_all_rows(rows, send_counts, recv_counts, self.group) if total else rows[:0]
@@ -567,7 +567,7 @@ def _a2a_finalize(self, expert_out: torch.Tensor,   # [E_local, capacity, H_wire
     out_rows = expert_out.reshape(E * cap, Hw)[prepared.recv_rows]          # valid rows only: padding never travels
     back = (_all_to_all_rows(out_rows, prepared.recv_counts, prepared.send_counts, self.group)
             if prepared.total_pairs else out_rows[:0])
-    (T, k), acc = prepared.topk_weights.shape, _acc_dtype(expert_out.dtype)
+    (T, k), acc = prepared.topk_weights.shape, acc_dtype(expert_out.dtype)
     w = prepared.topk_weights.flatten()[prepared.send_order].to(acc)
     if prepared.apply_router_weight_on_input: w = torch.ones_like(w)      # applied once, at dispatch
     out = torch.zeros(T, Hw, dtype=acc, device=expert_out.device)
@@ -796,7 +796,7 @@ def _to_physical(cfg: MoEConfig, logical: torch.Tensor) -> torch.Tensor:
 def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor, wts, ids):
     "`(single [T, H] config.dtype, reference [T, H] float64)`: all experts in chunks, fp32 and float64 accumulation."
     T, L = hidden.shape[0], config.num_experts
-    acc = _acc_dtype(config.dtype)
+    acc = acc_dtype(config.dtype)
     single, ref = torch.zeros(T, config.hidden_size, dtype=acc), torch.zeros(T, config.hidden_size, dtype=torch.float64)
     kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
     step = max(1, -(-L // max(1, config.ep_size)))                  # one rank's worth of experts alive at a time

@@ -5,13 +5,13 @@ import argparse, datetime, importlib, importlib.util, json, os, pickle, socket, 
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, use_triton_interpreter_without_gpu
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, use_triton_interpreter_without_gpu, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
-from moe_lit.formats import moe_reference_standard, expert_mlp, _acc_dtype
-from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, _check_prepare_args
+from moe_lit.formats import moe_reference_standard, expert_mlp
+from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, check_prepare_args
 from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts
 from moe_lit.testing import check_output
 from moe_lit.testing import assert_close

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, check_positive_real
+from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, check_positive_real, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ACTIVATIONS
 import math
 from fastcore.test import test_eq, test_fail

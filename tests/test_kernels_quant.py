@@ -7,14 +7,14 @@ import torch
 from moe_lit.kernels.batched import INTERPRET, DEVICE
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
-from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, _add_expert_bias, _gated_activation
-from moe_lit.kernels.contiguous import moe_align_block_size, _check_block_m, _check_aligned_args, _check_local_ids, _sum_pairs
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
+from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_aligned_args, check_local_ids, sum_pairs
 from moe_lit.testing import poison_rows, quant_error, assert_quant_close, experts_tolerance
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard

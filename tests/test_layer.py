@@ -4,12 +4,12 @@ import pytest
 import os, time
 from dataclasses import dataclass, field
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp, Activation, _acc_dtype, _FLOATS
+from moe_lit.formats import moe_reference_standard, expert_mlp, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend

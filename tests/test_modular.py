@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool, check_choice
+from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
                              combine_batched_reference, expert_mlp, Activation, SILU)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real, check_finite
+from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real, check_finite, FLOAT_DTYPES
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.quant import *

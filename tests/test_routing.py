@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import warnings
 import torch
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, check_finite
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, check_finite, FLOAT_DTYPES
 from moe_lit.config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 from fastcore.test import test_eq, test_fail, test_close
 from moe_lit.testing import assert_close
@@ -21,7 +21,7 @@ def test_stable_topk_ties():
     test_eq(stable_topk(torch.zeros(2, 300), 4)[1].tolist(), [[0, 1, 2, 3]] * 2)
     test_fail(lambda: stable_topk(v, 8), contains="top_k: expected < 8, got 8")
     test_fail(lambda: stable_topk(v[0], 2), contains="values: expected a 2-D tensor")
-    test_fail(lambda: stable_topk(torch.ones(2, 3, dtype=torch.int32), 1), contains="values: expected dtype torch.float16")
+    test_fail(lambda: stable_topk(torch.ones(2, 3, dtype=torch.int32), 1), contains="values: expected dtype torch.float64 or torch.float32 or torch.float16 or torch.bfloat16, got torch.int32")
 
 
 def test_fused_topk_matches_float64():

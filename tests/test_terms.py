@@ -50,6 +50,10 @@ def test_check_tensor():
     test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.Tensor, got list")
 
 
+def test_acc_dtype():
+    test_eq([acc_dtype(d) for d in FLOAT_DTYPES], [torch.float64, torch.float32, torch.float32, torch.float32])
+
+
 def test_check_finite():
     test_eq(check_finite("w", torch.ones(2)).shape, (2,))
     test_fail(lambda: check_finite("w13", torch.tensor([[1.0, float("nan")]])), contains="w13: expected finite values, got nan at [0, 1]")

@@ -5,7 +5,7 @@ import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 import torch
-from moe_lit.terms import check_int, check_tensor
+from moe_lit.terms import check_int, check_tensor, FLOAT_DTYPES
 from moe_lit.config import MoEConfig
 from fastcore.test import test_eq, test_fail
 from moe_lit.weights import *

@@ -16,9 +16,9 @@ from ..testing import assert_close, poison_rows
 
 # %% auto #0
 __all__ = ['INTERPRET', 'DEVICE', 'TILE_KEYS', 'SMEM_BUDGET', 'GEMM_CASES', 'check_activation', 'batched_gemm_reference',
-           'plot_tile_map', 'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_expert_bias',
-           'check_tile_config', 'fit_shared_memory', 'epilogue_args', 'batched_moe_gemm', 'random_batched_problem',
-           'check_batched_gemm', 'BatchedTritonExperts']
+           'gated_activation', 'add_expert_bias', 'plot_tile_map', 'default_tile_config', 'tile_config_path',
+           'lookup_tile_config', 'check_expert_bias', 'check_tile_config', 'fit_shared_memory', 'epilogue_args',
+           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -48,9 +48,9 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
         out[e, :n] = (act(y) if act else y).to(out.dtype)
     return out
 
-# %% ../../nbs/06_kernels.batched.ipynb #030a9ad967ab
+# %% ../../nbs/06_kernels.batched.ipynb #eea17723fb6c
 @triton.jit
-def _gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+def gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     "`act(gate, up)` on fp32 tiles: 0 = SiLU(gate)·up, 1 = gpt-oss's clamped SwiGLU (`Activation('swigluoai')`)."
     if ACTIVATION == 0:
         out = gate / (1.0 + tl.exp(-gate)) * up
@@ -61,14 +61,14 @@ def _gated_activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
     return out
 
 @triton.jit
-def _add_expert_bias(acc, acc_up, bias_row_ptr, offs_n, mask_n, up_col, stride_bn, GATED: tl.constexpr):
+def add_expert_bias(acc, acc_up, bias_row_ptr, offs_n, mask_n, up_col, stride_bn, GATED: tl.constexpr):
     "Add the expert's bias row to the fp32 accumulators: columns `offs_n` to acc, `up_col + offs_n` to acc_up."
     acc += tl.load(bias_row_ptr + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GATED:
         acc_up += tl.load(bias_row_ptr + (up_col + offs_n) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     return acc, acc_up
 
-# %% ../../nbs/06_kernels.batched.ipynb #90b3886d4bb6
+# %% ../../nbs/06_kernels.batched.ipynb #3105d7db85e4
 @triton.jit
 def _batched_moe_gemm_kernel(
     a_ptr,                      # [E, max_tokens, K]
@@ -117,8 +117,8 @@ def _batched_moe_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:                                              # fp32, before the activation
-        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
-    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
+        acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
+    if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -143,7 +143,7 @@ def plot_tile_map(expert_num_tokens: torch.Tensor,   # [E] int, valid rows per e
     fig.colorbar(im, ax=ax, label="valid rows / BLOCK_M"); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../../nbs/06_kernels.batched.ipynb #e6f3bc71d7d2
+# %% ../../nbs/06_kernels.batched.ipynb #aed60725f56b
 @triton.jit
 def _batched_moe_gemm_tma_kernel(
     a_desc,                     # descriptor over a viewed as [E·max_tokens, K], box [BLOCK_M, BLOCK_K]
@@ -177,9 +177,9 @@ def _batched_moe_gemm_tma_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        acc, acc_up = _add_expert_bias(acc, acc_up, bias_ptr + e.to(tl.int64) * stride_be, offs_n, offs_n < N_OUT,
+        acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e.to(tl.int64) * stride_be, offs_n, offs_n < N_OUT,
                                        N_OUT, stride_bn, GATED)
-    if GATED: acc = _gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
+    if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
