@@ -125,7 +125,7 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         out[n] = check_finite(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
     return out
 
-# %% ../nbs/12_layer.ipynb #10116f4d1b7f
+# %% ../nbs/12_layer.ipynb #0a798bf9570a
 def _load_experts(self, source: WeightSource, device: torch.device):
     "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
     c, ids = self.config, self.placement.local_to_global.tolist()
@@ -144,7 +144,8 @@ def _load_experts(self, source: WeightSource, device: torch.device):
         from moe_lit.kernels.quant import quantize_expert_weights
         self.qweights = quantize_expert_weights(w13.to(device), w2.to(device), self.quant)
     if self.qweights is not None:                                  # the float weights kept are the dequantized ones
-        w13, w2 = (t.to(c.dtype) for t in self.qweights.dequantize())
+        w13 = w2 = None                                            # (the originals go first: a lower peak)
+        w13, w2 = self.qweights.dequantize(c.dtype)
     param = lambda t: None if t is None else torch.nn.Parameter(t.to(device), requires_grad=False)
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None

@@ -208,10 +208,13 @@ def _dequantize_weight(self, which: str, expert: int, dtype: torch.dtype = torch
 
 def _dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     "`(w13 [E, 2·I, H], w2 [E, H, I])` dequantized into `dtype`: the reference weights of every kernel here."
-    E = self.w13.shape[0]
-    return tuple(torch.stack([_dequantize_weight(self, w, e, dtype) for e in range(E)]) if E else
-                 torch.empty(0, *((2 * self.intermediate_size, self.hidden_size) if w == "w13" else
-                                  (self.hidden_size, self.intermediate_size)), dtype=dtype) for w in ("w13", "w2"))
+    E, out = self.w13.shape[0], []
+    for w in ("w13", "w2"):                        # filled one expert at a time: no second copy of the stack
+        shape = (2 * self.intermediate_size, self.hidden_size) if w == "w13" else (self.hidden_size, self.intermediate_size)
+        t = torch.empty(E, *shape, dtype=dtype, device=self.w13.device)
+        for e in range(E): t[e] = _dequantize_weight(self, w, e, dtype)
+        out.append(t)
+    return tuple(out)
 
 QuantizedExpertWeights.dequantize_weight = _dequantize_weight
 QuantizedExpertWeights.dequantize = _dequantize
@@ -288,9 +291,12 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
     check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
     parts = {}
     for name, w in (("w13", w13), ("w2", w2)):
-        per = [_quantize_one(w[e], scheme, block) for e in range(E)]
-        parts[name], parts[name + "_scale"] = torch.stack([p[0] for p in per]), torch.stack([p[1] for p in per])
-        parts[name + "_global_scale"] = torch.stack([p[2] for p in per]) if per[0][2] is not None else None
+        first = _quantize_one(w[0], scheme, block)           # its shapes size the outputs, filled expert by expert
+        out = [None if t is None else torch.empty(E, *t.shape, dtype=t.dtype, device=t.device) for t in first]
+        for e in range(E):
+            for o, t in zip(out, first if e == 0 else _quantize_one(w[e], scheme, block)):
+                if o is not None: o[e] = t
+        parts[name], parts[name + "_scale"], parts[name + "_global_scale"] = out
     return QuantizedExpertWeights(scheme, hidden_size=H, intermediate_size=two_i // 2, block_shape=block, **parts)
 
 # %% [markdown]

@@ -114,7 +114,7 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     for n, t in ((name + "_scale", scale), (name + "_global_scale", gs)):
         if t is not None and t.device != codes.device: raise ValueError(f"{n}: expected device {codes.device}, got {t.device}")
 
-# %% ../../nbs/09a_kernels.quant.ipynb #b923794250d2
+# %% ../../nbs/09a_kernels.quant.ipynb #b9176f3a0bb5
 def _weight_parts(qw: QuantizedExpertWeights, which: str):
     "(codes, scale, global scale or None, N, K) of `which` in ('w13', 'w2')."
     check_choice("weight", which, ("w13", "w2"))
@@ -135,10 +135,13 @@ def _dequantize_weight(self, which: str, expert: int, dtype: torch.dtype = torch
 
 def _dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     "`(w13 [E, 2·I, H], w2 [E, H, I])` dequantized into `dtype`: the reference weights of every kernel here."
-    E = self.w13.shape[0]
-    return tuple(torch.stack([_dequantize_weight(self, w, e, dtype) for e in range(E)]) if E else
-                 torch.empty(0, *((2 * self.intermediate_size, self.hidden_size) if w == "w13" else
-                                  (self.hidden_size, self.intermediate_size)), dtype=dtype) for w in ("w13", "w2"))
+    E, out = self.w13.shape[0], []
+    for w in ("w13", "w2"):                        # filled one expert at a time: no second copy of the stack
+        shape = (2 * self.intermediate_size, self.hidden_size) if w == "w13" else (self.hidden_size, self.intermediate_size)
+        t = torch.empty(E, *shape, dtype=dtype, device=self.w13.device)
+        for e in range(E): t[e] = _dequantize_weight(self, w, e, dtype)
+        out.append(t)
+    return tuple(out)
 
 QuantizedExpertWeights.dequantize_weight = _dequantize_weight
 QuantizedExpertWeights.dequantize = _dequantize
@@ -178,7 +181,7 @@ QuantizedExpertWeights.bytes_per_element = property(
     lambda self: self.nbytes / max(1, 3 * self.num_experts * self.hidden_size * self.intermediate_size),
     doc="bytes of codes and scales per logical weight element (3·H·I elements per expert)")
 
-# %% ../../nbs/09a_kernels.quant.ipynb #081fdcaab28b
+# %% ../../nbs/09a_kernels.quant.ipynb #b70860a33dce
 def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
     "(codes, scale, global scale or None) of one expert's `[N, K]` weight."
     if _is_fp8(scheme):
@@ -205,9 +208,12 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
     check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
     parts = {}
     for name, w in (("w13", w13), ("w2", w2)):
-        per = [_quantize_one(w[e], scheme, block) for e in range(E)]
-        parts[name], parts[name + "_scale"] = torch.stack([p[0] for p in per]), torch.stack([p[1] for p in per])
-        parts[name + "_global_scale"] = torch.stack([p[2] for p in per]) if per[0][2] is not None else None
+        first = _quantize_one(w[0], scheme, block)           # its shapes size the outputs, filled expert by expert
+        out = [None if t is None else torch.empty(E, *t.shape, dtype=t.dtype, device=t.device) for t in first]
+        for e in range(E):
+            for o, t in zip(out, first if e == 0 else _quantize_one(w[e], scheme, block)):
+                if o is not None: o[e] = t
+        parts[name], parts[name + "_scale"], parts[name + "_global_scale"] = out
     return QuantizedExpertWeights(scheme, hidden_size=H, intermediate_size=two_i // 2, block_shape=block, **parts)
 
 # %% ../../nbs/09a_kernels.quant.ipynb #bed6af44a216
