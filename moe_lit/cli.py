@@ -115,7 +115,7 @@ def _checks(run, config: MoEConfig) -> dict:
             "ep_vs_single_device": None if run.config.ep_size == 1 else
                 check_output(run.output, run.single_device.double(), config.dtype, *q)}
 
-# %% ../nbs/15_cli.ipynb #5d9133dd439c
+# %% ../nbs/15_cli.ipynb #835075c791fb
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear", seed: int = 0,
                tp_size: int = 1, experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
                backend: str | None = None,
@@ -146,6 +146,9 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
         "placement": {"requested": placement, **_placement_rows(run)},
         "load": _load_rows(run, config.num_experts),
         "check": _checks(run, config),
+        "quantization_error": None if run.reference_unquantized is None else   # information, not a check
+            {k: v for k, v in check_output(run.output, run.reference_unquantized, config.dtype, quant, run.experts[0]).items()
+             if k in ("max_rel_err", "cosine")},
     }
     report["timing"] = _timing(run, num_tokens, time.perf_counter() - t0)   # after the checks: they are timed too
     return report
@@ -210,15 +213,21 @@ def _section_placement(r: dict) -> list[str]:
         f"  physical_to_global: {_abridge(t['physical_to_global'])}"]
     return out
 
-# %% ../nbs/15_cli.ipynb #dabd865e32bc
+# %% ../nbs/15_cli.ipynb #007d01ab9659
 def _section_load_check(r: dict) -> list[str]:
     l, c = r["load"], r["check"]
     return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
                 f"{l['empty_experts']} experts empty; hottest (expert, slots) {l['hottest']}",
             f"  per rank: {l['per_rank']}", f"  per expert: {_abridge(l['per_expert'], 32)}",
-            "", "check", f"  EP output vs float64 reference:      {_verdict(c['vs_float64'])}",
-            f"  single-device vs float64 reference:  {_verdict(c['single_device_vs_float64'])}",
-            f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"]
+            "", "check", f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs float64 reference:':<37}"
+                         f"{_verdict(c['vs_float64'])}",
+            "  single-device vs float64 reference:  " + (_verdict(c['single_device_vs_float64'])
+                if c['ep_vs_single_device'] or r["experts"]["implementation"] != "torch" else
+                "the same computation as the line above (one rank, torch experts)"),
+            f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"] + (
+            [] if not r.get("quantization_error") else
+            [f"  quantization error (output vs float64 on the weights before quantization, information): max rel err "
+             f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.6f}"])
 
 def _section_time(r: dict) -> list[str]:
     t = r["timing"]

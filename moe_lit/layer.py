@@ -209,7 +209,7 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: 
 
 FusedMoE.forward = _forward
 
-# %% ../nbs/12_layer.ipynb #4c339ca50b81
+# %% ../nbs/12_layer.ipynb #fa39824087c4
 @dataclass
 class EPRun:
     "Result of `run_emulated_ep`: outputs, checks and timings."
@@ -224,6 +224,7 @@ class EPRun:
     rank_seconds: list = field(default_factory=list)   # forward time of each rank (s)
     weight_seconds: float = 0.0       # time spent generating weights (s)
     quant: str = "unquantized"        # the experts' weights (references use the dequantized weights)
+    reference_unquantized: torch.Tensor | None = None   # [T, H] float64 on the weights before quantization (quantized runs)
 
 # %% ../nbs/12_layer.ipynb #eda123210dc6
 def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
@@ -238,7 +239,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #56c1f4df8c7e
+# %% ../nbs/12_layer.ipynb #9e9908cd48a6
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -252,6 +253,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     T, H = hidden.shape
     acc = acc_dtype(config.dtype)                                              # as the experts accumulate
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
+    ref_float = None if quant == "unquantized" else torch.zeros(T, H, dtype=torch.float64, device=hidden.device)
     placements, rank_s, weight_s, topk = [], [], 0.0, None
     for r in progress(range(ep), "EP ranks"):
         t0 = time.perf_counter()
@@ -268,12 +270,18 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
                   w2_bias=None if layer.w2_bias is None else layer.w2_bias[:, :H], activation=layer.activation)
         moe_reference_standard(hidden, w13, w2, topk[0], local, accumulate_into=single, **kw)
         moe_reference_standard(hidden.double(), w13, w2, topk[0], local, accumulate_into=ref, **kw)
+        if ref_float is not None:                       # the same rank on the weights before quantization, for the report
+            orig = weights.experts(layer.placement.local_to_global.tolist())
+            moe_reference_standard(hidden.double(), orig["w13"].to(hidden.device), orig["w2"].to(hidden.device), topk[0],
+                                   local, accumulate_into=ref_float, **kw)
+            del orig
         if r == 0 and layer.shared_experts is not None:
             sh = layer.shared_experts
             single += sh(hidden).to(acc); ref += sh(hidden.double())    # fp64 input: computed in fp64
+            if ref_float is not None: ref_float += sh(hidden.double())
         placements.append(layer.placement)
         impl = (layer.experts, layer.experts_reason)
         if on_rank is not None: on_rank(r, layer)
         del layer
     return EPRun(rank_config(config, 0, tp_size), placements, topk[0], topk[1], out.to(config.dtype),
-                 single.to(config.dtype), ref, impl, rank_s, weight_s, quant)
+                 single.to(config.dtype), ref, impl, rank_s, weight_s, quant, ref_float)

@@ -258,6 +258,9 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
         "placement": {"requested": placement, **_placement_rows(run)},
         "load": _load_rows(run, config.num_experts),
         "check": _checks(run, config),
+        "quantization_error": None if run.reference_unquantized is None else   # information, not a check
+            {k: v for k, v in check_output(run.output, run.reference_unquantized, config.dtype, quant, run.experts[0]).items()
+             if k in ("max_rel_err", "cosine")},
     }
     report["timing"] = _timing(run, num_tokens, time.perf_counter() - t0)   # after the checks: they are timed too
     return report
@@ -378,9 +381,15 @@ def _section_load_check(r: dict) -> list[str]:
     return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
                 f"{l['empty_experts']} experts empty; hottest (expert, slots) {l['hottest']}",
             f"  per rank: {l['per_rank']}", f"  per expert: {_abridge(l['per_expert'], 32)}",
-            "", "check", f"  EP output vs float64 reference:      {_verdict(c['vs_float64'])}",
-            f"  single-device vs float64 reference:  {_verdict(c['single_device_vs_float64'])}",
-            f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"]
+            "", "check", f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs float64 reference:':<37}"
+                         f"{_verdict(c['vs_float64'])}",
+            "  single-device vs float64 reference:  " + (_verdict(c['single_device_vs_float64'])
+                if c['ep_vs_single_device'] or r["experts"]["implementation"] != "torch" else
+                "the same computation as the line above (one rank, torch experts)"),
+            f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"] + (
+            [] if not r.get("quantization_error") else
+            [f"  quantization error (output vs float64 on the weights before quantization, information): max rel err "
+             f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.6f}"])
 
 def _section_time(r: dict) -> list[str]:
     t = r["timing"]
@@ -418,11 +427,21 @@ def format_report(report: dict,   # the data of `run_report`
                       + _section_placement(r) + _section_load_check(r) + _section_time(r))
 
 # %%
+#| test report_quantization_error
+small = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=128, name="tiny")
+rep = run_report(small, num_tokens=6, quant="mxfp4_w4a16")
+q, k = rep["quantization_error"], rep["check"]["vs_float64"]
+assert k["ok"] and q["max_rel_err"] > 10 * k["max_rel_err"], (q, k)   # FP4's own error dwarfs the kernel's
+assert "quantization error (output vs float64 on the weights before quantization" in format_report(rep)
+test_eq(run_report(small, num_tokens=6)["quantization_error"], None)
+
+# %%
 #| test format_report
 small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
 text = format_report(run_report(small, num_tokens=6))
 for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
-             "EP output vs float64 reference", "tokens/s", "n/a (one rank)", "not a serving throughput",
+             "layer output vs float64 reference", "the same computation as the line above", "tokens/s",
+             "n/a (one rank)", "not a serving throughput",
              "references and checks", "on this deployment: no all2all"):
     assert part in text, part
 par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP

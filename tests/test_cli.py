@@ -103,11 +103,21 @@ def test_run_report_full_data():
     test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), contains="hidden_size: expected <= 8192")
 
 
+def test_report_quantization_error():
+    small = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=128, name="tiny")
+    rep = run_report(small, num_tokens=6, quant="mxfp4_w4a16")
+    q, k = rep["quantization_error"], rep["check"]["vs_float64"]
+    assert k["ok"] and q["max_rel_err"] > 10 * k["max_rel_err"], (q, k)   # FP4's own error dwarfs the kernel's
+    assert "quantization error (output vs float64 on the weights before quantization" in format_report(rep)
+    test_eq(run_report(small, num_tokens=6)["quantization_error"], None)
+
+
 def test_format_report():
     small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
     text = format_report(run_report(small, num_tokens=6))
     for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
-                 "EP output vs float64 reference", "tokens/s", "n/a (one rank)", "not a serving throughput",
+                 "layer output vs float64 reference", "the same computation as the line above", "tokens/s",
+                 "n/a (one rank)", "not a serving throughput",
                  "references and checks", "on this deployment: no all2all"):
         assert part in text, part
     par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP
