@@ -11,7 +11,7 @@ from .config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %% auto #0
 __all__ = ['stable_topk', 'fused_topk', 'RoutingFallbackWarning', 'ungroupable_reason', 'grouped_topk', 'llama4_topk',
-           'select_experts', 'router_logits', 'expert_load', 'plot_expert_load']
+           'select_experts', 'matmul_acc', 'router_logits', 'expert_load', 'plot_expert_load']
 
 # %% ../nbs/03_routing.ipynb #2a2f8d004cec
 def stable_topk(values: torch.Tensor,  # [num_tokens, n] float, scores to select from
@@ -24,7 +24,7 @@ def stable_topk(values: torch.Tensor,  # [num_tokens, n] float, scores to select
     vals, ids = torch.sort(clean, dim=-1, descending=True, stable=True)   # stable: equal values keep index order
     return vals[:, :top_k], ids[:, :top_k]
 
-# %% ../nbs/03_routing.ipynb #55233cf39fbb
+# %% ../nbs/03_routing.ipynb #f515a822743a
 def _check_logits(gating_output) -> torch.Tensor:
     "Validate router logits `[num_tokens, num_experts]` of a float dtype, with at least one expert."
     check_tensor("gating_output", gating_output, ndim=2, dtype=FLOAT_DTYPES)
@@ -32,11 +32,11 @@ def _check_logits(gating_output) -> torch.Tensor:
                                                     f"{list(gating_output.shape)}")
     return gating_output
 
-def _check_bias(bias, num_experts: int, device) -> torch.Tensor | None:
-    "Validate the correction bias `[num_experts]` (finite floats); returns it in float32 on `device`, or None."
+def _check_bias(bias, num_experts: int, device, validate: bool = True) -> torch.Tensor | None:
+    "Check the correction bias `[num_experts]` (finite floats when `validate`: a sync); returns it fp32 on `device`, or None."
     if bias is None: return None
     check_tensor("e_score_correction_bias", bias, shape=(num_experts,), dtype=FLOAT_DTYPES)
-    check_finite("e_score_correction_bias", bias)
+    if check_bool("validate", validate): check_finite("e_score_correction_bias", bias)
     return bias.to(device=device, dtype=torch.float32)
 
 # %% ../nbs/03_routing.ipynb #567552d4e463
@@ -54,13 +54,14 @@ def _finish_weights(weights: torch.Tensor, invalid: torch.Tensor, renormalize: b
         weights = torch.where(total > 0, weights / total, weights)   # an all-zero row stays 0, never 0/0 = NaN
     return weights * scale
 
-# %% ../nbs/03_routing.ipynb #da5d66220c1c
+# %% ../nbs/03_routing.ipynb #37a3b924ba8c
 def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                top_k: int,                    # experts per token
                renormalize: bool,             # divide the top_k weights by their sum
                scoring_func: str = "softmax", # 'softmax' over the row or 'sigmoid' per expert
                e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, added for selection only
                routed_scaling_factor: float = 1.0,  # multiplies the weights after renormalising
+               validate: bool = True,         # check the bias is finite (one sync; off for a bias checked by its owner)
                ) -> tuple[torch.Tensor, torch.Tensor]:
     "Top-k routing (vLLM's `fused_topk` / `fused_topk_bias`): (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32)."
     _check_logits(gating_output)
@@ -68,7 +69,7 @@ def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any fl
     check_int("top_k", top_k, lo=1, hi=num_experts + 1)
     check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
-    bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device)
+    bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device, validate)
     scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
     scores, invalid = _router_scores(gating_output, scoring_func)
     choice = scores if bias is None else scores + bias           # select on the biased score ...
@@ -109,7 +110,7 @@ def ungroupable_reason(num_experts: int,       # experts to split into groups
                 f"with a correction bias a group is scored by the sum of its top 2 experts")
     return None
 
-# %% ../nbs/03_routing.ipynb #b9c55b0ae65b
+# %% ../nbs/03_routing.ipynb #ebc824f7fc66
 def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                  top_k: int, renormalize: bool,  # experts per token; divide the top_k weights by their sum
                  num_expert_group: int,          # groups of consecutive expert ids (equal sizes)
@@ -117,6 +118,7 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
                  scoring_func: str = "softmax",  # 'softmax' over the row or 'sigmoid' per expert
                  routed_scaling_factor: float = 1.0,   # multiplies the weights after renormalising
                  e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, selection only
+                 validate: bool = True,          # check the bias is finite (one sync)
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     "Group-limited top-k (DeepSeek-V2/V3, vLLM's `grouped_topk`): (topk_weights fp32, topk_ids int32), [T, top_k]."
     _check_logits(gating_output)
@@ -126,12 +128,12 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
     check_int("top_k", top_k, lo=1, hi=num_experts + 1)
     check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
-    bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device)
+    bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device, validate)
     scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
     reason = ungroupable_reason(num_experts, num_expert_group, bias is not None)
     if reason is not None:                                        # vLLM falls back silently; moe-lit says so
         warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=2)
-        return fused_topk(gating_output, top_k, renormalize, scoring_func, e_score_correction_bias, scale)
+        return fused_topk(gating_output, top_k, renormalize, scoring_func, e_score_correction_bias, scale, validate)
     most = topk_group * (num_experts // num_expert_group)          # experts in the kept groups
     if top_k > most: raise ValueError(f"top_k: expected <= topk_group * experts per group = {most}, got {top_k}")
     scores, invalid = _router_scores(gating_output, scoring_func)
@@ -154,10 +156,11 @@ def llama4_topk(gating_output: torch.Tensor,  # [num_tokens, num_experts] any fl
     weights = logits.gather(1, ids).sigmoid().masked_fill(invalid[:, None], 0.0)
     return weights, ids.to(torch.int32)
 
-# %% ../nbs/03_routing.ipynb #1772a872855f
+# %% ../nbs/03_routing.ipynb #97cb832f3f0a
 def select_experts(config: MoEConfig,             # the layer: routing_method and its options, num_experts, top_k
                    gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                    e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, iff config says so
+                   validate: bool = True,   # check the bias is finite (one sync; the layer checks its own once)
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     "Route with the router `config.routing_method` names: (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -172,18 +175,40 @@ def select_experts(config: MoEConfig,             # the layer: routing_method an
     if c.routing_method == "llama4": return llama4_topk(gating_output, c.top_k)   # MoEConfig: no bias, no scale
     if c.routing_method == "grouped_topk":
         return grouped_topk(gating_output, c.top_k, c.renormalize, c.num_expert_group, c.topk_group,
-                            c.scoring_func, c.routed_scaling_factor, bias)
-    return fused_topk(gating_output, c.top_k, c.renormalize, c.scoring_func, bias, c.routed_scaling_factor)
+                            c.scoring_func, c.routed_scaling_factor, bias, validate)
+    return fused_topk(gating_output, c.top_k, c.renormalize, c.scoring_func, bias, c.routed_scaling_factor, validate)
 
-# %% ../nbs/03_routing.ipynb #80f600ee4ad5
+# %% ../nbs/03_routing.ipynb #5e105a79be35
+def _mm_out_dtype_ok() -> bool:
+    "Whether this torch has `torch.mm(..., out_dtype=torch.float32)` for bf16 on CUDA (asked once, on first use)."
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is None:
+        try:
+            x = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+            _MM_OUT_DTYPE = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError): _MM_OUT_DTYPE = False
+    return _MM_OUT_DTYPE
+
+_MM_OUT_DTYPE = None
+
+def matmul_acc(a: torch.Tensor,   # [M, K] float
+               b: torch.Tensor,   # [N, K] float (a weight stored as rows, like nn.Linear)
+              ) -> torch.Tensor:  # [M, N] in the accumulation dtype: fp32 (fp64 when either is fp64)
+    "`a @ bᵀ` with fp32 products and result: one cuBLAS call writing fp32 for same-dtype bf16/fp16 on a GPU, else upcast."
+    check_tensor("a", a, ndim=2, dtype=FLOAT_DTYPES); check_tensor("b", b, shape=(None, a.shape[1]), dtype=FLOAT_DTYPES)
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _mm_out_dtype_ok():
+        return torch.mm(a, b.T, out_dtype=torch.float32)
+    acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    return a.to(acc) @ b.to(acc).T
+
+# %% ../nbs/03_routing.ipynb #8f917b2a73c5
 def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_size] any float dtype
                   gate: torch.Tensor,                   # [num_experts, hidden_size] router weight
                   gate_bias: torch.Tensor | None = None,  # [num_experts] router bias (gpt-oss), or None
                  ) -> torch.Tensor:                     # [num_tokens, num_experts] fp32 (fp64 for fp64 hidden)
     "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references)."
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = hidden.to(acc) @ gate.to(acc).T
-    return logits if gate_bias is None else logits + gate_bias.to(acc)
+    logits = matmul_acc(hidden, gate)
+    return logits if gate_bias is None else logits + gate_bias.to(logits.dtype)
 
 # %% ../nbs/03_routing.ipynb #24c657275cbd
 def expert_load(topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, expert id per slot (-1 = not routed here)

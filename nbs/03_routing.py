@@ -109,11 +109,11 @@ def _check_logits(gating_output) -> torch.Tensor:
                                                     f"{list(gating_output.shape)}")
     return gating_output
 
-def _check_bias(bias, num_experts: int, device) -> torch.Tensor | None:
-    "Validate the correction bias `[num_experts]` (finite floats); returns it in float32 on `device`, or None."
+def _check_bias(bias, num_experts: int, device, validate: bool = True) -> torch.Tensor | None:
+    "Check the correction bias `[num_experts]` (finite floats when `validate`: a sync); returns it fp32 on `device`, or None."
     if bias is None: return None
     check_tensor("e_score_correction_bias", bias, shape=(num_experts,), dtype=FLOAT_DTYPES)
-    check_finite("e_score_correction_bias", bias)
+    if check_bool("validate", validate): check_finite("e_score_correction_bias", bias)
     return bias.to(device=device, dtype=torch.float32)
 
 # %% [markdown]
@@ -159,6 +159,7 @@ def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any fl
                scoring_func: str = "softmax", # 'softmax' over the row or 'sigmoid' per expert
                e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, added for selection only
                routed_scaling_factor: float = 1.0,  # multiplies the weights after renormalising
+               validate: bool = True,         # check the bias is finite (one sync; off for a bias checked by its owner)
                ) -> tuple[torch.Tensor, torch.Tensor]:
     "Top-k routing (vLLM's `fused_topk` / `fused_topk_bias`): (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32)."
     _check_logits(gating_output)
@@ -166,7 +167,7 @@ def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any fl
     check_int("top_k", top_k, lo=1, hi=num_experts + 1)
     check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
-    bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device)
+    bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device, validate)
     scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
     scores, invalid = _router_scores(gating_output, scoring_func)
     choice = scores if bias is None else scores + bias           # select on the biased score ...
@@ -399,6 +400,7 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
                  scoring_func: str = "softmax",  # 'softmax' over the row or 'sigmoid' per expert
                  routed_scaling_factor: float = 1.0,   # multiplies the weights after renormalising
                  e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, selection only
+                 validate: bool = True,          # check the bias is finite (one sync)
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     "Group-limited top-k (DeepSeek-V2/V3, vLLM's `grouped_topk`): (topk_weights fp32, topk_ids int32), [T, top_k]."
     _check_logits(gating_output)
@@ -408,12 +410,12 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
     check_int("top_k", top_k, lo=1, hi=num_experts + 1)
     check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
-    bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device)
+    bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device, validate)
     scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
     reason = ungroupable_reason(num_experts, num_expert_group, bias is not None)
     if reason is not None:                                        # vLLM falls back silently; moe-lit says so
         warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=2)
-        return fused_topk(gating_output, top_k, renormalize, scoring_func, e_score_correction_bias, scale)
+        return fused_topk(gating_output, top_k, renormalize, scoring_func, e_score_correction_bias, scale, validate)
     most = topk_group * (num_experts // num_expert_group)          # experts in the kept groups
     if top_k > most: raise ValueError(f"top_k: expected <= topk_group * experts per group = {most}, got {top_k}")
     scores, invalid = _router_scores(gating_output, scoring_func)
@@ -618,6 +620,7 @@ test_fail(lambda: llama4_topk(g.int()), contains="gating_output: expected dtype"
 def select_experts(config: MoEConfig,             # the layer: routing_method and its options, num_experts, top_k
                    gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                    e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, iff config says so
+                   validate: bool = True,   # check the bias is finite (one sync; the layer checks its own once)
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     "Route with the router `config.routing_method` names: (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -632,8 +635,8 @@ def select_experts(config: MoEConfig,             # the layer: routing_method an
     if c.routing_method == "llama4": return llama4_topk(gating_output, c.top_k)   # MoEConfig: no bias, no scale
     if c.routing_method == "grouped_topk":
         return grouped_topk(gating_output, c.top_k, c.renormalize, c.num_expert_group, c.topk_group,
-                            c.scoring_func, c.routed_scaling_factor, bias)
-    return fused_topk(gating_output, c.top_k, c.renormalize, c.scoring_func, bias, c.routed_scaling_factor)
+                            c.scoring_func, c.routed_scaling_factor, bias, validate)
+    return fused_topk(gating_output, c.top_k, c.renormalize, c.scoring_func, bias, c.routed_scaling_factor, validate)
 
 # %%
 #| test select_experts_dispatch
@@ -671,6 +674,46 @@ test_fail(lambda: select_experts(MoEConfig(16, 1, 64, 32, routing_method="llama4
 # moves the logits themselves, so it changes the weights as well as the choice. One function computes them for the
 # layer, the distributed run and the references.
 
+# %% [markdown]
+# `matmul_acc` is the one dense product outside the expert kernels (router logits, shared experts): `a @ bᵀ` with
+# fp32 products and an fp32 result. On a GPU with bf16/fp16 operands of one dtype that is a single cuBLAS call writing
+# fp32 (`torch.mm(..., out_dtype=torch.float32)`): bf16 × bf16 products are exact in fp32, so the result is the upcast
+# product's up to summation order, without the upcast copies and at half the weight bytes. Anywhere else the operands
+# are upcast.
+
+# %%
+#| export
+def _mm_out_dtype_ok() -> bool:
+    "Whether this torch has `torch.mm(..., out_dtype=torch.float32)` for bf16 on CUDA (asked once, on first use)."
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE is None:
+        try:
+            x = torch.ones(16, 16, dtype=torch.bfloat16, device="cuda")
+            _MM_OUT_DTYPE = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError): _MM_OUT_DTYPE = False
+    return _MM_OUT_DTYPE
+
+_MM_OUT_DTYPE = None
+
+def matmul_acc(a: torch.Tensor,   # [M, K] float
+               b: torch.Tensor,   # [N, K] float (a weight stored as rows, like nn.Linear)
+              ) -> torch.Tensor:  # [M, N] in the accumulation dtype: fp32 (fp64 when either is fp64)
+    "`a @ bᵀ` with fp32 products and result: one cuBLAS call writing fp32 for same-dtype bf16/fp16 on a GPU, else upcast."
+    check_tensor("a", a, ndim=2, dtype=FLOAT_DTYPES); check_tensor("b", b, shape=(None, a.shape[1]), dtype=FLOAT_DTYPES)
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _mm_out_dtype_ok():
+        return torch.mm(a, b.T, out_dtype=torch.float32)
+    acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    return a.to(acc) @ b.to(acc).T
+
+# %%
+#| test matmul_acc
+a, b = torch.randn(5, 8).bfloat16(), torch.randn(3, 8).bfloat16()
+got = matmul_acc(a, b)
+test_eq(got.dtype, torch.float32)
+assert_close(got, a.double() @ b.double().T, rtol=1e-6)        # bf16 products are exact in fp32
+test_eq(matmul_acc(a.double(), b).dtype, torch.float64)
+test_fail(lambda: matmul_acc(a, b[:, :7]), contains="b: expected shape [*, 8], got [3, 7]")
+
 # %%
 #| export
 def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_size] any float dtype
@@ -678,9 +721,8 @@ def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_si
                   gate_bias: torch.Tensor | None = None,  # [num_experts] router bias (gpt-oss), or None
                  ) -> torch.Tensor:                     # [num_tokens, num_experts] fp32 (fp64 for fp64 hidden)
     "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references)."
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = hidden.to(acc) @ gate.to(acc).T
-    return logits if gate_bias is None else logits + gate_bias.to(acc)
+    logits = matmul_acc(hidden, gate)
+    return logits if gate_bias is None else logits + gate_bias.to(logits.dtype)
 
 # %%
 #| test router_logits

@@ -703,11 +703,12 @@ test_fail(lambda: Placement.build(cfg(dp=4, E=3)), contains="num_experts: expect
 # %%
 #| export
 def _local_slot(self, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
+                validate: bool = True,        # check the id range (one host sync); False for ids a router just made
                 ) -> torch.Tensor:            # same shape, int64: local expert index on this rank, -1 = not local
     "Local slot of each id on this rank: physical id minus this rank's offset with tables, else `expert_map`."
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     ids = topk_ids.long()
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_experts):
+    if validate and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_experts):
         raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(ids.min())}, "
                          f"max {int(ids.max())}")
     safe = ids.clamp(min=0)                    # -1 must not index the last expert's entry; masked out below

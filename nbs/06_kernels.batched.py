@@ -753,6 +753,7 @@ class BatchedTritonExperts:
               w13_bias: torch.Tensor | None = None,    # [E, 2·I] bf16/fp16/fp32, added before the activation
               w2_bias: torch.Tensor | None = None,     # [E, H] bf16/fp16/fp32, added to GEMM2's output
               activation: Activation = SILU,           # the gated activation between the GEMMs
+              validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
              ) -> torch.Tensor:
         "Run the experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
@@ -762,7 +763,8 @@ class BatchedTritonExperts:
             raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
         check_expert_bias("w13_bias", w13_bias, a.shape[0], w13.shape[1], a.device)
         check_expert_bias("w2_bias", w2_bias, a.shape[0], a.shape[2], a.device)
-        h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias)
+        h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias,
+                             validate=validate)
         return batched_moe_gemm(h, w2, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)
 
 # %%

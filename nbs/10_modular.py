@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat, MoEConfig
+from moe_lit.routing import matmul_acc
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
                              combine_batched_reference, expert_mlp, Activation, SILU)
 
@@ -84,13 +85,15 @@ class StandardPrepareFinalize:
     num_dispatchers = 1
     max_num_tokens_per_rank = None
 
-    def __init__(self, topk_indices_dtype: torch.dtype = torch.int32): self.topk_indices_dtype = topk_indices_dtype
+    def __init__(self, topk_indices_dtype: torch.dtype = torch.int32,
+                 validate: bool = True):   # check topk_ids' range in prepare (one host sync); False for a router's own ids
+        self.topk_indices_dtype, self.validate = topk_indices_dtype, check_bool("validate", validate)
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
         check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
-        return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids),
+        return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids, self.validate),
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
                         expected_m=max(1, topk_ids.numel() // placement.num_experts))
 
@@ -107,11 +110,13 @@ class BatchedPrepareFinalize:
     output_is_reduced = False
 
     def __init__(self, max_num_tokens_per_rank: int, num_dispatchers: int, use_triton: bool = False,
-                 topk_indices_dtype: torch.dtype = torch.int64, padded_hidden_size: int | None = None):
+                 topk_indices_dtype: torch.dtype = torch.int64, padded_hidden_size: int | None = None,
+                 validate: bool = True):   # check ids and capacity in prepare (host syncs); False for a router's own ids
         self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.num_dispatchers = check_int("num_dispatchers", num_dispatchers, lo=1)
         self.use_triton, self.topk_indices_dtype = check_bool("use_triton", use_triton), topk_indices_dtype
+        self.validate = check_bool("validate", validate)
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
@@ -129,10 +134,10 @@ class BatchedPrepareFinalize:
             table = (dict(global_to_physical=p.global_to_physical.to(hidden.device), physical_offset=p.physical_offset)
                      if p.global_to_physical is not None else
                      dict(expert_map=p.expert_map.to(hidden.device)) if p.expert_map is not None else {})
-            a, counts, slot_map = batched_dispatch(hidden.contiguous(), topk_ids, p.num_local_experts, cap,
-                                                   topk_weights=scale, **table)
+            a, counts, slot_map, *_ = batched_dispatch(hidden.contiguous(), topk_ids, p.num_local_experts, cap,
+                                                       topk_weights=scale, check_overflow=self.validate, **table)
         else:
-            a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids),
+            a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids, self.validate),
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
@@ -201,7 +206,8 @@ class TritonBatchedExperts(TorchBatchedExperts):
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
-                                            w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
+                                            w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                            validate=False)   # counts from the dispatch: clamped to the capacity
 
 class TritonQuantStandardExperts(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09a_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
@@ -217,7 +223,8 @@ class TritonQuantBatchedExperts(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
-                                                 w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
+                                                 w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                                 validate=False)   # counts from the dispatch: clamped
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,
@@ -251,8 +258,9 @@ class SharedExperts(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated."
-        y = expert_mlp(hidden, self.w13, self.w2)                       # accumulation dtype
-        if self.gate is not None: y = y * torch.sigmoid(hidden.to(y.dtype) @ self.gate.to(y.dtype).T)   # [T, 1]
+        h = SILU(matmul_acc(hidden, self.w13)).to(hidden.dtype)         # [T, I_s]: GEMM1 in fp32, cast once
+        y = matmul_acc(h, self.w2)                                      # [T, H] accumulation dtype
+        if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
 # %% [markdown]
@@ -312,7 +320,7 @@ class _Clock:
 
 # %%
 #| export
-def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False):
+def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False, validate: bool = True):
     "The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_int("num_tokens", num_tokens, lo=0)
@@ -322,8 +330,8 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
             raise ValueError(f"num_tokens: expected at most max_num_tokens={config.max_num_tokens} per rank "
                              f"({config.max_num_tokens * config.ep_size} in all), got {per_rank} per rank")
         return BatchedPrepareFinalize(max(per_rank, 1), config.ep_size, use_triton, config.topk_indices_dtype,
-                                      config.padded_hidden_size)
-    return StandardPrepareFinalize(config.topk_indices_dtype)
+                                      config.padded_hidden_size, validate)
+    return StandardPrepareFinalize(config.topk_indices_dtype, validate)
 
 def make_experts(prepare_finalize, implementation: str = "torch"):
     "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."

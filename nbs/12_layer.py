@@ -8,10 +8,10 @@
 # %%
 #| export
 from __future__ import annotations
-import os, time
+import dataclasses, os, time
 from dataclasses import dataclass, field
 import torch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, progress, FLOAT_DTYPES, acc_dtype
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits
@@ -20,6 +20,7 @@ from moe_lit.formats import moe_reference_standard, expert_mlp, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
+from moe_lit.kernels.router import router_plan, route_topk
 
 # %%
 #| hide
@@ -117,8 +118,10 @@ class FusedMoE(torch.nn.Module):
     def __init__(self, config: MoEConfig,
                  weights: WeightSource | Mapping | None = None,  # a source, a mapping of global tensors, or None: random
                  placement: str = "linear", seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu",
-                 quant: str = "unquantized", backend: str | None = None):
+                 quant: str = "unquantized", backend: str | None = None,
+                 debug: bool = False):   # re-check the layer's own values (bias, ids, capacity) on every call: host syncs
         super().__init__()
+        self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
         device = check_device(device)
         self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
@@ -144,6 +147,7 @@ class FusedMoE(torch.nn.Module):
         self.shared_experts = None if shared is None else SharedExperts(*shared)
         self._register_load_state_dict_pre_hook(_refuse_quantized_state, with_module=True)
         self.register_load_state_dict_post_hook(_requantize_after_load)
+        self._build_hot_path()
 
 # %% [markdown]
 # **Where the weights come from.** `weights` is any `WeightSource` (`11a_weights`: random, a mapping, a checkpoint)
@@ -236,7 +240,8 @@ def _refuse_quantized_state(module, state_dict, prefix, *args):
         check_finite(f"state_dict[{prefix + n!r}]", t)     # before anything is copied: a refused load changes nothing
 
 def _requantize_after_load(module, incompatible_keys):
-    "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; keep the dequantized floats."
+    "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."
+    module._build_hot_path()                           # the router's gate copy; captured graphs are dropped
     if module.quant == "unquantized": return
     from moe_lit.kernels.quant import quantize_expert_weights
     with torch.no_grad():
@@ -259,41 +264,219 @@ def _from_pretrained(cls, checkpoint_dir, layer_index: int, parallel: ParallelCo
 FusedMoE.from_pretrained = classmethod(_from_pretrained)
 
 # %% [markdown]
+# ## The hot path
+#
+# A serving engine calls the layer once per step and replays decode steps as CUDA graphs, so `forward` must never
+# wait for the GPU: no `.item()`, no `.any()` on a device tensor, no host↔device copy, no object built per call.
+# Everything that does not depend on the batch is settled here, once:
+#
+# - **values the layer owns are checked at construction** (weights, router, correction bias: finite, right shapes)
+#   and again by `load_state_dict`'s hooks; per call only shapes and dtypes — Python metadata — are checked;
+# - **the router plan** (`03a_kernels.router.router_plan`: the method, its options, the grouped fall-back) and the
+#   gate in the layer's dtype when that copy is exact (every bf16 checkpoint's is), so that the router GEMM is one
+#   cuBLAS call with an fp32 result (`matmul_acc`) reading half the bytes of an fp32 gate;
+# - **the placement's tables on the layer's device** (`expert_map`, `global_to_physical`);
+# - **the prepare/finalize, experts and ModularKernel**, built on first use and kept: one for the Standard format,
+#   one per per-rank token count for the batched format (its slab capacity).
+#
+# The ids the layer's own router makes are in range by construction, and the batched slabs of this layer hold
+# `ceil(T / ep_size) · ep_size ≥ T` rows, so no expert can overflow (a token's `top_k` experts are distinct): the
+# hot path runs the kernels without their host-side checks. `debug=True` turns every check back on (one sync each).
+# Ids a *caller* passes in `topk` are not the layer's: they are checked (one sync) before anything reads them.
+
+# %%
+#| export
+def _build_hot_path(self):
+    "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
+    c, dev = self.config, self.gate.device
+    self.use_triton = self.experts != "torch"
+    self.router = router_plan(c) if self.use_triton else None
+    g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
+    self._gate_mm = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
+    p = self.placement
+    self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical")
+                                               if getattr(p, n) is not None})
+    self._kernels, self._graphs = {}, {}
+
+def _modular_kernel(self, num_tokens: int) -> ModularKernel:
+    "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
+    c = self.config
+    key = -(-num_tokens // c.ep_size) if c.activation_format is ActivationFormat.BatchedExperts else 0
+    mk = self._kernels.get(key)
+    if mk is None:
+        pf = make_prepare_finalize(c, num_tokens, use_triton=self.use_triton, validate=self.debug)
+        mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
+    return mk
+
+FusedMoE._build_hot_path, FusedMoE._modular_kernel = _build_hot_path, _modular_kernel
+
+# %% [markdown]
 # Routing runs in fp32 on every rank with the same router, so every rank agrees on `topk_ids`. The ids take the
-# dtype the backend wants (`topk_indices_dtype`: int64 for DeepEP and NIXL EP, int32 otherwise).
+# dtype the backend wants (`topk_indices_dtype`: int64 for DeepEP and NIXL EP, int32 otherwise). With Triton experts
+# the router is the one-launch kernel of `03a_kernels.router`; with the torch experts it is its spec, `select_experts`.
 
 # %%
 #| export
 def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
-    check_tensor("hidden", hidden, shape=(None, self.config.hidden_size),
-                 dtype=FLOAT_DTYPES)
-    logits = router_logits(hidden, self.gate, self.gate_bias)           # [T, num_experts] fp32
-    wts, ids = select_experts(self.config, logits, self.e_score_correction_bias)
+    check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
+    bias = self.e_score_correction_bias
+    if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
+    logits = router_logits(hidden, self._gate_mm, self.gate_bias)        # [T, num_experts] fp32
+    if self.router is not None: return route_topk(self.router, logits, bias, self.config.topk_indices_dtype)
+    wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
     return wts, ids.to(self.config.topk_indices_dtype)
 
-FusedMoE.route = _route
+def _check_topk(self, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "A caller's `(topk_weights, topk_ids)`: shapes, dtypes and the id range (one host sync: the ids are not the layer's)."
+    if not isinstance(topk, tuple) or len(topk) != 2:
+        raise ValueError(f"topk: expected a (topk_weights, topk_ids) tuple, got {type(topk).__name__}")
+    k = self.config.top_k
+    wts = check_tensor("topk_weights", topk[0], shape=(num_tokens, k), dtype=torch.float32)
+    ids = check_tensor("topk_ids", topk[1], shape=(num_tokens, k), dtype=(torch.int32, torch.int64))
+    if ids.numel() and ((ids < -1) | (ids >= self.config.num_experts)).any():
+        raise ValueError(f"topk_ids: expected ids in [-1, {self.config.num_experts}), got "
+                         f"{int(ids.min())}..{int(ids.max())}")
+    return wts, ids.to(self.config.topk_indices_dtype)
+
+FusedMoE.route, FusedMoE._check_topk = _route, _check_topk
 
 # %% [markdown]
 # The forward pass is a `ModularKernel` (`10_modular`) for every path: the prepare/finalize is built from the
 # backend's record — its format, its topk id dtype, and for the batched format the DeepEP low-latency capacity
 # `max_num_tokens_per_rank · num_dispatchers` (in the emulation all `T` tokens stand for `ep_size` ranks of
 # `ceil(T / ep_size)` tokens, which must not exceed `max_num_tokens`) — and the experts are chosen by *its* format.
-# The shared experts are added when `add_shared` says this rank owns them (the emulation adds them once).
+# The shared experts are added when `add_shared` says this rank owns them (the emulation adds them once). When graphs
+# were captured (`capture`, below) and the batch fits one, forward replays it.
 
 # %%
 #| export
 def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
-    wts, ids = self.route(hidden) if topk is None else topk
-    pf = make_prepare_finalize(self.config, len(hidden), use_triton=self.experts != "torch")
-    mk = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
+    if self._graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
+        out = self._replay(hidden)
+        if out is not None: return out
+    wts, ids = self.route(hidden) if topk is None else self._check_topk(topk, len(hidden))
+    mk = self._modular_kernel(len(hidden))
     w13, w2 = (self.qweights, None) if self.experts == "triton_quant" else (self.w13, self.w2)
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
               add_shared=add_shared, w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation)
 
 FusedMoE.forward = _forward
+
+# %% [markdown]
+# ## CUDA graphs
+#
+# `capture(batch_sizes)` records one graph of the whole forward — router, dispatch, experts, combine, shared
+# experts — per token bucket, the way serving engines capture their decode batch sizes. All buckets share one memory
+# pool. A later `forward` of `T` tokens replays the smallest bucket `≥ T`: it copies the tokens into the bucket's
+# static input, zeroes the tail rows, replays, and returns the first `T` rows. The padded rows are routed and computed
+# like any token — a token's output depends on its own row only — and are never returned. Batches larger than the
+# largest bucket, `topk` given by the caller, or `add_shared=False` run eagerly. `load_state_dict` drops the graphs
+# (the weights they read may be replaced): capture again after loading.
+
+# %%
+#| export
+def _capture(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token counts to record, one graph each
+             warmup: int = 2,                                         # eager runs before each capture (JIT, cuBLAS)
+            ) -> "FusedMoE":
+    "Record one CUDA graph of `forward` per token count in `batch_sizes`; later calls replay the smallest that fits."
+    if self.gate.device.type != "cuda" or not self.use_triton:
+        raise ValueError(f"capture: expected a layer on a CUDA GPU with Triton experts, got device {self.gate.device} "
+                         f"and experts {self.experts!r}")
+    if self.debug: raise ValueError("debug: expected False for capture (debug checks read values on the host), got True")
+    if isinstance(batch_sizes, int) or not batch_sizes:
+        raise ValueError(f"batch_sizes: expected a non-empty sequence of token counts, got {batch_sizes!r}")
+    sizes = sorted({check_int("batch_sizes", b, lo=1) for b in batch_sizes}, reverse=True)   # largest first: one pool
+    check_int("warmup", warmup, lo=1)
+    self._graphs, pool, side = {}, torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+    graphs = {}
+    for T in sizes:
+        x = torch.zeros(T, self.config.hidden_size, dtype=self.config.dtype, device=self.gate.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup): self(x)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool): y = self(x)
+        graphs[T] = (g, x, y)
+    self._graphs = dict(sorted(graphs.items()))
+    return self
+
+def _replay(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    "The output of the smallest captured bucket that holds `hidden`'s rows, or None when none does."
+    T = len(hidden)
+    bucket = next((b for b in self._graphs if b >= T), None)
+    if bucket is None or hidden.device != self.gate.device: return None
+    g, x, y = self._graphs[bucket]
+    x[:T].copy_(hidden)
+    if T < bucket: x[T:].zero_()
+    g.replay()
+    return y[:T].clone()                                     # the static output is overwritten by the next replay
+
+FusedMoE.capture, FusedMoE._replay = _capture, _replay
+
+# %% [markdown]
+# The hot path checks metadata only; `debug=True` re-checks the layer's own values on every call, and a caller's ids
+# are always checked. Each check below fails without it: a correction bias made non-finite after construction is
+# found only in debug mode; out-of-range caller ids are refused in both modes, before any kernel reads them.
+
+# %%
+#| test layer_debug_checks
+torch.manual_seed(2)
+cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float32,
+                routing_method="grouped_topk", num_expert_group=4, topk_group=2, scoring_func="sigmoid",
+                has_correction_bias=True)
+x = torch.randn(5, 32)
+for debug in (False, True):
+    layer = FusedMoE(cfg, seed=1, debug=debug)
+    want = layer(x)
+    layer.e_score_correction_bias[3] = float("nan")                     # changed behind the layer's back
+    if debug: test_fail(lambda: layer(x), contains="e_score_correction_bias: expected finite values")
+    else: layer(x)                                                      # not re-checked: no sync on the hot path
+    layer.e_score_correction_bias[3] = 0.0
+    wts, ids = layer.route(x)
+    for bad in (8, -2):
+        test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")
+    test_fail(lambda: layer(x, (wts, ids[:, :1])), contains="topk_ids: expected shape [5, 2]")
+    test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple")
+    assert layer._modular_kernel(5) is layer._modular_kernel(5)        # built once, reused
+test_fail(lambda: FusedMoE(cfg, debug=1), contains="debug: expected a bool")
+test_fail(lambda: FusedMoE(cfg).capture(), contains="capture: expected a layer on a CUDA GPU with Triton experts")
+
+# %% [markdown]
+# On the GPU: a forward runs without one host sync (`torch.cuda.set_sync_debug_mode("error")` raises on any), and the
+# replayed graphs give the eager result — both formats, with and without quantization, a correction bias and shared
+# experts, at batch sizes that fill a bucket and that leave a padded tail.
+
+# %%
+#| test layer_cuda_graphs
+#| gpu
+torch.manual_seed(8)
+base = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                 routing_method="grouped_topk", num_expert_group=4, topk_group=2, scoring_func="sigmoid",
+                 has_correction_bias=True, routed_scaling_factor=2.5, num_shared_experts=1, shared_intermediate_size=64)
+x = torch.randn(16, 256, device="cuda").bfloat16()
+for backend, placement in (("none", "linear"), ("allgather_reducescatter", "linear"), ("nixl_ep", "round_robin"),
+                           ("deepep_low_latency", "linear")):
+    par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)
+    for quant in ("unquantized", "fp8_w8a8_block", "mxfp4_w4a16"):
+        cfg = base.replace(parallel=par)
+        layer = FusedMoE(cfg, seed=1, device="cuda", quant=quant, placement=placement)
+        eager = {T: layer(x[:T]) for T in (5, 8, 13, 16)}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try: layer(x[:13])                                       # no host sync anywhere in forward
+        finally: torch.cuda.set_sync_debug_mode(0)
+        layer.capture((8, 16))
+        for T, want in eager.items():                            # 5 and 13 run with a padded tail
+            got = layer(x[:T])
+            test_eq(got.shape, (T, 256))
+            rtol = check_tolerance(cfg.dtype, quant, layer.experts)[0]
+            assert_close(got, want.double(), rtol=rtol, name=f"{backend} {quant} T={T}")
+        big = layer(x.repeat(2, 1))                              # larger than every bucket: eager
+        assert_close(big[16:], eager[16].double(), rtol=rtol)
 
 # %%
 #| test fused_moe_single_device

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat, MoEConfig
+from moe_lit.routing import matmul_acc
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
                              combine_batched_reference, expert_mlp, Activation, SILU)
 from fastcore.test import test_eq, test_fail

@@ -289,6 +289,15 @@ def test_select_experts_bad_input():
               contains="routed_scaling_factor: expected 1.0")                    # refused by the config itself
 
 
+def test_matmul_acc():
+    a, b = torch.randn(5, 8).bfloat16(), torch.randn(3, 8).bfloat16()
+    got = matmul_acc(a, b)
+    test_eq(got.dtype, torch.float32)
+    assert_close(got, a.double() @ b.double().T, rtol=1e-6)        # bf16 products are exact in fp32
+    test_eq(matmul_acc(a.double(), b).dtype, torch.float64)
+    test_fail(lambda: matmul_acc(a, b[:, :7]), contains="b: expected shape [*, 8], got [3, 7]")
+
+
 def test_router_logits():
     h, g, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     test_eq(router_logits(h.bfloat16(), g).dtype, torch.float32)

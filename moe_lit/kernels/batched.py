@@ -396,7 +396,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
 
-# %% ../../nbs/06_kernels.batched.ipynb #65e344355361
+# %% ../../nbs/06_kernels.batched.ipynb #50d4d1436a71
 class BatchedTritonExperts:
     "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
     activation_format = ActivationFormat.BatchedExperts
@@ -410,6 +410,7 @@ class BatchedTritonExperts:
               w13_bias: torch.Tensor | None = None,    # [E, 2·I] bf16/fp16/fp32, added before the activation
               w2_bias: torch.Tensor | None = None,     # [E, H] bf16/fp16/fp32, added to GEMM2's output
               activation: Activation = SILU,           # the gated activation between the GEMMs
+              validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
              ) -> torch.Tensor:
         "Run the experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
@@ -419,5 +420,6 @@ class BatchedTritonExperts:
             raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
         check_expert_bias("w13_bias", w13_bias, a.shape[0], w13.shape[1], a.device)
         check_expert_bias("w2_bias", w2_bias, a.shape[0], a.shape[2], a.device)
-        h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias)
+        h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias,
+                             validate=validate)
         return batched_moe_gemm(h, w2, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)

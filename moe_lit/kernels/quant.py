@@ -878,7 +878,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09a_kernels.quant.ipynb #ed7c37f17237
+# %% ../../nbs/09a_kernels.quant.ipynb #721eb74e5161
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -893,12 +893,13 @@ class BatchedTritonQuantExperts:
               w13_bias: torch.Tensor | None = None,    # [E, 2·I] bf16/fp16/fp32, added before the activation
               w2_bias: torch.Tensor | None = None,     # [E, H] bf16/fp16/fp32, added to GEMM2's output
               activation: Activation = SILU,           # the gated activation between the GEMMs
+              validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
              ) -> torch.Tensor:
         "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
         _check_expert_semantics(qw, w13_bias, w2_bias, activation, a.device)
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
-                                   expected_m=expected_m, bias=w13_bias)
+                                   expected_m=expected_m, bias=w13_bias, validate=validate)
         return batched_moe_gemm_quant(h, qw, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)
 
 # %% ../../nbs/09a_kernels.quant.ipynb #60c023dd7528

@@ -1,0 +1,238 @@
+# %%
+#| default_exp kernels.router
+
+# %% [markdown]
+# # The router kernel
+# > Every routing method of `03_routing` — softmax or sigmoid scores, the correction bias, grouped top-k, renormalisation, routed scaling, Llama-4's top-1 sigmoid — in one Triton launch per batch, with the torch routers as its spec.
+
+# %%
+#| export
+from __future__ import annotations
+import torch
+import triton
+import triton.language as tl
+from moe_lit.terms import check_tensor
+from moe_lit.config import MoEConfig
+from moe_lit.routing import ungroupable_reason
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.kernels.batched import DEVICE
+from moe_lit.routing import select_experts
+from moe_lit.testing import assert_close
+
+# %% [markdown]
+# In this notebook: `route_topk` (kernel `_route_topk_kernel`), the routers of `03_routing` fused into one launch.
+# Motivation → kernel → launcher → tests against the torch routers.
+#
+# ## Motivation
+#
+# The torch routers of `03_routing` are the definition: float32 scores, a stable sort so that ties go to the lower
+# expert id, NaN rows routed to experts `0..top_k-1` with weight 0. They are also a dozen launches (softmax, `isnan`,
+# `masked_fill`, sort, gathers, sums, the group reduction) — at decode, where the experts of one token take a few
+# microseconds, routing that way costs more than the experts. One program per token can do all of it in registers:
+# a row of `num_experts ≤ 1024` scores fits in one block.
+#
+# ## The kernel
+#
+# ```
+# for each token t (one program):
+#     x = logits[t, :]                               (fp32; lanes past num_experts are not experts)
+#     invalid = any(score is NaN)                     (the whole row is then routed to 0..top_k-1 with weight 0)
+#     score = softmax(x) | sigmoid(x) | x (llama4)
+#     choice = score + bias                           (selection only; the weight is the unbiased score)
+#     if grouped: keep the topk_group best groups     (a group's score: its max, or the sum of its top 2 with a bias)
+#     repeat top_k times: take the largest available choice, ties to the lower id; mark it taken
+#     weights = score[ids] (or sigmoid(x[ids]) for llama4), renormalised, times routed_scaling_factor
+# ```
+#
+# Selection by repeated arg-max is exact: the same comparisons as a stable sort, `top_k` times. "Available" is a
+# mask, not a `-inf` fill, so that a legitimate `-inf` logit (Llama-4 selects on raw logits) still ranks above the
+# lanes that are not experts and the experts of dropped groups.
+
+# %%
+#| export
+@triton.jit
+def _take_max(choice, avail, offs, BLOCK_E: tl.constexpr):
+    "Index of the largest available entry, ties to the lower index (every lane available counts, -inf included)."
+    best = tl.max(tl.where(avail, choice, float("-inf")), axis=0)
+    return tl.min(tl.where(avail & (choice == best), offs, BLOCK_E), axis=0)
+
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr,          # [T, E] fp32/bf16/fp16 router logits
+    bias_ptr,            # [E] fp32 correction bias (HAS_BIAS)
+    weights_ptr,         # [T, TOP_K] fp32 out
+    ids_ptr,             # [T, TOP_K] int32/int64 out
+    E, stride_t, scale,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,   # K_PAD: TOP_K to a power of two
+    SCORING: tl.constexpr,      # 0 softmax, 1 sigmoid, 2 llama4 (select on logits, weight sigmoid(logit))
+    HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+    NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    TOP2: tl.constexpr,         # a group's score is the sum of its top 2 (else its max)
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    is_expert = offs < E
+    x = tl.load(logits_ptr + t * stride_t + offs, mask=is_expert, other=float("-inf")).to(tl.float32)
+    if SCORING == 0:
+        e = tl.exp(x - tl.max(x, axis=0))
+        score = e / tl.sum(e, axis=0)
+    elif SCORING == 1:
+        score = tl.sigmoid(x)
+    else:
+        score = x
+    nan = is_expert & (score != score)
+    if SCORING == 2: nan = is_expert & (x != x)
+    invalid = tl.sum(nan.to(tl.int32), axis=0) > 0
+    choice = score
+    if HAS_BIAS: choice = choice + tl.load(bias_ptr + offs, mask=is_expert, other=0.0)
+    choice = tl.where(invalid, 0.0, choice)              # an invalid row: every expert ties -> ids 0..top_k-1
+    avail = is_expert
+    if NUM_GROUPS > 1:                                   # keep the TOPK_GROUP best groups (ties: lower group)
+        group = offs // GROUP_SIZE
+        g_offs = tl.arange(0, G_PAD)
+        g_score = tl.full((G_PAD,), float("-inf"), tl.float32)
+        for g in tl.static_range(NUM_GROUPS):
+            in_g = is_expert & (group == g)
+            first = _take_max(choice, in_g, offs, BLOCK_E)
+            s = tl.max(tl.where(in_g, choice, float("-inf")), axis=0)
+            if TOP2: s = s + tl.max(tl.where(in_g & (offs != first), choice, float("-inf")), axis=0)
+            g_score = tl.where(g_offs == g, s, g_score)
+        g_avail = g_offs < NUM_GROUPS
+        for _ in tl.static_range(TOPK_GROUP):
+            g_best = _take_max(g_score, g_avail, g_offs, G_PAD)
+            g_avail = g_avail & (g_offs != g_best)
+        kept = offs < 0                                  # all False
+        for g in tl.static_range(NUM_GROUPS):
+            chosen = tl.sum(tl.where((g_offs == g) & g_avail, 1, 0), axis=0) == 0   # taken, so no longer available
+            kept = kept | ((group == g) & chosen)
+        avail = avail & kept
+    ids = tl.zeros((K_PAD,), tl.int32)
+    w = tl.zeros((K_PAD,), tl.float32)
+    k_offs = tl.arange(0, K_PAD)
+    for k in tl.static_range(TOP_K):
+        i = _take_max(choice, avail, offs, BLOCK_E)
+        avail = avail & (offs != i)
+        wi = tl.sum(tl.where(offs == i, score, 0.0), axis=0)
+        if SCORING == 2: wi = tl.sigmoid(wi)
+        ids = tl.where(k_offs == k, i, ids)
+        w = tl.where(k_offs == k, wi, w)
+    w = tl.where(invalid, 0.0, w)
+    if RENORMALIZE:
+        total = tl.sum(w, axis=0)
+        w = tl.where(total > 0, w / total, w)
+    tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_offs < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + k_offs, ids.to(ids_ptr.dtype.element_ty), mask=k_offs < TOP_K)
+
+# %% [markdown]
+# ## The launcher
+#
+# `route_topk` takes the config's routing method and its options, resolved once by `router_plan` (the grouped
+# fall-back to plain top-k when the experts cannot be split, as `03_routing.grouped_topk` warns) — so the hot path
+# checks only the shapes and dtypes of its arguments, never their values. The correction bias is checked finite once,
+# by whoever owns it (the layer, at construction).
+#
+# `tl.arange` needs a power of two: a `top_k` that is not one (6 in DeepSeek-V2-Lite, 10 in Qwen3-Next) runs in
+# registers of the next power of two, with the extra lanes left 0 and never stored.
+
+# %%
+#| export
+def router_plan(config: MoEConfig) -> dict:
+    "The routing method of `config` as the kernel's constexprs (the grouped fall-back resolved): a dict, computed once."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    c = config
+    groups, topk_group = 1, 1
+    if c.routing_method == "grouped_topk" and ungroupable_reason(c.num_experts, c.num_expert_group,
+                                                                  c.has_correction_bias) is None:
+        groups, topk_group = c.num_expert_group, c.topk_group
+        most = topk_group * (c.num_experts // groups)
+        if c.top_k > most: raise ValueError(f"top_k: expected <= topk_group * experts per group = {most}, got {c.top_k}")
+    scoring = 2 if c.routing_method == "llama4" else {"softmax": 0, "sigmoid": 1}[c.scoring_func]
+    llama4 = c.routing_method == "llama4"
+    return dict(TOP_K=c.top_k, SCORING=scoring, HAS_BIAS=c.has_correction_bias, RENORMALIZE=c.renormalize and not llama4,
+                NUM_GROUPS=groups, TOPK_GROUP=topk_group, GROUP_SIZE=c.num_experts // groups,
+                TOP2=groups > 1 and c.has_correction_bias, scale=1.0 if llama4 else float(c.routed_scaling_factor),
+                num_experts=c.num_experts)
+
+def route_topk(plan: dict,                          # router_plan(config)
+               logits: torch.Tensor,                # [T, num_experts] fp32/bf16/fp16 router logits
+               bias: torch.Tensor | None = None,    # [num_experts] fp32 correction bias, iff the plan has one
+               ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` in one launch; the same result as `select_experts`."
+    E, top_k = plan["num_experts"], plan["TOP_K"]
+    check_tensor("logits", logits, shape=(None, E), dtype=(torch.float32, torch.bfloat16, torch.float16))
+    if (bias is None) == plan["HAS_BIAS"]:
+        raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan['HAS_BIAS'] else 'None'}, got "
+                         f"{'None' if bias is None else 'a tensor'}")
+    if bias is not None: check_tensor("bias", bias, shape=(E,), dtype=torch.float32)
+    if logits.stride(-1) != 1: logits = logits.contiguous()
+    T = logits.shape[0]
+    w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=ids_dtype, device=logits.device)
+    if T:
+        block_e = max(triton.next_power_of_2(E), 16)
+        _route_topk_kernel[(T,)](logits, bias if bias is not None else logits, w, ids, E, logits.stride(0),
+                                 plan["scale"], TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_E=block_e,
+                                 SCORING=plan["SCORING"], HAS_BIAS=plan["HAS_BIAS"], RENORMALIZE=plan["RENORMALIZE"],
+                                 NUM_GROUPS=plan["NUM_GROUPS"], G_PAD=triton.next_power_of_2(plan["NUM_GROUPS"]),
+                                 TOPK_GROUP=plan["TOPK_GROUP"],
+                                 GROUP_SIZE=plan["GROUP_SIZE"], TOP2=plan["TOP2"], num_warps=4 if block_e >= 256 else 1)
+    return w, ids
+
+# %% [markdown]
+# ## Tests
+#
+# The kernel against the torch routers on fresh random logits for every routing method, with experts counts and
+# `top_k` that are not powers of two, groups of 20 experts, int64 ids, bf16 logits, rows with NaN, and rows of exact
+# ties. The ids must be equal, the weights equal to fp32 rounding.
+
+# %%
+#| test route_topk_matches_select_experts
+torch.manual_seed(0)
+cases = [dict(num_experts=8, top_k=2),
+         dict(num_experts=60, top_k=4, renormalize=False),
+         dict(num_experts=128, top_k=8),
+         dict(num_experts=256, top_k=8, scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=8,
+              topk_group=4, routed_scaling_factor=2.5, has_correction_bias=True),        # DeepSeek-V3
+         dict(num_experts=160, top_k=6, routing_method="grouped_topk", num_expert_group=8, topk_group=3),   # V2
+         dict(num_experts=64, top_k=6, routing_method="grouped_topk", num_expert_group=1, topk_group=1),
+         dict(num_experts=512, top_k=10),                                               # Qwen3-Next
+         dict(num_experts=16, top_k=1, routing_method="llama4", renormalize=False),
+         dict(num_experts=32, top_k=4, scoring_func="sigmoid", has_correction_bias=True),
+         dict(num_experts=12, top_k=3, routing_method="grouped_topk", num_expert_group=3, topk_group=2)]  # 3 groups
+for kw in cases:
+    cfg = MoEConfig(hidden_size=16, intermediate_size=16, **kw)
+    plan = router_plan(cfg)
+    E, T = cfg.num_experts, 37
+    logits = torch.randn(T, E, device=DEVICE)
+    logits[3] = float("nan"); logits[5, E // 2] = float("nan")                    # invalid rows
+    logits[7] = 0.25; logits[9, : E // 2] = logits[9, E // 2:E // 2 * 2]           # exact ties
+    bias = torch.randn(E, device=DEVICE) * 0.1 if cfg.has_correction_bias else None
+    for dt in (torch.float32, torch.bfloat16):
+        want_w, want_ids = select_experts(cfg, logits.to(dt), bias)
+        for ids_dtype in (torch.int32, torch.int64):
+            w, ids = route_topk(plan, logits.to(dt), bias, ids_dtype)
+            test_eq(ids.dtype, ids_dtype)
+            assert torch.equal(ids.long().cpu(), want_ids.long().cpu()), (kw, dt, (ids.cpu() != want_ids.cpu()).nonzero()[:4])
+            assert_close(w, want_w.double(), rtol=2e-6, name=str(kw))
+    test_eq(w[3].abs().sum().item(), 0.0); test_eq(ids[3].tolist(), list(range(cfg.top_k)))
+    w0, ids0 = route_topk(plan, logits[:0], bias)                                # zero tokens
+    test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, cfg.top_k), (0, cfg.top_k)))
+
+# %% [markdown]
+# Arguments are checked on their metadata only — shapes and dtypes, never values (the layer checks its bias once).
+
+# %%
+#| test route_topk_bad_arguments
+cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16)
+plan = router_plan(cfg)
+test_fail(lambda: route_topk(plan, torch.randn(3, 7)), contains="logits: expected shape [*, 8], got [3, 7]")
+test_fail(lambda: route_topk(plan, torch.randn(3, 8).long()), contains="logits: expected dtype")
+test_fail(lambda: route_topk(plan, torch.randn(3, 8), torch.zeros(8)), contains="bias: expected None, got a tensor")
+test_fail(lambda: router_plan("x"), contains="config: expected a MoEConfig")
+biased = router_plan(cfg.replace(has_correction_bias=True))
+test_fail(lambda: route_topk(biased, torch.randn(3, 8)), contains="bias: expected a [num_experts] fp32 tensor, got None")
+test_fail(lambda: route_topk(biased, torch.randn(3, 8), torch.zeros(8).double()), contains="bias: expected dtype torch.float32")
