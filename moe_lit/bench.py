@@ -13,7 +13,7 @@ from .kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_p
 # %% auto #0
 __all__ = ['SCENARIOS', 'TUNABLE', 'QUANT_BENCH_SCHEMES', 'routed_counts', 'roofline_floor', 'measure_device', 'bench_scenario',
            'align_cost', 'tile_candidates', 'tune_scenario', 'run_bench', 'bench_quant', 'format_bench_quant',
-           'format_bench', 'plot_bench', 'load_bench_results']
+           'format_bench', 'plot_bench', 'find_bench_results', 'load_bench_results']
 
 # %% ../nbs/14_bench.ipynb #a28f9a709827
 SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per expert, routed rows)
@@ -123,7 +123,7 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
     return dict(scenario=sc, config=cfg, contiguous_config=c_cfg if "top_k" in sc else None,
                 floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res, align_us=align_us)
 
-# %% ../nbs/14_bench.ipynb #3606b1c9dc75
+# %% ../nbs/14_bench.ipynb #0cc5a5083535
 def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_size: int = 7168,
                intermediate_size: int = 2048, tokens=(1, 2, 4, 8, 16)) -> list[dict]:
     "Median µs per token count of both layouts' builders and of rank 0's whole `TritonExperts.apply` with each (GPU)."
@@ -146,8 +146,8 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
         row = dict(num_tokens=T, num_experts=num_experts, top_k=top_k, local_experts=E, block_m=16)
         for name, f in (("align", lambda: moe_align_block_size(local, 16, E, validate=False)),
                         ("pair_blocks", lambda: moe_pair_blocks(local, 16, E, validate=False)),
-                        ("experts_aligned", lambda: aligned.apply(x, w13, w2, wts, local)),
-                        ("experts_pair_blocks", lambda: paired.apply(x, w13, w2, wts, local))):
+                        ("experts_aligned", lambda: aligned.apply(x, w13, w2, wts, local, validate=False)),
+                        ("experts_pair_blocks", lambda: paired.apply(x, w13, w2, wts, local, validate=False))):
             row[f"{name}_us"], row[f"{name}_graph_us"] = bench(f)
         out.append(row)
     del w13, w2
@@ -336,8 +336,8 @@ def plot_bench(report: dict):
     ax.legend(fontsize=7, ncol=3); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../nbs/14_bench.ipynb #fadc9981a50f
-def _find_results(p) -> Path:
+# %% ../nbs/14_bench.ipynb #04433637c963
+def find_bench_results(p) -> Path:
     "A results file by path, else under `nbs/bench/` of the checkout the current directory is in (docs builds move)."
     p = Path(p)
     if p.exists(): return p
@@ -349,7 +349,7 @@ def load_bench_results(*paths) -> dict:
     "Merge committed benchmark JSON files: later files replace earlier ones' scenarios of the same name."
     merged = None
     for p in paths:
-        rep = json.loads(_find_results(p).read_text())
+        rep = json.loads(find_bench_results(p).read_text())
         if merged is None: merged = dict(rep, scenarios=list(rep["scenarios"]), commit=rep["commit"])
         else:
             names = {r["scenario"]["name"]: i for i, r in enumerate(merged["scenarios"])}

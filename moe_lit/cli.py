@@ -353,7 +353,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "checkpoint's first MoE layer")
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
-# %% ../nbs/15_cli.ipynb #ad19f490338a
+# %% ../nbs/15_cli.ipynb #a0685ae76c6b
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
@@ -381,6 +381,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--config-dir", help="where tuned tile tables are written (None: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
+    b.add_argument("--layer", action="store_true",
+                   help="benchmark the whole layer instead (FusedMoE eager and graph-replayed, floor, transformers)")
     return ap
 
 # %% ../nbs/15_cli.ipynb #f02726c8a879
@@ -511,11 +513,23 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:                               # `moe-lit tables | head -1`: stop quietly, as SIGPIPE would
         _quiet_closed_stdout(); return 141
 
-# %% ../nbs/15_cli.ipynb #9e7bf08e770f
+# %% ../nbs/15_cli.ipynb #006262511001
 def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
+    pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
+    if args.layer:
+        if args.tune: print("moe-lit: error: --tune: expected no value with --layer (it tunes GEMM tiles)", file=sys.stderr); return 2
+        from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
+        deps = pick(LAYER_DEPLOYMENTS)
+        if not deps:
+            print(f"moe-lit: error: --scenario: expected part of a deployment name ({', '.join(d['name'] for d in LAYER_DEPLOYMENTS)}), "
+                  f"got {args.scenario}", file=sys.stderr); return 2
+        try: report = bench_layer(args.out, deps)
+        except ValueError as e:
+            print(f"moe-lit: error: {e}", file=sys.stderr); return 2
+        print(format_bench_layer(report)); return 0
     from moe_lit.bench import SCENARIOS, run_bench, format_bench
-    scs = [s for s in SCENARIOS if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
+    scs = pick(SCENARIOS)
     try: report = run_bench(args.out, args.tune, args.config_dir, scs, on_scenario=lambda n: print(f"... {n}", file=sys.stderr))
     except ValueError as e:
         print(f"moe-lit: error: {e}", file=sys.stderr); return 2

@@ -190,18 +190,18 @@ def _from_pretrained(cls, checkpoint_dir, layer_index: int, parallel: ParallelCo
 
 FusedMoE.from_pretrained = classmethod(_from_pretrained)
 
-# %% ../nbs/12_layer.ipynb #a5658fbb7fa6
+# %% ../nbs/12_layer.ipynb #47821f97d0eb
 def _build_hot_path(self):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
     c, dev = self.config, self.gate.device
     self.use_triton = self.experts != "torch"
     self.router = router_plan(c) if self.use_triton else None
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
-    self._gate_mm = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
+    self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
     p = self.placement
     self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical")
                                                if getattr(p, n) is not None})
-    self._kernels, self._graphs = {}, {}
+    self._kernels, self.graphs = {}, {}
 
 def _modular_kernel(self, num_tokens: int) -> ModularKernel:
     "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
@@ -215,13 +215,13 @@ def _modular_kernel(self, num_tokens: int) -> ModularKernel:
 
 FusedMoE._build_hot_path, FusedMoE._modular_kernel = _build_hot_path, _modular_kernel
 
-# %% ../nbs/12_layer.ipynb #6f2918742a5d
+# %% ../nbs/12_layer.ipynb #2d03eeeea962
 def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
-    logits = router_logits(hidden, self._gate_mm, self.gate_bias)        # [T, num_experts] fp32
+    logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
     if self.router is not None: return route_topk(self.router, logits, bias, self.config.topk_indices_dtype)
     wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
     return wts, ids.to(self.config.topk_indices_dtype)
@@ -240,11 +240,11 @@ def _check_topk(self, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor
 
 FusedMoE.route, FusedMoE._check_topk = _route, _check_topk
 
-# %% ../nbs/12_layer.ipynb #615beadc88f6
+# %% ../nbs/12_layer.ipynb #7bd335cebedf
 def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
-    if self._graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
+    if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
     wts, ids = self.route(hidden) if topk is None else self._check_topk(topk, len(hidden))
@@ -255,7 +255,7 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: 
 
 FusedMoE.forward = _forward
 
-# %% ../nbs/12_layer.ipynb #aa603a75cb07
+# %% ../nbs/12_layer.ipynb #5e41ecbb7a17
 def _capture(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token counts to record, one graph each
              warmup: int = 2,                                         # eager runs before each capture (JIT, cuBLAS)
             ) -> "FusedMoE":
@@ -268,7 +268,7 @@ def _capture(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token cou
         raise ValueError(f"batch_sizes: expected a non-empty sequence of token counts, got {batch_sizes!r}")
     sizes = sorted({check_int("batch_sizes", b, lo=1) for b in batch_sizes}, reverse=True)   # largest first: one pool
     check_int("warmup", warmup, lo=1)
-    self._graphs, pool, side = {}, torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+    self.graphs, pool, side = {}, torch.cuda.graph_pool_handle(), torch.cuda.Stream()
     graphs = {}
     for T in sizes:
         x = torch.zeros(T, self.config.hidden_size, dtype=self.config.dtype, device=self.gate.device)
@@ -279,15 +279,15 @@ def _capture(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token cou
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool): y = self(x)
         graphs[T] = (g, x, y)
-    self._graphs = dict(sorted(graphs.items()))
+    self.graphs = dict(sorted(graphs.items()))
     return self
 
 def _replay(self, hidden: torch.Tensor) -> torch.Tensor | None:
     "The output of the smallest captured bucket that holds `hidden`'s rows, or None when none does."
     T = len(hidden)
-    bucket = next((b for b in self._graphs if b >= T), None)
+    bucket = next((b for b in self.graphs if b >= T), None)
     if bucket is None or hidden.device != self.gate.device: return None
-    g, x, y = self._graphs[bucket]
+    g, x, y = self.graphs[bucket]
     x[:T].copy_(hidden)
     if T < bucket: x[T:].zero_()
     g.replay()

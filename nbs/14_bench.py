@@ -207,8 +207,8 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
         row = dict(num_tokens=T, num_experts=num_experts, top_k=top_k, local_experts=E, block_m=16)
         for name, f in (("align", lambda: moe_align_block_size(local, 16, E, validate=False)),
                         ("pair_blocks", lambda: moe_pair_blocks(local, 16, E, validate=False)),
-                        ("experts_aligned", lambda: aligned.apply(x, w13, w2, wts, local)),
-                        ("experts_pair_blocks", lambda: paired.apply(x, w13, w2, wts, local))):
+                        ("experts_aligned", lambda: aligned.apply(x, w13, w2, wts, local, validate=False)),
+                        ("experts_pair_blocks", lambda: paired.apply(x, w13, w2, wts, local, validate=False))):
             row[f"{name}_us"], row[f"{name}_graph_us"] = bench(f)
         out.append(row)
     del w13, w2
@@ -444,7 +444,7 @@ def plot_bench(report: dict):
 
 # %%
 #| export
-def _find_results(p) -> Path:
+def find_bench_results(p) -> Path:
     "A results file by path, else under `nbs/bench/` of the checkout the current directory is in (docs builds move)."
     p = Path(p)
     if p.exists(): return p
@@ -456,7 +456,7 @@ def load_bench_results(*paths) -> dict:
     "Merge committed benchmark JSON files: later files replace earlier ones' scenarios of the same name."
     merged = None
     for p in paths:
-        rep = json.loads(_find_results(p).read_text())
+        rep = json.loads(find_bench_results(p).read_text())
         if merged is None: merged = dict(rep, scenarios=list(rep["scenarios"]), commit=rep["commit"])
         else:
             names = {r["scenario"]["name"]: i for i, r in enumerate(merged["scenarios"])}
@@ -500,7 +500,7 @@ plot_bench(h200)
 # quantized kernels against the weight-bytes floor, with the bf16 batched kernel of the same run for comparison.
 
 # %%
-quant = json.loads(_find_results("bench/quant_bench_h200_498b446.json").read_text())
+quant = json.loads(find_bench_results("bench/quant_bench_h200_498b446.json").read_text())
 print(format_bench_quant(quant["quant"]))
 
 # %% [markdown]

@@ -1,0 +1,233 @@
+# %%
+#| default_exp bench_layer
+
+# %% [markdown]
+# # Benchmark: the whole layer
+# > `FusedMoE.forward` — router, dispatch, experts, combine, shared experts — eager and replayed as a CUDA graph, against the bytes it must read and against transformers' own MoE blocks on the same weights.
+
+# %%
+#| export
+from __future__ import annotations
+import json, math
+from pathlib import Path
+import torch
+from moe_lit.terms import check_int, progress
+from moe_lit.config import ParallelConfig, MoEConfig
+from moe_lit.models import preset
+from moe_lit.layer import FusedMoE, rank_config
+from moe_lit.bench import measure_device, find_bench_results
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# In this notebook: `bench_layer` (every deployment of `LAYER_DEPLOYMENTS` at every token count), `layer_floor` (the
+# bytes one forward must move), `hf_moe_peer` (transformers' MoE block of the same family with the layer's weights),
+# `format_bench_layer` and `plot_bench_layer`; the committed H200 results with their reading. A **how-to** page.
+#
+# ## What is measured
+#
+# The GEMM benchmark (`14_bench`) times one kernel on prepared inputs. A user runs the layer: routing, the placement's
+# id translation, dispatch (or alignment), both GEMMs, combine, the shared experts. At decode the experts read a few
+# MB, which at 4.3 TB/s takes tens of microseconds — the same order as a handful of kernel launches, so *everything*
+# around the GEMMs shows. Three numbers per deployment and token count `T`:
+#
+# - **eager** — `layer(x)` as Python calls it, timed by CUDA events around each call (`triton.testing.do_bench`,
+#   median): host time shows wherever the GPU waits for the next launch;
+# - **replay** — the same forward captured once with `layer.capture([T])` and replayed (`graph.replay()`), as a
+#   serving engine runs a decode step: GPU time only;
+# - **floor** — the bytes the forward cannot avoid, at the card's copy bandwidth measured in the same run: the
+#   weights of the local experts the batch routes to (each read once), the shared experts, the router's gate, the
+#   tokens in and the output out.
+#
+# `eager − replay` is the host overhead per forward. Peers: transformers' MoE block of the family (`grouped_mm` and
+# `batched_mm` experts implementations) on the same router and expert weights, eager — transformers' blocks
+# synchronise inside (`batched_mm` and `grouped_mm` size their work from the routing on the host), so they cannot be
+# captured. Random weights and tokens, bf16, fixed seeds.
+
+# %%
+#| export
+LAYER_DEPLOYMENTS = [   # (name, preset, EP size, all2all backend, placement, transformers model_type or None)
+    dict(name="Qwen3-30B-A3B, 1 GPU", model="qwen3-30b-a3b", ep=1, backend="none", placement="linear", hf="qwen3_moe"),
+    dict(name="Qwen3-30B-A3B EP2 rank 0, nixl_ep", model="qwen3-30b-a3b", ep=2, backend="nixl_ep",
+         placement="round_robin", hf=None),
+    dict(name="Mixtral-8x7B, 1 GPU", model="mixtral-8x7b", ep=1, backend="none", placement="linear", hf="mixtral"),
+    dict(name="gpt-oss-120b, 1 GPU", model="gpt-oss-120b", ep=1, backend="none", placement="linear", hf=None),
+    dict(name="DeepSeek-V3 EP8 rank 0, nixl_ep round robin", model="deepseek-v3", ep=8, backend="nixl_ep",
+         placement="round_robin", hf=None),
+    dict(name="DeepSeek-V3 EP8 rank 0, allgather", model="deepseek-v3", ep=8, backend="allgather_reducescatter",
+         placement="linear", hf=None),
+]
+LAYER_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+def deployment_config(dep: dict) -> MoEConfig:
+    "Rank 0's MoEConfig of a `LAYER_DEPLOYMENTS` entry (the preset on its EP deployment)."
+    ep = check_int("ep", dep["ep"], lo=1)
+    par = ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=dep["backend"])
+    return rank_config(preset(dep["model"]).replace(parallel=par), 0)
+
+# %%
+#| test deployment_config
+c = deployment_config(LAYER_DEPLOYMENTS[4])
+test_eq((c.ep_size, c.activation_format.value, c.num_experts), (8, "batched_experts", 256))
+test_eq(deployment_config(LAYER_DEPLOYMENTS[0]).activation_format.value, "standard")
+
+# %% [markdown]
+# **The floor.** The experts a batch touches are counted from the layer's own routing of that batch (uniformly random
+# tokens touch `E·(1 − (1 − k/E)^T)` experts in expectation); an expert's bytes are its `w13`, `w2` and biases. The
+# floor assumes every byte is read exactly once at copy speed and nothing else costs anything: no launch, no
+# synchronisation, no intermediate written and read back.
+
+# %%
+#| export
+def layer_floor(layer: FusedMoE,      # a layer on the GPU
+                x: torch.Tensor,      # [T, H] the batch
+                copy_Bps: float,      # the card's copy bandwidth (bytes/s, from measure_device)
+               ) -> dict:
+    "`{bytes, floor_us, touched_experts}`: the bytes one forward of `x` must move, and their time at `copy_Bps`."
+    nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)
+    _, ids = layer.route(x)
+    local = layer.placement.local_slot(ids)
+    touched = int(local[local >= 0].unique().numel())
+    per_expert = nbytes(layer.w13[0], layer.w2[0], *(b[0] for b in (layer.w13_bias, layer.w2_bias) if b is not None))
+    shared = 0 if layer.shared_experts is None else nbytes(*layer.shared_experts.parameters())
+    router = nbytes(layer.router_gate, layer.gate_bias, layer.e_score_correction_bias)
+    total = touched * per_expert + shared + router + 2 * nbytes(x)
+    return dict(bytes=total, floor_us=total / copy_Bps * 1e6, touched_experts=touched)
+
+# %% [markdown]
+# **The transformers peer.** The family's MoE block class, found on a tiny model that transformers builds itself,
+# instantiated at full size on the GPU with the layer's router and expert tensors copied in. Its output is checked
+# against the layer's (a relative error is recorded with every row), so the two compute the same function.
+
+# %%
+#| export
+_HF_KEYS = {"qwen3_moe": lambda c: dict(num_experts=c.num_experts, moe_intermediate_size=c.intermediate_size,
+                                        norm_topk_prob=c.renormalize, decoder_sparse_step=1, mlp_only_layers=[]),
+            "mixtral": lambda c: dict(num_local_experts=c.num_experts, intermediate_size=c.intermediate_size)}
+
+def hf_moe_peer(layer: FusedMoE,        # a single-device layer (all experts local) on the GPU
+                model_type: str,        # a key of _HF_KEYS: 'qwen3_moe' or 'mixtral'
+               ) -> torch.nn.Module:
+    "transformers' MoE block of `model_type` at the layer's sizes, on its device and dtype, holding the layer's weights."
+    import transformers
+    from moe_lit.testing import tiny_hf_model, hf_moe_block
+    from moe_lit.integrations.transformers import experts_recipe
+    c = layer.config
+    if model_type not in _HF_KEYS: raise ValueError(f"model_type: expected one of {sorted(_HF_KEYS)}, got {model_type!r}")
+    if c.ep_size != 1: raise ValueError(f"layer: expected a single-device layer, got ep_size {c.ep_size}")
+    cls = type(hf_moe_block(tiny_hf_model(model_type), 0))
+    cfg = transformers.AutoConfig.for_model(model_type, hidden_size=c.hidden_size, num_experts_per_tok=c.top_k,
+                                            **_HF_KEYS[model_type](c))
+    with torch.device(layer.gate.device): block = cls(cfg).to(c.dtype).eval()
+    recipe = experts_recipe(block.experts)
+    if recipe.transposed or recipe.interleaved:
+        raise ValueError(f"model_type: expected transformers experts in moe-lit's layout, got {recipe}")
+    with torch.no_grad():
+        block.experts.gate_up_proj.copy_(layer.w13); block.experts.down_proj.copy_(layer.w2)
+        block.gate.weight.copy_(layer.gate)
+    return block
+
+# %% [markdown]
+# ## The run
+
+# %%
+#| export
+def _bench_deployment(dep: dict, device: dict, tokens, peers: bool, seed: int) -> list[dict]:
+    "Rows `{deployment, num_tokens, floor_us, eager_us, replay_us, host_us, peers...}` of one deployment."
+    import triton.testing
+    bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e3          # µs
+    layer = FusedMoE(deployment_config(dep), seed=seed, device="cuda", placement=dep["placement"])
+    H = layer.config.hidden_size
+    hf = hf_moe_peer(layer, dep["hf"]) if peers and dep.get("hf") else None
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    xs = {T: torch.randn(T, H, device="cuda", dtype=layer.config.dtype, generator=g) for T in tokens}
+    rows = []
+    for T, x in xs.items():
+        row = dict(deployment=dep["name"], num_tokens=T, **layer_floor(layer, x, device["copy_Bps"]))
+        row["eager_us"] = bench(lambda: layer(x))
+        if hf is not None:
+            want = layer(x).double()
+            for impl in ("grouped_mm", "batched_mm"):
+                hf.experts.config._experts_implementation = impl
+                with torch.no_grad():
+                    row[f"hf_{impl}_us"] = bench(lambda: hf(x[None]))
+                    got = hf(x[None])[0].double()
+                row[f"hf_{impl}_rel_err"] = float((got - want).norm() / want.norm())
+        rows.append(row)
+    layer.capture(tokens)                                       # one graph per token count, one pool
+    for row in rows:
+        graph, static_x, _ = layer.graphs[row["num_tokens"]]
+        static_x.copy_(xs[row["num_tokens"]])
+        row["replay_us"] = bench(graph.replay)
+        row["forward_replayed_us"] = bench(lambda: layer(xs[row["num_tokens"]]))   # copy in, replay, copy out
+        row["host_us"] = row["eager_us"] - row["replay_us"]
+    del layer, hf
+    torch.cuda.empty_cache()
+    return rows
+
+def bench_layer(out_json: str | Path | None = None,
+                deployments: list | None = None,      # entries of LAYER_DEPLOYMENTS (default: all)
+                tokens=LAYER_TOKENS,                  # token counts T
+                peers: bool = True,                   # time transformers' blocks where the family has one
+                seed: int = 0) -> dict:
+    "Measure the card, then every deployment at every T: floor, eager, replayed, transformers; JSON when `out_json`."
+    import subprocess
+    device = measure_device()
+    rows = []
+    for dep in progress(deployments or LAYER_DEPLOYMENTS, "deployments"):
+        rows += _bench_deployment(dep, device, tokens, peers, seed)
+    try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError: commit = ""
+    report = dict(device=device, commit=commit or "unknown", rows=rows)
+    if out_json is not None: Path(out_json).write_text(json.dumps(report, indent=1))
+    return report
+
+# %%
+#| export
+def format_bench_layer(report: dict) -> str:
+    "The layer rows as a text table: µs and the ratios that matter (replay / floor, host overhead, vs transformers)."
+    lines = [f"{'deployment':<46}{'T':>4}{'experts':>8}{'floor':>8}{'eager':>9}{'replay':>9}{'replay/floor':>13}"
+             f"{'host':>8}{'hf grouped':>11}{'hf batched':>11}"]
+    for r in report["rows"]:
+        hf = lambda k: f"{r[k]:>11.1f}" if k in r else f"{'-':>11}"
+        lines.append(f"{r['deployment']:<46}{r['num_tokens']:>4}{r['touched_experts']:>8}{r['floor_us']:>8.1f}"
+                     f"{r['eager_us']:>9.1f}{r['replay_us']:>9.1f}{r['replay_us'] / r['floor_us']:>12.2f}x"
+                     f"{r['host_us']:>8.1f}{hf('hf_grouped_mm_us')}{hf('hf_batched_mm_us')}")
+    return "\n".join(lines)
+
+def plot_bench_layer(report: dict):
+    "One panel per deployment: µs against T (log-log) for floor, eager, replay and transformers. Returns the Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(r["deployment"] for r in report["rows"]))
+    cols = 3
+    fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(names) // cols)),
+                             layout="constrained", squeeze=False)
+    series = [("floor_us", "floor", "k--"), ("replay_us", "moe-lit replayed", "C0-o"), ("eager_us", "moe-lit eager", "C0:"),
+              ("hf_grouped_mm_us", "transformers grouped_mm", "C1-s"), ("hf_batched_mm_us", "transformers batched_mm", "C2-^")]
+    for ax, name in zip(axes.flat, names):
+        rows = [r for r in report["rows"] if r["deployment"] == name]
+        for key, label, style in series:
+            pts = [(r["num_tokens"], r[key]) for r in rows if key in r]
+            if pts: ax.plot(*zip(*pts), style, label=label, markersize=3)
+        ax.set(xscale="log", yscale="log", title=name, xlabel="tokens T", ylabel="µs per forward")
+        ax.title.set_fontsize(9)
+    for ax in list(axes.flat)[len(names):]: ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    plt.close(fig)
+    return fig
+
+def load_bench_layer(path) -> dict:
+    "A committed layer benchmark JSON (by path, or by name under `nbs/bench/`)."
+    return json.loads(find_bench_results(path).read_text())
+
+# %%
+#| test format_and_plot_bench_layer
+fake = dict(rows=[dict(deployment="d", num_tokens=T, touched_experts=2, floor_us=10.0 * T, eager_us=50.0 + T,
+                       replay_us=12.0 * T, host_us=38.0, hf_grouped_mm_us=100.0) for T in (1, 2)])
+text = format_bench_layer(fake)
+assert "1.20x" in text and text.count("\n") == 2, text
+fig = plot_bench_layer(fake)
+test_eq(len(fig.axes[0].lines), 4)                               # floor, replay, eager, one transformers series

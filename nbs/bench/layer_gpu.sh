@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU runs behind the layer benchmark (14a_bench_layer) and the hot-path tests, on one CUDA machine.
+#   bash nbs/bench/layer_gpu.sh smoke  -> the layer/router tests natively, two deployments at T = 1, 64
+#   bash nbs/bench/layer_gpu.sh full   -> the GPU suite (pytest -n 4), the whole layer benchmark (JSON + figure),
+#                                         compute-sanitizer memcheck of the CUDA-graph test
+# Results go under $OUT (default: nbs/bench/out). fastcore may be carried in .gpucarry/ where it is not installed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python - <<'PY'
+import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
+PY
+router_logits_bench() {
+python - <<'PY'
+import torch, triton.testing
+from moe_lit.routing import matmul_acc
+for E, H, T in ((128, 2048, 1), (128, 2048, 256), (256, 7168, 1), (256, 7168, 256)):
+    x = torch.randn(T, H, device="cuda").bfloat16(); g = torch.randn(E, H, device="cuda").bfloat16(); g32 = g.float()
+    a = triton.testing.do_bench_cudagraph(lambda: x.float() @ g32.T, return_mode="median") * 1e3
+    b = triton.testing.do_bench_cudagraph(lambda: matmul_acc(x, g), return_mode="median") * 1e3
+    d = (matmul_acc(x, g).double() - (x.double() @ g.double().T)).abs().max().item()
+    e = ((x.float() @ g32.T).double() - (x.double() @ g.double().T)).abs().max().item()
+    print(f"router logits E={E} H={H} T={T}: fp32 upcast {a:.1f} us (max err {e:.1e}), bf16 mm -> fp32 {b:.1f} us (max err {d:.1e})")
+PY
+}
+case "${1:-smoke}" in
+smoke)
+  python -m pytest -q -x -m "gpu or not gpu" tests/test_kernels_router.py tests/test_layer.py 2>&1 | tail -15
+  router_logits_bench
+  python - <<'PY'
+from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
+rep = bench_layer(None, [LAYER_DEPLOYMENTS[0], LAYER_DEPLOYMENTS[4]], tokens=(1, 64))
+print(format_bench_layer(rep))
+PY
+  ;;
+full)
+  python -m pytest -q -n 4 -m "gpu or not gpu" tests 2>&1 | tail -8 | tee "$OUT/pytest_gpu_h200_$rev.log"
+  router_logits_bench | tee "$OUT/router_logits_h200_$rev.log"
+  python -m moe_lit.cli bench --layer --out "$OUT/layer_bench_h200_$rev.json" 2>&1 | tee "$OUT/layer_bench_h200_$rev.log" | tail -70
+  python - "$OUT/layer_bench_h200_$rev.json" "$OUT/layer_bench_h200_$rev.png" <<'PY'
+import sys
+from moe_lit.bench_layer import load_bench_layer, plot_bench_layer
+plot_bench_layer(load_bench_layer(sys.argv[1])).savefig(sys.argv[2], dpi=110)
+PY
+  compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -x -m gpu tests/test_layer.py 2>&1 | tail -6 \
+    | tee "$OUT/memcheck_layer_h200_$rev.log"
+  ;;
+esac
