@@ -98,7 +98,7 @@ test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
 test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
 test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
 test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
-test_eq(resolve_experts("triton", S, torch.device("cpu"), "fp8_w8a8_block")[0], "triton_quant")
+test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
 impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
 assert impl == "torch" and "dequantized once (an emulation)" in why
 impl, why = resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32), backend="torch_standard")
@@ -106,7 +106,7 @@ assert impl == "torch" and why.startswith("oracle: torch_standard")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                   backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
-test_fail(lambda: resolve_experts("triton", S, torch.device("cpu"), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
+test_fail(lambda: resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
           contains="quant: expected a bf16 or fp16 layer")
 test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
 test_fail(lambda: check_device(None), contains="device: expected")

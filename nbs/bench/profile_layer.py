@@ -1,0 +1,20 @@
+"Where one eager forward of the layer spends its host time: cProfile of repeated forwards (GPU)."
+import cProfile, pstats, sys, time
+import torch
+from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
+from moe_lit.layer import FusedMoE
+
+dep = LAYER_DEPLOYMENTS[int(sys.argv[1]) if len(sys.argv) > 1 else 0]
+T = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+layer = FusedMoE(deployment_config(dep), device="cuda", placement=dep["placement"])
+x = torch.randn(T, layer.config.hidden_size, device="cuda", dtype=layer.config.dtype)
+for _ in range(3): layer(x)
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+for _ in range(100): layer(x)
+torch.cuda.synchronize()
+print(f"{dep['name']} T={T}: {(time.perf_counter() - t0) * 1e4:.1f} us per eager forward (host loop of 100)")
+pr = cProfile.Profile(); pr.enable()
+for _ in range(100): layer(x)
+pr.disable(); torch.cuda.synchronize()
+pstats.Stats(pr).sort_stats("tottime").print_stats(25)
