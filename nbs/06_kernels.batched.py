@@ -369,6 +369,12 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
                        device_name: str | None = None, config_dir: str | Path | None = None) -> dict:
     "The tile for `M` expected rows: the table's nearest-M entry (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
+    root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
+    return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root)))
+
+@functools.lru_cache(maxsize=4096)
+def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> dict:
+    "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
         if table: return dict(table[min(table, key=lambda m: (abs(m - M), m))])

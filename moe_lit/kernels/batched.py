@@ -201,7 +201,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=max(16, _pow2(M)), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #b71eb05e8464
+# %% ../../nbs/06_kernels.batched.ipynb #dd3b30e09ae4
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -214,6 +214,12 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
                        device_name: str | None = None, config_dir: str | Path | None = None) -> dict:
     "The tile for `M` expected rows: the table's nearest-M entry (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
+    root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
+    return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root)))
+
+@functools.lru_cache(maxsize=4096)
+def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> dict:
+    "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
         if table: return dict(table[min(table, key=lambda m: (abs(m - M), m))])

@@ -38,6 +38,7 @@ PY
   ;;
 full)
   python -m pytest -q -n 4 -m "gpu or not gpu" tests 2>&1 | tail -8 | tee "$OUT/pytest_gpu_h200_$rev.log"
+  for d in 0 4; do python nbs/bench/profile_layer.py $d 1 2>&1 | grep -v "^ *[0-9]* *0.0" | tail -28; done | tee "$OUT/profile_layer_h200_$rev.log"
   router_logits_bench | tee "$OUT/router_logits_h200_$rev.log"
   python -m moe_lit.cli bench --layer --out "$OUT/layer_bench_h200_$rev.json" 2>&1 | tee "$OUT/layer_bench_h200_$rev.log" | tail -70
   python - "$OUT/layer_bench_h200_$rev.json" "$OUT/layer_bench_h200_$rev.png" <<'PY'
