@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind the layer benchmark (14a_bench_layer) and the hot-path tests, on one CUDA machine.
 #   bash nbs/bench/layer_gpu.sh smoke  -> the layer/router tests natively, two deployments at T = 1, 64
-#   bash nbs/bench/layer_gpu.sh full   -> the GPU suite (pytest -n 4), the whole layer benchmark (JSON + figure),
-#                                         compute-sanitizer memcheck of the CUDA-graph test
+#   bash nbs/bench/layer_gpu.sh tests  -> the GPU suite (pytest -n 4), a host/kernel profile of one forward, router logits
+#   bash nbs/bench/layer_gpu.sh bench  -> the whole layer benchmark (JSON + figure), memcheck of the layer's GPU tests
 # Results go under $OUT (default: nbs/bench/out). fastcore may be carried in .gpucarry/ where it is not installed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,10 +36,12 @@ rep = bench_layer(None, [LAYER_DEPLOYMENTS[0], LAYER_DEPLOYMENTS[4]], tokens=(1,
 print(format_bench_layer(rep))
 PY
   ;;
-full)
+tests)
   python -m pytest -q -n 4 -m "gpu or not gpu" tests 2>&1 | tail -8 | tee "$OUT/pytest_gpu_h200_$rev.log"
-  for d in 0 4; do python nbs/bench/profile_layer.py $d 1 2>&1 | grep -v "^ *[0-9]* *0.0" | tail -28; done | tee "$OUT/profile_layer_h200_$rev.log"
+  for d in 0 4; do python nbs/bench/profile_layer.py $d 1; done > "$OUT/profile_layer_h200_$rev.log" 2>&1
   router_logits_bench | tee "$OUT/router_logits_h200_$rev.log"
+  ;;
+bench)
   python -m moe_lit.cli bench --layer --out "$OUT/layer_bench_h200_$rev.json" 2>&1 | tee "$OUT/layer_bench_h200_$rev.log" | tail -70
   python - "$OUT/layer_bench_h200_$rev.json" "$OUT/layer_bench_h200_$rev.png" <<'PY'
 import sys
