@@ -190,7 +190,7 @@ def _from_pretrained(cls, checkpoint_dir, layer_index: int, parallel: ParallelCo
 
 FusedMoE.from_pretrained = classmethod(_from_pretrained)
 
-# %% ../nbs/12_layer.ipynb #47821f97d0eb
+# %% ../nbs/12_layer.ipynb #e10c10b329c2
 def _build_hot_path(self):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
     c, dev = self.config, self.gate.device
@@ -199,7 +199,7 @@ def _build_hot_path(self):
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
     p = self.placement
-    self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical")
+    self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical", "slot_table")
                                                if getattr(p, n) is not None})
     self._kernels, self.graphs = {}, {}
 

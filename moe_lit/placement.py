@@ -11,8 +11,8 @@ from .config import ParallelConfig, MoEConfig, SIZE_LIMIT
 
 # %% auto #0
 __all__ = ['PLACEMENT_STRATEGIES', 'expert_block', 'determine_expert_map', 'local_to_global', 'resolve_placement_strategy',
-           'round_robin_routing_tables', 'eplb_replicas', 'map_to_physical', 'Placement', 'placement_table',
-           'plot_expert_ownership']
+           'round_robin_routing_tables', 'eplb_replicas', 'map_to_physical', 'Placement', 'local_slot_table',
+           'placement_table', 'plot_expert_ownership']
 
 # %% ../nbs/04_placement.ipynb #460aa329f509
 PLACEMENT_STRATEGIES = ("linear", "round_robin")   # vLLM's `expert_placement_strategy` values
@@ -193,7 +193,7 @@ def map_to_physical(
     physical = torch.where(ids >= 0, logical_to_physical[safe, replica], -1)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
-# %% ../nbs/04_placement.ipynb #cefc6469d377
+# %% ../nbs/04_placement.ipynb #0b7d79eb8f23
 @dataclass(frozen=True, eq=False)
 class Placement:
     "Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables."
@@ -207,13 +207,14 @@ class Placement:
     local_to_global: torch.Tensor      # [num_local_experts] int64, local index -> global (physical) id
     global_to_physical: torch.Tensor | None = None   # [num_experts] int64; round robin + tables-reading dispatch only
     physical_to_global: torch.Tensor | None = None   # [num_experts] int64, inverse permutation of global_to_physical
+    slot_table: torch.Tensor | None = None  # [num_experts + 1] int64: local slot of each id, -1 = not local; [-1] = -1
 
     @property
     def physical_offset(self) -> int:
         "First physical id of this rank's contiguous block (the linear offset; used with `global_to_physical`)."
         return expert_block(self.num_experts, self.ep_size, self.ep_rank)[0]
 
-# %% ../nbs/04_placement.ipynb #6e5db7245157
+# %% ../nbs/04_placement.ipynb #987c410e8460
 @classmethod
 def _build(cls, config: MoEConfig,          # the layer; its `parallel` is the deployment
            strategy: str = "linear",        # requested placement: 'linear' or 'round_robin'
@@ -235,29 +236,36 @@ def _build(cls, config: MoEConfig,          # the layer; its `parallel` is the d
     tables = (None, None)
     if used == "round_robin" and par.needs_round_robin_routing_tables:
         tables = round_robin_routing_tables(num_physical, par.ep_size, ep_rank)[:2]
-    return cls(used, reason, par.ep_size, ep_rank, num_physical, count, expert_map, l2g, *tables)
+    table = local_slot_table(num_physical, count, expert_block(num_physical, par.ep_size, ep_rank)[0], expert_map,
+                             tables[0])
+    return cls(used, reason, par.ep_size, ep_rank, num_physical, count, expert_map, l2g, *tables, slot_table=table)
 
 Placement.build = _build
 
-# %% ../nbs/04_placement.ipynb #510e42505281
+# %% ../nbs/04_placement.ipynb #7357fb14a7f0
+def local_slot_table(num_experts: int,                 # experts placed (physical)
+                     num_local_experts: int,           # experts on this rank
+                     physical_offset: int,             # this rank's first physical id (with tables)
+                     expert_map: torch.Tensor | None,  # [num_experts] int32 global -> local or -1, or None
+                     global_to_physical: torch.Tensor | None = None,  # [num_experts] int64 (round-robin tables)
+                    ) -> torch.Tensor:                 # [num_experts + 1] int64, the last entry -1
+    "Local slot of every global id on one rank, then `-1` for id `-1`: the physical block with tables, else `expert_map`."
+    if global_to_physical is not None:       # the DeepEP-LL / NIXL EP way: contiguous physical block per rank
+        slot = global_to_physical.long() - physical_offset
+        slot = torch.where((slot >= 0) & (slot < num_local_experts), slot, -1)
+    elif expert_map is not None: slot = expert_map.long()
+    else: slot = torch.arange(num_experts)   # one rank holds every expert
+    return torch.cat([slot, slot.new_full((1,), -1)])
+
 def _local_slot(self, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
                 validate: bool = True,        # check the id range (one host sync); False for ids a router just made
                 ) -> torch.Tensor:            # same shape, int64: local expert index on this rank, -1 = not local
-    "Local slot of each id on this rank: physical id minus this rank's offset with tables, else `expert_map`."
+    "Local slot of each id on this rank: one gather from `slot_table` (ids must lie in [-1, num_experts))."
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    ids = topk_ids.long()
-    if validate and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= self.num_experts):
-        raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(ids.min())}, "
-                         f"max {int(ids.max())}")
-    safe = ids.clamp(min=0)                    # -1 must not index the last expert's entry; masked out below
-    if self.global_to_physical is not None:    # the DeepEP-LL / NIXL EP way: contiguous physical block per rank
-        slot = self.global_to_physical.to(ids.device)[safe] - self.physical_offset
-        slot = torch.where((slot >= 0) & (slot < self.num_local_experts), slot, -1)
-    elif self.expert_map is not None:
-        slot = self.expert_map.to(ids.device)[safe].long()
-    else:
-        slot = safe                            # one rank holds every expert
-    return torch.where(ids >= 0, slot, -1)
+    if validate and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
+        raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(topk_ids.min())}, "
+                         f"max {int(topk_ids.max())}")
+    return self.slot_table.to(topk_ids.device)[topk_ids]
 
 Placement.local_slot = _local_slot
 

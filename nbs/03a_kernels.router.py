@@ -179,7 +179,7 @@ def route_topk(plan: dict,                          # router_plan(config)
                                  SCORING=plan["SCORING"], HAS_BIAS=plan["HAS_BIAS"], RENORMALIZE=plan["RENORMALIZE"],
                                  NUM_GROUPS=plan["NUM_GROUPS"], G_PAD=triton.next_power_of_2(plan["NUM_GROUPS"]),
                                  TOPK_GROUP=plan["TOPK_GROUP"],
-                                 GROUP_SIZE=plan["GROUP_SIZE"], TOP2=plan["TOP2"], num_warps=4 if block_e >= 256 else 1)
+                                 GROUP_SIZE=plan["GROUP_SIZE"], TOP2=plan["TOP2"], num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids
 
 # %% [markdown]

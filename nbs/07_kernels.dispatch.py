@@ -40,7 +40,7 @@ from moe_lit.placement import determine_expert_map, round_robin_routing_tables, 
 # ## Dispatch kernel
 #
 # ```
-# for each token t (one program), for each slot k:
+# for each pair (t, k) (one program each: at decode a token's top_k copies run in parallel):
 #     local = local expert of topk_ids[t, k]  (through expert_map, or global_to_physical − physical_offset, or as is)
 #     if local is not on this rank: slot_map[t, k] = −1; continue
 #     row = atomic_add(counts[local], 1)                      # the next free row
@@ -49,7 +49,7 @@ from moe_lit.placement import determine_expert_map, round_robin_routing_tables, 
 #     slot_map[t, k] = local · max_tokens + row
 # ```
 #
-# Grid `(T,)`; constexprs `TOP_K`, `BLOCK_H` (the row is copied in `BLOCK_H` chunks), `MODE` (0: ids are already
+# Grid `(T, TOP_K)`; constexprs `TOP_K`, `BLOCK_H` (the row is copied in `BLOCK_H` chunks), `MODE` (0: ids are already
 # local, 1: `expert_map`, 2: `global_to_physical`), `SCALE` (apply the router weight on the input, in fp32). Rows within an expert come in whatever order the atomics grant them — program order in the
 # interpreter, any order on a GPU — so tests check values and permutations, never row order.
 
@@ -70,28 +70,28 @@ def _batched_dispatch_kernel(
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SCALE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)                                     # one program per (token, slot) pair
     offs_h = tl.arange(0, BLOCK_H)
-    for k in tl.static_range(TOP_K):
-        gid = tl.load(topk_ids_ptr + t * TOP_K + k).to(tl.int64)
-        in_range = (gid >= 0) & (gid < num_experts)
-        local = gid
-        if MODE == 1: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64)
-        if MODE == 2: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64) - physical_offset
-        ok = in_range & (local >= 0) & (local < num_local_experts)
-        slot = gid * 0 - 1                                       # int64 -1: the pair is not here
-        if ok:
-            row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)
-            if row < max_tokens:
-                slot = local * max_tokens + row
-                w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
-                for h0 in range(0, tl.cdiv(H, BLOCK_H)):
-                    hm = h0 * BLOCK_H + offs_h < H
-                    x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
-                    if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
-                    tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
-            else:
-                tl.atomic_max(overflow_ptr, 1)
-        tl.store(slot_map_ptr + t * TOP_K + k, slot)
+    gid = tl.load(topk_ids_ptr + t * TOP_K + k).to(tl.int64)
+    in_range = (gid >= 0) & (gid < num_experts)
+    local = gid
+    if MODE == 1: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64)
+    if MODE == 2: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64) - physical_offset
+    ok = in_range & (local >= 0) & (local < num_local_experts)
+    slot = gid * 0 - 1                                       # int64 -1: the pair is not here
+    if ok:
+        row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)
+        if row < max_tokens:
+            slot = local * max_tokens + row
+            w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
+            for h0 in range(0, tl.cdiv(H, BLOCK_H)):
+                hm = h0 * BLOCK_H + offs_h < H
+                x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
+                if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
+                tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
+        else:
+            tl.atomic_max(overflow_ptr, 1)
+    tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
 # %% [markdown]
 # ## Dispatch launcher
@@ -139,7 +139,7 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     flag = torch.zeros(1, dtype=torch.int32, device=hidden.device)
     if T:
-        _batched_dispatch_kernel[(T,)](
+        _batched_dispatch_kernel[(T, topk_ids.shape[1])](
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
             table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
@@ -170,17 +170,20 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
 def _batched_combine_kernel(
     expert_out_ptr,     # [E_local, max_tokens, H]
     topk_weights_ptr,   # [T, TOP_K] fp32
-    slot_map_ptr,       # [T, TOP_K] int64, e·max_tokens + row, or -1
+    slot_map_ptr,       # [T, TOP_K] int64, e·max_tokens + row, or -1 (PAIRS: local expert ids, int32/int64)
     out_ptr,            # [T, H]
     H, max_tokens, stride_ee, stride_em, stride_ot,
+    num_local,          # PAIRS: a pair's row exists iff 0 <= local id < num_local
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
+    PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = offs_h < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        slot = tl.load(slot_map_ptr + t * TOP_K + k)
+        slot = tl.load(slot_map_ptr + t * TOP_K + k).to(tl.int64)
+        if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local), t * TOP_K + k, -1)
         if slot >= 0:
             e, r = slot // max_tokens, slot % max_tokens
             y = tl.load(expert_out_ptr + e * stride_ee + r * stride_em + offs_h, mask=hm, other=0.0).to(tl.float32)
@@ -213,7 +216,26 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
         bh = min(1024, triton.next_power_of_2(H))
         _batched_combine_kernel[(T, triton.cdiv(H, bh))](
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
-            expert_out.stride(1), out.stride(0), TOP_K=top_k, BLOCK_H=bh, WEIGHTED=not apply_router_weight_on_input)
+            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, BLOCK_H=bh, WEIGHTED=not apply_router_weight_on_input,
+            PAIRS=False)
+    return out
+
+def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token, slot) pair, router weights applied
+                  local_ids: torch.Tensor,   # [T, top_k] int32/int64 local expert per slot; others have no row
+                  num_local: int,            # local experts: ids outside [0, num_local) are skipped, never read
+                 ) -> torch.Tensor:          # [T, H], y's dtype
+    "Each token's sum of its pairs' rows (the Standard format's finish), in one launch: `out[t] = Σ_k y[t·top_k + k]`."
+    check_tensor("local_ids", local_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    T, k = local_ids.shape
+    check_tensor("y", y, shape=(T * k, None)); check_int("num_local", num_local, lo=0)
+    if y.stride(-1) != 1: raise ValueError(f"y: expected a unit stride along hidden_size, got {y.stride(-1)}")
+    H = y.shape[1]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    if T and H:
+        bh = min(1024, triton.next_power_of_2(H))
+        _batched_combine_kernel[(T, triton.cdiv(H, bh))](
+            y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
+            TOP_K=k, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
 # %% [markdown]

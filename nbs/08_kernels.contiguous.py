@@ -17,7 +17,7 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.dispatch import batched_combine
+from moe_lit.kernels.dispatch import batched_combine, combine_pairs
 
 # %%
 #| hide
@@ -524,16 +524,6 @@ def check_local_ids(local_ids: torch.Tensor, num_local: int, validate: bool):
     if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= num_local)).any():
         raise ValueError(f"local_ids: expected values in [-1, {num_local}), got {local_ids.min().item()}..{local_ids.max().item()}")
 
-def sum_pairs(y: torch.Tensor,              # [T·top_k, H] pair rows, router weights already applied
-               topk_weights: torch.Tensor,   # [T, top_k] fp32
-               local_ids: torch.Tensor,      # [T, top_k] local expert per slot
-               num_local: int) -> torch.Tensor:
-    "Each token's sum of its computed pair rows; slots without a local expert (or out of range) are never read."
-    T, k = local_ids.shape
-    slot_map = torch.where((local_ids >= 0) & (local_ids < num_local), torch.arange(T * k, device=y.device).view(T, k), -1)
-    return batched_combine(y.view(1, T * k, -1), topk_weights, slot_map, apply_router_weight_on_input=True,
-                           validate=False)    # weights already applied: sum with weight 1
-
 def check_block_m(block_m) -> int:
     "BLOCK_M of the alignment and the GEMM: a power of two, at least 16 for the tensor cores (1 in the interpreter)."
     check_int("block_m", block_m, lo=16 if not INTERPRET else 1, hi=257)
@@ -686,7 +676,7 @@ class TritonExperts:
                            "input" if on_in else None, config=cfg1, bias=w13_bias)
         y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", config=cfg2,
                            rows="pair", bias=w2_bias)
-        return sum_pairs(y, topk_weights, local_ids, E)
+        return combine_pairs(y, local_ids, E)              # router weights already applied
 
 # %%
 #| test triton_experts_match_reference

@@ -265,6 +265,11 @@ class SharedExperts(torch.nn.Module):
 
 # %% [markdown]
 # ## ModularKernel
+#
+# On a GPU the shared experts do not wait for the routed ones: they depend on the tokens only, so they run on a side
+# stream forked before dispatch and joined before the final sum (`overlap_shared`, on by default) — at decode both
+# halves are a few small launches each, and in a captured graph the two branches become parallel nodes. Their GEMMs
+# are cuBLAS bf16 calls with an fp32 result (`matmul_acc`), never an upcast copy of the weights.
 
 # %%
 #| export
@@ -281,6 +286,7 @@ class ModularKernel:
         if shared_experts is not None and not isinstance(shared_experts, SharedExperts):
             raise ValueError(f"shared_experts: expected a SharedExperts or None, got {type(shared_experts).__name__}")
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
+        self.overlap_shared = True     # on a GPU, run the shared experts on a side stream beside the routed ones
 
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
                 add_shared: bool = True, timings: dict | None = None, w13_bias=None, w2_bias=None,
@@ -288,14 +294,21 @@ class ModularKernel:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
         check_bool("add_shared", add_shared)
         clock = _Clock(timings, hidden.device)         # seconds of each stage, synchronized, when `timings` is a dict
+        shared, side = None, None
+        if add_shared and self.shared_experts is not None:
+            if hidden.is_cuda and self.overlap_shared and timings is None:   # overlap: a side stream, joined below
+                side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream(hidden.device)
+                side.wait_stream(torch.cuda.current_stream(hidden.device))
+                with torch.cuda.stream(side): shared = self.shared_experts(hidden)
+            else: shared = self.shared_experts(hidden)
         prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")
         expert_out = self.experts.apply(prepared, w13, w2, w13_bias, w2_bias, activation)
         clock("experts_s")
         out = self.prepare_finalize.finalize(expert_out, prepared)
         clock("finalize_s")
-        if add_shared and self.shared_experts is not None: out = out + self.shared_experts(hidden)
-        return out
+        if side is not None: torch.cuda.current_stream(hidden.device).wait_stream(side)   # join before the sum
+        return out if shared is None else out + shared
 
     __call__ = forward
 

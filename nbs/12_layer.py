@@ -294,7 +294,7 @@ def _build_hot_path(self):
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
     p = self.placement
-    self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical")
+    self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical", "slot_table")
                                                if getattr(p, n) is not None})
     self._kernels, self.graphs = {}, {}
 

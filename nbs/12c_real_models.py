@@ -16,10 +16,13 @@ from moe_lit.testing import hf_moe_block, hf_moe_output
 from moe_lit.routing import router_logits
 
 # %%
+#| echo: false
+from IPython.display import Markdown   # the notebook's tables as Markdown (not needed by the tests)
+
+# %%
 #| hide
 import tempfile
 from fastcore.test import test_eq, test_fail
-from IPython.display import Markdown
 from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF, write_fp8_block_checkpoint, write_mxfp4_checkpoint
 from moe_lit.testing import check_output
 from moe_lit.formats import moe_reference_standard, Activation

@@ -14,7 +14,8 @@ from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_aligned_args, check_local_ids, sum_pairs
+from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_aligned_args, check_local_ids
+from moe_lit.kernels.dispatch import combine_pairs
 from moe_lit.testing import poison_rows, quant_error, assert_quant_close, experts_tolerance
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard

@@ -12,9 +12,9 @@ from ..terms import check_int, check_tensor
 from ..formats import dispatch_batched_reference
 
 # %% auto #0
-__all__ = ['batched_dispatch', 'batched_combine', 'check_dispatch', 'batched_moe_triton']
+__all__ = ['batched_dispatch', 'batched_combine', 'combine_pairs', 'check_dispatch', 'batched_moe_triton']
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #b4dbb7b0c0a6
+# %% ../../nbs/07_kernels.dispatch.ipynb #c21dabc2bc6b
 @triton.jit
 def _batched_dispatch_kernel(
     hidden_ptr,         # [T, H]
@@ -30,30 +30,30 @@ def _batched_dispatch_kernel(
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SCALE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1)                                     # one program per (token, slot) pair
     offs_h = tl.arange(0, BLOCK_H)
-    for k in tl.static_range(TOP_K):
-        gid = tl.load(topk_ids_ptr + t * TOP_K + k).to(tl.int64)
-        in_range = (gid >= 0) & (gid < num_experts)
-        local = gid
-        if MODE == 1: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64)
-        if MODE == 2: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64) - physical_offset
-        ok = in_range & (local >= 0) & (local < num_local_experts)
-        slot = gid * 0 - 1                                       # int64 -1: the pair is not here
-        if ok:
-            row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)
-            if row < max_tokens:
-                slot = local * max_tokens + row
-                w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
-                for h0 in range(0, tl.cdiv(H, BLOCK_H)):
-                    hm = h0 * BLOCK_H + offs_h < H
-                    x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
-                    if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
-                    tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
-            else:
-                tl.atomic_max(overflow_ptr, 1)
-        tl.store(slot_map_ptr + t * TOP_K + k, slot)
+    gid = tl.load(topk_ids_ptr + t * TOP_K + k).to(tl.int64)
+    in_range = (gid >= 0) & (gid < num_experts)
+    local = gid
+    if MODE == 1: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64)
+    if MODE == 2: local = tl.load(map_ptr + gid, mask=in_range, other=-1).to(tl.int64) - physical_offset
+    ok = in_range & (local >= 0) & (local < num_local_experts)
+    slot = gid * 0 - 1                                       # int64 -1: the pair is not here
+    if ok:
+        row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)
+        if row < max_tokens:
+            slot = local * max_tokens + row
+            w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
+            for h0 in range(0, tl.cdiv(H, BLOCK_H)):
+                hm = h0 * BLOCK_H + offs_h < H
+                x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
+                if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
+                tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
+        else:
+            tl.atomic_max(overflow_ptr, 1)
+    tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #4b19674bd062
+# %% ../../nbs/07_kernels.dispatch.ipynb #336c6d3f3645
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -89,7 +89,7 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     flag = torch.zeros(1, dtype=torch.int32, device=hidden.device)
     if T:
-        _batched_dispatch_kernel[(T,)](
+        _batched_dispatch_kernel[(T, topk_ids.shape[1])](
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
             table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
@@ -100,22 +100,25 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                          f"got {max_tokens}: capacity overflow")
     return a, counts, slot_map
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #2c580707b862
+# %% ../../nbs/07_kernels.dispatch.ipynb #7813e1f2c891
 @triton.jit
 def _batched_combine_kernel(
     expert_out_ptr,     # [E_local, max_tokens, H]
     topk_weights_ptr,   # [T, TOP_K] fp32
-    slot_map_ptr,       # [T, TOP_K] int64, e·max_tokens + row, or -1
+    slot_map_ptr,       # [T, TOP_K] int64, e·max_tokens + row, or -1 (PAIRS: local expert ids, int32/int64)
     out_ptr,            # [T, H]
     H, max_tokens, stride_ee, stride_em, stride_ot,
+    num_local,          # PAIRS: a pair's row exists iff 0 <= local id < num_local
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
+    PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = offs_h < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        slot = tl.load(slot_map_ptr + t * TOP_K + k)
+        slot = tl.load(slot_map_ptr + t * TOP_K + k).to(tl.int64)
+        if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local), t * TOP_K + k, -1)
         if slot >= 0:
             e, r = slot // max_tokens, slot % max_tokens
             y = tl.load(expert_out_ptr + e * stride_ee + r * stride_em + offs_h, mask=hm, other=0.0).to(tl.float32)
@@ -123,7 +126,7 @@ def _batched_combine_kernel(
             acc += y
     tl.store(out_ptr + t * stride_ot + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #23b90f73d7c9
+# %% ../../nbs/07_kernels.dispatch.ipynb #e63349003f4f
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -147,7 +150,26 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
         bh = min(1024, triton.next_power_of_2(H))
         _batched_combine_kernel[(T, triton.cdiv(H, bh))](
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
-            expert_out.stride(1), out.stride(0), TOP_K=top_k, BLOCK_H=bh, WEIGHTED=not apply_router_weight_on_input)
+            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, BLOCK_H=bh, WEIGHTED=not apply_router_weight_on_input,
+            PAIRS=False)
+    return out
+
+def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token, slot) pair, router weights applied
+                  local_ids: torch.Tensor,   # [T, top_k] int32/int64 local expert per slot; others have no row
+                  num_local: int,            # local experts: ids outside [0, num_local) are skipped, never read
+                 ) -> torch.Tensor:          # [T, H], y's dtype
+    "Each token's sum of its pairs' rows (the Standard format's finish), in one launch: `out[t] = Σ_k y[t·top_k + k]`."
+    check_tensor("local_ids", local_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    T, k = local_ids.shape
+    check_tensor("y", y, shape=(T * k, None)); check_int("num_local", num_local, lo=0)
+    if y.stride(-1) != 1: raise ValueError(f"y: expected a unit stride along hidden_size, got {y.stride(-1)}")
+    H = y.shape[1]
+    out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    if T and H:
+        bh = min(1024, triton.next_power_of_2(H))
+        _batched_combine_kernel[(T, triton.cdiv(H, bh))](
+            y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
+            TOP_K=k, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
 # %% ../../nbs/07_kernels.dispatch.ipynb #df1f7c5db2c1

@@ -88,7 +88,7 @@ def _route_topk_kernel(
     tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_offs < TOP_K)
     tl.store(ids_ptr + t * TOP_K + k_offs, ids.to(ids_ptr.dtype.element_ty), mask=k_offs < TOP_K)
 
-# %% ../../nbs/03a_kernels.router.ipynb #f2ca2faf2864
+# %% ../../nbs/03a_kernels.router.ipynb #2cd69c027e43
 def router_plan(config: MoEConfig) -> dict:
     "The routing method of `config` as the kernel's constexprs (the grouped fall-back resolved): a dict, computed once."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -129,5 +129,5 @@ def route_topk(plan: dict,                          # router_plan(config)
                                  SCORING=plan["SCORING"], HAS_BIAS=plan["HAS_BIAS"], RENORMALIZE=plan["RENORMALIZE"],
                                  NUM_GROUPS=plan["NUM_GROUPS"], G_PAD=triton.next_power_of_2(plan["NUM_GROUPS"]),
                                  TOPK_GROUP=plan["TOPK_GROUP"],
-                                 GROUP_SIZE=plan["GROUP_SIZE"], TOP2=plan["TOP2"], num_warps=4 if block_e >= 256 else 1)
+                                 GROUP_SIZE=plan["GROUP_SIZE"], TOP2=plan["TOP2"], num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids

@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
-rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+rev=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python - <<'PY'
 import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
@@ -38,7 +38,7 @@ PY
   ;;
 tests)
   python -m pytest -q -n 4 -m "gpu or not gpu" tests 2>&1 | tail -8 | tee "$OUT/pytest_gpu_h200_$rev.log"
-  for d in 0 4; do python nbs/bench/profile_layer.py $d 1; done > "$OUT/profile_layer_h200_$rev.log" 2>&1
+  for d in 0 4 5; do python nbs/bench/profile_layer.py $d 1; done > "$OUT/profile_layer_h200_$rev.log" 2>&1
   router_logits_bench | tee "$OUT/router_logits_h200_$rev.log"
   ;;
 bench)
@@ -48,7 +48,8 @@ import sys
 from moe_lit.bench_layer import load_bench_layer, plot_bench_layer
 plot_bench_layer(load_bench_layer(sys.argv[1])).savefig(sys.argv[2], dpi=110)
 PY
-  compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -x -m gpu tests/test_layer.py 2>&1 | tail -6 \
+  for d in 4 5; do python nbs/bench/profile_layer.py $d 1 2>&1 | grep -E "per eager|side stream"; done | tee "$OUT/overlap_ab_h200_$rev.log"
+  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -x -m gpu tests/test_layer.py 2>&1 | tail -6 \
     | tee "$OUT/memcheck_layer_h200_$rev.log"
   ;;
 esac

@@ -24,3 +24,15 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for _ in range(20): layer(x)
     torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+# shared experts beside the routed ones (side stream) or after them, replayed: the A/B behind `overlap_shared`
+if layer.shared_experts is not None:
+    import triton.testing
+    for T2 in (1, 64):
+        x2 = torch.randn(T2, layer.config.hidden_size, device="cuda", dtype=layer.config.dtype)
+        res = {}
+        for overlap in (True, False):
+            for mk in layer._kernels.values(): mk.overlap_shared = overlap
+            layer.capture([T2]); g, sx, _ = layer.graphs[T2]; sx.copy_(x2)
+            res[overlap] = triton.testing.do_bench(g.replay, return_mode="median") * 1e3
+        print(f"T={T2}: replay with shared experts on a side stream {res[True]:.1f} us, in line {res[False]:.1f} us")
