@@ -80,7 +80,7 @@ def hf_moe_peer(layer: FusedMoE,        # a single-device layer (all experts loc
         block.gate.weight.copy_(layer.gate)
     return block
 
-# %% ../nbs/14a_bench_layer.ipynb #e289a4381dd0
+# %% ../nbs/14a_bench_layer.ipynb #dfed6f8a9613
 def _bench_deployment(dep: dict, device: dict, tokens, peers: bool, seed: int) -> list[dict]:
     "Rows `{deployment, num_tokens, floor_us, eager_us, replay_us, host_us, peers...}` of one deployment."
     import triton.testing
@@ -90,18 +90,21 @@ def _bench_deployment(dep: dict, device: dict, tokens, peers: bool, seed: int) -
     hf = hf_moe_peer(layer, dep["hf"]) if peers and dep.get("hf") else None
     g = torch.Generator(device="cuda").manual_seed(seed)
     xs = {T: torch.randn(T, H, device="cuda", dtype=layer.config.dtype, generator=g) for T in tokens}
-    rows = []
+    rows, out_of_memory = [], set()
     for T, x in xs.items():
         row = dict(deployment=dep["name"], num_tokens=T, **layer_floor(layer, x, device["copy_Bps"]))
         row["eager_us"] = bench(lambda: layer(x))
-        if hf is not None:
-            want = layer(x).double()
-            for impl in ("grouped_mm", "batched_mm"):
-                hf.experts.config._experts_implementation = impl
+        for impl in ("grouped_mm", "batched_mm") if hf is not None else ():
+            if impl in out_of_memory: continue            # batched_mm gathers every pair's weights: T·top_k experts
+            hf.experts.config._experts_implementation = impl
+            try:
                 with torch.no_grad():
                     row[f"hf_{impl}_us"] = bench(lambda: hf(x[None]))
-                    got = hf(x[None])[0].double()
+                    got, want = hf(x[None])[0].double(), layer(x).double()
                 row[f"hf_{impl}_rel_err"] = float((got - want).norm() / want.norm())
+            except torch.OutOfMemoryError:
+                out_of_memory.add(impl); row[f"hf_{impl}_us"] = None
+                torch.cuda.empty_cache()
         rows.append(row)
     layer.capture(tokens)                                       # one graph per token count, one pool
     for row in rows:
@@ -118,26 +121,28 @@ def bench_layer(out_json: str | Path | None = None,
                 deployments: list | None = None,      # entries of LAYER_DEPLOYMENTS (default: all)
                 tokens=LAYER_TOKENS,                  # token counts T
                 peers: bool = True,                   # time transformers' blocks where the family has one
-                seed: int = 0) -> dict:
+                seed: int = 0,
+                on_rows=None) -> dict:                # called with each deployment's rows as they finish
     "Measure the card, then every deployment at every T: floor, eager, replayed, transformers; JSON when `out_json`."
     import subprocess
     device = measure_device()
     rows = []
     for dep in progress(deployments or LAYER_DEPLOYMENTS, "deployments"):
-        rows += _bench_deployment(dep, device, tokens, peers, seed)
+        rows += (new := _bench_deployment(dep, device, tokens, peers, seed))
+        if on_rows is not None: on_rows(new)
     try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError: commit = ""
     report = dict(device=device, commit=commit or "unknown", rows=rows)
     if out_json is not None: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14a_bench_layer.ipynb #d0195e3c6c6b
+# %% ../nbs/14a_bench_layer.ipynb #dca0ce3f143a
 def format_bench_layer(report: dict) -> str:
     "The layer rows as a text table: µs and the ratios that matter (replay / floor, host overhead, vs transformers)."
     lines = [f"{'deployment':<46}{'T':>4}{'experts':>8}{'floor':>8}{'eager':>9}{'replay':>9}{'replay/floor':>13}"
              f"{'host':>8}{'hf grouped':>11}{'hf batched':>11}"]
     for r in report["rows"]:
-        hf = lambda k: f"{r[k]:>11.1f}" if k in r else f"{'-':>11}"
+        hf = lambda k: f"{r[k]:>11.1f}" if r.get(k) is not None else f"{'OOM' if k in r else '-':>11}"
         lines.append(f"{r['deployment']:<46}{r['num_tokens']:>4}{r['touched_experts']:>8}{r['floor_us']:>8.1f}"
                      f"{r['eager_us']:>9.1f}{r['replay_us']:>9.1f}{r['replay_us'] / r['floor_us']:>12.2f}x"
                      f"{r['host_us']:>8.1f}{hf('hf_grouped_mm_us')}{hf('hf_batched_mm_us')}")
@@ -156,7 +161,7 @@ def plot_bench_layer(report: dict):
     for ax, name in zip(axes.flat, names):
         rows = [r for r in report["rows"] if r["deployment"] == name]
         for key, label, style in series:
-            pts = [(r["num_tokens"], r[key]) for r in rows if key in r]
+            pts = [(r["num_tokens"], r[key]) for r in rows if r.get(key) is not None]
             if pts: ax.plot(*zip(*pts), style, label=label, markersize=3)
         ax.set(xscale="log", yscale="log", title=name, xlabel="tokens T", ylabel="µs per forward")
         ax.title.set_fontsize(9)

@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:                               # `moe-lit tables | head -1`: stop quietly, as SIGPIPE would
         _quiet_closed_stdout(); return 141
 
-# %% ../nbs/15_cli.ipynb #006262511001
+# %% ../nbs/15_cli.ipynb #32d027c4bf5b
 def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
@@ -524,7 +524,8 @@ def _bench(args) -> int:
         if not deps:
             print(f"moe-lit: error: --scenario: expected part of a deployment name ({', '.join(d['name'] for d in LAYER_DEPLOYMENTS)}), "
                   f"got {args.scenario}", file=sys.stderr); return 2
-        try: report = bench_layer(args.out, deps)
+        show = lambda rows: print(format_bench_layer(dict(rows=rows)), file=sys.stderr, flush=True)
+        try: report = bench_layer(args.out, deps, on_rows=show)
         except ValueError as e:
             print(f"moe-lit: error: {e}", file=sys.stderr); return 2
         print(format_bench_layer(report)); return 0

@@ -765,7 +765,8 @@ def _bench(args) -> int:
         if not deps:
             print(f"moe-lit: error: --scenario: expected part of a deployment name ({', '.join(d['name'] for d in LAYER_DEPLOYMENTS)}), "
                   f"got {args.scenario}", file=sys.stderr); return 2
-        try: report = bench_layer(args.out, deps)
+        show = lambda rows: print(format_bench_layer(dict(rows=rows)), file=sys.stderr, flush=True)
+        try: report = bench_layer(args.out, deps, on_rows=show)
         except ValueError as e:
             print(f"moe-lit: error: {e}", file=sys.stderr); return 2
         print(format_bench_layer(report)); return 0
