@@ -18,7 +18,7 @@ __all__ = ['EXPERTS', 'Prepared', 'check_prepare_args', 'StandardPrepareFinalize
            'TritonQuantStandardExperts', 'TritonQuantBatchedExperts', 'SharedExperts', 'ModularKernel',
            'make_prepare_finalize', 'make_experts']
 
-# %% ../nbs/10_modular.ipynb #1540a5e4b7db
+# %% ../nbs/10_modular.ipynb #6605c68474fd
 @dataclass
 class Prepared:
     "The output of `prepare`: the activations in the prepare/finalize's format plus what finalize needs."
@@ -31,6 +31,7 @@ class Prepared:
     apply_router_weight_on_input: bool = False
     hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
     expected_m: int | None = None            # expected rows per local expert (tile choice), from the routing
+    num_experts: int | None = None           # the model's experts, global (the Standard experts' layout choice)
 
 # %% ../nbs/10_modular.ipynb #f299c7997c02
 def check_prepare_args(hidden, topk_weights, topk_ids, placement):
@@ -41,7 +42,7 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
 
-# %% ../nbs/10_modular.ipynb #6297514181af
+# %% ../nbs/10_modular.ipynb #da101e9d261d
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -59,7 +60,7 @@ class StandardPrepareFinalize:
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids, self.validate),
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
-                        expected_m=max(1, topk_ids.numel() // placement.num_experts))
+                        expected_m=max(1, topk_ids.numel() // placement.num_experts), num_experts=placement.num_experts)
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
@@ -140,13 +141,14 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #2a1981308892
+# %% ../nbs/10_modular.ipynb #cf07beb20bc8
 class TritonStandardExperts(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.contiguous import TritonExperts
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                      prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                     num_experts=prepared.num_experts,
                                      validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)     # local ids come from the placement: in range by construction
 
 class TritonBatchedExperts(TorchBatchedExperts):

@@ -272,7 +272,10 @@ test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8)
 # pair's local expert. One launch builds it, with no counting and no atomics. The GEMMs accept it unchanged — it is
 # a valid aligned layout whose runs are one pair long — but each block reads its expert's whole weight slice, so two
 # pairs of the same expert read it twice. With `T·top_k` pairs over many experts that is rare at `T ≤ 4` and
-# common at larger `T`; `TritonExperts` switches at `pair_blocks_max_pairs` pairs.
+# common at larger `T`. `TritonExperts` uses pair blocks while the pairs are at most `pair_blocks_max_pairs` *and* at
+# most a quarter of the model's experts (`num_experts`, global), so that few pairs share an expert: on Mixtral
+# (8 experts, top-2) 32 pairs put 4 on every expert and the pair layout reads every weight 4 times (the layer
+# benchmark of `14a_bench_layer` measured 2.5× the floor at T = 16 before this rule).
 
 # %%
 #| export
@@ -647,6 +650,7 @@ class TritonExperts:
               w13_bias: torch.Tensor | None = None,  # [E_local, 2·I] bf16/fp16/fp32, added before the activation
               w2_bias: torch.Tensor | None = None,   # [E_local, H] bf16/fp16/fp32, added before the router weight
               activation: Activation = SILU,     # the gated activation between the GEMMs
+              num_experts: int | None = None,    # the model's experts, global (the pair-block rule); default E_local
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
@@ -668,7 +672,8 @@ class TritonExperts:
         cfg1 = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)
         cfg2 = lookup_tile_config("fused_moe_gemm", E, w2.shape[1], w2.shape[2], expected_m, hidden.dtype)
         block_m = check_block_m(cfg1["BLOCK_M"] if block_m is None else block_m)
-        tiny = T * k <= self.pair_blocks_max_pairs
+        spread = (E if num_experts is None else check_int("num_experts", num_experts, lo=E)) // 4
+        tiny = T * k <= min(self.pair_blocks_max_pairs, max(1, spread))   # few pairs, rarely two on one expert
         align = moe_pair_blocks if tiny else moe_align_block_size
         s, e, n = align(local_ids, block_m, E, validate=False)                 # ids come from the placement
         on_in = apply_router_weight_on_input

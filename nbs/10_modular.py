@@ -58,6 +58,7 @@ class Prepared:
     apply_router_weight_on_input: bool = False
     hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
     expected_m: int | None = None            # expected rows per local expert (tile choice), from the routing
+    num_experts: int | None = None           # the model's experts, global (the Standard experts' layout choice)
 
 # %% [markdown]
 # ## Prepare/finalize
@@ -95,7 +96,7 @@ class StandardPrepareFinalize:
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids, self.validate),
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
-                        expected_m=max(1, topk_ids.numel() // placement.num_experts))
+                        expected_m=max(1, topk_ids.numel() // placement.num_experts), num_experts=placement.num_experts)
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
@@ -199,6 +200,7 @@ class TritonStandardExperts(TorchStandardExperts):
         from moe_lit.kernels.contiguous import TritonExperts
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                      prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                     num_experts=prepared.num_experts,
                                      validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)     # local ids come from the placement: in range by construction
 
 class TritonBatchedExperts(TorchBatchedExperts):

@@ -366,7 +366,7 @@ def _w_descriptor_ok(w: torch.Tensor) -> bool:
     "A tensor descriptor needs a contiguous w with 16-byte aligned rows and base."
     return w.is_contiguous() and (w.shape[2] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #8deed53185bb
+# %% ../../nbs/08_kernels.contiguous.ipynb #e92731db24df
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -384,6 +384,7 @@ class TritonExperts:
               w13_bias: torch.Tensor | None = None,  # [E_local, 2·I] bf16/fp16/fp32, added before the activation
               w2_bias: torch.Tensor | None = None,   # [E_local, H] bf16/fp16/fp32, added before the router weight
               activation: Activation = SILU,     # the gated activation between the GEMMs
+              num_experts: int | None = None,    # the model's experts, global (the pair-block rule); default E_local
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
@@ -405,7 +406,8 @@ class TritonExperts:
         cfg1 = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)
         cfg2 = lookup_tile_config("fused_moe_gemm", E, w2.shape[1], w2.shape[2], expected_m, hidden.dtype)
         block_m = check_block_m(cfg1["BLOCK_M"] if block_m is None else block_m)
-        tiny = T * k <= self.pair_blocks_max_pairs
+        spread = (E if num_experts is None else check_int("num_experts", num_experts, lo=E)) // 4
+        tiny = T * k <= min(self.pair_blocks_max_pairs, max(1, spread))   # few pairs, rarely two on one expert
         align = moe_pair_blocks if tiny else moe_align_block_size
         s, e, n = align(local_ids, block_m, E, validate=False)                 # ids come from the placement
         on_in = apply_router_weight_on_input
