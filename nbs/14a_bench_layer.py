@@ -236,3 +236,51 @@ text = format_bench_layer(fake)
 assert "1.20x" in text and text.count("\n") == 2, text
 fig = plot_bench_layer(fake)
 test_eq(len(fig.axes[0].lines), 4)                               # floor, replay, eager, one transformers series
+
+# %% [markdown]
+# ## Results, H200
+#
+# `nbs/bench/layer_bench_h200_8a184b7.json` (with its log and figure) comes from one run of `moe-lit bench --layer` at
+# commit 8a184b7 on an NVIDIA H200 (copy bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6,
+# transformers 5.17, 2026-12-02; the script that drives the GPU runs is `nbs/bench/layer_gpu.sh`. Columns: local
+# experts the batch touched, floor, eager, replayed graph (µs), replay / floor, host overhead (eager − replay), and
+# transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`: `batched_mm` gathers a weight copy per pair and ran
+# out of the card's 140 GB).
+
+# %%
+layer_h200 = load_bench_layer("bench/layer_bench_h200_8a184b7.json")
+print(format_bench_layer(layer_h200))
+
+# %%
+plot_bench_layer(layer_h200)
+
+# %% [markdown]
+# **Reading.**
+#
+# - **Replayed, the layer is near its floor where the experts' bytes dominate** — gpt-oss-120b from T = 8 (1.08–1.26×),
+#   DeepSeek-V3 EP8 with NIXL EP from T = 16 (1.13–1.24×), Mixtral at T = 2, 32, 64, 128 (1.08–1.26×) — and **15 of
+#   the 54 rows meet the 1.25 × floor + 10 µs bar**. At T ≤ 4 it does not: the floor there is 10–65 µs and a forward
+#   is still about a dozen dependent launches (router GEMM, router, dispatch or pair blocks, two GEMMs, combine,
+#   shared experts), each 2–5 µs even in a graph, plus GEMMs that fill few SMs when one or two experts have rows
+#   (DeepSeek-V3 rank 0 at T = 1 reads 2 experts' 88 MB with a grid of 64 programs). The Qwen3 and DeepSeek
+#   allgather rows (contiguous path) stay at 1.3–1.6× up to T = 256: the aligned GEMMs at 16–64 rows per expert are
+#   below the batched ones.
+# - **Against transformers (same weights, same family block):** replayed, moe-lit is faster than the best of
+#   `grouped_mm` / `batched_mm` at every Qwen3 token count (62 vs 234 µs at T = 1, 444 vs 608 at T = 256) and every
+#   Mixtral count except T = 16 — where the pair-block layout read every Mixtral weight four times (1663 µs, 2.5× the
+#   floor; fixed in the next commit by allowing pair blocks only while pairs are at most a quarter of the experts) —
+#   and T = 256 (1236 vs 1201 µs, a tile choice). **Eager**, moe-lit loses at small T: 717 vs 234 µs on Qwen3 at
+#   T = 1, 797 vs 577 on Mixtral. The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6%
+#   (Qwen3): transformers rounds the router logits to bf16 before the softmax, so near-tied experts of Qwen3's 128
+#   flip; moe-lit keeps them in fp32.
+# - **Host overhead** is 300–1400 µs per eager forward at T ≤ 16 — far above the 100 µs goal. cProfile of 100
+#   forwards (`nbs/bench/profile_layer_h200_44e793c.log`, before the tile lookups were cached) spreads it over
+#   Triton's launcher (5 launches a forward), about 15 torch ops and about 30 argument checks; no single call
+#   dominates once the tile-table path lookups (~180 µs each) were cached. A serving engine does not pay it: the
+#   graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 4–7 µs at every row.
+# - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.3 µs at
+#   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
+#   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-
+#   precision split-K reduction) yet 20–100× smaller than the bf16 logits transformers computes, so it is kept.
+# - **Shared experts beside the routed ones** (a side stream inside the graph) save 9–22 µs at T = 1 and 14–16 µs at
+#   T = 64 on DeepSeek-V3 rank 0 (`overlap_ab_h200_efa90f1.log`).
