@@ -254,6 +254,9 @@ print(format_bench_layer(layer_h200))
 # %%
 plot_bench_layer(layer_h200)
 
+# %%
+print(format_bench_layer(load_bench_layer("bench/layer_bench_mixtral_h200_3c93b29.json")))   # after the pair-block rule
+
 # %% [markdown]
 # **Reading.**
 #
@@ -267,12 +270,13 @@ plot_bench_layer(layer_h200)
 #   below the batched ones.
 # - **Against transformers (same weights, same family block):** replayed, moe-lit is faster than the best of
 #   `grouped_mm` / `batched_mm` at every Qwen3 token count (62 vs 234 µs at T = 1, 444 vs 608 at T = 256) and every
-#   Mixtral count except T = 16 — where the pair-block layout read every Mixtral weight four times (1663 µs, 2.5× the
-#   floor; fixed in the next commit by allowing pair blocks only while pairs are at most a quarter of the experts) —
-#   and T = 256 (1236 vs 1201 µs, a tile choice). **Eager**, moe-lit loses at small T: 717 vs 234 µs on Qwen3 at
-#   T = 1, 797 vs 577 on Mixtral. The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6%
-#   (Qwen3): transformers rounds the router logits to bf16 before the softmax, so near-tied experts of Qwen3's 128
-#   flip; moe-lit keeps them in fp32.
+#   Mixtral count but two: T = 16, where the pair-block layout read every Mixtral weight four times (1663 µs, 2.5× the
+#   floor), and T = 256 (1236 vs 1201 µs, a tile choice of the aligned GEMMs). Pair blocks are now used only while
+#   the pairs are at most a quarter of the experts; the Mixtral rows measured again after that change (below,
+#   commit 3c93b29) give 613 µs at T = 8 (was 871) and 706 µs at T = 16 (was 1663), faster than transformers' best at
+#   every T but 256. **Eager**, moe-lit loses at small T: 717 vs 234 µs on Qwen3 at T = 1, 797 vs 577 on Mixtral.
+#   The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6% (Qwen3): transformers rounds the
+#   router logits to bf16 before the softmax, so near-tied experts of Qwen3's 128 flip; moe-lit keeps them in fp32.
 # - **Host overhead** is 300–1400 µs per eager forward at T ≤ 16 — far above the 100 µs goal. cProfile of 100
 #   forwards (`nbs/bench/profile_layer_h200_44e793c.log`, before the tile lookups were cached) spreads it over
 #   Triton's launcher (5 launches a forward), about 15 torch ops and about 30 argument checks; no single call
