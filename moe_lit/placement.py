@@ -174,18 +174,19 @@ def _check_replica_table(logical_to_physical: torch.Tensor, logical_replica_coun
         p = int((uses > 1).nonzero()[0])
         raise ValueError(f"logical_to_physical: expected each physical id once, got {p} {int(uses[p])} times")
 
-# %% ../nbs/04_placement.ipynb #bf4e9ae1f729
+# %% ../nbs/04_placement.ipynb #585cd3a47f9f
 def map_to_physical(
     topk_ids: torch.Tensor,               # [num_tokens, top_k] int32/int64 (any shape), logical ids, -1 = empty slot
     logical_to_physical: torch.Tensor,    # [num_logical_experts, max_replicas] int64, -1 padded (see eplb_replicas)
     logical_replica_count: torch.Tensor,  # [num_logical_experts] int64, valid replicas per logical expert
+    validate: bool = True,                # check the table and the ids (host syncs); False for a layer's own tables and ids
 ) -> torch.Tensor:                        # same shape as topk_ids, int32: physical ids, -1 where topk_ids is -1
     "Replace each logical id by one of its physical replicas: replica = flat position % count (vLLM's EPLB mapping)."
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    _check_replica_table(logical_to_physical, logical_replica_count)
+    if validate: _check_replica_table(logical_to_physical, logical_replica_count)
     num_logical = logical_to_physical.shape[0]
     ids = topk_ids.reshape(-1).long()
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_logical):
+    if validate and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_logical):
         raise ValueError(f"topk_ids: expected ids in [-1, {num_logical}), got min {int(ids.min())}, "
                          f"max {int(ids.max())}")
     safe = ids.clamp(min=0)                  # -1 must not index the last row (negative indexing wraps); masked below

@@ -17,7 +17,7 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.dispatch import batched_combine, combine_pairs
+from moe_lit.kernels.dispatch import combine_pairs
 
 # %%
 #| hide
@@ -348,7 +348,7 @@ test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), co
 #
 # Grid `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major so consecutive programs share the weight
 # tile. Row offsets are int64: `T·top_k·N` passes 2^31 at long prefills (sglang#4727: 56k tokens × top-8 × 7168).
-# `-1` blocks write nothing; the final weighted sum (`batched_combine` over the pair rows) skips the pairs that were
+# `-1` blocks write nothing; the final weighted sum (`combine_pairs` over the pair rows) skips the pairs that were
 # never computed, so unwritten rows are never read. With the router weight on the input, a linear GEMM1 lets the
 # weight scale the accumulators before the activation: `W1·(w·x) = w·(W1·x)`.
 #
@@ -623,7 +623,7 @@ assert_close(out[tail], want, name="rows past 2^31")
 #
 # `TritonExperts` chains the pieces: align the pairs by local expert, GEMM1 with the expert bias and the gated
 # activation over token rows, GEMM2 with the expert bias and the router weight over pair rows, and the sum over each
-# token's slots — `batched_combine` viewing the pair rows as one slab, with `-1` for pairs that are not on this rank.
+# token's slots — `combine_pairs` (`07_kernels.dispatch`), one launch that reads only the pairs whose expert is on this rank.
 # The block size follows the expected rows per expert.
 #
 # It computes `out[t] = Σ_k w_tk · (W2·act(W13·x_t + b13) + b2)` over the slots with a local expert — or, with the

@@ -14,10 +14,11 @@ from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLO
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.routing import matmul_acc
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
-                             combine_batched_reference, expert_mlp, Activation, SILU)
+                             combine_batched_reference, Activation, SILU)
 
 # %%
 #| hide
+from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS, ParallelConfig

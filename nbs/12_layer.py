@@ -15,8 +15,8 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits
-from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp, Activation
+from moe_lit.placement import Placement, eplb_replicas, map_to_physical
+from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
@@ -24,6 +24,7 @@ from moe_lit.kernels.router import router_plan, route_topk
 
 # %%
 #| hide
+from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS
@@ -127,9 +128,6 @@ class FusedMoE(torch.nn.Module):
         self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
                                                             backend)
         self.quant = quant
-        if config.num_redundant_experts:
-            raise ValueError(f"num_redundant_experts: expected 0 (EPLB replicas are not run by the layer yet), "
-                             f"got {config.num_redundant_experts}")
         self.config, self.activation = config, Activation.of(config)
         self.placement = Placement.build(config, strategy=placement)
         source = _weight_source(config, weights, seed)
@@ -197,7 +195,8 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
 #| export
 def _load_experts(self, source: WeightSource, device: torch.device):
     "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
-    c, ids = self.config, self.placement.local_to_global.tolist()
+    c = self.config
+    ids = (self.placement.local_to_global % c.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
     pad = c.padded_hidden_size - c.hidden_size                     # the backend's wire size (zero columns)
     ex = _checked(source.experts(ids), c, ("w13", "w2", "w13_bias", "w2_bias"), num=len(ids))
     w13, w2, b13, b2 = (None if t is None else t.to(c.dtype) for t in ex.values())
@@ -296,6 +295,8 @@ def _build_hot_path(self):
     p = self.placement
     self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical", "slot_table")
                                                if getattr(p, n) is not None})
+    self.replicas = None if not c.num_redundant_experts else tuple(     # EPLB: (logical_to_physical, counts)
+        t.to(dev) for t in eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size))
     self._kernels, self.graphs = {}, {}
 
 def _modular_kernel(self, num_tokens: int) -> ModularKernel:
@@ -314,6 +315,9 @@ FusedMoE._build_hot_path, FusedMoE._modular_kernel = _build_hot_path, _modular_k
 # Routing runs in fp32 on every rank with the same router, so every rank agrees on `topk_ids`. The ids take the
 # dtype the backend wants (`topk_indices_dtype`: int64 for DeepEP and NIXL EP, int32 otherwise). With Triton experts
 # the router is the one-launch kernel of `03a_kernels.router`; with the torch experts it is its spec, `select_experts`.
+# With EPLB replicas (`num_redundant_experts`, `parallel.enable_eplb`) the ids are physical: each logical choice is
+# mapped to one of its replicas (`04_placement.map_to_physical`), and each rank holds the weights of its physical
+# experts, physical `p` being a copy of logical `p % num_experts`.
 
 # %%
 #| export
@@ -323,8 +327,9 @@ def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
     logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
-    if self.router is not None: return route_topk(self.router, logits, bias, self.config.topk_indices_dtype)
-    wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
+    if self.router is not None: wts, ids = route_topk(self.router, logits, bias, self.config.topk_indices_dtype)
+    else: wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
+    if self.replicas is not None: ids = map_to_physical(ids, *self.replicas, validate=self.debug)   # EPLB
     return wts, ids.to(self.config.topk_indices_dtype)
 
 def _check_topk(self, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,8 +339,8 @@ def _check_topk(self, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor
     k = self.config.top_k
     wts = check_tensor("topk_weights", topk[0], shape=(num_tokens, k), dtype=torch.float32)
     ids = check_tensor("topk_ids", topk[1], shape=(num_tokens, k), dtype=(torch.int32, torch.int64))
-    if ids.numel() and ((ids < -1) | (ids >= self.config.num_experts)).any():
-        raise ValueError(f"topk_ids: expected ids in [-1, {self.config.num_experts}), got "
+    if ids.numel() and ((ids < -1) | (ids >= self.placement.num_experts)).any():   # physical ids (EPLB: replicas)
+        raise ValueError(f"topk_ids: expected ids in [-1, {self.placement.num_experts}), got "
                          f"{int(ids.min())}..{int(ids.max())}")
     return wts, ids.to(self.config.topk_indices_dtype)
 
@@ -631,7 +636,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         moe_reference_standard(hidden, w13, w2, topk[0], local, accumulate_into=single, **kw)
         moe_reference_standard(hidden.double(), w13, w2, topk[0], local, accumulate_into=ref, **kw)
         if ref_float is not None:                       # the same rank on the weights before quantization, for the report
-            orig = weights.experts(layer.placement.local_to_global.tolist())
+            orig = weights.experts((layer.placement.local_to_global % config.num_experts).tolist())
             moe_reference_standard(hidden.double(), orig["w13"].to(hidden.device), orig["w2"].to(hidden.device), topk[0],
                                    local, accumulate_into=ref_float, **kw)
             del orig
@@ -692,6 +697,24 @@ test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a Weig
 test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
 zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
 test_eq(zero.output.shape, (0, 32))
+
+# %% [markdown]
+# EPLB replicas do not change the model: the same weights with 4 redundant experts on 4 ranks give the single-device
+# output, in both formats, and some pairs do go to a replica (physical id ≥ `num_experts`).
+
+# %%
+#| test emulated_ep_eplb
+torch.manual_seed(9)
+base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float32)
+x = torch.randn(24, 32)
+plain = run_emulated_ep(base, x, seed=3)
+for backend in ("nixl_ep", "allgather_reducescatter"):
+    par = ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend=backend, enable_eplb=True)
+    run = run_emulated_ep(base.replace(num_redundant_experts=4, parallel=par), x, seed=3)
+    assert_close(run.output, run.reference, name=backend)
+    assert_close(run.output, plain.output.double(), name=backend)              # replicas are copies
+    assert (run.topk_ids >= 8).any() and run.topk_ids.max() < 12
+    test_eq(sorted(torch.cat([p.local_to_global for p in run.placements]).tolist()), list(range(12)))
 
 # %% [markdown]
 # The Triton paths through the layer: deployments with `experts="triton"` (the interpreter on a CPU) give the

@@ -16,10 +16,10 @@ from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, che
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
 from moe_lit.routing import select_experts, router_logits
-from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
+from moe_lit.placement import Placement, expert_block, round_robin_routing_tables
 from moe_lit.formats import moe_reference_standard, expert_mlp
 from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, check_prepare_args
-from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts
+from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config
 from moe_lit.testing import check_output
 from moe_lit.testing import assert_close
 
@@ -712,12 +712,15 @@ def init_distributed(timeout_s: float = 600.0,      # seconds a collective may w
 # `run_distributed` is the main job of `moe-lit run` on real processes. Every rank
 #
 # 1. takes its config from the deployment (`rank_config`: DP rank `r` of `S`, EP on) and builds its `Placement`;
-# 2. generates only its own experts' weights (`RandomExpertWeights`: expert `g` depends only on `(seed, g)`; under
-#    EPLB a physical slot `p` holds logical expert `p % num_experts`, vLLM's initial EPLB map);
+# 2. builds its `FusedMoE` (`12_layer`) — the same object a single-process user gets: only its own experts' weights
+#    (`RandomExpertWeights`: expert `g` depends only on `(seed, g)`; under EPLB a physical slot `p` holds logical
+#    expert `p % num_experts`, vLLM's initial EPLB map), the replicated router, the placement's tables, the experts
+#    the deployment's format and the device call for;
 # 3. takes its share of the tokens — the batch is drawn from the shared seed exactly as `moe-lit run` draws it, so
-#    both commands see the same tokens — and routes them with the replicated router (EPLB: each logical id then goes
-#    to one of its physical replicas, `map_to_physical`);
-# 4. runs `ModularKernel(make_distributed_prepare_finalize(...), experts)` and gets its own tokens' output.
+#    both commands see the same tokens — and routes them with the layer's router (EPLB: each logical id then goes to
+#    one of its physical replicas);
+# 4. runs `ModularKernel(make_distributed_prepare_finalize(...), the layer's experts and shared experts)` on the
+#    layer's weights and gets its own tokens' output. Only the prepare/finalize differs from the layer's own forward.
 #
 # Rank 0 gathers every rank's output and routing, and computes the single-process result the existing way — the
 # Standard path over all experts, streamed in chunks of experts into an fp32 accumulator, and the same in float64 —
@@ -763,33 +766,16 @@ class DistributedRun:
 
 # %%
 #| export
-def _local_weights(cfg: MoEConfig, place: Placement, weights: RandomExpertWeights, device):
-    "This rank's `(w13, w2)` padded to the wire width, and its shared experts (None without)."
-    logical = (place.local_to_global % cfg.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
-    ex = weights.experts(logical)
-    w13, w2 = ex["w13"], ex["w2"]
-    pad = cfg.padded_hidden_size - cfg.hidden_size                  # the backend's wire width: zero columns
-    if pad: w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
-    shared = weights.shared()
-    return w13.to(device), w2.to(device), None if shared is None else SharedExperts(**{k: t.to(device) for k, t in shared.items()})
-
 def _tokens(config: MoEConfig, num_tokens: int, seed: int) -> torch.Tensor:
     "The batch `[num_tokens, H]` in config.dtype on the CPU, drawn as `moe-lit run` draws it (seed + 7)."
     return torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7)).to(config.dtype)
 
 def _route(cfg: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor):
-    "`(topk_weights [T, top_k] fp32, logical topk_ids [T, top_k] int64)` from the replicated router."
+    "The single-process routing of rank 0's check: `(topk_weights fp32, logical topk_ids int64)`, `[T, top_k]`, by the spec."
     r = {k: t.to(hidden.device) for k, t in weights.router().items()}
     logits = router_logits(hidden, r["gate"], r.get("gate_bias"))
     wts, ids = select_experts(cfg, logits, r.get("e_score_correction_bias"))
     return wts, ids.long()
-
-def _to_physical(cfg: MoEConfig, logical: torch.Tensor) -> torch.Tensor:
-    "EPLB: one physical replica per logical id (`map_to_physical`); otherwise unchanged. In the backend's id dtype."
-    if cfg.num_redundant_experts:
-        l2p, count = eplb_replicas(cfg.num_experts, cfg.num_redundant_experts, cfg.ep_size)
-        logical = map_to_physical(logical, l2p.to(logical.device), count.to(logical.device))
-    return logical.to(cfg.topk_indices_dtype)
 
 # %%
 #| export
@@ -827,17 +813,18 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
     "The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result."
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = _group_device(group), rank_config(config, rank), time.perf_counter()
-    place, weights = Placement.build(cfg, placement), RandomExpertWeights(config, seed)
-    w13, w2, shared = _local_weights(cfg, place, weights, device)
+    weights = RandomExpertWeights(config, seed)
+    layer = FusedMoE(cfg, weights, placement, experts=experts, device=device)   # its experts, router, tables
     hidden_all = _tokens(config, num_tokens, seed)
     hidden = hidden_all[sum(counts[:rank]):sum(counts[:rank + 1])].to(device)
-    wts, logical = _route(cfg, weights, hidden)
-    ids = _to_physical(cfg, logical)
+    wts, ids = layer.route(hidden)                          # EPLB: physical ids, one replica per logical choice
+    logical = ids.long() % config.num_experts               # physical p is a copy of logical p % num_experts
     pf = make_distributed_prepare_finalize(cfg, group, max_num_tokens_per_rank)
-    impl = resolve_experts(experts, pf.activation_format, device)
-    mk, t1 = ModularKernel(pf, make_experts(pf, impl[0]), shared), time.perf_counter()
+    place, impl = layer.placement, (layer.experts, layer.experts_reason)
+    mk, t1 = ModularKernel(pf, make_experts(pf, layer.experts), layer.shared_experts), time.perf_counter()
     stages = {}                                             # dispatch (prepare), experts, combine (finalize) seconds
-    out = mk(hidden, w13, w2, wts, ids, place, cfg.apply_router_weight_on_input, timings=stages)
+    out = mk(hidden, layer.w13, layer.w2, wts, ids, place, cfg.apply_router_weight_on_input, timings=stages,
+             w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, activation=layer.activation)
     if device.type == "cuda": torch.cuda.synchronize()
     stats = dict(pf.stats, weights_s=t1 - t0, forward_s=time.perf_counter() - t1, **stages)
     run = DistributedRun(cfg, place, counts, out, [None] * S, impl, type(pf).__name__)
@@ -1118,10 +1105,10 @@ def world_one_job(experts: str = "triton") -> list:
     "Job at world size 1: both prepare/finalize classes around `experts`, vs the float64 reference; plus run_distributed."
     device, g = _group_device(None), torch.Generator().manual_seed(3)
     cfg = MoEConfig(8, 2, 64, 32, dtype=torch.bfloat16, num_shared_experts=1, name="world-one")
-    place, weights = Placement.build(cfg), RandomExpertWeights(cfg, 1)
-    w13, w2, shared = _local_weights(cfg, place, weights, device)
+    layer = FusedMoE(cfg, RandomExpertWeights(cfg, 1), experts=experts, device=device)
+    place, w13, w2, shared = layer.placement, layer.w13, layer.w2, layer.shared_experts
     hidden = torch.randn(13, 64, generator=g).to(device=device, dtype=cfg.dtype)
-    wts, ids = _route(cfg, weights, hidden)
+    wts, ids = layer.route(hidden)
     ref = moe_reference_standard(hidden.double().cpu(), w13.cpu(), w2.cpu(), wts.cpu(), ids.cpu())
     ref = ref + expert_mlp(hidden.double().cpu(), shared.w13.cpu(), shared.w2.cpu())
     out = []

@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import json, math
+import json
 from pathlib import Path
 import torch
 from moe_lit.terms import check_int, progress
@@ -166,7 +166,7 @@ def _bench_deployment(dep: dict, device: dict, tokens, peers: bool, seed: int) -
         row["replay_us"] = bench(graph.replay)
         row["forward_replayed_us"] = bench(lambda: layer(xs[row["num_tokens"]]))   # copy in, replay, copy out
         row["host_us"] = row["eager_us"] - row["replay_us"]
-    del layer, hf
+    layer = hf = None                                         # free the weights before the next deployment
     torch.cuda.empty_cache()
     return rows
 

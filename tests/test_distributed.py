@@ -9,10 +9,10 @@ from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, che
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
 from moe_lit.routing import select_experts, router_logits
-from moe_lit.placement import Placement, expert_block, round_robin_routing_tables, eplb_replicas, map_to_physical
+from moe_lit.placement import Placement, expert_block, round_robin_routing_tables
 from moe_lit.formats import moe_reference_standard, expert_mlp
 from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, check_prepare_args
-from moe_lit.layer import RandomExpertWeights, rank_config, resolve_experts
+from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config
 from moe_lit.testing import check_output
 from moe_lit.testing import assert_close
 from fastcore.test import test_eq, test_fail

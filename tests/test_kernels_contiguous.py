@@ -10,7 +10,7 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.dispatch import batched_combine, combine_pairs
+from moe_lit.kernels.dispatch import combine_pairs
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.formats import moe_reference_standard

@@ -8,12 +8,13 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits
-from moe_lit.placement import Placement
-from moe_lit.formats import moe_reference_standard, expert_mlp, Activation
+from moe_lit.placement import Placement, eplb_replicas, map_to_physical
+from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
 from moe_lit.kernels.router import router_plan, route_topk
+from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS
@@ -190,6 +191,20 @@ def test_emulated_ep_rank_counts():
     test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
     zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
     test_eq(zero.output.shape, (0, 32))
+
+
+def test_emulated_ep_eplb():
+    torch.manual_seed(9)
+    base = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float32)
+    x = torch.randn(24, 32)
+    plain = run_emulated_ep(base, x, seed=3)
+    for backend in ("nixl_ep", "allgather_reducescatter"):
+        par = ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend=backend, enable_eplb=True)
+        run = run_emulated_ep(base.replace(num_redundant_experts=4, parallel=par), x, seed=3)
+        assert_close(run.output, run.reference, name=backend)
+        assert_close(run.output, plain.output.double(), name=backend)              # replicas are copies
+        assert (run.topk_ids >= 8).any() and run.topk_ids.max() < 12
+        test_eq(sorted(torch.cat([p.local_to_global for p in run.placements]).tolist()), list(range(12)))
 
 
 def test_emulated_ep_triton_experts():
