@@ -513,12 +513,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:                               # `moe-lit tables | head -1`: stop quietly, as SIGPIPE would
         _quiet_closed_stdout(); return 141
 
-# %% ../nbs/15_cli.ipynb #32d027c4bf5b
+# %% ../nbs/15_cli.ipynb #9714bf862a3c
 def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
+    if args.out and not Path(args.out).resolve().parent.is_dir():          # before minutes of measuring, not after
+        print(f"moe-lit: error: --out: expected a file in an existing directory, got {args.out}", file=sys.stderr); return 2
     if args.layer:
-        if args.tune: print("moe-lit: error: --tune: expected no value with --layer (it tunes GEMM tiles)", file=sys.stderr); return 2
+        for flag, value in (("--tune", args.tune), ("--config-dir", args.config_dir)):
+            if value: print(f"moe-lit: error: {flag}: expected none with --layer (it tunes GEMM tiles), got {value}",
+                            file=sys.stderr); return 2
         from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
         deps = pick(LAYER_DEPLOYMENTS)
         if not deps:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from dataclasses import dataclass
 from moe_lit.terms import check_tensor
 from moe_lit.config import MoEConfig
+from moe_lit.kernels.batched import check_kernel_device
 from moe_lit.routing import ungroupable_reason
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail
-from moe_lit.kernels.batched import DEVICE
+from moe_lit.kernels.batched import DEVICE, INTERPRET
 from moe_lit.routing import select_experts
 from moe_lit.testing import assert_close
 
@@ -47,7 +49,9 @@ from moe_lit.testing import assert_close
 #     weights = score[ids] (or sigmoid(x[ids]) for llama4), renormalised, times routed_scaling_factor
 # ```
 #
-# Selection by repeated arg-max is exact: the same comparisons as a stable sort, `top_k` times. "Available" is a
+# Selection by repeated arg-max is exact: the same comparisons as a stable sort, `top_k` times. (The ids equal the
+# torch router's except where two scores differ by about one ulp: Triton's `exp` and torch's may round such a pair
+# into a tie on one side only, and the tie then goes to the lower id on that side.) "Available" is a
 # mask, not a `-inf` fill, so that a legitimate `-inf` logit (Llama-4 selects on raw logits) still ranks above the
 # lanes that are not experts and the experts of dropped groups.
 
@@ -139,8 +143,22 @@ def _route_topk_kernel(
 
 # %%
 #| export
-def router_plan(config: MoEConfig) -> dict:
-    "The routing method of `config` as the kernel's constexprs (the grouped fall-back resolved): a dict, computed once."
+@dataclass(frozen=True)
+class RouterPlan:
+    "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
+    num_experts: int
+    TOP_K: int
+    SCORING: int            # 0 softmax, 1 sigmoid, 2 llama4
+    HAS_BIAS: bool
+    RENORMALIZE: bool
+    NUM_GROUPS: int         # 1: no groups (also the grouped fall-back)
+    TOPK_GROUP: int
+    GROUP_SIZE: int
+    TOP2: bool              # a group's score is its top-2 sum (with a correction bias)
+    scale: float            # routed_scaling_factor (1 for llama4)
+
+def router_plan(config: MoEConfig) -> RouterPlan:
+    "The routing method of `config` as the kernel's constants (the grouped fall-back resolved), computed once."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     c = config
     groups, topk_group = 1, 1
@@ -149,25 +167,28 @@ def router_plan(config: MoEConfig) -> dict:
         groups, topk_group = c.num_expert_group, c.topk_group
         most = topk_group * (c.num_experts // groups)
         if c.top_k > most: raise ValueError(f"top_k: expected <= topk_group * experts per group = {most}, got {c.top_k}")
-    scoring = 2 if c.routing_method == "llama4" else {"softmax": 0, "sigmoid": 1}[c.scoring_func]
     llama4 = c.routing_method == "llama4"
-    return dict(TOP_K=c.top_k, SCORING=scoring, HAS_BIAS=c.has_correction_bias, RENORMALIZE=c.renormalize and not llama4,
-                NUM_GROUPS=groups, TOPK_GROUP=topk_group, GROUP_SIZE=c.num_experts // groups,
-                TOP2=groups > 1 and c.has_correction_bias, scale=1.0 if llama4 else float(c.routed_scaling_factor),
-                num_experts=c.num_experts)
+    return RouterPlan(c.num_experts, c.top_k, 2 if llama4 else {"softmax": 0, "sigmoid": 1}[c.scoring_func],
+                      c.has_correction_bias, c.renormalize and not llama4, groups, topk_group, c.num_experts // groups,
+                      groups > 1 and c.has_correction_bias, 1.0 if llama4 else float(c.routed_scaling_factor))
 
-def route_topk(plan: dict,                          # router_plan(config)
-               logits: torch.Tensor,                # [T, num_experts] fp32/bf16/fp16 router logits
+def route_topk(plan: RouterPlan,                    # router_plan(config)
+               logits: torch.Tensor,                # [T, num_experts] fp32/bf16/fp16 (fp64 is selected in fp32)
                bias: torch.Tensor | None = None,    # [num_experts] fp32 correction bias, iff the plan has one
                ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
               ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` in one launch; the same result as `select_experts`."
-    E, top_k = plan["num_experts"], plan["TOP_K"]
-    check_tensor("logits", logits, shape=(None, E), dtype=(torch.float32, torch.bfloat16, torch.float16))
-    if (bias is None) == plan["HAS_BIAS"]:
-        raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan['HAS_BIAS'] else 'None'}, got "
+    if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
+    E, top_k = plan.num_experts, plan.TOP_K
+    check_tensor("logits", logits, shape=(None, E), dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
+    if ids_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
+    if (bias is None) == plan.HAS_BIAS:
+        raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan.HAS_BIAS else 'None'}, got "
                          f"{'None' if bias is None else 'a tensor'}")
-    if bias is not None: check_tensor("bias", bias, shape=(E,), dtype=torch.float32)
+    if bias is not None: bias = check_tensor("bias", bias, shape=(E,), dtype=torch.float32).contiguous()
+    check_kernel_device("logits", logits, bias=bias)
+    if logits.dtype == torch.float64: logits = logits.float()          # selection is fp32 by contract
     if logits.stride(-1) != 1: logits = logits.contiguous()
     T = logits.shape[0]
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
@@ -175,11 +196,11 @@ def route_topk(plan: dict,                          # router_plan(config)
     if T:
         block_e = max(triton.next_power_of_2(E), 16)
         _route_topk_kernel[(T,)](logits, bias if bias is not None else logits, w, ids, E, logits.stride(0),
-                                 plan["scale"], TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_E=block_e,
-                                 SCORING=plan["SCORING"], HAS_BIAS=plan["HAS_BIAS"], RENORMALIZE=plan["RENORMALIZE"],
-                                 NUM_GROUPS=plan["NUM_GROUPS"], G_PAD=triton.next_power_of_2(plan["NUM_GROUPS"]),
-                                 TOPK_GROUP=plan["TOPK_GROUP"],
-                                 GROUP_SIZE=plan["GROUP_SIZE"], TOP2=plan["TOP2"], num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
+                                 plan.scale, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_E=block_e,
+                                 SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
+                                 NUM_GROUPS=plan.NUM_GROUPS, G_PAD=triton.next_power_of_2(plan.NUM_GROUPS),
+                                 TOPK_GROUP=plan.TOPK_GROUP, GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2,
+                                 num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids
 
 # %% [markdown]
@@ -233,6 +254,14 @@ test_fail(lambda: route_topk(plan, torch.randn(3, 7)), contains="logits: expecte
 test_fail(lambda: route_topk(plan, torch.randn(3, 8).long()), contains="logits: expected dtype")
 test_fail(lambda: route_topk(plan, torch.randn(3, 8), torch.zeros(8)), contains="bias: expected None, got a tensor")
 test_fail(lambda: router_plan("x"), contains="config: expected a MoEConfig")
+test_fail(lambda: route_topk({}, torch.randn(3, 8)), contains="plan: expected a RouterPlan")
+test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
+strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))
+b = torch.arange(16.0, device=DEVICE)[::2] / 16                                   # a strided bias is read as its values
+x = torch.zeros(2, 8, device=DEVICE)
+test_eq(route_topk(strided, x, b)[1].tolist(), select_experts(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"), x, b)[1].tolist())
+if not INTERPRET and DEVICE == "cpu":
+    test_fail(lambda: route_topk(plan, torch.randn(3, 8)), contains="logits: expected a CUDA tensor")
 biased = router_plan(cfg.replace(has_correction_bias=True))
 test_fail(lambda: route_topk(biased, torch.randn(3, 8)), contains="bias: expected a [num_experts] fp32 tensor, got None")
 test_fail(lambda: route_topk(biased, torch.randn(3, 8), torch.zeros(8).double()), contains="bias: expected dtype torch.float32")

@@ -10,7 +10,7 @@
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_choice, check_tensor
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool
 from moe_lit.config import ParallelConfig, MoEConfig, SIZE_LIMIT
 
 # %%
@@ -627,6 +627,29 @@ class Placement:
 
 # %%
 #| export
+def local_slot_table(num_experts: int,                 # experts placed (physical)
+                     num_local_experts: int,           # experts on this rank
+                     physical_offset: int,             # this rank's first physical id (with tables)
+                     expert_map: torch.Tensor | None,  # [num_experts] int32 global -> local or -1, or None
+                     global_to_physical: torch.Tensor | None = None,  # [num_experts] int64 (round-robin tables)
+                    ) -> torch.Tensor:                 # [num_experts + 1] int64, the last entry -1
+    "Local slot of every global id on one rank, then `-1` for id `-1`: the physical block with tables, else `expert_map`."
+    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT); check_int("num_local_experts", num_local_experts, lo=0)
+    check_int("physical_offset", physical_offset, lo=0)
+    if expert_map is not None:
+        check_tensor("expert_map", expert_map, shape=(num_experts,), dtype=torch.int32)
+        if ((expert_map < -1) | (expert_map >= num_local_experts)).any():
+            raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {expert_map.tolist()}")
+    if global_to_physical is not None: check_tensor("global_to_physical", global_to_physical, shape=(num_experts,), dtype=torch.int64)
+    if global_to_physical is not None:       # the DeepEP-LL / NIXL EP way: contiguous physical block per rank
+        slot = global_to_physical.long() - physical_offset
+        slot = torch.where((slot >= 0) & (slot < num_local_experts), slot, -1)
+    elif expert_map is not None: slot = expert_map.long()
+    else: slot = torch.arange(num_experts)   # one rank holds every expert
+    return torch.cat([slot, slot.new_full((1,), -1)])
+
+# %%
+#| export
 @classmethod
 def _build(cls, config: MoEConfig,          # the layer; its `parallel` is the deployment
            strategy: str = "linear",        # requested placement: 'linear' or 'round_robin'
@@ -712,29 +735,17 @@ test_fail(lambda: Placement.build(cfg(dp=4, E=3)), contains="num_experts: expect
 
 # %%
 #| export
-def local_slot_table(num_experts: int,                 # experts placed (physical)
-                     num_local_experts: int,           # experts on this rank
-                     physical_offset: int,             # this rank's first physical id (with tables)
-                     expert_map: torch.Tensor | None,  # [num_experts] int32 global -> local or -1, or None
-                     global_to_physical: torch.Tensor | None = None,  # [num_experts] int64 (round-robin tables)
-                    ) -> torch.Tensor:                 # [num_experts + 1] int64, the last entry -1
-    "Local slot of every global id on one rank, then `-1` for id `-1`: the physical block with tables, else `expert_map`."
-    if global_to_physical is not None:       # the DeepEP-LL / NIXL EP way: contiguous physical block per rank
-        slot = global_to_physical.long() - physical_offset
-        slot = torch.where((slot >= 0) & (slot < num_local_experts), slot, -1)
-    elif expert_map is not None: slot = expert_map.long()
-    else: slot = torch.arange(num_experts)   # one rank holds every expert
-    return torch.cat([slot, slot.new_full((1,), -1)])
-
 def _local_slot(self, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
                 validate: bool = True,        # check the id range (one host sync); False for ids a router just made
                 ) -> torch.Tensor:            # same shape, int64: local expert index on this rank, -1 = not local
-    "Local slot of each id on this rank: one gather from `slot_table` (ids must lie in [-1, num_experts))."
+    "Local slot of each id on this rank: one gather from `slot_table`; ids outside [-1, num_experts) raise (or map to -1)."
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    if validate and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
+    if check_bool("validate", validate) and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
         raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(topk_ids.min())}, "
                          f"max {int(topk_ids.max())}")
-    return self.slot_table.to(topk_ids.device)[topk_ids]
+    table = self.slot_table if self.slot_table is not None else local_slot_table(
+        self.num_experts, self.num_local_experts, self.physical_offset, self.expert_map, self.global_to_physical)
+    return table.to(topk_ids.device)[topk_ids.clamp(-1, self.num_experts)]   # never out of bounds: both ends read -1
 
 Placement.local_slot = _local_slot
 
@@ -770,6 +781,10 @@ test_fail(lambda: p.local_slot(torch.tensor([[16]])), contains="topk_ids: expect
 test_fail(lambda: p.local_slot(torch.tensor([[-3]])), contains="topk_ids: expected ids in [-1, 16)")
 test_fail(lambda: p.local_slot(torch.tensor([[1.0]])), contains="topk_ids: expected dtype")
 test_fail(lambda: p.local_slot([[1]]), contains="topk_ids: expected a torch.Tensor")
+test_eq(p.local_slot(torch.tensor([[-2, 16, 99, 13]]), validate=False).tolist(), [[-1, -1, -1, 1]])   # unchecked: still in bounds
+test_fail(lambda: p.local_slot(torch.tensor([[1]]), validate=None), contains="validate: expected a bool")
+test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
+test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")
 
 # %% [markdown]
 # ## Pictures of a placement

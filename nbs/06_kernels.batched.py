@@ -418,6 +418,15 @@ def _check_extent(name: str, t: torch.Tensor):
     extent = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
     if extent >= 2**31: raise ValueError(f"{name}: expected a per-expert extent < 2^31 elements, got {extent}")
 
+def check_kernel_device(name: str, t: torch.Tensor, **others) -> torch.device:
+    "A Triton launcher's tensors: `t` on a GPU (or the interpreter is on), every tensor of `others` on `t`'s device."
+    if t.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{name}: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 set before "
+                         f"moe_lit.kernels is imported), got a {t.device.type} tensor")
+    for n, o in others.items():
+        if o is not None and o.device != t.device: raise ValueError(f"{n}: expected device {t.device}, got {o.device}")
+    return t.device
+
 def check_expert_bias(name: str,                   # the argument's name in errors: "bias", "w13_bias", "w2_bias"
                       bias: torch.Tensor | None,   # [E, N] bf16/fp16/fp32, or None
                       E: int, N: int,              # experts, and rows of the weight it belongs to

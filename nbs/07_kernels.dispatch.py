@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.kernels.batched import DEVICE, BatchedTritonExperts
+from moe_lit.kernels.batched import DEVICE, BatchedTritonExperts, check_kernel_device
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor
@@ -227,7 +227,9 @@ def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token,
     "Each token's sum of its pairs' rows (the Standard format's finish), in one launch: `out[t] = Σ_k y[t·top_k + k]`."
     check_tensor("local_ids", local_ids, ndim=2, dtype=(torch.int32, torch.int64))
     T, k = local_ids.shape
-    check_tensor("y", y, shape=(T * k, None)); check_int("num_local", num_local, lo=0)
+    check_tensor("y", y, shape=(T * k, None), dtype=(torch.bfloat16, torch.float16, torch.float32))
+    check_int("num_local", num_local, lo=0, hi=2**31)
+    check_kernel_device("y", y, local_ids=local_ids)
     if y.stride(-1) != 1: raise ValueError(f"y: expected a unit stride along hidden_size, got {y.stride(-1)}")
     H = y.shape[1]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
@@ -340,6 +342,23 @@ def batched_moe_triton(hidden, w13, w2, topk_weights, topk_ids, num_local_expert
     y = BatchedTritonExperts().apply(a, counts, w13, w2, expected_m=expected_m)
     return batched_combine(y, topk_weights, slot_map, apply_router_weight_on_input=apply_router_weight_on_input,
                            validate=False)
+
+# %% [markdown]
+# `combine_pairs` is the Standard format's finish (`08_kernels.contiguous`): one row per pair, summed per token; the
+# rows of pairs whose expert is not local (-1, or any id outside `[0, num_local)`) are poisoned and must never be read.
+
+# %%
+#| test combine_pairs_skips_other_ranks
+torch.manual_seed(5)
+T, k, H = 6, 3, 40
+ids = torch.randint(-1, 5, (T, k), device=DEVICE)                              # local experts 0..3; 4 and -1 are not
+y = torch.randn(T * k, H, device=DEVICE)
+local = (ids >= 0) & (ids < 4)
+y[~local.flatten()] = float("nan")                                             # never read
+want = torch.where(local[..., None], y.view(T, k, H).double(), 0.0).sum(1)
+assert_close(combine_pairs(y, ids, 4), want)
+test_fail(lambda: combine_pairs(y.double(), ids, 4), contains="y: expected dtype")
+test_fail(lambda: combine_pairs(y[:-1], ids, 4), contains="y: expected shape [18, *]")
 
 # %%
 #| test batched_path_end_to_end

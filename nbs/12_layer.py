@@ -79,6 +79,9 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
+    if experts == "triton" and config is not None and config.dtype == torch.float64:
+        raise ValueError("experts: expected 'torch' or 'auto' for a float64 layer (the Triton kernels run bf16, fp16 "
+                         "and fp32), got 'triton'")
     if experts == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("experts: expected a CUDA GPU for the Triton kernels, or TRITON_INTERPRET=1 set before "
                          "moe_lit.kernels is imported (Triton's CPU interpreter; the moe-lit command sets it), got neither")
@@ -233,6 +236,9 @@ def _refuse_quantized_state(module, state_dict, prefix, *args):
     for n in ("w13", "w2", "w13_bias", "w2_bias", "gate", "gate_bias", "e_score_correction_bias"):
         t = state_dict.get(prefix + n)
         if not isinstance(t, torch.Tensor): continue
+        own = getattr(module, n, None)
+        if isinstance(own, torch.Tensor) and tuple(t.shape) != tuple(own.shape):
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected shape {list(own.shape)}, got {list(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"state_dict[{prefix + n!r}]: expected float weights (a {module.quant} layer quantizes what "
                              f"it is given), got dtype {str(t.dtype)[6:]}")
@@ -240,6 +246,11 @@ def _refuse_quantized_state(module, state_dict, prefix, *args):
 
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."
+    for n in ("w13", "w2", "w13_bias", "w2_bias"):          # `assign=True` would swap in the state_dict's own tensors
+        t = getattr(module, n)
+        if t is not None and t.dtype != module.config.dtype:
+            raise ValueError(f"state_dict[{n!r}]: expected dtype {module.config.dtype} after loading (load without "
+                             f"assign=True, or build the layer in that dtype), got {t.dtype}")
     module._build_hot_path()                           # the router's gate copy; captured graphs are dropped
     if module.quant == "unquantized": return
     from moe_lit.kernels.quant import quantize_expert_weights
@@ -342,6 +353,11 @@ def _check_topk(self, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor
     if ids.numel() and ((ids < -1) | (ids >= self.placement.num_experts)).any():   # physical ids (EPLB: replicas)
         raise ValueError(f"topk_ids: expected ids in [-1, {self.placement.num_experts}), got "
                          f"{int(ids.min())}..{int(ids.max())}")
+    s = ids.sort(-1).values                                  # a token meets each expert at most once (slab sizes rely on it)
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if dup.any():
+        t = int(dup.any(-1).nonzero()[0])
+        raise ValueError(f"topk_ids: expected distinct ids per token (-1 may repeat), got {ids[t].tolist()} for token {t}")
     return wts, ids.to(self.config.topk_indices_dtype)
 
 FusedMoE.route, FusedMoE._check_topk = _route, _check_topk
@@ -447,6 +463,10 @@ for debug in (False, True):
         test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")
     test_fail(lambda: layer(x, (wts, ids[:, :1])), contains="topk_ids: expected shape [5, 2]")
     test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple")
+    test_fail(lambda: layer(x, (wts, torch.zeros_like(ids))), contains="topk_ids: expected distinct ids per token")
+    layer(x, (wts, torch.full_like(ids, -1)))                             # -1 (no expert) may repeat
+    sd = layer.state_dict(); sd["gate"] = sd["gate"][:, :7]
+    test_fail(lambda: layer.load_state_dict(sd), contains="state_dict['gate']: expected shape [8, 32], got [8, 7]")
     assert layer._modular_kernel(5) is layer._modular_kernel(5)        # built once, reused
 test_fail(lambda: FusedMoE(cfg, debug=1), contains="debug: expected a bool")
 test_fail(lambda: FusedMoE(cfg).capture(), contains="capture: expected a layer on a CUDA GPU with Triton experts")

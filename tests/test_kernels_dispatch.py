@@ -2,7 +2,7 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.kernels.batched import DEVICE, BatchedTritonExperts
+from moe_lit.kernels.batched import DEVICE, BatchedTritonExperts, check_kernel_device
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor
@@ -68,6 +68,19 @@ def test_combine_matches_reference():
     test_fail(lambda: batched_combine(a, wts, slot_map + 1000), contains="slot_map: expected values in [-1, 44)")
     test_fail(lambda: batched_combine(a, wts.double(), slot_map), contains="topk_weights: expected dtype torch.float32")
     test_fail(lambda: batched_combine(a, wts, slot_map.int()), contains="slot_map: expected dtype torch.int64")
+
+
+def test_combine_pairs_skips_other_ranks():
+    torch.manual_seed(5)
+    T, k, H = 6, 3, 40
+    ids = torch.randint(-1, 5, (T, k), device=DEVICE)                              # local experts 0..3; 4 and -1 are not
+    y = torch.randn(T * k, H, device=DEVICE)
+    local = (ids >= 0) & (ids < 4)
+    y[~local.flatten()] = float("nan")                                             # never read
+    want = torch.where(local[..., None], y.view(T, k, H).double(), 0.0).sum(1)
+    assert_close(combine_pairs(y, ids, 4), want)
+    test_fail(lambda: combine_pairs(y.double(), ids, 4), contains="y: expected dtype")
+    test_fail(lambda: combine_pairs(y[:-1], ids, 4), contains="y: expected shape [18, *]")
 
 
 def test_batched_path_end_to_end():

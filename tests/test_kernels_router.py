@@ -4,11 +4,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from dataclasses import dataclass
 from moe_lit.terms import check_tensor
 from moe_lit.config import MoEConfig
+from moe_lit.kernels.batched import check_kernel_device
 from moe_lit.routing import ungroupable_reason
 from fastcore.test import test_eq, test_fail
-from moe_lit.kernels.batched import DEVICE
+from moe_lit.kernels.batched import DEVICE, INTERPRET
 from moe_lit.routing import select_experts
 from moe_lit.testing import assert_close
 from moe_lit.kernels.router import *
@@ -54,6 +56,14 @@ def test_route_topk_bad_arguments():
     test_fail(lambda: route_topk(plan, torch.randn(3, 8).long()), contains="logits: expected dtype")
     test_fail(lambda: route_topk(plan, torch.randn(3, 8), torch.zeros(8)), contains="bias: expected None, got a tensor")
     test_fail(lambda: router_plan("x"), contains="config: expected a MoEConfig")
+    test_fail(lambda: route_topk({}, torch.randn(3, 8)), contains="plan: expected a RouterPlan")
+    test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
+    strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))
+    b = torch.arange(16.0, device=DEVICE)[::2] / 16                                   # a strided bias is read as its values
+    x = torch.zeros(2, 8, device=DEVICE)
+    test_eq(route_topk(strided, x, b)[1].tolist(), select_experts(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"), x, b)[1].tolist())
+    if not INTERPRET and DEVICE == "cpu":
+        test_fail(lambda: route_topk(plan, torch.randn(3, 8)), contains="logits: expected a CUDA tensor")
     biased = router_plan(cfg.replace(has_correction_bias=True))
     test_fail(lambda: route_topk(biased, torch.randn(3, 8)), contains="bias: expected a [num_experts] fp32 tensor, got None")
     test_fail(lambda: route_topk(biased, torch.randn(3, 8), torch.zeros(8).double()), contains="bias: expected dtype torch.float32")

@@ -62,6 +62,10 @@ def test_layer_debug_checks():
             test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")
         test_fail(lambda: layer(x, (wts, ids[:, :1])), contains="topk_ids: expected shape [5, 2]")
         test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple")
+        test_fail(lambda: layer(x, (wts, torch.zeros_like(ids))), contains="topk_ids: expected distinct ids per token")
+        layer(x, (wts, torch.full_like(ids, -1)))                             # -1 (no expert) may repeat
+        sd = layer.state_dict(); sd["gate"] = sd["gate"][:, :7]
+        test_fail(lambda: layer.load_state_dict(sd), contains="state_dict['gate']: expected shape [8, 32], got [8, 7]")
         assert layer._modular_kernel(5) is layer._modular_kernel(5)        # built once, reused
     test_fail(lambda: FusedMoE(cfg, debug=1), contains="debug: expected a bool")
     test_fail(lambda: FusedMoE(cfg).capture(), contains="capture: expected a layer on a CUDA GPU with Triton experts")

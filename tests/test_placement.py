@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_choice, check_tensor
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool
 from moe_lit.config import ParallelConfig, MoEConfig, SIZE_LIMIT
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS
@@ -315,6 +315,10 @@ def test_local_slot_edges():
     test_fail(lambda: p.local_slot(torch.tensor([[-3]])), contains="topk_ids: expected ids in [-1, 16)")
     test_fail(lambda: p.local_slot(torch.tensor([[1.0]])), contains="topk_ids: expected dtype")
     test_fail(lambda: p.local_slot([[1]]), contains="topk_ids: expected a torch.Tensor")
+    test_eq(p.local_slot(torch.tensor([[-2, 16, 99, 13]]), validate=False).tolist(), [[-1, -1, -1, 1]])   # unchecked: still in bounds
+    test_fail(lambda: p.local_slot(torch.tensor([[1]]), validate=None), contains="validate: expected a bool")
+    test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
+    test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")
 
 
 def test_placement_table():

@@ -17,8 +17,8 @@ from ..testing import assert_close, poison_rows
 # %% auto #0
 __all__ = ['INTERPRET', 'DEVICE', 'TILE_KEYS', 'SMEM_BUDGET', 'GEMM_CASES', 'check_activation', 'batched_gemm_reference',
            'gated_activation', 'add_expert_bias', 'plot_tile_map', 'default_tile_config', 'tile_config_path',
-           'lookup_tile_config', 'check_expert_bias', 'check_tile_config', 'fit_shared_memory', 'epilogue_args',
-           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+           'lookup_tile_config', 'check_kernel_device', 'check_expert_bias', 'check_tile_config', 'fit_shared_memory',
+           'epilogue_args', 'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -235,13 +235,22 @@ def _load_table(path: Path) -> dict | None:
     "A parsed tile table, read once per process (launchers look tables up on every call)."
     return {int(m): c for m, c in json.loads(path.read_text()).items()} if path.exists() else None
 
-# %% ../../nbs/06_kernels.batched.ipynb #84110eedac05
+# %% ../../nbs/06_kernels.batched.ipynb #328437b87658
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def _check_extent(name: str, t: torch.Tensor):
     "Offsets inside one expert are int32 in the kernel: refuse a per-expert extent of 2^31 elements or more."
     extent = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
     if extent >= 2**31: raise ValueError(f"{name}: expected a per-expert extent < 2^31 elements, got {extent}")
+
+def check_kernel_device(name: str, t: torch.Tensor, **others) -> torch.device:
+    "A Triton launcher's tensors: `t` on a GPU (or the interpreter is on), every tensor of `others` on `t`'s device."
+    if t.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{name}: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 set before "
+                         f"moe_lit.kernels is imported), got a {t.device.type} tensor")
+    for n, o in others.items():
+        if o is not None and o.device != t.device: raise ValueError(f"{n}: expected device {t.device}, got {o.device}")
+    return t.device
 
 def check_expert_bias(name: str,                   # the argument's name in errors: "bias", "w13_bias", "w2_bias"
                       bias: torch.Tensor | None,   # [E, N] bf16/fp16/fp32, or None
