@@ -61,9 +61,19 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #88fed965ad23
+# %% ../nbs/12_layer.ipynb #07bfcc9a5eb0
 class FusedMoE(torch.nn.Module):
-    "One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel."
+    """One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel.
+
+    config: the model and its deployment (MoEConfig; `config.parallel` says which EP rank this is).
+    weights: a WeightSource, a mapping of global tensors named like the state_dict, or None (random from `seed`).
+    placement: 'linear' or 'round_robin' (resolved against the backend's record). experts: 'auto', 'triton', 'torch'.
+    device: 'cpu', 'cuda' or a torch.device. quant: a scheme of QUANT_SCHEMES. backend: an experts backend to force.
+    debug: re-check the layer's own values on every call (host syncs; see "The hot path").
+    forward(hidden [T, H] config.dtype, topk=None, add_shared=True) -> [T, H]; route(hidden) -> (topk_weights [T, top_k]
+    fp32, topk_ids [T, top_k] in config.topk_indices_dtype); capture(batch_sizes) records CUDA graphs.
+    Raises ValueError naming the argument for a bad config, weights, device, quant, backend or input.
+    Source: vLLM's FusedMoE layer (vllm/model_executor/layers/fused_moe/layer.py) and its modular kernel design."""
     def __init__(self, config: MoEConfig,
                  weights: WeightSource | Mapping | None = None,  # a source, a mapping of global tensors, or None: random
                  placement: str = "linear", seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu",

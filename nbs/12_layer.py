@@ -118,7 +118,17 @@ test_fail(lambda: check_device(None), contains="device: expected")
 # %%
 #| export
 class FusedMoE(torch.nn.Module):
-    "One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel."
+    """One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel.
+
+    config: the model and its deployment (MoEConfig; `config.parallel` says which EP rank this is).
+    weights: a WeightSource, a mapping of global tensors named like the state_dict, or None (random from `seed`).
+    placement: 'linear' or 'round_robin' (resolved against the backend's record). experts: 'auto', 'triton', 'torch'.
+    device: 'cpu', 'cuda' or a torch.device. quant: a scheme of QUANT_SCHEMES. backend: an experts backend to force.
+    debug: re-check the layer's own values on every call (host syncs; see "The hot path").
+    forward(hidden [T, H] config.dtype, topk=None, add_shared=True) -> [T, H]; route(hidden) -> (topk_weights [T, top_k]
+    fp32, topk_ids [T, top_k] in config.topk_indices_dtype); capture(batch_sizes) records CUDA graphs.
+    Raises ValueError naming the argument for a bad config, weights, device, quant, backend or input.
+    Source: vLLM's FusedMoE layer (vllm/model_executor/layers/fused_moe/layer.py) and its modular kernel design."""
     def __init__(self, config: MoEConfig,
                  weights: WeightSource | Mapping | None = None,  # a source, a mapping of global tensors, or None: random
                  placement: str = "linear", seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu",
@@ -291,8 +301,11 @@ FusedMoE.from_pretrained = classmethod(_from_pretrained)
 #
 # The ids the layer's own router makes are in range by construction, and the batched slabs of this layer hold
 # `ceil(T / ep_size) · ep_size ≥ T` rows, so no expert can overflow (a token's `top_k` experts are distinct): the
-# hot path runs the kernels without their host-side checks. `debug=True` turns every check back on (one sync each).
-# Ids a *caller* passes in `topk` are not the layer's: they are checked (one sync) before anything reads them.
+# hot path runs the kernels without their host-side checks. `debug=True` turns those checks back on, one sync each:
+# the correction bias is finite, the ids are in range where the placement looks them up (EPLB's replica table too),
+# the dispatch did not overflow, the batched GEMMs' counts are within their slabs. It does not re-read the weights
+# (they are checked at construction and by `load_state_dict`). Ids a *caller* passes in `topk` are not the layer's:
+# they are checked (range, and distinct per token; one sync) before anything reads them.
 
 # %%
 #| export

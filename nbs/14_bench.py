@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import json, math, time
+import json, math, os, subprocess, time
 from pathlib import Path
 import torch
 from moe_lit.terms import check_int, check_choice, progress
@@ -287,6 +287,16 @@ def tune_scenario(sc: dict, dtype=torch.bfloat16, kernel: str = "batched_moe_gem
 
 # %%
 #| export
+def source_commit() -> str:
+    "The commit a benchmark measured: `$MOE_LIT_COMMIT` when set (a copied tree), else `git rev-parse --short HEAD`."
+    commit = os.environ.get("MOE_LIT_COMMIT", "")
+    if not commit:
+        try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError: pass
+    return commit or "unknown"
+
+# %%
+#| export
 def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -> None:
     "Write the winning tile into `kernel`'s JSON table, keyed by the scenario's expected rows per expert."
     p = tile_config_path(kernel, sc["E"], sc["N"], device_name, torch.bfloat16, config_dir)
@@ -297,7 +307,6 @@ def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
               scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
-    import os, subprocess
     tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:]}[
         check_choice("tune", tune, (False, True, "all", "batched", "contiguous"))]
     device = measure_device()
@@ -311,10 +320,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
         results.append(dict(bench_scenario(sc, device, best.get("batched_moe_gemm"),
                                            contiguous_config=best.get("fused_moe_gemm")),
                             tuned=list(tune), sweeps={k: [(c, t) for c, t in v] for k, v in sweeps.items()}))
-    commit = os.environ.get("MOE_LIT_COMMIT", "")
-    if not commit:
-        try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError: pass
+    commit = source_commit()
     report = dict(device=device, dtype="bf16", date=time.strftime("%Y-%m-%d"), commit=commit, scenarios=results,
                   align=align_cost() if align else None, quant=bench_quant(device, scenarios) if quant else None)
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))

@@ -8,14 +8,14 @@
 # %%
 #| export
 from __future__ import annotations
-import json
+import json, time
 from pathlib import Path
 import torch
 from moe_lit.terms import check_int, progress
 from moe_lit.config import ParallelConfig, MoEConfig
 from moe_lit.models import preset
 from moe_lit.layer import FusedMoE, rank_config
-from moe_lit.bench import measure_device, find_bench_results
+from moe_lit.bench import measure_device, find_bench_results, source_commit
 
 # %%
 #| hide
@@ -177,15 +177,12 @@ def bench_layer(out_json: str | Path | None = None,
                 seed: int = 0,
                 on_rows=None) -> dict:                # called with each deployment's rows as they finish
     "Measure the card, then every deployment at every T: floor, eager, replayed, transformers; JSON when `out_json`."
-    import subprocess
     device = measure_device()
     rows = []
     for dep in progress(deployments or LAYER_DEPLOYMENTS, "deployments"):
         rows += (new := _bench_deployment(dep, device, tokens, peers, seed))
         if on_rows is not None: on_rows(new)
-    try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError: commit = ""
-    report = dict(device=device, commit=commit or "unknown", rows=rows)
+    report = dict(device=device, commit=source_commit(), date=time.strftime("%Y-%m-%d"), rows=rows)
     if out_json is not None: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
@@ -240,12 +237,13 @@ test_eq(len(fig.axes[0].lines), 4)                               # floor, replay
 # %% [markdown]
 # ## Results, H200
 #
-# `nbs/bench/layer_bench_h200_8a184b7.json` (with its log and figure) comes from one run of `moe-lit bench --layer` at
-# commit 8a184b7 on an NVIDIA H200 (copy bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6,
-# transformers 5.17, 2026-12-02; the script that drives the GPU runs is `nbs/bench/layer_gpu.sh`. Columns: local
-# experts the batch touched, floor, eager, replayed graph (µs), replay / floor, host overhead (eager − replay), and
-# transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`: `batched_mm` gathers a weight copy per pair and ran
-# out of the card's 140 GB).
+# `nbs/bench/layer_bench_h200_8a184b7.json` (with its log and figure) comes from one run of `moe-lit bench --layer`
+# on an NVIDIA H200 (copy bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6, transformers 5.17,
+# 2026-12-02, on the code of commit 8a184b7. (The file's `commit` field says 17c0889: the GPU machine's copy of the
+# tree carried a stale git HEAD. Runs now take the commit from `$MOE_LIT_COMMIT` when set, as `nbs/bench/layer_gpu.sh`
+# does, and record the date.) Columns: local experts the batch touched, floor, eager, replayed graph (µs),
+# replay / floor, host overhead (eager − replay), and transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`:
+# `batched_mm` gathers a weight copy per pair and ran out of the card's 140 GB).
 
 # %%
 layer_h200 = load_bench_layer("bench/layer_bench_h200_8a184b7.json")
@@ -262,12 +260,13 @@ print(format_bench_layer(load_bench_layer("bench/layer_bench_mixtral_h200_3c93b2
 #
 # - **Replayed, the layer is near its floor where the experts' bytes dominate** — gpt-oss-120b from T = 8 (1.08–1.26×),
 #   DeepSeek-V3 EP8 with NIXL EP from T = 16 (1.13–1.24×), Mixtral at T = 2, 32, 64, 128 (1.08–1.26×) — and **15 of
-#   the 54 rows meet the 1.25 × floor + 10 µs bar**. At T ≤ 4 it does not: the floor there is 10–65 µs and a forward
-#   is still about a dozen dependent launches (router GEMM, router, dispatch or pair blocks, two GEMMs, combine,
-#   shared experts), each 2–5 µs even in a graph, plus GEMMs that fill few SMs when one or two experts have rows
-#   (DeepSeek-V3 rank 0 at T = 1 reads 2 experts' 88 MB with a grid of 64 programs). The Qwen3 and DeepSeek
-#   allgather rows (contiguous path) stay at 1.3–1.6× up to T = 256: the aligned GEMMs at 16–64 rows per expert are
-#   below the batched ones.
+#   the 54 rows meet the 1.25 × floor + 10 µs bar**. At T ≤ 4 only Mixtral at T = 2 does (17 of 18 miss). Where the
+#   floor is small (9–65 µs: Qwen3, DeepSeek-V3 at T ≤ 2, gpt-oss at T = 1), a forward is still about a dozen
+#   dependent launches (router GEMM, router, dispatch or pair blocks, two GEMMs, combine, shared experts), each a few
+#   µs even in a graph; where it is large, the GEMMs fill few SMs when one or two experts have rows (DeepSeek-V3
+#   rank 0 at T = 1 reads 272 MB — two routed experts of 88 MB and the shared expert — with the programs of only two
+#   experts' tiles doing work). The Qwen3 and DeepSeek allgather rows (contiguous path) stay at 1.3–1.6× up to T = 256: the aligned
+#   GEMMs at 16–64 rows per expert are below the batched ones.
 # - **Against transformers (same weights, same family block):** replayed, moe-lit is faster than the best of
 #   `grouped_mm` / `batched_mm` at every Qwen3 token count (62 vs 234 µs at T = 1, 444 vs 608 at T = 256) and every
 #   Mixtral count but two: T = 16, where the pair-block layout read every Mixtral weight four times (1663 µs, 2.5× the
@@ -277,12 +276,13 @@ print(format_bench_layer(load_bench_layer("bench/layer_bench_mixtral_h200_3c93b2
 #   every T but 256. **Eager**, moe-lit loses at small T: 717 vs 234 µs on Qwen3 at T = 1, 797 vs 577 on Mixtral.
 #   The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6% (Qwen3): transformers rounds the
 #   router logits to bf16 before the softmax, so near-tied experts of Qwen3's 128 flip; moe-lit keeps them in fp32.
-# - **Host overhead** is 300–1400 µs per eager forward at T ≤ 16 — far above the 100 µs goal. cProfile of 100
-#   forwards (`nbs/bench/profile_layer_h200_44e793c.log`, before the tile lookups were cached) spreads it over
-#   Triton's launcher (5 launches a forward), about 15 torch ops and about 30 argument checks; no single call
+# - **Host overhead** (eager − replay) is 574–1095 µs at T = 1 and 210–1180 µs at T ≤ 4 — far above the 100 µs goal;
+#   from T ≈ 8 on, the larger GEMMs hide it on some rows (6–40 µs for gpt-oss and Mixtral) and not on others. cProfile
+#   of 100 forwards (`nbs/bench/profile_layer_h200_44e793c.log`, taken before the tile lookups were cached) spreads it
+#   over Triton's launcher (5 launches a forward), about 15 torch ops and about 30 argument checks; no single call
 #   dominates once the tile-table path lookups (~180 µs each) were cached. A serving engine does not pay it: the
-#   graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 4–7 µs at every row.
-# - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.3 µs at
+#   graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 3–35 µs (median 5 µs).
+# - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.2 µs at
 #   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
 #   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-
 #   precision split-K reduction) yet 20–100× smaller than the bf16 logits transformers computes, so it is kept.

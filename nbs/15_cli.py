@@ -9,6 +9,7 @@
 #| export
 from __future__ import annotations
 import argparse, enum, json, os, sys, time
+from pathlib import Path
 from dataclasses import asdict
 import torch
 from moe_lit import __version__
@@ -762,12 +763,12 @@ def _bench(args) -> int:
         print(f"moe-lit: error: --out: expected a file in an existing directory, got {args.out}", file=sys.stderr); return 2
     if args.layer:
         for flag, value in (("--tune", args.tune), ("--config-dir", args.config_dir)):
-            if value: print(f"moe-lit: error: {flag}: expected none with --layer (it tunes GEMM tiles), got {value}",
-                            file=sys.stderr); return 2
+            if value: print(f"moe-lit: error: {flag}: not used by --layer (only the GEMM benchmark tunes tiles), got "
+                            f"{value}", file=sys.stderr); return 2
         from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
         deps = pick(LAYER_DEPLOYMENTS)
         if not deps:
-            print(f"moe-lit: error: --scenario: expected part of a deployment name ({', '.join(d['name'] for d in LAYER_DEPLOYMENTS)}), "
+            print(f"moe-lit: error: --scenario: expected part of a deployment name ({'; '.join(repr(d['name']) for d in LAYER_DEPLOYMENTS)}), "
                   f"got {args.scenario}", file=sys.stderr); return 2
         show = lambda rows: print(format_bench_layer(dict(rows=rows)), file=sys.stderr, flush=True)
         try: report = bench_layer(args.out, deps, on_rows=show)
@@ -870,7 +871,10 @@ with tempfile.TemporaryDirectory() as d:
                       (["tables", "--config", str(Path(d, "missing.json"))], "--config: expected an existing config.json"),
                       (["tables", "--config", str(bad)], "--config: config.json num_experts: expected an int"),
                       (["tables", "--config", str(big), "--ep", "2", "--all2all", "nixl_ep"],
-                       "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000")):
+                       "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000"),
+                      (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),
+                      (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
+                      (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3")):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
         assert msg in err.getvalue(), (argv, err.getvalue())
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 import pytest
 import argparse, enum, json, os, sys, time
+from pathlib import Path
 from dataclasses import asdict
 import torch
 from moe_lit import __version__
@@ -232,7 +233,10 @@ def test_main_errors_name_the_flag():
                           (["tables", "--config", str(Path(d, "missing.json"))], "--config: expected an existing config.json"),
                           (["tables", "--config", str(bad)], "--config: config.json num_experts: expected an int"),
                           (["tables", "--config", str(big), "--ep", "2", "--all2all", "nixl_ep"],
-                           "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000")):
+                           "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000"),
+                          (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),
+                          (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
+                          (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3")):
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
             assert msg in err.getvalue(), (argv, err.getvalue())
 

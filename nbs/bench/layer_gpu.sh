@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
-rev=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+rev=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; export MOE_LIT_COMMIT=$rev   # a copied tree may carry a stale HEAD: pass REV=
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python - <<'PY'
 import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
