@@ -43,7 +43,7 @@ def roofline_floor(E_active: int, rows: int, K: int, N: int, bytes_per_el: int, 
     return dict(bytes=nbytes, flops=flops, floor_s=max(nbytes / copy_Bps, flops / flops_per_s),
                 bound="memory" if nbytes / copy_Bps >= flops / flops_per_s else "compute")
 
-# %% ../nbs/14_bench.ipynb #a0da8ded61e6
+# %% ../nbs/14_bench.ipynb #e2894daad44c
 def measure_device(copy_bytes: int = 2 << 30, mm_size: int = 8192) -> dict:
     "Copy bandwidth (B/s, read + write) and bf16 matmul rate (FLOP/s) of the current CUDA device."
     import triton.testing
@@ -54,7 +54,7 @@ def measure_device(copy_bytes: int = 2 << 30, mm_size: int = 8192) -> dict:
     a = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16)
     t_mm = triton.testing.do_bench(lambda: a @ b, return_mode="median") * 1e-3
-    del src, dst, a, b
+    src = dst = a = b = None                         # free the buffers before the next measurement
     return dict(device_name=torch.cuda.get_device_name(), copy_Bps=2 * copy_bytes / t_copy,
                 bf16_flops=2.0 * mm_size**3 / t_mm, torch=torch.__version__)
 
@@ -123,7 +123,7 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
     return dict(scenario=sc, config=cfg, contiguous_config=c_cfg if "top_k" in sc else None,
                 floor_us=floor["floor_s"] * 1e6, bound=floor["bound"], results=res, align_us=align_us)
 
-# %% ../nbs/14_bench.ipynb #0cc5a5083535
+# %% ../nbs/14_bench.ipynb #45da7ae9f927
 def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_size: int = 7168,
                intermediate_size: int = 2048, tokens=(1, 2, 4, 8, 16)) -> list[dict]:
     "Median µs per token count of both layouts' builders and of rank 0's whole `TritonExperts.apply` with each (GPU)."
@@ -150,7 +150,7 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
                         ("experts_pair_blocks", lambda: paired.apply(x, w13, w2, wts, local, validate=False))):
             row[f"{name}_us"], row[f"{name}_graph_us"] = bench(f)
         out.append(row)
-    del w13, w2
+    w13 = w2 = None
     return out
 
 # %% ../nbs/14_bench.ipynb #f969a3af74d9
@@ -243,7 +243,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #becab28fb23c
+# %% ../nbs/14_bench.ipynb #90e1a0a0ef52
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -279,8 +279,8 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
                              bytes_per_weight=_quant_bytes(qw, "w13", [0]) / (N * K), bf16_batched_us=bf16_s * 1e6,
                              batched_us=t_b * 1e6, batched_pct_floor=100 * floor_s / t_b,
                              contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c))
-            del qw
-        del a, w13, w2
+            qw = None
+        a = w13 = w2 = None
     return rows
 
 def format_bench_quant(rows: list[dict]) -> str:

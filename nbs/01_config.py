@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import enum
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 import torch
 from moe_lit.terms import check_int, check_choice, check_bool, check_positive_real
 

@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.kernels.batched import DEVICE, BatchedTritonExperts, check_kernel_device
+from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor
@@ -17,6 +17,7 @@ from moe_lit.formats import dispatch_batched_reference
 
 # %%
 #| hide
+from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, poison_rows
 from moe_lit.formats import combine_batched_reference, moe_reference_standard

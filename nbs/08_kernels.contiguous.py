@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.kernels.batched import INTERPRET, DEVICE
+from moe_lit.kernels.batched import INTERPRET
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
@@ -21,6 +21,7 @@ from moe_lit.kernels.dispatch import combine_pairs
 
 # %%
 #| hide
+from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.formats import moe_reference_standard

@@ -8,7 +8,6 @@
 # %%
 #| export
 from __future__ import annotations
-import math
 from dataclasses import dataclass
 import torch
 from moe_lit.kernels.batched import INTERPRET, DEVICE
@@ -23,10 +22,12 @@ from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_aligned_args, check_local_ids
 from moe_lit.kernels.dispatch import combine_pairs
-from moe_lit.testing import poison_rows, quant_error, assert_quant_close, experts_tolerance
+from moe_lit.testing import poison_rows, assert_quant_close
 
 # %%
 #| hide
+import math
+from moe_lit.testing import quant_error, experts_tolerance
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard
 

@@ -625,7 +625,6 @@ CheckpointWeights.router, CheckpointWeights.shared = _router, _shared
 def _fused_experts(self, ids: list[int]) -> dict[str, torch.Tensor]:
     "w13 / w2 (+ biases) of `ids` from the fused tensors, converted to [n, 2·I, H] gate-then-up and [n, H, I]."
     c, p, L = self.config, self.prefix, self.layout
-    I, H = c.intermediate_size, c.hidden_size
     if self.quant_scheme == "mxfp4_w4a16":                  # [out, in]: dequantize, crop K padding
         w13, w2 = (self._dequantized_mxfp4(w, ids) for w in ("w13", "w2"))
     else:

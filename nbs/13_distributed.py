@@ -21,7 +21,6 @@ from moe_lit.formats import moe_reference_standard, expert_mlp
 from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, check_prepare_args
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config
 from moe_lit.testing import check_output
-from moe_lit.testing import assert_close
 
 # %%
 #| hide

@@ -101,7 +101,7 @@ def measure_device(copy_bytes: int = 2 << 30, mm_size: int = 8192) -> dict:
     a = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(mm_size, mm_size, device="cuda", dtype=torch.bfloat16)
     t_mm = triton.testing.do_bench(lambda: a @ b, return_mode="median") * 1e-3
-    del src, dst, a, b
+    src = dst = a = b = None                         # free the buffers before the next measurement
     return dict(device_name=torch.cuda.get_device_name(), copy_Bps=2 * copy_bytes / t_copy,
                 bf16_flops=2.0 * mm_size**3 / t_mm, torch=torch.__version__)
 
@@ -211,7 +211,7 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
                         ("experts_pair_blocks", lambda: paired.apply(x, w13, w2, wts, local, validate=False))):
             row[f"{name}_us"], row[f"{name}_graph_us"] = bench(f)
         out.append(row)
-    del w13, w2
+    w13 = w2 = None
     return out
 
 # %% [markdown]
@@ -373,8 +373,8 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
                              bytes_per_weight=_quant_bytes(qw, "w13", [0]) / (N * K), bf16_batched_us=bf16_s * 1e6,
                              batched_us=t_b * 1e6, batched_pct_floor=100 * floor_s / t_b,
                              contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c))
-            del qw
-        del a, w13, w2
+            qw = None
+        a = w13 = w2 = None
     return rows
 
 def format_bench_quant(rows: list[dict]) -> str:

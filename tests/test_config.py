@@ -2,7 +2,7 @@
 from __future__ import annotations
 import pytest
 import enum
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 import torch
 from moe_lit.terms import check_int, check_choice, check_bool, check_positive_real
 from fastcore.test import test_eq, test_fail

@@ -2,11 +2,12 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.kernels.batched import DEVICE, BatchedTritonExperts, check_kernel_device
+from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor
 from moe_lit.formats import dispatch_batched_reference
+from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, poison_rows
 from moe_lit.formats import combine_batched_reference, moe_reference_standard
