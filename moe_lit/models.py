@@ -92,10 +92,10 @@ def preset(name: str,                              # a key of PRESETS, e.g. 'qwe
         raise ValueError(f"parallel: expected a ParallelConfig, got {type(parallel).__name__}")
     return PRESETS[name].replace(parallel=parallel)
 
-# %% ../nbs/02_models.ipynb #dc73c4caef13
+# %% ../nbs/02_models.ipynb #8b6f0d3e7366
 def describe_routing(cfg: MoEConfig,  # the layer whose router to describe
                     ) -> str:
-    "The routing steps of `cfg` in order, e.g. 'softmax → top-8 → renormalize' (the order vLLM applies them, §6)."
+    "The routing steps of `cfg` in order, e.g. 'softmax → top-8 → renormalize' (the order vLLM's `fused_topk` / `grouped_topk` apply them)."
     if not isinstance(cfg, MoEConfig): raise ValueError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
     if cfg.routing_method == "llama4":
         steps = [f"top-{cfg.top_k} logit", "sigmoid"]            # no normalisation over experts
@@ -238,11 +238,11 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
                    topk_group=check_int("config.json topk_group", topk_group, lo=1, hi=SIZE_LIMIT))
     return out
 
-# %% ../nbs/02_models.ipynb #09e5d7a17ac8
+# %% ../nbs/02_models.ipynb #e67d71e38ccd
 def _routing_from_hf(cfg: dict) -> dict:
     "The MoEConfig routing fields: config.json keys where present, the model family's behaviour where not."
     fam = _FAMILIES.get(_model_type(cfg), {})
-    if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (§6.4)
+    if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (vLLM's llama4.py)
         return dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False,
                     apply_router_weight_on_input=True)
     renormalize = fam.get("renormalize")

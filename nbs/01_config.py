@@ -74,7 +74,7 @@ class BackendDescriptor:
                          f"{self.name!r}, got {hidden_size}")
 
 # %% [markdown]
-# The values below come from vLLM's prepare/finalize implementations (see the study of vLLM's `fused_moe`, §2–3):
+# The values below come from vLLM's prepare/finalize implementations (vLLM's `vllm/model_executor/layers/fused_moe/` — `modular_kernel.py` and the `*_prepare_finalize.py` files):
 # DeepEP low-latency and NIXL EP deliver `[E_local, max_tokens_per_rank · num_ranks, H]` slabs, locate an expert's
 # rank by `physical_id // E_local`, quantize to FP8 in 128-element chunks before sending when the experts use
 # 128×128 block FP8, want int64 expert ids, and accept only the hidden sizes listed. DeepEP high-throughput and the

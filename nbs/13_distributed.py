@@ -65,7 +65,7 @@ from moe_lit.testing import assert_close
 #   contract, through the placement). Each rank now holds a *partial* output for every token — the sum over its own
 #   experts. Finalize reduce-scatters: the partial outputs of all ranks are summed and each rank keeps the rows of its
 #   own tokens. Every rank sends and receives `(S − 1)·T·H` elements each way, whatever the routing. This is vLLM's
-#   `allgather_reducescatter` backend (its `AgRsAll2AllManager`, the "naive" DP/EP path of the vLLM study, §1.3).
+#   `allgather_reducescatter` backend (`AgRsAll2AllManager` in `vllm/distributed/device_communicators/all2all.py`, its "naive" DP/EP path).
 # - **BatchedExperts format — all-to-all** (`deepep_low_latency`, `nixl_ep`). Each `(token, k)` pair travels only to
 #   the rank owning its expert. The counts go first, so every receiver knows how many rows arrive from whom for which
 #   local expert; then the rows. The receiver writes them into per-expert slabs `[E_local, max_num_tokens_per_rank · S,
