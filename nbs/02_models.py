@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # Models
-# > The MoE layers of real models: built-in presets with the source of every number, and the parser that turns a Hugging Face `config.json` into a `MoEConfig`.
+# > The MoE layers of real models: built-in presets with the source of every number, and the parser that turns a Hugging Face config.json into a MoEConfig.
 
 # %%
 #| export

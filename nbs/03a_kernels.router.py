@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # The router kernel
-# > Every routing method of `03_routing` — softmax or sigmoid scores, the correction bias, grouped top-k, renormalisation, routed scaling, Llama-4's top-1 sigmoid — in one Triton launch per batch, with the torch routers as its spec.
+# > Every routing method of 03_routing — softmax or sigmoid scores, the correction bias, grouped top-k, renormalisation, routed scaling, Llama-4's top-1 sigmoid — in one Triton launch per batch, with the torch routers as its spec.
 
 # %%
 #| export

@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # The batched-experts GEMM
-# > A Triton grouped GEMM over `[E, max_tokens, K]` slabs that reads only valid rows, skips empty experts before touching their weights, and fuses the expert bias and the gated activation (SiLU or gpt-oss's clamped SwiGLU) into its epilogue.
+# > A Triton grouped GEMM over [E, max_tokens, K] slabs that reads only valid rows, skips empty experts before touching their weights, and fuses the expert bias and the gated activation (SiLU or gpt-oss's clamped SwiGLU) into its epilogue.
 
 # %%
 #| export

@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # The contiguous path: alignment and the fused-MoE GEMM
-# > `moe_align_block_size` sorts the (token, slot) pairs by expert into blocks of `BLOCK_M` rows; a grouped GEMM then runs one expert per block over the flat Standard-format tokens.
+# > moe_align_block_size sorts the (token, slot) pairs by expert into blocks of BLOCK_M rows; a grouped GEMM then runs one expert per block over the flat Standard-format tokens.
 
 # %%
 #| export

@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # The MoE layer
-# > `FusedMoE`: router, placement and one rank's expert weights in an `nn.Module`, and the emulated expert-parallel run whose ranks must sum to the single-device result.
+# > FusedMoE: router, placement and one rank's expert weights in an nn.Module, and the emulated expert-parallel run whose ranks must sum to the single-device result.
 
 # %%
 #| export

@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # transformers: moe-lit as an experts implementation
-# > `register()` adds `"moe_lit"` to transformers' experts interface, so `from_pretrained(path, experts_implementation="moe_lit")` runs every MoE layer's experts through moe-lit.
+# > register() adds "moe_lit" to transformers' experts interface, so from_pretrained(path, experts_implementation="moe_lit") runs every MoE layer's experts through moe-lit.
 
 # %%
 #| export

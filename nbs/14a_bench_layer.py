@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # Benchmark: the whole layer
-# > `FusedMoE.forward` — router, dispatch, experts, combine, shared experts — eager and replayed as a CUDA graph, against the bytes it must read and against transformers' own MoE blocks on the same weights.
+# > FusedMoE.forward — router, dispatch, experts, combine, shared experts — eager and replayed as a CUDA graph, against the bytes it must read and against transformers' own MoE blocks on the same weights.
 
 # %%
 #| export

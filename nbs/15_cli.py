@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # Command line
-# > `moe-lit run` builds a real model's MoE layer on a deployment and reports every decision, the load, the check against float64 and the time; `moe-lit tables` prints the placement tables.
+# > moe-lit run builds a real model's MoE layer on a deployment and reports every decision, the load, the check against float64 and the time; moe-lit tables prints the placement tables.
 
 # %%
 #| export
