@@ -355,7 +355,10 @@ test_fail(lambda: markdown_table([dict(a=1), dict(b=2)]), contains="rows[1]: exp
 # Every preset, generated from `PRESETS`:
 
 # %%
-from IPython.display import Markdown
+#| echo: false
+from IPython.display import Markdown   # the table as Markdown (not needed by the tests)
+
+# %%
 Markdown(markdown_table(preset_table()))
 
 # %% [markdown]

@@ -15,6 +15,7 @@ from moe_lit.config import ParallelConfig, MoEConfig, SIZE_LIMIT
 
 # %%
 #| hide
+import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS
 
@@ -851,7 +852,6 @@ fig
 
 # %%
 #| test plot_expert_ownership
-import matplotlib.pyplot as plt
 fig = plot_expert_ownership(9, 2)
 test_eq([ax.get_title() for ax in fig.axes], ["linear: 9 experts on 2 ranks", "round_robin: 9 experts on 2 ranks"])
 test_eq(len(fig.axes[1].texts), 9)                     # one label per owned (rank, expert) cell

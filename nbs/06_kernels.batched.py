@@ -20,6 +20,8 @@ from moe_lit.testing import assert_close, poison_rows
 
 # %%
 #| hide
+import tempfile, json
+from moe_lit.bench import load_bench_results, plot_bench
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
 
@@ -392,8 +394,6 @@ def _load_table(path: Path) -> dict | None:
 
 # %%
 #| test tile_config_table
-import tempfile, json
-from pathlib import Path
 with tempfile.TemporaryDirectory() as d:
     p = tile_config_path("batched_moe_gemm", 32, 4096, "NVIDIA H200", torch.bfloat16, d)
     test_eq(p.name, "E=32,N=4096,device_name=NVIDIA_H200,dtype=bf16.json")
@@ -880,5 +880,4 @@ assert_close(out[valid], want[valid], name="gpt-oss-120b experts"); assert out[~
 # The same results as a figure (drawn by `plot_bench` from `14_bench`, which this page only borrows for the picture):
 
 # %%
-from moe_lit.bench import load_bench_results, plot_bench
 plot_bench(load_bench_results("bench/batched_gemm_h200_c950aab.json"))

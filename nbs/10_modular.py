@@ -18,6 +18,7 @@ from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference,
 
 # %%
 #| hide
+from moe_lit.kernels.batched import DEVICE
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
@@ -399,7 +400,6 @@ test_fail(lambda: SharedExperts(w13, w2, gate[:, :5]), contains="gate: expected 
 
 # %%
 #| test modular_kernels_agree
-from moe_lit.kernels.batched import DEVICE
 g = torch.Generator().manual_seed(0)
 E, H, I, T, k = 8, 32, 16, 9, 3
 w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5

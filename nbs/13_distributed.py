@@ -24,6 +24,7 @@ from moe_lit.testing import check_output
 
 # %%
 #| hide
+import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS, ParallelConfig, MoEConfig
 from moe_lit.placement import Placement
@@ -304,7 +305,6 @@ fig
 
 # %%
 #| test plot_dispatch
-import matplotlib.pyplot as plt
 par = lambda r: ParallelConfig.make(1, 2, dp_rank=r, enable_expert_parallel=True, all2all_backend="nixl_ep")
 ps = [Placement.build(MoEConfig(4, 2, 16, 16, parallel=par(r))) for r in range(2)]
 fig = plot_dispatch(ps, [torch.tensor([[0, 3], [0, 1]]), torch.tensor([[3, 0]])], 2)

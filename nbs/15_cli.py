@@ -880,7 +880,6 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| test main_options
-from moe_lit import __version__
 def exit_code(argv):
     try: main(argv)
     except SystemExit as e: return e.code

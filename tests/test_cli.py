@@ -242,7 +242,6 @@ def test_main_errors_name_the_flag():
 
 
 def test_main_options():
-    from moe_lit import __version__
     def exit_code(argv):
         try: main(argv)
         except SystemExit as e: return e.code

@@ -14,6 +14,7 @@ from moe_lit.formats import moe_reference_standard, expert_mlp
 from moe_lit.modular import Prepared, ModularKernel, SharedExperts, make_experts, check_prepare_args
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config
 from moe_lit.testing import check_output
+import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS, ParallelConfig, MoEConfig
 from moe_lit.placement import Placement
@@ -65,7 +66,6 @@ def test_slab_sources():
 
 
 def test_plot_dispatch():
-    import matplotlib.pyplot as plt
     par = lambda r: ParallelConfig.make(1, 2, dp_rank=r, enable_expert_parallel=True, all2all_backend="nixl_ep")
     ps = [Placement.build(MoEConfig(4, 2, 16, 16, parallel=par(r))) for r in range(2)]
     fig = plot_dispatch(ps, [torch.tensor([[0, 3], [0, 1]]), torch.tensor([[3, 0]])], 2)

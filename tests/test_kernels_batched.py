@@ -10,6 +10,8 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
+import tempfile, json
+from moe_lit.bench import load_bench_results, plot_bench
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
 from moe_lit.kernels.batched import *
@@ -23,8 +25,6 @@ def test_check_activation():
 
 
 def test_tile_config_table():
-    import tempfile, json
-    from pathlib import Path
     with tempfile.TemporaryDirectory() as d:
         p = tile_config_path("batched_moe_gemm", 32, 4096, "NVIDIA H200", torch.bfloat16, d)
         test_eq(p.name, "E=32,N=4096,device_name=NVIDIA_H200,dtype=bf16.json")

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_choice, check_tensor, check_bool
 from moe_lit.config import ParallelConfig, MoEConfig, SIZE_LIMIT
+import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS
 from moe_lit.placement import *
@@ -335,7 +336,6 @@ def test_placement_table():
 
 
 def test_plot_expert_ownership():
-    import matplotlib.pyplot as plt
     fig = plot_expert_ownership(9, 2)
     test_eq([ax.get_title() for ax in fig.axes], ["linear: 9 experts on 2 ranks", "round_robin: 9 experts on 2 ranks"])
     test_eq(len(fig.axes[1].texts), 9)                     # one label per owned (rank, expert) cell
