@@ -446,7 +446,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #50528e0042cc
+# %% ../nbs/15_cli.ipynb #4e15f8336232
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -489,8 +489,8 @@ def _checkpoint(args, cfg: MoEConfig):
         raise ValueError(f"--weights: {e}") from None
 
 def _run_distributed(args) -> int:
-    "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.main`), rank 0 reports."
-    from moe_lit.distributed import main as distributed_main
+    "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
+    from moe_lit.distributed import run_job
     unsupported = [f for f, given in (("--config", args.config), ("--weights", args.weights is not None),
                                       ("--tp", args.tp != 1), ("--backend", args.backend),
                                       ("--quant", args.quant not in (None, "unquantized")), ("--device", args.device != "auto"))
@@ -498,11 +498,9 @@ def _run_distributed(args) -> int:
     if unsupported:
         raise ValueError(f"--distributed: expected none of {unsupported}: across processes moe-lit runs presets as "
                          f"data-parallel EP ranks with unquantized experts so far, got them")
-    argv = ["--model", args.model or DEFAULT_PRESET, "--placement", args.placement, "--tokens", str(args.tokens), "--seed", str(args.seed),
-            "--experts", args.experts] + (["--ep", str(args.ep)] if args.ep != 1 else []) + \
-           (["--all2all", args.all2all] if args.all2all else []) + (["--dtype", args.dtype] if args.dtype else []) + \
-           (["--json"] if args.json else [])
-    return distributed_main(argv)
+    return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
+                   placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
+                   as_json=args.json)
 
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."

@@ -23,7 +23,8 @@ __all__ = ['NATIVE_LIBRARIES', 'dispatch_destinations', 'slab_sources', 'plot_di
            'AllGatherReduceScatterPrepareFinalize', 'AllToAllBatchedPrepareFinalize', 'transport_note',
            'make_distributed_prepare_finalize', 'init_distributed', 'split_tokens', 'DistributedRun', 'run_distributed',
            'format_distributed_report', 'DistributedJobError', 'DistributedTimeoutError', 'worker_main', 'launch',
-           'run_cases', 'failing_job', 'disagreeing_counts_job', 'sleeping_job', 'world_one_job', 'sweep_cases', 'main']
+           'run_cases', 'failing_job', 'disagreeing_counts_job', 'sleeping_job', 'world_one_job', 'sweep_cases',
+           'run_job', 'main']
 
 # %% ../nbs/13_distributed.ipynb #9947166ee134
 def dispatch_destinations(
@@ -827,30 +828,41 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
-# %% ../nbs/13_distributed.ipynb #c4b5d784e442
-def main(argv: list | None = None) -> int:
-    "`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report."
-    args = _parser().parse_args(argv)
+# %% ../nbs/13_distributed.ipynb #5be21e99857f
+def run_job(model: str = DEFAULT_PRESET,          # a preset
+            ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
+            all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
+            placement: str = "linear", tokens: int = 64, seed: int = 0,
+            dtype: str | None = None,              # 'bf16', 'fp16', 'fp32'; None: the model's own
+            experts: str = "auto", max_tokens_per_rank: int | None = None,
+            timeout: float = 600.0,                # seconds a collective may wait for its peers
+            as_json: bool = False) -> int:         # exit status: 0, 1 when a check fails, 2 on bad input
+    "The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
-    try: rank, world, _ = init_distributed(args.timeout)
+    try: rank, world, _ = init_distributed(timeout)
     except ValueError as e: print(f"moe-lit distributed: error: {e}", file=sys.stderr); return 2
     try:
-        ep = world if args.ep is None else args.ep
+        ep = world if ep is None else ep
         if ep != world: raise ValueError(f"--ep: expected the number of processes ({world}), got {ep}")
-        all2all = args.all2all or ("allgather_reducescatter" if ep > 1 else "none")
-        cfg = preset(args.model, ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=all2all))
-        if args.dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype])
-        run = run_distributed(cfg, args.tokens, args.placement, args.seed, args.experts,
-                              max_num_tokens_per_rank=args.max_tokens_per_rank)
+        all2all = all2all or ("allgather_reducescatter" if ep > 1 else "none")
+        cfg = preset(model, ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=all2all))
+        if dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+        run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first
         sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {e}\n"); sys.stderr.flush()   # one write: no interleaving
         dist.destroy_process_group(); return 2
     status = 0
     if rank == 0:
-        print(json.dumps(run.report, indent=1) if args.json else format_distributed_report(run.report), flush=True)
+        print(json.dumps(run.report, indent=1) if as_json else format_distributed_report(run.report), flush=True)
         status = 0 if all(c["ok"] for c in run.report["check"].values()) else 1
     dist.destroy_process_group()
     return status
+
+def main(argv: list | None = None) -> int:
+    "`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report."
+    a = _parser().parse_args(argv)
+    return run_job(a.model, a.ep, a.all2all, a.placement, a.tokens, a.seed, a.dtype, a.experts, a.max_tokens_per_rank,
+                   a.timeout, a.json)
 
 # %% ../nbs/13_distributed.ipynb #d387445cd51b
 #| eval: false
