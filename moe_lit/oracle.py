@@ -13,7 +13,7 @@ from .quant import QUANT_SCHEMES as _KERNEL_SCHEMES   # names only: the oracle i
 # %% auto #0
 __all__ = ['DEVICES', 'QUANT_SCHEMES', 'CANDIDATES', 'DeviceCaps', 'detect_device', 'ExpertsBackend', 'Decision',
            'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
-           'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'make_moe_kernel', 'plot_decisions']
+           'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'plot_decisions']
 
 # %% ../nbs/11_oracle.ipynb #cba70a81da9c
 @dataclass(frozen=True)
@@ -174,17 +174,6 @@ def select_mxfp4_moe_backend(moe_config, activation_format, device, override=Non
 def select_nvfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
     "`select_experts_backend` for NVFP4 weights with 16-bit activations."
     return select_experts_backend(moe_config, "nvfp4_w4a16", activation_format, device, override)
-
-# %% ../nbs/11_oracle.ipynb #edbe83eb21bb
-def make_moe_kernel(moe_config: MoEConfig, num_tokens: int, quant_scheme: str = "unquantized",
-                    device: DeviceCaps | None = None, override: str | None = None, shared_experts=None):
-    "`(ModularKernel, Decision)`: the prepare/finalize from the backend record, then the experts the oracle picks for its format."
-    from moe_lit.modular import ModularKernel, make_prepare_finalize, make_experts
-    device = detect_device() if device is None else device
-    probe = make_prepare_finalize(moe_config, num_tokens)
-    decision = select_experts_backend(moe_config, quant_scheme, probe.activation_format, device, override)
-    pf = make_prepare_finalize(moe_config, num_tokens, use_triton=decision.chosen.implementation == "triton")
-    return ModularKernel(pf, make_experts(pf, decision.chosen.implementation), shared_experts), decision
 
 # %% ../nbs/11_oracle.ipynb #a2949f2a4bdb
 def plot_decisions(moe_config: MoEConfig | None = None, devices=("cpu", "a100", "h200", "b200")):

@@ -197,8 +197,9 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
     return Decision(chosen, activation_format, quant_scheme, device, tuple(trace))
 
 # %% [markdown]
-# The thin entry points of vLLM's oracles, and `make_moe_kernel`, which builds the prepare/finalize *first* and asks
-# the oracle with its format — one source of truth.
+# The thin entry points of vLLM's oracles. The layer (`12_layer.resolve_experts`) is the one place that asks the
+# oracle for a deployment: it takes the format from the deployment's backend record — the prepare/finalize's format —
+# and builds the experts the decision names.
 
 # %%
 #| export
@@ -218,18 +219,6 @@ def select_mxfp4_moe_backend(moe_config, activation_format, device, override=Non
 def select_nvfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
     "`select_experts_backend` for NVFP4 weights with 16-bit activations."
     return select_experts_backend(moe_config, "nvfp4_w4a16", activation_format, device, override)
-
-# %%
-#| export
-def make_moe_kernel(moe_config: MoEConfig, num_tokens: int, quant_scheme: str = "unquantized",
-                    device: DeviceCaps | None = None, override: str | None = None, shared_experts=None):
-    "`(ModularKernel, Decision)`: the prepare/finalize from the backend record, then the experts the oracle picks for its format."
-    from moe_lit.modular import ModularKernel, make_prepare_finalize, make_experts
-    device = detect_device() if device is None else device
-    probe = make_prepare_finalize(moe_config, num_tokens)
-    decision = select_experts_backend(moe_config, quant_scheme, probe.activation_format, device, override)
-    pf = make_prepare_finalize(moe_config, num_tokens, use_triton=decision.chosen.implementation == "triton")
-    return ModularKernel(pf, make_experts(pf, decision.chosen.implementation), shared_experts), decision
 
 # %% [markdown]
 # ## Tests
