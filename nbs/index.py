@@ -117,6 +117,11 @@ print(hf.config._experts_implementation)
 # layer and reads only that rank's experts. The chapter *Loading a real model*
 # (`12c_real_models`) has the key layouts and the parity with transformers' own blocks for every family.
 #
+# For decode on a GPU, `layer.capture(batch_sizes=(1, 2, 4, ..., 256))` records one CUDA graph of the whole forward per
+# token bucket, and later calls replay the smallest bucket that fits; the forward never synchronises with the host
+# (`debug=True` turns the value checks back on). `moe-lit bench --layer` measures the whole layer, eager and replayed,
+# against the bytes it must read and against transformers' own MoE blocks (`14a_bench_layer`).
+#
 # %% [markdown]
 # ## Module map
 #
@@ -127,6 +132,7 @@ print(hf.config._experts_implementation)
 # | `01_config` | `moe_lit.config` | the backend descriptor table, `ParallelConfig` (vLLM's flattening rule), `MoEConfig` |
 # | `02_models` | `moe_lit.models` | real-model presets and Hugging Face `config.json` parsing |
 # | `03_routing` | `moe_lit.routing` | softmax / sigmoid / grouped top-k routers, correction bias, per-expert load |
+| `03a_kernels.router` | `moe_lit.kernels.router` | every routing method in one Triton launch, checked against the torch routers |
 # | `04_placement` | `moe_lit.placement` | linear and round-robin placement, `expert_map`, routing tables, EPLB replicas |
 # | `05_formats` | `moe_lit.formats` | the Standard and BatchedExperts contracts and the reference MoE in both |
 # | `06_kernels.batched` | `moe_lit.kernels.batched` | Triton batched-experts GEMM with fused SiLU-and-mul, tile tables |
@@ -142,8 +148,11 @@ print(hf.config._experts_implementation)
 # | `12b_integrations.transformers` | `moe_lit.integrations.transformers` | moe-lit as a transformers experts implementation (`experts_implementation="moe_lit"`) |
 # | `12c_real_models` | `moe_lit.real_models` | loading a real model: key-layout table, parity with transformers for every family |
 # | `13_distributed` | `moe_lit.distributed` | EP across processes on torch.distributed: all-gather/reduce-scatter and all-to-all |
+| `13a_launch` | `moe_lit.launch` | start N processes in one torch.distributed group from Python; the multi-process tests |
 # | `14_bench` | `moe_lit.bench` | both formats' GEMMs against torch peers and the measured roofline, quantized decode, tuning |
+| `14a_bench_layer` | `moe_lit.bench_layer` | the whole layer, eager and graph-replayed, against its floor and transformers' blocks |
 # | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `explain`, `bench` |
+| `15a_entry` | `moe_lit.entry` | the console script's front door (`--version` without importing torch) |
 #
 # ## Developing
 #
