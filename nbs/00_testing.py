@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import torch
 from moe_lit.terms import check_tensor
-from moe_lit.quant import QUANT_SCHEMES
+from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 
 # %%
 #| hide
@@ -147,7 +147,8 @@ test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor
 def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementation: str = "torch") -> tuple[float, float]:
     "`(rtol, minimum cosine)` of a run's output against its float64 reference: the dtype's, wider where w8a8 rounds activations."
     rtol = tolerance(dtype)
-    if quant.startswith("fp8_w8a8") and implementation == "triton_quant": return max(rtol, 0.15), 0.995
+    s = quant_scheme(quant)
+    if s is not None and s.is_fp8 and implementation == "triton_quant": return max(rtol, 0.15), 0.995
     return rtol, 0.999
 
 # %%
@@ -207,7 +208,7 @@ test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05
 def experts_tolerance(scheme: str) -> tuple[float, float]:
     "`(relative error bound, cosine bound)` of a quantized experts class (two GEMMs) against its spec."
     if scheme not in QUANT_SCHEMES: raise ValueError(f"scheme: expected one of {list(QUANT_SCHEMES)}, got {scheme!r}")
-    return (5e-2, 0.998) if scheme.startswith("fp8") else (2e-2, 0.9995)
+    return (5e-2, 0.998) if quant_scheme(scheme).is_fp8 else (2e-2, 0.9995)
 
 # %% [markdown]
 # ## Tiny Hugging Face models

@@ -8,6 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
+from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real, check_finite, FLOAT_DTYPES
 
@@ -22,12 +23,54 @@ from moe_lit.testing import assert_close
 # A **reference** page: these are the specs the quantized kernels will be checked against. Formats follow vLLM's
 # `vllm/model_executor/layers/quantization/` and the OCP Microscaling (MX) specification v1.0.
 #
-# The quantized schemes moe-lit runs, by name (the kernels of `09a_kernels.quant`, the oracle and the layer all read
-# this one tuple; the oracle adds `unquantized`):
+# The quantized schemes moe-lit runs are a descriptor table, like the backends': one frozen record per scheme with
+# every fact the rest of the package asks about it — the weight code, how weights and activations are scaled, the FP4
+# group, the short name of `--quant`, the `quant_method` of a checkpoint stored that way. The kernels of
+# `09a_kernels.quant`, the oracle, the layer, the checkpoint reader, the tolerances and the command read these
+# records; nothing tests a scheme's name for a prefix. (The oracle adds `unquantized`.)
 
 # %%
 #| export
-QUANT_SCHEMES = ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
+@dataclass(frozen=True)
+class QuantScheme:
+    "One quantization scheme of the experts: its weight code, its scales, its activations, and the names it goes by."
+    name: str                           # e.g. 'fp8_w8a8_block'
+    weight: str                         # the weight code: 'fp8_e4m3', or 'e2m1' (FP4, two codes a byte)
+    weight_scales: str                  # FP8: 'tensor', 'channel' or 'block' (128×128); FP4: 'group' (along K)
+    activations: str | None             # FP8 activations scaled per 'tensor', 'token' or 'group' (1×128); None: 16-bit
+    group_size: int | None = None       # FP4: K elements sharing a scale (MXFP4 32, e8m0; NVFP4 16, e4m3 + fp32 global)
+    alias: str | None = None            # the short name `moe-lit --quant` accepts
+    hf_quant_method: str | None = None  # config.json `quantization_config.quant_method` of checkpoints stored this way
+
+    @property
+    def is_fp8(self) -> bool:
+        "FP8 weights and activations (w8a8); otherwise FP4 weights with 16-bit activations (w4a16)."
+        return self.weight == "fp8_e4m3"
+
+QUANT_SCHEME_TABLE = {s.name: s for s in (
+    QuantScheme("fp8_w8a8_tensor", "fp8_e4m3", "tensor", "tensor"),
+    QuantScheme("fp8_w8a8_channel", "fp8_e4m3", "channel", "token"),
+    QuantScheme("fp8_w8a8_block", "fp8_e4m3", "block", "group", alias="fp8", hf_quant_method="fp8"),   # DeepSeek-V3
+    QuantScheme("mxfp4_w4a16", "e2m1", "group", None, group_size=32, alias="mxfp4", hf_quant_method="mxfp4"),  # gpt-oss
+    QuantScheme("nvfp4_w4a16", "e2m1", "group", None, group_size=16, alias="nvfp4"),
+)}
+QUANT_SCHEMES = tuple(QUANT_SCHEME_TABLE)
+
+def quant_scheme(name: str) -> QuantScheme | None:
+    "The record of scheme `name`; None for 'unquantized'. Raises ValueError naming the schemes for anything else."
+    if name == "unquantized": return None
+    if name not in QUANT_SCHEME_TABLE:
+        raise ValueError(f"quant: expected 'unquantized' or one of {list(QUANT_SCHEMES)}, got {name!r}")
+    return QUANT_SCHEME_TABLE[name]
+
+# %%
+#| test quant_scheme_table
+test_eq([s.name for s in QUANT_SCHEME_TABLE.values() if s.is_fp8], ["fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block"])
+test_eq({s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias},
+        {"fp8": "fp8_w8a8_block", "mxfp4": "mxfp4_w4a16", "nvfp4": "nvfp4_w4a16"})
+assert all((s.group_size is None) == s.is_fp8 and (s.activations is None) != s.is_fp8 for s in QUANT_SCHEME_TABLE.values())
+test_eq(quant_scheme("unquantized"), None)
+test_fail(lambda: quant_scheme("int4"), contains="quant: expected 'unquantized' or one of")
 
 # %% [markdown]
 # ## e2m1, two values per byte

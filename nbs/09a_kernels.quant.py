@@ -16,7 +16,7 @@ import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
+from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
@@ -79,9 +79,10 @@ from moe_lit.formats import moe_reference_standard
 
 # %%
 #| export
-WEIGHT_GRANULARITY = {"fp8_w8a8_tensor": "tensor", "fp8_w8a8_channel": "channel", "fp8_w8a8_block": "block"}
-ACTIVATION_GRANULARITY = {"fp8_w8a8_tensor": "tensor", "fp8_w8a8_channel": "token", "fp8_w8a8_block": "group"}
-FP4_GROUP = {"mxfp4_w4a16": 32, "nvfp4_w4a16": 16}      # elements along K sharing one scale
+_FP8 = [s for s in QUANT_SCHEME_TABLE.values() if s.is_fp8]                  # read from `09_quant`'s table
+WEIGHT_GRANULARITY = {s.name: s.weight_scales for s in _FP8}
+ACTIVATION_GRANULARITY = {s.name: s.activations for s in _FP8}
+FP4_GROUP = {s.name: s.group_size for s in QUANT_SCHEME_TABLE.values() if not s.is_fp8}   # K elements per scale
 _FMT = {"fp8_w8a8_tensor": 0, "fp8_w8a8_channel": 0, "fp8_w8a8_block": 1, "mxfp4_w4a16": 2, "nvfp4_w4a16": 3}
 _ACT16 = (torch.bfloat16, torch.float16)
 
@@ -1537,7 +1538,7 @@ for i, scheme in enumerate(QUANT_SCHEMES):
         assert_quant_close(got, want, *experts_tolerance(scheme), name=f"{scheme} T={T} top_k={k} on_input={on_in}")
     exact = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local, apply_router_weight_on_input=on_in)
     rel, cos = quant_error(want, exact)
-    rel_max, cos_min = (0.2, 0.98) if scheme.startswith("fp8") else (0.4, 0.9)   # loose: catches a shared misreading
+    rel_max, cos_min = (0.2, 0.98) if QUANT_SCHEME_TABLE[scheme].is_fp8 else (0.4, 0.9)   # loose: catches a shared misreading
     assert rel < rel_max and cos > cos_min, (scheme, rel, cos)
 test_eq(TritonQuantExperts.activation_format, ActivationFormat.Standard)
 

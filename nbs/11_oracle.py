@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_choice
 from moe_lit.config import ActivationFormat, MoEConfig
-from moe_lit.quant import QUANT_SCHEMES as _KERNEL_SCHEMES   # names only: the oracle imports no Triton
+from moe_lit.quant import QUANT_SCHEME_TABLE                 # the records only: the oracle imports no Triton
 
 # %%
 #| hide
@@ -60,7 +60,7 @@ class DeviceCaps:
 DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
 
-QUANT_SCHEMES = ("unquantized", *_KERNEL_SCHEMES)     # the schemes of `09_quant` (run by `09a_kernels.quant`)
+QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09a_kernels.quant`)
 
 def detect_device() -> DeviceCaps:
     "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."
@@ -114,7 +114,7 @@ class ExpertsBackend:
 _S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
 _ALL = QUANT_SCHEMES
 _Q = QUANT_SCHEMES[1:]
-_FP8 = tuple(q for q in _Q if q.startswith("fp8"))
+_FP8 = tuple(q for q in _Q if QUANT_SCHEME_TABLE[q].is_fp8)
 _FP4 = tuple(q for q in _Q if q.endswith("w4a16"))
 _DEQUANT = "weights dequantized to the activation dtype once, then the unquantized experts (an emulation)"
 _SILU_ONLY = dict(activations=("silu",), expert_bias=False)   # SiLU-gated, bias-free experts only

@@ -17,7 +17,7 @@ from moe_lit.terms import check_int
 from moe_lit.config import ParallelConfig, SIZE_LIMIT
 from moe_lit.models import moe_config_from_hf, text_config_view, read_config_json
 from moe_lit.weights import WeightSource, check_expert_ids
-from moe_lit.quant import dequantize_fp8, dequantize_mxfp4
+from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, QUANT_SCHEME_TABLE
 from moe_lit.formats import gate_up_from_interleaved
 
 # %%
@@ -256,7 +256,7 @@ test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers
 
 # %%
 #| export
-QUANT_METHODS = {"fp8": "fp8_w8a8_block", "mxfp4": "mxfp4_w4a16"}   # quantization_config.quant_method -> scheme
+QUANT_METHODS = {s.hf_quant_method: s.name for s in QUANT_SCHEME_TABLE.values() if s.hf_quant_method}   # -> scheme
 
 def _quant_from_hf(cfg: dict) -> tuple[str | None, tuple | None]:
     "(moe-lit scheme, scale block shape) named by config.json's quantization_config; (None, None) without one."

@@ -10,7 +10,7 @@ from moe_lit.terms import check_int
 from moe_lit.config import ParallelConfig, SIZE_LIMIT
 from moe_lit.models import moe_config_from_hf, text_config_view, read_config_json
 from moe_lit.weights import WeightSource, check_expert_ids
-from moe_lit.quant import dequantize_fp8, dequantize_mxfp4
+from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, QUANT_SCHEME_TABLE
 from moe_lit.formats import gate_up_from_interleaved
 import pickle, tempfile
 from concurrent.futures import ThreadPoolExecutor

@@ -9,7 +9,7 @@ import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.quant import (QUANT_SCHEMES, FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
+from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, FP8_MAX, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
@@ -212,7 +212,7 @@ def test_triton_quant_experts():
             assert_quant_close(got, want, *experts_tolerance(scheme), name=f"{scheme} T={T} top_k={k} on_input={on_in}")
         exact = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local, apply_router_weight_on_input=on_in)
         rel, cos = quant_error(want, exact)
-        rel_max, cos_min = (0.2, 0.98) if scheme.startswith("fp8") else (0.4, 0.9)   # loose: catches a shared misreading
+        rel_max, cos_min = (0.2, 0.98) if QUANT_SCHEME_TABLE[scheme].is_fp8 else (0.4, 0.9)   # loose: catches a shared misreading
         assert rel < rel_max and cos > cos_min, (scheme, rel, cos)
     test_eq(TritonQuantExperts.activation_format, ActivationFormat.Standard)
 

@@ -4,7 +4,7 @@ import pytest
 import math
 import torch
 from moe_lit.terms import check_tensor
-from moe_lit.quant import QUANT_SCHEMES
+from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import *
 
