@@ -59,7 +59,9 @@ def test_route_topk_bad_arguments():
     test_fail(lambda: route_topk({}, torch.randn(3, 8)), contains="plan: expected a RouterPlan")
     test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
     strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))
-    b = torch.arange(16.0, device=DEVICE)[::2] / 16                                   # a strided bias is read as its values
+    base = torch.tensor([0., 9, 1, 9, 2, 9, 3, 9, 4, 9, 5, 9, 6, 9, 7, 9], device=DEVICE) / 16
+    b = base[::2]                                        # a strided view: read as its values 0..7/16, not as base[:8]
+    assert b.stride(0) == 2
     x = torch.zeros(2, 8, device=DEVICE)
     test_eq(route_topk(strided, x, b)[1].tolist(), select_experts(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"), x, b)[1].tolist())
     if not INTERPRET and DEVICE == "cpu":
