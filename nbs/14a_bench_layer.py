@@ -42,9 +42,9 @@ from fastcore.test import test_eq, test_fail
 #   tokens in and the output out.
 #
 # `eager − replay` is the host overhead per forward. Peers: transformers' MoE block of the family (`grouped_mm` and
-# `batched_mm` experts implementations) on the same router and expert weights, eager — transformers' blocks
-# synchronise inside (`batched_mm` and `grouped_mm` size their work from the routing on the host), so they cannot be
-# captured. Random weights and tokens, bf16, fixed seeds.
+# `batched_mm` experts implementations) on the same router and expert weights, timed eager, the way transformers
+# runs them (whether they could be captured in a CUDA graph was not tried). Random weights and tokens, bf16, fixed
+# seeds.
 
 # %%
 #| export
