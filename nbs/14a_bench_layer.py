@@ -267,8 +267,8 @@ print(format_bench_layer(load_bench_layer("bench/layer_bench_mixtral_h200_3c93b2
 #   rank 0 at T = 1 reads 272 MB — two routed experts of 88 MB and the shared expert — with the programs of only two
 #   experts' tiles doing work). The Qwen3 and DeepSeek allgather rows (contiguous path) stay at 1.3–1.6× up to T = 256: the aligned
 #   GEMMs at 16–64 rows per expert are below the batched ones.
-# - **Against transformers (same weights, same family block):** replayed, moe-lit is faster than the best of
-#   `grouped_mm` / `batched_mm` at every Qwen3 token count (62 vs 234 µs at T = 1, 444 vs 608 at T = 256) and every
+# - **Against transformers (same weights, same family block, transformers timed eager):** replayed, moe-lit is
+#   faster than the best of `grouped_mm` / `batched_mm` at every Qwen3 token count (62 vs 234 µs at T = 1, 444 vs 608 at T = 256) and every
 #   Mixtral count but two: T = 16, where the pair-block layout read every Mixtral weight four times (1663 µs, 2.5× the
 #   floor), and T = 256 (1236 vs 1201 µs, a tile choice of the aligned GEMMs). Pair blocks are now used only while
 #   the pairs are at most a quarter of the experts; the Mixtral rows measured again after that change (below,
