@@ -104,6 +104,9 @@ def write_readme(nb):
 
 def main(check=False):
     pys = notebooks()
+    for py in pys:                      # a percent file is Python: a markdown line without its "# " would be code
+        try: compile(py.read_text(), str(py), "exec")
+        except SyntaxError as e: sys.exit(f"{py.name}:{e.lineno}: not valid Python ({e.msg}); a markdown line lost its '# '?")
     for stale in NBS.glob("*.ipynb"):
         if not stale.with_suffix(".py").exists(): stale.unlink()
     nbs = {py: to_ipynb(py) for py in pys}

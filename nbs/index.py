@@ -132,7 +132,7 @@ print(hf.config._experts_implementation)
 # | `01_config` | `moe_lit.config` | the backend descriptor table, `ParallelConfig` (vLLM's flattening rule), `MoEConfig` |
 # | `02_models` | `moe_lit.models` | real-model presets and Hugging Face `config.json` parsing |
 # | `03_routing` | `moe_lit.routing` | softmax / sigmoid / grouped top-k routers, correction bias, per-expert load |
-| `03a_kernels.router` | `moe_lit.kernels.router` | every routing method in one Triton launch, checked against the torch routers |
+# | `03a_kernels.router` | `moe_lit.kernels.router` | every routing method in one Triton launch, checked against the torch routers |
 # | `04_placement` | `moe_lit.placement` | linear and round-robin placement, `expert_map`, routing tables, EPLB replicas |
 # | `05_formats` | `moe_lit.formats` | the Standard and BatchedExperts contracts and the reference MoE in both |
 # | `06_kernels.batched` | `moe_lit.kernels.batched` | Triton batched-experts GEMM with fused SiLU-and-mul, tile tables |
@@ -148,11 +148,11 @@ print(hf.config._experts_implementation)
 # | `12b_integrations.transformers` | `moe_lit.integrations.transformers` | moe-lit as a transformers experts implementation (`experts_implementation="moe_lit"`) |
 # | `12c_real_models` | `moe_lit.real_models` | loading a real model: key-layout table, parity with transformers for every family |
 # | `13_distributed` | `moe_lit.distributed` | EP across processes on torch.distributed: all-gather/reduce-scatter and all-to-all |
-| `13a_launch` | `moe_lit.launch` | start N processes in one torch.distributed group from Python; the multi-process tests |
+# | `13a_launch` | `moe_lit.launch` | start N processes in one torch.distributed group from Python; the multi-process tests |
 # | `14_bench` | `moe_lit.bench` | both formats' GEMMs against torch peers and the measured roofline, quantized decode, tuning |
-| `14a_bench_layer` | `moe_lit.bench_layer` | the whole layer, eager and graph-replayed, against its floor and transformers' blocks |
+# | `14a_bench_layer` | `moe_lit.bench_layer` | the whole layer, eager and graph-replayed, against its floor and transformers' blocks |
 # | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `explain`, `bench` |
-| `15a_entry` | `moe_lit.entry` | the console script's front door (`--version` without importing torch) |
+# | `15a_entry` | `moe_lit.entry` | the console script's front door (`--version` without importing torch) |
 #
 # ## Developing
 #
