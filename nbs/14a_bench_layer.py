@@ -235,6 +235,20 @@ fig = plot_bench_layer(fake)
 test_eq(len(fig.axes[0].lines), 4)                               # floor, replay, eager, one transformers series
 
 # %% [markdown]
+# On the GPU the benchmark runs end to end on one deployment with its transformers peer, at two token counts: every
+# row has a floor, eager and replayed times, and the peers' outputs agree with the layer's to a few percent.
+
+# %%
+#| test bench_layer_end_to_end
+#| gpu
+rep = bench_layer(None, [LAYER_DEPLOYMENTS[0]], tokens=(1, 4))
+test_eq([r["num_tokens"] for r in rep["rows"]], [1, 4])
+for r in rep["rows"]:
+    assert r["floor_us"] > 0 and r["replay_us"] > 0.5 * r["floor_us"] and r["eager_us"] > 0 and r["touched_experts"] >= 1, r
+    assert r["hf_grouped_mm_rel_err"] < 0.1 and r["hf_batched_mm_rel_err"] < 0.1, r     # same weights, same function
+assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
+
+# %% [markdown]
 # ## Results, H200
 #
 # `nbs/bench/layer_bench_h200_8a184b7.json` (with its log and figure) comes from one run of `moe-lit bench --layer`

@@ -26,3 +26,13 @@ def test_format_and_plot_bench_layer():
     assert "1.20x" in text and text.count("\n") == 2, text
     fig = plot_bench_layer(fake)
     test_eq(len(fig.axes[0].lines), 4)                               # floor, replay, eager, one transformers series
+
+
+@pytest.mark.gpu
+def test_bench_layer_end_to_end():
+    rep = bench_layer(None, [LAYER_DEPLOYMENTS[0]], tokens=(1, 4))
+    test_eq([r["num_tokens"] for r in rep["rows"]], [1, 4])
+    for r in rep["rows"]:
+        assert r["floor_us"] > 0 and r["replay_us"] > 0.5 * r["floor_us"] and r["eager_us"] > 0 and r["touched_experts"] >= 1, r
+        assert r["hf_grouped_mm_rel_err"] < 0.1 and r["hf_batched_mm_rel_err"] < 0.1, r     # same weights, same function
+    assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
