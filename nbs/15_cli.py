@@ -12,7 +12,7 @@ import argparse, enum, json, os, sys, time
 from pathlib import Path
 from dataclasses import asdict
 import torch
-from moe_lit import __version__
+from moe_lit.entry import command_parser
 from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
@@ -25,6 +25,7 @@ from moe_lit.testing import check_output
 
 # %%
 #| hide
+from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, tempfile
 from pathlib import Path
@@ -594,27 +595,18 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 # %%
 #| export
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
-                                 formatter_class=fmt)
-    ap.add_argument("--version", action="version", version=f"moe-lit {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="build a model's MoE layer on a deployment and report every decision and check",
-                         formatter_class=fmt)
+    "The full `moe-lit` parser: the skeleton of `15a_entry` with every subcommand's options."
+    ap, cmd = command_parser()
+    run, tables, ex, b = cmd["run"], cmd["tables"], cmd["explain"], cmd["bench"]
     _add_deployment_args(run); _add_run_args(run)
-    tables = sub.add_parser("tables", help="print the placement and routing tables of a deployment", formatter_class=fmt)
     _add_deployment_args(tables)
     tables.add_argument("--json", action="store_true", help="print every rank's tables as JSON")
-    ex = sub.add_parser("explain", help="the resolved properties and the oracle's decision table for a deployment",
-                        formatter_class=fmt)
     _add_deployment_args(ex)
     ex.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=list(QUANT_SCHEMES),
                     help="weight/activation quantization (short names: " + ", ".join(f"{k} = {v}" for k, v in QUANT_ALIASES.items()) + ")")
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
-    b = sub.add_parser("bench", help="benchmark the experts GEMMs of both formats against peers and the roofline (GPU)",
-                       formatter_class=fmt)
     b.add_argument("--tune", nargs="?", const="all", default=False, choices=["all", "batched", "contiguous"],
                    help="sweep tile candidates of these kernels first and save the winners (no value: all)")
     b.add_argument("--config-dir", help="where tuned tile tables are written (None: the package's configs/)")

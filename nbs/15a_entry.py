@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import sys
+import argparse, sys
 
 # %%
 #| hide
@@ -18,23 +18,42 @@ from fastcore.test import test_eq
 # %% [markdown]
 # The console script `moe-lit` points here. The commands of `15_cli` need torch and the package's tables for their
 # argument choices (model presets, backends, quantization schemes), and importing torch alone takes one to two
-# seconds; `--version` needs none of that, so it is answered before anything heavy is imported.
+# seconds. The command's skeleton — its name, `--version`, the four subcommands and what each does — needs none of
+# that: it lives here, `15_cli` adds each subcommand's options to it, and `moe-lit --version` and `moe-lit --help` are
+# answered before anything heavy is imported.
 
 # %%
 #| export
+COMMANDS = {   # subcommand -> what it does (the top-level help)
+    "run": "build a model's MoE layer on a deployment and report every decision and check",
+    "tables": "print the placement and routing tables of a deployment",
+    "explain": "the resolved properties and the oracle's decision table for a deployment",
+    "bench": "benchmark the experts GEMMs of both formats against peers and the roofline (GPU)",
+}
+
+def command_parser() -> tuple[argparse.ArgumentParser, dict]:
+    "`(parser, {subcommand: its parser})`: the `moe-lit` command with its subcommands and none of their options."
+    from moe_lit import __version__
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
+                                 formatter_class=fmt)
+    ap.add_argument("--version", action="version", version=f"moe-lit {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    return ap, {name: sub.add_parser(name, help=text, formatter_class=fmt) for name, text in COMMANDS.items()}
+
 def main(argv: list[str] | None = None) -> int:
-    "The `moe-lit` console script: `--version` answered from the package alone; anything else is `moe_lit.cli.main`."
+    "The `moe-lit` console script: `--version` and `--help` from the skeleton alone; anything else is `moe_lit.cli.main`."
     args = sys.argv[1:] if argv is None else list(argv)
-    if args == ["--version"]:
-        from moe_lit import __version__
-        print(f"moe-lit {__version__}")
-        return 0
+    if args in (["--version"], ["--help"], ["-h"]):
+        try: command_parser()[0].parse_args(args)       # prints, then exits
+        except SystemExit as e: return e.code
     from moe_lit.cli import main as cli_main
     return cli_main(args)
 
 # %%
 #| test version_without_torch
-code = "import sys, moe_lit.entry as e; e.main(['--version']); assert 'torch' not in sys.modules, 'torch imported'"
-out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-test_eq((out.returncode, out.stderr), (0, ""))
-assert out.stdout.startswith("moe-lit "), out.stdout
+for flag, want in (("--version", "moe-lit "), ("--help", "usage: moe-lit")):
+    code = f"import sys, moe_lit.entry as e; e.main([{flag!r}]); assert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    test_eq((out.returncode, out.stderr), (0, ""))
+    assert out.stdout.startswith(want) and (flag == "--version" or all(c in out.stdout for c in COMMANDS)), out.stdout
