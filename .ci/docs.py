@@ -80,8 +80,9 @@ def _norm(o: dict) -> dict:
 
 
 def page_name(nb: Path) -> str:
-    "nbdev's page name: the notebook stem without its number prefix (`06_kernels.batched` -> `kernels.batched`)."
-    return "index" if nb.stem == "index" else re.sub(r"^\d+_", "", nb.stem)
+    """nbdev's page name, the one its symbol links (`moe_lit/_modidx.py`) point to: the notebook stem without its
+    number prefix, letter suffix included (`06_kernels.batched` -> `kernels.batched`, `09a_kernels.quant` -> `kernels.quant`)."""
+    return "index" if nb.stem == "index" else re.sub(r"^\d+[a-zA-Z0-9]*_", "", nb.stem.lower())
 
 
 def sidebar(pages: list) -> str:

@@ -3,7 +3,8 @@
     nbs/*.py (jupytext percent, the source)
       -> nbs/*.ipynb        (git-ignored; cell ids hashed from content, so regeneration is byte-stable)
       -> moe_lit/           (nbdev_export)
-      -> tests/test_*.py    (cells tagged `#| test NAME` become `def test_NAME()`; `#| gpu` -> pytest.mark.gpu)
+      -> tests/test_*.py    (cells tagged `#| test NAME` become `def test_NAME()`; `#| gpu` -> pytest.mark.gpu;
+                             `#| helper` cells, the tests' own helpers, are copied to the module's top, not exported)
       -> README.md          (from nbs/index.py)
 
 Usage: python .ci/regen.py [--check]
@@ -57,12 +58,14 @@ def is_import_cell(body):
 
 
 def write_tests(py: Path, nb):
-    module, imports, tests, seen_export = None, [], [], False
+    module, imports, helpers, tests, seen_export = None, [], [], [], False
     for cell in nb.cells:
         if cell.cell_type != "code": continue
         d, body = directives(cell.source)
         first_export, seen_export = "export" in d and not seen_export, seen_export or "export" in d
         if "default_exp" in d: module = d["default_exp"]
+        elif "helper" in d:                                  # a test helper: runs in the chapter, lives in the tests
+            helpers.append("\n".join(body))
         elif ("export" in d or "exports" in d or "hide" in d) and "test" not in d and (
                 is_import_cell(body) or first_export):   # the first export cell is the imports cell
             imports.append("\n".join(body))
@@ -81,6 +84,7 @@ def write_tests(py: Path, nb):
     src = [f"{GEN_MARK} nbs/{py.name}: edit the notebook, then run `python .ci/regen.py`.",
            *future, "import pytest", *[l for l in lines if l not in future]]
     if module: src.append(f"from moe_lit.{module} import *")
+    for h in helpers: src += ["\n", h]
     for name, flags, body in tests:
         src.append("\n")
         src += [f"@pytest.mark.{f}" for f in flags if f != "notest"]

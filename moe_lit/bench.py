@@ -243,7 +243,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #90e1a0a0ef52
+# %% ../nbs/14_bench.ipynb #cf334c0e70c8
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -255,7 +255,8 @@ def _quant_bytes(qw, which: str, experts) -> int:
 def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH_SCHEMES) -> list[dict]:
     "µs and % of the weight-bytes floor of quantized GEMM1 (+SiLU) in both formats, per decode scenario and scheme."
     import triton.testing
-    from moe_lit.kernels.quant import quantize_expert_weights, batched_moe_gemm_quant, fused_moe_gemm_quant
+    from moe_lit.quant_weights import quantize_expert_weights
+    from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant
     from moe_lit.kernels.contiguous import moe_align_block_size
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
     rows = []

@@ -491,12 +491,12 @@ def _experts(self, expert_ids) -> dict[str, torch.Tensor]:
 
 CheckpointWeights._per_expert, CheckpointWeights.experts = _per_expert, _experts
 
-# %% ../nbs/11b_checkpoint.ipynb #25f3a237563b
+# %% ../nbs/11b_checkpoint.ipynb #a6aefc278910
 def _quantized_experts(self, expert_ids, scheme: str):
     "The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when stored in `scheme`; else None."
     ids = check_expert_ids(expert_ids, self.config.num_experts)
     if scheme is None or scheme != self.quant_scheme: return None
-    from moe_lit.kernels.quant import QuantizedExpertWeights   # imports Triton: only when codes are asked for
+    from moe_lit.quant_weights import QuantizedExpertWeights
     c, I = self.config, self.config.intermediate_size
     with self._shards:
         if scheme == "mxfp4_w4a16":

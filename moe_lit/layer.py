@@ -139,7 +139,7 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         out[n] = check_finite(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
     return out
 
-# %% ../nbs/12_layer.ipynb #0b7d2d1c96c7
+# %% ../nbs/12_layer.ipynb #7830b49cde1b
 def _load_experts(self, source: WeightSource, device: torch.device):
     "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
     c = self.config
@@ -156,7 +156,7 @@ def _load_experts(self, source: WeightSource, device: torch.device):
                                  f"read as stored, got hidden_size {c.hidden_size} padded to {c.padded_hidden_size}")
         self.qweights = source.quantized_experts(ids, self.quant).to(device)
     elif self.quant != "unquantized":                              # quantize at load
-        from moe_lit.kernels.quant import quantize_expert_weights
+        from moe_lit.quant_weights import quantize_expert_weights
         self.qweights = quantize_expert_weights(w13.to(device), w2.to(device), self.quant)
     if self.qweights is not None:                                  # the float weights kept are the dequantized ones
         w13 = w2 = None                                            # (the originals go first: a lower peak)
@@ -167,7 +167,7 @@ def _load_experts(self, source: WeightSource, device: torch.device):
 
 FusedMoE._load_experts = _load_experts
 
-# %% ../nbs/12_layer.ipynb #b969cea8c5bf
+# %% ../nbs/12_layer.ipynb #467c444307b7
 def _refuse_quantized_state(module, state_dict, prefix, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats (a quantized layer quantizes them itself)."
     for n in ("w13", "w2", "w13_bias", "w2_bias", "gate", "gate_bias", "e_score_correction_bias"):
@@ -190,7 +190,7 @@ def _requantize_after_load(module, incompatible_keys):
                              f"assign=True, or build the layer in that dtype), got {t.dtype}")
     module._build_hot_path()                           # the router's gate copy; captured graphs are dropped
     if module.quant == "unquantized": return
-    from moe_lit.kernels.quant import quantize_expert_weights
+    from moe_lit.quant_weights import quantize_expert_weights
     with torch.no_grad():
         module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant)
         w13, w2 = module.qweights.dequantize()

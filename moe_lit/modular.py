@@ -141,7 +141,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #cf07beb20bc8
+# %% ../nbs/10_modular.ipynb #3d0dd80942a9
 class TritonStandardExperts(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
@@ -160,7 +160,7 @@ class TritonBatchedExperts(TorchBatchedExperts):
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
 class TritonQuantStandardExperts(TorchStandardExperts):
-    "Standard-format experts on quantized weights (`09a_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
+    "Standard-format experts on quantized weights (`09c_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
@@ -169,7 +169,7 @@ class TritonQuantStandardExperts(TorchStandardExperts):
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
 class TritonQuantBatchedExperts(TorchBatchedExperts):
-    "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
+    "Batched-format experts on quantized weights (`09c_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,

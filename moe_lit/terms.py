@@ -11,7 +11,7 @@ import torch
 # %% auto #0
 __all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
            'check_positive_real', 'check_tensor', 'acc_dtype', 'check_finite', 'use_triton_interpreter_without_gpu',
-           'progress']
+           'default_device', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -139,12 +139,16 @@ def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: expected finite values, got {t[tuple(bad)].item()} at {bad}")
     return t
 
-# %% ../nbs/00_terms.ipynb #205e9d3473ec
+# %% ../nbs/00_terms.ipynb #8ddc857c8e5f
 def use_triton_interpreter_without_gpu() -> bool:
     "For entry points only (the CLI, the test set-up): without a CUDA GPU, run Triton kernels in its CPU interpreter."
     if torch.cuda.is_available(): return False
     os.environ.setdefault("TRITON_INTERPRET", "1")   # read when moe_lit.kernels is first imported: call this before
     return True
+
+def default_device() -> str:
+    "Where kernel tensors live by default: `'cuda'` with a GPU and without Triton's interpreter (`TRITON_INTERPRET=1`), else `'cpu'`."
+    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 # %% ../nbs/00_terms.ipynb #d30cfe821060
 def progress(iterable, desc: str = "", total: int | None = None):

@@ -171,14 +171,14 @@ def hf_moe_output(block, x: torch.Tensor) -> torch.Tensor:
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(x.shape)
 
-# %% ../nbs/00_testing.ipynb #660736d66572
+# %% ../nbs/00_testing.ipynb #e18770bceecd
 def write_fp8_block_checkpoint(directory,                 # an existing empty directory
                                E: int = 4, H: int = 320, I: int = 128,   # H = 2.5 blocks: a partial block column
                                seed: int = 0) -> dict:
     "A DeepSeek-V3-style FP8 block checkpoint (layer 1 MoE): returns `{experts, shared, gate, bias}` as stored."
     import json
     from safetensors.torch import save_file
-    from moe_lit.kernels.quant import quantize_expert_weights
+    from moe_lit.quant_weights import quantize_expert_weights
     torch.manual_seed(seed)
     P, r = "model.layers.1.mlp.", I // 128                      # r: scale rows of the gate half
     qw = quantize_expert_weights(torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5, "fp8_w8a8_block")
@@ -200,13 +200,13 @@ def write_fp8_block_checkpoint(directory,                 # an existing empty di
     json.dump({"metadata": {}, "weight_map": shard}, open(f"{directory}/model.safetensors.index.json", "w"))
     return {"experts": qw, "shared": shared, "gate": gate, "bias": bias, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #5c98224c7ace
+# %% ../nbs/00_testing.ipynb #a4e3755098bd
 def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed: int = 0,
                            swiglu_limit: float = 7.0) -> dict:
     "A gpt-oss-style MXFP4 checkpoint (one layer): returns `{experts, w13_bias, w2_bias, tensors}` as stored."
     import json
     from safetensors.torch import save_file
-    from moe_lit.kernels.quant import quantize_expert_weights
+    from moe_lit.quant_weights import quantize_expert_weights
     torch.manual_seed(seed)
     P = "model.layers.0.mlp."
     qw = quantize_expert_weights(torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5, "mxfp4_w4a16")

@@ -237,6 +237,10 @@ def use_triton_interpreter_without_gpu() -> bool:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # read when moe_lit.kernels is first imported: call this before
     return True
 
+def default_device() -> str:
+    "Where kernel tensors live by default: `'cuda'` with a GPU and without Triton's interpreter (`TRITON_INTERPRET=1`), else `'cpu'`."
+    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
 # %%
 #| test check_finite
 test_eq(check_finite("w", torch.ones(2)).shape, (2,))

@@ -299,7 +299,7 @@ def write_fp8_block_checkpoint(directory,                 # an existing empty di
     "A DeepSeek-V3-style FP8 block checkpoint (layer 1 MoE): returns `{experts, shared, gate, bias}` as stored."
     import json
     from safetensors.torch import save_file
-    from moe_lit.kernels.quant import quantize_expert_weights
+    from moe_lit.quant_weights import quantize_expert_weights
     torch.manual_seed(seed)
     P, r = "model.layers.1.mlp.", I // 128                      # r: scale rows of the gate half
     qw = quantize_expert_weights(torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5, "fp8_w8a8_block")
@@ -328,7 +328,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     "A gpt-oss-style MXFP4 checkpoint (one layer): returns `{experts, w13_bias, w2_bias, tensors}` as stored."
     import json
     from safetensors.torch import save_file
-    from moe_lit.kernels.quant import quantize_expert_weights
+    from moe_lit.quant_weights import quantize_expert_weights
     torch.manual_seed(seed)
     P = "model.layers.0.mlp."
     qw = quantize_expert_weights(torch.randn(E, 2 * I, H) / H**0.5, torch.randn(E, H, I) / I**0.5, "mxfp4_w4a16")

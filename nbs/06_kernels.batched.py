@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
@@ -341,7 +341,7 @@ def _batched_moe_gemm_tma_kernel(
 # %%
 #| export
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"   # where kernel tensors live by default
+DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 def _pow2(x: int) -> int: return 1 << max(0, (int(x) - 1).bit_length())
@@ -413,8 +413,8 @@ with tempfile.TemporaryDirectory() as d:
 #| export
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
-def _check_extent(name: str, t: torch.Tensor):
-    "Offsets inside one expert are int32 in the kernel: refuse a per-expert extent of 2^31 elements or more."
+def check_extent(name: str, t: torch.Tensor):
+    "Offsets inside one expert (or one row list) are int32 in the kernels that call this: refuse an extent of 2^31 elements or more; ValueError naming `name`."
     extent = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
     if extent >= 2**31: raise ValueError(f"{name}: expected a per-expert extent < 2^31 elements, got {extent}")
 
@@ -545,7 +545,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     if validate and E and not (0 <= int((mm := torch.aminmax(expert_num_tokens)).min) and int(mm.max) <= M):
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
-    for name, t in (("a", a), ("w", w), ("out", out)): _check_extent(name, t)
+    for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = dict(check_tile_config(config) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
     cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out

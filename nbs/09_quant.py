@@ -26,7 +26,7 @@ from moe_lit.testing import assert_close
 # The quantized schemes moe-lit runs are a descriptor table, like the backends': one frozen record per scheme with
 # every fact the rest of the package asks about it — the weight code, how weights and activations are scaled, the FP4
 # group, the short name of `--quant`, the `quant_method` of a checkpoint stored that way. The kernels of
-# `09a_kernels.quant`, the oracle, the layer, the checkpoint reader, the tolerances and the command read these
+# `09a_quant_weights`, `09c_kernels.quant`, the oracle, the layer, the checkpoint reader, the tolerances and the command read these
 # records; nothing tests a scheme's name for a prefix. (The oracle adds `unquantized`.)
 
 # %%

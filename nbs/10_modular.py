@@ -214,7 +214,7 @@ class TritonBatchedExperts(TorchBatchedExperts):
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
 class TritonQuantStandardExperts(TorchStandardExperts):
-    "Standard-format experts on quantized weights (`09a_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
+    "Standard-format experts on quantized weights (`09c_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
@@ -223,7 +223,7 @@ class TritonQuantStandardExperts(TorchStandardExperts):
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
 class TritonQuantBatchedExperts(TorchBatchedExperts):
-    "Batched-format experts on quantized weights (`09a_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
+    "Batched-format experts on quantized weights (`09c_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,

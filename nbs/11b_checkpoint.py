@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, Llama4Config, Llama4ForConditionalGeneration
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 import moe_lit.checkpoint as checkpoint_module
-from moe_lit.kernels.quant import quantize_expert_weights
+from moe_lit.quant_weights import quantize_expert_weights
 from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint
 
 # %% [markdown]
@@ -683,7 +683,7 @@ CheckpointWeights._per_expert, CheckpointWeights.experts = _per_expert, _experts
 # %% [markdown]
 # #### Pre-quantized experts
 #
-# moe-lit's `QuantizedExpertWeights` (`09a_kernels.quant`) keeps `w13` as `[E, 2·I, …]` codes, gate rows then up
+# moe-lit's `QuantizedExpertWeights` (`09a_quant_weights`) keeps `w13` as `[E, 2·I, …]` codes, gate rows then up
 # rows, `[out, in]` — the checkpoints' own orientation for both schemes, so only rows move and no code is touched:
 #
 # - **FP8 block** (per-expert keys): `w13` stacks the gate and up codes, `w13_scale` their scales. The stacked
@@ -702,7 +702,7 @@ def _quantized_experts(self, expert_ids, scheme: str):
     "The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when stored in `scheme`; else None."
     ids = check_expert_ids(expert_ids, self.config.num_experts)
     if scheme is None or scheme != self.quant_scheme: return None
-    from moe_lit.kernels.quant import QuantizedExpertWeights   # imports Triton: only when codes are asked for
+    from moe_lit.quant_weights import QuantizedExpertWeights
     c, I = self.config, self.config.intermediate_size
     with self._shards:
         if scheme == "mxfp4_w4a16":

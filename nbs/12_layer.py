@@ -222,7 +222,7 @@ def _load_experts(self, source: WeightSource, device: torch.device):
                                  f"read as stored, got hidden_size {c.hidden_size} padded to {c.padded_hidden_size}")
         self.qweights = source.quantized_experts(ids, self.quant).to(device)
     elif self.quant != "unquantized":                              # quantize at load
-        from moe_lit.kernels.quant import quantize_expert_weights
+        from moe_lit.quant_weights import quantize_expert_weights
         self.qweights = quantize_expert_weights(w13.to(device), w2.to(device), self.quant)
     if self.qweights is not None:                                  # the float weights kept are the dequantized ones
         w13 = w2 = None                                            # (the originals go first: a lower peak)
@@ -263,7 +263,7 @@ def _requantize_after_load(module, incompatible_keys):
                              f"assign=True, or build the layer in that dtype), got {t.dtype}")
     module._build_hot_path()                           # the router's gate copy; captured graphs are dropped
     if module.quant == "unquantized": return
-    from moe_lit.kernels.quant import quantize_expert_weights
+    from moe_lit.quant_weights import quantize_expert_weights
     with torch.no_grad():
         module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant)
         w13, w2 = module.qweights.dequantize()
@@ -531,7 +531,7 @@ test_fail(lambda: layer(x.bfloat16()), contains="hidden: expected dtype torch.fl
 test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*, 32]")
 
 # %% [markdown]
-# **Quantized weights.** With `quant`, the layer quantizes its experts at load (`09a_kernels.quant`) and keeps the
+# **Quantized weights.** With `quant`, the layer quantizes its experts at load (`09a_quant_weights`) and keeps the
 # dequantized weights beside the codes: the quantized experts read the codes, the torch references (and the dequant
 # emulations) read the dequantized weights, so a check against the reference measures the kernels, and the
 # activation quantization of w8a8 — never the weight rounding, which both sides share.

@@ -330,7 +330,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
 # ## Quantized weights at decode
 #
 # At decode the experts stream their weights, so quantized weights should run faster in proportion to their bytes.
-# `bench_quant` times GEMM1 with the fused SiLU-and-mul of both formats' quantized kernels (`09a_kernels.quant`) on
+# `bench_quant` times GEMM1 with the fused SiLU-and-mul of both formats' quantized kernels (`09c_kernels.quant`) on
 # the decode scenarios' rows, against the **weight-bytes floor** of the same run: codes plus scales of the experts
 # that have tokens, plus the activation rows in and out, over the measured copy bandwidth. FP8 w8a8 includes the
 # activation quantization launch; FP4 weights are 0.53 (MXFP4) and 0.56 (NVFP4) bytes per element. The unquantized
@@ -349,7 +349,8 @@ def _quant_bytes(qw, which: str, experts) -> int:
 def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH_SCHEMES) -> list[dict]:
     "µs and % of the weight-bytes floor of quantized GEMM1 (+SiLU) in both formats, per decode scenario and scheme."
     import triton.testing
-    from moe_lit.kernels.quant import quantize_expert_weights, batched_moe_gemm_quant, fused_moe_gemm_quant
+    from moe_lit.quant_weights import quantize_expert_weights
+    from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant
     from moe_lit.kernels.contiguous import moe_align_block_size
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
     rows = []

@@ -58,7 +58,7 @@
 # `.venv/bin/python .ci/docs.py` builds the same chapters offline into `_docs/`: it executes every notebook on the CPU
 # (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc; `bash .ci/test`
 # then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
-# `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton and numpy
+# `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton, numpy and fastcore
 # (`[plot]` adds matplotlib, `[progress]` tqdm).
 #
 # ## In Python
@@ -139,7 +139,9 @@ print(hf.config._experts_implementation)
 # | `07_kernels.dispatch` | `moe_lit.kernels.dispatch` | Triton dispatch into per-expert slabs and the weighted combine |
 # | `08_kernels.contiguous` | `moe_lit.kernels.contiguous` | Triton `moe_align_block_size` and the fused-MoE GEMM over aligned blocks |
 # | `09_quant` | `moe_lit.quant` | FP8 (tensor / channel / token / 128×128 block), MXFP4 and NVFP4 quantize and dequantize |
-# | `09a_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 and FP4 w4a16 Triton GEMMs of both formats, quantized experts |
+# | `09a_quant_weights` | `moe_lit.quant_weights` | the quantized expert-weight container, quantizing a layer's experts, test weights (torch only) |
+# | `09b_kernels.quant_act` | `moe_lit.kernels.quant_act` | Triton FP8 activation quantizer (tensor / token / 1×128 group), padding rows skipped |
+# | `09c_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 and FP4 w4a16 Triton GEMMs of both formats, quantized experts |
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
 # | `11_oracle` | `moe_lit.oracle` | experts-backend selection from the prepare/finalize's format, with a reason per candidate |
 # | `11a_weights` | `moe_lit.weights` | the weight-source protocol: random per expert, a mapping of tensors |

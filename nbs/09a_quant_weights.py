@@ -1,0 +1,435 @@
+# %%
+#| default_exp quant_weights
+
+# %% [markdown]
+# # Quantized expert weights
+# > The container of a layer's FP8 / MXFP4 / NVFP4 expert weights (codes, scales, global scales), quantizing a layer's experts one at a time, and test weights whose scales differ block by block.
+
+# %%
+#| export
+from __future__ import annotations
+from dataclasses import dataclass
+import torch
+from fastcore.basics import patch
+from moe_lit.terms import check_int, check_tensor, check_choice, FLOAT_DTYPES, default_device
+from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
+                           quantize_nvfp4, dequantize_nvfp4)
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+
+# %% [markdown]
+# In this notebook: the weight container `QuantizedExpertWeights` (its `dequantize`, `select`, `to`, `nbytes`),
+# `quantize_expert_weights` and `quant_weight_shapes`; test weights `random_expert_weights` and `random_activations`;
+# one figure, `plot_weight_scales`. A **reference** page. It is plain torch, no Triton: a checkpoint reader and the
+# layer hold quantized weights without importing a kernel. The formats and their torch quantizers come from
+# `09_quant`; the activation quantizer is `09b_kernels.quant_act` and the GEMMs that read these weights are
+# `09c_kernels.quant`.
+#
+# ## Motivation
+#
+# At decode an MoE layer is a weight-streaming problem: each active expert's `w13` and `w2` are read once per step
+# for a handful of rows, so time is bytes of weight over memory bandwidth. Storing the weights in 8 or 4 bits cuts
+# those bytes by 2× or ~3.7× against bf16. The two families differ in what the tensor cores then do:
+#
+# - **FP8 w8a8**: weights *and* activations are e4m3; Hopper's tensor cores multiply fp8 × fp8 into fp32 at twice
+#   the bf16 peak rate (NVIDIA's H200 datasheet: 1979 vs 989 dense TFLOP/s), so the GEMM itself runs in fp8 and only
+#   the scales are applied in fp32.
+# - **FP4 w4a16** (MXFP4, NVFP4): weights are e2m1 codes with a shared scale per 32 or 16 elements; activations stay
+#   bf16/fp16. **On Hopper this is an emulation**: sm_90 has no FP4 tensor-core instruction (Blackwell's
+#   `tcgen05.mma` with `kind::mxf4`/`mxf4nvf4`, reached through `tl.dot_scaled`, is the native path), so the kernel
+#   unpacks and scales the codes to bf16 in registers inside the K loop and uses the bf16 MMA. It saves the memory
+#   traffic (0.53–0.56 bytes per weight instead of 2) but not the compute, and it pays ALU work per weight element.
+#
+# ## What each scheme stores
+#
+# Per expert, for a weight `[N, K]` (`w13`: N = 2·I, K = H; `w2`: N = H, K = I). `K_pad` rounds K up to the FP4 group
+# (32 or 16) with zero columns; the unpadded K is kept in the container, and activations are never padded.
+#
+# | scheme | codes | weight scale | activation (quantized per call) | bytes per weight element |
+# |---|---|---|---|---|
+# | `fp8_w8a8_tensor` | `[N, K]` e4m3 | one fp32 per expert: `[E]` | e4m3, one fp32 scale per tensor | 1 + 4/(N·K) |
+# | `fp8_w8a8_channel` | `[N, K]` e4m3 | fp32 per output row: `[E, N, 1]` | e4m3, one scale per token | 1 + 4/K |
+# | `fp8_w8a8_block` | `[N, K]` e4m3 | fp32 per 128×128 block: `[E, ⌈N/128⌉, ⌈K/128⌉]` | e4m3, one scale per 1×128 group | 1 + 4/16384 ≈ 1.0002 |
+# | `mxfp4_w4a16` | `[N, K_pad/2]` uint8, two e2m1 | e8m0 (uint8) per 32 along K: `[E, N, K_pad/32]` | bf16 / fp16 as is | 0.5 + 1/32 = 0.531 |
+# | `nvfp4_w4a16` | `[N, K_pad/2]` uint8, two e2m1 | e4m3 per 16 along K: `[E, N, K_pad/16]`, and an fp32 global `[E]` | bf16 / fp16 as is | 0.5 + 1/16 (+ 4/(N·K)) = 0.5625 |
+#
+# The activation granularity follows the weight's as vLLM pairs them for its Triton experts: tensor ↔ tensor,
+# channel ↔ token, 128×128 block ↔ 1×128 groups (the group width equals the weight block's K, so one activation scale
+# and one weight scale cover each K tile). Nibble order is `09_quant`'s: element `2j` in the low nibble of byte `j`.
+
+# %%
+#| export
+_FP8 = [s for s in QUANT_SCHEME_TABLE.values() if s.is_fp8]                  # read from `09_quant`'s table
+WEIGHT_GRANULARITY = {s.name: s.weight_scales for s in _FP8}
+ACTIVATION_GRANULARITY = {s.name: s.activations for s in _FP8}
+FP4_GROUP = {s.name: s.group_size for s in QUANT_SCHEME_TABLE.values() if not s.is_fp8}   # K elements per scale
+
+def _is_fp8(scheme: str) -> bool: return scheme in WEIGHT_GRANULARITY
+
+def _storage_cols(scheme: str, K: int) -> int:
+    "Columns of the code tensor for a weight of K columns: K fp8 bytes, or K_pad/2 bytes of two e2m1 codes."
+    return K if _is_fp8(scheme) else -(-K // FP4_GROUP[scheme]) * FP4_GROUP[scheme] // 2
+
+def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None) -> tuple:
+    "The weight-scale shape of one `[E, N, K]` weight (ceil-div for partial blocks, K_pad for FP4)."
+    if scheme == "fp8_w8a8_tensor": return (E,)
+    if scheme == "fp8_w8a8_channel": return (E, N, 1)
+    if scheme == "fp8_w8a8_block": return (E, -(-N // block[0]), -(-K // block[1]))
+    return (E, N, 2 * _storage_cols(scheme, K) // FP4_GROUP[scheme])
+
+# %%
+#| export
+def _check_block_shape(scheme: str, block) -> tuple | None:
+    "The scale group of `scheme`: fixed for FP4, None for tensor/channel, a (rows, power-of-2 ≥ 32 cols) pair for block."
+    if scheme in FP4_GROUP:
+        want = (1, FP4_GROUP[scheme])
+        if block is not None and tuple(block) != want: raise ValueError(f"block_shape: expected {want} for {scheme}, got {block!r}")
+        return want
+    if scheme != "fp8_w8a8_block":
+        if block is not None: raise ValueError(f"block_shape: expected None for {scheme}, got {block!r}")
+        return None
+    block = (128, 128) if block is None else block
+    if not (isinstance(block, (tuple, list)) and len(block) == 2):
+        raise ValueError(f"block_shape: expected a pair of ints, got {block!r}")
+    check_int("block_shape[0]", block[0], lo=1); check_int("block_shape[1]", block[1], lo=32)
+    if block[1] & (block[1] - 1): raise ValueError(f"block_shape[1]: expected a power of 2, got {block[1]}")
+    return tuple(block)
+
+def quant_weight_shapes(scheme: str,      # one of QUANT_SCHEMES
+                        E: int, N: int, K: int,   # experts, rows and (unpadded) columns of one weight [E, N, K]
+                        block_shape: tuple | None = None,  # FP8 block scale group, default (128, 128)
+                       ) -> tuple[tuple, tuple]:
+    "`(codes shape, scale shape)` of a weight `[E, N, K]` stored in `scheme` (what a checkpoint loader allocates)."
+    check_choice("scheme", scheme, QUANT_SCHEMES)
+    for name, v in (("E", E), ("N", N), ("K", K)): check_int(name, v, lo=0 if name == "E" else 1)
+    block = _check_block_shape(scheme, block_shape)
+    return (E, N, _storage_cols(scheme, K)), _scale_shape(scheme, E, N, K, block)
+
+# %%
+#| test scheme_tables
+test_eq(quant_weight_shapes("mxfp4_w4a16", 4, 160, 80), ((4, 160, 48), (4, 160, 3)))   # K 80 -> K_pad 96: 48 bytes
+test_eq(quant_weight_shapes("nvfp4_w4a16", 4, 160, 80), ((4, 160, 40), (4, 160, 5)))   # 80 = 5·16: no padding
+test_eq(quant_weight_shapes("fp8_w8a8_block", 4, 384, 192)[1], (4, 3, 2))    # I = 192 per rank: partial blocks
+test_eq(quant_weight_shapes("fp8_w8a8_channel", 4, 384, 192)[1], (4, 384, 1))
+test_eq(quant_weight_shapes("fp8_w8a8_tensor", 4, 384, 192), ((4, 384, 192), (4,)))
+test_eq(set(ACTIVATION_GRANULARITY), set(WEIGHT_GRANULARITY))
+test_fail(lambda: quant_weight_shapes("fp8", 4, 8, 8), contains="scheme: expected one of")
+
+# %% [markdown]
+# ## The weight container
+#
+# `QuantizedExpertWeights` holds both weights of a layer's (local) experts in one scheme and checks every shape and
+# dtype on construction, so a kernel never sees a scale tensor of the wrong layout. `block_shape` is the scale group
+# `(rows, cols)`: `(128, 128)` for FP8 block, `(1, 32)` for MXFP4, `(1, 16)` for NVFP4, `None` for tensor/channel.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class QuantizedExpertWeights:
+    "The quantized `w13`/`w2` of `E` experts in one scheme: codes, scales, NVFP4 global scales and the unpadded K."
+    scheme: str                      # one of QUANT_SCHEMES
+    w13: torch.Tensor                # [E, 2·I, H] float8_e4m3fn, or [E, 2·I, H_pad/2] uint8 (two e2m1 codes a byte)
+    w13_scale: torch.Tensor          # quant_weight_shapes(...)[1]: fp32 (fp8), uint8 e8m0 (MXFP4), e4m3 (NVFP4)
+    w2: torch.Tensor                 # [E, H, I] float8_e4m3fn, or [E, H, I_pad/2] uint8
+    w2_scale: torch.Tensor           # quant_weight_shapes(scheme, E, H, I)[1]
+    hidden_size: int                 # H, unpadded: K of GEMM1
+    intermediate_size: int           # I, unpadded: K of GEMM2
+    w13_global_scale: torch.Tensor | None = None   # [E] fp32, NVFP4 only
+    w2_global_scale: torch.Tensor | None = None    # [E] fp32, NVFP4 only
+    block_shape: tuple | None = None               # scale group (rows, cols); filled in for block/FP4 schemes
+
+    def __post_init__(self):
+        check_choice("scheme", self.scheme, QUANT_SCHEMES)
+        check_int("hidden_size", self.hidden_size, lo=1); check_int("intermediate_size", self.intermediate_size, lo=1)
+        block = _check_block_shape(self.scheme, self.block_shape)
+        object.__setattr__(self, "block_shape", block)
+        check_tensor("w13", self.w13, ndim=3)
+        E, H, I = self.w13.shape[0], self.hidden_size, self.intermediate_size
+        for name, N, K in (("w13", 2 * I, H), ("w2", H, I)):
+            _check_weight_parts(self, name, E, N, K, block)
+
+# %%
+#| export
+def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
+    "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device)."
+    s = qw.scheme
+    codes, scale, gs = getattr(qw, name), getattr(qw, name + "_scale"), getattr(qw, name + "_global_scale")
+    check_tensor(name, codes, shape=(E, N, _storage_cols(s, K)), dtype=torch.float8_e4m3fn if _is_fp8(s) else torch.uint8)
+    sdt = {"mxfp4_w4a16": torch.uint8, "nvfp4_w4a16": torch.float8_e4m3fn}.get(s, torch.float32)
+    check_tensor(name + "_scale", scale, shape=_scale_shape(s, E, N, K, block), dtype=sdt)
+    if s == "nvfp4_w4a16": check_tensor(name + "_global_scale", gs, shape=(E,), dtype=torch.float32)
+    elif gs is not None: raise ValueError(f"{name}_global_scale: expected None for {s}, got a tensor")
+    for n, t in ((name + "_scale", scale), (name + "_global_scale", gs)):
+        if t is not None and t.device != codes.device: raise ValueError(f"{n}: expected device {codes.device}, got {t.device}")
+
+# %% [markdown]
+# Reading back: `dequantize_weight` gives one expert's weight in fp32 (or float64 for references) with the K padding
+# cropped; `dequantize` gives both weights of all experts. `nbytes` and `bytes_per_element` are what the benchmark's
+# weight-bytes floor uses. `select` keeps a subset of experts (one EP rank's), `to` moves everything.
+
+# %%
+#| export
+@patch
+def weight_parts(self: QuantizedExpertWeights, which: str) -> tuple:
+    "`(codes, scale, global scale or None, N, K)` of `which` in ('w13', 'w2'); K is the unpadded K."
+    check_choice("weight", which, ("w13", "w2"))
+    codes = getattr(self, which)
+    K = self.hidden_size if which == "w13" else self.intermediate_size
+    return codes, getattr(self, which + "_scale"), getattr(self, which + "_global_scale"), codes.shape[1], K
+
+@patch
+def dequantize_weight(self: QuantizedExpertWeights, which: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    "`[N, K]` weight of one expert, dequantized into `dtype` (K padding cropped)."
+    codes, scale, gs, N, K = self.weight_parts(which)
+    check_int("expert", expert, lo=0, hi=codes.shape[0])
+    c, s = codes[expert], scale[expert]
+    if self.scheme == "fp8_w8a8_tensor": return dequantize_fp8(c, s.reshape(1), "tensor", dtype=dtype)
+    if self.scheme == "fp8_w8a8_channel": return dequantize_fp8(c, s, "channel", dtype=dtype)
+    if self.scheme == "fp8_w8a8_block": return dequantize_fp8(c, s, "block", self.block_shape, dtype=dtype)
+    if self.scheme == "mxfp4_w4a16": return dequantize_mxfp4(c, s, dtype)[:, :K]
+    return dequantize_nvfp4(c, s, float(gs[expert]), dtype)[:, :K]
+
+@patch
+def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(w13 [E, 2·I, H], w2 [E, H, I])` dequantized into `dtype`: the reference weights of every kernel here."
+    E, out = self.w13.shape[0], []
+    for w in ("w13", "w2"):                        # filled one expert at a time: no second copy of the stack
+        shape = (2 * self.intermediate_size, self.hidden_size) if w == "w13" else (self.hidden_size, self.intermediate_size)
+        t = torch.empty(E, *shape, dtype=dtype, device=self.w13.device)
+        for e in range(E): t[e] = self.dequantize_weight(w, e, dtype)
+        out.append(t)
+    return tuple(out)
+
+# %%
+#| export
+def _tensors(qw) -> dict:
+    return {f: getattr(qw, f) for f in ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")}
+
+def _qw_replace(qw, fn):
+    "A new container with `fn` applied to every tensor (validated again on construction)."
+    t = {k: (None if v is None else fn(v)) for k, v in _tensors(qw).items()}
+    return QuantizedExpertWeights(qw.scheme, hidden_size=qw.hidden_size, intermediate_size=qw.intermediate_size,
+                                  block_shape=qw.block_shape, **t)
+
+@patch
+def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
+    "The weights of a subset of experts (`experts`: an index tensor or list along E), e.g. the ones one EP rank holds."
+    return _qw_replace(self, lambda t: t[experts])
+
+@patch
+def to(self: QuantizedExpertWeights, device) -> QuantizedExpertWeights:
+    "Every tensor moved to `device`."
+    return _qw_replace(self, lambda t: t.to(device))
+
+@patch(as_prop=True)
+def nbytes(self: QuantizedExpertWeights) -> int:
+    "Bytes of codes, scales and global scales: what streaming these experts' weights reads."
+    return sum(t.numel() * t.element_size() for t in _tensors(self).values() if t is not None)
+
+@patch(as_prop=True)
+def num_experts(self: QuantizedExpertWeights) -> int:
+    "E, the experts held."
+    return self.w13.shape[0]
+
+@patch(as_prop=True)
+def device(self: QuantizedExpertWeights) -> torch.device:
+    "The device of every tensor."
+    return self.w13.device
+
+@patch(as_prop=True)
+def bytes_per_element(self: QuantizedExpertWeights) -> float:
+    "Bytes of codes and scales per logical weight element (3·H·I elements per expert)."
+    return self.nbytes / max(1, 3 * self.num_experts * self.hidden_size * self.intermediate_size)
+
+@patch
+def __repr__(self: QuantizedExpertWeights) -> str:
+    return (f"QuantizedExpertWeights({self.scheme}, E={self.num_experts}, H={self.hidden_size}, "
+            f"I={self.intermediate_size}, block_shape={self.block_shape}, {self.bytes_per_element:.4f} bytes/element, "
+            f"device={self.device})")
+
+# %% [markdown]
+# ## Quantizing the weights
+#
+# `quantize_expert_weights` runs `09_quant`'s quantizers expert by expert (so a per-tensor or NVFP4 global scale is
+# one per expert, as in checkpoints, and memory stays one expert wide on big layers). FP4 needs K to be a multiple
+# of its group: K is padded with zero columns to the next multiple of 32 (MXFP4) or 16 (NVFP4) before quantizing —
+# the zeros cost nothing in the GEMM because the kernel masks the activation past the unpadded K.
+
+# %%
+#| export
+def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
+    "(codes, scale, global scale or None) of one expert's `[N, K]` weight."
+    if _is_fp8(scheme):
+        q, s = quantize_fp8(w, WEIGHT_GRANULARITY[scheme], block or (128, 128))
+        return q, (s.reshape(()) if scheme == "fp8_w8a8_tensor" else s), None
+    g = FP4_GROUP[scheme]
+    wp = torch.nn.functional.pad(w, (0, -w.shape[-1] % g))            # zero columns up to a whole group
+    if scheme == "mxfp4_w4a16": return (*quantize_mxfp4(wp), None)
+    p, s, gs = quantize_nvfp4(wp)
+    return p, s, torch.tensor(gs, dtype=torch.float32, device=w.device)
+
+def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate rows then up rows
+                            w2: torch.Tensor,         # [E, H, I] float
+                            scheme: str,              # one of QUANT_SCHEMES
+                            block_shape: tuple | None = None,  # FP8 block scales: (rows, cols), default (128, 128)
+                           ) -> QuantizedExpertWeights:
+    "Quantize both expert weights into `scheme`, one expert at a time (09_quant's quantizers)."
+    check_choice("scheme", scheme, QUANT_SCHEMES)
+    block = _check_block_shape(scheme, block_shape)
+    check_tensor("w13", w13, ndim=3, dtype=FLOAT_DTYPES)
+    E, two_i, H = w13.shape
+    if two_i % 2 or two_i == 0 or E == 0 or H == 0:
+        raise ValueError(f"w13: expected a non-empty [E, 2·I, H] with an even 2·I, got shape {tuple(w13.shape)}")
+    check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
+    parts = {}
+    for name, w in (("w13", w13), ("w2", w2)):
+        first = _quantize_one(w[0], scheme, block)           # its shapes size the outputs, filled expert by expert
+        out = [None if t is None else torch.empty(E, *t.shape, dtype=t.dtype, device=t.device) for t in first]
+        for e in range(E):
+            for o, t in zip(out, first if e == 0 else _quantize_one(w[e], scheme, block)):
+                if o is not None: o[e] = t
+        parts[name], parts[name + "_scale"], parts[name + "_global_scale"] = out
+    return QuantizedExpertWeights(scheme, hidden_size=H, intermediate_size=two_i // 2, block_shape=block, **parts)
+
+# %% [markdown]
+# ### Test weights that a permuted scale cannot fool
+#
+# Random Gaussian weights have the same magnitude everywhere, so every block gets nearly the same scale and a kernel
+# that reads the scales in the wrong order would still pass. `random_expert_weights` gives every 128×128 block its
+# own power-of-two magnitude (2^-3 … 2^3), every 16-column group a further 2^-2 … 2^2, and every block an offset so
+# values are not symmetric about zero. `random_activations` does the same to activation rows per 64 columns.
+
+# %%
+#| export
+def _structured(N: int, K: int, g: torch.Generator) -> torch.Tensor:
+    "`[N, K]` Gaussian values whose power-of-two magnitude changes per 128×128 block and per 16-column group, with a per-block offset."
+    kw = dict(generator=g, device=g.device)
+    up = lambda t, bn, bk: t.repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+    nb, kb = -(-N // 128), -(-K // 128)
+    blk = up(torch.randint(-3, 4, (nb, kb), **kw).float(), 128, 128)
+    fine = up(torch.randint(-2, 3, (N, -(-K // 16)), **kw).float(), 1, 16)
+    off = up(torch.rand((nb, kb), **kw) - 0.5, 128, 128)
+    return (torch.randn((N, K), **kw) + off) * torch.exp2(blk + fine)
+
+def random_expert_weights(E: int, H: int, I: int, seed: int = 0, device=None,
+                          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(w13 [E, 2·I, H], w2 [E, H, I])` with block-wise exponents (see above), scaled so outputs are O(1); built on `device`."
+    device = torch.device(device or default_device())
+    g = torch.Generator(device=device).manual_seed(seed)            # one expert at a time: memory stays one expert wide
+    w13, w2 = torch.empty(E, 2 * I, H, dtype=dtype, device=device), torch.empty(E, H, I, dtype=dtype, device=device)
+    for e in range(E):
+        w13[e], w2[e] = _structured(2 * I, H, g) / (4 * H**0.5), _structured(H, I, g) / (4 * I**0.5)
+    return w13, w2
+
+def random_activations(shape: tuple, dtype: torch.dtype, seed: int = 0, device=None) -> torch.Tensor:
+    "Activations `[..., K]` whose magnitude changes by powers of two (2^-2 … 2^2) every 64 columns of each row."
+    g = torch.Generator().manual_seed(seed)
+    *lead, K = shape
+    e = torch.randint(-2, 3, (*lead, -(-K // 64)), generator=g).float().repeat_interleave(64, -1)[..., :K]
+    return (torch.randn(shape, generator=g) * torch.exp2(e)).to(device=device or default_device(), dtype=dtype)
+
+# %%
+#| test quantize_expert_weights_round_trip
+E, H, I = 3, 144, 80                                     # H, I not multiples of 128 (or of 32 for MXFP4)
+w13, w2 = random_expert_weights(E, H, I, seed=1, device="cpu")
+for scheme, cos_min in (("fp8_w8a8_tensor", 0.99), ("fp8_w8a8_channel", 0.999), ("fp8_w8a8_block", 0.999),
+                        ("mxfp4_w4a16", 0.98), ("nvfp4_w4a16", 0.99)):
+    qw = quantize_expert_weights(w13, w2, scheme)
+    d13, d2 = qw.dequantize()
+    test_eq((d13.shape, d2.shape), (w13.shape, w2.shape))                       # K padding cropped
+    for d, w in ((d13, w13), (d2, w2)):
+        assert torch.nn.functional.cosine_similarity(d.flatten(), w.flatten(), dim=0) > cos_min, scheme
+    test_eq(qw.select([2, 0]).dequantize_weight("w2", 0), qw.dequantize_weight("w2", 2))
+qw = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
+test_eq((qw.w13.shape, qw.w13_scale.shape, qw.w2.shape), ((E, 160, 80), (E, 160, 5), (E, 144, 48)))  # K_pad 160 / 96
+test_eq(qw.block_shape, (1, 32))
+test_eq(quantize_expert_weights(w13, w2, "fp8_w8a8_block").w13_scale.shape, (E, 2, 2))   # ceil(160/128), ceil(144/128)
+assert "bytes/element" in repr(qw)
+
+# %% [markdown]
+# ### What the scales look like
+#
+# `plot_weight_scales` draws, for one expert's weight, the scale each element's code is multiplied by (log2): FP8 block
+# scales tile the weight in 128×128 squares (partial at the right and bottom edges), MXFP4 and NVFP4 give every row
+# its own scale per 32 or 16 columns. The test weights' deliberate block structure is visible in both.
+
+# %%
+#| export
+def _element_scales(qw: QuantizedExpertWeights, which: str, expert: int) -> torch.Tensor:
+    "`[N, K]` fp32: the factor each weight element's code is multiplied by (NVFP4: block scale · global scale)."
+    codes, scale, gs, N, K = qw.weight_parts(which)
+    check_int("expert", expert, lo=0, hi=qw.num_experts)
+    s = torch.exp2(scale[expert].float() - 127) if qw.scheme == "mxfp4_w4a16" else scale[expert].float()
+    if qw.scheme in ("fp8_w8a8_tensor", "fp8_w8a8_channel"): return s.reshape(-1, 1).expand(N, K)
+    gn, gk = qw.block_shape
+    out = s.repeat_interleave(gn, 0)[:N].repeat_interleave(gk, 1)[:, :K]
+    return out * float(gs[expert]) if gs is not None else out
+
+def plot_weight_scales(qw: QuantizedExpertWeights, which: str = "w13", expert: int = 0, title: str = ""):
+    "Heat-map of log2 of the scale each element of one expert's weight gets; returns the Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = _element_scales(qw, which, expert).cpu()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    im = ax.imshow(torch.log2(s).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel(f"K (column of {which})"); ax.set_ylabel("N (row)")
+    ax.set_title(title or f"{qw.scheme}: log2 of each element's scale, {which}[{expert}]", fontsize=9)
+    fig.colorbar(im, ax=ax, label="log2 scale"); fig.tight_layout(); plt.close(fig)
+    return fig
+
+# %%
+demo_w13, demo_w2 = random_expert_weights(1, 256, 192, seed=11, device="cpu")   # w13 [384, 256]: 3 × 2 blocks
+plot_weight_scales(quantize_expert_weights(demo_w13, demo_w2, "fp8_w8a8_block"))
+
+# %%
+plot_weight_scales(quantize_expert_weights(demo_w13, demo_w2, "mxfp4_w4a16"))
+
+# %%
+#| test plot_weight_scales
+qw = quantize_expert_weights(*random_expert_weights(2, 64, 32, device="cpu"), "nvfp4_w4a16")
+fig = plot_weight_scales(qw, "w2", 1)
+test_eq(fig.axes[0].images[0].get_array().shape, (64, 32))
+test_fail(lambda: plot_weight_scales(qw, "w2", 2), contains="expert: expected < 2")
+
+# %% [markdown]
+# Bytes per weight element, measured on one expert (every term is per element, so one is enough): FP8 is 1 byte plus
+# its scales, the FP4 formats are 0.53 and 0.56 — the numbers the benchmark's weight-bytes floor divides by. The
+# channel scales cost `4/K` per element: `4/H` for `w13` and `4/I` for `w2`, weighted by their sizes (2 : 1).
+
+# %%
+#| test bytes_per_element
+H, I = 1024, 256
+w13, w2 = torch.randn(1, 2 * I, H) * 0.02, torch.randn(1, H, I) * 0.02
+got = {s: quantize_expert_weights(w13, w2, s).bytes_per_element for s in QUANT_SCHEMES}
+assert abs(got["fp8_w8a8_block"] - (1 + 4 / 128**2)) < 1e-9
+assert abs(got["fp8_w8a8_tensor"] - (1 + 8 / (3 * H * I))) < 1e-9
+assert abs(got["fp8_w8a8_channel"] - (1 + (2 * 4 / H + 4 / I) / 3)) < 1e-9
+assert abs(got["mxfp4_w4a16"] - (0.5 + 1 / 32)) < 1e-9
+assert abs(got["nvfp4_w4a16"] - (0.5 + 1 / 16 + 8 / (3 * H * I))) < 1e-9
+
+# %%
+#| test quant_weights_bad_input
+w13, w2 = torch.randn(2, 64, 48), torch.randn(2, 48, 32)
+test_fail(lambda: quantize_expert_weights(w13, w2, "int4_w4a16"), contains="scheme: expected one of")
+test_fail(lambda: quantize_expert_weights(w13, w2[:, :, :16], "fp8_w8a8_block"), contains="w2: expected shape [2, 48, 32]")
+test_fail(lambda: quantize_expert_weights(w13[:, :63], w2, "fp8_w8a8_block"), contains="w13: expected a non-empty [E, 2·I, H]")
+test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (128, 96)), contains="block_shape[1]: expected a power of 2")
+test_fail(lambda: quantize_expert_weights(w13, w2, "mxfp4_w4a16", (1, 16)), contains="block_shape: expected (1, 32)")
+qw = quantize_expert_weights(w13, w2, "fp8_w8a8_block")
+t = {k: getattr(qw, k) for k in ("w13", "w13_scale", "w2", "w2_scale")}
+mk = lambda **kw: QuantizedExpertWeights("fp8_w8a8_block", hidden_size=48, intermediate_size=32, **{**t, **kw})
+test_fail(lambda: mk(w13_scale=torch.ones(2, 2, 1)), contains="w13_scale: expected shape [2, 1, 1], got [2, 2, 1]")
+test_fail(lambda: mk(w13_scale=qw.w13_scale.double()), contains="w13_scale: expected dtype torch.float32")
+test_fail(lambda: mk(w2_scale=torch.ones(2, 1, 2)), contains="w2_scale: expected shape [2, 1, 1]")
+test_fail(lambda: mk(w2=qw.w2.float()), contains="w2: expected dtype torch.float8_e4m3fn")
+test_fail(lambda: mk(w13_global_scale=torch.ones(2)), contains="w13_global_scale: expected None")
+test_fail(lambda: QuantizedExpertWeights("fp8_w8a8_block", hidden_size=40, intermediate_size=32, **t),
+          contains="w13: expected shape [2, 64, 40]")
+nv = quantize_expert_weights(w13, w2, "nvfp4_w4a16")
+test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": nv.w2_global_scale[:1]}),
+          contains="w2_global_scale: expected shape [2]")
+test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": None}),
+          contains="w2_global_scale: expected a torch.Tensor")
+test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")
