@@ -8,9 +8,10 @@
 # %%
 #| export
 from __future__ import annotations
-import enum
-from dataclasses import dataclass, field, replace
+import dataclasses, enum
+from dataclasses import dataclass, field
 import torch
+from fastcore.basics import patch
 from moe_lit.terms import check_int, check_choice, check_bool, check_positive_real
 
 # %%
@@ -255,8 +256,8 @@ test_fail(lambda: ParallelConfig(dp_size=2**31), contains="dp_size: expected < 2
 
 # %%
 #| export
-@classmethod
-def _make(cls, tp_size: int, dp_size: int, pcp_size: int = 1, tp_rank: int = 0, dp_rank: int = 0,
+@patch(cls_method=True)
+def make(cls: ParallelConfig, tp_size: int, dp_size: int, pcp_size: int = 1, tp_rank: int = 0, dp_rank: int = 0,
           pcp_rank: int = 0, enable_expert_parallel: bool = False, all2all_backend: str = "none",
           enable_eplb: bool = False) -> ParallelConfig:
     "Flatten TP across DP and PCP; the flat group becomes the EP group when EP is on (vLLM's `make`)."
@@ -273,7 +274,6 @@ def _make(cls, tp_size: int, dp_size: int, pcp_size: int = 1, tp_rank: int = 0, 
                pcp_rank=pcp_rank, ep_size=ep[0], ep_rank=ep[1], use_ep=use_ep, all2all_backend=all2all_backend,
                enable_eplb=enable_eplb)
 
-ParallelConfig.make = _make
 
 # %% [markdown]
 # The six worked examples of vLLM's docstring, one row per device: `(TP, DP, EP)` as `(size, rank)` pairs.
@@ -396,7 +396,8 @@ test_eq(ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="
 
 # %%
 #| export
-def _explain(self) -> list[tuple[str, object, str]]:
+@patch
+def explain(self: ParallelConfig) -> list[tuple[str, object, str]]:
     "One `(property, value, reason)` row per derived property; each reason holds whichever value the row has."
     d, a2a = self.backend, self.use_all2all_kernels
     fmt, rr = d.activation_format.value, d.needs_round_robin_routing_tables
@@ -418,7 +419,6 @@ def _explain(self) -> list[tuple[str, object, str]]:
         rows.append((p, getattr(self, p), "vLLM's name; moe-lit decides by the rows above"))
     return rows
 
-ParallelConfig.explain = _explain
 
 # %%
 #| test explain_rows
@@ -595,18 +595,20 @@ for _n in ("use_batched_activation_format", "needs_round_robin_routing_tables", 
            "use_all2all_kernels", "topk_indices_dtype", "ep_size", "ep_rank", "use_ep", "backend"):
     _delegate(_n)
 
-def _num_physical_experts(self) -> int:
+@patch(as_prop=True)
+def num_physical_experts(self: MoEConfig) -> int:
     "Physical experts: routed experts plus EPLB redundant replicas."
     return self.num_experts + self.num_redundant_experts
 
-MoEConfig.num_physical_experts = property(_num_physical_experts)
-MoEConfig.replace = lambda self, **kw: replace(self, **kw)
+@patch
+def replace(self: MoEConfig, **kw) -> MoEConfig:
+    "A copy with the fields in `kw` changed (validated again on construction)."
+    return dataclasses.replace(self, **kw)
 
-def _padded_hidden_size(self) -> int:
+@patch(as_prop=True)
+def padded_hidden_size(self: MoEConfig) -> int:
     "Hidden size the dispatch sends: rounded up to a size the backend supports when tokens travel (else unchanged)."
     return self.backend.round_up_hidden_size(self.hidden_size) if self.use_all2all_kernels else self.hidden_size
-
-MoEConfig.padded_hidden_size = property(_padded_hidden_size)
 
 # %%
 #| test moe_config

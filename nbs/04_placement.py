@@ -10,6 +10,7 @@
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
+from fastcore.basics import patch
 from moe_lit.terms import check_int, check_choice, check_tensor, check_bool
 from moe_lit.config import ParallelConfig, MoEConfig, SIZE_LIMIT
 
@@ -651,11 +652,11 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
 
 # %%
 #| export
-@classmethod
-def _build(cls, config: MoEConfig,          # the layer; its `parallel` is the deployment
-           strategy: str = "linear",        # requested placement: 'linear' or 'round_robin'
-           ep_rank: int | None = None,      # rank to build for (default config.parallel.ep_rank; EP emulation sets it)
-           ) -> Placement:
+@patch(cls_method=True)
+def build(cls: Placement, config: MoEConfig,   # the layer; its `parallel` is the deployment
+          strategy: str = "linear",        # requested placement: 'linear' or 'round_robin'
+          ep_rank: int | None = None,      # rank to build for (default config.parallel.ep_rank; EP emulation sets it)
+          ) -> Placement:
     "The placement of one rank of `config`, with the strategy resolved as vLLM does and the reason kept."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     par, num_physical = config.parallel, config.num_physical_experts
@@ -676,7 +677,6 @@ def _build(cls, config: MoEConfig,          # the layer; its `parallel` is the d
                              tables[0])
     return cls(used, reason, par.ep_size, ep_rank, num_physical, count, expert_map, l2g, *tables, slot_table=table)
 
-Placement.build = _build
 
 # %%
 #| test placement_build
@@ -736,7 +736,8 @@ test_fail(lambda: Placement.build(cfg(dp=4, E=3)), contains="num_experts: expect
 
 # %%
 #| export
-def _local_slot(self, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
+@patch
+def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
                 validate: bool = True,        # check the id range (one host sync); False for ids a router just made
                 ) -> torch.Tensor:            # same shape, int64: local expert index on this rank, -1 = not local
     "Local slot of each id on this rank: one gather from `slot_table`; ids outside [-1, num_experts) raise (or map to -1)."
@@ -748,7 +749,6 @@ def _local_slot(self, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64
         self.num_experts, self.num_local_experts, self.physical_offset, self.expert_map, self.global_to_physical)
     return table.to(topk_ids.device)[topk_ids.clamp(-1, self.num_experts)]   # never out of bounds: both ends read -1
 
-Placement.local_slot = _local_slot
 
 # %%
 #| test local_slot_routes_agree

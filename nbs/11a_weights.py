@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 import torch
+from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, FLOAT_DTYPES
 from moe_lit.config import MoEConfig
 
@@ -123,7 +124,8 @@ class RandomExpertWeights(WeightSource):
 
 # %%
 #| export
-def _random_experts(self, expert_ids) -> dict[str, torch.Tensor]:
+@patch
+def experts(self: RandomExpertWeights, expert_ids) -> dict[str, torch.Tensor]:
     "Stacked weights of the global experts `expert_ids`: `w13 [n, 2·I, H]`, `w2 [n, H, I]` (+ biases), config dtype."
     c = self.config
     ids = check_expert_ids(expert_ids, c.num_experts)
@@ -140,9 +142,8 @@ def _random_experts(self, expert_ids) -> dict[str, torch.Tensor]:
         list(pool.map(fill, range(n), ids))
     return out
 
-RandomExpertWeights.experts = _random_experts
-
-def _random_shared(self) -> dict[str, torch.Tensor] | None:
+@patch
+def shared(self: RandomExpertWeights) -> dict[str, torch.Tensor] | None:
     "The shared experts as one MLP: `w13 [2·I_s, H]`, `w2 [H, I_s]` (+ `gate [1, H]`); None without shared experts."
     c = self.config
     if not c.num_shared_experts: return None
@@ -154,7 +155,6 @@ def _random_shared(self) -> dict[str, torch.Tensor] | None:
     if c.shared_expert_gate: out["gate"] = torch.empty(1, H, dtype=c.dtype).normal_(0.0, 1.0 / math.sqrt(H), generator=gen)
     return out
 
-RandomExpertWeights.shared = _random_shared
 
 # %%
 #| test random_weights_are_per_expert

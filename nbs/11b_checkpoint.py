@@ -12,6 +12,7 @@ import json, threading
 from dataclasses import dataclass
 from pathlib import Path
 import torch
+from fastcore.basics import patch
 from safetensors import safe_open, SafetensorError
 from moe_lit.terms import check_int
 from moe_lit.config import ParallelConfig, SIZE_LIMIT
@@ -418,14 +419,14 @@ def _read_checkpoint_dir(checkpoint_dir) -> tuple[Path, dict]:
 _FUSED = {"w13": "experts.gate_up_proj", "w2": "experts.down_proj",
           "w13_bias": "experts.gate_up_proj_bias", "w2_bias": "experts.down_proj_bias"}
 
-def _expert_key(self, which: str, expert: int | None = None, part: str = "weight") -> str:
+@patch
+def _expert_key(self: CheckpointWeights, which: str, expert: int | None = None, part: str = "weight") -> str:
     "Key of `which` in ('gate', 'up', 'down') of one expert (per-expert layout); part 'weight' or 'bias'."
     names = dict(zip(("gate", "up", "down"), self.layout.per_expert or ("gate_proj", "up_proj", "down_proj")))
     return f"{self.prefix}experts.{expert}.{names[which]}.{part}"
 
-CheckpointWeights._expert_key = _expert_key
-
-def _find_prefix(self) -> str:
+@patch
+def _find_prefix(self: CheckpointWeights) -> str:
     "The first of the layout's prefixes (for this layer) under which the router key is present."
     cands = [p.format(N=self.layer_index) for p in self.layout.prefixes]
     for p in cands:
@@ -433,11 +434,11 @@ def _find_prefix(self) -> str:
     raise ValueError(f"checkpoint: expected key {cands[0] + self.layout.router!r} in {self._shards.root}, got none"
                      + (f" (nor under {cands[1:]})" if len(cands) > 1 else ""))
 
-CheckpointWeights._find_prefix = _find_prefix
 
 # %%
 #| export
-def _detect_experts(self) -> tuple[bool, str | None]:
+@patch
+def _detect_experts(self: CheckpointWeights) -> tuple[bool, str | None]:
     "(fused?, quant_scheme) from the keys present: fused / per-expert, and whether the experts are stored quantized."
     s, fused_key = self._shards, self.prefix + _FUSED["w13"]
     if fused_key + "_blocks" in s:
@@ -460,11 +461,11 @@ def _detect_experts(self) -> tuple[bool, str | None]:
                          f"{self.model_type!r} ({key!r})")
     return fused, self._scheme
 
-CheckpointWeights._detect_experts = _detect_experts
 
 # %%
 #| export
-def _key_shapes(self) -> dict[str, tuple]:
+@patch
+def _key_shapes(self: CheckpointWeights) -> dict[str, tuple]:
     "Every key of this layer -> the shape it must have (floats; FP8 weights share their float shape)."
     c, p, L = self.config, self.prefix, self.layout
     E, H, I = c.num_experts, c.hidden_size, c.intermediate_size
@@ -490,7 +491,8 @@ def _key_shapes(self) -> dict[str, tuple]:
 
 # %%
 #| export
-def _shared_key_shapes(self) -> dict[str, tuple]:
+@patch
+def _shared_key_shapes(self: CheckpointWeights) -> dict[str, tuple]:
     "Keys and shapes of the shared expert (and its gate); empty without shared experts."
     c, L = self.config, self.layout
     if not c.num_shared_experts: return {}
@@ -500,14 +502,13 @@ def _shared_key_shapes(self) -> dict[str, tuple]:
     if c.shared_expert_gate: out[self.prefix + self._need(L.shared_gate, "shared expert gate")] = (1, H)
     return out
 
-def _need(self, name: str | None, what: str) -> str:
+@patch
+def _need(self: CheckpointWeights, name: str | None, what: str) -> str:
     "`name`, or ValueError when the config asks for a tensor the family's layout has no key for."
     if name is None:
         raise ValueError(f"config.json: the config has a {what}, but the {self.model_type!r} key layout has none")
     return name
 
-CheckpointWeights._key_shapes, CheckpointWeights._shared_key_shapes = _key_shapes, _shared_key_shapes
-CheckpointWeights._need = _need
 
 # %%
 #| export
@@ -517,7 +518,8 @@ def _scale_shape(shape: tuple, block: tuple) -> tuple:
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")    # safetensors dtype names of the float tensors moe-lit reads
 
-def _weight_groups(self) -> list[list[str]]:
+@patch
+def _weight_groups(self: CheckpointWeights) -> list[list[str]]:
     "The weight-matrix keys read and stacked together (the routed experts', the shared expert's): one dtype each."
     p, routed = self.prefix, []
     if self.quant_scheme != "mxfp4_w4a16":
@@ -530,7 +532,8 @@ def _check_dtype(key: str, dtype: str, want: tuple, what: str):
     if dtype not in want:
         raise ValueError(f"checkpoint: expected key {key!r} of dtype {' or '.join(want)} ({what}), got {dtype}")
 
-def _check_keys(self):
+@patch
+def _check_keys(self: CheckpointWeights):
     "Every key of the layer is present with its shape and dtype (and, when float8, its weight_scale_inv), from the headers."
     shapes, dtypes = self._key_shapes(), {}
     for key, want in shapes.items():
@@ -558,7 +561,6 @@ def _check_keys(self):
                 raise ValueError(f"checkpoint: expected key {key + '_scale_inv'!r} of shape {list(want)}, got {sgot}")
             _check_dtype(key + "_scale_inv", sdtype, ("F32",), "FP8 block scales")
 
-CheckpointWeights._check_keys, CheckpointWeights._weight_groups = _check_keys, _weight_groups
 
 # %% [markdown]
 # #### Reading and converting
@@ -569,14 +571,16 @@ CheckpointWeights._check_keys, CheckpointWeights._weight_groups = _check_keys, _
 
 # %%
 #| export
-def _read(self, key: str, rows: tuple | None = None) -> torch.Tensor:
+@patch
+def _read(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
     "Tensor `key` (rows `rows` of dim 0 when given) as floats: FP8 weights dequantized with their block scales."
     t = self._shards.read(key, rows)
     if t.dtype != torch.float8_e4m3fn: return t
     s = self._read_raw(key + "_scale_inv", rows)
     return dequantize_fp8(t, s, "block", self.block_shape, dtype=self.config.dtype)
 
-def _read_raw(self, key: str, rows: tuple | None = None) -> torch.Tensor:
+@patch
+def _read_raw(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
     "Tensor `key` (rows `rows`) as stored; quantization scales are checked (a bad one would give NaN or wrong weights)."
     t = self._shards.read(key, rows)
     if key.endswith("_scale_inv"): bad, want = ~(torch.isfinite(t) & (t > 0)), "finite FP8 block scales > 0"
@@ -588,17 +592,17 @@ def _read_raw(self, key: str, rows: tuple | None = None) -> torch.Tensor:
         raise ValueError(f"checkpoint: expected key {key!r} to hold {want}, got {t[bad][0].item()} at index {at}")
     return t
 
-def _read_experts(self, key: str, ids: list[int], raw: bool = False) -> torch.Tensor:
+@patch
+def _read_experts(self: CheckpointWeights, key: str, ids: list[int], raw: bool = False) -> torch.Tensor:
     "Rows `ids` of a fused `[E, ...]` tensor, read run by run; `raw` keeps stored codes (no dequantization)."
     get = self._read_raw if raw else self._read
     parts = [get(key, run) for run in _runs(ids)]
     return torch.cat(parts) if parts else get(key, (0, 0))
 
-CheckpointWeights._read, CheckpointWeights._read_raw, CheckpointWeights._read_experts = _read, _read_raw, _read_experts
-
 # %%
 #| export
-def _router(self) -> dict[str, torch.Tensor]:
+@patch
+def router(self: CheckpointWeights) -> dict[str, torch.Tensor]:
     "`gate [E, H]`, and `gate_bias [E]` / `e_score_correction_bias [E]` when the config has them."
     c, p, L = self.config, self.prefix, self.layout
     with self._shards:
@@ -607,7 +611,8 @@ def _router(self) -> dict[str, torch.Tensor]:
         if c.has_correction_bias: out["e_score_correction_bias"] = self._read(p + L.correction_bias)
     return out
 
-def _shared(self) -> dict[str, torch.Tensor] | None:
+@patch
+def shared(self: CheckpointWeights) -> dict[str, torch.Tensor] | None:
     "The shared expert: `w13 [2·I_s, H]` (gate rows then up rows), `w2 [H, I_s]` (+ `gate [1, H]`); None without one."
     c = self.config
     if not c.num_shared_experts: return None
@@ -618,11 +623,11 @@ def _shared(self) -> dict[str, torch.Tensor] | None:
         if c.shared_expert_gate: out["gate"] = self._read(self.prefix + self.layout.shared_gate)
     return out
 
-CheckpointWeights.router, CheckpointWeights.shared = _router, _shared
 
 # %%
 #| export
-def _fused_experts(self, ids: list[int]) -> dict[str, torch.Tensor]:
+@patch
+def _fused_experts(self: CheckpointWeights, ids: list[int]) -> dict[str, torch.Tensor]:
     "w13 / w2 (+ biases) of `ids` from the fused tensors, converted to [n, 2·I, H] gate-then-up and [n, H, I]."
     c, p, L = self.config, self.prefix, self.layout
     if self.quant_scheme == "mxfp4_w4a16":                  # [out, in]: dequantize, crop K padding
@@ -637,27 +642,28 @@ def _fused_experts(self, ids: list[int]) -> dict[str, torch.Tensor]:
                    w2_bias=self._read_experts(p + _FUSED["w2_bias"], ids))
     return {k: v.contiguous() for k, v in out.items()}
 
-CheckpointWeights._fused_experts = _fused_experts
 
 # %%
 #| export
-def _mxfp4_parts(self, which: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+@patch
+def _mxfp4_parts(self: CheckpointWeights, which: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     "(packed codes [n, N, K/2] uint8, scales [n, N, K/32] uint8) of `ids`, rows as stored (gpt-oss: interleaved)."
     key = self.prefix + _FUSED[which]
     blocks, scales = self._read_experts(key + "_blocks", ids, raw=True), self._read_experts(key + "_scales", ids, raw=True)
     return blocks.flatten(2), scales                       # [n, N, K/32, 16] -> [n, N, K/2]
 
-def _dequantized_mxfp4(self, which: str, ids: list[int]) -> torch.Tensor:
+@patch
+def _dequantized_mxfp4(self: CheckpointWeights, which: str, ids: list[int]) -> torch.Tensor:
     "`[n, N, K]` floats (config dtype) of the MXFP4 weight `which` of `ids`, rows as stored."
     K = self.config.hidden_size if which == "w13" else self.config.intermediate_size
     codes, scales = self._mxfp4_parts(which, ids)
     return dequantize_mxfp4(codes, scales, self.config.dtype)[..., :K]
 
-CheckpointWeights._mxfp4_parts, CheckpointWeights._dequantized_mxfp4 = _mxfp4_parts, _dequantized_mxfp4
 
 # %%
 #| export
-def _per_expert(self, ids: list[int]) -> dict[str, torch.Tensor]:
+@patch
+def _per_expert(self: CheckpointWeights, ids: list[int]) -> dict[str, torch.Tensor]:
     "w13 / w2 (+ biases) of `ids` from per-expert keys: only the keys of experts `ids` are opened."
     c, I, H, k = self.config, self.config.intermediate_size, self.config.hidden_size, self._expert_key
     if not ids:                                      # no experts: empty tensors, of the dtype a read would give
@@ -673,12 +679,12 @@ def _per_expert(self, ids: list[int]) -> dict[str, torch.Tensor]:
                    w2_bias=torch.stack([self._read(k("down", g, "bias")) for g in ids]))
     return out
 
-def _experts(self, expert_ids) -> dict[str, torch.Tensor]:
+@patch
+def experts(self: CheckpointWeights, expert_ids) -> dict[str, torch.Tensor]:
     "Floats of the global experts `expert_ids`: `w13 [n, 2·I, H]` (gate rows then up rows), `w2 [n, H, I]` (+ biases)."
     ids = check_expert_ids(expert_ids, self.config.num_experts)
     with self._shards: return self._fused_experts(ids) if self.fused else self._per_expert(ids)
 
-CheckpointWeights._per_expert, CheckpointWeights.experts = _per_expert, _experts
 
 # %% [markdown]
 # #### Pre-quantized experts
@@ -698,7 +704,8 @@ CheckpointWeights._per_expert, CheckpointWeights.experts = _per_expert, _experts
 
 # %%
 #| export
-def _quantized_experts(self, expert_ids, scheme: str):
+@patch
+def quantized_experts(self: CheckpointWeights, expert_ids, scheme: str):
     "The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when stored in `scheme`; else None."
     ids = check_expert_ids(expert_ids, self.config.num_experts)
     if scheme is None or scheme != self.quant_scheme: return None
@@ -713,11 +720,11 @@ def _quantized_experts(self, expert_ids, scheme: str):
     return QuantizedExpertWeights(scheme, w13=w13.contiguous(), w13_scale=s13.contiguous(), w2=w2, w2_scale=s2,
                                   hidden_size=c.hidden_size, intermediate_size=I, block_shape=self.block_shape)
 
-CheckpointWeights.quantized_experts = _quantized_experts
 
 # %%
 #| export
-def _fp8_parts(self, ids: list[int]) -> tuple:
+@patch
+def _fp8_parts(self: CheckpointWeights, ids: list[int]) -> tuple:
     "(w13 codes, w13 scales, w2 codes, w2 scales) of `ids` as stored: FP8 codes, fp32 block scales."
     I, bn = self.config.intermediate_size, self.block_shape[0]
     if self.fused:
@@ -732,14 +739,14 @@ def _fp8_parts(self, ids: list[int]) -> tuple:
     parts = [torch.stack(p) for p in parts] if ids else [self._fp8_empty(w) for w in ("w13", "w13_scale", "w2", "w2_scale")]
     return parts[0], parts[1], parts[2], parts[3]
 
-def _fp8_empty(self, which: str) -> torch.Tensor:
+@patch
+def _fp8_empty(self: CheckpointWeights, which: str) -> torch.Tensor:
     "An empty `[0, ...]` codes or scale tensor of `which` (no experts asked for)."
     H, I = self.config.hidden_size, self.config.intermediate_size
     shape = {"w13": (2 * I, H), "w2": (H, I)}[which.split("_")[0]]
     if which.endswith("scale"): return torch.empty(0, *_scale_shape(shape, self.block_shape))
     return torch.empty(0, *shape, dtype=torch.float8_e4m3fn)
 
-CheckpointWeights._fp8_parts, CheckpointWeights._fp8_empty = _fp8_parts, _fp8_empty
 
 # %% [markdown]
 # ## Tests against transformers

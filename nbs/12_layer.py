@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses, os, time
 from dataclasses import dataclass, field
 import torch
+from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
@@ -206,7 +207,8 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
 
 # %%
 #| export
-def _load_experts(self, source: WeightSource, device: torch.device):
+@patch
+def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
     c = self.config
     ids = (self.placement.local_to_global % c.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
@@ -231,7 +233,6 @@ def _load_experts(self, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-FusedMoE._load_experts = _load_experts
 
 # %% [markdown]
 # **A quantized layer quantizes what it is given** — at construction, and again after `load_state_dict`: the
@@ -271,7 +272,8 @@ def _requantize_after_load(module, incompatible_keys):
 
 # %%
 #| export
-def _from_pretrained(cls, checkpoint_dir, layer_index: int, parallel: ParallelConfig | None = None,
+@patch(cls_method=True)
+def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: ParallelConfig | None = None,
                      dtype: torch.dtype | None = None, **kwargs) -> "FusedMoE":
     "The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11b_checkpoint`)."
     from moe_lit.checkpoint import CheckpointWeights
@@ -281,7 +283,6 @@ def _from_pretrained(cls, checkpoint_dir, layer_index: int, parallel: ParallelCo
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-FusedMoE.from_pretrained = classmethod(_from_pretrained)
 
 # %% [markdown]
 # ## The hot path
@@ -309,7 +310,8 @@ FusedMoE.from_pretrained = classmethod(_from_pretrained)
 
 # %%
 #| export
-def _build_hot_path(self):
+@patch
+def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
     c, dev = self.config, self.gate.device
     self.use_triton = self.experts != "torch"
@@ -323,7 +325,8 @@ def _build_hot_path(self):
         t.to(dev) for t in eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size))
     self._kernels, self.graphs = {}, {}
 
-def _modular_kernel(self, num_tokens: int) -> ModularKernel:
+@patch
+def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
     c = self.config
     key = -(-num_tokens // c.ep_size) if c.activation_format is ActivationFormat.BatchedExperts else 0
@@ -333,7 +336,6 @@ def _modular_kernel(self, num_tokens: int) -> ModularKernel:
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     return mk
 
-FusedMoE._build_hot_path, FusedMoE._modular_kernel = _build_hot_path, _modular_kernel
 
 # %% [markdown]
 # Routing runs in fp32 on every rank with the same router, so every rank agrees on `topk_ids`. The ids take the
@@ -345,7 +347,8 @@ FusedMoE._build_hot_path, FusedMoE._modular_kernel = _build_hot_path, _modular_k
 
 # %%
 #| export
-def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@patch
+def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     bias = self.e_score_correction_bias
@@ -356,7 +359,8 @@ def _route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if self.replicas is not None: ids = map_to_physical(ids, *self.replicas, validate=self.debug)   # EPLB
     return wts, ids.to(self.config.topk_indices_dtype)
 
-def _check_topk(self, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+@patch
+def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     "A caller's `(topk_weights, topk_ids)`: shapes, dtypes and the id range (one host sync: the ids are not the layer's)."
     if not isinstance(topk, tuple) or len(topk) != 2:
         raise ValueError(f"topk: expected a (topk_weights, topk_ids) tuple, got {type(topk).__name__}")
@@ -373,7 +377,6 @@ def _check_topk(self, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"topk_ids: expected distinct ids per token (-1 may repeat), got {ids[t].tolist()} for token {t}")
     return wts, ids.to(self.config.topk_indices_dtype)
 
-FusedMoE.route, FusedMoE._check_topk = _route, _check_topk
 
 # %% [markdown]
 # The forward pass is a `ModularKernel` (`10_modular`) for every path: the prepare/finalize is built from the
@@ -385,7 +388,8 @@ FusedMoE.route, FusedMoE._check_topk = _route, _check_topk
 
 # %%
 #| export
-def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
+@patch
+def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
@@ -397,7 +401,6 @@ def _forward(self, hidden: torch.Tensor, topk: tuple | None = None, add_shared: 
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
               add_shared=add_shared, w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation)
 
-FusedMoE.forward = _forward
 
 # %% [markdown]
 # ## CUDA graphs
@@ -413,7 +416,8 @@ FusedMoE.forward = _forward
 
 # %%
 #| export
-def _capture(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token counts to record, one graph each
+@patch
+def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token counts to record, one graph each
              warmup: int = 2,                                         # eager runs before each capture (JIT, cuBLAS)
             ) -> "FusedMoE":
     "Record one CUDA graph of `forward` per token count in `batch_sizes`; later calls replay the smallest that fits."
@@ -439,7 +443,8 @@ def _capture(self, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token cou
     self.graphs = dict(sorted(graphs.items()))
     return self
 
-def _replay(self, hidden: torch.Tensor) -> torch.Tensor | None:
+@patch
+def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     "The output of the smallest captured bucket that holds `hidden`'s rows, or None when none does."
     T = len(hidden)
     bucket = next((b for b in self.graphs if b >= T), None)
@@ -450,7 +455,6 @@ def _replay(self, hidden: torch.Tensor) -> torch.Tensor | None:
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
 
-FusedMoE.capture, FusedMoE._replay = _capture, _replay
 
 # %% [markdown]
 # The hot path checks metadata only; `debug=True` re-checks the layer's own values on every call, and a caller's ids

@@ -5,6 +5,7 @@ import json, threading
 from dataclasses import dataclass
 from pathlib import Path
 import torch
+from fastcore.basics import patch
 from safetensors import safe_open, SafetensorError
 from moe_lit.terms import check_int
 from moe_lit.config import ParallelConfig, SIZE_LIMIT

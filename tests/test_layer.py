@@ -4,6 +4,7 @@ import pytest
 import dataclasses, os, time
 from dataclasses import dataclass, field
 import torch
+from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 from dataclasses import dataclass
 import torch
+from fastcore.basics import patch
 from moe_lit.terms import check_int, check_choice, check_tensor, check_bool
 from moe_lit.config import ParallelConfig, MoEConfig, SIZE_LIMIT
 import matplotlib.pyplot as plt
