@@ -14,8 +14,8 @@ from .formats import (moe_reference_standard, dispatch_batched_reference, expert
 
 # %% auto #0
 __all__ = ['EXPERTS', 'Prepared', 'check_prepare_args', 'StandardPrepareFinalize', 'BatchedPrepareFinalize',
-           'TorchStandardExperts', 'TorchBatchedExperts', 'TritonStandardExperts', 'TritonBatchedExperts',
-           'TritonQuantStandardExperts', 'TritonQuantBatchedExperts', 'SharedExperts', 'ModularKernel',
+           'TorchStandardExperts', 'TorchBatchedExperts', 'TritonExpertsAdapter', 'BatchedTritonExpertsAdapter',
+           'TritonQuantExpertsAdapter', 'BatchedTritonQuantExpertsAdapter', 'SharedExperts', 'ModularKernel',
            'make_prepare_finalize', 'make_experts']
 
 # %% ../nbs/10_modular.ipynb #6605c68474fd
@@ -141,8 +141,8 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #3d0dd80942a9
-class TritonStandardExperts(TorchStandardExperts):
+# %% ../nbs/10_modular.ipynb #ca7c82275ecf
+class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.contiguous import TritonExperts
@@ -151,7 +151,7 @@ class TritonStandardExperts(TorchStandardExperts):
                                      num_experts=prepared.num_experts,
                                      validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)     # local ids come from the placement: in range by construction
 
-class TritonBatchedExperts(TorchBatchedExperts):
+class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
@@ -159,7 +159,7 @@ class TritonBatchedExperts(TorchBatchedExperts):
                                             w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
-class TritonQuantStandardExperts(TorchStandardExperts):
+class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09c_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import TritonQuantExperts
@@ -168,7 +168,7 @@ class TritonQuantStandardExperts(TorchStandardExperts):
                                           validate=False,     # ids from the placement
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
-class TritonQuantBatchedExperts(TorchBatchedExperts):
+class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09c_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import BatchedTritonQuantExperts
@@ -178,10 +178,10 @@ class TritonQuantBatchedExperts(TorchBatchedExperts):
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,
-           ("triton", ActivationFormat.Standard): TritonStandardExperts,
-           ("triton", ActivationFormat.BatchedExperts): TritonBatchedExperts,
-           ("triton_quant", ActivationFormat.Standard): TritonQuantStandardExperts,
-           ("triton_quant", ActivationFormat.BatchedExperts): TritonQuantBatchedExperts}
+           ("triton", ActivationFormat.Standard): TritonExpertsAdapter,
+           ("triton", ActivationFormat.BatchedExperts): BatchedTritonExpertsAdapter,
+           ("triton_quant", ActivationFormat.Standard): TritonQuantExpertsAdapter,
+           ("triton_quant", ActivationFormat.BatchedExperts): BatchedTritonQuantExpertsAdapter}
 
 # %% ../nbs/10_modular.ipynb #c3dfcbc4409a
 class SharedExperts(torch.nn.Module):

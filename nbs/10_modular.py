@@ -194,9 +194,15 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
+# %% [markdown]
+# The Triton kernels' experts take their own arguments; an adapter gives each the `apply(prepared, w13, w2, …)` of the
+# experts above. Each adapter is named after the class it wraps, plus `Adapter`: `TritonExpertsAdapter` wraps
+# `08_kernels.contiguous.TritonExperts`, `BatchedTritonExpertsAdapter` wraps `06_kernels.batched.BatchedTritonExperts`,
+# and the two quantized ones wrap `09c_kernels.quant`'s `TritonQuantExperts` and `BatchedTritonQuantExperts`.
+
 # %%
 #| export
-class TritonStandardExperts(TorchStandardExperts):
+class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.contiguous import TritonExperts
@@ -205,7 +211,7 @@ class TritonStandardExperts(TorchStandardExperts):
                                      num_experts=prepared.num_experts,
                                      validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)     # local ids come from the placement: in range by construction
 
-class TritonBatchedExperts(TorchBatchedExperts):
+class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
@@ -213,7 +219,7 @@ class TritonBatchedExperts(TorchBatchedExperts):
                                             w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
-class TritonQuantStandardExperts(TorchStandardExperts):
+class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09c_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import TritonQuantExperts
@@ -222,7 +228,7 @@ class TritonQuantStandardExperts(TorchStandardExperts):
                                           validate=False,     # ids from the placement
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
-class TritonQuantBatchedExperts(TorchBatchedExperts):
+class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09c_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant import BatchedTritonQuantExperts
@@ -232,10 +238,10 @@ class TritonQuantBatchedExperts(TorchBatchedExperts):
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("torch", ActivationFormat.BatchedExperts): TorchBatchedExperts,
-           ("triton", ActivationFormat.Standard): TritonStandardExperts,
-           ("triton", ActivationFormat.BatchedExperts): TritonBatchedExperts,
-           ("triton_quant", ActivationFormat.Standard): TritonQuantStandardExperts,
-           ("triton_quant", ActivationFormat.BatchedExperts): TritonQuantBatchedExperts}
+           ("triton", ActivationFormat.Standard): TritonExpertsAdapter,
+           ("triton", ActivationFormat.BatchedExperts): BatchedTritonExpertsAdapter,
+           ("triton_quant", ActivationFormat.Standard): TritonQuantExpertsAdapter,
+           ("triton_quant", ActivationFormat.BatchedExperts): BatchedTritonQuantExpertsAdapter}
 
 # %% [markdown]
 # ## Shared experts

@@ -30,7 +30,7 @@ from moe_lit.layer import rank_config
 # %% [markdown]
 # In this notebook: `launch` (N processes, one torch.distributed group, every rank's result or one error naming the
 # failing rank), `worker_main`, the jobs the tests run (`run_cases`, `world_one_job`, the failing, disagreeing and
-# sleeping jobs) and `sweep_cases`; then the tests of `13_distributed` across real processes. A **how-to** page.
+# sleeping jobs) and `sweep_cases`; then the tests of `13a_distributed` across real processes. A **how-to** page.
 #
 # ## Launching processes from Python
 #
