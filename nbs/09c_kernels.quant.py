@@ -1243,6 +1243,24 @@ got = fused_moe_gemm_quant(a[0, :2], qw, s, eids, n, 2, 16, "silu_and_mul")
 want = fused_moe_gemm_quant_reference(a[0, :2], qw, local, "silu_and_mul")
 assert_quant_close(got[:3], want[:3])
 
+
+# %% [markdown]
+# Rows past 2^31 end to end: 70 000 tokens, top-8 of 8 experts, `I = 4096` make GEMM2's input 560 000 pair rows of
+# 4096 columns (2.3e9 elements), which the FP8 activation quantizer and GEMM2 reach through int64 row offsets. The
+# last tokens' outputs equal the spec computed on those tokens alone.
+
+# %%
+#| test quant_experts_rows_past_int32
+#| gpu
+E, H, I, T, k = 8, 256, 4096, 70000, 8
+qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=70, device="cuda"), "fp8_w8a8_block")
+hidden = random_activations((T, H), torch.bfloat16, seed=71, device="cuda")
+ids = torch.argsort(torch.rand(T, E, device="cuda", generator=torch.Generator("cuda").manual_seed(72)), dim=1).int()
+wts = torch.rand(T, k, device="cuda", generator=torch.Generator("cuda").manual_seed(73)).softmax(-1)
+got = TritonQuantExperts().apply(hidden, qw, wts, ids)
+assert got.isfinite().all()
+want = quant_experts_reference_standard(hidden[-32:], qw, wts[-32:], ids[-32:])
+assert_quant_close(got[-32:].cpu(), want.cpu(), *experts_tolerance(qw.scheme), name="T=70000 rows past 2^31")
 # %% [markdown]
 # Both experts classes at the two real shapes, against their specs:
 

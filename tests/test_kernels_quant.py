@@ -399,6 +399,19 @@ def test_quant_gemm_int64_offsets():
 
 
 @pytest.mark.gpu
+def test_quant_experts_rows_past_int32():
+    E, H, I, T, k = 8, 256, 4096, 70000, 8
+    qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=70, device="cuda"), "fp8_w8a8_block")
+    hidden = random_activations((T, H), torch.bfloat16, seed=71, device="cuda")
+    ids = torch.argsort(torch.rand(T, E, device="cuda", generator=torch.Generator("cuda").manual_seed(72)), dim=1).int()
+    wts = torch.rand(T, k, device="cuda", generator=torch.Generator("cuda").manual_seed(73)).softmax(-1)
+    got = TritonQuantExperts().apply(hidden, qw, wts, ids)
+    assert got.isfinite().all()
+    want = quant_experts_reference_standard(hidden[-32:], qw, wts[-32:], ids[-32:])
+    assert_quant_close(got[-32:].cpu(), want.cpu(), *experts_tolerance(qw.scheme), name="T=70000 rows past 2^31")
+
+
+@pytest.mark.gpu
 def test_quant_experts_real_shapes():
     for scheme, E, H, I, T, k in (("fp8_w8a8_block", 32, 7168, 2048, 128, 8), ("mxfp4_w4a16", 128, 2880, 2880, 64, 4)):
         qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=5, device="cuda", dtype=torch.bfloat16), scheme)
