@@ -34,7 +34,7 @@ def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None) -> tu
     if scheme == "fp8_w8a8_block": return (E, -(-N // block[0]), -(-K // block[1]))
     return (E, N, 2 * _storage_cols(scheme, K) // FP4_GROUP[scheme])
 
-# %% ../nbs/09a_quant_weights.ipynb #e6c37c0c1601
+# %% ../nbs/09a_quant_weights.ipynb #6713545c5ec3
 def _check_block_shape(scheme: str, block) -> tuple | None:
     "The scale group of `scheme`: fixed for FP4, None for tensor/channel, a (rows, power-of-2 ≥ 32 cols) pair for block."
     if scheme in FP4_GROUP:
@@ -47,7 +47,7 @@ def _check_block_shape(scheme: str, block) -> tuple | None:
     block = (128, 128) if block is None else block
     if not (isinstance(block, (tuple, list)) and len(block) == 2):
         raise ValueError(f"block_shape: expected a pair of ints, got {block!r}")
-    check_int("block_shape[0]", block[0], lo=1); check_int("block_shape[1]", block[1], lo=32)
+    check_int("block_shape[0]", block[0], lo=1); check_int("block_shape[1]", block[1], lo=32, hi=2**16 + 1)
     if block[1] & (block[1] - 1): raise ValueError(f"block_shape[1]: expected a power of 2, got {block[1]}")
     return tuple(block)
 
@@ -86,7 +86,7 @@ class QuantizedExpertWeights:
         for name, N, K in (("w13", 2 * I, H), ("w2", H, I)):
             _check_weight_parts(self, name, E, N, K, block)
 
-# %% ../nbs/09a_quant_weights.ipynb #495de7758e67
+# %% ../nbs/09a_quant_weights.ipynb #d54f18d30dc7
 def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device)."
     s = qw.scheme
@@ -94,7 +94,10 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     check_tensor(name, codes, shape=(E, N, _storage_cols(s, K)), dtype=torch.float8_e4m3fn if _is_fp8(s) else torch.uint8)
     sdt = {"mxfp4_w4a16": torch.uint8, "nvfp4_w4a16": torch.float8_e4m3fn}.get(s, torch.float32)
     check_tensor(name + "_scale", scale, shape=_scale_shape(s, E, N, K, block), dtype=sdt)
-    if s == "nvfp4_w4a16": check_tensor(name + "_global_scale", gs, shape=(E,), dtype=torch.float32)
+    if s == "nvfp4_w4a16":                                   # read as a flat [E] array; checked once, here
+        check_tensor(name + "_global_scale", gs, shape=(E,), dtype=torch.float32, contiguous=True)
+        if E and not bool((gs > 0).all() & gs.isfinite().all()):
+            raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
     elif gs is not None: raise ValueError(f"{name}_global_scale: expected None for {s}, got a tensor")
     for n, t in ((name + "_scale", scale), (name + "_global_scale", gs)):
         if t is not None and t.device != codes.device: raise ValueError(f"{n}: expected device {codes.device}, got {t.device}")

@@ -107,9 +107,10 @@ def check_positive_real(name: str, value) -> float:
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
     return float(value)
 
-# %% ../nbs/00_terms.ipynb #294d80d1922e
-def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None) -> torch.Tensor:
-    "Check that `t` is a tensor with the given rank, shape (None = any size) and dtype(s); returns it."
+# %% ../nbs/00_terms.ipynb #058a95c862d8
+def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None,
+                 contiguous: bool = False) -> torch.Tensor:
+    "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous; returns it."
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if shape is not None: ndim = len(shape)
@@ -122,6 +123,8 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
         allowed = dtype if isinstance(dtype, tuple) else (dtype,)
         if t.dtype not in allowed:
             raise ValueError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    if contiguous and not t.is_contiguous():     # a kernel reads it as a flat array
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {list(t.shape)}")
     return t
 
 # %% ../nbs/00_terms.ipynb #365b6e5e8050

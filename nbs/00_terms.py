@@ -183,8 +183,9 @@ for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
 
 # %%
 #| export
-def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None) -> torch.Tensor:
-    "Check that `t` is a tensor with the given rank, shape (None = any size) and dtype(s); returns it."
+def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None,
+                 contiguous: bool = False) -> torch.Tensor:
+    "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous; returns it."
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if shape is not None: ndim = len(shape)
@@ -197,6 +198,8 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
         allowed = dtype if isinstance(dtype, tuple) else (dtype,)
         if t.dtype not in allowed:
             raise ValueError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
+    if contiguous and not t.is_contiguous():     # a kernel reads it as a flat array
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {list(t.shape)}")
     return t
 
 # %%
@@ -207,6 +210,7 @@ test_fail(lambda: check_tensor("topk_ids", x, shape=(5, None)), contains="topk_i
 test_fail(lambda: check_tensor("topk_ids", x, ndim=3), contains="expected a 3-D tensor, got shape (4, 8)")
 test_fail(lambda: check_tensor("topk_ids", x, dtype=torch.int64), contains="expected dtype torch.int64, got torch.int32")
 test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.Tensor, got list")
+test_fail(lambda: check_tensor("expert_num_tokens", x[0, ::2], contiguous=True), contains="expert_num_tokens: expected a contiguous tensor, got strides (2,)")
 
 # %%
 #| export

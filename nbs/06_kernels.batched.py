@@ -441,7 +441,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     check_tensor("a", a, ndim=3, dtype=_FLOATS)
     E, M, K = a.shape
     check_tensor("w", w, shape=(E, None, K), dtype=a.dtype)
-    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32, contiguous=True)
     act = check_activation(activation)
     N = w.shape[1]
     if act and N % 2: raise ValueError(f"w: expected an even N for a gated activation ({act.name}), got {N}")

@@ -516,9 +516,9 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
     "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes."
     check_int("top_k", top_k, lo=1); check_block_m(block_m)
     check_choice("weight_stage", weight_stage, (None, "input", "output"))
-    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
-    check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
-    check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32)
+    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32, contiguous=True)
+    check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32, contiguous=True)
+    check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32, contiguous=True)
     if weight_stage is not None:
         check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
 

@@ -93,7 +93,7 @@ def _check_block_shape(scheme: str, block) -> tuple | None:
     block = (128, 128) if block is None else block
     if not (isinstance(block, (tuple, list)) and len(block) == 2):
         raise ValueError(f"block_shape: expected a pair of ints, got {block!r}")
-    check_int("block_shape[0]", block[0], lo=1); check_int("block_shape[1]", block[1], lo=32)
+    check_int("block_shape[0]", block[0], lo=1); check_int("block_shape[1]", block[1], lo=32, hi=2**16 + 1)
     if block[1] & (block[1] - 1): raise ValueError(f"block_shape[1]: expected a power of 2, got {block[1]}")
     return tuple(block)
 
@@ -159,7 +159,10 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     check_tensor(name, codes, shape=(E, N, _storage_cols(s, K)), dtype=torch.float8_e4m3fn if _is_fp8(s) else torch.uint8)
     sdt = {"mxfp4_w4a16": torch.uint8, "nvfp4_w4a16": torch.float8_e4m3fn}.get(s, torch.float32)
     check_tensor(name + "_scale", scale, shape=_scale_shape(s, E, N, K, block), dtype=sdt)
-    if s == "nvfp4_w4a16": check_tensor(name + "_global_scale", gs, shape=(E,), dtype=torch.float32)
+    if s == "nvfp4_w4a16":                                   # read as a flat [E] array; checked once, here
+        check_tensor(name + "_global_scale", gs, shape=(E,), dtype=torch.float32, contiguous=True)
+        if E and not bool((gs > 0).all() & gs.isfinite().all()):
+            raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
     elif gs is not None: raise ValueError(f"{name}_global_scale: expected None for {s}, got a tensor")
     for n, t in ((name + "_scale", scale), (name + "_global_scale", gs)):
         if t is not None and t.device != codes.device: raise ValueError(f"{n}: expected device {codes.device}, got {t.device}")
@@ -432,4 +435,8 @@ test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": nv
           contains="w2_global_scale: expected shape [2]")
 test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": None}),
           contains="w2_global_scale: expected a torch.Tensor")
+test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": -nv.w2_global_scale}),
+          contains="w2_global_scale: expected finite positive values")
+test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": nv.w2_global_scale.repeat(2)[::2]}),
+          contains="w2_global_scale: expected a contiguous tensor")
 test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")

@@ -117,14 +117,17 @@ _GRAN_09 = {"tensor": "tensor", "token": "token", "group": "block"}
 
 def _check_act_quant_args(x, granularity, expert_num_tokens, group_k):
     check_choice("granularity", granularity, ("tensor", "token", "group"))
-    check_int("group_k", group_k, lo=1)
+    check_int("group_k", group_k, lo=1, hi=2**16 + 1)               # one program holds a group of a row
     if group_k & (group_k - 1): raise ValueError(f"group_k: expected a power of two, got {group_k}")
     check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32))
     if expert_num_tokens is None:
         if x.dim() != 2: raise ValueError(f"x: expected a 2-D [rows, K] tensor without expert_num_tokens, got shape {tuple(x.shape)}")
     else:
         check_tensor("x", x, ndim=3)
-        check_tensor("expert_num_tokens", expert_num_tokens, shape=(x.shape[0],), dtype=torch.int32)
+        check_tensor("expert_num_tokens", expert_num_tokens, shape=(x.shape[0],), dtype=torch.int32, contiguous=True)
+    if x.shape[-1] == 0: raise ValueError(f"x: expected at least one column, got shape {tuple(x.shape)}")
+    if granularity == "token" and x.shape[-1] > 2**16:   # a token's whole row is one program's block
+        raise ValueError(f"x: expected at most {2**16} columns for per-token scales, got {x.shape[-1]}")
 
 def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous)
                                        granularity: str,           # 'tensor', 'token' or 'group'
@@ -165,7 +168,7 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
              "group": group_k}[granularity]
     G = 1 if granularity != "group" else -(-K // group_k)
     q = torch.empty(x3.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
+    s = (torch.empty if E and M else torch.ones)(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
     if E and M and K:
         block_r = max(1, min(64, 8192 // group))
         grid = (triton.cdiv(M, block_r), triton.cdiv(K, group), E)
@@ -211,6 +214,10 @@ for gran in ("tensor", "token", "group"):
 test_fail(lambda: fp8_quantize_activations(x, "block", cnt), contains="granularity: expected one of")
 test_fail(lambda: fp8_quantize_activations(x, "token"), contains="x: expected a 2-D [rows, K] tensor")
 test_fail(lambda: fp8_quantize_activations(x, "token", cnt + 30), contains="expert_num_tokens: expected values in [0, 24]")
+test_fail(lambda: fp8_quantize_activations(x, "token", cnt.repeat(2)[::2]), contains="expert_num_tokens: expected a contiguous tensor")
+test_fail(lambda: fp8_quantize_activations(x, "group", cnt, group_k=2**17), contains="group_k: expected")
+test_fail(lambda: fp8_quantize_activations(x[..., :0], "group", cnt), contains="x: expected at least one column")
+test_eq(fp8_quantize_activations(torch.zeros(0, 64, device=DEVICE), "tensor")[1].cpu(), torch.ones(1, 1))   # no rows: scale 1, set
 
 # %% [markdown]
 # The activation quantizer equals `quantize_fp8` value for value on the GPU too (it uses `div_rn` and the hardware's

@@ -34,6 +34,10 @@ def test_fp8_activation_quantizer_matches_spec():
     test_fail(lambda: fp8_quantize_activations(x, "block", cnt), contains="granularity: expected one of")
     test_fail(lambda: fp8_quantize_activations(x, "token"), contains="x: expected a 2-D [rows, K] tensor")
     test_fail(lambda: fp8_quantize_activations(x, "token", cnt + 30), contains="expert_num_tokens: expected values in [0, 24]")
+    test_fail(lambda: fp8_quantize_activations(x, "token", cnt.repeat(2)[::2]), contains="expert_num_tokens: expected a contiguous tensor")
+    test_fail(lambda: fp8_quantize_activations(x, "group", cnt, group_k=2**17), contains="group_k: expected")
+    test_fail(lambda: fp8_quantize_activations(x[..., :0], "group", cnt), contains="x: expected at least one column")
+    test_eq(fp8_quantize_activations(torch.zeros(0, 64, device=DEVICE), "tensor")[1].cpu(), torch.ones(1, 1))   # no rows: scale 1, set
 
 
 @pytest.mark.gpu

@@ -48,6 +48,7 @@ def test_check_tensor():
     test_fail(lambda: check_tensor("topk_ids", x, ndim=3), contains="expected a 3-D tensor, got shape (4, 8)")
     test_fail(lambda: check_tensor("topk_ids", x, dtype=torch.int64), contains="expected dtype torch.int64, got torch.int32")
     test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.Tensor, got list")
+    test_fail(lambda: check_tensor("expert_num_tokens", x[0, ::2], contiguous=True), contains="expert_num_tokens: expected a contiguous tensor, got strides (2,)")
 
 
 def test_acc_dtype():

@@ -236,7 +236,7 @@ def _load_table(path: Path) -> dict | None:
     "A parsed tile table, read once per process (launchers look tables up on every call)."
     return {int(m): c for m, c in json.loads(path.read_text()).items()} if path.exists() else None
 
-# %% ../../nbs/06_kernels.batched.ipynb #e8cc64156781
+# %% ../../nbs/06_kernels.batched.ipynb #072338139b35
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_extent(name: str, t: torch.Tensor):
@@ -267,7 +267,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     check_tensor("a", a, ndim=3, dtype=_FLOATS)
     E, M, K = a.shape
     check_tensor("w", w, shape=(E, None, K), dtype=a.dtype)
-    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32, contiguous=True)
     act = check_activation(activation)
     N = w.shape[1]
     if act and N % 2: raise ValueError(f"w: expected an even N for a gated activation ({act.name}), got {N}")

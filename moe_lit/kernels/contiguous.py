@@ -279,7 +279,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #e4b71d81702f
+# %% ../../nbs/08_kernels.contiguous.ipynb #32060617bdd5
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -344,9 +344,9 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
     "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes."
     check_int("top_k", top_k, lo=1); check_block_m(block_m)
     check_choice("weight_stage", weight_stage, (None, "input", "output"))
-    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32)
-    check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32)
-    check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32)
+    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32, contiguous=True)
+    check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32, contiguous=True)
+    check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32, contiguous=True)
     if weight_stage is not None:
         check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
 

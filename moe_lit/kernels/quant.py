@@ -277,7 +277,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
-# %% ../../nbs/09c_kernels.quant.ipynb #4b02a3801b84
+# %% ../../nbs/09c_kernels.quant.ipynb #5089778b4a7f
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -295,7 +295,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 3, bias)
     E, M, K = a.shape
     if E != qw.num_experts: raise ValueError(f"a: expected {qw.num_experts} experts in dim 0, got shape {list(a.shape)}")
-    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32, contiguous=True)
     if validate and E and ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     a_k, a_s, as_strides, odt = _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched=True)

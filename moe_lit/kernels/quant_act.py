@@ -67,19 +67,22 @@ def _quantize_fp8_rows_kernel(
         if EMULATE_CAST: y = _round_to_e4m3(y)
         tl.store(q_ptr + e64 * stride_qe + offs_r[:, None] * stride_qm + offs_k[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #d7b2c321a44d
+# %% ../../nbs/09b_kernels.quant_act.ipynb #46ca8bf5748d
 _GRAN_09 = {"tensor": "tensor", "token": "token", "group": "block"}
 
 def _check_act_quant_args(x, granularity, expert_num_tokens, group_k):
     check_choice("granularity", granularity, ("tensor", "token", "group"))
-    check_int("group_k", group_k, lo=1)
+    check_int("group_k", group_k, lo=1, hi=2**16 + 1)               # one program holds a group of a row
     if group_k & (group_k - 1): raise ValueError(f"group_k: expected a power of two, got {group_k}")
     check_tensor("x", x, dtype=(torch.bfloat16, torch.float16, torch.float32))
     if expert_num_tokens is None:
         if x.dim() != 2: raise ValueError(f"x: expected a 2-D [rows, K] tensor without expert_num_tokens, got shape {tuple(x.shape)}")
     else:
         check_tensor("x", x, ndim=3)
-        check_tensor("expert_num_tokens", expert_num_tokens, shape=(x.shape[0],), dtype=torch.int32)
+        check_tensor("expert_num_tokens", expert_num_tokens, shape=(x.shape[0],), dtype=torch.int32, contiguous=True)
+    if x.shape[-1] == 0: raise ValueError(f"x: expected at least one column, got shape {tuple(x.shape)}")
+    if granularity == "token" and x.shape[-1] > 2**16:   # a token's whole row is one program's block
+        raise ValueError(f"x: expected at most {2**16} columns for per-token scales, got {x.shape[-1]}")
 
 def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous)
                                        granularity: str,           # 'tensor', 'token' or 'group'
@@ -101,7 +104,7 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
         s[e, : (n if granularity != "tensor" else 1)] = se.reshape(-1, G)
     return (q[0], s[0]) if expert_num_tokens is None else (q, s)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #0157742318b9
+# %% ../../nbs/09b_kernels.quant_act.ipynb #0da95cc7c693
 def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous), float
                              granularity: str,           # 'tensor', 'token' or 'group' (1 x group_k)
                              expert_num_tokens: torch.Tensor | None = None,  # [E] int32: valid rows (batched)
@@ -119,7 +122,7 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
              "group": group_k}[granularity]
     G = 1 if granularity != "group" else -(-K // group_k)
     q = torch.empty(x3.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
+    s = (torch.empty if E and M else torch.ones)(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
     if E and M and K:
         block_r = max(1, min(64, 8192 // group))
         grid = (triton.cdiv(M, block_r), triton.cdiv(K, group), E)
