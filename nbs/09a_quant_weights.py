@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, check_choice, FLOAT_DTYPES, default_device
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 
@@ -288,10 +288,10 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
     check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
     parts = {}
     for name, w in (("w13", w13), ("w2", w2)):
-        first = _quantize_one(w[0], scheme, block)           # its shapes size the outputs, filled expert by expert
+        first = _quantize_one(check_finite(f"{name}[0]", w[0]), scheme, block)   # sizes the outputs, filled expert by expert
         out = [None if t is None else torch.empty(E, *t.shape, dtype=t.dtype, device=t.device) for t in first]
         for e in range(E):
-            for o, t in zip(out, first if e == 0 else _quantize_one(w[e], scheme, block)):
+            for o, t in zip(out, first if e == 0 else _quantize_one(check_finite(f"{name}[{e}]", w[e]), scheme, block)):
                 if o is not None: o[e] = t
         parts[name], parts[name + "_scale"], parts[name + "_global_scale"] = out
     return QuantizedExpertWeights(scheme, hidden_size=H, intermediate_size=two_i // 2, block_shape=block, **parts)
@@ -416,6 +416,8 @@ assert abs(got["nvfp4_w4a16"] - (0.5 + 1 / 16 + 8 / (3 * H * I))) < 1e-9
 #| test quant_weights_bad_input
 w13, w2 = torch.randn(2, 64, 48), torch.randn(2, 48, 32)
 test_fail(lambda: quantize_expert_weights(w13, w2, "int4_w4a16"), contains="scheme: expected one of")
+bad = w13.clone(); bad[1, 5, 7] = float("nan")
+test_fail(lambda: quantize_expert_weights(bad, w2, "fp8_w8a8_block"), contains="w13[1]: expected finite values, got nan at [5, 7]")
 test_fail(lambda: quantize_expert_weights(w13, w2[:, :, :16], "fp8_w8a8_block"), contains="w2: expected shape [2, 48, 32]")
 test_fail(lambda: quantize_expert_weights(w13[:, :63], w2, "fp8_w8a8_block"), contains="w13: expected a non-empty [E, 2·I, H]")
 test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (128, 96)), contains="block_shape[1]: expected a power of 2")

@@ -4,7 +4,7 @@ import pytest
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, check_choice, FLOAT_DTYPES, default_device
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4)
 from fastcore.test import test_eq, test_fail
@@ -60,6 +60,8 @@ def test_bytes_per_element():
 def test_quant_weights_bad_input():
     w13, w2 = torch.randn(2, 64, 48), torch.randn(2, 48, 32)
     test_fail(lambda: quantize_expert_weights(w13, w2, "int4_w4a16"), contains="scheme: expected one of")
+    bad = w13.clone(); bad[1, 5, 7] = float("nan")
+    test_fail(lambda: quantize_expert_weights(bad, w2, "fp8_w8a8_block"), contains="w13[1]: expected finite values, got nan at [5, 7]")
     test_fail(lambda: quantize_expert_weights(w13, w2[:, :, :16], "fp8_w8a8_block"), contains="w2: expected shape [2, 48, 32]")
     test_fail(lambda: quantize_expert_weights(w13[:, :63], w2, "fp8_w8a8_block"), contains="w13: expected a non-empty [E, 2·I, H]")
     test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (128, 96)), contains="block_shape[1]: expected a power of 2")
