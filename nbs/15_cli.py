@@ -22,6 +22,7 @@ from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
 from moe_lit.testing import check_output
+from moe_lit.report import format_report, format_sections, placement_head
 
 # %%
 #| hide
@@ -33,8 +34,8 @@ from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 
 # %% [markdown]
 # In this notebook: `build_config` (model + deployment from the command line), `all2all_note` and
-# `dispatch_hidden_size` (what the backend does on that deployment), `run_report` (the main job, as full data),
-# `format_report` (the same as abridged text), `tables_report` and `format_tables`, and `main`, the `moe-lit` entry
+# `dispatch_hidden_size` (what the backend does on that deployment), `run_report` (the main job, as full data;
+# `15b_report` writes it as text), `tables_report` and `format_tables`, and `main`, the `moe-lit` entry
 # point. A **how-to** page.
 #
 # ## From arguments to a config
@@ -310,163 +311,6 @@ assert t["reference_and_checks_s"] > 0 and "not a serving throughput" in t["toke
 test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), contains="hidden_size: expected <= 8192")
 
 # %% [markdown]
-# ## The report as text
-#
-# The text abridges long lists (the middle replaced by `'...'`); nothing else is left out.
-
-# %%
-#| export
-def _abridge(xs: list | None, keep: int = 16) -> list | None:
-    "`xs` with the middle replaced by '...' when longer than `keep` (for text only; the report keeps all)."
-    if xs is None or len(xs) <= keep: return xs
-    return xs[: keep // 2] + ["..."] + xs[-keep // 4:]
-
-def _verdict(c: dict | None) -> str:
-    if c is None: return "n/a (one rank)"
-    return f"max rel err {c['max_rel_err']:.2e} (rtol {c['rtol']:g}), cosine {c.get('cosine', 1.0):.6f} {'OK' if c['ok'] else 'FAIL: ' + c['detail']}"
-
-# %%
-#| export
-def _section_model(r: dict) -> list[str]:
-    m, d, b = r["model"], r["deployment"], r["backend"]
-    a2a = f"all2all {d['all2all_backend']!r}" + ("" if d["all2all_used"] else
-                                                 " requested but not used" if b["moves_tokens"] else " (no all2all)")
-    return [f"moe-lit run: {m['name'] or 'custom model'} MoE layer, {d['num_tokens']} tokens, {m['dtype']}, "
-            f"{d['ep_size']} EP rank(s) ({d['dp_size']} DP x {d['tp_per_dp_rank']} TP), {a2a}",
-            "", "model",
-            f"  num_experts={m['num_experts']} top_k={m['top_k']} hidden_size={m['hidden_size']} "
-            f"intermediate_size={m['intermediate_size']} num_shared_experts={m['num_shared_experts']}",
-            f"  routing={m['routing_method']} scoring_func={m['scoring_func']} renormalize={m['renormalize']} "
-            f"num_expert_group={m['num_expert_group']} topk_group={m['topk_group']} "
-            f"routed_scaling_factor={m['routed_scaling_factor']} correction_bias={m['has_correction_bias']}",
-            f"  experts: {r['experts_function']}",
-            "", f"backend {b['name']!r}: {b['summary']}",
-            "  " + " ".join(f"{k}={v}" for k, v in b.items() if k not in ("name", "summary")),
-            f"  on this deployment: {d['all2all_note']}"] + (
-            [f"  {d['hidden_size_note']}"] if d["hidden_size_note"] else []) + (
-            ["  activations travel unquantized here: FP8 dispatch is declared by the record but not emulated yet"]
-            if d["all2all_used"] and b["quantizes_before_dispatch"] else []) + (
-            [f"  note: {c}" for c in r.get("caveats", [])]) + (
-            ["  weights and router are random (seeded); the load below comes from the random router, not the model"]
-            if r.get("weights", "random").startswith("random") else [f"  weights: {r['weights']}"])
-
-def _section_properties(r: dict) -> list[str]:
-    w = max(len(p["property"]) for p in r["properties"])
-    e = r["experts"]
-    return ["", "parallel config properties (rank 0)"] + [
-        f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in r["properties"]] + [
-        "", f"experts: {e['implementation']} on {e['device']}, weights {e.get('quant', 'unquantized')} ({e['reason']})"]
-
-# %%
-#| export
-def _placement_head(p: dict) -> str:
-    "'placement linear (as requested)', or the request and the reason it was not honoured."
-    if p["reason"] == "requested": return f"placement {p['strategy']} (as requested)"
-    return f"placement {p['strategy']} (requested {p['requested']}; {p['reason']})"
-
-def _section_placement(r: dict) -> list[str]:
-    p = r["placement"]
-    out = ["", _placement_head(p)]
-    ranks = p["ranks"] if len(p["ranks"]) <= 8 else p["ranks"][:4] + p["ranks"][-2:]
-    out += [f"  rank {q['rank']}: {q['num_local_experts']} local experts, local_to_global {_abridge(q['local_to_global'])}"
-            for q in ranks]
-    out.append(f"  expert_map (rank 0): {_abridge(p['expert_map_rank0'])}")
-    t = p["routing_tables"]
-    out += ["  routing tables: not used (linear placement or a backend without physical ids)"] if t is None else [
-        f"  global_to_physical: {_abridge(t['global_to_physical'])}",
-        f"  physical_to_global: {_abridge(t['physical_to_global'])}"]
-    return out
-
-# %%
-#| export
-def _section_load_check(r: dict) -> list[str]:
-    l, c = r["load"], r["check"]
-    return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
-                f"{l['empty_experts']} experts empty; hottest (expert, slots) {l['hottest']}",
-            f"  per rank: {l['per_rank']}", f"  per expert: {_abridge(l['per_expert'], 32)}",
-            "", "check", f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs float64 reference:':<37}"
-                         f"{_verdict(c['vs_float64'])}",
-            "  single-device vs float64 reference:  " + (_verdict(c['single_device_vs_float64'])
-                if c['ep_vs_single_device'] or r["experts"]["implementation"] != "torch" else
-                "the same computation as the line above (one rank, torch experts)"),
-            f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"] + (
-            [] if not r.get("quantization_error") else
-            [f"  quantization error (output vs float64 on the weights before quantization, information): max rel err "
-             f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.6f}"])
-
-def _section_time(r: dict) -> list[str]:
-    t = r["timing"]
-    rate = "n/a" if t["tokens_per_s"] is None else f"{t['tokens_per_s']:.1f}"
-    return ["", "time (this emulation on this machine: the ranks run one after another in one process)",
-            f"  weights {'loaded' if r.get('weights', 'random').startswith('checkpoint') else 'generated'} {t['weights_s']:.2f} s + forward {t['forward_s']:.2f} s (all ranks; per rank "
-            f"{[round(s, 3) for s in t['per_rank_forward_s']]} s) + single-device and float64 references and checks "
-            f"{t['reference_and_checks_s']:.2f} s = total {t['total_s']:.2f} s",
-            f"  {rate} tokens/s = tokens / forward time of this emulation (not a serving throughput)"]
-
-# %% [markdown]
-# > `format_report` and `format_tables` accept only what `run_report` and `tables_report` return: a dict without one
-# > of the top-level keys, or with a section of another shape, is a `ValueError` naming the argument, never a
-# > `KeyError` from the middle of the formatting.
-
-# %%
-#| export
-_REPORT_KEYS = ("model", "deployment", "backend", "properties", "experts", "placement", "load", "check", "timing")
-
-def _formatted(data, name: str, made_by: str, keys: tuple, lines) -> str:
-    "'\\n'.join(lines(data)); ValueError naming `name` unless `data` has the shape of the dict `made_by` returns."
-    missing = [k for k in keys if k not in data] if isinstance(data, dict) else None
-    if missing is None or missing:
-        got = type(data).__name__ if missing is None else f"a dict without {missing}"
-        raise ValueError(f"{name}: expected the dict {made_by} returns (keys {list(keys)}), got {got}")
-    try: return "\n".join(lines(data))
-    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:   # a section of another shape
-        raise ValueError(f"{name}: expected the dict {made_by} returns, got one whose sections differ from it "
-                         f"({type(e).__name__}: {e})") from None
-
-def format_report(report: dict,   # the data of `run_report`
-                 ) -> str:
-    "The report of `run_report` as text, long lists abridged."
-    return _formatted(report, "report", "run_report", _REPORT_KEYS, lambda r: _section_model(r) + _section_properties(r)
-                      + _section_placement(r) + _section_load_check(r) + _section_time(r))
-
-# %%
-#| test report_quantization_error
-small = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=128, name="tiny")
-rep = run_report(small, num_tokens=6, quant="mxfp4_w4a16")
-q, k = rep["quantization_error"], rep["check"]["vs_float64"]
-assert k["ok"] and q["max_rel_err"] > 10 * k["max_rel_err"], (q, k)   # FP4's own error dwarfs the kernel's
-assert "quantization error (output vs float64 on the weights before quantization" in format_report(rep)
-test_eq(run_report(small, num_tokens=6)["quantization_error"], None)
-
-# %%
-#| test format_report
-small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
-text = format_report(run_report(small, num_tokens=6))
-for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
-             "layer output vs float64 reference", "the same computation as the line above", "tokens/s",
-             "n/a (one rank)", "not a serving throughput",
-             "references and checks", "on this deployment: no all2all"):
-    assert part in text, part
-par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP
-wide = MoEConfig(num_experts=40, top_k=2, hidden_size=2880, intermediate_size=8, dtype=torch.float32, parallel=par)
-text = format_report(run_report(wide, num_tokens=2, placement="round_robin", tp_size=2))
-assert "all2all 'deepep_low_latency' requested but not used" in text.splitlines()[0]
-assert "backend 'deepep_low_latency' requested but not used: no all2all (TP+EP with one DP rank" in text
-assert "'...'" in text and "padded" not in text                                  # abridged; no dispatch, no padding
-text = format_report(run_report(wide.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
-                     all2all_backend="deepep_low_latency")), num_tokens=2, placement="linear"))
-assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
-
-# %%
-#| test format_report_bad_input
-test_fail(lambda: format_report({}), contains="report: expected the dict run_report returns (keys ['model', "
-          "'deployment', 'backend', 'properties', 'experts', 'placement', 'load', 'check', 'timing']), got a dict without")
-test_fail(lambda: format_report("report"), contains="report: expected the dict run_report returns (keys")
-rep = run_report(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), num_tokens=2)
-test_fail(lambda: format_report({**rep, "load": {}}), contains="report: expected the dict run_report returns, got one "
-          "whose sections differ from it (KeyError: 'min')")
-
-# %% [markdown]
 # ## Placement tables
 #
 # `tables_report` collects, for every rank of a deployment, its local experts, its `expert_map` and — when the
@@ -501,11 +345,11 @@ _TABLES_KEYS = ("model", "num_experts", "ep_size", "placement", "all2all_note", 
 def format_tables(tables: dict,   # the data of `tables_report`
                  ) -> str:
     "The tables of `tables_report` as text, in full."
-    return _formatted(tables, "tables", "tables_report", _TABLES_KEYS, _tables_lines)
+    return format_sections(tables, "tables", "tables_report", _TABLES_KEYS, _tables_lines)
 
 def _tables_lines(t: dict) -> list[str]:
     lines = [f"{t['model'] or 'model'}: {t['num_experts']} experts on {t['ep_size']} EP rank(s), "
-             f"{_placement_head(t['placement'])}", f"all2all: {t['all2all_note']}"]
+             f"{placement_head(t['placement'])}", f"all2all: {t['all2all_note']}"]
     if t["hidden_size_note"]: lines.append(t["hidden_size_note"])
     if t["global_to_physical"] is not None:
         lines += [f"global_to_physical: {t['global_to_physical']}", f"physical_to_global: {t['physical_to_global']}"]

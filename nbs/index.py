@@ -156,6 +156,7 @@ print(hf.config._experts_implementation)
 # | `14a_bench_layer` | `moe_lit.bench_layer` | the whole layer, eager and graph-replayed, against its floor and transformers' blocks |
 # | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `explain`, `bench` |
 # | `15a_entry` | `moe_lit.entry` | the console script's front door (`--version` without importing torch) |
+# | `15b_report` | `moe_lit.report` | the report of `moe-lit run` as text: sections, abridged lists |
 #
 # ## Developing
 #

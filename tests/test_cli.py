@@ -15,6 +15,7 @@ from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
 from moe_lit.testing import check_output
+from moe_lit.report import format_report, format_sections, placement_head
 from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, tempfile
@@ -104,43 +105,6 @@ def test_run_report_full_data():
     test_close(t["weights_s"] + t["forward_s"] + t["reference_and_checks_s"], t["total_s"], eps=1e-9)
     assert t["reference_and_checks_s"] > 0 and "not a serving throughput" in t["tokens_per_s_is"]
     test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), contains="hidden_size: expected <= 8192")
-
-
-def test_report_quantization_error():
-    small = MoEConfig(num_experts=8, top_k=2, hidden_size=256, intermediate_size=128, name="tiny")
-    rep = run_report(small, num_tokens=6, quant="mxfp4_w4a16")
-    q, k = rep["quantization_error"], rep["check"]["vs_float64"]
-    assert k["ok"] and q["max_rel_err"] > 10 * k["max_rel_err"], (q, k)   # FP4's own error dwarfs the kernel's
-    assert "quantization error (output vs float64 on the weights before quantization" in format_report(rep)
-    test_eq(run_report(small, num_tokens=6)["quantization_error"], None)
-
-
-def test_format_report():
-    small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
-    text = format_report(run_report(small, num_tokens=6))
-    for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
-                 "layer output vs float64 reference", "the same computation as the line above", "tokens/s",
-                 "n/a (one rank)", "not a serving throughput",
-                 "references and checks", "on this deployment: no all2all"):
-        assert part in text, part
-    par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP
-    wide = MoEConfig(num_experts=40, top_k=2, hidden_size=2880, intermediate_size=8, dtype=torch.float32, parallel=par)
-    text = format_report(run_report(wide, num_tokens=2, placement="round_robin", tp_size=2))
-    assert "all2all 'deepep_low_latency' requested but not used" in text.splitlines()[0]
-    assert "backend 'deepep_low_latency' requested but not used: no all2all (TP+EP with one DP rank" in text
-    assert "'...'" in text and "padded" not in text                                  # abridged; no dispatch, no padding
-    text = format_report(run_report(wide.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
-                         all2all_backend="deepep_low_latency")), num_tokens=2, placement="linear"))
-    assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
-
-
-def test_format_report_bad_input():
-    test_fail(lambda: format_report({}), contains="report: expected the dict run_report returns (keys ['model', "
-              "'deployment', 'backend', 'properties', 'experts', 'placement', 'load', 'check', 'timing']), got a dict without")
-    test_fail(lambda: format_report("report"), contains="report: expected the dict run_report returns (keys")
-    rep = run_report(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), num_tokens=2)
-    test_fail(lambda: format_report({**rep, "load": {}}), contains="report: expected the dict run_report returns, got one "
-              "whose sections differ from it (KeyError: 'min')")
 
 
 def test_tables_report():
