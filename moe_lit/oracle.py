@@ -15,7 +15,7 @@ __all__ = ['DEVICES', 'QUANT_SCHEMES', 'CANDIDATES', 'DeviceCaps', 'detect_devic
            'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
            'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'plot_decisions']
 
-# %% ../nbs/11_oracle.ipynb #bfdc5fc0c27b
+# %% ../nbs/11_oracle.ipynb #a43b0f7ef091
 @dataclass(frozen=True)
 class DeviceCaps:
     "What the oracle needs to know about the device: kind, compute capability and the libraries installed."
@@ -39,7 +39,7 @@ class DeviceCaps:
 DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
 
-QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant`)
+QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant` and `09d_kernels.quant_experts`)
 
 def detect_device() -> DeviceCaps:
     "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."

@@ -198,7 +198,7 @@ class TorchBatchedExperts:
 # The Triton kernels' experts take their own arguments; an adapter gives each the `apply(prepared, w13, w2, …)` of the
 # experts above. Each adapter is named after the class it wraps, plus `Adapter`: `TritonExpertsAdapter` wraps
 # `08_kernels.contiguous.TritonExperts`, `BatchedTritonExpertsAdapter` wraps `06_kernels.batched.BatchedTritonExperts`,
-# and the two quantized ones wrap `09c_kernels.quant`'s `TritonQuantExperts` and `BatchedTritonQuantExperts`.
+# and the two quantized ones wrap `09d_kernels.quant_experts`' `TritonQuantExperts` and `BatchedTritonQuantExperts`.
 
 # %%
 #| export
@@ -220,18 +220,18 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
 class TritonQuantExpertsAdapter(TorchStandardExperts):
-    "Standard-format experts on quantized weights (`09c_kernels.quant.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
+    "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
-        from moe_lit.kernels.quant import TritonQuantExperts
+        from moe_lit.kernels.quant_experts import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           validate=False,     # ids from the placement
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
-    "Batched-format experts on quantized weights (`09c_kernels.quant.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
+    "Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
-        from moe_lit.kernels.quant import BatchedTritonQuantExperts
+        from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
                                                  w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                                  validate=False)   # counts from the dispatch: clamped
