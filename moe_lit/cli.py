@@ -334,7 +334,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #4e15f8336232
+# %% ../nbs/15_cli.ipynb #aae5b088b56d
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -362,7 +362,8 @@ def _run(args) -> int:
 
 def _checkpoint(args, cfg: MoEConfig):
     "`--weights DIR --layer N`: the checkpoint's MoE layer N (default: its first) on the deployment of `cfg`."
-    from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
+    from moe_lit.checkpoint import CheckpointWeights
+    from moe_lit.layouts import moe_layer_indices
     for flag, given in (("--config", args.config), ("--model", args.model)):
         if given: raise ValueError(f"--weights: expected no {flag} (the checkpoint's own config.json is used), got {given}")
     try:

@@ -196,11 +196,11 @@ def _requantize_after_load(module, incompatible_keys):
         w13, w2 = module.qweights.dequantize()
         module.w13.copy_(w13); module.w2.copy_(w2)
 
-# %% ../nbs/12_layer.ipynb #9e5b6361c16b
+# %% ../nbs/12_layer.ipynb #82de972c366f
 @patch(cls_method=True)
 def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: ParallelConfig | None = None,
                      dtype: torch.dtype | None = None, **kwargs) -> "FusedMoE":
-    "The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11b_checkpoint`)."
+    "The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11c_checkpoint`)."
     from moe_lit.checkpoint import CheckpointWeights
     for k in ("weights", "config"):
         if k in kwargs: raise ValueError(f"{k}: expected none with from_pretrained (the checkpoint gives it), got {kwargs[k]!r:.40}")

@@ -22,7 +22,7 @@ from fastcore.test import test_eq, test_fail
 
 # %% [markdown]
 # In this notebook: the `WeightSource` protocol, `weight_shapes` (the one table of names and global shapes),
-# `RandomExpertWeights` and `TensorWeights`. Checkpoints implement the same protocol (`11b_checkpoint`). A
+# `RandomExpertWeights` and `TensorWeights`. Checkpoints implement the same protocol (`11c_checkpoint`). A
 # **reference** page.
 #
 # ## The protocol

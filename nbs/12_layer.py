@@ -275,7 +275,7 @@ def _requantize_after_load(module, incompatible_keys):
 @patch(cls_method=True)
 def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: ParallelConfig | None = None,
                      dtype: torch.dtype | None = None, **kwargs) -> "FusedMoE":
-    "The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11b_checkpoint`)."
+    "The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11c_checkpoint`)."
     from moe_lit.checkpoint import CheckpointWeights
     for k in ("weights", "config"):
         if k in kwargs: raise ValueError(f"{k}: expected none with from_pretrained (the checkpoint gives it), got {kwargs[k]!r:.40}")

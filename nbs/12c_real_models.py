@@ -10,7 +10,7 @@
 from __future__ import annotations
 import torch
 from moe_lit.layer import FusedMoE
-from moe_lit.checkpoint import LAYOUTS
+from moe_lit.layouts import LAYOUTS
 from moe_lit.models import markdown_table
 from moe_lit.testing import hf_moe_block, hf_moe_output
 from moe_lit.routing import router_logits
@@ -28,7 +28,8 @@ from moe_lit.testing import check_output
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.config import ParallelConfig
-from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
+from moe_lit.checkpoint import CheckpointWeights
+from moe_lit.layouts import moe_layer_indices
 from moe_lit.layer import run_emulated_ep
 
 # %% [markdown]
@@ -41,7 +42,7 @@ from moe_lit.layer import run_emulated_ep
 # A Hugging Face checkpoint directory holds `config.json` and one or more `*.safetensors` files (with
 # `model.safetensors.index.json` when sharded). `FusedMoE.from_pretrained(checkpoint_dir, layer_index)` builds the
 # MoE block of decoder layer `layer_index`: the config comes from `config.json` (`02_models`), the weights from the
-# safetensors files through `CheckpointWeights` (`11b_checkpoint`), which reads **only this rank's experts** — with
+# safetensors files through `CheckpointWeights` (`11c_checkpoint`), which reads **only this rank's experts** — with
 # `parallel=` an expert-parallel rank opens only its own experts' keys or rows. Any `FusedMoE` argument can follow
 # (`experts=`, `device=`, `quant=`, `placement=`).
 #
@@ -70,7 +71,7 @@ print(rank1.config.activation_format.value, rank1.placement.local_to_global.toli
 # %% [markdown]
 # ## Key layouts
 #
-# Which tensor is which lives in one table, keyed by `model_type` (`LAYOUTS` in `11b_checkpoint`); `layout_table`
+# Which tensor is which lives in one table, keyed by `model_type` (`LAYOUTS` in `11b_layouts`); `layout_table`
 # renders it. Per-expert lists and transformers 5's fused tensors are both read: which one a checkpoint holds is
 # detected from its keys. gpt-oss's fused tensors are transposed (`[E, H, 2·I]`) with gate and up columns
 # interleaved, Llama-4's are transposed with gate columns then up columns; both are turned into moe-lit's
@@ -79,7 +80,7 @@ print(rank1.config.activation_format.value, rank1.placement.local_to_global.toli
 # %%
 #| export
 def layout_table() -> str:
-    "The key layout of every model family moe-lit reads, as a markdown table (from `moe_lit.checkpoint.LAYOUTS`)."
+    "The key layout of every model family moe-lit reads, as a markdown table (from `moe_lit.layouts.LAYOUTS`)."
     rows = []
     for t, l in LAYOUTS.items():
         experts = (f"fused `gate_up_proj`/`down_proj`{' (transposed)' if l.fused_transposed else ''}"

@@ -551,7 +551,8 @@ def _run(args) -> int:
 
 def _checkpoint(args, cfg: MoEConfig):
     "`--weights DIR --layer N`: the checkpoint's MoE layer N (default: its first) on the deployment of `cfg`."
-    from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
+    from moe_lit.checkpoint import CheckpointWeights
+    from moe_lit.layouts import moe_layer_indices
     for flag, given in (("--config", args.config), ("--model", args.model)):
         if given: raise ValueError(f"--weights: expected no {flag} (the checkpoint's own config.json is used), got {given}")
     try:

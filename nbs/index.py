@@ -146,7 +146,8 @@ print(hf.config._experts_implementation)
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
 # | `11_oracle` | `moe_lit.oracle` | experts-backend selection from the prepare/finalize's format, with a reason per candidate |
 # | `11a_weights` | `moe_lit.weights` | the weight-source protocol: random per expert, a mapping of tensors |
-# | `11b_checkpoint` | `moe_lit.checkpoint` | one MoE layer of a Hugging Face checkpoint: key layouts, lazy safetensors reads, FP8/MXFP4 codes |
+# | `11b_layouts` | `moe_lit.layouts` | each family's checkpoint key layout, which decoder layers are MoE, the quantization a config names |
+# | `11c_checkpoint` | `moe_lit.checkpoint` | one MoE layer of a Hugging Face checkpoint: lazy safetensors reads in moe-lit's layout, FP8/MXFP4 codes |
 # | `12_layer` | `moe_lit.layer` | `FusedMoE` (from any weight source or `from_pretrained`) and the emulated EP run |
 # | `12b_integrations.transformers` | `moe_lit.integrations.transformers` | moe-lit as a transformers experts implementation (`experts_implementation="moe_lit"`) |
 # | `12c_real_models` | `moe_lit.real_models` | loading a real model: key-layout table, parity with transformers for every family |

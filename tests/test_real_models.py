@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moe_lit.layer import FusedMoE
-from moe_lit.checkpoint import LAYOUTS
+from moe_lit.layouts import LAYOUTS
 from moe_lit.models import markdown_table
 from moe_lit.testing import hf_moe_block, hf_moe_output
 from moe_lit.routing import router_logits
@@ -14,7 +14,8 @@ from moe_lit.testing import check_output
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.config import ParallelConfig
-from moe_lit.checkpoint import CheckpointWeights, moe_layer_indices
+from moe_lit.checkpoint import CheckpointWeights
+from moe_lit.layouts import moe_layer_indices
 from moe_lit.layer import run_emulated_ep
 from moe_lit.real_models import *
 

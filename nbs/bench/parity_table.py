@@ -2,7 +2,8 @@
 import tempfile, torch
 from moe_lit.testing import tiny_hf_model, TINY_HF
 from moe_lit.real_models import parity
-from moe_lit.checkpoint import moe_layer_indices, CheckpointWeights
+from moe_lit.checkpoint import CheckpointWeights
+from moe_lit.layouts import moe_layer_indices
 from moe_lit.config import ParallelConfig
 from moe_lit.layer import run_emulated_ep
 from moe_lit.testing import hf_moe_block, hf_moe_output
