@@ -274,10 +274,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmark the whole layer instead (FusedMoE eager and graph-replayed, floor, transformers)")
     return ap
 
-# %% ../nbs/15_cli.ipynb #f02726c8a879
+# %% ../nbs/15_cli.ipynb #8ec2d77dbe9c
 def _transport_note(config):
-    "`moe_lit.distributed.transport_note`, imported when `explain` runs (not at the command's start-up)."
-    from moe_lit.distributed import transport_note
+    "`moe_lit.transport.transport_note`, imported when `explain` runs (not at the command's start-up)."
+    from moe_lit.transport import transport_note
     return transport_note(config)
 
 def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,

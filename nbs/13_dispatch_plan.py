@@ -22,7 +22,7 @@ from moe_lit.layer import rank_config
 # %% [markdown]
 # In this notebook: `dispatch_destinations` (owner rank and slot of every pair), `send_plan` and `receive_layout` (the
 # counts a rank sends and where received rows land), `check_count_table`, `slab_sources` (which sender's pair fills
-# each slab row) and the figure `plot_dispatch`. Plain torch on one process: `13a_distributed` runs the same plan
+# each slab row) and the figure `plot_dispatch`. Plain torch on one process: `13a_transport` runs the same plan
 # over `torch.distributed`. An **explanation** page.
 #
 # ## Dispatch and combine

@@ -463,8 +463,8 @@ def _parser() -> argparse.ArgumentParser:
 # %%
 #| export
 def _transport_note(config):
-    "`moe_lit.distributed.transport_note`, imported when `explain` runs (not at the command's start-up)."
-    from moe_lit.distributed import transport_note
+    "`moe_lit.transport.transport_note`, imported when `explain` runs (not at the command's start-up)."
+    from moe_lit.transport import transport_note
     return transport_note(config)
 
 def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,

@@ -177,3 +177,51 @@ test_fail(lambda: format_report("report"), contains="report: expected the dict r
 rep = run_report(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), num_tokens=2)
 test_fail(lambda: format_report({**rep, "load": {}}), contains="report: expected the dict run_report returns, got one "
           "whose sections differ from it (KeyError: 'min')")
+
+# %% [markdown]
+# ## The distributed run's report
+#
+# `run_distributed` (`13b_distributed`) reports the same kind of facts per rank — tokens, pairs sent and received,
+# rows per local expert — and checks the distributed output against the single-process layer and float64;
+# `format_distributed_report` writes it for `torchrun -m moe_lit.distributed` and `moe-lit run --distributed`.
+
+# %%
+#| export
+def _distributed_lines(r: dict) -> list[str]:
+    c, t = r["check"], r["timing"]
+    verdict = lambda x: f"{'ok' if x['ok'] else 'FAILED'} (max rel err {x['max_rel_err']:.2e}, rtol {x['rtol']:g})"
+    procs = f"{r['world_size']} process" + ("es" if r["world_size"] > 1 else "")
+    lines = [f"moe-lit distributed: {r['model'] or 'model'} on {procs} ({r['process_group']}, {r['device']})",
+             f"  deployment   all2all {r['all2all_backend']!r} -> {r['activation_format']} format",
+             f"  transport    {r['transport']}",
+             f"  experts      {r['experts']['implementation']} ({r['experts']['reason']})",
+             f"  placement    {r['placement']['strategy']} ({r['placement']['reason']})",
+             f"  tokens       {r['num_tokens']} in all, per rank {r['tokens_per_rank']}",
+             f"  pairs        sent per rank {r['pairs_sent_per_rank']}, received per rank {r['pairs_received_per_rank']}"]
+    if r["expert_num_tokens_per_rank"] is not None:            # the text abridges; the report keeps every count
+        rows = [f"{min(n, default=0)}-{max(n, default=0)} ({n.count(0)} empty)" for n in r["expert_num_tokens_per_rank"]]
+        lines.append(f"  slabs        rows per local expert, per rank: {', '.join(rows)}; layout matches the "
+                     f"emulation: {r['slab_layout_matches_emulation']}")
+    lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
+              f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",
+              f"               single process vs float64: {verdict(c['single_process_vs_float64'])}",
+              f"  time         forward {max(t['forward_s_per_rank']):.3f} s (slowest rank), weights "
+              f"{max(t['weights_s_per_rank']):.3f} s, reference on rank 0 {t['reference_s']:.3f} s"]
+    return lines
+
+# %%
+#| export
+_DISTRIBUTED_KEYS = ("model", "world_size", "process_group", "device", "all2all_backend", "activation_format", "transport",
+                     "experts", "placement", "num_tokens", "tokens_per_rank", "pairs_sent_per_rank",
+                     "pairs_received_per_rank", "expert_num_tokens_per_rank", "check", "timing")
+
+def format_distributed_report(report: dict,   # `run_distributed(...).report` (rank 0)
+                             ) -> str:
+    "The report of `run_distributed` (`13b_distributed`) as a few lines of text; ValueError unless it has that shape."
+    return format_sections(report, "report", "run_distributed(...).report", _DISTRIBUTED_KEYS, _distributed_lines)
+
+# %%
+#| test format_distributed_report_bad_input
+test_fail(lambda: format_distributed_report({}), contains="report: expected the dict run_distributed(...).report returns")
+rep = run_report(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), num_tokens=2)
+test_fail(lambda: format_distributed_report(rep), contains="got a dict without ['world_size'")   # run_report's, not run_distributed's

@@ -152,8 +152,9 @@ print(hf.config._experts_implementation)
 # | `12b_integrations.transformers` | `moe_lit.integrations.transformers` | moe-lit as a transformers experts implementation (`experts_implementation="moe_lit"`) |
 # | `12c_real_models` | `moe_lit.real_models` | loading a real model: key-layout table, parity with transformers for every family |
 # | `13_dispatch_plan` | `moe_lit.dispatch_plan` | the plan of an EP dispatch: owner rank and slot per pair, send counts, slab rows, a figure |
-# | `13a_distributed` | `moe_lit.distributed` | EP across processes on torch.distributed: all-gather/reduce-scatter and all-to-all |
-# | `13b_launch` | `moe_lit.launch` | start N processes in one torch.distributed group from Python; the multi-process tests |
+# | `13a_transport` | `moe_lit.transport` | EP across processes on torch.distributed: all-gather/reduce-scatter and all-to-all prepare/finalize |
+# | `13b_distributed` | `moe_lit.distributed` | the main job on N processes (`torchrun -m moe_lit.distributed`), checked against one process |
+# | `13c_launch` | `moe_lit.launch` | start N processes in one torch.distributed group from Python; the multi-process tests |
 # | `14_bench` | `moe_lit.bench` | both formats' GEMMs against torch peers and the measured roofline, quantized decode, tuning |
 # | `14a_bench_layer` | `moe_lit.bench_layer` | the whole layer, eager and graph-replayed, against its floor and transformers' blocks |
 # | `15_cli` | `moe_lit.cli` | the `moe-lit` command: `run`, `tables`, `explain`, `bench` |

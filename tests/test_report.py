@@ -44,3 +44,9 @@ def test_format_report_bad_input():
     rep = run_report(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), num_tokens=2)
     test_fail(lambda: format_report({**rep, "load": {}}), contains="report: expected the dict run_report returns, got one "
               "whose sections differ from it (KeyError: 'min')")
+
+
+def test_format_distributed_report_bad_input():
+    test_fail(lambda: format_distributed_report({}), contains="report: expected the dict run_distributed(...).report returns")
+    rep = run_report(MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8), num_tokens=2)
+    test_fail(lambda: format_distributed_report(rep), contains="got a dict without ['world_size'")   # run_report's, not run_distributed's

@@ -16,21 +16,24 @@ from moe_lit.config import MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.formats import moe_reference_standard, expert_mlp
 from moe_lit.modular import ModularKernel, make_experts
 from moe_lit.layer import FusedMoE, RandomExpertWeights
-from moe_lit.distributed import (run_distributed, init_distributed, free_port, group_device,
-                                 AllGatherReduceScatterPrepareFinalize, AllToAllBatchedPrepareFinalize)
+from moe_lit.distributed import run_distributed
+from moe_lit.transport import (init_distributed, free_port, group_device, AllGatherReduceScatterPrepareFinalize,
+                               AllToAllBatchedPrepareFinalize)
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
-from moe_lit.distributed import *                     # the transport and the run under test
+from moe_lit.transport import *                       # the transport and the run under test
+from moe_lit.distributed import *
+from moe_lit.report import format_distributed_report
 from moe_lit.placement import Placement
 from moe_lit.layer import rank_config
 
 # %% [markdown]
 # In this notebook: `launch` (N processes, one torch.distributed group, every rank's result or one error naming the
 # failing rank), `worker_main`, the jobs the tests run (`run_cases`, `world_one_job`, the failing, disagreeing and
-# sleeping jobs) and `sweep_cases`; then the tests of `13a_distributed` across real processes. A **how-to** page.
+# sleeping jobs) and `sweep_cases`; then the tests of `13a_transport` and `13b_distributed` across real processes. A **how-to** page.
 #
 # ## Launching processes from Python
 #
@@ -388,7 +391,6 @@ test_fail(lambda: launch(run_cases, 0, cases=[]), contains="world_size: expected
 test_fail(lambda: launch(run_cases, 2, timeout_s=0, cases=[]), contains="timeout_s: expected a finite number > 0")
 test_fail(lambda: launch(run_cases, 2, backend="mpi", cases=[]), contains="backend: expected one of ['gloo', 'nccl']")
 test_fail(lambda: sweep_cases(1), contains="world_size: expected >= 2, got 1")
-test_fail(lambda: format_distributed_report({}), contains="report: expected the report dict of run_distributed")
 test_fail(lambda: init_distributed(timeout_s=-1), contains="timeout_s: expected a finite number > 0")
 test_fail(lambda: init_distributed(backend="mpi"), contains="backend: expected one of ['gloo', 'nccl'], got 'mpi'")
 

@@ -1,0 +1,436 @@
+# %%
+#| default_exp transport
+
+# %% [markdown]
+# # Expert parallelism across processes: the transport
+# > Dispatch and combine over torch.distributed in both activation formats — all-gather/reduce-scatter for the Standard format, an all-to-all into per-expert slabs for BatchedExperts — as prepare/finalize objects the layer's modular kernel runs.
+
+# %%
+#| export
+from __future__ import annotations
+import datetime, importlib, importlib.util, os, socket
+from dataclasses import dataclass
+import torch
+import torch.distributed as dist
+from fastcore.basics import patch
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, acc_dtype
+from moe_lit.config import ActivationFormat, MoEConfig, BACKENDS
+from moe_lit.placement import Placement
+from moe_lit.dispatch_plan import send_plan, receive_layout, check_count_table
+from moe_lit.modular import Prepared, check_prepare_args
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.config import BACKENDS, ParallelConfig, MoEConfig
+from moe_lit.placement import Placement
+from moe_lit.layer import rank_config
+from moe_lit.testing import assert_close
+from moe_lit.dispatch_plan import plot_dispatch
+
+# %% [markdown]
+# In this notebook: the two prepare/finalize implementations over `torch.distributed` —
+# `AllGatherReduceScatterPrepareFinalize` (Standard format) and `AllToAllBatchedPrepareFinalize` (BatchedExperts
+# format) — the factory `make_distributed_prepare_finalize` with `transport_note`, and joining the process group
+# (`init_distributed`, `free_port`). `13b_distributed` runs the main job over them; `13c_launch` starts the processes
+# from Python and holds the tests across real processes. Where each pair goes — the plan these run — is
+# `13_dispatch_plan`. An **explanation** page.
+
+# %% [markdown]
+# ## Collectives with uneven row counts
+#
+# `all_gather` and `reduce_scatter` move equal-sized pieces, but ranks hold different numbers of tokens (zero
+# included). The count of each rank is all-gathered first; the pieces are then padded to the largest count, moved,
+# and the padding dropped. `all_to_all_single` takes split sizes, so the all-to-all needs no padding.
+#
+# > The helpers use `all_gather_single` / `reduce_scatter_single` where this torch has them (2.13 deprecates the
+# > `*_into_tensor` / `*_tensor` names) and the older names otherwise. When every rank has zero rows, every rank knows
+# > it from the counts and none calls the collective.
+
+# %%
+#| export
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+def _gather_counts(n: int, group, device) -> list:
+    "The value `n` of every rank of `group`, in rank order (one all-gather)."
+    out = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
+    _all_gather_into(out, torch.tensor([n], dtype=torch.int64, device=device), group=group)
+    return out.tolist()
+
+def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows, any dtype
+                    counts: list,        # rows of every rank (ints, the same list on every rank)
+                    group) -> torch.Tensor:   # [sum(counts), ...] every rank's rows, in rank order
+    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it)."
+    m, S = max(counts), len(counts)
+    if m == 0: return x.new_empty((0, *x.shape[1:]))
+    buf = x.new_zeros((m, *x.shape[1:]))
+    buf[:x.shape[0]] = x
+    out = x.new_empty((S * m, *x.shape[1:]))
+    _all_gather_into(out, buf, group=group)
+    keep = torch.cat([torch.arange(c, device=x.device) + r * m for r, c in enumerate(counts)])
+    return out[keep]
+
+# %%
+#| export
+def _reduce_scatter_rows(x: torch.Tensor, counts: list, group) -> torch.Tensor:
+    "Sum `x [sum(counts), ...]` over the ranks and keep this rank's rows `[counts[rank], ...]` (one reduce-scatter)."
+    m, S, rank = max(counts), len(counts), dist.get_rank(group)
+    if m == 0: return x.new_empty((0, *x.shape[1:]))
+    buf = x.new_zeros((S * m, *x.shape[1:]))
+    buf[torch.cat([torch.arange(c, device=x.device) + r * m for r, c in enumerate(counts)])] = x
+    out = x.new_empty((m, *x.shape[1:]))
+    _reduce_scatter(out, buf, group=group)
+    return out[:counts[rank]]
+
+def _all_to_all_rows(x: torch.Tensor, send_counts: list, recv_counts: list, group) -> torch.Tensor:
+    "Send `send_counts[r]` consecutive rows of `x` to rank r; receive `recv_counts[r]` from rank r, in rank order."
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+    return out
+
+# %% [markdown]
+# ## The Standard format: all-gather and reduce-scatter
+#
+# Both distributed prepare/finalize classes hand the experts a `DistributedPrepared`: the `Prepared` of `10_modular`
+# plus what finalize needs to send the rows back. They have the protocol attributes of `10_modular`'s classes, so
+# `ModularKernel(pf, make_experts(pf, impl))` composes them with any experts of their format, torch or Triton. Both
+# return each rank's *own* tokens, already summed over every rank's experts: `output_is_reduced` is True, and the
+# shared experts, which `ModularKernel` adds after finalize on the rank's own input, are added once per token.
+
+# %%
+#| export
+@dataclass
+class DistributedPrepared(Prepared):
+    "`Prepared` plus the bookkeeping the distributed finalize needs to return the rows to their ranks."
+    token_counts: list | None = None          # tokens of each rank of the group
+    send_order: torch.Tensor | None = None    # all-to-all: [n_send] int64, flat pair index t·top_k + k of each sent row
+    send_counts: list | None = None           # all-to-all: rows sent to each rank
+    recv_counts: list | None = None           # all-to-all: rows received from each rank
+    recv_rows: torch.Tensor | None = None     # all-to-all: [n_recv] int64, e·capacity + row of each received pair
+    total_pairs: int = 0                      # all-to-all: pairs dispatched by the whole group (0: nothing moves)
+
+# %%
+#| export
+def check_group(group):
+    "`group` (None = the default group) after checking that torch.distributed is initialized."
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group: expected an initialized torch.distributed process group (call init_distributed, or "
+                         "run under torchrun), got none")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    return group
+
+def group_device(group) -> torch.device:
+    "Where tensors of `group`'s collectives live: this process's GPU for NCCL, the CPU for gloo."
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+def _pad_columns(x: torch.Tensor, width: int | None) -> torch.Tensor:
+    "`x [n, H]` with zero columns up to the backend's wire size `width` (unchanged when None or equal)."
+    if width is None or width == x.shape[1]: return x
+    if width < x.shape[1]: raise ValueError(f"hidden: expected at most padded_hidden_size={width} columns, got {x.shape[1]}")
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+# %%
+#| export
+class AllGatherReduceScatterPrepareFinalize:
+    "Standard format over torch.distributed: all-gather the group's tokens and routing, reduce-scatter the outputs."
+    activation_format = ActivationFormat.Standard
+    output_is_reduced = True                     # finalize returns this rank's tokens summed over every rank's experts
+    max_num_tokens_per_rank = None               # no capacity: the gathered batch is as large as it needs to be
+
+    def __init__(self, group=None,                          # the EP group (None: the default group)
+                 topk_indices_dtype: torch.dtype = torch.int32,   # dtype of topk_ids the router should produce
+                 padded_hidden_size: int | None = None):    # wire width of the hidden rows (None: as they come)
+        self.group = check_group(group)
+        self.num_dispatchers, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
+        self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
+        self.stats = {}                                     # what the last prepare moved (for reports)
+
+# %%
+#| export
+def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input):
+    "The arguments every distributed prepare needs, and a placement of this rank of this group."
+    check_prepare_args(hidden, topk_weights, topk_ids, placement)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    if (placement.ep_size, placement.ep_rank) != (pf.num_dispatchers, pf.rank):
+        raise ValueError(f"placement: expected the placement of rank {pf.rank} of {pf.num_dispatchers}, got rank "
+                         f"{placement.ep_rank} of {placement.ep_size}")
+
+@patch(nm="prepare")
+def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
+                  hidden: torch.Tensor,              # [T, H] this rank's tokens (T may be 0)
+                  topk_weights: torch.Tensor,        # [T, top_k] fp32
+                  topk_ids: torch.Tensor,            # [T, top_k] int32/int64 global (physical) ids, -1 = none
+                  placement: Placement,              # this rank's placement
+                  apply_router_weight_on_input: bool = False) -> DistributedPrepared:
+    "All-gather tokens `a [ΣT, H]`, weights and ids of the group; ids become this rank's local slots (or -1)."
+    _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
+    counts = _gather_counts(hidden.shape[0], self.group, hidden.device)
+    a = all_gather_rows(_pad_columns(hidden, self.padded_hidden_size), counts, self.group)
+    wts = all_gather_rows(topk_weights, counts, self.group)
+    local = placement.local_slot(all_gather_rows(topk_ids, counts, self.group))
+    self.stats = {"tokens": hidden.shape[0], "pairs_sent": int((topk_ids >= 0).sum()),
+                  "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts)}
+    return DistributedPrepared(self.activation_format, a, wts, local_ids=local, hidden_size=hidden.shape[1],
+                               apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts)
+
+# %%
+#| export
+@patch(nm="finalize")
+def _agrs_finalize(self: AllGatherReduceScatterPrepareFinalize,
+                   expert_out: torch.Tensor,         # [ΣT, H_wire] this rank's partial sums for every gathered token
+                   prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens, summed over ranks
+    "Reduce-scatter the partial outputs in fp32 (fp64 for fp64) and keep this rank's rows, unpadded."
+    check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
+    mine = _reduce_scatter_rows(expert_out.to(acc_dtype(expert_out.dtype)), prepared.token_counts, self.group)
+    return mine[:, :prepared.hidden_size].to(expert_out.dtype)
+
+
+# %% [markdown]
+# > The partial outputs are reduced in fp32 (float64 for float64 layers), not in the activation dtype: summing `S`
+# > bf16-rounded partials in bf16 would add a rounding per rank. It doubles the reduce-scatter's bytes for bf16: a
+# > trade of bandwidth for accuracy that a bandwidth-bound deployment may want to make the other way.
+#
+# ## The BatchedExperts format: all-to-all
+#
+# Prepare: plan, all-gather the count tables, check capacity (the same answer on every rank), send each pair's row to
+# its owner with `all_to_all_single`, and write the arriving rows into the slabs. Slab rows past
+# `expert_num_tokens[e]` are NaN, so an experts kernel that reads padding is caught (as the reference dispatch of
+# `05_formats` does). With `apply_router_weight_on_input` the sender scales each pair's row before sending, once.
+
+# %%
+#| export
+class AllToAllBatchedPrepareFinalize:
+    "BatchedExperts over torch.distributed all-to-all: pairs to their expert's owner, outputs back to their sender."
+    activation_format = ActivationFormat.BatchedExperts
+    output_is_reduced = True                     # combine returns this rank's tokens with every slot summed
+
+    def __init__(self, max_num_tokens_per_rank: int,        # per-rank token cap; slabs hold this · num_dispatchers rows
+                 group=None,                                # the EP group (None: the default group)
+                 topk_indices_dtype: torch.dtype = torch.int64,   # DeepEP low-latency and NIXL EP take int64 ids
+                 padded_hidden_size: int | None = None):    # wire width of the hidden rows (None: as they come)
+        self.group = check_group(group)
+        self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
+        self.num_dispatchers, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
+        self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
+        self.stats = {}
+
+    @property
+    def capacity(self) -> int:
+        "Rows of each local expert's slab: `max_num_tokens_per_rank · num_dispatchers` (DeepEP low-latency's sizing)."
+        return self.max_num_tokens_per_rank * self.num_dispatchers
+
+# %%
+#| export
+def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Placement) -> tuple[torch.Tensor, list]:
+    "All-gather every rank's `[S, max_local]` pair counts and token count; check capacity the same way on every rank."
+    S = pf.num_dispatchers
+    mine = torch.cat([counts.flatten(), torch.tensor([num_tokens], device=counts.device)])
+    table = all_gather_rows(mine[None], [1] * S, pf.group).cpu()              # [S, S·max_local + 1]
+    token_counts, table = table[:, -1].tolist(), table[:, :-1].view(S, S, -1)  # [S_send, S_recv, max_local]
+    check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
+    return table, token_counts
+
+# %%
+#| export
+@patch(nm="prepare")
+def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
+                 hidden: torch.Tensor,              # [T, H] this rank's tokens (T may be 0)
+                 topk_weights: torch.Tensor,        # [T, top_k] fp32
+                 topk_ids: torch.Tensor,            # [T, top_k] int32/int64 global (physical) ids, -1 = none
+                 placement: Placement,              # this rank's placement
+                 apply_router_weight_on_input: bool = False) -> DistributedPrepared:
+    "Slabs `a [E_local, capacity, H_wire]` (padding NaN) and `expert_num_tokens [E_local]` int32 of this rank."
+    _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
+    (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
+    x = _pad_columns(hidden, self.padded_hidden_size)
+    order, counts = send_plan(placement, topk_ids)
+    table, token_counts = _exchange_counts(self, counts, T, placement)        # counts first: sizes and capacity
+    send_counts, recv_counts = table[me].sum(1).tolist(), table[:, me].sum(1).tolist()
+    rows = x[order // k]
+    if apply_router_weight_on_input:                   # scaled once, at the sender (vLLM #43694 scaled twice)
+        acc = acc_dtype(x.dtype)
+        rows = (rows.to(acc) * topk_weights.flatten()[order, None].to(acc)).to(x.dtype)
+    total = int(table.sum())
+    received = _all_to_all_rows(rows, send_counts, recv_counts, self.group) if total else rows[:0]
+    E, cap = placement.num_local_experts, self.capacity
+    recv_rows, senders = receive_layout(table[:, me].to(dev), E, cap)
+    a = torch.full((E * cap, x.shape[1]), float("nan"), dtype=x.dtype, device=dev)
+    a[recv_rows] = received
+    expert_num_tokens = table[:, me, :E].sum(0).to(device=dev, dtype=torch.int32)
+    _record_a2a_stats(self, T, order, recv_rows, senders, expert_num_tokens, topk_ids, E)
+    return DistributedPrepared(self.activation_format, a.view(E, cap, -1), topk_weights, expert_num_tokens=expert_num_tokens,
+                               apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
+                               expected_m=max(1, total // placement.num_experts), token_counts=token_counts,
+                               send_order=order, send_counts=send_counts, recv_counts=recv_counts, recv_rows=recv_rows,
+                               total_pairs=total)
+
+# %% [markdown]
+# The statistics a report shows — and the tests compare with `slab_sources` — are kept by the last prepare.
+
+# %%
+#| export
+def _record_a2a_stats(pf, T, order, recv_rows, senders, expert_num_tokens, topk_ids, E):
+    "What the last all-to-all prepare moved: pairs each way, rows per expert, and the sender of every slab row."
+    src = torch.full((E * pf.capacity,), -1, dtype=torch.int64)
+    src[recv_rows.cpu()] = senders.cpu()
+    pf.stats = {"tokens": T, "pairs_sent": len(order), "pairs_received": len(recv_rows),
+                "expert_num_tokens": expert_num_tokens.tolist(), "slab_source": src.view(E, pf.capacity),
+                "topk_ids": topk_ids.cpu()}
+
+# %% [markdown]
+# Combine: every received row's expert output goes back to its sender in the order it arrived, so the sender gets its
+# pairs back in its own send order and adds them into its tokens, weighted, in fp32.
+
+# %%
+#| export
+@patch(nm="finalize")
+def _a2a_finalize(self: AllToAllBatchedPrepareFinalize,
+                  expert_out: torch.Tensor,         # [E_local, capacity, H_wire]; rows >= expert_num_tokens unread
+                  prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens
+    "Send each received row's output back to its sender, who weights (unless applied on input) and sums in fp32."
+    E, cap, Hw = prepared.a.shape
+    check_tensor("expert_out", expert_out, shape=(E, cap, Hw))
+    out_rows = expert_out.reshape(E * cap, Hw)[prepared.recv_rows]          # valid rows only: padding never travels
+    back = (_all_to_all_rows(out_rows, prepared.recv_counts, prepared.send_counts, self.group)
+            if prepared.total_pairs else out_rows[:0])
+    (T, k), acc = prepared.topk_weights.shape, acc_dtype(expert_out.dtype)
+    w = prepared.topk_weights.flatten()[prepared.send_order].to(acc)
+    if prepared.apply_router_weight_on_input: w = torch.ones_like(w)      # applied once, at dispatch
+    out = torch.zeros(T, Hw, dtype=acc, device=expert_out.device)
+    out.index_add_(0, prepared.send_order // k, back.to(acc) * w[:, None])
+    return out[:, :prepared.hidden_size].to(expert_out.dtype)               # the wire padding never leaks
+
+
+# %% [markdown]
+# ## Choosing the transport
+#
+# The factory reads the deployment's activation format — a read of the backend's record — and never the backend's
+# name: BatchedExperts gets the all-to-all, Standard the all-gather/reduce-scatter. On a deployment without all2all
+# (the `none` backend with several DP ranks) every rank must still see every token, which across processes *is* the
+# all-gather, so it gets that implementation too.
+#
+# DeepEP and NIXL EP are real libraries. When their record is chosen, `transport_note` says whether the library is
+# installed (an import check that does not import it) and which implementation serves the backend. moe-lit has no
+# adapter that drives them yet: the backend is served by moe-lit's implementation of the same contract, and the note
+# says so — `moe-lit explain` can show it.
+
+# %%
+#| export
+NATIVE_LIBRARIES = {n: d.native_library for n, d in BACKENDS.items() if d.native_library}   # read from the records
+
+def _installed(module: str) -> bool:
+    "Is `module` importable here (found by importlib, not imported)?"
+    try: return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError): return False
+
+# %%
+#| export
+def transport_note(config: MoEConfig) -> str:
+    "One sentence: which implementation carries `config`'s dispatch across processes, and the real library's status."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    d, fmt = config.backend, config.activation_format
+    impl = ("AllToAllBatchedPrepareFinalize (moe-lit's torch.distributed all-to-all into per-expert slabs)"
+            if fmt is ActivationFormat.BatchedExperts else
+            "AllGatherReduceScatterPrepareFinalize (moe-lit's torch.distributed all-gather / reduce-scatter)")
+    if config.ep_size == 1: return f"{d.name}: one rank, nothing travels; {impl} runs as a no-op exchange"
+    head = (f"{d.name}: {fmt.value} format served by {impl}" if config.use_all2all_kernels else
+            f"{d.name}: no all2all on this deployment, so every rank all-gathers every token: {impl}")
+    module = d.native_library
+    if module is None: return head
+    if _installed(module):
+        return f"{head}; the {module} library is installed, but moe-lit has no adapter for it yet, so it is not used"
+    return f"{head}; the {module} library is not installed (moe-lit's implementation of the same contract is used)"
+
+# %%
+#| test transport_note
+make = lambda name, dp=2: MoEConfig(8, 2, 16, 16, parallel=ParallelConfig.make(1, dp, enable_expert_parallel=True,
+                                                                               all2all_backend=name))
+for name, d in BACKENDS.items():
+    note = transport_note(make(name))
+    assert note.startswith(f"{name}: "), note
+    batched = d.moves_tokens and d.activation_format is ActivationFormat.BatchedExperts
+    assert ("AllToAllBatchedPrepareFinalize" in note) == batched, note      # the format decides, never the name
+    assert ("library" in note) == (name in NATIVE_LIBRARIES), note
+assert "no all2all on this deployment" in transport_note(make("none"))
+assert "deep_ep library is not installed" in transport_note(make("deepep_low_latency")) or importlib.util.find_spec("deep_ep")
+assert "one rank, nothing travels" in transport_note(make("nixl_ep", dp=1))
+test_fail(lambda: transport_note("nixl_ep"), contains="config: expected a MoEConfig, got str")
+
+# %%
+#| export
+def make_distributed_prepare_finalize(
+    config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
+    group=None,                               # the EP group (None: the default group)
+    max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
+):
+    "The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    group = check_group(group)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if config.ep_size != size:
+        raise ValueError(f"config.parallel.ep_size: expected the group's world size {size}, got {config.ep_size}")
+    if config.ep_rank != rank:
+        raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
+    if config.activation_format is ActivationFormat.BatchedExperts:
+        cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
+        check_int("max_num_tokens_per_rank", cap, lo=1)
+        return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size)
+    return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size)
+
+# %% [markdown]
+# Outside a process group the factory and both classes say what is missing:
+
+# %%
+#| test factory_needs_a_group
+if not dist.is_initialized():
+    cfg = MoEConfig(8, 2, 16, 16)
+    test_fail(lambda: make_distributed_prepare_finalize(cfg), contains="group: expected an initialized torch.distributed")
+    test_fail(lambda: AllToAllBatchedPrepareFinalize(4), contains="group: expected an initialized torch.distributed")
+    test_fail(lambda: AllGatherReduceScatterPrepareFinalize(), contains="group: expected an initialized")
+test_fail(lambda: make_distributed_prepare_finalize("cfg"), contains="config: expected a MoEConfig, got str")
+
+# %% [markdown]
+# ## Joining the process group
+#
+# `init_distributed` reads what `torchrun` puts in the environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
+# `MASTER_PORT`, `LOCAL_RANK`) and joins with a timeout, so a collective that waits for a dead or stuck peer fails
+# instead of hanging. Without a GPU it uses gloo and the CPU; with GPUs, NCCL and one GPU per process, the one named by
+# `LOCAL_RANK`. Run without torchrun (none of the variables set) it makes a one-process group.
+
+# %%
+#| export
+def free_port() -> int:
+    "A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+# %%
+#| export
+def init_distributed(timeout_s: float = 600.0,      # seconds a collective may wait for its peers
+                     backend: str | None = None,    # 'gloo' or 'nccl'; None: NCCL with a GPU, else gloo
+                    ) -> tuple[int, int, torch.device]:   # (rank, world size, this process's device)
+    "Join the process group torchrun's environment describes (or a one-process group without it)."
+    check_positive_real("timeout_s", timeout_s)
+    backend = ("nccl" if torch.cuda.is_available() else "gloo") if backend is None else backend
+    check_choice("backend", backend, ("gloo", "nccl"))
+    if backend == "nccl" and not torch.cuda.is_available(): raise ValueError("backend: expected 'gloo' without a CUDA GPU, got 'nccl'")
+    if dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), group_device(None)   # already joined
+    names = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [n for n in names if n not in os.environ]
+    if missing and len(missing) < len(names):
+        raise ValueError(f"environment: expected {', '.join(names)} (torchrun sets them), got {missing} unset")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if backend == "nccl":
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK: expected < {torch.cuda.device_count()} (one GPU per process), got {local}")
+        device = torch.device("cuda", local); torch.cuda.set_device(device)
+    kw = dict(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1) if missing else {}
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+    return dist.get_rank(), dist.get_world_size(), device
+

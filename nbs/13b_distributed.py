@@ -1,0 +1,303 @@
+# %%
+#| default_exp distributed
+
+# %% [markdown]
+# # Expert parallelism across processes: the main job
+# > `moe-lit run` on N real processes: every rank builds the same FusedMoE a single-process user gets, routes its share of the batch with the layer's router, and runs the layer's experts between the distributed dispatch and combine; rank 0 checks the result against one process and float64.
+
+# %%
+#| export
+from __future__ import annotations
+import argparse, json, sys, time
+from dataclasses import dataclass
+import torch
+import torch.distributed as dist
+from moe_lit.terms import check_int, use_triton_interpreter_without_gpu, acc_dtype
+from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
+from moe_lit.routing import select_experts, router_logits
+from moe_lit.placement import Placement
+from moe_lit.dispatch_plan import slab_sources
+from moe_lit.formats import moe_reference_standard
+from moe_lit.modular import ModularKernel, SharedExperts, make_experts
+from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config
+from moe_lit.testing import check_output
+from moe_lit.report import format_distributed_report
+from moe_lit.transport import (all_gather_rows, check_group, group_device, init_distributed, transport_note,
+                               make_distributed_prepare_finalize)
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_fail
+from moe_lit.config import BACKENDS, ParallelConfig, MoEConfig
+from moe_lit.placement import Placement
+from moe_lit.layer import rank_config
+from moe_lit.testing import assert_close
+from moe_lit.dispatch_plan import plot_dispatch
+
+# %% [markdown]
+# In this notebook: the main job across processes (`split_tokens`, `run_distributed`, `run_job`, `main`, the
+# `torchrun -m moe_lit.distributed` entry point) over the transport of `13a_transport`; its report's text is
+# `15b_report`'s `format_distributed_report`. The launcher that starts the processes from Python, and the tests
+# across real processes, are in `13c_launch`. An **explanation** page with a **how-to** (the command below).
+
+# %% [markdown]
+# ## The main job across processes
+#
+# `run_distributed` is the main job of `moe-lit run` on real processes. Every rank
+#
+# 1. takes its config from the deployment (`rank_config`: DP rank `r` of `S`, EP on) and builds its `Placement`;
+# 2. builds its `FusedMoE` (`12_layer`) — the same object a single-process user gets: only its own experts' weights
+#    (`RandomExpertWeights`: expert `g` depends only on `(seed, g)`; under EPLB a physical slot `p` holds logical
+#    expert `p % num_experts`, vLLM's initial EPLB map), the replicated router, the placement's tables, the experts
+#    the deployment's format and the device call for;
+# 3. takes its share of the tokens — the batch is drawn from the shared seed exactly as `moe-lit run` draws it, so
+#    both commands see the same tokens — and routes them with the layer's router (EPLB: each logical id then goes to
+#    one of its physical replicas);
+# 4. runs `ModularKernel(make_distributed_prepare_finalize(...), the layer's experts and shared experts)` on the
+#    layer's weights and gets its own tokens' output. Only the prepare/finalize differs from the layer's own forward.
+#
+# Rank 0 gathers every rank's output and routing, and computes the single-process result the existing way — the
+# Standard path over all experts, streamed in chunks of experts into an fp32 accumulator, and the same in float64 —
+# from the logical routing the ranks used. It then checks the distributed output against both, with the package's one
+# `assert_close` policy.
+
+# %%
+#| export
+def split_tokens(num_tokens: int,   # tokens in the whole batch
+                 num_ranks: int,    # ranks sharing it
+                ) -> list:          # tokens of each rank
+    "Split a batch over ranks as evenly as possible, the first `num_tokens % num_ranks` ranks taking one more."
+    check_int("num_tokens", num_tokens, lo=0); check_int("num_ranks", num_ranks, lo=1)
+    base, rem = divmod(num_tokens, num_ranks)
+    return [base + (r < rem) for r in range(num_ranks)]
+
+# %%
+#| test split_tokens
+test_eq(split_tokens(11, 4), [3, 3, 3, 2])
+test_eq(split_tokens(1, 3), [1, 0, 0])
+test_eq(split_tokens(0, 2), [0, 0])
+test_fail(lambda: split_tokens(-1, 2), contains="num_tokens: expected >= 0, got -1")
+test_fail(lambda: split_tokens(4, 0), contains="num_ranks: expected >= 1, got 0")
+
+# %%
+#| export
+@dataclass
+class DistributedRun:
+    "What `run_distributed` returns on every rank; the references and the report on rank 0 only."
+    config: MoEConfig                       # this rank's config
+    placement: Placement                    # this rank's placement
+    token_counts: list                      # tokens of each rank
+    output_local: torch.Tensor              # [T_rank, H] config.dtype: this rank's tokens' output
+    rank_stats: list                        # per rank: what its prepare moved, weights_s and forward_s (seconds)
+    experts: tuple = ("torch", "")          # (implementation, reason)
+    prepare_finalize: str = ""              # class name of the prepare/finalize
+    output: torch.Tensor | None = None          # [T, H] config.dtype, every rank's output in rank order (CPU)
+    topk_weights: torch.Tensor | None = None    # [T, top_k] fp32, every rank's router weights
+    topk_ids: torch.Tensor | None = None        # [T, top_k] int64, the logical ids every rank routed to
+    single_device: torch.Tensor | None = None   # rank 0: [T, H] config.dtype, the single-process result
+    reference: torch.Tensor | None = None       # rank 0: [T, H] float64
+    report: dict | None = None                  # rank 0: JSON-ready report
+
+# %%
+#| export
+def _tokens(config: MoEConfig, num_tokens: int, seed: int) -> torch.Tensor:
+    "The batch `[num_tokens, H]` in config.dtype on the CPU, drawn as `moe-lit run` draws it (seed + 7)."
+    return torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7)).to(config.dtype)
+
+def _route(cfg: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor):
+    "The single-process routing of rank 0's check: `(topk_weights fp32, logical topk_ids int64)`, `[T, top_k]`, by the spec."
+    r = {k: t.to(hidden.device) for k, t in weights.router().items()}
+    logits = router_logits(hidden, r["gate"], r.get("gate_bias"))
+    wts, ids = select_experts(cfg, logits, r.get("e_score_correction_bias"))
+    return wts, ids.long()
+
+# %%
+#| export
+def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor, wts, ids):
+    "`(single [T, H] config.dtype, reference [T, H] float64)`: all experts in chunks, fp32 and float64 accumulation."
+    T, L = hidden.shape[0], config.num_experts
+    acc = acc_dtype(config.dtype)
+    single, ref = torch.zeros(T, config.hidden_size, dtype=acc), torch.zeros(T, config.hidden_size, dtype=torch.float64)
+    kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
+    step = max(1, -(-L // max(1, config.ep_size)))                  # one rank's worth of experts alive at a time
+    for lo in range(0, L, step):
+        chunk = list(range(lo, min(L, lo + step)))
+        ex = weights.experts(chunk)
+        w13, w2 = ex["w13"], ex["w2"]
+        emap = torch.full((L,), -1, dtype=torch.long); emap[chunk] = torch.arange(len(chunk))
+        local = torch.where(ids >= 0, emap[ids.clamp(min=0)], -1)
+        moe_reference_standard(hidden, w13, w2, wts, local, accumulate_into=single, **kw)
+        moe_reference_standard(hidden.double(), w13, w2, wts, local, accumulate_into=ref, **kw)
+    shared = weights.shared()
+    if shared is not None:
+        sh = SharedExperts(**shared)
+        single += sh(hidden).to(acc); ref += sh(hidden.double())
+    return single.to(config.dtype), ref
+
+# %%
+#| export
+def run_distributed(config: MoEConfig,                 # the model on its deployment: parallel.ep_size = world size
+                    num_tokens: int = 64,              # tokens in the whole batch, split over the ranks
+                    placement: str = "linear",         # requested placement: 'linear' or 'round_robin'
+                    seed: int = 0,                     # seed of the weights and the tokens (shared by every rank)
+                    experts: str = "auto",             # 'auto', 'torch' or 'triton'
+                    token_counts: list | None = None,  # tokens of each rank (sum = num_tokens); None: split_tokens
+                    max_num_tokens_per_rank: int | None = None,   # batched capacity; None: config.max_num_tokens
+                    group=None) -> DistributedRun:     # the EP group (None: the default group)
+    "The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result."
+    rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
+    device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
+    weights = RandomExpertWeights(config, seed)
+    layer = FusedMoE(cfg, weights, placement, experts=experts, device=device)   # its experts, router, tables
+    hidden_all = _tokens(config, num_tokens, seed)
+    hidden = hidden_all[sum(counts[:rank]):sum(counts[:rank + 1])].to(device)
+    wts, ids = layer.route(hidden)                          # EPLB: physical ids, one replica per logical choice
+    logical = ids.long() % config.num_experts               # physical p is a copy of logical p % num_experts
+    pf = make_distributed_prepare_finalize(cfg, group, max_num_tokens_per_rank)
+    place, impl = layer.placement, (layer.experts, layer.experts_reason)
+    mk, t1 = ModularKernel(pf, make_experts(pf, layer.experts), layer.shared_experts), time.perf_counter()
+    stages = {}                                             # dispatch (prepare), experts, combine (finalize) seconds
+    out = mk(hidden, layer.w13, layer.w2, wts, ids, place, cfg.apply_router_weight_on_input, timings=stages,
+             w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, activation=layer.activation)
+    if device.type == "cuda": torch.cuda.synchronize()
+    stats = dict(pf.stats, weights_s=t1 - t0, forward_s=time.perf_counter() - t1, **stages)
+    run = DistributedRun(cfg, place, counts, out, [None] * S, impl, type(pf).__name__)
+    dist.all_gather_object(run.rank_stats, stats, group=group)
+    run.output, run.topk_weights, run.topk_ids = (all_gather_rows(t, counts, group).cpu() for t in (out, wts, logical))
+    if rank == 0: _finish_on_rank0(run, config, weights, hidden_all, placement, seed, dist.get_backend(group), device)
+    return run
+
+# %%
+#| export
+def _check_run_args(config, num_tokens, seed, token_counts, group) -> tuple[int, int, list]:
+    "`(rank, world size, tokens of each rank)` after checking the arguments of `run_distributed`."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    group = check_group(group)
+    rank, S = dist.get_rank(group), dist.get_world_size(group)
+    if config.ep_size != S:
+        raise ValueError(f"config.parallel.ep_size: expected the group's world size {S}, got {config.ep_size}")
+    if config.activation != "silu" or config.has_expert_bias:   # gpt-oss's experts run in FusedMoE / run_emulated_ep
+        raise ValueError(f"config: expected SiLU experts without biases across processes, got activation "
+                         f"{config.activation!r}, has_expert_bias={config.has_expert_bias}")
+    check_int("num_tokens", num_tokens, lo=0, hi=65537); check_int("seed", seed, lo=0)
+    counts = split_tokens(num_tokens, S) if token_counts is None else _check_token_counts(token_counts, num_tokens, S)
+    seen = [None] * S
+    dist.all_gather_object(seen, (num_tokens, counts, seed), group=group)     # every rank must agree, or all raise
+    if any(x != seen[0] for x in seen):
+        raise ValueError(f"token_counts: expected the same (num_tokens, token_counts, seed) on every rank, got {seen}")
+    return rank, S, counts
+
+def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
+    "`token_counts` as a list of `num_ranks` ints >= 0 summing to `num_tokens`."
+    if not isinstance(token_counts, (list, tuple)) or len(token_counts) != num_ranks:
+        raise ValueError(f"token_counts: expected a list of {num_ranks} ints (one per rank), got {token_counts!r}")
+    counts = [check_int("token_counts[r]", n, lo=0) for n in token_counts]
+    if sum(counts) != num_tokens: raise ValueError(f"token_counts: expected a sum of num_tokens={num_tokens}, got {counts}")
+    return counts
+
+# %% [markdown]
+# On rank 0 the run is checked and reported. For the batched format, the slab layout each rank really received is also
+# compared with `slab_sources` computed from the ids the ranks dispatched — `13_dispatch_plan`'s figure is the real dispatch.
+
+# %%
+#| export
+def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement, seed, backend, device) -> None:
+    "Rank 0: the single-process result, the checks and the report, stored in `run`."
+    t0, S, cfg = time.perf_counter(), len(run.token_counts), run.config
+    run.single_device, run.reference = _single_process(config, weights, hidden_all, run.topk_weights, run.topk_ids)
+    batched = cfg.activation_format is ActivationFormat.BatchedExperts
+    slabs_ok = None
+    if batched:
+        places = [Placement.build(rank_config(config, r), placement) for r in range(S)]
+        want = slab_sources(places, [s["topk_ids"] for s in run.rank_stats], run.rank_stats[0]["slab_source"].shape[1] // S)
+        slabs_ok = all(torch.equal(w, s["slab_source"]) for w, s in zip(want, run.rank_stats))
+    routed_here = _route(config, weights, hidden_all)[1]            # the whole batch routed in one process
+    run.report = {"model": config.name, "world_size": S, "process_group": backend, "device": str(device),
+                  "all2all_backend": cfg.backend.name, "activation_format": cfg.activation_format.value,
+                  "transport": transport_note(cfg), "prepare_finalize": run.prepare_finalize,
+                  "experts": {"implementation": run.experts[0], "reason": run.experts[1]},
+                  "placement": {"requested": placement, "strategy": run.placement.strategy, "reason": run.placement.reason},
+                  "num_tokens": sum(run.token_counts), "tokens_per_rank": run.token_counts, "seed": seed,
+                  "pairs_sent_per_rank": [s["pairs_sent"] for s in run.rank_stats],
+                  "pairs_received_per_rank": [s["pairs_received"] for s in run.rank_stats],
+                  "expert_num_tokens_per_rank": [s["expert_num_tokens"] for s in run.rank_stats] if batched else None,
+                  "slab_layout_matches_emulation": slabs_ok,
+                  "routing_same_as_single_process": bool(torch.equal(routed_here, run.topk_ids)),
+                  "check": {"distributed_vs_float64": check_output(run.output, run.reference, config.dtype),
+                            "single_process_vs_float64": check_output(run.single_device, run.reference, config.dtype),
+                            "distributed_vs_single_process": check_output(run.output, run.single_device.double(), config.dtype)},
+                  "timing": {"weights_s_per_rank": [s["weights_s"] for s in run.rank_stats],
+                             "forward_s_per_rank": [s["forward_s"] for s in run.rank_stats],
+                             **{f"{k}_per_rank": [s.get(k) for s in run.rank_stats]
+                                for k in ("prepare_s", "experts_s", "finalize_s")},
+                             "reference_s": time.perf_counter() - t0}}
+
+# %% [markdown]
+# ## The torchrun entry point
+#
+# `main` is what `torchrun ... -m moe_lit.distributed` runs on every process: a few options, the model from the
+# presets, the deployment `--ep N` data-parallel ranks with EP on (`N` = the number of processes). Exit status: 0, 1
+# when a check fails, 2 on bad input (the same on every rank: each rank validates the same arguments).
+
+# %%
+#| export
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m moe_lit.distributed",
+                                 description="The moe-lit main job on N processes (one EP rank each).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
+    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (None: that number)")
+    ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
+                    help="all2all backend; None: allgather_reducescatter with more than one rank, else none")
+    ap.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help="expert placement")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens in the whole batch, split over the ranks")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokens")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="None: the model's own")
+    ap.add_argument("--experts", default="auto", choices=["auto", "triton", "torch"], help="auto: Triton on a GPU")
+    ap.add_argument("--max-tokens-per-rank", type=int, default=None, help="batched capacity; None: the model's")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait for its peers")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    return ap
+
+# %%
+#| export
+def run_job(model: str = DEFAULT_PRESET,          # a preset
+            ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
+            all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
+            placement: str = "linear", tokens: int = 64, seed: int = 0,
+            dtype: str | None = None,              # 'bf16', 'fp16', 'fp32'; None: the model's own
+            experts: str = "auto", max_tokens_per_rank: int | None = None,
+            timeout: float = 600.0,                # seconds a collective may wait for its peers
+            as_json: bool = False) -> int:         # exit status: 0, 1 when a check fails, 2 on bad input
+    "The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report."
+    use_triton_interpreter_without_gpu()                # before any kernel module is imported
+    try: rank, world, _ = init_distributed(timeout)
+    except ValueError as e: print(f"moe-lit distributed: error: {e}", file=sys.stderr); return 2
+    try:
+        ep = world if ep is None else ep
+        if ep != world: raise ValueError(f"--ep: expected the number of processes ({world}), got {ep}")
+        all2all = all2all or ("allgather_reducescatter" if ep > 1 else "none")
+        cfg = preset(model, ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=all2all))
+        if dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+        run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank)
+    except ValueError as e:                             # every rank says it: torchrun may stop the others first
+        sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {e}\n"); sys.stderr.flush()   # one write: no interleaving
+        dist.destroy_process_group(); return 2
+    status = 0
+    if rank == 0:
+        print(json.dumps(run.report, indent=1) if as_json else format_distributed_report(run.report), flush=True)
+        status = 0 if all(c["ok"] for c in run.report["check"].values()) else 1
+    dist.destroy_process_group()
+    return status
+
+def main(argv: list | None = None) -> int:
+    "`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report."
+    a = _parser().parse_args(argv)
+    return run_job(a.model, a.ep, a.all2all, a.placement, a.tokens, a.seed, a.dtype, a.experts, a.max_tokens_per_rank,
+                   a.timeout, a.json)
+
+# %%
+#| export
+#| eval: false
+if __name__ == "__main__": sys.exit(main())
