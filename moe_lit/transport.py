@@ -16,7 +16,7 @@ from .dispatch_plan import send_plan, receive_layout, check_count_table
 from .modular import Prepared, check_prepare_args
 
 # %% auto #0
-__all__ = ['NATIVE_LIBRARIES', 'all_gather_rows', 'DistributedPrepared', 'check_group', 'group_device',
+__all__ = ['NATIVE_LIBRARIES', 'all_gather_rows', 'DistributedPrepared', 'check_group', 'config_rank_in_group', 'group_device',
            'AllGatherReduceScatterPrepareFinalize', 'AllToAllBatchedPrepareFinalize', 'transport_note',
            'make_distributed_prepare_finalize', 'free_port', 'init_distributed']
 
@@ -71,7 +71,7 @@ class DistributedPrepared(Prepared):
     recv_rows: torch.Tensor | None = None     # all-to-all: [n_recv] int64, e·capacity + row of each received pair
     total_pairs: int = 0                      # all-to-all: pairs dispatched by the whole group (0: nothing moves)
 
-# %% ../nbs/13a_transport.ipynb #a55ac0bac4bf
+# %% ../nbs/13a_transport.ipynb #8cf5db6c5f42
 def check_group(group):
     "`group` (None = the default group) after checking that torch.distributed is initialized."
     if not (dist.is_available() and dist.is_initialized()):
@@ -80,6 +80,16 @@ def check_group(group):
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise ValueError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     return group
+
+def config_rank_in_group(config: MoEConfig,   # the deployment (its ep_size must be the group's size)
+                         group) -> tuple[int, int]:   # (this process's rank in the group, the group's size)
+    "This process's rank and the group's size after checking `config` and `group`; ValueError naming the mismatch."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    group = check_group(group)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if config.ep_size != size:
+        raise ValueError(f"config.parallel.ep_size: expected the group's world size {size}, got {config.ep_size}")
+    return rank, size
 
 def group_device(group) -> torch.device:
     "Where tensors of `group`'s collectives live: this process's GPU for NCCL, the CPU for gloo."
@@ -261,18 +271,14 @@ def transport_note(config: MoEConfig) -> str:
         return f"{head}; the {module} library is installed, but moe-lit has no adapter for it yet, so it is not used"
     return f"{head}; the {module} library is not installed (moe-lit's implementation of the same contract is used)"
 
-# %% ../nbs/13a_transport.ipynb #05d45b915271
+# %% ../nbs/13a_transport.ipynb #b2f5a45a703a
 def make_distributed_prepare_finalize(
     config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
     group=None,                               # the EP group (None: the default group)
     max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
 ):
     "The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format."
-    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-    group = check_group(group)
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if config.ep_size != size:
-        raise ValueError(f"config.parallel.ep_size: expected the group's world size {size}, got {config.ep_size}")
+    rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
     if config.activation_format is ActivationFormat.BatchedExperts:

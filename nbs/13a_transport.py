@@ -121,6 +121,16 @@ def check_group(group):
         raise ValueError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     return group
 
+def config_rank_in_group(config: MoEConfig,   # the deployment (its ep_size must be the group's size)
+                         group) -> tuple[int, int]:   # (this process's rank in the group, the group's size)
+    "This process's rank and the group's size after checking `config` and `group`; ValueError naming the mismatch."
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    group = check_group(group)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if config.ep_size != size:
+        raise ValueError(f"config.parallel.ep_size: expected the group's world size {size}, got {config.ep_size}")
+    return rank, size
+
 def group_device(group) -> torch.device:
     "Where tensors of `group`'s collectives live: this process's GPU for NCCL, the CPU for gloo."
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -368,11 +378,7 @@ def make_distributed_prepare_finalize(
     max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
 ):
     "The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format."
-    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-    group = check_group(group)
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if config.ep_size != size:
-        raise ValueError(f"config.parallel.ep_size: expected the group's world size {size}, got {config.ep_size}")
+    rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
     if config.activation_format is ActivationFormat.BatchedExperts:

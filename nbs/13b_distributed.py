@@ -23,7 +23,7 @@ from moe_lit.modular import ModularKernel, SharedExperts, make_experts
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config
 from moe_lit.testing import check_output
 from moe_lit.report import format_distributed_report
-from moe_lit.transport import (all_gather_rows, check_group, group_device, init_distributed, transport_note,
+from moe_lit.transport import (all_gather_rows, config_rank_in_group, group_device, init_distributed, transport_note,
                                make_distributed_prepare_finalize)
 
 # %%
@@ -172,11 +172,7 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
 #| export
 def _check_run_args(config, num_tokens, seed, token_counts, group) -> tuple[int, int, list]:
     "`(rank, world size, tokens of each rank)` after checking the arguments of `run_distributed`."
-    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-    group = check_group(group)
-    rank, S = dist.get_rank(group), dist.get_world_size(group)
-    if config.ep_size != S:
-        raise ValueError(f"config.parallel.ep_size: expected the group's world size {S}, got {config.ep_size}")
+    rank, S = config_rank_in_group(config, group)
     if config.activation != "silu" or config.has_expert_bias:   # gpt-oss's experts run in FusedMoE / run_emulated_ep
         raise ValueError(f"config: expected SiLU experts without biases across processes, got activation "
                          f"{config.activation!r}, has_expert_bias={config.has_expert_bias}")
