@@ -18,6 +18,7 @@ pr = cProfile.Profile(); pr.enable()
 for _ in range(100): layer(x)
 pr.disable(); torch.cuda.synchronize()
 pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+pstats.Stats(pr).sort_stats("cumulative").print_stats("moe_lit", 30)   # where the layer's own time goes
 
 from torch.profiler import profile, ProfilerActivity
 with profile(activities=[ProfilerActivity.CUDA]) as prof:
