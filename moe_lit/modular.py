@@ -42,7 +42,7 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
 
-# %% ../nbs/10_modular.ipynb #da101e9d261d
+# %% ../nbs/10_modular.ipynb #bab4ad7d6801
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -58,7 +58,10 @@ class StandardPrepareFinalize:
         "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
         check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
-        return Prepared(self.activation_format, hidden, topk_weights, local_ids=placement.local_slot(topk_ids, self.validate),
+        if placement.holds_every_expert and not self.validate:   # ids in range by construction: the slot is the id
+            local = topk_ids                                     # (no gather; every experts path skips ids outside [0, E))
+        else: local = placement.local_slot(topk_ids, self.validate)
+        return Prepared(self.activation_format, hidden, topk_weights, local_ids=local,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
                         expected_m=max(1, topk_ids.numel() // placement.num_experts), num_experts=placement.num_experts)
 

@@ -195,7 +195,7 @@ def map_to_physical(
     physical = torch.where(ids >= 0, logical_to_physical[safe, replica], -1)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
-# %% ../nbs/04_placement.ipynb #0b7d79eb8f23
+# %% ../nbs/04_placement.ipynb #ed97b556ffcd
 @dataclass(frozen=True, eq=False)
 class Placement:
     "Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables."
@@ -210,6 +210,11 @@ class Placement:
     global_to_physical: torch.Tensor | None = None   # [num_experts] int64; round robin + tables-reading dispatch only
     physical_to_global: torch.Tensor | None = None   # [num_experts] int64, inverse permutation of global_to_physical
     slot_table: torch.Tensor | None = None  # [num_experts + 1] int64: local slot of each id, -1 = not local; [-1] = -1
+
+    @property
+    def holds_every_expert(self) -> bool:
+        "One rank holds every (physical) expert in id order: the local slot of an id in range is the id itself."
+        return self.ep_size == 1 and self.num_local_experts == self.num_experts
 
     @property
     def physical_offset(self) -> int:

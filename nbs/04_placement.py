@@ -619,6 +619,11 @@ class Placement:
     slot_table: torch.Tensor | None = None  # [num_experts + 1] int64: local slot of each id, -1 = not local; [-1] = -1
 
     @property
+    def holds_every_expert(self) -> bool:
+        "One rank holds every (physical) expert in id order: the local slot of an id in range is the id itself."
+        return self.ep_size == 1 and self.num_local_experts == self.num_experts
+
+    @property
     def physical_offset(self) -> int:
         "First physical id of this rank's contiguous block (the linear offset; used with `global_to_physical`)."
         return expert_block(self.num_experts, self.ep_size, self.ep_rank)[0]

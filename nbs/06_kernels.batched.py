@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import os, json, functools
+import os, json, functools, math
 from pathlib import Path
 import torch
 import triton
@@ -331,8 +331,12 @@ def _batched_moe_gemm_tma_kernel(
 # A tile configuration is `BLOCK_M/N/K`, `num_warps` and `num_stages`. moe-lit looks it up in a JSON table first and
 # falls back to a heuristic. The table follows vLLM's tuned-config format: one file per
 # `(kernel, E, N, device)`, named `E=<E>,N=<N>,device_name=<name>[,dtype=<dtype>].json` (spaces in the device name
-# become `_`), holding `{"<M>": {config}, ...}`; the entry whose `M` is nearest to the expected rows per expert wins.
-# Files live in `$MOE_LIT_TILE_CONFIG_DIR/<kernel>/` or in the package's `configs/<kernel>/`.
+# become `_`), holding `{"<M>": {config}, ...}`; the entry whose `M` is nearest (as a ratio) to the expected rows per expert wins,
+# if it lies within a factor `TILE_TABLE_REACH` = 2 of it. Farther away the heuristic answers: a tile measured at 16
+# rows per expert has `BLOCK_M = 32`, and used at 64 rows it would split each expert's rows over two blocks that
+# both stream the expert's whole weights — twice the bytes in the weight-bound regime (measured: Mixtral-8x7B's
+# layer at 256 tokens, 1.9× its floor with the 16-row tile). Files live in `$MOE_LIT_TILE_CONFIG_DIR/<kernel>/` or
+# in the package's `configs/<kernel>/`.
 #
 # > **Which M.** vLLM looks its batched configs up with the padded capacity `max_tokens`, which at decode is many
 # > times the real rows per expert (`fused_batched_moe.py`'s config lookup). moe-lit's launcher takes `expected_m`, the caller's estimate
@@ -367,9 +371,11 @@ def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch
     tag = "" if dtype is None else f",dtype={_DTYPE_TAG[dtype]}"
     return root / kernel / f"E={E},N={N},device_name={device_name.replace(' ', '_')}{tag}.json"
 
+TILE_TABLE_REACH = 2   # a table entry measured at M rows serves M / 2 .. 2·M expected rows
+
 def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
                        device_name: str | None = None, config_dir: str | Path | None = None) -> dict:
-    "The tile for `M` expected rows: the table's nearest-M entry (dtype-specific file first), else the heuristic."
+    "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
     root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
     return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root)))
@@ -379,7 +385,11 @@ def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> d
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
-        if table: return dict(table[min(table, key=lambda m: (abs(m - M), m))])
+        if not table: continue
+        M = max(1, M)
+        m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
+        if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
+        break                                         # a table, but nothing measured near M: the heuristic
     return default_tile_config(E, N, K, M, dtype)
 
 @functools.lru_cache(maxsize=None)
@@ -402,6 +412,10 @@ with tempfile.TemporaryDirectory() as d:
     p.write_text(json.dumps({"16": small, "512": big}))
     test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA H200", d), small)
     test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.bfloat16, "NVIDIA H200", d), big)
+    for far in (1, 7, 64, 100, 1025):                 # nothing measured within a factor 2: the heuristic
+        test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, far, torch.bfloat16, "NVIDIA H200", d),
+                default_tile_config(32, 4096, 7168, far, torch.bfloat16))
+    test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), small)
     # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
     test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
             default_tile_config(32, 4096, 7168, 400, torch.float16))
