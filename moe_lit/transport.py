@@ -20,7 +20,7 @@ __all__ = ['NATIVE_LIBRARIES', 'all_gather_rows', 'DistributedPrepared', 'check_
            'AllGatherReduceScatterPrepareFinalize', 'AllToAllBatchedPrepareFinalize', 'transport_note',
            'make_distributed_prepare_finalize', 'free_port', 'init_distributed']
 
-# %% ../nbs/13a_transport.ipynb #8dfaea1b9402
+# %% ../nbs/13a_transport.ipynb #235a16ab460c
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -33,8 +33,17 @@ def _gather_counts(n: int, group, device) -> list:
 def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows, any dtype
                     counts: list,        # rows of every rank (ints, the same list on every rank)
                     group) -> torch.Tensor:   # [sum(counts), ...] every rank's rows, in rank order
-    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it)."
-    m, S = max(counts), len(counts)
+    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it); ValueError on bad arguments."
+    group = check_group(group)
+    check_tensor("x", x)
+    if x.dim() == 0: raise ValueError("x: expected a tensor of rows (at least 1-D), got a 0-D tensor")
+    S, rank = dist.get_world_size(group), dist.get_rank(group)
+    if not isinstance(counts, (list, tuple)) or len(counts) != S or \
+            any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):
+        raise ValueError(f"counts: expected a list of {S} ints >= 0 (the rows of every rank), got {counts!r}")
+    if counts[rank] != x.shape[0]:
+        raise ValueError(f"counts: expected counts[{rank}] = this rank's rows of x ({x.shape[0]}), got {counts[rank]}")
+    m = max(counts)
     if m == 0: return x.new_empty((0, *x.shape[1:]))
     buf = x.new_zeros((m, *x.shape[1:]))
     buf[:x.shape[0]] = x
@@ -271,7 +280,7 @@ def transport_note(config: MoEConfig) -> str:
         return f"{head}; the {module} library is installed, but moe-lit has no adapter for it yet, so it is not used"
     return f"{head}; the {module} library is not installed (moe-lit's implementation of the same contract is used)"
 
-# %% ../nbs/13a_transport.ipynb #b2f5a45a703a
+# %% ../nbs/13a_transport.ipynb #30aaeb892085
 def make_distributed_prepare_finalize(
     config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
     group=None,                               # the EP group (None: the default group)
@@ -281,9 +290,9 @@ def make_distributed_prepare_finalize(
     rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
+    if max_num_tokens_per_rank is not None: check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
     if config.activation_format is ActivationFormat.BatchedExperts:
         cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
-        check_int("max_num_tokens_per_rank", cap, lo=1)
         return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size)
     return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size)
 

@@ -26,6 +26,7 @@ from moe_lit.kernels.batched import DEVICE
 from moe_lit.quant import QUANT_SCHEMES, QUANT_SCHEME_TABLE
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
+from moe_lit.kernels.quant_act import fp8_quantize_activations
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard
 
@@ -90,6 +91,10 @@ class BatchedTritonQuantExperts:
         "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
         _check_expert_semantics(qw, w13_bias, w2_bias, activation, a.device)
+        check_bool("validate", validate)
+        if out_dtype is not None and out_dtype not in ACTIVATION_DTYPES:    # it is also GEMM2's input dtype
+            raise ValueError(f"out_dtype: expected torch.bfloat16 or torch.float16 (the intermediate between the GEMMs "
+                             f"and the output), or None, got {out_dtype}")
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
                                    expected_m=expected_m, bias=w13_bias, validate=validate)
         return batched_moe_gemm_quant(h, qw, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)
@@ -103,6 +108,12 @@ def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Te
                                     activation: Activation = SILU,
                                    ) -> torch.Tensor:          # [E, max_tokens, H] float64, NaN past the counts
     "Spec of `BatchedTritonQuantExperts`: the two GEMM specs, with the intermediate stored in the activation dtype."
+    check_tensor("a", a, ndim=3)
+    _check_expert_semantics(qw, w13_bias, w2_bias, activation, a.device)
+    check_tensor("a", a, shape=(qw.num_experts, None, qw.hidden_size))
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(qw.num_experts,), dtype=torch.int32)
+    if ((expert_num_tokens < 0) | (expert_num_tokens > a.shape[1])).any():
+        raise ValueError(f"expert_num_tokens: expected values in [0, {a.shape[1]}], got {expert_num_tokens.tolist()}")
     hdt = a.dtype if a.dtype in ACTIVATION_DTYPES else (out_dtype or torch.bfloat16)
     h = batched_gemm_quant_reference(a, qw, expert_num_tokens, activation, a_scale=a_scale, bias=w13_bias).to(hdt)
     return batched_gemm_quant_reference(h, qw, expert_num_tokens, bias=w2_bias)
@@ -180,7 +191,14 @@ def quant_experts_reference_standard(hidden: torch.Tensor, qw: QuantizedExpertWe
                                      activation: Activation = SILU,
                                     ) -> torch.Tensor:         # [T, H] float64
     "Spec of `TritonQuantExperts`: the two GEMM specs over the pairs, the intermediate in hidden's dtype, the slot sum."
+    check_tensor("hidden", hidden, ndim=2, dtype=ACTIVATION_DTYPES)
+    _check_expert_semantics(qw, w13_bias, w2_bias, activation, hidden.device)
+    check_tensor("hidden", hidden, shape=(None, qw.hidden_size))
+    check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
+    check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
+    check_local_ids(local_ids, qw.num_experts, True)                       # a spec checks what the kernel may skip
     T, k = local_ids.shape
+    if T == 0: return torch.zeros(0, qw.hidden_size, dtype=torch.float64, device=hidden.device)
     on_in, local = apply_router_weight_on_input, local_ids.to(hidden.device)
     h = fused_moe_gemm_quant_reference(hidden, qw, local, activation, topk_weights, "input" if on_in else None, bias=w13_bias)
     h = torch.where((local.reshape(-1) >= 0)[:, None], h, 0.0).to(hidden.dtype)   # uncomputed rows: zero (never read)
@@ -408,6 +426,17 @@ test_fail(lambda: TritonQuantExperts().apply(a[0, :2].float(), qw8, wts, ids), c
 test_fail(lambda: TritonQuantExperts().apply(a[0, :2], qw8, wts[:, :1], ids), contains="topk_weights: expected shape [2, 2]")
 test_fail(lambda: TritonQuantExperts().apply(a[0, :2, :32], qw8, wts, ids), contains="hidden: expected shape [*, 64]")
 test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8.w13), contains="qw: expected a QuantizedExpertWeights")
+test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8, validate=1), contains="validate: expected a bool")
+q, s = fp8_quantize_activations(a.reshape(-1, H), "group")
+test_fail(lambda: BatchedTritonQuantExperts().apply(q.view(E, M, H), cnt, qw8, a_scale=s.view(E, M, -1), out_dtype=torch.float32),
+          contains="out_dtype: expected torch.bfloat16 or torch.float16")
+# the specs check what the kernels may skip
+test_fail(lambda: quant_experts_reference_standard(a[0, :2], qw8, wts, ids + 2), contains="local_ids: expected values in [-1, 2)")
+test_fail(lambda: quant_experts_reference_standard(a[0, :2], qw8, wts[:, :1], ids), contains="topk_weights: expected shape [2, 2]")
+test_fail(lambda: quant_experts_reference_batched(a, cnt - 4, qw8), contains="expert_num_tokens: expected values in [0, 8]")
+test_fail(lambda: quant_experts_reference_batched(a, cnt[:1], qw8), contains="expert_num_tokens: expected shape [2]")
+test_fail(lambda: quant_experts_reference_batched(a[:1], cnt, qw8), contains="a: expected shape [2, *, 64]")
+test_eq(quant_experts_reference_standard(a[0, :0], qw8, wts[:0], ids[:0]).shape, (0, H))
 
 # %%
 #| test quant_experts_unchecked_ids_are_safe

@@ -155,9 +155,13 @@ MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> i
 
 # %%
 #| export
+def _check_config_dict(cfg):
+    if not isinstance(cfg, dict): raise ValueError(f"cfg: expected a config.json's contents (a dict), got {type(cfg).__name__}")
+
 def checkpoint_layout(cfg: dict,  # a config.json's contents
                      ) -> tuple[str, CheckpointLayout]:
     "(model_type, its CheckpointLayout) of a config.json dict (the top-level model_type names the key prefix); ValueError for an unknown or non-str model_type."
+    _check_config_dict(cfg)
     t = cfg.get("model_type")
     if t is not None and not isinstance(t, str):     # as moe_lit.models reads it: a str, looked up in a table
         raise ValueError(f"config.json model_type: expected a str, got {type(t).__name__} {t!r}")
@@ -172,6 +176,8 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
     if not isinstance(config, dict): config = read_config_json(config)[0]
     t, layout = checkpoint_layout(config)
     text = text_config_view(config)
+    if text.get("num_hidden_layers") is None:
+        raise ValueError("config.json num_hidden_layers: expected an int >= 1, got none (the key is missing or null)")
     n = _count(text, "num_hidden_layers", 0, lo=1)
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
@@ -205,6 +211,7 @@ for bad in (True, 1.0):   # 1.0 == True == 1: would match layer 1
 test_fail(lambda: moe_layer_indices({**qw, "mlp_only_layers": [True]}), contains="config.json mlp_only_layers[0]: expected an int, got bool")
 test_fail(lambda: moe_layer_indices({"model_type": ["mixtral"], "num_hidden_layers": 2}),
           contains="config.json model_type: expected a str, got list ['mixtral']")
+test_fail(lambda: moe_layer_indices({"model_type": "mixtral"}), contains="config.json num_hidden_layers: expected an int >= 1, got none")
 test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 10**12}),
           contains=f"config.json num_hidden_layers: expected < {SIZE_LIMIT}, got {10**12}")
 
@@ -227,6 +234,7 @@ QUANT_METHODS = {s.hf_quant_method: s.name for s in QUANT_SCHEME_TABLE.values() 
 def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
                         ) -> tuple[str | None, tuple | None]:
     "(moe-lit scheme, scale block shape (rows, cols) in elements) named by config.json's quantization_config; (None, None) without one; ValueError for an unknown method or a bad `weight_block_size`."
+    _check_config_dict(cfg)
     q = cfg.get("quantization_config")
     if q is None: return None, None
     if not isinstance(q, dict): raise ValueError(f"config.json quantization_config: expected an object, got {q!r}")
@@ -235,9 +243,12 @@ def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
         raise ValueError(f"config.json quantization_config.quant_method: expected one of {list(QUANT_METHODS)}, "
                          f"got {method!r}")
     if method == "mxfp4": return QUANT_METHODS[method], (1, 32)
-    block = q.get("weight_block_size") or [128, 128]
-    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise ValueError(f"config.json quantization_config.weight_block_size: expected two positive ints, got {block!r}")
+    block = q.get("weight_block_size")
+    if block is None: block = [128, 128]                            # DeepSeek-V3's, the format's default
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and
+            all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 2**16 for b in block)):
+        raise ValueError(f"config.json quantization_config.weight_block_size: expected two positive ints (at most "
+                         f"{2**16}), got {block!r}")
     return QUANT_METHODS[method], tuple(block)
 
 # %%
@@ -250,6 +261,9 @@ test_eq(quant_scheme_from_hf({"quantization_config": {"quant_method": "mxfp4"}})
 test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "awq"}}),
           contains="config.json quantization_config.quant_method: expected one of")
 test_fail(lambda: quant_scheme_from_hf({"quantization_config": "fp8"}), contains="config.json quantization_config: expected an object")
-for bad in ([128], [128, 0], [True, 128], "128"):
+for bad in (None, [1], "mixtral"):
+    test_fail(lambda: quant_scheme_from_hf(bad), contains="cfg: expected a config.json's contents (a dict), got")
+    test_fail(lambda: checkpoint_layout(bad), contains="cfg: expected a config.json's contents (a dict), got")
+for bad in ([128], [128, 0], [True, 128], "128", [], 0, False, "", {}, [10**12, 1]):
     test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "weight_block_size": bad}}),
               contains="config.json quantization_config.weight_block_size: expected two positive ints")

@@ -61,8 +61,17 @@ def _gather_counts(n: int, group, device) -> list:
 def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows, any dtype
                     counts: list,        # rows of every rank (ints, the same list on every rank)
                     group) -> torch.Tensor:   # [sum(counts), ...] every rank's rows, in rank order
-    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it)."
-    m, S = max(counts), len(counts)
+    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it); ValueError on bad arguments."
+    group = check_group(group)
+    check_tensor("x", x)
+    if x.dim() == 0: raise ValueError("x: expected a tensor of rows (at least 1-D), got a 0-D tensor")
+    S, rank = dist.get_world_size(group), dist.get_rank(group)
+    if not isinstance(counts, (list, tuple)) or len(counts) != S or \
+            any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):
+        raise ValueError(f"counts: expected a list of {S} ints >= 0 (the rows of every rank), got {counts!r}")
+    if counts[rank] != x.shape[0]:
+        raise ValueError(f"counts: expected counts[{rank}] = this rank's rows of x ({x.shape[0]}), got {counts[rank]}")
+    m = max(counts)
     if m == 0: return x.new_empty((0, *x.shape[1:]))
     buf = x.new_zeros((m, *x.shape[1:]))
     buf[:x.shape[0]] = x
@@ -381,9 +390,9 @@ def make_distributed_prepare_finalize(
     rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
+    if max_num_tokens_per_rank is not None: check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
     if config.activation_format is ActivationFormat.BatchedExperts:
         cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
-        check_int("max_num_tokens_per_rank", cap, lo=1)
         return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size)
     return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size)
 
@@ -440,3 +449,25 @@ def init_distributed(timeout_s: float = 600.0,      # seconds a collective may w
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
     return dist.get_rank(), dist.get_world_size(), device
 
+
+# %% [markdown]
+# In a one-process group, `all_gather_rows` returns this rank's rows, and its arguments are checked before the
+# collective: the counts must list every rank's rows, this rank's entry equal to the rows of `x`.
+
+# %%
+#| test all_gather_rows_one_process
+assert not dist.is_initialized()
+init_distributed(60, backend="gloo")                 # no torchrun environment: a one-process group
+try:
+    x = torch.arange(6.).reshape(3, 2)
+    test_eq(all_gather_rows(x, [3], None), x)
+    test_eq(all_gather_rows(x[:0], [0], None).shape, (0, 2))
+    test_fail(lambda: all_gather_rows(x, [5], None), contains="counts: expected counts[0] = this rank's rows of x (3), got 5")
+    for bad in ([], [3, 1], [-1], [3.0], [True], None):
+        test_fail(lambda: all_gather_rows(x, bad, None), contains="counts: expected a list of 1 ints >= 0")
+    test_fail(lambda: all_gather_rows(torch.tensor(1.0), [1], None), contains="x: expected a tensor of rows")
+    test_fail(lambda: all_gather_rows([1.0], [1], None), contains="x: expected a torch.Tensor")
+    test_fail(lambda: all_gather_rows(x, [3], "g"), contains="group: expected a torch.distributed ProcessGroup or None")
+    test_fail(lambda: make_distributed_prepare_finalize(MoEConfig(8, 2, 16, 16), max_num_tokens_per_rank=-5),
+              contains="max_num_tokens_per_rank: expected >= 1, got -5")
+finally: dist.destroy_process_group()

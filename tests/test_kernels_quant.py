@@ -270,7 +270,8 @@ def test_quant_unchecked_inputs_are_safe():
     cnt = torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
     y = batched_moe_gemm_quant(torch.stack([x, x]).to(DEVICE), qw, cnt, "silu_and_mul").float().cpu()
     assert y[0, 1].isnan().all() and y[0, [0, 2, 3]].isfinite().all()             # the NaN token's row only
-    x[1, 3] = float("inf")
-    q, sc = fp8_quantize_activations(x, "tensor")
-    assert sc.isnan().all()                                                         # inf in a per-tensor scale: NaN, loudly
+    for bad in (float("inf"), float("nan")):
+        x[1, 3] = bad
+        q, sc = fp8_quantize_activations(x, "tensor")
+        assert sc.isnan().all(), bad                                                # inf or NaN in a per-tensor scale: NaN, loudly
     test_fail(lambda: fp8_quantize_activations(x, "group", group_k=24), contains="group_k: expected a power of two")

@@ -16,6 +16,7 @@ from moe_lit.kernels.batched import DEVICE
 from moe_lit.quant import QUANT_SCHEMES, QUANT_SCHEME_TABLE
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
+from moe_lit.kernels.quant_act import fp8_quantize_activations
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard
 from moe_lit.kernels.quant_experts import *
@@ -208,6 +209,17 @@ def test_quant_experts_bad_input():
     test_fail(lambda: TritonQuantExperts().apply(a[0, :2], qw8, wts[:, :1], ids), contains="topk_weights: expected shape [2, 2]")
     test_fail(lambda: TritonQuantExperts().apply(a[0, :2, :32], qw8, wts, ids), contains="hidden: expected shape [*, 64]")
     test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8.w13), contains="qw: expected a QuantizedExpertWeights")
+    test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8, validate=1), contains="validate: expected a bool")
+    q, s = fp8_quantize_activations(a.reshape(-1, H), "group")
+    test_fail(lambda: BatchedTritonQuantExperts().apply(q.view(E, M, H), cnt, qw8, a_scale=s.view(E, M, -1), out_dtype=torch.float32),
+              contains="out_dtype: expected torch.bfloat16 or torch.float16")
+    # the specs check what the kernels may skip
+    test_fail(lambda: quant_experts_reference_standard(a[0, :2], qw8, wts, ids + 2), contains="local_ids: expected values in [-1, 2)")
+    test_fail(lambda: quant_experts_reference_standard(a[0, :2], qw8, wts[:, :1], ids), contains="topk_weights: expected shape [2, 2]")
+    test_fail(lambda: quant_experts_reference_batched(a, cnt - 4, qw8), contains="expert_num_tokens: expected values in [0, 8]")
+    test_fail(lambda: quant_experts_reference_batched(a, cnt[:1], qw8), contains="expert_num_tokens: expected shape [2]")
+    test_fail(lambda: quant_experts_reference_batched(a[:1], cnt, qw8), contains="a: expected shape [2, *, 64]")
+    test_eq(quant_experts_reference_standard(a[0, :0], qw8, wts[:0], ids[:0]).shape, (0, H))
 
 
 def test_quant_experts_unchecked_ids_are_safe():

@@ -38,6 +38,7 @@ def test_moe_layer_indices():
     test_fail(lambda: moe_layer_indices({**qw, "mlp_only_layers": [True]}), contains="config.json mlp_only_layers[0]: expected an int, got bool")
     test_fail(lambda: moe_layer_indices({"model_type": ["mixtral"], "num_hidden_layers": 2}),
               contains="config.json model_type: expected a str, got list ['mixtral']")
+    test_fail(lambda: moe_layer_indices({"model_type": "mixtral"}), contains="config.json num_hidden_layers: expected an int >= 1, got none")
     test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 10**12}),
               contains=f"config.json num_hidden_layers: expected < {SIZE_LIMIT}, got {10**12}")
 
@@ -51,6 +52,9 @@ def test_quant_scheme_from_hf():
     test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "awq"}}),
               contains="config.json quantization_config.quant_method: expected one of")
     test_fail(lambda: quant_scheme_from_hf({"quantization_config": "fp8"}), contains="config.json quantization_config: expected an object")
-    for bad in ([128], [128, 0], [True, 128], "128"):
+    for bad in (None, [1], "mixtral"):
+        test_fail(lambda: quant_scheme_from_hf(bad), contains="cfg: expected a config.json's contents (a dict), got")
+        test_fail(lambda: checkpoint_layout(bad), contains="cfg: expected a config.json's contents (a dict), got")
+    for bad in ([128], [128, 0], [True, 128], "128", [], 0, False, "", {}, [10**12, 1]):
         test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "weight_block_size": bad}}),
                   contains="config.json quantization_config.weight_block_size: expected two positive ints")

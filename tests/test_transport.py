@@ -42,3 +42,21 @@ def test_factory_needs_a_group():
         test_fail(lambda: AllToAllBatchedPrepareFinalize(4), contains="group: expected an initialized torch.distributed")
         test_fail(lambda: AllGatherReduceScatterPrepareFinalize(), contains="group: expected an initialized")
     test_fail(lambda: make_distributed_prepare_finalize("cfg"), contains="config: expected a MoEConfig, got str")
+
+
+def test_all_gather_rows_one_process():
+    assert not dist.is_initialized()
+    init_distributed(60, backend="gloo")                 # no torchrun environment: a one-process group
+    try:
+        x = torch.arange(6.).reshape(3, 2)
+        test_eq(all_gather_rows(x, [3], None), x)
+        test_eq(all_gather_rows(x[:0], [0], None).shape, (0, 2))
+        test_fail(lambda: all_gather_rows(x, [5], None), contains="counts: expected counts[0] = this rank's rows of x (3), got 5")
+        for bad in ([], [3, 1], [-1], [3.0], [True], None):
+            test_fail(lambda: all_gather_rows(x, bad, None), contains="counts: expected a list of 1 ints >= 0")
+        test_fail(lambda: all_gather_rows(torch.tensor(1.0), [1], None), contains="x: expected a tensor of rows")
+        test_fail(lambda: all_gather_rows([1.0], [1], None), contains="x: expected a torch.Tensor")
+        test_fail(lambda: all_gather_rows(x, [3], "g"), contains="group: expected a torch.distributed ProcessGroup or None")
+        test_fail(lambda: make_distributed_prepare_finalize(MoEConfig(8, 2, 16, 16), max_num_tokens_per_rank=-5),
+                  contains="max_num_tokens_per_rank: expected >= 1, got -5")
+    finally: dist.destroy_process_group()

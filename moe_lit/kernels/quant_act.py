@@ -26,7 +26,7 @@ def _round_to_e4m3(x):
     r = tl.where(a < 0.015625, sub, normal)
     return tl.where(ok, tl.where(x < 0, -r, r), x)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #cc482e70a3bc
+# %% ../../nbs/09b_kernels.quant_act.ipynb #0c016eb73833
 @triton.jit
 def _quantize_fp8_rows_kernel(
     x_ptr,              # [E, M, K] bf16/fp16/fp32 (E = 1 in the contiguous layout), unit stride along K
@@ -52,8 +52,9 @@ def _quantize_fp8_rows_kernel(
     x = x.to(tl.float32)                                          # also the interpreter's bf16 upcast
     amax = tl.max(tl.abs(x), axis=1)                              # [BLOCK_R]; masked entries are 0
     nan_row = tl.sum((x != x).to(tl.int32), axis=1) > 0           # tl.max drops NaN: carry it through the scale
-    if MODE == 1:
-        tl.atomic_max(amax_ptr + e, tl.max(amax, axis=0))
+    if MODE == 1:                                                 # a NaN anywhere: +inf here, so the scale is NaN
+        m = tl.where(tl.sum(nan_row.to(tl.int32), axis=0) > 0, float("inf"), tl.max(amax, axis=0))
+        tl.atomic_max(amax_ptr + e, m)
     else:
         if MODE == 0:
             s = tl.maximum(tl.math.div_rn(amax, tl.full((BLOCK_R,), 448.0, tl.float32)), 1.1754943508222875e-38)

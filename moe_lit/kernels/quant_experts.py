@@ -30,7 +30,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #b6222894e6a0
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #d1f679e7a96a
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -50,11 +50,15 @@ class BatchedTritonQuantExperts:
         "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
         _check_expert_semantics(qw, w13_bias, w2_bias, activation, a.device)
+        check_bool("validate", validate)
+        if out_dtype is not None and out_dtype not in ACTIVATION_DTYPES:    # it is also GEMM2's input dtype
+            raise ValueError(f"out_dtype: expected torch.bfloat16 or torch.float16 (the intermediate between the GEMMs "
+                             f"and the output), or None, got {out_dtype}")
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
                                    expected_m=expected_m, bias=w13_bias, validate=validate)
         return batched_moe_gemm_quant(h, qw, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #2ce4f291a41a
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #d7a7e38c9352
 def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Tensor, qw: QuantizedExpertWeights,
                                     a_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                                     w13_bias: torch.Tensor | None = None,  # [E, 2·I]
@@ -62,6 +66,12 @@ def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Te
                                     activation: Activation = SILU,
                                    ) -> torch.Tensor:          # [E, max_tokens, H] float64, NaN past the counts
     "Spec of `BatchedTritonQuantExperts`: the two GEMM specs, with the intermediate stored in the activation dtype."
+    check_tensor("a", a, ndim=3)
+    _check_expert_semantics(qw, w13_bias, w2_bias, activation, a.device)
+    check_tensor("a", a, shape=(qw.num_experts, None, qw.hidden_size))
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(qw.num_experts,), dtype=torch.int32)
+    if ((expert_num_tokens < 0) | (expert_num_tokens > a.shape[1])).any():
+        raise ValueError(f"expert_num_tokens: expected values in [0, {a.shape[1]}], got {expert_num_tokens.tolist()}")
     hdt = a.dtype if a.dtype in ACTIVATION_DTYPES else (out_dtype or torch.bfloat16)
     h = batched_gemm_quant_reference(a, qw, expert_num_tokens, activation, a_scale=a_scale, bias=w13_bias).to(hdt)
     return batched_gemm_quant_reference(h, qw, expert_num_tokens, bias=w2_bias)
@@ -106,7 +116,7 @@ class TritonQuantExperts:
                                  bias=w2_bias)
         return combine_pairs(y, local_ids, E)              # router weights already applied
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #f5593c46cfb1
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #c42cae33d7e5
 def quant_experts_reference_standard(hidden: torch.Tensor, qw: QuantizedExpertWeights, topk_weights: torch.Tensor,
                                      local_ids: torch.Tensor, apply_router_weight_on_input: bool = False,
                                      w13_bias: torch.Tensor | None = None,  # [E, 2·I]
@@ -114,7 +124,14 @@ def quant_experts_reference_standard(hidden: torch.Tensor, qw: QuantizedExpertWe
                                      activation: Activation = SILU,
                                     ) -> torch.Tensor:         # [T, H] float64
     "Spec of `TritonQuantExperts`: the two GEMM specs over the pairs, the intermediate in hidden's dtype, the slot sum."
+    check_tensor("hidden", hidden, ndim=2, dtype=ACTIVATION_DTYPES)
+    _check_expert_semantics(qw, w13_bias, w2_bias, activation, hidden.device)
+    check_tensor("hidden", hidden, shape=(None, qw.hidden_size))
+    check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
+    check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
+    check_local_ids(local_ids, qw.num_experts, True)                       # a spec checks what the kernel may skip
     T, k = local_ids.shape
+    if T == 0: return torch.zeros(0, qw.hidden_size, dtype=torch.float64, device=hidden.device)
     on_in, local = apply_router_weight_on_input, local_ids.to(hidden.device)
     h = fused_moe_gemm_quant_reference(hidden, qw, local, activation, topk_weights, "input" if on_in else None, bias=w13_bias)
     h = torch.where((local.reshape(-1) >= 0)[:, None], h, 0.0).to(hidden.dtype)   # uncomputed rows: zero (never read)
