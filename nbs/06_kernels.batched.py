@@ -358,7 +358,10 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
     if dtype == torch.float32:
         return dict(BLOCK_M=min(64, max(16, _pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     if M <= 64:     # weight-streaming regime: one M tile, narrow N tiles so many programs stream in parallel
-        return dict(BLOCK_M=max(16, _pow2(M)), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
+        # rows per expert scatter around the mean M: above 8, a tile of 2·M keeps most experts in one block (a second
+        # block streams the expert's weights again; the idle MMA rows cost nothing while the weights bound the time)
+        bm = max(16, _pow2(M if M <= 8 else 2 * M))
+        return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
 # %%

@@ -184,7 +184,7 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
-# %% ../../nbs/06_kernels.batched.ipynb #68e13944f117
+# %% ../../nbs/06_kernels.batched.ipynb #4e34df2e7e54
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -199,7 +199,10 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
     if dtype == torch.float32:
         return dict(BLOCK_M=min(64, max(16, _pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     if M <= 64:     # weight-streaming regime: one M tile, narrow N tiles so many programs stream in parallel
-        return dict(BLOCK_M=max(16, _pow2(M)), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
+        # rows per expert scatter around the mean M: above 8, a tile of 2·M keeps most experts in one block (a second
+        # block streams the expert's weights again; the idle MMA rows cost nothing while the weights bound the time)
+        bm = max(16, _pow2(M if M <= 8 else 2 * M))
+        return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
 # %% ../../nbs/06_kernels.batched.ipynb #226e628858ec
