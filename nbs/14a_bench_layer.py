@@ -251,51 +251,49 @@ assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 # %% [markdown]
 # ## Results, H200
 #
-# `nbs/bench/layer_bench_h200_8a184b7.json` (with its log and figure) comes from one run of `moe-lit bench --layer`
+# `nbs/bench/layer_bench_h200_481820b.json` (with its log and figure) comes from one run of `moe-lit bench --layer`
 # on an NVIDIA H200 (copy bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6, transformers 5.17,
-# 2026-12-02, on the code of commit 8a184b7. (The file's `commit` field says 17c0889: the GPU machine's copy of the
-# tree carried a stale git HEAD. Runs now take the commit from `$MOE_LIT_COMMIT` when set, as `nbs/bench/layer_gpu.sh`
-# does, and record the date.) Columns: local experts the batch touched, floor, eager, replayed graph (µs),
+# 2026-12-03, on commit 481820b. Columns: local experts the batch touched, floor, eager, replayed graph (µs),
 # replay / floor, host overhead (eager − replay), and transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`:
-# `batched_mm` gathers a weight copy per pair and ran out of the card's 140 GB).
+# `batched_mm` gathers a weight copy per pair and ran out of the card's 140 GB). Earlier runs of the same command are
+# kept beside it: `layer_bench_h200_8a184b7.json` (before the changes named below) and `layer_bench_h200_e6a765c.json`.
 
 # %%
-layer_h200 = load_bench_layer("bench/layer_bench_h200_8a184b7.json")
+layer_h200 = load_bench_layer("bench/layer_bench_h200_481820b.json")
 print(format_bench_layer(layer_h200))
 
 # %%
 plot_bench_layer(layer_h200)
 
-# %%
-print(format_bench_layer(load_bench_layer("bench/layer_bench_mixtral_h200_3c93b29.json")))   # after the pair-block rule
-
 # %% [markdown]
 # **Reading.**
 #
-# - **Replayed, the layer is near its floor where the experts' bytes dominate** — gpt-oss-120b from T = 8 (1.08–1.26×),
-#   DeepSeek-V3 EP8 with NIXL EP from T = 16 (1.13–1.24×), Mixtral at T = 2, 32, 64, 128 (1.08–1.26×) — and **15 of
-#   the 54 rows meet the 1.25 × floor + 10 µs bar**. At T ≤ 4 only Mixtral at T = 2 does (17 of 18 miss). Where the
-#   floor is small (9–65 µs: Qwen3, DeepSeek-V3 at T ≤ 2, gpt-oss at T = 1), a forward is still about a dozen
-#   dependent launches (router GEMM, router, dispatch or pair blocks, two GEMMs, combine, shared experts), each a few
-#   µs even in a graph; where it is large, the GEMMs fill few SMs when one or two experts have rows (DeepSeek-V3
-#   rank 0 at T = 1 reads 272 MB — two routed experts of 88 MB and the shared expert — with the programs of only two
-#   experts' tiles doing work). The Qwen3 and DeepSeek allgather rows (contiguous path) stay at 1.3–1.6× up to T = 256: the aligned
-#   GEMMs at 16–64 rows per expert are below the batched ones.
-# - **Against transformers (same weights, same family block, transformers timed eager):** replayed, moe-lit is
-#   faster than the best of `grouped_mm` / `batched_mm` at every Qwen3 token count (62 vs 234 µs at T = 1, 444 vs 608 at T = 256) and every
-#   Mixtral count but two: T = 16, where the pair-block layout read every Mixtral weight four times (1663 µs, 2.5× the
-#   floor), and T = 256 (1236 vs 1201 µs, a tile choice of the aligned GEMMs). Pair blocks are now used only while
-#   the pairs are at most a quarter of the experts; the Mixtral rows measured again after that change (below,
-#   commit 3c93b29) give 613 µs at T = 8 (was 871) and 706 µs at T = 16 (was 1663), faster than transformers' best at
-#   every T but 256. **Eager**, moe-lit loses at small T: 717 vs 234 µs on Qwen3 at T = 1, 797 vs 577 on Mixtral.
-#   The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6% (Qwen3): transformers rounds the
-#   router logits to bf16 before the softmax, so near-tied experts of Qwen3's 128 flip; moe-lit keeps them in fp32.
-# - **Host overhead** (eager − replay) is 574–1095 µs at T = 1 and 210–1180 µs at T ≤ 4 — far above the 100 µs goal;
-#   from T ≈ 8 on, the larger GEMMs hide it on some rows (6–40 µs for gpt-oss and Mixtral) and not on others. cProfile
-#   of 100 forwards (`nbs/bench/profile_layer_h200_44e793c.log`, taken before the tile lookups were cached) spreads it
-#   over Triton's launcher (5 launches a forward), about 15 torch ops and about 30 argument checks; no single call
-#   dominates once the tile-table path lookups (~180 µs each) were cached. A serving engine does not pay it: the
-#   graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 3–35 µs (median 5 µs).
+# - **Replayed, the layer is near its floor where the experts' bytes dominate** — gpt-oss-120b from T = 8
+#   (1.06–1.18×), DeepSeek-V3 EP8 from T = 16 (1.09–1.25×, both all2all backends), Mixtral from T = 2 (1.05–1.25×
+#   up to T = 128) — and **25 of the 54 rows meet the 1.25 × floor + 10 µs bar** (15 at 8a184b7). Three changes
+#   since 8a184b7 account for it: a tile-table entry now serves only expected rows within a factor 2 of where it was
+#   measured (Mixtral at T = 256 had used a 16-row tile whose `BLOCK_M = 32` split each expert's 64 rows over two
+#   blocks, reading its weights twice: 1236 → 904–989 µs); above 8 expected rows the heuristic tile covers twice the
+#   mean rows (Qwen3 at T = 256: 444 → 353 µs, 1.25×; Qwen3 EP2 at T = 256: 278 → 215 µs); and a one-rank
+#   placement skips the slot-table gather (two small kernels fewer on every single-GPU forward: Qwen3 at T = 1,
+#   62 → 58 µs).
+# - **Where it still misses:** every row at T ≤ 4 but Mixtral's, and Qwen3 (both deployments) up to T = 128. There
+#   the floor is small (9–65 µs at T ≤ 2) and a forward is still seven to a dozen dependent launches — router GEMM
+#   (two cuBLAS kernels), router, pair blocks or dispatch, two GEMMs, combine, shared experts — each a few µs even in a
+#   graph; the two Qwen3 GEMMs at T = 1 take 32 µs against their 18 µs floor. Split-K for the decode GEMMs and fusing
+#   the router into fewer launches are the next steps; neither is built.
+# - **Against transformers (same weights, same family block, transformers timed eager):** replayed, moe-lit is faster
+#   than the best of `grouped_mm` / `batched_mm` at every Qwen3 and Mixtral token count (58 vs 712 µs on Qwen3 at
+#   T = 1, 353 vs 608 at T = 256; 989 vs 1204 on Mixtral at T = 256). **Eager**, it loses at small T: Qwen3 up to
+#   T = 16 (860 vs 712 µs at T = 1), Mixtral at T = 1 and 2. The transformers outputs differ from moe-lit's by 0.5%
+#   (Mixtral) and 0.6–7.6% (Qwen3): transformers rounds the router logits to bf16 before the softmax, so near-tied
+#   experts of Qwen3's 128 flip; moe-lit keeps them in fp32.
+# - **Host overhead** (eager − replay) at T = 1 is 340–1320 µs in this run and 350–1060 µs in the e6a765c run of the
+#   same code but the last tile change — far above the 100 µs goal, and it moves by up to 2× between machines of the
+#   same kind (the host CPU differs; the replayed times agree within 10%). cProfile of 100 forwards
+#   (`nbs/bench/profile_layer_h200_e6a765c.log`) spreads it over Triton's launcher (5 launches a forward, a third of the
+#   layer's own time), about 28 argument checks and a handful of torch ops; no single call dominates. A serving engine
+#   does not pay it: the graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 3–35 µs.
 # - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.2 µs at
 #   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
 #   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-
