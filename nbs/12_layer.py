@@ -21,7 +21,6 @@ from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
-from moe_lit.kernels.router import router_plan, route_topk
 
 # %%
 #| hide
@@ -315,7 +314,10 @@ def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
     c, dev = self.config, self.gate.device
     self.use_triton = self.experts != "torch"
-    self.router = router_plan(c) if self.use_triton else None
+    if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
+        from moe_lit.kernels.router import router_plan, route_topk
+        self.router, self._route_topk = router_plan(c), route_topk
+    else: self.router = None
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
     p = self.placement
@@ -354,7 +356,7 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
     logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
-    if self.router is not None: wts, ids = route_topk(self.router, logits, bias, self.config.topk_indices_dtype)
+    if self.router is not None: wts, ids = self._route_topk(self.router, logits, bias, self.config.topk_indices_dtype)
     else: wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
     if self.replicas is not None: ids = map_to_physical(ids, *self.replicas, validate=self.debug)   # EPLB
     return wts, ids.to(self.config.topk_indices_dtype)

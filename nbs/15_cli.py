@@ -28,7 +28,7 @@ from moe_lit.report import format_report, format_sections, placement_head
 #| hide
 from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
-import io, contextlib, json, tempfile
+import io, contextlib, json, subprocess, tempfile
 from pathlib import Path
 from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 
@@ -665,6 +665,26 @@ with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["tables", "
                                                                     "--all2all", "nixl_ep"]), 0)
 tables = json.loads(out.getvalue())
 test_eq((len(tables["ranks"][1]["local_to_global"]), tables["all2all_used"]), (64, False))   # full lists, as JSON
+
+# %% [markdown]
+# Without a GPU the command switches Triton to its CPU interpreter before any kernel module is imported — importing
+# `moe_lit.cli` (or `moe_lit.distributed`) imports none — so `--experts triton` runs from a plain shell, where
+# `TRITON_INTERPRET` is not set. The test runs the command in a fresh process with the variable removed.
+
+# %%
+#| test experts_triton_from_a_plain_shell
+code = "import sys, moe_lit.cli, moe_lit.distributed; assert not any(m.startswith('moe_lit.kernels') for m in sys.modules)"
+test_eq(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr, "")
+with tempfile.TemporaryDirectory() as d:
+    f = Path(d, "tiny-mixtral.json")
+    f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 32,
+                             "num_experts_per_tok": 2, "intermediate_size": 16, "torch_dtype": "float32"}))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--config", str(f), "--tokens", "3", "--experts",
+                          "triton", "--json"], capture_output=True, text=True, env=env)
+test_eq(out.returncode, 0)
+rep = json.loads(out.stdout)
+assert rep["experts"]["implementation"].startswith("triton") and rep["check"]["vs_float64"]["ok"], rep["experts"]
 
 # %% [markdown]
 # A checkpoint's own layer: `--weights CHECKPOINT_DIR` takes the model from the checkpoint's `config.json` and the

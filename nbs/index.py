@@ -25,7 +25,7 @@
 #
 # The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
 # the wheel installed into a fresh venv, and the documentation site built and opened in headless Chromium
-# (7–10 minutes on 2 otherwise idle CPU cores; twice that when other work shares them). When Chromium is missing it
+# (5–10 minutes on 2 otherwise idle CPU cores; twice that when other work shares them). When Chromium is missing it
 # first installs Debian's package, which needs root or sudo and takes about a minute:
 #
 # ```sh
@@ -40,8 +40,9 @@
 # against a float64 reference and the time of each part (weights, forward, references and checks).
 # Try a deployment: `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs the eight
 # ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
-# weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 4–7 minutes (generating
-# DeepSeek-V3's 11 billion random expert weights, then the single-device and float64 references) and about 6 GB. `moe-lit tables` prints the placement tables
+# weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 3–7 minutes (generating
+# DeepSeek-V3's 11 billion random expert weights, then the single-device and float64 references) at a peak of about
+# 10.5 GB resident. `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
 # reason and the oracle's decision table; `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
 # quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the

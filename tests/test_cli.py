@@ -18,7 +18,7 @@ from moe_lit.testing import check_output
 from moe_lit.report import format_report, format_sections, placement_head
 from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
-import io, contextlib, json, tempfile
+import io, contextlib, json, subprocess, tempfile
 from pathlib import Path
 from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 from moe_lit.cli import *
@@ -162,6 +162,21 @@ def test_main_entry_point():
                                                                         "--all2all", "nixl_ep"]), 0)
     tables = json.loads(out.getvalue())
     test_eq((len(tables["ranks"][1]["local_to_global"]), tables["all2all_used"]), (64, False))   # full lists, as JSON
+
+
+def test_experts_triton_from_a_plain_shell():
+    code = "import sys, moe_lit.cli, moe_lit.distributed; assert not any(m.startswith('moe_lit.kernels') for m in sys.modules)"
+    test_eq(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr, "")
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d, "tiny-mixtral.json")
+        f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 32,
+                                 "num_experts_per_tok": 2, "intermediate_size": 16, "torch_dtype": "float32"}))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        out = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--config", str(f), "--tokens", "3", "--experts",
+                              "triton", "--json"], capture_output=True, text=True, env=env)
+    test_eq(out.returncode, 0)
+    rep = json.loads(out.stdout)
+    assert rep["experts"]["implementation"].startswith("triton") and rep["check"]["vs_float64"]["ok"], rep["experts"]
 
 
 def test_run_checkpoint_weights():

@@ -14,7 +14,6 @@ from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
-from moe_lit.kernels.router import router_plan, route_topk
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
