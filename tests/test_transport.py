@@ -17,7 +17,54 @@ from moe_lit.placement import Placement
 from moe_lit.layer import rank_config
 from moe_lit.testing import assert_close
 from moe_lit.dispatch_plan import plot_dispatch
+import contextlib, socket
+from moe_lit.layer import FusedMoE
+from moe_lit.formats import moe_reference_standard
+from moe_lit.modular import ModularKernel, make_experts
 from moe_lit.transport import *
+
+
+@contextlib.contextmanager
+def one_process_group():
+    "A gloo group of this process alone, for the in-chapter tests (destroyed on exit); `13c_launch` tests real groups."
+    assert not dist.is_initialized(), "a process group is already initialized"
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try: yield
+    finally: dist.destroy_process_group()
+
+def one_rank_problem(seed: int = 0):
+    "A small fp32 layer on one rank, a batch routed by it, and the float64 reference of its routed experts."
+    cfg = MoEConfig(8, 2, 64, 32, dtype=torch.float32)
+    layer = FusedMoE(cfg, experts="torch", seed=seed)
+    hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(seed))
+    wts, ids = layer.route(hidden)
+    return layer, hidden, wts, ids, moe_reference_standard(hidden.double(), layer.w13.double(), layer.w2.double(), wts, ids)
+
+
+def test_allgather_reducescatter_one_process():
+    layer, hidden, wts, ids, want = one_rank_problem()
+    with one_process_group():
+        wide = AllGatherReduceScatterPrepareFinalize(padded_hidden_size=96)   # a wider wire: zero columns, cut in finalize
+        prep = wide.prepare(hidden, wts, ids, layer.placement)
+        test_eq((prep.token_counts, tuple(prep.a.shape), prep.local_ids.tolist()), ([5], (5, 96), ids.tolist()))
+        assert (prep.a[:, 64:] == 0).all() and torch.equal(prep.a[:, :64], hidden)
+        test_eq(wide.finalize(prep.a, prep), hidden)
+        pf = AllGatherReduceScatterPrepareFinalize()
+        got = ModularKernel(pf, make_experts(pf, "torch"))(hidden, layer.w13, layer.w2, wts, ids, layer.placement)
+        test_eq(pf.stats["pairs_received"], 10)
+    assert_close(got, want, name="allgather/reduce-scatter, one process")
+
+
+def test_all_to_all_batched_one_process():
+    layer, hidden, wts, ids, want = one_rank_problem(1)
+    with one_process_group():
+        pf = AllToAllBatchedPrepareFinalize(8)                              # 8 rows per expert: the 5 tokens fit
+        prep = pf.prepare(hidden, wts, ids.long(), layer.placement)
+        test_eq(prep.expert_num_tokens.sum().item(), 10)                    # every pair lands in its expert's slab
+        test_eq(tuple(prep.a.shape), (8, 8, 64))
+        got = ModularKernel(pf, make_experts(pf, "torch"))(hidden, layer.w13, layer.w2, wts, ids.long(), layer.placement)
+    assert_close(got, want, name="all-to-all batched, one process")
 
 
 def test_transport_note():
