@@ -758,29 +758,41 @@ with tempfile.TemporaryDirectory() as d:
 # A file that is not a safetensors file, or lacks a key its index promises, is a `ValueError` naming it.
 
 # %%
-#| test bad_checkpoint_dtypes_scales_and_files
-cfg = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 32,
-       "moe_intermediate_size": 16, "intermediate_size": 64, "torch_dtype": "float32", "mlp_only_layers": [0]}
-P = "model.layers.1.mlp."
-good = {P + "gate.weight": torch.randn(4, 32), **{f"{P}experts.{e}.{w}_proj.weight": torch.randn(32, 16) if w == "down"
-                                                  else torch.randn(16, 32) for e in range(4) for w in ("gate", "up", "down")}}
+#| helper
+QWEN_CFG = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
+            "hidden_size": 32, "moe_intermediate_size": 16, "intermediate_size": 64, "torch_dtype": "float32",
+            "mlp_only_layers": [0]}                            # layer 1 is the MoE layer
+
+def qwen_float_tensors(P: str = "model.layers.1.mlp.") -> dict:
+    "Fresh random fp32 tensors of `QWEN_CFG`'s MoE layer under prefix `P`: router and four per-expert experts."
+    return {P + "gate.weight": torch.randn(4, 32), **{f"{P}experts.{e}.{w}_proj.weight": torch.randn(32, 16) if w == "down"
+                                                      else torch.randn(16, 32) for e in range(4) for w in ("gate", "up", "down")}}
+
 def rewrite(d, tensors, config=None, layer_index=1):   # one model.safetensors (+ config.json) replacing what d held
+    "Replace the checkpoint in `d` by one `model.safetensors` of `tensors` (and `config`), and open its layer."
     for f in Path(d).glob("model*.safetensors*"): f.unlink()
     if config is not None: json.dump(config, open(f"{d}/config.json", "w"))
     save_file(tensors, f"{d}/model.safetensors")
     return CheckpointWeights(d, layer_index)
+
+# %%
+#| test bad_checkpoint_float_dtypes
+P, good = "model.layers.1.mlp.", qwen_float_tensors()
 k1 = P + "experts.1.gate_proj.weight"
 with tempfile.TemporaryDirectory() as d:
     for dt, name in ((torch.int32, "I32"), (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.float8_e5m2, "F8_E5M2")):
-        test_fail(lambda: rewrite(d, {**good, k1: good[k1].to(dt)}, cfg),
+        test_fail(lambda: rewrite(d, {**good, k1: good[k1].to(dt)}, QWEN_CFG),
                   contains=f"checkpoint: expected key '{k1}' of dtype F32 (as '{P}experts.0.gate_proj.weight'), got {name}")
     test_fail(lambda: rewrite(d, {**good, P + "experts.0.gate_proj.weight": good[k1].int()}),
               contains=f"expected key '{P}experts.0.gate_proj.weight' of dtype F8_E4M3 or F16 or BF16 or F32 or F64 (FP8 e4m3 codes or floats), got I32")
     test_fail(lambda: rewrite(d, {**good, P + "gate.weight": good[P + "gate.weight"].int()}),
               contains=f"expected key '{P}gate.weight' of dtype F16 or BF16 or F32 or F64 (floats), got I32")
+
+# %%
+#| test bad_checkpoint_fp8_dtypes_and_scales
 with tempfile.TemporaryDirectory() as d:                   # FP8 block (DeepSeek-V3 style): codes, scales
     stored = write_fp8_block_checkpoint(d, 4, 320, 128); t = stored["tensors"]
-    P, cfg8 = "model.layers.1.mlp.", json.load(open(f"{d}/config.json"))
+    P = "model.layers.1.mlp."
     w, sc = P + "experts.1.up_proj.weight", P + "experts.2.down_proj.weight_scale_inv"
     test_fail(lambda: rewrite(d, {**t, w: t[w].float().to(torch.float8_e5m2)}),
               contains=f"expected key '{w}' of dtype F8_E4M3 (as '{P}experts.0.gate_proj.weight'), got F8_E5M2")
@@ -794,6 +806,9 @@ with tempfile.TemporaryDirectory() as d:                   # FP8 block (DeepSeek
             test_fail(read, contains=f"checkpoint: expected key '{sc}' to hold finite FP8 block scales > 0, got {v} at index [0, 0]")
     sh = P + "shared_experts.up_proj.weight_scale_inv"
     test_fail(lambda: rewrite(d, {**t, sh: -t[sh]}).shared(), contains=f"expected key '{sh}' to hold finite FP8 block scales > 0")
+
+# %%
+#| test bad_checkpoint_mxfp4_scales
 with tempfile.TemporaryDirectory() as d:                   # MXFP4 (gpt-oss style): e8m0 byte 255 is NaN
     t, P = write_mxfp4_checkpoint(d)["tensors"], "model.layers.0.mlp."
     s13 = P + "experts.gate_up_proj_scales"
@@ -804,8 +819,12 @@ with tempfile.TemporaryDirectory() as d:                   # MXFP4 (gpt-oss styl
         test_fail(read, contains=f"checkpoint: expected key '{s13}' to hold e8m0 scale bytes other than 255 (NaN), got 255 at index [3, 5, 1]")
     test_fail(lambda: rewrite(d, {**t, s13: t[s13].to(torch.int8)}, layer_index=0),
               contains=f"expected key '{s13}' of dtype U8 (MXFP4 codes and e8m0 scales), got I8")
-with tempfile.TemporaryDirectory() as d:                   # unreadable files
-    P = "model.layers.1.mlp."; rewrite(d, good, cfg); f = Path(f"{d}/model.safetensors"); data = f.read_bytes()
+
+# %%
+#| test unreadable_checkpoint_files
+P, good = "model.layers.1.mlp.", qwen_float_tensors()
+with tempfile.TemporaryDirectory() as d:
+    rewrite(d, good, QWEN_CFG); f = Path(f"{d}/model.safetensors"); data = f.read_bytes()
     for bad in (b"garbage" * 9, data[:-7], bytes(len(data)), b""):
         f.write_bytes(bad)
         test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected a readable safetensors file {f}, got SafetensorError")

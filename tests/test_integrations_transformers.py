@@ -216,7 +216,7 @@ def test_unsupported_raise():
     test_fail(lambda: register(""), contains="name: expected a non-empty str")
 
 
-def test_bad_input_raise():
+def test_act_fn_lookalikes_raise():
     register()
     class ReluSiLU(torch.nn.SiLU):
         def forward(self, x): return torch.relu(x)
@@ -233,7 +233,11 @@ def test_bad_input_raise():
     test_fail(lambda: experts_recipe(experts), contains="Qwen3MoeExperts: act_fn SiLU is not supported")
     del experts.act_fn.forward
     test_eq(experts_recipe(experts).activation, Activation("silu"))     # plain nn.SiLU ('swish') is fine
-    # expert ids: out of range raises; only expert parallelism's sentinels (>= E) are dropped
+
+
+def test_expert_ids_out_of_range_raise():
+    # out of range raises; only expert parallelism's sentinels (>= E) are dropped
+    register()
     model = tiny_hf_model("mixtral")
     model.set_experts_implementation("moe_lit")
     experts = model.get_submodule(next(iter(experts_recipes(model))))
@@ -245,7 +249,9 @@ def test_bad_input_raise():
     experts._is_expert_parallel = True
     experts(x, torch.tensor([[0, 1], [7, 2]]), w)                       # a sentinel: fine
     test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")
-    # has_bias contradicting the parameters
+
+
+def test_has_bias_contradictions_raise():
     model = tiny_hf_model("gpt_oss")
     experts = model.get_submodule(next(iter(experts_recipes(model))))
     experts.has_bias = False
@@ -258,12 +264,17 @@ def test_bad_input_raise():
     mixtral.model.layers[0].mlp.experts.has_bias = True
     test_fail(lambda: experts_recipe(mixtral.model.layers[0].mlp.experts),
               contains="MixtralExperts: has_bias=True contradicts its parameters: gate_up_proj_bias is missing")
-    # the gate's constants
+
+
+def test_missing_gate_constants_raise():
     experts = tiny_hf_model("gpt_oss").model.layers[0].mlp.experts
     experts.limit = None
     test_fail(lambda: experts_recipe(experts), contains="GptOssExperts.limit: expected a finite number > 0, got NoneType")
     experts.limit = 7.0; del experts.alpha
     test_fail(lambda: experts_recipe(experts), contains="GptOssExperts.alpha: expected a finite number > 0")
+
+
+def test_register_refuses_taken_names():
     # names transformers defines, or someone else registered, are refused; our own re-registration is not
     for name in ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe"):
         test_fail(lambda: register(name), contains=f"name: expected a name transformers does not already define, "
