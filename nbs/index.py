@@ -143,7 +143,7 @@ print(hf.config._experts_implementation)
 # | `09a_quant_weights` | `moe_lit.quant_weights` | the quantized expert-weight container, quantizing a layer's experts, test weights (torch only) |
 # | `09b_kernels.quant_act` | `moe_lit.kernels.quant_act` | Triton FP8 activation quantizer (tensor / token / 1×128 group), padding rows skipped |
 # | `09c_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 and FP4 w4a16 Triton GEMMs of both formats |
-# | `09d_kernels.quant_experts` | `moe_lit.kernels.quant_experts` | Quantized experts of both formats: both GEMMs, expert biases, the intermediate re-quantized |
+# | `09d_kernels.quant_experts` | `moe_lit.kernels.quant_experts` | quantized experts of both formats: both GEMMs, expert biases, the intermediate re-quantized |
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
 # | `11_oracle` | `moe_lit.oracle` | experts-backend selection from the prepare/finalize's format, with a reason per candidate |
 # | `11a_weights` | `moe_lit.weights` | the weight-source protocol: random per expert, a mapping of tensors |
