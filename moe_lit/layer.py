@@ -237,11 +237,17 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     return mk
 
-# %% ../nbs/12_layer.ipynb #82715f6ec652
+# %% ../nbs/12_layer.ipynb #684954858e61
+def _check_on_layer_device(layer: FusedMoE, hidden: torch.Tensor):
+    "A batch on the layer's device (metadata only: no sync); ValueError naming `hidden` otherwise."
+    if hidden.device != layer.gate.device:
+        raise ValueError(f"hidden: expected a tensor on the layer's device {layer.gate.device}, got {hidden.device}")
+
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
+    _check_on_layer_device(self, hidden)
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
     logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
@@ -268,11 +274,12 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
         raise ValueError(f"topk_ids: expected distinct ids per token (-1 may repeat), got {ids[t].tolist()} for token {t}")
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #b8fcb25aa083
+# %% ../nbs/12_layer.ipynb #5f47e8398b2d
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
+    _check_on_layer_device(self, hidden)
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out

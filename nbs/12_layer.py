@@ -349,10 +349,16 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
 
 # %%
 #| export
+def _check_on_layer_device(layer: FusedMoE, hidden: torch.Tensor):
+    "A batch on the layer's device (metadata only: no sync); ValueError naming `hidden` otherwise."
+    if hidden.device != layer.gate.device:
+        raise ValueError(f"hidden: expected a tensor on the layer's device {layer.gate.device}, got {hidden.device}")
+
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
+    _check_on_layer_device(self, hidden)
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
     logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
@@ -394,6 +400,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
+    _check_on_layer_device(self, hidden)
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
@@ -535,6 +542,8 @@ want = moe_reference_standard(x.double(), layer.w13.double(), layer.w2.double(),
 assert_close(layer(x), want)
 test_fail(lambda: layer(x.bfloat16()), contains="hidden: expected dtype torch.float32")
 test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*, 32]")
+test_fail(lambda: layer(x.to("meta")), contains="hidden: expected a tensor on the layer's device cpu, got meta")
+test_fail(lambda: layer.route(x.to("meta")), contains="hidden: expected a tensor on the layer's device cpu, got meta")
 
 # %% [markdown]
 # **Quantized weights.** With `quant`, the layer quantizes its experts at load (`09a_quant_weights`) and keeps the

@@ -110,6 +110,8 @@ def test_fused_moe_single_device():
     assert_close(layer(x), want)
     test_fail(lambda: layer(x.bfloat16()), contains="hidden: expected dtype torch.float32")
     test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*, 32]")
+    test_fail(lambda: layer(x.to("meta")), contains="hidden: expected a tensor on the layer's device cpu, got meta")
+    test_fail(lambda: layer.route(x.to("meta")), contains="hidden: expected a tensor on the layer's device cpu, got meta")
 
 
 def test_fused_moe_quantized():
