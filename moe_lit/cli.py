@@ -101,11 +101,20 @@ def _load_rows(run, num_experts: int) -> dict:
             "hottest": [[int(e), int(load[e])] for e in load.argsort(descending=True, stable=True)[:5]],
             "per_rank": [int(load[p.local_to_global.cpu()].sum()) for p in run.placements]}
 
-# %% ../nbs/15_cli.ipynb #b10345b85767
+# %% ../nbs/15_cli.ipynb #a8bf478877e6
+def _peak_resident_gb() -> float | None:
+    "This process's peak resident memory so far, GB (`getrusage`; None where the platform has no `resource`)."
+    try: import resource
+    except ImportError: return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
 def _timing(run, num_tokens: int, total_s: float) -> dict:
-    "Seconds per part (weights + forward + reference_and_checks = total) and the emulation's tokens/s."
+    "Seconds per part (weights + forward + reference_and_checks = total), the emulation's tokens/s, and peak memory."
     fwd, w = sum(run.rank_seconds), run.weight_seconds
     return {"weights_s": w, "forward_s": fwd, "reference_and_checks_s": total_s - w - fwd, "total_s": total_s,
+            "peak_resident_gb": _peak_resident_gb(),
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else None,
             "per_rank_forward_s": list(run.rank_seconds),
             "tokens_per_s": num_tokens / fwd if fwd else None,
             "tokens_per_s_is": "num_tokens / forward_s of this emulation on this machine (ranks run in turn in "

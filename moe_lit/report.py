@@ -68,7 +68,7 @@ def _section_placement(r: dict) -> list[str]:
         f"  physical_to_global: {_abridge(t['physical_to_global'])}"]
     return out
 
-# %% ../nbs/15b_report.ipynb #a90063db48ae
+# %% ../nbs/15b_report.ipynb #e630dd13b471
 def _section_load_check(r: dict) -> list[str]:
     l, c = r["load"], r["check"]
     return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
@@ -91,7 +91,13 @@ def _section_time(r: dict) -> list[str]:
             f"  weights {'loaded' if r.get('weights', 'random').startswith('checkpoint') else 'generated'} {t['weights_s']:.2f} s + forward {t['forward_s']:.2f} s (all ranks; per rank "
             f"{[round(s, 3) for s in t['per_rank_forward_s']]} s) + single-device and float64 references and checks "
             f"{t['reference_and_checks_s']:.2f} s = total {t['total_s']:.2f} s",
-            f"  {rate} tokens/s = tokens / forward time of this emulation (not a serving throughput)"]
+            f"  {rate} tokens/s = tokens / forward time of this emulation (not a serving throughput)"] + _memory_line(t)
+
+def _memory_line(t: dict) -> list[str]:
+    "The peak memory line, from what the report holds (older reports without it: nothing)."
+    parts = [f"{t[k]:.2f} GB {what}" for k, what in (("peak_resident_gb", "resident (this process)"),
+                                                      ("peak_gpu_gb", "allocated on the GPU")) if t.get(k) is not None]
+    return [f"  memory peak {', '.join(parts)}"] if parts else []
 
 # %% ../nbs/15b_report.ipynb #2f3695799e30
 _REPORT_KEYS = ("model", "deployment", "backend", "properties", "experts", "placement", "load", "check", "timing")

@@ -211,13 +211,24 @@ def _load_rows(run, num_experts: int) -> dict:
 # rank's forward; the rest of the run — the single-device and float64 reference computations and the checks — is
 # measured as what remains of the total. Tokens per second is `num_tokens / forward time` of this emulation on this
 # machine, with the ranks run one after another in one process: a way to compare runs, not a serving throughput.
+# Beside the time, the report gives the process's peak resident memory so far (`getrusage`'s `ru_maxrss`, which
+# `/usr/bin/time -v` also reads) and, when CUDA was used, the peak of the GPU memory torch allocated.
 
 # %%
 #| export
+def _peak_resident_gb() -> float | None:
+    "This process's peak resident memory so far, GB (`getrusage`; None where the platform has no `resource`)."
+    try: import resource
+    except ImportError: return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
 def _timing(run, num_tokens: int, total_s: float) -> dict:
-    "Seconds per part (weights + forward + reference_and_checks = total) and the emulation's tokens/s."
+    "Seconds per part (weights + forward + reference_and_checks = total), the emulation's tokens/s, and peak memory."
     fwd, w = sum(run.rank_seconds), run.weight_seconds
     return {"weights_s": w, "forward_s": fwd, "reference_and_checks_s": total_s - w - fwd, "total_s": total_s,
+            "peak_resident_gb": _peak_resident_gb(),
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else None,
             "per_rank_forward_s": list(run.rank_seconds),
             "tokens_per_s": num_tokens / fwd if fwd else None,
             "tokens_per_s_is": "num_tokens / forward_s of this emulation on this machine (ranks run in turn in "
@@ -308,6 +319,7 @@ assert "..." not in json.dumps(rep)
 t = rep["timing"]
 test_close(t["weights_s"] + t["forward_s"] + t["reference_and_checks_s"], t["total_s"], eps=1e-9)
 assert t["reference_and_checks_s"] > 0 and "not a serving throughput" in t["tokens_per_s_is"]
+assert 0.05 < t["peak_resident_gb"] < 64, t["peak_resident_gb"]         # torch alone is a few hundred MB resident
 test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), contains="hidden_size: expected <= 8192")
 
 # %% [markdown]

@@ -104,6 +104,7 @@ def test_run_report_full_data():
     t = rep["timing"]
     test_close(t["weights_s"] + t["forward_s"] + t["reference_and_checks_s"], t["total_s"], eps=1e-9)
     assert t["reference_and_checks_s"] > 0 and "not a serving throughput" in t["tokens_per_s_is"]
+    assert 0.05 < t["peak_resident_gb"] < 64, t["peak_resident_gb"]         # torch alone is a few hundred MB resident
     test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), contains="hidden_size: expected <= 8192")
 
 
