@@ -268,21 +268,22 @@ def _check_keys(self: CheckpointWeights):
                 raise ValueError(f"checkpoint: expected key {key + '_scale_inv'!r} of shape {list(want)}, got {sgot}")
             _check_dtype(key + "_scale_inv", sdtype, ("F32",), "FP8 block scales")
 
-# %% ../nbs/11c_checkpoint.ipynb #d13e8717db59
+# %% ../nbs/11c_checkpoint.ipynb #3a484a5da4c4
 @patch
 def _read(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
     "Tensor `key` (rows `rows` of dim 0 when given) as floats: FP8 weights dequantized with their block scales."
-    t = self._shards.read(key, rows)
+    t = self._read_raw(key, rows)
     if t.dtype != torch.float8_e4m3fn: return t
     s = self._read_raw(key + "_scale_inv", rows)
     return dequantize_fp8(t, s, "block", self.block_shape, dtype=self.config.dtype)
 
 @patch
 def _read_raw(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
-    "Tensor `key` (rows `rows`) as stored; quantization scales are checked (a bad one would give NaN or wrong weights)."
+    "Tensor `key` (rows `rows`) as stored; quantization scales and FP8 codes are checked (a bad one would give NaN or wrong weights)."
     t = self._shards.read(key, rows)
     if key.endswith("_scale_inv"): bad, want = ~(torch.isfinite(t) & (t > 0)), "finite FP8 block scales > 0"
     elif key.endswith("_scales"): bad, want = t == 255, "e8m0 scale bytes other than 255 (NaN)"
+    elif t.dtype == torch.float8_e4m3fn: bad, want = (t.view(torch.uint8) & 0x7F) == 0x7F, "FP8 e4m3 codes, none NaN (0x7F/0xFF)"
     else: return t
     if bool(bad.any()):
         at = [int(i) for i in bad.nonzero()[0]]

@@ -361,17 +361,18 @@ def _check_keys(self: CheckpointWeights):
 @patch
 def _read(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
     "Tensor `key` (rows `rows` of dim 0 when given) as floats: FP8 weights dequantized with their block scales."
-    t = self._shards.read(key, rows)
+    t = self._read_raw(key, rows)
     if t.dtype != torch.float8_e4m3fn: return t
     s = self._read_raw(key + "_scale_inv", rows)
     return dequantize_fp8(t, s, "block", self.block_shape, dtype=self.config.dtype)
 
 @patch
 def _read_raw(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
-    "Tensor `key` (rows `rows`) as stored; quantization scales are checked (a bad one would give NaN or wrong weights)."
+    "Tensor `key` (rows `rows`) as stored; quantization scales and FP8 codes are checked (a bad one would give NaN or wrong weights)."
     t = self._shards.read(key, rows)
     if key.endswith("_scale_inv"): bad, want = ~(torch.isfinite(t) & (t > 0)), "finite FP8 block scales > 0"
     elif key.endswith("_scales"): bad, want = t == 255, "e8m0 scale bytes other than 255 (NaN)"
+    elif t.dtype == torch.float8_e4m3fn: bad, want = (t.view(torch.uint8) & 0x7F) == 0x7F, "FP8 e4m3 codes, none NaN (0x7F/0xFF)"
     else: return t
     if bool(bad.any()):
         at = [int(i) for i in bad.nonzero()[0]]
@@ -806,6 +807,11 @@ with tempfile.TemporaryDirectory() as d:                   # FP8 block (DeepSeek
             test_fail(read, contains=f"checkpoint: expected key '{sc}' to hold finite FP8 block scales > 0, got {v} at index [0, 0]")
     sh = P + "shared_experts.up_proj.weight_scale_inv"
     test_fail(lambda: rewrite(d, {**t, sh: -t[sh]}).shared(), contains=f"expected key '{sh}' to hold finite FP8 block scales > 0")
+    nan = t[w].clone(); nan.view(torch.uint8)[5, 7] = 0xFF                # e4m3fn has one NaN pattern per sign
+    src = rewrite(d, {**t, w: nan})
+    src.experts([0, 2]); src.quantized_experts([3], "fp8_w8a8_block")          # other experts read fine
+    for read in (lambda: src.experts([1]), lambda: src.quantized_experts([1, 2], "fp8_w8a8_block")):
+        test_fail(read, contains=f"checkpoint: expected key '{w}' to hold FP8 e4m3 codes, none NaN (0x7F/0xFF), got nan at index [5, 7]")
 
 # %%
 #| test bad_checkpoint_mxfp4_scales

@@ -260,6 +260,11 @@ def test_bad_checkpoint_fp8_dtypes_and_scales():
                 test_fail(read, contains=f"checkpoint: expected key '{sc}' to hold finite FP8 block scales > 0, got {v} at index [0, 0]")
         sh = P + "shared_experts.up_proj.weight_scale_inv"
         test_fail(lambda: rewrite(d, {**t, sh: -t[sh]}).shared(), contains=f"expected key '{sh}' to hold finite FP8 block scales > 0")
+        nan = t[w].clone(); nan.view(torch.uint8)[5, 7] = 0xFF                # e4m3fn has one NaN pattern per sign
+        src = rewrite(d, {**t, w: nan})
+        src.experts([0, 2]); src.quantized_experts([3], "fp8_w8a8_block")          # other experts read fine
+        for read in (lambda: src.experts([1]), lambda: src.quantized_experts([1, 2], "fp8_w8a8_block")):
+            test_fail(read, contains=f"checkpoint: expected key '{w}' to hold FP8 e4m3 codes, none NaN (0x7F/0xFF), got nan at index [5, 7]")
 
 
 def test_bad_checkpoint_mxfp4_scales():
