@@ -281,7 +281,10 @@ plot_bench_layer(layer_h200)
 #   the floor is small (9–65 µs at T ≤ 2) and a forward is still seven to a dozen dependent launches — router GEMM
 #   (two cuBLAS kernels), router, pair blocks or dispatch, two GEMMs, combine, shared experts — each a few µs even in a
 #   graph; the two Qwen3 GEMMs at T = 1 take 32 µs against their 18 µs floor. Split-K for the decode GEMMs and fusing
-#   the router into fewer launches are the next steps; neither is built.
+#   the router into fewer launches are the next steps; neither is built. One row got slower: DeepSeek-V3 at T ≤ 2
+#   (both all2all backends) takes 127–140 µs against 111–123 µs at 8a184b7 — at one row per expert the heuristic tile
+#   now answers where the table's 32-row tile did, and that tile was the faster one there. A tuned entry at M = 1 for
+#   that shape is the fix to measure.
 # - **Against transformers (same weights, same family block, transformers timed eager):** replayed, moe-lit is faster
 #   than the best of `grouped_mm` / `batched_mm` at every Qwen3 and Mixtral token count (58 vs 712 µs on Qwen3 at
 #   T = 1, 353 vs 608 at T = 256; 989 vs 1204 on Mixtral at T = 256). **Eager**, it loses at small T: Qwen3 up to
