@@ -386,10 +386,10 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
 @functools.lru_cache(maxsize=4096)
 def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> dict:
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
+    M = max(1, M)                                   # no rows expected: size the tile as for one
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
         if not table: continue
-        M = max(1, M)
         m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
         if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
         break                                         # a table, but nothing measured near M: the heuristic

@@ -205,7 +205,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #226e628858ec
+# %% ../../nbs/06_kernels.batched.ipynb #f68df0d4d788
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -226,10 +226,10 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
 @functools.lru_cache(maxsize=4096)
 def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> dict:
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
+    M = max(1, M)                                   # no rows expected: size the tile as for one
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
         if not table: continue
-        M = max(1, M)
         m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
         if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
         break                                         # a table, but nothing measured near M: the heuristic
