@@ -237,11 +237,11 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     return mk
 
-# %% ../nbs/12_layer.ipynb #684954858e61
-def _check_on_layer_device(layer: FusedMoE, hidden: torch.Tensor):
-    "A batch on the layer's device (metadata only: no sync); ValueError naming `hidden` otherwise."
-    if hidden.device != layer.gate.device:
-        raise ValueError(f"hidden: expected a tensor on the layer's device {layer.gate.device}, got {hidden.device}")
+# %% ../nbs/12_layer.ipynb #74df5591e8e5
+def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
+    "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
+    if t.device != layer.gate.device:
+        raise ValueError(f"{name}: expected a tensor on the layer's device {layer.gate.device}, got {t.device}")
 
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +264,8 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
     k = self.config.top_k
     wts = check_tensor("topk_weights", topk[0], shape=(num_tokens, k), dtype=torch.float32)
     ids = check_tensor("topk_ids", topk[1], shape=(num_tokens, k), dtype=(torch.int32, torch.int64))
+    _check_on_layer_device(self, wts, "topk_weights"); _check_on_layer_device(self, ids, "topk_ids")
+    check_finite("topk_weights", wts)                        # a NaN weight would turn its token's output NaN
     if ids.numel() and ((ids < -1) | (ids >= self.placement.num_experts)).any():   # physical ids (EPLB: replicas)
         raise ValueError(f"topk_ids: expected ids in [-1, {self.placement.num_experts}), got "
                          f"{int(ids.min())}..{int(ids.max())}")

@@ -386,6 +386,10 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
 @functools.lru_cache(maxsize=4096)
 def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> dict:
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
+    if not isinstance(kernel, str): raise ValueError(f"kernel: expected a kernel name (str), got {kernel!r}")
+    for name, v in (("E", E), ("N", N), ("K", K)): check_int(name, v, lo=1)
+    check_int("M", M, lo=0); check_choice("dtype", dtype, tuple(_DTYPE_TAG))
+    if not isinstance(device_name, str): raise ValueError(f"device_name: expected a str, got {device_name!r}")
     M = max(1, M)                                   # no rows expected: size the tile as for one
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
@@ -402,8 +406,22 @@ def _device_name() -> str:
 
 @functools.lru_cache(maxsize=256)
 def _load_table(path: Path) -> dict | None:
-    "A parsed tile table, read once per process (launchers look tables up on every call)."
-    return {int(m): c for m, c in json.loads(path.read_text()).items()} if path.exists() else None
+    "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
+    if not path.exists(): return None
+    try: raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"tile table {path}: expected JSON, got {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"tile table {path}: expected an object of {{\"<M>\": tile}}, got {type(raw).__name__}")
+    table = {}
+    for key, cfg in raw.items():
+        if not (key.isascii() and key.isdigit() and int(key) >= 1):
+            raise ValueError(f"tile table {path}: expected keys that are row counts >= 1, got {key!r}")
+        try:
+            check_tile_config(cfg)
+            if "BLOCK_M" not in cfg: raise ValueError(f"config: expected a BLOCK_M, got {cfg}")
+        except ValueError as e: raise ValueError(f"tile table {path}, entry {key!r}: {e}") from None
+        table[int(key)] = cfg
+    return table
 
 # %%
 #| test tile_config_table
@@ -419,6 +437,23 @@ with tempfile.TemporaryDirectory() as d:
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, far, torch.bfloat16, "NVIDIA H200", d),
                 default_tile_config(32, 4096, 7168, far, torch.bfloat16))
     test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), small)
+    for E, bad, msg in ((1, {"8": dict(small, BLOCK_M=3)}, "entry '8': config['BLOCK_M']: expected a power of two, got 3"),
+                        (2, {"8": dict(small, BLOCK_M=0)}, "entry '8': config['BLOCK_M']: expected >= 1"),
+                        (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),
+                        (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
+                        (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
+                        (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "expected an object"),
+                        (9, "{not json", "expected JSON")):      # a fresh E per case: tables are read once per path
+        q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
+        q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
+                  contains=f"tile table {q}")
+        test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
+for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4"), "M: expected an int"),
+                (dict(M=float("inf")), "M: expected an int"), (dict(E=-1), "E: expected >= 1"), (dict(N=0), "N: expected >= 1"),
+                (dict(device_name=5), "device_name: expected a str")):
+    args = dict(kernel="batched_moe_gemm", E=32, N=4096, K=7168, M=8, dtype=torch.bfloat16, device_name="NVIDIA H200") | kw
+    test_fail(lambda: lookup_tile_config(**args), contains=msg)
     # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
     test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
             default_tile_config(32, 4096, 7168, 400, torch.float16))

@@ -37,6 +37,23 @@ def test_tile_config_table():
             test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, far, torch.bfloat16, "NVIDIA H200", d),
                     default_tile_config(32, 4096, 7168, far, torch.bfloat16))
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), small)
+        for E, bad, msg in ((1, {"8": dict(small, BLOCK_M=3)}, "entry '8': config['BLOCK_M']: expected a power of two, got 3"),
+                            (2, {"8": dict(small, BLOCK_M=0)}, "entry '8': config['BLOCK_M']: expected >= 1"),
+                            (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),
+                            (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
+                            (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
+                            (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "expected an object"),
+                            (9, "{not json", "expected JSON")):      # a fresh E per case: tables are read once per path
+            q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
+            q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+            test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
+                      contains=f"tile table {q}")
+            test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
+    for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4"), "M: expected an int"),
+                    (dict(M=float("inf")), "M: expected an int"), (dict(E=-1), "E: expected >= 1"), (dict(N=0), "N: expected >= 1"),
+                    (dict(device_name=5), "device_name: expected a str")):
+        args = dict(kernel="batched_moe_gemm", E=32, N=4096, K=7168, M=8, dtype=torch.bfloat16, device_name="NVIDIA H200") | kw
+        test_fail(lambda: lookup_tile_config(**args), contains=msg)
         # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
                 default_tile_config(32, 4096, 7168, 400, torch.float16))

@@ -112,6 +112,10 @@ def test_fused_moe_single_device():
     test_fail(lambda: layer(torch.randn(5, 31)), contains="hidden: expected shape [*, 32]")
     test_fail(lambda: layer(x.to("meta")), contains="hidden: expected a tensor on the layer's device cpu, got meta")
     test_fail(lambda: layer.route(x.to("meta")), contains="hidden: expected a tensor on the layer's device cpu, got meta")
+    w, i = layer.route(x)
+    test_fail(lambda: layer(x, (w.to("meta"), i)), contains="topk_weights: expected a tensor on the layer's device cpu, got meta")
+    test_fail(lambda: layer(x, (w, i.to("meta"))), contains="topk_ids: expected a tensor on the layer's device cpu, got meta")
+    test_fail(lambda: layer(x, (w.clone().fill_(float("nan")), i)), contains="topk_weights: expected finite values, got nan")
 
 
 def test_fused_moe_quantized():

@@ -205,7 +205,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #f68df0d4d788
+# %% ../../nbs/06_kernels.batched.ipynb #725bdb5d29ee
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -226,6 +226,10 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
 @functools.lru_cache(maxsize=4096)
 def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> dict:
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
+    if not isinstance(kernel, str): raise ValueError(f"kernel: expected a kernel name (str), got {kernel!r}")
+    for name, v in (("E", E), ("N", N), ("K", K)): check_int(name, v, lo=1)
+    check_int("M", M, lo=0); check_choice("dtype", dtype, tuple(_DTYPE_TAG))
+    if not isinstance(device_name, str): raise ValueError(f"device_name: expected a str, got {device_name!r}")
     M = max(1, M)                                   # no rows expected: size the tile as for one
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
@@ -242,8 +246,22 @@ def _device_name() -> str:
 
 @functools.lru_cache(maxsize=256)
 def _load_table(path: Path) -> dict | None:
-    "A parsed tile table, read once per process (launchers look tables up on every call)."
-    return {int(m): c for m, c in json.loads(path.read_text()).items()} if path.exists() else None
+    "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
+    if not path.exists(): return None
+    try: raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"tile table {path}: expected JSON, got {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"tile table {path}: expected an object of {{\"<M>\": tile}}, got {type(raw).__name__}")
+    table = {}
+    for key, cfg in raw.items():
+        if not (key.isascii() and key.isdigit() and int(key) >= 1):
+            raise ValueError(f"tile table {path}: expected keys that are row counts >= 1, got {key!r}")
+        try:
+            check_tile_config(cfg)
+            if "BLOCK_M" not in cfg: raise ValueError(f"config: expected a BLOCK_M, got {cfg}")
+        except ValueError as e: raise ValueError(f"tile table {path}, entry {key!r}: {e}") from None
+        table[int(key)] = cfg
+    return table
 
 # %% ../../nbs/06_kernels.batched.ipynb #072338139b35
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
