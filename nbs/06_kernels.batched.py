@@ -344,6 +344,36 @@ def _batched_moe_gemm_tma_kernel(
 
 # %%
 #| export
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
+
+def check_tile_config(config) -> dict | None:
+    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
+    if config is None: return None
+    if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
+    unknown = sorted(set(config) - set(TILE_KEYS))
+    if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
+    for key in ("BLOCK_N", "BLOCK_K"):
+        if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
+        if key in config:
+            v = check_int(f"config[{key!r}]", config[key], lo=1, hi=1025)
+            if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
+    if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
+    if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
+    for key in ("TMA", "WARP_SPECIALIZE"):
+        if key in config: check_bool(f"config[{key!r}]", config[key])
+    return config
+
+# %%
+#| test check_tile_config
+check_tile_config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, TMA=True))
+test_fail(lambda: check_tile_config("fast"), contains="config: expected a dict")
+test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
+test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
+test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
+
+# %%
+#| export
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -504,36 +534,6 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
         if t is not None and t.device != a.device:
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
     return E, M, K, N, n_out, act
-
-# %%
-#| export
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
-
-def check_tile_config(config) -> dict | None:
-    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
-    if config is None: return None
-    if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
-    unknown = sorted(set(config) - set(TILE_KEYS))
-    if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
-    for key in ("BLOCK_N", "BLOCK_K"):
-        if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
-        if key in config:
-            v = check_int(f"config[{key!r}]", config[key], lo=1, hi=1025)
-            if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
-    if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
-    if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
-    for key in ("TMA", "WARP_SPECIALIZE"):
-        if key in config: check_bool(f"config[{key!r}]", config[key])
-    return config
-
-# %%
-#| test check_tile_config
-check_tile_config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, TMA=True))
-test_fail(lambda: check_tile_config("fast"), contains="config: expected a dict")
-test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
-test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
-test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
 
 # %%
 #| export

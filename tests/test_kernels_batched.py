@@ -24,6 +24,14 @@ def test_check_activation():
     test_fail(lambda: check_activation("swigluoai"), contains="activation: expected one of")
 
 
+def test_check_tile_config():
+    check_tile_config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, TMA=True))
+    test_fail(lambda: check_tile_config("fast"), contains="config: expected a dict")
+    test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
+    test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
+    test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
+
+
 def test_tile_config_table():
     with tempfile.TemporaryDirectory() as d:
         p = tile_config_path("batched_moe_gemm", 32, 4096, "NVIDIA H200", torch.bfloat16, d)
@@ -57,14 +65,6 @@ def test_tile_config_table():
         # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
                 default_tile_config(32, 4096, 7168, 400, torch.float16))
-
-
-def test_check_tile_config():
-    check_tile_config(dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, TMA=True))
-    test_fail(lambda: check_tile_config("fast"), contains="config: expected a dict")
-    test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
-    test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
-    test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
 
 
 def test_fit_shared_memory():

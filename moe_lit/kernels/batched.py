@@ -15,10 +15,10 @@ from ..formats import Activation, SILU
 from ..testing import assert_close, poison_rows
 
 # %% auto #0
-__all__ = ['INTERPRET', 'DEVICE', 'TILE_TABLE_REACH', 'TILE_KEYS', 'SMEM_BUDGET', 'GEMM_CASES', 'check_activation',
-           'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map', 'default_tile_config',
-           'tile_config_path', 'lookup_tile_config', 'check_extent', 'check_kernel_device', 'check_expert_bias',
-           'check_tile_config', 'fit_shared_memory', 'epilogue_args', 'batched_moe_gemm', 'random_batched_problem',
+__all__ = ['TILE_KEYS', 'INTERPRET', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'GEMM_CASES', 'check_activation',
+           'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map', 'check_tile_config',
+           'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent', 'check_kernel_device',
+           'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'batched_moe_gemm', 'random_batched_problem',
            'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
@@ -184,6 +184,27 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
+# %% ../../nbs/06_kernels.batched.ipynb #f7c399483ef7
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
+
+def check_tile_config(config) -> dict | None:
+    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
+    if config is None: return None
+    if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
+    unknown = sorted(set(config) - set(TILE_KEYS))
+    if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
+    for key in ("BLOCK_N", "BLOCK_K"):
+        if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
+        if key in config:
+            v = check_int(f"config[{key!r}]", config[key], lo=1, hi=1025)
+            if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
+    if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
+    if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
+    for key in ("TMA", "WARP_SPECIALIZE"):
+        if key in config: check_bool(f"config[{key!r}]", config[key])
+    return config
+
 # %% ../../nbs/06_kernels.batched.ipynb #4e34df2e7e54
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
@@ -305,27 +326,6 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
         if t is not None and t.device != a.device:
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
     return E, M, K, N, n_out, act
-
-# %% ../../nbs/06_kernels.batched.ipynb #f7c399483ef7
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
-
-def check_tile_config(config) -> dict | None:
-    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
-    if config is None: return None
-    if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
-    unknown = sorted(set(config) - set(TILE_KEYS))
-    if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
-    for key in ("BLOCK_N", "BLOCK_K"):
-        if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
-        if key in config:
-            v = check_int(f"config[{key!r}]", config[key], lo=1, hi=1025)
-            if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
-    if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
-    if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
-    for key in ("TMA", "WARP_SPECIALIZE"):
-        if key in config: check_bool(f"config[{key!r}]", config[key])
-    return config
 
 # %% ../../nbs/06_kernels.batched.ipynb #c0f03d8a1109
 def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
