@@ -283,7 +283,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmark the whole layer instead (FusedMoE eager and graph-replayed, floor, transformers)")
     return ap
 
-# %% ../nbs/15_cli.ipynb #8ec2d77dbe9c
+# %% ../nbs/15_cli.ipynb #58fbd3bf8b39
 def _transport_note(config):
     "`moe_lit.transport.transport_note`, imported when `explain` runs (not at the command's start-up)."
     from moe_lit.transport import transport_note
@@ -313,9 +313,7 @@ def format_explain(rep: dict) -> str:
              f"experts: {rep['experts_function']}", ""]
     lines += [f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in rep["properties"]]
     pf, dev = rep["prepare_finalize"], rep["device"]
-    pl = rep["placement"]
-    why = "as requested" if pl["reason"] == "requested" else f"requested {pl['requested']}: {pl['reason']}"
-    lines += ["", f"placement {pl['strategy']} ({why})"]
+    lines += ["", placement_head(rep["placement"])]
     lines += ["", f"across processes (--distributed): {rep['across_processes']}"]
     lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']} "
                   f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]

@@ -503,9 +503,7 @@ def format_explain(rep: dict) -> str:
              f"experts: {rep['experts_function']}", ""]
     lines += [f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in rep["properties"]]
     pf, dev = rep["prepare_finalize"], rep["device"]
-    pl = rep["placement"]
-    why = "as requested" if pl["reason"] == "requested" else f"requested {pl['requested']}: {pl['reason']}"
-    lines += ["", f"placement {pl['strategy']} ({why})"]
+    lines += ["", placement_head(rep["placement"])]
     lines += ["", f"across processes (--distributed): {rep['across_processes']}"]
     lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']} "
                   f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]
