@@ -153,12 +153,17 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
     w13 = w2 = None
     return out
 
-# %% ../nbs/14_bench.ipynb #f969a3af74d9
+# %% ../nbs/14_bench.ipynb #9107ec7bf0a0
 def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
-    "Candidate tiles of `kernel` ('batched_moe_gemm' or 'fused_moe_gemm') for `expected_m` rows per expert."
+    "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
     check_choice("kernel", kernel, TUNABLE)
+    bm0 = max(16, 1 << (max(1, expected_m) - 1).bit_length())
+    if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side, BLOCK_K <= 128
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
+                 for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn in (64, 128) for bk in (64, 128)
+                 for nw, st in ((4, 3), (4, 4), (8, 3))]
+        return [c for c in cands if fit_shared_memory(c, True, 2) == c]
     if expected_m <= 64:
-        bm0 = max(16, 1 << (max(1, expected_m) - 1).bit_length())
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
                  for bm in sorted({bm0, min(64, 2 * bm0)}) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
         return [c for c in cands if fit_shared_memory(c, False, 2) == c]
@@ -173,22 +178,31 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
         cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
     return [c for c in cands if fit_shared_memory(c, False, 2) == c]
 
-TUNABLE = ("batched_moe_gemm", "fused_moe_gemm")
+TUNABLE = ("batched_moe_gemm", "fused_moe_gemm", "batched_moe_gemm_w4a16", "fused_moe_gemm_w4a16")   # the FP4
+# kernels are tuned on MXFP4 weights with the fused SiLU-and-mul (NVFP4 runs the same loop with 16-wide groups)
 
-# %% ../nbs/14_bench.ipynb #f425a00cab3b
+# %% ../nbs/14_bench.ipynb #b99907c2d281
 def _gemm1_callable(sc: dict, kernel: str, dtype=torch.bfloat16):
     "`f(cfg)` that runs GEMM1 of scenario `sc` with tile `cfg` on `kernel`'s layout of the same routed rows."
-    a, w, counts = _problem(sc, dtype)
-    if kernel == "batched_moe_gemm":
-        out = torch.empty(a.shape[0], a.shape[1], w.shape[1], device="cuda", dtype=dtype)
-        return lambda cfg: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False)
     from moe_lit.kernels.contiguous import moe_align_block_size, fused_moe_gemm
+    from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant
+    a, w, counts = _problem(sc, dtype)
+    E, N = w.shape[:2]
+    qw = None
+    if kernel.endswith("_w4a16"):
+        from moe_lit.quant_weights import quantize_expert_weights
+        qw = quantize_expert_weights(w, torch.randn(E, w.shape[2], N // 2, device="cuda", dtype=dtype), "mxfp4_w4a16")
+    if kernel.startswith("batched"):
+        out = torch.empty(a.shape[0], a.shape[1], N // 2 if qw else N, device="cuda", dtype=dtype)
+        if qw: return lambda cfg: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", out=out, config=cfg, validate=False)
+        return lambda cfg: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False)
     x, ids = _contiguous_problem(sc, dtype)
-    out = torch.empty(ids.numel(), w.shape[1], device="cuda", dtype=dtype)
+    out = torch.empty(ids.numel(), N // 2 if qw else N, device="cuda", dtype=dtype)
     layouts = {}
     def run(cfg):
         bm = cfg["BLOCK_M"]
         if bm not in layouts: layouts[bm] = moe_align_block_size(ids, bm, sc["E"])
+        if qw: return fused_moe_gemm_quant(x, qw, *layouts[bm], ids.shape[1], bm, "silu_and_mul", out=out, config=cfg)
         return fused_moe_gemm(x, w, *layouts[bm], ids.shape[1], bm, out=out, config=cfg)
     return run
 
@@ -213,7 +227,7 @@ def source_commit() -> str:
         except OSError: pass
     return commit or "unknown"
 
-# %% ../nbs/14_bench.ipynb #639a52ab3840
+# %% ../nbs/14_bench.ipynb #88062e5d2453
 def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -> None:
     "Write the winning tile into `kernel`'s JSON table, keyed by the scenario's expected rows per expert."
     p = tile_config_path(kernel, sc["E"], sc["N"], device_name, torch.bfloat16, config_dir)
@@ -224,8 +238,8 @@ def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
               scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
-    tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:]}[
-        check_choice("tune", tune, (False, True, "all", "batched", "contiguous"))]
+    tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:2],
+            "w4a16": TUNABLE[2:]}[check_choice("tune", tune, (False, True, "all", "batched", "contiguous", "w4a16"))]
     device = measure_device()
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):
@@ -243,7 +257,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #cf334c0e70c8
+# %% ../nbs/14_bench.ipynb #306eab2d504e
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -256,7 +270,7 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
     "µs and % of the weight-bytes floor of quantized GEMM1 (+SiLU) in both formats, per decode scenario and scheme."
     import triton.testing
     from moe_lit.quant_weights import quantize_expert_weights
-    from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant
+    from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant, quant_block_m
     from moe_lit.kernels.contiguous import moe_align_block_size
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
     rows = []
@@ -272,7 +286,7 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
         for scheme in progress(schemes, f"schemes of {sc['name']}"):
             qw = quantize_expert_weights(w13, w2, scheme)
             floor_s = (_quant_bytes(qw, "w13", active) + io_bytes) / device["copy_Bps"]
-            bm = lookup_tile_config("fused_moe_gemm", E, N, K, exp_m, a.dtype)["BLOCK_M"]
+            bm = quant_block_m(qw, exp_m, a.dtype)
             aligned = moe_align_block_size(ids, bm, E)
             t_b = bench(lambda: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", expected_m=exp_m, validate=False))
             t_c = bench(lambda: fused_moe_gemm_quant(x, qw, *aligned, ids.shape[1], bm, "silu_and_mul"))

@@ -69,16 +69,21 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)   # the unquantized activati
 # > not fold the add back into the dot when `max_num_imprecise_acc` is non-zero (`CombineDotAddFPattern`, Triton 3.x).
 # > The block scheme needs the per-tile product anyway, to apply that tile's scales.
 #
-# > **FP4 unpacking.** The byte tile is loaded K-major, `[BLOCK_K/2, BLOCK_N]`, and never interleaved: the low
-# > nibbles hold the even K columns and the high nibbles the odd ones (the nibble order of `09_quant`), so the
-# > activation tile is split the same way (`tl.split` of an `[BLOCK_M, BLOCK_K/2, 2]` view) and each half gets its own
-# > `tl.dot`. A code becomes a number with three integer operations and no table: its exponent and mantissa bits are
-# > placed in an fp16's exponent and mantissa fields, which makes an exact fp16 equal to the e2m1 value times 2^-14
-# > (the e2m1 subnormal 0.5 lands on an fp16 subnormal); the 2^14 is folded into the group scale. The scale tile is
-# > loaded with one address per byte column (repeats hit the L1 cache) instead of reshaping the weight tile. The e8m0
-# > scale becomes `2^(s−127)` by placing `s` in an fp32 exponent field, and the NVFP4 global scale is left to the
-# > epilogue: `code · block scale` is at most 6 · 448 and exact in bf16 and fp16, so the bf16 weight tile equals the
-# > fp32 dequantized weight divided by the global scale.
+# > **FP4: the weights are the left operand.** At decode an expert sees a handful of rows, so the weight tile is
+# > what costs: every code is loaded once and decoded once per program, and the decode is integer work on the CUDA
+# > cores. The FP4 loop therefore computes the transposed tile, `outᵀ = W · aᵀ` (the "swap AB" of decode kernels):
+# > the weight tile `[BLOCK_N, BLOCK_K]` is loaded as stored — each row's `BLOCK_K/2` bytes are contiguous, so a row
+# > is a few 16-byte loads — decoded in registers and fed to the tensor cores as the *left* operand, which Hopper's
+# > `wgmma` reads from registers; the few activation rows are the right operand `[BLOCK_K, BLOCK_M]`. A byte's two
+# > codes are neighbours along K (low nibble first, the order of `09_quant`), so `tl.join` of the two nibbles and a
+# > reshape give the K order with no shuffle across threads. A code becomes a number with three integer operations
+# > and no table: its exponent and mantissa bits are placed in an fp16's exponent and mantissa fields, which makes an
+# > exact fp16 equal to the e2m1 value times 2^-14 (the e2m1 subnormal 0.5 lands on an fp16 subnormal); the 2^14 is
+# > folded into the group scale, loaded once per `(row, group)` and broadcast over the group's codes. The e8m0 scale
+# > becomes `2^(s−127)` by placing `s` in an fp32 exponent field; the NVFP4 global scale is left to the epilogue:
+# > `code · block scale` is at most 6 · 448 and exact in bf16 and fp16, so the weight tile equals the fp32 dequantized
+# > weight divided by the global scale. The stored layout is the checkpoint's own (`[N, K/2]` bytes, `[N, K/G]`
+# > scales): no re-layout at load. The measured effect is in the Performance section below.
 
 # %%
 #| export
@@ -92,38 +97,50 @@ def _e2m1_fp16(code):
 #| export
 @triton.jit
 def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
-                  a,          # [BLOCK_M, BLOCK_K] activations: float8 (FMT 0/1), bf16/fp16 (fp32 when interpreted)
+                  a,          # [BLOCK_M, BLOCK_K] float8 activations
                   a_s,        # [BLOCK_M] fp32 activation scale of this K tile (FMT 1), else unused
-                  w_ptr,      # this expert's codes [N_w, K] float8, or [N_w, K_pad/2] uint8
-                  ws_ptr,     # this expert's weight scales, (n // GROUP_N, k // GROUP_K) through the strides (NVFP4: uint8)
+                  w_ptr,      # this expert's codes [N_w, K] float8
+                  ws_ptr,     # this expert's weight scales, (n // GROUP_N, k // GROUP_K) through the strides
                   rows,       # [BLOCK_N] int, weight rows of the tile (gate rows, or up rows = gate + N_OUT)
                   row_ok,     # [BLOCK_N] bool
-                  k0, K_W,    # first K index of the tile; stored columns (K for fp8, K_pad/2 bytes for FP4)
+                  k0, K_W,    # first K index of the tile; stored columns (K)
                   stride_wn, stride_wk, stride_wsn, stride_wsk,
                   FMT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    "One K tile of a quantized GEMM for every scheme: load the weight tile, keep fp8 or dequantize FP4, dot, scale."
-    if FMT < 2:                                                   # FP8 w8a8: both operands stay e4m3
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=row_ok[None, :] & (offs_k < K_W)[:, None], other=0.0)          # [BLOCK_K, BLOCK_N]
-        part = tl.dot(a, w)                                       # fresh fp32 tile: bounded imprecise accumulation
-        if FMT == 1:                                              # one weight scale per (row block, K block)
-            w_s = tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=row_ok, other=0.0)
-            part = part * a_s[:, None] * w_s[None, :]
-        acc += part
-    else:                                                         # FP4 w4a16: e2m1 codes, two a byte
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        ok = (offs_b < K_W)[:, None] & row_ok[None, :]
-        b = tl.load(w_ptr + rows[None, :] * stride_wn + offs_b[:, None] * stride_wk, mask=ok, other=0)  # [BLOCK_K/2, BLOCK_N]
-        s = tl.load(ws_ptr + rows[None, :] * stride_wsn + (offs_b // (GROUP_K // 2))[:, None] * stride_wsk, mask=ok, other=0)
-        if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)           # e8m0: 2^(s − 127)
-        else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                      # e4m3 block scale (as uint8)
-        s = s * 16384.0                                                                 # _e2m1_fp16 is value · 2^-14
-        a_lo, a_hi = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))             # even, odd K columns
-        acc = tl.dot(a_lo, (_e2m1_fp16(b & 0xF).to(tl.float32) * s).to(a.dtype), acc, input_precision=PRECISION)
-        acc = tl.dot(a_hi, (_e2m1_fp16(b >> 4).to(tl.float32) * s).to(a.dtype), acc, input_precision=PRECISION)
+    "One K tile of an FP8 GEMM: load the e4m3 weight tile, dot with the e4m3 activations, apply the K tile's scales."
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=row_ok[None, :] & (offs_k < K_W)[:, None], other=0.0)              # [BLOCK_K, BLOCK_N]
+    part = tl.dot(a, w)                                           # fresh fp32 tile: bounded imprecise accumulation
+    if FMT == 1:                                                  # one weight scale per (row block, K block)
+        w_s = tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=row_ok, other=0.0)
+        part = part * a_s[:, None] * w_s[None, :]
+    acc += part
     return acc
+
+# %%
+#| export
+@triton.jit
+def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two e2m1 codes a byte (low nibble first)
+                     ws_ptr,     # this expert's scales [N_w, K_pad/GROUP_K] uint8 (e8m0, or e4m3 bits)
+                     rows,       # [BLOCK_N] int, weight rows of the tile (gate rows, or up rows = gate + N_OUT)
+                     row_ok,     # [BLOCK_N] bool
+                     k0, K_W,    # first K index of the tile; stored bytes per row (K_pad/2)
+                     stride_wn, stride_wk, stride_wsn, stride_wsk,
+                     FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DTYPE: tl.constexpr):
+    "`[BLOCK_N, BLOCK_K]` weights of one K tile as stored (rows × K), decoded in registers: `e2m1(code) · scale` (NVFP4: without the global scale)."
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)                   # [BLOCK_N, BLOCK_K/2]
+    offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
+    s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
+                mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
+    if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)                   # e8m0: 2^(s − 127)
+    else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                              # e4m3 block scale
+    w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                    # [BLOCK_N, BLOCK_K/2, 2]
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (s * 16384.0)[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DTYPE)                                      # k = 2·byte + nibble
 
 # %%
 #| export
@@ -158,17 +175,34 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k0 = kt * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-        if UPCAST: a = a.to(tl.float32)
-        if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=row_ok, other=0.0)
-        acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
-                            stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        if GATED:
-            acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
-                                   stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
+    if FMT >= 2:                                                  # FP4: swap the operands, out^T = W · a^T
+        accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        accT_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            aT = tl.trans(tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0))   # [BK, BM]
+            if UPCAST: aT = aT.to(tl.float32)
+            w = _fp4_weight_tile(w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
+                                 FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+            accT = tl.dot(w, aT, accT, input_precision=PRECISION)
+            if GATED:
+                w = _fp4_weight_tile(w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
+                                     stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+                accT_up = tl.dot(w, aT, accT_up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        acc, acc_up = tl.trans(accT), tl.trans(accT_up)
+    else:                                                         # FP8: e4m3 operands, scales per K tile
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            if UPCAST: a = a.to(tl.float32)
+            if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=row_ok, other=0.0)
+            acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
+                                stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
+            if GATED:
+                acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
+                                       stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
     a_s_row = a_s
     if FMT == 0: a_s_row = tl.load(as_ptrs, mask=row_ok, other=0.0)
     gs = 1.0
@@ -351,6 +385,17 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
     if fmt >= 2: bk = min(bk, 128)
     cfg["BLOCK_K"] = bk
     return cfg
+
+def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized weights
+                  expected_m: int,              # expected rows per local expert (>= 1)
+                  dtype: torch.dtype = torch.bfloat16,   # the activations' (and output's) dtype
+                 ) -> int:                      # a power of two >= 16
+    "The alignment block for the contiguous quantized GEMMs: BLOCK_M of GEMM1's tile (the scheme's tuned table, else the heuristic)."
+    if not isinstance(qw, QuantizedExpertWeights):
+        raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+    wa = _weight_kernel_args(qw, "w13")
+    return _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], wa["K"], check_int("expected_m", expected_m, lo=1),
+                       dtype, wa["FMT"], wa["GROUP_K"], True, None)["BLOCK_M"]
 
 # %%
 #| export
@@ -822,6 +867,15 @@ for i, scheme in enumerate(("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block", "fp8
 # Every argument error names the argument, what was expected and what came.
 
 # %%
+#| test quant_block_m
+qw = quantize_expert_weights(*random_expert_weights(2, 64, 32), "nvfp4_w4a16")
+for m in (1, 7, 40, 1000):
+    bm = quant_block_m(qw, m)
+    assert bm >= 16 and bm & (bm - 1) == 0, (m, bm)
+test_fail(lambda: quant_block_m(qw, 0), contains="expected_m: expected >= 1, got 0")
+test_fail(lambda: quant_block_m(qw.w13, 4), contains="qw: expected a QuantizedExpertWeights, got Tensor")
+
+# %%
 #| test quant_gemm_bad_input
 E, M, H, I = 2, 8, 64, 32
 qw8 = quantize_expert_weights(*random_expert_weights(E, H, I), "fp8_w8a8_block")
@@ -933,13 +987,21 @@ assert_quant_close(got[:3], want[:3])
 #
 # **Performance (measured).** `14_bench`'s `bench_quant` times GEMM1 with the fused SiLU-and-mul of both formats on
 # one H200 against the weight-bytes floor (`QuantizedExpertWeights.nbytes` of the active experts / measured copy
-# bandwidth); the run is committed as `nbs/bench/quant_bench_h200_498b446.json`. FP8 with 128×128 blocks reaches
-# 62–87 % of its floor at DeepSeek-V3's EP8 decode shape (batched / contiguous), close to the bf16 kernel's share of
-# its own, twice larger floor. The FP4 paths reach only 14–18 % there, slower than bf16 in absolute time: each
-# weight element costs integer unpacking, a scale multiply and a conversion in registers before the bf16 MMA, from
-# a plain byte layout. A load-time re-layout of the codes for wide loads is the known way out and is not built yet.
-# The tile heuristic is `06`'s, adjusted only for the formats' `BLOCK_K` limits; tuned tables go under the kernel
-# names `batched_moe_gemm_fp8`, `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8` and `fused_moe_gemm_w4a16`.
+# bandwidth); the run is committed as `nbs/bench/quant_bench_h200_swapab.json`, with the FP4 tile tables it used
+# (`moe-lit bench --tune w4a16`, sweep in `nbs/bench/tune_quant_h200_swapab.json`). FP8 with 128×128 blocks reaches
+# 75–86 % of its floor at DeepSeek-V3's EP8 decode shape and 78–82 % on Mixtral and gpt-oss (batched / contiguous).
+# FP4 reaches 19–27 % (DeepSeek-V3 615 µs, Mixtral 504 µs, Qwen3 203 µs, gpt-oss 993 µs, MXFP4 batched), up from
+# 14–22 % before the operand swap and the tuned tables (`quant_bench_h200_498b446.json`: 887, 845, 239, 1222 µs), and
+# still about as slow as bf16 in absolute time. The sweep shows where the time goes: a program's cost is the weights
+# it decodes, so a second M tile per expert doubles it (DeepSeek-V3 at 32 rows per expert: 614 µs with
+# `BLOCK_M` = 64, 1173 µs with 32), and the fastest tiles are the narrowest K steps (`BLOCK_K` = 64) — the K loop is
+# bound by the instructions per decoded element, not by memory. Two alternatives measured in the same run
+# (`nbs/bench/fp4_variants.py`, `fp4_variants_h200_*.json`) are no faster: Triton's own `tl.dot_scaled` (MXFP4 only)
+# 554 µs on Mixtral, and the scale multiply in bf16 instead of fp32 within ±10 %. Reaching the floor needs fewer
+# instructions per code — eight codes from one 32-bit word converted with packed `f16x2` arithmetic on a pre-shuffled
+# layout, as the Marlin kernels do — and is open work. Tuned tables go under the kernel names
+# `batched_moe_gemm_fp8`, `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8` and `fused_moe_gemm_w4a16`; the contiguous
+# GEMMs' alignment block is GEMM1's `BLOCK_M` (`quant_block_m`).
 
 # %% [markdown]
 # Inputs the host does not check on the hot path are still safe: a negative or huge pair index and an expert id past

@@ -9,7 +9,6 @@
 #| export
 from __future__ import annotations
 import torch
-import triton
 from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
@@ -18,7 +17,7 @@ from moe_lit.kernels.batched import check_expert_bias
 from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_local_ids
 from moe_lit.kernels.dispatch import combine_pairs
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
-from moe_lit.kernels.quant import fused_moe_gemm_quant, fused_moe_gemm_quant_reference
+from moe_lit.kernels.quant import fused_moe_gemm_quant, fused_moe_gemm_quant_reference, quant_block_m
 
 # %%
 #| hide
@@ -152,7 +151,7 @@ class TritonQuantExperts:
               topk_weights: torch.Tensor,        # [T, top_k] fp32
               local_ids: torch.Tensor,           # [T, top_k] int32/int64, local expert per slot, -1 = not on this rank
               apply_router_weight_on_input: bool = False,
-              block_m: int | None = None,        # alignment block (default from the expected rows per expert)
+              block_m: int | None = None,        # alignment block (default: `quant_block_m`, GEMM1's tile)
               expected_m: int | None = None,     # expected rows per local expert (default T·top_k / E)
               validate: bool = True,             # check local_ids on the host (one sync; ids from a placement skip it)
               w13_bias: torch.Tensor | None = None,  # [E, 2·I] bf16/fp16/fp32, added before the activation
@@ -170,7 +169,7 @@ class TritonQuantExperts:
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
         check_local_ids(local_ids, E, validate)
         if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
-        if block_m is None: block_m = min(64, max(16, triton.next_power_of_2(max(1, expected_m or T * k // E))))
+        if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), hidden.dtype)
         check_block_m(block_m)
         s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
         # zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that GEMM1 never

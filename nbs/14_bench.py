@@ -225,10 +225,15 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
 # %%
 #| export
 def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
-    "Candidate tiles of `kernel` ('batched_moe_gemm' or 'fused_moe_gemm') for `expected_m` rows per expert."
+    "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
     check_choice("kernel", kernel, TUNABLE)
+    bm0 = max(16, 1 << (max(1, expected_m) - 1).bit_length())
+    if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side, BLOCK_K <= 128
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
+                 for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn in (64, 128) for bk in (64, 128)
+                 for nw, st in ((4, 3), (4, 4), (8, 3))]
+        return [c for c in cands if fit_shared_memory(c, True, 2) == c]
     if expected_m <= 64:
-        bm0 = max(16, 1 << (max(1, expected_m) - 1).bit_length())
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
                  for bm in sorted({bm0, min(64, 2 * bm0)}) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
         return [c for c in cands if fit_shared_memory(c, False, 2) == c]
@@ -243,7 +248,8 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
         cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
     return [c for c in cands if fit_shared_memory(c, False, 2) == c]
 
-TUNABLE = ("batched_moe_gemm", "fused_moe_gemm")
+TUNABLE = ("batched_moe_gemm", "fused_moe_gemm", "batched_moe_gemm_w4a16", "fused_moe_gemm_w4a16")   # the FP4
+# kernels are tuned on MXFP4 weights with the fused SiLU-and-mul (NVFP4 runs the same loop with 16-wide groups)
 
 # %%
 #| test tile_candidates
@@ -259,17 +265,25 @@ test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")
 #| export
 def _gemm1_callable(sc: dict, kernel: str, dtype=torch.bfloat16):
     "`f(cfg)` that runs GEMM1 of scenario `sc` with tile `cfg` on `kernel`'s layout of the same routed rows."
-    a, w, counts = _problem(sc, dtype)
-    if kernel == "batched_moe_gemm":
-        out = torch.empty(a.shape[0], a.shape[1], w.shape[1], device="cuda", dtype=dtype)
-        return lambda cfg: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False)
     from moe_lit.kernels.contiguous import moe_align_block_size, fused_moe_gemm
+    from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant
+    a, w, counts = _problem(sc, dtype)
+    E, N = w.shape[:2]
+    qw = None
+    if kernel.endswith("_w4a16"):
+        from moe_lit.quant_weights import quantize_expert_weights
+        qw = quantize_expert_weights(w, torch.randn(E, w.shape[2], N // 2, device="cuda", dtype=dtype), "mxfp4_w4a16")
+    if kernel.startswith("batched"):
+        out = torch.empty(a.shape[0], a.shape[1], N // 2 if qw else N, device="cuda", dtype=dtype)
+        if qw: return lambda cfg: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", out=out, config=cfg, validate=False)
+        return lambda cfg: batched_moe_gemm(a, w, counts, out=out, config=cfg, validate=False)
     x, ids = _contiguous_problem(sc, dtype)
-    out = torch.empty(ids.numel(), w.shape[1], device="cuda", dtype=dtype)
+    out = torch.empty(ids.numel(), N // 2 if qw else N, device="cuda", dtype=dtype)
     layouts = {}
     def run(cfg):
         bm = cfg["BLOCK_M"]
         if bm not in layouts: layouts[bm] = moe_align_block_size(ids, bm, sc["E"])
+        if qw: return fused_moe_gemm_quant(x, qw, *layouts[bm], ids.shape[1], bm, "silu_and_mul", out=out, config=cfg)
         return fused_moe_gemm(x, w, *layouts[bm], ids.shape[1], bm, out=out, config=cfg)
     return run
 
@@ -307,8 +321,8 @@ def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
               scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
-    tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:]}[
-        check_choice("tune", tune, (False, True, "all", "batched", "contiguous"))]
+    tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:2],
+            "w4a16": TUNABLE[2:]}[check_choice("tune", tune, (False, True, "all", "batched", "contiguous", "w4a16"))]
     device = measure_device()
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):
@@ -350,7 +364,7 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
     "µs and % of the weight-bytes floor of quantized GEMM1 (+SiLU) in both formats, per decode scenario and scheme."
     import triton.testing
     from moe_lit.quant_weights import quantize_expert_weights
-    from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant
+    from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant, quant_block_m
     from moe_lit.kernels.contiguous import moe_align_block_size
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
     rows = []
@@ -366,7 +380,7 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
         for scheme in progress(schemes, f"schemes of {sc['name']}"):
             qw = quantize_expert_weights(w13, w2, scheme)
             floor_s = (_quant_bytes(qw, "w13", active) + io_bytes) / device["copy_Bps"]
-            bm = lookup_tile_config("fused_moe_gemm", E, N, K, exp_m, a.dtype)["BLOCK_M"]
+            bm = quant_block_m(qw, exp_m, a.dtype)
             aligned = moe_align_block_size(ids, bm, E)
             t_b = bench(lambda: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", expected_m=exp_m, validate=False))
             t_c = bench(lambda: fused_moe_gemm_quant(x, qw, *aligned, ids.shape[1], bm, "silu_and_mul"))
@@ -503,23 +517,27 @@ plot_bench(h200)
 # %% [markdown]
 # ### Quantized weights at decode, H200
 #
-# `nbs/bench/quant_bench_h200_498b446.json` (commit 498b446, same card, 2026-11-29): GEMM1 + SiLU-and-mul of the
-# quantized kernels against the weight-bytes floor, with the bf16 batched kernel of the same run for comparison.
+# `nbs/bench/quant_bench_h200_swapab.json` (same card, 2026-12-03, the FP4 loop with swapped operands and the FP4
+# tile tables of `moe-lit bench --tune w4a16`): GEMM1 + SiLU-and-mul of the quantized kernels against the
+# weight-bytes floor, with the bf16 batched kernel of the same run for comparison. The run before the swap is
+# `quant_bench_h200_498b446.json`.
 
 # %%
-quant = json.loads(find_bench_results("bench/quant_bench_h200_498b446.json").read_text())
+quant = json.loads(find_bench_results("bench/quant_bench_h200_swapab.json").read_text())
 print(format_bench_quant(quant["quant"]))
 
 # %% [markdown]
-# **Interpretation.** FP8 w8a8 reads half the bytes of bf16 and runs 1.3–1.8× faster than the bf16 kernel on the
-# large decode rows (DeepSeek-V3 contiguous 259 vs 465 µs, 86.5% of its floor; Mixtral 267 µs, 82.8%; gpt-oss 605 µs,
-# 82.3%); on Qwen3-30B-A3B, whose GEMM is small (95 µs floor), the separate activation-quantization launch and the
-# 16-row tiles leave it at 42–46% and no faster than bf16. The FP4 w4a16 kernels are **not yet fast**: 14–22% of
-# their floor, 1.2–2× *slower* than bf16 on the large rows although they read 0.53–0.56 bytes per weight. They are
-# bound by the per-element dequantization in the K loop, not by memory: every weight element is decoded, scaled and
-# converted once per program, and at decode there is one M tile per expert, so nothing amortizes it. The first
-# version (interleaved nibbles, arithmetic decode, the scale applied through a reshaped weight tile) measured 6.6–11%
-# (`bench_h200_5412918.log`); splitting the K tile into even/odd dots, decoding through fp16 bit fields and loading
-# the scale per byte column doubled it. Closing the rest needs a cheaper dequantization per element — a pre-shuffled
-# weight layout so that one 32-bit load yields eight codes converted with packed `f16x2` arithmetic (as the Marlin
-# kernels do), or Blackwell's native FP4 tensor cores — and is open work.
+# **Interpretation.** FP8 w8a8 reads half the bytes of bf16 and runs 1.5–1.8× faster than the bf16 kernel on the
+# large decode rows (DeepSeek-V3 contiguous 260 vs 473 µs, 86% of its floor; Mixtral 271 µs, 82%; gpt-oss 605 µs,
+# 82%); on Qwen3-30B-A3B, whose GEMM is small (95 µs floor), the separate activation-quantization launch and the
+# 16-row tiles leave it at 34–57% (the contiguous row moved from 227 to 283 µs between two runs of unchanged FP8
+# code: at 4 rows per expert the time is launch- and tail-bound). The FP4 w4a16 kernels are **not yet fast**:
+# 19–27% of their floor (17% for NVFP4 contiguous on gpt-oss), about as slow as bf16 although they read 0.53–0.56
+# bytes per weight. They are bound by the per-element dequantization in the K loop, not by memory: every weight
+# element is decoded, scaled and converted once per program, and at decode there is one M tile per expert, so
+# nothing amortizes it. The history: the first version (interleaved nibbles, arithmetic decode, the scale applied
+# through a reshaped weight tile) measured 6.6–11% (`bench_h200_5412918.log`); even/odd dots with fp16 bit-field
+# decoding 14–22% (`quant_bench_h200_498b446.json`); the weights as the left operand of the MMA (decoded in
+# registers, no activation split) with tuned tiles 19–27% (this run). Closing the rest needs fewer instructions per
+# code — a pre-shuffled layout so that one 32-bit load yields eight codes converted with packed `f16x2` arithmetic
+# (as the Marlin kernels do), or Blackwell's native FP4 tensor cores — and is open work.

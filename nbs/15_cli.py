@@ -463,8 +463,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
-    b.add_argument("--tune", nargs="?", const="all", default=False, choices=["all", "batched", "contiguous"],
-                   help="sweep tile candidates of these kernels first and save the winners (no value: all)")
+    b.add_argument("--tune", nargs="?", const="all", default=False, choices=["all", "batched", "contiguous", "w4a16"],
+                   help="sweep tile candidates of these kernels first and save the winners (no value: all; w4a16: "
+                        "both FP4 kernels)")
     b.add_argument("--config-dir", help="where tuned tile tables are written (None: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")

@@ -162,6 +162,15 @@ def test_quant_gemm_swigluoai_bias():
         check_fused_gemm_quant(scheme, 9, 2, E, H, I, None, qw=qw, bias=b2)   # rw on the output: weights b2 too
 
 
+def test_quant_block_m():
+    qw = quantize_expert_weights(*random_expert_weights(2, 64, 32), "nvfp4_w4a16")
+    for m in (1, 7, 40, 1000):
+        bm = quant_block_m(qw, m)
+        assert bm >= 16 and bm & (bm - 1) == 0, (m, bm)
+    test_fail(lambda: quant_block_m(qw, 0), contains="expected_m: expected >= 1, got 0")
+    test_fail(lambda: quant_block_m(qw.w13, 4), contains="qw: expected a QuantizedExpertWeights, got Tensor")
+
+
 def test_quant_gemm_bad_input():
     E, M, H, I = 2, 8, 64, 32
     qw8 = quantize_expert_weights(*random_expert_weights(E, H, I), "fp8_w8a8_block")

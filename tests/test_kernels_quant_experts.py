@@ -2,7 +2,6 @@
 from __future__ import annotations
 import pytest
 import torch
-import triton
 from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
@@ -11,7 +10,7 @@ from moe_lit.kernels.batched import check_expert_bias
 from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_local_ids
 from moe_lit.kernels.dispatch import combine_pairs
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
-from moe_lit.kernels.quant import fused_moe_gemm_quant, fused_moe_gemm_quant_reference
+from moe_lit.kernels.quant import fused_moe_gemm_quant, fused_moe_gemm_quant_reference, quant_block_m
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.quant import QUANT_SCHEMES, QUANT_SCHEME_TABLE
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance

@@ -18,8 +18,8 @@ from .batched import check_activation, check_expert_bias, epilogue_args, add_exp
 from .contiguous import check_aligned_args
 
 # %% auto #0
-__all__ = ['ACTIVATION_DTYPES', 'batched_gemm_quant_reference', 'batched_moe_gemm_quant', 'fused_moe_gemm_quant_reference',
-           'fused_moe_gemm_quant']
+__all__ = ['ACTIVATION_DTYPES', 'batched_gemm_quant_reference', 'quant_block_m', 'batched_moe_gemm_quant',
+           'fused_moe_gemm_quant_reference', 'fused_moe_gemm_quant']
 
 # %% ../../nbs/09c_kernels.quant.ipynb #e26cbf37712f
 _FMT = {"fp8_w8a8_tensor": 0, "fp8_w8a8_channel": 0, "fp8_w8a8_block": 1, "mxfp4_w4a16": 2, "nvfp4_w4a16": 3}  # kernel branch
@@ -32,41 +32,52 @@ def _e2m1_fp16(code):
     c = code.to(tl.uint16)
     return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #1a0b8886f924
+# %% ../../nbs/09c_kernels.quant.ipynb #47a6ce13b0b1
 @triton.jit
 def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
-                  a,          # [BLOCK_M, BLOCK_K] activations: float8 (FMT 0/1), bf16/fp16 (fp32 when interpreted)
+                  a,          # [BLOCK_M, BLOCK_K] float8 activations
                   a_s,        # [BLOCK_M] fp32 activation scale of this K tile (FMT 1), else unused
-                  w_ptr,      # this expert's codes [N_w, K] float8, or [N_w, K_pad/2] uint8
-                  ws_ptr,     # this expert's weight scales, (n // GROUP_N, k // GROUP_K) through the strides (NVFP4: uint8)
+                  w_ptr,      # this expert's codes [N_w, K] float8
+                  ws_ptr,     # this expert's weight scales, (n // GROUP_N, k // GROUP_K) through the strides
                   rows,       # [BLOCK_N] int, weight rows of the tile (gate rows, or up rows = gate + N_OUT)
                   row_ok,     # [BLOCK_N] bool
-                  k0, K_W,    # first K index of the tile; stored columns (K for fp8, K_pad/2 bytes for FP4)
+                  k0, K_W,    # first K index of the tile; stored columns (K)
                   stride_wn, stride_wk, stride_wsn, stride_wsk,
                   FMT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    "One K tile of a quantized GEMM for every scheme: load the weight tile, keep fp8 or dequantize FP4, dot, scale."
-    if FMT < 2:                                                   # FP8 w8a8: both operands stay e4m3
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=row_ok[None, :] & (offs_k < K_W)[:, None], other=0.0)          # [BLOCK_K, BLOCK_N]
-        part = tl.dot(a, w)                                       # fresh fp32 tile: bounded imprecise accumulation
-        if FMT == 1:                                              # one weight scale per (row block, K block)
-            w_s = tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=row_ok, other=0.0)
-            part = part * a_s[:, None] * w_s[None, :]
-        acc += part
-    else:                                                         # FP4 w4a16: e2m1 codes, two a byte
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        ok = (offs_b < K_W)[:, None] & row_ok[None, :]
-        b = tl.load(w_ptr + rows[None, :] * stride_wn + offs_b[:, None] * stride_wk, mask=ok, other=0)  # [BLOCK_K/2, BLOCK_N]
-        s = tl.load(ws_ptr + rows[None, :] * stride_wsn + (offs_b // (GROUP_K // 2))[:, None] * stride_wsk, mask=ok, other=0)
-        if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)           # e8m0: 2^(s − 127)
-        else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                      # e4m3 block scale (as uint8)
-        s = s * 16384.0                                                                 # _e2m1_fp16 is value · 2^-14
-        a_lo, a_hi = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))             # even, odd K columns
-        acc = tl.dot(a_lo, (_e2m1_fp16(b & 0xF).to(tl.float32) * s).to(a.dtype), acc, input_precision=PRECISION)
-        acc = tl.dot(a_hi, (_e2m1_fp16(b >> 4).to(tl.float32) * s).to(a.dtype), acc, input_precision=PRECISION)
+    "One K tile of an FP8 GEMM: load the e4m3 weight tile, dot with the e4m3 activations, apply the K tile's scales."
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=row_ok[None, :] & (offs_k < K_W)[:, None], other=0.0)              # [BLOCK_K, BLOCK_N]
+    part = tl.dot(a, w)                                           # fresh fp32 tile: bounded imprecise accumulation
+    if FMT == 1:                                                  # one weight scale per (row block, K block)
+        w_s = tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=row_ok, other=0.0)
+        part = part * a_s[:, None] * w_s[None, :]
+    acc += part
     return acc
+
+# %% ../../nbs/09c_kernels.quant.ipynb #cae0144d174a
+@triton.jit
+def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two e2m1 codes a byte (low nibble first)
+                     ws_ptr,     # this expert's scales [N_w, K_pad/GROUP_K] uint8 (e8m0, or e4m3 bits)
+                     rows,       # [BLOCK_N] int, weight rows of the tile (gate rows, or up rows = gate + N_OUT)
+                     row_ok,     # [BLOCK_N] bool
+                     k0, K_W,    # first K index of the tile; stored bytes per row (K_pad/2)
+                     stride_wn, stride_wk, stride_wsn, stride_wsk,
+                     FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DTYPE: tl.constexpr):
+    "`[BLOCK_N, BLOCK_K]` weights of one K tile as stored (rows × K), decoded in registers: `e2m1(code) · scale` (NVFP4: without the global scale)."
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)                   # [BLOCK_N, BLOCK_K/2]
+    offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
+    s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
+                mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
+    if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)                   # e8m0: 2^(s − 127)
+    else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                              # e4m3 block scale
+    w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                    # [BLOCK_N, BLOCK_K/2, 2]
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (s * 16384.0)[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DTYPE)                                      # k = 2·byte + nibble
 
 # %% ../../nbs/09c_kernels.quant.ipynb #c084380ec134
 @triton.jit
@@ -83,7 +94,7 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
         acc = acc * gs
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #05d3cbd67dc6
+# %% ../../nbs/09c_kernels.quant.ipynb #8943629b40ae
 @triton.jit
 def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's activation rows at K = 0
                         as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
@@ -99,17 +110,34 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for kt in range(0, tl.cdiv(K, BLOCK_K)):
-        k0 = kt * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-        if UPCAST: a = a.to(tl.float32)
-        if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=row_ok, other=0.0)
-        acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
-                            stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        if GATED:
-            acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
-                                   stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
+    if FMT >= 2:                                                  # FP4: swap the operands, out^T = W · a^T
+        accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        accT_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            aT = tl.trans(tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0))   # [BK, BM]
+            if UPCAST: aT = aT.to(tl.float32)
+            w = _fp4_weight_tile(w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
+                                 FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+            accT = tl.dot(w, aT, accT, input_precision=PRECISION)
+            if GATED:
+                w = _fp4_weight_tile(w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
+                                     stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+                accT_up = tl.dot(w, aT, accT_up, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        acc, acc_up = tl.trans(accT), tl.trans(accT_up)
+    else:                                                         # FP8: e4m3 operands, scales per K tile
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            if UPCAST: a = a.to(tl.float32)
+            if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=row_ok, other=0.0)
+            acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
+                                stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
+            if GATED:
+                acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
+                                       stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
     a_s_row = a_s
     if FMT == 0: a_s_row = tl.load(as_ptrs, mask=row_ok, other=0.0)
     gs = 1.0
@@ -200,7 +228,7 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #4a6f0b31e023
+# %% ../../nbs/09c_kernels.quant.ipynb #857cb2751ca3
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -228,6 +256,17 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
     if fmt >= 2: bk = min(bk, 128)
     cfg["BLOCK_K"] = bk
     return cfg
+
+def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized weights
+                  expected_m: int,              # expected rows per local expert (>= 1)
+                  dtype: torch.dtype = torch.bfloat16,   # the activations' (and output's) dtype
+                 ) -> int:                      # a power of two >= 16
+    "The alignment block for the contiguous quantized GEMMs: BLOCK_M of GEMM1's tile (the scheme's tuned table, else the heuristic)."
+    if not isinstance(qw, QuantizedExpertWeights):
+        raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+    wa = _weight_kernel_args(qw, "w13")
+    return _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], wa["K"], check_int("expected_m", expected_m, lo=1),
+                       dtype, wa["FMT"], wa["GROUP_K"], True, None)["BLOCK_M"]
 
 # %% ../../nbs/09c_kernels.quant.ipynb #11030823c27f
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
