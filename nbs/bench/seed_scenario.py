@@ -19,7 +19,7 @@ for quant in ("unquantized", "nvfp4_w4a16", "mxfp4_w4a16"):
     t0 = time.perf_counter()
     layer = FusedMoE(cfg, device="cuda", placement=dep["placement"], quant=quant)
     build_s = time.perf_counter() - t0
-    for T in (1, 16, 64, 256):
+    for T in (1, 64, 256):
         x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=cfg.dtype)
         y = layer(x)
         wts, ids = layer.route(x)
