@@ -346,13 +346,15 @@ def _batched_moe_gemm_tma_kernel(
 #| export
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
 
-def check_tile_config(config) -> dict | None:
+def check_tile_config(config,
+                      need_block_m: bool = False,   # the batched launchers take BLOCK_M from the tile (the contiguous ones from the alignment)
+                     ) -> dict | None:
     "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
     if config is None: return None
     if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
     unknown = sorted(set(config) - set(TILE_KEYS))
     if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
-    for key in ("BLOCK_N", "BLOCK_K"):
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if need_block_m else ("BLOCK_N", "BLOCK_K"):
         if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
         if key in config:
@@ -439,7 +441,8 @@ def _load_table(path: Path) -> dict | None:
     "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
     if not path.exists(): return None
     try: raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"tile table {path}: expected JSON, got {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:     # OSError: a directory, no permission
+        raise ValueError(f"tile table {path}: expected JSON, got {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"tile table {path}: expected an object of {{\"<M>\": tile}}, got {type(raw).__name__}")
     table = {}
@@ -447,6 +450,7 @@ def _load_table(path: Path) -> dict | None:
         if not (key.isascii() and key.isdigit() and int(key) >= 1):
             raise ValueError(f"tile table {path}: expected keys that are row counts >= 1, got {key!r}")
         try:
+            if not isinstance(cfg, dict): raise ValueError(f"config: expected a dict of tile parameters, got {cfg!r}")
             check_tile_config(cfg)
             if "BLOCK_M" not in cfg: raise ValueError(f"config: expected a BLOCK_M, got {cfg}")
         except ValueError as e: raise ValueError(f"tile table {path}, entry {key!r}: {e}") from None
@@ -473,12 +477,16 @@ with tempfile.TemporaryDirectory() as d:
                         (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
                         (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
                         (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "expected an object"),
-                        (9, "{not json", "expected JSON")):      # a fresh E per case: tables are read once per path
+                        (9, "{not json", "expected JSON"), (10, {"4": None}, "entry '4': config: expected a dict")):
+        # a fresh E per case: tables are read once per path
         q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
         q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
                   contains=f"tile table {q}")
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
+    tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
+    test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
+              contains="expected JSON, got IsADirectoryError")
 for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4"), "M: expected an int"),
                 (dict(M=float("inf")), "M: expected an int"), (dict(E=-1), "E: expected >= 1"), (dict(N=0), "N: expected >= 1"),
                 (dict(device_name=5), "device_name: expected a str")):
@@ -599,7 +607,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
     for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
-    cfg = dict(check_tile_config(config) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
+    cfg = dict(check_tile_config(config, need_block_m=True) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
     cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
     if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)

@@ -15,7 +15,7 @@ import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.dispatch import combine_pairs
 
@@ -471,12 +471,13 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[e]ᵀ + bias[e])`, e = expert(block) (vLLM's fused_moe_kernel)."
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_tensor("w", w, shape=(None, None, a.shape[1]), dtype=a.dtype)
+    check_kernel_device("a", a, w=w, out=out)
     act = check_activation(activation)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     check_int("top_k", top_k, lo=1)
     num_pairs = (a.shape[0] if per_pair else a.shape[0] * top_k)
     check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
-                        topk_weights, num_pairs)
+                        topk_weights, num_pairs, gated=act is not None, device=a.device)
     check_tile_config(config)
     E, N, K = w.shape
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
@@ -512,10 +513,20 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     return out
 
 def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
-                        topk_weights, num_pairs):
+                        topk_weights, num_pairs,
+                        gated: bool = False,        # a gated activation is fused: the router weight cannot go on its output
+                        device: torch.device | None = None):   # the activations' device: every tensor here must be on it
     "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes."
     check_int("top_k", top_k, lo=1); check_block_m(block_m)
     check_choice("weight_stage", weight_stage, (None, "input", "output"))
+    if gated and weight_stage == "output":
+        raise ValueError("weight_stage: expected None or 'input' with a gated activation (a router weight on GEMM1's "
+                         "output would scale only the gate half before the activation), got 'output'")
+    if device is not None:
+        for name, t in (("sorted_token_ids", sorted_token_ids), ("expert_ids", expert_ids),
+                        ("num_tokens_post_padded", num_tokens_post_padded), ("topk_weights", topk_weights)):
+            if isinstance(t, torch.Tensor) and t.device != device:
+                raise ValueError(f"{name}: expected device {device} (a's), got {t.device}")
     check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32, contiguous=True)
     check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32, contiguous=True)
     check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32, contiguous=True)
@@ -661,6 +672,7 @@ class TritonExperts:
         check_tensor("w2", w2, shape=(E, H, N // 2), dtype=hidden.dtype)
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
+        check_kernel_device("hidden", hidden, w13=w13, w2=w2, local_ids=local_ids, topk_weights=topk_weights)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         if not isinstance(activation, Activation):
             raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
@@ -793,6 +805,12 @@ test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w2_bias=torch.zeros(
 test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w2_bias=torch.zeros(E, H, device=DEVICE, dtype=torch.int32)), contains="w2_bias: expected dtype")
 test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, activation="swigluoai"), contains="activation: expected an Activation, got str")
 test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", bias=torch.zeros(E, I, device=DEVICE)), contains="bias: expected shape [2, 64]")
+test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", wts, "output"),   # would scale the gate half only
+          contains="weight_stage: expected None or 'input' with a gated activation")
+test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", wts.to("meta"), "input"), contains="topk_weights: expected device")
+test_fail(lambda: TritonExperts().apply(x, w, w2, wts.to("meta"), ids), contains="topk_weights: expected device")
+test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", out=torch.empty(T * k, I, device="meta")),
+          contains="out: expected device")
 
 # %% [markdown]
 # On the GPU: DeepSeek-V3 EP8 decode and prefill shapes (32 local experts, hidden 7168, expert width 2048, top-8).

@@ -17,7 +17,7 @@ from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
-from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 
@@ -29,6 +29,8 @@ from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
 from fastcore.test import test_eq, test_fail
+import json, os, tempfile
+from moe_lit.kernels.batched import tile_config_path
 
 # %% [markdown]
 # In this notebook: the one K-step helper `_quant_k_step` shared by both GEMM kernels; the batched GEMM
@@ -182,6 +184,7 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
             k0 = kt * BLOCK_K
             aT = tl.trans(tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0))   # [BK, BM]
             if UPCAST: aT = aT.to(tl.float32)
+            elif FMT == 2: aT = aT.to(tl.bfloat16)              # e8m0 scales reach 2^±127: fp16 weights would not hold them
             w = _fp4_weight_tile(w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
                                  FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
             accT = tl.dot(w, aT, accT, input_precision=PRECISION)
@@ -377,8 +380,9 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
                 config: dict | None) -> dict:
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
     name = f"{kernel}_{'fp8' if fmt < 2 else 'w4a16'}"
-    cfg = dict(check_tile_config(config) or lookup_tile_config(name, E, N, K, M, dtype if dtype in ACTIVATION_DTYPES else torch.bfloat16))
-    for key in ("TMA", "WARP_SPECIALIZE"): cfg.pop(key, None)
+    cfg = dict(check_tile_config(config, need_block_m=kernel.startswith("batched")) or
+               lookup_tile_config(name, E, N, K, M, dtype if dtype in ACTIVATION_DTYPES else torch.bfloat16))
+    for key in ("TMA", "WARP_SPECIALIZE", "GROUP_M"): cfg.pop(key, None)     # the quantized kernels use none of them
     if not INTERPRET: cfg = fit_shared_memory(cfg, silu, 1 if fmt < 2 else 2)
     bk = max(32, cfg["BLOCK_K"])
     if fmt == 1: bk = min(bk, group_k)
@@ -393,9 +397,15 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
     "The alignment block for the contiguous quantized GEMMs: BLOCK_M of GEMM1's tile (the scheme's tuned table, else the heuristic)."
     if not isinstance(qw, QuantizedExpertWeights):
         raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+    check_choice("dtype", dtype, ACTIVATION_DTYPES)
     wa = _weight_kernel_args(qw, "w13")
-    return _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], wa["K"], check_int("expected_m", expected_m, lo=1),
-                       dtype, wa["FMT"], wa["GROUP_K"], True, None)["BLOCK_M"]
+    bm = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], wa["K"], check_int("expected_m", expected_m, lo=1),
+                     dtype, wa["FMT"], wa["GROUP_K"], True, None)["BLOCK_M"]
+    if not (16 <= bm <= 256 and bm & (bm - 1) == 0):                # a tile table's value: name where it came from
+        kind = "fp8" if wa["FMT"] < 2 else "w4a16"
+        raise ValueError(f"quant_block_m: expected GEMM1's BLOCK_M to be a power of two in [16, 256], got {bm} "
+                         f"(from the fused_moe_gemm_{kind} tile table for E={qw.num_experts}, N={wa['N']})")
+    return bm
 
 # %%
 #| export
@@ -464,6 +474,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     E, M, K = a.shape
     if E != qw.num_experts: raise ValueError(f"a: expected {qw.num_experts} experts in dim 0, got shape {list(a.shape)}")
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32, contiguous=True)
+    check_kernel_device("a", a, expert_num_tokens=expert_num_tokens, out=out, a_scale=a_scale)
     if validate and E and ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     a_k, a_s, as_strides, odt = _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched=True)
@@ -476,7 +487,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
                       act is not None, config)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = triton.cdiv(M, bm)
-    upcast = INTERPRET and a_k.dtype == torch.bfloat16
+    upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
     _batched_moe_gemm_quant_kernel[(num_m_tiles * triton.cdiv(n_out, bn), E)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens,
         N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
@@ -551,14 +562,24 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 
 # %% [markdown]
 # fp16 activations, and all experts empty (the kernel must not write anything and the quantizer must not run on
-# padding):
+# padding). MXFP4 with fp16 activations decodes its weights in bf16 — and rounds the activations to bf16 for the
+# MMA — because an e8m0 scale can put a weight far outside fp16's range; weights scaled by 1e5 and 1e-7 check it:
 
 # %%
 #| test batched_gemm_quant_fp16_and_empty
 for scheme in QUANT_SCHEMES:
-    if scheme in ("fp8_w8a8_block", "nvfp4_w4a16"):
+    if scheme in ("fp8_w8a8_block", "nvfp4_w4a16", "mxfp4_w4a16"):
         check_batched_gemm_quant(scheme, 3, 16, 96, 64, [5, 0, 16], "silu_and_mul", dtype=torch.float16, seed=7)
     check_batched_gemm_quant(scheme, 2, 16, 96, 64, [0, 0], None, seed=8)
+# MXFP4 weights past fp16's range (e8m0 scales span 2^±127): with fp16 activations the weight tile is decoded in bf16
+cnt = torch.tensor([3, 16], dtype=torch.int32, device=DEVICE)
+for w_max, a_scale in ((1e5, 1e-5), (1e-6, 1e3)):          # fp16 weights would overflow / flush to zero
+    w13, w2 = random_expert_weights(2, 64, 32, seed=9)
+    qw = quantize_expert_weights(w13 / w13.abs().max() * w_max, w2, "mxfp4_w4a16")
+    a = (random_activations((2, 16, 64), torch.float32, 10) * a_scale).half()
+    got, want = batched_moe_gemm_quant(a, qw, cnt, None, weight="w13"), batched_gemm_quant_reference(a, qw, cnt, weight="w13")
+    valid = (torch.arange(16, device=DEVICE)[None, :] < cnt[:, None])
+    assert_quant_close(got[valid].cpu(), want[valid].cpu(), 1e-2, 0.9999, name=f"mxfp4 fp16, |w| <= {w_max:g}")
 
 # %% [markdown]
 # **The tests can fail.** The same check on weights whose scales were permuted — the two K blocks of the FP8 block
@@ -633,6 +654,8 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
                                   ) -> torch.Tensor:                # [T·top_k, N or N/2] float64, NaN for non-local pairs
     "Spec: `out[p] = act(rw·deq(quant(a[row(p)])) @ deq(W[e])ᵀ + bias[e])`, e = local(p), in float64 (rw on the output: `rw·(… + bias[e])`)."
     act = check_activation(activation)
+    if act and weight_stage == "output":       # the launcher's rule (`check_aligned_args`)
+        raise ValueError("weight_stage: expected None or 'input' with a gated activation, got 'output'")
     which = _which(weight, act)
     _, _, _, N, K = qw.weight_parts(which)
     T, top_k = local_ids.shape
@@ -739,8 +762,9 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
     check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
-                        topk_weights, num_pairs)
+                        topk_weights, num_pairs, gated=act is not None, device=a.device)
     if per_pair and a.shape[0] % top_k: raise ValueError(f"a: expected a multiple of top_k={top_k} pair rows, got {a.shape[0]}")
+    check_kernel_device("a", a, out=out, a_scale=a_scale)
     K = a.shape[1]
     a_k, a_s, as_st, odt = _prepare_activations(a, qw, None, a_scale, out_dtype, K, batched=False)
     out = torch.empty(num_pairs, n_out, dtype=odt, device=a.device) if out is None else \
@@ -751,7 +775,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                       act is not None, config)
     cfg["BLOCK_M"] = block_m
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype == torch.bfloat16
+    num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     _fused_moe_quant_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out,
@@ -874,6 +898,13 @@ for m in (1, 7, 40, 1000):
     assert bm >= 16 and bm & (bm - 1) == 0, (m, bm)
 test_fail(lambda: quant_block_m(qw, 0), contains="expected_m: expected >= 1, got 0")
 test_fail(lambda: quant_block_m(qw.w13, 4), contains="qw: expected a QuantizedExpertWeights, got Tensor")
+with tempfile.TemporaryDirectory() as d:                  # a tuned table's BLOCK_M is the alignment block: checked
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"   # the tables' key
+    p = tile_config_path("fused_moe_gemm_w4a16", 2, 64, name, torch.bfloat16, d)
+    p.parent.mkdir(parents=True); p.write_text(json.dumps({"2": dict(BLOCK_M=512, BLOCK_N=64, BLOCK_K=64)}))
+    os.environ["MOE_LIT_TILE_CONFIG_DIR"] = d
+    try: test_fail(lambda: quant_block_m(qw, 2), contains="expected GEMM1's BLOCK_M to be a power of two in [16, 256], got 512")
+    finally: del os.environ["MOE_LIT_TILE_CONFIG_DIR"]
 
 # %%
 #| test quant_gemm_bad_input
@@ -903,8 +934,20 @@ test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, "silu_and_mul", out_dtype=
 test_fail(lambda: batched_moe_gemm_quant(a, (qw8.w13, qw8.w2), cnt, "silu_and_mul"), contains="qw: expected a QuantizedExpertWeights")
 ids = torch.tensor([[0, 1], [1, -1]], dtype=torch.int32, device=DEVICE)
 s, e, n = moe_align_block_size(ids, 16, E)
-test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw8, s, e, n, 2, 16, "silu_and_mul", weight_stage="output"),
+test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw8, s, e, n, 2, 16, "silu_and_mul", weight_stage="input"),
           contains="topk_weights: expected a torch.Tensor")
+tw = torch.rand(2, 2, device=DEVICE)
+test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw4, s, e, n, 2, 16, "silu_and_mul", tw, "output"),
+          contains="weight_stage: expected None or 'input' with a gated activation")
+test_fail(lambda: fused_moe_gemm_quant_reference(a[0, :2], qw4, ids, "silu_and_mul", tw, "output"),
+          contains="weight_stage: expected None or 'input' with a gated activation")
+test_fail(lambda: batched_moe_gemm_quant(a, qw4, cnt, "silu_and_mul", config=dict(BLOCK_N=32, BLOCK_K=32)),
+          contains="config: expected a BLOCK_M")
+test_fail(lambda: batched_moe_gemm_quant(a, qw4, cnt.to("meta"), "silu_and_mul"),
+          contains="expert_num_tokens: expected device")
+test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw4, s.to("meta"), e, n, 2, 16, "silu_and_mul"),
+          contains="sorted_token_ids: expected device")
+test_fail(lambda: quant_block_m(qw4, 4, torch.float32), contains="dtype: expected one of")
 test_fail(lambda: fused_moe_gemm_quant(a[0, :3, :32], qw8, s, e, n, 2, 16, rows="pair"), contains="a: expected a multiple of top_k=2")
 test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw8, s, e[:1], n, 2, 16, "silu_and_mul"), contains="expert_ids: expected shape")
 

@@ -13,7 +13,7 @@ from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights
-from moe_lit.kernels.batched import check_expert_bias
+from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
 from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_local_ids
 from moe_lit.kernels.dispatch import combine_pairs
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
@@ -164,6 +164,7 @@ class TritonQuantExperts:
         _check_expert_semantics(qw, w13_bias, w2_bias, activation, hidden.device)
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
+        check_kernel_device("hidden", hidden, local_ids=local_ids, topk_weights=topk_weights)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input

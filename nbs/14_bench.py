@@ -226,8 +226,8 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
 #| export
 def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
     "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
-    check_choice("kernel", kernel, TUNABLE)
-    bm0 = max(16, 1 << (max(1, expected_m) - 1).bit_length())
+    check_choice("kernel", kernel, TUNABLE); check_int("expected_m", expected_m, lo=1)
+    bm0 = max(16, 1 << (expected_m - 1).bit_length())
     if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side, BLOCK_K <= 128
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
                  for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn in (64, 128) for bk in (64, 128)
@@ -260,6 +260,7 @@ for kernel in TUNABLE:
         assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)          # no duplicates
 assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
 test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")
+for bad in (-1, True, 2.5, "4", None): test_fail(lambda: tile_candidates(bad), contains="expected_m: expected")
 
 # %%
 #| export

@@ -31,3 +31,4 @@ def test_tile_candidates():
             assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)          # no duplicates
     assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
     test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")
+    for bad in (-1, True, 2.5, "4", None): test_fail(lambda: tile_candidates(bad), contains="expected_m: expected")

@@ -51,12 +51,16 @@ def test_tile_config_table():
                             (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
                             (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
                             (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "expected an object"),
-                            (9, "{not json", "expected JSON")):      # a fresh E per case: tables are read once per path
+                            (9, "{not json", "expected JSON"), (10, {"4": None}, "entry '4': config: expected a dict")):
+            # a fresh E per case: tables are read once per path
             q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
             q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
             test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
                       contains=f"tile table {q}")
             test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
+        tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
+        test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
+                  contains="expected JSON, got IsADirectoryError")
     for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4"), "M: expected an int"),
                     (dict(M=float("inf")), "M: expected an int"), (dict(E=-1), "E: expected >= 1"), (dict(N=0), "N: expected >= 1"),
                     (dict(device_name=5), "device_name: expected a str")):

@@ -8,7 +8,7 @@ import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.dispatch import combine_pairs
 from moe_lit.kernels.batched import DEVICE
@@ -223,6 +223,12 @@ def test_contiguous_bad_input():
     test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, w2_bias=torch.zeros(E, H, device=DEVICE, dtype=torch.int32)), contains="w2_bias: expected dtype")
     test_fail(lambda: TritonExperts().apply(x, w, w2, wts, ids, activation="swigluoai"), contains="activation: expected an Activation, got str")
     test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", bias=torch.zeros(E, I, device=DEVICE)), contains="bias: expected shape [2, 64]")
+    test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", wts, "output"),   # would scale the gate half only
+              contains="weight_stage: expected None or 'input' with a gated activation")
+    test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", wts.to("meta"), "input"), contains="topk_weights: expected device")
+    test_fail(lambda: TritonExperts().apply(x, w, w2, wts.to("meta"), ids), contains="topk_weights: expected device")
+    test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", out=torch.empty(T * k, I, device="meta")),
+              contains="out: expected device")
 
 
 @pytest.mark.gpu

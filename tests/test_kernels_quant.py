@@ -10,7 +10,7 @@ from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
-from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 from moe_lit.kernels.batched import DEVICE
@@ -19,6 +19,8 @@ from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
 from fastcore.test import test_eq, test_fail
+import json, os, tempfile
+from moe_lit.kernels.batched import tile_config_path
 from moe_lit.kernels.quant import *
 
 
@@ -95,9 +97,18 @@ def test_batched_gemm_quant_fp4():
 
 def test_batched_gemm_quant_fp16_and_empty():
     for scheme in QUANT_SCHEMES:
-        if scheme in ("fp8_w8a8_block", "nvfp4_w4a16"):
+        if scheme in ("fp8_w8a8_block", "nvfp4_w4a16", "mxfp4_w4a16"):
             check_batched_gemm_quant(scheme, 3, 16, 96, 64, [5, 0, 16], "silu_and_mul", dtype=torch.float16, seed=7)
         check_batched_gemm_quant(scheme, 2, 16, 96, 64, [0, 0], None, seed=8)
+    # MXFP4 weights past fp16's range (e8m0 scales span 2^±127): with fp16 activations the weight tile is decoded in bf16
+    cnt = torch.tensor([3, 16], dtype=torch.int32, device=DEVICE)
+    for w_max, a_scale in ((1e5, 1e-5), (1e-6, 1e3)):          # fp16 weights would overflow / flush to zero
+        w13, w2 = random_expert_weights(2, 64, 32, seed=9)
+        qw = quantize_expert_weights(w13 / w13.abs().max() * w_max, w2, "mxfp4_w4a16")
+        a = (random_activations((2, 16, 64), torch.float32, 10) * a_scale).half()
+        got, want = batched_moe_gemm_quant(a, qw, cnt, None, weight="w13"), batched_gemm_quant_reference(a, qw, cnt, weight="w13")
+        valid = (torch.arange(16, device=DEVICE)[None, :] < cnt[:, None])
+        assert_quant_close(got[valid].cpu(), want[valid].cpu(), 1e-2, 0.9999, name=f"mxfp4 fp16, |w| <= {w_max:g}")
 
 
 def test_permuted_scales_are_caught():
@@ -169,6 +180,13 @@ def test_quant_block_m():
         assert bm >= 16 and bm & (bm - 1) == 0, (m, bm)
     test_fail(lambda: quant_block_m(qw, 0), contains="expected_m: expected >= 1, got 0")
     test_fail(lambda: quant_block_m(qw.w13, 4), contains="qw: expected a QuantizedExpertWeights, got Tensor")
+    with tempfile.TemporaryDirectory() as d:                  # a tuned table's BLOCK_M is the alignment block: checked
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"   # the tables' key
+        p = tile_config_path("fused_moe_gemm_w4a16", 2, 64, name, torch.bfloat16, d)
+        p.parent.mkdir(parents=True); p.write_text(json.dumps({"2": dict(BLOCK_M=512, BLOCK_N=64, BLOCK_K=64)}))
+        os.environ["MOE_LIT_TILE_CONFIG_DIR"] = d
+        try: test_fail(lambda: quant_block_m(qw, 2), contains="expected GEMM1's BLOCK_M to be a power of two in [16, 256], got 512")
+        finally: del os.environ["MOE_LIT_TILE_CONFIG_DIR"]
 
 
 def test_quant_gemm_bad_input():
@@ -198,8 +216,20 @@ def test_quant_gemm_bad_input():
     test_fail(lambda: batched_moe_gemm_quant(a, (qw8.w13, qw8.w2), cnt, "silu_and_mul"), contains="qw: expected a QuantizedExpertWeights")
     ids = torch.tensor([[0, 1], [1, -1]], dtype=torch.int32, device=DEVICE)
     s, e, n = moe_align_block_size(ids, 16, E)
-    test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw8, s, e, n, 2, 16, "silu_and_mul", weight_stage="output"),
+    test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw8, s, e, n, 2, 16, "silu_and_mul", weight_stage="input"),
               contains="topk_weights: expected a torch.Tensor")
+    tw = torch.rand(2, 2, device=DEVICE)
+    test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw4, s, e, n, 2, 16, "silu_and_mul", tw, "output"),
+              contains="weight_stage: expected None or 'input' with a gated activation")
+    test_fail(lambda: fused_moe_gemm_quant_reference(a[0, :2], qw4, ids, "silu_and_mul", tw, "output"),
+              contains="weight_stage: expected None or 'input' with a gated activation")
+    test_fail(lambda: batched_moe_gemm_quant(a, qw4, cnt, "silu_and_mul", config=dict(BLOCK_N=32, BLOCK_K=32)),
+              contains="config: expected a BLOCK_M")
+    test_fail(lambda: batched_moe_gemm_quant(a, qw4, cnt.to("meta"), "silu_and_mul"),
+              contains="expert_num_tokens: expected device")
+    test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw4, s.to("meta"), e, n, 2, 16, "silu_and_mul"),
+              contains="sorted_token_ids: expected device")
+    test_fail(lambda: quant_block_m(qw4, 4, torch.float32), contains="dtype: expected one of")
     test_fail(lambda: fused_moe_gemm_quant(a[0, :3, :32], qw8, s, e, n, 2, 16, rows="pair"), contains="a: expected a multiple of top_k=2")
     test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw8, s, e[:1], n, 2, 16, "silu_and_mul"), contains="expert_ids: expected shape")
 

@@ -6,7 +6,7 @@ from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights
-from moe_lit.kernels.batched import check_expert_bias
+from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
 from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_local_ids
 from moe_lit.kernels.dispatch import combine_pairs
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference

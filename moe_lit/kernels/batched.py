@@ -184,16 +184,18 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
-# %% ../../nbs/06_kernels.batched.ipynb #f7c399483ef7
+# %% ../../nbs/06_kernels.batched.ipynb #5add1305f556
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
 
-def check_tile_config(config) -> dict | None:
+def check_tile_config(config,
+                      need_block_m: bool = False,   # the batched launchers take BLOCK_M from the tile (the contiguous ones from the alignment)
+                     ) -> dict | None:
     "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
     if config is None: return None
     if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
     unknown = sorted(set(config) - set(TILE_KEYS))
     if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
-    for key in ("BLOCK_N", "BLOCK_K"):
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if need_block_m else ("BLOCK_N", "BLOCK_K"):
         if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
         if key in config:
@@ -226,7 +228,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #725bdb5d29ee
+# %% ../../nbs/06_kernels.batched.ipynb #f5accdbf71c1
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -270,7 +272,8 @@ def _load_table(path: Path) -> dict | None:
     "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
     if not path.exists(): return None
     try: raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"tile table {path}: expected JSON, got {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:     # OSError: a directory, no permission
+        raise ValueError(f"tile table {path}: expected JSON, got {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"tile table {path}: expected an object of {{\"<M>\": tile}}, got {type(raw).__name__}")
     table = {}
@@ -278,6 +281,7 @@ def _load_table(path: Path) -> dict | None:
         if not (key.isascii() and key.isdigit() and int(key) >= 1):
             raise ValueError(f"tile table {path}: expected keys that are row counts >= 1, got {key!r}")
         try:
+            if not isinstance(cfg, dict): raise ValueError(f"config: expected a dict of tile parameters, got {cfg!r}")
             check_tile_config(cfg)
             if "BLOCK_M" not in cfg: raise ValueError(f"config: expected a BLOCK_M, got {cfg}")
         except ValueError as e: raise ValueError(f"tile table {path}, entry {key!r}: {e}") from None
@@ -356,7 +360,7 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #95a31827c051
+# %% ../../nbs/06_kernels.batched.ipynb #f29cbb7a50d0
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -375,7 +379,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
     for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
-    cfg = dict(check_tile_config(config) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
+    cfg = dict(check_tile_config(config, need_block_m=True) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
     cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
     if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
