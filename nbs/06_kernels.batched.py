@@ -553,9 +553,11 @@ def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
 
 SMEM_BUDGET = 224 * 1024   # bytes of shared memory per program on Hopper (232448 less a margin for the epilogue)
 
+TILE_DEFAULTS = {"num_warps": 4, "num_stages": 3}   # what an override or a table entry may leave out
+
 def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
     "Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit shared memory."
-    cfg = dict(cfg)
+    cfg = {**TILE_DEFAULTS, **cfg}
     while silu and 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 32 * cfg["num_warps"] and cfg["BLOCK_N"] > 16:
         cfg["BLOCK_N"] //= 2             # SiLU keeps two fp32 accumulators: at most 128 registers a thread for them
     need = lambda c: (c["num_stages"] + 1) * (c["BLOCK_M"] + (2 if silu else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * element_size
@@ -569,6 +571,8 @@ big = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, num_warps=4, num_stages=5)
 fit = fit_shared_memory(big, silu=True, element_size=2)
 assert (fit["num_stages"] + 1) * (64 + 2 * 128) * fit["BLOCK_K"] * 2 <= SMEM_BUDGET
 test_eq(fit_shared_memory(dict(big, BLOCK_K=64, num_stages=3), silu=False, element_size=2)["num_stages"], 3)  # fits: kept
+bare = fit_shared_memory(dict(BLOCK_M=512, BLOCK_N=64, BLOCK_K=64), silu=True, element_size=2)   # a table may leave
+test_eq((bare["num_warps"], bare["BLOCK_M"]), (TILE_DEFAULTS["num_warps"], 512))                 # warps and stages out
 
 # %%
 #| export
@@ -608,7 +612,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = dict(check_tile_config(config, need_block_m=True) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
-    cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
+    cfg = {**TILE_DEFAULTS, **cfg}
     if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
     if not tma: cfg.pop("WARP_SPECIALIZE", None)

@@ -15,7 +15,7 @@ import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device
+from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.dispatch import combine_pairs
 
@@ -489,7 +489,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if expected_m is None: expected_m = max(1, num_pairs // E)
     check_int("expected_m", expected_m, lo=1)
     cfg = dict(config or lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, a.dtype))
-    cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
+    cfg = {**TILE_DEFAULTS, **cfg}
     cfg["BLOCK_M"] = block_m
     if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
     cfg.pop("WARP_SPECIALIZE", None)

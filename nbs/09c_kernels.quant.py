@@ -1045,6 +1045,13 @@ assert_quant_close(got[:3], want[:3])
 # layout, as the Marlin kernels do — and is open work. Tuned tables go under the kernel names
 # `batched_moe_gemm_fp8`, `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8` and `fused_moe_gemm_w4a16`; the contiguous
 # GEMMs' alignment block is GEMM1's `BLOCK_M` (`quant_block_m`).
+#
+# **The seed scenario's rank 0** (`nbs/bench/seed_scenario.py`, `seed_scenario_h200_2fa7b89.json`): DeepSeek-V3 EP8,
+# NIXL EP (batched format), round-robin placement, the whole layer replayed as a CUDA graph — routing, dispatch,
+# both GEMMs, combine and the shared expert. bf16 takes 75 / 667 / 823 µs at T = 1 / 64 / 256, NVFP4 209 / 749 /
+# 950 µs and MXFP4 266 / 772 / 868 µs; every run matches its float64 reference (max relative error ≤ 5.6e-3,
+# cosine ≥ 0.999995). FP4 halves the experts' memory and is still slower than bf16 at every T until the K loop's
+# decode is cheaper.
 
 # %% [markdown]
 # Inputs the host does not check on the hot path are still safe: a negative or huge pair index and an expert id past

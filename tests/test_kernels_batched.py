@@ -76,6 +76,8 @@ def test_fit_shared_memory():
     fit = fit_shared_memory(big, silu=True, element_size=2)
     assert (fit["num_stages"] + 1) * (64 + 2 * 128) * fit["BLOCK_K"] * 2 <= SMEM_BUDGET
     test_eq(fit_shared_memory(dict(big, BLOCK_K=64, num_stages=3), silu=False, element_size=2)["num_stages"], 3)  # fits: kept
+    bare = fit_shared_memory(dict(BLOCK_M=512, BLOCK_N=64, BLOCK_K=64), silu=True, element_size=2)   # a table may leave
+    test_eq((bare["num_warps"], bare["BLOCK_M"]), (TILE_DEFAULTS["num_warps"], 512))                 # warps and stages out
 
 
 def test_epilogue_args():

@@ -15,11 +15,11 @@ from ..formats import Activation, SILU
 from ..testing import assert_close, poison_rows
 
 # %% auto #0
-__all__ = ['TILE_KEYS', 'INTERPRET', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'GEMM_CASES', 'check_activation',
-           'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map', 'check_tile_config',
-           'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent', 'check_kernel_device',
-           'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'batched_moe_gemm', 'random_batched_problem',
-           'check_batched_gemm', 'BatchedTritonExperts']
+__all__ = ['TILE_KEYS', 'INTERPRET', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS', 'GEMM_CASES',
+           'check_activation', 'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map',
+           'check_tile_config', 'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent',
+           'check_kernel_device', 'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'batched_moe_gemm',
+           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -331,7 +331,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
     return E, M, K, N, n_out, act
 
-# %% ../../nbs/06_kernels.batched.ipynb #c0f03d8a1109
+# %% ../../nbs/06_kernels.batched.ipynb #4644be0657d3
 def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     "Tensor descriptors need contiguous 16-byte-aligned rows and int32 row coordinates; fp32 stays on the pointer kernel."
     return (a.dtype != torch.float32 and a.is_contiguous() and w.is_contiguous()
@@ -340,9 +340,11 @@ def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
 
 SMEM_BUDGET = 224 * 1024   # bytes of shared memory per program on Hopper (232448 less a margin for the epilogue)
 
+TILE_DEFAULTS = {"num_warps": 4, "num_stages": 3}   # what an override or a table entry may leave out
+
 def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
     "Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit shared memory."
-    cfg = dict(cfg)
+    cfg = {**TILE_DEFAULTS, **cfg}
     while silu and 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 32 * cfg["num_warps"] and cfg["BLOCK_N"] > 16:
         cfg["BLOCK_N"] //= 2             # SiLU keeps two fp32 accumulators: at most 128 registers a thread for them
     need = lambda c: (c["num_stages"] + 1) * (c["BLOCK_M"] + (2 if silu else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * element_size
@@ -360,7 +362,7 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #f29cbb7a50d0
+# %% ../../nbs/06_kernels.batched.ipynb #5a60a97424d3
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -380,7 +382,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = dict(check_tile_config(config, need_block_m=True) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
-    cfg = {"num_warps": 4, "num_stages": 3, **cfg}                  # an override may leave these out
+    cfg = {**TILE_DEFAULTS, **cfg}
     if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
     bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
     if not tma: cfg.pop("WARP_SPECIALIZE", None)
