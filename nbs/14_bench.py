@@ -220,7 +220,10 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
 # `tune_scenario` times candidate tiles for one scenario and returns the fastest; `run_bench(tune=True)` writes the
 # winners into the JSON tile table (`tile_config_path`) that the launcher reads, keyed by the expected rows per
 # expert. The candidates depend on the regime: narrow N tiles and deep K tiles while weights stream (decode), large
-# square tiles with 8 warps once the arithmetic dominates (prefill).
+# square tiles with 8 warps once the arithmetic dominates (prefill). The FP4 kernels (`--tune w4a16`, tuned on MXFP4
+# weights with the fused SiLU-and-mul) swap the GEMM's operands, so their `BLOCK_N` weight rows are the MMA's M side
+# (64 or 128) and their `BLOCK_M` activation rows should cover an expert's rows in one tile: every extra M tile
+# decodes the expert's weights again.
 
 # %%
 #| export
