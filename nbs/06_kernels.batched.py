@@ -409,14 +409,17 @@ def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch
 TILE_TABLE_REACH = 2   # a table entry measured at M rows serves M / 2 .. 2·M expected rows
 
 def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
-                       device_name: str | None = None, config_dir: str | Path | None = None) -> dict:
+                       device_name: str | None = None, config_dir: str | Path | None = None,
+                       heuristic=None) -> dict:   # f(E, N, K, M, dtype) -> tile when no table entry is near; default_tile_config
     "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
     root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
-    return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root)))
+    if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
+    return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root),
+                                    heuristic or default_tile_config))
 
 @functools.lru_cache(maxsize=4096)
-def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> dict:
+def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heuristic) -> dict:
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
     if not isinstance(kernel, str): raise ValueError(f"kernel: expected a kernel name (str), got {kernel!r}")
     for name, v in (("E", E), ("N", N), ("K", K)): check_int(name, v, lo=1)
@@ -429,7 +432,7 @@ def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> d
         m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
         if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
         break                                         # a table, but nothing measured near M: the heuristic
-    return default_tile_config(E, N, K, M, dtype)
+    return heuristic(E, N, K, M, dtype)
 
 @functools.lru_cache(maxsize=None)
 def _device_name() -> str:
@@ -487,6 +490,9 @@ with tempfile.TemporaryDirectory() as d:
     tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
     test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
               contains="expected JSON, got IsADirectoryError")
+mine = lambda E, N, K, M, dtype: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)       # a kernel's own heuristic
+test_eq(lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=mine), mine(2, 64, 64, 3, None))
+test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=5), contains="heuristic: expected a callable")
 for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4"), "M: expected an int"),
                 (dict(M=float("inf")), "M: expected an int"), (dict(E=-1), "E: expected >= 1"), (dict(N=0), "N: expected >= 1"),
                 (dict(device_name=5), "device_name: expected a str")):

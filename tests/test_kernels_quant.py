@@ -11,6 +11,7 @@ from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
+from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 from moe_lit.kernels.batched import DEVICE
@@ -179,6 +180,9 @@ def test_quant_block_m():
         bm = quant_block_m(qw, m)
         assert bm >= 16 and bm & (bm - 1) == 0, (m, bm)
     test_fail(lambda: quant_block_m(qw, 0), contains="expected_m: expected >= 1, got 0")
+    for m, bm in ((1, 16), (4, 16), (16, 32), (32, 64)):                       # one M tile per expert at decode
+        t = fp4_default_tile(8, 4096, 7168, m, torch.bfloat16)
+        test_eq(t["BLOCK_M"], bm if not INTERPRET else default_tile_config(8, 4096, 7168, m, torch.bfloat16)["BLOCK_M"])
     test_fail(lambda: quant_block_m(qw.w13, 4), contains="qw: expected a QuantizedExpertWeights, got Tensor")
     with tempfile.TemporaryDirectory() as d:                  # a tuned table's BLOCK_M is the alignment block: checked
         name = torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"   # the tables' key

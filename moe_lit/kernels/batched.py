@@ -228,7 +228,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #f5accdbf71c1
+# %% ../../nbs/06_kernels.batched.ipynb #c6f29f7b47df
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -240,14 +240,17 @@ def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch
 TILE_TABLE_REACH = 2   # a table entry measured at M rows serves M / 2 .. 2·M expected rows
 
 def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
-                       device_name: str | None = None, config_dir: str | Path | None = None) -> dict:
+                       device_name: str | None = None, config_dir: str | Path | None = None,
+                       heuristic=None) -> dict:   # f(E, N, K, M, dtype) -> tile when no table entry is near; default_tile_config
     "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
     root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
-    return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root)))
+    if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
+    return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root),
+                                    heuristic or default_tile_config))
 
 @functools.lru_cache(maxsize=4096)
-def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> dict:
+def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heuristic) -> dict:
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
     if not isinstance(kernel, str): raise ValueError(f"kernel: expected a kernel name (str), got {kernel!r}")
     for name, v in (("E", E), ("N", N), ("K", K)): check_int(name, v, lo=1)
@@ -260,7 +263,7 @@ def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir) -> d
         m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
         if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
         break                                         # a table, but nothing measured near M: the heuristic
-    return default_tile_config(E, N, K, M, dtype)
+    return heuristic(E, N, K, M, dtype)
 
 @functools.lru_cache(maxsize=None)
 def _device_name() -> str:
