@@ -76,16 +76,18 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)   # the unquantized activati
 # > what costs: every code is loaded once and decoded once per program, and the decode is integer work on the CUDA
 # > cores. The FP4 loop therefore computes the transposed tile, `outᵀ = W · aᵀ` (the "swap AB" of decode kernels):
 # > the weight tile `[BLOCK_N, BLOCK_K]` is loaded as stored — each row's `BLOCK_K/2` bytes are contiguous, so a row
-# > is a few 16-byte loads — decoded in registers and fed to the tensor cores as the *left* operand, which Hopper's
-# > `wgmma` reads from registers; the few activation rows are the right operand `[BLOCK_K, BLOCK_M]`. A byte's two
+# > is a few 16-byte loads — decoded in registers and fed to the tensor cores as the *left* operand (the one Hopper's
+# > `wgmma` may take from registers rather than shared memory; whether Triton does so here was not inspected); the
+# > few activation rows are the right operand `[BLOCK_K, BLOCK_M]`. A byte's two
 # > codes are neighbours along K (low nibble first, the order of `09_quant`), so `tl.join` of the two nibbles and a
-# > reshape give the K order with no shuffle across threads. A code becomes a number with three integer operations
+# > reshape give the K order without touching the activations. A code becomes a number with three integer operations
 # > and no table: its exponent and mantissa bits are placed in an fp16's exponent and mantissa fields, which makes an
 # > exact fp16 equal to the e2m1 value times 2^-14 (the e2m1 subnormal 0.5 lands on an fp16 subnormal); the 2^14 is
 # > folded into the group scale, loaded once per `(row, group)` and broadcast over the group's codes. The e8m0 scale
 # > becomes `2^(s−127)` by placing `s` in an fp32 exponent field; the NVFP4 global scale is left to the epilogue:
 # > `code · block scale` is at most 6 · 448 and exact in bf16 and fp16, so the weight tile equals the fp32 dequantized
-# > weight divided by the global scale. The stored layout is the checkpoint's own (`[N, K/2]` bytes, `[N, K/G]`
+# > weight divided by the global scale. MXFP4 decodes in bf16 whatever the activations' dtype (fp16 activations are
+# > rounded to bf16 for the MMA): an e8m0 scale can put a weight far outside fp16's range. The stored layout is the checkpoint's own (`[N, K/2]` bytes, `[N, K/G]`
 # > scales): no re-layout at load. The measured effect is in the Performance section below.
 
 # %%
