@@ -11,7 +11,7 @@ from .config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %% auto #0
 __all__ = ['stable_topk', 'fused_topk', 'RoutingFallbackWarning', 'ungroupable_reason', 'grouped_topk', 'llama4_topk',
-           'select_experts', 'matmul_acc', 'router_logits', 'expert_load', 'plot_expert_load']
+           'select_experts', 'matmul_acc', 'router_logits', 'expert_load', 'check_topk_ids', 'plot_expert_load']
 
 # %% ../nbs/03_routing.ipynb #2a2f8d004cec
 def stable_topk(values: torch.Tensor,  # [num_tokens, n] float, scores to select from
@@ -223,6 +223,22 @@ def expert_load(topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, expe
         raise ValueError(f"topk_ids: expected ids in [-1, {num_experts}), got values in "
                          f"[{ids.min().item()}, {ids.max().item()}]")
     return torch.bincount(ids, minlength=num_experts)
+
+# %% ../nbs/03_routing.ipynb #4e5e57299a65
+def check_topk_ids(topk_ids: torch.Tensor,   # [num_tokens, top_k] int32/int64, expert id per slot (-1 = none)
+                   num_experts: int,         # ids must be < this (physical experts with EPLB)
+                  ) -> torch.Tensor:         # topk_ids, unchanged
+    "Ids in `[-1, num_experts)` and distinct per token (one host sync); ValueError naming `topk_ids` otherwise."
+    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
+    ids = check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    if ids.numel() and ((ids < -1) | (ids >= num_experts)).any():
+        raise ValueError(f"topk_ids: expected ids in [-1, {num_experts}), got {int(ids.min())}..{int(ids.max())}")
+    s = ids.sort(-1).values
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if dup.any():
+        t = int(dup.any(-1).nonzero()[0])
+        raise ValueError(f"topk_ids: expected distinct ids per token (-1 may repeat), got {ids[t].tolist()} for token {t}")
+    return topk_ids
 
 # %% ../nbs/03_routing.ipynb #baa96ec882c7
 def plot_expert_load(counts: torch.Tensor,              # [num_experts] int or float, slots per expert

@@ -790,6 +790,37 @@ test_fail(lambda: expert_load(ids, 8), contains="topk_ids: expected ids in [-1, 
 test_fail(lambda: expert_load(ids.float(), 16), contains="topk_ids: expected dtype")
 test_fail(lambda: expert_load(ids, 2**62), contains="num_experts: expected < 2147483648, got 4611686018427387904")
 
+# %% [markdown]
+# Ids that come from somewhere else than a router — a caller's own `(topk_weights, topk_ids)`, or a transport's
+# input — are checked once, with one host sync: every id in `[-1, num_experts)`, and no expert twice in a token
+# (`-1` may repeat). The batched format sizes each expert's slab by that rule, so a repeated id could overflow it.
+
+# %%
+#| export
+def check_topk_ids(topk_ids: torch.Tensor,   # [num_tokens, top_k] int32/int64, expert id per slot (-1 = none)
+                   num_experts: int,         # ids must be < this (physical experts with EPLB)
+                  ) -> torch.Tensor:         # topk_ids, unchanged
+    "Ids in `[-1, num_experts)` and distinct per token (one host sync); ValueError naming `topk_ids` otherwise."
+    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
+    ids = check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    if ids.numel() and ((ids < -1) | (ids >= num_experts)).any():
+        raise ValueError(f"topk_ids: expected ids in [-1, {num_experts}), got {int(ids.min())}..{int(ids.max())}")
+    s = ids.sort(-1).values
+    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
+    if dup.any():
+        t = int(dup.any(-1).nonzero()[0])
+        raise ValueError(f"topk_ids: expected distinct ids per token (-1 may repeat), got {ids[t].tolist()} for token {t}")
+    return topk_ids
+
+# %%
+#| test check_topk_ids
+ok = torch.tensor([[0, 3], [3, -1], [-1, -1]], dtype=torch.int32)
+test_eq(check_topk_ids(ok, 4), ok)
+test_fail(lambda: check_topk_ids(ok, 3), contains="topk_ids: expected ids in [-1, 3), got -1..3")
+test_fail(lambda: check_topk_ids(torch.tensor([[1, 2], [2, 2]]), 4),
+          contains="topk_ids: expected distinct ids per token (-1 may repeat), got [2, 2] for token 1")
+test_fail(lambda: check_topk_ids(ok.float(), 4), contains="topk_ids: expected dtype")
+
 # %%
 #| export
 def plot_expert_load(counts: torch.Tensor,              # [num_experts] int or float, slots per expert

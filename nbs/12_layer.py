@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
-from moe_lit.routing import select_experts, router_logits
+from moe_lit.routing import select_experts, router_logits, check_topk_ids
 from moe_lit.placement import Placement, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
@@ -377,14 +377,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
     ids = check_tensor("topk_ids", topk[1], shape=(num_tokens, k), dtype=(torch.int32, torch.int64))
     _check_on_layer_device(self, wts, "topk_weights"); _check_on_layer_device(self, ids, "topk_ids")
     check_finite("topk_weights", wts)                        # a NaN weight would turn its token's output NaN
-    if ids.numel() and ((ids < -1) | (ids >= self.placement.num_experts)).any():   # physical ids (EPLB: replicas)
-        raise ValueError(f"topk_ids: expected ids in [-1, {self.placement.num_experts}), got "
-                         f"{int(ids.min())}..{int(ids.max())}")
-    s = ids.sort(-1).values                                  # a token meets each expert at most once (slab sizes rely on it)
-    dup = (s[:, 1:] == s[:, :-1]) & (s[:, 1:] >= 0)
-    if dup.any():
-        t = int(dup.any(-1).nonzero()[0])
-        raise ValueError(f"topk_ids: expected distinct ids per token (-1 may repeat), got {ids[t].tolist()} for token {t}")
+    check_topk_ids(ids, self.placement.num_experts)          # physical ids (EPLB: replicas), distinct per token
     return wts, ids.to(self.config.topk_indices_dtype)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, acc_dtype
+from moe_lit.routing import check_topk_ids
 from moe_lit.config import ActivationFormat, MoEConfig, BACKENDS
 from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import send_plan, receive_layout, check_count_table
@@ -96,12 +97,13 @@ def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows, a
         raise ValueError(f"counts: expected counts[{rank}] = this rank's rows of x ({x.shape[0]}), got {counts[rank]}")
     m = max(counts)
     if m == 0: return x.new_empty((0, *x.shape[1:]))
-    buf = x.new_zeros((m, *x.shape[1:]))
-    buf[:x.shape[0]] = x
-    out = x.new_empty((S * m, *x.shape[1:]))
+    wire = x.view(torch.uint8) if x.is_floating_point() and x.element_size() == 1 else x   # fp8: bytes (gloo, NCCL)
+    buf = wire.new_zeros((m, *wire.shape[1:]))
+    buf[:x.shape[0]] = wire
+    out = wire.new_empty((S * m, *wire.shape[1:]))
     _all_gather_into(out, buf, group=group)
     keep = torch.cat([torch.arange(c, device=x.device) + r * m for r, c in enumerate(counts)])
-    return out[keep]
+    return out[keep].view(x.dtype)
 
 # %%
 #| export
@@ -199,6 +201,10 @@ def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_rou
     if (placement.ep_size, placement.ep_rank) != (pf.num_dispatchers, pf.rank):
         raise ValueError(f"placement: expected the placement of rank {pf.rank} of {pf.num_dispatchers}, got rank "
                          f"{placement.ep_rank} of {placement.ep_size}")
+    wire = getattr(pf, "padded_hidden_size", None)
+    if wire is not None and hidden.shape[1] > wire:
+        raise ValueError(f"hidden: expected at most {wire} columns (the wire's hidden size), got shape {list(hidden.shape)}")
+    check_topk_ids(topk_ids, placement.num_experts)         # distinct per token: the slabs' capacity relies on it
 
 @patch(nm="prepare")
 def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
@@ -374,6 +380,10 @@ with one_process_group():
     test_eq(prep.expert_num_tokens.sum().item(), 10)                    # every pair lands in its expert's slab
     test_eq(tuple(prep.a.shape), (8, 8, 64))
     got = ModularKernel(pf, make_experts(pf, "torch"))(hidden, layer.w13, layer.w2, wts, ids.long(), layer.placement)
+    dup = ids.long().clone(); dup[2, 1] = dup[2, 0]                     # a token on one expert twice: refused
+    test_fail(lambda: pf.prepare(hidden, wts, dup, layer.placement), contains="topk_ids: expected distinct ids per token")
+    wide = AllToAllBatchedPrepareFinalize(8, padded_hidden_size=32)     # a wire narrower than hidden: refused
+    test_fail(lambda: wide.prepare(hidden, wts, ids.long(), layer.placement), contains="hidden: expected at most 32 columns")
 assert_close(got, want, name="all-to-all batched, one process")
 
 
@@ -515,6 +525,8 @@ try:
     x = torch.arange(6.).reshape(3, 2)
     test_eq(all_gather_rows(x, [3], None), x)
     test_eq(all_gather_rows(x[:0], [0], None).shape, (0, 2))
+    q = x.to(torch.float8_e4m3fn)                       # fp8 rows travel as bytes (gloo has no fp8 collectives)
+    test_eq(all_gather_rows(q, [3], None).view(torch.uint8), q.view(torch.uint8))
     test_fail(lambda: all_gather_rows(x, [5], None), contains="counts: expected counts[0] = this rank's rows of x (3), got 5")
     for bad in ([], [3, 1], [-1], [3.0], [True], None):
         test_fail(lambda: all_gather_rows(x, bad, None), contains="counts: expected a list of 1 ints >= 0")

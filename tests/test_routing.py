@@ -337,6 +337,15 @@ def test_expert_load():
     test_fail(lambda: expert_load(ids, 2**62), contains="num_experts: expected < 2147483648, got 4611686018427387904")
 
 
+def test_check_topk_ids():
+    ok = torch.tensor([[0, 3], [3, -1], [-1, -1]], dtype=torch.int32)
+    test_eq(check_topk_ids(ok, 4), ok)
+    test_fail(lambda: check_topk_ids(ok, 3), contains="topk_ids: expected ids in [-1, 3), got -1..3")
+    test_fail(lambda: check_topk_ids(torch.tensor([[1, 2], [2, 2]]), 4),
+              contains="topk_ids: expected distinct ids per token (-1 may repeat), got [2, 2] for token 1")
+    test_fail(lambda: check_topk_ids(ok.float(), 4), contains="topk_ids: expected dtype")
+
+
 def test_plot_expert_load():
     fig = plot_expert_load(torch.tensor([3, 0, 5, 4]), title="four experts")
     ax = fig.axes[0]

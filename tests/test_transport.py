@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, acc_dtype
+from moe_lit.routing import check_topk_ids
 from moe_lit.config import ActivationFormat, MoEConfig, BACKENDS
 from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import send_plan, receive_layout, check_count_table
@@ -64,6 +65,10 @@ def test_all_to_all_batched_one_process():
         test_eq(prep.expert_num_tokens.sum().item(), 10)                    # every pair lands in its expert's slab
         test_eq(tuple(prep.a.shape), (8, 8, 64))
         got = ModularKernel(pf, make_experts(pf, "torch"))(hidden, layer.w13, layer.w2, wts, ids.long(), layer.placement)
+        dup = ids.long().clone(); dup[2, 1] = dup[2, 0]                     # a token on one expert twice: refused
+        test_fail(lambda: pf.prepare(hidden, wts, dup, layer.placement), contains="topk_ids: expected distinct ids per token")
+        wide = AllToAllBatchedPrepareFinalize(8, padded_hidden_size=32)     # a wire narrower than hidden: refused
+        test_fail(lambda: wide.prepare(hidden, wts, ids.long(), layer.placement), contains="hidden: expected at most 32 columns")
     assert_close(got, want, name="all-to-all batched, one process")
 
 
@@ -98,6 +103,8 @@ def test_all_gather_rows_one_process():
         x = torch.arange(6.).reshape(3, 2)
         test_eq(all_gather_rows(x, [3], None), x)
         test_eq(all_gather_rows(x[:0], [0], None).shape, (0, 2))
+        q = x.to(torch.float8_e4m3fn)                       # fp8 rows travel as bytes (gloo has no fp8 collectives)
+        test_eq(all_gather_rows(q, [3], None).view(torch.uint8), q.view(torch.uint8))
         test_fail(lambda: all_gather_rows(x, [5], None), contains="counts: expected counts[0] = this rank's rows of x (3), got 5")
         for bad in ([], [3, 1], [-1], [3.0], [True], None):
             test_fail(lambda: all_gather_rows(x, bad, None), contains="counts: expected a list of 1 ints >= 0")
