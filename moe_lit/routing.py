@@ -224,13 +224,14 @@ def expert_load(topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, expe
                          f"[{ids.min().item()}, {ids.max().item()}]")
     return torch.bincount(ids, minlength=num_experts)
 
-# %% ../nbs/03_routing.ipynb #4e5e57299a65
+# %% ../nbs/03_routing.ipynb #25c2582635c1
 def check_topk_ids(topk_ids: torch.Tensor,   # [num_tokens, top_k] int32/int64, expert id per slot (-1 = none)
                    num_experts: int,         # ids must be < this (physical experts with EPLB)
                   ) -> torch.Tensor:         # topk_ids, unchanged
     "Ids in `[-1, num_experts)` and distinct per token (one host sync); ValueError naming `topk_ids` otherwise."
     check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
     ids = check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    if ids.is_meta: raise ValueError("topk_ids: expected a tensor with values (CPU or GPU), got one on the meta device")
     if ids.numel() and ((ids < -1) | (ids >= num_experts)).any():
         raise ValueError(f"topk_ids: expected ids in [-1, {num_experts}), got {int(ids.min())}..{int(ids.max())}")
     s = ids.sort(-1).values

@@ -128,7 +128,7 @@ class AllGatherReduceScatterPrepareFinalize:
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.stats = {}                                     # what the last prepare moved (for reports)
 
-# %% ../nbs/13a_transport.ipynb #4f4b11bb2c0d
+# %% ../nbs/13a_transport.ipynb #e5f50b730895
 def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input):
     "The arguments every distributed prepare needs, and a placement of this rank of this group."
     check_prepare_args(hidden, topk_weights, topk_ids, placement)
@@ -136,6 +136,8 @@ def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_rou
     if (placement.ep_size, placement.ep_rank) != (pf.num_dispatchers, pf.rank):
         raise ValueError(f"placement: expected the placement of rank {pf.rank} of {pf.num_dispatchers}, got rank "
                          f"{placement.ep_rank} of {placement.ep_size}")
+    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        if t.device != hidden.device: raise ValueError(f"{name}: expected device {hidden.device} (hidden's), got {t.device}")
     wire = getattr(pf, "padded_hidden_size", None)
     if wire is not None and hidden.shape[1] > wire:
         raise ValueError(f"hidden: expected at most {wire} columns (the wire's hidden size), got shape {list(hidden.shape)}")

@@ -803,6 +803,7 @@ def check_topk_ids(topk_ids: torch.Tensor,   # [num_tokens, top_k] int32/int64, 
     "Ids in `[-1, num_experts)` and distinct per token (one host sync); ValueError naming `topk_ids` otherwise."
     check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
     ids = check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    if ids.is_meta: raise ValueError("topk_ids: expected a tensor with values (CPU or GPU), got one on the meta device")
     if ids.numel() and ((ids < -1) | (ids >= num_experts)).any():
         raise ValueError(f"topk_ids: expected ids in [-1, {num_experts}), got {int(ids.min())}..{int(ids.max())}")
     s = ids.sort(-1).values
@@ -820,6 +821,7 @@ test_fail(lambda: check_topk_ids(ok, 3), contains="topk_ids: expected ids in [-1
 test_fail(lambda: check_topk_ids(torch.tensor([[1, 2], [2, 2]]), 4),
           contains="topk_ids: expected distinct ids per token (-1 may repeat), got [2, 2] for token 1")
 test_fail(lambda: check_topk_ids(ok.float(), 4), contains="topk_ids: expected dtype")
+test_fail(lambda: check_topk_ids(ok.to("meta"), 4), contains="topk_ids: expected a tensor with values")
 
 # %%
 #| export

@@ -387,12 +387,14 @@ def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
                                                                                              # within 3 % on every row
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
-                config: dict | None) -> dict:
+                config: dict | None,
+                block_m: int | None = None) -> dict:   # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
     name = f"{kernel}_{'fp8' if fmt < 2 else 'w4a16'}"
     cfg = dict(check_tile_config(config, need_block_m=kernel.startswith("batched")) or
                lookup_tile_config(name, E, N, K, M, dtype if dtype in ACTIVATION_DTYPES else torch.bfloat16,
                                   heuristic=fp4_default_tile if fmt >= 2 else None))
+    if block_m is not None: cfg["BLOCK_M"] = block_m                        # before the fit, which sizes by it
     for key in ("TMA", "WARP_SPECIALIZE", "GROUP_M"): cfg.pop(key, None)     # the quantized kernels use none of them
     if not INTERPRET: cfg = fit_shared_memory(cfg, silu, 1 if fmt < 2 else 2)
     bk = max(32, cfg["BLOCK_K"])
@@ -783,8 +785,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     check_extent("w", wa["codes"])
     if num_pairs == 0 or n_out == 0: return out
     cfg = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], K, block_m, odt, wa["FMT"], wa["GROUP_K"],
-                      act is not None, config)
-    cfg["BLOCK_M"] = block_m
+                      act is not None, config, block_m=block_m)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     _fused_moe_quant_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
@@ -962,6 +963,11 @@ test_fail(lambda: batched_moe_gemm_quant(a, qw4, cnt.to("meta"), "silu_and_mul")
 test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw4, s.to("meta"), e, n, 2, 16, "silu_and_mul"),
           contains="sorted_token_ids: expected device")
 test_fail(lambda: quant_block_m(qw4, 4, torch.float32), contains="dtype: expected one of")
+for q in (qw4, qw8):                 # a contiguous override leaves BLOCK_M to the alignment (the GPU's fit sizes by it)
+    got = fused_moe_gemm_quant(a[0, :2], q, s, e, n, 2, 16, "silu_and_mul", config=dict(BLOCK_N=32, BLOCK_K=32))
+    want = fused_moe_gemm_quant_reference(a[0, :2], q, ids, "silu_and_mul")
+    ok = ids.reshape(-1) >= 0
+    assert_quant_close(got[ok].cpu(), want[ok].cpu(), 1e-2, 0.9999, name=f"{q.scheme} override without BLOCK_M")
 test_fail(lambda: fused_moe_gemm_quant(a[0, :3, :32], qw8, s, e, n, 2, 16, rows="pair"), contains="a: expected a multiple of top_k=2")
 test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw8, s, e[:1], n, 2, 16, "silu_and_mul"), contains="expert_ids: expected shape")
 

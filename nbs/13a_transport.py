@@ -201,6 +201,8 @@ def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_rou
     if (placement.ep_size, placement.ep_rank) != (pf.num_dispatchers, pf.rank):
         raise ValueError(f"placement: expected the placement of rank {pf.rank} of {pf.num_dispatchers}, got rank "
                          f"{placement.ep_rank} of {placement.ep_size}")
+    for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+        if t.device != hidden.device: raise ValueError(f"{name}: expected device {hidden.device} (hidden's), got {t.device}")
     wire = getattr(pf, "padded_hidden_size", None)
     if wire is not None and hidden.shape[1] > wire:
         raise ValueError(f"hidden: expected at most {wire} columns (the wire's hidden size), got shape {list(hidden.shape)}")
@@ -384,6 +386,7 @@ with one_process_group():
     test_fail(lambda: pf.prepare(hidden, wts, dup, layer.placement), contains="topk_ids: expected distinct ids per token")
     wide = AllToAllBatchedPrepareFinalize(8, padded_hidden_size=32)     # a wire narrower than hidden: refused
     test_fail(lambda: wide.prepare(hidden, wts, ids.long(), layer.placement), contains="hidden: expected at most 32 columns")
+    test_fail(lambda: pf.prepare(hidden, wts.to("meta"), ids.long(), layer.placement), contains="topk_weights: expected device cpu")
 assert_close(got, want, name="all-to-all batched, one process")
 
 

@@ -64,6 +64,10 @@ def test_tile_config_table():
     mine = lambda E, N, K, M, dtype: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)       # a kernel's own heuristic
     test_eq(lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=mine), mine(2, 64, 64, 3, None))
     test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=5), contains="heuristic: expected a callable")
+    test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: dict(BLOCK_M=3, BLOCK_N=32, BLOCK_K=32)),
+              contains="config['BLOCK_M']: expected a power of two, got 3")
+    test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: None),
+              contains="expected a tile dict with a BLOCK_M, got None")
     for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4"), "M: expected an int"),
                     (dict(M=float("inf")), "M: expected an int"), (dict(E=-1), "E: expected >= 1"), (dict(N=0), "N: expected >= 1"),
                     (dict(device_name=5), "device_name: expected a str")):

@@ -234,6 +234,11 @@ def test_quant_gemm_bad_input():
     test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw4, s.to("meta"), e, n, 2, 16, "silu_and_mul"),
               contains="sorted_token_ids: expected device")
     test_fail(lambda: quant_block_m(qw4, 4, torch.float32), contains="dtype: expected one of")
+    for q in (qw4, qw8):                 # a contiguous override leaves BLOCK_M to the alignment (the GPU's fit sizes by it)
+        got = fused_moe_gemm_quant(a[0, :2], q, s, e, n, 2, 16, "silu_and_mul", config=dict(BLOCK_N=32, BLOCK_K=32))
+        want = fused_moe_gemm_quant_reference(a[0, :2], q, ids, "silu_and_mul")
+        ok = ids.reshape(-1) >= 0
+        assert_quant_close(got[ok].cpu(), want[ok].cpu(), 1e-2, 0.9999, name=f"{q.scheme} override without BLOCK_M")
     test_fail(lambda: fused_moe_gemm_quant(a[0, :3, :32], qw8, s, e, n, 2, 16, rows="pair"), contains="a: expected a multiple of top_k=2")
     test_fail(lambda: fused_moe_gemm_quant(a[0, :2], qw8, s, e[:1], n, 2, 16, "silu_and_mul"), contains="expert_ids: expected shape")
 

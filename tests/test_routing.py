@@ -344,6 +344,7 @@ def test_check_topk_ids():
     test_fail(lambda: check_topk_ids(torch.tensor([[1, 2], [2, 2]]), 4),
               contains="topk_ids: expected distinct ids per token (-1 may repeat), got [2, 2] for token 1")
     test_fail(lambda: check_topk_ids(ok.float(), 4), contains="topk_ids: expected dtype")
+    test_fail(lambda: check_topk_ids(ok.to("meta"), 4), contains="topk_ids: expected a tensor with values")
 
 
 def test_plot_expert_load():

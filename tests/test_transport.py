@@ -69,6 +69,7 @@ def test_all_to_all_batched_one_process():
         test_fail(lambda: pf.prepare(hidden, wts, dup, layer.placement), contains="topk_ids: expected distinct ids per token")
         wide = AllToAllBatchedPrepareFinalize(8, padded_hidden_size=32)     # a wire narrower than hidden: refused
         test_fail(lambda: wide.prepare(hidden, wts, ids.long(), layer.placement), contains="hidden: expected at most 32 columns")
+        test_fail(lambda: pf.prepare(hidden, wts.to("meta"), ids.long(), layer.placement), contains="topk_weights: expected device cpu")
     assert_close(got, want, name="all-to-all batched, one process")
 
 

@@ -228,7 +228,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #c6f29f7b47df
+# %% ../../nbs/06_kernels.batched.ipynb #4afc541493c5
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -263,7 +263,11 @@ def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heur
         m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
         if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
         break                                         # a table, but nothing measured near M: the heuristic
-    return heuristic(E, N, K, M, dtype)
+    cfg = heuristic(E, N, K, M, dtype)
+    try:
+        if not isinstance(cfg, dict) or "BLOCK_M" not in cfg: raise ValueError(f"config: expected a tile dict with a BLOCK_M, got {cfg!r}")
+        return check_tile_config(cfg)
+    except ValueError as e: raise ValueError(f"heuristic {getattr(heuristic, '__name__', heuristic)}: {e}") from None
 
 @functools.lru_cache(maxsize=None)
 def _device_name() -> str:

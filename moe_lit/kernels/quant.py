@@ -230,7 +230,7 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #63f66b71b63d
+# %% ../../nbs/09c_kernels.quant.ipynb #c724d7f98620
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -254,12 +254,14 @@ def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
                                                                                              # within 3 % on every row
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
-                config: dict | None) -> dict:
+                config: dict | None,
+                block_m: int | None = None) -> dict:   # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
     name = f"{kernel}_{'fp8' if fmt < 2 else 'w4a16'}"
     cfg = dict(check_tile_config(config, need_block_m=kernel.startswith("batched")) or
                lookup_tile_config(name, E, N, K, M, dtype if dtype in ACTIVATION_DTYPES else torch.bfloat16,
                                   heuristic=fp4_default_tile if fmt >= 2 else None))
+    if block_m is not None: cfg["BLOCK_M"] = block_m                        # before the fit, which sizes by it
     for key in ("TMA", "WARP_SPECIALIZE", "GROUP_M"): cfg.pop(key, None)     # the quantized kernels use none of them
     if not INTERPRET: cfg = fit_shared_memory(cfg, silu, 1 if fmt < 2 else 2)
     bk = max(32, cfg["BLOCK_K"])
@@ -453,7 +455,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #077c59c5f2ae
+# %% ../../nbs/09c_kernels.quant.ipynb #badc2f576c6b
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -487,8 +489,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     check_extent("w", wa["codes"])
     if num_pairs == 0 or n_out == 0: return out
     cfg = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], K, block_m, odt, wa["FMT"], wa["GROUP_K"],
-                      act is not None, config)
-    cfg["BLOCK_M"] = block_m
+                      act is not None, config, block_m=block_m)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     _fused_moe_quant_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
