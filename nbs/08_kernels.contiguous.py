@@ -471,13 +471,14 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[e]ᵀ + bias[e])`, e = expert(block) (vLLM's fused_moe_kernel)."
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_tensor("w", w, shape=(None, None, a.shape[1]), dtype=a.dtype)
-    check_kernel_device("a", a, w=w, out=out)
+    check_kernel_device("a", a, w=w, out=out, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids,
+                        num_tokens_post_padded=num_tokens_post_padded, topk_weights=topk_weights)
     act = check_activation(activation)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     check_int("top_k", top_k, lo=1)
     num_pairs = (a.shape[0] if per_pair else a.shape[0] * top_k)
     check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
-                        topk_weights, num_pairs, gated=act is not None, device=a.device)
+                        topk_weights, num_pairs, gated=act is not None)
     check_tile_config(config)
     E, N, K = w.shape
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
@@ -514,19 +515,13 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
 
 def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs,
-                        gated: bool = False,        # a gated activation is fused: the router weight cannot go on its output
-                        device: torch.device | None = None):   # the activations' device: every tensor here must be on it
-    "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes."
+                        gated: bool = False):       # a gated activation is fused: the router weight cannot go on its output
+    "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes (devices: the caller's `check_kernel_device`)."
     check_int("top_k", top_k, lo=1); check_block_m(block_m)
     check_choice("weight_stage", weight_stage, (None, "input", "output"))
     if gated and weight_stage == "output":
         raise ValueError("weight_stage: expected None or 'input' with a gated activation (a router weight on GEMM1's "
                          "output would scale only the gate half before the activation), got 'output'")
-    if device is not None:
-        for name, t in (("sorted_token_ids", sorted_token_ids), ("expert_ids", expert_ids),
-                        ("num_tokens_post_padded", num_tokens_post_padded), ("topk_weights", topk_weights)):
-            if isinstance(t, torch.Tensor) and t.device != device:
-                raise ValueError(f"{name}: expected device {device} (a's), got {t.device}")
     check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32, contiguous=True)
     check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32, contiguous=True)
     check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32, contiguous=True)

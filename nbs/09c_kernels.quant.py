@@ -775,9 +775,10 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
     check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
-                        topk_weights, num_pairs, gated=act is not None, device=a.device)
+                        topk_weights, num_pairs, gated=act is not None)
     if per_pair and a.shape[0] % top_k: raise ValueError(f"a: expected a multiple of top_k={top_k} pair rows, got {a.shape[0]}")
-    check_kernel_device("a", a, out=out, a_scale=a_scale)
+    check_kernel_device("a", a, out=out, a_scale=a_scale, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids,
+                        num_tokens_post_padded=num_tokens_post_padded, topk_weights=topk_weights)
     K = a.shape[1]
     a_k, a_s, as_st, odt = _prepare_activations(a, qw, None, a_scale, out_dtype, K, batched=False)
     out = torch.empty(num_pairs, n_out, dtype=odt, device=a.device) if out is None else \

@@ -455,7 +455,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #badc2f576c6b
+# %% ../../nbs/09c_kernels.quant.ipynb #fc590b068d19
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -479,9 +479,10 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
     check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
-                        topk_weights, num_pairs, gated=act is not None, device=a.device)
+                        topk_weights, num_pairs, gated=act is not None)
     if per_pair and a.shape[0] % top_k: raise ValueError(f"a: expected a multiple of top_k={top_k} pair rows, got {a.shape[0]}")
-    check_kernel_device("a", a, out=out, a_scale=a_scale)
+    check_kernel_device("a", a, out=out, a_scale=a_scale, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids,
+                        num_tokens_post_padded=num_tokens_post_padded, topk_weights=topk_weights)
     K = a.shape[1]
     a_k, a_s, as_st, odt = _prepare_activations(a, qw, None, a_scale, out_dtype, K, batched=False)
     out = torch.empty(num_pairs, n_out, dtype=odt, device=a.device) if out is None else \
