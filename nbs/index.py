@@ -23,8 +23,9 @@
 # bash .ci/install && .venv/bin/moe-lit run
 # ```
 #
-# It takes about a minute and a half with a fresh download (the install about 70 s, 3.4 GB on disk; the run itself a
-# few seconds at a peak of about 3.2 GB resident).
+# It takes about two minutes with a fresh download and prints nothing while it installs: the install about 70–90 s
+# (`.venv` about 2 GB), then the run, 10–30 s, most of it generating the random weights, at a peak of about 3.2 GiB
+# resident.
 #
 # The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
 # the wheel installed into a fresh venv, and the documentation site built and opened in headless Chromium
