@@ -13,7 +13,8 @@ from .kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_p
 # %% auto #0
 __all__ = ['SCENARIOS', 'TUNABLE', 'QUANT_BENCH_SCHEMES', 'routed_counts', 'roofline_floor', 'measure_device', 'bench_scenario',
            'align_cost', 'tile_candidates', 'tune_scenario', 'source_commit', 'run_bench', 'bench_quant',
-           'format_bench_quant', 'format_bench', 'plot_bench', 'find_bench_results', 'load_bench_results']
+           'format_bench_quant', 'plot_bench_quant', 'format_bench', 'plot_bench', 'find_bench_results',
+           'load_bench_results']
 
 # %% ../nbs/14_bench.ipynb #a28f9a709827
 SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per expert, routed rows)
@@ -257,7 +258,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #306eab2d504e
+# %% ../nbs/14_bench.ipynb #3410060acf75
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -307,6 +308,27 @@ def format_bench_quant(rows: list[dict]) -> str:
                      f"{r['batched_us']:>14.1f} ({r['batched_pct_floor']:5.1f}%)"
                      f"{r['contiguous_us']:>16.1f} ({r['contiguous_pct_floor']:5.1f}%){r['bf16_batched_us']:>17.1f}")
     return "\n".join(lines)
+
+def plot_bench_quant(runs: dict,                      # {label: bench_quant rows}, oldest first
+                     schemes=("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block")):
+    "Bars: % of the weight-bytes floor per (scenario, scheme), one bar per run and format. Returns the Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not runs: raise ValueError("runs: expected at least one {label: rows} entry, got none")
+    keys = [(r["scenario"], r["scheme"]) for r in next(iter(runs.values())) if r["scheme"] in schemes]
+    bars = [(label, fmt) for label in runs for fmt in ("batched", "contiguous")]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(bars)
+    for i, (label, fmt) in enumerate(bars):
+        by_key = {(r["scenario"], r["scheme"]): r for r in runs[label]}
+        ax.bar([j + i * width for j in range(len(keys))],
+               [by_key[k][f"{fmt}_pct_floor"] if k in by_key else 0 for k in keys], width, label=f"{label}, {fmt}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))],
+                  [f"{sc.split(' ')[0]}\n{scheme.split('_')[0]}" for sc, scheme in keys], fontsize=7)
+    ax.axhline(100, color="k", lw=0.8, ls="--"); ax.set_ylabel("% of weight-bytes floor (higher is better)")
+    ax.set_ylim(0, 110); ax.legend(fontsize=7, ncol=2); ax.set_title("Quantized GEMM1 + SiLU-and-mul at decode", fontsize=9)
+    fig.tight_layout(); plt.close(fig)
+    return fig
 
 # %% ../nbs/14_bench.ipynb #ca9dd406fc14
 def format_bench(report: dict) -> str:

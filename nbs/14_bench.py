@@ -406,6 +406,27 @@ def format_bench_quant(rows: list[dict]) -> str:
                      f"{r['contiguous_us']:>16.1f} ({r['contiguous_pct_floor']:5.1f}%){r['bf16_batched_us']:>17.1f}")
     return "\n".join(lines)
 
+def plot_bench_quant(runs: dict,                      # {label: bench_quant rows}, oldest first
+                     schemes=("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block")):
+    "Bars: % of the weight-bytes floor per (scenario, scheme), one bar per run and format. Returns the Figure."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not runs: raise ValueError("runs: expected at least one {label: rows} entry, got none")
+    keys = [(r["scenario"], r["scheme"]) for r in next(iter(runs.values())) if r["scheme"] in schemes]
+    bars = [(label, fmt) for label in runs for fmt in ("batched", "contiguous")]
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(bars)
+    for i, (label, fmt) in enumerate(bars):
+        by_key = {(r["scenario"], r["scheme"]): r for r in runs[label]}
+        ax.bar([j + i * width for j in range(len(keys))],
+               [by_key[k][f"{fmt}_pct_floor"] if k in by_key else 0 for k in keys], width, label=f"{label}, {fmt}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))],
+                  [f"{sc.split(' ')[0]}\n{scheme.split('_')[0]}" for sc, scheme in keys], fontsize=7)
+    ax.axhline(100, color="k", lw=0.8, ls="--"); ax.set_ylabel("% of weight-bytes floor (higher is better)")
+    ax.set_ylim(0, 110); ax.legend(fontsize=7, ncol=2); ax.set_title("Quantized GEMM1 + SiLU-and-mul at decode", fontsize=9)
+    fig.tight_layout(); plt.close(fig)
+    return fig
+
 # %% [markdown]
 # ## Reading the results
 
