@@ -8,6 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
+import os
 import torch
 import triton
 import triton.language as tl
@@ -80,10 +81,11 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)   # the unquantized activati
 # > `wgmma` may take from registers rather than shared memory; whether Triton does so here was not inspected); the
 # > few activation rows are the right operand `[BLOCK_K, BLOCK_M]`. A byte's two
 # > codes are neighbours along K (low nibble first, the order of `09_quant`), so `tl.join` of the two nibbles and a
-# > reshape give the K order without touching the activations. A code becomes a number with three integer operations
-# > and no table: its exponent and mantissa bits are placed in an fp16's exponent and mantissa fields, which makes an
-# > exact fp16 equal to the e2m1 value times 2^-14 (the e2m1 subnormal 0.5 lands on an fp16 subnormal); the 2^14 is
-# > folded into the group scale, loaded once per `(row, group)` and broadcast over the group's codes. The e8m0 scale
+# > reshape give the K order without touching the activations. The group scale is loaded once per `(row, group)` and
+# > broadcast over the group's codes. How a code becomes a number is the next section; the portable form (the
+# > interpreter's, and fp16 NVFP4's) places its exponent and mantissa bits in an fp16's exponent and mantissa fields,
+# > which makes an exact fp16 equal to the e2m1 value times 2^-14 (the e2m1 subnormal 0.5 lands on an fp16
+# > subnormal), the 2^14 folded into the group scale. The e8m0 scale
 # > becomes `2^(s−127)` by placing `s` in an fp32 exponent field; the NVFP4 global scale is left to the epilogue:
 # > `code · block scale` is at most 6 · 448 and exact in bf16 and fp16, so the weight tile equals the fp32 dequantized
 # > weight divided by the global scale. MXFP4 decodes in bf16 whatever the activations' dtype (fp16 activations are
@@ -123,6 +125,80 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
     acc += part
     return acc
 
+# %% [markdown]
+# ### The FP4 decode: eight codes per 32-bit word
+#
+# With `MOE_LIT_FP4_DECODE=ptx` in the environment (read at import; the default is `portable`, see Performance), the
+# GPU's bf16 path decodes with packed integer work in a few lines of PTX (`_e2m1_bf16_pairs`, through
+# `tl.inline_asm_elementwise` with `pack=4`): one asm block takes four code bytes in one 32-bit register — eight
+# codes — and returns four registers of two bf16 each, already multiplied by their group scales. The scheme, per
+# 16-bit half of a register (one byte's nibble `s e1 e0 m` becomes one bf16):
+#
+# ```
+# code byte b            7 6 5 4 3 2 1 0            prmt: bytes b0, b1 into the two halves of a register
+#                        (hi nib) (lo nib)                  (b2, b3 into a second one)
+# lo = half & 0x000F     . . . . s e e m
+# lo · 0x1040            = lo<<6 + lo<<12  (disjoint: bits 6-9 and 12-15, so no carries)
+#   & 0x81C0             s . . . . . . e   e m . . . . . .     bf16: sign 15 | exponent 14-7 | mantissa 6-0
+#                        = the bf16 whose value is e2m1(code) · 2^-126 (0.5 is a bf16 subnormal, 0 is 0)
+# fma.rn.bf16x2 · 2^126  = e2m1(code), exact
+# fma.rn.bf16x2 · scale  = e2m1(code) · scale, exact (≤ 2 significant bits times the scale's ≤ 4: fits bf16's 8)
+# hi: (half & 0x00F0) · 0x0104 & 0x81C0, the same with the nibble 4 bits higher
+# ```
+#
+# That is 22 instructions for eight codes (2 `prmt`, then per pair of codes `and`, `mul.lo`, `and` and two bf16x2
+# `fma`), against about nine per code for the portable form (five integer operations, an fp16 → fp32 conversion, the
+# fp32 scale multiply, the bf16 conversion). Both nibbles of a byte share a group (groups are 16 or 32 codes), so a
+# byte carries one scale. The exactness claims are checked by the GPU tests against the float64 spec (random codes
+# cover all sixteen, both nibbles; weights of max |w| from 1e-6 to 1e5). The PTX needs `sm_80` (bf16x2 `fma`); fp16 NVFP4 keeps
+# the portable decode (its weights stay fp16, as the activations), and so do tiles under 2048 code bytes (`pack=4`
+# wants at least four bytes a thread at 8 warps).
+
+# %%
+#| export
+FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "portable")   # "ptx": the packed decode below (GPU only)
+if FP4_DECODE not in ("ptx", "portable"):
+    raise ValueError(f"MOE_LIT_FP4_DECODE: expected 'ptx' or 'portable', got {FP4_DECODE!r}")
+PACKED_DECODE = tl.constexpr(FP4_DECODE == "ptx" and not INTERPRET)   # the interpreter runs the portable one
+
+_E2M1X8_PTX = tl.constexpr("""
+{
+.reg .b32 t0, t1, x, z, c126, nz;
+mov.b32 z, 0;
+mov.b32 c126, 0x7E807E80;
+mov.b32 nz, 0x80008000;
+prmt.b32 t0, $4, z, 0x4140;
+prmt.b32 t1, $4, z, 0x4342;
+and.b32 x, t0, 0x000F000F;
+mul.lo.u32 x, x, 0x1040;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 $0, x, $5, nz;
+and.b32 x, t1, 0x000F000F;
+mul.lo.u32 x, x, 0x1040;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 $1, x, $6, nz;
+and.b32 x, t0, 0x00F000F0;
+mul.lo.u32 x, x, 0x0104;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 $2, x, $5, nz;
+and.b32 x, t1, 0x00F000F0;
+mul.lo.u32 x, x, 0x0104;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 $3, x, $6, nz;
+}
+""")
+
+@triton.jit
+def _e2m1_bf16_pairs(b,   # uint8 codes, two a byte (low nibble first)
+                     s):  # bf16 scale of each byte's group
+    "`(e2m1(b & 0xF) · s, e2m1(b >> 4) · s)` in bf16, eight codes per PTX block (exact: see the table above)."
+    return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r", [b, s],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
 # %%
 #| export
 @triton.jit
@@ -141,6 +217,13 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
     offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
     s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
                 mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
+    if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:               # GPU, bf16, >= 4 bytes a thread
+        if FMT == 2: s = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)                # e8m0: 2^(s − 127)
+        else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)                         # e4m3 block scale
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
+                       (BLOCK_N, BLOCK_K // 2))                                              # a byte's group scale
+        lo, hi = _e2m1_bf16_pairs(b, s)
+        return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                              # k = 2·byte + nibble
     if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)                   # e8m0: 2^(s − 127)
     else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                              # e4m3 block scale
     w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                    # [BLOCK_N, BLOCK_K/2, 2]
@@ -576,7 +659,7 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # %% [markdown]
 # fp16 activations, and all experts empty (the kernel must not write anything and the quantizer must not run on
 # padding). MXFP4 with fp16 activations decodes its weights in bf16 — and rounds the activations to bf16 for the
-# MMA — because an e8m0 scale can put a weight far outside fp16's range; weights scaled by 1e5 and 1e-7 check it:
+# MMA — because an e8m0 scale can put a weight far outside fp16's range; weights scaled by 1e5 and 1e-6 check it:
 
 # %%
 #| test batched_gemm_quant_fp16_and_empty
@@ -593,6 +676,34 @@ for w_max, a_scale in ((1e5, 1e-5), (1e-6, 1e3)):          # fp16 weights would 
     got, want = batched_moe_gemm_quant(a, qw, cnt, None, weight="w13"), batched_gemm_quant_reference(a, qw, cnt, weight="w13")
     valid = (torch.arange(16, device=DEVICE)[None, :] < cnt[:, None])
     assert_quant_close(got[valid].cpu(), want[valid].cpu(), 1e-2, 0.9999, name=f"mxfp4 fp16, |w| <= {w_max:g}")
+
+# %% [markdown]
+# **The decode is exact.** With one-hot activation rows the GEMM returns the decoded weights themselves (one nonzero
+# term per output, accumulated in fp32), so the kernel's weight tile can be compared bit for bit with the dequantized
+# weights: every byte value (both nibbles, all sixteen codes) under scales from 2^-15 to 2^9 (MXFP4) and random e4m3
+# scales with a global scale (NVFP4), in bf16 and fp16. On the GPU this is the packed PTX decode; in the interpreter
+# the portable one.
+
+# %%
+#| test fp4_decode_is_exact
+H, I = 64, 32
+codes = (torch.arange(2 * I * H // 2) % 256).to(torch.uint8).reshape(1, 2 * I, H // 2)
+g = torch.Generator().manual_seed(11)
+for scheme, G in (("mxfp4_w4a16", 32), ("nvfp4_w4a16", 16)):
+    if scheme == "mxfp4_w4a16": scale = torch.randint(112, 137, (1, 2 * I, H // G), generator=g, dtype=torch.uint8)
+    else: scale = (torch.rand(1, 2 * I, H // G, generator=g) * 400 + 0.01).to(torch.float8_e4m3fn)
+    w2c, w2s = codes[:, :H, :I // 2].contiguous(), scale[:, :H, :I // G].contiguous()
+    gs = dict(w13_global_scale=torch.tensor([0.125]).to(DEVICE), w2_global_scale=torch.tensor([1.0]).to(DEVICE)) \
+        if scheme == "nvfp4_w4a16" else {}
+    qw = QuantizedExpertWeights(scheme, codes.to(DEVICE), scale.to(DEVICE), w2c.to(DEVICE), w2s.to(DEVICE), H, I, **gs)
+    want = qw.dequantize_weight("w13", 0, torch.float64).T            # [H, 2I]: row k = the weights at K = k
+    for dtype in ACTIVATION_DTYPES:
+        a = torch.eye(H, dtype=dtype, device=DEVICE)[None]               # one-hot rows: out[0, k] = W[:, k]
+        got = batched_moe_gemm_quant(a, qw, torch.tensor([H], dtype=torch.int32, device=DEVICE), None, weight="w13")
+        test_eq(torch.equal(got[0].cpu().double(), want.to(dtype).double().cpu()), True)
+        bad = QuantizedExpertWeights(**{**qw.__dict__, "w13": qw.w13 ^ 0x80})   # flip one sign bit a byte: must differ
+        test_eq(torch.equal(batched_moe_gemm_quant(a, bad, torch.tensor([H], dtype=torch.int32, device=DEVICE), None,
+                                                   weight="w13")[0].cpu().double(), want.to(dtype).double().cpu()), False)
 
 # %% [markdown]
 # **The tests can fail.** The same check on weights whose scales were permuted — the two K blocks of the FP8 block

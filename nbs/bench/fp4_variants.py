@@ -246,9 +246,143 @@ def _fp4_swapab_post_kernel(a_ptr, w_ptr, s_ptr, c_ptr, cnt_ptr, N, K, num_m_til
              mask=mm[None, :] & mn[:, None])
 
 
+# Variant I/J: the decode as packed integer work in inline PTX. Each asm instance takes four code bytes (8 codes) in
+# one 32-bit register and returns them as four bf16x2 registers, already multiplied by their group scales:
+#   prmt spreads bytes b0,b1 (b2,b3) into the two 16-bit halves of a register;
+#   (nibble & 0xF) * 0x1040 places the nibble's bits 0-2 at bits 6-8 (bf16 exponent low bits + top mantissa bit) and
+#   bit 3 at bit 15 (sign) in one integer multiply (the two shifted copies do not overlap, so no carries);
+#   the result is the bf16 whose value is the e2m1 value times 2^-126 (0.5 is a bf16 subnormal), so one bf16x2 fma
+#   by 2^126 makes it exact, a second by the group scale applies the scale (exact: <= 2 significant bits times <= 4).
+_E2M1X4_ASM = tl.constexpr("""
+{
+.reg .b32 t0, t1, x, z, c126, nz;
+mov.b32 z, 0;
+mov.b32 c126, 0x7E807E80;
+mov.b32 nz, 0x80008000;
+prmt.b32 t0, $4, z, 0x4140;
+prmt.b32 t1, $4, z, 0x4342;
+and.b32 x, t0, 0x000F000F;
+mul.lo.u32 x, x, 0x1040;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 $0, x, $5, nz;
+and.b32 x, t1, 0x000F000F;
+mul.lo.u32 x, x, 0x1040;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 $1, x, $6, nz;
+and.b32 x, t0, 0x00F000F0;
+mul.lo.u32 x, x, 0x0104;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 $2, x, $7, nz;
+and.b32 x, t1, 0x00F000F0;
+mul.lo.u32 x, x, 0x0104;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 $3, x, $8, nz;
+}
+""")
+
+
+@triton.jit
+def _e2m1_pairs(b, s_lo, s_hi):
+    "bytes b [..] uint8 -> (low-nibble values * s_lo, high-nibble values * s_hi), both bf16, 8 codes per asm."
+    return tl.inline_asm_elementwise(_E2M1X4_ASM, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@triton.jit
+def _scale_bf16(s, NV: tl.constexpr):
+    "Scale bytes -> bf16 (exact for e8m0 and e4m3)."
+    if NV: f = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+    else: f = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+    return f
+
+
+@triton.jit
+def _fp4_swapab_asm_kernel(a_ptr, w_ptr, s_ptr, c_ptr, cnt_ptr, N, K, num_m_tiles,
+                           s_ae, s_am, s_we, s_wn, s_se, s_sn, s_ce, s_cm,
+                           NV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    "Variant I: as F (swap AB, plain layout), the decode and scale in packed PTX (_e2m1_pairs), nibbles joined along K."
+    pid, e = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
+    count = tl.load(cnt_ptr + e)
+    if pid_m * BLOCK_M >= count: return
+    e64 = e.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    offs_g = tl.arange(0, BLOCK_K // G)
+    mm, mn = offs_m < count, offs_n < N
+    a_base = a_ptr + e64 * s_ae + offs_m[None, :] * s_am
+    w_base = w_ptr + e64 * s_we + offs_n[:, None] * s_wn
+    s_base = s_ptr + e64 * s_se + offs_n[:, None] * s_sn
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        aT = tl.load(a_base + (k0 + offs_k)[:, None], mask=mm[None, :], other=0.0)          # [BK, BM]
+        b = tl.load(w_base + (k0 // 2 + offs_j)[None, :], mask=mn[:, None], other=0)        # [BN, BK/2]
+        s = _scale_bf16(tl.load(s_base + (k0 // G + offs_g)[None, :], mask=mn[:, None], other=0), NV)  # [BN, BK/G]
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // G, G // 2)), (BLOCK_N, BLOCK_K // 2))
+        lo, hi = _e2m1_pairs(b, s, s)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+        acc = tl.dot(w, aT, acc)
+    tl.store(c_ptr + e64 * s_ce + offs_m[None, :] * s_cm + offs_n[:, None], acc.to(tl.bfloat16),
+             mask=mm[None, :] & mn[:, None])
+
+
+@triton.jit
+def _fp4_swapab_asm_split_kernel(a_ptr, w_ptr, s_ptr, c_ptr, cnt_ptr, N, K, num_m_tiles,
+                                 s_ae, s_am, s_we, s_wn, s_se, s_sn, s_ce, s_cm,
+                                 NV: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
+    "Variant J: re-laid codes (split_layout: in each 64-code chunk, byte j = code j | code 32+j << 4), packed PTX\n    decode, no join: one dot for the low nibbles and one for the high, the activations loaded in the same order."
+    pid, e = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
+    count = tl.load(cnt_ptr + e)
+    if pid_m * BLOCK_M >= count: return
+    e64 = e.to(tl.int64)
+    C: tl.constexpr = BLOCK_K // 64
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    offs_lo = (offs_j // 32) * 64 + offs_j % 32                                             # K of the low nibbles
+    offs_g = tl.arange(0, BLOCK_K // G)
+    mm, mn = offs_m < count, offs_n < N
+    a_base = a_ptr + e64 * s_ae + offs_m[None, :] * s_am
+    w_base = w_ptr + e64 * s_we + offs_n[:, None] * s_wn
+    s_base = s_ptr + e64 * s_se + offs_n[:, None] * s_sn
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a_lo = tl.load(a_base + (k0 + offs_lo)[:, None], mask=mm[None, :], other=0.0)       # [BK/2, BM]
+        a_hi = tl.load(a_base + (k0 + offs_lo + 32)[:, None], mask=mm[None, :], other=0.0)
+        b = tl.load(w_base + (k0 // 2 + offs_j)[None, :], mask=mn[:, None], other=0)        # [BN, BK/2]
+        s = _scale_bf16(tl.load(s_base + (k0 // G + offs_g)[None, :], mask=mn[:, None], other=0), NV)  # [BN, BK/G]
+        s = tl.permute(tl.reshape(s, (BLOCK_N, C, 2, 32 // G)), (0, 1, 3, 2))               # [BN, C, 32/G, half]
+        s_lo, s_hi = tl.split(s)                                                             # [BN, C, 32/G]
+        s_lo = tl.reshape(tl.broadcast_to(s_lo[:, :, :, None], (BLOCK_N, C, 32 // G, G)), (BLOCK_N, BLOCK_K // 2))
+        s_hi = tl.reshape(tl.broadcast_to(s_hi[:, :, :, None], (BLOCK_N, C, 32 // G, G)), (BLOCK_N, BLOCK_K // 2))
+        lo, hi = _e2m1_pairs(b, s_lo, s_hi)
+        acc = tl.dot(lo, a_lo, acc)
+        acc = tl.dot(hi, a_hi, acc)
+    tl.store(c_ptr + e64 * s_ce + offs_m[None, :] * s_cm + offs_n[:, None], acc.to(tl.bfloat16),
+             mask=mm[None, :] & mn[:, None])
+
+
+def split_layout(codes):
+    "Plain codes [.., K/2] (byte j = code 2j | code 2j+1 << 4) -> the split layout of variant J (64-code chunks)."
+    lo, hi = codes & 0xF, codes >> 4
+    k = torch.stack([lo, hi], -1).flatten(-2)                                                # [.., K] one code a byte
+    k = k.unflatten(-1, (-1, 2, 32))                                                          # [.., K/64, half, 32]
+    return (k[..., 0, :] | (k[..., 1, :] << 4)).flatten(-2).contiguous()
+
+
 VARIANTS = {"groupscale": _fp4_groupscale_kernel, "postscale": _fp4_postscale_kernel,
             "dupload": _fp4_dupload_kernel, "dot_scaled": _fp4_dot_scaled_kernel,
-            "swapab": _fp4_swapab_kernel, "swapab_bf16mul": _fp4_swapab_bf16mul_kernel, "swapab_post": _fp4_swapab_post_kernel}
+            "swapab": _fp4_swapab_kernel, "swapab_bf16mul": _fp4_swapab_bf16mul_kernel, "swapab_post": _fp4_swapab_post_kernel,
+            "swapab_asm": _fp4_swapab_asm_kernel, "swapab_asm_split": _fp4_swapab_asm_split_kernel}
 RUN = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)
 E2M1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
 
@@ -289,7 +423,10 @@ CONFIGS = {"dot_scaled": [(32, 128, 128, 4, 4), (64, 128, 128, 4, 4), (32, 128, 
                       (32, 128, 128, 4, 4), (16, 128, 64, 4, 6)],
            "swapab_bf16mul": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 256, 8, 3)],
            "swapab_post": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 128, 256, 8, 3), (32, 128, 128, 4, 4),
-                           (16, 64, 256, 4, 4)]}
+                           (16, 64, 256, 4, 4)],
+           "swapab_asm": [(None, 64, 64, 4, 3), (None, 128, 128, 4, 4)],
+           "swapab_asm_split": [(None, 64, 64, 4, 3), (None, 128, 128, 4, 4)]}
+CONFIGS["swapab"] = CONFIGS["swapab"] + [(None, 64, 64, 4, 3), (None, 64, 128, 4, 3), (None, 128, 64, 4, 3)]
 DEFAULT_CONFIGS = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 256, 128, 8, 3), (32, 128, 128, 4, 4)]
 NAMES = ("Mixtral-8x7B decode", "DeepSeek-V3 EP8 decode", "Qwen3-30B-A3B decode")   # K a multiple of every BLOCK_K (no K mask here)
 
@@ -307,18 +444,21 @@ def main(path=None):
             floor = nbytes / dev["copy_Bps"] * 1e6
             ref = reference(a, codes, s, counts, G, nv)
             valid = torch.arange(M, device="cuda")[None, :] < counts[:, None]
+            bm_auto = max(16, triton.next_power_of_2(int(counts.max())))   # one M tile per expert
             for name, kern in [(n, VARIANTS[n]) for n in RUN]:
                 if name == "dot_scaled" and nv: continue
                 best = None
+                w = split_layout(codes) if name.endswith("_split") else codes
                 for (BM, BN, BK, warps, stages) in CONFIGS.get(name, DEFAULT_CONFIGS):
                     if BK < G: continue
+                    BM = BM or bm_auto
                     out = torch.full((E, M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
                     try:
-                        launch(kern, a, codes, s, counts, G, nv, out, BM, BN, BK, warps, stages)
+                        launch(kern, a, w, s, counts, G, nv, out, BM, BN, BK, warps, stages)
                         torch.cuda.synchronize()
                         err = ((out.float() - ref).abs()[valid].max() / ref.abs()[valid].max()).item()
                         t = triton.testing.do_bench_cudagraph(
-                            lambda: launch(kern, a, codes, s, counts, G, nv, out, BM, BN, BK, warps, stages),
+                            lambda: launch(kern, a, w, s, counts, G, nv, out, BM, BN, BK, warps, stages),
                             return_mode="median") * 1e3
                     except Exception as ex:  # noqa: BLE001  (a config that does not compile or fit)
                         print(sc["name"], nv, name, (BM, BN, BK, warps, stages), "failed:", str(ex)[:160], flush=True)
