@@ -1173,8 +1173,9 @@ assert_quant_close(got[:3], want[:3])
 # bound by the instructions per decoded element, not by memory. Two alternatives measured in the same run
 # (`nbs/bench/fp4_variants.py`, `fp4_variants_h200_*.json`) are no faster: Triton's own `tl.dot_scaled` (MXFP4 only)
 # 554 µs on Mixtral, and the scale multiply in bf16 instead of fp32 within ±10 %. Reaching the floor needs fewer
-# instructions per code — eight codes from one 32-bit word converted with packed `f16x2` arithmetic on a pre-shuffled
-# layout, as the Marlin kernels do — and is open work. Tuned tables go under the kernel names
+# instructions per code. The packed PTX decode above (eight codes from one 32-bit word, 22 instructions) is that
+# step; it has not yet been timed or run on a GPU, so it is opt-in (`MOE_LIT_FP4_DECODE=ptx`) and these figures are
+# the portable decode's. `bash nbs/bench/quant_gpu.sh check` runs its tests, `bench_quant` and the layout variants. Tuned tables go under the kernel names
 # `batched_moe_gemm_fp8`, `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8` and `fused_moe_gemm_w4a16`; the contiguous
 # GEMMs' alignment block is GEMM1's `BLOCK_M` (`quant_block_m`). Where no FP4 table entry is near, `fp4_default_tile`
 # takes the sweep's rule: `BLOCK_M` covers an expert's rows in one tile, 64 weight rows, 64-wide K steps, 4 warps,
