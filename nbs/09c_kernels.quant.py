@@ -128,8 +128,7 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
 # %% [markdown]
 # ### The FP4 decode: eight codes per 32-bit word
 #
-# With `MOE_LIT_FP4_DECODE=ptx` in the environment (read at import; the default is `portable`, see Performance), the
-# GPU's bf16 path decodes with packed integer work in a few lines of PTX (`_e2m1_bf16_pairs`, through
+# On the GPU (unless `MOE_LIT_FP4_DECODE=portable` is set before import) the bf16 path decodes with packed integer work in a few lines of PTX (`_e2m1_bf16_pairs`, through
 # `tl.inline_asm_elementwise` with `pack=4`): one asm block takes four code bytes in one 32-bit register — eight
 # codes — and returns four registers of two bf16 each, already multiplied by their group scales. The scheme, per
 # 16-bit half of a register (one byte's nibble `s e1 e0 m` becomes one bf16):
@@ -156,7 +155,7 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
 
 # %%
 #| export
-FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "portable")   # "ptx": the packed decode below (GPU only)
+FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "ptx")   # "ptx": the packed decode below (GPU only); "portable"
 if FP4_DECODE not in ("ptx", "portable"):
     raise ValueError(f"MOE_LIT_FP4_DECODE: expected 'ptx' or 'portable', got {FP4_DECODE!r}")
 PACKED_DECODE = tl.constexpr(FP4_DECODE == "ptx" and not INTERPRET)   # the interpreter runs the portable one
@@ -218,16 +217,17 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
     s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
                 mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
     if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:               # GPU, bf16, >= 4 bytes a thread
-        if FMT == 2: s = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)                # e8m0: 2^(s − 127)
-        else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)                         # e4m3 block scale
-        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
-                       (BLOCK_N, BLOCK_K // 2))                                              # a byte's group scale
-        lo, hi = _e2m1_bf16_pairs(b, s)
-        return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                              # k = 2·byte + nibble
-    if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)                   # e8m0: 2^(s − 127)
-    else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                              # e4m3 block scale
-    w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                    # [BLOCK_N, BLOCK_K/2, 2]
-    w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (s * 16384.0)[:, :, None]
+        if FMT == 2: sb = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)               # e8m0: 2^(s − 127)
+        else: sb = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)                        # e4m3 block scale
+        sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
+                        (BLOCK_N, BLOCK_K // 2))                                             # a byte's group scale
+        lo, hi = _e2m1_bf16_pairs(b, sb)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                                 # k = 2·byte + nibble
+    else:
+        if FMT == 2: sf = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)              # e8m0: 2^(s − 127)
+        else: sf = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                         # e4m3 block scale
+        w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                # [BLOCK_N, BLOCK_K/2, 2]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (sf * 16384.0)[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DTYPE)                                      # k = 2·byte + nibble
 
 # %%
@@ -1174,8 +1174,12 @@ assert_quant_close(got[:3], want[:3])
 # (`nbs/bench/fp4_variants.py`, `fp4_variants_h200_*.json`) are no faster: Triton's own `tl.dot_scaled` (MXFP4 only)
 # 554 µs on Mixtral, and the scale multiply in bf16 instead of fp32 within ±10 %. Reaching the floor needs fewer
 # instructions per code. The packed PTX decode above (eight codes from one 32-bit word, 22 instructions) is that
-# step; it has not yet been timed or run on a GPU, so it is opt-in (`MOE_LIT_FP4_DECODE=ptx`) and these figures are
-# the portable decode's. `bash nbs/bench/quant_gpu.sh check` runs its tests, `bench_quant` and the layout variants. Tuned tables go under the kernel names
+# step, and the default on the GPU: with the same tile tables (tuned for the portable decode) it takes Qwen3-30B-A3B
+# from 203 to 152 µs (MXFP4) and 221 to 172 µs (NVFP4), Mixtral from 504 to 443 and 530 to 476 µs (batched; 26–33 %
+# of the floor; `nbs/bench/quant_ptx_h200_99b06dc.log`). The stand-alone K-loop variants of the same run
+# (`fp4_variants_h200_ptx.json`, no activation) reach 382 µs on Mixtral with the plain layout and 344 µs with the
+# nibbles re-laid so that a byte holds codes j and j+32 of a 64-code chunk (no `tl.join`): 35 % of the floor at
+# best. Re-tuning the tiles for the new decode and that re-layout are next; the floor is still 3× away. Tuned tables go under the kernel names
 # `batched_moe_gemm_fp8`, `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8` and `fused_moe_gemm_w4a16`; the contiguous
 # GEMMs' alignment block is GEMM1's `BLOCK_M` (`quant_block_m`). Where no FP4 table entry is near, `fp4_default_tile`
 # takes the sweep's rule: `BLOCK_M` covers an expert's rows in one tile, 64 weight rows, 64-wide K steps, 4 warps,

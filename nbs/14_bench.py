@@ -564,5 +564,5 @@ print(format_bench_quant(quant["quant"]))
 # through a reshaped weight tile) measured 6.6–11% (`bench_h200_5412918.log`); even/odd dots with fp16 bit-field
 # decoding 14–22% (`quant_bench_h200_498b446.json`); the weights as the left operand of the MMA (decoded in
 # registers, no activation split) with tuned tiles 19–27% (this run). Closing the rest needs fewer instructions per
-# code — the packed PTX decode of `09c_kernels.quant` (eight codes per 32-bit word, opt-in with
-# `MOE_LIT_FP4_DECODE=ptx`, not yet timed on a GPU), or Blackwell's native FP4 tensor cores — and is open work.
+# code — the packed PTX decode of `09c_kernels.quant` (eight codes per 32-bit word, now the GPU default: 1.1–1.3×
+# on the rows measured, see that chapter), or Blackwell's native FP4 tensor cores — and is open work.

@@ -58,8 +58,8 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
     acc += part
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #2b580240ed08
-FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "portable")   # "ptx": the packed decode below (GPU only)
+# %% ../../nbs/09c_kernels.quant.ipynb #b2b4a6bb827d
+FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "ptx")   # "ptx": the packed decode below (GPU only); "portable"
 if FP4_DECODE not in ("ptx", "portable"):
     raise ValueError(f"MOE_LIT_FP4_DECODE: expected 'ptx' or 'portable', got {FP4_DECODE!r}")
 PACKED_DECODE = tl.constexpr(FP4_DECODE == "ptx" and not INTERPRET)   # the interpreter runs the portable one
@@ -102,7 +102,7 @@ def _e2m1_bf16_pairs(b,   # uint8 codes, two a byte (low nibble first)
     return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r", [b, s],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #0e2b2b46e3c4
+# %% ../../nbs/09c_kernels.quant.ipynb #20058e87800d
 @triton.jit
 def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two e2m1 codes a byte (low nibble first)
                      ws_ptr,     # this expert's scales [N_w, K_pad/GROUP_K] uint8 (e8m0, or e4m3 bits)
@@ -120,16 +120,17 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
     s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
                 mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
     if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:               # GPU, bf16, >= 4 bytes a thread
-        if FMT == 2: s = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)                # e8m0: 2^(s − 127)
-        else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)                         # e4m3 block scale
-        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
-                       (BLOCK_N, BLOCK_K // 2))                                              # a byte's group scale
-        lo, hi = _e2m1_bf16_pairs(b, s)
-        return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                              # k = 2·byte + nibble
-    if FMT == 2: s = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)                   # e8m0: 2^(s − 127)
-    else: s = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                              # e4m3 block scale
-    w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                    # [BLOCK_N, BLOCK_K/2, 2]
-    w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (s * 16384.0)[:, :, None]
+        if FMT == 2: sb = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)               # e8m0: 2^(s − 127)
+        else: sb = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)                        # e4m3 block scale
+        sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
+                        (BLOCK_N, BLOCK_K // 2))                                             # a byte's group scale
+        lo, hi = _e2m1_bf16_pairs(b, sb)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                                 # k = 2·byte + nibble
+    else:
+        if FMT == 2: sf = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)              # e8m0: 2^(s − 127)
+        else: sf = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                         # e4m3 block scale
+        w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                # [BLOCK_N, BLOCK_K/2, 2]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (sf * 16384.0)[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DTYPE)                                      # k = 2·byte + nibble
 
 # %% ../../nbs/09c_kernels.quant.ipynb #c084380ec134
