@@ -552,6 +552,17 @@ quant = json.loads(find_bench_results("bench/quant_bench_h200_swapab.json").read
 print(format_bench_quant(quant["quant"]))
 
 # %% [markdown]
+# The FP4 history in one figure: the even/odd loop (`498b446`) and the swapped operands with tuned tiles (`swapab`),
+# both formats. (The PTX decode's rows are in `09c_kernels.quant`'s Performance paragraph; only two scenarios were
+# re-measured.)
+
+# %%
+before = json.loads(find_bench_results("bench/quant_bench_h200_498b446.json").read_text())["quant"]
+fig = plot_bench_quant({"498b446": before, "swapab": quant["quant"]})
+test_eq(len(fig.axes[0].patches), 4 * 12)        # 2 runs x 2 formats, 4 scenarios x 3 schemes
+fig
+
+# %% [markdown]
 # **Interpretation.** FP8 w8a8 reads half the bytes of bf16 and runs 1.5–1.8× faster than the bf16 kernel on the
 # large decode rows (DeepSeek-V3 contiguous 260 vs 473 µs, 86% of its floor; Mixtral 271 µs, 82%; gpt-oss 605 µs,
 # 82%); on Qwen3-30B-A3B, whose GEMM is small (95 µs floor), the separate activation-quantization launch and the
