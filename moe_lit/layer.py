@@ -207,15 +207,15 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #a96c04fa6d4e
+# %% ../nbs/12_layer.ipynb #727e24eecc81
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
     c, dev = self.config, self.gate.device
     self.use_triton = self.experts != "torch"
     if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
-        from moe_lit.kernels.router import router_plan, route_topk
-        self.router, self._route_topk = router_plan(c), route_topk
+        from moe_lit.kernels.router import router_plan, _route_topk    # unchecked: the plan, the bias (checked at
+        self.router, self._route_topk = router_plan(c), _route_topk    # construction) and the fp32 logits are the layer's
     else: self.router = None
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
@@ -225,19 +225,20 @@ def _build_hot_path(self: FusedMoE):
     self.replicas = None if not c.num_redundant_experts else tuple(     # EPLB: (logical_to_physical, counts)
         t.to(dev) for t in eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size))
     self._kernels, self.graphs = {}, {}
+    self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
+    self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
 
 @patch
 def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
-    c = self.config
-    key = -(-num_tokens // c.ep_size) if c.activation_format is ActivationFormat.BatchedExperts else 0
+    key = -(-num_tokens // self._slab_ranks) if self._slab_ranks else 0
     mk = self._kernels.get(key)
     if mk is None:
-        pf = make_prepare_finalize(c, num_tokens, use_triton=self.use_triton, validate=self.debug)
+        pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug)
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     return mk
 
-# %% ../nbs/12_layer.ipynb #661f406f6058
+# %% ../nbs/12_layer.ipynb #91faca6bc140
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -248,13 +249,18 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     _check_on_layer_device(self, hidden)
+    return self._route(hidden)
+
+@patch
+def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
     logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
-    if self.router is not None: wts, ids = self._route_topk(self.router, logits, bias, self.config.topk_indices_dtype)
+    if self.router is not None: wts, ids = self._route_topk(self.router, logits, bias, self._ids_dtype)
     else: wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
     if self.replicas is not None: ids = map_to_physical(ids, *self.replicas, validate=self.debug)   # EPLB
-    return wts, ids.to(self.config.topk_indices_dtype)
+    return wts, ids.to(self._ids_dtype)
 
 @patch
 def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +275,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
     check_topk_ids(ids, self.placement.num_experts)          # physical ids (EPLB: replicas), distinct per token
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #5f47e8398b2d
+# %% ../nbs/12_layer.ipynb #625bafcb5ab9
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
@@ -278,7 +284,7 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
-    wts, ids = self.route(hidden) if topk is None else self._check_topk(topk, len(hidden))
+    wts, ids = self._route(hidden) if topk is None else self._check_topk(topk, len(hidden))
     mk = self._modular_kernel(len(hidden))
     w13, w2 = (self.qweights, None) if self.experts == "triton_quant" else (self.w13, self.w2)
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from moe_lit.terms import check_tensor
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device
+from moe_lit.kernels.batched import next_pow2
 from moe_lit.routing import ungroupable_reason
 
 # %%
@@ -179,7 +180,7 @@ def route_topk(plan: RouterPlan,                    # router_plan(config)
               ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` in one launch; the same result as `select_experts`."
     if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
-    E, top_k = plan.num_experts, plan.TOP_K
+    E = plan.num_experts
     check_tensor("logits", logits, shape=(None, E), dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
     if ids_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
@@ -190,15 +191,20 @@ def route_topk(plan: RouterPlan,                    # router_plan(config)
     check_kernel_device("logits", logits, bias=bias)
     if logits.dtype == torch.float64: logits = logits.float()          # selection is fp32 by contract
     if logits.stride(-1) != 1: logits = logits.contiguous()
+    return _route_topk(plan, logits, bias, ids_dtype)
+
+def _route_topk(plan, logits, bias, ids_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    "`route_topk` after its checks: for a layer whose plan, bias and unit-stride fp32 logits are its own (`12_layer`)."
+    E, top_k = plan.num_experts, plan.TOP_K
     T = logits.shape[0]
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=ids_dtype, device=logits.device)
     if T:
-        block_e = max(triton.next_power_of_2(E), 16)
+        block_e = max(next_pow2(E), 16)
         _route_topk_kernel[(T,)](logits, bias if bias is not None else logits, w, ids, E, logits.stride(0),
-                                 plan.scale, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_E=block_e,
+                                 plan.scale, TOP_K=top_k, K_PAD=next_pow2(top_k), BLOCK_E=block_e,
                                  SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
-                                 NUM_GROUPS=plan.NUM_GROUPS, G_PAD=triton.next_power_of_2(plan.NUM_GROUPS),
+                                 NUM_GROUPS=plan.NUM_GROUPS, G_PAD=next_pow2(plan.NUM_GROUPS),
                                  TOPK_GROUP=plan.TOPK_GROUP, GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2,
                                  num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids

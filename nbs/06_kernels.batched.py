@@ -380,19 +380,25 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
-def _pow2(x: int) -> int: return 1 << max(0, (int(x) - 1).bit_length())
+def next_pow2(n: int) -> int:
+    "The smallest power of two >= `n` (1 for `n <= 1`): `triton.next_power_of_2` on the host, without its JIT wrapper's cost."
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+def cdiv(a: int, b: int) -> int:
+    "`ceil(a / b)` for ints, b > 0: `triton.cdiv` on the host (a launch grid), without its JIT wrapper's cost (~2 µs a call)."
+    return -(-a // b)
 
 def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
     "Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`."
     if INTERPRET:   # the interpreter's cost is programs x K-steps, so use few, large tiles
-        return dict(BLOCK_M=min(64, max(16, _pow2(M))), BLOCK_N=min(128, max(16, _pow2(N))),
-                    BLOCK_K=min(128, max(16, _pow2(K))), num_warps=4, num_stages=1)
+        return dict(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=min(128, max(16, next_pow2(N))),
+                    BLOCK_K=min(128, max(16, next_pow2(K))), num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=min(64, max(16, _pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     if M <= 64:     # weight-streaming regime: one M tile, narrow N tiles so many programs stream in parallel
         # rows per expert scatter around the mean M: above 8, a tile of 2·M keeps most experts in one block (a second
         # block streams the expert's weights again; the idle MMA rows cost nothing while the weights bound the time)
-        bm = max(16, _pow2(M if M <= 8 else 2 * M))
+        bm = max(16, next_pow2(M if M <= 8 else 2 * M))
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
@@ -624,14 +630,20 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
     for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
+    check_tile_config(config, need_block_m=True)
+    return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias)
+
+def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias) -> torch.Tensor:
+    "`batched_moe_gemm` after its checks (`out` given): for callers whose arguments are checked or built by them."
+    (E, M, K), N = a.shape, w.shape[1]
+    n_out = N // 2 if act else N
     if E == 0 or M == 0 or n_out == 0: return out
-    cfg = dict(check_tile_config(config, need_block_m=True) or lookup_tile_config("batched_moe_gemm", E, N, K, expected_m or M, a.dtype))
-    cfg = {**TILE_DEFAULTS, **cfg}
-    if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
-    bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
-    if not tma: cfg.pop("WARP_SPECIALIZE", None)
-    num_m_tiles = triton.cdiv(M, bm)
-    grid = (num_m_tiles * triton.cdiv(n_out, bn), E)
+    bm, bn, bk, tma, cfg = _batched_tile(E, N, K, expected_m or M, a.dtype, act is not None,
+                                         None if config is None else tuple(sorted(config.items())),
+                                         os.environ.get("MOE_LIT_TILE_CONFIG_DIR"))
+    cfg = dict(cfg)
+    num_m_tiles = cdiv(M, bm)
+    grid = (num_m_tiles * cdiv(n_out, bn), E)
     epilogue = epilogue_args(act, bias)
     if tma and _tma_ok(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -651,6 +663,17 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
         UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
     return out
+
+@functools.lru_cache(maxsize=1024)
+def _batched_tile(E, N, K, expected_m, dtype, gated, config_items, config_dir) -> tuple:
+    "`(BLOCK_M, BLOCK_N, BLOCK_K, TMA, {num_warps, num_stages[, WARP_SPECIALIZE]})` of one GEMM shape, resolved once."
+    cfg = dict(config_items) if config_items is not None else \
+        lookup_tile_config("batched_moe_gemm", E, N, K, expected_m, dtype, config_dir=config_dir)
+    cfg = {**TILE_DEFAULTS, **cfg}
+    if not INTERPRET: cfg = fit_shared_memory(cfg, gated, dtype.itemsize)
+    bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
+    if not tma: cfg.pop("WARP_SPECIALIZE", None)
+    return bm, bn, bk, tma, cfg
 
 # %% [markdown]
 # ## Tests
@@ -857,8 +880,13 @@ class BatchedTritonExperts:
         check_expert_bias("w13_bias", w13_bias, a.shape[0], w13.shape[1], a.device)
         check_expert_bias("w2_bias", w2_bias, a.shape[0], a.shape[2], a.device)
         h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias,
-                             validate=validate)
-        return batched_moe_gemm(h, w2, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)
+                             validate=validate)                    # checks a, w13, the counts and the extents
+        E, M, H = a.shape
+        if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
+        else: check_tensor("out", out, shape=(E, M, H), dtype=a.dtype)
+        check_kernel_device("a", a, w2=w2, out=out)
+        for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
+        return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias)   # h is GEMM1's
 
 # %%
 #| test batched_triton_experts

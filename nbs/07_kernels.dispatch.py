@@ -10,6 +10,7 @@
 from __future__ import annotations
 import torch
 from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
+from moe_lit.kernels.batched import cdiv, next_pow2
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor
@@ -136,6 +137,13 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got "
                          f"{topk_ids.min().item()}..{topk_ids.max().item()}")
+    return _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts,
+                             physical_offset, topk_weights, a, check_overflow)
+
+def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts, physical_offset,
+                      topk_weights, a, check_overflow):
+    "`batched_dispatch` after its checks, `a` allocated: for a prepare whose ids and tables are its own (`10_modular`)."
+    T, H = hidden.shape
     counts = torch.zeros(num_local_experts, dtype=torch.int32, device=hidden.device)
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     flag = torch.zeros(1, dtype=torch.int32, device=hidden.device)
@@ -144,7 +152,7 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
             table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
-            BLOCK_H=min(1024, triton.next_power_of_2(H)), MODE=mode, SCALE=topk_weights is not None)
+            BLOCK_H=min(1024, next_pow2(H)), MODE=mode, SCALE=topk_weights is not None)
     if not check_overflow: return a, counts.clamp_(max=max_tokens), slot_map, flag   # counts stay a valid contract
     if int(flag.item()):
         raise ValueError(f"max_tokens: expected >= {int(counts.max())} (the busiest local expert's pairs), "
@@ -213,9 +221,14 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
         if x.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {x.stride(-1)}")
     if validate and T and ((slot_map < -1) | (slot_map >= E * M)).any():
         raise ValueError(f"slot_map: expected values in [-1, {E * M}), got {slot_map.min().item()}..{slot_map.max().item()}")
+    return _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weight_on_input)
+
+def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weight_on_input) -> torch.Tensor:
+    "`batched_combine` after its checks, `out` allocated: for a finalize that holds its own dispatch's slot map."
+    (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
-        bh = min(1024, triton.next_power_of_2(H))
-        _batched_combine_kernel[(T, triton.cdiv(H, bh))](
+        bh = min(1024, next_pow2(H))
+        _batched_combine_kernel[(T, cdiv(H, bh))](
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
             expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, BLOCK_H=bh, WEIGHTED=not apply_router_weight_on_input,
             PAIRS=False)
@@ -232,11 +245,15 @@ def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token,
     check_int("num_local", num_local, lo=0, hi=2**31)
     check_kernel_device("y", y, local_ids=local_ids)
     if y.stride(-1) != 1: raise ValueError(f"y: expected a unit stride along hidden_size, got {y.stride(-1)}")
-    H = y.shape[1]
+    return _combine_pairs(y, local_ids, num_local)
+
+def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
+    "`combine_pairs` after its checks: for callers that built `y` and hold checked ids (`TritonExperts`)."
+    (T, k), H = local_ids.shape, y.shape[1]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T and H:
-        bh = min(1024, triton.next_power_of_2(H))
-        _batched_combine_kernel[(T, triton.cdiv(H, bh))](
+        bh = min(1024, next_pow2(H))
+        _batched_combine_kernel[(T, cdiv(H, bh))](
             y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
             TOP_K=k, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out

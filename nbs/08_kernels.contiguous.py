@@ -8,6 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
+import functools, os
 import torch
 from moe_lit.kernels.batched import INTERPRET
 import triton
@@ -17,7 +18,8 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.dispatch import combine_pairs
+from moe_lit.kernels.batched import cdiv, next_pow2
+from moe_lit.kernels.dispatch import _combine_pairs
 
 # %%
 #| hide
@@ -167,12 +169,12 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     counts, cursor, offsets, ntpp = work.split([num_experts, num_experts, num_experts, 1])
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
-    if n: _align_count_kernel[(triton.cdiv(n, BLOCK),)](flat, counts, n, num_experts, BLOCK=BLOCK)
+    if n: _align_count_kernel[(cdiv(n, BLOCK),)](flat, counts, n, num_experts, BLOCK=BLOCK)
     _align_offsets_kernel[(1,)](counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
-                                BLOCK_E=triton.next_power_of_2(num_experts))
+                                BLOCK_E=next_pow2(num_experts))
     _align_expert_ids_kernel[(num_experts,)](counts, offsets, expert_map if expert_map is not None else counts,
                                              expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
-    if n: _align_scatter_kernel[(triton.cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
+    if n: _align_scatter_kernel[(cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
 # %% [markdown]
@@ -308,8 +310,8 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
     expert_ids = torch.empty(max(1, n), dtype=torch.int32, device=dev)
     ntpp = torch.empty(1, dtype=torch.int32, device=dev)
     if n == 0: return sorted_ids.fill_(0), expert_ids.fill_(-1), ntpp.fill_(0)
-    BLOCK = max(256, triton.next_power_of_2(block_size))
-    _pair_blocks_kernel[(triton.cdiv(n * block_size, BLOCK),)](
+    BLOCK = max(256, next_pow2(block_size))
+    _pair_blocks_kernel[(cdiv(n * block_size, BLOCK),)](
         topk_ids.reshape(-1).contiguous(), expert_map if expert_map is not None else expert_ids, sorted_ids,
         expert_ids, ntpp, n, num_experts, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
@@ -484,24 +486,29 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
     check_expert_bias("bias", bias, E, N, a.device)
     n_out = N // 2 if act else N
-    out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device) if out is None else \
-        check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype)
+    if out is not None: check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype)
+    if expected_m is not None: check_int("expected_m", expected_m, lo=1)
+    return _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act,
+                           topk_weights, weight_stage, out, config, per_pair, expected_m, bias)
+
+def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act, topk_weights,
+                    weight_stage, out, config, per_pair, expected_m, bias) -> torch.Tensor:
+    "`fused_moe_gemm` after its checks: for callers that built every argument themselves (`TritonExperts`)."
+    E, N, K = w.shape
+    n_out = N // 2 if act else N
+    num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
+    if out is None: out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device)
     if num_pairs == 0: return out
     if expected_m is None: expected_m = max(1, num_pairs // E)
-    check_int("expected_m", expected_m, lo=1)
-    cfg = dict(config or lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, a.dtype))
-    cfg = {**TILE_DEFAULTS, **cfg}
-    cfg["BLOCK_M"] = block_m
-    if not INTERPRET: cfg = fit_shared_memory(cfg, act is not None, a.element_size())
-    cfg.pop("WARP_SPECIALIZE", None)
-    bm, bn, bk, tma = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False)
-    group_m = cfg.pop("GROUP_M", 0)
+    bm, bn, bk, tma, group_m, rest = _fused_tile(E, N, K, expected_m, a.dtype, block_m, act is not None,
+                                                 None if config is None else tuple(sorted(config.items())),
+                                                 os.environ.get("MOE_LIT_TILE_CONFIG_DIR"))
     w_desc = None
     if tma and n_out % bn == 0 and _w_descriptor_ok(w) and E * N < 2**31:     # whole boxes: the up tile never crosses rows
         from triton.tools.tensor_descriptor import TensorDescriptor
         w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
     num_m_blocks = expert_ids.numel()
-    _fused_moe_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
+    _fused_moe_kernel[(num_m_blocks * cdiv(n_out, bn),)](
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, N_OUT=n_out, N_W=N, K=K,
         num_pairs=num_pairs, num_m_blocks=num_m_blocks, num_sorted=sorted_token_ids.numel(), num_local=E,
@@ -510,8 +517,19 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
         TOP_K=top_k, A_PER_PAIR=per_pair,
         WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
         EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **rest)
     return out
+
+@functools.lru_cache(maxsize=1024)
+def _fused_tile(E, N, K, expected_m, dtype, block_m, gated, config_items, config_dir) -> tuple:
+    "`(BLOCK_M, BLOCK_N, BLOCK_K, TMA, GROUP_M, {num_warps, num_stages})` of one GEMM shape, resolved once (no per-call lookups)."
+    cfg = dict(config_items) if config_items is not None else \
+        lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, dtype, config_dir=config_dir)
+    cfg = {**TILE_DEFAULTS, **cfg, "BLOCK_M": block_m}
+    if not INTERPRET: cfg = fit_shared_memory(cfg, gated, dtype.itemsize)
+    cfg.pop("WARP_SPECIALIZE", None)
+    return (cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("TMA", False), cfg.pop("GROUP_M", 0),
+            cfg)
 
 def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs,
@@ -677,19 +695,20 @@ class TritonExperts:
         T, k = local_ids.shape
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
         expected_m = max(1, T * k // E) if expected_m is None else check_int("expected_m", expected_m, lo=1)
-        cfg1 = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)
-        cfg2 = lookup_tile_config("fused_moe_gemm", E, w2.shape[1], w2.shape[2], expected_m, hidden.dtype)
-        block_m = check_block_m(cfg1["BLOCK_M"] if block_m is None else block_m)
+        if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
+            block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
+        check_block_m(block_m)
         spread = (E if num_experts is None else check_int("num_experts", num_experts, lo=E)) // 4
         tiny = T * k <= min(self.pair_blocks_max_pairs, max(1, spread))   # few pairs, rarely two on one expert
         align = moe_pair_blocks if tiny else moe_align_block_size
         s, e, n = align(local_ids, block_m, E, validate=False)                 # ids come from the placement
         on_in = apply_router_weight_on_input
-        h = fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
-                           "input" if on_in else None, config=cfg1, bias=w13_bias)
-        y = fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", config=cfg2,
-                           rows="pair", bias=w2_bias)
-        return combine_pairs(y, local_ids, E)              # router weights already applied
+        # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
+        h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
+                            "input" if on_in else None, None, None, False, expected_m, w13_bias)
+        y = _fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", None, None,
+                            True, expected_m, w2_bias)
+        return _combine_pairs(y, local_ids, E)             # router weights already applied; y is unit-stride
 
 # %%
 #| test triton_experts_match_reference

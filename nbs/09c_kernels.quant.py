@@ -20,6 +20,7 @@ from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
+from moe_lit.kernels.batched import cdiv
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 
@@ -582,9 +583,9 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, odt, wa["FMT"], wa["GROUP_K"],
                       act is not None, config)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    num_m_tiles = triton.cdiv(M, bm)
+    num_m_tiles = cdiv(M, bm)
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
-    _batched_moe_gemm_quant_kernel[(num_m_tiles * triton.cdiv(n_out, bn), E)](
+    _batched_moe_gemm_quant_kernel[(num_m_tiles * cdiv(n_out, bn), E)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens,
         N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         **_named_strides("a", "emk", a_k.stride()), **_named_strides("as", "emg", as_strides),
@@ -900,7 +901,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                       act is not None, config, block_m=block_m)
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
-    _fused_moe_quant_kernel[(num_m_blocks * triton.cdiv(n_out, bn),)](
+    _fused_moe_quant_kernel[(num_m_blocks * cdiv(n_out, bn),)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out,
         N_OUT=n_out, K=K, K_W=wa["K_W"], num_pairs=num_pairs, num_m_blocks=num_m_blocks,

@@ -135,13 +135,20 @@ class BatchedPrepareFinalize:
                 raise ValueError(f"hidden: expected at most padded_hidden_size={self.padded_hidden_size} columns, got {H}")
             hidden = torch.nn.functional.pad(hidden, (0, self.padded_hidden_size - H))
         if self.use_triton:
-            from moe_lit.kernels.dispatch import batched_dispatch
-            p = placement
-            table = (dict(global_to_physical=p.global_to_physical.to(hidden.device), physical_offset=p.physical_offset)
-                     if p.global_to_physical is not None else
-                     dict(expert_map=p.expert_map.to(hidden.device)) if p.expert_map is not None else {})
-            a, counts, slot_map, *_ = batched_dispatch(hidden.contiguous(), topk_ids, p.num_local_experts, cap,
-                                                       topk_weights=scale, check_overflow=self.validate, **table)
+            from moe_lit.kernels.dispatch import batched_dispatch, _batched_dispatch
+            p, hidden = placement, hidden.contiguous()
+            g2p, emap = p.global_to_physical, p.expert_map
+            table, mode = (g2p, 2) if g2p is not None else (emap, 1) if emap is not None else (None, 0)
+            if self.validate or (mode and table.device != hidden.device):        # checked, tables moved: the public call
+                kw = (dict(global_to_physical=g2p.to(hidden.device), physical_offset=p.physical_offset) if mode == 2 else
+                      dict(expert_map=emap.to(hidden.device)) if mode == 1 else {})
+                a, counts, slot_map, *_ = batched_dispatch(hidden, topk_ids, p.num_local_experts, cap,
+                                                           topk_weights=scale, check_overflow=self.validate, **kw)
+            else:   # the layer's hot path: ids from its router, the placement's tables on its device (checked above)
+                a = torch.empty(p.num_local_experts, cap, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+                a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, table, mode,
+                                                           table.shape[0] if mode else p.num_local_experts,
+                                                           p.physical_offset if mode == 2 else 0, scale, a, False)
         else:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids, self.validate),
                                                              placement.num_local_experts, cap, scale)
@@ -153,9 +160,12 @@ class BatchedPrepareFinalize:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
         on_in = prepared.apply_router_weight_on_input
         if self.use_triton:
-            from moe_lit.kernels.dispatch import batched_combine
-            out = batched_combine(expert_out, prepared.topk_weights, prepared.slot_map, apply_router_weight_on_input=on_in,
-                                  validate=False)       # slots come from our own dispatch: in range by construction
+            from moe_lit.kernels.dispatch import _batched_combine
+            check_tensor("expert_out", expert_out, shape=(*prepared.a.shape[:2], None), dtype=prepared.a.dtype)
+            if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()
+            T, H = prepared.topk_weights.shape[0], expert_out.shape[2]
+            out = _batched_combine(expert_out, prepared.topk_weights, prepared.slot_map,     # slots come from our own
+                                   torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device), on_in)   # dispatch
         else: out = combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
         return out[:, :prepared.hidden_size] if out.shape[1] != prepared.hidden_size else out   # padding never leaks
 

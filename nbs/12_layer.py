@@ -315,8 +315,8 @@ def _build_hot_path(self: FusedMoE):
     c, dev = self.config, self.gate.device
     self.use_triton = self.experts != "torch"
     if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
-        from moe_lit.kernels.router import router_plan, route_topk
-        self.router, self._route_topk = router_plan(c), route_topk
+        from moe_lit.kernels.router import router_plan, _route_topk    # unchecked: the plan, the bias (checked at
+        self.router, self._route_topk = router_plan(c), _route_topk    # construction) and the fp32 logits are the layer's
     else: self.router = None
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
@@ -326,15 +326,16 @@ def _build_hot_path(self: FusedMoE):
     self.replicas = None if not c.num_redundant_experts else tuple(     # EPLB: (logical_to_physical, counts)
         t.to(dev) for t in eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size))
     self._kernels, self.graphs = {}, {}
+    self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
+    self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
 
 @patch
 def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
-    c = self.config
-    key = -(-num_tokens // c.ep_size) if c.activation_format is ActivationFormat.BatchedExperts else 0
+    key = -(-num_tokens // self._slab_ranks) if self._slab_ranks else 0
     mk = self._kernels.get(key)
     if mk is None:
-        pf = make_prepare_finalize(c, num_tokens, use_triton=self.use_triton, validate=self.debug)
+        pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug)
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     return mk
 
@@ -359,13 +360,18 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     _check_on_layer_device(self, hidden)
+    return self._route(hidden)
+
+@patch
+def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
     logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
-    if self.router is not None: wts, ids = self._route_topk(self.router, logits, bias, self.config.topk_indices_dtype)
+    if self.router is not None: wts, ids = self._route_topk(self.router, logits, bias, self._ids_dtype)
     else: wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
     if self.replicas is not None: ids = map_to_physical(ids, *self.replicas, validate=self.debug)   # EPLB
-    return wts, ids.to(self.config.topk_indices_dtype)
+    return wts, ids.to(self._ids_dtype)
 
 @patch
 def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,7 +405,7 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
-    wts, ids = self.route(hidden) if topk is None else self._check_topk(topk, len(hidden))
+    wts, ids = self._route(hidden) if topk is None else self._check_topk(topk, len(hidden))
     mk = self._modular_kernel(len(hidden))
     w13, w2 = (self.qweights, None) if self.experts == "triton_quant" else (self.w13, self.w2)
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from moe_lit.terms import check_tensor
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device
+from moe_lit.kernels.batched import next_pow2
 from moe_lit.routing import ungroupable_reason
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
