@@ -139,7 +139,7 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         out[n] = check_finite(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
     return out
 
-# %% ../nbs/12_layer.ipynb #c0ebf8c24e8c
+# %% ../nbs/12_layer.ipynb #6e020d7cf6c7
 @patch
 def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
@@ -155,10 +155,10 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     if stored:                                                     # the checkpoint's codes: no dequantize -> requantize
         if pad: raise ValueError(f"quant: expected a deployment without hidden-size padding for {self.quant} codes "
                                  f"read as stored, got hidden_size {c.hidden_size} padded to {c.padded_hidden_size}")
-        self.qweights = source.quantized_experts(ids, self.quant).to(device)
+        self.qweights = source.quantized_experts(ids, self.quant).to(device).for_kernels()   # FP4: re-laid once
     elif self.quant != "unquantized":                              # quantize at load
         from moe_lit.quant_weights import quantize_expert_weights
-        self.qweights = quantize_expert_weights(w13.to(device), w2.to(device), self.quant)
+        self.qweights = quantize_expert_weights(w13.to(device), w2.to(device), self.quant).for_kernels()
     if self.qweights is not None:                                  # the float weights kept are the dequantized ones
         w13 = w2 = None                                            # (the originals go first: a lower peak)
         w13, w2 = self.qweights.dequantize(c.dtype)
@@ -166,7 +166,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #467c444307b7
+# %% ../nbs/12_layer.ipynb #fd15771becad
 def _refuse_quantized_state(module, state_dict, prefix, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats (a quantized layer quantizes them itself)."
     for n in ("w13", "w2", "w13_bias", "w2_bias", "gate", "gate_bias", "e_score_correction_bias"):
@@ -191,7 +191,7 @@ def _requantize_after_load(module, incompatible_keys):
     if module.quant == "unquantized": return
     from moe_lit.quant_weights import quantize_expert_weights
     with torch.no_grad():
-        module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant)
+        module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant).for_kernels()
         w13, w2 = module.qweights.dequantize()
         module.w13.copy_(w13); module.w2.copy_(w2)
 

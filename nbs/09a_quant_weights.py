@@ -13,7 +13,7 @@ import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
-                           quantize_nvfp4, dequantize_nvfp4)
+                           quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4)
 
 # %%
 #| hide
@@ -68,16 +68,23 @@ FP4_GROUP = {s.name: s.group_size for s in QUANT_SCHEME_TABLE.values() if not s.
 
 def _is_fp8(scheme: str) -> bool: return scheme in WEIGHT_GRANULARITY
 
-def _storage_cols(scheme: str, K: int) -> int:
-    "Columns of the code tensor for a weight of K columns: K fp8 bytes, or K_pad/2 bytes of two e2m1 codes."
-    return K if _is_fp8(scheme) else -(-K // FP4_GROUP[scheme]) * FP4_GROUP[scheme] // 2
+FP4_LAYOUTS = ("plain", "split64")   # the checkpoint's byte order, and the Hopper kernels' (re-laid at load, below)
+FP4_KERNEL_LAYOUT = "split64"        # the one the FP4 GEMMs read fastest (`09c_kernels.quant`, Performance): what
+                                     # `for_kernels` gives the layer, the benchmark and the tuner
+SPLIT_CHUNK = 64                     # codes per chunk of the split64 layout
 
-def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None) -> tuple:
+def _storage_cols(scheme: str, K: int, layout: str = "plain") -> int:
+    "Columns of the code tensor for a weight of K columns: K fp8 bytes, or K_pad/2 bytes of two e2m1 codes."
+    if _is_fp8(scheme): return K
+    pad = SPLIT_CHUNK if layout == "split64" else FP4_GROUP[scheme]       # K_pad: a whole group, or a whole chunk
+    return -(-K // pad) * pad // 2
+
+def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None, layout: str = "plain") -> tuple:
     "The weight-scale shape of one `[E, N, K]` weight (ceil-div for partial blocks, K_pad for FP4)."
     if scheme == "fp8_w8a8_tensor": return (E,)
     if scheme == "fp8_w8a8_channel": return (E, N, 1)
     if scheme == "fp8_w8a8_block": return (E, -(-N // block[0]), -(-K // block[1]))
-    return (E, N, 2 * _storage_cols(scheme, K) // FP4_GROUP[scheme])
+    return (E, N, 2 * _storage_cols(scheme, K, layout) // FP4_GROUP[scheme])
 
 # %%
 #| export
@@ -139,9 +146,13 @@ class QuantizedExpertWeights:
     w13_global_scale: torch.Tensor | None = None   # [E] fp32, NVFP4 only
     w2_global_scale: torch.Tensor | None = None    # [E] fp32, NVFP4 only
     block_shape: tuple | None = None               # scale group (rows, cols); filled in for block/FP4 schemes
+    fp4_layout: str = "plain"                      # FP4 byte order: "plain" (checkpoint) or "split64" (`relayout`)
 
     def __post_init__(self):
         check_choice("scheme", self.scheme, QUANT_SCHEMES)
+        check_choice("fp4_layout", self.fp4_layout, FP4_LAYOUTS)
+        if _is_fp8(self.scheme) and self.fp4_layout != "plain":
+            raise ValueError(f"fp4_layout: expected 'plain' for the FP8 scheme {self.scheme}, got {self.fp4_layout!r}")
         check_int("hidden_size", self.hidden_size, lo=1); check_int("intermediate_size", self.intermediate_size, lo=1)
         block = _check_block_shape(self.scheme, self.block_shape)
         object.__setattr__(self, "block_shape", block)
@@ -156,9 +167,10 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device)."
     s = qw.scheme
     codes, scale, gs = getattr(qw, name), getattr(qw, name + "_scale"), getattr(qw, name + "_global_scale")
-    check_tensor(name, codes, shape=(E, N, _storage_cols(s, K)), dtype=torch.float8_e4m3fn if _is_fp8(s) else torch.uint8)
+    layout = qw.fp4_layout
+    check_tensor(name, codes, shape=(E, N, _storage_cols(s, K, layout)), dtype=torch.float8_e4m3fn if _is_fp8(s) else torch.uint8)
     sdt = {"mxfp4_w4a16": torch.uint8, "nvfp4_w4a16": torch.float8_e4m3fn}.get(s, torch.float32)
-    check_tensor(name + "_scale", scale, shape=_scale_shape(s, E, N, K, block), dtype=sdt)
+    check_tensor(name + "_scale", scale, shape=_scale_shape(s, E, N, K, block, layout), dtype=sdt)
     if s == "nvfp4_w4a16":                                   # read as a flat [E] array; checked once, here
         check_tensor(name + "_global_scale", gs, shape=(E,), dtype=torch.float32, contiguous=True)
         if E and not bool((gs > 0).all() & gs.isfinite().all()):
@@ -188,6 +200,9 @@ def dequantize_weight(self: QuantizedExpertWeights, which: str, expert: int, dty
     codes, scale, gs, N, K = self.weight_parts(which)
     check_int("expert", expert, lo=0, hi=codes.shape[0])
     c, s = codes[expert], scale[expert]
+    if self.fp4_layout == "split64":                # back to the plain bytes, K_pad cropped to the plain one
+        cols = _storage_cols(self.scheme, K)
+        c, s = unsplit_fp4_codes(c)[..., :cols], s[..., :2 * cols // FP4_GROUP[self.scheme]]
     if self.scheme == "fp8_w8a8_tensor": return dequantize_fp8(c, s.reshape(1), "tensor", dtype=dtype)
     if self.scheme == "fp8_w8a8_channel": return dequantize_fp8(c, s, "channel", dtype=dtype)
     if self.scheme == "fp8_w8a8_block": return dequantize_fp8(c, s, "block", self.block_shape, dtype=dtype)
@@ -214,7 +229,7 @@ def _qw_replace(qw, fn):
     "A new container with `fn` applied to every tensor (validated again on construction)."
     t = {k: (None if v is None else fn(v)) for k, v in _tensors(qw).items()}
     return QuantizedExpertWeights(qw.scheme, hidden_size=qw.hidden_size, intermediate_size=qw.intermediate_size,
-                                  block_shape=qw.block_shape, **t)
+                                  block_shape=qw.block_shape, fp4_layout=qw.fp4_layout, **t)
 
 @patch
 def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
@@ -249,8 +264,87 @@ def bytes_per_element(self: QuantizedExpertWeights) -> float:
 @patch
 def __repr__(self: QuantizedExpertWeights) -> str:
     return (f"QuantizedExpertWeights({self.scheme}, E={self.num_experts}, H={self.hidden_size}, "
-            f"I={self.intermediate_size}, block_shape={self.block_shape}, {self.bytes_per_element:.4f} bytes/element, "
+            f"I={self.intermediate_size}, block_shape={self.block_shape}, "
+            f"{'' if _is_fp8(self.scheme) else f'fp4_layout={self.fp4_layout}, '}{self.bytes_per_element:.4f} bytes/element, "
             f"device={self.device})")
+
+# %% [markdown]
+# ## The split layout: FP4 bytes re-laid for the Hopper kernels
+#
+# A checkpoint stores two codes a byte in K order: byte `j` holds codes `2j` (low nibble) and `2j+1` (high). A
+# kernel that decodes a byte gets its two values for two *neighbouring* K positions, so it must interleave the
+# low-nibble and high-nibble values along K (`tl.join` and a reshape: register shuffles in the K loop) before the
+# MMA. The **split64** layout moves that work to load time. Each row's codes are cut into chunks of 64; within a
+# chunk, byte `j` (`j < 32`) holds code `j` in its low nibble and code `32 + j` in its high nibble:
+#
+# ```
+# K position in a chunk   0 1 2 … 31 | 32 33 … 63
+# plain bytes             [0|1] [2|3] … [62|63]              byte j = code 2j | code 2j+1 << 4
+# split64 bytes           [0|32] [1|33] … [31|63]            byte j = code j  | code 32+j << 4
+# a program's K tile      BLOCK_K/2 bytes a row (BLOCK_K a multiple of 64): the same wide load as before;
+#                         low nibbles = the chunk's first 32 K positions, high nibbles = its last 32
+# ```
+#
+# The decoded low nibbles of a tile are then a `[BLOCK_N, BLOCK_K/2]` operand for the activations' columns
+# `{64c + j}`, the high nibbles one for `{64c + 32 + j}`: two MMAs with the activation tile loaded in those two column
+# orders, and no shuffle of the weights at all. A byte's two codes are 32 apart, so with NVFP4's 16-wide groups they
+# fall in different groups: the kernel gives each nibble its own scale, as the scales are stored (one per group, in K
+# order; only padded). K is padded to a whole chunk with zero codes, and the padded groups get the scale 1, so the
+# padding is 0 and never NaN.
+#
+# `relayout("split64")` makes the copy once (the layer does it at construction for its FP4 experts, every device);
+# `relayout("plain")` gives back the checkpoint's bytes exactly; `dequantize_weight` reads either. The measured gain
+# is in `09c_kernels.quant`'s Performance section.
+
+# %%
+#| export
+def split_fp4_codes(packed: torch.Tensor,   # [..., K/2] uint8 in the plain order, K a multiple of 64
+                   ) -> torch.Tensor:       # [..., K/2] uint8 in the split64 order
+    "Plain FP4 bytes (byte j = code 2j | code 2j+1 << 4) -> split64 (in each 64-code chunk, byte j = code j | code 32+j << 4)."
+    codes = unpack_fp4(packed)
+    if codes.shape[-1] % SPLIT_CHUNK:
+        raise ValueError(f"packed: expected a last dim that is a multiple of {SPLIT_CHUNK // 2} bytes, got shape {tuple(packed.shape)}")
+    c = codes.unflatten(-1, (-1, 2, SPLIT_CHUNK // 2))                       # [..., chunk, half, 32]
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2)
+
+def unsplit_fp4_codes(split: torch.Tensor,  # [..., K/2] uint8 in the split64 order
+                     ) -> torch.Tensor:     # [..., K/2] uint8 in the plain order
+    "Inverse of `split_fp4_codes`, exact."
+    check_tensor("split", split, dtype=torch.uint8)
+    if split.dim() < 1 or split.shape[-1] % (SPLIT_CHUNK // 2):
+        raise ValueError(f"split: expected a last dim that is a multiple of {SPLIT_CHUNK // 2} bytes, got shape {tuple(split.shape)}")
+    c = split.unflatten(-1, (-1, SPLIT_CHUNK // 2))                          # [..., chunk, 32]
+    return pack_fp4(torch.stack([c & 0xF, c >> 4], -2).flatten(-3))          # [..., chunk, half, 32] -> K order
+
+@patch
+def relayout(self: QuantizedExpertWeights,
+             layout: str,                   # "split64" (the Hopper kernels') or "plain" (the checkpoint's)
+            ) -> QuantizedExpertWeights:
+    "The same weights with their FP4 bytes in `layout` (a copy; `self` when already there). Exact both ways."
+    check_choice("layout", layout, FP4_LAYOUTS)
+    if layout == self.fp4_layout: return self
+    if _is_fp8(self.scheme): raise ValueError(f"layout: expected 'plain' for the FP8 scheme {self.scheme}, got {layout!r}")
+    g, parts = FP4_GROUP[self.scheme], {}
+    for name, K in (("w13", self.hidden_size), ("w2", self.intermediate_size)):
+        codes, scale = getattr(self, name), getattr(self, name + "_scale")
+        cols = _storage_cols(self.scheme, K, layout)
+        if layout == "split64":                    # zero codes, scale 1 on the padding: 0, never NaN
+            pad = cols - codes.shape[-1]
+            one = torch.full((), 127 if self.scheme == "mxfp4_w4a16" else 1.0, device=scale.device).to(scale.dtype)
+            codes = split_fp4_codes(torch.cat([codes, codes.new_zeros(*codes.shape[:-1], pad)], -1))
+            scale = torch.cat([scale, one.expand(*scale.shape[:-1], 2 * pad // g)], -1)
+        else:
+            codes, scale = unsplit_fp4_codes(codes)[..., :cols], scale[..., :2 * cols // g]
+        parts[name], parts[name + "_scale"] = codes.contiguous(), scale.contiguous()
+        parts[name + "_global_scale"] = getattr(self, name + "_global_scale")
+    return QuantizedExpertWeights(self.scheme, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                                  block_shape=self.block_shape, fp4_layout=layout, **parts)
+
+@patch
+def for_kernels(self: QuantizedExpertWeights) -> QuantizedExpertWeights:
+    "These weights as the GEMMs read them fastest: FP4 re-laid into `FP4_KERNEL_LAYOUT` (once, at load), FP8 as is."
+    return self if _is_fp8(self.scheme) else self.relayout(FP4_KERNEL_LAYOUT)
+
 
 # %% [markdown]
 # ## Quantizing the weights
@@ -350,6 +444,31 @@ test_eq((qw.w13.shape, qw.w13_scale.shape, qw.w2.shape), ((E, 160, 80), (E, 160,
 test_eq(qw.block_shape, (1, 32))
 test_eq(quantize_expert_weights(w13, w2, "fp8_w8a8_block").w13_scale.shape, (E, 2, 2))   # ceil(160/128), ceil(144/128)
 assert "bytes/element" in repr(qw)
+
+# %%
+#| test fp4_split_layout
+b = pack_fp4(torch.arange(64, dtype=torch.uint8) % 16)                       # codes 0..15 repeated, K order
+sp = split_fp4_codes(b)
+test_eq(sp[0].item(), 0 | (32 % 16) << 4); test_eq(sp[5].item(), 5 | (37 % 16) << 4)      # byte j = code j | code 32+j
+test_eq(unsplit_fp4_codes(sp), b)
+for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
+    for H, I in ((256, 128), (80, 48)):                                      # whole chunks; K padded to 128 and 64
+        qw = quantize_expert_weights(*random_expert_weights(3, H, I, seed=4), scheme)
+        q2 = qw.relayout("split64")
+        test_eq((q2.fp4_layout, q2.w13.shape[-1], q2.w2.shape[-1]), ("split64", -(-H // 64) * 32, -(-I // 64) * 32))
+        back = q2.relayout("plain")
+        for f in ("w13", "w13_scale", "w2", "w2_scale"):                     # the round trip is bit-exact
+            test_eq(getattr(back, f).view(torch.uint8), getattr(qw, f).view(torch.uint8))
+        for w in ("w13", "w2"):                                              # and it decodes to the same weights
+            test_eq(q2.dequantize_weight(w, 2), qw.dequantize_weight(w, 2))
+        if H == 256: assert not torch.equal(q2.w13, qw.w13)                 # the bytes did move
+        assert q2.relayout("split64") is q2 and "fp4_layout=split64" in repr(q2)
+        test_eq(qw.for_kernels().fp4_layout, FP4_KERNEL_LAYOUT)
+test_fail(lambda: quantize_expert_weights(*random_expert_weights(2, 128, 64), "fp8_w8a8_block").relayout("split64"),
+          contains="layout: expected 'plain' for the FP8 scheme")
+test_fail(lambda: qw.relayout("split"), contains="layout: expected one of")
+test_fail(lambda: split_fp4_codes(torch.zeros(2, 16, dtype=torch.uint8)), contains="multiple of 32 bytes")
+test_fail(lambda: QuantizedExpertWeights(**{**qw.__dict__, "fp4_layout": "split64"}), contains="w13: expected shape")
 
 # %% [markdown]
 # ### What the scales look like

@@ -30,9 +30,9 @@ from moe_lit.kernels.batched import DEVICE
 from moe_lit.kernels.contiguous import moe_align_block_size
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
-from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
+from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations, FP4_LAYOUTS
 from fastcore.test import test_eq, test_fail
-import json, os, tempfile
+import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
 
 # %% [markdown]
@@ -90,8 +90,13 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)   # the unquantized activati
 # > becomes `2^(s−127)` by placing `s` in an fp32 exponent field; the NVFP4 global scale is left to the epilogue:
 # > `code · block scale` is at most 6 · 448 and exact in bf16 and fp16, so the weight tile equals the fp32 dequantized
 # > weight divided by the global scale. MXFP4 decodes in bf16 whatever the activations' dtype (fp16 activations are
-# > rounded to bf16 for the MMA): an e8m0 scale can put a weight far outside fp16's range. The stored layout is the checkpoint's own (`[N, K/2]` bytes, `[N, K/G]`
-# > scales): no re-layout at load. The measured effect is in the Performance section below.
+# > rounded to bf16 for the MMA): an e8m0 scale can put a weight far outside fp16's range. The kernels read both byte orders of `09a`: the
+# > checkpoint's own (`[N, K/2]` bytes, `[N, K/G]` scales; a byte's two codes are K neighbours, joined as above) and
+# > the **split64** layout the layer re-lays its FP4 weights into at load (`QuantizedExpertWeights.for_kernels`), where
+# > a byte holds codes `j` and `j + 32` of a 64-code chunk: the low nibbles of a K tile are then one MMA operand for
+# > the activation columns `64c + j` and the high nibbles another for `64c + 32 + j` (`_fp4_split_tile`) — two MMAs,
+# > no interleave of the decoded weights, each nibble with its own group scale. The measured effect is in the
+# > Performance section below.
 
 # %%
 #| export
@@ -183,20 +188,21 @@ and.b32 x, t0, 0x00F000F0;
 mul.lo.u32 x, x, 0x0104;
 and.b32 x, x, 0x81C081C0;
 fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $2, x, $5, nz;
+fma.rn.bf16x2 $2, x, $7, nz;
 and.b32 x, t1, 0x00F000F0;
 mul.lo.u32 x, x, 0x0104;
 and.b32 x, x, 0x81C081C0;
 fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $3, x, $6, nz;
+fma.rn.bf16x2 $3, x, $8, nz;
 }
 """)
 
 @triton.jit
-def _e2m1_bf16_pairs(b,   # uint8 codes, two a byte (low nibble first)
-                     s):  # bf16 scale of each byte's group
-    "`(e2m1(b & 0xF) · s, e2m1(b >> 4) · s)` in bf16, eight codes per PTX block (exact: see the table above)."
-    return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r", [b, s],
+def _e2m1_bf16_pairs(b,      # uint8 codes, two a byte
+                     s_lo,   # bf16 scale of each byte's low-nibble code
+                     s_hi):  # bf16 scale of each byte's high-nibble code (the same tensor in the plain layout)
+    "`(e2m1(b & 0xF) · s_lo, e2m1(b >> 4) · s_hi)` in bf16, eight codes per PTX block (exact: see the table above)."
+    return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 # %%
@@ -222,7 +228,7 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
         else: sb = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)                        # e4m3 block scale
         sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
                         (BLOCK_N, BLOCK_K // 2))                                             # a byte's group scale
-        lo, hi = _e2m1_bf16_pairs(b, sb)
+        lo, hi = _e2m1_bf16_pairs(b, sb, sb)                                                # a byte: one group
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                                 # k = 2·byte + nibble
     else:
         if FMT == 2: sf = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)              # e8m0: 2^(s − 127)
@@ -230,6 +236,45 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
         w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                # [BLOCK_N, BLOCK_K/2, 2]
         w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (sf * 16384.0)[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DTYPE)                                      # k = 2·byte + nibble
+
+@triton.jit
+def _per_byte(s, BLOCK_N: tl.constexpr, C: tl.constexpr, GH: tl.constexpr, GROUP_K: tl.constexpr):
+    "`[BLOCK_N, C, GH]` group scales of half chunks -> `[BLOCK_N, C·32]`, one per byte (byte j of a half: group j // GROUP_K)."
+    return tl.reshape(tl.broadcast_to(s[:, :, :, None], (BLOCK_N, C, GH, GROUP_K)), (BLOCK_N, C * GH * GROUP_K))
+
+@triton.jit
+def _fp4_split_tile(w_ptr, ws_ptr, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`, the codes in the split64 layout
+                    stride_wn, stride_wk, stride_wsn, stride_wsk,
+                    FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DTYPE: tl.constexpr):
+    "`(lo, hi)`, each `[BLOCK_N, BLOCK_K/2]`: the decoded K tile of split64 codes, lo at K = k0 + 64c + j, hi at K + 32."
+    C: tl.constexpr = BLOCK_K // 64                                                         # chunks in the tile
+    GH: tl.constexpr = 32 // GROUP_K                                                        # groups in half a chunk
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)                   # [BLOCK_N, BLOCK_K/2]
+    offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
+    s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
+                mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
+    s_lo, s_hi = tl.split(tl.permute(tl.reshape(s, (BLOCK_N, C, 2, GH)), (0, 1, 3, 2)))    # [BLOCK_N, C, GH] each
+    if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:
+        if FMT == 2:
+            s_lo = (s_lo.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+            s_hi = (s_hi.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+        else:
+            s_lo = s_lo.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+            s_hi = s_hi.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        lo, hi = _e2m1_bf16_pairs(b, _per_byte(s_lo, BLOCK_N, C, GH, GROUP_K), _per_byte(s_hi, BLOCK_N, C, GH, GROUP_K))
+    else:
+        if FMT == 2:
+            s_lo = (s_lo.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            s_hi = (s_hi.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        else:
+            s_lo = s_lo.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            s_hi = s_hi.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        lo = _e2m1_fp16(b & 0xF).to(tl.float32) * _per_byte(s_lo * 16384.0, BLOCK_N, C, GH, GROUP_K)
+        hi = _e2m1_fp16(b >> 4).to(tl.float32) * _per_byte(s_hi * 16384.0, BLOCK_N, C, GH, GROUP_K)
+    return lo.to(DTYPE), hi.to(DTYPE)
 
 # %%
 #| export
@@ -250,7 +295,7 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
 # %%
 #| export
 @triton.jit
-def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's activation rows at K = 0
+def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activation rows at K = 0
                         as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
                         row_ok,     # [BLOCK_M] bool: rows that exist (valid rows / non-sentinel pairs)
                         w_e, ws_e, gs_ptr, e,   # this expert's codes and scales, the global scales, the expert
@@ -258,13 +303,38 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
                         stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk,
                         FMT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr,
+                        SPLIT: tl.constexpr):   # FP4 codes in the split64 layout (`09a`): two MMAs a K tile, no join
     "Both formats' main loop: `(acc, acc_up)` of one output tile over all of K, every scale applied (real-valued fp32)."
     offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_rows[:, None] + offs_k[None, :] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if FMT >= 2:                                                  # FP4: swap the operands, out^T = W · a^T
+    if FMT >= 2 and SPLIT:                                        # FP4, split64: lo nibbles · a[64c + j], hi · a[64c + 32 + j]
+        accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        accT_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        offs_lo = (offs_j // 32) * 64 + offs_j % 32                                          # K of the low nibbles
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            aT_lo = tl.load(a_rows[None, :] + (k0 + offs_lo)[:, None] * stride_ak,
+                            mask=row_ok[None, :] & (k0 + offs_lo < K)[:, None], other=0.0)   # [BLOCK_K/2, BLOCK_M]
+            aT_hi = tl.load(a_rows[None, :] + (k0 + 32 + offs_lo)[:, None] * stride_ak,
+                            mask=row_ok[None, :] & (k0 + 32 + offs_lo < K)[:, None], other=0.0)
+            if UPCAST: aT_lo, aT_hi = aT_lo.to(tl.float32), aT_hi.to(tl.float32)
+            elif FMT == 2: aT_lo, aT_hi = aT_lo.to(tl.bfloat16), aT_hi.to(tl.bfloat16)
+            w_lo, w_hi = _fp4_split_tile(w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
+                                         stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
+            accT = tl.dot(w_lo, aT_lo, accT, input_precision=PRECISION)
+            accT = tl.dot(w_hi, aT_hi, accT, input_precision=PRECISION)
+            if GATED:
+                w_lo, w_hi = _fp4_split_tile(w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
+                                             stride_wsn, stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
+                accT_up = tl.dot(w_lo, aT_lo, accT_up, input_precision=PRECISION)
+                accT_up = tl.dot(w_hi, aT_hi, accT_up, input_precision=PRECISION)
+        acc, acc_up = tl.trans(accT), tl.trans(accT_up)
+    elif FMT >= 2:                                                # FP4: swap the operands, out^T = W · a^T
         accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         accT_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
@@ -409,7 +479,7 @@ def _batched_moe_gemm_quant_kernel(
     stride_wse, stride_wsn, stride_wsk, stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
     FMT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     "grid = (cdiv(max_tokens, BLOCK_M)·cdiv(N_OUT, BLOCK_N), E); programs with m_start >= expert_num_tokens[e] exit."
     pid, e = tl.program_id(0), tl.program_id(1)
@@ -419,14 +489,13 @@ def _batched_moe_gemm_quant_kernel(
     e64 = e.to(tl.int64)                                          # E·N·K can pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < count, offs_n < N_OUT
-    a_ptrs = a_ptr + e64 * stride_ae + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_rows = a_ptr + e64 * stride_ae + offs_m * stride_am
     as_ptrs = as_ptr + e64 * stride_ase + offs_m * stride_asm
     w_e, ws_e = w_ptr + e64 * stride_we, ws_ptr + e64 * stride_wse
-    acc, acc_up = _quant_tile_product(a_ptrs, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
+    acc, acc_up = _quant_tile_product(a_rows, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
     if HAS_BIAS:                                                  # on the scaled (real-valued) fp32 product
         acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
     if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
@@ -457,7 +526,8 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     gn, gk = qw.block_shape or (1, 1)
     if qw.scheme == "nvfp4_w4a16": scale = scale.view(torch.uint8)   # loaded as bytes, bit-cast to e4m3 in the kernel
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
-                GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme])
+                GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
+                SPLIT=qw.fp4_layout == "split64")
 
 def _named_strides(tensor: str, dims: str, strides) -> dict:
     "Strides as the kernels' keywords: `_named_strides('a', 'emk', (s0, s1, s2))` -> `stride_ae`, `stride_am`, `stride_ak`."
@@ -472,7 +542,8 @@ def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
                 config: dict | None,
-                block_m: int | None = None) -> dict:   # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
+                block_m: int | None = None,     # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
+                split: bool = False) -> dict:   # FP4 split64 codes: BLOCK_K whole 64-code chunks
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
     name = f"{kernel}_{'fp8' if fmt < 2 else 'w4a16'}"
     cfg = dict(check_tile_config(config, need_block_m=kernel.startswith("batched")) or
@@ -484,6 +555,7 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
     bk = max(32, cfg["BLOCK_K"])
     if fmt == 1: bk = min(bk, group_k)
     if fmt >= 2: bk = min(bk, 128)
+    if split: bk = max(bk, 64)
     cfg["BLOCK_K"] = bk
     return cfg
 
@@ -581,7 +653,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     if E == 0 or M == 0 or n_out == 0: return out
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, odt, wa["FMT"], wa["GROUP_K"],
-                      act is not None, config)
+                      act is not None, config, split=wa["SPLIT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = cdiv(M, bm)
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
@@ -592,7 +664,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
         **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
         **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
-        GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=wa["SPLIT"], **cfg)
     return out
 
 # %% [markdown]
@@ -654,8 +726,9 @@ for scheme in ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block"):
 for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
     for E, M, H, I, counts, what in QUANT_GEMM_CASES[:1]:
         qw = quantize_expert_weights(*random_expert_weights(E, H, I), scheme)
-        for act in ("silu_and_mul", None):
-            check_batched_gemm_quant(scheme, E, M, H, I, counts, act, qw=qw)
+        for layout in FP4_LAYOUTS:                 # split64: K = 152 and 72 end inside a 64-code chunk
+            for act in ("silu_and_mul", None):
+                check_batched_gemm_quant(scheme, E, M, H, I, counts, act, qw=qw.relayout(layout))
 
 # %% [markdown]
 # fp16 activations, and all experts empty (the kernel must not write anything and the quantizer must not run on
@@ -696,9 +769,9 @@ for scheme, G in (("mxfp4_w4a16", 32), ("nvfp4_w4a16", 16)):
     w2c, w2s = codes[:, :H, :I // 2].contiguous(), scale[:, :H, :I // G].contiguous()
     gs = dict(w13_global_scale=torch.tensor([0.125]).to(DEVICE), w2_global_scale=torch.tensor([1.0]).to(DEVICE)) \
         if scheme == "nvfp4_w4a16" else {}
-    qw = QuantizedExpertWeights(scheme, codes.to(DEVICE), scale.to(DEVICE), w2c.to(DEVICE), w2s.to(DEVICE), H, I, **gs)
-    want = qw.dequantize_weight("w13", 0, torch.float64).T            # [H, 2I]: row k = the weights at K = k
-    for dtype in ACTIVATION_DTYPES:
+    qw0 = QuantizedExpertWeights(scheme, codes.to(DEVICE), scale.to(DEVICE), w2c.to(DEVICE), w2s.to(DEVICE), H, I, **gs)
+    want = qw0.dequantize_weight("w13", 0, torch.float64).T           # [H, 2I]: row k = the weights at K = k
+    for dtype, qw in itertools.product(ACTIVATION_DTYPES, [qw0.relayout(layout) for layout in FP4_LAYOUTS]):
         a = torch.eye(H, dtype=dtype, device=DEVICE)[None]               # one-hot rows: out[0, k] = W[:, k]
         got = batched_moe_gemm_quant(a, qw, torch.tensor([H], dtype=torch.int32, device=DEVICE), None, weight="w13")
         test_eq(torch.equal(got[0].cpu().double(), want.to(dtype).double().cpu()), True)
@@ -718,8 +791,10 @@ w13, w2 = random_expert_weights(E, H, I, seed=5)
 cnt = torch.tensor([16, 9], dtype=torch.int32, device=DEVICE)
 a = random_activations((E, M, H), torch.bfloat16, seed=6)
 valid = (torch.arange(M)[None, :] < cnt.cpu()[:, None])
-for scheme, perm in (("fp8_w8a8_block", lambda s: s.flip(-1)), ("mxfp4_w4a16", lambda s: s.roll(1, -1))):
-    qw = quantize_expert_weights(w13, w2, scheme)
+for scheme, perm, layout in (("fp8_w8a8_block", lambda s: s.flip(-1), "plain"),
+                             ("mxfp4_w4a16", lambda s: s.roll(1, -1), "plain"),
+                             ("nvfp4_w4a16", lambda s: s.roll(1, -1), "split64")):
+    qw = quantize_expert_weights(w13, w2, scheme).relayout(layout)
     bad = QuantizedExpertWeights(**{**qw.__dict__, "w13_scale": perm(qw.w13_scale)})
     want = batched_gemm_quant_reference(a, qw, cnt, "silu_and_mul").cpu()[valid]
     rel, cos = quant_error(batched_moe_gemm_quant(a, bad, cnt, "silu_and_mul").cpu()[valid], want)
@@ -830,6 +905,7 @@ def _fused_moe_quant_kernel(
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     "grid = (cdiv(max_padded, BLOCK_M)·cdiv(N_OUT, BLOCK_N),); blocks past num_tokens_post_padded or of expert -1 exit."
     pid = tl.program_id(0)
@@ -842,14 +918,13 @@ def _fused_moe_quant_kernel(
     valid = (pairs >= 0) & (pairs < num_pairs)                    # sentinel (and out-of-range) rows are masked everywhere
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N_OUT
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_rows = a_ptr + rows * stride_am
     as_ptrs = as_ptr + rows * stride_asm
     w_e, ws_e = w_ptr + e * stride_we, ws_ptr + e * stride_wse
-    acc, acc_up = _quant_tile_product(a_ptrs, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
+    acc, acc_up = _quant_tile_product(a_rows, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
     if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
     if HAS_BIAS:                                                # the block's expert's row, on the scaled fp32 product
@@ -898,7 +973,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     check_extent("w", wa["codes"])
     if num_pairs == 0 or n_out == 0: return out
     cfg = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], K, block_m, odt, wa["FMT"], wa["GROUP_K"],
-                      act is not None, config, block_m=block_m)
+                      act is not None, config, block_m=block_m, split=wa["SPLIT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     _fused_moe_quant_kernel[(num_m_blocks * cdiv(n_out, bn),)](
@@ -911,7 +986,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
         **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),
         TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
-        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=wa["SPLIT"], **cfg)
     return out
 
 # %% [markdown]
@@ -954,8 +1029,9 @@ def check_fused_gemm_quant(scheme: str, T: int, top_k: int, E: int, H: int, I: i
 #| test fused_gemm_quant_catalog
 for scheme in QUANT_SCHEMES:
     qw = quantize_expert_weights(*random_expert_weights(4, 152, 72), scheme)
-    for act in ("silu_and_mul", None):
-        check_fused_gemm_quant(scheme, 9, 2, 4, 152, 72, act, qw=qw)
+    for qw in [qw] if QUANT_SCHEME_TABLE[scheme].is_fp8 else [qw, qw.relayout("split64")]:
+        for act in ("silu_and_mul", None):
+            check_fused_gemm_quant(scheme, 9, 2, 4, 152, 72, act, qw=qw)
 
 # %% [markdown]
 # The per-rank intermediate of 192 with 128×128 blocks, `top_k = 1`, and a single token (fewer pairs than a block):
@@ -966,6 +1042,8 @@ qw = quantize_expert_weights(*random_expert_weights(3, 256, 192, seed=1), "fp8_w
 for act in ("silu_and_mul", None):
     check_fused_gemm_quant("fp8_w8a8_block", 5, 3, 3, 256, 192, act, seed=1, qw=qw)
 check_fused_gemm_quant("nvfp4_w4a16", 1, 1, 2, 96, 48, "silu_and_mul", dtype=torch.float16, seed=2)
+qw = quantize_expert_weights(*random_expert_weights(2, 96, 48, seed=2), "nvfp4_w4a16").relayout("split64")
+check_fused_gemm_quant("nvfp4_w4a16", 3, 2, 2, 96, 48, "silu_and_mul", dtype=torch.float16, seed=2, qw=qw)   # portable split
 check_fused_gemm_quant("fp8_w8a8_channel", 6, 1, 3, 96, 64, None, seed=3)
 
 # %% [markdown]

@@ -221,10 +221,10 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     if stored:                                                     # the checkpoint's codes: no dequantize -> requantize
         if pad: raise ValueError(f"quant: expected a deployment without hidden-size padding for {self.quant} codes "
                                  f"read as stored, got hidden_size {c.hidden_size} padded to {c.padded_hidden_size}")
-        self.qweights = source.quantized_experts(ids, self.quant).to(device)
+        self.qweights = source.quantized_experts(ids, self.quant).to(device).for_kernels()   # FP4: re-laid once
     elif self.quant != "unquantized":                              # quantize at load
         from moe_lit.quant_weights import quantize_expert_weights
-        self.qweights = quantize_expert_weights(w13.to(device), w2.to(device), self.quant)
+        self.qweights = quantize_expert_weights(w13.to(device), w2.to(device), self.quant).for_kernels()
     if self.qweights is not None:                                  # the float weights kept are the dequantized ones
         w13 = w2 = None                                            # (the originals go first: a lower peak)
         w13, w2 = self.qweights.dequantize(c.dtype)
@@ -265,7 +265,7 @@ def _requantize_after_load(module, incompatible_keys):
     if module.quant == "unquantized": return
     from moe_lit.quant_weights import quantize_expert_weights
     with torch.no_grad():
-        module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant)
+        module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant).for_kernels()
         w13, w2 = module.qweights.dequantize()
         module.w13.copy_(w13); module.w2.copy_(w2)
 

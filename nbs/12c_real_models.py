@@ -31,6 +31,7 @@ from moe_lit.config import ParallelConfig
 from moe_lit.checkpoint import CheckpointWeights
 from moe_lit.layouts import moe_layer_indices
 from moe_lit.layer import run_emulated_ep
+from moe_lit.quant_weights import FP4_KERNEL_LAYOUT
 
 # %% [markdown]
 # In this notebook: a worked example from a checkpoint directory (`FusedMoE.from_pretrained`), the key layouts moe-lit
@@ -180,8 +181,9 @@ for t in ("deepseek_v3", "gpt_oss", "qwen2_moe", "llama4_text"):
 #
 # A checkpoint whose `config.json` declares FP8 block (`quant_method: fp8`, DeepSeek-V3) or MXFP4 (`mxfp4`, gpt-oss)
 # weights loads its codes as they are stored: `from_pretrained` takes the checkpoint's scheme as the layer's `quant`,
-# the layer's `qweights` are the stored bytes (no dequantize → requantize round trip), and the float weights kept
-# for the references are their dequantization. Asking for `quant="unquantized"` runs the dequantized floats instead.
+# the layer's `qweights` are the stored bytes (no dequantize → requantize round trip; FP4 bytes re-laid for the
+# kernels, `relayout("plain")` gives the checkpoint's back exactly), and the float weights kept for the references
+# are their dequantization. Asking for `quant="unquantized"` runs the dequantized floats instead.
 
 # %%
 #| test prequantized_checkpoints_load_codes_as_stored
@@ -204,8 +206,9 @@ with tempfile.TemporaryDirectory() as d:
     for experts in ("torch", "triton"):                          # gpt-oss's experts in the FP4 kernels too
         layer = FusedMoE.from_pretrained(d, 0, experts=experts, device=DEVICE)
         test_eq((layer.quant, layer.config.activation, layer.config.swiglu_limit), ("mxfp4_w4a16", "swigluoai", 0.5))
+        test_eq(layer.qweights.fp4_layout, FP4_KERNEL_LAYOUT)
         for f in ("w13", "w13_scale", "w2", "w2_scale"):
-            assert torch.equal(getattr(layer.qweights, f).cpu(), getattr(stored["experts"], f))
+            assert torch.equal(getattr(layer.qweights.relayout("plain"), f).cpu(), getattr(stored["experts"], f))
         assert torch.equal(layer.w13_bias.cpu(), stored["w13_bias"])
         topk = layer.route(x.to(DEVICE))
         ref = moe_reference_standard(x.double(), layer.w13.cpu(), layer.w2.cpu(), topk[0].cpu(), topk[1].cpu(),

@@ -276,7 +276,8 @@ def _gemm1_callable(sc: dict, kernel: str, dtype=torch.bfloat16):
     qw = None
     if kernel.endswith("_w4a16"):
         from moe_lit.quant_weights import quantize_expert_weights
-        qw = quantize_expert_weights(w, torch.randn(E, w.shape[2], N // 2, device="cuda", dtype=dtype), "mxfp4_w4a16")
+        qw = quantize_expert_weights(w, torch.randn(E, w.shape[2], N // 2, device="cuda", dtype=dtype),
+                                     "mxfp4_w4a16").for_kernels()      # tuned in the layout the layer runs
     if kernel.startswith("batched"):
         out = torch.empty(a.shape[0], a.shape[1], N // 2 if qw else N, device="cuda", dtype=dtype)
         if qw: return lambda cfg: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", out=out, config=cfg, validate=False)
@@ -364,11 +365,15 @@ def _quant_bytes(qw, which: str, experts) -> int:
     return sum(t[0].numel() * t.element_size() * len(experts) for t in parts if t is not None and t.dim() > 0) + \
         sum(t.numel() * t.element_size() for t in parts if t is not None and t.dim() == 0)
 
-def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH_SCHEMES) -> list[dict]:
+def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH_SCHEMES,
+                fp4_layouts=("kernel",),   # FP4 byte orders to time: "kernel" (what the layer runs), "plain", "split64"
+               ) -> list[dict]:
     "µs and % of the weight-bytes floor of quantized GEMM1 (+SiLU) in both formats, per decode scenario and scheme."
     import triton.testing
-    from moe_lit.quant_weights import quantize_expert_weights
+    from moe_lit.quant import QUANT_SCHEME_TABLE
+    from moe_lit.quant_weights import quantize_expert_weights, FP4_LAYOUTS
     from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant, quant_block_m
+    for layout in fp4_layouts: check_choice("fp4_layouts", layout, ("kernel", *FP4_LAYOUTS))
     from moe_lit.kernels.contiguous import moe_align_block_size
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
     rows = []
@@ -382,26 +387,31 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
         io_bytes = (sc["rows"] * K + sc["rows"] * N // 2) * a.element_size()
         bf16_s = bench(lambda: batched_moe_gemm(a, w13, counts, "silu_and_mul", config=None, expected_m=exp_m, validate=False))
         for scheme in progress(schemes, f"schemes of {sc['name']}"):
-            qw = quantize_expert_weights(w13, w2, scheme)
-            floor_s = (_quant_bytes(qw, "w13", active) + io_bytes) / device["copy_Bps"]
-            bm = quant_block_m(qw, exp_m, a.dtype)
+            plain = quantize_expert_weights(w13, w2, scheme)
+            floor_s = (_quant_bytes(plain, "w13", active) + io_bytes) / device["copy_Bps"]   # the checkpoint's bytes
+            bm = quant_block_m(plain, exp_m, a.dtype)
             aligned = moe_align_block_size(ids, bm, E)
-            t_b = bench(lambda: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", expected_m=exp_m, validate=False))
-            t_c = bench(lambda: fused_moe_gemm_quant(x, qw, *aligned, ids.shape[1], bm, "silu_and_mul"))
-            rows.append(dict(scenario=sc["name"], scheme=scheme, floor_us=floor_s * 1e6,
-                             bytes_per_weight=_quant_bytes(qw, "w13", [0]) / (N * K), bf16_batched_us=bf16_s * 1e6,
-                             batched_us=t_b * 1e6, batched_pct_floor=100 * floor_s / t_b,
-                             contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c))
-            qw = None
+            fp4 = not QUANT_SCHEME_TABLE[scheme].is_fp8
+            for layout in dict.fromkeys(fp4_layouts if fp4 else ("plain",)):
+                qw = plain.for_kernels() if layout == "kernel" else plain.relayout(layout)
+                t_b = bench(lambda: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", expected_m=exp_m, validate=False))
+                t_c = bench(lambda: fused_moe_gemm_quant(x, qw, *aligned, ids.shape[1], bm, "silu_and_mul"))
+                rows.append(dict(scenario=sc["name"], scheme=scheme, fp4_layout=qw.fp4_layout if fp4 else None,
+                                 floor_us=floor_s * 1e6,
+                                 bytes_per_weight=_quant_bytes(plain, "w13", [0]) / (N * K), bf16_batched_us=bf16_s * 1e6,
+                                 batched_us=t_b * 1e6, batched_pct_floor=100 * floor_s / t_b,
+                                 contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c))
+            qw = plain = None
         a = w13 = w2 = None
     return rows
 
 def format_bench_quant(rows: list[dict]) -> str:
     "The quantized rows as a text table."
-    lines = [f"{'scenario':<24}{'scheme':<16}{'B/weight':>9}{'floor us':>10}{'batched us (% floor)':>24}"
+    lines = [f"{'scenario':<24}{'scheme':<16}{'layout':<9}{'B/weight':>9}{'floor us':>10}{'batched us (% floor)':>24}"
              f"{'contiguous us (% floor)':>26}{'bf16 batched us':>17}"]
     for r in rows:
-        lines.append(f"{r['scenario']:<24}{r['scheme']:<16}{r['bytes_per_weight']:>9.3f}{r['floor_us']:>10.1f}"
+        lines.append(f"{r['scenario']:<24}{r['scheme']:<16}{r.get('fp4_layout') or '-':<9}"
+                     f"{r['bytes_per_weight']:>9.3f}{r['floor_us']:>10.1f}"
                      f"{r['batched_us']:>14.1f} ({r['batched_pct_floor']:5.1f}%)"
                      f"{r['contiguous_us']:>16.1f} ({r['contiguous_pct_floor']:5.1f}%){r['bf16_batched_us']:>17.1f}")
     return "\n".join(lines)

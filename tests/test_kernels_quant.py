@@ -20,9 +20,9 @@ from moe_lit.kernels.batched import DEVICE
 from moe_lit.kernels.contiguous import moe_align_block_size
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
-from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
+from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations, FP4_LAYOUTS
 from fastcore.test import test_eq, test_fail
-import json, os, tempfile
+import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
 from moe_lit.kernels.quant import *
 
@@ -94,8 +94,9 @@ def test_batched_gemm_quant_fp4():
     for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
         for E, M, H, I, counts, what in QUANT_GEMM_CASES[:1]:
             qw = quantize_expert_weights(*random_expert_weights(E, H, I), scheme)
-            for act in ("silu_and_mul", None):
-                check_batched_gemm_quant(scheme, E, M, H, I, counts, act, qw=qw)
+            for layout in FP4_LAYOUTS:                 # split64: K = 152 and 72 end inside a 64-code chunk
+                for act in ("silu_and_mul", None):
+                    check_batched_gemm_quant(scheme, E, M, H, I, counts, act, qw=qw.relayout(layout))
 
 
 def test_batched_gemm_quant_fp16_and_empty():
@@ -124,9 +125,9 @@ def test_fp4_decode_is_exact():
         w2c, w2s = codes[:, :H, :I // 2].contiguous(), scale[:, :H, :I // G].contiguous()
         gs = dict(w13_global_scale=torch.tensor([0.125]).to(DEVICE), w2_global_scale=torch.tensor([1.0]).to(DEVICE)) \
             if scheme == "nvfp4_w4a16" else {}
-        qw = QuantizedExpertWeights(scheme, codes.to(DEVICE), scale.to(DEVICE), w2c.to(DEVICE), w2s.to(DEVICE), H, I, **gs)
-        want = qw.dequantize_weight("w13", 0, torch.float64).T            # [H, 2I]: row k = the weights at K = k
-        for dtype in ACTIVATION_DTYPES:
+        qw0 = QuantizedExpertWeights(scheme, codes.to(DEVICE), scale.to(DEVICE), w2c.to(DEVICE), w2s.to(DEVICE), H, I, **gs)
+        want = qw0.dequantize_weight("w13", 0, torch.float64).T           # [H, 2I]: row k = the weights at K = k
+        for dtype, qw in itertools.product(ACTIVATION_DTYPES, [qw0.relayout(layout) for layout in FP4_LAYOUTS]):
             a = torch.eye(H, dtype=dtype, device=DEVICE)[None]               # one-hot rows: out[0, k] = W[:, k]
             got = batched_moe_gemm_quant(a, qw, torch.tensor([H], dtype=torch.int32, device=DEVICE), None, weight="w13")
             test_eq(torch.equal(got[0].cpu().double(), want.to(dtype).double().cpu()), True)
@@ -141,8 +142,10 @@ def test_permuted_scales_are_caught():
     cnt = torch.tensor([16, 9], dtype=torch.int32, device=DEVICE)
     a = random_activations((E, M, H), torch.bfloat16, seed=6)
     valid = (torch.arange(M)[None, :] < cnt.cpu()[:, None])
-    for scheme, perm in (("fp8_w8a8_block", lambda s: s.flip(-1)), ("mxfp4_w4a16", lambda s: s.roll(1, -1))):
-        qw = quantize_expert_weights(w13, w2, scheme)
+    for scheme, perm, layout in (("fp8_w8a8_block", lambda s: s.flip(-1), "plain"),
+                                 ("mxfp4_w4a16", lambda s: s.roll(1, -1), "plain"),
+                                 ("nvfp4_w4a16", lambda s: s.roll(1, -1), "split64")):
+        qw = quantize_expert_weights(w13, w2, scheme).relayout(layout)
         bad = QuantizedExpertWeights(**{**qw.__dict__, "w13_scale": perm(qw.w13_scale)})
         want = batched_gemm_quant_reference(a, qw, cnt, "silu_and_mul").cpu()[valid]
         rel, cos = quant_error(batched_moe_gemm_quant(a, bad, cnt, "silu_and_mul").cpu()[valid], want)
@@ -166,8 +169,9 @@ def test_batched_gemm_quant_prequantized():
 def test_fused_gemm_quant_catalog():
     for scheme in QUANT_SCHEMES:
         qw = quantize_expert_weights(*random_expert_weights(4, 152, 72), scheme)
-        for act in ("silu_and_mul", None):
-            check_fused_gemm_quant(scheme, 9, 2, 4, 152, 72, act, qw=qw)
+        for qw in [qw] if QUANT_SCHEME_TABLE[scheme].is_fp8 else [qw, qw.relayout("split64")]:
+            for act in ("silu_and_mul", None):
+                check_fused_gemm_quant(scheme, 9, 2, 4, 152, 72, act, qw=qw)
 
 
 def test_fused_gemm_quant_partial_blocks_and_small():
@@ -175,6 +179,8 @@ def test_fused_gemm_quant_partial_blocks_and_small():
     for act in ("silu_and_mul", None):
         check_fused_gemm_quant("fp8_w8a8_block", 5, 3, 3, 256, 192, act, seed=1, qw=qw)
     check_fused_gemm_quant("nvfp4_w4a16", 1, 1, 2, 96, 48, "silu_and_mul", dtype=torch.float16, seed=2)
+    qw = quantize_expert_weights(*random_expert_weights(2, 96, 48, seed=2), "nvfp4_w4a16").relayout("split64")
+    check_fused_gemm_quant("nvfp4_w4a16", 3, 2, 2, 96, 48, "silu_and_mul", dtype=torch.float16, seed=2, qw=qw)   # portable split
     check_fused_gemm_quant("fp8_w8a8_channel", 6, 1, 3, 96, 64, None, seed=3)
 
 

@@ -6,7 +6,7 @@ import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
-                           quantize_nvfp4, dequantize_nvfp4)
+                           quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4)
 from fastcore.test import test_eq, test_fail
 from moe_lit.quant_weights import *
 
@@ -37,6 +37,31 @@ def test_quantize_expert_weights_round_trip():
     test_eq(qw.block_shape, (1, 32))
     test_eq(quantize_expert_weights(w13, w2, "fp8_w8a8_block").w13_scale.shape, (E, 2, 2))   # ceil(160/128), ceil(144/128)
     assert "bytes/element" in repr(qw)
+
+
+def test_fp4_split_layout():
+    b = pack_fp4(torch.arange(64, dtype=torch.uint8) % 16)                       # codes 0..15 repeated, K order
+    sp = split_fp4_codes(b)
+    test_eq(sp[0].item(), 0 | (32 % 16) << 4); test_eq(sp[5].item(), 5 | (37 % 16) << 4)      # byte j = code j | code 32+j
+    test_eq(unsplit_fp4_codes(sp), b)
+    for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
+        for H, I in ((256, 128), (80, 48)):                                      # whole chunks; K padded to 128 and 64
+            qw = quantize_expert_weights(*random_expert_weights(3, H, I, seed=4), scheme)
+            q2 = qw.relayout("split64")
+            test_eq((q2.fp4_layout, q2.w13.shape[-1], q2.w2.shape[-1]), ("split64", -(-H // 64) * 32, -(-I // 64) * 32))
+            back = q2.relayout("plain")
+            for f in ("w13", "w13_scale", "w2", "w2_scale"):                     # the round trip is bit-exact
+                test_eq(getattr(back, f).view(torch.uint8), getattr(qw, f).view(torch.uint8))
+            for w in ("w13", "w2"):                                              # and it decodes to the same weights
+                test_eq(q2.dequantize_weight(w, 2), qw.dequantize_weight(w, 2))
+            if H == 256: assert not torch.equal(q2.w13, qw.w13)                 # the bytes did move
+            assert q2.relayout("split64") is q2 and "fp4_layout=split64" in repr(q2)
+            test_eq(qw.for_kernels().fp4_layout, FP4_KERNEL_LAYOUT)
+    test_fail(lambda: quantize_expert_weights(*random_expert_weights(2, 128, 64), "fp8_w8a8_block").relayout("split64"),
+              contains="layout: expected 'plain' for the FP8 scheme")
+    test_fail(lambda: qw.relayout("split"), contains="layout: expected one of")
+    test_fail(lambda: split_fp4_codes(torch.zeros(2, 16, dtype=torch.uint8)), contains="multiple of 32 bytes")
+    test_fail(lambda: QuantizedExpertWeights(**{**qw.__dict__, "fp4_layout": "split64"}), contains="w13: expected shape")
 
 
 def test_plot_weight_scales():

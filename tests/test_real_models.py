@@ -17,6 +17,7 @@ from moe_lit.config import ParallelConfig
 from moe_lit.checkpoint import CheckpointWeights
 from moe_lit.layouts import moe_layer_indices
 from moe_lit.layer import run_emulated_ep
+from moe_lit.quant_weights import FP4_KERNEL_LAYOUT
 from moe_lit.real_models import *
 
 
@@ -68,8 +69,9 @@ def test_prequantized_checkpoints_load_codes_as_stored():
         for experts in ("torch", "triton"):                          # gpt-oss's experts in the FP4 kernels too
             layer = FusedMoE.from_pretrained(d, 0, experts=experts, device=DEVICE)
             test_eq((layer.quant, layer.config.activation, layer.config.swiglu_limit), ("mxfp4_w4a16", "swigluoai", 0.5))
+            test_eq(layer.qweights.fp4_layout, FP4_KERNEL_LAYOUT)
             for f in ("w13", "w13_scale", "w2", "w2_scale"):
-                assert torch.equal(getattr(layer.qweights, f).cpu(), getattr(stored["experts"], f))
+                assert torch.equal(getattr(layer.qweights.relayout("plain"), f).cpu(), getattr(stored["experts"], f))
             assert torch.equal(layer.w13_bias.cpu(), stored["w13_bias"])
             topk = layer.route(x.to(DEVICE))
             ref = moe_reference_standard(x.double(), layer.w13.cpu(), layer.w2.cpu(), topk[0].cpu(), topk[1].cpu(),

@@ -59,7 +59,7 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
     acc += part
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #b2b4a6bb827d
+# %% ../../nbs/09c_kernels.quant.ipynb #71a4a7e78490
 FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "ptx")   # "ptx": the packed decode below (GPU only); "portable"
 if FP4_DECODE not in ("ptx", "portable"):
     raise ValueError(f"MOE_LIT_FP4_DECODE: expected 'ptx' or 'portable', got {FP4_DECODE!r}")
@@ -87,23 +87,24 @@ and.b32 x, t0, 0x00F000F0;
 mul.lo.u32 x, x, 0x0104;
 and.b32 x, x, 0x81C081C0;
 fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $2, x, $5, nz;
+fma.rn.bf16x2 $2, x, $7, nz;
 and.b32 x, t1, 0x00F000F0;
 mul.lo.u32 x, x, 0x0104;
 and.b32 x, x, 0x81C081C0;
 fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $3, x, $6, nz;
+fma.rn.bf16x2 $3, x, $8, nz;
 }
 """)
 
 @triton.jit
-def _e2m1_bf16_pairs(b,   # uint8 codes, two a byte (low nibble first)
-                     s):  # bf16 scale of each byte's group
-    "`(e2m1(b & 0xF) · s, e2m1(b >> 4) · s)` in bf16, eight codes per PTX block (exact: see the table above)."
-    return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r", [b, s],
+def _e2m1_bf16_pairs(b,      # uint8 codes, two a byte
+                     s_lo,   # bf16 scale of each byte's low-nibble code
+                     s_hi):  # bf16 scale of each byte's high-nibble code (the same tensor in the plain layout)
+    "`(e2m1(b & 0xF) · s_lo, e2m1(b >> 4) · s_hi)` in bf16, eight codes per PTX block (exact: see the table above)."
+    return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #20058e87800d
+# %% ../../nbs/09c_kernels.quant.ipynb #4adc93100f61
 @triton.jit
 def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two e2m1 codes a byte (low nibble first)
                      ws_ptr,     # this expert's scales [N_w, K_pad/GROUP_K] uint8 (e8m0, or e4m3 bits)
@@ -125,7 +126,7 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
         else: sb = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)                        # e4m3 block scale
         sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
                         (BLOCK_N, BLOCK_K // 2))                                             # a byte's group scale
-        lo, hi = _e2m1_bf16_pairs(b, sb)
+        lo, hi = _e2m1_bf16_pairs(b, sb, sb)                                                # a byte: one group
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                                 # k = 2·byte + nibble
     else:
         if FMT == 2: sf = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)              # e8m0: 2^(s − 127)
@@ -133,6 +134,45 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
         w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                # [BLOCK_N, BLOCK_K/2, 2]
         w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (sf * 16384.0)[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DTYPE)                                      # k = 2·byte + nibble
+
+@triton.jit
+def _per_byte(s, BLOCK_N: tl.constexpr, C: tl.constexpr, GH: tl.constexpr, GROUP_K: tl.constexpr):
+    "`[BLOCK_N, C, GH]` group scales of half chunks -> `[BLOCK_N, C·32]`, one per byte (byte j of a half: group j // GROUP_K)."
+    return tl.reshape(tl.broadcast_to(s[:, :, :, None], (BLOCK_N, C, GH, GROUP_K)), (BLOCK_N, C * GH * GROUP_K))
+
+@triton.jit
+def _fp4_split_tile(w_ptr, ws_ptr, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`, the codes in the split64 layout
+                    stride_wn, stride_wk, stride_wsn, stride_wsk,
+                    FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DTYPE: tl.constexpr):
+    "`(lo, hi)`, each `[BLOCK_N, BLOCK_K/2]`: the decoded K tile of split64 codes, lo at K = k0 + 64c + j, hi at K + 32."
+    C: tl.constexpr = BLOCK_K // 64                                                         # chunks in the tile
+    GH: tl.constexpr = 32 // GROUP_K                                                        # groups in half a chunk
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)                   # [BLOCK_N, BLOCK_K/2]
+    offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
+    s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
+                mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
+    s_lo, s_hi = tl.split(tl.permute(tl.reshape(s, (BLOCK_N, C, 2, GH)), (0, 1, 3, 2)))    # [BLOCK_N, C, GH] each
+    if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:
+        if FMT == 2:
+            s_lo = (s_lo.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+            s_hi = (s_hi.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+        else:
+            s_lo = s_lo.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+            s_hi = s_hi.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+        lo, hi = _e2m1_bf16_pairs(b, _per_byte(s_lo, BLOCK_N, C, GH, GROUP_K), _per_byte(s_hi, BLOCK_N, C, GH, GROUP_K))
+    else:
+        if FMT == 2:
+            s_lo = (s_lo.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            s_hi = (s_hi.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        else:
+            s_lo = s_lo.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            s_hi = s_hi.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        lo = _e2m1_fp16(b & 0xF).to(tl.float32) * _per_byte(s_lo * 16384.0, BLOCK_N, C, GH, GROUP_K)
+        hi = _e2m1_fp16(b >> 4).to(tl.float32) * _per_byte(s_hi * 16384.0, BLOCK_N, C, GH, GROUP_K)
+    return lo.to(DTYPE), hi.to(DTYPE)
 
 # %% ../../nbs/09c_kernels.quant.ipynb #c084380ec134
 @triton.jit
@@ -149,9 +189,9 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
         acc = acc * gs
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #d5d9f570841d
+# %% ../../nbs/09c_kernels.quant.ipynb #fe26336e0b9a
 @triton.jit
-def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's activation rows at K = 0
+def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activation rows at K = 0
                         as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
                         row_ok,     # [BLOCK_M] bool: rows that exist (valid rows / non-sentinel pairs)
                         w_e, ws_e, gs_ptr, e,   # this expert's codes and scales, the global scales, the expert
@@ -159,13 +199,38 @@ def _quant_tile_product(a_ptrs,     # [BLOCK_M, BLOCK_K] pointers to the tile's 
                         stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk,
                         FMT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr,
+                        SPLIT: tl.constexpr):   # FP4 codes in the split64 layout (`09a`): two MMAs a K tile, no join
     "Both formats' main loop: `(acc, acc_up)` of one output tile over all of K, every scale applied (real-valued fp32)."
     offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_rows[:, None] + offs_k[None, :] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if FMT >= 2:                                                  # FP4: swap the operands, out^T = W · a^T
+    if FMT >= 2 and SPLIT:                                        # FP4, split64: lo nibbles · a[64c + j], hi · a[64c + 32 + j]
+        accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        accT_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        offs_lo = (offs_j // 32) * 64 + offs_j % 32                                          # K of the low nibbles
+        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kt * BLOCK_K
+            aT_lo = tl.load(a_rows[None, :] + (k0 + offs_lo)[:, None] * stride_ak,
+                            mask=row_ok[None, :] & (k0 + offs_lo < K)[:, None], other=0.0)   # [BLOCK_K/2, BLOCK_M]
+            aT_hi = tl.load(a_rows[None, :] + (k0 + 32 + offs_lo)[:, None] * stride_ak,
+                            mask=row_ok[None, :] & (k0 + 32 + offs_lo < K)[:, None], other=0.0)
+            if UPCAST: aT_lo, aT_hi = aT_lo.to(tl.float32), aT_hi.to(tl.float32)
+            elif FMT == 2: aT_lo, aT_hi = aT_lo.to(tl.bfloat16), aT_hi.to(tl.bfloat16)
+            w_lo, w_hi = _fp4_split_tile(w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
+                                         stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
+            accT = tl.dot(w_lo, aT_lo, accT, input_precision=PRECISION)
+            accT = tl.dot(w_hi, aT_hi, accT, input_precision=PRECISION)
+            if GATED:
+                w_lo, w_hi = _fp4_split_tile(w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
+                                             stride_wsn, stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
+                accT_up = tl.dot(w_lo, aT_lo, accT_up, input_precision=PRECISION)
+                accT_up = tl.dot(w_hi, aT_hi, accT_up, input_precision=PRECISION)
+        acc, acc_up = tl.trans(accT), tl.trans(accT_up)
+    elif FMT >= 2:                                                # FP4: swap the operands, out^T = W · a^T
         accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         accT_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
@@ -243,7 +308,7 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
         out[e, :n] = act(y) if act else y
     return out
 
-# %% ../../nbs/09c_kernels.quant.ipynb #dfc3c38b76dd
+# %% ../../nbs/09c_kernels.quant.ipynb #9323d2db8689
 @triton.jit
 def _batched_moe_gemm_quant_kernel(
     a_ptr,          # [E, max_tokens, K] float8 (w8a8) or bf16/fp16 (w4a16); rows >= count never read
@@ -260,7 +325,7 @@ def _batched_moe_gemm_quant_kernel(
     stride_wse, stride_wsn, stride_wsk, stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
     FMT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
     "grid = (cdiv(max_tokens, BLOCK_M)·cdiv(N_OUT, BLOCK_N), E); programs with m_start >= expert_num_tokens[e] exit."
     pid, e = tl.program_id(0), tl.program_id(1)
@@ -270,21 +335,20 @@ def _batched_moe_gemm_quant_kernel(
     e64 = e.to(tl.int64)                                          # E·N·K can pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < count, offs_n < N_OUT
-    a_ptrs = a_ptr + e64 * stride_ae + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_rows = a_ptr + e64 * stride_ae + offs_m * stride_am
     as_ptrs = as_ptr + e64 * stride_ase + offs_m * stride_asm
     w_e, ws_e = w_ptr + e64 * stride_we, ws_ptr + e64 * stride_wse
-    acc, acc_up = _quant_tile_product(a_ptrs, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
+    acc, acc_up = _quant_tile_product(a_rows, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
     if HAS_BIAS:                                                  # on the scaled (real-valued) fp32 product
         acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
     if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #c724d7f98620
+# %% ../../nbs/09c_kernels.quant.ipynb #4beb2ebf4fd3
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -294,7 +358,8 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     gn, gk = qw.block_shape or (1, 1)
     if qw.scheme == "nvfp4_w4a16": scale = scale.view(torch.uint8)   # loaded as bytes, bit-cast to e4m3 in the kernel
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
-                GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme])
+                GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
+                SPLIT=qw.fp4_layout == "split64")
 
 def _named_strides(tensor: str, dims: str, strides) -> dict:
     "Strides as the kernels' keywords: `_named_strides('a', 'emk', (s0, s1, s2))` -> `stride_ae`, `stride_am`, `stride_ak`."
@@ -309,7 +374,8 @@ def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
                 config: dict | None,
-                block_m: int | None = None) -> dict:   # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
+                block_m: int | None = None,     # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
+                split: bool = False) -> dict:   # FP4 split64 codes: BLOCK_K whole 64-code chunks
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
     name = f"{kernel}_{'fp8' if fmt < 2 else 'w4a16'}"
     cfg = dict(check_tile_config(config, need_block_m=kernel.startswith("batched")) or
@@ -321,6 +387,7 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
     bk = max(32, cfg["BLOCK_K"])
     if fmt == 1: bk = min(bk, group_k)
     if fmt >= 2: bk = min(bk, 128)
+    if split: bk = max(bk, 64)
     cfg["BLOCK_K"] = bk
     return cfg
 
@@ -386,7 +453,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
-# %% ../../nbs/09c_kernels.quant.ipynb #e52d6aa5a70f
+# %% ../../nbs/09c_kernels.quant.ipynb #683915da44ce
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -415,7 +482,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     if E == 0 or M == 0 or n_out == 0: return out
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, odt, wa["FMT"], wa["GROUP_K"],
-                      act is not None, config)
+                      act is not None, config, split=wa["SPLIT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = cdiv(M, bm)
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
@@ -426,7 +493,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
         **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
         **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
-        GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=wa["SPLIT"], **cfg)
     return out
 
 # %% ../../nbs/09c_kernels.quant.ipynb #11c7e7855fef
@@ -463,7 +530,7 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
         out[pairs] = act(y) if act else y
     return out
 
-# %% ../../nbs/09c_kernels.quant.ipynb #4dedaf9b51d2
+# %% ../../nbs/09c_kernels.quant.ipynb #1dc944e154aa
 @triton.jit
 def _fused_moe_quant_kernel(
     a_ptr,          # [T, K] (token rows) or [T·top_k, K] (pair rows): float8 (w8a8) or bf16/fp16 (w4a16)
@@ -480,6 +547,7 @@ def _fused_moe_quant_kernel(
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     "grid = (cdiv(max_padded, BLOCK_M)·cdiv(N_OUT, BLOCK_N),); blocks past num_tokens_post_padded or of expert -1 exit."
     pid = tl.program_id(0)
@@ -492,14 +560,13 @@ def _fused_moe_quant_kernel(
     valid = (pairs >= 0) & (pairs < num_pairs)                    # sentinel (and out-of-range) rows are masked everywhere
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N_OUT
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    a_rows = a_ptr + rows * stride_am
     as_ptrs = as_ptr + rows * stride_asm
     w_e, ws_e = w_ptr + e * stride_we, ws_ptr + e * stride_wse
-    acc, acc_up = _quant_tile_product(a_ptrs, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
+    acc, acc_up = _quant_tile_product(a_rows, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
     if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
     if HAS_BIAS:                                                # the block's expert's row, on the scaled fp32 product
@@ -509,7 +576,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #5ce709d580ed
+# %% ../../nbs/09c_kernels.quant.ipynb #0a5438d63830
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -544,7 +611,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     check_extent("w", wa["codes"])
     if num_pairs == 0 or n_out == 0: return out
     cfg = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], K, block_m, odt, wa["FMT"], wa["GROUP_K"],
-                      act is not None, config, block_m=block_m)
+                      act is not None, config, block_m=block_m, split=wa["SPLIT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     _fused_moe_quant_kernel[(num_m_blocks * cdiv(n_out, bn),)](
@@ -557,5 +624,5 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
         **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),
         TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
-        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=wa["SPLIT"], **cfg)
     return out

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind the quant chapter's FP4 measurements, on one CUDA machine. Results go under $OUT.
-#   bash nbs/bench/quant_gpu.sh check    -> quant GEMM/experts tests natively, K-loop variants, bench_quant with the shipped tables
+#   bash nbs/bench/quant_gpu.sh check    -> quant GEMM/experts tests natively, bench_quant (both FP4 layouts), the seed command
 #   bash nbs/bench/quant_gpu.sh tune     -> re-tune the FP4 tiles and bench every quantized scheme (tune_quant.py)
 #   bash nbs/bench/quant_gpu.sh memcheck -> compute-sanitizer memcheck of the quant tests (the real-shape ones excluded)
 set -uo pipefail
@@ -12,17 +12,15 @@ check)
   export MOE_LIT_FP4_DECODE=${MOE_LIT_FP4_DECODE:-ptx}
   timeout 170 python -m pytest -q -n 4 -m "gpu or not gpu" tests/test_kernels_quant.py tests/test_kernels_quant_experts.py \
     2>&1 | grep -v Warning | tail -12 | tee "$OUT/pytest_quant.log"
-  timeout 120 python - "$OUT/quant_bench.json" <<'PY'
+  timeout 240 python - "$OUT/quant_bench.json" <<'PY'
 import json, sys
 from moe_lit.bench import measure_device, bench_quant, format_bench_quant, source_commit
-dev = measure_device(); rows = bench_quant(dev)
+dev = measure_device(); rows = bench_quant(dev, fp4_layouts=("plain", "split64"))
 print(format_bench_quant(rows), flush=True)
 json.dump(dict(device=dev, commit=source_commit(), quant=rows), open(sys.argv[1], "w"), indent=1)
 PY
-  timeout 90 python -m moe_lit.cli run --model deepseek-v3 --ep 8 --all2all nixl_ep --quant nvfp4 2>&1 | tail -14 \
+  timeout 120 python -m moe_lit.cli run --model deepseek-v3 --ep 8 --all2all nixl_ep --quant nvfp4 2>&1 | tail -14 \
     | tee "$OUT/run_deepseek_ep8_nvfp4.log"
-  timeout 80 python nbs/bench/fp4_variants.py "$OUT/fp4_variants.json" "${VARIANTS:-swapab_asm,swapab_asm_split}" \
-    2>&1 | grep -v Warning | tail -14
   ;;
 tune)
   timeout 560 python nbs/bench/tune_quant.py "$OUT" 2>&1 | grep -v Warning | tail -40
