@@ -154,7 +154,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #cd9ba48b0b14
+# %% ../nbs/10_modular.ipynb #ac86eac5035c
 class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
@@ -178,6 +178,7 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                          num_experts=prepared.num_experts,
                                           validate=False,     # ids from the placement
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 

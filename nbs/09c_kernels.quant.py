@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import os
+import functools, os
 import torch
 import triton
 import triton.language as tl
@@ -545,10 +545,19 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
                 block_m: int | None = None,     # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
                 split: bool = False) -> dict:   # FP4 split64 codes: BLOCK_K whole 64-code chunks
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
+    check_tile_config(config, need_block_m=kernel.startswith("batched"))
+    return dict(_quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu,
+                                     None if config is None else tuple(sorted(config.items())), block_m, split,
+                                     os.environ.get("MOE_LIT_TILE_CONFIG_DIR")))
+
+@functools.lru_cache(maxsize=1024)
+def _quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu, config_items, block_m, split, config_dir) -> dict:
+    "`_quant_tile`'s answer, resolved once per argument tuple (the launchers ask on every call)."
     name = f"{kernel}_{'fp8' if fmt < 2 else 'w4a16'}"
-    cfg = dict(check_tile_config(config, need_block_m=kernel.startswith("batched")) or
-               lookup_tile_config(name, E, N, K, M, dtype if dtype in ACTIVATION_DTYPES else torch.bfloat16,
-                                  heuristic=fp4_default_tile if fmt >= 2 else None))
+    cfg = dict(config_items) if config_items is not None else \
+        lookup_tile_config(name, E, N, K, M, dtype if dtype in ACTIVATION_DTYPES else torch.bfloat16,
+                           config_dir=config_dir, heuristic=fp4_default_tile if fmt >= 2 else None)
+    cfg = dict(cfg)
     if block_m is not None: cfg["BLOCK_M"] = block_m                        # before the fit, which sizes by it
     for key in ("TMA", "WARP_SPECIALIZE", "GROUP_M"): cfg.pop(key, None)     # the quantized kernels use none of them
     if not INTERPRET: cfg = fit_shared_memory(cfg, silu, 1 if fmt < 2 else 2)
@@ -650,9 +659,15 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     out = torch.empty(E, M, n_out, dtype=odt, device=a.device) if out is None else \
         check_tensor("out", out, shape=(E, M, n_out), dtype=odt)
     for name, t in (("a", a_k), ("w", wa["codes"]), ("out", out)): check_extent(name, t)
-    if E == 0 or M == 0 or n_out == 0: return out
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
-    cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, odt, wa["FMT"], wa["GROUP_K"],
+    check_tile_config(config, need_block_m=True)
+    return _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias)
+
+def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias):
+    "`batched_moe_gemm_quant` after its checks, the activations prepared and `out` allocated (`BatchedTritonQuantExperts`)."
+    (E, M, K), n_out = a_k.shape, out.shape[2]
+    if E == 0 or M == 0 or n_out == 0: return out
+    cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, split=wa["SPLIT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = cdiv(M, bm)
@@ -793,7 +808,7 @@ a = random_activations((E, M, H), torch.bfloat16, seed=6)
 valid = (torch.arange(M)[None, :] < cnt.cpu()[:, None])
 for scheme, perm, layout in (("fp8_w8a8_block", lambda s: s.flip(-1), "plain"),
                              ("mxfp4_w4a16", lambda s: s.roll(1, -1), "plain"),
-                             ("nvfp4_w4a16", lambda s: s.roll(1, -1), "split64")):
+                             ("nvfp4_w4a16", lambda s: s.view(torch.uint8).roll(1, -1).view(s.dtype), "split64")):
     qw = quantize_expert_weights(w13, w2, scheme).relayout(layout)
     bad = QuantizedExpertWeights(**{**qw.__dict__, "w13_scale": perm(qw.w13_scale)})
     want = batched_gemm_quant_reference(a, qw, cnt, "silu_and_mul").cpu()[valid]
@@ -971,8 +986,18 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     out = torch.empty(num_pairs, n_out, dtype=odt, device=a.device) if out is None else \
         check_tensor("out", out, shape=(num_pairs, n_out), dtype=odt)
     check_extent("w", wa["codes"])
+    check_tile_config(config)
+    return _fused_moe_gemm_quant(a_k, a_s, as_st, wa, qw.num_experts, sorted_token_ids, expert_ids,
+                                 num_tokens_post_padded, top_k, block_m, act, topk_weights, weight_stage, out,
+                                 per_pair, config, bias)
+
+def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k,
+                          block_m, act, topk_weights, weight_stage, out, per_pair, config, bias) -> torch.Tensor:
+    "`fused_moe_gemm_quant` after its checks, the activations prepared and `out` allocated (`TritonQuantExperts`)."
+    num_pairs, n_out = out.shape
     if num_pairs == 0 or n_out == 0: return out
-    cfg = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], K, block_m, odt, wa["FMT"], wa["GROUP_K"],
+    K = a_k.shape[1]
+    cfg = _quant_tile("fused_moe_gemm", E, wa["N"], K, block_m, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, block_m=block_m, split=wa["SPLIT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
@@ -980,7 +1005,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out,
         N_OUT=n_out, K=K, K_W=wa["K_W"], num_pairs=num_pairs, num_m_blocks=num_m_blocks,
-        num_sorted=sorted_token_ids.numel(), num_local=qw.num_experts,
+        num_sorted=sorted_token_ids.numel(), num_local=E,
         **_named_strides("a", "mk", a_k.stride()), **_named_strides("as", "mg", as_st[1:]),
         **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
         **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),

@@ -14,10 +14,12 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
-from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_local_ids
-from moe_lit.kernels.dispatch import combine_pairs
+from moe_lit.kernels.contiguous import check_block_m, check_local_ids, align_pairs, TritonExperts
+from moe_lit.kernels.dispatch import _combine_pairs
+from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
-from moe_lit.kernels.quant import fused_moe_gemm_quant, fused_moe_gemm_quant_reference, quant_block_m
+from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m
+from moe_lit.kernels.quant import _weight_kernel_args, _prepare_activations, _fused_moe_gemm_quant, _batched_moe_gemm_quant
 
 # %%
 #| hide
@@ -26,6 +28,8 @@ from moe_lit.quant import QUANT_SCHEMES, QUANT_SCHEME_TABLE
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
 from moe_lit.kernels.quant_act import fp8_quantize_activations
+from moe_lit.kernels.quant import fused_moe_gemm_quant
+from moe_lit.kernels.contiguous import moe_align_block_size
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard
 
@@ -95,8 +99,14 @@ class BatchedTritonQuantExperts:
             raise ValueError(f"out_dtype: expected torch.bfloat16 or torch.float16 (the intermediate between the GEMMs "
                              f"and the output), or None, got {out_dtype}")
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
-                                   expected_m=expected_m, bias=w13_bias, validate=validate)
-        return batched_moe_gemm_quant(h, qw, expert_num_tokens, out=out, expected_m=expected_m, validate=False, bias=w2_bias)
+                                   expected_m=expected_m, bias=w13_bias, validate=validate)   # checks a, qw, the counts
+        (E, M, _), H = h.shape, qw.hidden_size
+        if out is None: out = torch.empty(E, M, H, dtype=h.dtype, device=h.device)
+        else: check_tensor("out", out, shape=(E, M, H), dtype=h.dtype); check_kernel_device("a", a, out=out)
+        wa2 = _weight_kernel_args(qw, "w2")
+        for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
+        hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)
+        return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias)
 
 # %%
 #| export
@@ -145,6 +155,7 @@ test_eq(BatchedTritonQuantExperts.activation_format, ActivationFormat.BatchedExp
 class TritonQuantExperts:
     "Standard-format experts, quantized: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
+    pair_blocks_max_pairs = TritonExperts.pair_blocks_max_pairs   # the same layout rule as the unquantized experts
 
     def apply(self, hidden: torch.Tensor,        # [T, H] bf16/fp16
               qw: QuantizedExpertWeights,        # both weights of the E local experts
@@ -157,6 +168,7 @@ class TritonQuantExperts:
               w13_bias: torch.Tensor | None = None,  # [E, 2·I] bf16/fp16/fp32, added before the activation
               w2_bias: torch.Tensor | None = None,   # [E, H] bf16/fp16/fp32, added before the router weight
               activation: Activation = SILU,     # the gated activation between the GEMMs
+              num_experts: int | None = None,    # the model's experts, global (the pair-block rule); default E
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list, with quantized expert weights; ValueError on bad input."
         if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
@@ -170,17 +182,24 @@ class TritonQuantExperts:
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
         check_local_ids(local_ids, E, validate)
         if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
+        if qw.device != hidden.device: raise ValueError(f"qw: expected device {hidden.device}, got {qw.device}")
         if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), hidden.dtype)
         check_block_m(block_m)
-        s, e, n = moe_align_block_size(local_ids, block_m, E, validate=False)   # ids come from the placement
-        # zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that GEMM1 never
-        # writes; they must hold zeros, not uninitialised memory (one per-tensor scale would even span them)
-        h = fused_moe_gemm_quant(hidden.contiguous(), qw, s, e, n, k, block_m, activation, topk_weights,
-                                 "input" if on_in else None, out=torch.zeros(T * k, I, dtype=hidden.dtype, device=hidden.device),
-                                 bias=w13_bias)
-        y = fused_moe_gemm_quant(h, qw, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", rows="pair",
-                                 bias=w2_bias)
-        return combine_pairs(y, local_ids, E)              # router weights already applied
+        wa13, wa2 = _weight_kernel_args(qw, "w13"), _weight_kernel_args(qw, "w2")
+        for name, wa in (("w13", wa13), ("w2", wa2)): check_extent(name, wa["codes"])
+        s, e, n = align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)   # ids: the placement's
+        # the launches below skip the GEMMs' checks: every argument was checked above or is built here.
+        # h starts as zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that
+        # GEMM1 never writes; they must hold zeros, not uninitialised memory (one per-tensor scale would even span them)
+        x, xs, xs_st, odt = _prepare_activations(hidden.contiguous(), qw, None, None, None, qw.hidden_size, False)
+        h = _fused_moe_gemm_quant(x, xs, xs_st, wa13, E, s, e, n, k, block_m, activation, topk_weights,
+                                  "input" if on_in else None, torch.zeros(T * k, I, dtype=odt, device=hidden.device),
+                                  False, None, w13_bias)
+        hq, hs, hs_st, _ = _prepare_activations(h, qw, None, None, None, I, False)
+        y = _fused_moe_gemm_quant(hq, hs, hs_st, wa2, E, s, e, n, k, block_m, None, topk_weights,
+                                  None if on_in else "output",
+                                  torch.empty(T * k, qw.hidden_size, dtype=odt, device=hidden.device), True, None, w2_bias)
+        return _combine_pairs(y, local_ids, E)             # router weights already applied; y is unit-stride
 
 # %%
 #| export

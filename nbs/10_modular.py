@@ -238,6 +238,7 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                          num_experts=prepared.num_experts,
                                           validate=False,     # ids from the placement
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 

@@ -7,15 +7,19 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
-from moe_lit.kernels.contiguous import moe_align_block_size, check_block_m, check_local_ids
-from moe_lit.kernels.dispatch import combine_pairs
+from moe_lit.kernels.contiguous import check_block_m, check_local_ids, align_pairs, TritonExperts
+from moe_lit.kernels.dispatch import _combine_pairs
+from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
-from moe_lit.kernels.quant import fused_moe_gemm_quant, fused_moe_gemm_quant_reference, quant_block_m
+from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m
+from moe_lit.kernels.quant import _weight_kernel_args, _prepare_activations, _fused_moe_gemm_quant, _batched_moe_gemm_quant
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.quant import QUANT_SCHEMES, QUANT_SCHEME_TABLE
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
 from moe_lit.kernels.quant_act import fp8_quantize_activations
+from moe_lit.kernels.quant import fused_moe_gemm_quant
+from moe_lit.kernels.contiguous import moe_align_block_size
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import moe_reference_standard
 from moe_lit.kernels.quant_experts import *

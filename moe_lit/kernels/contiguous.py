@@ -19,7 +19,7 @@ from .dispatch import _combine_pairs
 
 # %% auto #0
 __all__ = ['moe_align_block_size_reference', 'moe_align_block_size', 'plot_aligned_layout', 'check_alignment', 'moe_pair_blocks',
-           'fused_moe_gemm', 'check_aligned_args', 'check_local_ids', 'check_block_m', 'TritonExperts']
+           'fused_moe_gemm', 'check_aligned_args', 'check_local_ids', 'check_block_m', 'align_pairs', 'TritonExperts']
 
 # %% ../../nbs/08_kernels.contiguous.ipynb #63958547e313
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
@@ -390,7 +390,20 @@ def _w_descriptor_ok(w: torch.Tensor) -> bool:
     "A tensor descriptor needs a contiguous w with 16-byte aligned rows and base."
     return w.is_contiguous() and (w.shape[2] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #000cc7bf7f78
+# %% ../../nbs/08_kernels.contiguous.ipynb #cc8d5192a0fd
+def align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local expert per slot, -1 = not here (in range)
+                block_m: int,                   # BLOCK_M of the GEMMs
+                num_local: int,                 # E_local
+                num_experts: int | None = None, # the model's experts, global (default E_local)
+                max_pairs: int = 32,            # at most this many pairs take one block each
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "The aligned layout of the Standard experts: one block per pair for a few pairs spread over many experts (one launch), else `moe_align_block_size` (four)."
+    spread = (num_local if num_experts is None else check_int("num_experts", num_experts, lo=num_local)) // 4
+    tiny = local_ids.numel() <= min(max_pairs, max(1, spread))    # few pairs, rarely two on one expert
+    align = moe_pair_blocks if tiny else moe_align_block_size
+    return align(local_ids, block_m, num_local, validate=False)    # ids from a placement: in range by construction
+
+# %% ../../nbs/08_kernels.contiguous.ipynb #b304768ed829
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -431,10 +444,7 @@ class TritonExperts:
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
         check_block_m(block_m)
-        spread = (E if num_experts is None else check_int("num_experts", num_experts, lo=E)) // 4
-        tiny = T * k <= min(self.pair_blocks_max_pairs, max(1, spread))   # few pairs, rarely two on one expert
-        align = moe_pair_blocks if tiny else moe_align_block_size
-        s, e, n = align(local_ids, block_m, E, validate=False)                 # ids come from the placement
+        s, e, n = align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)
         on_in = apply_router_weight_on_input
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
