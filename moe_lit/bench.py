@@ -259,7 +259,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #99c95e31eb4d
+# %% ../nbs/14_bench.ipynb #7a54301f4ef3
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -271,12 +271,23 @@ def _quant_bytes(qw, which: str, experts) -> int:
 def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH_SCHEMES,
                 fp4_layouts=("kernel",),   # FP4 byte orders to time: "kernel" (what the layer runs), "plain", "split64"
                ) -> list[dict]:
-    "µs and % of the weight-bytes floor of quantized GEMM1 (+SiLU) in both formats, per decode scenario and scheme."
+    """µs and % of the weight-bytes floor of quantized GEMM1 (+SiLU) in both formats, per decode scenario and scheme.
+
+    Needs a CUDA GPU (ValueError otherwise). `device` is `measure_device()`'s dict (its `copy_Bps` sets the floor).
+    One row per (scenario, scheme, FP4 layout): keys `scenario`, `scheme`, `fp4_layout` (None for FP8),
+    `floor_us` (the checkpoint's plain bytes of the active experts' w13 plus activations in and out, at `copy_Bps`,
+    whatever layout is timed), `bytes_per_weight`, `batched_us` / `contiguous_us` (median of `do_bench`) with their
+    `_pct_floor`, and `bf16_batched_us` (the unquantized batched GEMM on the same row). FP4 layouts are timed once
+    each ("kernel" resolves to `FP4_KERNEL_LAYOUT`); FP8 schemes have one row."""
     import triton.testing
     from moe_lit.quant import QUANT_SCHEME_TABLE
-    from moe_lit.quant_weights import quantize_expert_weights, FP4_LAYOUTS
+    from moe_lit.quant_weights import quantize_expert_weights, FP4_LAYOUTS, FP4_KERNEL_LAYOUT
     from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant, quant_block_m
-    for layout in fp4_layouts: check_choice("fp4_layouts", layout, ("kernel", *FP4_LAYOUTS))
+    if not isinstance(fp4_layouts, (tuple, list)) or not fp4_layouts:
+        raise ValueError(f"fp4_layouts: expected a non-empty tuple of 'kernel', 'plain', 'split64', got {fp4_layouts!r}")
+    fp4_layouts = [FP4_KERNEL_LAYOUT if check_choice("fp4_layouts", lay, ("kernel", *FP4_LAYOUTS)) == "kernel" else lay
+                   for lay in fp4_layouts]
+    if not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU for bench_quant, found none")
     from moe_lit.kernels.contiguous import moe_align_block_size
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
     rows = []
@@ -296,7 +307,7 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
             aligned = moe_align_block_size(ids, bm, E)
             fp4 = not QUANT_SCHEME_TABLE[scheme].is_fp8
             for layout in dict.fromkeys(fp4_layouts if fp4 else ("plain",)):
-                qw = plain.for_kernels() if layout == "kernel" else plain.relayout(layout)
+                qw = plain.relayout(layout)
                 t_b = bench(lambda: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", expected_m=exp_m, validate=False))
                 t_c = bench(lambda: fused_moe_gemm_quant(x, qw, *aligned, ids.shape[1], bm, "silu_and_mul"))
                 rows.append(dict(scenario=sc["name"], scheme=scheme, fp4_layout=qw.fp4_layout if fp4 else None,

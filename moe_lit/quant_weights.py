@@ -42,9 +42,11 @@ def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None, layou
     if scheme == "fp8_w8a8_block": return (E, -(-N // block[0]), -(-K // block[1]))
     return (E, N, 2 * _storage_cols(scheme, K, layout) // FP4_GROUP[scheme])
 
-# %% ../nbs/09a_quant_weights.ipynb #6713545c5ec3
+# %% ../nbs/09a_quant_weights.ipynb #246f4de3893d
 def _check_block_shape(scheme: str, block) -> tuple | None:
     "The scale group of `scheme`: fixed for FP4, None for tensor/channel, a (rows, power-of-2 ≥ 32 cols) pair for block."
+    if block is not None and not isinstance(block, (tuple, list)):
+        raise ValueError(f"block_shape: expected None or a (rows, cols) pair, got {block!r}")
     if scheme in FP4_GROUP:
         want = (1, FP4_GROUP[scheme])
         if block is not None and tuple(block) != want: raise ValueError(f"block_shape: expected {want} for {scheme}, got {block!r}")
@@ -98,7 +100,7 @@ class QuantizedExpertWeights:
         for name, N, K in (("w13", 2 * I, H), ("w2", H, I)):
             _check_weight_parts(self, name, E, N, K, block)
 
-# %% ../nbs/09a_quant_weights.ipynb #3e3632825c75
+# %% ../nbs/09a_quant_weights.ipynb #3cbb7ee9a0a3
 def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device)."
     s = qw.scheme
@@ -112,8 +114,31 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
         if E and not bool((gs > 0).all() & gs.isfinite().all()):
             raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
     elif gs is not None: raise ValueError(f"{name}_global_scale: expected None for {s}, got a tensor")
-    for n, t in ((name + "_scale", scale), (name + "_global_scale", gs)):
-        if t is not None and t.device != codes.device: raise ValueError(f"{n}: expected device {codes.device}, got {t.device}")
+    for n, t in ((name, codes), (name + "_scale", scale), (name + "_global_scale", gs)):
+        if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
+    _check_scale_values(name + "_scale", scale, s)
+    if layout == "split64" and codes.shape[-1] != _storage_cols(s, K):     # the padding reads as 0, never NaN
+        _check_split_padding(name, codes, scale, K, s)
+
+def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
+    "Scales that decode to a number (one pass at construction): fp32 finite and > 0; no e8m0 255 or e4m3 NaN byte."
+    if not scale.numel(): return
+    if scheme == "mxfp4_w4a16": bad = bool((scale == 255).any())                       # e8m0 255 encodes NaN
+    elif scheme == "nvfp4_w4a16": bad = bool(torch.isnan(scale.float()).any())          # e4m3 0x7F / 0xFF
+    else: bad = not bool((torch.isfinite(scale) & (scale > 0)).all())
+    if bad:
+        want = {"mxfp4_w4a16": "e8m0 bytes < 255 (255 is NaN)", "nvfp4_w4a16": "e4m3 scales that are not NaN"}
+        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales > 0')}, got {scale.flatten()[:8].tolist()}...")
+
+def _check_split_padding(name: str, codes, scale, K: int, scheme: str):
+    "split64 weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
+    g, plain = FP4_GROUP[scheme], 2 * _storage_cols(scheme, K)                          # codes of the plain layout
+    tail = unpack_fp4(unsplit_fp4_codes(codes[..., -(SPLIT_CHUNK // 2):]))              # the last chunk, K order
+    start = plain - (codes.shape[-1] * 2 - SPLIT_CHUNK)                                  # first padded code in it
+    one = torch.full((), 127 if scheme == "mxfp4_w4a16" else 1.0, device=scale.device).to(scale.dtype)
+    if bool(tail[..., start:].any()) or not bool((scale[..., plain // g:].view(torch.uint8) == one.view(torch.uint8)).all()):
+        raise ValueError(f"{name}: expected the split64 padding past K = {K} to hold code 0 with scale 1 (as relayout "
+                         f"writes it), got other values")
 
 # %% ../nbs/09a_quant_weights.ipynb #6f8d671a3fc2
 @patch

@@ -107,10 +107,12 @@ def check_positive_real(name: str, value) -> float:
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
     return float(value)
 
-# %% ../nbs/00_terms.ipynb #058a95c862d8
+# %% ../nbs/00_terms.ipynb #0c4dac7ed566
 def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None,
-                 contiguous: bool = False) -> torch.Tensor:
-    "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous; returns it."
+                 contiguous: bool = False,
+                 writable: bool = False,   # an output buffer: no two elements may share memory (no stride-0 expand)
+                ) -> torch.Tensor:
+    "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous or writable; returns it."
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if shape is not None: ndim = len(shape)
@@ -125,6 +127,13 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
             raise ValueError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
     if contiguous and not t.is_contiguous():     # a kernel reads it as a flat array
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {list(t.shape)}")
+    if writable and not t.is_contiguous():       # metadata only: dims by stride, each must step past the ones below
+        reach = 0
+        for st, sz in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+            if st <= reach:
+                raise ValueError(f"{name}: expected an output buffer whose elements do not overlap, got strides "
+                                 f"{t.stride()} for shape {list(t.shape)}")
+            reach += (sz - 1) * st
     return t
 
 # %% ../nbs/00_terms.ipynb #365b6e5e8050

@@ -184,8 +184,10 @@ for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
 # %%
 #| export
 def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None,
-                 contiguous: bool = False) -> torch.Tensor:
-    "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous; returns it."
+                 contiguous: bool = False,
+                 writable: bool = False,   # an output buffer: no two elements may share memory (no stride-0 expand)
+                ) -> torch.Tensor:
+    "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous or writable; returns it."
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if shape is not None: ndim = len(shape)
@@ -200,6 +202,13 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
             raise ValueError(f"{name}: expected dtype {' or '.join(map(str, allowed))}, got {t.dtype}")
     if contiguous and not t.is_contiguous():     # a kernel reads it as a flat array
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()} for shape {list(t.shape)}")
+    if writable and not t.is_contiguous():       # metadata only: dims by stride, each must step past the ones below
+        reach = 0
+        for st, sz in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+            if st <= reach:
+                raise ValueError(f"{name}: expected an output buffer whose elements do not overlap, got strides "
+                                 f"{t.stride()} for shape {list(t.shape)}")
+            reach += (sz - 1) * st
     return t
 
 # %%
@@ -208,6 +217,10 @@ x = torch.zeros(4, 8, dtype=torch.int32)
 test_eq(check_tensor("topk_ids", x, shape=(4, None), dtype=(torch.int32, torch.int64)).shape, (4, 8))
 test_fail(lambda: check_tensor("topk_ids", x, shape=(5, None)), contains="topk_ids: expected shape [5, *], got [4, 8]")
 test_fail(lambda: check_tensor("topk_ids", x, ndim=3), contains="expected a 3-D tensor, got shape (4, 8)")
+for ok in (x, x[:, ::2], x.t(), torch.zeros(3, 1, 5)[:, :, 1:], torch.zeros(2, 1).expand(2, 1)):   # views that do not alias
+    check_tensor("out", ok, writable=True)
+for bad in (torch.zeros(1, 8).expand(4, 8), torch.zeros(8).as_strided((4, 4), (1, 1))):    # stride 0, overlapping rows
+    test_fail(lambda: check_tensor("out", bad, writable=True), contains="out: expected an output buffer whose elements do not overlap")
 test_fail(lambda: check_tensor("topk_ids", x, dtype=torch.int64), contains="expected dtype torch.int64, got torch.int32")
 test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.Tensor, got list")
 test_fail(lambda: check_tensor("expert_num_tokens", x[0, ::2], contiguous=True), contains="expert_num_tokens: expected a contiguous tensor, got strides (2,)")

@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 from dataclasses import dataclass
-from moe_lit.terms import check_tensor
+from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device
-from moe_lit.kernels.batched import next_pow2
+from moe_lit.kernels.batched import _next_pow2
 from moe_lit.routing import ungroupable_reason
 
 # %%
@@ -158,6 +158,18 @@ class RouterPlan:
     TOP2: bool              # a group's score is its top-2 sum (with a correction bias)
     scale: float            # routed_scaling_factor (1 for llama4)
 
+    def __post_init__(self):   # the kernel trusts these constants: a plan made by hand is checked like one from a config
+        E = check_int("num_experts", self.num_experts, lo=1)
+        check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", self.SCORING, (0, 1, 2))
+        for n in ("HAS_BIAS", "RENORMALIZE", "TOP2"): check_bool(n, getattr(self, n))
+        g = check_int("NUM_GROUPS", self.NUM_GROUPS, lo=1, hi=E + 1)
+        check_int("TOPK_GROUP", self.TOPK_GROUP, lo=1, hi=g + 1)
+        if g * check_int("GROUP_SIZE", self.GROUP_SIZE, lo=1) != E:
+            raise ValueError(f"GROUP_SIZE: expected num_experts / NUM_GROUPS = {E} / {g}, got {self.GROUP_SIZE}")
+        if self.TOP_K > self.TOPK_GROUP * self.GROUP_SIZE:
+            raise ValueError(f"TOP_K: expected <= TOPK_GROUP * GROUP_SIZE = {self.TOPK_GROUP * self.GROUP_SIZE}, got {self.TOP_K}")
+        check_positive_real("scale", self.scale)
+
 def router_plan(config: MoEConfig) -> RouterPlan:
     "The routing method of `config` as the kernel's constants (the grouped fall-back resolved), computed once."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -200,11 +212,11 @@ def _route_topk(plan, logits, bias, ids_dtype) -> tuple[torch.Tensor, torch.Tens
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=ids_dtype, device=logits.device)
     if T:
-        block_e = max(next_pow2(E), 16)
+        block_e = max(_next_pow2(E), 16)
         _route_topk_kernel[(T,)](logits, bias if bias is not None else logits, w, ids, E, logits.stride(0),
-                                 plan.scale, TOP_K=top_k, K_PAD=next_pow2(top_k), BLOCK_E=block_e,
+                                 plan.scale, TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_E=block_e,
                                  SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
-                                 NUM_GROUPS=plan.NUM_GROUPS, G_PAD=next_pow2(plan.NUM_GROUPS),
+                                 NUM_GROUPS=plan.NUM_GROUPS, G_PAD=_next_pow2(plan.NUM_GROUPS),
                                  TOPK_GROUP=plan.TOPK_GROUP, GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2,
                                  num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids
@@ -261,6 +273,11 @@ test_fail(lambda: route_topk(plan, torch.randn(3, 8).long()), contains="logits: 
 test_fail(lambda: route_topk(plan, torch.randn(3, 8), torch.zeros(8)), contains="bias: expected None, got a tensor")
 test_fail(lambda: router_plan("x"), contains="config: expected a MoEConfig")
 test_fail(lambda: route_topk({}, torch.randn(3, 8)), contains="plan: expected a RouterPlan")
+import dataclasses
+for field, value, msg in (("TOP_K", 9, "TOP_K: expected < 9"), ("num_experts", 0, "num_experts: expected >= 1"),
+                          ("SCORING", 7, "SCORING: expected one of"), ("NUM_GROUPS", 3, "GROUP_SIZE: expected num_experts / NUM_GROUPS"),
+                          ("TOP_K", -1, "TOP_K: expected >= 1"), ("RENORMALIZE", 1, "RENORMALIZE: expected a bool")):
+    test_fail(lambda: dataclasses.replace(plan, **{field: value}), contains=msg)   # a hand-made plan is checked too
 test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
 strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))
 base = torch.tensor([0., 9, 1, 9, 2, 9, 3, 9, 4, 9, 5, 9, 6, 9, 7, 9], device=DEVICE) / 16

@@ -357,8 +357,9 @@ def check_tile_config(config,
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if need_block_m else ("BLOCK_N", "BLOCK_K"):
         if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
-        if key in config:
-            v = check_int(f"config[{key!r}]", config[key], lo=1, hi=1025)
+        if key in config:        # tl.dot needs 16 rows/columns on a GPU; the interpreter takes any size
+            lo = 16 if key.startswith("BLOCK") and not INTERPRET else 1
+            v = check_int(f"config[{key!r}]", config[key], lo=lo, hi=1025)
             if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
     if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
     if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
@@ -380,25 +381,25 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
-def next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     "The smallest power of two >= `n` (1 for `n <= 1`): `triton.next_power_of_2` on the host, without its JIT wrapper's cost."
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
-def cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     "`ceil(a / b)` for ints, b > 0: `triton.cdiv` on the host (a launch grid), without its JIT wrapper's cost (~2 µs a call)."
     return -(-a // b)
 
 def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
     "Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`."
     if INTERPRET:   # the interpreter's cost is programs x K-steps, so use few, large tiles
-        return dict(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=min(128, max(16, next_pow2(N))),
-                    BLOCK_K=min(128, max(16, next_pow2(K))), num_warps=4, num_stages=1)
+        return dict(BLOCK_M=min(64, max(16, _next_pow2(M))), BLOCK_N=min(128, max(16, _next_pow2(N))),
+                    BLOCK_K=min(128, max(16, _next_pow2(K))), num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=min(64, max(16, _next_pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     if M <= 64:     # weight-streaming regime: one M tile, narrow N tiles so many programs stream in parallel
         # rows per expert scatter around the mean M: above 8, a tile of 2·M keeps most experts in one block (a second
         # block streams the expert's weights again; the idle MMA rows cost nothing while the weights bound the time)
-        bm = max(16, next_pow2(M if M <= 8 else 2 * M))
+        bm = max(16, _next_pow2(M if M <= 8 else 2 * M))
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
@@ -556,7 +557,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     N = w.shape[1]
     if act and N % 2: raise ValueError(f"w: expected an even N for a gated activation ({act.name}), got {N}")
     n_out = N // 2 if act else N
-    if out is not None: check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype)
+    if out is not None: check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype, writable=True)
     check_expert_bias("bias", bias, E, N, a.device)
     for name, t in (("expert_num_tokens", expert_num_tokens), ("w", w), ("out", out)):
         if t is not None and t.device != a.device:
@@ -642,8 +643,8 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
                                          None if config is None else tuple(sorted(config.items())),
                                          os.environ.get("MOE_LIT_TILE_CONFIG_DIR"))
     cfg = dict(cfg)
-    num_m_tiles = cdiv(M, bm)
-    grid = (num_m_tiles * cdiv(n_out, bn), E)
+    num_m_tiles = _cdiv(M, bm)
+    grid = (num_m_tiles * _cdiv(n_out, bn), E)
     epilogue = epilogue_args(act, bias)
     if tma and _tma_ok(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -883,7 +884,7 @@ class BatchedTritonExperts:
                              validate=validate)                    # checks a, w13, the counts and the extents
         E, M, H = a.shape
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
-        else: check_tensor("out", out, shape=(E, M, H), dtype=a.dtype)
+        else: check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True)
         check_kernel_device("a", a, w2=w2, out=out)
         for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias)   # h is GEMM1's

@@ -10,10 +10,10 @@
 from __future__ import annotations
 import torch
 from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
-from moe_lit.kernels.batched import cdiv, next_pow2
+from moe_lit.kernels.batched import _cdiv, _next_pow2
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor
+from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.formats import dispatch_batched_reference
 
 # %%
@@ -117,8 +117,9 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                      out: torch.Tensor | None = None,          # [E_local, max_tokens, hidden_size] slab buffer
                      check_overflow: bool = True,              # raise on overflow (one host sync)
                     ):
-    "Scatter pairs into slabs: `(a [E_local, max_tokens, H], expert_num_tokens [E_local] int32, slot_map [T, top_k] int64)`."
-    check_tensor("hidden", hidden, ndim=2)
+    "Scatter pairs into slabs: `(a [E_local, max_tokens, H], expert_num_tokens [E_local] int32, slot_map [T, top_k] int64)`, plus the device overflow flag `[1]` int32 when `check_overflow` is False."
+    check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    check_bool("check_overflow", check_overflow)
     T, H = hidden.shape
     check_tensor("topk_ids", topk_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
     check_int("num_local_experts", num_local_experts, lo=1); check_int("max_tokens", max_tokens, lo=1)
@@ -130,8 +131,10 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                           dtype=torch.int32 if mode == 1 else torch.int64)
     num_experts = table.shape[0] if mode else num_local_experts
     if topk_weights is not None: check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
+    check_kernel_device("hidden", hidden, topk_ids=topk_ids, expert_map=expert_map, global_to_physical=global_to_physical,
+                        topk_weights=topk_weights, out=out)
     a = torch.empty(num_local_experts, max_tokens, H, dtype=hidden.dtype, device=hidden.device) if out is None else \
-        check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=hidden.dtype)
+        check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=hidden.dtype, writable=True)
     for name, t in (("hidden", hidden), ("out", a)):
         if t.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {t.stride(-1)}")
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
@@ -152,7 +155,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
             table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
-            BLOCK_H=min(1024, next_pow2(H)), MODE=mode, SCALE=topk_weights is not None)
+            BLOCK_H=min(1024, _next_pow2(H)), MODE=mode, SCALE=topk_weights is not None)
     if not check_overflow: return a, counts.clamp_(max=max_tokens), slot_map, flag   # counts stay a valid contract
     if int(flag.item()):
         raise ValueError(f"max_tokens: expected >= {int(counts.max())} (the busiest local expert's pairs), "
@@ -169,7 +172,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
 #     out[t, H-block] = acc                            # cast once
 # ```
 #
-# Grid `(T, cdiv(H, BLOCK_H))`. A `-1` slot is skipped by scalar control flow, so its row is never loaded — `0 · NaN`
+# Grid `(T, _cdiv(H, BLOCK_H))`. A `-1` slot is skipped by scalar control flow, so its row is never loaded — `0 · NaN`
 # would be NaN, and padding rows may hold anything. The sum runs in a fixed slot order with no atomics, so the result
 # is bitwise repeatable.
 
@@ -210,13 +213,15 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
                     validate: bool = True,              # check slot_map's range on the host (one sync)
                    ) -> torch.Tensor:                   # `out`
     "Weighted sum over each token's slots: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`, fp32 accumulation."
-    check_tensor("expert_out", expert_out, ndim=3)
+    check_tensor("expert_out", expert_out, ndim=3, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input); check_bool("validate", validate)
     E, M, H = expert_out.shape
     check_tensor("topk_weights", topk_weights, ndim=2, dtype=torch.float32)
     T, top_k = topk_weights.shape
     check_tensor("slot_map", slot_map, shape=(T, top_k), dtype=torch.int64)
+    check_kernel_device("expert_out", expert_out, topk_weights=topk_weights, slot_map=slot_map, out=out)
     out = torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device) if out is None else \
-        check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype)
+        check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype, writable=True)
     for name, x in (("expert_out", expert_out), ("out", out)):
         if x.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {x.stride(-1)}")
     if validate and T and ((slot_map < -1) | (slot_map >= E * M)).any():
@@ -227,8 +232,8 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
     "`batched_combine` after its checks, `out` allocated: for a finalize that holds its own dispatch's slot map."
     (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
-        bh = min(1024, next_pow2(H))
-        _batched_combine_kernel[(T, cdiv(H, bh))](
+        bh = min(1024, _next_pow2(H))
+        _batched_combine_kernel[(T, _cdiv(H, bh))](
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
             expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, BLOCK_H=bh, WEIGHTED=not apply_router_weight_on_input,
             PAIRS=False)
@@ -252,8 +257,8 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
     (T, k), H = local_ids.shape, y.shape[1]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T and H:
-        bh = min(1024, next_pow2(H))
-        _batched_combine_kernel[(T, cdiv(H, bh))](
+        bh = min(1024, _next_pow2(H))
+        _batched_combine_kernel[(T, _cdiv(H, bh))](
             y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
             TOP_K=k, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out

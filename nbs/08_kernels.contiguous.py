@@ -18,7 +18,7 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.batched import cdiv, next_pow2
+from moe_lit.kernels.batched import _cdiv, _next_pow2
 from moe_lit.kernels.dispatch import _combine_pairs
 
 # %%
@@ -103,11 +103,11 @@ test_eq(e[:4].tolist(), [0, 1, 2, 2])
 # count buffers):
 #
 # ```
-# count   (grid cdiv(T·top_k, BLOCK)):  counts[id] += 1 for every pair with id >= 0         (atomics)
+# count   (grid _cdiv(T·top_k, BLOCK)):  counts[id] += 1 for every pair with id >= 0         (atomics)
 # offsets (grid 1):                     padded = ceil(counts / B)·B; offsets = exclusive cumsum(padded);
 #                                       num_tokens_post_padded = Σ padded
 # ids     (grid E):                     expert_ids[blocks of e] = local(e)  (its local id, or -1)
-# scatter (grid cdiv(T·top_k, BLOCK)):  sorted[offsets[id] + atomic_add(cursor[id], 1)] = pair
+# scatter (grid _cdiv(T·top_k, BLOCK)):  sorted[offsets[id] + atomic_add(cursor[id], 1)] = pair
 # ```
 #
 # Within an expert's run the pairs come in the order the atomics grant them (program order in the interpreter, any
@@ -169,12 +169,12 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     counts, cursor, offsets, ntpp = work.split([num_experts, num_experts, num_experts, 1])
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
-    if n: _align_count_kernel[(cdiv(n, BLOCK),)](flat, counts, n, num_experts, BLOCK=BLOCK)
+    if n: _align_count_kernel[(_cdiv(n, BLOCK),)](flat, counts, n, num_experts, BLOCK=BLOCK)
     _align_offsets_kernel[(1,)](counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
-                                BLOCK_E=next_pow2(num_experts))
+                                BLOCK_E=_next_pow2(num_experts))
     _align_expert_ids_kernel[(num_experts,)](counts, offsets, expert_map if expert_map is not None else counts,
                                              expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
-    if n: _align_scatter_kernel[(cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
+    if n: _align_scatter_kernel[(_cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
 # %% [markdown]
@@ -310,8 +310,8 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
     expert_ids = torch.empty(max(1, n), dtype=torch.int32, device=dev)
     ntpp = torch.empty(1, dtype=torch.int32, device=dev)
     if n == 0: return sorted_ids.fill_(0), expert_ids.fill_(-1), ntpp.fill_(0)
-    BLOCK = max(256, next_pow2(block_size))
-    _pair_blocks_kernel[(cdiv(n * block_size, BLOCK),)](
+    BLOCK = max(256, _next_pow2(block_size))
+    _pair_blocks_kernel[(_cdiv(n * block_size, BLOCK),)](
         topk_ids.reshape(-1).contiguous(), expert_map if expert_map is not None else expert_ids, sorted_ids,
         expert_ids, ntpp, n, num_experts, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
@@ -349,7 +349,7 @@ test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), co
 #     C[pairs, n-tile] = acc                                                        # valid rows only
 # ```
 #
-# Grid `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major so consecutive programs share the weight
+# Grid `(_cdiv(max_padded, BLOCK_M) · _cdiv(N_out, BLOCK_N),)`, N-tile major so consecutive programs share the weight
 # tile. Row offsets are int64: `T·top_k·N` passes 2^31 at long prefills (sglang#4727: 56k tokens × top-8 × 7168).
 # `-1` blocks write nothing; the final weighted sum (`combine_pairs` over the pair rows) skips the pairs that were
 # never computed, so unwritten rows are never read. With the router weight on the input, a linear GEMM1 lets the
@@ -486,7 +486,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
     check_expert_bias("bias", bias, E, N, a.device)
     n_out = N // 2 if act else N
-    if out is not None: check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype)
+    if out is not None: check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype, writable=True)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     return _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act,
                            topk_weights, weight_stage, out, config, per_pair, expected_m, bias)
@@ -508,7 +508,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
         from triton.tools.tensor_descriptor import TensorDescriptor
         w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
     num_m_blocks = expert_ids.numel()
-    _fused_moe_kernel[(num_m_blocks * cdiv(n_out, bn),)](
+    _fused_moe_kernel[(num_m_blocks * _cdiv(n_out, bn),)](
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, N_OUT=n_out, N_W=N, K=K,
         num_pairs=num_pairs, num_m_blocks=num_m_blocks, num_sorted=sorted_token_ids.numel(), num_local=E,

@@ -90,6 +90,8 @@ def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None, layou
 #| export
 def _check_block_shape(scheme: str, block) -> tuple | None:
     "The scale group of `scheme`: fixed for FP4, None for tensor/channel, a (rows, power-of-2 ≥ 32 cols) pair for block."
+    if block is not None and not isinstance(block, (tuple, list)):
+        raise ValueError(f"block_shape: expected None or a (rows, cols) pair, got {block!r}")
     if scheme in FP4_GROUP:
         want = (1, FP4_GROUP[scheme])
         if block is not None and tuple(block) != want: raise ValueError(f"block_shape: expected {want} for {scheme}, got {block!r}")
@@ -176,8 +178,31 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
         if E and not bool((gs > 0).all() & gs.isfinite().all()):
             raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
     elif gs is not None: raise ValueError(f"{name}_global_scale: expected None for {s}, got a tensor")
-    for n, t in ((name + "_scale", scale), (name + "_global_scale", gs)):
-        if t is not None and t.device != codes.device: raise ValueError(f"{n}: expected device {codes.device}, got {t.device}")
+    for n, t in ((name, codes), (name + "_scale", scale), (name + "_global_scale", gs)):
+        if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
+    _check_scale_values(name + "_scale", scale, s)
+    if layout == "split64" and codes.shape[-1] != _storage_cols(s, K):     # the padding reads as 0, never NaN
+        _check_split_padding(name, codes, scale, K, s)
+
+def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
+    "Scales that decode to a number (one pass at construction): fp32 finite and > 0; no e8m0 255 or e4m3 NaN byte."
+    if not scale.numel(): return
+    if scheme == "mxfp4_w4a16": bad = bool((scale == 255).any())                       # e8m0 255 encodes NaN
+    elif scheme == "nvfp4_w4a16": bad = bool(torch.isnan(scale.float()).any())          # e4m3 0x7F / 0xFF
+    else: bad = not bool((torch.isfinite(scale) & (scale > 0)).all())
+    if bad:
+        want = {"mxfp4_w4a16": "e8m0 bytes < 255 (255 is NaN)", "nvfp4_w4a16": "e4m3 scales that are not NaN"}
+        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales > 0')}, got {scale.flatten()[:8].tolist()}...")
+
+def _check_split_padding(name: str, codes, scale, K: int, scheme: str):
+    "split64 weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
+    g, plain = FP4_GROUP[scheme], 2 * _storage_cols(scheme, K)                          # codes of the plain layout
+    tail = unpack_fp4(unsplit_fp4_codes(codes[..., -(SPLIT_CHUNK // 2):]))              # the last chunk, K order
+    start = plain - (codes.shape[-1] * 2 - SPLIT_CHUNK)                                  # first padded code in it
+    one = torch.full((), 127 if scheme == "mxfp4_w4a16" else 1.0, device=scale.device).to(scale.dtype)
+    if bool(tail[..., start:].any()) or not bool((scale[..., plain // g:].view(torch.uint8) == one.view(torch.uint8)).all()):
+        raise ValueError(f"{name}: expected the split64 padding past K = {K} to hold code 0 with scale 1 (as relayout "
+                         f"writes it), got other values")
 
 # %% [markdown]
 # Reading back: `dequantize_weight` gives one expert's weight in fp32 (or float64 for references) with the K padding
@@ -468,7 +493,15 @@ test_fail(lambda: quantize_expert_weights(*random_expert_weights(2, 128, 64), "f
           contains="layout: expected 'plain' for the FP8 scheme")
 test_fail(lambda: qw.relayout("split"), contains="layout: expected one of")
 test_fail(lambda: split_fp4_codes(torch.zeros(2, 16, dtype=torch.uint8)), contains="multiple of 32 bytes")
+test_fail(lambda: quant_weight_shapes("mxfp4_w4a16", 1, 2, 64, block_shape=5), contains="block_shape: expected None or a (rows, cols) pair")
 test_fail(lambda: QuantizedExpertWeights(**{**qw.__dict__, "fp4_layout": "split64"}), contains="w13: expected shape")
+q2 = quantize_expert_weights(*random_expert_weights(2, 80, 16, seed=4), "mxfp4_w4a16").relayout("split64")   # K padded
+bad_scale = q2.w2_scale.clone(); bad_scale[..., -1] = 3                              # a padded group's scale not 1
+test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w2_scale": bad_scale}), contains="w2: expected the split64 padding")
+bad_codes = q2.w13.clone(); bad_codes[..., -1] = 0x70                                # a padded code (K >= 80) not 0
+test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
+nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
+test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes < 255")
 
 # %% [markdown]
 # ### What the scales look like

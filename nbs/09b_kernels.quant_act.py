@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET
-from moe_lit.kernels.batched import cdiv, next_pow2
+from moe_lit.kernels.batched import _cdiv, _next_pow2
 from moe_lit.terms import check_int, check_tensor, check_choice
 from moe_lit.quant import FP8_MAX, quantize_fp8
 
@@ -79,7 +79,7 @@ def _quantize_fp8_rows_kernel(
     MODE: tl.constexpr, HAS_COUNTS: tl.constexpr, EMULATE_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
 ):
-    "grid = (cdiv(M, BLOCK_R), cdiv(K, GROUP), E); programs whose rows start past the count exit at once."
+    "grid = (_cdiv(M, BLOCK_R), _cdiv(K, GROUP), E); programs whose rows start past the count exit at once."
     pid_r, g, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows_end = M
     if HAS_COUNTS: rows_end = tl.minimum(tl.load(counts_ptr + e), M)
@@ -166,14 +166,14 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
     if validate and expert_num_tokens is not None and E and ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
-    group = {"tensor": min(1024, next_pow2(max(K, 1))), "token": next_pow2(max(K, 1)),
+    group = {"tensor": min(1024, _next_pow2(max(K, 1))), "token": _next_pow2(max(K, 1)),
              "group": group_k}[granularity]
     G = 1 if granularity != "group" else -(-K // group_k)
     q = torch.empty(x3.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s = (torch.empty if E and M else torch.ones)(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
     if E and M and K:
         block_r = max(1, min(64, 8192 // group))
-        grid = (cdiv(M, block_r), cdiv(K, group), E)
+        grid = (_cdiv(M, block_r), _cdiv(K, group), E)
         if grid[1] > 65535 or E > 65535:           # CUDA's limit on a grid's y and z dimensions
             raise ValueError(f"x: expected at most 65535 experts and 65535 groups of {group} columns, got {E} and {grid[1]}")
         counts = expert_num_tokens if expert_num_tokens is not None else s

@@ -13,14 +13,14 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET
-from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import cdiv
+from moe_lit.kernels.batched import _cdiv
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 
@@ -444,7 +444,7 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
 # out[e, valid rows, n-tile] = act(acc, acc_up)  or  acc                (act: SiLU-and-mul or clamped SwiGLU)
 # ```
 #
-# **Grid** `(cdiv(max_tokens, BLOCK_M) · cdiv(N_out, BLOCK_N), E)`, N-tile major as in `06`. Bytes per active expert:
+# **Grid** `(_cdiv(max_tokens, BLOCK_M) · _cdiv(N_out, BLOCK_N), E)`, N-tile major as in `06`. Bytes per active expert:
 # the weight codes `N·K` (fp8) or `N·K/2` (FP4) plus scales, the activations `c·K` (fp8) or `2·c·K` (16-bit) per
 # N-tile, the output `c·N_out` — at decode the codes dominate (a bias adds `N` values per active expert). **Constexprs**:
 # `FMT` (the table above), `GATED` (a gated activation: the weight holds gate rows then up rows), `ACTIVATION`
@@ -481,7 +481,7 @@ def _batched_moe_gemm_quant_kernel(
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    "grid = (cdiv(max_tokens, BLOCK_M)·cdiv(N_OUT, BLOCK_N), E); programs with m_start >= expert_num_tokens[e] exit."
+    "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E); programs with m_start >= expert_num_tokens[e] exit."
     pid, e = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)
@@ -653,11 +653,12 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     if E != qw.num_experts: raise ValueError(f"a: expected {qw.num_experts} experts in dim 0, got shape {list(a.shape)}")
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32, contiguous=True)
     check_kernel_device("a", a, expert_num_tokens=expert_num_tokens, out=out, a_scale=a_scale)
+    check_bool("validate", validate)
     if validate and E and ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     a_k, a_s, as_strides, odt = _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched=True)
     out = torch.empty(E, M, n_out, dtype=odt, device=a.device) if out is None else \
-        check_tensor("out", out, shape=(E, M, n_out), dtype=odt)
+        check_tensor("out", out, shape=(E, M, n_out), dtype=odt, writable=True)
     for name, t in (("a", a_k), ("w", wa["codes"]), ("out", out)): check_extent(name, t)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     check_tile_config(config, need_block_m=True)
@@ -670,9 +671,9 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, split=wa["SPLIT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    num_m_tiles = cdiv(M, bm)
+    num_m_tiles = _cdiv(M, bm)
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
-    _batched_moe_gemm_quant_kernel[(num_m_tiles * cdiv(n_out, bn), E)](
+    _batched_moe_gemm_quant_kernel[(num_m_tiles * _cdiv(n_out, bn), E)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens,
         N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         **_named_strides("a", "emk", a_k.stride()), **_named_strides("as", "emg", as_strides),
@@ -900,7 +901,7 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
 # linear in its input), after GEMM2 otherwise. The epilogue is `08`'s: with the router weight on the input the
 # accumulators are scaled first and the expert bias added after; on the output the bias is added first and then
 # weighted; the gated activation comes last. Token and pair indices are int64 (`T·top_k·N` passes 2^31 at long prefills,
-# sglang#4727). **Grid** `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major.
+# sglang#4727). **Grid** `(_cdiv(max_padded, BLOCK_M) · _cdiv(N_out, BLOCK_N),)`, N-tile major.
 
 # %%
 #| export
@@ -922,7 +923,7 @@ def _fused_moe_quant_kernel(
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    "grid = (cdiv(max_padded, BLOCK_M)·cdiv(N_OUT, BLOCK_N),); blocks past num_tokens_post_padded or of expert -1 exit."
+    "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N),); blocks past num_tokens_post_padded or of expert -1 exit."
     pid = tl.program_id(0)
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
@@ -984,7 +985,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     K = a.shape[1]
     a_k, a_s, as_st, odt = _prepare_activations(a, qw, None, a_scale, out_dtype, K, batched=False)
     out = torch.empty(num_pairs, n_out, dtype=odt, device=a.device) if out is None else \
-        check_tensor("out", out, shape=(num_pairs, n_out), dtype=odt)
+        check_tensor("out", out, shape=(num_pairs, n_out), dtype=odt, writable=True)
     check_extent("w", wa["codes"])
     check_tile_config(config)
     return _fused_moe_gemm_quant(a_k, a_s, as_st, wa, qw.num_experts, sorted_token_ids, expert_ids,
@@ -1001,7 +1002,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
                       act is not None, config, block_m=block_m, split=wa["SPLIT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
-    _fused_moe_quant_kernel[(num_m_blocks * cdiv(n_out, bn),)](
+    _fused_moe_quant_kernel[(num_m_blocks * _cdiv(n_out, bn),)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out,
         N_OUT=n_out, K=K, K_W=wa["K_W"], num_pairs=num_pairs, num_m_blocks=num_m_blocks,

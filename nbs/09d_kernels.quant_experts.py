@@ -102,7 +102,7 @@ class BatchedTritonQuantExperts:
                                    expected_m=expected_m, bias=w13_bias, validate=validate)   # checks a, qw, the counts
         (E, M, _), H = h.shape, qw.hidden_size
         if out is None: out = torch.empty(E, M, H, dtype=h.dtype, device=h.device)
-        else: check_tensor("out", out, shape=(E, M, H), dtype=h.dtype); check_kernel_device("a", a, out=out)
+        else: check_tensor("out", out, shape=(E, M, H), dtype=h.dtype, writable=True); check_kernel_device("a", a, out=out)
         wa2 = _weight_kernel_args(qw, "w2")
         for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)

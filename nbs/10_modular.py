@@ -13,6 +13,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.routing import matmul_acc
+from moe_lit.quant_weights import QuantizedExpertWeights
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
                              combine_batched_reference, Activation, SILU)
 
@@ -90,7 +91,8 @@ class StandardPrepareFinalize:
 
     def __init__(self, topk_indices_dtype: torch.dtype = torch.int32,
                  validate: bool = True):   # check topk_ids' range in prepare (one host sync); False for a router's own ids
-        self.topk_indices_dtype, self.validate = topk_indices_dtype, check_bool("validate", validate)
+        self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
+        self.validate = check_bool("validate", validate)
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
@@ -105,7 +107,7 @@ class StandardPrepareFinalize:
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
-        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
+        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=FLOAT_DTYPES)
         return expert_out
 
 # %%
@@ -121,7 +123,8 @@ class BatchedPrepareFinalize:
         self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.num_dispatchers = check_int("num_dispatchers", num_dispatchers, lo=1)
-        self.use_triton, self.topk_indices_dtype = check_bool("use_triton", use_triton), topk_indices_dtype
+        self.use_triton = check_bool("use_triton", use_triton)
+        self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
         self.validate = check_bool("validate", validate)
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
@@ -159,9 +162,9 @@ class BatchedPrepareFinalize:
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
         on_in = prepared.apply_router_weight_on_input
+        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=FLOAT_DTYPES)   # the slabs' shape
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
-            check_tensor("expert_out", expert_out, shape=(*prepared.a.shape[:2], None), dtype=prepared.a.dtype)
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()
             T, H = prepared.topk_weights.shape[0], expert_out.shape[2]
             out = _batched_combine(expert_out, prepared.topk_weights, prepared.slot_map,     # slots come from our own
@@ -317,6 +320,13 @@ class ModularKernel:
                 activation: Activation = SILU) -> torch.Tensor:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
         check_bool("add_shared", add_shared)
+        if not isinstance(hidden, torch.Tensor): raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
+        held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else getattr(w13, "shape", (None,))[0]
+        local = getattr(placement, "num_local_experts", held)      # not a Placement: prepare names it
+        if held != local:              # a Triton path would skip the ids past the weights: a silent partial sum
+            raise ValueError(f"w13: expected the weights of placement.num_local_experts={local} experts, got {held}")
+        if add_shared and self.shared_experts is not None:
+            check_tensor("hidden", hidden, shape=(None, self.shared_experts.w13.shape[1]), dtype=FLOAT_DTYPES)
         clock = _Clock(timings, hidden.device)         # seconds of each stage, synchronized, when `timings` is a dict
         shared, side = None, None
         if add_shared and self.shared_experts is not None:
@@ -399,6 +409,9 @@ mk0 = ModularKernel(StandardPrepareFinalize(), TorchStandardExperts())
 h0, w0, ids0 = torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32)
 test_fail(lambda: mk0(h0, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="placement: expected a Placement")
 test_fail(lambda: mk0(h0[0], torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="hidden: expected a 2-D tensor")
+test_fail(lambda: mk0(None, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="hidden: expected a torch.Tensor, got NoneType")
+test_fail(lambda: StandardPrepareFinalize(topk_indices_dtype="junk"), contains="topk_indices_dtype: expected one of")
+test_fail(lambda: BatchedPrepareFinalize(8, 1, topk_indices_dtype=torch.int16), contains="topk_indices_dtype: expected one of")
 test_fail(lambda: SharedExperts(torch.randn(17, 16), torch.randn(16, 8)), contains="w13: expected a positive even number")
 
 # %%
@@ -451,6 +464,21 @@ out = mk(x, w13, w2, wts, ids, p1)
 assert torch.equal(x, hidden)                                                   # prepare did not modify the input
 assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
              + expert_mlp(hidden.double(), sh.w13.double(), sh.w2.double()))
+test_fail(lambda: mk(x[:, :-1], w13, w2, wts, ids, p1), contains="hidden: expected shape [*, 32], got [9, 31]")
+# weights of fewer experts than the placement holds are refused: the Triton experts would skip those pairs silently
+for impl in ("torch", "triton"):
+    pf = make_prepare_finalize(MoEConfig(E, k, H, I, dtype=torch.float32), T, use_triton=impl == "triton")
+    mk, dev = ModularKernel(pf, make_experts(pf, impl)), (lambda t: t.to(DEVICE)) if impl == "triton" else (lambda t: t)
+    test_fail(lambda: mk(dev(hidden), dev(w13[:E - 1]), dev(w2[:E - 1]), dev(wts), dev(ids), p1),
+              contains=f"w13: expected the weights of placement.num_local_experts={E} experts, got {E - 1}")
+# experts (a caller's own class) whose output does not have the slabs' shape are refused at finalize
+class _CroppedExperts(TorchBatchedExperts):
+    def apply(self, prepared, *args, **kwargs): return prepared.a[..., :-3].clone()
+cfg_b = MoEConfig(E, k, H, I, dtype=torch.float32,
+                  parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+p_b, pf_b = Placement.build(cfg_b, "round_robin"), make_prepare_finalize(cfg_b, T)
+test_fail(lambda: ModularKernel(pf_b, _CroppedExperts())(hidden, w13[:E // 2], w2[:E // 2], wts, ids, p_b),
+          contains="expert_out: expected shape")
 
 # %% [markdown]
 # The padding never shows: a gpt-oss-sized hidden (2880) over NIXL EP is dispatched as 3072 columns and comes back

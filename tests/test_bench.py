@@ -32,3 +32,10 @@ def test_tile_candidates():
     assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
     test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")
     for bad in (-1, True, 2.5, "4", None): test_fail(lambda: tile_candidates(bad), contains="expected_m: expected")
+
+
+def test_bench_quant_arguments():
+    for bad, msg in (("split64", "fp4_layouts: expected a non-empty tuple"), ((), "fp4_layouts: expected a non-empty tuple"),
+                     (None, "fp4_layouts: expected a non-empty tuple"), (("split",), "fp4_layouts: expected one of")):
+        test_fail(lambda: bench_quant({}, fp4_layouts=bad), contains=msg)
+    if not torch.cuda.is_available(): test_fail(lambda: bench_quant({}), contains="device: expected a CUDA GPU for bench_quant")

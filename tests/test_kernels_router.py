@@ -5,10 +5,10 @@ import torch
 import triton
 import triton.language as tl
 from dataclasses import dataclass
-from moe_lit.terms import check_tensor
+from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device
-from moe_lit.kernels.batched import next_pow2
+from moe_lit.kernels.batched import _next_pow2
 from moe_lit.routing import ungroupable_reason
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
@@ -58,6 +58,11 @@ def test_route_topk_bad_arguments():
     test_fail(lambda: route_topk(plan, torch.randn(3, 8), torch.zeros(8)), contains="bias: expected None, got a tensor")
     test_fail(lambda: router_plan("x"), contains="config: expected a MoEConfig")
     test_fail(lambda: route_topk({}, torch.randn(3, 8)), contains="plan: expected a RouterPlan")
+    import dataclasses
+    for field, value, msg in (("TOP_K", 9, "TOP_K: expected < 9"), ("num_experts", 0, "num_experts: expected >= 1"),
+                              ("SCORING", 7, "SCORING: expected one of"), ("NUM_GROUPS", 3, "GROUP_SIZE: expected num_experts / NUM_GROUPS"),
+                              ("TOP_K", -1, "TOP_K: expected >= 1"), ("RENORMALIZE", 1, "RENORMALIZE: expected a bool")):
+        test_fail(lambda: dataclasses.replace(plan, **{field: value}), contains=msg)   # a hand-made plan is checked too
     test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
     strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))
     base = torch.tensor([0., 9, 1, 9, 2, 9, 3, 9, 4, 9, 5, 9, 6, 9, 7, 9], device=DEVICE) / 16

@@ -6,6 +6,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.routing import matmul_acc
+from moe_lit.quant_weights import QuantizedExpertWeights
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
                              combine_batched_reference, Activation, SILU)
 from moe_lit.kernels.batched import DEVICE
@@ -33,6 +34,9 @@ def test_composition_walk():
     h0, w0, ids0 = torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32)
     test_fail(lambda: mk0(h0, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="placement: expected a Placement")
     test_fail(lambda: mk0(h0[0], torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="hidden: expected a 2-D tensor")
+    test_fail(lambda: mk0(None, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="hidden: expected a torch.Tensor, got NoneType")
+    test_fail(lambda: StandardPrepareFinalize(topk_indices_dtype="junk"), contains="topk_indices_dtype: expected one of")
+    test_fail(lambda: BatchedPrepareFinalize(8, 1, topk_indices_dtype=torch.int16), contains="topk_indices_dtype: expected one of")
     test_fail(lambda: SharedExperts(torch.randn(17, 16), torch.randn(16, 8)), contains="w13: expected a positive even number")
 
 
@@ -80,6 +84,21 @@ def test_modular_kernels_agree():
     assert torch.equal(x, hidden)                                                   # prepare did not modify the input
     assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
                  + expert_mlp(hidden.double(), sh.w13.double(), sh.w2.double()))
+    test_fail(lambda: mk(x[:, :-1], w13, w2, wts, ids, p1), contains="hidden: expected shape [*, 32], got [9, 31]")
+    # weights of fewer experts than the placement holds are refused: the Triton experts would skip those pairs silently
+    for impl in ("torch", "triton"):
+        pf = make_prepare_finalize(MoEConfig(E, k, H, I, dtype=torch.float32), T, use_triton=impl == "triton")
+        mk, dev = ModularKernel(pf, make_experts(pf, impl)), (lambda t: t.to(DEVICE)) if impl == "triton" else (lambda t: t)
+        test_fail(lambda: mk(dev(hidden), dev(w13[:E - 1]), dev(w2[:E - 1]), dev(wts), dev(ids), p1),
+                  contains=f"w13: expected the weights of placement.num_local_experts={E} experts, got {E - 1}")
+    # experts (a caller's own class) whose output does not have the slabs' shape are refused at finalize
+    class _CroppedExperts(TorchBatchedExperts):
+        def apply(self, prepared, *args, **kwargs): return prepared.a[..., :-3].clone()
+    cfg_b = MoEConfig(E, k, H, I, dtype=torch.float32,
+                      parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    p_b, pf_b = Placement.build(cfg_b, "round_robin"), make_prepare_finalize(cfg_b, T)
+    test_fail(lambda: ModularKernel(pf_b, _CroppedExperts())(hidden, w13[:E // 2], w2[:E // 2], wts, ids, p_b),
+              contains="expert_out: expected shape")
 
 
 def test_padded_hidden_never_leaks():

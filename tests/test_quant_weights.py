@@ -61,7 +61,15 @@ def test_fp4_split_layout():
               contains="layout: expected 'plain' for the FP8 scheme")
     test_fail(lambda: qw.relayout("split"), contains="layout: expected one of")
     test_fail(lambda: split_fp4_codes(torch.zeros(2, 16, dtype=torch.uint8)), contains="multiple of 32 bytes")
+    test_fail(lambda: quant_weight_shapes("mxfp4_w4a16", 1, 2, 64, block_shape=5), contains="block_shape: expected None or a (rows, cols) pair")
     test_fail(lambda: QuantizedExpertWeights(**{**qw.__dict__, "fp4_layout": "split64"}), contains="w13: expected shape")
+    q2 = quantize_expert_weights(*random_expert_weights(2, 80, 16, seed=4), "mxfp4_w4a16").relayout("split64")   # K padded
+    bad_scale = q2.w2_scale.clone(); bad_scale[..., -1] = 3                              # a padded group's scale not 1
+    test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w2_scale": bad_scale}), contains="w2: expected the split64 padding")
+    bad_codes = q2.w13.clone(); bad_codes[..., -1] = 0x70                                # a padded code (K >= 80) not 0
+    test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
+    nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
+    test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes < 255")
 
 
 def test_plot_weight_scales():

@@ -46,6 +46,10 @@ def test_check_tensor():
     test_eq(check_tensor("topk_ids", x, shape=(4, None), dtype=(torch.int32, torch.int64)).shape, (4, 8))
     test_fail(lambda: check_tensor("topk_ids", x, shape=(5, None)), contains="topk_ids: expected shape [5, *], got [4, 8]")
     test_fail(lambda: check_tensor("topk_ids", x, ndim=3), contains="expected a 3-D tensor, got shape (4, 8)")
+    for ok in (x, x[:, ::2], x.t(), torch.zeros(3, 1, 5)[:, :, 1:], torch.zeros(2, 1).expand(2, 1)):   # views that do not alias
+        check_tensor("out", ok, writable=True)
+    for bad in (torch.zeros(1, 8).expand(4, 8), torch.zeros(8).as_strided((4, 4), (1, 1))):    # stride 0, overlapping rows
+        test_fail(lambda: check_tensor("out", bad, writable=True), contains="out: expected an output buffer whose elements do not overlap")
     test_fail(lambda: check_tensor("topk_ids", x, dtype=torch.int64), contains="expected dtype torch.int64, got torch.int32")
     test_fail(lambda: check_tensor("topk_ids", [1, 2]), contains="expected a torch.Tensor, got list")
     test_fail(lambda: check_tensor("expert_num_tokens", x[0, ::2], contiguous=True), contains="expert_num_tokens: expected a contiguous tensor, got strides (2,)")

@@ -17,9 +17,9 @@ from ..testing import assert_close, poison_rows
 # %% auto #0
 __all__ = ['TILE_KEYS', 'INTERPRET', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS', 'GEMM_CASES',
            'check_activation', 'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map',
-           'check_tile_config', 'next_pow2', 'cdiv', 'default_tile_config', 'tile_config_path', 'lookup_tile_config',
-           'check_extent', 'check_kernel_device', 'check_expert_bias', 'fit_shared_memory', 'epilogue_args',
-           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+           'check_tile_config', 'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent',
+           'check_kernel_device', 'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'batched_moe_gemm',
+           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -184,7 +184,7 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
-# %% ../../nbs/06_kernels.batched.ipynb #5add1305f556
+# %% ../../nbs/06_kernels.batched.ipynb #30814d4ce736
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
 
 def check_tile_config(config,
@@ -198,8 +198,9 @@ def check_tile_config(config,
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if need_block_m else ("BLOCK_N", "BLOCK_K"):
         if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
-        if key in config:
-            v = check_int(f"config[{key!r}]", config[key], lo=1, hi=1025)
+        if key in config:        # tl.dot needs 16 rows/columns on a GPU; the interpreter takes any size
+            lo = 16 if key.startswith("BLOCK") and not INTERPRET else 1
+            v = check_int(f"config[{key!r}]", config[key], lo=lo, hi=1025)
             if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
     if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
     if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
@@ -207,30 +208,30 @@ def check_tile_config(config,
         if key in config: check_bool(f"config[{key!r}]", config[key])
     return config
 
-# %% ../../nbs/06_kernels.batched.ipynb #4c665200b2b4
+# %% ../../nbs/06_kernels.batched.ipynb #8e7517b652c5
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
-def next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     "The smallest power of two >= `n` (1 for `n <= 1`): `triton.next_power_of_2` on the host, without its JIT wrapper's cost."
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
-def cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     "`ceil(a / b)` for ints, b > 0: `triton.cdiv` on the host (a launch grid), without its JIT wrapper's cost (~2 µs a call)."
     return -(-a // b)
 
 def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
     "Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`."
     if INTERPRET:   # the interpreter's cost is programs x K-steps, so use few, large tiles
-        return dict(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=min(128, max(16, next_pow2(N))),
-                    BLOCK_K=min(128, max(16, next_pow2(K))), num_warps=4, num_stages=1)
+        return dict(BLOCK_M=min(64, max(16, _next_pow2(M))), BLOCK_N=min(128, max(16, _next_pow2(N))),
+                    BLOCK_K=min(128, max(16, _next_pow2(K))), num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=min(64, max(16, next_pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=min(64, max(16, _next_pow2(M))), BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     if M <= 64:     # weight-streaming regime: one M tile, narrow N tiles so many programs stream in parallel
         # rows per expert scatter around the mean M: above 8, a tile of 2·M keeps most experts in one block (a second
         # block streams the expert's weights again; the idle MMA rows cost nothing while the weights bound the time)
-        bm = max(16, next_pow2(M if M <= 8 else 2 * M))
+        bm = max(16, _next_pow2(M if M <= 8 else 2 * M))
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
@@ -301,7 +302,7 @@ def _load_table(path: Path) -> dict | None:
         table[int(key)] = cfg
     return table
 
-# %% ../../nbs/06_kernels.batched.ipynb #c764c48a5d93
+# %% ../../nbs/06_kernels.batched.ipynb #9d1f4fdedc12
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_extent(name: str, t: torch.Tensor):
@@ -337,7 +338,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     N = w.shape[1]
     if act and N % 2: raise ValueError(f"w: expected an even N for a gated activation ({act.name}), got {N}")
     n_out = N // 2 if act else N
-    if out is not None: check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype)
+    if out is not None: check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype, writable=True)
     check_expert_bias("bias", bias, E, N, a.device)
     for name, t in (("expert_num_tokens", expert_num_tokens), ("w", w), ("out", out)):
         if t is not None and t.device != a.device:
@@ -375,7 +376,7 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #03607f44d47d
+# %% ../../nbs/06_kernels.batched.ipynb #8b8568ea6b77
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -405,8 +406,8 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
                                          None if config is None else tuple(sorted(config.items())),
                                          os.environ.get("MOE_LIT_TILE_CONFIG_DIR"))
     cfg = dict(cfg)
-    num_m_tiles = cdiv(M, bm)
-    grid = (num_m_tiles * cdiv(n_out, bn), E)
+    num_m_tiles = _cdiv(M, bm)
+    grid = (num_m_tiles * _cdiv(n_out, bn), E)
     epilogue = epilogue_args(act, bias)
     if tma and _tma_ok(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -475,7 +476,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
 
-# %% ../../nbs/06_kernels.batched.ipynb #fcf668e7982b
+# %% ../../nbs/06_kernels.batched.ipynb #83cb94ccdef4
 class BatchedTritonExperts:
     "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
     activation_format = ActivationFormat.BatchedExperts
@@ -503,7 +504,7 @@ class BatchedTritonExperts:
                              validate=validate)                    # checks a, w13, the counts and the extents
         E, M, H = a.shape
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
-        else: check_tensor("out", out, shape=(E, M, H), dtype=a.dtype)
+        else: check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True)
         check_kernel_device("a", a, w2=w2, out=out)
         for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias)   # h is GEMM1's

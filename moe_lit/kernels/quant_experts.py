@@ -31,7 +31,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #05a4b11ed3fe
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #25126431d5b1
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -59,7 +59,7 @@ class BatchedTritonQuantExperts:
                                    expected_m=expected_m, bias=w13_bias, validate=validate)   # checks a, qw, the counts
         (E, M, _), H = h.shape, qw.hidden_size
         if out is None: out = torch.empty(E, M, H, dtype=h.dtype, device=h.device)
-        else: check_tensor("out", out, shape=(E, M, H), dtype=h.dtype); check_kernel_device("a", a, out=out)
+        else: check_tensor("out", out, shape=(E, M, H), dtype=h.dtype, writable=True); check_kernel_device("a", a, out=out)
         wa2 = _weight_kernel_args(qw, "w2")
         for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)
