@@ -374,6 +374,7 @@ test_fail(lambda: check_tile_config("fast"), contains="config: expected a dict")
 test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
 test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
 test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
+if not INTERPRET: test_fail(lambda: check_tile_config(dict(BLOCK_N=8, BLOCK_K=32)), contains="config['BLOCK_N']: expected >= 16, got 8")
 
 # %%
 #| export
@@ -485,8 +486,8 @@ with tempfile.TemporaryDirectory() as d:
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, far, torch.bfloat16, "NVIDIA H200", d),
                 default_tile_config(32, 4096, 7168, far, torch.bfloat16))
     test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), small)
-    for E, bad, msg in ((1, {"8": dict(small, BLOCK_M=3)}, "entry '8': config['BLOCK_M']: expected a power of two, got 3"),
-                        (2, {"8": dict(small, BLOCK_M=0)}, "entry '8': config['BLOCK_M']: expected >= 1"),
+    for E, bad, msg in ((1, {"8": dict(small, BLOCK_M=48)}, "entry '8': config['BLOCK_M']: expected a power of two, got 48"),
+                        (2, {"8": dict(small, BLOCK_M=0)}, "entry '8': config['BLOCK_M']: expected >= "),
                         (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),
                         (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
                         (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
@@ -504,8 +505,8 @@ with tempfile.TemporaryDirectory() as d:
 mine = lambda E, N, K, M, dtype: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)       # a kernel's own heuristic
 test_eq(lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=mine), mine(2, 64, 64, 3, None))
 test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=5), contains="heuristic: expected a callable")
-test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: dict(BLOCK_M=3, BLOCK_N=32, BLOCK_K=32)),
-          contains="config['BLOCK_M']: expected a power of two, got 3")
+test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: dict(BLOCK_M=48, BLOCK_N=32, BLOCK_K=32)),
+          contains="config['BLOCK_M']: expected a power of two, got 48")
 test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: None),
           contains="expected a tile dict with a BLOCK_M, got None")
 for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4"), "M: expected an int"),
