@@ -101,9 +101,9 @@ def _load_rows(run, num_experts: int) -> dict:
             "hottest": [[int(e), int(load[e])] for e in load.argsort(descending=True, stable=True)[:5]],
             "per_rank": [int(load[p.local_to_global.cpu()].sum()) for p in run.placements]}
 
-# %% ../nbs/15_cli.ipynb #a8bf478877e6
+# %% ../nbs/15_cli.ipynb #0464d9fc3abd
 def _peak_resident_gb() -> float | None:
-    "This process's peak resident memory so far, GB (`getrusage`; None where the platform has no `resource`)."
+    "This process's peak resident memory so far, GiB (2^30 bytes; `getrusage`; None where the platform has no `resource`)."
     try: import resource
     except ImportError: return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS

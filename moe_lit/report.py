@@ -68,7 +68,7 @@ def _section_placement(r: dict) -> list[str]:
         f"  physical_to_global: {_abridge(t['physical_to_global'])}"]
     return out
 
-# %% ../nbs/15b_report.ipynb #e630dd13b471
+# %% ../nbs/15b_report.ipynb #c0872d6b923b
 def _section_load_check(r: dict) -> list[str]:
     l, c = r["load"], r["check"]
     return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
@@ -95,7 +95,7 @@ def _section_time(r: dict) -> list[str]:
 
 def _memory_line(t: dict) -> list[str]:
     "The peak memory line, from what the report holds (older reports without it: nothing)."
-    parts = [f"{t[k]:.2f} GB {what}" for k, what in (("peak_resident_gb", "resident (this process)"),
+    parts = [f"{t[k]:.2f} GiB {what}" for k, what in (("peak_resident_gb", "resident (this process)"),
                                                       ("peak_gpu_gb", "allocated on the GPU")) if t.get(k) is not None]
     return [f"  memory peak {', '.join(parts)}"] if parts else []
 

@@ -217,7 +217,7 @@ def _load_rows(run, num_experts: int) -> dict:
 # %%
 #| export
 def _peak_resident_gb() -> float | None:
-    "This process's peak resident memory so far, GB (`getrusage`; None where the platform has no `resource`)."
+    "This process's peak resident memory so far, GiB (2^30 bytes; `getrusage`; None where the platform has no `resource`)."
     try: import resource
     except ImportError: return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # KiB on Linux, bytes on macOS

@@ -31,10 +31,15 @@ COMMANDS = {   # subcommand -> what it does (the top-level help)
     "bench": "benchmark the experts GEMMs of both formats against peers and the roofline (GPU)",
 }
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    "Help with each option's default, except where it is None: those options say in their text what unset means."
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
 def command_parser() -> tuple[argparse.ArgumentParser, dict]:
     "`(parser, {subcommand: its parser})`: the `moe-lit` command with its subcommands and none of their options."
     from moe_lit import __version__
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
                                  formatter_class=fmt)
     ap.add_argument("--version", action="version", version=f"moe-lit {__version__}")

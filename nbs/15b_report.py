@@ -117,7 +117,7 @@ def _section_time(r: dict) -> list[str]:
 
 def _memory_line(t: dict) -> list[str]:
     "The peak memory line, from what the report holds (older reports without it: nothing)."
-    parts = [f"{t[k]:.2f} GB {what}" for k, what in (("peak_resident_gb", "resident (this process)"),
+    parts = [f"{t[k]:.2f} GiB {what}" for k, what in (("peak_resident_gb", "resident (this process)"),
                                                       ("peak_gpu_gb", "allocated on the GPU")) if t.get(k) is not None]
     return [f"  memory peak {', '.join(parts)}"] if parts else []
 
@@ -162,7 +162,7 @@ small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, 
 text = format_report(run_report(small, num_tokens=6))
 for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
              "layer output vs float64 reference", "the same computation as the line above", "tokens/s",
-             "n/a (one rank)", "not a serving throughput", "memory peak", "GB resident (this process)",
+             "n/a (one rank)", "not a serving throughput", "memory peak", "GiB resident (this process)",
              "references and checks", "on this deployment: no all2all"):
     assert part in text, part
 par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP

@@ -50,7 +50,7 @@
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
 # reason and the oracle's decision table; `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
 # quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the
-# default model's run takes about 7 s unquantized, 11 s with FP8 and 50 s with MXFP4, each at a peak of 3.4 GB resident
+# default model's run takes about 6 s unquantized, 11 s with FP8 and 50 s with MXFP4, each at a peak of 3.2 GiB resident
 # memory; the report's last line gives the run's own peak, the figure `/usr/bin/time -v` reads). `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small

@@ -23,7 +23,7 @@ def test_format_report():
     text = format_report(run_report(small, num_tokens=6))
     for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
                  "layer output vs float64 reference", "the same computation as the line above", "tokens/s",
-                 "n/a (one rank)", "not a serving throughput", "memory peak", "GB resident (this process)",
+                 "n/a (one rank)", "not a serving throughput", "memory peak", "GiB resident (this process)",
                  "references and checks", "on this deployment: no all2all"):
         assert part in text, part
     par = ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="deepep_low_latency")   # TP+EP

@@ -1,8 +1,18 @@
-"""moe-lit's own host work per eager forward, without a GPU: Triton's launches stubbed out, torch's CPU ops real.
+"""moe-lit's own host (Python) work per eager forward, measured without a GPU.
 
     TRITON_INTERPRET=1 python nbs/bench/host_overhead_cpu.py [--profile] [--quant SCHEME]
-Every deployment of the layer benchmark (`LAYER_DEPLOYMENTS`) at T = 1, shrunk to hidden 256 / intermediate 64 so the
-weights fit a laptop: the Python path (checks, routing plan, dispatch, launch arguments) does not depend on the sizes.
+
+For every deployment of the layer benchmark (`LAYER_DEPLOYMENTS`; the names say "1 GPU" as there, but nothing runs
+on one here) a layer at T = 1, shrunk to hidden 256 / intermediate 64: the Python path (checks, routing plan,
+dispatch, launch arguments) does not depend on the sizes. Triton's launches are stubbed out (the kernels never run,
+their outputs stay uninitialised); torch's own ops run for real on the CPU, where on a GPU they would only be
+launched. The figure is the fastest of 7 loops of 400 forwards, in µs per forward: a lower bound on what this
+CPU spends in moe-lit's Python before any launch cost. Noise only adds, so run it on an idle machine.
+
+It is one part of the GPU benchmark's host overhead (`bench_layer`'s `host_us` = eager − replay, 14a_bench_layer):
+that one adds Triton's launch path (about 20 µs a kernel through the JIT, `nbs/bench/launch_cost.py`) and the CUDA
+launches of torch's ops, on the GPU machine's CPU. `--quant` takes a full scheme name (mxfp4_w4a16, nvfp4_w4a16,
+fp8_w8a8_block, ...); `--profile` adds cProfile's top 12 functions by own time over 500 forwards.
 """
 import sys, time, torch, cProfile, pstats
 from triton.runtime.interpreter import InterpretedFunction
