@@ -206,8 +206,9 @@ def _check_split_padding(name: str, codes, scale, K: int, scheme: str):
 
 # %% [markdown]
 # Reading back: `dequantize_weight` gives one expert's weight in fp32 (or float64 for references) with the K padding
-# cropped; `dequantize` gives both weights of all experts. `nbytes` and `bytes_per_element` are what the benchmark's
-# weight-bytes floor uses. `select` keeps a subset of experts (one EP rank's), `to` moves everything.
+# cropped; `dequantize` gives both weights of all experts. `nbytes` and `bytes_per_element` count the bytes as stored
+# (in the split64 layout below, the padding of K to 64 codes too; none when K is a multiple of 64, as in every preset);
+# the benchmark's weight-bytes floor counts the checkpoint's (plain) bytes. `select` keeps a subset of experts (one EP rank's), `to` moves everything.
 
 # %%
 #| export

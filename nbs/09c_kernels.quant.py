@@ -1284,7 +1284,14 @@ assert_quant_close(got[:3], want[:3])
 # of the floor; `nbs/bench/quant_ptx_h200_99b06dc.log`). The stand-alone K-loop variants of the same run
 # (`fp4_variants_h200_ptx.json`, no activation) reach 382 µs on Mixtral with the plain layout and 344 µs with the
 # nibbles re-laid so that a byte holds codes j and j+32 of a 64-code chunk (no `tl.join`): 35 % of the floor at
-# best. Re-tuning the tiles for the new decode and that re-layout are next; the floor is still 3× away. Tuned tables go under the kernel names
+# best. That re-layout is now the layer's (**split64**, `09a`; the kernels' `SPLIT` path above), and the tiles are
+# re-tuned for it (`nbs/bench/quant_gpu.sh tune`, sweep `tune_quant_h200_split_3a67d16.json`). Same run, same inputs,
+# GEMM1 + SiLU batched, plain bytes → split64 (`quant_bench_h200_split_7a54c45.json`): DeepSeek-V3 EP8 MXFP4 542 →
+# 425 µs, NVFP4 591 → 446; Qwen3-30B-A3B 152 → 146 and 172 → 156; Mixtral 436 → 348 and 471 → 368; gpt-oss 683 →
+# 627 and 773 → 723 — faster on every row, both formats. With the re-tuned tiles (`quant_bench_h200_split_3a67d16.json`)
+# FP4 reaches 28.7–29.0 % of its floor on DeepSeek-V3 (423 µs MXFP4), 36–37.5 % on Qwen3 (135 µs), 33.7–34 % on
+# Mixtral (350 µs) and 39–42 % on gpt-oss (627 µs): 1.4–1.6× faster than the swapped-operand kernel's 19–27 %
+# (615 / 203 / 504 / 993 µs) and now 1.1–1.6× faster than bf16 on the same rows, but still 2.4–3.5× from the floor. Tuned tables go under the kernel names
 # `batched_moe_gemm_fp8`, `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8` and `fused_moe_gemm_w4a16`; the contiguous
 # GEMMs' alignment block is GEMM1's `BLOCK_M` (`quant_block_m`). Where no FP4 table entry is near, `fp4_default_tile`
 # takes the sweep's rule: `BLOCK_M` covers an expert's rows in one tile, 64 weight rows, 64-wide K steps, 4 warps,

@@ -580,14 +580,17 @@ quant = json.loads(find_bench_results("bench/quant_bench_h200_swapab.json").read
 print(format_bench_quant(quant["quant"]))
 
 # %% [markdown]
-# The FP4 history in one figure: the even/odd loop (`498b446`) and the swapped operands with tuned tiles (`swapab`),
-# both formats. (The PTX decode's rows are in `09c_kernels.quant`'s Performance paragraph; only two scenarios were
-# re-measured.)
+# The FP4 history in one figure, both formats: the even/odd loop (`498b446`), the swapped operands with tuned tiles
+# (`swapab`), the packed PTX decode with tiles re-tuned for it (`ptx`, `quant_bench_h200_ptx_8b4f333.json`), and the
+# split64 layout with its own tiles (`split64`, `quant_bench_h200_split_3a67d16.json`) — the layer's path today.
+# FP8 block is the same kernel in every run (its spread is run-to-run noise).
 
 # %%
-before = json.loads(find_bench_results("bench/quant_bench_h200_498b446.json").read_text())["quant"]
-fig = plot_bench_quant({"498b446": before, "swapab": quant["quant"]})
-test_eq(len(fig.axes[0].patches), 4 * 12)        # 2 runs x 2 formats, 4 scenarios x 3 schemes
+load_quant = lambda name: json.loads(find_bench_results(f"bench/{name}").read_text())["quant"]
+runs = {"498b446": load_quant("quant_bench_h200_498b446.json"), "swapab": quant["quant"],
+        "ptx": load_quant("quant_bench_h200_ptx_8b4f333.json"), "split64": load_quant("quant_bench_h200_split_3a67d16.json")}
+fig = plot_bench_quant(runs)
+test_eq(len(fig.axes[0].patches), 8 * 12)        # 4 runs x 2 formats, 4 scenarios x 3 schemes
 fig
 
 # %% [markdown]
@@ -595,13 +598,16 @@ fig
 # large decode rows (DeepSeek-V3 contiguous 260 vs 473 µs, 86% of its floor; Mixtral 271 µs, 82%; gpt-oss 605 µs,
 # 82%); on Qwen3-30B-A3B, whose GEMM is small (95 µs floor), the separate activation-quantization launch and the
 # 16-row tiles leave it at 34–57% (the contiguous row moved from 227 to 283 µs between two runs of unchanged FP8
-# code: at 4 rows per expert the time is launch- and tail-bound). The FP4 w4a16 kernels are **not yet fast**:
-# 19–27% of their floor (17% for NVFP4 contiguous on gpt-oss), about as slow as bf16 although they read 0.53–0.56
-# bytes per weight. They are bound by the per-element dequantization in the K loop, not by memory: every weight
+# code: at 4 rows per expert the time is launch- and tail-bound). The FP4 w4a16 kernels are **not yet fast**: in the
+# table above (`swapab`) 19–27% of their floor (17% for NVFP4 contiguous on gpt-oss), about as slow as bf16 although
+# they read 0.53–0.56 bytes per weight; with the PTX decode and the split64 layout (the figure's last run) 28–42%,
+# 1.1–1.6× faster than bf16 on the same rows. They are bound by the per-element dequantization in the K loop, not by memory: every weight
 # element is decoded, scaled and converted once per program, and at decode there is one M tile per expert, so
 # nothing amortizes it. The history: the first version (interleaved nibbles, arithmetic decode, the scale applied
 # through a reshaped weight tile) measured 6.6–11% (`bench_h200_5412918.log`); even/odd dots with fp16 bit-field
 # decoding 14–22% (`quant_bench_h200_498b446.json`); the weights as the left operand of the MMA (decoded in
-# registers, no activation split) with tuned tiles 19–27% (this run). Closing the rest needs fewer instructions per
-# code — the packed PTX decode of `09c_kernels.quant` (eight codes per 32-bit word, now the GPU default: 1.1–1.3×
-# on the rows measured, see that chapter), or Blackwell's native FP4 tensor cores — and is open work.
+# registers, no activation split) with tuned tiles 19–27% (the table's run); the packed PTX decode of
+# `09c_kernels.quant` (eight codes per 32-bit word) with tiles re-tuned for it 21–39% (`ptx`); the split64 layout,
+# which drops the nibble interleave from the K loop, 28–42% (`split64`). The rest — 2.4–3.5× to the floor — is still
+# decode work per code and the second weight read of experts that need two M tiles; Blackwell's native FP4 tensor
+# cores would remove the first. Open work.
