@@ -484,9 +484,9 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
         test_eq((q2.fp4_layout, q2.w13.shape[-1], q2.w2.shape[-1]), ("split64", -(-H // 64) * 32, -(-I // 64) * 32))
         back = q2.relayout("plain")
         for f in ("w13", "w13_scale", "w2", "w2_scale"):                     # the round trip is bit-exact
-            test_eq(getattr(back, f).view(torch.uint8), getattr(qw, f).view(torch.uint8))
+            test_eq(getattr(back, f).view(torch.uint8).cpu(), getattr(qw, f).view(torch.uint8).cpu())
         for w in ("w13", "w2"):                                              # and it decodes to the same weights
-            test_eq(q2.dequantize_weight(w, 2), qw.dequantize_weight(w, 2))
+            test_eq(q2.dequantize_weight(w, 2).cpu(), qw.dequantize_weight(w, 2).cpu())
         if H == 256: assert not torch.equal(q2.w13, qw.w13)                 # the bytes did move
         assert q2.relayout("split64") is q2 and "fp4_layout=split64" in repr(q2)
         test_eq(qw.for_kernels().fp4_layout, FP4_KERNEL_LAYOUT)
