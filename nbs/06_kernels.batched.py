@@ -18,6 +18,8 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter: set before this module is imported
+
 # %%
 #| hide
 import tempfile, json
@@ -378,7 +380,6 @@ if not INTERPRET: test_fail(lambda: check_tile_config(dict(BLOCK_N=8, BLOCK_K=32
 
 # %%
 #| export
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

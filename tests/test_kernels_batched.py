@@ -10,6 +10,8 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, def
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter: set before this module is imported
 import tempfile, json
 from moe_lit.bench import load_bench_results, plot_bench
 from fastcore.test import test_eq, test_fail
