@@ -297,6 +297,13 @@ plot_bench_layer(layer_h200)
 #   (`nbs/bench/profile_layer_h200_e6a765c.log`) spreads it over Triton's launcher (5 launches a forward, a third of the
 #   layer's own time), about 28 argument checks and a handful of torch ops; no single call dominates. A serving engine
 #   does not pay it: the graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 3–35 µs.
+#   Since then the checks run once at the public entry points (`12_layer`, "Checked once"), the FP4 weights are
+#   re-laid at load and the quantized Standard experts take the pair-block layout. A later, smaller run at 400d47b
+#   (`nbs/bench/eager_vs_replay.py`, a loop of 200 eager calls synchronised once, then 200 replays; not the
+#   benchmark's per-call CUDA-event timing, so compare within the run) gives at T = 1, eager / replay µs: Qwen3
+#   472 / 51, Qwen3 EP2 389 / 43, Mixtral 356 / 196, gpt-oss 354 / 81, DeepSeek-V3 nixl_ep 608 / 113, allgather
+#   818 / 57 (`eager_vs_replay_h200_400d47b.log`): host 160–760 µs, still above the goal, and the replayed rows at
+#   or below this table's.
 # - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.2 µs at
 #   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
 #   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-
