@@ -424,6 +424,8 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
     if device_name is None: device_name = _device_name()
     root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
     if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
+    for name, v in (("E", E), ("N", N), ("K", K), ("M", M)):    # before the cache: 8.0 and True hash as 8 and 1
+        check_int(name, v, lo=0 if name == "M" else 1)
     return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root),
                                     heuristic or default_tile_config))
 
@@ -506,6 +508,9 @@ with tempfile.TemporaryDirectory() as d:
 mine = lambda E, N, K, M, dtype: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)       # a kernel's own heuristic
 test_eq(lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=mine), mine(2, 64, 64, 3, None))
 test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=5), contains="heuristic: expected a callable")
+lookup_tile_config("batched_moe_gemm", 8, 64, 64, 8, torch.bfloat16)                  # cached: 8.0 / True must still fail
+test_fail(lambda: lookup_tile_config("batched_moe_gemm", 8, 64, 64, 8.0, torch.bfloat16), contains="M: expected an int")
+test_fail(lambda: lookup_tile_config("batched_moe_gemm", True, 64, 64, 8, torch.bfloat16), contains="E: expected an int")
 test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: dict(BLOCK_M=48, BLOCK_N=32, BLOCK_K=32)),
           contains="config['BLOCK_M']: expected a power of two, got 48")
 test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: None),
@@ -586,6 +591,9 @@ def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
     need = lambda c: (c["num_stages"] + 1) * (c["BLOCK_M"] + (2 if silu else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * element_size
     while need(cfg) > SMEM_BUDGET and cfg["num_stages"] > 2: cfg["num_stages"] -= 1
     while need(cfg) > SMEM_BUDGET and cfg["BLOCK_K"] > 32: cfg["BLOCK_K"] //= 2
+    if need(cfg) > SMEM_BUDGET:          # BLOCK_M / BLOCK_N alone too large: a clear error, not a compile failure
+        raise ValueError(f"config: expected a tile whose operands fit {SMEM_BUDGET} bytes of shared memory at 2 stages "
+                         f"and BLOCK_K 32, got BLOCK_M={cfg['BLOCK_M']}, BLOCK_N={cfg['BLOCK_N']} ({need(cfg)} bytes)")
     return cfg
 
 # %%
@@ -596,6 +604,8 @@ assert (fit["num_stages"] + 1) * (64 + 2 * 128) * fit["BLOCK_K"] * 2 <= SMEM_BUD
 test_eq(fit_shared_memory(dict(big, BLOCK_K=64, num_stages=3), silu=False, element_size=2)["num_stages"], 3)  # fits: kept
 bare = fit_shared_memory(dict(BLOCK_M=512, BLOCK_N=64, BLOCK_K=64), silu=True, element_size=2)   # a table may leave
 test_eq((bare["num_warps"], bare["BLOCK_M"]), (TILE_DEFAULTS["num_warps"], 512))                 # warps and stages out
+test_fail(lambda: fit_shared_memory(dict(BLOCK_M=1024, BLOCK_N=1024, BLOCK_K=64), silu=False, element_size=2),
+          contains="config: expected a tile whose operands fit")
 
 # %%
 #| export

@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import datetime, importlib, importlib.util, os, socket
+import datetime, importlib, importlib.util, math, os, socket
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
@@ -97,13 +97,17 @@ def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows, a
         raise ValueError(f"counts: expected counts[{rank}] = this rank's rows of x ({x.shape[0]}), got {counts[rank]}")
     m = max(counts)
     if m == 0: return x.new_empty((0, *x.shape[1:]))
-    wire = x.view(torch.uint8) if x.is_floating_point() and x.element_size() == 1 else x   # fp8: bytes (gloo, NCCL)
-    buf = wire.new_zeros((m, *wire.shape[1:]))
+    # every dtype travels as its bytes: gloo has no fp8, int16 or unsigned wider than 8 bits; a gather moves bytes as is
+    rows = x.detach().reshape(x.shape[0], math.prod(x.shape[1:]))              # [rows, elements of a row]
+    if not rows.shape[1]: return x.new_empty((sum(counts), *x.shape[1:]))      # rows of no elements (same on every rank)
+    if rows.stride() != (rows.shape[1], 1): rows = rows.new_empty(rows.shape).copy_(rows)   # dense rows: a byte view
+    wire = rows.view(torch.uint8)
+    buf = wire.new_zeros((m, wire.shape[1]))
     buf[:x.shape[0]] = wire
-    out = wire.new_empty((S * m, *wire.shape[1:]))
+    out = wire.new_empty((S * m, wire.shape[1]))
     _all_gather_into(out, buf, group=group)
     keep = torch.cat([torch.arange(c, device=x.device) + r * m for r, c in enumerate(counts)])
-    return out[keep].view(x.dtype)
+    return out[keep].view(x.dtype).reshape(-1, *x.shape[1:])
 
 # %%
 #| export
@@ -530,6 +534,12 @@ try:
     test_eq(all_gather_rows(x[:0], [0], None).shape, (0, 2))
     q = x.to(torch.float8_e4m3fn)                       # fp8 rows travel as bytes (gloo has no fp8 collectives)
     test_eq(all_gather_rows(q, [3], None).view(torch.uint8), q.view(torch.uint8))
+    for dt in (torch.int16, torch.uint16, torch.uint32, torch.uint64, torch.bool, torch.bfloat16):   # gloo lacks some:
+        y = (torch.arange(24).reshape(3, 2, 4) % 7).to(dt)                                          # bytes travel
+        test_eq(torch.equal(all_gather_rows(y, [3], None), y), True)
+    test_eq(all_gather_rows(x.t().contiguous().t(), [3], None), x)                  # strided rows, a requires_grad one
+    test_eq(all_gather_rows(x.clone().requires_grad_(), [3], None), x)
+    test_eq(all_gather_rows(torch.zeros(2, 0), [2], None).shape, (2, 0))
     test_fail(lambda: all_gather_rows(x, [5], None), contains="counts: expected counts[0] = this rank's rows of x (3), got 5")
     for bad in ([], [3, 1], [-1], [3.0], [True], None):
         test_fail(lambda: all_gather_rows(x, bad, None), contains="counts: expected a list of 1 ints >= 0")

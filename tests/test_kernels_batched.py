@@ -67,6 +67,9 @@ def test_tile_config_table():
     mine = lambda E, N, K, M, dtype: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)       # a kernel's own heuristic
     test_eq(lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=mine), mine(2, 64, 64, 3, None))
     test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=5), contains="heuristic: expected a callable")
+    lookup_tile_config("batched_moe_gemm", 8, 64, 64, 8, torch.bfloat16)                  # cached: 8.0 / True must still fail
+    test_fail(lambda: lookup_tile_config("batched_moe_gemm", 8, 64, 64, 8.0, torch.bfloat16), contains="M: expected an int")
+    test_fail(lambda: lookup_tile_config("batched_moe_gemm", True, 64, 64, 8, torch.bfloat16), contains="E: expected an int")
     test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: dict(BLOCK_M=48, BLOCK_N=32, BLOCK_K=32)),
               contains="config['BLOCK_M']: expected a power of two, got 48")
     test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=lambda *a: None),
@@ -88,6 +91,8 @@ def test_fit_shared_memory():
     test_eq(fit_shared_memory(dict(big, BLOCK_K=64, num_stages=3), silu=False, element_size=2)["num_stages"], 3)  # fits: kept
     bare = fit_shared_memory(dict(BLOCK_M=512, BLOCK_N=64, BLOCK_K=64), silu=True, element_size=2)   # a table may leave
     test_eq((bare["num_warps"], bare["BLOCK_M"]), (TILE_DEFAULTS["num_warps"], 512))                 # warps and stages out
+    test_fail(lambda: fit_shared_memory(dict(BLOCK_M=1024, BLOCK_N=1024, BLOCK_K=64), silu=False, element_size=2),
+              contains="config: expected a tile whose operands fit")
 
 
 def test_epilogue_args():

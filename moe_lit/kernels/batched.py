@@ -236,7 +236,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #4afc541493c5
+# %% ../../nbs/06_kernels.batched.ipynb #80d6c45445da
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -254,6 +254,8 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
     if device_name is None: device_name = _device_name()
     root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
     if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
+    for name, v in (("E", E), ("N", N), ("K", K), ("M", M)):    # before the cache: 8.0 and True hash as 8 and 1
+        check_int(name, v, lo=0 if name == "M" else 1)
     return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root),
                                     heuristic or default_tile_config))
 
@@ -346,7 +348,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
     return E, M, K, N, n_out, act
 
-# %% ../../nbs/06_kernels.batched.ipynb #4644be0657d3
+# %% ../../nbs/06_kernels.batched.ipynb #810d9a1cc869
 def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     "Tensor descriptors need contiguous 16-byte-aligned rows and int32 row coordinates; fp32 stays on the pointer kernel."
     return (a.dtype != torch.float32 and a.is_contiguous() and w.is_contiguous()
@@ -365,6 +367,9 @@ def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
     need = lambda c: (c["num_stages"] + 1) * (c["BLOCK_M"] + (2 if silu else 1) * c["BLOCK_N"]) * c["BLOCK_K"] * element_size
     while need(cfg) > SMEM_BUDGET and cfg["num_stages"] > 2: cfg["num_stages"] -= 1
     while need(cfg) > SMEM_BUDGET and cfg["BLOCK_K"] > 32: cfg["BLOCK_K"] //= 2
+    if need(cfg) > SMEM_BUDGET:          # BLOCK_M / BLOCK_N alone too large: a clear error, not a compile failure
+        raise ValueError(f"config: expected a tile whose operands fit {SMEM_BUDGET} bytes of shared memory at 2 stages "
+                         f"and BLOCK_K 32, got BLOCK_M={cfg['BLOCK_M']}, BLOCK_N={cfg['BLOCK_N']} ({need(cfg)} bytes)")
     return cfg
 
 # %% ../../nbs/06_kernels.batched.ipynb #37383c435605
