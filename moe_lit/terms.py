@@ -10,8 +10,8 @@ import torch
 
 # %% auto #0
 __all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'check_tensor', 'acc_dtype', 'check_finite', 'use_triton_interpreter_without_gpu',
-           'default_device', 'progress']
+           'check_positive_real', 'check_tensor', 'check_dense', 'acc_dtype', 'check_finite',
+           'use_triton_interpreter_without_gpu', 'default_device', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -134,6 +134,14 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
                 raise ValueError(f"{name}: expected an output buffer whose elements do not overlap, got strides "
                                  f"{t.stride()} for shape {list(t.shape)}")
             reach += (sz - 1) * st
+    return t
+
+# %% ../nbs/00_terms.ipynb #3a92a86b4ca3
+def check_dense(name: str, t: torch.Tensor) -> torch.Tensor:
+    "Check that tensor `t` holds values one can read: strided (not sparse), not on the meta device; returns it."
+    if t.layout != torch.strided or t.is_meta:
+        raise ValueError(f"{name}: expected a dense tensor with values, got "
+                         f"{'a meta tensor' if t.is_meta else f'layout {t.layout}'}")
     return t
 
 # %% ../nbs/00_terms.ipynb #365b6e5e8050

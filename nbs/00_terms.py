@@ -227,6 +227,21 @@ test_fail(lambda: check_tensor("expert_num_tokens", x[0, ::2], contiguous=True),
 
 # %%
 #| export
+def check_dense(name: str, t: torch.Tensor) -> torch.Tensor:
+    "Check that tensor `t` holds values one can read: strided (not sparse), not on the meta device; returns it."
+    if t.layout != torch.strided or t.is_meta:
+        raise ValueError(f"{name}: expected a dense tensor with values, got "
+                         f"{'a meta tensor' if t.is_meta else f'layout {t.layout}'}")
+    return t
+
+# %%
+#| test check_dense
+check_dense("w", torch.zeros(2))
+test_fail(lambda: check_dense("w", torch.zeros(2, device="meta")), contains="w: expected a dense tensor with values, got a meta tensor")
+test_fail(lambda: check_dense("w", torch.eye(2).to_sparse()), contains="got layout torch.sparse_coo")
+
+# %%
+#| export
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)   # the float dtypes moe-lit computes in
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

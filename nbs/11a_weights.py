@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, FLOAT_DTYPES
+from moe_lit.terms import check_int, check_tensor, check_dense, FLOAT_DTYPES
 from moe_lit.config import MoEConfig
 
 # %%
@@ -190,8 +190,7 @@ class TensorWeights(WeightSource):
         if unknown: raise ValueError(f"weights: expected only the keys {sorted(shapes)} for this config, got {unknown}")
         for key, shape in shapes.items():
             if key not in tensors: raise ValueError(f"weights[{key!r}]: expected a tensor of shape {list(shape)}, got none")
-            check_tensor(f"weights[{key!r}]", tensors[key], shape=shape,
-                         dtype=FLOAT_DTYPES)
+            check_dense(f"weights[{key!r}]", check_tensor(f"weights[{key!r}]", tensors[key], shape=shape, dtype=FLOAT_DTYPES))
         self.config, self.tensors = config, dict(tensors)
 
     def router(self): return {k: self.tensors[k] for k in ROUTER_KEYS if k in self.tensors}

@@ -12,7 +12,7 @@ import dataclasses, os, time
 from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, progress, FLOAT_DTYPES, acc_dtype
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -200,7 +200,10 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         if n not in shapes: out[n] = None; continue
         shape = shapes[n] if num is None or n.startswith("shared") or n in ("gate", "gate_bias") else (num, *shapes[n][1:])
         if n not in tensors: raise ValueError(f"weights[{n!r}]: expected a tensor of shape {list(shape)}, got none")
-        out[n] = check_finite(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
+        t = check_dense(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
+        out[n] = check_finite(f"weights[{n!r}]", t)
+        if t.dtype != config.dtype and n not in ("gate", "gate_bias", "e_score_correction_bias"):   # cast: finite there too
+            check_finite(f"weights[{n!r}] in {config.dtype}", t.to(config.dtype))
     return out
 
 
@@ -241,18 +244,25 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
 
 # %%
 #| export
-def _refuse_quantized_state(module, state_dict, prefix, *args):
-    "load_state_dict pre-hook: expert tensors must be finite floats (a quantized layer quantizes them itself)."
+def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
+    "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
+    assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
     for n in ("w13", "w2", "w13_bias", "w2_bias", "gate", "gate_bias", "e_score_correction_bias"):
         t = state_dict.get(prefix + n)
         if not isinstance(t, torch.Tensor): continue
         own = getattr(module, n, None)
+        check_dense(f"state_dict[{prefix + n!r}]", t)
         if isinstance(own, torch.Tensor) and tuple(t.shape) != tuple(own.shape):
             raise ValueError(f"state_dict[{prefix + n!r}]: expected shape {list(own.shape)}, got {list(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"state_dict[{prefix + n!r}]: expected float weights (a {module.quant} layer quantizes what "
                              f"it is given), got dtype {str(t.dtype)[6:]}")
+        if assign and isinstance(own, torch.Tensor) and t.dtype != own.dtype:   # assign swaps the tensor in as it is
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected dtype {own.dtype} with assign=True (or load "
+                             f"without assign, which casts), got {t.dtype}")
         check_finite(f"state_dict[{prefix + n!r}]", t)     # before anything is copied: a refused load changes nothing
+        if isinstance(own, torch.Tensor) and own.dtype != t.dtype:       # the copy casts: finite there too
+            check_finite(f"state_dict[{prefix + n!r}] in {own.dtype}", t.to(own.dtype))
 
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."
@@ -843,6 +853,16 @@ test_fail(lambda: FusedMoE(cfg.replace(swiglu_limit=7.0), weights=TensorWeights(
           contains="weights: expected weights for")                                # another clamp is another model
 test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"] * float("nan")}),
           contains="weights['gate']: expected finite values")
+test_fail(lambda: FusedMoE(cfg.replace(dtype=torch.float16), weights={**full, "w2": full["w2"] * 1e6}),
+          contains="weights['w2'] in torch.float16: expected finite values")          # finite, but not once cast
+test_fail(lambda: FusedMoE(cfg, weights={**full, "w2": full["w2"].to("meta")}), contains="weights['w2']: expected a dense tensor")
+small = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+L = FusedMoE(small, seed=1); sd = L.state_dict()
+test_fail(lambda: L.load_state_dict({**sd, "w2": sd["w2"].double()}, assign=True), contains="expected dtype torch.float32 with assign=True")
+test_fail(lambda: L.load_state_dict({**sd, "w2": sd["w2"].to_sparse()}), contains="state_dict['w2']: expected a dense tensor")
+test_eq(L.w2.dtype, torch.float32); L(torch.randn(3, 16))                         # a refused load changed nothing
+L16 = FusedMoE(small.replace(dtype=torch.float16), seed=1)
+test_fail(lambda: L16.load_state_dict({**L16.state_dict(), "w2": sd["w2"] * 1e6}), contains="state_dict['w2'] in torch.float16: expected finite")
 
 # %% [markdown]
 # Shared experts are added exactly once: the same model with one shared expert gives the same output on 1, 2 and 4

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, acc_dtype
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, acc_dtype, check_dense
 from moe_lit.routing import check_topk_ids
 from moe_lit.config import ActivationFormat, MoEConfig, BACKENDS
 from moe_lit.placement import Placement
@@ -82,19 +82,38 @@ def _gather_counts(n: int, group, device) -> list:
     _all_gather_into(out, torch.tensor([n], dtype=torch.int64, device=device), group=group)
     return out.tolist()
 
-def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows, any dtype
+_GATHER_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+                  torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+                  torch.uint64, torch.bool, torch.complex64, torch.complex128)   # what travels as bytes, by index
+
+def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows: a dense tensor of a _GATHER_DTYPES dtype
                     counts: list,        # rows of every rank (ints, the same list on every rank)
-                    group) -> torch.Tensor:   # [sum(counts), ...] every rank's rows, in rank order
-    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it); ValueError on bad arguments."
+                    group,
+                    check: bool = True,  # compare dtype, row shape and counts across ranks first (one small collective)
+                   ) -> torch.Tensor:   # [sum(counts), ...] every rank's rows, in rank order
+    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it); ValueError on bad arguments, on every rank alike."
     group = check_group(group)
-    check_tensor("x", x)
+    check_dense("x", check_tensor("x", x, dtype=_GATHER_DTYPES))
+    if x.is_quantized or x.is_nested: raise ValueError("x: expected a plain dense tensor, got a quantized or nested one")
     if x.dim() == 0: raise ValueError("x: expected a tensor of rows (at least 1-D), got a 0-D tensor")
+    check_bool("check", check)
+    x = x.resolve_conj()
     S, rank = dist.get_world_size(group), dist.get_rank(group)
     if not isinstance(counts, (list, tuple)) or len(counts) != S or \
             any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):
         raise ValueError(f"counts: expected a list of {S} ints >= 0 (the rows of every rank), got {counts!r}")
     if counts[rank] != x.shape[0]:
         raise ValueError(f"counts: expected counts[{rank}] = this rank's rows of x ({x.shape[0]}), got {counts[rank]}")
+    if check:                   # the bytes would be reinterpreted as this rank's dtype and shape: compare them first
+        head = torch.tensor([_GATHER_DTYPES.index(x.dtype), hash(tuple(x.shape[1:])) & (2**62 - 1), *counts],
+                            dtype=torch.int64, device=x.device)
+        heads = head.new_empty(S * head.numel())
+        _all_gather_into(heads, head, group=group)
+        heads = heads.view(S, -1)
+        if not bool((heads == heads[0]).all()):
+            rows = [(str(_GATHER_DTYPES[int(h[0])]), h[2:].tolist()) for h in heads.cpu()]
+            raise ValueError(f"x, counts: expected the same dtype, row shape and counts on every rank, got (dtype, "
+                             f"counts) per rank {rows} (row shapes differ where those agree)")
     m = max(counts)
     if m == 0: return x.new_empty((0, *x.shape[1:]))
     # every dtype travels as its bytes: gloo has no fp8, int16 or unsigned wider than 8 bits; a gather moves bytes as is
@@ -222,9 +241,9 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
     "All-gather tokens `a [ΣT, H]`, weights and ids of the group; ids become this rank's local slots (or -1)."
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     counts = _gather_counts(hidden.shape[0], self.group, hidden.device)
-    a = all_gather_rows(_pad_columns(hidden, self.padded_hidden_size), counts, self.group)
-    wts = all_gather_rows(topk_weights, counts, self.group)
-    local = placement.local_slot(all_gather_rows(topk_ids, counts, self.group))
+    a = all_gather_rows(_pad_columns(hidden, self.padded_hidden_size), counts, self.group, check=False)   # same code
+    wts = all_gather_rows(topk_weights, counts, self.group, check=False)                                 # on every
+    local = placement.local_slot(all_gather_rows(topk_ids, counts, self.group, check=False))             # rank
     self.stats = {"tokens": hidden.shape[0], "pairs_sent": int((topk_ids >= 0).sum()),
                   "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts)}
     return DistributedPrepared(self.activation_format, a, wts, local_ids=local, hidden_size=hidden.shape[1],
@@ -301,7 +320,7 @@ def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Place
     "All-gather every rank's `[S, max_local]` pair counts and token count; check capacity the same way on every rank."
     S = pf.num_dispatchers
     mine = torch.cat([counts.flatten(), torch.tensor([num_tokens], device=counts.device)])
-    table = all_gather_rows(mine[None], [1] * S, pf.group).cpu()              # [S, S·max_local + 1]
+    table = all_gather_rows(mine[None], [1] * S, pf.group, check=False).cpu()              # [S, S·max_local + 1]
     token_counts, table = table[:, -1].tolist(), table[:, :-1].view(S, S, -1)  # [S_send, S_recv, max_local]
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
@@ -540,6 +559,11 @@ try:
     test_eq(all_gather_rows(x.t().contiguous().t(), [3], None), x)                  # strided rows, a requires_grad one
     test_eq(all_gather_rows(x.clone().requires_grad_(), [3], None), x)
     test_eq(all_gather_rows(torch.zeros(2, 0), [2], None).shape, (2, 0))
+    c = torch.tensor([[1 + 2j, 3 - 1j]]).conj()                                      # a conjugate view travels resolved
+    test_eq(torch.equal(all_gather_rows(c, [1], None), c.resolve_conj()), True)
+    for bad, msg in ((torch.eye(2).to_sparse(), "x: expected a dense tensor"), (torch.zeros(2, device="meta"), "x: expected a dense tensor"),
+                     (torch.quantize_per_tensor(torch.zeros(2, 2), 0.1, 0, torch.qint8), "x: expected dtype")):
+        test_fail(lambda: all_gather_rows(bad, [2], None), contains=msg)
     test_fail(lambda: all_gather_rows(x, [5], None), contains="counts: expected counts[0] = this rank's rows of x (3), got 5")
     for bad in ([], [3, 1], [-1], [3.0], [True], None):
         test_fail(lambda: all_gather_rows(x, bad, None), contains="counts: expected a list of 1 ints >= 0")

@@ -5,7 +5,7 @@ import dataclasses, os, time
 from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, progress, FLOAT_DTYPES, acc_dtype
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -264,6 +264,16 @@ def test_fused_moe_from_mapping():
               contains="weights: expected weights for")                                # another clamp is another model
     test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"] * float("nan")}),
               contains="weights['gate']: expected finite values")
+    test_fail(lambda: FusedMoE(cfg.replace(dtype=torch.float16), weights={**full, "w2": full["w2"] * 1e6}),
+              contains="weights['w2'] in torch.float16: expected finite values")          # finite, but not once cast
+    test_fail(lambda: FusedMoE(cfg, weights={**full, "w2": full["w2"].to("meta")}), contains="weights['w2']: expected a dense tensor")
+    small = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
+    L = FusedMoE(small, seed=1); sd = L.state_dict()
+    test_fail(lambda: L.load_state_dict({**sd, "w2": sd["w2"].double()}, assign=True), contains="expected dtype torch.float32 with assign=True")
+    test_fail(lambda: L.load_state_dict({**sd, "w2": sd["w2"].to_sparse()}), contains="state_dict['w2']: expected a dense tensor")
+    test_eq(L.w2.dtype, torch.float32); L(torch.randn(3, 16))                         # a refused load changed nothing
+    L16 = FusedMoE(small.replace(dtype=torch.float16), seed=1)
+    test_fail(lambda: L16.load_state_dict({**L16.state_dict(), "w2": sd["w2"] * 1e6}), contains="state_dict['w2'] in torch.float16: expected finite")
 
 
 def test_shared_experts_once():

@@ -55,6 +55,12 @@ def test_check_tensor():
     test_fail(lambda: check_tensor("expert_num_tokens", x[0, ::2], contiguous=True), contains="expert_num_tokens: expected a contiguous tensor, got strides (2,)")
 
 
+def test_check_dense():
+    check_dense("w", torch.zeros(2))
+    test_fail(lambda: check_dense("w", torch.zeros(2, device="meta")), contains="w: expected a dense tensor with values, got a meta tensor")
+    test_fail(lambda: check_dense("w", torch.eye(2).to_sparse()), contains="got layout torch.sparse_coo")
+
+
 def test_acc_dtype():
     test_eq([acc_dtype(d) for d in FLOAT_DTYPES], [torch.float64, torch.float32, torch.float32, torch.float32])
 

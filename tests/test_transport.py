@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, acc_dtype
+from moe_lit.terms import check_int, check_choice, check_tensor, check_bool, check_positive_real, acc_dtype, check_dense
 from moe_lit.routing import check_topk_ids
 from moe_lit.config import ActivationFormat, MoEConfig, BACKENDS
 from moe_lit.placement import Placement
@@ -112,6 +112,11 @@ def test_all_gather_rows_one_process():
         test_eq(all_gather_rows(x.t().contiguous().t(), [3], None), x)                  # strided rows, a requires_grad one
         test_eq(all_gather_rows(x.clone().requires_grad_(), [3], None), x)
         test_eq(all_gather_rows(torch.zeros(2, 0), [2], None).shape, (2, 0))
+        c = torch.tensor([[1 + 2j, 3 - 1j]]).conj()                                      # a conjugate view travels resolved
+        test_eq(torch.equal(all_gather_rows(c, [1], None), c.resolve_conj()), True)
+        for bad, msg in ((torch.eye(2).to_sparse(), "x: expected a dense tensor"), (torch.zeros(2, device="meta"), "x: expected a dense tensor"),
+                         (torch.quantize_per_tensor(torch.zeros(2, 2), 0.1, 0, torch.qint8), "x: expected dtype")):
+            test_fail(lambda: all_gather_rows(bad, [2], None), contains=msg)
         test_fail(lambda: all_gather_rows(x, [5], None), contains="counts: expected counts[0] = this rank's rows of x (3), got 5")
         for bad in ([], [3, 1], [-1], [3.0], [True], None):
             test_fail(lambda: all_gather_rows(x, bad, None), contains="counts: expected a list of 1 ints >= 0")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, FLOAT_DTYPES
+from moe_lit.terms import check_int, check_tensor, check_dense, FLOAT_DTYPES
 from moe_lit.config import MoEConfig
 from fastcore.test import test_eq, test_fail
 from moe_lit.weights import *
