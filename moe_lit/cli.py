@@ -342,7 +342,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #aae5b088b56d
+# %% ../nbs/15_cli.ipynb #dae78872fd56
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -383,7 +383,8 @@ def _checkpoint(args, cfg: MoEConfig):
         return CheckpointWeights(args.weights, layer, parallel=cfg.parallel, dtype=DTYPES[args.dtype] if args.dtype else None)
     except ValueError as e:                               # every complaint about the checkpoint names the flag that gave it
         if str(e).startswith("layer_index:"): raise
-        raise ValueError(f"--weights: {e}") from None
+        name, _, rest = str(e).partition(": ")             # the loader's own argument name is this flag
+        raise ValueError(f"--weights: {rest if name in ('path_or_dict', 'checkpoint_dir', 'checkpoint') else e}") from None
 
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
@@ -408,6 +409,17 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except BrokenPipeError:                               # `moe-lit tables | head -1`: stop quietly, as SIGPIPE would
         _quiet_closed_stdout(); return 141
+    except (MemoryError, RuntimeError) as e:              # a model too large for this machine: one line, no traceback
+        if not _out_of_memory(e): raise
+        print(f"moe-lit: error: out of memory: this model and deployment need more memory than this machine has "
+              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try a smaller --model, more --ep ranks, or --tokens fewer",
+              file=sys.stderr)
+        return 2
+
+def _out_of_memory(e: BaseException) -> bool:
+    "Whether `e` is an allocation failure (host or GPU), as torch raises them."
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or \
+        "out of memory" in str(e).lower()
 
 # %% ../nbs/15_cli.ipynb #1adf4b21543c
 def _bench(args) -> int:

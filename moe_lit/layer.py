@@ -248,7 +248,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     return mk
 
-# %% ../nbs/12_layer.ipynb #91faca6bc140
+# %% ../nbs/12_layer.ipynb #36efaa4b18af
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -283,6 +283,12 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
     _check_on_layer_device(self, wts, "topk_weights"); _check_on_layer_device(self, ids, "topk_ids")
     check_finite("topk_weights", wts)                        # a NaN weight would turn its token's output NaN
     check_topk_ids(ids, self.placement.num_experts)          # physical ids (EPLB: replicas), distinct per token
+    if self.replicas is not None:                            # two replicas of one logical expert: that expert twice
+        n = self.config.num_experts
+        try: check_topk_ids(torch.where(ids >= 0, ids % n, ids), n)
+        except ValueError as e:
+            raise ValueError(f"topk_ids: expected physical ids of distinct logical experts per token (physical p is a "
+                             f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
 # %% ../nbs/12_layer.ipynb #625bafcb5ab9

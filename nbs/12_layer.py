@@ -410,6 +410,12 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
     _check_on_layer_device(self, wts, "topk_weights"); _check_on_layer_device(self, ids, "topk_ids")
     check_finite("topk_weights", wts)                        # a NaN weight would turn its token's output NaN
     check_topk_ids(ids, self.placement.num_experts)          # physical ids (EPLB: replicas), distinct per token
+    if self.replicas is not None:                            # two replicas of one logical expert: that expert twice
+        n = self.config.num_experts
+        try: check_topk_ids(torch.where(ids >= 0, ids % n, ids), n)
+        except ValueError as e:
+            raise ValueError(f"topk_ids: expected physical ids of distinct logical experts per token (physical p is a "
+                             f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
 
@@ -794,6 +800,11 @@ for backend in ("nixl_ep", "allgather_reducescatter"):
     assert_close(run.output, plain.output.double(), name=backend)              # replicas are copies
     assert (run.topk_ids >= 8).any() and run.topk_ids.max() < 12
     test_eq(sorted(torch.cat([p.local_to_global for p in run.placements]).tolist()), list(range(12)))
+rank0 = FusedMoE(rank_config(base.replace(num_redundant_experts=4, parallel=par), 0), seed=3)
+w2x = torch.full((1, 2), 0.5)
+rank0(x[:1], (w2x, torch.tensor([[1, 8]])))                                      # distinct logical experts: fine
+test_fail(lambda: rank0(x[:1], (w2x, torch.tensor([[0, 8]]))),                    # 8 is a replica of 0: 0 twice
+          contains="topk_ids: expected physical ids of distinct logical experts per token")
 
 # %% [markdown]
 # The Triton paths through the layer: deployments with `experts="triton"` (the interpreter on a CPU) give the

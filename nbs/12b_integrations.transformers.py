@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.activations import SiLUActivation
-from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype
+from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype, FLOAT_DTYPES
 from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved
 
 # %%
@@ -342,8 +342,13 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
     "transformers' experts forward, computed by moe-lit (the function `register` puts in the ExpertsInterface)."
     recipe = experts_recipe(self)
     w13, w2, b13, b2 = experts_weights(self, recipe)
-    E = w13.shape[0]
-    check_tensor("top_k_index", top_k_index, ndim=2)
+    E, H = w13.shape[0], w13.shape[2]
+    check_tensor("hidden_states", hidden_states, shape=(None, H), dtype=FLOAT_DTYPES)
+    check_tensor("top_k_index", top_k_index, shape=(hidden_states.shape[0], None))
+    check_tensor("top_k_weights", top_k_weights, shape=tuple(top_k_index.shape), dtype=FLOAT_DTYPES)
+    for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if t.device != hidden_states.device:
+            raise ValueError(f"{name}: expected hidden_states' device {hidden_states.device}, got {t.device}")
     if top_k_index.is_floating_point() or top_k_index.is_complex() or top_k_index.dtype == torch.bool:
         raise ValueError(f"top_k_index: expected an integer dtype, got {top_k_index.dtype}")
     ep = getattr(self, "_is_expert_parallel", False) is True
@@ -630,6 +635,12 @@ model.set_experts_implementation("moe_lit")
 got = experts(x, ids, w)
 assert_close(got, want, rtol=1e-12)
 assert not got[3].any()                                             # both slots on other ranks: 0
+for args, msg in (((x, ids, w[:2]), "top_k_weights: expected shape [5, 2], got [2, 2]"),    # a caller's bad tensors
+                  ((x, ids, w[:, 0]), "top_k_weights: expected a 2-D tensor"),            # are named, not torch's errors
+                  ((x[:, :-1], ids, w), "hidden_states: expected shape"),
+                  ((x, ids, w.long()), "top_k_weights: expected dtype"),
+                  ((x.tolist(), ids, w), "hidden_states: expected a torch.Tensor")):
+    test_fail(lambda: experts(*args), contains=msg)
 
 # %% [markdown]
 # What moe-lit cannot run raises, naming the module's class:

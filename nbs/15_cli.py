@@ -575,7 +575,8 @@ def _checkpoint(args, cfg: MoEConfig):
         return CheckpointWeights(args.weights, layer, parallel=cfg.parallel, dtype=DTYPES[args.dtype] if args.dtype else None)
     except ValueError as e:                               # every complaint about the checkpoint names the flag that gave it
         if str(e).startswith("layer_index:"): raise
-        raise ValueError(f"--weights: {e}") from None
+        name, _, rest = str(e).partition(": ")             # the loader's own argument name is this flag
+        raise ValueError(f"--weights: {rest if name in ('path_or_dict', 'checkpoint_dir', 'checkpoint') else e}") from None
 
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
@@ -600,6 +601,17 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except BrokenPipeError:                               # `moe-lit tables | head -1`: stop quietly, as SIGPIPE would
         _quiet_closed_stdout(); return 141
+    except (MemoryError, RuntimeError) as e:              # a model too large for this machine: one line, no traceback
+        if not _out_of_memory(e): raise
+        print(f"moe-lit: error: out of memory: this model and deployment need more memory than this machine has "
+              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try a smaller --model, more --ep ranks, or --tokens fewer",
+              file=sys.stderr)
+        return 2
+
+def _out_of_memory(e: BaseException) -> bool:
+    "Whether `e` is an allocation failure (host or GPU), as torch raises them."
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or \
+        "out of memory" in str(e).lower()
 
 # %%
 #| export
@@ -717,7 +729,7 @@ with tempfile.TemporaryDirectory() as d:
     for argv, msg in ((["--weights", d, "--layer", "0"], "--layer: expected one of the MoE layers [1]"),
                       (["--weights", d, "--config", d], "--weights: expected no --config"),
                       (["--weights", d, "--model", "mixtral-8x7b"], "--weights: expected no --model"),
-                      (["--weights", d + "-missing"], "--weights: path_or_dict: expected an existing config.json"),
+                      (["--weights", d + "-missing"], "--weights: expected an existing config.json"),
                       (["--weights", ""], "--weights: "), (["--layer", "1"], "--layer: expected --weights with it")):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", *argv]), 2)
         assert msg in err.getvalue(), err.getvalue()
@@ -741,9 +753,23 @@ with tempfile.TemporaryDirectory() as d:
                        "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000"),
                       (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),
                       (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
-                      (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3")):
+                      (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3"),
+                      (["run", "--weights", d], "moe-lit: error: --weights: expected an existing config.json")):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
-        assert msg in err.getvalue(), (argv, err.getvalue())
+        assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())
+# a model too large for the machine: one line naming the cause (the allocation itself is not tried here: on a host
+# that overcommits memory it would succeed and then fill the machine)
+import moe_lit.cli as _cli
+for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] ... can't allocate memory: you tried to allocate 8 TB")):
+    def _raise(args, exc=exc): raise exc
+    real, _cli._run = _cli._run, _raise
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(_cli.main(["run"]), 2)
+    finally: _cli._run = real
+    assert err.getvalue().startswith("moe-lit: error: out of memory"), err.getvalue()
+real, _cli._run = _cli._run, lambda args: (_ for _ in ()).throw(RuntimeError("shape mismatch"))   # other errors propagate
+try: test_fail(lambda: _cli.main(["run"]), contains="shape mismatch")
+finally: _cli._run = real
 
 # %%
 #| test main_options

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.activations import SiLUActivation
-from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype
+from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype, FLOAT_DTYPES
 from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved
 import tempfile
 from unittest import mock
@@ -191,6 +191,12 @@ def test_ep_sentinels():
     got = experts(x, ids, w)
     assert_close(got, want, rtol=1e-12)
     assert not got[3].any()                                             # both slots on other ranks: 0
+    for args, msg in (((x, ids, w[:2]), "top_k_weights: expected shape [5, 2], got [2, 2]"),    # a caller's bad tensors
+                      ((x, ids, w[:, 0]), "top_k_weights: expected a 2-D tensor"),            # are named, not torch's errors
+                      ((x[:, :-1], ids, w), "hidden_states: expected shape"),
+                      ((x, ids, w.long()), "top_k_weights: expected dtype"),
+                      ((x.tolist(), ids, w), "hidden_states: expected a torch.Tensor")):
+        test_fail(lambda: experts(*args), contains=msg)
 
 
 def test_unsupported_raise():

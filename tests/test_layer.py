@@ -215,6 +215,11 @@ def test_emulated_ep_eplb():
         assert_close(run.output, plain.output.double(), name=backend)              # replicas are copies
         assert (run.topk_ids >= 8).any() and run.topk_ids.max() < 12
         test_eq(sorted(torch.cat([p.local_to_global for p in run.placements]).tolist()), list(range(12)))
+    rank0 = FusedMoE(rank_config(base.replace(num_redundant_experts=4, parallel=par), 0), seed=3)
+    w2x = torch.full((1, 2), 0.5)
+    rank0(x[:1], (w2x, torch.tensor([[1, 8]])))                                      # distinct logical experts: fine
+    test_fail(lambda: rank0(x[:1], (w2x, torch.tensor([[0, 8]]))),                    # 8 is a replica of 0: 0 twice
+              contains="topk_ids: expected physical ids of distinct logical experts per token")
 
 
 def test_emulated_ep_triton_experts():
