@@ -259,7 +259,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #7a54301f4ef3
+# %% ../nbs/14_bench.ipynb #377d1bee31a7
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -331,17 +331,19 @@ def format_bench_quant(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 def plot_bench_quant(runs: dict,                      # {label: bench_quant rows}, oldest first
-                     schemes=("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block")):
+                     schemes=("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block"),
+                     fp4_layout: str = "split64",      # a run that timed several FP4 layouts: the bars of this one
+                    ):
     "Bars: % of the weight-bytes floor per (scenario, scheme), one bar per run and format. Returns the Figure."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     if not runs: raise ValueError("runs: expected at least one {label: rows} entry, got none")
-    keys = [(r["scenario"], r["scheme"]) for r in next(iter(runs.values())) if r["scheme"] in schemes]
+    keys = list(dict.fromkeys((r["scenario"], r["scheme"]) for r in next(iter(runs.values())) if r["scheme"] in schemes))
     bars = [(label, fmt) for label in runs for fmt in ("batched", "contiguous")]
     fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(bars)
     for i, (label, fmt) in enumerate(bars):
-        by_key = {(r["scenario"], r["scheme"]): r for r in runs[label]}
+        by_key = {(r["scenario"], r["scheme"]): r for r in runs[label] if r.get("fp4_layout") in (None, fp4_layout)}
         ax.bar([j + i * width for j in range(len(keys))],
                [by_key[k][f"{fmt}_pct_floor"] if k in by_key else 0 for k in keys], width, label=f"{label}, {fmt}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))],

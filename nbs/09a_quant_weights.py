@@ -20,7 +20,8 @@ from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequ
 from fastcore.test import test_eq, test_fail
 
 # %% [markdown]
-# In this notebook: the weight container `QuantizedExpertWeights` (its `dequantize`, `select`, `to`, `nbytes`),
+# In this notebook: the weight container `QuantizedExpertWeights` (its `dequantize`, `select`, `to`, `nbytes`,
+# `relayout`, `for_kernels`), the split64 FP4 layout (`split_fp4_codes`, `unsplit_fp4_codes`),
 # `quantize_expert_weights` and `quant_weight_shapes`; test weights `random_expert_weights` and `random_activations`;
 # one figure, `plot_weight_scales`. A **reference** page. It is plain torch, no Triton: a checkpoint reader and the
 # layer hold quantized weights without importing a kernel. The formats and their torch quantizers come from
@@ -45,7 +46,9 @@ from fastcore.test import test_eq, test_fail
 # ## What each scheme stores
 #
 # Per expert, for a weight `[N, K]` (`w13`: N = 2·I, K = H; `w2`: N = H, K = I). `K_pad` rounds K up to the FP4 group
-# (32 or 16) with zero columns; the unpadded K is kept in the container, and activations are never padded.
+# (32 or 16) with zero columns; the unpadded K is kept in the container, and activations are never padded. (The
+# table gives the checkpoint's byte order, `fp4_layout="plain"`. The layer re-lays FP4 weights into the **split64**
+# order described below, where `K_pad` rounds up to 64.)
 #
 # | scheme | codes | weight scale | activation (quantized per call) | bytes per weight element |
 # |---|---|---|---|---|
@@ -307,15 +310,18 @@ def __repr__(self: QuantizedExpertWeights) -> str:
 # K position in a chunk   0 1 2 … 31 | 32 33 … 63
 # plain bytes             [0|1] [2|3] … [62|63]              byte j = code 2j | code 2j+1 << 4
 # split64 bytes           [0|32] [1|33] … [31|63]            byte j = code j  | code 32+j << 4
-# a program's K tile      BLOCK_K/2 bytes a row (BLOCK_K a multiple of 64): the same wide load as before;
-#                         low nibbles = the chunk's first 32 K positions, high nibbles = its last 32
+# a program's K tile      BLOCK_K/2 bytes a row (BLOCK_K a multiple of 64): as many contiguous bytes as the plain
+#                         layout's tile; low nibbles = the chunk's first 32 K positions, high nibbles = its last 32
 # ```
+#
+# (`[a|b]` is one byte: the code at K position `a` in its low nibble, the one at `b` in its high nibble.)
 #
 # The decoded low nibbles of a tile are then a `[BLOCK_N, BLOCK_K/2]` operand for the activations' columns
 # `{64c + j}`, the high nibbles one for `{64c + 32 + j}`: two MMAs with the activation tile loaded in those two column
-# orders, and no shuffle of the weights at all. A byte's two codes are 32 apart, so with NVFP4's 16-wide groups they
-# fall in different groups: the kernel gives each nibble its own scale, as the scales are stored (one per group, in K
-# order; only padded). K is padded to a whole chunk with zero codes, and the padded groups get the scale 1, so the
+# orders, and no shuffle of the weights at all. A byte's two codes are 32 apart, so they always fall in different
+# scale groups — `2c` and `2c + 1` with MXFP4's 32-wide groups, `4c + j/16` and `4c + 2 + j/16` with NVFP4's 16-wide
+# ones: the kernel gives each nibble its own scale. The scales themselves keep the plain layout (one per group, in K
+# order), padded at the end to whole chunks. K is padded to a whole chunk with zero codes, and the padded groups get the scale 1, so the
 # padding is 0 and never NaN.
 #
 # `relayout("split64")` makes the copy once (the layer does it at construction for its FP4 experts, every device);

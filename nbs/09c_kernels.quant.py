@@ -153,11 +153,13 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
 #
 # That is 22 instructions for eight codes (2 `prmt`, then per pair of codes `and`, `mul.lo`, `and` and two bf16x2
 # `fma`), against about nine per code for the portable form (five integer operations, an fp16 → fp32 conversion, the
-# fp32 scale multiply, the bf16 conversion). Both nibbles of a byte share a group (groups are 16 or 32 codes), so a
-# byte carries one scale. The exactness claims are checked by the GPU tests against the float64 spec (random codes
-# cover all sixteen, both nibbles; weights of max |w| from 1e-6 to 1e5). The PTX needs `sm_80` (bf16x2 `fma`); fp16 NVFP4 keeps
-# the portable decode (its weights stay fp16, as the activations), and so do tiles under 2048 code bytes (`pack=4`
-# wants at least four bytes a thread at 8 warps).
+# fp32 scale multiply, the bf16 conversion). The block takes one scale register pair for the low nibbles and one for
+# the high: in the plain layout a byte's two codes share a group (groups are 16 or 32 codes) and the same scales go
+# in both; in the split64 layout (below, and `09a`) they are 32 codes apart, in different groups. The exactness claims are checked by the GPU tests against the float64 spec (random codes
+# cover all sixteen, both nibbles; weights of max |w| from 1e-6 to 1e5). The PTX needs `sm_80` (bf16x2 `fma`; nothing
+# checks the GPU's capability: on an older GPU set `MOE_LIT_FP4_DECODE=portable`); fp16 NVFP4 keeps
+# the portable decode (its weights stay fp16, as the activations), and so do tiles under 2048 code bytes (4096
+# codes: with `pack=4` the block needs four bytes a thread, and smaller tiles leave fewer than eight a thread at 8 warps).
 
 # %%
 #| export
@@ -511,7 +513,8 @@ def _batched_moe_gemm_quant_kernel(
 #
 # Tiles come from `lookup_tile_config` under this chapter's kernel names — `batched_moe_gemm_fp8`,
 # `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8`, `fused_moe_gemm_w4a16` — with `06`'s heuristic as the fallback.
-# Two adjustments follow the formats: `BLOCK_K ≥ 32` (the fp8 MMA's K and the MXFP4 group) and, for the block scheme,
+# Three adjustments follow the formats: `BLOCK_K ≥ 32` (the fp8 MMA's K and the MXFP4 group), `BLOCK_K ≥ 64` for
+# split64 FP4 codes (whole chunks) and, for the block scheme,
 # `BLOCK_K ≤ 128` so a K tile never straddles two scale blocks (vLLM clamps the same way); FP4 caps `BLOCK_K` at 128
 # to bound the registers of the dequantized tile.
 
@@ -1266,43 +1269,49 @@ assert_quant_close(got[:3], want[:3])
 # per-tile `dot` bounds), whether the tiles compile within the register and shared-memory budget on sm_90, and speed.
 #
 # **Performance (measured).** `14_bench`'s `bench_quant` times GEMM1 with the fused SiLU-and-mul of both formats on
-# one H200 against the weight-bytes floor (`QuantizedExpertWeights.nbytes` of the active experts / measured copy
-# bandwidth); the run is committed as `nbs/bench/quant_bench_h200_swapab.json`, with the FP4 tile tables it used
+# one H200 against the weight-bytes floor (the checkpoint's codes and scales of GEMM1's weight `w13` for the experts the
+# batch routes to, plus the activations in and out, at the measured copy bandwidth); the run is committed as `nbs/bench/quant_bench_h200_swapab.json`, with the FP4 tile tables it used
 # (`moe-lit bench --tune w4a16`, sweep in `nbs/bench/tune_quant_h200_swapab.json`). FP8 with 128×128 blocks reaches
 # 75–86 % of its floor at DeepSeek-V3's EP8 decode shape and 78–82 % on Mixtral and gpt-oss (batched / contiguous).
 # FP4 reaches 19–27 % (DeepSeek-V3 615 µs, Mixtral 504 µs, Qwen3 203 µs, gpt-oss 993 µs, MXFP4 batched), up from
 # 14–22 % before the operand swap and the tuned tables (`quant_bench_h200_498b446.json`: 887, 845, 239, 1222 µs), and
 # still about as slow as bf16 in absolute time. The sweep shows where the time goes: a program's cost is the weights
 # it decodes, so a second M tile per expert doubles it (DeepSeek-V3 at 32 rows per expert: 614 µs with
-# `BLOCK_M` = 64, 1173 µs with 32), and the fastest tiles are the narrowest K steps (`BLOCK_K` = 64) — the K loop is
-# bound by the instructions per decoded element, not by memory. Two alternatives measured in the same run
+# `BLOCK_M` = 64, 1173 µs with 32), and in that sweep the fastest tiles were the narrowest K steps (`BLOCK_K` = 64) —
+# the K loop is bound by the instructions per decoded element, not by memory. Two alternatives measured in the same run
 # (`nbs/bench/fp4_variants.py`, `fp4_variants_h200_*.json`) are no faster: Triton's own `tl.dot_scaled` (MXFP4 only)
 # 554 µs on Mixtral, and the scale multiply in bf16 instead of fp32 within ±10 %. Reaching the floor needs fewer
 # instructions per code. The packed PTX decode above (eight codes from one 32-bit word, 22 instructions) is that
 # step, and the default on the GPU: with the same tile tables (tuned for the portable decode) it takes Qwen3-30B-A3B
 # from 203 to 152 µs (MXFP4) and 221 to 172 µs (NVFP4), Mixtral from 504 to 443 and 530 to 476 µs (batched; 26–33 %
 # of the floor; `nbs/bench/quant_ptx_h200_99b06dc.log`). The stand-alone K-loop variants of the same run
-# (`fp4_variants_h200_ptx.json`, no activation) reach 382 µs on Mixtral with the plain layout and 344 µs with the
-# nibbles re-laid so that a byte holds codes j and j+32 of a 64-code chunk (no `tl.join`): 35 % of the floor at
-# best. That re-layout is now the layer's (**split64**, `09a`; the kernels' `SPLIT` path above), and the tiles are
+# (`fp4_variants_h200_ptx.json`, no activation, best of two tiles) reach 382 µs on Mixtral MXFP4 with the plain
+# layout and 344 µs (35 % of the floor) with the nibbles re-laid so that a byte holds codes j and j+32 of a 64-code
+# chunk (no `tl.join`), Qwen3 145 → 120 µs (43 %) — but on DeepSeek-V3 MXFP4 the re-laid loop was slower there (478 →
+# 531 µs). That re-layout is now the layer's (**split64**, `09a`; the kernels' `SPLIT` path above), and the tiles are
 # re-tuned for it (`nbs/bench/quant_gpu.sh tune`, sweep `tune_quant_h200_split_3a67d16.json`). Same run, same inputs,
 # GEMM1 + SiLU batched, plain bytes → split64 (`quant_bench_h200_split_7a54c45.json`): DeepSeek-V3 EP8 MXFP4 542 →
 # 425 µs, NVFP4 591 → 446; Qwen3-30B-A3B 152 → 146 and 172 → 156; Mixtral 436 → 348 and 471 → 368; gpt-oss 683 →
-# 627 and 773 → 723 — faster on every row, both formats. With the re-tuned tiles (`quant_bench_h200_split_3a67d16.json`)
-# FP4 reaches 28.7–29.0 % of its floor on DeepSeek-V3 (423 µs MXFP4), 36–37.5 % on Qwen3 (135 µs), 33.7–34 % on
-# Mixtral (350 µs) and 39–42 % on gpt-oss (627 µs): 1.4–1.6× faster than the swapped-operand kernel's 19–27 %
-# (615 / 203 / 504 / 993 µs) and now 1.1–1.6× faster than bf16 on the same rows, but still 2.4–3.5× from the floor. Tuned tables go under the kernel names
+# 627 and 773 → 723 — faster on every row, both formats (DeepSeek-V3 included, unlike the stand-alone loop). With the
+# re-tuned tiles (`quant_bench_h200_split_3a67d16.json`, both formats, both schemes) FP4 reaches 27.6–29.0 % of its
+# floor on DeepSeek-V3 (MXFP4 batched 423 µs), 34.5–37.5 % on Qwen3 (135 µs), 33.6–34.0 % on Mixtral (350 µs) and
+# 37.9–42.3 % on gpt-oss (627 µs): MXFP4 batched is 1.4–1.6× faster than the swapped-operand kernel's
+# 615 / 203 / 504 / 993 µs, each FP4 row 1.02–1.55× faster than the bf16 batched GEMM of the same run, and 2.4–3.6× from
+# the floor. Tuned tables go under the kernel names
 # `batched_moe_gemm_fp8`, `batched_moe_gemm_w4a16`, `fused_moe_gemm_fp8` and `fused_moe_gemm_w4a16`; the contiguous
 # GEMMs' alignment block is GEMM1's `BLOCK_M` (`quant_block_m`). Where no FP4 table entry is near, `fp4_default_tile`
 # takes the sweep's rule: `BLOCK_M` covers an expert's rows in one tile, 64 weight rows, 64-wide K steps, 4 warps,
-# 3 stages — the best tile or within 3 % of it on every decode row measured.
+# 3 stages — the best tile or within 3 % of it on every decode row of the plain layout's sweep; with split64 the
+# sweep picks `BLOCK_K` = 128 on Qwen3 (the heuristic is 7 % slower there) and `BLOCK_N` = 128 for the contiguous
+# DeepSeek-V3 GEMM (4 %).
 #
 # **The seed scenario's rank 0** (`nbs/bench/seed_scenario.py`, `seed_scenario_h200_2fa7b89.json`): DeepSeek-V3 EP8,
 # NIXL EP (batched format), round-robin placement, the whole layer replayed as a CUDA graph — routing, dispatch,
 # both GEMMs, combine and the shared expert. bf16 takes 75 / 667 / 823 µs at T = 1 / 64 / 256, NVFP4 209 / 749 /
 # 950 µs and MXFP4 266 / 772 / 868 µs; every run matches its float64 reference (max relative error ≤ 5.6e-3,
-# cosine ≥ 0.999995). FP4 halves the experts' memory and is still slower than bf16 at every T until the K loop's
-# decode is cheaper.
+# cosine ≥ 0.999995). That run predates the PTX decode and split64 (not re-measured since); then FP4 read 0.53–0.56
+# bytes a weight instead of 2 and was still slower than bf16 at every T. (The layer also keeps the dequantized
+# weights beside the codes, for its references: a quantized layer does not save memory yet.)
 
 # %% [markdown]
 # Inputs the host does not check on the hot path are still safe: a negative or huge pair index and an expert id past

@@ -320,18 +320,21 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # **Checked once, not once per launcher.** The metadata checks cost host time too: each public launcher
 # (`fused_moe_gemm`, `batched_moe_gemm`, the quantized GEMMs, `route_topk`, `combine_pairs`, `batched_dispatch` /
 # `batched_combine`) checks every argument it is given, and an experts class used to call them one after another,
-# so one forward ran the same shape checks three times over (28 `check_tensor` calls at T = 1). Now each public
+# so one forward checked the same tensors up to three times (the layer, the experts class, then each launcher: 28
+# `check_tensor` calls at T = 1, `nbs/bench/host_overhead_cpu_da44b2c.log`). Now each public
 # function is its checks plus an unchecked twin (`_fused_moe_gemm`, `_batched_moe_gemm`, `_fused_moe_gemm_quant`,
 # `_batched_moe_gemm_quant`, `_route_topk`, `_combine_pairs`, `_batched_dispatch`, `_batched_combine`), and a caller
 # that has checked or built every argument itself — the experts classes, the prepare/finalize on the layer's own
 # ids, the layer's router — calls the twin. Tile choices are resolved once per shape (an `lru_cache`), and the
-# host-side grid arithmetic avoids `triton.cdiv`, whose JIT wrapper costs about 2 µs a call. Measured on 2 CPU cores
+# host-side grid arithmetic avoids `triton.cdiv` / `triton.next_power_of_2`, whose Python wrappers (Triton's
+# constexpr-function machinery) cost 2–4 µs a call under cProfile here. Measured on 2 CPU cores
 # with the launches stubbed (`nbs/bench/host_overhead_cpu.py`, `host_overhead_cpu_checked_once.log`), moe-lit's own
 # Python per forward went from 121–179 µs to 70–137 µs unquantized and from 150–224 to 93–158 µs with NVFP4 over
 # the benchmark's deployments. On the H200 host the whole eager forward at T = 1 is still 350–820 µs against
-# 43–196 µs replayed (`eager_vs_replay_h200_400d47b.log`): Triton's launch path (about 20 µs a kernel through the
-# JIT against 6.5 µs for a compiled kernel's direct launch, `launch_cost_h200.log`) and that machine's slower
-# Python are the rest; capture the forward (below) where host time matters.
+# 43–196 µs replayed (`eager_vs_replay_h200_400d47b.log`, unquantized): the host is the bottleneck there. Triton's
+# launch path (about 20 µs a kernel through the JIT against 6.5 µs for a compiled kernel's direct launch,
+# `launch_cost_h200.log`) is part of it; how much of the rest is that machine's Python was not measured separately.
+# Capture the forward (below) where host time matters.
 
 # %%
 #| export

@@ -291,19 +291,19 @@ plot_bench_layer(layer_h200)
 #   T = 16 (860 vs 712 µs at T = 1), Mixtral at T = 1 and 2. The transformers outputs differ from moe-lit's by 0.5%
 #   (Mixtral) and 0.6–7.6% (Qwen3): transformers rounds the router logits to bf16 before the softmax, so near-tied
 #   experts of Qwen3's 128 flip; moe-lit keeps them in fp32.
-# - **Host overhead** (eager − replay) at T = 1 is 340–1320 µs in this run and 350–1060 µs in the e6a765c run of the
-#   same code but the last tile change — far above the 100 µs goal, and it moves by up to 2× between machines of the
-#   same kind (the host CPU differs; the replayed times agree within 10%). cProfile of 100 forwards
+# - **Host overhead** (eager − replay) at T = 1 is 340–1320 µs in this run and 350–1060 µs in the e6a765c run (the
+#   same code without the last tile change) — far above the 100 µs per forward that the layer aims at, and it moves by
+#   up to 2.3× between machines of the same kind (the host CPU differs; the replayed times agree within 10%). cProfile of 100 forwards
 #   (`nbs/bench/profile_layer_h200_e6a765c.log`) spreads it over Triton's launcher (5 launches a forward, a third of the
 #   layer's own time), about 28 argument checks and a handful of torch ops; no single call dominates. A serving engine
 #   does not pay it: the graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 3–35 µs.
 #   Since then the checks run once at the public entry points (`12_layer`, "Checked once"), the FP4 weights are
 #   re-laid at load and the quantized Standard experts take the pair-block layout. A later, smaller run at 400d47b
 #   (`nbs/bench/eager_vs_replay.py`, a loop of 200 eager calls synchronised once, then 200 replays; not the
-#   benchmark's per-call CUDA-event timing, so compare within the run) gives at T = 1, eager / replay µs: Qwen3
-#   472 / 51, Qwen3 EP2 389 / 43, Mixtral 356 / 196, gpt-oss 354 / 81, DeepSeek-V3 nixl_ep 608 / 113, allgather
-#   818 / 57 (`eager_vs_replay_h200_400d47b.log`): host 160–760 µs, still above the goal, and the replayed rows at
-#   or below this table's.
+#   benchmark's per-call CUDA-event timing) gives at T = 1, eager / replay µs: Qwen3 472 / 51, Qwen3 EP2 389 / 43,
+#   Mixtral 356 / 196, gpt-oss 354 / 81, DeepSeek-V3 nixl_ep 608 / 113, allgather 818 / 57
+#   (`eager_vs_replay_h200_400d47b.log`). Back to back, the host-bound eager loop runs at the host's rate, so the host
+#   time per forward lies between eager − replay (160–760 µs) and eager (354–818 µs): above the goal either way.
 # - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.2 µs at
 #   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
 #   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-
