@@ -100,7 +100,7 @@ class QuantizedExpertWeights:
         for name, N, K in (("w13", 2 * I, H), ("w2", H, I)):
             _check_weight_parts(self, name, E, N, K, block)
 
-# %% ../nbs/09a_quant_weights.ipynb #3cbb7ee9a0a3
+# %% ../nbs/09a_quant_weights.ipynb #e7fc46ff05f9
 def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device)."
     s = qw.scheme
@@ -121,14 +121,14 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
         _check_split_padding(name, codes, scale, K, s)
 
 def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
-    "Scales that decode to a number (one pass at construction): fp32 finite and > 0; no e8m0 255 or e4m3 NaN byte."
+    "Scales that decode to a number (one pass at construction): fp32 finite and >= 0 (a zero block may carry 0); no e8m0 255 or e4m3 NaN byte."
     if not scale.numel(): return
     if scheme == "mxfp4_w4a16": bad = bool((scale == 255).any())                       # e8m0 255 encodes NaN
     elif scheme == "nvfp4_w4a16": bad = bool(torch.isnan(scale.float()).any())          # e4m3 0x7F / 0xFF
-    else: bad = not bool((torch.isfinite(scale) & (scale > 0)).all())
+    else: bad = not bool((torch.isfinite(scale) & (scale >= 0)).all())
     if bad:
         want = {"mxfp4_w4a16": "e8m0 bytes < 255 (255 is NaN)", "nvfp4_w4a16": "e4m3 scales that are not NaN"}
-        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales > 0')}, got {scale.flatten()[:8].tolist()}...")
+        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale.flatten()[:8].tolist()}...")
 
 def _check_split_padding(name: str, codes, scale, K: int, scheme: str):
     "split64 weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."

@@ -188,14 +188,14 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
         _check_split_padding(name, codes, scale, K, s)
 
 def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
-    "Scales that decode to a number (one pass at construction): fp32 finite and > 0; no e8m0 255 or e4m3 NaN byte."
+    "Scales that decode to a number (one pass at construction): fp32 finite and >= 0 (a zero block may carry 0); no e8m0 255 or e4m3 NaN byte."
     if not scale.numel(): return
     if scheme == "mxfp4_w4a16": bad = bool((scale == 255).any())                       # e8m0 255 encodes NaN
     elif scheme == "nvfp4_w4a16": bad = bool(torch.isnan(scale.float()).any())          # e4m3 0x7F / 0xFF
-    else: bad = not bool((torch.isfinite(scale) & (scale > 0)).all())
+    else: bad = not bool((torch.isfinite(scale) & (scale >= 0)).all())
     if bad:
         want = {"mxfp4_w4a16": "e8m0 bytes < 255 (255 is NaN)", "nvfp4_w4a16": "e4m3 scales that are not NaN"}
-        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales > 0')}, got {scale.flatten()[:8].tolist()}...")
+        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale.flatten()[:8].tolist()}...")
 
 def _check_split_padding(name: str, codes, scale, K: int, scheme: str):
     "split64 weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
@@ -509,6 +509,10 @@ bad_codes = q2.w13.clone(); bad_codes[..., -1] = 0x70                           
 test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
 nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
 test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes < 255")
+q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
+for v in (float("nan"), -1.0):
+    bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
+    test_fail(lambda: QuantizedExpertWeights(**{**q8.__dict__, "w2_scale": bad8}), contains="w2_scale: expected finite scales >= 0")
 
 # %% [markdown]
 # ### What the scales look like

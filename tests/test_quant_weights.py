@@ -70,6 +70,10 @@ def test_fp4_split_layout():
     test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
     nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
     test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes < 255")
+    q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
+    for v in (float("nan"), -1.0):
+        bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
+        test_fail(lambda: QuantizedExpertWeights(**{**q8.__dict__, "w2_scale": bad8}), contains="w2_scale: expected finite scales >= 0")
 
 
 def test_plot_weight_scales():
