@@ -18,7 +18,7 @@ from .transport import (init_distributed, free_port, group_device, AllGatherRedu
 
 # %% auto #0
 __all__ = ['DistributedJobError', 'DistributedTimeoutError', 'worker_main', 'launch', 'run_cases', 'failing_job',
-           'disagreeing_counts_job', 'sleeping_job', 'world_one_job', 'sweep_cases']
+           'disagreeing_counts_job', 'gather_mismatch_job', 'sleeping_job', 'world_one_job', 'sweep_cases']
 
 # %% ../nbs/13c_launch.ipynb #dff7577abb23
 class DistributedJobError(RuntimeError):
@@ -131,7 +131,7 @@ def launch(fn,                                  # a module-level function the wo
             raise _job_error(qual, tmp, procs, killed, timed_out, timeout_s)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
-# %% ../nbs/13c_launch.ipynb #8441a8ca36d1
+# %% ../nbs/13c_launch.ipynb #034eaac8b51d
 def run_cases(cases: list) -> list:
     "Job: `run_distributed(**case)` per case on every rank; rank 0 returns outputs and references, the others stats."
     out = []
@@ -158,6 +158,19 @@ def failing_job(fail_rank: int, config: MoEConfig) -> None:
 def disagreeing_counts_job(config: MoEConfig) -> None:
     "Job: the ranks pass different `token_counts` for the same batch (a caller's bug that every rank must catch)."
     run_distributed(config, num_tokens=4, token_counts=[1, 3] if dist.get_rank() == 0 else [3, 1])
+
+def gather_mismatch_job() -> dict:
+    "Job: `all_gather_rows` where the ranks disagree on the dtype, the counts or the row shape; each case's error per rank."
+    from moe_lit.transport import all_gather_rows
+    r, S, out = dist.get_rank(), dist.get_world_size(), {}
+    cases = {"dtype": (torch.zeros(1, 2, dtype=torch.int32 if r else torch.float32), [1] * S),
+             "counts": (torch.zeros(1, 2), [2 if (i == 0 and r) else 1 for i in range(S)]),   # rank 1: "rank 0 has 2"
+             "shape": (torch.zeros(1, 2, 3) if r else torch.zeros(1, 3, 2), [1] * S),      # same bytes a row
+             "agree": (torch.full((1, 2), float(r)), [1] * S)}
+    for name, (x, counts) in cases.items():
+        try: out[name] = all_gather_rows(x, counts, None).tolist()
+        except ValueError as e: out[name] = str(e)
+    return out
 
 def sleeping_job(seconds: float) -> None:
     "Job: hang (sleep) — for the test that a hang fails within the launcher's deadline."

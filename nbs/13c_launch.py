@@ -169,7 +169,7 @@ def launch(fn,                                  # a module-level function the wo
 #
 # The functions `launch` runs must be importable by the workers, so they live here, not in test cells: `run_cases`
 # runs `run_distributed` once per case on every rank (process start-up is the expensive part, so one launch checks
-# many cases), `failing_job` and `sleeping_job` fail and hang on purpose, and `world_one_job` drives both
+# many cases), `failing_job` and `sleeping_job` fail and hang on purpose, `gather_mismatch_job` disagrees on purpose, and `world_one_job` drives both
 # prepare/finalize classes at world size 1 (the NCCL check on one GPU).
 
 # %%
@@ -200,6 +200,19 @@ def failing_job(fail_rank: int, config: MoEConfig) -> None:
 def disagreeing_counts_job(config: MoEConfig) -> None:
     "Job: the ranks pass different `token_counts` for the same batch (a caller's bug that every rank must catch)."
     run_distributed(config, num_tokens=4, token_counts=[1, 3] if dist.get_rank() == 0 else [3, 1])
+
+def gather_mismatch_job() -> dict:
+    "Job: `all_gather_rows` where the ranks disagree on the dtype, the counts or the row shape; each case's error per rank."
+    from moe_lit.transport import all_gather_rows
+    r, S, out = dist.get_rank(), dist.get_world_size(), {}
+    cases = {"dtype": (torch.zeros(1, 2, dtype=torch.int32 if r else torch.float32), [1] * S),
+             "counts": (torch.zeros(1, 2), [2 if (i == 0 and r) else 1 for i in range(S)]),   # rank 1: "rank 0 has 2"
+             "shape": (torch.zeros(1, 2, 3) if r else torch.zeros(1, 3, 2), [1] * S),      # same bytes a row
+             "agree": (torch.full((1, 2), float(r)), [1] * S)}
+    for name, (x, counts) in cases.items():
+        try: out[name] = all_gather_rows(x, counts, None).tolist()
+        except ValueError as e: out[name] = str(e)
+    return out
 
 def sleeping_job(seconds: float) -> None:
     "Job: hang (sleep) — for the test that a hang fails within the launcher's deadline."
@@ -374,6 +387,13 @@ try: launch(disagreeing_counts_job, 2, timeout_s=120, collective_timeout_s=30, c
 except DistributedJobError as e: err = e
 test_eq(sorted(err.errors), [0, 1])                                  # the same clear error on both ranks
 assert all("token_counts: expected the same (num_tokens, token_counts, seed) on every rank" in m for m in err.errors.values()), err.errors
+
+# %%
+#| test gather_ranks_that_disagree_all_raise
+for rank_out in launch(gather_mismatch_job, 2, timeout_s=120, collective_timeout_s=30):   # never bytes read as another
+    for case in ("dtype", "counts", "shape"):                                           # rank's dtype or shape
+        assert "expected the same dtype, row shape and counts on every rank" in rank_out[case], (case, rank_out[case])
+    test_eq(rank_out["agree"], [[0.0, 0.0], [1.0, 1.0]])
 
 # %%
 #| test hang_fails_at_the_deadline

@@ -109,6 +109,13 @@ def test_ranks_that_disagree_all_raise():
     assert all("token_counts: expected the same (num_tokens, token_counts, seed) on every rank" in m for m in err.errors.values()), err.errors
 
 
+def test_gather_ranks_that_disagree_all_raise():
+    for rank_out in launch(gather_mismatch_job, 2, timeout_s=120, collective_timeout_s=30):   # never bytes read as another
+        for case in ("dtype", "counts", "shape"):                                           # rank's dtype or shape
+            assert "expected the same dtype, row shape and counts on every rank" in rank_out[case], (case, rank_out[case])
+        test_eq(rank_out["agree"], [[0.0, 0.0], [1.0, 1.0]])
+
+
 def test_hang_fails_at_the_deadline():
     t0 = time.monotonic()
     try: launch(sleeping_job, 1, timeout_s=6, seconds=3600); raise AssertionError("no timeout")
