@@ -253,43 +253,9 @@ def _fp4_swapab_post_kernel(a_ptr, w_ptr, s_ptr, c_ptr, cnt_ptr, N, K, num_m_til
 #   bit 3 at bit 15 (sign) in one integer multiply (the two shifted copies do not overlap, so no carries);
 #   the result is the bf16 whose value is the e2m1 value times 2^-126 (0.5 is a bf16 subnormal), so one bf16x2 fma
 #   by 2^126 makes it exact, a second by the group scale applies the scale (exact: <= 2 significant bits times <= 4).
-_E2M1X4_ASM = tl.constexpr("""
-{
-.reg .b32 t0, t1, x, z, c126, nz;
-mov.b32 z, 0;
-mov.b32 c126, 0x7E807E80;
-mov.b32 nz, 0x80008000;
-prmt.b32 t0, $4, z, 0x4140;
-prmt.b32 t1, $4, z, 0x4342;
-and.b32 x, t0, 0x000F000F;
-mul.lo.u32 x, x, 0x1040;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $0, x, $5, nz;
-and.b32 x, t1, 0x000F000F;
-mul.lo.u32 x, x, 0x1040;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $1, x, $6, nz;
-and.b32 x, t0, 0x00F000F0;
-mul.lo.u32 x, x, 0x0104;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $2, x, $7, nz;
-and.b32 x, t1, 0x00F000F0;
-mul.lo.u32 x, x, 0x0104;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $3, x, $8, nz;
-}
-""")
-
-
-@triton.jit
-def _e2m1_pairs(b, s_lo, s_hi):
-    "bytes b [..] uint8 -> (low-nibble values * s_lo, high-nibble values * s_hi), both bf16, 8 codes per asm."
-    return tl.inline_asm_elementwise(_E2M1X4_ASM, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
-                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+# The block is the library's own since the split64 layout went in: `moe_lit.kernels.quant._e2m1_bf16_pairs` takes the
+# low- and high-nibble scales separately, as this variant's copy did (09c_kernels.quant, "The FP4 decode").
+from moe_lit.kernels.quant import _e2m1_bf16_pairs as _e2m1_pairs
 
 
 @triton.jit
