@@ -1133,6 +1133,8 @@ for m, bm in ((1, 16), (4, 16), (16, 32), (32, 64)):                       # one
     t = fp4_default_tile(8, 4096, 7168, m, torch.bfloat16)
     test_eq(t["BLOCK_M"], bm if not INTERPRET else default_tile_config(8, 4096, 7168, m, torch.bfloat16)["BLOCK_M"])
 test_fail(lambda: quant_block_m(qw.w13, 4), contains="qw: expected a QuantizedExpertWeights, got Tensor")
+test_fail(lambda: fp4_default_tile(8, 4096, 7168, 2.5, torch.bfloat16), contains="M: expected an int")   # checked like
+test_fail(lambda: fp4_default_tile(0, 4096, 7168, 2, torch.bfloat16), contains="E: expected >= 1")       # the heuristic
 with tempfile.TemporaryDirectory() as d:                  # a tuned table's BLOCK_M is the alignment block: checked
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"   # the tables' key
     p = tile_config_path("fused_moe_gemm_w4a16", 2, 64, name, torch.bfloat16, d)

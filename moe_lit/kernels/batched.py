@@ -210,7 +210,7 @@ def check_tile_config(config,
         if key in config: check_bool(f"config[{key!r}]", config[key])
     return config
 
-# %% ../../nbs/06_kernels.batched.ipynb #0bde3ed49ae3
+# %% ../../nbs/06_kernels.batched.ipynb #61fccf5f2c6a
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -223,7 +223,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
-    "Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`."
+    "Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`; ValueError on non-int sizes."
+    for name, v in (("E", E), ("N", N), ("K", K), ("M", M)): check_int(name, v, lo=0 if name == "M" else 1)
     if INTERPRET:   # the interpreter's cost is programs x K-steps, so use few, large tiles
         return dict(BLOCK_M=min(64, max(16, _next_pow2(M))), BLOCK_N=min(128, max(16, _next_pow2(N))),
                     BLOCK_K=min(128, max(16, _next_pow2(K))), num_warps=4, num_stages=1)
