@@ -172,7 +172,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
 #     out[t, H-block] = acc                            # cast once
 # ```
 #
-# Grid `(T, _cdiv(H, BLOCK_H))`. A `-1` slot is skipped by scalar control flow, so its row is never loaded — `0 · NaN`
+# Grid `(T, cdiv(H, BLOCK_H))`. A `-1` slot is skipped by scalar control flow, so its row is never loaded — `0 · NaN`
 # would be NaN, and padding rows may hold anything. The sum runs in a fixed slot order with no atomics, so the result
 # is bitwise repeatable.
 

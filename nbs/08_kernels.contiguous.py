@@ -103,11 +103,11 @@ test_eq(e[:4].tolist(), [0, 1, 2, 2])
 # count buffers):
 #
 # ```
-# count   (grid _cdiv(T·top_k, BLOCK)):  counts[id] += 1 for every pair with id >= 0         (atomics)
+# count   (grid cdiv(T·top_k, BLOCK)):  counts[id] += 1 for every pair with id >= 0         (atomics)
 # offsets (grid 1):                     padded = ceil(counts / B)·B; offsets = exclusive cumsum(padded);
 #                                       num_tokens_post_padded = Σ padded
 # ids     (grid E):                     expert_ids[blocks of e] = local(e)  (its local id, or -1)
-# scatter (grid _cdiv(T·top_k, BLOCK)):  sorted[offsets[id] + atomic_add(cursor[id], 1)] = pair
+# scatter (grid cdiv(T·top_k, BLOCK)):  sorted[offsets[id] + atomic_add(cursor[id], 1)] = pair
 # ```
 #
 # Within an expert's run the pairs come in the order the atomics grant them (program order in the interpreter, any
@@ -349,7 +349,7 @@ test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), co
 #     C[pairs, n-tile] = acc                                                        # valid rows only
 # ```
 #
-# Grid `(_cdiv(max_padded, BLOCK_M) · _cdiv(N_out, BLOCK_N),)`, N-tile major so consecutive programs share the weight
+# Grid `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major so consecutive programs share the weight
 # tile. Row offsets are int64: `T·top_k·N` passes 2^31 at long prefills (sglang#4727: 56k tokens × top-8 × 7168).
 # `-1` blocks write nothing; the final weighted sum (`combine_pairs` over the pair rows) skips the pairs that were
 # never computed, so unwritten rows are never read. With the router weight on the input, a linear GEMM1 lets the

@@ -446,7 +446,7 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
 # out[e, valid rows, n-tile] = act(acc, acc_up)  or  acc                (act: SiLU-and-mul or clamped SwiGLU)
 # ```
 #
-# **Grid** `(_cdiv(max_tokens, BLOCK_M) · _cdiv(N_out, BLOCK_N), E)`, N-tile major as in `06`. Bytes per active expert:
+# **Grid** `(cdiv(max_tokens, BLOCK_M) · cdiv(N_out, BLOCK_N), E)`, N-tile major as in `06`. Bytes per active expert:
 # the weight codes `N·K` (fp8) or `N·K/2` (FP4) plus scales, the activations `c·K` (fp8) or `2·c·K` (16-bit) per
 # N-tile, the output `c·N_out` — at decode the codes dominate (a bias adds `N` values per active expert). **Constexprs**:
 # `FMT` (the table above), `GATED` (a gated activation: the weight holds gate rows then up rows), `ACTIVATION`
@@ -904,7 +904,7 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
 # linear in its input), after GEMM2 otherwise. The epilogue is `08`'s: with the router weight on the input the
 # accumulators are scaled first and the expert bias added after; on the output the bias is added first and then
 # weighted; the gated activation comes last. Token and pair indices are int64 (`T·top_k·N` passes 2^31 at long prefills,
-# sglang#4727). **Grid** `(_cdiv(max_padded, BLOCK_M) · _cdiv(N_out, BLOCK_N),)`, N-tile major.
+# sglang#4727). **Grid** `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major.
 
 # %%
 #| export
