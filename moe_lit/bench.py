@@ -259,7 +259,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #377d1bee31a7
+# %% ../nbs/14_bench.ipynb #d0c2184bb19e
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -337,7 +337,11 @@ def plot_bench_quant(runs: dict,                      # {label: bench_quant rows
     "Bars: % of the weight-bytes floor per (scenario, scheme), one bar per run and format. Returns the Figure."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    if not runs: raise ValueError("runs: expected at least one {label: rows} entry, got none")
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"runs: expected a non-empty {{label: bench_quant rows}} dict, got {runs!r:.80}")
+    from moe_lit.quant_weights import FP4_LAYOUTS
+    check_choice("fp4_layout", fp4_layout, FP4_LAYOUTS)
+    if isinstance(schemes, str) or not schemes: raise ValueError(f"schemes: expected a non-empty tuple of scheme names, got {schemes!r}")
     keys = list(dict.fromkeys((r["scenario"], r["scheme"]) for r in next(iter(runs.values())) if r["scheme"] in schemes))
     bars = [(label, fmt) for label in runs for fmt in ("batched", "contiguous")]
     fig, ax = plt.subplots(figsize=(11, 4))

@@ -43,7 +43,7 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
 
-# %% ../nbs/10_modular.ipynb #276b19d8d2f1
+# %% ../nbs/10_modular.ipynb #fbb5e5e12fb8
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -69,10 +69,12 @@ class StandardPrepareFinalize:
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
-        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=FLOAT_DTYPES)
+        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)
+        if expert_out.device != prepared.a.device:
+            raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         return expert_out
 
-# %% ../nbs/10_modular.ipynb #25572d6fdd37
+# %% ../nbs/10_modular.ipynb #eb25a1e9f278
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -123,7 +125,9 @@ class BatchedPrepareFinalize:
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
         on_in = prepared.apply_router_weight_on_input
-        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=FLOAT_DTYPES)   # the slabs' shape
+        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)   # the slabs'
+        if expert_out.device != prepared.a.device:
+            raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()
@@ -221,7 +225,7 @@ class SharedExperts(torch.nn.Module):
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #77f278f9b79f
+# %% ../nbs/10_modular.ipynb #4ee3710dda1b
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None):
@@ -243,7 +247,8 @@ class ModularKernel:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
         check_bool("add_shared", add_shared)
         if not isinstance(hidden, torch.Tensor): raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
-        held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else getattr(w13, "shape", (None,))[0]
+        held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else \
+            w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() else None
         local = getattr(placement, "num_local_experts", held)      # not a Placement: prepare names it
         if held != local:              # a Triton path would skip the ids past the weights: a silent partial sum
             raise ValueError(f"w13: expected the weights of placement.num_local_experts={local} experts, got {held}")

@@ -10,7 +10,7 @@ import torch
 
 # %% auto #0
 __all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'check_tensor', 'check_dense', 'acc_dtype', 'check_finite',
+           'check_positive_real', 'check_tensor', 'check_dense', 'check_disjoint', 'acc_dtype', 'check_finite',
            'use_triton_interpreter_without_gpu', 'default_device', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
@@ -136,13 +136,31 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
             reach += (sz - 1) * st
     return t
 
-# %% ../nbs/00_terms.ipynb #3a92a86b4ca3
+# %% ../nbs/00_terms.ipynb #7d40d66abf42
 def check_dense(name: str, t: torch.Tensor) -> torch.Tensor:
     "Check that tensor `t` holds values one can read: strided (not sparse), not on the meta device; returns it."
     if t.layout != torch.strided or t.is_meta:
         raise ValueError(f"{name}: expected a dense tensor with values, got "
                          f"{'a meta tensor' if t.is_meta else f'layout {t.layout}'}")
     return t
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    "`[first, last)` bytes `t` can touch (metadata only)."
+    start = t.data_ptr()
+    if t.numel() == 0: return start, start
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))         # torch strides are >= 0
+    return start, start + (last + 1) * t.element_size()
+
+def check_disjoint(name: str, out: torch.Tensor, **inputs) -> torch.Tensor:
+    "Check that output buffer `out` shares no memory with any of `inputs` (None skipped): a kernel would read what it already overwrote. Metadata only."
+    lo, hi = _byte_span(out)
+    for n, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.device == out.device and lo < hi:
+            a, b = _byte_span(t)
+            if a < hi and lo < b:
+                raise ValueError(f"{name}: expected a buffer that does not overlap {n} (the kernel reads {n} while it "
+                                 f"writes {name}), got one sharing its memory")
+    return out
 
 # %% ../nbs/00_terms.ipynb #365b6e5e8050
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)   # the float dtypes moe-lit computes in

@@ -21,7 +21,7 @@ __all__ = ['NATIVE_LIBRARIES', 'all_gather_rows', 'DistributedPrepared', 'check_
            'AllGatherReduceScatterPrepareFinalize', 'AllToAllBatchedPrepareFinalize', 'transport_note',
            'make_distributed_prepare_finalize', 'free_port', 'init_distributed']
 
-# %% ../nbs/13a_transport.ipynb #103c63780352
+# %% ../nbs/13a_transport.ipynb #d5355abb7097
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -46,7 +46,7 @@ def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows: a
     if x.is_quantized or x.is_nested: raise ValueError("x: expected a plain dense tensor, got a quantized or nested one")
     if x.dim() == 0: raise ValueError("x: expected a tensor of rows (at least 1-D), got a 0-D tensor")
     check_bool("check", check)
-    x = x.resolve_conj()
+    x = x.resolve_conj().resolve_neg()
     S, rank = dist.get_world_size(group), dist.get_rank(group)
     if not isinstance(counts, (list, tuple)) or len(counts) != S or \
             any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):

@@ -234,11 +234,34 @@ def check_dense(name: str, t: torch.Tensor) -> torch.Tensor:
                          f"{'a meta tensor' if t.is_meta else f'layout {t.layout}'}")
     return t
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    "`[first, last)` bytes `t` can touch (metadata only)."
+    start = t.data_ptr()
+    if t.numel() == 0: return start, start
+    last = sum((s - 1) * st for s, st in zip(t.shape, t.stride()))         # torch strides are >= 0
+    return start, start + (last + 1) * t.element_size()
+
+def check_disjoint(name: str, out: torch.Tensor, **inputs) -> torch.Tensor:
+    "Check that output buffer `out` shares no memory with any of `inputs` (None skipped): a kernel would read what it already overwrote. Metadata only."
+    lo, hi = _byte_span(out)
+    for n, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.device == out.device and lo < hi:
+            a, b = _byte_span(t)
+            if a < hi and lo < b:
+                raise ValueError(f"{name}: expected a buffer that does not overlap {n} (the kernel reads {n} while it "
+                                 f"writes {name}), got one sharing its memory")
+    return out
+
 # %%
 #| test check_dense
 check_dense("w", torch.zeros(2))
 test_fail(lambda: check_dense("w", torch.zeros(2, device="meta")), contains="w: expected a dense tensor with values, got a meta tensor")
 test_fail(lambda: check_dense("w", torch.eye(2).to_sparse()), contains="got layout torch.sparse_coo")
+big = torch.zeros(4, 8)
+check_disjoint("out", big[:, 4:].contiguous(), a=big[:, :4], w=None)           # separate memory
+check_disjoint("out", big[2:], a=big[:2])                                        # the same storage, disjoint rows
+test_fail(lambda: check_disjoint("out", big, a=big[:, :4]), contains="out: expected a buffer that does not overlap a")
+test_fail(lambda: check_disjoint("out", big[1:3], a=big[2:]), contains="does not overlap a")             # one shared row
 
 # %%
 #| export

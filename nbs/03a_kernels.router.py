@@ -160,7 +160,7 @@ class RouterPlan:
 
     def __post_init__(self):   # the kernel trusts these constants: a plan made by hand is checked like one from a config
         E = check_int("num_experts", self.num_experts, lo=1)
-        check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", self.SCORING, (0, 1, 2))
+        check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", check_int("SCORING", self.SCORING), (0, 1, 2))
         for n in ("HAS_BIAS", "RENORMALIZE", "TOP2"): check_bool(n, getattr(self, n))
         g = check_int("NUM_GROUPS", self.NUM_GROUPS, lo=1, hi=E + 1)
         check_int("TOPK_GROUP", self.TOPK_GROUP, lo=1, hi=g + 1)
@@ -169,6 +169,9 @@ class RouterPlan:
         if self.TOP_K > self.TOPK_GROUP * self.GROUP_SIZE:
             raise ValueError(f"TOP_K: expected <= TOPK_GROUP * GROUP_SIZE = {self.TOPK_GROUP * self.GROUP_SIZE}, got {self.TOP_K}")
         check_positive_real("scale", self.scale)
+        if self.TOP2 and not (self.HAS_BIAS and g > 1 and self.GROUP_SIZE >= 2):      # a group's top-2 needs two experts
+            raise ValueError(f"TOP2: expected True only with a correction bias, groups and >= 2 experts a group, got "
+                             f"HAS_BIAS={self.HAS_BIAS}, NUM_GROUPS={g}, GROUP_SIZE={self.GROUP_SIZE}")
 
 def router_plan(config: MoEConfig) -> RouterPlan:
     "The routing method of `config` as the kernel's constants (the grouped fall-back resolved), computed once."
@@ -276,7 +279,8 @@ test_fail(lambda: route_topk({}, torch.randn(3, 8)), contains="plan: expected a 
 import dataclasses
 for field, value, msg in (("TOP_K", 9, "TOP_K: expected < 9"), ("num_experts", 0, "num_experts: expected >= 1"),
                           ("SCORING", 7, "SCORING: expected one of"), ("NUM_GROUPS", 3, "GROUP_SIZE: expected num_experts / NUM_GROUPS"),
-                          ("TOP_K", -1, "TOP_K: expected >= 1"), ("RENORMALIZE", 1, "RENORMALIZE: expected a bool")):
+                          ("TOP_K", -1, "TOP_K: expected >= 1"), ("RENORMALIZE", 1, "RENORMALIZE: expected a bool"),
+                          ("SCORING", True, "SCORING: expected an int"), ("TOP2", True, "TOP2: expected True only with")):
     test_fail(lambda: dataclasses.replace(plan, **{field: value}), contains=msg)   # a hand-made plan is checked too
 test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
 strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
@@ -565,7 +565,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     N = w.shape[1]
     if act and N % 2: raise ValueError(f"w: expected an even N for a gated activation ({act.name}), got {N}")
     n_out = N // 2 if act else N
-    if out is not None: check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype, writable=True)
+    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype, writable=True), a=a, w=w)
     check_expert_bias("bias", bias, E, N, a.device)
     for name, t in (("expert_num_tokens", expert_num_tokens), ("w", w), ("out", out)):
         if t is not None and t.device != a.device:
@@ -897,7 +897,7 @@ class BatchedTritonExperts:
                              validate=validate)                    # checks a, w13, the counts and the extents
         E, M, H = a.shape
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
-        else: check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True)
+        else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2)
         check_kernel_device("a", a, w2=w2, out=out)
         for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias)   # h is GEMM1's

@@ -13,7 +13,7 @@ from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
 from moe_lit.kernels.batched import _cdiv, _next_pow2
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_bool
+from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.formats import dispatch_batched_reference
 
 # %%
@@ -134,7 +134,8 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     check_kernel_device("hidden", hidden, topk_ids=topk_ids, expert_map=expert_map, global_to_physical=global_to_physical,
                         topk_weights=topk_weights, out=out)
     a = torch.empty(num_local_experts, max_tokens, H, dtype=hidden.dtype, device=hidden.device) if out is None else \
-        check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=hidden.dtype, writable=True)
+        check_disjoint("out", check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=hidden.dtype,
+                                           writable=True), hidden=hidden)
     for name, t in (("hidden", hidden), ("out", a)):
         if t.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {t.stride(-1)}")
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
@@ -221,7 +222,7 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
     check_tensor("slot_map", slot_map, shape=(T, top_k), dtype=torch.int64)
     check_kernel_device("expert_out", expert_out, topk_weights=topk_weights, slot_map=slot_map, out=out)
     out = torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device) if out is None else \
-        check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype, writable=True)
+        check_disjoint("out", check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype, writable=True), expert_out=expert_out)
     for name, x in (("expert_out", expert_out), ("out", out)):
         if x.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {x.stride(-1)}")
     if validate and T and ((slot_map < -1) | (slot_map >= E * M)).any():

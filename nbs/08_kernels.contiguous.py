@@ -13,7 +13,7 @@ import torch
 from moe_lit.kernels.batched import INTERPRET
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
@@ -486,7 +486,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
     check_expert_bias("bias", bias, E, N, a.device)
     n_out = N // 2 if act else N
-    if out is not None: check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype, writable=True)
+    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype, writable=True), a=a, w=w)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     return _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act,
                            topk_weights, weight_stage, out, config, per_pair, expected_m, bias)
@@ -658,7 +658,7 @@ assert_close(out[tail], want, name="rows past 2^31")
 
 # %%
 #| export
-def align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local expert per slot, -1 = not here (in range)
+def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local expert per slot, -1 = not here (in range)
                 block_m: int,                   # BLOCK_M of the GEMMs
                 num_local: int,                 # E_local
                 num_experts: int | None = None, # the model's experts, global (default E_local)
@@ -712,7 +712,7 @@ class TritonExperts:
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
         check_block_m(block_m)
-        s, e, n = align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)
+        s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)
         on_in = apply_router_weight_on_input
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,

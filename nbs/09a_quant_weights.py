@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, FLOAT_DTYPES, default_device
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4)
 
@@ -173,7 +173,8 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     s = qw.scheme
     codes, scale, gs = getattr(qw, name), getattr(qw, name + "_scale"), getattr(qw, name + "_global_scale")
     layout = qw.fp4_layout
-    check_tensor(name, codes, shape=(E, N, _storage_cols(s, K, layout)), dtype=torch.float8_e4m3fn if _is_fp8(s) else torch.uint8)
+    check_dense(name, check_tensor(name, codes, shape=(E, N, _storage_cols(s, K, layout)),
+                                   dtype=torch.float8_e4m3fn if _is_fp8(s) else torch.uint8))
     sdt = {"mxfp4_w4a16": torch.uint8, "nvfp4_w4a16": torch.float8_e4m3fn}.get(s, torch.float32)
     check_tensor(name + "_scale", scale, shape=_scale_shape(s, E, N, K, block, layout), dtype=sdt)
     if s == "nvfp4_w4a16":                                   # read as a flat [E] array; checked once, here
@@ -190,11 +191,12 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
 def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
     "Scales that decode to a number (one pass at construction): fp32 finite and >= 0 (a zero block may carry 0); no e8m0 255 or e4m3 NaN byte."
     if not scale.numel(): return
-    if scheme == "mxfp4_w4a16": bad = bool((scale == 255).any())                       # e8m0 255 encodes NaN
+    if scheme == "mxfp4_w4a16": bad = bool((scale > 240).any())     # 255 encodes NaN; 2^114 and up overflow the decode
     elif scheme == "nvfp4_w4a16": bad = bool(torch.isnan(scale.float()).any())          # e4m3 0x7F / 0xFF
     else: bad = not bool((torch.isfinite(scale) & (scale >= 0)).all())
     if bad:
-        want = {"mxfp4_w4a16": "e8m0 bytes < 255 (255 is NaN)", "nvfp4_w4a16": "e4m3 scales that are not NaN"}
+        want = {"mxfp4_w4a16": "e8m0 bytes <= 240 (2^113; 255 is NaN, and the kernels' fp32 decode overflows above 2^113)",
+                "nvfp4_w4a16": "e4m3 scales that are not NaN"}
         raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale.flatten()[:8].tolist()}...")
 
 def _check_split_padding(name: str, codes, scale, K: int, scheme: str):
@@ -508,7 +510,9 @@ test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w2_scale": bad_scale
 bad_codes = q2.w13.clone(); bad_codes[..., -1] = 0x70                                # a padded code (K >= 80) not 0
 test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
 nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
-test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes < 255")
+test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes <= 240")
+nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range
+test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes <= 240")
 q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
 for v in (float("nan"), -1.0):
     bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
@@ -661,7 +661,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     a_k, a_s, as_strides, odt = _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched=True)
     out = torch.empty(E, M, n_out, dtype=odt, device=a.device) if out is None else \
-        check_tensor("out", out, shape=(E, M, n_out), dtype=odt, writable=True)
+        check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=odt, writable=True), a=a, a_k=a_k)
     for name, t in (("a", a_k), ("w", wa["codes"]), ("out", out)): check_extent(name, t)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     check_tile_config(config, need_block_m=True)
@@ -988,7 +988,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     K = a.shape[1]
     a_k, a_s, as_st, odt = _prepare_activations(a, qw, None, a_scale, out_dtype, K, batched=False)
     out = torch.empty(num_pairs, n_out, dtype=odt, device=a.device) if out is None else \
-        check_tensor("out", out, shape=(num_pairs, n_out), dtype=odt, writable=True)
+        check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=odt, writable=True), a=a, a_k=a_k)
     check_extent("w", wa["codes"])
     check_tile_config(config)
     return _fused_moe_gemm_quant(a_k, a_s, as_st, wa, qw.num_experts, sorted_token_ids, expert_ids,
@@ -1159,6 +1159,9 @@ test_fail(lambda: batched_moe_gemm_quant(a.to(torch.float8_e4m3fn), qw8, cnt, "s
 test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, "silu_and_mul", a_scale=torch.ones(2, 8, 1, device=DEVICE)),
           contains="a_scale: expected None")
 test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt), contains="a: expected K = 32 (intermediate_size of w2)")
+wide = random_activations((E, M, 2 * H), torch.bfloat16)                         # GEMM2 in place over its own input:
+test_fail(lambda: batched_moe_gemm_quant(wide[..., :I], qw4, cnt, out=wide[..., :H]),   # later tiles would read
+          contains="out: expected a buffer that does not overlap a")                      # overwritten activations
 test_fail(lambda: batched_moe_gemm_quant(a[:, :, :48], qw8, cnt, "silu_and_mul"), contains="a: expected K = 64 (hidden_size of w13)")
 test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, weight="w3"), contains="weight: expected one of")
 test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, "gelu"), contains="activation: expected one of")

@@ -9,12 +9,12 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool
+from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
-from moe_lit.kernels.contiguous import check_block_m, check_local_ids, align_pairs, TritonExperts
+from moe_lit.kernels.contiguous import check_block_m, check_local_ids, _align_pairs, TritonExperts
 from moe_lit.kernels.dispatch import _combine_pairs
 from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
@@ -102,7 +102,8 @@ class BatchedTritonQuantExperts:
                                    expected_m=expected_m, bias=w13_bias, validate=validate)   # checks a, qw, the counts
         (E, M, _), H = h.shape, qw.hidden_size
         if out is None: out = torch.empty(E, M, H, dtype=h.dtype, device=h.device)
-        else: check_tensor("out", out, shape=(E, M, H), dtype=h.dtype, writable=True); check_kernel_device("a", a, out=out)
+        else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=h.dtype, writable=True), a=a, h=h)
+        check_kernel_device("a", a, out=out)
         wa2 = _weight_kernel_args(qw, "w2")
         for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)
@@ -187,7 +188,7 @@ class TritonQuantExperts:
         check_block_m(block_m)
         wa13, wa2 = _weight_kernel_args(qw, "w13"), _weight_kernel_args(qw, "w2")
         for name, wa in (("w13", wa13), ("w2", wa2)): check_extent(name, wa["codes"])
-        s, e, n = align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)   # ids: the placement's
+        s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)   # ids: the placement's
         # the launches below skip the GEMMs' checks: every argument was checked above or is built here.
         # h starts as zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that
         # GEMM1 never writes; they must hold zeros, not uninitialised memory (one per-tensor scale would even span them)

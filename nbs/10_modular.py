@@ -107,7 +107,9 @@ class StandardPrepareFinalize:
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
-        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=FLOAT_DTYPES)
+        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)
+        if expert_out.device != prepared.a.device:
+            raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         return expert_out
 
 # %%
@@ -162,7 +164,9 @@ class BatchedPrepareFinalize:
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
         on_in = prepared.apply_router_weight_on_input
-        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=FLOAT_DTYPES)   # the slabs' shape
+        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)   # the slabs'
+        if expert_out.device != prepared.a.device:
+            raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()
@@ -321,7 +325,8 @@ class ModularKernel:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
         check_bool("add_shared", add_shared)
         if not isinstance(hidden, torch.Tensor): raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
-        held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else getattr(w13, "shape", (None,))[0]
+        held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else \
+            w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() else None
         local = getattr(placement, "num_local_experts", held)      # not a Placement: prepare names it
         if held != local:              # a Triton path would skip the ids past the weights: a silent partial sum
             raise ValueError(f"w13: expected the weights of placement.num_local_experts={local} experts, got {held}")
@@ -479,6 +484,10 @@ cfg_b = MoEConfig(E, k, H, I, dtype=torch.float32,
 p_b, pf_b = Placement.build(cfg_b, "round_robin"), make_prepare_finalize(cfg_b, T)
 test_fail(lambda: ModularKernel(pf_b, _CroppedExperts())(hidden, w13[:E // 2], w2[:E // 2], wts, ids, p_b),
           contains="expert_out: expected shape")
+class _HalfExperts(TorchStandardExperts):                                    # a caller's experts in another dtype
+    def apply(self, prepared, *args, **kwargs): return super().apply(prepared, *args, **kwargs).half()
+test_fail(lambda: ModularKernel(StandardPrepareFinalize(), _HalfExperts())(hidden, w13, w2, wts, ids, p1),
+          contains="expert_out: expected dtype torch.float32, got torch.float16")
 
 # %% [markdown]
 # The padding never shows: a gpt-oss-sized hidden (2880) over NIXL EP is dispatched as 3072 columns and comes back

@@ -97,7 +97,7 @@ def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows: a
     if x.is_quantized or x.is_nested: raise ValueError("x: expected a plain dense tensor, got a quantized or nested one")
     if x.dim() == 0: raise ValueError("x: expected a tensor of rows (at least 1-D), got a 0-D tensor")
     check_bool("check", check)
-    x = x.resolve_conj()
+    x = x.resolve_conj().resolve_neg()
     S, rank = dist.get_world_size(group), dist.get_rank(group)
     if not isinstance(counts, (list, tuple)) or len(counts) != S or \
             any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in counts):

@@ -434,7 +434,11 @@ def plot_bench_quant(runs: dict,                      # {label: bench_quant rows
     "Bars: % of the weight-bytes floor per (scenario, scheme), one bar per run and format. Returns the Figure."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    if not runs: raise ValueError("runs: expected at least one {label: rows} entry, got none")
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"runs: expected a non-empty {{label: bench_quant rows}} dict, got {runs!r:.80}")
+    from moe_lit.quant_weights import FP4_LAYOUTS
+    check_choice("fp4_layout", fp4_layout, FP4_LAYOUTS)
+    if isinstance(schemes, str) or not schemes: raise ValueError(f"schemes: expected a non-empty tuple of scheme names, got {schemes!r}")
     keys = list(dict.fromkeys((r["scenario"], r["scheme"]) for r in next(iter(runs.values())) if r["scheme"] in schemes))
     bars = [(label, fmt) for label in runs for fmt in ("batched", "contiguous")]
     fig, ax = plt.subplots(figsize=(11, 4))
@@ -456,6 +460,9 @@ for bad, msg in (("split64", "fp4_layouts: expected a non-empty tuple"), ((), "f
                  (None, "fp4_layouts: expected a non-empty tuple"), (("split",), "fp4_layouts: expected one of")):
     test_fail(lambda: bench_quant({}, fp4_layouts=bad), contains=msg)
 if not torch.cuda.is_available(): test_fail(lambda: bench_quant({}), contains="device: expected a CUDA GPU for bench_quant")
+for runs, kw, msg in (([], {}, "runs: expected a non-empty"), ({"r": []}, dict(fp4_layout="bogus"), "fp4_layout: expected one of"),
+                      ({"r": []}, dict(schemes="mxfp4_w4a16"), "schemes: expected a non-empty tuple")):
+    test_fail(lambda: plot_bench_quant(runs, **kw), contains=msg)
 
 # %% [markdown]
 # ## Reading the results

@@ -39,3 +39,6 @@ def test_bench_quant_arguments():
                      (None, "fp4_layouts: expected a non-empty tuple"), (("split",), "fp4_layouts: expected one of")):
         test_fail(lambda: bench_quant({}, fp4_layouts=bad), contains=msg)
     if not torch.cuda.is_available(): test_fail(lambda: bench_quant({}), contains="device: expected a CUDA GPU for bench_quant")
+    for runs, kw, msg in (([], {}, "runs: expected a non-empty"), ({"r": []}, dict(fp4_layout="bogus"), "fp4_layout: expected one of"),
+                          ({"r": []}, dict(schemes="mxfp4_w4a16"), "schemes: expected a non-empty tuple")):
+        test_fail(lambda: plot_bench_quant(runs, **kw), contains=msg)

@@ -6,7 +6,7 @@ import torch
 from moe_lit.kernels.batched import INTERPRET
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS

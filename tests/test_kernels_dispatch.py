@@ -6,7 +6,7 @@ from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
 from moe_lit.kernels.batched import _cdiv, _next_pow2
 import triton
 import triton.language as tl
-from moe_lit.terms import check_int, check_tensor, check_bool
+from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.formats import dispatch_batched_reference
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail

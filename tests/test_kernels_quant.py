@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
@@ -239,6 +239,9 @@ def test_quant_gemm_bad_input():
     test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, "silu_and_mul", a_scale=torch.ones(2, 8, 1, device=DEVICE)),
               contains="a_scale: expected None")
     test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt), contains="a: expected K = 32 (intermediate_size of w2)")
+    wide = random_activations((E, M, 2 * H), torch.bfloat16)                         # GEMM2 in place over its own input:
+    test_fail(lambda: batched_moe_gemm_quant(wide[..., :I], qw4, cnt, out=wide[..., :H]),   # later tiles would read
+              contains="out: expected a buffer that does not overlap a")                      # overwritten activations
     test_fail(lambda: batched_moe_gemm_quant(a[:, :, :48], qw8, cnt, "silu_and_mul"), contains="a: expected K = 64 (hidden_size of w13)")
     test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, weight="w3"), contains="weight: expected one of")
     test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, "gelu"), contains="activation: expected one of")

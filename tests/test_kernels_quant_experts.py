@@ -2,12 +2,12 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool
+from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
-from moe_lit.kernels.contiguous import check_block_m, check_local_ids, align_pairs, TritonExperts
+from moe_lit.kernels.contiguous import check_block_m, check_local_ids, _align_pairs, TritonExperts
 from moe_lit.kernels.dispatch import _combine_pairs
 from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference

@@ -61,7 +61,8 @@ def test_route_topk_bad_arguments():
     import dataclasses
     for field, value, msg in (("TOP_K", 9, "TOP_K: expected < 9"), ("num_experts", 0, "num_experts: expected >= 1"),
                               ("SCORING", 7, "SCORING: expected one of"), ("NUM_GROUPS", 3, "GROUP_SIZE: expected num_experts / NUM_GROUPS"),
-                              ("TOP_K", -1, "TOP_K: expected >= 1"), ("RENORMALIZE", 1, "RENORMALIZE: expected a bool")):
+                              ("TOP_K", -1, "TOP_K: expected >= 1"), ("RENORMALIZE", 1, "RENORMALIZE: expected a bool"),
+                              ("SCORING", True, "SCORING: expected an int"), ("TOP2", True, "TOP2: expected True only with")):
         test_fail(lambda: dataclasses.replace(plan, **{field: value}), contains=msg)   # a hand-made plan is checked too
     test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
     strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))

@@ -99,6 +99,10 @@ def test_modular_kernels_agree():
     p_b, pf_b = Placement.build(cfg_b, "round_robin"), make_prepare_finalize(cfg_b, T)
     test_fail(lambda: ModularKernel(pf_b, _CroppedExperts())(hidden, w13[:E // 2], w2[:E // 2], wts, ids, p_b),
               contains="expert_out: expected shape")
+    class _HalfExperts(TorchStandardExperts):                                    # a caller's experts in another dtype
+        def apply(self, prepared, *args, **kwargs): return super().apply(prepared, *args, **kwargs).half()
+    test_fail(lambda: ModularKernel(StandardPrepareFinalize(), _HalfExperts())(hidden, w13, w2, wts, ids, p1),
+              contains="expert_out: expected dtype torch.float32, got torch.float16")
 
 
 def test_padded_hidden_never_leaks():

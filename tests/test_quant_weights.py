@@ -4,7 +4,7 @@ import pytest
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, FLOAT_DTYPES, default_device
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4)
 from fastcore.test import test_eq, test_fail
@@ -69,7 +69,9 @@ def test_fp4_split_layout():
     bad_codes = q2.w13.clone(); bad_codes[..., -1] = 0x70                                # a padded code (K >= 80) not 0
     test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
     nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
-    test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes < 255")
+    test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes <= 240")
+    nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range
+    test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes <= 240")
     q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
     for v in (float("nan"), -1.0):
         bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v

@@ -59,6 +59,11 @@ def test_check_dense():
     check_dense("w", torch.zeros(2))
     test_fail(lambda: check_dense("w", torch.zeros(2, device="meta")), contains="w: expected a dense tensor with values, got a meta tensor")
     test_fail(lambda: check_dense("w", torch.eye(2).to_sparse()), contains="got layout torch.sparse_coo")
+    big = torch.zeros(4, 8)
+    check_disjoint("out", big[:, 4:].contiguous(), a=big[:, :4], w=None)           # separate memory
+    check_disjoint("out", big[2:], a=big[:2])                                        # the same storage, disjoint rows
+    test_fail(lambda: check_disjoint("out", big, a=big[:, :4]), contains="out: expected a buffer that does not overlap a")
+    test_fail(lambda: check_disjoint("out", big[1:3], a=big[2:]), contains="does not overlap a")             # one shared row
 
 
 def test_acc_dtype():

@@ -91,7 +91,7 @@ def _route_topk_kernel(
     tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_offs < TOP_K)
     tl.store(ids_ptr + t * TOP_K + k_offs, ids.to(ids_ptr.dtype.element_ty), mask=k_offs < TOP_K)
 
-# %% ../../nbs/03a_kernels.router.ipynb #9ed13b530cd0
+# %% ../../nbs/03a_kernels.router.ipynb #3df1d33af2d5
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -108,7 +108,7 @@ class RouterPlan:
 
     def __post_init__(self):   # the kernel trusts these constants: a plan made by hand is checked like one from a config
         E = check_int("num_experts", self.num_experts, lo=1)
-        check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", self.SCORING, (0, 1, 2))
+        check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", check_int("SCORING", self.SCORING), (0, 1, 2))
         for n in ("HAS_BIAS", "RENORMALIZE", "TOP2"): check_bool(n, getattr(self, n))
         g = check_int("NUM_GROUPS", self.NUM_GROUPS, lo=1, hi=E + 1)
         check_int("TOPK_GROUP", self.TOPK_GROUP, lo=1, hi=g + 1)
@@ -117,6 +117,9 @@ class RouterPlan:
         if self.TOP_K > self.TOPK_GROUP * self.GROUP_SIZE:
             raise ValueError(f"TOP_K: expected <= TOPK_GROUP * GROUP_SIZE = {self.TOPK_GROUP * self.GROUP_SIZE}, got {self.TOP_K}")
         check_positive_real("scale", self.scale)
+        if self.TOP2 and not (self.HAS_BIAS and g > 1 and self.GROUP_SIZE >= 2):      # a group's top-2 needs two experts
+            raise ValueError(f"TOP2: expected True only with a correction bias, groups and >= 2 experts a group, got "
+                             f"HAS_BIAS={self.HAS_BIAS}, NUM_GROUPS={g}, GROUP_SIZE={self.GROUP_SIZE}")
 
 def router_plan(config: MoEConfig) -> RouterPlan:
     "The routing method of `config` as the kernel's constants (the grouped fall-back resolved), computed once."
