@@ -148,9 +148,9 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
                       topk_weights, a, check_overflow):
     "`batched_dispatch` after its checks, `a` allocated: for a prepare whose ids and tables are its own (`10_modular`)."
     T, H = hidden.shape
-    counts = torch.zeros(num_local_experts, dtype=torch.int32, device=hidden.device)
+    zeroed = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)   # one launch zeroes both
+    counts, flag = zeroed[:num_local_experts], zeroed[num_local_experts:]                    # the counts and the flag
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
-    flag = torch.zeros(1, dtype=torch.int32, device=hidden.device)
     if T:
         _batched_dispatch_kernel[(T, topk_ids.shape[1])](
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
