@@ -3,6 +3,8 @@
 #   bash nbs/bench/layer_gpu.sh smoke  -> the layer/router tests natively, two deployments at T = 1, 64
 #   bash nbs/bench/layer_gpu.sh tests  -> the GPU suite (pytest -n 4), a host/kernel profile of one forward, router logits
 #   bash nbs/bench/layer_gpu.sh bench  -> the whole layer benchmark (JSON + figure), memcheck of the layer's GPU tests
+#   bash nbs/bench/layer_gpu.sh final  -> hot-path tests natively, the layer benchmark (rows saved as they finish) + figure,
+#                                         then memcheck of every kernel test file's native tests in four parallel sanitizers
 # Results go under $OUT (default: nbs/bench/out). fastcore may be carried in .gpucarry/ where it is not installed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -51,5 +53,25 @@ PY
   for d in 4 5; do python nbs/bench/profile_layer.py $d 1 2>&1 | grep -E "per eager|side stream"; done | tee "$OUT/overlap_ab_h200_$rev.log"
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -x -m gpu tests/test_layer.py 2>&1 | tail -6 \
     | tee "$OUT/memcheck_layer_h200_$rev.log"
+  ;;
+final)
+  timeout 120 python -m pytest -q -n 4 -m "not gpu" tests/test_kernels_dispatch.py tests/test_layer.py tests/test_modular.py \
+    tests/test_kernels_router.py 2>&1 | grep -E "FAILED|ERROR|passed|failed" | tee "$OUT/pytest_hot_path_h200_$rev.log"
+  timeout 330 python - "$OUT/layer_bench_h200_$rev.json" <<'PY' 2>&1 | grep -v Warning | tee "$OUT/layer_bench_h200_$rev.log" | tail -60
+import json, sys
+from moe_lit.bench_layer import bench_layer, format_bench_layer, plot_bench_layer
+from moe_lit.bench import measure_device, source_commit
+rows = []
+def save(new):        # every deployment's rows as they finish: a cut-off run keeps what it measured
+    rows.extend(new); print(format_bench_layer(dict(rows=new)), flush=True)
+    json.dump(dict(commit=source_commit(), rows=rows, partial=True), open(sys.argv[1], "w"), indent=1)
+rep = bench_layer(sys.argv[1], on_rows=save)
+plot_bench_layer(rep).savefig(sys.argv[1].replace(".json", ".png"), dpi=110)
+PY
+  mc() { timeout 230 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" "$@" 2>&1 | tail -4; }
+  { mc tests/test_kernels_quant.py > "$OUT/mc1.log" & mc tests/test_kernels_quant_experts.py tests/test_kernels_quant_act.py > "$OUT/mc2.log" &
+    mc tests/test_layer.py tests/test_kernels_router.py tests/test_kernels_dispatch.py tests/test_modular.py > "$OUT/mc3.log" &
+    mc tests/test_kernels_contiguous.py tests/test_kernels_batched.py > "$OUT/mc4.log" & wait; }
+  for f in "$OUT"/mc?.log; do echo "== $f"; cat "$f"; done | tee "$OUT/memcheck_h200_$rev.log"; rm -f "$OUT"/mc?.log
   ;;
 esac
