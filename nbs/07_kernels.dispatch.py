@@ -10,7 +10,7 @@
 from __future__ import annotations
 import torch
 from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
-from moe_lit.kernels.batched import _cdiv, _next_pow2
+from moe_lit.kernels.batched import _cdiv, _next_pow2, INTERPRET
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
@@ -168,14 +168,17 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
 #
 # ```
 # for each token t and H-block (one program):
-#     acc = 0                                          # fp32
-#     for each slot k: if slot_map[t, k] >= 0: acc += w[t, k] · expert_out.flat[slot_map[t, k], H-block]
-#     out[t, H-block] = acc                            # cast once
+#     slots = slot_map[t, 0:top_k]                     # one vector load
+#     rows  = expert_out.flat[slots, H-block]          # one [top_k, BLOCK_H] load, masked where a slot is −1
+#     out[t, H-block] = Σ_k w[t, k] · rows[k]          # fp32, cast once
 # ```
 #
-# Grid `(T, cdiv(H, BLOCK_H))`. A `-1` slot is skipped by scalar control flow, so its row is never loaded — `0 · NaN`
-# would be NaN, and padding rows may hold anything. The sum runs in a fixed slot order with no atomics, so the result
-# is bitwise repeatable.
+# Grid `(T, cdiv(H, BLOCK_H))`. All of a token's slots and rows are loaded at once, as one masked 2-D load: at
+# decode the kernel is a handful of programs whose time is memory latency, and a loop of `top_k` dependent
+# (slot, row) loads would pay that latency `2·top_k` times. A `-1` slot is masked out, so its row is never loaded —
+# `0 · NaN` would be NaN, and padding rows may hold anything — and its weight is read as 0. `BLOCK_H` shrinks at
+# small T until the grid has a few hundred programs (`_combine_block_h`), so the row is read by many SMs at once.
+# The sum has a fixed order and no atomics, so the result is bitwise repeatable.
 
 # %%
 #| export
@@ -187,22 +190,29 @@ def _batched_combine_kernel(
     out_ptr,            # [T, H]
     H, max_tokens, stride_ee, stride_em, stride_ot,
     num_local,          # PAIRS: a pair's row exists iff 0 <= local id < num_local
-    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
+    TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr,   # TOP_K_P2: top_k rounded up to a power of two (the slot vector)
+    BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
     PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = offs_h < H
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        slot = tl.load(slot_map_ptr + t * TOP_K + k).to(tl.int64)
-        if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local), t * TOP_K + k, -1)
-        if slot >= 0:
-            e, r = slot // max_tokens, slot % max_tokens
-            y = tl.load(expert_out_ptr + e * stride_ee + r * stride_em + offs_h, mask=hm, other=0.0).to(tl.float32)
-            if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + k)
-            acc += y
-    tl.store(out_ptr + t * stride_ot + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
+    ks = tl.arange(0, TOP_K_P2)
+    km = ks < TOP_K
+    slot = tl.load(slot_map_ptr + t * TOP_K + ks, mask=km, other=-1).to(tl.int64)
+    if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local) & km, t * TOP_K + ks, -1)
+    valid = slot >= 0
+    e, r = slot // max_tokens, slot % max_tokens
+    y = tl.load(expert_out_ptr + e[:, None] * stride_ee + r[:, None] * stride_em + offs_h[None, :],
+                mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [TOP_K_P2, BLOCK_H]
+    if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + ks, mask=valid, other=0.0)[:, None]
+    tl.store(out_ptr + t * stride_ot + offs_h, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=hm)
+
+def _combine_block_h(T: int, H: int, top_k: int) -> int:
+    "BLOCK_H of the combine: at most 1024 and 8192 / top_k elements; halved (not below 128) while T·blocks < 256."
+    bh = min(1024, _next_pow2(H), max(128, 8192 // _next_pow2(top_k)))
+    while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
+    return bh
 
 # %%
 #| export
@@ -233,11 +243,11 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
     "`batched_combine` after its checks, `out` allocated: for a finalize that holds its own dispatch's slot map."
     (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
-        bh = min(1024, _next_pow2(H))
+        bh = _combine_block_h(T, H, top_k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
-            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, BLOCK_H=bh, WEIGHTED=not apply_router_weight_on_input,
-            PAIRS=False)
+            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, TOP_K_P2=_next_pow2(top_k), BLOCK_H=bh,
+            WEIGHTED=not apply_router_weight_on_input, PAIRS=False)
     return out
 
 def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token, slot) pair, router weights applied
@@ -258,10 +268,10 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
     (T, k), H = local_ids.shape, y.shape[1]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T and H:
-        bh = min(1024, _next_pow2(H))
+        bh = _combine_block_h(T, H, k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
-            TOP_K=k, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
+            TOP_K=k, TOP_K_P2=_next_pow2(k), BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
 # %% [markdown]
