@@ -104,7 +104,7 @@ def _e2m1_bf16_pairs(b,      # uint8 codes, two a byte
     return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #4adc93100f61
+# %% ../../nbs/09c_kernels.quant.ipynb #d6be94dc256b
 @triton.jit
 def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two e2m1 codes a byte (low nibble first)
                      ws_ptr,     # this expert's scales [N_w, K_pad/GROUP_K] uint8 (e8m0, or e4m3 bits)
@@ -115,25 +115,43 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
                      FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      DTYPE: tl.constexpr):
     "`[BLOCK_N, BLOCK_K]` weights of one K tile as stored (rows × K), decoded in registers: `e2m1(code) · scale` (NVFP4: without the global scale)."
-    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
-                mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)                   # [BLOCK_N, BLOCK_K/2]
-    offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
-    s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
-                mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
+    b, s = _fp4_tile_bytes(w_ptr, ws_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
+                           GROUP_K, BLOCK_K)
     if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:               # GPU, bf16, >= 4 bytes a thread
-        if FMT == 2: sb = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)               # e8m0: 2^(s − 127)
-        else: sb = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)                        # e4m3 block scale
-        sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
+        sb = tl.reshape(tl.broadcast_to(_scale_bf16(s, FMT)[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
                         (BLOCK_N, BLOCK_K // 2))                                             # a byte's group scale
         lo, hi = _e2m1_bf16_pairs(b, sb, sb)                                                # a byte: one group
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))                                 # k = 2·byte + nibble
     else:
-        if FMT == 2: sf = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)              # e8m0: 2^(s − 127)
-        else: sf = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)                         # e4m3 block scale
         w = tl.join(_e2m1_fp16(b & 0xF), _e2m1_fp16(b >> 4))                                # [BLOCK_N, BLOCK_K/2, 2]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (sf * 16384.0)[:, :, None]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K)).to(tl.float32) * (_scale_f32(s, FMT) * 16384.0)[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DTYPE)                                      # k = 2·byte + nibble
+
+@triton.jit
+def _fp4_tile_bytes(w_ptr, ws_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
+                    GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    "`(codes [BLOCK_N, BLOCK_K/2] uint8, scales [BLOCK_N, BLOCK_K/GROUP_K] uint8)` of one K tile, as stored (either layout)."
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)
+    offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
+    s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
+                mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)
+    return b, s
+
+@triton.jit
+def _scale_bf16(s, FMT: tl.constexpr):
+    "Scale bytes -> bf16: e8m0 (FMT 2) is 2^(s − 127), the byte shifted into bf16's exponent; else e4m3 bits."
+    if FMT == 2: r = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+    else: r = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+    return r
+
+@triton.jit
+def _scale_f32(s, FMT: tl.constexpr):
+    "Scale bytes -> fp32: e8m0 (FMT 2) is 2^(s − 127), the byte shifted into fp32's exponent; else e4m3 bits."
+    if FMT == 2: r = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    else: r = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return r
 
 @triton.jit
 def _per_byte(s, BLOCK_N: tl.constexpr, C: tl.constexpr, GH: tl.constexpr, GROUP_K: tl.constexpr):
@@ -148,30 +166,15 @@ def _fp4_split_tile(w_ptr, ws_ptr, rows, row_ok, k0, K_W,    # as `_fp4_weight_t
     "`(lo, hi)`, each `[BLOCK_N, BLOCK_K/2]`: the decoded K tile of split64 codes, lo at K = k0 + 64c + j, hi at K + 32."
     C: tl.constexpr = BLOCK_K // 64                                                         # chunks in the tile
     GH: tl.constexpr = 32 // GROUP_K                                                        # groups in half a chunk
-    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
-                mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)                   # [BLOCK_N, BLOCK_K/2]
-    offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
-    s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
-                mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)     # [BLOCK_N, BLOCK_K/GROUP_K]
+    b, s = _fp4_tile_bytes(w_ptr, ws_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
+                           GROUP_K, BLOCK_K)
     s_lo, s_hi = tl.split(tl.permute(tl.reshape(s, (BLOCK_N, C, 2, GH)), (0, 1, 3, 2)))    # [BLOCK_N, C, GH] each
     if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:
-        if FMT == 2:
-            s_lo = (s_lo.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
-            s_hi = (s_hi.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
-        else:
-            s_lo = s_lo.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-            s_hi = s_hi.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
-        lo, hi = _e2m1_bf16_pairs(b, _per_byte(s_lo, BLOCK_N, C, GH, GROUP_K), _per_byte(s_hi, BLOCK_N, C, GH, GROUP_K))
+        lo, hi = _e2m1_bf16_pairs(b, _per_byte(_scale_bf16(s_lo, FMT), BLOCK_N, C, GH, GROUP_K),
+                                  _per_byte(_scale_bf16(s_hi, FMT), BLOCK_N, C, GH, GROUP_K))
     else:
-        if FMT == 2:
-            s_lo = (s_lo.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-            s_hi = (s_hi.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-        else:
-            s_lo = s_lo.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            s_hi = s_hi.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        lo = _e2m1_fp16(b & 0xF).to(tl.float32) * _per_byte(s_lo * 16384.0, BLOCK_N, C, GH, GROUP_K)
-        hi = _e2m1_fp16(b >> 4).to(tl.float32) * _per_byte(s_hi * 16384.0, BLOCK_N, C, GH, GROUP_K)
+        lo = _e2m1_fp16(b & 0xF).to(tl.float32) * _per_byte(_scale_f32(s_lo, FMT) * 16384.0, BLOCK_N, C, GH, GROUP_K)
+        hi = _e2m1_fp16(b >> 4).to(tl.float32) * _per_byte(_scale_f32(s_hi, FMT) * 16384.0, BLOCK_N, C, GH, GROUP_K)
     return lo.to(DTYPE), hi.to(DTYPE)
 
 # %% ../../nbs/09c_kernels.quant.ipynb #c084380ec134
