@@ -306,7 +306,7 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
               add_shared=add_shared, w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation)
 
-# %% ../nbs/12_layer.ipynb #c6959a672a51
+# %% ../nbs/12_layer.ipynb #bbc14cf2691e
 @patch
 def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token counts to record, one graph each
              warmup: int = 2,                                         # eager runs before each capture (JIT, cuBLAS)
@@ -316,8 +316,8 @@ def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # 
         raise ValueError(f"capture: expected a layer on a CUDA GPU with Triton experts, got device {self.gate.device} "
                          f"and experts {self.experts!r}")
     if self.debug: raise ValueError("debug: expected False for capture (debug checks read values on the host), got True")
-    if isinstance(batch_sizes, int) or not batch_sizes:
-        raise ValueError(f"batch_sizes: expected a non-empty sequence of token counts, got {batch_sizes!r}")
+    if not isinstance(batch_sizes, (list, tuple, range)) or not len(batch_sizes):
+        raise ValueError(f"batch_sizes: expected a non-empty list, tuple or range of token counts, got {batch_sizes!r}")
     sizes = sorted({check_int("batch_sizes", b, lo=1) for b in batch_sizes}, reverse=True)   # largest first: one pool
     check_int("warmup", warmup, lo=1)
     self.graphs, pool, side = {}, torch.cuda.graph_pool_handle(), torch.cuda.Stream()

@@ -424,19 +424,22 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
     "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
     root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
+    if root is not None and not isinstance(root, (str, Path)):
+        raise ValueError(f"config_dir: expected a directory (str or Path) or None, got {root!r}")
     if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
     for name, v in (("E", E), ("N", N), ("K", K), ("M", M)):    # before the cache: 8.0 and True hash as 8 and 1
         check_int(name, v, lo=0 if name == "M" else 1)
+    if not isinstance(kernel, str): raise ValueError(f"kernel: expected a kernel name (str), got {kernel!r}")
+    if not isinstance(device_name, str): raise ValueError(f"device_name: expected a str, got {device_name!r}")
+    check_choice("dtype", dtype, tuple(_DTYPE_TAG))                # unhashable values fail here, not in the cache
     return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root),
                                     heuristic or default_tile_config))
 
 @functools.lru_cache(maxsize=4096)
 def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heuristic) -> dict:
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
-    if not isinstance(kernel, str): raise ValueError(f"kernel: expected a kernel name (str), got {kernel!r}")
-    for name, v in (("E", E), ("N", N), ("K", K)): check_int(name, v, lo=1)
-    check_int("M", M, lo=0); check_choice("dtype", dtype, tuple(_DTYPE_TAG))
-    if not isinstance(device_name, str): raise ValueError(f"device_name: expected a str, got {device_name!r}")
+    if config_dir is not None and not Path(config_dir).is_dir():   # a typo would silently drop every tuned table
+        raise ValueError(f"config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory of tile tables, got {config_dir!r}")
     M = max(1, M)                                   # no rows expected: size the tile as for one
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
@@ -459,9 +462,13 @@ def _device_name() -> str:
 def _load_table(path: Path) -> dict | None:
     "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
     if not path.exists(): return None
-    try: raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:     # OSError: a directory, no permission
-        raise ValueError(f"tile table {path}: expected JSON, got {type(e).__name__}: {e}") from None
+    def unique(pairs):                                                # a key twice: which entry wins is unsaid
+        keys = [k.lstrip("0") if isinstance(k, str) and k.isdigit() else k for k, _ in pairs]
+        if len(set(keys)) != len(keys): raise ValueError(f"duplicate keys {[k for k, _ in pairs]}")
+        return dict(pairs)
+    try: raw = json.loads(path.read_text(), object_pairs_hook=unique)
+    except (ValueError, UnicodeDecodeError, OSError) as e:   # JSONDecodeError is a ValueError; OSError: a directory
+        raise ValueError(f"tile table {path}: expected JSON with unique keys, got {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"tile table {path}: expected an object of {{\"<M>\": tile}}, got {type(raw).__name__}")
     table = {}
@@ -496,7 +503,8 @@ with tempfile.TemporaryDirectory() as d:
                         (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
                         (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
                         (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "expected an object"),
-                        (9, "{not json", "expected JSON"), (10, {"4": None}, "entry '4': config: expected a dict")):
+                        (9, "{not json", "expected JSON"), (10, {"4": None}, "entry '4': config: expected a dict"),
+                        (12, '{"8": %s, "08": %s}' % (json.dumps(small), json.dumps(small)), "duplicate keys ['8', '08']")):
         # a fresh E per case: tables are read once per path
         q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
         q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
@@ -505,7 +513,17 @@ with tempfile.TemporaryDirectory() as d:
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
     tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
     test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
-              contains="expected JSON, got IsADirectoryError")
+              contains="got IsADirectoryError")
+    # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
+    test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
+            default_tile_config(32, 4096, 7168, 400, torch.float16))
+    test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA H200", Path(d) / "typo"),
+              contains="config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory")
+test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=5), contains="config_dir: expected a directory")
+for kw, msg in ((dict(kernel=["k"]), "kernel: expected a kernel name"), (dict(dtype=[torch.bfloat16]), "dtype: expected one of"),
+                (dict(device_name=["H200"]), "device_name: expected a str")):             # unhashable: refused before the cache
+    test_fail(lambda: lookup_tile_config(**{**dict(kernel="batched_moe_gemm", E=8, N=64, K=64, M=8, dtype=torch.bfloat16), **kw}),
+              contains=msg)
 mine = lambda E, N, K, M, dtype: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)       # a kernel's own heuristic
 test_eq(lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=mine), mine(2, 64, 64, 3, None))
 test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=5), contains="heuristic: expected a callable")
@@ -521,9 +539,6 @@ for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4")
                 (dict(device_name=5), "device_name: expected a str")):
     args = dict(kernel="batched_moe_gemm", E=32, N=4096, K=7168, M=8, dtype=torch.bfloat16, device_name="NVIDIA H200") | kw
     test_fail(lambda: lookup_tile_config(**args), contains=msg)
-    # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
-    test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
-            default_tile_config(32, 4096, 7168, 400, torch.float16))
 
 # %% [markdown]
 # ## Launcher
@@ -565,7 +580,8 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     N = w.shape[1]
     if act and N % 2: raise ValueError(f"w: expected an even N for a gated activation ({act.name}), got {N}")
     n_out = N // 2 if act else N
-    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype, writable=True), a=a, w=w)
+    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype, writable=True), a=a, w=w,
+                                        expert_num_tokens=expert_num_tokens, bias=bias)
     check_expert_bias("bias", bias, E, N, a.device)
     for name, t in (("expert_num_tokens", expert_num_tokens), ("w", w), ("out", out)):
         if t is not None and t.device != a.device:
@@ -897,7 +913,8 @@ class BatchedTritonExperts:
                              validate=validate)                    # checks a, w13, the counts and the extents
         E, M, H = a.shape
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
-        else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2)
+        else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2,
+                                 expert_num_tokens=expert_num_tokens, w2_bias=w2_bias)
         check_kernel_device("a", a, w2=w2, out=out)
         for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias)   # h is GEMM1's

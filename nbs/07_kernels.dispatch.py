@@ -135,7 +135,8 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                         topk_weights=topk_weights, out=out)
     a = torch.empty(num_local_experts, max_tokens, H, dtype=hidden.dtype, device=hidden.device) if out is None else \
         check_disjoint("out", check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=hidden.dtype,
-                                           writable=True), hidden=hidden)
+                                           writable=True), hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights,
+                      expert_map=expert_map, global_to_physical=global_to_physical)
     for name, t in (("hidden", hidden), ("out", a)):
         if t.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {t.stride(-1)}")
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
@@ -168,16 +169,18 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
 #
 # ```
 # for each token t and H-block (one program):
-#     slots = slot_map[t, 0:top_k]                     # one vector load
-#     rows  = expert_out.flat[slots, H-block]          # one [top_k, BLOCK_H] load, masked where a slot is −1
-#     out[t, H-block] = Σ_k w[t, k] · rows[k]          # fp32, cast once
+#     for each pass over up to 32 of its slots:       # one pass at top_k <= 32
+#         slots = slot_map[t, pass]                    # one vector load
+#         rows  = expert_out.flat[slots, H-block]      # one [slots, BLOCK_H] load, masked where a slot is −1
+#         acc  += Σ_k w[t, k] · rows[k]                # fp32
+#     out[t, H-block] = acc                            # cast once
 # ```
 #
 # Grid `(T, cdiv(H, BLOCK_H))`. All of a token's slots and rows are loaded at once, as one masked 2-D load: at
 # decode the kernel is a handful of programs whose time is memory latency, and a loop of `top_k` dependent
 # (slot, row) loads would pay that latency `2·top_k` times. A `-1` slot is masked out, so its row is never loaded —
 # `0 · NaN` would be NaN, and padding rows may hold anything — and its weight is read as 0. `BLOCK_H` shrinks at
-# small T until the grid has a few hundred programs (`_combine_block_h`), so the row is read by many SMs at once.
+# small T until the grid has a few hundred programs (`_combine_tile`), so the row is read by many SMs at once.
 # The sum has a fixed order and no atomics, so the result is bitwise repeatable.
 
 # %%
@@ -190,29 +193,33 @@ def _batched_combine_kernel(
     out_ptr,            # [T, H]
     H, max_tokens, stride_ee, stride_em, stride_ot,
     num_local,          # PAIRS: a pair's row exists iff 0 <= local id < num_local
-    TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr,   # TOP_K_P2: top_k rounded up to a power of two (the slot vector)
+    TOP_K: tl.constexpr, SLOTS: tl.constexpr,   # SLOTS: slots loaded at once (a power of two, _combine_tile)
     BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
     PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = offs_h < H
-    ks = tl.arange(0, TOP_K_P2)
-    km = ks < TOP_K
-    slot = tl.load(slot_map_ptr + t * TOP_K + ks, mask=km, other=-1).to(tl.int64)
-    if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local) & km, t * TOP_K + ks, -1)
-    valid = slot >= 0
-    e, r = slot // max_tokens, slot % max_tokens
-    y = tl.load(expert_out_ptr + e[:, None] * stride_ee + r[:, None] * stride_em + offs_h[None, :],
-                mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [TOP_K_P2, BLOCK_H]
-    if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + ks, mask=valid, other=0.0)[:, None]
-    tl.store(out_ptr + t * stride_ot + offs_h, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=hm)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k0 in range(0, TOP_K, SLOTS):                         # one pass for top_k <= 32
+        ks = k0 + tl.arange(0, SLOTS)
+        km = ks < TOP_K
+        slot = tl.load(slot_map_ptr + t * TOP_K + ks, mask=km, other=-1).to(tl.int64)
+        if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local) & km, t * TOP_K + ks, -1)
+        valid = slot >= 0
+        e, r = slot // max_tokens, slot % max_tokens
+        y = tl.load(expert_out_ptr + e[:, None] * stride_ee + r[:, None] * stride_em + offs_h[None, :],
+                    mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [SLOTS, BLOCK_H]
+        if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + ks, mask=valid, other=0.0)[:, None]
+        acc += tl.sum(y, axis=0)
+    tl.store(out_ptr + t * stride_ot + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
-def _combine_block_h(T: int, H: int, top_k: int) -> int:
-    "BLOCK_H of the combine: at most 1024 and 8192 / top_k elements; halved (not below 128) while T·blocks < 256."
-    bh = min(1024, _next_pow2(H), max(128, 8192 // _next_pow2(top_k)))
+def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
+    "`(SLOTS, BLOCK_H)` of the combine: up to 32 slots a pass; BLOCK_H <= 1024, halved (not below 128) while T·blocks < 256."
+    slots = min(32, _next_pow2(top_k))
+    bh = min(1024, _next_pow2(H), 8192 // slots)
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
-    return bh
+    return slots, bh
 
 # %%
 #| export
@@ -232,7 +239,8 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
     check_tensor("slot_map", slot_map, shape=(T, top_k), dtype=torch.int64)
     check_kernel_device("expert_out", expert_out, topk_weights=topk_weights, slot_map=slot_map, out=out)
     out = torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device) if out is None else \
-        check_disjoint("out", check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype, writable=True), expert_out=expert_out)
+        check_disjoint("out", check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype, writable=True), expert_out=expert_out,
+                      topk_weights=topk_weights, slot_map=slot_map)
     for name, x in (("expert_out", expert_out), ("out", out)):
         if x.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {x.stride(-1)}")
     if validate and T and ((slot_map < -1) | (slot_map >= E * M)).any():
@@ -243,10 +251,10 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
     "`batched_combine` after its checks, `out` allocated: for a finalize that holds its own dispatch's slot map."
     (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
-        bh = _combine_block_h(T, H, top_k)
+        slots, bh = _combine_tile(T, H, top_k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
-            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, TOP_K_P2=_next_pow2(top_k), BLOCK_H=bh,
+            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
             WEIGHTED=not apply_router_weight_on_input, PAIRS=False)
     return out
 
@@ -268,10 +276,10 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
     (T, k), H = local_ids.shape, y.shape[1]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T and H:
-        bh = _combine_block_h(T, H, k)
+        slots, bh = _combine_tile(T, H, k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
-            TOP_K=k, TOP_K_P2=_next_pow2(k), BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
+            TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
 # %% [markdown]
@@ -336,6 +344,9 @@ test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, 
                                    global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
 test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
 test_fail(lambda: batched_dispatch(torch.randn(8, 6, device=DEVICE).t(), ids, 2, 6), contains="hidden: expected a unit stride")
+slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
+test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),
+          contains="out: expected a buffer that does not overlap topk_ids")
 
 # %% [markdown]
 # Combine against its spec on slabs whose padding is poisoned (NaN, then 1e30): a `-1` slot or a padding row would
@@ -359,6 +370,15 @@ for dtype in (torch.float32, torch.bfloat16):
 test_fail(lambda: batched_combine(a, wts, slot_map + 1000), contains="slot_map: expected values in [-1, 44)")
 test_fail(lambda: batched_combine(a, wts.double(), slot_map), contains="topk_weights: expected dtype torch.float32")
 test_fail(lambda: batched_combine(a, wts, slot_map.int()), contains="slot_map: expected dtype torch.int64")
+buf32, a32 = torch.rand(T, H, device=DEVICE), a.float()                      # out whose memory also holds the weights
+test_fail(lambda: batched_combine(a32, buf32[:, :k], slot_map, out=buf32), contains="out: expected a buffer that does not overlap topk_weights")
+# more slots than one pass loads (32): a token's 40 slots in two passes
+E2, k2 = 48, 40
+ids2 = torch.stack([torch.randperm(E2, generator=g)[:k2] for _ in range(3)]).int().to(DEVICE); ids2[1, 5] = -1
+wts2 = torch.rand(3, k2, generator=g).to(DEVICE)
+a2, counts2, slot_map2 = batched_dispatch(torch.randn(3, H, generator=g).to(DEVICE), ids2, E2, 3)
+poison_rows(a2, counts2, float("nan"))
+assert_close(batched_combine(a2, wts2, slot_map2), combine_batched_reference(a2.double(), wts2, slot_map2))
 
 # %% [markdown]
 # ## The whole batched path
@@ -393,6 +413,9 @@ want = torch.where(local[..., None], y.view(T, k, H).double(), 0.0).sum(1)
 assert_close(combine_pairs(y, ids, 4), want)
 test_fail(lambda: combine_pairs(y.double(), ids, 4), contains="y: expected dtype")
 test_fail(lambda: combine_pairs(y[:-1], ids, 4), contains="y: expected shape [18, *]")
+ids = torch.randint(-1, 5, (2, 40), device=DEVICE); y = torch.randn(80, H, device=DEVICE)   # 40 slots: two passes
+local = (ids >= 0) & (ids < 4); y[~local.flatten()] = float("nan")
+assert_close(combine_pairs(y, ids, 4), torch.where(local[..., None], y.view(2, 40, H).double(), 0.0).sum(1))
 
 # %%
 #| test batched_path_end_to_end

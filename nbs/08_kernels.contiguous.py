@@ -486,7 +486,8 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
     check_expert_bias("bias", bias, E, N, a.device)
     n_out = N // 2 if act else N
-    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype, writable=True), a=a, w=w)
+    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype, writable=True), a=a, w=w,
+                                        sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     return _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act,
                            topk_weights, weight_stage, out, config, per_pair, expected_m, bias)

@@ -664,7 +664,9 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     a_k, a_s, as_strides, odt = _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched=True)
     out = torch.empty(E, M, n_out, dtype=odt, device=a.device) if out is None else \
-        check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=odt, writable=True), a=a, a_k=a_k)
+        check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=odt, writable=True), a=a, a_k=a_k,
+                      a_s=a_s, expert_num_tokens=expert_num_tokens, bias=bias,
+                      w_codes=wa["codes"], w_scale=wa["scale"], w_global_scale=wa["gs"])
     for name, t in (("a", a_k), ("w", wa["codes"]), ("out", out)): check_extent(name, t)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     check_tile_config(config, need_block_m=True)
@@ -991,7 +993,9 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     K = a.shape[1]
     a_k, a_s, as_st, odt = _prepare_activations(a, qw, None, a_scale, out_dtype, K, batched=False)
     out = torch.empty(num_pairs, n_out, dtype=odt, device=a.device) if out is None else \
-        check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=odt, writable=True), a=a, a_k=a_k)
+        check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=odt, writable=True), a=a, a_k=a_k,
+                      a_s=a_s, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias,
+                      w_codes=wa["codes"], w_scale=wa["scale"], w_global_scale=wa["gs"])
     check_extent("w", wa["codes"])
     check_tile_config(config)
     return _fused_moe_gemm_quant(a_k, a_s, as_st, wa, qw.num_experts, sorted_token_ids, expert_ids,

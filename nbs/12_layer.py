@@ -470,8 +470,8 @@ def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # 
         raise ValueError(f"capture: expected a layer on a CUDA GPU with Triton experts, got device {self.gate.device} "
                          f"and experts {self.experts!r}")
     if self.debug: raise ValueError("debug: expected False for capture (debug checks read values on the host), got True")
-    if isinstance(batch_sizes, int) or not batch_sizes:
-        raise ValueError(f"batch_sizes: expected a non-empty sequence of token counts, got {batch_sizes!r}")
+    if not isinstance(batch_sizes, (list, tuple, range)) or not len(batch_sizes):
+        raise ValueError(f"batch_sizes: expected a non-empty list, tuple or range of token counts, got {batch_sizes!r}")
     sizes = sorted({check_int("batch_sizes", b, lo=1) for b in batch_sizes}, reverse=True)   # largest first: one pool
     check_int("warmup", warmup, lo=1)
     self.graphs, pool, side = {}, torch.cuda.graph_pool_handle(), torch.cuda.Stream()
@@ -532,6 +532,11 @@ for debug in (False, True):
     assert layer._modular_kernel(5) is layer._modular_kernel(5)        # built once, reused
 test_fail(lambda: FusedMoE(cfg, debug=1), contains="debug: expected a bool")
 test_fail(lambda: FusedMoE(cfg).capture(), contains="capture: expected a layer on a CUDA GPU with Triton experts")
+from types import SimpleNamespace
+on_gpu = SimpleNamespace(gate=SimpleNamespace(device=torch.device("cuda", 0)), use_triton=True, debug=False)  # the
+for bad in (torch.tensor([1, 2]), 1.0, 4, {1: 2}, [], "8"):                              # checks after the device's
+    test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=bad), contains="batch_sizes: expected a non-empty list")
+test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=[4, 0]), contains="batch_sizes: expected >= 1")
 
 # %% [markdown]
 # On the GPU: a forward runs without one host sync (`torch.cuda.set_sync_debug_mode("error")` raises on any), and the

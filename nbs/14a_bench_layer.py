@@ -251,15 +251,16 @@ assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 # %% [markdown]
 # ## Results, H200
 #
-# `nbs/bench/layer_bench_h200_481820b.json` (with its log and figure) comes from one run of `moe-lit bench --layer`
-# on an NVIDIA H200 (copy bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6, transformers 5.17,
-# 2026-12-03, on commit 481820b. Columns: local experts the batch touched, floor, eager, replayed graph (µs),
-# replay / floor, host overhead (eager − replay), and transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`:
-# `batched_mm` gathers a weight copy per pair and ran out of the card's 140 GB). Earlier runs of the same command are
-# kept beside it: `layer_bench_h200_8a184b7.json` (before the changes named below) and `layer_bench_h200_e6a765c.json`.
+# `nbs/bench/layer_bench_h200_e7361ab.json` (with its log and figure) comes from one run of the layer benchmark
+# (`bash nbs/bench/layer_gpu.sh final`: `bench_layer` over every deployment, then the figure) on an NVIDIA H200 (copy
+# bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6, transformers 5.17, 2026-12-03, on commit
+# e7361ab. Columns: local experts the batch touched, floor, eager, replayed graph (µs), replay / floor, host overhead
+# (eager − replay), and transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`: `batched_mm` gathers a weight
+# copy per pair and ran out of the card's 140 GB). Earlier runs of the same benchmark are kept beside it:
+# `layer_bench_h200_481820b.json`, `layer_bench_h200_e6a765c.json` and `layer_bench_h200_8a184b7.json`.
 
 # %%
-layer_h200 = load_bench_layer("bench/layer_bench_h200_481820b.json")
+layer_h200 = load_bench_layer("bench/layer_bench_h200_e7361ab.json")
 print(format_bench_layer(layer_h200))
 
 # %%
@@ -268,42 +269,36 @@ plot_bench_layer(layer_h200)
 # %% [markdown]
 # **Reading.**
 #
-# - **Replayed, the layer is near its floor where the experts' bytes dominate** — gpt-oss-120b from T = 8
-#   (1.06–1.18×), DeepSeek-V3 EP8 from T = 16 (1.09–1.25×, both all2all backends), Mixtral from T = 2 (1.05–1.25×
-#   up to T = 128) — and **25 of the 54 rows meet the 1.25 × floor + 10 µs bar** (15 at 8a184b7). Three changes
-#   since 8a184b7 account for it: a tile-table entry now serves only expected rows within a factor 2 of where it was
-#   measured (Mixtral at T = 256 had used a 16-row tile whose `BLOCK_M = 32` split each expert's 64 rows over two
-#   blocks, reading its weights twice: 1236 → 904–989 µs); above 8 expected rows the heuristic tile covers twice the
-#   mean rows (Qwen3 at T = 256: 444 → 353 µs, 1.25×; Qwen3 EP2 at T = 256: 278 → 215 µs); and a one-rank
-#   placement skips the slot-table gather (two small kernels fewer on every single-GPU forward: Qwen3 at T = 1,
-#   62 → 58 µs).
-# - **Where it still misses:** every row at T ≤ 4 but Mixtral's, and Qwen3 (both deployments) up to T = 128. There
-#   the floor is small (9–65 µs at T ≤ 2) and a forward is still seven to a dozen dependent launches — router GEMM
-#   (two cuBLAS kernels), router, pair blocks or dispatch, two GEMMs, combine, shared experts — each a few µs even in a
-#   graph; the two Qwen3 GEMMs at T = 1 take 32 µs against their 18 µs floor. Split-K for the decode GEMMs and fusing
-#   the router into fewer launches are the next steps; neither is built. One row got slower: DeepSeek-V3 at T ≤ 2
-#   (both all2all backends) takes 127–140 µs against 111–123 µs at 8a184b7 — at one row per expert the heuristic tile
-#   now answers where the table's 32-row tile did, and that tile was the faster one there. A tuned entry at M = 1 for
-#   that shape is the fix to measure.
+# - **30 of the 54 rows meet the 1.25 × floor + 10 µs bar** (25 at 481820b, 15 at 8a184b7). Replayed, the layer is
+#   near its floor where the experts' bytes dominate: gpt-oss-120b from T = 8 (1.04–1.17×), DeepSeek-V3 EP8 from
+#   T = 8 (nixl_ep) and T = 16 (allgather) (1.09–1.26×), Mixtral from T = 2 to 64 (1.03–1.22×), Qwen3 from T = 16
+#   (1.16–1.24×).
+# - **What moved since 481820b**, replayed: Qwen3 9–16 % faster up to T = 128 (T = 1: 58 → 49 µs), Qwen3 EP2 5–20 %,
+#   DeepSeek-V3 at T ≤ 4 16–25 % (nixl_ep T = 1: 140 → 111 µs; allgather 127 → 104). Three changes: tile tables for
+#   the layer's own GEMM calls at decode (`nbs/bench/tune_layer.py`: both GEMMs of every deployment, per tile-table
+#   bucket, judged by replaying the whole layer; `tune_layer_h200_b39ccfc.json` logs each bucket's before and after,
+#   3–10 % where a bucket changed), the combine loading a token's `top_k` rows in one masked load with narrower
+#   H blocks at small T (`07_kernels.dispatch`), and the batched dispatch zeroing its counts and overflow flag in one
+#   launch. The rest agree with 481820b within ±3 %, run-to-run noise (Mixtral at T = 128 measured 2 % slower).
+# - **Where it still misses:** every deployment at T ≤ 4 but Mixtral (T = 1 only), Qwen3 EP2 at all but T = 64 and
+#   128, and Mixtral at T = 128–256 (1.28–1.46×: 32 and 64 rows per expert, where its 14336-wide GEMM1 leaves the
+#   weight-streaming regime). At small T the floor is 9–65 µs and a forward is still seven to a dozen dependent
+#   launches — router GEMM (two cuBLAS kernels), router, pair blocks or dispatch, two GEMMs, combine, shared experts —
+#   each a few µs even in a graph. Qwen3 at T = 1 is 49 µs against a bar of 32. Fusing the router's GEMM and
+#   selection, and letting the GEMMs read one-block-per-pair layouts straight from `topk_ids` (no alignment launch),
+#   are the next steps; neither is built.
 # - **Against transformers (same weights, same family block, transformers timed eager):** replayed, moe-lit is faster
-#   than the best of `grouped_mm` / `batched_mm` at every Qwen3 and Mixtral token count (58 vs 712 µs on Qwen3 at
-#   T = 1, 353 vs 608 at T = 256; 989 vs 1204 on Mixtral at T = 256). **Eager**, it loses at small T: Qwen3 up to
-#   T = 16 (860 vs 712 µs at T = 1), Mixtral at T = 1 and 2. The transformers outputs differ from moe-lit's by 0.5%
-#   (Mixtral) and 0.6–7.6% (Qwen3): transformers rounds the router logits to bf16 before the softmax, so near-tied
-#   experts of Qwen3's 128 flip; moe-lit keeps them in fp32.
-# - **Host overhead** (eager − replay) at T = 1 is 340–1320 µs in this run and 350–1060 µs in the e6a765c run (the
-#   same code without the last tile change) — far above the 100 µs per forward that the layer aims at, and it moves by
-#   up to 2.3× between machines of the same kind (the host CPU differs; the replayed times agree within 10%). cProfile of 100 forwards
-#   (`nbs/bench/profile_layer_h200_e6a765c.log`) spreads it over Triton's launcher (5 launches a forward, a third of the
-#   layer's own time), about 28 argument checks and a handful of torch ops; no single call dominates. A serving engine
-#   does not pay it: the graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 3–35 µs.
-#   Since then the checks run once at the public entry points (`12_layer`, "Checked once"), the FP4 weights are
-#   re-laid at load and the quantized Standard experts take the pair-block layout. A later, smaller run at 400d47b
-#   (`nbs/bench/eager_vs_replay.py`, a loop of 200 eager calls synchronised once, then 200 replays; not the
-#   benchmark's per-call CUDA-event timing) gives at T = 1, eager / replay µs: Qwen3 472 / 51, Qwen3 EP2 389 / 43,
-#   Mixtral 356 / 196, gpt-oss 354 / 81, DeepSeek-V3 nixl_ep 608 / 113, allgather 818 / 57
-#   (`eager_vs_replay_h200_400d47b.log`). Back to back, the host-bound eager loop runs at the host's rate, so the host
-#   time per forward lies between eager − replay (160–760 µs) and eager (354–818 µs): above the goal either way.
+#   than the best of `grouped_mm` / `batched_mm` at all 18 Qwen3 and Mixtral rows (49 vs 561 µs on Qwen3 at T = 1,
+#   352 vs 711 at T = 256; 961 vs 1205 on Mixtral at T = 256). Eager, it is faster at 17 of the 18; it loses on Qwen3
+#   at T = 1 (570 vs 561 µs). The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6% (Qwen3):
+#   transformers rounds the router logits to bf16 before the softmax, so near-tied experts of Qwen3's 128 flip;
+#   moe-lit keeps them in fp32.
+# - **Host overhead** (eager − replay) at T = 1 is 260–1140 µs in this run, far above the 100 µs per forward the
+#   layer aims at, and it moves by 2× between runs on machines of the same kind (the replayed times agree within a few
+#   percent): at 481820b it was 340–1320 µs. On this CPU a Triton launch through the JIT costs about 20 µs and a launch
+#   of the compiled kernel 7–10 µs (`nbs/bench/launch_cost_h200.log`); the layer's own Python is 70–160 µs per
+#   forward on an idle CPU with the launches stubbed (`nbs/bench/host_overhead_cpu.py`). A serving engine does not pay
+#   it: the graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 3–35 µs.
 # - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.2 µs at
 #   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
 #   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-

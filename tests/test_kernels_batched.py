@@ -54,7 +54,8 @@ def test_tile_config_table():
                             (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
                             (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
                             (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "expected an object"),
-                            (9, "{not json", "expected JSON"), (10, {"4": None}, "entry '4': config: expected a dict")):
+                            (9, "{not json", "expected JSON"), (10, {"4": None}, "entry '4': config: expected a dict"),
+                            (12, '{"8": %s, "08": %s}' % (json.dumps(small), json.dumps(small)), "duplicate keys ['8', '08']")):
             # a fresh E per case: tables are read once per path
             q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
             q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
@@ -63,7 +64,17 @@ def test_tile_config_table():
             test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
         tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
-                  contains="expected JSON, got IsADirectoryError")
+                  contains="got IsADirectoryError")
+        # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
+        test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
+                default_tile_config(32, 4096, 7168, 400, torch.float16))
+        test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA H200", Path(d) / "typo"),
+                  contains="config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory")
+    test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=5), contains="config_dir: expected a directory")
+    for kw, msg in ((dict(kernel=["k"]), "kernel: expected a kernel name"), (dict(dtype=[torch.bfloat16]), "dtype: expected one of"),
+                    (dict(device_name=["H200"]), "device_name: expected a str")):             # unhashable: refused before the cache
+        test_fail(lambda: lookup_tile_config(**{**dict(kernel="batched_moe_gemm", E=8, N=64, K=64, M=8, dtype=torch.bfloat16), **kw}),
+                  contains=msg)
     mine = lambda E, N, K, M, dtype: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)       # a kernel's own heuristic
     test_eq(lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=mine), mine(2, 64, 64, 3, None))
     test_fail(lambda: lookup_tile_config("no_table_kernel", 2, 64, 64, 3, torch.bfloat16, heuristic=5), contains="heuristic: expected a callable")
@@ -79,9 +90,6 @@ def test_tile_config_table():
                     (dict(device_name=5), "device_name: expected a str")):
         args = dict(kernel="batched_moe_gemm", E=32, N=4096, K=7168, M=8, dtype=torch.bfloat16, device_name="NVIDIA H200") | kw
         test_fail(lambda: lookup_tile_config(**args), contains=msg)
-        # another dtype has no file of its own and there is no dtype-free file: the heuristic answers
-        test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 400, torch.float16, "NVIDIA H200", d),
-                default_tile_config(32, 4096, 7168, 400, torch.float16))
 
 
 def test_fit_shared_memory():

@@ -51,6 +51,9 @@ def test_dispatch_overflow_and_bad_input():
                                        global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
     test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
     test_fail(lambda: batched_dispatch(torch.randn(8, 6, device=DEVICE).t(), ids, 2, 6), contains="hidden: expected a unit stride")
+    slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
+    test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),
+              contains="out: expected a buffer that does not overlap topk_ids")
 
 
 def test_combine_matches_reference():
@@ -70,6 +73,15 @@ def test_combine_matches_reference():
     test_fail(lambda: batched_combine(a, wts, slot_map + 1000), contains="slot_map: expected values in [-1, 44)")
     test_fail(lambda: batched_combine(a, wts.double(), slot_map), contains="topk_weights: expected dtype torch.float32")
     test_fail(lambda: batched_combine(a, wts, slot_map.int()), contains="slot_map: expected dtype torch.int64")
+    buf32, a32 = torch.rand(T, H, device=DEVICE), a.float()                      # out whose memory also holds the weights
+    test_fail(lambda: batched_combine(a32, buf32[:, :k], slot_map, out=buf32), contains="out: expected a buffer that does not overlap topk_weights")
+    # more slots than one pass loads (32): a token's 40 slots in two passes
+    E2, k2 = 48, 40
+    ids2 = torch.stack([torch.randperm(E2, generator=g)[:k2] for _ in range(3)]).int().to(DEVICE); ids2[1, 5] = -1
+    wts2 = torch.rand(3, k2, generator=g).to(DEVICE)
+    a2, counts2, slot_map2 = batched_dispatch(torch.randn(3, H, generator=g).to(DEVICE), ids2, E2, 3)
+    poison_rows(a2, counts2, float("nan"))
+    assert_close(batched_combine(a2, wts2, slot_map2), combine_batched_reference(a2.double(), wts2, slot_map2))
 
 
 def test_combine_pairs_skips_other_ranks():
@@ -83,6 +95,9 @@ def test_combine_pairs_skips_other_ranks():
     assert_close(combine_pairs(y, ids, 4), want)
     test_fail(lambda: combine_pairs(y.double(), ids, 4), contains="y: expected dtype")
     test_fail(lambda: combine_pairs(y[:-1], ids, 4), contains="y: expected shape [18, *]")
+    ids = torch.randint(-1, 5, (2, 40), device=DEVICE); y = torch.randn(80, H, device=DEVICE)   # 40 slots: two passes
+    local = (ids >= 0) & (ids < 4); y[~local.flatten()] = float("nan")
+    assert_close(combine_pairs(y, ids, 4), torch.where(local[..., None], y.view(2, 40, H).double(), 0.0).sum(1))
 
 
 def test_batched_path_end_to_end():

@@ -69,6 +69,11 @@ def test_layer_debug_checks():
         assert layer._modular_kernel(5) is layer._modular_kernel(5)        # built once, reused
     test_fail(lambda: FusedMoE(cfg, debug=1), contains="debug: expected a bool")
     test_fail(lambda: FusedMoE(cfg).capture(), contains="capture: expected a layer on a CUDA GPU with Triton experts")
+    from types import SimpleNamespace
+    on_gpu = SimpleNamespace(gate=SimpleNamespace(device=torch.device("cuda", 0)), use_triton=True, debug=False)  # the
+    for bad in (torch.tensor([1, 2]), 1.0, 4, {1: 2}, [], "8"):                              # checks after the device's
+        test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=bad), contains="batch_sizes: expected a non-empty list")
+    test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=[4, 0]), contains="batch_sizes: expected >= 1")
 
 
 @pytest.mark.gpu

@@ -237,7 +237,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #80d6c45445da
+# %% ../../nbs/06_kernels.batched.ipynb #6d9c394f494d
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -254,19 +254,22 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
     "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
     root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
+    if root is not None and not isinstance(root, (str, Path)):
+        raise ValueError(f"config_dir: expected a directory (str or Path) or None, got {root!r}")
     if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
     for name, v in (("E", E), ("N", N), ("K", K), ("M", M)):    # before the cache: 8.0 and True hash as 8 and 1
         check_int(name, v, lo=0 if name == "M" else 1)
+    if not isinstance(kernel, str): raise ValueError(f"kernel: expected a kernel name (str), got {kernel!r}")
+    if not isinstance(device_name, str): raise ValueError(f"device_name: expected a str, got {device_name!r}")
+    check_choice("dtype", dtype, tuple(_DTYPE_TAG))                # unhashable values fail here, not in the cache
     return dict(_lookup_tile_config(kernel, E, N, K, M, dtype, device_name, None if root is None else str(root),
                                     heuristic or default_tile_config))
 
 @functools.lru_cache(maxsize=4096)
 def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heuristic) -> dict:
     "`lookup_tile_config`'s answer, resolved once per argument tuple: launchers ask on every call (no path work per call)."
-    if not isinstance(kernel, str): raise ValueError(f"kernel: expected a kernel name (str), got {kernel!r}")
-    for name, v in (("E", E), ("N", N), ("K", K)): check_int(name, v, lo=1)
-    check_int("M", M, lo=0); check_choice("dtype", dtype, tuple(_DTYPE_TAG))
-    if not isinstance(device_name, str): raise ValueError(f"device_name: expected a str, got {device_name!r}")
+    if config_dir is not None and not Path(config_dir).is_dir():   # a typo would silently drop every tuned table
+        raise ValueError(f"config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory of tile tables, got {config_dir!r}")
     M = max(1, M)                                   # no rows expected: size the tile as for one
     for dt in (dtype, None):
         table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
@@ -289,9 +292,13 @@ def _device_name() -> str:
 def _load_table(path: Path) -> dict | None:
     "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
     if not path.exists(): return None
-    try: raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:     # OSError: a directory, no permission
-        raise ValueError(f"tile table {path}: expected JSON, got {type(e).__name__}: {e}") from None
+    def unique(pairs):                                                # a key twice: which entry wins is unsaid
+        keys = [k.lstrip("0") if isinstance(k, str) and k.isdigit() else k for k, _ in pairs]
+        if len(set(keys)) != len(keys): raise ValueError(f"duplicate keys {[k for k, _ in pairs]}")
+        return dict(pairs)
+    try: raw = json.loads(path.read_text(), object_pairs_hook=unique)
+    except (ValueError, UnicodeDecodeError, OSError) as e:   # JSONDecodeError is a ValueError; OSError: a directory
+        raise ValueError(f"tile table {path}: expected JSON with unique keys, got {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"tile table {path}: expected an object of {{\"<M>\": tile}}, got {type(raw).__name__}")
     table = {}
@@ -306,7 +313,7 @@ def _load_table(path: Path) -> dict | None:
         table[int(key)] = cfg
     return table
 
-# %% ../../nbs/06_kernels.batched.ipynb #897be529a281
+# %% ../../nbs/06_kernels.batched.ipynb #7aab90e0e4a4
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_extent(name: str, t: torch.Tensor):
@@ -342,7 +349,8 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     N = w.shape[1]
     if act and N % 2: raise ValueError(f"w: expected an even N for a gated activation ({act.name}), got {N}")
     n_out = N // 2 if act else N
-    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype, writable=True), a=a, w=w)
+    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=a.dtype, writable=True), a=a, w=w,
+                                        expert_num_tokens=expert_num_tokens, bias=bias)
     check_expert_bias("bias", bias, E, N, a.device)
     for name, t in (("expert_num_tokens", expert_num_tokens), ("w", w), ("out", out)):
         if t is not None and t.device != a.device:
@@ -483,7 +491,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
 
-# %% ../../nbs/06_kernels.batched.ipynb #179210b3a544
+# %% ../../nbs/06_kernels.batched.ipynb #ac72e05bc482
 class BatchedTritonExperts:
     "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
     activation_format = ActivationFormat.BatchedExperts
@@ -511,7 +519,8 @@ class BatchedTritonExperts:
                              validate=validate)                    # checks a, w13, the counts and the extents
         E, M, H = a.shape
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
-        else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2)
+        else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2,
+                                 expert_num_tokens=expert_num_tokens, w2_bias=w2_bias)
         check_kernel_device("a", a, w2=w2, out=out)
         for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias)   # h is GEMM1's

@@ -281,7 +281,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #cab4e08847c8
+# %% ../../nbs/08_kernels.contiguous.ipynb #d1f05e1f4e02
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -314,7 +314,8 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
     check_expert_bias("bias", bias, E, N, a.device)
     n_out = N // 2 if act else N
-    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype, writable=True), a=a, w=w)
+    if out is not None: check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype, writable=True), a=a, w=w,
+                                        sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     return _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act,
                            topk_weights, weight_stage, out, config, per_pair, expected_m, bias)

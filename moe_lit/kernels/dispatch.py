@@ -54,7 +54,7 @@ def _batched_dispatch_kernel(
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #3fee95b98860
+# %% ../../nbs/07_kernels.dispatch.ipynb #ae4f4db5082e
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -84,7 +84,8 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                         topk_weights=topk_weights, out=out)
     a = torch.empty(num_local_experts, max_tokens, H, dtype=hidden.dtype, device=hidden.device) if out is None else \
         check_disjoint("out", check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=hidden.dtype,
-                                           writable=True), hidden=hidden)
+                                           writable=True), hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights,
+                      expert_map=expert_map, global_to_physical=global_to_physical)
     for name, t in (("hidden", hidden), ("out", a)):
         if t.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {t.stride(-1)}")
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
@@ -112,7 +113,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
                          f"got {max_tokens}: capacity overflow")
     return a, counts, slot_map
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #c03475b926d8
+# %% ../../nbs/07_kernels.dispatch.ipynb #3f0b744b29fe
 @triton.jit
 def _batched_combine_kernel(
     expert_out_ptr,     # [E_local, max_tokens, H]
@@ -121,31 +122,35 @@ def _batched_combine_kernel(
     out_ptr,            # [T, H]
     H, max_tokens, stride_ee, stride_em, stride_ot,
     num_local,          # PAIRS: a pair's row exists iff 0 <= local id < num_local
-    TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr,   # TOP_K_P2: top_k rounded up to a power of two (the slot vector)
+    TOP_K: tl.constexpr, SLOTS: tl.constexpr,   # SLOTS: slots loaded at once (a power of two, _combine_tile)
     BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
     PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = offs_h < H
-    ks = tl.arange(0, TOP_K_P2)
-    km = ks < TOP_K
-    slot = tl.load(slot_map_ptr + t * TOP_K + ks, mask=km, other=-1).to(tl.int64)
-    if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local) & km, t * TOP_K + ks, -1)
-    valid = slot >= 0
-    e, r = slot // max_tokens, slot % max_tokens
-    y = tl.load(expert_out_ptr + e[:, None] * stride_ee + r[:, None] * stride_em + offs_h[None, :],
-                mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [TOP_K_P2, BLOCK_H]
-    if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + ks, mask=valid, other=0.0)[:, None]
-    tl.store(out_ptr + t * stride_ot + offs_h, tl.sum(y, axis=0).to(out_ptr.dtype.element_ty), mask=hm)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k0 in range(0, TOP_K, SLOTS):                         # one pass for top_k <= 32
+        ks = k0 + tl.arange(0, SLOTS)
+        km = ks < TOP_K
+        slot = tl.load(slot_map_ptr + t * TOP_K + ks, mask=km, other=-1).to(tl.int64)
+        if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local) & km, t * TOP_K + ks, -1)
+        valid = slot >= 0
+        e, r = slot // max_tokens, slot % max_tokens
+        y = tl.load(expert_out_ptr + e[:, None] * stride_ee + r[:, None] * stride_em + offs_h[None, :],
+                    mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [SLOTS, BLOCK_H]
+        if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + ks, mask=valid, other=0.0)[:, None]
+        acc += tl.sum(y, axis=0)
+    tl.store(out_ptr + t * stride_ot + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
-def _combine_block_h(T: int, H: int, top_k: int) -> int:
-    "BLOCK_H of the combine: at most 1024 and 8192 / top_k elements; halved (not below 128) while T·blocks < 256."
-    bh = min(1024, _next_pow2(H), max(128, 8192 // _next_pow2(top_k)))
+def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
+    "`(SLOTS, BLOCK_H)` of the combine: up to 32 slots a pass; BLOCK_H <= 1024, halved (not below 128) while T·blocks < 256."
+    slots = min(32, _next_pow2(top_k))
+    bh = min(1024, _next_pow2(H), 8192 // slots)
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
-    return bh
+    return slots, bh
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #8631b8e4ff35
+# %% ../../nbs/07_kernels.dispatch.ipynb #1faee1c48328
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -162,7 +167,8 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
     check_tensor("slot_map", slot_map, shape=(T, top_k), dtype=torch.int64)
     check_kernel_device("expert_out", expert_out, topk_weights=topk_weights, slot_map=slot_map, out=out)
     out = torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device) if out is None else \
-        check_disjoint("out", check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype, writable=True), expert_out=expert_out)
+        check_disjoint("out", check_tensor("out", out, shape=(T, H), dtype=expert_out.dtype, writable=True), expert_out=expert_out,
+                      topk_weights=topk_weights, slot_map=slot_map)
     for name, x in (("expert_out", expert_out), ("out", out)):
         if x.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {x.stride(-1)}")
     if validate and T and ((slot_map < -1) | (slot_map >= E * M)).any():
@@ -173,10 +179,10 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
     "`batched_combine` after its checks, `out` allocated: for a finalize that holds its own dispatch's slot map."
     (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
-        bh = _combine_block_h(T, H, top_k)
+        slots, bh = _combine_tile(T, H, top_k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
-            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, TOP_K_P2=_next_pow2(top_k), BLOCK_H=bh,
+            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
             WEIGHTED=not apply_router_weight_on_input, PAIRS=False)
     return out
 
@@ -198,10 +204,10 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
     (T, k), H = local_ids.shape, y.shape[1]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T and H:
-        bh = _combine_block_h(T, H, k)
+        slots, bh = _combine_tile(T, H, k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
-            TOP_K=k, TOP_K_P2=_next_pow2(k), BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
+            TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
 # %% ../../nbs/07_kernels.dispatch.ipynb #df1f7c5db2c1

@@ -31,7 +31,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #3108a8b17ced
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #865b44e63e43
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -58,10 +58,13 @@ class BatchedTritonQuantExperts:
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
                                    expected_m=expected_m, bias=w13_bias, validate=validate)   # checks a, qw, the counts
         (E, M, _), H = h.shape, qw.hidden_size
-        if out is None: out = torch.empty(E, M, H, dtype=h.dtype, device=h.device)
-        else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=h.dtype, writable=True), a=a, h=h)
-        check_kernel_device("a", a, out=out)
         wa2 = _weight_kernel_args(qw, "w2")
+        if out is not None:
+            check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=h.dtype, writable=True), a=a, h=h,
+                           expert_num_tokens=expert_num_tokens, w2_bias=w2_bias, w2_codes=wa2["codes"],
+                           w2_scale=wa2["scale"], w2_global_scale=wa2["gs"])
+        else: out = torch.empty(E, M, H, dtype=h.dtype, device=h.device)
+        check_kernel_device("a", a, out=out)
         for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)
         return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias)
