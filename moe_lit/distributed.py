@@ -173,13 +173,13 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                                 for k in ("prepare_s", "experts_s", "finalize_s")},
                              "reference_s": time.perf_counter() - t0}}
 
-# %% ../nbs/13b_distributed.ipynb #cf5963d28f6d
+# %% ../nbs/13b_distributed.ipynb #5841eb28b867
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m moe_lit.distributed",
                                  description="The moe-lit main job on N processes (one EP rank each).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
-    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (None: that number)")
+    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (unset: that number)")
     ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
                     help="all2all backend; None: allgather_reducescatter with more than one rank, else none")
     ap.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help="expert placement")

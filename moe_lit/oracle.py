@@ -11,11 +11,11 @@ from .config import ActivationFormat, MoEConfig
 from .quant import QUANT_SCHEME_TABLE                 # the records only: the oracle imports no Triton
 
 # %% auto #0
-__all__ = ['DEVICES', 'QUANT_SCHEMES', 'CANDIDATES', 'DeviceCaps', 'detect_device', 'ExpertsBackend', 'Decision',
-           'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
-           'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'plot_decisions']
+__all__ = ['DEVICES', 'QUANT_SCHEMES', 'QUANT_ALIASES', 'CANDIDATES', 'DeviceCaps', 'quant_scheme', 'detect_device',
+           'ExpertsBackend', 'Decision', 'select_experts_backend', 'select_unquantized_moe_backend',
+           'select_fp8_moe_backend', 'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'plot_decisions']
 
-# %% ../nbs/11_oracle.ipynb #a43b0f7ef091
+# %% ../nbs/11_oracle.ipynb #5ceff6bad485
 @dataclass(frozen=True)
 class DeviceCaps:
     "What the oracle needs to know about the device: kind, compute capability and the libraries installed."
@@ -40,6 +40,14 @@ DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
 
 QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant` and `09d_kernels.quant_experts`)
+QUANT_ALIASES = {s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias}   # short names ('fp8'), from the table
+
+def quant_scheme(name: str) -> str:
+    "The scheme `name` stands for: a name of `QUANT_SCHEMES` as it is, a short name of `QUANT_ALIASES` resolved; ValueError otherwise."
+    if isinstance(name, str) and name in QUANT_ALIASES: return QUANT_ALIASES[name]
+    if not isinstance(name, str) or name not in QUANT_SCHEMES:
+        raise ValueError(f"quant: expected one of {list(QUANT_SCHEMES)} or a short name {list(QUANT_ALIASES)}, got {name!r}")
+    return name
 
 def detect_device() -> DeviceCaps:
     "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."

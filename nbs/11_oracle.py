@@ -61,6 +61,14 @@ DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
 
 QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant` and `09d_kernels.quant_experts`)
+QUANT_ALIASES = {s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias}   # short names ('fp8'), from the table
+
+def quant_scheme(name: str) -> str:
+    "The scheme `name` stands for: a name of `QUANT_SCHEMES` as it is, a short name of `QUANT_ALIASES` resolved; ValueError otherwise."
+    if isinstance(name, str) and name in QUANT_ALIASES: return QUANT_ALIASES[name]
+    if not isinstance(name, str) or name not in QUANT_SCHEMES:
+        raise ValueError(f"quant: expected one of {list(QUANT_SCHEMES)} or a short name {list(QUANT_ALIASES)}, got {name!r}")
+    return name
 
 def detect_device() -> DeviceCaps:
     "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."

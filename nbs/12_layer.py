@@ -20,7 +20,7 @@ from moe_lit.placement import Placement, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
-from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, detect_device, select_experts_backend, quant_scheme
 
 # %%
 #| hide
@@ -68,7 +68,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
     "`(implementation, reason)`: 'triton', 'triton_quant' or 'torch' for the requested `experts` ('auto', 'triton', 'torch')."
-    check_choice("experts", experts, ("auto", "triton", "torch")); check_choice("quant", quant, QUANT_SCHEMES)
+    check_choice("experts", experts, ("auto", "triton", "torch")); quant = quant_scheme(quant)
     fmt, q = activation_format.value, quant != "unquantized"
     if backend is not None or (experts == "auto" and device.type == "cuda" and config is not None):
         if config is None: raise ValueError("config: expected the MoEConfig when a backend is forced, got None")
@@ -110,6 +110,7 @@ assert impl == "torch" and why.startswith("oracle: torch_standard")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                   backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
+assert "fp8_w8a8_block weights dequantized once" in resolve_experts("auto", S, torch.device("cpu"), "fp8")[1]   # short name
 test_fail(lambda: resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
           contains="quant: expected a bf16 or fp16 layer")
 test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
@@ -123,7 +124,7 @@ class FusedMoE(torch.nn.Module):
     config: the model and its deployment (MoEConfig; `config.parallel` says which EP rank this is).
     weights: a WeightSource, a mapping of global tensors named like the state_dict, or None (random from `seed`).
     placement: 'linear' or 'round_robin' (resolved against the backend's record). experts: 'auto', 'triton', 'torch'.
-    device: 'cpu', 'cuda' or a torch.device. quant: a scheme of QUANT_SCHEMES. backend: an experts backend to force.
+    device: 'cpu', 'cuda' or a torch.device. quant: a scheme of QUANT_SCHEMES or a short name of QUANT_ALIASES. backend: an experts backend to force.
     debug: re-check the layer's own values on every call (host syncs; see "The hot path").
     forward(hidden [T, H] config.dtype, topk=None, add_shared=True) -> [T, H]; route(hidden) -> (topk_weights [T, top_k]
     fp32, topk_ids [T, top_k] in config.topk_indices_dtype); capture(batch_sizes) records CUDA graphs.
@@ -137,7 +138,7 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        device = check_device(device)
+        device, quant = check_device(device), quant_scheme(quant)      # 'fp8' -> 'fp8_w8a8_block'
         self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
                                                             backend)
         self.quant = quant

@@ -243,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
                                  description="The moe-lit main job on N processes (one EP rank each).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
-    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (None: that number)")
+    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (unset: that number)")
     ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
                     help="all2all backend; None: allgather_reducescatter with more than one rank, else none")
     ap.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help="expert placement")

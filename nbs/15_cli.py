@@ -16,8 +16,7 @@ from moe_lit.entry import command_parser
 from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
-from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
-from moe_lit.quant import QUANT_SCHEME_TABLE
+from moe_lit.oracle import DEVICES, QUANT_SCHEMES, QUANT_ALIASES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -399,11 +398,11 @@ _HELP = {
     "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
             "rank: no all2all, experts masked with expert_map",
     "--all2all": "all2all backend that moves tokens between EP ranks (used only with more than one DP rank); "
-                 "None means allgather_reducescatter with more than one DP rank (vLLM's default), else none",
+                 "unset means allgather_reducescatter with more than one DP rank (vLLM's default), else none",
     "--placement": "how experts are spread over the EP ranks: linear (contiguous blocks) or round_robin (expert e on "
                    "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
                    "report says why",
-    "--dtype": "activation and weight dtype of the layer; unset (%(default)s) means the model's own: the torch_dtype "
+    "--dtype": "activation and weight dtype of the layer; unset means the model's own: the torch_dtype "
                "of --config's file, bf16 for every preset (the reference is always computed in float64)",
     "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
     "--device": "where the layer runs: auto = cuda when a GPU is present, else cpu",
@@ -413,10 +412,8 @@ _HELP = {
 
 # %%
 #| export
-QUANT_ALIASES = {s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias}   # short names, from the table
-
 def _quant_scheme(name: str) -> str:
-    "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES`."
+    "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`11_oracle.quant_scheme`); argparse names the choices."
     return QUANT_ALIASES.get(name, name)
 
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
@@ -436,7 +433,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_HELP["--device"])
     p.add_argument("--tokens", type=int, default=64, help=_HELP["--tokens"])
     p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
-    p.add_argument("--quant", default=None, type=_quant_scheme, choices=list(QUANT_SCHEMES), help=_HELP["--quant"])
+    p.add_argument("--quant", default=None, type=_quant_scheme, choices=[*QUANT_SCHEMES, *QUANT_ALIASES], help=_HELP["--quant"])
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
                    help="run across the processes torchrun started (one EP rank each; --ep defaults to their number)")
@@ -444,7 +441,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
                         "with its own weights instead of random ones (the model comes from its config.json)")
     p.add_argument("--layer", type=int, default=None,
-                   help="with --weights: the decoder layer whose MoE block to load; unset (%(default)s) means the "
+                   help="with --weights: the decoder layer whose MoE block to load; unset means the "
                         "checkpoint's first MoE layer")
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
@@ -458,7 +455,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_deployment_args(tables)
     tables.add_argument("--json", action="store_true", help="print every rank's tables as JSON")
     _add_deployment_args(ex)
-    ex.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=list(QUANT_SCHEMES),
+    ex.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=[*QUANT_SCHEMES, *QUANT_ALIASES],
                     help="weight/activation quantization (short names: " + ", ".join(f"{k} = {v}" for k, v in QUANT_ALIASES.items()) + ")")
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
@@ -466,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tune", nargs="?", const="all", default=False, choices=["all", "batched", "contiguous", "w4a16"],
                    help="sweep tile candidates of these kernels first and save the winners (no value: all; w4a16: "
                         "both FP4 kernels)")
-    b.add_argument("--config-dir", help="where tuned tile tables are written (None: the package's configs/)")
+    b.add_argument("--config-dir", help="where tuned tile tables are written (unset: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
     b.add_argument("--layer", action="store_true",
@@ -778,7 +775,7 @@ def exit_code(argv):
     except SystemExit as e: return e.code
 for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
                                (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
-                               (["run", "--help"], 0, "unset (None) means the model's own: the torch_dtype of --config's "
+                               (["run", "--help"], 0, "unset means the model's own: the torch_dtype of --config's "
                                                       "file, bf16 for every preset", None),
                                (["tables", "--help"], 0, "no all2all, experts masked with expert_map", "--dtype")):
     with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(exit_code(argv), code)

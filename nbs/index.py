@@ -16,7 +16,8 @@
 # ## Install and run
 #
 # On a fresh Linux machine with Python ≥ 3.11, from a clone of this repository, two commands. The first installs
-# moe-lit into `.venv` (the CPU build of torch, then the package with its development tools) and runs the main job on
+# moe-lit into `.venv` (torch 2.13 first — pip takes the build its index offers: a CPU wheel where one is configured,
+# PyPI's default CUDA build on Linux otherwise, several GB more — then the package with its development tools) and runs the main job on
 # the built-in default, the MoE layer of Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert width 768):
 #
 # ```sh
@@ -24,7 +25,7 @@
 # ```
 #
 # It takes about two minutes with a fresh download and prints nothing while it installs: the install about 70–90 s
-# (`.venv` about 2 GB), then the run, about 6 s on 2 idle cores (25–30 s measured on a busy machine), most of it generating the random weights, at a peak of about 3.2 GiB
+# (`.venv` about 2 GB), then the run, about 6 s on 2 idle cores (25–30 s measured on a busy machine), most of it generating the random weights, at a peak of about 1.5 GiB
 # resident.
 #
 # The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
@@ -50,7 +51,7 @@
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
 # reason and the oracle's decision table; `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
 # quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the
-# default model's run takes about 6 s unquantized, 11 s with FP8 and 50 s with MXFP4, each at a peak of 3.2 GiB resident
+# default model's run takes about 7 s unquantized, 16 s with FP8 and 60 s with MXFP4, at a peak of 1.5, 3.2 and 2.9 GiB resident
 # memory; the report's last line gives the run's own peak, the figure `/usr/bin/time -v` reads). `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small

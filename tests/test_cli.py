@@ -9,8 +9,7 @@ from moe_lit.entry import command_parser
 from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
-from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
-from moe_lit.quant import QUANT_SCHEME_TABLE
+from moe_lit.oracle import DEVICES, QUANT_SCHEMES, QUANT_ALIASES, detect_device, select_experts_backend
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -243,7 +242,7 @@ def test_main_options():
         except SystemExit as e: return e.code
     for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
                                    (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
-                                   (["run", "--help"], 0, "unset (None) means the model's own: the torch_dtype of --config's "
+                                   (["run", "--help"], 0, "unset means the model's own: the torch_dtype of --config's "
                                                           "file, bf16 for every preset", None),
                                    (["tables", "--help"], 0, "no all2all, experts masked with expert_map", "--dtype")):
         with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(exit_code(argv), code)

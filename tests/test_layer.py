@@ -13,7 +13,7 @@ from moe_lit.placement import Placement, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
-from moe_lit.oracle import QUANT_SCHEMES, DEVICES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, detect_device, select_experts_backend, quant_scheme
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
@@ -38,6 +38,7 @@ def test_resolve_experts():
     test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                       backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
     test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
+    assert "fp8_w8a8_block weights dequantized once" in resolve_experts("auto", S, torch.device("cpu"), "fp8")[1]   # short name
     test_fail(lambda: resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
               contains="quant: expected a bf16 or fp16 layer")
     test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")

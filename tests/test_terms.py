@@ -73,6 +73,10 @@ def test_acc_dtype():
 def test_check_finite():
     test_eq(check_finite("w", torch.ones(2)).shape, (2,))
     test_fail(lambda: check_finite("w13", torch.tensor([[1.0, float("nan")]])), contains="w13: expected finite values, got nan at [0, 1]")
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):        # the one-reduction path, each sign
+        for v in (float("inf"), -float("inf"), float("nan")):
+            test_fail(lambda: check_finite("w", torch.tensor([0.5, v, -2.0]).to(dt)), contains=f"w: expected finite values, got {v}")
+    test_eq(check_finite("ids", torch.tensor([3, -1])).tolist(), [3, -1])            # integers are finite
 
 
 def test_progress_passthrough():
