@@ -298,7 +298,8 @@ plot_bench_layer(layer_h200)
 #   percent): at 481820b it was 340–1320 µs. On this CPU a Triton launch through the JIT costs about 20 µs and a launch
 #   of the compiled kernel 7–10 µs (`nbs/bench/launch_cost_h200.log`); the layer's own Python is 70–160 µs per
 #   forward on an idle CPU with the launches stubbed (`nbs/bench/host_overhead_cpu.py`). A serving engine does not pay
-#   it: the graph path (`forward` with captured buckets: copy in, replay, copy out) costs replay + 3–35 µs.
+#   it: the graph path (`forward` with captured buckets: copy in, replay, copy out) took −5 to +13 µs beside the bare
+#   replay in this run.
 # - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.2 µs at
 #   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
 #   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-
