@@ -320,7 +320,7 @@ def _check_moe_deployment(c: MoEConfig) -> None:
     if c.parallel.use_all2all_kernels:
         c.parallel.backend.round_up_hidden_size(c.hidden_size)   # ValueError above the largest size it sends
 
-# %% ../nbs/01_config.ipynb #a3455d15d9c5
+# %% ../nbs/01_config.ipynb #5eed52c3a43b
 def _delegate(name):
     def f(self): return getattr(self.parallel, name)
     f.__doc__ = f"Delegated to `self.parallel.{name}`."
@@ -337,7 +337,10 @@ def num_physical_experts(self: MoEConfig) -> int:
 
 @patch
 def replace(self: MoEConfig, **kw) -> MoEConfig:
-    "A copy with the fields in `kw` changed (validated again on construction)."
+    "A copy with the fields in `kw` changed (validated again on construction); ValueError naming an unknown field."
+    fields = {f.name for f in dataclasses.fields(self) if f.init}
+    if unknown := sorted(set(kw) - fields):
+        raise ValueError(f"replace: expected fields of MoEConfig ({', '.join(sorted(fields))}), got {unknown}")
     return dataclasses.replace(self, **kw)
 
 @patch(as_prop=True)

@@ -204,7 +204,7 @@ def _model_type(cfg: dict) -> str | None:
         raise ValueError(f"config.json model_type: expected a str, got {type(t).__name__} {t!r}")
     return t
 
-# %% ../nbs/02_models.ipynb #f5d9b85882b7
+# %% ../nbs/02_models.ipynb #0c688b6b3daa
 _OSS_EXPERTS = dict(activation="swigluoai", has_expert_bias=True, has_router_bias=True)   # GptOssExperts, GptOssTopKRouter
 _FAMILIES = {   # model_type -> routing and expert facts its code fixes, or defaults for keys its config.json may omit
     "mixtral":     dict(renormalize=True),    # MixtralSparseMoeBlock divides the top-2 by their sum; no key
@@ -216,7 +216,8 @@ _FAMILIES = {   # model_type -> routing and expert facts its code fixes, or defa
     "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True)),   # Qwen3NextSparseMoeBlock
     "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc"),   # MiniMaxM2TopKRouter
     "deepseek_v2": dict(norm_default=False, topk_method="greedy"),
-    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
+    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc",   # DeepseekV3Config's
+                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # defaults for absent keys
     "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
 }
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")   # DeepSeek's topk_method values
@@ -238,10 +239,11 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
                    topk_group=check_int("config.json topk_group", topk_group, lo=1, hi=SIZE_LIMIT))
     return out
 
-# %% ../nbs/02_models.ipynb #e67d71e38ccd
+# %% ../nbs/02_models.ipynb #ac1133d010e8
 def _routing_from_hf(cfg: dict) -> dict:
     "The MoEConfig routing fields: config.json keys where present, the model family's behaviour where not."
     fam = _FAMILIES.get(_model_type(cfg), {})
+    cfg = {**fam.get("defaults", {}), **{k: v for k, v in cfg.items() if v is not None}}   # absent: transformers' default
     if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (vLLM's llama4.py)
         return dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False,
                     apply_router_weight_on_input=True)
@@ -256,7 +258,7 @@ def _routing_from_hf(cfg: dict) -> dict:
     return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
                 **_groups_from_hf(cfg, fam))
 
-# %% ../nbs/02_models.ipynb #fb3aaf3265db
+# %% ../nbs/02_models.ipynb #7b0e5e3f409a
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]:
@@ -292,12 +294,15 @@ def _experts_from_hf(cfg: dict) -> dict:
     return out
 
 def _dtype_from_hf(cfg: dict) -> torch.dtype:
-    "The checkpoint's dtype from `torch_dtype` (or `dtype`, its newer name); bfloat16 when the file has neither."
-    for key in ("torch_dtype", "dtype"):
+    "The checkpoint's dtype from `dtype` (or `torch_dtype`, its older name; transformers reads `dtype` first); bfloat16 when the file has neither."
+    found = {}
+    for key in ("dtype", "torch_dtype"):
         if cfg.get(key) is not None:
             name = cfg[key].removeprefix("torch.") if isinstance(cfg[key], str) else cfg[key]
-            return _HF_DTYPES[check_choice(f"config.json {key}", name, tuple(_HF_DTYPES))]
-    return torch.bfloat16
+            found[key] = _HF_DTYPES[check_choice(f"config.json {key}", name, tuple(_HF_DTYPES))]
+    if len(set(found.values())) > 1:
+        raise ValueError(f"config.json dtype: expected the same dtype as torch_dtype, got {found['dtype']} and {found['torch_dtype']}")
+    return next(iter(found.values()), torch.bfloat16)
 
 # %% ../nbs/02_models.ipynb #258fe076426a
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory

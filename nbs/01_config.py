@@ -602,7 +602,10 @@ def num_physical_experts(self: MoEConfig) -> int:
 
 @patch
 def replace(self: MoEConfig, **kw) -> MoEConfig:
-    "A copy with the fields in `kw` changed (validated again on construction)."
+    "A copy with the fields in `kw` changed (validated again on construction); ValueError naming an unknown field."
+    fields = {f.name for f in dataclasses.fields(self) if f.init}
+    if unknown := sorted(set(kw) - fields):
+        raise ValueError(f"replace: expected fields of MoEConfig ({', '.join(sorted(fields))}), got {unknown}")
     return dataclasses.replace(self, **kw)
 
 @patch(as_prop=True)

@@ -378,7 +378,8 @@ Markdown(markdown_table(preset_table()))
 # - **Shared experts:** `n_shared_experts` (DeepSeek) gives that many experts fused into one MLP of width
 #   `n_shared_experts · moe_intermediate_size`; `shared_expert_intermediate_size` (Qwen2-MoE, Qwen3-Next) gives one
 #   shared expert of that width; Llama-4 always has one of width `intermediate_size`.
-# - **dtype** comes from `torch_dtype` (or `dtype`, its newer name) unless the caller passes one; bfloat16 when absent.
+# - **dtype** comes from `dtype` (or `torch_dtype`, its older name; both present must agree) unless the caller passes one;
+#   bfloat16 when absent.
 # - **name** is `_name_or_path` (or `name_or_path`) when the file records it, else the file's stem when it is not
 #   `config` (`gpt-oss-20b.json`), else the checkpoint directory's name, else `model_type` (for a dict).
 #
@@ -500,7 +501,8 @@ _FAMILIES = {   # model_type -> routing and expert facts its code fixes, or defa
     "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True)),   # Qwen3NextSparseMoeBlock
     "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc"),   # MiniMaxM2TopKRouter
     "deepseek_v2": dict(norm_default=False, topk_method="greedy"),
-    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
+    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc",   # DeepseekV3Config's
+                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # defaults for absent keys
     "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
 }
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")   # DeepSeek's topk_method values
@@ -527,6 +529,7 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
 def _routing_from_hf(cfg: dict) -> dict:
     "The MoEConfig routing fields: config.json keys where present, the model family's behaviour where not."
     fam = _FAMILIES.get(_model_type(cfg), {})
+    cfg = {**fam.get("defaults", {}), **{k: v for k, v in cfg.items() if v is not None}}   # absent: transformers' default
     if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (vLLM's llama4.py)
         return dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False,
                     apply_router_weight_on_input=True)
@@ -578,12 +581,15 @@ def _experts_from_hf(cfg: dict) -> dict:
     return out
 
 def _dtype_from_hf(cfg: dict) -> torch.dtype:
-    "The checkpoint's dtype from `torch_dtype` (or `dtype`, its newer name); bfloat16 when the file has neither."
-    for key in ("torch_dtype", "dtype"):
+    "The checkpoint's dtype from `dtype` (or `torch_dtype`, its older name; transformers reads `dtype` first); bfloat16 when the file has neither."
+    found = {}
+    for key in ("dtype", "torch_dtype"):
         if cfg.get(key) is not None:
             name = cfg[key].removeprefix("torch.") if isinstance(cfg[key], str) else cfg[key]
-            return _HF_DTYPES[check_choice(f"config.json {key}", name, tuple(_HF_DTYPES))]
-    return torch.bfloat16
+            found[key] = _HF_DTYPES[check_choice(f"config.json {key}", name, tuple(_HF_DTYPES))]
+    if len(set(found.values())) > 1:
+        raise ValueError(f"config.json dtype: expected the same dtype as torch_dtype, got {found['dtype']} and {found['torch_dtype']}")
+    return next(iter(found.values()), torch.bfloat16)
 
 # %% [markdown]
 # ### The parser
@@ -659,6 +665,15 @@ with tempfile.TemporaryDirectory() as d:
     (Path(d) / "config.json").write_text(json.dumps(deepseek_v3))
     c = moe_config_from_hf(Path(d))                                     # a directory, as a Path
 test_eq(c.replace(name=PRESETS["deepseek-v3"].name), PRESETS["deepseek-v3"])
+# keys DeepseekV3Config defaults (2.5, 8 groups, top-4 groups): absent or null, the family's default, not 1.0 / ungrouped
+trimmed = {k: v for k, v in deepseek_v3.items() if k not in ("routed_scaling_factor", "n_group", "topk_group")}
+test_eq(moe_config_from_hf({**trimmed, "routed_scaling_factor": None}).replace(name=PRESETS["deepseek-v3"].name),
+        PRESETS["deepseek-v3"])
+# dtype is the newer name and wins in transformers; two names that disagree are refused
+test_eq(moe_config_from_hf({**deepseek_v3, "dtype": "float32", "torch_dtype": None}).dtype, torch.float32)
+test_fail(lambda: moe_config_from_hf({**deepseek_v3, "dtype": "float32"}),
+          contains="config.json dtype: expected the same dtype as torch_dtype, got torch.float32 and torch.bfloat16")
+test_fail(lambda: c.replace(foo=1), contains="replace: expected fields of MoEConfig (")
 # DeepSeek-V2 style: group-limited greedy (groups, no bias) and plain greedy
 v2 = {**deepseek_v3, "model_type": "deepseek_v2", "scoring_func": "softmax", "topk_method": "group_limited_greedy",
       "n_routed_experts": 160, "num_experts_per_tok": 6, "n_shared_experts": 2, "moe_intermediate_size": 1536,

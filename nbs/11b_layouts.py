@@ -243,6 +243,10 @@ def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
         raise ValueError(f"config.json quantization_config.quant_method: expected one of {list(QUANT_METHODS)}, "
                          f"got {method!r}")
     if method == "mxfp4": return QUANT_METHODS[method], (1, 32)
+    act = q.get("activation_scheme", "dynamic")                    # activations quantized per call, 1×128 groups
+    if act != "dynamic":                                            # static scales are a different checkpoint format
+        raise ValueError(f"config.json quantization_config.activation_scheme: expected 'dynamic' for FP8 block "
+                         f"weights (activations are quantized per call), got {act!r}")
     block = q.get("weight_block_size")
     if block is None: block = [128, 128]                            # DeepSeek-V3's, the format's default
     if not (isinstance(block, (list, tuple)) and len(block) == 2 and
@@ -260,6 +264,8 @@ test_eq(quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "we
 test_eq(quant_scheme_from_hf({"quantization_config": {"quant_method": "mxfp4"}}), ("mxfp4_w4a16", (1, 32)))
 test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "awq"}}),
           contains="config.json quantization_config.quant_method: expected one of")
+test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}),
+          contains="activation_scheme: expected 'dynamic' for FP8 block weights (activations are quantized per call), got 'static'")
 test_fail(lambda: quant_scheme_from_hf({"quantization_config": "fp8"}), contains="config.json quantization_config: expected an object")
 for bad in (None, [1], "mixtral"):
     test_fail(lambda: quant_scheme_from_hf(bad), contains="cfg: expected a config.json's contents (a dict), got")

@@ -176,7 +176,7 @@ def _check_run_args(config, num_tokens, seed, token_counts, group) -> tuple[int,
     if config.activation != "silu" or config.has_expert_bias:   # gpt-oss's experts run in FusedMoE / run_emulated_ep
         raise ValueError(f"config: expected SiLU experts without biases across processes, got activation "
                          f"{config.activation!r}, has_expert_bias={config.has_expert_bias}")
-    check_int("num_tokens", num_tokens, lo=0, hi=65537); check_int("seed", seed, lo=0)
+    check_int("num_tokens", num_tokens, lo=0, hi=65537); check_int("seed", seed, lo=0, hi=2**40)
     counts = split_tokens(num_tokens, S) if token_counts is None else _check_token_counts(token_counts, num_tokens, S)
     seen = [None] * S
     dist.all_gather_object(seen, (num_tokens, counts, seed), group=group)     # every rank must agree, or all raise

@@ -248,7 +248,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
                weights=None,   # a WeightSource (e.g. moe_lit.checkpoint.CheckpointWeights); None: random from `seed`
               ) -> dict:
     "Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data."
-    check_int("num_tokens", num_tokens, lo=1, hi=65537); check_int("seed", seed, lo=0)   # a batch, not a dataset
+    check_int("num_tokens", num_tokens, lo=1, hi=65537); check_int("seed", seed, lo=0, hi=2**40)   # a batch, not a dataset
     dispatch_h, h_note = dispatch_hidden_size(rank_config(config, 0, tp_size))   # H the backend cannot send: fail now
     t0 = time.perf_counter()
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))

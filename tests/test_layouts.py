@@ -51,6 +51,8 @@ def test_quant_scheme_from_hf():
     test_eq(quant_scheme_from_hf({"quantization_config": {"quant_method": "mxfp4"}}), ("mxfp4_w4a16", (1, 32)))
     test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "awq"}}),
               contains="config.json quantization_config.quant_method: expected one of")
+    test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}),
+              contains="activation_scheme: expected 'dynamic' for FP8 block weights (activations are quantized per call), got 'static'")
     test_fail(lambda: quant_scheme_from_hf({"quantization_config": "fp8"}), contains="config.json quantization_config: expected an object")
     for bad in (None, [1], "mixtral"):
         test_fail(lambda: quant_scheme_from_hf(bad), contains="cfg: expected a config.json's contents (a dict), got")

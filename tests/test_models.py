@@ -159,6 +159,15 @@ def test_from_hf_deepseek_v3():
         (Path(d) / "config.json").write_text(json.dumps(deepseek_v3))
         c = moe_config_from_hf(Path(d))                                     # a directory, as a Path
     test_eq(c.replace(name=PRESETS["deepseek-v3"].name), PRESETS["deepseek-v3"])
+    # keys DeepseekV3Config defaults (2.5, 8 groups, top-4 groups): absent or null, the family's default, not 1.0 / ungrouped
+    trimmed = {k: v for k, v in deepseek_v3.items() if k not in ("routed_scaling_factor", "n_group", "topk_group")}
+    test_eq(moe_config_from_hf({**trimmed, "routed_scaling_factor": None}).replace(name=PRESETS["deepseek-v3"].name),
+            PRESETS["deepseek-v3"])
+    # dtype is the newer name and wins in transformers; two names that disagree are refused
+    test_eq(moe_config_from_hf({**deepseek_v3, "dtype": "float32", "torch_dtype": None}).dtype, torch.float32)
+    test_fail(lambda: moe_config_from_hf({**deepseek_v3, "dtype": "float32"}),
+              contains="config.json dtype: expected the same dtype as torch_dtype, got torch.float32 and torch.bfloat16")
+    test_fail(lambda: c.replace(foo=1), contains="replace: expected fields of MoEConfig (")
     # DeepSeek-V2 style: group-limited greedy (groups, no bias) and plain greedy
     v2 = {**deepseek_v3, "model_type": "deepseek_v2", "scoring_func": "softmax", "topk_method": "group_limited_greedy",
           "n_routed_experts": 160, "num_experts_per_tok": 6, "n_shared_experts": 2, "moe_intermediate_size": 1536,
