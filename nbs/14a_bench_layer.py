@@ -271,16 +271,17 @@ plot_bench_layer(layer_h200)
 #
 # - **30 of the 54 rows meet the 1.25 × floor + 10 µs bar** (25 at 481820b, 15 at 8a184b7). Replayed, the layer is
 #   near its floor where the experts' bytes dominate: gpt-oss-120b from T = 8 (1.04–1.17×), DeepSeek-V3 EP8 from
-#   T = 8 (nixl_ep) and T = 16 (allgather) (1.09–1.26×), Mixtral from T = 2 to 64 (1.03–1.22×), Qwen3 from T = 16
+#   T = 8 (nixl_ep) and T = 16 (allgather) (1.09–1.28×), Mixtral from T = 2 to 64 (1.03–1.22×), Qwen3 from T = 16
 #   (1.16–1.24×).
 # - **What moved since 481820b**, replayed: Qwen3 9–16 % faster up to T = 128 (T = 1: 58 → 49 µs), Qwen3 EP2 5–20 %,
-#   DeepSeek-V3 at T ≤ 4 16–25 % (nixl_ep T = 1: 140 → 111 µs; allgather 127 → 104). Three changes: tile tables for
+#   DeepSeek-V3 16–25 % at T ≤ 2 (nixl_ep; T = 1: 140 → 111 µs) and T ≤ 4 (allgather; 127 → 104). Three changes: tile tables for
 #   the layer's own GEMM calls at decode (`nbs/bench/tune_layer.py`: both GEMMs of every deployment, per tile-table
 #   bucket, judged by replaying the whole layer; `tune_layer_h200_b39ccfc.json` logs each bucket's before and after,
 #   3–10 % where a bucket changed), the combine loading a token's `top_k` rows in one masked load with narrower
 #   H blocks at small T (`07_kernels.dispatch`), and the batched dispatch zeroing its counts and overflow flag in one
 #   launch. The rest agree with 481820b within ±3 %, run-to-run noise (Mixtral at T = 128 measured 2 % slower).
-# - **Where it still misses:** every deployment at T ≤ 4 but Mixtral (T = 1 only), Qwen3 EP2 at all but T = 64 and
+# - **Where it still misses:** every deployment at T ≤ 4 (Qwen3 and DeepSeek allgather up to T = 8; Mixtral at T = 1
+#   only), Qwen3 EP2 at all but T = 64 and
 #   128, and Mixtral at T = 128–256 (1.28–1.46×: 32 and 64 rows per expert, where its 14336-wide GEMM1 leaves the
 #   weight-streaming regime). At small T the floor is 9–65 µs and a forward is still seven to a dozen dependent
 #   launches — router GEMM (two cuBLAS kernels), router, pair blocks or dispatch, two GEMMs, combine, shared experts —
