@@ -61,7 +61,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #01a11b55d62d
+# %% ../nbs/12_layer.ipynb #98531091c573
 class FusedMoE(torch.nn.Module):
     """One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel.
 
@@ -89,7 +89,8 @@ class FusedMoE(torch.nn.Module):
         self.config, self.activation = config, Activation.of(config)
         self.placement = Placement.build(config, strategy=placement)
         source = _weight_source(config, weights, seed)
-        for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias")).items():
+        for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias"),
+                                source=source).items():
             self.register_buffer(name, None if t is None else t.float().to(device))   # [E, H] / [E] fp32, replicated
         self._load_experts(source, device)
         shared = source.shared()
@@ -98,14 +99,14 @@ class FusedMoE(torch.nn.Module):
                              f"({config.num_shared_experts}), got {'none' if shared is None else 'some'}")
         if shared is not None:
             shared = _checked({f"shared_experts.{k}": v for k, v in shared.items()}, config,
-                              ("shared_experts.w13", "shared_experts.w2", "shared_experts.gate"))
+                              ("shared_experts.w13", "shared_experts.w2", "shared_experts.gate"), source=source)
             shared = [None if t is None else t.to(config.dtype).to(device) for t in shared.values()]
         self.shared_experts = None if shared is None else SharedExperts(*shared)
         self._register_load_state_dict_pre_hook(_refuse_quantized_state, with_module=True)
         self.register_load_state_dict_post_hook(_requantize_after_load)
         self._build_hot_path()
 
-# %% ../nbs/12_layer.ipynb #51f3f9ccb868
+# %% ../nbs/12_layer.ipynb #ca69ec8f809e
 def _facts(c: MoEConfig) -> tuple:
     "What a weight source must agree on with the layer (its dtype may differ: the layer casts)."
     act = (c.activation, c.swiglu_alpha, c.swiglu_limit) if c.activation == "swigluoai" else c.activation
@@ -125,7 +126,9 @@ def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
                          f"{_facts(config)}, got {_facts(weights.config)}")
     return weights
 
-def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = None) -> dict:
+def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = None,
+             expert_ids: list | None = None,   # the global experts asked (`num` of them): a non-finite value names its expert
+             source=None) -> dict:             # the WeightSource: a checkpoint's description names the file
     "`{name: tensor or None}` for `names`: present and of the right shape iff the config needs it (`num`: experts asked)."
     shapes = weight_shapes(config)
     want = [n for n in names if n in shapes]
@@ -137,19 +140,29 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         shape = shapes[n] if num is None or n.startswith("shared") or n in ("gate", "gate_bias") else (num, *shapes[n][1:])
         if n not in tensors: raise ValueError(f"weights[{n!r}]: expected a tensor of shape {list(shape)}, got none")
         t = check_dense(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
-        out[n] = check_finite(f"weights[{n!r}]", t)
+        per_expert = expert_ids is not None and len(shape) > 1 and shape[0] == len(expert_ids)
+        out[n] = _finite(f"weights[{n!r}]", t, expert_ids if per_expert else None, source)
         if t.dtype != config.dtype and n not in ("gate", "gate_bias", "e_score_correction_bias"):   # cast: finite there too
-            check_finite(f"weights[{n!r}] in {config.dtype}", t.to(config.dtype))
+            _finite(f"weights[{n!r}] in {config.dtype}", t.to(config.dtype), expert_ids if per_expert else None, source)
     return out
 
-# %% ../nbs/12_layer.ipynb #6e020d7cf6c7
+def _finite(name: str, t: torch.Tensor, expert_ids, source) -> torch.Tensor:
+    "`check_finite`, its error completed with the global expert of the first bad value and a checkpoint's description."
+    try: return check_finite(name, t)
+    except ValueError as e:
+        where = [] if expert_ids is None else [f"index 0 is the expert: global expert {expert_ids[int((~torch.isfinite(t)).nonzero()[0][0])]}"]
+        if hasattr(source, "description"): where.append(f"from {source.description}")
+        raise ValueError(f"{e} ({'; '.join(where)})" if where else str(e)) from None
+
+# %% ../nbs/12_layer.ipynb #03f76c4f4fa0
 @patch
 def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
     c = self.config
     ids = (self.placement.local_to_global % c.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
     pad = c.padded_hidden_size - c.hidden_size                     # the backend's wire size (zero columns)
-    ex = _checked(source.experts(ids), c, ("w13", "w2", "w13_bias", "w2_bias"), num=len(ids))
+    ex = _checked(source.experts(ids), c, ("w13", "w2", "w13_bias", "w2_bias"), num=len(ids), expert_ids=ids,
+                  source=source)
     w13, w2, b13, b2 = (None if t is None else t.to(c.dtype) for t in ex.values())
     if pad:
         w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))

@@ -145,7 +145,8 @@ class FusedMoE(torch.nn.Module):
         self.config, self.activation = config, Activation.of(config)
         self.placement = Placement.build(config, strategy=placement)
         source = _weight_source(config, weights, seed)
-        for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias")).items():
+        for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias"),
+                                source=source).items():
             self.register_buffer(name, None if t is None else t.float().to(device))   # [E, H] / [E] fp32, replicated
         self._load_experts(source, device)
         shared = source.shared()
@@ -154,7 +155,7 @@ class FusedMoE(torch.nn.Module):
                              f"({config.num_shared_experts}), got {'none' if shared is None else 'some'}")
         if shared is not None:
             shared = _checked({f"shared_experts.{k}": v for k, v in shared.items()}, config,
-                              ("shared_experts.w13", "shared_experts.w2", "shared_experts.gate"))
+                              ("shared_experts.w13", "shared_experts.w2", "shared_experts.gate"), source=source)
             shared = [None if t is None else t.to(config.dtype).to(device) for t in shared.values()]
         self.shared_experts = None if shared is None else SharedExperts(*shared)
         self._register_load_state_dict_pre_hook(_refuse_quantized_state, with_module=True)
@@ -190,7 +191,9 @@ def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
                          f"{_facts(config)}, got {_facts(weights.config)}")
     return weights
 
-def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = None) -> dict:
+def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = None,
+             expert_ids: list | None = None,   # the global experts asked (`num` of them): a non-finite value names its expert
+             source=None) -> dict:             # the WeightSource: a checkpoint's description names the file
     "`{name: tensor or None}` for `names`: present and of the right shape iff the config needs it (`num`: experts asked)."
     shapes = weight_shapes(config)
     want = [n for n in names if n in shapes]
@@ -202,10 +205,19 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         shape = shapes[n] if num is None or n.startswith("shared") or n in ("gate", "gate_bias") else (num, *shapes[n][1:])
         if n not in tensors: raise ValueError(f"weights[{n!r}]: expected a tensor of shape {list(shape)}, got none")
         t = check_dense(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
-        out[n] = check_finite(f"weights[{n!r}]", t)
+        per_expert = expert_ids is not None and len(shape) > 1 and shape[0] == len(expert_ids)
+        out[n] = _finite(f"weights[{n!r}]", t, expert_ids if per_expert else None, source)
         if t.dtype != config.dtype and n not in ("gate", "gate_bias", "e_score_correction_bias"):   # cast: finite there too
-            check_finite(f"weights[{n!r}] in {config.dtype}", t.to(config.dtype))
+            _finite(f"weights[{n!r}] in {config.dtype}", t.to(config.dtype), expert_ids if per_expert else None, source)
     return out
+
+def _finite(name: str, t: torch.Tensor, expert_ids, source) -> torch.Tensor:
+    "`check_finite`, its error completed with the global expert of the first bad value and a checkpoint's description."
+    try: return check_finite(name, t)
+    except ValueError as e:
+        where = [] if expert_ids is None else [f"index 0 is the expert: global expert {expert_ids[int((~torch.isfinite(t)).nonzero()[0][0])]}"]
+        if hasattr(source, "description"): where.append(f"from {source.description}")
+        raise ValueError(f"{e} ({'; '.join(where)})" if where else str(e)) from None
 
 
 # %%
@@ -216,7 +228,8 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     c = self.config
     ids = (self.placement.local_to_global % c.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
     pad = c.padded_hidden_size - c.hidden_size                     # the backend's wire size (zero columns)
-    ex = _checked(source.experts(ids), c, ("w13", "w2", "w13_bias", "w2_bias"), num=len(ids))
+    ex = _checked(source.experts(ids), c, ("w13", "w2", "w13_bias", "w2_bias"), num=len(ids), expert_ids=ids,
+                  source=source)
     w13, w2, b13, b2 = (None if t is None else t.to(c.dtype) for t in ex.values())
     if pad:
         w13, w2 = torch.nn.functional.pad(w13, (0, pad)), torch.nn.functional.pad(w2, (0, 0, 0, pad))
@@ -875,6 +888,9 @@ test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"] * float("n
           contains="weights['gate']: expected finite values")
 test_fail(lambda: FusedMoE(cfg.replace(dtype=torch.float16), weights={**full, "w2": full["w2"] * 1e6}),
           contains="weights['w2'] in torch.float16: expected finite values")          # finite, but not once cast
+bad = full["w13"].clone(); bad[3, 5, 1] = float("nan")                                 # global expert 3: rank 1 of 3
+test_fail(lambda: FusedMoE(rank_config(cfg.replace(parallel=par), 1), weights={**full, "w13": bad}),
+          contains="weights['w13']: expected finite values, got nan at [1, 5, 1] (index 0 is the expert: global expert 3)")
 test_fail(lambda: FusedMoE(cfg, weights={**full, "w2": full["w2"].to("meta")}), contains="weights['w2']: expected a dense tensor")
 small = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
 L = FusedMoE(small, seed=1); sd = L.state_dict()

@@ -229,6 +229,9 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: FusedMoE.from_pretrained(d, 0), contains="layer_index")       # DeepSeek's first layer is dense
     test_fail(lambda: FusedMoE.from_pretrained(d, 7), contains="layer_index")
     test_eq(FusedMoE.from_pretrained(d, 1, experts="torch").experts, "torch")
+    with torch.no_grad(): model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")   # global expert 2
+    model.save_pretrained(d)
+    test_fail(lambda: FusedMoE.from_pretrained(d, 1), contains="(index 0 is the expert: global expert 2; from checkpoint")
 
 # %% [markdown]
 # ## Inside transformers

@@ -277,6 +277,9 @@ def test_fused_moe_from_mapping():
               contains="weights['gate']: expected finite values")
     test_fail(lambda: FusedMoE(cfg.replace(dtype=torch.float16), weights={**full, "w2": full["w2"] * 1e6}),
               contains="weights['w2'] in torch.float16: expected finite values")          # finite, but not once cast
+    bad = full["w13"].clone(); bad[3, 5, 1] = float("nan")                                 # global expert 3: rank 1 of 3
+    test_fail(lambda: FusedMoE(rank_config(cfg.replace(parallel=par), 1), weights={**full, "w13": bad}),
+              contains="weights['w13']: expected finite values, got nan at [1, 5, 1] (index 0 is the expert: global expert 3)")
     test_fail(lambda: FusedMoE(cfg, weights={**full, "w2": full["w2"].to("meta")}), contains="weights['w2']: expected a dense tensor")
     small = MoEConfig(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, dtype=torch.float32)
     L = FusedMoE(small, seed=1); sd = L.state_dict()
