@@ -176,7 +176,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
 #     out[t, H-block] = acc                            # cast once
 # ```
 #
-# Grid `(T, cdiv(H, BLOCK_H))`. All of a token's slots and rows are loaded at once, as one masked 2-D load: at
+# Grid `(T, cdiv(H, BLOCK_H))`. A token's slots and rows, up to 32 a pass, are loaded at once as one masked 2-D load: at
 # decode the kernel is a handful of programs whose time is memory latency, and a loop of `top_k` dependent
 # (slot, row) loads would pay that latency `2·top_k` times. A `-1` slot is masked out, so its row is never loaded —
 # `0 · NaN` would be NaN, and padding rows may hold anything — and its weight is read as 0. `BLOCK_H` shrinks at
