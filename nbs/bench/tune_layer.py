@@ -13,11 +13,16 @@ A candidate is kept only when it beats the bucket's current tile by 3 % and its 
 output (relative error <= 2e-2: a wrong tile shows as O(1)). GEMM1 is tuned first (for the Standard format its
 BLOCK_M is the alignment block, which GEMM2 then shares), then GEMM2. Tables are written as they improve, so a
 cut-off run keeps what it finished; OUT_DIR/tune_layer.json lists every timing.
+
+The candidates are `14_bench.tile_candidates`'. The committed log `tune_layer_h200_b39ccfc.json` came from this
+script's first, private list (BLOCK_M 16 only up to 8 rows, plus BLOCK_K 64 at 6 stages); every tile it kept is in
+the shared list.
 """
 import json, os, shutil, sys, time
 from pathlib import Path
 import torch
 import moe_lit
+from moe_lit.bench import tile_candidates
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, LAYER_TOKENS, deployment_config
 from moe_lit.config import ActivationFormat
 from moe_lit.kernels import batched as kb, contiguous as kc
@@ -37,17 +42,15 @@ def reset_tiles():
     for f in (kb._lookup_tile_config, kb._load_table, kb._batched_tile, kc._fused_tile): f.cache_clear()
 
 
-def candidates(m: int, gated: bool, block_m: int | None) -> list[dict]:
-    "Decode tiles: one or two M tiles, narrow to wide N, long K steps (the weights stream; the rows are few)."
-    bms = [block_m] if block_m else [16] if m <= 8 else [16, 32]
-    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
-             for bm in bms for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
-    cands += [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=6) for bm in bms for bn in (32, 64)]
-    return [c for c in cands if fit_shared_memory(c, gated, 2) == c]
+def candidates(m: int, kernel: str, gated: bool, block_m: int | None) -> list[dict]:
+    "`14_bench.tile_candidates` for `m` rows that fit `gated`'s shared memory; `block_m` (GEMM2 on GEMM1's alignment) fixed."
+    cands = [c if block_m is None else dict(c, BLOCK_M=block_m) for c in tile_candidates(m, kernel)]
+    unique = list({tuple(sorted(c.items())): c for c in cands}.values())
+    return [c for c in unique if fit_shared_memory(c, gated, 2) == c]
 
 
 def replay_us(layer, x, n=20) -> tuple[float, torch.Tensor]:
-    "Median-free mean of `n` replays of a fresh capture of the layer at `x`'s T, and its output."
+    "The mean of `n` replays of a fresh capture of the layer at `x`'s T, and its output."
     T = len(x)
     layer.capture([T], warmup=2)
     g, sx, sy = layer.graphs[T]; sx.copy_(x)
@@ -95,7 +98,7 @@ for d in order:
             if gemm == 2 and kernel == "fused_moe_gemm":     # GEMM2 runs on GEMM1's alignment block
                 block_m = kb.lookup_tile_config(kernel, E, N1, K1, m, c.dtype)["BLOCK_M"]
             best, best_us, tried = before, base_us, []
-            for cand in candidates(m, gemm == 1, block_m):
+            for cand in candidates(m, kernel, gemm == 1, block_m):
                 try: res = measure(cand)
                 except Exception as exc:                      # out of resources on this GPU: not a candidate
                     tried.append(dict(tile=cand, error=type(exc).__name__)); continue
