@@ -403,7 +403,7 @@ _HELP = {
                    "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
                    "report says why",
     "--dtype": "activation and weight dtype of the layer; unset means the model's own: the torch_dtype "
-               "of --config's file, bf16 for every preset (the reference is always computed in float64)",
+               "of --config's file, bf16 for every preset (a dtype key in the file wins, as in transformers; the reference is always computed in float64)",
     "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
     "--device": "where the layer runs: auto = cuda when a GPU is present, else cpu",
     "--tokens": "tokens in the batch (random hidden states)",
