@@ -116,7 +116,7 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
 
-# %% ../nbs/11b_layouts.ipynb #484ba7991847
+# %% ../nbs/11b_layouts.ipynb #0b73e51bce87
 QUANT_METHODS = {s.hf_quant_method: s.name for s in QUANT_SCHEME_TABLE.values() if s.hf_quant_method}   # -> scheme
 
 def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
@@ -132,7 +132,7 @@ def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
                          f"got {method!r}")
     if method == "mxfp4": return QUANT_METHODS[method], (1, 32)
     act = q.get("activation_scheme", "dynamic")                    # activations quantized per call, 1×128 groups
-    if act != "dynamic":                                            # static scales are a different checkpoint format
+    if not (isinstance(act, str) and act.lower() == "dynamic"):    # any case, as transformers' FP8 config reads it                                            # static scales are a different checkpoint format
         raise ValueError(f"config.json quantization_config.activation_scheme: expected 'dynamic' for FP8 block "
                          f"weights (activations are quantized per call), got {act!r}")
     block = q.get("weight_block_size")

@@ -9,11 +9,11 @@ import torch
 from .terms import check_int, check_tensor, check_choice, check_positive_real, check_finite, FLOAT_DTYPES
 
 # %% auto #0
-__all__ = ['QUANT_SCHEME_TABLE', 'QUANT_SCHEMES', 'E2M1_VALUES', 'FP8_MAX', 'QuantScheme', 'quant_scheme', 'e2m1_encode',
-           'e2m1_decode', 'pack_fp4', 'unpack_fp4', 'quantize_fp8', 'dequantize_fp8', 'quantize_mxfp4',
-           'dequantize_mxfp4', 'quantize_nvfp4', 'dequantize_nvfp4']
+__all__ = ['QUANT_SCHEME_TABLE', 'QUANT_SCHEMES', 'QUANT_ALIASES', 'E2M1_VALUES', 'FP8_MAX', 'QuantScheme', 'quant_scheme_name',
+           'quant_scheme', 'e2m1_encode', 'e2m1_decode', 'pack_fp4', 'unpack_fp4', 'quantize_fp8', 'dequantize_fp8',
+           'quantize_mxfp4', 'dequantize_mxfp4', 'quantize_nvfp4', 'dequantize_nvfp4']
 
-# %% ../nbs/09_quant.ipynb #69e5d63a973d
+# %% ../nbs/09_quant.ipynb #b1cf7f021a4e
 @dataclass(frozen=True)
 class QuantScheme:
     "One quantization scheme of the experts: its weight code, its scales, its activations, and the names it goes by."
@@ -39,12 +39,19 @@ QUANT_SCHEME_TABLE = {s.name: s for s in (
 )}
 QUANT_SCHEMES = tuple(QUANT_SCHEME_TABLE)
 
+QUANT_ALIASES = {s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias}   # short names ('fp8'), from the table
+
+def quant_scheme_name(name: str, arg: str = "quant") -> str:
+    "The full name `name` stands for: 'unquantized' or a scheme name as it is, a short name resolved; ValueError naming `arg` otherwise."
+    if isinstance(name, str) and name in QUANT_ALIASES: return QUANT_ALIASES[name]
+    if isinstance(name, str) and (name == "unquantized" or name in QUANT_SCHEME_TABLE): return name
+    raise ValueError(f"{arg}: expected one of {['unquantized', *QUANT_SCHEMES]} or a short name {list(QUANT_ALIASES)}, "
+                     f"got {name!r}")
+
 def quant_scheme(name: str) -> QuantScheme | None:
-    "The record of scheme `name`; None for 'unquantized'. Raises ValueError naming the schemes for anything else."
-    if name == "unquantized": return None
-    if name not in QUANT_SCHEME_TABLE:
-        raise ValueError(f"quant: expected 'unquantized' or one of {list(QUANT_SCHEMES)}, got {name!r}")
-    return QUANT_SCHEME_TABLE[name]
+    "The record of scheme `name` (a full or short name); None for 'unquantized'. Raises ValueError naming the schemes for anything else."
+    name = quant_scheme_name(name)
+    return None if name == "unquantized" else QUANT_SCHEME_TABLE[name]
 
 # %% ../nbs/09_quant.ipynb #fa101ecf431f
 def _check_float_input(name: str, x, min_dim: int = 1) -> torch.Tensor:

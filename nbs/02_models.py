@@ -503,7 +503,8 @@ _FAMILIES = {   # model_type -> routing and expert facts its code fixes, or defa
     "deepseek_v2": dict(norm_default=False, topk_method="greedy"),
     "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc",   # DeepseekV3Config's
                         defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # defaults for absent keys
-    "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc"),
+    "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc",   # Glm4MoeConfig's
+                        defaults=dict(n_group=1, topk_group=1)),
 }
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")   # DeepSeek's topk_method values
 
@@ -529,12 +530,19 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
 def _routing_from_hf(cfg: dict) -> dict:
     "The MoEConfig routing fields: config.json keys where present, the model family's behaviour where not."
     fam = _FAMILIES.get(_model_type(cfg), {})
-    cfg = {**fam.get("defaults", {}), **{k: v for k, v in cfg.items() if v is not None}}   # absent: transformers' default
+    defaulted = {k: v for k, v in fam.get("defaults", {}).items() if cfg.get(k) is None}   # absent or null: the
+    cfg = {**cfg, **defaulted}                                                               # config class's default
+    experts = cfg.get("n_routed_experts")
+    if "n_group" in defaulted and isinstance(experts, int) and experts % defaulted["n_group"]:
+        raise ValueError(f"config.json n_group: expected a group count dividing n_routed_experts={experts}, got none "
+                         f"(its config class's default {defaulted['n_group']} does not divide it)")
     if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (vLLM's llama4.py)
         return dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False,
                     apply_router_weight_on_input=True)
     renormalize = fam.get("renormalize")
     if renormalize is None:
+        if "norm_topk_prob" in cfg and cfg["norm_topk_prob"] is None:     # transformers would read it as False
+            raise ValueError("config.json norm_topk_prob: expected a bool, got null")
         renormalize = _get(cfg, "norm_topk_prob", fam.get("norm_default", True))
         if not isinstance(renormalize, bool):
             raise ValueError(f"config.json norm_topk_prob: expected a bool, got {renormalize!r}")
@@ -674,6 +682,8 @@ test_eq(moe_config_from_hf({**deepseek_v3, "dtype": "float32", "torch_dtype": No
 test_fail(lambda: moe_config_from_hf({**deepseek_v3, "dtype": "float32"}),
           contains="config.json dtype: expected the same dtype as torch_dtype, got torch.float32 and torch.bfloat16")
 test_fail(lambda: c.replace(foo=1), contains="replace: expected fields of MoEConfig (")
+test_fail(lambda: moe_config_from_hf({**trimmed, "n_routed_experts": 12}), contains="config.json n_group: expected a group count dividing")
+test_fail(lambda: moe_config_from_hf({**deepseek_v3, "norm_topk_prob": None}), contains="config.json norm_topk_prob: expected a bool, got null")
 # DeepSeek-V2 style: group-limited greedy (groups, no bias) and plain greedy
 v2 = {**deepseek_v3, "model_type": "deepseek_v2", "scoring_func": "softmax", "topk_method": "group_limited_greedy",
       "n_routed_experts": 160, "num_experts_per_tok": 6, "n_shared_experts": 2, "moe_intermediate_size": 1536,

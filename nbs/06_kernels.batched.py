@@ -412,9 +412,16 @@ def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
     import moe_lit
-    root = Path(config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or Path(moe_lit.__file__).resolve().parent / "configs")
+    root = Path(_tile_config_root(config_dir) or Path(moe_lit.__file__).resolve().parent / "configs")
     tag = "" if dtype is None else f",dtype={_DTYPE_TAG[dtype]}"
     return root / kernel / f"E={E},N={N},device_name={device_name.replace(' ', '_')}{tag}.json"
+
+def _tile_config_root(config_dir=None) -> str | None:
+    "The tile-table directory asked for: `config_dir`, else `$MOE_LIT_TILE_CONFIG_DIR` (empty: unset), else None (the package's)."
+    if config_dir is None: return os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or None
+    if not (isinstance(config_dir, (str, Path)) and str(config_dir)):
+        raise ValueError(f"config_dir: expected a directory (a non-empty str or Path) or None, got {config_dir!r}")
+    return str(config_dir)
 
 TILE_TABLE_REACH = 2   # a table entry measured at M rows serves M / 2 .. 2·M expected rows
 
@@ -423,9 +430,7 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
                        heuristic=None) -> dict:   # f(E, N, K, M, dtype) -> tile when no table entry is near; default_tile_config
     "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
-    root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
-    if root is not None and not isinstance(root, (str, Path)):
-        raise ValueError(f"config_dir: expected a directory (str or Path) or None, got {root!r}")
+    root = _tile_config_root(config_dir)
     if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
     for name, v in (("E", E), ("N", N), ("K", K), ("M", M)):    # before the cache: 8.0 and True hash as 8 and 1
         check_int(name, v, lo=0 if name == "M" else 1)
@@ -519,7 +524,8 @@ with tempfile.TemporaryDirectory() as d:
             default_tile_config(32, 4096, 7168, 400, torch.float16))
     test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA H200", Path(d) / "typo"),
               contains="config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory")
-test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=5), contains="config_dir: expected a directory")
+for bad in (5, "", 0, False):                                                        # never a silent fall-through
+    test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=bad), contains="config_dir: expected a directory")
 for kw, msg in ((dict(kernel=["k"]), "kernel: expected a kernel name"), (dict(dtype=[torch.bfloat16]), "dtype: expected one of"),
                 (dict(device_name=["H200"]), "device_name: expected a str")):             # unhashable: refused before the cache
     test_fail(lambda: lookup_tile_config(**{**dict(kernel="batched_moe_gemm", E=8, N=64, K=64, M=8, dtype=torch.bfloat16), **kw}),
@@ -670,7 +676,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     if E == 0 or M == 0 or n_out == 0: return out
     bm, bn, bk, tma, cfg = _batched_tile(E, N, K, expected_m or M, a.dtype, act is not None,
                                          None if config is None else tuple(sorted(config.items())),
-                                         os.environ.get("MOE_LIT_TILE_CONFIG_DIR"))
+                                         _tile_config_root())
     cfg = dict(cfg)
     num_m_tiles = _cdiv(M, bm)
     grid = (num_m_tiles * _cdiv(n_out, bn), E)

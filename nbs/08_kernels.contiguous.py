@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import functools, os
+import functools
 import torch
 from moe_lit.kernels.batched import INTERPRET
 import triton
@@ -18,7 +18,7 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.batched import _cdiv, _next_pow2
+from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root
 from moe_lit.kernels.dispatch import _combine_pairs
 
 # %%
@@ -503,7 +503,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
     if expected_m is None: expected_m = max(1, num_pairs // E)
     bm, bn, bk, tma, group_m, rest = _fused_tile(E, N, K, expected_m, a.dtype, block_m, act is not None,
                                                  None if config is None else tuple(sorted(config.items())),
-                                                 os.environ.get("MOE_LIT_TILE_CONFIG_DIR"))
+                                                 _tile_config_root())
     w_desc = None
     if tma and n_out % bn == 0 and _w_descriptor_ok(w) and E * N < 2**31:     # whole boxes: the up tile never crosses rows
         from triton.tools.tensor_descriptor import TensorDescriptor

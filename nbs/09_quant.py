@@ -56,12 +56,19 @@ QUANT_SCHEME_TABLE = {s.name: s for s in (
 )}
 QUANT_SCHEMES = tuple(QUANT_SCHEME_TABLE)
 
+QUANT_ALIASES = {s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias}   # short names ('fp8'), from the table
+
+def quant_scheme_name(name: str, arg: str = "quant") -> str:
+    "The full name `name` stands for: 'unquantized' or a scheme name as it is, a short name resolved; ValueError naming `arg` otherwise."
+    if isinstance(name, str) and name in QUANT_ALIASES: return QUANT_ALIASES[name]
+    if isinstance(name, str) and (name == "unquantized" or name in QUANT_SCHEME_TABLE): return name
+    raise ValueError(f"{arg}: expected one of {['unquantized', *QUANT_SCHEMES]} or a short name {list(QUANT_ALIASES)}, "
+                     f"got {name!r}")
+
 def quant_scheme(name: str) -> QuantScheme | None:
-    "The record of scheme `name`; None for 'unquantized'. Raises ValueError naming the schemes for anything else."
-    if name == "unquantized": return None
-    if name not in QUANT_SCHEME_TABLE:
-        raise ValueError(f"quant: expected 'unquantized' or one of {list(QUANT_SCHEMES)}, got {name!r}")
-    return QUANT_SCHEME_TABLE[name]
+    "The record of scheme `name` (a full or short name); None for 'unquantized'. Raises ValueError naming the schemes for anything else."
+    name = quant_scheme_name(name)
+    return None if name == "unquantized" else QUANT_SCHEME_TABLE[name]
 
 # %%
 #| test quant_scheme_table
@@ -70,7 +77,8 @@ test_eq({s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias},
         {"fp8": "fp8_w8a8_block", "mxfp4": "mxfp4_w4a16", "nvfp4": "nvfp4_w4a16"})
 assert all((s.group_size is None) == s.is_fp8 and (s.activations is None) != s.is_fp8 for s in QUANT_SCHEME_TABLE.values())
 test_eq(quant_scheme("unquantized"), None)
-test_fail(lambda: quant_scheme("int4"), contains="quant: expected 'unquantized' or one of")
+test_fail(lambda: quant_scheme("int4"), contains="quant: expected one of ['unquantized', 'fp8_w8a8_tensor'")
+test_eq(quant_scheme("fp8"), quant_scheme("fp8_w8a8_block"))                        # a short name, the same record
 
 # %% [markdown]
 # ## e2m1, two values per byte

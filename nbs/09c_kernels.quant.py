@@ -20,7 +20,7 @@ from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import _cdiv
+from moe_lit.kernels.batched import _cdiv, _tile_config_root
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 
@@ -554,7 +554,7 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
     check_tile_config(config, need_block_m=kernel.startswith("batched"))
     return dict(_quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu,
                                      None if config is None else tuple(sorted(config.items())), block_m, split,
-                                     os.environ.get("MOE_LIT_TILE_CONFIG_DIR")))
+                                     _tile_config_root()))
 
 @functools.lru_cache(maxsize=1024)
 def _quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu, config_items, block_m, split, config_dir) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_choice
 from moe_lit.config import ActivationFormat, MoEConfig
-from moe_lit.quant import QUANT_SCHEME_TABLE                 # the records only: the oracle imports no Triton
+from moe_lit.quant import QUANT_SCHEME_TABLE, quant_scheme_name   # the records only: the oracle imports no Triton
 
 # %%
 #| hide
@@ -61,14 +61,6 @@ DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
 
 QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant` and `09d_kernels.quant_experts`)
-QUANT_ALIASES = {s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias}   # short names ('fp8'), from the table
-
-def quant_scheme(name: str) -> str:
-    "The scheme `name` stands for: a name of `QUANT_SCHEMES` as it is, a short name of `QUANT_ALIASES` resolved; ValueError otherwise."
-    if isinstance(name, str) and name in QUANT_ALIASES: return QUANT_ALIASES[name]
-    if not isinstance(name, str) or name not in QUANT_SCHEMES:
-        raise ValueError(f"quant: expected one of {list(QUANT_SCHEMES)} or a short name {list(QUANT_ALIASES)}, got {name!r}")
-    return name
 
 def detect_device() -> DeviceCaps:
     "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."
@@ -176,7 +168,7 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
                            device: DeviceCaps, override: str | None = None) -> Decision:
     "Scan the priority list once; the first candidate that fits format, scheme, device and override is chosen."
     if not isinstance(moe_config, MoEConfig): raise ValueError(f"moe_config: expected a MoEConfig, got {type(moe_config).__name__}")
-    check_choice("quant_scheme", quant_scheme, QUANT_SCHEMES)
+    quant_scheme = quant_scheme_name(quant_scheme, "quant_scheme")                     # a short name too
     if not isinstance(activation_format, ActivationFormat):
         raise ValueError(f"activation_format: expected an ActivationFormat, got {activation_format!r}")
     if not isinstance(device, DeviceCaps): raise ValueError(f"device: expected a DeviceCaps, got {type(device).__name__}")

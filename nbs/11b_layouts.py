@@ -244,7 +244,7 @@ def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
                          f"got {method!r}")
     if method == "mxfp4": return QUANT_METHODS[method], (1, 32)
     act = q.get("activation_scheme", "dynamic")                    # activations quantized per call, 1×128 groups
-    if act != "dynamic":                                            # static scales are a different checkpoint format
+    if not (isinstance(act, str) and act.lower() == "dynamic"):    # any case, as transformers' FP8 config reads it                                            # static scales are a different checkpoint format
         raise ValueError(f"config.json quantization_config.activation_scheme: expected 'dynamic' for FP8 block "
                          f"weights (activations are quantized per call), got {act!r}")
     block = q.get("weight_block_size")

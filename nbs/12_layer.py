@@ -20,7 +20,8 @@ from moe_lit.placement import Placement, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
-from moe_lit.oracle import DEVICES, detect_device, select_experts_backend, quant_scheme
+from moe_lit.oracle import DEVICES, detect_device, select_experts_backend
+from moe_lit.quant import quant_scheme_name
 
 # %%
 #| hide
@@ -68,7 +69,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
     "`(implementation, reason)`: 'triton', 'triton_quant' or 'torch' for the requested `experts` ('auto', 'triton', 'torch')."
-    check_choice("experts", experts, ("auto", "triton", "torch")); quant = quant_scheme(quant)
+    check_choice("experts", experts, ("auto", "triton", "torch")); quant = quant_scheme_name(quant)
     fmt, q = activation_format.value, quant != "unquantized"
     if backend is not None or (experts == "auto" and device.type == "cuda" and config is not None):
         if config is None: raise ValueError("config: expected the MoEConfig when a backend is forced, got None")
@@ -138,7 +139,7 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        device, quant = check_device(device), quant_scheme(quant)      # 'fp8' -> 'fp8_w8a8_block'
+        device, quant = check_device(device), quant_scheme_name(quant)   # 'fp8' -> 'fp8_w8a8_block'
         self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
                                                             backend)
         self.quant = quant
@@ -721,6 +722,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
+    quant = quant_scheme_name(quant)                                           # the run records the full name
     weights, ep = _weight_source(config, weights, seed), config.parallel.ep_size
     T, H = hidden.shape
     acc = acc_dtype(config.dtype)                                              # as the experts accumulate

@@ -16,7 +16,8 @@ from moe_lit.entry import command_parser
 from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
-from moe_lit.oracle import DEVICES, QUANT_SCHEMES, QUANT_ALIASES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
+from moe_lit.quant import QUANT_ALIASES
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -413,7 +414,7 @@ _HELP = {
 # %%
 #| export
 def _quant_scheme(name: str) -> str:
-    "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`11_oracle.quant_scheme`); argparse names the choices."
+    "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`09_quant.quant_scheme_name`); argparse names the choices."
     return QUANT_ALIASES.get(name, name)
 
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:

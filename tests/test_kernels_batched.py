@@ -70,7 +70,8 @@ def test_tile_config_table():
                 default_tile_config(32, 4096, 7168, 400, torch.float16))
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA H200", Path(d) / "typo"),
                   contains="config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory")
-    test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=5), contains="config_dir: expected a directory")
+    for bad in (5, "", 0, False):                                                        # never a silent fall-through
+        test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=bad), contains="config_dir: expected a directory")
     for kw, msg in ((dict(kernel=["k"]), "kernel: expected a kernel name"), (dict(dtype=[torch.bfloat16]), "dtype: expected one of"),
                     (dict(device_name=["H200"]), "device_name: expected a str")):             # unhashable: refused before the cache
         test_fail(lambda: lookup_tile_config(**{**dict(kernel="batched_moe_gemm", E=8, N=64, K=64, M=8, dtype=torch.bfloat16), **kw}),

@@ -13,7 +13,8 @@ from moe_lit.placement import Placement, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
-from moe_lit.oracle import DEVICES, detect_device, select_experts_backend, quant_scheme
+from moe_lit.oracle import DEVICES, detect_device, select_experts_backend
+from moe_lit.quant import quant_scheme_name
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close

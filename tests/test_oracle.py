@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_choice
 from moe_lit.config import ActivationFormat, MoEConfig
-from moe_lit.quant import QUANT_SCHEME_TABLE                 # the records only: the oracle imports no Triton
+from moe_lit.quant import QUANT_SCHEME_TABLE, quant_scheme_name   # the records only: the oracle imports no Triton
 from fastcore.test import test_eq, test_fail
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.modular import make_prepare_finalize

@@ -15,7 +15,8 @@ def test_quant_scheme_table():
             {"fp8": "fp8_w8a8_block", "mxfp4": "mxfp4_w4a16", "nvfp4": "nvfp4_w4a16"})
     assert all((s.group_size is None) == s.is_fp8 and (s.activations is None) != s.is_fp8 for s in QUANT_SCHEME_TABLE.values())
     test_eq(quant_scheme("unquantized"), None)
-    test_fail(lambda: quant_scheme("int4"), contains="quant: expected 'unquantized' or one of")
+    test_fail(lambda: quant_scheme("int4"), contains="quant: expected one of ['unquantized', 'fp8_w8a8_tensor'")
+    test_eq(quant_scheme("fp8"), quant_scheme("fp8_w8a8_block"))                        # a short name, the same record
 
 
 def test_e2m1_round_trip():

@@ -237,14 +237,21 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #6d9c394f494d
+# %% ../../nbs/06_kernels.batched.ipynb #1dcd2a069132
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
     import moe_lit
-    root = Path(config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or Path(moe_lit.__file__).resolve().parent / "configs")
+    root = Path(_tile_config_root(config_dir) or Path(moe_lit.__file__).resolve().parent / "configs")
     tag = "" if dtype is None else f",dtype={_DTYPE_TAG[dtype]}"
     return root / kernel / f"E={E},N={N},device_name={device_name.replace(' ', '_')}{tag}.json"
+
+def _tile_config_root(config_dir=None) -> str | None:
+    "The tile-table directory asked for: `config_dir`, else `$MOE_LIT_TILE_CONFIG_DIR` (empty: unset), else None (the package's)."
+    if config_dir is None: return os.environ.get("MOE_LIT_TILE_CONFIG_DIR") or None
+    if not (isinstance(config_dir, (str, Path)) and str(config_dir)):
+        raise ValueError(f"config_dir: expected a directory (a non-empty str or Path) or None, got {config_dir!r}")
+    return str(config_dir)
 
 TILE_TABLE_REACH = 2   # a table entry measured at M rows serves M / 2 .. 2·M expected rows
 
@@ -253,9 +260,7 @@ def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch
                        heuristic=None) -> dict:   # f(E, N, K, M, dtype) -> tile when no table entry is near; default_tile_config
     "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
     if device_name is None: device_name = _device_name()
-    root = config_dir or os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
-    if root is not None and not isinstance(root, (str, Path)):
-        raise ValueError(f"config_dir: expected a directory (str or Path) or None, got {root!r}")
+    root = _tile_config_root(config_dir)
     if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
     for name, v in (("E", E), ("N", N), ("K", K), ("M", M)):    # before the cache: 8.0 and True hash as 8 and 1
         check_int(name, v, lo=0 if name == "M" else 1)
@@ -391,7 +396,7 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #8b8568ea6b77
+# %% ../../nbs/06_kernels.batched.ipynb #a8256463ca3a
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -419,7 +424,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     if E == 0 or M == 0 or n_out == 0: return out
     bm, bn, bk, tma, cfg = _batched_tile(E, N, K, expected_m or M, a.dtype, act is not None,
                                          None if config is None else tuple(sorted(config.items())),
-                                         os.environ.get("MOE_LIT_TILE_CONFIG_DIR"))
+                                         _tile_config_root())
     cfg = dict(cfg)
     num_m_tiles = _cdiv(M, bm)
     grid = (num_m_tiles * _cdiv(n_out, bn), E)
