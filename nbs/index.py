@@ -25,7 +25,7 @@
 # ```
 #
 # It takes about two minutes with a fresh download and prints nothing while it installs: the install about 70–90 s
-# (`.venv` about 2 GB), then the run, about 6 s on 2 idle cores (25–30 s measured on a busy machine), most of it generating the random weights, at a peak of about 1.5 GiB
+# (`.venv` about 2 GB), then the run, about 7 s on 2 idle cores (20–30 s measured on a busy machine), most of it generating the random weights and the float64 reference, at a peak of about 1.5 GiB
 # resident.
 #
 # The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
