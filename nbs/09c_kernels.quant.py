@@ -112,24 +112,27 @@ def _e2m1_fp16(code):
 def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
                   a,          # [BLOCK_M, BLOCK_K] float8 activations
                   a_s,        # [BLOCK_M] fp32 activation scale of this K tile (FMT 1), else unused
+                  w_s,        # [BLOCK_N] fp32 weight scale of this K tile (FMT 1, `_fp8_tile_scales`), else unused
                   w_ptr,      # this expert's codes [N_w, K] float8
-                  ws_ptr,     # this expert's weight scales, (n // GROUP_N, k // GROUP_K) through the strides
                   rows,       # [BLOCK_N] int, weight rows of the tile (gate rows, or up rows = gate + N_OUT)
                   row_ok,     # [BLOCK_N] bool
                   k0, K_W,    # first K index of the tile; stored columns (K)
-                  stride_wn, stride_wk, stride_wsn, stride_wsk,
-                  FMT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr,
-                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                  stride_wn, stride_wk,
+                  FMT: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     "One K tile of an FP8 GEMM: load the e4m3 weight tile, dot with the e4m3 activations, apply the K tile's scales."
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w = tl.load(w_ptr + rows[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                 mask=row_ok[None, :] & (offs_k < K_W)[:, None], other=0.0)              # [BLOCK_K, BLOCK_N]
     part = tl.dot(a, w)                                           # fresh fp32 tile: bounded imprecise accumulation
     if FMT == 1:                                                  # one weight scale per (row block, K block)
-        w_s = tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=row_ok, other=0.0)
         part = part * a_s[:, None] * w_s[None, :]
     acc += part
     return acc
+
+@triton.jit
+def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr):
+    "`[BLOCK_N]` fp32 block weight scales of the K tile at `k0` (FMT 1); 0 past the rows or past K (a prefetch past the end reads nothing)."
+    return tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=row_ok & (k0 < K), other=0.0)
 
 # %% [markdown]
 # ### The FP4 decode: eight codes per 32-bit word
@@ -211,16 +214,15 @@ def _e2m1_bf16_pairs(b,      # uint8 codes, two a byte
 #| export
 @triton.jit
 def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two e2m1 codes a byte (low nibble first)
-                     ws_ptr,     # this expert's scales [N_w, K_pad/GROUP_K] uint8 (e8m0, or e4m3 bits)
+                     s,          # [BLOCK_N, BLOCK_K/GROUP_K] uint8 scale bytes of this K tile (`_fp4_scales`, loaded ahead)
                      rows,       # [BLOCK_N] int, weight rows of the tile (gate rows, or up rows = gate + N_OUT)
                      row_ok,     # [BLOCK_N] bool
                      k0, K_W,    # first K index of the tile; stored bytes per row (K_pad/2)
-                     stride_wn, stride_wk, stride_wsn, stride_wsk,
+                     stride_wn, stride_wk,
                      FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      DTYPE: tl.constexpr):
     "`[BLOCK_N, BLOCK_K]` weights of one K tile as stored (rows × K), decoded in registers: `e2m1(code) · scale` (NVFP4: without the global scale)."
-    b, s = _fp4_tile_bytes(w_ptr, ws_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
-                           GROUP_K, BLOCK_K)
+    b = _fp4_codes(w_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, BLOCK_K)
     if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:               # GPU, bf16, >= 4 bytes a thread
         sb = tl.reshape(tl.broadcast_to(_scale_bf16(s, FMT)[:, :, None], (BLOCK_N, BLOCK_K // GROUP_K, GROUP_K // 2)),
                         (BLOCK_N, BLOCK_K // 2))                                             # a byte's group scale
@@ -232,16 +234,18 @@ def _fp4_weight_tile(w_ptr,      # this expert's codes [N_w, K_pad/2] uint8, two
     return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(DTYPE)                                      # k = 2·byte + nibble
 
 @triton.jit
-def _fp4_tile_bytes(w_ptr, ws_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
-                    GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    "`(codes [BLOCK_N, BLOCK_K/2] uint8, scales [BLOCK_N, BLOCK_K/GROUP_K] uint8)` of one K tile, as stored (either layout)."
+def _fp4_codes(w_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, BLOCK_K: tl.constexpr):
+    "`[BLOCK_N, BLOCK_K/2]` uint8 code bytes of one K tile, as stored (either layout); 0 past the row or past K."
     offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    b = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
-                mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)
+    return tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :] * stride_wk,
+                   mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)
+
+@triton.jit
+def _fp4_scales(ws_ptr, rows, row_ok, k0, K_W, stride_wsn, stride_wsk, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    "`[BLOCK_N, BLOCK_K/GROUP_K]` uint8 scale bytes of the K tile at `k0`; 0 past the row or past K (a prefetch past the end reads nothing)."
     offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
-    s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
-                mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)
-    return b, s
+    return tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
+                   mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)
 
 @triton.jit
 def _scale_bf16(s, FMT: tl.constexpr):
@@ -263,15 +267,14 @@ def _per_byte(s, BLOCK_N: tl.constexpr, C: tl.constexpr, GH: tl.constexpr, GROUP
     return tl.reshape(tl.broadcast_to(s[:, :, :, None], (BLOCK_N, C, GH, GROUP_K)), (BLOCK_N, C * GH * GROUP_K))
 
 @triton.jit
-def _fp4_split_tile(w_ptr, ws_ptr, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`, the codes in the split64 layout
-                    stride_wn, stride_wk, stride_wsn, stride_wsk,
+def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`, the codes in the split64 layout
+                    stride_wn, stride_wk,
                     FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     DTYPE: tl.constexpr):
     "`(lo, hi)`, each `[BLOCK_N, BLOCK_K/2]`: the decoded K tile of split64 codes, lo at K = k0 + 64c + j, hi at K + 32."
     C: tl.constexpr = BLOCK_K // 64                                                         # chunks in the tile
     GH: tl.constexpr = 32 // GROUP_K                                                        # groups in half a chunk
-    b, s = _fp4_tile_bytes(w_ptr, ws_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
-                           GROUP_K, BLOCK_K)
+    b = _fp4_codes(w_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, BLOCK_K)
     s_lo, s_hi = tl.split(tl.permute(tl.reshape(s, (BLOCK_N, C, 2, GH)), (0, 1, 3, 2)))    # [BLOCK_N, C, GH] each
     if PACKED_DECODE and DTYPE == tl.bfloat16 and BLOCK_N * BLOCK_K >= 4096:
         lo, hi = _e2m1_bf16_pairs(b, _per_byte(_scale_bf16(s_lo, FMT), BLOCK_N, C, GH, GROUP_K),
@@ -316,57 +319,80 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if FMT >= 2 and SPLIT:                                        # FP4, split64: lo nibbles · a[64c + j], hi · a[64c + 32 + j]
+    if FMT >= 2:                                                  # FP4: swap the operands, out^T = W · a^T
         accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         accT_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         offs_j = tl.arange(0, BLOCK_K // 2)
-        offs_lo = (offs_j // 32) * 64 + offs_j % 32                                          # K of the low nibbles
+        offs_lo = (offs_j // 32) * 64 + offs_j % 32                                          # K of the low nibbles (split64)
+        # The scale bytes are loaded one K tile ahead: a plain load whose value the decode needs at once would stall
+        # every iteration for a DRAM round trip (the codes and activations are pipelined by the compiler, the scales,
+        # which reach the MMA only through the decode, are not).
+        s_g = _fp4_scales(ws_e, offs_n, mask_n, 0, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K)
+        s_u = s_g
+        if GATED: s_u = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, 0, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
             k0 = kt * BLOCK_K
-            aT_lo = tl.load(a_rows[None, :] + (k0 + offs_lo)[:, None] * stride_ak,
-                            mask=row_ok[None, :] & (k0 + offs_lo < K)[:, None], other=0.0)   # [BLOCK_K/2, BLOCK_M]
-            aT_hi = tl.load(a_rows[None, :] + (k0 + 32 + offs_lo)[:, None] * stride_ak,
-                            mask=row_ok[None, :] & (k0 + 32 + offs_lo < K)[:, None], other=0.0)
-            if UPCAST: aT_lo, aT_hi = aT_lo.to(tl.float32), aT_hi.to(tl.float32)
-            elif FMT == 2: aT_lo, aT_hi = aT_lo.to(tl.bfloat16), aT_hi.to(tl.bfloat16)
-            w_lo, w_hi = _fp4_split_tile(w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
-                                         stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
-            accT = tl.dot(w_lo, aT_lo, accT, input_precision=PRECISION)
-            accT = tl.dot(w_hi, aT_hi, accT, input_precision=PRECISION)
+            s_g_next = _fp4_scales(ws_e, offs_n, mask_n, k0 + BLOCK_K, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K)
+            s_u_next = s_g_next
             if GATED:
-                w_lo, w_hi = _fp4_split_tile(w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
-                                             stride_wsn, stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
-                accT_up = tl.dot(w_lo, aT_lo, accT_up, input_precision=PRECISION)
-                accT_up = tl.dot(w_hi, aT_hi, accT_up, input_precision=PRECISION)
-        acc, acc_up = tl.trans(accT), tl.trans(accT_up)
-    elif FMT >= 2:                                                # FP4: swap the operands, out^T = W · a^T
-        accT = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        accT_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
-            k0 = kt * BLOCK_K
-            aT = tl.trans(tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0))   # [BK, BM]
-            if UPCAST: aT = aT.to(tl.float32)
-            elif FMT == 2: aT = aT.to(tl.bfloat16)              # e8m0 scales reach 2^±127: fp16 weights would not hold them
-            w = _fp4_weight_tile(w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn, stride_wsk,
-                                 FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
-            accT = tl.dot(w, aT, accT, input_precision=PRECISION)
-            if GATED:
-                w = _fp4_weight_tile(w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
-                                     stride_wsk, FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
-                accT_up = tl.dot(w, aT, accT_up, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
+                s_u_next = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, k0 + BLOCK_K, K_W, stride_wsn, stride_wsk,
+                                       GROUP_K, BLOCK_K)
+            if SPLIT:                                             # split64: lo nibbles · a[64c + j], hi · a[64c + 32 + j]
+                aT_lo = tl.load(a_rows[None, :] + (k0 + offs_lo)[:, None] * stride_ak,
+                                mask=row_ok[None, :] & (k0 + offs_lo < K)[:, None], other=0.0)   # [BLOCK_K/2, BLOCK_M]
+                aT_hi = tl.load(a_rows[None, :] + (k0 + 32 + offs_lo)[:, None] * stride_ak,
+                                mask=row_ok[None, :] & (k0 + 32 + offs_lo < K)[:, None], other=0.0)
+                if UPCAST: aT_lo, aT_hi = aT_lo.to(tl.float32), aT_hi.to(tl.float32)
+                elif FMT == 2: aT_lo, aT_hi = aT_lo.to(tl.bfloat16), aT_hi.to(tl.bfloat16)
+                w_lo, w_hi = _fp4_split_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, stride_wk,
+                                             FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
+                accT = tl.dot(w_lo, aT_lo, accT, input_precision=PRECISION)
+                accT = tl.dot(w_hi, aT_hi, accT, input_precision=PRECISION)
+                if GATED:
+                    w_lo, w_hi = _fp4_split_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
+                                                 FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
+                    accT_up = tl.dot(w_lo, aT_lo, accT_up, input_precision=PRECISION)
+                    accT_up = tl.dot(w_hi, aT_hi, accT_up, input_precision=PRECISION)
+            else:                                                 # as stored: a byte's two codes are K neighbours
+                aT = tl.trans(tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0))   # [BK, BM]
+                if UPCAST: aT = aT.to(tl.float32)
+                elif FMT == 2: aT = aT.to(tl.bfloat16)          # e8m0 scales reach 2^±127: fp16 weights would not hold them
+                w = _fp4_weight_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, stride_wk,
+                                     FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+                accT = tl.dot(w, aT, accT, input_precision=PRECISION)
+                if GATED:
+                    w = _fp4_weight_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
+                                         FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+                    accT_up = tl.dot(w, aT, accT_up, input_precision=PRECISION)
+                a_ptrs += BLOCK_K * stride_ak
+            s_g, s_u = s_g_next, s_u_next
         acc, acc_up = tl.trans(accT), tl.trans(accT_up)
     else:                                                         # FP8: e4m3 operands, scales per K tile
+        # FMT 1: the K tile's activation and weight scales are loaded one tile ahead (see the FP4 branch)
+        w_s = tl.zeros((BLOCK_N,), tl.float32)
+        w_s_up = w_s
+        if FMT == 1:
+            a_s = tl.load(as_ptrs, mask=row_ok, other=0.0)
+            w_s = _fp8_tile_scales(ws_e, offs_n, mask_n, 0, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
+            if GATED: w_s_up = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, 0, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
             k0 = kt * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             if UPCAST: a = a.to(tl.float32)
-            if FMT == 1: a_s = tl.load(as_ptrs + (k0 // GROUP_K) * stride_asg, mask=row_ok, other=0.0)
-            acc = _quant_k_step(acc, a, a_s, w_e, ws_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, stride_wsn,
-                                stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
+            a_s_next, w_s_next, w_s_up_next = a_s, w_s, w_s_up
+            if FMT == 1:
+                kn = k0 + BLOCK_K
+                a_s_next = tl.load(as_ptrs + (kn // GROUP_K) * stride_asg, mask=row_ok & (kn < K), other=0.0)
+                w_s_next = _fp8_tile_scales(ws_e, offs_n, mask_n, kn, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
+                if GATED:
+                    w_s_up_next = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, kn, K, stride_wsn, stride_wsk,
+                                                   GROUP_N, GROUP_K)
+            acc = _quant_k_step(acc, a, a_s, w_s, w_e, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, FMT, BLOCK_K,
+                                PRECISION)
             if GATED:
-                acc_up = _quant_k_step(acc_up, a, a_s, w_e, ws_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
-                                       stride_wsn, stride_wsk, FMT, GROUP_N, GROUP_K, BLOCK_K, PRECISION)
+                acc_up = _quant_k_step(acc_up, a, a_s, w_s_up, w_e, offs_n + N_OUT, mask_n, k0, K_W, stride_wn,
+                                       stride_wk, FMT, BLOCK_K, PRECISION)
+            a_s, w_s, w_s_up = a_s_next, w_s_next, w_s_up_next
             a_ptrs += BLOCK_K * stride_ak
     a_s_row = a_s
     if FMT == 0: a_s_row = tl.load(as_ptrs, mask=row_ok, other=0.0)
