@@ -154,15 +154,15 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
     w13 = w2 = None
     return out
 
-# %% ../nbs/14_bench.ipynb #0a8fe3d2958f
+# %% ../nbs/14_bench.ipynb #739044937dda
 def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
     "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
     check_choice("kernel", kernel, TUNABLE); check_int("expected_m", expected_m, lo=1)
     bm0 = max(16, 1 << (expected_m - 1).bit_length())
-    if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side, BLOCK_K <= 128
-        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
-                 for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn in (64, 128) for bk in (64, 128)
-                 for nw, st in ((4, 3), (4, 4), (8, 3))]
+    if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side; the mma128
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)   # layout's K tile is 128
+                 for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((64, 4), (128, 8))
+                 for st in (3, 4)]       # 64 weight rows a warp group (other pairings decode twice or through shared memory)
         return [c for c in cands if fit_shared_memory(c, True, 2) == c]
     if expected_m <= 64:
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)

@@ -13,10 +13,11 @@ from .quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_
 
 # %% auto #0
 __all__ = ['WEIGHT_GRANULARITY', 'ACTIVATION_GRANULARITY', 'FP4_GROUP', 'FP4_LAYOUTS', 'FP4_KERNEL_LAYOUT', 'SPLIT_CHUNK',
-           'quant_weight_shapes', 'QuantizedExpertWeights', 'split_fp4_codes', 'unsplit_fp4_codes',
+           'MMA_CHUNK', 'FP4_CHUNK', 'quant_weight_shapes', 'QuantizedExpertWeights', 'split_fp4_codes',
+           'unsplit_fp4_codes', 'mma_fp4_codes', 'unmma_fp4_codes', 'fp4_codes_from_plain', 'fp4_codes_to_plain',
            'quantize_expert_weights', 'random_expert_weights', 'random_activations', 'plot_weight_scales']
 
-# %% ../nbs/09a_quant_weights.ipynb #a253e5c21438
+# %% ../nbs/09a_quant_weights.ipynb #758d50fe4e36
 _FP8 = [s for s in QUANT_SCHEME_TABLE.values() if s.is_fp8]                  # read from `09_quant`'s table
 WEIGHT_GRANULARITY = {s.name: s.weight_scales for s in _FP8}
 ACTIVATION_GRANULARITY = {s.name: s.activations for s in _FP8}
@@ -24,15 +25,17 @@ FP4_GROUP = {s.name: s.group_size for s in QUANT_SCHEME_TABLE.values() if not s.
 
 def _is_fp8(scheme: str) -> bool: return scheme in WEIGHT_GRANULARITY
 
-FP4_LAYOUTS = ("plain", "split64")   # the checkpoint's byte order, and the Hopper kernels' (re-laid at load, below)
-FP4_KERNEL_LAYOUT = "split64"        # the one the FP4 GEMMs read fastest (`09c_kernels.quant`, Performance): what
+FP4_LAYOUTS = ("plain", "split64", "mma128")   # the checkpoint's byte order, and two re-laid at load (below)
+FP4_KERNEL_LAYOUT = "mma128"         # the one the FP4 GEMMs read fastest (`09c_kernels.quant`, Performance): what
                                      # `for_kernels` gives the layer, the benchmark and the tuner
 SPLIT_CHUNK = 64                     # codes per chunk of the split64 layout
+MMA_CHUNK = 128                      # codes per chunk of the mma128 layout (the kernels' K tile with it)
+FP4_CHUNK = {"split64": SPLIT_CHUNK, "mma128": MMA_CHUNK}   # a re-laid layout pads K to its whole chunks
 
 def _storage_cols(scheme: str, K: int, layout: str = "plain") -> int:
     "Columns of the code tensor for a weight of K columns: K fp8 bytes, or K_pad/2 bytes of two e2m1 codes."
     if _is_fp8(scheme): return K
-    pad = SPLIT_CHUNK if layout == "split64" else FP4_GROUP[scheme]       # K_pad: a whole group, or a whole chunk
+    pad = FP4_CHUNK.get(layout, FP4_GROUP[scheme])                        # K_pad: a whole group, or a whole chunk
     return -(-K // pad) * pad // 2
 
 def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None, layout: str = "plain") -> tuple:
@@ -71,7 +74,7 @@ def quant_weight_shapes(scheme: str,      # one of QUANT_SCHEMES
     block = _check_block_shape(scheme, block_shape)
     return (E, N, _storage_cols(scheme, K)), _scale_shape(scheme, E, N, K, block)
 
-# %% ../nbs/09a_quant_weights.ipynb #30f887a33adf
+# %% ../nbs/09a_quant_weights.ipynb #392a7f56c27b
 @dataclass(frozen=True)
 class QuantizedExpertWeights:
     "The quantized `w13`/`w2` of `E` experts in one scheme: codes, scales, NVFP4 global scales and the unpadded K."
@@ -85,7 +88,7 @@ class QuantizedExpertWeights:
     w13_global_scale: torch.Tensor | None = None   # [E] fp32, NVFP4 only
     w2_global_scale: torch.Tensor | None = None    # [E] fp32, NVFP4 only
     block_shape: tuple | None = None               # scale group (rows, cols); filled in for block/FP4 schemes
-    fp4_layout: str = "plain"                      # FP4 byte order: "plain" (checkpoint) or "split64" (`relayout`)
+    fp4_layout: str = "plain"                      # FP4 byte order: "plain" (checkpoint), "split64" or "mma128" (`relayout`)
 
     def __post_init__(self):
         check_choice("scheme", self.scheme, QUANT_SCHEMES)
@@ -100,7 +103,7 @@ class QuantizedExpertWeights:
         for name, N, K in (("w13", 2 * I, H), ("w2", H, I)):
             _check_weight_parts(self, name, E, N, K, block)
 
-# %% ../nbs/09a_quant_weights.ipynb #f62928a42bbd
+# %% ../nbs/09a_quant_weights.ipynb #bab41a107412
 def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device)."
     s = qw.scheme
@@ -118,8 +121,8 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     for n, t in ((name, codes), (name + "_scale", scale), (name + "_global_scale", gs)):
         if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
     _check_scale_values(name + "_scale", scale, s)
-    if layout == "split64" and codes.shape[-1] != _storage_cols(s, K):     # the padding reads as 0, never NaN
-        _check_split_padding(name, codes, scale, K, s)
+    if layout != "plain" and codes.shape[-1] != _storage_cols(s, K):       # the padding reads as 0, never NaN
+        _check_chunk_padding(name, codes, scale, K, s, layout)
 
 def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
     "Scales that decode to a number (one pass at construction): fp32 finite and >= 0 (a zero block may carry 0); no e8m0 255 or e4m3 NaN byte."
@@ -132,17 +135,17 @@ def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
                 "nvfp4_w4a16": "e4m3 scales that are not NaN"}
         raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale.flatten()[:8].tolist()}...")
 
-def _check_split_padding(name: str, codes, scale, K: int, scheme: str):
-    "split64 weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
-    g, plain = FP4_GROUP[scheme], 2 * _storage_cols(scheme, K)                          # codes of the plain layout
-    tail = unpack_fp4(unsplit_fp4_codes(codes[..., -(SPLIT_CHUNK // 2):]))              # the last chunk, K order
-    start = plain - (codes.shape[-1] * 2 - SPLIT_CHUNK)                                  # first padded code in it
+def _check_chunk_padding(name: str, codes, scale, K: int, scheme: str, layout: str):
+    "Re-laid weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
+    g, plain, chunk = FP4_GROUP[scheme], 2 * _storage_cols(scheme, K), FP4_CHUNK[layout]   # codes of the plain layout
+    tail = unpack_fp4(fp4_codes_to_plain(codes[..., -(chunk // 2):], layout))          # the last chunk, K order
+    start = plain - (codes.shape[-1] * 2 - chunk)                                       # first padded code in it
     one = torch.full((), 127 if scheme == "mxfp4_w4a16" else 1.0, device=scale.device).to(scale.dtype)
     if bool(tail[..., start:].any()) or not bool((scale[..., plain // g:].view(torch.uint8) == one.view(torch.uint8)).all()):
-        raise ValueError(f"{name}: expected the split64 padding past K = {K} to hold code 0 with scale 1 (as relayout "
+        raise ValueError(f"{name}: expected the {layout} padding past K = {K} to hold code 0 with scale 1 (as relayout "
                          f"writes it), got other values")
 
-# %% ../nbs/09a_quant_weights.ipynb #6f8d671a3fc2
+# %% ../nbs/09a_quant_weights.ipynb #d6f14bfcf3b2
 @patch
 def weight_parts(self: QuantizedExpertWeights, which: str) -> tuple:
     "`(codes, scale, global scale or None, N, K)` of `which` in ('w13', 'w2'); K is the unpadded K."
@@ -157,9 +160,9 @@ def dequantize_weight(self: QuantizedExpertWeights, which: str, expert: int, dty
     codes, scale, gs, N, K = self.weight_parts(which)
     check_int("expert", expert, lo=0, hi=codes.shape[0])
     c, s = codes[expert], scale[expert]
-    if self.fp4_layout == "split64":                # back to the plain bytes, K_pad cropped to the plain one
+    if self.fp4_layout != "plain":                  # back to the plain bytes, K_pad cropped to the plain one
         cols = _storage_cols(self.scheme, K)
-        c, s = unsplit_fp4_codes(c)[..., :cols], s[..., :2 * cols // FP4_GROUP[self.scheme]]
+        c, s = fp4_codes_to_plain(c, self.fp4_layout)[..., :cols], s[..., :2 * cols // FP4_GROUP[self.scheme]]
     if self.scheme == "fp8_w8a8_tensor": return dequantize_fp8(c, s.reshape(1), "tensor", dtype=dtype)
     if self.scheme == "fp8_w8a8_channel": return dequantize_fp8(c, s, "channel", dtype=dtype)
     if self.scheme == "fp8_w8a8_block": return dequantize_fp8(c, s, "block", self.block_shape, dtype=dtype)
@@ -224,7 +227,7 @@ def __repr__(self: QuantizedExpertWeights) -> str:
             f"{'' if _is_fp8(self.scheme) else f'fp4_layout={self.fp4_layout}, '}{self.bytes_per_element:.4f} bytes/element, "
             f"device={self.device})")
 
-# %% ../nbs/09a_quant_weights.ipynb #fdb207edc306
+# %% ../nbs/09a_quant_weights.ipynb #3ad84cb18856
 def split_fp4_codes(packed: torch.Tensor,   # [..., K/2] uint8 in the plain order, K a multiple of 64
                    ) -> torch.Tensor:       # [..., K/2] uint8 in the split64 order
     "Plain FP4 bytes (byte j = code 2j | code 2j+1 << 4) -> split64 (in each 64-code chunk, byte j = code j | code 32+j << 4)."
@@ -243,9 +246,41 @@ def unsplit_fp4_codes(split: torch.Tensor,  # [..., K/2] uint8 in the split64 or
     c = split.unflatten(-1, (-1, SPLIT_CHUNK // 2))                          # [..., chunk, 32]
     return pack_fp4(torch.stack([c & 0xF, c >> 4], -2).flatten(-3))          # [..., chunk, half, 32] -> K order
 
+# MMA-order permutation of one 128-code chunk: (c, j2, j1, t, j0) K order <-> (t, c, j2, j0, j1) stored order
+_MMA_K_DIMS, _MMA_STORE_PERM = (4, 2, 2, 4, 2), (3, 0, 1, 4, 2)
+
+def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain order, K a multiple of 128
+                 ) -> torch.Tensor:         # [..., K/2] uint8 in the mma128 order
+    "Plain FP4 bytes -> mma128: in each 128-code chunk, word `4t + c` holds the eight codes a thread's MMA registers need."
+    codes = unpack_fp4(packed)
+    if codes.shape[-1] % MMA_CHUNK:
+        raise ValueError(f"packed: expected a last dim that is a multiple of {MMA_CHUNK // 2} bytes, got shape {tuple(packed.shape)}")
+    c = codes.unflatten(-1, (-1, *_MMA_K_DIMS))                              # [..., chunk, c, j2, j1, t, j0]
+    lead = c.dim() - 5
+    return pack_fp4(c.permute(*range(lead), *(lead + d for d in _MMA_STORE_PERM)).flatten(-6))
+
+def unmma_fp4_codes(mma: torch.Tensor,      # [..., K/2] uint8 in the mma128 order
+                   ) -> torch.Tensor:       # [..., K/2] uint8 in the plain order
+    "Inverse of `mma_fp4_codes`, exact."
+    check_tensor("mma", mma, dtype=torch.uint8)
+    if mma.dim() < 1 or mma.shape[-1] % (MMA_CHUNK // 2):
+        raise ValueError(f"mma: expected a last dim that is a multiple of {MMA_CHUNK // 2} bytes, got shape {tuple(mma.shape)}")
+    c = unpack_fp4(mma).unflatten(-1, (-1, *(_MMA_K_DIMS[d] for d in _MMA_STORE_PERM)))   # [..., chunk, t, c, j2, j0, j1]
+    lead = c.dim() - 5
+    inv = [_MMA_STORE_PERM.index(d) for d in range(5)]
+    return pack_fp4(c.permute(*range(lead), *(lead + d for d in inv)).flatten(-6))
+
+def fp4_codes_from_plain(packed: torch.Tensor, layout: str) -> torch.Tensor:
+    "Plain FP4 bytes (K a multiple of the layout's chunk) in `layout`'s order."
+    return {"plain": lambda x: x, "split64": split_fp4_codes, "mma128": mma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](packed)
+
+def fp4_codes_to_plain(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    "FP4 bytes in `layout`'s order back in the plain order, exact."
+    return {"plain": lambda x: x, "split64": unsplit_fp4_codes, "mma128": unmma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](codes)
+
 @patch
 def relayout(self: QuantizedExpertWeights,
-             layout: str,                   # "split64" (the Hopper kernels') or "plain" (the checkpoint's)
+             layout: str,                   # "mma128" (the Hopper kernels'), "split64" or "plain" (the checkpoint's)
             ) -> QuantizedExpertWeights:
     "The same weights with their FP4 bytes in `layout` (a copy; `self` when already there). Exact both ways."
     check_choice("layout", layout, FP4_LAYOUTS)
@@ -255,13 +290,14 @@ def relayout(self: QuantizedExpertWeights,
     for name, K in (("w13", self.hidden_size), ("w2", self.intermediate_size)):
         codes, scale = getattr(self, name), getattr(self, name + "_scale")
         cols = _storage_cols(self.scheme, K, layout)
-        if layout == "split64":                    # zero codes, scale 1 on the padding: 0, never NaN
+        if self.fp4_layout != "plain":             # through the plain bytes
+            plain = _storage_cols(self.scheme, K)
+            codes, scale = fp4_codes_to_plain(codes, self.fp4_layout)[..., :plain], scale[..., :2 * plain // g]
+        if layout != "plain":                      # zero codes, scale 1 on the padding: 0, never NaN
             pad = cols - codes.shape[-1]
             one = torch.full((), 127 if self.scheme == "mxfp4_w4a16" else 1.0, device=scale.device).to(scale.dtype)
-            codes = split_fp4_codes(torch.cat([codes, codes.new_zeros(*codes.shape[:-1], pad)], -1))
+            codes = fp4_codes_from_plain(torch.cat([codes, codes.new_zeros(*codes.shape[:-1], pad)], -1), layout)
             scale = torch.cat([scale, one.expand(*scale.shape[:-1], 2 * pad // g)], -1)
-        else:
-            codes, scale = unsplit_fp4_codes(codes)[..., :cols], scale[..., :2 * cols // g]
         parts[name], parts[name + "_scale"] = codes.contiguous(), scale.contiguous()
         parts[name + "_global_scale"] = getattr(self, name + "_global_scale")
     return QuantizedExpertWeights(self.scheme, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,

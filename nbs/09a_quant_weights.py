@@ -17,6 +17,7 @@ from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequ
 
 # %%
 #| hide
+import itertools
 from fastcore.test import test_eq, test_fail
 
 # %% [markdown]
@@ -71,15 +72,17 @@ FP4_GROUP = {s.name: s.group_size for s in QUANT_SCHEME_TABLE.values() if not s.
 
 def _is_fp8(scheme: str) -> bool: return scheme in WEIGHT_GRANULARITY
 
-FP4_LAYOUTS = ("plain", "split64")   # the checkpoint's byte order, and the Hopper kernels' (re-laid at load, below)
-FP4_KERNEL_LAYOUT = "split64"        # the one the FP4 GEMMs read fastest (`09c_kernels.quant`, Performance): what
+FP4_LAYOUTS = ("plain", "split64", "mma128")   # the checkpoint's byte order, and two re-laid at load (below)
+FP4_KERNEL_LAYOUT = "mma128"         # the one the FP4 GEMMs read fastest (`09c_kernels.quant`, Performance): what
                                      # `for_kernels` gives the layer, the benchmark and the tuner
 SPLIT_CHUNK = 64                     # codes per chunk of the split64 layout
+MMA_CHUNK = 128                      # codes per chunk of the mma128 layout (the kernels' K tile with it)
+FP4_CHUNK = {"split64": SPLIT_CHUNK, "mma128": MMA_CHUNK}   # a re-laid layout pads K to its whole chunks
 
 def _storage_cols(scheme: str, K: int, layout: str = "plain") -> int:
     "Columns of the code tensor for a weight of K columns: K fp8 bytes, or K_pad/2 bytes of two e2m1 codes."
     if _is_fp8(scheme): return K
-    pad = SPLIT_CHUNK if layout == "split64" else FP4_GROUP[scheme]       # K_pad: a whole group, or a whole chunk
+    pad = FP4_CHUNK.get(layout, FP4_GROUP[scheme])                        # K_pad: a whole group, or a whole chunk
     return -(-K // pad) * pad // 2
 
 def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None, layout: str = "plain") -> tuple:
@@ -151,7 +154,7 @@ class QuantizedExpertWeights:
     w13_global_scale: torch.Tensor | None = None   # [E] fp32, NVFP4 only
     w2_global_scale: torch.Tensor | None = None    # [E] fp32, NVFP4 only
     block_shape: tuple | None = None               # scale group (rows, cols); filled in for block/FP4 schemes
-    fp4_layout: str = "plain"                      # FP4 byte order: "plain" (checkpoint) or "split64" (`relayout`)
+    fp4_layout: str = "plain"                      # FP4 byte order: "plain" (checkpoint), "split64" or "mma128" (`relayout`)
 
     def __post_init__(self):
         check_choice("scheme", self.scheme, QUANT_SCHEMES)
@@ -185,8 +188,8 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     for n, t in ((name, codes), (name + "_scale", scale), (name + "_global_scale", gs)):
         if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
     _check_scale_values(name + "_scale", scale, s)
-    if layout == "split64" and codes.shape[-1] != _storage_cols(s, K):     # the padding reads as 0, never NaN
-        _check_split_padding(name, codes, scale, K, s)
+    if layout != "plain" and codes.shape[-1] != _storage_cols(s, K):       # the padding reads as 0, never NaN
+        _check_chunk_padding(name, codes, scale, K, s, layout)
 
 def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
     "Scales that decode to a number (one pass at construction): fp32 finite and >= 0 (a zero block may carry 0); no e8m0 255 or e4m3 NaN byte."
@@ -199,14 +202,14 @@ def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
                 "nvfp4_w4a16": "e4m3 scales that are not NaN"}
         raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale.flatten()[:8].tolist()}...")
 
-def _check_split_padding(name: str, codes, scale, K: int, scheme: str):
-    "split64 weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
-    g, plain = FP4_GROUP[scheme], 2 * _storage_cols(scheme, K)                          # codes of the plain layout
-    tail = unpack_fp4(unsplit_fp4_codes(codes[..., -(SPLIT_CHUNK // 2):]))              # the last chunk, K order
-    start = plain - (codes.shape[-1] * 2 - SPLIT_CHUNK)                                  # first padded code in it
+def _check_chunk_padding(name: str, codes, scale, K: int, scheme: str, layout: str):
+    "Re-laid weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
+    g, plain, chunk = FP4_GROUP[scheme], 2 * _storage_cols(scheme, K), FP4_CHUNK[layout]   # codes of the plain layout
+    tail = unpack_fp4(fp4_codes_to_plain(codes[..., -(chunk // 2):], layout))          # the last chunk, K order
+    start = plain - (codes.shape[-1] * 2 - chunk)                                       # first padded code in it
     one = torch.full((), 127 if scheme == "mxfp4_w4a16" else 1.0, device=scale.device).to(scale.dtype)
     if bool(tail[..., start:].any()) or not bool((scale[..., plain // g:].view(torch.uint8) == one.view(torch.uint8)).all()):
-        raise ValueError(f"{name}: expected the split64 padding past K = {K} to hold code 0 with scale 1 (as relayout "
+        raise ValueError(f"{name}: expected the {layout} padding past K = {K} to hold code 0 with scale 1 (as relayout "
                          f"writes it), got other values")
 
 # %% [markdown]
@@ -231,9 +234,9 @@ def dequantize_weight(self: QuantizedExpertWeights, which: str, expert: int, dty
     codes, scale, gs, N, K = self.weight_parts(which)
     check_int("expert", expert, lo=0, hi=codes.shape[0])
     c, s = codes[expert], scale[expert]
-    if self.fp4_layout == "split64":                # back to the plain bytes, K_pad cropped to the plain one
+    if self.fp4_layout != "plain":                  # back to the plain bytes, K_pad cropped to the plain one
         cols = _storage_cols(self.scheme, K)
-        c, s = unsplit_fp4_codes(c)[..., :cols], s[..., :2 * cols // FP4_GROUP[self.scheme]]
+        c, s = fp4_codes_to_plain(c, self.fp4_layout)[..., :cols], s[..., :2 * cols // FP4_GROUP[self.scheme]]
     if self.scheme == "fp8_w8a8_tensor": return dequantize_fp8(c, s.reshape(1), "tensor", dtype=dtype)
     if self.scheme == "fp8_w8a8_channel": return dequantize_fp8(c, s, "channel", dtype=dtype)
     if self.scheme == "fp8_w8a8_block": return dequantize_fp8(c, s, "block", self.block_shape, dtype=dtype)
@@ -350,9 +353,41 @@ def unsplit_fp4_codes(split: torch.Tensor,  # [..., K/2] uint8 in the split64 or
     c = split.unflatten(-1, (-1, SPLIT_CHUNK // 2))                          # [..., chunk, 32]
     return pack_fp4(torch.stack([c & 0xF, c >> 4], -2).flatten(-3))          # [..., chunk, half, 32] -> K order
 
+# MMA-order permutation of one 128-code chunk: (c, j2, j1, t, j0) K order <-> (t, c, j2, j0, j1) stored order
+_MMA_K_DIMS, _MMA_STORE_PERM = (4, 2, 2, 4, 2), (3, 0, 1, 4, 2)
+
+def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain order, K a multiple of 128
+                 ) -> torch.Tensor:         # [..., K/2] uint8 in the mma128 order
+    "Plain FP4 bytes -> mma128: in each 128-code chunk, word `4t + c` holds the eight codes a thread's MMA registers need."
+    codes = unpack_fp4(packed)
+    if codes.shape[-1] % MMA_CHUNK:
+        raise ValueError(f"packed: expected a last dim that is a multiple of {MMA_CHUNK // 2} bytes, got shape {tuple(packed.shape)}")
+    c = codes.unflatten(-1, (-1, *_MMA_K_DIMS))                              # [..., chunk, c, j2, j1, t, j0]
+    lead = c.dim() - 5
+    return pack_fp4(c.permute(*range(lead), *(lead + d for d in _MMA_STORE_PERM)).flatten(-6))
+
+def unmma_fp4_codes(mma: torch.Tensor,      # [..., K/2] uint8 in the mma128 order
+                   ) -> torch.Tensor:       # [..., K/2] uint8 in the plain order
+    "Inverse of `mma_fp4_codes`, exact."
+    check_tensor("mma", mma, dtype=torch.uint8)
+    if mma.dim() < 1 or mma.shape[-1] % (MMA_CHUNK // 2):
+        raise ValueError(f"mma: expected a last dim that is a multiple of {MMA_CHUNK // 2} bytes, got shape {tuple(mma.shape)}")
+    c = unpack_fp4(mma).unflatten(-1, (-1, *(_MMA_K_DIMS[d] for d in _MMA_STORE_PERM)))   # [..., chunk, t, c, j2, j0, j1]
+    lead = c.dim() - 5
+    inv = [_MMA_STORE_PERM.index(d) for d in range(5)]
+    return pack_fp4(c.permute(*range(lead), *(lead + d for d in inv)).flatten(-6))
+
+def fp4_codes_from_plain(packed: torch.Tensor, layout: str) -> torch.Tensor:
+    "Plain FP4 bytes (K a multiple of the layout's chunk) in `layout`'s order."
+    return {"plain": lambda x: x, "split64": split_fp4_codes, "mma128": mma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](packed)
+
+def fp4_codes_to_plain(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    "FP4 bytes in `layout`'s order back in the plain order, exact."
+    return {"plain": lambda x: x, "split64": unsplit_fp4_codes, "mma128": unmma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](codes)
+
 @patch
 def relayout(self: QuantizedExpertWeights,
-             layout: str,                   # "split64" (the Hopper kernels') or "plain" (the checkpoint's)
+             layout: str,                   # "mma128" (the Hopper kernels'), "split64" or "plain" (the checkpoint's)
             ) -> QuantizedExpertWeights:
     "The same weights with their FP4 bytes in `layout` (a copy; `self` when already there). Exact both ways."
     check_choice("layout", layout, FP4_LAYOUTS)
@@ -362,13 +397,14 @@ def relayout(self: QuantizedExpertWeights,
     for name, K in (("w13", self.hidden_size), ("w2", self.intermediate_size)):
         codes, scale = getattr(self, name), getattr(self, name + "_scale")
         cols = _storage_cols(self.scheme, K, layout)
-        if layout == "split64":                    # zero codes, scale 1 on the padding: 0, never NaN
+        if self.fp4_layout != "plain":             # through the plain bytes
+            plain = _storage_cols(self.scheme, K)
+            codes, scale = fp4_codes_to_plain(codes, self.fp4_layout)[..., :plain], scale[..., :2 * plain // g]
+        if layout != "plain":                      # zero codes, scale 1 on the padding: 0, never NaN
             pad = cols - codes.shape[-1]
             one = torch.full((), 127 if self.scheme == "mxfp4_w4a16" else 1.0, device=scale.device).to(scale.dtype)
-            codes = split_fp4_codes(torch.cat([codes, codes.new_zeros(*codes.shape[:-1], pad)], -1))
+            codes = fp4_codes_from_plain(torch.cat([codes, codes.new_zeros(*codes.shape[:-1], pad)], -1), layout)
             scale = torch.cat([scale, one.expand(*scale.shape[:-1], 2 * pad // g)], -1)
-        else:
-            codes, scale = unsplit_fp4_codes(codes)[..., :cols], scale[..., :2 * cols // g]
         parts[name], parts[name + "_scale"] = codes.contiguous(), scale.contiguous()
         parts[name + "_global_scale"] = getattr(self, name + "_global_scale")
     return QuantizedExpertWeights(self.scheme, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
@@ -485,23 +521,33 @@ b = pack_fp4(torch.arange(64, dtype=torch.uint8) % 16)                       # c
 sp = split_fp4_codes(b)
 test_eq(sp[0].item(), 0 | (32 % 16) << 4); test_eq(sp[5].item(), 5 | (37 % 16) << 4)      # byte j = code j | code 32+j
 test_eq(unsplit_fp4_codes(sp), b)
-for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
-    for H, I in ((256, 128), (80, 48)):                                      # whole chunks; K padded to 128 and 64
+g = torch.Generator().manual_seed(0)
+codes = torch.randint(0, 16, (3, 256), generator=g, dtype=torch.uint8)       # two 128-code chunks, random codes
+mm = unpack_fp4(mma_fp4_codes(pack_fp4(codes)))
+for ch, t, c, j2, j1, j0 in itertools.product(range(2), range(4), range(4), range(2), range(2), range(2)):
+    slot = 128 * ch + 8 * (4 * t + c) + 4 * j2 + 2 * j0 + j1                 # word 4t + c, nibble 4·j2 + 2·j0 + j1
+    test_eq(mm[:, slot], codes[:, 128 * ch + 32 * c + 16 * j2 + 8 * j1 + 2 * t + j0])
+test_eq(unmma_fp4_codes(mma_fp4_codes(pack_fp4(codes))), pack_fp4(codes))
+for scheme, layout in itertools.product(("mxfp4_w4a16", "nvfp4_w4a16"), ("split64", "mma128")):
+    chunk = FP4_CHUNK[layout]
+    for H, I in ((256, 128), (80, 48)):                                      # whole chunks; K padded to the chunk
         qw = quantize_expert_weights(*random_expert_weights(3, H, I, seed=4), scheme)
-        q2 = qw.relayout("split64")
-        test_eq((q2.fp4_layout, q2.w13.shape[-1], q2.w2.shape[-1]), ("split64", -(-H // 64) * 32, -(-I // 64) * 32))
-        back = q2.relayout("plain")
-        for f in ("w13", "w13_scale", "w2", "w2_scale"):                     # the round trip is bit-exact
-            test_eq(getattr(back, f).view(torch.uint8).cpu(), getattr(qw, f).view(torch.uint8).cpu())
+        q2 = qw.relayout(layout)
+        test_eq((q2.fp4_layout, q2.w13.shape[-1], q2.w2.shape[-1]), (layout, -(-H // chunk) * chunk // 2, -(-I // chunk) * chunk // 2))
+        for back in (q2.relayout("plain"), q2.relayout("split64" if layout == "mma128" else "mma128").relayout("plain")):
+            for f in ("w13", "w13_scale", "w2", "w2_scale"):                 # the round trips are bit-exact
+                test_eq(getattr(back, f).view(torch.uint8).cpu(), getattr(qw, f).view(torch.uint8).cpu())
         for w in ("w13", "w2"):                                              # and it decodes to the same weights
             test_eq(q2.dequantize_weight(w, 2).cpu(), qw.dequantize_weight(w, 2).cpu())
         if H == 256: assert not torch.equal(q2.w13, qw.w13)                 # the bytes did move
-        assert q2.relayout("split64") is q2 and "fp4_layout=split64" in repr(q2)
+        assert q2.relayout(layout) is q2 and f"fp4_layout={layout}" in repr(q2)
         test_eq(qw.for_kernels().fp4_layout, FP4_KERNEL_LAYOUT)
 test_fail(lambda: quantize_expert_weights(*random_expert_weights(2, 128, 64), "fp8_w8a8_block").relayout("split64"),
           contains="layout: expected 'plain' for the FP8 scheme")
 test_fail(lambda: qw.relayout("split"), contains="layout: expected one of")
 test_fail(lambda: split_fp4_codes(torch.zeros(2, 16, dtype=torch.uint8)), contains="multiple of 32 bytes")
+test_fail(lambda: mma_fp4_codes(torch.zeros(2, 32, dtype=torch.uint8)), contains="multiple of 64 bytes")
+test_fail(lambda: unmma_fp4_codes(torch.zeros(2, 32, dtype=torch.uint8)), contains="multiple of 64 bytes")
 test_fail(lambda: quant_weight_shapes("mxfp4_w4a16", 1, 2, 64, block_shape=5), contains="block_shape: expected None or a (rows, cols) pair")
 test_fail(lambda: QuantizedExpertWeights(**{**qw.__dict__, "fp4_layout": "split64"}), contains="w13: expected shape")
 q2 = quantize_expert_weights(*random_expert_weights(2, 80, 16, seed=4), "mxfp4_w4a16").relayout("split64")   # K padded
@@ -509,6 +555,8 @@ bad_scale = q2.w2_scale.clone(); bad_scale[..., -1] = 3                         
 test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w2_scale": bad_scale}), contains="w2: expected the split64 padding")
 bad_codes = q2.w13.clone(); bad_codes[..., -1] = 0x70                                # a padded code (K >= 80) not 0
 test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
+q3 = q2.relayout("mma128"); bad_codes = q3.w13.clone(); bad_codes[..., -1] = 0x70     # mma128: the same check
+test_fail(lambda: QuantizedExpertWeights(**{**q3.__dict__, "w13": bad_codes}), contains="w13: expected the mma128 padding")
 nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
 test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes <= 240")
 nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range

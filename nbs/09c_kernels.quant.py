@@ -16,7 +16,7 @@ from moe_lit.kernels.batched import INTERPRET
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
-from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
+from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
@@ -241,17 +241,29 @@ def _fp4_codes(w_ptr, rows, row_ok, k0, K_W, stride_wn, stride_wk, BLOCK_K: tl.c
                    mask=row_ok[:, None] & (offs_b < K_W)[None, :], other=0)
 
 @triton.jit
-def _fp4_scales(ws_ptr, rows, row_ok, k0, K_W, stride_wsn, stride_wsk, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    "`[BLOCK_N, BLOCK_K/GROUP_K]` uint8 scale bytes of the K tile at `k0`; 0 past the row or past K (a prefetch past the end reads nothing)."
-    offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
-    return tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
-                   mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)
+def _fp4_scales(ws_ptr, rows, row_ok, k0, K_W, stride_wsn, stride_wsk, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                LAYOUT: tl.constexpr):
+    """Scale bytes of the K tile at `k0`; 0 past the row or past K (a prefetch past the end reads nothing).
+
+    `[BLOCK_N, BLOCK_K/GROUP_K]` uint8, one per group; with mma128 and 16-code groups (NVFP4) a 32-code chunk's two
+    groups come as one uint16 (`[BLOCK_N, BLOCK_K/32]`, the first group in the low byte), as `_fp4_mma_tile` takes them."""
+    if LAYOUT == 2 and GROUP_K == 16:
+        offs_c = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        s = tl.load(ws_ptr.to(tl.pointer_type(tl.uint16)) + rows[:, None] * (stride_wsn // 2) + offs_c[None, :],
+                    mask=row_ok[:, None] & (offs_c < K_W // 16)[None, :], other=0)
+    else:
+        offs_g = k0 // GROUP_K + tl.arange(0, BLOCK_K // GROUP_K)
+        s = tl.load(ws_ptr + rows[:, None] * stride_wsn + offs_g[None, :] * stride_wsk,
+                    mask=row_ok[:, None] & (offs_g < 2 * K_W // GROUP_K)[None, :], other=0)
+    return s
 
 @triton.jit
 def _scale_bf16(s, FMT: tl.constexpr):
-    "Scale bytes -> bf16: e8m0 (FMT 2) is 2^(s − 127), the byte shifted into bf16's exponent; else e4m3 bits."
+    "Scale bytes -> bf16: e8m0 (FMT 2) is 2^(s − 127), the byte shifted into bf16's exponent; e4m3 placed in bf16 times 2^120."
     if FMT == 2: r = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
-    else: r = s.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16)
+    else:         # e4m3's sign, exponent and mantissa in bf16's fields: the value times 2^-120 (subnormals too), exact
+        i = s.to(tl.int16)
+        r = (((i & 0x80) << 8) | ((i & 0x7F) << 4)).to(tl.bfloat16, bitcast=True) * 1.329227995784916e36   # 2^120
     return r
 
 @triton.jit
@@ -286,6 +298,126 @@ def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`,
 
 # %%
 #| export
+_E2M1_WORD_MX = tl.constexpr("""
+{
+.reg .b32 t0, t1, x, slo, shi, c126, nz;
+mov.b32 c126, 0x7E807E80;
+mov.b32 nz, 0x80008000;
+and.b32 x, $9, 0xFF;
+mul.lo.u32 slo, x, 0x00800080;
+mov.b32 shi, slo;
+prmt.b32 t0, $8, 0, 0x4140;
+prmt.b32 t1, $8, 0, 0x4342;
+and.b32 x, t0, 0x000F000F;
+mul.lo.u32 x, x, 0x1040;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 x, x, slo, nz;
+mov.b32 {$0, $1}, x;
+and.b32 x, t0, 0x00F000F0;
+mul.lo.u32 x, x, 0x0104;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 x, x, slo, nz;
+mov.b32 {$2, $3}, x;
+and.b32 x, t1, 0x000F000F;
+mul.lo.u32 x, x, 0x1040;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 x, x, shi, nz;
+mov.b32 {$4, $5}, x;
+and.b32 x, t1, 0x00F000F0;
+mul.lo.u32 x, x, 0x0104;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 x, x, shi, nz;
+mov.b32 {$6, $7}, x;
+}
+""")
+
+_E2M1_WORD_NV = tl.constexpr("""
+{
+.reg .b32 t0, t1, x, slo, shi, c126, nz;
+.reg .b16 p, fl, fh, bl, bh;
+mov.b32 c126, 0x7E807E80;
+mov.b32 nz, 0x80008000;
+cvt.u16.u32 p, $9;
+cvt.rn.f16x2.e4m3x2 x, p;
+mov.b32 {fl, fh}, x;
+cvt.rn.bf16.f16 bl, fl;
+cvt.rn.bf16.f16 bh, fh;
+mov.b32 slo, {bl, bl};
+mov.b32 shi, {bh, bh};
+prmt.b32 t0, $8, 0, 0x4140;
+prmt.b32 t1, $8, 0, 0x4342;
+and.b32 x, t0, 0x000F000F;
+mul.lo.u32 x, x, 0x1040;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 x, x, slo, nz;
+mov.b32 {$0, $1}, x;
+and.b32 x, t0, 0x00F000F0;
+mul.lo.u32 x, x, 0x0104;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 x, x, slo, nz;
+mov.b32 {$2, $3}, x;
+and.b32 x, t1, 0x000F000F;
+mul.lo.u32 x, x, 0x1040;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 x, x, shi, nz;
+mov.b32 {$4, $5}, x;
+and.b32 x, t1, 0x00F000F0;
+mul.lo.u32 x, x, 0x0104;
+and.b32 x, x, 0x81C081C0;
+fma.rn.bf16x2 x, x, c126, nz;
+fma.rn.bf16x2 x, x, shi, nz;
+mov.b32 {$6, $7}, x;
+}
+""")
+
+@triton.jit
+def _e2m1_word(x,       # int32 words of the mma128 layout: eight codes, nibble 4·j2 + 2·j0 + j1 holds code j = 4·j2 + 2·j1 + j0
+               s,       # int32: each word's scale byte(s) as loaded (`_fp4_scales`): e8m0, or NVFP4's e4m3 pair (low byte first)
+               FMT: tl.constexpr, DTYPE: tl.constexpr):
+    "Codes 0..7 of each word, decoded and scaled (codes 4-7 by the high byte's group with NVFP4), as eight `DTYPE` tensors."
+    if PACKED_DECODE and DTYPE == tl.bfloat16:   # the scale bytes decode inside the block: one operand beside the codes
+        if FMT == 2: o = tl.inline_asm_elementwise(_E2M1_WORD_MX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
+                                                   dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else: o = tl.inline_asm_elementwise(_E2M1_WORD_NV, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
+                                            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        r = (o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
+    else:                                                         # code j's nibble: 4 · (4·j2 + 2·j0 + j1) bits up
+        if FMT == 2: s_lo = _scale_f32(s & 0xFF, FMT) * 16384.0                             # the 2^14 of `_e2m1_fp16`
+        else: s_lo = _scale_f32((s & 0xFF).to(tl.uint8), FMT) * 16384.0
+        s_hi = s_lo
+        if FMT == 3: s_hi = _scale_f32((s >> 8).to(tl.uint8), FMT) * 16384.0
+        r = ((_e2m1_fp16(x & 0xF).to(tl.float32) * s_lo).to(DTYPE), (_e2m1_fp16((x >> 8) & 0xF).to(tl.float32) * s_lo).to(DTYPE),
+             (_e2m1_fp16((x >> 4) & 0xF).to(tl.float32) * s_lo).to(DTYPE), (_e2m1_fp16((x >> 12) & 0xF).to(tl.float32) * s_lo).to(DTYPE),
+             (_e2m1_fp16((x >> 16) & 0xF).to(tl.float32) * s_hi).to(DTYPE), (_e2m1_fp16((x >> 24) & 0xF).to(tl.float32) * s_hi).to(DTYPE),
+             (_e2m1_fp16((x >> 20) & 0xF).to(tl.float32) * s_hi).to(DTYPE), (_e2m1_fp16((x >> 28) & 0xF).to(tl.float32) * s_hi).to(DTYPE))
+    return r
+
+@triton.jit
+def _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn,   # as `_fp4_weight_tile`, the codes in the mma128 layout
+                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    "`[BLOCK_N, BLOCK_K]` decoded weights in K order from mma128 words (BLOCK_K a multiple of 128): no shuffle reaches the MMA."
+    T: tl.constexpr = BLOCK_K // 128                                                        # 128-code chunks in the tile
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    x = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4) + offs_w[None, :],
+                mask=row_ok[:, None] & (offs_w < K_W // 4)[None, :], other=0)                 # [BLOCK_N, BLOCK_K/8] words
+    # word 4t + c of a chunk holds codes of the chunk's 32-code piece c: its scale byte(s), repeated over t
+    sw = tl.reshape(tl.broadcast_to(tl.reshape(s.to(tl.int32), (BLOCK_N, T, 1, 4)), (BLOCK_N, T, 4, 4)), (BLOCK_N, BLOCK_K // 8))
+    o = _e2m1_word(x, sw, FMT, DTYPE)
+    # joins stack on a new last axis: [..., j2, j1, j0] holds code 4·j2 + 2·j1 + j0; the words' (t, c) order then
+    # goes back to K = 128·chunk + 32c + 16·j2 + 8·j1 + 2t + j0 with a reshape and a permute (registers only)
+    w = tl.join(tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6])), tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7])))
+    w = tl.permute(tl.reshape(w, (BLOCK_N, T, 4, 4, 2, 2, 2)), (0, 1, 3, 4, 5, 2, 6))       # (n, chunk, c, j2, j1, t, j0)
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+# %%
+#| export
 @triton.jit
 def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
                          a_s_row,    # [BLOCK_M] fp32 activation scale per row (FMT 0; per-tensor: all equal)
@@ -312,7 +444,7 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                         FMT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr,
-                        SPLIT: tl.constexpr):   # FP4 codes in the split64 layout (`09a`): two MMAs a K tile, no join
+                        LAYOUT: tl.constexpr):  # FP4 byte order (`09a`): 0 plain, 1 split64 (two MMAs a K tile), 2 mma128
     "Both formats' main loop: `(acc, acc_up)` of one output tile over all of K, every scale applied (real-valued fp32)."
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_rows[:, None] + offs_k[None, :] * stride_ak
@@ -327,17 +459,17 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
         # The scale bytes are loaded one K tile ahead: a plain load whose value the decode needs at once would stall
         # every iteration for a DRAM round trip (the codes and activations are pipelined by the compiler, the scales,
         # which reach the MMA only through the decode, are not).
-        s_g = _fp4_scales(ws_e, offs_n, mask_n, 0, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K)
+        s_g = _fp4_scales(ws_e, offs_n, mask_n, 0, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K, LAYOUT)
         s_u = s_g
-        if GATED: s_u = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, 0, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K)
+        if GATED: s_u = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, 0, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K, LAYOUT)
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
             k0 = kt * BLOCK_K
-            s_g_next = _fp4_scales(ws_e, offs_n, mask_n, k0 + BLOCK_K, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K)
+            s_g_next = _fp4_scales(ws_e, offs_n, mask_n, k0 + BLOCK_K, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K, LAYOUT)
             s_u_next = s_g_next
             if GATED:
                 s_u_next = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, k0 + BLOCK_K, K_W, stride_wsn, stride_wsk,
-                                       GROUP_K, BLOCK_K)
-            if SPLIT:                                             # split64: lo nibbles · a[64c + j], hi · a[64c + 32 + j]
+                                       GROUP_K, BLOCK_K, LAYOUT)
+            if LAYOUT == 1:                                       # split64: lo nibbles · a[64c + j], hi · a[64c + 32 + j]
                 aT_lo = tl.load(a_rows[None, :] + (k0 + offs_lo)[:, None] * stride_ak,
                                 mask=row_ok[None, :] & (k0 + offs_lo < K)[:, None], other=0.0)   # [BLOCK_K/2, BLOCK_M]
                 aT_hi = tl.load(a_rows[None, :] + (k0 + 32 + offs_lo)[:, None] * stride_ak,
@@ -353,16 +485,23 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                                                  FMT, GROUP_K, BLOCK_N, BLOCK_K, aT_lo.dtype)
                     accT_up = tl.dot(w_lo, aT_lo, accT_up, input_precision=PRECISION)
                     accT_up = tl.dot(w_hi, aT_hi, accT_up, input_precision=PRECISION)
-            else:                                                 # as stored: a byte's two codes are K neighbours
+            else:                                                 # K order: plain bytes, or mma128 words
                 aT = tl.trans(tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0))   # [BK, BM]
                 if UPCAST: aT = aT.to(tl.float32)
                 elif FMT == 2: aT = aT.to(tl.bfloat16)          # e8m0 scales reach 2^±127: fp16 weights would not hold them
-                w = _fp4_weight_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, stride_wk,
-                                     FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+                if LAYOUT == 2:
+                    w = _fp4_mma_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, FMT, BLOCK_N, BLOCK_K, aT.dtype)
+                else:
+                    w = _fp4_weight_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, stride_wk,
+                                         FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
                 accT = tl.dot(w, aT, accT, input_precision=PRECISION)
                 if GATED:
-                    w = _fp4_weight_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
-                                         FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+                    if LAYOUT == 2:
+                        w = _fp4_mma_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, FMT, BLOCK_N,
+                                          BLOCK_K, aT.dtype)
+                    else:
+                        w = _fp4_weight_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
+                                             FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
                     accT_up = tl.dot(w, aT, accT_up, input_precision=PRECISION)
                 a_ptrs += BLOCK_K * stride_ak
             s_g, s_u = s_g_next, s_u_next
@@ -510,7 +649,7 @@ def _batched_moe_gemm_quant_kernel(
     stride_wse, stride_wsn, stride_wsk, stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
     FMT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E); programs with m_start >= expert_num_tokens[e] exit."
     pid, e = tl.program_id(0), tl.program_id(1)
@@ -526,7 +665,7 @@ def _batched_moe_gemm_quant_kernel(
     w_e, ws_e = w_ptr + e64 * stride_we, ws_ptr + e64 * stride_wse
     acc, acc_up = _quant_tile_product(a_rows, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT)
     if HAS_BIAS:                                                  # on the scaled (real-valued) fp32 product
         acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
     if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
@@ -549,6 +688,17 @@ def _batched_moe_gemm_quant_kernel(
 
 # %%
 #| export
+def _fp4_layout_code(qw: QuantizedExpertWeights, codes: torch.Tensor, scale: torch.Tensor) -> int:
+    "The kernels' `LAYOUT` (0 plain, 1 split64, 2 mma128); mma128 codes are read as int32 words, so they must align to 4 bytes."
+    code = FP4_LAYOUTS.index(qw.fp4_layout)
+    if code == 2:                  # read as int32 words (codes) and, with 16-code groups, uint16 pairs (scales)
+        for name, t, w in (("codes", codes, 4), ("scales", scale, 2 if qw.scheme == "nvfp4_w4a16" else 1)):
+            if t.stride(-1) != 1 or t.stride(-2) % w or t.stride(0) % w or t.data_ptr() % w:
+                raise ValueError(f"{qw.scheme} {name}: expected mma128 rows aligned to {w} bytes (unit last stride, row "
+                                 f"and expert strides multiples of {w}), got strides {t.stride()}, address mod {w} = "
+                                 f"{t.data_ptr() % w}")
+    return code
+
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -559,31 +709,30 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     if qw.scheme == "nvfp4_w4a16": scale = scale.view(torch.uint8)   # loaded as bytes, bit-cast to e4m3 in the kernel
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
-                SPLIT=qw.fp4_layout == "split64")
+                LAYOUT=_fp4_layout_code(qw, codes, scale))
 
 def _named_strides(tensor: str, dims: str, strides) -> dict:
     "Strides as the kernels' keywords: `_named_strides('a', 'emk', (s0, s1, s2))` -> `stride_ae`, `stride_am`, `stride_ak`."
     return {f"stride_{tensor}{d}": int(st) for d, st in zip(dims, strides, strict=True)}
 
 def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
-    "Heuristic tile of the FP4 GEMMs (operands swapped): one M tile per expert, 64 weight rows, 64-wide K steps at decode."
+    "Heuristic tile of the FP4 GEMMs (operands swapped): one M tile per expert, 64 weight rows, 128-wide K steps at decode."
     cfg = default_tile_config(E, N, K, M, dtype)
     if INTERPRET or M > 64: return cfg
-    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)   # the H200 sweep's best or
-                                                                                             # within 3 % on every row
+    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)   # one warp group: 64 rows
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
                 config: dict | None,
                 block_m: int | None = None,     # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
-                split: bool = False) -> dict:   # FP4 split64 codes: BLOCK_K whole 64-code chunks
+                layout: int = 0) -> dict:       # FP4 byte order: 1 split64 (BLOCK_K whole 64-code chunks), 2 mma128 (128)
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
     check_tile_config(config, need_block_m=kernel.startswith("batched"))
     return dict(_quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu,
-                                     None if config is None else tuple(sorted(config.items())), block_m, split,
+                                     None if config is None else tuple(sorted(config.items())), block_m, layout,
                                      _tile_config_root()))
 
 @functools.lru_cache(maxsize=1024)
-def _quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu, config_items, block_m, split, config_dir) -> dict:
+def _quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu, config_items, block_m, layout, config_dir) -> dict:
     "`_quant_tile`'s answer, resolved once per argument tuple (the launchers ask on every call)."
     name = f"{kernel}_{'fp8' if fmt < 2 else 'w4a16'}"
     cfg = dict(config_items) if config_items is not None else \
@@ -591,12 +740,14 @@ def _quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu, config_i
                            config_dir=config_dir, heuristic=fp4_default_tile if fmt >= 2 else None)
     cfg = dict(cfg)
     if block_m is not None: cfg["BLOCK_M"] = block_m                        # before the fit, which sizes by it
+    if layout == 2: cfg["BLOCK_K"] = 128                                    # mma128: the layout's chunk is the K tile
     for key in ("TMA", "WARP_SPECIALIZE", "GROUP_M"): cfg.pop(key, None)     # the quantized kernels use none of them
     if not INTERPRET: cfg = fit_shared_memory(cfg, silu, 1 if fmt < 2 else 2)
     bk = max(32, cfg["BLOCK_K"])
     if fmt == 1: bk = min(bk, group_k)
     if fmt >= 2: bk = min(bk, 128)
-    if split: bk = max(bk, 64)
+    if layout == 1: bk = max(bk, 64)
+    if layout == 2: bk = 128          # (the fit sizes FP4 codes as 2 bytes: 128 fits wherever its estimate gave less)
     cfg["BLOCK_K"] = bk
     return cfg
 
@@ -703,7 +854,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
     (E, M, K), n_out = a_k.shape, out.shape[2]
     if E == 0 or M == 0 or n_out == 0: return out
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, out.dtype, wa["FMT"], wa["GROUP_K"],
-                      act is not None, config, split=wa["SPLIT"])
+                      act is not None, config, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = _cdiv(M, bm)
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
@@ -714,7 +865,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
         **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
         **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
-        GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=wa["SPLIT"], **cfg)
+        GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], **cfg)
     return out
 
 # %% [markdown]
@@ -825,7 +976,7 @@ for scheme, G in (("mxfp4_w4a16", 32), ("nvfp4_w4a16", 16)):
         a = torch.eye(H, dtype=dtype, device=DEVICE)[None]               # one-hot rows: out[0, k] = W[:, k]
         got = batched_moe_gemm_quant(a, qw, torch.tensor([H], dtype=torch.int32, device=DEVICE), None, weight="w13")
         test_eq(torch.equal(got[0].cpu().double(), want.to(dtype).double().cpu()), True)
-        bad = QuantizedExpertWeights(**{**qw.__dict__, "w13": qw.w13 ^ 0x80})   # flip one sign bit a byte: must differ
+        bad = QuantizedExpertWeights(**{**qw0.__dict__, "w13": qw0.w13 ^ 0x80}).relayout(qw.fp4_layout)   # a sign flipped a byte
         test_eq(torch.equal(batched_moe_gemm_quant(a, bad, torch.tensor([H], dtype=torch.int32, device=DEVICE), None,
                                                    weight="w13")[0].cpu().double(), want.to(dtype).double().cpu()), False)
 
@@ -955,7 +1106,7 @@ def _fused_moe_quant_kernel(
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr,
+    LAYOUT: tl.constexpr,
 ):
     "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N),); blocks past num_tokens_post_padded or of expert -1 exit."
     pid = tl.program_id(0)
@@ -974,7 +1125,7 @@ def _fused_moe_quant_kernel(
     w_e, ws_e = w_ptr + e * stride_we, ws_ptr + e * stride_wse
     acc, acc_up = _quant_tile_product(a_rows, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT)
     if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
     if HAS_BIAS:                                                # the block's expert's row, on the scaled fp32 product
@@ -1035,7 +1186,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     if num_pairs == 0 or n_out == 0: return out
     K = a_k.shape[1]
     cfg = _quant_tile("fused_moe_gemm", E, wa["N"], K, block_m, out.dtype, wa["FMT"], wa["GROUP_K"],
-                      act is not None, config, block_m=block_m, split=wa["SPLIT"])
+                      act is not None, config, block_m=block_m, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     _fused_moe_quant_kernel[(num_m_blocks * _cdiv(n_out, bn),)](
@@ -1048,7 +1199,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
         **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),
         TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
-        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=wa["SPLIT"], **cfg)
+        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], **cfg)
     return out
 
 # %% [markdown]

@@ -9,7 +9,7 @@ from moe_lit.kernels.batched import INTERPRET
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
-from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
+from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
@@ -131,7 +131,7 @@ def test_fp4_decode_is_exact():
             a = torch.eye(H, dtype=dtype, device=DEVICE)[None]               # one-hot rows: out[0, k] = W[:, k]
             got = batched_moe_gemm_quant(a, qw, torch.tensor([H], dtype=torch.int32, device=DEVICE), None, weight="w13")
             test_eq(torch.equal(got[0].cpu().double(), want.to(dtype).double().cpu()), True)
-            bad = QuantizedExpertWeights(**{**qw.__dict__, "w13": qw.w13 ^ 0x80})   # flip one sign bit a byte: must differ
+            bad = QuantizedExpertWeights(**{**qw0.__dict__, "w13": qw0.w13 ^ 0x80}).relayout(qw.fp4_layout)   # a sign flipped a byte
             test_eq(torch.equal(batched_moe_gemm_quant(a, bad, torch.tensor([H], dtype=torch.int32, device=DEVICE), None,
                                                        weight="w13")[0].cpu().double(), want.to(dtype).double().cpu()), False)
 

@@ -7,6 +7,7 @@ from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4)
+import itertools
 from fastcore.test import test_eq, test_fail
 from moe_lit.quant_weights import *
 
@@ -44,23 +45,33 @@ def test_fp4_split_layout():
     sp = split_fp4_codes(b)
     test_eq(sp[0].item(), 0 | (32 % 16) << 4); test_eq(sp[5].item(), 5 | (37 % 16) << 4)      # byte j = code j | code 32+j
     test_eq(unsplit_fp4_codes(sp), b)
-    for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
-        for H, I in ((256, 128), (80, 48)):                                      # whole chunks; K padded to 128 and 64
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (3, 256), generator=g, dtype=torch.uint8)       # two 128-code chunks, random codes
+    mm = unpack_fp4(mma_fp4_codes(pack_fp4(codes)))
+    for ch, t, c, j2, j1, j0 in itertools.product(range(2), range(4), range(4), range(2), range(2), range(2)):
+        slot = 128 * ch + 8 * (4 * t + c) + 4 * j2 + 2 * j0 + j1                 # word 4t + c, nibble 4·j2 + 2·j0 + j1
+        test_eq(mm[:, slot], codes[:, 128 * ch + 32 * c + 16 * j2 + 8 * j1 + 2 * t + j0])
+    test_eq(unmma_fp4_codes(mma_fp4_codes(pack_fp4(codes))), pack_fp4(codes))
+    for scheme, layout in itertools.product(("mxfp4_w4a16", "nvfp4_w4a16"), ("split64", "mma128")):
+        chunk = FP4_CHUNK[layout]
+        for H, I in ((256, 128), (80, 48)):                                      # whole chunks; K padded to the chunk
             qw = quantize_expert_weights(*random_expert_weights(3, H, I, seed=4), scheme)
-            q2 = qw.relayout("split64")
-            test_eq((q2.fp4_layout, q2.w13.shape[-1], q2.w2.shape[-1]), ("split64", -(-H // 64) * 32, -(-I // 64) * 32))
-            back = q2.relayout("plain")
-            for f in ("w13", "w13_scale", "w2", "w2_scale"):                     # the round trip is bit-exact
-                test_eq(getattr(back, f).view(torch.uint8).cpu(), getattr(qw, f).view(torch.uint8).cpu())
+            q2 = qw.relayout(layout)
+            test_eq((q2.fp4_layout, q2.w13.shape[-1], q2.w2.shape[-1]), (layout, -(-H // chunk) * chunk // 2, -(-I // chunk) * chunk // 2))
+            for back in (q2.relayout("plain"), q2.relayout("split64" if layout == "mma128" else "mma128").relayout("plain")):
+                for f in ("w13", "w13_scale", "w2", "w2_scale"):                 # the round trips are bit-exact
+                    test_eq(getattr(back, f).view(torch.uint8).cpu(), getattr(qw, f).view(torch.uint8).cpu())
             for w in ("w13", "w2"):                                              # and it decodes to the same weights
                 test_eq(q2.dequantize_weight(w, 2).cpu(), qw.dequantize_weight(w, 2).cpu())
             if H == 256: assert not torch.equal(q2.w13, qw.w13)                 # the bytes did move
-            assert q2.relayout("split64") is q2 and "fp4_layout=split64" in repr(q2)
+            assert q2.relayout(layout) is q2 and f"fp4_layout={layout}" in repr(q2)
             test_eq(qw.for_kernels().fp4_layout, FP4_KERNEL_LAYOUT)
     test_fail(lambda: quantize_expert_weights(*random_expert_weights(2, 128, 64), "fp8_w8a8_block").relayout("split64"),
               contains="layout: expected 'plain' for the FP8 scheme")
     test_fail(lambda: qw.relayout("split"), contains="layout: expected one of")
     test_fail(lambda: split_fp4_codes(torch.zeros(2, 16, dtype=torch.uint8)), contains="multiple of 32 bytes")
+    test_fail(lambda: mma_fp4_codes(torch.zeros(2, 32, dtype=torch.uint8)), contains="multiple of 64 bytes")
+    test_fail(lambda: unmma_fp4_codes(torch.zeros(2, 32, dtype=torch.uint8)), contains="multiple of 64 bytes")
     test_fail(lambda: quant_weight_shapes("mxfp4_w4a16", 1, 2, 64, block_shape=5), contains="block_shape: expected None or a (rows, cols) pair")
     test_fail(lambda: QuantizedExpertWeights(**{**qw.__dict__, "fp4_layout": "split64"}), contains="w13: expected shape")
     q2 = quantize_expert_weights(*random_expert_weights(2, 80, 16, seed=4), "mxfp4_w4a16").relayout("split64")   # K padded
@@ -68,6 +79,8 @@ def test_fp4_split_layout():
     test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w2_scale": bad_scale}), contains="w2: expected the split64 padding")
     bad_codes = q2.w13.clone(); bad_codes[..., -1] = 0x70                                # a padded code (K >= 80) not 0
     test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
+    q3 = q2.relayout("mma128"); bad_codes = q3.w13.clone(); bad_codes[..., -1] = 0x70     # mma128: the same check
+    test_fail(lambda: QuantizedExpertWeights(**{**q3.__dict__, "w13": bad_codes}), contains="w13: expected the mma128 padding")
     nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
     test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes <= 240")
     nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range

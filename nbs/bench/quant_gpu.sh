@@ -15,7 +15,7 @@ check)
   timeout 240 python - "$OUT/quant_bench.json" <<'PY'
 import json, sys
 from moe_lit.bench import measure_device, bench_quant, format_bench_quant, source_commit
-dev = measure_device(); rows = bench_quant(dev, fp4_layouts=("plain", "split64"))
+dev = measure_device(); rows = bench_quant(dev, fp4_layouts=("split64", "mma128"))
 print(format_bench_quant(rows), flush=True)
 json.dump(dict(device=dev, commit=source_commit(), quant=rows), open(sys.argv[1], "w"), indent=1)
 PY
