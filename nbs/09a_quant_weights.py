@@ -22,7 +22,8 @@ from fastcore.test import test_eq, test_fail
 
 # %% [markdown]
 # In this notebook: the weight container `QuantizedExpertWeights` (its `dequantize`, `select`, `to`, `nbytes`,
-# `relayout`, `for_kernels`), the split64 FP4 layout (`split_fp4_codes`, `unsplit_fp4_codes`),
+# `relayout`, `for_kernels`), the re-laid FP4 byte orders (split64: `split_fp4_codes`, `unsplit_fp4_codes`; mma128:
+# `mma_fp4_codes`, `unmma_fp4_codes`; both through `fp4_codes_from_plain` / `fp4_codes_to_plain`),
 # `quantize_expert_weights` and `quant_weight_shapes`; test weights `random_expert_weights` and `random_activations`;
 # one figure, `plot_weight_scales`. A **reference** page. It is plain torch, no Triton: a checkpoint reader and the
 # layer hold quantized weights without importing a kernel. The formats and their torch quantizers come from
@@ -48,8 +49,8 @@ from fastcore.test import test_eq, test_fail
 #
 # Per expert, for a weight `[N, K]` (`w13`: N = 2·I, K = H; `w2`: N = H, K = I). `K_pad` rounds K up to the FP4 group
 # (32 or 16) with zero columns; the unpadded K is kept in the container, and activations are never padded. (The
-# table gives the checkpoint's byte order, `fp4_layout="plain"`. The layer re-lays FP4 weights into the **split64**
-# order described below, where `K_pad` rounds up to 64.)
+# table gives the checkpoint's byte order, `fp4_layout="plain"`. The layer re-lays FP4 weights into the **mma128**
+# order described below, where `K_pad` rounds up to 128; the older **split64** order rounds up to 64.)
 #
 # | scheme | codes | weight scale | activation (quantized per call) | bytes per weight element |
 # |---|---|---|---|---|
@@ -329,9 +330,39 @@ def __repr__(self: QuantizedExpertWeights) -> str:
 # order), padded at the end to whole chunks. K is padded to a whole chunk with zero codes, and the padded groups get the scale 1, so the
 # padding is 0 and never NaN.
 #
-# `relayout("split64")` makes the copy once (the layer does it at construction for its FP4 experts, every device);
-# `relayout("plain")` gives back the checkpoint's bytes exactly; `dequantize_weight` reads either. The measured gain
-# is in `09c_kernels.quant`'s Performance section.
+# `relayout("split64")` makes the copy once; `relayout("plain")` gives back the checkpoint's bytes exactly;
+# `dequantize_weight` reads either. The measured gain is in `09c_kernels.quant`'s Performance section. split64 is no
+# longer the layer's layout: mma128, next, moves the rest of the shuffling to load time.
+#
+# ## The mma128 layout: a thread's codes in one word
+#
+# split64 removed the interleave, but the decoded weights still had to be *moved* before the MMA: Hopper's `wgmma`
+# takes its A operand (the weights: the FP4 GEMMs swap the operands) from registers in a fixed pattern. In a warp
+# group's 64 rows, lane `l` holds rows `l / 4` and `l / 4 + 8` of its warp's 16, and in every 16-wide K step the K
+# positions `2t, 2t+1, 2t+8, 2t+9` with `t = l % 4`. A tile decoded from bytes in K order sits elsewhere, so the
+# compiler sends it through shared memory (stores, `ldmatrix` loads, a barrier for each round) or, when it hoists the
+# move onto the code bytes, shuffles single bytes into words with `prmt`. On sm_90 either way was about a third of
+# the K loop's instructions (counted in the SASS: 09c, Performance).
+#
+# **mma128** stores each row's codes so that the four lanes of a row quad read exactly their own: per 128-code chunk,
+# lane `t`'s 32 codes are four consecutive 32-bit words, and each word decodes into two of its operand registers.
+#
+# ```
+# a 128-code chunk of one row: 16 words, word 4t + c (t = 0..3 the lane in the quad, c = 0..3 a 32-code piece)
+# word 4t + c holds the codes at K = 32c + 16·j2 + 8·j1 + 2t + j0       (j = 4·j2 + 2·j1 + j0 = 0..7)
+#   nibble 4·j2 + 2·j0 + j1 of the word holds code j:
+#   byte 0 = [code 0 | code 2]   byte 1 = [code 1 | code 3]   byte 2 = [code 4 | code 6]   byte 3 = [code 5 | code 7]
+# so the low nibbles of bytes 0 and 1 are codes 0, 1 = K 2t, 2t+1: one bf16x2 register of the MMA operand, and so on
+# ```
+#
+# The word's two low-nibble pairs and two high-nibble pairs are the decode's natural pairs (a `prmt` puts bytes 0 and
+# 1 in the two halves of a register, a mask picks a nibble of each), so each pair of codes lands in the register that
+# holds it in the MMA: the kernel loads words, decodes eight codes a word, and restores K order with joins, a reshape
+# and a permute that lower to register renaming. A 32-code piece is one MXFP4 group or two NVFP4 groups (codes 0-3 of
+# a word in the first, 4-7 in the second). The scales keep the plain layout, padded like the codes; K is padded to a
+# whole chunk with zero codes and scale 1, as for split64. The kernels' K tile with mma128 is one chunk, 128 codes.
+# `relayout("mma128")` is what `for_kernels` makes at load (`FP4_KERNEL_LAYOUT`), once, on every device; the
+# interpreter's decode reads the same words (portable arithmetic in place of the PTX block).
 
 # %%
 #| export

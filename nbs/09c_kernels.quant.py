@@ -79,7 +79,7 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)   # the unquantized activati
 # > cores. The FP4 loop therefore computes the transposed tile, `outᵀ = W · aᵀ` (the "swap AB" of decode kernels):
 # > the weight tile `[BLOCK_N, BLOCK_K]` is loaded as stored — each row's `BLOCK_K/2` bytes are contiguous, so a row
 # > is a few 16-byte loads — decoded in registers and fed to the tensor cores as the *left* operand (the one Hopper's
-# > `wgmma` may take from registers rather than shared memory; whether Triton does so here was not inspected); the
+# > `wgmma` takes from registers rather than shared memory: the sm_90 SASS of these kernels shows it); the
 # > few activation rows are the right operand `[BLOCK_K, BLOCK_M]`. A byte's two
 # > codes are neighbours along K (low nibble first, the order of `09_quant`), so `tl.join` of the two nibbles and a
 # > reshape give the K order without touching the activations. The group scale is loaded once per `(row, group)` and
@@ -90,13 +90,20 @@ ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)   # the unquantized activati
 # > becomes `2^(s−127)` by placing `s` in an fp32 exponent field; the NVFP4 global scale is left to the epilogue:
 # > `code · block scale` is at most 6 · 448 and exact in bf16 and fp16, so the weight tile equals the fp32 dequantized
 # > weight divided by the global scale. MXFP4 decodes in bf16 whatever the activations' dtype (fp16 activations are
-# > rounded to bf16 for the MMA): an e8m0 scale can put a weight far outside fp16's range. The kernels read both byte orders of `09a`: the
-# > checkpoint's own (`[N, K/2]` bytes, `[N, K/G]` scales; a byte's two codes are K neighbours, joined as above) and
-# > the **split64** layout the layer re-lays its FP4 weights into at load (`QuantizedExpertWeights.for_kernels`), where
-# > a byte holds codes `j` and `j + 32` of a 64-code chunk: the low nibbles of a K tile are then one MMA operand for
-# > the activation columns `64c + j` and the high nibbles another for `64c + 32 + j` (`_fp4_split_tile`) — two MMAs,
-# > no interleave of the decoded weights, each nibble with its own group scale. The measured effect is in the
+# > rounded to bf16 for the MMA): an e8m0 scale can put a weight far outside fp16's range. The kernels read the three byte orders of `09a`
+# > (the constexpr `LAYOUT`): the checkpoint's own (`[N, K/2]` bytes, `[N, K/G]` scales; a byte's two codes are K
+# > neighbours, joined as above); **split64**, where a byte holds codes `j` and `j + 32` of a 64-code chunk, so the
+# > low nibbles of a K tile are one MMA operand for the activation columns `64c + j` and the high nibbles another for
+# > `64c + 32 + j` (`_fp4_split_tile`: two MMAs, no interleave); and **mma128**, the layout the layer re-lays its FP4
+# > weights into at load (`QuantizedExpertWeights.for_kernels`), whose int32 words each hold the eight codes one
+# > thread's MMA registers take (`_fp4_mma_tile`, the word decode below). The measured effect of each is in the
 # > Performance section below.
+# >
+# > **The scales are loaded one K tile ahead.** The compiler pipelines the loads that feed a `tl.dot` (codes and
+# > activations go global → shared memory by `cp.async`, stages ahead); the scale bytes reach the MMA only through the
+# > decode, so a plain load of this tile's scales made every K step wait a DRAM round trip (the sm_90 SASS showed the
+# > `LDG.U8` and its use in the same iteration). The loop carries the next tile's scales instead (`_fp4_scales` at
+# > `k0 + BLOCK_K`, masked past K), and FP8's block scales the same way (`_fp8_tile_scales`).
 
 # %%
 #| export
@@ -163,6 +170,22 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 # checks the GPU's capability: on an older GPU set `MOE_LIT_FP4_DECODE=portable`); fp16 NVFP4 keeps
 # the portable decode (its weights stay fp16, as the activations), and so do tiles under 2048 code bytes (4096
 # codes: with `pack=4` the block needs four bytes a thread, and smaller tiles leave fewer than eight a thread at 8 warps).
+#
+# **The word decode (mma128).** The block above takes bytes, and Triton holds an 8-bit tensor one element a register:
+# four `prmt` gather each 32-bit operand first, and where the compiler moved the tile into the MMA's register pattern
+# before the decode (it does, to move fewer bytes) it read the bytes from shared memory two at a time. With the
+# mma128 layout (`09a`) the codes are loaded as int32 words, one element each, and `_E2M1_WORD_MX` / `_E2M1_WORD_NV`
+# decode a word into eight bf16 outputs (`=h` operands) with the same 22-instruction core; the pairs it forms are
+# the pairs the MMA takes (codes 0-1, 2-3, 4-5, 6-7 of a word), so `mov.b32 {lo, hi}` out and the compiler's pack
+# back in cancel. The word's scale bytes come in as one 32-bit operand and are decoded inside the block: e8m0 by a
+# multiply that places the byte in both halves' exponent fields; NVFP4's two e4m3 groups (a word's codes 0-3 and
+# 4-7) by `cvt.rn.f16x2.e4m3x2` then `cvt.rn.bf16.f16`, exact both (e4m3 values are exact in fp16 and bf16). One
+# operand chain beside the codes matters: with the two NVFP4 scales as separate operands, or decoded by Triton ops
+# before the block, the compiler chose their layout for the decode and moved the decoded tile through shared memory
+# again (seen in the TTGIR: a `convert_layout` of the bf16 tile). The tile then goes back to K order by `tl.join`,
+# a reshape and a permute (`_fp4_mma_tile`), which lower to register renaming: in the sm_90 SASS of the contiguous
+# GEMM1 (`nbs/bench/sass_fp4.py`, compiled for sm_90 without a GPU) the K loop has no shared-memory store, no
+# `ldmatrix` and no barrier, only the code tile's own `cp.async` pipeline.
 
 # %%
 #| export

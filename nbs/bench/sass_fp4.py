@@ -1,0 +1,80 @@
+"""The quantized GEMM1's K loop as sm_90 machine code, without a GPU: instructions per KB of FP4 codes, by layout.
+
+    python nbs/bench/sass_fp4.py [OUT_DIR]
+
+Compiles the contiguous quantized GEMM (`_fused_moe_quant_kernel`, gated SiLU, MXFP4 / NVFP4 / FP8 block) for
+`cuda:90` with Triton's bundled ptxas, disassembles it with the bundled nvdisasm, finds the K loop (the longest
+backward branch) and counts its instructions by opcode. Strides of 1 and 16-divisible sizes are specialised as the
+launcher's calls are. The count per KB of codes is per warp (instructions · num_warps / 4 / KB a loop iteration),
+so tiles of different shapes compare: a K loop bound by instruction issue runs at most 16 B/clock/SM at the floor.
+OUT_DIR (optional) keeps each variant's TTGIR and SASS.
+"""
+import os, re, subprocess, sys, collections
+import triton
+from triton.backends.compiler import GPUTarget
+from moe_lit.kernels import quant as Q
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+STRIDES = "am asm asg we wn wse wsn cm be bn".split()                    # runtime strides; ak, wk, wsk, cn are 1
+DIV16 = {"N_OUT", "K", "K_W", "stride_am", "stride_we", "stride_wn", "stride_wse", "stride_wsn", "stride_cm"}
+
+
+def compile_gemm1(fmt: int, layout: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_warps: int, num_stages: int = 3):
+    "The compiled contiguous GEMM1 (gated SiLU, token rows, top-2) for `cuda:90`."
+    fn = Q._fused_moe_quant_kernel
+    fp8 = fmt < 2
+    sig = dict(a_ptr="*fp8e4nv" if fp8 else "*bf16", as_ptr="*fp32" if fp8 else "*bf16",
+               w_ptr="*fp8e4nv" if fp8 else "*u8", ws_ptr="*fp32" if fp8 else "*u8", gs_ptr="*fp32", c_ptr="*bf16",
+               sorted_ptr="*i32", expert_ids_ptr="*i32", ntpp_ptr="*i32", weights_ptr="*fp32", bias_ptr="*bf16",
+               N_OUT="i32", K="i32", K_W="i32", num_pairs="i32", num_m_blocks="i32", num_sorted="i32",
+               num_local="i32", alpha="fp32", limit="fp32", **{f"stride_{x}": "i32" for x in STRIDES})
+    consts = dict(stride_ak=1, stride_wk=1, stride_wsk=1, stride_cn=1, TOP_K=2, A_PER_PAIR=False, GATED=True,
+                  ACTIVATION=0, HAS_BIAS=False, WEIGHT=0, FMT=fmt, UPCAST=False, PRECISION="tf32",
+                  GROUP_N=128 if fp8 else 1, GROUP_K={1: 128, 2: 32, 3: 16}[fmt], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                  BLOCK_K=BLOCK_K, LAYOUT=layout)
+    names = list(fn.arg_names)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if sig[n].startswith("*") or n in DIV16}
+    src = triton.compiler.ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
+                                    constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def k_loop(sass: str) -> collections.Counter:
+    "Opcode counts of the longest backward-branch region of `sass` (nvdisasm -c output): the K loop."
+    ins, labels = [], {}
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m: labels[m.group(1)] = len(ins); continue
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(.*?);", line)
+        if m: ins.append(m.group(1))
+    loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, t in enumerate(ins)
+             if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", t)) and labels.get(m.group(1), i) < i]
+    _, a, b = max(loops)
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ins[a:b + 1])
+
+
+VARIANTS = [  # (label, FMT, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
+    ("mxfp4 plain", 2, 0, 32, 64, 64, 4), ("mxfp4 split64", 2, 1, 32, 64, 64, 4),
+    ("mxfp4 split64", 2, 1, 32, 128, 128, 8), ("mxfp4 split64", 2, 1, 32, 128, 128, 4),
+    ("mxfp4 mma128", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128", 2, 2, 32, 128, 128, 8),
+    ("nvfp4 split64", 3, 1, 32, 64, 64, 4), ("nvfp4 mma128", 3, 2, 32, 64, 128, 4), ("nvfp4 mma128", 3, 2, 32, 128, 128, 8),
+    ("fp8 block", 1, 0, 16, 64, 128, 4),
+]
+
+if __name__ == "__main__":
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    if out: os.makedirs(out, exist_ok=True)
+    print(f"{'variant':<15}{'BM':>4}{'BN':>5}{'BK':>5}{'warps':>6}{'loop':>7}{'/KB':>7}  smem moves (STS LDS LDSM BAR)  top opcodes")
+    for label, fmt, layout, bm, bn, bk, nw in VARIANTS:
+        c = compile_gemm1(fmt, layout, bm, bn, bk, nw)
+        path = os.path.join(out or "/tmp", f"gemm1_{label.replace(' ', '_')}_{bm}_{bn}_{bk}_{nw}")
+        open(path + ".cubin", "wb").write(c.asm["cubin"])
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path + ".cubin"], capture_output=True, text=True,
+                              check=True).stdout
+        if out: open(path + ".sass", "w").write(sass); open(path + ".ttgir", "w").write(c.asm["ttgir"])
+        n = k_loop(sass)
+        total = sum(n.values())
+        kb = 2 * bn * bk * (1 if fmt < 2 else 0.5) / 1024                 # gate + up weight bytes a K step
+        top = ", ".join(f"{k} {v}" for k, v in n.most_common(6))
+        print(f"{label:<15}{bm:>4}{bn:>5}{bk:>5}{nw:>6}{total:>7}{total * nw / 4 / kb:>7.1f}  "
+              f"{n['STS']:>4}{n['LDS']:>4}{n['LDSM']:>5}{n['BAR']:>4}            {top}", flush=True)
