@@ -154,7 +154,7 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
     w13 = w2 = None
     return out
 
-# %% ../nbs/14_bench.ipynb #739044937dda
+# %% ../nbs/14_bench.ipynb #44fb58ca9209
 def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
     "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
     check_choice("kernel", kernel, TUNABLE); check_int("expected_m", expected_m, lo=1)
@@ -162,7 +162,7 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
     if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side; the mma128
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)   # layout's K tile is 128
                  for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((64, 4), (128, 8))
-                 for st in (3, 4)]       # 64 weight rows a warp group (other pairings decode twice or through shared memory)
+                 for st in (2, 3, 4)]    # 64 weight rows a warp group (other pairings decode twice or through shared memory)
         return [c for c in cands if fit_shared_memory(c, True, 2) == c]
     if expected_m <= 64:
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
@@ -259,7 +259,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #d0c2184bb19e
+# %% ../nbs/14_bench.ipynb #06eebc4c6122
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -333,6 +333,7 @@ def format_bench_quant(rows: list[dict]) -> str:
 def plot_bench_quant(runs: dict,                      # {label: bench_quant rows}, oldest first
                      schemes=("mxfp4_w4a16", "nvfp4_w4a16", "fp8_w8a8_block"),
                      fp4_layout: str = "split64",      # a run that timed several FP4 layouts: the bars of this one
+                                                       # (a run of one FP4 layout shows it whatever this says)
                     ):
     "Bars: % of the weight-bytes floor per (scenario, scheme), one bar per run and format. Returns the Figure."
     import matplotlib; matplotlib.use("Agg")
@@ -347,7 +348,9 @@ def plot_bench_quant(runs: dict,                      # {label: bench_quant rows
     fig, ax = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(bars)
     for i, (label, fmt) in enumerate(bars):
-        by_key = {(r["scenario"], r["scheme"]): r for r in runs[label] if r.get("fp4_layout") in (None, fp4_layout)}
+        several = len({r.get("fp4_layout") for r in runs[label]} - {None}) > 1
+        by_key = {(r["scenario"], r["scheme"]): r for r in runs[label]
+                  if not several or r.get("fp4_layout") in (None, fp4_layout)}
         ax.bar([j + i * width for j in range(len(keys))],
                [by_key[k][f"{fmt}_pct_floor"] if k in by_key else 0 for k in keys], width, label=f"{label}, {fmt}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))],

@@ -1517,6 +1517,24 @@ assert_quant_close(got[:3], want[:3])
 # sweep picks `BLOCK_K` = 128 on Qwen3 (the heuristic is 7 % slower there) and `BLOCK_N` = 128 for the contiguous
 # DeepSeek-V3 GEMM (4 %).
 #
+# **Scale prefetch and mma128 (measured).** Loading the scales a K tile ahead alone moved FP4 by 0–13 % (the
+# split64 rows re-tuned: `quant_bench_h200_prefetch_21d206f.json`, MXFP4 batched DeepSeek-V3 425 → 398 µs, Qwen3
+# 146 → 144, Mixtral 348 → 331, gpt-oss 627 → 601); the loop was bound by instructions, not by that latency.
+# `nbs/bench/sass_fp4.py` counts them: compiled for sm_90 on any machine (Triton's bundled ptxas and nvdisasm), the
+# K loop of GEMM1 + SiLU took 92–103 instructions per KB of codes a warp with split64 or the plain bytes, a third of
+# them moving the decoded tile (`ldmatrix` + stores + barriers for plain, single-byte shared loads + `prmt` for
+# split64) — and 72–77 with mma128, where the loop has no shared-memory round trip left (`sass_fp4_sm90.log`). On the
+# H200 (`quant_bench_h200_mma128_8dcf083.json`, tiles re-tuned for it: `tune_quant_h200_mma128_8dcf083.json`,
+# GEMM1 + SiLU, batched / contiguous): MXFP4 DeepSeek-V3 EP8 336 / 367 µs (36 / 33 % of the floor), Qwen3-30B-A3B
+# 109 / 106 (47 / 48 %), Mixtral 260 / 264 (45 %), gpt-oss 483 / 517 (55 / 51 %); NVFP4 342 / 374, 110 / 112,
+# 269 / 274, 513 / 560 (34–55 %). Against split64 with the prefetch, same tables' sweep: 1.19–1.59× faster on every
+# row (NVFP4 most: its scales decode inside the PTX block now). Each FP4 row is 1.4–2.0× faster than the bf16 batched
+# GEMM of the same run (472 / 196 / 458 / 967 µs). The tuner picked 64 weight rows, 4 warps, 3 stages and one M
+# tile per expert everywhere. The floor is still 1.8–2.8× away: half of the loop is now the decode itself (per word
+# 2 `prmt` + 4 × (`and`, `mul.lo`, `and`, 2 bf16x2 `fma`)); one of the two `fma`s (the 2^126 of the bit placement)
+# could fold into the scale where the layer's scales allow it (an e8m0 byte ≤ 128 + a shift chosen at load), the
+# next step measured by the same count.
+#
 # **The seed scenario's rank 0** (`nbs/bench/seed_scenario.py`, `seed_scenario_h200_2fa7b89.json`): DeepSeek-V3 EP8,
 # NIXL EP (batched format), round-robin placement, the whole layer replayed as a CUDA graph — routing, dispatch,
 # both GEMMs, combine and the shared expert. bf16 takes 75 / 667 / 823 µs at T = 1 / 64 / 256, NVFP4 209 / 749 /
