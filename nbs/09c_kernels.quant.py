@@ -1539,9 +1539,16 @@ assert_quant_close(got[:3], want[:3])
 # NIXL EP (batched format), round-robin placement, the whole layer replayed as a CUDA graph — routing, dispatch,
 # both GEMMs, combine and the shared expert. bf16 takes 75 / 667 / 823 µs at T = 1 / 64 / 256, NVFP4 209 / 749 /
 # 950 µs and MXFP4 266 / 772 / 868 µs; every run matches its float64 reference (max relative error ≤ 5.6e-3,
-# cosine ≥ 0.999995). That run predates the PTX decode and split64 (not re-measured since); then FP4 read 0.53–0.56
-# bytes a weight instead of 2 and was still slower than bf16 at every T. (The layer also keeps the dequantized
-# weights beside the codes, for its references: a quantized layer does not save memory yet.)
+# cosine ≥ 0.999995). That run predates the PTX decode and split64; then FP4 read 0.53–0.56 bytes a weight instead
+# of 2 and was still slower than bf16 at every T. Re-measured with mma128 and the prefetch
+# (`seed_scenario_h200_b33af56.json`, same script): bf16 75 / 639 / 835 µs, NVFP4 143 / 427 / 542 µs, MXFP4 124 /
+# 397 / 556 µs, every run within its reference bounds (max relative error ≤ 6.1e-3, cosine ≥ 0.999995): **FP4 is now
+# the faster layer at T = 64 and 256 (1.5–1.6×)**, and still slower at T = 1. The profile of that case
+# (`nbs/bench/profile_seed_t1.py`, `profile_seed_t1_h200_b33af56.log`) shows why: with one token the rank's FP4 GEMMs
+# run one expert, 64 programs of 64 weight rows for GEMM1, one 4-warp program an SM, so nothing hides the decode's
+# dependent-instruction latency: 93 µs of quant GEMM in a 165 µs replay, where bf16's GEMMs take 13 µs. Splitting K
+# at small grids (issue 14's split-K) is the fix, not built yet. (The layer also keeps the dequantized weights beside
+# the codes, for its references: a quantized layer does not save memory yet.)
 
 # %% [markdown]
 # Inputs the host does not check on the hot path are still safe: a negative or huge pair index and an expert id past
