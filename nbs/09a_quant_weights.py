@@ -155,7 +155,9 @@ class QuantizedExpertWeights:
     w13_global_scale: torch.Tensor | None = None   # [E] fp32, NVFP4 only
     w2_global_scale: torch.Tensor | None = None    # [E] fp32, NVFP4 only
     block_shape: tuple | None = None               # scale group (rows, cols); filled in for block/FP4 schemes
-    fp4_layout: str = "plain"                      # FP4 byte order: "plain" (checkpoint), "split64" or "mma128" (`relayout`)
+    fp4_layout: str = "plain"                      # FP4 byte order: "plain" (checkpoint), "split64" or "mma128" (`relayout`);
+                                                   # trusted, as bytes cannot show their order: build "plain" from a
+                                                   # checkpoint and let `relayout` / `for_kernels` make the others
 
     def __post_init__(self):
         check_choice("scheme", self.scheme, QUANT_SCHEMES)
@@ -180,15 +182,21 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
     check_dense(name, check_tensor(name, codes, shape=(E, N, _storage_cols(s, K, layout)),
                                    dtype=torch.float8_e4m3fn if _is_fp8(s) else torch.uint8))
     sdt = {"mxfp4_w4a16": torch.uint8, "nvfp4_w4a16": torch.float8_e4m3fn}.get(s, torch.float32)
-    check_tensor(name + "_scale", scale, shape=_scale_shape(s, E, N, K, block, layout), dtype=sdt)
+    check_dense(name + "_scale", check_tensor(name + "_scale", scale, shape=_scale_shape(s, E, N, K, block, layout), dtype=sdt))
     if s == "nvfp4_w4a16":                                   # read as a flat [E] array; checked once, here
         check_tensor(name + "_global_scale", gs, shape=(E,), dtype=torch.float32, contiguous=True)
-        if E and not bool((gs > 0).all() & gs.isfinite().all()):
-            raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
     elif gs is not None: raise ValueError(f"{name}_global_scale: expected None for {s}, got a tensor")
-    for n, t in ((name, codes), (name + "_scale", scale), (name + "_global_scale", gs)):
+    for n, t in ((name, codes), (name + "_scale", scale), (name + "_global_scale", gs)):   # before any value is read
         if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
+    if s == "nvfp4_w4a16" and E and not bool((gs > 0).all() & gs.isfinite().all()):
+        raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
     _check_scale_values(name + "_scale", scale, s)
+    if layout == "mma128":         # the kernels read int32 code words and (16-code groups) uint16 scale pairs
+        for n, t, w in ((name, codes, 4), (name + "_scale", scale, 2 if s == "nvfp4_w4a16" else 0)):
+            if w and (t.stride(-1) != 1 or t.stride(-2) % w or t.stride(0) % w or t.data_ptr() % w):
+                raise ValueError(f"{n}: expected mma128 rows aligned to {w} bytes (unit last stride, row and expert "
+                                 f"strides multiples of {w}: what relayout('mma128') makes), got strides {t.stride()} "
+                                 f"at an address {t.data_ptr() % w} bytes past a multiple of {w}")
     if layout != "plain" and codes.shape[-1] != _storage_cols(s, K):       # the padding reads as 0, never NaN
         _check_chunk_padding(name, codes, scale, K, s, layout)
 
@@ -201,7 +209,11 @@ def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
     if bad:
         want = {"mxfp4_w4a16": "e8m0 bytes <= 240 (2^113; 255 is NaN, and the kernels' fp32 decode overflows above 2^113)",
                 "nvfp4_w4a16": "e4m3 scales that are not NaN"}
-        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale.flatten()[:8].tolist()}...")
+        ok = {"mxfp4_w4a16": lambda t: t <= 240, "nvfp4_w4a16": lambda t: ~torch.isnan(t.float())}.get(
+            scheme, lambda t: torch.isfinite(t) & (t >= 0))
+        at = tuple(int(i) for i in (~ok(scale)).nonzero()[0])
+        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale[at].item()} at index "
+                         f"{list(at)} (expert, row, group)")
 
 def _check_chunk_padding(name: str, codes, scale, K: int, scheme: str, layout: str):
     "Re-laid weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
@@ -268,8 +280,21 @@ def _qw_replace(qw, fn):
 
 @patch
 def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
-    "The weights of a subset of experts (`experts`: an index tensor or list along E), e.g. the ones one EP rank holds."
-    return _qw_replace(self, lambda t: t[experts])
+    "The weights of a subset of experts (`experts`: a list or 1-D integer tensor of ids in [0, E), or a slice), e.g. one EP rank's."
+    E = self.num_experts
+    if isinstance(experts, slice): ids = torch.arange(E)[experts]
+    elif isinstance(experts, torch.Tensor):
+        if experts.device.type != "cpu" and experts.device != self.device:
+            raise ValueError(f"experts: expected ids on {' or '.join(dict.fromkeys(['cpu', str(self.device)]))}, got device {experts.device}")
+        if experts.dim() != 1 or experts.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"experts: expected a 1-D int32/int64 tensor of expert ids, got {experts.dtype} of shape {tuple(experts.shape)}")
+        ids = experts.cpu().long()
+    elif isinstance(experts, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in experts):
+        ids = torch.tensor(list(experts), dtype=torch.long)
+    else: raise ValueError(f"experts: expected a list or 1-D tensor of expert ids, or a slice, got {experts!r:.80}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
+        raise ValueError(f"experts: expected ids in [0, {E}), got values in [{int(ids.min())}, {int(ids.max())}]")
+    return _qw_replace(self, lambda t: t[ids.to(t.device)].contiguous())
 
 @patch
 def to(self: QuantizedExpertWeights, device) -> QuantizedExpertWeights:
@@ -688,3 +713,22 @@ test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": -n
 test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": nv.w2_global_scale.repeat(2)[::2]}),
           contains="w2_global_scale: expected a contiguous tensor")
 test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")
+mx = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
+for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "experts: expected ids in [0, 2), got values in [5, 5]"),
+                     ([-1], "expected ids in [0, 2)"), (torch.tensor([0.0]), "expected a 1-D int32/int64 tensor"),
+                     (torch.tensor([[0]]), "expected a 1-D int32/int64 tensor"), ([True], "expected a list or 1-D tensor"),
+                     (torch.tensor([1], device="meta"), "experts: expected ids on cpu, got device meta")):
+    test_fail(lambda: mx.select(bad_ids), contains=msg)
+test_eq(nv.select(slice(None, None, 2)).num_experts, 1)                  # a slice: the global scales stay contiguous
+test_eq(mx.select(torch.tensor([1])).w13, mx.w13[1:2])
+test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w13_global_scale": nv.w13_global_scale.to("meta")}),
+          contains="w13_global_scale: expected device cpu, got meta")    # the device before any value is read
+test_fail(lambda: QuantizedExpertWeights(**{**mx.__dict__, **{k: getattr(mx, k).to("meta") for k in ("w13", "w13_scale", "w2", "w2_scale")}}),
+          contains="w13: expected a dense tensor with values, got a meta tensor")
+bad = mx.w13_scale.clone(); bad[1, 5, 0] = 255
+test_fail(lambda: QuantizedExpertWeights(**{**mx.__dict__, "w13_scale": bad}), contains="got 255 at index [1, 5, 0]")
+mm = quantize_expert_weights(torch.randn(2, 64, 128), torch.randn(2, 128, 32), "nvfp4_w4a16").relayout("mma128")
+buf = torch.zeros(mm.w13.numel() + 1, dtype=torch.uint8)                 # the same bytes one byte off a 4-byte boundary
+odd = buf[1:].view(mm.w13.shape); odd.copy_(mm.w13)
+test_fail(lambda: QuantizedExpertWeights(**{**mm.__dict__, "w13": odd}), contains="w13: expected mma128 rows aligned to 4 bytes")
+test_eq(QuantizedExpertWeights(**{**mm.__dict__, "w13": odd.clone()}).w13, mm.w13)   # a fresh copy is aligned

@@ -283,7 +283,7 @@ def _fp4_scales(ws_ptr, rows, row_ok, k0, K_W, stride_wsn, stride_wsk, GROUP_K: 
 @triton.jit
 def _scale_bf16(s, FMT: tl.constexpr):
     "Scale bytes -> bf16: e8m0 (FMT 2) is 2^(s − 127), the byte shifted into bf16's exponent; e4m3 placed in bf16 times 2^120."
-    if FMT == 2: r = (s.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+    if FMT == 2: r = tl.maximum(s.to(tl.int32) << 7, 0x40).to(tl.int16).to(tl.bfloat16, bitcast=True)   # byte 0: 2^-127
     else:         # e4m3's sign, exponent and mantissa in bf16's fields: the value times 2^-120 (subnormals too), exact
         i = s.to(tl.int16)
         r = (((i & 0x80) << 8) | ((i & 0x7F) << 4)).to(tl.bfloat16, bitcast=True) * 1.329227995784916e36   # 2^120
@@ -292,7 +292,7 @@ def _scale_bf16(s, FMT: tl.constexpr):
 @triton.jit
 def _scale_f32(s, FMT: tl.constexpr):
     "Scale bytes -> fp32: e8m0 (FMT 2) is 2^(s − 127), the byte shifted into fp32's exponent; else e4m3 bits."
-    if FMT == 2: r = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    if FMT == 2: r = tl.maximum(s.to(tl.int32) << 23, 0x400000).to(tl.float32, bitcast=True)   # byte 0: 2^-127
     else: r = s.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     return r
 
@@ -328,6 +328,7 @@ mov.b32 c126, 0x7E807E80;
 mov.b32 nz, 0x80008000;
 and.b32 x, $9, 0xFF;
 mul.lo.u32 slo, x, 0x00800080;
+max.u32 slo, slo, 0x00400040;
 mov.b32 shi, slo;
 prmt.b32 t0, $8, 0, 0x4140;
 prmt.b32 t1, $8, 0, 0x4342;
@@ -711,17 +712,6 @@ def _batched_moe_gemm_quant_kernel(
 
 # %%
 #| export
-def _fp4_layout_code(qw: QuantizedExpertWeights, codes: torch.Tensor, scale: torch.Tensor) -> int:
-    "The kernels' `LAYOUT` (0 plain, 1 split64, 2 mma128); mma128 codes are read as int32 words, so they must align to 4 bytes."
-    code = FP4_LAYOUTS.index(qw.fp4_layout)
-    if code == 2:                  # read as int32 words (codes) and, with 16-code groups, uint16 pairs (scales)
-        for name, t, w in (("codes", codes, 4), ("scales", scale, 2 if qw.scheme == "nvfp4_w4a16" else 1)):
-            if t.stride(-1) != 1 or t.stride(-2) % w or t.stride(0) % w or t.data_ptr() % w:
-                raise ValueError(f"{qw.scheme} {name}: expected mma128 rows aligned to {w} bytes (unit last stride, row "
-                                 f"and expert strides multiples of {w}), got strides {t.stride()}, address mod {w} = "
-                                 f"{t.data_ptr() % w}")
-    return code
-
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -732,7 +722,7 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     if qw.scheme == "nvfp4_w4a16": scale = scale.view(torch.uint8)   # loaded as bytes, bit-cast to e4m3 in the kernel
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
-                LAYOUT=_fp4_layout_code(qw, codes, scale))
+                LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout))   # mma128's 4-byte alignment: checked by the container
 
 def _named_strides(tensor: str, dims: str, strides) -> dict:
     "Strides as the kernels' keywords: `_named_strides('a', 'emk', (s0, s1, s2))` -> `stride_ae`, `stride_am`, `stride_ak`."
@@ -1002,6 +992,22 @@ for scheme, G in (("mxfp4_w4a16", 32), ("nvfp4_w4a16", 16)):
         bad = QuantizedExpertWeights(**{**qw0.__dict__, "w13": qw0.w13 ^ 0x80}).relayout(qw.fp4_layout)   # a sign flipped a byte
         test_eq(torch.equal(batched_moe_gemm_quant(a, bad, torch.tensor([H], dtype=torch.int32, device=DEVICE), None,
                                                    weight="w13")[0].cpu().double(), want.to(dtype).double().cpu()), False)
+
+# %% [markdown]
+# An e8m0 byte 0 is the scale 2^-127, a subnormal in fp32 and bf16: every decode places the byte with a floor at that
+# subnormal's bits (a plain shift would give 0). `quantize_mxfp4` writes byte 0 for groups whose values are all below
+# about 2^-125, so the kernels must read it as the reference does.
+
+# %%
+#| test fp4_e8m0_byte_zero
+H = I = 128
+for layout in FP4_LAYOUTS:
+    w13c, w2c = torch.full((1, 2 * I, H // 2), 0x77, dtype=torch.uint8), torch.full((1, H, I // 2), 0x77, dtype=torch.uint8)
+    qw = QuantizedExpertWeights("mxfp4_w4a16", w13c, torch.zeros(1, 2 * I, H // 32, dtype=torch.uint8), w2c,
+                                torch.zeros(1, H, I // 32, dtype=torch.uint8), H, I).relayout(layout).to(DEVICE)
+    a, n = torch.full((1, 1, I), 2.0 ** 126, dtype=torch.bfloat16, device=DEVICE), torch.ones(1, dtype=torch.int32, device=DEVICE)
+    test_eq(batched_moe_gemm_quant(a, qw, n)[0, 0, :4].float().cpu(), torch.full((4,), 384.0))    # I · 6 · 2^126 · 2^-127
+    test_eq(batched_gemm_quant_reference(a, qw, n)[0, 0, :4].float().cpu(), torch.full((4,), 384.0))
 
 # %% [markdown]
 # **The tests can fail.** The same check on weights whose scales were permuted — the two K blocks of the FP8 block

@@ -136,6 +136,17 @@ def test_fp4_decode_is_exact():
                                                        weight="w13")[0].cpu().double(), want.to(dtype).double().cpu()), False)
 
 
+def test_fp4_e8m0_byte_zero():
+    H = I = 128
+    for layout in FP4_LAYOUTS:
+        w13c, w2c = torch.full((1, 2 * I, H // 2), 0x77, dtype=torch.uint8), torch.full((1, H, I // 2), 0x77, dtype=torch.uint8)
+        qw = QuantizedExpertWeights("mxfp4_w4a16", w13c, torch.zeros(1, 2 * I, H // 32, dtype=torch.uint8), w2c,
+                                    torch.zeros(1, H, I // 32, dtype=torch.uint8), H, I).relayout(layout).to(DEVICE)
+        a, n = torch.full((1, 1, I), 2.0 ** 126, dtype=torch.bfloat16, device=DEVICE), torch.ones(1, dtype=torch.int32, device=DEVICE)
+        test_eq(batched_moe_gemm_quant(a, qw, n)[0, 0, :4].float().cpu(), torch.full((4,), 384.0))    # I · 6 · 2^126 · 2^-127
+        test_eq(batched_gemm_quant_reference(a, qw, n)[0, 0, :4].float().cpu(), torch.full((4,), 384.0))
+
+
 def test_permuted_scales_are_caught():
     E, M, H, I = 2, 16, 256, 64
     w13, w2 = random_expert_weights(E, H, I, seed=5)

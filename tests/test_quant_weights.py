@@ -138,3 +138,22 @@ def test_quant_weights_bad_input():
     test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": nv.w2_global_scale.repeat(2)[::2]}),
               contains="w2_global_scale: expected a contiguous tensor")
     test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")
+    mx = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
+    for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "experts: expected ids in [0, 2), got values in [5, 5]"),
+                         ([-1], "expected ids in [0, 2)"), (torch.tensor([0.0]), "expected a 1-D int32/int64 tensor"),
+                         (torch.tensor([[0]]), "expected a 1-D int32/int64 tensor"), ([True], "expected a list or 1-D tensor"),
+                         (torch.tensor([1], device="meta"), "experts: expected ids on cpu, got device meta")):
+        test_fail(lambda: mx.select(bad_ids), contains=msg)
+    test_eq(nv.select(slice(None, None, 2)).num_experts, 1)                  # a slice: the global scales stay contiguous
+    test_eq(mx.select(torch.tensor([1])).w13, mx.w13[1:2])
+    test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w13_global_scale": nv.w13_global_scale.to("meta")}),
+              contains="w13_global_scale: expected device cpu, got meta")    # the device before any value is read
+    test_fail(lambda: QuantizedExpertWeights(**{**mx.__dict__, **{k: getattr(mx, k).to("meta") for k in ("w13", "w13_scale", "w2", "w2_scale")}}),
+              contains="w13: expected a dense tensor with values, got a meta tensor")
+    bad = mx.w13_scale.clone(); bad[1, 5, 0] = 255
+    test_fail(lambda: QuantizedExpertWeights(**{**mx.__dict__, "w13_scale": bad}), contains="got 255 at index [1, 5, 0]")
+    mm = quantize_expert_weights(torch.randn(2, 64, 128), torch.randn(2, 128, 32), "nvfp4_w4a16").relayout("mma128")
+    buf = torch.zeros(mm.w13.numel() + 1, dtype=torch.uint8)                 # the same bytes one byte off a 4-byte boundary
+    odd = buf[1:].view(mm.w13.shape); odd.copy_(mm.w13)
+    test_fail(lambda: QuantizedExpertWeights(**{**mm.__dict__, "w13": odd}), contains="w13: expected mma128 rows aligned to 4 bytes")
+    test_eq(QuantizedExpertWeights(**{**mm.__dict__, "w13": odd.clone()}).w13, mm.w13)   # a fresh copy is aligned
