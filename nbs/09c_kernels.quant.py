@@ -31,7 +31,7 @@ from moe_lit.kernels.contiguous import moe_align_block_size
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations, FP4_LAYOUTS
-from fastcore.test import test_eq, test_fail
+from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
 
@@ -1007,7 +1007,8 @@ for layout in FP4_LAYOUTS:
                                 torch.zeros(1, H, I // 32, dtype=torch.uint8), H, I).relayout(layout).to(DEVICE)
     a, n = torch.full((1, 1, I), 2.0 ** 126, dtype=torch.bfloat16, device=DEVICE), torch.ones(1, dtype=torch.int32, device=DEVICE)
     test_eq(batched_moe_gemm_quant(a, qw, n)[0, 0, :4].float().cpu(), torch.full((4,), 384.0))    # I · 6 · 2^126 · 2^-127
-    test_eq(batched_gemm_quant_reference(a, qw, n)[0, 0, :4].float().cpu(), torch.full((4,), 384.0))
+    test_close(batched_gemm_quant_reference(a, qw, n)[0, 0, :4].float().cpu(), torch.full((4,), 384.0), eps=1e-3)   # the
+    # spec's own fp32 exp2 of -127 on a GPU is a hair off the exact subnormal (383.9999 there), the kernel is exact
 
 # %% [markdown]
 # **The tests can fail.** The same check on weights whose scales were permuted — the two K blocks of the FP8 block
