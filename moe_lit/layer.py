@@ -231,7 +231,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #727e24eecc81
+# %% ../nbs/12_layer.ipynb #b968393cdb32
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -242,7 +242,8 @@ def _build_hot_path(self: FusedMoE):
         self.router, self._route_topk = router_plan(c), _route_topk    # construction) and the fp32 logits are the layer's
     else: self.router = None
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
-    self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
+    exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
+    self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and exact else self.gate
     p = self.placement
     self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical", "slot_table")
                                                if getattr(p, n) is not None})
@@ -251,6 +252,20 @@ def _build_hot_path(self: FusedMoE):
     self._kernels, self.graphs = {}, {}
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
+
+@patch
+def _apply(self: FusedMoE, fn, recurse=True):
+    "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
+    super(FusedMoE, self)._apply(fn, recurse)
+    if "_kernels" not in self.__dict__: return self               # during construction: `__init__` settles the rest
+    for n in ("w13", "w2", "w13_bias", "w2_bias"):                # a dtype change would leave the config's dtype behind
+        t = getattr(self, n)
+        if t is not None and t.dtype != self.config.dtype:
+            raise ValueError(f"{n}: expected the layer to keep its dtype {self.config.dtype} (build it in the dtype "
+                             f"wanted), got {t.dtype} after the module was converted")
+    if self.qweights is not None and self.qweights.device != self.gate.device: self.qweights = self.qweights.to(self.gate.device)
+    self._build_hot_path()                                        # tables on the new device; captured graphs dropped
+    return self
 
 @patch
 def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:

@@ -363,7 +363,8 @@ def _build_hot_path(self: FusedMoE):
         self.router, self._route_topk = router_plan(c), _route_topk    # construction) and the fp32 logits are the layer's
     else: self.router = None
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
-    self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and torch.equal(g.float(), self.gate) else self.gate
+    exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
+    self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and exact else self.gate
     p = self.placement
     self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical", "slot_table")
                                                if getattr(p, n) is not None})
@@ -372,6 +373,20 @@ def _build_hot_path(self: FusedMoE):
     self._kernels, self.graphs = {}, {}
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
+
+@patch
+def _apply(self: FusedMoE, fn, recurse=True):
+    "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
+    super(FusedMoE, self)._apply(fn, recurse)
+    if "_kernels" not in self.__dict__: return self               # during construction: `__init__` settles the rest
+    for n in ("w13", "w2", "w13_bias", "w2_bias"):                # a dtype change would leave the config's dtype behind
+        t = getattr(self, n)
+        if t is not None and t.dtype != self.config.dtype:
+            raise ValueError(f"{n}: expected the layer to keep its dtype {self.config.dtype} (build it in the dtype "
+                             f"wanted), got {t.dtype} after the module was converted")
+    if self.qweights is not None and self.qweights.device != self.gate.device: self.qweights = self.qweights.to(self.gate.device)
+    self._build_hot_path()                                        # tables on the new device; captured graphs dropped
+    return self
 
 @patch
 def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
@@ -632,6 +647,30 @@ for fmt_backend in ("none", "nixl_ep"):
         cos = torch.nn.functional.cosine_similarity(got.double().cpu().flatten(), want.flatten(), dim=0)
         assert cos > 0.995, (quant, cos)
 test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
+
+# %% [markdown]
+# Moving the module (`layer.to(device)`, as `model.to("cuda")` does in transformers) takes along what is not a
+# parameter: the quantized experts, the placement tables and the router's gate copy, rebuilt on the new device
+# (captured graphs are dropped). A dtype conversion is refused by name: the config says the layer's dtype.
+
+# %%
+#| test layer_moves_with_module
+cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=64)
+for quant in ("unquantized", "mxfp4_w4a16"):
+    layer = FusedMoE(cfg, seed=1, quant=quant)                  # built on the cpu
+    x = torch.randn(3, 64).bfloat16()
+    want = layer(x)
+    if DEVICE != "cpu":                                       # a GPU machine: the cpu-built layer runs there
+        layer.to(DEVICE)
+        held = [t for t in (layer.router_gate, layer.placement.slot_table, layer.placement.expert_map) if t is not None]
+        if layer.qweights is not None: held += [layer.qweights.w13, layer.qweights.w2_scale]
+        test_eq({t.device.type for t in held}, {"cuda"})
+        assert_close(layer(x.to(DEVICE)).cpu(), want.double(), rtol=check_tolerance(cfg.dtype, quant, layer.experts)[0])
+layer = FusedMoE(cfg, seed=1).to("meta")                       # no values, but every device tensor follows
+test_eq({t.device.type for t in (layer.router_gate, layer.placement.slot_table, layer.w13)}, {"meta"})
+test_fail(lambda: FusedMoE(cfg, seed=1, quant="mxfp4_w4a16").to("meta"),
+          contains="w13: expected a dense tensor with values, got a meta tensor")   # codes need values
+test_fail(lambda: FusedMoE(cfg, seed=1).to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
 
 # %% [markdown]
 # `load_state_dict` into a quantized layer re-quantizes: after loading another layer's float weights, the output is

@@ -147,6 +147,25 @@ def test_fused_moe_quantized():
     test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
 
 
+def test_layer_moves_with_module():
+    cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=64)
+    for quant in ("unquantized", "mxfp4_w4a16"):
+        layer = FusedMoE(cfg, seed=1, quant=quant)                  # built on the cpu
+        x = torch.randn(3, 64).bfloat16()
+        want = layer(x)
+        if DEVICE != "cpu":                                       # a GPU machine: the cpu-built layer runs there
+            layer.to(DEVICE)
+            held = [t for t in (layer.router_gate, layer.placement.slot_table, layer.placement.expert_map) if t is not None]
+            if layer.qweights is not None: held += [layer.qweights.w13, layer.qweights.w2_scale]
+            test_eq({t.device.type for t in held}, {"cuda"})
+            assert_close(layer(x.to(DEVICE)).cpu(), want.double(), rtol=check_tolerance(cfg.dtype, quant, layer.experts)[0])
+    layer = FusedMoE(cfg, seed=1).to("meta")                       # no values, but every device tensor follows
+    test_eq({t.device.type for t in (layer.router_gate, layer.placement.slot_table, layer.w13)}, {"meta"})
+    test_fail(lambda: FusedMoE(cfg, seed=1, quant="mxfp4_w4a16").to("meta"),
+              contains="w13: expected a dense tensor with values, got a meta tensor")   # codes need values
+    test_fail(lambda: FusedMoE(cfg, seed=1).to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
+
+
 def test_quantized_layer_load_state_dict():
     torch.manual_seed(7)
     cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128)
