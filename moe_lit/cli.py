@@ -340,7 +340,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #dae78872fd56
+# %% ../nbs/15_cli.ipynb #108dedf37cf0
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -392,8 +392,8 @@ def _run_distributed(args) -> int:
                                       ("--quant", args.quant not in (None, "unquantized")), ("--device", args.device != "auto"))
                    if given]
     if unsupported:
-        raise ValueError(f"--distributed: expected none of {unsupported}: across processes moe-lit runs presets as "
-                         f"data-parallel EP ranks with unquantized experts so far, got them")
+        raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
+                         f"as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
     return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
                    as_json=args.json)

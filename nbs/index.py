@@ -145,7 +145,7 @@ print(hf.config._experts_implementation)
 # | `07_kernels.dispatch` | `moe_lit.kernels.dispatch` | Triton dispatch into per-expert slabs and the weighted combine |
 # | `08_kernels.contiguous` | `moe_lit.kernels.contiguous` | Triton `moe_align_block_size` and the fused-MoE GEMM over aligned blocks |
 # | `09_quant` | `moe_lit.quant` | FP8 (tensor / channel / token / 128×128 block), MXFP4 and NVFP4 quantize and dequantize |
-# | `09a_quant_weights` | `moe_lit.quant_weights` | the quantized expert-weight container, the split64 FP4 layout the kernels read (re-laid at load), quantizing a layer's experts, test weights (torch only) |
+# | `09a_quant_weights` | `moe_lit.quant_weights` | the quantized expert-weight container, the mma128 FP4 layout the kernels read (re-laid at load), quantizing a layer's experts, test weights (torch only) |
 # | `09b_kernels.quant_act` | `moe_lit.kernels.quant_act` | Triton FP8 activation quantizer (tensor / token / 1×128 group), padding rows skipped |
 # | `09c_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 and FP4 w4a16 Triton GEMMs of both formats |
 # | `09d_kernels.quant_experts` | `moe_lit.kernels.quant_experts` | quantized experts of both formats: both GEMMs, expert biases, the intermediate re-quantized |
