@@ -333,7 +333,7 @@ def for_kernels(self: QuantizedExpertWeights) -> QuantizedExpertWeights:
     "These weights as the GEMMs read them fastest: FP4 re-laid into `FP4_KERNEL_LAYOUT` (once, at load), FP8 as is."
     return self if _is_fp8(self.scheme) else self.relayout(FP4_KERNEL_LAYOUT)
 
-# %% ../nbs/09a_quant_weights.ipynb #2266d05526d4
+# %% ../nbs/09a_quant_weights.ipynb #a5343ccb9453
 def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
     "(codes, scale, global scale or None) of one expert's `[N, K]` weight."
     if _is_fp8(scheme):
@@ -360,6 +360,9 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
     check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
     parts = {}
     for name, w in (("w13", w13), ("w2", w2)):
+        if scheme == "mxfp4_w4a16" and float(w.abs().amax()) > 6 * 2.0 ** 113:    # the e8m0 scale the kernels decode
+            raise ValueError(f"{name}: expected |values| <= 6·2^113 (about 6.2e34) for mxfp4_w4a16, whose e8m0 scales "
+                             f"stop at 2^113 here, got a max of {float(w.abs().amax()):.3g}")
         first = _quantize_one(check_finite(f"{name}[0]", w[0]), scheme, block)   # sizes the outputs, filled expert by expert
         out = [None if t is None else torch.empty(E, *t.shape, dtype=t.dtype, device=t.device) for t in first]
         for e in range(E):

@@ -509,6 +509,9 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
     check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
     parts = {}
     for name, w in (("w13", w13), ("w2", w2)):
+        if scheme == "mxfp4_w4a16" and float(w.abs().amax()) > 6 * 2.0 ** 113:    # the e8m0 scale the kernels decode
+            raise ValueError(f"{name}: expected |values| <= 6·2^113 (about 6.2e34) for mxfp4_w4a16, whose e8m0 scales "
+                             f"stop at 2^113 here, got a max of {float(w.abs().amax()):.3g}")
         first = _quantize_one(check_finite(f"{name}[0]", w[0]), scheme, block)   # sizes the outputs, filled expert by expert
         out = [None if t is None else torch.empty(E, *t.shape, dtype=t.dtype, device=t.device) for t in first]
         for e in range(E):
@@ -715,6 +718,8 @@ test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": nv
           contains="w2_global_scale: expected a contiguous tensor")
 test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")
 mx = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
+test_fail(lambda: quantize_expert_weights(w13 * 1e36, w2, "mxfp4_w4a16"), contains="w13: expected |values| <= 6·2^113")
+test_eq(quantize_expert_weights(w13 / w13.abs().amax() * 6 * 2.0 ** 113, w2, "mxfp4_w4a16").w13_scale.max().item(), 240)   # the edge fits
 for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "experts: expected ids in [0, 2), got values in [5, 5]"),
                      ([-1], "expected ids in [0, 2)"), (torch.tensor([0.0]), "expected a 1-D int32/int64 tensor"),
                      (torch.tensor([[0]]), "expected a 1-D int32/int64 tensor"), ([True], "expected a list or 1-D tensor"),

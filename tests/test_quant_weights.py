@@ -139,6 +139,8 @@ def test_quant_weights_bad_input():
               contains="w2_global_scale: expected a contiguous tensor")
     test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")
     mx = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
+    test_fail(lambda: quantize_expert_weights(w13 * 1e36, w2, "mxfp4_w4a16"), contains="w13: expected |values| <= 6·2^113")
+    test_eq(quantize_expert_weights(w13 / w13.abs().amax() * 6 * 2.0 ** 113, w2, "mxfp4_w4a16").w13_scale.max().item(), 240)   # the edge fits
     for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "experts: expected ids in [0, 2), got values in [5, 5]"),
                          ([-1], "expected ids in [0, 2)"), (torch.tensor([0.0]), "expected a 1-D int32/int64 tensor"),
                          (torch.tensor([[0]]), "expected a 1-D int32/int64 tensor"), ([True], "expected a list or 1-D tensor"),
