@@ -994,6 +994,22 @@ for scheme, G in (("mxfp4_w4a16", 32), ("nvfp4_w4a16", 16)):
                                                    weight="w13")[0].cpu().double(), want.to(dtype).double().cpu()), False)
 
 # %% [markdown]
+# The word decode's point is a layout property, so it has a test of its own: `nbs/bench/sass_fp4.py --check` compiles
+# the contiguous GEMM1 for sm_90 (MXFP4 and NVFP4, mma128, the tuned decode tile) with Triton's bundled ptxas, on any
+# machine, and fails if the K loop moves the decoded tile through shared memory (any `ldmatrix`, or more than the
+# loop's two small stores). The NVFP4 variant with its two scales as separate operands failed it (16 stores, 16
+# `ldmatrix`, 33 barriers a K step). It runs in a process of its own, without the interpreter switch.
+
+# %%
+#| test mma128_keeps_the_tile_in_registers
+import subprocess, sys, moe_lit
+from pathlib import Path
+script = Path(moe_lit.__file__).resolve().parents[1] / "nbs" / "bench" / "sass_fp4.py"
+env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, env=env, timeout=900)
+assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+# %% [markdown]
 # An e8m0 byte 0 is the scale 2^-127, a subnormal in fp32 and bf16: every decode places the byte with a floor at that
 # subnormal's bits (a plain shift would give 0). `quantize_mxfp4` writes byte 0 for groups whose values are all below
 # about 2^-125, so the kernels must read it as the reference does.

@@ -136,6 +136,15 @@ def test_fp4_decode_is_exact():
                                                        weight="w13")[0].cpu().double(), want.to(dtype).double().cpu()), False)
 
 
+def test_mma128_keeps_the_tile_in_registers():
+    import subprocess, sys, moe_lit
+    from pathlib import Path
+    script = Path(moe_lit.__file__).resolve().parents[1] / "nbs" / "bench" / "sass_fp4.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+
+
 def test_fp4_e8m0_byte_zero():
     H = I = 128
     for layout in FP4_LAYOUTS:

@@ -1,6 +1,7 @@
 """The quantized GEMM1's K loop as sm_90 machine code, without a GPU: instructions per KB of FP4 codes, by layout.
 
     python nbs/bench/sass_fp4.py [OUT_DIR]
+    python nbs/bench/sass_fp4.py --check     # exit 1 unless mma128's loops move no decoded tile through shared memory
 
 Compiles the contiguous quantized GEMM (`_fused_moe_quant_kernel`, gated SiLU, MXFP4 / NVFP4 / FP8 block) for
 `cuda:90` with Triton's bundled ptxas, disassembles it with the bundled nvdisasm, finds the K loop (the longest
@@ -61,7 +62,26 @@ VARIANTS = [  # (label, FMT, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
     ("fp8 block", 1, 0, 16, 64, 128, 4),
 ]
 
-if __name__ == "__main__":
+def check_mma128() -> list[str]:
+    "Problems of the mma128 K loops (MXFP4 and NVFP4, the tuned tile): any `ldmatrix`, or the stores of a tile move."
+    bad = []
+    for label, fmt in (("mxfp4", 2), ("nvfp4", 3)):
+        c = compile_gemm1(fmt, 2, 32, 64, 128, 4)
+        path = f"/tmp/sass_check_{os.getpid()}_{label}.cubin"
+        open(path, "wb").write(c.asm["cubin"])
+        n = k_loop(subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout)
+        os.remove(path)
+        if n["LDSM"] or n["STS"] > 2:         # the K loop keeps 2 small stores (the scale tile); a moved tile is 16+
+            bad.append(f"{label} mma128: expected no shared-memory move of the decoded tile in the K loop, got "
+                       f"{n['STS']} STS, {n['LDSM']} LDSM, {n['BAR']} BAR")
+    return bad
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--check"]:
+    problems = check_mma128()
+    print("\n".join(problems) or "mma128: the K loops take the decoded tile straight to the MMA (no ldmatrix, no tile stores)")
+    sys.exit(1 if problems else 0)
+elif __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else None
     if out: os.makedirs(out, exist_ok=True)
     print(f"{'variant':<15}{'BM':>4}{'BN':>5}{'BK':>5}{'warps':>6}{'loop':>7}{'/KB':>7}  smem moves (STS LDS LDSM BAR)  top opcodes")
