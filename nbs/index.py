@@ -55,7 +55,8 @@
 # memory; the report's last line gives the run's own peak, the figure `/usr/bin/time -v` reads). `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
-# shapes (a full-size model takes minutes).
+# shapes (a full-size model takes minutes): shrink a model by passing a small `config.json` with `--config` (any
+# family's keys, e.g. Qwen3-MoE's with `hidden_size` 64, `moe_intermediate_size` 32 and 4 experts).
 #
 # ## Documentation
 #
