@@ -15,7 +15,8 @@ from .quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_
 __all__ = ['WEIGHT_GRANULARITY', 'ACTIVATION_GRANULARITY', 'FP4_GROUP', 'FP4_LAYOUTS', 'FP4_KERNEL_LAYOUT', 'SPLIT_CHUNK',
            'MMA_CHUNK', 'FP4_CHUNK', 'quant_weight_shapes', 'QuantizedExpertWeights', 'split_fp4_codes',
            'unsplit_fp4_codes', 'mma_fp4_codes', 'unmma_fp4_codes', 'fp4_codes_from_plain', 'fp4_codes_to_plain',
-           'quantize_expert_weights', 'random_expert_weights', 'random_activations', 'plot_weight_scales']
+           'mma128_slot_to_k', 'plot_mma128_layout', 'quantize_expert_weights', 'random_expert_weights',
+           'random_activations', 'plot_weight_scales']
 
 # %% ../nbs/09a_quant_weights.ipynb #758d50fe4e36
 _FP8 = [s for s in QUANT_SCHEME_TABLE.values() if s.is_fp8]                  # read from `09_quant`'s table
@@ -252,7 +253,7 @@ def __repr__(self: QuantizedExpertWeights) -> str:
             f"{'' if _is_fp8(self.scheme) else f'fp4_layout={self.fp4_layout}, '}{self.bytes_per_element:.4f} bytes/element, "
             f"device={self.device})")
 
-# %% ../nbs/09a_quant_weights.ipynb #3ad84cb18856
+# %% ../nbs/09a_quant_weights.ipynb #ef76867e4bd1
 def split_fp4_codes(packed: torch.Tensor,   # [..., K/2] uint8 in the plain order, K a multiple of 64
                    ) -> torch.Tensor:       # [..., K/2] uint8 in the split64 order
     "Plain FP4 bytes (byte j = code 2j | code 2j+1 << 4) -> split64 (in each 64-code chunk, byte j = code j | code 32+j << 4)."
@@ -302,6 +303,29 @@ def fp4_codes_from_plain(packed: torch.Tensor, layout: str) -> torch.Tensor:
 def fp4_codes_to_plain(codes: torch.Tensor, layout: str) -> torch.Tensor:
     "FP4 bytes in `layout`'s order back in the plain order, exact."
     return {"plain": lambda x: x, "split64": unsplit_fp4_codes, "mma128": unmma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](codes)
+
+def mma128_slot_to_k() -> torch.Tensor:
+    "`[128]` int64: the K position (within a 128-code chunk) of each stored nibble slot of mma128 (slot 2b = byte b's low nibble)."
+    return torch.arange(MMA_CHUNK).unflatten(0, _MMA_K_DIMS).permute(_MMA_STORE_PERM).flatten()
+
+def plot_mma128_layout():
+    "Figure: one row's 128-code chunk in K order and as mma128 stores it, each code coloured by the lane that reads it."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    slot_to_k = mma128_slot_to_k()
+    lane_of_k = (torch.arange(MMA_CHUNK) // 2) % 4                         # the MMA's A fragment: K 2t, 2t+1 (+8, +16 ...)
+    fig, axes = plt.subplots(2, 1, figsize=(11, 2.6))
+    for ax, lanes, title in ((axes[0], lane_of_k, "K order (the checkpoint's, two codes a byte): lane t = (K // 2) % 4"),
+                             (axes[1], lane_of_k[slot_to_k], "mma128 storage: lane t reads bytes 16t .. 16t+15, four int32 words")):
+        ax.imshow(lanes[None, :].numpy(), aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        ax.set_yticks([]); ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(0, MMA_CHUNK + 1, 16), [str(i // 2) for i in range(0, MMA_CHUNK + 1, 16)], fontsize=7)
+        ax.set_xlabel("byte", fontsize=7, labelpad=1)
+    for w in range(16):                                                       # word boundaries and the K it holds first
+        axes[1].axvline(8 * w - 0.5, color="w", lw=0.8)
+        axes[1].text(8 * w + 3.5, 0, f"w{w}\nK{int(slot_to_k[8 * w])}", ha="center", va="center", fontsize=5.5, color="w")
+    fig.tight_layout(); plt.close(fig)
+    return fig
 
 @patch
 def relayout(self: QuantizedExpertWeights,

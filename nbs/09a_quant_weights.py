@@ -25,7 +25,7 @@ from fastcore.test import test_eq, test_fail
 # `relayout`, `for_kernels`), the re-laid FP4 byte orders (split64: `split_fp4_codes`, `unsplit_fp4_codes`; mma128:
 # `mma_fp4_codes`, `unmma_fp4_codes`; both through `fp4_codes_from_plain` / `fp4_codes_to_plain`),
 # `quantize_expert_weights` and `quant_weight_shapes`; test weights `random_expert_weights` and `random_activations`;
-# one figure, `plot_weight_scales`. A **reference** page. It is plain torch, no Triton: a checkpoint reader and the
+# two figures, `plot_mma128_layout` and `plot_weight_scales`. A **reference** page. It is plain torch, no Triton: a checkpoint reader and the
 # layer hold quantized weights without importing a kernel. The formats and their torch quantizers come from
 # `09_quant`; the activation quantizer is `09b_kernels.quant_act` and the GEMMs that read these weights are
 # `09c_kernels.quant`.
@@ -442,6 +442,29 @@ def fp4_codes_to_plain(codes: torch.Tensor, layout: str) -> torch.Tensor:
     "FP4 bytes in `layout`'s order back in the plain order, exact."
     return {"plain": lambda x: x, "split64": unsplit_fp4_codes, "mma128": unmma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](codes)
 
+def mma128_slot_to_k() -> torch.Tensor:
+    "`[128]` int64: the K position (within a 128-code chunk) of each stored nibble slot of mma128 (slot 2b = byte b's low nibble)."
+    return torch.arange(MMA_CHUNK).unflatten(0, _MMA_K_DIMS).permute(_MMA_STORE_PERM).flatten()
+
+def plot_mma128_layout():
+    "Figure: one row's 128-code chunk in K order and as mma128 stores it, each code coloured by the lane that reads it."
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    slot_to_k = mma128_slot_to_k()
+    lane_of_k = (torch.arange(MMA_CHUNK) // 2) % 4                         # the MMA's A fragment: K 2t, 2t+1 (+8, +16 ...)
+    fig, axes = plt.subplots(2, 1, figsize=(11, 2.6))
+    for ax, lanes, title in ((axes[0], lane_of_k, "K order (the checkpoint's, two codes a byte): lane t = (K // 2) % 4"),
+                             (axes[1], lane_of_k[slot_to_k], "mma128 storage: lane t reads bytes 16t .. 16t+15, four int32 words")):
+        ax.imshow(lanes[None, :].numpy(), aspect="auto", cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        ax.set_yticks([]); ax.set_title(title, fontsize=8)
+        ax.set_xticks(range(0, MMA_CHUNK + 1, 16), [str(i // 2) for i in range(0, MMA_CHUNK + 1, 16)], fontsize=7)
+        ax.set_xlabel("byte", fontsize=7, labelpad=1)
+    for w in range(16):                                                       # word boundaries and the K it holds first
+        axes[1].axvline(8 * w - 0.5, color="w", lw=0.8)
+        axes[1].text(8 * w + 3.5, 0, f"w{w}\nK{int(slot_to_k[8 * w])}", ha="center", va="center", fontsize=5.5, color="w")
+    fig.tight_layout(); plt.close(fig)
+    return fig
+
 @patch
 def relayout(self: QuantizedExpertWeights,
              layout: str,                   # "mma128" (the Hopper kernels'), "split64" or "plain" (the checkpoint's)
@@ -472,6 +495,24 @@ def for_kernels(self: QuantizedExpertWeights) -> QuantizedExpertWeights:
     "These weights as the GEMMs read them fastest: FP4 re-laid into `FP4_KERNEL_LAYOUT` (once, at load), FP8 as is."
     return self if _is_fp8(self.scheme) else self.relayout(FP4_KERNEL_LAYOUT)
 
+
+# %% [markdown]
+# The chunk as the figure shows it: in K order the four lanes of a row quad interleave every two codes; in mma128 each
+# lane's 32 codes are 16 contiguous bytes (words `4t .. 4t+3`), so one 16-byte load a lane a chunk, and the decode
+# hands each lane exactly its MMA registers.
+
+# %%
+#| test mma128_layout_figure
+slot_to_k = mma128_slot_to_k()
+test_eq(sorted(slot_to_k.tolist()), list(range(128)))                        # a permutation of the chunk
+for shift in range(8):                                                       # the figure's map is the one the bytes get
+    c = ((torch.arange(128) >> (shift % 4 * 2)) & 3) | ((torch.arange(128) >> 6 + shift // 4) & 1) << 2   # 8 passes spell each K
+    test_eq(unpack_fp4(mma_fp4_codes(pack_fp4(c.to(torch.uint8)))).long(), c[slot_to_k].long())
+lanes = ((slot_to_k // 2) % 4).tolist()
+test_eq(lanes, sorted(lanes))                                                # each lane's codes contiguous
+fig = plot_mma128_layout()
+test_eq(len(fig.axes), 2)
+fig
 
 # %% [markdown]
 # ## Quantizing the weights

@@ -22,6 +22,19 @@ def test_scheme_tables():
     test_fail(lambda: quant_weight_shapes("fp8", 4, 8, 8), contains="scheme: expected one of")
 
 
+def test_mma128_layout_figure():
+    slot_to_k = mma128_slot_to_k()
+    test_eq(sorted(slot_to_k.tolist()), list(range(128)))                        # a permutation of the chunk
+    for shift in range(8):                                                       # the figure's map is the one the bytes get
+        c = ((torch.arange(128) >> (shift % 4 * 2)) & 3) | ((torch.arange(128) >> 6 + shift // 4) & 1) << 2   # 8 passes spell each K
+        test_eq(unpack_fp4(mma_fp4_codes(pack_fp4(c.to(torch.uint8)))).long(), c[slot_to_k].long())
+    lanes = ((slot_to_k // 2) % 4).tolist()
+    test_eq(lanes, sorted(lanes))                                                # each lane's codes contiguous
+    fig = plot_mma128_layout()
+    test_eq(len(fig.axes), 2)
+    fig
+
+
 def test_quantize_expert_weights_round_trip():
     E, H, I = 3, 144, 80                                     # H, I not multiples of 128 (or of 32 for MXFP4)
     w13, w2 = random_expert_weights(E, H, I, seed=1, device="cpu")
