@@ -321,16 +321,7 @@ def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`,
 
 # %%
 #| export
-_E2M1_WORD_MX = tl.constexpr("""
-{
-.reg .b32 t0, t1, x, slo, shi, c126, nz;
-mov.b32 c126, 0x7E807E80;
-mov.b32 nz, 0x80008000;
-and.b32 x, $9, 0xFF;
-mul.lo.u32 slo, x, 0x00800080;
-max.u32 slo, slo, 0x00400040;
-mov.b32 shi, slo;
-prmt.b32 t0, $8, 0, 0x4140;
+_E2M1_WORD_BODY = """prmt.b32 t0, $8, 0, 0x4140;
 prmt.b32 t1, $8, 0, 0x4342;
 and.b32 x, t0, 0x000F000F;
 mul.lo.u32 x, x, 0x1040;
@@ -357,7 +348,18 @@ fma.rn.bf16x2 x, x, c126, nz;
 fma.rn.bf16x2 x, x, shi, nz;
 mov.b32 {$6, $7}, x;
 }
-""")
+"""   # a word's eight codes times `slo` (codes 0-3) and `shi` (4-7), into $0..$7
+
+_E2M1_WORD_MX = tl.constexpr("""
+{
+.reg .b32 t0, t1, x, slo, shi, c126, nz;
+mov.b32 c126, 0x7E807E80;
+mov.b32 nz, 0x80008000;
+and.b32 x, $9, 0xFF;
+mul.lo.u32 slo, x, 0x00800080;
+max.u32 slo, slo, 0x00400040;
+mov.b32 shi, slo;
+""" + _E2M1_WORD_BODY)   # e8m0: the byte in both halves' exponent fields
 
 _E2M1_WORD_NV = tl.constexpr("""
 {
@@ -372,34 +374,7 @@ cvt.rn.bf16.f16 bl, fl;
 cvt.rn.bf16.f16 bh, fh;
 mov.b32 slo, {bl, bl};
 mov.b32 shi, {bh, bh};
-prmt.b32 t0, $8, 0, 0x4140;
-prmt.b32 t1, $8, 0, 0x4342;
-and.b32 x, t0, 0x000F000F;
-mul.lo.u32 x, x, 0x1040;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 x, x, slo, nz;
-mov.b32 {$0, $1}, x;
-and.b32 x, t0, 0x00F000F0;
-mul.lo.u32 x, x, 0x0104;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 x, x, slo, nz;
-mov.b32 {$2, $3}, x;
-and.b32 x, t1, 0x000F000F;
-mul.lo.u32 x, x, 0x1040;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 x, x, shi, nz;
-mov.b32 {$4, $5}, x;
-and.b32 x, t1, 0x00F000F0;
-mul.lo.u32 x, x, 0x0104;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 x, x, shi, nz;
-mov.b32 {$6, $7}, x;
-}
-""")
+""" + _E2M1_WORD_BODY)   # two e4m3 groups: cvt to f16x2, then bf16
 
 @triton.jit
 def _e2m1_word(x,       # int32 words of the mma128 layout: eight codes, nibble 4·j2 + 2·j0 + j1 holds code j = 4·j2 + 2·j1 + j0
