@@ -1519,9 +1519,10 @@ assert_quant_close(got[:3], want[:3])
 # split64 rows re-tuned: `quant_bench_h200_prefetch_21d206f.json`, MXFP4 batched DeepSeek-V3 425 → 398 µs, Qwen3
 # 146 → 144, Mixtral 348 → 331, gpt-oss 627 → 601); the loop was bound by instructions, not by that latency.
 # `nbs/bench/sass_fp4.py` counts them: compiled for sm_90 on any machine (Triton's bundled ptxas and nvdisasm), the
-# K loop of GEMM1 + SiLU took 92–103 instructions per KB of codes a warp with split64 or the plain bytes, a third of
+# K loop of GEMM1 + SiLU takes 86–123 instructions per KB of codes a warp with split64 or the plain bytes, a third of
 # them moving the decoded tile (`ldmatrix` + stores + barriers for plain, single-byte shared loads + `prmt` for
-# split64) — and 72–77 with mma128, where the loop has no shared-memory round trip left (`sass_fp4_sm90.log`). On the
+# split64) — and 74–77 with mma128, where the loop has no shared-memory round trip left (`sass_fp4_sm90.log`, counted
+# with the e8m0 byte-0 floor below, one `max` a word more than the code the H200 timed). On the
 # H200 (`quant_bench_h200_mma128_8dcf083.json`, tiles re-tuned for it: `tune_quant_h200_mma128_8dcf083.json`,
 # GEMM1 + SiLU, batched / contiguous): MXFP4 DeepSeek-V3 EP8 336 / 367 µs (36 / 33 % of the floor), Qwen3-30B-A3B
 # 109 / 106 (47 / 48 %), Mixtral 260 / 264 (45 %), gpt-oss 483 / 517 (55 / 51 %); NVFP4 342 / 374, 110 / 112,
