@@ -184,8 +184,8 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 # before the block, the compiler chose their layout for the decode and moved the decoded tile through shared memory
 # again (seen in the TTGIR: a `convert_layout` of the bf16 tile). The tile then goes back to K order by `tl.join`,
 # a reshape and a permute (`_fp4_mma_tile`), which lower to register renaming: in the sm_90 SASS of the contiguous
-# GEMM1 (`nbs/bench/sass_fp4.py`, compiled for sm_90 without a GPU) the K loop has no shared-memory store, no
-# `ldmatrix` and no barrier, only the code tile's own `cp.async` pipeline.
+# GEMM1 (`nbs/bench/sass_fp4.py`, compiled for sm_90 without a GPU) the K loop has no `ldmatrix`, and only the two
+# small stores and three barriers every layout's loop has (its `cp.async` pipeline), where a moved tile adds 8–16 of each.
 
 # %%
 #| export
