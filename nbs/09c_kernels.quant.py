@@ -194,6 +194,12 @@ if FP4_DECODE not in ("ptx", "portable"):
     raise ValueError(f"MOE_LIT_FP4_DECODE: expected 'ptx' or 'portable', got {FP4_DECODE!r}")
 PACKED_DECODE = tl.constexpr(FP4_DECODE == "ptx" and not INTERPRET)   # the interpreter runs the portable one
 
+def _e2m1_pair_ptx(src: str, high: bool, scale: str, dst: str) -> str:
+    "PTX of one pair (the table above): the low (or high) nibbles of `src`'s two halves as bf16x2 times `scale`, into `dst`."
+    mask, mul = ("0x00F000F0", "0x0104") if high else ("0x000F000F", "0x1040")
+    return (f"and.b32 x, {src}, {mask};\nmul.lo.u32 x, x, {mul};\nand.b32 x, x, 0x81C081C0;\n"
+            f"fma.rn.bf16x2 x, x, c126, nz;\nfma.rn.bf16x2 {dst}, x, {scale}, nz;\n")
+
 _E2M1X8_PTX = tl.constexpr("""
 {
 .reg .b32 t0, t1, x, z, c126, nz;
@@ -202,28 +208,8 @@ mov.b32 c126, 0x7E807E80;
 mov.b32 nz, 0x80008000;
 prmt.b32 t0, $4, z, 0x4140;
 prmt.b32 t1, $4, z, 0x4342;
-and.b32 x, t0, 0x000F000F;
-mul.lo.u32 x, x, 0x1040;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $0, x, $5, nz;
-and.b32 x, t1, 0x000F000F;
-mul.lo.u32 x, x, 0x1040;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $1, x, $6, nz;
-and.b32 x, t0, 0x00F000F0;
-mul.lo.u32 x, x, 0x0104;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $2, x, $7, nz;
-and.b32 x, t1, 0x00F000F0;
-mul.lo.u32 x, x, 0x0104;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 $3, x, $8, nz;
-}
-""")
+""" + _e2m1_pair_ptx("t0", False, "$5", "$0") + _e2m1_pair_ptx("t1", False, "$6", "$1")
+    + _e2m1_pair_ptx("t0", True, "$7", "$2") + _e2m1_pair_ptx("t1", True, "$8", "$3") + "}\n")
 
 @triton.jit
 def _e2m1_bf16_pairs(b,      # uint8 codes, two a byte
@@ -321,34 +307,11 @@ def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`,
 
 # %%
 #| export
-_E2M1_WORD_BODY = """prmt.b32 t0, $8, 0, 0x4140;
-prmt.b32 t1, $8, 0, 0x4342;
-and.b32 x, t0, 0x000F000F;
-mul.lo.u32 x, x, 0x1040;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 x, x, slo, nz;
-mov.b32 {$0, $1}, x;
-and.b32 x, t0, 0x00F000F0;
-mul.lo.u32 x, x, 0x0104;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 x, x, slo, nz;
-mov.b32 {$2, $3}, x;
-and.b32 x, t1, 0x000F000F;
-mul.lo.u32 x, x, 0x1040;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 x, x, shi, nz;
-mov.b32 {$4, $5}, x;
-and.b32 x, t1, 0x00F000F0;
-mul.lo.u32 x, x, 0x0104;
-and.b32 x, x, 0x81C081C0;
-fma.rn.bf16x2 x, x, c126, nz;
-fma.rn.bf16x2 x, x, shi, nz;
-mov.b32 {$6, $7}, x;
-}
-"""   # a word's eight codes times `slo` (codes 0-3) and `shi` (4-7), into $0..$7
+_E2M1_WORD_BODY = ("prmt.b32 t0, $8, 0, 0x4140;\nprmt.b32 t1, $8, 0, 0x4342;\n"   # a word's eight codes times `slo`
+                   + "".join(_e2m1_pair_ptx(t, high, sc, "x") + f"mov.b32 {{{d}}}, x;\n"   # (0-3), `shi` (4-7) into $0..$7
+                             for t, high, sc, d in (("t0", False, "slo", "$0, $1"), ("t0", True, "slo", "$2, $3"),
+                                                    ("t1", False, "shi", "$4, $5"), ("t1", True, "shi", "$6, $7")))
+                   + "}\n")
 
 _E2M1_WORD_MX = tl.constexpr("""
 {
@@ -388,15 +351,18 @@ def _e2m1_word(x,       # int32 words of the mma128 layout: eight codes, nibble 
                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         r = (o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
     else:                                                         # code j's nibble: 4 · (4·j2 + 2·j0 + j1) bits up
-        if FMT == 2: s_lo = _scale_f32(s & 0xFF, FMT) * 16384.0                             # the 2^14 of `_e2m1_fp16`
-        else: s_lo = _scale_f32((s & 0xFF).to(tl.uint8), FMT) * 16384.0
+        s_lo = _scale_f32((s & 0xFF).to(tl.uint8), FMT) * 16384.0                           # the 2^14 of `_e2m1_fp16`
         s_hi = s_lo
         if FMT == 3: s_hi = _scale_f32((s >> 8).to(tl.uint8), FMT) * 16384.0
-        r = ((_e2m1_fp16(x & 0xF).to(tl.float32) * s_lo).to(DTYPE), (_e2m1_fp16((x >> 8) & 0xF).to(tl.float32) * s_lo).to(DTYPE),
-             (_e2m1_fp16((x >> 4) & 0xF).to(tl.float32) * s_lo).to(DTYPE), (_e2m1_fp16((x >> 12) & 0xF).to(tl.float32) * s_lo).to(DTYPE),
-             (_e2m1_fp16((x >> 16) & 0xF).to(tl.float32) * s_hi).to(DTYPE), (_e2m1_fp16((x >> 24) & 0xF).to(tl.float32) * s_hi).to(DTYPE),
-             (_e2m1_fp16((x >> 20) & 0xF).to(tl.float32) * s_hi).to(DTYPE), (_e2m1_fp16((x >> 28) & 0xF).to(tl.float32) * s_hi).to(DTYPE))
+        r = (_word_code(x, 0, s_lo, DTYPE), _word_code(x, 8, s_lo, DTYPE), _word_code(x, 4, s_lo, DTYPE),
+             _word_code(x, 12, s_lo, DTYPE), _word_code(x, 16, s_hi, DTYPE), _word_code(x, 24, s_hi, DTYPE),
+             _word_code(x, 20, s_hi, DTYPE), _word_code(x, 28, s_hi, DTYPE))
     return r
+
+@triton.jit
+def _word_code(x, SHIFT: tl.constexpr, s, DTYPE: tl.constexpr):
+    "The portable decode of the nibble `SHIFT` bits up in each word, times its fp32 scale `s` (with the 2^14), as `DTYPE`."
+    return (_e2m1_fp16((x >> SHIFT) & 0xF).to(tl.float32) * s).to(DTYPE)
 
 @triton.jit
 def _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn,   # as `_fp4_weight_tile`, the codes in the mma128 layout
@@ -414,6 +380,17 @@ def _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn,   # as `_fp4_weigh
     w = tl.join(tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6])), tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7])))
     w = tl.permute(tl.reshape(w, (BLOCK_N, T, 4, 4, 2, 2, 2)), (0, 1, 3, 4, 5, 2, 6))       # (n, chunk, c, j2, j1, t, j0)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+# %%
+#| export
+@triton.jit
+def _fp4_k_order_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn, stride_wk,   # the decoded tile in K order, either
+                      FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DTYPE: tl.constexpr, LAYOUT: tl.constexpr):              # way the bytes come: mma128 or plain
+    "`[BLOCK_N, BLOCK_K]` weights of one K tile in K order: `_fp4_mma_tile` (LAYOUT 2) or `_fp4_weight_tile` (plain)."
+    if LAYOUT == 2: w = _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn, FMT, BLOCK_N, BLOCK_K, DTYPE)
+    else: w = _fp4_weight_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn, stride_wk, FMT, GROUP_K, BLOCK_N, BLOCK_K, DTYPE)
+    return w
 
 # %%
 #| export
@@ -488,19 +465,12 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                 aT = tl.trans(tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0))   # [BK, BM]
                 if UPCAST: aT = aT.to(tl.float32)
                 elif FMT == 2: aT = aT.to(tl.bfloat16)          # e8m0 scales reach 2^±127: fp16 weights would not hold them
-                if LAYOUT == 2:
-                    w = _fp4_mma_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, FMT, BLOCK_N, BLOCK_K, aT.dtype)
-                else:
-                    w = _fp4_weight_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, stride_wk,
-                                         FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+                w = _fp4_k_order_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, FMT, GROUP_K, BLOCK_N,
+                                      BLOCK_K, aT.dtype, LAYOUT)
                 accT = tl.dot(w, aT, accT, input_precision=PRECISION)
                 if GATED:
-                    if LAYOUT == 2:
-                        w = _fp4_mma_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, FMT, BLOCK_N,
-                                          BLOCK_K, aT.dtype)
-                    else:
-                        w = _fp4_weight_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk,
-                                             FMT, GROUP_K, BLOCK_N, BLOCK_K, aT.dtype)
+                    w = _fp4_k_order_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk, FMT, GROUP_K,
+                                          BLOCK_N, BLOCK_K, aT.dtype, LAYOUT)
                     accT_up = tl.dot(w, aT, accT_up, input_precision=PRECISION)
                 a_ptrs += BLOCK_K * stride_ak
             s_g, s_u = s_g_next, s_u_next
