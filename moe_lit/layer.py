@@ -231,7 +231,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #b968393cdb32
+# %% ../nbs/12_layer.ipynb #a9a4f456cfa2
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -256,13 +256,18 @@ def _build_hot_path(self: FusedMoE):
 @patch
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
+    built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
+    if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
+        for n, t in (("w13", self.w13), ("gate", self.gate)):     # the experts' dtype (the config's), the router's fp32
+            to = fn(t.detach()[:0]).dtype
+            if to != t.dtype:
+                raise ValueError(f"{n}: expected the layer to keep its dtype {t.dtype} (build it in the dtype wanted), "
+                                 f"got a conversion to {to}")
+        if self.qweights is not None and fn(self.gate.detach()[:0]).device.type == "meta":
+            raise ValueError(f"device: expected a device with values for a {self.quant} layer (its codes and scales are "
+                             f"data, not parameters), got meta")
     super(FusedMoE, self)._apply(fn, recurse)
-    if "_kernels" not in self.__dict__: return self               # during construction: `__init__` settles the rest
-    for n in ("w13", "w2", "w13_bias", "w2_bias"):                # a dtype change would leave the config's dtype behind
-        t = getattr(self, n)
-        if t is not None and t.dtype != self.config.dtype:
-            raise ValueError(f"{n}: expected the layer to keep its dtype {self.config.dtype} (build it in the dtype "
-                             f"wanted), got {t.dtype} after the module was converted")
+    if not built: return self
     if self.qweights is not None and self.qweights.device != self.gate.device: self.qweights = self.qweights.to(self.gate.device)
     self._build_hot_path()                                        # tables on the new device; captured graphs dropped
     return self

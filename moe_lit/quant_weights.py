@@ -193,7 +193,7 @@ def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32)
         out.append(t)
     return tuple(out)
 
-# %% ../nbs/09a_quant_weights.ipynb #cb0521ee6d46
+# %% ../nbs/09a_quant_weights.ipynb #3f15150192db
 def _tensors(qw) -> dict:
     return {f: getattr(qw, f) for f in ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")}
 
@@ -207,7 +207,11 @@ def _qw_replace(qw, fn):
 def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
     "The weights of a subset of experts (`experts`: a list or 1-D integer tensor of ids in [0, E), or a slice), e.g. one EP rank's."
     E = self.num_experts
-    if isinstance(experts, slice): ids = torch.arange(E)[experts]
+    if isinstance(experts, slice):
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (experts.start, experts.stop, experts.step)) \
+                or (experts.step is not None and experts.step < 1):
+            raise ValueError(f"experts: expected a slice of int bounds and a positive step, got {experts!r}")
+        ids = torch.arange(E)[experts]
     elif isinstance(experts, torch.Tensor):
         if experts.device.type != "cpu" and experts.device != self.device:
             raise ValueError(f"experts: expected ids on {' or '.join(dict.fromkeys(['cpu', str(self.device)]))}, got device {experts.device}")
@@ -215,6 +219,8 @@ def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
             raise ValueError(f"experts: expected a 1-D int32/int64 tensor of expert ids, got {experts.dtype} of shape {tuple(experts.shape)}")
         ids = experts.cpu().long()
     elif isinstance(experts, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in experts):
+        if experts and not 0 <= min(experts) <= max(experts) < E:         # before a tensor: ints past int64 too
+            raise ValueError(f"experts: expected ids in [0, {E}), got values in [{min(experts)}, {max(experts)}]")
         ids = torch.tensor(list(experts), dtype=torch.long)
     else: raise ValueError(f"experts: expected a list or 1-D tensor of expert ids, or a slice, got {experts!r:.80}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):

@@ -283,7 +283,11 @@ def _qw_replace(qw, fn):
 def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
     "The weights of a subset of experts (`experts`: a list or 1-D integer tensor of ids in [0, E), or a slice), e.g. one EP rank's."
     E = self.num_experts
-    if isinstance(experts, slice): ids = torch.arange(E)[experts]
+    if isinstance(experts, slice):
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (experts.start, experts.stop, experts.step)) \
+                or (experts.step is not None and experts.step < 1):
+            raise ValueError(f"experts: expected a slice of int bounds and a positive step, got {experts!r}")
+        ids = torch.arange(E)[experts]
     elif isinstance(experts, torch.Tensor):
         if experts.device.type != "cpu" and experts.device != self.device:
             raise ValueError(f"experts: expected ids on {' or '.join(dict.fromkeys(['cpu', str(self.device)]))}, got device {experts.device}")
@@ -291,6 +295,8 @@ def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
             raise ValueError(f"experts: expected a 1-D int32/int64 tensor of expert ids, got {experts.dtype} of shape {tuple(experts.shape)}")
         ids = experts.cpu().long()
     elif isinstance(experts, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in experts):
+        if experts and not 0 <= min(experts) <= max(experts) < E:         # before a tensor: ints past int64 too
+            raise ValueError(f"experts: expected ids in [0, {E}), got values in [{min(experts)}, {max(experts)}]")
         ids = torch.tensor(list(experts), dtype=torch.long)
     else: raise ValueError(f"experts: expected a list or 1-D tensor of expert ids, or a slice, got {experts!r:.80}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
@@ -767,6 +773,9 @@ for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "exper
                      (torch.tensor([1], device="meta"), "experts: expected ids on cpu, got device meta")):
     test_fail(lambda: mx.select(bad_ids), contains=msg)
 test_eq(nv.select(slice(None, None, 2)).num_experts, 1)                  # a slice: the global scales stay contiguous
+for bad_slice in (slice(None, None, 0), slice(None, None, -1), slice(0.5, 2)):
+    test_fail(lambda: mx.select(bad_slice), contains="experts: expected a slice of int bounds and a positive step")
+test_fail(lambda: mx.select([2 ** 63]), contains="experts: expected ids in [0, 2)")
 test_eq(mx.select(torch.tensor([1])).w13, mx.w13[1:2])
 test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w13_global_scale": nv.w13_global_scale.to("meta")}),
           contains="w13_global_scale: expected device cpu, got meta")    # the device before any value is read

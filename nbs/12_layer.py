@@ -377,13 +377,18 @@ def _build_hot_path(self: FusedMoE):
 @patch
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
+    built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
+    if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
+        for n, t in (("w13", self.w13), ("gate", self.gate)):     # the experts' dtype (the config's), the router's fp32
+            to = fn(t.detach()[:0]).dtype
+            if to != t.dtype:
+                raise ValueError(f"{n}: expected the layer to keep its dtype {t.dtype} (build it in the dtype wanted), "
+                                 f"got a conversion to {to}")
+        if self.qweights is not None and fn(self.gate.detach()[:0]).device.type == "meta":
+            raise ValueError(f"device: expected a device with values for a {self.quant} layer (its codes and scales are "
+                             f"data, not parameters), got meta")
     super(FusedMoE, self)._apply(fn, recurse)
-    if "_kernels" not in self.__dict__: return self               # during construction: `__init__` settles the rest
-    for n in ("w13", "w2", "w13_bias", "w2_bias"):                # a dtype change would leave the config's dtype behind
-        t = getattr(self, n)
-        if t is not None and t.dtype != self.config.dtype:
-            raise ValueError(f"{n}: expected the layer to keep its dtype {self.config.dtype} (build it in the dtype "
-                             f"wanted), got {t.dtype} after the module was converted")
+    if not built: return self
     if self.qweights is not None and self.qweights.device != self.gate.device: self.qweights = self.qweights.to(self.gate.device)
     self._build_hot_path()                                        # tables on the new device; captured graphs dropped
     return self
@@ -668,9 +673,13 @@ for quant in ("unquantized", "mxfp4_w4a16"):
         assert_close(layer(x.to(DEVICE)).cpu(), want.double(), rtol=check_tolerance(cfg.dtype, quant, layer.experts)[0])
 layer = FusedMoE(cfg, seed=1).to("meta")                       # no values, but every device tensor follows
 test_eq({t.device.type for t in (layer.router_gate, layer.placement.slot_table, layer.w13)}, {"meta"})
-test_fail(lambda: FusedMoE(cfg, seed=1, quant="mxfp4_w4a16").to("meta"),
-          contains="w13: expected a dense tensor with values, got a meta tensor")   # codes need values
-test_fail(lambda: FusedMoE(cfg, seed=1).to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
+qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
+test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")
+test_eq({t.device.type for t in (qlayer.w13, qlayer.gate, qlayer.qweights.w13)}, {"cpu"})   # refused before a move
+layer = FusedMoE(cfg, seed=1)
+test_fail(lambda: layer.to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
+test_fail(lambda: layer.bfloat16(), contains="gate: expected the layer to keep its dtype torch.float32")  # the router's
+test_eq((layer.w13.dtype, layer.gate.dtype), (torch.bfloat16, torch.float32))                            # nothing converted
 
 # %% [markdown]
 # `load_state_dict` into a quantized layer re-quantizes: after loading another layer's float weights, the output is

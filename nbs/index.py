@@ -56,7 +56,8 @@
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
 # shapes (a full-size model takes minutes): shrink a model by passing a small `config.json` with `--config` (any
-# family's keys, e.g. Qwen3-MoE's with `hidden_size` 64, `moe_intermediate_size` 32 and 4 experts).
+# family's keys, e.g. Qwen3-MoE's: `model_type` qwen3_moe, `hidden_size` 64, `moe_intermediate_size` 32, `num_experts`
+# 4 and `num_experts_per_tok` 2).
 #
 # ## Documentation
 #

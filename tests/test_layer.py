@@ -161,9 +161,13 @@ def test_layer_moves_with_module():
             assert_close(layer(x.to(DEVICE)).cpu(), want.double(), rtol=check_tolerance(cfg.dtype, quant, layer.experts)[0])
     layer = FusedMoE(cfg, seed=1).to("meta")                       # no values, but every device tensor follows
     test_eq({t.device.type for t in (layer.router_gate, layer.placement.slot_table, layer.w13)}, {"meta"})
-    test_fail(lambda: FusedMoE(cfg, seed=1, quant="mxfp4_w4a16").to("meta"),
-              contains="w13: expected a dense tensor with values, got a meta tensor")   # codes need values
-    test_fail(lambda: FusedMoE(cfg, seed=1).to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
+    qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
+    test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")
+    test_eq({t.device.type for t in (qlayer.w13, qlayer.gate, qlayer.qweights.w13)}, {"cpu"})   # refused before a move
+    layer = FusedMoE(cfg, seed=1)
+    test_fail(lambda: layer.to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
+    test_fail(lambda: layer.bfloat16(), contains="gate: expected the layer to keep its dtype torch.float32")  # the router's
+    test_eq((layer.w13.dtype, layer.gate.dtype), (torch.bfloat16, torch.float32))                            # nothing converted
 
 
 def test_quantized_layer_load_state_dict():

@@ -160,6 +160,9 @@ def test_quant_weights_bad_input():
                          (torch.tensor([1], device="meta"), "experts: expected ids on cpu, got device meta")):
         test_fail(lambda: mx.select(bad_ids), contains=msg)
     test_eq(nv.select(slice(None, None, 2)).num_experts, 1)                  # a slice: the global scales stay contiguous
+    for bad_slice in (slice(None, None, 0), slice(None, None, -1), slice(0.5, 2)):
+        test_fail(lambda: mx.select(bad_slice), contains="experts: expected a slice of int bounds and a positive step")
+    test_fail(lambda: mx.select([2 ** 63]), contains="experts: expected ids in [0, 2)")
     test_eq(mx.select(torch.tensor([1])).w13, mx.w13[1:2])
     test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w13_global_scale": nv.w13_global_scale.to("meta")}),
               contains="w13_global_scale: expected device cpu, got meta")    # the device before any value is read
