@@ -14,12 +14,12 @@ from .formats import (moe_reference_standard, dispatch_batched_reference, expert
                              combine_batched_reference, Activation, SILU)
 
 # %% auto #0
-__all__ = ['EXPERTS', 'Prepared', 'check_prepare_args', 'StandardPrepareFinalize', 'BatchedPrepareFinalize',
+__all__ = ['EXPERTS', 'Prepared', 'check_prepare_args', 'expected_load', 'StandardPrepareFinalize', 'BatchedPrepareFinalize',
            'TorchStandardExperts', 'TorchBatchedExperts', 'TritonExpertsAdapter', 'BatchedTritonExpertsAdapter',
            'TritonQuantExpertsAdapter', 'BatchedTritonQuantExpertsAdapter', 'SharedExperts', 'ModularKernel',
            'make_prepare_finalize', 'make_experts']
 
-# %% ../nbs/10_modular.ipynb #6605c68474fd
+# %% ../nbs/10_modular.ipynb #b471022a5f1d
 @dataclass
 class Prepared:
     "The output of `prepare`: the activations in the prepare/finalize's format plus what finalize needs."
@@ -33,6 +33,7 @@ class Prepared:
     hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
     expected_m: int | None = None            # expected rows per local expert (tile choice), from the routing
     num_experts: int | None = None           # the model's experts, global (the Standard experts' layout choice)
+    active_experts: int | None = None        # expected local experts with rows (the quantized GEMMs' split-K choice)
 
 # %% ../nbs/10_modular.ipynb #f299c7997c02
 def check_prepare_args(hidden, topk_weights, topk_ids, placement):
@@ -43,7 +44,16 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
 
-# %% ../nbs/10_modular.ipynb #fbb5e5e12fb8
+# %% ../nbs/10_modular.ipynb #5a17d127d0a4
+def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (only its shape is read: no sync)
+                  placement,                # the Placement: global and local expert counts
+                 ) -> dict:                 # Prepared's `expected_m` and `active_experts`
+    "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert and local experts with rows."
+    pairs, E, E_local = topk_ids.numel(), placement.num_experts, placement.num_local_experts
+    return dict(expected_m=max(1, pairs // E),                          # uniform routing: pairs / global experts
+                active_experts=min(E_local, max(1, -(-pairs * E_local // E))))   # this rank's share of the pairs, at most E_local
+
+# %% ../nbs/10_modular.ipynb #802cd1cf256a
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -65,7 +75,7 @@ class StandardPrepareFinalize:
         else: local = placement.local_slot(topk_ids, self.validate)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=local,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
-                        expected_m=max(1, topk_ids.numel() // placement.num_experts), num_experts=placement.num_experts)
+                        num_experts=placement.num_experts, **expected_load(topk_ids, placement))
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
@@ -74,7 +84,7 @@ class StandardPrepareFinalize:
             raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         return expert_out
 
-# %% ../nbs/10_modular.ipynb #eb25a1e9f278
+# %% ../nbs/10_modular.ipynb #937d921b4d1d
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -120,7 +130,7 @@ class BatchedPrepareFinalize:
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
-                        expected_m=max(1, topk_ids.numel() // placement.num_experts))   # not the padded capacity
+                        **expected_load(topk_ids, placement))   # not the padded capacity
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
@@ -161,7 +171,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #ac86eac5035c
+# %% ../nbs/10_modular.ipynb #92a1c230c3aa
 class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
@@ -185,7 +195,7 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                          num_experts=prepared.num_experts,
+                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts,
                                           validate=False,     # ids from the placement
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
@@ -194,7 +204,7 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
-                                                 w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                                 active_experts=prepared.active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                                  validate=False)   # counts from the dispatch: clamped
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,

@@ -20,7 +20,7 @@ from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import _cdiv, _tile_config_root
+from moe_lit.kernels.batched import _cdiv, _tile_config_root, TILE_KEYS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 
@@ -28,6 +28,7 @@ from moe_lit.kernels.contiguous import check_aligned_args
 #| hide
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.kernels.contiguous import moe_align_block_size
+from moe_lit.formats import SILU
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations, FP4_LAYOUTS
@@ -416,14 +417,15 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                         row_ok,     # [BLOCK_M] bool: rows that exist (valid rows / non-sentinel pairs)
                         w_e, ws_e, gs_ptr, e,   # this expert's codes and scales, the global scales, the expert
                         offs_n, mask_n, K, K_W, N_OUT,
+                        kt_lo, kt_hi,   # the K tiles this program sums: [kt_lo, kt_hi) (all of K without split-K)
                         stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk,
                         FMT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr,
                         LAYOUT: tl.constexpr):  # FP4 byte order (`09a`): 0 plain, 1 split64 (two MMAs a K tile), 2 mma128
-    "Both formats' main loop: `(acc, acc_up)` of one output tile over all of K, every scale applied (real-valued fp32)."
+    "Both formats' main loop: `(acc, acc_up)` of one output tile over K tiles `[kt_lo, kt_hi)`, every scale applied (real-valued fp32)."
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_rows[:, None] + offs_k[None, :] * stride_ak
+    a_ptrs = a_rows[:, None] + (kt_lo * BLOCK_K + offs_k)[None, :] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_s = tl.full((BLOCK_M,), 1.0, tl.float32)
@@ -435,10 +437,11 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
         # The scale bytes are loaded one K tile ahead: a plain load whose value the decode needs at once would stall
         # every iteration for a DRAM round trip (the codes and activations are pipelined by the compiler, the scales,
         # which reach the MMA only through the decode, are not).
-        s_g = _fp4_scales(ws_e, offs_n, mask_n, 0, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K, LAYOUT)
+        s_g = _fp4_scales(ws_e, offs_n, mask_n, kt_lo * BLOCK_K, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K, LAYOUT)
         s_u = s_g
-        if GATED: s_u = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, 0, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K, LAYOUT)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        if GATED: s_u = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, kt_lo * BLOCK_K, K_W, stride_wsn, stride_wsk, GROUP_K,
+                                    BLOCK_K, LAYOUT)
+        for kt in range(kt_lo, kt_hi):
             k0 = kt * BLOCK_K
             s_g_next = _fp4_scales(ws_e, offs_n, mask_n, k0 + BLOCK_K, K_W, stride_wsn, stride_wsk, GROUP_K, BLOCK_K, LAYOUT)
             s_u_next = s_g_next
@@ -480,10 +483,12 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
         w_s = tl.zeros((BLOCK_N,), tl.float32)
         w_s_up = w_s
         if FMT == 1:
-            a_s = tl.load(as_ptrs, mask=row_ok, other=0.0)
-            w_s = _fp8_tile_scales(ws_e, offs_n, mask_n, 0, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
-            if GATED: w_s_up = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, 0, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
-        for kt in range(0, tl.cdiv(K, BLOCK_K)):
+            k_lo = kt_lo * BLOCK_K
+            a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=row_ok & (k_lo < K), other=0.0)
+            w_s = _fp8_tile_scales(ws_e, offs_n, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
+            if GATED: w_s_up = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N,
+                                                GROUP_K)
+        for kt in range(kt_lo, kt_hi):
             k0 = kt * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             if UPCAST: a = a.to(tl.float32)
@@ -509,6 +514,46 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
     acc = _quant_output_scales(acc, a_s_row, ws_e, gs, offs_n, mask_n, stride_wsn, FMT)
     if GATED: acc_up = _quant_output_scales(acc_up, a_s_row, ws_e, gs, offs_n + N_OUT, mask_n, stride_wsn, FMT)
     return acc, acc_up
+
+# %% [markdown]
+# ### Split-K: when the grid is smaller than the GPU
+#
+# At decode a rank's batch often reaches one or two local experts. One expert's GEMM1 is `cdiv(I, BLOCK_N)` programs
+# (DeepSeek-V3: 32 of 64 rows), each streaming its rows over the whole of K — a quarter of an H200's 132 SMs, one 4-warp
+# program on each, nothing to hide the decode's latency. With `SPLIT_K = S` the grid gets a third axis: program `s`
+# sums the K tiles `[s·n/S, (s+1)·n/S)` of the same output tile. Each program stores its fp32 partial into a workspace
+# and counts itself in on the tile's counter (`atomic_add`, acquire-release, after a barrier so every thread's
+# stores are in); the program that arrives last sums the S partials **in split order** — so the result does not
+# depend on which program finished last — and runs the usual epilogue (bias, activation, router weight, store).
+# One launch, no second reduction kernel; the counters start at zero (one `torch.zeros` per call). The scales that
+# are constant along K are linear, so each partial already carries them; the bias and the activation, which are
+# not, run once, in the last program. `quant_split_k` below picks `S`; a tile override may set `SPLIT_K`.
+
+# %%
+#| export
+@triton.jit
+def _split_k_sum(acc, acc_up,      # [BLOCK_M, BLOCK_N] fp32: this program's partial sums (gate, up)
+                 part_ptr,         # fp32 workspace [SPLIT_K, num_tiles, 2, BLOCK_M, BLOCK_N]
+                 lock_ptr,         # [num_tiles] int32 arrival counters, zero before the launch
+                 tile, num_tiles, split,   # this output tile's index, the grid's tiles, this program's split
+                 GATED: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    "Store this split's partial tile and count it in: `(acc, acc_up, last)`; only where `last` are they the full sums."
+    SIZE: tl.constexpr = BLOCK_M * BLOCK_N
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tile64 = tile.to(tl.int64)
+    mine = part_ptr + (split.to(tl.int64) * num_tiles + tile64) * (2 * SIZE)
+    tl.store(mine + offs, acc)
+    if GATED: tl.store(mine + SIZE + offs, acc_up)
+    tl.debug_barrier()                                            # every thread's partial is stored before the count
+    last = tl.atomic_add(lock_ptr + tile64, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+    if last:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):                        # in split order: the sum does not depend on arrival
+            p = part_ptr + (s * num_tiles + tile64) * (2 * SIZE)
+            acc += tl.load(p + offs, cache_modifier=".cg")        # from L2: another SM's stores are not in this L1
+            if GATED: acc_up += tl.load(p + SIZE + offs, cache_modifier=".cg")
+    return acc, acc_up, last
 
 # %% [markdown]
 # ## The batched format
@@ -612,16 +657,17 @@ def _batched_moe_gemm_quant_kernel(
     c_ptr,          # [E, max_tokens, N_OUT]
     expert_num_tokens_ptr,   # [E] int32
     bias_ptr,       # [E, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
+    part_ptr, lock_ptr,   # split-K workspace and counters (`_split_k_sum`; unused with SPLIT_K = 1)
     N_OUT, K, K_W, MAX_TOKENS, num_m_tiles,
     alpha, limit,   # fp32, read only when ACTIVATION == 1
     stride_ae, stride_am, stride_ak, stride_ase, stride_asm, stride_asg, stride_we, stride_wn, stride_wk,
     stride_wse, stride_wsn, stride_wsk, stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
     FMT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr,
+    BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E); programs with m_start >= expert_num_tokens[e] exit."
-    pid, e = tl.program_id(0), tl.program_id(1)
+    "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E, SPLIT_K); programs with m_start >= expert_num_tokens[e] exit."
+    pid, e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)
     if pid_m * BLOCK_M >= count: return                           # empty tile: no weight is read
@@ -632,9 +678,16 @@ def _batched_moe_gemm_quant_kernel(
     a_rows = a_ptr + e64 * stride_ae + offs_m * stride_am
     as_ptrs = as_ptr + e64 * stride_ase + offs_m * stride_asm
     w_e, ws_e = w_ptr + e64 * stride_we, ws_ptr + e64 * stride_wse
+    n_kt = tl.cdiv(K, BLOCK_K)
     acc, acc_up = _quant_tile_product(a_rows, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
+                                      split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
                                       UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT)
+    if SPLIT_K > 1:                                               # only the last split to arrive goes on
+        tiles = tl.num_programs(0)
+        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * tl.num_programs(1),
+                                         split, GATED, SPLIT_K, BLOCK_M, BLOCK_N)
+        if not last: return
     if HAS_BIAS:                                                  # on the scaled (real-valued) fp32 product
         acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
     if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
@@ -684,7 +737,7 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
                 block_m: int | None = None,     # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
                 layout: int = 0) -> dict:       # FP4 byte order: 1 split64 (BLOCK_K whole 64-code chunks), 2 mma128 (128)
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
-    check_tile_config(config, need_block_m=kernel.startswith("batched"))
+    check_tile_config(config, need_block_m=kernel.startswith("batched"), keys=QUANT_TILE_KEYS)
     return dict(_quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu,
                                      None if config is None else tuple(sorted(config.items())), block_m, layout,
                                      _tile_config_root()))
@@ -725,6 +778,57 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
         raise ValueError(f"quant_block_m: expected GEMM1's BLOCK_M to be a power of two in [16, 256], got {bm} "
                          f"(from the fused_moe_gemm_{kind} tile table for E={qw.num_experts}, N={wa['N']})")
     return bm
+
+# %% [markdown]
+# **How many splits.** The grid of one quantized GEMM is `tiles per expert × active experts` programs, and the
+# launcher cannot count the active experts without a sync: the caller passes an estimate, `active_experts` (the
+# modular kernel's is this rank's expected share of the routed pairs, capped at `E`; without one the batched GEMM
+# assumes all `E`, the contiguous one at most one expert per pair). `quant_split_k` doubles `S` (up to 8) while the
+# grid is below one program per SM and every split keeps at least 4 K tiles; a workspace past
+# `SPLIT_K_WORKSPACE_BYTES` halves it again (the workspace is sized for every tile of the grid, used or not). The
+# interpreter does not split unless told (a tile override's `SPLIT_K`): its cost is programs × K steps.
+
+# %%
+#| export
+QUANT_TILE_KEYS = (*TILE_KEYS, "SPLIT_K")   # the tile keys the quantized launchers take: 06's, and the split-K factor
+SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace the heuristic's split may take
+
+def quant_split_k(tiles_per_expert: int,    # output tiles of one expert: m tiles × n tiles
+                  active_experts: int,      # experts expected to have rows (an estimate: no sync to count them)
+                  k_tiles: int,             # K tiles of the GEMM: cdiv(K, BLOCK_K)
+                  num_sms: int,             # the GPU's streaming multiprocessors
+                 ) -> int:                  # SPLIT_K, a power of two in [1, 8]
+    "Split-K factor of a quantized GEMM: double while the grid is below one program per SM and each split keeps >= 4 K tiles."
+    for name, v in (("tiles_per_expert", tiles_per_expert), ("active_experts", active_experts), ("k_tiles", k_tiles),
+                    ("num_sms", num_sms)): check_int(name, v, lo=0 if name == "active_experts" else 1)
+    split = 1
+    while split < 8 and tiles_per_expert * max(1, active_experts) * split < num_sms and k_tiles >= 8 * split: split *= 2
+    return split
+
+@functools.lru_cache(maxsize=None)
+def _num_sms() -> int:
+    "The current GPU's SM count, asked once."
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+def _split_k_workspace(cfg: dict, tiles_per_expert: int, active_experts: int, k_tiles: int, num_tiles: int,
+                       block_m: int, block_n: int, device) -> tuple:
+    "`(SPLIT_K, fp32 partial workspace or None, zeroed int32 counters or None)` for a launch of `num_tiles` output tiles; pops cfg's SPLIT_K."
+    split = cfg.pop("SPLIT_K", None)
+    if split is None:
+        split = 1 if INTERPRET else quant_split_k(tiles_per_expert, active_experts, k_tiles, _num_sms())
+        while split > 1 and split * num_tiles * 2 * block_m * block_n * 4 > SPLIT_K_WORKSPACE_BYTES: split //= 2
+    if split == 1: return 1, None, None
+    return (split, torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
+            torch.zeros(num_tiles, dtype=torch.int32, device=device))
+
+# %%
+#| test quant_split_k
+test_eq(quant_split_k(32, 1, 56, 132), 8)        # DeepSeek-V3 GEMM1, one expert: 32 programs -> 256, 7 K tiles each
+test_eq(quant_split_k(112, 1, 16, 132), 2)       # its GEMM2: 112 programs -> 224
+test_eq(quant_split_k(32, 32, 56, 132), 1)       # every local expert busy: the grid fills the GPU
+test_eq(quant_split_k(12, 1, 16, 132), 4)        # Qwen3 GEMM1: 16 K tiles, 4 a split (8 splits would leave 2)
+test_eq(quant_split_k(1, 0, 1000, 132), 8)       # capped at 8
+test_fail(lambda: quant_split_k(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
 
 # %%
 #| export
@@ -787,6 +891,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
                            expected_m: int | None = None,     # expected valid rows per expert (tile lookup only)
                            validate: bool = True,             # check counts <= max_tokens on the host (one sync)
                            bias: torch.Tensor | None = None,  # [E, N] bf16/fp16/fp32, added in fp32 after the scales, before act
+                           active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
                           ) -> torch.Tensor:                  # `out`
     "Quantized masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ W[e]ᵀ + bias[e])` (FP8 w8a8 or FP4 w4a16), fp32 accumulation."
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 3, bias)
@@ -804,10 +909,13 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
                       w_codes=wa["codes"], w_scale=wa["scale"], w_global_scale=wa["gs"])
     for name, t in (("a", a_k), ("w", wa["codes"]), ("out", out)): check_extent(name, t)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
-    check_tile_config(config, need_block_m=True)
-    return _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias)
+    if active_experts is not None: check_int("active_experts", active_experts, lo=0)
+    check_tile_config(config, need_block_m=True, keys=QUANT_TILE_KEYS)
+    return _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias,
+                                   active_experts)
 
-def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias):
+def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias,
+                            active_experts=None):
     "`batched_moe_gemm_quant` after its checks, the activations prepared and `out` allocated (`BatchedTritonQuantExperts`)."
     (E, M, K), n_out = a_k.shape, out.shape[2]
     if E == 0 or M == 0 or n_out == 0: return out
@@ -815,15 +923,20 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
                       act is not None, config, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = _cdiv(M, bm)
+    tiles = num_m_tiles * _cdiv(n_out, bn)                      # per expert
+    split, part, locks = _split_k_workspace(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
+                                            E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
+                                            tiles * E, bm, bn, out.device)
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
-    _batched_moe_gemm_quant_kernel[(num_m_tiles * _cdiv(n_out, bn), E)](
-        a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens,
+    _batched_moe_gemm_quant_kernel[(tiles, E, split)](
+        a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
         N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         **_named_strides("a", "emk", a_k.stride()), **_named_strides("as", "emg", as_strides),
         **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
         **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
-        GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], **cfg)
+        GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"],
+        SPLIT_K=split, **cfg)
     return out
 
 # %% [markdown]
@@ -1090,6 +1203,7 @@ def _fused_moe_quant_kernel(
     sorted_ptr, expert_ids_ptr, ntpp_ptr,   # from moe_align_block_size
     weights_ptr,    # [T·top_k] fp32 router weights (WEIGHT != 0)
     bias_ptr,       # [E_local, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
+    part_ptr, lock_ptr,   # split-K workspace and counters (`_split_k_sum`; unused with SPLIT_K = 1)
     N_OUT, K, K_W, num_pairs, num_m_blocks, num_sorted, num_local,
     alpha, limit,   # fp32, read only when ACTIVATION == 1
     stride_am, stride_ak, stride_asm, stride_asg, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
@@ -1097,10 +1211,10 @@ def _fused_moe_quant_kernel(
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LAYOUT: tl.constexpr,
+    LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N),); blocks past num_tokens_post_padded or of expert -1 exit."
-    pid = tl.program_id(0)
+    "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), SPLIT_K); blocks past num_tokens_post_padded or of expert -1 exit."
+    pid, split = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
     if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -1114,9 +1228,15 @@ def _fused_moe_quant_kernel(
     a_rows = a_ptr + rows * stride_am
     as_ptrs = as_ptr + rows * stride_asm
     w_e, ws_e = w_ptr + e * stride_we, ws_ptr + e * stride_wse
+    n_kt = tl.cdiv(K, BLOCK_K)
     acc, acc_up = _quant_tile_product(a_rows, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
+                                      split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
                                       UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT)
+    if SPLIT_K > 1:                                               # only the last split to arrive goes on
+        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, pid, tl.num_programs(0), split, GATED,
+                                         SPLIT_K, BLOCK_M, BLOCK_N)
+        if not last: return
     if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
     if HAS_BIAS:                                                # the block's expert's row, on the scaled fp32 product
@@ -1148,6 +1268,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                          out_dtype: torch.dtype | None = None,  # output dtype for fp8 a (default bf16)
                          config: dict | None = None,       # tile override (BLOCK_M is fixed by the alignment)
                          bias: torch.Tensor | None = None, # [E_local, N] bf16/fp16/fp32: fp32 add after the scales (see the spec)
+                         active_experts: int | None = None,  # expected local experts with pairs (split-K; default min(E, pairs))
                         ) -> torch.Tensor:                 # `out`
     "Quantized grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ W[e]ᵀ + bias[e])`, e = expert(block), fp32 accumulation."
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 2, bias)
@@ -1165,13 +1286,15 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                       a_s=a_s, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias,
                       w_codes=wa["codes"], w_scale=wa["scale"], w_global_scale=wa["gs"])
     check_extent("w", wa["codes"])
-    check_tile_config(config)
+    check_tile_config(config, keys=QUANT_TILE_KEYS)
+    if active_experts is not None: check_int("active_experts", active_experts, lo=0)
     return _fused_moe_gemm_quant(a_k, a_s, as_st, wa, qw.num_experts, sorted_token_ids, expert_ids,
                                  num_tokens_post_padded, top_k, block_m, act, topk_weights, weight_stage, out,
-                                 per_pair, config, bias)
+                                 per_pair, config, bias, active_experts)
 
 def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k,
-                          block_m, act, topk_weights, weight_stage, out, per_pair, config, bias) -> torch.Tensor:
+                          block_m, act, topk_weights, weight_stage, out, per_pair, config, bias,
+                          active_experts=None) -> torch.Tensor:
     "`fused_moe_gemm_quant` after its checks, the activations prepared and `out` allocated (`TritonQuantExperts`)."
     num_pairs, n_out = out.shape
     if num_pairs == 0 or n_out == 0: return out
@@ -1180,9 +1303,12 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
                       act is not None, config, block_m=block_m, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
-    _fused_moe_quant_kernel[(num_m_blocks * _cdiv(n_out, bn),)](
+    tiles = num_m_blocks * _cdiv(n_out, bn)
+    active = min(E, num_pairs if active_experts is None else active_experts)   # an expert's pairs fit one block at decode
+    split, part, locks = _split_k_workspace(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, out.device)
+    _fused_moe_quant_kernel[(tiles, split)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
-        topk_weights.contiguous() if topk_weights is not None else out,
+        topk_weights.contiguous() if topk_weights is not None else out, part_ptr=part, lock_ptr=locks,
         N_OUT=n_out, K=K, K_W=wa["K_W"], num_pairs=num_pairs, num_m_blocks=num_m_blocks,
         num_sorted=sorted_token_ids.numel(), num_local=E,
         **_named_strides("a", "mk", a_k.stride()), **_named_strides("as", "mg", as_st[1:]),
@@ -1190,7 +1316,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
         **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),
         TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
-        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], **cfg)
+        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], SPLIT_K=split, **cfg)
     return out
 
 # %% [markdown]
@@ -1249,6 +1375,49 @@ check_fused_gemm_quant("nvfp4_w4a16", 1, 1, 2, 96, 48, "silu_and_mul", dtype=tor
 qw = quantize_expert_weights(*random_expert_weights(2, 96, 48, seed=2), "nvfp4_w4a16").relayout("split64")
 check_fused_gemm_quant("nvfp4_w4a16", 3, 2, 2, 96, 48, "silu_and_mul", dtype=torch.float16, seed=2, qw=qw)   # portable split
 check_fused_gemm_quant("fp8_w8a8_channel", 6, 1, 3, 96, 64, None, seed=3)
+
+# %% [markdown]
+# ### Split-K
+#
+# Every scheme in both formats with `SPLIT_K` 2 or 3 against the same spec: uneven splits, and splits with no K
+# tile at all (FP4's `H = 152` is two 128-wide K tiles and GEMM2's `I = 72` one, so three splits leave one or two
+# programs summing nothing — they still count in, and the tile still comes out whole). The FP4 weights are in the
+# kernel layout (mma128). GEMM1 carries a bf16 bias and gpt-oss's clamped SwiGLU on one scheme in two — the
+# non-linear epilogue runs once, in the last split, on the whole sum — and the contiguous GEMM2 applies the router
+# weight on the output. Poisoned rows stay NaN. A kernel whose last program kept only its own partial, or summed a
+# split twice, misses the spec by the share of the K tiles involved (checked by dropping the loop's first term).
+
+# %%
+#| test split_k_catalog
+swiglu = Activation("swigluoai", alpha=1.702, limit=0.5)
+for i, scheme in enumerate(QUANT_SCHEMES):
+    qw = quantize_expert_weights(*random_expert_weights(3, 152, 72, seed=40 + i), scheme).for_kernels()
+    act = (SILU, swiglu)[i % 2]
+    b13 = torch.randn(3, 144, generator=torch.Generator().manual_seed(i)).to(DEVICE, torch.bfloat16)
+    bk = 64 if QUANT_SCHEME_TABLE[scheme].is_fp8 else 128
+    cfg = dict(BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=2, SPLIT_K=2 + i % 2)   # 2 and 3 by turns
+    check_batched_gemm_quant(scheme, 3, 16, 152, 72, [16, 0, 5], act, seed=i, qw=qw, bias=b13, config=dict(cfg, BLOCK_M=16))
+    check_batched_gemm_quant(scheme, 3, 16, 152, 72, [3, 9, 0], None, seed=i, qw=qw, config=dict(cfg, BLOCK_M=16))
+    check_fused_gemm_quant(scheme, 7, 2, 3, 152, 72, act, seed=i, qw=qw, bias=b13, config=cfg)
+    check_fused_gemm_quant(scheme, 7, 2, 3, 152, 72, None, seed=i, qw=qw, config=cfg)
+test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], None,
+                                           config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=0)),
+          contains="config['SPLIT_K']: expected >= 1, got 0")
+
+# %% [markdown]
+# On the GPU the split comes from `quant_split_k`, not a test's override: one DeepSeek-V3-sized expert reached by
+# one token (GEMM1's 32 programs become 256, GEMM2's 112 become 224), in both formats and both FP4 schemes.
+
+# %%
+#| test split_k_heuristic_gpu
+#| gpu
+from moe_lit.kernels.quant import _num_sms
+assert quant_split_k(32, 1, 56, _num_sms()) >= 2, "this GPU fills with one expert's GEMM1: the test would not split"
+for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
+    qw = quantize_expert_weights(*random_expert_weights(2, 7168, 2048, seed=3), scheme).for_kernels()
+    check_batched_gemm_quant(scheme, 2, 16, 7168, 2048, [1, 0], SILU, qw=qw)      # heuristic: active = E (2) here
+    for act in (SILU, None):                                  # seed 1: the one token's slot is local (expert 1)
+        check_fused_gemm_quant(scheme, 1, 1, 2, 7168, 2048, act, seed=1, qw=qw)
 
 # %% [markdown]
 # ## gpt-oss's semantics: expert biases and the clamped SwiGLU

@@ -62,6 +62,7 @@ class Prepared:
     hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
     expected_m: int | None = None            # expected rows per local expert (tile choice), from the routing
     num_experts: int | None = None           # the model's experts, global (the Standard experts' layout choice)
+    active_experts: int | None = None        # expected local experts with rows (the quantized GEMMs' split-K choice)
 
 # %% [markdown]
 # ## Prepare/finalize
@@ -79,6 +80,16 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_ids", topk_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
+
+# %%
+#| export
+def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (only its shape is read: no sync)
+                  placement,                # the Placement: global and local expert counts
+                 ) -> dict:                 # Prepared's `expected_m` and `active_experts`
+    "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert and local experts with rows."
+    pairs, E, E_local = topk_ids.numel(), placement.num_experts, placement.num_local_experts
+    return dict(expected_m=max(1, pairs // E),                          # uniform routing: pairs / global experts
+                active_experts=min(E_local, max(1, -(-pairs * E_local // E))))   # this rank's share of the pairs, at most E_local
 
 # %%
 #| export
@@ -103,7 +114,7 @@ class StandardPrepareFinalize:
         else: local = placement.local_slot(topk_ids, self.validate)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=local,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
-                        expected_m=max(1, topk_ids.numel() // placement.num_experts), num_experts=placement.num_experts)
+                        num_experts=placement.num_experts, **expected_load(topk_ids, placement))
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
@@ -159,7 +170,7 @@ class BatchedPrepareFinalize:
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
-                        expected_m=max(1, topk_ids.numel() // placement.num_experts))   # not the padded capacity
+                        **expected_load(topk_ids, placement))   # not the padded capacity
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
@@ -245,7 +256,7 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                          num_experts=prepared.num_experts,
+                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts,
                                           validate=False,     # ids from the placement
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
 
@@ -254,7 +265,7 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
-                                                 w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                                 active_experts=prepared.active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                                  validate=False)   # counts from the dispatch: clamped
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,

@@ -13,11 +13,12 @@ from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import _cdiv, _tile_config_root
+from moe_lit.kernels.batched import _cdiv, _tile_config_root, TILE_KEYS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.kernels.contiguous import moe_align_block_size
+from moe_lit.formats import SILU
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations, FP4_LAYOUTS
@@ -80,6 +81,15 @@ def check_fused_gemm_quant(scheme: str, T: int, top_k: int, E: int, H: int, I: i
     assert_quant_close(got.cpu()[pair_ok], want.cpu()[pair_ok], rel_tol, cos_min, name=f"{scheme} {activation} {dtype}")
     assert got.cpu()[~pair_ok].isnan().all(), f"{scheme}: a row of a non-local pair was written"
     return got
+
+
+def test_quant_split_k():
+    test_eq(quant_split_k(32, 1, 56, 132), 8)        # DeepSeek-V3 GEMM1, one expert: 32 programs -> 256, 7 K tiles each
+    test_eq(quant_split_k(112, 1, 16, 132), 2)       # its GEMM2: 112 programs -> 224
+    test_eq(quant_split_k(32, 32, 56, 132), 1)       # every local expert busy: the grid fills the GPU
+    test_eq(quant_split_k(12, 1, 16, 132), 4)        # Qwen3 GEMM1: 16 K tiles, 4 a split (8 splits would leave 2)
+    test_eq(quant_split_k(1, 0, 1000, 132), 8)       # capped at 8
+    test_fail(lambda: quant_split_k(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
 
 
 def test_batched_gemm_quant_fp8():
@@ -203,6 +213,34 @@ def test_fused_gemm_quant_partial_blocks_and_small():
     qw = quantize_expert_weights(*random_expert_weights(2, 96, 48, seed=2), "nvfp4_w4a16").relayout("split64")
     check_fused_gemm_quant("nvfp4_w4a16", 3, 2, 2, 96, 48, "silu_and_mul", dtype=torch.float16, seed=2, qw=qw)   # portable split
     check_fused_gemm_quant("fp8_w8a8_channel", 6, 1, 3, 96, 64, None, seed=3)
+
+
+def test_split_k_catalog():
+    swiglu = Activation("swigluoai", alpha=1.702, limit=0.5)
+    for i, scheme in enumerate(QUANT_SCHEMES):
+        qw = quantize_expert_weights(*random_expert_weights(3, 152, 72, seed=40 + i), scheme).for_kernels()
+        act = (SILU, swiglu)[i % 2]
+        b13 = torch.randn(3, 144, generator=torch.Generator().manual_seed(i)).to(DEVICE, torch.bfloat16)
+        bk = 64 if QUANT_SCHEME_TABLE[scheme].is_fp8 else 128
+        cfg = dict(BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=2, SPLIT_K=2 + i % 2)   # 2 and 3 by turns
+        check_batched_gemm_quant(scheme, 3, 16, 152, 72, [16, 0, 5], act, seed=i, qw=qw, bias=b13, config=dict(cfg, BLOCK_M=16))
+        check_batched_gemm_quant(scheme, 3, 16, 152, 72, [3, 9, 0], None, seed=i, qw=qw, config=dict(cfg, BLOCK_M=16))
+        check_fused_gemm_quant(scheme, 7, 2, 3, 152, 72, act, seed=i, qw=qw, bias=b13, config=cfg)
+        check_fused_gemm_quant(scheme, 7, 2, 3, 152, 72, None, seed=i, qw=qw, config=cfg)
+    test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], None,
+                                               config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=0)),
+              contains="config['SPLIT_K']: expected >= 1, got 0")
+
+
+@pytest.mark.gpu
+def test_split_k_heuristic_gpu():
+    from moe_lit.kernels.quant import _num_sms
+    assert quant_split_k(32, 1, 56, _num_sms()) >= 2, "this GPU fills with one expert's GEMM1: the test would not split"
+    for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
+        qw = quantize_expert_weights(*random_expert_weights(2, 7168, 2048, seed=3), scheme).for_kernels()
+        check_batched_gemm_quant(scheme, 2, 16, 7168, 2048, [1, 0], SILU, qw=qw)      # heuristic: active = E (2) here
+        for act in (SILU, None):                                  # seed 1: the one token's slot is local (expert 1)
+            check_fused_gemm_quant(scheme, 1, 1, 2, 7168, 2048, act, seed=1, qw=qw)
 
 
 def test_quant_gemm_swigluoai_bias():

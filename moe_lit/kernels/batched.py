@@ -186,17 +186,19 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
-# %% ../../nbs/06_kernels.batched.ipynb #30814d4ce736
+# %% ../../nbs/06_kernels.batched.ipynb #c9aed2d53035
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
 
 def check_tile_config(config,
                       need_block_m: bool = False,   # the batched launchers take BLOCK_M from the tile (the contiguous ones from the alignment)
+                      keys: tuple = TILE_KEYS,      # the keys this launcher takes (the quantized GEMMs add SPLIT_K)
                      ) -> dict | None:
-    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
+    "A tile override as the launchers accept it: a dict of `keys`, power-of-two blocks and warps; None passes."
     if config is None: return None
     if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
-    unknown = sorted(set(config) - set(TILE_KEYS))
-    if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
+    unknown = sorted(set(config) - set(keys))
+    if unknown: raise ValueError(f"config: expected keys among {list(keys)}, got {unknown}")
+    if "SPLIT_K" in config: check_int("config['SPLIT_K']", config["SPLIT_K"], lo=1, hi=65)
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if need_block_m else ("BLOCK_N", "BLOCK_K"):
         if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):

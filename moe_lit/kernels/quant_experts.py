@@ -31,7 +31,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #865b44e63e43
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #18cd41d44509
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -47,6 +47,7 @@ class BatchedTritonQuantExperts:
               w2_bias: torch.Tensor | None = None,     # [E, H] bf16/fp16/fp32, added to GEMM2's output
               activation: Activation = SILU,           # the gated activation between the GEMMs
               validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
+              active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
              ) -> torch.Tensor:
         "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
@@ -56,7 +57,8 @@ class BatchedTritonQuantExperts:
             raise ValueError(f"out_dtype: expected torch.bfloat16 or torch.float16 (the intermediate between the GEMMs "
                              f"and the output), or None, got {out_dtype}")
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
-                                   expected_m=expected_m, bias=w13_bias, validate=validate)   # checks a, qw, the counts
+                                   expected_m=expected_m, bias=w13_bias, validate=validate,   # checks a, qw, the counts
+                                   active_experts=active_experts)
         (E, M, _), H = h.shape, qw.hidden_size
         wa2 = _weight_kernel_args(qw, "w2")
         if out is not None:
@@ -67,7 +69,8 @@ class BatchedTritonQuantExperts:
         check_kernel_device("a", a, out=out)
         for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)
-        return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias)
+        return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias,
+                                       active_experts)
 
 # %% ../../nbs/09d_kernels.quant_experts.ipynb #d7a7e38c9352
 def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Tensor, qw: QuantizedExpertWeights,
@@ -87,7 +90,7 @@ def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Te
     h = batched_gemm_quant_reference(a, qw, expert_num_tokens, activation, a_scale=a_scale, bias=w13_bias).to(hdt)
     return batched_gemm_quant_reference(h, qw, expert_num_tokens, bias=w2_bias)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #11ff0075bd9e
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #3b07221de982
 class TritonQuantExperts:
     "Standard-format experts, quantized: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -105,6 +108,7 @@ class TritonQuantExperts:
               w2_bias: torch.Tensor | None = None,   # [E, H] bf16/fp16/fp32, added before the router weight
               activation: Activation = SILU,     # the gated activation between the GEMMs
               num_experts: int | None = None,    # the model's experts, global (the pair-block rule); default E
+              active_experts: int | None = None, # expected local experts with pairs (split-K choice; default min(E, T·top_k))
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list, with quantized expert weights; ValueError on bad input."
         if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
@@ -115,6 +119,7 @@ class TritonQuantExperts:
         check_kernel_device("hidden", hidden, local_ids=local_ids, topk_weights=topk_weights)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
+        if active_experts is not None: check_int("active_experts", active_experts, lo=0)
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
         check_local_ids(local_ids, E, validate)
         if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
@@ -130,11 +135,12 @@ class TritonQuantExperts:
         x, xs, xs_st, odt = _prepare_activations(hidden.contiguous(), qw, None, None, None, qw.hidden_size, False)
         h = _fused_moe_gemm_quant(x, xs, xs_st, wa13, E, s, e, n, k, block_m, activation, topk_weights,
                                   "input" if on_in else None, torch.zeros(T * k, I, dtype=odt, device=hidden.device),
-                                  False, None, w13_bias)
+                                  False, None, w13_bias, active_experts)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, None, None, None, I, False)
         y = _fused_moe_gemm_quant(hq, hs, hs_st, wa2, E, s, e, n, k, block_m, None, topk_weights,
                                   None if on_in else "output",
-                                  torch.empty(T * k, qw.hidden_size, dtype=odt, device=hidden.device), True, None, w2_bias)
+                                  torch.empty(T * k, qw.hidden_size, dtype=odt, device=hidden.device), True, None, w2_bias,
+                                  active_experts)
         return _combine_pairs(y, local_ids, E)             # router weights already applied; y is unit-stride
 
 # %% ../../nbs/09d_kernels.quant_experts.ipynb #c42cae33d7e5

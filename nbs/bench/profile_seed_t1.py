@@ -2,7 +2,8 @@
 
     python nbs/bench/profile_seed_t1.py
 DeepSeek-V3 EP8 rank 0, nixl_ep (batched format), round-robin placement, as `seed_scenario.py`; the layer is
-captured for T = 1 and replayed 50 times under the profiler; the table is per replay, µs, by kernel.
+captured for T = 1 and replayed 50 times under the profiler; the table is per replay, µs, by kernel. The token is
+drawn until it reaches exactly one of rank 0's experts (the common case at T = 1 that reaches the rank at all).
 """
 import torch
 from torch.profiler import profile, ProfilerActivity
@@ -13,7 +14,10 @@ dep = next(d for d in LAYER_DEPLOYMENTS if d["name"] == "DeepSeek-V3 EP8 rank 0,
 cfg = deployment_config(dep)
 for quant in ("unquantized", "nvfp4_w4a16", "mxfp4_w4a16"):
     layer = FusedMoE(cfg, device="cuda", placement=dep["placement"], quant=quant)
-    x = torch.randn(1, cfg.hidden_size, device="cuda", dtype=cfg.dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    while True:
+        x = torch.randn(1, cfg.hidden_size, device="cuda", dtype=cfg.dtype, generator=g)
+        if int((layer.placement.local_slot(layer.route(x)[1]) >= 0).sum()) == 1: break
     layer.capture(batch_sizes=(1,))
     for _ in range(10): layer(x)
     torch.cuda.synchronize()

@@ -20,19 +20,21 @@ STRIDES = "am asm asg we wn wse wsn cm be bn".split()                    # runti
 DIV16 = {"N_OUT", "K", "K_W", "stride_am", "stride_we", "stride_wn", "stride_wse", "stride_wsn", "stride_cm"}
 
 
-def compile_gemm1(fmt: int, layout: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_warps: int, num_stages: int = 3):
+def compile_gemm1(fmt: int, layout: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_warps: int, num_stages: int = 3,
+                  split_k: int = 1):
     "The compiled contiguous GEMM1 (gated SiLU, token rows, top-2) for `cuda:90`."
     fn = Q._fused_moe_quant_kernel
     fp8 = fmt < 2
     sig = dict(a_ptr="*fp8e4nv" if fp8 else "*bf16", as_ptr="*fp32" if fp8 else "*bf16",
                w_ptr="*fp8e4nv" if fp8 else "*u8", ws_ptr="*fp32" if fp8 else "*u8", gs_ptr="*fp32", c_ptr="*bf16",
                sorted_ptr="*i32", expert_ids_ptr="*i32", ntpp_ptr="*i32", weights_ptr="*fp32", bias_ptr="*bf16",
+               part_ptr="*fp32", lock_ptr="*i32",
                N_OUT="i32", K="i32", K_W="i32", num_pairs="i32", num_m_blocks="i32", num_sorted="i32",
                num_local="i32", alpha="fp32", limit="fp32", **{f"stride_{x}": "i32" for x in STRIDES})
     consts = dict(stride_ak=1, stride_wk=1, stride_wsk=1, stride_cn=1, TOP_K=2, A_PER_PAIR=False, GATED=True,
                   ACTIVATION=0, HAS_BIAS=False, WEIGHT=0, FMT=fmt, UPCAST=False, PRECISION="tf32",
                   GROUP_N=128 if fp8 else 1, GROUP_K={1: 128, 2: 32, 3: 16}[fmt], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                  BLOCK_K=BLOCK_K, LAYOUT=layout)
+                  BLOCK_K=BLOCK_K, LAYOUT=layout, SPLIT_K=split_k)
     names = list(fn.arg_names)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if sig[n].startswith("*") or n in DIV16}
     src = triton.compiler.ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
