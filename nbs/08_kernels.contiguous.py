@@ -18,7 +18,7 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root
+from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.dispatch import _combine_pairs
 
 # %%
@@ -380,6 +380,7 @@ def _fused_moe_kernel(
     sorted_ptr, expert_ids_ptr, ntpp_ptr,
     weights_ptr,           # [T·top_k] fp32 router weights (read when WEIGHT != 0)
     bias_ptr,              # [E_local, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
+    part_ptr, lock_ptr,    # split-K workspace and counters (`06`'s `_split_k_sum`; unused with SPLIT_K = 1)
     N_OUT, N_W, K, num_pairs, num_m_blocks, num_sorted, num_local,
     alpha, limit,          # fp32, read only when ACTIVATION == 1
     stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn, stride_be, stride_bn,
@@ -387,8 +388,9 @@ def _fused_moe_kernel(
     HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, UPCAST: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid, split = tl.program_id(0), tl.program_id(1)
     if GROUP_M == 0:                                            # N-tile major: a weight tile serves every block
         pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
     else:                                                       # grouped order (Triton matmul tutorial): A reuse
@@ -405,13 +407,15 @@ def _fused_moe_kernel(
     valid = (pairs >= 0) & (pairs < num_pairs)                  # sentinel (and any out-of-range) rows are masked
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_kt = tl.cdiv(K, BLOCK_K)
+    kt_lo, kt_hi = split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K   # this program's K tiles (all without split-K)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (kt_lo * BLOCK_K + offs_k)[None, :] * stride_ak
+    w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + (kt_lo * BLOCK_K + offs_k)[:, None] * stride_wk
     row_w = (e * N_W + pid_n * BLOCK_N).to(tl.int32)           # descriptor row (E·N_w < 2^31 is checked on the host)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(kt_lo, kt_hi):
         k_ok = offs_k < K - k * BLOCK_K
         if EVEN_K: a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
         else: a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
@@ -422,6 +426,10 @@ def _fused_moe_kernel(
         if GATED: acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    if SPLIT_K > 1:                                             # only the last split to arrive goes on
+        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, pid, tl.num_programs(0), split, GATED,
+                                         SPLIT_K, BLOCK_M, BLOCK_N)
+        if not last: return
     if WEIGHT != 0: rw = tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
     if WEIGHT == 1: acc, acc_up = acc * rw, acc_up * rw         # on the input: scales the linear GEMM1, not its bias
     if HAS_BIAS:                                                # the block's expert's row, fp32
@@ -469,6 +477,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
                    rows: str = "token",              # "token": a has a row per token (GEMM1); "pair": per pair (GEMM2)
                    expected_m: int | None = None,    # expected rows per expert (tile lookup); default pairs / E
                    bias: torch.Tensor | None = None, # [E_local, N] bf16/fp16/fp32: fp32 add before act / router weight
+                   active_experts: int | None = None,  # expected local experts with pairs (split-K; default min(E, pairs))
                   ) -> torch.Tensor:
     "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[e]ᵀ + bias[e])`, e = expert(block) (vLLM's fused_moe_kernel)."
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
@@ -489,11 +498,12 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
     if out is not None: check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=a.dtype, writable=True), a=a, w=w,
                                         sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
+    if active_experts is not None: check_int("active_experts", active_experts, lo=0)
     return _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act,
-                           topk_weights, weight_stage, out, config, per_pair, expected_m, bias)
+                           topk_weights, weight_stage, out, config, per_pair, expected_m, bias, active_experts)
 
 def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act, topk_weights,
-                    weight_stage, out, config, per_pair, expected_m, bias) -> torch.Tensor:
+                    weight_stage, out, config, per_pair, expected_m, bias, active_experts=None) -> torch.Tensor:
     "`fused_moe_gemm` after its checks: for callers that built every argument themselves (`TritonExperts`)."
     E, N, K = w.shape
     n_out = N // 2 if act else N
@@ -509,8 +519,14 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
         from triton.tools.tensor_descriptor import TensorDescriptor
         w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
     num_m_blocks = expert_ids.numel()
-    _fused_moe_kernel[(num_m_blocks * _cdiv(n_out, bn),)](
-        a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded,
+    tiles, rest = num_m_blocks * _cdiv(n_out, bn), dict(rest)
+    if w_desc is not None: split, part, locks = 1, None, None          # the TMA path does not split (nor does a
+    else: split, part, locks = split_k_launch(rest, _cdiv(n_out, bn),   # large grid: see split_k_factor)
+                                             min(E, num_pairs if active_experts is None else active_experts),
+                                             _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM)
+    rest.pop("SPLIT_K", None)
+    _fused_moe_kernel[(tiles, split)](
+        a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,
         weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, N_OUT=n_out, N_W=N, K=K,
         num_pairs=num_pairs, num_m_blocks=num_m_blocks, num_sorted=sorted_token_ids.numel(), num_local=E,
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0), stride_wn=w.stride(1),
@@ -518,7 +534,8 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
         TOP_K=top_k, A_PER_PAIR=per_pair,
         WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
         EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **rest)
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+        **rest)
     return out
 
 @functools.lru_cache(maxsize=1024)
@@ -580,7 +597,8 @@ for H, I in ((64, 64), (48, 40)):                                          # eve
     want = (torch.nn.functional.silu(gate) * up)[torch.arange(T)[:, None], ids.long().clamp(min=0)].reshape(T * k, I)
     aligned = moe_align_block_size(ids.to(DEVICE), 16, E)
     for cfg in (dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1), dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=2),
-                dict(BLOCK_N=32, BLOCK_K=32, TMA=True)):
+                dict(BLOCK_N=32, BLOCK_K=32, TMA=True), dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=3),   # split-K, uneven,
+                dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=2, SPLIT_K=2)):                            # and grouped order
         out = torch.full((T * k, I), float("nan"), device=DEVICE)
         fused_moe_gemm(x.to(DEVICE), w.to(DEVICE), *aligned, k, 16, "silu_and_mul", out=out, config=cfg)
         out, live = out.cpu(), (ids.flatten() >= 0)
@@ -588,7 +606,8 @@ for H, I in ((64, 64), (48, 40)):                                          # eve
         assert_close(out[live], want[live], name=f"H={H} I={I} {cfg}")
 
 # %% [markdown]
-# The epilogue with expert biases and gpt-oss's clamped SwiGLU, through the same code paths. `limit = 0.5` sits far
+# The epilogue with expert biases and gpt-oss's clamped SwiGLU, through the same code paths — including split-K
+# (`06`), whose last program runs the epilogue on the summed partials. `limit = 0.5` sits far
 # below the O(1) pre-activations, so both clamps bite. GEMM1 is checked with the router weight on the input (it
 # scales the product, not the bias) and without; GEMM2 adds its bias before the router weight on the output. The
 # spec is written out with `Activation`, the definition in `moe_lit.formats`.
@@ -611,7 +630,8 @@ for H, I in ((64, 64), (48, 40)):                                          # eve
     want2 = (torch.einsum("pi,phi->ph", h.double(), w2.double()[e_of.flatten()]) + b2.double()[e_of.flatten()]) * wts.double().flatten()[:, None]
     aligned = moe_align_block_size(ids.to(DEVICE), 16, E)
     for cfg in (dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1), dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=2),
-                dict(BLOCK_N=32, BLOCK_K=32, TMA=True)):
+                dict(BLOCK_N=32, BLOCK_K=32, TMA=True), dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=3),   # split-K, uneven,
+                dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=2, SPLIT_K=2)):                            # and grouped order
         for on_in, bias_dtype in ((False, torch.float32), (True, torch.bfloat16)):
             rw = wts.double()[..., None] if on_in else 1.0
             want1 = act(pre * rw + b13.to(bias_dtype).double()[e_of]).reshape(T * k, I)
@@ -691,6 +711,7 @@ class TritonExperts:
               w2_bias: torch.Tensor | None = None,   # [E_local, H] bf16/fp16/fp32, added before the router weight
               activation: Activation = SILU,     # the gated activation between the GEMMs
               num_experts: int | None = None,    # the model's experts, global (the pair-block rule); default E_local
+              active_experts: int | None = None, # expected local experts with pairs (split-K; default min(E, T·top_k))
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
@@ -710,6 +731,7 @@ class TritonExperts:
         T, k = local_ids.shape
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
         expected_m = max(1, T * k // E) if expected_m is None else check_int("expected_m", expected_m, lo=1)
+        if active_experts is not None: check_int("active_experts", active_experts, lo=0)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
         check_block_m(block_m)
@@ -717,9 +739,9 @@ class TritonExperts:
         on_in = apply_router_weight_on_input
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
-                            "input" if on_in else None, None, None, False, expected_m, w13_bias)
+                            "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
         y = _fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", None, None,
-                            True, expected_m, w2_bias)
+                            True, expected_m, w2_bias, active_experts)
         return _combine_pairs(y, local_ids, E)             # router weights already applied; y is unit-stride
 
 # %%

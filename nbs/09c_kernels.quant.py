@@ -20,7 +20,7 @@ from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import _cdiv, _tile_config_root, TILE_KEYS
+from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 
@@ -516,46 +516,6 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
     return acc, acc_up
 
 # %% [markdown]
-# ### Split-K: when the grid is smaller than the GPU
-#
-# At decode a rank's batch often reaches one or two local experts. One expert's GEMM1 is `cdiv(I, BLOCK_N)` programs
-# (DeepSeek-V3: 32 of 64 rows), each streaming its rows over the whole of K — a quarter of an H200's 132 SMs, one 4-warp
-# program on each, nothing to hide the decode's latency. With `SPLIT_K = S` the grid gets a third axis: program `s`
-# sums the K tiles `[s·n/S, (s+1)·n/S)` of the same output tile. Each program stores its fp32 partial into a workspace
-# and counts itself in on the tile's counter (`atomic_add`, acquire-release, after a barrier so every thread's
-# stores are in); the program that arrives last sums the S partials **in split order** — so the result does not
-# depend on which program finished last — and runs the usual epilogue (bias, activation, router weight, store).
-# One launch, no second reduction kernel; the counters start at zero (one `torch.zeros` per call). The scales that
-# are constant along K are linear, so each partial already carries them; the bias and the activation, which are
-# not, run once, in the last program. `quant_split_k` below picks `S`; a tile override may set `SPLIT_K`.
-
-# %%
-#| export
-@triton.jit
-def _split_k_sum(acc, acc_up,      # [BLOCK_M, BLOCK_N] fp32: this program's partial sums (gate, up)
-                 part_ptr,         # fp32 workspace [SPLIT_K, num_tiles, 2, BLOCK_M, BLOCK_N]
-                 lock_ptr,         # [num_tiles] int32 arrival counters, zero before the launch
-                 tile, num_tiles, split,   # this output tile's index, the grid's tiles, this program's split
-                 GATED: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    "Store this split's partial tile and count it in: `(acc, acc_up, last)`; only where `last` are they the full sums."
-    SIZE: tl.constexpr = BLOCK_M * BLOCK_N
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tile64 = tile.to(tl.int64)
-    mine = part_ptr + (split.to(tl.int64) * num_tiles + tile64) * (2 * SIZE)
-    tl.store(mine + offs, acc)
-    if GATED: tl.store(mine + SIZE + offs, acc_up)
-    tl.debug_barrier()                                            # every thread's partial is stored before the count
-    last = tl.atomic_add(lock_ptr + tile64, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
-    if last:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):                        # in split order: the sum does not depend on arrival
-            p = part_ptr + (s * num_tiles + tile64) * (2 * SIZE)
-            acc += tl.load(p + offs, cache_modifier=".cg")        # from L2: another SM's stores are not in this L1
-            if GATED: acc_up += tl.load(p + SIZE + offs, cache_modifier=".cg")
-    return acc, acc_up, last
-
-# %% [markdown]
 # ## The batched format
 #
 # ### Spec
@@ -732,12 +692,16 @@ def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
     if INTERPRET or M > 64: return cfg
     return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)   # one warp group: 64 rows
 
+def _split_target(fmt: int) -> int:
+    "Split-K's target grid in programs an SM (`06`'s `split_k_factor`): 4 for FP4, whose decode chain needs the latency hidden, 1 for FP8."
+    return 4 if fmt >= 2 else 1
+
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
                 config: dict | None,
                 block_m: int | None = None,     # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
                 layout: int = 0) -> dict:       # FP4 byte order: 1 split64 (BLOCK_K whole 64-code chunks), 2 mma128 (128)
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
-    check_tile_config(config, need_block_m=kernel.startswith("batched"), keys=QUANT_TILE_KEYS)
+    check_tile_config(config, need_block_m=kernel.startswith("batched"))
     return dict(_quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu,
                                      None if config is None else tuple(sorted(config.items())), block_m, layout,
                                      _tile_config_root()))
@@ -778,57 +742,6 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
         raise ValueError(f"quant_block_m: expected GEMM1's BLOCK_M to be a power of two in [16, 256], got {bm} "
                          f"(from the fused_moe_gemm_{kind} tile table for E={qw.num_experts}, N={wa['N']})")
     return bm
-
-# %% [markdown]
-# **How many splits.** The grid of one quantized GEMM is `tiles per expert × active experts` programs, and the
-# launcher cannot count the active experts without a sync: the caller passes an estimate, `active_experts` (the
-# modular kernel's is this rank's expected share of the routed pairs, capped at `E`; without one the batched GEMM
-# assumes all `E`, the contiguous one at most one expert per pair). `quant_split_k` doubles `S` (up to 8) while the
-# grid is below one program per SM and every split keeps at least 4 K tiles; a workspace past
-# `SPLIT_K_WORKSPACE_BYTES` halves it again (the workspace is sized for every tile of the grid, used or not). The
-# interpreter does not split unless told (a tile override's `SPLIT_K`): its cost is programs × K steps.
-
-# %%
-#| export
-QUANT_TILE_KEYS = (*TILE_KEYS, "SPLIT_K")   # the tile keys the quantized launchers take: 06's, and the split-K factor
-SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace the heuristic's split may take
-
-def quant_split_k(tiles_per_expert: int,    # output tiles of one expert: m tiles × n tiles
-                  active_experts: int,      # experts expected to have rows (an estimate: no sync to count them)
-                  k_tiles: int,             # K tiles of the GEMM: cdiv(K, BLOCK_K)
-                  num_sms: int,             # the GPU's streaming multiprocessors
-                 ) -> int:                  # SPLIT_K, a power of two in [1, 8]
-    "Split-K factor of a quantized GEMM: double while the grid is below one program per SM and each split keeps >= 4 K tiles."
-    for name, v in (("tiles_per_expert", tiles_per_expert), ("active_experts", active_experts), ("k_tiles", k_tiles),
-                    ("num_sms", num_sms)): check_int(name, v, lo=0 if name == "active_experts" else 1)
-    split = 1
-    while split < 8 and tiles_per_expert * max(1, active_experts) * split < num_sms and k_tiles >= 8 * split: split *= 2
-    return split
-
-@functools.lru_cache(maxsize=None)
-def _num_sms() -> int:
-    "The current GPU's SM count, asked once."
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-
-def _split_k_workspace(cfg: dict, tiles_per_expert: int, active_experts: int, k_tiles: int, num_tiles: int,
-                       block_m: int, block_n: int, device) -> tuple:
-    "`(SPLIT_K, fp32 partial workspace or None, zeroed int32 counters or None)` for a launch of `num_tiles` output tiles; pops cfg's SPLIT_K."
-    split = cfg.pop("SPLIT_K", None)
-    if split is None:
-        split = 1 if INTERPRET else quant_split_k(tiles_per_expert, active_experts, k_tiles, _num_sms())
-        while split > 1 and split * num_tiles * 2 * block_m * block_n * 4 > SPLIT_K_WORKSPACE_BYTES: split //= 2
-    if split == 1: return 1, None, None
-    return (split, torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
-            torch.zeros(num_tiles, dtype=torch.int32, device=device))
-
-# %%
-#| test quant_split_k
-test_eq(quant_split_k(32, 1, 56, 132), 8)        # DeepSeek-V3 GEMM1, one expert: 32 programs -> 256, 7 K tiles each
-test_eq(quant_split_k(112, 1, 16, 132), 2)       # its GEMM2: 112 programs -> 224
-test_eq(quant_split_k(32, 32, 56, 132), 1)       # every local expert busy: the grid fills the GPU
-test_eq(quant_split_k(12, 1, 16, 132), 4)        # Qwen3 GEMM1: 16 K tiles, 4 a split (8 splits would leave 2)
-test_eq(quant_split_k(1, 0, 1000, 132), 8)       # capped at 8
-test_fail(lambda: quant_split_k(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
 
 # %%
 #| export
@@ -910,7 +823,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     for name, t in (("a", a_k), ("w", wa["codes"]), ("out", out)): check_extent(name, t)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
-    check_tile_config(config, need_block_m=True, keys=QUANT_TILE_KEYS)
+    check_tile_config(config, need_block_m=True)
     return _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias,
                                    active_experts)
 
@@ -924,9 +837,9 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     num_m_tiles = _cdiv(M, bm)
     tiles = num_m_tiles * _cdiv(n_out, bn)                      # per expert
-    split, part, locks = _split_k_workspace(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
-                                            E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
-                                            tiles * E, bm, bn, out.device)
+    split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
+                                        E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
+                                        tiles * E, bm, bn, out.device, _split_target(wa["FMT"]))
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
     _batched_moe_gemm_quant_kernel[(tiles, E, split)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
@@ -1286,7 +1199,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                       a_s=a_s, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias,
                       w_codes=wa["codes"], w_scale=wa["scale"], w_global_scale=wa["gs"])
     check_extent("w", wa["codes"])
-    check_tile_config(config, keys=QUANT_TILE_KEYS)
+    check_tile_config(config)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
     return _fused_moe_gemm_quant(a_k, a_s, as_st, wa, qw.num_experts, sorted_token_ids, expert_ids,
                                  num_tokens_post_padded, top_k, block_m, act, topk_weights, weight_stage, out,
@@ -1305,7 +1218,8 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     tiles = num_m_blocks * _cdiv(n_out, bn)
     active = min(E, num_pairs if active_experts is None else active_experts)   # an expert's pairs fit one block at decode
-    split, part, locks = _split_k_workspace(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, out.device)
+    split, part, locks = split_k_launch(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, out.device,
+                                        _split_target(wa["FMT"]))
     _fused_moe_quant_kernel[(tiles, split)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out, part_ptr=part, lock_ptr=locks,
@@ -1405,14 +1319,14 @@ test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], Non
           contains="config['SPLIT_K']: expected >= 1, got 0")
 
 # %% [markdown]
-# On the GPU the split comes from `quant_split_k`, not a test's override: one DeepSeek-V3-sized expert reached by
-# one token (GEMM1's 32 programs become 256, GEMM2's 112 become 224), in both formats and both FP4 schemes.
+# On the GPU the split comes from `06`'s `split_k_factor`, not a test's override: one DeepSeek-V3-sized expert reached
+# by one token (GEMM1's 32 programs become 256, GEMM2's 112 become 448), in both formats and both FP4 schemes.
 
 # %%
 #| test split_k_heuristic_gpu
 #| gpu
-from moe_lit.kernels.quant import _num_sms
-assert quant_split_k(32, 1, 56, _num_sms()) >= 2, "this GPU fills with one expert's GEMM1: the test would not split"
+from moe_lit.kernels.batched import split_k_factor, _num_sms
+assert split_k_factor(32, 1, 56, _num_sms(), 4) >= 2, "this GPU fills with one expert's GEMM1: the test would not split"
 for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
     qw = quantize_expert_weights(*random_expert_weights(2, 7168, 2048, seed=3), scheme).for_kernels()
     check_batched_gemm_quant(scheme, 2, 16, 7168, 2048, [1, 0], SILU, qw=qw)      # heuristic: active = E (2) here

@@ -239,7 +239,7 @@ class TritonExpertsAdapter(TorchStandardExperts):
         from moe_lit.kernels.contiguous import TritonExperts
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                      prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                     num_experts=prepared.num_experts,
+                                     num_experts=prepared.num_experts, active_experts=prepared.active_experts,
                                      validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)     # local ids come from the placement: in range by construction
 
 class BatchedTritonExpertsAdapter(TorchBatchedExperts):
@@ -247,6 +247,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
+                                            active_experts=prepared.active_experts,
                                             w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 

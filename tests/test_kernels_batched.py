@@ -110,6 +110,20 @@ def test_epilogue_args():
     test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"], 2)
 
 
+def test_split_k_factor():
+    test_eq(split_k_factor(32, 1, 56, 132), 8)        # DeepSeek-V3 GEMM1, one expert: 32 programs; 128 is still < 132
+    test_eq(split_k_factor(32, 1, 56, 128), 4)        # on 128 SMs, 128 programs fill the GPU
+    test_eq(split_k_factor(32, 1, 56, 132, 4), 8)     # at 4 programs an SM: capped at 8 splits of 7 K tiles
+    test_eq(split_k_factor(112, 1, 16, 132, 4), 4)    # its GEMM2: 448 programs of 4 K tiles
+    test_eq(split_k_factor(32, 32, 56, 132), 1)       # every local expert busy: the grid fills the GPU
+    test_eq(split_k_factor(12, 1, 16, 132, 4), 4)     # Qwen3 GEMM1: 16 K tiles, 4 a split (8 splits would leave 2)
+    test_eq(split_k_factor(1, 0, 1000, 132), 8)       # capped at 8
+    test_fail(lambda: split_k_factor(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
+    cfg = dict(SPLIT_K=3)
+    test_eq(split_k_launch(cfg, 32, 1, 56, 64, 16, 32, "cpu")[0], 3); test_eq(cfg, {})   # an override wins, and is popped
+    if INTERPRET: test_eq(split_k_launch({}, 32, 1, 56, 64, 16, 32, "cpu"), (1, None, None))   # no split unless told
+
+
 def test_batched_gemm_catalog():
     for E, M, K, N, counts, what in GEMM_CASES:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -153,6 +167,16 @@ def test_batched_gemm_tma_kernel():
         check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, Activation("swigluoai", limit=0.5), config=cfg,
                            bias_dtype=torch.bfloat16)
         check_batched_gemm(E, M, K, N, counts, torch.float16, config=cfg, bias_dtype=torch.float32, poison=1e30)
+
+
+def test_batched_gemm_split_k():
+    act = Activation("swigluoai", limit=0.5)
+    for i, (E, M, K, N, counts, what) in enumerate(GEMM_CASES):
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2, SPLIT_K=2 + i % 2)
+        check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, act, config=cfg, bias_dtype=torch.bfloat16)
+        check_batched_gemm(E, M, K, N, counts, torch.float32, config=dict(cfg, BLOCK_K=64), poison=1e30)
+    test_fail(lambda: check_batched_gemm(2, 4, 32, 32, [4, 1], torch.float32, config=dict(BLOCK_M=16, BLOCK_N=32,
+              BLOCK_K=32, TMA=True, SPLIT_K=2)), contains="expected SPLIT_K = 1 with TMA")
 
 
 def test_batched_gemm_poison_1e30():

@@ -11,7 +11,7 @@ from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root
+from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.dispatch import _combine_pairs
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
@@ -78,7 +78,8 @@ def test_fused_moe_gemm_paths():
         want = (torch.nn.functional.silu(gate) * up)[torch.arange(T)[:, None], ids.long().clamp(min=0)].reshape(T * k, I)
         aligned = moe_align_block_size(ids.to(DEVICE), 16, E)
         for cfg in (dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1), dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=2),
-                    dict(BLOCK_N=32, BLOCK_K=32, TMA=True)):
+                    dict(BLOCK_N=32, BLOCK_K=32, TMA=True), dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=3),   # split-K, uneven,
+                    dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=2, SPLIT_K=2)):                            # and grouped order
             out = torch.full((T * k, I), float("nan"), device=DEVICE)
             fused_moe_gemm(x.to(DEVICE), w.to(DEVICE), *aligned, k, 16, "silu_and_mul", out=out, config=cfg)
             out, live = out.cpu(), (ids.flatten() >= 0)
@@ -103,7 +104,8 @@ def test_fused_moe_gemm_swigluoai_bias():
         want2 = (torch.einsum("pi,phi->ph", h.double(), w2.double()[e_of.flatten()]) + b2.double()[e_of.flatten()]) * wts.double().flatten()[:, None]
         aligned = moe_align_block_size(ids.to(DEVICE), 16, E)
         for cfg in (dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1), dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=2),
-                    dict(BLOCK_N=32, BLOCK_K=32, TMA=True)):
+                    dict(BLOCK_N=32, BLOCK_K=32, TMA=True), dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=3),   # split-K, uneven,
+                    dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=2, SPLIT_K=2)):                            # and grouped order
             for on_in, bias_dtype in ((False, torch.float32), (True, torch.bfloat16)):
                 rw = wts.double()[..., None] if on_in else 1.0
                 want1 = act(pre * rw + b13.to(bias_dtype).double()[e_of]).reshape(T * k, I)

@@ -13,7 +13,7 @@ from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import _cdiv, _tile_config_root, TILE_KEYS
+from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 from moe_lit.kernels.batched import DEVICE
@@ -81,15 +81,6 @@ def check_fused_gemm_quant(scheme: str, T: int, top_k: int, E: int, H: int, I: i
     assert_quant_close(got.cpu()[pair_ok], want.cpu()[pair_ok], rel_tol, cos_min, name=f"{scheme} {activation} {dtype}")
     assert got.cpu()[~pair_ok].isnan().all(), f"{scheme}: a row of a non-local pair was written"
     return got
-
-
-def test_quant_split_k():
-    test_eq(quant_split_k(32, 1, 56, 132), 8)        # DeepSeek-V3 GEMM1, one expert: 32 programs -> 256, 7 K tiles each
-    test_eq(quant_split_k(112, 1, 16, 132), 2)       # its GEMM2: 112 programs -> 224
-    test_eq(quant_split_k(32, 32, 56, 132), 1)       # every local expert busy: the grid fills the GPU
-    test_eq(quant_split_k(12, 1, 16, 132), 4)        # Qwen3 GEMM1: 16 K tiles, 4 a split (8 splits would leave 2)
-    test_eq(quant_split_k(1, 0, 1000, 132), 8)       # capped at 8
-    test_fail(lambda: quant_split_k(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
 
 
 def test_batched_gemm_quant_fp8():
@@ -234,8 +225,8 @@ def test_split_k_catalog():
 
 @pytest.mark.gpu
 def test_split_k_heuristic_gpu():
-    from moe_lit.kernels.quant import _num_sms
-    assert quant_split_k(32, 1, 56, _num_sms()) >= 2, "this GPU fills with one expert's GEMM1: the test would not split"
+    from moe_lit.kernels.batched import split_k_factor, _num_sms
+    assert split_k_factor(32, 1, 56, _num_sms(), 4) >= 2, "this GPU fills with one expert's GEMM1: the test would not split"
     for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
         qw = quantize_expert_weights(*random_expert_weights(2, 7168, 2048, seed=3), scheme).for_kernels()
         check_batched_gemm_quant(scheme, 2, 16, 7168, 2048, [1, 0], SILU, qw=qw)      # heuristic: active = E (2) here

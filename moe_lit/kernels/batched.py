@@ -17,11 +17,12 @@ from ..testing import assert_close, poison_rows
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter: set before this module is imported
 
 # %% auto #0
-__all__ = ['INTERPRET', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS', 'GEMM_CASES',
-           'check_activation', 'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map',
-           'check_tile_config', 'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent',
-           'check_kernel_device', 'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'batched_moe_gemm',
-           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+__all__ = ['INTERPRET', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS', 'SPLIT_K_WORKSPACE_BYTES',
+           'SPLIT_K_PROGRAMS_PER_SM', 'GEMM_CASES', 'check_activation', 'batched_gemm_reference', 'gated_activation',
+           'add_expert_bias', 'plot_tile_map', 'check_tile_config', 'default_tile_config', 'tile_config_path',
+           'lookup_tile_config', 'check_extent', 'check_kernel_device', 'check_expert_bias', 'fit_shared_memory',
+           'epilogue_args', 'split_k_factor', 'split_k_launch', 'batched_moe_gemm', 'random_batched_problem',
+           'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -71,7 +72,32 @@ def add_expert_bias(acc, acc_up, bias_row_ptr, offs_n, mask_n, up_col, stride_bn
         acc_up += tl.load(bias_row_ptr + (up_col + offs_n) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     return acc, acc_up
 
-# %% ../../nbs/06_kernels.batched.ipynb #3105d7db85e4
+# %% ../../nbs/06_kernels.batched.ipynb #9690d37ec9ac
+@triton.jit
+def _split_k_sum(acc, acc_up,      # [BLOCK_M, BLOCK_N] fp32: this program's partial sums (gate, up)
+                 part_ptr,         # fp32 workspace [SPLIT_K, num_tiles, 2, BLOCK_M, BLOCK_N]
+                 lock_ptr,         # [num_tiles] int32 arrival counters, zero before the launch
+                 tile, num_tiles, split,   # this output tile's index, the grid's tiles, this program's split
+                 GATED: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    "Store this split's partial tile and count it in: `(acc, acc_up, last)`; only where `last` are they the full sums."
+    SIZE: tl.constexpr = BLOCK_M * BLOCK_N
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tile64 = tile.to(tl.int64)
+    mine = part_ptr + (split.to(tl.int64) * num_tiles + tile64) * (2 * SIZE)
+    tl.store(mine + offs, acc)
+    if GATED: tl.store(mine + SIZE + offs, acc_up)
+    tl.debug_barrier()                                            # every thread's partial is stored before the count
+    last = tl.atomic_add(lock_ptr + tile64, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+    if last:                                                      # the acquire orders the loads below after it
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):                        # in split order: the sum does not depend on arrival
+            p = part_ptr + (s * num_tiles + tile64) * (2 * SIZE)
+            acc += tl.load(p + offs)
+            if GATED: acc_up += tl.load(p + SIZE + offs)
+    return acc, acc_up, last
+
+# %% ../../nbs/06_kernels.batched.ipynb #3b7af5aa0240
 @triton.jit
 def _batched_moe_gemm_kernel(
     a_ptr,                      # [E, max_tokens, K]
@@ -79,6 +105,7 @@ def _batched_moe_gemm_kernel(
     c_ptr,                      # [E, max_tokens, N_OUT]
     expert_num_tokens_ptr,      # [E] int32
     bias_ptr,                   # [E, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
+    part_ptr, lock_ptr,         # split-K workspace and counters (`_split_k_sum`; unused with SPLIT_K = 1)
     N_OUT, K, MAX_TOKENS, num_m_tiles,
     alpha, limit,               # fp32, read only when ACTIVATION == 1
     stride_ae, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ce, stride_cm, stride_cn,
@@ -86,22 +113,25 @@ def _batched_moe_gemm_kernel(
     GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    pid, e = tl.program_id(0), tl.program_id(1)
+    pid, e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)   # memory-safe even if unvalidated
     if pid_m * BLOCK_M >= count: return                       # empty tile: no weight is read
     e64 = e.to(tl.int64)                                      # E·N·K and E·max_tokens·K can pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_kt = tl.cdiv(K, BLOCK_K)
+    kt_lo, kt_hi = split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K   # this program's K tiles (all without split-K)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m, mask_n = offs_m < count, offs_n < N_OUT
-    a_ptrs = a_ptr + e64 * stride_ae + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + e64 * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk   # [BLOCK_K, BLOCK_N]
+    a_ptrs = a_ptr + e64 * stride_ae + offs_m[:, None] * stride_am + (kt_lo * BLOCK_K + offs_k)[None, :] * stride_ak
+    w_ptrs = w_ptr + e64 * stride_we + offs_n[None, :] * stride_wn + (kt_lo * BLOCK_K + offs_k)[:, None] * stride_wk
     up_off = N_OUT * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
+    for k in range(kt_lo, kt_hi):
         k_ok = offs_k < K - k * BLOCK_K
         if EVEN_K: a_mask = mask_m[:, None]                   # padding rows are read as 0, never as data
         else: a_mask = mask_m[:, None] & k_ok[None, :]
@@ -119,6 +149,11 @@ def _batched_moe_gemm_kernel(
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    if SPLIT_K > 1:                                           # only the last split to arrive goes on
+        tiles = tl.num_programs(0)
+        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * tl.num_programs(1),
+                                         split, GATED, SPLIT_K, BLOCK_M, BLOCK_N)
+        if not last: return
     if HAS_BIAS:                                              # fp32, before the activation
         acc, acc_up = add_expert_bias(acc, acc_up, bias_ptr + e64 * stride_be, offs_n, mask_n, N_OUT, stride_bn, GATED)
     if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)   # fp32, cast once below
@@ -186,19 +221,21 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
-# %% ../../nbs/06_kernels.batched.ipynb #c9aed2d53035
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M")
+# %% ../../nbs/06_kernels.batched.ipynb #a7ab4d05aa9f
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M", "SPLIT_K")
 
 def check_tile_config(config,
                       need_block_m: bool = False,   # the batched launchers take BLOCK_M from the tile (the contiguous ones from the alignment)
-                      keys: tuple = TILE_KEYS,      # the keys this launcher takes (the quantized GEMMs add SPLIT_K)
                      ) -> dict | None:
-    "A tile override as the launchers accept it: a dict of `keys`, power-of-two blocks and warps; None passes."
+    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
     if config is None: return None
     if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
-    unknown = sorted(set(config) - set(keys))
-    if unknown: raise ValueError(f"config: expected keys among {list(keys)}, got {unknown}")
-    if "SPLIT_K" in config: check_int("config['SPLIT_K']", config["SPLIT_K"], lo=1, hi=65)
+    unknown = sorted(set(config) - set(TILE_KEYS))
+    if unknown: raise ValueError(f"config: expected keys among {list(TILE_KEYS)}, got {unknown}")
+    if "SPLIT_K" in config:
+        check_int("config['SPLIT_K']", config["SPLIT_K"], lo=1, hi=65)
+        if config["SPLIT_K"] > 1 and config.get("TMA"):
+            raise ValueError(f"config: expected SPLIT_K = 1 with TMA (the TMA kernels do not split K), got {config}")
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if need_block_m else ("BLOCK_N", "BLOCK_K"):
         if key not in config: raise ValueError(f"config: expected a {key}, got {config}")
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
@@ -398,7 +435,44 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #a8256463ca3a
+# %% ../../nbs/06_kernels.batched.ipynb #e61946f47dc6
+SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
+
+def split_k_factor(tiles_per_expert: int,   # output tiles of one expert: m tiles × n tiles
+                   active_experts: int,     # experts expected to have rows (an estimate: no sync to count them)
+                   k_tiles: int,            # K tiles of the GEMM: cdiv(K, BLOCK_K)
+                   num_sms: int,            # the GPU's streaming multiprocessors
+                   programs_per_sm: int = 1,   # the grid to aim for, in programs an SM
+                  ) -> int:                 # SPLIT_K, a power of two in [1, 8]
+    "Split-K factor of a grouped GEMM: double while the grid is below `programs_per_sm` an SM and each split keeps >= 4 K tiles."
+    for name, v in (("tiles_per_expert", tiles_per_expert), ("active_experts", active_experts), ("k_tiles", k_tiles),
+                    ("num_sms", num_sms), ("programs_per_sm", programs_per_sm)):
+        check_int(name, v, lo=0 if name == "active_experts" else 1)
+    split = 1
+    while split < 8 and tiles_per_expert * max(1, active_experts) * split < num_sms * programs_per_sm \
+            and k_tiles >= 8 * split: split *= 2
+    return split
+
+@functools.lru_cache(maxsize=None)
+def _num_sms() -> int:
+    "The current GPU's SM count, asked once."
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (an override or a table's) is popped
+                   tiles_per_expert: int, active_experts: int, k_tiles: int,   # as `split_k_factor`
+                   num_tiles: int,           # output tiles of the whole grid (the workspace's and counters' size)
+                   block_m: int, block_n: int, device, programs_per_sm: int = 1,
+                  ) -> tuple:                # (SPLIT_K, fp32 workspace or None, zeroed int32 counters or None)
+    "The split of one launch and its buffers: cfg's SPLIT_K, else `split_k_factor` within `SPLIT_K_WORKSPACE_BYTES` (1 in the interpreter)."
+    split = cfg.pop("SPLIT_K", None)
+    if split is None:
+        split = 1 if INTERPRET else split_k_factor(tiles_per_expert, active_experts, k_tiles, _num_sms(), programs_per_sm)
+        while split > 1 and split * num_tiles * 2 * block_m * block_n * 4 > SPLIT_K_WORKSPACE_BYTES: split //= 2
+    if split == 1: return 1, None, None
+    return (split, torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
+            torch.zeros(num_tiles, dtype=torch.int32, device=device))
+
+# %% ../../nbs/06_kernels.batched.ipynb #ef616d5b0ccb
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -408,18 +482,22 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
                      expected_m: int | None = None,     # expected valid rows per expert (tile lookup only)
                      validate: bool = True,             # check counts <= max_tokens on the host (one sync)
                      bias: torch.Tensor | None = None,  # [E, N] bf16/fp16/fp32, added in fp32 before the activation
+                     active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
                     ) -> torch.Tensor:                  # `out`
     "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ + bias[e])`, fp32 accumulation (the batched-experts contract)."
     E, M, K, N, n_out, act = _check_gemm_args(a, w, expert_num_tokens, activation, out, bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
+    if active_experts is not None: check_int("active_experts", active_experts, lo=0)
     if validate and E and not (0 <= int((mm := torch.aminmax(expert_num_tokens)).min) and int(mm.max) <= M):
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
     for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
     check_tile_config(config, need_block_m=True)
-    return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias)
+    return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts)
 
-def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias) -> torch.Tensor:
+SPLIT_K_PROGRAMS_PER_SM = 2   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
+
+def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None) -> torch.Tensor:
     "`batched_moe_gemm` after its checks (`out` given): for callers whose arguments are checked or built by them."
     (E, M, K), N = a.shape, w.shape[1]
     n_out = N // 2 if act else N
@@ -438,16 +516,19 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
             out, expert_num_tokens, N_OUT=n_out, N_W=N, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
             stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
             UPCAST=INTERPRET and a.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            WARP_SPECIALIZE=cfg.pop("WARP_SPECIALIZE", False), **cfg)
+            WARP_SPECIALIZE=cfg.pop("WARP_SPECIALIZE", False), **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
         return out
-    _batched_moe_gemm_kernel[grid](
-        a, w, out, expert_num_tokens, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
+    split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
+                                        E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
+                                        grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM)
+    _batched_moe_gemm_kernel[(*grid, split)](
+        a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         stride_ae=a.stride(0), stride_am=a.stride(1), stride_ak=a.stride(2),
         stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
         stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
         EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0,
         UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **cfg)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, **cfg)
     return out
 
 @functools.lru_cache(maxsize=1024)
@@ -498,7 +579,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
 
-# %% ../../nbs/06_kernels.batched.ipynb #ac72e05bc482
+# %% ../../nbs/06_kernels.batched.ipynb #6de22f2f20d7
 class BatchedTritonExperts:
     "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
     activation_format = ActivationFormat.BatchedExperts
@@ -513,6 +594,7 @@ class BatchedTritonExperts:
               w2_bias: torch.Tensor | None = None,     # [E, H] bf16/fp16/fp32, added to GEMM2's output
               activation: Activation = SILU,           # the gated activation between the GEMMs
               validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
+              active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
              ) -> torch.Tensor:
         "Run the experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
@@ -523,11 +605,12 @@ class BatchedTritonExperts:
         check_expert_bias("w13_bias", w13_bias, a.shape[0], w13.shape[1], a.device)
         check_expert_bias("w2_bias", w2_bias, a.shape[0], a.shape[2], a.device)
         h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias,
-                             validate=validate)                    # checks a, w13, the counts and the extents
+                             validate=validate, active_experts=active_experts)   # checks a, w13, counts, extents
         E, M, H = a.shape
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
         else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2,
                                  expert_num_tokens=expert_num_tokens, w2_bias=w2_bias)
         check_kernel_device("a", a, w2=w2, out=out)
         for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
-        return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias)   # h is GEMM1's
+        return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias,   # h is GEMM1's
+                                 active_experts)
