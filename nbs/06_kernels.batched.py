@@ -119,7 +119,8 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
 #
 # **Grid** `(cdiv(max_tokens, BLOCK_M) · cdiv(N_out, BLOCK_N), E)`; program `pid` of axis 0 is
 # `(pid_n, pid_m) = divmod(pid, num_m_tiles)`, so programs that share a weight tile run next to each other and the
-# second reads it from L2. Programs with `m_start >= expert_num_tokens[e]` exit at once.
+# second reads it from L2. Programs with `m_start >= expert_num_tokens[e]` exit at once. A third axis, `SPLIT_K`
+# (1 unless the grid is too small for the GPU: the split-K section below), divides each tile's K loop between programs.
 #
 # **Constexprs**: `BLOCK_M/N/K` the tile; `GATED` fuses a gated activation (the weight holds `2·N_out` rows: gate,
 # then up); `ACTIVATION` picks it — `Activation.code`, 0 SiLU-and-mul, 1 gpt-oss's clamped SwiGLU, whose runtime
@@ -709,9 +710,11 @@ test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"]
 # expected share of the routed pairs, capped at `E`: `10_modular.expected_load`; without one the batched GEMMs
 # assume all `E`, the contiguous ones at most one expert per pair). `split_k_factor` doubles `S` (up to 8) while the
 # grid is below `programs_per_sm` programs a streaming multiprocessor and every split keeps at least 4 K tiles. The
-# target differs by kernel, from the split sweep on the H200 (`nbs/bench/split_k_sweep.py`): the FP4 GEMMs, whose
-# K step is a long chain of decode instructions, want 4 programs an SM to hide its latency; FP8 and bf16, whose K
-# step is loads and MMAs, 1–2. A workspace past `SPLIT_K_WORKSPACE_BYTES` halves `S` again (it is sized for every
+# target differs by kernel, from the split sweep on the H200 (`nbs/bench/split_k_sweep.py`, in the bench chapter):
+# the FP4 GEMMs, whose K step is a long chain of decode instructions, want 4 programs an SM to hide its latency;
+# bf16 and FP8, whose K step is loads and MMAs, split only below half an SM's worth: DeepSeek-V3's bf16 GEMM2 for
+# one expert (112 programs) reads at the floor unsplit and is 1.8× slower in two splits, while its GEMM1 (32
+# programs) is 2.4× faster in eight. A workspace past `SPLIT_K_WORKSPACE_BYTES` halves `S` again (it is sized for every
 # tile of the grid, used or not), the TMA kernels never split, and the interpreter does not split unless told (a
 # tile override's `SPLIT_K`): its cost is programs × K steps.
 
@@ -723,12 +726,13 @@ def split_k_factor(tiles_per_expert: int,   # output tiles of one expert: m tile
                    active_experts: int,     # experts expected to have rows (an estimate: no sync to count them)
                    k_tiles: int,            # K tiles of the GEMM: cdiv(K, BLOCK_K)
                    num_sms: int,            # the GPU's streaming multiprocessors
-                   programs_per_sm: int = 1,   # the grid to aim for, in programs an SM
+                   programs_per_sm: float = 1, # the grid to aim for, in programs an SM
                   ) -> int:                 # SPLIT_K, a power of two in [1, 8]
     "Split-K factor of a grouped GEMM: double while the grid is below `programs_per_sm` an SM and each split keeps >= 4 K tiles."
     for name, v in (("tiles_per_expert", tiles_per_expert), ("active_experts", active_experts), ("k_tiles", k_tiles),
-                    ("num_sms", num_sms), ("programs_per_sm", programs_per_sm)):
-        check_int(name, v, lo=0 if name == "active_experts" else 1)
+                    ("num_sms", num_sms)): check_int(name, v, lo=0 if name == "active_experts" else 1)
+    if not isinstance(programs_per_sm, (int, float)) or not programs_per_sm > 0:
+        raise ValueError(f"programs_per_sm: expected a positive number, got {programs_per_sm!r}")
     split = 1
     while split < 8 and tiles_per_expert * max(1, active_experts) * split < num_sms * programs_per_sm \
             and k_tiles >= 8 * split: split *= 2
@@ -742,7 +746,7 @@ def _num_sms() -> int:
 def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (an override or a table's) is popped
                    tiles_per_expert: int, active_experts: int, k_tiles: int,   # as `split_k_factor`
                    num_tiles: int,           # output tiles of the whole grid (the workspace's and counters' size)
-                   block_m: int, block_n: int, device, programs_per_sm: int = 1,
+                   block_m: int, block_n: int, device, programs_per_sm: float = 1,
                   ) -> tuple:                # (SPLIT_K, fp32 workspace or None, zeroed int32 counters or None)
     "The split of one launch and its buffers: cfg's SPLIT_K, else `split_k_factor` within `SPLIT_K_WORKSPACE_BYTES` (1 in the interpreter)."
     split = cfg.pop("SPLIT_K", None)
@@ -762,6 +766,9 @@ test_eq(split_k_factor(112, 1, 16, 132, 4), 4)    # its GEMM2: 448 programs of 4
 test_eq(split_k_factor(32, 32, 56, 132), 1)       # every local expert busy: the grid fills the GPU
 test_eq(split_k_factor(12, 1, 16, 132, 4), 4)     # Qwen3 GEMM1: 16 K tiles, 4 a split (8 splits would leave 2)
 test_eq(split_k_factor(1, 0, 1000, 132), 8)       # capped at 8
+test_eq(split_k_factor(112, 1, 16, 132, 0.5), 1)  # bf16 / FP8 GEMM2 of DeepSeek-V3: 112 programs are half the GPU already
+test_eq(split_k_factor(32, 1, 28, 132, 0.5), 4)   # its bf16 GEMM1 (256-wide K tiles): 32 -> 128 programs
+test_fail(lambda: split_k_factor(32, 1, 28, 132, 0), contains="programs_per_sm: expected a positive number, got 0")
 test_fail(lambda: split_k_factor(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
 cfg = dict(SPLIT_K=3)
 test_eq(split_k_launch(cfg, 32, 1, 56, 64, 16, 32, "cpu")[0], 3); test_eq(cfg, {})   # an override wins, and is popped
@@ -791,7 +798,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     check_tile_config(config, need_block_m=True)
     return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts)
 
-SPLIT_K_PROGRAMS_PER_SM = 2   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
+SPLIT_K_PROGRAMS_PER_SM = 0.5   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
 
 def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None) -> torch.Tensor:
     "`batched_moe_gemm` after its checks (`out` given): for callers whose arguments are checked or built by them."

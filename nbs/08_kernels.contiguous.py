@@ -349,8 +349,8 @@ test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), co
 #     C[pairs, n-tile] = acc                                                        # valid rows only
 # ```
 #
-# Grid `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major so consecutive programs share the weight
-# tile. Row offsets are int64: `T·top_k·N` passes 2^31 at long prefills (sglang#4727: 56k tokens × top-8 × 7168).
+# Grid `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N), SPLIT_K)`, N-tile major so consecutive programs share the
+# weight tile; the split-K axis (`06`'s, 1 unless few experts are busy) divides a tile's K loop between programs. Row offsets are int64: `T·top_k·N` passes 2^31 at long prefills (sglang#4727: 56k tokens × top-8 × 7168).
 # `-1` blocks write nothing; the final weighted sum (`combine_pairs` over the pair rows) skips the pairs that were
 # never computed, so unwritten rows are never read. With the router weight on the input, a linear GEMM1 lets the
 # weight scale the accumulators before the activation: `W1·(w·x) = w·(W1·x)`.

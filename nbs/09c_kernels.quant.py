@@ -588,7 +588,9 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
 # out[e, valid rows, n-tile] = act(acc, acc_up)  or  acc                (act: SiLU-and-mul or clamped SwiGLU)
 # ```
 #
-# **Grid** `(cdiv(max_tokens, BLOCK_M) · cdiv(N_out, BLOCK_N), E)`, N-tile major as in `06`. Bytes per active expert:
+# **Grid** `(cdiv(max_tokens, BLOCK_M) · cdiv(N_out, BLOCK_N), E, SPLIT_K)`, N-tile major as in `06`; with
+# `SPLIT_K > 1` (a decode batch that reaches few experts) each program sums its share of the K tiles and `06`'s
+# `_split_k_sum` hands the whole sum to the last one, which runs the epilogue. Bytes per active expert:
 # the weight codes `N·K` (fp8) or `N·K/2` (FP4) plus scales, the activations `c·K` (fp8) or `2·c·K` (16-bit) per
 # N-tile, the output `c·N_out` — at decode the codes dominate (a bias adds `N` values per active expert). **Constexprs**:
 # `FMT` (the table above), `GATED` (a gated activation: the weight holds gate rows then up rows), `ACTIVATION`
@@ -692,9 +694,9 @@ def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
     if INTERPRET or M > 64: return cfg
     return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)   # one warp group: 64 rows
 
-def _split_target(fmt: int) -> int:
-    "Split-K's target grid in programs an SM (`06`'s `split_k_factor`): 4 for FP4, whose decode chain needs the latency hidden, 1 for FP8."
-    return 4 if fmt >= 2 else 1
+def _split_target(fmt: int) -> float:
+    "Split-K's target grid in programs an SM (`06`'s `split_k_factor`): 4 for FP4, whose decode chain needs the latency hidden, 0.5 for FP8."
+    return 4 if fmt >= 2 else 0.5
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
                 config: dict | None,
@@ -1103,7 +1105,8 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
 # linear in its input), after GEMM2 otherwise. The epilogue is `08`'s: with the router weight on the input the
 # accumulators are scaled first and the expert bias added after; on the output the bias is added first and then
 # weighted; the gated activation comes last. Token and pair indices are int64 (`T·top_k·N` passes 2^31 at long prefills,
-# sglang#4727). **Grid** `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N),)`, N-tile major.
+# sglang#4727). **Grid** `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N), SPLIT_K)`, N-tile major; split-K as in
+# the batched kernel.
 
 # %%
 #| export

@@ -118,6 +118,9 @@ def test_split_k_factor():
     test_eq(split_k_factor(32, 32, 56, 132), 1)       # every local expert busy: the grid fills the GPU
     test_eq(split_k_factor(12, 1, 16, 132, 4), 4)     # Qwen3 GEMM1: 16 K tiles, 4 a split (8 splits would leave 2)
     test_eq(split_k_factor(1, 0, 1000, 132), 8)       # capped at 8
+    test_eq(split_k_factor(112, 1, 16, 132, 0.5), 1)  # bf16 / FP8 GEMM2 of DeepSeek-V3: 112 programs are half the GPU already
+    test_eq(split_k_factor(32, 1, 28, 132, 0.5), 4)   # its bf16 GEMM1 (256-wide K tiles): 32 -> 128 programs
+    test_fail(lambda: split_k_factor(32, 1, 28, 132, 0), contains="programs_per_sm: expected a positive number, got 0")
     test_fail(lambda: split_k_factor(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
     cfg = dict(SPLIT_K=3)
     test_eq(split_k_launch(cfg, 32, 1, 56, 64, 16, 32, "cpu")[0], 3); test_eq(cfg, {})   # an override wins, and is popped

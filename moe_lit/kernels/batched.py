@@ -435,19 +435,20 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #e61946f47dc6
+# %% ../../nbs/06_kernels.batched.ipynb #4b7f2d840946
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
 
 def split_k_factor(tiles_per_expert: int,   # output tiles of one expert: m tiles × n tiles
                    active_experts: int,     # experts expected to have rows (an estimate: no sync to count them)
                    k_tiles: int,            # K tiles of the GEMM: cdiv(K, BLOCK_K)
                    num_sms: int,            # the GPU's streaming multiprocessors
-                   programs_per_sm: int = 1,   # the grid to aim for, in programs an SM
+                   programs_per_sm: float = 1, # the grid to aim for, in programs an SM
                   ) -> int:                 # SPLIT_K, a power of two in [1, 8]
     "Split-K factor of a grouped GEMM: double while the grid is below `programs_per_sm` an SM and each split keeps >= 4 K tiles."
     for name, v in (("tiles_per_expert", tiles_per_expert), ("active_experts", active_experts), ("k_tiles", k_tiles),
-                    ("num_sms", num_sms), ("programs_per_sm", programs_per_sm)):
-        check_int(name, v, lo=0 if name == "active_experts" else 1)
+                    ("num_sms", num_sms)): check_int(name, v, lo=0 if name == "active_experts" else 1)
+    if not isinstance(programs_per_sm, (int, float)) or not programs_per_sm > 0:
+        raise ValueError(f"programs_per_sm: expected a positive number, got {programs_per_sm!r}")
     split = 1
     while split < 8 and tiles_per_expert * max(1, active_experts) * split < num_sms * programs_per_sm \
             and k_tiles >= 8 * split: split *= 2
@@ -461,7 +462,7 @@ def _num_sms() -> int:
 def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (an override or a table's) is popped
                    tiles_per_expert: int, active_experts: int, k_tiles: int,   # as `split_k_factor`
                    num_tiles: int,           # output tiles of the whole grid (the workspace's and counters' size)
-                   block_m: int, block_n: int, device, programs_per_sm: int = 1,
+                   block_m: int, block_n: int, device, programs_per_sm: float = 1,
                   ) -> tuple:                # (SPLIT_K, fp32 workspace or None, zeroed int32 counters or None)
     "The split of one launch and its buffers: cfg's SPLIT_K, else `split_k_factor` within `SPLIT_K_WORKSPACE_BYTES` (1 in the interpreter)."
     split = cfg.pop("SPLIT_K", None)
@@ -472,7 +473,7 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     return (split, torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
             torch.zeros(num_tiles, dtype=torch.int32, device=device))
 
-# %% ../../nbs/06_kernels.batched.ipynb #ef616d5b0ccb
+# %% ../../nbs/06_kernels.batched.ipynb #58066cba6dac
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -495,7 +496,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     check_tile_config(config, need_block_m=True)
     return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts)
 
-SPLIT_K_PROGRAMS_PER_SM = 2   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
+SPLIT_K_PROGRAMS_PER_SM = 0.5   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
 
 def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None) -> torch.Tensor:
     "`batched_moe_gemm` after its checks (`out` given): for callers whose arguments are checked or built by them."

@@ -472,7 +472,7 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #0df492ec6d7d
+# %% ../../nbs/09c_kernels.quant.ipynb #0c637e2012c6
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -495,9 +495,9 @@ def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
     if INTERPRET or M > 64: return cfg
     return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)   # one warp group: 64 rows
 
-def _split_target(fmt: int) -> int:
-    "Split-K's target grid in programs an SM (`06`'s `split_k_factor`): 4 for FP4, whose decode chain needs the latency hidden, 1 for FP8."
-    return 4 if fmt >= 2 else 1
+def _split_target(fmt: int) -> float:
+    "Split-K's target grid in programs an SM (`06`'s `split_k_factor`): 4 for FP4, whose decode chain needs the latency hidden, 0.5 for FP8."
+    return 4 if fmt >= 2 else 0.5
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
                 config: dict | None,

@@ -1,14 +1,40 @@
 #!/usr/bin/env bash
-# Split-K on one CUDA machine: the split sweep, the seed scenario and its T=1 profile, then the whole GPU suite.
-# Results under $OUT; pass REV= (a copied tree may carry a stale HEAD).
+# Split-K on one CUDA machine. Results under $OUT; pass REV= (a copied tree may carry a stale HEAD).
+#   bash nbs/bench/split_k_gpu.sh sweep -> the split sweep, the seed scenario and its T=1 profile, then the whole GPU suite
+#   bash nbs/bench/split_k_gpu.sh final -> the seed scenario, the layer benchmark (rows saved as they finish) + figure,
+#                                          then memcheck of the kernel tests in four parallel sanitizers
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
-C=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo wt)}
+C=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo wt)}; export MOE_LIT_COMMIT=$C
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 200 python nbs/bench/split_k_sweep.py "$OUT/split_k_sweep_h200_$C.json" > "$OUT/split_k_sweep_h200_$C.log" 2>&1
-tail -65 "$OUT/split_k_sweep_h200_$C.log" | grep -v "^{"
-timeout 90 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9
-timeout 60 python nbs/bench/profile_seed_t1.py > "$OUT/profile_seed_t1_h200_$C.log" 2>&1; grep -E "==|gemm" "$OUT/profile_seed_t1_h200_$C.log"
-timeout 330 python -m pytest -q -n 6 -m "gpu or not gpu" tests 2>&1 | grep -v Warning | tail -15 | tee "$OUT/pytest_gpu_h200_$C.log"
+seed() { timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9; }
+case "${1:-sweep}" in
+sweep)
+  timeout 200 python nbs/bench/split_k_sweep.py "$OUT/split_k_sweep_h200_$C.json" > "$OUT/split_k_sweep_h200_$C.log" 2>&1
+  tail -65 "$OUT/split_k_sweep_h200_$C.log" | grep -v "^{"
+  seed
+  timeout 60 python nbs/bench/profile_seed_t1.py > "$OUT/profile_seed_t1_h200_$C.log" 2>&1; grep -E "==|gemm" "$OUT/profile_seed_t1_h200_$C.log"
+  timeout 330 python -m pytest -q -n 6 -m "gpu or not gpu" tests 2>&1 | grep -v Warning | tail -15 | tee "$OUT/pytest_gpu_h200_$C.log"
+  ;;
+final)
+  seed
+  timeout 320 python - "$OUT/layer_bench_h200_$C.json" <<'PY' 2>&1 | grep -v Warning | tee "$OUT/layer_bench_h200_$C.log" | tail -3
+import json, sys
+from moe_lit.bench_layer import bench_layer, format_bench_layer, plot_bench_layer
+from moe_lit.bench import source_commit
+rows = []
+def save(new):        # every deployment's rows as they finish: a cut-off run keeps what it measured
+    rows.extend(new); print(format_bench_layer(dict(rows=new)), flush=True)
+    json.dump(dict(commit=source_commit(), rows=rows, partial=True), open(sys.argv[1], "w"), indent=1)
+rep = bench_layer(sys.argv[1], on_rows=save)
+plot_bench_layer(rep).savefig(sys.argv[1].replace(".json", ".png"), dpi=110)
+PY
+  mc() { timeout 190 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" "$@" 2>&1 | tail -4; }
+  { mc tests/test_kernels_quant.py > "$OUT/mc1.log" & mc tests/test_kernels_quant_experts.py tests/test_kernels_quant_act.py > "$OUT/mc2.log" &
+    mc tests/test_layer.py tests/test_modular.py > "$OUT/mc3.log" &
+    mc tests/test_kernels_contiguous.py tests/test_kernels_batched.py > "$OUT/mc4.log" & wait; }
+  for f in "$OUT"/mc?.log; do echo "== $f"; cat "$f"; done | tee "$OUT/memcheck_h200_$C.log"; rm -f "$OUT"/mc?.log
+  ;;
+esac
