@@ -635,3 +635,54 @@ fig
 # ahead, 33–55% (`mma128`), 1.4–2.0× faster than the bf16 batched GEMM of its run. The rest — 1.8–3.0× to the floor —
 # is the decode's own instructions (about half the K loop, counted in `09c`'s Performance) and the second weight
 # read of experts that need two M tiles; Blackwell's native FP4 tensor cores would remove the first. Open work.
+
+# %% [markdown]
+# ### Split-K at decode, H200
+#
+# When a decode batch reaches one or a few experts, each expert GEMM is a grid of a few dozen programs on a 132-SM
+# card, and the split-K axis of `06` divides each program's K loop. `nbs/bench/split_k_sweep.py` times every expert
+# GEMM of four models (GEMM1 with SiLU and GEMM2, batched format, one row on each of 1 or 4 active experts of 8) at
+# `SPLIT_K` 1, 2, 4 and 8 as CUDA-graph replays, in bf16 and three quantized schemes
+# (`split_k_sweep_h200_0c2b3a1.json`). Below, for each GEMM: unsplit, the best split, and the split the launchers
+# choose today (`split_k_factor` with each kernel's target: 4 programs an SM for FP4, half an SM for bf16 and FP8).
+
+# %%
+from moe_lit.kernels.batched import split_k_factor, SPLIT_K_PROGRAMS_PER_SM
+from moe_lit.kernels.quant import _split_target, _FMT
+from moe_lit.models import PRESETS
+sweep = json.loads(find_bench_results("bench/split_k_sweep_h200_0c2b3a1.json").read_text())
+dims = {name: (PRESETS[key].hidden_size, PRESETS[key].intermediate_size) for name, key in
+        (("DeepSeek-V3", "deepseek-v3"), ("Qwen3-30B-A3B", "qwen3-30b-a3b"), ("Mixtral-8x7B", "mixtral-8x7b"),
+         ("gpt-oss-120b", "gpt-oss-120b"))}
+groups = {}
+for r in sweep["rows"]: groups.setdefault((r["model"], r["scheme"], r["gemm"], r["active"]), []).append(r)
+table = []
+for (model, scheme, gemm, active), rs in groups.items():
+    H, I = dims[model]
+    K, n_out = (H, I) if gemm == "w13" else (I, H)
+    tile, us = rs[0]["tile"], {r["split_k"]: r["us"] for r in rs}
+    target = SPLIT_K_PROGRAMS_PER_SM if scheme == "bf16" else _split_target(_FMT[scheme])
+    pick = split_k_factor(-(-n_out // tile["BLOCK_N"]), active, -(-K // tile["BLOCK_K"]), sweep["num_sms"], target)
+    best = min(us, key=us.get)
+    table.append((model, scheme, gemm, active, rs[0]["floor_us"], us[1], best, us[best], pick, us[pick]))
+print(f"{'model':<14}{'scheme':<16}{'gemm':<5}{'active':>7}{'floor':>7}{'S=1':>8}{'best':>12}{'chosen':>12}{'vs S=1':>8}")
+for m, sc, g, a, fl, u1, b, ub, p, up in table:
+    print(f"{m:<14}{sc:<16}{g:<5}{a:>7}{fl:>7.1f}{u1:>8.1f}{ub:>8.1f} S={b}{up:>8.1f} S={p}{u1 / up:>7.2f}x")
+ratio = [up / ub for *_, ub, p, up in table]
+gain = [u1 / up for *_, u1, b, ub, p, up in table]
+print(f"chosen / best: median {sorted(ratio)[len(ratio) // 2]:.2f}, worst {max(ratio):.2f}; "
+      f"speed-up over S=1: best {max(gain):.2f}x, worst {min(gain):.2f}x")
+test_eq(len(table), 4 * 4 * 2 * 2)                # 4 models x 4 schemes x 2 GEMMs x 2 active counts
+
+# %% [markdown]
+# **Interpretation.** Splitting pays where the grid is small and K is long: one DeepSeek-V3 expert's GEMM1 (32
+# programs of 64 rows, 56 K tiles) drops from 54–58 µs to 23–25 µs in FP4 and from 57 to 28 µs in bf16; Qwen3's FP4
+# GEMM1 from 17–19 to 9 µs; Mixtral's FP4 GEMM2 for one expert from 58–65 to 31–32 µs. Where the grid already
+# covers the card it costs: DeepSeek-V3's bf16 GEMM2 for one expert (112 programs) reads at its floor unsplit (7.0
+# µs for 6.9) and takes 12.6 µs in two splits — each split is a program more to schedule and an fp32 partial tile to
+# write and re-read, and the batched grid also repeats the programs of empty experts once per split. The targets
+# above are read off this table. Even split, a one-expert FP4 GEMM stays far from its floor (24 µs for 3.7): a few
+# programs per SM cannot hide the decode chain's latency, the remaining gap of issue-bound FP4 decode at small
+# grids. In the whole layer (the seed scenario, `seed_scenario_h200_0c2b3a1.json`: DeepSeek-V3 EP8 rank 0, nixl_ep,
+# CUDA-graph replays at T = 1) the quantized GEMMs of one token went from 93 to 41–43 µs (`profile_seed_t1_*.log`)
+# and the layer from 124–143 µs to 95–106 µs.

@@ -14,7 +14,10 @@ from moe_lit.kernels.quant import batched_moe_gemm_quant, _quant_tile, _weight_k
 from moe_lit.kernels.batched import batched_moe_gemm, _batched_tile, split_k_factor, _num_sms, _cdiv, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.formats import SILU
 
-SHAPES = [("DeepSeek-V3", 7168, 2048), ("Qwen3-30B-A3B", 2048, 768), ("Mixtral-8x7B", 4096, 14336), ("gpt-oss-120b", 2880, 2880)]
+from moe_lit.models import PRESETS
+SHAPES = [(name, PRESETS[key].hidden_size, PRESETS[key].intermediate_size) for name, key in
+          (("DeepSeek-V3", "deepseek-v3"), ("Qwen3-30B-A3B", "qwen3-30b-a3b"), ("Mixtral-8x7B", "mixtral-8x7b"),
+           ("gpt-oss-120b", "gpt-oss-120b"))]
 E = 8
 dev = measure_device()
 rows = []
@@ -51,7 +54,7 @@ for model, H, I in SHAPES:
                                                            validate=False)
                     f(); torch.cuda.synchronize()
                     us = triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median") * 1e3
-                    r = dict(model=model, scheme=scheme, gemm=which, active=active, split_k=split, heuristic=split == pick,
+                    r = dict(model=model, scheme=scheme, gemm=which, K=K, N=N, active=active, split_k=split, heuristic=split == pick,
                              us=round(us, 2), floor_us=round(floor_us, 2), pct_floor=round(100 * floor_us / us, 1),
                              tile={k: v for k, v in base.items()})
                     print(json.dumps(r), flush=True)
