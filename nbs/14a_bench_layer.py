@@ -251,16 +251,17 @@ assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 # %% [markdown]
 # ## Results, H200
 #
-# `nbs/bench/layer_bench_h200_e7361ab.json` (with its log and figure) comes from one run of the layer benchmark
-# (`bash nbs/bench/layer_gpu.sh final`: `bench_layer` over every deployment, then the figure) on an NVIDIA H200 (copy
-# bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6, transformers 5.17, 2026-12-03, on commit
-# e7361ab. Columns: local experts the batch touched, floor, eager, replayed graph (µs), replay / floor, host overhead
+# `nbs/bench/layer_bench_h200_65d70b5.json` (with its log and figure) comes from one run of the layer benchmark
+# (`bash nbs/bench/split_k_gpu.sh final`: `bench_layer` over every deployment, then the figure) on an NVIDIA H200 (copy
+# bandwidth measured in the run: 4.25 TB/s), torch 2.11, Triton 3.6, transformers 5.17, 2026-12-04, on commit
+# 65d70b5 (split-K in the expert GEMMs). Columns: local experts the batch touched, floor, eager, replayed graph (µs), replay / floor, host overhead
 # (eager − replay), and transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`: `batched_mm` gathers a weight
 # copy per pair and ran out of the card's 140 GB). Earlier runs of the same benchmark are kept beside it:
-# `layer_bench_h200_481820b.json`, `layer_bench_h200_e6a765c.json` and `layer_bench_h200_8a184b7.json`.
+# `layer_bench_h200_e7361ab.json` (the run before split-K), `layer_bench_h200_481820b.json`,
+# `layer_bench_h200_e6a765c.json` and `layer_bench_h200_8a184b7.json`.
 
 # %%
-layer_h200 = load_bench_layer("bench/layer_bench_h200_e7361ab.json")
+layer_h200 = load_bench_layer("bench/layer_bench_h200_65d70b5.json")
 print(format_bench_layer(layer_h200))
 
 # %%
@@ -269,7 +270,15 @@ plot_bench_layer(layer_h200)
 # %% [markdown]
 # **Reading.**
 #
-# - **30 of the 54 rows meet the 1.25 × floor + 10 µs bar** (25 at 481820b, 15 at 8a184b7). Replayed, the layer is
+# - **32 of the 54 rows meet the 1.25 × floor + 10 µs bar** (30 at e7361ab, 25 at 481820b, 15 at 8a184b7).
+# - **What split-K moved** (since e7361ab, replayed): DeepSeek-V3 allgather at T = 1, 104 → 90 µs (the contiguous
+#   GEMMs of one expert split), Mixtral at T = 128 and 256, 845 → 801 and 961 → 922 µs; every other row within ±3 %.
+#   The batched (nixl_ep) rows at T ≤ 4 did not move (T = 1: 111 → 110 µs), although one expert's GEMM1 is 2× faster
+#   split in isolation (the bench chapter's split sweep): the batched grid repeats the programs of every empty local
+#   expert once per split — 32 local experts × 32 tiles × 4 splits for DeepSeek-V3's GEMM1 — and each costs a
+#   scheduling slot and a load of its count before it exits. A grid over the active experts only (a device-side
+#   list of them, built by the dispatch) would remove that; not built.
+# - Replayed, the layer is
 #   near its floor where the experts' bytes dominate: gpt-oss-120b from T = 8 (1.04–1.17×), DeepSeek-V3 EP8 from
 #   T = 8 (nixl_ep) and T = 16 (allgather) (1.09–1.28×), Mixtral from T = 2 to 64 (1.03–1.22×), Qwen3 from T = 16
 #   (1.16–1.24×).
@@ -281,26 +290,26 @@ plot_bench_layer(layer_h200)
 #   H blocks at small T (`07_kernels.dispatch`), and the batched dispatch zeroing its counts and overflow flag in one
 #   launch. The rest agree with 481820b within ±3 %, run-to-run noise (Mixtral at T = 128 measured 2 % slower).
 # - **Where it still misses:** every deployment at T ≤ 4 (Qwen3 and DeepSeek allgather up to T = 8; Mixtral at T = 1
-#   only), Qwen3 EP2 at all but T = 64 and
-#   128, and Mixtral at T = 128–256 (1.28–1.46×: 32 and 64 rows per expert, where its 14336-wide GEMM1 leaves the
-#   weight-streaming regime). At small T the floor is 9–65 µs and a forward is still seven to a dozen dependent
+#   only), Qwen3 EP2 up to T = 16 and at 256, and Mixtral at T = 256 (1.39×: 64 rows per expert, where its
+#   14336-wide GEMM1 leaves the weight-streaming regime). At small T the floor is 9–65 µs and a forward is still seven to a dozen dependent
 #   launches — router GEMM (two cuBLAS kernels), router, pair blocks or dispatch, two GEMMs, combine, shared experts —
 #   each a few µs even in a graph. Qwen3 at T = 1 is 49 µs against a bar of 32. Fusing the router's GEMM and
 #   selection, and letting the GEMMs read one-block-per-pair layouts straight from `topk_ids` (no alignment launch),
 #   are the next steps; neither is built.
 # - **Against transformers (same weights, same family block, transformers timed eager):** replayed, moe-lit is faster
-#   than the best of `grouped_mm` / `batched_mm` at all 18 Qwen3 and Mixtral rows (49 vs 561 µs on Qwen3 at T = 1,
-#   352 vs 711 at T = 256; 961 vs 1205 on Mixtral at T = 256). Eager, it is faster at 17 of the 18; it loses on Qwen3
-#   at T = 1 (570 vs 561 µs). The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6% (Qwen3):
+#   than the best of `grouped_mm` / `batched_mm` at all 18 Qwen3 and Mixtral rows (49 vs 401 µs on Qwen3 at T = 1,
+#   353 vs 956 at T = 256; 922 vs 1240 on Mixtral at T = 256). Eager, it is faster at 13 of the 18 here (17 at
+#   e7361ab): it loses on Qwen3 at T = 1, 2, 4, 8 and 64 (438 vs 401 µs at T = 1), where both sides are host-bound
+#   and the host's speed moved between runs. The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6% (Qwen3):
 #   transformers rounds the router logits to bf16 before the softmax, so near-tied experts of Qwen3's 128 flip;
 #   moe-lit keeps them in fp32.
-# - **Host overhead** (eager − replay) at T = 1 is 260–1140 µs in this run, far above the 100 µs per forward the
+# - **Host overhead** (eager − replay) at T = 1 is 222–672 µs in this run (260–1140 at e7361ab), far above the 100 µs per forward the
 #   layer aims at, and it moves by 2× between runs on machines of the same kind (the replayed times agree within a few
 #   percent): at 481820b it was 340–1320 µs. On this CPU a Triton launch through the JIT costs about 20 µs and a launch
 #   of the compiled kernel 7–10 µs (`nbs/bench/launch_cost_h200.log`); the layer's own Python is 70–160 µs per
 #   forward on an idle CPU with the launches stubbed (`nbs/bench/host_overhead_cpu.py`). A serving engine does not pay
 #   it: the graph path (`forward` with captured buckets: copy in, replay, copy out) took −5 to +13 µs beside the bare
-#   replay in this run.
+#   replay at e7361ab, +5.5 to +6.1 µs at T = 1 in this run.
 # - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.2 µs at
 #   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
 #   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-
