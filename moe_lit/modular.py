@@ -19,7 +19,7 @@ __all__ = ['EXPERTS', 'Prepared', 'check_prepare_args', 'expected_load', 'Standa
            'TritonQuantExpertsAdapter', 'BatchedTritonQuantExpertsAdapter', 'SharedExperts', 'ModularKernel',
            'make_prepare_finalize', 'make_experts']
 
-# %% ../nbs/10_modular.ipynb #b471022a5f1d
+# %% ../nbs/10_modular.ipynb #1b0c517c6d78
 @dataclass
 class Prepared:
     "The output of `prepare`: the activations in the prepare/finalize's format plus what finalize needs."
@@ -33,7 +33,8 @@ class Prepared:
     hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
     expected_m: int | None = None            # expected rows per local expert (tile choice), from the routing
     num_experts: int | None = None           # the model's experts, global (the Standard experts' layout choice)
-    active_experts: int | None = None        # expected local experts with rows (the quantized GEMMs' split-K choice)
+    active_experts: int | None = None        # expected local experts with rows (the GEMMs' split-K choice)
+    max_active_experts: int | None = None    # at most this many local experts have rows (the batched grids' slots)
 
 # %% ../nbs/10_modular.ipynb #f299c7997c02
 def check_prepare_args(hidden, topk_weights, topk_ids, placement):
@@ -44,14 +45,15 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
 
-# %% ../nbs/10_modular.ipynb #5a17d127d0a4
+# %% ../nbs/10_modular.ipynb #9421bc602e34
 def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (only its shape is read: no sync)
                   placement,                # the Placement: global and local expert counts
-                 ) -> dict:                 # Prepared's `expected_m` and `active_experts`
-    "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert and local experts with rows."
+                 ) -> dict:                 # Prepared's `expected_m`, `active_experts` and `max_active_experts`
+    "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert, local experts with rows, their bound."
     pairs, E, E_local = topk_ids.numel(), placement.num_experts, placement.num_local_experts
     return dict(expected_m=max(1, pairs // E),                          # uniform routing: pairs / global experts
-                active_experts=min(E_local, max(1, -(-pairs * E_local // E))))   # this rank's share of the pairs, at most E_local
+                active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
+                max_active_experts=min(E_local, pairs))                 # a bound: every pair on a different local expert
 
 # %% ../nbs/10_modular.ipynb #802cd1cf256a
 class StandardPrepareFinalize:
@@ -171,7 +173,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #2995b200be21
+# %% ../nbs/10_modular.ipynb #b37608491f48
 class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
@@ -187,6 +189,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
         from moe_lit.kernels.batched import BatchedTritonExperts
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
                                             active_experts=prepared.active_experts,
+                                            max_active_experts=prepared.max_active_experts,
                                             w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
@@ -205,7 +208,8 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
-                                                 active_experts=prepared.active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                                 active_experts=prepared.active_experts,
+                                                 max_active_experts=prepared.max_active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                                  validate=False)   # counts from the dispatch: clamped
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,

@@ -226,7 +226,7 @@ def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Place
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
 
-# %% ../nbs/13a_transport.ipynb #1b271979979d
+# %% ../nbs/13a_transport.ipynb #91bdce6eb46e
 @patch(nm="prepare")
 def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                  hidden: torch.Tensor,              # [T, H] this rank's tokens (T may be 0)
@@ -256,7 +256,8 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
     return DistributedPrepared(self.activation_format, a.view(E, cap, -1), topk_weights, expert_num_tokens=expert_num_tokens,
                                apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
                                expected_m=max(1, total // placement.num_experts), token_counts=token_counts,
-                               active_experts=int((table[:, me, :E].sum(0) > 0).sum()),   # exact: the counts are here
+                               active_experts=(busy := int((table[:, me, :E].sum(0) > 0).sum())),   # exact: the
+                               max_active_experts=busy,                                            # counts are here
                                send_order=order, send_counts=send_counts, recv_counts=recv_counts, recv_rows=recv_rows,
                                total_pairs=total)
 

@@ -180,6 +180,38 @@ def add_expert_bias(acc, acc_up, bias_row_ptr, offs_n, mask_n, up_col, stride_bn
     return acc, acc_up
 
 # %% [markdown]
+# ### Which expert a program serves
+#
+# The grid's axis 1 names an expert slot `g`. Normally the slot is the expert (`g = e`, all `E` of them). At decode
+# most local experts have no rows, and each of their programs still costs a scheduling slot and a load of its count
+# before it exits — `E × tiles × SPLIT_K` of them, most empty. When the caller knows a bound on the experts that
+# have rows (`max_active_experts`, e.g. `T·top_k` pairs of this rank's tokens can reach at most that many), the grid
+# has only that many slots (`COMPACT`): each program loads the `E` counts, and slot `g` serves the `g`-th expert with
+# rows in id order (a prefix sum of the non-empty flags), or exits when there are fewer. No sync, no extra launch;
+# the bound must hold (an expert past it would be skipped), so the public launchers check it on the host when they
+# validate.
+
+# %%
+#| export
+@triton.jit
+def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
+                 g,              # this program's expert slot (axis 1)
+                 E, MAX_TOKENS,  # experts; rows of a slab (counts are clamped to it: memory-safe unvalidated)
+                 COMPACT: tl.constexpr, BLOCK_E: tl.constexpr):   # slots over the non-empty experts; pow2 >= E
+    "`(e, count)` of slot g: expert g, or with COMPACT the g-th expert with rows (count 0 when there is none)."
+    if COMPACT:
+        offs_e = tl.arange(0, BLOCK_E)
+        cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+        busy = cnt > 0
+        hit = busy & (tl.cumsum(busy.to(tl.int32), 0) == g + 1)
+        e = tl.sum(tl.where(hit, offs_e, 0))
+        count = tl.minimum(tl.sum(tl.where(hit, cnt, 0)), MAX_TOKENS)
+    else:
+        e = g
+        count = tl.minimum(tl.load(counts_ptr + g), MAX_TOKENS)
+    return e, count
+
+# %% [markdown]
 # ### Split-K: when the grid is smaller than the GPU
 #
 # At decode a rank's batch often reaches one or two local experts. One expert's GEMM1 is `cdiv(N_OUT, BLOCK_N)`
@@ -230,18 +262,18 @@ def _batched_moe_gemm_kernel(
     expert_num_tokens_ptr,      # [E] int32
     bias_ptr,                   # [E, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
     part_ptr, lock_ptr,         # split-K workspace and counters (`_split_k_sum`; unused with SPLIT_K = 1)
-    N_OUT, K, MAX_TOKENS, num_m_tiles,
+    N_OUT, K, MAX_TOKENS, num_m_tiles, num_experts,
     alpha, limit,               # fp32, read only when ACTIVATION == 1
     stride_ae, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ce, stride_cm, stride_cn,
     stride_be, stride_bn,
     GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    pid, e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid, split = tl.program_id(0), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
-    count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)   # memory-safe even if unvalidated
+    e, count = _slot_expert(expert_num_tokens_ptr, tl.program_id(1), num_experts, MAX_TOKENS, COMPACT, BLOCK_E)
     if pid_m * BLOCK_M >= count: return                       # empty tile: no weight is read
     e64 = e.to(tl.int64)                                      # E·N·K and E·max_tokens·K can pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -275,7 +307,7 @@ def _batched_moe_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if SPLIT_K > 1:                                           # only the last split to arrive goes on
         tiles = tl.num_programs(0)
-        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * tl.num_programs(1),
+        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * num_experts,
                                          split, GATED, SPLIT_K, BLOCK_M, BLOCK_N)
         if not last: return
     if HAS_BIAS:                                              # fp32, before the activation
@@ -758,6 +790,23 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
             torch.zeros(num_tiles, dtype=torch.int32, device=device))
 
 # %%
+#| export
+def expert_slots(E: int,                    # experts of the launch (slabs)
+                 max_active: int | None,    # a bound on the experts with rows, or None
+                ) -> tuple:                 # (slots on grid axis 1, COMPACT, BLOCK_E)
+    "The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer."
+    if max_active is None or max_active >= E: return E, False, 1
+    return max(1, max_active), True, _next_pow2(E)
+
+def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, validate: bool):
+    "A caller's bound on the experts with rows: an int >= 0, checked against the counts on the host when `validate` (one sync)."
+    if max_active is None: return None
+    check_int("max_active_experts", max_active, lo=0)
+    if validate and max_active < expert_num_tokens.numel() and (busy := int((expert_num_tokens > 0).sum())) > max_active:
+        raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
+    return max_active
+
+# %%
 #| test split_k_factor
 test_eq(split_k_factor(32, 1, 56, 132), 8)        # DeepSeek-V3 GEMM1, one expert: 32 programs; 128 is still < 132
 test_eq(split_k_factor(32, 1, 56, 128), 4)        # on 128 SMs, 128 programs fill the GPU
@@ -786,21 +835,25 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
                      validate: bool = True,             # check counts <= max_tokens on the host (one sync)
                      bias: torch.Tensor | None = None,  # [E, N] bf16/fp16/fp32, added in fp32 before the activation
                      active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
+                     max_active_experts: int | None = None,  # a bound on the experts with rows: the grid's expert slots
                     ) -> torch.Tensor:                  # `out`
     "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ + bias[e])`, fp32 accumulation (the batched-experts contract)."
     E, M, K, N, n_out, act = _check_gemm_args(a, w, expert_num_tokens, activation, out, bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
+    check_max_active(max_active_experts, expert_num_tokens, validate)
     if validate and E and not (0 <= int((mm := torch.aminmax(expert_num_tokens)).min) and int(mm.max) <= M):
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
     for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
     check_tile_config(config, need_block_m=True)
-    return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts)
+    return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts,
+                             max_active_experts)
 
 SPLIT_K_PROGRAMS_PER_SM = 0.5   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
 
-def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None) -> torch.Tensor:
+def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None,
+                      max_active=None) -> torch.Tensor:
     "`batched_moe_gemm` after its checks (`out` given): for callers whose arguments are checked or built by them."
     (E, M, K), N = a.shape, w.shape[1]
     n_out = N // 2 if act else N
@@ -824,8 +877,10 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
                                         grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM)
-    _batched_moe_gemm_kernel[(*grid, split)](
+    slots, compact, block_e = expert_slots(E, max_active)
+    _batched_moe_gemm_kernel[(grid[0], slots, split)](
         a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
+        num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         stride_ae=a.stride(0), stride_am=a.stride(1), stride_ak=a.stride(2),
         stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
         stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
@@ -873,7 +928,7 @@ GEMM_CASES = [
 # %%
 #| export
 def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None,
-                       bias_dtype=None):
+                       bias_dtype=None, max_active=None):
     "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
     device = a.device
@@ -882,7 +937,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     poison_rows(a, cnt, poison)
     n_out = N // 2 if activation else N
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
-    got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config, bias=bias)
+    got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config, bias=bias, max_active_experts=max_active)
     want = batched_gemm_reference(a.double(), w.double(), cnt, activation,
                                   bias=None if bias is None else bias.double()).cpu()
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None].long()             # [E, M]
@@ -964,6 +1019,27 @@ for i, (E, M, K, N, counts, what) in enumerate(GEMM_CASES):
     check_batched_gemm(E, M, K, N, counts, torch.float32, config=dict(cfg, BLOCK_K=64), poison=1e30)
 test_fail(lambda: check_batched_gemm(2, 4, 32, 32, [4, 1], torch.float32, config=dict(BLOCK_M=16, BLOCK_N=32,
           BLOCK_K=32, TMA=True, SPLIT_K=2)), contains="expected SPLIT_K = 1 with TMA")
+
+# %% [markdown]
+# The compact expert slots (`max_active_experts`) over the same catalog: the exact number of experts with rows
+# (every slot busy), one more (a slot finds no expert and exits), and with split-K; a bound below the busy experts is
+# refused when the launcher validates. Without `validate` the bound is trusted: the test shows what that costs — the
+# last busy expert's rows are never written (they keep their poison).
+
+# %%
+#| test batched_gemm_compact_slots
+for i, (E, M, K, N, counts, what) in enumerate(GEMM_CASES):
+    busy = sum(c > 0 for c in counts)
+    if busy == E: continue                                     # no slot to save
+    check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, SILU, max_active=busy)
+    check_batched_gemm(E, M, K, N, counts, torch.float32, max_active=busy + 1, poison=1e30,
+                       config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2))
+test_fail(lambda: check_batched_gemm(4, 8, 32, 32, [0, 3, 0, 8], torch.float32, max_active=1),
+          contains="max_active_experts: expected >= the 2 experts with rows in expert_num_tokens, got 1")
+a, w, cnt = random_batched_problem(4, 8, 32, 32, [0, 3, 0, 8], torch.float32)
+out = batched_moe_gemm(a, w, cnt, out=torch.full((4, 8, 32), float("nan"), device=a.device), max_active_experts=1,
+                       validate=False).cpu()
+assert not out[1, :3].isnan().any() and out[3].isnan().all()   # the first busy expert only: the bound is trusted
 
 # %%
 #| test batched_gemm_poison_1e30
@@ -1057,6 +1133,7 @@ class BatchedTritonExperts:
               activation: Activation = SILU,           # the gated activation between the GEMMs
               validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
               active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
+              max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
         "Run the experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
@@ -1067,7 +1144,8 @@ class BatchedTritonExperts:
         check_expert_bias("w13_bias", w13_bias, a.shape[0], w13.shape[1], a.device)
         check_expert_bias("w2_bias", w2_bias, a.shape[0], a.shape[2], a.device)
         h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias,
-                             validate=validate, active_experts=active_experts)   # checks a, w13, counts, extents
+                             validate=validate, active_experts=active_experts,   # checks a, w13, counts, extents
+                             max_active_experts=max_active_experts)
         E, M, H = a.shape
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
         else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2,
@@ -1075,7 +1153,7 @@ class BatchedTritonExperts:
         check_kernel_device("a", a, w2=w2, out=out)
         for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias,   # h is GEMM1's
-                                 active_experts)
+                                 active_experts, max_active_experts)
 
 # %%
 #| test batched_triton_experts

@@ -20,7 +20,8 @@ from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch
+from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
+from moe_lit.kernels.batched import check_max_active
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 
@@ -620,18 +621,18 @@ def _batched_moe_gemm_quant_kernel(
     expert_num_tokens_ptr,   # [E] int32
     bias_ptr,       # [E, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
     part_ptr, lock_ptr,   # split-K workspace and counters (`_split_k_sum`; unused with SPLIT_K = 1)
-    N_OUT, K, K_W, MAX_TOKENS, num_m_tiles,
+    N_OUT, K, K_W, MAX_TOKENS, num_m_tiles, num_experts,
     alpha, limit,   # fp32, read only when ACTIVATION == 1
     stride_ae, stride_am, stride_ak, stride_ase, stride_asm, stride_asg, stride_we, stride_wn, stride_wk,
     stride_wse, stride_wsn, stride_wsk, stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
     FMT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E, SPLIT_K); programs with m_start >= expert_num_tokens[e] exit."
-    pid, e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E or the slots of `06`'s COMPACT, SPLIT_K); empty tiles exit."
+    pid, split = tl.program_id(0), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
-    count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)
+    e, count = _slot_expert(expert_num_tokens_ptr, tl.program_id(1), num_experts, MAX_TOKENS, COMPACT, BLOCK_E)
     if pid_m * BLOCK_M >= count: return                           # empty tile: no weight is read
     e64 = e.to(tl.int64)                                          # E·N·K can pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -647,7 +648,7 @@ def _batched_moe_gemm_quant_kernel(
                                       UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT)
     if SPLIT_K > 1:                                               # only the last split to arrive goes on
         tiles = tl.num_programs(0)
-        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * tl.num_programs(1),
+        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * num_experts,
                                          split, GATED, SPLIT_K, BLOCK_M, BLOCK_N)
         if not last: return
     if HAS_BIAS:                                                  # on the scaled (real-valued) fp32 product
@@ -807,6 +808,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
                            validate: bool = True,             # check counts <= max_tokens on the host (one sync)
                            bias: torch.Tensor | None = None,  # [E, N] bf16/fp16/fp32, added in fp32 after the scales, before act
                            active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
+                           max_active_experts: int | None = None,  # a bound on the experts with rows (`06`'s COMPACT)
                           ) -> torch.Tensor:                  # `out`
     "Quantized masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ W[e]ᵀ + bias[e])` (FP8 w8a8 or FP4 w4a16), fp32 accumulation."
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 3, bias)
@@ -825,12 +827,13 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     for name, t in (("a", a_k), ("w", wa["codes"]), ("out", out)): check_extent(name, t)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
+    check_max_active(max_active_experts, expert_num_tokens, validate)
     check_tile_config(config, need_block_m=True)
     return _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias,
-                                   active_experts)
+                                   active_experts, max_active_experts)
 
 def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias,
-                            active_experts=None):
+                            active_experts=None, max_active=None):
     "`batched_moe_gemm_quant` after its checks, the activations prepared and `out` allocated (`BatchedTritonQuantExperts`)."
     (E, M, K), n_out = a_k.shape, out.shape[2]
     if E == 0 or M == 0 or n_out == 0: return out
@@ -843,8 +846,10 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
                                         tiles * E, bm, bn, out.device, _split_target(wa["FMT"]))
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
-    _batched_moe_gemm_quant_kernel[(tiles, E, split)](
+    slots, compact, block_e = expert_slots(E, max_active)
+    _batched_moe_gemm_quant_kernel[(tiles, slots, split)](
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
+        num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         **_named_strides("a", "emk", a_k.stride()), **_named_strides("as", "emg", as_strides),
         **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
@@ -869,7 +874,8 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
 def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts: list, activation=None,
                              dtype=torch.bfloat16, seed: int = 0, device=None, config=None, rel_tol=1e-2, cos_min=0.9999,
                              qw: QuantizedExpertWeights | None = None,    # reuse these weights (else random ones)
-                             bias: torch.Tensor | None = None):           # [E, N] expert bias of the GEMM's weight
+                             bias: torch.Tensor | None = None,            # [E, N] expert bias of the GEMM's weight
+                             max_active: int | None = None):              # the grid's expert slots (`06`'s COMPACT)
     "Run `batched_moe_gemm_quant` on a poisoned random problem and compare with the float64 spec (the test body)."
     device = device or DEVICE
     qw = qw or quantize_expert_weights(*random_expert_weights(E, H, I, seed, device), scheme)
@@ -879,7 +885,7 @@ def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts
     cnt = torch.tensor(counts, dtype=torch.int32, device=device)
     a = poison_rows(random_activations((E, M, K), dtype, seed + 1, device), cnt)
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt)
-    got = batched_moe_gemm_quant(a, qw, cnt, activation, out=out, config=config, bias=bias)
+    got = batched_moe_gemm_quant(a, qw, cnt, activation, out=out, config=config, bias=bias, max_active_experts=max_active)
     want = batched_gemm_quant_reference(a, qw, cnt, activation, bias=bias)
     valid = (torch.arange(M, device=device)[None, :] < cnt[:, None]).cpu()
     assert_quant_close(got.cpu()[valid], want.cpu()[valid], rel_tol, cos_min, name=f"{scheme} {which} {activation} {dtype}")
@@ -1296,7 +1302,7 @@ check_fused_gemm_quant("fp8_w8a8_channel", 6, 1, 3, 96, 64, None, seed=3)
 # %% [markdown]
 # ### Split-K
 #
-# Every scheme in both formats with `SPLIT_K` 2 or 3 against the same spec: uneven splits, and splits with no K
+# Every scheme in both formats with `SPLIT_K` 2 or 3 (and, for the batched GEMM2, `06`'s compact expert slots) against the same spec: uneven splits, and splits with no K
 # tile at all (FP4's `H = 152` is two 128-wide K tiles and GEMM2's `I = 72` one, so three splits leave one or two
 # programs summing nothing — they still count in, and the tile still comes out whole). The FP4 weights are in the
 # kernel layout (mma128). GEMM1 carries a bf16 bias and gpt-oss's clamped SwiGLU on one scheme in two — the
@@ -1314,7 +1320,8 @@ for i, scheme in enumerate(QUANT_SCHEMES):
     bk = 64 if QUANT_SCHEME_TABLE[scheme].is_fp8 else 128
     cfg = dict(BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=2, SPLIT_K=2 + i % 2)   # 2 and 3 by turns
     check_batched_gemm_quant(scheme, 3, 16, 152, 72, [16, 0, 5], act, seed=i, qw=qw, bias=b13, config=dict(cfg, BLOCK_M=16))
-    check_batched_gemm_quant(scheme, 3, 16, 152, 72, [3, 9, 0], None, seed=i, qw=qw, config=dict(cfg, BLOCK_M=16))
+    check_batched_gemm_quant(scheme, 3, 16, 152, 72, [3, 9, 0], None, seed=i, qw=qw, config=dict(cfg, BLOCK_M=16),
+                             max_active=2 + i % 2)                # compact expert slots (`06`): exact, then one spare
     check_fused_gemm_quant(scheme, 7, 2, 3, 152, 72, act, seed=i, qw=qw, bias=b13, config=cfg)
     check_fused_gemm_quant(scheme, 7, 2, 3, 152, 72, None, seed=i, qw=qw, config=cfg)
 test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], None,

@@ -91,6 +91,7 @@ class BatchedTritonQuantExperts:
               activation: Activation = SILU,           # the gated activation between the GEMMs
               validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
               active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
+              max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
         "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
@@ -101,7 +102,7 @@ class BatchedTritonQuantExperts:
                              f"and the output), or None, got {out_dtype}")
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
                                    expected_m=expected_m, bias=w13_bias, validate=validate,   # checks a, qw, the counts
-                                   active_experts=active_experts)
+                                   active_experts=active_experts, max_active_experts=max_active_experts)
         (E, M, _), H = h.shape, qw.hidden_size
         wa2 = _weight_kernel_args(qw, "w2")
         if out is not None:
@@ -113,7 +114,7 @@ class BatchedTritonQuantExperts:
         for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)
         return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias,
-                                       active_experts)
+                                       active_experts, max_active_experts)
 
 # %%
 #| export

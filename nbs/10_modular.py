@@ -62,7 +62,8 @@ class Prepared:
     hidden_size: int | None = None           # columns of the caller's hidden (before any dispatch padding)
     expected_m: int | None = None            # expected rows per local expert (tile choice), from the routing
     num_experts: int | None = None           # the model's experts, global (the Standard experts' layout choice)
-    active_experts: int | None = None        # expected local experts with rows (the quantized GEMMs' split-K choice)
+    active_experts: int | None = None        # expected local experts with rows (the GEMMs' split-K choice)
+    max_active_experts: int | None = None    # at most this many local experts have rows (the batched grids' slots)
 
 # %% [markdown]
 # ## Prepare/finalize
@@ -85,11 +86,12 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
 #| export
 def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (only its shape is read: no sync)
                   placement,                # the Placement: global and local expert counts
-                 ) -> dict:                 # Prepared's `expected_m` and `active_experts`
-    "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert and local experts with rows."
+                 ) -> dict:                 # Prepared's `expected_m`, `active_experts` and `max_active_experts`
+    "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert, local experts with rows, their bound."
     pairs, E, E_local = topk_ids.numel(), placement.num_experts, placement.num_local_experts
     return dict(expected_m=max(1, pairs // E),                          # uniform routing: pairs / global experts
-                active_experts=min(E_local, max(1, -(-pairs * E_local // E))))   # this rank's share of the pairs, at most E_local
+                active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
+                max_active_experts=min(E_local, pairs))                 # a bound: every pair on a different local expert
 
 # %%
 #| export
@@ -248,6 +250,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
         from moe_lit.kernels.batched import BatchedTritonExperts
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
                                             active_experts=prepared.active_experts,
+                                            max_active_experts=prepared.max_active_experts,
                                             w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
@@ -266,7 +269,8 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
-                                                 active_experts=prepared.active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                                 active_experts=prepared.active_experts,
+                                                 max_active_experts=prepared.max_active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                                  validate=False)   # counts from the dispatch: clamped
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,

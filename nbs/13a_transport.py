@@ -356,7 +356,8 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
     return DistributedPrepared(self.activation_format, a.view(E, cap, -1), topk_weights, expert_num_tokens=expert_num_tokens,
                                apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
                                expected_m=max(1, total // placement.num_experts), token_counts=token_counts,
-                               active_experts=int((table[:, me, :E].sum(0) > 0).sum()),   # exact: the counts are here
+                               active_experts=(busy := int((table[:, me, :E].sum(0) > 0).sum())),   # exact: the
+                               max_active_experts=busy,                                            # counts are here
                                send_order=order, send_counts=send_counts, recv_counts=recv_counts, recv_rows=recv_rows,
                                total_pairs=total)
 

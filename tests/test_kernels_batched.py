@@ -182,6 +182,21 @@ def test_batched_gemm_split_k():
               BLOCK_K=32, TMA=True, SPLIT_K=2)), contains="expected SPLIT_K = 1 with TMA")
 
 
+def test_batched_gemm_compact_slots():
+    for i, (E, M, K, N, counts, what) in enumerate(GEMM_CASES):
+        busy = sum(c > 0 for c in counts)
+        if busy == E: continue                                     # no slot to save
+        check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, SILU, max_active=busy)
+        check_batched_gemm(E, M, K, N, counts, torch.float32, max_active=busy + 1, poison=1e30,
+                           config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2))
+    test_fail(lambda: check_batched_gemm(4, 8, 32, 32, [0, 3, 0, 8], torch.float32, max_active=1),
+              contains="max_active_experts: expected >= the 2 experts with rows in expert_num_tokens, got 1")
+    a, w, cnt = random_batched_problem(4, 8, 32, 32, [0, 3, 0, 8], torch.float32)
+    out = batched_moe_gemm(a, w, cnt, out=torch.full((4, 8, 32), float("nan"), device=a.device), max_active_experts=1,
+                           validate=False).cpu()
+    assert not out[1, :3].isnan().any() and out[3].isnan().all()   # the first busy expert only: the bound is trusted
+
+
 def test_batched_gemm_poison_1e30():
     for E, M, K, N, counts, what in GEMM_CASES[:2]:
         check_batched_gemm(E, M, K, N, counts, torch.float32, poison=1e30)

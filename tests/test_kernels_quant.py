@@ -13,7 +13,8 @@ from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch
+from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
+from moe_lit.kernels.batched import check_max_active
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 from moe_lit.kernels.batched import DEVICE
@@ -31,7 +32,8 @@ from moe_lit.kernels.quant import *
 def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts: list, activation=None,
                              dtype=torch.bfloat16, seed: int = 0, device=None, config=None, rel_tol=1e-2, cos_min=0.9999,
                              qw: QuantizedExpertWeights | None = None,    # reuse these weights (else random ones)
-                             bias: torch.Tensor | None = None):           # [E, N] expert bias of the GEMM's weight
+                             bias: torch.Tensor | None = None,            # [E, N] expert bias of the GEMM's weight
+                             max_active: int | None = None):              # the grid's expert slots (`06`'s COMPACT)
     "Run `batched_moe_gemm_quant` on a poisoned random problem and compare with the float64 spec (the test body)."
     device = device or DEVICE
     qw = qw or quantize_expert_weights(*random_expert_weights(E, H, I, seed, device), scheme)
@@ -41,7 +43,7 @@ def check_batched_gemm_quant(scheme: str, E: int, M: int, H: int, I: int, counts
     cnt = torch.tensor(counts, dtype=torch.int32, device=device)
     a = poison_rows(random_activations((E, M, K), dtype, seed + 1, device), cnt)
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt)
-    got = batched_moe_gemm_quant(a, qw, cnt, activation, out=out, config=config, bias=bias)
+    got = batched_moe_gemm_quant(a, qw, cnt, activation, out=out, config=config, bias=bias, max_active_experts=max_active)
     want = batched_gemm_quant_reference(a, qw, cnt, activation, bias=bias)
     valid = (torch.arange(M, device=device)[None, :] < cnt[:, None]).cpu()
     assert_quant_close(got.cpu()[valid], want.cpu()[valid], rel_tol, cos_min, name=f"{scheme} {which} {activation} {dtype}")
@@ -215,7 +217,8 @@ def test_split_k_catalog():
         bk = 64 if QUANT_SCHEME_TABLE[scheme].is_fp8 else 128
         cfg = dict(BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=2, SPLIT_K=2 + i % 2)   # 2 and 3 by turns
         check_batched_gemm_quant(scheme, 3, 16, 152, 72, [16, 0, 5], act, seed=i, qw=qw, bias=b13, config=dict(cfg, BLOCK_M=16))
-        check_batched_gemm_quant(scheme, 3, 16, 152, 72, [3, 9, 0], None, seed=i, qw=qw, config=dict(cfg, BLOCK_M=16))
+        check_batched_gemm_quant(scheme, 3, 16, 152, 72, [3, 9, 0], None, seed=i, qw=qw, config=dict(cfg, BLOCK_M=16),
+                                 max_active=2 + i % 2)                # compact expert slots (`06`): exact, then one spare
         check_fused_gemm_quant(scheme, 7, 2, 3, 152, 72, act, seed=i, qw=qw, bias=b13, config=cfg)
         check_fused_gemm_quant(scheme, 7, 2, 3, 152, 72, None, seed=i, qw=qw, config=cfg)
     test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], None,

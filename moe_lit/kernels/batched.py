@@ -21,8 +21,8 @@ __all__ = ['INTERPRET', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET'
            'SPLIT_K_PROGRAMS_PER_SM', 'GEMM_CASES', 'check_activation', 'batched_gemm_reference', 'gated_activation',
            'add_expert_bias', 'plot_tile_map', 'check_tile_config', 'default_tile_config', 'tile_config_path',
            'lookup_tile_config', 'check_extent', 'check_kernel_device', 'check_expert_bias', 'fit_shared_memory',
-           'epilogue_args', 'split_k_factor', 'split_k_launch', 'batched_moe_gemm', 'random_batched_problem',
-           'check_batched_gemm', 'BatchedTritonExperts']
+           'epilogue_args', 'split_k_factor', 'split_k_launch', 'expert_slots', 'check_max_active', 'batched_moe_gemm',
+           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -72,6 +72,25 @@ def add_expert_bias(acc, acc_up, bias_row_ptr, offs_n, mask_n, up_col, stride_bn
         acc_up += tl.load(bias_row_ptr + (up_col + offs_n) * stride_bn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     return acc, acc_up
 
+# %% ../../nbs/06_kernels.batched.ipynb #5b82c646b19b
+@triton.jit
+def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
+                 g,              # this program's expert slot (axis 1)
+                 E, MAX_TOKENS,  # experts; rows of a slab (counts are clamped to it: memory-safe unvalidated)
+                 COMPACT: tl.constexpr, BLOCK_E: tl.constexpr):   # slots over the non-empty experts; pow2 >= E
+    "`(e, count)` of slot g: expert g, or with COMPACT the g-th expert with rows (count 0 when there is none)."
+    if COMPACT:
+        offs_e = tl.arange(0, BLOCK_E)
+        cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+        busy = cnt > 0
+        hit = busy & (tl.cumsum(busy.to(tl.int32), 0) == g + 1)
+        e = tl.sum(tl.where(hit, offs_e, 0))
+        count = tl.minimum(tl.sum(tl.where(hit, cnt, 0)), MAX_TOKENS)
+    else:
+        e = g
+        count = tl.minimum(tl.load(counts_ptr + g), MAX_TOKENS)
+    return e, count
+
 # %% ../../nbs/06_kernels.batched.ipynb #9690d37ec9ac
 @triton.jit
 def _split_k_sum(acc, acc_up,      # [BLOCK_M, BLOCK_N] fp32: this program's partial sums (gate, up)
@@ -97,7 +116,7 @@ def _split_k_sum(acc, acc_up,      # [BLOCK_M, BLOCK_N] fp32: this program's par
             if GATED: acc_up += tl.load(p + SIZE + offs)
     return acc, acc_up, last
 
-# %% ../../nbs/06_kernels.batched.ipynb #3b7af5aa0240
+# %% ../../nbs/06_kernels.batched.ipynb #a78eb38746ac
 @triton.jit
 def _batched_moe_gemm_kernel(
     a_ptr,                      # [E, max_tokens, K]
@@ -106,18 +125,18 @@ def _batched_moe_gemm_kernel(
     expert_num_tokens_ptr,      # [E] int32
     bias_ptr,                   # [E, N_w] bf16/fp16/fp32, read as fp32 (None unless HAS_BIAS)
     part_ptr, lock_ptr,         # split-K workspace and counters (`_split_k_sum`; unused with SPLIT_K = 1)
-    N_OUT, K, MAX_TOKENS, num_m_tiles,
+    N_OUT, K, MAX_TOKENS, num_m_tiles, num_experts,
     alpha, limit,               # fp32, read only when ACTIVATION == 1
     stride_ae, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ce, stride_cm, stride_cn,
     stride_be, stride_bn,
     GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    pid, e, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid, split = tl.program_id(0), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
-    count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)   # memory-safe even if unvalidated
+    e, count = _slot_expert(expert_num_tokens_ptr, tl.program_id(1), num_experts, MAX_TOKENS, COMPACT, BLOCK_E)
     if pid_m * BLOCK_M >= count: return                       # empty tile: no weight is read
     e64 = e.to(tl.int64)                                      # E·N·K and E·max_tokens·K can pass 2^31
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,7 +170,7 @@ def _batched_moe_gemm_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if SPLIT_K > 1:                                           # only the last split to arrive goes on
         tiles = tl.num_programs(0)
-        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * tl.num_programs(1),
+        acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * num_experts,
                                          split, GATED, SPLIT_K, BLOCK_M, BLOCK_N)
         if not last: return
     if HAS_BIAS:                                              # fp32, before the activation
@@ -473,7 +492,23 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     return (split, torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
             torch.zeros(num_tiles, dtype=torch.int32, device=device))
 
-# %% ../../nbs/06_kernels.batched.ipynb #58066cba6dac
+# %% ../../nbs/06_kernels.batched.ipynb #d2044549c6d8
+def expert_slots(E: int,                    # experts of the launch (slabs)
+                 max_active: int | None,    # a bound on the experts with rows, or None
+                ) -> tuple:                 # (slots on grid axis 1, COMPACT, BLOCK_E)
+    "The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer."
+    if max_active is None or max_active >= E: return E, False, 1
+    return max(1, max_active), True, _next_pow2(E)
+
+def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, validate: bool):
+    "A caller's bound on the experts with rows: an int >= 0, checked against the counts on the host when `validate` (one sync)."
+    if max_active is None: return None
+    check_int("max_active_experts", max_active, lo=0)
+    if validate and max_active < expert_num_tokens.numel() and (busy := int((expert_num_tokens > 0).sum())) > max_active:
+        raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
+    return max_active
+
+# %% ../../nbs/06_kernels.batched.ipynb #844222f69f14
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -484,21 +519,25 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
                      validate: bool = True,             # check counts <= max_tokens on the host (one sync)
                      bias: torch.Tensor | None = None,  # [E, N] bf16/fp16/fp32, added in fp32 before the activation
                      active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
+                     max_active_experts: int | None = None,  # a bound on the experts with rows: the grid's expert slots
                     ) -> torch.Tensor:                  # `out`
     "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ + bias[e])`, fp32 accumulation (the batched-experts contract)."
     E, M, K, N, n_out, act = _check_gemm_args(a, w, expert_num_tokens, activation, out, bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
+    check_max_active(max_active_experts, expert_num_tokens, validate)
     if validate and E and not (0 <= int((mm := torch.aminmax(expert_num_tokens)).min) and int(mm.max) <= M):
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out
     for name, t in (("a", a), ("w", w), ("out", out)): check_extent(name, t)
     check_tile_config(config, need_block_m=True)
-    return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts)
+    return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts,
+                             max_active_experts)
 
 SPLIT_K_PROGRAMS_PER_SM = 0.5   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
 
-def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None) -> torch.Tensor:
+def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None,
+                      max_active=None) -> torch.Tensor:
     "`batched_moe_gemm` after its checks (`out` given): for callers whose arguments are checked or built by them."
     (E, M, K), N = a.shape, w.shape[1]
     n_out = N // 2 if act else N
@@ -522,8 +561,10 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
                                         grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM)
-    _batched_moe_gemm_kernel[(*grid, split)](
+    slots, compact, block_e = expert_slots(E, max_active)
+    _batched_moe_gemm_kernel[(grid[0], slots, split)](
         a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
+        num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         stride_ae=a.stride(0), stride_am=a.stride(1), stride_ak=a.stride(2),
         stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
         stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
@@ -560,9 +601,9 @@ GEMM_CASES = [
     (2, 70, 128, 128, [70, 66], "more rows than one M tile"),
 ]
 
-# %% ../../nbs/06_kernels.batched.ipynb #48f4fec9b5f3
+# %% ../../nbs/06_kernels.batched.ipynb #639e648bcb0a
 def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None,
-                       bias_dtype=None):
+                       bias_dtype=None, max_active=None):
     "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
     device = a.device
@@ -571,7 +612,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     poison_rows(a, cnt, poison)
     n_out = N // 2 if activation else N
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
-    got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config, bias=bias)
+    got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config, bias=bias, max_active_experts=max_active)
     want = batched_gemm_reference(a.double(), w.double(), cnt, activation,
                                   bias=None if bias is None else bias.double()).cpu()
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None].long()             # [E, M]
@@ -580,7 +621,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
 
-# %% ../../nbs/06_kernels.batched.ipynb #6de22f2f20d7
+# %% ../../nbs/06_kernels.batched.ipynb #a2f62517df26
 class BatchedTritonExperts:
     "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
     activation_format = ActivationFormat.BatchedExperts
@@ -596,6 +637,7 @@ class BatchedTritonExperts:
               activation: Activation = SILU,           # the gated activation between the GEMMs
               validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
               active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
+              max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
         "Run the experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
@@ -606,7 +648,8 @@ class BatchedTritonExperts:
         check_expert_bias("w13_bias", w13_bias, a.shape[0], w13.shape[1], a.device)
         check_expert_bias("w2_bias", w2_bias, a.shape[0], a.shape[2], a.device)
         h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias,
-                             validate=validate, active_experts=active_experts)   # checks a, w13, counts, extents
+                             validate=validate, active_experts=active_experts,   # checks a, w13, counts, extents
+                             max_active_experts=max_active_experts)
         E, M, H = a.shape
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
         else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2,
@@ -614,4 +657,4 @@ class BatchedTritonExperts:
         check_kernel_device("a", a, w2=w2, out=out)
         for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias,   # h is GEMM1's
-                                 active_experts)
+                                 active_experts, max_active_experts)

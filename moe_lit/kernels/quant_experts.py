@@ -31,7 +31,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #18cd41d44509
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #7522aa84d338
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -48,6 +48,7 @@ class BatchedTritonQuantExperts:
               activation: Activation = SILU,           # the gated activation between the GEMMs
               validate: bool = True,                   # check the counts on the host (one sync; off in hot paths)
               active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
+              max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
         "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
         check_tensor("a", a, ndim=3)
@@ -58,7 +59,7 @@ class BatchedTritonQuantExperts:
                              f"and the output), or None, got {out_dtype}")
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
                                    expected_m=expected_m, bias=w13_bias, validate=validate,   # checks a, qw, the counts
-                                   active_experts=active_experts)
+                                   active_experts=active_experts, max_active_experts=max_active_experts)
         (E, M, _), H = h.shape, qw.hidden_size
         wa2 = _weight_kernel_args(qw, "w2")
         if out is not None:
@@ -70,7 +71,7 @@ class BatchedTritonQuantExperts:
         for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)
         return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias,
-                                       active_experts)
+                                       active_experts, max_active_experts)
 
 # %% ../../nbs/09d_kernels.quant_experts.ipynb #d7a7e38c9352
 def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Tensor, qw: QuantizedExpertWeights,
