@@ -45,11 +45,14 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
 
-# %% ../nbs/10_modular.ipynb #9421bc602e34
+# %% ../nbs/10_modular.ipynb #2b1698d50fd8
 def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (only its shape is read: no sync)
                   placement,                # the Placement: global and local expert counts
                  ) -> dict:                 # Prepared's `expected_m`, `active_experts` and `max_active_experts`
     "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert, local experts with rows, their bound."
+    from moe_lit.placement import Placement
+    check_tensor("topk_ids", topk_ids, ndim=2)
+    if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
     pairs, E, E_local = topk_ids.numel(), placement.num_experts, placement.num_local_experts
     return dict(expected_m=max(1, pairs // E),                          # uniform routing: pairs / global experts
                 active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
+from moe_lit.terms import check_positive_real
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
@@ -763,8 +764,7 @@ def split_k_factor(tiles_per_expert: int,   # output tiles of one expert: m tile
     "Split-K factor of a grouped GEMM: double while the grid is below `programs_per_sm` an SM and each split keeps >= 4 K tiles."
     for name, v in (("tiles_per_expert", tiles_per_expert), ("active_experts", active_experts), ("k_tiles", k_tiles),
                     ("num_sms", num_sms)): check_int(name, v, lo=0 if name == "active_experts" else 1)
-    if not isinstance(programs_per_sm, (int, float)) or not programs_per_sm > 0:
-        raise ValueError(f"programs_per_sm: expected a positive number, got {programs_per_sm!r}")
+    check_positive_real("programs_per_sm", programs_per_sm)
     split = 1
     while split < 8 and tiles_per_expert * max(1, active_experts) * split < num_sms * programs_per_sm \
             and k_tiles >= 8 * split: split *= 2
@@ -782,9 +782,15 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
                   ) -> tuple:                # (SPLIT_K, fp32 workspace or None, zeroed int32 counters or None)
     "The split of one launch and its buffers: cfg's SPLIT_K, else `split_k_factor` within `SPLIT_K_WORKSPACE_BYTES` (1 in the interpreter)."
     split = cfg.pop("SPLIT_K", None)
+    nbytes = lambda s: s * num_tiles * 2 * block_m * block_n * 4
     if split is None:
         split = 1 if INTERPRET else split_k_factor(tiles_per_expert, active_experts, k_tiles, _num_sms(), programs_per_sm)
-        while split > 1 and split * num_tiles * 2 * block_m * block_n * 4 > SPLIT_K_WORKSPACE_BYTES: split //= 2
+        while split > 1 and nbytes(split) > SPLIT_K_WORKSPACE_BYTES: split //= 2
+    else:
+        check_int("config['SPLIT_K']", split, lo=1, hi=65)
+        if nbytes(split) > 16 * SPLIT_K_WORKSPACE_BYTES:      # an override is honoured, within reason
+            raise ValueError(f"config['SPLIT_K']: expected a split whose fp32 workspace fits {16 * SPLIT_K_WORKSPACE_BYTES >> 20} "
+                             f"MiB ({num_tiles} output tiles of {block_m}x{block_n}), got {split} ({nbytes(split) >> 20} MiB)")
     if split == 1: return 1, None, None
     return (split, torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
             torch.zeros(num_tiles, dtype=torch.int32, device=device))
@@ -795,11 +801,13 @@ def expert_slots(E: int,                    # experts of the launch (slabs)
                  max_active: int | None,    # a bound on the experts with rows, or None
                 ) -> tuple:                 # (slots on grid axis 1, COMPACT, BLOCK_E)
     "The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer."
-    if max_active is None or max_active >= E: return E, False, 1
+    check_int("E", E, lo=0)
+    if max_active is None or check_int("max_active_experts", max_active, lo=0) >= E: return E, False, 1
     return max(1, max_active), True, _next_pow2(E)
 
 def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, validate: bool):
     "A caller's bound on the experts with rows: an int >= 0, checked against the counts on the host when `validate` (one sync)."
+    check_bool("validate", validate)
     if max_active is None: return None
     check_int("max_active_experts", max_active, lo=0)
     if validate and max_active < expert_num_tokens.numel() and (busy := int((expert_num_tokens > 0).sum())) > max_active:
@@ -817,11 +825,17 @@ test_eq(split_k_factor(12, 1, 16, 132, 4), 4)     # Qwen3 GEMM1: 16 K tiles, 4 a
 test_eq(split_k_factor(1, 0, 1000, 132), 8)       # capped at 8
 test_eq(split_k_factor(112, 1, 16, 132, 0.5), 1)  # bf16 / FP8 GEMM2 of DeepSeek-V3: 112 programs are half the GPU already
 test_eq(split_k_factor(32, 1, 28, 132, 0.5), 4)   # its bf16 GEMM1 (256-wide K tiles): 32 -> 128 programs
-test_fail(lambda: split_k_factor(32, 1, 28, 132, 0), contains="programs_per_sm: expected a positive number, got 0")
+test_fail(lambda: split_k_factor(32, 1, 28, 132, 0), contains="programs_per_sm: expected a finite number > 0, got int 0")
+test_fail(lambda: split_k_factor(32, 1, 28, 132, True), contains="programs_per_sm: expected a finite number > 0, got bool")
 test_fail(lambda: split_k_factor(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
 cfg = dict(SPLIT_K=3)
 test_eq(split_k_launch(cfg, 32, 1, 56, 64, 16, 32, "cpu")[0], 3); test_eq(cfg, {})   # an override wins, and is popped
 if INTERPRET: test_eq(split_k_launch({}, 32, 1, 56, 64, 16, 32, "cpu"), (1, None, None))   # no split unless told
+test_fail(lambda: split_k_launch(dict(SPLIT_K=0), 32, 1, 56, 64, 16, 32, "cpu"), contains="config['SPLIT_K']: expected >= 1, got 0")
+test_fail(lambda: split_k_launch(dict(SPLIT_K=64), 32, 1, 56, 2**20, 64, 128, "cpu"), contains="config['SPLIT_K']: expected a split whose")
+test_eq(expert_slots(32, 8), (8, True, 32)); test_eq(expert_slots(32, None), (32, False, 1)); test_eq(expert_slots(8, 9), (8, False, 1))
+test_fail(lambda: expert_slots(4, 2.5), contains="max_active_experts: expected an int")
+test_fail(lambda: check_max_active(1, torch.tensor([0, 2, 3]), None), contains="validate: expected a bool, got NoneType None")
 
 # %%
 #| export
@@ -841,7 +855,7 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     E, M, K, N, n_out, act = _check_gemm_args(a, w, expert_num_tokens, activation, out, bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
-    check_max_active(max_active_experts, expert_num_tokens, validate)
+    check_max_active(max_active_experts, expert_num_tokens, validate)        # and that validate is a bool
     if validate and E and not (0 <= int((mm := torch.aminmax(expert_num_tokens)).min) and int(mm.max) <= M):
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.empty(E, M, n_out, dtype=a.dtype, device=a.device) if out is None else out

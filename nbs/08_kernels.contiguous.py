@@ -509,7 +509,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
     n_out = N // 2 if act else N
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
     if out is None: out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device)
-    if num_pairs == 0: return out
+    if num_pairs == 0 or E == 0: return out                     # nothing to compute (no expert on this rank: all -1)
     if expected_m is None: expected_m = max(1, num_pairs // E)
     bm, bn, bk, tma, group_m, rest = _fused_tile(E, N, K, expected_m, a.dtype, block_m, act is not None,
                                                  None if config is None else tuple(sorted(config.items())),
@@ -728,10 +728,11 @@ class TritonExperts:
         check_expert_bias("w13_bias", w13_bias, E, N, hidden.device)
         check_expert_bias("w2_bias", w2_bias, E, H, hidden.device)
         check_local_ids(local_ids, E, validate)
+        if expected_m is not None: check_int("expected_m", expected_m, lo=1)
+        if active_experts is not None: check_int("active_experts", active_experts, lo=0)
         T, k = local_ids.shape
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
-        expected_m = max(1, T * k // E) if expected_m is None else check_int("expected_m", expected_m, lo=1)
-        if active_experts is not None: check_int("active_experts", active_experts, lo=0)
+        expected_m = expected_m or max(1, T * k // E)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
         check_block_m(block_m)
@@ -859,6 +860,9 @@ test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", wts.to("m
 test_fail(lambda: TritonExperts().apply(x, w, w2, wts.to("meta"), ids), contains="topk_weights: expected device")
 test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", out=torch.empty(T * k, I, device="meta")),
           contains="out: expected device")
+test_fail(lambda: TritonExperts().apply(x[:0], w, w2, wts[:0], ids[:0], active_experts=-1),   # checked before the
+          contains="active_experts: expected >= 0, got -1")                                     # empty batch returns
+test_eq(fused_moe_gemm(x, w[:0], s, torch.full_like(e, -1), n, k, 16, "silu_and_mul").shape, (T * k, I))   # no local expert
 
 # %% [markdown]
 # On the GPU: DeepSeek-V3 EP8 decode and prefill shapes (32 local experts, hidden 7168, expert width 2048, top-8).

@@ -88,10 +88,24 @@ def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (on
                   placement,                # the Placement: global and local expert counts
                  ) -> dict:                 # Prepared's `expected_m`, `active_experts` and `max_active_experts`
     "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert, local experts with rows, their bound."
+    from moe_lit.placement import Placement
+    check_tensor("topk_ids", topk_ids, ndim=2)
+    if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
     pairs, E, E_local = topk_ids.numel(), placement.num_experts, placement.num_local_experts
     return dict(expected_m=max(1, pairs // E),                          # uniform routing: pairs / global experts
                 active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
                 max_active_experts=min(E_local, pairs))                 # a bound: every pair on a different local expert
+
+# %%
+#| test expected_load
+from moe_lit.placement import Placement
+from moe_lit.config import ParallelConfig
+par = ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="nixl_ep")
+p = Placement.build(MoEConfig(64, 8, 16, 16, parallel=par))                     # 32 of 64 experts on this rank
+test_eq(expected_load(torch.zeros(1, 8, dtype=torch.int32), p), dict(expected_m=1, active_experts=4, max_active_experts=8))
+test_eq(expected_load(torch.zeros(64, 8, dtype=torch.int32), p), dict(expected_m=8, active_experts=32, max_active_experts=32))
+test_fail(lambda: expected_load([[0, 1]], p), contains="topk_ids: expected a torch.Tensor")
+test_fail(lambda: expected_load(torch.zeros(1, 8), None), contains="placement: expected a Placement, got NoneType")
 
 # %%
 #| export

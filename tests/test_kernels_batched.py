@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
+from moe_lit.terms import check_positive_real
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
@@ -120,11 +121,17 @@ def test_split_k_factor():
     test_eq(split_k_factor(1, 0, 1000, 132), 8)       # capped at 8
     test_eq(split_k_factor(112, 1, 16, 132, 0.5), 1)  # bf16 / FP8 GEMM2 of DeepSeek-V3: 112 programs are half the GPU already
     test_eq(split_k_factor(32, 1, 28, 132, 0.5), 4)   # its bf16 GEMM1 (256-wide K tiles): 32 -> 128 programs
-    test_fail(lambda: split_k_factor(32, 1, 28, 132, 0), contains="programs_per_sm: expected a positive number, got 0")
+    test_fail(lambda: split_k_factor(32, 1, 28, 132, 0), contains="programs_per_sm: expected a finite number > 0, got int 0")
+    test_fail(lambda: split_k_factor(32, 1, 28, 132, True), contains="programs_per_sm: expected a finite number > 0, got bool")
     test_fail(lambda: split_k_factor(0, 1, 8, 132), contains="tiles_per_expert: expected >= 1, got 0")
     cfg = dict(SPLIT_K=3)
     test_eq(split_k_launch(cfg, 32, 1, 56, 64, 16, 32, "cpu")[0], 3); test_eq(cfg, {})   # an override wins, and is popped
     if INTERPRET: test_eq(split_k_launch({}, 32, 1, 56, 64, 16, 32, "cpu"), (1, None, None))   # no split unless told
+    test_fail(lambda: split_k_launch(dict(SPLIT_K=0), 32, 1, 56, 64, 16, 32, "cpu"), contains="config['SPLIT_K']: expected >= 1, got 0")
+    test_fail(lambda: split_k_launch(dict(SPLIT_K=64), 32, 1, 56, 2**20, 64, 128, "cpu"), contains="config['SPLIT_K']: expected a split whose")
+    test_eq(expert_slots(32, 8), (8, True, 32)); test_eq(expert_slots(32, None), (32, False, 1)); test_eq(expert_slots(8, 9), (8, False, 1))
+    test_fail(lambda: expert_slots(4, 2.5), contains="max_active_experts: expected an int")
+    test_fail(lambda: check_max_active(1, torch.tensor([0, 2, 3]), None), contains="validate: expected a bool, got NoneType None")
 
 
 def test_batched_gemm_catalog():

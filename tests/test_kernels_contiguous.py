@@ -233,6 +233,9 @@ def test_contiguous_bad_input():
     test_fail(lambda: TritonExperts().apply(x, w, w2, wts.to("meta"), ids), contains="topk_weights: expected device")
     test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", out=torch.empty(T * k, I, device="meta")),
               contains="out: expected device")
+    test_fail(lambda: TritonExperts().apply(x[:0], w, w2, wts[:0], ids[:0], active_experts=-1),   # checked before the
+              contains="active_experts: expected >= 0, got -1")                                     # empty batch returns
+    test_eq(fused_moe_gemm(x, w[:0], s, torch.full_like(e, -1), n, k, 16, "silu_and_mul").shape, (T * k, I))   # no local expert
 
 
 @pytest.mark.gpu

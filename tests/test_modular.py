@@ -18,6 +18,17 @@ from moe_lit.placement import Placement
 from moe_lit.modular import *
 
 
+def test_expected_load():
+    from moe_lit.placement import Placement
+    from moe_lit.config import ParallelConfig
+    par = ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="nixl_ep")
+    p = Placement.build(MoEConfig(64, 8, 16, 16, parallel=par))                     # 32 of 64 experts on this rank
+    test_eq(expected_load(torch.zeros(1, 8, dtype=torch.int32), p), dict(expected_m=1, active_experts=4, max_active_experts=8))
+    test_eq(expected_load(torch.zeros(64, 8, dtype=torch.int32), p), dict(expected_m=8, active_experts=32, max_active_experts=32))
+    test_fail(lambda: expected_load([[0, 1]], p), contains="topk_ids: expected a torch.Tensor")
+    test_fail(lambda: expected_load(torch.zeros(1, 8), None), contains="placement: expected a Placement, got NoneType")
+
+
 def test_composition_walk():
     for name, d in BACKENDS.items():
         cfg = MoEConfig(8, 2, 16, 8, parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=name))

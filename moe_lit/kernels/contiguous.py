@@ -289,7 +289,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #9fed65b5a5d6
+# %% ../../nbs/08_kernels.contiguous.ipynb #98d05e16f076
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -337,7 +337,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
     n_out = N // 2 if act else N
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
     if out is None: out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device)
-    if num_pairs == 0: return out
+    if num_pairs == 0 or E == 0: return out                     # nothing to compute (no expert on this rank: all -1)
     if expected_m is None: expected_m = max(1, num_pairs // E)
     bm, bn, bk, tma, group_m, rest = _fused_tile(E, N, K, expected_m, a.dtype, block_m, act is not None,
                                                  None if config is None else tuple(sorted(config.items())),
@@ -421,7 +421,7 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
     align = moe_pair_blocks if tiny else moe_align_block_size
     return align(local_ids, block_m, num_local, validate=False)    # ids from a placement: in range by construction
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #e5fe43aae6b9
+# %% ../../nbs/08_kernels.contiguous.ipynb #4f2c9c8f7131
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -457,10 +457,11 @@ class TritonExperts:
         check_expert_bias("w13_bias", w13_bias, E, N, hidden.device)
         check_expert_bias("w2_bias", w2_bias, E, H, hidden.device)
         check_local_ids(local_ids, E, validate)
+        if expected_m is not None: check_int("expected_m", expected_m, lo=1)
+        if active_experts is not None: check_int("active_experts", active_experts, lo=0)
         T, k = local_ids.shape
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
-        expected_m = max(1, T * k // E) if expected_m is None else check_int("expected_m", expected_m, lo=1)
-        if active_experts is not None: check_int("active_experts", active_experts, lo=0)
+        expected_m = expected_m or max(1, T * k // E)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
         check_block_m(block_m)
