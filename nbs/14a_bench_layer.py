@@ -276,8 +276,12 @@ plot_bench_layer(layer_h200)
 #   The batched (nixl_ep) rows at T ≤ 4 did not move (T = 1: 111 → 110 µs), although one expert's GEMM1 is 2× faster
 #   split in isolation (the bench chapter's split sweep): the batched grid repeats the programs of every empty local
 #   expert once per split — 32 local experts × 32 tiles × 4 splits for DeepSeek-V3's GEMM1 — and each costs a
-#   scheduling slot and a load of its count before it exits. A grid over the active experts only (a device-side
-#   list of them, built by the dispatch) would remove that; not built.
+#   scheduling slot and a load of its count before it exits. The batched GEMMs now take a bound on the experts with
+#   rows (`06`'s compact expert slots: `min(E_local, T·top_k)` from the modular kernel), so the grid has that many
+#   slots instead of `E`. Measured after it (`layer_bench_small_t_h200_11d154c.json`, the two nixl_ep deployments):
+#   DeepSeek-V3 T = 1 110 → 106 µs and T = 2 106 → 99 µs, Qwen3 EP2 T = 1 and 2 51 → 49 µs, the rest within ±2 %
+#   (T = 64 touched one expert more). The empty programs were a few µs; the small-T rows stay bound by the chain of
+#   launches below.
 # - Replayed, the layer is
 #   near its floor where the experts' bytes dominate: gpt-oss-120b from T = 8 (1.04–1.17×), DeepSeek-V3 EP8 from
 #   T = 8 (nixl_ep) and T = 16 (allgather) (1.09–1.28×), Mixtral from T = 2 to 64 (1.03–1.22×), Qwen3 from T = 16
