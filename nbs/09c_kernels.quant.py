@@ -1608,9 +1608,13 @@ assert_quant_close(got[:3], want[:3])
 # the faster layer at T = 64 and 256 (1.5–1.6×)**, and still slower at T = 1. The profile of that case
 # (`nbs/bench/profile_seed_t1.py`, `profile_seed_t1_h200_b33af56.log`) shows why: with one token the rank's FP4 GEMMs
 # run one expert, 64 programs of 64 weight rows for GEMM1, one 4-warp program an SM, so nothing hides the decode's
-# dependent-instruction latency: 93 µs of quant GEMM in a 165 µs replay, where bf16's GEMMs take 13 µs. Splitting K
-# at small grids (issue 14's split-K) is the fix, not built yet. (The layer also keeps the dequantized weights beside
-# the codes, for its references: a quantized layer does not save memory yet.)
+# dependent-instruction latency: 93 µs of quant GEMM in a 165 µs replay (where that run's bf16 token reached no local
+# expert). **Split-K** (`06`, a third grid axis whose last program sums the partials and runs the epilogue) now
+# divides those programs' K loops: with the same one-expert token the FP4 GEMMs take 41–43 µs
+# (`profile_seed_t1_h200_0c2b3a1.log`), against 56 µs for bf16's; one expert's FP4 GEMM1 alone drops from 54–58 to
+# 23–25 µs (`14_bench`'s split sweep). That is still 6× its floor: a few programs an SM do not hide the decode chain,
+# only fewer instructions would. (The layer also keeps the dequantized weights beside the codes, for its references:
+# a quantized layer does not save memory yet.)
 
 # %% [markdown]
 # Inputs the host does not check on the hot path are still safe: a negative or huge pair index and an expert id past
