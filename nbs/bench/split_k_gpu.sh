@@ -22,17 +22,7 @@ sweep)
   ;;
 final)
   seed
-  timeout 320 python - "$OUT/layer_bench_h200_$C.json" <<'PY' 2>&1 | grep -v Warning | tee "$OUT/layer_bench_h200_$C.log" | tail -3
-import json, sys
-from moe_lit.bench_layer import bench_layer, format_bench_layer, plot_bench_layer
-from moe_lit.bench import source_commit
-rows = []
-def save(new):        # every deployment's rows as they finish: a cut-off run keeps what it measured
-    rows.extend(new); print(format_bench_layer(dict(rows=new)), flush=True)
-    json.dump(dict(commit=source_commit(), rows=rows, partial=True), open(sys.argv[1], "w"), indent=1)
-rep = bench_layer(sys.argv[1], on_rows=save)
-plot_bench_layer(rep).savefig(sys.argv[1].replace(".json", ".png"), dpi=110)
-PY
+  timeout 320 python nbs/bench/layer_bench_run.py "$OUT/layer_bench_h200_$C.json" 2>&1 | grep -v Warning | tee "$OUT/layer_bench_h200_$C.log" | tail -3
   mc() { timeout 190 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" "$@" 2>&1 | tail -4; }
   { mc tests/test_kernels_quant.py > "$OUT/mc1.log" & mc tests/test_kernels_quant_experts.py tests/test_kernels_quant_act.py > "$OUT/mc2.log" &
     mc tests/test_layer.py tests/test_modular.py > "$OUT/mc3.log" &
