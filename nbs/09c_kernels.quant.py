@@ -27,7 +27,7 @@ from moe_lit.kernels.contiguous import check_aligned_args
 
 # %%
 #| hide
-from moe_lit.kernels.batched import DEVICE
+from moe_lit.kernels.batched import DEVICE, split_k_factor, _num_sms
 from moe_lit.kernels.contiguous import moe_align_block_size
 from moe_lit.formats import SILU
 from moe_lit.quant import QUANT_SCHEMES
@@ -1335,7 +1335,6 @@ test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], Non
 # %%
 #| test split_k_heuristic_gpu
 #| gpu
-from moe_lit.kernels.batched import split_k_factor, _num_sms
 assert split_k_factor(32, 1, 56, _num_sms(), 4) >= 2, "this GPU fills with one expert's GEMM1: the test would not split"
 for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
     qw = quantize_expert_weights(*random_expert_weights(2, 7168, 2048, seed=3), scheme).for_kernels()

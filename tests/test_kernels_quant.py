@@ -17,7 +17,7 @@ from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, spli
 from moe_lit.kernels.batched import check_max_active
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
-from moe_lit.kernels.batched import DEVICE
+from moe_lit.kernels.batched import DEVICE, split_k_factor, _num_sms
 from moe_lit.kernels.contiguous import moe_align_block_size
 from moe_lit.formats import SILU
 from moe_lit.quant import QUANT_SCHEMES
@@ -228,7 +228,6 @@ def test_split_k_catalog():
 
 @pytest.mark.gpu
 def test_split_k_heuristic_gpu():
-    from moe_lit.kernels.batched import split_k_factor, _num_sms
     assert split_k_factor(32, 1, 56, _num_sms(), 4) >= 2, "this GPU fills with one expert's GEMM1: the test would not split"
     for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
         qw = quantize_expert_weights(*random_expert_weights(2, 7168, 2048, seed=3), scheme).for_kernels()
