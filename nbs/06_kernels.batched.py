@@ -742,18 +742,21 @@ test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"]
 # experts without a sync: the caller passes an estimate, `active_experts` (the modular kernel's is this rank's
 # expected share of the routed pairs, capped at `E`: `10_modular.expected_load`; without one the batched GEMMs
 # assume all `E`, the contiguous ones at most one expert per pair). `split_k_factor` doubles `S` (up to 8) while the
-# grid is below `programs_per_sm` programs a streaming multiprocessor and every split keeps at least 4 K tiles. The
-# target differs by kernel, from the split sweep on the H200 (`nbs/bench/split_k_sweep.py`, in the bench chapter):
-# the FP4 GEMMs, whose K step is a long chain of decode instructions, want 4 programs an SM to hide its latency;
-# bf16 and FP8, whose K step is loads and MMAs, split only below half an SM's worth: DeepSeek-V3's bf16 GEMM2 for
-# one expert (112 programs) reads at the floor unsplit and is 1.8× slower in two splits, while its GEMM1 (32
-# programs) is 2.4× faster in eight. A workspace past `SPLIT_K_WORKSPACE_BYTES` halves `S` again (it is sized for every
-# tile of the grid, used or not), the TMA kernels never split, and the interpreter does not split unless told (a
-# tile override's `SPLIT_K`): its cost is programs × K steps.
+# grid is below `programs_per_sm` programs a streaming multiprocessor and every split keeps at least 4 K tiles.
+#
+# The target differs by kernel family, one table for all of them (`SPLIT_K_PROGRAMS_PER_SM`), read off the split
+# sweep on the H200 (`nbs/bench/split_k_sweep.py`, in the bench chapter). The FP4 GEMMs, whose K step is a long
+# chain of decode instructions, want 4 programs an SM to hide its latency. bf16 and FP8, whose K step is loads and
+# MMAs, split only below half an SM's worth: DeepSeek-V3's bf16 GEMM2 for one expert (112 programs) reads at the
+# floor unsplit and is 1.8× slower in two splits, while its GEMM1 (32 programs) is 2.4× faster in eight. A workspace
+# past `SPLIT_K_WORKSPACE_BYTES` halves `S` again (it is sized for every tile of the grid, used or not), the TMA
+# kernels never split, and the interpreter does not split unless told (a tile override's `SPLIT_K`): its cost is
+# programs × K steps.
 
 # %%
 #| export
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
+SPLIT_K_PROGRAMS_PER_SM = {"16-bit": 0.5, "fp8": 0.5, "fp4": 4.0}   # each kernel family's split target (H200 sweep)
 
 def split_k_factor(tiles_per_expert: int,   # output tiles of one expert: m tiles × n tiles
                    active_experts: int,     # experts expected to have rows (an estimate: no sync to count them)
@@ -864,7 +867,6 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts,
                              max_active_experts)
 
-SPLIT_K_PROGRAMS_PER_SM = 0.5   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
 
 def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None,
                       max_active=None) -> torch.Tensor:
@@ -890,7 +892,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
         return out
     split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
-                                        grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM)
+                                        grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     slots, compact, block_e = expert_slots(E, max_active)
     _batched_moe_gemm_kernel[(grid[0], slots, split)](
         a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,

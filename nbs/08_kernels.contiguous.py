@@ -523,7 +523,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
     if w_desc is not None: split, part, locks = 1, None, None          # the TMA path does not split (nor does a
     else: split, part, locks = split_k_launch(rest, _cdiv(n_out, bn),   # large grid: see split_k_factor)
                                              min(E, num_pairs if active_experts is None else active_experts),
-                                             _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM)
+                                             _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     rest.pop("SPLIT_K", None)
     _fused_moe_kernel[(tiles, split)](
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,

@@ -21,7 +21,7 @@ from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_act
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
-from moe_lit.kernels.batched import check_max_active
+from moe_lit.kernels.batched import check_max_active, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args
 
@@ -685,6 +685,10 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
                 LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout))   # mma128's 4-byte alignment: checked by the container
 
+def _split_target(fmt: int) -> float:
+    "The split-K target of a quantized kernel (`FMT`): `06`'s table, FP4's or FP8's entry."
+    return SPLIT_K_PROGRAMS_PER_SM["fp4" if fmt >= 2 else "fp8"]
+
 def _named_strides(tensor: str, dims: str, strides) -> dict:
     "Strides as the kernels' keywords: `_named_strides('a', 'emk', (s0, s1, s2))` -> `stride_ae`, `stride_am`, `stride_ak`."
     return {f"stride_{tensor}{d}": int(st) for d, st in zip(dims, strides, strict=True)}
@@ -694,10 +698,6 @@ def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
     cfg = default_tile_config(E, N, K, M, dtype)
     if INTERPRET or M > 64: return cfg
     return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)   # one warp group: 64 rows
-
-def _split_target(fmt: int) -> float:
-    "Split-K's target grid in programs an SM (`06`'s `split_k_factor`): 4 for FP4, whose decode chain needs the latency hidden, 0.5 for FP8."
-    return 4 if fmt >= 2 else 0.5
 
 def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, group_k: int, silu: bool,
                 config: dict | None,

@@ -648,7 +648,7 @@ fig
 
 # %%
 from moe_lit.kernels.batched import split_k_factor, SPLIT_K_PROGRAMS_PER_SM
-from moe_lit.kernels.quant import _split_target, _FMT
+from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.models import PRESETS
 sweep = json.loads(find_bench_results("bench/split_k_sweep_h200_0c2b3a1.json").read_text())
 dims = {name: (PRESETS[key].hidden_size, PRESETS[key].intermediate_size) for name, key in
@@ -661,7 +661,8 @@ for (model, scheme, gemm, active), rs in groups.items():
     H, I = dims[model]
     K, n_out = (H, I) if gemm == "w13" else (I, H)
     tile, us = rs[0]["tile"], {r["split_k"]: r["us"] for r in rs}
-    target = SPLIT_K_PROGRAMS_PER_SM if scheme == "bf16" else _split_target(_FMT[scheme])
+    family = "16-bit" if scheme == "bf16" else "fp8" if QUANT_SCHEME_TABLE[scheme].is_fp8 else "fp4"
+    target = SPLIT_K_PROGRAMS_PER_SM[family]
     pick = split_k_factor(-(-n_out // tile["BLOCK_N"]), active, -(-K // tile["BLOCK_K"]), sweep["num_sms"], target)
     best = min(us, key=us.get)
     table.append((model, scheme, gemm, active, rs[0]["floor_us"], us[1], best, us[best], pick, us[pick]))

@@ -455,8 +455,9 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #1be0d14a0a34
+# %% ../../nbs/06_kernels.batched.ipynb #b90df86f7ddf
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
+SPLIT_K_PROGRAMS_PER_SM = {"16-bit": 0.5, "fp8": 0.5, "fp4": 4.0}   # each kernel family's split target (H200 sweep)
 
 def split_k_factor(tiles_per_expert: int,   # output tiles of one expert: m tiles × n tiles
                    active_experts: int,     # experts expected to have rows (an estimate: no sync to count them)
@@ -516,7 +517,7 @@ def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, va
         raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
     return max_active
 
-# %% ../../nbs/06_kernels.batched.ipynb #9d3be5fc413f
+# %% ../../nbs/06_kernels.batched.ipynb #047271ae0cd9
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -542,7 +543,6 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
     return _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts,
                              max_active_experts)
 
-SPLIT_K_PROGRAMS_PER_SM = 0.5   # the unquantized GEMMs' split target (`split_k_factor`), from the H200 sweep
 
 def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bias, active_experts=None,
                       max_active=None) -> torch.Tensor:
@@ -568,7 +568,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
         return out
     split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
-                                        grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM)
+                                        grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     slots, compact, block_e = expert_slots(E, max_active)
     _batched_moe_gemm_kernel[(grid[0], slots, split)](
         a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,

@@ -289,7 +289,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #98d05e16f076
+# %% ../../nbs/08_kernels.contiguous.ipynb #156b631695e8
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -351,7 +351,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
     if w_desc is not None: split, part, locks = 1, None, None          # the TMA path does not split (nor does a
     else: split, part, locks = split_k_launch(rest, _cdiv(n_out, bn),   # large grid: see split_k_factor)
                                              min(E, num_pairs if active_experts is None else active_experts),
-                                             _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM)
+                                             _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     rest.pop("SPLIT_K", None)
     _fused_moe_kernel[(tiles, split)](
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,

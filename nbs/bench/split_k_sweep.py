@@ -33,7 +33,7 @@ for model, H, I in SHAPES:
                 w = w13 if which == "w13" else w2
                 nbytes_e = w[0].numel() * 2
                 bm, bn, bk, _, rest = _batched_tile(E, N, K, 1, torch.bfloat16, act is not None, None, None)
-                base, target = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **rest), SPLIT_K_PROGRAMS_PER_SM
+                base, target = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **rest), SPLIT_K_PROGRAMS_PER_SM["16-bit"]
             else:
                 wa = _weight_kernel_args(qw, which)
                 nbytes_e = wa["codes"][0].numel() * wa["codes"].element_size() + wa["scale"][0].numel() * wa["scale"].element_size()
