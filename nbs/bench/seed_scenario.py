@@ -3,7 +3,9 @@ whole layer (routing, dispatch, experts, combine, shared experts) in bf16 and wi
 
     python nbs/bench/seed_scenario.py [out.json]
 Times are medians of CUDA-graph replays (`layer.capture`) and of eager forwards, µs; the output of each quantized
-layer is compared with its own float64 reference on the dequantized weights.
+layer is compared with its own float64 reference on the dequantized weights. The tokens are seeded (by T), so every
+layer and every run routes the same batch: at T = 1 which local experts the token reaches decides the time. (Runs
+before 2026-12-05 drew them afresh: their T = 1 rows moved by ±20 µs with the routing.)
 """
 import json, sys, time
 import torch, triton.testing
@@ -20,7 +22,8 @@ for quant in ("unquantized", "nvfp4_w4a16", "mxfp4_w4a16"):
     layer = FusedMoE(cfg, device="cuda", placement=dep["placement"], quant=quant)
     build_s = time.perf_counter() - t0
     for T in (1, 64, 256):
-        x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=cfg.dtype)
+        x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=cfg.dtype,    # the same tokens in every run and
+                        generator=torch.Generator(device="cuda").manual_seed(T))   # layer: T = 1 compares like with like
         y = layer(x)
         wts, ids = layer.route(x)
         local = layer.placement.local_slot(ids)
