@@ -4,8 +4,8 @@ whole layer (routing, dispatch, experts, combine, shared experts) in bf16 and wi
     python nbs/bench/seed_scenario.py [out.json]
 Times are medians of CUDA-graph replays (`layer.capture`) and of eager forwards, µs; the output of each quantized
 layer is compared with its own float64 reference on the dequantized weights. The tokens are seeded (by T), so every
-layer and every run routes the same batch: at T = 1 which local experts the token reaches decides the time. (Runs
-before 2026-12-05 drew them afresh: their T = 1 rows moved by ±20 µs with the routing.)
+layer and every run routes the same batch: at T = 1 which local experts the token reaches decides the time. (The runs committed up
+to seed_scenario_h200_11d154c.json drew them afresh: their T = 1 rows moved by ±20 µs with the routing.)
 """
 import json, sys, time
 import torch, triton.testing
