@@ -455,7 +455,7 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #b90df86f7ddf
+# %% ../../nbs/06_kernels.batched.ipynb #8c922a5c0e3f
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
 SPLIT_K_PROGRAMS_PER_SM = {"16-bit": 0.5, "fp8": 0.5, "fp4": 4.0}   # each kernel family's split target (H200 sweep)
 
@@ -465,7 +465,13 @@ def split_k_factor(tiles_per_expert: int,   # output tiles of one expert: m tile
                    num_sms: int,            # the GPU's streaming multiprocessors
                    programs_per_sm: float = 1, # the grid to aim for, in programs an SM
                   ) -> int:                 # SPLIT_K, a power of two in [1, 8]
-    "Split-K factor of a grouped GEMM: double while the grid is below `programs_per_sm` an SM and each split keeps >= 4 K tiles."
+    """Split-K factor of a grouped GEMM: double while the grid is below `programs_per_sm` an SM and each split keeps >= 4 K tiles.
+
+    All counts are ints (programs, experts, K tiles, SMs); ValueError naming the argument for a non-int or one below
+    its range (`active_experts` >= 0, the others >= 1) and for a `programs_per_sm` that is not a finite number > 0.
+    The rule and its targets: the split sweep of `14_bench` (one H200); split-K itself: the "sliced-K" / serial
+    split-K reduction of CUTLASS's GEMM (NVIDIA/cutlass, `GemmSplitKParallel` and the semaphore-serialised
+    epilogue), and Stream-K (Osama et al., arXiv:2301.03598) for the reasoning about small grids."""
     for name, v in (("tiles_per_expert", tiles_per_expert), ("active_experts", active_experts), ("k_tiles", k_tiles),
                     ("num_sms", num_sms)): check_int(name, v, lo=0 if name == "active_experts" else 1)
     check_positive_real("programs_per_sm", programs_per_sm)
@@ -484,7 +490,11 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
                    num_tiles: int,           # output tiles of the whole grid (the workspace's and counters' size)
                    block_m: int, block_n: int, device, programs_per_sm: float = 1,
                   ) -> tuple:                # (SPLIT_K, fp32 workspace or None, zeroed int32 counters or None)
-    "The split of one launch and its buffers: cfg's SPLIT_K, else `split_k_factor` within `SPLIT_K_WORKSPACE_BYTES` (1 in the interpreter)."
+    """The split of one launch and its buffers: cfg's SPLIT_K, else `split_k_factor` within `SPLIT_K_WORKSPACE_BYTES` (1 in the interpreter).
+
+    The workspace is fp32 `[SPLIT_K, num_tiles, 2, block_m, block_n]` (gate and up partials), the counters int32
+    `[num_tiles]` zeros, both on `device`; neither is allocated without a split. ValueError naming `config['SPLIT_K']`
+    for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
     split = cfg.pop("SPLIT_K", None)
     nbytes = lambda s: s * num_tiles * 2 * block_m * block_n * 4
     if split is None:
@@ -499,11 +509,11 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     return (split, torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
             torch.zeros(num_tiles, dtype=torch.int32, device=device))
 
-# %% ../../nbs/06_kernels.batched.ipynb #51b9eca901c9
+# %% ../../nbs/06_kernels.batched.ipynb #2be335702887
 def expert_slots(E: int,                    # experts of the launch (slabs)
                  max_active: int | None,    # a bound on the experts with rows, or None
                 ) -> tuple:                 # (slots on grid axis 1, COMPACT, BLOCK_E)
-    "The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer."
+    "The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer; ValueError on a non-int or negative E or bound."
     check_int("E", E, lo=0)
     if max_active is None or check_int("max_active_experts", max_active, lo=0) >= E: return E, False, 1
     return max(1, max_active), True, _next_pow2(E)
