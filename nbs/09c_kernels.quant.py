@@ -685,6 +685,15 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
                 LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout))   # mma128's 4-byte alignment: checked by the container
 
+def check_quant_tile_config(config, need_block_m: bool = False) -> dict | None:
+    "A quantized GEMM's tile override: `06`'s checks, and no switch these kernels do not have (TMA, WARP_SPECIALIZE, GROUP_M: ValueError)."
+    if isinstance(config, dict):
+        for key in ("TMA", "WARP_SPECIALIZE", "GROUP_M"):
+            if config.get(key):
+                raise ValueError(f"config[{key!r}]: expected it absent or off (the quantized GEMMs have no such variant), "
+                                 f"got {config[key]!r}")
+    return check_tile_config(config, need_block_m=need_block_m)
+
 def _split_target(fmt: int) -> float:
     "The split-K target of a quantized kernel (`FMT`): `06`'s table, FP4's or FP8's entry."
     return SPLIT_K_PROGRAMS_PER_SM["fp4" if fmt >= 2 else "fp8"]
@@ -704,7 +713,7 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
                 block_m: int | None = None,     # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
                 layout: int = 0) -> dict:       # FP4 byte order: 1 split64 (BLOCK_K whole 64-code chunks), 2 mma128 (128)
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
-    check_tile_config(config, need_block_m=kernel.startswith("batched"))
+    check_quant_tile_config(config, need_block_m=kernel.startswith("batched"))
     return dict(_quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu,
                                      None if config is None else tuple(sorted(config.items())), block_m, layout,
                                      _tile_config_root()))
@@ -828,7 +837,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
     check_max_active(max_active_experts, expert_num_tokens, validate)
-    check_tile_config(config, need_block_m=True)
+    check_quant_tile_config(config, need_block_m=True)
     return _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias,
                                    active_experts, max_active_experts)
 
@@ -1208,7 +1217,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                       a_s=a_s, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias,
                       w_codes=wa["codes"], w_scale=wa["scale"], w_global_scale=wa["gs"])
     check_extent("w", wa["codes"])
-    check_tile_config(config)
+    check_quant_tile_config(config)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
     return _fused_moe_gemm_quant(a_k, a_s, as_st, wa, qw.num_experts, sorted_token_ids, expert_ids,
                                  num_tokens_post_padded, top_k, block_m, act, topk_weights, weight_stage, out,
@@ -1327,6 +1336,9 @@ for i, scheme in enumerate(QUANT_SCHEMES):
 test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], None,
                                            config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=0)),
           contains="config['SPLIT_K']: expected >= 1, got 0")
+test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], None,
+                                           config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, TMA=True)),
+          contains="config['TMA']: expected it absent or off (the quantized GEMMs have no such variant), got True")
 
 # %% [markdown]
 # On the GPU the split comes from `06`'s `split_k_factor`, not a test's override: one DeepSeek-V3-sized expert reached

@@ -224,6 +224,9 @@ def test_split_k_catalog():
     test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], None,
                                                config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=0)),
               contains="config['SPLIT_K']: expected >= 1, got 0")
+    test_fail(lambda: check_batched_gemm_quant("mxfp4_w4a16", 1, 4, 64, 32, [4], None,
+                                               config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, TMA=True)),
+              contains="config['TMA']: expected it absent or off (the quantized GEMMs have no such variant), got True")
 
 
 @pytest.mark.gpu

@@ -22,8 +22,9 @@ from .batched import check_activation, check_expert_bias, epilogue_args, add_exp
 from .contiguous import check_aligned_args
 
 # %% auto #0
-__all__ = ['ACTIVATION_DTYPES', 'FP4_DECODE', 'PACKED_DECODE', 'batched_gemm_quant_reference', 'fp4_default_tile',
-           'quant_block_m', 'batched_moe_gemm_quant', 'fused_moe_gemm_quant_reference', 'fused_moe_gemm_quant']
+__all__ = ['ACTIVATION_DTYPES', 'FP4_DECODE', 'PACKED_DECODE', 'batched_gemm_quant_reference', 'check_quant_tile_config',
+           'fp4_default_tile', 'quant_block_m', 'batched_moe_gemm_quant', 'fused_moe_gemm_quant_reference',
+           'fused_moe_gemm_quant']
 
 # %% ../../nbs/09c_kernels.quant.ipynb #e26cbf37712f
 _FMT = {"fp8_w8a8_tensor": 0, "fp8_w8a8_channel": 0, "fp8_w8a8_block": 1, "mxfp4_w4a16": 2, "nvfp4_w4a16": 3}  # kernel branch
@@ -473,7 +474,7 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #c1acdab5b979
+# %% ../../nbs/09c_kernels.quant.ipynb #ab9b55863c3e
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -485,6 +486,15 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
                 LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout))   # mma128's 4-byte alignment: checked by the container
+
+def check_quant_tile_config(config, need_block_m: bool = False) -> dict | None:
+    "A quantized GEMM's tile override: `06`'s checks, and no switch these kernels do not have (TMA, WARP_SPECIALIZE, GROUP_M: ValueError)."
+    if isinstance(config, dict):
+        for key in ("TMA", "WARP_SPECIALIZE", "GROUP_M"):
+            if config.get(key):
+                raise ValueError(f"config[{key!r}]: expected it absent or off (the quantized GEMMs have no such variant), "
+                                 f"got {config[key]!r}")
+    return check_tile_config(config, need_block_m=need_block_m)
 
 def _split_target(fmt: int) -> float:
     "The split-K target of a quantized kernel (`FMT`): `06`'s table, FP4's or FP8's entry."
@@ -505,7 +515,7 @@ def _quant_tile(kernel: str, E: int, N: int, K: int, M: int, dtype, fmt: int, gr
                 block_m: int | None = None,     # the contiguous GEMMs: the alignment's block is the tile's BLOCK_M
                 layout: int = 0) -> dict:       # FP4 byte order: 1 split64 (BLOCK_K whole 64-code chunks), 2 mma128 (128)
     "The tile for a quantized GEMM: table or heuristic, then the format's BLOCK_K limits and the shared-memory fit."
-    check_tile_config(config, need_block_m=kernel.startswith("batched"))
+    check_quant_tile_config(config, need_block_m=kernel.startswith("batched"))
     return dict(_quant_tile_resolved(kernel, E, N, K, M, dtype, fmt, group_k, silu,
                                      None if config is None else tuple(sorted(config.items())), block_m, layout,
                                      _tile_config_root()))
@@ -592,7 +602,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
-# %% ../../nbs/09c_kernels.quant.ipynb #e98afb65f965
+# %% ../../nbs/09c_kernels.quant.ipynb #06708a1be625
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -626,7 +636,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
     check_max_active(max_active_experts, expert_num_tokens, validate)
-    check_tile_config(config, need_block_m=True)
+    check_quant_tile_config(config, need_block_m=True)
     return _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, out, config, expected_m, bias,
                                    active_experts, max_active_experts)
 
@@ -744,7 +754,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #ae62102455ca
+# %% ../../nbs/09c_kernels.quant.ipynb #497d3ea48d61
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -780,7 +790,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                       a_s=a_s, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias,
                       w_codes=wa["codes"], w_scale=wa["scale"], w_global_scale=wa["gs"])
     check_extent("w", wa["codes"])
-    check_tile_config(config)
+    check_quant_tile_config(config)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
     return _fused_moe_gemm_quant(a_k, a_s, as_st, wa, qw.num_experts, sorted_token_ids, expert_ids,
                                  num_tokens_post_padded, top_k, block_m, act, topk_weights, weight_stage, out,
