@@ -45,7 +45,7 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
 
-# %% ../nbs/10_modular.ipynb #2b1698d50fd8
+# %% ../nbs/10_modular.ipynb #9a32cc596800
 def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (only its shape is read: no sync)
                   placement,                # the Placement: global and local expert counts
                  ) -> dict:                 # Prepared's `expected_m`, `active_experts` and `max_active_experts`
@@ -53,12 +53,16 @@ def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (on
     from moe_lit.placement import Placement
     check_tensor("topk_ids", topk_ids, ndim=2)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
+    return _expected_load(topk_ids, placement)
+
+def _expected_load(topk_ids, placement) -> dict:
+    "`expected_load` for arguments already checked (the prepares' hot path, after `check_prepare_args`)."
     pairs, E, E_local = topk_ids.numel(), placement.num_experts, placement.num_local_experts
     return dict(expected_m=max(1, pairs // E),                          # uniform routing: pairs / global experts
                 active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
                 max_active_experts=min(E_local, pairs))                 # a bound: every pair on a different local expert
 
-# %% ../nbs/10_modular.ipynb #802cd1cf256a
+# %% ../nbs/10_modular.ipynb #394b0b880d49
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -80,7 +84,7 @@ class StandardPrepareFinalize:
         else: local = placement.local_slot(topk_ids, self.validate)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=local,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
-                        num_experts=placement.num_experts, **expected_load(topk_ids, placement))
+                        num_experts=placement.num_experts, **_expected_load(topk_ids, placement))
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
@@ -89,7 +93,7 @@ class StandardPrepareFinalize:
             raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         return expert_out
 
-# %% ../nbs/10_modular.ipynb #937d921b4d1d
+# %% ../nbs/10_modular.ipynb #f5de0058dda1
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -135,7 +139,7 @@ class BatchedPrepareFinalize:
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
-                        **expected_load(topk_ids, placement))   # not the padded capacity
+                        **_expected_load(topk_ids, placement))   # not the padded capacity
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."

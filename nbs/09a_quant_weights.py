@@ -398,12 +398,16 @@ def __repr__(self: QuantizedExpertWeights) -> str:
 
 # %%
 #| export
+def _check_whole_chunks(name: str, t: torch.Tensor, chunk: int):
+    "`t`'s last dim holds whole chunks of `chunk` FP4 codes (`chunk / 2` bytes each); ValueError naming `name`."
+    if t.dim() < 1 or t.shape[-1] % (chunk // 2):
+        raise ValueError(f"{name}: expected a last dim that is a multiple of {chunk // 2} bytes, got shape {tuple(t.shape)}")
+
 def split_fp4_codes(packed: torch.Tensor,   # [..., K/2] uint8 in the plain order, K a multiple of 64
                    ) -> torch.Tensor:       # [..., K/2] uint8 in the split64 order
     "Plain FP4 bytes (byte j = code 2j | code 2j+1 << 4) -> split64 (in each 64-code chunk, byte j = code j | code 32+j << 4)."
     codes = unpack_fp4(packed)
-    if codes.shape[-1] % SPLIT_CHUNK:
-        raise ValueError(f"packed: expected a last dim that is a multiple of {SPLIT_CHUNK // 2} bytes, got shape {tuple(packed.shape)}")
+    _check_whole_chunks("packed", packed, SPLIT_CHUNK)
     c = codes.unflatten(-1, (-1, 2, SPLIT_CHUNK // 2))                       # [..., chunk, half, 32]
     return (c[..., 0, :] | (c[..., 1, :] << 4)).flatten(-2)
 
@@ -411,8 +415,7 @@ def unsplit_fp4_codes(split: torch.Tensor,  # [..., K/2] uint8 in the split64 or
                      ) -> torch.Tensor:     # [..., K/2] uint8 in the plain order
     "Inverse of `split_fp4_codes`, exact."
     check_tensor("split", split, dtype=torch.uint8)
-    if split.dim() < 1 or split.shape[-1] % (SPLIT_CHUNK // 2):
-        raise ValueError(f"split: expected a last dim that is a multiple of {SPLIT_CHUNK // 2} bytes, got shape {tuple(split.shape)}")
+    _check_whole_chunks("split", split, SPLIT_CHUNK)
     c = split.unflatten(-1, (-1, SPLIT_CHUNK // 2))                          # [..., chunk, 32]
     return pack_fp4(torch.stack([c & 0xF, c >> 4], -2).flatten(-3))          # [..., chunk, half, 32] -> K order
 
@@ -423,8 +426,7 @@ def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain orde
                  ) -> torch.Tensor:         # [..., K/2] uint8 in the mma128 order
     "Plain FP4 bytes -> mma128: in each 128-code chunk, word `4t + c` holds the eight codes a thread's MMA registers need."
     codes = unpack_fp4(packed)
-    if codes.shape[-1] % MMA_CHUNK:
-        raise ValueError(f"packed: expected a last dim that is a multiple of {MMA_CHUNK // 2} bytes, got shape {tuple(packed.shape)}")
+    _check_whole_chunks("packed", packed, MMA_CHUNK)
     c = codes.unflatten(-1, (-1, *_MMA_K_DIMS))                              # [..., chunk, c, j2, j1, t, j0]
     lead = c.dim() - 5
     return pack_fp4(c.permute(*range(lead), *(lead + d for d in _MMA_STORE_PERM)).flatten(-6))
@@ -433,8 +435,7 @@ def unmma_fp4_codes(mma: torch.Tensor,      # [..., K/2] uint8 in the mma128 ord
                    ) -> torch.Tensor:       # [..., K/2] uint8 in the plain order
     "Inverse of `mma_fp4_codes`, exact."
     check_tensor("mma", mma, dtype=torch.uint8)
-    if mma.dim() < 1 or mma.shape[-1] % (MMA_CHUNK // 2):
-        raise ValueError(f"mma: expected a last dim that is a multiple of {MMA_CHUNK // 2} bytes, got shape {tuple(mma.shape)}")
+    _check_whole_chunks("mma", mma, MMA_CHUNK)
     c = unpack_fp4(mma).unflatten(-1, (-1, *(_MMA_K_DIMS[d] for d in _MMA_STORE_PERM)))   # [..., chunk, t, c, j2, j0, j1]
     lead = c.dim() - 5
     inv = [_MMA_STORE_PERM.index(d) for d in range(5)]

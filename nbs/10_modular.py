@@ -91,6 +91,10 @@ def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (on
     from moe_lit.placement import Placement
     check_tensor("topk_ids", topk_ids, ndim=2)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
+    return _expected_load(topk_ids, placement)
+
+def _expected_load(topk_ids, placement) -> dict:
+    "`expected_load` for arguments already checked (the prepares' hot path, after `check_prepare_args`)."
     pairs, E, E_local = topk_ids.numel(), placement.num_experts, placement.num_local_experts
     return dict(expected_m=max(1, pairs // E),                          # uniform routing: pairs / global experts
                 active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
@@ -130,7 +134,7 @@ class StandardPrepareFinalize:
         else: local = placement.local_slot(topk_ids, self.validate)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=local,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
-                        num_experts=placement.num_experts, **expected_load(topk_ids, placement))
+                        num_experts=placement.num_experts, **_expected_load(topk_ids, placement))
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
@@ -186,7 +190,7 @@ class BatchedPrepareFinalize:
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
-                        **expected_load(topk_ids, placement))   # not the padded capacity
+                        **_expected_load(topk_ids, placement))   # not the padded capacity
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
