@@ -62,7 +62,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #06456fbc1e3a
+# %% ../nbs/12_layer.ipynb #f327abba621e
 class FusedMoE(torch.nn.Module):
     """One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel.
 
@@ -92,7 +92,7 @@ class FusedMoE(torch.nn.Module):
         source = _weight_source(config, weights, seed)
         for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias"),
                                 source=source).items():
-            self.register_buffer(name, None if t is None else t.float().to(device))   # [E, H] / [E] fp32, replicated
+            self.register_buffer(name, None if t is None else t.float().to(device).contiguous())   # [E, H] / [E] fp32, replicated, dense
         self._load_experts(source, device)
         shared = source.shared()
         if (shared is None) != (not config.num_shared_experts):
@@ -231,15 +231,15 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #a9a4f456cfa2
+# %% ../nbs/12_layer.ipynb #28522ac38c6b
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
     c, dev = self.config, self.gate.device
     self.use_triton = self.experts != "torch"
     if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
-        from moe_lit.kernels.router import router_plan, _route_topk    # unchecked: the plan, the bias (checked at
-        self.router, self._route_topk = router_plan(c), _route_topk    # construction) and the fp32 logits are the layer's
+        from moe_lit.kernels.router import router_plan, _route_tokens  # unchecked: the plan, gate and biases (checked
+        self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
     else: self.router = None
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
@@ -282,7 +282,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     return mk
 
-# %% ../nbs/12_layer.ipynb #36efaa4b18af
+# %% ../nbs/12_layer.ipynb #1311740e73f5
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -300,9 +300,12 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
-    logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
-    if self.router is not None: wts, ids = self._route_topk(self.router, logits, bias, self._ids_dtype)
-    else: wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
+    if self.router is not None:       # logits and selection on the GPU: two launches at decode (03a)
+        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+                                      self.router_gate, self.gate_bias, bias, self._ids_dtype)
+    else:
+        logits = router_logits(hidden, self.router_gate, self.gate_bias)    # [T, num_experts] fp32
+        wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
     if self.replicas is not None: ids = map_to_physical(ids, *self.replicas, validate=self.debug)   # EPLB
     return wts, ids.to(self._ids_dtype)
 

@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # The router kernel
-# > Every routing method of 03_routing — softmax or sigmoid scores, the correction bias, grouped top-k, renormalisation, routed scaling, Llama-4's top-1 sigmoid — in one Triton launch per batch, with the torch routers as its spec.
+# > Every routing method of 03_routing — softmax or sigmoid scores, the correction bias, grouped top-k, renormalisation, routed scaling, Llama-4's top-1 sigmoid — in one Triton launch per batch, and at decode the router GEMV before it in one more, with the torch routers as its spec.
 
 # %%
 #| export
@@ -15,19 +15,20 @@ from dataclasses import dataclass
 from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device
-from moe_lit.kernels.batched import _next_pow2
-from moe_lit.routing import ungroupable_reason
+from moe_lit.kernels.batched import _next_pow2, _cdiv
+from moe_lit.routing import ungroupable_reason, matmul_acc
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
-from moe_lit.routing import select_experts
+from moe_lit.routing import select_experts, router_logits
 from moe_lit.testing import assert_close
 
 # %% [markdown]
-# In this notebook: `route_topk` (kernel `_route_topk_kernel`), the routers of `03_routing` fused into one launch.
-# Motivation → kernel → launcher → tests against the torch routers.
+# In this notebook: `route_topk` (kernel `_route_topk_kernel`), the routers of `03_routing` fused into one launch,
+# and `route_tokens` (kernel `_router_logits_kernel` before it), the logits from hidden states at decode.
+# Motivation → kernel → logits at decode → launcher → tests against the torch routers.
 #
 # ## Motivation
 #
@@ -66,21 +67,26 @@ def _take_max(choice, avail, offs, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _route_topk_kernel(
-    logits_ptr,          # [T, E] fp32/bf16/fp16 router logits
+    logits_ptr,          # [SPLIT, T, E] fp32/bf16/fp16 router logits, or SPLIT partial sums of them (summed here)
     bias_ptr,            # [E] fp32 correction bias (HAS_BIAS)
+    gate_bias_ptr,       # [E] the router's own bias, added to the logits (HAS_GATE_BIAS: gpt-oss)
     weights_ptr,         # [T, TOP_K] fp32 out
     ids_ptr,             # [T, TOP_K] int32/int64 out
-    E, stride_t, scale,
+    E, stride_s, stride_t, scale,
     TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,   # K_PAD: TOP_K to a power of two
     SCORING: tl.constexpr,      # 0 softmax, 1 sigmoid, 2 llama4 (select on logits, weight sigmoid(logit))
     HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
     TOP2: tl.constexpr,         # a group's score is the sum of its top 2 (else its max)
+    SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     is_expert = offs < E
     x = tl.load(logits_ptr + t * stride_t + offs, mask=is_expert, other=float("-inf")).to(tl.float32)
+    for s in tl.static_range(1, SPLIT):                  # the K slices' partial logits, summed in slice order
+        x += tl.load(logits_ptr + s * stride_s + t * stride_t + offs, mask=is_expert, other=0.0)
+    if HAS_GATE_BIAS: x += tl.load(gate_bias_ptr + offs, mask=is_expert, other=0.0).to(tl.float32)
     if SCORING == 0:
         e = tl.exp(x - tl.max(x, axis=0))
         score = e / tl.sum(e, axis=0)
@@ -130,6 +136,53 @@ def _route_topk_kernel(
         w = tl.where(total > 0, w / total, w)
     tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_offs < TOP_K)
     tl.store(ids_ptr + t * TOP_K + k_offs, ids.to(ids_ptr.dtype.element_ty), mask=k_offs < TOP_K)
+
+# %% [markdown]
+# ## The logits at decode
+#
+# The logits `hidden · gateᵀ` are a GEMV at decode: one or a few rows against a router weight of `num_experts ×
+# hidden_size` (3.7 MB in bf16 for DeepSeek-V3, 7.3 MB in fp32). cuBLAS serves it with a copy of `hidden` to fp32
+# (when the gate is fp32), a GEMV or at T = 2 a SIMT GEMM plus a split-K reduction, and then the selection kernel runs:
+# three or four launches and 10–26 µs on an H200 for DeepSeek-V3 at T = 1–2 (`nbs/bench/profile_small_t_h200_016c6b0.log`),
+# where reading the weight takes about 1–2 µs. `_router_logits_kernel` reads the weight once, spread over the whole GPU:
+#
+# ```
+# for each block of BLOCK_EL experts and each K slice of ROUTER_BLOCK_K columns (one program):
+#     w = gate[experts, slice]                         (one load, fp32 in registers; bf16 or fp32 as stored)
+#     for each token t < T (unrolled to T_PAD, a power of two ≤ ROUTER_GEMV_MAX_TOKENS):
+#         partial[slice, t, experts] = Σ_slice w · hidden[t, slice]     (fp32 products and sum)
+# ```
+#
+# and the selection kernel sums the slices' partials in slice order (a fixed order: the logits are the same bits
+# every run) and adds the router's own bias, before selecting as above. Two launches, no copy of `hidden`.
+# The products are fp32 products of the stored values, as `03_routing.matmul_acc` defines them; only the order of the
+# sum differs from cuBLAS's. Past `ROUTER_GEMV_MAX_TOKENS` tokens the weight is re-read per token block and a GEMM
+# is the better tool: the logits come from `matmul_acc` (one cuBLAS call), and only the bias moves into the selection.
+
+# %%
+#| export
+ROUTER_BLOCK_K = 1024           # columns of one program's K slice in the decode logits kernel
+ROUTER_GEMV_MAX_TOKENS = 16     # at most this many tokens take `_router_logits_kernel`; more take one cuBLAS GEMM
+ROUTER_TARGET_PROGRAMS = 256    # the logits grid grows its expert blocks down to 1 expert until it has this many
+
+@triton.jit
+def _router_logits_kernel(
+    hidden_ptr,          # [T, H] bf16/fp16/fp32, unit stride along H
+    gate_ptr,            # [E, H] bf16/fp16/fp32 router weight, unit stride along H
+    out_ptr,             # [SPLIT, T, E] fp32 partial logits: slice s of K in plane s
+    T, E, H, stride_ht, stride_ge,
+    T_PAD: tl.constexpr, BLOCK_EL: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    offs_e = tl.program_id(0) * BLOCK_EL + tl.arange(0, BLOCK_EL)
+    s = tl.program_id(1)
+    offs_k = s * BLOCK_K + tl.arange(0, BLOCK_K)
+    e_ok, k_ok = offs_e < E, offs_k < H
+    w = tl.load(gate_ptr + offs_e.to(tl.int64)[:, None] * stride_ge + offs_k[None, :],
+                mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)          # [BLOCK_EL, BLOCK_K]
+    for t in tl.static_range(T_PAD):                     # unrolled: every token's row load is issued at once
+        x = tl.load(hidden_ptr + t * stride_ht + offs_k, mask=k_ok & (t < T), other=0.0).to(tl.float32)
+        p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
+        tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=e_ok & (t < T))
 
 # %% [markdown]
 # ## The launcher
@@ -208,21 +261,74 @@ def route_topk(plan: RouterPlan,                    # router_plan(config)
     if logits.stride(-1) != 1: logits = logits.contiguous()
     return _route_topk(plan, logits, bias, ids_dtype)
 
-def _route_topk(plan, logits, bias, ids_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    "`route_topk` after its checks: for a layer whose plan, bias and unit-stride fp32 logits are its own (`12_layer`)."
+def _route_topk(plan, logits, bias, ids_dtype, gate_bias=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route_topk` after its checks: for a layer whose plan, bias and unit-stride fp32 logits are its own (`12_layer`).
+
+    `logits` may also be `[SPLIT, T, E]` contiguous partial sums (`_router_logits_kernel`), summed in plane order, and
+    `gate_bias` `[E]` (any float dtype, contiguous) is added to the logits before the scores."""
     E, top_k = plan.num_experts, plan.TOP_K
-    T = logits.shape[0]
+    split, T = (logits.shape[0], logits.shape[1]) if logits.dim() == 3 else (1, logits.shape[0])
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=ids_dtype, device=logits.device)
     if T:
         block_e = max(_next_pow2(E), 16)
-        _route_topk_kernel[(T,)](logits, bias if bias is not None else logits, w, ids, E, logits.stride(0),
-                                 plan.scale, TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_E=block_e,
+        _route_topk_kernel[(T,)](logits, bias if bias is not None else logits,
+                                 gate_bias if gate_bias is not None else logits, w, ids, E,
+                                 T * E if split > 1 else 0, logits.stride(-2), plan.scale,
+                                 TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_E=block_e,
                                  SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
                                  NUM_GROUPS=plan.NUM_GROUPS, G_PAD=_next_pow2(plan.NUM_GROUPS),
                                  TOPK_GROUP=plan.TOPK_GROUP, GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2,
+                                 SPLIT=split, HAS_GATE_BIAS=gate_bias is not None,
                                  num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids
+
+def route_tokens(plan: RouterPlan,                      # router_plan(config)
+                 hidden: torch.Tensor,                  # [T, hidden_size] bf16/fp16/fp32
+                 gate: torch.Tensor,                    # [num_experts, hidden_size] bf16/fp16/fp32 router weight
+                 gate_bias: torch.Tensor | None = None, # [num_experts] any float dtype: the router's bias (gpt-oss)
+                 bias: torch.Tensor | None = None,      # [num_experts] fp32 correction bias, iff the plan has one
+                 ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` from `hidden`: the logits (fp32 products and sums) and the selection.
+
+    Two launches up to `ROUTER_GEMV_MAX_TOKENS` tokens (`_router_logits_kernel`, then `_route_topk_kernel` summing its
+    partials); past that one cuBLAS GEMM (`03_routing.matmul_acc`) and the selection kernel. The same result as
+    `select_experts(config, router_logits(hidden, gate, gate_bias), bias)` except where two logits differ by about an
+    ulp (the sum's order differs). ValueError naming the argument for a shape, dtype or device mismatch; values are
+    not read (the layer checks its weights once)."""
+    if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
+    E, fl = plan.num_experts, (torch.bfloat16, torch.float16, torch.float32)
+    check_tensor("hidden", hidden, ndim=2, dtype=fl)
+    check_tensor("gate", gate, shape=(E, hidden.shape[1]), dtype=fl)
+    if gate_bias is not None: gate_bias = check_tensor("gate_bias", gate_bias, shape=(E,), dtype=fl).contiguous()
+    if ids_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
+    if (bias is None) == plan.HAS_BIAS:
+        raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan.HAS_BIAS else 'None'}, got "
+                         f"{'None' if bias is None else 'a tensor'}")
+    if bias is not None: bias = check_tensor("bias", bias, shape=(E,), dtype=torch.float32).contiguous()
+    check_kernel_device("hidden", hidden, gate=gate, gate_bias=gate_bias, bias=bias)
+    return _route_tokens(plan, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+                         gate if gate.stride(-1) == 1 else gate.contiguous(), gate_bias, bias, ids_dtype)
+
+def _router_block_el(E: int, split: int) -> int:
+    "Experts per program of the logits kernel: the most of 8, 4, 2 that keeps `ROUTER_TARGET_PROGRAMS` programs, else 1."
+    return next((b for b in (8, 4, 2) if _cdiv(E, b) * split >= ROUTER_TARGET_PROGRAMS), 1)
+
+def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    "`route_tokens` after its checks (unit strides along hidden_size): the layer's hot path (`12_layer`)."
+    T, H = hidden.shape
+    E = plan.num_experts
+    if not 0 < T <= ROUTER_GEMV_MAX_TOKENS:
+        return _route_topk(plan, matmul_acc(hidden, gate), bias, ids_dtype, gate_bias)
+    split = _cdiv(H, ROUTER_BLOCK_K)
+    parts = torch.empty(split, T, E, dtype=torch.float32, device=hidden.device)
+    bel = _router_block_el(E, split)
+    _router_logits_kernel[(_cdiv(E, bel), split)](hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0),
+                                                 T_PAD=_next_pow2(T), BLOCK_EL=bel, BLOCK_K=ROUTER_BLOCK_K,
+                                                 num_warps=8 if bel == 8 else 4)
+    return _route_topk(plan, parts if split > 1 else parts[0], bias, ids_dtype, gate_bias)
 
 # %% [markdown]
 # ## Tests
@@ -265,6 +371,54 @@ for i, kw in enumerate(cases):
     test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, cfg.top_k), (0, cfg.top_k)))
 
 # %% [markdown]
+# `route_tokens` from hidden states against the torch path (`router_logits`, then `select_experts`): fp32 and bf16
+# gates, bf16 and fp32 hidden, a router bias, `hidden_size` past one K slice with a partial last slice, T at 1, a
+# token count that is not a power of two, the largest T of the decode kernel and one past it (the cuBLAS path), and a
+# NaN row. The decode kernel's partial logits sum to the float64 logits within fp32 rounding. The order of the sum
+# differs from cuBLAS's, so two logits an ulp apart may rank the other way: an id may differ only where the float64
+# choices of the two experts are that close.
+
+# %%
+#| test route_tokens_matches_torch_router
+g = torch.Generator().manual_seed(3)
+H = 1100                                                                       # two K slices, the second partial
+for kw in (dict(num_experts=64, top_k=8),
+           dict(num_experts=256, top_k=8, scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=8,
+                topk_group=4, routed_scaling_factor=2.5, has_correction_bias=True),       # DeepSeek-V3
+           dict(num_experts=16, top_k=1, routing_method="llama4", renormalize=False),
+           dict(num_experts=12, top_k=4, renormalize=False)):
+    cfg = MoEConfig(hidden_size=H, intermediate_size=16, **kw)
+    plan, E = router_plan(cfg), cfg.num_experts
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE) if cfg.has_correction_bias else None
+    for T, gdt, hdt, with_gb in ((1, torch.float32, torch.bfloat16, False), (3, torch.bfloat16, torch.bfloat16, True),
+                                 (16, torch.float32, torch.float32, True), (17, torch.bfloat16, torch.bfloat16, False)):
+        if E == 256 and T in (3, 17): continue                                   # the interpreter's time
+        gate = (torch.randn(E, H, generator=g) / H ** 0.5).to(DEVICE, gdt)
+        gb = torch.randn(E, generator=g).to(DEVICE, gdt) if with_gb else None
+        hidden = torch.randn(T, H, generator=g).to(DEVICE, hdt)
+        if T > 2: hidden[1] = float("nan")                                       # an invalid row
+        want_w, want_ids = select_experts(cfg, router_logits(hidden, gate, gb), bias)
+        w, ids = route_tokens(plan, hidden, gate, gb, bias, torch.int64)
+        exact = hidden.double() @ gate.double().T + (gb.double() if gb is not None else 0)
+        choice = exact.sigmoid() if cfg.scoring_func == "sigmoid" and cfg.routing_method != "llama4" else exact
+        if bias is not None: choice = choice + bias.double()
+        for t in range(T):
+            if torch.equal(ids[t].cpu(), want_ids[t].cpu()): continue
+            a, b = ids[t].cpu(), want_ids[t].cpu()                               # a near-tie: the differing choices
+            d = (choice[t, a[a != b]] - choice[t, b[a != b]]).abs().max().item()  # are within fp32 rounding
+            assert d < 1e-5, (kw, T, t, a.tolist(), b.tolist(), d)
+        ok = (ids.cpu() == want_ids.cpu()).all(-1)
+        assert_close(w[ok], want_w[ok].double(), rtol=1e-4, name=f"{kw} T={T}")
+        if T > 2: test_eq(ids[1].tolist(), list(range(cfg.top_k))); test_eq(w[1].abs().sum().item(), 0.0)
+# the partial logits of the decode kernel: sum to the float64 logits
+from moe_lit.kernels.router import _router_logits_kernel, ROUTER_BLOCK_K
+T, E = 5, 40
+hidden, gate = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, H, generator=g).to(DEVICE)
+parts = torch.full((2, T, E), float("nan"), device=DEVICE)
+_router_logits_kernel[(E, 2)](hidden, gate, parts, T, E, H, H, H, T_PAD=8, BLOCK_EL=1, BLOCK_K=ROUTER_BLOCK_K)
+assert_close(parts.sum(0), hidden.double() @ gate.double().T, rtol=1e-5, name="partial logits")
+
+# %% [markdown]
 # Arguments are checked on their metadata only — shapes and dtypes, never values (the layer checks its bias once).
 
 # %%
@@ -294,3 +448,15 @@ if not INTERPRET and DEVICE == "cpu":
 biased = router_plan(cfg.replace(has_correction_bias=True))
 test_fail(lambda: route_topk(biased, torch.randn(3, 8)), contains="bias: expected a [num_experts] fp32 tensor, got None")
 test_fail(lambda: route_topk(biased, torch.randn(3, 8), torch.zeros(8).double()), contains="bias: expected dtype torch.float32")
+h16, gate8 = torch.randn(3, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE)     # route_tokens: hidden and the gate
+test_fail(lambda: route_tokens(plan, h16, gate8[:, :15]), contains="gate: expected shape [8, 16], got [8, 15]")
+test_fail(lambda: route_tokens(plan, h16.double(), gate8), contains="hidden: expected dtype")
+test_fail(lambda: route_tokens(plan, h16, gate8.long()), contains="gate: expected dtype")
+test_fail(lambda: route_tokens(plan, h16, gate8, torch.zeros(7, device=DEVICE)), contains="gate_bias: expected shape [8]")
+test_fail(lambda: route_tokens(biased, h16, gate8), contains="bias: expected a [num_experts] fp32 tensor, got None")
+test_fail(lambda: route_tokens(plan, h16, gate8, ids_dtype=torch.int16), contains="ids_dtype: expected torch.int32 or torch.int64")
+test_fail(lambda: route_tokens(None, h16, gate8), contains="plan: expected a RouterPlan")
+test_eq(route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2])[1].tolist(),    # a strided gate: read as its values
+        route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2].contiguous())[1].tolist())
+w0, ids0 = route_tokens(plan, h16[:0], gate8)                                      # zero tokens
+test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, 2), (0, 2)))

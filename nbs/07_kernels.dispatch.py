@@ -51,7 +51,7 @@ from moe_lit.placement import determine_expert_map, round_robin_routing_tables, 
 #     slot_map[t, k] = local · max_tokens + row
 # ```
 #
-# Grid `(T, TOP_K)`; constexprs `TOP_K`, `BLOCK_H` (the row is copied in `BLOCK_H` chunks), `MODE` (0: ids are already
+# Grid `(T, TOP_K)`; constexprs `TOP_K`, `BLOCK_H` (the row is copied in `BLOCK_H` chunks: one up to 8192 columns, so at decode a pair's whole row is one load issued before its row is claimed, and one store), `MODE` (0: ids are already
 # local, 1: `expert_map`, 2: `global_to_physical`), `SCALE` (apply the router weight on the input, in fp32). Rows within an expert come in whatever order the atomics grant them — program order in the
 # interpreter, any order on a GPU — so tests check values and permutations, never row order.
 
@@ -82,13 +82,14 @@ def _batched_dispatch_kernel(
     ok = in_range & (local >= 0) & (local < num_local_experts)
     slot = gid * 0 - 1                                       # int64 -1: the pair is not here
     if ok:
-        row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)
+        x = tl.load(hidden_ptr + t * stride_ht + offs_h, mask=offs_h < H)    # issued before the row is claimed:
+        row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)            # the two latencies overlap
         if row < max_tokens:
             slot = local * max_tokens + row
             w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
-            for h0 in range(0, tl.cdiv(H, BLOCK_H)):
+            for h0 in range(0, tl.cdiv(H, BLOCK_H)):                         # one pass when H <= BLOCK_H
                 hm = h0 * BLOCK_H + offs_h < H
-                x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
+                if h0 > 0: x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
                 if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
                 tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
         else:
@@ -157,7 +158,8 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
             table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
-            BLOCK_H=min(1024, _next_pow2(H)), MODE=mode, SCALE=topk_weights is not None)
+            BLOCK_H=(bh := min(8192, _next_pow2(H))), MODE=mode, SCALE=topk_weights is not None,
+            num_warps=8 if bh >= 4096 else 4)
     if not check_overflow: return a, counts.clamp_(max=max_tokens), slot_map, flag   # counts stay a valid contract
     if int(flag.item()):
         raise ValueError(f"max_tokens: expected >= {int(counts.max())} (the busiest local expert's pairs), "
@@ -304,7 +306,11 @@ def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, *
     rows = a.reshape(-1, hidden.shape[1])[slot_map.clamp(min=0)].cpu()           # [T, top_k, H]
     src = hidden.cpu()[:, None, :].expand_as(rows)
     scale = kw.get("topk_weights")
-    if scale is not None: src = (src.float() * scale.cpu()[..., None]).to(hidden.dtype)
+    if scale is not None and hidden.dtype != torch.float32:   # the fp32 product cast once: nearest on a GPU, truncated
+        f = src.float() * scale.cpu()[..., None]              # by the interpreter, so within one unit of the last place
+        torch.testing.assert_close(rows[sm >= 0].float(), f[sm >= 0], rtol=2.0 ** -7, atol=0)
+        return a, counts, slot_map
+    if scale is not None: src = src * scale.cpu()[..., None]
     assert torch.equal(rows[sm >= 0], src[sm >= 0])
     return a, counts, slot_map
 
@@ -328,6 +334,9 @@ for rank in range(S):
 local = torch.where(ids < 5, ids, -1)
 check_dispatch(hidden.bfloat16(), local, 5, T, local)                                    # ids already local, bf16
 check_dispatch(hidden, local, 5, T, local, topk_weights=torch.rand(T, k, generator=g).to(DEVICE))   # weight on input
+wide = torch.randn(3, 8192 + 72, generator=g).to(DEVICE, torch.bfloat16)     # a row past one block: two passes
+check_dispatch(wide, local[:3], 5, 3, local[:3], topk_weights=torch.rand(3, k, generator=g).to(DEVICE))
+check_dispatch(wide, local[:3], 5, 3, local[:3])
 
 # %%
 #| test dispatch_overflow_and_bad_input

@@ -148,7 +148,7 @@ class FusedMoE(torch.nn.Module):
         source = _weight_source(config, weights, seed)
         for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias"),
                                 source=source).items():
-            self.register_buffer(name, None if t is None else t.float().to(device))   # [E, H] / [E] fp32, replicated
+            self.register_buffer(name, None if t is None else t.float().to(device).contiguous())   # [E, H] / [E] fp32, replicated, dense
         self._load_experts(source, device)
         shared = source.shared()
         if (shared is None) != (not config.num_shared_experts):
@@ -359,8 +359,8 @@ def _build_hot_path(self: FusedMoE):
     c, dev = self.config, self.gate.device
     self.use_triton = self.experts != "torch"
     if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
-        from moe_lit.kernels.router import router_plan, _route_topk    # unchecked: the plan, the bias (checked at
-        self.router, self._route_topk = router_plan(c), _route_topk    # construction) and the fp32 logits are the layer's
+        from moe_lit.kernels.router import router_plan, _route_tokens  # unchecked: the plan, gate and biases (checked
+        self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
     else: self.router = None
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
@@ -431,9 +431,12 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
-    logits = router_logits(hidden, self.router_gate, self.gate_bias)        # [T, num_experts] fp32
-    if self.router is not None: wts, ids = self._route_topk(self.router, logits, bias, self._ids_dtype)
-    else: wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
+    if self.router is not None:       # logits and selection on the GPU: two launches at decode (03a)
+        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+                                      self.router_gate, self.gate_bias, bias, self._ids_dtype)
+    else:
+        logits = router_logits(hidden, self.router_gate, self.gate_bias)    # [T, num_experts] fp32
+        wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
     if self.replicas is not None: ids = map_to_physical(ids, *self.replicas, validate=self.debug)   # EPLB
     return wts, ids.to(self._ids_dtype)
 

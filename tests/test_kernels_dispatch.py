@@ -35,6 +35,9 @@ def test_dispatch_all_translations():
     local = torch.where(ids < 5, ids, -1)
     check_dispatch(hidden.bfloat16(), local, 5, T, local)                                    # ids already local, bf16
     check_dispatch(hidden, local, 5, T, local, topk_weights=torch.rand(T, k, generator=g).to(DEVICE))   # weight on input
+    wide = torch.randn(3, 8192 + 72, generator=g).to(DEVICE, torch.bfloat16)     # a row past one block: two passes
+    check_dispatch(wide, local[:3], 5, 3, local[:3], topk_weights=torch.rand(3, k, generator=g).to(DEVICE))
+    check_dispatch(wide, local[:3], 5, 3, local[:3])
 
 
 def test_dispatch_overflow_and_bad_input():

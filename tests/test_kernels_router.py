@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device
-from moe_lit.kernels.batched import _next_pow2
-from moe_lit.routing import ungroupable_reason
+from moe_lit.kernels.batched import _next_pow2, _cdiv
+from moe_lit.routing import ungroupable_reason, matmul_acc
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
-from moe_lit.routing import select_experts
+from moe_lit.routing import select_experts, router_logits
 from moe_lit.testing import assert_close
 from moe_lit.kernels.router import *
 
@@ -50,6 +50,46 @@ def test_route_topk_matches_select_experts():
         test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, cfg.top_k), (0, cfg.top_k)))
 
 
+def test_route_tokens_matches_torch_router():
+    g = torch.Generator().manual_seed(3)
+    H = 1100                                                                       # two K slices, the second partial
+    for kw in (dict(num_experts=64, top_k=8),
+               dict(num_experts=256, top_k=8, scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=8,
+                    topk_group=4, routed_scaling_factor=2.5, has_correction_bias=True),       # DeepSeek-V3
+               dict(num_experts=16, top_k=1, routing_method="llama4", renormalize=False),
+               dict(num_experts=12, top_k=4, renormalize=False)):
+        cfg = MoEConfig(hidden_size=H, intermediate_size=16, **kw)
+        plan, E = router_plan(cfg), cfg.num_experts
+        bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE) if cfg.has_correction_bias else None
+        for T, gdt, hdt, with_gb in ((1, torch.float32, torch.bfloat16, False), (3, torch.bfloat16, torch.bfloat16, True),
+                                     (16, torch.float32, torch.float32, True), (17, torch.bfloat16, torch.bfloat16, False)):
+            if E == 256 and T in (3, 17): continue                                   # the interpreter's time
+            gate = (torch.randn(E, H, generator=g) / H ** 0.5).to(DEVICE, gdt)
+            gb = torch.randn(E, generator=g).to(DEVICE, gdt) if with_gb else None
+            hidden = torch.randn(T, H, generator=g).to(DEVICE, hdt)
+            if T > 2: hidden[1] = float("nan")                                       # an invalid row
+            want_w, want_ids = select_experts(cfg, router_logits(hidden, gate, gb), bias)
+            w, ids = route_tokens(plan, hidden, gate, gb, bias, torch.int64)
+            exact = hidden.double() @ gate.double().T + (gb.double() if gb is not None else 0)
+            choice = exact.sigmoid() if cfg.scoring_func == "sigmoid" and cfg.routing_method != "llama4" else exact
+            if bias is not None: choice = choice + bias.double()
+            for t in range(T):
+                if torch.equal(ids[t].cpu(), want_ids[t].cpu()): continue
+                a, b = ids[t].cpu(), want_ids[t].cpu()                               # a near-tie: the differing choices
+                d = (choice[t, a[a != b]] - choice[t, b[a != b]]).abs().max().item()  # are within fp32 rounding
+                assert d < 1e-5, (kw, T, t, a.tolist(), b.tolist(), d)
+            ok = (ids.cpu() == want_ids.cpu()).all(-1)
+            assert_close(w[ok], want_w[ok].double(), rtol=1e-4, name=f"{kw} T={T}")
+            if T > 2: test_eq(ids[1].tolist(), list(range(cfg.top_k))); test_eq(w[1].abs().sum().item(), 0.0)
+    # the partial logits of the decode kernel: sum to the float64 logits
+    from moe_lit.kernels.router import _router_logits_kernel, ROUTER_BLOCK_K
+    T, E = 5, 40
+    hidden, gate = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, H, generator=g).to(DEVICE)
+    parts = torch.full((2, T, E), float("nan"), device=DEVICE)
+    _router_logits_kernel[(E, 2)](hidden, gate, parts, T, E, H, H, H, T_PAD=8, BLOCK_EL=1, BLOCK_K=ROUTER_BLOCK_K)
+    assert_close(parts.sum(0), hidden.double() @ gate.double().T, rtol=1e-5, name="partial logits")
+
+
 def test_route_topk_bad_arguments():
     cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16)
     plan = router_plan(cfg)
@@ -76,3 +116,15 @@ def test_route_topk_bad_arguments():
     biased = router_plan(cfg.replace(has_correction_bias=True))
     test_fail(lambda: route_topk(biased, torch.randn(3, 8)), contains="bias: expected a [num_experts] fp32 tensor, got None")
     test_fail(lambda: route_topk(biased, torch.randn(3, 8), torch.zeros(8).double()), contains="bias: expected dtype torch.float32")
+    h16, gate8 = torch.randn(3, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE)     # route_tokens: hidden and the gate
+    test_fail(lambda: route_tokens(plan, h16, gate8[:, :15]), contains="gate: expected shape [8, 16], got [8, 15]")
+    test_fail(lambda: route_tokens(plan, h16.double(), gate8), contains="hidden: expected dtype")
+    test_fail(lambda: route_tokens(plan, h16, gate8.long()), contains="gate: expected dtype")
+    test_fail(lambda: route_tokens(plan, h16, gate8, torch.zeros(7, device=DEVICE)), contains="gate_bias: expected shape [8]")
+    test_fail(lambda: route_tokens(biased, h16, gate8), contains="bias: expected a [num_experts] fp32 tensor, got None")
+    test_fail(lambda: route_tokens(plan, h16, gate8, ids_dtype=torch.int16), contains="ids_dtype: expected torch.int32 or torch.int64")
+    test_fail(lambda: route_tokens(None, h16, gate8), contains="plan: expected a RouterPlan")
+    test_eq(route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2])[1].tolist(),    # a strided gate: read as its values
+            route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2].contiguous())[1].tolist())
+    w0, ids0 = route_tokens(plan, h16[:0], gate8)                                      # zero tokens
+    test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, 2), (0, 2)))
