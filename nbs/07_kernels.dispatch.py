@@ -46,7 +46,7 @@ from moe_lit.placement import determine_expert_map, round_robin_routing_tables, 
 #     local = local expert of topk_ids[t, k]  (through expert_map, or global_to_physical − physical_offset, or as is)
 #     if local is not on this rank: slot_map[t, k] = −1; continue
 #     row = atomic_add(counts[local], 1)                      # the next free row
-#     if row >= max_tokens: overflow = 1; slot_map[t, k] = −1; continue
+#     if row >= max_tokens: counts[local] −= 1; overflow = 1; slot_map[t, k] = −1; continue
 #     a[local, row, :] = hidden[t, :] (· topk_weights[t, k] when the weight is applied on the input)
 #     slot_map[t, k] = local · max_tokens + row
 # ```
@@ -54,6 +54,10 @@ from moe_lit.placement import determine_expert_map, round_robin_routing_tables, 
 # Grid `(T, TOP_K)`; constexprs `TOP_K`, `BLOCK_H` (the row is copied in `BLOCK_H` chunks: one up to 8192 columns, so at decode a pair's whole row is one load issued before its row is claimed, and one store), `MODE` (0: ids are already
 # local, 1: `expert_map`, 2: `global_to_physical`), `SCALE` (apply the router weight on the input, in fp32). Rows within an expert come in whatever order the atomics grant them — program order in the
 # interpreter, any order on a GPU — so tests check values and permutations, never row order.
+#
+# A pair that finds its expert's slab full takes its count back, so each count ends at `min(pairs, max_tokens)`: a valid
+# `expert_num_tokens` with no clamp launched after. No row is given twice: the first pair to overflow found every row
+# taken (no count was given back before it), and from then on every count stays at or above its taken rows.
 
 # %%
 #| export
@@ -64,7 +68,7 @@ def _batched_dispatch_kernel(
     topk_weights_ptr,   # [T, TOP_K] fp32 (read when SCALE)
     map_ptr,            # MODE 1: expert_map [num_experts] int32; MODE 2: global_to_physical [num_experts] int64
     a_ptr,              # [E_local, max_tokens, H] output slabs
-    counts_ptr,         # [E_local] int32, zeroed; becomes expert_num_tokens (+ overflowed pairs)
+    counts_ptr,         # [E_local] int32, zeroed; becomes expert_num_tokens (at most max_tokens)
     slot_map_ptr,       # [T, TOP_K] int64 output
     overflow_ptr,       # [1] int32, set to 1 when a pair does not fit
     H, num_local_experts, num_experts, max_tokens, physical_offset,
@@ -92,7 +96,8 @@ def _batched_dispatch_kernel(
                 if h0 > 0: x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
                 if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
                 tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
-        else:
+        else:                                            # no row: give the count back, so that it ends at
+            tl.atomic_add(counts_ptr + local, -1)          # max_tokens (see below), and raise the flag
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
@@ -160,9 +165,12 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
             BLOCK_H=(bh := min(8192, _next_pow2(H))), MODE=mode, SCALE=topk_weights is not None,
             num_warps=8 if bh >= 4096 else 4)
-    if not check_overflow: return a, counts.clamp_(max=max_tokens), slot_map, flag   # counts stay a valid contract
+    if not check_overflow: return a, counts, slot_map, flag      # counts end at most max_tokens: a valid contract
     if int(flag.item()):
-        raise ValueError(f"max_tokens: expected >= {int(counts.max())} (the busiest local expert's pairs), "
+        local = topk_ids.long()                                   # the busiest local expert's pairs, for the message
+        if mode: local = torch.where(local >= 0, table.long()[local.clamp(min=0)] - (physical_offset if mode == 2 else 0), -1)
+        local = local[(local >= 0) & (local < num_local_experts)]
+        raise ValueError(f"max_tokens: expected >= {int(torch.bincount(local).max())} (the busiest local expert's pairs), "
                          f"got {max_tokens}: capacity overflow")
     return a, counts, slot_map
 
@@ -345,6 +353,13 @@ ids[:, 1] = 1                                                                   
 test_fail(lambda: batched_dispatch(hidden, ids, 2, 5), contains="max_tokens: expected >= 6")
 a, counts, slot_map, flag = batched_dispatch(hidden, ids, 2, 5, check_overflow=False)   # graph-safe: the flag says so
 test_eq(flag.item(), 1); test_eq(int((slot_map >= 0).sum()), 10); test_eq(counts.tolist(), [5, 5])   # capped
+rows = slot_map[slot_map >= 0]; test_eq(rows.unique().numel(), 10)                      # no row given twice
+emap = torch.tensor([-1, 0, -1, 1], dtype=torch.int32, device=DEVICE)                    # through a table: global 1, 3
+test_fail(lambda: batched_dispatch(hidden, ids * 2 + 1, 2, 4, expert_map=emap), contains="max_tokens: expected >= 6")
+g2p = torch.tensor([4, 0, 5, 1], dtype=torch.int64, device=DEVICE)                       # physical 0, 1 on this rank
+a, counts, slot_map, flag = batched_dispatch(hidden, ids * 2 + 1, 2, 4, global_to_physical=g2p, check_overflow=False)
+test_eq((flag.item(), counts.tolist(), int((slot_map >= 0).sum())), (1, [4, 4], 8))
+test_fail(lambda: batched_dispatch(hidden, ids * 2 + 1, 2, 4, global_to_physical=g2p), contains="max_tokens: expected >= 6")
 test_fail(lambda: batched_dispatch(hidden, ids + 5, 2, 6), contains="topk_ids: expected values in [-1, 2)")
 test_fail(lambda: batched_dispatch(hidden, ids.float(), 2, 6), contains="topk_ids: expected dtype")
 test_fail(lambda: batched_dispatch(hidden[:, None], ids, 2, 6), contains="hidden: expected a 2-D tensor")

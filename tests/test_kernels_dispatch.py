@@ -46,6 +46,13 @@ def test_dispatch_overflow_and_bad_input():
     test_fail(lambda: batched_dispatch(hidden, ids, 2, 5), contains="max_tokens: expected >= 6")
     a, counts, slot_map, flag = batched_dispatch(hidden, ids, 2, 5, check_overflow=False)   # graph-safe: the flag says so
     test_eq(flag.item(), 1); test_eq(int((slot_map >= 0).sum()), 10); test_eq(counts.tolist(), [5, 5])   # capped
+    rows = slot_map[slot_map >= 0]; test_eq(rows.unique().numel(), 10)                      # no row given twice
+    emap = torch.tensor([-1, 0, -1, 1], dtype=torch.int32, device=DEVICE)                    # through a table: global 1, 3
+    test_fail(lambda: batched_dispatch(hidden, ids * 2 + 1, 2, 4, expert_map=emap), contains="max_tokens: expected >= 6")
+    g2p = torch.tensor([4, 0, 5, 1], dtype=torch.int64, device=DEVICE)                       # physical 0, 1 on this rank
+    a, counts, slot_map, flag = batched_dispatch(hidden, ids * 2 + 1, 2, 4, global_to_physical=g2p, check_overflow=False)
+    test_eq((flag.item(), counts.tolist(), int((slot_map >= 0).sum())), (1, [4, 4], 8))
+    test_fail(lambda: batched_dispatch(hidden, ids * 2 + 1, 2, 4, global_to_physical=g2p), contains="max_tokens: expected >= 6")
     test_fail(lambda: batched_dispatch(hidden, ids + 5, 2, 6), contains="topk_ids: expected values in [-1, 2)")
     test_fail(lambda: batched_dispatch(hidden, ids.float(), 2, 6), contains="topk_ids: expected dtype")
     test_fail(lambda: batched_dispatch(hidden[:, None], ids, 2, 6), contains="hidden: expected a 2-D tensor")

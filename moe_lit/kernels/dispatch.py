@@ -15,7 +15,7 @@ from ..formats import dispatch_batched_reference
 # %% auto #0
 __all__ = ['batched_dispatch', 'batched_combine', 'combine_pairs', 'check_dispatch', 'batched_moe_triton']
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #f93aaa6d4158
+# %% ../../nbs/07_kernels.dispatch.ipynb #7d3c552b6ad0
 @triton.jit
 def _batched_dispatch_kernel(
     hidden_ptr,         # [T, H]
@@ -23,7 +23,7 @@ def _batched_dispatch_kernel(
     topk_weights_ptr,   # [T, TOP_K] fp32 (read when SCALE)
     map_ptr,            # MODE 1: expert_map [num_experts] int32; MODE 2: global_to_physical [num_experts] int64
     a_ptr,              # [E_local, max_tokens, H] output slabs
-    counts_ptr,         # [E_local] int32, zeroed; becomes expert_num_tokens (+ overflowed pairs)
+    counts_ptr,         # [E_local] int32, zeroed; becomes expert_num_tokens (at most max_tokens)
     slot_map_ptr,       # [T, TOP_K] int64 output
     overflow_ptr,       # [1] int32, set to 1 when a pair does not fit
     H, num_local_experts, num_experts, max_tokens, physical_offset,
@@ -51,11 +51,12 @@ def _batched_dispatch_kernel(
                 if h0 > 0: x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
                 if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
                 tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
-        else:
+        else:                                            # no row: give the count back, so that it ends at
+            tl.atomic_add(counts_ptr + local, -1)          # max_tokens (see below), and raise the flag
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #362957afa58b
+# %% ../../nbs/07_kernels.dispatch.ipynb #9528b80d9e51
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -109,9 +110,12 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
             BLOCK_H=(bh := min(8192, _next_pow2(H))), MODE=mode, SCALE=topk_weights is not None,
             num_warps=8 if bh >= 4096 else 4)
-    if not check_overflow: return a, counts.clamp_(max=max_tokens), slot_map, flag   # counts stay a valid contract
+    if not check_overflow: return a, counts, slot_map, flag      # counts end at most max_tokens: a valid contract
     if int(flag.item()):
-        raise ValueError(f"max_tokens: expected >= {int(counts.max())} (the busiest local expert's pairs), "
+        local = topk_ids.long()                                   # the busiest local expert's pairs, for the message
+        if mode: local = torch.where(local >= 0, table.long()[local.clamp(min=0)] - (physical_offset if mode == 2 else 0), -1)
+        local = local[(local >= 0) & (local < num_local_experts)]
+        raise ValueError(f"max_tokens: expected >= {int(torch.bincount(local).max())} (the busiest local expert's pairs), "
                          f"got {max_tokens}: capacity overflow")
     return a, counts, slot_map
 
