@@ -62,7 +62,7 @@ def _expected_load(topk_ids, placement) -> dict:
                 active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
                 max_active_experts=min(E_local, pairs))                 # a bound: every pair on a different local expert
 
-# %% ../nbs/10_modular.ipynb #394b0b880d49
+# %% ../nbs/10_modular.ipynb #940050bda4f1
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
@@ -71,9 +71,11 @@ class StandardPrepareFinalize:
     max_num_tokens_per_rank = None
 
     def __init__(self, topk_indices_dtype: torch.dtype = torch.int32,
-                 validate: bool = True):   # check topk_ids' range in prepare (one host sync); False for a router's own ids
+                 validate: bool = True,    # check topk_ids' range in prepare (one host sync); False for a router's own ids
+                 use_triton: bool = False):   # the local slots in one Triton launch (07_kernels.dispatch.local_slots)
         self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
         self.validate = check_bool("validate", validate)
+        self.use_triton = check_bool("use_triton", use_triton)
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
         "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
@@ -81,6 +83,10 @@ class StandardPrepareFinalize:
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         if placement.holds_every_expert and not self.validate:   # ids in range by construction: the slot is the id
             local = topk_ids                                     # (no gather; every experts path skips ids outside [0, E))
+        elif self.use_triton and not self.validate and placement.slot_table is not None and \
+                placement.slot_table.device == topk_ids.device and placement.slot_table.is_contiguous():   # the layer's table
+            from moe_lit.kernels.dispatch import _local_slots
+            local = _local_slots(topk_ids.contiguous(), placement.slot_table)
         else: local = placement.local_slot(topk_ids, self.validate)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=local,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
@@ -310,7 +316,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #4fc9d6ea8826
+# %% ../nbs/10_modular.ipynb #ccf8d2db9814
 def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False, validate: bool = True):
     "The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -322,7 +328,7 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
                              f"({config.max_num_tokens * config.ep_size} in all), got {per_rank} per rank")
         return BatchedPrepareFinalize(max(per_rank, 1), config.ep_size, use_triton, config.topk_indices_dtype,
                                       config.padded_hidden_size, validate)
-    return StandardPrepareFinalize(config.topk_indices_dtype, validate)
+    return StandardPrepareFinalize(config.topk_indices_dtype, validate, use_triton)
 
 def make_experts(prepare_finalize, implementation: str = "torch"):
     "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."

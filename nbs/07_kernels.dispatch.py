@@ -293,6 +293,46 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
     return out
 
 # %% [markdown]
+# ## Local slots in one launch
+#
+# The Standard format does not dispatch: its experts take each pair's local slot on this rank, `-1` where the expert
+# lives elsewhere — `04_placement.local_slot`, a gather from the placement's `slot_table`. In torch that is a clamp,
+# an int32 → int64 copy of the ids and the gather: three launches at decode (about 8 µs on an H200 for DeepSeek-V3's
+# allgather deployment at T = 1, `nbs/bench/profile_small_t_h200_016c6b0.log`). `local_slots` is the same gather in one:
+# an id outside `[0, num_experts)`, `-1` included, reads the table's last entry, which is `-1`, so no read leaves the
+# table whatever the ids hold.
+
+# %%
+#| export
+@triton.jit
+def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
+                       table_ptr,    # [num_experts + 1] int64 slot table, last entry -1
+                       out_ptr,      # [n] int64 local slots
+                       n, num_experts, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int64)
+    g = tl.where((g >= 0) & (g < num_experts), g, num_experts)       # -1 and anything outside: the last entry
+    tl.store(out_ptr + offs, tl.load(table_ptr + g, mask=m, other=-1), mask=m)
+
+def local_slots(topk_ids: torch.Tensor,     # [T, top_k] int32/int64 global (physical) ids, -1 = none
+                slot_table: torch.Tensor,   # [num_experts + 1] int64 (`Placement.slot_table`), last entry -1
+               ) -> torch.Tensor:           # [T, top_k] int64 local slot on this rank, -1 = not local
+    "`Placement.local_slot(topk_ids, validate=False)` in one launch: ids outside `[0, num_experts)` give -1; ValueError on a shape, dtype or device mismatch."
+    check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    check_tensor("slot_table", slot_table, ndim=1, dtype=torch.int64)
+    if slot_table.shape[0] < 1: raise ValueError("slot_table: expected [num_experts + 1] entries, got 0")
+    check_kernel_device("topk_ids", topk_ids, slot_table=slot_table)
+    return _local_slots(topk_ids.contiguous(), slot_table.contiguous())
+
+def _local_slots(topk_ids, slot_table) -> torch.Tensor:
+    "`local_slots` after its checks (contiguous ids and table): the Standard prepare's hot path (`10_modular`)."
+    out = torch.empty(topk_ids.shape, dtype=torch.int64, device=topk_ids.device)
+    n = topk_ids.numel()
+    if n: _local_slot_kernel[(_cdiv(n, 1024),)](topk_ids, slot_table, out, n, slot_table.shape[0] - 1, BLOCK=1024)
+    return out
+
+# %% [markdown]
 # ## Tests
 #
 # Dispatch against its spec: the same counts, each pair's row holds its token's hidden state, the slot map is a
@@ -371,6 +411,30 @@ test_fail(lambda: batched_dispatch(torch.randn(8, 6, device=DEVICE).t(), ids, 2,
 slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
 test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),
           contains="out: expected a buffer that does not overlap topk_ids")
+
+# %% [markdown]
+# `local_slots` equals the placement's own lookup for every rank of a linear and a round-robin deployment, on ids that
+# include `-1` and, through the public call, ids outside the range (they read `-1`, as `local_slot` without validation).
+
+# %%
+#| test local_slots_match_placement
+from moe_lit.config import MoEConfig, ParallelConfig
+from moe_lit.placement import Placement
+g = torch.Generator().manual_seed(2)
+for strategy in ("linear", "round_robin"):
+    par = ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
+    cfg = MoEConfig(num_experts=16, top_k=3, hidden_size=8, intermediate_size=8, parallel=par)
+    for rank in range(4):
+        p = Placement.build(cfg, strategy, ep_rank=rank)
+        ids = torch.stack([torch.randperm(16, generator=g)[:3] for _ in range(9)]).int(); ids[2, 1] = -1
+        for dt in (torch.int32, torch.int64):
+            got = local_slots(ids.to(DEVICE, dt), p.slot_table.to(DEVICE))
+            test_eq(got.dtype, torch.int64); test_eq(got.cpu().tolist(), p.local_slot(ids).tolist())
+wild = torch.tensor([[-7, 16], [99, 3]], dtype=torch.int32, device=DEVICE)
+test_eq(local_slots(wild, p.slot_table.to(DEVICE)).cpu().tolist(), p.local_slot(wild.cpu(), validate=False).tolist())
+test_eq(local_slots(ids[:0].to(DEVICE), p.slot_table.to(DEVICE)).shape, (0, 3))
+test_fail(lambda: local_slots(ids.float(), p.slot_table), contains="topk_ids: expected dtype")
+test_fail(lambda: local_slots(ids, p.slot_table.int()), contains="slot_table: expected dtype torch.int64")
 
 # %% [markdown]
 # Combine against its spec on slabs whose padding is poisoned (NaN, then 1e30): a `-1` slot or a padding row would

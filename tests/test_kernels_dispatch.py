@@ -66,6 +66,26 @@ def test_dispatch_overflow_and_bad_input():
               contains="out: expected a buffer that does not overlap topk_ids")
 
 
+def test_local_slots_match_placement():
+    from moe_lit.config import MoEConfig, ParallelConfig
+    from moe_lit.placement import Placement
+    g = torch.Generator().manual_seed(2)
+    for strategy in ("linear", "round_robin"):
+        par = ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
+        cfg = MoEConfig(num_experts=16, top_k=3, hidden_size=8, intermediate_size=8, parallel=par)
+        for rank in range(4):
+            p = Placement.build(cfg, strategy, ep_rank=rank)
+            ids = torch.stack([torch.randperm(16, generator=g)[:3] for _ in range(9)]).int(); ids[2, 1] = -1
+            for dt in (torch.int32, torch.int64):
+                got = local_slots(ids.to(DEVICE, dt), p.slot_table.to(DEVICE))
+                test_eq(got.dtype, torch.int64); test_eq(got.cpu().tolist(), p.local_slot(ids).tolist())
+    wild = torch.tensor([[-7, 16], [99, 3]], dtype=torch.int32, device=DEVICE)
+    test_eq(local_slots(wild, p.slot_table.to(DEVICE)).cpu().tolist(), p.local_slot(wild.cpu(), validate=False).tolist())
+    test_eq(local_slots(ids[:0].to(DEVICE), p.slot_table.to(DEVICE)).shape, (0, 3))
+    test_fail(lambda: local_slots(ids.float(), p.slot_table), contains="topk_ids: expected dtype")
+    test_fail(lambda: local_slots(ids, p.slot_table.int()), contains="slot_table: expected dtype torch.int64")
+
+
 def test_combine_matches_reference():
     g = torch.Generator().manual_seed(1)
     T, H, E, k = 11, 48, 4, 3

@@ -13,7 +13,7 @@ from ..terms import check_int, check_tensor, check_bool, check_disjoint
 from ..formats import dispatch_batched_reference
 
 # %% auto #0
-__all__ = ['batched_dispatch', 'batched_combine', 'combine_pairs', 'check_dispatch', 'batched_moe_triton']
+__all__ = ['batched_dispatch', 'batched_combine', 'combine_pairs', 'local_slots', 'check_dispatch', 'batched_moe_triton']
 
 # %% ../../nbs/07_kernels.dispatch.ipynb #7d3c552b6ad0
 @triton.jit
@@ -214,6 +214,35 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
             TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
+    return out
+
+# %% ../../nbs/07_kernels.dispatch.ipynb #64b8169cf361
+@triton.jit
+def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
+                       table_ptr,    # [num_experts + 1] int64 slot table, last entry -1
+                       out_ptr,      # [n] int64 local slots
+                       n, num_experts, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int64)
+    g = tl.where((g >= 0) & (g < num_experts), g, num_experts)       # -1 and anything outside: the last entry
+    tl.store(out_ptr + offs, tl.load(table_ptr + g, mask=m, other=-1), mask=m)
+
+def local_slots(topk_ids: torch.Tensor,     # [T, top_k] int32/int64 global (physical) ids, -1 = none
+                slot_table: torch.Tensor,   # [num_experts + 1] int64 (`Placement.slot_table`), last entry -1
+               ) -> torch.Tensor:           # [T, top_k] int64 local slot on this rank, -1 = not local
+    "`Placement.local_slot(topk_ids, validate=False)` in one launch: ids outside `[0, num_experts)` give -1; ValueError on a shape, dtype or device mismatch."
+    check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    check_tensor("slot_table", slot_table, ndim=1, dtype=torch.int64)
+    if slot_table.shape[0] < 1: raise ValueError("slot_table: expected [num_experts + 1] entries, got 0")
+    check_kernel_device("topk_ids", topk_ids, slot_table=slot_table)
+    return _local_slots(topk_ids.contiguous(), slot_table.contiguous())
+
+def _local_slots(topk_ids, slot_table) -> torch.Tensor:
+    "`local_slots` after its checks (contiguous ids and table): the Standard prepare's hot path (`10_modular`)."
+    out = torch.empty(topk_ids.shape, dtype=torch.int64, device=topk_ids.device)
+    n = topk_ids.numel()
+    if n: _local_slot_kernel[(_cdiv(n, 1024),)](topk_ids, slot_table, out, n, slot_table.shape[0] - 1, BLOCK=1024)
     return out
 
 # %% ../../nbs/07_kernels.dispatch.ipynb #c2f9ce177535
