@@ -62,11 +62,18 @@ def _expected_load(topk_ids, placement) -> dict:
                 active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
                 max_active_experts=min(E_local, pairs))                 # a bound: every pair on a different local expert
 
-# %% ../nbs/10_modular.ipynb #940050bda4f1
+# %% ../nbs/10_modular.ipynb #02abf3d50038
+def _check_shared(shared, T: int, H: int, like: torch.Tensor):
+    "A finalize's `shared` addend: None, or `[T, H]` in the experts' dtype on their device (metadata only)."
+    if shared is None: return
+    check_tensor("shared", shared, shape=(T, H), dtype=like.dtype)
+    if shared.device != like.device: raise ValueError(f"shared: expected device {like.device}, got {shared.device}")
+
 class StandardPrepareFinalize:
     "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
     activation_format = ActivationFormat.Standard
     output_is_reduced = False
+    adds_shared = True             # finalize takes the shared experts' output and adds it
     num_dispatchers = 1
     max_num_tokens_per_rank = None
 
@@ -92,18 +99,21 @@ class StandardPrepareFinalize:
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
                         num_experts=placement.num_experts, **_expected_load(topk_ids, placement))
 
-    def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-        "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is."
+    def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
+                 shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
+        "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is (plus `shared`)."
         check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)
         if expert_out.device != prepared.a.device:
             raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
-        return expert_out
+        _check_shared(shared, expert_out.shape[0], prepared.hidden_size, expert_out)
+        return expert_out if shared is None else expert_out + shared
 
-# %% ../nbs/10_modular.ipynb #f5de0058dda1
+# %% ../nbs/10_modular.ipynb #07aff6b827bb
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
     output_is_reduced = False
+    adds_shared = True             # finalize takes the shared experts' output: on Triton, in the combine's own sum
 
     def __init__(self, max_num_tokens_per_rank: int, num_dispatchers: int, use_triton: bool = False,
                  topk_indices_dtype: torch.dtype = torch.int64, padded_hidden_size: int | None = None,
@@ -147,19 +157,24 @@ class BatchedPrepareFinalize:
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
                         **_expected_load(topk_ids, placement))   # not the padded capacity
 
-    def finalize(self, expert_out: torch.Tensor, prepared: Prepared) -> torch.Tensor:
-        "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32."
+    def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
+                 shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
+        "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32 (with `shared`, on Triton in the same sum)."
         on_in = prepared.apply_router_weight_on_input
         check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)   # the slabs'
         if expert_out.device != prepared.a.device:
             raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
+        T, H = prepared.topk_weights.shape[0], expert_out.shape[2]
+        _check_shared(shared, T, prepared.hidden_size, expert_out)
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()
-            T, H = prepared.topk_weights.shape[0], expert_out.shape[2]
             out = _batched_combine(expert_out, prepared.topk_weights, prepared.slot_map,     # slots come from our own
-                                   torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device), on_in)   # dispatch
-        else: out = combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
+                                   torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device), on_in,   # dispatch
+                                   None if shared is None else shared.contiguous())   # in the sum (its columns)
+        else:
+            out = combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
+            if shared is not None: out = out[:, :prepared.hidden_size] + shared
         return out[:, :prepared.hidden_size] if out.shape[1] != prepared.hidden_size else out   # padding never leaks
 
 # %% ../nbs/10_modular.ipynb #3c8a235393ce
@@ -253,7 +268,7 @@ class SharedExperts(torch.nn.Module):
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #4ee3710dda1b
+# %% ../nbs/10_modular.ipynb #709bf8aec4a5
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None):
@@ -294,10 +309,16 @@ class ModularKernel:
         clock("prepare_s")
         expert_out = self.experts.apply(prepared, w13, w2, w13_bias, w2_bias, activation)
         clock("experts_s")
-        out = self.prepare_finalize.finalize(expert_out, prepared)
+        join = lambda: side is not None and torch.cuda.current_stream(hidden.device).wait_stream(side)
+        if shared is not None and getattr(self.prepare_finalize, "adds_shared", False):
+            join()                                                              # the shared output is added in
+            out = self.prepare_finalize.finalize(expert_out, prepared, shared)  # finalize's own sum
+        else:
+            out = self.prepare_finalize.finalize(expert_out, prepared)          # (a transport's finalize overlaps
+            join()                                                              # the shared experts)
+            if shared is not None: out = out + shared
         clock("finalize_s")
-        if side is not None: torch.cuda.current_stream(hidden.device).wait_stream(side)   # join before the sum
-        return out if shared is None else out + shared
+        return out
 
     __call__ = forward
 

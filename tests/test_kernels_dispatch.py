@@ -11,6 +11,7 @@ from moe_lit.formats import dispatch_batched_reference
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, poison_rows
+from moe_lit.kernels.dispatch import _batched_combine
 from moe_lit.formats import combine_batched_reference, moe_reference_standard
 from moe_lit.placement import determine_expert_map, round_robin_routing_tables, expert_block
 from moe_lit.kernels.dispatch import *
@@ -100,6 +101,11 @@ def test_combine_matches_reference():
             assert_close(got, want); test_eq(got[0].abs().max().item(), 0.0)               # a token with no local slot
             assert_close(batched_combine(a, wts, slot_map, apply_router_weight_on_input=True),
                          combine_batched_reference(a.double(), wts, slot_map, apply_router_weight_on_input=True))
+    z = torch.randn(T, H, generator=g).to(DEVICE, dtype)                          # an addend (the shared experts' output)
+    assert_close(_batched_combine(a, wts, slot_map, torch.empty_like(z), False, z),   # in the same fp32 sum, one cast
+                 combine_batched_reference(a.double(), wts, slot_map) + z.double())
+    got = _batched_combine(a, wts, slot_map, torch.empty_like(z), False, z[:, :H - 8].contiguous())   # slabs past it
+    assert_close(got, combine_batched_reference(a.double(), wts, slot_map) + torch.nn.functional.pad(z[:, :H - 8].double(), (0, 8)))
     test_fail(lambda: batched_combine(a, wts, slot_map + 1000), contains="slot_map: expected values in [-1, 44)")
     test_fail(lambda: batched_combine(a, wts.double(), slot_map), contains="topk_weights: expected dtype torch.float32")
     test_fail(lambda: batched_combine(a, wts, slot_map.int()), contains="slot_map: expected dtype torch.int64")

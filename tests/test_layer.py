@@ -263,6 +263,10 @@ def test_emulated_ep_triton_experts():
         run = run_emulated_ep(cfg, x, seed=4, placement=strategy, experts="triton")
         test_eq(run.experts[0], "triton")
         assert_close(run.output, run.reference, name=strategy)
+    shared = base.replace(num_shared_experts=1, shared_intermediate_size=24,                  # the shared output added
+                          parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    run = run_emulated_ep(shared, x, seed=4, placement="round_robin", experts="triton")       # inside the combine
+    assert_close(run.output, run.reference, name="shared experts in the combine")
 
 
 def test_fused_moe_from_mapping():

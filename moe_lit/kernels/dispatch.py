@@ -119,18 +119,20 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
                          f"got {max_tokens}: capacity overflow")
     return a, counts, slot_map
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #3f0b744b29fe
+# %% ../../nbs/07_kernels.dispatch.ipynb #99a88226a8bd
 @triton.jit
 def _batched_combine_kernel(
     expert_out_ptr,     # [E_local, max_tokens, H]
     topk_weights_ptr,   # [T, TOP_K] fp32
     slot_map_ptr,       # [T, TOP_K] int64, e·max_tokens + row, or -1 (PAIRS: local expert ids, int32/int64)
     out_ptr,            # [T, H]
-    H, max_tokens, stride_ee, stride_em, stride_ot,
+    add_ptr,            # [T, add_cols] added to the sum in fp32 (ADD: the shared experts' output)
+    H, max_tokens, stride_ee, stride_em, stride_ot, stride_at, add_cols,
     num_local,          # PAIRS: a pair's row exists iff 0 <= local id < num_local
     TOP_K: tl.constexpr, SLOTS: tl.constexpr,   # SLOTS: slots loaded at once (a power of two, _combine_tile)
     BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
     PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
+    ADD: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -147,6 +149,7 @@ def _batched_combine_kernel(
                     mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [SLOTS, BLOCK_H]
         if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + ks, mask=valid, other=0.0)[:, None]
         acc += tl.sum(y, axis=0)
+    if ADD: acc += tl.load(add_ptr + t * stride_at + offs_h, mask=offs_h < add_cols, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_ot + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
@@ -156,7 +159,7 @@ def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
     return slots, bh
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #1faee1c48328
+# %% ../../nbs/07_kernels.dispatch.ipynb #1a06bc39623c
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -181,15 +184,22 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
         raise ValueError(f"slot_map: expected values in [-1, {E * M}), got {slot_map.min().item()}..{slot_map.max().item()}")
     return _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weight_on_input)
 
-def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weight_on_input) -> torch.Tensor:
-    "`batched_combine` after its checks, `out` allocated: for a finalize that holds its own dispatch's slot map."
+def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weight_on_input,
+                     addend=None) -> torch.Tensor:
+    """`batched_combine` after its checks, `out` allocated: for a finalize that holds its own dispatch's slot map.
+
+    `addend` `[T, H']` (`H' <= H`, unit stride along it) is added to each token's first `H'` columns in the fp32 sum,
+    before the one cast: the finalize's shared experts (on slabs padded past the hidden size too), without a launch
+    of their own."""
     (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
         slots, bh = _combine_tile(T, H, top_k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
-            expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, H, M, expert_out.stride(0),
-            expert_out.stride(1), out.stride(0), 0, TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
-            WEIGHTED=not apply_router_weight_on_input, PAIRS=False)
+            expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, addend if addend is not None else out,
+            H, M, expert_out.stride(0), expert_out.stride(1), out.stride(0),
+            addend.stride(0) if addend is not None else 0, addend.shape[1] if addend is not None else 0, 0,
+            TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
+            WEIGHTED=not apply_router_weight_on_input, PAIRS=False, ADD=addend is not None)
     return out
 
 def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token, slot) pair, router weights applied
@@ -212,7 +222,7 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
     if T and H:
         slots, bh = _combine_tile(T, H, k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
-            y, y, local_ids.contiguous(), out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), num_local,
+            y, y, local_ids.contiguous(), out, out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), 0, 0, num_local,
             TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
