@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The small-T chain on one CUDA machine. Results under $OUT; pass REV= (a copied tree may carry a stale HEAD).
-#   bash nbs/bench/small_t_gpu.sh base  -> kernel chain of every deployment at T = 1, 2, then the whole GPU suite
-#   bash nbs/bench/small_t_gpu.sh after -> the chain again, the layer benchmark at small T (all deployments), the
-#                                          seed scenario, memcheck of the touched kernels' tests, then the GPU suite
+#   bash nbs/bench/small_t_gpu.sh base    -> kernel chain of every deployment at T = 1, 2, then the whole GPU suite
+#   bash nbs/bench/small_t_gpu.sh check   -> the whole GPU suite beside memcheck of the router, dispatch, modular
+#                                            and layer tests
+#   bash nbs/bench/small_t_gpu.sh measure -> the chain again, the layer benchmark at small T (all deployments, no
+#                                            peers), the seed scenario
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -13,16 +15,17 @@ chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v War
 suite() { timeout 330 python -m pytest -q -n 6 -m "gpu or not gpu" tests 2>&1 | grep -v Warning | tail -15 | tee "$OUT/pytest_gpu_h200_$C.log"; }
 case "${1:-base}" in
 base) chain; suite ;;
-after)
+check)
+  timeout 280 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" tests/test_kernels_dispatch.py \
+    tests/test_kernels_router.py tests/test_modular.py tests/test_layer.py 2>&1 | tail -4 > "$OUT/memcheck_small_t_h200_$C.log" &
+  suite; wait; echo "== memcheck"; cat "$OUT/memcheck_small_t_h200_$C.log" ;;
+measure)
   chain
-  timeout 200 python - "$OUT/layer_bench_small_t_h200_$C.json" <<'PY' 2>&1 | grep -v Warning | tee "$OUT/layer_bench_small_t_h200_$C.log"
+  timeout 240 python - "$OUT/layer_bench_small_t_h200_$C.json" <<'PY' 2>&1 | grep -v Warning | tee "$OUT/layer_bench_small_t_h200_$C.log"
 import sys
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
 rep = bench_layer(sys.argv[1], LAYER_DEPLOYMENTS, tokens=(1, 2, 4, 8), peers=False)
 print(format_bench_layer(rep))
 PY
-  timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" tests/test_kernels_dispatch.py \
-    tests/test_kernels_router.py tests/test_layer.py 2>&1 | tail -4 | tee "$OUT/memcheck_small_t_h200_$C.log"
-  suite ;;
+  timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9 ;;
 esac
