@@ -115,9 +115,11 @@ class RandomExpertWeights(WeightSource):
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
 
     def router(self) -> dict[str, torch.Tensor]:
-        "`gate [num_experts, hidden_size]` fp32 (logits ~ N(0, 1)), and the biases the config has."
+        "`gate [num_experts, hidden_size]` fp32 (logits ~ N(0, 1)) holding values of a bf16/fp16 config's dtype, as such a checkpoint stores them; and the biases the config has."
         c, g = self.config, self._gen(0)
-        out = {"gate": torch.randn(c.num_experts, c.hidden_size, generator=g) / math.sqrt(c.hidden_size)}
+        gate = torch.randn(c.num_experts, c.hidden_size, generator=g) / math.sqrt(c.hidden_size)
+        if c.dtype in (torch.bfloat16, torch.float16): gate = gate.to(c.dtype).float()   # the layer's router reads that dtype
+        out = {"gate": gate}
         if c.has_correction_bias: out["e_score_correction_bias"] = torch.randn(c.num_experts, generator=g) * 0.01
         if c.has_router_bias: out["gate_bias"] = torch.randn(c.num_experts, generator=g) * 0.1
         return out

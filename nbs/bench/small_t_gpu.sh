@@ -3,8 +3,8 @@
 #   bash nbs/bench/small_t_gpu.sh base    -> kernel chain of every deployment at T = 1, 2, then the whole GPU suite
 #   bash nbs/bench/small_t_gpu.sh check   -> the whole GPU suite beside memcheck of the router, dispatch, modular
 #                                            and layer tests
-#   bash nbs/bench/small_t_gpu.sh measure -> the chain again, the layer benchmark at small T (all deployments, no
-#                                            peers), the seed scenario
+#   bash nbs/bench/small_t_gpu.sh measure -> the chain again, the whole layer benchmark (JSON, log and figure), the
+#                                            seed scenario
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -21,11 +21,7 @@ check)
   suite; wait; echo "== memcheck"; cat "$OUT/memcheck_small_t_h200_$C.log" ;;
 measure)
   chain
-  timeout 240 python - "$OUT/layer_bench_small_t_h200_$C.json" <<'PY' 2>&1 | grep -v Warning | tee "$OUT/layer_bench_small_t_h200_$C.log"
-import sys
-from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
-rep = bench_layer(sys.argv[1], LAYER_DEPLOYMENTS, tokens=(1, 2, 4, 8), peers=False)
-print(format_bench_layer(rep))
-PY
+  timeout 360 python nbs/bench/layer_bench_run.py "$OUT/layer_bench_h200_$C.json" 2>&1 | grep -v Warning > "$OUT/layer_bench_h200_$C.log"
+  tail -3 "$OUT/layer_bench_h200_$C.log"
   timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9 ;;
 esac
