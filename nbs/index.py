@@ -140,11 +140,11 @@ print(hf.config._experts_implementation)
 # | `01_config` | `moe_lit.config` | the backend descriptor table, `ParallelConfig` (vLLM's flattening rule), `MoEConfig` |
 # | `02_models` | `moe_lit.models` | real-model presets and Hugging Face `config.json` parsing |
 # | `03_routing` | `moe_lit.routing` | softmax / sigmoid / grouped top-k routers, correction bias, per-expert load |
-# | `03a_kernels.router` | `moe_lit.kernels.router` | every routing method in one Triton launch, checked against the torch routers |
+# | `03a_kernels.router` | `moe_lit.kernels.router` | every routing method in one Triton launch, and at decode the router GEMV before it in one more, checked against the torch routers |
 # | `04_placement` | `moe_lit.placement` | linear and round-robin placement, `expert_map`, routing tables, EPLB replicas |
 # | `05_formats` | `moe_lit.formats` | the Standard and BatchedExperts contracts and the reference MoE in both |
 # | `06_kernels.batched` | `moe_lit.kernels.batched` | Triton batched-experts GEMM with fused SiLU-and-mul, tile tables, split-K and compact expert slots for small decode grids (shared by every grouped GEMM) |
-# | `07_kernels.dispatch` | `moe_lit.kernels.dispatch` | Triton dispatch into per-expert slabs and the weighted combine |
+# | `07_kernels.dispatch` | `moe_lit.kernels.dispatch` | Triton dispatch into per-expert slabs, the weighted combine (with the shared experts' output in its sum), local slots in one launch |
 # | `08_kernels.contiguous` | `moe_lit.kernels.contiguous` | Triton `moe_align_block_size` and the fused-MoE GEMM over aligned blocks |
 # | `09_quant` | `moe_lit.quant` | FP8 (tensor / channel / token / 128×128 block), MXFP4 and NVFP4 quantize and dequantize |
 # | `09a_quant_weights` | `moe_lit.quant_weights` | the quantized expert-weight container, the mma128 FP4 layout the kernels read (re-laid at load), quantizing a layer's experts, test weights (torch only) |

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The small-T chain on one CUDA machine. Results under $OUT; pass REV= (a copied tree may carry a stale HEAD).
 #   bash nbs/bench/small_t_gpu.sh base    -> kernel chain of every deployment at T = 1, 2, then the whole GPU suite
+#   bash nbs/bench/small_t_gpu.sh suite   -> the whole GPU suite alone
 #   bash nbs/bench/small_t_gpu.sh check   -> the whole GPU suite beside memcheck of the router, dispatch, modular
 #                                            and layer tests
 #   bash nbs/bench/small_t_gpu.sh measure -> the chain again, the whole layer benchmark (JSON, log and figure), the
@@ -12,9 +13,10 @@ OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
 C=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo wt)}; export MOE_LIT_COMMIT=$C
 nvidia-smi --query-gpu=name --format=csv,noheader
 chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_h200_$C.log"; grep "==" "$OUT/profile_small_t_h200_$C.log"; }
-suite() { timeout 330 python -m pytest -q -n 6 -m "gpu or not gpu" tests 2>&1 | grep -v Warning | tail -15 | tee "$OUT/pytest_gpu_h200_$C.log"; }
+suite() { timeout 400 python -m pytest -q -n 6 -m "gpu or not gpu" tests 2>&1 | grep -v Warning | tail -15 | tee "$OUT/pytest_gpu_h200_$C.log"; }
 case "${1:-base}" in
 base) chain; suite ;;
+suite) suite ;;
 check)
   timeout 280 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" tests/test_kernels_dispatch.py \
     tests/test_kernels_router.py tests/test_modular.py tests/test_layer.py 2>&1 | tail -4 > "$OUT/memcheck_small_t_h200_$C.log" &
