@@ -251,17 +251,18 @@ assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 # %% [markdown]
 # ## Results, H200
 #
-# `nbs/bench/layer_bench_h200_65d70b5.json` (with its log and figure) comes from one run of the layer benchmark
-# (`bash nbs/bench/split_k_gpu.sh final`: `bench_layer` over every deployment, then the figure) on an NVIDIA H200 (copy
-# bandwidth measured in the run: 4.25 TB/s), torch 2.11, Triton 3.6, transformers 5.17, 2026-12-04, on commit
-# 65d70b5 (split-K in the expert GEMMs). Columns: local experts the batch touched, floor, eager, replayed graph (µs), replay / floor, host overhead
-# (eager − replay), and transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`: `batched_mm` gathers a weight
-# copy per pair and ran out of the card's 140 GB). Earlier runs of the same benchmark are kept beside it:
-# `layer_bench_h200_e7361ab.json` (the run before split-K), `layer_bench_h200_481820b.json`,
-# `layer_bench_h200_e6a765c.json` and `layer_bench_h200_8a184b7.json`.
+# `nbs/bench/layer_bench_h200_1839958.json` (with its log and figure) comes from one run of the layer benchmark
+# (`bash nbs/bench/small_t_gpu.sh measure`: the small-T kernel chain, `bench_layer` over every deployment, then the
+# figure) on an NVIDIA H200 (copy bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6, transformers
+# 5.17, 2026-12-04, on commit 1839958 (the router at decode in two launches, the one-pass dispatch, local slots in
+# one launch, the shared output added in the combine). Columns: local experts the batch touched, floor, eager,
+# replayed graph (µs), replay / floor, host overhead (eager − replay), and transformers' `grouped_mm` / `batched_mm`
+# blocks (eager; `OOM`: `batched_mm` gathers a weight copy per pair and ran out of the card's 140 GB). Earlier runs of
+# the same benchmark are kept beside it: `layer_bench_h200_65d70b5.json` (split-K), `layer_bench_h200_e7361ab.json`,
+# `layer_bench_h200_481820b.json`, `layer_bench_h200_e6a765c.json` and `layer_bench_h200_8a184b7.json`.
 
 # %%
-layer_h200 = load_bench_layer("bench/layer_bench_h200_65d70b5.json")
+layer_h200 = load_bench_layer("bench/layer_bench_h200_1839958.json")
 print(format_bench_layer(layer_h200))
 
 # %%
@@ -270,53 +271,64 @@ plot_bench_layer(layer_h200)
 # %% [markdown]
 # **Reading.**
 #
-# - **32 of the 54 rows meet the 1.25 × floor + 10 µs bar** (30 at e7361ab, 25 at 481820b, 15 at 8a184b7).
-# - **What split-K moved** (since e7361ab, replayed): DeepSeek-V3 allgather at T = 1, 104 → 90 µs (the contiguous
-#   GEMMs of one expert split), Mixtral at T = 128 and 256, 845 → 801 and 961 → 922 µs; every other row within ±3 %.
-#   The batched (nixl_ep) rows at T ≤ 4 did not move (T = 1: 111 → 110 µs), although one expert's GEMM1 is 2× faster
-#   split in isolation (the bench chapter's split sweep): the batched grid repeats the programs of every empty local
-#   expert once per split — 32 local experts × 32 tiles × 4 splits for DeepSeek-V3's GEMM1 — and each costs a
-#   scheduling slot and a load of its count before it exits. The batched GEMMs now take a bound on the experts with
-#   rows (`06`'s compact expert slots: `min(E_local, T·top_k)` from the modular kernel), so the grid has that many
-#   slots instead of `E`. Measured after it (`layer_bench_small_t_h200_11d154c.json`, the two nixl_ep deployments):
-#   DeepSeek-V3 T = 1 110 → 106 µs and T = 2 106 → 99 µs, Qwen3 EP2 T = 1 and 2 51 → 49 µs, the rest within ±2 %
-#   (T = 64 touched one expert more). The empty programs were a few µs; the small-T rows stay bound by the chain of
-#   launches below.
-# - Replayed, the layer is
-#   near its floor where the experts' bytes dominate: gpt-oss-120b from T = 8 (1.04–1.17×), DeepSeek-V3 EP8 from
-#   T = 8 (nixl_ep) and T = 16 (allgather) (1.09–1.28×), Mixtral from T = 2 to 64 (1.03–1.22×), Qwen3 from T = 16
-#   (1.16–1.24×).
-# - **What moved since 481820b**, replayed: Qwen3 9–16 % faster up to T = 128 (T = 1: 58 → 49 µs), Qwen3 EP2 5–20 %,
-#   DeepSeek-V3 16–25 % at T ≤ 2 (nixl_ep; T = 1: 140 → 111 µs) and T ≤ 4 (allgather; 127 → 104). Three changes: tile tables for
-#   the layer's own GEMM calls at decode (`nbs/bench/tune_layer.py`: both GEMMs of every deployment, per tile-table
-#   bucket, judged by replaying the whole layer; `tune_layer_h200_b39ccfc.json` logs each bucket's before and after,
-#   3–10 % where a bucket changed), the combine loading a token's `top_k` rows in one masked load with narrower
-#   H blocks at small T (`07_kernels.dispatch`), and the batched dispatch zeroing its counts and overflow flag in one
-#   launch. The rest agree with 481820b within ±3 %, run-to-run noise (Mixtral at T = 128 measured 2 % slower).
-# - **Where it still misses:** every deployment at T ≤ 4 (Qwen3 and DeepSeek allgather up to T = 8; Mixtral at T = 1
-#   only), Qwen3 EP2 up to T = 16 and at 256, and Mixtral at T = 256 (1.39×: 64 rows per expert, where its
-#   14336-wide GEMM1 leaves the weight-streaming regime). At small T the floor is 9–65 µs and a forward is still seven to a dozen dependent
-#   launches — router GEMM (two cuBLAS kernels), router, pair blocks or dispatch, two GEMMs, combine, shared experts —
-#   each a few µs even in a graph. Qwen3 at T = 1 is 49 µs against a bar of 32. Fusing the router's GEMM and
-#   selection, and letting the GEMMs read one-block-per-pair layouts straight from `topk_ids` (no alignment launch),
-#   are the next steps; neither is built.
+# - **33 of the 54 rows meet the 1.25 × floor + 10 µs bar** (32 at 65d70b5, 30 at e7361ab, 25 at 481820b, 15 at
+#   8a184b7).
+# - **What the shorter chain moved** (since 65d70b5, replayed): every row at T ≤ 4 is 5–23 µs faster, and at T = 8
+#   and 16 the DeepSeek-V3 rows 12–28 µs (the rest within ±4 µs). Qwen3 T = 1
+#   49 → 43 µs, Qwen3 EP2 T = 2 51 → 37, gpt-oss T = 1 94 → 85, DeepSeek-V3 nixl_ep T = 1 and 2 110 → 96 and
+#   106 → 83, allgather T = 1, 2, 4 90 → 78, 115 → 95, 130 → 111. The kernel chain of one replay, before and after
+#   (`profile_small_t.py`, `profile_small_t_h200_016c6b0.log` → `profile_small_t_h200_1839958.log`, T = 1):
+#
+#   | deployment | launches | kernel time µs | replay µs |
+#   |---|---|---|---|
+#   | Qwen3, 1 GPU | 8 → 6 | 37.0 → 31.3 | 48.5 → 43.2 |
+#   | Qwen3 EP2, nixl_ep | 10 → 7 | 28.8 → 21.6 | 43.9 → 36.4 |
+#   | gpt-oss-120b | 9 → 6 | 79.1 → 71.9 | 92.7 → 85.4 |
+#   | DeepSeek-V3 nixl_ep | 18 → 15 | 74.3 → 64.1 | 67.9 → 59.6 |
+#   | DeepSeek-V3 allgather | 19 → 16 | 79.5 → 66.6 | 68.7 → 58.9 |
+#
+#   The launches that went: the copy of `hidden` to fp32 and cuBLAS's GEMV (or, at T = 2, a SIMT GEMM and its split-K
+#   reduction: 17 µs for DeepSeek-V3) before the router, now one logits kernel that reads the gate once across the GPU
+#   (`03a_kernels.router`); the router bias's add (gpt-oss), now in the selection; the clamp of the dispatch counts
+#   (a pair that finds its slab full gives its count back, `07_kernels.dispatch`); the clamp, id copy and gather of the
+#   allgather deployment's local slots, now one kernel; the add of the shared experts' output, now in the combine's
+#   fp32 sum. The dispatch copies a pair's row in one pass, loaded before the row is claimed; it runs beside the
+#   shared experts' GEMM, which holds the SMs, and moved little (DeepSeek-V3 T = 1 and 2: 7.9 → 7.2 and 11.2 → 10.6 µs). In this run the random router gates hold bf16 values, as a bf16 checkpoint's do, so past
+#   T = 16 the logits are a bf16 GEMM (before: an fp32 one on an fp32 copy of `hidden`).
+# - Replayed, the layer is near its floor where the experts' bytes dominate: gpt-oss-120b from T = 8 (1.03–1.15×),
+#   DeepSeek-V3 EP8 from T = 8 (nixl_ep, 1.05–1.17×) and T = 16 (allgather, 1.05–1.19×), Mixtral from T = 2 to 64
+#   (1.03–1.17×), Qwen3 from T = 16 (1.13–1.22×).
+# - **Where it still misses (21 rows):** Qwen3 at T ≤ 8 (T = 1: 43 µs against a bar of 32), Qwen3 EP2 up to T = 16
+#   and at 256, gpt-oss at T ≤ 2, DeepSeek-V3 at T ≤ 4 (nixl_ep) and T ≤ 8 (allgather), Mixtral at T = 1 (220 against
+#   216) and T = 256 (1.47×: 64 rows per expert, where its 14336-wide GEMM1 leaves the weight-streaming regime;
+#   922 µs at 65d70b5, 968 here). At small T the floor is 9–63 µs and a forward is still six (Standard format, one
+#   GPU) to fifteen (DeepSeek-V3, with the shared experts on their side stream) launches, each a few µs even in a
+#   graph; the GEMMs of one token run at 75–95 % of their share of the floor. What is left to fuse: the selection
+#   into the logits kernel's last program, the pair blocks into the GEMM (read one block per pair straight from
+#   `topk_ids`), and the zero-fills of the dispatch counts and the split-K counters.
+# - **Earlier steps**, replayed. Split-K (e7361ab → 65d70b5): DeepSeek-V3 allgather T = 1 104 → 90 µs, Mixtral
+#   T = 128 and 256 845 → 801 and 961 → 922; compact expert slots for the batched grids (`06`): DeepSeek-V3 nixl_ep
+#   T = 1 110 → 106, T = 2 106 → 99 (`layer_bench_small_t_h200_11d154c.json`). Tile tables for the layer's own GEMM
+#   calls (`nbs/bench/tune_layer.py`, `tune_layer_h200_b39ccfc.json`), the one-load combine and one zero-fill for the
+#   dispatch (481820b → e7361ab): Qwen3 9–16 % faster up to T = 128, DeepSeek-V3 16–25 % at T ≤ 2.
 # - **Against transformers (same weights, same family block, transformers timed eager):** replayed, moe-lit is faster
-#   than the best of `grouped_mm` / `batched_mm` at all 18 Qwen3 and Mixtral rows (49 vs 401 µs on Qwen3 at T = 1,
-#   353 vs 956 at T = 256; 922 vs 1240 on Mixtral at T = 256). Eager, it is faster at 13 of the 18 here (17 at
-#   e7361ab): it loses on Qwen3 at T = 1, 2, 4, 8 and 64 (438 vs 401 µs at T = 1), where both sides are host-bound
-#   and the host's speed moved between runs. The transformers outputs differ from moe-lit's by 0.5% (Mixtral) and 0.6–7.6% (Qwen3):
-#   transformers rounds the router logits to bf16 before the softmax, so near-tied experts of Qwen3's 128 flip;
-#   moe-lit keeps them in fp32.
-# - **Host overhead** (eager − replay) at T = 1 is 222–672 µs in this run (260–1140 at e7361ab), far above the 100 µs per forward the
-#   layer aims at, and it moves by 2× between runs on machines of the same kind (the replayed times agree within a few
-#   percent): at 481820b it was 340–1320 µs. On this CPU a Triton launch through the JIT costs about 20 µs and a launch
-#   of the compiled kernel 7–10 µs (`nbs/bench/launch_cost_h200.log`); the layer's own Python is 70–160 µs per
-#   forward on an idle CPU with the launches stubbed (`nbs/bench/host_overhead_cpu.py`). A serving engine does not pay
-#   it: the graph path (`forward` with captured buckets: copy in, replay, copy out) took −5 to +13 µs beside the bare
-#   replay at e7361ab, +5.5 to +6.1 µs at T = 1 in this run.
-# - **Router logits:** a bf16 GEMM writing fp32 (`matmul_acc`) against the fp32 upcast: 4.8 vs 6.2 µs at
-#   Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256 (`router_logits_h200_44e793c.log`).
-#   Its error against float64 is larger (3e-4 vs 1e-5 on logits of size ~1, cuBLAS's bf16 GEMM is allowed a reduced-
-#   precision split-K reduction) yet 20–100× smaller than the bf16 logits transformers computes, so it is kept.
+#   than the best of `grouped_mm` / `batched_mm` at all 18 Qwen3 and Mixtral rows (43 vs 553 µs on Qwen3 at T = 1,
+#   342 vs 1106 at T = 256; 968 vs 1200 on Mixtral at T = 256). Eager, it is faster at 17 of the 18: it loses on
+#   Qwen3 at T = 2 (670 vs 281 µs), where both sides are host-bound and the host's speed moves between runs. The
+#   transformers outputs differ from moe-lit's by 0.5 % (Mixtral) and 0.6–7.6 % (Qwen3): transformers rounds the router
+#   logits to bf16 before the softmax, so near-tied experts of Qwen3's 128 flip; moe-lit keeps them in fp32.
+# - **Host overhead** (eager − replay) at T = 1 is 190–743 µs in this run (222–672 at 65d70b5, 260–1140 at e7361ab),
+#   far above the 100 µs per forward the layer aims at, and it moves by 2× between runs and between neighbouring
+#   rows of one run (Qwen3: 610 µs at T = 2, 254 at T = 4), where the replayed times agree within a few percent. On
+#   this CPU a Triton launch through the JIT costs about 20 µs and a launch of the compiled kernel 7–10 µs
+#   (`nbs/bench/launch_cost_h200.log`); the layer's own Python is 110–250 µs per forward on the 2-core CPU of
+#   `nbs/bench/host_overhead_cpu.py` with the launches stubbed (its torch ops, the shared experts' among them, run
+#   for real there). A serving engine does not pay it: the graph path (`forward` with captured buckets: copy in,
+#   replay, copy out) took 6.2–7.1 µs beside the bare replay at T = 1 in this run.
+# - **Router logits:** up to `ROUTER_GEMV_MAX_TOKENS` = 16 tokens, the logits kernel of `03a` (fp32 products and sums,
+#   error against float64 ~1e-6 on logits of size ~1); past it, a bf16 GEMM writing fp32 (`matmul_acc`) against the
+#   fp32 upcast: 4.8 vs 6.2 µs at Qwen3 T = 1, 5.1 vs 14.0 at T = 256, 8.0 vs 40.1 for DeepSeek-V3 at T = 256
+#   (`router_logits_h200_44e793c.log`). Its error against float64 is larger (3e-4 vs 1e-5, cuBLAS's bf16 GEMM is
+#   allowed a reduced-precision split-K reduction) yet 20–100× smaller than the bf16 logits transformers computes.
 # - **Shared experts beside the routed ones** (a side stream inside the graph) save 9–22 µs at T = 1 and 14–16 µs at
 #   T = 64 on DeepSeek-V3 rank 0 (`overlap_ab_h200_efa90f1.log`).
