@@ -62,7 +62,7 @@ def _expected_load(topk_ids, placement) -> dict:
                 active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
                 max_active_experts=min(E_local, pairs))                 # a bound: every pair on a different local expert
 
-# %% ../nbs/10_modular.ipynb #02abf3d50038
+# %% ../nbs/10_modular.ipynb #3e9c00b97acc
 def _check_shared(shared, T: int, H: int, like: torch.Tensor):
     "A finalize's `shared` addend: None, or `[T, H]` in the experts' dtype on their device (metadata only)."
     if shared is None: return
@@ -105,10 +105,10 @@ class StandardPrepareFinalize:
         check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)
         if expert_out.device != prepared.a.device:
             raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
-        _check_shared(shared, expert_out.shape[0], prepared.hidden_size, expert_out)
+        _check_shared(shared, expert_out.shape[0], prepared.hidden_size or expert_out.shape[1], expert_out)
         return expert_out if shared is None else expert_out + shared
 
-# %% ../nbs/10_modular.ipynb #07aff6b827bb
+# %% ../nbs/10_modular.ipynb #975812e8c571
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -165,7 +165,7 @@ class BatchedPrepareFinalize:
         if expert_out.device != prepared.a.device:
             raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         T, H = prepared.topk_weights.shape[0], expert_out.shape[2]
-        _check_shared(shared, T, prepared.hidden_size, expert_out)
+        _check_shared(shared, T, prepared.hidden_size or H, expert_out)   # (a hand-built Prepared may not say)
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()

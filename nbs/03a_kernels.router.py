@@ -167,6 +167,7 @@ def _route_topk_kernel(
 
 # %%
 #| export
+ROUTER_MAX_EXPERTS = 65536      # a token's scores are one block of registers (Triton's blocks hold at most 2^20)
 ROUTER_BLOCK_K = 1024           # columns of one program's K slice in the decode logits kernel
 ROUTER_GEMV_MAX_TOKENS = 16     # at most this many tokens take `_router_logits_kernel`; more take one cuBLAS GEMM
 ROUTER_TARGET_PROGRAMS = 256    # the logits grid grows its expert blocks down to 1 expert until it has this many
@@ -218,7 +219,7 @@ class RouterPlan:
     scale: float            # routed_scaling_factor (1 for llama4)
 
     def __post_init__(self):   # the kernel trusts these constants: a plan made by hand is checked like one from a config
-        E = check_int("num_experts", self.num_experts, lo=1)
+        E = check_int("num_experts", self.num_experts, lo=1, hi=ROUTER_MAX_EXPERTS + 1)   # a row is one Triton block
         check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", check_int("SCORING", self.SCORING), (0, 1, 2))
         for n in ("HAS_BIAS", "RENORMALIZE", "TOP2"): check_bool(n, getattr(self, n))
         g = check_int("NUM_GROUPS", self.NUM_GROUPS, lo=1, hi=E + 1)
@@ -292,7 +293,7 @@ def _route_topk(plan, logits, bias, ids_dtype, gate_bias=None) -> tuple[torch.Te
 def route_tokens(plan: RouterPlan,                      # router_plan(config)
                  hidden: torch.Tensor,                  # [T, hidden_size] bf16/fp16/fp32
                  gate: torch.Tensor,                    # [num_experts, hidden_size] bf16/fp16/fp32 router weight
-                 gate_bias: torch.Tensor | None = None, # [num_experts] any float dtype: the router's bias (gpt-oss)
+                 gate_bias: torch.Tensor | None = None, # [num_experts] bf16/fp16/fp32: the router's bias (gpt-oss)
                  bias: torch.Tensor | None = None,      # [num_experts] fp32 correction bias, iff the plan has one
                  ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +327,7 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype) -> tuple[torch
     "`route_tokens` after its checks (unit strides along hidden_size): the layer's hot path (`12_layer`)."
     T, H = hidden.shape
     E = plan.num_experts
-    if not 0 < T <= ROUTER_GEMV_MAX_TOKENS:
+    if not (0 < T <= ROUTER_GEMV_MAX_TOKENS and H):                         # (no column: the GEMM path's zeros)
         return _route_topk(plan, matmul_acc(hidden, gate), bias, ids_dtype, gate_bias)
     split = _cdiv(H, ROUTER_BLOCK_K)
     parts = torch.empty(split, T, E, dtype=torch.float32, device=hidden.device)
@@ -462,6 +463,8 @@ test_fail(lambda: route_tokens(plan, h16, gate8, torch.zeros(7, device=DEVICE)),
 test_fail(lambda: route_tokens(biased, h16, gate8), contains="bias: expected a [num_experts] fp32 tensor, got None")
 test_fail(lambda: route_tokens(plan, h16, gate8, ids_dtype=torch.int16), contains="ids_dtype: expected torch.int32 or torch.int64")
 test_fail(lambda: route_tokens(None, h16, gate8), contains="plan: expected a RouterPlan")
+test_eq(route_tokens(plan, h16[:, :0], gate8[:, :0])[1].tolist(), select_experts(cfg, torch.zeros(3, 8, device=DEVICE))[1].tolist())
+test_fail(lambda: dataclasses.replace(plan, num_experts=2**20, GROUP_SIZE=2**20), contains="num_experts: expected < 65537")
 test_eq(route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2])[1].tolist(),    # a strided gate: read as its values
         route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2].contiguous())[1].tolist())
 w0, ids0 = route_tokens(plan, h16[:0], gate8)                                      # zero tokens

@@ -134,8 +134,8 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if expert_map is not None and global_to_physical is not None:
         raise ValueError("expert_map: expected None when global_to_physical is given (one table decides), got a tensor")
     table, mode = (expert_map, 1) if expert_map is not None else (global_to_physical, 2) if global_to_physical is not None else (None, 0)
-    if mode: check_tensor("expert_map" if mode == 1 else "global_to_physical", table, ndim=1,
-                          dtype=torch.int32 if mode == 1 else torch.int64)
+    if mode: table = check_tensor("expert_map" if mode == 1 else "global_to_physical", table, ndim=1,
+                                  dtype=torch.int32 if mode == 1 else torch.int64).contiguous()   # read at unit stride
     num_experts = table.shape[0] if mode else num_local_experts
     if topk_weights is not None: check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     check_kernel_device("hidden", hidden, topk_ids=topk_ids, expert_map=expert_map, global_to_physical=global_to_physical,
@@ -418,6 +418,9 @@ test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, 
 test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32, device=DEVICE),
                                    global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
 test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
+emap = torch.tensor([0, 1, -1, -1], dtype=torch.int32, device=DEVICE)                    # a strided table: read as its values
+strided = torch.stack([emap, torch.full_like(emap, 99)], 1)[:, 0]
+test_eq(batched_dispatch(hidden, ids, 2, 6, expert_map=strided)[1].tolist(), batched_dispatch(hidden, ids, 2, 6, expert_map=emap)[1].tolist())
 test_fail(lambda: batched_dispatch(torch.randn(8, 6, device=DEVICE).t(), ids, 2, 6), contains="hidden: expected a unit stride")
 slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
 test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),

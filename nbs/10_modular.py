@@ -158,7 +158,7 @@ class StandardPrepareFinalize:
         check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)
         if expert_out.device != prepared.a.device:
             raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
-        _check_shared(shared, expert_out.shape[0], prepared.hidden_size, expert_out)
+        _check_shared(shared, expert_out.shape[0], prepared.hidden_size or expert_out.shape[1], expert_out)
         return expert_out if shared is None else expert_out + shared
 
 # %%
@@ -219,7 +219,7 @@ class BatchedPrepareFinalize:
         if expert_out.device != prepared.a.device:
             raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         T, H = prepared.topk_weights.shape[0], expert_out.shape[2]
-        _check_shared(shared, T, prepared.hidden_size, expert_out)
+        _check_shared(shared, T, prepared.hidden_size or H, expert_out)   # (a hand-built Prepared may not say)
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()

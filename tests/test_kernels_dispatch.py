@@ -61,6 +61,9 @@ def test_dispatch_overflow_and_bad_input():
     test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32, device=DEVICE),
                                        global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
     test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
+    emap = torch.tensor([0, 1, -1, -1], dtype=torch.int32, device=DEVICE)                    # a strided table: read as its values
+    strided = torch.stack([emap, torch.full_like(emap, 99)], 1)[:, 0]
+    test_eq(batched_dispatch(hidden, ids, 2, 6, expert_map=strided)[1].tolist(), batched_dispatch(hidden, ids, 2, 6, expert_map=emap)[1].tolist())
     test_fail(lambda: batched_dispatch(torch.randn(8, 6, device=DEVICE).t(), ids, 2, 6), contains="hidden: expected a unit stride")
     slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
     test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),

@@ -56,7 +56,7 @@ def _batched_dispatch_kernel(
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #9528b80d9e51
+# %% ../../nbs/07_kernels.dispatch.ipynb #eda2fae81678
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -78,8 +78,8 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if expert_map is not None and global_to_physical is not None:
         raise ValueError("expert_map: expected None when global_to_physical is given (one table decides), got a tensor")
     table, mode = (expert_map, 1) if expert_map is not None else (global_to_physical, 2) if global_to_physical is not None else (None, 0)
-    if mode: check_tensor("expert_map" if mode == 1 else "global_to_physical", table, ndim=1,
-                          dtype=torch.int32 if mode == 1 else torch.int64)
+    if mode: table = check_tensor("expert_map" if mode == 1 else "global_to_physical", table, ndim=1,
+                                  dtype=torch.int32 if mode == 1 else torch.int64).contiguous()   # read at unit stride
     num_experts = table.shape[0] if mode else num_local_experts
     if topk_weights is not None: check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     check_kernel_device("hidden", hidden, topk_ids=topk_ids, expert_map=expert_map, global_to_physical=global_to_physical,

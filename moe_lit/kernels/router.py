@@ -15,8 +15,8 @@ from .batched import _next_pow2, _cdiv
 from ..routing import ungroupable_reason, matmul_acc
 
 # %% auto #0
-__all__ = ['ROUTER_BLOCK_K', 'ROUTER_GEMV_MAX_TOKENS', 'ROUTER_TARGET_PROGRAMS', 'RouterPlan', 'router_plan', 'route_topk',
-           'route_tokens']
+__all__ = ['ROUTER_MAX_EXPERTS', 'ROUTER_BLOCK_K', 'ROUTER_GEMV_MAX_TOKENS', 'ROUTER_TARGET_PROGRAMS', 'RouterPlan',
+           'router_plan', 'route_topk', 'route_tokens']
 
 # %% ../../nbs/03a_kernels.router.ipynb #32a97c6ed52b
 @triton.jit
@@ -97,7 +97,8 @@ def _route_topk_kernel(
     tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_offs < TOP_K)
     tl.store(ids_ptr + t * TOP_K + k_offs, ids.to(ids_ptr.dtype.element_ty), mask=k_offs < TOP_K)
 
-# %% ../../nbs/03a_kernels.router.ipynb #de17a85a3997
+# %% ../../nbs/03a_kernels.router.ipynb #58216b23be53
+ROUTER_MAX_EXPERTS = 65536      # a token's scores are one block of registers (Triton's blocks hold at most 2^20)
 ROUTER_BLOCK_K = 1024           # columns of one program's K slice in the decode logits kernel
 ROUTER_GEMV_MAX_TOKENS = 16     # at most this many tokens take `_router_logits_kernel`; more take one cuBLAS GEMM
 ROUTER_TARGET_PROGRAMS = 256    # the logits grid grows its expert blocks down to 1 expert until it has this many
@@ -121,7 +122,7 @@ def _router_logits_kernel(
         p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
         tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=e_ok & (t < T))
 
-# %% ../../nbs/03a_kernels.router.ipynb #350c2fe060b8
+# %% ../../nbs/03a_kernels.router.ipynb #698d0a28a06f
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -137,7 +138,7 @@ class RouterPlan:
     scale: float            # routed_scaling_factor (1 for llama4)
 
     def __post_init__(self):   # the kernel trusts these constants: a plan made by hand is checked like one from a config
-        E = check_int("num_experts", self.num_experts, lo=1)
+        E = check_int("num_experts", self.num_experts, lo=1, hi=ROUTER_MAX_EXPERTS + 1)   # a row is one Triton block
         check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", check_int("SCORING", self.SCORING), (0, 1, 2))
         for n in ("HAS_BIAS", "RENORMALIZE", "TOP2"): check_bool(n, getattr(self, n))
         g = check_int("NUM_GROUPS", self.NUM_GROUPS, lo=1, hi=E + 1)
@@ -211,7 +212,7 @@ def _route_topk(plan, logits, bias, ids_dtype, gate_bias=None) -> tuple[torch.Te
 def route_tokens(plan: RouterPlan,                      # router_plan(config)
                  hidden: torch.Tensor,                  # [T, hidden_size] bf16/fp16/fp32
                  gate: torch.Tensor,                    # [num_experts, hidden_size] bf16/fp16/fp32 router weight
-                 gate_bias: torch.Tensor | None = None, # [num_experts] any float dtype: the router's bias (gpt-oss)
+                 gate_bias: torch.Tensor | None = None, # [num_experts] bf16/fp16/fp32: the router's bias (gpt-oss)
                  bias: torch.Tensor | None = None,      # [num_experts] fp32 correction bias, iff the plan has one
                  ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +246,7 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype) -> tuple[torch
     "`route_tokens` after its checks (unit strides along hidden_size): the layer's hot path (`12_layer`)."
     T, H = hidden.shape
     E = plan.num_experts
-    if not 0 < T <= ROUTER_GEMV_MAX_TOKENS:
+    if not (0 < T <= ROUTER_GEMV_MAX_TOKENS and H):                         # (no column: the GEMM path's zeros)
         return _route_topk(plan, matmul_acc(hidden, gate), bias, ids_dtype, gate_bias)
     split = _cdiv(H, ROUTER_BLOCK_K)
     parts = torch.empty(split, T, E, dtype=torch.float32, device=hidden.device)
