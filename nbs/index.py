@@ -24,13 +24,14 @@
 # bash .ci/install && .venv/bin/moe-lit run
 # ```
 #
-# It takes about two minutes with a fresh download and prints nothing while it installs: the install about 70–90 s
-# (`.venv` about 2 GB), then the run, about 7 s on 2 idle cores (20–30 s measured on a busy machine), most of it generating the random weights and the float64 reference, at a peak of about 1.5 GiB
+# It takes about two minutes with a fresh download and prints nothing of its own while it installs (a machine whose pip
+# configuration names package folders that do not exist has pip warn about each): the install about 70–90 s
+# (`.venv` about 2 GB), then the run, 4–7 s on 2 idle cores (20–40 s measured on a busy machine or straight after the install), most of it generating the random weights and the float64 reference, at a peak of about 1.5 GiB
 # resident.
 #
 # The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
 # the wheel installed into a fresh venv, and the documentation site built and opened in headless Chromium
-# (5–10 minutes on 2 otherwise idle CPU cores; twice that when other work shares them). When Chromium is missing it
+# (10–15 minutes on 2 otherwise idle CPU cores; pytest alone about 3–4 of them; longer when other work shares them). When Chromium is missing it
 # first installs Debian's package, which needs root or sudo and takes about a minute:
 #
 # ```sh
@@ -47,11 +48,12 @@
 # ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
 # weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 3–7 minutes (generating
 # DeepSeek-V3's 11 billion random expert weights, then the single-device and float64 references) at a peak of about
-# 10.5 GB resident. `moe-lit tables` prints the placement tables
+# 6 GB resident (10.5 GB measured in an earlier version). `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
 # reason and the oracle's decision table; `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
 # quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the
-# default model's run takes about 7 s unquantized, 16 s with FP8 and 60 s with MXFP4, at a peak of 1.5, 3.2 and 2.9 GiB resident
+# default model's run takes 4–7 s unquantized, about 16 s with FP8 and 60–220 s with MXFP4 — nearly all of it generating and
+# quantizing the random weights, and varying by 3× between machines of one kind — at a peak of 1.5, 3.2 and 3.1 GiB resident
 # memory; the report's last line gives the run's own peak, the figure `/usr/bin/time -v` reads). `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
