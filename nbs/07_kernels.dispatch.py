@@ -24,6 +24,8 @@ from moe_lit.testing import assert_close, poison_rows
 from moe_lit.kernels.dispatch import _batched_combine
 from moe_lit.formats import combine_batched_reference, moe_reference_standard
 from moe_lit.placement import determine_expert_map, round_robin_routing_tables, expert_block
+from moe_lit.config import MoEConfig, ParallelConfig
+from moe_lit.placement import Placement
 
 # %% [markdown]
 # In this notebook: `batched_dispatch` (kernel `_batched_dispatch_kernel`) and `batched_combine` (kernel
@@ -432,8 +434,6 @@ test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32)
 
 # %%
 #| test local_slots_match_placement
-from moe_lit.config import MoEConfig, ParallelConfig
-from moe_lit.placement import Placement
 g = torch.Generator().manual_seed(2)
 for strategy in ("linear", "round_robin"):
     par = ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")

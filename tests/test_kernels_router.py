@@ -13,6 +13,8 @@ from moe_lit.routing import ungroupable_reason, matmul_acc
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
 from moe_lit.routing import select_experts, router_logits
+from moe_lit.kernels.router import _router_logits_kernel, ROUTER_BLOCK_K
+import dataclasses
 from moe_lit.testing import assert_close
 from moe_lit.kernels.router import *
 
@@ -82,7 +84,6 @@ def test_route_tokens_matches_torch_router():
             assert_close(w[ok], want_w[ok].double(), rtol=1e-4, name=f"{kw} T={T}")
             if T > 2: test_eq(ids[1].tolist(), list(range(cfg.top_k))); test_eq(w[1].abs().sum().item(), 0.0)
     # the partial logits of the decode kernel: sum to the float64 logits
-    from moe_lit.kernels.router import _router_logits_kernel, ROUTER_BLOCK_K
     T, E = 5, 40
     hidden, gate = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, H, generator=g).to(DEVICE)
     parts = torch.full((2, T, E), float("nan"), device=DEVICE)
@@ -98,7 +99,6 @@ def test_route_topk_bad_arguments():
     test_fail(lambda: route_topk(plan, torch.randn(3, 8), torch.zeros(8)), contains="bias: expected None, got a tensor")
     test_fail(lambda: router_plan("x"), contains="config: expected a MoEConfig")
     test_fail(lambda: route_topk({}, torch.randn(3, 8)), contains="plan: expected a RouterPlan")
-    import dataclasses
     for field, value, msg in (("TOP_K", 9, "TOP_K: expected < 9"), ("num_experts", 0, "num_experts: expected >= 1"),
                               ("SCORING", 7, "SCORING: expected one of"), ("NUM_GROUPS", 3, "GROUP_SIZE: expected num_experts / NUM_GROUPS"),
                               ("TOP_K", -1, "TOP_K: expected >= 1"), ("RENORMALIZE", 1, "RENORMALIZE: expected a bool"),
