@@ -318,8 +318,9 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # - **values the layer owns are checked at construction** (weights, router, correction bias: finite, right shapes)
 #   and again by `load_state_dict`'s hooks; per call only shapes and dtypes — Python metadata — are checked;
 # - **the router plan** (`03a_kernels.router.router_plan`: the method, its options, the grouped fall-back) and the
-#   gate in the layer's dtype when that copy is exact (every bf16 checkpoint's is), so that the router GEMM is one
-#   cuBLAS call with an fp32 result (`matmul_acc`) reading half the bytes of an fp32 gate;
+#   gate in the layer's dtype when that copy is exact (every bf16 checkpoint's is), read at half the bytes of an
+#   fp32 gate: up to 16 tokens by `03a`'s logits kernel and the selection (`route_tokens`: two launches), past that
+#   by one cuBLAS call with an fp32 result (`matmul_acc`) before the selection;
 # - **the placement's tables on the layer's device** (`expert_map`, `global_to_physical`);
 # - **the prepare/finalize, experts and ModularKernel**, built on first use and kept: one for the Standard format,
 #   one per per-rank token count for the batched format (its slab capacity).
@@ -338,7 +339,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # so one forward checked the same tensors up to three times (the layer, the experts class, then each launcher: 28
 # `check_tensor` calls at T = 1, `nbs/bench/host_overhead_cpu_da44b2c.log`). Now each public
 # function is its checks plus an unchecked twin (`_fused_moe_gemm`, `_batched_moe_gemm`, `_fused_moe_gemm_quant`,
-# `_batched_moe_gemm_quant`, `_route_topk`, `_combine_pairs`, `_batched_dispatch`, `_batched_combine`), and a caller
+# `_batched_moe_gemm_quant`, `_route_topk` / `_route_tokens`, `_combine_pairs`, `_batched_dispatch`, `_batched_combine`, `_local_slots`), and a caller
 # that has checked or built every argument itself — the experts classes, the prepare/finalize on the layer's own
 # ids, the layer's router — calls the twin. Tile choices are resolved once per shape (an `lru_cache`), and the
 # host-side grid arithmetic avoids `triton.cdiv` / `triton.next_power_of_2`, whose Python wrappers (Triton's
