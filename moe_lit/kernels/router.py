@@ -122,7 +122,7 @@ def _router_logits_kernel(
         p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
         tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=e_ok & (t < T))
 
-# %% ../../nbs/03a_kernels.router.ipynb #698d0a28a06f
+# %% ../../nbs/03a_kernels.router.ipynb #4011fbf0a4a3
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -167,21 +167,24 @@ def router_plan(config: MoEConfig) -> RouterPlan:
                       c.has_correction_bias, c.renormalize and not llama4, groups, topk_group, c.num_experts // groups,
                       groups > 1 and c.has_correction_bias, 1.0 if llama4 else float(c.routed_scaling_factor))
 
+def _check_plan_args(plan, bias, ids_dtype) -> torch.Tensor | None:
+    "What both launchers check first: a RouterPlan, the id dtype, and the correction bias iff the plan has one (returned contiguous)."
+    if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
+    if ids_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
+    if (bias is None) == plan.HAS_BIAS:
+        raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan.HAS_BIAS else 'None'}, got "
+                         f"{'None' if bias is None else 'a tensor'}")
+    return None if bias is None else check_tensor("bias", bias, shape=(plan.num_experts,), dtype=torch.float32).contiguous()
+
 def route_topk(plan: RouterPlan,                    # router_plan(config)
                logits: torch.Tensor,                # [T, num_experts] fp32/bf16/fp16 (fp64 is selected in fp32)
                bias: torch.Tensor | None = None,    # [num_experts] fp32 correction bias, iff the plan has one
                ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
               ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` in one launch; the same result as `select_experts`."
-    if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
-    E = plan.num_experts
-    check_tensor("logits", logits, shape=(None, E), dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
-    if ids_dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
-    if (bias is None) == plan.HAS_BIAS:
-        raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan.HAS_BIAS else 'None'}, got "
-                         f"{'None' if bias is None else 'a tensor'}")
-    if bias is not None: bias = check_tensor("bias", bias, shape=(E,), dtype=torch.float32).contiguous()
+    bias = _check_plan_args(plan, bias, ids_dtype)
+    check_tensor("logits", logits, shape=(None, plan.num_experts), dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
     check_kernel_device("logits", logits, bias=bias)
     if logits.dtype == torch.float64: logits = logits.float()          # selection is fp32 by contract
     if logits.stride(-1) != 1: logits = logits.contiguous()
@@ -223,17 +226,11 @@ def route_tokens(plan: RouterPlan,                      # router_plan(config)
     `select_experts(config, router_logits(hidden, gate, gate_bias), bias)` except where two logits differ by about an
     ulp (the sum's order differs). ValueError naming the argument for a shape, dtype or device mismatch; values are
     not read (the layer checks its weights once)."""
-    if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
+    bias = _check_plan_args(plan, bias, ids_dtype)
     E, fl = plan.num_experts, (torch.bfloat16, torch.float16, torch.float32)
     check_tensor("hidden", hidden, ndim=2, dtype=fl)
     check_tensor("gate", gate, shape=(E, hidden.shape[1]), dtype=fl)
     if gate_bias is not None: gate_bias = check_tensor("gate_bias", gate_bias, shape=(E,), dtype=fl).contiguous()
-    if ids_dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
-    if (bias is None) == plan.HAS_BIAS:
-        raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan.HAS_BIAS else 'None'}, got "
-                         f"{'None' if bias is None else 'a tensor'}")
-    if bias is not None: bias = check_tensor("bias", bias, shape=(E,), dtype=torch.float32).contiguous()
     check_kernel_device("hidden", hidden, gate=gate, gate_bias=gate_bias, bias=bias)
     return _route_tokens(plan, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
                          gate if gate.stride(-1) == 1 else gate.contiguous(), gate_bias, bias, ids_dtype)
