@@ -7,11 +7,7 @@
 #   bash nbs/bench/small_t_gpu.sh measure -> the chain again, the whole layer benchmark (JSON, log and figure), the
 #                                            seed scenario
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
-C=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo wt)}; export MOE_LIT_COMMIT=$C
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"
 chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_h200_$C.log"; grep "==" "$OUT/profile_small_t_h200_$C.log"; }
 suite() { timeout 400 python -m pytest -q -n 6 -m "gpu or not gpu" tests 2>&1 | grep -v Warning | tail -15 | tee "$OUT/pytest_gpu_h200_$C.log"; }
 case "${1:-base}" in

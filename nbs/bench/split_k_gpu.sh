@@ -6,11 +6,7 @@
 #   bash nbs/bench/split_k_gpu.sh slots -> the batched deployments of the layer benchmark at small T, the seed scenario,
 #                                          memcheck of the split and compact-slot tests, then the whole GPU suite
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
-C=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo wt)}; export MOE_LIT_COMMIT=$C
-nvidia-smi --query-gpu=name --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"
 seed() { timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9; }
 case "${1:-sweep}" in
 sweep)

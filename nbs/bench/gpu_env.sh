@@ -1,0 +1,7 @@
+# Sourced by the GPU scripts beside it: the repository root, the carried packages on the path, $OUT, the commit
+# the results are named by ($C; pass REV=, a copied tree may carry a stale HEAD), and the card's name.
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
+C=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo wt)}; export MOE_LIT_COMMIT=$C
+nvidia-smi --query-gpu=name --format=csv,noheader
