@@ -17,7 +17,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
-from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
+from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
@@ -36,6 +36,7 @@ from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights
 from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
+from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input
 
 # %% [markdown]
 # In this notebook: the one K-step helper `_quant_k_step` shared by both GEMM kernels; the batched GEMM
@@ -52,6 +53,7 @@ from moe_lit.kernels.batched import tile_config_path
 #| export
 _FMT = {"fp8_w8a8_tensor": 0, "fp8_w8a8_channel": 0, "fp8_w8a8_block": 1, "mxfp4_w4a16": 2, "nvfp4_w4a16": 3}  # kernel branch
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)   # the unquantized activation dtypes every quantized path takes
+EMULATE_E4M3 = tl.constexpr(INTERPRET)   # `09b`'s interpreter workaround for the fp32 -> e4m3 conversion
 
 # %% [markdown]
 # ## The K loop, written once
@@ -423,7 +425,8 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                         FMT: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr,
-                        LAYOUT: tl.constexpr):  # FP4 byte order (`09a`): 0 plain, 1 split64 (two MMAs a K tile), 2 mma128
+                        LAYOUT: tl.constexpr,   # FP4 byte order (`09a`): 0 plain, 1 split64 (two MMAs a K tile), 2 mma128
+                        QUANT_A: tl.constexpr): # FMT 1 with 16-bit a: quantize each K tile (one 1×GROUP_K group) here
     "Both formats' main loop: `(acc, acc_up)` of one output tile over K tiles `[kt_lo, kt_hi)`, every scale applied (real-valued fp32)."
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_rows[:, None] + (kt_lo * BLOCK_K + offs_k)[None, :] * stride_ak
@@ -485,7 +488,7 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
         w_s_up = w_s
         if FMT == 1:
             k_lo = kt_lo * BLOCK_K
-            a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=row_ok & (k_lo < K), other=0.0)
+            if not QUANT_A: a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=row_ok & (k_lo < K), other=0.0)
             w_s = _fp8_tile_scales(ws_e, offs_n, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
             if GATED: w_s_up = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N,
                                                 GROUP_K)
@@ -493,10 +496,13 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
             k0 = kt * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             if UPCAST: a = a.to(tl.float32)
+            if QUANT_A:                                           # the tile is the rows' scale group: `09b`'s bits
+                a, a_s = _fp8_quantize_group(a.to(tl.float32), BLOCK_M, BLOCK_K, EMULATE_E4M3)
             a_s_next, w_s_next, w_s_up_next = a_s, w_s, w_s_up
             if FMT == 1:
                 kn = k0 + BLOCK_K
-                a_s_next = tl.load(as_ptrs + (kn // GROUP_K) * stride_asg, mask=row_ok & (kn < K), other=0.0)
+                if not QUANT_A:
+                    a_s_next = tl.load(as_ptrs + (kn // GROUP_K) * stride_asg, mask=row_ok & (kn < K), other=0.0)
                 w_s_next = _fp8_tile_scales(ws_e, offs_n, mask_n, kn, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
                 if GATED:
                     w_s_up_next = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, kn, K, stride_wsn, stride_wsk,
@@ -628,6 +634,7 @@ def _batched_moe_gemm_quant_kernel(
     FMT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
+    QUANT_A: tl.constexpr,
 ):
     "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E or the slots of `06`'s COMPACT, SPLIT_K); empty tiles exit."
     pid, split = tl.program_id(0), tl.program_id(2)
@@ -645,7 +652,7 @@ def _batched_moe_gemm_quant_kernel(
     acc, acc_up = _quant_tile_product(a_rows, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT, QUANT_A)
     if SPLIT_K > 1:                                               # only the last split to arrive goes on
         tiles = tl.num_programs(0)
         acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * num_experts,
@@ -758,7 +765,7 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
 # %%
 #| export
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
-    "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for w8a8 when needed."
+    "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for tensor/token w8a8."
     scheme, rows = qw.scheme, a.shape[-2]
     if not QUANT_SCHEME_TABLE[scheme].is_fp8:
         check_tensor("a", a, dtype=ACTIVATION_DTYPES)
@@ -779,10 +786,19 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
         if a_scale is not None: raise ValueError(f"a_scale: expected None for {a.dtype} a (it is quantized here), got a tensor")
         if out_dtype is not None and out_dtype != a.dtype: raise ValueError(f"out_dtype: expected {a.dtype} (a's dtype), got {out_dtype}")
         out_dtype = a.dtype
+        if gran == "group": return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_block_fp8_input`)
         a, a_scale = fp8_quantize_activations(a, gran, expert_num_tokens if batched else None, gk, validate=False)
     st = a_scale.stride() if batched else (0, *a_scale.stride())
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
     return a, a_scale, st, out_dtype
+
+def _block_fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
+    "`(a, scales, strides, QUANT_A)`: 16-bit a of block w8a8 stays 16-bit when the K tile is its scale group, else one launch quantizes it."
+    if wa["FMT"] != 1 or a_k.dtype not in ACTIVATION_DTYPES: return a_k, a_s, as_st, False
+    if bk == wa["GROUP_K"]: return a_k, a_s, as_st, True
+    q, s = fp8_quantize_activations(a_k, "group", expert_num_tokens, wa["GROUP_K"], validate=False)
+    st = s.stride() if expert_num_tokens is not None else (0, *s.stride())
+    return q, s, st, False
 
 # %%
 #| export
@@ -849,6 +865,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    a_k, a_s, as_strides, quant_a = _block_fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
     num_m_tiles = _cdiv(M, bm)
     tiles = num_m_tiles * _cdiv(n_out, bn)                      # per expert
     split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
@@ -865,7 +882,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
         **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
         GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"],
-        SPLIT_K=split, **cfg)
+        SPLIT_K=split, QUANT_A=quant_a, **cfg)
     return out
 
 # %% [markdown]
@@ -1142,7 +1159,7 @@ def _fused_moe_quant_kernel(
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr,
+    LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, QUANT_A: tl.constexpr,
 ):
     "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), SPLIT_K); blocks past num_tokens_post_padded or of expert -1 exit."
     pid, split = tl.program_id(0), tl.program_id(1)
@@ -1163,7 +1180,7 @@ def _fused_moe_quant_kernel(
     acc, acc_up = _quant_tile_product(a_rows, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT, QUANT_A)
     if SPLIT_K > 1:                                               # only the last split to arrive goes on
         acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, pid, tl.num_programs(0), split, GATED,
                                          SPLIT_K, BLOCK_M, BLOCK_N)
@@ -1233,6 +1250,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     cfg = _quant_tile("fused_moe_gemm", E, wa["N"], K, block_m, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, block_m=block_m, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
+    a_k, a_s, as_st, quant_a = _block_fp8_input(a_k, a_s, as_st, wa, bk)
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     tiles = num_m_blocks * _cdiv(n_out, bn)
     active = min(E, num_pairs if active_experts is None else active_experts)   # an expert's pairs fit one block at decode
@@ -1248,7 +1266,8 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
         **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),
         TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
-        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], SPLIT_K=split, **cfg)
+        GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], SPLIT_K=split,
+        QUANT_A=quant_a, **cfg)
     return out
 
 # %% [markdown]
@@ -1353,6 +1372,65 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
     check_batched_gemm_quant(scheme, 2, 16, 7168, 2048, [1, 0], SILU, qw=qw)      # heuristic: active = E (2) here
     for act in (SILU, None):                                  # seed 1: the one token's slot is local (expert 1)
         check_fused_gemm_quant(scheme, 1, 1, 2, 7168, 2048, act, seed=1, qw=qw)
+
+# %% [markdown]
+# ### Block FP8: the activations quantized in the K loop
+#
+# With 1×128 activation groups (`fp8_w8a8_block`, DeepSeek-V3's scheme) and a 128-wide K tile, the tile of `a` a
+# program loads in each K step *is* one scale group of each of its rows. So when the GEMM is handed 16-bit
+# activations it does not quantize them in a launch of its own: `_quant_tile_product` loads the bf16/fp16 tile and
+# calls `09b`'s `_fp8_quantize_group` on it — the row's |max| / 448 as the scale, the values divided, clamped and
+# converted to e4m3 — then runs the same fp8 `dot` with that scale. That saves a launch per GEMM (two per layer) and
+# the fp8 copy of the activations and its scale tensor in memory; it costs a re-quantization of the tile in every N
+# tile's program (`BLOCK_M × 128` divisions per K step beside a `128 × BLOCK_N` weight tile) and reads the
+# activations at 2 bytes an element instead of 1 — at decode they are a few rows against whole experts of weights.
+# The helper is the stand-alone quantizer's own code, so **the bits are the same**: the GEMM on bf16 input equals, value
+# for value, the GEMM on `fp8_quantize_activations`' output (below, with split-K, a partial last group, an empty
+# expert and a NaN). Where the tile's `BLOCK_K` is narrower than the group (a tuned table may say 64), a group spans two
+# K steps and the launcher quantizes first, as before (`_block_fp8_input`). Tensor and token scales need the whole row
+# (or every row) before the first K step and keep their launch. vLLM's Triton path quantizes in a separate launch
+# (`per_token_group_quant_fp8`) before each GEMM.
+
+# %%
+#| test fp8_block_quantized_in_the_k_loop
+qw = quantize_expert_weights(*random_expert_weights(3, 320, 96, seed=50), "fp8_w8a8_block")   # K: 128, 128, 64 and 96
+wa13 = _weight_kernel_args(qw, "w13")
+bf = torch.bfloat16
+a16 = torch.zeros(2, 320, dtype=bf, device=DEVICE)
+assert _block_fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _block_fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
+def same(x, y, name):                                          # equal bits, NaN where the other has NaN
+    assert torch.equal(x.float().nan_to_num(7.0).cpu(), y.float().nan_to_num(7.0).cpu()), f"{name}: {cfg}"
+    assert torch.equal(x.isnan().cpu(), y.isnan().cpu()) and x.isfinite().any(), name
+cnt = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+a = poison_rows(random_activations((3, 8, 320), bf, seed=51), cnt)
+a[2, 5, 7] = float("nan")                                     # its row's group scale is NaN in both paths
+valid = (torch.arange(8, device=DEVICE)[None, :] < cnt[:, None])
+g = torch.Generator().manual_seed(52)
+ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(5)]).int()
+local = torch.where(ids < 3, ids, -1).to(DEVICE)               # id 3: another rank's expert
+wts = torch.rand(5, 2, generator=g).to(DEVICE)
+sid, eid, ntp = moe_align_block_size(local, 16, 3)
+hid = random_activations((5, 320), bf, seed=53)
+pair_ok = local.reshape(-1) >= 0
+for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),       # the group is the K tile
+            dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, SPLIT_K=2),
+            dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)):       # two K steps a group: one launch first
+    h = batched_moe_gemm_quant(a, qw, cnt, SILU, config=cfg)                            # batched GEMM1, bf16 in
+    q, sc = fp8_quantize_activations(a, "group", cnt)
+    same(h[valid], batched_moe_gemm_quant(q, qw, cnt, SILU, a_scale=sc, out_dtype=bf, config=cfg)[valid], "GEMM1")
+    y = batched_moe_gemm_quant(h, qw, cnt, config=cfg)                                   # batched GEMM2 (K = 192)
+    q, sc = fp8_quantize_activations(h, "group", cnt)
+    same(y[valid], batched_moe_gemm_quant(q, qw, cnt, a_scale=sc, out_dtype=bf, config=cfg)[valid], "GEMM2")
+    c = {k: v for k, v in cfg.items() if k != "BLOCK_M"}
+    h = fused_moe_gemm_quant(hid, qw, sid, eid, ntp, 2, 16, SILU, wts, "input", config=c)   # contiguous, token rows
+    q, sc = fp8_quantize_activations(hid, "group")
+    same(h[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
+                                          config=c)[pair_ok], "contiguous GEMM1")
+    h[~pair_ok] = float("nan")                                                            # rows GEMM2 never reads
+    y = fused_moe_gemm_quant(h, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", config=c)
+    q, sc = fp8_quantize_activations(h, "group")
+    same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
+                                          out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
 
 # %% [markdown]
 # ## gpt-oss's semantics: expert biases and the clamped SwiGLU

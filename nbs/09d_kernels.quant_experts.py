@@ -12,7 +12,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.quant_weights import QuantizedExpertWeights
+from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
 from moe_lit.kernels.contiguous import check_block_m, check_local_ids, _align_pairs, TritonExperts
 from moe_lit.kernels.dispatch import _combine_pairs
@@ -199,11 +199,12 @@ class TritonQuantExperts:
         for name, wa in (("w13", wa13), ("w2", wa2)): check_extent(name, wa["codes"])
         s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)   # ids: the placement's
         # the launches below skip the GEMMs' checks: every argument was checked above or is built here.
-        # h starts as zeros: w8a8 quantizes every row of h before GEMM2, including rows of pairs on other ranks that
-        # GEMM1 never writes; they must hold zeros, not uninitialised memory (one per-tensor scale would even span them)
+        # rows of h for pairs on other ranks are never written by GEMM1 nor read by GEMM2 - but a per-tensor activation
+        # scale spans every row of h: for fp8_w8a8_tensor they must hold zeros, not uninitialised memory
         x, xs, xs_st, odt = _prepare_activations(hidden.contiguous(), qw, None, None, None, qw.hidden_size, False)
+        h0 = torch.zeros if ACTIVATION_GRANULARITY.get(qw.scheme) == "tensor" else torch.empty
         h = _fused_moe_gemm_quant(x, xs, xs_st, wa13, E, s, e, n, k, block_m, activation, topk_weights,
-                                  "input" if on_in else None, torch.zeros(T * k, I, dtype=odt, device=hidden.device),
+                                  "input" if on_in else None, h0(T * k, I, dtype=odt, device=hidden.device),
                                   False, None, w13_bias, active_experts)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, None, None, None, I, False)
         y = _fused_moe_gemm_quant(hq, hs, hs_st, wa2, E, s, e, n, k, block_m, None, topk_weights,

@@ -374,8 +374,11 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
     One row per (scenario, scheme, FP4 layout): keys `scenario`, `scheme`, `fp4_layout` (None for FP8),
     `floor_us` (the checkpoint's plain bytes of the active experts' w13 plus activations in and out, at `copy_Bps`,
     whatever layout is timed), `bytes_per_weight`, `batched_us` / `contiguous_us` (median of `do_bench`) with their
-    `_pct_floor`, and `bf16_batched_us` (the unquantized batched GEMM on the same row). FP4 layouts are timed once
-    each ("kernel" resolves to `FP4_KERNEL_LAYOUT`); FP8 schemes have one row."""
+    `_pct_floor`, the same two replayed as CUDA graphs (`batched_graph_us` / `contiguous_graph_us`), and
+    `bf16_batched_us` (the unquantized batched GEMM on the same row). FP8 block rows add `two_launch_batched_us` /
+    `two_launch_contiguous_us`: `fp8_quantize_activations` then the GEMM on its e4m3 output, eager — the path 16-bit
+    input took before the GEMMs quantized 1×128 groups in their K loop. FP4 layouts are timed once each ("kernel"
+    resolves to `FP4_KERNEL_LAYOUT`); FP8 schemes have one row."""
     import triton.testing
     from moe_lit.quant import QUANT_SCHEME_TABLE
     from moe_lit.quant_weights import quantize_expert_weights, FP4_LAYOUTS, FP4_KERNEL_LAYOUT
@@ -386,7 +389,9 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
                    for lay in fp4_layouts]
     if not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU for bench_quant, found none")
     from moe_lit.kernels.contiguous import moe_align_block_size
+    from moe_lit.kernels.quant_act import fp8_quantize_activations
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
+    replay = lambda f: triton.testing.do_bench_cudagraph(f, return_mode="median") * 1e-3
     rows = []
     for sc in [s for s in (scenarios or SCENARIOS) if "decode" in s["name"]]:
         a, w13, counts = _problem(sc)
@@ -405,13 +410,25 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
             fp4 = not QUANT_SCHEME_TABLE[scheme].is_fp8
             for layout in dict.fromkeys(fp4_layouts if fp4 else ("plain",)):
                 qw = plain.relayout(layout)
-                t_b = bench(lambda: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", expected_m=exp_m, validate=False))
-                t_c = bench(lambda: fused_moe_gemm_quant(x, qw, *aligned, ids.shape[1], bm, "silu_and_mul"))
-                rows.append(dict(scenario=sc["name"], scheme=scheme, fp4_layout=qw.fp4_layout if fp4 else None,
-                                 floor_us=floor_s * 1e6,
-                                 bytes_per_weight=_quant_bytes(plain, "w13", [0]) / (N * K), bf16_batched_us=bf16_s * 1e6,
-                                 batched_us=t_b * 1e6, batched_pct_floor=100 * floor_s / t_b,
-                                 contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c))
+                f_b = lambda: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", expected_m=exp_m, validate=False)
+                f_c = lambda: fused_moe_gemm_quant(x, qw, *aligned, ids.shape[1], bm, "silu_and_mul")
+                t_b, t_c = bench(f_b), bench(f_c)
+                row = dict(scenario=sc["name"], scheme=scheme, fp4_layout=qw.fp4_layout if fp4 else None,
+                           floor_us=floor_s * 1e6,
+                           bytes_per_weight=_quant_bytes(plain, "w13", [0]) / (N * K), bf16_batched_us=bf16_s * 1e6,
+                           batched_us=t_b * 1e6, batched_pct_floor=100 * floor_s / t_b,
+                           contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c,
+                           batched_graph_us=replay(f_b) * 1e6, contiguous_graph_us=replay(f_c) * 1e6)
+                if scheme == "fp8_w8a8_block":               # the two-launch path, for the comparison
+                    def two_b():
+                        q, s = fp8_quantize_activations(a, "group", counts, validate=False)
+                        return batched_moe_gemm_quant(q, qw, counts, "silu_and_mul", a_scale=s, expected_m=exp_m,
+                                                      validate=False)
+                    def two_c():
+                        q, s = fp8_quantize_activations(x, "group")
+                        return fused_moe_gemm_quant(q, qw, *aligned, ids.shape[1], bm, "silu_and_mul", a_scale=s)
+                    row.update(two_launch_batched_us=bench(two_b) * 1e6, two_launch_contiguous_us=bench(two_c) * 1e6)
+                rows.append(row)
             qw = plain = None
         a = w13 = w2 = None
     return rows
@@ -424,7 +441,11 @@ def format_bench_quant(rows: list[dict]) -> str:
         lines.append(f"{r['scenario']:<24}{r['scheme']:<16}{r.get('fp4_layout') or '-':<9}"
                      f"{r['bytes_per_weight']:>9.3f}{r['floor_us']:>10.1f}"
                      f"{r['batched_us']:>14.1f} ({r['batched_pct_floor']:5.1f}%)"
-                     f"{r['contiguous_us']:>16.1f} ({r['contiguous_pct_floor']:5.1f}%){r['bf16_batched_us']:>17.1f}")
+                     f"{r['contiguous_us']:>16.1f} ({r['contiguous_pct_floor']:5.1f}%){r['bf16_batched_us']:>17.1f}"
+                     + (f"   replayed {r['batched_graph_us']:.1f} / {r['contiguous_graph_us']:.1f}"
+                        if "batched_graph_us" in r else "")
+                     + (f"   two launches {r['two_launch_batched_us']:.1f} / {r['two_launch_contiguous_us']:.1f}"
+                        if "two_launch_batched_us" in r else ""))
     return "\n".join(lines)
 
 def plot_bench_quant(runs: dict,                      # {label: bench_quant rows}, oldest first

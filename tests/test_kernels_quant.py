@@ -10,7 +10,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
-from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference
+from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
@@ -26,6 +26,7 @@ from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights
 from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
+from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input
 from moe_lit.kernels.quant import *
 
 
@@ -237,6 +238,47 @@ def test_split_k_heuristic_gpu():
         check_batched_gemm_quant(scheme, 2, 16, 7168, 2048, [1, 0], SILU, qw=qw)      # heuristic: active = E (2) here
         for act in (SILU, None):                                  # seed 1: the one token's slot is local (expert 1)
             check_fused_gemm_quant(scheme, 1, 1, 2, 7168, 2048, act, seed=1, qw=qw)
+
+
+def test_fp8_block_quantized_in_the_k_loop():
+    qw = quantize_expert_weights(*random_expert_weights(3, 320, 96, seed=50), "fp8_w8a8_block")   # K: 128, 128, 64 and 96
+    wa13 = _weight_kernel_args(qw, "w13")
+    bf = torch.bfloat16
+    a16 = torch.zeros(2, 320, dtype=bf, device=DEVICE)
+    assert _block_fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _block_fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
+    def same(x, y, name):                                          # equal bits, NaN where the other has NaN
+        assert torch.equal(x.float().nan_to_num(7.0).cpu(), y.float().nan_to_num(7.0).cpu()), f"{name}: {cfg}"
+        assert torch.equal(x.isnan().cpu(), y.isnan().cpu()) and x.isfinite().any(), name
+    cnt = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    a = poison_rows(random_activations((3, 8, 320), bf, seed=51), cnt)
+    a[2, 5, 7] = float("nan")                                     # its row's group scale is NaN in both paths
+    valid = (torch.arange(8, device=DEVICE)[None, :] < cnt[:, None])
+    g = torch.Generator().manual_seed(52)
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(5)]).int()
+    local = torch.where(ids < 3, ids, -1).to(DEVICE)               # id 3: another rank's expert
+    wts = torch.rand(5, 2, generator=g).to(DEVICE)
+    sid, eid, ntp = moe_align_block_size(local, 16, 3)
+    hid = random_activations((5, 320), bf, seed=53)
+    pair_ok = local.reshape(-1) >= 0
+    for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),       # the group is the K tile
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, SPLIT_K=2),
+                dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)):       # two K steps a group: one launch first
+        h = batched_moe_gemm_quant(a, qw, cnt, SILU, config=cfg)                            # batched GEMM1, bf16 in
+        q, sc = fp8_quantize_activations(a, "group", cnt)
+        same(h[valid], batched_moe_gemm_quant(q, qw, cnt, SILU, a_scale=sc, out_dtype=bf, config=cfg)[valid], "GEMM1")
+        y = batched_moe_gemm_quant(h, qw, cnt, config=cfg)                                   # batched GEMM2 (K = 192)
+        q, sc = fp8_quantize_activations(h, "group", cnt)
+        same(y[valid], batched_moe_gemm_quant(q, qw, cnt, a_scale=sc, out_dtype=bf, config=cfg)[valid], "GEMM2")
+        c = {k: v for k, v in cfg.items() if k != "BLOCK_M"}
+        h = fused_moe_gemm_quant(hid, qw, sid, eid, ntp, 2, 16, SILU, wts, "input", config=c)   # contiguous, token rows
+        q, sc = fp8_quantize_activations(hid, "group")
+        same(h[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
+                                              config=c)[pair_ok], "contiguous GEMM1")
+        h[~pair_ok] = float("nan")                                                            # rows GEMM2 never reads
+        y = fused_moe_gemm_quant(h, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", config=c)
+        q, sc = fp8_quantize_activations(h, "group")
+        same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
+                                              out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
 
 
 def test_quant_gemm_swigluoai_bias():

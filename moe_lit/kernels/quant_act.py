@@ -27,7 +27,37 @@ def _round_to_e4m3(x):
     r = tl.where(a < 0.015625, sub, normal)
     return tl.where(ok, tl.where(x < 0, -r, r), x)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #0e3e3a4c3db2
+# %% ../../nbs/09b_kernels.quant_act.ipynb #8d8de0239992
+@triton.jit
+def _fp8_row_amax(x):
+    "`(amax, nan_row)` of `x [R, G]` fp32: max |x| per row (masked entries loaded as 0 count as 0), and rows holding a NaN."
+    amax = tl.max(tl.abs(x), axis=1)
+    nan_row = tl.sum((x != x).to(tl.int32), axis=1) > 0           # tl.max drops NaN: carry it through the scale
+    return amax, nan_row
+
+@triton.jit
+def _fp8_row_scales(amax, nan_row, ROWS: tl.constexpr):
+    "`[ROWS]` fp32 dynamic scales `amax / 448` (IEEE division; at least the smallest normal), NaN for a row with a NaN."
+    s = tl.maximum(tl.math.div_rn(amax, tl.full((ROWS,), 448.0, tl.float32)), 1.1754943508222875e-38)
+    return tl.where(nan_row, float("nan"), s)                     # a NaN (or inf: inf/inf) row stays NaN
+
+@triton.jit
+def _fp8_scaled(x, s, ROWS: tl.constexpr, GROUP: tl.constexpr, EMULATE_CAST: tl.constexpr):
+    "`x [ROWS, GROUP] / s[:, None]` clamped to ±448 with NaN kept: the fp32 value whose e4m3 conversion is q."
+    y_raw = tl.math.div_rn(x, tl.broadcast_to(s[:, None], (ROWS, GROUP)))
+    y = tl.minimum(tl.maximum(y_raw, -448.0), 448.0)
+    y = tl.where(y_raw != y_raw, y_raw, y)                        # min/max would turn NaN into ±448
+    if EMULATE_CAST: y = _round_to_e4m3(y)
+    return y
+
+@triton.jit
+def _fp8_quantize_group(x, ROWS: tl.constexpr, GROUP: tl.constexpr, EMULATE_CAST: tl.constexpr):
+    "`(q float8e4nv [ROWS, GROUP], s [ROWS] fp32)`: each row of `x` (fp32, one scale group wide) quantized with its own scale."
+    amax, nan_row = _fp8_row_amax(x)
+    s = _fp8_row_scales(amax, nan_row, ROWS)
+    return _fp8_scaled(x, s, ROWS, GROUP, EMULATE_CAST).to(tl.float8e4nv), s
+
+# %% ../../nbs/09b_kernels.quant_act.ipynb #f67f0540a5d2
 @triton.jit
 def _quantize_fp8_rows_kernel(
     x_ptr,              # [E, M, K] bf16/fp16/fp32 (E = 1 in the contiguous layout), unit stride along K
@@ -51,22 +81,17 @@ def _quantize_fp8_rows_kernel(
     mask = row_ok[:, None] & (offs_k < K)[None, :]
     x = tl.load(x_ptr + e64 * stride_xe + offs_r[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)                                          # also the interpreter's bf16 upcast
-    amax = tl.max(tl.abs(x), axis=1)                              # [BLOCK_R]; masked entries are 0
-    nan_row = tl.sum((x != x).to(tl.int32), axis=1) > 0           # tl.max drops NaN: carry it through the scale
+    amax, nan_row = _fp8_row_amax(x)                              # [BLOCK_R]; masked entries are 0
     if MODE == 1:                                                 # a NaN anywhere: +inf here, so the scale is NaN
         m = tl.where(tl.sum(nan_row.to(tl.int32), axis=0) > 0, float("inf"), tl.max(amax, axis=0))
         tl.atomic_max(amax_ptr + e, m)
     else:
         if MODE == 0:
-            s = tl.maximum(tl.math.div_rn(amax, tl.full((BLOCK_R,), 448.0, tl.float32)), 1.1754943508222875e-38)
-            s = tl.where(nan_row, float("nan"), s)                    # a NaN (or inf: inf/inf) row stays NaN
+            s = _fp8_row_scales(amax, nan_row, BLOCK_R)
             tl.store(s_ptr + e64 * stride_se + offs_r * stride_sm + g, s, mask=row_ok)
         else:
             s = tl.load(s_ptr + e) + tl.zeros((BLOCK_R,), tl.float32)
-        y_raw = tl.math.div_rn(x, tl.broadcast_to(s[:, None], (BLOCK_R, GROUP)))
-        y = tl.minimum(tl.maximum(y_raw, -448.0), 448.0)
-        y = tl.where(y_raw != y_raw, y_raw, y)                        # min/max would turn NaN into ±448
-        if EMULATE_CAST: y = _round_to_e4m3(y)
+        y = _fp8_scaled(x, s, BLOCK_R, GROUP, EMULATE_CAST)
         tl.store(q_ptr + e64 * stride_qe + offs_r[:, None] * stride_qm + offs_k[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
 # %% ../../nbs/09b_kernels.quant_act.ipynb #46ca8bf5748d
