@@ -1390,6 +1390,15 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # K steps and the launcher quantizes first, as before (`_block_fp8_input`). Tensor and token scales need the whole row
 # (or every row) before the first K step and keep their launch. vLLM's Triton path quantizes in a separate launch
 # (`per_token_group_quant_fp8`) before each GEMM.
+#
+# > **What it costs in instructions (compiled for sm_90 here, no GPU needed).** `nbs/bench/sass_fp4.py` compiles
+# > the contiguous GEMM1 (16 × 64 × 128 tile, 4 warps) both ways: the K loop on e4m3 input is 315 instructions a warp
+# > (19.7 issue cycles per KB of weights), on bf16 input 853 (53.3). The difference is the quantization: 16 IEEE
+# > divisions a thread (`MUFU.RCP`, `FFMA` refinement, `FCHK` and its slow-path call), the |max| reductions, the
+# > conversions. (On sm_90 the e4m3 `dot` at `BLOCK_M` = 16 runs as fp16 `HMMA` after a conversion: `F2FP` in both.)
+# > 53 cycles a KB is about the rate at which an H200's SM receives weight bytes at the copy bandwidth (≈ 18 B a
+# > cycle), so the loop is near the point where issue, not memory, bounds it: whether one launch less beats that is a
+# > GPU measurement — `14_bench`'s `bench_quant` times both paths, eager and replayed, on the same rows.
 
 # %%
 #| test fp8_block_quantized_in_the_k_loop

@@ -376,8 +376,8 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
     whatever layout is timed), `bytes_per_weight`, `batched_us` / `contiguous_us` (median of `do_bench`) with their
     `_pct_floor`, the same two replayed as CUDA graphs (`batched_graph_us` / `contiguous_graph_us`), and
     `bf16_batched_us` (the unquantized batched GEMM on the same row). FP8 block rows add `two_launch_batched_us` /
-    `two_launch_contiguous_us`: `fp8_quantize_activations` then the GEMM on its e4m3 output, eager — the path 16-bit
-    input took before the GEMMs quantized 1×128 groups in their K loop. FP4 layouts are timed once each ("kernel"
+    `two_launch_contiguous_us`: `fp8_quantize_activations` then the GEMM on its e4m3 output, eager (and replayed:
+    `two_launch_*_graph_us`) — the path 16-bit input took before the GEMMs quantized 1×128 groups in their K loop. FP4 layouts are timed once each ("kernel"
     resolves to `FP4_KERNEL_LAYOUT`); FP8 schemes have one row."""
     import triton.testing
     from moe_lit.quant import QUANT_SCHEME_TABLE
@@ -427,7 +427,9 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
                     def two_c():
                         q, s = fp8_quantize_activations(x, "group")
                         return fused_moe_gemm_quant(q, qw, *aligned, ids.shape[1], bm, "silu_and_mul", a_scale=s)
-                    row.update(two_launch_batched_us=bench(two_b) * 1e6, two_launch_contiguous_us=bench(two_c) * 1e6)
+                    row.update(two_launch_batched_us=bench(two_b) * 1e6, two_launch_contiguous_us=bench(two_c) * 1e6,
+                               two_launch_batched_graph_us=replay(two_b) * 1e6,
+                               two_launch_contiguous_graph_us=replay(two_c) * 1e6)
                 rows.append(row)
             qw = plain = None
         a = w13 = w2 = None
