@@ -101,7 +101,7 @@ def _load_rows(run, num_experts: int) -> dict:
             "hottest": [[int(e), int(load[e])] for e in load.argsort(descending=True, stable=True)[:5]],
             "per_rank": [int(load[p.local_to_global.cpu()].sum()) for p in run.placements]}
 
-# %% ../nbs/15_cli.ipynb #0464d9fc3abd
+# %% ../nbs/15_cli.ipynb #a577f8052be6
 def _peak_resident_gb() -> float | None:
     "This process's peak resident memory so far, GiB (2^30 bytes; `getrusage`; None where the platform has no `resource`)."
     try: import resource
@@ -125,7 +125,7 @@ def _checks(run, config: MoEConfig) -> dict:
     return {"vs_float64": check_output(run.output, run.reference, config.dtype, *q),
             "single_device_vs_float64": check_output(run.single_device, run.reference, config.dtype),
             "ep_vs_single_device": None if run.config.ep_size == 1 else
-                check_output(run.output, run.single_device.double(), config.dtype, *q)}
+                check_output(run.output, run.single_device.double(), config.dtype, *q, between_runs=True)}
 
 # %% ../nbs/15_cli.ipynb #065e56a20db9
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear", seed: int = 0,

@@ -231,7 +231,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #28522ac38c6b
+# %% ../nbs/12_layer.ipynb #be6f2dd1276e
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -273,6 +273,15 @@ def _apply(self: FusedMoE, fn, recurse=True):
     return self
 
 @patch
+def extra_repr(self: FusedMoE) -> str:
+    "What `print(layer)` shows: the sizes, this rank's experts and where they run (torch's module repr)."
+    c, p = self.config, self.placement
+    return (f"num_experts={c.num_experts}, top_k={c.top_k}, hidden_size={c.hidden_size}, "
+            f"intermediate_size={c.intermediate_size}, dtype={c.dtype}, format={c.activation_format.value}, "
+            f"all2all={c.parallel.all2all_backend}, ep_rank={p.ep_rank}/{p.ep_size} holding {p.num_local_experts} "
+            f"experts ({p.strategy}), experts={self.experts!r}, quant={self.quant}, device={self.gate.device}")
+
+@patch
 def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
     key = -(-num_tokens // self._slab_ranks) if self._slab_ranks else 0
@@ -282,11 +291,14 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
     return mk
 
-# %% ../nbs/12_layer.ipynb #1311740e73f5
+# %% ../nbs/12_layer.ipynb #f962e96b8c54
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
         raise ValueError(f"{name}: expected a tensor on the layer's device {layer.gate.device}, got {t.device}")
+    if t.is_meta:                                    # a meta layer holds no weights: nothing to compute with
+        raise ValueError(f"{name}: expected a tensor with values, got a meta tensor (a layer moved to the meta device "
+                         f"has no weights: build it on a real device or load its weights first)")
 
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,7 +425,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #48cac7cb5430
+# %% ../nbs/12_layer.ipynb #45375adaa73a
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -421,7 +433,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
                    ) -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-    check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
+    check_dense("hidden", check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype))
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
     quant = quant_scheme_name(quant)                                           # the run records the full name
     weights, ep = _weight_source(config, weights, seed), config.parallel.ep_size

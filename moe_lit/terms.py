@@ -107,7 +107,7 @@ def check_positive_real(name: str, value) -> float:
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
     return float(value)
 
-# %% ../nbs/00_terms.ipynb #0c4dac7ed566
+# %% ../nbs/00_terms.ipynb #e704ed46aa05
 def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None,
                  contiguous: bool = False,
                  writable: bool = False,   # an output buffer: no two elements may share memory (no stride-0 expand)
@@ -115,6 +115,8 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
     "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous or writable; returns it."
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:                # sparse: no strides, no kernel reads it
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if shape is not None: ndim = len(shape)
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")

@@ -190,6 +190,8 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
     "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous or writable; returns it."
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:                # sparse: no strides, no kernel reads it
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if shape is not None: ndim = len(shape)
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
@@ -217,6 +219,8 @@ x = torch.zeros(4, 8, dtype=torch.int32)
 test_eq(check_tensor("topk_ids", x, shape=(4, None), dtype=(torch.int32, torch.int64)).shape, (4, 8))
 test_fail(lambda: check_tensor("topk_ids", x, shape=(5, None)), contains="topk_ids: expected shape [5, *], got [4, 8]")
 test_fail(lambda: check_tensor("topk_ids", x, ndim=3), contains="expected a 3-D tensor, got shape (4, 8)")
+test_fail(lambda: check_tensor("logits", torch.eye(3).to_sparse()), contains="logits: expected a dense (strided) tensor, got layout torch.sparse_coo")
+test_fail(lambda: check_tensor("logits", torch.eye(3).to_sparse_csr()), contains="got layout torch.sparse_csr")
 for ok in (x, x[:, ::2], x.t(), torch.zeros(3, 1, 5)[:, :, 1:], torch.zeros(2, 1).expand(2, 1)):   # views that do not alias
     check_tensor("out", ok, writable=True)
 for bad in (torch.zeros(1, 8).expand(4, 8), torch.zeros(8).as_strided((4, 4), (1, 1))):    # stride 0, overlapping rows

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 from dataclasses import dataclass
-from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real
+from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device
 from moe_lit.kernels.batched import _next_pow2, _cdiv
@@ -102,6 +102,7 @@ def _route_topk_kernel(
     choice = score
     if HAS_BIAS: choice = choice + tl.load(bias_ptr + offs, mask=is_expert, other=0.0)
     choice = tl.where(invalid, 0.0, choice)              # an invalid row: every expert ties -> ids 0..top_k-1
+    choice = tl.where(choice != choice, float("-inf"), choice)   # a NaN correction bias (unchecked): never chosen
     avail = is_expert
     if NUM_GROUPS > 1:                                   # keep the TOPK_GROUP best groups (ties: lower group)
         group = offs // GROUP_SIZE
@@ -189,7 +190,8 @@ def _router_logits_kernel(
     w = tl.load(gate_ptr + offs_e.to(tl.int64)[:, None] * stride_ge + offs_k[None, :],
                 mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)          # [BLOCK_EL, BLOCK_K]
     for t in tl.static_range(T_PAD):                     # unrolled: every token's row load is issued at once
-        x = tl.load(hidden_ptr + t * stride_ht + offs_k, mask=k_ok & (t < T), other=0.0).to(tl.float32)
+        x = tl.load(hidden_ptr + tl.cast(t, tl.int64) * stride_ht + offs_k, mask=k_ok & (t < T),   # int64: a
+                    other=0.0).to(tl.float32)                                         # strided view may pass 2^31
         p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
         tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=e_ok & (t < T))
 
@@ -250,23 +252,27 @@ def router_plan(config: MoEConfig) -> RouterPlan:
                       c.has_correction_bias, c.renormalize and not llama4, groups, topk_group, c.num_experts // groups,
                       groups > 1 and c.has_correction_bias, 1.0 if llama4 else float(c.routed_scaling_factor))
 
-def _check_plan_args(plan, bias, ids_dtype) -> torch.Tensor | None:
-    "What both launchers check first: a RouterPlan, the id dtype, and the correction bias iff the plan has one (returned contiguous)."
+def _check_plan_args(plan, bias, ids_dtype, validate) -> torch.Tensor | None:
+    "What both launchers check first: a RouterPlan, the id dtype, and the correction bias iff the plan has one (returned contiguous; finite when `validate`)."
     if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
     if ids_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
     if (bias is None) == plan.HAS_BIAS:
         raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan.HAS_BIAS else 'None'}, got "
                          f"{'None' if bias is None else 'a tensor'}")
-    return None if bias is None else check_tensor("bias", bias, shape=(plan.num_experts,), dtype=torch.float32).contiguous()
+    if bias is None: return None
+    check_tensor("bias", bias, shape=(plan.num_experts,), dtype=torch.float32)
+    if check_bool("validate", validate): check_finite("bias", bias)   # one sync: a NaN or inf would decide the choice
+    return bias.contiguous()
 
 def route_topk(plan: RouterPlan,                    # router_plan(config)
                logits: torch.Tensor,                # [T, num_experts] fp32/bf16/fp16 (fp64 is selected in fp32)
                bias: torch.Tensor | None = None,    # [num_experts] fp32 correction bias, iff the plan has one
                ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
+               validate: bool = True,               # check the bias is finite (one sync), as `select_experts` does
               ) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` in one launch; the same result as `select_experts`."
-    bias = _check_plan_args(plan, bias, ids_dtype)
+    bias = _check_plan_args(plan, bias, ids_dtype, validate)
     check_tensor("logits", logits, shape=(None, plan.num_experts), dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
     check_kernel_device("logits", logits, bias=bias)
     if logits.dtype == torch.float64: logits = logits.float()          # selection is fp32 by contract
@@ -301,15 +307,17 @@ def route_tokens(plan: RouterPlan,                      # router_plan(config)
                  gate_bias: torch.Tensor | None = None, # [num_experts] bf16/fp16/fp32: the router's bias (gpt-oss)
                  bias: torch.Tensor | None = None,      # [num_experts] fp32 correction bias, iff the plan has one
                  ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
+                 validate: bool = True,                 # check the bias is finite (one sync), as `select_experts` does
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` from `hidden`: the logits (fp32 products and sums) and the selection.
 
     Two launches up to `ROUTER_GEMV_MAX_TOKENS` tokens (`_router_logits_kernel`, then `_route_topk_kernel` summing its
     partials); past that one cuBLAS GEMM (`03_routing.matmul_acc`) and the selection kernel. The same result as
     `select_experts(config, router_logits(hidden, gate, gate_bias), bias)` except where two logits differ by about an
-    ulp (the sum's order differs). ValueError naming the argument for a shape, dtype or device mismatch; values are
-    not read (the layer checks its weights once)."""
-    bias = _check_plan_args(plan, bias, ids_dtype)
+    ulp (the sum's order differs). ValueError naming the argument for a shape, dtype or device mismatch, and for a
+    NaN or inf correction bias when `validate` (the one value read; the layer checks its weights once and calls
+    `_route_tokens`). Ids are in `[0, num_experts)` whatever the values."""
+    bias = _check_plan_args(plan, bias, ids_dtype, validate)
     E, fl = plan.num_experts, (torch.bfloat16, torch.float16, torch.float32)
     check_tensor("hidden", hidden, ndim=2, dtype=fl)
     check_tensor("gate", gate, shape=(E, hidden.shape[1]), dtype=fl)
@@ -424,7 +432,10 @@ _router_logits_kernel[(E, 2)](hidden, gate, parts, T, E, H, H, H, T_PAD=8, BLOCK
 assert_close(parts.sum(0), hidden.double() @ gate.double().T, rtol=1e-5, name="partial logits")
 
 # %% [markdown]
-# Arguments are checked on their metadata only — shapes and dtypes, never values (the layer checks its bias once).
+# Arguments are checked on their metadata — shapes and dtypes — and the correction bias for NaN or inf when
+# `validate` (one sync, as `select_experts`; the layer checks its bias once and calls the unchecked twins). Without the
+# check a NaN bias entry is never chosen and the ids stay in range. A strided `hidden` whose rows lie more than 2^31
+# elements apart is read with int64 offsets.
 
 # %%
 #| test route_topk_bad_arguments
@@ -466,3 +477,14 @@ test_eq(route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2])[1].tolist(),
         route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2].contiguous())[1].tolist())
 w0, ids0 = route_tokens(plan, h16[:0], gate8)                                      # zero tokens
 test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, 2), (0, 2)))
+for bad in (float("nan"), float("inf")):                                           # a non-finite correction bias
+    nb = torch.zeros(8, device=DEVICE); nb[3] = bad
+    test_fail(lambda: route_topk(strided, x, nb), contains=f"bias: expected finite values, got {bad} at [3]")
+    test_fail(lambda: route_tokens(strided, h16, gate8, bias=nb), contains="bias: expected finite values")
+for nb in (torch.full((8,), float("nan"), device=DEVICE), torch.tensor([float("nan")] * 7 + [0.0], device=DEVICE)):
+    for ids in (route_topk(strided, x, nb, validate=False)[1], route_tokens(strided, h16, gate8, bias=nb, validate=False)[1]):
+        assert ((ids >= 0) & (ids < 8)).all() and (ids[:, 0] != ids[:, 1]).all(), ids.tolist()   # unchecked: in range
+far = torch.empty(15 * 143165577 + 16, dtype=torch.bfloat16, device=DEVICE)      # rows 143165577 apart: (T-1)·stride > 2^31
+hf = far.as_strided((16, 16), (143165577, 1)); hf.copy_(torch.randn(16, 16, generator=torch.Generator().manual_seed(3)))
+test_eq(route_tokens(plan, hf, gate8.bfloat16())[1].tolist(), route_tokens(plan, hf.contiguous(), gate8.bfloat16())[1].tolist())
+del far, hf

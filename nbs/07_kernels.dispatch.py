@@ -139,6 +139,8 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if mode: table = check_tensor("expert_map" if mode == 1 else "global_to_physical", table, ndim=1,
                                   dtype=torch.int32 if mode == 1 else torch.int64).contiguous()   # read at unit stride
     num_experts = table.shape[0] if mode else num_local_experts
+    if physical_offset and mode != 2:
+        raise ValueError(f"physical_offset: expected 0 without global_to_physical (it offsets that table), got {physical_offset}")
     if topk_weights is not None: check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     check_kernel_device("hidden", hidden, topk_ids=topk_ids, expert_map=expert_map, global_to_physical=global_to_physical,
                         topk_weights=topk_weights, out=out)
@@ -151,6 +153,10 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got "
                          f"{topk_ids.min().item()}..{topk_ids.max().item()}")
+    if check_overflow and mode == 1 and ((table < -1) | (table >= num_local_experts)).any():   # as local_slot_table
+        raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {table.min().item()}..{table.max().item()}")
+    if check_overflow and mode == 2 and num_experts and table.min() < 0:
+        raise ValueError(f"global_to_physical: expected physical ids >= 0, got {table.min().item()}")
     return _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts,
                              physical_offset, topk_weights, a, check_overflow)
 
@@ -207,6 +213,7 @@ def _batched_combine_kernel(
     add_ptr,            # [T, add_cols] added to the sum in fp32 (ADD: the shared experts' output)
     H, max_tokens, stride_ee, stride_em, stride_ot, stride_at, add_cols,
     num_local,          # PAIRS: a pair's row exists iff 0 <= local id < num_local
+    num_slots,          # rows of expert_out (E_local · max_tokens): a slot outside [0, num_slots) is skipped, not read
     TOP_K: tl.constexpr, SLOTS: tl.constexpr,   # SLOTS: slots loaded at once (a power of two, _combine_tile)
     BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
     PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
@@ -221,7 +228,7 @@ def _batched_combine_kernel(
         km = ks < TOP_K
         slot = tl.load(slot_map_ptr + t * TOP_K + ks, mask=km, other=-1).to(tl.int64)
         if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local) & km, t * TOP_K + ks, -1)
-        valid = slot >= 0
+        valid = (slot >= 0) & (slot < num_slots)
         e, r = slot // max_tokens, slot % max_tokens
         y = tl.load(expert_out_ptr + e[:, None] * stride_ee + r[:, None] * stride_em + offs_h[None, :],
                     mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [SLOTS, BLOCK_H]
@@ -277,7 +284,7 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, addend if addend is not None else out,
             H, M, expert_out.stride(0), expert_out.stride(1), out.stride(0),
             addend.stride(0) if addend is not None else 0, addend.shape[1] if addend is not None else 0, 0,
-            TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
+            expert_out.shape[0] * M, TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
             WEIGHTED=not apply_router_weight_on_input, PAIRS=False, ADD=addend is not None)
     return out
 
@@ -302,7 +309,7 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
         slots, bh = _combine_tile(T, H, k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             y, y, local_ids.contiguous(), out, out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), 0, 0, num_local,
-            TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
+            T * k, TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
 # %% [markdown]
@@ -312,8 +319,8 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
 # lives elsewhere — `04_placement.local_slot`, a gather from the placement's `slot_table`. In torch that is a clamp,
 # an int32 → int64 copy of the ids and the gather: three launches at decode (about 8 µs on an H200 for DeepSeek-V3's
 # allgather deployment at T = 1, `nbs/bench/profile_small_t_h200_016c6b0.log`). `local_slots` is the same gather in one:
-# an id outside `[0, num_experts)`, `-1` included, reads the table's last entry, which is `-1`, so no read leaves the
-# table whatever the ids hold.
+# an id outside `[0, num_experts)`, `-1` included, reads nothing and gives `-1`, so no read leaves the table whatever
+# the ids hold (nor trusts the table's last entry), and the offsets are int64.
 
 # %%
 #| export
@@ -322,11 +329,11 @@ def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
                        table_ptr,    # [num_experts + 1] int64 slot table, last entry -1
                        out_ptr,      # [n] int64 local slots
                        n, num_experts, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int64)
-    g = tl.where((g >= 0) & (g < num_experts), g, num_experts)       # -1 and anything outside: the last entry
-    tl.store(out_ptr + offs, tl.load(table_ptr + g, mask=m, other=-1), mask=m)
+    here = m & (g >= 0) & (g < num_experts)                          # -1 and anything outside: -1, nothing read
+    tl.store(out_ptr + offs, tl.load(table_ptr + g, mask=here, other=-1), mask=m)
 
 def local_slots(topk_ids: torch.Tensor,     # [T, top_k] int32/int64 global (physical) ids, -1 = none
                 slot_table: torch.Tensor,   # [num_experts + 1] int64 (`Placement.slot_table`), last entry -1
@@ -427,6 +434,13 @@ test_fail(lambda: batched_dispatch(torch.randn(8, 6, device=DEVICE).t(), ids, 2,
 slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
 test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),
           contains="out: expected a buffer that does not overlap topk_ids")
+bad_map = torch.tensor([0, 5, -1, -1], dtype=torch.int32, device=DEVICE)           # a table's values, checked as
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=bad_map),         # local_slot_table checks them
+          contains="expert_map: expected values in [-1, 2), got -1..5")
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, global_to_physical=torch.tensor([0, -5, 1, 2], device=DEVICE)),
+          contains="global_to_physical: expected physical ids >= 0, got -5")
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, physical_offset=2),
+          contains="physical_offset: expected 0 without global_to_physical")
 
 # %% [markdown]
 # `local_slots` equals the placement's own lookup for every rank of a linear and a round-robin deployment, on ids that
@@ -449,6 +463,8 @@ test_eq(local_slots(wild, p.slot_table.to(DEVICE)).cpu().tolist(), p.local_slot(
 test_eq(local_slots(ids[:0].to(DEVICE), p.slot_table.to(DEVICE)).shape, (0, 3))
 test_fail(lambda: local_slots(ids.float(), p.slot_table), contains="topk_ids: expected dtype")
 test_fail(lambda: local_slots(ids, p.slot_table.int()), contains="slot_table: expected dtype torch.int64")
+odd = p.slot_table.clone(); odd[-1] = 7                                    # a table whose last entry is not -1:
+test_eq(local_slots(wild, odd.to(DEVICE)).cpu().tolist(), p.local_slot(wild.cpu(), validate=False).tolist())   # unread
 
 # %% [markdown]
 # Combine against its spec on slabs whose padding is poisoned (NaN, then 1e30): a `-1` slot or a padding row would
@@ -475,6 +491,9 @@ assert_close(_batched_combine(a, wts, slot_map, torch.empty_like(z), False, z), 
 got = _batched_combine(a, wts, slot_map, torch.empty_like(z), False, z[:, :H - 8].contiguous())   # slabs past it
 assert_close(got, combine_batched_reference(a.double(), wts, slot_map) + torch.nn.functional.pad(z[:, :H - 8].double(), (0, 8)))
 test_fail(lambda: batched_combine(a, wts, slot_map + 1000), contains="slot_map: expected values in [-1, 44)")
+wild = slot_map.clone(); wild[1, 0] = 2**40; wild[2, 1] = 44                   # unchecked: past the slabs, skipped
+keep = wild.clone(); keep[1, 0] = keep[2, 1] = -1
+assert_close(batched_combine(a, wts, wild, validate=False), combine_batched_reference(a.double(), wts, keep))
 test_fail(lambda: batched_combine(a, wts.double(), slot_map), contains="topk_weights: expected dtype torch.float32")
 test_fail(lambda: batched_combine(a, wts, slot_map.int()), contains="slot_map: expected dtype torch.int64")
 buf32, a32 = torch.rand(T, H, device=DEVICE), a.float()                      # out whose memory also holds the weights

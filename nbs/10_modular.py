@@ -22,6 +22,7 @@ from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference,
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
+import dataclasses
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
@@ -116,6 +117,24 @@ test_fail(lambda: expected_load(torch.zeros(1, 8), None), contains="placement: e
 
 # %%
 #| export
+def _check_prepared(prepared, fmt: ActivationFormat, expert_out: torch.Tensor):
+    "A finalize's `prepared`: a `Prepared` of this format whose tensors agree with `expert_out` (metadata only)."
+    if not isinstance(prepared, Prepared):
+        raise ValueError(f"prepared: expected the Prepared this prepare/finalize's prepare returned, got {type(prepared).__name__}")
+    if prepared.format != fmt:
+        raise ValueError(f"prepared: expected a {fmt.value} Prepared (from this prepare/finalize), got {prepared.format.value}")
+    check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)   # the slabs' / rows'
+    if expert_out.device != prepared.a.device:
+        raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
+    wts = check_tensor("prepared.topk_weights", prepared.topk_weights, ndim=2, dtype=torch.float32)
+    if fmt == ActivationFormat.BatchedExperts:
+        check_tensor("prepared.slot_map", prepared.slot_map, shape=tuple(wts.shape), dtype=torch.int64)
+        for n, t in (("prepared.topk_weights", wts), ("prepared.slot_map", prepared.slot_map)):
+            if t.device != expert_out.device: raise ValueError(f"{n}: expected device {expert_out.device}, got {t.device}")
+    hs = prepared.hidden_size
+    if hs is not None and not (isinstance(hs, int) and 0 <= hs <= expert_out.shape[-1]):
+        raise ValueError(f"prepared.hidden_size: expected an int in [0, {expert_out.shape[-1]}] (the experts' columns), got {hs!r}")
+
 def _check_shared(shared, T: int, H: int, like: torch.Tensor):
     "A finalize's `shared` addend: None, or `[T, H]` in the experts' dtype on their device (metadata only)."
     if shared is None: return
@@ -155,9 +174,7 @@ class StandardPrepareFinalize:
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is (plus `shared`)."
-        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)
-        if expert_out.device != prepared.a.device:
-            raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
+        _check_prepared(prepared, self.activation_format, expert_out)
         _check_shared(shared, expert_out.shape[0], prepared.hidden_size or expert_out.shape[1], expert_out)
         return expert_out if shared is None else expert_out + shared
 
@@ -190,6 +207,9 @@ class BatchedPrepareFinalize:
                 raise ValueError(f"hidden: expected at most padded_hidden_size={self.padded_hidden_size} columns, got {H}")
             hidden = torch.nn.functional.pad(hidden, (0, self.padded_hidden_size - H))
         if self.use_triton:
+            if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):   # the dispatch kernel's dtypes
+                raise ValueError(f"hidden: expected torch.bfloat16, torch.float16 or torch.float32 for the Triton dispatch "
+                                 f"(use_triton=True), got {hidden.dtype}")
             from moe_lit.kernels.dispatch import batched_dispatch, _batched_dispatch
             p, hidden = placement, hidden.contiguous()
             g2p, emap = p.global_to_physical, p.expert_map
@@ -214,10 +234,8 @@ class BatchedPrepareFinalize:
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32 (with `shared`, on Triton in the same sum)."
+        _check_prepared(prepared, self.activation_format, expert_out)
         on_in = prepared.apply_router_weight_on_input
-        check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)   # the slabs'
-        if expert_out.device != prepared.a.device:
-            raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
         T, H = prepared.topk_weights.shape[0], expert_out.shape[2]
         _check_shared(shared, T, prepared.hidden_size or H, expert_out)   # (a hand-built Prepared may not say)
         if self.use_triton:
@@ -575,6 +593,20 @@ out = ModularKernel(pf, TorchBatchedExperts())(hidden, torch.nn.functional.pad(w
                                                torch.nn.functional.pad(w2, (0, 0, 0, pad)), wts, ids, p)
 test_eq(out.shape, (T, H))
 assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, p.local_slot(ids)))
+# a finalize checks the Prepared it is handed (metadata only): kind, format, shapes, the unpadded width
+y = torch.zeros_like(prepared.a)
+std = StandardPrepareFinalize().prepare(hidden, wts, ids, p)
+test_fail(lambda: pf.finalize(y, None), contains="prepared: expected the Prepared this prepare/finalize's prepare returned, got NoneType")
+test_fail(lambda: pf.finalize(y, dataclasses.replace(std, a=prepared.a)), contains="prepared: expected a batched_experts Prepared")
+test_fail(lambda: StandardPrepareFinalize().finalize(hidden, prepared), contains="prepared: expected a standard Prepared")
+test_fail(lambda: pf.finalize(y, dataclasses.replace(prepared, slot_map=torch.zeros(T, k + 3, dtype=torch.int64))),
+          contains=f"prepared.slot_map: expected shape [{T}, {k}]")
+test_fail(lambda: pf.finalize(y, dataclasses.replace(prepared, slot_map=None)), contains="prepared.slot_map: expected a torch.Tensor")
+test_fail(lambda: pf.finalize(y, dataclasses.replace(prepared, hidden_size=4000)), contains="prepared.hidden_size: expected an int in [0, 3072]")
+for use_triton in (False, True):                                             # fp64 on Triton's dispatch: refused
+    bpf = BatchedPrepareFinalize(T, 1, use_triton=use_triton, validate=False)
+    if use_triton: test_fail(lambda: bpf.prepare(hidden.double(), wts, ids, p), contains="hidden: expected torch.bfloat16")
+    else: test_eq(bpf.prepare(hidden.double(), wts, ids, p).a.dtype, torch.float64)   # the torch reference takes it
 
 # %% [markdown]
 # Each stage can be timed (the distributed runs report dispatch, experts and combine per rank): pass a dict as

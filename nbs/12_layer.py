@@ -395,6 +395,15 @@ def _apply(self: FusedMoE, fn, recurse=True):
     return self
 
 @patch
+def extra_repr(self: FusedMoE) -> str:
+    "What `print(layer)` shows: the sizes, this rank's experts and where they run (torch's module repr)."
+    c, p = self.config, self.placement
+    return (f"num_experts={c.num_experts}, top_k={c.top_k}, hidden_size={c.hidden_size}, "
+            f"intermediate_size={c.intermediate_size}, dtype={c.dtype}, format={c.activation_format.value}, "
+            f"all2all={c.parallel.all2all_backend}, ep_rank={p.ep_rank}/{p.ep_size} holding {p.num_local_experts} "
+            f"experts ({p.strategy}), experts={self.experts!r}, quant={self.quant}, device={self.gate.device}")
+
+@patch
 def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
     key = -(-num_tokens // self._slab_ranks) if self._slab_ranks else 0
@@ -419,6 +428,9 @@ def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
         raise ValueError(f"{name}: expected a tensor on the layer's device {layer.gate.device}, got {t.device}")
+    if t.is_meta:                                    # a meta layer holds no weights: nothing to compute with
+        raise ValueError(f"{name}: expected a tensor with values, got a meta tensor (a layer moved to the meta device "
+                         f"has no weights: build it on a real device or load its weights first)")
 
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -677,6 +689,8 @@ for quant in ("unquantized", "mxfp4_w4a16"):
         assert_close(layer(x.to(DEVICE)).cpu(), want.double(), rtol=check_tolerance(cfg.dtype, quant, layer.experts)[0])
 layer = FusedMoE(cfg, seed=1).to("meta")                       # no values, but every device tensor follows
 test_eq({t.device.type for t in (layer.router_gate, layer.placement.slot_table, layer.w13)}, {"meta"})
+test_fail(lambda: layer(x.to("meta")), contains="hidden: expected a tensor with values, got a meta tensor")
+assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
 qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
 test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")
 test_eq({t.device.type for t in (qlayer.w13, qlayer.gate, qlayer.qweights.w13)}, {"cpu"})   # refused before a move
@@ -772,7 +786,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
                    ) -> EPRun:
     "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-    check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype)
+    check_dense("hidden", check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype))
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")
     quant = quant_scheme_name(quant)                                           # the run records the full name
     weights, ep = _weight_source(config, weights, seed), config.parallel.ep_size

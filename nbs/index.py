@@ -124,7 +124,8 @@ print(hf.config._experts_implementation)
 # checkpoint's layer: `.venv/bin/moe-lit run --weights CHECKPOINT_DIR --layer N` (any `--ep`/`--all2all` deployment;
 # without `--layer`, the first MoE layer; a pre-quantized checkpoint runs its stored codes unless `--quant` says
 # otherwise). On an expert-parallel deployment, `FusedMoE.from_pretrained(ckpt, N, parallel=...)` builds one rank's
-# layer and reads only that rank's experts. The chapter *Loading a real model*
+# layer and reads only that rank's experts. Each rank's `forward` adds the shared experts by default: to sum the ranks'
+# outputs for the same tokens, call all ranks but one with `add_shared=False`, as `run_emulated_ep` does. The chapter *Loading a real model*
 # (`12c_real_models`) has the key layouts and the parity with transformers' own blocks for every family.
 #
 # For decode on a GPU, `layer.capture(batch_sizes=(1, 2, 4, ..., 256))` records one CUDA graph of the whole forward per

@@ -70,6 +70,13 @@ def test_dispatch_overflow_and_bad_input():
     slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
     test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),
               contains="out: expected a buffer that does not overlap topk_ids")
+    bad_map = torch.tensor([0, 5, -1, -1], dtype=torch.int32, device=DEVICE)           # a table's values, checked as
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=bad_map),         # local_slot_table checks them
+              contains="expert_map: expected values in [-1, 2), got -1..5")
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, global_to_physical=torch.tensor([0, -5, 1, 2], device=DEVICE)),
+              contains="global_to_physical: expected physical ids >= 0, got -5")
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, physical_offset=2),
+              contains="physical_offset: expected 0 without global_to_physical")
 
 
 def test_local_slots_match_placement():
@@ -88,6 +95,8 @@ def test_local_slots_match_placement():
     test_eq(local_slots(ids[:0].to(DEVICE), p.slot_table.to(DEVICE)).shape, (0, 3))
     test_fail(lambda: local_slots(ids.float(), p.slot_table), contains="topk_ids: expected dtype")
     test_fail(lambda: local_slots(ids, p.slot_table.int()), contains="slot_table: expected dtype torch.int64")
+    odd = p.slot_table.clone(); odd[-1] = 7                                    # a table whose last entry is not -1:
+    test_eq(local_slots(wild, odd.to(DEVICE)).cpu().tolist(), p.local_slot(wild.cpu(), validate=False).tolist())   # unread
 
 
 def test_combine_matches_reference():
@@ -110,6 +119,9 @@ def test_combine_matches_reference():
     got = _batched_combine(a, wts, slot_map, torch.empty_like(z), False, z[:, :H - 8].contiguous())   # slabs past it
     assert_close(got, combine_batched_reference(a.double(), wts, slot_map) + torch.nn.functional.pad(z[:, :H - 8].double(), (0, 8)))
     test_fail(lambda: batched_combine(a, wts, slot_map + 1000), contains="slot_map: expected values in [-1, 44)")
+    wild = slot_map.clone(); wild[1, 0] = 2**40; wild[2, 1] = 44                   # unchecked: past the slabs, skipped
+    keep = wild.clone(); keep[1, 0] = keep[2, 1] = -1
+    assert_close(batched_combine(a, wts, wild, validate=False), combine_batched_reference(a.double(), wts, keep))
     test_fail(lambda: batched_combine(a, wts.double(), slot_map), contains="topk_weights: expected dtype torch.float32")
     test_fail(lambda: batched_combine(a, wts, slot_map.int()), contains="slot_map: expected dtype torch.int64")
     buf32, a32 = torch.rand(T, H, device=DEVICE), a.float()                      # out whose memory also holds the weights

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 from dataclasses import dataclass
-from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real
+from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device
 from moe_lit.kernels.batched import _next_pow2, _cdiv
@@ -130,3 +130,14 @@ def test_route_topk_bad_arguments():
             route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2].contiguous())[1].tolist())
     w0, ids0 = route_tokens(plan, h16[:0], gate8)                                      # zero tokens
     test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, 2), (0, 2)))
+    for bad in (float("nan"), float("inf")):                                           # a non-finite correction bias
+        nb = torch.zeros(8, device=DEVICE); nb[3] = bad
+        test_fail(lambda: route_topk(strided, x, nb), contains=f"bias: expected finite values, got {bad} at [3]")
+        test_fail(lambda: route_tokens(strided, h16, gate8, bias=nb), contains="bias: expected finite values")
+    for nb in (torch.full((8,), float("nan"), device=DEVICE), torch.tensor([float("nan")] * 7 + [0.0], device=DEVICE)):
+        for ids in (route_topk(strided, x, nb, validate=False)[1], route_tokens(strided, h16, gate8, bias=nb, validate=False)[1]):
+            assert ((ids >= 0) & (ids < 8)).all() and (ids[:, 0] != ids[:, 1]).all(), ids.tolist()   # unchecked: in range
+    far = torch.empty(15 * 143165577 + 16, dtype=torch.bfloat16, device=DEVICE)      # rows 143165577 apart: (T-1)·stride > 2^31
+    hf = far.as_strided((16, 16), (143165577, 1)); hf.copy_(torch.randn(16, 16, generator=torch.Generator().manual_seed(3)))
+    test_eq(route_tokens(plan, hf, gate8.bfloat16())[1].tolist(), route_tokens(plan, hf.contiguous(), gate8.bfloat16())[1].tolist())
+    del far, hf

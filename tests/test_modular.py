@@ -12,6 +12,7 @@ from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference,
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
+import dataclasses
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
@@ -133,6 +134,20 @@ def test_padded_hidden_never_leaks():
                                                    torch.nn.functional.pad(w2, (0, 0, 0, pad)), wts, ids, p)
     test_eq(out.shape, (T, H))
     assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, p.local_slot(ids)))
+    # a finalize checks the Prepared it is handed (metadata only): kind, format, shapes, the unpadded width
+    y = torch.zeros_like(prepared.a)
+    std = StandardPrepareFinalize().prepare(hidden, wts, ids, p)
+    test_fail(lambda: pf.finalize(y, None), contains="prepared: expected the Prepared this prepare/finalize's prepare returned, got NoneType")
+    test_fail(lambda: pf.finalize(y, dataclasses.replace(std, a=prepared.a)), contains="prepared: expected a batched_experts Prepared")
+    test_fail(lambda: StandardPrepareFinalize().finalize(hidden, prepared), contains="prepared: expected a standard Prepared")
+    test_fail(lambda: pf.finalize(y, dataclasses.replace(prepared, slot_map=torch.zeros(T, k + 3, dtype=torch.int64))),
+              contains=f"prepared.slot_map: expected shape [{T}, {k}]")
+    test_fail(lambda: pf.finalize(y, dataclasses.replace(prepared, slot_map=None)), contains="prepared.slot_map: expected a torch.Tensor")
+    test_fail(lambda: pf.finalize(y, dataclasses.replace(prepared, hidden_size=4000)), contains="prepared.hidden_size: expected an int in [0, 3072]")
+    for use_triton in (False, True):                                             # fp64 on Triton's dispatch: refused
+        bpf = BatchedPrepareFinalize(T, 1, use_triton=use_triton, validate=False)
+        if use_triton: test_fail(lambda: bpf.prepare(hidden.double(), wts, ids, p), contains="hidden: expected torch.bfloat16")
+        else: test_eq(bpf.prepare(hidden.double(), wts, ids, p).a.dtype, torch.float64)   # the torch reference takes it
 
 
 def test_modular_stage_timings():

@@ -43,6 +43,17 @@ def test_poison_rows():
     test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor([1, 2, 3])), contains="slab: expected a floating dtype")
 
 
+def test_check_output_between_runs():
+    ref = torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(8, 8)
+    rtol = check_tolerance(torch.bfloat16)[0]
+    up, down = (ref * (1 + 0.8 * rtol)).bfloat16(), (ref * (1 - 0.8 * rtol)).bfloat16()
+    assert check_output(up, ref, torch.bfloat16)["ok"] and check_output(down, ref, torch.bfloat16)["ok"]   # each vs float64
+    assert not check_output(up, down.double(), torch.bfloat16)["ok"]                       # vs each other, the 1x tolerance
+    r = check_output(up, down.double(), torch.bfloat16, between_runs=True)
+    assert r["ok"] and r["rtol"] == 2 * rtol, r
+    assert not check_output((ref * (1 + 3 * rtol)).bfloat16(), down.double(), torch.bfloat16, between_runs=True)["ok"]
+
+
 def test_quant_error_measures():
     w = torch.randn(1000, dtype=torch.float64)
     rel, cos = quant_error(w * 1.01, w)

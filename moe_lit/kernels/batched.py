@@ -377,7 +377,7 @@ def _load_table(path: Path) -> dict | None:
         table[int(key)] = cfg
     return table
 
-# %% ../../nbs/06_kernels.batched.ipynb #7aab90e0e4a4
+# %% ../../nbs/06_kernels.batched.ipynb #4ed0db21cc4e
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_extent(name: str, t: torch.Tensor):
@@ -390,6 +390,7 @@ def check_kernel_device(name: str, t: torch.Tensor, **others) -> torch.device:
     if t.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"{name}: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 set before "
                          f"moe_lit.kernels is imported), got a {t.device.type} tensor")
+    if t.is_meta: raise ValueError(f"{name}: expected a tensor with values for the Triton kernels, got a meta tensor")
     for n, o in others.items():          # None (and a non-tensor, which its own check refuses) is skipped
         if isinstance(o, torch.Tensor) and o.device != t.device: raise ValueError(f"{n}: expected device {t.device}, got {o.device}")
     return t.device

@@ -56,7 +56,7 @@ def _batched_dispatch_kernel(
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #eda2fae81678
+# %% ../../nbs/07_kernels.dispatch.ipynb #df10fb05b466
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -81,6 +81,8 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if mode: table = check_tensor("expert_map" if mode == 1 else "global_to_physical", table, ndim=1,
                                   dtype=torch.int32 if mode == 1 else torch.int64).contiguous()   # read at unit stride
     num_experts = table.shape[0] if mode else num_local_experts
+    if physical_offset and mode != 2:
+        raise ValueError(f"physical_offset: expected 0 without global_to_physical (it offsets that table), got {physical_offset}")
     if topk_weights is not None: check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     check_kernel_device("hidden", hidden, topk_ids=topk_ids, expert_map=expert_map, global_to_physical=global_to_physical,
                         topk_weights=topk_weights, out=out)
@@ -93,6 +95,10 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got "
                          f"{topk_ids.min().item()}..{topk_ids.max().item()}")
+    if check_overflow and mode == 1 and ((table < -1) | (table >= num_local_experts)).any():   # as local_slot_table
+        raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {table.min().item()}..{table.max().item()}")
+    if check_overflow and mode == 2 and num_experts and table.min() < 0:
+        raise ValueError(f"global_to_physical: expected physical ids >= 0, got {table.min().item()}")
     return _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts,
                              physical_offset, topk_weights, a, check_overflow)
 
@@ -119,7 +125,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
                          f"got {max_tokens}: capacity overflow")
     return a, counts, slot_map
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #99a88226a8bd
+# %% ../../nbs/07_kernels.dispatch.ipynb #fbcda1f282da
 @triton.jit
 def _batched_combine_kernel(
     expert_out_ptr,     # [E_local, max_tokens, H]
@@ -129,6 +135,7 @@ def _batched_combine_kernel(
     add_ptr,            # [T, add_cols] added to the sum in fp32 (ADD: the shared experts' output)
     H, max_tokens, stride_ee, stride_em, stride_ot, stride_at, add_cols,
     num_local,          # PAIRS: a pair's row exists iff 0 <= local id < num_local
+    num_slots,          # rows of expert_out (E_local · max_tokens): a slot outside [0, num_slots) is skipped, not read
     TOP_K: tl.constexpr, SLOTS: tl.constexpr,   # SLOTS: slots loaded at once (a power of two, _combine_tile)
     BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
     PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
@@ -143,7 +150,7 @@ def _batched_combine_kernel(
         km = ks < TOP_K
         slot = tl.load(slot_map_ptr + t * TOP_K + ks, mask=km, other=-1).to(tl.int64)
         if PAIRS: slot = tl.where((slot >= 0) & (slot < num_local) & km, t * TOP_K + ks, -1)
-        valid = slot >= 0
+        valid = (slot >= 0) & (slot < num_slots)
         e, r = slot // max_tokens, slot % max_tokens
         y = tl.load(expert_out_ptr + e[:, None] * stride_ee + r[:, None] * stride_em + offs_h[None, :],
                     mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [SLOTS, BLOCK_H]
@@ -159,7 +166,7 @@ def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
     return slots, bh
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #1a06bc39623c
+# %% ../../nbs/07_kernels.dispatch.ipynb #7d5642d6cf9c
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -198,7 +205,7 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, addend if addend is not None else out,
             H, M, expert_out.stride(0), expert_out.stride(1), out.stride(0),
             addend.stride(0) if addend is not None else 0, addend.shape[1] if addend is not None else 0, 0,
-            TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
+            expert_out.shape[0] * M, TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
             WEIGHTED=not apply_router_weight_on_input, PAIRS=False, ADD=addend is not None)
     return out
 
@@ -223,20 +230,20 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
         slots, bh = _combine_tile(T, H, k)
         _batched_combine_kernel[(T, _cdiv(H, bh))](
             y, y, local_ids.contiguous(), out, out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), 0, 0, num_local,
-            TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
+            T * k, TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #64b8169cf361
+# %% ../../nbs/07_kernels.dispatch.ipynb #4e2169e572e8
 @triton.jit
 def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
                        table_ptr,    # [num_experts + 1] int64 slot table, last entry -1
                        out_ptr,      # [n] int64 local slots
                        n, num_experts, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int64)
-    g = tl.where((g >= 0) & (g < num_experts), g, num_experts)       # -1 and anything outside: the last entry
-    tl.store(out_ptr + offs, tl.load(table_ptr + g, mask=m, other=-1), mask=m)
+    here = m & (g >= 0) & (g < num_experts)                          # -1 and anything outside: -1, nothing read
+    tl.store(out_ptr + offs, tl.load(table_ptr + g, mask=here, other=-1), mask=m)
 
 def local_slots(topk_ids: torch.Tensor,     # [T, top_k] int32/int64 global (physical) ids, -1 = none
                 slot_table: torch.Tensor,   # [num_experts + 1] int64 (`Placement.slot_table`), last entry -1
