@@ -76,7 +76,7 @@ class ExpertsBackend:
             return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
         return True, "device and libraries fit"
 
-# %% ../nbs/11_oracle.ipynb #10524349dcb5
+# %% ../nbs/11_oracle.ipynb #4aacd0997021
 _S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
 _ALL = QUANT_SCHEMES
 _Q = QUANT_SCHEMES[1:]
@@ -85,7 +85,8 @@ _FP4 = tuple(q for q in _Q if q.endswith("w4a16"))
 _DEQUANT = "weights dequantized to the activation dtype once, then the unquantized experts (an emulation)"
 _SILU_ONLY = dict(activations=("silu",), expert_bias=False)   # SiLU-gated, bias-free experts only
 _HW_FP8 = "hardware FP8: e4m3 x e4m3 tensor-core dots, fp32 accumulation, scales applied in fp32"
-_W4A16 = "FP4 codes dequantized to bf16/fp16 inside the K loop (an emulation: no FP4 tensor cores before Blackwell)"
+_W4A16 = ("FP4 codes dequantized to bf16/fp16 inside the K loop (an emulation on every device: the FP4 tensor-core "
+          "dots of Blackwell are not used; Hopper and older have none)")
 CANDIDATES = (   # one priority list; per scheme the oracle scans it in this order
     ExpertsBackend("flashinfer_cutlass_fp4", _S, ("nvfp4_w4a16",), "external", min_capability=(10, 0), library="flashinfer",
                    **_SILU_ONLY),

@@ -190,10 +190,10 @@ def _router_logits_kernel(
     w = tl.load(gate_ptr + offs_e.to(tl.int64)[:, None] * stride_ge + offs_k[None, :],
                 mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)          # [BLOCK_EL, BLOCK_K]
     for t in tl.static_range(T_PAD):                     # unrolled: every token's row load is issued at once
-        x = tl.load(hidden_ptr + tl.cast(t, tl.int64) * stride_ht + offs_k, mask=k_ok & (t < T),   # int64: a
+        x = tl.load(hidden_ptr + tl.cast(t, tl.int64) * stride_ht + offs_k, mask=tl.where(t < T, k_ok, False),   # int64: a
                     other=0.0).to(tl.float32)                                         # strided view may pass 2^31
         p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
-        tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=e_ok & (t < T))
+        tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=tl.where(t < T, e_ok, False))
 
 # %% [markdown]
 # ## The launcher

@@ -143,7 +143,7 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
 @triton.jit
 def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr):
     "`[BLOCK_N]` fp32 block weight scales of the K tile at `k0` (FMT 1); 0 past the rows or past K (a prefetch past the end reads nothing)."
-    return tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=row_ok & (k0 < K), other=0.0)
+    return tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=tl.where(k0 < K, row_ok, False), other=0.0)
 
 # %% [markdown]
 # ### The FP4 decode: eight codes per 32-bit word
@@ -488,7 +488,7 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
         w_s_up = w_s
         if FMT == 1:
             k_lo = kt_lo * BLOCK_K
-            if not QUANT_A: a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=row_ok & (k_lo < K), other=0.0)
+            if not QUANT_A: a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=tl.where(k_lo < K, row_ok, False), other=0.0)
             w_s = _fp8_tile_scales(ws_e, offs_n, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
             if GATED: w_s_up = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N,
                                                 GROUP_K)
@@ -502,7 +502,7 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
             if FMT == 1:
                 kn = k0 + BLOCK_K
                 if not QUANT_A:
-                    a_s_next = tl.load(as_ptrs + (kn // GROUP_K) * stride_asg, mask=row_ok & (kn < K), other=0.0)
+                    a_s_next = tl.load(as_ptrs + (kn // GROUP_K) * stride_asg, mask=tl.where(kn < K, row_ok, False), other=0.0)
                 w_s_next = _fp8_tile_scales(ws_e, offs_n, mask_n, kn, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
                 if GATED:
                     w_s_up_next = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, kn, K, stride_wsn, stride_wsk,

@@ -44,7 +44,7 @@ from moe_lit.testing import assert_close, tiny_hf_model, hf_moe_block, TINY_HF
 # > **What is reached.** `"moe_lit"` runs only the experts modules that transformers dispatches through its experts
 # > interface (classes decorated with `@use_experts_implementation`). transformers accepts
 # > `experts_implementation="moe_lit"` for *any* model and says nothing when a model's MoE blocks never dispatch:
-# > **Llama-4** (`Llama4TextExperts`) is one, in transformers 5.17–5.24 — its experts keep running transformers' own
+# > **Llama-4** (`Llama4TextExperts`) is one, in transformers 5.17–5.25 — its experts keep running transformers' own
 # > dense code. Call `check_model(model)` after loading: it raises a `ValueError` naming the class of every MoE block
 # > `"moe_lit"` cannot reach (or cannot run), and returns the recipes of those it runs.
 #
@@ -55,7 +55,7 @@ from moe_lit.testing import assert_close, tiny_hf_model, hf_moe_block, TINY_HF
 #
 # ## What transformers hands over
 #
-# In transformers 5 (checked on 5.17 and 5.24), an MoE model's routed experts are one module per layer holding every expert's weights as 3-D
+# In transformers 5 (checked on 5.17, 5.24 and 5.25), an MoE model's routed experts are one module per layer holding every expert's weights as 3-D
 # tensors, and the class is decorated with `@use_experts_implementation`
 # ([`src/transformers/integrations/moe.py`](https://github.com/huggingface/transformers/blob/main/src/transformers/integrations/moe.py);
 # the [experts interface docs](https://huggingface.co/docs/transformers/main/en/experts_interface)). At every forward the
@@ -400,7 +400,7 @@ def register(name: str = "moe_lit") -> str:
 # The examples and tests below use `tiny_hf_model` from `00_testing` (seeded tiny models of each family, 2 layers,
 # hidden 32, biases randomised, no download).
 #
-# > **Llama-4.** In transformers 5.17–5.24 `Llama4TextExperts` is not decorated with `@use_experts_implementation`:
+# > **Llama-4.** In transformers 5.17–5.25 `Llama4TextExperts` is not decorated with `@use_experts_implementation`:
 # > its router multiplies the scores into a copy of the tokens for *every* expert and the experts run densely, so
 # > `experts_implementation` is accepted but never reaches it (`experts_recipes` returns `{}`). Its transposed layout is
 # > still moe-lit's through `convert_experts_weights(..., transposed=True)` with the router weight on the input

@@ -563,7 +563,7 @@ try:
     test_eq(all_gather_rows(torch.zeros(2, 0), [2], None).shape, (2, 0))
     c = torch.tensor([[1 + 2j, 3 - 1j]]).conj()                                      # a conjugate view travels resolved
     test_eq(torch.equal(all_gather_rows(c, [1], None), c.resolve_conj()), True)
-    for bad, msg in ((torch.eye(2).to_sparse(), "x: expected a dense tensor"), (torch.zeros(2, device="meta"), "x: expected a dense tensor"),
+    for bad, msg in ((torch.eye(2).to_sparse(), "x: expected a dense (strided) tensor"), (torch.zeros(2, device="meta"), "x: expected a dense tensor"),
                      (torch.zeros(2, 2, dtype=torch.uint8).view(torch.bits8), "x: expected dtype")):
         test_fail(lambda: all_gather_rows(bad, [2], None), contains=msg)
     test_fail(lambda: all_gather_rows(x, [5], None), contains="counts: expected counts[0] = this rank's rows of x (3), got 5")

@@ -38,7 +38,7 @@ def _e2m1_fp16(code):
     c = code.to(tl.uint16)
     return (((c & 7) << 9) | ((c & 8) << 12)).to(tl.float16, bitcast=True)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #554bc1dfb928
+# %% ../../nbs/09c_kernels.quant.ipynb #70a2b298c3a9
 @triton.jit
 def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
                   a,          # [BLOCK_M, BLOCK_K] float8 activations
@@ -63,7 +63,7 @@ def _quant_k_step(acc,        # [BLOCK_M, BLOCK_N] fp32 accumulator
 @triton.jit
 def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr):
     "`[BLOCK_N]` fp32 block weight scales of the K tile at `k0` (FMT 1); 0 past the rows or past K (a prefetch past the end reads nothing)."
-    return tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=row_ok & (k0 < K), other=0.0)
+    return tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=tl.where(k0 < K, row_ok, False), other=0.0)
 
 # %% ../../nbs/09c_kernels.quant.ipynb #6990ccf35ea7
 FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "ptx")   # "ptx": the packed decode below (GPU only); "portable"
@@ -281,7 +281,7 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
         acc = acc * gs
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #afc81a3515ad
+# %% ../../nbs/09c_kernels.quant.ipynb #7fefb8df9f50
 @triton.jit
 def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activation rows at K = 0
                         as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
@@ -356,7 +356,7 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
         w_s_up = w_s
         if FMT == 1:
             k_lo = kt_lo * BLOCK_K
-            if not QUANT_A: a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=row_ok & (k_lo < K), other=0.0)
+            if not QUANT_A: a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=tl.where(k_lo < K, row_ok, False), other=0.0)
             w_s = _fp8_tile_scales(ws_e, offs_n, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
             if GATED: w_s_up = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N,
                                                 GROUP_K)
@@ -370,7 +370,7 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
             if FMT == 1:
                 kn = k0 + BLOCK_K
                 if not QUANT_A:
-                    a_s_next = tl.load(as_ptrs + (kn // GROUP_K) * stride_asg, mask=row_ok & (kn < K), other=0.0)
+                    a_s_next = tl.load(as_ptrs + (kn // GROUP_K) * stride_asg, mask=tl.where(kn < K, row_ok, False), other=0.0)
                 w_s_next = _fp8_tile_scales(ws_e, offs_n, mask_n, kn, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
                 if GATED:
                     w_s_up_next = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, kn, K, stride_wsn, stride_wsk,

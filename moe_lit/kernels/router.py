@@ -98,7 +98,7 @@ def _route_topk_kernel(
     tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_offs < TOP_K)
     tl.store(ids_ptr + t * TOP_K + k_offs, ids.to(ids_ptr.dtype.element_ty), mask=k_offs < TOP_K)
 
-# %% ../../nbs/03a_kernels.router.ipynb #5f2548558f52
+# %% ../../nbs/03a_kernels.router.ipynb #dcf6d782b59a
 ROUTER_MAX_EXPERTS = 65536      # a token's scores are one block of registers (Triton's blocks hold at most 2^20)
 ROUTER_BLOCK_K = 1024           # columns of one program's K slice in the decode logits kernel
 ROUTER_GEMV_MAX_TOKENS = 16     # at most this many tokens take `_router_logits_kernel`; more take one cuBLAS GEMM
@@ -119,10 +119,10 @@ def _router_logits_kernel(
     w = tl.load(gate_ptr + offs_e.to(tl.int64)[:, None] * stride_ge + offs_k[None, :],
                 mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)          # [BLOCK_EL, BLOCK_K]
     for t in tl.static_range(T_PAD):                     # unrolled: every token's row load is issued at once
-        x = tl.load(hidden_ptr + tl.cast(t, tl.int64) * stride_ht + offs_k, mask=k_ok & (t < T),   # int64: a
+        x = tl.load(hidden_ptr + tl.cast(t, tl.int64) * stride_ht + offs_k, mask=tl.where(t < T, k_ok, False),   # int64: a
                     other=0.0).to(tl.float32)                                         # strided view may pass 2^31
         p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
-        tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=e_ok & (t < T))
+        tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=tl.where(t < T, e_ok, False))
 
 # %% ../../nbs/03a_kernels.router.ipynb #bd23521108fe
 @dataclass(frozen=True)
