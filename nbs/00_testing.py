@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import math
+import inspect, math, os
 import torch
 from moe_lit.terms import check_tensor
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
@@ -364,3 +364,112 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
               "quantization_config": {"quant_method": "mxfp4"}}
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
+
+# %% [markdown]
+# ## The kernels as the GPU compiles them, on any machine
+#
+# The interpreter runs a kernel's Python, not its compilation: a construct the GPU compiler rejects (a method on a
+# constexpr, a mask of an unsupported type, a shared-memory budget passed) is green on the CPU. Triton ships its own
+# `ptxas`, so every kernel can still be **compiled for Hopper (`cuda:90`) without a GPU**. `record_launches` notes
+# each Triton launch a block of code makes (the kernel still runs); `launch_spec` turns one into what the compiler
+# needs — the signature (a tensor is a pointer to its dtype, an int `i32` or `i64`, 1 a constant, as Triton's own
+# specialisation does, with 16-divisible pointers and ints marked so), the constexprs and the launch options — and
+# `compile_for_gpu` compiles the distinct specs in a subprocess without `TRITON_INTERPRET` (the kernels' modules
+# import in their GPU form there: module-level constexprs such as the interpreter's workarounds take their GPU
+# values). The constexprs that only the interpreter sets (`UPCAST`, fp32 `PRECISION`, `EMULATE_CAST`) are given
+# their GPU values, so the compiled variant is the one a GPU launch of the same call would run; the tiles stay the
+# interpreter's (a GPU picks its own from the tables). The compiled kernel's shared memory is reported: an H200 SM
+# offers 227 KiB to one program.
+
+# %%
+#| export
+_TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+                 torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+                 torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
+GPU_CONSTEXPRS = {"UPCAST": False, "PRECISION": "tf32", "EMULATE_CAST": False}   # the interpreter's switches, off
+
+class record_launches:
+    "Context manager: `with record_launches() as seen:` appends `(kernel, args, kwargs)` of every Triton launch (the launch still runs)."
+    def __enter__(self) -> list:
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+        self.cls = InterpretedFunction if os.environ.get("TRITON_INTERPRET") == "1" else triton.runtime.jit.JITFunction
+        self.orig, seen = self.cls.run, []
+        orig = self.orig
+        def run(kernel, *args, **kwargs):
+            seen.append((kernel, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
+            return orig(kernel, *args, **kwargs)
+        self.cls.run = run
+        return seen
+    def __exit__(self, *exc):
+        self.cls.run = self.orig
+
+def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
+    "One recorded launch as a JSON-ready compile spec: `{module, kernel, signature, constexprs, divisible, options}` (ValueError for an argument type it cannot type)."
+    fn = getattr(kernel, "fn", kernel)
+    params = inspect.signature(fn).parameters
+    bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
+    sig, consts, div = {}, {}, []
+    for name, p in params.items():
+        v = bound.get(name, p.default)
+        if v is inspect.Parameter.empty: raise ValueError(f"{fn.__name__}: expected a value for {name}, got none")
+        if "constexpr" in str(p.annotation) or v is None:
+            sig[name], consts[name] = "constexpr", GPU_CONSTEXPRS.get(name, v)
+        elif isinstance(v, torch.Tensor):
+            sig[name] = "*" + _TRITON_TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0: div.append(name)
+        elif isinstance(v, bool): sig[name] = "i1"
+        elif isinstance(v, int):
+            if v == 1: sig[name], consts[name] = "constexpr", 1            # Triton's specialisation of 1
+            else:
+                sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                if v % 16 == 0: div.append(name)
+        elif isinstance(v, float): sig[name] = "fp32"
+        else: raise ValueError(f"{fn.__name__}: expected a tensor, int, float, bool or None for {name}, got {type(v).__name__}")
+    options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages")}
+    return dict(module=fn.__module__, kernel=fn.__name__, signature=sig, constexprs=consts, divisible=div, options=options)
+
+def _compile_specs(specs: list, capability: int) -> list:
+    "In a process without the interpreter: compile each spec for `cuda:capability`."
+    import importlib, time, triton
+    from triton.backends.compiler import GPUTarget
+    out = []
+    for s in specs:
+        fn = getattr(importlib.import_module(s["module"]), s["kernel"])
+        names, t0 = list(fn.arg_names), time.perf_counter()
+        try:
+            src = triton.compiler.ASTSource(fn=fn, signature=s["signature"],
+                                            constexprs={(names.index(k),): v for k, v in s["constexprs"].items()},
+                                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in s["divisible"]})
+            c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=s["options"])
+            out.append(dict(kernel=s["kernel"], ok=True, error="", shared_bytes=int(c.metadata.shared),
+                            seconds=time.perf_counter() - t0))
+        except Exception as e:   # the compiler's message, whatever its type: that is the finding
+            out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}", shared_bytes=0,
+                            seconds=time.perf_counter() - t0))
+    return out
+
+def compile_for_gpu(launches: list,           # `record_launches`' list, or specs from `launch_spec`
+                    capability: int = 90,      # the target: 90 = Hopper (H100/H200)
+                    timeout: float = 900,      # seconds for the whole batch
+                   ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, spec}
+    "Compile each distinct recorded launch for `cuda:capability` with Triton's bundled compiler, in a subprocess without the interpreter."
+    import json, subprocess, sys
+    specs = [x if isinstance(x, dict) else launch_spec(*x) for x in launches]
+    specs = list({json.dumps(s, sort_keys=True): s for s in specs}.values())       # distinct
+    code = ("import json, sys; from moe_lit.testing import _compile_specs; "
+            f"print(json.dumps(_compile_specs(json.load(sys.stdin), {int(capability)})))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs), capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    if r.returncode: raise RuntimeError(f"compile_for_gpu: the compiling process failed: {r.stderr[-3000:]}")
+    return [dict(res, spec=s) for res, s in zip(json.loads(r.stdout.strip().splitlines()[-1]), specs)]
+
+def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_bytes: int = 227 * 1024) -> list[dict]:
+    "`compile_for_gpu` and raise AssertionError naming each kernel that does not compile or needs more shared memory than an SM gives one program."
+    res = compile_for_gpu(launches, capability)
+    bad = [f"{r['kernel']}: " + (r["error"] or f"{r['shared_bytes']} B of shared memory") for r in res
+           if not r["ok"] or r["shared_bytes"] > max_shared_bytes]
+    if bad: raise AssertionError(f"{len(bad)} of {len(res)} kernels do not compile for cuda:{capability}: " + "; ".join(bad))
+    if not res: raise AssertionError("launches: expected at least one recorded Triton launch, got none")
+    return res

@@ -25,7 +25,7 @@ from moe_lit.kernels.batched import DEVICE, INTERPRET
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.kernels.router import _router_logits_kernel, ROUTER_BLOCK_K
 import dataclasses
-from moe_lit.testing import assert_close
+from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 
 # %% [markdown]
 # In this notebook: `route_topk` (kernel `_route_topk_kernel`), the routers of `03_routing` fused into one launch,
@@ -488,3 +488,24 @@ far = torch.empty(15 * 143165577 + 16, dtype=torch.bfloat16, device=DEVICE)     
 hf = far.as_strided((16, 16), (143165577, 1)); hf.copy_(torch.randn(16, 16, generator=torch.Generator().manual_seed(3)))
 test_eq(route_tokens(plan, hf, gate8.bfloat16())[1].tolist(), route_tokens(plan, hf.contiguous(), gate8.bfloat16())[1].tolist())
 del far, hf
+
+# %% [markdown]
+# Both kernels as Hopper compiles them (`00_testing.assert_compiles_for_gpu`, no GPU needed): every routing method,
+# the decode logits with one and several K slices, fp32 and bf16 gates, the router's own bias.
+
+# %%
+#| test router_kernels_compile_for_sm90
+g = torch.Generator().manual_seed(9)
+with record_launches() as seen:
+    for kw in (dict(), dict(renormalize=False), dict(routing_method="llama4", top_k=1, renormalize=False),
+               dict(scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=4, topk_group=2,
+                    routed_scaling_factor=2.5, has_correction_bias=True)):                 # DeepSeek-V3's method
+        c = MoEConfig(**dict(dict(num_experts=16, top_k=4, hidden_size=1100, intermediate_size=16), **kw))
+        plan, b = router_plan(c), torch.zeros(16, device=DEVICE) if c.has_correction_bias else None
+        for T, dt in ((1, torch.bfloat16), (5, torch.float32)):
+            h, gate = torch.randn(T, 1100, generator=g).to(DEVICE, dt), torch.randn(16, 1100, generator=g).to(DEVICE, dt)
+            route_tokens(plan, h, gate, bias=b)
+            route_tokens(plan, h[:, :1000], gate[:, :1000], torch.zeros(16, device=DEVICE, dtype=dt), bias=b)  # one slice
+        route_topk(plan, torch.randn(20, 16, generator=g).to(DEVICE), b)
+res = assert_compiles_for_gpu(seen)
+test_eq({r["kernel"] for r in res}, {"_router_logits_kernel", "_route_topk_kernel"})

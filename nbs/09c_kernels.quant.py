@@ -37,6 +37,7 @@ from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
 from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input
+from moe_lit.testing import record_launches, assert_compiles_for_gpu
 
 # %% [markdown]
 # In this notebook: the one K-step helper `_quant_k_step` shared by both GEMM kernels; the batched GEMM
@@ -1440,6 +1441,34 @@ for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2)
     q, sc = fp8_quantize_activations(h, "group")
     same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
                                           out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
+
+# %% [markdown]
+# The GEMM kernels as Hopper compiles them (`00_testing.assert_compiles_for_gpu`, no GPU needed), in the variants the
+# layer's own launches do not reach on a CPU: split-K for every scheme, each FP4 byte order, FP8 block quantized in the
+# K loop and, with a 64-wide K tile, pre-quantized.
+
+# %%
+#| test quant_gemm_kernels_compile_for_sm90
+with record_launches() as seen:
+    for i, scheme in enumerate(QUANT_SCHEMES[1:]):
+        qw = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=60 + i), scheme)
+        for layout in (FP4_LAYOUTS if not QUANT_SCHEME_TABLE[scheme].is_fp8 else ("plain",)):
+            q = qw.relayout(layout) if layout != "plain" else qw
+            cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if layout != "split64" else 64, num_warps=4, num_stages=2,
+                       SPLIT_K=2)
+            a = random_activations((2, 16, 128), torch.bfloat16, seed=i)
+            cnt = torch.tensor([3, 16], dtype=torch.int32, device=DEVICE)
+            batched_moe_gemm_quant(a, q, cnt, SILU, config=cfg)
+            ids = torch.tensor([[0, 1], [1, -1]], dtype=torch.int32, device=DEVICE)
+            s_, e_, n_ = moe_align_block_size(ids, 16, 2)
+            fused_moe_gemm_quant(a[0, :2], q, s_, e_, n_, 2, 16, SILU, config={k: v for k, v in cfg.items() if k != "BLOCK_M"})
+        if scheme == "fp8_w8a8_block":                                        # two K steps a group: quantized first
+            batched_moe_gemm_quant(a, qw, cnt, SILU, config=dict(cfg, BLOCK_K=64, SPLIT_K=1))
+res = assert_compiles_for_gpu(seen)
+variants = {(r["kernel"], r["spec"]["constexprs"].get("FMT"), r["spec"]["constexprs"].get("LAYOUT"),
+             r["spec"]["constexprs"].get("QUANT_A")) for r in res}
+assert ("_batched_moe_gemm_quant_kernel", 1, 0, True) in variants and ("_batched_moe_gemm_quant_kernel", 1, 0, False) in variants
+assert {v[2] for v in variants if v[1] == 2} == {0, 1, 2}, variants          # MXFP4 in each byte order
 
 # %% [markdown]
 # ## gpt-oss's semantics: expert biases and the clamped SwiGLU

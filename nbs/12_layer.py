@@ -27,10 +27,11 @@ from moe_lit.quant import quant_scheme_name
 #| hide
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
-from moe_lit.testing import assert_close
+from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
+from moe_lit.quant import QUANT_SCHEMES
 
 # %% [markdown]
 # In this notebook: `FusedMoE` (one rank's layer, from any weight source of `11a_weights` or a checkpoint) and
@@ -917,6 +918,40 @@ shared = base.replace(num_shared_experts=1, shared_intermediate_size=24,        
                       parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
 run = run_emulated_ep(shared, x, seed=4, placement="round_robin", experts="triton")       # inside the combine
 assert_close(run.output, run.reference, name="shared experts in the combine")
+
+# %% [markdown]
+# Every kernel those paths launch, compiled for Hopper as a GPU would compile it (`00_testing.assert_compiles_for_gpu`,
+# no GPU needed: the interpreter is green on constructs `ptxas` refuses): both formats, unquantized and every
+# quantization scheme on Triton (FP8 block from bf16 quantizes in the K loop here: `hidden_size` 128 is one group),
+# gpt-oss's experts (clamped SwiGLU, biases, router bias) and a DeepSeek-style layer (grouped routing, correction
+# bias, a shared expert added in the combine).
+
+# %%
+#| test layer_kernels_compile_for_sm90
+torch.manual_seed(5)
+x = torch.randn(3, 128).bfloat16().to(DEVICE)
+with record_launches() as seen:
+    for backend in ("none", "nixl_ep"):
+        par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)
+        for quant in ("unquantized", *QUANT_SCHEMES[1:]):
+            cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128, parallel=par)
+            FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)(x)
+    ag = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
+    FusedMoE(MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128, parallel=ag), seed=1,
+             experts="triton", device=DEVICE)(x)                                  # Standard EP: the local slots
+    oss = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64, activation="swigluoai",
+                    has_expert_bias=True, has_router_bias=True)
+    FusedMoE(oss, seed=2, experts="triton", device=DEVICE)(x)
+    ds = MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64, scoring_func="sigmoid",
+                   routing_method="grouped_topk", num_expert_group=2, topk_group=1, has_correction_bias=True,
+                   num_shared_experts=1, shared_intermediate_size=64,
+                   parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    FusedMoE(ds, seed=3, experts="triton", device=DEVICE, placement="round_robin")(x)
+res = assert_compiles_for_gpu(seen)
+kernels = {r["kernel"] for r in res}
+assert {"_router_logits_kernel", "_route_topk_kernel", "_batched_dispatch_kernel", "_batched_combine_kernel",
+        "_local_slot_kernel", "_batched_moe_gemm_quant_kernel", "_fused_moe_quant_kernel"} <= kernels, kernels
+assert any(r["spec"]["constexprs"].get("QUANT_A") for r in res)          # FP8 block's in-loop quantization compiled
 
 # %% [markdown]
 # A layer given a mapping of all global experts slices out its own; each rank of an expert-parallel deployment holds
