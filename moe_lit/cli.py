@@ -321,7 +321,7 @@ def format_explain(rep: dict) -> str:
               f"  {c['reason']}" for c in rep["candidates"]]
     return "\n".join(lines)
 
-# %% ../nbs/15_cli.ipynb #49ac871f38b2
+# %% ../nbs/15_cli.ipynb #ea139e1be5ef
 _FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "checkpoint": "--weights", "override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
           "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
           "device": "--device", "experts": "--experts", "quant": "--quant", "backend": "--backend"}
@@ -331,6 +331,8 @@ def _flag_error(e: ValueError) -> str:
     name, _, rest = str(e).partition(": ")
     if name in _FLAGS: return f"{_FLAGS[name]}: {rest}"
     if name.startswith("config.json"): return f"--config: {e}"         # a bad key in the file --config names
+    if name in ("num_experts", "global_num_experts") and rest.startswith("expected >= ep_size"):   # more ranks than experts
+        return f"--ep: {name} {rest}"
     return str(e)
 
 def _quiet_closed_stdout() -> None:

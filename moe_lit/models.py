@@ -312,7 +312,7 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
         raise ValueError(f"config.json dtype: expected the same dtype as torch_dtype, got {found['dtype']} and {found['torch_dtype']}")
     return next(iter(found.values()), torch.bfloat16)
 
-# %% ../nbs/02_models.ipynb #258fe076426a
+# %% ../nbs/02_models.ipynb #1260bc61a360
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
@@ -327,10 +327,16 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
         if not isinstance(_get(cfg, key, ""), str):
             raise ValueError(f"config.json {key}: expected a str, got {type(cfg[key]).__name__} {cfg[key]!r}")
     name = _get(cfg, "_name_or_path", "") or _get(cfg, "name_or_path", "") or file_name or (_model_type(cfg) or "")
-    return MoEConfig(num_experts=num_experts, top_k=_shape(cfg, "top_k"), hidden_size=_shape(cfg, "hidden_size"),
-                     intermediate_size=intermediate_size, num_shared_experts=num_shared,
-                     shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
-                     name=name, parallel=ParallelConfig() if parallel is None else parallel,
-                     **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
+    try:
+        return MoEConfig(num_experts=num_experts, top_k=_shape(cfg, "top_k"), hidden_size=_shape(cfg, "hidden_size"),
+                         intermediate_size=intermediate_size, num_shared_experts=num_shared,
+                         shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
+                         name=name, parallel=ParallelConfig() if parallel is None else parallel,
+                         **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
+    except ValueError as e:                  # a field the file set: name the file's key, as the readers above do
+        field, _, rest = str(e).partition(": ")
+        key = next((k for k in HF_KEYS.get(field, ()) if k in cfg), None)
+        if key is None or key == field: raise                # the message already names the file's key
+        raise ValueError(f"config.json {key} ({field}): {rest}") from None
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)

@@ -618,11 +618,17 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
         if not isinstance(_get(cfg, key, ""), str):
             raise ValueError(f"config.json {key}: expected a str, got {type(cfg[key]).__name__} {cfg[key]!r}")
     name = _get(cfg, "_name_or_path", "") or _get(cfg, "name_or_path", "") or file_name or (_model_type(cfg) or "")
-    return MoEConfig(num_experts=num_experts, top_k=_shape(cfg, "top_k"), hidden_size=_shape(cfg, "hidden_size"),
-                     intermediate_size=intermediate_size, num_shared_experts=num_shared,
-                     shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
-                     name=name, parallel=ParallelConfig() if parallel is None else parallel,
-                     **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
+    try:
+        return MoEConfig(num_experts=num_experts, top_k=_shape(cfg, "top_k"), hidden_size=_shape(cfg, "hidden_size"),
+                         intermediate_size=intermediate_size, num_shared_experts=num_shared,
+                         shared_intermediate_size=shared_width, dtype=_dtype_from_hf(cfg) if dtype is None else dtype,
+                         name=name, parallel=ParallelConfig() if parallel is None else parallel,
+                         **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
+    except ValueError as e:                  # a field the file set: name the file's key, as the readers above do
+        field, _, rest = str(e).partition(": ")
+        key = next((k for k in HF_KEYS.get(field, ()) if k in cfg), None)
+        if key is None or key == field: raise                # the message already names the file's key
+        raise ValueError(f"config.json {key} ({field}): {rest}") from None
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)
 
@@ -745,7 +751,7 @@ test_eq(c.replace(name=PRESETS["llama-4-scout"].name), PRESETS["llama-4-scout"])
 # the text-only checkpoint layout (Llama4ForCausalLM) has the same keys at the top level
 test_eq(moe_config_from_hf({**llama4["text_config"]}).replace(name=c.name), c)
 test_fail(lambda: moe_config_from_hf({**llama4["text_config"], "num_experts_per_tok": 2}),
-          contains="top_k: expected 1 for routing_method 'llama4'")
+          contains="config.json num_experts_per_tok (top_k): expected 1 for routing_method 'llama4'")
 
 # %%
 #| test from_hf_sources_and_options

@@ -223,7 +223,10 @@ class RouterPlan:
     scale: float            # routed_scaling_factor (1 for llama4)
 
     def __post_init__(self):   # the kernel trusts these constants: a plan made by hand is checked like one from a config
-        E = check_int("num_experts", self.num_experts, lo=1, hi=ROUTER_MAX_EXPERTS + 1)   # a row is one Triton block
+        E = check_int("num_experts", self.num_experts, lo=1)
+        if E > ROUTER_MAX_EXPERTS:                                    # a row is one Triton block
+            raise ValueError(f"num_experts: expected at most {ROUTER_MAX_EXPERTS} for the Triton router (a token's "
+                             f"scores are one block of registers; the torch router has no such limit), got {E}")
         check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", check_int("SCORING", self.SCORING), (0, 1, 2))
         for n in ("HAS_BIAS", "RENORMALIZE", "TOP2"): check_bool(n, getattr(self, n))
         g = check_int("NUM_GROUPS", self.NUM_GROUPS, lo=1, hi=E + 1)
@@ -472,7 +475,7 @@ test_fail(lambda: route_tokens(biased, h16, gate8), contains="bias: expected a [
 test_fail(lambda: route_tokens(plan, h16, gate8, ids_dtype=torch.int16), contains="ids_dtype: expected torch.int32 or torch.int64")
 test_fail(lambda: route_tokens(None, h16, gate8), contains="plan: expected a RouterPlan")
 test_eq(route_tokens(plan, h16[:, :0], gate8[:, :0])[1].tolist(), select_experts(cfg, torch.zeros(3, 8, device=DEVICE))[1].tolist())
-test_fail(lambda: dataclasses.replace(plan, num_experts=2**20, GROUP_SIZE=2**20), contains="num_experts: expected < 65537")
+test_fail(lambda: dataclasses.replace(plan, num_experts=2**20, GROUP_SIZE=2**20), contains="num_experts: expected at most 65536 for the Triton router")
 test_eq(route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2])[1].tolist(),    # a strided gate: read as its values
         route_tokens(plan, h16[:, ::2].contiguous(), gate8[:, ::2].contiguous())[1].tolist())
 w0, ids0 = route_tokens(plan, h16[:0], gate8)                                      # zero tokens

@@ -1163,8 +1163,9 @@ class BatchedTritonExperts:
               max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
         "Run the experts on the valid rows of each slab (the two launches share the count validation)."
-        check_tensor("a", a, ndim=3)
-        check_tensor("w13", w13, ndim=3)
+        check_tensor("a", a, ndim=3, dtype=_FLOATS)
+        check_tensor("w13", w13, shape=(a.shape[0], None, a.shape[2]), dtype=a.dtype)      # named here, not as GEMM1's `w`
+        if w13.shape[1] % 2: raise ValueError(f"w13: expected gate and up rows (an even 2·intermediate_size), got shape {list(w13.shape)}")
         check_tensor("w2", w2, shape=(a.shape[0], a.shape[2], w13.shape[1] // 2), dtype=a.dtype)
         if not isinstance(activation, Activation):
             raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
@@ -1227,6 +1228,9 @@ test_fail(lambda: experts.apply(*x, w13_bias=b13[:, :I]), contains="w13_bias: ex
 test_fail(lambda: experts.apply(*x, w2_bias=b13), contains="w2_bias: expected shape [3, 48]")
 test_fail(lambda: experts.apply(*x, w2_bias=b2.int()), contains="w2_bias: expected dtype")
 test_fail(lambda: experts.apply(*x, activation="swigluoai"), contains="activation: expected an Activation, got str")
+test_fail(lambda: experts.apply(a, cnt, w13[:, :-1], w2), contains="w13: expected gate and up rows (an even 2·intermediate_size)")
+test_fail(lambda: experts.apply(a, cnt, w13[:2], w2), contains="w13: expected shape [3, *, 48]")
+test_fail(lambda: experts.apply(a.double(), cnt, w13, w2), contains="a: expected dtype torch.bfloat16 or torch.float16 or torch.float32")
 
 # %% [markdown]
 # On the GPU, gpt-oss-120b's expert shapes (hidden 2880, expert width 2880, 8 of its experts, top-4 routing of 64

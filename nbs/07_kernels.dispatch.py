@@ -131,7 +131,7 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     check_bool("check_overflow", check_overflow)
     T, H = hidden.shape
     check_tensor("topk_ids", topk_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
-    check_int("num_local_experts", num_local_experts, lo=1); check_int("max_tokens", max_tokens, lo=1)
+    check_int("num_local_experts", num_local_experts, lo=1); check_int("max_tokens", max_tokens, lo=1, hi=2**31)   # int32 counts
     check_int("physical_offset", physical_offset, lo=0)
     if expert_map is not None and global_to_physical is not None:
         raise ValueError("expert_map: expected None when global_to_physical is given (one table decides), got a tensor")

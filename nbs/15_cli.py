@@ -522,6 +522,8 @@ def _flag_error(e: ValueError) -> str:
     name, _, rest = str(e).partition(": ")
     if name in _FLAGS: return f"{_FLAGS[name]}: {rest}"
     if name.startswith("config.json"): return f"--config: {e}"         # a bad key in the file --config names
+    if name in ("num_experts", "global_num_experts") and rest.startswith("expected >= ep_size"):   # more ranks than experts
+        return f"--ep: {name} {rest}"
     return str(e)
 
 def _quiet_closed_stdout() -> None:
@@ -742,11 +744,15 @@ with tempfile.TemporaryDirectory() as d:
     big, bad = Path(d, "big.json"), Path(d, "bad.json")
     big.write_text(json.dumps({"num_experts": 8, "num_experts_per_tok": 2, "hidden_size": 9000, "intermediate_size": 8}))
     bad.write_text(json.dumps({"num_experts": "8", "num_experts_per_tok": 2, "hidden_size": 64, "intermediate_size": 8}))
+    k9 = Path(d, "k9.json")
+    k9.write_text(json.dumps({"num_experts": 8, "num_experts_per_tok": 9, "hidden_size": 64, "intermediate_size": 8}))
     for argv, msg in ((["run", "--tokens", "0"], "moe-lit: error: --tokens: expected >= 1, got 0"),
                       (["run", "--seed", "-1"], "moe-lit: error: --seed: expected >= 0, got -1"),
                       (["tables", "--ep", "6", "--tp", "4"], "moe-lit: error: --tp: expected a divisor of ep=6, got 4"),
                       (["tables", "--config", str(Path(d, "missing.json"))], "--config: expected an existing config.json"),
                       (["tables", "--config", str(bad)], "--config: config.json num_experts: expected an int"),
+                      (["tables", "--config", str(k9)], "--config: config.json num_experts_per_tok (top_k): expected < 9, got 9"),
+                      (["tables", "--config", str(big), "--ep", "16"], "--ep: num_experts expected >= ep_size (16)"),
                       (["tables", "--config", str(big), "--ep", "2", "--all2all", "nixl_ep"],
                        "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000"),
                       (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),

@@ -295,6 +295,9 @@ def test_batched_triton_experts_swigluoai_bias():
     test_fail(lambda: experts.apply(*x, w2_bias=b13), contains="w2_bias: expected shape [3, 48]")
     test_fail(lambda: experts.apply(*x, w2_bias=b2.int()), contains="w2_bias: expected dtype")
     test_fail(lambda: experts.apply(*x, activation="swigluoai"), contains="activation: expected an Activation, got str")
+    test_fail(lambda: experts.apply(a, cnt, w13[:, :-1], w2), contains="w13: expected gate and up rows (an even 2·intermediate_size)")
+    test_fail(lambda: experts.apply(a, cnt, w13[:2], w2), contains="w13: expected shape [3, *, 48]")
+    test_fail(lambda: experts.apply(a.double(), cnt, w13, w2), contains="a: expected dtype torch.bfloat16 or torch.float16 or torch.float32")
 
 
 @pytest.mark.gpu

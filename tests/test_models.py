@@ -231,7 +231,7 @@ def test_from_hf_llama4():
     # the text-only checkpoint layout (Llama4ForCausalLM) has the same keys at the top level
     test_eq(moe_config_from_hf({**llama4["text_config"]}).replace(name=c.name), c)
     test_fail(lambda: moe_config_from_hf({**llama4["text_config"], "num_experts_per_tok": 2}),
-              contains="top_k: expected 1 for routing_method 'llama4'")
+              contains="config.json num_experts_per_tok (top_k): expected 1 for routing_method 'llama4'")
 
 
 def test_from_hf_sources_and_options():

@@ -640,7 +640,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
 
-# %% ../../nbs/06_kernels.batched.ipynb #a2f62517df26
+# %% ../../nbs/06_kernels.batched.ipynb #b42cf470069d
 class BatchedTritonExperts:
     "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
     activation_format = ActivationFormat.BatchedExperts
@@ -659,8 +659,9 @@ class BatchedTritonExperts:
               max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
         "Run the experts on the valid rows of each slab (the two launches share the count validation)."
-        check_tensor("a", a, ndim=3)
-        check_tensor("w13", w13, ndim=3)
+        check_tensor("a", a, ndim=3, dtype=_FLOATS)
+        check_tensor("w13", w13, shape=(a.shape[0], None, a.shape[2]), dtype=a.dtype)      # named here, not as GEMM1's `w`
+        if w13.shape[1] % 2: raise ValueError(f"w13: expected gate and up rows (an even 2·intermediate_size), got shape {list(w13.shape)}")
         check_tensor("w2", w2, shape=(a.shape[0], a.shape[2], w13.shape[1] // 2), dtype=a.dtype)
         if not isinstance(activation, Activation):
             raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")

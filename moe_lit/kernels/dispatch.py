@@ -56,7 +56,7 @@ def _batched_dispatch_kernel(
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #df10fb05b466
+# %% ../../nbs/07_kernels.dispatch.ipynb #dac26cd9b37b
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -73,7 +73,7 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     check_bool("check_overflow", check_overflow)
     T, H = hidden.shape
     check_tensor("topk_ids", topk_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
-    check_int("num_local_experts", num_local_experts, lo=1); check_int("max_tokens", max_tokens, lo=1)
+    check_int("num_local_experts", num_local_experts, lo=1); check_int("max_tokens", max_tokens, lo=1, hi=2**31)   # int32 counts
     check_int("physical_offset", physical_offset, lo=0)
     if expert_map is not None and global_to_physical is not None:
         raise ValueError("expert_map: expected None when global_to_physical is given (one table decides), got a tensor")

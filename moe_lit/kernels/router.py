@@ -124,7 +124,7 @@ def _router_logits_kernel(
         p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
         tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=tl.where(t < T, e_ok, False))
 
-# %% ../../nbs/03a_kernels.router.ipynb #bd23521108fe
+# %% ../../nbs/03a_kernels.router.ipynb #c76833a9785a
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -140,7 +140,10 @@ class RouterPlan:
     scale: float            # routed_scaling_factor (1 for llama4)
 
     def __post_init__(self):   # the kernel trusts these constants: a plan made by hand is checked like one from a config
-        E = check_int("num_experts", self.num_experts, lo=1, hi=ROUTER_MAX_EXPERTS + 1)   # a row is one Triton block
+        E = check_int("num_experts", self.num_experts, lo=1)
+        if E > ROUTER_MAX_EXPERTS:                                    # a row is one Triton block
+            raise ValueError(f"num_experts: expected at most {ROUTER_MAX_EXPERTS} for the Triton router (a token's "
+                             f"scores are one block of registers; the torch router has no such limit), got {E}")
         check_int("TOP_K", self.TOP_K, lo=1, hi=E + 1); check_choice("SCORING", check_int("SCORING", self.SCORING), (0, 1, 2))
         for n in ("HAS_BIAS", "RENORMALIZE", "TOP2"): check_bool(n, getattr(self, n))
         g = check_int("NUM_GROUPS", self.NUM_GROUPS, lo=1, hi=E + 1)
