@@ -473,3 +473,93 @@ def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_byt
     if bad: raise AssertionError(f"{len(bad)} of {len(res)} kernels do not compile for cuda:{capability}: " + "; ".join(bad))
     if not res: raise AssertionError("launches: expected at least one recorded Triton launch, got none")
     return res
+
+# %% [markdown]
+# ## Inline PTX, executed on the CPU
+#
+# A kernel's `tl.inline_asm_elementwise` block runs only on the GPU: the interpreter takes the portable branch beside
+# it. `emulate_ptx` executes the few PTX instructions moe-lit's decode blocks use, on Python integers, with PTX's
+# semantics — `prmt` (byte permute), `and`, `add`/`mul.lo`/`max` on `u32`, `mov` (including the packing and
+# unpacking of two 16-bit halves), `cvt` between `u32`/`u16`, `e4m3x2 → f16x2` and `f16 → bf16`, and `fma.rn.bf16x2`
+# (each half's product and sum exact, then one rounding to nearest even, subnormals kept) — so that a test can check
+# such a block bit for bit against its definition on every input that matters. Operands are `$0, $1, …` in the
+# constraint order: outputs first, then inputs, as Triton binds them. An instruction outside that set raises.
+
+# %%
+#| export
+def _bf16_bits(v: float) -> int:
+    "The bf16 nearest `v` (ties to even; exact float32 values only, as the decode blocks' results are), as 16 bits."
+    import struct
+    if v != v: return 0x7FC0
+    if abs(v) >= 2.0 ** 128: return 0x7F80 | (0x8000 if v < 0 else 0)      # past float32: inf, as the rounding gives
+    b = struct.unpack("<I", struct.pack("<f", v))[0]
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+def _bf16_value(h: int) -> float:
+    import struct
+    return struct.unpack("<f", struct.pack("<I", (h & 0xFFFF) << 16))[0]
+
+def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces and `.reg` lines allowed)
+                operands: list,    # the `$n` values in constraint order (outputs' initial values are ignored)
+               ) -> list:          # every operand's value after the block (outputs hold the results)
+    "Execute the PTX subset of moe-lit's decode blocks on Python ints (32-bit `r`, 16-bit `h`); ValueError on anything else."
+    regs = {f"${i}": int(v) for i, v in enumerate(operands)}
+    def val(x):
+        x = x.strip()
+        if x.startswith("$") or x[0].isalpha(): return regs[x]
+        return int(x, 0)
+    def halves(v): return v & 0xFFFF, (v >> 16) & 0xFFFF
+    for line in src.replace("{\n", "\n").split("\n"):
+        line = line.split("//")[0].strip().rstrip(";").strip()
+        if not line or line in ("{", "}") or line.startswith(".reg"): continue
+        op, _, rest = line.partition(" ")
+        args = [a.strip() for a in rest.replace("{", "[").replace("}", "]").split(",")]
+        # re-join the packed operands `{a, b}` that the split broke apart
+        joined, i = [], 0
+        while i < len(args):
+            if args[i].startswith("["): joined.append([args[i][1:], args[i + 1][:-1]]); i += 2
+            else: joined.append(args[i]); i += 1
+        d, srcs = joined[0], joined[1:]
+        if op == "mov.b32":
+            if isinstance(d, list): regs[d[0]], regs[d[1]] = halves(val(srcs[0]))
+            elif isinstance(srcs[0], list): regs[d] = (val(srcs[0][0]) & 0xFFFF) | ((val(srcs[0][1]) & 0xFFFF) << 16)
+            else: regs[d] = val(srcs[0]) & 0xFFFFFFFF
+        elif op == "and.b32": regs[d] = val(srcs[0]) & val(srcs[1]) & 0xFFFFFFFF
+        elif op == "mul.lo.u32": regs[d] = (val(srcs[0]) * val(srcs[1])) & 0xFFFFFFFF
+        elif op in ("add.u32", "add.s32"): regs[d] = (val(srcs[0]) + val(srcs[1])) & 0xFFFFFFFF
+        elif op == "max.u32": regs[d] = max(val(srcs[0]) & 0xFFFFFFFF, val(srcs[1]) & 0xFFFFFFFF)
+        elif op == "prmt.b32":
+            a, b, sel = val(srcs[0]), val(srcs[1]), val(srcs[2])
+            pool = [(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF for k in range(4)]
+            out = 0
+            for k in range(4):
+                nib = (sel >> (4 * k)) & 0xF
+                byte = pool[nib & 7]
+                if nib & 8: byte = 0xFF if byte & 0x80 else 0          # sign replication
+                out |= byte << (8 * k)
+            regs[d] = out
+        elif op == "cvt.u16.u32": regs[d] = val(srcs[0]) & 0xFFFF
+        elif op == "cvt.rn.f16x2.e4m3x2":
+            p = val(srcs[0])
+            f = torch.tensor([p & 0xFF, (p >> 8) & 0xFF], dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float16)
+            lo, hi = f.view(torch.int16).tolist()
+            regs[d] = (lo & 0xFFFF) | ((hi & 0xFFFF) << 16)
+        elif op == "cvt.rn.bf16.f16":
+            h = torch.tensor([val(srcs[0]) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)
+            regs[d] = _bf16_bits(float(h.float()))
+        elif op in ("fma.rn.bf16x2", "mul.rn.bf16x2"):
+            a, b = halves(val(srcs[0])), halves(val(srcs[1]))
+            c = halves(val(srcs[2])) if op.startswith("fma") else (0x8000, 0x8000)   # mul: + (-0)
+            r = [_bf16_bits(_bf16_value(a[k]) * _bf16_value(b[k]) + _bf16_value(c[k])) for k in range(2)]
+            regs[d] = r[0] | (r[1] << 16)
+        else: raise ValueError(f"src: expected the PTX subset emulate_ptx runs, got {line!r}")
+    return [regs[f"${i}"] for i in range(len(operands))]
+
+# %%
+#| test emulate_ptx_runs_the_subset
+test_eq(emulate_ptx("prmt.b32 $0, $1, 0, 0x4140;", [0, 0xDDCCBBAA])[0], 0x00BB00AA)      # bytes 0, 1 into the halves
+test_eq(emulate_ptx("mov.b32 {$0, $1}, $2;", [0, 0, 0x12345678])[:2], [0x5678, 0x1234])
+test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F803F80, 0x40004040, 0x80008000])[0], 0x40004040)  # 1·2, 1·3
+test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F81, 0x3F81, 0])[0] & 0xFFFF, 0x3F82)   # (1+2^-7)^2 rounds
+test_eq(emulate_ptx("cvt.rn.f16x2.e4m3x2 $0, $1;", [0, 0x3840])[0], 0x3C004000)   # e4m3 0x40 = 2.0, 0x38 = 1.0 (f16)
+test_fail(lambda: emulate_ptx("sub.u32 $0, $1, 1;", [0, 5]), contains="expected the PTX subset emulate_ptx runs")

@@ -36,8 +36,8 @@ from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights
 from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
-from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input
-from moe_lit.testing import record_launches, assert_compiles_for_gpu
+from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
+from moe_lit.testing import record_launches, assert_compiles_for_gpu, emulate_ptx, _bf16_bits, _bf16_value
 
 # %% [markdown]
 # In this notebook: the one K-step helper `_quant_k_step` shared by both GEMM kernels; the batched GEMM
@@ -223,6 +223,43 @@ def _e2m1_bf16_pairs(b,      # uint8 codes, two a byte
     "`(e2m1(b & 0xF) · s_lo, e2m1(b >> 4) · s_hi)` in bf16, eight codes per PTX block (exact: see the table above)."
     return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+# %% [markdown]
+# The PTX blocks run only on a GPU — the interpreter takes the portable branch — so the test below executes them on
+# the CPU with `00_testing.emulate_ptx` and checks every output bit against the definition: the byte block
+# `_E2M1X8_PTX` and both word blocks, on words whose nibbles take all sixteen codes at every position, with every
+# e8m0 scale byte (0, whose 2^-127 is a bf16 subnormal, to 254) and every finite e4m3 scale byte.
+
+# %%
+#| test fp4_ptx_decode_blocks_bit_exact
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+e4m3 = lambda byte: float(torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float())
+bits = lambda v: _bf16_bits(v)
+g = torch.Generator().manual_seed(4)
+words = [0x76543210, 0xFEDCBA98, 0x0F1E2D3C] + [int(w) for w in torch.randint(0, 2**32, (3,), generator=g)]
+SHIFTS = (0, 8, 4, 12, 16, 24, 20, 28)                # output j's nibble: the portable `_e2m1_word`'s order
+for s_byte in range(255):                              # MXFP4: one e8m0 byte for the word's eight codes
+    scale = 2.0 ** (s_byte - 127)
+    for w in words:
+        got = emulate_ptx(_E2M1_WORD_MX.value, [0] * 8 + [w, s_byte])[:8]
+        want = [bits(E2M1[(w >> sh) & 0xF] * scale) for sh in SHIFTS]
+        assert got == want, (hex(w), s_byte, [hex(x) for x in got], [hex(x) for x in want])
+finite = [b for b in range(256) if b not in (0x7F, 0xFF)]
+for k, lo in enumerate(finite):                        # NVFP4: codes 0-3 by the low e4m3 byte, 4-7 by the high one
+    hi = finite[(k * 37 + 11) % len(finite)]
+    for w in words[:3]:
+        got = emulate_ptx(_E2M1_WORD_NV.value, [0] * 8 + [w, lo | (hi << 8)])[:8]
+        want = [bits(E2M1[(w >> sh) & 0xF] * e4m3(lo if j < 4 else hi)) for j, sh in enumerate(SHIFTS)]
+        assert got == want, (hex(w), lo, hi)
+for w in words:                                        # the byte block: four bytes, a scale per byte and nibble
+    sl = [bits(2.0 ** e) for e in (-127, -3, 0, 5)]; sh = [bits(e4m3(b) * 2.0 ** -120) for b in (0x01, 0x38, 0x7E, 0xC3)]
+    out = emulate_ptx(_E2M1X8_PTX.value, [0] * 4 + [w, sl[0] | sl[1] << 16, sl[2] | sl[3] << 16,
+                                                        sh[0] | sh[1] << 16, sh[2] | sh[3] << 16])[:4]
+    got = [(out[i // 2] >> (16 * (i % 2))) & 0xFFFF for i in range(4)] + [(out[2 + i // 2] >> (16 * (i % 2))) & 0xFFFF for i in range(4)]
+    byte = [(w >> (8 * i)) & 0xFF for i in range(4)]
+    want = [bits(E2M1[byte[i] & 0xF] * _bf16_value(sl[i])) for i in range(4)] + \
+           [bits(E2M1[byte[i] >> 4] * _bf16_value(sh[i])) for i in range(4)]
+    assert got == want, (hex(w), got, want)
 
 # %%
 #| export

@@ -71,3 +71,12 @@ def test_tiny_hf_models():
         biases = [p for n, p in [*block.named_parameters(), *block.named_buffers()] if n.endswith(("bias",))]
         assert all(b.abs().sum() > 0 for b in biases), t                 # no zero bias hides a dropped one
     test_fail(lambda: tiny_hf_model("bert"), contains="model_type: expected one of")
+
+
+def test_emulate_ptx_runs_the_subset():
+    test_eq(emulate_ptx("prmt.b32 $0, $1, 0, 0x4140;", [0, 0xDDCCBBAA])[0], 0x00BB00AA)      # bytes 0, 1 into the halves
+    test_eq(emulate_ptx("mov.b32 {$0, $1}, $2;", [0, 0, 0x12345678])[:2], [0x5678, 0x1234])
+    test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F803F80, 0x40004040, 0x80008000])[0], 0x40004040)  # 1·2, 1·3
+    test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F81, 0x3F81, 0])[0] & 0xFFFF, 0x3F82)   # (1+2^-7)^2 rounds
+    test_eq(emulate_ptx("cvt.rn.f16x2.e4m3x2 $0, $1;", [0, 0x3840])[0], 0x3C004000)   # e4m3 0x40 = 2.0, 0x38 = 1.0 (f16)
+    test_fail(lambda: emulate_ptx("sub.u32 $0, $1, 1;", [0, 5]), contains="expected the PTX subset emulate_ptx runs")
