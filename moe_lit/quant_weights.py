@@ -75,7 +75,7 @@ def quant_weight_shapes(scheme: str,      # one of QUANT_SCHEMES
     block = _check_block_shape(scheme, block_shape)
     return (E, N, _storage_cols(scheme, K)), _scale_shape(scheme, E, N, K, block)
 
-# %% ../nbs/09a_quant_weights.ipynb #6fd2b69ca694
+# %% ../nbs/09a_quant_weights.ipynb #998666ae10ca
 @dataclass(frozen=True)
 class QuantizedExpertWeights:
     "The quantized `w13`/`w2` of `E` experts in one scheme: codes, scales, NVFP4 global scales and the unpadded K."
@@ -105,6 +105,11 @@ class QuantizedExpertWeights:
         E, H, I = self.w13.shape[0], self.hidden_size, self.intermediate_size
         for name, N, K in (("w13", 2 * I, H), ("w2", H, I)):
             _check_weight_parts(self, name, E, N, K, block)
+        # MXFP4: the largest e8m0 byte of each weight, read once here (the kernels' decode folds a constant into the
+        # scale when it is <= 128, `09c`); None where there are no values to read (meta) or no e8m0 scales
+        object.__setattr__(self, "e8m0_max", None if self.scheme != "mxfp4_w4a16" or self.w13.is_meta else
+                           {n: int(getattr(self, n + "_scale").max()) if getattr(self, n + "_scale").numel() else 0
+                            for n in ("w13", "w2")})
 
 # %% ../nbs/09a_quant_weights.ipynb #3c88207f5d51
 def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):

@@ -19,6 +19,7 @@ from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequ
 #| hide
 import itertools
 from fastcore.test import test_eq, test_fail
+import dataclasses
 
 # %% [markdown]
 # In this notebook: the weight container `QuantizedExpertWeights` (its `dequantize`, `select`, `to`, `nbytes`,
@@ -171,6 +172,11 @@ class QuantizedExpertWeights:
         E, H, I = self.w13.shape[0], self.hidden_size, self.intermediate_size
         for name, N, K in (("w13", 2 * I, H), ("w2", H, I)):
             _check_weight_parts(self, name, E, N, K, block)
+        # MXFP4: the largest e8m0 byte of each weight, read once here (the kernels' decode folds a constant into the
+        # scale when it is <= 128, `09c`); None where there are no values to read (meta) or no e8m0 scales
+        object.__setattr__(self, "e8m0_max", None if self.scheme != "mxfp4_w4a16" or self.w13.is_meta else
+                           {n: int(getattr(self, n + "_scale").max()) if getattr(self, n + "_scale").numel() else 0
+                            for n in ("w13", "w2")})
 
 # %%
 #| export
@@ -657,22 +663,22 @@ test_fail(lambda: split_fp4_codes(torch.zeros(2, 16, dtype=torch.uint8)), contai
 test_fail(lambda: mma_fp4_codes(torch.zeros(2, 32, dtype=torch.uint8)), contains="multiple of 64 bytes")
 test_fail(lambda: unmma_fp4_codes(torch.zeros(2, 32, dtype=torch.uint8)), contains="multiple of 64 bytes")
 test_fail(lambda: quant_weight_shapes("mxfp4_w4a16", 1, 2, 64, block_shape=5), contains="block_shape: expected None or a (rows, cols) pair")
-test_fail(lambda: QuantizedExpertWeights(**{**qw.__dict__, "fp4_layout": "split64"}), contains="w13: expected shape")
+test_fail(lambda: dataclasses.replace(qw, fp4_layout="split64"), contains="w13: expected shape")
 q2 = quantize_expert_weights(*random_expert_weights(2, 80, 16, seed=4), "mxfp4_w4a16").relayout("split64")   # K padded
 bad_scale = q2.w2_scale.clone(); bad_scale[..., -1] = 3                              # a padded group's scale not 1
-test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w2_scale": bad_scale}), contains="w2: expected the split64 padding")
+test_fail(lambda: dataclasses.replace(q2, w2_scale=bad_scale), contains="w2: expected the split64 padding")
 bad_codes = q2.w13.clone(); bad_codes[..., -1] = 0x70                                # a padded code (K >= 80) not 0
-test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13": bad_codes}), contains="w13: expected the split64 padding")
+test_fail(lambda: dataclasses.replace(q2, w13=bad_codes), contains="w13: expected the split64 padding")
 q3 = q2.relayout("mma128"); bad_codes = q3.w13.clone(); bad_codes[..., -1] = 0x70     # mma128: the same check
-test_fail(lambda: QuantizedExpertWeights(**{**q3.__dict__, "w13": bad_codes}), contains="w13: expected the mma128 padding")
+test_fail(lambda: dataclasses.replace(q3, w13=bad_codes), contains="w13: expected the mma128 padding")
 nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                           # e8m0 NaN
-test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes <= 240")
+test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_scale: expected e8m0 bytes <= 240")
 nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range
-test_fail(lambda: QuantizedExpertWeights(**{**q2.__dict__, "w13_scale": nan_scale}), contains="w13_scale: expected e8m0 bytes <= 240")
+test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_scale: expected e8m0 bytes <= 240")
 q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
 for v in (float("nan"), -1.0):
     bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
-    test_fail(lambda: QuantizedExpertWeights(**{**q8.__dict__, "w2_scale": bad8}), contains="w2_scale: expected finite scales >= 0")
+    test_fail(lambda: dataclasses.replace(q8, w2_scale=bad8), contains="w2_scale: expected finite scales >= 0")
 
 # %% [markdown]
 # ### What the scales look like
@@ -756,13 +762,13 @@ test_fail(lambda: mk(w13_global_scale=torch.ones(2)), contains="w13_global_scale
 test_fail(lambda: QuantizedExpertWeights("fp8_w8a8_block", hidden_size=40, intermediate_size=32, **t),
           contains="w13: expected shape [2, 64, 40]")
 nv = quantize_expert_weights(w13, w2, "nvfp4_w4a16")
-test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": nv.w2_global_scale[:1]}),
+test_fail(lambda: dataclasses.replace(nv, w2_global_scale=nv.w2_global_scale[:1]),
           contains="w2_global_scale: expected shape [2]")
-test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": None}),
+test_fail(lambda: dataclasses.replace(nv, w2_global_scale=None),
           contains="w2_global_scale: expected a torch.Tensor")
-test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": -nv.w2_global_scale}),
+test_fail(lambda: dataclasses.replace(nv, w2_global_scale=-nv.w2_global_scale),
           contains="w2_global_scale: expected finite positive values")
-test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w2_global_scale": nv.w2_global_scale.repeat(2)[::2]}),
+test_fail(lambda: dataclasses.replace(nv, w2_global_scale=nv.w2_global_scale.repeat(2)[::2]),
           contains="w2_global_scale: expected a contiguous tensor")
 test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")
 mx = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
@@ -778,14 +784,14 @@ for bad_slice in (slice(None, None, 0), slice(None, None, -1), slice(0.5, 2)):
     test_fail(lambda: mx.select(bad_slice), contains="experts: expected a slice of int bounds and a positive step")
 test_fail(lambda: mx.select([2 ** 63]), contains="experts: expected ids in [0, 2)")
 test_eq(mx.select(torch.tensor([1])).w13, mx.w13[1:2])
-test_fail(lambda: QuantizedExpertWeights(**{**nv.__dict__, "w13_global_scale": nv.w13_global_scale.to("meta")}),
+test_fail(lambda: dataclasses.replace(nv, w13_global_scale=nv.w13_global_scale.to("meta")),
           contains="w13_global_scale: expected device cpu, got meta")    # the device before any value is read
-test_fail(lambda: QuantizedExpertWeights(**{**mx.__dict__, **{k: getattr(mx, k).to("meta") for k in ("w13", "w13_scale", "w2", "w2_scale")}}),
+test_fail(lambda: dataclasses.replace(mx, **{k: getattr(mx, k).to("meta") for k in ("w13", "w13_scale", "w2", "w2_scale")}),
           contains="w13: expected a dense tensor with values, got a meta tensor")
 bad = mx.w13_scale.clone(); bad[1, 5, 0] = 255
-test_fail(lambda: QuantizedExpertWeights(**{**mx.__dict__, "w13_scale": bad}), contains="got 255 at index [1, 5, 0]")
+test_fail(lambda: dataclasses.replace(mx, w13_scale=bad), contains="got 255 at index [1, 5, 0]")
 mm = quantize_expert_weights(torch.randn(2, 64, 128), torch.randn(2, 128, 32), "nvfp4_w4a16").relayout("mma128")
 buf = torch.zeros(mm.w13.numel() + 1, dtype=torch.uint8)                 # the same bytes one byte off a 4-byte boundary
 odd = buf[1:].view(mm.w13.shape); odd.copy_(mm.w13)
-test_fail(lambda: QuantizedExpertWeights(**{**mm.__dict__, "w13": odd}), contains="w13: expected mma128 rows aligned to 4 bytes")
-test_eq(QuantizedExpertWeights(**{**mm.__dict__, "w13": odd.clone()}).w13, mm.w13)   # a fresh copy is aligned
+test_fail(lambda: dataclasses.replace(mm, w13=odd), contains="w13: expected mma128 rows aligned to 4 bytes")
+test_eq(dataclasses.replace(mm, w13=odd.clone()).w13, mm.w13)   # a fresh copy is aligned

@@ -27,6 +27,8 @@ from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
 from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
+from moe_lit.kernels.quant import _E2M1_WORD_MX_FOLDED
+import dataclasses
 from moe_lit.testing import record_launches, assert_compiles_for_gpu, emulate_ptx, _bf16_bits, _bf16_value
 from moe_lit.kernels.quant import *
 
@@ -100,6 +102,10 @@ def test_fp4_ptx_decode_blocks_bit_exact():
             got = emulate_ptx(_E2M1_WORD_MX.value, [0] * 8 + [w, s_byte])[:8]
             want = [bits(E2M1[(w >> sh) & 0xF] * scale) for sh in SHIFTS]
             assert got == want, (hex(w), s_byte, [hex(x) for x in got], [hex(x) for x in want])
+        if s_byte <= 128:                                  # the folded block: the 2^126 in the scale, one fma a pair
+            for w in words:
+                got = emulate_ptx(_E2M1_WORD_MX_FOLDED.value, [0] * 8 + [w, s_byte])[:8]
+                assert got == [bits(E2M1[(w >> sh) & 0xF] * scale) for sh in SHIFTS], ("folded", hex(w), s_byte)
     finite = [b for b in range(256) if b not in (0x7F, 0xFF)]
     for k, lo in enumerate(finite):                        # NVFP4: codes 0-3 by the low e4m3 byte, 4-7 by the high one
         hi = finite[(k * 37 + 11) % len(finite)]
@@ -116,6 +122,11 @@ def test_fp4_ptx_decode_blocks_bit_exact():
         want = [bits(E2M1[byte[i] & 0xF] * _bf16_value(sl[i])) for i in range(4)] + \
                [bits(E2M1[byte[i] >> 4] * _bf16_value(sh[i])) for i in range(4)]
         assert got == want, (hex(w), got, want)
+    qw = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=5), "mxfp4_w4a16")
+    test_eq(_weight_kernel_args(qw, "w13")["SCALE_FOLD"], True)               # random weights: scales far below 2
+    big = dataclasses.replace(qw, w2_scale=qw.w2_scale.clone().index_fill_(0, torch.tensor([1], device=qw.w2_scale.device), 129))
+    test_eq((_weight_kernel_args(big, "w13")["SCALE_FOLD"], _weight_kernel_args(big, "w2")["SCALE_FOLD"]), (True, False))
+    test_eq(_weight_kernel_args(quantize_expert_weights(*random_expert_weights(2, 128, 64), "nvfp4_w4a16"), "w13")["SCALE_FOLD"], False)
 
 
 def test_batched_gemm_quant_fp8():
@@ -167,7 +178,7 @@ def test_fp4_decode_is_exact():
             a = torch.eye(H, dtype=dtype, device=DEVICE)[None]               # one-hot rows: out[0, k] = W[:, k]
             got = batched_moe_gemm_quant(a, qw, torch.tensor([H], dtype=torch.int32, device=DEVICE), None, weight="w13")
             test_eq(torch.equal(got[0].cpu().double(), want.to(dtype).double().cpu()), True)
-            bad = QuantizedExpertWeights(**{**qw0.__dict__, "w13": qw0.w13 ^ 0x80}).relayout(qw.fp4_layout)   # a sign flipped a byte
+            bad = dataclasses.replace(qw0, w13=qw0.w13 ^ 0x80).relayout(qw.fp4_layout)   # a sign flipped a byte
             test_eq(torch.equal(batched_moe_gemm_quant(a, bad, torch.tensor([H], dtype=torch.int32, device=DEVICE), None,
                                                        weight="w13")[0].cpu().double(), want.to(dtype).double().cpu()), False)
 
@@ -203,7 +214,7 @@ def test_permuted_scales_are_caught():
                                  ("mxfp4_w4a16", lambda s: s.roll(1, -1), "plain"),
                                  ("nvfp4_w4a16", lambda s: s.view(torch.uint8).roll(1, -1).view(s.dtype), "split64")):
         qw = quantize_expert_weights(w13, w2, scheme).relayout(layout)
-        bad = QuantizedExpertWeights(**{**qw.__dict__, "w13_scale": perm(qw.w13_scale)})
+        bad = dataclasses.replace(qw, w13_scale=perm(qw.w13_scale))
         want = batched_gemm_quant_reference(a, qw, cnt, "silu_and_mul").cpu()[valid]
         rel, cos = quant_error(batched_moe_gemm_quant(a, bad, cnt, "silu_and_mul").cpu()[valid], want)
         assert rel > 0.2 and cos < 0.99, (scheme, rel, cos)
@@ -329,11 +340,17 @@ def test_quant_gemm_kernels_compile_for_sm90():
                 fused_moe_gemm_quant(a[0, :2], q, s_, e_, n_, 2, 16, SILU, config={k: v for k, v in cfg.items() if k != "BLOCK_M"})
             if scheme == "fp8_w8a8_block":                                        # two K steps a group: quantized first
                 batched_moe_gemm_quant(a, qw, cnt, SILU, config=dict(cfg, BLOCK_K=64, SPLIT_K=1))
+            if scheme == "mxfp4_w4a16":                                           # a scale byte past 128: the two-fma decode
+                big = dataclasses.replace(qw, w13_scale=qw.w13_scale.clone().fill_(129)).relayout("mma128")
+                batched_moe_gemm_quant(a, big, cnt, SILU, config=dict(cfg, BLOCK_K=128))
     res = assert_compiles_for_gpu(seen)
     variants = {(r["kernel"], r["spec"]["constexprs"].get("FMT"), r["spec"]["constexprs"].get("LAYOUT"),
                  r["spec"]["constexprs"].get("QUANT_A")) for r in res}
     assert ("_batched_moe_gemm_quant_kernel", 1, 0, True) in variants and ("_batched_moe_gemm_quant_kernel", 1, 0, False) in variants
     assert {v[2] for v in variants if v[1] == 2} == {0, 1, 2}, variants          # MXFP4 in each byte order
+    folds = {r["spec"]["constexprs"].get("SCALE_FOLD") for r in res if r["spec"]["constexprs"].get("FMT") == 2
+             and r["spec"]["constexprs"].get("LAYOUT") == 2}
+    test_eq(folds, {True, False})                                                # mma128: the folded and the plain decode
 
 
 def test_quant_gemm_swigluoai_bias():

@@ -65,17 +65,18 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
     "`[BLOCK_N]` fp32 block weight scales of the K tile at `k0` (FMT 1); 0 past the rows or past K (a prefetch past the end reads nothing)."
     return tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=tl.where(k0 < K, row_ok, False), other=0.0)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #6990ccf35ea7
+# %% ../../nbs/09c_kernels.quant.ipynb #22f0e8011128
 FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "ptx")   # "ptx": the packed decode below (GPU only); "portable"
 if FP4_DECODE not in ("ptx", "portable"):
     raise ValueError(f"MOE_LIT_FP4_DECODE: expected 'ptx' or 'portable', got {FP4_DECODE!r}")
 PACKED_DECODE = tl.constexpr(FP4_DECODE == "ptx" and not INTERPRET)   # the interpreter runs the portable one
 
-def _e2m1_pair_ptx(src: str, high: bool, scale: str, dst: str) -> str:
+def _e2m1_pair_ptx(src: str, high: bool, scale: str, dst: str,
+                   folded: bool = False) -> str:   # `scale` already holds the 2^126: one fma, not two
     "PTX of one pair (the table above): the low (or high) nibbles of `src`'s two halves as bf16x2 times `scale`, into `dst`."
     mask, mul = ("0x00F000F0", "0x0104") if high else ("0x000F000F", "0x1040")
     return (f"and.b32 x, {src}, {mask};\nmul.lo.u32 x, x, {mul};\nand.b32 x, x, 0x81C081C0;\n"
-            f"fma.rn.bf16x2 x, x, c126, nz;\nfma.rn.bf16x2 {dst}, x, {scale}, nz;\n")
+            + ("" if folded else "fma.rn.bf16x2 x, x, c126, nz;\n") + f"fma.rn.bf16x2 {dst}, x, {scale}, nz;\n")
 
 _E2M1X8_PTX = tl.constexpr("""
 {
@@ -181,12 +182,16 @@ def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`,
         hi = _e2m1_fp16(b >> 4).to(tl.float32) * _per_byte(_scale_f32(s_hi, FMT) * 16384.0, BLOCK_N, C, GH, GROUP_K)
     return lo.to(DTYPE), hi.to(DTYPE)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #1ff19566fb74
-_E2M1_WORD_BODY = ("prmt.b32 t0, $8, 0, 0x4140;\nprmt.b32 t1, $8, 0, 0x4342;\n"   # a word's eight codes times `slo`
-                   + "".join(_e2m1_pair_ptx(t, high, sc, "x") + f"mov.b32 {{{d}}}, x;\n"   # (0-3), `shi` (4-7) into $0..$7
-                             for t, high, sc, d in (("t0", False, "slo", "$0, $1"), ("t0", True, "slo", "$2, $3"),
-                                                    ("t1", False, "shi", "$4, $5"), ("t1", True, "shi", "$6, $7")))
-                   + "}\n")
+# %% ../../nbs/09c_kernels.quant.ipynb #65c9b680e04c
+def _e2m1_word_body(folded: bool = False) -> str:
+    "PTX: a word's eight codes times `slo` (codes 0-3) and `shi` (4-7) into $0..$7 (`folded`: the scales hold the 2^126)."
+    return ("prmt.b32 t0, $8, 0, 0x4140;\nprmt.b32 t1, $8, 0, 0x4342;\n"
+            + "".join(_e2m1_pair_ptx(t, high, sc, "x", folded) + f"mov.b32 {{{d}}}, x;\n"
+                      for t, high, sc, d in (("t0", False, "slo", "$0, $1"), ("t0", True, "slo", "$2, $3"),
+                                             ("t1", False, "shi", "$4, $5"), ("t1", True, "shi", "$6, $7")))
+            + "}\n")
+
+_E2M1_WORD_BODY = _e2m1_word_body()
 
 _E2M1_WORD_MX = tl.constexpr("""
 {
@@ -198,6 +203,16 @@ mul.lo.u32 slo, x, 0x00800080;
 max.u32 slo, slo, 0x00400040;
 mov.b32 shi, slo;
 """ + _E2M1_WORD_BODY)   # e8m0: the byte in both halves' exponent fields
+
+_E2M1_WORD_MX_FOLDED = tl.constexpr("""
+{
+.reg .b32 t0, t1, x, slo, shi, nz;
+mov.b32 nz, 0x80008000;
+and.b32 x, $9, 0xFF;
+mul.lo.u32 slo, x, 0x00800080;
+add.u32 slo, slo, 0x3F003F00;
+mov.b32 shi, slo;
+""" + _e2m1_word_body(folded=True))   # exponent field s + 126: 2^(s-127) · 2^126 (a bf16 for s <= 128), no max: s = 0 is 2^-1
 
 _E2M1_WORD_NV = tl.constexpr("""
 {
@@ -217,11 +232,14 @@ mov.b32 shi, {bh, bh};
 @triton.jit
 def _e2m1_word(x,       # int32 words of the mma128 layout: eight codes, nibble 4·j2 + 2·j0 + j1 holds code j = 4·j2 + 2·j1 + j0
                s,       # int32: each word's scale byte(s) as loaded (`_fp4_scales`): e8m0, or NVFP4's e4m3 pair (low byte first)
-               FMT: tl.constexpr, DTYPE: tl.constexpr):
+               FMT: tl.constexpr, DTYPE: tl.constexpr,
+               SCALE_FOLD: tl.constexpr = False):   # MXFP4 with every e8m0 byte <= 128: the 2^126 rides in the scale
     "Codes 0..7 of each word, decoded and scaled (codes 4-7 by the high byte's group with NVFP4), as eight `DTYPE` tensors."
     if PACKED_DECODE and DTYPE == tl.bfloat16:   # the scale bytes decode inside the block: one operand beside the codes
-        if FMT == 2: o = tl.inline_asm_elementwise(_E2M1_WORD_MX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
-                                                   dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        if FMT == 2 and SCALE_FOLD: o = tl.inline_asm_elementwise(_E2M1_WORD_MX_FOLDED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+                                                                  [x, s], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        elif FMT == 2: o = tl.inline_asm_elementwise(_E2M1_WORD_MX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
+                                                     dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         else: o = tl.inline_asm_elementwise(_E2M1_WORD_NV, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         r = (o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
@@ -241,7 +259,8 @@ def _word_code(x, SHIFT: tl.constexpr, s, DTYPE: tl.constexpr):
 
 @triton.jit
 def _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn,   # as `_fp4_weight_tile`, the codes in the mma128 layout
-                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
+                  SCALE_FOLD: tl.constexpr = False):
     "`[BLOCK_N, BLOCK_K]` decoded weights in K order from mma128 words (BLOCK_K a multiple of 128): no shuffle reaches the MMA."
     T: tl.constexpr = BLOCK_K // 128                                                        # 128-code chunks in the tile
     offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -249,20 +268,21 @@ def _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn,   # as `_fp4_weigh
                 mask=row_ok[:, None] & (offs_w < K_W // 4)[None, :], other=0)                 # [BLOCK_N, BLOCK_K/8] words
     # word 4t + c of a chunk holds codes of the chunk's 32-code piece c: its scale byte(s), repeated over t
     sw = tl.reshape(tl.broadcast_to(tl.reshape(s.to(tl.int32), (BLOCK_N, T, 1, 4)), (BLOCK_N, T, 4, 4)), (BLOCK_N, BLOCK_K // 8))
-    o = _e2m1_word(x, sw, FMT, DTYPE)
+    o = _e2m1_word(x, sw, FMT, DTYPE, SCALE_FOLD)
     # joins stack on a new last axis: [..., j2, j1, j0] holds code 4·j2 + 2·j1 + j0; the words' (t, c) order then
     # goes back to K = 128·chunk + 32c + 16·j2 + 8·j1 + 2t + j0 with a reshape and a permute (registers only)
     w = tl.join(tl.join(tl.join(o[0], o[4]), tl.join(o[2], o[6])), tl.join(tl.join(o[1], o[5]), tl.join(o[3], o[7])))
     w = tl.permute(tl.reshape(w, (BLOCK_N, T, 4, 4, 2, 2, 2)), (0, 1, 3, 4, 5, 2, 6))       # (n, chunk, c, j2, j1, t, j0)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
-# %% ../../nbs/09c_kernels.quant.ipynb #ad8bad929b67
+# %% ../../nbs/09c_kernels.quant.ipynb #f37615374021
 @triton.jit
 def _fp4_k_order_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn, stride_wk,   # the decoded tile in K order, either
                       FMT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DTYPE: tl.constexpr, LAYOUT: tl.constexpr):              # way the bytes come: mma128 or plain
+                      DTYPE: tl.constexpr, LAYOUT: tl.constexpr,               # way the bytes come: mma128 or plain
+                      SCALE_FOLD: tl.constexpr = False):
     "`[BLOCK_N, BLOCK_K]` weights of one K tile in K order: `_fp4_mma_tile` (LAYOUT 2) or `_fp4_weight_tile` (plain)."
-    if LAYOUT == 2: w = _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn, FMT, BLOCK_N, BLOCK_K, DTYPE)
+    if LAYOUT == 2: w = _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn, FMT, BLOCK_N, BLOCK_K, DTYPE, SCALE_FOLD)
     else: w = _fp4_weight_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn, stride_wk, FMT, GROUP_K, BLOCK_N, BLOCK_K, DTYPE)
     return w
 
@@ -281,7 +301,7 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
         acc = acc * gs
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #7fefb8df9f50
+# %% ../../nbs/09c_kernels.quant.ipynb #2493c8d5d4e8
 @triton.jit
 def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activation rows at K = 0
                         as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
@@ -294,7 +314,8 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr,
                         LAYOUT: tl.constexpr,   # FP4 byte order (`09a`): 0 plain, 1 split64 (two MMAs a K tile), 2 mma128
-                        QUANT_A: tl.constexpr): # FMT 1 with 16-bit a: quantize each K tile (one 1×GROUP_K group) here
+                        QUANT_A: tl.constexpr,  # FMT 1 with 16-bit a: quantize each K tile (one 1×GROUP_K group) here
+                        SCALE_FOLD: tl.constexpr = False):   # MXFP4, e8m0 bytes <= 128: the word decode's one-fma form
     "Both formats' main loop: `(acc, acc_up)` of one output tile over K tiles `[kt_lo, kt_hi)`, every scale applied (real-valued fp32)."
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_rows[:, None] + (kt_lo * BLOCK_K + offs_k)[None, :] * stride_ak
@@ -341,11 +362,11 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                 if UPCAST: aT = aT.to(tl.float32)
                 elif FMT == 2: aT = aT.to(tl.bfloat16)          # e8m0 scales reach 2^±127: fp16 weights would not hold them
                 w = _fp4_k_order_tile(w_e, s_g, offs_n, mask_n, k0, K_W, stride_wn, stride_wk, FMT, GROUP_K, BLOCK_N,
-                                      BLOCK_K, aT.dtype, LAYOUT)
+                                      BLOCK_K, aT.dtype, LAYOUT, SCALE_FOLD)
                 accT = tl.dot(w, aT, accT, input_precision=PRECISION)
                 if GATED:
                     w = _fp4_k_order_tile(w_e, s_u, offs_n + N_OUT, mask_n, k0, K_W, stride_wn, stride_wk, FMT, GROUP_K,
-                                          BLOCK_N, BLOCK_K, aT.dtype, LAYOUT)
+                                          BLOCK_N, BLOCK_K, aT.dtype, LAYOUT, SCALE_FOLD)
                     accT_up = tl.dot(w, aT, accT_up, input_precision=PRECISION)
                 a_ptrs += BLOCK_K * stride_ak
             s_g, s_u = s_g_next, s_u_next
@@ -431,7 +452,7 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
         out[e, :n] = act(y) if act else y
     return out
 
-# %% ../../nbs/09c_kernels.quant.ipynb #94309d108d3d
+# %% ../../nbs/09c_kernels.quant.ipynb #91038b7f0349
 @triton.jit
 def _batched_moe_gemm_quant_kernel(
     a_ptr,          # [E, max_tokens, K] float8 (w8a8) or bf16/fp16 (w4a16); rows >= count never read
@@ -450,7 +471,7 @@ def _batched_moe_gemm_quant_kernel(
     FMT: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
-    QUANT_A: tl.constexpr,
+    QUANT_A: tl.constexpr, SCALE_FOLD: tl.constexpr = False,
 ):
     "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E or the slots of `06`'s COMPACT, SPLIT_K); empty tiles exit."
     pid, split = tl.program_id(0), tl.program_id(2)
@@ -468,7 +489,8 @@ def _batched_moe_gemm_quant_kernel(
     acc, acc_up = _quant_tile_product(a_rows, as_ptrs, mask_m, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT, QUANT_A)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT, QUANT_A,
+                                      SCALE_FOLD)
     if SPLIT_K > 1:                                               # only the last split to arrive goes on
         tiles = tl.num_programs(0)
         acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, e * tiles + pid, tiles * num_experts,
@@ -480,7 +502,7 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #ab9b55863c3e
+# %% ../../nbs/09c_kernels.quant.ipynb #f2b587146162
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -489,9 +511,11 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     else: strides = scale.stride()
     gn, gk = qw.block_shape or (1, 1)
     if qw.scheme == "nvfp4_w4a16": scale = scale.view(torch.uint8)   # loaded as bytes, bit-cast to e4m3 in the kernel
+    fold = qw.e8m0_max is not None and qw.e8m0_max[which] <= 128     # read once, at the container's construction
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
-                LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout))   # mma128's 4-byte alignment: checked by the container
+                LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout),   # mma128's 4-byte alignment: checked by the container
+                SCALE_FOLD=fold)
 
 def check_quant_tile_config(config, need_block_m: bool = False) -> dict | None:
     "A quantized GEMM's tile override: `06`'s checks, and no switch these kernels do not have (TMA, WARP_SPECIALIZE, GROUP_M: ValueError)."
@@ -617,7 +641,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
-# %% ../../nbs/09c_kernels.quant.ipynb #8b729bca4f25
+# %% ../../nbs/09c_kernels.quant.ipynb #664d92be1baf
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -680,7 +704,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
         **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
         GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"],
-        SPLIT_K=split, QUANT_A=quant_a, **cfg)
+        SPLIT_K=split, QUANT_A=quant_a, SCALE_FOLD=wa["SCALE_FOLD"], **cfg)
     return out
 
 # %% ../../nbs/09c_kernels.quant.ipynb #11c7e7855fef
@@ -717,7 +741,7 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
         out[pairs] = act(y) if act else y
     return out
 
-# %% ../../nbs/09c_kernels.quant.ipynb #9eb40d6941ce
+# %% ../../nbs/09c_kernels.quant.ipynb #9a98fb884470
 @triton.jit
 def _fused_moe_quant_kernel(
     a_ptr,          # [T, K] (token rows) or [T·top_k, K] (pair rows): float8 (w8a8) or bf16/fp16 (w4a16)
@@ -735,7 +759,7 @@ def _fused_moe_quant_kernel(
     TOP_K: tl.constexpr, A_PER_PAIR: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr,
     HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, QUANT_A: tl.constexpr,
+    LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, QUANT_A: tl.constexpr, SCALE_FOLD: tl.constexpr = False,
 ):
     "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), SPLIT_K); blocks past num_tokens_post_padded or of expert -1 exit."
     pid, split = tl.program_id(0), tl.program_id(1)
@@ -756,7 +780,8 @@ def _fused_moe_quant_kernel(
     acc, acc_up = _quant_tile_product(a_rows, as_ptrs, valid, w_e, ws_e, gs_ptr, e, offs_n, mask_n, K, K_W, N_OUT,
                                       split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K,
                                       stride_ak, stride_asg, stride_wn, stride_wk, stride_wsn, stride_wsk, FMT, GATED,
-                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT, QUANT_A)
+                                      UPCAST, PRECISION, GROUP_N, GROUP_K, BLOCK_M, BLOCK_N, BLOCK_K, LAYOUT, QUANT_A,
+                                      SCALE_FOLD)
     if SPLIT_K > 1:                                               # only the last split to arrive goes on
         acc, acc_up, last = _split_k_sum(acc, acc_up, part_ptr, lock_ptr, pid, tl.num_programs(0), split, GATED,
                                          SPLIT_K, BLOCK_M, BLOCK_N)
@@ -770,7 +795,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #879690a6682f
+# %% ../../nbs/09c_kernels.quant.ipynb #8b34c82df891
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -839,5 +864,5 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
         TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
         GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], SPLIT_K=split,
-        QUANT_A=quant_a, **cfg)
+        QUANT_A=quant_a, SCALE_FOLD=wa["SCALE_FOLD"], **cfg)
     return out

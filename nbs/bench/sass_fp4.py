@@ -21,7 +21,7 @@ DIV16 = {"N_OUT", "K", "K_W", "stride_am", "stride_we", "stride_wn", "stride_wse
 
 
 def compile_gemm1(fmt: int, layout: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_warps: int, num_stages: int = 3,
-                  split_k: int = 1, quant_a: bool = False):
+                  split_k: int = 1, quant_a: bool = False, scale_fold: bool = False):
     "The compiled contiguous GEMM1 (gated SiLU, token rows, top-2) for `cuda:90`; `quant_a`: FP8 block from bf16 a."
     fn = Q._fused_moe_quant_kernel
     fp8 = fmt < 2
@@ -34,7 +34,7 @@ def compile_gemm1(fmt: int, layout: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: in
     consts = dict(stride_ak=1, stride_wk=1, stride_wsk=1, stride_cn=1, TOP_K=2, A_PER_PAIR=False, GATED=True,
                   ACTIVATION=0, HAS_BIAS=False, WEIGHT=0, FMT=fmt, UPCAST=False, PRECISION="tf32",
                   GROUP_N=128 if fp8 else 1, GROUP_K={1: 128, 2: 32, 3: 16}[fmt], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                  BLOCK_K=BLOCK_K, LAYOUT=layout, SPLIT_K=split_k, QUANT_A=quant_a)
+                  BLOCK_K=BLOCK_K, LAYOUT=layout, SPLIT_K=split_k, QUANT_A=quant_a, SCALE_FOLD=scale_fold)
     names = list(fn.arg_names)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if sig[n].startswith("*") or n in DIV16}
     src = triton.compiler.ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
@@ -56,10 +56,12 @@ def k_loop(sass: str) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ins[a:b + 1])
 
 
-VARIANTS = [  # (label, FMT, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, num_warps); "bf16 in": the K loop quantizes a (QUANT_A)
+VARIANTS = [  # (label, FMT, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, num_warps); "bf16 in": the K loop quantizes a (QUANT_A);
+              # "folded": e8m0 bytes <= 128, the 2^126 in the scale (SCALE_FOLD)
     ("mxfp4 plain", 2, 0, 32, 64, 64, 4), ("mxfp4 split64", 2, 1, 32, 64, 64, 4),
     ("mxfp4 split64", 2, 1, 32, 128, 128, 8), ("mxfp4 split64", 2, 1, 32, 128, 128, 4),
     ("mxfp4 mma128", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128", 2, 2, 32, 128, 128, 8),
+    ("mxfp4 mma128 folded", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128 folded", 2, 2, 32, 128, 128, 8),
     ("nvfp4 split64", 3, 1, 32, 64, 64, 4), ("nvfp4 mma128", 3, 2, 32, 64, 128, 4), ("nvfp4 mma128", 3, 2, 32, 128, 128, 8),
     ("fp8 block", 1, 0, 16, 64, 128, 4), ("fp8 block bf16 in", 1, 0, 16, 64, 128, 4),
 ]
@@ -88,7 +90,7 @@ elif __name__ == "__main__":
     if out: os.makedirs(out, exist_ok=True)
     print(f"{'variant':<19}{'BM':>4}{'BN':>5}{'BK':>5}{'warps':>6}{'loop':>7}{'/KB':>7}  smem moves (STS LDS LDSM BAR)  top opcodes")
     for label, fmt, layout, bm, bn, bk, nw in VARIANTS:
-        c = compile_gemm1(fmt, layout, bm, bn, bk, nw, quant_a=label.endswith("bf16 in"))
+        c = compile_gemm1(fmt, layout, bm, bn, bk, nw, quant_a=label.endswith("bf16 in"), scale_fold=label.endswith("folded"))
         path = os.path.join(out or "/tmp", f"gemm1_{label.replace(' ', '_')}_{bm}_{bn}_{bk}_{nw}")
         open(path + ".cubin", "wb").write(c.asm["cubin"])
         sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path + ".cubin"], capture_output=True, text=True,
