@@ -342,7 +342,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #108dedf37cf0
+# %% ../nbs/15_cli.ipynb #c356ef917a37
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -389,16 +389,16 @@ def _checkpoint(args, cfg: MoEConfig):
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
-    unsupported = [f for f, given in (("--config", args.config), ("--weights", args.weights is not None),
+    unsupported = [f for f, given in (("--weights", args.weights is not None),
                                       ("--tp", args.tp != 1), ("--backend", args.backend),
                                       ("--quant", args.quant not in (None, "unquantized")), ("--device", args.device != "auto"))
                    if given]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
-                         f"as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
+                         f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
     return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
-                   as_json=args.json)
+                   as_json=args.json, config=args.config)
 
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."

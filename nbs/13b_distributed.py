@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from moe_lit.terms import check_int, use_triton_interpreter_without_gpu, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
-from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import slab_sources
@@ -234,7 +234,8 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
 # ## The torchrun entry point
 #
 # `main` is what `torchrun ... -m moe_lit.distributed` runs on every process: a few options, the model from the
-# presets, the deployment `--ep N` data-parallel ranks with EP on (`N` = the number of processes). Exit status: 0, 1
+# presets (or any Hugging Face `config.json` with `--config`: a tiny one makes a quick multi-process run on a CPU), the
+# deployment `--ep N` data-parallel ranks with EP on (`N` = the number of processes). Exit status: 0, 1
 # when a check fails, 2 on bad input (the same on every rank: each rank validates the same arguments).
 
 # %%
@@ -243,7 +244,9 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m moe_lit.distributed",
                                  description="The moe-lit main job on N processes (one EP rank each).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
+    src.add_argument("--config", default=None, help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
     ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (unset: that number)")
     ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
                     help="all2all backend; None: allgather_reducescatter with more than one rank, else none")
@@ -266,7 +269,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
             dtype: str | None = None,              # 'bf16', 'fp16', 'fp32'; None: the model's own
             experts: str = "auto", max_tokens_per_rank: int | None = None,
             timeout: float = 600.0,                # seconds a collective may wait for its peers
-            as_json: bool = False) -> int:         # exit status: 0, 1 when a check fails, 2 on bad input
+            as_json: bool = False,                 # exit status: 0, 1 when a check fails, 2 on bad input
+            config: str | None = None) -> int:     # a config.json (file or directory) instead of `model`
     "The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try: rank, world, _ = init_distributed(timeout)
@@ -275,7 +279,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
         ep = world if ep is None else ep
         if ep != world: raise ValueError(f"--ep: expected the number of processes ({world}), got {ep}")
         all2all = all2all or ("allgather_reducescatter" if ep > 1 else "none")
-        cfg = preset(model, ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=all2all))
+        par = ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=all2all)
+        cfg = preset(model, par) if config is None else moe_config_from_hf(config, par)
         if dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
         run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first
@@ -292,9 +297,31 @@ def main(argv: list | None = None) -> int:
     "`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report."
     a = _parser().parse_args(argv)
     return run_job(a.model, a.ep, a.all2all, a.placement, a.tokens, a.seed, a.dtype, a.experts, a.max_tokens_per_rank,
-                   a.timeout, a.json)
+                   a.timeout, a.json, a.config)
 
 # %%
 #| export
 #| eval: false
 if __name__ == "__main__": sys.exit(main())
+
+# %% [markdown]
+# The job on a config.json instead of a preset, in this process as a group of one (the multi-process runs are
+# `13c_launch`'s tests): the report names the file's model and its checks pass; a bad key in the file is refused by
+# name, on every rank.
+
+# %%
+#| test run_job_with_a_config
+import contextlib, io, json, os, tempfile
+from pathlib import Path
+if not dist.is_initialized() and not any(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+    with tempfile.TemporaryDirectory() as d:
+        cfg_json = {"model_type": "qwen3_moe", "_name_or_path": "tiny-qwen3", "hidden_size": 64,
+                    "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}
+        Path(d, "config.json").write_text(json.dumps(cfg_json))
+        with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(run_job(config=d, tokens=6, experts="torch"), 0)
+        assert "tiny-qwen3 on 1 process" in out.getvalue() and "distributed vs float64: ok" in out.getvalue(), out.getvalue()
+        Path(d, "config.json").write_text(json.dumps({**cfg_json, "num_experts_per_tok": 9}))
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=d, tokens=6), 2)
+        assert "config.json num_experts_per_tok (top_k)" in err.getvalue(), err.getvalue()
+    test_eq(dist.is_initialized(), False)                           # the job left no process group behind
+else: raise AssertionError("expected a process outside torchrun (no RANK/WORLD_SIZE/MASTER_* and no process group)")

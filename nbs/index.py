@@ -194,6 +194,8 @@ print(hf.config._experts_implementation)
 # .venv/bin/torchrun --nproc-per-node 2 -m moe_lit.distributed --model qwen3-30b-a3b --all2all nixl_ep
 # ```
 #
-# `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets,
-# one EP rank per process, unquantized experts; `--ep` defaults to the number of processes). Each process holds its
+# `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets
+# or a `--config`, one EP rank per process, unquantized experts; `--ep` defaults to the number of processes). With a
+# small `--config` (a config.json with hidden 64 and 4 experts, as in *Install and run*) the two processes finish in
+# seconds on a CPU. Each process holds its
 # own experts' weights, so DeepSeek-V3 needs about 12 GB per process at 2 processes.

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from moe_lit.terms import check_int, use_triton_interpreter_without_gpu, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
-from moe_lit.models import PRESETS, DEFAULT_PRESET, preset
+from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import slab_sources
@@ -33,3 +33,20 @@ def test_split_tokens():
     test_eq(split_tokens(0, 2), [0, 0])
     test_fail(lambda: split_tokens(-1, 2), contains="num_tokens: expected >= 0, got -1")
     test_fail(lambda: split_tokens(4, 0), contains="num_ranks: expected >= 1, got 0")
+
+
+def test_run_job_with_a_config():
+    import contextlib, io, json, os, tempfile
+    from pathlib import Path
+    if not dist.is_initialized() and not any(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        with tempfile.TemporaryDirectory() as d:
+            cfg_json = {"model_type": "qwen3_moe", "_name_or_path": "tiny-qwen3", "hidden_size": 64,
+                        "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}
+            Path(d, "config.json").write_text(json.dumps(cfg_json))
+            with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(run_job(config=d, tokens=6, experts="torch"), 0)
+            assert "tiny-qwen3 on 1 process" in out.getvalue() and "distributed vs float64: ok" in out.getvalue(), out.getvalue()
+            Path(d, "config.json").write_text(json.dumps({**cfg_json, "num_experts_per_tok": 9}))
+            with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=d, tokens=6), 2)
+            assert "config.json num_experts_per_tok (top_k)" in err.getvalue(), err.getvalue()
+        test_eq(dist.is_initialized(), False)                           # the job left no process group behind
+    else: raise AssertionError("expected a process outside torchrun (no RANK/WORLD_SIZE/MASTER_* and no process group)")
