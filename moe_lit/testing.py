@@ -228,7 +228,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #0ee691d8940d
+# %% ../nbs/00_testing.ipynb #959bd0c140b5
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -275,13 +275,24 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
     options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages")}
     return dict(module=fn.__module__, kernel=fn.__name__, signature=sig, constexprs=consts, divisible=div, options=options)
 
+def _find_kernel(module: str, name: str):
+    "The jitted kernel `name` of `module`; a kernel defined in a running notebook (`__main__`) is its exported twin in moe_lit."
+    import importlib, pkgutil, moe_lit
+    if module != "__main__":
+        return getattr(importlib.import_module(module), name)
+    for info in sorted(pkgutil.walk_packages(moe_lit.__path__, "moe_lit."), key=lambda i: not i.name.startswith("moe_lit.kernels")):
+        try: mod = importlib.import_module(info.name)
+        except ImportError: continue                      # an optional extra's module (transformers) without the extra
+        if hasattr(getattr(mod, name, None), "arg_names"): return getattr(mod, name)
+    raise ValueError(f"kernel: expected a jitted function named {name} in moe_lit, found none")
+
 def _compile_specs(specs: list, capability: int) -> list:
     "In a process without the interpreter: compile each spec for `cuda:capability`."
     import importlib, time, triton
     from triton.backends.compiler import GPUTarget
     out = []
     for s in specs:
-        fn = getattr(importlib.import_module(s["module"]), s["kernel"])
+        fn = _find_kernel(s["module"], s["kernel"])
         names, t0 = list(fn.arg_names), time.perf_counter()
         try:
             src = triton.compiler.ASTSource(fn=fn, signature=s["signature"],

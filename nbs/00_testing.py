@@ -429,13 +429,24 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
     options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages")}
     return dict(module=fn.__module__, kernel=fn.__name__, signature=sig, constexprs=consts, divisible=div, options=options)
 
+def _find_kernel(module: str, name: str):
+    "The jitted kernel `name` of `module`; a kernel defined in a running notebook (`__main__`) is its exported twin in moe_lit."
+    import importlib, pkgutil, moe_lit
+    if module != "__main__":
+        return getattr(importlib.import_module(module), name)
+    for info in sorted(pkgutil.walk_packages(moe_lit.__path__, "moe_lit."), key=lambda i: not i.name.startswith("moe_lit.kernels")):
+        try: mod = importlib.import_module(info.name)
+        except ImportError: continue                      # an optional extra's module (transformers) without the extra
+        if hasattr(getattr(mod, name, None), "arg_names"): return getattr(mod, name)
+    raise ValueError(f"kernel: expected a jitted function named {name} in moe_lit, found none")
+
 def _compile_specs(specs: list, capability: int) -> list:
     "In a process without the interpreter: compile each spec for `cuda:capability`."
     import importlib, time, triton
     from triton.backends.compiler import GPUTarget
     out = []
     for s in specs:
-        fn = getattr(importlib.import_module(s["module"]), s["kernel"])
+        fn = _find_kernel(s["module"], s["kernel"])
         names, t0 = list(fn.arg_names), time.perf_counter()
         try:
             src = triton.compiler.ASTSource(fn=fn, signature=s["signature"],
