@@ -25,7 +25,7 @@ from moe_lit.kernels.dispatch import _combine_pairs
 #| hide
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
-from moe_lit.testing import assert_close
+from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.formats import moe_reference_standard
 from moe_lit.placement import determine_expert_map
 
@@ -279,6 +279,11 @@ test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8)
 # most a quarter of the model's experts (`num_experts`, global), so that few pairs share an expert: on Mixtral
 # (8 experts, top-2) 32 pairs put 4 on every expert and the pair layout reads every weight 4 times (the layer
 # benchmark of `14a_bench_layer` measured 2.5× the floor at T = 16 before this rule).
+#
+# Inside `TritonExperts` the layout is not even built: block `p` is pair `p`, so the GEMMs read the local ids
+# themselves (`PAIR_IDS`: the block's expert is `local_ids[p]`, its one row pair `p`) and the experts take three
+# launches at decode — GEMM1, GEMM2, the slot sum — where the built layout took four. `moe_pair_blocks` remains the
+# public builder of the same layout (and what the GEMMs' public entry takes).
 
 # %%
 #| export
@@ -389,6 +394,7 @@ def _fused_moe_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PAIR_IDS: tl.constexpr = False,   # expert_ids_ptr holds the [T·top_k] local ids: block p is pair p alone (no alignment)
 ):
     pid, split = tl.program_id(0), tl.program_id(1)
     if GROUP_M == 0:                                            # N-tile major: a weight tile serves every block
@@ -399,11 +405,16 @@ def _fused_moe_kernel(
         rows_in_group = tl.minimum(num_m_blocks - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
         pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
-    if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if (e < 0) | (e >= num_local): return                       # a non-local (or unknown) expert's block: no read
-    offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
+    if PAIR_IDS:                                                # the pair-block layout read straight from the ids
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (e < 0) | (e >= num_local): return                   # a pair on another rank: no read
+        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)   # row 0 the pair, the rest empty
+    else:
+        if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (e < 0) | (e >= num_local): return                   # a non-local (or unknown) expert's block: no read
+        offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
     valid = (pairs >= 0) & (pairs < num_pairs)                  # sentinel (and any out-of-range) rows are masked
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -518,7 +529,8 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
     if tma and n_out % bn == 0 and _w_descriptor_ok(w) and E * N < 2**31:     # whole boxes: the up tile never crosses rows
         from triton.tools.tensor_descriptor import TensorDescriptor
         w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
-    num_m_blocks = expert_ids.numel()
+    num_m_blocks, pair_ids = expert_ids.numel(), sorted_token_ids is None       # None: `_align_pairs`' pair blocks
+    if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids           # (unread pointers)
     tiles, rest = num_m_blocks * _cdiv(n_out, bn), dict(rest)
     if w_desc is not None: split, part, locks = 1, None, None          # the TMA path does not split (nor does a
     else: split, part, locks = split_k_launch(rest, _cdiv(n_out, bn),   # large grid: see split_k_factor)
@@ -535,7 +547,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
         WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
         EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-        **rest)
+        PAIR_IDS=pair_ids, **rest)
     return out
 
 @functools.lru_cache(maxsize=1024)
@@ -684,12 +696,14 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
                 num_local: int,                 # E_local
                 num_experts: int | None = None, # the model's experts, global (default E_local)
                 max_pairs: int = 32,            # at most this many pairs take one block each
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "The aligned layout of the Standard experts: one block per pair for a few pairs spread over many experts (one launch), else `moe_align_block_size` (four)."
+               ) -> tuple:
+    """The aligned layout of the Standard experts: `moe_align_block_size`'s (four launches), or for a few pairs spread
+    over many experts `(None, local_ids flattened, None)`: one block per pair, which the GEMMs read straight from the
+    ids (`PAIR_IDS`, no launch; `moe_pair_blocks` is the same layout built on its own)."""
     spread = (num_local if num_experts is None else check_int("num_experts", num_experts, lo=num_local)) // 4
     tiny = local_ids.numel() <= min(max_pairs, max(1, spread))    # few pairs, rarely two on one expert
-    align = moe_pair_blocks if tiny else moe_align_block_size
-    return align(local_ids, block_m, num_local, validate=False)    # ids from a placement: in range by construction
+    if tiny: return None, local_ids.reshape(-1).contiguous(), None
+    return moe_align_block_size(local_ids, block_m, num_local, validate=False)   # ids from a placement: in range
 
 # %%
 #| export
@@ -766,6 +780,17 @@ for T, k in ((9, 2), (1, 1), (5, E), (40, 3)):                         # top_k =
     got = aligned.apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)))
     assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids), name=f"aligned T={T}")
 test_eq(TritonExperts.activation_format, ActivationFormat.Standard)
+# at decode the GEMMs read the pair blocks from the ids: three launches, no alignment kernel, the same result
+T, k, E64 = 2, 4, 64                                   # 8 pairs of a 64-expert model, 6 of them local here
+ids = torch.stack([torch.randperm(E64, generator=g)[:k] for _ in range(T)]).int()
+local = torch.where(ids < E, ids, -1); local[0, :2] = torch.tensor([1, 4]); local[1, 0] = 1     # expert 1 twice
+hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+with record_launches() as seen:
+    got = TritonExperts().apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, local)), num_experts=E64)
+test_eq([kern.fn.__name__ for kern, _, _ in seen], ["_fused_moe_kernel", "_fused_moe_kernel", "_batched_combine_kernel"])
+test_eq(seen[0][2]["PAIR_IDS"], True)
+assert_compiles_for_gpu(seen)                                               # and Hopper compiles that variant
+assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local), name="pair ids")
 
 # %% [markdown]
 # gpt-oss's experts — biases on both GEMMs, the clamped SwiGLU with a small `limit` — against the float64 reference of

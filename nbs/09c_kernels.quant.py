@@ -1245,15 +1245,21 @@ def _fused_moe_quant_kernel(
     HAS_BIAS: tl.constexpr, WEIGHT: tl.constexpr, FMT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, QUANT_A: tl.constexpr, SCALE_FOLD: tl.constexpr = False,
+    PAIR_IDS: tl.constexpr = False,   # expert_ids_ptr holds the [T·top_k] local ids: block p is pair p alone (`08`)
 ):
     "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), SPLIT_K); blocks past num_tokens_post_padded or of expert -1 exit."
     pid, split = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
-    if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if (e < 0) | (e >= num_local): return                         # a non-local (or unknown) expert's block: no access
-    offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
+    if PAIR_IDS:                                                  # the pair-block layout read straight from the ids
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (e < 0) | (e >= num_local): return                     # a pair on another rank: no access
+        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
+    else:
+        if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (e < 0) | (e >= num_local): return                     # a non-local (or unknown) expert's block: no access
+        offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
     valid = (pairs >= 0) & (pairs < num_pairs)                    # sentinel (and out-of-range) rows are masked everywhere
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1338,6 +1344,8 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
     a_k, a_s, as_st, quant_a = _block_fp8_input(a_k, a_s, as_st, wa, bk)
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
+    pair_ids = sorted_token_ids is None                            # `08`'s `_align_pairs` pair blocks: the ids alone
+    if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids
     tiles = num_m_blocks * _cdiv(n_out, bn)
     active = min(E, num_pairs if active_experts is None else active_experts)   # an expert's pairs fit one block at decode
     split, part, locks = split_k_launch(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, out.device,
@@ -1353,7 +1361,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
         TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
         GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], SPLIT_K=split,
-        QUANT_A=quant_a, SCALE_FOLD=wa["SCALE_FOLD"], **cfg)
+        QUANT_A=quant_a, SCALE_FOLD=wa["SCALE_FOLD"], PAIR_IDS=pair_ids, **cfg)
     return out
 
 # %% [markdown]

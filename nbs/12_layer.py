@@ -936,6 +936,9 @@ with record_launches() as seen:
         for quant in ("unquantized", *QUANT_SCHEMES[1:]):
             cfg = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128, parallel=par)
             FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)(x)
+    for quant in ("unquantized", "fp8_w8a8_block", "mxfp4_w4a16"):                 # decode: the GEMMs read pair blocks
+        many = MoEConfig(num_experts=16, top_k=2, hidden_size=128, intermediate_size=128)   # from the ids (PAIR_IDS)
+        FusedMoE(many, seed=1, quant=quant, experts="triton", device=DEVICE)(x[:1])
     ag = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
     FusedMoE(MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=128, parallel=ag), seed=1,
              experts="triton", device=DEVICE)(x)                                  # Standard EP: the local slots
@@ -952,6 +955,7 @@ kernels = {r["kernel"] for r in res}
 assert {"_router_logits_kernel", "_route_topk_kernel", "_batched_dispatch_kernel", "_batched_combine_kernel",
         "_local_slot_kernel", "_batched_moe_gemm_quant_kernel", "_fused_moe_quant_kernel"} <= kernels, kernels
 assert any(r["spec"]["constexprs"].get("QUANT_A") for r in res)          # FP8 block's in-loop quantization compiled
+assert {r["kernel"] for r in res if r["spec"]["constexprs"].get("PAIR_IDS")} == {"_fused_moe_kernel", "_fused_moe_quant_kernel"}
 
 # %% [markdown]
 # A layer given a mapping of all global experts slices out its own; each rank of an expert-parallel deployment holds

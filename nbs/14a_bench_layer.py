@@ -304,8 +304,9 @@ plot_bench_layer(layer_h200)
 #   922 µs at 65d70b5, 968 here). At small T the floor is 9–63 µs and a forward is still six (Standard format, one
 #   GPU) to fifteen (DeepSeek-V3, with the shared experts on their side stream) launches, each a few µs even in a
 #   graph; the GEMMs of one token run at 75–95 % of their share of the floor. What is left to fuse: the selection
-#   into the logits kernel's last program, the pair blocks into the GEMM (read one block per pair straight from
-#   `topk_ids`), and the zero-fills of the dispatch counts and the split-K counters.
+#   into the logits kernel's last program and the zero-fills of the dispatch counts and the split-K counters. The
+#   pair blocks are now read by the GEMMs straight from the local ids (`08`, `PAIR_IDS`): one launch fewer on the
+#   Standard format's decode path since this run (five on one GPU), not yet timed.
 # - **Earlier steps**, replayed. Split-K (e7361ab → 65d70b5): DeepSeek-V3 allgather T = 1 104 → 90 µs, Mixtral
 #   T = 128 and 256 845 → 801 and 961 → 922; compact expert slots for the batched grids (`06`): DeepSeek-V3 nixl_ep
 #   T = 1 110 → 106, T = 2 106 → 99 (`layer_bench_small_t_h200_11d154c.json`). Tile tables for the layer's own GEMM

@@ -15,7 +15,7 @@ from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split
 from moe_lit.kernels.dispatch import _combine_pairs
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
-from moe_lit.testing import assert_close
+from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.formats import moe_reference_standard
 from moe_lit.placement import determine_expert_map
 from moe_lit.kernels.contiguous import *
@@ -155,6 +155,17 @@ def test_triton_experts_match_reference():
         got = aligned.apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)))
         assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids), name=f"aligned T={T}")
     test_eq(TritonExperts.activation_format, ActivationFormat.Standard)
+    # at decode the GEMMs read the pair blocks from the ids: three launches, no alignment kernel, the same result
+    T, k, E64 = 2, 4, 64                                   # 8 pairs of a 64-expert model, 6 of them local here
+    ids = torch.stack([torch.randperm(E64, generator=g)[:k] for _ in range(T)]).int()
+    local = torch.where(ids < E, ids, -1); local[0, :2] = torch.tensor([1, 4]); local[1, 0] = 1     # expert 1 twice
+    hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+    with record_launches() as seen:
+        got = TritonExperts().apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, local)), num_experts=E64)
+    test_eq([kern.fn.__name__ for kern, _, _ in seen], ["_fused_moe_kernel", "_fused_moe_kernel", "_batched_combine_kernel"])
+    test_eq(seen[0][2]["PAIR_IDS"], True)
+    assert_compiles_for_gpu(seen)                                               # and Hopper compiles that variant
+    assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local), name="pair ids")
 
 
 def test_triton_experts_swigluoai_bias():

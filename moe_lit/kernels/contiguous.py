@@ -199,7 +199,7 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
         expert_ids, ntpp, n, num_experts, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #bd3902d3b954
+# %% ../../nbs/08_kernels.contiguous.ipynb #e76eecfdec4a
 @triton.jit
 def _fused_moe_kernel(
     a_ptr,                 # [T, K] (GEMM1, token rows) or [T·top_k, K] (GEMM2, pair rows)
@@ -218,6 +218,7 @@ def _fused_moe_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PAIR_IDS: tl.constexpr = False,   # expert_ids_ptr holds the [T·top_k] local ids: block p is pair p alone (no alignment)
 ):
     pid, split = tl.program_id(0), tl.program_id(1)
     if GROUP_M == 0:                                            # N-tile major: a weight tile serves every block
@@ -228,11 +229,16 @@ def _fused_moe_kernel(
         rows_in_group = tl.minimum(num_m_blocks - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
         pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
-    if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
-    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if (e < 0) | (e >= num_local): return                       # a non-local (or unknown) expert's block: no read
-    offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
+    if PAIR_IDS:                                                # the pair-block layout read straight from the ids
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (e < 0) | (e >= num_local): return                   # a pair on another rank: no read
+        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)   # row 0 the pair, the rest empty
+    else:
+        if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        if (e < 0) | (e >= num_local): return                   # a non-local (or unknown) expert's block: no read
+        offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
     valid = (pairs >= 0) & (pairs < num_pairs)                  # sentinel (and any out-of-range) rows are masked
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -289,7 +295,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #156b631695e8
+# %% ../../nbs/08_kernels.contiguous.ipynb #9017748993e0
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -346,7 +352,8 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
     if tma and n_out % bn == 0 and _w_descriptor_ok(w) and E * N < 2**31:     # whole boxes: the up tile never crosses rows
         from triton.tools.tensor_descriptor import TensorDescriptor
         w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
-    num_m_blocks = expert_ids.numel()
+    num_m_blocks, pair_ids = expert_ids.numel(), sorted_token_ids is None       # None: `_align_pairs`' pair blocks
+    if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids           # (unread pointers)
     tiles, rest = num_m_blocks * _cdiv(n_out, bn), dict(rest)
     if w_desc is not None: split, part, locks = 1, None, None          # the TMA path does not split (nor does a
     else: split, part, locks = split_k_launch(rest, _cdiv(n_out, bn),   # large grid: see split_k_factor)
@@ -363,7 +370,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
         WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
         EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-        **rest)
+        PAIR_IDS=pair_ids, **rest)
     return out
 
 @functools.lru_cache(maxsize=1024)
@@ -408,18 +415,20 @@ def _w_descriptor_ok(w: torch.Tensor) -> bool:
     "A tensor descriptor needs a contiguous w with 16-byte aligned rows and base."
     return w.is_contiguous() and (w.shape[2] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #df816dddeb73
+# %% ../../nbs/08_kernels.contiguous.ipynb #4c771eb2273a
 def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local expert per slot, -1 = not here (in range)
                 block_m: int,                   # BLOCK_M of the GEMMs
                 num_local: int,                 # E_local
                 num_experts: int | None = None, # the model's experts, global (default E_local)
                 max_pairs: int = 32,            # at most this many pairs take one block each
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "The aligned layout of the Standard experts: one block per pair for a few pairs spread over many experts (one launch), else `moe_align_block_size` (four)."
+               ) -> tuple:
+    """The aligned layout of the Standard experts: `moe_align_block_size`'s (four launches), or for a few pairs spread
+    over many experts `(None, local_ids flattened, None)`: one block per pair, which the GEMMs read straight from the
+    ids (`PAIR_IDS`, no launch; `moe_pair_blocks` is the same layout built on its own)."""
     spread = (num_local if num_experts is None else check_int("num_experts", num_experts, lo=num_local)) // 4
     tiny = local_ids.numel() <= min(max_pairs, max(1, spread))    # few pairs, rarely two on one expert
-    align = moe_pair_blocks if tiny else moe_align_block_size
-    return align(local_ids, block_m, num_local, validate=False)    # ids from a placement: in range by construction
+    if tiny: return None, local_ids.reshape(-1).contiguous(), None
+    return moe_align_block_size(local_ids, block_m, num_local, validate=False)   # ids from a placement: in range
 
 # %% ../../nbs/08_kernels.contiguous.ipynb #4f2c9c8f7131
 class TritonExperts:
