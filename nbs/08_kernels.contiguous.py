@@ -377,6 +377,24 @@ test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), co
 # %%
 #| export
 @triton.jit
+def _block_pairs(pid_m, expert_ids_ptr, sorted_ptr, ntpp_ptr, num_pairs, num_sorted, num_local,
+                 BLOCK_M: tl.constexpr, PAIR_IDS: tl.constexpr):
+    "`(live, e, pairs)` of block `pid_m`: whether it has work, its local expert (int64) and its `BLOCK_M` pair ids (`num_pairs` = empty row)."
+    if PAIR_IDS:                                                # the pair-block layout read straight from the ids:
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)        # block p is pair p, in row 0, the rest empty
+        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
+        live = (e >= 0) & (e < num_local)
+    else:                                                       # `moe_align_block_size`'s (or `moe_pair_blocks`') layout
+        live = pid_m * BLOCK_M < tl.load(ntpp_ptr)
+        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)        # pid_m < the blocks: always in bounds
+        live = live & (e >= 0) & (e < num_local)
+        offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(sorted_ptr + offs_s, mask=tl.where(live, offs_s < num_sorted, False), other=num_pairs).to(tl.int64)
+    return live, e, pairs
+
+# %%
+#| export
+@triton.jit
 def _fused_moe_kernel(
     a_ptr,                 # [T, K] (GEMM1, token rows) or [T·top_k, K] (GEMM2, pair rows)
     w_ptr,                 # [E_local, N_w, K]
@@ -405,16 +423,9 @@ def _fused_moe_kernel(
         rows_in_group = tl.minimum(num_m_blocks - first_m, GROUP_M)
         pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
         pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
-    if PAIR_IDS:                                                # the pair-block layout read straight from the ids
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        if (e < 0) | (e >= num_local): return                   # a pair on another rank: no read
-        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)   # row 0 the pair, the rest empty
-    else:
-        if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        if (e < 0) | (e >= num_local): return                   # a non-local (or unknown) expert's block: no read
-        offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
+    live, e, pairs = _block_pairs(pid_m, expert_ids_ptr, sorted_ptr, ntpp_ptr, num_pairs, num_sorted, num_local,
+                                  BLOCK_M, PAIR_IDS)
+    if not live: return                                         # past the padded end, or another rank's expert: no read
     valid = (pairs >= 0) & (pairs < num_pairs)                  # sentinel (and any out-of-range) rows are masked
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -23,7 +23,7 @@ from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
 from moe_lit.kernels.batched import check_max_active, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.contiguous import check_aligned_args
+from moe_lit.kernels.contiguous import check_aligned_args, _block_pairs
 
 # %%
 #| hide
@@ -1250,16 +1250,9 @@ def _fused_moe_quant_kernel(
     "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), SPLIT_K); blocks past num_tokens_post_padded or of expert -1 exit."
     pid, split = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
-    if PAIR_IDS:                                                  # the pair-block layout read straight from the ids
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        if (e < 0) | (e >= num_local): return                     # a pair on another rank: no access
-        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs).to(tl.int64)
-    else:
-        if pid_m * BLOCK_M >= tl.load(ntpp_ptr): return
-        e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-        if (e < 0) | (e >= num_local): return                     # a non-local (or unknown) expert's block: no access
-        offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pairs = tl.load(sorted_ptr + offs_s, mask=offs_s < num_sorted, other=num_pairs).to(tl.int64)
+    live, e, pairs = _block_pairs(pid_m, expert_ids_ptr, sorted_ptr, ntpp_ptr, num_pairs, num_sorted, num_local,
+                                  BLOCK_M, PAIR_IDS)                # `08`'s: the aligned or the pair-id layout
+    if not live: return                                           # past the padded end, or another rank's expert
     valid = (pairs >= 0) & (pairs < num_pairs)                    # sentinel (and out-of-range) rows are masked everywhere
     rows = pairs if A_PER_PAIR else pairs // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -16,7 +16,7 @@ from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
 from moe_lit.kernels.batched import check_max_active, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
-from moe_lit.kernels.contiguous import check_aligned_args
+from moe_lit.kernels.contiguous import check_aligned_args, _block_pairs
 from moe_lit.kernels.batched import DEVICE, split_k_factor, _num_sms
 from moe_lit.kernels.contiguous import moe_align_block_size
 from moe_lit.formats import SILU
