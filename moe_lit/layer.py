@@ -231,7 +231,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #be6f2dd1276e
+# %% ../nbs/12_layer.ipynb #b38f8fc43723
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -288,7 +288,8 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     mk = self._kernels.get(key)
     if mk is None:
         pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug)
-        mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
+        mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts, trusted=not self.debug),   # weights
+                                                self.shared_experts)                                      # checked at load
     return mk
 
 # %% ../nbs/12_layer.ipynb #f962e96b8c54

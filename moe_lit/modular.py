@@ -218,11 +218,18 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #b37608491f48
+# %% ../nbs/10_modular.ipynb #8a08dd4f3495
 class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
+    trusted = False     # True (`make_experts(..., trusted=True)`): the caller's weights were checked once, at its
+                        # construction, and its prepare built the rest: the launches skip the per-call checks
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.contiguous import TritonExperts
+        if self.trusted:
+            return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
+                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                          w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts)
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                      prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                      num_experts=prepared.num_experts, active_experts=prepared.active_experts,
@@ -230,8 +237,13 @@ class TritonExpertsAdapter(TorchStandardExperts):
 
 class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
+    trusted = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
+        if self.trusted:
+            return BatchedTritonExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, w2, prepared.expected_m,
+                                                 w13_bias, w2_bias, activation, prepared.active_experts,
+                                                 prepared.max_active_experts)
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
                                             active_experts=prepared.active_experts,
                                             max_active_experts=prepared.max_active_experts,
@@ -354,7 +366,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #ccf8d2db9814
+# %% ../nbs/10_modular.ipynb #7d8eb9624658
 def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False, validate: bool = True):
     "The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -368,7 +380,10 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
                                       config.padded_hidden_size, validate)
     return StandardPrepareFinalize(config.topk_indices_dtype, validate, use_triton)
 
-def make_experts(prepare_finalize, implementation: str = "torch"):
+def make_experts(prepare_finalize, implementation: str = "torch",
+                 trusted: bool = False):   # weights checked once by the caller (`FusedMoE`): unchecked launches
     "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."
     check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))
-    return EXPERTS[(implementation, prepare_finalize.activation_format)]()
+    experts = EXPERTS[(implementation, prepare_finalize.activation_format)]()
+    if check_bool("trusted", trusted) and hasattr(experts, "trusted"): experts.trusted = True
+    return experts

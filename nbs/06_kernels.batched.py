@@ -1183,6 +1183,16 @@ class BatchedTritonExperts:
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias,   # h is GEMM1's
                                  active_experts, max_active_experts)
 
+    def _apply(self, a, expert_num_tokens, w13, w2, expected_m=None, w13_bias=None, w2_bias=None,
+               activation: Activation = SILU, active_experts=None, max_active_experts=None) -> torch.Tensor:
+        "`apply` after its checks: for a layer whose weights (checked once) and dispatched slabs are its own (`10_modular`)."
+        E, M, H = a.shape
+        h = _batched_moe_gemm(a, w13, expert_num_tokens, activation,
+                              torch.empty(E, M, w13.shape[1] // 2, dtype=a.dtype, device=a.device), None, expected_m,
+                              w13_bias, active_experts, max_active_experts)
+        return _batched_moe_gemm(h, w2, expert_num_tokens, None, torch.empty(E, M, H, dtype=a.dtype, device=a.device),
+                                 None, expected_m, w2_bias, active_experts, max_active_experts)
+
 # %%
 #| test batched_triton_experts
 for dtype in (torch.float32, torch.bfloat16):

@@ -755,12 +755,20 @@ class TritonExperts:
         check_local_ids(local_ids, E, validate)
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         if active_experts is not None: check_int("active_experts", active_experts, lo=0)
-        T, k = local_ids.shape
+        if block_m is not None: check_block_m(block_m)
+        return self._apply(hidden, w13, w2, topk_weights, local_ids, apply_router_weight_on_input, block_m, expected_m,
+                           w13_bias, w2_bias, activation, num_experts, active_experts)
+
+    def _apply(self, hidden, w13, w2, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
+               expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,
+               active_experts=None) -> torch.Tensor:
+        "`apply` after its checks: for a layer whose weights (checked once), ids and activations are its own (`10_modular`)."
+        (E, N, H), (T, k) = w13.shape, local_ids.shape
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
         expected_m = expected_m or max(1, T * k // E)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
-        check_block_m(block_m)
+            check_block_m(block_m)                               # a table's value
         s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)
         on_in = apply_router_weight_on_input
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here

@@ -297,8 +297,15 @@ class TorchBatchedExperts:
 #| export
 class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
+    trusted = False     # True (`make_experts(..., trusted=True)`): the caller's weights were checked once, at its
+                        # construction, and its prepare built the rest: the launches skip the per-call checks
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.contiguous import TritonExperts
+        if self.trusted:
+            return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
+                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                          w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts)
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                      prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                      num_experts=prepared.num_experts, active_experts=prepared.active_experts,
@@ -306,8 +313,13 @@ class TritonExpertsAdapter(TorchStandardExperts):
 
 class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
+    trusted = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
+        if self.trusted:
+            return BatchedTritonExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, w2, prepared.expected_m,
+                                                 w13_bias, w2_bias, activation, prepared.active_experts,
+                                                 prepared.max_active_experts)
         return BatchedTritonExperts().apply(prepared.a, prepared.expert_num_tokens, w13, w2, expected_m=prepared.expected_m,
                                             active_experts=prepared.active_experts,
                                             max_active_experts=prepared.max_active_experts,
@@ -467,10 +479,13 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
                                       config.padded_hidden_size, validate)
     return StandardPrepareFinalize(config.topk_indices_dtype, validate, use_triton)
 
-def make_experts(prepare_finalize, implementation: str = "torch"):
+def make_experts(prepare_finalize, implementation: str = "torch",
+                 trusted: bool = False):   # weights checked once by the caller (`FusedMoE`): unchecked launches
     "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."
     check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))
-    return EXPERTS[(implementation, prepare_finalize.activation_format)]()
+    experts = EXPERTS[(implementation, prepare_finalize.activation_format)]()
+    if check_bool("trusted", trusted) and hasattr(experts, "trusted"): experts.trusted = True
+    return experts
 
 # %% [markdown]
 # ## Tests
@@ -543,6 +558,11 @@ for name in ("none", "nixl_ep"):
                 dev = lambda t: t.to(DEVICE) if impl == "triton" else t
                 got = mk(dev(hidden), dev(w13_r), dev(w2_r), dev(wts), dev(ids), p, on_in, add_shared=False)
                 assert_close(got.cpu(), want, name=f"{name} {impl} rank {rank} on_input={on_in}")
+                if impl == "triton":                                   # trusted experts (the layer's): same launches,
+                    mk_t = ModularKernel(pf, make_experts(pf, impl, trusted=True), sh)   # no per-call checks
+                    assert mk_t.experts.trusted and not mk.experts.trusted
+                    got_t = mk_t(dev(hidden), dev(w13_r), dev(w2_r), dev(wts), dev(ids), p, on_in, add_shared=False)
+                    test_eq(torch.equal(got_t, got), True)
 # the shared expert is added once, on the original input, whatever the routed path did
 pf = StandardPrepareFinalize(); mk = ModularKernel(pf, TorchStandardExperts(), sh)
 p1 = Placement.build(MoEConfig(E, k, H, I, dtype=torch.float32))

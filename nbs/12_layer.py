@@ -411,7 +411,8 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     mk = self._kernels.get(key)
     if mk is None:
         pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug)
-        mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts), self.shared_experts)
+        mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts, trusted=not self.debug),   # weights
+                                                self.shared_experts)                                      # checked at load
     return mk
 
 

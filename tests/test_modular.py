@@ -88,6 +88,11 @@ def test_modular_kernels_agree():
                     dev = lambda t: t.to(DEVICE) if impl == "triton" else t
                     got = mk(dev(hidden), dev(w13_r), dev(w2_r), dev(wts), dev(ids), p, on_in, add_shared=False)
                     assert_close(got.cpu(), want, name=f"{name} {impl} rank {rank} on_input={on_in}")
+                    if impl == "triton":                                   # trusted experts (the layer's): same launches,
+                        mk_t = ModularKernel(pf, make_experts(pf, impl, trusted=True), sh)   # no per-call checks
+                        assert mk_t.experts.trusted and not mk.experts.trusted
+                        got_t = mk_t(dev(hidden), dev(w13_r), dev(w2_r), dev(wts), dev(ids), p, on_in, add_shared=False)
+                        test_eq(torch.equal(got_t, got), True)
     # the shared expert is added once, on the original input, whatever the routed path did
     pf = StandardPrepareFinalize(); mk = ModularKernel(pf, TorchStandardExperts(), sh)
     p1 = Placement.build(MoEConfig(E, k, H, I, dtype=torch.float32))

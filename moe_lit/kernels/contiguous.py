@@ -440,7 +440,7 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
     if tiny: return None, local_ids.reshape(-1).contiguous(), None
     return moe_align_block_size(local_ids, block_m, num_local, validate=False)   # ids from a placement: in range
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #4f2c9c8f7131
+# %% ../../nbs/08_kernels.contiguous.ipynb #fe28392ec191
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -478,12 +478,20 @@ class TritonExperts:
         check_local_ids(local_ids, E, validate)
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         if active_experts is not None: check_int("active_experts", active_experts, lo=0)
-        T, k = local_ids.shape
+        if block_m is not None: check_block_m(block_m)
+        return self._apply(hidden, w13, w2, topk_weights, local_ids, apply_router_weight_on_input, block_m, expected_m,
+                           w13_bias, w2_bias, activation, num_experts, active_experts)
+
+    def _apply(self, hidden, w13, w2, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
+               expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,
+               active_experts=None) -> torch.Tensor:
+        "`apply` after its checks: for a layer whose weights (checked once), ids and activations are its own (`10_modular`)."
+        (E, N, H), (T, k) = w13.shape, local_ids.shape
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
         expected_m = expected_m or max(1, T * k // E)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
-        check_block_m(block_m)
+            check_block_m(block_m)                               # a table's value
         s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)
         on_in = apply_router_weight_on_input
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
