@@ -27,7 +27,7 @@ from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
 from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
-from moe_lit.kernels.quant import _E2M1_WORD_MX_FOLDED
+from moe_lit.kernels.quant import _E2M1_WORD_MX_FOLDED, _E2M1_WORD_NV_FOLDED
 import dataclasses
 from moe_lit.testing import record_launches, assert_compiles_for_gpu, emulate_ptx, _bf16_bits, _bf16_value
 from moe_lit.kernels.quant import *
@@ -113,6 +113,9 @@ def test_fp4_ptx_decode_blocks_bit_exact():
             got = emulate_ptx(_E2M1_WORD_NV.value, [0] * 8 + [w, lo | (hi << 8)])[:8]
             want = [bits(E2M1[(w >> sh) & 0xF] * e4m3(lo if j < 4 else hi)) for j, sh in enumerate(SHIFTS)]
             assert got == want, (hex(w), lo, hi)
+            got = emulate_ptx(_E2M1_WORD_NV_FOLDED.value, [0] * 8 + [w, lo | (hi << 8)])[:8]   # folded: times 2^-8, exact
+            assert got == [bits(E2M1[(w >> sh) & 0xF] * e4m3(lo if j < 4 else hi) / 256) for j, sh in enumerate(SHIFTS)], \
+                ("folded", hex(w), lo, hi)
     for w in words:                                        # the byte block: four bytes, a scale per byte and nibble
         sl = [bits(2.0 ** e) for e in (-127, -3, 0, 5)]; sh = [bits(e4m3(b) * 2.0 ** -120) for b in (0x01, 0x38, 0x7E, 0xC3)]
         out = emulate_ptx(_E2M1X8_PTX.value, [0] * 4 + [w, sl[0] | sl[1] << 16, sl[2] | sl[3] << 16,
@@ -126,7 +129,9 @@ def test_fp4_ptx_decode_blocks_bit_exact():
     test_eq(_weight_kernel_args(qw, "w13")["SCALE_FOLD"], True)               # random weights: scales far below 2
     big = dataclasses.replace(qw, w2_scale=qw.w2_scale.clone().index_fill_(0, torch.tensor([1], device=qw.w2_scale.device), 129))
     test_eq((_weight_kernel_args(big, "w13")["SCALE_FOLD"], _weight_kernel_args(big, "w2")["SCALE_FOLD"]), (True, False))
-    test_eq(_weight_kernel_args(quantize_expert_weights(*random_expert_weights(2, 128, 64), "nvfp4_w4a16"), "w13")["SCALE_FOLD"], False)
+    nv = quantize_expert_weights(*random_expert_weights(2, 128, 64), "nvfp4_w4a16")
+    test_eq((_weight_kernel_args(nv, "w13")["SCALE_FOLD"], _weight_kernel_args(nv.relayout("mma128"), "w13")["SCALE_FOLD"]),
+            (False, True))                                                  # NVFP4: the word decode (mma128) always folds
 
 
 def test_batched_gemm_quant_fp8():

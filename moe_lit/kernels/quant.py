@@ -182,7 +182,7 @@ def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`,
         hi = _e2m1_fp16(b >> 4).to(tl.float32) * _per_byte(_scale_f32(s_hi, FMT) * 16384.0, BLOCK_N, C, GH, GROUP_K)
     return lo.to(DTYPE), hi.to(DTYPE)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #65c9b680e04c
+# %% ../../nbs/09c_kernels.quant.ipynb #3be57291ec37
 def _e2m1_word_body(folded: bool = False) -> str:
     "PTX: a word's eight codes times `slo` (codes 0-3) and `shi` (4-7) into $0..$7 (`folded`: the scales hold the 2^126)."
     return ("prmt.b32 t0, $8, 0, 0x4140;\nprmt.b32 t1, $8, 0, 0x4342;\n"
@@ -229,24 +229,45 @@ mov.b32 slo, {bl, bl};
 mov.b32 shi, {bh, bh};
 """ + _E2M1_WORD_BODY)   # two e4m3 groups: cvt to f16x2, then bf16
 
+_E2M1_WORD_NV_FOLDED = tl.constexpr("""
+{
+.reg .b32 t0, t1, x, slo, shi, c118, nz;
+.reg .b16 p, fl, fh, bl, bh;
+mov.b32 c118, 0x7A807A80;
+mov.b32 nz, 0x80008000;
+cvt.u16.u32 p, $9;
+cvt.rn.f16x2.e4m3x2 x, p;
+mov.b32 {fl, fh}, x;
+cvt.rn.bf16.f16 bl, fl;
+cvt.rn.bf16.f16 bh, fh;
+mov.b32 slo, {bl, bl};
+mov.b32 shi, {bh, bh};
+fma.rn.bf16x2 slo, slo, c118, nz;
+fma.rn.bf16x2 shi, shi, c118, nz;
+""" + _e2m1_word_body(folded=True))   # both scales times 2^118 (<= 448 · 2^118 < 2^127): the decode's values carry 2^-8
+
 @triton.jit
 def _e2m1_word(x,       # int32 words of the mma128 layout: eight codes, nibble 4·j2 + 2·j0 + j1 holds code j = 4·j2 + 2·j1 + j0
                s,       # int32: each word's scale byte(s) as loaded (`_fp4_scales`): e8m0, or NVFP4's e4m3 pair (low byte first)
                FMT: tl.constexpr, DTYPE: tl.constexpr,
-               SCALE_FOLD: tl.constexpr = False):   # MXFP4 with every e8m0 byte <= 128: the 2^126 rides in the scale
+               SCALE_FOLD: tl.constexpr = False):   # the 2^126 rides in the scale: MXFP4 (every e8m0 byte <= 128) as
+                                                    # it is; NVFP4 times 2^-8 (the kernel's epilogue gives it back)
     "Codes 0..7 of each word, decoded and scaled (codes 4-7 by the high byte's group with NVFP4), as eight `DTYPE` tensors."
     if PACKED_DECODE and DTYPE == tl.bfloat16:   # the scale bytes decode inside the block: one operand beside the codes
         if FMT == 2 and SCALE_FOLD: o = tl.inline_asm_elementwise(_E2M1_WORD_MX_FOLDED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
                                                                   [x, s], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         elif FMT == 2: o = tl.inline_asm_elementwise(_E2M1_WORD_MX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
                                                      dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        elif SCALE_FOLD: o = tl.inline_asm_elementwise(_E2M1_WORD_NV_FOLDED, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
+                                                       dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         else: o = tl.inline_asm_elementwise(_E2M1_WORD_NV, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         r = (o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
     else:                                                         # code j's nibble: 4 · (4·j2 + 2·j0 + j1) bits up
-        s_lo = _scale_f32((s & 0xFF).to(tl.uint8), FMT) * 16384.0                           # the 2^14 of `_e2m1_fp16`
+        c: tl.constexpr = 64.0 if FMT == 3 and SCALE_FOLD else 16384.0       # the 2^14 of `_e2m1_fp16` (NVFP4 folded: 2^-8 too)
+        s_lo = _scale_f32((s & 0xFF).to(tl.uint8), FMT) * c
         s_hi = s_lo
-        if FMT == 3: s_hi = _scale_f32((s >> 8).to(tl.uint8), FMT) * 16384.0
+        if FMT == 3: s_hi = _scale_f32((s >> 8).to(tl.uint8), FMT) * c
         r = (_word_code(x, 0, s_lo, DTYPE), _word_code(x, 8, s_lo, DTYPE), _word_code(x, 4, s_lo, DTYPE),
              _word_code(x, 12, s_lo, DTYPE), _word_code(x, 16, s_hi, DTYPE), _word_code(x, 24, s_hi, DTYPE),
              _word_code(x, 20, s_hi, DTYPE), _word_code(x, 28, s_hi, DTYPE))
@@ -301,7 +322,7 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
         acc = acc * gs
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #2493c8d5d4e8
+# %% ../../nbs/09c_kernels.quant.ipynb #a247012432ef
 @triton.jit
 def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activation rows at K = 0
                         as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
@@ -407,6 +428,7 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
     if FMT == 0: a_s_row = tl.load(as_ptrs, mask=row_ok, other=0.0)
     gs = 1.0
     if FMT == 3: gs = tl.load(gs_ptr + e)
+    if FMT == 3 and LAYOUT == 2 and SCALE_FOLD: gs = gs * 256.0   # the folded word decode's 2^-8, given back exactly
     acc = _quant_output_scales(acc, a_s_row, ws_e, gs, offs_n, mask_n, stride_wsn, FMT)
     if GATED: acc_up = _quant_output_scales(acc_up, a_s_row, ws_e, gs, offs_n + N_OUT, mask_n, stride_wsn, FMT)
     return acc, acc_up
@@ -502,7 +524,7 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #f2b587146162
+# %% ../../nbs/09c_kernels.quant.ipynb #7aa43e7ec65d
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -511,7 +533,8 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     else: strides = scale.stride()
     gn, gk = qw.block_shape or (1, 1)
     if qw.scheme == "nvfp4_w4a16": scale = scale.view(torch.uint8)   # loaded as bytes, bit-cast to e4m3 in the kernel
-    fold = qw.e8m0_max is not None and qw.e8m0_max[which] <= 128     # read once, at the container's construction
+    fold = (qw.e8m0_max is not None and qw.e8m0_max[which] <= 128 or    # read once, at the container's construction
+            qw.scheme == "nvfp4_w4a16" and qw.fp4_layout == "mma128")    # any e4m3 scale: times 2^118 fits bf16
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
                 LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout),   # mma128's 4-byte alignment: checked by the container

@@ -63,6 +63,7 @@ VARIANTS = [  # (label, FMT, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, num_warps); "bf1
     ("mxfp4 mma128", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128", 2, 2, 32, 128, 128, 8),
     ("mxfp4 mma128 folded", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128 folded", 2, 2, 32, 128, 128, 8),
     ("nvfp4 split64", 3, 1, 32, 64, 64, 4), ("nvfp4 mma128", 3, 2, 32, 64, 128, 4), ("nvfp4 mma128", 3, 2, 32, 128, 128, 8),
+    ("nvfp4 mma128 folded", 3, 2, 32, 64, 128, 4), ("nvfp4 mma128 folded", 3, 2, 32, 128, 128, 8),
     ("fp8 block", 1, 0, 16, 64, 128, 4), ("fp8 block bf16 in", 1, 0, 16, 64, 128, 4),
 ]
 
