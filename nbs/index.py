@@ -38,6 +38,10 @@
 # bash .ci/test
 # ```
 #
+# Without a GPU the kernels run in Triton's interpreter, which does not compile them; so the suite also compiles every
+# kernel the layer launches for Hopper (sm_90) with Triton's bundled compiler (`moe_lit.testing.compile_for_gpu`) and
+# executes the FP4 decode's inline PTX on the CPU, bit for bit (`emulate_ptx`).
+#
 # The commands below assume the environment is active (`source .venv/bin/activate`); otherwise prefix them with
 # `.venv/bin/` (`.venv/bin/moe-lit`, `.venv/bin/python`, `.venv/bin/torchrun`).
 #
@@ -139,7 +143,7 @@ print(hf.config._experts_implementation)
 # | notebook | module | what it decides or computes |
 # |---|---|---|
 # | `00_terms` | `moe_lit.terms` | vocabulary, dimension legend, names in vLLM and Hugging Face, argument checks |
-# | `00_testing` | `moe_lit.testing` | the one float64 comparison policy and the poison for unwritten rows |
+# | `00_testing` | `moe_lit.testing` | the one float64 comparison policy, the poison for unwritten rows, kernels compiled for sm_90 and inline PTX run without a GPU |
 # | `01_config` | `moe_lit.config` | the backend descriptor table, `ParallelConfig` (vLLM's flattening rule), `MoEConfig` |
 # | `02_models` | `moe_lit.models` | real-model presets and Hugging Face `config.json` parsing |
 # | `03_routing` | `moe_lit.routing` | softmax / sigmoid / grouped top-k routers, correction bias, per-expert load |
@@ -152,7 +156,7 @@ print(hf.config._experts_implementation)
 # | `09_quant` | `moe_lit.quant` | FP8 (tensor / channel / token / 128×128 block), MXFP4 and NVFP4 quantize and dequantize |
 # | `09a_quant_weights` | `moe_lit.quant_weights` | the quantized expert-weight container, the mma128 FP4 layout the kernels read (re-laid at load), quantizing a layer's experts, test weights (torch only) |
 # | `09b_kernels.quant_act` | `moe_lit.kernels.quant_act` | Triton FP8 activation quantizer (tensor / token / 1×128 group), padding rows skipped |
-# | `09c_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 and FP4 w4a16 Triton GEMMs of both formats |
+# | `09c_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 (1×128 activation groups quantized in the K loop) and FP4 w4a16 Triton GEMMs of both formats |
 # | `09d_kernels.quant_experts` | `moe_lit.kernels.quant_experts` | quantized experts of both formats: both GEMMs, expert biases, the intermediate re-quantized |
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
 # | `11_oracle` | `moe_lit.oracle` | experts-backend selection from the prepare/finalize's format, with a reason per candidate |
