@@ -218,7 +218,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #8a08dd4f3495
+# %% ../nbs/10_modular.ipynb #8e19bbc73a4d
 class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     trusted = False     # True (`make_experts(..., trusted=True)`): the caller's weights were checked once, at its
@@ -252,8 +252,14 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
 
 class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
+    trusted = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
+        if self.trusted:
+            return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
+                                               prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                               w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                               num_experts=prepared.num_experts, active_experts=prepared.active_experts)
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           num_experts=prepared.num_experts, active_experts=prepared.active_experts,
@@ -262,8 +268,13 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
 
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
+    trusted = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
+        if self.trusted and prepared.a.dtype in (torch.bfloat16, torch.float16):   # the layer's 16-bit slabs
+            return BatchedTritonQuantExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, prepared.expected_m,
+                                                      w13_bias, w2_bias, activation, prepared.active_experts,
+                                                      prepared.max_active_experts)
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
                                                  active_experts=prepared.active_experts,
                                                  max_active_experts=prepared.max_active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,

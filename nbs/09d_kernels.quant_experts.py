@@ -116,6 +116,19 @@ class BatchedTritonQuantExperts:
         return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias,
                                        active_experts, max_active_experts)
 
+    def _apply(self, a, expert_num_tokens, qw, expected_m=None, w13_bias=None, w2_bias=None,
+               activation: Activation = SILU, active_experts=None, max_active_experts=None) -> torch.Tensor:
+        "`apply` after its checks, 16-bit `a`: for a layer whose quantized weights (checked once) and dispatched slabs are its own (`10_modular`)."
+        (E, M, H), I = a.shape, qw.intermediate_size
+        a_k, a_s, as_st, odt = _prepare_activations(a, qw, expert_num_tokens, None, None, H, batched=True)
+        h = _batched_moe_gemm_quant(a_k, a_s, as_st, _weight_kernel_args(qw, "w13"), expert_num_tokens, activation,
+                                    torch.empty(E, M, I, dtype=odt, device=a.device), None, expected_m, w13_bias,
+                                    active_experts, max_active_experts)
+        hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, I, batched=True)
+        return _batched_moe_gemm_quant(hq, hs, hs_st, _weight_kernel_args(qw, "w2"), expert_num_tokens, None,
+                                       torch.empty(E, M, qw.hidden_size, dtype=odt, device=a.device), None, expected_m,
+                                       w2_bias, active_experts, max_active_experts)
+
 # %%
 #| export
 def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Tensor, qw: QuantizedExpertWeights,
@@ -189,14 +202,21 @@ class TritonQuantExperts:
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         if active_experts is not None: check_int("active_experts", active_experts, lo=0)
-        (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
-        check_local_ids(local_ids, E, validate)
-        if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
+        check_local_ids(local_ids, qw.num_experts, validate)
         if qw.device != hidden.device: raise ValueError(f"qw: expected device {hidden.device}, got {qw.device}")
-        if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), hidden.dtype)
-        check_block_m(block_m)
+        if block_m is not None: check_block_m(block_m)
+        for name in ("w13", "w2"): check_extent(name, getattr(qw, name))
+        return self._apply(hidden, qw, topk_weights, local_ids, apply_router_weight_on_input, block_m, expected_m,
+                           w13_bias, w2_bias, activation, num_experts, active_experts)
+
+    def _apply(self, hidden, qw, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
+               expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,
+               active_experts=None) -> torch.Tensor:
+        "`apply` after its checks: for a layer whose quantized weights (checked once), ids and activations are its own (`10_modular`)."
+        (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
+        if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
+        if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), hidden.dtype)   # checked
         wa13, wa2 = _weight_kernel_args(qw, "w13"), _weight_kernel_args(qw, "w2")
-        for name, wa in (("w13", wa13), ("w2", wa2)): check_extent(name, wa["codes"])
         s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)   # ids: the placement's
         # the launches below skip the GEMMs' checks: every argument was checked above or is built here.
         # rows of h for pairs on other ranks are never written by GEMM1 nor read by GEMM2 - but a per-tensor activation

@@ -328,8 +328,14 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
 
 class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
+    trusted = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
+        if self.trusted:
+            return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
+                                               prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                               w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                               num_experts=prepared.num_experts, active_experts=prepared.active_experts)
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           num_experts=prepared.num_experts, active_experts=prepared.active_experts,
@@ -338,8 +344,13 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
 
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
+    trusted = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
+        if self.trusted and prepared.a.dtype in (torch.bfloat16, torch.float16):   # the layer's 16-bit slabs
+            return BatchedTritonQuantExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, prepared.expected_m,
+                                                      w13_bias, w2_bias, activation, prepared.active_experts,
+                                                      prepared.max_active_experts)
         return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
                                                  active_experts=prepared.active_experts,
                                                  max_active_experts=prepared.max_active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,

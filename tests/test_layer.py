@@ -145,6 +145,10 @@ def test_fused_moe_quantized():
             assert_close(got.cpu(), want, rtol=rtol, name=f"{fmt_backend} {quant} {experts}")
             cos = torch.nn.functional.cosine_similarity(got.double().cpu().flatten(), want.flatten(), dim=0)
             assert cos > 0.995, (quant, cos)
+            if experts == "triton":                    # debug: the experts' checked entry, not the layer's trusted one
+                checked = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE, debug=True)
+                assert not checked._modular_kernel(len(x)).experts.trusted and layer._modular_kernel(len(x)).experts.trusted
+                test_eq(torch.equal(checked(x.to(DEVICE), topk), got), True)
     test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
 
 

@@ -31,7 +31,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #7522aa84d338
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #5a4bae0fd662
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -73,6 +73,19 @@ class BatchedTritonQuantExperts:
         return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias,
                                        active_experts, max_active_experts)
 
+    def _apply(self, a, expert_num_tokens, qw, expected_m=None, w13_bias=None, w2_bias=None,
+               activation: Activation = SILU, active_experts=None, max_active_experts=None) -> torch.Tensor:
+        "`apply` after its checks, 16-bit `a`: for a layer whose quantized weights (checked once) and dispatched slabs are its own (`10_modular`)."
+        (E, M, H), I = a.shape, qw.intermediate_size
+        a_k, a_s, as_st, odt = _prepare_activations(a, qw, expert_num_tokens, None, None, H, batched=True)
+        h = _batched_moe_gemm_quant(a_k, a_s, as_st, _weight_kernel_args(qw, "w13"), expert_num_tokens, activation,
+                                    torch.empty(E, M, I, dtype=odt, device=a.device), None, expected_m, w13_bias,
+                                    active_experts, max_active_experts)
+        hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, I, batched=True)
+        return _batched_moe_gemm_quant(hq, hs, hs_st, _weight_kernel_args(qw, "w2"), expert_num_tokens, None,
+                                       torch.empty(E, M, qw.hidden_size, dtype=odt, device=a.device), None, expected_m,
+                                       w2_bias, active_experts, max_active_experts)
+
 # %% ../../nbs/09d_kernels.quant_experts.ipynb #d7a7e38c9352
 def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Tensor, qw: QuantizedExpertWeights,
                                     a_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
@@ -91,7 +104,7 @@ def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Te
     h = batched_gemm_quant_reference(a, qw, expert_num_tokens, activation, a_scale=a_scale, bias=w13_bias).to(hdt)
     return batched_gemm_quant_reference(h, qw, expert_num_tokens, bias=w2_bias)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #6ead402ff0d0
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #8603670018cb
 class TritonQuantExperts:
     "Standard-format experts, quantized: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -121,14 +134,21 @@ class TritonQuantExperts:
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         if active_experts is not None: check_int("active_experts", active_experts, lo=0)
-        (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
-        check_local_ids(local_ids, E, validate)
-        if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
+        check_local_ids(local_ids, qw.num_experts, validate)
         if qw.device != hidden.device: raise ValueError(f"qw: expected device {hidden.device}, got {qw.device}")
-        if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), hidden.dtype)
-        check_block_m(block_m)
+        if block_m is not None: check_block_m(block_m)
+        for name in ("w13", "w2"): check_extent(name, getattr(qw, name))
+        return self._apply(hidden, qw, topk_weights, local_ids, apply_router_weight_on_input, block_m, expected_m,
+                           w13_bias, w2_bias, activation, num_experts, active_experts)
+
+    def _apply(self, hidden, qw, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
+               expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,
+               active_experts=None) -> torch.Tensor:
+        "`apply` after its checks: for a layer whose quantized weights (checked once), ids and activations are its own (`10_modular`)."
+        (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
+        if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
+        if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), hidden.dtype)   # checked
         wa13, wa2 = _weight_kernel_args(qw, "w13"), _weight_kernel_args(qw, "w2")
-        for name, wa in (("w13", wa13), ("w2", wa2)): check_extent(name, wa["codes"])
         s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)   # ids: the placement's
         # the launches below skip the GEMMs' checks: every argument was checked above or is built here.
         # rows of h for pairs on other ranks are never written by GEMM1 nor read by GEMM2 - but a per-tensor activation
