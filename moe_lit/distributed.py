@@ -195,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
-# %% ../nbs/13b_distributed.ipynb #0af1ffe629b8
+# %% ../nbs/13b_distributed.ipynb #fd26976edf60
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
@@ -218,7 +218,9 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
         if dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
         run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first
-        sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {e}\n"); sys.stderr.flush()   # one write: no interleaving
+        name, _, rest = str(e).partition(": ")         # the file --config names, as `moe-lit run` says it
+        msg = f"--config: {rest}" if name == "path_or_dict" else str(e)
+        sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {msg}\n"); sys.stderr.flush()   # one write: no interleaving
         dist.destroy_process_group(); return 2
     status = 0
     if rank == 0:

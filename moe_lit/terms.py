@@ -78,13 +78,13 @@ DIMENSIONS = {
     "K": "GEMM reduction length (H for w13, I for w2); never top_k",
 }
 
-# %% ../nbs/00_terms.ipynb #79f6807ebce7
+# %% ../nbs/00_terms.ipynb #78276032892e
 def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
     "Check that `value` is an int (not a bool) with `lo <= value` and `value < hi` when given; returns it."
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if lo is not None and value < lo: raise ValueError(f"{name}: expected >= {lo}, got {value}")
-    if hi is not None and value >= hi: raise ValueError(f"{name}: expected < {hi}, got {value}")
+    if hi is not None and value >= hi: raise ValueError(f"{name}: expected <= {hi - 1}, got {value}")
     return value
 
 # %% ../nbs/00_terms.ipynb #b9df3f9d17f8

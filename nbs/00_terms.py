@@ -130,14 +130,14 @@ def check_int(name: str, value, lo: int | None = None, hi: int | None = None) ->
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if lo is not None and value < lo: raise ValueError(f"{name}: expected >= {lo}, got {value}")
-    if hi is not None and value >= hi: raise ValueError(f"{name}: expected < {hi}, got {value}")
+    if hi is not None and value >= hi: raise ValueError(f"{name}: expected <= {hi - 1}, got {value}")
     return value
 
 # %%
 #| test check_int
 test_eq(check_int("top_k", 2, lo=1), 2)
 test_fail(lambda: check_int("top_k", 0, lo=1), contains="top_k: expected >= 1, got 0")
-test_fail(lambda: check_int("ep_rank", 4, lo=0, hi=4), contains="ep_rank: expected < 4, got 4")
+test_fail(lambda: check_int("ep_rank", 4, lo=0, hi=4), contains="ep_rank: expected <= 3, got 4")
 test_fail(lambda: check_int("top_k", 2.0), contains="top_k: expected an int, got float")
 test_fail(lambda: check_int("top_k", True), contains="expected an int, got bool")
 

@@ -8,14 +8,18 @@
 # %%
 #| export
 from __future__ import annotations
-import inspect, math, os
+import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_tensor
+from moe_lit.terms import check_tensor, check_positive_real
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail
+from moe_lit.kernels.batched import DEVICE
+import triton, triton.language as tl
+from moe_lit.kernels.router import route_topk, router_plan
+from moe_lit.config import MoEConfig
 
 # %% [markdown]
 # In this notebook: `tolerance` (the dtype table), `assert_close` (the one comparison) and `poison_rows` (fill the rows
@@ -404,18 +408,33 @@ class record_launches:
     def __exit__(self, *exc):
         self.cls.run = self.orig
 
+def _source_hash(fn) -> str:
+    import hashlib
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+
 def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
-    "One recorded launch as a JSON-ready compile spec: `{module, kernel, signature, constexprs, divisible, options}` (ValueError for an argument type it cannot type)."
-    fn = getattr(kernel, "fn", kernel)
+    "One recorded launch as a JSON-ready compile spec: `{module, kernel, source, signature, constexprs, divisible, options}` (ValueError for an argument it cannot type)."
+    fn = getattr(kernel, "fn", None)
+    if not (callable(fn) and hasattr(kernel, "run")):
+        raise ValueError(f"kernel: expected a @triton.jit function (as record_launches notes it), got {type(kernel).__name__}")
+    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+        raise ValueError(f"args, kwargs: expected a tuple and a dict, got {type(args).__name__} and {type(kwargs).__name__}")
     params = inspect.signature(fn).parameters
+    if len(args) > len(params):
+        raise ValueError(f"args: expected at most {len(params)} positional arguments for {fn.__name__}, got {len(args)}")
     bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
     sig, consts, div = {}, {}, []
     for name, p in params.items():
         v = bound.get(name, p.default)
         if v is inspect.Parameter.empty: raise ValueError(f"{fn.__name__}: expected a value for {name}, got none")
         if "constexpr" in str(p.annotation) or v is None:
+            if not isinstance(v, (int, float, str, type(None))):      # bool is an int
+                raise ValueError(f"{fn.__name__}: expected an int, float, bool, str or None for constexpr {name}, got "
+                                 f"{type(v).__name__}")
             sig[name], consts[name] = "constexpr", GPU_CONSTEXPRS.get(name, v)
         elif isinstance(v, torch.Tensor):
+            if v.dtype not in _TRITON_TYPES:
+                raise ValueError(f"{fn.__name__}: expected a tensor of {', '.join(map(str, _TRITON_TYPES))} for {name}, got {v.dtype}")
             sig[name] = "*" + _TRITON_TYPES[v.dtype]
             if v.data_ptr() % 16 == 0: div.append(name)
         elif isinstance(v, bool): sig[name] = "i1"
@@ -427,18 +446,32 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
         elif isinstance(v, float): sig[name] = "fp32"
         else: raise ValueError(f"{fn.__name__}: expected a tensor, int, float, bool or None for {name}, got {type(v).__name__}")
     options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages")}
-    return dict(module=fn.__module__, kernel=fn.__name__, signature=sig, constexprs=consts, divisible=div, options=options)
+    module = fn.__module__
+    if module == "__main__": module = _twin_module(fn)          # a notebook's kernel: its exported twin, same source
+    elif getattr(getattr(sys.modules.get(module), fn.__name__, None), "fn", None) is not fn:
+        raise ValueError(f"kernel: expected a module-level @triton.jit function (the compiling process imports it by "
+                         f"name), got {fn.__name__} of {module}, not found there")
+    return dict(module=module, kernel=fn.__name__, source=_source_hash(fn), signature=sig, constexprs=consts,
+                divisible=div, options=options)
 
-def _find_kernel(module: str, name: str):
-    "The jitted kernel `name` of `module`; a kernel defined in a running notebook (`__main__`) is its exported twin in moe_lit."
+def _twin_module(fn) -> str:
+    "The moe_lit module holding a jitted function of `fn`'s name and source (a running notebook's kernel, exported); ValueError if none."
     import importlib, pkgutil, moe_lit
-    if module != "__main__":
-        return getattr(importlib.import_module(module), name)
     for info in sorted(pkgutil.walk_packages(moe_lit.__path__, "moe_lit."), key=lambda i: not i.name.startswith("moe_lit.kernels")):
         try: mod = importlib.import_module(info.name)
         except ImportError: continue                      # an optional extra's module (transformers) without the extra
-        if hasattr(getattr(mod, name, None), "arg_names"): return getattr(mod, name)
-    raise ValueError(f"kernel: expected a jitted function named {name} in moe_lit, found none")
+        twin = getattr(getattr(mod, fn.__name__, None), "fn", None)
+        if twin is not None and _source_hash(twin) == _source_hash(fn): return info.name
+    raise ValueError(f"kernel: expected {fn.__name__}, defined in __main__, to be a moe_lit kernel (the subprocess that "
+                     f"compiles imports it by module), found no moe_lit function of that name and source")
+
+def _find_kernel(module: str, name: str, source: str):
+    "The jitted kernel `name` of `module`, whose source must hash to `source` (what was recorded is what compiles)."
+    import importlib
+    fn = getattr(importlib.import_module(module), name)
+    if _source_hash(fn.fn) != source:
+        raise ValueError(f"kernel: expected {module}.{name} to have the recorded source, got another version")
+    return fn
 
 def _compile_specs(specs: list, capability: int) -> list:
     "In a process without the interpreter: compile each spec for `cuda:capability`."
@@ -446,7 +479,7 @@ def _compile_specs(specs: list, capability: int) -> list:
     from triton.backends.compiler import GPUTarget
     out = []
     for s in specs:
-        fn = _find_kernel(s["module"], s["kernel"])
+        fn = _find_kernel(s["module"], s["kernel"], s["source"])
         names, t0 = list(fn.arg_names), time.perf_counter()
         try:
             src = triton.compiler.ASTSource(fn=fn, signature=s["signature"],
@@ -466,11 +499,23 @@ def compile_for_gpu(launches: list,           # `record_launches`' list, or spec
                    ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, spec}
     "Compile each distinct recorded launch for `cuda:capability` with Triton's bundled compiler, in a subprocess without the interpreter."
     import json, subprocess, sys
+    check_positive_real("timeout", timeout)
+    if isinstance(capability, bool) or not isinstance(capability, int) or not 70 <= capability < 200:
+        raise ValueError(f"capability: expected an int compute capability such as 80, 90 or 100, got {capability!r}")
+    if not isinstance(launches, (list, tuple)) or (isinstance(launches, tuple) and len(launches) == 3 and
+                                                    isinstance(launches[2], dict)):      # one launch, not a list of them
+        raise ValueError(f"launches: expected a list of (kernel, args, kwargs) launches or launch_spec dicts, got "
+                         f"{type(launches).__name__}{' (one launch)' if isinstance(launches, tuple) else ''}")
+    keys = {"module", "kernel", "source", "signature", "constexprs", "divisible", "options"}
+    for x in launches:
+        ok = isinstance(x, dict) and keys <= set(x) or isinstance(x, tuple) and len(x) == 3
+        if not ok: raise ValueError(f"launches: expected (kernel, args, kwargs) tuples or launch_spec dicts, got {x!r:.80}")
     specs = [x if isinstance(x, dict) else launch_spec(*x) for x in launches]
     specs = list({json.dumps(s, sort_keys=True): s for s in specs}.values())       # distinct
     code = ("import json, sys; from moe_lit.testing import _compile_specs; "
             f"print(json.dumps(_compile_specs(json.load(sys.stdin), {int(capability)})))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)      # the caller's modules import there too
     r = subprocess.run([sys.executable, "-c", code], input=json.dumps(specs), capture_output=True, text=True, env=env,
                        timeout=timeout)
     if r.returncode: raise RuntimeError(f"compile_for_gpu: the compiling process failed: {r.stderr[-3000:]}")
@@ -479,11 +524,34 @@ def compile_for_gpu(launches: list,           # `record_launches`' list, or spec
 def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_bytes: int = 227 * 1024) -> list[dict]:
     "`compile_for_gpu` and raise AssertionError naming each kernel that does not compile or needs more shared memory than an SM gives one program."
     res = compile_for_gpu(launches, capability)
-    bad = [f"{r['kernel']}: " + (r["error"] or f"{r['shared_bytes']} B of shared memory") for r in res
+    bad = [f"{r['kernel']}: " + (r["error"] or f"{r['shared_bytes']} B of shared memory, past {max_shared_bytes}") for r in res
            if not r["ok"] or r["shared_bytes"] > max_shared_bytes]
-    if bad: raise AssertionError(f"{len(bad)} of {len(res)} kernels do not compile for cuda:{capability}: " + "; ".join(bad))
+    if bad: raise AssertionError(f"{len(bad)} of {len(res)} kernels do not compile for cuda:{capability} or need more "
+                                 f"shared memory than an SM gives: " + "; ".join(bad))
     if not res: raise AssertionError("launches: expected at least one recorded Triton launch, got none")
     return res
+
+# %%
+#| test compile_for_gpu_bad_input
+with record_launches() as seen:
+    route_topk(router_plan(MoEConfig(8, 2, 16, 16)), torch.randn(3, 8).to(DEVICE))
+test_eq([r["ok"] for r in compile_for_gpu(seen, capability=100)], [True])           # Blackwell too
+for bad, msg in ((seen[0], "launches: expected a list of (kernel, args, kwargs) launches or launch_spec dicts, got tuple (one launch)"),
+                 ([1, 2], "launches: expected (kernel, args, kwargs) tuples or launch_spec dicts, got 1"),
+                 ([{"kernel": "x"}], "launches: expected (kernel, args, kwargs) tuples or launch_spec dicts")):
+    test_fail(lambda: compile_for_gpu(bad), contains=msg)
+for cap in (9.0, 0, True, 900): test_fail(lambda: compile_for_gpu(seen, capability=cap), contains="capability: expected an int")
+test_fail(lambda: compile_for_gpu(seen, timeout=-1), contains="timeout: expected a finite number > 0")
+k, args, kw = seen[0]
+test_fail(lambda: launch_spec(k, (torch.zeros(2, dtype=torch.complex64),) + args[1:], kw), contains="expected a tensor of")
+test_fail(lambda: launch_spec(k, args + (1,) * 40, kw), contains="args: expected at most")
+test_fail(lambda: launch_spec(print, args, kw), contains="kernel: expected a @triton.jit function")
+@triton.jit
+def _local_copy(x_ptr, y_ptr, B: tl.constexpr):                                   # not a module attribute: refused
+    tl.store(y_ptr + tl.arange(0, B), tl.load(x_ptr + tl.arange(0, B)))
+with record_launches() as mine: _local_copy[(1,)](torch.zeros(16, device=DEVICE), torch.zeros(16, device=DEVICE), B=16)
+test_fail(lambda: compile_for_gpu(mine), contains="kernel: expected")
+test_fail(lambda: assert_compiles_for_gpu(seen, max_shared_bytes=-1), contains="need more shared memory than an SM gives")
 
 # %% [markdown]
 # ## Inline PTX, executed on the CPU
@@ -510,35 +578,59 @@ def _bf16_value(h: int) -> float:
     import struct
     return struct.unpack("<f", struct.pack("<I", (h & 0xFFFF) << 16))[0]
 
+_PTX_ARITY = {"mov.b32": 2, "and.b32": 3, "mul.lo.u32": 3, "add.u32": 3, "add.s32": 3, "max.u32": 3, "prmt.b32": 4,
+              "cvt.u16.u32": 2, "cvt.rn.f16x2.e4m3x2": 2, "cvt.rn.bf16.f16": 2, "fma.rn.bf16x2": 4, "mul.rn.bf16x2": 3}
+
 def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces and `.reg` lines allowed)
-                operands: list,    # the `$n` values in constraint order (outputs' initial values are ignored)
+                operands: list,    # the `$n` values in constraint order, ints in [0, 2^32) (outputs' values are ignored)
                ) -> list:          # every operand's value after the block (outputs hold the results)
     "Execute the PTX subset of moe-lit's decode blocks on Python ints (32-bit `r`, 16-bit `h`); ValueError on anything else."
+    import re
+    if not isinstance(src, str): raise ValueError(f"src: expected PTX text, got {type(src).__name__}")
+    if not isinstance(operands, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and
+                                                          0 <= v < 2**32 for v in operands):
+        raise ValueError(f"operands: expected a list of ints in [0, 2^32), got {operands!r:.120}")
     regs = {f"${i}": int(v) for i, v in enumerate(operands)}
     def val(x):
-        x = x.strip()
-        if x.startswith("$") or x[0].isalpha(): return regs[x]
-        return int(x, 0)
+        if re.fullmatch(r"\$\d+|[A-Za-z_]\w*", x):
+            if x not in regs: raise ValueError(f"src: expected {x} to be an operand or written before it is read")
+            return regs[x]
+        try: return int(x, 0) & 0xFFFFFFFF
+        except ValueError: raise ValueError(f"src: expected a register or an integer literal, got {x!r}") from None
+    def dest(x):
+        if not re.fullmatch(r"\$\d+|[A-Za-z_]\w*", x): raise ValueError(f"src: expected a register to write, got {x!r}")
+        return x
     def halves(v): return v & 0xFFFF, (v >> 16) & 0xFFFF
-    for line in src.replace("{\n", "\n").split("\n"):
-        line = line.split("//")[0].strip().rstrip(";").strip()
-        if not line or line in ("{", "}") or line.startswith(".reg"): continue
-        op, _, rest = line.partition(" ")
-        args = [a.strip() for a in rest.replace("{", "[").replace("}", "]").split(",")]
-        # re-join the packed operands `{a, b}` that the split broke apart
-        joined, i = [], 0
-        while i < len(args):
-            if args[i].startswith("["): joined.append([args[i][1:], args[i + 1][:-1]]); i += 2
-            else: joined.append(args[i]); i += 1
-        d, srcs = joined[0], joined[1:]
+    body = re.sub(r"//[^\n]*", "", src)
+    body = "\n".join(l for l in body.split("\n") if l.strip() not in ("{", "}"))   # the block's own braces
+    for line in body.split(";"):
+        line = line.strip()
+        if line.count("{") != line.count("}"): raise ValueError(f"src: expected balanced braces, got {line!r}")
+        if not line or line.startswith(".reg"): continue
+        op, _, rest = line.partition(" ") if " " in line.split("\t")[0] or "\t" not in line else line.partition("\t")
+        op, rest = op.strip(), rest.strip()
+        if op not in _PTX_ARITY: raise ValueError(f"src: expected the PTX subset emulate_ptx runs, got {line!r}")
+        args = [a for a in re.findall(r"\{[^{}]*\}|[^,\s][^,]*", rest)]
+        args = [a.strip() for a in args]
+        if len(args) != _PTX_ARITY[op]:
+            raise ValueError(f"src: expected {_PTX_ARITY[op]} operands for {op}, got {len(args)} in {line!r}")
+        pair = lambda a: [t.strip() for t in a[1:-1].split(",")] if a.startswith("{") else None
+        d, srcs = args[0], args[1:]
         if op == "mov.b32":
-            if isinstance(d, list): regs[d[0]], regs[d[1]] = halves(val(srcs[0]))
-            elif isinstance(srcs[0], list): regs[d] = (val(srcs[0][0]) & 0xFFFF) | ((val(srcs[0][1]) & 0xFFFF) << 16)
-            else: regs[d] = val(srcs[0]) & 0xFFFFFFFF
-        elif op == "and.b32": regs[d] = val(srcs[0]) & val(srcs[1]) & 0xFFFFFFFF
+            dp, sp = pair(d), pair(srcs[0])
+            if dp is not None:
+                if len(dp) != 2: raise ValueError(f"src: expected two halves in {d}")
+                regs[dest(dp[0])], regs[dest(dp[1])] = halves(val(srcs[0]))
+            elif sp is not None:
+                if len(sp) != 2: raise ValueError(f"src: expected two halves in {srcs[0]}")
+                regs[dest(d)] = (val(sp[0]) & 0xFFFF) | ((val(sp[1]) & 0xFFFF) << 16)
+            else: regs[dest(d)] = val(srcs[0])
+            continue
+        d = dest(d)
+        if op == "and.b32": regs[d] = val(srcs[0]) & val(srcs[1])
         elif op == "mul.lo.u32": regs[d] = (val(srcs[0]) * val(srcs[1])) & 0xFFFFFFFF
         elif op in ("add.u32", "add.s32"): regs[d] = (val(srcs[0]) + val(srcs[1])) & 0xFFFFFFFF
-        elif op == "max.u32": regs[d] = max(val(srcs[0]) & 0xFFFFFFFF, val(srcs[1]) & 0xFFFFFFFF)
+        elif op == "max.u32": regs[d] = max(val(srcs[0]), val(srcs[1]))
         elif op == "prmt.b32":
             a, b, sel = val(srcs[0]), val(srcs[1]), val(srcs[2])
             pool = [(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF for k in range(4)]
@@ -558,12 +650,11 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         elif op == "cvt.rn.bf16.f16":
             h = torch.tensor([val(srcs[0]) & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.float16)
             regs[d] = _bf16_bits(float(h.float()))
-        elif op in ("fma.rn.bf16x2", "mul.rn.bf16x2"):
+        else:                                                           # fma / mul.rn.bf16x2
             a, b = halves(val(srcs[0])), halves(val(srcs[1]))
             c = halves(val(srcs[2])) if op.startswith("fma") else (0x8000, 0x8000)   # mul: + (-0)
             r = [_bf16_bits(_bf16_value(a[k]) * _bf16_value(b[k]) + _bf16_value(c[k])) for k in range(2)]
             regs[d] = r[0] | (r[1] << 16)
-        else: raise ValueError(f"src: expected the PTX subset emulate_ptx runs, got {line!r}")
     return [regs[f"${i}"] for i in range(len(operands))]
 
 # %%
@@ -574,3 +665,14 @@ test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F803F80, 0x40004040,
 test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F81, 0x3F81, 0])[0] & 0xFFFF, 0x3F82)   # (1+2^-7)^2 rounds
 test_eq(emulate_ptx("cvt.rn.f16x2.e4m3x2 $0, $1;", [0, 0x3840])[0], 0x3C004000)   # e4m3 0x40 = 2.0, 0x38 = 1.0 (f16)
 test_fail(lambda: emulate_ptx("sub.u32 $0, $1, 1;", [0, 5]), contains="expected the PTX subset emulate_ptx runs")
+test_eq(emulate_ptx("add.u32\t$0, $1, 2; add.u32 $0, $0, 3;", [0, 5])[0], 10)       # a tab, two instructions a line
+for src, ops, msg in (("add.u32 $0, $1, 2, 3;", [0, 5], "expected 3 operands for add.u32, got 4"),
+                      ("add.u32 $0, $2, 1;", [0, 5], "expected $2 to be an operand or written before it is read"),
+                      ("mov.b32 {$0, $1, $2;", [0, 0, 5], "expected balanced braces"),
+                      ("cvt.u16.u32 5, $1;", [0, 5], "expected a register to write, got '5'"),
+                      ("add.u32 $0, $1, 0xZZ;", [0, 5], "expected a register or an integer literal, got '0xZZ'"),
+                      ("add.u32 $0, $1, 0;", [0, 2**40], "operands: expected a list of ints in [0, 2^32)"),
+                      ("add.u32 $0, $1, 0;", [0, -1], "operands: expected a list of ints in [0, 2^32)"),
+                      ("add.u32 $0, $1, 0;", [0, 1.7], "operands: expected a list of ints in [0, 2^32)")):
+    test_fail(lambda: emulate_ptx(src, ops), contains=msg)
+test_fail(lambda: emulate_ptx(None, [0]), contains="src: expected PTX text, got NoneType")

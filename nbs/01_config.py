@@ -249,7 +249,7 @@ test_fail(lambda: ParallelConfig(ep_size=4, ep_rank=1, dp_size=2, dp_rank=1, use
 test_fail(lambda: ParallelConfig(use_ep="no"), contains="use_ep: expected a bool, got str 'no'")
 test_fail(lambda: ParallelConfig(enable_eplb="no"), contains="enable_eplb: expected a bool, got str")
 test_fail(lambda: ParallelConfig(all2all_backend=["x"]), contains="all2all_backend: expected one of")
-test_fail(lambda: ParallelConfig(dp_size=2**31), contains="dp_size: expected < 2147483648")
+test_fail(lambda: ParallelConfig(dp_size=2**31), contains="dp_size: expected <= 2147483647")
 
 # %% [markdown]
 # `make` takes the deployment as a user states it and applies the flattening rule.
@@ -309,10 +309,10 @@ for tp in (1, 2):                                        # every state `make` pr
 # %%
 #| test make_bad_input
 test_fail(lambda: ParallelConfig.make(0, 1), contains="tp_size: expected >= 1, got 0")
-test_fail(lambda: ParallelConfig.make(2, 1, tp_rank=2), contains="tp_rank: expected < 2, got 2")
+test_fail(lambda: ParallelConfig.make(2, 1, tp_rank=2), contains="tp_rank: expected <= 1, got 2")
 test_fail(lambda: ParallelConfig.make(1, 2, dp_rank=-1), contains="dp_rank: expected >= 0, got -1")
 test_fail(lambda: ParallelConfig.make(1, 2, all2all_backend="deepep"), contains="all2all_backend: expected one of")
-test_fail(lambda: ParallelConfig(ep_size=2, ep_rank=2), contains="ep_rank: expected < 2, got 2")
+test_fail(lambda: ParallelConfig(ep_size=2, ep_rank=2), contains="ep_rank: expected <= 1, got 2")
 test_fail(lambda: ParallelConfig.make(1, 2, enable_expert_parallel="no"),
           contains="enable_expert_parallel: expected a bool, got str 'no'")
 test_fail(lambda: ParallelConfig.make(1, 2, enable_expert_parallel=True, enable_eplb=1),
@@ -623,7 +623,7 @@ test_eq((cfg.use_batched_activation_format, cfg.needs_round_robin_routing_tables
 test_eq(cfg.replace(parallel=ParallelConfig()).activation_format, ActivationFormat.Standard)
 test_eq(cfg.replace(hidden_size=2880).padded_hidden_size, 3072)            # gpt-oss over NIXL EP: padded
 test_eq(cfg.replace(hidden_size=2880, parallel=ParallelConfig()).padded_hidden_size, 2880)   # nothing travels
-test_fail(lambda: MoEConfig(8, 9, 16, 16), contains="top_k: expected < 9, got 9")
+test_fail(lambda: MoEConfig(8, 9, 16, 16), contains="top_k: expected <= 8, got 9")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, scoring_func="relu"), contains="scoring_func: expected one of")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, routing_method="grouped_topk"), contains="num_expert_group: expected an int")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, routing_method="llama4"), contains="top_k: expected 1")
@@ -642,8 +642,8 @@ bad = {"renormalize": ("yes", "renormalize: expected a bool, got str 'yes'"),
        "topk_group": ("a", "topk_group: expected an int, got str"),
        "shared_intermediate_size": (0, "shared_intermediate_size: expected >= 1, got 0"),
        "name": (3, "name: expected a str, got int 3"),
-       "num_experts": (2**40, "num_experts: expected < 2147483648, got 1099511627776"),
-       "hidden_size": (2**31, "hidden_size: expected < 2147483648"),
+       "num_experts": (2**40, "num_experts: expected <= 2147483647, got 1099511627776"),
+       "hidden_size": (2**31, "hidden_size: expected <= 2147483647"),
        "num_redundant_experts": (2**31 - 8, "num_redundant_experts: expected num_experts + num_redundant_experts <")}
 shapes = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16)
 for field_name, (value, msg) in bad.items():
@@ -651,7 +651,7 @@ for field_name, (value, msg) in bad.items():
 for x in (float("nan"), float("inf"), True, 0, -1.5, 10**400):
     test_fail(lambda: MoEConfig(8, 2, 16, 16, routed_scaling_factor=x),
               contains="routed_scaling_factor: expected a finite")
-test_fail(lambda: MoEConfig(8, 2, 16, 16, num_expert_group=2, topk_group=3), contains="topk_group: expected < 3, got 3")
+test_fail(lambda: MoEConfig(8, 2, 16, 16, num_expert_group=2, topk_group=3), contains="topk_group: expected <= 2, got 3")
 test_eq(MoEConfig(8, 2, 16, 16, routed_scaling_factor=2).routed_scaling_factor, 2)   # an int factor is a number
 
 # %% [markdown]

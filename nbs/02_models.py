@@ -827,11 +827,11 @@ for x in ("NaN", "Infinity", "-Infinity"):
     test_fail(lambda: moe_config_from_hf(raw), contains="config.json routed_scaling_factor: expected a finite number > 0")
 test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": "2.5"}),
           contains="config.json routed_scaling_factor: expected a finite number > 0, got str '2.5'")
-test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 10**30}), contains="config.json num_experts: expected < 2147483648")
-test_fail(lambda: moe_config_from_hf({**moe, "hidden_size": 2**31}), contains="config.json hidden_size: expected < 2147483648")
+test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 10**30}), contains="config.json num_experts: expected <= 2147483647")
+test_fail(lambda: moe_config_from_hf({**moe, "hidden_size": 2**31}), contains="config.json hidden_size: expected <= 2147483647")
 test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**40}), contains="config.json n_shared_experts: expected <")
 test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**22}),   # 2**22 * 768 is too wide for one MLP
-          contains="shared_intermediate_size: expected < 2147483648")
+          contains="shared_intermediate_size: expected <= 2147483647")
 test_fail(lambda: moe_config_from_hf({**moe, "_name_or_path": ["Qwen"]}), contains="config.json _name_or_path: expected a str")
 
 # %%

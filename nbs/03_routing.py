@@ -89,7 +89,7 @@ test_eq(ids.tolist(), [[1, 2, 4], [0, 1, 2]])           # ties -> lower index; a
 test_eq(vals[0].tolist(), [3.0, 3.0, 3.0])
 test_eq(stable_topk(v, 7)[1][0].tolist(), [1, 2, 4, 6, 0, 3, 5])   # NaN ranks last
 test_eq(stable_topk(torch.zeros(2, 300), 4)[1].tolist(), [[0, 1, 2, 3]] * 2)
-test_fail(lambda: stable_topk(v, 8), contains="top_k: expected < 8, got 8")
+test_fail(lambda: stable_topk(v, 8), contains="top_k: expected <= 7, got 8")
 test_fail(lambda: stable_topk(v[0], 2), contains="values: expected a 2-D tensor")
 test_fail(lambda: stable_topk(torch.ones(2, 3, dtype=torch.int32), 1), contains="values: expected dtype torch.float64 or torch.float32 or torch.float16 or torch.bfloat16, got torch.int32")
 
@@ -546,7 +546,7 @@ test_eq(ids.tolist(), [[1], [2], [0]])                       # tie (1 vs 3) -> l
 test_close(w[:2, 0], torch.tensor([2.0, -2.0]).sigmoid(), eps=1e-6)   # sigmoid of the logit, not renormalised
 test_eq(w[2].tolist(), [0.0])
 test_eq((w.dtype, ids.dtype), (torch.float32, torch.int32))
-test_fail(lambda: llama4_topk(logits, 5), contains="top_k: expected < 5")
+test_fail(lambda: llama4_topk(logits, 5), contains="top_k: expected <= 4")
 
 # %% [markdown]
 # **Infinite logits**, in every router (rule 4): under softmax a `+inf` logit, or a row of `-inf` only, makes the
@@ -578,7 +578,7 @@ test_eq(llama4_topk(logits[[0]]), (torch.tensor([[1.0]]), torch.tensor([[0]], dt
 g = torch.randn(4, 64)
 test_fail(lambda: fused_topk(g[0], 2, True), contains="gating_output: expected a 2-D tensor")
 test_fail(lambda: fused_topk(g.long(), 2, True), contains="gating_output: expected dtype")
-test_fail(lambda: fused_topk(g, 65, True), contains="top_k: expected < 65, got 65")
+test_fail(lambda: fused_topk(g, 65, True), contains="top_k: expected <= 64, got 65")
 test_fail(lambda: fused_topk(g, 0, True), contains="top_k: expected >= 1, got 0")
 test_fail(lambda: fused_topk(g, 2, True, "relu"), contains="scoring_func: expected one of")
 for flag in ("yes", 1, np.bool_(True), torch.tensor([True, False]), None):   # only a Python bool
@@ -591,7 +591,7 @@ test_fail(lambda: fused_topk(g, 2, True, e_score_correction_bias=torch.full((64,
 for x in (0.0, float("nan"), float("inf"), "2", True, 10**400):
     test_fail(lambda: fused_topk(g, 2, True, routed_scaling_factor=x),
               contains="routed_scaling_factor: expected a finite number > 0")
-test_fail(lambda: grouped_topk(g, 2, True, 8, 9), contains="topk_group: expected < 9, got 9")
+test_fail(lambda: grouped_topk(g, 2, True, 8, 9), contains="topk_group: expected <= 8, got 9")
 test_fail(lambda: grouped_topk(g, 2, True, 0, 1), contains="num_expert_group: expected >= 1, got 0")
 test_fail(lambda: grouped_topk(g, 2, True, 8, 0), contains="topk_group: expected >= 1, got 0")
 test_fail(lambda: grouped_topk(g, 17, True, 8, 2), contains="top_k: expected <= topk_group * experts per group = 16")
@@ -788,7 +788,7 @@ _, ids = fused_topk(torch.randn(64, 16), 4, True)
 test_eq(expert_load(ids, 16).sum().item(), 64 * 4)          # counts sum to num_tokens * top_k
 test_fail(lambda: expert_load(ids, 8), contains="topk_ids: expected ids in [-1, 8)")
 test_fail(lambda: expert_load(ids.float(), 16), contains="topk_ids: expected dtype")
-test_fail(lambda: expert_load(ids, 2**62), contains="num_experts: expected < 2147483648, got 4611686018427387904")
+test_fail(lambda: expert_load(ids, 2**62), contains="num_experts: expected <= 2147483647, got 4611686018427387904")
 
 # %% [markdown]
 # Ids that come from somewhere else than a router — a caller's own `(topk_weights, topk_ids)`, or a transport's

@@ -82,11 +82,11 @@ for E, S in ((8, 2), (9, 2), (10, 4), (33, 4), (5, 5)):   # the blocks tile [0, 
 # %%
 #| test expert_block_bad_input
 test_fail(lambda: expert_block(8, 0, 0), contains="ep_size: expected >= 1, got 0")
-test_fail(lambda: expert_block(8, 2, 2), contains="ep_rank: expected < 2, got 2")
+test_fail(lambda: expert_block(8, 2, 2), contains="ep_rank: expected <= 1, got 2")
 test_fail(lambda: expert_block(8, 2, -1), contains="ep_rank: expected >= 0, got -1")
 test_fail(lambda: expert_block(3, 4, 0), contains="num_experts: expected >= ep_size (4)")
 test_fail(lambda: expert_block(8.0, 2, 0), contains="num_experts: expected an int")
-test_fail(lambda: expert_block(2**31, 2, 0), contains="num_experts: expected < 2147483648, got 2147483648")
+test_fail(lambda: expert_block(2**31, 2, 0), contains="num_experts: expected <= 2147483647, got 2147483648")
 
 # %% [markdown]
 # ## The expert map
@@ -145,13 +145,13 @@ for E, S in ((16, 4), (17, 4), (33, 4), (5, 5)):   # each expert lives on exactl
 
 # %%
 #| test determine_expert_map_bad_input
-test_fail(lambda: determine_expert_map(2, 2, 8), contains="ep_rank: expected < 2, got 2")
+test_fail(lambda: determine_expert_map(2, 2, 8), contains="ep_rank: expected <= 1, got 2")
 test_fail(lambda: determine_expert_map(0, 0, 8), contains="ep_size: expected >= 1, got 0")
 test_fail(lambda: determine_expert_map(4, 0, 3), contains="global_num_experts: expected >= ep_size (4)")
 test_fail(lambda: determine_expert_map(2, 0, 8, "zigzag"),
           contains="strategy: expected one of ['linear', 'round_robin'], got 'zigzag'")
 test_fail(lambda: determine_expert_map(2, 0, 8.0), contains="global_num_experts: expected an int")
-test_fail(lambda: determine_expert_map(2, 0, 10**12), contains="global_num_experts: expected < 2147483648, got 1000000000000")
+test_fail(lambda: determine_expert_map(2, 0, 10**12), contains="global_num_experts: expected <= 2147483647, got 1000000000000")
 
 # %% [markdown]
 # ### From local to global
@@ -397,7 +397,7 @@ for E, S in ((8, 2), (8, 4), (9, 2), (16, 4), (17, 4), (18, 4), (33, 4), (5, 5),
 
 # %%
 #| test round_robin_tables_bad_input
-test_fail(lambda: round_robin_routing_tables(8, 2, 2), contains="ep_rank: expected < 2, got 2")
+test_fail(lambda: round_robin_routing_tables(8, 2, 2), contains="ep_rank: expected <= 1, got 2")
 test_fail(lambda: round_robin_routing_tables(3, 4, 0), contains="num_experts: expected >= ep_size (4)")
 test_fail(lambda: round_robin_routing_tables(8, 0, 0), contains="ep_size: expected >= 1, got 0")
 test_fail(lambda: round_robin_routing_tables(0, 1, 0), contains="num_experts: expected >= 1, got 0")
@@ -714,7 +714,7 @@ def cfg(backend="nixl_ep", eplb=False, dp=2, E=8, **kw):
                               enable_eplb=eplb)
     return MoEConfig(E, 1, 16, 16, parallel=par, **kw)
 test_fail(lambda: Placement.build("cfg"), contains="config: expected a MoEConfig, got str")
-test_fail(lambda: Placement.build(cfg(), ep_rank=2), contains="ep_rank: expected < 2, got 2")
+test_fail(lambda: Placement.build(cfg(), ep_rank=2), contains="ep_rank: expected <= 1, got 2")
 test_fail(lambda: Placement.build(cfg(), "zigzag"), contains="strategy: expected one of ['linear', 'round_robin']")
 test_fail(lambda: Placement.build(cfg(num_redundant_experts=2)),
           contains="num_redundant_experts: expected 0 when parallel.enable_eplb is False, got 2")

@@ -85,9 +85,9 @@ def _fp8_row_amax(x):
 
 @triton.jit
 def _fp8_row_scales(amax, nan_row, ROWS: tl.constexpr):
-    "`[ROWS]` fp32 dynamic scales `amax / 448` (IEEE division; at least the smallest normal), NaN for a row with a NaN."
+    "`[ROWS]` fp32 dynamic scales `amax / 448` (IEEE division; at least the smallest normal), NaN for a row with a NaN or an inf."
     s = tl.maximum(tl.math.div_rn(amax, tl.full((ROWS,), 448.0, tl.float32)), 1.1754943508222875e-38)
-    return tl.where(nan_row, float("nan"), s)                     # a NaN (or inf: inf/inf) row stays NaN
+    return tl.where(nan_row | (amax == float("inf")), float("nan"), s)   # one rule, whatever the tiling: its row is NaN
 
 @triton.jit
 def _fp8_scaled(x, s, ROWS: tl.constexpr, GROUP: tl.constexpr, EMULATE_CAST: tl.constexpr):

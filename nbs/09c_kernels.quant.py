@@ -912,10 +912,14 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
     return a, a_scale, st, out_dtype
 
+FP8_ACT_QUANT = os.environ.get("MOE_LIT_FP8_ACT_QUANT", "loop")   # "loop": 1×128 groups quantized in the GEMMs' K
+if FP8_ACT_QUANT not in ("loop", "launch"):                          # loop; "launch": a quantizer launch first
+    raise ValueError(f"MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got {FP8_ACT_QUANT!r}")
+
 def _block_fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     "`(a, scales, strides, QUANT_A)`: 16-bit a of block w8a8 stays 16-bit when the K tile is its scale group, else one launch quantizes it."
     if wa["FMT"] != 1 or a_k.dtype not in ACTIVATION_DTYPES: return a_k, a_s, as_st, False
-    if bk == wa["GROUP_K"]: return a_k, a_s, as_st, True
+    if bk == wa["GROUP_K"] and FP8_ACT_QUANT == "loop": return a_k, a_s, as_st, True
     q, s = fp8_quantize_activations(a_k, "group", expert_num_tokens, wa["GROUP_K"], validate=False)
     st = s.stride() if expert_num_tokens is not None else (0, *s.stride())
     return q, s, st, False
@@ -1509,7 +1513,8 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # The helper is the stand-alone quantizer's own code, so **the bits are the same**: the GEMM on bf16 input equals, value
 # for value, the GEMM on `fp8_quantize_activations`' output (below, with split-K, a partial last group, an empty
 # expert and a NaN). Where the tile's `BLOCK_K` is narrower than the group (a tuned table may say 64), a group spans two
-# K steps and the launcher quantizes first, as before (`_block_fp8_input`). Tensor and token scales need the whole row
+# K steps and the launcher quantizes first, as before (`_block_fp8_input`); `MOE_LIT_FP8_ACT_QUANT=launch` (set before
+# import) takes that path everywhere, to compare the two on a GPU. Tensor and token scales need the whole row
 # (or every row) before the first K step and keep their launch. vLLM's Triton path quantizes in a separate launch
 # (`per_token_group_quant_fp8`) before each GEMM.
 #
@@ -1562,6 +1567,20 @@ for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2)
     q, sc = fp8_quantize_activations(h, "group")
     same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
                                           out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
+# MOE_LIT_FP8_ACT_QUANT=launch (read at import): the quantizer's launch first, whatever the tile; a bad value raises
+import subprocess, sys
+code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
+        "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "
+        "qw = quantize_expert_weights(*random_expert_weights(2, 128, 64), 'fp8_w8a8_block'); "
+        "a = torch.randn(2, 4, 128).bfloat16(); cnt = torch.tensor([2, 4], dtype=torch.int32)\n"
+        "with record_launches() as seen: batched_moe_gemm_quant(a, qw, cnt, 'silu_and_mul')\n"
+        "print(sorted({k.fn.__name__ for k, _, _ in seen}), [kw.get('QUANT_A') for k, _, kw in seen if 'QUANT_A' in kw])")
+env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_LIT_FP8_ACT_QUANT": "launch"}
+r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+test_eq(r.stdout.strip(), "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [False]")
+r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.quant"], capture_output=True, text=True,
+                   env={**env, "MOE_LIT_FP8_ACT_QUANT": "sometimes"}, timeout=300)
+assert r.returncode and "MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got 'sometimes'" in r.stderr, r.stderr[-500:]
 
 # %% [markdown]
 # The GEMM kernels as Hopper compiles them (`00_testing.assert_compiles_for_gpu`, no GPU needed), in the variants the
@@ -1897,10 +1916,17 @@ x = random_activations((4, 64), torch.bfloat16, seed=9); x[1, 3] = float("nan")
 for gran in ("token", "group"):                     # the NaN's scale is NaN (the codes of a NaN are not portable:
     q, sc = fp8_quantize_activations(x, gran)        # the interpreter's e4m3 cast has no NaN), the other rows' finite
     assert sc[1, 0].isnan() and sc[[0, 2, 3]].isfinite().all(), gran
+    xi = x.clone(); xi[1, 3] = float("inf")           # an inf too: NaN, as per tensor (not an inf scale, whose row would
+    assert fp8_quantize_activations(xi, gran)[1][1, 0].isnan(), gran   # come out NaN or ±inf by the tiling)
 qw = quantize_expert_weights(w13, w2, "fp8_w8a8_block")
 cnt = torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
 y = batched_moe_gemm_quant(torch.stack([x, x]).to(DEVICE), qw, cnt, "silu_and_mul").float().cpu()
 assert y[0, 1].isnan().all() and y[0, [0, 2, 3]].isfinite().all()             # the NaN token's row only
+xi = x.clone(); xi[1, 3] = float("inf")
+for bk in (32, 64, 128):                                                       # inf: the row NaN in every tiling
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=1)
+    y = batched_moe_gemm_quant(torch.stack([xi, xi]).to(DEVICE), qw, cnt, "silu_and_mul", config=cfg).float().cpu()
+    assert y[0, 1].isnan().all() and y[0, [0, 2, 3]].isfinite().all(), bk
 for bad in (float("inf"), float("nan")):
     x[1, 3] = bad
     q, sc = fp8_quantize_activations(x, "tensor")

@@ -166,10 +166,10 @@ a, b = src.experts([0, 1, 2, 3, 4, 5]), src.experts([4, 1])
 assert torch.equal(a["w13"][[4, 1]], b["w13"]) and torch.equal(a["w2"][[4, 1]], b["w2"])   # the same expert, whoever asks
 assert not torch.equal(a["w13"][0], a["w13"][1])                                           # different experts differ
 test_eq((a["w13"].dtype, sorted(a)), (torch.bfloat16, ["w13", "w2"]))
-test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected < 6, got 6")
+test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected <= 5, got 6")
 test_fail(lambda: src.experts([2.7]), contains="expert_ids[i]: expected an int, got float")
 test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
-test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected < 1099511627776")
+test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected <= 1099511627775")
 oss = RandomExpertWeights(cfg.replace(has_expert_bias=True, has_router_bias=True), seed=3)
 test_eq(sorted(oss.experts([1])), ["w13", "w13_bias", "w2", "w2_bias"]); test_eq(sorted(oss.router()), ["gate", "gate_bias"])
 assert torch.equal(oss.experts([1, 5])["w2_bias"][0], oss.experts([1])["w2_bias"][0])

@@ -213,7 +213,7 @@ test_fail(lambda: moe_layer_indices({"model_type": ["mixtral"], "num_hidden_laye
           contains="config.json model_type: expected a str, got list ['mixtral']")
 test_fail(lambda: moe_layer_indices({"model_type": "mixtral"}), contains="config.json num_hidden_layers: expected an int >= 1, got none")
 test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 10**12}),
-          contains=f"config.json num_hidden_layers: expected < {SIZE_LIMIT}, got {10**12}")
+          contains=f"config.json num_hidden_layers: expected <= {SIZE_LIMIT - 1}, got {10**12}")
 
 # %% [markdown]
 # ## Quantization schemes

@@ -725,7 +725,7 @@ with tempfile.TemporaryDirectory() as d:
               contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got ['fp8']")
     test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": [True, 128]}}),
               contains="quantization_config.weight_block_size: expected two positive ints (at most 65536), got [True, 128]")
-    test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[i]: expected < 4, got 4")
+    test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[i]: expected <= 3, got 4")
 
 # %%
 #| test bad_checkpoint_keys

@@ -284,7 +284,9 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
         if dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
         run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first
-        sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {e}\n"); sys.stderr.flush()   # one write: no interleaving
+        name, _, rest = str(e).partition(": ")         # the file --config names, as `moe-lit run` says it
+        msg = f"--config: {rest}" if name == "path_or_dict" else str(e)
+        sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {msg}\n"); sys.stderr.flush()   # one write: no interleaving
         dist.destroy_process_group(); return 2
     status = 0
     if rank == 0:
@@ -323,5 +325,7 @@ if not dist.is_initialized() and not any(v in os.environ for v in ("RANK", "WORL
         Path(d, "config.json").write_text(json.dumps({**cfg_json, "num_experts_per_tok": 9}))
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=d, tokens=6), 2)
         assert "config.json num_experts_per_tok (top_k)" in err.getvalue(), err.getvalue()
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=str(Path(d, "none.json"))), 2)
+        assert "error: --config: expected an existing config.json" in err.getvalue(), err.getvalue()
     test_eq(dist.is_initialized(), False)                           # the job left no process group behind
 else: raise AssertionError("expected a process outside torchrun (no RANK/WORLD_SIZE/MASTER_* and no process group)")

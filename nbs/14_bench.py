@@ -65,7 +65,7 @@ def routed_counts(E: int, M: int, rows: int, seed: int = 0) -> torch.Tensor:
 c = routed_counts(32, 128, 1024)
 test_eq((int(c.sum()), c.dtype, c.max().item() <= 128), (1024, torch.int32, True))
 test_eq(routed_counts(4, 2, 8).tolist(), [2, 2, 2, 2])              # full capacity is exact
-test_fail(lambda: routed_counts(4, 2, 9), contains="rows: expected < 9, got 9")
+test_fail(lambda: routed_counts(4, 2, 9), contains="rows: expected <= 8, got 9")
 
 # %%
 #| export

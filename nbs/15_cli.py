@@ -751,7 +751,7 @@ with tempfile.TemporaryDirectory() as d:
                       (["tables", "--ep", "6", "--tp", "4"], "moe-lit: error: --tp: expected a divisor of ep=6, got 4"),
                       (["tables", "--config", str(Path(d, "missing.json"))], "--config: expected an existing config.json"),
                       (["tables", "--config", str(bad)], "--config: config.json num_experts: expected an int"),
-                      (["tables", "--config", str(k9)], "--config: config.json num_experts_per_tok (top_k): expected < 9, got 9"),
+                      (["tables", "--config", str(k9)], "--config: config.json num_experts_per_tok (top_k): expected <= 8, got 9"),
                       (["tables", "--config", str(big), "--ep", "16"], "--ep: num_experts expected >= ep_size (16)"),
                       (["tables", "--config", str(big), "--ep", "2", "--all2all", "nixl_ep"],
                        "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000"),

@@ -327,6 +327,20 @@ def test_fp8_block_quantized_in_the_k_loop():
         q, sc = fp8_quantize_activations(h, "group")
         same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
                                               out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
+    # MOE_LIT_FP8_ACT_QUANT=launch (read at import): the quantizer's launch first, whatever the tile; a bad value raises
+    import subprocess, sys
+    code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
+            "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "
+            "qw = quantize_expert_weights(*random_expert_weights(2, 128, 64), 'fp8_w8a8_block'); "
+            "a = torch.randn(2, 4, 128).bfloat16(); cnt = torch.tensor([2, 4], dtype=torch.int32)\n"
+            "with record_launches() as seen: batched_moe_gemm_quant(a, qw, cnt, 'silu_and_mul')\n"
+            "print(sorted({k.fn.__name__ for k, _, _ in seen}), [kw.get('QUANT_A') for k, _, kw in seen if 'QUANT_A' in kw])")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_LIT_FP8_ACT_QUANT": "launch"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    test_eq(r.stdout.strip(), "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [False]")
+    r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.quant"], capture_output=True, text=True,
+                       env={**env, "MOE_LIT_FP8_ACT_QUANT": "sometimes"}, timeout=300)
+    assert r.returncode and "MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got 'sometimes'" in r.stderr, r.stderr[-500:]
 
 
 def test_quant_gemm_kernels_compile_for_sm90():
@@ -522,10 +536,17 @@ def test_quant_unchecked_inputs_are_safe():
     for gran in ("token", "group"):                     # the NaN's scale is NaN (the codes of a NaN are not portable:
         q, sc = fp8_quantize_activations(x, gran)        # the interpreter's e4m3 cast has no NaN), the other rows' finite
         assert sc[1, 0].isnan() and sc[[0, 2, 3]].isfinite().all(), gran
+        xi = x.clone(); xi[1, 3] = float("inf")           # an inf too: NaN, as per tensor (not an inf scale, whose row would
+        assert fp8_quantize_activations(xi, gran)[1][1, 0].isnan(), gran   # come out NaN or ±inf by the tiling)
     qw = quantize_expert_weights(w13, w2, "fp8_w8a8_block")
     cnt = torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
     y = batched_moe_gemm_quant(torch.stack([x, x]).to(DEVICE), qw, cnt, "silu_and_mul").float().cpu()
     assert y[0, 1].isnan().all() and y[0, [0, 2, 3]].isfinite().all()             # the NaN token's row only
+    xi = x.clone(); xi[1, 3] = float("inf")
+    for bk in (32, 64, 128):                                                       # inf: the row NaN in every tiling
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=bk, num_warps=4, num_stages=1)
+        y = batched_moe_gemm_quant(torch.stack([xi, xi]).to(DEVICE), qw, cnt, "silu_and_mul", config=cfg).float().cpu()
+        assert y[0, 1].isnan().all() and y[0, [0, 2, 3]].isfinite().all(), bk
     for bad in (float("inf"), float("nan")):
         x[1, 3] = bad
         q, sc = fp8_quantize_activations(x, "tensor")

@@ -99,7 +99,7 @@ def test_route_topk_bad_arguments():
     test_fail(lambda: route_topk(plan, torch.randn(3, 8), torch.zeros(8)), contains="bias: expected None, got a tensor")
     test_fail(lambda: router_plan("x"), contains="config: expected a MoEConfig")
     test_fail(lambda: route_topk({}, torch.randn(3, 8)), contains="plan: expected a RouterPlan")
-    for field, value, msg in (("TOP_K", 9, "TOP_K: expected < 9"), ("num_experts", 0, "num_experts: expected >= 1"),
+    for field, value, msg in (("TOP_K", 9, "TOP_K: expected <= 8"), ("num_experts", 0, "num_experts: expected >= 1"),
                               ("SCORING", 7, "SCORING: expected one of"), ("NUM_GROUPS", 3, "GROUP_SIZE: expected num_experts / NUM_GROUPS"),
                               ("TOP_K", -1, "TOP_K: expected >= 1"), ("RENORMALIZE", 1, "RENORMALIZE: expected a bool"),
                               ("SCORING", True, "SCORING: expected an int"), ("TOP2", True, "TOP2: expected True only with")):

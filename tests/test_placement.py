@@ -24,11 +24,11 @@ def test_expert_block():
 
 def test_expert_block_bad_input():
     test_fail(lambda: expert_block(8, 0, 0), contains="ep_size: expected >= 1, got 0")
-    test_fail(lambda: expert_block(8, 2, 2), contains="ep_rank: expected < 2, got 2")
+    test_fail(lambda: expert_block(8, 2, 2), contains="ep_rank: expected <= 1, got 2")
     test_fail(lambda: expert_block(8, 2, -1), contains="ep_rank: expected >= 0, got -1")
     test_fail(lambda: expert_block(3, 4, 0), contains="num_experts: expected >= ep_size (4)")
     test_fail(lambda: expert_block(8.0, 2, 0), contains="num_experts: expected an int")
-    test_fail(lambda: expert_block(2**31, 2, 0), contains="num_experts: expected < 2147483648, got 2147483648")
+    test_fail(lambda: expert_block(2**31, 2, 0), contains="num_experts: expected <= 2147483647, got 2147483648")
 
 
 def test_determine_expert_map_worked_maps():
@@ -52,13 +52,13 @@ def test_determine_expert_map_worked_maps():
 
 
 def test_determine_expert_map_bad_input():
-    test_fail(lambda: determine_expert_map(2, 2, 8), contains="ep_rank: expected < 2, got 2")
+    test_fail(lambda: determine_expert_map(2, 2, 8), contains="ep_rank: expected <= 1, got 2")
     test_fail(lambda: determine_expert_map(0, 0, 8), contains="ep_size: expected >= 1, got 0")
     test_fail(lambda: determine_expert_map(4, 0, 3), contains="global_num_experts: expected >= ep_size (4)")
     test_fail(lambda: determine_expert_map(2, 0, 8, "zigzag"),
               contains="strategy: expected one of ['linear', 'round_robin'], got 'zigzag'")
     test_fail(lambda: determine_expert_map(2, 0, 8.0), contains="global_num_experts: expected an int")
-    test_fail(lambda: determine_expert_map(2, 0, 10**12), contains="global_num_experts: expected < 2147483648, got 1000000000000")
+    test_fail(lambda: determine_expert_map(2, 0, 10**12), contains="global_num_experts: expected <= 2147483647, got 1000000000000")
 
 
 def test_local_to_global():
@@ -164,7 +164,7 @@ def test_round_robin_tables_invariants():
 
 
 def test_round_robin_tables_bad_input():
-    test_fail(lambda: round_robin_routing_tables(8, 2, 2), contains="ep_rank: expected < 2, got 2")
+    test_fail(lambda: round_robin_routing_tables(8, 2, 2), contains="ep_rank: expected <= 1, got 2")
     test_fail(lambda: round_robin_routing_tables(3, 4, 0), contains="num_experts: expected >= ep_size (4)")
     test_fail(lambda: round_robin_routing_tables(8, 0, 0), contains="ep_size: expected >= 1, got 0")
     test_fail(lambda: round_robin_routing_tables(0, 1, 0), contains="num_experts: expected >= 1, got 0")
@@ -277,7 +277,7 @@ def test_placement_build_bad_input():
                                   enable_eplb=eplb)
         return MoEConfig(E, 1, 16, 16, parallel=par, **kw)
     test_fail(lambda: Placement.build("cfg"), contains="config: expected a MoEConfig, got str")
-    test_fail(lambda: Placement.build(cfg(), ep_rank=2), contains="ep_rank: expected < 2, got 2")
+    test_fail(lambda: Placement.build(cfg(), ep_rank=2), contains="ep_rank: expected <= 1, got 2")
     test_fail(lambda: Placement.build(cfg(), "zigzag"), contains="strategy: expected one of ['linear', 'round_robin']")
     test_fail(lambda: Placement.build(cfg(num_redundant_experts=2)),
               contains="num_redundant_experts: expected 0 when parallel.enable_eplb is False, got 2")

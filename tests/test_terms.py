@@ -22,7 +22,7 @@ def test_dimension_legend():
 def test_check_int():
     test_eq(check_int("top_k", 2, lo=1), 2)
     test_fail(lambda: check_int("top_k", 0, lo=1), contains="top_k: expected >= 1, got 0")
-    test_fail(lambda: check_int("ep_rank", 4, lo=0, hi=4), contains="ep_rank: expected < 4, got 4")
+    test_fail(lambda: check_int("ep_rank", 4, lo=0, hi=4), contains="ep_rank: expected <= 3, got 4")
     test_fail(lambda: check_int("top_k", 2.0), contains="top_k: expected an int, got float")
     test_fail(lambda: check_int("top_k", True), contains="expected an int, got bool")
 

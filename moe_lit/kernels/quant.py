@@ -22,7 +22,7 @@ from .batched import check_activation, check_expert_bias, epilogue_args, add_exp
 from .contiguous import check_aligned_args, _block_pairs
 
 # %% auto #0
-__all__ = ['ACTIVATION_DTYPES', 'EMULATE_E4M3', 'FP4_DECODE', 'PACKED_DECODE', 'batched_gemm_quant_reference',
+__all__ = ['ACTIVATION_DTYPES', 'EMULATE_E4M3', 'FP4_DECODE', 'PACKED_DECODE', 'FP8_ACT_QUANT', 'batched_gemm_quant_reference',
            'check_quant_tile_config', 'fp4_default_tile', 'quant_block_m', 'batched_moe_gemm_quant',
            'fused_moe_gemm_quant_reference', 'fused_moe_gemm_quant']
 
@@ -610,7 +610,7 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
                          f"(from the fused_moe_gemm_{kind} tile table for E={qw.num_experts}, N={wa['N']})")
     return bm
 
-# %% ../../nbs/09c_kernels.quant.ipynb #71866c7422a3
+# %% ../../nbs/09c_kernels.quant.ipynb #91748f3dd250
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
     "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for tensor/token w8a8."
     scheme, rows = qw.scheme, a.shape[-2]
@@ -639,10 +639,14 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
     return a, a_scale, st, out_dtype
 
+FP8_ACT_QUANT = os.environ.get("MOE_LIT_FP8_ACT_QUANT", "loop")   # "loop": 1×128 groups quantized in the GEMMs' K
+if FP8_ACT_QUANT not in ("loop", "launch"):                          # loop; "launch": a quantizer launch first
+    raise ValueError(f"MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got {FP8_ACT_QUANT!r}")
+
 def _block_fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     "`(a, scales, strides, QUANT_A)`: 16-bit a of block w8a8 stays 16-bit when the K tile is its scale group, else one launch quantizes it."
     if wa["FMT"] != 1 or a_k.dtype not in ACTIVATION_DTYPES: return a_k, a_s, as_st, False
-    if bk == wa["GROUP_K"]: return a_k, a_s, as_st, True
+    if bk == wa["GROUP_K"] and FP8_ACT_QUANT == "loop": return a_k, a_s, as_st, True
     q, s = fp8_quantize_activations(a_k, "group", expert_num_tokens, wa["GROUP_K"], validate=False)
     st = s.stride() if expert_num_tokens is not None else (0, *s.stride())
     return q, s, st, False

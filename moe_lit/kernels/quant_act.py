@@ -27,7 +27,7 @@ def _round_to_e4m3(x):
     r = tl.where(a < 0.015625, sub, normal)
     return tl.where(ok, tl.where(x < 0, -r, r), x)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #8d8de0239992
+# %% ../../nbs/09b_kernels.quant_act.ipynb #bde098ba7fe3
 @triton.jit
 def _fp8_row_amax(x):
     "`(amax, nan_row)` of `x [R, G]` fp32: max |x| per row (masked entries loaded as 0 count as 0), and rows holding a NaN."
@@ -37,9 +37,9 @@ def _fp8_row_amax(x):
 
 @triton.jit
 def _fp8_row_scales(amax, nan_row, ROWS: tl.constexpr):
-    "`[ROWS]` fp32 dynamic scales `amax / 448` (IEEE division; at least the smallest normal), NaN for a row with a NaN."
+    "`[ROWS]` fp32 dynamic scales `amax / 448` (IEEE division; at least the smallest normal), NaN for a row with a NaN or an inf."
     s = tl.maximum(tl.math.div_rn(amax, tl.full((ROWS,), 448.0, tl.float32)), 1.1754943508222875e-38)
-    return tl.where(nan_row, float("nan"), s)                     # a NaN (or inf: inf/inf) row stays NaN
+    return tl.where(nan_row | (amax == float("inf")), float("nan"), s)   # one rule, whatever the tiling: its row is NaN
 
 @triton.jit
 def _fp8_scaled(x, s, ROWS: tl.constexpr, GROUP: tl.constexpr, EMULATE_CAST: tl.constexpr):
