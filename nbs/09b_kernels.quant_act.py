@@ -26,7 +26,8 @@ from moe_lit.testing import poison_rows
 # %% [markdown]
 # In this notebook: `fp8_quantize_activations` (a Triton kernel) and its spec `fp8_quantize_activations_reference`.
 # The w8a8 GEMMs of `09c_kernels.quant` call it on their input when they are not handed pre-quantized activations,
-# except for 1×128 groups, which they quantize inside their K loop with this chapter's helpers (`_fp8_quantize_group`).
+# except for 1×128 groups and per-token scales, which they quantize inside their K loop with this chapter's helpers
+# (`_fp8_quantize_group`, `_fp8_row_amax`, `_fp8_row_scales`, `_fp8_scaled`).
 # A **reference** page in Triton's order: spec → kernel → launcher → tests.
 #
 # %% [markdown]

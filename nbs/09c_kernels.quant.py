@@ -18,6 +18,7 @@ from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
+from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scaled
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
@@ -38,8 +39,10 @@ import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
 from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
 from moe_lit.kernels.quant import _E2M1_WORD_MX_FOLDED, _E2M1_WORD_NV_FOLDED
-import dataclasses
+import dataclasses, subprocess, sys
 from moe_lit.testing import record_launches, assert_compiles_for_gpu, emulate_ptx, _bf16_bits, _bf16_value
+import subprocess, sys, moe_lit
+from pathlib import Path
 
 # %% [markdown]
 # In this notebook: the one K-step helper `_quant_k_step` shared by both GEMM kernels; the batched GEMM
@@ -540,7 +543,8 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                         GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr,
                         LAYOUT: tl.constexpr,   # FP4 byte order (`09a`): 0 plain, 1 split64 (two MMAs a K tile), 2 mma128
-                        QUANT_A: tl.constexpr,  # FMT 1 with 16-bit a: quantize each K tile (one 1×GROUP_K group) here
+                        QUANT_A: tl.constexpr,  # 16-bit a quantized here: 1 each K tile a 1×GROUP_K group (FMT 1),
+                                                # 2 per token (FMT 0: the row's |max| over K first); 0 a is e4m3
                         SCALE_FOLD: tl.constexpr = False):   # MXFP4, e8m0 bytes <= 128: the word decode's one-fma form
     "Both formats' main loop: `(acc, acc_up)` of one output tile over K tiles `[kt_lo, kt_hi)`, every scale applied (real-valued fp32)."
     offs_k = tl.arange(0, BLOCK_K)
@@ -603,20 +607,32 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
         w_s_up = w_s
         if FMT == 1:
             k_lo = kt_lo * BLOCK_K
-            if not QUANT_A: a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=tl.where(k_lo < K, row_ok, False), other=0.0)
+            if QUANT_A != 1: a_s = tl.load(as_ptrs + (k_lo // GROUP_K) * stride_asg, mask=tl.where(k_lo < K, row_ok, False), other=0.0)
             w_s = _fp8_tile_scales(ws_e, offs_n, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
             if GATED: w_s_up = _fp8_tile_scales(ws_e, offs_n + N_OUT, mask_n, k_lo, K, stride_wsn, stride_wsk, GROUP_N,
                                                 GROUP_K)
+        if QUANT_A == 2:                                          # per token: each row's |max| over all of K first
+            amax = tl.zeros((BLOCK_M,), tl.float32)               # (every split reads the whole row: one scale)
+            bad = tl.zeros((BLOCK_M,), tl.int32)
+            p = a_rows[:, None] + offs_k[None, :] * stride_ak
+            for kt0 in range(0, tl.cdiv(K, BLOCK_K)):
+                x = tl.load(p, mask=row_ok[:, None] & (offs_k < K - kt0 * BLOCK_K)[None, :], other=0.0).to(tl.float32)
+                m, nan_row = _fp8_row_amax(x)
+                amax, bad = tl.maximum(amax, m), bad | nan_row.to(tl.int32)
+                p += BLOCK_K * stride_ak
+            a_s = _fp8_row_scales(amax, bad > 0, BLOCK_M)         # `09b`'s: the same scale as its token mode
         for kt in range(kt_lo, kt_hi):
             k0 = kt * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             if UPCAST: a = a.to(tl.float32)
-            if QUANT_A:                                           # the tile is the rows' scale group: `09b`'s bits
+            if QUANT_A == 1:                                      # the tile is the rows' scale group: `09b`'s bits
                 a, a_s = _fp8_quantize_group(a.to(tl.float32), BLOCK_M, BLOCK_K, EMULATE_E4M3)
+            if QUANT_A == 2:                                      # the row's scale, from the pass above
+                a = _fp8_scaled(a.to(tl.float32), a_s, BLOCK_M, BLOCK_K, EMULATE_E4M3).to(tl.float8e4nv)
             a_s_next, w_s_next, w_s_up_next = a_s, w_s, w_s_up
             if FMT == 1:
                 kn = k0 + BLOCK_K
-                if not QUANT_A:
+                if QUANT_A != 1:
                     a_s_next = tl.load(as_ptrs + (kn // GROUP_K) * stride_asg, mask=tl.where(kn < K, row_ok, False), other=0.0)
                 w_s_next = _fp8_tile_scales(ws_e, offs_n, mask_n, kn, K, stride_wsn, stride_wsk, GROUP_N, GROUP_K)
                 if GATED:
@@ -630,7 +646,7 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
             a_s, w_s, w_s_up = a_s_next, w_s_next, w_s_up_next
             a_ptrs += BLOCK_K * stride_ak
     a_s_row = a_s
-    if FMT == 0: a_s_row = tl.load(as_ptrs, mask=row_ok, other=0.0)
+    if FMT == 0 and QUANT_A != 2: a_s_row = tl.load(as_ptrs, mask=row_ok, other=0.0)
     gs = 1.0
     if FMT == 3: gs = tl.load(gs_ptr + e)
     if FMT == 3 and LAYOUT == 2 and SCALE_FOLD: gs = gs * 256.0   # the folded word decode's 2^-8, given back exactly
@@ -810,7 +826,7 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
                 LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout),   # mma128's 4-byte alignment: checked by the container
-                SCALE_FOLD=fold)
+                SCALE_FOLD=fold, ACT_GRAN=ACTIVATION_GRANULARITY.get(qw.scheme))   # FP8: the activations' scales
 
 def check_quant_tile_config(config, need_block_m: bool = False) -> dict | None:
     "A quantized GEMM's tile override: `06`'s checks, and no switch these kernels do not have (TMA, WARP_SPECIALIZE, GROUP_M: ValueError)."
@@ -885,7 +901,7 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
 # %%
 #| export
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
-    "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for tensor/token w8a8."
+    "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for per-tensor w8a8 (one scale over all rows: its own pass)."
     scheme, rows = qw.scheme, a.shape[-2]
     if not QUANT_SCHEME_TABLE[scheme].is_fp8:
         check_tensor("a", a, dtype=ACTIVATION_DTYPES)
@@ -906,7 +922,7 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
         if a_scale is not None: raise ValueError(f"a_scale: expected None for {a.dtype} a (it is quantized here), got a tensor")
         if out_dtype is not None and out_dtype != a.dtype: raise ValueError(f"out_dtype: expected {a.dtype} (a's dtype), got {out_dtype}")
         out_dtype = a.dtype
-        if gran == "group": return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_block_fp8_input`)
+        if gran in ("group", "token"): return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_block_fp8_input`)
         a, a_scale = fp8_quantize_activations(a, gran, expert_num_tokens if batched else None, gk, validate=False)
     st = a_scale.stride() if batched else (0, *a_scale.stride())
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
@@ -917,12 +933,14 @@ if FP8_ACT_QUANT not in ("loop", "launch"):                          # loop; "la
     raise ValueError(f"MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got {FP8_ACT_QUANT!r}")
 
 def _block_fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
-    "`(a, scales, strides, QUANT_A)`: 16-bit a of block w8a8 stays 16-bit when the K tile is its scale group, else one launch quantizes it."
-    if wa["FMT"] != 1 or a_k.dtype not in ACTIVATION_DTYPES: return a_k, a_s, as_st, False
-    if bk == wa["GROUP_K"] and FP8_ACT_QUANT == "loop": return a_k, a_s, as_st, True
-    q, s = fp8_quantize_activations(a_k, "group", expert_num_tokens, wa["GROUP_K"], validate=False)
+    "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 stays 16-bit, quantized in the K loop (block: when the K tile is its group; per token), else one launch quantizes it."
+    gran = wa["ACT_GRAN"]
+    if wa["FMT"] > 1 or a_k.dtype not in ACTIVATION_DTYPES or gran == "tensor": return a_k, a_s, as_st, 0
+    if FP8_ACT_QUANT == "loop" and gran == "token": return a_k, a_s, as_st, 2
+    if FP8_ACT_QUANT == "loop" and bk == wa["GROUP_K"]: return a_k, a_s, as_st, 1
+    q, s = fp8_quantize_activations(a_k, gran, expert_num_tokens, wa["GROUP_K"], validate=False)
     st = s.stride() if expert_num_tokens is not None else (0, *s.stride())
-    return q, s, st, False
+    return q, s, st, 0
 
 # %%
 #| export
@@ -1131,8 +1149,6 @@ for scheme, G in (("mxfp4_w4a16", 32), ("nvfp4_w4a16", 16)):
 
 # %%
 #| test mma128_keeps_the_tile_in_registers
-import subprocess, sys, moe_lit
-from pathlib import Path
 script = Path(moe_lit.__file__).resolve().parents[1] / "nbs" / "bench" / "sass_fp4.py"
 env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, env=env, timeout=900)
@@ -1500,7 +1516,7 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
         check_fused_gemm_quant(scheme, 1, 1, 2, 7168, 2048, act, seed=1, qw=qw)
 
 # %% [markdown]
-# ### Block FP8: the activations quantized in the K loop
+# ### FP8: the activations quantized in the K loop (1×128 groups and per token)
 #
 # With 1×128 activation groups (`fp8_w8a8_block`, DeepSeek-V3's scheme) and a 128-wide K tile, the tile of `a` a
 # program loads in each K step *is* one scale group of each of its rows. So when the GEMM is handed 16-bit
@@ -1514,8 +1530,11 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # for value, the GEMM on `fp8_quantize_activations`' output (below, with split-K, a partial last group, an empty
 # expert and a NaN). Where the tile's `BLOCK_K` is narrower than the group (a tuned table may say 64), a group spans two
 # K steps and the launcher quantizes first, as before (`_block_fp8_input`); `MOE_LIT_FP8_ACT_QUANT=launch` (set before
-# import) takes that path everywhere, to compare the two on a GPU. Tensor and token scales need the whole row
-# (or every row) before the first K step and keep their launch. vLLM's Triton path quantizes in a separate launch
+# import) takes that path everywhere, to compare the two on a GPU. Per-token scales (`fp8_w8a8_channel`) need the
+# whole row first: the program makes one pass over the row's K tiles for its |max| (every split-K program reads the
+# whole row, so all of them hold the same scale), then quantizes each tile with it in the loop — `09b`'s token mode,
+# bit for bit, at the price of reading a few activation rows twice at decode. A per-tensor scale needs every row of
+# the batch before any program starts: it keeps its launch. vLLM's Triton path quantizes in a separate launch
 # (`per_token_group_quant_fp8`) before each GEMM.
 #
 # > **What it costs in instructions (compiled for sm_90 here, no GPU needed).** `nbs/bench/sass_fp4.py` compiles
@@ -1567,8 +1586,20 @@ for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2)
     q, sc = fp8_quantize_activations(h, "group")
     same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
                                           out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
+# per token (fp8_w8a8_channel): the row's |max| over K in a first pass, then each tile quantized with it - the same bits
+qc = quantize_expert_weights(*random_expert_weights(3, 320, 96, seed=54), "fp8_w8a8_channel")
+for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
+            dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, SPLIT_K=2)):   # splits read whole rows
+    h = batched_moe_gemm_quant(a, qc, cnt, SILU, config=cfg)
+    q, sc = fp8_quantize_activations(a, "token", cnt)
+    same(h[valid], batched_moe_gemm_quant(q, qc, cnt, SILU, a_scale=sc, out_dtype=bf, config=cfg)[valid], "token GEMM1")
+    c = {k: v for k, v in cfg.items() if k != "BLOCK_M"}
+    y = fused_moe_gemm_quant(hid, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", config=c)
+    q, sc = fp8_quantize_activations(hid, "token")
+    same(y[pair_ok], fused_moe_gemm_quant(q, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
+                                          config=c)[pair_ok], "token contiguous GEMM1")
+test_eq(_block_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
 # MOE_LIT_FP8_ACT_QUANT=launch (read at import): the quantizer's launch first, whatever the tile; a bad value raises
-import subprocess, sys
 code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
         "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "
         "qw = quantize_expert_weights(*random_expert_weights(2, 128, 64), 'fp8_w8a8_block'); "
@@ -1577,7 +1608,7 @@ code = ("import torch; from moe_lit.testing import record_launches; from moe_lit
         "print(sorted({k.fn.__name__ for k, _, _ in seen}), [kw.get('QUANT_A') for k, _, kw in seen if 'QUANT_A' in kw])")
 env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_LIT_FP8_ACT_QUANT": "launch"}
 r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-test_eq(r.stdout.strip(), "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [False]")
+test_eq(r.stdout.strip(), "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [0]")
 r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.quant"], capture_output=True, text=True,
                    env={**env, "MOE_LIT_FP8_ACT_QUANT": "sometimes"}, timeout=300)
 assert r.returncode and "MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got 'sometimes'" in r.stderr, r.stderr[-500:]

@@ -26,6 +26,8 @@ import dataclasses
 from moe_lit.testing import assert_close
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
+from moe_lit.placement import Placement
+from moe_lit.config import ParallelConfig
 
 # %% [markdown]
 # In this notebook: `Prepared` (what prepare hands to the experts), the prepare/finalize implementations
@@ -106,8 +108,6 @@ def _expected_load(topk_ids, placement) -> dict:
 
 # %%
 #| test expected_load
-from moe_lit.placement import Placement
-from moe_lit.config import ParallelConfig
 par = ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="nixl_ep")
 p = Placement.build(MoEConfig(64, 8, 16, 16, parallel=par))                     # 32 of 64 experts on this rank
 test_eq(expected_load(torch.zeros(1, 8, dtype=torch.int32), p), dict(expected_m=1, active_experts=4, max_active_experts=8))

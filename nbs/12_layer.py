@@ -32,6 +32,7 @@ from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES
+from types import SimpleNamespace
 
 # %% [markdown]
 # In this notebook: `FusedMoE` (one rank's layer, from any weight source of `11a_weights` or a checkpoint) and
@@ -585,7 +586,6 @@ for debug in (False, True):
     assert layer._modular_kernel(5) is layer._modular_kernel(5)        # built once, reused
 test_fail(lambda: FusedMoE(cfg, debug=1), contains="debug: expected a bool")
 test_fail(lambda: FusedMoE(cfg).capture(), contains="capture: expected a layer on a CUDA GPU with Triton experts")
-from types import SimpleNamespace
 on_gpu = SimpleNamespace(gate=SimpleNamespace(device=torch.device("cuda", 0)), use_triton=True, debug=False)  # the
 for bad in (torch.tensor([1, 2]), 1.0, 4, {1: 2}, [], "8"):                              # checks after the device's
     test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=bad), contains="batch_sizes: expected a non-empty list")

@@ -34,6 +34,8 @@ from moe_lit.placement import Placement
 from moe_lit.layer import rank_config
 from moe_lit.testing import assert_close
 from moe_lit.dispatch_plan import plot_dispatch
+import contextlib, io, json, os, tempfile
+from pathlib import Path
 
 # %% [markdown]
 # In this notebook: the main job across processes (`split_tokens`, `run_distributed`, `run_job`, `main`, the
@@ -313,8 +315,6 @@ if __name__ == "__main__": sys.exit(main())
 
 # %%
 #| test run_job_with_a_config
-import contextlib, io, json, os, tempfile
-from pathlib import Path
 if not dist.is_initialized() and not any(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
     with tempfile.TemporaryDirectory() as d:
         cfg_json = {"model_type": "qwen3_moe", "_name_or_path": "tiny-qwen3", "hidden_size": 64,

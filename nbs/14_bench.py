@@ -17,6 +17,9 @@ from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_c
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail, test_close
+from moe_lit.kernels.batched import split_k_factor, SPLIT_K_PROGRAMS_PER_SM
+from moe_lit.quant import QUANT_SCHEME_TABLE
+from moe_lit.models import PRESETS
 
 # %% [markdown]
 # In this notebook: `SCENARIOS`, `measure_device` (copy bandwidth and bf16 matmul rate), `roofline_floor`,
@@ -670,9 +673,6 @@ fig
 # choose today (`split_k_factor` with each kernel's target: 4 programs an SM for FP4, half an SM for bf16 and FP8).
 
 # %%
-from moe_lit.kernels.batched import split_k_factor, SPLIT_K_PROGRAMS_PER_SM
-from moe_lit.quant import QUANT_SCHEME_TABLE
-from moe_lit.models import PRESETS
 sweep = json.loads(find_bench_results("bench/split_k_sweep_h200_0c2b3a1.json").read_text())
 dims = {name: (PRESETS[key].hidden_size, PRESETS[key].intermediate_size) for name, key in
         (("DeepSeek-V3", "deepseek-v3"), ("Qwen3-30B-A3B", "qwen3-30b-a3b"), ("Mixtral-8x7B", "mixtral-8x7b"),

@@ -7,6 +7,9 @@ import torch
 from moe_lit.terms import check_int, check_choice, progress
 from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
 from fastcore.test import test_eq, test_fail, test_close
+from moe_lit.kernels.batched import split_k_factor, SPLIT_K_PROGRAMS_PER_SM
+from moe_lit.quant import QUANT_SCHEME_TABLE
+from moe_lit.models import PRESETS
 from moe_lit.bench import *
 
 

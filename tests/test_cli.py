@@ -21,6 +21,7 @@ from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, subprocess, tempfile
 from pathlib import Path
 from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
+import moe_lit.cli as _cli
 from moe_lit.cli import *
 
 
@@ -228,7 +229,6 @@ def test_main_errors_name_the_flag():
             assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())
     # a model too large for the machine: one line naming the cause (the allocation itself is not tried here: on a host
     # that overcommits memory it would succeed and then fill the machine)
-    import moe_lit.cli as _cli
     for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] ... can't allocate memory: you tried to allocate 8 TB")):
         def _raise(args, exc=exc): raise exc
         real, _cli._run = _cli._run, _raise

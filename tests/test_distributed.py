@@ -24,6 +24,8 @@ from moe_lit.placement import Placement
 from moe_lit.layer import rank_config
 from moe_lit.testing import assert_close
 from moe_lit.dispatch_plan import plot_dispatch
+import contextlib, io, json, os, tempfile
+from pathlib import Path
 from moe_lit.distributed import *
 
 
@@ -36,8 +38,6 @@ def test_split_tokens():
 
 
 def test_run_job_with_a_config():
-    import contextlib, io, json, os, tempfile
-    from pathlib import Path
     if not dist.is_initialized() and not any(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         with tempfile.TemporaryDirectory() as d:
             cfg_json = {"model_type": "qwen3_moe", "_name_or_path": "tiny-qwen3", "hidden_size": 64,

@@ -11,6 +11,7 @@ from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
+from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scaled
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
@@ -28,8 +29,10 @@ import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
 from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
 from moe_lit.kernels.quant import _E2M1_WORD_MX_FOLDED, _E2M1_WORD_NV_FOLDED
-import dataclasses
+import dataclasses, subprocess, sys
 from moe_lit.testing import record_launches, assert_compiles_for_gpu, emulate_ptx, _bf16_bits, _bf16_value
+import subprocess, sys, moe_lit
+from pathlib import Path
 from moe_lit.kernels.quant import *
 
 
@@ -189,8 +192,6 @@ def test_fp4_decode_is_exact():
 
 
 def test_mma128_keeps_the_tile_in_registers():
-    import subprocess, sys, moe_lit
-    from pathlib import Path
     script = Path(moe_lit.__file__).resolve().parents[1] / "nbs" / "bench" / "sass_fp4.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, env=env, timeout=900)
@@ -327,8 +328,20 @@ def test_fp8_block_quantized_in_the_k_loop():
         q, sc = fp8_quantize_activations(h, "group")
         same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
                                               out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
+    # per token (fp8_w8a8_channel): the row's |max| over K in a first pass, then each tile quantized with it - the same bits
+    qc = quantize_expert_weights(*random_expert_weights(3, 320, 96, seed=54), "fp8_w8a8_channel")
+    for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, SPLIT_K=2)):   # splits read whole rows
+        h = batched_moe_gemm_quant(a, qc, cnt, SILU, config=cfg)
+        q, sc = fp8_quantize_activations(a, "token", cnt)
+        same(h[valid], batched_moe_gemm_quant(q, qc, cnt, SILU, a_scale=sc, out_dtype=bf, config=cfg)[valid], "token GEMM1")
+        c = {k: v for k, v in cfg.items() if k != "BLOCK_M"}
+        y = fused_moe_gemm_quant(hid, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", config=c)
+        q, sc = fp8_quantize_activations(hid, "token")
+        same(y[pair_ok], fused_moe_gemm_quant(q, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
+                                              config=c)[pair_ok], "token contiguous GEMM1")
+    test_eq(_block_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
     # MOE_LIT_FP8_ACT_QUANT=launch (read at import): the quantizer's launch first, whatever the tile; a bad value raises
-    import subprocess, sys
     code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
             "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "
             "qw = quantize_expert_weights(*random_expert_weights(2, 128, 64), 'fp8_w8a8_block'); "
@@ -337,7 +350,7 @@ def test_fp8_block_quantized_in_the_k_loop():
             "print(sorted({k.fn.__name__ for k, _, _ in seen}), [kw.get('QUANT_A') for k, _, kw in seen if 'QUANT_A' in kw])")
     env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_LIT_FP8_ACT_QUANT": "launch"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    test_eq(r.stdout.strip(), "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [False]")
+    test_eq(r.stdout.strip(), "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [0]")
     r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.quant"], capture_output=True, text=True,
                        env={**env, "MOE_LIT_FP8_ACT_QUANT": "sometimes"}, timeout=300)
     assert r.returncode and "MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got 'sometimes'" in r.stderr, r.stderr[-500:]
