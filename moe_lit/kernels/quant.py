@@ -183,7 +183,7 @@ def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`,
         hi = _e2m1_fp16(b >> 4).to(tl.float32) * _per_byte(_scale_f32(s_hi, FMT) * 16384.0, BLOCK_N, C, GH, GROUP_K)
     return lo.to(DTYPE), hi.to(DTYPE)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #3be57291ec37
+# %% ../../nbs/09c_kernels.quant.ipynb #c28c9e2eaab5
 def _e2m1_word_body(folded: bool = False) -> str:
     "PTX: a word's eight codes times `slo` (codes 0-3) and `shi` (4-7) into $0..$7 (`folded`: the scales hold the 2^126)."
     return ("prmt.b32 t0, $8, 0, 0x4140;\nprmt.b32 t1, $8, 0, 0x4342;\n"
@@ -215,20 +215,22 @@ add.u32 slo, slo, 0x3F003F00;
 mov.b32 shi, slo;
 """ + _e2m1_word_body(folded=True))   # exponent field s + 126: 2^(s-127) · 2^126 (a bf16 for s <= 128), no max: s = 0 is 2^-1
 
-_E2M1_WORD_NV = tl.constexpr("""
-{
-.reg .b32 t0, t1, x, slo, shi, c126, nz;
-.reg .b16 p, fl, fh, bl, bh;
-mov.b32 c126, 0x7E807E80;
-mov.b32 nz, 0x80008000;
-cvt.u16.u32 p, $9;
+_NV_SCALES_PTX = """cvt.u16.u32 p, $9;
 cvt.rn.f16x2.e4m3x2 x, p;
 mov.b32 {fl, fh}, x;
 cvt.rn.bf16.f16 bl, fl;
 cvt.rn.bf16.f16 bh, fh;
 mov.b32 slo, {bl, bl};
 mov.b32 shi, {bh, bh};
-""" + _E2M1_WORD_BODY)   # two e4m3 groups: cvt to f16x2, then bf16
+"""   # a word's two e4m3 scale bytes (codes 0-3, 4-7): f16x2, then bf16, each in both halves of slo / shi (exact)
+
+_E2M1_WORD_NV = tl.constexpr("""
+{
+.reg .b32 t0, t1, x, slo, shi, c126, nz;
+.reg .b16 p, fl, fh, bl, bh;
+mov.b32 c126, 0x7E807E80;
+mov.b32 nz, 0x80008000;
+""" + _NV_SCALES_PTX + _E2M1_WORD_BODY)
 
 _E2M1_WORD_NV_FOLDED = tl.constexpr("""
 {
@@ -236,14 +238,7 @@ _E2M1_WORD_NV_FOLDED = tl.constexpr("""
 .reg .b16 p, fl, fh, bl, bh;
 mov.b32 c118, 0x7A807A80;
 mov.b32 nz, 0x80008000;
-cvt.u16.u32 p, $9;
-cvt.rn.f16x2.e4m3x2 x, p;
-mov.b32 {fl, fh}, x;
-cvt.rn.bf16.f16 bl, fl;
-cvt.rn.bf16.f16 bh, fh;
-mov.b32 slo, {bl, bl};
-mov.b32 shi, {bh, bh};
-fma.rn.bf16x2 slo, slo, c118, nz;
+""" + _NV_SCALES_PTX + """fma.rn.bf16x2 slo, slo, c118, nz;
 fma.rn.bf16x2 shi, shi, c118, nz;
 """ + _e2m1_word_body(folded=True))   # both scales times 2^118 (<= 448 · 2^118 < 2^127): the decode's values carry 2^-8
 
