@@ -1187,9 +1187,10 @@ class BatchedTritonExperts:
                activation: Activation = SILU, active_experts=None, max_active_experts=None) -> torch.Tensor:
         "`apply` after its checks: for a layer whose weights (checked once) and dispatched slabs are its own (`10_modular`)."
         E, M, H = a.shape
-        h = _batched_moe_gemm(a, w13, expert_num_tokens, activation,
-                              torch.empty(E, M, w13.shape[1] // 2, dtype=a.dtype, device=a.device), None, expected_m,
-                              w13_bias, active_experts, max_active_experts)
+        h = torch.empty(E, M, w13.shape[1] // 2, dtype=a.dtype, device=a.device)
+        for name, t in (("a", a), ("h", h)): check_extent(name, t)      # the slabs' size: a capacity the caller set
+        h = _batched_moe_gemm(a, w13, expert_num_tokens, activation, h, None, expected_m, w13_bias, active_experts,
+                              max_active_experts)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, torch.empty(E, M, H, dtype=a.dtype, device=a.device),
                                  None, expected_m, w2_bias, active_experts, max_active_experts)
 
@@ -1241,6 +1242,8 @@ test_fail(lambda: experts.apply(*x, activation="swigluoai"), contains="activatio
 test_fail(lambda: experts.apply(a, cnt, w13[:, :-1], w2), contains="w13: expected gate and up rows (an even 2·intermediate_size)")
 test_fail(lambda: experts.apply(a, cnt, w13[:2], w2), contains="w13: expected shape [3, *, 48]")
 test_fail(lambda: experts.apply(a.double(), cnt, w13, w2), contains="a: expected dtype torch.bfloat16 or torch.float16 or torch.float32")
+huge = torch.empty(3, 2**20, 2**11 + 1, dtype=a.dtype, device="meta")          # 2^31 elements an expert (no storage):
+test_fail(lambda: experts._apply(huge, cnt, w13, w2), contains="a: expected a per-expert extent < 2^31 elements")   # the layer's entry too
 
 # %% [markdown]
 # On the GPU, gpt-oss-120b's expert shapes (hidden 2880, expert width 2880, 8 of its experts, top-4 routing of 64

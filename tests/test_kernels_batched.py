@@ -298,6 +298,8 @@ def test_batched_triton_experts_swigluoai_bias():
     test_fail(lambda: experts.apply(a, cnt, w13[:, :-1], w2), contains="w13: expected gate and up rows (an even 2·intermediate_size)")
     test_fail(lambda: experts.apply(a, cnt, w13[:2], w2), contains="w13: expected shape [3, *, 48]")
     test_fail(lambda: experts.apply(a.double(), cnt, w13, w2), contains="a: expected dtype torch.bfloat16 or torch.float16 or torch.float32")
+    huge = torch.empty(3, 2**20, 2**11 + 1, dtype=a.dtype, device="meta")          # 2^31 elements an expert (no storage):
+    test_fail(lambda: experts._apply(huge, cnt, w13, w2), contains="a: expected a per-expert extent < 2^31 elements")   # the layer's entry too
 
 
 @pytest.mark.gpu

@@ -640,7 +640,7 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
 
-# %% ../../nbs/06_kernels.batched.ipynb #6d643a0d175b
+# %% ../../nbs/06_kernels.batched.ipynb #015f40aafbad
 class BatchedTritonExperts:
     "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
     activation_format = ActivationFormat.BatchedExperts
@@ -683,8 +683,9 @@ class BatchedTritonExperts:
                activation: Activation = SILU, active_experts=None, max_active_experts=None) -> torch.Tensor:
         "`apply` after its checks: for a layer whose weights (checked once) and dispatched slabs are its own (`10_modular`)."
         E, M, H = a.shape
-        h = _batched_moe_gemm(a, w13, expert_num_tokens, activation,
-                              torch.empty(E, M, w13.shape[1] // 2, dtype=a.dtype, device=a.device), None, expected_m,
-                              w13_bias, active_experts, max_active_experts)
+        h = torch.empty(E, M, w13.shape[1] // 2, dtype=a.dtype, device=a.device)
+        for name, t in (("a", a), ("h", h)): check_extent(name, t)      # the slabs' size: a capacity the caller set
+        h = _batched_moe_gemm(a, w13, expert_num_tokens, activation, h, None, expected_m, w13_bias, active_experts,
+                              max_active_experts)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, torch.empty(E, M, H, dtype=a.dtype, device=a.device),
                                  None, expected_m, w2_bias, active_experts, max_active_experts)

@@ -31,7 +31,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #5a4bae0fd662
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #991d5da28a0c
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -78,9 +78,10 @@ class BatchedTritonQuantExperts:
         "`apply` after its checks, 16-bit `a`: for a layer whose quantized weights (checked once) and dispatched slabs are its own (`10_modular`)."
         (E, M, H), I = a.shape, qw.intermediate_size
         a_k, a_s, as_st, odt = _prepare_activations(a, qw, expert_num_tokens, None, None, H, batched=True)
-        h = _batched_moe_gemm_quant(a_k, a_s, as_st, _weight_kernel_args(qw, "w13"), expert_num_tokens, activation,
-                                    torch.empty(E, M, I, dtype=odt, device=a.device), None, expected_m, w13_bias,
-                                    active_experts, max_active_experts)
+        h = torch.empty(E, M, I, dtype=odt, device=a.device)
+        for name, t in (("a", a), ("h", h)): check_extent(name, t)      # the slabs' size: a capacity the caller set
+        h = _batched_moe_gemm_quant(a_k, a_s, as_st, _weight_kernel_args(qw, "w13"), expert_num_tokens, activation, h,
+                                    None, expected_m, w13_bias, active_experts, max_active_experts)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, I, batched=True)
         return _batched_moe_gemm_quant(hq, hs, hs_st, _weight_kernel_args(qw, "w2"), expert_num_tokens, None,
                                        torch.empty(E, M, qw.hidden_size, dtype=odt, device=a.device), None, expected_m,
