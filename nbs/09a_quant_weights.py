@@ -170,18 +170,15 @@ class QuantizedExpertWeights:
         object.__setattr__(self, "block_shape", block)
         check_tensor("w13", self.w13, ndim=3)
         E, H, I = self.w13.shape[0], self.hidden_size, self.intermediate_size
-        for name, N, K in (("w13", 2 * I, H), ("w2", H, I)):
-            _check_weight_parts(self, name, E, N, K, block)
-        # MXFP4: the largest e8m0 byte of each weight, read once here (the kernels' decode folds a constant into the
-        # scale when it is <= 128, `09c`); None where there are no values to read (meta) or no e8m0 scales
-        object.__setattr__(self, "e8m0_max", None if self.scheme != "mxfp4_w4a16" or self.w13.is_meta else
-                           {n: int(getattr(self, n + "_scale").max()) if getattr(self, n + "_scale").numel() else 0
-                            for n in ("w13", "w2")})
+        largest = {name: _check_weight_parts(self, name, E, N, K, block) for name, N, K in (("w13", 2 * I, H), ("w2", H, I))}
+        # MXFP4: the largest e8m0 byte of each weight, from the value check's one pass (the kernels' decode folds a
+        # constant into the scale when it is <= 128, `09c`); None for the other schemes
+        object.__setattr__(self, "e8m0_max", largest if self.scheme == "mxfp4_w4a16" else None)
 
 # %%
 #| export
-def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
-    "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device)."
+def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | None:
+    "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device); MXFP4: its largest scale byte."
     s = qw.scheme
     codes, scale, gs = getattr(qw, name), getattr(qw, name + "_scale"), getattr(qw, name + "_global_scale")
     layout = qw.fp4_layout
@@ -196,7 +193,7 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
         if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
     if s == "nvfp4_w4a16" and E and not bool((gs > 0).all() & gs.isfinite().all()):
         raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
-    _check_scale_values(name + "_scale", scale, s)
+    largest = _check_scale_values(name + "_scale", scale, s)
     if layout == "mma128":         # the kernels read int32 code words and (16-code groups) uint16 scale pairs
         for n, t, w in ((name, codes, 4), (name + "_scale", scale, 2 if s == "nvfp4_w4a16" else 0)):
             if w and (t.stride(-1) != 1 or t.stride(-2) % w or t.stride(0) % w or t.data_ptr() % w):
@@ -205,11 +202,14 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block):
                                  f"at an address {t.data_ptr() % w} bytes past a multiple of {w}")
     if layout != "plain" and codes.shape[-1] != _storage_cols(s, K):       # the padding reads as 0, never NaN
         _check_chunk_padding(name, codes, scale, K, s, layout)
+    return largest
 
-def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
-    "Scales that decode to a number (one pass at construction): fp32 finite and >= 0 (a zero block may carry 0); no e8m0 255 or e4m3 NaN byte."
-    if not scale.numel(): return
-    if scheme == "mxfp4_w4a16": bad = bool((scale > 240).any())     # 255 encodes NaN; 2^114 and up overflow the decode
+def _check_scale_values(name: str, scale: torch.Tensor, scheme: str) -> int | None:
+    "Scales that decode to a number (one pass at construction): fp32 finite and >= 0 (a zero block may carry 0); no e8m0 255 or e4m3 NaN byte. MXFP4: returns the largest byte."
+    if not scale.numel(): return 0 if scheme == "mxfp4_w4a16" else None
+    largest = None
+    if scheme == "mxfp4_w4a16":
+        largest = int(scale.max()); bad = largest > 240             # 255 encodes NaN; 2^114 and up overflow the decode
     elif scheme == "nvfp4_w4a16": bad = bool(torch.isnan(scale.float()).any())          # e4m3 0x7F / 0xFF
     else: bad = not bool((torch.isfinite(scale) & (scale >= 0)).all())
     if bad:
@@ -220,6 +220,7 @@ def _check_scale_values(name: str, scale: torch.Tensor, scheme: str):
         at = tuple(int(i) for i in (~ok(scale)).nonzero()[0])
         raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale[at].item()} at index "
                          f"{list(at)} (expert, row, group)")
+    return largest
 
 def _check_chunk_padding(name: str, codes, scale, K: int, scheme: str, layout: str):
     "Re-laid weights: the codes past K's group padding are 0 and their groups' scales 1 (what `relayout` writes)."
