@@ -373,7 +373,7 @@ def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_byt
     if not res: raise AssertionError("launches: expected at least one recorded Triton launch, got none")
     return res
 
-# %% ../nbs/00_testing.ipynb #d76ce0572684
+# %% ../nbs/00_testing.ipynb #cfd4ad991df4
 def _bf16_bits(v: float) -> int:
     "The bf16 nearest `v` (ties to even; exact float32 values only, as the decode blocks' results are), as 16 bits."
     import struct
@@ -415,8 +415,7 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         line = line.strip()
         if line.count("{") != line.count("}"): raise ValueError(f"src: expected balanced braces, got {line!r}")
         if not line or line.startswith(".reg"): continue
-        op, _, rest = line.partition(" ") if " " in line.split("\t")[0] or "\t" not in line else line.partition("\t")
-        op, rest = op.strip(), rest.strip()
+        op, rest = (re.split(r"\s+", line, maxsplit=1) + [""])[:2]
         if op not in _PTX_ARITY: raise ValueError(f"src: expected the PTX subset emulate_ptx runs, got {line!r}")
         args = [a for a in re.findall(r"\{[^{}]*\}|[^,\s][^,]*", rest)]
         args = [a.strip() for a in args]

@@ -607,8 +607,7 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         line = line.strip()
         if line.count("{") != line.count("}"): raise ValueError(f"src: expected balanced braces, got {line!r}")
         if not line or line.startswith(".reg"): continue
-        op, _, rest = line.partition(" ") if " " in line.split("\t")[0] or "\t" not in line else line.partition("\t")
-        op, rest = op.strip(), rest.strip()
+        op, rest = (re.split(r"\s+", line, maxsplit=1) + [""])[:2]
         if op not in _PTX_ARITY: raise ValueError(f"src: expected the PTX subset emulate_ptx runs, got {line!r}")
         args = [a for a in re.findall(r"\{[^{}]*\}|[^,\s][^,]*", rest)]
         args = [a.strip() for a in args]

@@ -37,7 +37,7 @@ from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights
 from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
-from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
+from moe_lit.kernels.quant import _weight_kernel_args, _fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
 from moe_lit.kernels.quant import _E2M1_WORD_MX_FOLDED, _E2M1_WORD_NV_FOLDED
 import dataclasses, subprocess, sys
 from moe_lit.testing import record_launches, assert_compiles_for_gpu, emulate_ptx, _bf16_bits, _bf16_value
@@ -917,7 +917,7 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
         if a_scale is not None: raise ValueError(f"a_scale: expected None for {a.dtype} a (it is quantized here), got a tensor")
         if out_dtype is not None and out_dtype != a.dtype: raise ValueError(f"out_dtype: expected {a.dtype} (a's dtype), got {out_dtype}")
         out_dtype = a.dtype
-        if gran in ("group", "token"): return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_block_fp8_input`)
+        if gran in ("group", "token"): return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_fp8_input`)
         a, a_scale = fp8_quantize_activations(a, gran, expert_num_tokens if batched else None, gk, validate=False)
     st = a_scale.stride() if batched else (0, *a_scale.stride())
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
@@ -927,7 +927,7 @@ FP8_ACT_QUANT = os.environ.get("MOE_LIT_FP8_ACT_QUANT", "loop")   # "loop": 1×1
 if FP8_ACT_QUANT not in ("loop", "launch"):                          # loop; "launch": a quantizer launch first
     raise ValueError(f"MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got {FP8_ACT_QUANT!r}")
 
-def _block_fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
+def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 stays 16-bit, quantized in the K loop (block: when the K tile is its group; per token), else one launch quantizes it."
     gran = wa["ACT_GRAN"]
     if wa["FMT"] > 1 or a_k.dtype not in ACTIVATION_DTYPES or gran == "tensor": return a_k, a_s, as_st, 0
@@ -1002,7 +1002,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    a_k, a_s, as_strides, quant_a = _block_fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
+    a_k, a_s, as_strides, quant_a = _fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
     num_m_tiles = _cdiv(M, bm)
     tiles = num_m_tiles * _cdiv(n_out, bn)                      # per expert
     split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
@@ -1385,7 +1385,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     cfg = _quant_tile("fused_moe_gemm", E, wa["N"], K, block_m, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, block_m=block_m, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    a_k, a_s, as_st, quant_a = _block_fp8_input(a_k, a_s, as_st, wa, bk)
+    a_k, a_s, as_st, quant_a = _fp8_input(a_k, a_s, as_st, wa, bk)
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     pair_ids = sorted_token_ids is None                            # `08`'s `_align_pairs` pair blocks: the ids alone
     if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids
@@ -1524,7 +1524,7 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # The helper is the stand-alone quantizer's own code, so **the bits are the same**: the GEMM on bf16 input equals, value
 # for value, the GEMM on `fp8_quantize_activations`' output (below, with split-K, a partial last group, an empty
 # expert and a NaN). Where the tile's `BLOCK_K` is narrower than the group (a tuned table may say 64), a group spans two
-# K steps and the launcher quantizes first, as before (`_block_fp8_input`); `MOE_LIT_FP8_ACT_QUANT=launch` (set before
+# K steps and the launcher quantizes first, as before (`_fp8_input`); `MOE_LIT_FP8_ACT_QUANT=launch` (set before
 # import) takes that path everywhere, to compare the two on a GPU. Per-token scales (`fp8_w8a8_channel`) need the
 # whole row first: the program makes one pass over the row's K tiles for its |max| (every split-K program reads the
 # whole row, so all of them hold the same scale), then quantizes each tile with it in the loop — `09b`'s token mode,
@@ -1547,7 +1547,7 @@ qw = quantize_expert_weights(*random_expert_weights(3, 320, 96, seed=50), "fp8_w
 wa13 = _weight_kernel_args(qw, "w13")
 bf = torch.bfloat16
 a16 = torch.zeros(2, 320, dtype=bf, device=DEVICE)
-assert _block_fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _block_fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
+assert _fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
 def same(x, y, name):                                          # equal bits, NaN where the other has NaN
     assert torch.equal(x.float().nan_to_num(7.0).cpu(), y.float().nan_to_num(7.0).cpu()), f"{name}: {cfg}"
     assert torch.equal(x.isnan().cpu(), y.isnan().cpu()) and x.isfinite().any(), name
@@ -1593,7 +1593,7 @@ for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2)
     q, sc = fp8_quantize_activations(hid, "token")
     same(y[pair_ok], fused_moe_gemm_quant(q, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
                                           config=c)[pair_ok], "token contiguous GEMM1")
-test_eq(_block_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
+test_eq(_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
 # MOE_LIT_FP8_ACT_QUANT=launch (read at import): the quantizer's launch first, whatever the tile; a bad value raises
 code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
         "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "

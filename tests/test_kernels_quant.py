@@ -27,7 +27,7 @@ from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights
 from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
-from moe_lit.kernels.quant import _weight_kernel_args, _block_fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
+from moe_lit.kernels.quant import _weight_kernel_args, _fp8_input, _E2M1_WORD_MX, _E2M1_WORD_NV, _E2M1X8_PTX
 from moe_lit.kernels.quant import _E2M1_WORD_MX_FOLDED, _E2M1_WORD_NV_FOLDED
 import dataclasses, subprocess, sys
 from moe_lit.testing import record_launches, assert_compiles_for_gpu, emulate_ptx, _bf16_bits, _bf16_value
@@ -294,7 +294,7 @@ def test_fp8_block_quantized_in_the_k_loop():
     wa13 = _weight_kernel_args(qw, "w13")
     bf = torch.bfloat16
     a16 = torch.zeros(2, 320, dtype=bf, device=DEVICE)
-    assert _block_fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _block_fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
+    assert _fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
     def same(x, y, name):                                          # equal bits, NaN where the other has NaN
         assert torch.equal(x.float().nan_to_num(7.0).cpu(), y.float().nan_to_num(7.0).cpu()), f"{name}: {cfg}"
         assert torch.equal(x.isnan().cpu(), y.isnan().cpu()) and x.isfinite().any(), name
@@ -340,7 +340,7 @@ def test_fp8_block_quantized_in_the_k_loop():
         q, sc = fp8_quantize_activations(hid, "token")
         same(y[pair_ok], fused_moe_gemm_quant(q, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
                                               config=c)[pair_ok], "token contiguous GEMM1")
-    test_eq(_block_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
+    test_eq(_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
     # MOE_LIT_FP8_ACT_QUANT=launch (read at import): the quantizer's launch first, whatever the tile; a bad value raises
     code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
             "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "

@@ -619,7 +619,7 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
                          f"(from the fused_moe_gemm_{kind} tile table for E={qw.num_experts}, N={wa['N']})")
     return bm
 
-# %% ../../nbs/09c_kernels.quant.ipynb #36f742098601
+# %% ../../nbs/09c_kernels.quant.ipynb #7b5b3c1b6630
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
     "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for per-tensor w8a8 (one scale over all rows: its own pass)."
     scheme, rows = qw.scheme, a.shape[-2]
@@ -642,7 +642,7 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
         if a_scale is not None: raise ValueError(f"a_scale: expected None for {a.dtype} a (it is quantized here), got a tensor")
         if out_dtype is not None and out_dtype != a.dtype: raise ValueError(f"out_dtype: expected {a.dtype} (a's dtype), got {out_dtype}")
         out_dtype = a.dtype
-        if gran in ("group", "token"): return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_block_fp8_input`)
+        if gran in ("group", "token"): return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_fp8_input`)
         a, a_scale = fp8_quantize_activations(a, gran, expert_num_tokens if batched else None, gk, validate=False)
     st = a_scale.stride() if batched else (0, *a_scale.stride())
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
@@ -652,7 +652,7 @@ FP8_ACT_QUANT = os.environ.get("MOE_LIT_FP8_ACT_QUANT", "loop")   # "loop": 1×1
 if FP8_ACT_QUANT not in ("loop", "launch"):                          # loop; "launch": a quantizer launch first
     raise ValueError(f"MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got {FP8_ACT_QUANT!r}")
 
-def _block_fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
+def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 stays 16-bit, quantized in the K loop (block: when the K tile is its group; per token), else one launch quantizes it."
     gran = wa["ACT_GRAN"]
     if wa["FMT"] > 1 or a_k.dtype not in ACTIVATION_DTYPES or gran == "tensor": return a_k, a_s, as_st, 0
@@ -679,7 +679,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
-# %% ../../nbs/09c_kernels.quant.ipynb #664d92be1baf
+# %% ../../nbs/09c_kernels.quant.ipynb #5527a4ea39f1
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -725,7 +725,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
     cfg = _quant_tile("batched_moe_gemm", E, wa["N"], K, expected_m or M, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    a_k, a_s, as_strides, quant_a = _block_fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
+    a_k, a_s, as_strides, quant_a = _fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
     num_m_tiles = _cdiv(M, bm)
     tiles = num_m_tiles * _cdiv(n_out, bn)                      # per expert
     split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
@@ -832,7 +832,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #543281b8cb13
+# %% ../../nbs/09c_kernels.quant.ipynb #5fdc3e5e4be6
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -884,7 +884,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     cfg = _quant_tile("fused_moe_gemm", E, wa["N"], K, block_m, out.dtype, wa["FMT"], wa["GROUP_K"],
                       act is not None, config, block_m=block_m, layout=wa["LAYOUT"])
     bm, bn, bk = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K")
-    a_k, a_s, as_st, quant_a = _block_fp8_input(a_k, a_s, as_st, wa, bk)
+    a_k, a_s, as_st, quant_a = _fp8_input(a_k, a_s, as_st, wa, bk)
     num_m_blocks, upcast = expert_ids.numel(), INTERPRET and a_k.dtype in ACTIVATION_DTYPES
     pair_ids = sorted_token_ids is None                            # `08`'s `_align_pairs` pair blocks: the ids alone
     if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids
