@@ -218,14 +218,30 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #8e19bbc73a4d
+# %% ../nbs/10_modular.ipynb #6571e96721c4
+def _check_trusted_weights(a: torch.Tensor, w13, w2):
+    "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
+    H = a.shape[-1]
+    if isinstance(w13, QuantizedExpertWeights):
+        if w13.hidden_size != H or w13.device != a.device:
+            raise ValueError(f"w13: expected quantized weights of hidden_size {H} on {a.device}, got {w13.hidden_size} on {w13.device}")
+        return
+    check_tensor("w13", w13, shape=(None, None, H), dtype=a.dtype)
+    E, N = w13.shape[:2]
+    if N % 2 or N == 0: raise ValueError(f"w13: expected a positive even number of rows (gate, then up), got {N}")
+    check_tensor("w2", w2, shape=(E, H, N // 2), dtype=a.dtype)
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.device != a.device: raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
+
 class TritonExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
     trusted = False     # True (`make_experts(..., trusted=True)`): the caller's weights were checked once, at its
-                        # construction, and its prepare built the rest: the launches skip the per-call checks
+                        # construction, and its prepare built the rest: the launches skip the per-call checks but
+                        # the weights' shapes, dtype and device (`_check_trusted_weights`, metadata only)
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.contiguous import TritonExperts
         if self.trusted:
+            _check_trusted_weights(prepared.a, w13, w2)
             return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
@@ -241,6 +257,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
         if self.trusted:
+            _check_trusted_weights(prepared.a, w13, w2)
             return BatchedTritonExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, w2, prepared.expected_m,
                                                  w13_bias, w2_bias, activation, prepared.active_experts,
                                                  prepared.max_active_experts)
@@ -256,6 +273,7 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         if self.trusted:
+            _check_trusted_weights(prepared.a, w13, w2)
             return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                                prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                                w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
@@ -272,6 +290,7 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         if self.trusted and prepared.a.dtype in (torch.bfloat16, torch.float16):   # the layer's 16-bit slabs
+            _check_trusted_weights(prepared.a, w13, w2)
             return BatchedTritonQuantExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, prepared.expected_m,
                                                       w13_bias, w2_bias, activation, prepared.active_experts,
                                                       prepared.max_active_experts)

@@ -199,7 +199,8 @@ print(hf.config._experts_implementation)
 # ```
 #
 # `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets
-# or a `--config`, one EP rank per process, unquantized experts; `--ep` defaults to the number of processes). With a
+# or a `--config`, one EP rank per process, unquantized experts; `--ep` defaults to the number of processes and `--all2all` to
+# `allgather_reducescatter`). With a
 # small `--config` (a config.json with hidden 64 and 4 experts, as in *Install and run*) the two processes finish in
 # seconds on a CPU. Each process holds its
 # own experts' weights, so DeepSeek-V3 needs about 12 GB per process at 2 processes.

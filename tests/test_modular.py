@@ -93,6 +93,12 @@ def test_modular_kernels_agree():
                         assert mk_t.experts.trusted and not mk.experts.trusted
                         got_t = mk_t(dev(hidden), dev(w13_r), dev(w2_r), dev(wts), dev(ids), p, on_in, add_shared=False)
                         test_eq(torch.equal(got_t, got), True)
+                        for bad13, bad2, msg in ((w13_r[:, :-1], w2_r, "w13: expected a positive even number of rows"),
+                                                 (w13_r[..., :-8], w2_r, "w13: expected shape"),
+                                                 (w13_r, w2_r[..., :-2], "w2: expected shape"),
+                                                 (w13_r, w2_r.double(), "w2: expected dtype"), (w13_r, None, "w2: expected a torch.Tensor")):
+                            test_fail(lambda: mk_t(dev(hidden), dev(bad13), bad2 if bad2 is None else dev(bad2), dev(wts),
+                                                   dev(ids), p, on_in, add_shared=False), contains=msg)
     # the shared expert is added once, on the original input, whatever the routed path did
     pf = StandardPrepareFinalize(); mk = ModularKernel(pf, TorchStandardExperts(), sh)
     p1 = Placement.build(MoEConfig(E, k, H, I, dtype=torch.float32))
