@@ -2,13 +2,14 @@
 
     python .ci/docs.py            -> _docs/  (a static HTML site: one page per notebook, sidebar in reading order)
 
-Steps: regenerate the notebooks; execute each on the CPU with execnb, skipping the cells nbdev_test skips (`#| gpu`,
+Steps: regenerate the notebooks; execute each on the CPU with execnb (a worker process per core), skipping the cells nbdev_test skips (`#| gpu`,
 `#| notest`, `#| eval: false`), so outputs and figures are fresh; run nbdev's own processing into _proc/ (what
 `nbdev_docs` hands to Quarto: show_doc for every export, doclinks, Quarto cell options); render each processed page
 with pandoc (the pypandoc-binary wheel), honouring the cell options nbdev emits (echo, include, output), with a
 sidebar from nbdev's sidebar.yml. Where `quarto` is on PATH, `nbdev_docs` renders the same _proc/ with Quarto.
 """
-import html, json, os, re, shutil, subprocess, sys
+import html, json, multiprocessing, os, re, shutil, subprocess, sys, time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,9 @@ def execute(nb_path: Path):
     for c in nb.cells:
         if id(c) in skipped: c.source = ""                         # keep the cell, run nothing
     os.chdir(NBS)
-    CaptureShell().run_all(nb, exc_stop=True)
+    main = sys.modules["__main__"]            # IPython's shell replaces it; the pool's next task is found in this one
+    try: CaptureShell().run_all(nb, exc_stop=True)
+    finally: sys.modules["__main__"] = main
     for c in nb.cells:
         if id(c) in saved: c.source = saved[id(c)][0]
     write_nb(nb, nb_path)
@@ -134,9 +137,14 @@ def main():
     os.environ.setdefault("TRITON_INTERPRET", "1") if not _has_cuda() else None
     os.environ["MPLBACKEND"] = "Agg"
     nbs = sorted(NBS.glob("*.ipynb"), key=lambda p: (p.stem != "index", p.stem))
-    for nb in nbs:
-        print("executing", nb.name, flush=True)
-        execute(nb)
+    t0 = time.perf_counter()
+    # one notebook per worker process at a time, a worker per core (each imports torch once and runs its share);
+    # a failing cell fails the build. Longest first: the slowest chapters do not end up last on one core.
+    order = sorted(nbs, key=lambda p: -p.stat().st_size)
+    with ProcessPoolExecutor(max_workers=min(len(order), os.cpu_count() or 1),
+                             mp_context=multiprocessing.get_context("fork")) as pool:
+        for nb, _ in zip(order, pool.map(execute, order)): print("executed", nb.name, flush=True)
+    print(f"executed {len(nbs)} notebooks in {time.perf_counter() - t0:.0f} s", flush=True)
     os.chdir(ROOT)
     from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
     from nbdev.serve import proc_nbs
@@ -152,6 +160,7 @@ def main():
         print("rendering", name, flush=True)
         render(p, title, nav, m.get("description", ""))
     for f in DOCS.glob(".*.html"): f.unlink()
+    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"site: {DOCS / 'index.html'} ({len(pages)} pages)")
 
 
