@@ -123,12 +123,12 @@ def describe_experts(cfg: MoEConfig,  # the layer whose experts to describe
         parts.append("shared expert" + (" scaled by σ(x · shared_expert_gate)" if cfg.shared_expert_gate else " added once"))
     return "; ".join(parts)
 
-# %% ../nbs/02_models.ipynb #ce9dacba010c
+# %% ../nbs/02_models.ipynb #70968050a6d9
 def preset_table() -> list[dict]:
     "One row per preset: name, Hugging Face repo, E, top_k, H, I, shared experts and routing steps."
     rows = []
     for name, c in PRESETS.items():
-        shared = f"{c.num_shared_experts} (I={c.shared_intermediate_size or c.intermediate_size})" \
+        shared = f"{c.num_shared_experts} (I={c.shared_intermediate_size or c.num_shared_experts * c.intermediate_size})" \
                  if c.num_shared_experts else "none"
         rows.append(dict(name=name, model=c.name, E=c.num_experts, top_k=c.top_k, H=c.hidden_size,
                          I=c.intermediate_size, shared=shared, routing=describe_routing(c)))
@@ -204,23 +204,29 @@ def _model_type(cfg: dict) -> str | None:
         raise ValueError(f"config.json model_type: expected a str, got {type(t).__name__} {t!r}")
     return t
 
-# %% ../nbs/02_models.ipynb #965b0b12ff0a
+# %% ../nbs/02_models.ipynb #d2c565bc5e33
 _OSS_EXPERTS = dict(activation="swigluoai", has_expert_bias=True, has_router_bias=True)   # GptOssExperts, GptOssTopKRouter
-_FAMILIES = {   # model_type -> routing and expert facts its code fixes, or defaults for keys its config.json may omit
-    "mixtral":     dict(renormalize=True),    # MixtralSparseMoeBlock divides the top-2 by their sum; no key
-    "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS),   # softmax over the top-k logits == renormalise
-    "llama4":      dict(routing_method="llama4"),
-    "llama4_text": dict(routing_method="llama4"),
-    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True)),   # Qwen2MoeSparseMoeBlock
-    "qwen3_moe":   dict(norm_default=False),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
-    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True)),   # Qwen3NextSparseMoeBlock
-    "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc"),   # MiniMaxM2TopKRouter
-    "deepseek_v2": dict(norm_default=False, topk_method="greedy"),
-    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc",   # DeepseekV3Config's
-                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # defaults for absent keys
-    "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc",   # Glm4MoeConfig's
-                        defaults=dict(n_group=1, topk_group=1)),
+_QWEN_READS = ("norm_topk_prob",)
+_DEEPSEEK_READS = ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
+_FAMILIES = {   # model_type -> routing and expert facts its code fixes, the routing keys it reads (`reads`: the others
+                # are ignored, as its transformers code ignores them), defaults for keys its config.json may omit
+    "mixtral":     dict(renormalize=True, reads=()),   # MixtralSparseMoeBlock divides the top-2 by their sum; no key
+    "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS, reads=()),   # softmax over the top-k logits == renormalise
+    "llama4":      dict(routing_method="llama4", reads=()),
+    "llama4_text": dict(routing_method="llama4", reads=()),
+    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen2MoeSparseMoeBlock
+    "qwen3_moe":   dict(norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
+    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen3NextSparseMoeBlock
+    "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=()),   # MiniMaxM2TopKRouter
+    "deepseek_v2": dict(norm_default=False, topk_method="greedy",
+                        reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor")),
+    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
+                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # DeepseekV3Config's defaults
+    "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
+                        defaults=dict(n_group=1, topk_group=1)),                             # Glm4MoeConfig's
 }
+_ROUTING_KEYS = ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
+                 "use_routing_bias")   # the config.json keys that can change routing; a family reads some of them
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")   # DeepSeek's topk_method values
 
 def _groups_from_hf(cfg: dict, fam: dict) -> dict:
@@ -240,10 +246,16 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
                    topk_group=check_int("config.json topk_group", topk_group, lo=1, hi=SIZE_LIMIT))
     return out
 
-# %% ../nbs/02_models.ipynb #2ead9809561f
+# %% ../nbs/02_models.ipynb #f722192a3221
 def _routing_from_hf(cfg: dict) -> dict:
-    "The MoEConfig routing fields: config.json keys where present, the model family's behaviour where not."
-    fam = _FAMILIES.get(_model_type(cfg), {})
+    "The MoEConfig routing fields: config.json keys the model family's code reads, where present; its behaviour elsewhere."
+    t = _model_type(cfg)
+    if t is not None and t not in _FAMILIES:     # its routing could be anything (Jamba's unnormalised top-k, PhiMoE's
+        raise ValueError(f"config.json model_type: expected one of {sorted(_FAMILIES)} (the families whose MoE block "   # sparsemixer)
+                         f"moe-lit reads), or no model_type (the file's routing keys decide), got {t!r}")
+    fam = _FAMILIES.get(t, {})
+    if t is not None:                            # keys the family's code does not read change nothing there
+        cfg = {k: v for k, v in cfg.items() if k not in _ROUTING_KEYS or k in fam["reads"]}
     defaulted = {k: v for k, v in fam.get("defaults", {}).items() if cfg.get(k) is None}   # absent or null: the
     cfg = {**cfg, **defaulted}                                                               # config class's default
     experts = cfg.get("n_routed_experts")

@@ -314,7 +314,7 @@ def preset_table() -> list[dict]:
     "One row per preset: name, Hugging Face repo, E, top_k, H, I, shared experts and routing steps."
     rows = []
     for name, c in PRESETS.items():
-        shared = f"{c.num_shared_experts} (I={c.shared_intermediate_size or c.intermediate_size})" \
+        shared = f"{c.num_shared_experts} (I={c.shared_intermediate_size or c.num_shared_experts * c.intermediate_size})" \
                  if c.num_shared_experts else "none"
         rows.append(dict(name=name, model=c.name, E=c.num_experts, top_k=c.top_k, H=c.hidden_size,
                          I=c.intermediate_size, shared=shared, routing=describe_routing(c)))
@@ -478,6 +478,15 @@ def _model_type(cfg: dict) -> str | None:
 # `noaux_tc` without groups; its files spell the bias `use_routing_bias: true`, which moe-lit reads as
 # `has_correction_bias` for any family.
 #
+# **What a family reads.** Each family's transformers code reads some of the routing keys and hard-codes the rest:
+# Mixtral, gpt-oss, Llama-4 and MiniMax-M2 read none of them, Qwen2-MoE / Qwen3 / Qwen3-Next only `norm_topk_prob`,
+# DeepSeek-V3 and GLM-4.5 the group counts, `norm_topk_prob` and `routed_scaling_factor`, DeepSeek-V2 the group counts,
+# `topk_method` and `routed_scaling_factor` (the `config.` reads of each `modeling_*.py`). A key the family does not
+# read changes nothing, here as there: a Mixtral file with `routed_scaling_factor: 2.5` is still Mixtral. A
+# `model_type` outside the table is refused: its routing could be anything (Jamba leaves the top-k weights
+# unnormalised, PhiMoE uses sparsemixer), and reading it as softmax → top-k would be a silently different model. A
+# file without `model_type` (gpt-oss's `original/config.json`, a hand-written config) is read by its keys alone.
+#
 # **Expert semantics** are family facts too: gpt-oss's experts use the clamped SwiGLU with biases and its router a
 # biased Linear (`GptOssExperts`, `GptOssTopKRouter` in transformers' `modeling_gpt_oss.py`); Qwen2-MoE and
 # Qwen3-Next scale the shared expert by `sigmoid(x · shared_expert_gate)` (`Qwen2MoeSparseMoeBlock`). Every other
@@ -491,21 +500,27 @@ def _model_type(cfg: dict) -> str | None:
 # %%
 #| export
 _OSS_EXPERTS = dict(activation="swigluoai", has_expert_bias=True, has_router_bias=True)   # GptOssExperts, GptOssTopKRouter
-_FAMILIES = {   # model_type -> routing and expert facts its code fixes, or defaults for keys its config.json may omit
-    "mixtral":     dict(renormalize=True),    # MixtralSparseMoeBlock divides the top-2 by their sum; no key
-    "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS),   # softmax over the top-k logits == renormalise
-    "llama4":      dict(routing_method="llama4"),
-    "llama4_text": dict(routing_method="llama4"),
-    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True)),   # Qwen2MoeSparseMoeBlock
-    "qwen3_moe":   dict(norm_default=False),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
-    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True)),   # Qwen3NextSparseMoeBlock
-    "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc"),   # MiniMaxM2TopKRouter
-    "deepseek_v2": dict(norm_default=False, topk_method="greedy"),
-    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc",   # DeepseekV3Config's
-                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # defaults for absent keys
-    "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc",   # Glm4MoeConfig's
-                        defaults=dict(n_group=1, topk_group=1)),
+_QWEN_READS = ("norm_topk_prob",)
+_DEEPSEEK_READS = ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
+_FAMILIES = {   # model_type -> routing and expert facts its code fixes, the routing keys it reads (`reads`: the others
+                # are ignored, as its transformers code ignores them), defaults for keys its config.json may omit
+    "mixtral":     dict(renormalize=True, reads=()),   # MixtralSparseMoeBlock divides the top-2 by their sum; no key
+    "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS, reads=()),   # softmax over the top-k logits == renormalise
+    "llama4":      dict(routing_method="llama4", reads=()),
+    "llama4_text": dict(routing_method="llama4", reads=()),
+    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen2MoeSparseMoeBlock
+    "qwen3_moe":   dict(norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
+    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen3NextSparseMoeBlock
+    "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=()),   # MiniMaxM2TopKRouter
+    "deepseek_v2": dict(norm_default=False, topk_method="greedy",
+                        reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor")),
+    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
+                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # DeepseekV3Config's defaults
+    "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
+                        defaults=dict(n_group=1, topk_group=1)),                             # Glm4MoeConfig's
 }
+_ROUTING_KEYS = ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
+                 "use_routing_bias")   # the config.json keys that can change routing; a family reads some of them
 _TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")   # DeepSeek's topk_method values
 
 def _groups_from_hf(cfg: dict, fam: dict) -> dict:
@@ -528,8 +543,14 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
 # %%
 #| export
 def _routing_from_hf(cfg: dict) -> dict:
-    "The MoEConfig routing fields: config.json keys where present, the model family's behaviour where not."
-    fam = _FAMILIES.get(_model_type(cfg), {})
+    "The MoEConfig routing fields: config.json keys the model family's code reads, where present; its behaviour elsewhere."
+    t = _model_type(cfg)
+    if t is not None and t not in _FAMILIES:     # its routing could be anything (Jamba's unnormalised top-k, PhiMoE's
+        raise ValueError(f"config.json model_type: expected one of {sorted(_FAMILIES)} (the families whose MoE block "   # sparsemixer)
+                         f"moe-lit reads), or no model_type (the file's routing keys decide), got {t!r}")
+    fam = _FAMILIES.get(t, {})
+    if t is not None:                            # keys the family's code does not read change nothing there
+        cfg = {k: v for k, v in cfg.items() if k not in _ROUTING_KEYS or k in fam["reads"]}
     defaulted = {k: v for k, v in fam.get("defaults", {}).items() if cfg.get(k) is None}   # absent or null: the
     cfg = {**cfg, **defaulted}                                                               # config class's default
     experts = cfg.get("n_routed_experts")
@@ -729,10 +750,17 @@ minimax = {"model_type": "minimax_m2", "hidden_size": 64, "intermediate_size": 3
            "num_experts_per_tok": 2, "scoring_func": "sigmoid", "use_routing_bias": True}
 c = moe_config_from_hf(minimax)
 test_eq((c.scoring_func, c.has_correction_bias, c.renormalize, c.routing_method), ("sigmoid", True, True, "topk"))
-c = moe_config_from_hf({**minimax, "model_type": "some_new_moe"})               # the key alone carries the bias
+plain = {k: v for k, v in minimax.items() if k != "model_type"}
+c = moe_config_from_hf(plain)                                    # no model_type: the file's keys decide, the bias too
 test_eq((c.scoring_func, c.has_correction_bias), ("sigmoid", True))
+test_fail(lambda: moe_config_from_hf({**minimax, "model_type": "jamba"}),   # an unknown family: refused, not guessed
+          contains="config.json model_type: expected one of ['deepseek_v2', 'deepseek_v3', 'glm4_moe', 'gpt_oss'")
+# keys a family's code does not read change nothing (transformers ignores them too): MiniMax-M2 always has its bias
+test_eq(moe_config_from_hf({**minimax, "use_routing_bias": False, "scoring_func": "softmax"}), c.replace(
+        model_type="minimax_m2", name=moe_config_from_hf(minimax).name))
+test_eq(moe_config_from_hf({**qwen2, "routed_scaling_factor": 2.0, "n_group": 2, "topk_group": 1}), moe_config_from_hf(qwen2))
 test_fail(lambda: moe_config_from_hf({**qwen2, "hidden_act": "gelu"}), contains="config.json hidden_act: expected one of")
-test_fail(lambda: moe_config_from_hf({**minimax, "use_routing_bias": "yes"}), contains="use_routing_bias: expected a bool")
+test_fail(lambda: moe_config_from_hf({**plain, "use_routing_bias": "yes"}), contains="use_routing_bias: expected a bool")
 test_fail(lambda: moe_config_from_hf({**minimax, "model_type": "mixtral", "swiglu_limit": 7.0}),
           contains="config.json swiglu_limit: expected no swiglu_limit for model_type 'mixtral'")
 test_eq(moe_config_from_hf({**qwen2, "shared_expert_intermediate_size": 0}).shared_expert_gate, False)
@@ -800,13 +828,14 @@ test_fail(lambda: moe_config_from_hf(drop("moe_intermediate_size")), contains="c
 test_fail(lambda: moe_config_from_hf({**moe, "num_experts": "128"}), contains="config.json num_experts: expected an int")
 test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 0}), contains="config.json num_experts: expected >= 1, got 0")
 test_fail(lambda: moe_config_from_hf({**moe, "norm_topk_prob": "yes"}), contains="config.json norm_topk_prob: expected a bool")
-test_fail(lambda: moe_config_from_hf({**moe, "scoring_func": "sqrtsoftplus"}), contains="config.json scoring_func: expected one of")
-test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "aux_free"}), contains="config.json topk_method: expected one of")
-test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "group_limited_greedy", "n_group": 8}),
+any_ = drop("model_type")                  # routing keys Qwen3's code does not read: checked where a file's keys decide
+test_fail(lambda: moe_config_from_hf({**any_, "scoring_func": "sqrtsoftplus"}), contains="config.json scoring_func: expected one of")
+test_fail(lambda: moe_config_from_hf({**any_, "topk_method": "aux_free"}), contains="config.json topk_method: expected one of")
+test_fail(lambda: moe_config_from_hf({**any_, "topk_method": "group_limited_greedy", "n_group": 8}),
           contains="config.json topk_group: expected one of the keys ['topk_group'], got none of them")
-test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "group_limited_greedy", "topk_group": 2}),
+test_fail(lambda: moe_config_from_hf({**any_, "topk_method": "group_limited_greedy", "topk_group": 2}),
           contains="config.json num_expert_group: expected one of the keys ['n_group'], got none of them")
-test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": -1}),
+test_fail(lambda: moe_config_from_hf({**any_, "routed_scaling_factor": -1}),
           contains="config.json routed_scaling_factor: expected a finite number > 0, got int -1")
 test_fail(lambda: moe_config_from_hf({**moe, "torch_dtype": "int8"}), contains="config.json torch_dtype: expected one of")
 test_fail(lambda: moe_config_from_hf(moe, parallel="ep8"), contains="parallel: expected a ParallelConfig, got str")
@@ -823,9 +852,9 @@ moe = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, 
 for t in (["x"], {"a": 1}, 3):
     test_fail(lambda: moe_config_from_hf({**moe, "model_type": t}), contains="config.json model_type: expected a str, got")
 for x in ("NaN", "Infinity", "-Infinity"):
-    raw = json.loads(json.dumps(moe)[:-1] + f', "routed_scaling_factor": {x}}}')   # as json reads a file
+    raw = json.loads(json.dumps({**moe, "model_type": "deepseek_v3"})[:-1] + f', "routed_scaling_factor": {x}}}')   # as json reads a file
     test_fail(lambda: moe_config_from_hf(raw), contains="config.json routed_scaling_factor: expected a finite number > 0")
-test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": "2.5"}),
+test_fail(lambda: moe_config_from_hf({**moe, "model_type": "deepseek_v3", "routed_scaling_factor": "2.5"}),
           contains="config.json routed_scaling_factor: expected a finite number > 0, got str '2.5'")
 test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 10**30}), contains="config.json num_experts: expected <= 2147483647")
 test_fail(lambda: moe_config_from_hf({**moe, "hidden_size": 2**31}), contains="config.json hidden_size: expected <= 2147483647")

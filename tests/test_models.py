@@ -209,10 +209,17 @@ def test_from_hf_expert_semantics():
                "num_experts_per_tok": 2, "scoring_func": "sigmoid", "use_routing_bias": True}
     c = moe_config_from_hf(minimax)
     test_eq((c.scoring_func, c.has_correction_bias, c.renormalize, c.routing_method), ("sigmoid", True, True, "topk"))
-    c = moe_config_from_hf({**minimax, "model_type": "some_new_moe"})               # the key alone carries the bias
+    plain = {k: v for k, v in minimax.items() if k != "model_type"}
+    c = moe_config_from_hf(plain)                                    # no model_type: the file's keys decide, the bias too
     test_eq((c.scoring_func, c.has_correction_bias), ("sigmoid", True))
+    test_fail(lambda: moe_config_from_hf({**minimax, "model_type": "jamba"}),   # an unknown family: refused, not guessed
+              contains="config.json model_type: expected one of ['deepseek_v2', 'deepseek_v3', 'glm4_moe', 'gpt_oss'")
+    # keys a family's code does not read change nothing (transformers ignores them too): MiniMax-M2 always has its bias
+    test_eq(moe_config_from_hf({**minimax, "use_routing_bias": False, "scoring_func": "softmax"}), c.replace(
+            model_type="minimax_m2", name=moe_config_from_hf(minimax).name))
+    test_eq(moe_config_from_hf({**qwen2, "routed_scaling_factor": 2.0, "n_group": 2, "topk_group": 1}), moe_config_from_hf(qwen2))
     test_fail(lambda: moe_config_from_hf({**qwen2, "hidden_act": "gelu"}), contains="config.json hidden_act: expected one of")
-    test_fail(lambda: moe_config_from_hf({**minimax, "use_routing_bias": "yes"}), contains="use_routing_bias: expected a bool")
+    test_fail(lambda: moe_config_from_hf({**plain, "use_routing_bias": "yes"}), contains="use_routing_bias: expected a bool")
     test_fail(lambda: moe_config_from_hf({**minimax, "model_type": "mixtral", "swiglu_limit": 7.0}),
               contains="config.json swiglu_limit: expected no swiglu_limit for model_type 'mixtral'")
     test_eq(moe_config_from_hf({**qwen2, "shared_expert_intermediate_size": 0}).shared_expert_gate, False)
@@ -274,13 +281,14 @@ def test_from_hf_bad_keys():
     test_fail(lambda: moe_config_from_hf({**moe, "num_experts": "128"}), contains="config.json num_experts: expected an int")
     test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 0}), contains="config.json num_experts: expected >= 1, got 0")
     test_fail(lambda: moe_config_from_hf({**moe, "norm_topk_prob": "yes"}), contains="config.json norm_topk_prob: expected a bool")
-    test_fail(lambda: moe_config_from_hf({**moe, "scoring_func": "sqrtsoftplus"}), contains="config.json scoring_func: expected one of")
-    test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "aux_free"}), contains="config.json topk_method: expected one of")
-    test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "group_limited_greedy", "n_group": 8}),
+    any_ = drop("model_type")                  # routing keys Qwen3's code does not read: checked where a file's keys decide
+    test_fail(lambda: moe_config_from_hf({**any_, "scoring_func": "sqrtsoftplus"}), contains="config.json scoring_func: expected one of")
+    test_fail(lambda: moe_config_from_hf({**any_, "topk_method": "aux_free"}), contains="config.json topk_method: expected one of")
+    test_fail(lambda: moe_config_from_hf({**any_, "topk_method": "group_limited_greedy", "n_group": 8}),
               contains="config.json topk_group: expected one of the keys ['topk_group'], got none of them")
-    test_fail(lambda: moe_config_from_hf({**moe, "topk_method": "group_limited_greedy", "topk_group": 2}),
+    test_fail(lambda: moe_config_from_hf({**any_, "topk_method": "group_limited_greedy", "topk_group": 2}),
               contains="config.json num_expert_group: expected one of the keys ['n_group'], got none of them")
-    test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": -1}),
+    test_fail(lambda: moe_config_from_hf({**any_, "routed_scaling_factor": -1}),
               contains="config.json routed_scaling_factor: expected a finite number > 0, got int -1")
     test_fail(lambda: moe_config_from_hf({**moe, "torch_dtype": "int8"}), contains="config.json torch_dtype: expected one of")
     test_fail(lambda: moe_config_from_hf(moe, parallel="ep8"), contains="parallel: expected a ParallelConfig, got str")
@@ -292,9 +300,9 @@ def test_from_hf_bad_values():
     for t in (["x"], {"a": 1}, 3):
         test_fail(lambda: moe_config_from_hf({**moe, "model_type": t}), contains="config.json model_type: expected a str, got")
     for x in ("NaN", "Infinity", "-Infinity"):
-        raw = json.loads(json.dumps(moe)[:-1] + f', "routed_scaling_factor": {x}}}')   # as json reads a file
+        raw = json.loads(json.dumps({**moe, "model_type": "deepseek_v3"})[:-1] + f', "routed_scaling_factor": {x}}}')   # as json reads a file
         test_fail(lambda: moe_config_from_hf(raw), contains="config.json routed_scaling_factor: expected a finite number > 0")
-    test_fail(lambda: moe_config_from_hf({**moe, "routed_scaling_factor": "2.5"}),
+    test_fail(lambda: moe_config_from_hf({**moe, "model_type": "deepseek_v3", "routed_scaling_factor": "2.5"}),
               contains="config.json routed_scaling_factor: expected a finite number > 0, got str '2.5'")
     test_fail(lambda: moe_config_from_hf({**moe, "num_experts": 10**30}), contains="config.json num_experts: expected <= 2147483647")
     test_fail(lambda: moe_config_from_hf({**moe, "hidden_size": 2**31}), contains="config.json hidden_size: expected <= 2147483647")

@@ -7,7 +7,8 @@ from moe_lit.layouts import LAYOUTS
 from moe_lit.models import markdown_table
 from moe_lit.testing import hf_moe_block, hf_moe_output
 from moe_lit.routing import router_logits
-import tempfile
+import tempfile, json
+from pathlib import Path
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF, write_fp8_block_checkpoint, write_mxfp4_checkpoint
 from moe_lit.testing import check_output
@@ -33,6 +34,23 @@ def test_parity_every_family():
                     r = parity(model, d, i, x)
                     assert r["min_gap"] > 1e-6, (t, r)                  # no near-tie: a rounding cannot pick another expert
                     assert r["ids_equal"] and r["max_rel_err"] <= tol, (t, dtype, i, r)
+
+
+def test_parity_ignores_keys_the_family_does_not_read():
+    stray = [("mixtral", dict(routed_scaling_factor=2.5)), ("mixtral", dict(scoring_func="sigmoid")),
+             ("qwen3_moe", dict(n_group=2, topk_group=1, topk_method="group_limited_greedy")),
+             ("qwen3_moe", dict(routed_scaling_factor=2.0)), ("gpt_oss", dict(routed_scaling_factor=2.0)),
+             ("deepseek_v3", dict(topk_method="greedy")), ("deepseek_v3", dict(scoring_func="softmax")),
+             ("deepseek_v2", dict(scoring_func="sigmoid")), ("deepseek_v2", dict(norm_topk_prob=True)),
+             ("minimax_m2", dict(use_routing_bias=False)), ("minimax_m2", dict(scoring_func="softmax"))]
+    x = torch.randn(16, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for t, keys in stray:
+        model = tiny_hf_model(t, seed=1, dtype=torch.float64, **keys)
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d, max_shard_size="100KB")
+            assert all(json.loads((Path(d) / "config.json").read_text()).get(k) == v for k, v in keys.items()), (t, keys)
+            r = parity(model, d, moe_layer_indices(d)[0], x)
+            assert r["ids_equal"] and r["max_rel_err"] <= 1e-6, (t, keys, r)
 
 
 def test_parity_expert_parallel():
