@@ -203,7 +203,7 @@ def _tables_lines(t: dict) -> list[str]:
         lines += [f"rank {q['rank']}: local_to_global {q['local_to_global']}", f"        expert_map {q['expert_map']}"]
     return lines
 
-# %% ../nbs/15_cli.ipynb #9351a8b25842
+# %% ../nbs/15_cli.ipynb #b0a6432a412b
 _HELP = {
     "--quant": "quantize the experts at load (short names fp8, mxfp4, nvfp4 = fp8_w8a8_block, mxfp4_w4a16, nvfp4_w4a16): "
                "FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
@@ -217,7 +217,7 @@ _HELP = {
                    "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
                    "report says why",
     "--dtype": "activation and weight dtype of the layer; unset means the model's own: the torch_dtype "
-               "of --config's file, bf16 for every preset (a dtype key in the file wins, as in transformers; the reference is always computed in float64)",
+               "of --config's file (its dtype or torch_dtype key; both must agree; bf16 when it has neither), bf16 for every preset (the reference is always computed in float64)",
     "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
     "--device": "where the layer runs: auto = cuda when a GPU is present, else cpu",
     "--tokens": "tokens in the batch (random hidden states)",

@@ -139,7 +139,7 @@ def _check_flat_group(p: ParallelConfig) -> None:
                          f"pcp_rank={p.pcp_rank} (flat rank = (dp_rank * pcp_size + pcp_rank) * {tp} + tp rank), "
                          f"got {rank}")
 
-# %% ../nbs/01_config.ipynb #00809ca0231d
+# %% ../nbs/01_config.ipynb #de21d6ec7074
 @patch(cls_method=True)
 def make(cls: ParallelConfig, tp_size: int, dp_size: int, pcp_size: int = 1, tp_rank: int = 0, dp_rank: int = 0,
           pcp_rank: int = 0, enable_expert_parallel: bool = False, all2all_backend: str = "none",
@@ -151,6 +151,9 @@ def make(cls: ParallelConfig, tp_size: int, dp_size: int, pcp_size: int = 1, tp_
     check_bool("enable_expert_parallel", enable_expert_parallel); check_bool("enable_eplb", enable_eplb)
     get_backend(all2all_backend)
     flat_size = dp_size * pcp_size * tp_size
+    if flat_size >= 2**31:                # the ranks of one layer are int32 in every table built from them
+        raise ValueError(f"tp_size, dp_size, pcp_size: expected a product <= 2147483647, got {tp_size} × {dp_size} × "
+                         f"{pcp_size} = {flat_size}")
     flat_rank = dp_rank * pcp_size * tp_size + pcp_rank * tp_size + tp_rank
     use_ep = flat_size > 1 and enable_expert_parallel
     tp, ep = ((1, 0), (flat_size, flat_rank)) if use_ep else ((flat_size, flat_rank), (1, 0))
@@ -223,7 +226,7 @@ def explain(self: ParallelConfig) -> list[tuple[str, object, str]]:
         rows.append((p, getattr(self, p), "vLLM's name; moe-lit decides by the rows above"))
     return rows
 
-# %% ../nbs/01_config.ipynb #b2ee09b9126e
+# %% ../nbs/01_config.ipynb #3264b08faefc
 ROUTING_METHODS = ("topk", "grouped_topk", "llama4")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu", "swigluoai")   # gated SiLU (most models); gpt-oss's clamped SwiGLU (see 05_formats)
@@ -236,7 +239,7 @@ class MoEConfig:
     hidden_size: int                      # H
     intermediate_size: int                # I, per expert
     num_shared_experts: int = 0           # always-on experts (their width is `shared_intermediate_size`)
-    shared_intermediate_size: int | None = None   # I of the shared experts (default: intermediate_size)
+    shared_intermediate_size: int | None = None   # I of the shared MLP (default: num_shared_experts · intermediate_size)
     dtype: torch.dtype = torch.bfloat16   # activation and weight dtype
     routing_method: str = "topk"          # 'topk', 'grouped_topk' or 'llama4' (top-1 sigmoid on the raw logit)
     scoring_func: str = "softmax"         # 'softmax' or 'sigmoid'

@@ -195,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
-# %% ../nbs/13b_distributed.ipynb #fd26976edf60
+# %% ../nbs/13b_distributed.ipynb #995b4b2600c1
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
@@ -208,7 +208,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
     "The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try: rank, world, _ = init_distributed(timeout)
-    except ValueError as e: print(f"moe-lit distributed: error: {e}", file=sys.stderr); return 2
+    except ValueError as e:                             # the flag's name, not the function's argument
+        print(f"moe-lit distributed: error: {str(e).replace('timeout_s:', '--timeout:', 1)}", file=sys.stderr); return 2
     try:
         ep = world if ep is None else ep
         if ep != world: raise ValueError(f"--ep: expected the number of processes ({world}), got {ep}")

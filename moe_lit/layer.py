@@ -31,7 +31,7 @@ def check_device(device) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
     return d
 
-# %% ../nbs/12_layer.ipynb #f4573e182bab
+# %% ../nbs/12_layer.ipynb #6cb86c3ee527
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
@@ -40,8 +40,11 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     fmt, q = activation_format.value, quant != "unquantized"
     if backend is not None or (experts == "auto" and device.type == "cuda" and config is not None):
         if config is None: raise ValueError("config: expected the MoEConfig when a backend is forced, got None")
-        d = select_experts_backend(config, quant, activation_format, detect_device() if device.type == "cuda"
-                                   else DEVICES["cpu"], backend)                      # the oracle decides
+        try: d = select_experts_backend(config, quant, activation_format, detect_device() if device.type == "cuda"
+                                        else DEVICES["cpu"], backend)                 # the oracle decides
+        except ValueError as e:                                                       # the argument is `backend` here
+            if str(e).startswith("override:"): raise ValueError("backend:" + str(e)[len("override:"):]) from None
+            raise
         return d.chosen.implementation, f"oracle: {d.chosen.name} — {dict((n, r) for n, _, r in d.trace)[d.chosen.name]}"
     kernels = ("Triton dispatch, batched GEMMs and combine" if activation_format is ActivationFormat.BatchedExperts
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
@@ -183,7 +186,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #9c4ed2a10b0b
+# %% ../nbs/12_layer.ipynb #2c47dc4c65ac
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
@@ -218,6 +221,7 @@ def _requantize_after_load(module, incompatible_keys):
         module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant).for_kernels()
         w13, w2 = module.qweights.dequantize()
         module.w13.copy_(w13); module.w2.copy_(w2)
+    module._versions = module._weight_versions()          # after the copies, which count as edits
 
 # %% ../nbs/12_layer.ipynb #82de972c366f
 @patch(cls_method=True)
@@ -231,7 +235,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #b38f8fc43723
+# %% ../nbs/12_layer.ipynb #80bb1e9a606b
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -252,12 +256,29 @@ def _build_hot_path(self: FusedMoE):
     self._kernels, self.graphs = {}, {}
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
+    self._versions = self._weight_versions()
+
+@patch
+def _weight_versions(self: FusedMoE) -> tuple:
+    "The version counters of the tensors the hot path keeps a copy of: the gate (its bf16 copy), a quantized layer's w13 and w2 (the codes)."
+    return (self.gate._version,) + ((self.w13._version, self.w2._version) if self.qweights is not None else ())
+
+@patch
+def _follow_inplace_edits(self: FusedMoE):
+    "Rebuild the copies after an in-place edit (`layer.gate.mul_(-1)`, `layer.w13.copy_(...)`): a version check, no sync."
+    if self._weight_versions() == self._versions: return
+    if self.qweights is not None and self._weight_versions()[1:] != self._versions[1:]:
+        _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
+    else: self._build_hot_path()
 
 @patch
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
+        try: fn(self.gate.detach()[:0])
+        except (AssertionError, RuntimeError) as e:            # `.cuda()` on a machine without one: torch's own words
+            raise ValueError(f"device: expected a device this machine has, got an error moving there ({e})") from None
         for n, t in (("w13", self.w13), ("gate", self.gate)):     # the experts' dtype (the config's), the router's fp32
             to = fn(t.detach()[:0]).dtype
             if to != t.dtype:
@@ -292,7 +313,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts)                                      # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #f962e96b8c54
+# %% ../nbs/12_layer.ipynb #acc36ef83954
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -306,6 +327,7 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     _check_on_layer_device(self, hidden)
+    self._follow_inplace_edits()
     return self._route(hidden)
 
 @patch
@@ -326,7 +348,8 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     "A caller's `(topk_weights, topk_ids)`: shapes, dtypes and the id range (one host sync: the ids are not the layer's)."
     if not isinstance(topk, tuple) or len(topk) != 2:
-        raise ValueError(f"topk: expected a (topk_weights, topk_ids) tuple, got {type(topk).__name__}")
+        got = f"a {len(topk)}-tuple" if isinstance(topk, tuple) else type(topk).__name__
+        raise ValueError(f"topk: expected a (topk_weights, topk_ids) tuple, got {got}")
     k = self.config.top_k
     wts = check_tensor("topk_weights", topk[0], shape=(num_tokens, k), dtype=torch.float32)
     ids = check_tensor("topk_ids", topk[1], shape=(num_tokens, k), dtype=(torch.int32, torch.int64))
@@ -341,12 +364,13 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #625bafcb5ab9
+# %% ../nbs/12_layer.ipynb #6370edd22e9d
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     _check_on_layer_device(self, hidden)
+    self._follow_inplace_edits()
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out

@@ -306,7 +306,7 @@ EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("triton_quant", ActivationFormat.Standard): TritonQuantExpertsAdapter,
            ("triton_quant", ActivationFormat.BatchedExperts): BatchedTritonQuantExpertsAdapter}
 
-# %% ../nbs/10_modular.ipynb #c3dfcbc4409a
+# %% ../nbs/10_modular.ipynb #3f4cc161f3e1
 class SharedExperts(torch.nn.Module):
     "The always-on experts as one gated SiLU MLP `w13 [2·I_s, H]` (gate then up), `w2 [H, I_s]`; optionally gated per token."
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
@@ -317,11 +317,15 @@ class SharedExperts(torch.nn.Module):
             raise ValueError(f"w13: expected a positive even number of rows (gate then up), got {w13.shape[0]}")
         check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)
         if gate is not None: check_tensor("gate", gate, shape=(1, w13.shape[1]), dtype=w13.dtype)
+        for n, t in (("w2", w2), ("gate", gate)):
+            if t is not None and t.device != w13.device: raise ValueError(f"{n}: expected w13's device {w13.device}, got {t.device}")
         self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
         self.gate = None if gate is None else torch.nn.Parameter(gate, requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated."
+        if hidden.device != self.w13.device:       # (torch would read a meta weight as uninitialised memory)
+            raise ValueError(f"hidden: expected a tensor on the shared experts' device {self.w13.device}, got {hidden.device}")
         h = SILU(matmul_acc(hidden, self.w13)).to(hidden.dtype)         # [T, I_s]: GEMM1 in fp32, cast once
         y = matmul_acc(h, self.w2)                                      # [T, H] accumulation dtype
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]

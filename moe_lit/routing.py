@@ -178,7 +178,7 @@ def select_experts(config: MoEConfig,             # the layer: routing_method an
                             c.scoring_func, c.routed_scaling_factor, bias, validate)
     return fused_topk(gating_output, c.top_k, c.renormalize, c.scoring_func, bias, c.routed_scaling_factor, validate)
 
-# %% ../nbs/03_routing.ipynb #5e105a79be35
+# %% ../nbs/03_routing.ipynb #327bb172a9c7
 def _mm_out_dtype_ok() -> bool:
     "Whether this torch has `torch.mm(..., out_dtype=torch.float32)` for bf16 on CUDA (asked once, on first use)."
     global _MM_OUT_DTYPE
@@ -196,17 +196,25 @@ def matmul_acc(a: torch.Tensor,   # [M, K] float
               ) -> torch.Tensor:  # [M, N] in the accumulation dtype: fp32 (fp64 when either is fp64)
     "`a @ bᵀ` with fp32 products and result: one cuBLAS call writing fp32 for same-dtype bf16/fp16 on a GPU, else upcast."
     check_tensor("a", a, ndim=2, dtype=FLOAT_DTYPES); check_tensor("b", b, shape=(None, a.shape[1]), dtype=FLOAT_DTYPES)
+    if b.device != a.device:              # torch would multiply a CPU tensor by a meta one into uninitialised memory
+        raise ValueError(f"b: expected a tensor on a's device {a.device}, got {b.device}")
     if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _mm_out_dtype_ok():
         return torch.mm(a, b.T, out_dtype=torch.float32)
     acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     return a.to(acc) @ b.to(acc).T
 
-# %% ../nbs/03_routing.ipynb #8f917b2a73c5
+# %% ../nbs/03_routing.ipynb #270d96a4696a
 def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_size] any float dtype
                   gate: torch.Tensor,                   # [num_experts, hidden_size] router weight
                   gate_bias: torch.Tensor | None = None,  # [num_experts] router bias (gpt-oss), or None
                  ) -> torch.Tensor:                     # [num_tokens, num_experts] fp32 (fp64 for fp64 hidden)
-    "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references)."
+    "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references); ValueError naming a misshaped or misplaced argument."
+    check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
+    check_tensor("gate", gate, shape=(None, hidden.shape[1]), dtype=FLOAT_DTYPES)
+    if gate_bias is not None: check_tensor("gate_bias", gate_bias, shape=(gate.shape[0],), dtype=FLOAT_DTYPES)
+    for n, t in (("gate", gate), ("gate_bias", gate_bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
     logits = matmul_acc(hidden, gate)
     return logits if gate_bias is None else logits + gate_bias.to(logits.dtype)
 

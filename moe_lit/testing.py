@@ -13,7 +13,7 @@ from .quant import QUANT_SCHEMES, quant_scheme
 __all__ = ['TINY_HF', 'GPU_CONSTEXPRS', 'tolerance', 'assert_close', 'poison_rows', 'check_tolerance', 'check_output',
            'quant_error', 'assert_quant_close', 'experts_tolerance', 'tiny_hf_model', 'hf_moe_block', 'hf_moe_output',
            'write_fp8_block_checkpoint', 'write_mxfp4_checkpoint', 'record_launches', 'launch_spec', 'compile_for_gpu',
-           'assert_compiles_for_gpu', 'emulate_ptx']
+           'assert_compiles_for_gpu', 'check_launch_keys', 'emulate_ptx']
 
 # %% ../nbs/00_testing.ipynb #08630b781694
 _RTOL = {
@@ -228,7 +228,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #31438a1b0d1b
+# %% ../nbs/00_testing.ipynb #4942c23f7187
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -240,7 +240,7 @@ class record_launches:
         import triton
         from triton.runtime.interpreter import InterpretedFunction
         self.cls = InterpretedFunction if os.environ.get("TRITON_INTERPRET") == "1" else triton.runtime.jit.JITFunction
-        self.orig, seen = self.cls.run, []
+        self.orig, seen = self.cls.run, []          # (`launch_kernel` goes through the JIT while `run` is replaced)
         orig = self.orig
         def run(kernel, *args, **kwargs):
             seen.append((kernel, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
@@ -372,6 +372,57 @@ def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_byt
                                  f"shared memory than an SM gives: " + "; ".join(bad))
     if not res: raise AssertionError("launches: expected at least one recorded Triton launch, got none")
     return res
+
+# %% ../nbs/00_testing.ipynb #50fa7e9a2163
+_PERTURB_INTS = (0, 1, 16, 17, 2**31, True)
+
+def _moved(t: torch.Tensor, offset: int) -> torch.Tensor:
+    "A tensor like `t` whose address is `offset` bytes past a fresh 256-byte-aligned buffer (its shape and strides kept)."
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 if t.numel() else 1
+    buf = torch.empty(span + (offset + 512) // t.element_size(), dtype=t.dtype, device=t.device)
+    skip = (-buf.data_ptr() % 256 + offset) // t.element_size()
+    return buf.as_strided(t.shape, t.stride(), skip)
+
+def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, args, kwargs)
+                     ) -> int:          # launches checked, perturbed copies included
+    "AssertionError where two launches share a `launch_key` but not Triton's specialisation, or `launch_values` differs from the JIT's bound arguments."
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from moe_lit.kernels.batched import launch_key, launch_values
+    if not isinstance(launches, list) or not launches:
+        raise ValueError(f"launches: expected a non-empty list of recorded launches, got {launches!r:.80}")
+    backend, binders, seen, checked = make_backend(GPUTarget("cuda", 90, 32)), {}, {}, 0
+    def check(kernel, args, kwargs):
+        nonlocal checked
+        fn = kernel.fn
+        if fn not in binders:
+            jf = JITFunction(fn)
+            binders[fn] = create_function_from_signature(jf.signature, jf.params, backend)
+        bound, spec, _ = binders[fn](*args, **kwargs)
+        got = launch_values(kernel, args, kwargs)
+        want = tuple(bound.values())
+        same = len(got) == len(want) and all(a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+                                             for a, b in zip(got, want))
+        assert same, f"{fn.__name__}: launch_values differs from the JIT's bound arguments"
+        key, spec = (fn, launch_key(args, kwargs)), repr(spec)
+        assert seen.setdefault(key, spec) == spec, \
+            f"{fn.__name__}: one launch key, two Triton specialisations:\n{seen[key]}\n{spec}"
+        checked += 1
+    def variants(a):
+        if isinstance(a, torch.Tensor): return [_moved(a, o) for o in (2, 4, 8, 16, 24, 32) if o % a.element_size() == 0]
+        return list(_PERTURB_INTS) if isinstance(a, int) else []
+    for kernel, args, kwargs in launches:
+        check(kernel, args, kwargs)
+        params = inspect.signature(kernel.fn).parameters
+        runtime = [n for n, p in params.items() if "constexpr" not in str(p.annotation)]   # Triton specialises these
+        for i, (n, a) in enumerate(zip(params, args)):
+            if n in runtime:
+                for v in variants(a): check(kernel, args[:i] + (v,) + args[i + 1:], kwargs)
+        for n, a in kwargs.items():
+            if n in runtime:
+                for v in variants(a): check(kernel, args, {**kwargs, n: v})
+    return checked
 
 # %% ../nbs/00_testing.ipynb #cfd4ad991df4
 def _bf16_bits(v: float) -> int:

@@ -17,9 +17,10 @@ from .dispatch_plan import send_plan, receive_layout, check_count_table
 from .modular import Prepared, check_prepare_args
 
 # %% auto #0
-__all__ = ['NATIVE_LIBRARIES', 'all_gather_rows', 'DistributedPrepared', 'check_group', 'config_rank_in_group', 'group_device',
-           'AllGatherReduceScatterPrepareFinalize', 'AllToAllBatchedPrepareFinalize', 'transport_note',
-           'make_distributed_prepare_finalize', 'free_port', 'init_distributed']
+__all__ = ['NATIVE_LIBRARIES', 'COLLECTIVE_TIMEOUT_MAX_S', 'all_gather_rows', 'DistributedPrepared', 'check_group',
+           'config_rank_in_group', 'group_device', 'AllGatherReduceScatterPrepareFinalize',
+           'AllToAllBatchedPrepareFinalize', 'transport_note', 'make_distributed_prepare_finalize', 'free_port',
+           'init_distributed']
 
 # %% ../nbs/13a_transport.ipynb #d5355abb7097
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -336,12 +337,16 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-# %% ../nbs/13a_transport.ipynb #1dec39d3aae6
+# %% ../nbs/13a_transport.ipynb #0071fbdba369
+COLLECTIVE_TIMEOUT_MAX_S = 2**31 // 1000      # s: the largest timeout torch's TCP store holds (int32 milliseconds)
+
 def init_distributed(timeout_s: float = 600.0,      # seconds a collective may wait for its peers
                      backend: str | None = None,    # 'gloo' or 'nccl'; None: NCCL with a GPU, else gloo
                     ) -> tuple[int, int, torch.device]:   # (rank, world size, this process's device)
     "Join the process group torchrun's environment describes (or a one-process group without it)."
-    check_positive_real("timeout_s", timeout_s)
+    if check_positive_real("timeout_s", timeout_s) > COLLECTIVE_TIMEOUT_MAX_S:   # the store counts milliseconds in
+        raise ValueError(f"timeout_s: expected <= {COLLECTIVE_TIMEOUT_MAX_S} (24 days: the store's timeout is int32 "   # an int32
+                         f"milliseconds), got {timeout_s:g}")
     backend = ("nccl" if torch.cuda.is_available() else "gloo") if backend is None else backend
     check_choice("backend", backend, ("gloo", "nccl"))
     if backend == "nccl" and not torch.cuda.is_available(): raise ValueError("backend: expected 'gloo' without a CUDA GPU, got 'nccl'")

@@ -398,7 +398,7 @@ class record_launches:
         import triton
         from triton.runtime.interpreter import InterpretedFunction
         self.cls = InterpretedFunction if os.environ.get("TRITON_INTERPRET") == "1" else triton.runtime.jit.JITFunction
-        self.orig, seen = self.cls.run, []
+        self.orig, seen = self.cls.run, []          # (`launch_kernel` goes through the JIT while `run` is replaced)
         orig = self.orig
         def run(kernel, *args, **kwargs):
             seen.append((kernel, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}))
@@ -552,6 +552,68 @@ def _local_copy(x_ptr, y_ptr, B: tl.constexpr):                                 
 with record_launches() as mine: _local_copy[(1,)](torch.zeros(16, device=DEVICE), torch.zeros(16, device=DEVICE), B=16)
 test_fail(lambda: compile_for_gpu(mine), contains="kernel: expected")
 test_fail(lambda: assert_compiles_for_gpu(seen, max_shared_bytes=-1), contains="need more shared memory than an SM gives")
+
+# %% [markdown]
+# ### Launch keys against Triton's specialisation
+#
+# `moe_lit.kernels.batched.launch_kernel` reuses a compiled kernel for every launch with the same *launch key*, so the key
+# must separate any two launches Triton would compile apart. `check_launch_keys` asks Triton itself: it builds the
+# JIT's argument binder for a Hopper target (no GPU needed) and, for each recorded launch and for copies of it with
+# every tensor moved by 2–32 bytes and every int or bool replaced by 0, 1, 16, 17, 2³¹ and `True`, checks that
+# equal keys always come with equal specialisations, and that the values `launch_kernel` hands the compiled kernel's
+# launcher are the JIT's own bound arguments, in order.
+
+# %%
+#| export
+_PERTURB_INTS = (0, 1, 16, 17, 2**31, True)
+
+def _moved(t: torch.Tensor, offset: int) -> torch.Tensor:
+    "A tensor like `t` whose address is `offset` bytes past a fresh 256-byte-aligned buffer (its shape and strides kept)."
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 if t.numel() else 1
+    buf = torch.empty(span + (offset + 512) // t.element_size(), dtype=t.dtype, device=t.device)
+    skip = (-buf.data_ptr() % 256 + offset) // t.element_size()
+    return buf.as_strided(t.shape, t.stride(), skip)
+
+def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, args, kwargs)
+                     ) -> int:          # launches checked, perturbed copies included
+    "AssertionError where two launches share a `launch_key` but not Triton's specialisation, or `launch_values` differs from the JIT's bound arguments."
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+    from moe_lit.kernels.batched import launch_key, launch_values
+    if not isinstance(launches, list) or not launches:
+        raise ValueError(f"launches: expected a non-empty list of recorded launches, got {launches!r:.80}")
+    backend, binders, seen, checked = make_backend(GPUTarget("cuda", 90, 32)), {}, {}, 0
+    def check(kernel, args, kwargs):
+        nonlocal checked
+        fn = kernel.fn
+        if fn not in binders:
+            jf = JITFunction(fn)
+            binders[fn] = create_function_from_signature(jf.signature, jf.params, backend)
+        bound, spec, _ = binders[fn](*args, **kwargs)
+        got = launch_values(kernel, args, kwargs)
+        want = tuple(bound.values())
+        same = len(got) == len(want) and all(a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
+                                             for a, b in zip(got, want))
+        assert same, f"{fn.__name__}: launch_values differs from the JIT's bound arguments"
+        key, spec = (fn, launch_key(args, kwargs)), repr(spec)
+        assert seen.setdefault(key, spec) == spec, \
+            f"{fn.__name__}: one launch key, two Triton specialisations:\n{seen[key]}\n{spec}"
+        checked += 1
+    def variants(a):
+        if isinstance(a, torch.Tensor): return [_moved(a, o) for o in (2, 4, 8, 16, 24, 32) if o % a.element_size() == 0]
+        return list(_PERTURB_INTS) if isinstance(a, int) else []
+    for kernel, args, kwargs in launches:
+        check(kernel, args, kwargs)
+        params = inspect.signature(kernel.fn).parameters
+        runtime = [n for n, p in params.items() if "constexpr" not in str(p.annotation)]   # Triton specialises these
+        for i, (n, a) in enumerate(zip(params, args)):
+            if n in runtime:
+                for v in variants(a): check(kernel, args[:i] + (v,) + args[i + 1:], kwargs)
+        for n, a in kwargs.items():
+            if n in runtime:
+                for v in variants(a): check(kernel, args, {**kwargs, n: v})
+    return checked
 
 # %% [markdown]
 # ## Inline PTX, executed on the CPU

@@ -267,6 +267,9 @@ def make(cls: ParallelConfig, tp_size: int, dp_size: int, pcp_size: int = 1, tp_
     check_bool("enable_expert_parallel", enable_expert_parallel); check_bool("enable_eplb", enable_eplb)
     get_backend(all2all_backend)
     flat_size = dp_size * pcp_size * tp_size
+    if flat_size >= 2**31:                # the ranks of one layer are int32 in every table built from them
+        raise ValueError(f"tp_size, dp_size, pcp_size: expected a product <= 2147483647, got {tp_size} × {dp_size} × "
+                         f"{pcp_size} = {flat_size}")
     flat_rank = dp_rank * pcp_size * tp_size + pcp_rank * tp_size + tp_rank
     use_ep = flat_size > 1 and enable_expert_parallel
     tp, ep = ((1, 0), (flat_size, flat_rank)) if use_ep else ((flat_size, flat_rank), (1, 0))
@@ -468,7 +471,7 @@ class MoEConfig:
     hidden_size: int                      # H
     intermediate_size: int                # I, per expert
     num_shared_experts: int = 0           # always-on experts (their width is `shared_intermediate_size`)
-    shared_intermediate_size: int | None = None   # I of the shared experts (default: intermediate_size)
+    shared_intermediate_size: int | None = None   # I of the shared MLP (default: num_shared_experts · intermediate_size)
     dtype: torch.dtype = torch.bfloat16   # activation and weight dtype
     routing_method: str = "topk"          # 'topk', 'grouped_topk' or 'llama4' (top-1 sigmoid on the raw logit)
     scoring_func: str = "softmax"         # 'softmax' or 'sigmoid'

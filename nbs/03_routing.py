@@ -700,6 +700,8 @@ def matmul_acc(a: torch.Tensor,   # [M, K] float
               ) -> torch.Tensor:  # [M, N] in the accumulation dtype: fp32 (fp64 when either is fp64)
     "`a @ bᵀ` with fp32 products and result: one cuBLAS call writing fp32 for same-dtype bf16/fp16 on a GPU, else upcast."
     check_tensor("a", a, ndim=2, dtype=FLOAT_DTYPES); check_tensor("b", b, shape=(None, a.shape[1]), dtype=FLOAT_DTYPES)
+    if b.device != a.device:              # torch would multiply a CPU tensor by a meta one into uninitialised memory
+        raise ValueError(f"b: expected a tensor on a's device {a.device}, got {b.device}")
     if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _mm_out_dtype_ok():
         return torch.mm(a, b.T, out_dtype=torch.float32)
     acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
@@ -713,6 +715,7 @@ test_eq(got.dtype, torch.float32)
 assert_close(got, a.double() @ b.double().T, rtol=1e-6)        # bf16 products are exact in fp32
 test_eq(matmul_acc(a.double(), b).dtype, torch.float64)
 test_fail(lambda: matmul_acc(a, b[:, :7]), contains="b: expected shape [*, 8], got [3, 7]")
+test_fail(lambda: matmul_acc(a, b.to("meta")), contains="b: expected a tensor on a's device cpu, got meta")
 
 # %%
 #| export
@@ -720,7 +723,13 @@ def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_si
                   gate: torch.Tensor,                   # [num_experts, hidden_size] router weight
                   gate_bias: torch.Tensor | None = None,  # [num_experts] router bias (gpt-oss), or None
                  ) -> torch.Tensor:                     # [num_tokens, num_experts] fp32 (fp64 for fp64 hidden)
-    "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references)."
+    "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references); ValueError naming a misshaped or misplaced argument."
+    check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
+    check_tensor("gate", gate, shape=(None, hidden.shape[1]), dtype=FLOAT_DTYPES)
+    if gate_bias is not None: check_tensor("gate_bias", gate_bias, shape=(gate.shape[0],), dtype=FLOAT_DTYPES)
+    for n, t in (("gate", gate), ("gate_bias", gate_bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
     logits = matmul_acc(hidden, gate)
     return logits if gate_bias is None else logits + gate_bias.to(logits.dtype)
 
@@ -730,6 +739,10 @@ h, g, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
 test_eq(router_logits(h.bfloat16(), g).dtype, torch.float32)
 assert torch.allclose(router_logits(h, g, b), h @ g.T + b)
 test_eq(router_logits(h.double(), g).dtype, torch.float64)
+test_fail(lambda: router_logits(h[:1], g, b[:, None]), contains="gate_bias: expected a 1-D tensor, got shape (5, 1)")  # not [1, 5]: [5, 5]
+test_fail(lambda: router_logits(h, g, 0.5), contains="gate_bias: expected a torch.Tensor")
+test_fail(lambda: router_logits(h, g.to("meta")), contains="gate: expected a tensor on hidden's device cpu, got meta")
+test_fail(lambda: router_logits(h, g, b.to("meta")), contains="gate_bias: expected a tensor on hidden's device cpu, got meta")
 
 # %% [markdown]
 # `MoEConfig` accepts a grouped config exactly when `grouped_topk` can route it — directly, or through the fallback

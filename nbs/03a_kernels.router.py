@@ -14,7 +14,7 @@ import triton.language as tl
 from dataclasses import dataclass
 from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig
-from moe_lit.kernels.batched import check_kernel_device
+from moe_lit.kernels.batched import check_kernel_device, launch_kernel
 from moe_lit.kernels.batched import _next_pow2, _cdiv
 from moe_lit.routing import ungroupable_reason, matmul_acc
 
@@ -293,7 +293,7 @@ def _route_topk(plan, logits, bias, ids_dtype, gate_bias=None) -> tuple[torch.Te
     ids = torch.empty(T, top_k, dtype=ids_dtype, device=logits.device)
     if T:
         block_e = max(_next_pow2(E), 16)
-        _route_topk_kernel[(T,)](logits, bias if bias is not None else logits,
+        launch_kernel(_route_topk_kernel, (T,), logits, bias if bias is not None else logits,
                                  gate_bias if gate_bias is not None else logits, w, ids, E,
                                  T * E if split > 1 else 0, logits.stride(-2), plan.scale,
                                  TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_E=block_e,
@@ -342,7 +342,7 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype) -> tuple[torch
     split = _cdiv(H, ROUTER_BLOCK_K)
     parts = torch.empty(split, T, E, dtype=torch.float32, device=hidden.device)
     bel = _router_block_el(E, split)
-    _router_logits_kernel[(_cdiv(E, bel), split)](hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0),
+    launch_kernel(_router_logits_kernel, (_cdiv(E, bel), split), hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0),
                                                  T_PAD=_next_pow2(T), BLOCK_EL=bel, BLOCK_K=ROUTER_BLOCK_K,
                                                  num_warps=8 if bel == 8 else 4)
     return _route_topk(plan, parts if split > 1 else parts[0], bias, ids_dtype, gate_bias)

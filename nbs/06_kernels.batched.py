@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import os, json, functools, math
+import os, json, functools, math, inspect
 from pathlib import Path
 import torch
 import triton
@@ -27,6 +27,8 @@ import tempfile, json
 from moe_lit.bench import load_bench_results, plot_bench
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
+from moe_lit.testing import record_launches, check_launch_keys
+import moe_lit.kernels.batched as kb
 
 # %% [markdown]
 # In this notebook: the reference `batched_gemm_reference`, the kernel `_batched_moe_gemm_kernel` and its epilogue
@@ -737,6 +739,190 @@ test_eq(epilogue_args(Activation("swigluoai", limit=0.5), torch.zeros(2, 4))["li
 test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"], 2)
 
 # %% [markdown]
+# ### Launching without the JIT's per-call work
+#
+# `kernel[grid](...)` runs Triton's JIT on every call: it binds the arguments, specialises each one (dtype and 16-byte
+# alignment of a pointer, an int's value class), builds a cache key, looks the binary up, builds launch metadata for
+# profiler hooks and only then calls the compiled kernel's launcher. For the layer's GEMM launch (47 parameters) the
+# binding and key alone take 14.5–15 µs a launch on a 2-core CPU, against 7 µs for `launch_kernel`'s own key and argument
+# list below (`nbs/bench/launch_key_cpu.log`: 47 against 25 µs for a decode forward's five launches), and on the H200's host
+# a JIT launch costs 19.7 µs against 6.5 µs for a direct call of the compiled kernel (`launch_cost_h200.log`). At decode
+# the layer makes five or six launches, so this is a large part of the eager forward's host time.
+#
+# `launch_kernel(kernel, grid, *args, **kwargs)` does the same launch. The first launch of a *launch key* goes through the JIT,
+# which compiles or finds the binary; `launch_kernel` keeps the compiled kernel under that key, and later launches with the same
+# key call it directly. The key must never be coarser than Triton's specialisation, or a binary compiled for one
+# argument (a 16-byte-aligned pointer, an int equal to 1) would run with another. So it holds more than Triton looks
+# at: every tensor's dtype and address modulo 16, every other argument's type and exact value (an int of every batch
+# size gets its own key), the keyword names, the device and Triton's debug switch. A test checks, for every launch the
+# layer makes and for perturbed copies (pointers offset by 2–32 bytes, ints 1/16/17/2³¹, `True` against `1`), that one
+# key never meets two Triton specialisations, and that the argument list passed to the launcher is the JIT's own.
+#
+# The direct call follows the compiled kernel's launcher convention of Triton 3.6 (checked on the H200:
+# `launch_cost.py` computes the same result); on another Triton release, in the interpreter, with profiler launch
+# hooks registered, while `JITFunction.run` is replaced (`record_launches` watches every launch that way), or with
+# `MOE_LIT_FAST_LAUNCH=0`, `launch_kernel` is just `kernel[grid](...)`.
+
+# %%
+#| export
+FAST_LAUNCH = (os.environ.get("MOE_LIT_FAST_LAUNCH", "1") != "0" and not INTERPRET
+               and triton.__version__.startswith("3.6."))   # the launcher convention `launch_kernel` follows
+_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+_PLAIN_TYPES = _TENSOR_TYPES | {int, float, bool, str, type(None), torch.dtype}   # what a kept key may hold
+_TENSOR_SLOTS: dict = {}      # argument types -> positions of the tensors among them
+_LAUNCHES: dict = {}          # kernel -> {launch key: (run, function, packed metadata, defaults, getter, tail length)}
+LAUNCH_KEYS_MAX = 4096        # keys kept per kernel (an int of every batch size is in the key); past it, start over
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.dtype, t.data_ptr() & 15)
+
+def launch_key(args: tuple, kwargs: dict) -> tuple:
+    "A launch's key, finer than Triton's specialisation: tensors' dtype and address mod 16; other arguments' type and value; keyword names."
+    vals = (*args, *kwargs.values())
+    types = tuple(map(type, vals))
+    where = _TENSOR_SLOTS.get(types)
+    if where is None:                  # positions of the tensors, once per sequence of argument types
+        where = _TENSOR_SLOTS[types] = tuple(i for i, t in enumerate(types) if t in _TENSOR_TYPES)
+    if where:
+        vals = list(vals)
+        for i in where: vals[i] = _tensor_key(vals[i])
+        vals = tuple(vals)
+    return (tuple(kwargs), vals, types)
+
+def _launch_tail(kernel, nargs: int, kwargs: dict) -> tuple:
+    "`(defaults, getter, n)`: the parameters after the positional ones, read from `{**defaults, **kwargs}` in order."
+    import operator
+    params = list(inspect.signature(kernel.fn).parameters.values())[nargs:]
+    defaults = {p.name: p.default for p in params if p.name not in kwargs and p.default is not inspect.Parameter.empty}
+    names = [p.name for p in params]
+    return defaults, (operator.itemgetter(*names) if names else None), len(names)
+
+def launch_values(kernel, args: tuple, kwargs: dict) -> tuple:
+    "Every parameter's value in signature order, as the JIT hands them to the compiled kernel's launcher."
+    defaults, get, n = _launch_tail(kernel, len(args), kwargs)
+    tail = () if n == 0 else get({**defaults, **kwargs})
+    return (*args, *((tail,) if n == 1 else tail))
+
+def _stream_of_current_device() -> tuple:
+    from triton.runtime import driver
+    dev = driver.active.get_current_device()
+    return dev, driver.active.get_current_stream(dev)
+
+_JITFunction = triton.runtime.jit.JITFunction
+_JIT_RUN = _JITFunction.run        # replaced while something watches the JIT (`record_launches`): launch through it then
+
+def _interpreter_numpy_problem() -> str | None:
+    "Triton 3.6's interpreter turns 1-element arrays into Python scalars, which numpy 2.4 refuses: say so, not a TypeError deep inside."
+    import numpy
+    if not (INTERPRET and triton.__version__.startswith("3.6.")): return None
+    if tuple(int(v) for v in numpy.__version__.split(".")[:2] if v.isdigit()) < (2, 4): return None
+    return (f"numpy {numpy.__version__}: Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.4; "
+            f"pip install 'numpy<2.4' (the dev extra pins it), or a newer triton")
+
+_INTERPRETER_PROBLEM = _interpreter_numpy_problem()
+
+def launch_kernel(kernel, grid: tuple, *args, **kwargs):
+    "`kernel[grid](*args, **kwargs)`; the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
+    if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
+    if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
+            or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls:
+        return kernel[grid](*args, **kwargs)
+    dev, stream = _stream_of_current_device()
+    try:
+        key = (dev, triton.knobs.runtime.debug, launch_key(args, kwargs))
+        cache = _LAUNCHES.get(kernel)
+        entry = None if cache is None else cache.get(key)
+    except TypeError:                                  # an unhashable argument (a tensor descriptor): the JIT's path
+        return kernel[grid](*args, **kwargs)
+    if entry is None: return _first_launch(kernel, key, grid, args, kwargs)
+    run, function, metadata, defaults, get, n = entry
+    tail = () if n == 0 else get({**defaults, **kwargs})
+    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function, metadata,
+        None, None, None, *args, *((tail,) if n == 1 else tail))
+
+def _first_launch(kernel, key, grid, args, kwargs):
+    "Launch through the JIT and keep its compiled kernel under `key` (not for tensors of other types: their key is their identity)."
+    compiled = kernel[grid](*args, **kwargs)
+    if compiled is None or not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")): return compiled
+    if not all(type(v) in _PLAIN_TYPES for v in (*args, *kwargs.values())): return compiled   # keyed by identity: never kept
+    cache = _LAUNCHES.setdefault(kernel, {})
+    if len(cache) >= LAUNCH_KEYS_MAX: cache.clear()
+    cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, *_launch_tail(kernel, len(args), kwargs))
+    return compiled
+
+# %%
+#| test launch_reuses_the_compiled_kernel
+# The fast path is off in the interpreter; here it runs with a stand-in kernel and launcher, switched on for the test
+# (`kb.launch_kernel`: the module's own, whose switches the test sets, also when this notebook runs as a script).
+class _Compiled:
+    def __init__(self): self.calls, self.function, self.packed_metadata = [], "function", "metadata"
+    @property
+    def run(self): return lambda *a: self.calls.append(a)
+class _Kernel:
+    "A stand-in @triton.jit function: `fn` gives the signature; each JIT launch is counted and returns one compiled kernel."
+    def __init__(self, fn): self.fn, self.jit, self.compiled, self.pre_run_hooks = fn, 0, _Compiled(), []
+    def __getitem__(self, grid):
+        def run(*args, **kwargs): self.jit += 1; return self.compiled
+        return run
+def _k(x_ptr, y_ptr, n, scale, B: tl.constexpr, FLAG: tl.constexpr = False): pass
+kern = _Kernel(_k)
+saved = kb.FAST_LAUNCH, kb._stream_of_current_device, kb.LAUNCH_KEYS_MAX
+kb.FAST_LAUNCH, kb._stream_of_current_device = True, lambda: (0, 7)
+try:
+    x, y = torch.zeros(64), torch.zeros(64)
+    kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+    test_eq((kern.jit, kern.compiled.calls), (1, []))                   # first of its key: through the JIT
+    x2, y2 = torch.zeros(64), torch.zeros(64)
+    kb.launch_kernel(kern, (4, 2), x2, y2, 64, 0.5, B=16)                          # same key: the compiled kernel, directly
+    test_eq(kern.jit, 1)
+    (call,) = kern.compiled.calls
+    test_eq(call[:9], (4, 2, 1, 7, "function", "metadata", None, None, None))   # grid, stream, no hooks
+    assert call[9] is x2 and call[10] is y2
+    test_eq(call[11:], (64, 0.5, 16, False))                             # then every parameter in order, defaults too
+    for args, kw in (((x[1:], y, 64, 0.5), dict(B=16)),                  # a pointer 4 bytes off
+                     ((x, y, 1, 0.5), dict(B=16)), ((x, y, True, 0.5), dict(B=16)),   # 1, and True for 1
+                     ((x, y, 64, 0.25), dict(B=16)), ((x, y, 64, 0.5), dict(B=32)),
+                     ((x.double(), y, 64, 0.5), dict(B=16)), ((x, y, 64, 0.5), dict(B=16, FLAG=True))):
+        before = kern.jit
+        kb.launch_kernel(kern, (4,), *args, **kw)
+        test_eq(kern.jit, before + 1)                                    # each a new key: the JIT again
+    n = kern.jit
+    kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)                              # ... and the first one is still kept
+    test_eq(kern.jit, n)
+    class _Sub(torch.Tensor): pass
+    for odd in (x.as_subclass(_Sub), [1, 2]):                            # identity-keyed or unhashable: never kept
+        for _ in range(2): kb.launch_kernel(kern, (4,), odd, y, 64, 0.5, B=16)
+    test_eq(kern.jit, n + 4)
+    hook = lambda metadata: None
+    triton.knobs.runtime.launch_enter_hook.add(hook)                     # a profiler's hook: the JIT path runs it
+    try: kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+    finally: triton.knobs.runtime.launch_enter_hook.remove(hook)
+    test_eq(kern.jit, n + 5)
+    kb.LAUNCH_KEYS_MAX = 3                                               # an int of every batch size: bounded
+    for t in range(10): kb.launch_kernel(kern, (4,), x, y, 100 + t, 0.5, B=16)
+    assert len(kb._LAUNCHES[kern]) <= 3
+    kb.FAST_LAUNCH = False                                               # MOE_LIT_FAST_LAUNCH=0: always the JIT
+    n = kern.jit
+    kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+    test_eq(kern.jit, n + 1)
+finally:
+    kb.FAST_LAUNCH, kb._stream_of_current_device, kb.LAUNCH_KEYS_MAX = saved
+    kb._LAUNCHES.pop(kern, None)
+
+# %%
+#| test interpreter_numpy_problem_is_named
+import numpy
+real = numpy.__version__
+try:
+    numpy.__version__ = "2.4.6"
+    msg = kb._interpreter_numpy_problem()
+    if INTERPRET and triton.__version__.startswith("3.6."): assert "needs numpy < 2.4" in msg, msg
+    else: test_eq(msg, None)                                  # a GPU, or a triton whose interpreter takes numpy 2.4
+    numpy.__version__ = "2.3.5"
+    test_eq(kb._interpreter_numpy_problem(), None)
+finally: numpy.__version__ = real
+
+# %% [markdown]
 # ### How many splits
 #
 # A grouped GEMM's grid is `tiles per expert × active experts` programs, and the launcher cannot count the active
@@ -894,7 +1080,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     epilogue = epilogue_args(act, bias)
     if tma and _tma_ok(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
-        _batched_moe_gemm_tma_kernel[grid](
+        launch_kernel(_batched_moe_gemm_tma_kernel, grid,
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
             out, expert_num_tokens, N_OUT=n_out, N_W=N, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
             stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
@@ -905,7 +1091,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
                                         grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     slots, compact, block_e = expert_slots(E, max_active)
-    _batched_moe_gemm_kernel[(grid[0], slots, split)](
+    launch_kernel(_batched_moe_gemm_kernel, (grid[0], slots, split),
         a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         stride_ae=a.stride(0), stride_am=a.stride(1), stride_ak=a.stride(2),
@@ -1131,6 +1317,15 @@ out = poison_rows(torch.zeros(2, 8, 32, device=DEVICE), cnt)                    
 got = batched_moe_gemm(a, w, torch.tensor([100, 0], dtype=torch.int32, device=DEVICE), out=out, validate=False)
 assert_close(got[0], batched_gemm_reference(a.double(), w.double(), cnt)[0])     # clamped to the 8 rows it has
 assert got[1].isnan().all()                                                     # nothing spilled into expert 1
+
+# %%
+#| test batched_launch_keys
+# `launch_kernel`'s key against Triton's own specialisation, for this chapter's launches (split-K and compact slots included)
+a, w, counts = random_batched_problem(3, 8, 64, 32, [5, 0, 8], torch.bfloat16)
+with record_launches() as seen:
+    batched_moe_gemm(a, w, counts, activation="silu_and_mul", bias=torch.randn(3, 32, device=DEVICE))
+    batched_moe_gemm(a, w, counts, config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=2), max_active_experts=2)
+assert check_launch_keys(seen) > 10 * len(seen)
 
 # %% [markdown]
 # ## The experts: GEMM1 with bias and activation, then GEMM2 with bias

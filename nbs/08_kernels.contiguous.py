@@ -10,7 +10,7 @@
 from __future__ import annotations
 import functools
 import torch
-from moe_lit.kernels.batched import INTERPRET
+from moe_lit.kernels.batched import INTERPRET, launch_kernel
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
@@ -169,12 +169,12 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     counts, cursor, offsets, ntpp = work.split([num_experts, num_experts, num_experts, 1])
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
-    if n: _align_count_kernel[(_cdiv(n, BLOCK),)](flat, counts, n, num_experts, BLOCK=BLOCK)
-    _align_offsets_kernel[(1,)](counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
+    if n: launch_kernel(_align_count_kernel, (_cdiv(n, BLOCK),), flat, counts, n, num_experts, BLOCK=BLOCK)
+    launch_kernel(_align_offsets_kernel, (1,), counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
                                 BLOCK_E=_next_pow2(num_experts))
-    _align_expert_ids_kernel[(num_experts,)](counts, offsets, expert_map if expert_map is not None else counts,
+    launch_kernel(_align_expert_ids_kernel, (num_experts,), counts, offsets, expert_map if expert_map is not None else counts,
                                              expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
-    if n: _align_scatter_kernel[(_cdiv(n, BLOCK),)](flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
+    if n: launch_kernel(_align_scatter_kernel, (_cdiv(n, BLOCK),), flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
 # %% [markdown]
@@ -316,7 +316,7 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
     ntpp = torch.empty(1, dtype=torch.int32, device=dev)
     if n == 0: return sorted_ids.fill_(0), expert_ids.fill_(-1), ntpp.fill_(0)
     BLOCK = max(256, _next_pow2(block_size))
-    _pair_blocks_kernel[(_cdiv(n * block_size, BLOCK),)](
+    launch_kernel(_pair_blocks_kernel, (_cdiv(n * block_size, BLOCK),),
         topk_ids.reshape(-1).contiguous(), expert_map if expert_map is not None else expert_ids, sorted_ids,
         expert_ids, ntpp, n, num_experts, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
@@ -548,7 +548,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
                                              min(E, num_pairs if active_experts is None else active_experts),
                                              _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     rest.pop("SPLIT_K", None)
-    _fused_moe_kernel[(tiles, split)](
+    launch_kernel(_fused_moe_kernel, (tiles, split),
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,
         weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, N_OUT=n_out, N_W=N, K=K,
         num_pairs=num_pairs, num_m_blocks=num_m_blocks, num_sorted=sorted_token_ids.numel(), num_local=E,
@@ -560,6 +560,11 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
         PAIR_IDS=pair_ids, **rest)
     return out
+
+@functools.lru_cache(maxsize=1024)
+def _gemm1_block_m(E, N, K, expected_m, dtype, config_dir) -> int:
+    "The tuned GEMM1 tile's BLOCK_M, which the experts align to, checked (a table's value) and resolved once per shape."
+    return check_block_m(lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, dtype, config_dir=config_dir)["BLOCK_M"])
 
 @functools.lru_cache(maxsize=1024)
 def _fused_tile(E, N, K, expected_m, dtype, block_m, gated, config_items, config_dir) -> tuple:
@@ -767,8 +772,7 @@ class TritonExperts:
         if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
         expected_m = expected_m or max(1, T * k // E)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
-            block_m = lookup_tile_config("fused_moe_gemm", E, N, H, expected_m, hidden.dtype)["BLOCK_M"]
-            check_block_m(block_m)                               # a table's value
+            block_m = _gemm1_block_m(E, N, H, expected_m, hidden.dtype, _tile_config_root())
         s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)
         on_in = apply_router_weight_on_input
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real, check_finite, FLOAT_DTYPES
+from moe_lit.config import SIZE_LIMIT
 
 # %%
 #| hide
@@ -95,7 +96,13 @@ def _check_float_input(name: str, x, min_dim: int = 1) -> torch.Tensor:
     "A floating tensor of at least `min_dim` dims with finite values (a NaN or inf would poison its whole scale group)."
     check_tensor(name, x, dtype=FLOAT_DTYPES)
     if x.dim() < min_dim: raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
-    return check_finite(name, x)
+    check_finite(name, x)
+    if x.dtype == torch.float64 and x.numel():          # the scales are computed in fp32: inf past its range
+        big = x.abs().max().item()
+        if big > torch.finfo(torch.float32).max:
+            raise ValueError(f"{name}: expected values within the fp32 range (|x| <= 3.4e38: the scales are fp32), "
+                             f"got |x| up to {big:.3g}")
+    return x
 
 def _check_out_dtype(dtype) -> torch.dtype:
     if dtype not in FLOAT_DTYPES: raise ValueError(f"dtype: expected one of {list(FLOAT_DTYPES)}, got {dtype!r}")
@@ -181,7 +188,7 @@ def _group_amax(x: torch.Tensor, granularity: str, block: tuple) -> torch.Tensor
 def _check_block(block):
     if not (isinstance(block, (tuple, list)) and len(block) == 2):
         raise ValueError(f"block: expected a pair of ints, got {block!r}")
-    check_int("block[0]", block[0], lo=1); check_int("block[1]", block[1], lo=1)
+    check_int("block[0]", block[0], lo=1, hi=SIZE_LIMIT); check_int("block[1]", block[1], lo=1, hi=SIZE_LIMIT)
 
 def _expand(scale: torch.Tensor, shape, granularity: str, block: tuple) -> torch.Tensor:
     if granularity != "block": return scale
@@ -311,6 +318,9 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
     amax = float(x.abs().max())
     if amax / (6.0 * global_scale) > FP8_MAX * 1.0001:      # block scales would saturate e4m3: values clipped
         raise ValueError(f"global_scale: expected >= amax(x)/(6·448) = {amax / (6 * FP8_MAX):.3g}, got {global_scale:.3g}")
+    if amax and amax / (6.0 * global_scale) < 2.0**-6:       # even the largest block scale below e4m3's smallest normal:
+        raise ValueError(f"global_scale: expected <= amax(x)/(6·2^-6) = {amax / 6 * 64:.3g} (larger, the e4m3 block "   # subnormal
+                         f"scales lose their precision and then underflow to 0), got {global_scale:.3g}")      # or zero
     s = (blocks.abs().amax(-1) / (6.0 * global_scale)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     denom = (s.float() * global_scale)[..., None]
     codes = e2m1_encode(torch.where(denom > 0, blocks / denom.clamp(min=1e-30), 0.0)).reshape(x.shape)
@@ -361,6 +371,11 @@ d = dequantize_fp8(q, s_, "tensor").double()
 assert (d - tiny.double()).norm() / tiny.double().norm() < 0.05                 # not all zeros (a fixed 1e-12 floor was)
 test_fail(lambda: quantize_nvfp4(x, 0.0), contains="global_scale: expected a finite number > 0")
 test_fail(lambda: quantize_nvfp4(x, 1e-12), contains="global_scale: expected >=")
+test_fail(lambda: quantize_nvfp4(x, 1e3), contains="global_scale: expected <= amax(x)/(6·2^-6)")   # all codes 0 otherwise
+assert (dequantize_nvfp4(*quantize_nvfp4(torch.zeros(1, 16), 1e3)) == 0).all()                # nothing to lose: allowed
+huge = x.double(); huge[0, 0] = 1e300                                            # finite, but not in the fp32 scales
+for f in (lambda: quantize_fp8(huge, "token"), lambda: quantize_mxfp4(huge), lambda: quantize_nvfp4(huge)):
+    test_fail(f, contains="x: expected values within the fp32 range")
 q, s_ = quantize_fp8(torch.randn(256, 256))
 test_fail(lambda: dequantize_fp8(q, torch.ones(3, 3)), contains="scale: expected shape [2, 2]")
 test_fail(lambda: dequantize_fp8(q, s_, dtype=torch.int8), contains="dtype: expected one of")

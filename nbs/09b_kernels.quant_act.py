@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moe_lit.kernels.batched import INTERPRET
+from moe_lit.kernels.batched import INTERPRET, launch_kernel
 from moe_lit.kernels.batched import _cdiv, _next_pow2
 from moe_lit.terms import check_int, check_tensor, check_choice
 from moe_lit.quant import FP8_MAX, quantize_fp8
@@ -216,12 +216,12 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
         args = (M, K, x3.stride(0), x3.stride(1), q.stride(0), q.stride(1))
         if granularity == "tensor":
             amax = torch.zeros(E, dtype=torch.float32, device=x.device)
-            _quantize_fp8_rows_kernel[grid](x3, q, s, amax, counts, *args, 0, 0, MODE=1, **common)
+            launch_kernel(_quantize_fp8_rows_kernel, grid, x3, q, s, amax, counts, *args, 0, 0, MODE=1, **common)
             scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
             s.copy_(torch.where(amax.isfinite(), scale, float("nan")).view(E, 1, 1))   # inf anywhere: NaN, not zeros
-            _quantize_fp8_rows_kernel[grid](x3, q, s, amax, counts, *args, 1, 0, MODE=2, **common)
+            launch_kernel(_quantize_fp8_rows_kernel, grid, x3, q, s, amax, counts, *args, 1, 0, MODE=2, **common)
         else:
-            _quantize_fp8_rows_kernel[grid](x3, q, s, s, counts, *args, s.stride(0), s.stride(1), MODE=0, **common)
+            launch_kernel(_quantize_fp8_rows_kernel, grid, x3, q, s, s, counts, *args, s.stride(0), s.stride(1), MODE=0, **common)
     return (q[0], s[0]) if expert_num_tokens is None else (q, s)
 
 # %% [markdown]

@@ -402,11 +402,15 @@ class SharedExperts(torch.nn.Module):
             raise ValueError(f"w13: expected a positive even number of rows (gate then up), got {w13.shape[0]}")
         check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)
         if gate is not None: check_tensor("gate", gate, shape=(1, w13.shape[1]), dtype=w13.dtype)
+        for n, t in (("w2", w2), ("gate", gate)):
+            if t is not None and t.device != w13.device: raise ValueError(f"{n}: expected w13's device {w13.device}, got {t.device}")
         self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
         self.gate = None if gate is None else torch.nn.Parameter(gate, requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated."
+        if hidden.device != self.w13.device:       # (torch would read a meta weight as uninitialised memory)
+            raise ValueError(f"hidden: expected a tensor on the shared experts' device {self.w13.device}, got {hidden.device}")
         h = SILU(matmul_acc(hidden, self.w13)).to(hidden.dtype)         # [T, I_s]: GEMM1 in fp32, cast once
         y = matmul_acc(h, self.w2)                                      # [T, H] accumulation dtype
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
@@ -557,6 +561,8 @@ want = torch.sigmoid(x @ gate.T) * ((torch.nn.functional.silu(g) * u) @ w2.T)   
 assert_close(SharedExperts(w13, w2, gate)(x), want)
 assert not torch.allclose(SharedExperts(w13, w2)(x), want)                           # the gate matters
 test_fail(lambda: SharedExperts(w13, w2, gate[:, :5]), contains="gate: expected shape [1, 16]")
+test_fail(lambda: SharedExperts(w13, w2.to("meta")), contains="w2: expected w13's device cpu, got meta")
+test_fail(lambda: SharedExperts(w13.to("meta"), w2.to("meta"))(x), contains="hidden: expected a tensor on the shared experts' device meta, got cpu")
 
 # %% [markdown]
 # Both formats, torch and Triton (the interpreter on a CPU), compute the same layer — checked against the float64

@@ -27,12 +27,14 @@ from moe_lit.quant import quant_scheme_name
 #| hide
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
-from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
+from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu, check_launch_keys
 from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES
 from types import SimpleNamespace
+import triton
+import moe_lit.kernels.batched as kb
 
 # %% [markdown]
 # In this notebook: `FusedMoE` (one rank's layer, from any weight source of `11a_weights` or a checkpoint) and
@@ -75,8 +77,11 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     fmt, q = activation_format.value, quant != "unquantized"
     if backend is not None or (experts == "auto" and device.type == "cuda" and config is not None):
         if config is None: raise ValueError("config: expected the MoEConfig when a backend is forced, got None")
-        d = select_experts_backend(config, quant, activation_format, detect_device() if device.type == "cuda"
-                                   else DEVICES["cpu"], backend)                      # the oracle decides
+        try: d = select_experts_backend(config, quant, activation_format, detect_device() if device.type == "cuda"
+                                        else DEVICES["cpu"], backend)                 # the oracle decides
+        except ValueError as e:                                                       # the argument is `backend` here
+            if str(e).startswith("override:"): raise ValueError("backend:" + str(e)[len("override:"):]) from None
+            raise
         return d.chosen.implementation, f"oracle: {d.chosen.name} — {dict((n, r) for n, _, r in d.trace)[d.chosen.name]}"
     kernels = ("Triton dispatch, batched GEMMs and combine" if activation_format is ActivationFormat.BatchedExperts
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
@@ -295,6 +300,7 @@ def _requantize_after_load(module, incompatible_keys):
         module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant).for_kernels()
         w13, w2 = module.qweights.dequantize()
         module.w13.copy_(w13); module.w2.copy_(w2)
+    module._versions = module._weight_versions()          # after the copies, which count as edits
 
 # %%
 #| export
@@ -352,6 +358,11 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # 43–196 µs replayed (`eager_vs_replay_h200_400d47b.log`, unquantized): the host is the bottleneck there. Triton's
 # launch path (about 20 µs a kernel through the JIT against 6.5 µs for a compiled kernel's direct launch,
 # `launch_cost_h200.log`) is part of it; how much of the rest is that machine's Python was not measured separately.
+# Every kernel of the layer is now launched through `launch_kernel` (`06_kernels.batched`), which calls the compiled kernel
+# directly after the first launch of each key: the JIT's binding and key took 47–50 µs of a decode forward's five or
+# six launches on the 2-core CPU, `launch_kernel`'s own key and argument list 25–26 µs (`nbs/bench/launch_key_cpu.log`),
+# and the JIT's other per-call work (launch metadata, hook chains, driver lookups) is skipped too. Its effect on the
+# H200 host has not been measured yet.
 # Capture the forward (below) where host time matters.
 
 # %%
@@ -376,12 +387,29 @@ def _build_hot_path(self: FusedMoE):
     self._kernels, self.graphs = {}, {}
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
+    self._versions = self._weight_versions()
+
+@patch
+def _weight_versions(self: FusedMoE) -> tuple:
+    "The version counters of the tensors the hot path keeps a copy of: the gate (its bf16 copy), a quantized layer's w13 and w2 (the codes)."
+    return (self.gate._version,) + ((self.w13._version, self.w2._version) if self.qweights is not None else ())
+
+@patch
+def _follow_inplace_edits(self: FusedMoE):
+    "Rebuild the copies after an in-place edit (`layer.gate.mul_(-1)`, `layer.w13.copy_(...)`): a version check, no sync."
+    if self._weight_versions() == self._versions: return
+    if self.qweights is not None and self._weight_versions()[1:] != self._versions[1:]:
+        _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
+    else: self._build_hot_path()
 
 @patch
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
+        try: fn(self.gate.detach()[:0])
+        except (AssertionError, RuntimeError) as e:            # `.cuda()` on a machine without one: torch's own words
+            raise ValueError(f"device: expected a device this machine has, got an error moving there ({e})") from None
         for n, t in (("w13", self.w13), ("gate", self.gate)):     # the experts' dtype (the config's), the router's fp32
             to = fn(t.detach()[:0]).dtype
             if to != t.dtype:
@@ -440,6 +468,7 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     _check_on_layer_device(self, hidden)
+    self._follow_inplace_edits()
     return self._route(hidden)
 
 @patch
@@ -460,7 +489,8 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     "A caller's `(topk_weights, topk_ids)`: shapes, dtypes and the id range (one host sync: the ids are not the layer's)."
     if not isinstance(topk, tuple) or len(topk) != 2:
-        raise ValueError(f"topk: expected a (topk_weights, topk_ids) tuple, got {type(topk).__name__}")
+        got = f"a {len(topk)}-tuple" if isinstance(topk, tuple) else type(topk).__name__
+        raise ValueError(f"topk: expected a (topk_weights, topk_ids) tuple, got {got}")
     k = self.config.top_k
     wts = check_tensor("topk_weights", topk[0], shape=(num_tokens, k), dtype=torch.float32)
     ids = check_tensor("topk_ids", topk[1], shape=(num_tokens, k), dtype=(torch.int32, torch.int64))
@@ -491,6 +521,7 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     _check_on_layer_device(self, hidden)
+    self._follow_inplace_edits()
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
@@ -578,7 +609,8 @@ for debug in (False, True):
     for bad in (8, -2):
         test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")
     test_fail(lambda: layer(x, (wts, ids[:, :1])), contains="topk_ids: expected shape [5, 2]")
-    test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple")
+    test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple, got Tensor")
+    test_fail(lambda: layer(x, (wts, ids, None)), contains="topk: expected a (topk_weights, topk_ids) tuple, got a 3-tuple")
     test_fail(lambda: layer(x, (wts, torch.zeros_like(ids))), contains="topk_ids: expected distinct ids per token")
     layer(x, (wts, torch.full_like(ids, -1)))                             # -1 (no expert) may repeat
     sd = layer.state_dict(); sd["gate"] = sd["gate"][:, :7]
@@ -623,6 +655,37 @@ for backend, placement in (("none", "linear"), ("allgather_reducescatter", "line
             assert_close(got, want.double(), rtol=rtol, name=f"{backend} {quant} T={T}")
         big = layer(x.repeat(2, 1))                              # larger than every bucket: eager
         assert_close(big[16:], eager[16].double(), rtol=rtol)
+
+# %% [markdown]
+# On the GPU the layer's launches skip Triton's JIT after the first of each key (`launch_kernel`, `06_kernels.batched`): a
+# second forward makes no JIT launch at all, and gives the JIT path's bits, for both formats, quantized or not.
+
+# %%
+#| test layer_fast_launch
+#| gpu
+assert kb.FAST_LAUNCH == triton.__version__.startswith("3.6.")       # on by default where its convention was checked
+torch.manual_seed(9)
+x = torch.randn(6, 256, device="cuda").bfloat16()
+first, stream = kb._first_launch, kb._stream_of_current_device
+counts = {"first": 0, "launches": 0}
+def counting_first(*a): counts["first"] += 1; return first(*a)
+def counting_stream(): counts["launches"] += 1; return stream()
+for backend in ("none", "nixl_ep"):
+    par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)
+    for quant in ("unquantized", "fp8_w8a8_block", "nvfp4_w4a16"):
+        cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                        num_shared_experts=1, shared_intermediate_size=64, parallel=par)
+        layer = FusedMoE(cfg, seed=1, device="cuda", quant=quant)
+        kb.FAST_LAUNCH = False
+        try: want = [layer(x), layer(x[:1])]
+        finally: kb.FAST_LAUNCH = True
+        layer(x); layer(x[:1])                                         # first launch of each key: the JIT
+        kb._first_launch, kb._stream_of_current_device = counting_first, counting_stream
+        counts.update(first=0, launches=0)
+        try: got = [layer(x), layer(x[:1])]
+        finally: kb._first_launch, kb._stream_of_current_device = first, stream
+        assert counts["first"] == 0 and counts["launches"] >= 8, counts   # every launch straight to its compiled kernel
+        for g, w in zip(got, want): assert torch.equal(g, w), f"{backend} {quant}: the fast launch changed the result"
 
 # %%
 #| test fused_moe_single_device
@@ -703,6 +766,9 @@ test_eq({t.device.type for t in (qlayer.w13, qlayer.gate, qlayer.qweights.w13)},
 layer = FusedMoE(cfg, seed=1)
 test_fail(lambda: layer.to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
 test_fail(lambda: layer.bfloat16(), contains="gate: expected the layer to keep its dtype torch.float32")  # the router's
+if not torch.cuda.is_available():
+    test_fail(lambda: layer.cuda(), contains="device: expected a device this machine has, got an error moving there")
+test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), backend="foo"), contains="backend: expected one of")
 test_eq((layer.w13.dtype, layer.gate.dtype), (torch.bfloat16, torch.float32))                            # nothing converted
 
 # %% [markdown]
@@ -733,6 +799,34 @@ for experts in ("torch", "triton"):
     bad = {**donor.state_dict(), "w2": donor.w2 * float("nan")}
     test_fail(lambda: layer.load_state_dict(bad), contains="state_dict['w2']: expected finite values")
     assert torch.equal(layer.qweights.w13.view(torch.uint8), codes.view(torch.uint8)) and layer.w2.isfinite().all()
+
+# %% [markdown]
+# An in-place edit of a weight the hot path keeps a copy of — the gate (its bf16 copy for the router's GEMM), a
+# quantized layer's float experts (their codes) — is followed at the next call: the layer compares the tensors'
+# version counters (no sync) and rebuilds the copy, as `load_state_dict` does. Captured graphs are dropped then.
+
+# %%
+#| test layer_follows_inplace_edits
+torch.manual_seed(12)
+cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64, dtype=torch.bfloat16)
+x = torch.randn(6, 128).bfloat16().to(DEVICE)
+for experts in ("torch", "triton"):
+    layer = FusedMoE(cfg, seed=1, experts=experts, device=DEVICE)
+    before = layer.route(x)[1]
+    with torch.no_grad(): layer.gate.mul_(-1)                                  # every choice flips to the other end
+    fresh = FusedMoE(cfg, seed=2, experts=experts, device=DEVICE)
+    fresh.load_state_dict(layer.state_dict())                                  # the edited gate, loaded
+    test_eq(layer.route(x)[1], fresh.route(x)[1])
+    assert not torch.equal(layer.route(x)[1].sort(-1).values, before.sort(-1).values)
+    q = FusedMoE(cfg, seed=1, quant="fp8_w8a8_block", experts=experts, device=DEVICE)
+    codes = q.qweights.w13.clone()
+    with torch.no_grad(): q.w13[:, :8].neg_()                                # (a power-of-two scale would keep the codes)
+    y = q(x)                                                                   # the codes follow the edited floats
+    assert not torch.equal(q.qweights.w13.view(torch.uint8), codes.view(torch.uint8))
+    ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
+    assert check_output(y, ref, cfg.dtype, q.quant, q.experts)["ok"]
+    versions = q._versions
+    q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
 
 # %% [markdown]
 # ## Emulated expert parallelism
@@ -956,6 +1050,7 @@ with record_launches() as seen:
                    parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
     FusedMoE(ds, seed=3, experts="triton", device=DEVICE, placement="round_robin")(x)
 res = assert_compiles_for_gpu(seen)
+assert check_launch_keys(seen) > 10 * len(seen)          # each launch's key against Triton's own, perturbed copies too
 kernels = {r["kernel"] for r in res}
 assert {"_router_logits_kernel", "_route_topk_kernel", "_batched_dispatch_kernel", "_batched_combine_kernel",
         "_local_slot_kernel", "_batched_moe_gemm_quant_kernel", "_fused_moe_quant_kernel"} <= kernels, kernels

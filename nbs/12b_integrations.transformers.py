@@ -349,8 +349,8 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
     for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
         if t.device != hidden_states.device:
             raise ValueError(f"{name}: expected hidden_states' device {hidden_states.device}, got {t.device}")
-    if top_k_index.is_floating_point() or top_k_index.is_complex() or top_k_index.dtype == torch.bool:
-        raise ValueError(f"top_k_index: expected an integer dtype, got {top_k_index.dtype}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):          # transformers' routers give int64
+        raise ValueError(f"top_k_index: expected dtype torch.int32 or torch.int64, got {top_k_index.dtype}")
     ep = getattr(self, "_is_expert_parallel", False) is True
     bad = (top_k_index < 0) if ep else (top_k_index < 0) | (top_k_index >= E)
     # One host synchronisation per forward, for this check; transformers' own eager path synchronises more (it reads
@@ -703,7 +703,7 @@ x, w = torch.randn(2, model.config.hidden_size), torch.full((2, 2), 0.5)
 E = experts.gate_up_proj.shape[0]
 test_fail(lambda: experts(x, torch.tensor([[0, 1], [7, 2]]), w), contains=f"top_k_index: expected ids in [0, {E})")
 test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")
-test_fail(lambda: experts(x, torch.tensor([[0., 1.], [2., 3.]]), w), contains="top_k_index: expected an integer dtype")
+test_fail(lambda: experts(x, torch.tensor([[0., 1.], [2., 3.]]), w), contains="top_k_index: expected dtype torch.int32 or torch.int64, got torch.float32")
 experts._is_expert_parallel = True
 experts(x, torch.tensor([[0, 1], [7, 2]]), w)                       # a sentinel: fine
 test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")

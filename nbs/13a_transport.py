@@ -517,11 +517,15 @@ def free_port() -> int:
 
 # %%
 #| export
+COLLECTIVE_TIMEOUT_MAX_S = 2**31 // 1000      # s: the largest timeout torch's TCP store holds (int32 milliseconds)
+
 def init_distributed(timeout_s: float = 600.0,      # seconds a collective may wait for its peers
                      backend: str | None = None,    # 'gloo' or 'nccl'; None: NCCL with a GPU, else gloo
                     ) -> tuple[int, int, torch.device]:   # (rank, world size, this process's device)
     "Join the process group torchrun's environment describes (or a one-process group without it)."
-    check_positive_real("timeout_s", timeout_s)
+    if check_positive_real("timeout_s", timeout_s) > COLLECTIVE_TIMEOUT_MAX_S:   # the store counts milliseconds in
+        raise ValueError(f"timeout_s: expected <= {COLLECTIVE_TIMEOUT_MAX_S} (24 days: the store's timeout is int32 "   # an int32
+                         f"milliseconds), got {timeout_s:g}")
     backend = ("nccl" if torch.cuda.is_available() else "gloo") if backend is None else backend
     check_choice("backend", backend, ("gloo", "nccl"))
     if backend == "nccl" and not torch.cuda.is_available(): raise ValueError("backend: expected 'gloo' without a CUDA GPU, got 'nccl'")
@@ -548,6 +552,7 @@ def init_distributed(timeout_s: float = 600.0,      # seconds a collective may w
 # %%
 #| test all_gather_rows_one_process
 assert not dist.is_initialized()
+for bad in (1e10, 1e16): test_fail(lambda: init_distributed(bad), contains="timeout_s: expected <= 2147483 (24 days")
 init_distributed(60, backend="gloo")                 # no torchrun environment: a one-process group
 try:
     x = torch.arange(6.).reshape(3, 2)

@@ -276,7 +276,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
     "The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try: rank, world, _ = init_distributed(timeout)
-    except ValueError as e: print(f"moe-lit distributed: error: {e}", file=sys.stderr); return 2
+    except ValueError as e:                             # the flag's name, not the function's argument
+        print(f"moe-lit distributed: error: {str(e).replace('timeout_s:', '--timeout:', 1)}", file=sys.stderr); return 2
     try:
         ep = world if ep is None else ep
         if ep != world: raise ValueError(f"--ep: expected the number of processes ({world}), got {ep}")

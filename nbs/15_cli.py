@@ -405,7 +405,7 @@ _HELP = {
                    "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
                    "report says why",
     "--dtype": "activation and weight dtype of the layer; unset means the model's own: the torch_dtype "
-               "of --config's file, bf16 for every preset (a dtype key in the file wins, as in transformers; the reference is always computed in float64)",
+               "of --config's file (its dtype or torch_dtype key; both must agree; bf16 when it has neither), bf16 for every preset (the reference is always computed in float64)",
     "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
     "--device": "where the layer runs: auto = cuda when a GPU is present, else cpu",
     "--tokens": "tokens in the batch (random hidden states)",
@@ -783,7 +783,8 @@ def exit_code(argv):
 for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
                                (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
                                (["run", "--help"], 0, "unset means the model's own: the torch_dtype of --config's "
-                                                      "file, bf16 for every preset", None),
+                                                      "file (its dtype or torch_dtype key; both must agree; bf16 when "
+                                                      "it has neither), bf16 for every preset", None),
                                (["tables", "--help"], 0, "no all2all, experts masked with expert_map", "--dtype")):
     with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(exit_code(argv), code)
     text = " ".join(out.getvalue().split())                    # argparse wraps to the terminal's width

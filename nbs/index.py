@@ -134,7 +134,9 @@ print(hf.config._experts_implementation)
 #
 # For decode on a GPU, `layer.capture(batch_sizes=(1, 2, 4, ..., 256))` records one CUDA graph of the whole forward per
 # token bucket, and later calls replay the smallest bucket that fits; the forward never synchronises with the host
-# (`debug=True` turns the value checks back on). `moe-lit bench --layer` measures the whole layer, eager and replayed,
+# (`debug=True` turns the value checks back on). Eager, after the first call of each shape, every Triton kernel is
+# launched straight from its compiled binary, skipping the JIT's per-call binding (`MOE_LIT_FAST_LAUNCH=0` turns that
+# off). `moe-lit bench --layer` measures the whole layer, eager and replayed,
 # against the bytes it must read and against transformers' own MoE blocks (`14a_bench_layer`).
 #
 # %% [markdown]

@@ -248,7 +248,8 @@ def test_main_options():
     for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
                                    (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
                                    (["run", "--help"], 0, "unset means the model's own: the torch_dtype of --config's "
-                                                          "file, bf16 for every preset", None),
+                                                          "file (its dtype or torch_dtype key; both must agree; bf16 when "
+                                                          "it has neither), bf16 for every preset", None),
                                    (["tables", "--help"], 0, "no all2all, experts masked with expert_map", "--dtype")):
         with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(exit_code(argv), code)
         text = " ".join(out.getvalue().split())                    # argparse wraps to the terminal's width

@@ -17,12 +17,14 @@ from moe_lit.oracle import DEVICES, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
-from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
+from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu, check_launch_keys
 from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES
 from types import SimpleNamespace
+import triton
+import moe_lit.kernels.batched as kb
 from moe_lit.layer import *
 
 
@@ -65,7 +67,8 @@ def test_layer_debug_checks():
         for bad in (8, -2):
             test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")
         test_fail(lambda: layer(x, (wts, ids[:, :1])), contains="topk_ids: expected shape [5, 2]")
-        test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple")
+        test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple, got Tensor")
+        test_fail(lambda: layer(x, (wts, ids, None)), contains="topk: expected a (topk_weights, topk_ids) tuple, got a 3-tuple")
         test_fail(lambda: layer(x, (wts, torch.zeros_like(ids))), contains="topk_ids: expected distinct ids per token")
         layer(x, (wts, torch.full_like(ids, -1)))                             # -1 (no expert) may repeat
         sd = layer.state_dict(); sd["gate"] = sd["gate"][:, :7]
@@ -105,6 +108,33 @@ def test_layer_cuda_graphs():
                 assert_close(got, want.double(), rtol=rtol, name=f"{backend} {quant} T={T}")
             big = layer(x.repeat(2, 1))                              # larger than every bucket: eager
             assert_close(big[16:], eager[16].double(), rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_layer_fast_launch():
+    assert kb.FAST_LAUNCH == triton.__version__.startswith("3.6.")       # on by default where its convention was checked
+    torch.manual_seed(9)
+    x = torch.randn(6, 256, device="cuda").bfloat16()
+    first, stream = kb._first_launch, kb._stream_of_current_device
+    counts = {"first": 0, "launches": 0}
+    def counting_first(*a): counts["first"] += 1; return first(*a)
+    def counting_stream(): counts["launches"] += 1; return stream()
+    for backend in ("none", "nixl_ep"):
+        par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)
+        for quant in ("unquantized", "fp8_w8a8_block", "nvfp4_w4a16"):
+            cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                            num_shared_experts=1, shared_intermediate_size=64, parallel=par)
+            layer = FusedMoE(cfg, seed=1, device="cuda", quant=quant)
+            kb.FAST_LAUNCH = False
+            try: want = [layer(x), layer(x[:1])]
+            finally: kb.FAST_LAUNCH = True
+            layer(x); layer(x[:1])                                         # first launch of each key: the JIT
+            kb._first_launch, kb._stream_of_current_device = counting_first, counting_stream
+            counts.update(first=0, launches=0)
+            try: got = [layer(x), layer(x[:1])]
+            finally: kb._first_launch, kb._stream_of_current_device = first, stream
+            assert counts["first"] == 0 and counts["launches"] >= 8, counts   # every launch straight to its compiled kernel
+            for g, w in zip(got, want): assert torch.equal(g, w), f"{backend} {quant}: the fast launch changed the result"
 
 
 def test_fused_moe_single_device():
@@ -174,6 +204,9 @@ def test_layer_moves_with_module():
     layer = FusedMoE(cfg, seed=1)
     test_fail(lambda: layer.to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
     test_fail(lambda: layer.bfloat16(), contains="gate: expected the layer to keep its dtype torch.float32")  # the router's
+    if not torch.cuda.is_available():
+        test_fail(lambda: layer.cuda(), contains="device: expected a device this machine has, got an error moving there")
+    test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), backend="foo"), contains="backend: expected one of")
     test_eq((layer.w13.dtype, layer.gate.dtype), (torch.bfloat16, torch.float32))                            # nothing converted
 
 
@@ -199,6 +232,29 @@ def test_quantized_layer_load_state_dict():
         bad = {**donor.state_dict(), "w2": donor.w2 * float("nan")}
         test_fail(lambda: layer.load_state_dict(bad), contains="state_dict['w2']: expected finite values")
         assert torch.equal(layer.qweights.w13.view(torch.uint8), codes.view(torch.uint8)) and layer.w2.isfinite().all()
+
+
+def test_layer_follows_inplace_edits():
+    torch.manual_seed(12)
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64, dtype=torch.bfloat16)
+    x = torch.randn(6, 128).bfloat16().to(DEVICE)
+    for experts in ("torch", "triton"):
+        layer = FusedMoE(cfg, seed=1, experts=experts, device=DEVICE)
+        before = layer.route(x)[1]
+        with torch.no_grad(): layer.gate.mul_(-1)                                  # every choice flips to the other end
+        fresh = FusedMoE(cfg, seed=2, experts=experts, device=DEVICE)
+        fresh.load_state_dict(layer.state_dict())                                  # the edited gate, loaded
+        test_eq(layer.route(x)[1], fresh.route(x)[1])
+        assert not torch.equal(layer.route(x)[1].sort(-1).values, before.sort(-1).values)
+        q = FusedMoE(cfg, seed=1, quant="fp8_w8a8_block", experts=experts, device=DEVICE)
+        codes = q.qweights.w13.clone()
+        with torch.no_grad(): q.w13[:, :8].neg_()                                # (a power-of-two scale would keep the codes)
+        y = q(x)                                                                   # the codes follow the edited floats
+        assert not torch.equal(q.qweights.w13.view(torch.uint8), codes.view(torch.uint8))
+        ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
+        assert check_output(y, ref, cfg.dtype, q.quant, q.experts)["ok"]
+        versions = q._versions
+        q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
 
 
 def test_emulated_ep_every_backend():
@@ -300,6 +356,7 @@ def test_layer_kernels_compile_for_sm90():
                        parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
         FusedMoE(ds, seed=3, experts="triton", device=DEVICE, placement="round_robin")(x)
     res = assert_compiles_for_gpu(seen)
+    assert check_launch_keys(seen) > 10 * len(seen)          # each launch's key against Triton's own, perturbed copies too
     kernels = {r["kernel"] for r in res}
     assert {"_router_logits_kernel", "_route_topk_kernel", "_batched_dispatch_kernel", "_batched_combine_kernel",
             "_local_slot_kernel", "_batched_moe_gemm_quant_kernel", "_fused_moe_quant_kernel"} <= kernels, kernels

@@ -62,6 +62,8 @@ def test_shared_experts_gate():
     assert_close(SharedExperts(w13, w2, gate)(x), want)
     assert not torch.allclose(SharedExperts(w13, w2)(x), want)                           # the gate matters
     test_fail(lambda: SharedExperts(w13, w2, gate[:, :5]), contains="gate: expected shape [1, 16]")
+    test_fail(lambda: SharedExperts(w13, w2.to("meta")), contains="w2: expected w13's device cpu, got meta")
+    test_fail(lambda: SharedExperts(w13.to("meta"), w2.to("meta"))(x), contains="hidden: expected a tensor on the shared experts' device meta, got cpu")
 
 
 def test_modular_kernels_agree():

@@ -4,6 +4,7 @@ import pytest
 from dataclasses import dataclass
 import torch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_positive_real, check_finite, FLOAT_DTYPES
+from moe_lit.config import SIZE_LIMIT
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close
 from moe_lit.quant import *
@@ -107,6 +108,11 @@ def test_quant_refuses_non_finite_and_bad_scales():
     assert (d - tiny.double()).norm() / tiny.double().norm() < 0.05                 # not all zeros (a fixed 1e-12 floor was)
     test_fail(lambda: quantize_nvfp4(x, 0.0), contains="global_scale: expected a finite number > 0")
     test_fail(lambda: quantize_nvfp4(x, 1e-12), contains="global_scale: expected >=")
+    test_fail(lambda: quantize_nvfp4(x, 1e3), contains="global_scale: expected <= amax(x)/(6·2^-6)")   # all codes 0 otherwise
+    assert (dequantize_nvfp4(*quantize_nvfp4(torch.zeros(1, 16), 1e3)) == 0).all()                # nothing to lose: allowed
+    huge = x.double(); huge[0, 0] = 1e300                                            # finite, but not in the fp32 scales
+    for f in (lambda: quantize_fp8(huge, "token"), lambda: quantize_mxfp4(huge), lambda: quantize_nvfp4(huge)):
+        test_fail(f, contains="x: expected values within the fp32 range")
     q, s_ = quantize_fp8(torch.randn(256, 256))
     test_fail(lambda: dequantize_fp8(q, torch.ones(3, 3)), contains="scale: expected shape [2, 2]")
     test_fail(lambda: dequantize_fp8(q, s_, dtype=torch.int8), contains="dtype: expected one of")

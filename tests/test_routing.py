@@ -296,6 +296,7 @@ def test_matmul_acc():
     assert_close(got, a.double() @ b.double().T, rtol=1e-6)        # bf16 products are exact in fp32
     test_eq(matmul_acc(a.double(), b).dtype, torch.float64)
     test_fail(lambda: matmul_acc(a, b[:, :7]), contains="b: expected shape [*, 8], got [3, 7]")
+    test_fail(lambda: matmul_acc(a, b.to("meta")), contains="b: expected a tensor on a's device cpu, got meta")
 
 
 def test_router_logits():
@@ -303,6 +304,10 @@ def test_router_logits():
     test_eq(router_logits(h.bfloat16(), g).dtype, torch.float32)
     assert torch.allclose(router_logits(h, g, b), h @ g.T + b)
     test_eq(router_logits(h.double(), g).dtype, torch.float64)
+    test_fail(lambda: router_logits(h[:1], g, b[:, None]), contains="gate_bias: expected a 1-D tensor, got shape (5, 1)")  # not [1, 5]: [5, 5]
+    test_fail(lambda: router_logits(h, g, 0.5), contains="gate_bias: expected a torch.Tensor")
+    test_fail(lambda: router_logits(h, g.to("meta")), contains="gate: expected a tensor on hidden's device cpu, got meta")
+    test_fail(lambda: router_logits(h, g, b.to("meta")), contains="gate_bias: expected a tensor on hidden's device cpu, got meta")
 
 
 def test_config_accepts_what_grouped_topk_runs():

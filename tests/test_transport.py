@@ -99,6 +99,7 @@ def test_factory_needs_a_group():
 
 def test_all_gather_rows_one_process():
     assert not dist.is_initialized()
+    for bad in (1e10, 1e16): test_fail(lambda: init_distributed(bad), contains="timeout_s: expected <= 2147483 (24 days")
     init_distributed(60, backend="gloo")                 # no torchrun environment: a one-process group
     try:
         x = torch.arange(6.).reshape(3, 2)

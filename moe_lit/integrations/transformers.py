@@ -176,7 +176,7 @@ def _reference_experts(x, w13, w2, b13, b2, weights, ids, activation):
         out += y * weights[:, k:k + 1].to(acc)
     return out
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #12418f126ea9
+# %% ../../nbs/12b_integrations.transformers.ipynb #0579d9277dc7
 def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers experts module
                             hidden_states: torch.Tensor, # [num_tokens, hidden_size]
                             top_k_index: torch.Tensor,   # [num_tokens, top_k] int, global expert per slot
@@ -192,8 +192,8 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
     for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
         if t.device != hidden_states.device:
             raise ValueError(f"{name}: expected hidden_states' device {hidden_states.device}, got {t.device}")
-    if top_k_index.is_floating_point() or top_k_index.is_complex() or top_k_index.dtype == torch.bool:
-        raise ValueError(f"top_k_index: expected an integer dtype, got {top_k_index.dtype}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):          # transformers' routers give int64
+        raise ValueError(f"top_k_index: expected dtype torch.int32 or torch.int64, got {top_k_index.dtype}")
     ep = getattr(self, "_is_expert_parallel", False) is True
     bad = (top_k_index < 0) if ep else (top_k_index < 0) | (top_k_index >= E)
     # One host synchronisation per forward, for this check; transformers' own eager path synchronises more (it reads

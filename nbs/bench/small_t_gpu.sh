@@ -6,6 +6,8 @@
 #                                            and layer tests
 #   bash nbs/bench/small_t_gpu.sh measure -> the chain again, the whole layer benchmark (JSON, log and figure), the
 #                                            seed scenario
+#   bash nbs/bench/small_t_gpu.sh launch  -> eager against replayed at T = 1 with the JIT's launch path
+#                                            (MOE_LIT_FAST_LAUNCH=0) and with `launch`'s direct one
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_h200_$C.log"; grep "==" "$OUT/profile_small_t_h200_$C.log"; }
@@ -22,4 +24,10 @@ measure)
   timeout 360 python nbs/bench/layer_bench_run.py "$OUT/layer_bench_h200_$C.json" 2>&1 | grep -v Warning > "$OUT/layer_bench_h200_$C.log"
   tail -3 "$OUT/layer_bench_h200_$C.log"
   timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9 ;;
+launch)
+  for f in 0 1; do
+    MOE_LIT_FAST_LAUNCH=$f timeout 200 python nbs/bench/eager_vs_replay.py 2>&1 | grep -v Warning \
+      > "$OUT/eager_vs_replay_fast${f}_h200_$C.log"
+    echo "== MOE_LIT_FAST_LAUNCH=$f"; cat "$OUT/eager_vs_replay_fast${f}_h200_$C.log"
+  done ;;
 esac
