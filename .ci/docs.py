@@ -35,6 +35,7 @@ def execute(nb_path: Path):
     os.chdir(NBS)
     main = sys.modules["__main__"]            # IPython's shell replaces it; the pool's next task is found in this one
     try: CaptureShell().run_all(nb, exc_stop=True)
+    except BaseException as e: raise RuntimeError(f"{nb_path.name}: a cell failed: {type(e).__name__}: {e}") from e
     finally: sys.modules["__main__"] = main
     for c in nb.cells:
         if id(c) in saved: c.source = saved[id(c)][0]
@@ -138,11 +139,12 @@ def main():
     os.environ["MPLBACKEND"] = "Agg"
     nbs = sorted(NBS.glob("*.ipynb"), key=lambda p: (p.stem != "index", p.stem))
     t0 = time.perf_counter()
-    # one notebook per worker process at a time, a worker per core (each imports torch once and runs its share);
+    # one notebook per worker process at a time, a worker per core up to 4 (each imports torch once, runs its share);
     # a failing cell fails the build. Longest first: the slowest chapters do not end up last on one core.
     order = sorted(nbs, key=lambda p: -p.stat().st_size)
-    with ProcessPoolExecutor(max_workers=min(len(order), os.cpu_count() or 1),
-                             mp_context=multiprocessing.get_context("fork")) as pool:
+    # spawn, not fork: the parent asked torch about CUDA, after which a forked child cannot initialise it
+    with ProcessPoolExecutor(max_workers=min(len(order), 4, len(os.sched_getaffinity(0))),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
         for nb, _ in zip(order, pool.map(execute, order)): print("executed", nb.name, flush=True)
     print(f"executed {len(nbs)} notebooks in {time.perf_counter() - t0:.0f} s", flush=True)
     os.chdir(ROOT)

@@ -235,7 +235,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #80bb1e9a606b
+# %% ../nbs/12_layer.ipynb #f9155d7e5bdd
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -258,10 +258,14 @@ def _build_hot_path(self: FusedMoE):
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
     self._versions = self._weight_versions()
 
+def _version(t: torch.Tensor) -> tuple:
+    "Which tensor `t` is and how often it was edited in place: `(id, address, version)` (an inference tensor has no version)."
+    return (id(t), t.data_ptr() if t.device.type != "meta" else 0, None if t.is_inference() else t._version)
+
 @patch
 def _weight_versions(self: FusedMoE) -> tuple:
-    "The version counters of the tensors the hot path keeps a copy of: the gate (its bf16 copy), a quantized layer's w13 and w2 (the codes)."
-    return (self.gate._version,) + ((self.w13._version, self.w2._version) if self.qweights is not None else ())
+    "What identifies the tensors the hot path keeps a copy of: the gate (its bf16 copy), a quantized layer's w13 and w2 (the codes)."
+    return (_version(self.gate),) + ((_version(self.w13), _version(self.w2)) if self.qweights is not None else ())
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):

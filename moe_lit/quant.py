@@ -184,7 +184,7 @@ def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     groups = v.reshape(*v.shape[:-1], v.shape[-1] // 32, 32)          # explicit sizes: also right for 0 rows
     return (groups * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
 
-# %% ../nbs/09_quant.ipynb #f003c7f1a573
+# %% ../nbs/09_quant.ipynb #e74d420902e2
 def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a multiple of 16
                    global_scale: float | None = None,      # fp32 global scale; default amax(x) / (6·448)
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -193,14 +193,16 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
     if x.shape[-1] % 16: raise ValueError(f"x: expected a last dim that is a multiple of 16, got {tuple(x.shape)}")
     blocks = x.float().reshape(*x.shape[:-1], -1, 16)
     if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    given = global_scale is not None
     if global_scale is None: global_scale = max(float(x.abs().max()) / (6.0 * FP8_MAX), _TINY)
     global_scale = check_positive_real("global_scale", global_scale)
     amax = float(x.abs().max())
     if amax / (6.0 * global_scale) > FP8_MAX * 1.0001:      # block scales would saturate e4m3: values clipped
         raise ValueError(f"global_scale: expected >= amax(x)/(6·448) = {amax / (6 * FP8_MAX):.3g}, got {global_scale:.3g}")
-    if amax and amax / (6.0 * global_scale) < 2.0**-6:       # even the largest block scale below e4m3's smallest normal:
-        raise ValueError(f"global_scale: expected <= amax(x)/(6·2^-6) = {amax / 6 * 64:.3g} (larger, the e4m3 block "   # subnormal
-                         f"scales lose their precision and then underflow to 0), got {global_scale:.3g}")      # or zero
+    # a caller's scale that puts even the largest block scale below e4m3's smallest normal: subnormal, or zero
+    if given and amax and amax / (6.0 * global_scale) < 2.0**-6:
+        raise ValueError(f"global_scale: expected <= amax(x)/(6·2^-6) = {amax / 6 * 64:.3g} (larger, the e4m3 block "
+                         f"scales lose their precision and then underflow to 0), got {global_scale:.3g}")
     s = (blocks.abs().amax(-1) / (6.0 * global_scale)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     denom = (s.float() * global_scale)[..., None]
     codes = e2m1_encode(torch.where(denom > 0, blocks / denom.clamp(min=1e-30), 0.0)).reshape(x.shape)

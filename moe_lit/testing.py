@@ -373,7 +373,7 @@ def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_byt
     if not res: raise AssertionError("launches: expected at least one recorded Triton launch, got none")
     return res
 
-# %% ../nbs/00_testing.ipynb #50fa7e9a2163
+# %% ../nbs/00_testing.ipynb #37f91ca2525f
 _PERTURB_INTS = (0, 1, 16, 17, 2**31, True)
 
 def _moved(t: torch.Tensor, offset: int) -> torch.Tensor:
@@ -399,13 +399,13 @@ def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, ar
         if fn not in binders:
             jf = JITFunction(fn)
             binders[fn] = create_function_from_signature(jf.signature, jf.params, backend)
-        bound, spec, _ = binders[fn](*args, **kwargs)
+        bound, spec, options = binders[fn](*args, **kwargs)
         got = launch_values(kernel, args, kwargs)
         want = tuple(bound.values())
         same = len(got) == len(want) and all(a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
                                              for a, b in zip(got, want))
         assert same, f"{fn.__name__}: launch_values differs from the JIT's bound arguments"
-        key, spec = (fn, launch_key(args, kwargs)), repr(spec)
+        key, spec = (fn, launch_key(args, kwargs)), repr((spec, sorted(options.items())))   # the JIT's key has both
         assert seen.setdefault(key, spec) == spec, \
             f"{fn.__name__}: one launch key, two Triton specialisations:\n{seen[key]}\n{spec}"
         checked += 1
@@ -422,6 +422,10 @@ def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, ar
         for n, a in kwargs.items():
             if n in runtime:
                 for v in variants(a): check(kernel, args, {**kwargs, n: v})
+            elif n in params and type(a) in (int, bool):              # a constexpr: another value, another binary
+                for v in {0, 1, 2, 16, True, False} - {a}: check(kernel, args, {**kwargs, n: v})
+        for n, vals in (("num_warps", (2, 4, 8)), ("num_stages", (1, 2, 3, 4))):   # launch options
+            for v in vals: check(kernel, args, {**kwargs, n: v})
     return checked
 
 # %% ../nbs/00_testing.ipynb #cfd4ad991df4

@@ -559,7 +559,8 @@ test_fail(lambda: assert_compiles_for_gpu(seen, max_shared_bytes=-1), contains="
 # `moe_lit.kernels.batched.launch_kernel` reuses a compiled kernel for every launch with the same *launch key*, so the key
 # must separate any two launches Triton would compile apart. `check_launch_keys` asks Triton itself: it builds the
 # JIT's argument binder for a Hopper target (no GPU needed) and, for each recorded launch and for copies of it with
-# every tensor moved by 2–32 bytes and every int or bool replaced by 0, 1, 16, 17, 2³¹ and `True`, checks that
+# every tensor moved by 2–32 bytes, every int or bool replaced by 0, 1, 16, 17, 2³¹ and `True`, every int or bool
+# constexpr by 0, 1, 2, 16, `True` and `False`, and other `num_warps` and `num_stages`, checks that
 # equal keys always come with equal specialisations, and that the values `launch_kernel` hands the compiled kernel's
 # launcher are the JIT's own bound arguments, in order.
 
@@ -590,13 +591,13 @@ def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, ar
         if fn not in binders:
             jf = JITFunction(fn)
             binders[fn] = create_function_from_signature(jf.signature, jf.params, backend)
-        bound, spec, _ = binders[fn](*args, **kwargs)
+        bound, spec, options = binders[fn](*args, **kwargs)
         got = launch_values(kernel, args, kwargs)
         want = tuple(bound.values())
         same = len(got) == len(want) and all(a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b)
                                              for a, b in zip(got, want))
         assert same, f"{fn.__name__}: launch_values differs from the JIT's bound arguments"
-        key, spec = (fn, launch_key(args, kwargs)), repr(spec)
+        key, spec = (fn, launch_key(args, kwargs)), repr((spec, sorted(options.items())))   # the JIT's key has both
         assert seen.setdefault(key, spec) == spec, \
             f"{fn.__name__}: one launch key, two Triton specialisations:\n{seen[key]}\n{spec}"
         checked += 1
@@ -613,6 +614,10 @@ def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, ar
         for n, a in kwargs.items():
             if n in runtime:
                 for v in variants(a): check(kernel, args, {**kwargs, n: v})
+            elif n in params and type(a) in (int, bool):              # a constexpr: another value, another binary
+                for v in {0, 1, 2, 16, True, False} - {a}: check(kernel, args, {**kwargs, n: v})
+        for n, vals in (("num_warps", (2, 4, 8)), ("num_stages", (1, 2, 3, 4))):   # launch options
+            for v in vals: check(kernel, args, {**kwargs, n: v})
     return checked
 
 # %% [markdown]

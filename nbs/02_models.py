@@ -512,8 +512,8 @@ _FAMILIES = {   # model_type -> routing and expert facts its code fixes, the rou
     "qwen3_moe":   dict(norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
     "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen3NextSparseMoeBlock
     "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=()),   # MiniMaxM2TopKRouter
-    "deepseek_v2": dict(norm_default=False, topk_method="greedy",
-                        reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor")),
+    "deepseek_v2": dict(norm_default=False, topk_method="greedy", methods=("greedy", "group_limited_greedy"),
+                        reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor")),   # (no noaux_tc)
     "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
                         defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # DeepseekV3Config's defaults
     "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
@@ -529,7 +529,7 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
     if n_group is not None: check_int("config.json n_group", n_group, lo=1, hi=SIZE_LIMIT)
     method = _get(cfg, "topk_method", fam.get("topk_method"))
     if method is None: method = "group_limited_greedy" if (n_group or 1) > 1 else "greedy"
-    check_choice("config.json topk_method", method, _TOPK_METHODS)
+    check_choice("config.json topk_method", method, fam.get("methods", _TOPK_METHODS))
     bias = _get(cfg, "use_routing_bias", method == "noaux_tc")   # MiniMax-M2 spells the correction bias this way
     if not isinstance(bias, bool): raise ValueError(f"config.json use_routing_bias: expected a bool, got {bias!r}")
     out = dict(routing_method="topk", has_correction_bias=bias)
@@ -719,6 +719,8 @@ c = moe_config_from_hf(v2)
 test_eq((c.routing_method, c.has_correction_bias, c.num_expert_group, c.topk_group), ("grouped_topk", False, 8, 3))
 test_eq((c.num_shared_experts, c.shared_intermediate_size, c.routed_scaling_factor), (2, 2 * 1536, 16.0))
 test_eq(moe_config_from_hf({**v2, "topk_method": "greedy", "n_group": 1}).routing_method, "topk")
+test_fail(lambda: moe_config_from_hf({**v2, "topk_method": "noaux_tc"}),   # DeepseekV2Moe has no such branch
+          contains="config.json topk_method: expected one of ['greedy', 'group_limited_greedy'], got 'noaux_tc'")
 # noaux_tc with a single group (GLM-4.5 style): bias-corrected plain top-k
 c = moe_config_from_hf({**deepseek_v3, "n_group": 1, "topk_group": 1})
 test_eq((c.routing_method, c.has_correction_bias, c.num_expert_group), ("topk", True, None))

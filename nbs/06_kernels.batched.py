@@ -760,8 +760,10 @@ test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"]
 #
 # The direct call follows the compiled kernel's launcher convention of Triton 3.6 (checked on the H200:
 # `launch_cost.py` computes the same result); on another Triton release, in the interpreter, with profiler launch
-# hooks registered, while `JITFunction.run` is replaced (`record_launches` watches every launch that way), or with
-# `MOE_LIT_FAST_LAUNCH=0`, `launch_kernel` is just `kernel[grid](...)`.
+# hooks or instrumentation switched on, while `JITFunction.run` is replaced (`record_launches` watches every launch that way), or with
+# `MOE_LIT_FAST_LAUNCH=0`, `launch_kernel` is just `kernel[grid](...)`. One JIT check is not repeated: that the
+# module-level constexprs a kernel reads (`PACKED_DECODE`, `EMULATE_E4M3`) kept their values; moe-lit sets them once,
+# at import.
 
 # %%
 #| export
@@ -825,7 +827,8 @@ def launch_kernel(kernel, grid: tuple, *args, **kwargs):
     "`kernel[grid](*args, **kwargs)`; the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
-            or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls:
+            or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
+            or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
         return kernel[grid](*args, **kwargs)
     dev, stream = _stream_of_current_device()
     try:

@@ -313,14 +313,16 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
     if x.shape[-1] % 16: raise ValueError(f"x: expected a last dim that is a multiple of 16, got {tuple(x.shape)}")
     blocks = x.float().reshape(*x.shape[:-1], -1, 16)
     if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    given = global_scale is not None
     if global_scale is None: global_scale = max(float(x.abs().max()) / (6.0 * FP8_MAX), _TINY)
     global_scale = check_positive_real("global_scale", global_scale)
     amax = float(x.abs().max())
     if amax / (6.0 * global_scale) > FP8_MAX * 1.0001:      # block scales would saturate e4m3: values clipped
         raise ValueError(f"global_scale: expected >= amax(x)/(6·448) = {amax / (6 * FP8_MAX):.3g}, got {global_scale:.3g}")
-    if amax and amax / (6.0 * global_scale) < 2.0**-6:       # even the largest block scale below e4m3's smallest normal:
-        raise ValueError(f"global_scale: expected <= amax(x)/(6·2^-6) = {amax / 6 * 64:.3g} (larger, the e4m3 block "   # subnormal
-                         f"scales lose their precision and then underflow to 0), got {global_scale:.3g}")      # or zero
+    # a caller's scale that puts even the largest block scale below e4m3's smallest normal: subnormal, or zero
+    if given and amax and amax / (6.0 * global_scale) < 2.0**-6:
+        raise ValueError(f"global_scale: expected <= amax(x)/(6·2^-6) = {amax / 6 * 64:.3g} (larger, the e4m3 block "
+                         f"scales lose their precision and then underflow to 0), got {global_scale:.3g}")
     s = (blocks.abs().amax(-1) / (6.0 * global_scale)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     denom = (s.float() * global_scale)[..., None]
     codes = e2m1_encode(torch.where(denom > 0, blocks / denom.clamp(min=1e-30), 0.0)).reshape(x.shape)
@@ -373,6 +375,7 @@ test_fail(lambda: quantize_nvfp4(x, 0.0), contains="global_scale: expected a fin
 test_fail(lambda: quantize_nvfp4(x, 1e-12), contains="global_scale: expected >=")
 test_fail(lambda: quantize_nvfp4(x, 1e3), contains="global_scale: expected <= amax(x)/(6·2^-6)")   # all codes 0 otherwise
 assert (dequantize_nvfp4(*quantize_nvfp4(torch.zeros(1, 16), 1e3)) == 0).all()                # nothing to lose: allowed
+quantize_nvfp4(torch.full((1, 16), 1e-39))                                       # the default scale (clamped): not refused
 huge = x.double(); huge[0, 0] = 1e300                                            # finite, but not in the fp32 scales
 for f in (lambda: quantize_fp8(huge, "token"), lambda: quantize_mxfp4(huge), lambda: quantize_nvfp4(huge)):
     test_fail(f, contains="x: expected values within the fp32 range")

@@ -134,12 +134,14 @@ def experts(self: RandomExpertWeights, expert_ids) -> dict[str, torch.Tensor]:
     n, I, H = len(ids), c.intermediate_size, c.hidden_size
     out = {"w13": torch.empty(n, 2 * I, H, dtype=c.dtype), "w2": torch.empty(n, H, I, dtype=c.dtype)}
     if c.has_expert_bias: out.update(w13_bias=torch.empty(n, 2 * I, dtype=c.dtype), w2_bias=torch.empty(n, H, dtype=c.dtype))
+    inference = torch.is_inference_mode_enabled()   # thread-local: the pool's threads fill in the caller's mode
     def fill(j, g):                      # torch's CPU generator is serial: one thread per expert instead
-        gen = self._gen(g + 1)
-        out["w13"][j].normal_(0.0, 1.0 / math.sqrt(H), generator=gen)
-        out["w2"][j].normal_(0.0, 1.0 / math.sqrt(I), generator=gen)
-        if c.has_expert_bias:
-            out["w13_bias"][j].normal_(0.0, 0.01, generator=gen); out["w2_bias"][j].normal_(0.0, 0.01, generator=gen)
+        with torch.inference_mode(inference):
+            gen = self._gen(g + 1)
+            out["w13"][j].normal_(0.0, 1.0 / math.sqrt(H), generator=gen)
+            out["w2"][j].normal_(0.0, 1.0 / math.sqrt(I), generator=gen)
+            if c.has_expert_bias:
+                out["w13_bias"][j].normal_(0.0, 0.01, generator=gen); out["w2_bias"][j].normal_(0.0, 0.01, generator=gen)
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         list(pool.map(fill, range(n), ids))
     return out

@@ -389,10 +389,14 @@ def _build_hot_path(self: FusedMoE):
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
     self._versions = self._weight_versions()
 
+def _version(t: torch.Tensor) -> tuple:
+    "Which tensor `t` is and how often it was edited in place: `(id, address, version)` (an inference tensor has no version)."
+    return (id(t), t.data_ptr() if t.device.type != "meta" else 0, None if t.is_inference() else t._version)
+
 @patch
 def _weight_versions(self: FusedMoE) -> tuple:
-    "The version counters of the tensors the hot path keeps a copy of: the gate (its bf16 copy), a quantized layer's w13 and w2 (the codes)."
-    return (self.gate._version,) + ((self.w13._version, self.w2._version) if self.qweights is not None else ())
+    "What identifies the tensors the hot path keeps a copy of: the gate (its bf16 copy), a quantized layer's w13 and w2 (the codes)."
+    return (_version(self.gate),) + ((_version(self.w13), _version(self.w2)) if self.qweights is not None else ())
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):
@@ -803,7 +807,9 @@ for experts in ("torch", "triton"):
 # %% [markdown]
 # An in-place edit of a weight the hot path keeps a copy of — the gate (its bf16 copy for the router's GEMM), a
 # quantized layer's float experts (their codes) — is followed at the next call: the layer compares the tensors'
-# version counters (no sync) and rebuilds the copy, as `load_state_dict` does. Captured graphs are dropped then.
+# version counters (no sync), and which tensors they are, and rebuilds the copy, as `load_state_dict` does. Captured
+# graphs are dropped then. An edit through `.data` (`layer.gate.data.copy_(w)`) bypasses the version counter, and so
+# does one to an inference tensor: after those, call `layer.load_state_dict` (or rebuild the layer).
 
 # %%
 #| test layer_follows_inplace_edits
@@ -827,6 +833,12 @@ for experts in ("torch", "triton"):
     assert check_output(y, ref, cfg.dtype, q.quant, q.experts)["ok"]
     versions = q._versions
     q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
+    q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
+    q(x); assert q._versions != versions
+with torch.inference_mode():                                                   # inference tensors: no version counter
+    inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
+    test_eq(inf(x).shape, (6, 128))
+inf(x)
 
 # %% [markdown]
 # ## Emulated expert parallelism

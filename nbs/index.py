@@ -73,7 +73,8 @@
 # (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc; `bash .ci/test`
 # then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
 # `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton, numpy and fastcore
-# (`[plot]` adds matplotlib, `[progress]` tqdm).
+# (`[plot]` adds matplotlib, `[progress]` tqdm). Without a GPU the Triton kernels run in Triton's interpreter, which in
+# triton 3.6 needs numpy < 2.4 (pip picks a newer triton, which does not; moe-lit names the clash if it meets it).
 #
 # ## In Python
 

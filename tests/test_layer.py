@@ -255,6 +255,12 @@ def test_layer_follows_inplace_edits():
         assert check_output(y, ref, cfg.dtype, q.quant, q.experts)["ok"]
         versions = q._versions
         q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
+        q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
+        q(x); assert q._versions != versions
+    with torch.inference_mode():                                                   # inference tensors: no version counter
+        inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
+        test_eq(inf(x).shape, (6, 128))
+    inf(x)
 
 
 def test_emulated_ep_every_backend():

@@ -178,6 +178,8 @@ def test_from_hf_deepseek_v3():
     test_eq((c.routing_method, c.has_correction_bias, c.num_expert_group, c.topk_group), ("grouped_topk", False, 8, 3))
     test_eq((c.num_shared_experts, c.shared_intermediate_size, c.routed_scaling_factor), (2, 2 * 1536, 16.0))
     test_eq(moe_config_from_hf({**v2, "topk_method": "greedy", "n_group": 1}).routing_method, "topk")
+    test_fail(lambda: moe_config_from_hf({**v2, "topk_method": "noaux_tc"}),   # DeepseekV2Moe has no such branch
+              contains="config.json topk_method: expected one of ['greedy', 'group_limited_greedy'], got 'noaux_tc'")
     # noaux_tc with a single group (GLM-4.5 style): bias-corrected plain top-k
     c = moe_config_from_hf({**deepseek_v3, "n_group": 1, "topk_group": 1})
     test_eq((c.routing_method, c.has_correction_bias, c.num_expert_group), ("topk", True, None))

@@ -110,6 +110,7 @@ def test_quant_refuses_non_finite_and_bad_scales():
     test_fail(lambda: quantize_nvfp4(x, 1e-12), contains="global_scale: expected >=")
     test_fail(lambda: quantize_nvfp4(x, 1e3), contains="global_scale: expected <= amax(x)/(6·2^-6)")   # all codes 0 otherwise
     assert (dequantize_nvfp4(*quantize_nvfp4(torch.zeros(1, 16), 1e3)) == 0).all()                # nothing to lose: allowed
+    quantize_nvfp4(torch.full((1, 16), 1e-39))                                       # the default scale (clamped): not refused
     huge = x.double(); huge[0, 0] = 1e300                                            # finite, but not in the fp32 scales
     for f in (lambda: quantize_fp8(huge, "token"), lambda: quantize_mxfp4(huge), lambda: quantize_nvfp4(huge)):
         test_fail(f, contains="x: expected values within the fp32 range")

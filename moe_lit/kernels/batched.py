@@ -457,7 +457,7 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #bc04f621e8e3
+# %% ../../nbs/06_kernels.batched.ipynb #58c00e3cb80f
 FAST_LAUNCH = (os.environ.get("MOE_LIT_FAST_LAUNCH", "1") != "0" and not INTERPRET
                and triton.__version__.startswith("3.6."))   # the launcher convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -518,7 +518,8 @@ def launch_kernel(kernel, grid: tuple, *args, **kwargs):
     "`kernel[grid](*args, **kwargs)`; the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
-            or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls:
+            or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
+            or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
         return kernel[grid](*args, **kwargs)
     dev, stream = _stream_of_current_device()
     try:
