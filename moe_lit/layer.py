@@ -235,7 +235,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #f9155d7e5bdd
+# %% ../nbs/12_layer.ipynb #c96525849212
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -260,7 +260,8 @@ def _build_hot_path(self: FusedMoE):
 
 def _version(t: torch.Tensor) -> tuple:
     "Which tensor `t` is and how often it was edited in place: `(id, address, version)` (an inference tensor has no version)."
-    return (id(t), t.data_ptr() if t.device.type != "meta" else 0, None if t.is_inference() else t._version)
+    try: return (id(t), t.data_ptr(), t._version)          # (a meta tensor's address is 0)
+    except RuntimeError: return (id(t), t.data_ptr(), None)  # "Inference tensors do not track version counter"
 
 @patch
 def _weight_versions(self: FusedMoE) -> tuple:

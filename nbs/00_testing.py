@@ -556,8 +556,8 @@ test_fail(lambda: assert_compiles_for_gpu(seen, max_shared_bytes=-1), contains="
 # %% [markdown]
 # ### Launch keys against Triton's specialisation
 #
-# `moe_lit.kernels.batched.launch_kernel` reuses a compiled kernel for every launch with the same *launch key*, so the key
-# must separate any two launches Triton would compile apart. `check_launch_keys` asks Triton itself: it builds the
+# `moe_lit.kernels.batched.launch_kernel` reuses a compiled kernel for every launch with the same *launch key*, so the
+# key must separate any two launches Triton would compile apart. `check_launch_keys` asks Triton itself: it builds the
 # JIT's argument binder for a Hopper target (no GPU needed) and, for each recorded launch and for copies of it with
 # every tensor moved by 2–32 bytes, every int or bool replaced by 0, 1, 16, 17, 2³¹ and `True`, every int or bool
 # constexpr by 0, 1, 2, 16, `True` and `False`, and other `num_warps` and `num_stages`, checks that

@@ -744,14 +744,15 @@ test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"]
 # `kernel[grid](...)` runs Triton's JIT on every call: it binds the arguments, specialises each one (dtype and 16-byte
 # alignment of a pointer, an int's value class), builds a cache key, looks the binary up, builds launch metadata for
 # profiler hooks and only then calls the compiled kernel's launcher. For the layer's GEMM launch (47 parameters) the
-# binding and key alone take 14.5–15 µs a launch on a 2-core CPU, against 7 µs for `launch_kernel`'s own key and argument
-# list below (`nbs/bench/launch_key_cpu.log`: 47 against 25 µs for a decode forward's five launches), and on the H200's host
-# a JIT launch costs 19.7 µs against 6.5 µs for a direct call of the compiled kernel (`launch_cost_h200.log`). At decode
-# the layer makes five or six launches, so this is a large part of the eager forward's host time.
+# binding and key alone take 14.5–15 µs a launch on a 2-core CPU, against 7 µs for `launch_kernel`'s own key and
+# argument list below (`nbs/bench/launch_key_cpu.log`: 47 against 25 µs for a decode forward's five launches), and on
+# the H200's host a JIT launch costs 19.7 µs against 6.5 µs for a direct call of the compiled kernel
+# (`launch_cost_h200.log`). At decode the layer makes five or six launches, so this is a large part of the eager
+# forward's host time.
 #
-# `launch_kernel(kernel, grid, *args, **kwargs)` does the same launch. The first launch of a *launch key* goes through the JIT,
-# which compiles or finds the binary; `launch_kernel` keeps the compiled kernel under that key, and later launches with the same
-# key call it directly. The key must never be coarser than Triton's specialisation, or a binary compiled for one
+# `launch_kernel(kernel, grid)(*args, **kwargs)` does the same launch. The first launch of a *launch key* goes through
+# the JIT, which compiles or finds the binary; `launch_kernel` keeps the compiled kernel under that key, and later
+# launches with the same key call it directly. The key must never be coarser than Triton's specialisation, or a binary compiled for one
 # argument (a 16-byte-aligned pointer, an int equal to 1) would run with another. So it holds more than Triton looks
 # at: every tensor's dtype and address modulo 16, every other argument's type and exact value (an int of every batch
 # size gets its own key), the keyword names, the device and Triton's debug switch. A test checks, for every launch the
@@ -823,13 +824,17 @@ def _interpreter_numpy_problem() -> str | None:
 
 _INTERPRETER_PROBLEM = _interpreter_numpy_problem()
 
-def launch_kernel(kernel, grid: tuple, *args, **kwargs):
-    "`kernel[grid](*args, **kwargs)`; the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
+def launch_kernel(kernel, grid: tuple):
+    "`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
             or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
             or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
-        return kernel[grid](*args, **kwargs)
+        return kernel[grid]                                            # (the arguments go to the JIT as they are)
+    return functools.partial(_launch_direct, kernel, grid)
+
+def _launch_direct(kernel, grid, *args, **kwargs):
+    "The launch of `launch_kernel`'s fast path: the compiled kernel of the launch's key, else the JIT's first launch."
     dev, stream = _stream_of_current_device()
     try:
         key = (dev, triton.knobs.runtime.debug, launch_key(args, kwargs))
@@ -873,10 +878,10 @@ saved = kb.FAST_LAUNCH, kb._stream_of_current_device, kb.LAUNCH_KEYS_MAX
 kb.FAST_LAUNCH, kb._stream_of_current_device = True, lambda: (0, 7)
 try:
     x, y = torch.zeros(64), torch.zeros(64)
-    kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+    kb.launch_kernel(kern, (4,))(x, y, 64, 0.5, B=16)
     test_eq((kern.jit, kern.compiled.calls), (1, []))                   # first of its key: through the JIT
     x2, y2 = torch.zeros(64), torch.zeros(64)
-    kb.launch_kernel(kern, (4, 2), x2, y2, 64, 0.5, B=16)                          # same key: the compiled kernel, directly
+    kb.launch_kernel(kern, (4, 2))(x2, y2, 64, 0.5, B=16)                    # same key: the compiled kernel, directly
     test_eq(kern.jit, 1)
     (call,) = kern.compiled.calls
     test_eq(call[:9], (4, 2, 1, 7, "function", "metadata", None, None, None))   # grid, stream, no hooks
@@ -887,26 +892,26 @@ try:
                      ((x, y, 64, 0.25), dict(B=16)), ((x, y, 64, 0.5), dict(B=32)),
                      ((x.double(), y, 64, 0.5), dict(B=16)), ((x, y, 64, 0.5), dict(B=16, FLAG=True))):
         before = kern.jit
-        kb.launch_kernel(kern, (4,), *args, **kw)
+        kb.launch_kernel(kern, (4,))(*args, **kw)
         test_eq(kern.jit, before + 1)                                    # each a new key: the JIT again
     n = kern.jit
-    kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)                              # ... and the first one is still kept
+    kb.launch_kernel(kern, (4,))(x, y, 64, 0.5, B=16)                              # ... and the first one is still kept
     test_eq(kern.jit, n)
     class _Sub(torch.Tensor): pass
     for odd in (x.as_subclass(_Sub), [1, 2]):                            # identity-keyed or unhashable: never kept
-        for _ in range(2): kb.launch_kernel(kern, (4,), odd, y, 64, 0.5, B=16)
+        for _ in range(2): kb.launch_kernel(kern, (4,))(odd, y, 64, 0.5, B=16)
     test_eq(kern.jit, n + 4)
     hook = lambda metadata: None
     triton.knobs.runtime.launch_enter_hook.add(hook)                     # a profiler's hook: the JIT path runs it
-    try: kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+    try: kb.launch_kernel(kern, (4,))(x, y, 64, 0.5, B=16)
     finally: triton.knobs.runtime.launch_enter_hook.remove(hook)
     test_eq(kern.jit, n + 5)
     kb.LAUNCH_KEYS_MAX = 3                                               # an int of every batch size: bounded
-    for t in range(10): kb.launch_kernel(kern, (4,), x, y, 100 + t, 0.5, B=16)
+    for t in range(10): kb.launch_kernel(kern, (4,))(x, y, 100 + t, 0.5, B=16)
     assert len(kb._LAUNCHES[kern]) <= 3
     kb.FAST_LAUNCH = False                                               # MOE_LIT_FAST_LAUNCH=0: always the JIT
     n = kern.jit
-    kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+    kb.launch_kernel(kern, (4,))(x, y, 64, 0.5, B=16)
     test_eq(kern.jit, n + 1)
 finally:
     kb.FAST_LAUNCH, kb._stream_of_current_device, kb.LAUNCH_KEYS_MAX = saved
@@ -1083,7 +1088,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     epilogue = epilogue_args(act, bias)
     if tma and _tma_ok(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
-        launch_kernel(_batched_moe_gemm_tma_kernel, grid,
+        launch_kernel(_batched_moe_gemm_tma_kernel, grid)(
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
             out, expert_num_tokens, N_OUT=n_out, N_W=N, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
             stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
@@ -1094,7 +1099,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
                                         grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     slots, compact, block_e = expert_slots(E, max_active)
-    launch_kernel(_batched_moe_gemm_kernel, (grid[0], slots, split),
+    launch_kernel(_batched_moe_gemm_kernel, (grid[0], slots, split))(
         a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         stride_ae=a.stride(0), stride_am=a.stride(1), stride_ak=a.stride(2),
@@ -1323,7 +1328,7 @@ assert got[1].isnan().all()                                                     
 
 # %%
 #| test batched_launch_keys
-# `launch_kernel`'s key against Triton's own specialisation, for this chapter's launches (split-K and compact slots included)
+# `launch_kernel`'s key against Triton's own specialisation, for this chapter's launches (split-K, compact slots)
 a, w, counts = random_batched_problem(3, 8, 64, 32, [5, 0, 8], torch.bfloat16)
 with record_launches() as seen:
     batched_moe_gemm(a, w, counts, activation="silu_and_mul", bias=torch.randn(3, 32, device=DEVICE))

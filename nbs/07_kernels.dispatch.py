@@ -168,7 +168,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
     counts, flag = zeroed[:num_local_experts], zeroed[num_local_experts:]                    # the counts and the flag
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     if T:
-        launch_kernel(_batched_dispatch_kernel, (T, topk_ids.shape[1]),
+        launch_kernel(_batched_dispatch_kernel, (T, topk_ids.shape[1]))(
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
             table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
@@ -280,7 +280,7 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
     (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
         slots, bh = _combine_tile(T, H, top_k)
-        launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)),
+        launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)))(
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, addend if addend is not None else out,
             H, M, expert_out.stride(0), expert_out.stride(1), out.stride(0),
             addend.stride(0) if addend is not None else 0, addend.shape[1] if addend is not None else 0, 0,
@@ -307,7 +307,7 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T and H:
         slots, bh = _combine_tile(T, H, k)
-        launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)),
+        launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)))(
             y, y, local_ids.contiguous(), out, out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), 0, 0, num_local,
             T * k, TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
@@ -349,7 +349,8 @@ def _local_slots(topk_ids, slot_table) -> torch.Tensor:
     "`local_slots` after its checks (contiguous ids and table): the Standard prepare's hot path (`10_modular`)."
     out = torch.empty(topk_ids.shape, dtype=torch.int64, device=topk_ids.device)
     n = topk_ids.numel()
-    if n: launch_kernel(_local_slot_kernel, (_cdiv(n, 1024),), topk_ids, slot_table, out, n, slot_table.shape[0] - 1, BLOCK=1024)
+    if n: launch_kernel(_local_slot_kernel, (_cdiv(n, 1024),))(topk_ids, slot_table, out, n, slot_table.shape[0] - 1,
+                                                               BLOCK=1024)
     return out
 
 # %% [markdown]

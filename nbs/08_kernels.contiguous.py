@@ -169,12 +169,14 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     counts, cursor, offsets, ntpp = work.split([num_experts, num_experts, num_experts, 1])
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
-    if n: launch_kernel(_align_count_kernel, (_cdiv(n, BLOCK),), flat, counts, n, num_experts, BLOCK=BLOCK)
-    launch_kernel(_align_offsets_kernel, (1,), counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
-                                BLOCK_E=_next_pow2(num_experts))
-    launch_kernel(_align_expert_ids_kernel, (num_experts,), counts, offsets, expert_map if expert_map is not None else counts,
-                                             expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
-    if n: launch_kernel(_align_scatter_kernel, (_cdiv(n, BLOCK),), flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
+    if n: launch_kernel(_align_count_kernel, (_cdiv(n, BLOCK),))(flat, counts, n, num_experts, BLOCK=BLOCK)
+    launch_kernel(_align_offsets_kernel, (1,))(counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
+                                               BLOCK_E=_next_pow2(num_experts))
+    launch_kernel(_align_expert_ids_kernel, (num_experts,))(
+        counts, offsets, expert_map if expert_map is not None else counts, expert_ids, BLOCK_SIZE=block_size,
+        HAS_MAP=expert_map is not None)
+    if n: launch_kernel(_align_scatter_kernel, (_cdiv(n, BLOCK),))(flat, offsets, cursor, sorted_ids, n, num_experts,
+                                                                   BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
 # %% [markdown]
@@ -316,7 +318,7 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
     ntpp = torch.empty(1, dtype=torch.int32, device=dev)
     if n == 0: return sorted_ids.fill_(0), expert_ids.fill_(-1), ntpp.fill_(0)
     BLOCK = max(256, _next_pow2(block_size))
-    launch_kernel(_pair_blocks_kernel, (_cdiv(n * block_size, BLOCK),),
+    launch_kernel(_pair_blocks_kernel, (_cdiv(n * block_size, BLOCK),))(
         topk_ids.reshape(-1).contiguous(), expert_map if expert_map is not None else expert_ids, sorted_ids,
         expert_ids, ntpp, n, num_experts, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
@@ -548,7 +550,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
                                              min(E, num_pairs if active_experts is None else active_experts),
                                              _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     rest.pop("SPLIT_K", None)
-    launch_kernel(_fused_moe_kernel, (tiles, split),
+    launch_kernel(_fused_moe_kernel, (tiles, split))(
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,
         weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, N_OUT=n_out, N_W=N, K=K,
         num_pairs=num_pairs, num_m_blocks=num_m_blocks, num_sorted=sorted_token_ids.numel(), num_local=E,

@@ -1010,7 +1010,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
                                         tiles * E, bm, bn, out.device, _split_target(wa["FMT"]))
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
     slots, compact, block_e = expert_slots(E, max_active)
-    launch_kernel(_batched_moe_gemm_quant_kernel, (tiles, slots, split),
+    launch_kernel(_batched_moe_gemm_quant_kernel, (tiles, slots, split))(
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
         num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
@@ -1393,7 +1393,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     active = min(E, num_pairs if active_experts is None else active_experts)   # an expert's pairs fit one block at decode
     split, part, locks = split_k_launch(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, out.device,
                                         _split_target(wa["FMT"]))
-    launch_kernel(_fused_moe_quant_kernel, (tiles, split),
+    launch_kernel(_fused_moe_quant_kernel, (tiles, split))(
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out, part_ptr=part, lock_ptr=locks,
         N_OUT=n_out, K=K, K_W=wa["K_W"], num_pairs=num_pairs, num_m_blocks=num_m_blocks,

@@ -358,11 +358,11 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # 43–196 µs replayed (`eager_vs_replay_h200_400d47b.log`, unquantized): the host is the bottleneck there. Triton's
 # launch path (about 20 µs a kernel through the JIT against 6.5 µs for a compiled kernel's direct launch,
 # `launch_cost_h200.log`) is part of it; how much of the rest is that machine's Python was not measured separately.
-# Every kernel of the layer is now launched through `launch_kernel` (`06_kernels.batched`), which calls the compiled kernel
-# directly after the first launch of each key: the JIT's binding and key took 47–50 µs of a decode forward's five or
-# six launches on the 2-core CPU, `launch_kernel`'s own key and argument list 25–26 µs (`nbs/bench/launch_key_cpu.log`),
-# and the JIT's other per-call work (launch metadata, hook chains, driver lookups) is skipped too. Its effect on the
-# H200 host has not been measured yet.
+# Every kernel of the layer is now launched through `launch_kernel` (`06_kernels.batched`), which calls the compiled
+# kernel directly after the first launch of each key: the JIT's binding and key took 47–50 µs of a decode forward's
+# five or six launches on the 2-core CPU, `launch_kernel`'s own key and argument list 25–26 µs
+# (`nbs/bench/launch_key_cpu.log`), and the JIT's other per-call work (launch metadata, hook chains, driver lookups)
+# is skipped too. Its effect on the H200 host has not been measured yet.
 # Capture the forward (below) where host time matters.
 
 # %%
@@ -391,7 +391,8 @@ def _build_hot_path(self: FusedMoE):
 
 def _version(t: torch.Tensor) -> tuple:
     "Which tensor `t` is and how often it was edited in place: `(id, address, version)` (an inference tensor has no version)."
-    return (id(t), t.data_ptr() if t.device.type != "meta" else 0, None if t.is_inference() else t._version)
+    try: return (id(t), t.data_ptr(), t._version)          # (a meta tensor's address is 0)
+    except RuntimeError: return (id(t), t.data_ptr(), None)  # "Inference tensors do not track version counter"
 
 @patch
 def _weight_versions(self: FusedMoE) -> tuple:
@@ -661,8 +662,8 @@ for backend, placement in (("none", "linear"), ("allgather_reducescatter", "line
         assert_close(big[16:], eager[16].double(), rtol=rtol)
 
 # %% [markdown]
-# On the GPU the layer's launches skip Triton's JIT after the first of each key (`launch_kernel`, `06_kernels.batched`): a
-# second forward makes no JIT launch at all, and gives the JIT path's bits, for both formats, quantized or not.
+# On the GPU the layer's launches skip Triton's JIT after the first of each key (`launch_kernel`,
+# `06_kernels.batched`): a second forward makes no JIT launch at all, and gives the JIT path's bits, for both formats, quantized or not.
 
 # %%
 #| test layer_fast_launch

@@ -132,10 +132,10 @@ def test_launch_reuses_the_compiled_kernel():
     kb.FAST_LAUNCH, kb._stream_of_current_device = True, lambda: (0, 7)
     try:
         x, y = torch.zeros(64), torch.zeros(64)
-        kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+        kb.launch_kernel(kern, (4,))(x, y, 64, 0.5, B=16)
         test_eq((kern.jit, kern.compiled.calls), (1, []))                   # first of its key: through the JIT
         x2, y2 = torch.zeros(64), torch.zeros(64)
-        kb.launch_kernel(kern, (4, 2), x2, y2, 64, 0.5, B=16)                          # same key: the compiled kernel, directly
+        kb.launch_kernel(kern, (4, 2))(x2, y2, 64, 0.5, B=16)                    # same key: the compiled kernel, directly
         test_eq(kern.jit, 1)
         (call,) = kern.compiled.calls
         test_eq(call[:9], (4, 2, 1, 7, "function", "metadata", None, None, None))   # grid, stream, no hooks
@@ -146,26 +146,26 @@ def test_launch_reuses_the_compiled_kernel():
                          ((x, y, 64, 0.25), dict(B=16)), ((x, y, 64, 0.5), dict(B=32)),
                          ((x.double(), y, 64, 0.5), dict(B=16)), ((x, y, 64, 0.5), dict(B=16, FLAG=True))):
             before = kern.jit
-            kb.launch_kernel(kern, (4,), *args, **kw)
+            kb.launch_kernel(kern, (4,))(*args, **kw)
             test_eq(kern.jit, before + 1)                                    # each a new key: the JIT again
         n = kern.jit
-        kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)                              # ... and the first one is still kept
+        kb.launch_kernel(kern, (4,))(x, y, 64, 0.5, B=16)                              # ... and the first one is still kept
         test_eq(kern.jit, n)
         class _Sub(torch.Tensor): pass
         for odd in (x.as_subclass(_Sub), [1, 2]):                            # identity-keyed or unhashable: never kept
-            for _ in range(2): kb.launch_kernel(kern, (4,), odd, y, 64, 0.5, B=16)
+            for _ in range(2): kb.launch_kernel(kern, (4,))(odd, y, 64, 0.5, B=16)
         test_eq(kern.jit, n + 4)
         hook = lambda metadata: None
         triton.knobs.runtime.launch_enter_hook.add(hook)                     # a profiler's hook: the JIT path runs it
-        try: kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+        try: kb.launch_kernel(kern, (4,))(x, y, 64, 0.5, B=16)
         finally: triton.knobs.runtime.launch_enter_hook.remove(hook)
         test_eq(kern.jit, n + 5)
         kb.LAUNCH_KEYS_MAX = 3                                               # an int of every batch size: bounded
-        for t in range(10): kb.launch_kernel(kern, (4,), x, y, 100 + t, 0.5, B=16)
+        for t in range(10): kb.launch_kernel(kern, (4,))(x, y, 100 + t, 0.5, B=16)
         assert len(kb._LAUNCHES[kern]) <= 3
         kb.FAST_LAUNCH = False                                               # MOE_LIT_FAST_LAUNCH=0: always the JIT
         n = kern.jit
-        kb.launch_kernel(kern, (4,), x, y, 64, 0.5, B=16)
+        kb.launch_kernel(kern, (4,))(x, y, 64, 0.5, B=16)
         test_eq(kern.jit, n + 1)
     finally:
         kb.FAST_LAUNCH, kb._stream_of_current_device, kb.LAUNCH_KEYS_MAX = saved
@@ -331,7 +331,7 @@ def test_batched_gemm_unvalidated_counts_stay_in_bounds():
 
 
 def test_batched_launch_keys():
-    # `launch_kernel`'s key against Triton's own specialisation, for this chapter's launches (split-K and compact slots included)
+    # `launch_kernel`'s key against Triton's own specialisation, for this chapter's launches (split-K, compact slots)
     a, w, counts = random_batched_problem(3, 8, 64, 32, [5, 0, 8], torch.bfloat16)
     with record_launches() as seen:
         batched_moe_gemm(a, w, counts, activation="silu_and_mul", bias=torch.randn(3, 32, device=DEVICE))

@@ -457,7 +457,7 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #58c00e3cb80f
+# %% ../../nbs/06_kernels.batched.ipynb #893c374e9e68
 FAST_LAUNCH = (os.environ.get("MOE_LIT_FAST_LAUNCH", "1") != "0" and not INTERPRET
                and triton.__version__.startswith("3.6."))   # the launcher convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -514,13 +514,17 @@ def _interpreter_numpy_problem() -> str | None:
 
 _INTERPRETER_PROBLEM = _interpreter_numpy_problem()
 
-def launch_kernel(kernel, grid: tuple, *args, **kwargs):
-    "`kernel[grid](*args, **kwargs)`; the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
+def launch_kernel(kernel, grid: tuple):
+    "`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
             or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
             or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
-        return kernel[grid](*args, **kwargs)
+        return kernel[grid]                                            # (the arguments go to the JIT as they are)
+    return functools.partial(_launch_direct, kernel, grid)
+
+def _launch_direct(kernel, grid, *args, **kwargs):
+    "The launch of `launch_kernel`'s fast path: the compiled kernel of the launch's key, else the JIT's first launch."
     dev, stream = _stream_of_current_device()
     try:
         key = (dev, triton.knobs.runtime.debug, launch_key(args, kwargs))
@@ -616,7 +620,7 @@ def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, va
         raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
     return max_active
 
-# %% ../../nbs/06_kernels.batched.ipynb #09d14d924848
+# %% ../../nbs/06_kernels.batched.ipynb #e4288ad26978
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -658,7 +662,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     epilogue = epilogue_args(act, bias)
     if tma and _tma_ok(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
-        launch_kernel(_batched_moe_gemm_tma_kernel, grid,
+        launch_kernel(_batched_moe_gemm_tma_kernel, grid)(
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
             out, expert_num_tokens, N_OUT=n_out, N_W=N, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
             stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
@@ -669,7 +673,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
                                         grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     slots, compact, block_e = expert_slots(E, max_active)
-    launch_kernel(_batched_moe_gemm_kernel, (grid[0], slots, split),
+    launch_kernel(_batched_moe_gemm_kernel, (grid[0], slots, split))(
         a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         stride_ae=a.stride(0), stride_am=a.stride(1), stride_ak=a.stride(2),

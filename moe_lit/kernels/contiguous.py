@@ -90,7 +90,7 @@ def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, num_e
     start = tl.load(offsets_ptr + ids, mask=ok, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=ok)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #dcd0a4e2998f
+# %% ../../nbs/08_kernels.contiguous.ipynb #1f5c356fd441
 def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
                          block_size: int,            # BLOCK_M of the GEMM that consumes the blocks
                          num_experts: int,           # global experts
@@ -107,12 +107,14 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     counts, cursor, offsets, ntpp = work.split([num_experts, num_experts, num_experts, 1])
     flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
     BLOCK = 256
-    if n: launch_kernel(_align_count_kernel, (_cdiv(n, BLOCK),), flat, counts, n, num_experts, BLOCK=BLOCK)
-    launch_kernel(_align_offsets_kernel, (1,), counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
-                                BLOCK_E=_next_pow2(num_experts))
-    launch_kernel(_align_expert_ids_kernel, (num_experts,), counts, offsets, expert_map if expert_map is not None else counts,
-                                             expert_ids, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None)
-    if n: launch_kernel(_align_scatter_kernel, (_cdiv(n, BLOCK),), flat, offsets, cursor, sorted_ids, n, num_experts, BLOCK=BLOCK)
+    if n: launch_kernel(_align_count_kernel, (_cdiv(n, BLOCK),))(flat, counts, n, num_experts, BLOCK=BLOCK)
+    launch_kernel(_align_offsets_kernel, (1,))(counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
+                                               BLOCK_E=_next_pow2(num_experts))
+    launch_kernel(_align_expert_ids_kernel, (num_experts,))(
+        counts, offsets, expert_map if expert_map is not None else counts, expert_ids, BLOCK_SIZE=block_size,
+        HAS_MAP=expert_map is not None)
+    if n: launch_kernel(_align_scatter_kernel, (_cdiv(n, BLOCK),))(flat, offsets, cursor, sorted_ids, n, num_experts,
+                                                                   BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
 # %% ../../nbs/08_kernels.contiguous.ipynb #72af491dec9c
@@ -164,7 +166,7 @@ def _same_run(s, rs, b, e, block_size):
     lo, hi = int(run.min()) * block_size, (int(run.max()) + 1) * block_size
     return torch.equal(s[lo:hi].sort().values, rs[lo:hi].sort().values)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #08c738ce98fe
+# %% ../../nbs/08_kernels.contiguous.ipynb #ed8042f268ea
 @triton.jit
 def _pair_blocks_kernel(ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr, n, num_experts,
                         BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr):
@@ -194,7 +196,7 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
     ntpp = torch.empty(1, dtype=torch.int32, device=dev)
     if n == 0: return sorted_ids.fill_(0), expert_ids.fill_(-1), ntpp.fill_(0)
     BLOCK = max(256, _next_pow2(block_size))
-    launch_kernel(_pair_blocks_kernel, (_cdiv(n * block_size, BLOCK),),
+    launch_kernel(_pair_blocks_kernel, (_cdiv(n * block_size, BLOCK),))(
         topk_ids.reshape(-1).contiguous(), expert_map if expert_map is not None else expert_ids, sorted_ids,
         expert_ids, ntpp, n, num_experts, BLOCK_SIZE=block_size, HAS_MAP=expert_map is not None, BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
@@ -305,7 +307,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #5fa5e85f1253
+# %% ../../nbs/08_kernels.contiguous.ipynb #e391e932f22d
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -370,7 +372,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
                                              min(E, num_pairs if active_experts is None else active_experts),
                                              _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
     rest.pop("SPLIT_K", None)
-    launch_kernel(_fused_moe_kernel, (tiles, split),
+    launch_kernel(_fused_moe_kernel, (tiles, split))(
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,
         weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, N_OUT=n_out, N_W=N, K=K,
         num_pairs=num_pairs, num_m_blocks=num_m_blocks, num_sorted=sorted_token_ids.numel(), num_local=E,

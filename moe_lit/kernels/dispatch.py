@@ -56,7 +56,7 @@ def _batched_dispatch_kernel(
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #f78cbb095760
+# %% ../../nbs/07_kernels.dispatch.ipynb #81f6f58537a5
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -110,7 +110,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
     counts, flag = zeroed[:num_local_experts], zeroed[num_local_experts:]                    # the counts and the flag
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     if T:
-        launch_kernel(_batched_dispatch_kernel, (T, topk_ids.shape[1]),
+        launch_kernel(_batched_dispatch_kernel, (T, topk_ids.shape[1]))(
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
             table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
@@ -166,7 +166,7 @@ def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
     return slots, bh
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #b306bc9b873e
+# %% ../../nbs/07_kernels.dispatch.ipynb #ab1e306214f7
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -201,7 +201,7 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
     (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
         slots, bh = _combine_tile(T, H, top_k)
-        launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)),
+        launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)))(
             expert_out, topk_weights.contiguous(), slot_map.contiguous(), out, addend if addend is not None else out,
             H, M, expert_out.stride(0), expert_out.stride(1), out.stride(0),
             addend.stride(0) if addend is not None else 0, addend.shape[1] if addend is not None else 0, 0,
@@ -228,12 +228,12 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     if T and H:
         slots, bh = _combine_tile(T, H, k)
-        launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)),
+        launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)))(
             y, y, local_ids.contiguous(), out, out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), 0, 0, num_local,
             T * k, TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
     return out
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #0ef68431f61b
+# %% ../../nbs/07_kernels.dispatch.ipynb #07d74c6fc759
 @triton.jit
 def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
                        table_ptr,    # [num_experts + 1] int64 slot table, last entry -1
@@ -259,7 +259,8 @@ def _local_slots(topk_ids, slot_table) -> torch.Tensor:
     "`local_slots` after its checks (contiguous ids and table): the Standard prepare's hot path (`10_modular`)."
     out = torch.empty(topk_ids.shape, dtype=torch.int64, device=topk_ids.device)
     n = topk_ids.numel()
-    if n: launch_kernel(_local_slot_kernel, (_cdiv(n, 1024),), topk_ids, slot_table, out, n, slot_table.shape[0] - 1, BLOCK=1024)
+    if n: launch_kernel(_local_slot_kernel, (_cdiv(n, 1024),))(topk_ids, slot_table, out, n, slot_table.shape[0] - 1,
+                                                               BLOCK=1024)
     return out
 
 # %% ../../nbs/07_kernels.dispatch.ipynb #c2f9ce177535

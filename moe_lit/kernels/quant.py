@@ -679,7 +679,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
-# %% ../../nbs/09c_kernels.quant.ipynb #7ba7f6e67fe6
+# %% ../../nbs/09c_kernels.quant.ipynb #b1ed782c2296
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -733,7 +733,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
                                         tiles * E, bm, bn, out.device, _split_target(wa["FMT"]))
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
     slots, compact, block_e = expert_slots(E, max_active)
-    launch_kernel(_batched_moe_gemm_quant_kernel, (tiles, slots, split),
+    launch_kernel(_batched_moe_gemm_quant_kernel, (tiles, slots, split))(
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
         num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
@@ -832,7 +832,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #bb6ba7b57e96
+# %% ../../nbs/09c_kernels.quant.ipynb #fee836b09ac0
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -892,7 +892,7 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     active = min(E, num_pairs if active_experts is None else active_experts)   # an expert's pairs fit one block at decode
     split, part, locks = split_k_launch(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, out.device,
                                         _split_target(wa["FMT"]))
-    launch_kernel(_fused_moe_quant_kernel, (tiles, split),
+    launch_kernel(_fused_moe_quant_kernel, (tiles, split))(
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out, part_ptr=part, lock_ptr=locks,
         N_OUT=n_out, K=K, K_W=wa["K_W"], num_pairs=num_pairs, num_m_blocks=num_m_blocks,

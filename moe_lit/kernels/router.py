@@ -124,7 +124,7 @@ def _router_logits_kernel(
         p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
         tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=tl.where(t < T, e_ok, False))
 
-# %% ../../nbs/03a_kernels.router.ipynb #9c4afd022121
+# %% ../../nbs/03a_kernels.router.ipynb #e2d249f1e509
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -210,15 +210,16 @@ def _route_topk(plan, logits, bias, ids_dtype, gate_bias=None) -> tuple[torch.Te
     ids = torch.empty(T, top_k, dtype=ids_dtype, device=logits.device)
     if T:
         block_e = max(_next_pow2(E), 16)
-        launch_kernel(_route_topk_kernel, (T,), logits, bias if bias is not None else logits,
-                                 gate_bias if gate_bias is not None else logits, w, ids, E,
-                                 T * E if split > 1 else 0, logits.stride(-2), plan.scale,
-                                 TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_E=block_e,
-                                 SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
-                                 NUM_GROUPS=plan.NUM_GROUPS, G_PAD=_next_pow2(plan.NUM_GROUPS),
-                                 TOPK_GROUP=plan.TOPK_GROUP, GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2,
-                                 SPLIT=split, HAS_GATE_BIAS=gate_bias is not None,
-                                 num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
+        launch_kernel(_route_topk_kernel, (T,))(
+            logits, bias if bias is not None else logits,
+            gate_bias if gate_bias is not None else logits, w, ids, E,
+            T * E if split > 1 else 0, logits.stride(-2), plan.scale,
+            TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_E=block_e,
+            SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
+            NUM_GROUPS=plan.NUM_GROUPS, G_PAD=_next_pow2(plan.NUM_GROUPS),
+            TOPK_GROUP=plan.TOPK_GROUP, GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2,
+            SPLIT=split, HAS_GATE_BIAS=gate_bias is not None,
+            num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids
 
 def route_tokens(plan: RouterPlan,                      # router_plan(config)
@@ -259,7 +260,7 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype) -> tuple[torch
     split = _cdiv(H, ROUTER_BLOCK_K)
     parts = torch.empty(split, T, E, dtype=torch.float32, device=hidden.device)
     bel = _router_block_el(E, split)
-    launch_kernel(_router_logits_kernel, (_cdiv(E, bel), split), hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0),
-                                                 T_PAD=_next_pow2(T), BLOCK_EL=bel, BLOCK_K=ROUTER_BLOCK_K,
-                                                 num_warps=8 if bel == 8 else 4)
+    launch_kernel(_router_logits_kernel, (_cdiv(E, bel), split))(
+        hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0), T_PAD=_next_pow2(T), BLOCK_EL=bel,
+        BLOCK_K=ROUTER_BLOCK_K, num_warps=8 if bel == 8 else 4)
     return _route_topk(plan, parts if split > 1 else parts[0], bias, ids_dtype, gate_bias)
