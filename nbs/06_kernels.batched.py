@@ -806,10 +806,13 @@ def launch_values(kernel, args: tuple, kwargs: dict) -> tuple:
     tail = () if n == 0 else get({**defaults, **kwargs})
     return (*args, *((tail,) if n == 1 else tail))
 
+from triton.runtime import driver as _driver
+
 def _stream_of_current_device() -> tuple:
-    from triton.runtime import driver
-    dev = driver.active.get_current_device()
-    return dev, driver.active.get_current_stream(dev)
+    "`(device index, its current stream)`, as the JIT asks the driver for them."
+    active = _driver.active
+    dev = active.get_current_device()
+    return dev, active.get_current_stream(dev)
 
 _JITFunction = triton.runtime.jit.JITFunction
 _JIT_RUN = _JITFunction.run        # replaced while something watches the JIT (`record_launches`): launch through it then

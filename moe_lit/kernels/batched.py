@@ -457,7 +457,7 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #893c374e9e68
+# %% ../../nbs/06_kernels.batched.ipynb #cd9fb90a3e02
 FAST_LAUNCH = (os.environ.get("MOE_LIT_FAST_LAUNCH", "1") != "0" and not INTERPRET
                and triton.__version__.startswith("3.6."))   # the launcher convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -496,10 +496,13 @@ def launch_values(kernel, args: tuple, kwargs: dict) -> tuple:
     tail = () if n == 0 else get({**defaults, **kwargs})
     return (*args, *((tail,) if n == 1 else tail))
 
+from triton.runtime import driver as _driver
+
 def _stream_of_current_device() -> tuple:
-    from triton.runtime import driver
-    dev = driver.active.get_current_device()
-    return dev, driver.active.get_current_stream(dev)
+    "`(device index, its current stream)`, as the JIT asks the driver for them."
+    active = _driver.active
+    dev = active.get_current_device()
+    return dev, active.get_current_stream(dev)
 
 _JITFunction = triton.runtime.jit.JITFunction
 _JIT_RUN = _JITFunction.run        # replaced while something watches the JIT (`record_launches`): launch through it then
