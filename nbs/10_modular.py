@@ -160,6 +160,10 @@ class StandardPrepareFinalize:
         "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
         check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        return self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
+
+    def _prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) -> Prepared:
+        "`prepare` after its checks (an owning ModularKernel's caller checked every argument)."
         if placement.holds_every_expert and not self.validate:   # ids in range by construction: the slot is the id
             local = topk_ids                                     # (no gather; every experts path skips ids outside [0, E))
         elif self.use_triton and not self.validate and placement.slot_table is not None and \
@@ -176,6 +180,10 @@ class StandardPrepareFinalize:
         "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is (plus `shared`)."
         _check_prepared(prepared, self.activation_format, expert_out)
         _check_shared(shared, expert_out.shape[0], prepared.hidden_size or expert_out.shape[1], expert_out)
+        return self._finalize(expert_out, prepared, shared)
+
+    def _finalize(self, expert_out, prepared, shared=None) -> torch.Tensor:
+        "`finalize` after its checks (an owning ModularKernel's own prepare and experts made both)."
         return expert_out if shared is None else expert_out + shared
 
 # %%
@@ -200,6 +208,10 @@ class BatchedPrepareFinalize:
         "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
         check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+        return self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
+
+    def _prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) -> Prepared:
+        "`prepare` after its checks (an owning ModularKernel's caller checked every argument)."
         cap, scale = self.max_num_tokens_per_rank * self.num_dispatchers, topk_weights if apply_router_weight_on_input else None
         H = hidden.shape[1]
         if self.padded_hidden_size is not None and self.padded_hidden_size != H:   # the backend's wire size: zeros
@@ -235,9 +247,13 @@ class BatchedPrepareFinalize:
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
         "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32 (with `shared`, on Triton in the same sum)."
         _check_prepared(prepared, self.activation_format, expert_out)
+        _check_shared(shared, prepared.topk_weights.shape[0], prepared.hidden_size or expert_out.shape[2], expert_out)
+        return self._finalize(expert_out, prepared, shared)            # (a hand-built Prepared may not say its width)
+
+    def _finalize(self, expert_out, prepared, shared=None) -> torch.Tensor:
+        "`finalize` after its checks (an owning ModularKernel's own prepare and experts made both)."
         on_in = prepared.apply_router_weight_on_input
         T, H = prepared.topk_weights.shape[0], expert_out.shape[2]
-        _check_shared(shared, T, prepared.hidden_size or H, expert_out)   # (a hand-built Prepared may not say)
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()
@@ -314,10 +330,11 @@ class TritonExpertsAdapter(TorchStandardExperts):
     trusted = False     # True (`make_experts(..., trusted=True)`): the caller's weights were checked once, at its
                         # construction, and its prepare built the rest: the launches skip the per-call checks but
                         # the weights' shapes, dtype and device (`_check_trusted_weights`, metadata only)
+    weights_checked = False   # True in an owning ModularKernel: the owner checks its weights (`FusedMoE`) instead
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.contiguous import TritonExperts
         if self.trusted:
-            _check_trusted_weights(prepared.a, w13, w2)
+            if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
@@ -329,11 +346,11 @@ class TritonExpertsAdapter(TorchStandardExperts):
 
 class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
-    trusted = False     # as TritonExpertsAdapter's
+    trusted = weights_checked = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
         if self.trusted:
-            _check_trusted_weights(prepared.a, w13, w2)
+            if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return BatchedTritonExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, w2, prepared.expected_m,
                                                  w13_bias, w2_bias, activation, prepared.active_experts,
                                                  prepared.max_active_experts)
@@ -345,11 +362,11 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
 
 class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
-    trusted = False     # as TritonExpertsAdapter's
+    trusted = weights_checked = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         if self.trusted:
-            _check_trusted_weights(prepared.a, w13, w2)
+            if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                                prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                                w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
@@ -362,11 +379,11 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
 
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
-    trusted = False     # as TritonExpertsAdapter's
+    trusted = weights_checked = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         if self.trusted and prepared.a.dtype in (torch.bfloat16, torch.float16):   # the layer's 16-bit slabs
-            _check_trusted_weights(prepared.a, w13, w2)
+            if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return BatchedTritonQuantExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, prepared.expected_m,
                                                       w13_bias, w2_bias, activation, prepared.active_experts,
                                                       prepared.max_active_experts)
@@ -423,12 +440,19 @@ class SharedExperts(torch.nn.Module):
 # stream forked before dispatch and joined before the final sum (`overlap_shared`, on by default) — at decode both
 # halves are a few small launches each, and in a captured graph the two branches become parallel nodes. Their GEMMs
 # are cuBLAS bf16 calls with an fp32 result (`matmul_acc`), never an upcast copy of the weights.
+#
+# A ModularKernel built by `FusedMoE` is **owned** (`owned=True`): the layer checked `hidden` and a caller's `topk` on
+# each call, made the ids with its own router, and checks its weights where they change (at load, and when one is
+# swapped or edited in place). Its prepare, experts and finalize then run their unchecked twins (`_prepare`,
+# `_finalize`, the experts without `_check_trusted_weights`): 13–16 µs a forward less on the 2-core CPU of
+# `host_overhead_cpu.py` (Qwen3 98 → 85 µs, Qwen3 EP2 140 → 125). A ModularKernel built by hand checks everything.
 
 # %%
 #| export
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
-    def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None):
+    def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None,
+                 owned: bool = False):   # the caller (`FusedMoE`) checked the arguments of every call and owns the weights
         pf_fmt, ex_fmt = getattr(prepare_finalize, "activation_format", None), getattr(experts, "activation_format", None)
         if not isinstance(pf_fmt, ActivationFormat) or not isinstance(ex_fmt, ActivationFormat):
             raise ValueError(f"prepare_finalize, experts: expected objects declaring an activation_format, got "
@@ -440,20 +464,27 @@ class ModularKernel:
             raise ValueError(f"shared_experts: expected a SharedExperts or None, got {type(shared_experts).__name__}")
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
         self.overlap_shared = True     # on a GPU, run the shared experts on a side stream beside the routed ones
+        # owned: prepare, experts and finalize skip their per-call metadata checks where they have an unchecked twin
+        self.owned = check_bool("owned", owned)
+        if owned and getattr(experts, "trusted", False): experts.weights_checked = True
+        own = owned and hasattr(prepare_finalize, "_prepare") and hasattr(prepare_finalize, "_finalize")
+        self._prepare = prepare_finalize._prepare if own else None
+        self._finalize = prepare_finalize._finalize if own else prepare_finalize.finalize
 
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
                 add_shared: bool = True, timings: dict | None = None, w13_bias=None, w2_bias=None,
                 activation: Activation = SILU) -> torch.Tensor:
         "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
-        check_bool("add_shared", add_shared)
-        if not isinstance(hidden, torch.Tensor): raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
-        held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else \
-            w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() else None
-        local = getattr(placement, "num_local_experts", held)      # not a Placement: prepare names it
-        if held != local:              # a Triton path would skip the ids past the weights: a silent partial sum
-            raise ValueError(f"w13: expected the weights of placement.num_local_experts={local} experts, got {held}")
-        if add_shared and self.shared_experts is not None:
-            check_tensor("hidden", hidden, shape=(None, self.shared_experts.w13.shape[1]), dtype=FLOAT_DTYPES)
+        if not self.owned:
+            check_bool("add_shared", add_shared)
+            if not isinstance(hidden, torch.Tensor): raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
+            held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else \
+                w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() else None
+            local = getattr(placement, "num_local_experts", held)      # not a Placement: prepare names it
+            if held != local:              # a Triton path would skip the ids past the weights: a silent partial sum
+                raise ValueError(f"w13: expected the weights of placement.num_local_experts={local} experts, got {held}")
+            if add_shared and self.shared_experts is not None:
+                check_tensor("hidden", hidden, shape=(None, self.shared_experts.w13.shape[1]), dtype=FLOAT_DTYPES)
         clock = _Clock(timings, hidden.device)         # seconds of each stage, synchronized, when `timings` is a dict
         shared, side = None, None
         if add_shared and self.shared_experts is not None:
@@ -462,16 +493,17 @@ class ModularKernel:
                 side.wait_stream(torch.cuda.current_stream(hidden.device))
                 with torch.cuda.stream(side): shared = self.shared_experts(hidden)
             else: shared = self.shared_experts(hidden)
-        prepared = self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
+        prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
+            else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")
         expert_out = self.experts.apply(prepared, w13, w2, w13_bias, w2_bias, activation)
         clock("experts_s")
         join = lambda: side is not None and torch.cuda.current_stream(hidden.device).wait_stream(side)
         if shared is not None and getattr(self.prepare_finalize, "adds_shared", False):
             join()                                                              # the shared output is added in
-            out = self.prepare_finalize.finalize(expert_out, prepared, shared)  # finalize's own sum
+            out = self._finalize(expert_out, prepared, shared)                  # finalize's own sum
         else:
-            out = self.prepare_finalize.finalize(expert_out, prepared)          # (a transport's finalize overlaps
+            out = self._finalize(expert_out, prepared)                          # (a transport's finalize overlaps
             join()                                                              # the shared experts)
             if shared is not None: out = out + shared
         clock("finalize_s")

@@ -388,22 +388,39 @@ def _build_hot_path(self: FusedMoE):
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
     self._versions = self._weight_versions()
+    self._weight_meta = {n: None if getattr(self, n) is None else (tuple(getattr(self, n).shape), getattr(self, n).dtype,
+                                                                   getattr(self, n).device) for n in _TRACKED}
 
-def _version(t: torch.Tensor) -> tuple:
-    "Which tensor `t` is and how often it was edited in place: `(id, address, version)` (an inference tensor has no version)."
-    try: return (id(t), t.data_ptr(), t._version)          # (a meta tensor's address is 0)
-    except RuntimeError: return (id(t), t.data_ptr(), None)  # "Inference tensors do not track version counter"
+_TRACKED = ("gate", "gate_bias", "e_score_correction_bias", "w13", "w2", "w13_bias", "w2_bias")   # what the kernels read
+
+def _identity(t: torch.Tensor | None, version: bool) -> tuple | None:
+    "Which tensor `t` is, where and how large; with `version`, how often it was edited in place (an inference tensor has no count)."
+    if t is None: return None
+    if not version: return (id(t), t.data_ptr(), t.shape)   # (a meta tensor's address is 0)
+    try: return (id(t), t.data_ptr(), t.shape, t._version)
+    except RuntimeError: return (id(t), t.data_ptr(), t.shape, None)   # "Inference tensors do not track version counter"
 
 @patch
 def _weight_versions(self: FusedMoE) -> tuple:
-    "What identifies the tensors the hot path keeps a copy of: the gate (its bf16 copy), a quantized layer's w13 and w2 (the codes)."
-    return (_version(self.gate),) + ((_version(self.w13), _version(self.w2)) if self.qweights is not None else ())
+    """The tensors the kernels read, as `_identity` sees them: a swapped or resized one is noticed, and so is an in-place
+    edit of one the hot path keeps a copy of (the gate's bf16 copy, a quantized layer's codes of w13 and w2)."""
+    p, b, quantized = self._parameters, self._buffers, self.qweights is not None
+    return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
+                 for n in _TRACKED)
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):
-    "Rebuild the copies after an in-place edit (`layer.gate.mul_(-1)`, `layer.w13.copy_(...)`): a version check, no sync."
-    if self._weight_versions() == self._versions: return
-    if self.qweights is not None and self._weight_versions()[1:] != self._versions[1:]:
+    "After an in-place edit or a swap of a weight (`layer.gate.mul_(-1)`, `layer.w13 = Parameter(...)`): its checks, the copies rebuilt; no sync."
+    now = self._weight_versions()
+    if now == self._versions: return
+    for n, t in zip(_TRACKED, (getattr(self, n) for n in _TRACKED)):   # the unchecked launches read what they are given:
+        want = self._weight_meta.get(n)                                  # the shapes, dtypes and device of the checked ones
+        got = None if t is None else (tuple(t.shape), t.dtype, t.device)
+        if got != want:
+            raise ValueError(f"{n}: expected {'none' if want is None else f'shape {list(want[0])}, {want[1]} on {want[2]}'} "
+                             f"(the layer's, checked at load), got {'none' if got is None else f'shape {list(got[0])}, {got[1]} on {got[2]}'}; "
+                             f"load new weights with load_state_dict")
+    if self.qweights is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
     else: self._build_hot_path()
 
@@ -446,7 +463,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     if mk is None:
         pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug)
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts, trusted=not self.debug),   # weights
-                                                self.shared_experts)                                      # checked at load
+                                                self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
 
@@ -836,6 +853,17 @@ for experts in ("torch", "triton"):
     q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
     q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
     q(x); assert q._versions != versions
+    mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
+    test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
+    for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),
+                      ("gate", layer.gate.detach()[:-1])):              # so a swap is checked once, where it happens
+        good = getattr(layer, name)
+        setattr(layer, name, torch.nn.Parameter(bad, requires_grad=False) if name != "gate" else None)
+        if name == "gate": layer.register_buffer("gate", bad)
+        test_fail(lambda: layer(x), contains=f"{name}: expected shape")
+        if name == "gate": layer.register_buffer("gate", good)
+        else: setattr(layer, name, good)
+    test_eq(layer(x).shape, (6, 128))
 with torch.inference_mode():                                                   # inference tensors: no version counter
     inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
     test_eq(inf(x).shape, (6, 128))

@@ -257,6 +257,17 @@ def test_layer_follows_inplace_edits():
         q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
         q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
         q(x); assert q._versions != versions
+        mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
+        test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
+        for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),
+                          ("gate", layer.gate.detach()[:-1])):              # so a swap is checked once, where it happens
+            good = getattr(layer, name)
+            setattr(layer, name, torch.nn.Parameter(bad, requires_grad=False) if name != "gate" else None)
+            if name == "gate": layer.register_buffer("gate", bad)
+            test_fail(lambda: layer(x), contains=f"{name}: expected shape")
+            if name == "gate": layer.register_buffer("gate", good)
+            else: setattr(layer, name, good)
+        test_eq(layer(x).shape, (6, 128))
     with torch.inference_mode():                                                   # inference tensors: no version counter
         inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
         test_eq(inf(x).shape, (6, 128))
