@@ -444,8 +444,10 @@ class SharedExperts(torch.nn.Module):
 # A ModularKernel built by `FusedMoE` is **owned** (`owned=True`): the layer checked `hidden` and a caller's `topk` on
 # each call, made the ids with its own router, and checks its weights where they change (at load, and when one is
 # swapped or edited in place). Its prepare, experts and finalize then run their unchecked twins (`_prepare`,
-# `_finalize`, the experts without `_check_trusted_weights`): 13–16 µs a forward less on the 2-core CPU of
-# `host_overhead_cpu.py` (Qwen3 98 → 85 µs, Qwen3 EP2 140 → 125). A ModularKernel built by hand checks everything.
+# `_finalize`, the experts without `_check_trusted_weights`). With the rest of that change, the layer's own Python per
+# forward on the 2-core CPU of `host_overhead_cpu.py` went from 98–236 to 84–219 µs over the benchmark's deployments
+# (Qwen3 100 → 84 µs, Qwen3 EP2 141 → 125; `nbs/bench/host_overhead_cpu_5502af9.log`, both in the same hour). A
+# ModularKernel built by hand checks everything.
 
 # %%
 #| export
