@@ -235,7 +235,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #e39269005a80
+# %% ../nbs/12_layer.ipynb #dad63f5cf95a
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -275,7 +275,7 @@ def _weight_versions(self: FusedMoE) -> tuple:
     edit of one the hot path keeps a copy of (the gate's bf16 copy, a quantized layer's codes of w13 and w2)."""
     p, b, quantized = self._parameters, self._buffers, self.qweights is not None
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
-                 for n in _TRACKED)
+                 for n in _TRACKED) + (id(self.qweights),)
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):
@@ -289,7 +289,14 @@ def _follow_inplace_edits(self: FusedMoE):
             raise ValueError(f"{n}: expected {'none' if want is None else f'shape {list(want[0])}, {want[1]} on {want[2]}'} "
                              f"(the layer's, checked at load), got {'none' if got is None else f'shape {list(got[0])}, {got[1]} on {got[2]}'}; "
                              f"load new weights with load_state_dict")
-    if self.qweights is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
+    q = self.qweights
+    if now[-1] != self._versions[-1] and q is not None:     # the codes swapped: the kernels read them unchecked
+        want = (self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size, self.gate.device,
+                self.quant)
+        got = (q.num_experts, q.hidden_size, q.intermediate_size, q.device, q.scheme)
+        if got != want: raise ValueError(f"qweights: expected (experts, hidden_size, intermediate_size, device, scheme) "
+                                         f"= {want} (the layer's), got {got}; load new weights with load_state_dict")
+    if q is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
     else: self._build_hot_path()
 

@@ -34,6 +34,7 @@ from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES
 from types import SimpleNamespace
 import triton
+from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 
 # %% [markdown]
@@ -406,7 +407,7 @@ def _weight_versions(self: FusedMoE) -> tuple:
     edit of one the hot path keeps a copy of (the gate's bf16 copy, a quantized layer's codes of w13 and w2)."""
     p, b, quantized = self._parameters, self._buffers, self.qweights is not None
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
-                 for n in _TRACKED)
+                 for n in _TRACKED) + (id(self.qweights),)
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):
@@ -420,7 +421,14 @@ def _follow_inplace_edits(self: FusedMoE):
             raise ValueError(f"{n}: expected {'none' if want is None else f'shape {list(want[0])}, {want[1]} on {want[2]}'} "
                              f"(the layer's, checked at load), got {'none' if got is None else f'shape {list(got[0])}, {got[1]} on {got[2]}'}; "
                              f"load new weights with load_state_dict")
-    if self.qweights is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
+    q = self.qweights
+    if now[-1] != self._versions[-1] and q is not None:     # the codes swapped: the kernels read them unchecked
+        want = (self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size, self.gate.device,
+                self.quant)
+        got = (q.num_experts, q.hidden_size, q.intermediate_size, q.device, q.scheme)
+        if got != want: raise ValueError(f"qweights: expected (experts, hidden_size, intermediate_size, device, scheme) "
+                                         f"= {want} (the layer's), got {got}; load new weights with load_state_dict")
+    if q is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
     else: self._build_hot_path()
 
@@ -853,6 +861,8 @@ for experts in ("torch", "triton"):
     q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
     q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
     q(x); assert q._versions != versions
+    q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
+    test_fail(lambda: q(x), contains="qweights: expected (experts, hidden_size, intermediate_size, device, scheme) = (8,")
     mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
     test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
     for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),

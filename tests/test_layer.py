@@ -24,6 +24,7 @@ from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES
 from types import SimpleNamespace
 import triton
+from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 from moe_lit.layer import *
 
@@ -257,6 +258,8 @@ def test_layer_follows_inplace_edits():
         q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
         q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
         q(x); assert q._versions != versions
+        q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
+        test_fail(lambda: q(x), contains="qweights: expected (experts, hidden_size, intermediate_size, device, scheme) = (8,")
         mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
         test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
         for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),
