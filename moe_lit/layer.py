@@ -393,12 +393,12 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #6370edd22e9d
+# %% ../nbs/12_layer.ipynb #1e56e75d5ab4
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
-    _check_on_layer_device(self, hidden)
+    _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     self._follow_inplace_edits()
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)

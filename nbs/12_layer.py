@@ -550,7 +550,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
-    _check_on_layer_device(self, hidden)
+    _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     self._follow_inplace_edits()
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
@@ -641,6 +641,7 @@ for debug in (False, True):
     test_fail(lambda: layer(x, (wts, ids[:, :1])), contains="topk_ids: expected shape [5, 2]")
     test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple, got Tensor")
     test_fail(lambda: layer(x, (wts, ids, None)), contains="topk: expected a (topk_weights, topk_ids) tuple, got a 3-tuple")
+    test_fail(lambda: layer(x, add_shared="yes"), contains="add_shared: expected a bool")
     test_fail(lambda: layer(x, (wts, torch.zeros_like(ids))), contains="topk_ids: expected distinct ids per token")
     layer(x, (wts, torch.full_like(ids, -1)))                             # -1 (no expert) may repeat
     sd = layer.state_dict(); sd["gate"] = sd["gate"][:, :7]

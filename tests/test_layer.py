@@ -70,6 +70,7 @@ def test_layer_debug_checks():
         test_fail(lambda: layer(x, (wts, ids[:, :1])), contains="topk_ids: expected shape [5, 2]")
         test_fail(lambda: layer(x, wts), contains="topk: expected a (topk_weights, topk_ids) tuple, got Tensor")
         test_fail(lambda: layer(x, (wts, ids, None)), contains="topk: expected a (topk_weights, topk_ids) tuple, got a 3-tuple")
+        test_fail(lambda: layer(x, add_shared="yes"), contains="add_shared: expected a bool")
         test_fail(lambda: layer(x, (wts, torch.zeros_like(ids))), contains="topk_ids: expected distinct ids per token")
         layer(x, (wts, torch.full_like(ids, -1)))                             # -1 (no expert) may repeat
         sd = layer.state_dict(); sd["gate"] = sd["gate"][:, :7]
