@@ -280,6 +280,9 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"state_dict[{prefix + n!r}]: expected float weights (a {module.quant} layer quantizes what "
                              f"it is given), got dtype {str(t.dtype)[6:]}")
+        if assign and isinstance(own, torch.Tensor) and not t.is_contiguous():  # the kernels read it as laid out
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected a contiguous tensor with assign=True (or load "
+                             f"without assign, which copies), got strides {tuple(t.stride())}")
         if assign and isinstance(own, torch.Tensor) and t.dtype != own.dtype:   # assign swaps the tensor in as it is
             raise ValueError(f"state_dict[{prefix + n!r}]: expected dtype {own.dtype} with assign=True (or load "
                              f"without assign, which casts), got {t.dtype}")
@@ -301,7 +304,7 @@ def _requantize_after_load(module, incompatible_keys):
         module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant).for_kernels()
         w13, w2 = module.qweights.dequantize()
         module.w13.copy_(w13); module.w2.copy_(w2)
-    module._versions = module._weight_versions()          # after the copies, which count as edits
+    module._record_build()                                # after the copies, which count as edits
 
 # %%
 #| export
@@ -388,9 +391,7 @@ def _build_hot_path(self: FusedMoE):
     self._kernels, self.graphs = {}, {}
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
-    self._versions = self._weight_versions()
-    self._weight_meta = {n: None if getattr(self, n) is None else (tuple(getattr(self, n).shape), getattr(self, n).dtype,
-                                                                   getattr(self, n).device) for n in _TRACKED}
+    self._record_build()
 
 _TRACKED = ("gate", "gate_bias", "e_score_correction_bias", "w13", "w2", "w13_bias", "w2_bias")   # what the kernels read
 
@@ -403,31 +404,56 @@ def _identity(t: torch.Tensor | None, version: bool) -> tuple | None:
 
 @patch
 def _weight_versions(self: FusedMoE) -> tuple:
-    """The tensors the kernels read, as `_identity` sees them: a swapped or resized one is noticed, and so is an in-place
-    edit of one the hot path keeps a copy of (the gate's bf16 copy, a quantized layer's codes of w13 and w2)."""
+    """What the hot path was built from, cheaply: the tensors the kernels read as `_identity` sees them (a swapped or
+    resized one is noticed, and an in-place edit of one it keeps a copy of: the gate's bf16 copy, a quantized layer's
+    codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts) and its switches."""
     p, b, quantized = self._parameters, self._buffers, self.qweights is not None
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
-                 for n in _TRACKED) + (id(self.qweights),)
+                 for n in _TRACKED) + (id(self.qweights), id(self.config), id(self.placement),
+                                       id(self._modules.get("shared_experts")), self.debug, self.experts)
+
+def _meta(t) -> tuple | None:
+    "What the unchecked launches assume of a tensor: shape, dtype, device, and a contiguous layout."
+    return None if t is None else (tuple(t.shape), t.dtype, t.device, t.is_contiguous())
+
+def _qmeta(q) -> tuple | None:
+    return None if q is None else (q.num_experts, q.hidden_size, q.intermediate_size, q.device, q.scheme)
+
+@patch
+def _record_build(self: FusedMoE):
+    "After a build (construction, load, move, rebuild): what `_follow_inplace_edits` compares with."
+    self._versions = self._weight_versions()
+    self._weight_meta = {n: _meta(getattr(self, n)) for n in _TRACKED}
+    self._held = dict(config=self.config, qweights=_qmeta(self.qweights), num_local=self.placement.num_local_experts,
+                      num_experts=self.placement.num_experts,
+                      shared=None if self.shared_experts is None else _meta(self.shared_experts.w13))
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):
-    "After an in-place edit or a swap of a weight (`layer.gate.mul_(-1)`, `layer.w13 = Parameter(...)`): its checks, the copies rebuilt; no sync."
+    "After an in-place edit or a swap of what the layer holds: the swapped part checked once, the copies rebuilt; no sync."
     now = self._weight_versions()
     if now == self._versions: return
-    for n, t in zip(_TRACKED, (getattr(self, n) for n in _TRACKED)):   # the unchecked launches read what they are given:
-        want = self._weight_meta.get(n)                                  # the shapes, dtypes and device of the checked ones
-        got = None if t is None else (tuple(t.shape), t.dtype, t.device)
-        if got != want:
-            raise ValueError(f"{n}: expected {'none' if want is None else f'shape {list(want[0])}, {want[1]} on {want[2]}'} "
-                             f"(the layer's, checked at load), got {'none' if got is None else f'shape {list(got[0])}, {got[1]} on {got[2]}'}; "
-                             f"load new weights with load_state_dict")
+    bad = lambda n, want, got: ValueError(f"{n}: expected {want} (the layer's, checked at load), got {got}; load new "
+                                          f"weights with load_state_dict, or build a new layer")
+    show = lambda m: "none" if m is None else f"shape {list(m[0])}, {m[1]} on {m[2]}" + ("" if m[3] else ", not contiguous")
+    for n in _TRACKED:                                   # the unchecked launches read what they are given
+        got = _meta(getattr(self, n))
+        if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
+    h = self._held
+    if self.config is not h["config"]: raise bad("config", "the layer's own MoEConfig (fixed at construction)", "another")
+    p = self.placement
+    if (getattr(p, "num_local_experts", None), getattr(p, "num_experts", None)) != (h["num_local"], h["num_experts"]):
+        raise bad("placement", f"{h['num_local']} local of {h['num_experts']} experts",
+                  f"{getattr(p, 'num_local_experts', None)} of {getattr(p, 'num_experts', None)}")
+    sh = self.shared_experts
+    if (None if sh is None else _meta(sh.w13)) != h["shared"]:
+        raise bad("shared_experts", f"w13 {show(h['shared'])}", f"w13 {show(None if sh is None else _meta(sh.w13))}")
+    check_bool("debug", self.debug); check_choice("experts", self.experts, ("torch", "triton", "triton_quant"))
+    if self.experts == "triton_quant" and self.qweights is None:          # its kernels read the codes
+        raise bad("experts", "'torch' or 'triton' for an unquantized layer", repr(self.experts))
     q = self.qweights
-    if now[-1] != self._versions[-1] and q is not None:     # the codes swapped: the kernels read them unchecked
-        want = (self.placement.num_local_experts, self.config.hidden_size, self.config.intermediate_size, self.gate.device,
-                self.quant)
-        got = (q.num_experts, q.hidden_size, q.intermediate_size, q.device, q.scheme)
-        if got != want: raise ValueError(f"qweights: expected (experts, hidden_size, intermediate_size, device, scheme) "
-                                         f"= {want} (the layer's), got {got}; load new weights with load_state_dict")
+    qshow = lambda m: "none" if m is None else "{} experts, hidden_size {}, intermediate_size {} on {}, {}".format(*m)
+    if _qmeta(q) != h["qweights"]: raise bad("qweights", qshow(h["qweights"]), qshow(_qmeta(q)))
     if q is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
     else: self._build_hot_path()
@@ -863,7 +889,7 @@ for experts in ("torch", "triton"):
     q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
     q(x); assert q._versions != versions
     q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
-    test_fail(lambda: q(x), contains="qweights: expected (experts, hidden_size, intermediate_size, device, scheme) = (8,")
+    test_fail(lambda: q(x), contains="qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on cpu")
     mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
     test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
     for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),
@@ -874,6 +900,19 @@ for experts in ("torch", "triton"):
         test_fail(lambda: layer(x), contains=f"{name}: expected shape")
         if name == "gate": layer.register_buffer("gate", good)
         else: setattr(layer, name, good)
+    test_eq(layer(x).shape, (6, 128))
+    good = layer.placement                                                     # the tables the kernels index with
+    layer.placement = Placement.build(cfg.replace(num_experts=16))
+    test_fail(lambda: layer(x), contains="placement: expected 8 local of 8 experts")
+    layer.placement = good
+    conf = layer.config; layer.config = conf.replace(top_k=3)
+    test_fail(lambda: layer(x), contains="config: expected the layer's own MoEConfig")
+    layer.config = conf
+    sd = layer.state_dict(); sd["gate"] = sd["gate"].t().contiguous().t()      # same values, column-major
+    test_fail(lambda: layer.load_state_dict(sd, assign=True), contains="state_dict['gate']: expected a contiguous tensor")
+    layer.gate = layer.gate.t().contiguous().t()                               # (a buffer swapped by hand)
+    test_fail(lambda: layer(x), contains="gate: expected shape [8, 128], torch.float32 on cpu (the layer's")
+    layer.gate = layer.gate.contiguous()
     test_eq(layer(x).shape, (6, 128))
 with torch.inference_mode():                                                   # inference tensors: no version counter
     inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)

@@ -260,7 +260,7 @@ def test_layer_follows_inplace_edits():
         q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
         q(x); assert q._versions != versions
         q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
-        test_fail(lambda: q(x), contains="qweights: expected (experts, hidden_size, intermediate_size, device, scheme) = (8,")
+        test_fail(lambda: q(x), contains="qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on cpu")
         mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
         test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
         for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),
@@ -271,6 +271,19 @@ def test_layer_follows_inplace_edits():
             test_fail(lambda: layer(x), contains=f"{name}: expected shape")
             if name == "gate": layer.register_buffer("gate", good)
             else: setattr(layer, name, good)
+        test_eq(layer(x).shape, (6, 128))
+        good = layer.placement                                                     # the tables the kernels index with
+        layer.placement = Placement.build(cfg.replace(num_experts=16))
+        test_fail(lambda: layer(x), contains="placement: expected 8 local of 8 experts")
+        layer.placement = good
+        conf = layer.config; layer.config = conf.replace(top_k=3)
+        test_fail(lambda: layer(x), contains="config: expected the layer's own MoEConfig")
+        layer.config = conf
+        sd = layer.state_dict(); sd["gate"] = sd["gate"].t().contiguous().t()      # same values, column-major
+        test_fail(lambda: layer.load_state_dict(sd, assign=True), contains="state_dict['gate']: expected a contiguous tensor")
+        layer.gate = layer.gate.t().contiguous().t()                               # (a buffer swapped by hand)
+        test_fail(lambda: layer(x), contains="gate: expected shape [8, 128], torch.float32 on cpu (the layer's")
+        layer.gate = layer.gate.contiguous()
         test_eq(layer(x).shape, (6, 128))
     with torch.inference_mode():                                                   # inference tensors: no version counter
         inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
