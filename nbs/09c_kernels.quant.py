@@ -1598,10 +1598,12 @@ test_eq(_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 
 code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
         "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "
         "qw = quantize_expert_weights(*random_expert_weights(2, 128, 64), 'fp8_w8a8_block'); "
-        "a = torch.randn(2, 4, 128).bfloat16(); cnt = torch.tensor([2, 4], dtype=torch.int32)\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'; qw = qw.to(dev) if dev == 'cuda' else qw; "
+        "a = torch.randn(2, 4, 128, device=dev).bfloat16(); cnt = torch.tensor([2, 4], dtype=torch.int32, device=dev)\n"
         "with record_launches() as seen: batched_moe_gemm_quant(a, qw, cnt, 'silu_and_mul')\n"
         "print(sorted({k.fn.__name__ for k, _, _ in seen}), [kw.get('QUANT_A') for k, _, kw in seen if 'QUANT_A' in kw])")
-env = {**os.environ, "TRITON_INTERPRET": "1", "MOE_LIT_FP8_ACT_QUANT": "launch"}
+env = {**os.environ, "MOE_LIT_FP8_ACT_QUANT": "launch",                # (natively on a GPU, else the interpreter)
+       **({} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"})}
 r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 test_eq(r.stdout.strip(), "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [0]")
 r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.quant"], capture_output=True, text=True,

@@ -883,13 +883,13 @@ for experts in ("torch", "triton"):
     y = q(x)                                                                   # the codes follow the edited floats
     assert not torch.equal(q.qweights.w13.view(torch.uint8), codes.view(torch.uint8))
     ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
-    assert check_output(y, ref, cfg.dtype, q.quant, q.experts)["ok"]
+    assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
     versions = q._versions
     q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
     q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
     q(x); assert q._versions != versions
     q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
-    test_fail(lambda: q(x), contains="qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on cpu")
+    test_fail(lambda: q(x), contains=f"qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on {q.gate.device}")
     mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
     test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
     for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),
@@ -911,7 +911,7 @@ for experts in ("torch", "triton"):
     sd = layer.state_dict(); sd["gate"] = sd["gate"].t().contiguous().t()      # same values, column-major
     test_fail(lambda: layer.load_state_dict(sd, assign=True), contains="state_dict['gate']: expected a contiguous tensor")
     layer.gate = layer.gate.t().contiguous().t()                               # (a buffer swapped by hand)
-    test_fail(lambda: layer(x), contains="gate: expected shape [8, 128], torch.float32 on cpu (the layer's")
+    test_fail(lambda: layer(x), contains=f"gate: expected shape [8, 128], torch.float32 on {layer.gate.device} (the layer's")
     layer.gate = layer.gate.contiguous()
     test_eq(layer(x).shape, (6, 128))
 with torch.inference_mode():                                                   # inference tensors: no version counter
