@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device, launch_kernel
-from moe_lit.kernels.batched import _next_pow2, _cdiv
+from moe_lit.kernels.batched import _next_pow2, _cdiv, _last_to_arrive
 from moe_lit.routing import ungroupable_reason, matmul_acc
 
 # %%
@@ -23,7 +23,7 @@ from moe_lit.routing import ungroupable_reason, matmul_acc
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
 from moe_lit.routing import select_experts, router_logits
-from moe_lit.kernels.router import _router_logits_kernel, ROUTER_BLOCK_K
+from moe_lit.kernels.router import _router_logits_kernel, _route_tokens, ROUTER_BLOCK_K, ROUTER_SELECT_MAX_TOKENS
 import dataclasses
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 
@@ -82,7 +82,19 @@ def _route_topk_kernel(
     TOP2: tl.constexpr,         # a group's score is the sum of its top 2 (else its max)
     SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr, tl.program_id(0).to(tl.int64), E,
+                  stride_s, stride_t, scale, TOP_K, K_PAD, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
+                  TOPK_GROUP, GROUP_SIZE, TOP2, SPLIT, HAS_GATE_BIAS)
+
+@triton.jit
+def _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr,   # as `_route_topk_kernel`'s
+                  t,                                                        # the token (int64)
+                  E, stride_s, stride_t, scale,
+                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, SCORING: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
+                  TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOP2: tl.constexpr, SPLIT: tl.constexpr,
+                  HAS_GATE_BIAS: tl.constexpr):
+    "One token's selection: its top_k weights and ids stored (the body of `_route_topk_kernel`, one program's work)."
     offs = tl.arange(0, BLOCK_E)
     is_expert = offs < E
     x = tl.load(logits_ptr + t * stride_t + offs, mask=is_expert, other=float("-inf")).to(tl.float32)
@@ -158,6 +170,15 @@ def _route_topk_kernel(
 #
 # and the selection kernel sums the slices' partials in slice order (a fixed order: the logits are the same bits
 # every run) and adds the router's own bias, before selecting as above. Two launches, no copy of `hidden`.
+#
+# **One launch at decode.** Up to `ROUTER_SELECT_MAX_TOKENS` tokens the selection needs no launch of its own: each
+# logits program counts itself in on an arrival counter after its stores (`06_kernels.batched._last_to_arrive`, an
+# acquire-release atomic after a barrier, the pattern of split-K), and the program that arrives last — when every
+# partial is in — runs `_select_token` for each token in turn and sets the counter back to 0. The selection code is
+# the same function the selection kernel runs, on the same partials in the same order: the same bits. The counter
+# must be 0 before the launch and nobody else's: the layer keeps one (so one forward of a layer runs at a time), and
+# the public `route_tokens` takes two launches. Past a few tokens the serial selections in one program would cost
+# more than the launch they save.
 # The products are fp32 products of the stored values, as `03_routing.matmul_acc` defines them; only the order of the
 # sum differs from cuBLAS's. Past `ROUTER_GEMV_MAX_TOKENS` tokens the weight is re-read per token block and a GEMM
 # is the better tool: the logits come from `matmul_acc` (one cuBLAS call), and only the bias moves into the selection.
@@ -174,6 +195,7 @@ ROUTER_MAX_EXPERTS = 65536      # a token's scores are one block of registers (T
 ROUTER_BLOCK_K = 1024           # columns of one program's K slice in the decode logits kernel
 ROUTER_GEMV_MAX_TOKENS = 16     # at most this many tokens take `_router_logits_kernel`; more take one cuBLAS GEMM
 ROUTER_TARGET_PROGRAMS = 256    # the logits grid grows its expert blocks down to 1 expert until it has this many
+ROUTER_SELECT_MAX_TOKENS = 2    # at most this many tokens are selected in the logits launch's last program
 
 @triton.jit
 def _router_logits_kernel(
@@ -182,6 +204,13 @@ def _router_logits_kernel(
     out_ptr,             # [SPLIT, T, E] fp32 partial logits: slice s of K in plane s
     T, E, H, stride_ht, stride_ge,
     T_PAD: tl.constexpr, BLOCK_EL: tl.constexpr, BLOCK_K: tl.constexpr,
+    # SELECT: the program that finishes last also selects (`_select_token`, each token in turn), one launch in all
+    count_ptr=None,      # [1] int32 arrival counter, 0 before the launch and after it (SELECT)
+    bias_ptr=None, gate_bias_ptr=None, weights_ptr=None, ids_ptr=None, scale=1.0,   # as `_route_topk_kernel`'s
+    SELECT: tl.constexpr = False, TOP_K: tl.constexpr = 1, K_PAD: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1,
+    SCORING: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, RENORMALIZE: tl.constexpr = False,
+    NUM_GROUPS: tl.constexpr = 1, G_PAD: tl.constexpr = 1, TOPK_GROUP: tl.constexpr = 1, GROUP_SIZE: tl.constexpr = 1,
+    TOP2: tl.constexpr = False, SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
 ):
     offs_e = tl.program_id(0) * BLOCK_EL + tl.arange(0, BLOCK_EL)
     s = tl.program_id(1)
@@ -194,6 +223,12 @@ def _router_logits_kernel(
                     other=0.0).to(tl.float32)                                         # strided view may pass 2^31
         p = tl.sum(w * x[None, :], axis=1)               # [BLOCK_EL]
         tl.store(out_ptr + (s * T + t).to(tl.int64) * E + offs_e, p, mask=tl.where(t < T, e_ok, False))
+    if SELECT:
+        if _last_to_arrive(count_ptr, tl.num_programs(0) * tl.num_programs(1)):   # every partial is in
+            for row in range(T):
+                _select_token(out_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr, tl.cast(row, tl.int64), E, T * E,
+                              E, scale, TOP_K, K_PAD, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
+                              TOPK_GROUP, GROUP_SIZE, TOP2, SPLIT, HAS_GATE_BIAS)
 
 # %% [markdown]
 # ## The launcher
@@ -292,18 +327,20 @@ def _route_topk(plan, logits, bias, ids_dtype, gate_bias=None) -> tuple[torch.Te
     w = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k, dtype=ids_dtype, device=logits.device)
     if T:
-        block_e = max(_next_pow2(E), 16)
+        sel = _selection_constants(plan, split, gate_bias is not None)
         launch_kernel(_route_topk_kernel, (T,))(
             logits, bias if bias is not None else logits,
             gate_bias if gate_bias is not None else logits, w, ids, E,
-            T * E if split > 1 else 0, logits.stride(-2), plan.scale,
-            TOP_K=top_k, K_PAD=_next_pow2(top_k), BLOCK_E=block_e,
-            SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
-            NUM_GROUPS=plan.NUM_GROUPS, G_PAD=_next_pow2(plan.NUM_GROUPS),
-            TOPK_GROUP=plan.TOPK_GROUP, GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2,
-            SPLIT=split, HAS_GATE_BIAS=gate_bias is not None,
-            num_warps=1 if block_e <= 256 else 2)   # one warp: reductions stay in shuffles
+            T * E if split > 1 else 0, logits.stride(-2), plan.scale, **sel,
+            num_warps=1 if sel["BLOCK_E"] <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids
+
+def _selection_constants(plan, split, has_gate_bias) -> dict:
+    "The selection's compile-time constants (`_select_token`'s), from the plan: one place for both kernels that select."
+    return dict(TOP_K=plan.TOP_K, K_PAD=_next_pow2(plan.TOP_K), BLOCK_E=max(_next_pow2(plan.num_experts), 16),
+                SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
+                NUM_GROUPS=plan.NUM_GROUPS, G_PAD=_next_pow2(plan.NUM_GROUPS), TOPK_GROUP=plan.TOPK_GROUP,
+                GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2, SPLIT=split, HAS_GATE_BIAS=has_gate_bias)
 
 def route_tokens(plan: RouterPlan,                      # router_plan(config)
                  hidden: torch.Tensor,                  # [T, hidden_size] bf16/fp16/fp32
@@ -334,8 +371,11 @@ def _router_block_el(E: int, split: int) -> int:
     "Experts per program of the logits kernel: the most of 8, 4, 2 that keeps `ROUTER_TARGET_PROGRAMS` programs, else 1."
     return next((b for b in (8, 4, 2) if _cdiv(E, b) * split >= ROUTER_TARGET_PROGRAMS), 1)
 
-def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    "`route_tokens` after its checks (unit strides along hidden_size): the layer's hot path (`12_layer`)."
+def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype,
+                  counter: torch.Tensor | None = None,   # [1] int32, 0: the caller's own arrival counter (a layer's)
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route_tokens` after its checks (unit strides along hidden_size): the layer's hot path (`12_layer`). With the
+    caller's `counter` (zero, and left zero), up to `ROUTER_SELECT_MAX_TOKENS` tokens route in one launch."""
     T, H = hidden.shape
     E = plan.num_experts
     if not (0 < T <= ROUTER_GEMV_MAX_TOKENS and H):                         # (no column: the GEMM path's zeros)
@@ -343,10 +383,18 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype) -> tuple[torch
     split = _cdiv(H, ROUTER_BLOCK_K)
     parts = torch.empty(split, T, E, dtype=torch.float32, device=hidden.device)
     bel = _router_block_el(E, split)
-    launch_kernel(_router_logits_kernel, (_cdiv(E, bel), split))(
-        hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0), T_PAD=_next_pow2(T), BLOCK_EL=bel,
-        BLOCK_K=ROUTER_BLOCK_K, num_warps=8 if bel == 8 else 4)
-    return _route_topk(plan, parts if split > 1 else parts[0], bias, ids_dtype, gate_bias)
+    launch = launch_kernel(_router_logits_kernel, (_cdiv(E, bel), split))
+    args = (hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0))
+    tiles = dict(T_PAD=_next_pow2(T), BLOCK_EL=bel, BLOCK_K=ROUTER_BLOCK_K, num_warps=8 if bel == 8 else 4)
+    if counter is None or T > ROUTER_SELECT_MAX_TOKENS:
+        launch(*args, **tiles)
+        return _route_topk(plan, parts if split > 1 else parts[0], bias, ids_dtype, gate_bias)
+    w = torch.empty(T, plan.TOP_K, dtype=torch.float32, device=hidden.device)
+    ids = torch.empty(T, plan.TOP_K, dtype=ids_dtype, device=hidden.device)
+    launch(*args, count_ptr=counter, bias_ptr=bias if bias is not None else parts,
+           gate_bias_ptr=gate_bias if gate_bias is not None else parts, weights_ptr=w, ids_ptr=ids, scale=plan.scale,
+           SELECT=True, **_selection_constants(plan, split, gate_bias is not None), **tiles)
+    return w, ids
 
 # %% [markdown]
 # ## Tests
@@ -434,6 +482,39 @@ hidden, gate = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, H, gene
 parts = torch.full((2, T, E), float("nan"), device=DEVICE)
 _router_logits_kernel[(E, 2)](hidden, gate, parts, T, E, H, H, H, T_PAD=8, BLOCK_EL=1, BLOCK_K=ROUTER_BLOCK_K)
 assert_close(parts.sum(0), hidden.double() @ gate.double().T, rtol=1e-5, name="partial logits")
+
+# %% [markdown]
+# With an arrival counter of the caller's (the layer keeps one), up to `ROUTER_SELECT_MAX_TOKENS` tokens route in
+# one launch: the logits program that arrives last selects, reading the other programs' partials after its acquire,
+# and resets the counter. Same code, same order of the sum: the same bits as the two launches, for every routing
+# method, and the counter is 0 again after each launch (a second call, and a third past the limit, agree too).
+# The first call's outputs are filled with NaN and -1 and freed before the second, whose outputs the allocator hands
+# back: a launch that selected nothing would fail the comparison.
+
+# %%
+#| test router_selects_in_the_logits_launch
+g = torch.Generator().manual_seed(5)
+counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+for kw in (dict(num_experts=64, top_k=8),
+           dict(num_experts=256, top_k=8, scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=8,
+                topk_group=4, routed_scaling_factor=2.5, has_correction_bias=True),       # DeepSeek-V3
+           dict(num_experts=16, top_k=1, routing_method="llama4", renormalize=False)):
+    cfg = MoEConfig(hidden_size=1100, intermediate_size=16, **kw)
+    plan, E = router_plan(cfg), cfg.num_experts
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE) if cfg.has_correction_bias else None
+    gate = (torch.randn(E, 1100, generator=g) / 33).to(DEVICE, torch.bfloat16)
+    gb = torch.randn(E, generator=g).to(DEVICE, torch.bfloat16)
+    for T in sorted({1, ROUTER_SELECT_MAX_TOKENS, ROUTER_SELECT_MAX_TOKENS + 1}):
+        hidden = torch.randn(T, 1100, generator=g).to(DEVICE, torch.bfloat16)
+        want = _route_tokens(plan, hidden, gate, gb, bias, torch.int64)             # two launches
+        with record_launches() as seen:
+            got = _route_tokens(plan, hidden, gate, gb, bias, torch.int64, counter)
+        test_eq(len(seen), 1 if T <= ROUTER_SELECT_MAX_TOKENS else 2)
+        test_eq(counter.item(), 0)                                               # left ready for the next launch
+        assert torch.equal(got[1].cpu(), want[1].cpu()) and torch.equal(got[0].cpu(), want[0].cpu()), (kw, T)
+        got[0].fill_(float("nan")); got[1].fill_(-1); del got                       # poisoned and freed: the next call's
+        again = _route_tokens(plan, hidden, gate, gb, bias, torch.int64, counter)    # outputs (the allocator's reuse)
+        assert torch.equal(again[1].cpu(), want[1].cpu()) and torch.equal(again[0].cpu(), want[0].cpu()), (kw, T)
 
 # %% [markdown]
 # Arguments are checked on their metadata — shapes and dtypes — and the correction bias for NaN or inf when

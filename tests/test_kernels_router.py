@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device, launch_kernel
-from moe_lit.kernels.batched import _next_pow2, _cdiv
+from moe_lit.kernels.batched import _next_pow2, _cdiv, _last_to_arrive
 from moe_lit.routing import ungroupable_reason, matmul_acc
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
 from moe_lit.routing import select_experts, router_logits
-from moe_lit.kernels.router import _router_logits_kernel, ROUTER_BLOCK_K
+from moe_lit.kernels.router import _router_logits_kernel, _route_tokens, ROUTER_BLOCK_K, ROUTER_SELECT_MAX_TOKENS
 import dataclasses
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.kernels.router import *
@@ -89,6 +89,31 @@ def test_route_tokens_matches_torch_router():
     parts = torch.full((2, T, E), float("nan"), device=DEVICE)
     _router_logits_kernel[(E, 2)](hidden, gate, parts, T, E, H, H, H, T_PAD=8, BLOCK_EL=1, BLOCK_K=ROUTER_BLOCK_K)
     assert_close(parts.sum(0), hidden.double() @ gate.double().T, rtol=1e-5, name="partial logits")
+
+
+def test_router_selects_in_the_logits_launch():
+    g = torch.Generator().manual_seed(5)
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    for kw in (dict(num_experts=64, top_k=8),
+               dict(num_experts=256, top_k=8, scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=8,
+                    topk_group=4, routed_scaling_factor=2.5, has_correction_bias=True),       # DeepSeek-V3
+               dict(num_experts=16, top_k=1, routing_method="llama4", renormalize=False)):
+        cfg = MoEConfig(hidden_size=1100, intermediate_size=16, **kw)
+        plan, E = router_plan(cfg), cfg.num_experts
+        bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE) if cfg.has_correction_bias else None
+        gate = (torch.randn(E, 1100, generator=g) / 33).to(DEVICE, torch.bfloat16)
+        gb = torch.randn(E, generator=g).to(DEVICE, torch.bfloat16)
+        for T in sorted({1, ROUTER_SELECT_MAX_TOKENS, ROUTER_SELECT_MAX_TOKENS + 1}):
+            hidden = torch.randn(T, 1100, generator=g).to(DEVICE, torch.bfloat16)
+            want = _route_tokens(plan, hidden, gate, gb, bias, torch.int64)             # two launches
+            with record_launches() as seen:
+                got = _route_tokens(plan, hidden, gate, gb, bias, torch.int64, counter)
+            test_eq(len(seen), 1 if T <= ROUTER_SELECT_MAX_TOKENS else 2)
+            test_eq(counter.item(), 0)                                               # left ready for the next launch
+            assert torch.equal(got[1].cpu(), want[1].cpu()) and torch.equal(got[0].cpu(), want[0].cpu()), (kw, T)
+            got[0].fill_(float("nan")); got[1].fill_(-1); del got                       # poisoned and freed: the next call's
+            again = _route_tokens(plan, hidden, gate, gb, bias, torch.int64, counter)    # outputs (the allocator's reuse)
+            assert torch.equal(again[1].cpu(), want[1].cpu()) and torch.equal(again[0].cpu(), want[0].cpu()), (kw, T)
 
 
 def test_route_topk_bad_arguments():

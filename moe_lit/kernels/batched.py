@@ -93,7 +93,17 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
         count = tl.minimum(tl.load(counts_ptr + g), MAX_TOKENS)
     return e, count
 
-# %% ../../nbs/06_kernels.batched.ipynb #9690d37ec9ac
+# %% ../../nbs/06_kernels.batched.ipynb #e3ea796e4f4a
+@triton.jit
+def _last_to_arrive(count_ptr,      # int32 arrival counter: 0 before the launch, and again after it
+                    arrivals):      # how many programs count in
+    """Count this program in: True in the one program that arrives last, which also resets the counter to 0 (so a
+    counter the caller keeps stays ready for the next launch, CUDA graphs included)."""
+    tl.debug_barrier()                                            # every thread's stores are in before the count
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+    if last: tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")   # the others have counted: nobody reads it
+    return last                   # where True, the acquire orders this program's later loads after the others' stores
+
 @triton.jit
 def _split_k_sum(acc, acc_up,      # [BLOCK_M, BLOCK_N] fp32: this program's partial sums (gate, up)
                  part_ptr,         # fp32 workspace [SPLIT_K, num_tiles, 2, BLOCK_M, BLOCK_N]
@@ -107,8 +117,7 @@ def _split_k_sum(acc, acc_up,      # [BLOCK_M, BLOCK_N] fp32: this program's par
     mine = part_ptr + (split.to(tl.int64) * num_tiles + tile64) * (2 * SIZE)
     tl.store(mine + offs, acc)
     if GATED: tl.store(mine + SIZE + offs, acc_up)
-    tl.debug_barrier()                                            # every thread's partial is stored before the count
-    last = tl.atomic_add(lock_ptr + tile64, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+    last = _last_to_arrive(lock_ptr + tile64, SPLIT_K)
     if last:                                                      # the acquire orders the loads below after it
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

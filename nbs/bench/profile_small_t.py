@@ -1,6 +1,8 @@
 """Kernel times of every layer-benchmark deployment at small T (torch profiler over CUDA-graph replays), bf16.
 
-    python nbs/bench/profile_small_t.py [T ...]      # default T = 1 2
+    python nbs/bench/profile_small_t.py [T ...] [--select-max N]    # default T = 1 2
+
+`--select-max N` sets `ROUTER_SELECT_MAX_TOKENS` (0: the selection always takes its own launch; 03a).
 
 For each entry of `LAYER_DEPLOYMENTS` and each T: the layer (random weights, the benchmark's seed) is captured for
 that T, its replay timed (`triton.testing.do_bench`, median), then replayed 50 times under the profiler. The table
@@ -11,7 +13,12 @@ from torch.profiler import profile, ProfilerActivity
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
 from moe_lit.layer import FusedMoE
 
-tokens = [int(a) for a in sys.argv[1:]] or [1, 2]
+import moe_lit.kernels.router as router
+args = sys.argv[1:]
+if "--select-max" in args:
+    i = args.index("--select-max"); router.ROUTER_SELECT_MAX_TOKENS = int(args[i + 1]); del args[i:i + 2]
+print(f"ROUTER_SELECT_MAX_TOKENS = {router.ROUTER_SELECT_MAX_TOKENS}")
+tokens = [int(a) for a in args] or [1, 2]
 for dep in LAYER_DEPLOYMENTS:
     cfg = deployment_config(dep)
     torch.manual_seed(0)
