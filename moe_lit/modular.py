@@ -323,7 +323,7 @@ EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("triton_quant", ActivationFormat.Standard): TritonQuantExpertsAdapter,
            ("triton_quant", ActivationFormat.BatchedExperts): BatchedTritonQuantExpertsAdapter}
 
-# %% ../nbs/10_modular.ipynb #3f4cc161f3e1
+# %% ../nbs/10_modular.ipynb #7a42fbf91e52
 class SharedExperts(torch.nn.Module):
     "The always-on experts as one gated SiLU MLP `w13 [2·I_s, H]` (gate then up), `w2 [H, I_s]`; optionally gated per token."
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
@@ -339,16 +339,21 @@ class SharedExperts(torch.nn.Module):
         self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
         self.gate = None if gate is None else torch.nn.Parameter(gate, requires_grad=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor,
+                use_triton: bool = False,   # ungated, in the weights' dtype: moe-lit's grouped GEMM (08), two launches
+               ) -> torch.Tensor:
         "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated."
         if hidden.device != self.w13.device:       # (torch would read a meta weight as uninitialised memory)
             raise ValueError(f"hidden: expected a tensor on the shared experts' device {self.w13.device}, got {hidden.device}")
+        if use_triton and self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64:
+            from moe_lit.kernels.contiguous import _shared_expert_mlp
+            return _shared_expert_mlp(hidden, self.w13.contiguous(), self.w2.contiguous())
         h = SILU(matmul_acc(hidden, self.w13)).to(hidden.dtype)         # [T, I_s]: GEMM1 in fp32, cast once
         y = matmul_acc(h, self.w2)                                      # [T, H] accumulation dtype
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #c6918040febb
+# %% ../nbs/10_modular.ipynb #022f6010b4fa
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None,
@@ -364,6 +369,7 @@ class ModularKernel:
             raise ValueError(f"shared_experts: expected a SharedExperts or None, got {type(shared_experts).__name__}")
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
         self.overlap_shared = True     # on a GPU, run the shared experts on a side stream beside the routed ones
+        self._shared_triton = getattr(prepare_finalize, "use_triton", False)   # the shared experts on Triton too
         # owned: prepare, experts and finalize skip their per-call metadata checks where they have an unchecked twin
         self.owned = check_bool("owned", owned)
         if owned and getattr(experts, "trusted", False): experts.weights_checked = True
@@ -391,8 +397,8 @@ class ModularKernel:
             if hidden.is_cuda and self.overlap_shared and timings is None:   # overlap: a side stream, joined below
                 side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream(hidden.device)
                 side.wait_stream(torch.cuda.current_stream(hidden.device))
-                with torch.cuda.stream(side): shared = self.shared_experts(hidden)
-            else: shared = self.shared_experts(hidden)
+                with torch.cuda.stream(side): shared = self.shared_experts(hidden, self._shared_triton)
+            else: shared = self.shared_experts(hidden, self._shared_triton)
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")

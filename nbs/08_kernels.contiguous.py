@@ -784,6 +784,50 @@ class TritonExperts:
                             True, expected_m, w2_bias, active_experts)
         return _combine_pairs(y, local_ids, E)             # router weights already applied; y is unit-stride
 
+# %% [markdown]
+# ## One expert on every token: the shared experts
+#
+# A shared expert (DeepSeek, Llama 4) is a gated-SiLU MLP that every token goes through: the grouped GEMM with one
+# expert and every token's row in order. The aligned layout of that case needs no alignment kernel — block `b` holds
+# rows `b·BLOCK_M …`, the rows past T are masked by the kernel as sentinels — so it is made once per token count and
+# kept (`_dense_blocks`). Two launches on the layer's path to the GPU, in place of torch's six or seven (the fp32
+# GEMM, the activation's split, SiLU, product and cast, the second GEMM and its cast), with the numerics of a routed
+# expert: fp32 products and sums, one rounding of the activation to the input dtype, one of the output.
+
+# %%
+#| export
+@functools.lru_cache(maxsize=256)
+def _dense_blocks(T: int, block_m: int, device: torch.device) -> tuple:
+    "`(sorted_token_ids, expert_ids, num_tokens_post_padded)` of T rows on one expert, in order (made once, kept: read-only)."
+    n = _cdiv(T, block_m) * block_m
+    return (torch.arange(n, dtype=torch.int32, device=device), torch.zeros(n // block_m, dtype=torch.int32, device=device),
+            torch.full((1,), n, dtype=torch.int32, device=device))       # kernels only: capturable, no host copy
+
+def shared_expert_mlp(hidden: torch.Tensor,   # [T, H] bf16/fp16/fp32
+                      w13: torch.Tensor,      # [2·I_s, H] gate rows, then up rows, hidden's dtype
+                      w2: torch.Tensor,       # [H, I_s] hidden's dtype
+                     ) -> torch.Tensor:       # [T, H] hidden's dtype
+    """`w2 · silu_and_mul(w13 · x)` for every row of `hidden`: the grouped GEMMs with one expert (two launches, no
+    alignment kernel), fp32 accumulation, the activation rounded once to hidden's dtype. ValueError naming the
+    argument for a shape, dtype or device mismatch. Source: the shared experts of DeepSeek-V2/V3 (arXiv:2405.04434)."""
+    check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    check_tensor("w13", w13, shape=(None, hidden.shape[1]), dtype=hidden.dtype)
+    if w13.shape[0] == 0 or w13.shape[0] % 2:
+        raise ValueError(f"w13: expected a positive even number of rows (gate, then up), got {w13.shape[0]}")
+    check_tensor("w2", w2, shape=(hidden.shape[1], w13.shape[0] // 2), dtype=hidden.dtype)
+    check_kernel_device("hidden", hidden, w13=w13, w2=w2)
+    return _shared_expert_mlp(hidden, w13.contiguous(), w2.contiguous())
+
+def _shared_expert_mlp(hidden, w13, w2) -> torch.Tensor:
+    "`shared_expert_mlp` after its checks, for contiguous weights (`10_modular.SharedExperts` checked them once)."
+    T, (N, H) = hidden.shape[0], w13.shape
+    if T == 0: return hidden.new_empty(0, H)
+    bm = _gemm1_block_m(1, N, H, T, hidden.dtype, _tile_config_root())
+    s, e, n = _dense_blocks(T, bm, hidden.device)
+    h = _fused_moe_gemm(hidden if hidden.stride(-1) == 1 else hidden.contiguous(), w13[None], s, e, n, 1, bm, SILU,
+                        None, None, None, None, False, T, None, 1)
+    return _fused_moe_gemm(h, w2[None], s, e, n, 1, bm, None, None, None, None, None, True, T, None, 1)
+
 # %%
 #| test triton_experts_match_reference
 g = torch.Generator().manual_seed(1)
@@ -816,6 +860,35 @@ test_eq([kern.fn.__name__ for kern, _, _ in seen], ["_fused_moe_kernel", "_fused
 test_eq(seen[0][2]["PAIR_IDS"], True)
 assert_compiles_for_gpu(seen)                                               # and Hopper compiles that variant
 assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local), name="pair ids")
+
+# %% [markdown]
+# The shared experts' MLP against the float64 reference (one expert, weight 1, every token): token counts around the
+# block size, ragged `H` and `I`, fp32 and bf16, `hidden` a strided view whose rows past T are NaN (never read: the
+# padded rows of the last block are masked), two launches that Hopper compiles, and each bad argument named.
+
+# %%
+#| test shared_expert_mlp_matches_reference
+g = torch.Generator().manual_seed(21)
+H, I = 40, 24
+w13, w2 = torch.randn(2 * I, H, generator=g) / H**0.5, torch.randn(H, I, generator=g) / I**0.5
+for T in (1, 5, 17):
+    for dtype in (torch.float32, torch.bfloat16):
+        buf = torch.full((T + 3, H + 8), float("nan"))
+        buf[:T, :H] = torch.randn(T, H, generator=g)
+        hidden = buf[:T, :H]                                                        # row stride H + 8
+        want = moe_reference_standard(hidden.double(), w13[None].double(), w2[None].double(),
+                                      torch.ones(T, 1), torch.zeros(T, 1, dtype=torch.long))
+        with record_launches() as seen:
+            got = shared_expert_mlp(buf.to(DEVICE, dtype)[:T, :H], w13.to(DEVICE, dtype), w2.to(DEVICE, dtype))
+        test_eq([k.fn.__name__ for k, _, _ in seen], ["_fused_moe_kernel"] * 2)
+        assert_close(got, want, name=f"shared T={T} {dtype}")
+assert_compiles_for_gpu(seen)
+test_eq(shared_expert_mlp(torch.zeros(0, H, device=DEVICE), w13.to(DEVICE), w2.to(DEVICE)).shape, (0, H))
+x = torch.randn(3, H, device=DEVICE)
+test_fail(lambda: shared_expert_mlp(x, w13[:-1].to(DEVICE), w2.to(DEVICE)), contains="w13: expected a positive even number")
+test_fail(lambda: shared_expert_mlp(x, w13.to(DEVICE), w2[:, :-1].to(DEVICE)), contains="w2: expected shape [40, 24]")
+test_fail(lambda: shared_expert_mlp(x, w13.to(DEVICE).bfloat16(), w2.to(DEVICE)), contains="w13: expected dtype")
+test_fail(lambda: shared_expert_mlp(x.double(), w13.to(DEVICE), w2.to(DEVICE)), contains="hidden: expected dtype")
 
 # %% [markdown]
 # gpt-oss's experts — biases on both GEMMs, the clamped SwiGLU with a small `limit` — against the float64 reference of

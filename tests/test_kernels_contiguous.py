@@ -168,6 +168,30 @@ def test_triton_experts_match_reference():
     assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local), name="pair ids")
 
 
+def test_shared_expert_mlp_matches_reference():
+    g = torch.Generator().manual_seed(21)
+    H, I = 40, 24
+    w13, w2 = torch.randn(2 * I, H, generator=g) / H**0.5, torch.randn(H, I, generator=g) / I**0.5
+    for T in (1, 5, 17):
+        for dtype in (torch.float32, torch.bfloat16):
+            buf = torch.full((T + 3, H + 8), float("nan"))
+            buf[:T, :H] = torch.randn(T, H, generator=g)
+            hidden = buf[:T, :H]                                                        # row stride H + 8
+            want = moe_reference_standard(hidden.double(), w13[None].double(), w2[None].double(),
+                                          torch.ones(T, 1), torch.zeros(T, 1, dtype=torch.long))
+            with record_launches() as seen:
+                got = shared_expert_mlp(buf.to(DEVICE, dtype)[:T, :H], w13.to(DEVICE, dtype), w2.to(DEVICE, dtype))
+            test_eq([k.fn.__name__ for k, _, _ in seen], ["_fused_moe_kernel"] * 2)
+            assert_close(got, want, name=f"shared T={T} {dtype}")
+    assert_compiles_for_gpu(seen)
+    test_eq(shared_expert_mlp(torch.zeros(0, H, device=DEVICE), w13.to(DEVICE), w2.to(DEVICE)).shape, (0, H))
+    x = torch.randn(3, H, device=DEVICE)
+    test_fail(lambda: shared_expert_mlp(x, w13[:-1].to(DEVICE), w2.to(DEVICE)), contains="w13: expected a positive even number")
+    test_fail(lambda: shared_expert_mlp(x, w13.to(DEVICE), w2[:, :-1].to(DEVICE)), contains="w2: expected shape [40, 24]")
+    test_fail(lambda: shared_expert_mlp(x, w13.to(DEVICE).bfloat16(), w2.to(DEVICE)), contains="w13: expected dtype")
+    test_fail(lambda: shared_expert_mlp(x.double(), w13.to(DEVICE), w2.to(DEVICE)), contains="hidden: expected dtype")
+
+
 def test_triton_experts_swigluoai_bias():
     g = torch.Generator().manual_seed(8)
     E, H, I = 6, 48, 40

@@ -19,7 +19,8 @@ from .dispatch import _combine_pairs
 
 # %% auto #0
 __all__ = ['moe_align_block_size_reference', 'moe_align_block_size', 'plot_aligned_layout', 'check_alignment', 'moe_pair_blocks',
-           'fused_moe_gemm', 'check_aligned_args', 'check_local_ids', 'check_block_m', 'TritonExperts']
+           'fused_moe_gemm', 'check_aligned_args', 'check_local_ids', 'check_block_m', 'TritonExperts',
+           'shared_expert_mlp']
 
 # %% ../../nbs/08_kernels.contiguous.ipynb #63958547e313
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
@@ -506,3 +507,36 @@ class TritonExperts:
         y = _fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", None, None,
                             True, expected_m, w2_bias, active_experts)
         return _combine_pairs(y, local_ids, E)             # router weights already applied; y is unit-stride
+
+# %% ../../nbs/08_kernels.contiguous.ipynb #62213d2749f8
+@functools.lru_cache(maxsize=256)
+def _dense_blocks(T: int, block_m: int, device: torch.device) -> tuple:
+    "`(sorted_token_ids, expert_ids, num_tokens_post_padded)` of T rows on one expert, in order (made once, kept: read-only)."
+    n = _cdiv(T, block_m) * block_m
+    return (torch.arange(n, dtype=torch.int32, device=device), torch.zeros(n // block_m, dtype=torch.int32, device=device),
+            torch.full((1,), n, dtype=torch.int32, device=device))       # kernels only: capturable, no host copy
+
+def shared_expert_mlp(hidden: torch.Tensor,   # [T, H] bf16/fp16/fp32
+                      w13: torch.Tensor,      # [2·I_s, H] gate rows, then up rows, hidden's dtype
+                      w2: torch.Tensor,       # [H, I_s] hidden's dtype
+                     ) -> torch.Tensor:       # [T, H] hidden's dtype
+    """`w2 · silu_and_mul(w13 · x)` for every row of `hidden`: the grouped GEMMs with one expert (two launches, no
+    alignment kernel), fp32 accumulation, the activation rounded once to hidden's dtype. ValueError naming the
+    argument for a shape, dtype or device mismatch. Source: the shared experts of DeepSeek-V2/V3 (arXiv:2405.04434)."""
+    check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    check_tensor("w13", w13, shape=(None, hidden.shape[1]), dtype=hidden.dtype)
+    if w13.shape[0] == 0 or w13.shape[0] % 2:
+        raise ValueError(f"w13: expected a positive even number of rows (gate, then up), got {w13.shape[0]}")
+    check_tensor("w2", w2, shape=(hidden.shape[1], w13.shape[0] // 2), dtype=hidden.dtype)
+    check_kernel_device("hidden", hidden, w13=w13, w2=w2)
+    return _shared_expert_mlp(hidden, w13.contiguous(), w2.contiguous())
+
+def _shared_expert_mlp(hidden, w13, w2) -> torch.Tensor:
+    "`shared_expert_mlp` after its checks, for contiguous weights (`10_modular.SharedExperts` checked them once)."
+    T, (N, H) = hidden.shape[0], w13.shape
+    if T == 0: return hidden.new_empty(0, H)
+    bm = _gemm1_block_m(1, N, H, T, hidden.dtype, _tile_config_root())
+    s, e, n = _dense_blocks(T, bm, hidden.device)
+    h = _fused_moe_gemm(hidden if hidden.stride(-1) == 1 else hidden.contiguous(), w13[None], s, e, n, 1, bm, SILU,
+                        None, None, None, None, False, T, None, 1)
+    return _fused_moe_gemm(h, w2[None], s, e, n, 1, bm, None, None, None, None, None, True, T, None, 1)
