@@ -238,7 +238,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #4c2f653189ff
+# %% ../nbs/12_layer.ipynb #7ea87a93bd6f
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -257,8 +257,8 @@ def _build_hot_path(self: FusedMoE):
     self.replicas = None if not c.num_redundant_experts else tuple(     # EPLB: (logical_to_physical, counts)
         t.to(dev) for t in eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size))
     self._kernels, self.graphs = {}, {}
-    # the router's arrival counter: at decode the logits launch's last program also selects (03a); the kernel leaves
-    # it 0. It is the layer's, so one forward of a layer runs at a time (one stream, or graphs replayed on it)
+    # the router's arrival counter: in eager decode the logits launch's last program also selects (03a); the kernel
+    # leaves it 0. It is the layer's, so one eager forward of a layer runs at a time (on one stream)
     self._router_counter = torch.zeros(1, dtype=torch.int32, device=dev) if self.use_triton and dev.type != "meta" else None
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
@@ -371,7 +371,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #280bb826e8df
+# %% ../nbs/12_layer.ipynb #8a6b499ba630
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -393,9 +393,11 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
-    if self.router is not None:       # logits and selection on the GPU: one launch at decode, two past it (03a)
-        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
-                                      self.router_gate, self.gate_bias, bias, self._ids_dtype, self._router_counter)
+    if self.router is not None:       # logits and selection on the GPU (03a): at decode one launch in eager, where
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()   # the host is the bottleneck; two in
+        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),   # a graph
+                                      self.router_gate, self.gate_bias, bias, self._ids_dtype,
+                                      None if capturing else self._router_counter)
     else:
         logits = router_logits(hidden, self.router_gate, self.gate_bias)    # [T, num_experts] fp32
         wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug

@@ -179,6 +179,14 @@ def _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr,   #
 # must be 0 before the launch and nobody else's: the layer keeps one (so one forward of a layer runs at a time), and
 # the public `route_tokens` takes two launches. Past a few tokens the serial selections in one program would cost
 # more than the launch they save.
+#
+# It saves host time, not GPU time. In CUDA-graph replays on an H200 the two launches are the faster
+# (`nbs/bench/profile_small_t_sel0_h200_6f16892.log` against `…_sel2_…`, the selection in its own launch against in the
+# logits launch up to 2 tokens): Qwen3-30B-A3B 40.7 against 42.3 µs at T = 1 and 60.9 against 66.1 at T = 2,
+# DeepSeek-V3 EP8 (nixl_ep) 54.5 against 58.1 at T = 1 — one program's serial selection, with the block's
+# cross-warp reductions, takes longer than a one-warp kernel of its own, and a launch inside a graph costs about
+# nothing. In eager the host is the bottleneck (each launch is several µs of Python and driver time), so the layer
+# selects in the logits launch in eager and in a kernel of its own while a graph is captured.
 # The products are fp32 products of the stored values, as `03_routing.matmul_acc` defines them; only the order of the
 # sum differs from cuBLAS's. Past `ROUTER_GEMV_MAX_TOKENS` tokens the weight is re-read per token block and a GEMM
 # is the better tool: the logits come from `matmul_acc` (one cuBLAS call), and only the bias moves into the selection.

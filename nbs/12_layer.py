@@ -389,8 +389,8 @@ def _build_hot_path(self: FusedMoE):
     self.replicas = None if not c.num_redundant_experts else tuple(     # EPLB: (logical_to_physical, counts)
         t.to(dev) for t in eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size))
     self._kernels, self.graphs = {}, {}
-    # the router's arrival counter: at decode the logits launch's last program also selects (03a); the kernel leaves
-    # it 0. It is the layer's, so one forward of a layer runs at a time (one stream, or graphs replayed on it)
+    # the router's arrival counter: in eager decode the logits launch's last program also selects (03a); the kernel
+    # leaves it 0. It is the layer's, so one eager forward of a layer runs at a time (on one stream)
     self._router_counter = torch.zeros(1, dtype=torch.int32, device=dev) if self.use_triton and dev.type != "meta" else None
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
@@ -535,9 +535,11 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
-    if self.router is not None:       # logits and selection on the GPU: one launch at decode, two past it (03a)
-        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
-                                      self.router_gate, self.gate_bias, bias, self._ids_dtype, self._router_counter)
+    if self.router is not None:       # logits and selection on the GPU (03a): at decode one launch in eager, where
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()   # the host is the bottleneck; two in
+        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),   # a graph
+                                      self.router_gate, self.gate_bias, bias, self._ids_dtype,
+                                      None if capturing else self._router_counter)
     else:
         logits = router_logits(hidden, self.router_gate, self.gate_bias)    # [T, num_experts] fp32
         wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug

@@ -1,20 +1,26 @@
 """Eager vs CUDA-graph-replayed forward of the whole layer at T = 1, every `LAYER_DEPLOYMENTS` entry (GPU).
 
-    python nbs/bench/eager_vs_replay.py [--quant SCHEME] [--ab]
+    python nbs/bench/eager_vs_replay.py [--quant SCHEME] [--ab launch|select|overlap]
 
 eager: a loop of 200 `layer(x)` calls, synchronised once at the end, µs per call (the host-bound rate a Python caller
 sees); replay: the same forward captured with `layer.capture([1])`, a loop of 200 `graph.replay()`; host = eager −
-replay. Random weights, bf16, fixed seeds. `--ab`: eager timed alternately with Triton's JIT launch path
-(`moe_lit.kernels.batched.FAST_LAUNCH` off) and `launch_kernel`'s direct launches (on), three times each in one
-process, the best kept, and both modes' outputs compared bit for bit.
+replay. Random weights, bf16, fixed seeds. `--ab` times eager with a switch off and on, alternately, three times each
+in one process, keeps the best of each, and compares both modes' outputs bit for bit:
+  launch  - Triton's JIT launch path against `launch_kernel`'s direct launches (`moe_lit.kernels.batched.FAST_LAUNCH`)
+  select  - the router's selection in its own launch against the logits launch's last program
+            (`moe_lit.kernels.router.ROUTER_SELECT_MAX_TOKENS` 0 against its default)
+  overlap - the shared experts in line against a side stream (`ModularKernel.overlap_shared`; layers without shared
+            experts are skipped)
 """
 import sys, time, torch
 import moe_lit.kernels.batched as kb
+import moe_lit.kernels.router as kr
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
 from moe_lit.layer import FusedMoE
 
 quant = sys.argv[sys.argv.index("--quant") + 1] if "--quant" in sys.argv else "unquantized"
-ab = "--ab" in sys.argv
+ab = sys.argv[sys.argv.index("--ab") + 1] if "--ab" in sys.argv else None
+assert ab in (None, "launch", "select", "overlap"), f"--ab: expected launch, select or overlap, got {ab}"
 
 
 def loop_us(f, n=200):
@@ -25,27 +31,38 @@ def loop_us(f, n=200):
     return (time.perf_counter() - t0) / n * 1e6
 
 
-default = kb.FAST_LAUNCH
+def switch(layer, on: bool):
+    "Set the A/B switch (`on`: the layer's default for launch and select, the side stream for overlap)."
+    if ab == "launch": kb.FAST_LAUNCH = on
+    elif ab == "select": kr.ROUTER_SELECT_MAX_TOKENS = select_default if on else 0
+    elif ab == "overlap":
+        for mk in layer._kernels.values(): mk.overlap_shared = on
+
+
+launch_default, select_default = kb.FAST_LAUNCH, kr.ROUTER_SELECT_MAX_TOKENS
 for dep in LAYER_DEPLOYMENTS:
     layer = FusedMoE(deployment_config(dep), device="cuda", placement=dep["placement"], quant=quant)
+    if ab == "overlap" and layer.shared_experts is None: continue
     x = torch.randn(1, layer.config.hidden_size, device="cuda", dtype=layer.config.dtype)
-    modes = (False, True) if ab else (default,)
+    layer(x)                                                         # builds the ModularKernel the switch reaches
+    modes = (False, True) if ab else (True,)
     best, outs = {}, {}
     for _ in range(3 if ab else 1):
-        for fast in modes:
-            kb.FAST_LAUNCH = fast
-            outs[fast] = layer(x)
-            best[fast] = min(best.get(fast, float("inf")), loop_us(lambda: layer(x)))
-    kb.FAST_LAUNCH = default
+        for on in modes:
+            switch(layer, on)
+            outs[on] = layer(x)
+            best[on] = min(best.get(on, float("inf")), loop_us(lambda: layer(x)))
+    switch(layer, True)
     g, gx, gy = layer.capture([1]).graphs[1]
     gx.copy_(x); replay = loop_us(g.replay)
     if ab:
-        jit, direct = best[False], best[True]
-        print(f"{dep['name']:<45} {quant:<12} T=1 eager jit {jit:7.1f} us  direct {direct:7.1f} us  replay {replay:6.1f} us"
-              f"  host jit {jit - replay:6.1f}  direct {direct - replay:6.1f}  same bits {torch.equal(outs[False], outs[True])}",
+        off, on = best[False], best[True]
+        print(f"{dep['name']:<45} {quant:<12} T=1 {ab}: eager off {off:7.1f} us  on {on:7.1f} us  replay {replay:6.1f} us"
+              f"  host off {off - replay:6.1f}  on {on - replay:6.1f}  same bits {torch.equal(outs[False], outs[True])}",
               flush=True)
     else:
-        eager = best[default]
+        eager = best[True]
         print(f"{dep['name']:<45} {quant:<12} T=1 eager {eager:7.1f} us  replay {replay:6.1f} us  host {eager - replay:7.1f} us",
               flush=True)
     del layer; torch.cuda.empty_cache()
+kb.FAST_LAUNCH, kr.ROUTER_SELECT_MAX_TOKENS = launch_default, select_default

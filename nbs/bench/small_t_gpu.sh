@@ -6,8 +6,8 @@
 #                                            and layer tests
 #   bash nbs/bench/small_t_gpu.sh measure -> the chain again, the whole layer benchmark (JSON, log and figure), the
 #                                            seed scenario
-#   bash nbs/bench/small_t_gpu.sh launch  -> eager against replayed at T = 1 with the JIT's launch path
-#                                            (MOE_LIT_FAST_LAUNCH=0) and with `launch`'s direct one
+#   bash nbs/bench/small_t_gpu.sh launch  -> eager against replayed at T = 1, each host-side switch off and on
+#                                            (eager_vs_replay.py --ab launch / select / overlap)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_h200_$C.log"; grep "==" "$OUT/profile_small_t_h200_$C.log"; }
@@ -25,9 +25,7 @@ measure)
   tail -3 "$OUT/layer_bench_h200_$C.log"
   timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9 ;;
 launch)
-  for f in 0 1; do
-    MOE_LIT_FAST_LAUNCH=$f timeout 200 python nbs/bench/eager_vs_replay.py 2>&1 | grep -v Warning \
-      > "$OUT/eager_vs_replay_fast${f}_h200_$C.log"
-    echo "== MOE_LIT_FAST_LAUNCH=$f"; cat "$OUT/eager_vs_replay_fast${f}_h200_$C.log"
+  for m in launch select overlap; do
+    timeout 150 python nbs/bench/eager_vs_replay.py --ab $m 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_${m}_h200_$C.log"
   done ;;
 esac
