@@ -19,6 +19,8 @@ from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
+from moe_lit.kernels.batched import split_k_choice, split_k_buffers
+import moe_lit.kernels.batched as _batched
 from moe_lit.kernels.dispatch import _combine_pairs
 
 # %%
@@ -534,34 +536,55 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
     if out is None: out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device)
     if num_pairs == 0 or E == 0: return out                     # nothing to compute (no expert on this rank: all -1)
-    if expected_m is None: expected_m = max(1, num_pairs // E)
-    bm, bn, bk, tma, group_m, rest = _fused_tile(E, N, K, expected_m, a.dtype, block_m, act is not None,
-                                                 None if config is None else tuple(sorted(config.items())),
-                                                 _tile_config_root())
+    pair_ids = sorted_token_ids is None                         # None: `_align_pairs`' pair blocks
+    tiles, split, bm, bn, bk, tma, kw = _fused_plan(
+        E, N, K, a.shape[0], a.stride(), w.stride(), out.stride(), w.data_ptr() & 15, a.dtype, top_k, block_m, act,
+        weight_stage, None if config is None else tuple(sorted(config.items())), per_pair, expected_m,
+        None if bias is None else bias.stride(), active_experts, expert_ids.numel(),
+        -1 if pair_ids else sorted_token_ids.numel(), a.device, _tile_config_root(), SPLIT_K_PROGRAMS_PER_SM["16-bit"],
+        _batched.SPLIT_K_WORKSPACE_BYTES)
     w_desc = None
-    if tma and n_out % bn == 0 and _w_descriptor_ok(w) and E * N < 2**31:     # whole boxes: the up tile never crosses rows
+    if tma:                                                     # whole boxes: the up tile never crosses rows
         from triton.tools.tensor_descriptor import TensorDescriptor
         w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
-    num_m_blocks, pair_ids = expert_ids.numel(), sorted_token_ids is None       # None: `_align_pairs`' pair blocks
     if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids           # (unread pointers)
-    tiles, rest = num_m_blocks * _cdiv(n_out, bn), dict(rest)
-    if w_desc is not None: split, part, locks = 1, None, None          # the TMA path does not split (nor does a
-    else: split, part, locks = split_k_launch(rest, _cdiv(n_out, bn),   # large grid: see split_k_factor)
-                                             min(E, num_pairs if active_experts is None else active_experts),
-                                             _cdiv(K, bk), tiles, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
-    rest.pop("SPLIT_K", None)
+    part, locks = split_k_buffers(split, tiles, bm, bn, a.device)
     launch_kernel(_fused_moe_kernel, (tiles, split))(
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,
-        weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, N_OUT=n_out, N_W=N, K=K,
-        num_pairs=num_pairs, num_m_blocks=num_m_blocks, num_sorted=sorted_token_ids.numel(), num_local=E,
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_we=w.stride(0), stride_wn=w.stride(1),
-        stride_wk=w.stride(2), stride_cm=out.stride(0), stride_cn=out.stride(1), **epilogue_args(act, bias),
-        TOP_K=top_k, A_PER_PAIR=per_pair,
-        WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage], UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-        EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-        PAIR_IDS=pair_ids, **rest)
+        weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, bias_ptr=bias, **kw)
     return out
+
+@functools.lru_cache(maxsize=4096)
+def _fused_plan(E, N, K, rows, a_strides, w_strides, out_strides, w_misalign, dtype, top_k, block_m, act, weight_stage,
+                config_items, per_pair, expected_m, bias_strides, active_experts, num_m_blocks, num_sorted, device,
+                config_dir, programs_per_sm, workspace_bytes) -> tuple:
+    """What `_fused_moe_gemm` launches with besides its tensors, worked out once per shape and kept: `(tiles, SPLIT_K,
+    BLOCK_M, BLOCK_N, BLOCK_K, TMA, keyword arguments)`. Its arguments are everything that work reads (the split-K
+    knobs and the tile tables' folder included), so a changed one is a new entry, never a stale plan."""
+    n_out = N // 2 if act else N
+    num_pairs = rows if per_pair else rows * top_k
+    if expected_m is None: expected_m = max(1, num_pairs // E)
+    bm, bn, bk, tma, group_m, rest = _fused_tile(E, N, K, expected_m, dtype, block_m, act is not None, config_items,
+                                                 config_dir)
+    contiguous = w_strides == (N * K, K, 1)
+    tma = bool(tma and n_out % bn == 0 and contiguous and (K * dtype.itemsize) % 16 == 0 and w_misalign == 0
+               and E * N < 2**31)       # a descriptor needs a contiguous w, 16-byte aligned rows and base
+    tiles, rest = num_m_blocks * _cdiv(n_out, bn), dict(rest)
+    split = 1 if tma else split_k_choice(rest, _cdiv(n_out, bn), min(E, num_pairs if active_experts is None else active_experts),
+                                         _cdiv(K, bk), tiles, bm, bn, programs_per_sm)   # (TMA does not split)
+    rest.pop("SPLIT_K", None)
+    ep = epilogue_args(act, None)
+    del ep["bias_ptr"]
+    if bias_strides is not None: ep.update(stride_be=bias_strides[0], stride_bn=bias_strides[1], HAS_BIAS=True)
+    kw = dict(N_OUT=n_out, N_W=N, K=K, num_pairs=num_pairs, num_m_blocks=num_m_blocks,
+              num_sorted=num_m_blocks if num_sorted < 0 else num_sorted, num_local=E,
+              stride_am=a_strides[0], stride_ak=a_strides[1], stride_we=w_strides[0], stride_wn=w_strides[1],
+              stride_wk=w_strides[2], stride_cm=out_strides[0], stride_cn=out_strides[1], **ep,
+              TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
+              UPCAST=INTERPRET and dtype == torch.bfloat16, EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, GROUP_M=group_m,
+              PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+              SPLIT_K=split, PAIR_IDS=num_sorted < 0, **rest)
+    return tiles, split, bm, bn, bk, tma, kw
 
 @functools.lru_cache(maxsize=1024)
 def _gemm1_block_m(E, N, K, expected_m, dtype, config_dir) -> int:
@@ -605,10 +628,6 @@ def check_block_m(block_m) -> int:
     check_int("block_m", block_m, lo=16 if not INTERPRET else 1, hi=257)
     if block_m & (block_m - 1): raise ValueError(f"block_m: expected a power of two, got {block_m}")
     return block_m
-
-def _w_descriptor_ok(w: torch.Tensor) -> bool:
-    "A tensor descriptor needs a contiguous w with 16-byte aligned rows and base."
-    return w.is_contiguous() and (w.shape[2] * w.element_size()) % 16 == 0 and w.data_ptr() % 16 == 0
 
 # %% [markdown]
 # The GEMM alone, against a float64 spec, through every code path of the kernel: even and ragged K and N (masked

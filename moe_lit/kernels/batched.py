@@ -23,8 +23,8 @@ __all__ = ['INTERPRET', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET'
            'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map', 'check_tile_config',
            'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent', 'check_kernel_device',
            'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'launch_key', 'launch_values', 'launch_kernel',
-           'split_k_factor', 'split_k_launch', 'expert_slots', 'check_max_active', 'batched_moe_gemm',
-           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+           'split_k_factor', 'split_k_launch', 'split_k_choice', 'split_k_buffers', 'expert_slots', 'check_max_active',
+           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -560,7 +560,7 @@ def _first_launch(kernel, key, grid, args, kwargs):
     cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, *_launch_tail(kernel, len(args), kwargs))
     return compiled
 
-# %% ../../nbs/06_kernels.batched.ipynb #8c922a5c0e3f
+# %% ../../nbs/06_kernels.batched.ipynb #a34272e3d4d1
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
 SPLIT_K_PROGRAMS_PER_SM = {"16-bit": 0.5, "fp8": 0.5, "fp4": 4.0}   # each kernel family's split target (H200 sweep)
 
@@ -600,6 +600,12 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     The workspace is fp32 `[SPLIT_K, num_tiles, 2, block_m, block_n]` (gate and up partials), the counters int32
     `[num_tiles]` zeros, both on `device`; neither is allocated without a split. ValueError naming `config['SPLIT_K']`
     for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
+    split = split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
+    return (split, *split_k_buffers(split, num_tiles, block_m, block_n, device))
+
+def split_k_choice(cfg: dict, tiles_per_expert: int, active_experts: int, k_tiles: int, num_tiles: int, block_m: int,
+                   block_n: int, programs_per_sm: float = 1) -> int:
+    "`split_k_launch`'s SPLIT_K alone (popped from cfg, checked), for a caller that keeps it per shape."
     split = cfg.pop("SPLIT_K", None)
     nbytes = lambda s: s * num_tiles * 2 * block_m * block_n * 4
     if split is None:
@@ -610,8 +616,12 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
         if nbytes(split) > 16 * SPLIT_K_WORKSPACE_BYTES:      # an override is honoured, within reason
             raise ValueError(f"config['SPLIT_K']: expected a split whose fp32 workspace fits {16 * SPLIT_K_WORKSPACE_BYTES >> 20} "
                              f"MiB ({num_tiles} output tiles of {block_m}x{block_n}), got {split} ({nbytes(split) >> 20} MiB)")
-    if split == 1: return 1, None, None
-    return (split, torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
+    return split
+
+def split_k_buffers(split: int, num_tiles: int, block_m: int, block_n: int, device) -> tuple:
+    "`(fp32 workspace, zeroed int32 counters)` of a launch split `split` ways, or `(None, None)` without a split."
+    if split == 1: return None, None
+    return (torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
             torch.zeros(num_tiles, dtype=torch.int32, device=device))
 
 # %% ../../nbs/06_kernels.batched.ipynb #2be335702887
