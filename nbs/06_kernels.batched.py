@@ -1101,36 +1101,51 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     (E, M, K), N = a.shape, w.shape[1]
     n_out = N // 2 if act else N
     if E == 0 or M == 0 or n_out == 0: return out
-    bm, bn, bk, tma, cfg = _batched_tile(E, N, K, expected_m or M, a.dtype, act is not None,
-                                         None if config is None else tuple(sorted(config.items())),
-                                         _tile_config_root())
-    cfg = dict(cfg)
-    num_m_tiles = _cdiv(M, bm)
-    grid = (num_m_tiles * _cdiv(n_out, bn), E)
-    epilogue = epilogue_args(act, bias)
+    tma, bm, bn, bk, grid, split, kw_tma, kw = _batched_plan(
+        E, M, K, N, a.stride(), w.stride(), out.stride(), a.dtype, act,
+        None if config is None else tuple(sorted(config.items())), expected_m, None if bias is None else bias.stride(),
+        active_experts, max_active, a.device, _tile_config_root(), SPLIT_K_PROGRAMS_PER_SM["16-bit"],
+        SPLIT_K_WORKSPACE_BYTES)
     if tma and _tma_ok(a, w):
         from triton.tools.tensor_descriptor import TensorDescriptor
-        launch_kernel(_batched_moe_gemm_tma_kernel, grid)(
+        launch_kernel(_batched_moe_gemm_tma_kernel, (grid[0], E))(
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
-            out, expert_num_tokens, N_OUT=n_out, N_W=N, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
-            stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
-            UPCAST=INTERPRET and a.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            WARP_SPECIALIZE=cfg.pop("WARP_SPECIALIZE", False), **{k: v for k, v in cfg.items() if k != "SPLIT_K"})
+            out, expert_num_tokens, bias_ptr=bias, **kw_tma)
         return out
-    split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
-                                        E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
-                                        grid[0] * E, bm, bn, a.device, SPLIT_K_PROGRAMS_PER_SM["16-bit"])
-    slots, compact, block_e = expert_slots(E, max_active)
-    launch_kernel(_batched_moe_gemm_kernel, (grid[0], slots, split))(
-        a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks, N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles,
-        num_experts=E, COMPACT=compact, BLOCK_E=block_e,
-        stride_ae=a.stride(0), stride_am=a.stride(1), stride_ak=a.stride(2),
-        stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
-        stride_ce=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2), **epilogue,
-        EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0,
-        UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, **cfg)
+    part, locks = split_k_buffers(split, grid[0] * E, bm, bn, a.device)
+    launch_kernel(_batched_moe_gemm_kernel, grid)(a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
+                                                  bias_ptr=bias, **kw)
     return out
+
+@functools.lru_cache(maxsize=4096)
+def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, config_items, expected_m, bias_strides,
+                  active_experts, max_active, device, config_dir, programs_per_sm, workspace_bytes) -> tuple:
+    """What `_batched_moe_gemm` launches with besides its tensors, once per shape and kept: `(TMA, BLOCK_M, BLOCK_N,
+    BLOCK_K, grid, SPLIT_K, keyword arguments of the descriptor kernel, of the pointer kernel)`; its arguments are
+    everything that work reads, so a changed one is a new entry."""
+    n_out = N // 2 if act else N
+    bm, bn, bk, tma, cfg = _batched_tile(E, N, K, expected_m or M, dtype, act is not None, config_items, config_dir)
+    cfg = dict(cfg)
+    num_m_tiles = _cdiv(M, bm)
+    tiles = num_m_tiles * _cdiv(n_out, bn)
+    ep = epilogue_args(act, None)
+    del ep["bias_ptr"]
+    if bias_strides is not None: ep.update(stride_be=bias_strides[0], stride_bn=bias_strides[1], HAS_BIAS=True)
+    common = dict(N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles, stride_ce=out_strides[0],
+                  stride_cm=out_strides[1], stride_cn=out_strides[2], **ep, UPCAST=INTERPRET and dtype == torch.bfloat16,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    kw_tma = dict(common, N_W=N, WARP_SPECIALIZE=cfg.get("WARP_SPECIALIZE", False),
+                  **{k: v for k, v in cfg.items() if k not in ("SPLIT_K", "WARP_SPECIALIZE")})
+    cfg.pop("WARP_SPECIALIZE", None)
+    split = split_k_choice(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
+                           E if active_experts is None else min(E, active_experts), _cdiv(K, bk), tiles * E, bm, bn,
+                           programs_per_sm)
+    slots, compact, block_e = expert_slots(E, max_active)
+    kw = dict(common, num_experts=E, COMPACT=compact, BLOCK_E=block_e, stride_ae=a_strides[0], stride_am=a_strides[1],
+              stride_ak=a_strides[2], stride_we=w_strides[0], stride_wn=w_strides[1], stride_wk=w_strides[2],
+              EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+              SPLIT_K=split, **cfg)
+    return tma, bm, bn, bk, (tiles, slots, split), split, kw_tma, kw
 
 @functools.lru_cache(maxsize=1024)
 def _batched_tile(E, N, K, expected_m, dtype, gated, config_items, config_dir) -> tuple:
