@@ -443,8 +443,12 @@ class SharedExperts(torch.nn.Module):
 #
 # On a GPU the shared experts do not wait for the routed ones: they depend on the tokens only, so they run on a side
 # stream forked before dispatch and joined before the final sum (`overlap_shared`, on by default) — at decode both
-# halves are a few small launches each, and in a captured graph the two branches become parallel nodes. Their GEMMs
-# are cuBLAS bf16 calls with an fp32 result (`matmul_acc`), never an upcast copy of the weights.
+# halves are a few small launches each, and in a captured graph the two branches become parallel nodes. With a
+# prepare/finalize on Triton (the layer's, unless its experts are torch's) an ungated shared expert runs through
+# moe-lit's own grouped GEMM over one expert (`08_kernels.contiguous.shared_expert_mlp`): two launches, where torch
+# took six or seven (the fp32-result GEMM, the activation's split, SiLU, product and cast, the second GEMM and its
+# cast). Otherwise — torch experts, fp64, a gated shared expert (Qwen2-MoE) — its GEMMs are cuBLAS calls with an fp32
+# result (`matmul_acc`), never an upcast copy of the weights.
 #
 # A ModularKernel built by `FusedMoE` is **owned** (`owned=True`): the layer checked `hidden` and a caller's `topk` on
 # each call, made the ids with its own router, and checks its weights where they change (at load, and when one is
