@@ -186,14 +186,15 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #f361e9e181a2
+# %% ../nbs/12_layer.ipynb #25029ae05ea8
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
-    for n in ("w13", "w2", "w13_bias", "w2_bias", "gate", "gate_bias", "e_score_correction_bias"):
+    shared = dict(zip((f"shared_experts.{n}" for n in _SHARED), _shared_tensors(module)))
+    for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
         if not isinstance(t, torch.Tensor): continue
-        own = getattr(module, n, None)
+        own = shared[n] if n in shared else getattr(module, n, None)
         check_dense(f"state_dict[{prefix + n!r}]", t)
         if isinstance(own, torch.Tensor) and tuple(t.shape) != tuple(own.shape):
             raise ValueError(f"state_dict[{prefix + n!r}]: expected shape {list(own.shape)}, got {list(t.shape)}")
@@ -212,9 +213,9 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
 
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."
-    for n in ("w13", "w2", "w13_bias", "w2_bias"):          # `assign=True` would swap in the state_dict's own tensors
-        t = getattr(module, n)
-        if t is not None and t.dtype != module.config.dtype:
+    shared = dict(zip((f"shared_experts.{n}" for n in _SHARED), _shared_tensors(module)))
+    for n, t in [(n, getattr(module, n)) for n in ("w13", "w2", "w13_bias", "w2_bias")] + list(shared.items()):
+        if t is not None and t.dtype != module.config.dtype:   # `assign=True` would swap in the state_dict's own tensors
             raise ValueError(f"state_dict[{n!r}]: expected dtype {module.config.dtype} after loading (load without "
                              f"assign=True, or build the layer in that dtype), got {t.dtype}")
     module._build_hot_path()                           # the router's gate copy; captured graphs are dropped
@@ -238,7 +239,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #7ea87a93bd6f
+# %% ../nbs/12_layer.ipynb #837583f8185b
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -281,7 +282,15 @@ def _weight_versions(self: FusedMoE) -> tuple:
     p, b, quantized = self._parameters, self._buffers, self.qweights is not None
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(self.placement),
-                                       id(self._modules.get("shared_experts")), self.debug, self.experts)
+                                       id(self._modules.get("shared_experts")), self.debug, self.experts) + \
+        tuple(_identity(t, False) for t in _shared_tensors(self))
+
+_SHARED = ("w13", "w2", "gate")                    # the shared experts' tensors (`10_modular.SharedExperts`)
+
+def _shared_tensors(layer) -> tuple:
+    "The shared experts' `(w13, w2, gate)` as the layer holds them, or `()` without shared experts."
+    sh = layer._modules.get("shared_experts")
+    return () if sh is None else tuple(sh._parameters.get(n) for n in _SHARED)
 
 def _meta(t) -> tuple | None:
     "What the unchecked launches assume of a tensor: shape, dtype, device, and a contiguous layout."
@@ -297,7 +306,7 @@ def _record_build(self: FusedMoE):
     self._weight_meta = {n: _meta(getattr(self, n)) for n in _TRACKED}
     self._held = dict(config=self.config, qweights=_qmeta(self.qweights), num_local=self.placement.num_local_experts,
                       num_experts=self.placement.num_experts,
-                      shared=None if self.shared_experts is None else _meta(self.shared_experts.w13))
+                      shared=tuple(_meta(t) for t in _shared_tensors(self)))
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):
@@ -316,9 +325,11 @@ def _follow_inplace_edits(self: FusedMoE):
     if (getattr(p, "num_local_experts", None), getattr(p, "num_experts", None)) != (h["num_local"], h["num_experts"]):
         raise bad("placement", f"{h['num_local']} local of {h['num_experts']} experts",
                   f"{getattr(p, 'num_local_experts', None)} of {getattr(p, 'num_experts', None)}")
-    sh = self.shared_experts
-    if (None if sh is None else _meta(sh.w13)) != h["shared"]:
-        raise bad("shared_experts", f"w13 {show(h['shared'])}", f"w13 {show(None if sh is None else _meta(sh.w13))}")
+    shared = tuple(_meta(t) for t in _shared_tensors(self))
+    if len(shared) != len(h["shared"]):
+        raise bad("shared_experts", "some" if h["shared"] else "none", "some" if shared else "none")
+    for n, want, got in zip(_SHARED, h["shared"], shared):     # (a gated one's gate included)
+        if got != want: raise bad(f"shared_experts.{n}", show(want), show(got))
     check_bool("debug", self.debug); check_choice("experts", self.experts, ("torch", "triton", "triton_quant"))
     if self.experts == "triton_quant" and self.qweights is None:          # its kernels read the codes
         raise bad("experts", "'torch' or 'triton' for an unquantized layer", repr(self.experts))
@@ -371,7 +382,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #8a6b499ba630
+# %% ../nbs/12_layer.ipynb #fa32917fd334
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -393,6 +404,9 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
     if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
+    if self.debug and self._router_counter is not None and (n := int(self._router_counter)) != 0:   # one sync
+        raise ValueError(f"_router_counter: expected 0 before a forward (each launch leaves it 0; one eager forward of "
+                         f"a layer at a time, on one stream), got {n}")
     if self.router is not None:       # logits and selection on the GPU (03a): at decode one launch in eager, where
         capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()   # the host is the bottleneck; two in
         wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),   # a graph

@@ -323,7 +323,7 @@ EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("triton_quant", ActivationFormat.Standard): TritonQuantExpertsAdapter,
            ("triton_quant", ActivationFormat.BatchedExperts): BatchedTritonQuantExpertsAdapter}
 
-# %% ../nbs/10_modular.ipynb #7a42fbf91e52
+# %% ../nbs/10_modular.ipynb #b8aebc7c827b
 class SharedExperts(torch.nn.Module):
     "The always-on experts as one gated SiLU MLP `w13 [2·I_s, H]` (gate then up), `w2 [H, I_s]`; optionally gated per token."
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
@@ -332,6 +332,7 @@ class SharedExperts(torch.nn.Module):
         check_tensor("w13", w13, ndim=2, dtype=FLOAT_DTYPES)
         if w13.shape[0] == 0 or w13.shape[0] % 2:
             raise ValueError(f"w13: expected a positive even number of rows (gate then up), got {w13.shape[0]}")
+        if w13.shape[1] == 0: raise ValueError("w13: expected at least one column (hidden_size >= 1), got 0")
         check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)
         if gate is not None: check_tensor("gate", gate, shape=(1, w13.shape[1]), dtype=w13.dtype)
         for n, t in (("w2", w2), ("gate", gate)):
@@ -339,13 +340,21 @@ class SharedExperts(torch.nn.Module):
         self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
         self.gate = None if gate is None else torch.nn.Parameter(gate, requires_grad=False)
 
-    def forward(self, hidden: torch.Tensor,
+    def forward(self, hidden: torch.Tensor,      # [T, H] float, on the weights' device
                 use_triton: bool = False,   # ungated, in the weights' dtype: moe-lit's grouped GEMM (08), two launches
                ) -> torch.Tensor:
-        "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated."
+        """`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated. ValueError
+        naming `hidden` or `use_triton` for a shape, dtype or device mismatch. Source: DeepSeekMoE (arXiv:2401.06066)."""
+        check_tensor("hidden", hidden, shape=(None, self.w13.shape[1]), dtype=FLOAT_DTYPES)
+        check_bool("use_triton", use_triton)
         if hidden.device != self.w13.device:       # (torch would read a meta weight as uninitialised memory)
             raise ValueError(f"hidden: expected a tensor on the shared experts' device {self.w13.device}, got {hidden.device}")
-        if use_triton and self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64:
+        return self._run(hidden, use_triton)
+
+    def _run(self, hidden, use_triton=False) -> torch.Tensor:
+        "`forward` after its checks (an owning ModularKernel's caller checked `hidden`)."
+        if use_triton and self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64 \
+                and not (hidden.requires_grad and torch.is_grad_enabled()):   # (the kernels keep no autograd graph)
             from moe_lit.kernels.contiguous import _shared_expert_mlp
             return _shared_expert_mlp(hidden, self.w13.contiguous(), self.w2.contiguous())
         h = SILU(matmul_acc(hidden, self.w13)).to(hidden.dtype)         # [T, I_s]: GEMM1 in fp32, cast once
@@ -353,7 +362,7 @@ class SharedExperts(torch.nn.Module):
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #022f6010b4fa
+# %% ../nbs/10_modular.ipynb #5b84ac576759
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None,
@@ -368,8 +377,9 @@ class ModularKernel:
         if shared_experts is not None and not isinstance(shared_experts, SharedExperts):
             raise ValueError(f"shared_experts: expected a SharedExperts or None, got {type(shared_experts).__name__}")
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
-        self.overlap_shared = True     # on a GPU, run the shared experts on a side stream beside the routed ones
+        self.overlap_shared = True     # in a CUDA graph, the shared experts on a side stream beside the routed ones
         self._shared_triton = getattr(prepare_finalize, "use_triton", False)   # the shared experts on Triton too
+        self._shared = None if shared_experts is None else shared_experts._run if owned else shared_experts.forward
         # owned: prepare, experts and finalize skip their per-call metadata checks where they have an unchecked twin
         self.owned = check_bool("owned", owned)
         if owned and getattr(experts, "trusted", False): experts.weights_checked = True
@@ -394,11 +404,11 @@ class ModularKernel:
         clock = _Clock(timings, hidden.device)         # seconds of each stage, synchronized, when `timings` is a dict
         shared, side = None, None
         if add_shared and self.shared_experts is not None:
-            if hidden.is_cuda and self.overlap_shared and timings is None:   # overlap: a side stream, joined below
+            if hidden.is_cuda and self.overlap_shared and timings is None and torch.cuda.is_current_stream_capturing():
                 side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream(hidden.device)
-                side.wait_stream(torch.cuda.current_stream(hidden.device))
-                with torch.cuda.stream(side): shared = self.shared_experts(hidden, self._shared_triton)
-            else: shared = self.shared_experts(hidden, self._shared_triton)
+                side.wait_stream(torch.cuda.current_stream(hidden.device))   # a graph's parallel branch, joined below
+                with torch.cuda.stream(side): shared = self._shared(hidden, self._shared_triton)
+            else: shared = self._shared(hidden, self._shared_triton)
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")

@@ -171,10 +171,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     "Accumulation dtype of a computation in `dtype`: float64 for float64 inputs, float32 for everything else."
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-# %% ../nbs/00_terms.ipynb #1859d214f531
+# %% ../nbs/00_terms.ipynb #ea8786fbed12
 def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     "Check that every value of `t` is finite (a value check: it synchronizes, so it runs at construction or on request)."
     if not t.numel(): return t
+    if t.is_meta: raise ValueError(f"{name}: expected a tensor with values to check, got a meta tensor")
     if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):   # one reduction, no mask: min and
         ok = all(bool(torch.isfinite(v)) for v in torch.aminmax(t))                # max carry a NaN or an inf
     else: ok = bool(torch.isfinite(t).all())

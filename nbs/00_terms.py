@@ -283,6 +283,7 @@ test_eq([acc_dtype(d) for d in FLOAT_DTYPES], [torch.float64, torch.float32, tor
 def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
     "Check that every value of `t` is finite (a value check: it synchronizes, so it runs at construction or on request)."
     if not t.numel(): return t
+    if t.is_meta: raise ValueError(f"{name}: expected a tensor with values to check, got a meta tensor")
     if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):   # one reduction, no mask: min and
         ok = all(bool(torch.isfinite(v)) for v in torch.aminmax(t))                # max carry a NaN or an inf
     else: ok = bool(torch.isfinite(t).all())
@@ -311,6 +312,7 @@ for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64):        
     for v in (float("inf"), -float("inf"), float("nan")):
         test_fail(lambda: check_finite("w", torch.tensor([0.5, v, -2.0]).to(dt)), contains=f"w: expected finite values, got {v}")
 test_eq(check_finite("ids", torch.tensor([3, -1])).tolist(), [3, -1])            # integers are finite
+test_fail(lambda: check_finite("bias", torch.zeros(3, device="meta")), contains="bias: expected a tensor with values to check, got a meta tensor")
 
 # %% [markdown]
 # ## Progress

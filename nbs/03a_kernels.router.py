@@ -383,7 +383,9 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype,
                   counter: torch.Tensor | None = None,   # [1] int32, 0: the caller's own arrival counter (a layer's)
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """`route_tokens` after its checks (unit strides along hidden_size): the layer's hot path (`12_layer`). With the
-    caller's `counter` (zero, and left zero), up to `ROUTER_SELECT_MAX_TOKENS` tokens route in one launch."""
+    caller's `counter` (zero, and left zero), up to `ROUTER_SELECT_MAX_TOKENS` tokens route in one launch. A counter
+    that is not 0 leaves the outputs unset or selects early — wrong ids, which the layer's kernels skip where they
+    fall outside its experts; the layer with `debug=True` checks it before each forward."""
     T, H = hidden.shape
     E = plan.num_experts
     if not (0 < T <= ROUTER_GEMV_MAX_TOKENS and H):                         # (no column: the GEMM path's zeros)

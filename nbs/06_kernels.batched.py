@@ -1001,10 +1001,10 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     The workspace is fp32 `[SPLIT_K, num_tiles, 2, block_m, block_n]` (gate and up partials), the counters int32
     `[num_tiles]` zeros, both on `device`; neither is allocated without a split. ValueError naming `config['SPLIT_K']`
     for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
-    split = split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
-    return (split, *split_k_buffers(split, num_tiles, block_m, block_n, device))
+    split = _split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
+    return (split, *_split_k_buffers(split, num_tiles, block_m, block_n, device))
 
-def split_k_choice(cfg: dict, tiles_per_expert: int, active_experts: int, k_tiles: int, num_tiles: int, block_m: int,
+def _split_k_choice(cfg: dict, tiles_per_expert: int, active_experts: int, k_tiles: int, num_tiles: int, block_m: int,
                    block_n: int, programs_per_sm: float = 1) -> int:
     "`split_k_launch`'s SPLIT_K alone (popped from cfg, checked), for a caller that keeps it per shape."
     split = cfg.pop("SPLIT_K", None)
@@ -1019,7 +1019,7 @@ def split_k_choice(cfg: dict, tiles_per_expert: int, active_experts: int, k_tile
                              f"MiB ({num_tiles} output tiles of {block_m}x{block_n}), got {split} ({nbytes(split) >> 20} MiB)")
     return split
 
-def split_k_buffers(split: int, num_tiles: int, block_m: int, block_n: int, device) -> tuple:
+def _split_k_buffers(split: int, num_tiles: int, block_m: int, block_n: int, device) -> tuple:
     "`(fp32 workspace, zeroed int32 counters)` of a launch split `split` ways, or `(None, None)` without a split."
     if split == 1: return None, None
     return (torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
@@ -1112,7 +1112,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
             out, expert_num_tokens, bias_ptr=bias, **kw_tma)
         return out
-    part, locks = split_k_buffers(split, grid[0] * E, bm, bn, a.device)
+    part, locks = _split_k_buffers(split, grid[0] * E, bm, bn, a.device)
     launch_kernel(_batched_moe_gemm_kernel, grid)(a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
                                                   bias_ptr=bias, **kw)
     return out
@@ -1137,7 +1137,7 @@ def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, con
     kw_tma = dict(common, N_W=N, WARP_SPECIALIZE=cfg.get("WARP_SPECIALIZE", False),
                   **{k: v for k, v in cfg.items() if k not in ("SPLIT_K", "WARP_SPECIALIZE")})
     cfg.pop("WARP_SPECIALIZE", None)
-    split = split_k_choice(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
+    split = _split_k_choice(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
                            E if active_experts is None else min(E, active_experts), _cdiv(K, bk), tiles * E, bm, bn,
                            programs_per_sm)
     slots, compact, block_e = expert_slots(E, max_active)

@@ -19,7 +19,7 @@ from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
-from moe_lit.kernels.batched import split_k_choice, split_k_buffers
+from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
 import moe_lit.kernels.batched as _batched
 from moe_lit.kernels.dispatch import _combine_pairs
 
@@ -548,7 +548,7 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
         from triton.tools.tensor_descriptor import TensorDescriptor
         w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
     if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids           # (unread pointers)
-    part, locks = split_k_buffers(split, tiles, bm, bn, a.device)
+    part, locks = _split_k_buffers(split, tiles, bm, bn, a.device)
     launch_kernel(_fused_moe_kernel, (tiles, split))(
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,
         weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, bias_ptr=bias, **kw)
@@ -570,7 +570,7 @@ def _fused_plan(E, N, K, rows, a_strides, w_strides, out_strides, w_misalign, dt
     tma = bool(tma and n_out % bn == 0 and contiguous and (K * dtype.itemsize) % 16 == 0 and w_misalign == 0
                and E * N < 2**31)       # a descriptor needs a contiguous w, 16-byte aligned rows and base
     tiles, rest = num_m_blocks * _cdiv(n_out, bn), dict(rest)
-    split = 1 if tma else split_k_choice(rest, _cdiv(n_out, bn), min(E, num_pairs if active_experts is None else active_experts),
+    split = 1 if tma else _split_k_choice(rest, _cdiv(n_out, bn), min(E, num_pairs if active_experts is None else active_experts),
                                          _cdiv(K, bk), tiles, bm, bn, programs_per_sm)   # (TMA does not split)
     rest.pop("SPLIT_K", None)
     ep = epilogue_args(act, None)
@@ -830,6 +830,7 @@ def shared_expert_mlp(hidden: torch.Tensor,   # [T, H] bf16/fp16/fp32
     alignment kernel), fp32 accumulation, the activation rounded once to hidden's dtype. ValueError naming the
     argument for a shape, dtype or device mismatch. Source: the shared experts of DeepSeek-V2/V3 (arXiv:2405.04434)."""
     check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    if hidden.shape[1] == 0: raise ValueError("hidden: expected at least one column (hidden_size >= 1), got 0")
     check_tensor("w13", w13, shape=(None, hidden.shape[1]), dtype=hidden.dtype)
     if w13.shape[0] == 0 or w13.shape[0] % 2:
         raise ValueError(f"w13: expected a positive even number of rows (gate, then up), got {w13.shape[0]}")
@@ -908,6 +909,8 @@ test_fail(lambda: shared_expert_mlp(x, w13[:-1].to(DEVICE), w2.to(DEVICE)), cont
 test_fail(lambda: shared_expert_mlp(x, w13.to(DEVICE), w2[:, :-1].to(DEVICE)), contains="w2: expected shape [40, 24]")
 test_fail(lambda: shared_expert_mlp(x, w13.to(DEVICE).bfloat16(), w2.to(DEVICE)), contains="w13: expected dtype")
 test_fail(lambda: shared_expert_mlp(x.double(), w13.to(DEVICE), w2.to(DEVICE)), contains="hidden: expected dtype")
+test_fail(lambda: shared_expert_mlp(torch.randn(2, 0, device=DEVICE), torch.randn(4, 0, device=DEVICE),
+                                    torch.randn(0, 2, device=DEVICE)), contains="hidden: expected at least one column")
 
 # %% [markdown]
 # gpt-oss's experts — biases on both GEMMs, the clamped SwiGLU with a small `limit` — against the float64 reference of

@@ -417,6 +417,7 @@ class SharedExperts(torch.nn.Module):
         check_tensor("w13", w13, ndim=2, dtype=FLOAT_DTYPES)
         if w13.shape[0] == 0 or w13.shape[0] % 2:
             raise ValueError(f"w13: expected a positive even number of rows (gate then up), got {w13.shape[0]}")
+        if w13.shape[1] == 0: raise ValueError("w13: expected at least one column (hidden_size >= 1), got 0")
         check_tensor("w2", w2, shape=(w13.shape[1], w13.shape[0] // 2), dtype=w13.dtype)
         if gate is not None: check_tensor("gate", gate, shape=(1, w13.shape[1]), dtype=w13.dtype)
         for n, t in (("w2", w2), ("gate", gate)):
@@ -424,13 +425,21 @@ class SharedExperts(torch.nn.Module):
         self.w13, self.w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
         self.gate = None if gate is None else torch.nn.Parameter(gate, requires_grad=False)
 
-    def forward(self, hidden: torch.Tensor,
+    def forward(self, hidden: torch.Tensor,      # [T, H] float, on the weights' device
                 use_triton: bool = False,   # ungated, in the weights' dtype: moe-lit's grouped GEMM (08), two launches
                ) -> torch.Tensor:
-        "`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated."
+        """`[T, H]` in hidden's dtype; computed like a routed expert (fp32 products, one cast), then gated. ValueError
+        naming `hidden` or `use_triton` for a shape, dtype or device mismatch. Source: DeepSeekMoE (arXiv:2401.06066)."""
+        check_tensor("hidden", hidden, shape=(None, self.w13.shape[1]), dtype=FLOAT_DTYPES)
+        check_bool("use_triton", use_triton)
         if hidden.device != self.w13.device:       # (torch would read a meta weight as uninitialised memory)
             raise ValueError(f"hidden: expected a tensor on the shared experts' device {self.w13.device}, got {hidden.device}")
-        if use_triton and self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64:
+        return self._run(hidden, use_triton)
+
+    def _run(self, hidden, use_triton=False) -> torch.Tensor:
+        "`forward` after its checks (an owning ModularKernel's caller checked `hidden`)."
+        if use_triton and self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64 \
+                and not (hidden.requires_grad and torch.is_grad_enabled()):   # (the kernels keep no autograd graph)
             from moe_lit.kernels.contiguous import _shared_expert_mlp
             return _shared_expert_mlp(hidden, self.w13.contiguous(), self.w2.contiguous())
         h = SILU(matmul_acc(hidden, self.w13)).to(hidden.dtype)         # [T, I_s]: GEMM1 in fp32, cast once
@@ -441,9 +450,13 @@ class SharedExperts(torch.nn.Module):
 # %% [markdown]
 # ## ModularKernel
 #
-# On a GPU the shared experts do not wait for the routed ones: they depend on the tokens only, so they run on a side
-# stream forked before dispatch and joined before the final sum (`overlap_shared`, on by default) — at decode both
-# halves are a few small launches each, and in a captured graph the two branches become parallel nodes. With a
+# In a captured CUDA graph the shared experts do not wait for the routed ones: they depend on the tokens only, so
+# they run on a side stream forked before dispatch and joined before the final sum (`overlap_shared`, on by default),
+# and the graph's two branches become parallel nodes (replayed, DeepSeek-V3 EP8 at T = 1: 109.8 µs against 131.6 in
+# line, `nbs/bench/overlap_ab_h200_efa90f1.log`). Eager forwards run them in line: at decode an eager forward is
+# bound by the host, and the fork and join cost more host time than the overlap saves (H200, T = 1, in line against a
+# side stream: DeepSeek-V3 nixl_ep 365 against 435 µs, allgather 494 against 584; `eager_vs_replay.py --ab overlap`,
+# `nbs/bench/eager_vs_replay_overlap_h200_eae306d.log`). With a
 # prepare/finalize on Triton (the layer's, unless its experts are torch's) an ungated shared expert runs through
 # moe-lit's own grouped GEMM over one expert (`08_kernels.contiguous.shared_expert_mlp`): two launches, where torch
 # took six or seven (the fp32-result GEMM, the activation's split, SiLU, product and cast, the second GEMM and its
@@ -474,8 +487,9 @@ class ModularKernel:
         if shared_experts is not None and not isinstance(shared_experts, SharedExperts):
             raise ValueError(f"shared_experts: expected a SharedExperts or None, got {type(shared_experts).__name__}")
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
-        self.overlap_shared = True     # on a GPU, run the shared experts on a side stream beside the routed ones
+        self.overlap_shared = True     # in a CUDA graph, the shared experts on a side stream beside the routed ones
         self._shared_triton = getattr(prepare_finalize, "use_triton", False)   # the shared experts on Triton too
+        self._shared = None if shared_experts is None else shared_experts._run if owned else shared_experts.forward
         # owned: prepare, experts and finalize skip their per-call metadata checks where they have an unchecked twin
         self.owned = check_bool("owned", owned)
         if owned and getattr(experts, "trusted", False): experts.weights_checked = True
@@ -500,11 +514,11 @@ class ModularKernel:
         clock = _Clock(timings, hidden.device)         # seconds of each stage, synchronized, when `timings` is a dict
         shared, side = None, None
         if add_shared and self.shared_experts is not None:
-            if hidden.is_cuda and self.overlap_shared and timings is None:   # overlap: a side stream, joined below
+            if hidden.is_cuda and self.overlap_shared and timings is None and torch.cuda.is_current_stream_capturing():
                 side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream(hidden.device)
-                side.wait_stream(torch.cuda.current_stream(hidden.device))
-                with torch.cuda.stream(side): shared = self.shared_experts(hidden, self._shared_triton)
-            else: shared = self.shared_experts(hidden, self._shared_triton)
+                side.wait_stream(torch.cuda.current_stream(hidden.device))   # a graph's parallel branch, joined below
+                with torch.cuda.stream(side): shared = self._shared(hidden, self._shared_triton)
+            else: shared = self._shared(hidden, self._shared_triton)
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")
@@ -607,6 +621,12 @@ assert not torch.allclose(SharedExperts(w13, w2)(x), want)                      
 test_fail(lambda: SharedExperts(w13, w2, gate[:, :5]), contains="gate: expected shape [1, 16]")
 test_fail(lambda: SharedExperts(w13, w2.to("meta")), contains="w2: expected w13's device cpu, got meta")
 test_fail(lambda: SharedExperts(w13.to("meta"), w2.to("meta"))(x), contains="hidden: expected a tensor on the shared experts' device meta, got cpu")
+se = SharedExperts(w13.float(), w2.float())                     # each call's hidden, named (either path)
+for bad, msg in ((x[:, :-1].float(), "hidden: expected shape [*, 16], got [5, 15]"), (x[0].float(), "hidden: expected a 2-D tensor"),
+                 (x.long(), "hidden: expected dtype"), (x.tolist(), "hidden: expected a torch.Tensor")):
+    for tri in (False, True): test_fail(lambda: se(bad, use_triton=tri), contains=msg)
+test_fail(lambda: se(x.float(), use_triton="yes"), contains="use_triton: expected a bool")
+test_fail(lambda: SharedExperts(torch.randn(4, 0), torch.randn(0, 2)), contains="w13: expected at least one column")
 
 # %% [markdown]
 # Both formats, torch and Triton (the interpreter on a CPU), compute the same layer — checked against the float64

@@ -12,7 +12,7 @@ from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
-from moe_lit.kernels.batched import split_k_choice, split_k_buffers
+from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
 import moe_lit.kernels.batched as _batched
 from moe_lit.kernels.dispatch import _combine_pairs
 from moe_lit.kernels.batched import DEVICE
@@ -192,6 +192,8 @@ def test_shared_expert_mlp_matches_reference():
     test_fail(lambda: shared_expert_mlp(x, w13.to(DEVICE), w2[:, :-1].to(DEVICE)), contains="w2: expected shape [40, 24]")
     test_fail(lambda: shared_expert_mlp(x, w13.to(DEVICE).bfloat16(), w2.to(DEVICE)), contains="w13: expected dtype")
     test_fail(lambda: shared_expert_mlp(x.double(), w13.to(DEVICE), w2.to(DEVICE)), contains="hidden: expected dtype")
+    test_fail(lambda: shared_expert_mlp(torch.randn(2, 0, device=DEVICE), torch.randn(4, 0, device=DEVICE),
+                                        torch.randn(0, 2, device=DEVICE)), contains="hidden: expected at least one column")
 
 
 def test_triton_experts_swigluoai_bias():

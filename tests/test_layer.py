@@ -285,6 +285,23 @@ def test_layer_follows_inplace_edits():
         test_fail(lambda: layer(x), contains=f"gate: expected shape [8, 128], torch.float32 on {layer.gate.device} (the layer's")
         layer.gate = layer.gate.contiguous()
         test_eq(layer(x).shape, (6, 128))
+    sc = cfg.replace(num_shared_experts=1, shared_intermediate_size=48)               # the shared experts are followed too
+    sl = FusedMoE(sc, seed=3, experts="triton", device=DEVICE)
+    test_eq(sl(x).shape, (6, 128))
+    good = sl.shared_experts.w2
+    sl.shared_experts.w2 = torch.nn.Parameter(good.detach()[:, :8].contiguous(), requires_grad=False)   # a narrower one
+    test_fail(lambda: sl(x), contains="shared_experts.w2: expected shape [128, 48]")
+    sl.shared_experts.w2 = torch.nn.Parameter(good.detach().clone(), requires_grad=False)               # a valid swap: used
+    test_eq(torch.equal(sl(x).cpu(), FusedMoE(sc, seed=3, experts="triton", device=DEVICE)(x).cpu()), True)
+    sd = sl.state_dict()
+    for key, bad in (("shared_experts.w13", float("nan")), ("shared_experts.w2", float("inf"))):
+        broken = dict(sd); broken[key] = sd[key].clone(); broken[key][0, 0] = bad
+        test_fail(lambda: sl.load_state_dict(broken), contains=f"state_dict['{key}']: expected finite values")
+    broken = dict(sd); broken["shared_experts.w13"] = sd["shared_experts.w13"].float()
+    test_fail(lambda: sl.load_state_dict(broken, assign=True), contains="state_dict['shared_experts.w13']: expected dtype torch.bfloat16 with assign=True")
+    db = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE, debug=True)         # debug: the router's counter checked
+    db._router_counter.fill_(3)
+    test_fail(lambda: db(x[:1]), contains="_router_counter: expected 0 before a forward")
     with torch.inference_mode():                                                   # inference tensors: no version counter
         inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
         test_eq(inf(x).shape, (6, 128))

@@ -64,6 +64,12 @@ def test_shared_experts_gate():
     test_fail(lambda: SharedExperts(w13, w2, gate[:, :5]), contains="gate: expected shape [1, 16]")
     test_fail(lambda: SharedExperts(w13, w2.to("meta")), contains="w2: expected w13's device cpu, got meta")
     test_fail(lambda: SharedExperts(w13.to("meta"), w2.to("meta"))(x), contains="hidden: expected a tensor on the shared experts' device meta, got cpu")
+    se = SharedExperts(w13.float(), w2.float())                     # each call's hidden, named (either path)
+    for bad, msg in ((x[:, :-1].float(), "hidden: expected shape [*, 16], got [5, 15]"), (x[0].float(), "hidden: expected a 2-D tensor"),
+                     (x.long(), "hidden: expected dtype"), (x.tolist(), "hidden: expected a torch.Tensor")):
+        for tri in (False, True): test_fail(lambda: se(bad, use_triton=tri), contains=msg)
+    test_fail(lambda: se(x.float(), use_triton="yes"), contains="use_triton: expected a bool")
+    test_fail(lambda: SharedExperts(torch.randn(4, 0), torch.randn(0, 2)), contains="w13: expected at least one column")
 
 
 def test_modular_kernels_agree():

@@ -78,6 +78,7 @@ def test_check_finite():
         for v in (float("inf"), -float("inf"), float("nan")):
             test_fail(lambda: check_finite("w", torch.tensor([0.5, v, -2.0]).to(dt)), contains=f"w: expected finite values, got {v}")
     test_eq(check_finite("ids", torch.tensor([3, -1])).tolist(), [3, -1])            # integers are finite
+    test_fail(lambda: check_finite("bias", torch.zeros(3, device="meta")), contains="bias: expected a tensor with values to check, got a meta tensor")
 
 
 def test_progress_passthrough():

@@ -23,8 +23,8 @@ __all__ = ['INTERPRET', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET'
            'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map', 'check_tile_config',
            'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent', 'check_kernel_device',
            'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'launch_key', 'launch_values', 'launch_kernel',
-           'split_k_factor', 'split_k_launch', 'split_k_choice', 'split_k_buffers', 'expert_slots', 'check_max_active',
-           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+           'split_k_factor', 'split_k_launch', 'expert_slots', 'check_max_active', 'batched_moe_gemm',
+           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -560,7 +560,7 @@ def _first_launch(kernel, key, grid, args, kwargs):
     cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, *_launch_tail(kernel, len(args), kwargs))
     return compiled
 
-# %% ../../nbs/06_kernels.batched.ipynb #a34272e3d4d1
+# %% ../../nbs/06_kernels.batched.ipynb #0267a7816827
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
 SPLIT_K_PROGRAMS_PER_SM = {"16-bit": 0.5, "fp8": 0.5, "fp4": 4.0}   # each kernel family's split target (H200 sweep)
 
@@ -600,10 +600,10 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     The workspace is fp32 `[SPLIT_K, num_tiles, 2, block_m, block_n]` (gate and up partials), the counters int32
     `[num_tiles]` zeros, both on `device`; neither is allocated without a split. ValueError naming `config['SPLIT_K']`
     for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
-    split = split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
-    return (split, *split_k_buffers(split, num_tiles, block_m, block_n, device))
+    split = _split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
+    return (split, *_split_k_buffers(split, num_tiles, block_m, block_n, device))
 
-def split_k_choice(cfg: dict, tiles_per_expert: int, active_experts: int, k_tiles: int, num_tiles: int, block_m: int,
+def _split_k_choice(cfg: dict, tiles_per_expert: int, active_experts: int, k_tiles: int, num_tiles: int, block_m: int,
                    block_n: int, programs_per_sm: float = 1) -> int:
     "`split_k_launch`'s SPLIT_K alone (popped from cfg, checked), for a caller that keeps it per shape."
     split = cfg.pop("SPLIT_K", None)
@@ -618,7 +618,7 @@ def split_k_choice(cfg: dict, tiles_per_expert: int, active_experts: int, k_tile
                              f"MiB ({num_tiles} output tiles of {block_m}x{block_n}), got {split} ({nbytes(split) >> 20} MiB)")
     return split
 
-def split_k_buffers(split: int, num_tiles: int, block_m: int, block_n: int, device) -> tuple:
+def _split_k_buffers(split: int, num_tiles: int, block_m: int, block_n: int, device) -> tuple:
     "`(fp32 workspace, zeroed int32 counters)` of a launch split `split` ways, or `(None, None)` without a split."
     if split == 1: return None, None
     return (torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
@@ -642,7 +642,7 @@ def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, va
         raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
     return max_active
 
-# %% ../../nbs/06_kernels.batched.ipynb #385dfcc938bf
+# %% ../../nbs/06_kernels.batched.ipynb #87ef0fe3dc4c
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -686,7 +686,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
             out, expert_num_tokens, bias_ptr=bias, **kw_tma)
         return out
-    part, locks = split_k_buffers(split, grid[0] * E, bm, bn, a.device)
+    part, locks = _split_k_buffers(split, grid[0] * E, bm, bn, a.device)
     launch_kernel(_batched_moe_gemm_kernel, grid)(a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
                                                   bias_ptr=bias, **kw)
     return out
@@ -711,7 +711,7 @@ def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, con
     kw_tma = dict(common, N_W=N, WARP_SPECIALIZE=cfg.get("WARP_SPECIALIZE", False),
                   **{k: v for k, v in cfg.items() if k not in ("SPLIT_K", "WARP_SPECIALIZE")})
     cfg.pop("WARP_SPECIALIZE", None)
-    split = split_k_choice(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
+    split = _split_k_choice(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
                            E if active_experts is None else min(E, active_experts), _cdiv(K, bk), tiles * E, bm, bn,
                            programs_per_sm)
     slots, compact, block_e = expert_slots(E, max_active)
