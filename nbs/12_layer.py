@@ -367,7 +367,11 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # kernel directly after the first launch of each key: the JIT's binding and key took 47–50 µs of a decode forward's
 # five or six launches on the 2-core CPU, `launch_kernel`'s own key and argument list 25–26 µs
 # (`nbs/bench/launch_key_cpu.log`), and the JIT's other per-call work (launch metadata, hook chains, driver lookups)
-# is skipped too. Its effect on the H200 host has not been measured yet.
+# is skipped too. On the H200 host, eager at T = 1 alternately through the JIT and through `launch_kernel`'s direct
+# path in one process (`nbs/bench/eager_vs_replay.py --ab launch`, `eager_vs_replay_launch_h200_6f16892.log`, the
+# same bits both ways): host time Qwen3 123 → 89 µs, Qwen3 EP2 157 → 116, gpt-oss 88 → 54, DeepSeek-V3 334 → 250
+# (nixl_ep) and 324 → 249 (allgather). The host machines lent for these runs differ by 2–3× in speed (the same A/B on
+# another one, `eager_vs_replay_launch_h200_5ab72e3_slowhost.log`: Qwen3 416 → 309), so compare within a run.
 # Capture the forward (below) where host time matters.
 
 # %%

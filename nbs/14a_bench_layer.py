@@ -251,18 +251,23 @@ assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 # %% [markdown]
 # ## Results, H200
 #
-# `nbs/bench/layer_bench_h200_1839958.json` (with its log and figure) comes from one run of the layer benchmark
-# (`bash nbs/bench/small_t_gpu.sh measure`: the small-T kernel chain, `bench_layer` over every deployment, then the
-# figure) on an NVIDIA H200 (copy bandwidth measured in the run: 4.27 TB/s), torch 2.11, Triton 3.6, transformers
-# 5.17, 2026-12-04, on commit 1839958 (the router at decode in two launches, the one-pass dispatch, local slots in
-# one launch, the shared output added in the combine). Columns: local experts the batch touched, floor, eager,
-# replayed graph (µs), replay / floor, host overhead (eager − replay), and transformers' `grouped_mm` / `batched_mm`
-# blocks (eager; `OOM`: `batched_mm` gathers a weight copy per pair and ran out of the card's 140 GB). Earlier runs of
-# the same benchmark are kept beside it: `layer_bench_h200_65d70b5.json` (split-K), `layer_bench_h200_e7361ab.json`,
-# `layer_bench_h200_481820b.json`, `layer_bench_h200_e6a765c.json` and `layer_bench_h200_8a184b7.json`.
+# `nbs/bench/layer_bench_h200_6f16892.json` (with its log and figure) comes from one run of the layer benchmark
+# (`python nbs/bench/layer_bench_run.py OUT.json`: `bench_layer` over every deployment, then the figure) on an NVIDIA
+# H200, torch 2.11, Triton 3.6, 2026-12-05, on commit 6f16892: every launch through `launch_kernel`'s direct path,
+# the owned ModularKernel, the router selecting in the logits launch at T ≤ 2 (in that run also inside the graphs,
+# which later commits stopped: 1.6 µs slower replayed at T = 1), the shared experts on moe-lit's grouped GEMM.
+# Columns: local experts the batch touched, floor, eager, replayed graph (µs), replay / floor, host overhead
+# (eager − replay), and transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`: `batched_mm` gathers a weight
+# copy per pair and ran out of the card's 140 GB). A second run at eae306d (`layer_bench_h200_eae306d.json`, the GEMM
+# launch plans kept per shape too) drew a slower machine: replays within 5 µs at the median (up to 74 µs slower at
+# Mixtral T ≥ 128, gpt-oss T ≥ 32), transformers' eager `grouped_mm` 1.5–3.3× slower at T ≤ 32 and moe-lit's eager
+# host time 2–8× higher — the host's speed, not the code, sets the eager column. Earlier runs are kept beside them:
+# `layer_bench_h200_1839958.json` (the chain of two router launches, one-pass dispatch), `layer_bench_h200_65d70b5.json`
+# (split-K), `layer_bench_h200_e7361ab.json`, `layer_bench_h200_481820b.json`, `layer_bench_h200_e6a765c.json` and
+# `layer_bench_h200_8a184b7.json`.
 
 # %%
-layer_h200 = load_bench_layer("bench/layer_bench_h200_1839958.json")
+layer_h200 = load_bench_layer("bench/layer_bench_h200_6f16892.json")
 print(format_bench_layer(layer_h200))
 
 # %%
@@ -271,8 +276,18 @@ plot_bench_layer(layer_h200)
 # %% [markdown]
 # **Reading.**
 #
-# - **33 of the 54 rows meet the 1.25 × floor + 10 µs bar** (32 at 65d70b5, 30 at e7361ab, 25 at 481820b, 15 at
-#   8a184b7).
+# - **38 of the 54 rows meet the 1.25 × floor + 10 µs bar** (35 at eae306d on the slower machine, 33 at 1839958, 32
+#   at 65d70b5, 30 at e7361ab, 25 at 481820b, 15 at 8a184b7). The misses: Qwen3 at T ≤ 2 (T = 1: 42.7 µs against a
+#   bar of 32.4), Qwen3 EP2 at T ≤ 16 and 256, Mixtral at 256, gpt-oss at 1, DeepSeek-V3 at T ≤ 2 (nixl_ep) and
+#   T ≤ 8 (allgather).
+# - **Host overhead at T = 1 (eager − replay), 6f16892:** Qwen3 47 µs, Qwen3 EP2 85, gpt-oss 20, Mixtral none (the
+#   GPU is the bound), DeepSeek-V3 206 (nixl_ep) and 198 (allgather) — against 190–743 µs at 1839958. What took it
+#   down: launches that skip Triton's JIT (`06`, `launch_kernel`), the owned ModularKernel and its unchecked twins
+#   (`10`), the router's selection in the logits launch in eager (`03a`), the shared experts' two launches in place of
+#   seven torch ops (`08`). After that run the shared experts went in line in eager (their side stream cost DeepSeek-V3
+#   70–89 µs of host time, `eager_vs_replay_overlap_h200_eae306d.log`) and the GEMMs' launch arguments became a plan
+#   kept per shape (`host_overhead_cpu_d34721d.log`: DeepSeek-V3 224 → 152 µs of the layer's own Python on the 2-core
+#   CPU, Qwen3 85 → 75); neither has been timed on the H200 yet. The bullets below describe the 1839958 run.
 # - **What the shorter chain moved** (since 65d70b5, replayed): every row at T ≤ 4 is 5–23 µs faster, and at T = 8
 #   and 16 the DeepSeek-V3 rows 12–28 µs (the rest within ±4 µs). Qwen3 T = 1
 #   49 → 43 µs, Qwen3 EP2 T = 2 51 → 37, gpt-oss T = 1 94 → 85, DeepSeek-V3 nixl_ep T = 1 and 2 110 → 96 and
