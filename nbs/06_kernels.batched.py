@@ -736,10 +736,13 @@ def epilogue_args(act: Activation | None,           # the gated activation, or N
                   bias: torch.Tensor | None,        # [E, N_w] expert bias, or None
                  ) -> dict:
     "The epilogue's kernel arguments, by keyword: bias pointer and strides, `alpha`, `limit` and the three constexprs."
-    return dict(bias_ptr=bias, stride_be=bias.stride(0) if bias is not None else 0,
-                stride_bn=bias.stride(1) if bias is not None else 0,
+    return dict(bias_ptr=bias, **epilogue_constants(act, None if bias is None else bias.stride()))
+
+def epilogue_constants(act: Activation | None, bias_strides: tuple | None) -> dict:
+    "`epilogue_args` but the bias pointer, from the bias's strides (None: no bias): what a launch plan kept per shape holds."
+    return dict(stride_be=bias_strides[0] if bias_strides else 0, stride_bn=bias_strides[1] if bias_strides else 0,
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
-                GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
+                GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias_strides is not None)
 
 # %%
 #| test epilogue_args
@@ -1128,9 +1131,7 @@ def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, con
     cfg = dict(cfg)
     num_m_tiles = _cdiv(M, bm)
     tiles = num_m_tiles * _cdiv(n_out, bn)
-    ep = epilogue_args(act, None)
-    del ep["bias_ptr"]
-    if bias_strides is not None: ep.update(stride_be=bias_strides[0], stride_bn=bias_strides[1], HAS_BIAS=True)
+    ep = epilogue_constants(act, bias_strides)
     common = dict(N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles, stride_ce=out_strides[0],
                   stride_cm=out_strides[1], stride_cn=out_strides[2], **ep, UPCAST=INTERPRET and dtype == torch.bfloat16,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)

@@ -17,7 +17,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
-from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, epilogue_constants, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
 import moe_lit.kernels.batched as _batched
@@ -573,9 +573,7 @@ def _fused_plan(E, N, K, rows, a_strides, w_strides, out_strides, w_misalign, dt
     split = 1 if tma else _split_k_choice(rest, _cdiv(n_out, bn), min(E, num_pairs if active_experts is None else active_experts),
                                          _cdiv(K, bk), tiles, bm, bn, programs_per_sm)   # (TMA does not split)
     rest.pop("SPLIT_K", None)
-    ep = epilogue_args(act, None)
-    del ep["bias_ptr"]
-    if bias_strides is not None: ep.update(stride_be=bias_strides[0], stride_bn=bias_strides[1], HAS_BIAS=True)
+    ep = epilogue_constants(act, bias_strides)
     kw = dict(N_OUT=n_out, N_W=N, K=K, num_pairs=num_pairs, num_m_blocks=num_m_blocks,
               num_sorted=num_m_blocks if num_sorted < 0 else num_sorted, num_local=E,
               stride_am=a_strides[0], stride_ak=a_strides[1], stride_we=w_strides[0], stride_wn=w_strides[1],

@@ -10,7 +10,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
-from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
+from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, epilogue_constants, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
 import moe_lit.kernels.batched as _batched

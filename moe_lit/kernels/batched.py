@@ -22,9 +22,9 @@ __all__ = ['INTERPRET', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET'
            'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM', 'GEMM_CASES', 'check_activation',
            'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map', 'check_tile_config',
            'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent', 'check_kernel_device',
-           'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'launch_key', 'launch_values', 'launch_kernel',
-           'split_k_factor', 'split_k_launch', 'expert_slots', 'check_max_active', 'batched_moe_gemm',
-           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+           'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'epilogue_constants', 'launch_key',
+           'launch_values', 'launch_kernel', 'split_k_factor', 'split_k_launch', 'expert_slots', 'check_max_active',
+           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -456,15 +456,18 @@ def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
                          f"and BLOCK_K 32, got BLOCK_M={cfg['BLOCK_M']}, BLOCK_N={cfg['BLOCK_N']} ({need(cfg)} bytes)")
     return cfg
 
-# %% ../../nbs/06_kernels.batched.ipynb #37383c435605
+# %% ../../nbs/06_kernels.batched.ipynb #a5008b09476c
 def epilogue_args(act: Activation | None,           # the gated activation, or None for a plain GEMM
                   bias: torch.Tensor | None,        # [E, N_w] expert bias, or None
                  ) -> dict:
     "The epilogue's kernel arguments, by keyword: bias pointer and strides, `alpha`, `limit` and the three constexprs."
-    return dict(bias_ptr=bias, stride_be=bias.stride(0) if bias is not None else 0,
-                stride_bn=bias.stride(1) if bias is not None else 0,
+    return dict(bias_ptr=bias, **epilogue_constants(act, None if bias is None else bias.stride()))
+
+def epilogue_constants(act: Activation | None, bias_strides: tuple | None) -> dict:
+    "`epilogue_args` but the bias pointer, from the bias's strides (None: no bias): what a launch plan kept per shape holds."
+    return dict(stride_be=bias_strides[0] if bias_strides else 0, stride_bn=bias_strides[1] if bias_strides else 0,
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
-                GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias is not None)
+                GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias_strides is not None)
 
 # %% ../../nbs/06_kernels.batched.ipynb #cd9fb90a3e02
 FAST_LAUNCH = (os.environ.get("MOE_LIT_FAST_LAUNCH", "1") != "0" and not INTERPRET
@@ -642,7 +645,7 @@ def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, va
         raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
     return max_active
 
-# %% ../../nbs/06_kernels.batched.ipynb #87ef0fe3dc4c
+# %% ../../nbs/06_kernels.batched.ipynb #4750be79976a
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -702,9 +705,7 @@ def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, con
     cfg = dict(cfg)
     num_m_tiles = _cdiv(M, bm)
     tiles = num_m_tiles * _cdiv(n_out, bn)
-    ep = epilogue_args(act, None)
-    del ep["bias_ptr"]
-    if bias_strides is not None: ep.update(stride_be=bias_strides[0], stride_bn=bias_strides[1], HAS_BIAS=True)
+    ep = epilogue_constants(act, bias_strides)
     common = dict(N_OUT=n_out, K=K, MAX_TOKENS=M, num_m_tiles=num_m_tiles, stride_ce=out_strides[0],
                   stride_cm=out_strides[1], stride_cn=out_strides[2], **ep, UPCAST=INTERPRET and dtype == torch.bfloat16,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
