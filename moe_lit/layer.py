@@ -31,7 +31,7 @@ def check_device(device) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
     return d
 
-# %% ../nbs/12_layer.ipynb #6cb86c3ee527
+# %% ../nbs/12_layer.ipynb #53af2b73b8f1
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
@@ -63,7 +63,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if experts == "triton": return impl, f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                     " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
-    return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton runs the kernels in the interpreter"
+    return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
 # %% ../nbs/12_layer.ipynb #f327abba621e
 class FusedMoE(torch.nn.Module):

@@ -101,7 +101,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if experts == "triton": return impl, f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                     " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
-    return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton runs the kernels in the interpreter"
+    return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
 # %%
 #| test resolve_experts

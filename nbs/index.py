@@ -77,6 +77,10 @@
 # triton 3.6 needs numpy < 2.4 (pip picks a newer triton, which does not; moe-lit names the clash if it meets it).
 #
 # ## In Python
+#
+# Without a GPU, `FusedMoE(..., experts="auto")` runs the torch reference; to run the Triton kernels in Triton's CPU
+# interpreter from Python, set `TRITON_INTERPRET=1` in the environment before moe-lit's kernels are imported (the
+# `moe-lit` command sets it itself; importing moe-lit never changes the environment).
 
 # %%
 import torch
