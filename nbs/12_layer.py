@@ -270,7 +270,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
-    shared = dict(zip((f"shared_experts.{n}" for n in _SHARED), _shared_tensors(module)))
+    shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
         if not isinstance(t, torch.Tensor): continue
@@ -293,7 +293,7 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
 
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."
-    shared = dict(zip((f"shared_experts.{n}" for n in _SHARED), _shared_tensors(module)))
+    shared = _shared_by_key(module)
     for n, t in [(n, getattr(module, n)) for n in ("w13", "w2", "w13_bias", "w2_bias")] + list(shared.items()):
         if t is not None and t.dtype != module.config.dtype:   # `assign=True` would swap in the state_dict's own tensors
             raise ValueError(f"state_dict[{n!r}]: expected dtype {module.config.dtype} after loading (load without "
@@ -427,6 +427,10 @@ def _shared_tensors(layer) -> tuple:
     "The shared experts' `(w13, w2, gate)` as the layer holds them, or `()` without shared experts."
     sh = layer._modules.get("shared_experts")
     return () if sh is None else tuple(sh._parameters.get(n) for n in _SHARED)
+
+def _shared_by_key(layer) -> dict:
+    "The shared experts' tensors by state_dict key (`shared_experts.w13`, ...), or `{}` without shared experts."
+    return dict(zip((f"shared_experts.{n}" for n in _SHARED), _shared_tensors(layer)))
 
 def _meta(t) -> tuple | None:
     "What the unchecked launches assume of a tensor: shape, dtype, device, and a contiguous layout."

@@ -645,7 +645,7 @@ def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, va
         raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
     return max_active
 
-# %% ../../nbs/06_kernels.batched.ipynb #4750be79976a
+# %% ../../nbs/06_kernels.batched.ipynb #e37899af2979
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -678,7 +678,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
     (E, M, K), N = a.shape, w.shape[1]
     n_out = N // 2 if act else N
     if E == 0 or M == 0 or n_out == 0: return out
-    tma, bm, bn, bk, grid, split, kw_tma, kw = _batched_plan(
+    tma, bm, bn, bk, grid, kw_tma, kw = _batched_plan(
         E, M, K, N, a.stride(), w.stride(), out.stride(), a.dtype, act,
         None if config is None else tuple(sorted(config.items())), expected_m, None if bias is None else bias.stride(),
         active_experts, max_active, a.device, _tile_config_root(), SPLIT_K_PROGRAMS_PER_SM["16-bit"],
@@ -689,7 +689,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
             TensorDescriptor.from_tensor(a.view(E * M, K), [bm, bk]), TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk]),
             out, expert_num_tokens, bias_ptr=bias, **kw_tma)
         return out
-    part, locks = _split_k_buffers(split, grid[0] * E, bm, bn, a.device)
+    part, locks = _split_k_buffers(grid[2], grid[0] * E, bm, bn, a.device)          # grid[2]: the split
     launch_kernel(_batched_moe_gemm_kernel, grid)(a, w, out, expert_num_tokens, part_ptr=part, lock_ptr=locks,
                                                   bias_ptr=bias, **kw)
     return out
@@ -698,7 +698,7 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
 def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, config_items, expected_m, bias_strides,
                   active_experts, max_active, device, config_dir, programs_per_sm, workspace_bytes) -> tuple:
     """What `_batched_moe_gemm` launches with besides its tensors, once per shape and kept: `(TMA, BLOCK_M, BLOCK_N,
-    BLOCK_K, grid, SPLIT_K, keyword arguments of the descriptor kernel, of the pointer kernel)`; its arguments are
+    BLOCK_K, grid (tiles, expert slots, SPLIT_K), keyword arguments of the descriptor kernel, of the pointer kernel)`; its arguments are
     everything that work reads, so a changed one is a new entry."""
     n_out = N // 2 if act else N
     bm, bn, bk, tma, cfg = _batched_tile(E, N, K, expected_m or M, dtype, act is not None, config_items, config_dir)
@@ -720,7 +720,7 @@ def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, con
               stride_ak=a_strides[2], stride_we=w_strides[0], stride_wn=w_strides[1], stride_wk=w_strides[2],
               EVEN_K=K % bk == 0, EVEN_N=n_out % bn == 0, PRECISION="ieee" if dtype == torch.float32 else "tf32",
               SPLIT_K=split, **cfg)
-    return tma, bm, bn, bk, (tiles, slots, split), split, kw_tma, kw
+    return tma, bm, bn, bk, (tiles, slots, split), kw_tma, kw
 
 @functools.lru_cache(maxsize=1024)
 def _batched_tile(E, N, K, expected_m, dtype, gated, config_items, config_dir) -> tuple:
