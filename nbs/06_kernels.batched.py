@@ -1124,8 +1124,8 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
 def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, config_items, expected_m, bias_strides,
                   active_experts, max_active, device, config_dir, programs_per_sm, workspace_bytes) -> tuple:
     """What `_batched_moe_gemm` launches with besides its tensors, once per shape and kept: `(TMA, BLOCK_M, BLOCK_N,
-    BLOCK_K, grid (tiles, expert slots, SPLIT_K), keyword arguments of the descriptor kernel, of the pointer kernel)`; its arguments are
-    everything that work reads, so a changed one is a new entry."""
+    BLOCK_K, grid (tiles, expert slots, SPLIT_K), keyword arguments of the descriptor kernel, of the pointer kernel)`;
+    its arguments are everything that work reads, so a changed one is a new entry."""
     n_out = N // 2 if act else N
     bm, bn, bk, tma, cfg = _batched_tile(E, N, K, expected_m or M, dtype, act is not None, config_items, config_dir)
     cfg = dict(cfg)

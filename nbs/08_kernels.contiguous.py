@@ -813,12 +813,22 @@ class TritonExperts:
 
 # %%
 #| export
-@functools.lru_cache(maxsize=256)
+_DENSE_BLOCKS: dict = {}         # (T, BLOCK_M, device) -> `_dense_blocks`' layout, made outside a graph capture
+
 def _dense_blocks(T: int, block_m: int, device: torch.device) -> tuple:
-    "`(sorted_token_ids, expert_ids, num_tokens_post_padded)` of T rows on one expert, in order (made once, kept: read-only)."
+    """`(sorted_token_ids, expert_ids, num_tokens_post_padded)` of T rows on one expert, in order: made once and kept
+    (read-only). One made while a CUDA graph is captured belongs to that graph and is not kept: a capture records its
+    kernels without running them, so its values exist only once the graph replays."""
+    key = (T, block_m, device)
+    blocks = _DENSE_BLOCKS.get(key)
+    if blocks is not None: return blocks
     n = _cdiv(T, block_m) * block_m
-    return (torch.arange(n, dtype=torch.int32, device=device), torch.zeros(n // block_m, dtype=torch.int32, device=device),
-            torch.full((1,), n, dtype=torch.int32, device=device))       # kernels only: capturable, no host copy
+    blocks = (torch.arange(n, dtype=torch.int32, device=device), torch.zeros(n // block_m, dtype=torch.int32, device=device),
+              torch.full((1,), n, dtype=torch.int32, device=device))     # kernels only: capturable, no host copy
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        if len(_DENSE_BLOCKS) >= 256: _DENSE_BLOCKS.clear()           # (token counts seen: a bound, not a policy)
+        _DENSE_BLOCKS[key] = blocks
+    return blocks
 
 def shared_expert_mlp(hidden: torch.Tensor,   # [T, H] bf16/fp16/fp32
                       w13: torch.Tensor,      # [2·I_s, H] gate rows, then up rows, hidden's dtype

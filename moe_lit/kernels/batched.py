@@ -645,7 +645,7 @@ def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, va
         raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
     return max_active
 
-# %% ../../nbs/06_kernels.batched.ipynb #e37899af2979
+# %% ../../nbs/06_kernels.batched.ipynb #94ca4d30e265
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -698,8 +698,8 @@ def _batched_moe_gemm(a, w, expert_num_tokens, act, out, config, expected_m, bia
 def _batched_plan(E, M, K, N, a_strides, w_strides, out_strides, dtype, act, config_items, expected_m, bias_strides,
                   active_experts, max_active, device, config_dir, programs_per_sm, workspace_bytes) -> tuple:
     """What `_batched_moe_gemm` launches with besides its tensors, once per shape and kept: `(TMA, BLOCK_M, BLOCK_N,
-    BLOCK_K, grid (tiles, expert slots, SPLIT_K), keyword arguments of the descriptor kernel, of the pointer kernel)`; its arguments are
-    everything that work reads, so a changed one is a new entry."""
+    BLOCK_K, grid (tiles, expert slots, SPLIT_K), keyword arguments of the descriptor kernel, of the pointer kernel)`;
+    its arguments are everything that work reads, so a changed one is a new entry."""
     n_out = N // 2 if act else N
     bm, bn, bk, tma, cfg = _batched_tile(E, N, K, expected_m or M, dtype, act is not None, config_items, config_dir)
     cfg = dict(cfg)
