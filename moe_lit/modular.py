@@ -323,7 +323,7 @@ EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
            ("triton_quant", ActivationFormat.Standard): TritonQuantExpertsAdapter,
            ("triton_quant", ActivationFormat.BatchedExperts): BatchedTritonQuantExpertsAdapter}
 
-# %% ../nbs/10_modular.ipynb #b8aebc7c827b
+# %% ../nbs/10_modular.ipynb #a1db89d458de
 class SharedExperts(torch.nn.Module):
     "The always-on experts as one gated SiLU MLP `w13 [2·I_s, H]` (gate then up), `w2 [H, I_s]`; optionally gated per token."
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
@@ -349,12 +349,20 @@ class SharedExperts(torch.nn.Module):
         check_bool("use_triton", use_triton)
         if hidden.device != self.w13.device:       # (torch would read a meta weight as uninitialised memory)
             raise ValueError(f"hidden: expected a tensor on the shared experts' device {self.w13.device}, got {hidden.device}")
+        if use_triton and self._on_triton(hidden):   # a device the kernels run on (a GPU, or the interpreter)
+            from moe_lit.kernels.batched import check_kernel_device
+            check_kernel_device("hidden", hidden, w13=self.w13, w2=self.w2)
         return self._run(hidden, use_triton)
+
+    def _on_triton(self, hidden) -> bool:
+        "Whether `use_triton` takes the kernels: ungated, in the weights' dtype, not fp64, and no gradient wanted."
+        return (self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64
+                and not (torch.is_grad_enabled() and (hidden.requires_grad or self.w13.requires_grad
+                                                      or self.w2.requires_grad)))   # (the kernels keep no autograd graph)
 
     def _run(self, hidden, use_triton=False) -> torch.Tensor:
         "`forward` after its checks (an owning ModularKernel's caller checked `hidden`)."
-        if use_triton and self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64 \
-                and not (hidden.requires_grad and torch.is_grad_enabled()):   # (the kernels keep no autograd graph)
+        if use_triton and self._on_triton(hidden):
             from moe_lit.kernels.contiguous import _shared_expert_mlp
             return _shared_expert_mlp(hidden, self.w13.contiguous(), self.w2.contiguous())
         h = SILU(matmul_acc(hidden, self.w13)).to(hidden.dtype)         # [T, I_s]: GEMM1 in fp32, cast once

@@ -434,12 +434,20 @@ class SharedExperts(torch.nn.Module):
         check_bool("use_triton", use_triton)
         if hidden.device != self.w13.device:       # (torch would read a meta weight as uninitialised memory)
             raise ValueError(f"hidden: expected a tensor on the shared experts' device {self.w13.device}, got {hidden.device}")
+        if use_triton and self._on_triton(hidden):   # a device the kernels run on (a GPU, or the interpreter)
+            from moe_lit.kernels.batched import check_kernel_device
+            check_kernel_device("hidden", hidden, w13=self.w13, w2=self.w2)
         return self._run(hidden, use_triton)
+
+    def _on_triton(self, hidden) -> bool:
+        "Whether `use_triton` takes the kernels: ungated, in the weights' dtype, not fp64, and no gradient wanted."
+        return (self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64
+                and not (torch.is_grad_enabled() and (hidden.requires_grad or self.w13.requires_grad
+                                                      or self.w2.requires_grad)))   # (the kernels keep no autograd graph)
 
     def _run(self, hidden, use_triton=False) -> torch.Tensor:
         "`forward` after its checks (an owning ModularKernel's caller checked `hidden`)."
-        if use_triton and self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64 \
-                and not (hidden.requires_grad and torch.is_grad_enabled()):   # (the kernels keep no autograd graph)
+        if use_triton and self._on_triton(hidden):
             from moe_lit.kernels.contiguous import _shared_expert_mlp
             return _shared_expert_mlp(hidden, self.w13.contiguous(), self.w2.contiguous())
         h = SILU(matmul_acc(hidden, self.w13)).to(hidden.dtype)         # [T, I_s]: GEMM1 in fp32, cast once
@@ -626,6 +634,11 @@ for bad, msg in ((x[:, :-1].float(), "hidden: expected shape [*, 16], got [5, 15
                  (x.long(), "hidden: expected dtype"), (x.tolist(), "hidden: expected a torch.Tensor")):
     for tri in (False, True): test_fail(lambda: se(bad, use_triton=tri), contains=msg)
 test_fail(lambda: se(x.float(), use_triton="yes"), contains="use_triton: expected a bool")
+se.w13.requires_grad_(True)                                    # a weight that wants a gradient: torch's path
+assert se(x.float(), use_triton=True).requires_grad
+se.w13.requires_grad_(False)
+sem = SharedExperts(w13.float().to("meta"), w2.float().to("meta"))
+test_fail(lambda: sem(x.float().to("meta"), use_triton=True), contains="hidden: expected")
 test_fail(lambda: SharedExperts(torch.randn(4, 0), torch.randn(0, 2)), contains="w13: expected at least one column")
 
 # %% [markdown]

@@ -69,6 +69,11 @@ def test_shared_experts_gate():
                      (x.long(), "hidden: expected dtype"), (x.tolist(), "hidden: expected a torch.Tensor")):
         for tri in (False, True): test_fail(lambda: se(bad, use_triton=tri), contains=msg)
     test_fail(lambda: se(x.float(), use_triton="yes"), contains="use_triton: expected a bool")
+    se.w13.requires_grad_(True)                                    # a weight that wants a gradient: torch's path
+    assert se(x.float(), use_triton=True).requires_grad
+    se.w13.requires_grad_(False)
+    sem = SharedExperts(w13.float().to("meta"), w2.float().to("meta"))
+    test_fail(lambda: sem(x.float().to("meta"), use_triton=True), contains="hidden: expected")
     test_fail(lambda: SharedExperts(torch.randn(4, 0), torch.randn(0, 2)), contains="w13: expected at least one column")
 
 
