@@ -458,7 +458,7 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
               add_shared=add_shared, w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation)
 
-# %% ../nbs/12_layer.ipynb #bbc14cf2691e
+# %% ../nbs/12_layer.ipynb #913e4ea9f87b
 @patch
 def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token counts to record, one graph each
              warmup: int = 2,                                         # eager runs before each capture (JIT, cuBLAS)
@@ -481,7 +481,7 @@ def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # 
             for _ in range(warmup): self(x)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool): y = self(x)
+        with torch.cuda.graph(g, pool=pool, stream=side): y = self(x)      # the warm-up's stream: its split-K counters
         graphs[T] = (g, x, y)
     self.graphs = dict(sorted(graphs.items()))
     return self

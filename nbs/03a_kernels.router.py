@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device, launch_kernel
-from moe_lit.kernels.batched import _next_pow2, _cdiv, _last_to_arrive
+from moe_lit.kernels.batched import _next_pow2, _cdiv, _last_to_arrive, _await_producers
 from moe_lit.routing import ungroupable_reason, matmul_acc
 
 # %%
@@ -81,7 +81,9 @@ def _route_topk_kernel(
     NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
     TOP2: tl.constexpr,         # a group's score is the sum of its top 2 (else its max)
     SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr, tl.program_id(0).to(tl.int64), E,
                   stride_s, stride_t, scale, TOP_K, K_PAD, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
                   TOPK_GROUP, GROUP_SIZE, TOP2, SPLIT, HAS_GATE_BIAS)
@@ -219,7 +221,9 @@ def _router_logits_kernel(
     SCORING: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, RENORMALIZE: tl.constexpr = False,
     NUM_GROUPS: tl.constexpr = 1, G_PAD: tl.constexpr = 1, TOPK_GROUP: tl.constexpr = 1, GROUP_SIZE: tl.constexpr = 1,
     TOP2: tl.constexpr = False, SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     offs_e = tl.program_id(0) * BLOCK_EL + tl.arange(0, BLOCK_EL)
     s = tl.program_id(1)
     offs_k = s * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -215,6 +215,43 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
     return e, count
 
 # %% [markdown]
+# ### Waiting for the kernel before: programmatic dependent launch
+#
+# At decode a replayed layer is a chain of short kernels, and each one starts only when the one before has finished
+# and its writes are flushed: the launch, the programs' scheduling and their first instructions all sit on the
+# critical path, a few µs a kernel (`14a_bench_layer`'s small-T profiles). Hopper's *programmatic dependent launch*
+# (PDL) lets a kernel launched with the attribute start before its predecessor has finished: its programs run their
+# preamble and then block in `griddepcontrol.wait` until the predecessor has completed and its memory is visible;
+# the predecessor lets it in early with `griddepcontrol.launch_dependents` (CUDA C++ Programming Guide, "Programmatic
+# Dependent Launch and Synchronization"; PTX ISA `griddepcontrol`; Triton exposes both as
+# `triton.language.extra.cuda.gdc_wait` / `gdc_launch_dependents`, and the launch attribute as the `launch_pdl`
+# option). Stream capture records the relation as a programmatic edge, so a CUDA graph keeps it.
+#
+# Every kernel the layer launches takes a `PDL` constexpr and begins with `_await_producers(PDL)`: it lets the next
+# kernel in and then waits, before it reads or writes anything. The wait comes first in *every* program, even one
+# that will exit at once: a kernel whose programs all exited without waiting would count as complete while its
+# predecessor still runs, and the kernel after it would then wait on the wrong one. `launch_kernel` (below) passes
+# `PDL=True` and `launch_pdl=True` when `MOE_LIT_PDL=1` is set before import and the GPU is sm_90 or newer; otherwise
+# the constexpr is False and the kernel is the one it always was (the interpreter never sees the instructions).
+# Kernels outside moe-lit (torch's fills, a caller's next op) launch without the attribute and wait as usual.
+
+# %%
+#| export
+try: from triton.language.extra.cuda import gdc_wait as _gdc_wait, gdc_launch_dependents as _gdc_launch_dependents
+except ImportError: _gdc_wait = _gdc_launch_dependents = None      # a Triton without grid dependency control
+
+PDL = os.environ.get("MOE_LIT_PDL", "0")           # "1": programmatic dependent launch on sm_90+ GPUs (read at import)
+if PDL not in ("0", "1"): raise ValueError(f"MOE_LIT_PDL: expected '0' or '1', got {PDL!r}")
+PDL = PDL == "1" and not INTERPRET and _gdc_wait is not None
+
+@triton.jit
+def _await_producers(PDL: tl.constexpr):
+    "With PDL: let the next kernel launch, then wait until the previous kernel has completed and its writes are visible."
+    if PDL:
+        _gdc_launch_dependents()
+        _gdc_wait()
+
+# %% [markdown]
 # ### Split-K: when the grid is smaller than the GPU
 #
 # At decode a rank's batch often reaches one or two local experts. One expert's GEMM1 is `cdiv(N_OUT, BLOCK_N)`
@@ -224,8 +261,9 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
 # tile. Each program stores its fp32 partial into a workspace and counts itself in on the tile's counter
 # (`atomic_add`, acquire-release, after a barrier so that every thread's stores are in); the program that arrives
 # last sums the S partials **in split order** — so the result does not depend on which program finished last — and
-# runs the usual epilogue (bias, activation, router weight, store). One launch, no second reduction kernel; the
-# counters start at zero (one `torch.zeros` per call). Every kernel that splits (this chapter's, `08`'s and the
+# runs the usual epilogue (bias, activation, router weight, store). One launch, no second reduction kernel. The
+# counters start at zero, and the last program of each tile puts its counter back to zero, so they are made once per
+# stream and reused (`arrival_counters`, below): no fill is launched per call. Every kernel that splits (this chapter's, `08`'s and the
 # quantized ones of `09c`) calls `_split_k_sum` between its K loop and its epilogue; the epilogue's non-linear
 # steps run once, in the last program, on the whole sum.
 
@@ -282,7 +320,9 @@ def _batched_moe_gemm_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     e, count = _slot_expert(expert_num_tokens_ptr, tl.program_id(1), num_experts, MAX_TOKENS, COMPACT, BLOCK_E)
@@ -395,7 +435,9 @@ def _batched_moe_gemm_tma_kernel(
     stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
     GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     pid, e = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)
@@ -777,6 +819,10 @@ test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"]
 # `MOE_LIT_FAST_LAUNCH=0`, `launch_kernel` is just `kernel[grid](...)`. One JIT check is not repeated: that the
 # module-level constexprs a kernel reads (`PACKED_DECODE`, `EMULATE_E4M3`) kept their values; moe-lit sets them once,
 # at import.
+#
+# With `MOE_LIT_PDL=1`, `launch_kernel` also adds `PDL=True, launch_pdl=True` to the launches of kernels that take a `PDL`
+# constexpr (`pdl_kwargs`; the section on programmatic dependent launch above): they are part of the launch key like any
+# other keyword, and the compiled kernel's metadata carries the launch attribute to the direct call.
 
 # %%
 #| export
@@ -839,14 +885,30 @@ def _interpreter_numpy_problem() -> str | None:
 
 _INTERPRETER_PROBLEM = _interpreter_numpy_problem()
 
+_PDL_ON = {"PDL": True, "launch_pdl": True}   # the kernel's constexpr and Triton's launch option
+_TAKES_PDL: dict = {}         # kernel -> whether its signature has the PDL constexpr
+_PDL_DEVICES: dict = {}       # device index -> whether it is sm_90 or newer
+
+def pdl_kwargs(kernel) -> dict:
+    "`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when `PDL` is on and the current GPU is sm_90+, else `{}`."
+    if not PDL: return {}
+    takes = _TAKES_PDL.get(kernel)
+    if takes is None: takes = _TAKES_PDL[kernel] = "PDL" in getattr(kernel, "arg_names", ())
+    if not takes: return {}
+    dev = torch.cuda.current_device()
+    ok = _PDL_DEVICES.get(dev)
+    if ok is None: ok = _PDL_DEVICES[dev] = torch.cuda.get_device_capability(dev)[0] >= 9
+    return _PDL_ON if ok else {}
+
 def launch_kernel(kernel, grid: tuple):
     "`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
+    pdl = pdl_kwargs(kernel)                                           # {} unless MOE_LIT_PDL=1 on sm_90+
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
             or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
             or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
-        return kernel[grid]                                            # (the arguments go to the JIT as they are)
-    return functools.partial(_launch_direct, kernel, grid)
+        return functools.partial(kernel[grid], **pdl) if pdl else kernel[grid]   # (the arguments go to the JIT as they are)
+    return functools.partial(_launch_direct, kernel, grid, **pdl)
 
 def _launch_direct(kernel, grid, *args, **kwargs):
     "The launch of `launch_kernel`'s fast path: the compiled kernel of the launch's key, else the JIT's first launch."
@@ -933,6 +995,23 @@ finally:
     kb._LAUNCHES.pop(kern, None)
 
 # %%
+#| test pdl_kwargs
+saved = kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability, dict(kb._PDL_DEVICES)
+try:
+    kb.PDL = False                                                       # MOE_LIT_PDL unset (and in the interpreter)
+    test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), {})
+    kb.PDL = True
+    torch.cuda.current_device = lambda: 77
+    for cap, want in (((8, 0), {}), ((9, 0), {"PDL": True, "launch_pdl": True}), ((10, 0), {"PDL": True, "launch_pdl": True})):
+        kb._PDL_DEVICES.clear()
+        torch.cuda.get_device_capability = lambda d, c=cap: c             # griddepcontrol needs sm_90
+        test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), want)
+    test_eq(kb.pdl_kwargs(kb._last_to_arrive), {})                      # a function without the constexpr: nothing added
+finally:
+    kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability = saved[:3]
+    kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[3])
+
+# %%
 #| test interpreter_numpy_problem_is_named
 import numpy
 real = numpy.__version__
@@ -998,11 +1077,12 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
                    tiles_per_expert: int, active_experts: int, k_tiles: int,   # as `split_k_factor`
                    num_tiles: int,           # output tiles of the whole grid (the workspace's and counters' size)
                    block_m: int, block_n: int, device, programs_per_sm: float = 1,
-                  ) -> tuple:                # (SPLIT_K, fp32 workspace or None, zeroed int32 counters or None)
+                  ) -> tuple:                # (SPLIT_K, fp32 workspace or None, int32 zeros or None: `arrival_counters`)
     """The split of one launch and its buffers: cfg's SPLIT_K, else `split_k_factor` within `SPLIT_K_WORKSPACE_BYTES` (1 in the interpreter).
 
     The workspace is fp32 `[SPLIT_K, num_tiles, 2, block_m, block_n]` (gate and up partials), the counters int32
-    `[num_tiles]` zeros, both on `device`; neither is allocated without a split. ValueError naming `config['SPLIT_K']`
+    `[num_tiles]` zeros kept per stream (`arrival_counters`: the launch must leave them zero), both on `device`; neither
+    is made without a split. ValueError naming `config['SPLIT_K']`
     for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
     split = _split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
     return (split, *_split_k_buffers(split, num_tiles, block_m, block_n, device))
@@ -1026,7 +1106,33 @@ def _split_k_buffers(split: int, num_tiles: int, block_m: int, block_n: int, dev
     "`(fp32 workspace, zeroed int32 counters)` of a launch split `split` ways, or `(None, None)` without a split."
     if split == 1: return None, None
     return (torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
-            torch.zeros(num_tiles, dtype=torch.int32, device=device))
+            arrival_counters(num_tiles, device))
+
+_COUNTERS: dict = {}          # (device index, stream) -> the int32 zero buffers made for it, newest last, all kept
+COUNTERS_MIN = 4096           # entries of a first buffer (16 KiB): every decode launch of the deployments fits
+
+def arrival_counters(n: int, device) -> torch.Tensor:
+    """`n` int32 zeros for a launch's `_last_to_arrive` counters, which the launch leaves zero again.
+
+    On a GPU they are a prefix of a buffer kept per (device, current stream) and reused by every later launch on that
+    stream — launches on one stream run one after another, so no fill is launched per call. A larger `n` makes a
+    larger buffer (zeroed once); the smaller ones stay alive, since a captured CUDA graph holds their addresses. Inside
+    a capture nothing is kept (memory made there is the graph's): a missing buffer is made as zeros for that launch
+    alone. Off the GPU (the interpreter) every call gets fresh zeros. Contract: a kernel given these counters must,
+    on every path, either count every program of a tile in or none of them (`_split_k_sum` after a tile-wide exit).
+    Two graphs captured on one stream and replayed concurrently on two would share them (replay them one at a time).
+    ValueError for a negative or non-int `n`."""
+    check_int("n", n, lo=0)
+    device = torch.device(device)
+    if device.type != "cuda": return torch.zeros(n, dtype=torch.int32, device=device)
+    index, stream = _stream_of_current_device()
+    key = (device.index if device.index is not None else index, stream)
+    bufs = _COUNTERS.get(key)
+    if bufs and bufs[-1].numel() >= n: return bufs[-1][:n]
+    if torch.cuda.is_current_stream_capturing(): return torch.zeros(n, dtype=torch.int32, device=device)
+    buf = torch.zeros(max(n, COUNTERS_MIN, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32, device=device)
+    _COUNTERS.setdefault(key, []).append(buf)
+    return buf[:n]
 
 # %%
 #| export
@@ -1064,6 +1170,16 @@ test_fail(lambda: split_k_factor(0, 1, 8, 132), contains="tiles_per_expert: expe
 cfg = dict(SPLIT_K=3)
 test_eq(split_k_launch(cfg, 32, 1, 56, 64, 16, 32, "cpu")[0], 3); test_eq(cfg, {})   # an override wins, and is popped
 if INTERPRET: test_eq(split_k_launch({}, 32, 1, 56, 64, 16, 32, "cpu"), (1, None, None))   # no split unless told
+c1, c2 = arrival_counters(5, "cpu"), arrival_counters(5, "cpu")      # off the GPU: fresh zeros each call
+test_eq((c1.tolist(), c1.dtype, c1.data_ptr() != c2.data_ptr()), ([0] * 5, torch.int32, True))
+for bad in (-1, 2.0, None): test_fail(lambda: arrival_counters(bad, "cpu"), contains="n: expected")
+if torch.cuda.is_available():                                        # kept per stream: the same memory, grown when needed
+    a1, a2 = arrival_counters(8, "cuda"), arrival_counters(16, "cuda")
+    test_eq(a1.data_ptr(), a2.data_ptr())
+    big = arrival_counters(5 * COUNTERS_MIN, "cuda")
+    assert big.numel() == 5 * COUNTERS_MIN and int(big.abs().sum()) == 0
+    with torch.cuda.stream(torch.cuda.Stream()): other = arrival_counters(8, "cuda")   # another stream: its own
+    assert other.data_ptr() not in (a1.data_ptr(), big.data_ptr())
 test_fail(lambda: split_k_launch(dict(SPLIT_K=0), 32, 1, 56, 64, 16, 32, "cpu"), contains="config['SPLIT_K']: expected >= 1, got 0")
 test_fail(lambda: split_k_launch(dict(SPLIT_K=64), 32, 1, 56, 2**20, 64, 128, "cpu"), contains="config['SPLIT_K']: expected a split whose")
 test_eq(expert_slots(32, 8), (8, True, 32)); test_eq(expert_slots(32, None), (32, False, 1)); test_eq(expert_slots(8, 9), (8, False, 1))
@@ -1278,6 +1394,9 @@ for i, (E, M, K, N, counts, what) in enumerate(GEMM_CASES):
     check_batched_gemm(E, M, K, N, counts, torch.float32, config=dict(cfg, BLOCK_K=64), poison=1e30)
 test_fail(lambda: check_batched_gemm(2, 4, 32, 32, [4, 1], torch.float32, config=dict(BLOCK_M=16, BLOCK_N=32,
           BLOCK_K=32, TMA=True, SPLIT_K=2)), contains="expected SPLIT_K = 1 with TMA")
+kept = [b for bufs in kb._COUNTERS.values() for b in bufs]    # on a GPU the launches above shared kept counters:
+assert all(int(b.abs().sum()) == 0 for b in kept)             # each launch left them zero for the next
+if DEVICE == "cuda": assert kept
 
 # %% [markdown]
 # The compact expert slots (`max_active_experts`) over the same catalog: the exact number of experts with rows

@@ -10,7 +10,7 @@
 from __future__ import annotations
 import torch
 from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
-from moe_lit.kernels.batched import _cdiv, _next_pow2, INTERPRET, launch_kernel
+from moe_lit.kernels.batched import _cdiv, _next_pow2, INTERPRET, launch_kernel, _await_producers
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
@@ -77,7 +77,9 @@ def _batched_dispatch_kernel(
     H, num_local_experts, num_experts, max_tokens, physical_offset,
     stride_ht, stride_ae, stride_am,
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SCALE: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     t = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)                                     # one program per (token, slot) pair
     offs_h = tl.arange(0, BLOCK_H)
@@ -218,7 +220,9 @@ def _batched_combine_kernel(
     BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
     PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
     ADD: tl.constexpr = False,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = offs_h < H
@@ -328,7 +332,8 @@ def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
 def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
                        table_ptr,    # [num_experts + 1] int64 slot table, last entry -1
                        out_ptr,      # [n] int64 local slots
-                       n, num_experts, BLOCK: tl.constexpr):
+                       n, num_experts, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _await_producers(PDL)                                    # before any load or store
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(ids_ptr + offs, mask=m, other=-1).to(tl.int64)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 import functools
 import torch
-from moe_lit.kernels.batched import INTERPRET, launch_kernel
+from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
@@ -118,14 +118,16 @@ test_eq(e[:4].tolist(), [0, 1, 2, 2])
 # %%
 #| export
 @triton.jit
-def _align_count_kernel(ids_ptr, counts_ptr, n, num_experts, BLOCK: tl.constexpr):
+def _align_count_kernel(ids_ptr, counts_ptr, n, num_experts, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _await_producers(PDL)                                    # before any load or store
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
     tl.atomic_add(counts_ptr + ids, 1, mask=(ids >= 0) & (ids < num_experts))   # in bounds even if unvalidated
 
 @triton.jit
 def _align_offsets_kernel(counts_ptr, offsets_ptr, ntpp_ptr, num_experts,
-                          BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr):
+                          BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+    _await_producers(PDL)                                    # before any load or store
     e = tl.arange(0, BLOCK_E)
     cnt = tl.load(counts_ptr + e, mask=e < num_experts, other=0)
     padded = (cnt + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
@@ -135,7 +137,8 @@ def _align_offsets_kernel(counts_ptr, offsets_ptr, ntpp_ptr, num_experts,
 
 @triton.jit
 def _align_expert_ids_kernel(counts_ptr, offsets_ptr, map_ptr, expert_ids_ptr,
-                             BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr):
+                             BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, PDL: tl.constexpr = False):
+    _await_producers(PDL)                                    # before any load or store
     x = tl.program_id(0)                                        # one program per expert: its blocks get its id
     c = tl.load(counts_ptr + x)
     start = tl.load(offsets_ptr + x) // BLOCK_SIZE
@@ -145,7 +148,9 @@ def _align_expert_ids_kernel(counts_ptr, offsets_ptr, map_ptr, expert_ids_ptr,
         tl.store(expert_ids_ptr + b, local)
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, num_experts, BLOCK: tl.constexpr):
+def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, num_experts, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    _await_producers(PDL)                                    # before any load or store
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
     ok = (ids >= 0) & (ids < num_experts)
@@ -293,7 +298,8 @@ test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8)
 #| export
 @triton.jit
 def _pair_blocks_kernel(ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr, n, num_experts,
-                        BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr):
+                        BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _await_producers(PDL)                                    # before any load or store
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)            # sorted positions
     ok = offs < n * BLOCK_SIZE
     pair = offs // BLOCK_SIZE
@@ -417,7 +423,9 @@ def _fused_moe_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     PAIR_IDS: tl.constexpr = False,   # expert_ids_ptr holds the [T·top_k] local ids: block p is pair p alone (no alignment)
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(1)
     if GROUP_M == 0:                                            # N-tile major: a weight tile serves every block
         pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moe_lit.kernels.batched import INTERPRET, launch_kernel
+from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
 from moe_lit.kernels.batched import _cdiv, _next_pow2
 from moe_lit.terms import check_int, check_tensor, check_choice
 from moe_lit.quant import FP8_MAX, quantize_fp8
@@ -118,8 +118,10 @@ def _quantize_fp8_rows_kernel(
     M, K, stride_xe, stride_xm, stride_qe, stride_qm, stride_se, stride_sm,
     MODE: tl.constexpr, HAS_COUNTS: tl.constexpr, EMULATE_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
     "grid = (_cdiv(M, BLOCK_R), _cdiv(K, GROUP), E); programs whose rows start past the count exit at once."
+    _await_producers(PDL)                                    # before any load or store
     pid_r, g, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows_end = M
     if HAS_COUNTS: rows_end = tl.minimum(tl.load(counts_ptr + e), M)

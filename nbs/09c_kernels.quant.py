@@ -12,7 +12,7 @@ import functools, os
 import torch
 import triton
 import triton.language as tl
-from moe_lit.kernels.batched import INTERPRET, launch_kernel
+from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
@@ -762,8 +762,10 @@ def _batched_moe_gemm_quant_kernel(
     PRECISION: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
     QUANT_A: tl.constexpr, SCALE_FOLD: tl.constexpr = False,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
     "grid = (_cdiv(max_tokens, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), E or the slots of `06`'s COMPACT, SPLIT_K); empty tiles exit."
+    _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     e, count = _slot_expert(expert_num_tokens_ptr, tl.program_id(1), num_experts, MAX_TOKENS, COMPACT, BLOCK_E)
@@ -1296,8 +1298,10 @@ def _fused_moe_quant_kernel(
     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     LAYOUT: tl.constexpr, SPLIT_K: tl.constexpr, QUANT_A: tl.constexpr, SCALE_FOLD: tl.constexpr = False,
     PAIR_IDS: tl.constexpr = False,   # expert_ids_ptr holds the [T·top_k] local ids: block p is pair p alone (`08`)
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
     "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), SPLIT_K); blocks past num_tokens_post_padded or of expert -1 exit."
+    _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
     live, e, pairs = _block_pairs(pid_m, expert_ids_ptr, sorted_ptr, ntpp_ptr, num_pairs, num_sorted, num_local,

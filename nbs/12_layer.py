@@ -626,6 +626,11 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
 # largest bucket, `topk` given by the caller, or `add_shared=False` run eagerly. `load_state_dict` drops the graphs
 # (the weights they read may be replaced): capture again after loading. `layer.graphs` maps each captured token count
 # to `(torch.cuda.CUDAGraph, static input [T, H], static output [T, H])` — what a benchmark or an engine replays directly.
+#
+# The warm-up runs and the capture use one side stream, so the split-K arrival counters the warm-up made for that stream
+# (`06_kernels.batched.arrival_counters`: kept per stream, left zero by every launch) are the ones the graph reads — no
+# fill is captured for them. Graphs captured by one `capture` call share those counters: replay them one at a time (as
+# `forward` does), not concurrently on two streams.
 
 # %%
 #| export
@@ -651,7 +656,7 @@ def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # 
             for _ in range(warmup): self(x)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=pool): y = self(x)
+        with torch.cuda.graph(g, pool=pool, stream=side): y = self(x)      # the warm-up's stream: its split-K counters
         graphs[T] = (g, x, y)
     self.graphs = dict(sorted(graphs.items()))
     return self
@@ -770,6 +775,33 @@ for backend in ("none", "nixl_ep"):
         finally: kb._first_launch, kb._stream_of_current_device = first, stream
         assert counts["first"] == 0 and counts["launches"] >= 8, counts   # every launch straight to its compiled kernel
         for g, w in zip(got, want): assert torch.equal(g, w), f"{backend} {quant}: the fast launch changed the result"
+
+# %%
+#| test layer_programmatic_dependent_launch
+#| gpu
+torch.manual_seed(10)
+xs = [torch.randn(8, 256, device="cuda").bfloat16() for _ in range(4)]
+saved = kb.PDL
+try:
+    for backend, quant in (("none", "unquantized"), ("nixl_ep", "unquantized"), ("allgather_reducescatter", "unquantized"),
+                           ("none", "fp8_w8a8_block"), ("nixl_ep", "nvfp4_w4a16"), ("none", "mxfp4_w4a16")):
+        par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)
+        cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                        num_shared_experts=1, shared_intermediate_size=64, parallel=par)
+        layer = FusedMoE(cfg, seed=1, device="cuda", quant=quant)
+        kb.PDL = False
+        want = [layer(x[:t]) for x in xs for t in (1, 2, 8)]
+        kb.PDL = True                                          # as MOE_LIT_PDL=1 at import
+        with record_launches() as seen: layer(xs[0][:1])
+        assert seen and all(kw.get("PDL") is True and kw.get("launch_pdl") is True for _, _, kw in seen), \
+            f"{backend} {quant}: a launch without the attribute: {[k.fn.__name__ for k, _, kw in seen if not kw.get('PDL')]}"
+        got = [layer(x[:t]) for x in xs for t in (1, 2, 8)]   # back to back, no sync between: a missing wait shows
+        layer.capture(batch_sizes=(1, 8))
+        replayed = [layer(x[:t]) for x in xs for t in (1, 2, 8)]
+        layer.graphs = {}
+        for i, (g, r, w) in enumerate(zip(got, replayed, want)):
+            assert torch.equal(g, w) and torch.equal(r, w), f"{backend} {quant} call {i}: PDL changed the result"
+finally: kb.PDL = saved
 
 # %%
 #| test fused_moe_single_device
@@ -1191,6 +1223,8 @@ assert {"_router_logits_kernel", "_route_topk_kernel", "_batched_dispatch_kernel
         "_local_slot_kernel", "_batched_moe_gemm_quant_kernel", "_fused_moe_quant_kernel"} <= kernels, kernels
 assert any(r["spec"]["constexprs"].get("QUANT_A") for r in res)          # FP8 block's in-loop quantization compiled
 assert {r["kernel"] for r in res if r["spec"]["constexprs"].get("PAIR_IDS")} == {"_fused_moe_kernel", "_fused_moe_quant_kernel"}
+no_pdl = {r["kernel"] for r in res if r["spec"]["constexprs"].get("PDL") is not True or not r["pdl_wait"]}
+assert not no_pdl, f"kernels the layer launches without programmatic dependent launch's wait: {no_pdl}"
 
 # %% [markdown]
 # A layer given a mapping of all global experts slices out its own; each rank of an expert-parallel deployment holds

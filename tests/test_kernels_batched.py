@@ -172,6 +172,23 @@ def test_launch_reuses_the_compiled_kernel():
         kb._LAUNCHES.pop(kern, None)
 
 
+def test_pdl_kwargs():
+    saved = kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability, dict(kb._PDL_DEVICES)
+    try:
+        kb.PDL = False                                                       # MOE_LIT_PDL unset (and in the interpreter)
+        test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), {})
+        kb.PDL = True
+        torch.cuda.current_device = lambda: 77
+        for cap, want in (((8, 0), {}), ((9, 0), {"PDL": True, "launch_pdl": True}), ((10, 0), {"PDL": True, "launch_pdl": True})):
+            kb._PDL_DEVICES.clear()
+            torch.cuda.get_device_capability = lambda d, c=cap: c             # griddepcontrol needs sm_90
+            test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), want)
+        test_eq(kb.pdl_kwargs(kb._last_to_arrive), {})                      # a function without the constexpr: nothing added
+    finally:
+        kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability = saved[:3]
+        kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[3])
+
+
 def test_interpreter_numpy_problem_is_named():
     import numpy
     real = numpy.__version__
@@ -201,6 +218,16 @@ def test_split_k_factor():
     cfg = dict(SPLIT_K=3)
     test_eq(split_k_launch(cfg, 32, 1, 56, 64, 16, 32, "cpu")[0], 3); test_eq(cfg, {})   # an override wins, and is popped
     if INTERPRET: test_eq(split_k_launch({}, 32, 1, 56, 64, 16, 32, "cpu"), (1, None, None))   # no split unless told
+    c1, c2 = arrival_counters(5, "cpu"), arrival_counters(5, "cpu")      # off the GPU: fresh zeros each call
+    test_eq((c1.tolist(), c1.dtype, c1.data_ptr() != c2.data_ptr()), ([0] * 5, torch.int32, True))
+    for bad in (-1, 2.0, None): test_fail(lambda: arrival_counters(bad, "cpu"), contains="n: expected")
+    if torch.cuda.is_available():                                        # kept per stream: the same memory, grown when needed
+        a1, a2 = arrival_counters(8, "cuda"), arrival_counters(16, "cuda")
+        test_eq(a1.data_ptr(), a2.data_ptr())
+        big = arrival_counters(5 * COUNTERS_MIN, "cuda")
+        assert big.numel() == 5 * COUNTERS_MIN and int(big.abs().sum()) == 0
+        with torch.cuda.stream(torch.cuda.Stream()): other = arrival_counters(8, "cuda")   # another stream: its own
+        assert other.data_ptr() not in (a1.data_ptr(), big.data_ptr())
     test_fail(lambda: split_k_launch(dict(SPLIT_K=0), 32, 1, 56, 64, 16, 32, "cpu"), contains="config['SPLIT_K']: expected >= 1, got 0")
     test_fail(lambda: split_k_launch(dict(SPLIT_K=64), 32, 1, 56, 2**20, 64, 128, "cpu"), contains="config['SPLIT_K']: expected a split whose")
     test_eq(expert_slots(32, 8), (8, True, 32)); test_eq(expert_slots(32, None), (32, False, 1)); test_eq(expert_slots(8, 9), (8, False, 1))
@@ -261,6 +288,9 @@ def test_batched_gemm_split_k():
         check_batched_gemm(E, M, K, N, counts, torch.float32, config=dict(cfg, BLOCK_K=64), poison=1e30)
     test_fail(lambda: check_batched_gemm(2, 4, 32, 32, [4, 1], torch.float32, config=dict(BLOCK_M=16, BLOCK_N=32,
               BLOCK_K=32, TMA=True, SPLIT_K=2)), contains="expected SPLIT_K = 1 with TMA")
+    kept = [b for bufs in kb._COUNTERS.values() for b in bufs]    # on a GPU the launches above shared kept counters:
+    assert all(int(b.abs().sum()) == 0 for b in kept)             # each launch left them zero for the next
+    if DEVICE == "cuda": assert kept
 
 
 def test_batched_gemm_compact_slots():

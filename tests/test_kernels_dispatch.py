@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moe_lit.kernels.batched import BatchedTritonExperts, check_kernel_device
-from moe_lit.kernels.batched import _cdiv, _next_pow2, INTERPRET, launch_kernel
+from moe_lit.kernels.batched import _cdiv, _next_pow2, INTERPRET, launch_kernel, _await_producers
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint

@@ -4,7 +4,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from moe_lit.kernels.batched import INTERPRET, launch_kernel
+from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
 from moe_lit.kernels.batched import _cdiv, _next_pow2
 from moe_lit.terms import check_int, check_tensor, check_choice
 from moe_lit.quant import FP8_MAX, quantize_fp8

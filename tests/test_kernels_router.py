@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, check_positive_real, check_finite
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device, launch_kernel
-from moe_lit.kernels.batched import _next_pow2, _cdiv, _last_to_arrive
+from moe_lit.kernels.batched import _next_pow2, _cdiv, _last_to_arrive, _await_producers
 from moe_lit.routing import ungroupable_reason, matmul_acc
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET

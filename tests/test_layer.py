@@ -139,6 +139,33 @@ def test_layer_fast_launch():
             for g, w in zip(got, want): assert torch.equal(g, w), f"{backend} {quant}: the fast launch changed the result"
 
 
+@pytest.mark.gpu
+def test_layer_programmatic_dependent_launch():
+    torch.manual_seed(10)
+    xs = [torch.randn(8, 256, device="cuda").bfloat16() for _ in range(4)]
+    saved = kb.PDL
+    try:
+        for backend, quant in (("none", "unquantized"), ("nixl_ep", "unquantized"), ("allgather_reducescatter", "unquantized"),
+                               ("none", "fp8_w8a8_block"), ("nixl_ep", "nvfp4_w4a16"), ("none", "mxfp4_w4a16")):
+            par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)
+            cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                            num_shared_experts=1, shared_intermediate_size=64, parallel=par)
+            layer = FusedMoE(cfg, seed=1, device="cuda", quant=quant)
+            kb.PDL = False
+            want = [layer(x[:t]) for x in xs for t in (1, 2, 8)]
+            kb.PDL = True                                          # as MOE_LIT_PDL=1 at import
+            with record_launches() as seen: layer(xs[0][:1])
+            assert seen and all(kw.get("PDL") is True and kw.get("launch_pdl") is True for _, _, kw in seen), \
+                f"{backend} {quant}: a launch without the attribute: {[k.fn.__name__ for k, _, kw in seen if not kw.get('PDL')]}"
+            got = [layer(x[:t]) for x in xs for t in (1, 2, 8)]   # back to back, no sync between: a missing wait shows
+            layer.capture(batch_sizes=(1, 8))
+            replayed = [layer(x[:t]) for x in xs for t in (1, 2, 8)]
+            layer.graphs = {}
+            for i, (g, r, w) in enumerate(zip(got, replayed, want)):
+                assert torch.equal(g, w) and torch.equal(r, w), f"{backend} {quant} call {i}: PDL changed the result"
+    finally: kb.PDL = saved
+
+
 def test_fused_moe_single_device():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=32, intermediate_size=16, dtype=torch.float32)
@@ -413,6 +440,8 @@ def test_layer_kernels_compile_for_sm90():
             "_local_slot_kernel", "_batched_moe_gemm_quant_kernel", "_fused_moe_quant_kernel"} <= kernels, kernels
     assert any(r["spec"]["constexprs"].get("QUANT_A") for r in res)          # FP8 block's in-loop quantization compiled
     assert {r["kernel"] for r in res if r["spec"]["constexprs"].get("PAIR_IDS")} == {"_fused_moe_kernel", "_fused_moe_quant_kernel"}
+    no_pdl = {r["kernel"] for r in res if r["spec"]["constexprs"].get("PDL") is not True or not r["pdl_wait"]}
+    assert not no_pdl, f"kernels the layer launches without programmatic dependent launch's wait: {no_pdl}"
 
 
 def test_fused_moe_from_mapping():

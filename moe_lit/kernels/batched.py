@@ -18,13 +18,14 @@ from ..testing import assert_close, poison_rows
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter: set before this module is imported
 
 # %% auto #0
-__all__ = ['INTERPRET', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS', 'FAST_LAUNCH',
-           'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM', 'GEMM_CASES', 'check_activation',
-           'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map', 'check_tile_config',
-           'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent', 'check_kernel_device',
-           'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'epilogue_constants', 'launch_key',
-           'launch_values', 'launch_kernel', 'split_k_factor', 'split_k_launch', 'expert_slots', 'check_max_active',
-           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+__all__ = ['INTERPRET', 'PDL', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS', 'FAST_LAUNCH',
+           'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM', 'COUNTERS_MIN', 'GEMM_CASES',
+           'check_activation', 'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map',
+           'check_tile_config', 'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent',
+           'check_kernel_device', 'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'epilogue_constants',
+           'launch_key', 'launch_values', 'pdl_kwargs', 'launch_kernel', 'split_k_factor', 'split_k_launch',
+           'arrival_counters', 'expert_slots', 'check_max_active', 'batched_moe_gemm', 'random_batched_problem',
+           'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -93,6 +94,21 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
         count = tl.minimum(tl.load(counts_ptr + g), MAX_TOKENS)
     return e, count
 
+# %% ../../nbs/06_kernels.batched.ipynb #4abaf17117b2
+try: from triton.language.extra.cuda import gdc_wait as _gdc_wait, gdc_launch_dependents as _gdc_launch_dependents
+except ImportError: _gdc_wait = _gdc_launch_dependents = None      # a Triton without grid dependency control
+
+PDL = os.environ.get("MOE_LIT_PDL", "0")           # "1": programmatic dependent launch on sm_90+ GPUs (read at import)
+if PDL not in ("0", "1"): raise ValueError(f"MOE_LIT_PDL: expected '0' or '1', got {PDL!r}")
+PDL = PDL == "1" and not INTERPRET and _gdc_wait is not None
+
+@triton.jit
+def _await_producers(PDL: tl.constexpr):
+    "With PDL: let the next kernel launch, then wait until the previous kernel has completed and its writes are visible."
+    if PDL:
+        _gdc_launch_dependents()
+        _gdc_wait()
+
 # %% ../../nbs/06_kernels.batched.ipynb #e3ea796e4f4a
 @triton.jit
 def _last_to_arrive(count_ptr,      # int32 arrival counter: 0 before the launch, and again after it
@@ -127,7 +143,7 @@ def _split_k_sum(acc, acc_up,      # [BLOCK_M, BLOCK_N] fp32: this program's par
             if GATED: acc_up += tl.load(p + SIZE + offs)
     return acc, acc_up, last
 
-# %% ../../nbs/06_kernels.batched.ipynb #a78eb38746ac
+# %% ../../nbs/06_kernels.batched.ipynb #c95118af31ac
 @triton.jit
 def _batched_moe_gemm_kernel(
     a_ptr,                      # [E, max_tokens, K]
@@ -144,7 +160,9 @@ def _batched_moe_gemm_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     e, count = _slot_expert(expert_num_tokens_ptr, tl.program_id(1), num_experts, MAX_TOKENS, COMPACT, BLOCK_E)
@@ -211,7 +229,7 @@ def plot_tile_map(expert_num_tokens: torch.Tensor,   # [E] int, valid rows per e
     fig.colorbar(im, ax=ax, label="valid rows / BLOCK_M"); fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../../nbs/06_kernels.batched.ipynb #aed60725f56b
+# %% ../../nbs/06_kernels.batched.ipynb #409eee56e8cd
 @triton.jit
 def _batched_moe_gemm_tma_kernel(
     a_desc,                     # descriptor over a viewed as [E·max_tokens, K], box [BLOCK_M, BLOCK_K]
@@ -224,7 +242,9 @@ def _batched_moe_gemm_tma_kernel(
     stride_ce, stride_cm, stride_cn, stride_be, stride_bn,
     GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    _await_producers(PDL)                                    # before any load or store
     pid, e = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
     count = tl.minimum(tl.load(expert_num_tokens_ptr + e), MAX_TOKENS)
@@ -469,7 +489,7 @@ def epilogue_constants(act: Activation | None, bias_strides: tuple | None) -> di
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias_strides is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #cd9fb90a3e02
+# %% ../../nbs/06_kernels.batched.ipynb #907cbb4106d6
 FAST_LAUNCH = (os.environ.get("MOE_LIT_FAST_LAUNCH", "1") != "0" and not INTERPRET
                and triton.__version__.startswith("3.6."))   # the launcher convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -529,14 +549,30 @@ def _interpreter_numpy_problem() -> str | None:
 
 _INTERPRETER_PROBLEM = _interpreter_numpy_problem()
 
+_PDL_ON = {"PDL": True, "launch_pdl": True}   # the kernel's constexpr and Triton's launch option
+_TAKES_PDL: dict = {}         # kernel -> whether its signature has the PDL constexpr
+_PDL_DEVICES: dict = {}       # device index -> whether it is sm_90 or newer
+
+def pdl_kwargs(kernel) -> dict:
+    "`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when `PDL` is on and the current GPU is sm_90+, else `{}`."
+    if not PDL: return {}
+    takes = _TAKES_PDL.get(kernel)
+    if takes is None: takes = _TAKES_PDL[kernel] = "PDL" in getattr(kernel, "arg_names", ())
+    if not takes: return {}
+    dev = torch.cuda.current_device()
+    ok = _PDL_DEVICES.get(dev)
+    if ok is None: ok = _PDL_DEVICES[dev] = torch.cuda.get_device_capability(dev)[0] >= 9
+    return _PDL_ON if ok else {}
+
 def launch_kernel(kernel, grid: tuple):
     "`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
+    pdl = pdl_kwargs(kernel)                                           # {} unless MOE_LIT_PDL=1 on sm_90+
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
             or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
             or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
-        return kernel[grid]                                            # (the arguments go to the JIT as they are)
-    return functools.partial(_launch_direct, kernel, grid)
+        return functools.partial(kernel[grid], **pdl) if pdl else kernel[grid]   # (the arguments go to the JIT as they are)
+    return functools.partial(_launch_direct, kernel, grid, **pdl)
 
 def _launch_direct(kernel, grid, *args, **kwargs):
     "The launch of `launch_kernel`'s fast path: the compiled kernel of the launch's key, else the JIT's first launch."
@@ -563,7 +599,7 @@ def _first_launch(kernel, key, grid, args, kwargs):
     cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, *_launch_tail(kernel, len(args), kwargs))
     return compiled
 
-# %% ../../nbs/06_kernels.batched.ipynb #0267a7816827
+# %% ../../nbs/06_kernels.batched.ipynb #6cf4fae884c8
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
 SPLIT_K_PROGRAMS_PER_SM = {"16-bit": 0.5, "fp8": 0.5, "fp4": 4.0}   # each kernel family's split target (H200 sweep)
 
@@ -597,11 +633,12 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
                    tiles_per_expert: int, active_experts: int, k_tiles: int,   # as `split_k_factor`
                    num_tiles: int,           # output tiles of the whole grid (the workspace's and counters' size)
                    block_m: int, block_n: int, device, programs_per_sm: float = 1,
-                  ) -> tuple:                # (SPLIT_K, fp32 workspace or None, zeroed int32 counters or None)
+                  ) -> tuple:                # (SPLIT_K, fp32 workspace or None, int32 zeros or None: `arrival_counters`)
     """The split of one launch and its buffers: cfg's SPLIT_K, else `split_k_factor` within `SPLIT_K_WORKSPACE_BYTES` (1 in the interpreter).
 
     The workspace is fp32 `[SPLIT_K, num_tiles, 2, block_m, block_n]` (gate and up partials), the counters int32
-    `[num_tiles]` zeros, both on `device`; neither is allocated without a split. ValueError naming `config['SPLIT_K']`
+    `[num_tiles]` zeros kept per stream (`arrival_counters`: the launch must leave them zero), both on `device`; neither
+    is made without a split. ValueError naming `config['SPLIT_K']`
     for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
     split = _split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
     return (split, *_split_k_buffers(split, num_tiles, block_m, block_n, device))
@@ -625,7 +662,33 @@ def _split_k_buffers(split: int, num_tiles: int, block_m: int, block_n: int, dev
     "`(fp32 workspace, zeroed int32 counters)` of a launch split `split` ways, or `(None, None)` without a split."
     if split == 1: return None, None
     return (torch.empty(split * num_tiles * 2 * block_m * block_n, dtype=torch.float32, device=device),
-            torch.zeros(num_tiles, dtype=torch.int32, device=device))
+            arrival_counters(num_tiles, device))
+
+_COUNTERS: dict = {}          # (device index, stream) -> the int32 zero buffers made for it, newest last, all kept
+COUNTERS_MIN = 4096           # entries of a first buffer (16 KiB): every decode launch of the deployments fits
+
+def arrival_counters(n: int, device) -> torch.Tensor:
+    """`n` int32 zeros for a launch's `_last_to_arrive` counters, which the launch leaves zero again.
+
+    On a GPU they are a prefix of a buffer kept per (device, current stream) and reused by every later launch on that
+    stream — launches on one stream run one after another, so no fill is launched per call. A larger `n` makes a
+    larger buffer (zeroed once); the smaller ones stay alive, since a captured CUDA graph holds their addresses. Inside
+    a capture nothing is kept (memory made there is the graph's): a missing buffer is made as zeros for that launch
+    alone. Off the GPU (the interpreter) every call gets fresh zeros. Contract: a kernel given these counters must,
+    on every path, either count every program of a tile in or none of them (`_split_k_sum` after a tile-wide exit).
+    Two graphs captured on one stream and replayed concurrently on two would share them (replay them one at a time).
+    ValueError for a negative or non-int `n`."""
+    check_int("n", n, lo=0)
+    device = torch.device(device)
+    if device.type != "cuda": return torch.zeros(n, dtype=torch.int32, device=device)
+    index, stream = _stream_of_current_device()
+    key = (device.index if device.index is not None else index, stream)
+    bufs = _COUNTERS.get(key)
+    if bufs and bufs[-1].numel() >= n: return bufs[-1][:n]
+    if torch.cuda.is_current_stream_capturing(): return torch.zeros(n, dtype=torch.int32, device=device)
+    buf = torch.zeros(max(n, COUNTERS_MIN, 2 * bufs[-1].numel() if bufs else 0), dtype=torch.int32, device=device)
+    _COUNTERS.setdefault(key, []).append(buf)
+    return buf[:n]
 
 # %% ../../nbs/06_kernels.batched.ipynb #2be335702887
 def expert_slots(E: int,                    # experts of the launch (slabs)

@@ -1,16 +1,19 @@
-"""Eager vs CUDA-graph-replayed forward of the whole layer at T = 1, every `LAYER_DEPLOYMENTS` entry (GPU).
+"""Eager vs CUDA-graph-replayed forward of the whole layer at small T, every `LAYER_DEPLOYMENTS` entry (GPU).
 
-    python nbs/bench/eager_vs_replay.py [--quant SCHEME] [--ab launch|select|overlap]
+    python nbs/bench/eager_vs_replay.py [--quant SCHEME] [--tokens 1,2,8] [--ab launch|select|overlap|pdl]
 
 eager: a loop of 200 `layer(x)` calls, synchronised once at the end, µs per call (the host-bound rate a Python caller
-sees); replay: the same forward captured with `layer.capture([1])`, a loop of 200 `graph.replay()`; host = eager −
-replay. Random weights, bf16, fixed seeds. `--ab` times eager with a switch off and on, alternately, three times each
-in one process, keeps the best of each, and compares both modes' outputs bit for bit:
+sees); replay: the same forward captured with `layer.capture([T])`, a loop of 200 `graph.replay()`; host = eager −
+replay. Random weights, bf16, fixed seeds; T = 1 unless `--tokens` lists others. `--ab` times eager with a switch off
+and on, alternately, three times each in one process, keeps the best of each, and compares both modes' outputs bit
+for bit:
   launch  - Triton's JIT launch path against `launch_kernel`'s direct launches (`moe_lit.kernels.batched.FAST_LAUNCH`)
   select  - the router's selection in its own launch against the logits launch's last program
             (`moe_lit.kernels.router.ROUTER_SELECT_MAX_TOKENS` 0 against its default)
   overlap - the shared experts in line against a side stream (`ModularKernel.overlap_shared`; layers without shared
             experts are skipped)
+  pdl     - programmatic dependent launch off and on (`moe_lit.kernels.batched.PDL`, as `MOE_LIT_PDL=1`): the
+            replay is captured and timed in each mode too, since a graph is where the launches' gaps remain
 """
 import sys, time, torch
 import moe_lit.kernels.batched as kb
@@ -20,7 +23,8 @@ from moe_lit.layer import FusedMoE
 
 quant = sys.argv[sys.argv.index("--quant") + 1] if "--quant" in sys.argv else "unquantized"
 ab = sys.argv[sys.argv.index("--ab") + 1] if "--ab" in sys.argv else None
-assert ab in (None, "launch", "select", "overlap"), f"--ab: expected launch, select or overlap, got {ab}"
+tokens = [int(t) for t in sys.argv[sys.argv.index("--tokens") + 1].split(",")] if "--tokens" in sys.argv else [1]
+assert ab in (None, "launch", "select", "overlap", "pdl"), f"--ab: expected launch, select, overlap or pdl, got {ab}"
 
 
 def loop_us(f, n=200):
@@ -32,37 +36,49 @@ def loop_us(f, n=200):
 
 
 def switch(layer, on: bool):
-    "Set the A/B switch (`on`: the layer's default for launch and select, the side stream for overlap)."
+    "Set the A/B switch (`on`: the layer's default for launch and select, the side stream for overlap, PDL on)."
     if ab == "launch": kb.FAST_LAUNCH = on
     elif ab == "select": kr.ROUTER_SELECT_MAX_TOKENS = select_default if on else 0
     elif ab == "overlap":
         for mk in layer._kernels.values(): mk.overlap_shared = on
+    elif ab == "pdl": kb.PDL = on
 
 
-launch_default, select_default = kb.FAST_LAUNCH, kr.ROUTER_SELECT_MAX_TOKENS
+def replay_us(layer, x):
+    "µs per replay of `x`'s forward, captured now (in the switch's current mode)."
+    g, gx, gy = layer.capture([len(x)]).graphs[len(x)]
+    gx.copy_(x)
+    us = loop_us(g.replay)
+    layer.graphs = {}
+    return us
+
+
+launch_default, select_default, pdl_default = kb.FAST_LAUNCH, kr.ROUTER_SELECT_MAX_TOKENS, kb.PDL
 for dep in LAYER_DEPLOYMENTS:
     layer = FusedMoE(deployment_config(dep), device="cuda", placement=dep["placement"], quant=quant)
     if ab == "overlap" and layer.shared_experts is None: continue
-    x = torch.randn(1, layer.config.hidden_size, device="cuda", dtype=layer.config.dtype)
-    layer(x)                                                         # builds the ModularKernel the switch reaches
-    modes = (False, True) if ab else (True,)
-    best, outs = {}, {}
-    for _ in range(3 if ab else 1):
-        for on in modes:
-            switch(layer, on)
-            outs[on] = layer(x)
-            best[on] = min(best.get(on, float("inf")), loop_us(lambda: layer(x)))
-    switch(layer, True)
-    g, gx, gy = layer.capture([1]).graphs[1]
-    gx.copy_(x); replay = loop_us(g.replay)
-    if ab:
-        off, on = best[False], best[True]
-        print(f"{dep['name']:<45} {quant:<12} T=1 {ab}: eager off {off:7.1f} us  on {on:7.1f} us  replay {replay:6.1f} us"
-              f"  host off {off - replay:6.1f}  on {on - replay:6.1f}  same bits {torch.equal(outs[False], outs[True])}",
-              flush=True)
-    else:
-        eager = best[True]
-        print(f"{dep['name']:<45} {quant:<12} T=1 eager {eager:7.1f} us  replay {replay:6.1f} us  host {eager - replay:7.1f} us",
-              flush=True)
+    for T in tokens:
+        x = torch.randn(T, layer.config.hidden_size, device="cuda", dtype=layer.config.dtype)
+        layer(x)                                                     # builds the ModularKernel the switch reaches
+        modes = (False, True) if ab else (True,)
+        best, outs, replays = {}, {}, {}
+        for _ in range(3 if ab else 1):
+            for on in modes:
+                switch(layer, on)
+                outs[on] = layer(x)
+                best[on] = min(best.get(on, float("inf")), loop_us(lambda: layer(x)))
+                if ab == "pdl": replays[on] = min(replays.get(on, float("inf")), replay_us(layer, x))
+        switch(layer, True)
+        replay = replays[True] if ab == "pdl" else replay_us(layer, x)
+        if ab:
+            off, on = best[False], best[True]
+            extra = f"  replay off {replays[False]:6.1f} us" if ab == "pdl" else ""
+            print(f"{dep['name']:<45} {quant:<12} T={T} {ab}: eager off {off:7.1f} us  on {on:7.1f} us{extra}  replay "
+                  f"{replay:6.1f} us  host off {off - replay:6.1f}  on {on - replay:6.1f}  same bits "
+                  f"{torch.equal(outs[False], outs[True])}", flush=True)
+        else:
+            eager = best[True]
+            print(f"{dep['name']:<45} {quant:<12} T={T} eager {eager:7.1f} us  replay {replay:6.1f} us  host "
+                  f"{eager - replay:7.1f} us", flush=True)
     del layer; torch.cuda.empty_cache()
-kb.FAST_LAUNCH, kr.ROUTER_SELECT_MAX_TOKENS = launch_default, select_default
+kb.FAST_LAUNCH, kr.ROUTER_SELECT_MAX_TOKENS, kb.PDL = launch_default, select_default, pdl_default

@@ -8,6 +8,8 @@
 #                                            seed scenario
 #   bash nbs/bench/small_t_gpu.sh launch  -> eager against replayed at T = 1, each host-side switch off and on
 #                                            (eager_vs_replay.py --ab launch / select / overlap)
+#   bash nbs/bench/small_t_gpu.sh pdl     -> programmatic dependent launch off and on, eager and replayed, T = 1, 2,
+#                                            8 (eager_vs_replay.py --ab pdl), then the kernel chain with it on
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_h200_$C.log"; grep "==" "$OUT/profile_small_t_h200_$C.log"; }
@@ -28,4 +30,8 @@ launch)
   for m in launch select overlap; do
     timeout 150 python nbs/bench/eager_vs_replay.py --ab $m 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_${m}_h200_$C.log"
   done ;;
+pdl)
+  timeout 300 python nbs/bench/eager_vs_replay.py --ab pdl --tokens 1,2,8 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_pdl_h200_$C.log"
+  MOE_LIT_PDL=1 timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_pdl_h200_$C.log"
+  grep "==" "$OUT/profile_small_t_pdl_h200_$C.log" ;;
 esac
