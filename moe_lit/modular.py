@@ -132,7 +132,7 @@ class StandardPrepareFinalize:
         "`finalize` after its checks (an owning ModularKernel's own prepare and experts made both)."
         return expert_out if shared is None else expert_out + shared
 
-# %% ../nbs/10_modular.ipynb #f78904719578
+# %% ../nbs/10_modular.ipynb #9892108481c0
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -180,13 +180,28 @@ class BatchedPrepareFinalize:
                 a = torch.empty(p.num_local_experts, cap, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
                 a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, table, mode,
                                                            table.shape[0] if mode else p.num_local_experts,
-                                                           p.physical_offset if mode == 2 else 0, scale, a, False)
+                                                           p.physical_offset if mode == 2 else 0, scale, a, False,
+                                                           self._kept_counts(p.num_local_experts, hidden))
         else:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids, self.validate),
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
                         **_expected_load(topk_ids, placement))   # not the padded capacity
+
+    def _kept_counts(self, num_local_experts: int, hidden: torch.Tensor) -> torch.Tensor:
+        """int32 `[num_local_experts + 1]` zeros for the hot path's dispatch (the counts, then the overflow flag), kept:
+        the finalize's combine zeroes them again, so no fill is launched per forward. A prepare whose finalize did not
+        run (an error in between) leaves them dirty: the next one zeroes them first. One made inside a CUDA graph
+        capture is not kept (its memory is the graph's). One forward at a time, as the layer that owns this object."""
+        kept = self.__dict__.get("_counts")
+        if kept is None or kept.numel() != num_local_experts + 1 or kept.device != hidden.device:
+            kept = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)
+            if hidden.is_cuda and torch.cuda.is_current_stream_capturing(): return kept
+            self._counts = kept
+        elif self.__dict__.get("_counts_dirty"): kept.zero_()
+        if hidden.shape[0]: self._counts_dirty = True  # the dispatch counts: until a finalize's combine zeroes them
+        return kept
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
@@ -202,9 +217,14 @@ class BatchedPrepareFinalize:
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()
+            kept = self.__dict__.get("_counts")
+            reset = kept if kept is not None and prepared.expert_num_tokens is not None and T and H and \
+                prepared.expert_num_tokens.data_ptr() == kept.data_ptr() else None        # this object's own dispatch
             out = _batched_combine(expert_out, prepared.topk_weights, prepared.slot_map,     # slots come from our own
                                    torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device), on_in,   # dispatch
-                                   None if shared is None else shared.contiguous())   # in the sum (its columns)
+                                   None if shared is None else shared.contiguous(),    # in the sum (its columns)
+                                   reset)                                              # the counts: zero again
+            if reset is not None: self._counts_dirty = False
         else:
             out = combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
             if shared is not None: out = out[:, :prepared.hidden_size] + shared
@@ -234,7 +254,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #9db6f8a9d2ed
+# %% ../nbs/10_modular.ipynb #aa7bacf2e4a0
 def _check_trusted_weights(a: torch.Tensor, w13, w2):
     "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
     H = a.shape[-1]
@@ -255,14 +275,18 @@ class TritonExpertsAdapter(TorchStandardExperts):
                         # construction, and its prepare built the rest: the launches skip the per-call checks but
                         # the weights' shapes, dtype and device (`_check_trusted_weights`, metadata only)
     weights_checked = False   # True in an owning ModularKernel: the owner checks its weights (`FusedMoE`) instead
-    def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
+    adds_shared = property(lambda self: self.trusted)   # trusted: `apply` takes the shared experts' output (`shared`)
+    def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU,
+              shared=None, join=None):   # (adds_shared) added in the combine's fp32 sum; `join` before that launch
         from moe_lit.kernels.contiguous import TritonExperts
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
-                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts)
+                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts,
+                                          addend=shared, join=join)
+        if shared is not None: raise ValueError("shared: expected None for experts that are not trusted (adds_shared False)")
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                      prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                      num_experts=prepared.num_experts, active_experts=prepared.active_experts,
@@ -287,14 +311,18 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
 class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     trusted = weights_checked = False     # as TritonExpertsAdapter's
-    def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
+    adds_shared = property(lambda self: self.trusted)   # as TritonExpertsAdapter's
+    def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
+              shared=None, join=None):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                                prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                                w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
-                                               num_experts=prepared.num_experts, active_experts=prepared.active_experts)
+                                               num_experts=prepared.num_experts, active_experts=prepared.active_experts,
+                                               addend=shared, join=join)
+        if shared is not None: raise ValueError("shared: expected None for experts that are not trusted (adds_shared False)")
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           num_experts=prepared.num_experts, active_experts=prepared.active_experts,
@@ -370,7 +398,7 @@ class SharedExperts(torch.nn.Module):
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #5b84ac576759
+# %% ../nbs/10_modular.ipynb #835a1b0ed7ef
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None,
@@ -420,9 +448,16 @@ class ModularKernel:
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")
+        join = lambda: side is not None and torch.cuda.current_stream(hidden.device).wait_stream(side)
+        if shared is not None and getattr(self.experts, "adds_shared", False) \
+                and getattr(self.prepare_finalize, "adds_shared", False):      # trusted Standard experts on Triton:
+            expert_out = self.experts.apply(prepared, w13, w2, w13_bias, w2_bias, activation, shared=shared, join=join)
+            clock("experts_s")                                                  # the shared output in their combine
+            out = self._finalize(expert_out, prepared)
+            clock("finalize_s")
+            return out
         expert_out = self.experts.apply(prepared, w13, w2, w13_bias, w2_bias, activation)
         clock("experts_s")
-        join = lambda: side is not None and torch.cuda.current_stream(hidden.device).wait_stream(side)
         if shared is not None and getattr(self.prepare_finalize, "adds_shared", False):
             join()                                                              # the shared output is added in
             out = self._finalize(expert_out, prepared, shared)                  # finalize's own sum

@@ -10,8 +10,8 @@ import torch
 
 # %% auto #0
 __all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'check_tensor', 'check_dense', 'check_disjoint', 'acc_dtype', 'check_finite',
-           'use_triton_interpreter_without_gpu', 'default_device', 'progress']
+           'check_positive_real', 'check_device', 'check_tensor', 'check_dense', 'check_disjoint', 'acc_dtype',
+           'check_finite', 'use_triton_interpreter_without_gpu', 'default_device', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def check_choice(name: str, value, choices) -> object:
     if value not in tuple(choices): raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
-# %% ../nbs/00_terms.ipynb #c93b54a7ffca
+# %% ../nbs/00_terms.ipynb #990bf70ad3c9
 def check_bool(name: str, value) -> bool:
     "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
@@ -106,6 +106,14 @@ def check_positive_real(name: str, value) -> float:
     except OverflowError: ok = False                    # an int too large for a float
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
     return float(value)
+
+def check_device(device, name: str = "device") -> torch.device:
+    "`device` as a torch.device, refusing unknown names, types other than cpu and cuda, and CUDA on a machine without a GPU."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"{name}: expected 'cpu', 'cuda' or a torch.device, got {device!r}") from None
+    if d.type not in ("cpu", "cuda"): raise ValueError(f"{name}: expected a cpu or cuda device, got {d}")
+    if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"{name}: expected a CUDA GPU for {d}, got none")
+    return d
 
 # %% ../nbs/00_terms.ipynb #e704ed46aa05
 def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int | None = None,

@@ -169,6 +169,14 @@ def check_positive_real(name: str, value) -> float:
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
     return float(value)
 
+def check_device(device, name: str = "device") -> torch.device:
+    "`device` as a torch.device, refusing unknown names, types other than cpu and cuda, and CUDA on a machine without a GPU."
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"{name}: expected 'cpu', 'cuda' or a torch.device, got {device!r}") from None
+    if d.type not in ("cpu", "cuda"): raise ValueError(f"{name}: expected a cpu or cuda device, got {d}")
+    if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"{name}: expected a CUDA GPU for {d}, got none")
+    return d
+
 # %%
 #| test check_bool_and_real
 test_eq(check_bool("renormalize", True), True)
@@ -176,6 +184,11 @@ test_fail(lambda: check_bool("renormalize", 1), contains="renormalize: expected 
 test_eq(check_positive_real("routed_scaling_factor", 2), 2.0)
 for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
     test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
+test_eq(check_device("cpu"), torch.device("cpu"))
+for bad, msg in (("bogus", "expected 'cpu', 'cuda' or a torch.device, got 'bogus'"), (None, "expected 'cpu', 'cuda'"),
+                 ("meta", "expected a cpu or cuda device, got meta")):
+    test_fail(lambda: check_device(bad, "out_device"), contains=f"out_device: {msg}")
+if not torch.cuda.is_available(): test_fail(lambda: check_device("cuda"), contains="device: expected a CUDA GPU for cuda, got none")
 
 # %% [markdown]
 # `check_tensor` enforces the shape comments: `shape` may hold `None` for "any size" and `dtype` may be one dtype or a

@@ -307,12 +307,13 @@ def _check_plan_args(plan, bias, ids_dtype, validate) -> torch.Tensor | None:
     if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
     if ids_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
+    check_bool("validate", validate)
     if (bias is None) == plan.HAS_BIAS:
         raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan.HAS_BIAS else 'None'}, got "
                          f"{'None' if bias is None else 'a tensor'}")
     if bias is None: return None
     check_tensor("bias", bias, shape=(plan.num_experts,), dtype=torch.float32)
-    if check_bool("validate", validate): check_finite("bias", bias)   # one sync: a NaN or inf would decide the choice
+    if validate: check_finite("bias", bias)                   # one sync: a NaN or inf would decide the choice
     return bias.contiguous()
 
 def route_topk(plan: RouterPlan,                    # router_plan(config)
@@ -551,6 +552,8 @@ for field, value, msg in (("TOP_K", 9, "TOP_K: expected <= 8"), ("num_experts", 
                           ("SCORING", True, "SCORING: expected an int"), ("TOP2", True, "TOP2: expected True only with")):
     test_fail(lambda: dataclasses.replace(plan, **{field: value}), contains=msg)   # a hand-made plan is checked too
 test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
+for v in (1, "no", None):                             # checked whether or not the plan has a bias to check
+    test_fail(lambda: route_topk(plan, torch.randn(3, 8), validate=v), contains="validate: expected a bool")
 strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))
 base = torch.tensor([0., 9, 1, 9, 2, 9, 3, 9, 4, 9, 5, 9, 6, 9, 7, 9], device=DEVICE) / 16
 b = base[::2]                                        # a strided view: read as its values 0..7/16, not as base[:8]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
-from moe_lit.terms import check_positive_real
+from moe_lit.terms import check_positive_real, check_device
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
@@ -826,7 +826,9 @@ test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"]
 
 # %%
 #| export
-FAST_LAUNCH = (os.environ.get("MOE_LIT_FAST_LAUNCH", "1") != "0" and not INTERPRET
+FAST_LAUNCH = os.environ.get("MOE_LIT_FAST_LAUNCH", "1")      # "0": every launch through Triton's JIT (read at import)
+if FAST_LAUNCH not in ("0", "1"): raise ValueError(f"MOE_LIT_FAST_LAUNCH: expected '0' or '1', got {FAST_LAUNCH!r}")
+FAST_LAUNCH = (FAST_LAUNCH == "1" and not INTERPRET
                and triton.__version__.startswith("3.6."))   # the launcher convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 _PLAIN_TYPES = _TENSOR_TYPES | {int, float, bool, str, type(None), torch.dtype}   # what a kept key may hold
@@ -900,9 +902,24 @@ def pdl_kwargs(kernel) -> dict:
     if ok is None: ok = _PDL_DEVICES[dev] = torch.cuda.get_device_capability(dev)[0] >= 9
     return _PDL_ON if ok else {}
 
+_GRIDS: set = set()            # grids `launch_kernel` has checked (tuples of 1-3 ints >= 0)
+
+def _check_grid(grid):
+    "A launch grid: a tuple of one to three ints >= 0 (ValueError otherwise); remembered, so a grid is checked once."
+    try:
+        if grid in _GRIDS: return
+    except TypeError: pass                                             # unhashable: not a tuple of ints
+    if not (type(grid) is tuple and 0 < len(grid) <= 3 and all(type(g) is int and g >= 0 for g in grid)):
+        raise ValueError(f"grid: expected a tuple of one to three ints >= 0 (programs along each axis), got {grid!r}")
+    if len(_GRIDS) >= LAUNCH_KEYS_MAX: _GRIDS.clear()
+    _GRIDS.add(grid)
+
 def launch_kernel(kernel, grid: tuple):
     "`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
+    if getattr(kernel, "fn", None) is None:
+        raise ValueError(f"kernel: expected a @triton.jit function, got {type(kernel).__name__}")
+    _check_grid(grid)
     pdl = pdl_kwargs(kernel)                                           # {} unless MOE_LIT_PDL=1 on sm_90+
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
             or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
@@ -1012,6 +1029,25 @@ finally:
     kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[3])
 
 # %%
+#| test launch_arguments_refused
+import os, subprocess, sys
+for var, bad in (("MOE_LIT_PDL", "2"), ("MOE_LIT_FAST_LAUNCH", "off")):        # switches read at import: named
+    r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.batched"], capture_output=True, text=True,
+                       env={**os.environ, var: bad}, timeout=300)
+    assert r.returncode and f"{var}: expected '0' or '1', got '{bad}'" in r.stderr, r.stderr[-500:]
+for grid in ((), (-1,), (1.5,), [2], "abc", None, (1, 2, 3, 4)):
+    test_fail(lambda: launch_kernel(kb._batched_moe_gemm_kernel, grid), contains="grid: expected a tuple of one to three ints >= 0")
+test_fail(lambda: launch_kernel(None, (1,)), contains="kernel: expected a @triton.jit function, got NoneType")
+for bad in ("bogus", None, torch.zeros(1), "meta"): test_fail(lambda: arrival_counters(4, bad), contains="device: expected")
+for args, msg in (((None, 4, 2, 8, 8, 16, 16, "cpu"), "cfg: expected a dict"),
+                  (({}, 4, 2, 8, -1, 16, 16, "cpu"), "num_tiles: expected >= 0"),
+                  (({}, 4, 2, 8, 8, 1.5, 16, "cpu"), "block_m: expected an int"),
+                  (({}, 0, 2, 8, 8, 16, 16, "cpu"), "tiles_per_expert: expected >= 1"),
+                  (({}, 4, 2, 8, 8, 16, 16, "bogus"), "device: expected")):
+    test_fail(lambda: split_k_launch(*args), contains=msg)
+test_fail(lambda: split_k_launch({}, 4, 2, 8, 8, 16, 16, "cpu", programs_per_sm="x"), contains="programs_per_sm: expected a finite")
+
+# %%
 #| test interpreter_numpy_problem_is_named
 import numpy
 real = numpy.__version__
@@ -1084,6 +1120,12 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     `[num_tiles]` zeros kept per stream (`arrival_counters`: the launch must leave them zero), both on `device`; neither
     is made without a split. ValueError naming `config['SPLIT_K']`
     for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
+    if not isinstance(cfg, dict): raise ValueError(f"cfg: expected a dict (a resolved tile), got {type(cfg).__name__}")
+    for name, v, lo in (("tiles_per_expert", tiles_per_expert, 1), ("active_experts", active_experts, 0),
+                        ("k_tiles", k_tiles, 1), ("num_tiles", num_tiles, 0), ("block_m", block_m, 1), ("block_n", block_n, 1)):
+        check_int(name, v, lo=lo)
+    check_positive_real("programs_per_sm", programs_per_sm)
+    device = check_device(device)
     split = _split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
     return (split, *_split_k_buffers(split, num_tiles, block_m, block_n, device))
 
@@ -1121,12 +1163,14 @@ def arrival_counters(n: int, device) -> torch.Tensor:
     alone. Off the GPU (the interpreter) every call gets fresh zeros. Contract: a kernel given these counters must,
     on every path, either count every program of a tile in or none of them (`_split_k_sum` after a tile-wide exit).
     Two graphs captured on one stream and replayed concurrently on two would share them (replay them one at a time).
-    ValueError for a negative or non-int `n`."""
+    ValueError for a negative or non-int `n`, or a `device` that is not one (or a GPU that is not there)."""
     check_int("n", n, lo=0)
-    device = torch.device(device)
+    device = check_device(device)
     if device.type != "cuda": return torch.zeros(n, dtype=torch.int32, device=device)
     index, stream = _stream_of_current_device()
-    key = (device.index if device.index is not None else index, stream)
+    if device.index is not None and device.index != index:    # not the current device: its stream is not the one
+        return torch.zeros(n, dtype=torch.int32, device=device)   # the launch goes to; nothing kept
+    key = (index, stream)
     bufs = _COUNTERS.get(key)
     if bufs and bufs[-1].numel() >= n: return bufs[-1][:n]
     if torch.cuda.is_current_stream_capturing(): return torch.zeros(n, dtype=torch.int32, device=device)

@@ -21,7 +21,7 @@ from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogu
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
 import moe_lit.kernels.batched as _batched
-from moe_lit.kernels.dispatch import _combine_pairs
+from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs
 
 # %%
 #| hide
@@ -595,7 +595,11 @@ def _fused_plan(E, N, K, rows, a_strides, w_strides, out_strides, w_misalign, dt
 @functools.lru_cache(maxsize=1024)
 def _gemm1_block_m(E, N, K, expected_m, dtype, config_dir) -> int:
     "The tuned GEMM1 tile's BLOCK_M, which the experts align to, checked (a table's value) and resolved once per shape."
-    return check_block_m(lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, dtype, config_dir=config_dir)["BLOCK_M"])
+    bm = lookup_tile_config("fused_moe_gemm", E, N, K, expected_m, dtype, config_dir=config_dir)["BLOCK_M"]
+    try: return check_block_m(bm)
+    except ValueError as e:                                     # a tile table's value: name where it came from
+        raise ValueError(f"{e} (GEMM1's BLOCK_M, the alignment block, from the fused_moe_gemm tile table for E={E}, "
+                         f"N={N} in {config_dir or 'the package configs'})") from None
 
 @functools.lru_cache(maxsize=1024)
 def _fused_tile(E, N, K, expected_m, dtype, block_m, gated, config_items, config_dir) -> tuple:
@@ -793,10 +797,11 @@ class TritonExperts:
 
     def _apply(self, hidden, w13, w2, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
                expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,
-               active_experts=None) -> torch.Tensor:
+               active_experts=None,
+               addend=None, join=None) -> torch.Tensor:   # the shared experts' [T, H], in the combine's sum (`07`)
         "`apply` after its checks: for a layer whose weights (checked once), ids and activations are its own (`10_modular`)."
         (E, N, H), (T, k) = w13.shape, local_ids.shape
-        if T == 0 or E == 0: return hidden.new_zeros(T, H)      # no tokens, or no expert on this rank
+        if T == 0 or E == 0: return _no_pairs(T, H, hidden, addend, join)   # no tokens, or no expert on this rank
         expected_m = expected_m or max(1, T * k // E)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = _gemm1_block_m(E, N, H, expected_m, hidden.dtype, _tile_config_root())
@@ -807,7 +812,7 @@ class TritonExperts:
                             "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
         y = _fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", None, None,
                             True, expected_m, w2_bias, active_experts)
-        return _combine_pairs(y, local_ids, E)             # router weights already applied; y is unit-stride
+        return _combine_pairs(y, local_ids, E, addend, join)   # router weights already applied; y is unit-stride
 
 # %% [markdown]
 # ## One expert on every token: the shared experts
@@ -985,6 +990,15 @@ assert_close(total.float(), moe_reference_standard(hidden.double(), w13.double()
 
 # %%
 #| test contiguous_bad_input
+import json, tempfile
+import moe_lit.kernels.contiguous as kc
+from moe_lit.kernels.batched import tile_config_path
+with tempfile.TemporaryDirectory() as d:                    # a tuned table's GEMM1 BLOCK_M is the alignment block
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() and DEVICE == "cuda" else "cpu"   # the tables' key
+    p = tile_config_path("fused_moe_gemm", 2, 64, name, torch.bfloat16, d)
+    p.parent.mkdir(parents=True); p.write_text(json.dumps({"2": dict(BLOCK_M=1024, BLOCK_N=64, BLOCK_K=64)}))
+    test_fail(lambda: kc._gemm1_block_m(2, 64, 32, 2, torch.bfloat16, d),
+              contains="(GEMM1's BLOCK_M, the alignment block, from the fused_moe_gemm tile table for E=2, N=64 in")
 g = torch.Generator().manual_seed(6)
 E, H, I, T, k = 2, 32, 32, 3, 2
 x, w = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, 2 * I, H, generator=g).to(DEVICE)

@@ -15,7 +15,7 @@ from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
 from moe_lit.kernels.contiguous import check_block_m, check_local_ids, _align_pairs, TritonExperts
-from moe_lit.kernels.dispatch import _combine_pairs
+from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs
 from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
 from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m
@@ -212,10 +212,11 @@ class TritonQuantExperts:
 
     def _apply(self, hidden, qw, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
                expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,
-               active_experts=None) -> torch.Tensor:
+               active_experts=None,
+               addend=None, join=None) -> torch.Tensor:   # the shared experts' [T, H], in the combine's sum (`07`)
         "`apply` after its checks: for a layer whose quantized weights (checked once), ids and activations are its own (`10_modular`)."
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
-        if T == 0 or E == 0: return hidden.new_zeros(T, qw.hidden_size)
+        if T == 0 or E == 0: return _no_pairs(T, qw.hidden_size, hidden, addend, join)
         if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), hidden.dtype)   # checked
         wa13, wa2 = _weight_kernel_args(qw, "w13"), _weight_kernel_args(qw, "w2")
         s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)   # ids: the placement's
@@ -232,7 +233,7 @@ class TritonQuantExperts:
                                   None if on_in else "output",
                                   torch.empty(T * k, qw.hidden_size, dtype=odt, device=hidden.device), True, None, w2_bias,
                                   active_experts)
-        return _combine_pairs(y, local_ids, E)             # router weights already applied; y is unit-stride
+        return _combine_pairs(y, local_ids, E, addend, join)   # router weights already applied; y is unit-stride
 
 # %%
 #| export

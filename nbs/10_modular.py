@@ -23,7 +23,7 @@ from moe_lit.kernels.batched import DEVICE
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 import dataclasses
-from moe_lit.testing import assert_close
+from moe_lit.testing import assert_close, record_launches
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
 from moe_lit.placement import Placement
@@ -75,8 +75,11 @@ class Prepared:
 # vLLM #28939 read it after an in-place routed pass). Neither reduces across ranks: `output_is_reduced` is False and
 # the sum over ranks is the deployment's all-reduce or combine, done once by the caller. Both declare `adds_shared`:
 # their `finalize` takes the shared experts' output and adds it — the batched one on Triton inside the combine's fp32
-# sum, one cast and no launch of its own. A prepare/finalize without it (the transports of `13a`) gets the output
-# added after its finalize, so that its communication still overlaps the shared experts.
+# sum, one cast and no launch of its own. The Standard one's finalize has no launch to add it in, so trusted Standard
+# experts on Triton declare `adds_shared` too and take it into *their* combine's fp32 sum (`07`'s `_combine_pairs`
+# `addend`), after a `join` of the side stream the shared experts ran on in a CUDA graph: eager and replayed forwards
+# do the same arithmetic. A prepare/finalize without `adds_shared` (the transports of `13a`) gets the output added
+# after its finalize, so that its communication still overlaps the shared experts.
 
 # %%
 #| export
@@ -235,13 +238,28 @@ class BatchedPrepareFinalize:
                 a = torch.empty(p.num_local_experts, cap, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
                 a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, table, mode,
                                                            table.shape[0] if mode else p.num_local_experts,
-                                                           p.physical_offset if mode == 2 else 0, scale, a, False)
+                                                           p.physical_offset if mode == 2 else 0, scale, a, False,
+                                                           self._kept_counts(p.num_local_experts, hidden))
         else:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids, self.validate),
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
                         **_expected_load(topk_ids, placement))   # not the padded capacity
+
+    def _kept_counts(self, num_local_experts: int, hidden: torch.Tensor) -> torch.Tensor:
+        """int32 `[num_local_experts + 1]` zeros for the hot path's dispatch (the counts, then the overflow flag), kept:
+        the finalize's combine zeroes them again, so no fill is launched per forward. A prepare whose finalize did not
+        run (an error in between) leaves them dirty: the next one zeroes them first. One made inside a CUDA graph
+        capture is not kept (its memory is the graph's). One forward at a time, as the layer that owns this object."""
+        kept = self.__dict__.get("_counts")
+        if kept is None or kept.numel() != num_local_experts + 1 or kept.device != hidden.device:
+            kept = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)
+            if hidden.is_cuda and torch.cuda.is_current_stream_capturing(): return kept
+            self._counts = kept
+        elif self.__dict__.get("_counts_dirty"): kept.zero_()
+        if hidden.shape[0]: self._counts_dirty = True  # the dispatch counts: until a finalize's combine zeroes them
+        return kept
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
@@ -257,9 +275,14 @@ class BatchedPrepareFinalize:
         if self.use_triton:
             from moe_lit.kernels.dispatch import _batched_combine
             if expert_out.stride(-1) != 1: expert_out = expert_out.contiguous()
+            kept = self.__dict__.get("_counts")
+            reset = kept if kept is not None and prepared.expert_num_tokens is not None and T and H and \
+                prepared.expert_num_tokens.data_ptr() == kept.data_ptr() else None        # this object's own dispatch
             out = _batched_combine(expert_out, prepared.topk_weights, prepared.slot_map,     # slots come from our own
                                    torch.empty(T, H, dtype=expert_out.dtype, device=expert_out.device), on_in,   # dispatch
-                                   None if shared is None else shared.contiguous())   # in the sum (its columns)
+                                   None if shared is None else shared.contiguous(),    # in the sum (its columns)
+                                   reset)                                              # the counts: zero again
+            if reset is not None: self._counts_dirty = False
         else:
             out = combine_batched_reference(expert_out, prepared.topk_weights, prepared.slot_map, on_in)
             if shared is not None: out = out[:, :prepared.hidden_size] + shared
@@ -331,14 +354,18 @@ class TritonExpertsAdapter(TorchStandardExperts):
                         # construction, and its prepare built the rest: the launches skip the per-call checks but
                         # the weights' shapes, dtype and device (`_check_trusted_weights`, metadata only)
     weights_checked = False   # True in an owning ModularKernel: the owner checks its weights (`FusedMoE`) instead
-    def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
+    adds_shared = property(lambda self: self.trusted)   # trusted: `apply` takes the shared experts' output (`shared`)
+    def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU,
+              shared=None, join=None):   # (adds_shared) added in the combine's fp32 sum; `join` before that launch
         from moe_lit.kernels.contiguous import TritonExperts
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
-                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts)
+                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts,
+                                          addend=shared, join=join)
+        if shared is not None: raise ValueError("shared: expected None for experts that are not trusted (adds_shared False)")
         return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                      prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                      num_experts=prepared.num_experts, active_experts=prepared.active_experts,
@@ -363,14 +390,18 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
 class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     trusted = weights_checked = False     # as TritonExpertsAdapter's
-    def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
+    adds_shared = property(lambda self: self.trusted)   # as TritonExpertsAdapter's
+    def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
+              shared=None, join=None):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                                prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                                w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
-                                               num_experts=prepared.num_experts, active_experts=prepared.active_experts)
+                                               num_experts=prepared.num_experts, active_experts=prepared.active_experts,
+                                               addend=shared, join=join)
+        if shared is not None: raise ValueError("shared: expected None for experts that are not trusted (adds_shared False)")
         return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                           prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                           num_experts=prepared.num_experts, active_experts=prepared.active_experts,
@@ -530,9 +561,16 @@ class ModularKernel:
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")
+        join = lambda: side is not None and torch.cuda.current_stream(hidden.device).wait_stream(side)
+        if shared is not None and getattr(self.experts, "adds_shared", False) \
+                and getattr(self.prepare_finalize, "adds_shared", False):      # trusted Standard experts on Triton:
+            expert_out = self.experts.apply(prepared, w13, w2, w13_bias, w2_bias, activation, shared=shared, join=join)
+            clock("experts_s")                                                  # the shared output in their combine
+            out = self._finalize(expert_out, prepared)
+            clock("finalize_s")
+            return out
         expert_out = self.experts.apply(prepared, w13, w2, w13_bias, w2_bias, activation)
         clock("experts_s")
-        join = lambda: side is not None and torch.cuda.current_stream(hidden.device).wait_stream(side)
         if shared is not None and getattr(self.prepare_finalize, "adds_shared", False):
             join()                                                              # the shared output is added in
             out = self._finalize(expert_out, prepared, shared)                  # finalize's own sum
@@ -711,6 +749,35 @@ test_fail(lambda: ModularKernel(StandardPrepareFinalize(), _HalfExperts())(hidde
           contains="expert_out: expected dtype torch.float32, got torch.float16")
 
 # %% [markdown]
+# Trusted Standard experts on Triton add the shared experts' output in their own combine: the last launch is the
+# combine with `ADD`, there is no separate add, and the sum is the reference's; with no tokens the output is the
+# (empty) shared output. Experts that are not trusted refuse a `shared` argument.
+
+# %%
+#| test standard_experts_add_the_shared_output
+g = torch.Generator().manual_seed(7)
+E, H, I, T, k = 8, 32, 16, 5, 2
+w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+sh = SharedExperts((torch.randn(2 * I, H, generator=g) / H**0.5).to(DEVICE), (torch.randn(H, I, generator=g) / I**0.5).to(DEVICE))
+hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).long()
+cfg = MoEConfig(E, k, H, I, dtype=torch.float32)
+p = Placement.build(cfg)
+pf = make_prepare_finalize(cfg, T, use_triton=True, validate=False)
+mk = ModularKernel(pf, make_experts(pf, "triton", trusted=True), sh, owned=True)
+assert mk.experts.adds_shared and not make_experts(pf, "triton").adds_shared
+args = [t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)]
+with record_launches() as seen: got = mk(*args, p)
+want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids) + \
+    expert_mlp(hidden.double(), sh.w13.double().cpu(), sh.w2.double().cpu())
+assert_close(got.cpu(), want)
+kern, _, kw = seen[-1]
+test_eq((kern.fn.__name__, kw["ADD"], kw["PAIRS"]), ("_batched_combine_kernel", True, True))
+test_eq(mk(args[0][:0], *args[1:3], args[3][:0], args[4][:0], p).shape, (0, H))
+prepared = pf.prepare(args[0], args[3], args[4], p)
+test_fail(lambda: make_experts(pf, "triton").apply(prepared, args[1], args[2], shared=args[0]), contains="shared: expected None")
+
+# %% [markdown]
 # The padding never shows: a gpt-oss-sized hidden (2880) over NIXL EP is dispatched as 3072 columns and comes back
 # as 2880, equal to the unpadded computation.
 
@@ -746,6 +813,46 @@ for use_triton in (False, True):                                             # f
     bpf = BatchedPrepareFinalize(T, 1, use_triton=use_triton, validate=False)
     if use_triton: test_fail(lambda: bpf.prepare(hidden.double(), wts, ids, p), contains="hidden: expected torch.bfloat16")
     else: test_eq(bpf.prepare(hidden.double(), wts, ids, p).a.dtype, torch.float64)   # the torch reference takes it
+
+# %% [markdown]
+# On the layer's hot path (an owned ModularKernel, the router's own ids) the batched prepare launches no fill for its
+# dispatch counts: it keeps one zeroed int32 buffer (the counts, then the overflow flag), the dispatch counts into it,
+# and the finalize's combine — which runs after every GEMM that reads the counts — zeroes it again in its first
+# program (`07_kernels.dispatch._batched_combine`'s `reset`). A forward that fails between the two leaves the buffer
+# dirty; the next prepare sees that (a host flag, no sync) and zeroes it first. The test counts three forwards into
+# the same buffer, then makes the experts fail once.
+
+# %%
+#| test batched_hot_path_keeps_its_counts
+g = torch.Generator().manual_seed(6)
+E, H, I, T, k = 8, 32, 16, 5, 3
+cfg = MoEConfig(E, k, H, I, dtype=torch.float32,
+                parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+p = Placement.build(cfg, "round_robin")
+pad = cfg.padded_hidden_size - H
+w13 = torch.randn(p.num_local_experts, 2 * I, H, generator=g) / H**0.5
+w2 = torch.randn(p.num_local_experts, H, I, generator=g) / I**0.5
+w13_r = torch.nn.functional.pad(w13, (0, pad)).to(DEVICE)
+w2_r = torch.nn.functional.pad(w2, (0, 0, 0, pad)).to(DEVICE)
+pf = make_prepare_finalize(cfg, T, use_triton=True, validate=False)
+mk = ModularKernel(pf, make_experts(pf, "triton", trusted=True), owned=True)
+def forward_and_check(hidden, wts, ids, what):
+    got = mk(hidden.to(DEVICE), w13_r, w2_r, wts.to(DEVICE), ids.to(DEVICE), p)
+    want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, p.local_slot(ids))
+    assert_close(got.cpu(), want, name=what)
+    test_eq(pf._counts.cpu().tolist(), [0] * (p.num_local_experts + 1)); assert not pf._counts_dirty
+for i in range(3):                                 # each forward counts into the same kept zeros and leaves them zero
+    hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).long()
+    forward_and_check(hidden, wts, ids, f"call {i}")
+kept, apply = pf._counts, mk.experts.apply
+def failing(*args, **kwargs): raise RuntimeError("the experts failed")
+mk.experts.apply = failing                          # an error between dispatch and combine: the counts stay dirty
+test_fail(lambda: mk(hidden.to(DEVICE), w13_r, w2_r, wts.to(DEVICE), ids.to(DEVICE), p), contains="the experts failed")
+assert pf._counts_dirty and int(kept.sum()) > 0
+mk.experts.apply = apply                            # the next forward zeroes them first
+forward_and_check(hidden, wts, ids, "after a failed forward")
+assert pf._counts is kept
 
 # %% [markdown]
 # Each stage can be timed (the distributed runs report dispatch, experts and combine per rank): pass a dict as

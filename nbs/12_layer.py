@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
+from moe_lit.terms import check_device
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -57,16 +58,6 @@ import moe_lit.kernels.batched as kb
 # (`08_kernels.contiguous`) — and the device decides the implementation within it: the Triton kernels on a GPU, the
 # torch reference of the same contract on the CPU, where Triton would run in its slow interpreter.
 # `experts="triton"` forces the kernels (in the interpreter without a GPU).
-
-# %%
-#| export
-def check_device(device) -> torch.device:
-    "`device` as a torch.device, refusing unknown names and CUDA on a machine without a GPU."
-    try: d = torch.device(device)
-    except (RuntimeError, TypeError): raise ValueError(f"device: expected 'cpu', 'cuda' or a torch.device, got {device!r}") from None
-    if d.type not in ("cpu", "cuda"): raise ValueError(f"device: expected a cpu or cuda device, got {d}")
-    if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device: expected a CUDA GPU for {d}, got none")
-    return d
 
 # %%
 #| export
@@ -541,12 +532,19 @@ def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden
         raise ValueError(f"{name}: expected a tensor with values, got a meta tensor (a layer moved to the meta device "
                          f"has no weights: build it on a real device or load its weights first)")
 
+def _refuse_gradient():
+    "A Triton layer's forward keeps no autograd graph: a gradient through it would be silently zero, so refuse."
+    raise ValueError("hidden: expected a tensor that needs no gradient (the Triton kernels keep no autograd graph), got "
+                     "one with requires_grad=True under autograd: run inference under torch.inference_mode() or "
+                     "torch.no_grad(), pass hidden.detach(), or build the layer with experts='torch' to train through it")
+
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
+    self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden)
-    self._follow_inplace_edits()
+    if self.router is not None and hidden.requires_grad and torch.is_grad_enabled(): _refuse_gradient()
     return self._route(hidden)
 
 @patch
@@ -566,7 +564,7 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         logits = router_logits(hidden, self.router_gate, self.gate_bias)    # [T, num_experts] fp32
         wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug
     if self.replicas is not None: ids = map_to_physical(ids, *self.replicas, validate=self.debug)   # EPLB
-    return wts, ids.to(self._ids_dtype)
+    return wts, ids if ids.dtype == self._ids_dtype else ids.to(self._ids_dtype)   # (a no-op `to` is a dispatch too)
 
 @patch
 def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -603,8 +601,9 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
+    self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
-    self._follow_inplace_edits()
+    if self.use_triton and hidden.requires_grad and torch.is_grad_enabled(): _refuse_gradient()
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
@@ -823,6 +822,25 @@ test_fail(lambda: layer(x, (w, i.to("meta"))), contains="topk_ids: expected a te
 test_fail(lambda: layer(x, (w.clone().fill_(float("nan")), i)), contains="topk_weights: expected finite values, got nan")
 
 # %% [markdown]
+# The Triton kernels keep no autograd graph, so a Triton layer refuses an input that wants a gradient (its gradient
+# would be silently zero, or only the shared experts' part) and names the ways out; the torch layer trains.
+
+# %%
+#| test layer_refuses_a_gradient
+cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float32,
+                num_shared_experts=1, shared_intermediate_size=48)
+layer, torch_layer = FusedMoE(cfg, experts="triton", seed=1, device=DEVICE), FusedMoE(cfg, experts="torch", seed=1)
+x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+for f in (lambda: layer(x), lambda: layer.route(x)):
+    test_fail(f, contains="hidden: expected a tensor that needs no gradient (the Triton kernels keep no autograd graph)")
+with torch.no_grad(): y = layer(x)                                              # inference is what it is for
+assert torch.equal(layer(x.detach()), y) and not y.requires_grad
+xt = x.detach().cpu().requires_grad_()
+torch_layer(xt).square().sum().backward()                                      # the torch layer's gradient flows
+assert xt.grad is not None and xt.grad.abs().sum() > 0
+assert_close(torch_layer(x.detach().cpu()), y.cpu())
+
+# %% [markdown]
 # **Quantized weights.** With `quant`, the layer quantizes its experts at load (`09a_quant_weights`) and keeps the
 # dequantized weights beside the codes: the quantized experts read the codes, the torch references (and the dequant
 # emulations) read the dequantized weights, so a check against the reference measures the kernels, and the
@@ -959,6 +977,9 @@ for experts in ("torch", "triton"):
         test_fail(lambda: layer(x), contains=f"{name}: expected shape")
         if name == "gate": layer.register_buffer("gate", good)
         else: setattr(layer, name, good)
+    good = layer.gate; layer.gate = None                                       # gone: named before anything reads it
+    for f in (lambda: layer(x), lambda: layer.route(x)): test_fail(f, contains="gate: expected shape")
+    layer.gate = good
     test_eq(layer(x).shape, (6, 128))
     good = layer.placement                                                     # the tables the kernels index with
     layer.placement = Placement.build(cfg.replace(num_experts=16))

@@ -312,7 +312,10 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
 # ## The experts forward
 #
 # On a CUDA device the experts run on `TritonExperts` (imported only there, so that importing this module on a CPU
-# machine loads no Triton kernel). Elsewhere they run on the float64-capable reference `moe_reference_standard`, once
+# machine loads no Triton kernel) — unless the forward needs a gradient (autograd on, and the input, the router
+# weights or an expert weight requires one): the kernels keep no autograd graph, so that forward takes the
+# reference below, whose torch ops do (a plain `model(**inputs)` outside `torch.no_grad()` is such a forward).
+# Elsewhere they run on the float64-capable reference `moe_reference_standard`, once
 # per slot with a unit weight, the router weights then applied in the accumulation dtype: moe-lit's router weights are
 # fp32, and rounding a float64 model's weights to fp32 would cost it ~1e-8 of relative accuracy. Ids must lie in
 # `[0, num_experts)`; the one exception is transformers' expert-parallel sentinel: on a module with
@@ -362,7 +365,9 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
                          f"{', or >= E as an expert-parallel sentinel' if ep else ''}), "
                          f"got {top_k_index[bad][0].item()}")
     ids = top_k_index.masked_fill(top_k_index >= E, -1) if ep else top_k_index   # EP sentinels contribute 0
-    if hidden_states.is_cuda and w13.dtype != torch.float64:
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (hidden_states, top_k_weights, w13, w2, b13, b2))
+    if hidden_states.is_cuda and w13.dtype != torch.float64 and not wants_grad:   # (the kernels keep no autograd graph)
         from moe_lit.kernels.contiguous import TritonExperts   # Triton only where it runs
         out = TritonExperts().apply(hidden_states.to(w13.dtype), w13, w2, top_k_weights.float(), ids,
                                     w13_bias=b13, w2_bias=b2, activation=recipe.activation)
@@ -765,10 +770,16 @@ for model_type in ("mixtral", "gpt_oss"):
     top = torch.rand(64, model.get_submodule(name).num_experts, generator=g).topk(2).indices
     w = torch.rand(64, 2, generator=g).softmax(-1)
     want, want_logits = ref.get_submodule(name)(x.double(), top, w.double()), ref(ids).logits
-    eager = model(ids.cuda()).logits
+    xg = x.cuda().requires_grad_()                                            # autograd on: eager's gradient
+    model.get_submodule(name)(xg, top.cuda(), w.cuda()).float().square().sum().backward()
+    with torch.no_grad(): eager = model(ids.cuda()).logits
     model.set_experts_implementation("moe_lit")
-    got, logits = model.get_submodule(name)(x.cuda(), top.cuda(), w.cuda()), model(ids.cuda()).logits
+    with torch.no_grad():                                                      # inference: the Triton experts
+        got, logits = model.get_submodule(name)(x.cuda(), top.cuda(), w.cuda()), model(ids.cuda()).logits
     test_eq(got.dtype, torch.bfloat16); test_eq(logits.dtype, torch.bfloat16)
     assert cos(got, want) > 0.999, f"{model_type} experts: cosine {cos(got, want)}"
     assert cos(logits, want_logits) > cos(eager, want_logits) - 1e-3, f"{model_type}: {cos(logits, want_logits)}"
     assert cos(logits, eager) > 0.99, f"{model_type}: cosine to eager {cos(logits, eager)}"
+    xm = x.cuda().requires_grad_()                                            # a gradient wanted: the reference path
+    model.get_submodule(name)(xm, top.cuda(), w.cuda()).float().square().sum().backward()
+    assert xm.grad is not None and cos(xm.grad, xg.grad) > 0.999, f"{model_type}: gradient cosine {cos(xm.grad, xg.grad)}"

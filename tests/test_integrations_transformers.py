@@ -307,10 +307,16 @@ def test_cuda_bf16_matches_eager():
         top = torch.rand(64, model.get_submodule(name).num_experts, generator=g).topk(2).indices
         w = torch.rand(64, 2, generator=g).softmax(-1)
         want, want_logits = ref.get_submodule(name)(x.double(), top, w.double()), ref(ids).logits
-        eager = model(ids.cuda()).logits
+        xg = x.cuda().requires_grad_()                                            # autograd on: eager's gradient
+        model.get_submodule(name)(xg, top.cuda(), w.cuda()).float().square().sum().backward()
+        with torch.no_grad(): eager = model(ids.cuda()).logits
         model.set_experts_implementation("moe_lit")
-        got, logits = model.get_submodule(name)(x.cuda(), top.cuda(), w.cuda()), model(ids.cuda()).logits
+        with torch.no_grad():                                                      # inference: the Triton experts
+            got, logits = model.get_submodule(name)(x.cuda(), top.cuda(), w.cuda()), model(ids.cuda()).logits
         test_eq(got.dtype, torch.bfloat16); test_eq(logits.dtype, torch.bfloat16)
         assert cos(got, want) > 0.999, f"{model_type} experts: cosine {cos(got, want)}"
         assert cos(logits, want_logits) > cos(eager, want_logits) - 1e-3, f"{model_type}: {cos(logits, want_logits)}"
         assert cos(logits, eager) > 0.99, f"{model_type}: cosine to eager {cos(logits, eager)}"
+        xm = x.cuda().requires_grad_()                                            # a gradient wanted: the reference path
+        model.get_submodule(name)(xm, top.cuda(), w.cuda()).float().square().sum().backward()
+        assert xm.grad is not None and cos(xm.grad, xg.grad) > 0.999, f"{model_type}: gradient cosine {cos(xm.grad, xg.grad)}"

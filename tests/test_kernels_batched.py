@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
-from moe_lit.terms import check_positive_real
+from moe_lit.terms import check_positive_real, check_device
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
@@ -187,6 +187,25 @@ def test_pdl_kwargs():
     finally:
         kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability = saved[:3]
         kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[3])
+
+
+def test_launch_arguments_refused():
+    import os, subprocess, sys
+    for var, bad in (("MOE_LIT_PDL", "2"), ("MOE_LIT_FAST_LAUNCH", "off")):        # switches read at import: named
+        r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.batched"], capture_output=True, text=True,
+                           env={**os.environ, var: bad}, timeout=300)
+        assert r.returncode and f"{var}: expected '0' or '1', got '{bad}'" in r.stderr, r.stderr[-500:]
+    for grid in ((), (-1,), (1.5,), [2], "abc", None, (1, 2, 3, 4)):
+        test_fail(lambda: launch_kernel(kb._batched_moe_gemm_kernel, grid), contains="grid: expected a tuple of one to three ints >= 0")
+    test_fail(lambda: launch_kernel(None, (1,)), contains="kernel: expected a @triton.jit function, got NoneType")
+    for bad in ("bogus", None, torch.zeros(1), "meta"): test_fail(lambda: arrival_counters(4, bad), contains="device: expected")
+    for args, msg in (((None, 4, 2, 8, 8, 16, 16, "cpu"), "cfg: expected a dict"),
+                      (({}, 4, 2, 8, -1, 16, 16, "cpu"), "num_tiles: expected >= 0"),
+                      (({}, 4, 2, 8, 8, 1.5, 16, "cpu"), "block_m: expected an int"),
+                      (({}, 0, 2, 8, 8, 16, 16, "cpu"), "tiles_per_expert: expected >= 1"),
+                      (({}, 4, 2, 8, 8, 16, 16, "bogus"), "device: expected")):
+        test_fail(lambda: split_k_launch(*args), contains=msg)
+    test_fail(lambda: split_k_launch({}, 4, 2, 8, 8, 16, 16, "cpu", programs_per_sm="x"), contains="programs_per_sm: expected a finite")
 
 
 def test_interpreter_numpy_problem_is_named():

@@ -14,7 +14,7 @@ from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogu
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
 import moe_lit.kernels.batched as _batched
-from moe_lit.kernels.dispatch import _combine_pairs
+from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
@@ -236,6 +236,15 @@ def test_triton_experts_two_ranks():
 
 
 def test_contiguous_bad_input():
+    import json, tempfile
+    import moe_lit.kernels.contiguous as kc
+    from moe_lit.kernels.batched import tile_config_path
+    with tempfile.TemporaryDirectory() as d:                    # a tuned table's GEMM1 BLOCK_M is the alignment block
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() and DEVICE == "cuda" else "cpu"   # the tables' key
+        p = tile_config_path("fused_moe_gemm", 2, 64, name, torch.bfloat16, d)
+        p.parent.mkdir(parents=True); p.write_text(json.dumps({"2": dict(BLOCK_M=1024, BLOCK_N=64, BLOCK_K=64)}))
+        test_fail(lambda: kc._gemm1_block_m(2, 64, 32, 2, torch.bfloat16, d),
+                  contains="(GEMM1's BLOCK_M, the alignment block, from the fused_moe_gemm tile table for E=2, N=64 in")
     g = torch.Generator().manual_seed(6)
     E, H, I, T, k = 2, 32, 32, 3, 2
     x, w = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, 2 * I, H, generator=g).to(DEVICE)

@@ -130,6 +130,8 @@ def test_route_topk_bad_arguments():
                               ("SCORING", True, "SCORING: expected an int"), ("TOP2", True, "TOP2: expected True only with")):
         test_fail(lambda: dataclasses.replace(plan, **{field: value}), contains=msg)   # a hand-made plan is checked too
     test_fail(lambda: route_topk(plan, torch.randn(3, 8), ids_dtype=torch.int8), contains="ids_dtype: expected torch.int32 or torch.int64")
+    for v in (1, "no", None):                             # checked whether or not the plan has a bias to check
+        test_fail(lambda: route_topk(plan, torch.randn(3, 8), validate=v), contains="validate: expected a bool")
     strided = router_plan(cfg.replace(has_correction_bias=True, scoring_func="sigmoid"))
     base = torch.tensor([0., 9, 1, 9, 2, 9, 3, 9, 4, 9, 5, 9, 6, 9, 7, 9], device=DEVICE) / 16
     b = base[::2]                                        # a strided view: read as its values 0..7/16, not as base[:8]

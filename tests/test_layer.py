@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
+from moe_lit.terms import check_device
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -185,6 +186,21 @@ def test_fused_moe_single_device():
     test_fail(lambda: layer(x, (w.clone().fill_(float("nan")), i)), contains="topk_weights: expected finite values, got nan")
 
 
+def test_layer_refuses_a_gradient():
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.float32,
+                    num_shared_experts=1, shared_intermediate_size=48)
+    layer, torch_layer = FusedMoE(cfg, experts="triton", seed=1, device=DEVICE), FusedMoE(cfg, experts="torch", seed=1)
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    for f in (lambda: layer(x), lambda: layer.route(x)):
+        test_fail(f, contains="hidden: expected a tensor that needs no gradient (the Triton kernels keep no autograd graph)")
+    with torch.no_grad(): y = layer(x)                                              # inference is what it is for
+    assert torch.equal(layer(x.detach()), y) and not y.requires_grad
+    xt = x.detach().cpu().requires_grad_()
+    torch_layer(xt).square().sum().backward()                                      # the torch layer's gradient flows
+    assert xt.grad is not None and xt.grad.abs().sum() > 0
+    assert_close(torch_layer(x.detach().cpu()), y.cpu())
+
+
 def test_fused_moe_quantized():
     torch.manual_seed(3)
     x = torch.randn(6, 64).bfloat16()
@@ -298,6 +314,9 @@ def test_layer_follows_inplace_edits():
             test_fail(lambda: layer(x), contains=f"{name}: expected shape")
             if name == "gate": layer.register_buffer("gate", good)
             else: setattr(layer, name, good)
+        good = layer.gate; layer.gate = None                                       # gone: named before anything reads it
+        for f in (lambda: layer(x), lambda: layer.route(x)): test_fail(f, contains="gate: expected shape")
+        layer.gate = good
         test_eq(layer(x).shape, (6, 128))
         good = layer.placement                                                     # the tables the kernels index with
         layer.placement = Placement.build(cfg.replace(num_experts=16))

@@ -13,7 +13,7 @@ from moe_lit.kernels.batched import DEVICE
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 import dataclasses
-from moe_lit.testing import assert_close
+from moe_lit.testing import assert_close, record_launches
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
 from moe_lit.placement import Placement
@@ -141,6 +141,30 @@ def test_modular_kernels_agree():
               contains="expert_out: expected dtype torch.float32, got torch.float16")
 
 
+def test_standard_experts_add_the_shared_output():
+    g = torch.Generator().manual_seed(7)
+    E, H, I, T, k = 8, 32, 16, 5, 2
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+    sh = SharedExperts((torch.randn(2 * I, H, generator=g) / H**0.5).to(DEVICE), (torch.randn(H, I, generator=g) / I**0.5).to(DEVICE))
+    hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).long()
+    cfg = MoEConfig(E, k, H, I, dtype=torch.float32)
+    p = Placement.build(cfg)
+    pf = make_prepare_finalize(cfg, T, use_triton=True, validate=False)
+    mk = ModularKernel(pf, make_experts(pf, "triton", trusted=True), sh, owned=True)
+    assert mk.experts.adds_shared and not make_experts(pf, "triton").adds_shared
+    args = [t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)]
+    with record_launches() as seen: got = mk(*args, p)
+    want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids) + \
+        expert_mlp(hidden.double(), sh.w13.double().cpu(), sh.w2.double().cpu())
+    assert_close(got.cpu(), want)
+    kern, _, kw = seen[-1]
+    test_eq((kern.fn.__name__, kw["ADD"], kw["PAIRS"]), ("_batched_combine_kernel", True, True))
+    test_eq(mk(args[0][:0], *args[1:3], args[3][:0], args[4][:0], p).shape, (0, H))
+    prepared = pf.prepare(args[0], args[3], args[4], p)
+    test_fail(lambda: make_experts(pf, "triton").apply(prepared, args[1], args[2], shared=args[0]), contains="shared: expected None")
+
+
 def test_padded_hidden_never_leaks():
     g = torch.Generator().manual_seed(5)
     E, H, I, T, k = 4, 2880, 8, 3, 2
@@ -172,6 +196,38 @@ def test_padded_hidden_never_leaks():
         bpf = BatchedPrepareFinalize(T, 1, use_triton=use_triton, validate=False)
         if use_triton: test_fail(lambda: bpf.prepare(hidden.double(), wts, ids, p), contains="hidden: expected torch.bfloat16")
         else: test_eq(bpf.prepare(hidden.double(), wts, ids, p).a.dtype, torch.float64)   # the torch reference takes it
+
+
+def test_batched_hot_path_keeps_its_counts():
+    g = torch.Generator().manual_seed(6)
+    E, H, I, T, k = 8, 32, 16, 5, 3
+    cfg = MoEConfig(E, k, H, I, dtype=torch.float32,
+                    parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    p = Placement.build(cfg, "round_robin")
+    pad = cfg.padded_hidden_size - H
+    w13 = torch.randn(p.num_local_experts, 2 * I, H, generator=g) / H**0.5
+    w2 = torch.randn(p.num_local_experts, H, I, generator=g) / I**0.5
+    w13_r = torch.nn.functional.pad(w13, (0, pad)).to(DEVICE)
+    w2_r = torch.nn.functional.pad(w2, (0, 0, 0, pad)).to(DEVICE)
+    pf = make_prepare_finalize(cfg, T, use_triton=True, validate=False)
+    mk = ModularKernel(pf, make_experts(pf, "triton", trusted=True), owned=True)
+    def forward_and_check(hidden, wts, ids, what):
+        got = mk(hidden.to(DEVICE), w13_r, w2_r, wts.to(DEVICE), ids.to(DEVICE), p)
+        want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, p.local_slot(ids))
+        assert_close(got.cpu(), want, name=what)
+        test_eq(pf._counts.cpu().tolist(), [0] * (p.num_local_experts + 1)); assert not pf._counts_dirty
+    for i in range(3):                                 # each forward counts into the same kept zeros and leaves them zero
+        hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).long()
+        forward_and_check(hidden, wts, ids, f"call {i}")
+    kept, apply = pf._counts, mk.experts.apply
+    def failing(*args, **kwargs): raise RuntimeError("the experts failed")
+    mk.experts.apply = failing                          # an error between dispatch and combine: the counts stay dirty
+    test_fail(lambda: mk(hidden.to(DEVICE), w13_r, w2_r, wts.to(DEVICE), ids.to(DEVICE), p), contains="the experts failed")
+    assert pf._counts_dirty and int(kept.sum()) > 0
+    mk.experts.apply = apply                            # the next forward zeroes them first
+    forward_and_check(hidden, wts, ids, "after a failed forward")
+    assert pf._counts is kept
 
 
 def test_modular_stage_timings():

@@ -39,6 +39,11 @@ def test_check_bool_and_real():
     test_eq(check_positive_real("routed_scaling_factor", 2), 2.0)
     for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
         test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
+    test_eq(check_device("cpu"), torch.device("cpu"))
+    for bad, msg in (("bogus", "expected 'cpu', 'cuda' or a torch.device, got 'bogus'"), (None, "expected 'cpu', 'cuda'"),
+                     ("meta", "expected a cpu or cuda device, got meta")):
+        test_fail(lambda: check_device(bad, "out_device"), contains=f"out_device: {msg}")
+    if not torch.cuda.is_available(): test_fail(lambda: check_device("cuda"), contains="device: expected a CUDA GPU for cuda, got none")
 
 
 def test_check_tensor():

@@ -176,7 +176,7 @@ def _reference_experts(x, w13, w2, b13, b2, weights, ids, activation):
         out += y * weights[:, k:k + 1].to(acc)
     return out
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #0579d9277dc7
+# %% ../../nbs/12b_integrations.transformers.ipynb #4e5a1a5f9cd3
 def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers experts module
                             hidden_states: torch.Tensor, # [num_tokens, hidden_size]
                             top_k_index: torch.Tensor,   # [num_tokens, top_k] int, global expert per slot
@@ -205,7 +205,9 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
                          f"{', or >= E as an expert-parallel sentinel' if ep else ''}), "
                          f"got {top_k_index[bad][0].item()}")
     ids = top_k_index.masked_fill(top_k_index >= E, -1) if ep else top_k_index   # EP sentinels contribute 0
-    if hidden_states.is_cuda and w13.dtype != torch.float64:
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (hidden_states, top_k_weights, w13, w2, b13, b2))
+    if hidden_states.is_cuda and w13.dtype != torch.float64 and not wants_grad:   # (the kernels keep no autograd graph)
         from moe_lit.kernels.contiguous import TritonExperts   # Triton only where it runs
         out = TritonExperts().apply(hidden_states.to(w13.dtype), w13, w2, top_k_weights.float(), ids,
                                     w13_bias=b13, w2_bias=b2, activation=recipe.activation)

@@ -58,7 +58,7 @@ def _batched_dispatch_kernel(
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #81f6f58537a5
+# %% ../../nbs/07_kernels.dispatch.ipynb #d86d26cb99b7
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -105,10 +105,11 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                              physical_offset, topk_weights, a, check_overflow)
 
 def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts, physical_offset,
-                      topk_weights, a, check_overflow):
+                      topk_weights, a, check_overflow,
+                      zeroed=None):   # int32 [num_local_experts + 1] zeros the caller keeps (its combine zeroes them again)
     "`batched_dispatch` after its checks, `a` allocated: for a prepare whose ids and tables are its own (`10_modular`)."
     T, H = hidden.shape
-    zeroed = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)   # one launch zeroes both
+    if zeroed is None: zeroed = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)   # both
     counts, flag = zeroed[:num_local_experts], zeroed[num_local_experts:]                    # the counts and the flag
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     if T:
@@ -127,7 +128,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
                          f"got {max_tokens}: capacity overflow")
     return a, counts, slot_map
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #8aa697c683a8
+# %% ../../nbs/07_kernels.dispatch.ipynb #4f4fd2c6ced9
 @triton.jit
 def _batched_combine_kernel(
     expert_out_ptr,     # [E_local, max_tokens, H]
@@ -142,11 +143,17 @@ def _batched_combine_kernel(
     BLOCK_H: tl.constexpr, WEIGHTED: tl.constexpr,
     PAIRS: tl.constexpr,  # expert_out is [1, T·TOP_K, H], one row per pair: slot = t·TOP_K + k where the id is local
     ADD: tl.constexpr = False,
+    reset_ptr=None,     # RESET: int32 [n_reset] zeroed by program (0, 0): the dispatch counts this combine ends
+    n_reset=0, BLOCK_R: tl.constexpr = 1, RESET: tl.constexpr = False,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
     _await_producers(PDL)                                    # before any load or store
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    if RESET:                                                 # the GEMMs that read the counts have completed
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            offs_r = tl.arange(0, BLOCK_R)
+            tl.store(reset_ptr + offs_r, tl.zeros((BLOCK_R,), tl.int32), mask=offs_r < n_reset)
     hm = offs_h < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k0 in range(0, TOP_K, SLOTS):                         # one pass for top_k <= 32
@@ -170,7 +177,7 @@ def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
     return slots, bh
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #ab1e306214f7
+# %% ../../nbs/07_kernels.dispatch.ipynb #5b87697f1e1a
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -196,12 +203,13 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
     return _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weight_on_input)
 
 def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weight_on_input,
-                     addend=None) -> torch.Tensor:
+                     addend=None, reset=None) -> torch.Tensor:
     """`batched_combine` after its checks, `out` allocated: for a finalize that holds its own dispatch's slot map.
 
     `addend` `[T, H']` (`H' <= H`, unit stride along it) is added to each token's first `H'` columns in the fp32 sum,
     before the one cast: the finalize's shared experts (on slabs padded past the hidden size too), without a launch
-    of their own."""
+    of their own. `reset`, a contiguous int32 tensor, is zeroed by the launch (when it runs: T and H > 0) — the
+    dispatch counts of the forward this combine ends, so that a prepare that keeps them launches no fill."""
     (M, H), (T, top_k) = expert_out.shape[1:], topk_weights.shape
     if T and H:
         slots, bh = _combine_tile(T, H, top_k)
@@ -210,7 +218,9 @@ def _batched_combine(expert_out, topk_weights, slot_map, out, apply_router_weigh
             H, M, expert_out.stride(0), expert_out.stride(1), out.stride(0),
             addend.stride(0) if addend is not None else 0, addend.shape[1] if addend is not None else 0, 0,
             expert_out.shape[0] * M, TOP_K=top_k, SLOTS=slots, BLOCK_H=bh,
-            WEIGHTED=not apply_router_weight_on_input, PAIRS=False, ADD=addend is not None)
+            WEIGHTED=not apply_router_weight_on_input, PAIRS=False, ADD=addend is not None,
+            **({} if reset is None else dict(reset_ptr=reset, n_reset=reset.numel(), BLOCK_R=_next_pow2(reset.numel()),
+                                             RESET=True)))
     return out
 
 def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token, slot) pair, router weights applied
@@ -226,16 +236,26 @@ def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token,
     if y.stride(-1) != 1: raise ValueError(f"y: expected a unit stride along hidden_size, got {y.stride(-1)}")
     return _combine_pairs(y, local_ids, num_local)
 
-def _combine_pairs(y, local_ids, num_local) -> torch.Tensor:
+def _combine_pairs(y, local_ids, num_local,
+                   addend=None,   # [T, H] (unit stride along H) added in the fp32 sum: the shared experts' output
+                   join=None,     # called before the launch: the stream that computes `addend` joins here (a graph)
+                  ) -> torch.Tensor:
     "`combine_pairs` after its checks: for callers that built `y` and hold checked ids (`TritonExperts`)."
     (T, k), H = local_ids.shape, y.shape[1]
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
+    if join is not None: join()
     if T and H:
         slots, bh = _combine_tile(T, H, k)
         launch_kernel(_batched_combine_kernel, (T, _cdiv(H, bh)))(
-            y, y, local_ids.contiguous(), out, out, H, max(T * k, 1), 0, y.stride(0), out.stride(0), 0, 0, num_local,
-            T * k, TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True)
+            y, y, local_ids.contiguous(), out, out if addend is None else addend, H, max(T * k, 1), 0, y.stride(0),
+            out.stride(0), 0 if addend is None else addend.stride(0), 0 if addend is None else H, num_local,
+            T * k, TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True, ADD=addend is not None)
     return out
+
+def _no_pairs(T: int, H: int, like: torch.Tensor, addend=None, join=None) -> torch.Tensor:
+    "The Standard experts' output when no pair has a row here (no token, or no local expert): zeros, or the addend."
+    if join is not None: join()
+    return like.new_zeros(T, H) if addend is None else addend.clone()
 
 # %% ../../nbs/07_kernels.dispatch.ipynb #89f6f24f7379
 @triton.jit

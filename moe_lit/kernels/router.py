@@ -154,7 +154,7 @@ def _router_logits_kernel(
                               E, scale, TOP_K, K_PAD, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
                               TOPK_GROUP, GROUP_SIZE, TOP2, SPLIT, HAS_GATE_BIAS)
 
-# %% ../../nbs/03a_kernels.router.ipynb #c54d0fd94ee7
+# %% ../../nbs/03a_kernels.router.ipynb #689e468418ad
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -207,12 +207,13 @@ def _check_plan_args(plan, bias, ids_dtype, validate) -> torch.Tensor | None:
     if not isinstance(plan, RouterPlan): raise ValueError(f"plan: expected a RouterPlan (router_plan(config)), got {type(plan).__name__}")
     if ids_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids_dtype: expected torch.int32 or torch.int64, got {ids_dtype}")
+    check_bool("validate", validate)
     if (bias is None) == plan.HAS_BIAS:
         raise ValueError(f"bias: expected {'a [num_experts] fp32 tensor' if plan.HAS_BIAS else 'None'}, got "
                          f"{'None' if bias is None else 'a tensor'}")
     if bias is None: return None
     check_tensor("bias", bias, shape=(plan.num_experts,), dtype=torch.float32)
-    if check_bool("validate", validate): check_finite("bias", bias)   # one sync: a NaN or inf would decide the choice
+    if validate: check_finite("bias", bias)                   # one sync: a NaN or inf would decide the choice
     return bias.contiguous()
 
 def route_topk(plan: RouterPlan,                    # router_plan(config)
