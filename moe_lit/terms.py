@@ -10,8 +10,8 @@ import torch
 
 # %% auto #0
 __all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'check_device', 'check_tensor', 'check_dense', 'check_disjoint', 'acc_dtype',
-           'check_finite', 'use_triton_interpreter_without_gpu', 'default_device', 'progress']
+           'check_positive_real', 'env_choice', 'check_device', 'check_tensor', 'check_dense', 'check_disjoint',
+           'acc_dtype', 'check_finite', 'use_triton_interpreter_without_gpu', 'default_device', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def check_choice(name: str, value, choices) -> object:
     if value not in tuple(choices): raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
-# %% ../nbs/00_terms.ipynb #990bf70ad3c9
+# %% ../nbs/00_terms.ipynb #9e078af61ba7
 def check_bool(name: str, value) -> bool:
     "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
@@ -106,6 +106,12 @@ def check_positive_real(name: str, value) -> float:
     except OverflowError: ok = False                    # an int too large for a float
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
     return float(value)
+
+def env_choice(name: str, default: str, choices: tuple) -> str:
+    "The environment variable `name` as read now (unset or empty: `default`), one of `choices`; ValueError naming it otherwise."
+    value = os.environ.get(name, "") or default
+    if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 def check_device(device, name: str = "device") -> torch.device:
     "`device` as a torch.device, refusing unknown names, types other than cpu and cuda, and CUDA on a machine without a GPU."

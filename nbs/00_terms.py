@@ -169,6 +169,12 @@ def check_positive_real(name: str, value) -> float:
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
     return float(value)
 
+def env_choice(name: str, default: str, choices: tuple) -> str:
+    "The environment variable `name` as read now (unset or empty: `default`), one of `choices`; ValueError naming it otherwise."
+    value = os.environ.get(name, "") or default
+    if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r}")
+    return value
+
 def check_device(device, name: str = "device") -> torch.device:
     "`device` as a torch.device, refusing unknown names, types other than cpu and cuda, and CUDA on a machine without a GPU."
     try: d = torch.device(device)
@@ -185,6 +191,18 @@ test_eq(check_positive_real("routed_scaling_factor", 2), 2.0)
 for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
     test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
 test_eq(check_device("cpu"), torch.device("cpu"))
+import os
+saved = os.environ.pop("MOE_LIT_TEST_SWITCH", None)
+try:
+    test_eq(env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), "0")                  # unset: the default
+    for v, want in (("", "0"), ("1", "1")):
+        os.environ["MOE_LIT_TEST_SWITCH"] = v; test_eq(env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), want)
+    for v in ("2", "on", " 1"):
+        os.environ["MOE_LIT_TEST_SWITCH"] = v
+        test_fail(lambda: env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), contains=f"MOE_LIT_TEST_SWITCH: expected '0' or '1', got {v!r}")
+finally:
+    os.environ.pop("MOE_LIT_TEST_SWITCH", None)
+    if saved is not None: os.environ["MOE_LIT_TEST_SWITCH"] = saved
 for bad, msg in (("bogus", "expected 'cpu', 'cuda' or a torch.device, got 'bogus'"), (None, "expected 'cpu', 'cuda'"),
                  ("meta", "expected a cpu or cuda device, got meta")):
     test_fail(lambda: check_device(bad, "out_device"), contains=f"out_device: {msg}")

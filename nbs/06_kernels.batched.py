@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
-from moe_lit.terms import check_positive_real, check_device
+from moe_lit.terms import check_positive_real, check_device, env_choice
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
@@ -232,17 +232,19 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
 # that will exit at once: a kernel whose programs all exited without waiting would count as complete while its
 # predecessor still runs, and the kernel after it would then wait on the wrong one. `launch_kernel` (below) passes
 # `PDL=True` and `launch_pdl=True` when `MOE_LIT_PDL=1` is set before import and the GPU is sm_90 or newer; otherwise
-# the constexpr is False and the kernel is the one it always was (the interpreter never sees the instructions).
-# Kernels outside moe-lit (torch's fills, a caller's next op) launch without the attribute and wait as usual.
+# the constexpr is False and the kernel is the one it always was (the interpreter never sees the instructions; there
+# `MOE_LIT_PDL=1` is ignored). `moe_lit.kernels.batched.PDL` may also be set at run time — the next launch of each
+# kernel takes it, as `nbs/bench/eager_vs_replay.py --ab pdl` does to time both modes in one process; a CUDA graph keeps
+# the mode it was captured in. Kernels outside moe-lit (torch's fills, a caller's next op) launch without the
+# attribute and wait as usual. It is off by default until the layer benchmark on the GPU shows what it gains.
 
 # %%
 #| export
 try: from triton.language.extra.cuda import gdc_wait as _gdc_wait, gdc_launch_dependents as _gdc_launch_dependents
 except ImportError: _gdc_wait = _gdc_launch_dependents = None      # a Triton without grid dependency control
 
-PDL = os.environ.get("MOE_LIT_PDL", "0")           # "1": programmatic dependent launch on sm_90+ GPUs (read at import)
-if PDL not in ("0", "1"): raise ValueError(f"MOE_LIT_PDL: expected '0' or '1', got {PDL!r}")
-PDL = PDL == "1" and not INTERPRET and _gdc_wait is not None
+PDL = (env_choice("MOE_LIT_PDL", "0", ("0", "1")) == "1"   # "1": programmatic dependent launch (read at import;
+       and not INTERPRET and _gdc_wait is not None)          # ignored in the interpreter; sm_90+ checked at launch)
 
 @triton.jit
 def _await_producers(PDL: tl.constexpr):
@@ -826,10 +828,8 @@ test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"]
 
 # %%
 #| export
-FAST_LAUNCH = os.environ.get("MOE_LIT_FAST_LAUNCH", "1")      # "0": every launch through Triton's JIT (read at import)
-if FAST_LAUNCH not in ("0", "1"): raise ValueError(f"MOE_LIT_FAST_LAUNCH: expected '0' or '1', got {FAST_LAUNCH!r}")
-FAST_LAUNCH = (FAST_LAUNCH == "1" and not INTERPRET
-               and triton.__version__.startswith("3.6."))   # the launcher convention `launch_kernel` follows
+FAST_LAUNCH = (env_choice("MOE_LIT_FAST_LAUNCH", "1", ("0", "1")) == "1"   # "0": every launch through the JIT
+               and not INTERPRET and triton.__version__.startswith("3.6."))   # the convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 _PLAIN_TYPES = _TENSOR_TYPES | {int, float, bool, str, type(None), torch.dtype}   # what a kept key may hold
 _TENSOR_SLOTS: dict = {}      # argument types -> positions of the tensors among them
@@ -1157,7 +1157,9 @@ def arrival_counters(n: int, device) -> torch.Tensor:
     """`n` int32 zeros for a launch's `_last_to_arrive` counters, which the launch leaves zero again.
 
     On a GPU they are a prefix of a buffer kept per (device, current stream) and reused by every later launch on that
-    stream — launches on one stream run one after another, so no fill is launched per call. A larger `n` makes a
+    stream — launches on one stream complete one after another, so no fill is launched per call. (With programmatic
+    dependent launch a kernel may *start* before the one before it has finished, but every moe-lit kernel waits for
+    it, `_await_producers`, before it touches memory: the counters are still used one launch at a time.) A larger `n` makes a
     larger buffer (zeroed once); the smaller ones stay alive, since a captured CUDA graph holds their addresses. Inside
     a capture nothing is kept (memory made there is the graph's): a missing buffer is made as zeros for that launch
     alone. Off the GPU (the interpreter) every call gets fresh zeros. Contract: a kernel given these counters must,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint, env_choice
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
@@ -218,9 +218,7 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 
 # %%
 #| export
-FP4_DECODE = os.environ.get("MOE_LIT_FP4_DECODE", "ptx")   # "ptx": the packed decode below (GPU only); "portable"
-if FP4_DECODE not in ("ptx", "portable"):
-    raise ValueError(f"MOE_LIT_FP4_DECODE: expected 'ptx' or 'portable', got {FP4_DECODE!r}")
+FP4_DECODE = env_choice("MOE_LIT_FP4_DECODE", "ptx", ("ptx", "portable"))   # "ptx": the packed decode below (GPU only)
 PACKED_DECODE = tl.constexpr(FP4_DECODE == "ptx" and not INTERPRET)   # the interpreter runs the portable one
 
 def _e2m1_pair_ptx(src: str, high: bool, scale: str, dst: str,
@@ -925,9 +923,8 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
     return a, a_scale, st, out_dtype
 
-FP8_ACT_QUANT = os.environ.get("MOE_LIT_FP8_ACT_QUANT", "loop")   # "loop": 1×128 groups quantized in the GEMMs' K
-if FP8_ACT_QUANT not in ("loop", "launch"):                          # loop; "launch": a quantizer launch first
-    raise ValueError(f"MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got {FP8_ACT_QUANT!r}")
+FP8_ACT_QUANT = env_choice("MOE_LIT_FP8_ACT_QUANT", "loop", ("loop", "launch"))   # "loop": 1×128 groups quantized
+                                                                   # in the GEMMs' K loop; "launch": a quantizer first
 
 def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 stays 16-bit, quantized in the K loop (block: when the K tile is its group; per token), else one launch quantizes it."

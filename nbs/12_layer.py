@@ -629,7 +629,8 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
 # The warm-up runs and the capture use one side stream, so the split-K arrival counters the warm-up made for that stream
 # (`06_kernels.batched.arrival_counters`: kept per stream, left zero by every launch) are the ones the graph reads — no
 # fill is captured for them. Graphs captured by one `capture` call share those counters: replay them one at a time (as
-# `forward` does), not concurrently on two streams.
+# `forward` does), not concurrently on two streams. With `MOE_LIT_PDL=1` (programmatic dependent launch, `06`) the
+# graphs are captured with it: each kernel's launch overlaps the end of the one before inside the replay too.
 
 # %%
 #| export

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
-from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint, env_choice
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS

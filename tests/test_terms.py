@@ -40,6 +40,18 @@ def test_check_bool_and_real():
     for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
         test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
     test_eq(check_device("cpu"), torch.device("cpu"))
+    import os
+    saved = os.environ.pop("MOE_LIT_TEST_SWITCH", None)
+    try:
+        test_eq(env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), "0")                  # unset: the default
+        for v, want in (("", "0"), ("1", "1")):
+            os.environ["MOE_LIT_TEST_SWITCH"] = v; test_eq(env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), want)
+        for v in ("2", "on", " 1"):
+            os.environ["MOE_LIT_TEST_SWITCH"] = v
+            test_fail(lambda: env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), contains=f"MOE_LIT_TEST_SWITCH: expected '0' or '1', got {v!r}")
+    finally:
+        os.environ.pop("MOE_LIT_TEST_SWITCH", None)
+        if saved is not None: os.environ["MOE_LIT_TEST_SWITCH"] = saved
     for bad, msg in (("bogus", "expected 'cpu', 'cuda' or a torch.device, got 'bogus'"), (None, "expected 'cpu', 'cuda'"),
                      ("meta", "expected a cpu or cuda device, got meta")):
         test_fail(lambda: check_device(bad, "out_device"), contains=f"out_device: {msg}")
