@@ -1038,14 +1038,6 @@ for var, bad in (("MOE_LIT_PDL", "2"), ("MOE_LIT_FAST_LAUNCH", "off")):        #
 for grid in ((), (-1,), (1.5,), [2], "abc", None, (1, 2, 3, 4)):
     test_fail(lambda: launch_kernel(kb._batched_moe_gemm_kernel, grid), contains="grid: expected a tuple of one to three ints >= 0")
 test_fail(lambda: launch_kernel(None, (1,)), contains="kernel: expected a @triton.jit function, got NoneType")
-for bad in ("bogus", None, torch.zeros(1), "meta"): test_fail(lambda: arrival_counters(4, bad), contains="device: expected")
-for args, msg in (((None, 4, 2, 8, 8, 16, 16, "cpu"), "cfg: expected a dict"),
-                  (({}, 4, 2, 8, -1, 16, 16, "cpu"), "num_tiles: expected >= 0"),
-                  (({}, 4, 2, 8, 8, 1.5, 16, "cpu"), "block_m: expected an int"),
-                  (({}, 0, 2, 8, 8, 16, 16, "cpu"), "tiles_per_expert: expected >= 1"),
-                  (({}, 4, 2, 8, 8, 16, 16, "bogus"), "device: expected")):
-    test_fail(lambda: split_k_launch(*args), contains=msg)
-test_fail(lambda: split_k_launch({}, 4, 2, 8, 8, 16, 16, "cpu", programs_per_sm="x"), contains="programs_per_sm: expected a finite")
 
 # %%
 #| test interpreter_numpy_problem_is_named
@@ -1159,8 +1151,9 @@ def arrival_counters(n: int, device) -> torch.Tensor:
     On a GPU they are a prefix of a buffer kept per (device, current stream) and reused by every later launch on that
     stream — launches on one stream complete one after another, so no fill is launched per call. (With programmatic
     dependent launch a kernel may *start* before the one before it has finished, but every moe-lit kernel waits for
-    it, `_await_producers`, before it touches memory: the counters are still used one launch at a time.) A larger `n` makes a
-    larger buffer (zeroed once); the smaller ones stay alive, since a captured CUDA graph holds their addresses. Inside
+    it, `_await_producers`, before it touches memory: the counters are still used one launch at a time.) A larger
+    `n` makes a larger buffer (zeroed once); the smaller ones stay alive, since a captured CUDA graph holds their
+    addresses. Inside
     a capture nothing is kept (memory made there is the graph's): a missing buffer is made as zeros for that launch
     alone. Off the GPU (the interpreter) every call gets fresh zeros. Contract: a kernel given these counters must,
     on every path, either count every program of a tile in or none of them (`_split_k_sum` after a tile-wide exit).
@@ -1219,6 +1212,14 @@ if INTERPRET: test_eq(split_k_launch({}, 32, 1, 56, 64, 16, 32, "cpu"), (1, None
 c1, c2 = arrival_counters(5, "cpu"), arrival_counters(5, "cpu")      # off the GPU: fresh zeros each call
 test_eq((c1.tolist(), c1.dtype, c1.data_ptr() != c2.data_ptr()), ([0] * 5, torch.int32, True))
 for bad in (-1, 2.0, None): test_fail(lambda: arrival_counters(bad, "cpu"), contains="n: expected")
+for bad in ("bogus", None, torch.zeros(1), "meta"): test_fail(lambda: arrival_counters(4, bad), contains="device: expected")
+for args, msg in (((None, 4, 2, 8, 8, 16, 16, "cpu"), "cfg: expected a dict"),
+                  (({}, 4, 2, 8, -1, 16, 16, "cpu"), "num_tiles: expected >= 0"),
+                  (({}, 4, 2, 8, 8, 1.5, 16, "cpu"), "block_m: expected an int"),
+                  (({}, 0, 2, 8, 8, 16, 16, "cpu"), "tiles_per_expert: expected >= 1"),
+                  (({}, 4, 2, 8, 8, 16, 16, "bogus"), "device: expected")):
+    test_fail(lambda: split_k_launch(*args), contains=msg)
+test_fail(lambda: split_k_launch({}, 4, 2, 8, 8, 16, 16, "cpu", programs_per_sm="x"), contains="programs_per_sm: expected a finite")
 if torch.cuda.is_available():                                        # kept per stream: the same memory, grown when needed
     a1, a2 = arrival_counters(8, "cuda"), arrival_counters(16, "cuda")
     test_eq(a1.data_ptr(), a2.data_ptr())

@@ -198,14 +198,6 @@ def test_launch_arguments_refused():
     for grid in ((), (-1,), (1.5,), [2], "abc", None, (1, 2, 3, 4)):
         test_fail(lambda: launch_kernel(kb._batched_moe_gemm_kernel, grid), contains="grid: expected a tuple of one to three ints >= 0")
     test_fail(lambda: launch_kernel(None, (1,)), contains="kernel: expected a @triton.jit function, got NoneType")
-    for bad in ("bogus", None, torch.zeros(1), "meta"): test_fail(lambda: arrival_counters(4, bad), contains="device: expected")
-    for args, msg in (((None, 4, 2, 8, 8, 16, 16, "cpu"), "cfg: expected a dict"),
-                      (({}, 4, 2, 8, -1, 16, 16, "cpu"), "num_tiles: expected >= 0"),
-                      (({}, 4, 2, 8, 8, 1.5, 16, "cpu"), "block_m: expected an int"),
-                      (({}, 0, 2, 8, 8, 16, 16, "cpu"), "tiles_per_expert: expected >= 1"),
-                      (({}, 4, 2, 8, 8, 16, 16, "bogus"), "device: expected")):
-        test_fail(lambda: split_k_launch(*args), contains=msg)
-    test_fail(lambda: split_k_launch({}, 4, 2, 8, 8, 16, 16, "cpu", programs_per_sm="x"), contains="programs_per_sm: expected a finite")
 
 
 def test_interpreter_numpy_problem_is_named():
@@ -240,6 +232,14 @@ def test_split_k_factor():
     c1, c2 = arrival_counters(5, "cpu"), arrival_counters(5, "cpu")      # off the GPU: fresh zeros each call
     test_eq((c1.tolist(), c1.dtype, c1.data_ptr() != c2.data_ptr()), ([0] * 5, torch.int32, True))
     for bad in (-1, 2.0, None): test_fail(lambda: arrival_counters(bad, "cpu"), contains="n: expected")
+    for bad in ("bogus", None, torch.zeros(1), "meta"): test_fail(lambda: arrival_counters(4, bad), contains="device: expected")
+    for args, msg in (((None, 4, 2, 8, 8, 16, 16, "cpu"), "cfg: expected a dict"),
+                      (({}, 4, 2, 8, -1, 16, 16, "cpu"), "num_tiles: expected >= 0"),
+                      (({}, 4, 2, 8, 8, 1.5, 16, "cpu"), "block_m: expected an int"),
+                      (({}, 0, 2, 8, 8, 16, 16, "cpu"), "tiles_per_expert: expected >= 1"),
+                      (({}, 4, 2, 8, 8, 16, 16, "bogus"), "device: expected")):
+        test_fail(lambda: split_k_launch(*args), contains=msg)
+    test_fail(lambda: split_k_launch({}, 4, 2, 8, 8, 16, 16, "cpu", programs_per_sm="x"), contains="programs_per_sm: expected a finite")
     if torch.cuda.is_available():                                        # kept per stream: the same memory, grown when needed
         a1, a2 = arrival_counters(8, "cuda"), arrival_counters(16, "cuda")
         test_eq(a1.data_ptr(), a2.data_ptr())

@@ -613,7 +613,7 @@ def _first_launch(kernel, key, grid, args, kwargs):
     cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, *_launch_tail(kernel, len(args), kwargs))
     return compiled
 
-# %% ../../nbs/06_kernels.batched.ipynb #19e4395b7103
+# %% ../../nbs/06_kernels.batched.ipynb #1dd80e63287d
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
 SPLIT_K_PROGRAMS_PER_SM = {"16-bit": 0.5, "fp8": 0.5, "fp4": 4.0}   # each kernel family's split target (H200 sweep)
 
@@ -693,8 +693,9 @@ def arrival_counters(n: int, device) -> torch.Tensor:
     On a GPU they are a prefix of a buffer kept per (device, current stream) and reused by every later launch on that
     stream — launches on one stream complete one after another, so no fill is launched per call. (With programmatic
     dependent launch a kernel may *start* before the one before it has finished, but every moe-lit kernel waits for
-    it, `_await_producers`, before it touches memory: the counters are still used one launch at a time.) A larger `n` makes a
-    larger buffer (zeroed once); the smaller ones stay alive, since a captured CUDA graph holds their addresses. Inside
+    it, `_await_producers`, before it touches memory: the counters are still used one launch at a time.) A larger
+    `n` makes a larger buffer (zeroed once); the smaller ones stay alive, since a captured CUDA graph holds their
+    addresses. Inside
     a capture nothing is kept (memory made there is the graph's): a missing buffer is made as zeros for that launch
     alone. Off the GPU (the interpreter) every call gets fresh zeros. Contract: a kernel given these counters must,
     on every path, either count every program of a tile in or none of them (`_split_k_sum` after a tile-wide exit).

@@ -1,6 +1,6 @@
 """moe-lit's own host (Python) work per eager forward, measured without a GPU.
 
-    TRITON_INTERPRET=1 python nbs/bench/host_overhead_cpu.py [--profile] [--quant SCHEME]
+    TRITON_INTERPRET=1 python nbs/bench/host_overhead_cpu.py [--profile] [--ops] [--quant SCHEME]
 
 For every deployment of the layer benchmark (`LAYER_DEPLOYMENTS`; the names say "1 GPU" as there, but nothing runs
 on one here) a layer at T = 1, shrunk to hidden 256 / intermediate 64: the Python path (checks, routing plan,
@@ -12,11 +12,14 @@ CPU spends in moe-lit's Python before any launch cost. Noise only adds, so run i
 It is one part of the GPU benchmark's host overhead (`bench_layer`'s `host_us` = eager − replay, 14a_bench_layer):
 that one adds Triton's launch path (about 20 µs a kernel through the JIT, `nbs/bench/launch_cost.py`) and the CUDA
 launches of torch's ops, on the GPU machine's CPU. `--quant` takes a full scheme name (mxfp4_w4a16, nvfp4_w4a16,
-fp8_w8a8_block, ...); `--profile` adds cProfile's top 12 functions by own time over 500 forwards.
+fp8_w8a8_block, ...); `--profile` adds cProfile's top 12 functions by own time over 500 forwards; `--ops` adds what one
+forward asks of the device: its Triton launches and its top-level torch ops by name (torch's profiler on the CPU; the
+interpreter never splits K, so split-K's buffers do not show).
 """
 import sys, time, torch, cProfile, pstats
 from triton.runtime.interpreter import InterpretedFunction
-InterpretedFunction.run = lambda self, *a, **kw: None          # stub: measure moe-lit's own host work
+RECORD = []                                                    # a list to note launches in, while `--ops` counts
+InterpretedFunction.run = lambda self, *a, **kw: RECORD and RECORD[0].append(self.fn.__name__)   # stub: moe-lit's own
 from moe_lit.layer import FusedMoE
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
 
@@ -41,6 +44,16 @@ for dep in LAYER_DEPLOYMENTS:
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     print(f"{dep['name']:<45} {c.activation_format.value:<16} {quant:<12} host per forward {per_forward(layer, x):6.1f} us",
           flush=True)
+    if "--ops" in sys.argv:
+        from torch.profiler import profile, ProfilerActivity
+        RECORD.append(launches := [])
+        with profile(activities=[ProfilerActivity.CPU]) as prof: layer(x)
+        RECORD.clear()
+        ops = {}
+        for e in prof.events():                     # top-level aten ops: the ones moe-lit's Python called
+            if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")):
+                ops[e.name[6:]] = ops.get(e.name[6:], 0) + 1
+        print(f"    {len(launches)} Triton launches ({', '.join(launches)}); {sum(ops.values())} torch ops {ops}", flush=True)
     if "--profile" in sys.argv:
         pr = cProfile.Profile(); pr.enable()
         for _ in range(500): layer(x)
