@@ -1,6 +1,6 @@
 """moe-lit's own host (Python) work per eager forward, measured without a GPU.
 
-    TRITON_INTERPRET=1 python nbs/bench/host_overhead_cpu.py [--profile] [--ops] [--quant SCHEME]
+    TRITON_INTERPRET=1 python nbs/bench/host_overhead_cpu.py [--profile] [--ops] [--quant SCHEME] [--only NAME]
 
 For every deployment of the layer benchmark (`LAYER_DEPLOYMENTS`; the names say "1 GPU" as there, but nothing runs
 on one here) a layer at T = 1, shrunk to hidden 256 / intermediate 64: the Python path (checks, routing plan,
@@ -14,7 +14,9 @@ that one adds Triton's launch path (about 20 µs a kernel through the JIT, `nbs/
 launches of torch's ops, on the GPU machine's CPU. `--quant` takes a full scheme name (mxfp4_w4a16, nvfp4_w4a16,
 fp8_w8a8_block, ...); `--profile` adds cProfile's top 12 functions by own time over 500 forwards; `--ops` adds what one
 forward asks of the device: its Triton launches and its top-level torch ops by name (torch's profiler on the CPU; the
-interpreter never splits K, so split-K's buffers do not show).
+interpreter never splits K, so split-K's buffers do not show). `--only NAME` measures the deployments whose name
+contains NAME: two revisions compare best in alternating processes (`PYTHONPATH=<a worktree>`), since the figure
+moves by several µs from one process to the next.
 """
 import sys, time, torch, cProfile, pstats
 from triton.runtime.interpreter import InterpretedFunction
@@ -36,7 +38,8 @@ def per_forward(layer, x, n=400, blocks=7):
 
 
 quant = sys.argv[sys.argv.index("--quant") + 1] if "--quant" in sys.argv else "unquantized"
-for dep in LAYER_DEPLOYMENTS:
+only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
+for dep in [d for d in LAYER_DEPLOYMENTS if only in d["name"]]:
     c = deployment_config(dep)
     c = c.replace(hidden_size=256, intermediate_size=64, dtype=torch.bfloat16,
                   **({"shared_intermediate_size": 64} if c.shared_intermediate_size else {}))
