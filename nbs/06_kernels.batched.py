@@ -27,7 +27,7 @@ import tempfile, json
 from moe_lit.bench import load_bench_results, plot_bench
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
-from moe_lit.testing import record_launches, check_launch_keys
+from moe_lit.testing import record_launches, check_launch_keys, assert_compiles_for_gpu
 import moe_lit.kernels.batched as kb
 
 # %% [markdown]
@@ -1444,6 +1444,12 @@ test_fail(lambda: check_batched_gemm(2, 4, 32, 32, [4, 1], torch.float32, config
 kept = [b for bufs in kb._COUNTERS.values() for b in bufs]    # on a GPU the launches above shared kept counters:
 assert all(int(b.abs().sum()) == 0 for b in kept)             # each launch left them zero for the next
 if DEVICE == "cuda": assert kept
+E, M, K, N, counts, what = GEMM_CASES[0]
+with record_launches() as seen:                 # the pointer kernel, split, compiles for sm_90 with programmatic
+    check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, SILU,            # dependent launch on (a launch with
+                       config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2))   # descriptors has no compile spec)
+res = assert_compiles_for_gpu([s for s in seen if s[0].fn.__name__ == "_batched_moe_gemm_kernel"])
+assert res and all(r["pdl_wait"] for r in res), [(r["kernel"], r["pdl_wait"]) for r in res]
 
 # %% [markdown]
 # The compact expert slots (`max_active_experts`) over the same catalog: the exact number of experts with rows

@@ -1238,6 +1238,8 @@ with record_launches() as seen:
                    num_shared_experts=1, shared_intermediate_size=64,
                    parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
     FusedMoE(ds, seed=3, experts="triton", device=DEVICE, placement="round_robin")(x)
+    for quant in ("unquantized", "fp8_w8a8_block"):                               # Standard with shared experts:
+        FusedMoE(ds.replace(parallel=ag), seed=3, experts="triton", device=DEVICE, quant=quant)(x)   # the shared add
 res = assert_compiles_for_gpu(seen)
 assert check_launch_keys(seen) > 10 * len(seen)          # each launch's key against Triton's own, perturbed copies too
 kernels = {r["kernel"] for r in res}
@@ -1245,6 +1247,9 @@ assert {"_router_logits_kernel", "_route_topk_kernel", "_batched_dispatch_kernel
         "_local_slot_kernel", "_batched_moe_gemm_quant_kernel", "_fused_moe_quant_kernel"} <= kernels, kernels
 assert any(r["spec"]["constexprs"].get("QUANT_A") for r in res)          # FP8 block's in-loop quantization compiled
 assert {r["kernel"] for r in res if r["spec"]["constexprs"].get("PAIR_IDS")} == {"_fused_moe_kernel", "_fused_moe_quant_kernel"}
+assert any(r["kernel"] == "_batched_combine_kernel" and r["spec"]["constexprs"].get("RESET") for r in res)   # kept counts
+assert any(r["kernel"] == "_batched_combine_kernel" and r["spec"]["constexprs"].get("ADD")
+           and r["spec"]["constexprs"].get("PAIRS") for r in res)                 # the Standard shared add
 no_pdl = {r["kernel"] for r in res if r["spec"]["constexprs"].get("PDL") is not True or not r["pdl_wait"]}
 assert not no_pdl, f"kernels the layer launches without programmatic dependent launch's wait: {no_pdl}"
 
