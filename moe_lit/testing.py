@@ -228,7 +228,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #afebff265915
+# %% ../nbs/00_testing.ipynb #63885f879378
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -280,6 +280,11 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
                 raise ValueError(f"{fn.__name__}: expected a tensor of {', '.join(map(str, _TRITON_TYPES))} for {name}, got {v.dtype}")
             sig[name] = "*" + _TRITON_TYPES[v.dtype]
             if v.data_ptr() % 16 == 0: div.append(name)
+        elif type(v).__name__ == "TensorDescriptor" and isinstance(getattr(v, "base", None), torch.Tensor):
+            if v.base.dtype not in _TRITON_TYPES:      # a host-side tensor descriptor (TMA): its type names dtype and box
+                raise ValueError(f"{fn.__name__}: expected a descriptor over a tensor of {', '.join(map(str, _TRITON_TYPES))} "
+                                 f"for {name}, got {v.base.dtype}")
+            sig[name] = f"tensordesc<{_TRITON_TYPES[v.base.dtype]}[{','.join(map(str, v.block_shape))}]>"
         elif isinstance(v, bool): sig[name] = "i1"
         elif isinstance(v, int):
             if v == 1: sig[name], consts[name] = "constexpr", 1            # Triton's specialisation of 1
@@ -287,7 +292,7 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
                 sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
                 if v % 16 == 0: div.append(name)
         elif isinstance(v, float): sig[name] = "fp32"
-        else: raise ValueError(f"{fn.__name__}: expected a tensor, int, float, bool or None for {name}, got {type(v).__name__}")
+        else: raise ValueError(f"{fn.__name__}: expected a tensor, tensor descriptor, int, float, bool or None for {name}, got {type(v).__name__}")
     options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages")}
     module = fn.__module__
     if module == "__main__": module = _twin_module(fn)          # a notebook's kernel: its exported twin, same source

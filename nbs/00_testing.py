@@ -438,6 +438,11 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
                 raise ValueError(f"{fn.__name__}: expected a tensor of {', '.join(map(str, _TRITON_TYPES))} for {name}, got {v.dtype}")
             sig[name] = "*" + _TRITON_TYPES[v.dtype]
             if v.data_ptr() % 16 == 0: div.append(name)
+        elif type(v).__name__ == "TensorDescriptor" and isinstance(getattr(v, "base", None), torch.Tensor):
+            if v.base.dtype not in _TRITON_TYPES:      # a host-side tensor descriptor (TMA): its type names dtype and box
+                raise ValueError(f"{fn.__name__}: expected a descriptor over a tensor of {', '.join(map(str, _TRITON_TYPES))} "
+                                 f"for {name}, got {v.base.dtype}")
+            sig[name] = f"tensordesc<{_TRITON_TYPES[v.base.dtype]}[{','.join(map(str, v.block_shape))}]>"
         elif isinstance(v, bool): sig[name] = "i1"
         elif isinstance(v, int):
             if v == 1: sig[name], consts[name] = "constexpr", 1            # Triton's specialisation of 1
@@ -445,7 +450,7 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
                 sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
                 if v % 16 == 0: div.append(name)
         elif isinstance(v, float): sig[name] = "fp32"
-        else: raise ValueError(f"{fn.__name__}: expected a tensor, int, float, bool or None for {name}, got {type(v).__name__}")
+        else: raise ValueError(f"{fn.__name__}: expected a tensor, tensor descriptor, int, float, bool or None for {name}, got {type(v).__name__}")
     options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages")}
     module = fn.__module__
     if module == "__main__": module = _twin_module(fn)          # a notebook's kernel: its exported twin, same source

@@ -646,7 +646,7 @@ def check_block_m(block_m) -> int:
 
 # %%
 #| test fused_moe_gemm_paths
-g = torch.Generator().manual_seed(4)
+g, launches = torch.Generator().manual_seed(4), []
 for H, I in ((64, 64), (48, 40)):                                          # even, then ragged K and N
     E, T, k = 4, 13, 2
     x, w = torch.randn(T, H, generator=g), torch.randn(E, 2 * I, H, generator=g) / H**0.5
@@ -659,10 +659,14 @@ for H, I in ((64, 64), (48, 40)):                                          # eve
                 dict(BLOCK_N=32, BLOCK_K=32, TMA=True), dict(BLOCK_N=32, BLOCK_K=16, SPLIT_K=3),   # split-K, uneven,
                 dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=2, SPLIT_K=2)):                            # and grouped order
         out = torch.full((T * k, I), float("nan"), device=DEVICE)
-        fused_moe_gemm(x.to(DEVICE), w.to(DEVICE), *aligned, k, 16, "silu_and_mul", out=out, config=cfg)
+        with record_launches() as seen:
+            fused_moe_gemm(x.to(DEVICE), w.to(DEVICE), *aligned, k, 16, "silu_and_mul", out=out, config=cfg)
+        launches += seen
         out, live = out.cpu(), (ids.flatten() >= 0)
         assert out[~live].isnan().all(), f"{cfg}: a pair without a local expert was written"
         assert_close(out[live], want[live], name=f"H={H} I={I} {cfg}")
+res = assert_compiles_for_gpu(launches)               # every path, descriptors too, with programmatic dependent launch
+assert len(res) >= 5 and all(r["pdl_wait"] for r in res), [(r["kernel"], r["pdl_wait"]) for r in res]
 
 # %% [markdown]
 # The epilogue with expert biases and gpt-oss's clamped SwiGLU, through the same code paths — including split-K

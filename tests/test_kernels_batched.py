@@ -311,11 +311,13 @@ def test_batched_gemm_split_k():
     assert all(int(b.abs().sum()) == 0 for b in kept)             # each launch left them zero for the next
     if DEVICE == "cuda": assert kept
     E, M, K, N, counts, what = GEMM_CASES[0]
-    with record_launches() as seen:                 # the pointer kernel, split, compiles for sm_90 with programmatic
-        check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, SILU,            # dependent launch on (a launch with
-                           config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2))   # descriptors has no compile spec)
-    res = assert_compiles_for_gpu([s for s in seen if s[0].fn.__name__ == "_batched_moe_gemm_kernel"])
-    assert res and all(r["pdl_wait"] for r in res), [(r["kernel"], r["pdl_wait"]) for r in res]
+    with record_launches() as seen:                 # both kernels, split and through descriptors, compile for sm_90
+        for tile in (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, SPLIT_K=2),          # with programmatic dependent launch on
+                     dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, TMA=True)):
+            check_batched_gemm(E, M, K, 2 * N, counts, torch.bfloat16, SILU, config=tile)
+    res = assert_compiles_for_gpu([s for s in seen if "gemm" in s[0].fn.__name__])
+    test_eq({r["kernel"] for r in res}, {"_batched_moe_gemm_kernel", "_batched_moe_gemm_tma_kernel"})
+    assert all(r["pdl_wait"] for r in res), [(r["kernel"], r["pdl_wait"]) for r in res]
 
 
 def test_batched_gemm_compact_slots():
