@@ -383,7 +383,10 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
 # values). The constexprs that only the interpreter sets (`UPCAST`, fp32 `PRECISION`, `EMULATE_CAST`) are given
 # their GPU values, so the compiled variant is the one a GPU launch of the same call would run; the tiles stay the
 # interpreter's (a GPU picks its own from the tables). The compiled kernel's shared memory is reported: an H200 SM
-# offers 227 KiB to one program.
+# offers 227 KiB to one program. Programmatic dependent launch (`PDL`, `06_kernels.batched`) is compiled on, and
+# `pdl_wait` says whether the kernel's PTX waits for the grid before it (`griddepcontrol.wait`) ahead of its first
+# global memory access — the compiler may not move a load above it, and the PTX shows it did not. A host tensor
+# descriptor (a TMA operand) becomes the `tensordesc<dtype[box]>` type Triton gives it.
 
 # %%
 #| export
@@ -479,6 +482,14 @@ def _find_kernel(module: str, name: str, source: str):
         raise ValueError(f"kernel: expected {module}.{name} to have the recorded source, got another version")
     return fn
 
+def _waits_first(ptx: str) -> bool:
+    "Whether a kernel's PTX waits for the grid before it (`griddepcontrol.wait`) ahead of its first global memory access."
+    import re
+    body = ptx[ptx.find("{", ptx.find(".entry")):] if ".entry" in ptx else ""
+    wait = body.find("griddepcontrol.wait")
+    first = re.search(r"\b(ld|st|atom|red|prefetch)\.global|\bcp\.async", body)
+    return wait >= 0 and (first is None or wait < first.start())
+
 def _compile_specs(specs: list, capability: int) -> list:
     "In a process without the interpreter: compile each spec for `cuda:capability`."
     import importlib, time, triton
@@ -493,7 +504,7 @@ def _compile_specs(specs: list, capability: int) -> list:
                                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in s["divisible"]})
             c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=s["options"])
             out.append(dict(kernel=s["kernel"], ok=True, error="", shared_bytes=int(c.metadata.shared),
-                            seconds=time.perf_counter() - t0, pdl_wait="griddepcontrol.wait" in c.asm.get("ptx", "")))
+                            seconds=time.perf_counter() - t0, pdl_wait=_waits_first(c.asm.get("ptx", ""))))
         except Exception as e:   # the compiler's message, whatever its type: that is the finding
             out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}", shared_bytes=0,
                             seconds=time.perf_counter() - t0, pdl_wait=False))
@@ -539,6 +550,11 @@ def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_byt
 
 # %%
 #| test compile_for_gpu_bad_input
+from moe_lit.testing import _waits_first
+test_eq(_waits_first(".entry k(\n){\nld.param.u64 a;\ngriddepcontrol.wait;\nld.global.u32 b;\n}"), True)
+test_eq(_waits_first(".entry k(\n){\nld.global.u32 b;\ngriddepcontrol.wait;\n}"), False)   # a load moved above it
+test_eq(_waits_first(".entry k(\n){\ncp.async.bulk.tensor x;\ngriddepcontrol.wait;\n}"), False)
+test_eq(_waits_first(".entry k(\n){\nld.global.u32 b;\n}"), False)                          # no wait at all
 with record_launches() as seen:
     route_topk(router_plan(MoEConfig(8, 2, 16, 16)), torch.randn(3, 8).to(DEVICE))
 test_eq([r["ok"] for r in compile_for_gpu(seen, capability=100)], [True])           # Blackwell too

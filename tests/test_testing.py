@@ -78,6 +78,11 @@ def test_tiny_hf_models():
 
 
 def test_compile_for_gpu_bad_input():
+    from moe_lit.testing import _waits_first
+    test_eq(_waits_first(".entry k(\n){\nld.param.u64 a;\ngriddepcontrol.wait;\nld.global.u32 b;\n}"), True)
+    test_eq(_waits_first(".entry k(\n){\nld.global.u32 b;\ngriddepcontrol.wait;\n}"), False)   # a load moved above it
+    test_eq(_waits_first(".entry k(\n){\ncp.async.bulk.tensor x;\ngriddepcontrol.wait;\n}"), False)
+    test_eq(_waits_first(".entry k(\n){\nld.global.u32 b;\n}"), False)                          # no wait at all
     with record_launches() as seen:
         route_topk(router_plan(MoEConfig(8, 2, 16, 16)), torch.randn(3, 8).to(DEVICE))
     test_eq([r["ok"] for r in compile_for_gpu(seen, capability=100)], [True])           # Blackwell too
