@@ -11,9 +11,9 @@ from .terms import check_int, check_choice, progress
 from .kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
 
 # %% auto #0
-__all__ = ['SCENARIOS', 'TUNABLE', 'QUANT_BENCH_SCHEMES', 'routed_counts', 'roofline_floor', 'measure_device', 'bench_scenario',
-           'align_cost', 'tile_candidates', 'tune_scenario', 'source_commit', 'run_bench', 'bench_quant',
-           'format_bench_quant', 'plot_bench_quant', 'format_bench', 'plot_bench', 'find_bench_results',
+__all__ = ['SCENARIOS', 'TUNABLE', 'TUNE_SETS', 'QUANT_BENCH_SCHEMES', 'routed_counts', 'roofline_floor', 'measure_device',
+           'bench_scenario', 'align_cost', 'tile_candidates', 'tune_scenario', 'source_commit', 'run_bench',
+           'bench_quant', 'format_bench_quant', 'plot_bench_quant', 'format_bench', 'plot_bench', 'find_bench_results',
            'load_bench_results']
 
 # %% ../nbs/14_bench.ipynb #a28f9a709827
@@ -154,11 +154,16 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
     w13 = w2 = None
     return out
 
-# %% ../nbs/14_bench.ipynb #44fb58ca9209
+# %% ../nbs/14_bench.ipynb #1b5aae95e0da
 def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
     "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
     check_choice("kernel", kernel, TUNABLE); check_int("expected_m", expected_m, lo=1)
     bm0 = max(16, 1 << (expected_m - 1).bit_length())
+    if kernel.endswith("_fp8"):     # one-byte weights, a K tile within a 128-wide scale group, pointer loads only
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)
+                 for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((32, 4), (64, 4), (128, 4), (128, 8))
+                 for st in (3, 4)]
+        return [c for c in cands if fit_shared_memory(c, True, 1) == c]
     if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side; the mma128
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)   # layout's K tile is 128
                  for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((64, 4), (128, 8))
@@ -179,10 +184,13 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
         cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
     return [c for c in cands if fit_shared_memory(c, False, 2) == c]
 
-TUNABLE = ("batched_moe_gemm", "fused_moe_gemm", "batched_moe_gemm_w4a16", "fused_moe_gemm_w4a16")   # the FP4
-# kernels are tuned on MXFP4 weights with the fused SiLU-and-mul (NVFP4 runs the same loop with 16-wide groups)
+TUNABLE = ("batched_moe_gemm", "fused_moe_gemm", "batched_moe_gemm_w4a16", "fused_moe_gemm_w4a16",   # the FP4
+            "batched_moe_gemm_fp8", "fused_moe_gemm_fp8")   # kernels are tuned on MXFP4 weights with the fused
+# SiLU-and-mul (NVFP4 runs the same loop with 16-wide groups), the FP8 ones on fp8_w8a8_block weights
+TUNE_SETS = {"all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:2], "w4a16": TUNABLE[2:4],
+             "fp8": TUNABLE[4:6]}   # `run_bench(tune=...)` / `moe-lit bench --tune ...`
 
-# %% ../nbs/14_bench.ipynb #2f271f517bb5
+# %% ../nbs/14_bench.ipynb #c613aa4c2a21
 def _gemm1_callable(sc: dict, kernel: str, dtype=torch.bfloat16):
     "`f(cfg)` that runs GEMM1 of scenario `sc` with tile `cfg` on `kernel`'s layout of the same routed rows."
     from moe_lit.kernels.contiguous import moe_align_block_size, fused_moe_gemm
@@ -190,10 +198,11 @@ def _gemm1_callable(sc: dict, kernel: str, dtype=torch.bfloat16):
     a, w, counts = _problem(sc, dtype)
     E, N = w.shape[:2]
     qw = None
-    if kernel.endswith("_w4a16"):
+    if kernel.endswith(("_w4a16", "_fp8")):
         from moe_lit.quant_weights import quantize_expert_weights
         qw = quantize_expert_weights(w, torch.randn(E, w.shape[2], N // 2, device="cuda", dtype=dtype),
-                                     "mxfp4_w4a16").for_kernels()      # tuned in the layout the layer runs
+                                     "mxfp4_w4a16" if kernel.endswith("_w4a16") else "fp8_w8a8_block"
+                                     ).for_kernels()                   # tuned in the layout the layer runs
     if kernel.startswith("batched"):
         out = torch.empty(a.shape[0], a.shape[1], N // 2 if qw else N, device="cuda", dtype=dtype)
         if qw: return lambda cfg: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", out=out, config=cfg, validate=False)
@@ -229,7 +238,7 @@ def source_commit() -> str:
         except OSError: pass
     return commit or "unknown"
 
-# %% ../nbs/14_bench.ipynb #88062e5d2453
+# %% ../nbs/14_bench.ipynb #1e4a98b02ac6
 def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -> None:
     "Write the winning tile into `kernel`'s JSON table, keyed by the scenario's expected rows per expert."
     p = tile_config_path(kernel, sc["E"], sc["N"], device_name, torch.bfloat16, config_dir)
@@ -240,8 +249,7 @@ def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
               scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
-    tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:2],
-            "w4a16": TUNABLE[2:]}[check_choice("tune", tune, (False, True, "all", "batched", "contiguous", "w4a16"))]
+    tune = {False: (), True: TUNABLE, **TUNE_SETS}[check_choice("tune", tune, (False, True, *TUNE_SETS))]
     device = measure_device()
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):

@@ -21,8 +21,8 @@ from .testing import check_output
 from .report import format_report, format_sections, placement_head
 
 # %% auto #0
-__all__ = ['DTYPES', 'build_config', 'all2all_note', 'dispatch_hidden_size', 'run_report', 'tables_report', 'format_tables',
-           'explain_report', 'format_explain', 'main']
+__all__ = ['DTYPES', 'TUNE_CHOICES', 'build_config', 'all2all_note', 'dispatch_hidden_size', 'run_report', 'tables_report',
+           'format_tables', 'explain_report', 'format_explain', 'main']
 
 # %% ../nbs/15_cli.ipynb #1e314efd6c02
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -258,7 +258,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "checkpoint's first MoE layer")
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
-# %% ../nbs/15_cli.ipynb #e70ac0be5634
+# %% ../nbs/15_cli.ipynb #f9d63050ee10
+TUNE_CHOICES = ["all", "batched", "contiguous", "w4a16", "fp8"]   # `moe-lit bench --tune`: `14_bench.TUNE_SETS`' keys
+                                                                  # (the bench module is imported only by `bench`)
+
 def _parser() -> argparse.ArgumentParser:
     "The full `moe-lit` parser: the skeleton of `15a_entry` with every subcommand's options."
     ap, cmd = command_parser()
@@ -272,9 +275,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
-    b.add_argument("--tune", nargs="?", const="all", default=False, choices=["all", "batched", "contiguous", "w4a16"],
+    b.add_argument("--tune", nargs="?", const="all", default=False, choices=TUNE_CHOICES,
                    help="sweep tile candidates of these kernels first and save the winners (no value: all; w4a16: "
-                        "both FP4 kernels)")
+                        "both FP4 kernels; fp8: both FP8 block kernels)")
     b.add_argument("--config-dir", help="where tuned tile tables are written (unset: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")

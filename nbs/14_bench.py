@@ -226,7 +226,9 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
 # square tiles with 8 warps once the arithmetic dominates (prefill). The FP4 kernels (`--tune w4a16`, tuned on MXFP4
 # weights with the fused SiLU-and-mul) swap the GEMM's operands, so their `BLOCK_N` weight rows are the MMA's M side
 # (64 or 128) and their `BLOCK_M` activation rows should cover an expert's rows in one tile: every extra M tile
-# decodes the expert's weights again.
+# decodes the expert's weights again. The FP8 kernels (`--tune fp8`, 128×128 block weights, bf16 activations quantized
+# in the K loop as the layer runs them) take a K tile of at most one 128-wide scale group and none of the descriptor,
+# warp-specialised or grouped-order variants; without a table they run the bf16 heuristic's tile.
 
 # %%
 #| export
@@ -234,6 +236,11 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
     "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
     check_choice("kernel", kernel, TUNABLE); check_int("expected_m", expected_m, lo=1)
     bm0 = max(16, 1 << (expected_m - 1).bit_length())
+    if kernel.endswith("_fp8"):     # one-byte weights, a K tile within a 128-wide scale group, pointer loads only
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)
+                 for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((32, 4), (64, 4), (128, 4), (128, 8))
+                 for st in (3, 4)]
+        return [c for c in cands if fit_shared_memory(c, True, 1) == c]
     if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side; the mma128
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)   # layout's K tile is 128
                  for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((64, 4), (128, 8))
@@ -254,15 +261,21 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
         cands.append(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=False))  # pointer loads
     return [c for c in cands if fit_shared_memory(c, False, 2) == c]
 
-TUNABLE = ("batched_moe_gemm", "fused_moe_gemm", "batched_moe_gemm_w4a16", "fused_moe_gemm_w4a16")   # the FP4
-# kernels are tuned on MXFP4 weights with the fused SiLU-and-mul (NVFP4 runs the same loop with 16-wide groups)
+TUNABLE = ("batched_moe_gemm", "fused_moe_gemm", "batched_moe_gemm_w4a16", "fused_moe_gemm_w4a16",   # the FP4
+            "batched_moe_gemm_fp8", "fused_moe_gemm_fp8")   # kernels are tuned on MXFP4 weights with the fused
+# SiLU-and-mul (NVFP4 runs the same loop with 16-wide groups), the FP8 ones on fp8_w8a8_block weights
+TUNE_SETS = {"all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:2], "w4a16": TUNABLE[2:4],
+             "fp8": TUNABLE[4:6]}   # `run_bench(tune=...)` / `moe-lit bench --tune ...`
 
 # %%
 #| test tile_candidates
+fits = {"_w4a16": (True, 2), "_fp8": (True, 1)}                    # how each family's launcher fits a tile
 for kernel in TUNABLE:
+    fit = next((v for k, v in fits.items() if kernel.endswith(k)), (False, 2))
     for m in (4, 32, 512):
         cands = tile_candidates(m, kernel)
-        assert cands and all(fit_shared_memory(c, False, 2) == c for c in cands), (kernel, m)
+        assert cands and all(fit_shared_memory(c, *fit) == c for c in cands), (kernel, m)
+        if kernel.endswith("_fp8"): assert all(c["BLOCK_K"] <= 128 and "TMA" not in c for c in cands)
         assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)          # no duplicates
 assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
 test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")
@@ -277,10 +290,11 @@ def _gemm1_callable(sc: dict, kernel: str, dtype=torch.bfloat16):
     a, w, counts = _problem(sc, dtype)
     E, N = w.shape[:2]
     qw = None
-    if kernel.endswith("_w4a16"):
+    if kernel.endswith(("_w4a16", "_fp8")):
         from moe_lit.quant_weights import quantize_expert_weights
         qw = quantize_expert_weights(w, torch.randn(E, w.shape[2], N // 2, device="cuda", dtype=dtype),
-                                     "mxfp4_w4a16").for_kernels()      # tuned in the layout the layer runs
+                                     "mxfp4_w4a16" if kernel.endswith("_w4a16") else "fp8_w8a8_block"
+                                     ).for_kernels()                   # tuned in the layout the layer runs
     if kernel.startswith("batched"):
         out = torch.empty(a.shape[0], a.shape[1], N // 2 if qw else N, device="cuda", dtype=dtype)
         if qw: return lambda cfg: batched_moe_gemm_quant(a, qw, counts, "silu_and_mul", out=out, config=cfg, validate=False)
@@ -329,8 +343,7 @@ def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
               scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
-    tune = {False: (), True: TUNABLE, "all": TUNABLE, "batched": TUNABLE[:1], "contiguous": TUNABLE[1:2],
-            "w4a16": TUNABLE[2:]}[check_choice("tune", tune, (False, True, "all", "batched", "contiguous", "w4a16"))]
+    tune = {False: (), True: TUNABLE, **TUNE_SETS}[check_choice("tune", tune, (False, True, *TUNE_SETS))]
     device = measure_device()
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):

@@ -449,6 +449,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 # %%
 #| export
+TUNE_CHOICES = ["all", "batched", "contiguous", "w4a16", "fp8"]   # `moe-lit bench --tune`: `14_bench.TUNE_SETS`' keys
+                                                                  # (the bench module is imported only by `bench`)
+
 def _parser() -> argparse.ArgumentParser:
     "The full `moe-lit` parser: the skeleton of `15a_entry` with every subcommand's options."
     ap, cmd = command_parser()
@@ -462,9 +465,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
-    b.add_argument("--tune", nargs="?", const="all", default=False, choices=["all", "batched", "contiguous", "w4a16"],
+    b.add_argument("--tune", nargs="?", const="all", default=False, choices=TUNE_CHOICES,
                    help="sweep tile candidates of these kernels first and save the winners (no value: all; w4a16: "
-                        "both FP4 kernels)")
+                        "both FP4 kernels; fp8: both FP8 block kernels)")
     b.add_argument("--config-dir", help="where tuned tile tables are written (unset: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
@@ -669,6 +672,8 @@ assert "needs a CUDA GPU" in err.getvalue(), err.getvalue()
 
 # %%
 #| test main_entry_point
+from moe_lit.bench import TUNE_SETS
+test_eq(TUNE_CHOICES, list(TUNE_SETS))                         # the flag's choices are the bench's kernel sets
 with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
     f = Path(d, "tiny-mixtral.json")
     f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 32,

@@ -27,10 +27,13 @@ def test_roofline_floor():
 
 
 def test_tile_candidates():
+    fits = {"_w4a16": (True, 2), "_fp8": (True, 1)}                    # how each family's launcher fits a tile
     for kernel in TUNABLE:
+        fit = next((v for k, v in fits.items() if kernel.endswith(k)), (False, 2))
         for m in (4, 32, 512):
             cands = tile_candidates(m, kernel)
-            assert cands and all(fit_shared_memory(c, False, 2) == c for c in cands), (kernel, m)
+            assert cands and all(fit_shared_memory(c, *fit) == c for c in cands), (kernel, m)
+            if kernel.endswith("_fp8"): assert all(c["BLOCK_K"] <= 128 and "TMA" not in c for c in cands)
             assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)          # no duplicates
     assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
     test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")

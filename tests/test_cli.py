@@ -144,6 +144,8 @@ def test_run_quantized_cli():
 
 
 def test_main_entry_point():
+    from moe_lit.bench import TUNE_SETS
+    test_eq(TUNE_CHOICES, list(TUNE_SETS))                         # the flag's choices are the bench's kernel sets
     with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
         f = Path(d, "tiny-mixtral.json")
         f.write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 4, "hidden_size": 32,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind the quant chapter's FP4 measurements, on one CUDA machine. Results go under $OUT.
 #   bash nbs/bench/quant_gpu.sh check    -> quant GEMM/experts tests natively, bench_quant (both FP4 layouts), the seed command
-#   bash nbs/bench/quant_gpu.sh tune     -> re-tune the FP4 tiles and bench every quantized scheme (tune_quant.py)
+#   bash nbs/bench/quant_gpu.sh tune [w4a16|fp8] -> re-tune the FP4 and/or FP8 tiles, bench every quantized scheme
 #   bash nbs/bench/quant_gpu.sh memcheck -> compute-sanitizer memcheck of the quant tests (the real-shape ones excluded)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,7 +23,7 @@ PY
     | tee "$OUT/run_deepseek_ep8_nvfp4.log"
   ;;
 tune)
-  timeout 560 python nbs/bench/tune_quant.py "$OUT" 2>&1 | grep -v Warning | tail -40
+  timeout 560 python nbs/bench/tune_quant.py "$OUT" ${2:-} 2>&1 | grep -v Warning | tail -40
   tar -C "$OUT" -czf "$OUT/configs.tgz" configs && rm -rf "$OUT/configs"
   ;;
 memcheck)

@@ -1,6 +1,6 @@
-"""Tune the FP4 (w4a16) GEMM tiles on the decode scenarios, then benchmark every quantized scheme with them.
+"""Tune the FP4 (w4a16) and FP8 (block) GEMM tiles on the decode scenarios, then benchmark every quantized scheme with them.
 
-    python nbs/bench/tune_quant.py OUT_DIR
+    python nbs/bench/tune_quant.py OUT_DIR [w4a16|fp8]    # default: both kernel sets
 writes OUT_DIR/configs/<kernel>/E=..,N=..,device_name=..,dtype=bf16.json (the tables the launchers read; copy them into
 moe_lit/configs/), OUT_DIR/tune_quant.json (every candidate's time) and OUT_DIR/quant_bench.json (bench_quant with the
 new tables).
@@ -9,11 +9,12 @@ import json, os, sys
 from pathlib import Path
 out = Path(sys.argv[1]); cfg_dir = out / "configs"
 os.environ["MOE_LIT_TILE_CONFIG_DIR"] = str(cfg_dir)       # the launchers read the tables written here
-from moe_lit.bench import SCENARIOS, measure_device, tune_scenario, _save_tile, bench_quant, format_bench_quant, source_commit
+from moe_lit.bench import SCENARIOS, TUNE_SETS, measure_device, tune_scenario, _save_tile, bench_quant, format_bench_quant
+from moe_lit.bench import source_commit
 dev = measure_device()
 sweeps = []
 for sc in [s for s in SCENARIOS if "decode" in s["name"]]:
-    for kernel in ("batched_moe_gemm_w4a16", "fused_moe_gemm_w4a16"):
+    for kernel in [k for s in (sys.argv[2:] or ["w4a16", "fp8"]) for k in TUNE_SETS[s]]:
         best, timings = tune_scenario(sc, kernel=kernel)
         _save_tile(kernel, sc, best, dev["device_name"], cfg_dir)
         t = min(t for _, t in timings)
