@@ -231,7 +231,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #fa2babd4e4c1
+# %% ../nbs/12_layer.ipynb #89d8c49f1ec4
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -300,6 +300,8 @@ def _record_build(self: FusedMoE):
     "After a build (construction, load, move, rebuild): what `_follow_inplace_edits` compares with."
     self._versions = self._weight_versions()
     self._weight_meta = {n: _meta(getattr(self, n)) for n in _TRACKED}
+    self._kernel_tensors = tuple((n, t) for n, t in [(n, getattr(self, n)) for n in _TRACKED] +   # (a swap rebuilds,
+                                 list(_shared_by_key(self).items()) if isinstance(t, torch.Tensor))   # so these stay current)
     self._held = dict(config=self.config, qweights=_qmeta(self.qweights), num_local=self.placement.num_local_experts,
                       num_experts=self.placement.num_experts,
                       shared=tuple(_meta(t) for t in _shared_tensors(self)))
@@ -378,7 +380,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #5938494b3010
+# %% ../nbs/12_layer.ipynb #d58c8e65edec
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -387,11 +389,18 @@ def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden
         raise ValueError(f"{name}: expected a tensor with values, got a meta tensor (a layer moved to the meta device "
                          f"has no weights: build it on a real device or load its weights first)")
 
-def _refuse_gradient():
-    "A Triton layer's forward keeps no autograd graph: a gradient through it would be silently zero, so refuse."
-    raise ValueError("hidden: expected a tensor that needs no gradient (the Triton kernels keep no autograd graph), got "
-                     "one with requires_grad=True under autograd: run inference under torch.inference_mode() or "
-                     "torch.no_grad(), pass hidden.detach(), or build the layer with experts='torch' to train through it")
+def _refuse_gradient(layer, hidden: torch.Tensor, topk=None, weights: bool = True):
+    """A Triton layer's forward keeps no autograd graph: under autograd, a gradient wanted by `hidden`, a caller's
+    `topk_weights` or (with `weights`) a tensor the kernels read would be silently zero, so refuse it by name."""
+    if not torch.is_grad_enabled(): return
+    named = (("hidden", hidden),) + ((("topk_weights", topk[0]),) if isinstance(topk, tuple) and len(topk) == 2 else ()) \
+        + (layer._kernel_tensors if weights else ())      # the tensors the kernels read, noted at the last build
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{name}: expected a tensor that needs no gradient (the Triton kernels keep no autograd "
+                             f"graph), got one with requires_grad=True under autograd: run inference under "
+                             f"torch.inference_mode() or torch.no_grad(), detach it, or build the layer with "
+                             f"experts='torch' to train through it")
 
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,7 +408,7 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden)
-    if self.router is not None and hidden.requires_grad and torch.is_grad_enabled(): _refuse_gradient()
+    if self.router is not None: _refuse_gradient(self, hidden)
     return self._route(hidden)
 
 @patch
@@ -441,14 +450,14 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #dc16b7274b95
+# %% ../nbs/12_layer.ipynb #20d77b4d7546
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
-    if self.use_triton and hidden.requires_grad and torch.is_grad_enabled(): _refuse_gradient()
+    if self.use_triton: _refuse_gradient(self, hidden, topk)
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out

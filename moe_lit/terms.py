@@ -87,10 +87,14 @@ def check_int(name: str, value, lo: int | None = None, hi: int | None = None) ->
     if hi is not None and value >= hi: raise ValueError(f"{name}: expected <= {hi - 1}, got {value}")
     return value
 
-# %% ../nbs/00_terms.ipynb #b9df3f9d17f8
+# %% ../nbs/00_terms.ipynb #68930e29800a
 def check_choice(name: str, value, choices) -> object:
-    "Check that `value` is one of `choices`; returns it."
-    if value not in tuple(choices): raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    "Check that `value` is one of `choices` (a bool matches only a bool: `1` is not `True`); returns it."
+    choices = tuple(choices)
+    ok = value in choices
+    if ok and (type(value) is bool or any(type(c) is bool for c in choices)):   # `in` compares with ==: 1 == True
+        ok = any(type(c) is type(value) and c == value for c in choices)
+    if not ok: raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
 # %% ../nbs/00_terms.ipynb #9e078af61ba7

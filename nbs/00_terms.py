@@ -144,8 +144,12 @@ test_fail(lambda: check_int("top_k", True), contains="expected an int, got bool"
 # %%
 #| export
 def check_choice(name: str, value, choices) -> object:
-    "Check that `value` is one of `choices`; returns it."
-    if value not in tuple(choices): raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    "Check that `value` is one of `choices` (a bool matches only a bool: `1` is not `True`); returns it."
+    choices = tuple(choices)
+    ok = value in choices
+    if ok and (type(value) is bool or any(type(c) is bool for c in choices)):   # `in` compares with ==: 1 == True
+        ok = any(type(c) is type(value) and c == value for c in choices)
+    if not ok: raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
 # %%
@@ -153,6 +157,9 @@ def check_choice(name: str, value, choices) -> object:
 test_eq(check_choice("scoring_func", "sigmoid", ("softmax", "sigmoid")), "sigmoid")
 test_fail(lambda: check_choice("scoring_func", "relu", ("softmax", "sigmoid")),
           contains="scoring_func: expected one of ['softmax', 'sigmoid'], got 'relu'")
+test_eq(check_choice("tune", True, (False, True, "all")), True)
+for bad, choices in ((1, (False, True, "all")), (0, (False, True)), (True, (1, 2))):     # == alone would let them in
+    test_fail(lambda: check_choice("tune", bad, choices), contains=f"tune: expected one of {list(choices)}, got {bad!r}")
 
 # %%
 #| export

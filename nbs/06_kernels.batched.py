@@ -237,6 +237,8 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
 # kernel takes it, as `nbs/bench/eager_vs_replay.py --ab pdl` does to time both modes in one process; a CUDA graph keeps
 # the mode it was captured in. Kernels outside moe-lit (torch's fills, a caller's next op) launch without the
 # attribute and wait as usual. It is off by default until the layer benchmark on the GPU shows what it gains.
+# Without a GPU, `12_layer`'s sm_90 compile test checks that every kernel the layer launches, compiled with PDL on,
+# waits in its PTX ahead of its first global memory access (`00_testing.compile_for_gpu`'s `pdl_wait`).
 
 # %%
 #| export

@@ -435,6 +435,8 @@ def _record_build(self: FusedMoE):
     "After a build (construction, load, move, rebuild): what `_follow_inplace_edits` compares with."
     self._versions = self._weight_versions()
     self._weight_meta = {n: _meta(getattr(self, n)) for n in _TRACKED}
+    self._kernel_tensors = tuple((n, t) for n, t in [(n, getattr(self, n)) for n in _TRACKED] +   # (a swap rebuilds,
+                                 list(_shared_by_key(self).items()) if isinstance(t, torch.Tensor))   # so these stay current)
     self._held = dict(config=self.config, qweights=_qmeta(self.qweights), num_local=self.placement.num_local_experts,
                       num_experts=self.placement.num_experts,
                       shared=tuple(_meta(t) for t in _shared_tensors(self)))
@@ -532,11 +534,18 @@ def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden
         raise ValueError(f"{name}: expected a tensor with values, got a meta tensor (a layer moved to the meta device "
                          f"has no weights: build it on a real device or load its weights first)")
 
-def _refuse_gradient():
-    "A Triton layer's forward keeps no autograd graph: a gradient through it would be silently zero, so refuse."
-    raise ValueError("hidden: expected a tensor that needs no gradient (the Triton kernels keep no autograd graph), got "
-                     "one with requires_grad=True under autograd: run inference under torch.inference_mode() or "
-                     "torch.no_grad(), pass hidden.detach(), or build the layer with experts='torch' to train through it")
+def _refuse_gradient(layer, hidden: torch.Tensor, topk=None, weights: bool = True):
+    """A Triton layer's forward keeps no autograd graph: under autograd, a gradient wanted by `hidden`, a caller's
+    `topk_weights` or (with `weights`) a tensor the kernels read would be silently zero, so refuse it by name."""
+    if not torch.is_grad_enabled(): return
+    named = (("hidden", hidden),) + ((("topk_weights", topk[0]),) if isinstance(topk, tuple) and len(topk) == 2 else ()) \
+        + (layer._kernel_tensors if weights else ())      # the tensors the kernels read, noted at the last build
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{name}: expected a tensor that needs no gradient (the Triton kernels keep no autograd "
+                             f"graph), got one with requires_grad=True under autograd: run inference under "
+                             f"torch.inference_mode() or torch.no_grad(), detach it, or build the layer with "
+                             f"experts='torch' to train through it")
 
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,7 +553,7 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden)
-    if self.router is not None and hidden.requires_grad and torch.is_grad_enabled(): _refuse_gradient()
+    if self.router is not None: _refuse_gradient(self, hidden)
     return self._route(hidden)
 
 @patch
@@ -603,7 +612,7 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
-    if self.use_triton and hidden.requires_grad and torch.is_grad_enabled(): _refuse_gradient()
+    if self.use_triton: _refuse_gradient(self, hidden, topk)
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
@@ -834,6 +843,13 @@ layer, torch_layer = FusedMoE(cfg, experts="triton", seed=1, device=DEVICE), Fus
 x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
 for f in (lambda: layer(x), lambda: layer.route(x)):
     test_fail(f, contains="hidden: expected a tensor that needs no gradient (the Triton kernels keep no autograd graph)")
+w, i = layer.route(x.detach())
+test_fail(lambda: layer(x.detach(), (w.clone().requires_grad_(), i)), contains="topk_weights: expected a tensor that needs no")
+for name in ("w13", "gate", "shared_experts.w2"):                               # a weight made trainable: named too
+    t = layer.get_parameter(name) if name != "gate" or "gate" in layer._parameters else layer.get_buffer(name)
+    t.requires_grad_(True)
+    try: test_fail(lambda: layer(x.detach()), contains=f"{name}: expected a tensor that needs no gradient")
+    finally: t.requires_grad_(False)
 with torch.no_grad(): y = layer(x)                                              # inference is what it is for
 assert torch.equal(layer(x.detach()), y) and not y.requires_grad
 xt = x.detach().cpu().requires_grad_()

@@ -193,6 +193,13 @@ def test_layer_refuses_a_gradient():
     x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
     for f in (lambda: layer(x), lambda: layer.route(x)):
         test_fail(f, contains="hidden: expected a tensor that needs no gradient (the Triton kernels keep no autograd graph)")
+    w, i = layer.route(x.detach())
+    test_fail(lambda: layer(x.detach(), (w.clone().requires_grad_(), i)), contains="topk_weights: expected a tensor that needs no")
+    for name in ("w13", "gate", "shared_experts.w2"):                               # a weight made trainable: named too
+        t = layer.get_parameter(name) if name != "gate" or "gate" in layer._parameters else layer.get_buffer(name)
+        t.requires_grad_(True)
+        try: test_fail(lambda: layer(x.detach()), contains=f"{name}: expected a tensor that needs no gradient")
+        finally: t.requires_grad_(False)
     with torch.no_grad(): y = layer(x)                                              # inference is what it is for
     assert torch.equal(layer(x.detach()), y) and not y.requires_grad
     xt = x.detach().cpu().requires_grad_()

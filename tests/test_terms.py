@@ -31,6 +31,9 @@ def test_check_choice():
     test_eq(check_choice("scoring_func", "sigmoid", ("softmax", "sigmoid")), "sigmoid")
     test_fail(lambda: check_choice("scoring_func", "relu", ("softmax", "sigmoid")),
               contains="scoring_func: expected one of ['softmax', 'sigmoid'], got 'relu'")
+    test_eq(check_choice("tune", True, (False, True, "all")), True)
+    for bad, choices in ((1, (False, True, "all")), (0, (False, True)), (True, (1, 2))):     # == alone would let them in
+        test_fail(lambda: check_choice("tune", bad, choices), contains=f"tune: expected one of {list(choices)}, got {bad!r}")
 
 
 def test_check_bool_and_real():
