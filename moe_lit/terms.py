@@ -10,8 +10,9 @@ import torch
 
 # %% auto #0
 __all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'env_choice', 'check_device', 'check_tensor', 'check_dense', 'check_disjoint',
-           'acc_dtype', 'check_finite', 'use_triton_interpreter_without_gpu', 'default_device', 'progress']
+           'check_positive_real', 'env_choice', 'gradient_wanted', 'check_device', 'check_tensor', 'check_dense',
+           'check_disjoint', 'acc_dtype', 'check_finite', 'use_triton_interpreter_without_gpu', 'default_device',
+           'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def check_choice(name: str, value, choices) -> object:
     if not ok: raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
-# %% ../nbs/00_terms.ipynb #9e078af61ba7
+# %% ../nbs/00_terms.ipynb #9a5296414e21
 def check_bool(name: str, value) -> bool:
     "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
@@ -116,6 +117,11 @@ def env_choice(name: str, default: str, choices: tuple) -> str:
     value = os.environ.get(name, "") or default
     if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r}")
     return value
+
+def gradient_wanted(named) -> str | None:
+    "The name of the first `(name, tensor)` pair whose tensor wants a gradient under autograd, else None (also when autograd is off)."
+    if not torch.is_grad_enabled(): return None
+    return next((n for n, t in named if isinstance(t, torch.Tensor) and t.requires_grad), None)
 
 def check_device(device, name: str = "device") -> torch.device:
     "`device` as a torch.device, refusing unknown names, types other than cpu and cuda, and CUDA on a machine without a GPU."

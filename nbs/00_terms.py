@@ -182,6 +182,11 @@ def env_choice(name: str, default: str, choices: tuple) -> str:
     if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r}")
     return value
 
+def gradient_wanted(named) -> str | None:
+    "The name of the first `(name, tensor)` pair whose tensor wants a gradient under autograd, else None (also when autograd is off)."
+    if not torch.is_grad_enabled(): return None
+    return next((n for n, t in named if isinstance(t, torch.Tensor) and t.requires_grad), None)
+
 def check_device(device, name: str = "device") -> torch.device:
     "`device` as a torch.device, refusing unknown names, types other than cpu and cuda, and CUDA on a machine without a GPU."
     try: d = torch.device(device)
@@ -198,6 +203,9 @@ test_eq(check_positive_real("routed_scaling_factor", 2), 2.0)
 for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
     test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
 test_eq(check_device("cpu"), torch.device("cpu"))
+trainable = torch.zeros(2, requires_grad=True)
+test_eq(gradient_wanted([("a", torch.zeros(2)), ("b", None), ("c", trainable)]), "c")
+with torch.no_grad(): test_eq(gradient_wanted([("c", trainable)]), None)
 import os
 saved = os.environ.pop("MOE_LIT_TEST_SWITCH", None)
 try:

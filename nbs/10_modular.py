@@ -10,7 +10,7 @@
 from __future__ import annotations
 from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES
+from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES, gradient_wanted
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.routing import matmul_acc
 from moe_lit.quant_weights import QuantizedExpertWeights
@@ -473,8 +473,8 @@ class SharedExperts(torch.nn.Module):
     def _on_triton(self, hidden) -> bool:
         "Whether `use_triton` takes the kernels: ungated, in the weights' dtype, not fp64, and no gradient wanted."
         return (self.gate is None and hidden.dtype == self.w13.dtype and hidden.dtype != torch.float64
-                and not (torch.is_grad_enabled() and (hidden.requires_grad or self.w13.requires_grad
-                                                      or self.w2.requires_grad)))   # (the kernels keep no autograd graph)
+                and gradient_wanted((("hidden", hidden), ("w13", self.w13), ("w2", self.w2))) is None)   # (the kernels
+                                                                                    # keep no autograd graph)
 
     def _run(self, hidden, use_triton=False) -> torch.Tensor:
         "`forward` after its checks (an owning ModularKernel's caller checked `hidden`)."

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
-from moe_lit.terms import check_device
+from moe_lit.terms import check_device, gradient_wanted
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -537,15 +537,14 @@ def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden
 def _refuse_gradient(layer, hidden: torch.Tensor, topk=None, weights: bool = True):
     """A Triton layer's forward keeps no autograd graph: under autograd, a gradient wanted by `hidden`, a caller's
     `topk_weights` or (with `weights`) a tensor the kernels read would be silently zero, so refuse it by name."""
-    if not torch.is_grad_enabled(): return
+    if not torch.is_grad_enabled(): return                # (the common case, before building the list)
     named = (("hidden", hidden),) + ((("topk_weights", topk[0]),) if isinstance(topk, tuple) and len(topk) == 2 else ()) \
         + (layer._kernel_tensors if weights else ())      # the tensors the kernels read, noted at the last build
-    for name, t in named:
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            raise ValueError(f"{name}: expected a tensor that needs no gradient (the Triton kernels keep no autograd "
-                             f"graph), got one with requires_grad=True under autograd: run inference under "
-                             f"torch.inference_mode() or torch.no_grad(), detach it, or build the layer with "
-                             f"experts='torch' to train through it")
+    if (name := gradient_wanted(named)) is not None:
+        raise ValueError(f"{name}: expected a tensor that needs no gradient (the Triton kernels keep no autograd "
+                         f"graph), got one with requires_grad=True under autograd: run inference under "
+                         f"torch.inference_mode() or torch.no_grad(), detach it, or build the layer with "
+                         f"experts='torch' to train through it")
 
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.activations import SiLUActivation
-from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype, FLOAT_DTYPES
+from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype, FLOAT_DTYPES, gradient_wanted
 from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved
 
 # %%
@@ -365,8 +365,7 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
                          f"{', or >= E as an expert-parallel sentinel' if ep else ''}), "
                          f"got {top_k_index[bad][0].item()}")
     ids = top_k_index.masked_fill(top_k_index >= E, -1) if ep else top_k_index   # EP sentinels contribute 0
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (hidden_states, top_k_weights, w13, w2, b13, b2))
+    wants_grad = gradient_wanted(zip("xtwwbb", (hidden_states, top_k_weights, w13, w2, b13, b2))) is not None
     if hidden_states.is_cuda and w13.dtype != torch.float64 and not wants_grad:   # (the kernels keep no autograd graph)
         from moe_lit.kernels.contiguous import TritonExperts   # Triton only where it runs
         out = TritonExperts().apply(hidden_states.to(w13.dtype), w13, w2, top_k_weights.float(), ids,

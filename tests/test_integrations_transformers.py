@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.activations import SiLUActivation
-from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype, FLOAT_DTYPES
+from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype, FLOAT_DTYPES, gradient_wanted
 from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved
 import tempfile
 from unittest import mock

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from dataclasses import dataclass
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES
+from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES, gradient_wanted
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.routing import matmul_acc
 from moe_lit.quant_weights import QuantizedExpertWeights

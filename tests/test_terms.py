@@ -43,6 +43,9 @@ def test_check_bool_and_real():
     for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
         test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
     test_eq(check_device("cpu"), torch.device("cpu"))
+    trainable = torch.zeros(2, requires_grad=True)
+    test_eq(gradient_wanted([("a", torch.zeros(2)), ("b", None), ("c", trainable)]), "c")
+    with torch.no_grad(): test_eq(gradient_wanted([("c", trainable)]), None)
     import os
     saved = os.environ.pop("MOE_LIT_TEST_SWITCH", None)
     try:
