@@ -42,7 +42,7 @@
 # kernel the layer launches for Hopper (sm_90) with Triton's bundled compiler (`moe_lit.testing.compile_for_gpu`) and
 # executes the FP4 decode's inline PTX on the CPU, bit for bit (`emulate_ptx`).
 #
-# The commands below assume the environment is active (`source .venv/bin/activate`); otherwise prefix them with
+# The commands further down (not the two above) assume the environment is active (`source .venv/bin/activate`); otherwise prefix them with
 # `.venv/bin/` (`.venv/bin/moe-lit`, `.venv/bin/python`, `.venv/bin/torchrun`).
 #
 # `moe-lit run` prints the resolved parallel config with the reason for every backend property, the backend's record
@@ -70,8 +70,8 @@
 # Each notebook is a chapter of the documentation site. On a machine with Quarto, `nbdev_docs` builds it as a Quarto
 # website (`_quarto.yml`). Where Quarto cannot be installed (it downloads itself at install time),
 # `.venv/bin/python .ci/docs.py` builds the same chapters offline into `_docs/`: it executes every notebook on the CPU
-# (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc; `bash .ci/test`
-# then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
+# (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc. `bash .ci/test`
+# runs that build itself and then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
 # `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton, numpy and fastcore
 # (`[plot]` adds matplotlib, `[progress]` tqdm). Without a GPU the Triton kernels run in Triton's interpreter, which in
 # triton 3.6 needs numpy < 2.4 (pip picks a newer triton, which does not; moe-lit names the clash if it meets it).
