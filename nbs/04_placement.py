@@ -8,6 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
+import dataclasses
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
@@ -756,6 +757,20 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
 
 
 # %%
+#| export
+@patch
+def to(self: Placement, device: str | torch.device,  # where the dispatch and routing kernels will read the tables
+       ) -> Placement:                                # a copy: expert_map, global_to_physical, slot_table on `device`
+    """The placement with the tables its kernels read (`expert_map`, `global_to_physical`, `slot_table`) on `device`;
+    `local_to_global` and `physical_to_global` stay where they are (host-side bookkeeping). A layer moves its placement
+    once, at construction, so no forward copies a table. Raises `ValueError` for a device torch cannot parse."""
+    try: device = torch.device(device)
+    except (RuntimeError, TypeError) as e: raise ValueError(f"device: expected a torch device, got {device!r}") from e
+    return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in ("expert_map", "global_to_physical", "slot_table")
+                                        if getattr(self, n) is not None})
+
+
+# %%
 #| test local_slot_routes_agree
 def placements(E, S, backend, groups, rank):
     tp, dp = (1, S) if backend == "nixl_ep" else (S, 1)   # all2all with tables, or TP+EP masking with expert_map
@@ -789,6 +804,10 @@ test_fail(lambda: p.local_slot(torch.tensor([[1.0]])), contains="topk_ids: expec
 test_fail(lambda: p.local_slot([[1]]), contains="topk_ids: expected a torch.Tensor")
 test_eq(p.local_slot(torch.tensor([[-2, 16, 99, 13]]), validate=False).tolist(), [[-1, -1, -1, 1]])   # unchecked: still in bounds
 test_fail(lambda: p.local_slot(torch.tensor([[1]]), validate=None), contains="validate: expected a bool")
+moved = p.to("meta")                                                             # the kernels' tables move, nothing else
+test_eq([t.device.type for t in (moved.expert_map, moved.slot_table, moved.local_to_global)], ["meta", "meta", "cpu"])
+assert moved is not p and p.expert_map.device.type == "cpu" and moved.num_local_experts == p.num_local_experts
+test_fail(lambda: p.to("gpu0"), contains="device: expected a torch device, got 'gpu0'")
 test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
 test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")
 

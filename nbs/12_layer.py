@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import dataclasses, os, time
+import os, time
 from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
@@ -379,9 +379,7 @@ def _build_hot_path(self: FusedMoE):
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
     self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and exact else self.gate
-    p = self.placement
-    self.placement = dataclasses.replace(p, **{n: getattr(p, n).to(dev) for n in ("expert_map", "global_to_physical", "slot_table")
-                                               if getattr(p, n) is not None})
+    self.placement = self.placement.to(dev)
     self.replicas = None if not c.num_redundant_experts else tuple(     # EPLB: (logical_to_physical, counts)
         t.to(dev) for t in eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size))
     self._kernels, self.graphs = {}, {}

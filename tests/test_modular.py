@@ -203,7 +203,7 @@ def test_batched_hot_path_keeps_its_counts():
     E, H, I, T, k = 8, 32, 16, 5, 3
     cfg = MoEConfig(E, k, H, I, dtype=torch.float32,
                     parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
-    p = Placement.build(cfg, "round_robin")
+    p = Placement.build(cfg, "round_robin").to(DEVICE)    # the tables on the kernels' device, as a layer holds them
     pad = cfg.padded_hidden_size - H
     w13 = torch.randn(p.num_local_experts, 2 * I, H, generator=g) / H**0.5
     w2 = torch.randn(p.num_local_experts, H, I, generator=g) / I**0.5
