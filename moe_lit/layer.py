@@ -231,7 +231,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #e8760716b75e
+# %% ../nbs/12_layer.ipynb #c74a66d72341
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -300,9 +300,14 @@ def _record_build(self: FusedMoE):
     self._weight_meta = {n: _meta(getattr(self, n)) for n in _TRACKED}
     self._kernel_tensors = tuple((n, t) for n, t in [(n, getattr(self, n)) for n in _TRACKED] +   # (a swap rebuilds,
                                  list(_shared_by_key(self).items()) if isinstance(t, torch.Tensor))   # so these stay current)
-    self._held = dict(config=self.config, qweights=_qmeta(self.qweights), num_local=self.placement.num_local_experts,
-                      num_experts=self.placement.num_experts,
+    self._held = dict(config=self.config, qweights=_qmeta(self.qweights), placement=_placement_key(self.placement),
                       shared=tuple(_meta(t) for t in _shared_tensors(self)))
+
+def _placement_key(p) -> tuple | None:
+    "Which experts a placement puts on this rank, and the tables ids reach them by: what the weights were loaded for."
+    if not isinstance(p, Placement): return None
+    return (p.strategy, p.ep_size, p.ep_rank, p.num_experts, tuple(p.local_to_global.tolist()),
+            p.expert_map is None, p.global_to_physical is None)
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):
@@ -317,10 +322,10 @@ def _follow_inplace_edits(self: FusedMoE):
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
     h = self._held
     if self.config is not h["config"]: raise bad("config", "the layer's own MoEConfig (fixed at construction)", "another")
-    p = self.placement
-    if (getattr(p, "num_local_experts", None), getattr(p, "num_experts", None)) != (h["num_local"], h["num_experts"]):
-        raise bad("placement", f"{h['num_local']} local of {h['num_experts']} experts",
-                  f"{getattr(p, 'num_local_experts', None)} of {getattr(p, 'num_experts', None)}")
+    pshow = lambda k: ("not a Placement" if k is None else f"rank {k[2]} of {k[1]}, {k[0]}, local experts {list(k[4])} of "
+                       f"{k[3]}" + ", expert_map" * (not k[5]) + ", round-robin tables" * (not k[6]))
+    if (key := _placement_key(self.placement)) != h["placement"]:     # a swap to one the weights were not loaded for
+        raise bad("placement", pshow(h["placement"]), pshow(key))
     shared = tuple(_meta(t) for t in _shared_tensors(self))
     if len(shared) != len(h["shared"]):
         raise bad("shared_experts", "some" if h["shared"] else "none", "some" if shared else "none")

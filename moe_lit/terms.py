@@ -98,7 +98,7 @@ def check_choice(name: str, value, choices) -> object:
     if not ok: raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
-# %% ../nbs/00_terms.ipynb #9a5296414e21
+# %% ../nbs/00_terms.ipynb #5e208e45caf4
 def check_bool(name: str, value) -> bool:
     "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
@@ -123,11 +123,13 @@ def gradient_wanted(named) -> str | None:
     if not torch.is_grad_enabled(): return None
     return next((n for n, t in named if isinstance(t, torch.Tensor) and t.requires_grad), None)
 
-def check_device(device, name: str = "device") -> torch.device:
-    "`device` as a torch.device, refusing unknown names, types other than cpu and cuda, and CUDA on a machine without a GPU."
+def check_device(device, name: str = "device",
+                 allow_meta: bool = False) -> torch.device:   # meta too (a layer built without values)
+    "`device` as a torch.device, refusing unknown names, types other than cpu and cuda (and meta with `allow_meta`), and CUDA on a machine without a GPU."
     try: d = torch.device(device)
     except (RuntimeError, TypeError): raise ValueError(f"{name}: expected 'cpu', 'cuda' or a torch.device, got {device!r}") from None
-    if d.type not in ("cpu", "cuda"): raise ValueError(f"{name}: expected a cpu or cuda device, got {d}")
+    kinds = ("cpu", "cuda", "meta") if allow_meta else ("cpu", "cuda")
+    if d.type not in kinds: raise ValueError(f"{name}: expected a {', '.join(kinds[:-1])} or {kinds[-1]} device, got {d}")
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"{name}: expected a CUDA GPU for {d}, got none")
     return d
 

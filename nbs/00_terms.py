@@ -187,11 +187,13 @@ def gradient_wanted(named) -> str | None:
     if not torch.is_grad_enabled(): return None
     return next((n for n, t in named if isinstance(t, torch.Tensor) and t.requires_grad), None)
 
-def check_device(device, name: str = "device") -> torch.device:
-    "`device` as a torch.device, refusing unknown names, types other than cpu and cuda, and CUDA on a machine without a GPU."
+def check_device(device, name: str = "device",
+                 allow_meta: bool = False) -> torch.device:   # meta too (a layer built without values)
+    "`device` as a torch.device, refusing unknown names, types other than cpu and cuda (and meta with `allow_meta`), and CUDA on a machine without a GPU."
     try: d = torch.device(device)
     except (RuntimeError, TypeError): raise ValueError(f"{name}: expected 'cpu', 'cuda' or a torch.device, got {device!r}") from None
-    if d.type not in ("cpu", "cuda"): raise ValueError(f"{name}: expected a cpu or cuda device, got {d}")
+    kinds = ("cpu", "cuda", "meta") if allow_meta else ("cpu", "cuda")
+    if d.type not in kinds: raise ValueError(f"{name}: expected a {', '.join(kinds[:-1])} or {kinds[-1]} device, got {d}")
     if d.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"{name}: expected a CUDA GPU for {d}, got none")
     return d
 

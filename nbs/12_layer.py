@@ -435,9 +435,14 @@ def _record_build(self: FusedMoE):
     self._weight_meta = {n: _meta(getattr(self, n)) for n in _TRACKED}
     self._kernel_tensors = tuple((n, t) for n, t in [(n, getattr(self, n)) for n in _TRACKED] +   # (a swap rebuilds,
                                  list(_shared_by_key(self).items()) if isinstance(t, torch.Tensor))   # so these stay current)
-    self._held = dict(config=self.config, qweights=_qmeta(self.qweights), num_local=self.placement.num_local_experts,
-                      num_experts=self.placement.num_experts,
+    self._held = dict(config=self.config, qweights=_qmeta(self.qweights), placement=_placement_key(self.placement),
                       shared=tuple(_meta(t) for t in _shared_tensors(self)))
+
+def _placement_key(p) -> tuple | None:
+    "Which experts a placement puts on this rank, and the tables ids reach them by: what the weights were loaded for."
+    if not isinstance(p, Placement): return None
+    return (p.strategy, p.ep_size, p.ep_rank, p.num_experts, tuple(p.local_to_global.tolist()),
+            p.expert_map is None, p.global_to_physical is None)
 
 @patch
 def _follow_inplace_edits(self: FusedMoE):
@@ -452,10 +457,10 @@ def _follow_inplace_edits(self: FusedMoE):
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
     h = self._held
     if self.config is not h["config"]: raise bad("config", "the layer's own MoEConfig (fixed at construction)", "another")
-    p = self.placement
-    if (getattr(p, "num_local_experts", None), getattr(p, "num_experts", None)) != (h["num_local"], h["num_experts"]):
-        raise bad("placement", f"{h['num_local']} local of {h['num_experts']} experts",
-                  f"{getattr(p, 'num_local_experts', None)} of {getattr(p, 'num_experts', None)}")
+    pshow = lambda k: ("not a Placement" if k is None else f"rank {k[2]} of {k[1]}, {k[0]}, local experts {list(k[4])} of "
+                       f"{k[3]}" + ", expert_map" * (not k[5]) + ", round-robin tables" * (not k[6]))
+    if (key := _placement_key(self.placement)) != h["placement"]:     # a swap to one the weights were not loaded for
+        raise bad("placement", pshow(h["placement"]), pshow(key))
     shared = tuple(_meta(t) for t in _shared_tensors(self))
     if len(shared) != len(h["shared"]):
         raise bad("shared_experts", "some" if h["shared"] else "none", "some" if shared else "none")
@@ -997,7 +1002,7 @@ for experts in ("torch", "triton"):
     test_eq(layer(x).shape, (6, 128))
     good = layer.placement                                                     # the tables the kernels index with
     layer.placement = Placement.build(cfg.replace(num_experts=16))
-    test_fail(lambda: layer(x), contains="placement: expected 8 local of 8 experts")
+    test_fail(lambda: layer(x), contains="placement: expected rank 0 of 1, linear, local experts [0, 1, 2, 3, 4, 5, 6, 7] of 8")
     layer.placement = good
     conf = layer.config; layer.config = conf.replace(top_k=3)
     test_fail(lambda: layer(x), contains="config: expected the layer's own MoEConfig")
@@ -1030,6 +1035,22 @@ with torch.inference_mode():                                                   #
     test_eq(inf(x).shape, (6, 128))
 inf(x)
 
+
+# %%
+#| test layer_refuses_another_ranks_placement
+# The weights a layer holds are its rank's experts: a placement swapped in must put the same experts on this rank,
+# found the same way — another rank's with the same counts would run expert 2's tokens through expert 0's weights.
+par = ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
+c = MoEConfig(4, 2, 64, 32, parallel=par)
+layer = FusedMoE(c, experts="torch")
+x = torch.randn(3, 64, dtype=c.dtype)
+want = layer(x)
+layer.placement = Placement.build(c, ep_rank=1)
+test_fail(lambda: layer(x), contains="placement: expected rank 0 of 2, linear, local experts [0, 1] of 4, expert_map (the layer's, checked at load), got rank 1 of 2")
+layer.placement = "linear"
+test_fail(lambda: layer(x), contains="got not a Placement")
+layer.placement = Placement.build(c)                       # an equal one, built again: taken
+assert torch.equal(layer(x), want)
 # %% [markdown]
 # ## Emulated expert parallelism
 #

@@ -327,7 +327,7 @@ def test_layer_follows_inplace_edits():
         test_eq(layer(x).shape, (6, 128))
         good = layer.placement                                                     # the tables the kernels index with
         layer.placement = Placement.build(cfg.replace(num_experts=16))
-        test_fail(lambda: layer(x), contains="placement: expected 8 local of 8 experts")
+        test_fail(lambda: layer(x), contains="placement: expected rank 0 of 1, linear, local experts [0, 1, 2, 3, 4, 5, 6, 7] of 8")
         layer.placement = good
         conf = layer.config; layer.config = conf.replace(top_k=3)
         test_fail(lambda: layer(x), contains="config: expected the layer's own MoEConfig")
@@ -359,6 +359,22 @@ def test_layer_follows_inplace_edits():
         inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
         test_eq(inf(x).shape, (6, 128))
     inf(x)
+
+
+def test_layer_refuses_another_ranks_placement():
+    # The weights a layer holds are its rank's experts: a placement swapped in must put the same experts on this rank,
+    # found the same way — another rank's with the same counts would run expert 2's tokens through expert 0's weights.
+    par = ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
+    c = MoEConfig(4, 2, 64, 32, parallel=par)
+    layer = FusedMoE(c, experts="torch")
+    x = torch.randn(3, 64, dtype=c.dtype)
+    want = layer(x)
+    layer.placement = Placement.build(c, ep_rank=1)
+    test_fail(lambda: layer(x), contains="placement: expected rank 0 of 2, linear, local experts [0, 1] of 4, expert_map (the layer's, checked at load), got rank 1 of 2")
+    layer.placement = "linear"
+    test_fail(lambda: layer(x), contains="got not a Placement")
+    layer.placement = Placement.build(c)                       # an equal one, built again: taken
+    assert torch.equal(layer(x), want)
 
 
 def test_emulated_ep_every_backend():
