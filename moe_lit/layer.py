@@ -231,7 +231,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #c74a66d72341
+# %% ../nbs/12_layer.ipynb #b8bf2e8a18d1
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -339,7 +339,12 @@ def _follow_inplace_edits(self: FusedMoE):
     if _qmeta(q) != h["qweights"]: raise bad("qweights", qshow(h["qweights"]), qshow(_qmeta(q)))
     if q is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
-    else: self._build_hot_path()
+        return
+    if q is not None and now[len(_TRACKED)] != self._versions[len(_TRACKED)]:   # new codes swapped in: the float
+        with torch.no_grad():                                                    # experts (state_dict) follow them
+            w13, w2 = q.dequantize()
+            self.w13.copy_(w13); self.w2.copy_(w2)
+    self._build_hot_path()
 
 @patch
 def _apply(self: FusedMoE, fn, recurse=True):

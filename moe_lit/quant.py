@@ -11,8 +11,8 @@ from .config import SIZE_LIMIT
 
 # %% auto #0
 __all__ = ['QUANT_SCHEME_TABLE', 'QUANT_SCHEMES', 'QUANT_ALIASES', 'E2M1_VALUES', 'FP8_MAX', 'QuantScheme', 'quant_scheme_name',
-           'quant_scheme', 'e2m1_encode', 'e2m1_decode', 'pack_fp4', 'unpack_fp4', 'quantize_fp8', 'dequantize_fp8',
-           'quantize_mxfp4', 'dequantize_mxfp4', 'quantize_nvfp4', 'dequantize_nvfp4']
+           'quant_scheme', 'e2m1_encode', 'e2m1_decode', 'pack_fp4', 'unpack_fp4', 'fp8_nan_codes', 'quantize_fp8',
+           'dequantize_fp8', 'quantize_mxfp4', 'dequantize_mxfp4', 'quantize_nvfp4', 'dequantize_nvfp4']
 
 # %% ../nbs/09_quant.ipynb #b1cf7f021a4e
 @dataclass(frozen=True)
@@ -109,8 +109,13 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     if packed.dim() < 1: raise ValueError(f"packed: expected at least 1 dim, got shape {tuple(packed.shape)}")
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
 
-# %% ../nbs/09_quant.ipynb #22b565831b0a
+# %% ../nbs/09_quant.ipynb #a1f46f2d45db
 FP8_MAX = 448.0
+
+def fp8_nan_codes(codes: torch.Tensor,   # float8_e4m3fn (any shape)
+                  ) -> torch.Tensor:     # bool, same shape: True where the byte is one of e4m3fn's two NaNs
+    "Where `codes` hold NaN: e4m3fn has no infinities, and its only NaNs are the bytes 0x7F and 0xFF (OCP FP8 spec)."
+    return (codes.view(torch.uint8) & 0x7F) == 0x7F
 
 def _group_amax(x: torch.Tensor, granularity: str, block: tuple) -> torch.Tensor:
     "Absolute maximum per scale group, shaped like the scale."

@@ -174,7 +174,8 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     expert_ids = torch.full((-(-max_padded // block_size),), -1, dtype=torch.int32, device=dev)
     work = torch.zeros(3 * num_experts + 1, dtype=torch.int32, device=dev)             # one fill for four buffers
     counts, cursor, offsets, ntpp = work.split([num_experts, num_experts, num_experts, 1])
-    flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    flat = topk_ids.reshape(-1)                  # int64 ids out of int32's range would wrap onto an expert: -1 first
+    flat = (flat.clamp(-1, num_experts) if flat.dtype == torch.int64 else flat).to(torch.int32).contiguous()
     BLOCK = 256
     if n: launch_kernel(_align_count_kernel, (_cdiv(n, BLOCK),))(flat, counts, n, num_experts, BLOCK=BLOCK)
     launch_kernel(_align_offsets_kernel, (1,))(counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
@@ -273,6 +274,8 @@ check_alignment(torch.empty(0, 2, dtype=torch.int32, device=DEVICE), 16, 8)   # 
 test_fail(lambda: moe_align_block_size(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
 s, e, n = moe_align_block_size(torch.tensor([[0, 100000], [1, 3]], device=DEVICE), 4, 2, validate=False)
 test_eq(n.item(), 8)                                               # out-of-range ids are skipped, never indexed
+s, e, n = moe_align_block_size(torch.tensor([[2**32, 2**32 + 1]], device=DEVICE), 4, 2, validate=False)
+test_eq((n.item(), e.cpu().tolist()), (0, [-1, -1]))               # int64 ids past int32: skipped, not wrapped to 0, 1
 test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8), contains="block_size: expected >= 1")
 
 # %% [markdown]

@@ -175,6 +175,11 @@ test_fail(lambda: pack_fp4(codes[:, :3]), contains="codes: expected an even last
 #| export
 FP8_MAX = 448.0
 
+def fp8_nan_codes(codes: torch.Tensor,   # float8_e4m3fn (any shape)
+                  ) -> torch.Tensor:     # bool, same shape: True where the byte is one of e4m3fn's two NaNs
+    "Where `codes` hold NaN: e4m3fn has no infinities, and its only NaNs are the bytes 0x7F and 0xFF (OCP FP8 spec)."
+    return (codes.view(torch.uint8) & 0x7F) == 0x7F
+
 def _group_amax(x: torch.Tensor, granularity: str, block: tuple) -> torch.Tensor:
     "Absolute maximum per scale group, shaped like the scale."
     a = x.abs().float()

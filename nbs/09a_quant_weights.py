@@ -13,7 +13,7 @@ import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
-                           quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4)
+                           quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4, fp8_nan_codes, FP8_MAX)
 
 # %%
 #| hide
@@ -193,6 +193,9 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | N
         if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
     if s == "nvfp4_w4a16" and E and not bool((gs > 0).all() & gs.isfinite().all()):
         raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
+    if _is_fp8(s) and codes.numel() and bool((nan := fp8_nan_codes(codes)).any()):   # the loader's check, for any maker
+        raise ValueError(f"{name}: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index "
+                         f"{[int(i) for i in nan.nonzero()[0]]} (expert, row, column)")
     largest = _check_scale_values(name + "_scale", scale, s)
     if layout == "mma128":         # the kernels read int32 code words and (16-code groups) uint16 scale pairs
         for n, t, w in ((name, codes, 4), (name + "_scale", scale, 2 if s == "nvfp4_w4a16" else 0)):
@@ -204,22 +207,24 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | N
         _check_chunk_padding(name, codes, scale, K, s, layout)
     return largest
 
+FP8_SCALE_MAX = torch.finfo(torch.float32).max / FP8_MAX   # the largest FP8 scale whose largest code is a finite fp32
+
 def _check_scale_values(name: str, scale: torch.Tensor, scheme: str) -> int | None:
-    "Scales that decode to a number (one pass at construction): fp32 finite and >= 0 (a zero block may carry 0); no e8m0 255 or e4m3 NaN byte. MXFP4: returns the largest byte."
+    "Scales that decode to a number (one pass at construction): fp32 in [0, FP8_SCALE_MAX] (a zero block may carry 0; 448 × scale finite); no e8m0 255 or e4m3 NaN byte. MXFP4: returns the largest byte."
     if not scale.numel(): return 0 if scheme == "mxfp4_w4a16" else None
     largest = None
     if scheme == "mxfp4_w4a16":
         largest = int(scale.max()); bad = largest > 240             # 255 encodes NaN; 2^114 and up overflow the decode
-    elif scheme == "nvfp4_w4a16": bad = bool(torch.isnan(scale.float()).any())          # e4m3 0x7F / 0xFF
-    else: bad = not bool((torch.isfinite(scale) & (scale >= 0)).all())
+    elif scheme == "nvfp4_w4a16": bad = bool(fp8_nan_codes(scale).any())
+    else: bad = not bool(((scale >= 0) & (scale <= FP8_SCALE_MAX)).all())             # (NaN fails both)
     if bad:
         want = {"mxfp4_w4a16": "e8m0 bytes <= 240 (2^113; 255 is NaN, and the kernels' fp32 decode overflows above 2^113)",
                 "nvfp4_w4a16": "e4m3 scales that are not NaN"}
-        ok = {"mxfp4_w4a16": lambda t: t <= 240, "nvfp4_w4a16": lambda t: ~torch.isnan(t.float())}.get(
-            scheme, lambda t: torch.isfinite(t) & (t >= 0))
+        ok = {"mxfp4_w4a16": lambda t: t <= 240, "nvfp4_w4a16": lambda t: ~fp8_nan_codes(t)}.get(
+            scheme, lambda t: (t >= 0) & (t <= FP8_SCALE_MAX))
         at = tuple(int(i) for i in (~ok(scale)).nonzero()[0])
-        raise ValueError(f"{name}: expected {want.get(scheme, 'finite scales >= 0')}, got {scale[at].item()} at index "
-                         f"{list(at)} (expert, row, group)")
+        raise ValueError(f"{name}: expected {want.get(scheme, f'scales in [0, {FP8_SCALE_MAX:.4g}] (448 × scale stays a finite fp32)')}, "
+                         f"got {scale[at].item()} at index {list(at)} (expert, row, group)")
     return largest
 
 def _check_chunk_padding(name: str, codes, scale, K: int, scheme: str, layout: str):
@@ -677,9 +682,14 @@ test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_sc
 nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range
 test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_scale: expected e8m0 bytes <= 240")
 q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
-for v in (float("nan"), -1.0):
+for v in (float("nan"), -1.0, float("inf"), 3e38):                                    # 3e38 × 448: inf weights
     bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
-    test_fail(lambda: dataclasses.replace(q8, w2_scale=bad8), contains="w2_scale: expected finite scales >= 0")
+    test_fail(lambda: dataclasses.replace(q8, w2_scale=bad8), contains="w2_scale: expected scales in [0, 7.596e+35]")
+edge = q8.w2_scale.clone(); edge.view(-1)[0] = FP8_SCALE_MAX                            # the bound itself: taken
+test_eq(dataclasses.replace(q8, w2_scale=edge).scheme, "fp8_w8a8_block")
+for byte in (0x7F, 0xFF):                                                            # e4m3fn's two NaN codes
+    nan_codes = q8.w13.clone(); nan_codes.view(torch.uint8)[1, 2, 3] = byte
+    test_fail(lambda: dataclasses.replace(q8, w13=nan_codes), contains="w13: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index [1, 2, 3]")
 
 # %% [markdown]
 # ### What the scales look like

@@ -18,7 +18,7 @@ from moe_lit.config import ParallelConfig
 from moe_lit.models import moe_config_from_hf
 from moe_lit.layouts import checkpoint_layout, moe_layer_indices, quant_scheme_from_hf
 from moe_lit.weights import WeightSource, check_expert_ids
-from moe_lit.quant import dequantize_fp8, dequantize_mxfp4
+from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, fp8_nan_codes
 from moe_lit.formats import gate_up_from_interleaved
 
 # %%
@@ -372,7 +372,7 @@ def _read_raw(self: CheckpointWeights, key: str, rows: tuple | None = None) -> t
     t = self._shards.read(key, rows)
     if key.endswith("_scale_inv"): bad, want = ~(torch.isfinite(t) & (t > 0)), "finite FP8 block scales > 0"
     elif key.endswith("_scales"): bad, want = t == 255, "e8m0 scale bytes other than 255 (NaN)"
-    elif t.dtype == torch.float8_e4m3fn: bad, want = (t.view(torch.uint8) & 0x7F) == 0x7F, "FP8 e4m3 codes, none NaN (0x7F/0xFF)"
+    elif t.dtype == torch.float8_e4m3fn: bad, want = fp8_nan_codes(t), "FP8 e4m3 codes, none NaN (0x7F/0xFF)"
     else: return t
     if bool(bad.any()):
         at = [int(i) for i in bad.nonzero()[0]]

@@ -474,7 +474,12 @@ def _follow_inplace_edits(self: FusedMoE):
     if _qmeta(q) != h["qweights"]: raise bad("qweights", qshow(h["qweights"]), qshow(_qmeta(q)))
     if q is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
-    else: self._build_hot_path()
+        return
+    if q is not None and now[len(_TRACKED)] != self._versions[len(_TRACKED)]:   # new codes swapped in: the float
+        with torch.no_grad():                                                    # experts (state_dict) follow them
+            w13, w2 = q.dequantize()
+            self.w13.copy_(w13); self.w2.copy_(w2)
+    self._build_hot_path()
 
 @patch
 def _apply(self: FusedMoE, fn, recurse=True):
@@ -984,8 +989,15 @@ for experts in ("torch", "triton"):
     q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
     q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
     q(x); assert q._versions != versions
+    import dataclasses
+    good_q = q.qweights
     q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
     test_fail(lambda: q(x), contains=f"qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on {q.gate.device}")
+    q.qweights = dataclasses.replace(good_q, w13_scale=good_q.w13_scale * 4)     # new scales, same codes: taken,
+    y = q(x)                                                                   # and the float experts follow them
+    assert torch.equal(q.w13.detach(), q.qweights.dequantize()[0].to(q.w13.dtype))
+    ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
+    assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
     mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
     test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
     for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),

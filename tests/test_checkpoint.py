@@ -11,7 +11,7 @@ from moe_lit.config import ParallelConfig
 from moe_lit.models import moe_config_from_hf
 from moe_lit.layouts import checkpoint_layout, moe_layer_indices, quant_scheme_from_hf
 from moe_lit.weights import WeightSource, check_expert_ids
-from moe_lit.quant import dequantize_fp8, dequantize_mxfp4
+from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, fp8_nan_codes
 from moe_lit.formats import gate_up_from_interleaved
 import pickle, tempfile
 from concurrent.futures import ThreadPoolExecutor

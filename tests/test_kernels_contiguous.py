@@ -47,6 +47,8 @@ def test_align_invariants():
     test_fail(lambda: moe_align_block_size(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
     s, e, n = moe_align_block_size(torch.tensor([[0, 100000], [1, 3]], device=DEVICE), 4, 2, validate=False)
     test_eq(n.item(), 8)                                               # out-of-range ids are skipped, never indexed
+    s, e, n = moe_align_block_size(torch.tensor([[2**32, 2**32 + 1]], device=DEVICE), 4, 2, validate=False)
+    test_eq((n.item(), e.cpu().tolist()), (0, [-1, -1]))               # int64 ids past int32: skipped, not wrapped to 0, 1
     test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8), contains="block_size: expected >= 1")
 
 

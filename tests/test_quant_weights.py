@@ -6,7 +6,7 @@ import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
-                           quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4)
+                           quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4, fp8_nan_codes, FP8_MAX)
 import itertools
 from fastcore.test import test_eq, test_fail
 import dataclasses
@@ -100,9 +100,14 @@ def test_fp4_split_layout():
     nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range
     test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_scale: expected e8m0 bytes <= 240")
     q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
-    for v in (float("nan"), -1.0):
+    for v in (float("nan"), -1.0, float("inf"), 3e38):                                    # 3e38 × 448: inf weights
         bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
-        test_fail(lambda: dataclasses.replace(q8, w2_scale=bad8), contains="w2_scale: expected finite scales >= 0")
+        test_fail(lambda: dataclasses.replace(q8, w2_scale=bad8), contains="w2_scale: expected scales in [0, 7.596e+35]")
+    edge = q8.w2_scale.clone(); edge.view(-1)[0] = FP8_SCALE_MAX                            # the bound itself: taken
+    test_eq(dataclasses.replace(q8, w2_scale=edge).scheme, "fp8_w8a8_block")
+    for byte in (0x7F, 0xFF):                                                            # e4m3fn's two NaN codes
+        nan_codes = q8.w13.clone(); nan_codes.view(torch.uint8)[1, 2, 3] = byte
+        test_fail(lambda: dataclasses.replace(q8, w13=nan_codes), contains="w13: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index [1, 2, 3]")
 
 
 def test_plot_weight_scales():

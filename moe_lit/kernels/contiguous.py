@@ -98,7 +98,7 @@ def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, num_e
     start = tl.load(offsets_ptr + ids, mask=ok, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=ok)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #1f5c356fd441
+# %% ../../nbs/08_kernels.contiguous.ipynb #c6257e345098
 def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
                          block_size: int,            # BLOCK_M of the GEMM that consumes the blocks
                          num_experts: int,           # global experts
@@ -113,7 +113,8 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     expert_ids = torch.full((-(-max_padded // block_size),), -1, dtype=torch.int32, device=dev)
     work = torch.zeros(3 * num_experts + 1, dtype=torch.int32, device=dev)             # one fill for four buffers
     counts, cursor, offsets, ntpp = work.split([num_experts, num_experts, num_experts, 1])
-    flat = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    flat = topk_ids.reshape(-1)                  # int64 ids out of int32's range would wrap onto an expert: -1 first
+    flat = (flat.clamp(-1, num_experts) if flat.dtype == torch.int64 else flat).to(torch.int32).contiguous()
     BLOCK = 256
     if n: launch_kernel(_align_count_kernel, (_cdiv(n, BLOCK),))(flat, counts, n, num_experts, BLOCK=BLOCK)
     launch_kernel(_align_offsets_kernel, (1,))(counts, offsets, ntpp, num_experts, BLOCK_SIZE=block_size,
