@@ -8,8 +8,9 @@
 # %%
 #| export
 from __future__ import annotations
-import math, os
+import json, math, os
 from dataclasses import dataclass
+from pathlib import Path
 import torch
 
 # %%
@@ -208,7 +209,6 @@ test_eq(check_device("cpu"), torch.device("cpu"))
 trainable = torch.zeros(2, requires_grad=True)
 test_eq(gradient_wanted([("a", torch.zeros(2)), ("b", None), ("c", trainable)]), "c")
 with torch.no_grad(): test_eq(gradient_wanted([("c", trainable)]), None)
-import os
 saved = os.environ.pop("MOE_LIT_TEST_SWITCH", None)
 try:
     test_eq(env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), "0")                  # unset: the default
@@ -348,9 +348,58 @@ def use_triton_interpreter_without_gpu() -> bool:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # read when moe_lit.kernels is first imported: call this before
     return True
 
+def read_json_object(path,                # a JSON file (str or Path)
+                     name: str,           # what to call it in an error: the argument or the file's role
+                     same_key=None,       # key -> the key it counts as (a tile table's "08" is "8"); default itself
+                     ) -> dict:
+    """The JSON object in the file at `path`, every object in it holding each key once: Python's json keeps the last of
+    a repeated key, so a config.json giving `hidden_size` twice would be read silently as its second value. ValueError
+    naming `name` and the file for unreadable text, invalid JSON, a repeated key, or a top level that is not an object."""
+    def unique(pairs):
+        seen = {}
+        for k, _ in pairs: seen.setdefault(same_key(k) if same_key else k, []).append(k)
+        repeated = [spellings for spellings in seen.values() if len(spellings) > 1]
+        if repeated: raise ValueError(f"duplicate keys {repeated[0]}")
+        return dict(pairs)
+    try: obj = json.loads(Path(path).read_text(), object_pairs_hook=unique)
+    except (ValueError, UnicodeDecodeError, OSError) as e:     # JSONDecodeError is a ValueError; OSError: a directory
+        raise ValueError(f"{name}: expected valid JSON in {path}, got {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict): raise ValueError(f"{name}: expected a JSON object in {path}, got {type(obj).__name__}")
+    return obj
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs its CPU interpreter, read as Triton reads `TRITON_INTERPRET` now ('1', 'true', 'yes', 'on' in
+    any case: `triton.knobs.runtime.interpret`), so that moe-lit and Triton never disagree about it."""
+    try: from triton import knobs
+    except ImportError: return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+    return bool(knobs.runtime.interpret)
+
 def default_device() -> str:
     "Where kernel tensors live by default: `'cuda'` with a GPU and without Triton's interpreter (`TRITON_INTERPRET=1`), else `'cpu'`."
-    return "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    return "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
+
+# %%
+#| test read_json_object_and_interpreter
+import tempfile
+with tempfile.TemporaryDirectory() as d:                # a key given twice: refused, nested objects too
+    p = Path(d) / "config.json"
+    for text, msg in (('{"hidden_size": 64, "top_k": 2, "hidden_size": 128}', "duplicate keys ['hidden_size', 'hidden_size']"),
+                      ('{"text_config": {"a": 1, "a": 2}}', "duplicate keys ['a', 'a']"), ("[1]", "expected a JSON object"),
+                      ("{oops", "expected valid JSON"), (b"\xff", "UnicodeDecodeError")):
+        p.write_bytes(text if isinstance(text, bytes) else text.encode())
+        test_fail(lambda: read_json_object(p, "checkpoint_dir"), contains=f"checkpoint_dir: expected")
+        test_fail(lambda: read_json_object(p, "checkpoint_dir"), contains=msg)
+    p.write_text('{"8": 1, "08": 2}')
+    test_eq(read_json_object(p, "t"), {"8": 1, "08": 2})
+    test_fail(lambda: read_json_object(p, "t", same_key=lambda k: k.lstrip("0")), contains="duplicate keys ['8', '08']")
+    test_fail(lambda: read_json_object(d, "t"), contains="t: expected valid JSON in")           # a directory
+saved = os.environ.get("TRITON_INTERPRET")
+try:                                                    # as Triton reads it: 'true' runs the interpreter as '1' does
+    for v, on in (("1", True), ("true", True), ("On", True), ("0", False), ("", False)):
+        os.environ["TRITON_INTERPRET"] = v; test_eq(triton_interpreting(), on)
+finally:
+    if saved is None: os.environ.pop("TRITON_INTERPRET", None)
+    else: os.environ["TRITON_INTERPRET"] = saved
 
 # %%
 #| test check_finite

@@ -10,7 +10,7 @@
 from __future__ import annotations
 import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_tensor, check_positive_real
+from moe_lit.terms import check_tensor, check_positive_real, triton_interpreting
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 
 # %%
@@ -401,7 +401,7 @@ class record_launches:
     def __enter__(self) -> list:
         import triton
         from triton.runtime.interpreter import InterpretedFunction
-        self.cls = InterpretedFunction if os.environ.get("TRITON_INTERPRET") == "1" else triton.runtime.jit.JITFunction
+        self.cls = InterpretedFunction if triton_interpreting() else triton.runtime.jit.JITFunction
         self.orig, seen = self.cls.run, []          # (`launch_kernel` goes through the JIT while `run` is replaced)
         orig = self.orig
         def run(kernel, *args, **kwargs):

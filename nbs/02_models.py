@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 import torch
-from moe_lit.terms import check_int, check_choice, check_positive_real, hf_names
+from moe_lit.terms import check_int, check_choice, check_positive_real, hf_names, read_json_object
 from moe_lit.config import MoEConfig, ParallelConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %%
@@ -421,10 +421,7 @@ def read_config_json(path_or_dict) -> tuple[dict, str]:
     if not p.is_file():
         raise ValueError(f"path_or_dict: expected an existing config.json or a directory holding one, "
                          f"got '{path_or_dict}'")
-    try: cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"path_or_dict: expected valid JSON in {p}, got {e}") from None
-    if not isinstance(cfg, dict): raise ValueError(f"path_or_dict: expected a JSON object in {p}, got {type(cfg).__name__}")
+    cfg = read_json_object(p, "path_or_dict")
     return cfg, p.stem if p.stem != "config" else p.resolve().parent.name   # gpt-oss-20b.json names its model
 
 def text_config_view(cfg: dict) -> dict:

@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
-from moe_lit.terms import check_positive_real, check_device, env_choice
+from moe_lit.terms import check_positive_real, check_device, env_choice, triton_interpreting, read_json_object
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter: set before this module is imported
+INTERPRET = triton_interpreting()   # Triton's CPU interpreter (TRITON_INTERPRET=1, true, ...): set before this module is imported
 
 # %%
 #| hide
@@ -614,15 +614,7 @@ def _device_name() -> str:
 def _load_table(path: Path) -> dict | None:
     "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
     if not path.exists(): return None
-    def unique(pairs):                                                # a key twice: which entry wins is unsaid
-        keys = [k.lstrip("0") if isinstance(k, str) and k.isdigit() else k for k, _ in pairs]
-        if len(set(keys)) != len(keys): raise ValueError(f"duplicate keys {[k for k, _ in pairs]}")
-        return dict(pairs)
-    try: raw = json.loads(path.read_text(), object_pairs_hook=unique)
-    except (ValueError, UnicodeDecodeError, OSError) as e:   # JSONDecodeError is a ValueError; OSError: a directory
-        raise ValueError(f"tile table {path}: expected JSON with unique keys, got {type(e).__name__}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"tile table {path}: expected an object of {{\"<M>\": tile}}, got {type(raw).__name__}")
+    raw = read_json_object(path, "tile table", same_key=lambda k: k.lstrip("0") if k.isdigit() else k)   # "08" is "8"
     table = {}
     for key, cfg in raw.items():
         if not (key.isascii() and key.isdigit() and int(key) >= 1):
@@ -654,14 +646,14 @@ with tempfile.TemporaryDirectory() as d:
                         (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),
                         (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
                         (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
-                        (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "expected an object"),
-                        (9, "{not json", "expected JSON"), (10, {"4": None}, "entry '4': config: expected a dict"),
+                        (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "tile table: expected a JSON object"),
+                        (9, "{not json", "tile table: expected valid JSON"), (10, {"4": None}, "entry '4': config: expected a dict"),
                         (12, '{"8": %s, "08": %s}' % (json.dumps(small), json.dumps(small)), "duplicate keys ['8', '08']")):
         # a fresh E per case: tables are read once per path
         q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
         q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
-                  contains=f"tile table {q}")
+                  contains=str(q))
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
     tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
     test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),

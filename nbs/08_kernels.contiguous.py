@@ -783,6 +783,7 @@ class TritonExperts:
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+        if hidden.shape[1] == 0: raise ValueError("hidden: expected at least one column (hidden_size >= 1), got 0")
         check_tensor("w13", w13, shape=(None, None, hidden.shape[1]), dtype=hidden.dtype)
         E, N, H = w13.shape
         if N % 2 or N == 0: raise ValueError(f"w13: expected a positive even number of rows (gate, then up), got {N}")
@@ -1023,6 +1024,8 @@ test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE
 y = TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, torch.where(ids == 1, 9, ids).int(), validate=False)
 assert y.isfinite().all()                                          # unchecked ids are dropped, never read as garbage
 test_fail(lambda: TritonExperts().apply(x, w[:, :-1], torch.randn(E, H, I, device=DEVICE), wts, ids), contains="w13: expected a positive even")
+test_fail(lambda: TritonExperts().apply(x[:, :0], w[..., :0], torch.randn(E, 0, I, device=DEVICE), wts, ids),
+          contains="hidden: expected at least one column (hidden_size >= 1), got 0")
 test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H + 3, I, device=DEVICE), wts, ids), contains="w2: expected shape")
 test_fail(lambda: TritonExperts().apply(x.int(), w, w, wts, ids), contains="hidden: expected dtype")
 test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids, block_m=24), contains="block_m: expected a power of two")

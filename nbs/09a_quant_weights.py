@@ -64,6 +64,15 @@ import dataclasses
 # The activation granularity follows the weight's as vLLM pairs them for its Triton experts: tensor ↔ tensor,
 # channel ↔ token, 128×128 block ↔ 1×128 groups (the group width equals the weight block's K, so one activation scale
 # and one weight scale cover each K tile). Nibble order is `09_quant`'s: element `2j` in the low nibble of byte `j`.
+#
+# > **One activation scale for the whole batch.** With `fp8_w8a8_tensor` every token an expert receives shares one
+# > dynamic scale (per GEMM input, so again for the intermediate). A token far larger than the rest sets it, and the
+# > others keep only the bottom of e4m3's range: with one value of 1e4 among unit-sized ones their rows come out about
+# > 100 % wrong, with no NaN to show it. A non-finite value anywhere, or one that overflows in GEMM1, makes the shared
+# > scale NaN and so every row of that expert NaN — loudly, by design (`09c`). That is what per-tensor dynamic
+# > quantization means (vLLM's `fp8_w8a8` per-tensor path behaves the same); where tokens must stay independent of
+# > each other, use `fp8_w8a8_channel` (a scale per token) or `fp8_w8a8_block` (per 1×128 group), whose bad token
+# > spoils only its own row.
 
 # %%
 #| export

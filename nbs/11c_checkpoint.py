@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from fastcore.basics import patch
 from safetensors import safe_open, SafetensorError
-from moe_lit.terms import check_int
+from moe_lit.terms import check_int, read_json_object
 from moe_lit.config import ParallelConfig
 from moe_lit.models import moe_config_from_hf
 from moe_lit.layouts import checkpoint_layout, moe_layer_indices, quant_scheme_from_hf
@@ -70,8 +70,7 @@ def _weight_map(root: Path) -> dict[str, str]:
     "key -> shard file name: the index's `weight_map` when the directory has one, else every key of model.safetensors."
     index, single = root / "model.safetensors.index.json", root / "model.safetensors"
     if index.is_file():
-        try: wm = json.loads(index.read_text()).get("weight_map")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e: wm = e
+        wm = read_json_object(index, "checkpoint_dir").get("weight_map")      # a key twice: refused, not the last kept
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise ValueError(f"checkpoint_dir: expected a 'weight_map' object of key -> file in {index}, got {wm!r:.80}")
         return wm
@@ -187,12 +186,7 @@ def _read_checkpoint_dir(checkpoint_dir) -> tuple[Path, dict]:
     if not root.is_dir(): raise ValueError(f"checkpoint_dir: expected a directory, got '{checkpoint_dir}'")
     if not (root / "config.json").is_file():
         raise ValueError(f"checkpoint_dir: expected a config.json in '{checkpoint_dir}', got none")
-    try: raw = json.loads((root / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint_dir: expected valid JSON in {root / 'config.json'}, got {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"checkpoint_dir: expected a JSON object in {root / 'config.json'}, got {type(raw).__name__}")
-    return root, raw
+    return root, read_json_object(root / "config.json", "checkpoint_dir")
 
 # %% [markdown]
 # #### Key names and expected shapes

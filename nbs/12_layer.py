@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
-from moe_lit.terms import check_device, gradient_wanted
+from moe_lit.terms import check_device, gradient_wanted, triton_interpreting
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -82,9 +82,10 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if experts == "triton" and config is not None and config.dtype == torch.float64:
         raise ValueError("experts: expected 'torch' or 'auto' for a float64 layer (the Triton kernels run bf16, fp16 "
                          "and fp32), got 'triton'")
-    if experts == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if experts == "triton" and device.type == "cpu" and not triton_interpreting():
         raise ValueError("experts: expected a CUDA GPU for the Triton kernels, or TRITON_INTERPRET=1 set before "
-                         "moe_lit.kernels is imported (Triton's CPU interpreter; the moe-lit command sets it), got neither")
+                         "moe_lit.kernels is imported (Triton's CPU interpreter; the moe-lit command sets it), got "
+                         f"device cpu with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
     impl = "triton_quant" if q else "triton"
     if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from fastcore.basics import patch
 from safetensors import safe_open, SafetensorError
-from moe_lit.terms import check_int
+from moe_lit.terms import check_int, read_json_object
 from moe_lit.config import ParallelConfig
 from moe_lit.models import moe_config_from_hf
 from moe_lit.layouts import checkpoint_layout, moe_layer_indices, quant_scheme_from_hf

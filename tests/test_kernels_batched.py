@@ -7,12 +7,12 @@ import torch
 import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
-from moe_lit.terms import check_positive_real, check_device, env_choice
+from moe_lit.terms import check_positive_real, check_device, env_choice, triton_interpreting, read_json_object
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.testing import assert_close, poison_rows
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter: set before this module is imported
+INTERPRET = triton_interpreting()   # Triton's CPU interpreter (TRITON_INTERPRET=1, true, ...): set before this module is imported
 import tempfile, json
 from moe_lit.bench import load_bench_results, plot_bench
 from fastcore.test import test_eq, test_fail
@@ -56,14 +56,14 @@ def test_tile_config_table():
                             (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),
                             (4, {"8": {k: v for k, v in small.items() if k != "BLOCK_M"}}, "entry '8': config: expected a BLOCK_M"),
                             (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
-                            (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "expected an object"),
-                            (9, "{not json", "expected JSON"), (10, {"4": None}, "entry '4': config: expected a dict"),
+                            (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "tile table: expected a JSON object"),
+                            (9, "{not json", "tile table: expected valid JSON"), (10, {"4": None}, "entry '4': config: expected a dict"),
                             (12, '{"8": %s, "08": %s}' % (json.dumps(small), json.dumps(small)), "duplicate keys ['8', '08']")):
             # a fresh E per case: tables are read once per path
             q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
             q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
             test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
-                      contains=f"tile table {q}")
+                      contains=str(q))
             test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
         tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),

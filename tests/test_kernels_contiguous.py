@@ -268,6 +268,8 @@ def test_contiguous_bad_input():
     y = TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, torch.where(ids == 1, 9, ids).int(), validate=False)
     assert y.isfinite().all()                                          # unchecked ids are dropped, never read as garbage
     test_fail(lambda: TritonExperts().apply(x, w[:, :-1], torch.randn(E, H, I, device=DEVICE), wts, ids), contains="w13: expected a positive even")
+    test_fail(lambda: TritonExperts().apply(x[:, :0], w[..., :0], torch.randn(E, 0, I, device=DEVICE), wts, ids),
+              contains="hidden: expected at least one column (hidden_size >= 1), got 0")
     test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H + 3, I, device=DEVICE), wts, ids), contains="w2: expected shape")
     test_fail(lambda: TritonExperts().apply(x.int(), w, w, wts, ids), contains="hidden: expected dtype")
     test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids, block_m=24), contains="block_m: expected a power of two")

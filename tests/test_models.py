@@ -4,7 +4,7 @@ import pytest
 import json
 from pathlib import Path
 import torch
-from moe_lit.terms import check_int, check_choice, check_positive_real, hf_names
+from moe_lit.terms import check_int, check_choice, check_positive_real, hf_names, read_json_object
 from moe_lit.config import MoEConfig, ParallelConfig, SCORING_FUNCS, SIZE_LIMIT
 from fastcore.test import test_eq, test_fail
 import tempfile

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_tensor, check_positive_real
+from moe_lit.terms import check_tensor, check_positive_real, triton_interpreting
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE

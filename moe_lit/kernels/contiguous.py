@@ -478,7 +478,7 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
     if tiny: return None, local_ids.reshape(-1).contiguous(), None
     return moe_align_block_size(local_ids, block_m, num_local, validate=False)   # ids from a placement: in range
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #e7ebabf8032e
+# %% ../../nbs/08_kernels.contiguous.ipynb #b3245f80cf60
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -501,6 +501,7 @@ class TritonExperts:
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+        if hidden.shape[1] == 0: raise ValueError("hidden: expected at least one column (hidden_size >= 1), got 0")
         check_tensor("w13", w13, shape=(None, None, hidden.shape[1]), dtype=hidden.dtype)
         E, N, H = w13.shape
         if N % 2 or N == 0: raise ValueError(f"w13: expected a positive even number of rows (gate, then up), got {N}")
