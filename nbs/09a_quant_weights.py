@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device, check_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4, fp8_nan_codes, FP8_MAX)
 
@@ -326,7 +326,8 @@ def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
 
 @patch
 def to(self: QuantizedExpertWeights, device) -> QuantizedExpertWeights:
-    "Every tensor moved to `device`."
+    "Every tensor moved to `device` (cpu, or cuda on a machine with a GPU: codes and scales are values, so not meta); ValueError naming `device` otherwise."
+    device = check_device(device)
     return _qw_replace(self, lambda t: t.to(device))
 
 @patch(as_prop=True)
@@ -694,6 +695,9 @@ q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8
 for v in (float("nan"), -1.0, float("inf"), 3e38):                                    # 3e38 × 448: inf weights
     bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
     test_fail(lambda: dataclasses.replace(q8, w2_scale=bad8), contains="w2_scale: expected scales in [0, 7.596e+35]")
+for bad, msg in (("bogus", "device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'"),
+                 ("meta", "device: expected a cpu or cuda device, got meta"), ("mps", "got mps")):
+    test_fail(lambda: q8.to(bad), contains=msg)
 edge = q8.w2_scale.clone(); edge.view(-1)[0] = FP8_SCALE_MAX                            # the bound itself: taken
 test_eq(dataclasses.replace(q8, w2_scale=edge).scheme, "fp8_w8a8_block")
 for byte in (0x7F, 0xFF):                                                            # e4m3fn's two NaN codes

@@ -4,7 +4,7 @@ import pytest
 from dataclasses import dataclass
 import torch
 from fastcore.basics import patch
-from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device
+from moe_lit.terms import check_int, check_tensor, check_choice, check_finite, check_dense, FLOAT_DTYPES, default_device, check_device
 from moe_lit.quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_fp8, quantize_mxfp4, dequantize_mxfp4,
                            quantize_nvfp4, dequantize_nvfp4, pack_fp4, unpack_fp4, fp8_nan_codes, FP8_MAX)
 import itertools
@@ -103,6 +103,9 @@ def test_fp4_split_layout():
     for v in (float("nan"), -1.0, float("inf"), 3e38):                                    # 3e38 × 448: inf weights
         bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
         test_fail(lambda: dataclasses.replace(q8, w2_scale=bad8), contains="w2_scale: expected scales in [0, 7.596e+35]")
+    for bad, msg in (("bogus", "device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'"),
+                     ("meta", "device: expected a cpu or cuda device, got meta"), ("mps", "got mps")):
+        test_fail(lambda: q8.to(bad), contains=msg)
     edge = q8.w2_scale.clone(); edge.view(-1)[0] = FP8_SCALE_MAX                            # the bound itself: taken
     test_eq(dataclasses.replace(q8, w2_scale=edge).scheme, "fp8_w8a8_block")
     for byte in (0x7F, 0xFF):                                                            # e4m3fn's two NaN codes
