@@ -86,10 +86,10 @@ def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: tor
         single += sh(hidden).to(acc); ref += sh(hidden.double())
     return single.to(config.dtype), ref
 
-# %% ../nbs/13b_distributed.ipynb #66cb2d8a079b
+# %% ../nbs/13b_distributed.ipynb #d25dbd0bb818
 def run_distributed(config: MoEConfig,                 # the model on its deployment: parallel.ep_size = world size
                     num_tokens: int = 64,              # tokens in the whole batch, split over the ranks
-                    placement: str = "linear",         # requested placement: 'linear' or 'round_robin'
+                    placement: str | None = None,      # requested placement: 'linear' or 'round_robin' (None: linear)
                     seed: int = 0,                     # seed of the weights and the tokens (shared by every rank)
                     experts: str = "auto",             # 'auto', 'torch' or 'triton'
                     token_counts: list | None = None,  # tokens of each rank (sum = num_tokens); None: split_tokens
@@ -99,7 +99,7 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
     weights = RandomExpertWeights(config, seed)
-    layer = FusedMoE(cfg, weights, placement, experts=experts, device=device)   # its experts, router, tables
+    layer = FusedMoE(cfg, weights, placement or "linear", experts=experts, device=device)   # its experts, router, tables
     hidden_all = _tokens(config, num_tokens, seed)
     hidden = hidden_all[sum(counts[:rank]):sum(counts[:rank + 1])].to(device)
     wts, ids = layer.route(hidden)                          # EPLB: physical ids, one replica per logical choice
@@ -141,7 +141,7 @@ def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
     if sum(counts) != num_tokens: raise ValueError(f"token_counts: expected a sum of num_tokens={num_tokens}, got {counts}")
     return counts
 
-# %% ../nbs/13b_distributed.ipynb #1434872f6b00
+# %% ../nbs/13b_distributed.ipynb #a9208f8432f0
 def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement, seed, backend, device) -> None:
     "Rank 0: the single-process result, the checks and the report, stored in `run`."
     t0, S, cfg = time.perf_counter(), len(run.token_counts), run.config
@@ -149,7 +149,7 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
     batched = cfg.activation_format is ActivationFormat.BatchedExperts
     slabs_ok = None
     if batched:
-        places = [Placement.build(rank_config(config, r), placement) for r in range(S)]
+        places = [Placement.build(rank_config(config, r), placement or "linear") for r in range(S)]
         want = slab_sources(places, [s["topk_ids"] for s in run.rank_stats], run.rank_stats[0]["slab_source"].shape[1] // S)
         slabs_ok = all(torch.equal(w, s["slab_source"]) for w, s in zip(want, run.rank_stats))
     routed_here = _route(config, weights, hidden_all)[1]            # the whole batch routed in one process
@@ -174,7 +174,7 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                                 for k in ("prepare_s", "experts_s", "finalize_s")},
                              "reference_s": time.perf_counter() - t0}}
 
-# %% ../nbs/13b_distributed.ipynb #3e204320625b
+# %% ../nbs/13b_distributed.ipynb #d17fd1930853
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m moe_lit.distributed",
                                  description="The moe-lit main job on N processes (one EP rank each).",
@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (unset: that number)")
     ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
                     help="all2all backend; None: allgather_reducescatter with more than one rank, else none")
-    ap.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help="expert placement")
+    ap.add_argument("--placement", default=None, choices=["linear", "round_robin"], help="expert placement (unset: linear)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens in the whole batch, split over the ranks")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokens")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="None: the model's own")
@@ -195,11 +195,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
-# %% ../nbs/13b_distributed.ipynb #995b4b2600c1
+# %% ../nbs/13b_distributed.ipynb #4450687704fb
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
-            placement: str = "linear", tokens: int = 64, seed: int = 0,
+            placement: str | None = None, tokens: int = 64, seed: int = 0,
             dtype: str | None = None,              # 'bf16', 'fp16', 'fp32'; None: the model's own
             experts: str = "auto", max_tokens_per_rank: int | None = None,
             timeout: float = 600.0,                # seconds a collective may wait for its peers

@@ -9,12 +9,12 @@ import argparse, sys
 # %% auto #0
 __all__ = ['COMMANDS', 'command_parser', 'main']
 
-# %% ../nbs/15a_entry.ipynb #4a186e916c2a
+# %% ../nbs/15a_entry.ipynb #364c52bf97e2
 COMMANDS = {   # subcommand -> what it does (the top-level help)
     "run": "build a model's MoE layer on a deployment and report every decision and check",
     "tables": "print the placement and routing tables of a deployment",
     "explain": "the resolved properties and the oracle's decision table for a deployment",
-    "bench": "benchmark the experts GEMMs of both formats against peers and the roofline (GPU)",
+    "bench": "benchmark the experts GEMMs of both formats (with --layer, the whole layer) against peers and the roofline (GPU)",
 }
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):

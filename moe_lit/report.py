@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['placement_head', 'format_sections', 'format_report', 'format_distributed_report']
+__all__ = ['placement_why', 'placement_head', 'format_sections', 'format_report', 'format_distributed_report']
 
 # %% ../nbs/15b_report.ipynb #8afaa978c550
 def _abridge(xs: list | None, keep: int = 16) -> list | None:
@@ -49,11 +49,15 @@ def _section_properties(r: dict) -> list[str]:
         f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in r["properties"]] + [
         "", f"experts: {e['implementation']} on {e['device']}, weights {e.get('quant', 'unquantized')} ({e['reason']})"]
 
-# %% ../nbs/15b_report.ipynb #94236f32f522
+# %% ../nbs/15b_report.ipynb #d03e38cef3ab
+def placement_why(p: dict) -> str:
+    "Why a report's placement is what it is: 'as requested', 'the default' (none requested), or the request and the reason it was not honoured."
+    if p["reason"] == "requested": return "as requested" if p.get("requested") else "the default"
+    return f"requested {p['requested']}; {p['reason']}"
+
 def placement_head(p: dict) -> str:
-    "'placement linear (as requested)', or the request and the reason it was not honoured."
-    if p["reason"] == "requested": return f"placement {p['strategy']} (as requested)"
-    return f"placement {p['strategy']} (requested {p['requested']}; {p['reason']})"
+    "'placement linear (the default)', 'placement round_robin (as requested)', or the request and why it was not honoured."
+    return f"placement {p['strategy']} ({placement_why(p)})"
 
 def _section_placement(r: dict) -> list[str]:
     p = r["placement"]
@@ -119,7 +123,7 @@ def format_report(report: dict,   # the data of `run_report`
     return format_sections(report, "report", "run_report", _REPORT_KEYS, lambda r: _section_model(r) + _section_properties(r)
                       + _section_placement(r) + _section_load_check(r) + _section_time(r))
 
-# %% ../nbs/15b_report.ipynb #eb59bff97e9a
+# %% ../nbs/15b_report.ipynb #1327fcd89f05
 def _distributed_lines(r: dict) -> list[str]:
     c, t = r["check"], r["timing"]
     verdict = lambda x: f"{'ok' if x['ok'] else 'FAILED'} (max rel err {x['max_rel_err']:.2e}, rtol {x['rtol']:g})"
@@ -128,7 +132,7 @@ def _distributed_lines(r: dict) -> list[str]:
              f"  deployment   all2all {r['all2all_backend']!r} -> {r['activation_format']} format",
              f"  transport    {r['transport']}",
              f"  experts      {r['experts']['implementation']} ({r['experts']['reason']})",
-             f"  placement    {r['placement']['strategy']} ({r['placement']['reason']})",
+             f"  placement    {r['placement']['strategy']} ({placement_why(r['placement'])})",
              f"  tokens       {r['num_tokens']} in all, per rank {r['tokens_per_rank']}",
              f"  pairs        sent per rank {r['pairs_sent_per_rank']}, received per rank {r['pairs_received_per_rank']}"]
     if r["expert_num_tokens_per_rank"] is not None:            # the text abridges; the report keeps every count

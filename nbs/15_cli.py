@@ -13,7 +13,7 @@ from pathlib import Path
 from dataclasses import asdict
 import torch
 from moe_lit.entry import command_parser
-from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu
+from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, triton_interpreting
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
@@ -244,7 +244,7 @@ def _checks(run, config: MoEConfig) -> dict:
 
 # %%
 #| export
-def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear", seed: int = 0,
+def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = None, seed: int = 0,   # None: linear
                tp_size: int = 1, experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
                backend: str | None = None,
                weights=None,   # a WeightSource (e.g. moe_lit.checkpoint.CheckpointWeights); None: random from `seed`
@@ -255,7 +255,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str = "linear
     t0 = time.perf_counter()
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
     hidden = hidden.to(device=device, dtype=config.dtype)
-    run = run_emulated_ep(config, hidden, seed=seed, placement=placement, tp_size=tp_size, experts=experts,
+    run = run_emulated_ep(config, hidden, seed=seed, placement=placement or "linear", tp_size=tp_size, experts=experts,
                           quant=quant, backend=backend, weights=weights)
     c = run.config
     report = {
@@ -333,13 +333,13 @@ test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), cont
 # %%
 #| export
 def tables_report(config: MoEConfig,        # the model on its deployment
-                  placement: str = "linear",  # requested strategy: 'linear' or 'round_robin'
+                  placement: str | None = None,  # requested strategy: 'linear' or 'round_robin' (None: linear)
                   tp_size: int = 1,           # TP size inside each DP rank (as `run_report`'s)
                  ) -> dict:
     "Every rank's placement for `config`'s deployment as JSON-ready data: local experts, expert_map, routing tables."
     ranks = [rank_config(config, r, tp_size) for r in range(config.ep_size)]     # the deployment as run uses it
     dispatch_h, h_note = dispatch_hidden_size(ranks[0])
-    ps = [Placement.build(c, strategy=placement) for c in ranks]
+    ps = [Placement.build(c, strategy=placement or "linear") for c in ranks]
     p0, par = ps[0], ranks[0].parallel
     return {"model": config.name, "num_experts": config.num_experts, "ep_size": config.ep_size,
             "all2all_backend": par.all2all_backend, "all2all_used": par.use_all2all_kernels,
@@ -395,7 +395,8 @@ test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the 
 _HELP = {
     "--quant": "quantize the experts at load (short names fp8, mxfp4, nvfp4 = fp8_w8a8_block, mxfp4_w4a16, nvfp4_w4a16): "
                "FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
-               "16-bit activations (MXFP4, NVFP4); the check compares with the dequantized weights",
+               "16-bit activations (MXFP4, NVFP4); the check compares with the dequantized weights; unset means "
+               "unquantized, or with --weights a pre-quantized checkpoint's own scheme (its stored codes)",
     "--ep": "expert-parallel ranks (devices) in all",
     "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
             "rank: no all2all, experts masked with expert_map",
@@ -403,7 +404,7 @@ _HELP = {
                  "unset means allgather_reducescatter with more than one DP rank (vLLM's default), else none",
     "--placement": "how experts are spread over the EP ranks: linear (contiguous blocks) or round_robin (expert e on "
                    "rank e mod ep); round_robin falls back to linear when the deployment cannot use it, and the "
-                   "report says why",
+                   "report says why; unset means linear",
     "--dtype": "activation and weight dtype of the layer; unset means the model's own: the torch_dtype "
                "of --config's file (its dtype or torch_dtype key; both must agree; bf16 when it has neither), bf16 for every preset (the reference is always computed in float64)",
     "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
@@ -426,7 +427,7 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
     p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
     p.add_argument("--all2all", default=None, choices=list(BACKENDS), help=_HELP["--all2all"])
-    p.add_argument("--placement", default="linear", choices=["linear", "round_robin"], help=_HELP["--placement"])
+    p.add_argument("--placement", default=None, choices=["linear", "round_robin"], help=_HELP["--placement"])
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     "The options of `run` only."
@@ -465,9 +466,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
-    b.add_argument("--tune", nargs="?", const="all", default=False, choices=TUNE_CHOICES,
+    b.add_argument("--tune", nargs="?", const="all", default=None, choices=TUNE_CHOICES,
                    help="sweep tile candidates of these kernels first and save the winners (no value: all; w4a16: "
-                        "both FP4 kernels; fp8: both FP8 block kernels)")
+                        "both FP4 kernels; fp8: both FP8 block kernels; unset: no tuning, the saved tables)")
     b.add_argument("--config-dir", help="where tuned tile tables are written (unset: the package's configs/)")
     b.add_argument("--out", help="write the results as JSON to this file")
     b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
@@ -483,11 +484,11 @@ def _transport_note(config):
     return transport_note(config)
 
 def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,
-                   num_tokens: int = 64, placement: str = "linear", tp_size: int = 1) -> dict:
+                   num_tokens: int = 64, placement: str | None = None, tp_size: int = 1) -> dict:   # None: linear
     "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
     from moe_lit.modular import make_prepare_finalize
     dev = detect_device() if device == "detect" else DEVICES.get(device) or check_choice("device", device, list(DEVICES))
-    place = Placement.build(rank_config(config, 0, tp_size), strategy=placement)   # validates the deployment too
+    place = Placement.build(rank_config(config, 0, tp_size), strategy=placement or "linear")   # validates the deployment
     pf = make_prepare_finalize(config, num_tokens)
     d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
     return {"model": config.name, "experts_function": describe_experts(config), "deployment": all2all_note(config.parallel),
@@ -621,6 +622,12 @@ def _out_of_memory(e: BaseException) -> bool:
 #| export
 def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
+    def no_gpu() -> bool:                                          # it times kernels on the card: after the flags' checks
+        if torch.cuda.is_available() and not triton_interpreting(): return False
+        print("moe-lit: error: bench: expected a CUDA GPU to time the kernels on (without Triton's interpreter), got "
+              + ("none" if not torch.cuda.is_available() else "TRITON_INTERPRET set") +
+              "; on a CPU, `moe-lit run` checks the layer", file=sys.stderr)
+        return True
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
     if args.out and not Path(args.out).resolve().parent.is_dir():          # before minutes of measuring, not after
         print(f"moe-lit: error: --out: expected a file in an existing directory, got {args.out}", file=sys.stderr); return 2
@@ -634,13 +641,15 @@ def _bench(args) -> int:
             print(f"moe-lit: error: --scenario: expected part of a deployment name ({'; '.join(repr(d['name']) for d in LAYER_DEPLOYMENTS)}), "
                   f"got {args.scenario}", file=sys.stderr); return 2
         show = lambda rows: print(format_bench_layer(dict(rows=rows)), file=sys.stderr, flush=True)
+        if no_gpu(): return 2
         try: report = bench_layer(args.out, deps, on_rows=show)
         except ValueError as e:
             print(f"moe-lit: error: {e}", file=sys.stderr); return 2
         print(format_bench_layer(report)); return 0
     from moe_lit.bench import SCENARIOS, run_bench, format_bench
     scs = pick(SCENARIOS)
-    try: report = run_bench(args.out, args.tune, args.config_dir, scs, on_scenario=lambda n: print(f"... {n}", file=sys.stderr))
+    if no_gpu(): return 2
+    try: report = run_bench(args.out, args.tune or False, args.config_dir, scs, on_scenario=lambda n: print(f"... {n}", file=sys.stderr))
     except ValueError as e:
         print(f"moe-lit: error: {e}", file=sys.stderr); return 2
     print(format_bench(report)); return 0
@@ -767,6 +776,10 @@ with tempfile.TemporaryDirectory() as d:
                       (["run", "--weights", d], "moe-lit: error: --weights: expected an existing config.json")):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
         assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())
+if not torch.cuda.is_available():                       # the benchmark on a CPU: one line saying what it needs
+    for argv in (["bench"], ["bench", "--layer"]):
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
+        assert "moe-lit: error: bench: expected a CUDA GPU to time the kernels on" in err.getvalue(), err.getvalue()
 # a model too large for the machine: one line naming the cause (the allocation itself is not tried here: on a host
 # that overcommits memory it would succeed and then fill the machine)
 for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] ... can't allocate memory: you tried to allocate 8 TB")):

@@ -71,10 +71,14 @@ def _section_properties(r: dict) -> list[str]:
 
 # %%
 #| export
+def placement_why(p: dict) -> str:
+    "Why a report's placement is what it is: 'as requested', 'the default' (none requested), or the request and the reason it was not honoured."
+    if p["reason"] == "requested": return "as requested" if p.get("requested") else "the default"
+    return f"requested {p['requested']}; {p['reason']}"
+
 def placement_head(p: dict) -> str:
-    "'placement linear (as requested)', or the request and the reason it was not honoured."
-    if p["reason"] == "requested": return f"placement {p['strategy']} (as requested)"
-    return f"placement {p['strategy']} (requested {p['requested']}; {p['reason']})"
+    "'placement linear (the default)', 'placement round_robin (as requested)', or the request and why it was not honoured."
+    return f"placement {p['strategy']} ({placement_why(p)})"
 
 def _section_placement(r: dict) -> list[str]:
     p = r["placement"]
@@ -160,7 +164,7 @@ test_eq(run_report(small, num_tokens=6)["quantization_error"], None)
 #| test format_report
 small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
 text = format_report(run_report(small, num_tokens=6))
-for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
+for part in ("backend 'none'", "use_batched_activation_format", "placement linear (the default)",
              "layer output vs float64 reference", "the same computation as the line above", "tokens/s",
              "n/a (one rank)", "not a serving throughput", "memory peak", "GiB resident (this process)",
              "references and checks", "on this deployment: no all2all"):
@@ -174,6 +178,7 @@ assert "'...'" in text and "padded" not in text                                 
 text = format_report(run_report(wide.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
                      all2all_backend="deepep_low_latency")), num_tokens=2, placement="linear"))
 assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
+assert "placement linear (as requested)" in text                                # asked for, not the default
 
 # %%
 #| test format_report_bad_input
@@ -201,7 +206,7 @@ def _distributed_lines(r: dict) -> list[str]:
              f"  deployment   all2all {r['all2all_backend']!r} -> {r['activation_format']} format",
              f"  transport    {r['transport']}",
              f"  experts      {r['experts']['implementation']} ({r['experts']['reason']})",
-             f"  placement    {r['placement']['strategy']} ({r['placement']['reason']})",
+             f"  placement    {r['placement']['strategy']} ({placement_why(r['placement'])})",
              f"  tokens       {r['num_tokens']} in all, per rank {r['tokens_per_rank']}",
              f"  pairs        sent per rank {r['pairs_sent_per_rank']}, received per rank {r['pairs_received_per_rank']}"]
     if r["expert_num_tokens_per_rank"] is not None:            # the text abridges; the report keeps every count

@@ -6,7 +6,7 @@ from pathlib import Path
 from dataclasses import asdict
 import torch
 from moe_lit.entry import command_parser
-from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu
+from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, triton_interpreting
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
@@ -229,6 +229,10 @@ def test_main_errors_name_the_flag():
                           (["run", "--weights", d], "moe-lit: error: --weights: expected an existing config.json")):
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
             assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())
+    if not torch.cuda.is_available():                       # the benchmark on a CPU: one line saying what it needs
+        for argv in (["bench"], ["bench", "--layer"]):
+            with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
+            assert "moe-lit: error: bench: expected a CUDA GPU to time the kernels on" in err.getvalue(), err.getvalue()
     # a model too large for the machine: one line naming the cause (the allocation itself is not tried here: on a host
     # that overcommits memory it would succeed and then fill the machine)
     for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] ... can't allocate memory: you tried to allocate 8 TB")):

@@ -21,7 +21,7 @@ def test_report_quantization_error():
 def test_format_report():
     small = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, name="tiny")
     text = format_report(run_report(small, num_tokens=6))
-    for part in ("backend 'none'", "use_batched_activation_format", "placement linear (as requested)",
+    for part in ("backend 'none'", "use_batched_activation_format", "placement linear (the default)",
                  "layer output vs float64 reference", "the same computation as the line above", "tokens/s",
                  "n/a (one rank)", "not a serving throughput", "memory peak", "GiB resident (this process)",
                  "references and checks", "on this deployment: no all2all"):
@@ -35,6 +35,7 @@ def test_format_report():
     text = format_report(run_report(wide.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
                          all2all_backend="deepep_low_latency")), num_tokens=2, placement="linear"))
     assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
+    assert "placement linear (as requested)" in text                                # asked for, not the default
 
 
 def test_format_report_bad_input():
