@@ -379,8 +379,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
 
 # %%
-#| test read_json_object_and_interpreter
+#| hide
 import tempfile
+
+# %%
+#| test read_json_object_and_interpreter
 with tempfile.TemporaryDirectory() as d:                # a key given twice: refused, nested objects too
     p = Path(d) / "config.json"
     for text, msg in (('{"hidden_size": 64, "top_k": 2, "hidden_size": 128}', "duplicate keys ['hidden_size', 'hidden_size']"),

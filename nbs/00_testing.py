@@ -549,8 +549,11 @@ def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_byt
     return res
 
 # %%
-#| test compile_for_gpu_bad_input
+#| hide
 from moe_lit.testing import _waits_first
+
+# %%
+#| test compile_for_gpu_bad_input
 test_eq(_waits_first(".entry k(\n){\nld.param.u64 a;\ngriddepcontrol.wait;\nld.global.u32 b;\n}"), True)
 test_eq(_waits_first(".entry k(\n){\nld.global.u32 b;\ngriddepcontrol.wait;\n}"), False)   # a load moved above it
 test_eq(_waits_first(".entry k(\n){\ncp.async.bulk.tensor x;\ngriddepcontrol.wait;\n}"), False)

@@ -1025,8 +1025,11 @@ finally:
     kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[3])
 
 # %%
-#| test launch_arguments_refused
+#| hide
 import os, subprocess, sys
+
+# %%
+#| test launch_arguments_refused
 for var, bad in (("MOE_LIT_PDL", "2"), ("MOE_LIT_FAST_LAUNCH", "off")):        # switches read at import: named
     r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.batched"], capture_output=True, text=True,
                        env={**os.environ, var: bad}, timeout=300)
@@ -1036,8 +1039,11 @@ for grid in ((), (-1,), (1.5,), [2], "abc", None, (1, 2, 3, 4)):
 test_fail(lambda: launch_kernel(None, (1,)), contains="kernel: expected a @triton.jit function, got NoneType")
 
 # %%
-#| test interpreter_numpy_problem_is_named
+#| hide
 import numpy
+
+# %%
+#| test interpreter_numpy_problem_is_named
 real = numpy.__version__
 try:
     numpy.__version__ = "2.4.6"

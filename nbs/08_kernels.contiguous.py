@@ -997,10 +997,13 @@ assert_close(total.float(), moe_reference_standard(hidden.double(), w13.double()
 # block sizes, tile overrides and ids that the host can check raise a ValueError naming the argument.
 
 # %%
-#| test contiguous_bad_input
+#| hide
+from moe_lit.kernels.batched import tile_config_path
 import json, tempfile
 import moe_lit.kernels.contiguous as kc
-from moe_lit.kernels.batched import tile_config_path
+
+# %%
+#| test contiguous_bad_input
 with tempfile.TemporaryDirectory() as d:                    # a tuned table's GEMM1 BLOCK_M is the alignment block
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and DEVICE == "cuda" else "cpu"   # the tables' key
     p = tile_config_path("fused_moe_gemm", 2, 64, name, torch.bfloat16, d)

@@ -967,6 +967,10 @@ for experts in ("torch", "triton"):
 # does one to an inference tensor: after those, call `layer.load_state_dict` (or rebuild the layer).
 
 # %%
+#| hide
+import dataclasses
+
+# %%
 #| test layer_follows_inplace_edits
 torch.manual_seed(12)
 cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64, dtype=torch.bfloat16)
@@ -990,7 +994,6 @@ for experts in ("torch", "triton"):
     q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
     q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
     q(x); assert q._versions != versions
-    import dataclasses
     good_q = q.qweights
     q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
     test_fail(lambda: q(x), contains=f"qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on {q.gate.device}")

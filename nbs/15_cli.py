@@ -680,8 +680,11 @@ with tempfile.TemporaryDirectory() as d:
 assert "needs a CUDA GPU" in err.getvalue(), err.getvalue()
 
 # %%
-#| test main_entry_point
+#| hide
 from moe_lit.bench import TUNE_SETS
+
+# %%
+#| test main_entry_point
 test_eq(TUNE_CHOICES, list(TUNE_SETS))                         # the flag's choices are the bench's kernel sets
 with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
     f = Path(d, "tiny-mixtral.json")

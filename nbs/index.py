@@ -31,7 +31,9 @@
 #
 # The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
 # the wheel installed into a fresh venv, and the documentation site built and opened in headless Chromium
-# (10–15 minutes on 2 otherwise idle CPU cores; pytest alone about 3–4 of them; longer when other work shares them). When Chromium is missing it
+# (12–17 minutes on 2 otherwise idle CPU cores: the notebooks about 5, pytest 3–5, the docs build about 6; longer when
+# other work shares them). Its warnings are expected: nbdev's and Triton's interpreter's, none a failure; the last line
+# says whether it passed. When Chromium is missing it
 # first installs Debian's package, which needs root or sudo and takes about a minute:
 #
 # ```sh
@@ -73,26 +75,44 @@
 # (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc. `bash .ci/test`
 # runs that build itself and then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
 # `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton, numpy and fastcore
-# (`[plot]` adds matplotlib, `[progress]` tqdm). Without a GPU the Triton kernels run in Triton's interpreter, which in
-# triton 3.6 needs numpy < 2.4 (pip picks a newer triton, which does not; moe-lit names the clash if it meets it).
+# (`[plot]` adds matplotlib, `[progress]` tqdm). Without a GPU the Triton kernels run in Triton's interpreter. The
+# interpreter of triton 3.6, which `.ci/install` pins, fails with numpy 2.4 or newer, so `.ci/install` pins numpy below
+# it; installing the wheel alone lets pip pick a newer triton, whose interpreter works with the newer numpy (the wheel
+# check prints the pair it got, e.g. `triton 3.9.0 numpy 2.4.6`). Should triton 3.6 meet numpy 2.4, moe-lit names the
+# clash instead of failing inside Triton.
 #
 # ## In Python
 #
-# Without a GPU, `FusedMoE(..., experts="auto")` runs the torch reference; to run the Triton kernels in Triton's CPU
-# interpreter from Python, set `TRITON_INTERPRET=1` in the environment before moe-lit's kernels are imported (the
-# `moe-lit` command sets it itself; importing moe-lit never changes the environment).
+# A layer is an `nn.Module`: `FusedMoE(config)` holds the router and the experts (random weights from `seed` unless
+# `weights=` gives them) and `layer(x)` runs routing, experts and shared experts on `[num_tokens, hidden_size]`.
+# Without a GPU, `experts="auto"` runs the torch reference; to run the Triton kernels in Triton's CPU interpreter from
+# Python, set `TRITON_INTERPRET=1` in the environment before moe-lit's kernels are imported and pass
+# `experts="triton"` (the `moe-lit` command sets it itself; importing moe-lit never changes the environment).
 
 # %%
 import torch
 from moe_lit.config import ParallelConfig
 from moe_lit.models import preset
-from moe_lit.layer import run_emulated_ep
+from moe_lit.layer import FusedMoE, run_emulated_ep
 
+# %%
+cfg = preset("qwen3-30b-a3b").replace(num_experts=16, hidden_size=128, intermediate_size=64)   # scaled down
+layer = FusedMoE(cfg, seed=0)
+x = torch.randn(8, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).to(cfg.dtype)
+y = layer(x)
+print(y.shape, y.dtype, layer.experts)                 # torch.Size([8, 128]) torch.bfloat16 torch
+
+# %% [markdown]
+# The same layer on four expert-parallel ranks behind NIXL EP, run one rank after another in this process and summed
+# (`run_emulated_ep`), against the float64 reference and the single-device output above:
+
+# %%
 par = ParallelConfig.make(tp_size=1, dp_size=4, enable_expert_parallel=True, all2all_backend="nixl_ep")
-cfg = preset("qwen3-30b-a3b", parallel=par).replace(num_experts=16, hidden_size=128, intermediate_size=64)  # scaled down
-print(cfg.activation_format.value, cfg.needs_round_robin_routing_tables)  # both read from the nixl_ep record
-run = run_emulated_ep(cfg, torch.randn(32, cfg.hidden_size).bfloat16())  # 4 ranks in turn, summed
-print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():.3g}")
+ep_cfg = cfg.replace(parallel=par)
+print(ep_cfg.activation_format.value, ep_cfg.needs_round_robin_routing_tables)  # batched_experts True: the nixl_ep record's
+run = run_emulated_ep(ep_cfg, x)
+print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():.3g}")   # 0.00713 (bf16 rounding)
+print(f"max |EP - one device| = {(run.output.float() - y.float()).abs().max():.3g}")     # 0.00391
 
 # %% [markdown]
 # ## A real model's layer
@@ -100,8 +120,8 @@ print(f"max |EP - float64| = {(run.output.double() - run.reference).abs().max():
 # `FusedMoE.from_pretrained(checkpoint_dir, layer_index)` builds decoder layer `layer_index`'s MoE block from a Hugging
 # Face checkpoint directory (`config.json` + `*.safetensors`, sharded or not), reading only the experts the rank owns;
 # pre-quantized FP8-block (DeepSeek-V3) and MXFP4 (gpt-oss) checkpoints keep their codes as stored. The example
-# writes a tiny Qwen3-MoE with transformers itself (`pip install 'moe-lit[hf]'` adds transformers and safetensors; the
-# install above has them) — point `ckpt` at your own checkpoint instead:
+# writes a tiny Qwen3-MoE with transformers itself (the `hf` extra, `pip install '.[hf]'` from a clone, adds
+# transformers and safetensors; the install above has them) — point `ckpt` at your own checkpoint instead:
 
 # %%
 import tempfile, torch
@@ -115,6 +135,7 @@ model.save_pretrained(ckpt)
 layer = FusedMoE.from_pretrained(ckpt, layer_index=1, dtype=torch.float32)
 x = torch.randn(4, layer.config.hidden_size)
 print(f"max |moe-lit - transformers| = {(layer(x) - hf_moe_output(hf_moe_block(model, 1), x)).abs().max():.2g}")
+# 0 for this float32 model on the CPU: both sides round alike here; `12c_real_models` holds every family to float64
 
 # %% [markdown]
 # The other way round, moe-lit runs the experts of every MoE layer inside a transformers model:

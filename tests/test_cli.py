@@ -22,6 +22,7 @@ import io, contextlib, json, subprocess, tempfile
 from pathlib import Path
 from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 import moe_lit.cli as _cli
+from moe_lit.bench import TUNE_SETS
 from moe_lit.cli import *
 
 
@@ -144,7 +145,6 @@ def test_run_quantized_cli():
 
 
 def test_main_entry_point():
-    from moe_lit.bench import TUNE_SETS
     test_eq(TUNE_CHOICES, list(TUNE_SETS))                         # the flag's choices are the bench's kernel sets
     with tempfile.TemporaryDirectory() as d:                      # a tiny Mixtral-layout config file, end to end
         f = Path(d, "tiny-mixtral.json")

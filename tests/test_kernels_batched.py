@@ -19,6 +19,8 @@ from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
 from moe_lit.testing import record_launches, check_launch_keys, assert_compiles_for_gpu
 import moe_lit.kernels.batched as kb
+import os, subprocess, sys
+import numpy
 from moe_lit.kernels.batched import *
 
 
@@ -190,7 +192,6 @@ def test_pdl_kwargs():
 
 
 def test_launch_arguments_refused():
-    import os, subprocess, sys
     for var, bad in (("MOE_LIT_PDL", "2"), ("MOE_LIT_FAST_LAUNCH", "off")):        # switches read at import: named
         r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.batched"], capture_output=True, text=True,
                            env={**os.environ, var: bad}, timeout=300)
@@ -201,7 +202,6 @@ def test_launch_arguments_refused():
 
 
 def test_interpreter_numpy_problem_is_named():
-    import numpy
     real = numpy.__version__
     try:
         numpy.__version__ = "2.4.6"

@@ -20,6 +20,9 @@ from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.formats import moe_reference_standard
 from moe_lit.placement import determine_expert_map
+from moe_lit.kernels.batched import tile_config_path
+import json, tempfile
+import moe_lit.kernels.contiguous as kc
 from moe_lit.kernels.contiguous import *
 
 
@@ -242,9 +245,6 @@ def test_triton_experts_two_ranks():
 
 
 def test_contiguous_bad_input():
-    import json, tempfile
-    import moe_lit.kernels.contiguous as kc
-    from moe_lit.kernels.batched import tile_config_path
     with tempfile.TemporaryDirectory() as d:                    # a tuned table's GEMM1 BLOCK_M is the alignment block
         name = torch.cuda.get_device_name() if torch.cuda.is_available() and DEVICE == "cuda" else "cpu"   # the tables' key
         p = tile_config_path("fused_moe_gemm", 2, 64, name, torch.bfloat16, d)

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import triton
 from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
+import dataclasses
 from moe_lit.layer import *
 
 
@@ -309,7 +310,6 @@ def test_layer_follows_inplace_edits():
         q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
         q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
         q(x); assert q._versions != versions
-        import dataclasses
         good_q = q.qweights
         q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
         test_fail(lambda: q(x), contains=f"qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on {q.gate.device}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 from fastcore.test import test_eq, test_fail
+import tempfile
 from moe_lit.terms import *
 
 
@@ -95,7 +96,6 @@ def test_acc_dtype():
 
 
 def test_read_json_object_and_interpreter():
-    import tempfile
     with tempfile.TemporaryDirectory() as d:                # a key given twice: refused, nested objects too
         p = Path(d) / "config.json"
         for text, msg in (('{"hidden_size": 64, "top_k": 2, "hidden_size": 128}', "duplicate keys ['hidden_size', 'hidden_size']"),

@@ -10,6 +10,7 @@ from moe_lit.kernels.batched import DEVICE
 import triton, triton.language as tl
 from moe_lit.kernels.router import route_topk, router_plan
 from moe_lit.config import MoEConfig
+from moe_lit.testing import _waits_first
 from moe_lit.testing import *
 
 
@@ -78,7 +79,6 @@ def test_tiny_hf_models():
 
 
 def test_compile_for_gpu_bad_input():
-    from moe_lit.testing import _waits_first
     test_eq(_waits_first(".entry k(\n){\nld.param.u64 a;\ngriddepcontrol.wait;\nld.global.u32 b;\n}"), True)
     test_eq(_waits_first(".entry k(\n){\nld.global.u32 b;\ngriddepcontrol.wait;\n}"), False)   # a load moved above it
     test_eq(_waits_first(".entry k(\n){\ncp.async.bulk.tensor x;\ngriddepcontrol.wait;\n}"), False)
