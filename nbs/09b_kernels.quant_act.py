@@ -165,7 +165,11 @@ def _check_act_quant_args(x, granularity, expert_num_tokens, group_k):
         check_tensor("x", x, ndim=3)
         check_tensor("expert_num_tokens", expert_num_tokens, shape=(x.shape[0],), dtype=torch.int32, contiguous=True)
     if x.shape[-1] == 0: raise ValueError(f"x: expected at least one column, got shape {tuple(x.shape)}")
-    if granularity == "token" and x.shape[-1] > 2**16:   # a token's whole row is one program's block
+    _check_token_width(x, granularity)
+
+def _check_token_width(x, granularity):
+    "Per-token scales: a token's whole row is one program's block, so at most 2^16 columns (checked on every path)."
+    if granularity == "token" and x.shape[-1] > 2**16:
         raise ValueError(f"x: expected at most {2**16} columns for per-token scales, got {x.shape[-1]}")
 
 def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous)
@@ -198,10 +202,16 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     "Dynamic e4m3 quantization of activation rows on Triton: `(q float8_e4m3fn like x, scale fp32)`; padding untouched."
     _check_act_quant_args(x, granularity, expert_num_tokens, group_k)
+    M = x.shape[-2]
+    if validate and expert_num_tokens is not None and x.shape[0] and ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
+        raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
+    return _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k)
+
+def _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k):
+    "`fp8_quantize_activations` after its checks: for the quantized GEMMs, whose callers checked the other arguments."
+    _check_token_width(x, granularity)
     x3 = x[None] if expert_num_tokens is None else x
     E, M, K = x3.shape
-    if validate and expert_num_tokens is not None and E and ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
-        raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
     group = {"tensor": min(1024, _next_pow2(max(K, 1))), "token": _next_pow2(max(K, 1)),
              "group": group_k}[granularity]

@@ -18,10 +18,12 @@ from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
+from moe_lit.kernels.quant_act import _fp8_quantize_activations
 from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scaled
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
-from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, split_k_launch, _slot_expert, expert_slots
+from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, _slot_expert, expert_slots
+from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
 from moe_lit.kernels.batched import check_max_active, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args, _block_pairs
@@ -809,7 +811,15 @@ def _batched_moe_gemm_quant_kernel(
 # %%
 #| export
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
-    "The weight's tensors, scale strides (0 where a scale broadcasts) and constexprs, as the kernels take them."
+    """The weight's tensors, scale strides (0 where a scale broadcasts), their stride keywords and constexprs, as the
+    kernels take them; worked out once per container and weight and kept on it (the container is frozen, so nothing
+    here can go stale; a forward asks three times). Shared: callers read it and never change it."""
+    kept = qw.__dict__.setdefault("_kernel_args", {})
+    if which not in kept: kept[which] = _weight_kernel_args_of(qw, which)
+    return kept[which]
+
+def _weight_kernel_args_of(qw: QuantizedExpertWeights, which: str) -> dict:
+    "`_weight_kernel_args`, worked out."
     codes, scale, gs, N, K = qw.weight_parts(which)
     if qw.scheme == "fp8_w8a8_tensor": strides = (scale.stride(0), 0, 0)
     elif qw.scheme == "fp8_w8a8_channel": strides = (scale.stride(0), scale.stride(1), 0)
@@ -819,6 +829,7 @@ def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     fold = (qw.e8m0_max is not None and qw.e8m0_max[which] <= 128 or    # read once, at the container's construction
             qw.scheme == "nvfp4_w4a16" and qw.fp4_layout == "mma128")    # any e4m3 scale: times 2^118 fits bf16
     return dict(codes=codes, scale=scale, gs=gs if gs is not None else scale, scale_strides=strides,
+                w_strides={**_named_strides("w", "enk", codes.stride()), **_named_strides("ws", "enk", strides)},
                 GROUP_N=gn, GROUP_K=gk, N=N, K=K, K_W=codes.shape[2], FMT=_FMT[qw.scheme],
                 LAYOUT=FP4_LAYOUTS.index(qw.fp4_layout),   # mma128's 4-byte alignment: checked by the container
                 SCALE_FOLD=fold, ACT_GRAN=ACTIVATION_GRANULARITY.get(qw.scheme))   # FP8: the activations' scales
@@ -918,7 +929,7 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
         if out_dtype is not None and out_dtype != a.dtype: raise ValueError(f"out_dtype: expected {a.dtype} (a's dtype), got {out_dtype}")
         out_dtype = a.dtype
         if gran in ("group", "token"): return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_fp8_input`)
-        a, a_scale = fp8_quantize_activations(a, gran, expert_num_tokens if batched else None, gk, validate=False)
+        a, a_scale = _fp8_quantize_activations(a, gran, expert_num_tokens if batched else None, gk)   # (checked: ours)
     st = a_scale.stride() if batched else (0, *a_scale.stride())
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
     return a, a_scale, st, out_dtype
@@ -932,7 +943,7 @@ def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     if wa["FMT"] > 1 or a_k.dtype not in ACTIVATION_DTYPES or gran == "tensor": return a_k, a_s, as_st, 0
     if FP8_ACT_QUANT == "loop" and gran == "token": return a_k, a_s, as_st, 2
     if FP8_ACT_QUANT == "loop" and bk == wa["GROUP_K"]: return a_k, a_s, as_st, 1
-    q, s = fp8_quantize_activations(a_k, gran, expert_num_tokens, wa["GROUP_K"], validate=False)
+    q, s = _fp8_quantize_activations(a_k, gran, expert_num_tokens, wa["GROUP_K"])
     st = s.stride() if expert_num_tokens is not None else (0, *s.stride())
     return q, s, st, 0
 
@@ -1004,9 +1015,10 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
     a_k, a_s, as_strides, quant_a = _fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
     num_m_tiles = _cdiv(M, bm)
     tiles = num_m_tiles * _cdiv(n_out, bn)                      # per expert
-    split, part, locks = split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
-                                        E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
-                                        tiles * E, bm, bn, out.device, _split_target(wa["FMT"]))
+    split = _split_k_choice(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),   # (`split_k_launch`
+                            E if active_experts is None else min(E, active_experts), _cdiv(K, bk),   # without its
+                            tiles * E, bm, bn, _split_target(wa["FMT"]))                        # checks: ours)
+    part, locks = _split_k_buffers(split, tiles * E, bm, bn, out.device)
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
     slots, compact, block_e = expert_slots(E, max_active)
     launch_kernel(_batched_moe_gemm_quant_kernel, (tiles, slots, split))(
@@ -1014,8 +1026,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
         num_experts=E, COMPACT=compact, BLOCK_E=block_e,
         N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M, num_m_tiles=num_m_tiles,
         **_named_strides("a", "emk", a_k.stride()), **_named_strides("as", "emg", as_strides),
-        **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
-        **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
+        **wa["w_strides"], **_named_strides("c", "emn", out.stride()), **epilogue_args(act, bias),
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32",
         GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"],
         SPLIT_K=split, QUANT_A=quant_a, SCALE_FOLD=wa["SCALE_FOLD"], **cfg)
@@ -1392,16 +1403,15 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids
     tiles = num_m_blocks * _cdiv(n_out, bn)
     active = min(E, num_pairs if active_experts is None else active_experts)   # an expert's pairs fit one block at decode
-    split, part, locks = split_k_launch(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, out.device,
-                                        _split_target(wa["FMT"]))
+    split = _split_k_choice(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, _split_target(wa["FMT"]))
+    part, locks = _split_k_buffers(split, tiles, bm, bn, out.device)
     launch_kernel(_fused_moe_quant_kernel, (tiles, split))(
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out, part_ptr=part, lock_ptr=locks,
         N_OUT=n_out, K=K, K_W=wa["K_W"], num_pairs=num_pairs, num_m_blocks=num_m_blocks,
         num_sorted=sorted_token_ids.numel(), num_local=E,
         **_named_strides("a", "mk", a_k.stride()), **_named_strides("as", "mg", as_st[1:]),
-        **_named_strides("w", "enk", wa["codes"].stride()), **_named_strides("ws", "enk", wa["scale_strides"]),
-        **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),
+        **wa["w_strides"], **_named_strides("c", "mn", out.stride()), **epilogue_args(act, bias),
         TOP_K=top_k, A_PER_PAIR=per_pair, WEIGHT={None: 0, "input": 1, "output": 2}[weight_stage],
         FMT=wa["FMT"], UPCAST=upcast, PRECISION="ieee" if upcast else "tf32", GROUP_N=wa["GROUP_N"],
         GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], SPLIT_K=split,
