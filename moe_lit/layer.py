@@ -232,7 +232,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #b8bf2e8a18d1
+# %% ../nbs/12_layer.ipynb #470f155024f0
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -269,12 +269,16 @@ def _identity(t: torch.Tensor | None, version: bool) -> tuple | None:
 def _weight_versions(self: FusedMoE) -> tuple:
     """What the hot path was built from, cheaply: the tensors the kernels read as `_identity` sees them (a swapped or
     resized one is noticed, and an in-place edit of one it keeps a copy of: the gate's bf16 copy, a quantized layer's
-    codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts) and its switches."""
-    p, b, quantized = self._parameters, self._buffers, self.qweights is not None
+    codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts), its switches, and
+    the placement's tables (an in-place edit of one is checked again, as a new placement is)."""
+    p, b, quantized, place = self._parameters, self._buffers, self.qweights is not None, self.placement
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
-                 for n in _TRACKED) + (id(self.qweights), id(self.config), id(self.placement),
+                 for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
                                        id(self._modules.get("shared_experts")), self.debug, self.experts) + \
-        tuple(_identity(t, False) for t in _shared_tensors(self))
+        tuple(_identity(t, False) for t in _shared_tensors(self)) + \
+        tuple(_identity(getattr(place, n, None), True) for n in _PLACEMENT_TABLES)   # edited in place: re-checked
+
+_PLACEMENT_TABLES = ("expert_map", "global_to_physical", "slot_table")   # the placement's tables the kernels read
 
 _SHARED = ("w13", "w2", "gate")                    # the shared experts' tensors (`10_modular.SharedExperts`)
 
@@ -343,7 +347,9 @@ def _follow_inplace_edits(self: FusedMoE):
         return
     if q is not None and now[len(_TRACKED)] != self._versions[len(_TRACKED)]:   # new codes swapped in: the float
         with torch.no_grad():                                                    # experts (state_dict) follow them
-            w13, w2 = q.dequantize()
+            w13, w2 = (w.to(self.w13.dtype) for w in q.dequantize())
+            for n, w in (("w13", w13), ("w2", w2)):       # as construction and loading refuse them: named, nothing copied
+                check_finite(f"qweights (its {n} dequantized to {w.dtype})", w)
             self.w13.copy_(w13); self.w2.copy_(w2)
     self._build_hot_path()
 

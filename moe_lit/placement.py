@@ -196,7 +196,7 @@ def map_to_physical(
     physical = torch.where(ids >= 0, logical_to_physical[safe, replica], -1)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
-# %% ../nbs/04_placement.ipynb #a87b06cd0275
+# %% ../nbs/04_placement.ipynb #b2c4d20513ee
 @dataclass(frozen=True, eq=False)
 class Placement:
     "Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables."
@@ -213,58 +213,52 @@ class Placement:
     slot_table: torch.Tensor | None = None  # [num_experts + 1] int64: local slot of each id, -1 = not local; [-1] = -1
 
     def __post_init__(self):
-        """A placement made by hand is held to what `build` makes: sizes and dtypes, then values that agree —
-        `local_to_global` distinct ids, `expert_map` its inverse (None only when the rank holds every expert in id order),
-        the round-robin tables inverse permutations that give the same slots, `slot_table` the slots the others give.
-        Values are compared on the host (a placement is made at set-up, never per forward); tables on `meta` hold none
-        and are not compared. ValueError naming the field otherwise."""
+        """A placement made by hand is held to what `build` makes: sizes, dtypes and contiguous tables (the kernels read
+        them as flat arrays), then values — `expert_map`, `local_to_global` and the round-robin tables exactly as
+        `strategy` places `num_experts` on rank `ep_rank` of `ep_size` (the dispatch reads `strategy` and `ep_size` to
+        find an expert's rank, so they must agree with the maps), and `slot_table` the slots those give. Values are
+        compared on the host (a placement is made at set-up, never per forward); a table on `meta` holds none and is
+        not compared. ValueError naming the field otherwise."""
         check_choice("strategy", self.strategy, PLACEMENT_STRATEGIES)
         check_int("ep_size", self.ep_size, lo=1); check_int("ep_rank", self.ep_rank, lo=0, hi=self.ep_size)
         E = check_int("num_experts", self.num_experts, lo=self.ep_size, hi=SIZE_LIMIT)
         L = check_int("num_local_experts", self.num_local_experts, lo=0, hi=E + 1)
         check_tensor("local_to_global", self.local_to_global, shape=(L,), dtype=torch.int64)
-        if self.expert_map is not None: check_tensor("expert_map", self.expert_map, shape=(E,), dtype=torch.int32)
+        if self.expert_map is not None:
+            check_tensor("expert_map", self.expert_map, shape=(E,), dtype=torch.int32, contiguous=True)
         for n in ("global_to_physical", "physical_to_global"):
-            if getattr(self, n) is not None: check_tensor(n, getattr(self, n), shape=(E,), dtype=torch.int64)
+            if getattr(self, n) is not None: check_tensor(n, getattr(self, n), shape=(E,), dtype=torch.int64, contiguous=True)
         if (self.global_to_physical is None) != (self.physical_to_global is None):
             raise ValueError("physical_to_global: expected it and global_to_physical both given or both None, got "
                              f"{'only physical_to_global' if self.global_to_physical is None else 'only global_to_physical'}")
-        if self.slot_table is not None: check_tensor("slot_table", self.slot_table, shape=(E + 1,), dtype=torch.int64)
-        held = [t for t in (self.expert_map, self.local_to_global, self.global_to_physical, self.physical_to_global,
-                            self.slot_table) if t is not None]
-        if any(t.device.type == "meta" for t in held): return   # (moved to meta by a layer built there: checked before)
-        l2g = self.local_to_global.cpu()
-        if L and (int(l2g.min()) < 0 or int(l2g.max()) >= E or l2g.unique().numel() != L):
-            raise ValueError(f"local_to_global: expected {L} distinct ids in [0, {E}), got {l2g.tolist()}")
-        inverse = torch.full((E,), -1, dtype=torch.int32)
-        inverse[l2g] = torch.arange(L, dtype=torch.int32)
-        if self.expert_map is None and not torch.equal(l2g, torch.arange(E)):
-            raise ValueError(f"expert_map: expected one (global -> local) for a rank that does not hold every expert in "
-                             f"id order (local_to_global {l2g.tolist()}), got None")
-        if self.expert_map is not None and not torch.equal(self.expert_map.cpu(), inverse):
-            raise ValueError(f"expert_map: expected the inverse of local_to_global, {inverse.tolist()}, got "
-                             f"{self.expert_map.cpu().tolist()}")
-        g2p = None if self.global_to_physical is None else self.global_to_physical.cpu()
-        if g2p is not None:
-            p2g = self.physical_to_global.cpu()
-            if not (torch.equal(g2p.sort().values, torch.arange(E)) and torch.equal(p2g[g2p], torch.arange(E))):
-                raise ValueError(f"global_to_physical: expected a permutation of 0..{E - 1} whose inverse is "
-                                 f"physical_to_global, got {g2p.tolist()} and {p2g.tolist()}")
-            via_tables = local_slot_table(E, L, self.physical_offset, None, g2p)[:-1]
-            if not torch.equal(via_tables, inverse.long()):
-                raise ValueError(f"global_to_physical: expected the slots of local_to_global from this rank's physical "
-                                 f"block, {inverse.tolist()}, got {via_tables.tolist()}")
         if self.slot_table is not None:
-            want = local_slot_table(E, L, self.physical_offset, self.expert_map.cpu() if self.expert_map is not None
-                                    else None, g2p)
-            if not torch.equal(self.slot_table.cpu(), want):
-                raise ValueError(f"slot_table: expected the local slot of each id then -1, {want.tolist()}, got "
-                                 f"{self.slot_table.cpu().tolist()}")
+            check_tensor("slot_table", self.slot_table, shape=(E + 1,), dtype=torch.int64, contiguous=True)
+        count, want_map = determine_expert_map(self.ep_size, self.ep_rank, E, self.strategy)
+        where = f"rank {self.ep_rank} of {self.ep_size} with strategy {self.strategy!r} and {E} experts"
+        if L != count: raise ValueError(f"num_local_experts: expected {count} for {where}, got {L}")
+        def same(name, got, want):                      # a table on meta holds no values: nothing to compare
+            if got is None or want is None or got.device.type == "meta": return
+            if not torch.equal(got.cpu().to(want.dtype), want):
+                raise ValueError(f"{name}: expected {want.tolist()} for {where}, got {got.cpu().tolist()}")
+        if (self.expert_map is None) != (want_map is None):
+            raise ValueError(f"expert_map: expected {'None' if want_map is None else 'a map'} for {where}, got "
+                             f"{'None' if self.expert_map is None else 'a map'}")
+        same("expert_map", self.expert_map, want_map)
+        same("local_to_global", self.local_to_global, torch.arange(E) if want_map is None else local_to_global(want_map))
+        tables = (None, None)
+        if self.global_to_physical is not None:
+            if self.strategy != "round_robin":
+                raise ValueError(f"global_to_physical: expected None for strategy {self.strategy!r} (routing tables "
+                                 f"belong to round robin), got a table")
+            tables = round_robin_routing_tables(E, self.ep_size, self.ep_rank)[:2]
+            same("global_to_physical", self.global_to_physical, tables[0])
+            same("physical_to_global", self.physical_to_global, tables[1])
+        same("slot_table", self.slot_table, local_slot_table(E, L, self.physical_offset, want_map, tables[0]))
 
     @property
     def holds_every_expert(self) -> bool:
         "One rank holds every (physical) expert in id order: the local slot of an id in range is the id itself."
-        return self.ep_size == 1 and self.num_local_experts == self.num_experts
+        return self.ep_size == 1 and self.num_local_experts == self.num_experts and self.expert_map is None
 
     @property
     def physical_offset(self) -> int:
@@ -336,7 +330,7 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
         self.num_experts, self.num_local_experts, self.physical_offset, self.expert_map, self.global_to_physical)
     return table.to(topk_ids.device)[topk_ids.clamp(-1, self.num_experts)]   # never out of bounds: both ends read -1
 
-# %% ../nbs/04_placement.ipynb #b74fc3d9a68f
+# %% ../nbs/04_placement.ipynb #e70f923bef6c
 @patch
 def to(self: Placement, device: str | torch.device,  # where the dispatch and routing kernels will read the tables
        ) -> Placement:                                # a copy: expert_map, global_to_physical, slot_table on `device`
@@ -345,6 +339,10 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
     once, at construction, so no forward copies a table. ValueError for a device that is not cpu, cuda (on a machine
     with a GPU) or meta."""
     device = check_device(device, allow_meta=True)
+    if device.type != "meta" and any(t is not None and t.device.type == "meta" for t in
+                                     (self.expert_map, self.global_to_physical, self.slot_table)):
+        raise ValueError(f"device: expected meta for a placement whose tables are on meta (they hold no values to "
+                         f"copy; build it again with Placement.build), got {device}")
     return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in ("expert_map", "global_to_physical", "slot_table")
                                         if getattr(self, n) is not None})
 

@@ -620,58 +620,52 @@ class Placement:
     slot_table: torch.Tensor | None = None  # [num_experts + 1] int64: local slot of each id, -1 = not local; [-1] = -1
 
     def __post_init__(self):
-        """A placement made by hand is held to what `build` makes: sizes and dtypes, then values that agree —
-        `local_to_global` distinct ids, `expert_map` its inverse (None only when the rank holds every expert in id order),
-        the round-robin tables inverse permutations that give the same slots, `slot_table` the slots the others give.
-        Values are compared on the host (a placement is made at set-up, never per forward); tables on `meta` hold none
-        and are not compared. ValueError naming the field otherwise."""
+        """A placement made by hand is held to what `build` makes: sizes, dtypes and contiguous tables (the kernels read
+        them as flat arrays), then values — `expert_map`, `local_to_global` and the round-robin tables exactly as
+        `strategy` places `num_experts` on rank `ep_rank` of `ep_size` (the dispatch reads `strategy` and `ep_size` to
+        find an expert's rank, so they must agree with the maps), and `slot_table` the slots those give. Values are
+        compared on the host (a placement is made at set-up, never per forward); a table on `meta` holds none and is
+        not compared. ValueError naming the field otherwise."""
         check_choice("strategy", self.strategy, PLACEMENT_STRATEGIES)
         check_int("ep_size", self.ep_size, lo=1); check_int("ep_rank", self.ep_rank, lo=0, hi=self.ep_size)
         E = check_int("num_experts", self.num_experts, lo=self.ep_size, hi=SIZE_LIMIT)
         L = check_int("num_local_experts", self.num_local_experts, lo=0, hi=E + 1)
         check_tensor("local_to_global", self.local_to_global, shape=(L,), dtype=torch.int64)
-        if self.expert_map is not None: check_tensor("expert_map", self.expert_map, shape=(E,), dtype=torch.int32)
+        if self.expert_map is not None:
+            check_tensor("expert_map", self.expert_map, shape=(E,), dtype=torch.int32, contiguous=True)
         for n in ("global_to_physical", "physical_to_global"):
-            if getattr(self, n) is not None: check_tensor(n, getattr(self, n), shape=(E,), dtype=torch.int64)
+            if getattr(self, n) is not None: check_tensor(n, getattr(self, n), shape=(E,), dtype=torch.int64, contiguous=True)
         if (self.global_to_physical is None) != (self.physical_to_global is None):
             raise ValueError("physical_to_global: expected it and global_to_physical both given or both None, got "
                              f"{'only physical_to_global' if self.global_to_physical is None else 'only global_to_physical'}")
-        if self.slot_table is not None: check_tensor("slot_table", self.slot_table, shape=(E + 1,), dtype=torch.int64)
-        held = [t for t in (self.expert_map, self.local_to_global, self.global_to_physical, self.physical_to_global,
-                            self.slot_table) if t is not None]
-        if any(t.device.type == "meta" for t in held): return   # (moved to meta by a layer built there: checked before)
-        l2g = self.local_to_global.cpu()
-        if L and (int(l2g.min()) < 0 or int(l2g.max()) >= E or l2g.unique().numel() != L):
-            raise ValueError(f"local_to_global: expected {L} distinct ids in [0, {E}), got {l2g.tolist()}")
-        inverse = torch.full((E,), -1, dtype=torch.int32)
-        inverse[l2g] = torch.arange(L, dtype=torch.int32)
-        if self.expert_map is None and not torch.equal(l2g, torch.arange(E)):
-            raise ValueError(f"expert_map: expected one (global -> local) for a rank that does not hold every expert in "
-                             f"id order (local_to_global {l2g.tolist()}), got None")
-        if self.expert_map is not None and not torch.equal(self.expert_map.cpu(), inverse):
-            raise ValueError(f"expert_map: expected the inverse of local_to_global, {inverse.tolist()}, got "
-                             f"{self.expert_map.cpu().tolist()}")
-        g2p = None if self.global_to_physical is None else self.global_to_physical.cpu()
-        if g2p is not None:
-            p2g = self.physical_to_global.cpu()
-            if not (torch.equal(g2p.sort().values, torch.arange(E)) and torch.equal(p2g[g2p], torch.arange(E))):
-                raise ValueError(f"global_to_physical: expected a permutation of 0..{E - 1} whose inverse is "
-                                 f"physical_to_global, got {g2p.tolist()} and {p2g.tolist()}")
-            via_tables = local_slot_table(E, L, self.physical_offset, None, g2p)[:-1]
-            if not torch.equal(via_tables, inverse.long()):
-                raise ValueError(f"global_to_physical: expected the slots of local_to_global from this rank's physical "
-                                 f"block, {inverse.tolist()}, got {via_tables.tolist()}")
         if self.slot_table is not None:
-            want = local_slot_table(E, L, self.physical_offset, self.expert_map.cpu() if self.expert_map is not None
-                                    else None, g2p)
-            if not torch.equal(self.slot_table.cpu(), want):
-                raise ValueError(f"slot_table: expected the local slot of each id then -1, {want.tolist()}, got "
-                                 f"{self.slot_table.cpu().tolist()}")
+            check_tensor("slot_table", self.slot_table, shape=(E + 1,), dtype=torch.int64, contiguous=True)
+        count, want_map = determine_expert_map(self.ep_size, self.ep_rank, E, self.strategy)
+        where = f"rank {self.ep_rank} of {self.ep_size} with strategy {self.strategy!r} and {E} experts"
+        if L != count: raise ValueError(f"num_local_experts: expected {count} for {where}, got {L}")
+        def same(name, got, want):                      # a table on meta holds no values: nothing to compare
+            if got is None or want is None or got.device.type == "meta": return
+            if not torch.equal(got.cpu().to(want.dtype), want):
+                raise ValueError(f"{name}: expected {want.tolist()} for {where}, got {got.cpu().tolist()}")
+        if (self.expert_map is None) != (want_map is None):
+            raise ValueError(f"expert_map: expected {'None' if want_map is None else 'a map'} for {where}, got "
+                             f"{'None' if self.expert_map is None else 'a map'}")
+        same("expert_map", self.expert_map, want_map)
+        same("local_to_global", self.local_to_global, torch.arange(E) if want_map is None else local_to_global(want_map))
+        tables = (None, None)
+        if self.global_to_physical is not None:
+            if self.strategy != "round_robin":
+                raise ValueError(f"global_to_physical: expected None for strategy {self.strategy!r} (routing tables "
+                                 f"belong to round robin), got a table")
+            tables = round_robin_routing_tables(E, self.ep_size, self.ep_rank)[:2]
+            same("global_to_physical", self.global_to_physical, tables[0])
+            same("physical_to_global", self.physical_to_global, tables[1])
+        same("slot_table", self.slot_table, local_slot_table(E, L, self.physical_offset, want_map, tables[0]))
 
     @property
     def holds_every_expert(self) -> bool:
         "One rank holds every (physical) expert in id order: the local slot of an id in range is the id itself."
-        return self.ep_size == 1 and self.num_local_experts == self.num_experts
+        return self.ep_size == 1 and self.num_local_experts == self.num_experts and self.expert_map is None
 
     @property
     def physical_offset(self) -> int:
@@ -818,6 +812,10 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
     once, at construction, so no forward copies a table. ValueError for a device that is not cpu, cuda (on a machine
     with a GPU) or meta."""
     device = check_device(device, allow_meta=True)
+    if device.type != "meta" and any(t is not None and t.device.type == "meta" for t in
+                                     (self.expert_map, self.global_to_physical, self.slot_table)):
+        raise ValueError(f"device: expected meta for a placement whose tables are on meta (they hold no values to "
+                         f"copy; build it again with Placement.build), got {device}")
     return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in ("expert_map", "global_to_physical", "slot_table")
                                         if getattr(self, n) is not None})
 
@@ -860,26 +858,33 @@ good = Placement.build(MoEConfig(8, 2, 16, 16, routing_method="grouped_topk", nu
                                  parallel=ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True,
                                                               all2all_backend="nixl_ep")), "round_robin", ep_rank=1)
 test_eq((good.strategy, good.local_to_global.tolist(), good.global_to_physical is None), ("round_robin", [1, 3, 5, 7], False))
+where = "for rank 1 of 2 with strategy 'round_robin' and 8 experts, got"
 for field, value, msg in (                                     # a placement made by hand is held to what build makes
-        ("slot_table", torch.tensor([-1, 0, -1, 1, -1, 2, -1, 9, -1]), "slot_table: expected the local slot of each id then -1"),
+        ("slot_table", torch.tensor([-1, 0, -1, 1, -1, 2, -1, 9, -1]), f"slot_table: expected [-1, 0, -1, 1, -1, 2, -1, 3, -1] {where}"),
         ("slot_table", torch.tensor([-1, 0, -1]), "slot_table: expected shape [9]"),
-        ("expert_map", torch.tensor([-1, 0, -1, 1, -1, 2, 3, -1], dtype=torch.int32), "expert_map: expected the inverse of local_to_global"),
-        ("expert_map", None, "expert_map: expected one (global -> local)"),
-        ("local_to_global", torch.tensor([1, 3, 5, 5]), "local_to_global: expected 4 distinct ids in [0, 8)"),
+        ("expert_map", torch.tensor([-1, 0, -1, 1, -1, 2, 3, -1], dtype=torch.int32), f"expert_map: expected [-1, 0, -1, 1, -1, 2, -1, 3] {where}"),
+        ("expert_map", good.expert_map.repeat_interleave(2)[::2], "expert_map: expected a contiguous tensor"),   # same values
+        ("expert_map", None, f"expert_map: expected a map {where} None"),
+        ("local_to_global", torch.tensor([1, 3, 5, 5]), f"local_to_global: expected [1, 3, 5, 7] {where}"),
         ("local_to_global", torch.tensor([1, 3, 5, 7], dtype=torch.int32), "local_to_global: expected dtype torch.int64"),
-        ("global_to_physical", torch.arange(8), "global_to_physical: expected a permutation of 0..7 whose inverse"),
+        ("global_to_physical", torch.arange(8), f"global_to_physical: expected [0, 4, 1, 5, 2, 6, 3, 7] {where}"),
         ("physical_to_global", None, "physical_to_global: expected it and global_to_physical both given"),
         ("ep_rank", 2, "ep_rank: expected <= 1, got 2"), ("strategy", "zigzag", "strategy: expected one of"),
+        ("strategy", "linear", "expert_map: expected [-1, -1, -1, -1, 0, 1, 2, 3] for rank 1 of 2 with strategy 'linear'"),
+        ("ep_size", 4, "num_local_experts: expected 2 for rank 1 of 4"),   # the dispatch finds ranks by these two
         ("num_local_experts", 5, "local_to_global: expected shape [5]")):
     test_fail(lambda: dataclasses.replace(good, **{field: value}), contains=msg)
 test_fail(lambda: Placement("linear", "by hand", 1, 0, 4, 4, None, torch.arange(4), slot_table=torch.tensor([0, 1, 2, 9, -1])),
-          contains="slot_table: expected the local slot of each id then -1, [0, 1, 2, 3, -1], got [0, 1, 2, 9, -1]")
+          contains="slot_table: expected [0, 1, 2, 3, -1] for rank 0 of 1 with strategy 'linear' and 4 experts, got [0, 1, 2, 9, -1]")
+test_fail(lambda: Placement("linear", "by hand", 1, 0, 4, 4, torch.tensor([1, 0, 2, 3], dtype=torch.int32), torch.tensor([1, 0, 2, 3])),
+          contains="expert_map: expected None for rank 0 of 1")          # one rank, permuted: not what linear places
 test_eq(dataclasses.replace(good).local_slot(torch.tensor([[1, 7]])).tolist(), [[0, 3]])   # a faithful copy is taken
 moved = p.to("meta")                                                             # the kernels' tables move, nothing else
 test_eq([t.device.type for t in (moved.expert_map, moved.slot_table, moved.local_to_global)], ["meta", "meta", "cpu"])
 assert moved is not p and p.expert_map.device.type == "cpu" and moved.num_local_experts == p.num_local_experts
 test_fail(lambda: p.to("gpu0"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'gpu0'")
 test_fail(lambda: p.to("mps"), contains="device: expected a cpu, cuda or meta device, got mps")
+test_fail(lambda: moved.to("cpu"), contains="device: expected meta for a placement whose tables are on meta")
 test_fail(lambda: moved.local_slot(torch.tensor([[1]])), contains="topk_ids: expected a tensor on meta")
 test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
 test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")

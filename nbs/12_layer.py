@@ -404,12 +404,16 @@ def _identity(t: torch.Tensor | None, version: bool) -> tuple | None:
 def _weight_versions(self: FusedMoE) -> tuple:
     """What the hot path was built from, cheaply: the tensors the kernels read as `_identity` sees them (a swapped or
     resized one is noticed, and an in-place edit of one it keeps a copy of: the gate's bf16 copy, a quantized layer's
-    codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts) and its switches."""
-    p, b, quantized = self._parameters, self._buffers, self.qweights is not None
+    codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts), its switches, and
+    the placement's tables (an in-place edit of one is checked again, as a new placement is)."""
+    p, b, quantized, place = self._parameters, self._buffers, self.qweights is not None, self.placement
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
-                 for n in _TRACKED) + (id(self.qweights), id(self.config), id(self.placement),
+                 for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
                                        id(self._modules.get("shared_experts")), self.debug, self.experts) + \
-        tuple(_identity(t, False) for t in _shared_tensors(self))
+        tuple(_identity(t, False) for t in _shared_tensors(self)) + \
+        tuple(_identity(getattr(place, n, None), True) for n in _PLACEMENT_TABLES)   # edited in place: re-checked
+
+_PLACEMENT_TABLES = ("expert_map", "global_to_physical", "slot_table")   # the placement's tables the kernels read
 
 _SHARED = ("w13", "w2", "gate")                    # the shared experts' tensors (`10_modular.SharedExperts`)
 
@@ -478,7 +482,9 @@ def _follow_inplace_edits(self: FusedMoE):
         return
     if q is not None and now[len(_TRACKED)] != self._versions[len(_TRACKED)]:   # new codes swapped in: the float
         with torch.no_grad():                                                    # experts (state_dict) follow them
-            w13, w2 = q.dequantize()
+            w13, w2 = (w.to(self.w13.dtype) for w in q.dequantize())
+            for n, w in (("w13", w13), ("w2", w2)):       # as construction and loading refuse them: named, nothing copied
+                check_finite(f"qweights (its {n} dequantized to {w.dtype})", w)
             self.w13.copy_(w13); self.w2.copy_(w2)
     self._build_hot_path()
 
@@ -1053,6 +1059,10 @@ inf(x)
 
 
 # %%
+#| hide
+import dataclasses
+
+# %%
 #| test layer_refuses_another_ranks_placement
 # The weights a layer holds are its rank's experts: a placement swapped in must put the same experts on this rank,
 # found the same way — another rank's with the same counts would run expert 2's tokens through expert 0's weights.
@@ -1067,6 +1077,13 @@ layer.placement = "linear"
 test_fail(lambda: layer(x), contains="got not a Placement")
 layer.placement = Placement.build(c)                       # an equal one, built again: taken
 assert torch.equal(layer(x), want)
+with torch.no_grad(): layer.placement.slot_table[0] = 9    # a table edited in place: checked again, named
+test_fail(lambda: layer(x), contains="slot_table: expected [0, 1, -1, -1, -1] for rank 0 of 2 with strategy 'linear'")
+layer.placement = Placement.build(c)
+assert torch.equal(layer(x), want)
+half = FusedMoE(c.replace(dtype=torch.float16), quant="fp8_w8a8_block", experts="torch")   # fp16: max 65504
+half.qweights = dataclasses.replace(half.qweights, w13_scale=half.qweights.w13_scale * 1e6)   # a fine container...
+test_fail(lambda: half(x.half()), contains="qweights (its w13 dequantized to torch.float16): expected finite values")
 # %% [markdown]
 # ## Emulated expert parallelism
 #

@@ -28,6 +28,7 @@ import triton
 from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 import dataclasses
+import dataclasses
 from moe_lit.layer import *
 
 
@@ -382,6 +383,13 @@ def test_layer_refuses_another_ranks_placement():
     test_fail(lambda: layer(x), contains="got not a Placement")
     layer.placement = Placement.build(c)                       # an equal one, built again: taken
     assert torch.equal(layer(x), want)
+    with torch.no_grad(): layer.placement.slot_table[0] = 9    # a table edited in place: checked again, named
+    test_fail(lambda: layer(x), contains="slot_table: expected [0, 1, -1, -1, -1] for rank 0 of 2 with strategy 'linear'")
+    layer.placement = Placement.build(c)
+    assert torch.equal(layer(x), want)
+    half = FusedMoE(c.replace(dtype=torch.float16), quant="fp8_w8a8_block", experts="torch")   # fp16: max 65504
+    half.qweights = dataclasses.replace(half.qweights, w13_scale=half.qweights.w13_scale * 1e6)   # a fine container...
+    test_fail(lambda: half(x.half()), contains="qweights (its w13 dequantized to torch.float16): expected finite values")
 
 
 def test_emulated_ep_every_backend():

@@ -324,26 +324,33 @@ def test_local_slot_edges():
                                      parallel=ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True,
                                                                   all2all_backend="nixl_ep")), "round_robin", ep_rank=1)
     test_eq((good.strategy, good.local_to_global.tolist(), good.global_to_physical is None), ("round_robin", [1, 3, 5, 7], False))
+    where = "for rank 1 of 2 with strategy 'round_robin' and 8 experts, got"
     for field, value, msg in (                                     # a placement made by hand is held to what build makes
-            ("slot_table", torch.tensor([-1, 0, -1, 1, -1, 2, -1, 9, -1]), "slot_table: expected the local slot of each id then -1"),
+            ("slot_table", torch.tensor([-1, 0, -1, 1, -1, 2, -1, 9, -1]), f"slot_table: expected [-1, 0, -1, 1, -1, 2, -1, 3, -1] {where}"),
             ("slot_table", torch.tensor([-1, 0, -1]), "slot_table: expected shape [9]"),
-            ("expert_map", torch.tensor([-1, 0, -1, 1, -1, 2, 3, -1], dtype=torch.int32), "expert_map: expected the inverse of local_to_global"),
-            ("expert_map", None, "expert_map: expected one (global -> local)"),
-            ("local_to_global", torch.tensor([1, 3, 5, 5]), "local_to_global: expected 4 distinct ids in [0, 8)"),
+            ("expert_map", torch.tensor([-1, 0, -1, 1, -1, 2, 3, -1], dtype=torch.int32), f"expert_map: expected [-1, 0, -1, 1, -1, 2, -1, 3] {where}"),
+            ("expert_map", good.expert_map.repeat_interleave(2)[::2], "expert_map: expected a contiguous tensor"),   # same values
+            ("expert_map", None, f"expert_map: expected a map {where} None"),
+            ("local_to_global", torch.tensor([1, 3, 5, 5]), f"local_to_global: expected [1, 3, 5, 7] {where}"),
             ("local_to_global", torch.tensor([1, 3, 5, 7], dtype=torch.int32), "local_to_global: expected dtype torch.int64"),
-            ("global_to_physical", torch.arange(8), "global_to_physical: expected a permutation of 0..7 whose inverse"),
+            ("global_to_physical", torch.arange(8), f"global_to_physical: expected [0, 4, 1, 5, 2, 6, 3, 7] {where}"),
             ("physical_to_global", None, "physical_to_global: expected it and global_to_physical both given"),
             ("ep_rank", 2, "ep_rank: expected <= 1, got 2"), ("strategy", "zigzag", "strategy: expected one of"),
+            ("strategy", "linear", "expert_map: expected [-1, -1, -1, -1, 0, 1, 2, 3] for rank 1 of 2 with strategy 'linear'"),
+            ("ep_size", 4, "num_local_experts: expected 2 for rank 1 of 4"),   # the dispatch finds ranks by these two
             ("num_local_experts", 5, "local_to_global: expected shape [5]")):
         test_fail(lambda: dataclasses.replace(good, **{field: value}), contains=msg)
     test_fail(lambda: Placement("linear", "by hand", 1, 0, 4, 4, None, torch.arange(4), slot_table=torch.tensor([0, 1, 2, 9, -1])),
-              contains="slot_table: expected the local slot of each id then -1, [0, 1, 2, 3, -1], got [0, 1, 2, 9, -1]")
+              contains="slot_table: expected [0, 1, 2, 3, -1] for rank 0 of 1 with strategy 'linear' and 4 experts, got [0, 1, 2, 9, -1]")
+    test_fail(lambda: Placement("linear", "by hand", 1, 0, 4, 4, torch.tensor([1, 0, 2, 3], dtype=torch.int32), torch.tensor([1, 0, 2, 3])),
+              contains="expert_map: expected None for rank 0 of 1")          # one rank, permuted: not what linear places
     test_eq(dataclasses.replace(good).local_slot(torch.tensor([[1, 7]])).tolist(), [[0, 3]])   # a faithful copy is taken
     moved = p.to("meta")                                                             # the kernels' tables move, nothing else
     test_eq([t.device.type for t in (moved.expert_map, moved.slot_table, moved.local_to_global)], ["meta", "meta", "cpu"])
     assert moved is not p and p.expert_map.device.type == "cpu" and moved.num_local_experts == p.num_local_experts
     test_fail(lambda: p.to("gpu0"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'gpu0'")
     test_fail(lambda: p.to("mps"), contains="device: expected a cpu, cuda or meta device, got mps")
+    test_fail(lambda: moved.to("cpu"), contains="device: expected meta for a placement whose tables are on meta")
     test_fail(lambda: moved.local_slot(torch.tensor([[1]])), contains="topk_ids: expected a tensor on meta")
     test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
     test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")
