@@ -127,7 +127,7 @@ def _checks(run, config: MoEConfig) -> dict:
             "ep_vs_single_device": None if run.config.ep_size == 1 else
                 check_output(run.output, run.single_device.double(), config.dtype, *q, between_runs=True)}
 
-# %% ../nbs/15_cli.ipynb #ecae13079eae
+# %% ../nbs/15_cli.ipynb #2c50035fbb91
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = None, seed: int = 0,   # None: linear
                tp_size: int = 1, experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
                backend: str | None = None,
@@ -139,7 +139,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
     t0 = time.perf_counter()
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
     hidden = hidden.to(device=device, dtype=config.dtype)
-    run = run_emulated_ep(config, hidden, seed=seed, placement=placement or "linear", tp_size=tp_size, experts=experts,
+    run = run_emulated_ep(config, hidden, seed=seed, placement="linear" if placement is None else placement, tp_size=tp_size, experts=experts,
                           quant=quant, backend=backend, weights=weights)
     c = run.config
     report = {
@@ -165,7 +165,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
     report["timing"] = _timing(run, num_tokens, time.perf_counter() - t0)   # after the checks: they are timed too
     return report
 
-# %% ../nbs/15_cli.ipynb #410e1e7ff8dd
+# %% ../nbs/15_cli.ipynb #dbaa081596da
 def tables_report(config: MoEConfig,        # the model on its deployment
                   placement: str | None = None,  # requested strategy: 'linear' or 'round_robin' (None: linear)
                   tp_size: int = 1,           # TP size inside each DP rank (as `run_report`'s)
@@ -173,7 +173,7 @@ def tables_report(config: MoEConfig,        # the model on its deployment
     "Every rank's placement for `config`'s deployment as JSON-ready data: local experts, expert_map, routing tables."
     ranks = [rank_config(config, r, tp_size) for r in range(config.ep_size)]     # the deployment as run uses it
     dispatch_h, h_note = dispatch_hidden_size(ranks[0])
-    ps = [Placement.build(c, strategy=placement or "linear") for c in ranks]
+    ps = [Placement.build(c, strategy="linear" if placement is None else placement) for c in ranks]
     p0, par = ps[0], ranks[0].parallel
     return {"model": config.name, "num_experts": config.num_experts, "ep_size": config.ep_size,
             "all2all_backend": par.all2all_backend, "all2all_used": par.use_all2all_kernels,
@@ -286,7 +286,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmark the whole layer instead (FusedMoE eager and graph-replayed, floor, transformers)")
     return ap
 
-# %% ../nbs/15_cli.ipynb #bee020fe4e0e
+# %% ../nbs/15_cli.ipynb #9506a7f34501
 def _transport_note(config):
     "`moe_lit.transport.transport_note`, imported when `explain` runs (not at the command's start-up)."
     from moe_lit.transport import transport_note
@@ -297,7 +297,7 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
     "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
     from moe_lit.modular import make_prepare_finalize
     dev = detect_device() if device == "detect" else DEVICES.get(device) or check_choice("device", device, list(DEVICES))
-    place = Placement.build(rank_config(config, 0, tp_size), strategy=placement or "linear")   # validates the deployment
+    place = Placement.build(rank_config(config, 0, tp_size), strategy="linear" if placement is None else placement)   # validates the deployment
     pf = make_prepare_finalize(config, num_tokens)
     d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
     return {"model": config.name, "experts_function": describe_experts(config), "deployment": all2all_note(config.parallel),

@@ -86,7 +86,7 @@ def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: tor
         single += sh(hidden).to(acc); ref += sh(hidden.double())
     return single.to(config.dtype), ref
 
-# %% ../nbs/13b_distributed.ipynb #d25dbd0bb818
+# %% ../nbs/13b_distributed.ipynb #dad2821ffe06
 def run_distributed(config: MoEConfig,                 # the model on its deployment: parallel.ep_size = world size
                     num_tokens: int = 64,              # tokens in the whole batch, split over the ranks
                     placement: str | None = None,      # requested placement: 'linear' or 'round_robin' (None: linear)
@@ -99,7 +99,7 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
     weights = RandomExpertWeights(config, seed)
-    layer = FusedMoE(cfg, weights, placement or "linear", experts=experts, device=device)   # its experts, router, tables
+    layer = FusedMoE(cfg, weights, "linear" if placement is None else placement, experts=experts, device=device)   # its experts, router, tables
     hidden_all = _tokens(config, num_tokens, seed)
     hidden = hidden_all[sum(counts[:rank]):sum(counts[:rank + 1])].to(device)
     wts, ids = layer.route(hidden)                          # EPLB: physical ids, one replica per logical choice
@@ -141,7 +141,7 @@ def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
     if sum(counts) != num_tokens: raise ValueError(f"token_counts: expected a sum of num_tokens={num_tokens}, got {counts}")
     return counts
 
-# %% ../nbs/13b_distributed.ipynb #a9208f8432f0
+# %% ../nbs/13b_distributed.ipynb #b9d48cbbcb27
 def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement, seed, backend, device) -> None:
     "Rank 0: the single-process result, the checks and the report, stored in `run`."
     t0, S, cfg = time.perf_counter(), len(run.token_counts), run.config
@@ -149,7 +149,7 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
     batched = cfg.activation_format is ActivationFormat.BatchedExperts
     slabs_ok = None
     if batched:
-        places = [Placement.build(rank_config(config, r), placement or "linear") for r in range(S)]
+        places = [Placement.build(rank_config(config, r), "linear" if placement is None else placement) for r in range(S)]
         want = slab_sources(places, [s["topk_ids"] for s in run.rank_stats], run.rank_stats[0]["slab_source"].shape[1] // S)
         slabs_ok = all(torch.equal(w, s["slab_source"]) for w, s in zip(want, run.rank_stats))
     routed_here = _route(config, weights, hidden_all)[1]            # the whole batch routed in one process

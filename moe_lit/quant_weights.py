@@ -13,10 +13,10 @@ from .quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_
 
 # %% auto #0
 __all__ = ['WEIGHT_GRANULARITY', 'ACTIVATION_GRANULARITY', 'FP4_GROUP', 'FP4_LAYOUTS', 'FP4_KERNEL_LAYOUT', 'SPLIT_CHUNK',
-           'MMA_CHUNK', 'FP4_CHUNK', 'FP8_SCALE_MAX', 'quant_weight_shapes', 'QuantizedExpertWeights',
-           'split_fp4_codes', 'unsplit_fp4_codes', 'mma_fp4_codes', 'unmma_fp4_codes', 'fp4_codes_from_plain',
-           'fp4_codes_to_plain', 'mma128_slot_to_k', 'plot_mma128_layout', 'quantize_expert_weights',
-           'random_expert_weights', 'random_activations', 'plot_weight_scales']
+           'MMA_CHUNK', 'FP4_CHUNK', 'FP8_SCALE_MAX', 'NVFP4_GLOBAL_SCALE_MAX', 'quant_weight_shapes',
+           'QuantizedExpertWeights', 'split_fp4_codes', 'unsplit_fp4_codes', 'mma_fp4_codes', 'unmma_fp4_codes',
+           'fp4_codes_from_plain', 'fp4_codes_to_plain', 'mma128_slot_to_k', 'plot_mma128_layout',
+           'quantize_expert_weights', 'random_expert_weights', 'random_activations', 'plot_weight_scales']
 
 # %% ../nbs/09a_quant_weights.ipynb #758d50fe4e36
 _FP8 = [s for s in QUANT_SCHEME_TABLE.values() if s.is_fp8]                  # read from `09_quant`'s table
@@ -108,7 +108,7 @@ class QuantizedExpertWeights:
         # constant into the scale when it is <= 128, `09c`); None for the other schemes
         object.__setattr__(self, "e8m0_max", largest if self.scheme == "mxfp4_w4a16" else None)
 
-# %% ../nbs/09a_quant_weights.ipynb #ed174e1a15cb
+# %% ../nbs/09a_quant_weights.ipynb #d1026e180d84
 def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | None:
     "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device); MXFP4: its largest scale byte."
     s = qw.scheme
@@ -123,8 +123,9 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | N
     elif gs is not None: raise ValueError(f"{name}_global_scale: expected None for {s}, got a tensor")
     for n, t in ((name, codes), (name + "_scale", scale), (name + "_global_scale", gs)):   # before any value is read
         if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
-    if s == "nvfp4_w4a16" and E and not bool((gs > 0).all() & gs.isfinite().all()):
-        raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
+    if s == "nvfp4_w4a16" and E and not bool(((gs > 0) & (gs <= NVFP4_GLOBAL_SCALE_MAX)).all()):   # (NaN fails both)
+        raise ValueError(f"{name}_global_scale: expected values in (0, {NVFP4_GLOBAL_SCALE_MAX:.4g}] (6 × 448 × global "
+                         f"scale stays a finite fp32), got {gs.tolist()[:8]}")
     if _is_fp8(s) and codes.numel() and bool((nan := fp8_nan_codes(codes)).any()):   # the loader's check, for any maker
         raise ValueError(f"{name}: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index "
                          f"{[int(i) for i in nan.nonzero()[0]]} (expert, row, column)")
@@ -140,6 +141,7 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | N
     return largest
 
 FP8_SCALE_MAX = torch.finfo(torch.float32).max / FP8_MAX   # the largest FP8 scale whose largest code is a finite fp32
+NVFP4_GLOBAL_SCALE_MAX = torch.finfo(torch.float32).max / (6 * FP8_MAX)   # e2m1's 6 × e4m3's 448 × it: finite fp32
 
 def _check_scale_values(name: str, scale: torch.Tensor, scheme: str) -> int | None:
     "Scales that decode to a number (one pass at construction): fp32 in [0, FP8_SCALE_MAX] (a zero block may carry 0; 448 × scale finite); no e8m0 255 or e4m3 NaN byte. MXFP4: returns the largest byte."

@@ -211,7 +211,7 @@ def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: expected finite values, got {t[tuple(bad)].item()} at {bad}")
     return t
 
-# %% ../nbs/00_terms.ipynb #742cc3de8b09
+# %% ../nbs/00_terms.ipynb #43bcb63593d5
 def use_triton_interpreter_without_gpu() -> bool:
     "For entry points only (the CLI, the test set-up): without a CUDA GPU, run Triton kernels in its CPU interpreter."
     if torch.cuda.is_available(): return False
@@ -231,9 +231,12 @@ def read_json_object(path,                # a JSON file (str or Path)
         repeated = [spellings for spellings in seen.values() if len(spellings) > 1]
         if repeated: raise ValueError(f"duplicate keys {repeated[0]}")
         return dict(pairs)
-    try: obj = json.loads(Path(path).read_text(), object_pairs_hook=unique)
-    except (ValueError, UnicodeDecodeError, OSError) as e:     # JSONDecodeError is a ValueError; OSError: a directory
-        raise ValueError(f"{name}: expected valid JSON in {path}, got {type(e).__name__}: {e}") from None
+    p = Path(path)
+    if p.exists() and not (p.is_file() or p.is_dir()):         # a FIFO or device would block or never end: refused
+        raise ValueError(f"{name}: expected a regular file at {path}, got something else (a pipe, socket or device)")
+    try: obj = json.loads(p.read_text(), object_pairs_hook=unique)
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as e:   # JSONDecodeError is a ValueError;
+        raise ValueError(f"{name}: expected valid JSON in {path}, got {type(e).__name__}: {e}") from None   # OSError: a directory
     if not isinstance(obj, dict): raise ValueError(f"{name}: expected a JSON object in {path}, got {type(obj).__name__}")
     return obj
 

@@ -361,9 +361,12 @@ def read_json_object(path,                # a JSON file (str or Path)
         repeated = [spellings for spellings in seen.values() if len(spellings) > 1]
         if repeated: raise ValueError(f"duplicate keys {repeated[0]}")
         return dict(pairs)
-    try: obj = json.loads(Path(path).read_text(), object_pairs_hook=unique)
-    except (ValueError, UnicodeDecodeError, OSError) as e:     # JSONDecodeError is a ValueError; OSError: a directory
-        raise ValueError(f"{name}: expected valid JSON in {path}, got {type(e).__name__}: {e}") from None
+    p = Path(path)
+    if p.exists() and not (p.is_file() or p.is_dir()):         # a FIFO or device would block or never end: refused
+        raise ValueError(f"{name}: expected a regular file at {path}, got something else (a pipe, socket or device)")
+    try: obj = json.loads(p.read_text(), object_pairs_hook=unique)
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as e:   # JSONDecodeError is a ValueError;
+        raise ValueError(f"{name}: expected valid JSON in {path}, got {type(e).__name__}: {e}") from None   # OSError: a directory
     if not isinstance(obj, dict): raise ValueError(f"{name}: expected a JSON object in {path}, got {type(obj).__name__}")
     return obj
 
@@ -396,6 +399,10 @@ with tempfile.TemporaryDirectory() as d:                # a key given twice: ref
     test_eq(read_json_object(p, "t"), {"8": 1, "08": 2})
     test_fail(lambda: read_json_object(p, "t", same_key=lambda k: k.lstrip("0")), contains="duplicate keys ['8', '08']")
     test_fail(lambda: read_json_object(d, "t"), contains="t: expected valid JSON in")           # a directory
+    p.write_text("[" * 100_000 + "]" * 100_000)                                                 # nested past the stack
+    test_fail(lambda: read_json_object(p, "t"), contains="t: expected valid JSON in")
+    os.mkfifo(Path(d) / "pipe")                                                                 # would block forever
+    test_fail(lambda: read_json_object(Path(d) / "pipe", "t"), contains="t: expected a regular file at")
 saved = os.environ.get("TRITON_INTERPRET")
 try:                                                    # as Triton reads it: 'true' runs the interpreter as '1' does
     for v, on in (("1", True), ("true", True), ("On", True), ("0", False), ("", False)):

@@ -613,11 +613,13 @@ def _device_name() -> str:
 @functools.lru_cache(maxsize=256)
 def _load_table(path: Path) -> dict | None:
     "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
+    if path.is_symlink() and not path.exists():     # a link to nothing (or a loop): not silently "no table"
+        raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere")
     if not path.exists(): return None
     raw = read_json_object(path, "tile table", same_key=lambda k: k.lstrip("0") if k.isdigit() else k)   # "08" is "8"
     table = {}
     for key, cfg in raw.items():
-        if not (key.isascii() and key.isdigit() and int(key) >= 1):
+        if not (key.isascii() and key.isdigit() and len(key) <= 18 and int(key) >= 1):   # (int() refuses 4300+ digits)
             raise ValueError(f"tile table {path}: expected keys that are row counts >= 1, got {key!r}")
         try:
             if not isinstance(cfg, dict): raise ValueError(f"config: expected a dict of tile parameters, got {cfg!r}")
@@ -648,13 +650,18 @@ with tempfile.TemporaryDirectory() as d:
                         (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
                         (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "tile table: expected a JSON object"),
                         (9, "{not json", "tile table: expected valid JSON"), (10, {"4": None}, "entry '4': config: expected a dict"),
-                        (12, '{"8": %s, "08": %s}' % (json.dumps(small), json.dumps(small)), "duplicate keys ['8', '08']")):
+                        (12, '{"8": %s, "08": %s}' % (json.dumps(small), json.dumps(small)), "duplicate keys ['8', '08']"),
+                        (13, {"9" * 5000: small}, "expected keys that are row counts >= 1, got '999")):
         # a fresh E per case: tables are read once per path
         q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
         q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
                   contains=str(q))
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
+    q = tile_config_path("batched_moe_gemm", 14, 4096, "NVIDIA H200", torch.bfloat16, d)
+    q.symlink_to(q)                                                          # a loop: named, not taken for "no table"
+    test_fail(lambda: lookup_tile_config("batched_moe_gemm", 14, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
+              contains="a symbolic link that leads nowhere")
     tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
     test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
               contains="got IsADirectoryError")

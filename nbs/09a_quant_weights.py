@@ -200,8 +200,9 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | N
     elif gs is not None: raise ValueError(f"{name}_global_scale: expected None for {s}, got a tensor")
     for n, t in ((name, codes), (name + "_scale", scale), (name + "_global_scale", gs)):   # before any value is read
         if t is not None and t.device != qw.w13.device: raise ValueError(f"{n}: expected device {qw.w13.device}, got {t.device}")
-    if s == "nvfp4_w4a16" and E and not bool((gs > 0).all() & gs.isfinite().all()):
-        raise ValueError(f"{name}_global_scale: expected finite positive values, got {gs.tolist()[:8]}")
+    if s == "nvfp4_w4a16" and E and not bool(((gs > 0) & (gs <= NVFP4_GLOBAL_SCALE_MAX)).all()):   # (NaN fails both)
+        raise ValueError(f"{name}_global_scale: expected values in (0, {NVFP4_GLOBAL_SCALE_MAX:.4g}] (6 × 448 × global "
+                         f"scale stays a finite fp32), got {gs.tolist()[:8]}")
     if _is_fp8(s) and codes.numel() and bool((nan := fp8_nan_codes(codes)).any()):   # the loader's check, for any maker
         raise ValueError(f"{name}: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index "
                          f"{[int(i) for i in nan.nonzero()[0]]} (expert, row, column)")
@@ -217,6 +218,7 @@ def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | N
     return largest
 
 FP8_SCALE_MAX = torch.finfo(torch.float32).max / FP8_MAX   # the largest FP8 scale whose largest code is a finite fp32
+NVFP4_GLOBAL_SCALE_MAX = torch.finfo(torch.float32).max / (6 * FP8_MAX)   # e2m1's 6 × e4m3's 448 × it: finite fp32
 
 def _check_scale_values(name: str, scale: torch.Tensor, scheme: str) -> int | None:
     "Scales that decode to a number (one pass at construction): fp32 in [0, FP8_SCALE_MAX] (a zero block may carry 0; 448 × scale finite); no e8m0 255 or e4m3 NaN byte. MXFP4: returns the largest byte."
@@ -790,8 +792,8 @@ test_fail(lambda: dataclasses.replace(nv, w2_global_scale=nv.w2_global_scale[:1]
           contains="w2_global_scale: expected shape [2]")
 test_fail(lambda: dataclasses.replace(nv, w2_global_scale=None),
           contains="w2_global_scale: expected a torch.Tensor")
-test_fail(lambda: dataclasses.replace(nv, w2_global_scale=-nv.w2_global_scale),
-          contains="w2_global_scale: expected finite positive values")
+for bad in (-nv.w2_global_scale, nv.w2_global_scale * 1e38 / nv.w2_global_scale.max(), nv.w2_global_scale * float("nan")):
+    test_fail(lambda: dataclasses.replace(nv, w2_global_scale=bad), contains="w2_global_scale: expected values in (0, 1.266e+35]")
 test_fail(lambda: dataclasses.replace(nv, w2_global_scale=nv.w2_global_scale.repeat(2)[::2]),
           contains="w2_global_scale: expected a contiguous tensor")
 test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")

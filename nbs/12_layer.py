@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import os, time
+import os, sys, time
 from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
@@ -82,6 +82,11 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if experts == "triton" and config is not None and config.dtype == torch.float64:
         raise ValueError("experts: expected 'torch' or 'auto' for a float64 layer (the Triton kernels run bf16, fp16 "
                          "and fp32), got 'triton'")
+    kb = sys.modules.get("moe_lit.kernels.batched")       # the kernels keep the switch they were imported with
+    if experts != "torch" and kb is not None and kb.INTERPRET != triton_interpreting():
+        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when moe_lit.kernels was imported (interpreter "
+                         f"{'on' if kb.INTERPRET else 'off'}; set it before that import), got "
+                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
     if experts == "triton" and device.type == "cpu" and not triton_interpreting():
         raise ValueError("experts: expected a CUDA GPU for the Triton kernels, or TRITON_INTERPRET=1 set before "
                          "moe_lit.kernels is imported (Triton's CPU interpreter; the moe-lit command sets it), got "
@@ -94,6 +99,10 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                                                                     " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
+
+# %%
+#| hide
+import moe_lit.kernels.batched as kb
 
 # %%
 #| test resolve_experts
@@ -116,6 +125,13 @@ test_fail(lambda: resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_b
           contains="quant: expected a bf16 or fp16 layer")
 test_fail(lambda: check_device("bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'bogus'")
 test_fail(lambda: check_device(None), contains="device: expected")
+saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "0" if kb.INTERPRET else "1"     # flipped after the kernels were imported: named
+try: test_fail(lambda: resolve_experts("triton", S, torch.device(DEVICE)),
+               contains="TRITON_INTERPRET: expected the setting it had when moe_lit.kernels was imported")
+finally:
+    if saved is None: os.environ.pop("TRITON_INTERPRET")
+    else: os.environ["TRITON_INTERPRET"] = saved
 
 # %%
 #| export

@@ -151,7 +151,7 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
     weights = RandomExpertWeights(config, seed)
-    layer = FusedMoE(cfg, weights, placement or "linear", experts=experts, device=device)   # its experts, router, tables
+    layer = FusedMoE(cfg, weights, "linear" if placement is None else placement, experts=experts, device=device)   # its experts, router, tables
     hidden_all = _tokens(config, num_tokens, seed)
     hidden = hidden_all[sum(counts[:rank]):sum(counts[:rank + 1])].to(device)
     wts, ids = layer.route(hidden)                          # EPLB: physical ids, one replica per logical choice
@@ -207,7 +207,7 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
     batched = cfg.activation_format is ActivationFormat.BatchedExperts
     slabs_ok = None
     if batched:
-        places = [Placement.build(rank_config(config, r), placement or "linear") for r in range(S)]
+        places = [Placement.build(rank_config(config, r), "linear" if placement is None else placement) for r in range(S)]
         want = slab_sources(places, [s["topk_ids"] for s in run.rank_stats], run.rank_stats[0]["slab_source"].shape[1] // S)
         slabs_ok = all(torch.equal(w, s["slab_source"]) for w, s in zip(want, run.rank_stats))
     routed_here = _route(config, weights, hidden_all)[1]            # the whole batch routed in one process

@@ -60,13 +60,18 @@ def test_tile_config_table():
                             (5, {"-4": small}, "expected keys that are row counts >= 1, got '-4'"),
                             (6, {"0": small}, "got '0'"), (7, {"1.5": small}, "got '1.5'"), (8, [small], "tile table: expected a JSON object"),
                             (9, "{not json", "tile table: expected valid JSON"), (10, {"4": None}, "entry '4': config: expected a dict"),
-                            (12, '{"8": %s, "08": %s}' % (json.dumps(small), json.dumps(small)), "duplicate keys ['8', '08']")):
+                            (12, '{"8": %s, "08": %s}' % (json.dumps(small), json.dumps(small)), "duplicate keys ['8', '08']"),
+                            (13, {"9" * 5000: small}, "expected keys that are row counts >= 1, got '999")):
             # a fresh E per case: tables are read once per path
             q = tile_config_path("batched_moe_gemm", E, 4096, "NVIDIA H200", torch.bfloat16, d)
             q.write_text(bad if isinstance(bad, str) else json.dumps(bad))
             test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
                       contains=str(q))
             test_fail(lambda: lookup_tile_config("batched_moe_gemm", E, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), contains=msg)
+        q = tile_config_path("batched_moe_gemm", 14, 4096, "NVIDIA H200", torch.bfloat16, d)
+        q.symlink_to(q)                                                          # a loop: named, not taken for "no table"
+        test_fail(lambda: lookup_tile_config("batched_moe_gemm", 14, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
+                  contains="a symbolic link that leads nowhere")
         tile_config_path("batched_moe_gemm", 11, 4096, "NVIDIA H200", torch.bfloat16, d).mkdir()   # a directory, not a file
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", 11, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d),
                   contains="got IsADirectoryError")

@@ -155,8 +155,8 @@ def test_quant_weights_bad_input():
               contains="w2_global_scale: expected shape [2]")
     test_fail(lambda: dataclasses.replace(nv, w2_global_scale=None),
               contains="w2_global_scale: expected a torch.Tensor")
-    test_fail(lambda: dataclasses.replace(nv, w2_global_scale=-nv.w2_global_scale),
-              contains="w2_global_scale: expected finite positive values")
+    for bad in (-nv.w2_global_scale, nv.w2_global_scale * 1e38 / nv.w2_global_scale.max(), nv.w2_global_scale * float("nan")):
+        test_fail(lambda: dataclasses.replace(nv, w2_global_scale=bad), contains="w2_global_scale: expected values in (0, 1.266e+35]")
     test_fail(lambda: dataclasses.replace(nv, w2_global_scale=nv.w2_global_scale.repeat(2)[::2]),
               contains="w2_global_scale: expected a contiguous tensor")
     test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")

@@ -108,6 +108,10 @@ def test_read_json_object_and_interpreter():
         test_eq(read_json_object(p, "t"), {"8": 1, "08": 2})
         test_fail(lambda: read_json_object(p, "t", same_key=lambda k: k.lstrip("0")), contains="duplicate keys ['8', '08']")
         test_fail(lambda: read_json_object(d, "t"), contains="t: expected valid JSON in")           # a directory
+        p.write_text("[" * 100_000 + "]" * 100_000)                                                 # nested past the stack
+        test_fail(lambda: read_json_object(p, "t"), contains="t: expected valid JSON in")
+        os.mkfifo(Path(d) / "pipe")                                                                 # would block forever
+        test_fail(lambda: read_json_object(Path(d) / "pipe", "t"), contains="t: expected a regular file at")
     saved = os.environ.get("TRITON_INTERPRET")
     try:                                                    # as Triton reads it: 'true' runs the interpreter as '1' does
         for v, on in (("1", True), ("true", True), ("On", True), ("0", False), ("", False)):

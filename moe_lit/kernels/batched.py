@@ -325,7 +325,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #39a11d4364e2
+# %% ../../nbs/06_kernels.batched.ipynb #b692ed471a9b
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -384,11 +384,13 @@ def _device_name() -> str:
 @functools.lru_cache(maxsize=256)
 def _load_table(path: Path) -> dict | None:
     "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
+    if path.is_symlink() and not path.exists():     # a link to nothing (or a loop): not silently "no table"
+        raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere")
     if not path.exists(): return None
     raw = read_json_object(path, "tile table", same_key=lambda k: k.lstrip("0") if k.isdigit() else k)   # "08" is "8"
     table = {}
     for key, cfg in raw.items():
-        if not (key.isascii() and key.isdigit() and int(key) >= 1):
+        if not (key.isascii() and key.isdigit() and len(key) <= 18 and int(key) >= 1):   # (int() refuses 4300+ digits)
             raise ValueError(f"tile table {path}: expected keys that are row counts >= 1, got {key!r}")
         try:
             if not isinstance(cfg, dict): raise ValueError(f"config: expected a dict of tile parameters, got {cfg!r}")
