@@ -237,7 +237,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #470f155024f0
+# %% ../nbs/12_layer.ipynb #195f995e1307
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -364,6 +364,9 @@ def _apply(self: FusedMoE, fn, recurse=True):
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
         try: fn(self.gate.detach()[:0])
+        except NotImplementedError:                             # off meta: nothing to copy (before RuntimeError, its base)
+            raise ValueError("device: expected meta for a layer on meta (it holds no values to move; build the layer "
+                             "again, or load_state_dict into one built on the device)") from None
         except (AssertionError, RuntimeError) as e:            # `.cuda()` on a machine without one: torch's own words
             raise ValueError(f"device: expected a device this machine has, got an error moving there ({e})") from None
         for n, t in (("w13", self.w13), ("gate", self.gate)):     # the experts' dtype (the config's), the router's fp32

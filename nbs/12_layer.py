@@ -510,6 +510,9 @@ def _apply(self: FusedMoE, fn, recurse=True):
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
         try: fn(self.gate.detach()[:0])
+        except NotImplementedError:                             # off meta: nothing to copy (before RuntimeError, its base)
+            raise ValueError("device: expected meta for a layer on meta (it holds no values to move; build the layer "
+                             "again, or load_state_dict into one built on the device)") from None
         except (AssertionError, RuntimeError) as e:            # `.cuda()` on a machine without one: torch's own words
             raise ValueError(f"device: expected a device this machine has, got an error moving there ({e})") from None
         for n, t in (("w13", self.w13), ("gate", self.gate)):     # the experts' dtype (the config's), the router's fp32
@@ -940,6 +943,7 @@ for quant in ("unquantized", "mxfp4_w4a16"):
 layer = FusedMoE(cfg, seed=1).to("meta")                       # no values, but every device tensor follows
 test_eq({t.device.type for t in (layer.router_gate, layer.placement.slot_table, layer.w13)}, {"meta"})
 test_fail(lambda: layer(x.to("meta")), contains="hidden: expected a tensor with values, got a meta tensor")
+test_fail(lambda: layer.to("cpu"), contains="device: expected meta for a layer on meta (it holds no values to move")
 assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
 qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
 test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")

@@ -593,6 +593,9 @@ def _run_distributed(args) -> int:
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
                          f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
+    if "WORLD_SIZE" not in os.environ:                   # not started by torchrun: it runs, on one process; say so
+        print("moe-lit: note: --distributed without torchrun runs on this one process; for N ranks start it as "
+              "`torchrun --nproc-per-node N -m moe_lit.cli run --distributed ...`", file=sys.stderr)
     return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
                    as_json=args.json, config=args.config)
@@ -726,6 +729,15 @@ with tempfile.TemporaryDirectory() as d:
 test_eq(out.returncode, 0)
 rep = json.loads(out.stdout)
 assert rep["experts"]["implementation"].startswith("triton") and rep["check"]["vs_float64"]["ok"], rep["experts"]
+env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}      # --distributed, no torchrun:
+with tempfile.TemporaryDirectory() as d:                                                     # it runs, and says how many
+    f = Path(d, "tiny.json")
+    f.write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 4,
+                             "num_experts_per_tok": 2}))
+    out = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tokens", "4"],
+                         capture_output=True, text=True, env=env)
+test_eq(out.returncode, 0)
+assert "--distributed without torchrun runs on this one process" in out.stderr and "on 1 process" in out.stdout, out.stderr
 
 # %% [markdown]
 # A checkpoint's own layer: `--weights CHECKPOINT_DIR` takes the model from the checkpoint's `config.json` and the

@@ -181,6 +181,15 @@ def test_experts_triton_from_a_plain_shell():
     test_eq(out.returncode, 0)
     rep = json.loads(out.stdout)
     assert rep["experts"]["implementation"].startswith("triton") and rep["check"]["vs_float64"]["ok"], rep["experts"]
+    env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}      # --distributed, no torchrun:
+    with tempfile.TemporaryDirectory() as d:                                                     # it runs, and says how many
+        f = Path(d, "tiny.json")
+        f.write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 4,
+                                 "num_experts_per_tok": 2}))
+        out = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tokens", "4"],
+                             capture_output=True, text=True, env=env)
+    test_eq(out.returncode, 0)
+    assert "--distributed without torchrun runs on this one process" in out.stderr and "on 1 process" in out.stdout, out.stderr
 
 
 def test_run_checkpoint_weights():

@@ -259,6 +259,7 @@ def test_layer_moves_with_module():
     layer = FusedMoE(cfg, seed=1).to("meta")                       # no values, but every device tensor follows
     test_eq({t.device.type for t in (layer.router_gate, layer.placement.slot_table, layer.w13)}, {"meta"})
     test_fail(lambda: layer(x.to("meta")), contains="hidden: expected a tensor with values, got a meta tensor")
+    test_fail(lambda: layer.to("cpu"), contains="device: expected meta for a layer on meta (it holds no values to move")
     assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
     qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
     test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")
