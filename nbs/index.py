@@ -29,10 +29,10 @@
 # (`.venv` about 2 GB), then the run, 4–7 s on 2 idle cores (20–40 s measured on a busy machine or straight after the install), most of it generating the random weights and the float64 reference, at a peak of about 1.5 GiB
 # resident.
 #
-# The second runs the whole test suite — the regeneration check, every notebook, the exported tests under pytest,
-# the wheel installed into a fresh venv, and the documentation site built and opened in headless Chromium
-# (12–17 minutes on 2 otherwise idle CPU cores: the notebooks about 5, pytest 3–5, the docs build about 6; longer when
-# other work shares them). Its warnings are expected: nbdev's and Triton's interpreter's, none a failure; the last line
+# The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
+# into a fresh venv, and the documentation site built (which executes every notebook and fails on any failing cell)
+# and opened in headless Chromium (8–12 minutes on 2 otherwise idle CPU cores: pytest 3–5, the docs build 3–6;
+# longer when other work shares them). Its warnings are expected: nbdev's and Triton's interpreter's, none a failure; the last line
 # says whether it passed. When Chromium is missing it
 # first installs Debian's package, which needs root or sudo and takes about a minute:
 #
