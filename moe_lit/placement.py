@@ -12,9 +12,9 @@ from .terms import check_int, check_choice, check_tensor, check_bool, check_devi
 from .config import ParallelConfig, MoEConfig, SIZE_LIMIT
 
 # %% auto #0
-__all__ = ['PLACEMENT_STRATEGIES', 'expert_block', 'determine_expert_map', 'local_to_global', 'resolve_placement_strategy',
-           'round_robin_routing_tables', 'eplb_replicas', 'map_to_physical', 'Placement', 'local_slot_table',
-           'placement_table', 'plot_expert_ownership']
+__all__ = ['PLACEMENT_STRATEGIES', 'PLACEMENT_TABLES', 'expert_block', 'determine_expert_map', 'local_to_global',
+           'resolve_placement_strategy', 'round_robin_routing_tables', 'eplb_replicas', 'map_to_physical', 'Placement',
+           'local_slot_table', 'placement_table', 'plot_expert_ownership']
 
 # %% ../nbs/04_placement.ipynb #460aa329f509
 PLACEMENT_STRATEGIES = ("linear", "round_robin")   # vLLM's `expert_placement_strategy` values
@@ -330,7 +330,9 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
         self.num_experts, self.num_local_experts, self.physical_offset, self.expert_map, self.global_to_physical)
     return table.to(topk_ids.device)[topk_ids.clamp(-1, self.num_experts)]   # never out of bounds: both ends read -1
 
-# %% ../nbs/04_placement.ipynb #e70f923bef6c
+# %% ../nbs/04_placement.ipynb #f3da54502076
+PLACEMENT_TABLES = ("expert_map", "global_to_physical", "slot_table")   # the tables the dispatch and routing kernels read
+
 @patch
 def to(self: Placement, device: str | torch.device,  # where the dispatch and routing kernels will read the tables
        ) -> Placement:                                # a copy: expert_map, global_to_physical, slot_table on `device`
@@ -339,11 +341,11 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
     once, at construction, so no forward copies a table. ValueError for a device that is not cpu, cuda (on a machine
     with a GPU) or meta."""
     device = check_device(device, allow_meta=True)
-    if device.type != "meta" and any(t is not None and t.device.type == "meta" for t in
-                                     (self.expert_map, self.global_to_physical, self.slot_table)):
+    if device.type != "meta" and any(getattr(self, n) is not None and getattr(self, n).device.type == "meta"
+                                     for n in PLACEMENT_TABLES):
         raise ValueError(f"device: expected meta for a placement whose tables are on meta (they hold no values to "
                          f"copy; build it again with Placement.build), got {device}")
-    return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in ("expert_map", "global_to_physical", "slot_table")
+    return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in PLACEMENT_TABLES
                                         if getattr(self, n) is not None})
 
 # %% ../nbs/04_placement.ipynb #130ee76de343

@@ -804,6 +804,8 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
 
 # %%
 #| export
+PLACEMENT_TABLES = ("expert_map", "global_to_physical", "slot_table")   # the tables the dispatch and routing kernels read
+
 @patch
 def to(self: Placement, device: str | torch.device,  # where the dispatch and routing kernels will read the tables
        ) -> Placement:                                # a copy: expert_map, global_to_physical, slot_table on `device`
@@ -812,11 +814,11 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
     once, at construction, so no forward copies a table. ValueError for a device that is not cpu, cuda (on a machine
     with a GPU) or meta."""
     device = check_device(device, allow_meta=True)
-    if device.type != "meta" and any(t is not None and t.device.type == "meta" for t in
-                                     (self.expert_map, self.global_to_physical, self.slot_table)):
+    if device.type != "meta" and any(getattr(self, n) is not None and getattr(self, n).device.type == "meta"
+                                     for n in PLACEMENT_TABLES):
         raise ValueError(f"device: expected meta for a placement whose tables are on meta (they hold no values to "
                          f"copy; build it again with Placement.build), got {device}")
-    return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in ("expert_map", "global_to_physical", "slot_table")
+    return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in PLACEMENT_TABLES
                                         if getattr(self, n) is not None})
 
 

@@ -1126,7 +1126,12 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
                         ("k_tiles", k_tiles, 1), ("num_tiles", num_tiles, 0), ("block_m", block_m, 1), ("block_n", block_n, 1)):
         check_int(name, v, lo=lo)
     check_positive_real("programs_per_sm", programs_per_sm)
-    device = check_device(device)
+    return _split_k_launch(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n,
+                           check_device(device), programs_per_sm)
+
+def _split_k_launch(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, device,
+                    programs_per_sm=1) -> tuple:
+    "`split_k_launch` after its checks: for launchers that built every argument themselves."
     split = _split_k_choice(cfg, tiles_per_expert, active_experts, k_tiles, num_tiles, block_m, block_n, programs_per_sm)
     return (split, *_split_k_buffers(split, num_tiles, block_m, block_n, device))
 

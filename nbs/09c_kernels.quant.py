@@ -23,7 +23,7 @@ from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scale
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, _slot_expert, expert_slots
-from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
+from moe_lit.kernels.batched import _split_k_launch
 from moe_lit.kernels.batched import check_max_active, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args, _block_pairs
@@ -1015,10 +1015,9 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
     a_k, a_s, as_strides, quant_a = _fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
     num_m_tiles = _cdiv(M, bm)
     tiles = num_m_tiles * _cdiv(n_out, bn)                      # per expert
-    split = _split_k_choice(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),   # (`split_k_launch`
-                            E if active_experts is None else min(E, active_experts), _cdiv(K, bk),   # without its
-                            tiles * E, bm, bn, _split_target(wa["FMT"]))                        # checks: ours)
-    part, locks = _split_k_buffers(split, tiles * E, bm, bn, out.device)
+    split, part, locks = _split_k_launch(cfg, _cdiv(min(M, expected_m or M), bm) * _cdiv(n_out, bn),
+                                         E if active_experts is None else min(E, active_experts), _cdiv(K, bk),
+                                         tiles * E, bm, bn, out.device, _split_target(wa["FMT"]))
     upcast = INTERPRET and a_k.dtype in ACTIVATION_DTYPES      # the interpreter's bf16 arithmetic is wrong: fp32
     slots, compact, block_e = expert_slots(E, max_active)
     launch_kernel(_batched_moe_gemm_quant_kernel, (tiles, slots, split))(
@@ -1403,8 +1402,8 @@ def _fused_moe_gemm_quant(a_k, a_s, as_st, wa, E, sorted_token_ids, expert_ids, 
     if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids
     tiles = num_m_blocks * _cdiv(n_out, bn)
     active = min(E, num_pairs if active_experts is None else active_experts)   # an expert's pairs fit one block at decode
-    split = _split_k_choice(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, _split_target(wa["FMT"]))
-    part, locks = _split_k_buffers(split, tiles, bm, bn, out.device)
+    split, part, locks = _split_k_launch(cfg, _cdiv(n_out, bn), active, _cdiv(K, bk), tiles, bm, bn, out.device,
+                                         _split_target(wa["FMT"]))
     launch_kernel(_fused_moe_quant_kernel, (tiles, split))(
         a_k, a_s, wa["codes"], wa["scale"], wa["gs"], out, sorted_token_ids, expert_ids, num_tokens_post_padded,
         topk_weights.contiguous() if topk_weights is not None else out, part_ptr=part, lock_ptr=locks,

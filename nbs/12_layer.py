@@ -17,7 +17,7 @@ from moe_lit.terms import check_device, gradient_wanted, triton_interpreting
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
-from moe_lit.placement import Placement, eplb_replicas, map_to_physical
+from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
@@ -311,9 +311,16 @@ def _requantize_after_load(module, incompatible_keys):
     from moe_lit.quant_weights import quantize_expert_weights
     with torch.no_grad():
         module.qweights = quantize_expert_weights(module.w13.data, module.w2.data, module.quant).for_kernels()
-        w13, w2 = module.qweights.dequantize()
-        module.w13.copy_(w13); module.w2.copy_(w2)
+    _floats_follow_codes(module)
     module._record_build()                                # after the copies, which count as edits
+
+def _floats_follow_codes(layer):
+    "A quantized layer's float experts (its state_dict) set to its codes dequantized, refused by name if not finite in its dtype."
+    with torch.no_grad():
+        w13, w2 = (w.to(layer.w13.dtype) for w in layer.qweights.dequantize())
+        for n, w in (("w13", w13), ("w2", w2)):           # as construction and loading refuse them: named, nothing copied
+            check_finite(f"qweights (its {n} dequantized to {w.dtype})", w)
+        layer.w13.copy_(w13); layer.w2.copy_(w2)
 
 # %%
 #| export
@@ -427,9 +434,7 @@ def _weight_versions(self: FusedMoE) -> tuple:
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
                                        id(self._modules.get("shared_experts")), self.debug, self.experts) + \
         tuple(_identity(t, False) for t in _shared_tensors(self)) + \
-        tuple(_identity(getattr(place, n, None), True) for n in _PLACEMENT_TABLES)   # edited in place: re-checked
-
-_PLACEMENT_TABLES = ("expert_map", "global_to_physical", "slot_table")   # the placement's tables the kernels read
+        tuple(_identity(getattr(place, n, None), True) for n in PLACEMENT_TABLES)   # edited in place: re-checked
 
 _SHARED = ("w13", "w2", "gate")                    # the shared experts' tensors (`10_modular.SharedExperts`)
 
@@ -497,11 +502,7 @@ def _follow_inplace_edits(self: FusedMoE):
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
         return
     if q is not None and now[len(_TRACKED)] != self._versions[len(_TRACKED)]:   # new codes swapped in: the float
-        with torch.no_grad():                                                    # experts (state_dict) follow them
-            w13, w2 = (w.to(self.w13.dtype) for w in q.dequantize())
-            for n, w in (("w13", w13), ("w2", w2)):       # as construction and loading refuse them: named, nothing copied
-                check_finite(f"qweights (its {n} dequantized to {w.dtype})", w)
-            self.w13.copy_(w13); self.w2.copy_(w2)
+        _floats_follow_codes(self)                                               # experts (state_dict) follow them
     self._build_hot_path()
 
 @patch
@@ -1077,10 +1078,6 @@ with torch.inference_mode():                                                   #
     test_eq(inf(x).shape, (6, 128))
 inf(x)
 
-
-# %%
-#| hide
-import dataclasses
 
 # %%
 #| test layer_refuses_another_ranks_placement

@@ -10,7 +10,7 @@ from moe_lit.terms import check_device, gradient_wanted, triton_interpreting
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
-from moe_lit.placement import Placement, eplb_replicas, map_to_physical
+from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
@@ -28,7 +28,6 @@ import triton
 from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 import moe_lit.kernels.batched as kb
-import dataclasses
 import dataclasses
 from moe_lit.layer import *
 
