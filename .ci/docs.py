@@ -27,7 +27,7 @@ def execute(nb_path: Path):
     def skip(cell):
         if cell.cell_type != "code": return False
         d = extract_directives(cell, remove=False)
-        return bool(SKIP & set(d)) or d.get("eval:", [""])[0] == "false"
+        return bool(SKIP & set(d)) or d.get("eval:", [""])[0].lower() == "false"
     skipped = {id(c) for c in nb.cells if skip(c)}
     saved = {id(c): (c.source, c.cell_type) for c in nb.cells if id(c) in skipped}
     for c in nb.cells:

@@ -346,7 +346,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #e17172f6e480
+# %% ../nbs/15_cli.ipynb #67b8d9ea5f96
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -400,7 +400,7 @@ def _run_distributed(args) -> int:
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
                          f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
-    if "WORLD_SIZE" not in os.environ:                   # not started by torchrun: it runs, on one process; say so
+    if not any(v in os.environ for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):   # not a launcher's: say so
         print("moe-lit: note: --distributed without torchrun runs on this one process; for N ranks start it as "
               "`torchrun --nproc-per-node N -m moe_lit.cli run --distributed ...`", file=sys.stderr)
     return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,

@@ -294,6 +294,9 @@ for w in words:                                        # the byte block: four by
     assert got == want, (hex(w), got, want)
 qw = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=5), "mxfp4_w4a16")
 test_eq(_weight_kernel_args(qw, "w13")["SCALE_FOLD"], True)               # random weights: scales far below 2
+codes = qw.w13; E_, N_, K_ = codes.shape                                 # kept per layout: a tensor re-laid in place
+codes.data = codes.transpose(1, 2).contiguous().transpose(1, 2)            # (same values, new strides) is seen
+test_eq(_weight_kernel_args(qw, "w13")["w_strides"]["stride_wk"], N_)
 big = dataclasses.replace(qw, w2_scale=qw.w2_scale.clone().index_fill_(0, torch.tensor([1], device=qw.w2_scale.device), 129))
 test_eq((_weight_kernel_args(big, "w13")["SCALE_FOLD"], _weight_kernel_args(big, "w2")["SCALE_FOLD"]), (True, False))
 nv = quantize_expert_weights(*random_expert_weights(2, 128, 64), "nvfp4_w4a16")
@@ -812,11 +815,13 @@ def _batched_moe_gemm_quant_kernel(
 #| export
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     """The weight's tensors, scale strides (0 where a scale broadcasts), their stride keywords and constexprs, as the
-    kernels take them; worked out once per container and weight and kept on it (the container is frozen, so nothing
-    here can go stale; a forward asks three times). Shared: callers read it and never change it."""
+    kernels take them; worked out once per container, weight and layout of its tensors and kept on it (a forward asks
+    three times). Shared: callers read it and never change it."""
     kept = qw.__dict__.setdefault("_kernel_args", {})
-    if which not in kept: kept[which] = _weight_kernel_args_of(qw, which)
-    return kept[which]
+    codes, scale = getattr(qw, which), getattr(qw, which + "_scale")   # (a tensor's .data reassigned in place: new key)
+    key = (which, codes.data_ptr(), codes.stride(), scale.data_ptr(), scale.stride())
+    if key not in kept: kept[key] = _weight_kernel_args_of(qw, which)
+    return kept[key]
 
 def _weight_kernel_args_of(qw: QuantizedExpertWeights, which: str) -> dict:
     "`_weight_kernel_args`, worked out."

@@ -132,6 +132,9 @@ def test_fp4_ptx_decode_blocks_bit_exact():
         assert got == want, (hex(w), got, want)
     qw = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=5), "mxfp4_w4a16")
     test_eq(_weight_kernel_args(qw, "w13")["SCALE_FOLD"], True)               # random weights: scales far below 2
+    codes = qw.w13; E_, N_, K_ = codes.shape                                 # kept per layout: a tensor re-laid in place
+    codes.data = codes.transpose(1, 2).contiguous().transpose(1, 2)            # (same values, new strides) is seen
+    test_eq(_weight_kernel_args(qw, "w13")["w_strides"]["stride_wk"], N_)
     big = dataclasses.replace(qw, w2_scale=qw.w2_scale.clone().index_fill_(0, torch.tensor([1], device=qw.w2_scale.device), 129))
     test_eq((_weight_kernel_args(big, "w13")["SCALE_FOLD"], _weight_kernel_args(big, "w2")["SCALE_FOLD"]), (True, False))
     nv = quantize_expert_weights(*random_expert_weights(2, 128, 64), "nvfp4_w4a16")

@@ -535,14 +535,16 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #f1933a1be4d8
+# %% ../../nbs/09c_kernels.quant.ipynb #214e41a9b3fb
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     """The weight's tensors, scale strides (0 where a scale broadcasts), their stride keywords and constexprs, as the
-    kernels take them; worked out once per container and weight and kept on it (the container is frozen, so nothing
-    here can go stale; a forward asks three times). Shared: callers read it and never change it."""
+    kernels take them; worked out once per container, weight and layout of its tensors and kept on it (a forward asks
+    three times). Shared: callers read it and never change it."""
     kept = qw.__dict__.setdefault("_kernel_args", {})
-    if which not in kept: kept[which] = _weight_kernel_args_of(qw, which)
-    return kept[which]
+    codes, scale = getattr(qw, which), getattr(qw, which + "_scale")   # (a tensor's .data reassigned in place: new key)
+    key = (which, codes.data_ptr(), codes.stride(), scale.data_ptr(), scale.stride())
+    if key not in kept: kept[key] = _weight_kernel_args_of(qw, which)
+    return kept[key]
 
 def _weight_kernel_args_of(qw: QuantizedExpertWeights, which: str) -> dict:
     "`_weight_kernel_args`, worked out."
