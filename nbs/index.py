@@ -32,8 +32,8 @@
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
 # into a fresh venv, and the documentation site built (which executes every notebook and fails on any failing cell)
 # and opened in headless Chromium (8–12 minutes on 2 otherwise idle CPU cores: pytest 3–5, the docs build 3–6;
-# longer when other work shares them). Its warnings are expected: nbdev's and Triton's interpreter's, none a failure; the last line
-# says whether it passed. When Chromium is missing it
+# longer when other work shares them). Its exit status says whether it passed (0: every step passed; it stops at the
+# first that fails); after a pass the last line is the browser check's. When Chromium is missing it
 # first installs Debian's package, which needs root or sudo and takes about a minute:
 #
 # ```sh
