@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck of test files on one CUDA machine, only moe-lit's own (Triton) kernels instrumented:
+# their names are plain identifiers (`_fused_moe_kernel`), torch's are mangled (`_ZN2at6native...`), so the regex below
+# leaves torch's kernels (random inputs, float64 references) running uninstrumented, an order of magnitude faster.
+#   LIMIT=500 bash nbs/bench/memcheck_gpu.sh NAME tests/test_a.py tests/test_b.py ...   (pytest args after NAME)
+# Writes $OUT/memcheck_NAME_h200_$C.log: every test's outcome as it finishes (-v) and the sanitizer's summary.
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+name=$1; shift
+log="$OUT/memcheck_${name}_h200_$C.log"
+timeout "${LIMIT:-500}" compute-sanitizer --tool memcheck --error-exitcode 1 --kernel-regex 'kns=^_[a-z]' \
+  python -m pytest -v -p no:cacheprovider -n "${WORKERS:-4}" -m "gpu or not gpu" "$@" > "$log" 2>&1
+echo "memcheck exit $?" >> "$log"
+grep -oE "(PASSED|FAILED|ERROR) |[0-9]+ (passed|failed)|ERROR SUMMARY.*|Invalid.*|memcheck exit.*" "$log" | sort | uniq -c | sort -rn | head -20
