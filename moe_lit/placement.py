@@ -196,7 +196,7 @@ def map_to_physical(
     physical = torch.where(ids >= 0, logical_to_physical[safe, replica], -1)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
-# %% ../nbs/04_placement.ipynb #b2c4d20513ee
+# %% ../nbs/04_placement.ipynb #adc6f619fe94
 @dataclass(frozen=True, eq=False)
 class Placement:
     "Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables."
@@ -233,27 +233,34 @@ class Placement:
                              f"{'only physical_to_global' if self.global_to_physical is None else 'only global_to_physical'}")
         if self.slot_table is not None:
             check_tensor("slot_table", self.slot_table, shape=(E + 1,), dtype=torch.int64, contiguous=True)
-        count, want_map = determine_expert_map(self.ep_size, self.ep_rank, E, self.strategy)
+        want = self._tables()
         where = f"rank {self.ep_rank} of {self.ep_size} with strategy {self.strategy!r} and {E} experts"
-        if L != count: raise ValueError(f"num_local_experts: expected {count} for {where}, got {L}")
-        def same(name, got, want):                      # a table on meta holds no values: nothing to compare
-            if got is None or want is None or got.device.type == "meta": return
-            if not torch.equal(got.cpu().to(want.dtype), want):
-                raise ValueError(f"{name}: expected {want.tolist()} for {where}, got {got.cpu().tolist()}")
-        if (self.expert_map is None) != (want_map is None):
-            raise ValueError(f"expert_map: expected {'None' if want_map is None else 'a map'} for {where}, got "
+        if L != want["num_local_experts"]:
+            raise ValueError(f"num_local_experts: expected {want['num_local_experts']} for {where}, got {L}")
+        if (self.expert_map is None) != (want["expert_map"] is None):
+            raise ValueError(f"expert_map: expected {'None' if want['expert_map'] is None else 'a map'} for {where}, got "
                              f"{'None' if self.expert_map is None else 'a map'}")
-        same("expert_map", self.expert_map, want_map)
-        same("local_to_global", self.local_to_global, torch.arange(E) if want_map is None else local_to_global(want_map))
-        tables = (None, None)
-        if self.global_to_physical is not None:
-            if self.strategy != "round_robin":
+        for name in ("expert_map", "local_to_global", "global_to_physical", "physical_to_global", "slot_table"):
+            got, w = getattr(self, name), want[name]   # a table on meta holds no values: nothing to compare
+            if name == "global_to_physical" and got is not None and self.strategy != "round_robin":
                 raise ValueError(f"global_to_physical: expected None for strategy {self.strategy!r} (routing tables "
                                  f"belong to round robin), got a table")
-            tables = round_robin_routing_tables(E, self.ep_size, self.ep_rank)[:2]
-            same("global_to_physical", self.global_to_physical, tables[0])
-            same("physical_to_global", self.physical_to_global, tables[1])
-        same("slot_table", self.slot_table, local_slot_table(E, L, self.physical_offset, want_map, tables[0]))
+            if got is None or w is None or got.device.type == "meta": continue
+            if not torch.equal(got.cpu().to(w.dtype), w):
+                raise ValueError(f"{name}: expected {w.tolist()} for {where}, got {got.cpu().tolist()}")
+
+    def _tables(self) -> dict:
+        """What `strategy` makes of `num_experts` on rank `ep_rank` of `ep_size`, on the cpu: `num_local_experts` and
+        the tables `expert_map`, `local_to_global`, `slot_table`, and the round-robin pair where this placement has them
+        (else None). One definition for the check above and for `to` off meta."""
+        E = self.num_experts
+        count, expert_map = determine_expert_map(self.ep_size, self.ep_rank, E, self.strategy)
+        tables = (None, None)
+        if self.global_to_physical is not None: tables = round_robin_routing_tables(E, self.ep_size, self.ep_rank)[:2]
+        return dict(num_local_experts=count, expert_map=expert_map,
+                    local_to_global=torch.arange(E) if expert_map is None else local_to_global(expert_map),
+                    global_to_physical=tables[0], physical_to_global=tables[1],
+                    slot_table=local_slot_table(E, count, self.physical_offset, expert_map, tables[0]))
 
     @property
     def holds_every_expert(self) -> bool:
@@ -330,7 +337,7 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
         self.num_experts, self.num_local_experts, self.physical_offset, self.expert_map, self.global_to_physical)
     return table.to(topk_ids.device)[topk_ids.clamp(-1, self.num_experts)]   # never out of bounds: both ends read -1
 
-# %% ../nbs/04_placement.ipynb #f3da54502076
+# %% ../nbs/04_placement.ipynb #74bf1c67d866
 PLACEMENT_TABLES = ("expert_map", "global_to_physical", "slot_table")   # the tables the dispatch and routing kernels read
 
 @patch
@@ -338,15 +345,16 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
        ) -> Placement:                                # a copy: expert_map, global_to_physical, slot_table on `device`
     """The placement with the tables its kernels read (`expert_map`, `global_to_physical`, `slot_table`) on `device`;
     `local_to_global` and `physical_to_global` stay where they are (host-side bookkeeping). A layer moves its placement
-    once, at construction, so no forward copies a table. ValueError for a device that is not cpu, cuda (on a machine
-    with a GPU) or meta."""
+    once, at construction, so no forward copies a table. Tables on meta (a layer built there, then `to_empty` or
+    `load_state_dict(assign=True)`) hold no values to copy: off meta they are made again from the placement's strategy,
+    `ep_size`, `ep_rank` and `num_experts`, which determine them. ValueError for a device that is not cpu, cuda (on a
+    machine with a GPU) or meta."""
     device = check_device(device, allow_meta=True)
-    if device.type != "meta" and any(getattr(self, n) is not None and getattr(self, n).device.type == "meta"
-                                     for n in PLACEMENT_TABLES):
-        raise ValueError(f"device: expected meta for a placement whose tables are on meta (they hold no values to "
-                         f"copy; build it again with Placement.build), got {device}")
-    return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in PLACEMENT_TABLES
-                                        if getattr(self, n) is not None})
+    held = {n: getattr(self, n) for n in PLACEMENT_TABLES if getattr(self, n) is not None}
+    made = self._tables() if device.type != "meta" and any(t.is_meta for t in held.values()) else {}
+    return dataclasses.replace(self, **{n: (made[n] if made and t.is_meta else t).to(device) for n, t in held.items()})
+
+
 
 # %% ../nbs/04_placement.ipynb #130ee76de343
 def placement_table(

@@ -13,7 +13,7 @@ from .quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_
 
 # %% auto #0
 __all__ = ['WEIGHT_GRANULARITY', 'ACTIVATION_GRANULARITY', 'FP4_GROUP', 'FP4_LAYOUTS', 'FP4_KERNEL_LAYOUT', 'SPLIT_CHUNK',
-           'MMA_CHUNK', 'FP4_CHUNK', 'FP8_SCALE_MAX', 'NVFP4_GLOBAL_SCALE_MAX', 'quant_weight_shapes',
+           'MMA_CHUNK', 'FP4_CHUNK', 'FP8_SCALE_MAX', 'NVFP4_GLOBAL_SCALE_MAX', 'QUANT_TENSORS', 'quant_weight_shapes',
            'QuantizedExpertWeights', 'split_fp4_codes', 'unsplit_fp4_codes', 'mma_fp4_codes', 'unmma_fp4_codes',
            'fp4_codes_from_plain', 'fp4_codes_to_plain', 'mma128_slot_to_k', 'plot_mma128_layout',
            'quantize_expert_weights', 'random_expert_weights', 'random_activations', 'plot_weight_scales']
@@ -206,9 +206,11 @@ def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32)
         out.append(t)
     return tuple(out)
 
-# %% ../nbs/09a_quant_weights.ipynb #5ad9acc29995
+# %% ../nbs/09a_quant_weights.ipynb #f874df529204
+QUANT_TENSORS = ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")   # a container's tensors
+
 def _tensors(qw) -> dict:
-    return {f: getattr(qw, f) for f in ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")}
+    return {f: getattr(qw, f) for f in QUANT_TENSORS}
 
 def _qw_replace(qw, fn):
     "A new container with `fn` applied to every tensor (validated again on construction)."

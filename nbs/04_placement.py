@@ -640,27 +640,34 @@ class Placement:
                              f"{'only physical_to_global' if self.global_to_physical is None else 'only global_to_physical'}")
         if self.slot_table is not None:
             check_tensor("slot_table", self.slot_table, shape=(E + 1,), dtype=torch.int64, contiguous=True)
-        count, want_map = determine_expert_map(self.ep_size, self.ep_rank, E, self.strategy)
+        want = self._tables()
         where = f"rank {self.ep_rank} of {self.ep_size} with strategy {self.strategy!r} and {E} experts"
-        if L != count: raise ValueError(f"num_local_experts: expected {count} for {where}, got {L}")
-        def same(name, got, want):                      # a table on meta holds no values: nothing to compare
-            if got is None or want is None or got.device.type == "meta": return
-            if not torch.equal(got.cpu().to(want.dtype), want):
-                raise ValueError(f"{name}: expected {want.tolist()} for {where}, got {got.cpu().tolist()}")
-        if (self.expert_map is None) != (want_map is None):
-            raise ValueError(f"expert_map: expected {'None' if want_map is None else 'a map'} for {where}, got "
+        if L != want["num_local_experts"]:
+            raise ValueError(f"num_local_experts: expected {want['num_local_experts']} for {where}, got {L}")
+        if (self.expert_map is None) != (want["expert_map"] is None):
+            raise ValueError(f"expert_map: expected {'None' if want['expert_map'] is None else 'a map'} for {where}, got "
                              f"{'None' if self.expert_map is None else 'a map'}")
-        same("expert_map", self.expert_map, want_map)
-        same("local_to_global", self.local_to_global, torch.arange(E) if want_map is None else local_to_global(want_map))
-        tables = (None, None)
-        if self.global_to_physical is not None:
-            if self.strategy != "round_robin":
+        for name in ("expert_map", "local_to_global", "global_to_physical", "physical_to_global", "slot_table"):
+            got, w = getattr(self, name), want[name]   # a table on meta holds no values: nothing to compare
+            if name == "global_to_physical" and got is not None and self.strategy != "round_robin":
                 raise ValueError(f"global_to_physical: expected None for strategy {self.strategy!r} (routing tables "
                                  f"belong to round robin), got a table")
-            tables = round_robin_routing_tables(E, self.ep_size, self.ep_rank)[:2]
-            same("global_to_physical", self.global_to_physical, tables[0])
-            same("physical_to_global", self.physical_to_global, tables[1])
-        same("slot_table", self.slot_table, local_slot_table(E, L, self.physical_offset, want_map, tables[0]))
+            if got is None or w is None or got.device.type == "meta": continue
+            if not torch.equal(got.cpu().to(w.dtype), w):
+                raise ValueError(f"{name}: expected {w.tolist()} for {where}, got {got.cpu().tolist()}")
+
+    def _tables(self) -> dict:
+        """What `strategy` makes of `num_experts` on rank `ep_rank` of `ep_size`, on the cpu: `num_local_experts` and
+        the tables `expert_map`, `local_to_global`, `slot_table`, and the round-robin pair where this placement has them
+        (else None). One definition for the check above and for `to` off meta."""
+        E = self.num_experts
+        count, expert_map = determine_expert_map(self.ep_size, self.ep_rank, E, self.strategy)
+        tables = (None, None)
+        if self.global_to_physical is not None: tables = round_robin_routing_tables(E, self.ep_size, self.ep_rank)[:2]
+        return dict(num_local_experts=count, expert_map=expert_map,
+                    local_to_global=torch.arange(E) if expert_map is None else local_to_global(expert_map),
+                    global_to_physical=tables[0], physical_to_global=tables[1],
+                    slot_table=local_slot_table(E, count, self.physical_offset, expert_map, tables[0]))
 
     @property
     def holds_every_expert(self) -> bool:
@@ -811,15 +818,15 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
        ) -> Placement:                                # a copy: expert_map, global_to_physical, slot_table on `device`
     """The placement with the tables its kernels read (`expert_map`, `global_to_physical`, `slot_table`) on `device`;
     `local_to_global` and `physical_to_global` stay where they are (host-side bookkeeping). A layer moves its placement
-    once, at construction, so no forward copies a table. ValueError for a device that is not cpu, cuda (on a machine
-    with a GPU) or meta."""
+    once, at construction, so no forward copies a table. Tables on meta (a layer built there, then `to_empty` or
+    `load_state_dict(assign=True)`) hold no values to copy: off meta they are made again from the placement's strategy,
+    `ep_size`, `ep_rank` and `num_experts`, which determine them. ValueError for a device that is not cpu, cuda (on a
+    machine with a GPU) or meta."""
     device = check_device(device, allow_meta=True)
-    if device.type != "meta" and any(getattr(self, n) is not None and getattr(self, n).device.type == "meta"
-                                     for n in PLACEMENT_TABLES):
-        raise ValueError(f"device: expected meta for a placement whose tables are on meta (they hold no values to "
-                         f"copy; build it again with Placement.build), got {device}")
-    return dataclasses.replace(self, **{n: getattr(self, n).to(device) for n in PLACEMENT_TABLES
-                                        if getattr(self, n) is not None})
+    held = {n: getattr(self, n) for n in PLACEMENT_TABLES if getattr(self, n) is not None}
+    made = self._tables() if device.type != "meta" and any(t.is_meta for t in held.values()) else {}
+    return dataclasses.replace(self, **{n: (made[n] if made and t.is_meta else t).to(device) for n, t in held.items()})
+
 
 
 # %%
@@ -886,7 +893,11 @@ test_eq([t.device.type for t in (moved.expert_map, moved.slot_table, moved.local
 assert moved is not p and p.expert_map.device.type == "cpu" and moved.num_local_experts == p.num_local_experts
 test_fail(lambda: p.to("gpu0"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'gpu0'")
 test_fail(lambda: p.to("mps"), contains="device: expected a cpu, cuda or meta device, got mps")
-test_fail(lambda: moved.to("cpu"), contains="device: expected meta for a placement whose tables are on meta")
+back = moved.to("cpu")                                       # off meta: the tables made again, as build made them
+for n in PLACEMENT_TABLES:
+    if getattr(p, n) is not None: test_eq(getattr(back, n), getattr(p, n))
+assert good.global_to_physical is not None                    # and the round-robin tables
+test_eq([getattr(good.to("meta").to("cpu"), n).tolist() for n in PLACEMENT_TABLES], [getattr(good, n).tolist() for n in PLACEMENT_TABLES])
 test_fail(lambda: moved.local_slot(torch.tensor([[1]])), contains="topk_ids: expected a tensor on meta")
 test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
 test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")

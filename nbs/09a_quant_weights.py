@@ -293,8 +293,10 @@ def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32)
 
 # %%
 #| export
+QUANT_TENSORS = ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")   # a container's tensors
+
 def _tensors(qw) -> dict:
-    return {f: getattr(qw, f) for f in ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")}
+    return {f: getattr(qw, f) for f in QUANT_TENSORS}
 
 def _qw_replace(qw, fn):
     "A new container with `fn` applied to every tensor (validated again on construction)."

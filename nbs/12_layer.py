@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import os, sys, time
+import os, sys, time, dataclasses
 from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
@@ -23,6 +23,7 @@ from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, we
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import DEVICES, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
+from moe_lit.quant_weights import QUANT_TENSORS
 
 # %%
 #| hide
@@ -428,13 +429,15 @@ def _weight_versions(self: FusedMoE) -> tuple:
     """What the hot path was built from, cheaply: the tensors the kernels read as `_identity` sees them (a swapped or
     resized one is noticed, and an in-place edit of one it keeps a copy of: the gate's bf16 copy, a quantized layer's
     codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts), its switches, and
-    the placement's tables (an in-place edit of one is checked again, as a new placement is)."""
+    the placement's tables (an in-place edit of one is checked again, as a new placement is), and last the quantized
+    experts' codes and scales (an in-place edit: the container checked again, as a new one is)."""
     p, b, quantized, place = self._parameters, self._buffers, self.qweights is not None, self.placement
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
                                        id(self._modules.get("shared_experts")), self.debug, self.experts) + \
         tuple(_identity(t, False) for t in _shared_tensors(self)) + \
-        tuple(_identity(getattr(place, n, None), True) for n in PLACEMENT_TABLES)   # edited in place: re-checked
+        tuple(_identity(getattr(place, n, None), True) for n in PLACEMENT_TABLES) + \
+        ((tuple(_identity(getattr(self.qweights, n), True) for n in QUANT_TENSORS) if quantized else None),)
 
 _SHARED = ("w13", "w2", "gate")                    # the shared experts' tensors (`10_modular.SharedExperts`)
 
@@ -501,8 +504,11 @@ def _follow_inplace_edits(self: FusedMoE):
     if q is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
         return
-    if q is not None and now[len(_TRACKED)] != self._versions[len(_TRACKED)]:   # new codes swapped in: the float
-        _floats_follow_codes(self)                                               # experts (state_dict) follow them
+    if q is not None and now[len(_TRACKED)] == self._versions[len(_TRACKED)] and now[-1] != self._versions[-1]:
+        self.qweights = dataclasses.replace(q)        # codes or scales edited in place: checked again, as a new container
+        now = None                                    # is (an MXFP4 container keeps facts of its scales for the decode)
+    if q is not None and (now is None or now[len(_TRACKED)] != self._versions[len(_TRACKED)]):   # new codes: the float
+        _floats_follow_codes(self)                                                                # experts follow them
     self._build_hot_path()
 
 @patch
@@ -927,6 +933,9 @@ test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of"
 # Moving the module (`layer.to(device)`, as `model.to("cuda")` does in transformers) takes along what is not a
 # parameter: the quantized experts, the placement tables and the router's gate copy, rebuilt on the new device
 # (captured graphs are dropped). A dtype conversion is refused by name: the config says the layer's dtype.
+# A layer built on `meta` (deferred initialization: no memory until the weights come) is given values the usual ways,
+# `to_empty(device=...)` then `load_state_dict`, or `load_state_dict(..., assign=True)`; its placement tables, which
+# hold no values on meta, are made again on the device from the placement they describe (`04_placement.Placement.to`).
 
 # %%
 #| test layer_moves_with_module
@@ -945,6 +954,13 @@ layer = FusedMoE(cfg, seed=1).to("meta")                       # no values, but 
 test_eq({t.device.type for t in (layer.router_gate, layer.placement.slot_table, layer.w13)}, {"meta"})
 test_fail(lambda: layer(x.to("meta")), contains="hidden: expected a tensor with values, got a meta tensor")
 test_fail(lambda: layer.to("cpu"), contains="device: expected meta for a layer on meta (it holds no values to move")
+ref = FusedMoE(cfg, seed=1, device=DEVICE)
+for how in ("to_empty", "assign"):                            # deferred initialization: built on meta, then given values
+    deferred = FusedMoE(cfg, seed=2).to("meta")
+    if how == "to_empty": deferred.to_empty(device=DEVICE).load_state_dict(ref.state_dict())
+    else: deferred.load_state_dict(ref.state_dict(), assign=True)
+    test_eq({t.device.type for t in (deferred.router_gate, deferred.placement.slot_table, deferred.w13)}, {ref.gate.device.type})
+    assert torch.equal(deferred(x.to(DEVICE)), ref(x.to(DEVICE))), how
 assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
 qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
 test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")
@@ -989,7 +1005,9 @@ for experts in ("torch", "triton"):
 # %% [markdown]
 # An in-place edit of a weight the hot path keeps a copy of — the gate (its bf16 copy for the router's GEMM), a
 # quantized layer's float experts (their codes) — is followed at the next call: the layer compares the tensors'
-# version counters (no sync), and which tensors they are, and rebuilds the copy, as `load_state_dict` does. Captured
+# version counters (no sync), and which tensors they are, and rebuilds the copy, as `load_state_dict` does. So is
+# an edit of a quantized layer's codes or scales (`layer.qweights.w2_scale.mul_(2)`): the container is checked again,
+# as a new one would be (NaN codes, scale ranges), and the float experts follow the codes. Captured
 # graphs are dropped then. An edit through `.data` (`layer.gate.data.copy_(w)`) bypasses the version counter, and so
 # does one to an inference tensor: after those, call `layer.load_state_dict` (or rebuild the layer).
 
@@ -1029,6 +1047,13 @@ for experts in ("torch", "triton"):
     assert torch.equal(q.w13.detach(), q.qweights.dequantize()[0].to(q.w13.dtype))
     ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
     assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
+    with torch.no_grad(): q.qweights.w2_scale.mul_(2)                          # scales edited in place: followed too
+    y = q(x)
+    assert torch.equal(q.w2.detach(), q.qweights.dequantize()[1].to(q.w2.dtype))
+    ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
+    assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
+    q.qweights.w2.view(torch.uint8)[1, 2, 3] = 0x7F                            # a NaN code written in place: refused
+    test_fail(lambda: q(x), contains="w2: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index [1, 2, 3]")
     mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks
     test_eq((mk.owned, getattr(mk.experts, "weights_checked", experts == "torch")), (True, True))
     for name, bad in (("w13", layer.w13.detach()[:, :-2]), ("w2", layer.w2.detach().float()),

@@ -350,7 +350,11 @@ def test_local_slot_edges():
     assert moved is not p and p.expert_map.device.type == "cpu" and moved.num_local_experts == p.num_local_experts
     test_fail(lambda: p.to("gpu0"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'gpu0'")
     test_fail(lambda: p.to("mps"), contains="device: expected a cpu, cuda or meta device, got mps")
-    test_fail(lambda: moved.to("cpu"), contains="device: expected meta for a placement whose tables are on meta")
+    back = moved.to("cpu")                                       # off meta: the tables made again, as build made them
+    for n in PLACEMENT_TABLES:
+        if getattr(p, n) is not None: test_eq(getattr(back, n), getattr(p, n))
+    assert good.global_to_physical is not None                    # and the round-robin tables
+    test_eq([getattr(good.to("meta").to("cpu"), n).tolist() for n in PLACEMENT_TABLES], [getattr(good, n).tolist() for n in PLACEMENT_TABLES])
     test_fail(lambda: moved.local_slot(torch.tensor([[1]])), contains="topk_ids: expected a tensor on meta")
     test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
     test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")
