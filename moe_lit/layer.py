@@ -64,7 +64,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #f327abba621e
+# %% ../nbs/12_layer.ipynb #22d23e1099d4
 class FusedMoE(torch.nn.Module):
     """One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel.
 
@@ -85,6 +85,10 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        if torch.get_default_device().type == "meta":           # `with torch.device("meta"):` around the construction
+            raise ValueError("device: expected torch's default device to hold values while the layer is built (it makes "
+                             "or loads weights and checks them), got meta; build it, then .to('meta'), or load a "
+                             "checkpoint with FusedMoE.from_pretrained")
         device, quant = check_device(device), quant_scheme_name(quant)   # 'fp8' -> 'fp8_w8a8_block'
         self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
                                                             backend)
@@ -245,11 +249,12 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #0832f3120317
+# %% ../nbs/12_layer.ipynb #46c20a617114
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
     c, dev = self.config, self.gate.device
+    _check_one_device(self)
     self.use_triton = self.experts != "torch"
     if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
         from moe_lit.kernels.router import router_plan, _route_tokens  # unchecked: the plan, gate and biases (checked
@@ -268,6 +273,15 @@ def _build_hot_path(self: FusedMoE):
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
     self._record_build()
+
+def _check_one_device(layer):
+    "Every parameter and buffer on one device (a partial `load_state_dict(..., assign=True)` can leave some on meta)."
+    where = {}
+    for n, t in list(layer.named_parameters()) + list(layer.named_buffers()): where.setdefault(str(t.device), []).append(n)
+    if len(where) > 1:
+        raise ValueError("parameters and buffers: expected all on one device, got " + "; ".join(
+            f"{', '.join(ns)} on {d}" for d, ns in where.items()) + " (load_state_dict(..., assign=True) must give every "
+            "tensor: strict=True)")
 
 _TRACKED = ("gate", "gate_bias", "e_score_correction_bias", "w13", "w2", "w13_bias", "w2_bias")   # what the kernels read
 
@@ -332,6 +346,7 @@ def _follow_inplace_edits(self: FusedMoE):
     "After an in-place edit or a swap of what the layer holds: the swapped part checked once, the copies rebuilt; no sync."
     now = self._weight_versions()
     if now == self._versions: return
+    _check_one_device(self)
     bad = lambda n, want, got: ValueError(f"{n}: expected {want} (the layer's, checked at load), got {got}; load new "
                                           f"weights with load_state_dict, or build a new layer")
     show = lambda m: "none" if m is None else f"shape {list(m[0])}, {m[1]} on {m[2]}" + ("" if m[3] else ", not contiguous")
@@ -355,7 +370,12 @@ def _follow_inplace_edits(self: FusedMoE):
     q = self.qweights
     qshow = lambda m: "none" if m is None else "{} experts, hidden_size {}, intermediate_size {} on {}, {}".format(*m)
     if _qmeta(q) != h["qweights"]: raise bad("qweights", qshow(h["qweights"]), qshow(_qmeta(q)))
-    if q is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
+    floats_edited = (now[3], now[4]) != (self._versions[3], self._versions[4])
+    if q is not None and floats_edited and now[-1] != self._versions[-1]:   # which should follow which: not guessed
+        raise ValueError("w13, w2 and qweights: expected an in-place edit of the float experts or of the codes and "
+                         "scales between two calls, got edits of both (each is made to follow the other); load new "
+                         "weights with load_state_dict, or build a new layer")
+    if q is not None and floats_edited:
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
         return
     if q is not None and now[len(_TRACKED)] == self._versions[len(_TRACKED)] and now[-1] != self._versions[-1]:

@@ -631,6 +631,11 @@ class Placement:
         E = check_int("num_experts", self.num_experts, lo=self.ep_size, hi=SIZE_LIMIT)
         L = check_int("num_local_experts", self.num_local_experts, lo=0, hi=E + 1)
         check_tensor("local_to_global", self.local_to_global, shape=(L,), dtype=torch.int64)
+        for n in ("local_to_global", "physical_to_global"):     # host-side bookkeeping: values, never meta
+            t = getattr(self, n)
+            if t is not None and t.is_meta:
+                raise ValueError(f"{n}: expected a tensor with values (host-side bookkeeping, which Placement.to leaves "
+                                 f"where it is), got a meta tensor")
         if self.expert_map is not None:
             check_tensor("expert_map", self.expert_map, shape=(E,), dtype=torch.int32, contiguous=True)
         for n in ("global_to_physical", "physical_to_global"):
@@ -657,17 +662,9 @@ class Placement:
                 raise ValueError(f"{name}: expected {w.tolist()} for {where}, got {got.cpu().tolist()}")
 
     def _tables(self) -> dict:
-        """What `strategy` makes of `num_experts` on rank `ep_rank` of `ep_size`, on the cpu: `num_local_experts` and
-        the tables `expert_map`, `local_to_global`, `slot_table`, and the round-robin pair where this placement has them
-        (else None). One definition for the check above and for `to` off meta."""
-        E = self.num_experts
-        count, expert_map = determine_expert_map(self.ep_size, self.ep_rank, E, self.strategy)
-        tables = (None, None)
-        if self.global_to_physical is not None: tables = round_robin_routing_tables(E, self.ep_size, self.ep_rank)[:2]
-        return dict(num_local_experts=count, expert_map=expert_map,
-                    local_to_global=torch.arange(E) if expert_map is None else local_to_global(expert_map),
-                    global_to_physical=tables[0], physical_to_global=tables[1],
-                    slot_table=local_slot_table(E, count, self.physical_offset, expert_map, tables[0]))
+        "`placement_tables` of this placement: what the check above compares and `to` makes again off meta."
+        return placement_tables(self.strategy, self.ep_size, self.ep_rank, self.num_experts,
+                                self.global_to_physical is not None)
 
     @property
     def holds_every_expert(self) -> bool:
@@ -724,14 +721,29 @@ def build(cls: Placement, config: MoEConfig,   # the layer; its `parallel` is th
     expert_block(num_physical, par.ep_size, ep_rank)                                                 # validates
     used, reason = resolve_placement_strategy(strategy, par, config.num_expert_group, config.num_redundant_experts,
                                               par.enable_eplb)
-    count, expert_map = determine_expert_map(par.ep_size, ep_rank, num_physical, used)
-    l2g = torch.arange(num_physical) if expert_map is None else local_to_global(expert_map)
-    tables = (None, None)
-    if used == "round_robin" and par.needs_round_robin_routing_tables:
-        tables = round_robin_routing_tables(num_physical, par.ep_size, ep_rank)[:2]
-    table = local_slot_table(num_physical, count, expert_block(num_physical, par.ep_size, ep_rank)[0], expert_map,
-                             tables[0])
-    return cls(used, reason, par.ep_size, ep_rank, num_physical, count, expert_map, l2g, *tables, slot_table=table)
+    t = placement_tables(used, par.ep_size, ep_rank, num_physical,
+                         used == "round_robin" and par.needs_round_robin_routing_tables)
+    return cls(used, reason, par.ep_size, ep_rank, num_physical, t["num_local_experts"], t["expert_map"],
+               t["local_to_global"], t["global_to_physical"], t["physical_to_global"], slot_table=t["slot_table"])
+
+def placement_tables(strategy: str, ep_size: int, ep_rank: int,
+                     num_experts: int,          # physical experts placed
+                     routing_tables: bool,      # round robin only: with the global <-> physical tables (nixl_ep, DeepEP)
+                     ) -> dict:
+    """What `strategy` makes of `num_experts` on rank `ep_rank` of `ep_size`, made on the cpu whatever torch's default
+    device (`with torch.device("meta")` included): `num_local_experts` (int), `expert_map` ([E] int32 or None),
+    `local_to_global` ([L] int64), `global_to_physical` / `physical_to_global` ([E] int64, or None without
+    `routing_tables`) and `slot_table` ([E + 1] int64). The one definition `Placement.build`, the placement's own
+    check and `Placement.to` (off meta) use. ValueError from the functions it calls for a bad rank or strategy.
+    Source: vLLM's `determine_expert_map` and round-robin routing tables (vllm/model_executor/layers/fused_moe/layer.py)."""
+    with torch.device("cpu"):
+        count, expert_map = determine_expert_map(ep_size, ep_rank, num_experts, strategy)
+        tables = round_robin_routing_tables(num_experts, ep_size, ep_rank)[:2] if routing_tables else (None, None)
+        return dict(num_local_experts=count, expert_map=expert_map,
+                    local_to_global=torch.arange(num_experts) if expert_map is None else local_to_global(expert_map),
+                    global_to_physical=tables[0], physical_to_global=tables[1],
+                    slot_table=local_slot_table(num_experts, count, expert_block(num_experts, ep_size, ep_rank)[0],
+                                                expert_map, tables[0]))
 
 
 # %%
@@ -897,6 +909,13 @@ back = moved.to("cpu")                                       # off meta: the tab
 for n in PLACEMENT_TABLES:
     if getattr(p, n) is not None: test_eq(getattr(back, n), getattr(p, n))
 assert good.global_to_physical is not None                    # and the round-robin tables
+test_fail(lambda: dataclasses.replace(good, local_to_global=good.local_to_global.to("meta")),
+          contains="local_to_global: expected a tensor with values (host-side bookkeeping")
+cfg_rr = MoEConfig(8, 2, 16, 16, routing_method="grouped_topk", num_expert_group=2, topk_group=1,
+                   parallel=ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+with torch.device("meta"): on_meta = Placement.build(cfg_rr, "round_robin", ep_rank=1)   # torch's default device: meta
+test_eq([getattr(on_meta, n).tolist() for n in PLACEMENT_TABLES + ("local_to_global",)],   # the tables are made on the cpu
+        [getattr(good, n).tolist() for n in PLACEMENT_TABLES + ("local_to_global",)])
 test_eq([getattr(good.to("meta").to("cpu"), n).tolist() for n in PLACEMENT_TABLES], [getattr(good, n).tolist() for n in PLACEMENT_TABLES])
 test_fail(lambda: moved.local_slot(torch.tensor([[1]])), contains="topk_ids: expected a tensor on meta")
 test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")

@@ -156,6 +156,10 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        if torch.get_default_device().type == "meta":           # `with torch.device("meta"):` around the construction
+            raise ValueError("device: expected torch's default device to hold values while the layer is built (it makes "
+                             "or loads weights and checks them), got meta; build it, then .to('meta'), or load a "
+                             "checkpoint with FusedMoE.from_pretrained")
         device, quant = check_device(device), quant_scheme_name(quant)   # 'fp8' -> 'fp8_w8a8_block'
         self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
                                                             backend)
@@ -396,6 +400,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
     c, dev = self.config, self.gate.device
+    _check_one_device(self)
     self.use_triton = self.experts != "torch"
     if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
         from moe_lit.kernels.router import router_plan, _route_tokens  # unchecked: the plan, gate and biases (checked
@@ -414,6 +419,15 @@ def _build_hot_path(self: FusedMoE):
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
     self._record_build()
+
+def _check_one_device(layer):
+    "Every parameter and buffer on one device (a partial `load_state_dict(..., assign=True)` can leave some on meta)."
+    where = {}
+    for n, t in list(layer.named_parameters()) + list(layer.named_buffers()): where.setdefault(str(t.device), []).append(n)
+    if len(where) > 1:
+        raise ValueError("parameters and buffers: expected all on one device, got " + "; ".join(
+            f"{', '.join(ns)} on {d}" for d, ns in where.items()) + " (load_state_dict(..., assign=True) must give every "
+            "tensor: strict=True)")
 
 _TRACKED = ("gate", "gate_bias", "e_score_correction_bias", "w13", "w2", "w13_bias", "w2_bias")   # what the kernels read
 
@@ -478,6 +492,7 @@ def _follow_inplace_edits(self: FusedMoE):
     "After an in-place edit or a swap of what the layer holds: the swapped part checked once, the copies rebuilt; no sync."
     now = self._weight_versions()
     if now == self._versions: return
+    _check_one_device(self)
     bad = lambda n, want, got: ValueError(f"{n}: expected {want} (the layer's, checked at load), got {got}; load new "
                                           f"weights with load_state_dict, or build a new layer")
     show = lambda m: "none" if m is None else f"shape {list(m[0])}, {m[1]} on {m[2]}" + ("" if m[3] else ", not contiguous")
@@ -501,7 +516,12 @@ def _follow_inplace_edits(self: FusedMoE):
     q = self.qweights
     qshow = lambda m: "none" if m is None else "{} experts, hidden_size {}, intermediate_size {} on {}, {}".format(*m)
     if _qmeta(q) != h["qweights"]: raise bad("qweights", qshow(h["qweights"]), qshow(_qmeta(q)))
-    if q is not None and (now[3], now[4]) != (self._versions[3], self._versions[4]):
+    floats_edited = (now[3], now[4]) != (self._versions[3], self._versions[4])
+    if q is not None and floats_edited and now[-1] != self._versions[-1]:   # which should follow which: not guessed
+        raise ValueError("w13, w2 and qweights: expected an in-place edit of the float experts or of the codes and "
+                         "scales between two calls, got edits of both (each is made to follow the other); load new "
+                         "weights with load_state_dict, or build a new layer")
+    if q is not None and floats_edited:
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
         return
     if q is not None and now[len(_TRACKED)] == self._versions[len(_TRACKED)] and now[-1] != self._versions[-1]:
@@ -936,6 +956,8 @@ test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of"
 # A layer built on `meta` (deferred initialization: no memory until the weights come) is given values the usual ways,
 # `to_empty(device=...)` then `load_state_dict`, or `load_state_dict(..., assign=True)`; its placement tables, which
 # hold no values on meta, are made again on the device from the placement they describe (`04_placement.Placement.to`).
+# A load that leaves some tensors on meta (`strict=False`) is refused by name, and so is building the layer under
+# `with torch.device("meta")` (the layer makes or loads its weights and checks them while it is built).
 
 # %%
 #| test layer_moves_with_module
@@ -961,6 +983,12 @@ for how in ("to_empty", "assign"):                            # deferred initial
     else: deferred.load_state_dict(ref.state_dict(), assign=True)
     test_eq({t.device.type for t in (deferred.router_gate, deferred.placement.slot_table, deferred.w13)}, {ref.gate.device.type})
     assert torch.equal(deferred(x.to(DEVICE)), ref(x.to(DEVICE))), how
+partial = FusedMoE(cfg, seed=2).to("meta")                   # a partial assign leaves w2 on meta: named, then and after
+test_fail(lambda: partial.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "w2"}, strict=False, assign=True),
+          contains=f"parameters and buffers: expected all on one device, got w13, gate on {ref.gate.device}; w2 on meta")
+test_fail(lambda: partial(x.to(DEVICE)), contains="parameters and buffers: expected all on one device")
+with torch.device("meta"):                                   # built under torch's default device meta: refused by name
+    test_fail(lambda: FusedMoE(cfg), contains="device: expected torch's default device to hold values")
 assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
 qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
 test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")
@@ -1007,7 +1035,8 @@ for experts in ("torch", "triton"):
 # quantized layer's float experts (their codes) — is followed at the next call: the layer compares the tensors'
 # version counters (no sync), and which tensors they are, and rebuilds the copy, as `load_state_dict` does. So is
 # an edit of a quantized layer's codes or scales (`layer.qweights.w2_scale.mul_(2)`): the container is checked again,
-# as a new one would be (NaN codes, scale ranges), and the float experts follow the codes. Captured
+# as a new one would be (NaN codes, scale ranges), and the float experts follow the codes; edits of both the float
+# experts and the codes before one call are refused (neither is guessed to win). Captured
 # graphs are dropped then. An edit through `.data` (`layer.gate.data.copy_(w)`) bypasses the version counter, and so
 # does one to an inference tensor: after those, call `layer.load_state_dict` (or rebuild the layer).
 
@@ -1052,6 +1081,11 @@ for experts in ("torch", "triton"):
     assert torch.equal(q.w2.detach(), q.qweights.dequantize()[1].to(q.w2.dtype))
     ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
     assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
+    with torch.no_grad(): q.qweights.w2_scale.mul_(2); q.w13.mul_(1.0)          # both edited: which wins is not guessed
+    test_fail(lambda: q(x), contains="w13, w2 and qweights: expected an in-place edit of the float experts or of the codes")
+    q.load_state_dict(q.state_dict())                                          # a load settles it: the codes follow
+    ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
+    assert check_output(q(x).cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
     q.qweights.w2.view(torch.uint8)[1, 2, 3] = 0x7F                            # a NaN code written in place: refused
     test_fail(lambda: q(x), contains="w2: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index [1, 2, 3]")
     mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks

@@ -267,6 +267,12 @@ def test_layer_moves_with_module():
         else: deferred.load_state_dict(ref.state_dict(), assign=True)
         test_eq({t.device.type for t in (deferred.router_gate, deferred.placement.slot_table, deferred.w13)}, {ref.gate.device.type})
         assert torch.equal(deferred(x.to(DEVICE)), ref(x.to(DEVICE))), how
+    partial = FusedMoE(cfg, seed=2).to("meta")                   # a partial assign leaves w2 on meta: named, then and after
+    test_fail(lambda: partial.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "w2"}, strict=False, assign=True),
+              contains=f"parameters and buffers: expected all on one device, got w13, gate on {ref.gate.device}; w2 on meta")
+    test_fail(lambda: partial(x.to(DEVICE)), contains="parameters and buffers: expected all on one device")
+    with torch.device("meta"):                                   # built under torch's default device meta: refused by name
+        test_fail(lambda: FusedMoE(cfg), contains="device: expected torch's default device to hold values")
     assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
     qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
     test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")
@@ -340,6 +346,11 @@ def test_layer_follows_inplace_edits():
         assert torch.equal(q.w2.detach(), q.qweights.dequantize()[1].to(q.w2.dtype))
         ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
         assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
+        with torch.no_grad(): q.qweights.w2_scale.mul_(2); q.w13.mul_(1.0)          # both edited: which wins is not guessed
+        test_fail(lambda: q(x), contains="w13, w2 and qweights: expected an in-place edit of the float experts or of the codes")
+        q.load_state_dict(q.state_dict())                                          # a load settles it: the codes follow
+        ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
+        assert check_output(q(x).cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
         q.qweights.w2.view(torch.uint8)[1, 2, 3] = 0x7F                            # a NaN code written in place: refused
         test_fail(lambda: q(x), contains="w2: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index [1, 2, 3]")
         mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks

@@ -354,6 +354,13 @@ def test_local_slot_edges():
     for n in PLACEMENT_TABLES:
         if getattr(p, n) is not None: test_eq(getattr(back, n), getattr(p, n))
     assert good.global_to_physical is not None                    # and the round-robin tables
+    test_fail(lambda: dataclasses.replace(good, local_to_global=good.local_to_global.to("meta")),
+              contains="local_to_global: expected a tensor with values (host-side bookkeeping")
+    cfg_rr = MoEConfig(8, 2, 16, 16, routing_method="grouped_topk", num_expert_group=2, topk_group=1,
+                       parallel=ParallelConfig.make(tp_size=1, dp_size=2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    with torch.device("meta"): on_meta = Placement.build(cfg_rr, "round_robin", ep_rank=1)   # torch's default device: meta
+    test_eq([getattr(on_meta, n).tolist() for n in PLACEMENT_TABLES + ("local_to_global",)],   # the tables are made on the cpu
+            [getattr(good, n).tolist() for n in PLACEMENT_TABLES + ("local_to_global",)])
     test_eq([getattr(good.to("meta").to("cpu"), n).tolist() for n in PLACEMENT_TABLES], [getattr(good, n).tolist() for n in PLACEMENT_TABLES])
     test_fail(lambda: moved.local_slot(torch.tensor([[1]])), contains="topk_ids: expected a tensor on meta")
     test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
