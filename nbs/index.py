@@ -60,7 +60,7 @@
 # quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the
 # default model's run takes 4–7 s unquantized, about 16 s with FP8 and 60–220 s with MXFP4 — nearly all of it generating and
 # quantizing the random weights, and varying by 3× between machines of one kind — at a peak of 1.5, 3.2 and 3.1 GiB resident
-# memory; the report's last line gives the run's own peak, the figure `/usr/bin/time -v` reads). `run`'s text abridges long lists; with `--json` both commands print their full data. `moe-lit run --help`
+# memory; the report's last line gives the run's own peak, the figure `/usr/bin/time -v` reads). `run`'s text abridges long lists; with `--json`, `run`, `tables` and `explain` print their full data. `moe-lit run --help`
 # lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
 # torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
 # shapes (a full-size model takes minutes): shrink a model by passing a small `config.json` with `--config` (any
@@ -69,7 +69,8 @@
 #
 # ## Documentation
 #
-# Each notebook is a chapter of the documentation site. On a machine with Quarto, `nbdev_docs` builds it as a Quarto
+# Each notebook is a chapter of the documentation site (to read offline: `_docs/index.html` after `bash .ci/test`
+# or `.venv/bin/python .ci/docs.py`, below). On a machine with Quarto, `nbdev_docs` builds it as a Quarto
 # website (`_quarto.yml`). Where Quarto cannot be installed (it downloads itself at install time),
 # `.venv/bin/python .ci/docs.py` builds the same chapters offline into `_docs/`: it executes every notebook on the CPU
 # (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc. `bash .ci/test`
@@ -142,15 +143,17 @@ print(f"max |moe-lit - transformers| = {(layer(x) - hf_moe_output(hf_moe_block(m
 
 # %%
 from transformers import AutoModelForCausalLM
-from moe_lit.integrations.transformers import register
+from moe_lit.integrations.transformers import register, check_model
 
 # %%
 register()                                  # adds the experts implementation "moe_lit"
 hf = AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation="moe_lit")
-print(hf.config._experts_implementation)
+print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-lit now runs
+# ['model.layers.0.mlp.experts', 'model.layers.1.mlp.experts']
 
 # %% [markdown]
-# (Llama-4 is the exception: transformers does not send its experts through that interface.) And the main job on a
+# `check_model` raises, naming the blocks, for a model whose experts moe-lit cannot reach (Llama-4's: transformers
+# does not send them through that interface). And the main job on a
 # checkpoint's layer: `.venv/bin/moe-lit run --weights CHECKPOINT_DIR --layer N` (any `--ep`/`--all2all` deployment;
 # without `--layer`, the first MoE layer; a pre-quantized checkpoint runs its stored codes unless `--quant` says
 # otherwise). On an expert-parallel deployment, `FusedMoE.from_pretrained(ckpt, N, parallel=...)` builds one rank's
