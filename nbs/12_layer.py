@@ -1166,11 +1166,16 @@ test_fail(lambda: half(x.half()), contains="qweights (its w13 dequantized to tor
 # `run_emulated_ep` runs each rank of a deployment in turn in one process, exactly as the rank would run: its own
 # parallel config (from `ParallelConfig.make` with its ranks), placement, weights, dispatch, experts and combine. The
 # ranks' outputs are summed — the all-reduce (no all2all) or the combine at the tokens' owners (all2all). Alongside,
-# with the same weight tensors, it accumulates
+# from the weight source itself, it accumulates
 #
-# - the **single-device** result: the Standard path over all experts with fp32 accumulation, streamed in the ranks'
-#   chunks of experts (`accumulate_into`), so that no more than one rank's weights are alive at any time;
-# - the **float64 reference**: the same computation in float64, upcasting one expert at a time.
+# - the **single-device** result: the Standard path over all experts with fp32 accumulation, one expert at a time
+#   (`accumulate_into`), so that no more than one expert's weights are alive at any time;
+# - the **float64 reference**: the same computation in float64.
+#
+# Both take each pair's weights by its global id (EPLB: physical `p` is logical `p % num_experts`), from
+# `weights.experts([e])` — quantized and dequantized expert by expert for a quantized run, as every scheme's scales
+# are per expert or finer — and never from a rank's layer or placement. A rank that loaded the wrong experts, or a
+# placement that sends an id to the wrong slot, is a mismatch, not a reference that agrees with its own mistake.
 #
 # Shared experts are added once — by rank 0 in the emulation, where every rank sees every token — and once to each
 # of the two references.
@@ -1236,17 +1241,6 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         out += layer(hidden, topk, add_shared=r == 0).to(acc)           # shared experts once, not once per rank
         if hidden.is_cuda: torch.cuda.synchronize()
         rank_s.append(time.perf_counter() - t1)
-        local = layer.placement.local_slot(topk[1])
-        w13, w2 = layer.w13[:, :, :H], layer.w2[:, :H]                    # the references run unpadded
-        kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input, w13_bias=layer.w13_bias,
-                  w2_bias=None if layer.w2_bias is None else layer.w2_bias[:, :H], activation=layer.activation)
-        moe_reference_standard(hidden, w13, w2, topk[0], local, accumulate_into=single, **kw)
-        moe_reference_standard(hidden.double(), w13, w2, topk[0], local, accumulate_into=ref, **kw)
-        if ref_float is not None:                       # the same rank on the weights before quantization, for the report
-            orig = weights.experts((layer.placement.local_to_global % config.num_experts).tolist())
-            moe_reference_standard(hidden.double(), orig["w13"].to(hidden.device), orig["w2"].to(hidden.device), topk[0],
-                                   local, accumulate_into=ref_float, **kw)
-            del orig
         if r == 0 and layer.shared_experts is not None:
             sh = layer.shared_experts
             single += sh(hidden).to(acc); ref += sh(hidden.double())    # fp64 input: computed in fp64
@@ -1255,8 +1249,33 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         impl = (layer.experts, layer.experts_reason)
         if on_rank is not None: on_rank(r, layer)
         del layer
+    _reference_by_global_id(config, weights, quant, hidden, *topk, single, ref, ref_float)
     return EPRun(rank_config(config, 0, tp_size), placements, topk[0], topk[1], out.to(config.dtype),
                  single.to(config.dtype), ref, impl, rank_s, weight_s, quant, ref_float)
+
+def _reference_by_global_id(config, weights, quant, hidden, topk_weights, topk_ids, single, ref, ref_float):
+    """Add every routed pair's expert MLP to `single` (hidden's dtype, fp32 accumulation), `ref` (float64) and
+    `ref_float` (float64, the weights before quantization; None: skipped), expert by expert from `weights` by global id:
+    independent of every rank's placement and loaded weights."""
+    from moe_lit.quant_weights import quantize_expert_weights
+    logical = topk_ids.long() % config.num_experts          # EPLB: physical p is a copy of logical p % num_experts
+    kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input, activation=Activation.of(config))
+    touched = sorted(set(logical.flatten().tolist()))     # the experts the tokens reach (one sync, at set-up)
+    step = max(1, torch.get_num_threads())                 # a few experts a load: random weights fill them in parallel
+    for i in range(0, len(touched), step):
+        chunk = touched[i:i + step]
+        w = {k: None if t is None else t.to(config.dtype).to(hidden.device) for k, t in weights.experts(chunk).items()}
+        pairs = torch.full_like(logical, -1)                # the chunk's pairs, by their index in the chunk
+        for j, e in enumerate(chunk): pairs[logical == e] = j
+        ew = dict(kw, w13_bias=w.get("w13_bias"), w2_bias=w.get("w2_bias"))
+        if ref_float is not None:
+            moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref_float, **ew)
+            stored = weights.quantized_experts(chunk, quant)  # a checkpoint's codes, else quantized here as the layer does
+            q = stored if stored is not None else quantize_expert_weights(w["w13"], w["w2"], quant)
+            w["w13"], w["w2"] = q.to(hidden.device).dequantize(config.dtype)
+        moe_reference_standard(hidden, w["w13"], w["w2"], topk_weights, pairs, accumulate_into=single, **ew)
+        moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref, **ew)
+        w = None
 
 # %% [markdown]
 # The emulated ranks sum to the single-device result for every backend of the descriptor table and both placements,

@@ -48,6 +48,11 @@ def test_fp8_block_scales_partial_blocks():
     for gran, shape in (("tensor", (1,)), ("channel", (E, 2 * I, 1))):
         q, s = quantize_fp8(w13, gran); test_eq(tuple(s.shape), shape)
         assert torch.nn.functional.cosine_similarity(dequantize_fp8(q, s, gran).flatten(), w13.flatten(), dim=0) > 0.999
+    rows = w13 * torch.logspace(-3, 3, 2 * I)[None, :, None]          # rows six decades apart: one scale a row, or they flush
+    q, s = quantize_fp8(rows, "channel")
+    test_eq(s[..., 0], rows.abs().amax(-1) / 448)                      # each row's own max on e4m3's 448
+    d = dequantize_fp8(q, s, "channel")
+    assert ((d - rows).norm(dim=-1) / rows.norm(dim=-1)).max() < 0.04  # every row to e4m3's precision, the smallest too
 
 
 def test_fp8_exact_on_representable():
