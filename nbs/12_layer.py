@@ -1249,18 +1249,27 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         impl = (layer.experts, layer.experts_reason)
         if on_rank is not None: on_rank(r, layer)
         del layer
-    _reference_by_global_id(config, weights, quant, hidden, *topk, single, ref, ref_float)
+    reference_by_global_id(config, weights, hidden, *topk, single, ref, quant, ref_float)
     return EPRun(rank_config(config, 0, tp_size), placements, topk[0], topk[1], out.to(config.dtype),
                  single.to(config.dtype), ref, impl, rank_s, weight_s, quant, ref_float)
 
-def _reference_by_global_id(config, weights, quant, hidden, topk_weights, topk_ids, single, ref, ref_float):
-    """Add every routed pair's expert MLP to `single` (hidden's dtype, fp32 accumulation), `ref` (float64) and
-    `ref_float` (float64, the weights before quantization; None: skipped), expert by expert from `weights` by global id:
-    independent of every rank's placement and loaded weights."""
+def reference_by_global_id(config: MoEConfig, weights: WeightSource,
+                           hidden: torch.Tensor,            # [T, H] config.dtype
+                           topk_weights: torch.Tensor,      # [T, top_k] fp32
+                           topk_ids: torch.Tensor,          # [T, top_k] global (physical) ids; -1: no expert
+                           single: torch.Tensor,            # [T, H] fp32 (16-bit dtypes) or fp64: added to in place
+                           ref: torch.Tensor,               # [T, H] float64: added to in place
+                           quant: str = "unquantized",      # the experts' scheme: the references use its dequantized weights
+                           ref_float: torch.Tensor | None = None,   # [T, H] float64: the weights before quantization
+                           ) -> None:
+    """Add every routed pair's expert MLP to `single` (computed in hidden's dtype), `ref` (float64) and `ref_float`,
+    taking each pair's weights from `weights` by its global id (EPLB: physical `p` is logical `p % num_experts`), a few
+    experts at a time: independent of any rank's placement and loaded weights — the check that EP emulation
+    (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added."""
     from moe_lit.quant_weights import quantize_expert_weights
-    logical = topk_ids.long() % config.num_experts          # EPLB: physical p is a copy of logical p % num_experts
+    logical = torch.where(topk_ids >= 0, topk_ids.long() % config.num_experts, -1)
     kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input, activation=Activation.of(config))
-    touched = sorted(set(logical.flatten().tolist()))     # the experts the tokens reach (one sync, at set-up)
+    touched = sorted(set(logical.flatten().tolist()) - {-1})   # the experts the tokens reach (one sync, at set-up)
     step = max(1, torch.get_num_threads())                 # a few experts a load: random weights fill them in parallel
     for i in range(0, len(touched), step):
         chunk = touched[i:i + step]

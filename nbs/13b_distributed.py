@@ -18,9 +18,8 @@ from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import slab_sources
-from moe_lit.formats import moe_reference_standard
 from moe_lit.modular import ModularKernel, SharedExperts, make_experts
-from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config
+from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id
 from moe_lit.testing import check_output
 from moe_lit.report import format_distributed_report
 from moe_lit.transport import (all_gather_rows, config_rank_in_group, group_device, init_distributed, transport_note,
@@ -59,9 +58,9 @@ from pathlib import Path
 # 4. runs `ModularKernel(make_distributed_prepare_finalize(...), the layer's experts and shared experts)` on the
 #    layer's weights and gets its own tokens' output. Only the prepare/finalize differs from the layer's own forward.
 #
-# Rank 0 gathers every rank's output and routing, and computes the single-process result the existing way — the
-# Standard path over all experts, streamed in chunks of experts into an fp32 accumulator, and the same in float64 —
-# from the logical routing the ranks used. It then checks the distributed output against both, with the package's one
+# Rank 0 gathers every rank's output and routing, and computes the single-process result the way EP emulation does
+# (`12_layer.reference_by_global_id`: the Standard path over the experts the tokens reach, a few at a time from the
+# weight source by global id, into an fp32 accumulator, and the same in float64) from the routing the ranks used. It then checks the distributed output against both, with the package's one
 # `assert_close` policy.
 
 # %%
@@ -117,24 +116,15 @@ def _route(cfg: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor):
 # %%
 #| export
 def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor, wts, ids):
-    "`(single [T, H] config.dtype, reference [T, H] float64)`: all experts in chunks, fp32 and float64 accumulation."
-    T, L = hidden.shape[0], config.num_experts
-    acc = acc_dtype(config.dtype)
-    single, ref = torch.zeros(T, config.hidden_size, dtype=acc), torch.zeros(T, config.hidden_size, dtype=torch.float64)
-    kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input)
-    step = max(1, -(-L // max(1, config.ep_size)))                  # one rank's worth of experts alive at a time
-    for lo in range(0, L, step):
-        chunk = list(range(lo, min(L, lo + step)))
-        ex = weights.experts(chunk)
-        w13, w2 = ex["w13"], ex["w2"]
-        emap = torch.full((L,), -1, dtype=torch.long); emap[chunk] = torch.arange(len(chunk))
-        local = torch.where(ids >= 0, emap[ids.clamp(min=0)], -1)
-        moe_reference_standard(hidden, w13, w2, wts, local, accumulate_into=single, **kw)
-        moe_reference_standard(hidden.double(), w13, w2, wts, local, accumulate_into=ref, **kw)
+    "`(single [T, H] config.dtype, reference [T, H] float64)`: every expert by global id (`12_layer`), then the shared ones."
+    T = hidden.shape[0]
+    single = torch.zeros(T, config.hidden_size, dtype=acc_dtype(config.dtype))
+    ref = torch.zeros(T, config.hidden_size, dtype=torch.float64)
+    reference_by_global_id(config, weights, hidden, wts, ids, single, ref)
     shared = weights.shared()
     if shared is not None:
         sh = SharedExperts(**shared)
-        single += sh(hidden).to(acc); ref += sh(hidden.double())
+        single += sh(hidden).to(single.dtype); ref += sh(hidden.double())
     return single.to(config.dtype), ref
 
 # %%

@@ -52,9 +52,10 @@
 # against a float64 reference and the time of each part (weights, forward, references and checks).
 # Try a deployment: `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs the eight
 # ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
-# weights) and checks that they sum to the single-device result; on 2 CPU cores it takes 3–7 minutes (generating
-# DeepSeek-V3's 11 billion random expert weights, then the single-device and float64 references) at a peak of about
-# 6 GB resident (10.5 GB measured in an earlier version). `moe-lit tables` prints the placement tables
+# weights) and checks that they sum to the single-device result, which it computes from the weights by global id, a
+# few experts at a time, independently of the ranks; on 2 CPU cores it takes 3–7 minutes (generating DeepSeek-V3's
+# 11 billion random expert weights, then again the experts the tokens reach for the references) at a peak of about
+# 3.3 GiB resident (200 s and 3.25 GiB measured on an idle 2-core machine). `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
 # reason and the oracle's decision table; `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
 # quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the
