@@ -262,7 +262,7 @@ def test_layer_moves_with_module():
     test_fail(lambda: layer.to("cpu"), contains="device: expected meta for a layer on meta (it holds no values to move")
     ref = FusedMoE(cfg, seed=1, device=DEVICE)
     for how in ("to_empty", "assign"):                            # deferred initialization: built on meta, then given values
-        deferred = FusedMoE(cfg, seed=2).to("meta")
+        deferred = FusedMoE(cfg, seed=2, device=DEVICE).to("meta")   # built where it will run: the same experts as ref
         if how == "to_empty": deferred.to_empty(device=DEVICE).load_state_dict(ref.state_dict())
         else: deferred.load_state_dict(ref.state_dict(), assign=True)
         test_eq({t.device.type for t in (deferred.router_gate, deferred.placement.slot_table, deferred.w13)}, {ref.gate.device.type})
