@@ -4,4 +4,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
 C=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo wt)}; export MOE_LIT_COMMIT=$C
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE "h100|h200|b200|a100" | tr A-Z a-z)
 nvidia-smi --query-gpu=name --format=csv,noheader

@@ -3,11 +3,11 @@
 # their names are plain identifiers (`_fused_moe_kernel`), torch's are mangled (`_ZN2at6native...`), so the regex below
 # leaves torch's kernels (random inputs, float64 references) running uninstrumented, an order of magnitude faster.
 #   LIMIT=500 bash nbs/bench/memcheck_gpu.sh NAME tests/test_a.py tests/test_b.py ...   (pytest args after NAME)
-# Writes $OUT/memcheck_NAME_h200_$C.log: every test's outcome as it finishes (-v) and the sanitizer's summary.
+# Writes $OUT/memcheck_NAME_${CARD:-gpu}_$C.log: every test's outcome as it finishes (-v) and the sanitizer's summary.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 name=$1; shift
-log="$OUT/memcheck_${name}_h200_$C.log"
+log="$OUT/memcheck_${name}_${CARD:-gpu}_$C.log"
 timeout "${LIMIT:-500}" compute-sanitizer --tool memcheck --error-exitcode 1 --kernel-regex 'kns=^_[a-z]' \
   python -m pytest -v -p no:cacheprovider -n "${WORKERS:-4}" -m "gpu or not gpu" "$@" > "$log" 2>&1
 echo "memcheck exit $?" >> "$log"

@@ -12,26 +12,26 @@
 #                                            8 (eager_vs_replay.py --ab pdl), then the kernel chain with it on
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_h200_$C.log"; grep "==" "$OUT/profile_small_t_h200_$C.log"; }
-suite() { timeout 400 python -m pytest -q -n 6 -m "gpu or not gpu" tests 2>&1 | grep -v Warning | tail -15 | tee "$OUT/pytest_gpu_h200_$C.log"; }
+chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_${CARD:-gpu}_$C.log"; grep "==" "$OUT/profile_small_t_${CARD:-gpu}_$C.log"; }
+suite() { timeout 400 python -m pytest -q -n 6 -m "gpu or not gpu" tests 2>&1 | grep -v Warning | tail -15 | tee "$OUT/pytest_gpu_${CARD:-gpu}_$C.log"; }
 case "${1:-base}" in
 base) chain; suite ;;
 suite) suite ;;
 check)
   timeout 280 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" tests/test_kernels_dispatch.py \
-    tests/test_kernels_router.py tests/test_modular.py tests/test_layer.py 2>&1 | tail -4 > "$OUT/memcheck_small_t_h200_$C.log" &
-  suite; wait; echo "== memcheck"; cat "$OUT/memcheck_small_t_h200_$C.log" ;;
+    tests/test_kernels_router.py tests/test_modular.py tests/test_layer.py 2>&1 | tail -4 > "$OUT/memcheck_small_t_${CARD:-gpu}_$C.log" &
+  suite; wait; echo "== memcheck"; cat "$OUT/memcheck_small_t_${CARD:-gpu}_$C.log" ;;
 measure)
   chain
-  timeout 360 python nbs/bench/layer_bench_run.py "$OUT/layer_bench_h200_$C.json" 2>&1 | grep -v Warning > "$OUT/layer_bench_h200_$C.log"
-  tail -3 "$OUT/layer_bench_h200_$C.log"
-  timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_h200_$C.json" 2>&1 | grep -v Warning | tail -9 ;;
+  timeout 360 python nbs/bench/layer_bench_run.py "$OUT/layer_bench_${CARD:-gpu}_$C.json" 2>&1 | grep -v Warning > "$OUT/layer_bench_${CARD:-gpu}_$C.log"
+  tail -3 "$OUT/layer_bench_${CARD:-gpu}_$C.log"
+  timeout 80 python nbs/bench/seed_scenario.py "$OUT/seed_scenario_${CARD:-gpu}_$C.json" 2>&1 | grep -v Warning | tail -9 ;;
 launch)
   for m in launch select overlap; do
-    timeout 150 python nbs/bench/eager_vs_replay.py --ab $m 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_${m}_h200_$C.log"
+    timeout 150 python nbs/bench/eager_vs_replay.py --ab $m 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_${m}_${CARD:-gpu}_$C.log"
   done ;;
 pdl)
-  timeout 300 python nbs/bench/eager_vs_replay.py --ab pdl --tokens 1,2,8 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_pdl_h200_$C.log"
-  MOE_LIT_PDL=1 timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_pdl_h200_$C.log"
-  grep "==" "$OUT/profile_small_t_pdl_h200_$C.log" ;;
+  timeout 300 python nbs/bench/eager_vs_replay.py --ab pdl --tokens 1,2,8 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_pdl_${CARD:-gpu}_$C.log"
+  MOE_LIT_PDL=1 timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_pdl_${CARD:-gpu}_$C.log"
+  grep "==" "$OUT/profile_small_t_pdl_${CARD:-gpu}_$C.log" ;;
 esac
