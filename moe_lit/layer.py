@@ -586,7 +586,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #1d29d1aac9c9
+# %% ../nbs/12_layer.ipynb #e94123849fbf
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -636,8 +636,20 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     """Add every routed pair's expert MLP to `single` (computed in hidden's dtype), `ref` (float64) and `ref_float`,
     taking each pair's weights from `weights` by its global id (EPLB: physical `p` is logical `p % num_experts`), a few
     experts at a time: independent of any rank's placement and loaded weights — the check that EP emulation
-    (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added."""
+    (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added.
+    ValueError naming the argument for a config that is not a MoEConfig, weights that are not a WeightSource, or a
+    tensor of the wrong shape, dtype or device."""
     from moe_lit.quant_weights import quantize_expert_weights
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    if not isinstance(weights, WeightSource): raise ValueError(f"weights: expected a WeightSource, got {type(weights).__name__}")
+    T, H = check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=FLOAT_DTYPES).shape
+    check_tensor("topk_weights", topk_weights, shape=(T, config.top_k), dtype=torch.float32)
+    check_tensor("topk_ids", topk_ids, shape=(T, config.top_k), dtype=(torch.int32, torch.int64))
+    for n, t in (("single", single), ("ref", ref), ("ref_float", ref_float)):
+        if t is not None or n != "ref_float":
+            check_tensor(n, t, shape=(T, H), dtype=torch.float64 if n != "single" else (torch.float32, torch.float64))
+    for n, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("single", single), ("ref", ref)):
+        if t.device != hidden.device: raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
     logical = torch.where(topk_ids >= 0, topk_ids.long() % config.num_experts, -1)
     kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input, activation=Activation.of(config))
     touched = sorted(set(logical.flatten().tolist()) - {-1})   # the experts the tokens reach (one sync, at set-up)

@@ -1265,8 +1265,20 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     """Add every routed pair's expert MLP to `single` (computed in hidden's dtype), `ref` (float64) and `ref_float`,
     taking each pair's weights from `weights` by its global id (EPLB: physical `p` is logical `p % num_experts`), a few
     experts at a time: independent of any rank's placement and loaded weights — the check that EP emulation
-    (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added."""
+    (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added.
+    ValueError naming the argument for a config that is not a MoEConfig, weights that are not a WeightSource, or a
+    tensor of the wrong shape, dtype or device."""
     from moe_lit.quant_weights import quantize_expert_weights
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    if not isinstance(weights, WeightSource): raise ValueError(f"weights: expected a WeightSource, got {type(weights).__name__}")
+    T, H = check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=FLOAT_DTYPES).shape
+    check_tensor("topk_weights", topk_weights, shape=(T, config.top_k), dtype=torch.float32)
+    check_tensor("topk_ids", topk_ids, shape=(T, config.top_k), dtype=(torch.int32, torch.int64))
+    for n, t in (("single", single), ("ref", ref), ("ref_float", ref_float)):
+        if t is not None or n != "ref_float":
+            check_tensor(n, t, shape=(T, H), dtype=torch.float64 if n != "single" else (torch.float32, torch.float64))
+    for n, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("single", single), ("ref", ref)):
+        if t.device != hidden.device: raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
     logical = torch.where(topk_ids >= 0, topk_ids.long() % config.num_experts, -1)
     kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input, activation=Activation.of(config))
     touched = sorted(set(logical.flatten().tolist()) - {-1})   # the experts the tokens reach (one sync, at set-up)
@@ -1307,6 +1319,14 @@ for name, d in BACKENDS.items():
         assert_close(run.output, run.reference, name=f"{name}/{strategy}")
         assert_close(run.single_device, run.reference)
         test_eq(run.topk_ids.dtype, cfg.topk_indices_dtype)
+src, z = RandomExpertWeights(base, 2), torch.zeros(11, 32, dtype=torch.float64)
+w, i = torch.rand(11, 3), torch.randint(0, 8, (11, 3))
+for kw, msg in ((dict(weights={}), "weights: expected a WeightSource, got dict"),
+                (dict(topk_ids=i[:, :2]), "topk_ids: expected shape [11, 3]"),
+                (dict(ref=z.float()), "ref: expected dtype torch.float64"),
+                (dict(single=z[:5]), "single: expected shape [11, 32]")):
+    args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.clone(), ref=z.clone()) | kw
+    test_fail(lambda: reference_by_global_id(**args), contains=msg)
 
 # %% [markdown]
 # Rank count does not change the answer: 1, 2 and 4 ranks of the same model give the same output (to the dtype's

@@ -442,6 +442,14 @@ def test_emulated_ep_every_backend():
             assert_close(run.output, run.reference, name=f"{name}/{strategy}")
             assert_close(run.single_device, run.reference)
             test_eq(run.topk_ids.dtype, cfg.topk_indices_dtype)
+    src, z = RandomExpertWeights(base, 2), torch.zeros(11, 32, dtype=torch.float64)
+    w, i = torch.rand(11, 3), torch.randint(0, 8, (11, 3))
+    for kw, msg in ((dict(weights={}), "weights: expected a WeightSource, got dict"),
+                    (dict(topk_ids=i[:, :2]), "topk_ids: expected shape [11, 3]"),
+                    (dict(ref=z.float()), "ref: expected dtype torch.float64"),
+                    (dict(single=z[:5]), "single: expected shape [11, 32]")):
+        args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.clone(), ref=z.clone()) | kw
+        test_fail(lambda: reference_by_global_id(**args), contains=msg)
 
 
 def test_emulated_ep_rank_counts():
