@@ -249,7 +249,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #46c20a617114
+# %% ../nbs/12_layer.ipynb #9fcbf9c97c91
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -378,11 +378,11 @@ def _follow_inplace_edits(self: FusedMoE):
     if q is not None and floats_edited:
         _requantize_after_load(self, None)            # quantizes the edited float experts, rebuilds the rest
         return
-    if q is not None and now[len(_TRACKED)] == self._versions[len(_TRACKED)] and now[-1] != self._versions[-1]:
-        self.qweights = dataclasses.replace(q)        # codes or scales edited in place: checked again, as a new container
-        now = None                                    # is (an MXFP4 container keeps facts of its scales for the decode)
-    if q is not None and (now is None or now[len(_TRACKED)] != self._versions[len(_TRACKED)]):   # new codes: the float
-        _floats_follow_codes(self)                                                                # experts follow them
+    swapped = q is not None and now[len(_TRACKED)] != self._versions[len(_TRACKED)]   # another container
+    edited = q is not None and not swapped and now[-1] != self._versions[-1]             # its codes or scales, in place
+    if edited: self.qweights = dataclasses.replace(q)   # checked again, as a new container is (an MXFP4 container
+                                                        # keeps facts of its scales for the decode)
+    if swapped or edited: _floats_follow_codes(self)    # new codes: the float experts (state_dict) follow them
     self._build_hot_path()
 
 @patch
