@@ -586,7 +586,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #e94123849fbf
+# %% ../nbs/12_layer.ipynb #9b7198aa32c4
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -642,14 +642,20 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     from moe_lit.quant_weights import quantize_expert_weights
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     if not isinstance(weights, WeightSource): raise ValueError(f"weights: expected a WeightSource, got {type(weights).__name__}")
-    T, H = check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=FLOAT_DTYPES).shape
+    quant = quant_scheme_name(quant)                         # 'fp8' -> 'fp8_w8a8_block', as the layer takes it
+    T, H = check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype).shape
     check_tensor("topk_weights", topk_weights, shape=(T, config.top_k), dtype=torch.float32)
     check_tensor("topk_ids", topk_ids, shape=(T, config.top_k), dtype=(torch.int32, torch.int64))
     for n, t in (("single", single), ("ref", ref), ("ref_float", ref_float)):
         if t is not None or n != "ref_float":
-            check_tensor(n, t, shape=(T, H), dtype=torch.float64 if n != "single" else (torch.float32, torch.float64))
-    for n, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("single", single), ("ref", ref)):
-        if t.device != hidden.device: raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
+            check_tensor(n, t, shape=(T, H), dtype=acc_dtype(config.dtype) if n == "single" else torch.float64)
+    for n, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("single", single), ("ref", ref),
+                 ("ref_float", ref_float)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
+    if topk_ids.numel() and not (-1 <= int(topk_ids.min()) and int(topk_ids.max()) < config.num_physical_experts):
+        raise ValueError(f"topk_ids: expected ids in [-1, {config.num_physical_experts}) (-1: no expert), got values in "
+                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
     logical = torch.where(topk_ids >= 0, topk_ids.long() % config.num_experts, -1)
     kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input, activation=Activation.of(config))
     touched = sorted(set(logical.flatten().tolist()) - {-1})   # the experts the tokens reach (one sync, at set-up)
@@ -662,6 +668,7 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
         ew = dict(kw, w13_bias=w.get("w13_bias"), w2_bias=w.get("w2_bias"))
         if ref_float is not None:
             moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref_float, **ew)
+        if quant != "unquantized":
             stored = weights.quantized_experts(chunk, quant)  # a checkpoint's codes, else quantized here as the layer does
             q = stored if stored is not None else quantize_expert_weights(w["w13"], w["w2"], quant)
             w["w13"], w["w2"] = q.to(hidden.device).dequantize(config.dtype)

@@ -1271,14 +1271,20 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     from moe_lit.quant_weights import quantize_expert_weights
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     if not isinstance(weights, WeightSource): raise ValueError(f"weights: expected a WeightSource, got {type(weights).__name__}")
-    T, H = check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=FLOAT_DTYPES).shape
+    quant = quant_scheme_name(quant)                         # 'fp8' -> 'fp8_w8a8_block', as the layer takes it
+    T, H = check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype).shape
     check_tensor("topk_weights", topk_weights, shape=(T, config.top_k), dtype=torch.float32)
     check_tensor("topk_ids", topk_ids, shape=(T, config.top_k), dtype=(torch.int32, torch.int64))
     for n, t in (("single", single), ("ref", ref), ("ref_float", ref_float)):
         if t is not None or n != "ref_float":
-            check_tensor(n, t, shape=(T, H), dtype=torch.float64 if n != "single" else (torch.float32, torch.float64))
-    for n, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("single", single), ("ref", ref)):
-        if t.device != hidden.device: raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
+            check_tensor(n, t, shape=(T, H), dtype=acc_dtype(config.dtype) if n == "single" else torch.float64)
+    for n, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("single", single), ("ref", ref),
+                 ("ref_float", ref_float)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
+    if topk_ids.numel() and not (-1 <= int(topk_ids.min()) and int(topk_ids.max()) < config.num_physical_experts):
+        raise ValueError(f"topk_ids: expected ids in [-1, {config.num_physical_experts}) (-1: no expert), got values in "
+                         f"[{int(topk_ids.min())}, {int(topk_ids.max())}]")
     logical = torch.where(topk_ids >= 0, topk_ids.long() % config.num_experts, -1)
     kw = dict(apply_router_weight_on_input=config.apply_router_weight_on_input, activation=Activation.of(config))
     touched = sorted(set(logical.flatten().tolist()) - {-1})   # the experts the tokens reach (one sync, at set-up)
@@ -1291,6 +1297,7 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
         ew = dict(kw, w13_bias=w.get("w13_bias"), w2_bias=w.get("w2_bias"))
         if ref_float is not None:
             moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref_float, **ew)
+        if quant != "unquantized":
             stored = weights.quantized_experts(chunk, quant)  # a checkpoint's codes, else quantized here as the layer does
             q = stored if stored is not None else quantize_expert_weights(w["w13"], w["w2"], quant)
             w["w13"], w["w2"] = q.to(hidden.device).dequantize(config.dtype)
@@ -1324,9 +1331,16 @@ w, i = torch.rand(11, 3), torch.randint(0, 8, (11, 3))
 for kw, msg in ((dict(weights={}), "weights: expected a WeightSource, got dict"),
                 (dict(topk_ids=i[:, :2]), "topk_ids: expected shape [11, 3]"),
                 (dict(ref=z.float()), "ref: expected dtype torch.float64"),
-                (dict(single=z[:5]), "single: expected shape [11, 32]")):
-    args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.clone(), ref=z.clone()) | kw
+                (dict(single=z.float()[:5]), "single: expected shape [11, 32]"),
+                (dict(single=z.clone()), "single: expected dtype torch.float32"),
+                (dict(topk_ids=torch.full((11, 3), 8)), "topk_ids: expected ids in [-1, 8)")):
+    args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.float(), ref=z.clone()) | kw
     test_fail(lambda: reference_by_global_id(**args), contains=msg)
+refs = {}
+for quant in ("unquantized", "mxfp4"):                       # the scheme's weights, with or without ref_float
+    refs[quant] = z.clone()
+    reference_by_global_id(base, src, x, w, i, z.float(), refs[quant], quant)
+assert not torch.equal(refs["unquantized"], refs["mxfp4"])
 
 # %% [markdown]
 # Rank count does not change the answer: 1, 2 and 4 ranks of the same model give the same output (to the dtype's

@@ -447,9 +447,16 @@ def test_emulated_ep_every_backend():
     for kw, msg in ((dict(weights={}), "weights: expected a WeightSource, got dict"),
                     (dict(topk_ids=i[:, :2]), "topk_ids: expected shape [11, 3]"),
                     (dict(ref=z.float()), "ref: expected dtype torch.float64"),
-                    (dict(single=z[:5]), "single: expected shape [11, 32]")):
-        args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.clone(), ref=z.clone()) | kw
+                    (dict(single=z.float()[:5]), "single: expected shape [11, 32]"),
+                    (dict(single=z.clone()), "single: expected dtype torch.float32"),
+                    (dict(topk_ids=torch.full((11, 3), 8)), "topk_ids: expected ids in [-1, 8)")):
+        args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.float(), ref=z.clone()) | kw
         test_fail(lambda: reference_by_global_id(**args), contains=msg)
+    refs = {}
+    for quant in ("unquantized", "mxfp4"):                       # the scheme's weights, with or without ref_float
+        refs[quant] = z.clone()
+        reference_by_global_id(base, src, x, w, i, z.float(), refs[quant], quant)
+    assert not torch.equal(refs["unquantized"], refs["mxfp4"])
 
 
 def test_emulated_ep_rank_counts():
