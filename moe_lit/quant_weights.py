@@ -13,10 +13,12 @@ from .quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_
 
 # %% auto #0
 __all__ = ['WEIGHT_GRANULARITY', 'ACTIVATION_GRANULARITY', 'FP4_GROUP', 'FP4_LAYOUTS', 'FP4_KERNEL_LAYOUT', 'SPLIT_CHUNK',
-           'MMA_CHUNK', 'FP4_CHUNK', 'FP8_SCALE_MAX', 'NVFP4_GLOBAL_SCALE_MAX', 'QUANT_TENSORS', 'quant_weight_shapes',
-           'QuantizedExpertWeights', 'split_fp4_codes', 'unsplit_fp4_codes', 'mma_fp4_codes', 'unmma_fp4_codes',
-           'fp4_codes_from_plain', 'fp4_codes_to_plain', 'mma128_slot_to_k', 'plot_mma128_layout',
-           'quantize_expert_weights', 'random_expert_weights', 'random_activations', 'plot_weight_scales']
+           'MMA_CHUNK', 'FP4_CHUNK', 'FP8_SCALE_MAX', 'NVFP4_GLOBAL_SCALE_MAX', 'QUANT_TENSORS', 'E2M1_BF16_MASK',
+           'E2M1_BF16_BITS', 'FP4_WORD_PAIRS', 'FP4_WORD_BITS', 'quant_weight_shapes', 'QuantizedExpertWeights',
+           'split_fp4_codes', 'unsplit_fp4_codes', 'fp4_word_bit_positions', 'fp4_codes_to_words', 'fp4_words_to_codes',
+           'mma_fp4_codes', 'unmma_fp4_codes', 'fp4_codes_from_plain', 'fp4_codes_to_plain', 'mma128_slot_to_k',
+           'plot_mma128_layout', 'quantize_expert_weights', 'random_expert_weights', 'random_activations',
+           'plot_weight_scales']
 
 # %% ../nbs/09a_quant_weights.ipynb #758d50fe4e36
 _FP8 = [s for s in QUANT_SCHEME_TABLE.values() if s.is_fp8]                  # read from `09_quant`'s table
@@ -275,7 +277,7 @@ def __repr__(self: QuantizedExpertWeights) -> str:
             f"{'' if _is_fp8(self.scheme) else f'fp4_layout={self.fp4_layout}, '}{self.bytes_per_element:.4f} bytes/element, "
             f"device={self.device})")
 
-# %% ../nbs/09a_quant_weights.ipynb #1781af76d470
+# %% ../nbs/09a_quant_weights.ipynb #733eca096070
 def _check_whole_chunks(name: str, t: torch.Tensor, chunk: int):
     "`t`'s last dim holds whole chunks of `chunk` FP4 codes (`chunk / 2` bytes each); ValueError naming `name`."
     if t.dim() < 1 or t.shape[-1] % (chunk // 2):
@@ -297,8 +299,54 @@ def unsplit_fp4_codes(split: torch.Tensor,  # [..., K/2] uint8 in the split64 or
     c = split.unflatten(-1, (-1, SPLIT_CHUNK // 2))                          # [..., chunk, 32]
     return pack_fp4(torch.stack([c & 0xF, c >> 4], -2).flatten(-3))          # [..., chunk, half, 32] -> K order
 
-# MMA-order permutation of one 128-code chunk: (c, j2, j1, t, j0) K order <-> (t, c, j2, j0, j1) stored order
-_MMA_K_DIMS, _MMA_STORE_PERM = (4, 2, 2, 4, 2), (3, 0, 1, 4, 2)
+# The word decode's recipe for each pair p of a word (`09c`: codes 2p and 2p+1 become the low and high bf16 of one
+# register): ("rot", r) rotates the word left by r bits; ("mul", m, k) keeps the bits of m and multiplies by k (mod
+# 2^32, no two partial products on one bit, so no carries). Either way the pair's eight bits then sit where
+# `E2M1_BF16_MASK` keeps them: code bit b at `E2M1_BF16_BITS[b]` of its half (mantissa 6, exponent 7-8, sign 15).
+E2M1_BF16_MASK = 0x81C081C0
+E2M1_BF16_BITS = (6, 7, 8, 15)
+FP4_WORD_PAIRS = (("rot", 0), ("rot", 10), ("rot", 13), ("mul", 0x001B001B, 0x4108))
+
+def fp4_word_bit_positions(pairs: tuple = FP4_WORD_PAIRS) -> tuple:
+    "`[8][4]`: the bit of an mma128 word that holds bit b of its code j, as `pairs` reads it (ValueError if it reads none or two)."
+    pos = []
+    for j in range(8):
+        recipe, row = pairs[j // 2], []
+        for b in range(4):
+            q = E2M1_BF16_BITS[b] + 16 * (j % 2)                         # where the decode wants it
+            if recipe[0] == "rot": src = [(q - recipe[1]) % 32]
+            else: src = [i for i in range(32) for t in range(32) if recipe[1] >> i & 1 and recipe[2] >> t & 1 and i + t == q]
+            if len(src) != 1: raise ValueError(f"pairs: expected one word bit for code {j}'s bit {b}, got {src}")
+            row.append(src[0])
+        pos.append(tuple(row))
+    if len({p for row in pos for p in row}) != 32: raise ValueError("pairs: expected the 32 bits of a word, each once")
+    return tuple(pos)
+
+FP4_WORD_BITS = fp4_word_bit_positions()
+
+def fp4_codes_to_words(codes: torch.Tensor,  # [..., W, 8] uint8 codes 0..15: code j of each of W words
+                      ) -> torch.Tensor:     # [..., 4·W] uint8: the words' bytes, little-endian
+    "Eight e2m1 codes a 32-bit word, bit b of code j at `FP4_WORD_BITS[j][b]` (mma128's placement within a word)."
+    check_tensor("codes", codes, dtype=torch.uint8)
+    if codes.dim() < 1 or codes.shape[-1] != 8: raise ValueError(f"codes: expected a last dim of 8, got shape {tuple(codes.shape)}")
+    out = codes.new_zeros(*codes.shape[:-1], 4)
+    for j, row in enumerate(FP4_WORD_BITS):
+        for b, p in enumerate(row): out[..., p // 8] |= ((codes[..., j] >> b) & 1) << (p % 8)
+    return out.flatten(-2)
+
+def fp4_words_to_codes(words: torch.Tensor,  # [..., 4·W] uint8: words as `fp4_codes_to_words` makes them
+                      ) -> torch.Tensor:     # [..., W, 8] uint8 codes 0..15
+    "Inverse of `fp4_codes_to_words`, exact."
+    check_tensor("words", words, dtype=torch.uint8)
+    if words.dim() < 1 or words.shape[-1] % 4: raise ValueError(f"words: expected a last dim that is a multiple of 4 bytes, got shape {tuple(words.shape)}")
+    w = words.unflatten(-1, (-1, 4))
+    codes = words.new_zeros(*w.shape[:-1], 8)
+    for j, row in enumerate(FP4_WORD_BITS):
+        for b, p in enumerate(row): codes[..., j] |= ((w[..., p // 8] >> (p % 8)) & 1) << b
+    return codes
+
+# MMA-order permutation of one 128-code chunk: (c, j2, j1, t, j0) K order <-> (t, c, j2, j1, j0) stored order
+_MMA_K_DIMS, _MMA_STORE_PERM = (4, 2, 2, 4, 2), (3, 0, 1, 2, 4)
 
 def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain order, K a multiple of 128
                  ) -> torch.Tensor:         # [..., K/2] uint8 in the mma128 order
@@ -307,14 +355,16 @@ def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain orde
     _check_whole_chunks("packed", packed, MMA_CHUNK)
     c = codes.unflatten(-1, (-1, *_MMA_K_DIMS))                              # [..., chunk, c, j2, j1, t, j0]
     lead = c.dim() - 5
-    return pack_fp4(c.permute(*range(lead), *(lead + d for d in _MMA_STORE_PERM)).flatten(-6))
+    c = c.permute(*range(lead), *(lead + d for d in _MMA_STORE_PERM))       # [..., chunk, t, c, j2, j1, j0]
+    return fp4_codes_to_words(c.flatten(-3).flatten(-4, -2))                 # [..., 16·chunks, 8]: code j of a word
 
 def unmma_fp4_codes(mma: torch.Tensor,      # [..., K/2] uint8 in the mma128 order
                    ) -> torch.Tensor:       # [..., K/2] uint8 in the plain order
     "Inverse of `mma_fp4_codes`, exact."
     check_tensor("mma", mma, dtype=torch.uint8)
     _check_whole_chunks("mma", mma, MMA_CHUNK)
-    c = unpack_fp4(mma).unflatten(-1, (-1, *(_MMA_K_DIMS[d] for d in _MMA_STORE_PERM)))   # [..., chunk, t, c, j2, j0, j1]
+    c = fp4_words_to_codes(mma).unflatten(-2, (-1, 16)).flatten(-2)          # [..., chunk, 128] stored order
+    c = c.unflatten(-1, tuple(_MMA_K_DIMS[d] for d in _MMA_STORE_PERM))     # [..., chunk, t, c, j2, j1, j0]
     lead = c.dim() - 5
     inv = [_MMA_STORE_PERM.index(d) for d in range(5)]
     return pack_fp4(c.permute(*range(lead), *(lead + d for d in inv)).flatten(-6))
@@ -328,7 +378,7 @@ def fp4_codes_to_plain(codes: torch.Tensor, layout: str) -> torch.Tensor:
     return {"plain": lambda x: x, "split64": unsplit_fp4_codes, "mma128": unmma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](codes)
 
 def mma128_slot_to_k() -> torch.Tensor:
-    "`[128]` int64: the K position (within a 128-code chunk) of each stored nibble slot of mma128 (slot 2b = byte b's low nibble)."
+    "`[128]` int64: the K position (within a 128-code chunk) of code j of mma128 word w, at slot 8w + j (a word is 8 slots)."
     return torch.arange(MMA_CHUNK).unflatten(0, _MMA_K_DIMS).permute(_MMA_STORE_PERM).flatten()
 
 def plot_mma128_layout():

@@ -442,7 +442,7 @@ def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, ar
             for v in vals: check(kernel, args, {**kwargs, n: v})
     return checked
 
-# %% ../nbs/00_testing.ipynb #cfd4ad991df4
+# %% ../nbs/00_testing.ipynb #d53342a43e7d
 def _bf16_bits(v: float) -> int:
     "The bf16 nearest `v` (ties to even; exact float32 values only, as the decode blocks' results are), as 16 bits."
     import struct
@@ -456,7 +456,7 @@ def _bf16_value(h: int) -> float:
     return struct.unpack("<f", struct.pack("<I", (h & 0xFFFF) << 16))[0]
 
 _PTX_ARITY = {"mov.b32": 2, "and.b32": 3, "mul.lo.u32": 3, "add.u32": 3, "add.s32": 3, "max.u32": 3, "prmt.b32": 4,
-              "cvt.u16.u32": 2, "cvt.rn.f16x2.e4m3x2": 2, "cvt.rn.bf16.f16": 2, "fma.rn.bf16x2": 4, "mul.rn.bf16x2": 3}
+              "shf.l.wrap.b32": 4, "cvt.u16.u32": 2, "cvt.rn.f16x2.e4m3x2": 2, "cvt.rn.bf16.f16": 2, "fma.rn.bf16x2": 4, "mul.rn.bf16x2": 3}
 
 def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces and `.reg` lines allowed)
                 operands: list,    # the `$n` values in constraint order, ints in [0, 2^32) (outputs' values are ignored)
@@ -507,6 +507,9 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         elif op == "mul.lo.u32": regs[d] = (val(srcs[0]) * val(srcs[1])) & 0xFFFFFFFF
         elif op in ("add.u32", "add.s32"): regs[d] = (val(srcs[0]) + val(srcs[1])) & 0xFFFFFFFF
         elif op == "max.u32": regs[d] = max(val(srcs[0]), val(srcs[1]))
+        elif op == "shf.l.wrap.b32":                                    # funnel shift: the high word of (b:a) << n % 32
+            a, b, n = val(srcs[0]), val(srcs[1]), val(srcs[2]) % 32
+            regs[d] = ((((b << 32) | a) << n) >> 32) & 0xFFFFFFFF
         elif op == "prmt.b32":
             a, b, sel = val(srcs[0]), val(srcs[1]), val(srcs[2])
             pool = [(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF for k in range(4)]

@@ -650,7 +650,7 @@ def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, ar
 #
 # A kernel's `tl.inline_asm_elementwise` block runs only on the GPU: the interpreter takes the portable branch beside
 # it. `emulate_ptx` executes the few PTX instructions moe-lit's decode blocks use, on Python integers, with PTX's
-# semantics — `prmt` (byte permute), `and`, `add`/`mul.lo`/`max` on `u32`, `mov` (including the packing and
+# semantics — `prmt` (byte permute), `shf.l.wrap` (funnel shift; a rotation when both words are one), `and`, `add`/`mul.lo`/`max` on `u32`, `mov` (including the packing and
 # unpacking of two 16-bit halves), `cvt` between `u32`/`u16`, `e4m3x2 → f16x2` and `f16 → bf16`, and `fma.rn.bf16x2`
 # (each half's product and sum exact, then one rounding to nearest even, subnormals kept) — so that a test can check
 # such a block bit for bit against its definition on every input that matters. Operands are `$0, $1, …` in the
@@ -671,7 +671,7 @@ def _bf16_value(h: int) -> float:
     return struct.unpack("<f", struct.pack("<I", (h & 0xFFFF) << 16))[0]
 
 _PTX_ARITY = {"mov.b32": 2, "and.b32": 3, "mul.lo.u32": 3, "add.u32": 3, "add.s32": 3, "max.u32": 3, "prmt.b32": 4,
-              "cvt.u16.u32": 2, "cvt.rn.f16x2.e4m3x2": 2, "cvt.rn.bf16.f16": 2, "fma.rn.bf16x2": 4, "mul.rn.bf16x2": 3}
+              "shf.l.wrap.b32": 4, "cvt.u16.u32": 2, "cvt.rn.f16x2.e4m3x2": 2, "cvt.rn.bf16.f16": 2, "fma.rn.bf16x2": 4, "mul.rn.bf16x2": 3}
 
 def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces and `.reg` lines allowed)
                 operands: list,    # the `$n` values in constraint order, ints in [0, 2^32) (outputs' values are ignored)
@@ -722,6 +722,9 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         elif op == "mul.lo.u32": regs[d] = (val(srcs[0]) * val(srcs[1])) & 0xFFFFFFFF
         elif op in ("add.u32", "add.s32"): regs[d] = (val(srcs[0]) + val(srcs[1])) & 0xFFFFFFFF
         elif op == "max.u32": regs[d] = max(val(srcs[0]), val(srcs[1]))
+        elif op == "shf.l.wrap.b32":                                    # funnel shift: the high word of (b:a) << n % 32
+            a, b, n = val(srcs[0]), val(srcs[1]), val(srcs[2]) % 32
+            regs[d] = ((((b << 32) | a) << n) >> 32) & 0xFFFFFFFF
         elif op == "prmt.b32":
             a, b, sel = val(srcs[0]), val(srcs[1]), val(srcs[2])
             pool = [(a >> (8 * k)) & 0xFF for k in range(4)] + [(b >> (8 * k)) & 0xFF for k in range(4)]
@@ -752,6 +755,8 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
 #| test emulate_ptx_runs_the_subset
 test_eq(emulate_ptx("prmt.b32 $0, $1, 0, 0x4140;", [0, 0xDDCCBBAA])[0], 0x00BB00AA)      # bytes 0, 1 into the halves
 test_eq(emulate_ptx("mov.b32 {$0, $1}, $2;", [0, 0, 0x12345678])[:2], [0x5678, 0x1234])
+test_eq(emulate_ptx("shf.l.wrap.b32 $0, $1, $1, 12;", [0, 0x80000001])[0], 0x00001800)   # a rotation left by 12
+test_eq(emulate_ptx("shf.l.wrap.b32 $0, $1, $2, 36;", [0, 0xF0000000, 0x1])[0], 0x1F)     # (b:a) << 4, high word
 test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F803F80, 0x40004040, 0x80008000])[0], 0x40004040)  # 1·2, 1·3
 test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F81, 0x3F81, 0])[0] & 0xFFFF, 0x3F82)   # (1+2^-7)^2 rounds
 test_eq(emulate_ptx("cvt.rn.f16x2.e4m3x2 $0, $1;", [0, 0x3840])[0], 0x3C004000)   # e4m3 0x40 = 2.0, 0x38 = 1.0 (f16)

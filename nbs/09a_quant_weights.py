@@ -408,16 +408,28 @@ def __repr__(self: QuantizedExpertWeights) -> str:
 # ```
 # a 128-code chunk of one row: 16 words, word 4t + c (t = 0..3 the lane in the quad, c = 0..3 a 32-code piece)
 # word 4t + c holds the codes at K = 32c + 16·j2 + 8·j1 + 2t + j0       (j = 4·j2 + 2·j1 + j0 = 0..7)
-#   nibble 4·j2 + 2·j0 + j1 of the word holds code j:
-#   byte 0 = [code 0 | code 2]   byte 1 = [code 1 | code 3]   byte 2 = [code 4 | code 6]   byte 3 = [code 5 | code 7]
-# so the low nibbles of bytes 0 and 1 are codes 0, 1 = K 2t, 2t+1: one bf16x2 register of the MMA operand, and so on
+# pair p = codes 2p, 2p+1 (K 2t, 2t+1 for p = 0): one bf16x2 register of the MMA operand, low half first
 # ```
 #
-# The word's two low-nibble pairs and two high-nibble pairs are the decode's natural pairs (a `prmt` puts bytes 0 and
-# 1 in the two halves of a register, a mask picks a nibble of each), so each pair of codes lands in the register that
-# holds it in the MMA: the kernel loads words, decodes eight codes a word, and restores K order with joins, a reshape
-# and a permute that lower to register renaming. A 32-code piece is one MXFP4 group or two NVFP4 groups (codes 0-3 of
-# a word in the first, 4-7 in the second). The scales keep the plain layout, padded like the codes; K is padded to a
+# Within the word the 32 code bits are not in nibbles: each bit sits where the decode (`09c`) takes it from. A bf16
+# whose sign is bit 15 and whose bits 8, 7, 6 are e2m1's exponent and mantissa, every other bit 0, is the code's
+# value times 2^-126 (09c); so a pair of codes is decoded once its eight bits sit at `E2M1_BF16_MASK` = 0x81C081C0,
+# and one bf16x2 multiply does the rest. `FP4_WORD_PAIRS` says how each pair gets there — pair 0 is already there
+# (one `and`), pairs 1 and 2 after a rotation of the word by 10 and 13 bits (a funnel shift and an `and`), pair 3
+# after an `and` with 0x001B001B and a multiply by 0x4108 (= 2^3 + 2^8 + 2^14, three shifted copies that never
+# overlap) and an `and` — and `FP4_WORD_BITS` (computed from it) where bit b of code j is stored:
+#
+# ```
+# word bit  31 30 29 28 27 26 25 24 23 22 21 20 19 18 17 16 | 15 14 13 12 11 10  9  8  7  6  5  4  3  2  1  0
+# code.bit  1s 2e 2e 2m 4e 4e 4m 1e 1e 1m 3s 7e 7m 5s 7s 7e | 0s 3e 3e 3m 5e 5e 5m 0e 0e 0m 2s 6e 6m 4s 6s 6e
+# ```
+#
+# (`s` the sign, `e` an exponent bit, `m` the mantissa: code 0's bits are at 15, 8-6, code 1's at 31, 24-22.) That is
+# eight integer operations for eight codes where nibbles took fourteen (two byte permutes, then a mask, a multiply
+# and a mask a pair). Each pair of codes lands in the register that holds it in the MMA: the kernel loads words,
+# decodes eight codes a word, and restores K order with joins, a reshape and a permute that lower to register
+# renaming. A 32-code piece is one MXFP4 group or two NVFP4 groups (codes 0-3 of a word in the first, 4-7 in the
+# second). The scales keep the plain layout, padded like the codes; K is padded to a
 # whole chunk with zero codes and scale 1, as for split64. The kernels' K tile with mma128 is one chunk, 128 codes.
 # `relayout("mma128")` is what `for_kernels` makes at load (`FP4_KERNEL_LAYOUT`), once, on every device; the
 # interpreter's decode reads the same words (portable arithmetic in place of the PTX block).
@@ -445,8 +457,54 @@ def unsplit_fp4_codes(split: torch.Tensor,  # [..., K/2] uint8 in the split64 or
     c = split.unflatten(-1, (-1, SPLIT_CHUNK // 2))                          # [..., chunk, 32]
     return pack_fp4(torch.stack([c & 0xF, c >> 4], -2).flatten(-3))          # [..., chunk, half, 32] -> K order
 
-# MMA-order permutation of one 128-code chunk: (c, j2, j1, t, j0) K order <-> (t, c, j2, j0, j1) stored order
-_MMA_K_DIMS, _MMA_STORE_PERM = (4, 2, 2, 4, 2), (3, 0, 1, 4, 2)
+# The word decode's recipe for each pair p of a word (`09c`: codes 2p and 2p+1 become the low and high bf16 of one
+# register): ("rot", r) rotates the word left by r bits; ("mul", m, k) keeps the bits of m and multiplies by k (mod
+# 2^32, no two partial products on one bit, so no carries). Either way the pair's eight bits then sit where
+# `E2M1_BF16_MASK` keeps them: code bit b at `E2M1_BF16_BITS[b]` of its half (mantissa 6, exponent 7-8, sign 15).
+E2M1_BF16_MASK = 0x81C081C0
+E2M1_BF16_BITS = (6, 7, 8, 15)
+FP4_WORD_PAIRS = (("rot", 0), ("rot", 10), ("rot", 13), ("mul", 0x001B001B, 0x4108))
+
+def fp4_word_bit_positions(pairs: tuple = FP4_WORD_PAIRS) -> tuple:
+    "`[8][4]`: the bit of an mma128 word that holds bit b of its code j, as `pairs` reads it (ValueError if it reads none or two)."
+    pos = []
+    for j in range(8):
+        recipe, row = pairs[j // 2], []
+        for b in range(4):
+            q = E2M1_BF16_BITS[b] + 16 * (j % 2)                         # where the decode wants it
+            if recipe[0] == "rot": src = [(q - recipe[1]) % 32]
+            else: src = [i for i in range(32) for t in range(32) if recipe[1] >> i & 1 and recipe[2] >> t & 1 and i + t == q]
+            if len(src) != 1: raise ValueError(f"pairs: expected one word bit for code {j}'s bit {b}, got {src}")
+            row.append(src[0])
+        pos.append(tuple(row))
+    if len({p for row in pos for p in row}) != 32: raise ValueError("pairs: expected the 32 bits of a word, each once")
+    return tuple(pos)
+
+FP4_WORD_BITS = fp4_word_bit_positions()
+
+def fp4_codes_to_words(codes: torch.Tensor,  # [..., W, 8] uint8 codes 0..15: code j of each of W words
+                      ) -> torch.Tensor:     # [..., 4·W] uint8: the words' bytes, little-endian
+    "Eight e2m1 codes a 32-bit word, bit b of code j at `FP4_WORD_BITS[j][b]` (mma128's placement within a word)."
+    check_tensor("codes", codes, dtype=torch.uint8)
+    if codes.dim() < 1 or codes.shape[-1] != 8: raise ValueError(f"codes: expected a last dim of 8, got shape {tuple(codes.shape)}")
+    out = codes.new_zeros(*codes.shape[:-1], 4)
+    for j, row in enumerate(FP4_WORD_BITS):
+        for b, p in enumerate(row): out[..., p // 8] |= ((codes[..., j] >> b) & 1) << (p % 8)
+    return out.flatten(-2)
+
+def fp4_words_to_codes(words: torch.Tensor,  # [..., 4·W] uint8: words as `fp4_codes_to_words` makes them
+                      ) -> torch.Tensor:     # [..., W, 8] uint8 codes 0..15
+    "Inverse of `fp4_codes_to_words`, exact."
+    check_tensor("words", words, dtype=torch.uint8)
+    if words.dim() < 1 or words.shape[-1] % 4: raise ValueError(f"words: expected a last dim that is a multiple of 4 bytes, got shape {tuple(words.shape)}")
+    w = words.unflatten(-1, (-1, 4))
+    codes = words.new_zeros(*w.shape[:-1], 8)
+    for j, row in enumerate(FP4_WORD_BITS):
+        for b, p in enumerate(row): codes[..., j] |= ((w[..., p // 8] >> (p % 8)) & 1) << b
+    return codes
+
+# MMA-order permutation of one 128-code chunk: (c, j2, j1, t, j0) K order <-> (t, c, j2, j1, j0) stored order
+_MMA_K_DIMS, _MMA_STORE_PERM = (4, 2, 2, 4, 2), (3, 0, 1, 2, 4)
 
 def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain order, K a multiple of 128
                  ) -> torch.Tensor:         # [..., K/2] uint8 in the mma128 order
@@ -455,14 +513,16 @@ def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain orde
     _check_whole_chunks("packed", packed, MMA_CHUNK)
     c = codes.unflatten(-1, (-1, *_MMA_K_DIMS))                              # [..., chunk, c, j2, j1, t, j0]
     lead = c.dim() - 5
-    return pack_fp4(c.permute(*range(lead), *(lead + d for d in _MMA_STORE_PERM)).flatten(-6))
+    c = c.permute(*range(lead), *(lead + d for d in _MMA_STORE_PERM))       # [..., chunk, t, c, j2, j1, j0]
+    return fp4_codes_to_words(c.flatten(-3).flatten(-4, -2))                 # [..., 16·chunks, 8]: code j of a word
 
 def unmma_fp4_codes(mma: torch.Tensor,      # [..., K/2] uint8 in the mma128 order
                    ) -> torch.Tensor:       # [..., K/2] uint8 in the plain order
     "Inverse of `mma_fp4_codes`, exact."
     check_tensor("mma", mma, dtype=torch.uint8)
     _check_whole_chunks("mma", mma, MMA_CHUNK)
-    c = unpack_fp4(mma).unflatten(-1, (-1, *(_MMA_K_DIMS[d] for d in _MMA_STORE_PERM)))   # [..., chunk, t, c, j2, j0, j1]
+    c = fp4_words_to_codes(mma).unflatten(-2, (-1, 16)).flatten(-2)          # [..., chunk, 128] stored order
+    c = c.unflatten(-1, tuple(_MMA_K_DIMS[d] for d in _MMA_STORE_PERM))     # [..., chunk, t, c, j2, j1, j0]
     lead = c.dim() - 5
     inv = [_MMA_STORE_PERM.index(d) for d in range(5)]
     return pack_fp4(c.permute(*range(lead), *(lead + d for d in inv)).flatten(-6))
@@ -476,7 +536,7 @@ def fp4_codes_to_plain(codes: torch.Tensor, layout: str) -> torch.Tensor:
     return {"plain": lambda x: x, "split64": unsplit_fp4_codes, "mma128": unmma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](codes)
 
 def mma128_slot_to_k() -> torch.Tensor:
-    "`[128]` int64: the K position (within a 128-code chunk) of each stored nibble slot of mma128 (slot 2b = byte b's low nibble)."
+    "`[128]` int64: the K position (within a 128-code chunk) of code j of mma128 word w, at slot 8w + j (a word is 8 slots)."
     return torch.arange(MMA_CHUNK).unflatten(0, _MMA_K_DIMS).permute(_MMA_STORE_PERM).flatten()
 
 def plot_mma128_layout():
@@ -540,12 +600,32 @@ slot_to_k = mma128_slot_to_k()
 test_eq(sorted(slot_to_k.tolist()), list(range(128)))                        # a permutation of the chunk
 for shift in range(8):                                                       # the figure's map is the one the bytes get
     c = ((torch.arange(128) >> (shift % 4 * 2)) & 3) | ((torch.arange(128) >> 6 + shift // 4) & 1) << 2   # 8 passes spell each K
-    test_eq(unpack_fp4(mma_fp4_codes(pack_fp4(c.to(torch.uint8)))).long(), c[slot_to_k].long())
+    test_eq(fp4_words_to_codes(mma_fp4_codes(pack_fp4(c.to(torch.uint8)))).flatten().long(), c[slot_to_k].long())
 lanes = ((slot_to_k // 2) % 4).tolist()
 test_eq(lanes, sorted(lanes))                                                # each lane's codes contiguous
 fig = plot_mma128_layout()
 test_eq(len(fig.axes), 2)
 fig
+
+# %%
+#| test fp4_word_bits
+test_eq(sorted(p for row in FP4_WORD_BITS for p in row), list(range(32)))    # every bit of a word, once
+g = torch.Generator().manual_seed(1)
+codes = torch.randint(0, 16, (64, 8), generator=g, dtype=torch.uint8)
+codes[:16] = (torch.arange(16)[:, None] + 3 * torch.arange(8)) % 16          # every code at every position
+test_eq(fp4_words_to_codes(fp4_codes_to_words(codes)), codes)
+for w, cs in zip(fp4_codes_to_words(codes).view(torch.int32).tolist(), codes.tolist()):
+    w &= 0xFFFFFFFF
+    for p, recipe in enumerate(FP4_WORD_PAIRS):                              # each recipe puts its pair where bf16 wants it
+        x = (w << recipe[1] | w >> 32 - recipe[1]) if recipe[0] == "rot" else (w & recipe[1]) * recipe[2]
+        want = sum((cs[2 * p + h] >> b & 1) << E2M1_BF16_BITS[b] + 16 * h for h in range(2) for b in range(4))
+        test_eq(x & E2M1_BF16_MASK, want)
+table = {FP4_WORD_BITS[j][b]: f"{j}{'meeS'[b]}" for j in range(8) for b in range(4)}   # the table above, bit 31 first
+test_eq(" ".join(table[i] for i in range(31, -1, -1)).lower(),
+        "1s 2e 2e 2m 4e 4e 4m 1e 1e 1m 3s 7e 7m 5s 7s 7e 0s 3e 3e 3m 5e 5e 5m 0e 0e 0m 2s 6e 6m 4s 6s 6e")
+test_fail(lambda: fp4_word_bit_positions((("rot", 0),) * 4), contains="expected the 32 bits of a word, each once")
+test_fail(lambda: fp4_word_bit_positions((("mul", 0xFF, 0x3),) * 4), contains="expected one word bit for code 0's bit 0")
+test_fail(lambda: fp4_codes_to_words(codes[:, :4]), contains="codes: expected a last dim of 8")
 
 # %% [markdown]
 # ## Quantizing the weights
@@ -657,10 +737,10 @@ test_eq(sp[0].item(), 0 | (32 % 16) << 4); test_eq(sp[5].item(), 5 | (37 % 16) <
 test_eq(unsplit_fp4_codes(sp), b)
 g = torch.Generator().manual_seed(0)
 codes = torch.randint(0, 16, (3, 256), generator=g, dtype=torch.uint8)       # two 128-code chunks, random codes
-mm = unpack_fp4(mma_fp4_codes(pack_fp4(codes)))
+mm = fp4_words_to_codes(mma_fp4_codes(pack_fp4(codes)))                      # [3, 32 words, 8 codes]
 for ch, t, c, j2, j1, j0 in itertools.product(range(2), range(4), range(4), range(2), range(2), range(2)):
-    slot = 128 * ch + 8 * (4 * t + c) + 4 * j2 + 2 * j0 + j1                 # word 4t + c, nibble 4·j2 + 2·j0 + j1
-    test_eq(mm[:, slot], codes[:, 128 * ch + 32 * c + 16 * j2 + 8 * j1 + 2 * t + j0])
+    test_eq(mm[:, 16 * ch + 4 * t + c, 4 * j2 + 2 * j1 + j0],                 # word 4t + c of the chunk, code j
+            codes[:, 128 * ch + 32 * c + 16 * j2 + 8 * j1 + 2 * t + j0])
 test_eq(unmma_fp4_codes(mma_fp4_codes(pack_fp4(codes))), pack_fp4(codes))
 for scheme, layout in itertools.product(("mxfp4_w4a16", "nvfp4_w4a16"), ("split64", "mma128")):
     chunk = FP4_CHUNK[layout]

@@ -17,6 +17,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
+from moe_lit.quant_weights import FP4_WORD_PAIRS, E2M1_BF16_MASK
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
 from moe_lit.kernels.quant_act import _fp8_quantize_activations
 from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scaled
@@ -36,6 +37,7 @@ from moe_lit.formats import SILU
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations, FP4_LAYOUTS
+from moe_lit.quant_weights import fp4_codes_to_words
 from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
@@ -187,9 +189,13 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 # four `prmt` gather each 32-bit operand first, and where the compiler moved the tile into the MMA's register pattern
 # before the decode (it does, to move fewer bytes) it read the bytes from shared memory two at a time. With the
 # mma128 layout (`09a`) the codes are loaded as int32 words, one element each, and `_E2M1_WORD_MX` / `_E2M1_WORD_NV`
-# decode a word into eight bf16 outputs (`=h` operands) with the same 22-instruction core; the pairs it forms are
-# the pairs the MMA takes (codes 0-1, 2-3, 4-5, 6-7 of a word), so `mov.b32 {lo, hi}` out and the compiler's pack
-# back in cancel. The word's scale bytes come in as one 32-bit operand and are decoded inside the block: e8m0 by a
+# decode a word into eight bf16 outputs (`=h` operands); the pairs it forms are the pairs the MMA takes (codes 0-1,
+# 2-3, 4-5, 6-7 of a word), so `mov.b32 {lo, hi}` out and the compiler's pack back in cancel. The load placed each
+# code's four bits where the decode takes them (`09a`'s `FP4_WORD_PAIRS` and its bit table), so no byte permute
+# gathers them: pair 0 is one `and` with 0x81C081C0, pairs 1 and 2 a funnel-shift rotation of the word (10, 13 bits)
+# and the `and`, pair 3 an `and`, a multiply by 2^3 + 2^8 + 2^14 and the `and` — eight integer operations for eight
+# codes, where nibbles took fourteen (two `prmt`, then `and`, `mul.lo`, `and` a pair). The portable decode
+# (`_word_pair`, `_pair_code`) follows the same recipe, so the interpreter's tests read the same words. The word's scale bytes come in as one 32-bit operand and are decoded inside the block: e8m0 by a
 # multiply that places the byte in both halves' exponent fields; NVFP4's two e4m3 groups (a word's codes 0-3 and
 # 4-7) by `cvt.rn.f16x2.e4m3x2` then `cvt.rn.bf16.f16`, exact both (e4m3 values are exact in fp16 and bf16). One
 # operand chain beside the codes matters: with the two NVFP4 scales as separate operands, or decoded by Triton ops
@@ -202,14 +208,17 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 # **The scale fold (MXFP4).** The first `fma` of each pair only multiplies by the constant 2^126. An e8m0 scale is a
 # power of two, 2^(s − 127), so the block can build 2^(s − 1) = 2^(s − 127) · 2^126 instead (exponent field s + 126:
 # a multiply and an add, where the unfolded block has a multiply and a `max`) and do one `fma` a pair:
-# `_E2M1_WORD_MX_FOLDED`, 18 instructions for eight codes instead of 22, the same bits. That scale is a bf16 only for
+# `_E2M1_WORD_MX_FOLDED`, four `fma`s for eight codes instead of eight, the same bits. That scale is a bf16 only for
 # s ≤ 128 (scales up to 2), which a checkpoint's expert weights meet by far (their largest |w| would have to pass 16 for
 # a byte past 128), but not every container does: `QuantizedExpertWeights` reads each weight's largest scale byte once,
 # when it is built (`e8m0_max`), and the launcher passes `SCALE_FOLD` only where it is ≤ 128. Compiled for sm_90
 # (`nbs/bench/sass_fp4.py`), the mma128 K loop of GEMM1 goes from 612 to 533 instructions a warp (76.5 → 66.6 issue
-# cycles per KB of codes; 8 warps: 74.8 → 64.9), half of the `HMUL2`s gone. What remains is integer work: 149
-# `LOP3` and 100 `IMAD` (the `and`s and the `mul.lo` that places the bits), which issue at half the rate of the
-# floating-point ones — the next count to cut. Not yet timed on the GPU.
+# cycles per KB of codes; 8 warps: 74.8 → 64.9), half of the `HMUL2`s gone. What remained was integer work: 149
+# `LOP3` and 100 `IMAD` (the `and`s and the `mul.lo` that placed the bits). With the bits placed at load (above) the
+# folded MXFP4 loop is 437 instructions (54.6 a KB; 8 warps 426, 53.2), the unfolded 516, NVFP4 folded 489 (61.1):
+# 96 fewer a loop in every variant, `PRMT` 40 → 8, `LOP3` 149 → 101, `IMAD` 101 → 53 (`sass_fp4_sm90.log`). Not
+# yet timed on the GPU. Of the rest, each of the loop's 16 `HGMMA`s (A from registers) is followed by a wait for
+# it to finish (`WARPGROUP.DEPBAR.LE gsb0, 0x0`): the decode of the next slice does not overlap the MMA in one warp.
 #
 # **NVFP4** folds too, for every scale: an e4m3 scale is at most 448 < 2^9, so times 2^118 it is still a bf16, and
 # `_E2M1_WORD_NV_FOLDED` multiplies the two decoded scales by 2^118 once a word (two `fma`s) and then does one `fma` a
@@ -261,29 +270,28 @@ E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3
 e4m3 = lambda byte: float(torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float())
 bits = lambda v: _bf16_bits(v)
 g = torch.Generator().manual_seed(4)
-words = [0x76543210, 0xFEDCBA98, 0x0F1E2D3C] + [int(w) for w in torch.randint(0, 2**32, (3,), generator=g)]
-SHIFTS = (0, 8, 4, 12, 16, 24, 20, 28)                # output j's nibble: the portable `_e2m1_word`'s order
+cs = [[(v + 3 * j) % 16 for j in range(8)] for v in range(16)] + torch.randint(0, 16, (3, 8), generator=g).tolist()
+words = fp4_codes_to_words(torch.tensor(cs, dtype=torch.uint8)).view(torch.int32).tolist()   # codes j of mma128 words:
+words = [w & 0xFFFFFFFF for w in words]                # every code at every position, and random ones
 for s_byte in range(255):                              # MXFP4: one e8m0 byte for the word's eight codes
     scale = 2.0 ** (s_byte - 127)
-    for w in words:
+    for w, c in zip(words, cs):
         got = emulate_ptx(_E2M1_WORD_MX.value, [0] * 8 + [w, s_byte])[:8]
-        want = [bits(E2M1[(w >> sh) & 0xF] * scale) for sh in SHIFTS]
+        want = [bits(E2M1[c[j]] * scale) for j in range(8)]
         assert got == want, (hex(w), s_byte, [hex(x) for x in got], [hex(x) for x in want])
-    if s_byte <= 128:                                  # the folded block: the 2^126 in the scale, one fma a pair
-        for w in words:
+        if s_byte <= 128:                              # the folded block: the 2^126 in the scale, one fma a pair
             got = emulate_ptx(_E2M1_WORD_MX_FOLDED.value, [0] * 8 + [w, s_byte])[:8]
-            assert got == [bits(E2M1[(w >> sh) & 0xF] * scale) for sh in SHIFTS], ("folded", hex(w), s_byte)
+            assert got == want, ("folded", hex(w), s_byte)
 finite = [b for b in range(256) if b not in (0x7F, 0xFF)]
 for k, lo in enumerate(finite):                        # NVFP4: codes 0-3 by the low e4m3 byte, 4-7 by the high one
     hi = finite[(k * 37 + 11) % len(finite)]
-    for w in words[:3]:
+    for w, c in zip(words[k % 16::16], cs[k % 16::16]):
         got = emulate_ptx(_E2M1_WORD_NV.value, [0] * 8 + [w, lo | (hi << 8)])[:8]
-        want = [bits(E2M1[(w >> sh) & 0xF] * e4m3(lo if j < 4 else hi)) for j, sh in enumerate(SHIFTS)]
+        want = [bits(E2M1[c[j]] * e4m3(lo if j < 4 else hi)) for j in range(8)]
         assert got == want, (hex(w), lo, hi)
         got = emulate_ptx(_E2M1_WORD_NV_FOLDED.value, [0] * 8 + [w, lo | (hi << 8)])[:8]   # folded: times 2^-8, exact
-        assert got == [bits(E2M1[(w >> sh) & 0xF] * e4m3(lo if j < 4 else hi) / 256) for j, sh in enumerate(SHIFTS)], \
-            ("folded", hex(w), lo, hi)
-for w in words:                                        # the byte block: four bytes, a scale per byte and nibble
+        assert got == [bits(E2M1[c[j]] * e4m3(lo if j < 4 else hi) / 256) for j in range(8)], ("folded", hex(w), lo, hi)
+for w in words[:6]:                                        # the byte block: four bytes, a scale per byte and nibble
     sl = [bits(2.0 ** e) for e in (-127, -3, 0, 5)]; sh = [bits(e4m3(b) * 2.0 ** -120) for b in (0x01, 0x38, 0x7E, 0xC3)]
     out = emulate_ptx(_E2M1X8_PTX.value, [0] * 4 + [w, sl[0] | sl[1] << 16, sl[2] | sl[3] << 16,
                                                         sh[0] | sh[1] << 16, sh[2] | sh[3] << 16])[:4]
@@ -391,19 +399,24 @@ def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`,
 
 # %%
 #| export
+def _word_pair_ptx(recipe: tuple) -> str:
+    "PTX: one pair of the word `$8` moved to `E2M1_BF16_MASK`'s bits into `x`, as `recipe` (`09a`'s `FP4_WORD_PAIRS`) says."
+    if recipe[0] == "rot":
+        return (f"shf.l.wrap.b32 x, $8, $8, {recipe[1]};\nand.b32 x, x, {E2M1_BF16_MASK:#x};\n" if recipe[1] else
+                f"and.b32 x, $8, {E2M1_BF16_MASK:#x};\n")
+    return f"and.b32 x, $8, {recipe[1]:#x};\nmul.lo.u32 x, x, {recipe[2]:#x};\nand.b32 x, x, {E2M1_BF16_MASK:#x};\n"
+
 def _e2m1_word_body(folded: bool = False) -> str:
     "PTX: a word's eight codes times `slo` (codes 0-3) and `shi` (4-7) into $0..$7 (`folded`: the scales hold the 2^126)."
-    return ("prmt.b32 t0, $8, 0, 0x4140;\nprmt.b32 t1, $8, 0, 0x4342;\n"
-            + "".join(_e2m1_pair_ptx(t, high, sc, "x", folded) + f"mov.b32 {{{d}}}, x;\n"
-                      for t, high, sc, d in (("t0", False, "slo", "$0, $1"), ("t0", True, "slo", "$2, $3"),
-                                             ("t1", False, "shi", "$4, $5"), ("t1", True, "shi", "$6, $7")))
-            + "}\n")
+    return "".join(_word_pair_ptx(recipe) + ("" if folded else "fma.rn.bf16x2 x, x, c126, nz;\n")
+                   + f"fma.rn.bf16x2 x, x, {'slo' if p < 2 else 'shi'}, nz;\nmov.b32 {{${2 * p}, ${2 * p + 1}}}, x;\n"
+                   for p, recipe in enumerate(FP4_WORD_PAIRS)) + "}\n"
 
 _E2M1_WORD_BODY = _e2m1_word_body()
 
 _E2M1_WORD_MX = tl.constexpr("""
 {
-.reg .b32 t0, t1, x, slo, shi, c126, nz;
+.reg .b32 x, slo, shi, c126, nz;
 mov.b32 c126, 0x7E807E80;
 mov.b32 nz, 0x80008000;
 and.b32 x, $9, 0xFF;
@@ -414,7 +427,7 @@ mov.b32 shi, slo;
 
 _E2M1_WORD_MX_FOLDED = tl.constexpr("""
 {
-.reg .b32 t0, t1, x, slo, shi, nz;
+.reg .b32 x, slo, shi, nz;
 mov.b32 nz, 0x80008000;
 and.b32 x, $9, 0xFF;
 mul.lo.u32 slo, x, 0x00800080;
@@ -433,7 +446,7 @@ mov.b32 shi, {bh, bh};
 
 _E2M1_WORD_NV = tl.constexpr("""
 {
-.reg .b32 t0, t1, x, slo, shi, c126, nz;
+.reg .b32 x, slo, shi, c126, nz;
 .reg .b16 p, fl, fh, bl, bh;
 mov.b32 c126, 0x7E807E80;
 mov.b32 nz, 0x80008000;
@@ -441,7 +454,7 @@ mov.b32 nz, 0x80008000;
 
 _E2M1_WORD_NV_FOLDED = tl.constexpr("""
 {
-.reg .b32 t0, t1, x, slo, shi, c118, nz;
+.reg .b32 x, slo, shi, c118, nz;
 .reg .b16 p, fl, fh, bl, bh;
 mov.b32 c118, 0x7A807A80;
 mov.b32 nz, 0x80008000;
@@ -450,7 +463,7 @@ fma.rn.bf16x2 shi, shi, c118, nz;
 """ + _e2m1_word_body(folded=True))   # both scales times 2^118 (<= 448 · 2^118 < 2^127): the decode's values carry 2^-8
 
 @triton.jit
-def _e2m1_word(x,       # int32 words of the mma128 layout: eight codes, nibble 4·j2 + 2·j0 + j1 holds code j = 4·j2 + 2·j1 + j0
+def _e2m1_word(x,       # int32 words of the mma128 layout: eight codes j = 4·j2 + 2·j1 + j0, bits where `09a` places them
                s,       # int32: each word's scale byte(s) as loaded (`_fp4_scales`): e8m0, or NVFP4's e4m3 pair (low byte first)
                FMT: tl.constexpr, DTYPE: tl.constexpr,
                SCALE_FOLD: tl.constexpr = False):   # the 2^126 rides in the scale: MXFP4 (every e8m0 byte <= 128) as
@@ -466,20 +479,38 @@ def _e2m1_word(x,       # int32 words of the mma128 layout: eight codes, nibble 
         else: o = tl.inline_asm_elementwise(_E2M1_WORD_NV, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [x, s],
                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         r = (o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7])
-    else:                                                         # code j's nibble: 4 · (4·j2 + 2·j0 + j1) bits up
+    else:                                                         # the PTX block's pairs, then each half's code
         c: tl.constexpr = 64.0 if FMT == 3 and SCALE_FOLD else 16384.0       # the 2^14 of `_e2m1_fp16` (NVFP4 folded: 2^-8 too)
         s_lo = _scale_f32((s & 0xFF).to(tl.uint8), FMT) * c
         s_hi = s_lo
         if FMT == 3: s_hi = _scale_f32((s >> 8).to(tl.uint8), FMT) * c
-        r = (_word_code(x, 0, s_lo, DTYPE), _word_code(x, 8, s_lo, DTYPE), _word_code(x, 4, s_lo, DTYPE),
-             _word_code(x, 12, s_lo, DTYPE), _word_code(x, 16, s_hi, DTYPE), _word_code(x, 24, s_hi, DTYPE),
-             _word_code(x, 20, s_hi, DTYPE), _word_code(x, 28, s_hi, DTYPE))
+        p0 = _word_pair(x, _ROT0, 0, 0)
+        p1 = _word_pair(x, _ROT1, 0, 0)
+        p2 = _word_pair(x, _ROT2, 0, 0)
+        p3 = _word_pair(x, 0, _MUL3_M, _MUL3_K)
+        r = (_pair_code(p0, 0, s_lo, DTYPE), _pair_code(p0, 16, s_lo, DTYPE), _pair_code(p1, 0, s_lo, DTYPE),
+             _pair_code(p1, 16, s_lo, DTYPE), _pair_code(p2, 0, s_hi, DTYPE), _pair_code(p2, 16, s_hi, DTYPE),
+             _pair_code(p3, 0, s_hi, DTYPE), _pair_code(p3, 16, s_hi, DTYPE))
     return r
 
+assert [r[0] for r in FP4_WORD_PAIRS] == ["rot", "rot", "rot", "mul"], FP4_WORD_PAIRS   # the decodes' shape
+_ROT0, _ROT1, _ROT2 = (tl.constexpr(r[1]) for r in FP4_WORD_PAIRS[:3])
+_MUL3_M, _MUL3_K = (tl.constexpr(v) for v in FP4_WORD_PAIRS[3][1:])
+_BF16_MASK_I32 = tl.constexpr(E2M1_BF16_MASK - (1 << 32))               # the same bits as an int32
+
 @triton.jit
-def _word_code(x, SHIFT: tl.constexpr, s, DTYPE: tl.constexpr):
-    "The portable decode of the nibble `SHIFT` bits up in each word, times its fp32 scale `s` (with the 2^14), as `DTYPE`."
-    return (_e2m1_fp16((x >> SHIFT) & 0xF).to(tl.float32) * s).to(DTYPE)
+def _word_pair(x, ROT: tl.constexpr, M: tl.constexpr, K: tl.constexpr):
+    "int32 words with one pair's bits where `E2M1_BF16_MASK` keeps them: the word rotated left by `ROT`, or its bits `M` times `K`."
+    if M == 0:
+        if ROT != 0: x = (x << ROT) | (x.to(tl.uint32, bitcast=True) >> (32 - ROT)).to(tl.int32, bitcast=True)
+    else: x = ((x & M).to(tl.int64) * K).to(tl.int32)      # mod 2^32 (a 32-bit product would trip overflow checks)
+    return x & _BF16_MASK_I32
+
+@triton.jit
+def _pair_code(p, HALF: tl.constexpr, s, DTYPE: tl.constexpr):
+    "The portable decode of the code in one half (`HALF` 0 or 16) of placed pairs `p`, times its fp32 scale `s` (with the 2^14), as `DTYPE`."
+    code = ((p >> (HALF + 12)) & 8) | ((p >> (HALF + 6)) & 7)              # sign from bit 15, e e m from 8-6
+    return (_e2m1_fp16(code).to(tl.float32) * s).to(DTYPE)
 
 @triton.jit
 def _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn,   # as `_fp4_weight_tile`, the codes in the mma128 layout

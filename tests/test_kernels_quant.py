@@ -10,6 +10,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
+from moe_lit.quant_weights import FP4_WORD_PAIRS, E2M1_BF16_MASK
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
 from moe_lit.kernels.quant_act import _fp8_quantize_activations
 from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scaled
@@ -26,6 +27,7 @@ from moe_lit.formats import SILU
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations, FP4_LAYOUTS
+from moe_lit.quant_weights import fp4_codes_to_words
 from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
@@ -99,29 +101,28 @@ def test_fp4_ptx_decode_blocks_bit_exact():
     e4m3 = lambda byte: float(torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float())
     bits = lambda v: _bf16_bits(v)
     g = torch.Generator().manual_seed(4)
-    words = [0x76543210, 0xFEDCBA98, 0x0F1E2D3C] + [int(w) for w in torch.randint(0, 2**32, (3,), generator=g)]
-    SHIFTS = (0, 8, 4, 12, 16, 24, 20, 28)                # output j's nibble: the portable `_e2m1_word`'s order
+    cs = [[(v + 3 * j) % 16 for j in range(8)] for v in range(16)] + torch.randint(0, 16, (3, 8), generator=g).tolist()
+    words = fp4_codes_to_words(torch.tensor(cs, dtype=torch.uint8)).view(torch.int32).tolist()   # codes j of mma128 words:
+    words = [w & 0xFFFFFFFF for w in words]                # every code at every position, and random ones
     for s_byte in range(255):                              # MXFP4: one e8m0 byte for the word's eight codes
         scale = 2.0 ** (s_byte - 127)
-        for w in words:
+        for w, c in zip(words, cs):
             got = emulate_ptx(_E2M1_WORD_MX.value, [0] * 8 + [w, s_byte])[:8]
-            want = [bits(E2M1[(w >> sh) & 0xF] * scale) for sh in SHIFTS]
+            want = [bits(E2M1[c[j]] * scale) for j in range(8)]
             assert got == want, (hex(w), s_byte, [hex(x) for x in got], [hex(x) for x in want])
-        if s_byte <= 128:                                  # the folded block: the 2^126 in the scale, one fma a pair
-            for w in words:
+            if s_byte <= 128:                              # the folded block: the 2^126 in the scale, one fma a pair
                 got = emulate_ptx(_E2M1_WORD_MX_FOLDED.value, [0] * 8 + [w, s_byte])[:8]
-                assert got == [bits(E2M1[(w >> sh) & 0xF] * scale) for sh in SHIFTS], ("folded", hex(w), s_byte)
+                assert got == want, ("folded", hex(w), s_byte)
     finite = [b for b in range(256) if b not in (0x7F, 0xFF)]
     for k, lo in enumerate(finite):                        # NVFP4: codes 0-3 by the low e4m3 byte, 4-7 by the high one
         hi = finite[(k * 37 + 11) % len(finite)]
-        for w in words[:3]:
+        for w, c in zip(words[k % 16::16], cs[k % 16::16]):
             got = emulate_ptx(_E2M1_WORD_NV.value, [0] * 8 + [w, lo | (hi << 8)])[:8]
-            want = [bits(E2M1[(w >> sh) & 0xF] * e4m3(lo if j < 4 else hi)) for j, sh in enumerate(SHIFTS)]
+            want = [bits(E2M1[c[j]] * e4m3(lo if j < 4 else hi)) for j in range(8)]
             assert got == want, (hex(w), lo, hi)
             got = emulate_ptx(_E2M1_WORD_NV_FOLDED.value, [0] * 8 + [w, lo | (hi << 8)])[:8]   # folded: times 2^-8, exact
-            assert got == [bits(E2M1[(w >> sh) & 0xF] * e4m3(lo if j < 4 else hi) / 256) for j, sh in enumerate(SHIFTS)], \
-                ("folded", hex(w), lo, hi)
-    for w in words:                                        # the byte block: four bytes, a scale per byte and nibble
+            assert got == [bits(E2M1[c[j]] * e4m3(lo if j < 4 else hi) / 256) for j in range(8)], ("folded", hex(w), lo, hi)
+    for w in words[:6]:                                        # the byte block: four bytes, a scale per byte and nibble
         sl = [bits(2.0 ** e) for e in (-127, -3, 0, 5)]; sh = [bits(e4m3(b) * 2.0 ** -120) for b in (0x01, 0x38, 0x7E, 0xC3)]
         out = emulate_ptx(_E2M1X8_PTX.value, [0] * 4 + [w, sl[0] | sl[1] << 16, sl[2] | sl[3] << 16,
                                                             sh[0] | sh[1] << 16, sh[2] | sh[3] << 16])[:4]

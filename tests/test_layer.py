@@ -328,7 +328,7 @@ def test_layer_follows_inplace_edits():
         y = q(x)                                                                   # the codes follow the edited floats
         assert not torch.equal(q.qweights.w13.view(torch.uint8), codes.view(torch.uint8))
         ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
-        assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
+        r = check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts); assert r["ok"], (experts, r)
         versions = q._versions
         q(x); test_eq(q._versions, versions)                                       # no edit since: nothing redone
         q.w13 = torch.nn.Parameter(q.w13.detach().clone(), requires_grad=False)   # a swapped Parameter counts too
@@ -340,17 +340,17 @@ def test_layer_follows_inplace_edits():
         y = q(x)                                                                   # and the float experts follow them
         assert torch.equal(q.w13.detach(), q.qweights.dequantize()[0].to(q.w13.dtype))
         ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
-        assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
+        r = check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts); assert r["ok"], (experts, r)
         with torch.no_grad(): q.qweights.w2_scale.mul_(2)                          # scales edited in place: followed too
         y = q(x)
         assert torch.equal(q.w2.detach(), q.qweights.dequantize()[1].to(q.w2.dtype))
         ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
-        assert check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
+        r = check_output(y.cpu(), ref, cfg.dtype, q.quant, q.experts); assert r["ok"], (experts, r)
         with torch.no_grad(): q.qweights.w2_scale.mul_(2); q.w13.mul_(1.0)          # both edited: which wins is not guessed
         test_fail(lambda: q(x), contains="w13, w2 and qweights: expected an in-place edit of the float experts or of the codes")
         q.load_state_dict(q.state_dict())                                          # a load settles it: the codes follow
         ref = moe_reference_standard(x.double().cpu(), q.w13.double().cpu(), q.w2.double().cpu(), *[t.cpu() for t in q.route(x)])
-        assert check_output(q(x).cpu(), ref, cfg.dtype, q.quant, q.experts)["ok"]
+        r = check_output(q(x).cpu(), ref, cfg.dtype, q.quant, q.experts); assert r["ok"], (experts, r)
         q.qweights.w2.view(torch.uint8)[1, 2, 3] = 0x7F                            # a NaN code written in place: refused
         test_fail(lambda: q(x), contains="w2: expected FP8 e4m3 codes, none NaN (0x7F/0xFF), got NaN at index [1, 2, 3]")
         mk = layer._modular_kernel(6)                                              # the layer's own: no per-call checks

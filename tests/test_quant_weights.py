@@ -28,12 +28,32 @@ def test_mma128_layout_figure():
     test_eq(sorted(slot_to_k.tolist()), list(range(128)))                        # a permutation of the chunk
     for shift in range(8):                                                       # the figure's map is the one the bytes get
         c = ((torch.arange(128) >> (shift % 4 * 2)) & 3) | ((torch.arange(128) >> 6 + shift // 4) & 1) << 2   # 8 passes spell each K
-        test_eq(unpack_fp4(mma_fp4_codes(pack_fp4(c.to(torch.uint8)))).long(), c[slot_to_k].long())
+        test_eq(fp4_words_to_codes(mma_fp4_codes(pack_fp4(c.to(torch.uint8)))).flatten().long(), c[slot_to_k].long())
     lanes = ((slot_to_k // 2) % 4).tolist()
     test_eq(lanes, sorted(lanes))                                                # each lane's codes contiguous
     fig = plot_mma128_layout()
     test_eq(len(fig.axes), 2)
     fig
+
+
+def test_fp4_word_bits():
+    test_eq(sorted(p for row in FP4_WORD_BITS for p in row), list(range(32)))    # every bit of a word, once
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (64, 8), generator=g, dtype=torch.uint8)
+    codes[:16] = (torch.arange(16)[:, None] + 3 * torch.arange(8)) % 16          # every code at every position
+    test_eq(fp4_words_to_codes(fp4_codes_to_words(codes)), codes)
+    for w, cs in zip(fp4_codes_to_words(codes).view(torch.int32).tolist(), codes.tolist()):
+        w &= 0xFFFFFFFF
+        for p, recipe in enumerate(FP4_WORD_PAIRS):                              # each recipe puts its pair where bf16 wants it
+            x = (w << recipe[1] | w >> 32 - recipe[1]) if recipe[0] == "rot" else (w & recipe[1]) * recipe[2]
+            want = sum((cs[2 * p + h] >> b & 1) << E2M1_BF16_BITS[b] + 16 * h for h in range(2) for b in range(4))
+            test_eq(x & E2M1_BF16_MASK, want)
+    table = {FP4_WORD_BITS[j][b]: f"{j}{'meeS'[b]}" for j in range(8) for b in range(4)}   # the table above, bit 31 first
+    test_eq(" ".join(table[i] for i in range(31, -1, -1)).lower(),
+            "1s 2e 2e 2m 4e 4e 4m 1e 1e 1m 3s 7e 7m 5s 7s 7e 0s 3e 3e 3m 5e 5e 5m 0e 0e 0m 2s 6e 6m 4s 6s 6e")
+    test_fail(lambda: fp4_word_bit_positions((("rot", 0),) * 4), contains="expected the 32 bits of a word, each once")
+    test_fail(lambda: fp4_word_bit_positions((("mul", 0xFF, 0x3),) * 4), contains="expected one word bit for code 0's bit 0")
+    test_fail(lambda: fp4_codes_to_words(codes[:, :4]), contains="codes: expected a last dim of 8")
 
 
 def test_quantize_expert_weights_round_trip():
@@ -61,10 +81,10 @@ def test_fp4_split_layout():
     test_eq(unsplit_fp4_codes(sp), b)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (3, 256), generator=g, dtype=torch.uint8)       # two 128-code chunks, random codes
-    mm = unpack_fp4(mma_fp4_codes(pack_fp4(codes)))
+    mm = fp4_words_to_codes(mma_fp4_codes(pack_fp4(codes)))                      # [3, 32 words, 8 codes]
     for ch, t, c, j2, j1, j0 in itertools.product(range(2), range(4), range(4), range(2), range(2), range(2)):
-        slot = 128 * ch + 8 * (4 * t + c) + 4 * j2 + 2 * j0 + j1                 # word 4t + c, nibble 4·j2 + 2·j0 + j1
-        test_eq(mm[:, slot], codes[:, 128 * ch + 32 * c + 16 * j2 + 8 * j1 + 2 * t + j0])
+        test_eq(mm[:, 16 * ch + 4 * t + c, 4 * j2 + 2 * j1 + j0],                 # word 4t + c of the chunk, code j
+                codes[:, 128 * ch + 32 * c + 16 * j2 + 8 * j1 + 2 * t + j0])
     test_eq(unmma_fp4_codes(mma_fp4_codes(pack_fp4(codes))), pack_fp4(codes))
     for scheme, layout in itertools.product(("mxfp4_w4a16", "nvfp4_w4a16"), ("split64", "mma128")):
         chunk = FP4_CHUNK[layout]

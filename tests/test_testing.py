@@ -107,6 +107,8 @@ def test_compile_for_gpu_bad_input():
 def test_emulate_ptx_runs_the_subset():
     test_eq(emulate_ptx("prmt.b32 $0, $1, 0, 0x4140;", [0, 0xDDCCBBAA])[0], 0x00BB00AA)      # bytes 0, 1 into the halves
     test_eq(emulate_ptx("mov.b32 {$0, $1}, $2;", [0, 0, 0x12345678])[:2], [0x5678, 0x1234])
+    test_eq(emulate_ptx("shf.l.wrap.b32 $0, $1, $1, 12;", [0, 0x80000001])[0], 0x00001800)   # a rotation left by 12
+    test_eq(emulate_ptx("shf.l.wrap.b32 $0, $1, $2, 36;", [0, 0xF0000000, 0x1])[0], 0x1F)     # (b:a) << 4, high word
     test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F803F80, 0x40004040, 0x80008000])[0], 0x40004040)  # 1·2, 1·3
     test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F81, 0x3F81, 0])[0] & 0xFFFF, 0x3F82)   # (1+2^-7)^2 rounds
     test_eq(emulate_ptx("cvt.rn.f16x2.e4m3x2 $0, $1;", [0, 0x3840])[0], 0x3C004000)   # e4m3 0x40 = 2.0, 0x38 = 1.0 (f16)
