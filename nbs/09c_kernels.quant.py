@@ -217,8 +217,17 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 # `LOP3` and 100 `IMAD` (the `and`s and the `mul.lo` that placed the bits). With the bits placed at load (above) the
 # folded MXFP4 loop is 437 instructions (54.6 a KB; 8 warps 426, 53.2), the unfolded 516, NVFP4 folded 489 (61.1):
 # 96 fewer a loop in every variant, `PRMT` 40 → 8, `LOP3` 149 → 101, `IMAD` 101 → 53 (`sass_fp4_sm90.log`). Not
-# yet timed on the GPU. Of the rest, each of the loop's 16 `HGMMA`s (A from registers) is followed by a wait for
-# it to finish (`WARPGROUP.DEPBAR.LE gsb0, 0x0`): the decode of the next slice does not overlap the MMA in one warp.
+# yet timed on the GPU. Of the rest, each of the loop's 16 `HGMMA`s (A from registers) is waited for before the
+# next one issues (`WARPGROUP.DEPBAR.LE gsb0, 0x0`). ptxas says why (`ptxas -v` on the kernel's PTX, note C7515:
+# "wgmma.mma_async instructions are serialized due to non wgmma instructions defining accumulator registers of a
+# wgmma between start and end of the pipeline stage"): with two or more stages Triton's pipeliner splits each dot
+# whose A is in registers into 16-wide K slices, each followed by a `wgmma.wait_group` that names the accumulator
+# (so the next slice's decode may overlap the MMA), and that wait is the non-wgmma definition. Compiled with
+# `num_stages=1` the dots stay whole — two waits a loop, 359 instructions (44.9 a KB) — but then nothing
+# prefetches the code words, and a prefetch written in the kernel (the words carried to the next iteration) gave
+# them a layout that sent the decoded tile through shared memory (16 `STSM` + 16 `LDSM` a loop), so it is not
+# kept. Which costs less on the GPU, the serialized MMAs or the exposed loads, is for the tuner: `14_bench`'s FP4
+# candidates include one stage (`sass_fp4.py` prints both forms, "MMAs waited on").
 #
 # **NVFP4** folds too, for every scale: an e4m3 scale is at most 448 < 2^9, so times 2^118 it is still a bf16, and
 # `_E2M1_WORD_NV_FOLDED` multiplies the two decoded scales by 2^118 once a word (two `fma`s) and then does one `fma` a

@@ -44,6 +44,11 @@ def compile_gemm1(fmt: int, layout: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: in
 
 def k_loop(sass: str) -> collections.Counter:
     "Opcode counts of the longest backward-branch region of `sass` (nvdisasm -c output): the K loop."
+    return collections.Counter(t.split(".")[0] for t in k_loop_opcodes(sass))
+
+
+def k_loop_opcodes(sass: str) -> list[str]:
+    "The K loop's instructions as full opcodes (`WARPGROUP.DEPBAR.LE`), in order, predicates dropped."
     ins, labels = [], {}
     for line in sass.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -53,17 +58,27 @@ def k_loop(sass: str) -> collections.Counter:
     loops = [(i - labels[m.group(1)], labels[m.group(1)], i) for i, t in enumerate(ins)
              if (m := re.search(r"BRA\s+`\((\.L_x_\d+)\)", t)) and labels.get(m.group(1), i) < i]
     _, a, b = max(loops)
-    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ins[a:b + 1])
+    return [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in ins[a:b + 1]]
+
+
+def serialized_mmas(sass: str) -> int:
+    """How many of the K loop's `HGMMA`s are waited for before the next one issues (a `WARPGROUP.DEPBAR` between them):
+    16 of 16 when ptxas serializes the wgmmas (its C7515 note), one per dot when they run back to back."""
+    ops = k_loop_opcodes(sass)
+    at = [i for i, op in enumerate(ops) if op.startswith("HGMMA")] + [len(ops)]
+    return sum(any(o.startswith("WARPGROUP.DEPBAR") for o in ops[a + 1:b]) for a, b in zip(at, at[1:]))
 
 
 VARIANTS = [  # (label, FMT, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, num_warps); "bf16 in": the K loop quantizes a (QUANT_A);
-              # "folded": e8m0 bytes <= 128, the 2^126 in the scale (SCALE_FOLD)
+              # "folded": e8m0 bytes <= 128, the 2^126 in the scale (SCALE_FOLD); "1st": num_stages=1 (else 3)
     ("mxfp4 plain", 2, 0, 32, 64, 64, 4), ("mxfp4 split64", 2, 1, 32, 64, 64, 4),
     ("mxfp4 split64", 2, 1, 32, 128, 128, 8), ("mxfp4 split64", 2, 1, 32, 128, 128, 4),
     ("mxfp4 mma128", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128", 2, 2, 32, 128, 128, 8),
     ("mxfp4 mma128 folded", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128 folded", 2, 2, 32, 128, 128, 8),
+    ("mxfp4 mma128 folded 1st", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128 folded 1st", 2, 2, 32, 128, 128, 8),
     ("nvfp4 split64", 3, 1, 32, 64, 64, 4), ("nvfp4 mma128", 3, 2, 32, 64, 128, 4), ("nvfp4 mma128", 3, 2, 32, 128, 128, 8),
     ("nvfp4 mma128 folded", 3, 2, 32, 64, 128, 4), ("nvfp4 mma128 folded", 3, 2, 32, 128, 128, 8),
+    ("nvfp4 mma128 folded 1st", 3, 2, 32, 64, 128, 4),
     ("fp8 block", 1, 0, 16, 64, 128, 4), ("fp8 block bf16 in", 1, 0, 16, 64, 128, 4),
 ]
 
@@ -89,9 +104,11 @@ if __name__ == "__main__" and sys.argv[1:] == ["--check"]:
 elif __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else None
     if out: os.makedirs(out, exist_ok=True)
-    print(f"{'variant':<19}{'BM':>4}{'BN':>5}{'BK':>5}{'warps':>6}{'loop':>7}{'/KB':>7}  smem moves (STS LDS LDSM BAR)  top opcodes")
+    print(f"{'variant':<24}{'BM':>4}{'BN':>5}{'BK':>5}{'warps':>6}{'loop':>7}{'/KB':>7}  smem moves (STS LDS LDSM BAR)  "
+          f"MMAs waited on  top opcodes")
     for label, fmt, layout, bm, bn, bk, nw in VARIANTS:
-        c = compile_gemm1(fmt, layout, bm, bn, bk, nw, quant_a=label.endswith("bf16 in"), scale_fold=label.endswith("folded"))
+        c = compile_gemm1(fmt, layout, bm, bn, bk, nw, num_stages=1 if label.endswith(" 1st") else 3,
+                          quant_a=label.endswith("bf16 in"), scale_fold=label.removesuffix(" 1st").endswith("folded"))
         path = os.path.join(out or "/tmp", f"gemm1_{label.replace(' ', '_')}_{bm}_{bn}_{bk}_{nw}")
         open(path + ".cubin", "wb").write(c.asm["cubin"])
         sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path + ".cubin"], capture_output=True, text=True,
@@ -101,5 +118,7 @@ elif __name__ == "__main__":
         total = sum(n.values())
         kb = 2 * bn * bk * (1 if fmt < 2 else 0.5) / 1024                 # gate + up weight bytes a K step
         top = ", ".join(f"{k} {v}" for k, v in n.most_common(6))
-        print(f"{label:<19}{bm:>4}{bn:>5}{bk:>5}{nw:>6}{total:>7}{total * nw / 4 / kb:>7.1f}  "
-              f"{n['STS']:>4}{n['LDS']:>4}{n['LDSM']:>5}{n['BAR']:>4}            {top}", flush=True)
+        mma = n["HGMMA"] or n["HMMA"]
+        waited = f"{serialized_mmas(sass)}/{mma}" if n["HGMMA"] else "-"
+        print(f"{label:<24}{bm:>4}{bn:>5}{bk:>5}{nw:>6}{total:>7}{total * nw / 4 / kb:>7.1f}  "
+              f"{n['STS']:>4}{n['LDS']:>4}{n['LDSM']:>5}{n['BAR']:>4}            {waited:>8}  {top}", flush=True)
