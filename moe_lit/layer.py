@@ -249,7 +249,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #9fcbf9c97c91
+# %% ../nbs/12_layer.ipynb #ae8d3d025142
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -259,7 +259,10 @@ def _build_hot_path(self: FusedMoE):
     if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
         from moe_lit.kernels.router import router_plan, _route_tokens  # unchecked: the plan, gate and biases (checked
         self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
-    else: self.router = None
+        import moe_lit.kernels.batched as kb
+        self._kb = kb                             # its PDL switch: "auto" turns it on for a one-chain forward (below)
+    else: self.router, self._kb = None, None
+    self._one_chain = self._modules.get("shared_experts") is None    # no side stream beside the routed experts
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
     self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and exact else self.gate
@@ -499,7 +502,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #20d77b4d7546
+# %% ../nbs/12_layer.ipynb #4c86d536251a
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
@@ -507,6 +510,16 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     if self.use_triton: _refuse_gradient(self, hidden, topk)
+    kb = self._kb
+    if kb is None or kb.PDL != "auto" or not self._one_chain or not hidden.is_cuda:
+        return self._forward(hidden, topk, add_shared)
+    kb.PDL_IN_CHAIN = True                           # programmatic dependent launch for this forward's launches (06)
+    try: return self._forward(hidden, topk, add_shared)
+    finally: kb.PDL_IN_CHAIN = False
+
+@patch
+def _forward(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torch.Tensor:
+    "`forward` after its checks."
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out

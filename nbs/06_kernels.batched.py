@@ -231,14 +231,17 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
 # kernel in and then waits, before it reads or writes anything. The wait comes first in *every* program, even one
 # that will exit at once: a kernel whose programs all exited without waiting would count as complete while its
 # predecessor still runs, and the kernel after it would then wait on the wrong one. `launch_kernel` (below) passes
-# `PDL=True` and `launch_pdl=True` when `MOE_LIT_PDL=1` is set before import and the GPU is sm_90 or newer; otherwise
-# the constexpr is False and the kernel is the one it always was (the interpreter never sees the instructions; there
-# `MOE_LIT_PDL=1` is ignored). `moe_lit.kernels.batched.PDL` may also be set at run time — the next launch of each
-# kernel takes it, as `nbs/bench/eager_vs_replay.py --ab pdl` does to time both modes in one process; a CUDA graph keeps
-# the mode it was captured in. Kernels outside moe-lit (torch's fills, a caller's next op) launch without the
-# attribute and wait as usual. It is off by default: on an H200 (`nbs/bench/eager_vs_replay_pdl_h200_da73407.log`,
-# `14a_bench_layer`) the outputs are bit-equal with it on and off, and replays gain 0–5.5 µs where the forward is one
-# chain of kernels but lose 5–10 µs on DeepSeek-V3, whose graph runs the shared experts on a side stream.
+# `PDL=True` and `launch_pdl=True` when PDL is on and the GPU is sm_90 or newer; otherwise the constexpr is False and
+# the kernel is the one it always was (the interpreter never sees the instructions; there PDL is always off). On an
+# H200 (`nbs/bench/eager_vs_replay_pdl_h200_da73407.log`, `14a_bench_layer`) the outputs are bit-equal with it on and
+# off, and replays gain 0–5.5 µs where the forward is one chain of kernels but lose 5–10 µs on DeepSeek-V3, whose
+# graph runs the shared experts on a side stream. So `MOE_LIT_PDL` (read at import) has three settings: `auto`, the
+# default, turns it on per layer — for the launches of a forward of a layer without shared experts (`12_layer` sets
+# `PDL_IN_CHAIN` while such a forward launches) — and `1` / `0` turn it on or off for every launch.
+# `moe_lit.kernels.batched.PDL` (True, False or "auto") may also be set at run time — the next launch of each kernel
+# takes it, as `nbs/bench/eager_vs_replay.py --ab pdl` does to time both modes in one process; a CUDA graph keeps the
+# mode it was captured in. Kernels outside moe-lit (torch's fills, a caller's next op) launch without the attribute
+# and wait as usual.
 # Without a GPU, `12_layer`'s sm_90 compile test checks that every kernel the layer launches, compiled with PDL on,
 # waits in its PTX ahead of its first global memory access (`00_testing.compile_for_gpu`'s `pdl_wait`).
 
@@ -247,8 +250,9 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
 try: from triton.language.extra.cuda import gdc_wait as _gdc_wait, gdc_launch_dependents as _gdc_launch_dependents
 except ImportError: _gdc_wait = _gdc_launch_dependents = None      # a Triton without grid dependency control
 
-PDL = (env_choice("MOE_LIT_PDL", "0", ("0", "1")) == "1"   # "1": programmatic dependent launch (read at import;
-       and not INTERPRET and _gdc_wait is not None)          # ignored in the interpreter; sm_90+ checked at launch)
+PDL = {"0": False, "1": True, "auto": "auto"}[env_choice("MOE_LIT_PDL", "auto", ("0", "1", "auto"))]   # read at
+PDL = PDL if not INTERPRET and _gdc_wait is not None else False   # import: programmatic dependent launch on, off, or per layer
+PDL_IN_CHAIN = False   # with PDL "auto": True while a layer whose forward is one chain of kernels launches (12_layer)
 
 @triton.jit
 def _await_producers(PDL: tl.constexpr):
@@ -825,7 +829,7 @@ test_eq(epilogue_args(None, torch.zeros(2, 4).t().contiguous().t())["stride_bn"]
 # module-level constexprs a kernel reads (`PACKED_DECODE`, `EMULATE_E4M3`) kept their values; moe-lit sets them once,
 # at import.
 #
-# With `MOE_LIT_PDL=1`, `launch_kernel` also adds `PDL=True, launch_pdl=True` to the launches of kernels that take a `PDL`
+# With PDL on, `launch_kernel` also adds `PDL=True, launch_pdl=True` to the launches of kernels that take a `PDL`
 # constexpr (`pdl_kwargs`; the section on programmatic dependent launch above): they are part of the launch key like any
 # other keyword, and the compiled kernel's metadata carries the launch attribute to the direct call.
 
@@ -895,8 +899,8 @@ _TAKES_PDL: dict = {}         # kernel -> whether its signature has the PDL cons
 _PDL_DEVICES: dict = {}       # device index -> whether it is sm_90 or newer
 
 def pdl_kwargs(kernel) -> dict:
-    "`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when `PDL` is on and the current GPU is sm_90+, else `{}`."
-    if not PDL: return {}
+    "`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when PDL is on (or auto, in a one-chain layer's forward) and the GPU is sm_90+, else `{}`."
+    if PDL is not True and not (PDL_IN_CHAIN and PDL == "auto"): return {}
     takes = _TAKES_PDL.get(kernel)
     if takes is None: takes = _TAKES_PDL[kernel] = "PDL" in getattr(kernel, "arg_names", ())
     if not takes: return {}
@@ -923,7 +927,7 @@ def launch_kernel(kernel, grid: tuple):
     if getattr(kernel, "fn", None) is None:
         raise ValueError(f"kernel: expected a @triton.jit function, got {type(kernel).__name__}")
     _check_grid(grid)
-    pdl = pdl_kwargs(kernel)                                           # {} unless MOE_LIT_PDL=1 on sm_90+
+    pdl = pdl_kwargs(kernel)                                           # {} unless PDL is on, on sm_90+
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
             or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
             or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
@@ -1016,20 +1020,26 @@ finally:
 
 # %%
 #| test pdl_kwargs
-saved = kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability, dict(kb._PDL_DEVICES)
+saved = kb.PDL, kb.PDL_IN_CHAIN, torch.cuda.current_device, torch.cuda.get_device_capability, dict(kb._PDL_DEVICES)
+on = {"PDL": True, "launch_pdl": True}
 try:
-    kb.PDL = False                                                       # MOE_LIT_PDL unset (and in the interpreter)
+    kb.PDL = False                                                       # MOE_LIT_PDL=0 (and in the interpreter)
     test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), {})
     kb.PDL = True
     torch.cuda.current_device = lambda: 77
-    for cap, want in (((8, 0), {}), ((9, 0), {"PDL": True, "launch_pdl": True}), ((10, 0), {"PDL": True, "launch_pdl": True})):
+    for cap, want in (((8, 0), {}), ((9, 0), on), ((10, 0), on)):
         kb._PDL_DEVICES.clear()
         torch.cuda.get_device_capability = lambda d, c=cap: c             # griddepcontrol needs sm_90
         test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), want)
     test_eq(kb.pdl_kwargs(kb._last_to_arrive), {})                      # a function without the constexpr: nothing added
+    kb.PDL = "auto"                                                      # the default: on inside a one-chain forward
+    for in_chain, want in ((False, {}), (True, on)):
+        kb.PDL_IN_CHAIN = in_chain
+        test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), want)
+    kb.PDL = False; test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), {})   # off wins over a layer's chain
 finally:
-    kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability = saved[:3]
-    kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[3])
+    kb.PDL, kb.PDL_IN_CHAIN, torch.cuda.current_device, torch.cuda.get_device_capability = saved[:4]
+    kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[4])
 
 # %%
 #| hide
@@ -1040,7 +1050,7 @@ import os, subprocess, sys
 for var, bad in (("MOE_LIT_PDL", "2"), ("MOE_LIT_FAST_LAUNCH", "off")):        # switches read at import: named
     r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.batched"], capture_output=True, text=True,
                        env={**os.environ, var: bad}, timeout=300)
-    assert r.returncode and f"{var}: expected '0' or '1', got '{bad}'" in r.stderr, r.stderr[-500:]
+    assert r.returncode and f"{var}: expected '0'" in r.stderr and f"got '{bad}'" in r.stderr, r.stderr[-500:]
 for grid in ((), (-1,), (1.5,), [2], "abc", None, (1, 2, 3, 4)):
     test_fail(lambda: launch_kernel(kb._batched_moe_gemm_kernel, grid), contains="grid: expected a tuple of one to three ints >= 0")
 test_fail(lambda: launch_kernel(None, (1,)), contains="kernel: expected a @triton.jit function, got NoneType")

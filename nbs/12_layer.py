@@ -405,7 +405,10 @@ def _build_hot_path(self: FusedMoE):
     if self.use_triton:       # imported here, not with the module: the command sets Triton's interpreter switch first
         from moe_lit.kernels.router import router_plan, _route_tokens  # unchecked: the plan, gate and biases (checked
         self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
-    else: self.router = None
+        import moe_lit.kernels.batched as kb
+        self._kb = kb                             # its PDL switch: "auto" turns it on for a one-chain forward (below)
+    else: self.router, self._kb = None, None
+    self._one_chain = self._modules.get("shared_experts") is None    # no side stream beside the routed experts
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
     self.router_gate = g if c.dtype in (torch.bfloat16, torch.float16) and exact else self.gate
@@ -673,6 +676,16 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     if self.use_triton: _refuse_gradient(self, hidden, topk)
+    kb = self._kb
+    if kb is None or kb.PDL != "auto" or not self._one_chain or not hidden.is_cuda:
+        return self._forward(hidden, topk, add_shared)
+    kb.PDL_IN_CHAIN = True                           # programmatic dependent launch for this forward's launches (06)
+    try: return self._forward(hidden, topk, add_shared)
+    finally: kb.PDL_IN_CHAIN = False
+
+@patch
+def _forward(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torch.Tensor:
+    "`forward` after its checks."
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
@@ -698,8 +711,9 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
 # The warm-up runs and the capture use one side stream, so the split-K arrival counters the warm-up made for that stream
 # (`06_kernels.batched.arrival_counters`: kept per stream, left zero by every launch) are the ones the graph reads — no
 # fill is captured for them. Graphs captured by one `capture` call share those counters: replay them one at a time (as
-# `forward` does), not concurrently on two streams. With `MOE_LIT_PDL=1` (programmatic dependent launch, `06`) the
-# graphs are captured with it: each kernel's launch overlaps the end of the one before inside the replay too.
+# `forward` does), not concurrently on two streams. Where a forward launches with programmatic dependent launch
+# (`06`: by default, a layer without shared experts on sm_90+; `MOE_LIT_PDL=1` every layer) the graphs are captured
+# with it: each kernel's launch overlaps the end of the one before inside the replay too.
 
 # %%
 #| export
@@ -852,6 +866,13 @@ torch.manual_seed(10)
 xs = [torch.randn(8, 256, device="cuda").bfloat16() for _ in range(4)]
 saved = kb.PDL
 try:
+    for shared in (1, 0):                                      # the default, "auto": on only without shared experts
+        cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                        num_shared_experts=shared, shared_intermediate_size=64 if shared else None)
+        layer, kb.PDL = FusedMoE(cfg, seed=1, device="cuda"), "auto"
+        with record_launches() as seen: layer(xs[0][:1])
+        test_eq({kw.get("PDL") is True for _, _, kw in seen}, {not shared})
+        test_eq(kb.PDL_IN_CHAIN, False)                        # set for the forward's launches only
     for backend, quant in (("none", "unquantized"), ("nixl_ep", "unquantized"), ("allgather_reducescatter", "unquantized"),
                            ("none", "fp8_w8a8_block"), ("nixl_ep", "nvfp4_w4a16"), ("none", "mxfp4_w4a16")):
         par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)

@@ -166,9 +166,10 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # token bucket, and later calls replay the smallest bucket that fits; the forward never synchronises with the host
 # (`debug=True` turns the value checks back on). Eager, after the first call of each shape, every Triton kernel is
 # launched straight from its compiled binary, skipping the JIT's per-call binding (`MOE_LIT_FAST_LAUNCH=0` turns that
-# off). `MOE_LIT_PDL=1`, set before import, launches every kernel of the layer with programmatic dependent launch on
-# Hopper and newer GPUs, so that each kernel's launch overlaps the end of the one before (`06_kernels.batched`; off by
-# default: replays gain up to 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it). The Triton layer is an inference layer: it keeps no autograd
+# off). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
+# launch, so that each kernel's launch overlaps the end of the one before (`06_kernels.batched`: replays gain up to
+# 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it, so those layers keep it off);
+# `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. The Triton layer is an inference layer: it keeps no autograd
 # graph, so a forward whose input needs a gradient is refused by name (run it under `torch.inference_mode()`, or build
 # the layer with `experts="torch"` to train through it). `moe-lit bench --layer` measures the whole layer, eager and replayed,
 # against the bytes it must read and against transformers' own MoE blocks (`14a_bench_layer`).

@@ -180,27 +180,33 @@ def test_launch_reuses_the_compiled_kernel():
 
 
 def test_pdl_kwargs():
-    saved = kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability, dict(kb._PDL_DEVICES)
+    saved = kb.PDL, kb.PDL_IN_CHAIN, torch.cuda.current_device, torch.cuda.get_device_capability, dict(kb._PDL_DEVICES)
+    on = {"PDL": True, "launch_pdl": True}
     try:
-        kb.PDL = False                                                       # MOE_LIT_PDL unset (and in the interpreter)
+        kb.PDL = False                                                       # MOE_LIT_PDL=0 (and in the interpreter)
         test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), {})
         kb.PDL = True
         torch.cuda.current_device = lambda: 77
-        for cap, want in (((8, 0), {}), ((9, 0), {"PDL": True, "launch_pdl": True}), ((10, 0), {"PDL": True, "launch_pdl": True})):
+        for cap, want in (((8, 0), {}), ((9, 0), on), ((10, 0), on)):
             kb._PDL_DEVICES.clear()
             torch.cuda.get_device_capability = lambda d, c=cap: c             # griddepcontrol needs sm_90
             test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), want)
         test_eq(kb.pdl_kwargs(kb._last_to_arrive), {})                      # a function without the constexpr: nothing added
+        kb.PDL = "auto"                                                      # the default: on inside a one-chain forward
+        for in_chain, want in ((False, {}), (True, on)):
+            kb.PDL_IN_CHAIN = in_chain
+            test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), want)
+        kb.PDL = False; test_eq(kb.pdl_kwargs(kb._batched_moe_gemm_kernel), {})   # off wins over a layer's chain
     finally:
-        kb.PDL, torch.cuda.current_device, torch.cuda.get_device_capability = saved[:3]
-        kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[3])
+        kb.PDL, kb.PDL_IN_CHAIN, torch.cuda.current_device, torch.cuda.get_device_capability = saved[:4]
+        kb._PDL_DEVICES.clear(); kb._PDL_DEVICES.update(saved[4])
 
 
 def test_launch_arguments_refused():
     for var, bad in (("MOE_LIT_PDL", "2"), ("MOE_LIT_FAST_LAUNCH", "off")):        # switches read at import: named
         r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.batched"], capture_output=True, text=True,
                            env={**os.environ, var: bad}, timeout=300)
-        assert r.returncode and f"{var}: expected '0' or '1', got '{bad}'" in r.stderr, r.stderr[-500:]
+        assert r.returncode and f"{var}: expected '0'" in r.stderr and f"got '{bad}'" in r.stderr, r.stderr[-500:]
     for grid in ((), (-1,), (1.5,), [2], "abc", None, (1, 2, 3, 4)):
         test_fail(lambda: launch_kernel(kb._batched_moe_gemm_kernel, grid), contains="grid: expected a tuple of one to three ints >= 0")
     test_fail(lambda: launch_kernel(None, (1,)), contains="kernel: expected a @triton.jit function, got NoneType")

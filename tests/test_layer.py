@@ -156,6 +156,13 @@ def test_layer_programmatic_dependent_launch():
     xs = [torch.randn(8, 256, device="cuda").bfloat16() for _ in range(4)]
     saved = kb.PDL
     try:
+        for shared in (1, 0):                                      # the default, "auto": on only without shared experts
+            cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                            num_shared_experts=shared, shared_intermediate_size=64 if shared else None)
+            layer, kb.PDL = FusedMoE(cfg, seed=1, device="cuda"), "auto"
+            with record_launches() as seen: layer(xs[0][:1])
+            test_eq({kw.get("PDL") is True for _, _, kw in seen}, {not shared})
+            test_eq(kb.PDL_IN_CHAIN, False)                        # set for the forward's launches only
         for backend, quant in (("none", "unquantized"), ("nixl_ep", "unquantized"), ("allgather_reducescatter", "unquantized"),
                                ("none", "fp8_w8a8_block"), ("nixl_ep", "nvfp4_w4a16"), ("none", "mxfp4_w4a16")):
             par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)

@@ -18,14 +18,14 @@ from ..testing import assert_close, poison_rows
 INTERPRET = triton_interpreting()   # Triton's CPU interpreter (TRITON_INTERPRET=1, true, ...): set before this module is imported
 
 # %% auto #0
-__all__ = ['INTERPRET', 'PDL', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS', 'FAST_LAUNCH',
-           'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM', 'COUNTERS_MIN', 'GEMM_CASES',
-           'check_activation', 'batched_gemm_reference', 'gated_activation', 'add_expert_bias', 'plot_tile_map',
-           'check_tile_config', 'default_tile_config', 'tile_config_path', 'lookup_tile_config', 'check_extent',
-           'check_kernel_device', 'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'epilogue_constants',
-           'launch_key', 'launch_values', 'pdl_kwargs', 'launch_kernel', 'split_k_factor', 'split_k_launch',
-           'arrival_counters', 'expert_slots', 'check_max_active', 'batched_moe_gemm', 'random_batched_problem',
-           'check_batched_gemm', 'BatchedTritonExperts']
+__all__ = ['INTERPRET', 'PDL', 'PDL_IN_CHAIN', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS',
+           'FAST_LAUNCH', 'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM', 'COUNTERS_MIN',
+           'GEMM_CASES', 'check_activation', 'batched_gemm_reference', 'gated_activation', 'add_expert_bias',
+           'plot_tile_map', 'check_tile_config', 'default_tile_config', 'tile_config_path', 'lookup_tile_config',
+           'check_extent', 'check_kernel_device', 'check_expert_bias', 'fit_shared_memory', 'epilogue_args',
+           'epilogue_constants', 'launch_key', 'launch_values', 'pdl_kwargs', 'launch_kernel', 'split_k_factor',
+           'split_k_launch', 'arrival_counters', 'expert_slots', 'check_max_active', 'batched_moe_gemm',
+           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -94,12 +94,13 @@ def _slot_expert(counts_ptr,     # [E] int32 expert_num_tokens
         count = tl.minimum(tl.load(counts_ptr + g), MAX_TOKENS)
     return e, count
 
-# %% ../../nbs/06_kernels.batched.ipynb #17de23c41043
+# %% ../../nbs/06_kernels.batched.ipynb #0d3f03d5f523
 try: from triton.language.extra.cuda import gdc_wait as _gdc_wait, gdc_launch_dependents as _gdc_launch_dependents
 except ImportError: _gdc_wait = _gdc_launch_dependents = None      # a Triton without grid dependency control
 
-PDL = (env_choice("MOE_LIT_PDL", "0", ("0", "1")) == "1"   # "1": programmatic dependent launch (read at import;
-       and not INTERPRET and _gdc_wait is not None)          # ignored in the interpreter; sm_90+ checked at launch)
+PDL = {"0": False, "1": True, "auto": "auto"}[env_choice("MOE_LIT_PDL", "auto", ("0", "1", "auto"))]   # read at
+PDL = PDL if not INTERPRET and _gdc_wait is not None else False   # import: programmatic dependent launch on, off, or per layer
+PDL_IN_CHAIN = False   # with PDL "auto": True while a layer whose forward is one chain of kernels launches (12_layer)
 
 @triton.jit
 def _await_producers(PDL: tl.constexpr):
@@ -482,7 +483,7 @@ def epilogue_constants(act: Activation | None, bias_strides: tuple | None) -> di
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias_strides is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #3bb35f0b1823
+# %% ../../nbs/06_kernels.batched.ipynb #93f0d14fc787
 FAST_LAUNCH = (env_choice("MOE_LIT_FAST_LAUNCH", "1", ("0", "1")) == "1"   # "0": every launch through the JIT
                and not INTERPRET and triton.__version__.startswith("3.6."))   # the convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -547,8 +548,8 @@ _TAKES_PDL: dict = {}         # kernel -> whether its signature has the PDL cons
 _PDL_DEVICES: dict = {}       # device index -> whether it is sm_90 or newer
 
 def pdl_kwargs(kernel) -> dict:
-    "`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when `PDL` is on and the current GPU is sm_90+, else `{}`."
-    if not PDL: return {}
+    "`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when PDL is on (or auto, in a one-chain layer's forward) and the GPU is sm_90+, else `{}`."
+    if PDL is not True and not (PDL_IN_CHAIN and PDL == "auto"): return {}
     takes = _TAKES_PDL.get(kernel)
     if takes is None: takes = _TAKES_PDL[kernel] = "PDL" in getattr(kernel, "arg_names", ())
     if not takes: return {}
@@ -575,7 +576,7 @@ def launch_kernel(kernel, grid: tuple):
     if getattr(kernel, "fn", None) is None:
         raise ValueError(f"kernel: expected a @triton.jit function, got {type(kernel).__name__}")
     _check_grid(grid)
-    pdl = pdl_kwargs(kernel)                                           # {} unless MOE_LIT_PDL=1 on sm_90+
+    pdl = pdl_kwargs(kernel)                                           # {} unless PDL is on, on sm_90+
     if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
             or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
             or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
