@@ -189,7 +189,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #20625e0dda39
+# %% ../nbs/12_layer.ipynb #1064e28cc254
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
@@ -212,7 +212,10 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
                              f"without assign, which casts), got {t.dtype}")
         check_finite(f"state_dict[{prefix + n!r}]", t)     # before anything is copied: a refused load changes nothing
         if isinstance(own, torch.Tensor) and own.dtype != t.dtype:       # the copy casts: finite there too
-            check_finite(f"state_dict[{prefix + n!r}] in {own.dtype}", t.to(own.dtype))
+            check_finite(f"state_dict[{prefix + n!r}] in {own.dtype}", t := t.to(own.dtype))
+        if n in ("w13", "w2") and module.quant != "unquantized":       # what the post-hook will quantize: in range too
+            from moe_lit.quant_weights import check_quantizable
+            check_quantizable(f"state_dict[{prefix + n!r}]", t, module.quant)
 
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."

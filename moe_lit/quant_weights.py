@@ -17,8 +17,8 @@ __all__ = ['WEIGHT_GRANULARITY', 'ACTIVATION_GRANULARITY', 'FP4_GROUP', 'FP4_LAY
            'E2M1_BF16_BITS', 'FP4_WORD_PAIRS', 'FP4_WORD_BITS', 'quant_weight_shapes', 'QuantizedExpertWeights',
            'split_fp4_codes', 'unsplit_fp4_codes', 'fp4_word_bit_positions', 'fp4_codes_to_words', 'fp4_words_to_codes',
            'mma_fp4_codes', 'unmma_fp4_codes', 'fp4_codes_from_plain', 'fp4_codes_to_plain', 'mma128_slot_to_k',
-           'plot_mma128_layout', 'quantize_expert_weights', 'random_expert_weights', 'random_activations',
-           'plot_weight_scales']
+           'plot_mma128_layout', 'check_quantizable', 'quantize_expert_weights', 'random_expert_weights',
+           'random_activations', 'plot_weight_scales']
 
 # %% ../nbs/09a_quant_weights.ipynb #758d50fe4e36
 _FP8 = [s for s in QUANT_SCHEME_TABLE.values() if s.is_fp8]                  # read from `09_quant`'s table
@@ -430,7 +430,7 @@ def for_kernels(self: QuantizedExpertWeights) -> QuantizedExpertWeights:
     "These weights as the GEMMs read them fastest: FP4 re-laid into `FP4_KERNEL_LAYOUT` (once, at load), FP8 as is."
     return self if _is_fp8(self.scheme) else self.relayout(FP4_KERNEL_LAYOUT)
 
-# %% ../nbs/09a_quant_weights.ipynb #a5343ccb9453
+# %% ../nbs/09a_quant_weights.ipynb #810336a82ad7
 def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
     "(codes, scale, global scale or None) of one expert's `[N, K]` weight."
     if _is_fp8(scheme):
@@ -441,6 +441,19 @@ def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
     if scheme == "mxfp4_w4a16": return (*quantize_mxfp4(wp), None)
     p, s, gs = quantize_nvfp4(wp)
     return p, s, torch.tensor(gs, dtype=torch.float32, device=w.device)
+
+def check_quantizable(name: str, w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """`w` (float, any shape), checked as `quantize_expert_weights` needs it for `scheme`: finite values, and for
+    mxfp4_w4a16 |values| <= 6·2^113 (the largest e8m0 scale the kernels decode, 2^113, times e2m1's 6); ValueError
+    naming `name` otherwise. One pass over `w` (a host sync); returns `w`."""
+    check_choice("scheme", scheme, QUANT_SCHEMES)
+    check_tensor(name, w, dtype=FLOAT_DTYPES)
+    if w.is_meta: raise ValueError(f"{name}: expected a tensor with values, got a meta tensor")
+    check_finite(name, w)
+    if scheme == "mxfp4_w4a16" and w.numel() and float(w.abs().amax()) > 6 * 2.0 ** 113:
+        raise ValueError(f"{name}: expected |values| <= 6·2^113 (about 6.2e34) for mxfp4_w4a16, whose e8m0 scales "
+                         f"stop at 2^113 here, got a max of {float(w.abs().amax()):.3g}")
+    return w
 
 def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate rows then up rows
                             w2: torch.Tensor,         # [E, H, I] float
@@ -455,15 +468,14 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
     if two_i % 2 or two_i == 0 or E == 0 or H == 0:
         raise ValueError(f"w13: expected a non-empty [E, 2·I, H] with an even 2·I, got shape {tuple(w13.shape)}")
     check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
+    if w2.device != w13.device: raise ValueError(f"w2: expected w13's device {w13.device}, got {w2.device}")
     parts = {}
     for name, w in (("w13", w13), ("w2", w2)):
-        if scheme == "mxfp4_w4a16" and float(w.abs().amax()) > 6 * 2.0 ** 113:    # the e8m0 scale the kernels decode
-            raise ValueError(f"{name}: expected |values| <= 6·2^113 (about 6.2e34) for mxfp4_w4a16, whose e8m0 scales "
-                             f"stop at 2^113 here, got a max of {float(w.abs().amax()):.3g}")
-        first = _quantize_one(check_finite(f"{name}[0]", w[0]), scheme, block)   # sizes the outputs, filled expert by expert
+        check_quantizable(name, w, scheme)                             # before any expert is quantized
+        first = _quantize_one(w[0], scheme, block)                     # sizes the outputs, filled expert by expert
         out = [None if t is None else torch.empty(E, *t.shape, dtype=t.dtype, device=t.device) for t in first]
         for e in range(E):
-            for o, t in zip(out, first if e == 0 else _quantize_one(check_finite(f"{name}[{e}]", w[e]), scheme, block)):
+            for o, t in zip(out, first if e == 0 else _quantize_one(w[e], scheme, block)):
                 if o is not None: o[e] = t
         parts[name], parts[name + "_scale"], parts[name + "_global_scale"] = out
     return QuantizedExpertWeights(scheme, hidden_size=H, intermediate_size=two_i // 2, block_shape=block, **parts)

@@ -648,6 +648,19 @@ def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
     p, s, gs = quantize_nvfp4(wp)
     return p, s, torch.tensor(gs, dtype=torch.float32, device=w.device)
 
+def check_quantizable(name: str, w: torch.Tensor, scheme: str) -> torch.Tensor:
+    """`w` (float, any shape), checked as `quantize_expert_weights` needs it for `scheme`: finite values, and for
+    mxfp4_w4a16 |values| <= 6·2^113 (the largest e8m0 scale the kernels decode, 2^113, times e2m1's 6); ValueError
+    naming `name` otherwise. One pass over `w` (a host sync); returns `w`."""
+    check_choice("scheme", scheme, QUANT_SCHEMES)
+    check_tensor(name, w, dtype=FLOAT_DTYPES)
+    if w.is_meta: raise ValueError(f"{name}: expected a tensor with values, got a meta tensor")
+    check_finite(name, w)
+    if scheme == "mxfp4_w4a16" and w.numel() and float(w.abs().amax()) > 6 * 2.0 ** 113:
+        raise ValueError(f"{name}: expected |values| <= 6·2^113 (about 6.2e34) for mxfp4_w4a16, whose e8m0 scales "
+                         f"stop at 2^113 here, got a max of {float(w.abs().amax()):.3g}")
+    return w
+
 def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate rows then up rows
                             w2: torch.Tensor,         # [E, H, I] float
                             scheme: str,              # one of QUANT_SCHEMES
@@ -661,15 +674,14 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
     if two_i % 2 or two_i == 0 or E == 0 or H == 0:
         raise ValueError(f"w13: expected a non-empty [E, 2·I, H] with an even 2·I, got shape {tuple(w13.shape)}")
     check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
+    if w2.device != w13.device: raise ValueError(f"w2: expected w13's device {w13.device}, got {w2.device}")
     parts = {}
     for name, w in (("w13", w13), ("w2", w2)):
-        if scheme == "mxfp4_w4a16" and float(w.abs().amax()) > 6 * 2.0 ** 113:    # the e8m0 scale the kernels decode
-            raise ValueError(f"{name}: expected |values| <= 6·2^113 (about 6.2e34) for mxfp4_w4a16, whose e8m0 scales "
-                             f"stop at 2^113 here, got a max of {float(w.abs().amax()):.3g}")
-        first = _quantize_one(check_finite(f"{name}[0]", w[0]), scheme, block)   # sizes the outputs, filled expert by expert
+        check_quantizable(name, w, scheme)                             # before any expert is quantized
+        first = _quantize_one(w[0], scheme, block)                     # sizes the outputs, filled expert by expert
         out = [None if t is None else torch.empty(E, *t.shape, dtype=t.dtype, device=t.device) for t in first]
         for e in range(E):
-            for o, t in zip(out, first if e == 0 else _quantize_one(check_finite(f"{name}[{e}]", w[e]), scheme, block)):
+            for o, t in zip(out, first if e == 0 else _quantize_one(w[e], scheme, block)):
                 if o is not None: o[e] = t
         parts[name], parts[name + "_scale"], parts[name + "_global_scale"] = out
     return QuantizedExpertWeights(scheme, hidden_size=H, intermediate_size=two_i // 2, block_shape=block, **parts)
@@ -854,7 +866,7 @@ assert abs(got["nvfp4_w4a16"] - (0.5 + 1 / 16 + 8 / (3 * H * I))) < 1e-9
 w13, w2 = torch.randn(2, 64, 48), torch.randn(2, 48, 32)
 test_fail(lambda: quantize_expert_weights(w13, w2, "int4_w4a16"), contains="scheme: expected one of")
 bad = w13.clone(); bad[1, 5, 7] = float("nan")
-test_fail(lambda: quantize_expert_weights(bad, w2, "fp8_w8a8_block"), contains="w13[1]: expected finite values, got nan at [5, 7]")
+test_fail(lambda: quantize_expert_weights(bad, w2, "fp8_w8a8_block"), contains="w13: expected finite values, got nan at [1, 5, 7]")
 test_fail(lambda: quantize_expert_weights(w13, w2[:, :, :16], "fp8_w8a8_block"), contains="w2: expected shape [2, 48, 32]")
 test_fail(lambda: quantize_expert_weights(w13[:, :63], w2, "fp8_w8a8_block"), contains="w13: expected a non-empty [E, 2·I, H]")
 test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (128, 96)), contains="block_shape[1]: expected a power of 2")
@@ -881,6 +893,8 @@ test_fail(lambda: dataclasses.replace(nv, w2_global_scale=nv.w2_global_scale.rep
 test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")
 mx = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
 test_fail(lambda: quantize_expert_weights(w13 * 1e36, w2, "mxfp4_w4a16"), contains="w13: expected |values| <= 6·2^113")
+test_fail(lambda: quantize_expert_weights(w13.to("meta"), w2.to("meta"), "mxfp4_w4a16"), contains="w13: expected a tensor with values")
+test_fail(lambda: check_quantizable("state_dict['w2']", w2 * 1e36, "mxfp4_w4a16"), contains="state_dict['w2']: expected |values| <= 6·2^113")
 test_eq(quantize_expert_weights(w13 / w13.abs().amax() * 6 * 2.0 ** 113, w2, "mxfp4_w4a16").w13_scale.max().item(), 240)   # the edge fits
 for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "experts: expected ids in [0, 2), got values in [5, 5]"),
                      ([-1], "expected ids in [0, 2)"), (torch.tensor([0.0]), "expected a 1-D int32/int64 tensor"),

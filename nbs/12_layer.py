@@ -302,7 +302,10 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
                              f"without assign, which casts), got {t.dtype}")
         check_finite(f"state_dict[{prefix + n!r}]", t)     # before anything is copied: a refused load changes nothing
         if isinstance(own, torch.Tensor) and own.dtype != t.dtype:       # the copy casts: finite there too
-            check_finite(f"state_dict[{prefix + n!r}] in {own.dtype}", t.to(own.dtype))
+            check_finite(f"state_dict[{prefix + n!r}] in {own.dtype}", t := t.to(own.dtype))
+        if n in ("w13", "w2") and module.quant != "unquantized":       # what the post-hook will quantize: in range too
+            from moe_lit.quant_weights import check_quantizable
+            check_quantizable(f"state_dict[{prefix + n!r}]", t, module.quant)
 
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."
@@ -1050,6 +1053,11 @@ for experts in ("torch", "triton"):
     bad = {**donor.state_dict(), "w2": donor.w2 * float("nan")}
     test_fail(lambda: layer.load_state_dict(bad), contains="state_dict['w2']: expected finite values")
     assert torch.equal(layer.qweights.w13.view(torch.uint8), codes.view(torch.uint8)) and layer.w2.isfinite().all()
+mx = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16", device=DEVICE)
+before, y = {k: v.clone() for k, v in mx.state_dict().items()}, mx(x)
+big = {k: v.clone() for k, v in before.items()}; big["w13"].view(-1)[7] = 1e36   # finite in bf16, past MXFP4's range
+test_fail(lambda: mx.load_state_dict(big), contains="state_dict['w13']: expected |values| <= 6·2^113")
+assert all(torch.equal(v, before[k]) for k, v in mx.state_dict().items()) and torch.equal(mx(x), y)   # nothing changed
 
 # %% [markdown]
 # An in-place edit of a weight the hot path keeps a copy of — the gate (its bf16 copy for the router's GEMM), a

@@ -315,6 +315,11 @@ def test_quantized_layer_load_state_dict():
         bad = {**donor.state_dict(), "w2": donor.w2 * float("nan")}
         test_fail(lambda: layer.load_state_dict(bad), contains="state_dict['w2']: expected finite values")
         assert torch.equal(layer.qweights.w13.view(torch.uint8), codes.view(torch.uint8)) and layer.w2.isfinite().all()
+    mx = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16", device=DEVICE)
+    before, y = {k: v.clone() for k, v in mx.state_dict().items()}, mx(x)
+    big = {k: v.clone() for k, v in before.items()}; big["w13"].view(-1)[7] = 1e36   # finite in bf16, past MXFP4's range
+    test_fail(lambda: mx.load_state_dict(big), contains="state_dict['w13']: expected |values| <= 6·2^113")
+    assert all(torch.equal(v, before[k]) for k, v in mx.state_dict().items()) and torch.equal(mx(x), y)   # nothing changed
 
 
 def test_layer_follows_inplace_edits():

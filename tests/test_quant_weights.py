@@ -155,7 +155,7 @@ def test_quant_weights_bad_input():
     w13, w2 = torch.randn(2, 64, 48), torch.randn(2, 48, 32)
     test_fail(lambda: quantize_expert_weights(w13, w2, "int4_w4a16"), contains="scheme: expected one of")
     bad = w13.clone(); bad[1, 5, 7] = float("nan")
-    test_fail(lambda: quantize_expert_weights(bad, w2, "fp8_w8a8_block"), contains="w13[1]: expected finite values, got nan at [5, 7]")
+    test_fail(lambda: quantize_expert_weights(bad, w2, "fp8_w8a8_block"), contains="w13: expected finite values, got nan at [1, 5, 7]")
     test_fail(lambda: quantize_expert_weights(w13, w2[:, :, :16], "fp8_w8a8_block"), contains="w2: expected shape [2, 48, 32]")
     test_fail(lambda: quantize_expert_weights(w13[:, :63], w2, "fp8_w8a8_block"), contains="w13: expected a non-empty [E, 2·I, H]")
     test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (128, 96)), contains="block_shape[1]: expected a power of 2")
@@ -182,6 +182,8 @@ def test_quant_weights_bad_input():
     test_fail(lambda: qw.dequantize_weight("w3", 0), contains="weight: expected one of")
     mx = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
     test_fail(lambda: quantize_expert_weights(w13 * 1e36, w2, "mxfp4_w4a16"), contains="w13: expected |values| <= 6·2^113")
+    test_fail(lambda: quantize_expert_weights(w13.to("meta"), w2.to("meta"), "mxfp4_w4a16"), contains="w13: expected a tensor with values")
+    test_fail(lambda: check_quantizable("state_dict['w2']", w2 * 1e36, "mxfp4_w4a16"), contains="state_dict['w2']: expected |values| <= 6·2^113")
     test_eq(quantize_expert_weights(w13 / w13.abs().amax() * 6 * 2.0 ** 113, w2, "mxfp4_w4a16").w13_scale.max().item(), 240)   # the edge fits
     for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "experts: expected ids in [0, 2), got values in [5, 5]"),
                          ([-1], "expected ids in [0, 2)"), (torch.tensor([0.0]), "expected a 1-D int32/int64 tensor"),
