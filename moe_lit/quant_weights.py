@@ -15,10 +15,10 @@ from .quant import (QUANT_SCHEMES, QUANT_SCHEME_TABLE, quantize_fp8, dequantize_
 __all__ = ['WEIGHT_GRANULARITY', 'ACTIVATION_GRANULARITY', 'FP4_GROUP', 'FP4_LAYOUTS', 'FP4_KERNEL_LAYOUT', 'SPLIT_CHUNK',
            'MMA_CHUNK', 'FP4_CHUNK', 'FP8_SCALE_MAX', 'NVFP4_GLOBAL_SCALE_MAX', 'QUANT_TENSORS', 'E2M1_BF16_MASK',
            'E2M1_BF16_BITS', 'FP4_WORD_PAIRS', 'FP4_WORD_BITS', 'quant_weight_shapes', 'QuantizedExpertWeights',
-           'split_fp4_codes', 'unsplit_fp4_codes', 'fp4_word_bit_positions', 'fp4_codes_to_words', 'fp4_words_to_codes',
-           'mma_fp4_codes', 'unmma_fp4_codes', 'fp4_codes_from_plain', 'fp4_codes_to_plain', 'mma128_slot_to_k',
-           'plot_mma128_layout', 'check_quantizable', 'quantize_expert_weights', 'random_expert_weights',
-           'random_activations', 'plot_weight_scales']
+           'quant_tensor_versions', 'check_quant_weights', 'split_fp4_codes', 'unsplit_fp4_codes',
+           'fp4_word_bit_positions', 'fp4_codes_to_words', 'fp4_words_to_codes', 'mma_fp4_codes', 'unmma_fp4_codes',
+           'fp4_codes_from_plain', 'fp4_codes_to_plain', 'mma128_slot_to_k', 'plot_mma128_layout', 'check_quantizable',
+           'quantize_expert_weights', 'random_expert_weights', 'random_activations', 'plot_weight_scales']
 
 # %% ../nbs/09a_quant_weights.ipynb #758d50fe4e36
 _FP8 = [s for s in QUANT_SCHEME_TABLE.values() if s.is_fp8]                  # read from `09_quant`'s table
@@ -77,7 +77,7 @@ def quant_weight_shapes(scheme: str,      # one of QUANT_SCHEMES
     block = _check_block_shape(scheme, block_shape)
     return (E, N, _storage_cols(scheme, K)), _scale_shape(scheme, E, N, K, block)
 
-# %% ../nbs/09a_quant_weights.ipynb #4e4e7427eb8c
+# %% ../nbs/09a_quant_weights.ipynb #a5f6122320a7
 @dataclass(frozen=True)
 class QuantizedExpertWeights:
     "The quantized `w13`/`w2` of `E` experts in one scheme: codes, scales, NVFP4 global scales and the unpadded K."
@@ -109,6 +109,8 @@ class QuantizedExpertWeights:
         # MXFP4: the largest e8m0 byte of each weight, from the value check's one pass (the kernels' decode folds a
         # constant into the scale when it is <= 128, `09c`); None for the other schemes
         object.__setattr__(self, "e8m0_max", largest if self.scheme == "mxfp4_w4a16" else None)
+        object.__setattr__(self, "checked_versions", quant_tensor_versions(self))   # what `recheck_if_edited` compares
+        self.__dict__.pop("_kernel_args", None)              # facts the launchers kept of the tensors (`09c`): stale
 
 # %% ../nbs/09a_quant_weights.ipynb #d1026e180d84
 def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | None:
@@ -173,7 +175,7 @@ def _check_chunk_padding(name: str, codes, scale, K: int, scheme: str, layout: s
         raise ValueError(f"{name}: expected the {layout} padding past K = {K} to hold code 0 with scale 1 (as relayout "
                          f"writes it), got other values")
 
-# %% ../nbs/09a_quant_weights.ipynb #d6f14bfcf3b2
+# %% ../nbs/09a_quant_weights.ipynb #273f96111340
 @patch
 def weight_parts(self: QuantizedExpertWeights, which: str) -> tuple:
     "`(codes, scale, global scale or None, N, K)` of `which` in ('w13', 'w2'); K is the unpadded K."
@@ -200,6 +202,7 @@ def dequantize_weight(self: QuantizedExpertWeights, which: str, expert: int, dty
 @patch
 def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     "`(w13 [E, 2·I, H], w2 [E, H, I])` dequantized into `dtype`: the reference weights of every kernel here."
+    check_choice("dtype", dtype, FLOAT_DTYPES)
     E, out = self.w13.shape[0], []
     for w in ("w13", "w2"):                        # filled one expert at a time: no second copy of the stack
         shape = (2 * self.intermediate_size, self.hidden_size) if w == "w13" else (self.hidden_size, self.intermediate_size)
@@ -208,11 +211,36 @@ def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32)
         out.append(t)
     return tuple(out)
 
-# %% ../nbs/09a_quant_weights.ipynb #f874df529204
+# %% ../nbs/09a_quant_weights.ipynb #e6a643bd819b
 QUANT_TENSORS = ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")   # a container's tensors
 
 def _tensors(qw) -> dict:
     return {f: getattr(qw, f) for f in QUANT_TENSORS}
+
+def _version(t) -> int | None:
+    "A tensor's in-place edit count (None for None, or an inference tensor: it keeps none)."
+    if t is None: return None
+    try: return t._version
+    except RuntimeError: return None
+
+def quant_tensor_versions(qw) -> tuple:
+    "The in-place edit counts of a container's tensors, `QUANT_TENSORS` order: what `recheck_if_edited` compares with its check's."
+    return tuple(_version(getattr(qw, f)) for f in QUANT_TENSORS)
+
+@patch
+def recheck_if_edited(self: QuantizedExpertWeights) -> bool:
+    """Check the container again, as its construction did (values, the MXFP4 scale facts the decode folds), if one of
+    its tensors was edited in place since the last check; True when it was. ValueError as at construction. An edit
+    through `.data`, or of an inference tensor, keeps no count and is not seen: build a new container after those."""
+    if quant_tensor_versions(self) == self.checked_versions: return False
+    self.__post_init__()
+    return True
+
+def check_quant_weights(qw, name: str = "qw") -> QuantizedExpertWeights:
+    "`qw` if it is a `QuantizedExpertWeights` (checked again after an in-place edit: `recheck_if_edited`); ValueError naming `name` otherwise."
+    if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"{name}: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+    qw.recheck_if_edited()
+    return qw
 
 def _qw_replace(qw, fn):
     "A new container with `fn` applied to every tensor (validated again on construction)."
@@ -277,7 +305,7 @@ def __repr__(self: QuantizedExpertWeights) -> str:
             f"{'' if _is_fp8(self.scheme) else f'fp4_layout={self.fp4_layout}, '}{self.bytes_per_element:.4f} bytes/element, "
             f"device={self.device})")
 
-# %% ../nbs/09a_quant_weights.ipynb #733eca096070
+# %% ../nbs/09a_quant_weights.ipynb #33554938af7f
 def _check_whole_chunks(name: str, t: torch.Tensor, chunk: int):
     "`t`'s last dim holds whole chunks of `chunk` FP4 codes (`chunk / 2` bytes each); ValueError naming `name`."
     if t.dim() < 1 or t.shape[-1] % (chunk // 2):
@@ -307,9 +335,27 @@ E2M1_BF16_MASK = 0x81C081C0
 E2M1_BF16_BITS = (6, 7, 8, 15)
 FP4_WORD_PAIRS = (("rot", 0), ("rot", 10), ("rot", 13), ("mul", 0x001B001B, 0x4108))
 
+def _check_word_pairs(pairs) -> tuple:
+    "Four decode recipes, each `('rot', r)` with 0 <= r < 32 or `('mul', m, k)` with 32-bit m, k whose partial products never share a bit."
+    if not isinstance(pairs, (tuple, list)) or len(pairs) != 4:
+        raise ValueError(f"pairs: expected four recipes (one a pair of codes), got {pairs!r:.80}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    for p, r in enumerate(pairs):
+        ok = isinstance(r, (tuple, list)) and (
+            (len(r) == 2 and r[0] == "rot" and is_int(r[1]) and 0 <= r[1] < 32) or
+            (len(r) == 3 and r[0] == "mul" and all(is_int(v) and 0 < v < 2**32 for v in r[1:])))
+        if not ok: raise ValueError(f"pairs[{p}]: expected ('rot', r) with an int 0 <= r < 32 or ('mul', m, k) with "
+                                    f"ints 0 < m, k < 2^32, got {r!r:.80}")
+        if r[0] == "mul":                 # the multiply is exact bit placement only if no two partial products meet
+            sums = [i + t for i in range(32) if r[1] >> i & 1 for t in range(32) if r[2] >> t & 1 and i + t < 32]
+            if len(sums) != len(set(sums)):
+                raise ValueError(f"pairs[{p}]: expected a multiply whose partial products never share a bit (no carries), "
+                                 f"got mask {r[1]:#x} times {r[2]:#x}")
+    return tuple(tuple(r) for r in pairs)
+
 def fp4_word_bit_positions(pairs: tuple = FP4_WORD_PAIRS) -> tuple:
     "`[8][4]`: the bit of an mma128 word that holds bit b of its code j, as `pairs` reads it (ValueError if it reads none or two)."
-    pos = []
+    pairs, pos = _check_word_pairs(pairs), []
     for j in range(8):
         recipe, row = pairs[j // 2], []
         for b in range(4):
@@ -328,7 +374,10 @@ def fp4_codes_to_words(codes: torch.Tensor,  # [..., W, 8] uint8 codes 0..15: co
                       ) -> torch.Tensor:     # [..., 4·W] uint8: the words' bytes, little-endian
     "Eight e2m1 codes a 32-bit word, bit b of code j at `FP4_WORD_BITS[j][b]` (mma128's placement within a word)."
     check_tensor("codes", codes, dtype=torch.uint8)
-    if codes.dim() < 1 or codes.shape[-1] != 8: raise ValueError(f"codes: expected a last dim of 8, got shape {tuple(codes.shape)}")
+    if codes.dim() < 2 or codes.shape[-1] != 8:
+        raise ValueError(f"codes: expected [..., W, 8] (eight codes a word), got shape {tuple(codes.shape)}")
+    if codes.numel() and not codes.is_meta and int(codes.max()) > 15:
+        raise ValueError(f"codes: expected e2m1 codes 0..15, got {int(codes.max())}")
     out = codes.new_zeros(*codes.shape[:-1], 4)
     for j, row in enumerate(FP4_WORD_BITS):
         for b, p in enumerate(row): out[..., p // 8] |= ((codes[..., j] >> b) & 1) << (p % 8)

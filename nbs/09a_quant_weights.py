@@ -183,6 +183,8 @@ class QuantizedExpertWeights:
         # MXFP4: the largest e8m0 byte of each weight, from the value check's one pass (the kernels' decode folds a
         # constant into the scale when it is <= 128, `09c`); None for the other schemes
         object.__setattr__(self, "e8m0_max", largest if self.scheme == "mxfp4_w4a16" else None)
+        object.__setattr__(self, "checked_versions", quant_tensor_versions(self))   # what `recheck_if_edited` compares
+        self.__dict__.pop("_kernel_args", None)              # facts the launchers kept of the tensors (`09c`): stale
 
 # %%
 #| export
@@ -283,6 +285,7 @@ def dequantize_weight(self: QuantizedExpertWeights, which: str, expert: int, dty
 @patch
 def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     "`(w13 [E, 2·I, H], w2 [E, H, I])` dequantized into `dtype`: the reference weights of every kernel here."
+    check_choice("dtype", dtype, FLOAT_DTYPES)
     E, out = self.w13.shape[0], []
     for w in ("w13", "w2"):                        # filled one expert at a time: no second copy of the stack
         shape = (2 * self.intermediate_size, self.hidden_size) if w == "w13" else (self.hidden_size, self.intermediate_size)
@@ -297,6 +300,31 @@ QUANT_TENSORS = ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_g
 
 def _tensors(qw) -> dict:
     return {f: getattr(qw, f) for f in QUANT_TENSORS}
+
+def _version(t) -> int | None:
+    "A tensor's in-place edit count (None for None, or an inference tensor: it keeps none)."
+    if t is None: return None
+    try: return t._version
+    except RuntimeError: return None
+
+def quant_tensor_versions(qw) -> tuple:
+    "The in-place edit counts of a container's tensors, `QUANT_TENSORS` order: what `recheck_if_edited` compares with its check's."
+    return tuple(_version(getattr(qw, f)) for f in QUANT_TENSORS)
+
+@patch
+def recheck_if_edited(self: QuantizedExpertWeights) -> bool:
+    """Check the container again, as its construction did (values, the MXFP4 scale facts the decode folds), if one of
+    its tensors was edited in place since the last check; True when it was. ValueError as at construction. An edit
+    through `.data`, or of an inference tensor, keeps no count and is not seen: build a new container after those."""
+    if quant_tensor_versions(self) == self.checked_versions: return False
+    self.__post_init__()
+    return True
+
+def check_quant_weights(qw, name: str = "qw") -> QuantizedExpertWeights:
+    "`qw` if it is a `QuantizedExpertWeights` (checked again after an in-place edit: `recheck_if_edited`); ValueError naming `name` otherwise."
+    if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"{name}: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+    qw.recheck_if_edited()
+    return qw
 
 def _qw_replace(qw, fn):
     "A new container with `fn` applied to every tensor (validated again on construction)."
@@ -465,9 +493,27 @@ E2M1_BF16_MASK = 0x81C081C0
 E2M1_BF16_BITS = (6, 7, 8, 15)
 FP4_WORD_PAIRS = (("rot", 0), ("rot", 10), ("rot", 13), ("mul", 0x001B001B, 0x4108))
 
+def _check_word_pairs(pairs) -> tuple:
+    "Four decode recipes, each `('rot', r)` with 0 <= r < 32 or `('mul', m, k)` with 32-bit m, k whose partial products never share a bit."
+    if not isinstance(pairs, (tuple, list)) or len(pairs) != 4:
+        raise ValueError(f"pairs: expected four recipes (one a pair of codes), got {pairs!r:.80}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    for p, r in enumerate(pairs):
+        ok = isinstance(r, (tuple, list)) and (
+            (len(r) == 2 and r[0] == "rot" and is_int(r[1]) and 0 <= r[1] < 32) or
+            (len(r) == 3 and r[0] == "mul" and all(is_int(v) and 0 < v < 2**32 for v in r[1:])))
+        if not ok: raise ValueError(f"pairs[{p}]: expected ('rot', r) with an int 0 <= r < 32 or ('mul', m, k) with "
+                                    f"ints 0 < m, k < 2^32, got {r!r:.80}")
+        if r[0] == "mul":                 # the multiply is exact bit placement only if no two partial products meet
+            sums = [i + t for i in range(32) if r[1] >> i & 1 for t in range(32) if r[2] >> t & 1 and i + t < 32]
+            if len(sums) != len(set(sums)):
+                raise ValueError(f"pairs[{p}]: expected a multiply whose partial products never share a bit (no carries), "
+                                 f"got mask {r[1]:#x} times {r[2]:#x}")
+    return tuple(tuple(r) for r in pairs)
+
 def fp4_word_bit_positions(pairs: tuple = FP4_WORD_PAIRS) -> tuple:
     "`[8][4]`: the bit of an mma128 word that holds bit b of its code j, as `pairs` reads it (ValueError if it reads none or two)."
-    pos = []
+    pairs, pos = _check_word_pairs(pairs), []
     for j in range(8):
         recipe, row = pairs[j // 2], []
         for b in range(4):
@@ -486,7 +532,10 @@ def fp4_codes_to_words(codes: torch.Tensor,  # [..., W, 8] uint8 codes 0..15: co
                       ) -> torch.Tensor:     # [..., 4·W] uint8: the words' bytes, little-endian
     "Eight e2m1 codes a 32-bit word, bit b of code j at `FP4_WORD_BITS[j][b]` (mma128's placement within a word)."
     check_tensor("codes", codes, dtype=torch.uint8)
-    if codes.dim() < 1 or codes.shape[-1] != 8: raise ValueError(f"codes: expected a last dim of 8, got shape {tuple(codes.shape)}")
+    if codes.dim() < 2 or codes.shape[-1] != 8:
+        raise ValueError(f"codes: expected [..., W, 8] (eight codes a word), got shape {tuple(codes.shape)}")
+    if codes.numel() and not codes.is_meta and int(codes.max()) > 15:
+        raise ValueError(f"codes: expected e2m1 codes 0..15, got {int(codes.max())}")
     out = codes.new_zeros(*codes.shape[:-1], 4)
     for j, row in enumerate(FP4_WORD_BITS):
         for b, p in enumerate(row): out[..., p // 8] |= ((codes[..., j] >> b) & 1) << (p % 8)
@@ -624,8 +673,18 @@ table = {FP4_WORD_BITS[j][b]: f"{j}{'meeS'[b]}" for j in range(8) for b in range
 test_eq(" ".join(table[i] for i in range(31, -1, -1)).lower(),
         "1s 2e 2e 2m 4e 4e 4m 1e 1e 1m 3s 7e 7m 5s 7s 7e 0s 3e 3e 3m 5e 5e 5m 0e 0e 0m 2s 6e 6m 4s 6s 6e")
 test_fail(lambda: fp4_word_bit_positions((("rot", 0),) * 4), contains="expected the 32 bits of a word, each once")
-test_fail(lambda: fp4_word_bit_positions((("mul", 0xFF, 0x3),) * 4), contains="expected one word bit for code 0's bit 0")
-test_fail(lambda: fp4_codes_to_words(codes[:, :4]), contains="codes: expected a last dim of 8")
+test_fail(lambda: fp4_word_bit_positions((("rot", 0), ("rot", 10), ("rot", 13), ("mul", 0x1B001B, 0x410A))),
+          contains="pairs[3]: expected a multiply whose partial products never share a bit")   # carries: refused
+for bad, msg in ((None, "pairs: expected four recipes"), (FP4_WORD_PAIRS[:3], "pairs: expected four recipes"),
+                 ((("rot", 10.0),) + FP4_WORD_PAIRS[1:], "pairs[0]: expected ('rot', r)"),
+                 ((("rot", False),) + FP4_WORD_PAIRS[1:], "pairs[0]: expected ('rot', r)"),
+                 ((("shl", 3),) + FP4_WORD_PAIRS[1:], "pairs[0]: expected ('rot', r)"),
+                 (FP4_WORD_PAIRS[:3] + (("mul", 0x1B001B),), "pairs[3]: expected ('rot', r)"),
+                 (FP4_WORD_PAIRS[:3] + (("mul", 0x1B001B, 2**32 + 0x4108),), "pairs[3]: expected ('rot', r)")):
+    test_fail(lambda: fp4_word_bit_positions(bad), contains=msg)
+test_fail(lambda: fp4_codes_to_words(codes[:, :4]), contains="codes: expected [..., W, 8]")
+test_fail(lambda: fp4_codes_to_words(codes[0]), contains="codes: expected [..., W, 8]")
+test_fail(lambda: fp4_codes_to_words(codes | 16), contains="codes: expected e2m1 codes 0..15, got")
 
 # %% [markdown]
 # ## Quantizing the weights
@@ -895,6 +954,13 @@ mx = quantize_expert_weights(w13, w2, "mxfp4_w4a16")
 test_fail(lambda: quantize_expert_weights(w13 * 1e36, w2, "mxfp4_w4a16"), contains="w13: expected |values| <= 6·2^113")
 test_fail(lambda: quantize_expert_weights(w13.to("meta"), w2.to("meta"), "mxfp4_w4a16"), contains="w13: expected a tensor with values")
 test_fail(lambda: check_quantizable("state_dict['w2']", w2 * 1e36, "mxfp4_w4a16"), contains="state_dict['w2']: expected |values| <= 6·2^113")
+qw = quantize_expert_weights(w13, w2, "mxfp4_w4a16")                       # an in-place edit after construction:
+assert not qw.recheck_if_edited()                                         # (none yet)
+qw.w13_scale.fill_(200)
+assert qw.recheck_if_edited() and qw.e8m0_max["w13"] == 200 and not qw.recheck_if_edited()   # the facts follow it
+qw.w13_scale[0, 0, 0] = 255                                               # and a NaN byte is refused, every time
+for _ in range(2): test_fail(lambda: check_quant_weights(qw), contains="w13_scale: expected e8m0 bytes <= 240")
+test_fail(lambda: check_quant_weights("codes"), contains="qw: expected a QuantizedExpertWeights, got str")
 test_eq(quantize_expert_weights(w13 / w13.abs().amax() * 6 * 2.0 ** 113, w2, "mxfp4_w4a16").w13_scale.max().item(), 240)   # the edge fits
 for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "experts: expected ids in [0, 2), got values in [5, 5]"),
                      ([-1], "expected ids in [0, 2)"), (torch.tensor([0.0]), "expected a 1-D int32/int64 tensor"),

@@ -12,7 +12,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
+from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, check_quant_weights
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
 from moe_lit.kernels.contiguous import check_block_m, check_local_ids, _align_pairs, TritonExperts
 from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs
@@ -66,7 +66,7 @@ from moe_lit.formats import moe_reference_standard
 #| export
 def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     "The experts' activation (an `Activation`) and biases (`w13_bias [E, 2·I]`, `w2_bias [E, H]`) against `qw`."
-    if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+    check_quant_weights(qw)                                       # (checked again after an in-place edit)
     if not isinstance(activation, Activation):
         raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
     E = qw.num_experts
@@ -194,7 +194,7 @@ class TritonQuantExperts:
               active_experts: int | None = None, # expected local experts with pairs (split-K choice; default min(E, T·top_k))
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list, with quantized expert weights; ValueError on bad input."
-        if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
+        check_quant_weights(qw)
         check_tensor("hidden", hidden, shape=(None, qw.hidden_size), dtype=ACTIVATION_DTYPES)
         _check_expert_semantics(qw, w13_bias, w2_bias, activation, hidden.device)
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))

@@ -451,7 +451,8 @@ def _weight_versions(self: FusedMoE) -> tuple:
     codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts), its switches, and
     the placement's tables (an in-place edit of one is checked again, as a new placement is), and last the quantized
     experts' codes and scales (an in-place edit: the container checked again, as a new one is)."""
-    p, b, quantized, place = self._parameters, self._buffers, self.qweights is not None, self.placement
+    p, b, place = self._parameters, self._buffers, self.placement
+    quantized = self.qweights is not None and hasattr(self.qweights, "w13_scale")   # (anything else: named below)
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
                                        id(self._modules.get("shared_experts")), self.debug, self.experts) + \
@@ -475,7 +476,10 @@ def _meta(t) -> tuple | None:
     return None if t is None else (tuple(t.shape), t.dtype, t.device, t.is_contiguous())
 
 def _qmeta(q) -> tuple | None:
-    return None if q is None else (q.num_experts, q.hidden_size, q.intermediate_size, q.device, q.scheme)
+    if q is None: return None
+    if not all(hasattr(q, n) for n in ("num_experts", "hidden_size", "intermediate_size", "device", "scheme", "w13_scale")):
+        return (f"a {type(q).__name__}, not a QuantizedExpertWeights",)
+    return (q.num_experts, q.hidden_size, q.intermediate_size, q.device, q.scheme)
 
 @patch
 def _record_build(self: FusedMoE):
@@ -520,7 +524,8 @@ def _follow_inplace_edits(self: FusedMoE):
     if self.experts == "triton_quant" and self.qweights is None:          # its kernels read the codes
         raise bad("experts", "'torch' or 'triton' for an unquantized layer", repr(self.experts))
     q = self.qweights
-    qshow = lambda m: "none" if m is None else "{} experts, hidden_size {}, intermediate_size {} on {}, {}".format(*m)
+    qshow = lambda m: "none" if m is None else m[0] if len(m) == 1 else \
+        "{} experts, hidden_size {}, intermediate_size {} on {}, {}".format(*m)
     if _qmeta(q) != h["qweights"]: raise bad("qweights", qshow(h["qweights"]), qshow(_qmeta(q)))
     floats_edited = (now[3], now[4]) != (self._versions[3], self._versions[4])
     if q is not None and floats_edited and now[-1] != self._versions[-1]:   # which should follow which: not guessed
@@ -532,7 +537,7 @@ def _follow_inplace_edits(self: FusedMoE):
         return
     swapped = q is not None and now[len(_TRACKED)] != self._versions[len(_TRACKED)]   # another container
     edited = q is not None and not swapped and now[-1] != self._versions[-1]             # its codes or scales, in place
-    if edited: self.qweights = dataclasses.replace(q)   # checked again, as a new container is (an MXFP4 container
+    if edited: q.recheck_if_edited()                   # checked again, as a new container is (an MXFP4 container
                                                         # keeps facts of its scales for the decode)
     if swapped or edited: _floats_follow_codes(self)    # new codes: the float experts (state_dict) follow them
     self._build_hot_path()
@@ -1100,6 +1105,9 @@ for experts in ("torch", "triton"):
     good_q = q.qweights
     q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
     test_fail(lambda: q(x), contains=f"qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on {q.gate.device}")
+    q.qweights = "fp8 codes"                                                   # not a container at all: named too
+    test_fail(lambda: q(x), contains="qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on")
+    test_fail(lambda: q(x), contains="got a str, not a QuantizedExpertWeights")
     q.qweights = dataclasses.replace(good_q, w13_scale=good_q.w13_scale * 4)     # new scales, same codes: taken,
     y = q(x)                                                                   # and the float experts follow them
     assert torch.equal(q.w13.detach(), q.qweights.dequantize()[0].to(q.w13.dtype))

@@ -10,7 +10,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.formats import Activation
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
-from moe_lit.quant_weights import FP4_WORD_PAIRS, E2M1_BF16_MASK
+from moe_lit.quant_weights import FP4_WORD_PAIRS, E2M1_BF16_MASK, check_quant_weights
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
 from moe_lit.kernels.quant_act import _fp8_quantize_activations
 from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scaled
@@ -27,7 +27,7 @@ from moe_lit.formats import SILU
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations, FP4_LAYOUTS
-from moe_lit.quant_weights import fp4_codes_to_words
+from moe_lit.quant_weights import fp4_codes_to_words, check_quant_weights
 from fastcore.test import test_eq, test_fail, test_close
 import itertools, json, os, tempfile
 from moe_lit.kernels.batched import tile_config_path
@@ -138,6 +138,8 @@ def test_fp4_ptx_decode_blocks_bit_exact():
     test_eq(_weight_kernel_args(qw, "w13")["w_strides"]["stride_wk"], N_)
     big = dataclasses.replace(qw, w2_scale=qw.w2_scale.clone().index_fill_(0, torch.tensor([1], device=qw.w2_scale.device), 129))
     test_eq((_weight_kernel_args(big, "w13")["SCALE_FOLD"], _weight_kernel_args(big, "w2")["SCALE_FOLD"]), (True, False))
+    big.w13_scale.fill_(200)                                                  # edited after its arguments were kept: the
+    check_quant_weights(big); test_eq(_weight_kernel_args(big, "w13")["SCALE_FOLD"], False)   # public entries check again
     nv = quantize_expert_weights(*random_expert_weights(2, 128, 64), "nvfp4_w4a16")
     test_eq((_weight_kernel_args(nv, "w13")["SCALE_FOLD"], _weight_kernel_args(nv.relayout("mma128"), "w13")["SCALE_FOLD"]),
             (False, True))                                                  # NVFP4: the word decode (mma128) always folds

@@ -5,7 +5,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
-from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
+from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, check_quant_weights
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
 from moe_lit.kernels.contiguous import check_block_m, check_local_ids, _align_pairs, TritonExperts
 from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs

@@ -348,6 +348,9 @@ def test_layer_follows_inplace_edits():
         good_q = q.qweights
         q.qweights = quantize_expert_weights(q.w13.detach()[:3], q.w2.detach()[:3], q.quant)   # codes of 3 experts, not 4
         test_fail(lambda: q(x), contains=f"qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on {q.gate.device}")
+        q.qweights = "fp8 codes"                                                   # not a container at all: named too
+        test_fail(lambda: q(x), contains="qweights: expected 8 experts, hidden_size 128, intermediate_size 64 on")
+        test_fail(lambda: q(x), contains="got a str, not a QuantizedExpertWeights")
         q.qweights = dataclasses.replace(good_q, w13_scale=good_q.w13_scale * 4)     # new scales, same codes: taken,
         y = q(x)                                                                   # and the float experts follow them
         assert torch.equal(q.w13.detach(), q.qweights.dequantize()[0].to(q.w13.dtype))

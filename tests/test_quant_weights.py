@@ -52,8 +52,18 @@ def test_fp4_word_bits():
     test_eq(" ".join(table[i] for i in range(31, -1, -1)).lower(),
             "1s 2e 2e 2m 4e 4e 4m 1e 1e 1m 3s 7e 7m 5s 7s 7e 0s 3e 3e 3m 5e 5e 5m 0e 0e 0m 2s 6e 6m 4s 6s 6e")
     test_fail(lambda: fp4_word_bit_positions((("rot", 0),) * 4), contains="expected the 32 bits of a word, each once")
-    test_fail(lambda: fp4_word_bit_positions((("mul", 0xFF, 0x3),) * 4), contains="expected one word bit for code 0's bit 0")
-    test_fail(lambda: fp4_codes_to_words(codes[:, :4]), contains="codes: expected a last dim of 8")
+    test_fail(lambda: fp4_word_bit_positions((("rot", 0), ("rot", 10), ("rot", 13), ("mul", 0x1B001B, 0x410A))),
+              contains="pairs[3]: expected a multiply whose partial products never share a bit")   # carries: refused
+    for bad, msg in ((None, "pairs: expected four recipes"), (FP4_WORD_PAIRS[:3], "pairs: expected four recipes"),
+                     ((("rot", 10.0),) + FP4_WORD_PAIRS[1:], "pairs[0]: expected ('rot', r)"),
+                     ((("rot", False),) + FP4_WORD_PAIRS[1:], "pairs[0]: expected ('rot', r)"),
+                     ((("shl", 3),) + FP4_WORD_PAIRS[1:], "pairs[0]: expected ('rot', r)"),
+                     (FP4_WORD_PAIRS[:3] + (("mul", 0x1B001B),), "pairs[3]: expected ('rot', r)"),
+                     (FP4_WORD_PAIRS[:3] + (("mul", 0x1B001B, 2**32 + 0x4108),), "pairs[3]: expected ('rot', r)")):
+        test_fail(lambda: fp4_word_bit_positions(bad), contains=msg)
+    test_fail(lambda: fp4_codes_to_words(codes[:, :4]), contains="codes: expected [..., W, 8]")
+    test_fail(lambda: fp4_codes_to_words(codes[0]), contains="codes: expected [..., W, 8]")
+    test_fail(lambda: fp4_codes_to_words(codes | 16), contains="codes: expected e2m1 codes 0..15, got")
 
 
 def test_quantize_expert_weights_round_trip():
@@ -184,6 +194,13 @@ def test_quant_weights_bad_input():
     test_fail(lambda: quantize_expert_weights(w13 * 1e36, w2, "mxfp4_w4a16"), contains="w13: expected |values| <= 6·2^113")
     test_fail(lambda: quantize_expert_weights(w13.to("meta"), w2.to("meta"), "mxfp4_w4a16"), contains="w13: expected a tensor with values")
     test_fail(lambda: check_quantizable("state_dict['w2']", w2 * 1e36, "mxfp4_w4a16"), contains="state_dict['w2']: expected |values| <= 6·2^113")
+    qw = quantize_expert_weights(w13, w2, "mxfp4_w4a16")                       # an in-place edit after construction:
+    assert not qw.recheck_if_edited()                                         # (none yet)
+    qw.w13_scale.fill_(200)
+    assert qw.recheck_if_edited() and qw.e8m0_max["w13"] == 200 and not qw.recheck_if_edited()   # the facts follow it
+    qw.w13_scale[0, 0, 0] = 255                                               # and a NaN byte is refused, every time
+    for _ in range(2): test_fail(lambda: check_quant_weights(qw), contains="w13_scale: expected e8m0 bytes <= 240")
+    test_fail(lambda: check_quant_weights("codes"), contains="qw: expected a QuantizedExpertWeights, got str")
     test_eq(quantize_expert_weights(w13 / w13.abs().amax() * 6 * 2.0 ** 113, w2, "mxfp4_w4a16").w13_scale.max().item(), 240)   # the edge fits
     for bad_ids, msg in ((1, "experts: expected a list or 1-D tensor"), ([5], "experts: expected ids in [0, 2), got values in [5, 5]"),
                          ([-1], "expected ids in [0, 2)"), (torch.tensor([0.0]), "expected a 1-D int32/int64 tensor"),
