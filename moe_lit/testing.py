@@ -442,7 +442,7 @@ def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, ar
             for v in vals: check(kernel, args, {**kwargs, n: v})
     return checked
 
-# %% ../nbs/00_testing.ipynb #d53342a43e7d
+# %% ../nbs/00_testing.ipynb #25abda499126
 def _bf16_bits(v: float) -> int:
     "The bf16 nearest `v` (ties to even; exact float32 values only, as the decode blocks' results are), as 16 bits."
     import struct
@@ -450,6 +450,23 @@ def _bf16_bits(v: float) -> int:
     if abs(v) >= 2.0 ** 128: return 0x7F80 | (0x8000 if v < 0 else 0)      # past float32: inf, as the rounding gives
     b = struct.unpack("<I", struct.pack("<f", v))[0]
     return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+def _bf16_nearest(a: float, b: float, c: float) -> int:
+    "The bf16 bits of `a · b + c` rounded once (ties to even, subnormals kept, overflow to inf), as `fma.rn.bf16x2` gives them."
+    from fractions import Fraction
+    import math
+    d = a * b + c                                    # in double: the sign of a zero, and inf / NaN, as IEEE says
+    if d == 0 or not math.isfinite(d) or not all(map(math.isfinite, (a, b, c))): return _bf16_bits(d)
+    x = Fraction(a) * Fraction(b) + Fraction(c)      # exact (the double sum may round, and then again to bf16)
+    if x == 0: return 0
+    sign, m = (0x8000 if x < 0 else 0), abs(x)
+    e = m.numerator.bit_length() - m.denominator.bit_length()
+    if Fraction(2) ** e > m: e -= 1                  # 2^e <= m < 2^(e + 1)
+    q = Fraction(2) ** (max(e, -126) - 7)            # the spacing of bf16 there: 8 significant bits, 2^-133 below 2^-126
+    n, rest = divmod(m, q)
+    n = int(n) + (rest > q / 2 or (rest == q / 2 and int(n) % 2))
+    if n * q >= 2 ** 128: return sign | 0x7F80                     # past the largest bf16: inf
+    return sign | _bf16_bits(float(n * q))           # exact in float32, so its top half is the bf16
 
 def _bf16_value(h: int) -> float:
     import struct
@@ -472,10 +489,14 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         if re.fullmatch(r"\$\d+|[A-Za-z_]\w*", x):
             if x not in regs: raise ValueError(f"src: expected {x} to be an operand or written before it is read")
             return regs[x]
-        try: return int(x, 0) & 0xFFFFFFFF
+        try: v = int(x, 0)
         except ValueError: raise ValueError(f"src: expected a register or an integer literal, got {x!r}") from None
+        if not -2**31 <= v < 2**32: raise ValueError(f"src: expected a 32-bit integer literal, got {x!r}")
+        return v & 0xFFFFFFFF
     def dest(x):
         if not re.fullmatch(r"\$\d+|[A-Za-z_]\w*", x): raise ValueError(f"src: expected a register to write, got {x!r}")
+        if x.startswith("$") and int(x[1:]) >= len(operands):
+            raise ValueError(f"src: expected an operand $0..${len(operands) - 1} to write, got {x}")
         return x
     def halves(v): return v & 0xFFFF, (v >> 16) & 0xFFFF
     body = re.sub(r"//[^\n]*", "", src)
@@ -486,8 +507,13 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         if not line or line.startswith(".reg"): continue
         op, rest = (re.split(r"\s+", line, maxsplit=1) + [""])[:2]
         if op not in _PTX_ARITY: raise ValueError(f"src: expected the PTX subset emulate_ptx runs, got {line!r}")
-        args = [a for a in re.findall(r"\{[^{}]*\}|[^,\s][^,]*", rest)]
-        args = [a.strip() for a in args]
+        args, depth, cur = [], 0, ""                                   # split at the commas outside braces
+        for ch in rest:
+            depth += (ch == "{") - (ch == "}")
+            if ch == "," and depth == 0: args.append(cur.strip()); cur = ""
+            else: cur += ch
+        args = args + [cur.strip()] if rest.strip() else []
+        if any(not a for a in args): raise ValueError(f"src: expected no empty operand, got {line!r}")
         if len(args) != _PTX_ARITY[op]:
             raise ValueError(f"src: expected {_PTX_ARITY[op]} operands for {op}, got {len(args)} in {line!r}")
         pair = lambda a: [t.strip() for t in a[1:-1].split(",")] if a.startswith("{") else None
@@ -532,6 +558,6 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         else:                                                           # fma / mul.rn.bf16x2
             a, b = halves(val(srcs[0])), halves(val(srcs[1]))
             c = halves(val(srcs[2])) if op.startswith("fma") else (0x8000, 0x8000)   # mul: + (-0)
-            r = [_bf16_bits(_bf16_value(a[k]) * _bf16_value(b[k]) + _bf16_value(c[k])) for k in range(2)]
+            r = [_bf16_nearest(_bf16_value(a[k]), _bf16_value(b[k]), _bf16_value(c[k])) for k in range(2)]
             regs[d] = r[0] | (r[1] << 16)
     return [regs[f"${i}"] for i in range(len(operands))]

@@ -550,7 +550,7 @@ def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_byt
 
 # %%
 #| hide
-from moe_lit.testing import _waits_first
+from moe_lit.testing import _waits_first, _bf16_bits
 
 # %%
 #| test compile_for_gpu_bad_input
@@ -652,7 +652,7 @@ def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, ar
 # it. `emulate_ptx` executes the few PTX instructions moe-lit's decode blocks use, on Python integers, with PTX's
 # semantics — `prmt` (byte permute), `shf.l.wrap` (funnel shift; a rotation when both words are one), `and`, `add`/`mul.lo`/`max` on `u32`, `mov` (including the packing and
 # unpacking of two 16-bit halves), `cvt` between `u32`/`u16`, `e4m3x2 → f16x2` and `f16 → bf16`, and `fma.rn.bf16x2`
-# (each half's product and sum exact, then one rounding to nearest even, subnormals kept) — so that a test can check
+# (each half's product and sum exact — rational arithmetic — then one rounding to nearest even, subnormals kept) — so that a test can check
 # such a block bit for bit against its definition on every input that matters. Operands are `$0, $1, …` in the
 # constraint order: outputs first, then inputs, as Triton binds them. An instruction outside that set raises.
 
@@ -665,6 +665,23 @@ def _bf16_bits(v: float) -> int:
     if abs(v) >= 2.0 ** 128: return 0x7F80 | (0x8000 if v < 0 else 0)      # past float32: inf, as the rounding gives
     b = struct.unpack("<I", struct.pack("<f", v))[0]
     return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+def _bf16_nearest(a: float, b: float, c: float) -> int:
+    "The bf16 bits of `a · b + c` rounded once (ties to even, subnormals kept, overflow to inf), as `fma.rn.bf16x2` gives them."
+    from fractions import Fraction
+    import math
+    d = a * b + c                                    # in double: the sign of a zero, and inf / NaN, as IEEE says
+    if d == 0 or not math.isfinite(d) or not all(map(math.isfinite, (a, b, c))): return _bf16_bits(d)
+    x = Fraction(a) * Fraction(b) + Fraction(c)      # exact (the double sum may round, and then again to bf16)
+    if x == 0: return 0
+    sign, m = (0x8000 if x < 0 else 0), abs(x)
+    e = m.numerator.bit_length() - m.denominator.bit_length()
+    if Fraction(2) ** e > m: e -= 1                  # 2^e <= m < 2^(e + 1)
+    q = Fraction(2) ** (max(e, -126) - 7)            # the spacing of bf16 there: 8 significant bits, 2^-133 below 2^-126
+    n, rest = divmod(m, q)
+    n = int(n) + (rest > q / 2 or (rest == q / 2 and int(n) % 2))
+    if n * q >= 2 ** 128: return sign | 0x7F80                     # past the largest bf16: inf
+    return sign | _bf16_bits(float(n * q))           # exact in float32, so its top half is the bf16
 
 def _bf16_value(h: int) -> float:
     import struct
@@ -687,10 +704,14 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         if re.fullmatch(r"\$\d+|[A-Za-z_]\w*", x):
             if x not in regs: raise ValueError(f"src: expected {x} to be an operand or written before it is read")
             return regs[x]
-        try: return int(x, 0) & 0xFFFFFFFF
+        try: v = int(x, 0)
         except ValueError: raise ValueError(f"src: expected a register or an integer literal, got {x!r}") from None
+        if not -2**31 <= v < 2**32: raise ValueError(f"src: expected a 32-bit integer literal, got {x!r}")
+        return v & 0xFFFFFFFF
     def dest(x):
         if not re.fullmatch(r"\$\d+|[A-Za-z_]\w*", x): raise ValueError(f"src: expected a register to write, got {x!r}")
+        if x.startswith("$") and int(x[1:]) >= len(operands):
+            raise ValueError(f"src: expected an operand $0..${len(operands) - 1} to write, got {x}")
         return x
     def halves(v): return v & 0xFFFF, (v >> 16) & 0xFFFF
     body = re.sub(r"//[^\n]*", "", src)
@@ -701,8 +722,13 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         if not line or line.startswith(".reg"): continue
         op, rest = (re.split(r"\s+", line, maxsplit=1) + [""])[:2]
         if op not in _PTX_ARITY: raise ValueError(f"src: expected the PTX subset emulate_ptx runs, got {line!r}")
-        args = [a for a in re.findall(r"\{[^{}]*\}|[^,\s][^,]*", rest)]
-        args = [a.strip() for a in args]
+        args, depth, cur = [], 0, ""                                   # split at the commas outside braces
+        for ch in rest:
+            depth += (ch == "{") - (ch == "}")
+            if ch == "," and depth == 0: args.append(cur.strip()); cur = ""
+            else: cur += ch
+        args = args + [cur.strip()] if rest.strip() else []
+        if any(not a for a in args): raise ValueError(f"src: expected no empty operand, got {line!r}")
         if len(args) != _PTX_ARITY[op]:
             raise ValueError(f"src: expected {_PTX_ARITY[op]} operands for {op}, got {len(args)} in {line!r}")
         pair = lambda a: [t.strip() for t in a[1:-1].split(",")] if a.startswith("{") else None
@@ -747,7 +773,7 @@ def emulate_ptx(src: str,          # the PTX text of an inline-asm block (braces
         else:                                                           # fma / mul.rn.bf16x2
             a, b = halves(val(srcs[0])), halves(val(srcs[1]))
             c = halves(val(srcs[2])) if op.startswith("fma") else (0x8000, 0x8000)   # mul: + (-0)
-            r = [_bf16_bits(_bf16_value(a[k]) * _bf16_value(b[k]) + _bf16_value(c[k])) for k in range(2)]
+            r = [_bf16_nearest(_bf16_value(a[k]), _bf16_value(b[k]), _bf16_value(c[k])) for k in range(2)]
             regs[d] = r[0] | (r[1] << 16)
     return [regs[f"${i}"] for i in range(len(operands))]
 
@@ -760,6 +786,8 @@ test_eq(emulate_ptx("shf.l.wrap.b32 $0, $1, $2, 36;", [0, 0xF0000000, 0x1])[0], 
 test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F803F80, 0x40004040, 0x80008000])[0], 0x40004040)  # 1·2, 1·3
 test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F81, 0x3F81, 0])[0] & 0xFFFF, 0x3F82)   # (1+2^-7)^2 rounds
 test_eq(emulate_ptx("cvt.rn.f16x2.e4m3x2 $0, $1;", [0, 0x3840])[0], 0x3C004000)   # e4m3 0x40 = 2.0, 0x38 = 1.0 (f16)
+test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, _bf16_bits(7.0), _bf16_bits(37.0), _bf16_bits(-2.0 ** -20)])[0]
+        & 0xFFFF, _bf16_bits(258.0))     # 259 - 2^-20 rounds once to 258 (rounding to fp32 first would give the tie, 260)
 test_fail(lambda: emulate_ptx("sub.u32 $0, $1, 1;", [0, 5]), contains="expected the PTX subset emulate_ptx runs")
 test_eq(emulate_ptx("add.u32\t$0, $1, 2; add.u32 $0, $0, 3;", [0, 5])[0], 10)       # a tab, two instructions a line
 for src, ops, msg in (("add.u32 $0, $1, 2, 3;", [0, 5], "expected 3 operands for add.u32, got 4"),
@@ -769,6 +797,9 @@ for src, ops, msg in (("add.u32 $0, $1, 2, 3;", [0, 5], "expected 3 operands for
                       ("add.u32 $0, $1, 0xZZ;", [0, 5], "expected a register or an integer literal, got '0xZZ'"),
                       ("add.u32 $0, $1, 0;", [0, 2**40], "operands: expected a list of ints in [0, 2^32)"),
                       ("add.u32 $0, $1, 0;", [0, -1], "operands: expected a list of ints in [0, 2^32)"),
-                      ("add.u32 $0, $1, 0;", [0, 1.7], "operands: expected a list of ints in [0, 2^32)")):
+                      ("add.u32 $0, $1, 0;", [0, 1.7], "operands: expected a list of ints in [0, 2^32)"),
+                      ("mov.b32 $5, $1;", [0, 5], "expected an operand $0..$1 to write, got $5"),
+                      ("and.b32 $0, $1, , 3;", [0, 5], "expected no empty operand"),
+                      ("and.b32 $0, $1, 0x1FFFFFFFF;", [0, 5], "expected a 32-bit integer literal")):
     test_fail(lambda: emulate_ptx(src, ops), contains=msg)
 test_fail(lambda: emulate_ptx(None, [0]), contains="src: expected PTX text, got NoneType")

@@ -10,7 +10,7 @@ from moe_lit.kernels.batched import DEVICE
 import triton, triton.language as tl
 from moe_lit.kernels.router import route_topk, router_plan
 from moe_lit.config import MoEConfig
-from moe_lit.testing import _waits_first
+from moe_lit.testing import _waits_first, _bf16_bits
 from moe_lit.testing import *
 
 
@@ -112,6 +112,8 @@ def test_emulate_ptx_runs_the_subset():
     test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F803F80, 0x40004040, 0x80008000])[0], 0x40004040)  # 1·2, 1·3
     test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, 0x3F81, 0x3F81, 0])[0] & 0xFFFF, 0x3F82)   # (1+2^-7)^2 rounds
     test_eq(emulate_ptx("cvt.rn.f16x2.e4m3x2 $0, $1;", [0, 0x3840])[0], 0x3C004000)   # e4m3 0x40 = 2.0, 0x38 = 1.0 (f16)
+    test_eq(emulate_ptx("fma.rn.bf16x2 $0, $1, $2, $3;", [0, _bf16_bits(7.0), _bf16_bits(37.0), _bf16_bits(-2.0 ** -20)])[0]
+            & 0xFFFF, _bf16_bits(258.0))     # 259 - 2^-20 rounds once to 258 (rounding to fp32 first would give the tie, 260)
     test_fail(lambda: emulate_ptx("sub.u32 $0, $1, 1;", [0, 5]), contains="expected the PTX subset emulate_ptx runs")
     test_eq(emulate_ptx("add.u32\t$0, $1, 2; add.u32 $0, $0, 3;", [0, 5])[0], 10)       # a tab, two instructions a line
     for src, ops, msg in (("add.u32 $0, $1, 2, 3;", [0, 5], "expected 3 operands for add.u32, got 4"),
@@ -121,6 +123,9 @@ def test_emulate_ptx_runs_the_subset():
                           ("add.u32 $0, $1, 0xZZ;", [0, 5], "expected a register or an integer literal, got '0xZZ'"),
                           ("add.u32 $0, $1, 0;", [0, 2**40], "operands: expected a list of ints in [0, 2^32)"),
                           ("add.u32 $0, $1, 0;", [0, -1], "operands: expected a list of ints in [0, 2^32)"),
-                          ("add.u32 $0, $1, 0;", [0, 1.7], "operands: expected a list of ints in [0, 2^32)")):
+                          ("add.u32 $0, $1, 0;", [0, 1.7], "operands: expected a list of ints in [0, 2^32)"),
+                          ("mov.b32 $5, $1;", [0, 5], "expected an operand $0..$1 to write, got $5"),
+                          ("and.b32 $0, $1, , 3;", [0, 5], "expected no empty operand"),
+                          ("and.b32 $0, $1, 0x1FFFFFFFF;", [0, 5], "expected a 32-bit integer literal")):
         test_fail(lambda: emulate_ptx(src, ops), contains=msg)
     test_fail(lambda: emulate_ptx(None, [0]), contains="src: expected PTX text, got NoneType")
