@@ -24,7 +24,7 @@ from .quant_weights import QUANT_TENSORS
 # %% auto #0
 __all__ = ['resolve_experts', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep', 'reference_by_global_id']
 
-# %% ../nbs/12_layer.ipynb #4979ff91188f
+# %% ../nbs/12_layer.ipynb #4b2378a4a066
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
@@ -58,7 +58,8 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     impl = "triton_quant" if q else "triton"
     if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
-                         f"{str(config.dtype)[6:]} (use --experts torch, or --dtype bf16)")
+                         f"{str(config.dtype)[6:]} (build it with experts='torch' or a bf16 config; on the command line --experts torch "
+                         f"or --dtype bf16)")
     if experts == "triton": return impl, f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                     " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
@@ -240,11 +241,18 @@ def _floats_follow_codes(layer):
             check_finite(f"qweights (its {n} dequantized to {w.dtype})", w)
         layer.w13.copy_(w13); layer.w2.copy_(w2)
 
-# %% ../nbs/12_layer.ipynb #82de972c366f
+# %% ../nbs/12_layer.ipynb #f6a30b8b06a9
 @patch(cls_method=True)
 def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: ParallelConfig | None = None,
                      dtype: torch.dtype | None = None, **kwargs) -> "FusedMoE":
-    "The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11c_checkpoint`)."
+    """The MoE layer of decoder layer `layer_index` of a Hugging Face checkpoint directory (see `11c_checkpoint`).
+
+    `checkpoint_dir`: a directory with `config.json` and safetensors (a model saved by transformers' `save_pretrained`;
+    its `model_type` one of `02_models`' families: the Qwen MoEs, Mixtral, DeepSeek-V2/V3, GLM-4 MoE, gpt-oss, Llama 4, MiniMax-M2). `layer_index`: a decoder layer with an MoE block
+    (ValueError listing them otherwise). `parallel`: an expert-parallel `ParallelConfig` reads only this rank's
+    experts. `dtype`: the layer's dtype (default: the checkpoint's). Every other keyword goes to `FusedMoE` —
+    `experts`, `quant` (default: the checkpoint's own quantization, run as stored), `device`, `placement`, `debug`;
+    `weights` and `config` come from the checkpoint and are refused."""
     from moe_lit.checkpoint import CheckpointWeights
     for k in ("weights", "config"):
         if k in kwargs: raise ValueError(f"{k}: expected none with from_pretrained (the checkpoint gives it), got {kwargs[k]!r:.40}")

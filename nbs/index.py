@@ -121,7 +121,9 @@ print(f"max |EP - one device| = {(run.output.float() - y.float()).abs().max():.3
 #
 # `FusedMoE.from_pretrained(checkpoint_dir, layer_index)` builds decoder layer `layer_index`'s MoE block from a Hugging
 # Face checkpoint directory (`config.json` + `*.safetensors`, sharded or not), reading only the experts the rank owns;
-# pre-quantized FP8-block (DeepSeek-V3) and MXFP4 (gpt-oss) checkpoints keep their codes as stored. The example
+# pre-quantized FP8-block (DeepSeek-V3) and MXFP4 (gpt-oss) checkpoints keep their codes as stored. The families it
+# reads (`model_type`): `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `mixtral`, `deepseek_v2`, `deepseek_v3`,
+# `glm4_moe`, `gpt_oss`, `llama4` / `llama4_text` and `minimax_m2`; another model type is refused by name. The example
 # writes a tiny Qwen3-MoE with transformers itself (the `hf` extra, `pip install '.[hf]'` from a clone, adds
 # transformers and safetensors; the install above has them) — point `ckpt` at your own checkpoint instead:
 
