@@ -503,17 +503,19 @@ def _compile_specs(specs: list, capability: int) -> list:
                                             constexprs={(names.index(k),): v for k, v in s["constexprs"].items()},
                                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in s["divisible"]})
             c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=s["options"])
+            ptx = c.asm.get("ptx", "")
             out.append(dict(kernel=s["kernel"], ok=True, error="", shared_bytes=int(c.metadata.shared),
-                            seconds=time.perf_counter() - t0, pdl_wait=_waits_first(c.asm.get("ptx", ""))))
+                            seconds=time.perf_counter() - t0, pdl_wait=_waits_first(ptx),
+                            prefetches=ptx.count("prefetch.global")))
         except Exception as e:   # the compiler's message, whatever its type: that is the finding
             out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}", shared_bytes=0,
-                            seconds=time.perf_counter() - t0, pdl_wait=False))
+                            seconds=time.perf_counter() - t0, pdl_wait=False, prefetches=0))
     return out
 
 def compile_for_gpu(launches: list,           # `record_launches`' list, or specs from `launch_spec`
                     capability: int = 90,      # the target: 90 = Hopper (H100/H200)
                     timeout: float = 900,      # seconds for the whole batch
-                   ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, pdl_wait, spec}
+                   ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, pdl_wait, prefetches, spec}
     "Compile each distinct recorded launch for `cuda:capability` with Triton's bundled compiler, in a subprocess without the interpreter."
     import json, subprocess, sys
     check_positive_real("timeout", timeout)

@@ -227,7 +227,11 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 # prefetches the code words, and a prefetch written in the kernel (the words carried to the next iteration) gave
 # them a layout that sent the decoded tile through shared memory (16 `STSM` + 16 `LDSM` a loop), so it is not
 # kept. Which costs less on the GPU, the serialized MMAs or the exposed loads, is for the tuner: `14_bench`'s FP4
-# candidates include one stage (`sass_fp4.py` prints both forms, "MMAs waited on").
+# candidates include one stage (`sass_fp4.py` prints both forms, "MMAs waited on"). A one-stage loop can still have
+# its words on the way: `MOE_LIT_FP4_PREFETCH=n` (read at import; 0, the default, until timed) makes each iteration
+# ask L2 for the code words n K tiles ahead (`prefetch.global.L2`, one a row: two `CCTL`s a loop, no register, no
+# layout). `nbs/bench/fp4_stages.py` (`quant_gpu.sh stages`) times the table's tile, one stage, and one stage with
+# the prefetch 2 and 4 tiles ahead, eager and replayed, against the floor.
 #
 # **NVFP4** folds too, for every scale: an e4m3 scale is at most 448 < 2^9, so times 2^118 it is still a bf16, and
 # `_E2M1_WORD_NV_FOLDED` multiplies the two decoded scales by 2^118 once a word (two `fma`s) and then does one `fma` a
@@ -523,6 +527,19 @@ def _pair_code(p, HALF: tl.constexpr, s, DTYPE: tl.constexpr):
     code = ((p >> (HALF + 12)) & 8) | ((p >> (HALF + 6)) & 7)              # sign from bit 15, e e m from 8-6
     return (_e2m1_fp16(code).to(tl.float32) * s).to(DTYPE)
 
+FP4_PREFETCH = int(env_choice("MOE_LIT_FP4_PREFETCH", "0", ("0", "1", "2", "4", "8")))
+FP4_PREFETCH = tl.constexpr(0 if INTERPRET else FP4_PREFETCH)
+# mma128 K tiles ahead whose code words the FP4 K loop asks L2 for (`_prefetch_words`; 0: none, the default until
+# the GPU has timed it: an experiment for one-stage tiles, whose loop pipelines no load; read at import)
+
+@triton.jit
+def _prefetch_words(w_ptr, rows, row_ok, k0, K_W, stride_wn):
+    "Ask L2 for each row's mma128 words of the K tile at `k0` (`prefetch.global.L2`: a hint, nothing read or waited for)."
+    ok = row_ok & (k0 // 2 < K_W)
+    p = w_ptr + tl.where(ok, rows * stride_wn + k0 // 2, 0)                 # a row's first byte of the tile, or the base
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
 @triton.jit
 def _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn,   # as `_fp4_weight_tile`, the codes in the mma128 layout
                   FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
@@ -611,6 +628,9 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
             if GATED:
                 s_u_next = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, k0 + BLOCK_K, K_W, stride_wsn, stride_wsk,
                                        GROUP_K, BLOCK_K, LAYOUT)
+            if LAYOUT == 2 and FP4_PREFETCH > 0:                   # (off by default: MOE_LIT_FP4_PREFETCH)
+                _prefetch_words(w_e, offs_n, mask_n, k0 + FP4_PREFETCH * BLOCK_K, K_W, stride_wn)
+                if GATED: _prefetch_words(w_e, offs_n + N_OUT, mask_n, k0 + FP4_PREFETCH * BLOCK_K, K_W, stride_wn)
             if LAYOUT == 1:                                       # split64: lo nibbles · a[64c + j], hi · a[64c + 32 + j]
                 aT_lo = tl.load(a_rows[None, :] + (k0 + offs_lo)[:, None] * stride_ak,
                                 mask=row_ok[None, :] & (k0 + offs_lo < K)[:, None], other=0.0)   # [BLOCK_K/2, BLOCK_M]
@@ -1699,6 +1719,12 @@ assert {v[2] for v in variants if v[1] == 2} == {0, 1, 2}, variants          # M
 folds = {r["spec"]["constexprs"].get("SCALE_FOLD") for r in res if r["spec"]["constexprs"].get("FMT") == 2
          and r["spec"]["constexprs"].get("LAYOUT") == 2}
 test_eq(folds, {True, False})                                                # mma128: the folded and the plain decode
+mma = [s for s in seen if s[2].get("LAYOUT") == 2]
+test_eq({r["prefetches"] for r in res if r["spec"]["constexprs"].get("LAYOUT") == 2}, {0})   # none by default
+os.environ["MOE_LIT_FP4_PREFETCH"] = "2"          # the compiling process imports with it: the K loop asks L2 ahead
+try: pre = assert_compiles_for_gpu(mma)
+finally: del os.environ["MOE_LIT_FP4_PREFETCH"]
+assert pre and all(r["prefetches"] == 2 for r in pre), [(r["kernel"], r["prefetches"]) for r in pre]   # gate and up
 
 # %% [markdown]
 # ## gpt-oss's semantics: expert biases and the clamped SwiGLU

@@ -393,6 +393,12 @@ def test_quant_gemm_kernels_compile_for_sm90():
     folds = {r["spec"]["constexprs"].get("SCALE_FOLD") for r in res if r["spec"]["constexprs"].get("FMT") == 2
              and r["spec"]["constexprs"].get("LAYOUT") == 2}
     test_eq(folds, {True, False})                                                # mma128: the folded and the plain decode
+    mma = [s for s in seen if s[2].get("LAYOUT") == 2]
+    test_eq({r["prefetches"] for r in res if r["spec"]["constexprs"].get("LAYOUT") == 2}, {0})   # none by default
+    os.environ["MOE_LIT_FP4_PREFETCH"] = "2"          # the compiling process imports with it: the K loop asks L2 ahead
+    try: pre = assert_compiles_for_gpu(mma)
+    finally: del os.environ["MOE_LIT_FP4_PREFETCH"]
+    assert pre and all(r["prefetches"] == 2 for r in pre), [(r["kernel"], r["prefetches"]) for r in pre]   # gate and up
 
 
 def test_quant_gemm_swigluoai_bias():

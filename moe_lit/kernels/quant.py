@@ -26,9 +26,9 @@ from .batched import check_activation, check_expert_bias, epilogue_args, add_exp
 from .contiguous import check_aligned_args, _block_pairs
 
 # %% auto #0
-__all__ = ['ACTIVATION_DTYPES', 'EMULATE_E4M3', 'FP4_DECODE', 'PACKED_DECODE', 'FP8_ACT_QUANT', 'batched_gemm_quant_reference',
-           'check_quant_tile_config', 'fp4_default_tile', 'quant_block_m', 'batched_moe_gemm_quant',
-           'fused_moe_gemm_quant_reference', 'fused_moe_gemm_quant']
+__all__ = ['ACTIVATION_DTYPES', 'EMULATE_E4M3', 'FP4_DECODE', 'PACKED_DECODE', 'FP4_PREFETCH', 'FP8_ACT_QUANT',
+           'batched_gemm_quant_reference', 'check_quant_tile_config', 'fp4_default_tile', 'quant_block_m',
+           'batched_moe_gemm_quant', 'fused_moe_gemm_quant_reference', 'fused_moe_gemm_quant']
 
 # %% ../../nbs/09c_kernels.quant.ipynb #80b4e2e0ce6a
 _FMT = {"fp8_w8a8_tensor": 0, "fp8_w8a8_channel": 0, "fp8_w8a8_block": 1, "mxfp4_w4a16": 2, "nvfp4_w4a16": 3}  # kernel branch
@@ -184,7 +184,7 @@ def _fp4_split_tile(w_ptr, s, rows, row_ok, k0, K_W,    # as `_fp4_weight_tile`,
         hi = _e2m1_fp16(b >> 4).to(tl.float32) * _per_byte(_scale_f32(s_hi, FMT) * 16384.0, BLOCK_N, C, GH, GROUP_K)
     return lo.to(DTYPE), hi.to(DTYPE)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #7b52a7560dc4
+# %% ../../nbs/09c_kernels.quant.ipynb #7bb2fd30c2b1
 def _word_pair_ptx(recipe: tuple) -> str:
     "PTX: one pair of the word `$8` moved to `E2M1_BF16_MASK`'s bits into `x`, as `recipe` (`09a`'s `FP4_WORD_PAIRS`) says."
     if recipe[0] == "rot":
@@ -298,6 +298,19 @@ def _pair_code(p, HALF: tl.constexpr, s, DTYPE: tl.constexpr):
     code = ((p >> (HALF + 12)) & 8) | ((p >> (HALF + 6)) & 7)              # sign from bit 15, e e m from 8-6
     return (_e2m1_fp16(code).to(tl.float32) * s).to(DTYPE)
 
+FP4_PREFETCH = int(env_choice("MOE_LIT_FP4_PREFETCH", "0", ("0", "1", "2", "4", "8")))
+FP4_PREFETCH = tl.constexpr(0 if INTERPRET else FP4_PREFETCH)
+# mma128 K tiles ahead whose code words the FP4 K loop asks L2 for (`_prefetch_words`; 0: none, the default until
+# the GPU has timed it: an experiment for one-stage tiles, whose loop pipelines no load; read at import)
+
+@triton.jit
+def _prefetch_words(w_ptr, rows, row_ok, k0, K_W, stride_wn):
+    "Ask L2 for each row's mma128 words of the K tile at `k0` (`prefetch.global.L2`: a hint, nothing read or waited for)."
+    ok = row_ok & (k0 // 2 < K_W)
+    p = w_ptr + tl.where(ok, rows * stride_wn + k0 // 2, 0)                 # a row's first byte of the tile, or the base
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32, is_pure=False,
+                              pack=1)
+
 @triton.jit
 def _fp4_mma_tile(w_ptr, s, rows, row_ok, k0, K_W, stride_wn,   # as `_fp4_weight_tile`, the codes in the mma128 layout
                   FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr,
@@ -342,7 +355,7 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
         acc = acc * gs
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #a74136052a47
+# %% ../../nbs/09c_kernels.quant.ipynb #45239e9fca21
 @triton.jit
 def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activation rows at K = 0
                         as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
@@ -383,6 +396,9 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
             if GATED:
                 s_u_next = _fp4_scales(ws_e, offs_n + N_OUT, mask_n, k0 + BLOCK_K, K_W, stride_wsn, stride_wsk,
                                        GROUP_K, BLOCK_K, LAYOUT)
+            if LAYOUT == 2 and FP4_PREFETCH > 0:                   # (off by default: MOE_LIT_FP4_PREFETCH)
+                _prefetch_words(w_e, offs_n, mask_n, k0 + FP4_PREFETCH * BLOCK_K, K_W, stride_wn)
+                if GATED: _prefetch_words(w_e, offs_n + N_OUT, mask_n, k0 + FP4_PREFETCH * BLOCK_K, K_W, stride_wn)
             if LAYOUT == 1:                                       # split64: lo nibbles · a[64c + j], hi · a[64c + 32 + j]
                 aT_lo = tl.load(a_rows[None, :] + (k0 + offs_lo)[:, None] * stride_ak,
                                 mask=row_ok[None, :] & (k0 + offs_lo < K)[:, None], other=0.0)   # [BLOCK_K/2, BLOCK_M]

@@ -3,6 +3,7 @@
 #   bash nbs/bench/quant_gpu.sh check    -> quant GEMM/experts tests natively, bench_quant (both FP4 layouts), the seed command
 #   bash nbs/bench/quant_gpu.sh tune [w4a16|fp8] -> re-tune the FP4 and/or FP8 tiles, bench every quantized scheme
 #   bash nbs/bench/quant_gpu.sh memcheck -> compute-sanitizer memcheck of the quant tests (the real-shape ones excluded)
+#   bash nbs/bench/quant_gpu.sh stages   -> FP4 GEMM1 with the tuned tile and with one stage, L2 prefetch 0 / 2 / 4 tiles ahead
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -26,6 +27,10 @@ tune)
   timeout 560 python nbs/bench/tune_quant.py "$OUT" ${2:-} 2>&1 | grep -v Warning | tail -40
   tar -C "$OUT" -czf "$OUT/configs.tgz" configs && rm -rf "$OUT/configs"
   ;;
+stages)
+  for p in 0 2 4; do
+    MOE_LIT_FP4_PREFETCH=$p timeout 180 python nbs/bench/fp4_stages.py "$OUT/fp4_stages.jsonl" 2>&1 | grep -v Warning
+  done ;;
 memcheck)
   timeout 560 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -x -m gpu \
     tests/test_kernels_quant.py tests/test_kernels_quant_act.py tests/test_kernels_quant_experts.py -k "not real_shapes" \
