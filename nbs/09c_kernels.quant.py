@@ -974,13 +974,19 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
     if not isinstance(qw, QuantizedExpertWeights):
         raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
     check_choice("dtype", dtype, ACTIVATION_DTYPES)
-    wa = _weight_kernel_args(qw, "w13")
-    bm = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], wa["K"], check_int("expected_m", expected_m, lo=1),
-                     dtype, wa["FMT"], wa["GROUP_K"], True, None)["BLOCK_M"]
+    return _quant_block_m(_weight_kernel_args(qw, "w13")["static"], qw.num_experts,
+                          check_int("expected_m", expected_m, lo=1), dtype, _tile_config_root())
+
+@functools.lru_cache(maxsize=1024)
+def _quant_block_m(static, E, expected_m, dtype, config_dir) -> int:
+    "`quant_block_m` after its checks, resolved once per shape (the experts ask on every call)."
+    wa = dict(static)
+    bm = _quant_tile_resolved("fused_moe_gemm", E, wa["N"], wa["K"], expected_m, dtype, wa["FMT"], wa["GROUP_K"], True,
+                              None, None, 0, config_dir)["BLOCK_M"]
     if not (16 <= bm <= 256 and bm & (bm - 1) == 0):                # a tile table's value: name where it came from
         kind = "fp8" if wa["FMT"] < 2 else "w4a16"
         raise ValueError(f"quant_block_m: expected GEMM1's BLOCK_M to be a power of two in [16, 256], got {bm} "
-                         f"(from the fused_moe_gemm_{kind} tile table for E={qw.num_experts}, N={wa['N']})")
+                         f"(from the fused_moe_gemm_{kind} tile table for E={E}, N={wa['N']})")
     return bm
 
 # %%

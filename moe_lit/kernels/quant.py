@@ -576,7 +576,7 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #d6682c51c206
+# %% ../../nbs/09c_kernels.quant.ipynb #fee1fba04a9f
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     """The weight's tensors, scale strides (0 where a scale broadcasts), their stride keywords and constexprs, as the
     kernels take them; worked out once per container, weight and layout of its tensors and kept on it (a forward asks
@@ -667,13 +667,19 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
     if not isinstance(qw, QuantizedExpertWeights):
         raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
     check_choice("dtype", dtype, ACTIVATION_DTYPES)
-    wa = _weight_kernel_args(qw, "w13")
-    bm = _quant_tile("fused_moe_gemm", qw.num_experts, wa["N"], wa["K"], check_int("expected_m", expected_m, lo=1),
-                     dtype, wa["FMT"], wa["GROUP_K"], True, None)["BLOCK_M"]
+    return _quant_block_m(_weight_kernel_args(qw, "w13")["static"], qw.num_experts,
+                          check_int("expected_m", expected_m, lo=1), dtype, _tile_config_root())
+
+@functools.lru_cache(maxsize=1024)
+def _quant_block_m(static, E, expected_m, dtype, config_dir) -> int:
+    "`quant_block_m` after its checks, resolved once per shape (the experts ask on every call)."
+    wa = dict(static)
+    bm = _quant_tile_resolved("fused_moe_gemm", E, wa["N"], wa["K"], expected_m, dtype, wa["FMT"], wa["GROUP_K"], True,
+                              None, None, 0, config_dir)["BLOCK_M"]
     if not (16 <= bm <= 256 and bm & (bm - 1) == 0):                # a tile table's value: name where it came from
         kind = "fp8" if wa["FMT"] < 2 else "w4a16"
         raise ValueError(f"quant_block_m: expected GEMM1's BLOCK_M to be a power of two in [16, 256], got {bm} "
-                         f"(from the fused_moe_gemm_{kind} tile table for E={qw.num_experts}, N={wa['N']})")
+                         f"(from the fused_moe_gemm_{kind} tile table for E={E}, N={wa['N']})")
     return bm
 
 # %% ../../nbs/09c_kernels.quant.ipynb #6dced10b886d
