@@ -11,9 +11,9 @@ from fastcore.basics import patch
 from .terms import check_int, check_choice, check_bool, check_positive_real
 
 # %% auto #0
-__all__ = ['BACKENDS', 'SIZE_LIMIT', 'ROUTING_METHODS', 'SCORING_FUNCS', 'ACTIVATIONS', 'ActivationFormat', 'BackendDescriptor',
-           'get_backend', 'ParallelConfig', 'use_all2all_kernels', 'use_batched_activation_format', 'activation_format',
-           'needs_round_robin_routing_tables', 'topk_indices_dtype', 'MoEConfig']
+__all__ = ['BACKENDS', 'SIZE_LIMIT', 'MAX_EXPERTS', 'ROUTING_METHODS', 'SCORING_FUNCS', 'ACTIVATIONS', 'ActivationFormat',
+           'BackendDescriptor', 'get_backend', 'ParallelConfig', 'use_all2all_kernels', 'use_batched_activation_format',
+           'activation_format', 'needs_round_robin_routing_tables', 'topk_indices_dtype', 'MoEConfig']
 
 # %% ../nbs/01_config.ipynb #da5f2e56fa3f
 class ActivationFormat(enum.Enum):
@@ -86,8 +86,9 @@ def get_backend(name: str) -> BackendDescriptor:
         raise ValueError(f"all2all_backend: expected one of {list(BACKENDS)}, got {name!r}")
     return BACKENDS[name]
 
-# %% ../nbs/01_config.ipynb #dc9afc6b16d0
+# %% ../nbs/01_config.ipynb #642cf481d3ef
 SIZE_LIMIT = 2**31   # exclusive bound of every size and id: expert ids, maps and counts are int32 tensors
+MAX_EXPERTS = 2**24  # inclusive bound of a layer's num_experts (per-expert tables on every rank: see above)
 
 # %% ../nbs/01_config.ipynb #64fe7f065b6f
 @dataclass(frozen=True)
@@ -264,10 +265,10 @@ class MoEConfig:
     def __post_init__(self):
         _check_moe_shapes(self); _check_moe_routing(self); _check_moe_deployment(self)
 
-# %% ../nbs/01_config.ipynb #3cdfac1b1a9f
+# %% ../nbs/01_config.ipynb #0585f7a0a9bf
 def _check_moe_shapes(c: MoEConfig) -> None:
     "Shapes of a MoEConfig: ints in range and below SIZE_LIMIT; dtype and name of their types."
-    check_int("num_experts", c.num_experts, lo=1, hi=SIZE_LIMIT)
+    check_int("num_experts", c.num_experts, lo=1, hi=MAX_EXPERTS + 1)
     check_int("top_k", c.top_k, lo=1, hi=c.num_experts + 1)
     check_int("hidden_size", c.hidden_size, lo=1, hi=SIZE_LIMIT)
     check_int("intermediate_size", c.intermediate_size, lo=1, hi=SIZE_LIMIT)

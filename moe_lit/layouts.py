@@ -11,8 +11,8 @@ from .models import text_config_view, read_config_json
 from .quant import QUANT_SCHEME_TABLE
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'MOE_LAYER_RULES', 'QUANT_METHODS', 'CheckpointLayout', 'checkpoint_layout', 'moe_layer_indices',
-           'quant_scheme_from_hf']
+__all__ = ['LAYOUTS', 'MAX_LAYERS', 'MOE_LAYER_RULES', 'QUANT_METHODS', 'CheckpointLayout', 'checkpoint_layout',
+           'moe_layer_indices', 'quant_scheme_from_hf']
 
 # %% ../nbs/11b_layouts.ipynb #389d1388cd39
 @dataclass(frozen=True)
@@ -52,8 +52,10 @@ LAYOUTS: dict[str, CheckpointLayout] = {   # model_type -> layout (the table abo
     "llama4":      CheckpointLayout(prefixes=("language_model.model.layers.{N}.feed_forward.",), **_LLAMA4),
 }
 
-# %% ../nbs/11b_layouts.ipynb #e85a78356c66
+# %% ../nbs/11b_layouts.ipynb #79839020fd7e
 _FIRST_K_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3, "glm4_moe": 1}   # the transformers config classes
+
+MAX_LAYERS = 2**16   # decoder layers a config.json may declare (the largest published models have a few hundred)
 
 def _count(cfg: dict, key: str, default: int, lo: int = 0) -> int:
     "The int `cfg[key]` (`default` when absent or null), `lo <= v < SIZE_LIMIT`; bools, floats and strs refused."
@@ -88,7 +90,7 @@ MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> i
     "moe_layers": _rule_moe_layers,
 }
 
-# %% ../nbs/11b_layouts.ipynb #0f7e8d2865f0
+# %% ../nbs/11b_layouts.ipynb #8b2fbcba2d0d
 def _check_config_dict(cfg):
     if not isinstance(cfg, dict): raise ValueError(f"cfg: expected a config.json's contents (a dict), got {type(cfg).__name__}")
 
@@ -113,6 +115,8 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
     if text.get("num_hidden_layers") is None:
         raise ValueError("config.json num_hidden_layers: expected an int >= 1, got none (the key is missing or null)")
     n = _count(text, "num_hidden_layers", 0, lo=1)
+    if n > MAX_LAYERS:                                 # (every index is listed below: a bound, not a minutes-long loop)
+        raise ValueError(f"config.json num_hidden_layers: expected <= {MAX_LAYERS} (decoder layers of one model), got {n}")
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
 

@@ -201,7 +201,7 @@ def _model_type(cfg: dict) -> str | None:
         raise ValueError(f"config.json model_type: expected a str, got {type(t).__name__} {t!r}")
     return t
 
-# %% ../nbs/02_models.ipynb #b42b0e3611eb
+# %% ../nbs/02_models.ipynb #c574fb9df6f1
 _OSS_EXPERTS = dict(activation="swigluoai", has_expert_bias=True, has_router_bias=True)   # GptOssExperts, GptOssTopKRouter
 _QWEN_READS = ("norm_topk_prob",)
 _DEEPSEEK_READS = ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
@@ -211,16 +211,20 @@ _FAMILIES = {   # model_type -> routing and expert facts its code fixes, the rou
     "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS, reads=()),   # softmax over the top-k logits == renormalise
     "llama4":      dict(routing_method="llama4", reads=()),
     "llama4_text": dict(routing_method="llama4", reads=()),
-    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen2MoeSparseMoeBlock
+    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,   # Qwen2MoeSparseMoeBlock
+                        shared=dict(shared_expert_intermediate_size=5632)),   # Qwen2MoeConfig's default
     "qwen3_moe":   dict(norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
-    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen3NextSparseMoeBlock
+    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,    # Qwen3NextSparseMoeBlock
+                        shared=dict(shared_expert_intermediate_size=512)),    # Qwen3NextConfig's default
     "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=()),   # MiniMaxM2TopKRouter
     "deepseek_v2": dict(norm_default=False, topk_method="greedy", methods=("greedy", "group_limited_greedy"),
-                        reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor")),   # (no noaux_tc)
+                        reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor"),    # (no noaux_tc)
+                        shared=dict(n_shared_experts=2)),                     # DeepseekV2Config's default
     "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
-                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # DeepseekV3Config's defaults
+                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4),   # DeepseekV3Config's defaults
+                        shared=dict(n_shared_experts=1)),
     "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
-                        defaults=dict(n_group=1, topk_group=1)),                             # Glm4MoeConfig's
+                        defaults=dict(n_group=1, topk_group=1), shared=dict(n_shared_experts=1)),   # Glm4MoeConfig's
 }
 _ROUTING_KEYS = ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
                  "use_routing_bias")   # the config.json keys that can change routing; a family reads some of them
@@ -275,14 +279,18 @@ def _routing_from_hf(cfg: dict) -> dict:
     return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
                 **_groups_from_hf(cfg, fam))
 
-# %% ../nbs/02_models.ipynb #7b0e5e3f409a
+# %% ../nbs/02_models.ipynb #c40585a6b017
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]:
-    "(num_shared_experts, width of the one always-on MLP they form) from config.json."
-    n = check_int("config.json n_shared_experts", _get(cfg, "n_shared_experts", 0), lo=0, hi=SIZE_LIMIT)
+    """(num_shared_experts, width of the one always-on MLP they form) from config.json; a key the file omits takes its
+    family's transformers default (`_FAMILIES[...]["shared"]`: a Qwen2-MoE config without the key has a 5632-wide one)."""
+    fam = _FAMILIES.get(_model_type(cfg), {}).get("shared", {})
+    n = check_int("config.json n_shared_experts", _get(cfg, "n_shared_experts", fam.get("n_shared_experts", 0)),
+                  lo=0, hi=SIZE_LIMIT)
     if n: return n, n * intermediate_size                     # DeepSeek / GLM: n experts fused into one MLP
-    width = check_int("config.json shared_expert_intermediate_size", _get(cfg, "shared_expert_intermediate_size", 0),
+    width = check_int("config.json shared_expert_intermediate_size",
+                      _get(cfg, "shared_expert_intermediate_size", fam.get("shared_expert_intermediate_size", 0)),
                       lo=0, hi=SIZE_LIMIT)
     if width: return 1, width                                 # Qwen2-MoE / Qwen3-Next: one shared expert
     if _FAMILIES.get(_model_type(cfg), {}).get("routing_method") == "llama4":

@@ -13,7 +13,7 @@ import torch
 __all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
            'check_positive_real', 'env_choice', 'gradient_wanted', 'check_device', 'check_tensor', 'check_dense',
            'check_disjoint', 'acc_dtype', 'check_finite', 'use_triton_interpreter_without_gpu', 'read_json_object',
-           'triton_interpreting', 'default_device', 'progress']
+           'triton_interpreting', 'triton_imported_interpreting', 'default_device', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: expected finite values, got {t[tuple(bad)].item()} at {bad}")
     return t
 
-# %% ../nbs/00_terms.ipynb #43bcb63593d5
+# %% ../nbs/00_terms.ipynb #619ffbd77c76
 def use_triton_interpreter_without_gpu() -> bool:
     "For entry points only (the CLI, the test set-up): without a CUDA GPU, run Triton kernels in its CPU interpreter."
     if torch.cuda.is_available(): return False
@@ -242,10 +242,18 @@ def read_json_object(path,                # a JSON file (str or Path)
 
 def triton_interpreting() -> bool:
     """Whether Triton runs its CPU interpreter, read as Triton reads `TRITON_INTERPRET` now ('1', 'true', 'yes', 'on' in
-    any case: `triton.knobs.runtime.interpret`), so that moe-lit and Triton never disagree about it."""
-    try: from triton import knobs
-    except ImportError: return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+    any case: `triton.knobs.runtime.interpret`), so that moe-lit and Triton never disagree about it. Asking does not
+    import Triton: its own `@jit` helpers take the setting when it is imported, so the answer must not fix it early."""
+    import sys
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)
+    if knobs is None: return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
     return bool(knobs.runtime.interpret)
+
+def triton_imported_interpreting() -> bool | None:
+    "Whether Triton's own `@jit` helpers were built for the interpreter (the setting when Triton was imported); None before."
+    import sys
+    std = sys.modules.get("triton.language.standard")
+    return None if std is None else type(getattr(std, "sum", None)).__name__ == "InterpretedFunction"
 
 def default_device() -> str:
     "Where kernel tensors live by default: `'cuda'` with a GPU and without Triton's interpreter (`TRITON_INTERPRET=1`), else `'cpu'`."

@@ -372,10 +372,18 @@ def read_json_object(path,                # a JSON file (str or Path)
 
 def triton_interpreting() -> bool:
     """Whether Triton runs its CPU interpreter, read as Triton reads `TRITON_INTERPRET` now ('1', 'true', 'yes', 'on' in
-    any case: `triton.knobs.runtime.interpret`), so that moe-lit and Triton never disagree about it."""
-    try: from triton import knobs
-    except ImportError: return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
+    any case: `triton.knobs.runtime.interpret`), so that moe-lit and Triton never disagree about it. Asking does not
+    import Triton: its own `@jit` helpers take the setting when it is imported, so the answer must not fix it early."""
+    import sys
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)
+    if knobs is None: return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
     return bool(knobs.runtime.interpret)
+
+def triton_imported_interpreting() -> bool | None:
+    "Whether Triton's own `@jit` helpers were built for the interpreter (the setting when Triton was imported); None before."
+    import sys
+    std = sys.modules.get("triton.language.standard")
+    return None if std is None else type(getattr(std, "sum", None)).__name__ == "InterpretedFunction"
 
 def default_device() -> str:
     "Where kernel tensors live by default: `'cuda'` with a GPU and without Triton's interpreter (`TRITON_INTERPRET=1`), else `'cpu'`."

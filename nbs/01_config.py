@@ -146,6 +146,9 @@ for name, d in BACKENDS.items():
 # `SIZE_LIMIT = 2**31`. Expert ids, expert maps and per-expert counts are int32 tensors (the dtype vLLM's kernels
 # take), so a larger value would wrap silently when cast, and a size beyond it asks for tensors no device holds.
 # Configs and table builders reject such values with the usual `ValueError` instead of failing inside an allocation.
+# A layer's expert count has a tighter bound, `MAX_EXPERTS = 2**24`: placement, routing tables and a checkpoint's
+# key lists hold a few entries per expert on every rank, so tens of millions of experts would take minutes and
+# gigabytes before any check of the weights could run (the largest published MoE layers hold about a million).
 #
 # > Two private checks complete those of `moe_lit.terms` with the same `<argument>: expected <x>, got <y>` messages:
 # > a flag must be a Python `bool` (`1`, `numpy.bool_` and a bool tensor are refused: `1 in (True, False)` is true,
@@ -154,6 +157,7 @@ for name, d in BACKENDS.items():
 # %%
 #| export
 SIZE_LIMIT = 2**31   # exclusive bound of every size and id: expert ids, maps and counts are int32 tensors
+MAX_EXPERTS = 2**24  # inclusive bound of a layer's num_experts (per-expert tables on every rank: see above)
 
 
 # %%
@@ -525,7 +529,7 @@ class MoEConfig:
 #| export
 def _check_moe_shapes(c: MoEConfig) -> None:
     "Shapes of a MoEConfig: ints in range and below SIZE_LIMIT; dtype and name of their types."
-    check_int("num_experts", c.num_experts, lo=1, hi=SIZE_LIMIT)
+    check_int("num_experts", c.num_experts, lo=1, hi=MAX_EXPERTS + 1)
     check_int("top_k", c.top_k, lo=1, hi=c.num_experts + 1)
     check_int("hidden_size", c.hidden_size, lo=1, hi=SIZE_LIMIT)
     check_int("intermediate_size", c.intermediate_size, lo=1, hi=SIZE_LIMIT)
@@ -645,7 +649,7 @@ bad = {"renormalize": ("yes", "renormalize: expected a bool, got str 'yes'"),
        "topk_group": ("a", "topk_group: expected an int, got str"),
        "shared_intermediate_size": (0, "shared_intermediate_size: expected >= 1, got 0"),
        "name": (3, "name: expected a str, got int 3"),
-       "num_experts": (2**40, "num_experts: expected <= 2147483647, got 1099511627776"),
+       "num_experts": (2**40, "num_experts: expected <= 16777216, got 1099511627776"),
        "hidden_size": (2**31, "hidden_size: expected <= 2147483647"),
        "num_redundant_experts": (2**31 - 8, "num_redundant_experts: expected num_experts + num_redundant_experts <")}
 shapes = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16)

@@ -505,16 +505,20 @@ _FAMILIES = {   # model_type -> routing and expert facts its code fixes, the rou
     "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS, reads=()),   # softmax over the top-k logits == renormalise
     "llama4":      dict(routing_method="llama4", reads=()),
     "llama4_text": dict(routing_method="llama4", reads=()),
-    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen2MoeSparseMoeBlock
+    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,   # Qwen2MoeSparseMoeBlock
+                        shared=dict(shared_expert_intermediate_size=5632)),   # Qwen2MoeConfig's default
     "qwen3_moe":   dict(norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
-    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS),   # Qwen3NextSparseMoeBlock
+    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,    # Qwen3NextSparseMoeBlock
+                        shared=dict(shared_expert_intermediate_size=512)),    # Qwen3NextConfig's default
     "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=()),   # MiniMaxM2TopKRouter
     "deepseek_v2": dict(norm_default=False, topk_method="greedy", methods=("greedy", "group_limited_greedy"),
-                        reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor")),   # (no noaux_tc)
+                        reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor"),    # (no noaux_tc)
+                        shared=dict(n_shared_experts=2)),                     # DeepseekV2Config's default
     "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
-                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4)),  # DeepseekV3Config's defaults
+                        defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4),   # DeepseekV3Config's defaults
+                        shared=dict(n_shared_experts=1)),
     "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
-                        defaults=dict(n_group=1, topk_group=1)),                             # Glm4MoeConfig's
+                        defaults=dict(n_group=1, topk_group=1), shared=dict(n_shared_experts=1)),   # Glm4MoeConfig's
 }
 _ROUTING_KEYS = ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
                  "use_routing_bias")   # the config.json keys that can change routing; a family reads some of them
@@ -575,10 +579,14 @@ def _routing_from_hf(cfg: dict) -> dict:
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]:
-    "(num_shared_experts, width of the one always-on MLP they form) from config.json."
-    n = check_int("config.json n_shared_experts", _get(cfg, "n_shared_experts", 0), lo=0, hi=SIZE_LIMIT)
+    """(num_shared_experts, width of the one always-on MLP they form) from config.json; a key the file omits takes its
+    family's transformers default (`_FAMILIES[...]["shared"]`: a Qwen2-MoE config without the key has a 5632-wide one)."""
+    fam = _FAMILIES.get(_model_type(cfg), {}).get("shared", {})
+    n = check_int("config.json n_shared_experts", _get(cfg, "n_shared_experts", fam.get("n_shared_experts", 0)),
+                  lo=0, hi=SIZE_LIMIT)
     if n: return n, n * intermediate_size                     # DeepSeek / GLM: n experts fused into one MLP
-    width = check_int("config.json shared_expert_intermediate_size", _get(cfg, "shared_expert_intermediate_size", 0),
+    width = check_int("config.json shared_expert_intermediate_size",
+                      _get(cfg, "shared_expert_intermediate_size", fam.get("shared_expert_intermediate_size", 0)),
                       lo=0, hi=SIZE_LIMIT)
     if width: return 1, width                                 # Qwen2-MoE / Qwen3-Next: one shared expert
     if _FAMILIES.get(_model_type(cfg), {}).get("routing_method") == "llama4":
@@ -698,7 +706,8 @@ with tempfile.TemporaryDirectory() as d:
     c = moe_config_from_hf(Path(d))                                     # a directory, as a Path
 test_eq(c.replace(name=PRESETS["deepseek-v3"].name), PRESETS["deepseek-v3"])
 # keys DeepseekV3Config defaults (2.5, 8 groups, top-4 groups): absent or null, the family's default, not 1.0 / ungrouped
-trimmed = {k: v for k, v in deepseek_v3.items() if k not in ("routed_scaling_factor", "n_group", "topk_group")}
+trimmed = {k: v for k, v in deepseek_v3.items() if k not in ("routed_scaling_factor", "n_group", "topk_group",
+                                                             "n_shared_experts")}   # (its default: 1 shared expert)
 test_eq(moe_config_from_hf({**trimmed, "routed_scaling_factor": None}).replace(name=PRESETS["deepseek-v3"].name),
         PRESETS["deepseek-v3"])
 # dtype is the newer name and wins in transformers; two names that disagree are refused
@@ -763,6 +772,8 @@ test_fail(lambda: moe_config_from_hf({**plain, "use_routing_bias": "yes"}), cont
 test_fail(lambda: moe_config_from_hf({**minimax, "model_type": "mixtral", "swiglu_limit": 7.0}),
           contains="config.json swiglu_limit: expected no swiglu_limit for model_type 'mixtral'")
 test_eq(moe_config_from_hf({**qwen2, "shared_expert_intermediate_size": 0}).shared_expert_gate, False)
+no_key = {k: v for k, v in qwen2.items() if k != "shared_expert_intermediate_size"}   # absent: transformers' default
+test_eq(moe_config_from_hf(no_key).shared_intermediate_size, 5632)
 
 # %%
 #| test from_hf_llama4

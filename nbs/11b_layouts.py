@@ -120,6 +120,8 @@ LAYOUTS: dict[str, CheckpointLayout] = {   # model_type -> layout (the table abo
 #| export
 _FIRST_K_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3, "glm4_moe": 1}   # the transformers config classes
 
+MAX_LAYERS = 2**16   # decoder layers a config.json may declare (the largest published models have a few hundred)
+
 def _count(cfg: dict, key: str, default: int, lo: int = 0) -> int:
     "The int `cfg[key]` (`default` when absent or null), `lo <= v < SIZE_LIMIT`; bools, floats and strs refused."
     v = cfg.get(key)
@@ -179,12 +181,16 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
     if text.get("num_hidden_layers") is None:
         raise ValueError("config.json num_hidden_layers: expected an int >= 1, got none (the key is missing or null)")
     n = _count(text, "num_hidden_layers", 0, lo=1)
+    if n > MAX_LAYERS:                                 # (every index is listed below: a bound, not a minutes-long loop)
+        raise ValueError(f"config.json num_hidden_layers: expected <= {MAX_LAYERS} (decoder layers of one model), got {n}")
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
 
 # %%
 #| test moe_layer_indices
 test_eq(moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 3}), [0, 1, 2])
+test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 2_000_000_000}),
+          contains="config.json num_hidden_layers: expected <= 65536")
 ds = {"model_type": "deepseek_v3", "num_hidden_layers": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1}
 test_eq(moe_layer_indices(ds), [1, 2, 3, 4, 5])
 test_eq(moe_layer_indices({**ds, "moe_layer_freq": 2}), [2, 4])

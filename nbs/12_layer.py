@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
-from moe_lit.terms import check_device, gradient_wanted, triton_interpreting
+from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, triton_imported_interpreting
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -88,9 +88,14 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
         raise ValueError(f"TRITON_INTERPRET: expected the setting it had when moe_lit.kernels was imported (interpreter "
                          f"{'on' if kb.INTERPRET else 'off'}; set it before that import), got "
                          f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
+    std = triton_imported_interpreting()                   # and so do Triton's own @jit helpers
+    if experts != "torch" and std is not None and std != triton_interpreting():
+        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter "
+                         f"{'on' if std else 'off'}; set it before anything imports triton), got "
+                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
     if experts == "triton" and device.type == "cpu" and not triton_interpreting():
         raise ValueError("experts: expected a CUDA GPU for the Triton kernels, or TRITON_INTERPRET=1 set before "
-                         "moe_lit.kernels is imported (Triton's CPU interpreter; the moe-lit command sets it), got "
+                         "triton and moe_lit.kernels are imported (Triton's CPU interpreter; the moe-lit command sets it), got "
                          f"device cpu with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
     impl = "triton_quant" if q else "triton"
     if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
@@ -114,6 +119,21 @@ test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
 test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
 test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
 test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+import subprocess, sys, os            # the interpreter switch, in fresh processes without it: the refusal imports no
+head = ["import os, sys, torch", "from moe_lit.config import MoEConfig", "from moe_lit.layer import FusedMoE",
+        "c = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)"]   # (lines: a test is indented)
+after = "\n".join(head + ["try: FusedMoE(c, experts='triton')",
+                           "except ValueError: print('refused', 'triton' in sys.modules)",
+                           "os.environ['TRITON_INTERPRET'] = '1'",
+                           "print(FusedMoE(c, experts='triton')(torch.randn(2, 64, dtype=torch.bfloat16)).shape)"])
+early = "\n".join(head + ["import triton.language", "os.environ['TRITON_INTERPRET'] = '1'",
+                           "try: FusedMoE(c, experts='triton')", "except ValueError as e: print(e)"])
+env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+if not torch.cuda.is_available():
+    r = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, env=env, timeout=600)
+    test_eq(r.stdout.split("\n")[:2], ["refused False", "torch.Size([2, 64])"])
+    r = subprocess.run([sys.executable, "-c", early], capture_output=True, text=True, env=env, timeout=600)
+    assert "TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter off" in r.stdout, r.stdout + r.stderr[-800:]
 test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
 impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
 assert impl == "torch" and "dequantized once (an emulation)" in why
@@ -230,8 +250,9 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         t = check_dense(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
         per_expert = expert_ids is not None and len(shape) > 1 and shape[0] == len(expert_ids)
         out[n] = _finite(f"weights[{n!r}]", t, expert_ids if per_expert else None, source)
-        if t.dtype != config.dtype and n not in ("gate", "gate_bias", "e_score_correction_bias"):   # cast: finite there too
-            _finite(f"weights[{n!r}] in {config.dtype}", t.to(config.dtype), expert_ids if per_expert else None, source)
+        held = torch.float32 if n in ("gate", "gate_bias", "e_score_correction_bias") else config.dtype   # the router's: fp32
+        if t.dtype != held:                                                                  # cast: finite there too
+            _finite(f"weights[{n!r}] in {held}", t.to(held), expert_ids if per_expert else None, source)
     return out
 
 def _finite(name: str, t: torch.Tensor, expert_ids, source) -> torch.Tensor:
@@ -1545,6 +1566,8 @@ test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"] * float("n
           contains="weights['gate']: expected finite values")
 test_fail(lambda: FusedMoE(cfg.replace(dtype=torch.float16), weights={**full, "w2": full["w2"] * 1e6}),
           contains="weights['w2'] in torch.float16: expected finite values")          # finite, but not once cast
+test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"].double().index_fill(1, torch.tensor([0]), 1e300)}),
+          contains="weights['gate'] in torch.float32: expected finite values")        # the router keeps fp32
 bad = full["w13"].clone(); bad[3, 5, 1] = float("nan")                                 # global expert 3: rank 1 of 3
 test_fail(lambda: FusedMoE(rank_config(cfg.replace(parallel=par), 1), weights={**full, "w13": bad}),
           contains="weights['w13']: expected finite values, got nan at [1, 5, 1] (index 0 is the expert: global expert 3)")

@@ -151,7 +151,7 @@ def test_moe_config_bad_input():
            "topk_group": ("a", "topk_group: expected an int, got str"),
            "shared_intermediate_size": (0, "shared_intermediate_size: expected >= 1, got 0"),
            "name": (3, "name: expected a str, got int 3"),
-           "num_experts": (2**40, "num_experts: expected <= 2147483647, got 1099511627776"),
+           "num_experts": (2**40, "num_experts: expected <= 16777216, got 1099511627776"),
            "hidden_size": (2**31, "hidden_size: expected <= 2147483647"),
            "num_redundant_experts": (2**31 - 8, "num_redundant_experts: expected num_experts + num_redundant_experts <")}
     shapes = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16)

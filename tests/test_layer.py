@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
-from moe_lit.terms import check_device, gradient_wanted, triton_interpreting
+from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, triton_imported_interpreting
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -40,6 +40,21 @@ def test_resolve_experts():
     test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
     test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
     test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+    import subprocess, sys, os            # the interpreter switch, in fresh processes without it: the refusal imports no
+    head = ["import os, sys, torch", "from moe_lit.config import MoEConfig", "from moe_lit.layer import FusedMoE",
+            "c = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)"]   # (lines: a test is indented)
+    after = "\n".join(head + ["try: FusedMoE(c, experts='triton')",
+                               "except ValueError: print('refused', 'triton' in sys.modules)",
+                               "os.environ['TRITON_INTERPRET'] = '1'",
+                               "print(FusedMoE(c, experts='triton')(torch.randn(2, 64, dtype=torch.bfloat16)).shape)"])
+    early = "\n".join(head + ["import triton.language", "os.environ['TRITON_INTERPRET'] = '1'",
+                               "try: FusedMoE(c, experts='triton')", "except ValueError as e: print(e)"])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, env=env, timeout=600)
+        test_eq(r.stdout.split("\n")[:2], ["refused False", "torch.Size([2, 64])"])
+        r = subprocess.run([sys.executable, "-c", early], capture_output=True, text=True, env=env, timeout=600)
+        assert "TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter off" in r.stdout, r.stdout + r.stderr[-800:]
     test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
     impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
     assert impl == "torch" and "dequantized once (an emulation)" in why
@@ -606,6 +621,8 @@ def test_fused_moe_from_mapping():
               contains="weights['gate']: expected finite values")
     test_fail(lambda: FusedMoE(cfg.replace(dtype=torch.float16), weights={**full, "w2": full["w2"] * 1e6}),
               contains="weights['w2'] in torch.float16: expected finite values")          # finite, but not once cast
+    test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"].double().index_fill(1, torch.tensor([0]), 1e300)}),
+              contains="weights['gate'] in torch.float32: expected finite values")        # the router keeps fp32
     bad = full["w13"].clone(); bad[3, 5, 1] = float("nan")                                 # global expert 3: rank 1 of 3
     test_fail(lambda: FusedMoE(rank_config(cfg.replace(parallel=par), 1), weights={**full, "w13": bad}),
               contains="weights['w13']: expected finite values, got nan at [1, 5, 1] (index 0 is the expert: global expert 3)")

@@ -12,6 +12,8 @@ from moe_lit.layouts import *
 
 def test_moe_layer_indices():
     test_eq(moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 3}), [0, 1, 2])
+    test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 2_000_000_000}),
+              contains="config.json num_hidden_layers: expected <= 65536")
     ds = {"model_type": "deepseek_v3", "num_hidden_layers": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1}
     test_eq(moe_layer_indices(ds), [1, 2, 3, 4, 5])
     test_eq(moe_layer_indices({**ds, "moe_layer_freq": 2}), [2, 4])

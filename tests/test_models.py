@@ -160,7 +160,8 @@ def test_from_hf_deepseek_v3():
         c = moe_config_from_hf(Path(d))                                     # a directory, as a Path
     test_eq(c.replace(name=PRESETS["deepseek-v3"].name), PRESETS["deepseek-v3"])
     # keys DeepseekV3Config defaults (2.5, 8 groups, top-4 groups): absent or null, the family's default, not 1.0 / ungrouped
-    trimmed = {k: v for k, v in deepseek_v3.items() if k not in ("routed_scaling_factor", "n_group", "topk_group")}
+    trimmed = {k: v for k, v in deepseek_v3.items() if k not in ("routed_scaling_factor", "n_group", "topk_group",
+                                                                 "n_shared_experts")}   # (its default: 1 shared expert)
     test_eq(moe_config_from_hf({**trimmed, "routed_scaling_factor": None}).replace(name=PRESETS["deepseek-v3"].name),
             PRESETS["deepseek-v3"])
     # dtype is the newer name and wins in transformers; two names that disagree are refused
@@ -225,6 +226,8 @@ def test_from_hf_expert_semantics():
     test_fail(lambda: moe_config_from_hf({**minimax, "model_type": "mixtral", "swiglu_limit": 7.0}),
               contains="config.json swiglu_limit: expected no swiglu_limit for model_type 'mixtral'")
     test_eq(moe_config_from_hf({**qwen2, "shared_expert_intermediate_size": 0}).shared_expert_gate, False)
+    no_key = {k: v for k, v in qwen2.items() if k != "shared_expert_intermediate_size"}   # absent: transformers' default
+    test_eq(moe_config_from_hf(no_key).shared_intermediate_size, 5632)
 
 
 def test_from_hf_llama4():
