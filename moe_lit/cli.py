@@ -165,15 +165,17 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
     report["timing"] = _timing(run, num_tokens, time.perf_counter() - t0)   # after the checks: they are timed too
     return report
 
-# %% ../nbs/15_cli.ipynb #dbaa081596da
+# %% ../nbs/15_cli.ipynb #aebc4c73ca6d
 def tables_report(config: MoEConfig,        # the model on its deployment
                   placement: str | None = None,  # requested strategy: 'linear' or 'round_robin' (None: linear)
                   tp_size: int = 1,           # TP size inside each DP rank (as `run_report`'s)
                  ) -> dict:
     "Every rank's placement for `config`'s deployment as JSON-ready data: local experts, expert_map, routing tables."
+    build = lambda c: Placement.build(c, strategy="linear" if placement is None else placement)
+    first = build(rank_config(config, 0, tp_size))   # an impossible deployment is refused here, before a loop of ep_size
     ranks = [rank_config(config, r, tp_size) for r in range(config.ep_size)]     # the deployment as run uses it
     dispatch_h, h_note = dispatch_hidden_size(ranks[0])
-    ps = [Placement.build(c, strategy="linear" if placement is None else placement) for c in ranks]
+    ps = [first] + [build(c) for c in ranks[1:]]
     p0, par = ps[0], ranks[0].parallel
     return {"model": config.name, "num_experts": config.num_experts, "ep_size": config.ep_size,
             "all2all_backend": par.all2all_backend, "all2all_used": par.use_all2all_kernels,

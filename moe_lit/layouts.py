@@ -120,7 +120,7 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
 
-# %% ../nbs/11b_layouts.ipynb #0b73e51bce87
+# %% ../nbs/11b_layouts.ipynb #9f54553d5965
 QUANT_METHODS = {s.hf_quant_method: s.name for s in QUANT_SCHEME_TABLE.values() if s.hf_quant_method}   # -> scheme
 
 def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
@@ -145,4 +145,7 @@ def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
             all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 2**16 for b in block)):
         raise ValueError(f"config.json quantization_config.weight_block_size: expected two positive ints (at most "
                          f"{2**16}), got {block!r}")
+    from moe_lit.quant_weights import _check_block_shape          # the containers' rule, named by the file's key
+    try: _check_block_shape(QUANT_METHODS[method], tuple(block))
+    except ValueError as e: raise ValueError(f"config.json quantization_config.weight_block_size {list(block)}: {e}") from None
     return QUANT_METHODS[method], tuple(block)

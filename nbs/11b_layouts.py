@@ -259,6 +259,9 @@ def quant_scheme_from_hf(cfg: dict,  # a config.json's contents
             all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 2**16 for b in block)):
         raise ValueError(f"config.json quantization_config.weight_block_size: expected two positive ints (at most "
                          f"{2**16}), got {block!r}")
+    from moe_lit.quant_weights import _check_block_shape          # the containers' rule, named by the file's key
+    try: _check_block_shape(QUANT_METHODS[method], tuple(block))
+    except ValueError as e: raise ValueError(f"config.json quantization_config.weight_block_size {list(block)}: {e}") from None
     return QUANT_METHODS[method], tuple(block)
 
 # %%
@@ -279,3 +282,5 @@ for bad in (None, [1], "mixtral"):
 for bad in ([128], [128, 0], [True, 128], "128", [], 0, False, "", {}, [10**12, 1]):
     test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "weight_block_size": bad}}),
               contains="config.json quantization_config.weight_block_size: expected two positive ints")
+test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 16]}}),
+          contains="config.json quantization_config.weight_block_size [32, 16]: block_shape[1]: expected >= 32, got 16")

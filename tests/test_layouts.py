@@ -62,3 +62,5 @@ def test_quant_scheme_from_hf():
     for bad in ([128], [128, 0], [True, 128], "128", [], 0, False, "", {}, [10**12, 1]):
         test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "weight_block_size": bad}}),
                   contains="config.json quantization_config.weight_block_size: expected two positive ints")
+    test_fail(lambda: quant_scheme_from_hf({"quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 16]}}),
+              contains="config.json quantization_config.weight_block_size [32, 16]: block_shape[1]: expected >= 32, got 16")
