@@ -20,7 +20,7 @@ from .formats import gate_up_from_interleaved
 # %% auto #0
 __all__ = ['CheckpointWeights']
 
-# %% ../nbs/11c_checkpoint.ipynb #91d0e6711d61
+# %% ../nbs/11c_checkpoint.ipynb #6f9aa2594e84
 def _weight_map(root: Path) -> dict[str, str]:
     "key -> shard file name: the index's `weight_map` when the directory has one, else every key of model.safetensors."
     index, single = root / "model.safetensors.index.json", root / "model.safetensors"
@@ -28,6 +28,10 @@ def _weight_map(root: Path) -> dict[str, str]:
         wm = read_json_object(index, "checkpoint_dir").get("weight_map")      # a key twice: refused, not the last kept
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise ValueError(f"checkpoint_dir: expected a 'weight_map' object of key -> file in {index}, got {wm!r:.80}")
+        for key, file in wm.items():                     # shards sit beside the index (as transformers writes them)
+            if not file or Path(file).name != file or file in (".", ".."):
+                raise ValueError(f"checkpoint_dir: expected weight_map file names in the checkpoint directory, got "
+                                 f"{file!r} for {key!r} in {index}")
         return wm
     if single.is_file():
         with _safe_open(single) as f: return dict.fromkeys(f.keys(), single.name)

@@ -24,7 +24,7 @@ from .quant_weights import QUANT_TENSORS
 # %% auto #0
 __all__ = ['resolve_experts', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep', 'reference_by_global_id']
 
-# %% ../nbs/12_layer.ipynb #7a16d8c827b8
+# %% ../nbs/12_layer.ipynb #c7716609f177
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
@@ -38,7 +38,11 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
         except ValueError as e:                                                       # the argument is `backend` here
             if str(e).startswith("override:"): raise ValueError("backend:" + str(e)[len("override:"):]) from None
             raise
-        return d.chosen.implementation, f"oracle: {d.chosen.name} — {dict((n, r) for n, _, r in d.trace)[d.chosen.name]}"
+        impl = d.chosen.implementation
+        if experts != "auto" and (impl == "torch") != (experts == "torch"):    # two requests that disagree: not guessed
+            raise ValueError(f"experts: expected 'auto' or the implementation of backend {d.chosen.name!r} "
+                             f"({'torch' if impl == 'torch' else 'triton'}), got {experts!r}")
+        return impl, f"oracle: {d.chosen.name} — {dict((n, r) for n, _, r in d.trace)[d.chosen.name]}"
     kernels = ("Triton dispatch, batched GEMMs and combine" if activation_format is ActivationFormat.BatchedExperts
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
@@ -70,7 +74,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #22d23e1099d4
+# %% ../nbs/12_layer.ipynb #c6d0ea33e112
 class FusedMoE(torch.nn.Module):
     """One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel.
 
@@ -104,7 +108,8 @@ class FusedMoE(torch.nn.Module):
         source = _weight_source(config, weights, seed)
         for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias"),
                                 source=source).items():
-            self.register_buffer(name, None if t is None else t.float().to(device).contiguous())   # [E, H] / [E] fp32, replicated, dense
+            self.register_buffer(name, None if t is None else   # [E, H] / [E] fp32, replicated, dense: the layer's own
+                                 t.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True))
         self._load_experts(source, device)
         shared = source.shared()
         if (shared is None) != (not config.num_shared_experts):

@@ -73,6 +73,10 @@ def _weight_map(root: Path) -> dict[str, str]:
         wm = read_json_object(index, "checkpoint_dir").get("weight_map")      # a key twice: refused, not the last kept
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise ValueError(f"checkpoint_dir: expected a 'weight_map' object of key -> file in {index}, got {wm!r:.80}")
+        for key, file in wm.items():                     # shards sit beside the index (as transformers writes them)
+            if not file or Path(file).name != file or file in (".", ".."):
+                raise ValueError(f"checkpoint_dir: expected weight_map file names in the checkpoint directory, got "
+                                 f"{file!r} for {key!r} in {index}")
         return wm
     if single.is_file():
         with _safe_open(single) as f: return dict.fromkeys(f.keys(), single.name)
@@ -838,6 +842,9 @@ with tempfile.TemporaryDirectory() as d:
     index = lambda wm: json.dump({"weight_map": wm}, open(f"{d}/model.safetensors.index.json", "w"))
     index({k: "a.safetensors" for k in good})              # the index promises keys the shard lacks
     test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected key '{P}experts.3.gate_proj.weight' in the shard file 'a.safetensors'")
+    for outside in ("../a.safetensors", "/etc/passwd", "", "sub/a.safetensors"):   # beside the index only
+        index({k: outside for k in good})
+        test_fail(lambda: CheckpointWeights(d, 1), contains="checkpoint_dir: expected weight_map file names in the checkpoint directory")
     index({k: "config.json" for k in good})
     test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected a readable safetensors file {d}/config.json, got")
     index({k: "a.safetensors" if k in half else "b.safetensors" for k in good}); src = CheckpointWeights(d, 1)

@@ -75,7 +75,11 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
         except ValueError as e:                                                       # the argument is `backend` here
             if str(e).startswith("override:"): raise ValueError("backend:" + str(e)[len("override:"):]) from None
             raise
-        return d.chosen.implementation, f"oracle: {d.chosen.name} — {dict((n, r) for n, _, r in d.trace)[d.chosen.name]}"
+        impl = d.chosen.implementation
+        if experts != "auto" and (impl == "torch") != (experts == "torch"):    # two requests that disagree: not guessed
+            raise ValueError(f"experts: expected 'auto' or the implementation of backend {d.chosen.name!r} "
+                             f"({'torch' if impl == 'torch' else 'triton'}), got {experts!r}")
+        return impl, f"oracle: {d.chosen.name} — {dict((n, r) for n, _, r in d.trace)[d.chosen.name]}"
     kernels = ("Triton dispatch, batched GEMMs and combine" if activation_format is ActivationFormat.BatchedExperts
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
@@ -139,6 +143,8 @@ impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
 assert impl == "torch" and "dequantized once (an emulation)" in why
 impl, why = resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32), backend="torch_standard")
 assert impl == "torch" and why.startswith("oracle: torch_standard")
+test_fail(lambda: resolve_experts("triton", S, torch.device("cpu"), "unquantized", MoEConfig(8, 2, 64, 32),
+                                  backend="torch_standard"), contains="experts: expected 'auto' or the implementation of backend 'torch_standard' (torch), got 'triton'")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                   backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
@@ -190,7 +196,8 @@ class FusedMoE(torch.nn.Module):
         source = _weight_source(config, weights, seed)
         for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias"),
                                 source=source).items():
-            self.register_buffer(name, None if t is None else t.float().to(device).contiguous())   # [E, H] / [E] fp32, replicated, dense
+            self.register_buffer(name, None if t is None else   # [E, H] / [E] fp32, replicated, dense: the layer's own
+                                 t.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True))
         self._load_experts(source, device)
         shared = source.shared()
         if (shared is None) != (not config.num_shared_experts):
@@ -1566,6 +1573,8 @@ test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"] * float("n
           contains="weights['gate']: expected finite values")
 test_fail(lambda: FusedMoE(cfg.replace(dtype=torch.float16), weights={**full, "w2": full["w2"] * 1e6}),
           contains="weights['w2'] in torch.float16: expected finite values")          # finite, but not once cast
+own = FusedMoE(cfg.replace(dtype=torch.float32), weights={**full, "gate": full["gate"].float()})
+assert own.gate.data_ptr() != full["gate"].data_ptr()                          # a copy: the caller's edits do not reach it
 test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"].double().index_fill(1, torch.tensor([0]), 1e300)}),
           contains="weights['gate'] in torch.float32: expected finite values")        # the router keeps fp32
 bad = full["w13"].clone(); bad[3, 5, 1] = float("nan")                                 # global expert 3: rank 1 of 3

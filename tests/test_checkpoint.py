@@ -292,6 +292,9 @@ def test_unreadable_checkpoint_files():
         index = lambda wm: json.dump({"weight_map": wm}, open(f"{d}/model.safetensors.index.json", "w"))
         index({k: "a.safetensors" for k in good})              # the index promises keys the shard lacks
         test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected key '{P}experts.3.gate_proj.weight' in the shard file 'a.safetensors'")
+        for outside in ("../a.safetensors", "/etc/passwd", "", "sub/a.safetensors"):   # beside the index only
+            index({k: outside for k in good})
+            test_fail(lambda: CheckpointWeights(d, 1), contains="checkpoint_dir: expected weight_map file names in the checkpoint directory")
         index({k: "config.json" for k in good})
         test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected a readable safetensors file {d}/config.json, got")
         index({k: "a.safetensors" if k in half else "b.safetensors" for k in good}); src = CheckpointWeights(d, 1)

@@ -60,6 +60,8 @@ def test_resolve_experts():
     assert impl == "torch" and "dequantized once (an emulation)" in why
     impl, why = resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32), backend="torch_standard")
     assert impl == "torch" and why.startswith("oracle: torch_standard")
+    test_fail(lambda: resolve_experts("triton", S, torch.device("cpu"), "unquantized", MoEConfig(8, 2, 64, 32),
+                                      backend="torch_standard"), contains="experts: expected 'auto' or the implementation of backend 'torch_standard' (torch), got 'triton'")
     test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                       backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
     test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
@@ -621,6 +623,8 @@ def test_fused_moe_from_mapping():
               contains="weights['gate']: expected finite values")
     test_fail(lambda: FusedMoE(cfg.replace(dtype=torch.float16), weights={**full, "w2": full["w2"] * 1e6}),
               contains="weights['w2'] in torch.float16: expected finite values")          # finite, but not once cast
+    own = FusedMoE(cfg.replace(dtype=torch.float32), weights={**full, "gate": full["gate"].float()})
+    assert own.gate.data_ptr() != full["gate"].data_ptr()                          # a copy: the caller's edits do not reach it
     test_fail(lambda: FusedMoE(cfg, weights={**full, "gate": full["gate"].double().index_fill(1, torch.tensor([0]), 1e300)}),
               contains="weights['gate'] in torch.float32: expected finite values")        # the router keeps fp32
     bad = full["w13"].clone(); bad[3, 5, 1] = float("nan")                                 # global expert 3: rank 1 of 3
