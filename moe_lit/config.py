@@ -265,7 +265,7 @@ class MoEConfig:
     def __post_init__(self):
         _check_moe_shapes(self); _check_moe_routing(self); _check_moe_deployment(self)
 
-# %% ../nbs/01_config.ipynb #0585f7a0a9bf
+# %% ../nbs/01_config.ipynb #7a73446bd1b4
 def _check_moe_shapes(c: MoEConfig) -> None:
     "Shapes of a MoEConfig: ints in range and below SIZE_LIMIT; dtype and name of their types."
     check_int("num_experts", c.num_experts, lo=1, hi=MAX_EXPERTS + 1)
@@ -275,6 +275,9 @@ def _check_moe_shapes(c: MoEConfig) -> None:
     check_int("num_shared_experts", c.num_shared_experts, lo=0, hi=SIZE_LIMIT)
     if c.shared_intermediate_size is not None:
         check_int("shared_intermediate_size", c.shared_intermediate_size, lo=1, hi=SIZE_LIMIT)
+        if not c.num_shared_experts:                         # a width for nothing: a config that lost its count
+            raise ValueError(f"shared_intermediate_size: expected None without shared experts (num_shared_experts 0), "
+                             f"got {c.shared_intermediate_size}")
     check_int("num_redundant_experts", c.num_redundant_experts, lo=0, hi=SIZE_LIMIT)
     if c.num_experts + c.num_redundant_experts >= SIZE_LIMIT:
         raise ValueError(f"num_redundant_experts: expected num_experts + num_redundant_experts < {SIZE_LIMIT} "

@@ -150,13 +150,14 @@ def test_moe_config_bad_input():
            "num_expert_group": (0, "num_expert_group: expected >= 1, got 0"),        # checked although routing is topk
            "topk_group": ("a", "topk_group: expected an int, got str"),
            "shared_intermediate_size": (0, "shared_intermediate_size: expected >= 1, got 0"),
+           "shared_intermediate_size ": (64, "shared_intermediate_size: expected None without shared experts"),
            "name": (3, "name: expected a str, got int 3"),
            "num_experts": (2**40, "num_experts: expected <= 16777216, got 1099511627776"),
            "hidden_size": (2**31, "hidden_size: expected <= 2147483647"),
            "num_redundant_experts": (2**31 - 8, "num_redundant_experts: expected num_experts + num_redundant_experts <")}
     shapes = dict(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16)
     for field_name, (value, msg) in bad.items():
-        test_fail(lambda: MoEConfig(**{**shapes, field_name: value}), contains=msg)
+        test_fail(lambda: MoEConfig(**{**shapes, field_name.strip(): value}), contains=msg)
     for x in (float("nan"), float("inf"), True, 0, -1.5, 10**400):
         test_fail(lambda: MoEConfig(8, 2, 16, 16, routed_scaling_factor=x),
                   contains="routed_scaling_factor: expected a finite")
