@@ -24,10 +24,10 @@ from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scale
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, _slot_expert, expert_slots
-from moe_lit.kernels.batched import _split_k_launch, _split_k_choice, _split_k_buffers, epilogue_constants
+from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, epilogue_constants
 import moe_lit.kernels.batched as _batched
 from moe_lit.kernels.batched import check_max_active, SPLIT_K_PROGRAMS_PER_SM
-from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
+from moe_lit.kernels.batched import check_activation, check_expert_bias, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args, _block_pairs
 
 # %%
@@ -1133,8 +1133,8 @@ def _batched_quant_plan(static, E, M, K, n_out, out_strides, out_dtype, act, exp
     slots, compact, block_e = expert_slots(E, max_active)
     kw = dict(num_experts=E, COMPACT=compact, BLOCK_E=block_e, N_OUT=n_out, K=K, K_W=wa["K_W"], MAX_TOKENS=M,
               num_m_tiles=num_m_tiles, **wa["w_strides"], **_named_strides("c", "emn", out_strides),
-              **epilogue_constants(act, bias_strides), FMT=wa["FMT"], GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"],
-              SPLIT_K=split, SCALE_FOLD=wa["SCALE_FOLD"], **cfg)
+              **epilogue_constants(act, bias_strides), FMT=wa["FMT"], GROUP_N=wa["GROUP_N"], GROUP_K=wa["GROUP_K"],
+              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LAYOUT=wa["LAYOUT"], SPLIT_K=split, SCALE_FOLD=wa["SCALE_FOLD"], **cfg)
     return (tiles, slots, split), bk, tiles * E, split, bm, bn, kw
 
 # %% [markdown]

@@ -23,7 +23,7 @@ from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, we
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import DEVICES, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
-from moe_lit.quant_weights import QUANT_TENSORS
+from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 
 # %%
 #| hide
@@ -488,7 +488,7 @@ def _weight_versions(self: FusedMoE) -> tuple:
     the placement's tables (an in-place edit of one is checked again, as a new placement is), and last the quantized
     experts' codes and scales (an in-place edit: the container checked again, as a new one is)."""
     p, b, place = self._parameters, self._buffers, self.placement
-    quantized = self.qweights is not None and hasattr(self.qweights, "w13_scale")   # (anything else: named below)
+    quantized = isinstance(self.qweights, QuantizedExpertWeights)   # (anything else: named below)
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
                                        id(self._modules.get("shared_experts")), self.debug, self.experts) + \
@@ -513,8 +513,7 @@ def _meta(t) -> tuple | None:
 
 def _qmeta(q) -> tuple | None:
     if q is None: return None
-    if not all(hasattr(q, n) for n in ("num_experts", "hidden_size", "intermediate_size", "device", "scheme", "w13_scale")):
-        return (f"a {type(q).__name__}, not a QuantizedExpertWeights",)
+    if not isinstance(q, QuantizedExpertWeights): return (f"a {type(q).__name__}, not a QuantizedExpertWeights",)
     return (q.num_experts, q.hidden_size, q.intermediate_size, q.device, q.scheme)
 
 @patch

@@ -17,10 +17,10 @@ from moe_lit.kernels.quant_act import _fp8_row_amax, _fp8_row_scales, _fp8_scale
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_extent, check_kernel_device
 from moe_lit.kernels.batched import default_tile_config
 from moe_lit.kernels.batched import _cdiv, _tile_config_root, _split_k_sum, _slot_expert, expert_slots
-from moe_lit.kernels.batched import _split_k_launch, _split_k_choice, _split_k_buffers, epilogue_constants
+from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, epilogue_constants
 import moe_lit.kernels.batched as _batched
 from moe_lit.kernels.batched import check_max_active, SPLIT_K_PROGRAMS_PER_SM
-from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, add_expert_bias, gated_activation
+from moe_lit.kernels.batched import check_activation, check_expert_bias, add_expert_bias, gated_activation
 from moe_lit.kernels.contiguous import check_aligned_args, _block_pairs
 from moe_lit.kernels.batched import DEVICE, split_k_factor, _num_sms
 from moe_lit.kernels.contiguous import moe_align_block_size

@@ -16,7 +16,7 @@ from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, we
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
 from moe_lit.oracle import DEVICES, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
-from moe_lit.quant_weights import QUANT_TENSORS
+from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu, check_launch_keys
