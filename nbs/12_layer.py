@@ -116,6 +116,10 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
 import moe_lit.kernels.batched as kb
 
 # %%
+#| hide
+import subprocess, sys, os
+
+# %%
 #| test resolve_experts
 B, S = ActivationFormat.BatchedExperts, ActivationFormat.Standard
 test_eq(resolve_experts("auto", B, torch.device("cuda"))[0], "triton")
@@ -123,9 +127,10 @@ test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
 test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
 test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
 test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
-import subprocess, sys, os            # the interpreter switch, in fresh processes without it: the refusal imports no
+# the interpreter switch, in fresh processes without it: the refusal imports no Triton, so setting it afterwards
 head = ["import os, sys, torch", "from moe_lit.config import MoEConfig", "from moe_lit.layer import FusedMoE",
-        "c = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)"]   # (lines: a test is indented)
+        "c = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)"]   # works; Triton imported
+# without it is refused (lines, not one string: a test's body is indented)
 after = "\n".join(head + ["try: FusedMoE(c, experts='triton')",
                            "except ValueError: print('refused', 'triton' in sys.modules)",
                            "os.environ['TRITON_INTERPRET'] = '1'",

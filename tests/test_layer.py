@@ -29,6 +29,7 @@ import triton
 from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 import moe_lit.kernels.batched as kb
+import subprocess, sys, os
 import dataclasses
 from moe_lit.layer import *
 
@@ -40,9 +41,10 @@ def test_resolve_experts():
     test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
     test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
     test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
-    import subprocess, sys, os            # the interpreter switch, in fresh processes without it: the refusal imports no
+    # the interpreter switch, in fresh processes without it: the refusal imports no Triton, so setting it afterwards
     head = ["import os, sys, torch", "from moe_lit.config import MoEConfig", "from moe_lit.layer import FusedMoE",
-            "c = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)"]   # (lines: a test is indented)
+            "c = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)"]   # works; Triton imported
+    # without it is refused (lines, not one string: a test's body is indented)
     after = "\n".join(head + ["try: FusedMoE(c, experts='triton')",
                                "except ValueError: print('refused', 'triton' in sys.modules)",
                                "os.environ['TRITON_INTERPRET'] = '1'",
