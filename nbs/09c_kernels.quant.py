@@ -217,8 +217,12 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 # cycles per KB of codes; 8 warps: 74.8 → 64.9), half of the `HMUL2`s gone. What remained was integer work: 149
 # `LOP3` and 100 `IMAD` (the `and`s and the `mul.lo` that placed the bits). With the bits placed at load (above) the
 # folded MXFP4 loop is 437 instructions (54.6 a KB; 8 warps 426, 53.2), the unfolded 516, NVFP4 folded 489 (61.1):
-# 96 fewer a loop in every variant, `PRMT` 40 → 8, `LOP3` 149 → 101, `IMAD` 101 → 53 (`sass_fp4_sm90.log`). Not
-# yet timed on the GPU. Of the rest, each of the loop's 16 `HGMMA`s (A from registers) is waited for before the
+# 96 fewer a loop in every variant, `PRMT` 40 → 8, `LOP3` 149 → 101, `IMAD` 101 → 53 (`sass_fp4_sm90.log`). Timed
+# on an H100 against the revision before it (64cc9b4, same process order, same inputs, `nbs/bench/fp4_ab_gpu.sh`,
+# `fp4_ab_*_h100_57a349f.json`), GEMM1 + SiLU at decode is 0–6 % faster: DeepSeek-V3 EP8 MXFP4 contiguous 380.4 →
+# 356.5 µs replayed, batched 365.0 → 354.5; Qwen3 111–121 µs, 2 % faster; Mixtral and gpt-oss within 1 %. The
+# instructions went, the time mostly did not: at 45–62 % of the floor the loop is not bound by its issue slots
+# alone. Of the rest, each of the loop's 16 `HGMMA`s (A from registers) is waited for before the
 # next one issues (`WARPGROUP.DEPBAR.LE gsb0, 0x0`). ptxas says why (`ptxas -v` on the kernel's PTX, note C7515:
 # "wgmma.mma_async instructions are serialized due to non wgmma instructions defining accumulator registers of a
 # wgmma between start and end of the pipeline stage"): with two or more stages Triton's pipeliner splits each dot
@@ -229,10 +233,16 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 # them a layout that sent the decoded tile through shared memory (16 `STSM` + 16 `LDSM` a loop), so it is not
 # kept. Which costs less on the GPU, the serialized MMAs or the exposed loads, is for the tuner: `14_bench`'s FP4
 # candidates include one stage (`sass_fp4.py` prints both forms, "MMAs waited on"). A one-stage loop can still have
-# its words on the way: `MOE_LIT_FP4_PREFETCH=n` (read at import; 0, the default, until timed) makes each iteration
+# its words on the way: `MOE_LIT_FP4_PREFETCH=n` (read at import; 0, the default, as measured below) makes each iteration
 # ask L2 for the code words n K tiles ahead (`prefetch.global.L2`, one a row: two `CCTL`s a loop, no register, no
 # layout). `nbs/bench/fp4_stages.py` (`quant_gpu.sh stages`) times the table's tile, one stage, and one stage with
-# the prefetch 2 and 4 tiles ahead, eager and replayed, against the floor.
+# the prefetch 2 and 4 tiles ahead, eager and replayed, against the floor. **Measured (H100, 57a349f,
+# `fp4_stages_h100_57a349f.jsonl`): the serialized MMAs cost less than the exposed loads.** One stage is slower on
+# every row, both schemes, both formats: replayed, Qwen3 MXFP4 batched 110.6 → 124.9 µs, Mixtral 268.5 → 317.0,
+# DeepSeek-V3 NVFP4 batched 390.3 → 544.1 (65 → 58 %, 62 → 53 %, 47 → 33 % of the floor). The L2 prefetch two tiles
+# ahead gives back a part on the largest rows (DeepSeek-V3 NVFP4 batched 544.1 → 444.0) and nothing on the rest
+# (Mixtral 317.0 → 342.0). So the tables keep their staged tiles and the prefetch stays off; the tuner may still
+# pick one stage where it wins.
 #
 # **NVFP4** folds too, for every scale: an e4m3 scale is at most 448 < 2^9, so times 2^118 it is still a bf16, and
 # `_E2M1_WORD_NV_FOLDED` multiplies the two decoded scales by 2^118 once a word (two `fma`s) and then does one `fma` a
