@@ -74,7 +74,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #c6d0ea33e112
+# %% ../nbs/12_layer.ipynb #8a045d34d196
 class FusedMoE(torch.nn.Module):
     """One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel.
 
@@ -87,6 +87,7 @@ class FusedMoE(torch.nn.Module):
     fp32, topk_ids [T, top_k] in config.topk_indices_dtype); capture(batch_sizes) records CUDA graphs.
     Raises ValueError naming the argument for a bad config, weights, device, quant, backend or input.
     Source: vLLM's FusedMoE layer (vllm/model_executor/layers/fused_moe/layer.py) and its modular kernel design."""
+    @torch.inference_mode(False)  # the layer's tensors keep version counters (in-place edits are followed), whatever the mode
     def __init__(self, config: MoEConfig,
                  weights: WeightSource | Mapping | None = None,  # a source, a mapping of global tensors, or None: random
                  placement: str = "linear", seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu",
@@ -201,10 +202,11 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #1064e28cc254
+# %% ../nbs/12_layer.ipynb #a73ccd42048d
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
+    _check_quant_kept(module)                          # the scheme the loaded floats are quantized to: the layer's
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
@@ -229,6 +231,7 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
             from moe_lit.quant_weights import check_quantizable
             check_quantizable(f"state_dict[{prefix + n!r}]", t, module.quant)
 
+@torch.inference_mode(False)             # the codes it makes keep version counters (edits of them are followed)
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."
     shared = _shared_by_key(module)
@@ -271,7 +274,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #de89c08cdcfd
+# %% ../nbs/12_layer.ipynb #059318810515
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -283,6 +286,8 @@ def _build_hot_path(self: FusedMoE):
         self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
         import moe_lit.kernels.batched as kb
         self._kb = kb                             # its PDL switch: "auto" turns it on for a one-chain forward (below)
+        if self.experts == "triton_quant":        # its switches (MOE_LIT_FP4_*, MOE_LIT_FP8_ACT_QUANT, read at import):
+            import moe_lit.kernels.quant_experts  # a bad value is refused here, at construction, not at the first call
     else: self.router, self._kb = None, None
     self._one_chain = self._modules.get("shared_experts") is None    # no side stream beside the routed experts
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
@@ -328,7 +333,7 @@ def _weight_versions(self: FusedMoE) -> tuple:
     quantized = isinstance(self.qweights, QuantizedExpertWeights)   # (anything else: named below)
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
-                                       id(self._modules.get("shared_experts")), self.debug, self.experts) + \
+                                       id(self._modules.get("shared_experts")), self.debug, self.experts, self.quant) + \
         tuple(_identity(t, False) for t in _shared_tensors(self)) + \
         tuple(_identity(getattr(place, n, None), True) for n in PLACEMENT_TABLES) + \
         ((tuple(_identity(getattr(self.qweights, n), True) for n in QUANT_TENSORS) if quantized else None),)
@@ -361,7 +366,13 @@ def _record_build(self: FusedMoE):
     self._kernel_tensors = tuple((n, t) for n, t in [(n, getattr(self, n)) for n in _TRACKED] +   # (a swap rebuilds,
                                  list(_shared_by_key(self).items()) if isinstance(t, torch.Tensor))   # so these stay current)
     self._held = dict(config=self.config, qweights=_qmeta(self.qweights), placement=_placement_key(self.placement),
-                      shared=tuple(_meta(t) for t in _shared_tensors(self)))
+                      shared=tuple(_meta(t) for t in _shared_tensors(self)), quant=self.quant)
+
+def _check_quant_kept(layer):
+    "The layer's quantization scheme is fixed at construction: an assignment to `layer.quant` is refused by name."
+    if layer.quant != layer._held["quant"]:
+        raise ValueError(f"quant: expected {layer._held['quant']!r} (the layer's, fixed at construction), got "
+                         f"{layer.quant!r}; build a new layer for another scheme")
 
 def _placement_key(p) -> tuple | None:
     "Which experts a placement puts on this rank, and the tables ids reach them by: what the weights were loaded for."
@@ -373,7 +384,11 @@ def _placement_key(p) -> tuple | None:
 def _follow_inplace_edits(self: FusedMoE):
     "After an in-place edit or a swap of what the layer holds: the swapped part checked once, the copies rebuilt; no sync."
     now = self._weight_versions()
-    if now == self._versions: return
+    if now != self._versions: _take_edits(self, now)
+
+@torch.inference_mode(False)             # what it rebuilds keeps version counters, under torch.inference_mode() too
+def _take_edits(self: FusedMoE, now: tuple):
+    "`_follow_inplace_edits` once something changed (`now`: the layer's `_weight_versions`)."
     _check_one_device(self)
     bad = lambda n, want, got: ValueError(f"{n}: expected {want} (the layer's, checked at load), got {got}; load new "
                                           f"weights with load_state_dict, or build a new layer")
@@ -383,6 +398,7 @@ def _follow_inplace_edits(self: FusedMoE):
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
     h = self._held
     if self.config is not h["config"]: raise bad("config", "the layer's own MoEConfig (fixed at construction)", "another")
+    _check_quant_kept(self)
     pshow = lambda k: ("not a Placement" if k is None else f"rank {k[2]} of {k[1]}, {k[0]}, local experts {list(k[4])} of "
                        f"{k[3]}" + ", expert_map" * (not k[5]) + ", round-robin tables" * (not k[6]))
     if (key := _placement_key(self.placement)) != h["placement"]:     # a swap to one the weights were not loaded for
@@ -415,6 +431,7 @@ def _follow_inplace_edits(self: FusedMoE):
     self._build_hot_path()
 
 @patch
+@torch.inference_mode(False)             # moved tensors keep version counters, as built ones do (below)
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest

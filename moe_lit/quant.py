@@ -189,7 +189,7 @@ def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     groups = v.reshape(*v.shape[:-1], v.shape[-1] // 32, 32)          # explicit sizes: also right for 0 rows
     return (groups * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
 
-# %% ../nbs/09_quant.ipynb #e74d420902e2
+# %% ../nbs/09_quant.ipynb #4e86d6c9f0a4
 def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a multiple of 16
                    global_scale: float | None = None,      # fp32 global scale; default amax(x) / (6·448)
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -210,7 +210,7 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
                          f"scales lose their precision and then underflow to 0), got {global_scale:.3g}")
     s = (blocks.abs().amax(-1) / (6.0 * global_scale)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     denom = (s.float() * global_scale)[..., None]
-    codes = e2m1_encode(torch.where(denom > 0, blocks / denom.clamp(min=1e-30), 0.0)).reshape(x.shape)
+    codes = e2m1_encode(torch.where(denom > 0, blocks / torch.where(denom > 0, denom, 1.0), 0.0)).reshape(x.shape)
     return pack_fp4(codes), s, float(global_scale)
 
 def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: float,

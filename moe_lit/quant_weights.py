@@ -48,7 +48,7 @@ def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None, layou
     if scheme == "fp8_w8a8_block": return (E, -(-N // block[0]), -(-K // block[1]))
     return (E, N, 2 * _storage_cols(scheme, K, layout) // FP4_GROUP[scheme])
 
-# %% ../nbs/09a_quant_weights.ipynb #246f4de3893d
+# %% ../nbs/09a_quant_weights.ipynb #b61a06d76a78
 def _check_block_shape(scheme: str, block) -> tuple | None:
     "The scale group of `scheme`: fixed for FP4, None for tensor/channel, a (rows, power-of-2 ≥ 32 cols) pair for block."
     if block is not None and not isinstance(block, (tuple, list)):
@@ -63,7 +63,7 @@ def _check_block_shape(scheme: str, block) -> tuple | None:
     block = (128, 128) if block is None else block
     if not (isinstance(block, (tuple, list)) and len(block) == 2):
         raise ValueError(f"block_shape: expected a pair of ints, got {block!r}")
-    check_int("block_shape[0]", block[0], lo=1); check_int("block_shape[1]", block[1], lo=32, hi=2**16 + 1)
+    check_int("block_shape[0]", block[0], lo=1, hi=2**16 + 1); check_int("block_shape[1]", block[1], lo=32, hi=2**16 + 1)
     if block[1] & (block[1] - 1): raise ValueError(f"block_shape[1]: expected a power of 2, got {block[1]}")
     return tuple(block)
 
@@ -112,7 +112,7 @@ class QuantizedExpertWeights:
         object.__setattr__(self, "checked_versions", quant_tensor_versions(self))   # what `recheck_if_edited` compares
         self.__dict__.pop("_kernel_args", None)              # facts the launchers kept of the tensors (`09c`): stale
 
-# %% ../nbs/09a_quant_weights.ipynb #d1026e180d84
+# %% ../nbs/09a_quant_weights.ipynb #56a4c20e0729
 def _check_weight_parts(qw, name: str, E: int, N: int, K: int, block) -> int | None:
     "Codes, scale and global scale of one weight against the scheme's layout (shape, dtype, device); MXFP4: its largest scale byte."
     s = qw.scheme
@@ -153,12 +153,12 @@ def _check_scale_values(name: str, scale: torch.Tensor, scheme: str) -> int | No
     largest = None
     if scheme == "mxfp4_w4a16":
         largest = int(scale.max()); bad = largest > 240             # 255 encodes NaN; 2^114 and up overflow the decode
-    elif scheme == "nvfp4_w4a16": bad = bool(fp8_nan_codes(scale).any())
+    elif scheme == "nvfp4_w4a16": bad = bool((scale.view(torch.uint8) >= 0x7F).any())   # a NaN, or the sign bit set
     else: bad = not bool(((scale >= 0) & (scale <= FP8_SCALE_MAX)).all())             # (NaN fails both)
     if bad:
         want = {"mxfp4_w4a16": "e8m0 bytes <= 240 (2^113; 255 is NaN, and the kernels' fp32 decode overflows above 2^113)",
-                "nvfp4_w4a16": "e4m3 scales that are not NaN"}
-        ok = {"mxfp4_w4a16": lambda t: t <= 240, "nvfp4_w4a16": lambda t: ~fp8_nan_codes(t)}.get(
+                "nvfp4_w4a16": "e4m3 scales that are not negative and not NaN (bytes 0x00-0x7E)"}
+        ok = {"mxfp4_w4a16": lambda t: t <= 240, "nvfp4_w4a16": lambda t: t.view(torch.uint8) < 0x7F}.get(
             scheme, lambda t: (t >= 0) & (t <= FP8_SCALE_MAX))
         at = tuple(int(i) for i in (~ok(scale)).nonzero()[0])
         raise ValueError(f"{name}: expected {want.get(scheme, f'scales in [0, {FP8_SCALE_MAX:.4g}] (448 × scale stays a finite fp32)')}, "

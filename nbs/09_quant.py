@@ -335,7 +335,7 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
                          f"scales lose their precision and then underflow to 0), got {global_scale:.3g}")
     s = (blocks.abs().amax(-1) / (6.0 * global_scale)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     denom = (s.float() * global_scale)[..., None]
-    codes = e2m1_encode(torch.where(denom > 0, blocks / denom.clamp(min=1e-30), 0.0)).reshape(x.shape)
+    codes = e2m1_encode(torch.where(denom > 0, blocks / torch.where(denom > 0, denom, 1.0), 0.0)).reshape(x.shape)
     return pack_fp4(codes), s, float(global_scale)
 
 def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: float,
@@ -358,6 +358,9 @@ w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
 d = dequantize_nvfp4(*quantize_nvfp4(w))
 assert torch.nn.functional.cosine_similarity(d.flatten(), w.flatten(), dim=0) > 0.99
 assert ((d - w).norm() / w.norm()) < 0.12
+for tiny in (1e-30, 1e-34):                                  # tiny but normal fp32 weights: scaled, not flushed to 0
+    d, want = dequantize_nvfp4(*quantize_nvfp4(w * tiny)).double(), (w * tiny).double()   # (fp32 norms underflow)
+    assert ((d - want).norm() / want.norm()) < 0.12, tiny
 
 # %%
 #| test quant_bad_input

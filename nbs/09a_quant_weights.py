@@ -119,7 +119,7 @@ def _check_block_shape(scheme: str, block) -> tuple | None:
     block = (128, 128) if block is None else block
     if not (isinstance(block, (tuple, list)) and len(block) == 2):
         raise ValueError(f"block_shape: expected a pair of ints, got {block!r}")
-    check_int("block_shape[0]", block[0], lo=1); check_int("block_shape[1]", block[1], lo=32, hi=2**16 + 1)
+    check_int("block_shape[0]", block[0], lo=1, hi=2**16 + 1); check_int("block_shape[1]", block[1], lo=32, hi=2**16 + 1)
     if block[1] & (block[1] - 1): raise ValueError(f"block_shape[1]: expected a power of 2, got {block[1]}")
     return tuple(block)
 
@@ -228,12 +228,12 @@ def _check_scale_values(name: str, scale: torch.Tensor, scheme: str) -> int | No
     largest = None
     if scheme == "mxfp4_w4a16":
         largest = int(scale.max()); bad = largest > 240             # 255 encodes NaN; 2^114 and up overflow the decode
-    elif scheme == "nvfp4_w4a16": bad = bool(fp8_nan_codes(scale).any())
+    elif scheme == "nvfp4_w4a16": bad = bool((scale.view(torch.uint8) >= 0x7F).any())   # a NaN, or the sign bit set
     else: bad = not bool(((scale >= 0) & (scale <= FP8_SCALE_MAX)).all())             # (NaN fails both)
     if bad:
         want = {"mxfp4_w4a16": "e8m0 bytes <= 240 (2^113; 255 is NaN, and the kernels' fp32 decode overflows above 2^113)",
-                "nvfp4_w4a16": "e4m3 scales that are not NaN"}
-        ok = {"mxfp4_w4a16": lambda t: t <= 240, "nvfp4_w4a16": lambda t: ~fp8_nan_codes(t)}.get(
+                "nvfp4_w4a16": "e4m3 scales that are not negative and not NaN (bytes 0x00-0x7E)"}
+        ok = {"mxfp4_w4a16": lambda t: t <= 240, "nvfp4_w4a16": lambda t: t.view(torch.uint8) < 0x7F}.get(
             scheme, lambda t: (t >= 0) & (t <= FP8_SCALE_MAX))
         at = tuple(int(i) for i in (~ok(scale)).nonzero()[0])
         raise ValueError(f"{name}: expected {want.get(scheme, f'scales in [0, {FP8_SCALE_MAX:.4g}] (448 × scale stays a finite fp32)')}, "
@@ -846,6 +846,11 @@ nan_scale = q2.w13_scale.clone(); nan_scale[0, 0, 0] = 255                      
 test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_scale: expected e8m0 bytes <= 240")
 nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range
 test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_scale: expected e8m0 bytes <= 240")
+qn = quantize_expert_weights(*random_expert_weights(2, 80, 16, seed=4), "nvfp4_w4a16")
+for byte in (0x7F, 0xFF, 0x80 | 0x38):                                              # NaN, NaN, -1.0: no NVFP4 scale
+    bad_scale = qn.w13_scale.clone(); bad_scale.view(torch.uint8)[1, 2, 0] = byte    # is negative (amax / 6 / global)
+    test_fail(lambda: dataclasses.replace(qn, w13_scale=bad_scale), contains="w13_scale: expected e4m3 scales that are not negative and not NaN")
+    test_fail(lambda: dataclasses.replace(qn, w13_scale=bad_scale), contains="at index [1, 2, 0]")
 q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
 for v in (float("nan"), -1.0, float("inf"), 3e38):                                    # 3e38 × 448: inf weights
     bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
@@ -929,6 +934,7 @@ test_fail(lambda: quantize_expert_weights(bad, w2, "fp8_w8a8_block"), contains="
 test_fail(lambda: quantize_expert_weights(w13, w2[:, :, :16], "fp8_w8a8_block"), contains="w2: expected shape [2, 48, 32]")
 test_fail(lambda: quantize_expert_weights(w13[:, :63], w2, "fp8_w8a8_block"), contains="w13: expected a non-empty [E, 2·I, H]")
 test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (128, 96)), contains="block_shape[1]: expected a power of 2")
+test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (10**9, 32)), contains="block_shape[0]: expected <= 65536, got 1000000000")
 test_fail(lambda: quantize_expert_weights(w13, w2, "mxfp4_w4a16", (1, 16)), contains="block_shape: expected (1, 32)")
 qw = quantize_expert_weights(w13, w2, "fp8_w8a8_block")
 t = {k: getattr(qw, k) for k in ("w13", "w13_scale", "w2", "w2_scale")}

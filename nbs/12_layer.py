@@ -143,6 +143,11 @@ if not torch.cuda.is_available():
     test_eq(r.stdout.split("\n")[:2], ["refused False", "torch.Size([2, 64])"])
     r = subprocess.run([sys.executable, "-c", early], capture_output=True, text=True, env=env, timeout=600)
     assert "TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter off" in r.stdout, r.stdout + r.stderr[-800:]
+    bad_switch = "\n".join(head + ["try: FusedMoE(c, experts='triton', quant='fp8')",     # a quant kernel's switch
+                                    "except ValueError as e: print('at construction:', e)"])  # is read when built
+    r = subprocess.run([sys.executable, "-c", bad_switch], capture_output=True, text=True, timeout=600,
+                       env={**env, "TRITON_INTERPRET": "1", "MOE_LIT_FP4_PREFETCH": "3"})
+    assert "at construction: MOE_LIT_FP4_PREFETCH: expected '0' or '1' or '2' or '4' or '8', got '3'" in r.stdout, r.stdout + r.stderr[-800:]
 test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
 impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
 assert impl == "torch" and "dequantized once (an emulation)" in why
@@ -180,6 +185,7 @@ class FusedMoE(torch.nn.Module):
     fp32, topk_ids [T, top_k] in config.topk_indices_dtype); capture(batch_sizes) records CUDA graphs.
     Raises ValueError naming the argument for a bad config, weights, device, quant, backend or input.
     Source: vLLM's FusedMoE layer (vllm/model_executor/layers/fused_moe/layer.py) and its modular kernel design."""
+    @torch.inference_mode(False)  # the layer's tensors keep version counters (in-place edits are followed), whatever the mode
     def __init__(self, config: MoEConfig,
                  weights: WeightSource | Mapping | None = None,  # a source, a mapping of global tensors, or None: random
                  placement: str = "linear", seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu",
@@ -317,6 +323,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
+    _check_quant_kept(module)                          # the scheme the loaded floats are quantized to: the layer's
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
@@ -341,6 +348,7 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
             from moe_lit.quant_weights import check_quantizable
             check_quantizable(f"state_dict[{prefix + n!r}]", t, module.quant)
 
+@torch.inference_mode(False)             # the codes it makes keep version counters (edits of them are followed)
 def _requantize_after_load(module, incompatible_keys):
     "load_state_dict post-hook: re-quantize the loaded float experts of a quantized layer; rebuild the hot path's state."
     shared = _shared_by_key(module)
@@ -451,6 +459,8 @@ def _build_hot_path(self: FusedMoE):
         self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
         import moe_lit.kernels.batched as kb
         self._kb = kb                             # its PDL switch: "auto" turns it on for a one-chain forward (below)
+        if self.experts == "triton_quant":        # its switches (MOE_LIT_FP4_*, MOE_LIT_FP8_ACT_QUANT, read at import):
+            import moe_lit.kernels.quant_experts  # a bad value is refused here, at construction, not at the first call
     else: self.router, self._kb = None, None
     self._one_chain = self._modules.get("shared_experts") is None    # no side stream beside the routed experts
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
@@ -496,7 +506,7 @@ def _weight_versions(self: FusedMoE) -> tuple:
     quantized = isinstance(self.qweights, QuantizedExpertWeights)   # (anything else: named below)
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
-                                       id(self._modules.get("shared_experts")), self.debug, self.experts) + \
+                                       id(self._modules.get("shared_experts")), self.debug, self.experts, self.quant) + \
         tuple(_identity(t, False) for t in _shared_tensors(self)) + \
         tuple(_identity(getattr(place, n, None), True) for n in PLACEMENT_TABLES) + \
         ((tuple(_identity(getattr(self.qweights, n), True) for n in QUANT_TENSORS) if quantized else None),)
@@ -529,7 +539,13 @@ def _record_build(self: FusedMoE):
     self._kernel_tensors = tuple((n, t) for n, t in [(n, getattr(self, n)) for n in _TRACKED] +   # (a swap rebuilds,
                                  list(_shared_by_key(self).items()) if isinstance(t, torch.Tensor))   # so these stay current)
     self._held = dict(config=self.config, qweights=_qmeta(self.qweights), placement=_placement_key(self.placement),
-                      shared=tuple(_meta(t) for t in _shared_tensors(self)))
+                      shared=tuple(_meta(t) for t in _shared_tensors(self)), quant=self.quant)
+
+def _check_quant_kept(layer):
+    "The layer's quantization scheme is fixed at construction: an assignment to `layer.quant` is refused by name."
+    if layer.quant != layer._held["quant"]:
+        raise ValueError(f"quant: expected {layer._held['quant']!r} (the layer's, fixed at construction), got "
+                         f"{layer.quant!r}; build a new layer for another scheme")
 
 def _placement_key(p) -> tuple | None:
     "Which experts a placement puts on this rank, and the tables ids reach them by: what the weights were loaded for."
@@ -541,7 +557,11 @@ def _placement_key(p) -> tuple | None:
 def _follow_inplace_edits(self: FusedMoE):
     "After an in-place edit or a swap of what the layer holds: the swapped part checked once, the copies rebuilt; no sync."
     now = self._weight_versions()
-    if now == self._versions: return
+    if now != self._versions: _take_edits(self, now)
+
+@torch.inference_mode(False)             # what it rebuilds keeps version counters, under torch.inference_mode() too
+def _take_edits(self: FusedMoE, now: tuple):
+    "`_follow_inplace_edits` once something changed (`now`: the layer's `_weight_versions`)."
     _check_one_device(self)
     bad = lambda n, want, got: ValueError(f"{n}: expected {want} (the layer's, checked at load), got {got}; load new "
                                           f"weights with load_state_dict, or build a new layer")
@@ -551,6 +571,7 @@ def _follow_inplace_edits(self: FusedMoE):
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
     h = self._held
     if self.config is not h["config"]: raise bad("config", "the layer's own MoEConfig (fixed at construction)", "another")
+    _check_quant_kept(self)
     pshow = lambda k: ("not a Placement" if k is None else f"rank {k[2]} of {k[1]}, {k[0]}, local experts {list(k[4])} of "
                        f"{k[3]}" + ", expert_map" * (not k[5]) + ", round-robin tables" * (not k[6]))
     if (key := _placement_key(self.placement)) != h["placement"]:     # a swap to one the weights were not loaded for
@@ -583,6 +604,7 @@ def _follow_inplace_edits(self: FusedMoE):
     self._build_hot_path()
 
 @patch
+@torch.inference_mode(False)             # moved tensors keep version counters, as built ones do (below)
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
@@ -1111,8 +1133,10 @@ assert all(torch.equal(v, before[k]) for k, v in mx.state_dict().items()) and to
 # an edit of a quantized layer's codes or scales (`layer.qweights.w2_scale.mul_(2)`): the container is checked again,
 # as a new one would be (NaN codes, scale ranges), and the float experts follow the codes; edits of both the float
 # experts and the codes before one call are refused (neither is guessed to win). Captured
-# graphs are dropped then. An edit through `.data` (`layer.gate.data.copy_(w)`) bypasses the version counter, and so
-# does one to an inference tensor: after those, call `layer.load_state_dict` (or rebuild the layer).
+# graphs are dropped then. The layer makes its tensors outside inference mode even when it is built, moved or
+# reloaded inside `torch.inference_mode()` (whose tensors keep no version counter), so edits there are followed
+# too. An edit through `.data` (`layer.gate.data.copy_(w)`) bypasses the version counter, and so does one to an
+# inference tensor swapped in by hand: after those, call `layer.load_state_dict` (or rebuild the layer).
 
 # %%
 #| hide
@@ -1209,10 +1233,25 @@ test_fail(lambda: sl.load_state_dict(broken, assign=True), contains="state_dict[
 db = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE, debug=True)         # debug: the router's counter checked
 db._router_counter.fill_(3)
 test_fail(lambda: db(x[:1]), contains="_router_counter: expected 0 before a forward")
-with torch.inference_mode():                                                   # inference tensors: no version counter
-    inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
+with torch.inference_mode():                         # built under inference mode, the layer's tensors still count
+    inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)                  # their edits: followed as outside it
     test_eq(inf(x).shape, (6, 128))
+    before = inf.route(x)[1]
+    inf.gate.mul_(-1)
+    assert not torch.equal(inf.route(x)[1].sort(-1).values, before.sort(-1).values)
+    qi = FusedMoE(cfg, seed=1, quant="fp8_w8a8_block", experts="torch", device=DEVICE).to(DEVICE)   # (a move too)
+    codes = qi.qweights.w13.clone(); qi.w13[:, :8].neg_(); y = qi(x)
+    assert not torch.equal(qi.qweights.w13.view(torch.uint8), codes.view(torch.uint8))      # the codes followed
+    ref = moe_reference_standard(x.double().cpu(), qi.w13.double().cpu(), qi.w2.double().cpu(), *[t.cpu() for t in qi.route(x)])
+    assert check_output(y.cpu(), ref, cfg.dtype, qi.quant, qi.experts)["ok"]
+    qi.qweights.w2_scale.mul_(2); qi(x)                                        # codes' scales edited: the floats follow
+    assert torch.equal(qi.w2.detach(), qi.qweights.dequantize()[1].to(qi.w2.dtype))
 inf(x)
+mq = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16", device=DEVICE); sd = mq.state_dict()
+mq.quant = "fp8_w8a8_block"                                                    # the scheme is fixed at construction:
+for f in (lambda: mq(x), lambda: mq.load_state_dict(sd)):                      # an assignment is named, not run
+    test_fail(f, contains="quant: expected 'mxfp4_w4a16' (the layer's, fixed at construction), got 'fp8_w8a8_block'")
+mq.quant = "mxfp4_w4a16"; mq.load_state_dict(sd); test_eq(mq(x).shape, (6, 128))
 
 
 # %%

@@ -57,6 +57,11 @@ def test_resolve_experts():
         test_eq(r.stdout.split("\n")[:2], ["refused False", "torch.Size([2, 64])"])
         r = subprocess.run([sys.executable, "-c", early], capture_output=True, text=True, env=env, timeout=600)
         assert "TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter off" in r.stdout, r.stdout + r.stderr[-800:]
+        bad_switch = "\n".join(head + ["try: FusedMoE(c, experts='triton', quant='fp8')",     # a quant kernel's switch
+                                        "except ValueError as e: print('at construction:', e)"])  # is read when built
+        r = subprocess.run([sys.executable, "-c", bad_switch], capture_output=True, text=True, timeout=600,
+                           env={**env, "TRITON_INTERPRET": "1", "MOE_LIT_FP4_PREFETCH": "3"})
+        assert "at construction: MOE_LIT_FP4_PREFETCH: expected '0' or '1' or '2' or '4' or '8', got '3'" in r.stdout, r.stdout + r.stderr[-800:]
     test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
     impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
     assert impl == "torch" and "dequantized once (an emulation)" in why
@@ -431,10 +436,25 @@ def test_layer_follows_inplace_edits():
     db = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE, debug=True)         # debug: the router's counter checked
     db._router_counter.fill_(3)
     test_fail(lambda: db(x[:1]), contains="_router_counter: expected 0 before a forward")
-    with torch.inference_mode():                                                   # inference tensors: no version counter
-        inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)
+    with torch.inference_mode():                         # built under inference mode, the layer's tensors still count
+        inf = FusedMoE(cfg, seed=1, experts="torch", device=DEVICE)                  # their edits: followed as outside it
         test_eq(inf(x).shape, (6, 128))
+        before = inf.route(x)[1]
+        inf.gate.mul_(-1)
+        assert not torch.equal(inf.route(x)[1].sort(-1).values, before.sort(-1).values)
+        qi = FusedMoE(cfg, seed=1, quant="fp8_w8a8_block", experts="torch", device=DEVICE).to(DEVICE)   # (a move too)
+        codes = qi.qweights.w13.clone(); qi.w13[:, :8].neg_(); y = qi(x)
+        assert not torch.equal(qi.qweights.w13.view(torch.uint8), codes.view(torch.uint8))      # the codes followed
+        ref = moe_reference_standard(x.double().cpu(), qi.w13.double().cpu(), qi.w2.double().cpu(), *[t.cpu() for t in qi.route(x)])
+        assert check_output(y.cpu(), ref, cfg.dtype, qi.quant, qi.experts)["ok"]
+        qi.qweights.w2_scale.mul_(2); qi(x)                                        # codes' scales edited: the floats follow
+        assert torch.equal(qi.w2.detach(), qi.qweights.dequantize()[1].to(qi.w2.dtype))
     inf(x)
+    mq = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16", device=DEVICE); sd = mq.state_dict()
+    mq.quant = "fp8_w8a8_block"                                                    # the scheme is fixed at construction:
+    for f in (lambda: mq(x), lambda: mq.load_state_dict(sd)):                      # an assignment is named, not run
+        test_fail(f, contains="quant: expected 'mxfp4_w4a16' (the layer's, fixed at construction), got 'fp8_w8a8_block'")
+    mq.quant = "mxfp4_w4a16"; mq.load_state_dict(sd); test_eq(mq(x).shape, (6, 128))
 
 
 def test_layer_refuses_another_ranks_placement():

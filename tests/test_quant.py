@@ -88,6 +88,9 @@ def test_nvfp4_exact_and_accurate():
     d = dequantize_nvfp4(*quantize_nvfp4(w))
     assert torch.nn.functional.cosine_similarity(d.flatten(), w.flatten(), dim=0) > 0.99
     assert ((d - w).norm() / w.norm()) < 0.12
+    for tiny in (1e-30, 1e-34):                                  # tiny but normal fp32 weights: scaled, not flushed to 0
+        d, want = dequantize_nvfp4(*quantize_nvfp4(w * tiny)).double(), (w * tiny).double()   # (fp32 norms underflow)
+        assert ((d - want).norm() / want.norm()) < 0.12, tiny
 
 
 def test_quant_bad_input():

@@ -129,6 +129,11 @@ def test_fp4_split_layout():
     test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_scale: expected e8m0 bytes <= 240")
     nan_scale[0, 0, 0] = 241                                                            # 2^114: past the decode's range
     test_fail(lambda: dataclasses.replace(q2, w13_scale=nan_scale), contains="w13_scale: expected e8m0 bytes <= 240")
+    qn = quantize_expert_weights(*random_expert_weights(2, 80, 16, seed=4), "nvfp4_w4a16")
+    for byte in (0x7F, 0xFF, 0x80 | 0x38):                                              # NaN, NaN, -1.0: no NVFP4 scale
+        bad_scale = qn.w13_scale.clone(); bad_scale.view(torch.uint8)[1, 2, 0] = byte    # is negative (amax / 6 / global)
+        test_fail(lambda: dataclasses.replace(qn, w13_scale=bad_scale), contains="w13_scale: expected e4m3 scales that are not negative and not NaN")
+        test_fail(lambda: dataclasses.replace(qn, w13_scale=bad_scale), contains="at index [1, 2, 0]")
     q8 = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=4), "fp8_w8a8_block")
     for v in (float("nan"), -1.0, float("inf"), 3e38):                                    # 3e38 × 448: inf weights
         bad8 = q8.w2_scale.clone(); bad8.view(-1)[0] = v
@@ -169,6 +174,7 @@ def test_quant_weights_bad_input():
     test_fail(lambda: quantize_expert_weights(w13, w2[:, :, :16], "fp8_w8a8_block"), contains="w2: expected shape [2, 48, 32]")
     test_fail(lambda: quantize_expert_weights(w13[:, :63], w2, "fp8_w8a8_block"), contains="w13: expected a non-empty [E, 2·I, H]")
     test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (128, 96)), contains="block_shape[1]: expected a power of 2")
+    test_fail(lambda: quantize_expert_weights(w13, w2, "fp8_w8a8_block", (10**9, 32)), contains="block_shape[0]: expected <= 65536, got 1000000000")
     test_fail(lambda: quantize_expert_weights(w13, w2, "mxfp4_w4a16", (1, 16)), contains="block_shape: expected (1, 32)")
     qw = quantize_expert_weights(w13, w2, "fp8_w8a8_block")
     t = {k: getattr(qw, k) for k in ("w13", "w13_scale", "w2", "w2_scale")}
