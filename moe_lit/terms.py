@@ -99,7 +99,7 @@ def check_choice(name: str, value, choices) -> object:
     if not ok: raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
-# %% ../nbs/00_terms.ipynb #5e208e45caf4
+# %% ../nbs/00_terms.ipynb #032380431994
 def check_bool(name: str, value) -> bool:
     "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
@@ -116,7 +116,9 @@ def check_positive_real(name: str, value) -> float:
 def env_choice(name: str, default: str, choices: tuple) -> str:
     "The environment variable `name` as read now (unset or empty: `default`), one of `choices`; ValueError naming it otherwise."
     value = os.environ.get(name, "") or default
-    if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r}")
+    if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r} (an "
+                                              f"environment setting of moe-lit's kernels, read when their module is "
+                                              f"imported; unset it for the default, {default!r})")
     return value
 
 def gradient_wanted(named) -> str | None:

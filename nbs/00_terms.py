@@ -180,7 +180,9 @@ def check_positive_real(name: str, value) -> float:
 def env_choice(name: str, default: str, choices: tuple) -> str:
     "The environment variable `name` as read now (unset or empty: `default`), one of `choices`; ValueError naming it otherwise."
     value = os.environ.get(name, "") or default
-    if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r}")
+    if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r} (an "
+                                              f"environment setting of moe-lit's kernels, read when their module is "
+                                              f"imported; unset it for the default, {default!r})")
     return value
 
 def gradient_wanted(named) -> str | None:
@@ -216,7 +218,7 @@ try:
         os.environ["MOE_LIT_TEST_SWITCH"] = v; test_eq(env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), want)
     for v in ("2", "on", " 1"):
         os.environ["MOE_LIT_TEST_SWITCH"] = v
-        test_fail(lambda: env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), contains=f"MOE_LIT_TEST_SWITCH: expected '0' or '1', got {v!r}")
+        test_fail(lambda: env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), contains=f"MOE_LIT_TEST_SWITCH: expected '0' or '1', got {v!r} (an environment setting of moe-lit's kernels, read when their module is imported; unset it for the default, '0')")
 finally:
     os.environ.pop("MOE_LIT_TEST_SWITCH", None)
     if saved is not None: os.environ["MOE_LIT_TEST_SWITCH"] = saved

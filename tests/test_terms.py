@@ -55,7 +55,7 @@ def test_check_bool_and_real():
             os.environ["MOE_LIT_TEST_SWITCH"] = v; test_eq(env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), want)
         for v in ("2", "on", " 1"):
             os.environ["MOE_LIT_TEST_SWITCH"] = v
-            test_fail(lambda: env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), contains=f"MOE_LIT_TEST_SWITCH: expected '0' or '1', got {v!r}")
+            test_fail(lambda: env_choice("MOE_LIT_TEST_SWITCH", "0", ("0", "1")), contains=f"MOE_LIT_TEST_SWITCH: expected '0' or '1', got {v!r} (an environment setting of moe-lit's kernels, read when their module is imported; unset it for the default, '0')")
     finally:
         os.environ.pop("MOE_LIT_TEST_SWITCH", None)
         if saved is not None: os.environ["MOE_LIT_TEST_SWITCH"] = saved
