@@ -21,7 +21,7 @@ from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
-from moe_lit.oracle import DEVICES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, CPU_INTERPRETER, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 
@@ -68,10 +68,14 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     "`(implementation, reason)`: 'triton', 'triton_quant' or 'torch' for the requested `experts` ('auto', 'triton', 'torch')."
     check_choice("experts", experts, ("auto", "triton", "torch")); quant = quant_scheme_name(quant)
     fmt, q = activation_format.value, quant != "unquantized"
+    if experts == "triton" and config is not None and config.dtype == torch.float64:
+        raise ValueError("experts: expected 'torch' or 'auto' for a float64 layer (the Triton kernels run bf16, fp16 "
+                         "and fp32), got 'triton'")
     if backend is not None or (experts == "auto" and device.type == "cuda" and config is not None):
         if config is None: raise ValueError("config: expected the MoEConfig when a backend is forced, got None")
-        try: d = select_experts_backend(config, quant, activation_format, detect_device() if device.type == "cuda"
-                                        else DEVICES["cpu"], backend)                 # the oracle decides
+        caps = detect_device() if device.type == "cuda" else \
+            CPU_INTERPRETER if experts == "triton" and triton_interpreting() else DEVICES["cpu"]   # Triton's, asked for
+        try: d = select_experts_backend(config, quant, activation_format, caps, backend)   # the oracle decides
         except ValueError as e:                                                       # the argument is `backend` here
             if str(e).startswith("override:"): raise ValueError("backend:" + str(e)[len("override:"):]) from None
             raise
@@ -84,9 +88,6 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
-    if experts == "triton" and config is not None and config.dtype == torch.float64:
-        raise ValueError("experts: expected 'torch' or 'auto' for a float64 layer (the Triton kernels run bf16, fp16 "
-                         "and fp32), got 'triton'")
     kb = sys.modules.get("moe_lit.kernels.batched")       # the kernels keep the switch they were imported with
     if experts != "torch" and kb is not None and kb.INTERPRET != triton_interpreting():
         raise ValueError(f"TRITON_INTERPRET: expected the setting it had when moe_lit.kernels was imported (interpreter "
@@ -157,6 +158,15 @@ test_fail(lambda: resolve_experts("triton", S, torch.device("cpu"), "unquantized
                                   backend="torch_standard"), contains="experts: expected 'auto' or the implementation of backend 'torch_standard' (torch), got 'triton'")
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                   backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
+if not torch.cuda.is_available():          # asked for Triton on the CPU (the interpreter): a forced backend of its own
+    impl, why = resolve_experts("triton", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
+                                backend="triton_contiguous_w4a16")
+    assert impl == "triton_quant" and why.startswith("oracle: triton_contiguous_w4a16 — runs in Triton's CPU interpreter"), why
+    c8 = MoEConfig(8, 2, 64, 32)
+    lay = FusedMoE(c8, seed=1, experts="triton", quant="fp8", backend="triton_contiguous_dequant")   # FP8 dequantized
+    test_eq(lay.experts, "triton"); xq = torch.randn(3, 64, dtype=c8.dtype)
+    ref = moe_reference_standard(xq.double(), lay.w13.double(), lay.w2.double(), *lay.route(xq))
+    assert check_output(lay(xq), ref, c8.dtype)["ok"]
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
 assert "fp8_w8a8_block weights dequantized once" in resolve_experts("auto", S, torch.device("cpu"), "fp8")[1]   # short name
 test_fail(lambda: resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
@@ -615,15 +625,23 @@ def _apply(self: FusedMoE, fn, recurse=True):
                              "again, or load_state_dict into one built on the device)") from None
         except (AssertionError, RuntimeError) as e:            # `.cuda()` on a machine without one: torch's own words
             raise ValueError(f"device: expected a device this machine has, got an error moving there ({e})") from None
-        for n, t in (("w13", self.w13), ("gate", self.gate)):     # the experts' dtype (the config's), the router's fp32
-            to = fn(t.detach()[:0]).dtype
-            if to != t.dtype:
-                raise ValueError(f"{n}: expected the layer to keep its dtype {t.dtype} (build it in the dtype wanted), "
-                                 f"got a conversion to {to}")
+        to = fn(self.w13.detach()[:0]).dtype                     # the experts' dtype: the config's, fixed
+        if to != self.w13.dtype:
+            raise ValueError(f"w13: expected the layer to keep its dtype {self.w13.dtype} (build it in the dtype "
+                             f"wanted), got a conversion to {to}")
         if self.qweights is not None and fn(self.gate.detach()[:0]).device.type == "meta":
             raise ValueError(f"device: expected a device with values for a {self.quant} layer (its codes and scales are "
                              f"data, not parameters), got meta")
-    super(FusedMoE, self)._apply(fn, recurse)
+    # a cast to the experts' own dtype (`model.to(torch.bfloat16)` around a bf16 layer) leaves the router's fp32
+    # tensors fp32: they are taken out while torch converts the rest, then only moved
+    router = {n: t for n in _TRACKED[:3] if (t := self._buffers.get(n)) is not None}
+    cast = built and fn(self.gate.detach()[:0]).dtype != self.gate.dtype
+    if cast:
+        for n in router: self._buffers[n] = None
+    try: super(FusedMoE, self)._apply(fn, recurse)
+    finally:
+        for n, t in router.items() if cast else ():
+            self._buffers[n] = t.to(self.w13.device)
     if not built: return self
     if self.qweights is not None and self.qweights.device != self.gate.device: self.qweights = self.qweights.to(self.gate.device)
     self._build_hot_path()                                        # tables on the new device; captured graphs dropped
@@ -1086,7 +1104,12 @@ test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with va
 test_eq({t.device.type for t in (qlayer.w13, qlayer.gate, qlayer.qweights.w13)}, {"cpu"})   # refused before a move
 layer = FusedMoE(cfg, seed=1)
 test_fail(lambda: layer.to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
-test_fail(lambda: layer.bfloat16(), contains="gate: expected the layer to keep its dtype torch.float32")  # the router's
+y, gate = layer(x), layer.gate.clone()
+for cast in (lambda m: m.bfloat16(), lambda m: m.to(torch.bfloat16), lambda m: torch.nn.Sequential(m).to(torch.bfloat16)):
+    cast(layer)                             # a cast to the layer's own dtype: the experts as they were, the router fp32
+    test_eq((layer.w13.dtype, layer.gate.dtype), (torch.bfloat16, torch.float32))
+    assert torch.equal(layer.gate, gate) and torch.equal(layer(x), y)
+test_fail(lambda: torch.nn.Sequential(layer).half(), contains="w13: expected the layer to keep its dtype torch.bfloat16 (build it")
 if not torch.cuda.is_available():
     test_fail(lambda: layer.cuda(), contains="device: expected a device this machine has, got an error moving there")
 test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), backend="foo"), contains="backend: expected one of")

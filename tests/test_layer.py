@@ -14,7 +14,7 @@ from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
-from moe_lit.oracle import DEVICES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, CPU_INTERPRETER, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 from moe_lit.formats import expert_mlp
@@ -71,6 +71,15 @@ def test_resolve_experts():
                                       backend="torch_standard"), contains="experts: expected 'auto' or the implementation of backend 'torch_standard' (torch), got 'triton'")
     test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                       backend="triton_contiguous_w4a16"), contains="needs a CUDA GPU")
+    if not torch.cuda.is_available():          # asked for Triton on the CPU (the interpreter): a forced backend of its own
+        impl, why = resolve_experts("triton", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
+                                    backend="triton_contiguous_w4a16")
+        assert impl == "triton_quant" and why.startswith("oracle: triton_contiguous_w4a16 — runs in Triton's CPU interpreter"), why
+        c8 = MoEConfig(8, 2, 64, 32)
+        lay = FusedMoE(c8, seed=1, experts="triton", quant="fp8", backend="triton_contiguous_dequant")   # FP8 dequantized
+        test_eq(lay.experts, "triton"); xq = torch.randn(3, 64, dtype=c8.dtype)
+        ref = moe_reference_standard(xq.double(), lay.w13.double(), lay.w2.double(), *lay.route(xq))
+        assert check_output(lay(xq), ref, c8.dtype)["ok"]
     test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
     assert "fp8_w8a8_block weights dequantized once" in resolve_experts("auto", S, torch.device("cpu"), "fp8")[1]   # short name
     test_fail(lambda: resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
@@ -310,7 +319,12 @@ def test_layer_moves_with_module():
     test_eq({t.device.type for t in (qlayer.w13, qlayer.gate, qlayer.qweights.w13)}, {"cpu"})   # refused before a move
     layer = FusedMoE(cfg, seed=1)
     test_fail(lambda: layer.to(torch.float32), contains="w13: expected the layer to keep its dtype torch.bfloat16")
-    test_fail(lambda: layer.bfloat16(), contains="gate: expected the layer to keep its dtype torch.float32")  # the router's
+    y, gate = layer(x), layer.gate.clone()
+    for cast in (lambda m: m.bfloat16(), lambda m: m.to(torch.bfloat16), lambda m: torch.nn.Sequential(m).to(torch.bfloat16)):
+        cast(layer)                             # a cast to the layer's own dtype: the experts as they were, the router fp32
+        test_eq((layer.w13.dtype, layer.gate.dtype), (torch.bfloat16, torch.float32))
+        assert torch.equal(layer.gate, gate) and torch.equal(layer(x), y)
+    test_fail(lambda: torch.nn.Sequential(layer).half(), contains="w13: expected the layer to keep its dtype torch.bfloat16 (build it")
     if not torch.cuda.is_available():
         test_fail(lambda: layer.cuda(), contains="device: expected a device this machine has, got an error moving there")
     test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), backend="foo"), contains="backend: expected one of")
