@@ -11,17 +11,18 @@ from .config import ActivationFormat, MoEConfig
 from .quant import QUANT_SCHEME_TABLE, quant_scheme_name   # the records only: the oracle imports no Triton
 
 # %% auto #0
-__all__ = ['DEVICES', 'QUANT_SCHEMES', 'CANDIDATES', 'DeviceCaps', 'detect_device', 'ExpertsBackend', 'Decision',
-           'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
+__all__ = ['DEVICES', 'CPU_INTERPRETER', 'QUANT_SCHEMES', 'CANDIDATES', 'DeviceCaps', 'detect_device', 'ExpertsBackend',
+           'Decision', 'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
            'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'plot_decisions']
 
-# %% ../nbs/11_oracle.ipynb #a43b0f7ef091
+# %% ../nbs/11_oracle.ipynb #8661fbab0a84
 @dataclass(frozen=True)
 class DeviceCaps:
     "What the oracle needs to know about the device: kind, compute capability and the libraries installed."
     kind: str                                  # 'cpu', 'a100', 'h100', 'h200', 'b200'
     capability: tuple | None                   # CUDA compute capability, None on the CPU
     libraries: frozenset = frozenset()         # optional kernel libraries installed (e.g. 'flashinfer', 'deep_gemm')
+    interpreter: bool = False                  # the CPU running Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)
 
     def __post_init__(self):
         if not isinstance(self.kind, str): raise ValueError(f"kind: expected a str, got {self.kind!r}")
@@ -32,12 +33,16 @@ class DeviceCaps:
             raise ValueError(f"capability: expected None exactly for kind 'cpu', got {cap!r} for {self.kind!r}")
         if not (isinstance(self.libraries, frozenset) and all(isinstance(l, str) for l in self.libraries)):
             raise ValueError(f"libraries: expected a frozenset of names, got {self.libraries!r}")
+        if not isinstance(self.interpreter, bool) or (self.interpreter and cap is not None):
+            raise ValueError(f"interpreter: expected False, or True for kind 'cpu' (Triton's CPU interpreter), got "
+                             f"{self.interpreter!r} for {self.kind!r}")
 
     @property
     def is_gpu(self) -> bool: return self.capability is not None
 
 DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
+CPU_INTERPRETER = DeviceCaps("cpu", None, interpreter=True)   # Triton's kernels on the CPU: slow, for checking them
 
 QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant` and `09d_kernels.quant_experts`)
 
@@ -50,7 +55,7 @@ def detect_device() -> DeviceCaps:
     kind = next((k for k in ("h200", "h100", "b200", "a100") if k in name), "gpu")
     return DeviceCaps(kind, torch.cuda.get_device_capability(), libs)
 
-# %% ../nbs/11_oracle.ipynb #f774dd073137
+# %% ../nbs/11_oracle.ipynb #825a312c5dbc
 @dataclass(frozen=True)
 class ExpertsBackend:
     "One experts implementation the oracle can choose."
@@ -71,7 +76,11 @@ class ExpertsBackend:
         if self.library is not None and self.library not in device.libraries:
             return False, f"needs the '{self.library}' library, not installed"
         if self.implementation == "external": return False, "external backend: moe-lit has no adapter for it yet"
-        if self.needs_gpu and not device.is_gpu: return False, f"needs a CUDA GPU, device is {device.kind}"
+        if device.interpreter and self.implementation != "torch":    # Triton's interpreter emulates any GPU's features
+            return True, "runs in Triton's CPU interpreter (slow: for checking the kernels)"
+        if self.needs_gpu and not device.is_gpu:
+            return False, (f"needs a CUDA GPU, device is {device.kind} (or the CPU with Triton's interpreter: "
+                           f"experts='triton' with TRITON_INTERPRET=1; on the command line --experts triton)")
         if self.min_capability and (device.capability or (0, 0)) < self.min_capability:
             return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
         return True, "device and libraries fit"

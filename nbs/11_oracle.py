@@ -43,6 +43,7 @@ class DeviceCaps:
     kind: str                                  # 'cpu', 'a100', 'h100', 'h200', 'b200'
     capability: tuple | None                   # CUDA compute capability, None on the CPU
     libraries: frozenset = frozenset()         # optional kernel libraries installed (e.g. 'flashinfer', 'deep_gemm')
+    interpreter: bool = False                  # the CPU running Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)
 
     def __post_init__(self):
         if not isinstance(self.kind, str): raise ValueError(f"kind: expected a str, got {self.kind!r}")
@@ -53,12 +54,16 @@ class DeviceCaps:
             raise ValueError(f"capability: expected None exactly for kind 'cpu', got {cap!r} for {self.kind!r}")
         if not (isinstance(self.libraries, frozenset) and all(isinstance(l, str) for l in self.libraries)):
             raise ValueError(f"libraries: expected a frozenset of names, got {self.libraries!r}")
+        if not isinstance(self.interpreter, bool) or (self.interpreter and cap is not None):
+            raise ValueError(f"interpreter: expected False, or True for kind 'cpu' (Triton's CPU interpreter), got "
+                             f"{self.interpreter!r} for {self.kind!r}")
 
     @property
     def is_gpu(self) -> bool: return self.capability is not None
 
 DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
+CPU_INTERPRETER = DeviceCaps("cpu", None, interpreter=True)   # Triton's kernels on the CPU: slow, for checking them
 
 QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant` and `09d_kernels.quant_experts`)
 
@@ -104,7 +109,11 @@ class ExpertsBackend:
         if self.library is not None and self.library not in device.libraries:
             return False, f"needs the '{self.library}' library, not installed"
         if self.implementation == "external": return False, "external backend: moe-lit has no adapter for it yet"
-        if self.needs_gpu and not device.is_gpu: return False, f"needs a CUDA GPU, device is {device.kind}"
+        if device.interpreter and self.implementation != "torch":    # Triton's interpreter emulates any GPU's features
+            return True, "runs in Triton's CPU interpreter (slow: for checking the kernels)"
+        if self.needs_gpu and not device.is_gpu:
+            return False, (f"needs a CUDA GPU, device is {device.kind} (or the CPU with Triton's interpreter: "
+                           f"experts='triton' with TRITON_INTERPRET=1; on the command line --experts triton)")
         if self.min_capability and (device.capability or (0, 0)) < self.min_capability:
             return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
         return True, "device and libraries fit"
