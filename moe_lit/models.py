@@ -247,13 +247,18 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
                    topk_group=check_int("config.json topk_group", topk_group, lo=1, hi=SIZE_LIMIT))
     return out
 
-# %% ../nbs/02_models.ipynb #f722192a3221
-def _routing_from_hf(cfg: dict) -> dict:
-    "The MoEConfig routing fields: config.json keys the model family's code reads, where present; its behaviour elsewhere."
+# %% ../nbs/02_models.ipynb #d32ad857a045
+def _check_family(cfg: dict) -> str | None:
+    "config.json's model_type: one of the families moe-lit reads, or None (no model_type: the file's keys decide)."
     t = _model_type(cfg)
     if t is not None and t not in _FAMILIES:     # its routing could be anything (Jamba's unnormalised top-k, PhiMoE's
         raise ValueError(f"config.json model_type: expected one of {sorted(_FAMILIES)} (the families whose MoE block "   # sparsemixer)
                          f"moe-lit reads), or no model_type (the file's routing keys decide), got {t!r}")
+    return t
+
+def _routing_from_hf(cfg: dict) -> dict:
+    "The MoEConfig routing fields: config.json keys the model family's code reads, where present; its behaviour elsewhere."
+    t = _check_family(cfg)
     fam = _FAMILIES.get(t, {})
     if t is not None:                            # keys the family's code does not read change nothing there
         cfg = {k: v for k, v in cfg.items() if k not in _ROUTING_KEYS or k in fam["reads"]}
@@ -329,7 +334,7 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
         raise ValueError(f"config.json dtype: expected the same dtype as torch_dtype, got {found['dtype']} and {found['torch_dtype']}")
     return next(iter(found.values()), torch.bfloat16)
 
-# %% ../nbs/02_models.ipynb #1260bc61a360
+# %% ../nbs/02_models.ipynb #b7742c3542d4
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
@@ -337,7 +342,9 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
     "The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe reads)."
     raw, file_name = read_config_json(path_or_dict)
     cfg = text_config_view(raw)
-    num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)")
+    family = _check_family(cfg)                 # first: a dense model's type is named (its file has no experts' count)
+    num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)" if family is None else
+                         f" (a {family} config.json gives its number of routed experts)")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)
     for key in ("_name_or_path", "name_or_path"):

@@ -543,12 +543,17 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
 
 # %%
 #| export
-def _routing_from_hf(cfg: dict) -> dict:
-    "The MoEConfig routing fields: config.json keys the model family's code reads, where present; its behaviour elsewhere."
+def _check_family(cfg: dict) -> str | None:
+    "config.json's model_type: one of the families moe-lit reads, or None (no model_type: the file's keys decide)."
     t = _model_type(cfg)
     if t is not None and t not in _FAMILIES:     # its routing could be anything (Jamba's unnormalised top-k, PhiMoE's
         raise ValueError(f"config.json model_type: expected one of {sorted(_FAMILIES)} (the families whose MoE block "   # sparsemixer)
                          f"moe-lit reads), or no model_type (the file's routing keys decide), got {t!r}")
+    return t
+
+def _routing_from_hf(cfg: dict) -> dict:
+    "The MoEConfig routing fields: config.json keys the model family's code reads, where present; its behaviour elsewhere."
+    t = _check_family(cfg)
     fam = _FAMILIES.get(t, {})
     if t is not None:                            # keys the family's code does not read change nothing there
         cfg = {k: v for k, v in cfg.items() if k not in _ROUTING_KEYS or k in fam["reads"]}
@@ -637,7 +642,9 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
     "The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe reads)."
     raw, file_name = read_config_json(path_or_dict)
     cfg = text_config_view(raw)
-    num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)")
+    family = _check_family(cfg)                 # first: a dense model's type is named (its file has no experts' count)
+    num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)" if family is None else
+                         f" (a {family} config.json gives its number of routed experts)")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)
     for key in ("_name_or_path", "name_or_path"):
@@ -824,8 +831,13 @@ test_eq(MoEConfig.from_hf_config(qwen2_moe, parallel=par), moe_config_from_hf(qw
 # %%
 #| test from_hf_bad_keys
 dense = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32}
-test_fail(lambda: moe_config_from_hf(dense), contains="config.json num_experts: expected one of the keys "
-          "['num_experts', 'num_local_experts', 'n_routed_experts'], got none of them (a dense model has no MoE layer)")
+test_fail(lambda: moe_config_from_hf(dense), contains="config.json model_type: expected one of ['deepseek_v2'")
+test_fail(lambda: moe_config_from_hf(dense), contains="got 'llama'")                  # a dense type: named
+test_fail(lambda: moe_config_from_hf({k: v for k, v in dense.items() if k != "model_type"}), contains="config.json "
+          "num_experts: expected one of the keys ['num_experts', 'num_local_experts', 'n_routed_experts'], got none of "
+          "them (a dense model has no MoE layer)")
+test_fail(lambda: moe_config_from_hf({**dense, "model_type": "qwen3_moe"}),       # a MoE family without its count
+          contains="got none of them (a qwen3_moe config.json gives its number of routed experts)")
 moe = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "hidden_size": 2048,
        "moe_intermediate_size": 768}
 drop = lambda *keys: {k: v for k, v in moe.items() if k not in keys}

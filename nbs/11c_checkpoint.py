@@ -720,7 +720,8 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: checkpoint(d, layer_index=1.0), contains="layer_index: expected an int, got float 1.0")
     test_fail(lambda: checkpoint(d, layer_index=True), contains="layer_index: expected an int, got bool True")
     dense = {"model_type": "qwen3", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
-    test_fail(lambda: checkpoint(d, config=dense), contains="(a dense model has no MoE layer)")
+    test_fail(lambda: checkpoint(d, config=dense), contains="config.json model_type: expected one of")   # named
+    test_fail(lambda: checkpoint(d, config=dense), contains="got 'qwen3'")
     test_fail(lambda: checkpoint(d, config={**cfg, "model_type": "olmoe"}), contains="config.json model_type: expected one of")
     test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "awq"}}),
               contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got 'awq'")

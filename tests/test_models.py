@@ -272,8 +272,13 @@ def test_from_hf_sources_and_options():
 
 def test_from_hf_bad_keys():
     dense = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32}
-    test_fail(lambda: moe_config_from_hf(dense), contains="config.json num_experts: expected one of the keys "
-              "['num_experts', 'num_local_experts', 'n_routed_experts'], got none of them (a dense model has no MoE layer)")
+    test_fail(lambda: moe_config_from_hf(dense), contains="config.json model_type: expected one of ['deepseek_v2'")
+    test_fail(lambda: moe_config_from_hf(dense), contains="got 'llama'")                  # a dense type: named
+    test_fail(lambda: moe_config_from_hf({k: v for k, v in dense.items() if k != "model_type"}), contains="config.json "
+              "num_experts: expected one of the keys ['num_experts', 'num_local_experts', 'n_routed_experts'], got none of "
+              "them (a dense model has no MoE layer)")
+    test_fail(lambda: moe_config_from_hf({**dense, "model_type": "qwen3_moe"}),       # a MoE family without its count
+              contains="got none of them (a qwen3_moe config.json gives its number of routed experts)")
     moe = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "hidden_size": 2048,
            "moe_intermediate_size": 768}
     drop = lambda *keys: {k: v for k, v in moe.items() if k not in keys}
