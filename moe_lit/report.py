@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['placement_why', 'placement_head', 'format_sections', 'format_report', 'format_distributed_report']
+__all__ = ['placement_record', 'placement_why', 'placement_head', 'format_sections', 'format_report', 'format_distributed_report']
 
 # %% ../nbs/15b_report.ipynb #8afaa978c550
 def _abridge(xs: list | None, keep: int = 16) -> list | None:
@@ -49,10 +49,17 @@ def _section_properties(r: dict) -> list[str]:
         f"  {p['property']:<{w}}  {str(p['value']):<15}  {p['reason']}" for p in r["properties"]] + [
         "", f"experts: {e['implementation']} on {e['device']}, weights {e.get('quant', 'unquantized')} ({e['reason']})"]
 
-# %% ../nbs/15b_report.ipynb #d03e38cef3ab
+# %% ../nbs/15b_report.ipynb #e0560e5725d2
+def placement_record(requested: str | None, placement) -> dict:
+    """A report's placement: the strategy asked for (`requested`; None: none, linear by default), the strategy the
+    `Placement` uses, and why: 'requested', 'default' (none asked for), or the conditions that forced linear."""
+    why = "default" if placement.reason == "requested" and requested is None else placement.reason
+    return {"requested": requested, "strategy": placement.strategy, "reason": why}
+
 def placement_why(p: dict) -> str:
     "Why a report's placement is what it is: 'as requested', 'the default' (none requested), or the request and the reason it was not honoured."
-    if p["reason"] == "requested": return "as requested" if p.get("requested") else "the default"
+    if p["reason"] == "default" or (p["reason"] == "requested" and not p.get("requested")): return "the default"
+    if p["reason"] == "requested": return "as requested"
     return f"requested {p['requested']}; {p['reason']}"
 
 def placement_head(p: dict) -> str:

@@ -21,7 +21,7 @@ from moe_lit.dispatch_plan import slab_sources
 from moe_lit.modular import ModularKernel, SharedExperts, make_experts
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id
 from moe_lit.testing import check_output
-from moe_lit.report import format_distributed_report
+from moe_lit.report import format_distributed_report, placement_record
 from moe_lit.transport import (all_gather_rows, config_rank_in_group, group_device, init_distributed, transport_note,
                                make_distributed_prepare_finalize)
 
@@ -205,7 +205,7 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                   "all2all_backend": cfg.backend.name, "activation_format": cfg.activation_format.value,
                   "transport": transport_note(cfg), "prepare_finalize": run.prepare_finalize,
                   "experts": {"implementation": run.experts[0], "reason": run.experts[1]},
-                  "placement": {"requested": placement, "strategy": run.placement.strategy, "reason": run.placement.reason},
+                  "placement": placement_record(placement, run.placement),
                   "num_tokens": sum(run.token_counts), "tokens_per_rank": run.token_counts, "seed": seed,
                   "pairs_sent_per_rank": [s["pairs_sent"] for s in run.rank_stats],
                   "pairs_received_per_rank": [s["pairs_received"] for s in run.rank_stats],

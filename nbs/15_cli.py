@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, enum, json, os, sys, time
+import argparse, enum, json, math, os, sys, time
 from pathlib import Path
 from dataclasses import asdict
 import torch
@@ -22,7 +22,7 @@ from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
 from moe_lit.testing import check_output
-from moe_lit.report import format_report, format_sections, placement_head
+from moe_lit.report import format_report, format_sections, placement_head, placement_record
 
 # %%
 #| hide
@@ -65,7 +65,8 @@ def build_config(model: str | None = None,        # a preset name; None: DEFAULT
         raise ValueError(f"model: expected None when config_path is given (a preset or a config.json, not both), "
                          f"got {model!r}")
     check_int("ep", ep, lo=1); check_int("tp", tp, lo=1)
-    if ep % tp: raise ValueError(f"tp: expected a divisor of ep={ep}, got {tp}")
+    if ep % tp: raise ValueError(f"tp: expected a divisor of ep={ep}, got {tp} (ep counts every device, so it holds "
+                                 f"whole TP groups: ep={math.lcm(ep, tp)} for tp={tp}, or another multiple of {tp})")
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ValueError(f"dtype: expected one of {list(DTYPES)} or None (the model's own), got {dtype!r}")
     if all2all is None: all2all = "allgather_reducescatter" if ep // tp > 1 else "none"
@@ -80,7 +81,7 @@ cfg = build_config("deepseek-v3", ep=8, all2all="nixl_ep")
 test_eq((cfg.num_experts, cfg.ep_size, cfg.use_batched_activation_format), (256, 8, True))
 test_eq(build_config("deepseek-v3", ep=8, tp=8, all2all="nixl_ep").use_batched_activation_format, False)  # TP+EP
 test_fail(lambda: build_config("nope"), contains="expected one of")
-test_fail(lambda: build_config(ep=6, tp=4), contains="tp: expected a divisor of ep=6, got 4")
+test_fail(lambda: build_config(ep=6, tp=4), contains="tp: expected a divisor of ep=6, got 4 (ep counts every device, so it holds whole TP groups: ep=12 for tp=4")
 test_fail(lambda: build_config(dtype="fp8"), contains="dtype: expected one of ['bf16', 'fp16', 'fp32'] or None")
 test_fail(lambda: build_config(dtype=["bf16"]), contains="dtype: expected one of ['bf16', 'fp16', 'fp32'] or None "
           "(the model's own), got ['bf16']")
@@ -271,7 +272,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
         "experts_function": describe_experts(config),
         "caveats": preset_caveats(config) if weights is None else [],   # the caveats are about random weights
         "weights": getattr(weights, "description", None) or f"random (seed {seed})",
-        "placement": {"requested": placement, **_placement_rows(run)},
+        "placement": {**_placement_rows(run), **placement_record(placement, run.placements[0])},
         "load": _load_rows(run, config.num_experts),
         "check": _checks(run, config),
         "quantization_error": None if run.reference_unquantized is None else   # information, not a check
@@ -293,7 +294,8 @@ par = ParallelConfig.make(1, 4, enable_expert_parallel=True, all2all_backend="ni
 rep = run_report(small.replace(parallel=par), num_tokens=12, placement="round_robin")
 props = {p["property"]: p["value"] for p in rep["properties"]}
 test_eq((props["activation_format"], props["needs_round_robin_routing_tables"]), ("batched_experts", True))
-test_eq(rep["placement"]["strategy"], "round_robin")
+test_eq({k: rep["placement"][k] for k in ("requested", "strategy", "reason")},
+        {"requested": "round_robin", "strategy": "round_robin", "reason": "requested"})
 test_eq(rep["placement"]["routing_tables"]["global_to_physical"][:4], [0, 4, 8, 12])
 assert rep["check"]["vs_float64"]["ok"] and rep["check"]["ep_vs_single_device"]["ok"]
 test_eq(sum(rep["load"]["per_rank"]), 12 * 4)
@@ -302,6 +304,8 @@ json.dumps(rep)                                                                 
 ungrouped = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, parallel=par)
 rep = run_report(ungrouped, num_tokens=4, placement="round_robin")
 test_eq(rep["placement"]["strategy"], "linear"); assert "group" in rep["placement"]["reason"]
+p = run_report(ungrouped, num_tokens=4)["placement"]                            # none asked for: the default, so said
+test_eq((p["requested"], p["strategy"], p["reason"]), (None, "linear", "default"))
 
 # %% [markdown]
 # The report keeps every entry of every table, however many experts there are — the text abridges, the data does
@@ -346,7 +350,7 @@ def tables_report(config: MoEConfig,        # the model on its deployment
     return {"model": config.name, "num_experts": config.num_experts, "ep_size": config.ep_size,
             "all2all_backend": par.all2all_backend, "all2all_used": par.use_all2all_kernels,
             "all2all_note": all2all_note(par), "dispatch_hidden_size": dispatch_h, "hidden_size_note": h_note,
-            "placement": {"requested": placement, "strategy": p0.strategy, "reason": p0.reason},
+            "placement": placement_record(placement, p0),
             "global_to_physical": None if p0.global_to_physical is None else p0.global_to_physical.tolist(),
             "physical_to_global": None if p0.physical_to_global is None else p0.physical_to_global.tolist(),
             "ranks": [{"rank": r, "num_local_experts": p.num_local_experts, "local_to_global": p.local_to_global.tolist(),
@@ -494,7 +498,7 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
     pf = make_prepare_finalize(config, num_tokens)
     d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
     return {"model": config.name, "experts_function": describe_experts(config), "deployment": all2all_note(config.parallel),
-            "placement": {"requested": placement, "strategy": place.strategy, "reason": place.reason},
+            "placement": placement_record(placement, place),
             "properties": [{"property": p, "value": v, "reason": r} for p, v, r in config.parallel.explain()],
             "prepare_finalize": {"class": type(pf).__name__, "activation_format": pf.activation_format.value},
             "across_processes": _transport_note(config),

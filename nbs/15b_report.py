@@ -71,9 +71,16 @@ def _section_properties(r: dict) -> list[str]:
 
 # %%
 #| export
+def placement_record(requested: str | None, placement) -> dict:
+    """A report's placement: the strategy asked for (`requested`; None: none, linear by default), the strategy the
+    `Placement` uses, and why: 'requested', 'default' (none asked for), or the conditions that forced linear."""
+    why = "default" if placement.reason == "requested" and requested is None else placement.reason
+    return {"requested": requested, "strategy": placement.strategy, "reason": why}
+
 def placement_why(p: dict) -> str:
     "Why a report's placement is what it is: 'as requested', 'the default' (none requested), or the request and the reason it was not honoured."
-    if p["reason"] == "requested": return "as requested" if p.get("requested") else "the default"
+    if p["reason"] == "default" or (p["reason"] == "requested" and not p.get("requested")): return "the default"
+    if p["reason"] == "requested": return "as requested"
     return f"requested {p['requested']}; {p['reason']}"
 
 def placement_head(p: dict) -> str:

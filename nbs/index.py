@@ -91,6 +91,10 @@
 # Without a GPU, `experts="auto"` runs the torch reference; to run the Triton kernels in Triton's CPU interpreter from
 # Python, set `TRITON_INTERPRET=1` in the environment before moe-lit's kernels are imported and pass
 # `experts="triton"` (the `moe-lit` command sets it itself; importing moe-lit never changes the environment).
+# `layer.experts_reason` says why its experts run where they do, and `backend=` (on the command line `--backend`)
+# forces one of the oracle's candidates — on the CPU a Triton one with `experts="triton"`, which runs it in the
+# interpreter. `select_experts_backend(cfg, quant, cfg.activation_format, DEVICES["h200"]).table()`
+# (`moe_lit.oracle`) is the decision table `moe-lit explain` prints, for any device model.
 
 # %%
 import torch

@@ -14,7 +14,7 @@ from moe_lit.dispatch_plan import slab_sources
 from moe_lit.modular import ModularKernel, SharedExperts, make_experts
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id
 from moe_lit.testing import check_output
-from moe_lit.report import format_distributed_report
+from moe_lit.report import format_distributed_report, placement_record
 from moe_lit.transport import (all_gather_rows, config_rank_in_group, group_device, init_distributed, transport_note,
                                make_distributed_prepare_finalize)
 from fastcore.test import test_eq, test_fail
