@@ -162,11 +162,6 @@ if not torch.cuda.is_available():          # asked for Triton on the CPU (the in
     impl, why = resolve_experts("triton", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32),
                                 backend="triton_contiguous_w4a16")
     assert impl == "triton_quant" and why.startswith("oracle: triton_contiguous_w4a16 — runs in Triton's CPU interpreter"), why
-    c8 = MoEConfig(8, 2, 64, 32)
-    lay = FusedMoE(c8, seed=1, experts="triton", quant="fp8", backend="triton_contiguous_dequant")   # FP8 dequantized
-    test_eq(lay.experts, "triton"); xq = torch.randn(3, 64, dtype=c8.dtype)
-    ref = moe_reference_standard(xq.double(), lay.w13.double(), lay.w2.double(), *lay.route(xq))
-    assert check_output(lay(xq), ref, c8.dtype)["ok"]
 test_fail(lambda: resolve_experts("auto", S, torch.device("cpu"), "int3"), contains="quant: expected one of")
 assert "fp8_w8a8_block weights dequantized once" in resolve_experts("auto", S, torch.device("cpu"), "fp8")[1]   # short name
 test_fail(lambda: resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block", MoEConfig(8, 2, 64, 32, dtype=torch.float32)),
@@ -1113,6 +1108,12 @@ test_fail(lambda: torch.nn.Sequential(layer).half(), contains="w13: expected the
 if not torch.cuda.is_available():
     test_fail(lambda: layer.cuda(), contains="device: expected a device this machine has, got an error moving there")
 test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), backend="foo"), contains="backend: expected one of")
+if not torch.cuda.is_available():        # a forced Triton backend on the CPU runs in the interpreter (resolve_experts)
+    c8 = MoEConfig(8, 2, 64, 32)
+    lay = FusedMoE(c8, seed=1, experts="triton", quant="fp8", backend="triton_contiguous_dequant")   # FP8 dequantized
+    test_eq(lay.experts, "triton"); xq = torch.randn(3, 64, dtype=c8.dtype)
+    ref = moe_reference_standard(xq.double(), lay.w13.double(), lay.w2.double(), *lay.route(xq))
+    assert check_output(lay(xq), ref, c8.dtype)["ok"]
 test_eq((layer.w13.dtype, layer.gate.dtype), (torch.bfloat16, torch.float32))                            # nothing converted
 
 # %% [markdown]
