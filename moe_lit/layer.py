@@ -24,7 +24,20 @@ from .quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 # %% auto #0
 __all__ = ['resolve_experts', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep', 'reference_by_global_id']
 
-# %% ../nbs/12_layer.ipynb #1e25aa1613ed
+# %% ../nbs/12_layer.ipynb #1bd4845e158b
+def _check_interpreter_switch():
+    "TRITON_INTERPRET as moe-lit's kernels and Triton were imported with (they keep the switch they saw), else ValueError."
+    kb = sys.modules.get("moe_lit.kernels.batched")
+    if kb is not None and kb.INTERPRET != triton_interpreting():
+        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when moe_lit.kernels was imported (interpreter "
+                         f"{'on' if kb.INTERPRET else 'off'}; set it before that import), got "
+                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
+    std = triton_imported_interpreting()                   # and so do Triton's own @jit helpers
+    if std is not None and std != triton_interpreting():
+        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter "
+                         f"{'on' if std else 'off'}; set it before anything imports triton), got "
+                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
+
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
@@ -43,6 +56,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
             if str(e).startswith("override:"): raise ValueError("backend:" + str(e)[len("override:"):]) from None
             raise
         impl = d.chosen.implementation
+        if impl != "torch": _check_interpreter_switch()
         if experts != "auto" and (impl == "torch") != (experts == "torch"):    # two requests that disagree: not guessed
             raise ValueError(f"experts: expected 'auto' or the implementation of backend {d.chosen.name!r} "
                              f"({'torch' if impl == 'torch' else 'triton'}), got {experts!r}")
@@ -51,16 +65,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
-    kb = sys.modules.get("moe_lit.kernels.batched")       # the kernels keep the switch they were imported with
-    if experts != "torch" and kb is not None and kb.INTERPRET != triton_interpreting():
-        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when moe_lit.kernels was imported (interpreter "
-                         f"{'on' if kb.INTERPRET else 'off'}; set it before that import), got "
-                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
-    std = triton_imported_interpreting()                   # and so do Triton's own @jit helpers
-    if experts != "torch" and std is not None and std != triton_interpreting():
-        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter "
-                         f"{'on' if std else 'off'}; set it before anything imports triton), got "
-                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
+    if experts != "torch": _check_interpreter_switch()
     if experts == "triton" and device.type == "cpu" and not triton_interpreting():
         raise ValueError("experts: expected a CUDA GPU for the Triton kernels, or TRITON_INTERPRET=1 set before "
                          "triton and moe_lit.kernels are imported (Triton's CPU interpreter; the moe-lit command sets it), got "
@@ -203,11 +208,11 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #a73ccd42048d
+# %% ../nbs/12_layer.ipynb #595dfa443dc6
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
-    _check_quant_kept(module)                          # the scheme the loaded floats are quantized to: the layer's
+    _check_settings_kept(module)                       # what the weights load into: the layer's own settings
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
@@ -222,6 +227,10 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         if assign and isinstance(own, torch.Tensor) and not t.is_contiguous():  # the kernels read it as laid out
             raise ValueError(f"state_dict[{prefix + n!r}]: expected a contiguous tensor with assign=True (or load "
                              f"without assign, which copies), got strides {tuple(t.stride())}")
+        if assign and isinstance(own, torch.Tensor) and t.is_inference():      # no version counter: edits unseen
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected a normal tensor with assign=True (an inference "
+                             f"tensor keeps no version counter, so the layer could not follow an edit of it), got an "
+                             f"inference tensor; load without assign, which copies")
         if assign and isinstance(own, torch.Tensor) and t.dtype != own.dtype:   # assign swaps the tensor in as it is
             raise ValueError(f"state_dict[{prefix + n!r}]: expected dtype {own.dtype} with assign=True (or load "
                              f"without assign, which casts), got {t.dtype}")
@@ -275,7 +284,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #6141f41697bf
+# %% ../nbs/12_layer.ipynb #2d30452ad90d
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -366,14 +375,26 @@ def _record_build(self: FusedMoE):
     self._weight_meta = {n: _meta(getattr(self, n)) for n in _TRACKED}
     self._kernel_tensors = tuple((n, t) for n, t in [(n, getattr(self, n)) for n in _TRACKED] +   # (a swap rebuilds,
                                  list(_shared_by_key(self).items()) if isinstance(t, torch.Tensor))   # so these stay current)
-    self._held = dict(config=self.config, qweights=_qmeta(self.qweights), placement=_placement_key(self.placement),
-                      shared=tuple(_meta(t) for t in _shared_tensors(self)), quant=self.quant)
+    self._held = dict(qweights=_qmeta(self.qweights), shared=tuple(_meta(t) for t in _shared_tensors(self)))
+    if "_settings" not in self.__dict__:         # recorded once, at construction: no later build re-records them
+        self._settings = dict(config=self.config, placement=_placement_key(self.placement), quant=self.quant,
+                              experts=self.experts)
 
-def _check_quant_kept(layer):
-    "The layer's quantization scheme is fixed at construction: an assignment to `layer.quant` is refused by name."
-    if layer.quant != layer._held["quant"]:
-        raise ValueError(f"quant: expected {layer._held['quant']!r} (the layer's, fixed at construction), got "
-                         f"{layer.quant!r}; build a new layer for another scheme")
+def _check_settings_kept(layer):
+    """What the layer was built for — its config, placement, quant scheme and experts implementation — is fixed at
+    construction: an assignment of another is refused by name at the next call, load_state_dict or move."""
+    h = layer._settings
+    fixed = lambda n, want, got: ValueError(f"{n}: expected {want} (fixed at construction), got {got}; build a new "
+                                            f"layer for another (load_state_dict loads weights, not settings)")
+    if not isinstance(layer.config, MoEConfig) or layer.config != h["config"]:      # an equal copy is the same config
+        raise fixed("config", "the layer's MoEConfig", "another" if isinstance(layer.config, MoEConfig) else
+                    f"a {type(layer.config).__name__}, not a MoEConfig")
+    pshow = lambda k: ("not a Placement" if k is None else f"rank {k[2]} of {k[1]}, {k[0]}, local experts {list(k[4])} of "
+                       f"{k[3]}" + ", expert_map" * (not k[5]) + ", round-robin tables" * (not k[6]))
+    if (key := _placement_key(layer.placement)) != h["placement"]:   # a swap to one the weights were not loaded for
+        raise fixed("placement", pshow(h["placement"]), pshow(key))
+    for n in ("quant", "experts"):
+        if getattr(layer, n) != h[n]: raise fixed(n, repr(h[n]), repr(getattr(layer, n)))
 
 def _placement_key(p) -> tuple | None:
     "Which experts a placement puts on this rank, and the tables ids reach them by: what the weights were loaded for."
@@ -398,12 +419,7 @@ def _take_edits(self: FusedMoE, now: tuple):
         got = _meta(getattr(self, n))
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
     h = self._held
-    if self.config is not h["config"]: raise bad("config", "the layer's own MoEConfig (fixed at construction)", "another")
-    _check_quant_kept(self)
-    pshow = lambda k: ("not a Placement" if k is None else f"rank {k[2]} of {k[1]}, {k[0]}, local experts {list(k[4])} of "
-                       f"{k[3]}" + ", expert_map" * (not k[5]) + ", round-robin tables" * (not k[6]))
-    if (key := _placement_key(self.placement)) != h["placement"]:     # a swap to one the weights were not loaded for
-        raise bad("placement", pshow(h["placement"]), pshow(key))
+    _check_settings_kept(self)
     shared = tuple(_meta(t) for t in _shared_tensors(self))
     if len(shared) != len(h["shared"]):
         raise bad("shared_experts", "some" if h["shared"] else "none", "some" if shared else "none")
@@ -436,6 +452,7 @@ def _take_edits(self: FusedMoE, now: tuple):
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
+    if built: _check_settings_kept(self)                          # (a move rebuilds: not over a swapped setting)
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
         try: fn(self.gate.detach()[:0])
         except NotImplementedError:                             # off meta: nothing to copy (before RuntimeError, its base)
@@ -485,7 +502,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #1290e6995149
+# %% ../nbs/12_layer.ipynb #b1dd577418e5
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -509,8 +526,8 @@ def _refuse_gradient(layer, hidden: torch.Tensor, topk=None, weights: bool = Tru
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
+    self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
-    self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden)
     if self.router is not None: _refuse_gradient(self, hidden)
     return self._route(hidden)
@@ -554,12 +571,12 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #4c86d536251a
+# %% ../nbs/12_layer.ipynb #914a234e1e3f
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
+    self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
-    self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     if self.use_triton: _refuse_gradient(self, hidden, topk)
     kb = self._kb

@@ -247,7 +247,7 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
                    topk_group=check_int("config.json topk_group", topk_group, lo=1, hi=SIZE_LIMIT))
     return out
 
-# %% ../nbs/02_models.ipynb #d32ad857a045
+# %% ../nbs/02_models.ipynb #762982e4d226
 def _check_family(cfg: dict) -> str | None:
     "config.json's model_type: one of the families moe-lit reads, or None (no model_type: the file's keys decide)."
     t = _model_type(cfg)
@@ -264,9 +264,9 @@ def _routing_from_hf(cfg: dict) -> dict:
         cfg = {k: v for k, v in cfg.items() if k not in _ROUTING_KEYS or k in fam["reads"]}
     defaulted = {k: v for k, v in fam.get("defaults", {}).items() if cfg.get(k) is None}   # absent or null: the
     cfg = {**cfg, **defaulted}                                                               # config class's default
-    experts = cfg.get("n_routed_experts")
-    if "n_group" in defaulted and isinstance(experts, int) and experts % defaulted["n_group"]:
-        raise ValueError(f"config.json n_group: expected a group count dividing n_routed_experts={experts}, got none "
+    key, experts = next(((k, cfg[k]) for k in HF_KEYS["num_experts"] if cfg.get(k) is not None), (None, None))
+    if "n_group" in defaulted and isinstance(experts, int) and experts % defaulted["n_group"]:   # whichever spelling
+        raise ValueError(f"config.json n_group: expected a group count dividing {key}={experts}, got none "
                          f"(its config class's default {defaulted['n_group']} does not divide it)")
     if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (vLLM's llama4.py)
         return dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False,

@@ -559,9 +559,9 @@ def _routing_from_hf(cfg: dict) -> dict:
         cfg = {k: v for k, v in cfg.items() if k not in _ROUTING_KEYS or k in fam["reads"]}
     defaulted = {k: v for k, v in fam.get("defaults", {}).items() if cfg.get(k) is None}   # absent or null: the
     cfg = {**cfg, **defaulted}                                                               # config class's default
-    experts = cfg.get("n_routed_experts")
-    if "n_group" in defaulted and isinstance(experts, int) and experts % defaulted["n_group"]:
-        raise ValueError(f"config.json n_group: expected a group count dividing n_routed_experts={experts}, got none "
+    key, experts = next(((k, cfg[k]) for k in HF_KEYS["num_experts"] if cfg.get(k) is not None), (None, None))
+    if "n_group" in defaulted and isinstance(experts, int) and experts % defaulted["n_group"]:   # whichever spelling
+        raise ValueError(f"config.json n_group: expected a group count dividing {key}={experts}, got none "
                          f"(its config class's default {defaulted['n_group']} does not divide it)")
     if fam.get("routing_method") == "llama4":   # top-1 logit -> sigmoid, weight scales the input (vLLM's llama4.py)
         return dict(routing_method="llama4", scoring_func="sigmoid", renormalize=False,
@@ -723,6 +723,8 @@ test_fail(lambda: moe_config_from_hf({**deepseek_v3, "dtype": "float32"}),
           contains="config.json dtype: expected the same dtype as torch_dtype, got torch.float32 and torch.bfloat16")
 test_fail(lambda: c.replace(foo=1), contains="replace: expected fields of MoEConfig (")
 test_fail(lambda: moe_config_from_hf({**trimmed, "n_routed_experts": 12}), contains="config.json n_group: expected a group count dividing")
+spelled = {k: v for k, v in trimmed.items() if k != "n_routed_experts"}
+test_fail(lambda: moe_config_from_hf({**spelled, "num_experts": 12}), contains="dividing num_experts=12, got none")   # any spelling
 test_fail(lambda: moe_config_from_hf({**deepseek_v3, "norm_topk_prob": None}), contains="config.json norm_topk_prob: expected a bool, got null")
 # DeepSeek-V2 style: group-limited greedy (groups, no bias) and plain greedy
 v2 = {**deepseek_v3, "model_type": "deepseek_v2", "scoring_func": "softmax", "topk_method": "group_limited_greedy",

@@ -62,6 +62,19 @@ import moe_lit.kernels.batched as kb
 
 # %%
 #| export
+def _check_interpreter_switch():
+    "TRITON_INTERPRET as moe-lit's kernels and Triton were imported with (they keep the switch they saw), else ValueError."
+    kb = sys.modules.get("moe_lit.kernels.batched")
+    if kb is not None and kb.INTERPRET != triton_interpreting():
+        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when moe_lit.kernels was imported (interpreter "
+                         f"{'on' if kb.INTERPRET else 'off'}; set it before that import), got "
+                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
+    std = triton_imported_interpreting()                   # and so do Triton's own @jit helpers
+    if std is not None and std != triton_interpreting():
+        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter "
+                         f"{'on' if std else 'off'}; set it before anything imports triton), got "
+                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
+
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
@@ -80,6 +93,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
             if str(e).startswith("override:"): raise ValueError("backend:" + str(e)[len("override:"):]) from None
             raise
         impl = d.chosen.implementation
+        if impl != "torch": _check_interpreter_switch()
         if experts != "auto" and (impl == "torch") != (experts == "torch"):    # two requests that disagree: not guessed
             raise ValueError(f"experts: expected 'auto' or the implementation of backend {d.chosen.name!r} "
                              f"({'torch' if impl == 'torch' else 'triton'}), got {experts!r}")
@@ -88,16 +102,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                else "Triton alignment, fused-MoE GEMMs and slot sum") + (f" on {quant} weights" if q else "")
     deq = f" on {quant} weights dequantized once (an emulation)" if q else ""
     if experts == "torch": return "torch", f"requested: the torch reference of the {fmt} contract{deq}"
-    kb = sys.modules.get("moe_lit.kernels.batched")       # the kernels keep the switch they were imported with
-    if experts != "torch" and kb is not None and kb.INTERPRET != triton_interpreting():
-        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when moe_lit.kernels was imported (interpreter "
-                         f"{'on' if kb.INTERPRET else 'off'}; set it before that import), got "
-                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
-    std = triton_imported_interpreting()                   # and so do Triton's own @jit helpers
-    if experts != "torch" and std is not None and std != triton_interpreting():
-        raise ValueError(f"TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter "
-                         f"{'on' if std else 'off'}; set it before anything imports triton), got "
-                         f"{os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
+    if experts != "torch": _check_interpreter_switch()
     if experts == "triton" and device.type == "cpu" and not triton_interpreting():
         raise ValueError("experts: expected a CUDA GPU for the Triton kernels, or TRITON_INTERPRET=1 set before "
                          "triton and moe_lit.kernels are imported (Triton's CPU interpreter; the moe-lit command sets it), got "
@@ -137,13 +142,15 @@ after = "\n".join(head + ["try: FusedMoE(c, experts='triton')",
                            "os.environ['TRITON_INTERPRET'] = '1'",
                            "print(FusedMoE(c, experts='triton')(torch.randn(2, 64, dtype=torch.bfloat16)).shape)"])
 early = "\n".join(head + ["import triton.language", "os.environ['TRITON_INTERPRET'] = '1'",
-                           "try: FusedMoE(c, experts='triton')", "except ValueError as e: print(e)"])
+                           "try: FusedMoE(c, experts='triton')", "except ValueError as e: print(e)",
+                           "try: FusedMoE(c, experts='triton', backend='triton_contiguous')",   # forced: the same
+                           "except ValueError as e: print(e)"])
 env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 if not torch.cuda.is_available():
     r = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, env=env, timeout=600)
     test_eq(r.stdout.split("\n")[:2], ["refused False", "torch.Size([2, 64])"])
     r = subprocess.run([sys.executable, "-c", early], capture_output=True, text=True, env=env, timeout=600)
-    assert "TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter off" in r.stdout, r.stdout + r.stderr[-800:]
+    assert r.stdout.count("TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter off") == 2, r.stdout + r.stderr[-800:]
     bad_switch = "\n".join(head + ["try: FusedMoE(c, experts='triton', quant='fp8')",     # a quant kernel's switch
                                     "except ValueError as e: print('at construction:', e)"])  # is read when built
     r = subprocess.run([sys.executable, "-c", bad_switch], capture_output=True, text=True, timeout=600,
@@ -328,7 +335,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
-    _check_quant_kept(module)                          # the scheme the loaded floats are quantized to: the layer's
+    _check_settings_kept(module)                       # what the weights load into: the layer's own settings
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
@@ -343,6 +350,10 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         if assign and isinstance(own, torch.Tensor) and not t.is_contiguous():  # the kernels read it as laid out
             raise ValueError(f"state_dict[{prefix + n!r}]: expected a contiguous tensor with assign=True (or load "
                              f"without assign, which copies), got strides {tuple(t.stride())}")
+        if assign and isinstance(own, torch.Tensor) and t.is_inference():      # no version counter: edits unseen
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected a normal tensor with assign=True (an inference "
+                             f"tensor keeps no version counter, so the layer could not follow an edit of it), got an "
+                             f"inference tensor; load without assign, which copies")
         if assign and isinstance(own, torch.Tensor) and t.dtype != own.dtype:   # assign swaps the tensor in as it is
             raise ValueError(f"state_dict[{prefix + n!r}]: expected dtype {own.dtype} with assign=True (or load "
                              f"without assign, which casts), got {t.dtype}")
@@ -543,14 +554,26 @@ def _record_build(self: FusedMoE):
     self._weight_meta = {n: _meta(getattr(self, n)) for n in _TRACKED}
     self._kernel_tensors = tuple((n, t) for n, t in [(n, getattr(self, n)) for n in _TRACKED] +   # (a swap rebuilds,
                                  list(_shared_by_key(self).items()) if isinstance(t, torch.Tensor))   # so these stay current)
-    self._held = dict(config=self.config, qweights=_qmeta(self.qweights), placement=_placement_key(self.placement),
-                      shared=tuple(_meta(t) for t in _shared_tensors(self)), quant=self.quant)
+    self._held = dict(qweights=_qmeta(self.qweights), shared=tuple(_meta(t) for t in _shared_tensors(self)))
+    if "_settings" not in self.__dict__:         # recorded once, at construction: no later build re-records them
+        self._settings = dict(config=self.config, placement=_placement_key(self.placement), quant=self.quant,
+                              experts=self.experts)
 
-def _check_quant_kept(layer):
-    "The layer's quantization scheme is fixed at construction: an assignment to `layer.quant` is refused by name."
-    if layer.quant != layer._held["quant"]:
-        raise ValueError(f"quant: expected {layer._held['quant']!r} (the layer's, fixed at construction), got "
-                         f"{layer.quant!r}; build a new layer for another scheme")
+def _check_settings_kept(layer):
+    """What the layer was built for — its config, placement, quant scheme and experts implementation — is fixed at
+    construction: an assignment of another is refused by name at the next call, load_state_dict or move."""
+    h = layer._settings
+    fixed = lambda n, want, got: ValueError(f"{n}: expected {want} (fixed at construction), got {got}; build a new "
+                                            f"layer for another (load_state_dict loads weights, not settings)")
+    if not isinstance(layer.config, MoEConfig) or layer.config != h["config"]:      # an equal copy is the same config
+        raise fixed("config", "the layer's MoEConfig", "another" if isinstance(layer.config, MoEConfig) else
+                    f"a {type(layer.config).__name__}, not a MoEConfig")
+    pshow = lambda k: ("not a Placement" if k is None else f"rank {k[2]} of {k[1]}, {k[0]}, local experts {list(k[4])} of "
+                       f"{k[3]}" + ", expert_map" * (not k[5]) + ", round-robin tables" * (not k[6]))
+    if (key := _placement_key(layer.placement)) != h["placement"]:   # a swap to one the weights were not loaded for
+        raise fixed("placement", pshow(h["placement"]), pshow(key))
+    for n in ("quant", "experts"):
+        if getattr(layer, n) != h[n]: raise fixed(n, repr(h[n]), repr(getattr(layer, n)))
 
 def _placement_key(p) -> tuple | None:
     "Which experts a placement puts on this rank, and the tables ids reach them by: what the weights were loaded for."
@@ -575,12 +598,7 @@ def _take_edits(self: FusedMoE, now: tuple):
         got = _meta(getattr(self, n))
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
     h = self._held
-    if self.config is not h["config"]: raise bad("config", "the layer's own MoEConfig (fixed at construction)", "another")
-    _check_quant_kept(self)
-    pshow = lambda k: ("not a Placement" if k is None else f"rank {k[2]} of {k[1]}, {k[0]}, local experts {list(k[4])} of "
-                       f"{k[3]}" + ", expert_map" * (not k[5]) + ", round-robin tables" * (not k[6]))
-    if (key := _placement_key(self.placement)) != h["placement"]:     # a swap to one the weights were not loaded for
-        raise bad("placement", pshow(h["placement"]), pshow(key))
+    _check_settings_kept(self)
     shared = tuple(_meta(t) for t in _shared_tensors(self))
     if len(shared) != len(h["shared"]):
         raise bad("shared_experts", "some" if h["shared"] else "none", "some" if shared else "none")
@@ -613,6 +631,7 @@ def _take_edits(self: FusedMoE, now: tuple):
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
+    if built: _check_settings_kept(self)                          # (a move rebuilds: not over a swapped setting)
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
         try: fn(self.gate.detach()[:0])
         except NotImplementedError:                             # off meta: nothing to copy (before RuntimeError, its base)
@@ -696,8 +715,8 @@ def _refuse_gradient(layer, hidden: torch.Tensor, topk=None, weights: bool = Tru
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
+    self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
-    self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden)
     if self.router is not None: _refuse_gradient(self, hidden)
     return self._route(hidden)
@@ -755,8 +774,8 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
+    self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
-    self._follow_inplace_edits()                     # first: a swapped-out gate is named, not read below
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     if self.use_triton: _refuse_gradient(self, hidden, topk)
     kb = self._kb
@@ -1232,7 +1251,7 @@ for experts in ("torch", "triton"):
     test_fail(lambda: layer(x), contains="placement: expected rank 0 of 1, linear, local experts [0, 1, 2, 3, 4, 5, 6, 7] of 8")
     layer.placement = good
     conf = layer.config; layer.config = conf.replace(top_k=3)
-    test_fail(lambda: layer(x), contains="config: expected the layer's own MoEConfig")
+    test_fail(lambda: layer(x), contains="config: expected the layer's MoEConfig (fixed at construction), got another")
     layer.config = conf
     sd = layer.state_dict(); sd["gate"] = sd["gate"].t().contiguous().t()      # same values, column-major
     test_fail(lambda: layer.load_state_dict(sd, assign=True), contains="state_dict['gate']: expected a contiguous tensor")
@@ -1274,8 +1293,19 @@ inf(x)
 mq = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16", device=DEVICE); sd = mq.state_dict()
 mq.quant = "fp8_w8a8_block"                                                    # the scheme is fixed at construction:
 for f in (lambda: mq(x), lambda: mq.load_state_dict(sd)):                      # an assignment is named, not run
-    test_fail(f, contains="quant: expected 'mxfp4_w4a16' (the layer's, fixed at construction), got 'fp8_w8a8_block'")
+    test_fail(f, contains="quant: expected 'mxfp4_w4a16' (fixed at construction), got 'fp8_w8a8_block'; build a new layer")
 mq.quant = "mxfp4_w4a16"; mq.load_state_dict(sd); test_eq(mq(x).shape, (6, 128))
+for name, other in (("config", cfg.replace(top_k=1)), ("experts", "torch" if mq.experts != "torch" else "triton"),
+                    ("placement", Placement.build(cfg.replace(num_experts=16))), ("config", {})):
+    good = getattr(mq, name); setattr(mq, name, other)                         # settings: fixed, a load refuses them
+    for f in (lambda: mq(x), lambda: mq.load_state_dict(sd), lambda: mq.to(DEVICE)):
+        test_fail(f, contains=f"{name}: expected ")
+        test_fail(f, contains="(fixed at construction)")
+    setattr(mq, name, good)
+mq.config = dataclasses.replace(cfg); test_eq(mq(x).shape, (6, 128))          # an equal copy is the same config
+with torch.inference_mode(): isd = {k: v.clone() for k, v in sd.items()}
+test_fail(lambda: mq.load_state_dict(isd, assign=True), contains="state_dict['gate']: expected a normal tensor with assign=True")
+mq.load_state_dict(isd); test_eq(mq(x).shape, (6, 128))                        # copied: fine
 
 
 # %%
@@ -1288,7 +1318,7 @@ layer = FusedMoE(c, experts="torch")
 x = torch.randn(3, 64, dtype=c.dtype)
 want = layer(x)
 layer.placement = Placement.build(c, ep_rank=1)
-test_fail(lambda: layer(x), contains="placement: expected rank 0 of 2, linear, local experts [0, 1] of 4, expert_map (the layer's, checked at load), got rank 1 of 2")
+test_fail(lambda: layer(x), contains="placement: expected rank 0 of 2, linear, local experts [0, 1] of 4, expert_map (fixed at construction), got rank 1 of 2")
 layer.placement = "linear"
 test_fail(lambda: layer(x), contains="got not a Placement")
 layer.placement = Placement.build(c)                       # an equal one, built again: taken

@@ -50,13 +50,15 @@ def test_resolve_experts():
                                "os.environ['TRITON_INTERPRET'] = '1'",
                                "print(FusedMoE(c, experts='triton')(torch.randn(2, 64, dtype=torch.bfloat16)).shape)"])
     early = "\n".join(head + ["import triton.language", "os.environ['TRITON_INTERPRET'] = '1'",
-                               "try: FusedMoE(c, experts='triton')", "except ValueError as e: print(e)"])
+                               "try: FusedMoE(c, experts='triton')", "except ValueError as e: print(e)",
+                               "try: FusedMoE(c, experts='triton', backend='triton_contiguous')",   # forced: the same
+                               "except ValueError as e: print(e)"])
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if not torch.cuda.is_available():
         r = subprocess.run([sys.executable, "-c", after], capture_output=True, text=True, env=env, timeout=600)
         test_eq(r.stdout.split("\n")[:2], ["refused False", "torch.Size([2, 64])"])
         r = subprocess.run([sys.executable, "-c", early], capture_output=True, text=True, env=env, timeout=600)
-        assert "TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter off" in r.stdout, r.stdout + r.stderr[-800:]
+        assert r.stdout.count("TRITON_INTERPRET: expected the setting it had when triton was imported (interpreter off") == 2, r.stdout + r.stderr[-800:]
         bad_switch = "\n".join(head + ["try: FusedMoE(c, experts='triton', quant='fp8')",     # a quant kernel's switch
                                         "except ValueError as e: print('at construction:', e)"])  # is read when built
         r = subprocess.run([sys.executable, "-c", bad_switch], capture_output=True, text=True, timeout=600,
@@ -426,7 +428,7 @@ def test_layer_follows_inplace_edits():
         test_fail(lambda: layer(x), contains="placement: expected rank 0 of 1, linear, local experts [0, 1, 2, 3, 4, 5, 6, 7] of 8")
         layer.placement = good
         conf = layer.config; layer.config = conf.replace(top_k=3)
-        test_fail(lambda: layer(x), contains="config: expected the layer's own MoEConfig")
+        test_fail(lambda: layer(x), contains="config: expected the layer's MoEConfig (fixed at construction), got another")
         layer.config = conf
         sd = layer.state_dict(); sd["gate"] = sd["gate"].t().contiguous().t()      # same values, column-major
         test_fail(lambda: layer.load_state_dict(sd, assign=True), contains="state_dict['gate']: expected a contiguous tensor")
@@ -468,8 +470,19 @@ def test_layer_follows_inplace_edits():
     mq = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16", device=DEVICE); sd = mq.state_dict()
     mq.quant = "fp8_w8a8_block"                                                    # the scheme is fixed at construction:
     for f in (lambda: mq(x), lambda: mq.load_state_dict(sd)):                      # an assignment is named, not run
-        test_fail(f, contains="quant: expected 'mxfp4_w4a16' (the layer's, fixed at construction), got 'fp8_w8a8_block'")
+        test_fail(f, contains="quant: expected 'mxfp4_w4a16' (fixed at construction), got 'fp8_w8a8_block'; build a new layer")
     mq.quant = "mxfp4_w4a16"; mq.load_state_dict(sd); test_eq(mq(x).shape, (6, 128))
+    for name, other in (("config", cfg.replace(top_k=1)), ("experts", "torch" if mq.experts != "torch" else "triton"),
+                        ("placement", Placement.build(cfg.replace(num_experts=16))), ("config", {})):
+        good = getattr(mq, name); setattr(mq, name, other)                         # settings: fixed, a load refuses them
+        for f in (lambda: mq(x), lambda: mq.load_state_dict(sd), lambda: mq.to(DEVICE)):
+            test_fail(f, contains=f"{name}: expected ")
+            test_fail(f, contains="(fixed at construction)")
+        setattr(mq, name, good)
+    mq.config = dataclasses.replace(cfg); test_eq(mq(x).shape, (6, 128))          # an equal copy is the same config
+    with torch.inference_mode(): isd = {k: v.clone() for k, v in sd.items()}
+    test_fail(lambda: mq.load_state_dict(isd, assign=True), contains="state_dict['gate']: expected a normal tensor with assign=True")
+    mq.load_state_dict(isd); test_eq(mq(x).shape, (6, 128))                        # copied: fine
 
 
 def test_layer_refuses_another_ranks_placement():
@@ -481,7 +494,7 @@ def test_layer_refuses_another_ranks_placement():
     x = torch.randn(3, 64, dtype=c.dtype)
     want = layer(x)
     layer.placement = Placement.build(c, ep_rank=1)
-    test_fail(lambda: layer(x), contains="placement: expected rank 0 of 2, linear, local experts [0, 1] of 4, expert_map (the layer's, checked at load), got rank 1 of 2")
+    test_fail(lambda: layer(x), contains="placement: expected rank 0 of 2, linear, local experts [0, 1] of 4, expert_map (fixed at construction), got rank 1 of 2")
     layer.placement = "linear"
     test_fail(lambda: layer(x), contains="got not a Placement")
     layer.placement = Placement.build(c)                       # an equal one, built again: taken
