@@ -254,7 +254,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #aa7bacf2e4a0
+# %% ../nbs/10_modular.ipynb #6137af2fed04
 def _check_trusted_weights(a: torch.Tensor, w13, w2):
     "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
     H = a.shape[-1]
@@ -275,7 +275,7 @@ class TritonExpertsAdapter(TorchStandardExperts):
                         # construction, and its prepare built the rest: the launches skip the per-call checks but
                         # the weights' shapes, dtype and device (`_check_trusted_weights`, metadata only)
     weights_checked = False   # True in an owning ModularKernel: the owner checks its weights (`FusedMoE`) instead
-    adds_shared = property(lambda self: self.trusted)   # trusted: `apply` takes the shared experts' output (`shared`)
+    adds_shared = True  # `apply` takes the shared experts' output (`shared`): trusted or not, the same arithmetic
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):   # (adds_shared) added in the combine's fp32 sum; `join` before that launch
         from moe_lit.kernels.contiguous import TritonExperts
@@ -286,11 +286,13 @@ class TritonExpertsAdapter(TorchStandardExperts):
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                           num_experts=prepared.num_experts, active_experts=prepared.active_experts,
                                           addend=shared, join=join)
-        if shared is not None: raise ValueError("shared: expected None for experts that are not trusted (adds_shared False)")
-        return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
-                                     prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                     num_experts=prepared.num_experts, active_experts=prepared.active_experts,
-                                     validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)     # local ids come from the placement: in range by construction
+        if join is not None: join()            # before the combine reads `shared` (no overlap: the checked path)
+        out = TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
+                                    prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                    num_experts=prepared.num_experts, active_experts=prepared.active_experts,
+                                    validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                    addend=shared)     # local ids come from the placement: in range by construction
+        return out
 
 class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
@@ -311,7 +313,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
 class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     trusted = weights_checked = False     # as TritonExpertsAdapter's
-    adds_shared = property(lambda self: self.trusted)   # as TritonExpertsAdapter's
+    adds_shared = True                    # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
@@ -322,12 +324,13 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
                                                w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                                num_experts=prepared.num_experts, active_experts=prepared.active_experts,
                                                addend=shared, join=join)
-        if shared is not None: raise ValueError("shared: expected None for experts that are not trusted (adds_shared False)")
-        return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
-                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts,
-                                          validate=False,     # ids from the placement
-                                          w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
+        if join is not None: join()
+        out = TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
+                                         prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                         num_experts=prepared.num_experts, active_experts=prepared.active_experts,
+                                         validate=False,     # ids from the placement
+                                         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation, addend=shared)
+        return out
 
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."

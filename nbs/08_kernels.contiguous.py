@@ -21,7 +21,7 @@ from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogu
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
 import moe_lit.kernels.batched as _batched
-from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs
+from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 
 # %%
 #| hide
@@ -780,6 +780,7 @@ class TritonExperts:
               activation: Activation = SILU,     # the gated activation between the GEMMs
               num_experts: int | None = None,    # the model's experts, global (the pair-block rule); default E_local
               active_experts: int | None = None, # expected local experts with pairs (split-K; default min(E, T·top_k))
+              addend: torch.Tensor | None = None,  # [T, H] hidden's dtype: the shared experts' output, in the fp32 sum
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
@@ -800,8 +801,9 @@ class TritonExperts:
         if expected_m is not None: check_int("expected_m", expected_m, lo=1)
         if active_experts is not None: check_int("active_experts", active_experts, lo=0)
         if block_m is not None: check_block_m(block_m)
+        check_addend(addend, hidden)
         return self._apply(hidden, w13, w2, topk_weights, local_ids, apply_router_weight_on_input, block_m, expected_m,
-                           w13_bias, w2_bias, activation, num_experts, active_experts)
+                           w13_bias, w2_bias, activation, num_experts, active_experts, addend)
 
     def _apply(self, hidden, w13, w2, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
                expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,

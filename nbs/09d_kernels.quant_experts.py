@@ -15,7 +15,7 @@ from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, check_quant_weights
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
 from moe_lit.kernels.contiguous import check_block_m, check_local_ids, _align_pairs, TritonExperts
-from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs
+from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
 from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m
@@ -192,6 +192,7 @@ class TritonQuantExperts:
               activation: Activation = SILU,     # the gated activation between the GEMMs
               num_experts: int | None = None,    # the model's experts, global (the pair-block rule); default E
               active_experts: int | None = None, # expected local experts with pairs (split-K choice; default min(E, T·top_k))
+              addend: torch.Tensor | None = None,  # [T, H] hidden's dtype: the shared experts' output, in the fp32 sum
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         "This rank's share of the MoE output for the flat token list, with quantized expert weights; ValueError on bad input."
         check_quant_weights(qw)
@@ -207,8 +208,9 @@ class TritonQuantExperts:
         if qw.device != hidden.device: raise ValueError(f"qw: expected device {hidden.device}, got {qw.device}")
         if block_m is not None: check_block_m(block_m)
         for name in ("w13", "w2"): check_extent(name, getattr(qw, name))
+        check_addend(addend, hidden)
         return self._apply(hidden, qw, topk_weights, local_ids, apply_router_weight_on_input, block_m, expected_m,
-                           w13_bias, w2_bias, activation, num_experts, active_experts)
+                           w13_bias, w2_bias, activation, num_experts, active_experts, addend)
 
     def _apply(self, hidden, qw, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
                expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,

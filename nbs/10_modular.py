@@ -354,7 +354,7 @@ class TritonExpertsAdapter(TorchStandardExperts):
                         # construction, and its prepare built the rest: the launches skip the per-call checks but
                         # the weights' shapes, dtype and device (`_check_trusted_weights`, metadata only)
     weights_checked = False   # True in an owning ModularKernel: the owner checks its weights (`FusedMoE`) instead
-    adds_shared = property(lambda self: self.trusted)   # trusted: `apply` takes the shared experts' output (`shared`)
+    adds_shared = True  # `apply` takes the shared experts' output (`shared`): trusted or not, the same arithmetic
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):   # (adds_shared) added in the combine's fp32 sum; `join` before that launch
         from moe_lit.kernels.contiguous import TritonExperts
@@ -365,11 +365,13 @@ class TritonExpertsAdapter(TorchStandardExperts):
                                           w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                           num_experts=prepared.num_experts, active_experts=prepared.active_experts,
                                           addend=shared, join=join)
-        if shared is not None: raise ValueError("shared: expected None for experts that are not trusted (adds_shared False)")
-        return TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
-                                     prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                     num_experts=prepared.num_experts, active_experts=prepared.active_experts,
-                                     validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)     # local ids come from the placement: in range by construction
+        if join is not None: join()            # before the combine reads `shared` (no overlap: the checked path)
+        out = TritonExperts().apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
+                                    prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                    num_experts=prepared.num_experts, active_experts=prepared.active_experts,
+                                    validate=False, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                    addend=shared)     # local ids come from the placement: in range by construction
+        return out
 
 class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
@@ -390,7 +392,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
 class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     trusted = weights_checked = False     # as TritonExpertsAdapter's
-    adds_shared = property(lambda self: self.trusted)   # as TritonExpertsAdapter's
+    adds_shared = True                    # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
@@ -401,12 +403,13 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
                                                w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                                num_experts=prepared.num_experts, active_experts=prepared.active_experts,
                                                addend=shared, join=join)
-        if shared is not None: raise ValueError("shared: expected None for experts that are not trusted (adds_shared False)")
-        return TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
-                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
-                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts,
-                                          validate=False,     # ids from the placement
-                                          w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
+        if join is not None: join()
+        out = TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
+                                         prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
+                                         num_experts=prepared.num_experts, active_experts=prepared.active_experts,
+                                         validate=False,     # ids from the placement
+                                         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation, addend=shared)
+        return out
 
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
@@ -765,7 +768,7 @@ cfg = MoEConfig(E, k, H, I, dtype=torch.float32)
 p = Placement.build(cfg)
 pf = make_prepare_finalize(cfg, T, use_triton=True, validate=False)
 mk = ModularKernel(pf, make_experts(pf, "triton", trusted=True), sh, owned=True)
-assert mk.experts.adds_shared and not make_experts(pf, "triton").adds_shared
+assert mk.experts.adds_shared and make_experts(pf, "triton").adds_shared   # checked or not: the same arithmetic
 args = [t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)]
 with record_launches() as seen: got = mk(*args, p)
 want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids) + \
@@ -775,7 +778,11 @@ kern, _, kw = seen[-1]
 test_eq((kern.fn.__name__, kw["ADD"], kw["PAIRS"]), ("_batched_combine_kernel", True, True))
 test_eq(mk(args[0][:0], *args[1:3], args[3][:0], args[4][:0], p).shape, (0, H))
 prepared = pf.prepare(args[0], args[3], args[4], p)
-test_fail(lambda: make_experts(pf, "triton").apply(prepared, args[1], args[2], shared=args[0]), contains="shared: expected None")
+shared_out = sh(args[0])                      # checked experts add it in the same fp32 sum: bit-equal to the owned path
+assert torch.equal(make_experts(pf, "triton").apply(prepared, args[1], args[2], shared=shared_out),
+                   make_experts(pf, "triton", trusted=True).apply(prepared, args[1], args[2], shared=shared_out))
+test_fail(lambda: make_experts(pf, "triton").apply(prepared, args[1], args[2], shared=shared_out[:, :8]),
+          contains=f"addend: expected shape [{T}, {H}]")
 
 # %% [markdown]
 # The padding never shows: a gpt-oss-sized hidden (2880) over NIXL EP is dispatched as 3072 columns and comes back

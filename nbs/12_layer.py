@@ -1071,6 +1071,11 @@ for fmt_backend in ("none", "nixl_ep"):
             assert not checked._modular_kernel(len(x)).experts.trusted and layer._modular_kernel(len(x)).experts.trusted
             test_eq(torch.equal(checked(x.to(DEVICE), topk), got), True)
 test_fail(lambda: FusedMoE(cfg, quant="int4"), contains="quant: expected one of")
+sc = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32, num_shared_experts=1, shared_intermediate_size=32)
+xs = torch.randn(3, 64, dtype=sc.dtype).to(DEVICE)
+for quant in ("unquantized", "fp8_w8a8_block"):       # with shared experts: debug adds checks, not another rounding
+    fast, checked = (FusedMoE(sc, seed=1, quant=quant, experts="triton", device=DEVICE, debug=d) for d in (False, True))
+    assert torch.equal(fast(xs), checked(xs)), quant
 
 # %% [markdown]
 # Moving the module (`layer.to(device)`, as `model.to("cuda")` does in transformers) takes along what is not a

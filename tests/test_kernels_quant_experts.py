@@ -8,7 +8,7 @@ from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, check_quant_weights
 from moe_lit.kernels.batched import check_expert_bias, check_kernel_device
 from moe_lit.kernels.contiguous import check_block_m, check_local_ids, _align_pairs, TritonExperts
-from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs
+from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
 from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m

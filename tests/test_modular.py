@@ -152,7 +152,7 @@ def test_standard_experts_add_the_shared_output():
     p = Placement.build(cfg)
     pf = make_prepare_finalize(cfg, T, use_triton=True, validate=False)
     mk = ModularKernel(pf, make_experts(pf, "triton", trusted=True), sh, owned=True)
-    assert mk.experts.adds_shared and not make_experts(pf, "triton").adds_shared
+    assert mk.experts.adds_shared and make_experts(pf, "triton").adds_shared   # checked or not: the same arithmetic
     args = [t.to(DEVICE) for t in (hidden, w13, w2, wts, ids)]
     with record_launches() as seen: got = mk(*args, p)
     want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids) + \
@@ -162,7 +162,11 @@ def test_standard_experts_add_the_shared_output():
     test_eq((kern.fn.__name__, kw["ADD"], kw["PAIRS"]), ("_batched_combine_kernel", True, True))
     test_eq(mk(args[0][:0], *args[1:3], args[3][:0], args[4][:0], p).shape, (0, H))
     prepared = pf.prepare(args[0], args[3], args[4], p)
-    test_fail(lambda: make_experts(pf, "triton").apply(prepared, args[1], args[2], shared=args[0]), contains="shared: expected None")
+    shared_out = sh(args[0])                      # checked experts add it in the same fp32 sum: bit-equal to the owned path
+    assert torch.equal(make_experts(pf, "triton").apply(prepared, args[1], args[2], shared=shared_out),
+                       make_experts(pf, "triton", trusted=True).apply(prepared, args[1], args[2], shared=shared_out))
+    test_fail(lambda: make_experts(pf, "triton").apply(prepared, args[1], args[2], shared=shared_out[:, :8]),
+              contains=f"addend: expected shape [{T}, {H}]")
 
 
 def test_padded_hidden_never_leaks():

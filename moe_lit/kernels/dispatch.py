@@ -13,7 +13,8 @@ from ..terms import check_int, check_tensor, check_bool, check_disjoint
 from ..formats import dispatch_batched_reference
 
 # %% auto #0
-__all__ = ['batched_dispatch', 'batched_combine', 'combine_pairs', 'local_slots', 'check_dispatch', 'batched_moe_triton']
+__all__ = ['batched_dispatch', 'batched_combine', 'combine_pairs', 'check_addend', 'local_slots', 'check_dispatch',
+           'batched_moe_triton']
 
 # %% ../../nbs/07_kernels.dispatch.ipynb #7caab2f3af8d
 @triton.jit
@@ -177,7 +178,7 @@ def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
     return slots, bh
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #5b87697f1e1a
+# %% ../../nbs/07_kernels.dispatch.ipynb #236dcbcef2a0
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -251,6 +252,14 @@ def _combine_pairs(y, local_ids, num_local,
             out.stride(0), 0 if addend is None else addend.stride(0), 0 if addend is None else H, num_local,
             T * k, TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True, ADD=addend is not None)
     return out
+
+def check_addend(addend: torch.Tensor | None, hidden: torch.Tensor):
+    "A public experts call's `addend` (the shared experts' output): None, or `[T, H]` in hidden's dtype and device, unit stride along H."
+    if addend is None: return
+    check_tensor("addend", addend, shape=tuple(hidden.shape), dtype=hidden.dtype)
+    check_kernel_device("hidden", hidden, addend=addend)
+    if hidden.shape[1] and addend.stride(-1) != 1:
+        raise ValueError(f"addend: expected a unit stride along hidden_size, got {addend.stride(-1)}")
 
 def _no_pairs(T: int, H: int, like: torch.Tensor, addend=None, join=None) -> torch.Tensor:
     "The Standard experts' output when no pair has a row here (no token, or no local expert): zeros, or the addend."
