@@ -244,8 +244,9 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
     if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side; the mma128
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)   # layout's K tile is 128
                  for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((64, 4), (128, 8))
-                 for st in (1, 2, 3, 4)]  # 64 weight rows a warp group (other pairings decode twice or through shared
-        # memory); one stage: no load pipelining, but the MMAs of a K tile run back to back (09c, Performance)
+                 for st in (1, 2, 3, 4, 5)]  # 64 weight rows a warp group (other pairings decode twice or through shared
+        # memory); one stage: no load pipelining, but the MMAs of a K tile run back to back (09c, Performance; slower
+        # on every H100 row measured); five: more code words in flight, which decode at 43-66 % of the floor may want
         return [c for c in cands if fit_shared_memory(c, True, 2) == c]
     if expected_m <= 64:
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
