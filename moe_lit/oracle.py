@@ -55,7 +55,7 @@ def detect_device() -> DeviceCaps:
     kind = next((k for k in ("h200", "h100", "b200", "a100") if k in name), "gpu")
     return DeviceCaps(kind, torch.cuda.get_device_capability(), libs)
 
-# %% ../nbs/11_oracle.ipynb #825a312c5dbc
+# %% ../nbs/11_oracle.ipynb #5c9947d88c75
 @dataclass(frozen=True)
 class ExpertsBackend:
     "One experts implementation the oracle can choose."
@@ -80,7 +80,8 @@ class ExpertsBackend:
             return True, "runs in Triton's CPU interpreter (slow: for checking the kernels)"
         if self.needs_gpu and not device.is_gpu:
             return False, (f"needs a CUDA GPU, device is {device.kind} (or the CPU with Triton's interpreter: "
-                           f"experts='triton' with TRITON_INTERPRET=1; on the command line --experts triton)")
+                           f"experts='triton' with TRITON_INTERPRET=1; on the command line --experts triton, and "
+                           f"explain --device cpu-interpreter)")
         if self.min_capability and (device.capability or (0, 0)) < self.min_capability:
             return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
         return True, "device and libraries fit"
@@ -115,7 +116,7 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
     ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT),
 )
 
-# %% ../nbs/11_oracle.ipynb #65ebda46e0a3
+# %% ../nbs/11_oracle.ipynb #f4c7fe859e6d
 @dataclass(frozen=True)
 class Decision:
     "The chosen backend and, for every candidate in priority order, `(name, accepted, reason)`."
@@ -129,7 +130,8 @@ class Decision:
         "The decision as a markdown table (the CLI and the notebook show it)."
         rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else ('accepted' if ok else 'rejected')} | {r} |"
                 for n, ok, r in self.trace]
-        return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}",
+        return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}"
+                          + (" in Triton interpreter" if self.device.interpreter else ""),
                           "", "| candidate | verdict | reason |", "|---|---|---|", *rows])
 
     def _repr_markdown_(self): return self.table()

@@ -113,7 +113,8 @@ class ExpertsBackend:
             return True, "runs in Triton's CPU interpreter (slow: for checking the kernels)"
         if self.needs_gpu and not device.is_gpu:
             return False, (f"needs a CUDA GPU, device is {device.kind} (or the CPU with Triton's interpreter: "
-                           f"experts='triton' with TRITON_INTERPRET=1; on the command line --experts triton)")
+                           f"experts='triton' with TRITON_INTERPRET=1; on the command line --experts triton, and "
+                           f"explain --device cpu-interpreter)")
         if self.min_capability and (device.capability or (0, 0)) < self.min_capability:
             return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
         return True, "device and libraries fit"
@@ -167,7 +168,8 @@ class Decision:
         "The decision as a markdown table (the CLI and the notebook show it)."
         rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else ('accepted' if ok else 'rejected')} | {r} |"
                 for n, ok, r in self.trace]
-        return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}",
+        return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}"
+                          + (" in Triton interpreter" if self.device.interpreter else ""),
                           "", "| candidate | verdict | reason |", "|---|---|---|", *rows])
 
     def _repr_markdown_(self): return self.table()

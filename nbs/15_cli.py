@@ -16,7 +16,7 @@ from moe_lit.entry import command_parser
 from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, triton_interpreting
 from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
-from moe_lit.oracle import DEVICES, QUANT_SCHEMES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, CPU_INTERPRETER, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.quant import QUANT_ALIASES
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
@@ -469,7 +469,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_deployment_args(ex)
     ex.add_argument("--quant", default="unquantized", type=_quant_scheme, choices=[*QUANT_SCHEMES, *QUANT_ALIASES],
                     help="weight/activation quantization (short names: " + ", ".join(f"{k} = {v}" for k, v in QUANT_ALIASES.items()) + ")")
-    ex.add_argument("--device", default="detect", choices=["detect", *DEVICES], help="device kind the oracle decides for")
+    ex.add_argument("--device", default="detect", choices=["detect", *DEVICES, "cpu-interpreter"],
+                    help="device kind the oracle decides for (cpu-interpreter: the CPU running Triton's kernels in its "
+                         "interpreter, as run --experts triton does)")
     ex.add_argument("--backend", default=None, help="an experts backend to force (refused with the reason if it does not fit)")
     ex.add_argument("--json", action="store_true", help="print the decision as JSON")
     b.add_argument("--tune", nargs="?", const="all", default=None, choices=TUNE_CHOICES,
@@ -493,7 +495,8 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
                    num_tokens: int = 64, placement: str | None = None, tp_size: int = 1) -> dict:   # None: linear
     "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
     from moe_lit.modular import make_prepare_finalize
-    dev = detect_device() if device == "detect" else DEVICES.get(device) or check_choice("device", device, list(DEVICES))
+    dev = detect_device() if device == "detect" else CPU_INTERPRETER if device == "cpu-interpreter" else \
+        DEVICES.get(device) or check_choice("device", device, [*DEVICES, "cpu-interpreter"])
     place = Placement.build(rank_config(config, 0, tp_size), strategy="linear" if placement is None else placement)   # validates the deployment
     pf = make_prepare_finalize(config, num_tokens)
     d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
@@ -502,7 +505,8 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
             "properties": [{"property": p, "value": v, "reason": r} for p, v, r in config.parallel.explain()],
             "prepare_finalize": {"class": type(pf).__name__, "activation_format": pf.activation_format.value},
             "across_processes": _transport_note(config),
-            "device": {"kind": dev.kind, "capability": dev.capability, "libraries": sorted(dev.libraries)},
+            "device": {"kind": dev.kind, "capability": dev.capability, "libraries": sorted(dev.libraries),
+                       "interpreter": dev.interpreter},
             "quant_scheme": quant, "chosen": d.chosen.name,
             "candidates": [{"name": n, "accepted": ok, "reason": r} for n, ok, r in d.trace]}
 
@@ -515,7 +519,8 @@ def format_explain(rep: dict) -> str:
     pf, dev = rep["prepare_finalize"], rep["device"]
     lines += ["", placement_head(rep["placement"])]
     lines += ["", f"across processes (--distributed): {rep['across_processes']}"]
-    lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']} "
+    lines += ["", f"prepare/finalize: {pf['class']} ({pf['activation_format']}); device {dev['kind']}"
+                  f"{' in Triton interpreter' if dev.get('interpreter') else ''} "
                   f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]
     n = max(len(c["name"]) for c in rep["candidates"])
     lines += [f"  {c['name']:<{n}}  {'CHOSEN  ' if c['name'] == rep['chosen'] else ('ok      ' if c['accepted'] else 'rejected')}"
@@ -860,7 +865,11 @@ with contextlib.redirect_stdout(io.StringIO()) as out:
 test_eq(json.loads(out.getvalue())["chosen"], "torch_batched")
 with contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu"]), 2)
-assert "needs a CUDA GPU" in err.getvalue()
+assert "needs a CUDA GPU" in err.getvalue() and "explain --device cpu-interpreter" in err.getvalue()
+with contextlib.redirect_stdout(io.StringIO()) as out:            # what run --experts triton --backend decides on a CPU
+    test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu-interpreter"]), 0)
+assert "device cpu in Triton interpreter" in out.getvalue() and "runs in Triton's CPU interpreter" in out.getvalue()
+test_eq(explain_report(build_config(ep=2, all2all="nixl_ep"), device="cpu-interpreter")["chosen"], "triton_batched")
 with contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(main(["explain", "--ep", "256", "--device", "cpu"]), 2)                 # more ranks than experts
 with contextlib.redirect_stdout(io.StringIO()) as out:

@@ -57,8 +57,9 @@
 # 11 billion random expert weights, then again the experts the tokens reach for the references) at a peak of about
 # 3.3 GiB resident (200 s and 3.25 GiB measured on an idle 2-core machine). `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
-# reason and the oracle's decision table (for `explain`, `--device` names the GPU model the oracle decides for; for
-# `run`, it is where the layer runs: `auto`, `cpu` or `cuda`); `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
+# reason and the oracle's decision table (for `explain`, `--device` names the GPU model the oracle decides for, or
+# `cpu-interpreter`, the CPU running the Triton kernels as `run --experts triton` does; for `run`, it is where the
+# layer runs: `auto`, `cpu` or `cuda`); `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
 # quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the
 # default model's run takes 4–7 s unquantized, about 16 s with FP8 and 60–220 s with MXFP4 — nearly all of it generating and
 # quantizing the random weights, and varying by 3× between machines of one kind — at a peak of 1.5, 3.2 and 3.1 GiB resident
