@@ -80,7 +80,9 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #8a045d34d196
+# %% ../nbs/12_layer.ipynb #c0c27477b496
+_ROUTER = ("gate", "gate_bias", "e_score_correction_bias")   # the router's tensors: fp32, replicated
+
 class FusedMoE(torch.nn.Module):
     """One EP rank's MoE layer: router, placement and local expert weights; forward through a ModularKernel.
 
@@ -113,7 +115,7 @@ class FusedMoE(torch.nn.Module):
         self.config, self.activation = config, Activation.of(config)
         self.placement = Placement.build(config, strategy=placement)
         source = _weight_source(config, weights, seed)
-        for name, t in _checked(source.router(), config, ("gate", "gate_bias", "e_score_correction_bias"),
+        for name, t in _checked(source.router(), config, _ROUTER,
                                 source=source).items():
             self.register_buffer(name, None if t is None else   # [E, H] / [E] fp32, replicated, dense: the layer's own
                                  t.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True))
@@ -131,7 +133,7 @@ class FusedMoE(torch.nn.Module):
         self.register_load_state_dict_post_hook(_requantize_after_load)
         self._build_hot_path()
 
-# %% ../nbs/12_layer.ipynb #425e00bd402a
+# %% ../nbs/12_layer.ipynb #257deb00d8e3
 def _facts(c: MoEConfig) -> tuple:
     "What a weight source must agree on with the layer (its dtype may differ: the layer casts)."
     act = (c.activation, c.swiglu_alpha, c.swiglu_limit) if c.activation == "swigluoai" else c.activation
@@ -167,7 +169,7 @@ def _checked(tensors: dict, config: MoEConfig, names: tuple, num: int | None = N
         t = check_dense(f"weights[{n!r}]", check_tensor(f"weights[{n!r}]", tensors[n], shape=shape, dtype=FLOAT_DTYPES))
         per_expert = expert_ids is not None and len(shape) > 1 and shape[0] == len(expert_ids)
         out[n] = _finite(f"weights[{n!r}]", t, expert_ids if per_expert else None, source)
-        held = torch.float32 if n in ("gate", "gate_bias", "e_score_correction_bias") else config.dtype   # the router's: fp32
+        held = torch.float32 if n in _ROUTER else config.dtype   # the router's: fp32
         if t.dtype != held:                                                                  # cast: finite there too
             _finite(f"weights[{n!r}] in {held}", t.to(held), expert_ids if per_expert else None, source)
     return out
@@ -284,7 +286,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #2d30452ad90d
+# %% ../nbs/12_layer.ipynb #0e28efbf7be8
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -323,7 +325,7 @@ def _check_one_device(layer):
             f"{', '.join(ns)} on {d}" for d, ns in where.items()) + " (load_state_dict(..., assign=True) must give every "
             "tensor: strict=True)")
 
-_TRACKED = ("gate", "gate_bias", "e_score_correction_bias", "w13", "w2", "w13_bias", "w2_bias")   # what the kernels read
+_TRACKED = (*_ROUTER, "w13", "w2", "w13_bias", "w2_bias")   # what the kernels read
 
 def _identity(t: torch.Tensor | None, version: bool) -> tuple | None:
     "Which tensor `t` is, where and how large; with `version`, how often it was edited in place (an inference tensor has no count)."
@@ -452,8 +454,8 @@ def _take_edits(self: FusedMoE, now: tuple):
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
-    if built: _check_settings_kept(self)                          # (a move rebuilds: not over a swapped setting)
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
+        _check_settings_kept(self)                                # (a move rebuilds: not over a swapped setting)
         try: fn(self.gate.detach()[:0])
         except NotImplementedError:                             # off meta: nothing to copy (before RuntimeError, its base)
             raise ValueError("device: expected meta for a layer on meta (it holds no values to move; build the layer "
@@ -469,7 +471,7 @@ def _apply(self: FusedMoE, fn, recurse=True):
                              f"data, not parameters), got meta")
     # a cast to the experts' own dtype (`model.to(torch.bfloat16)` around a bf16 layer) leaves the router's fp32
     # tensors fp32: they are taken out while torch converts the rest, then only moved
-    router = {n: t for n in _TRACKED[:3] if (t := self._buffers.get(n)) is not None}
+    router = {n: t for n in _ROUTER if (t := self._buffers.get(n)) is not None}
     cast = built and fn(self.gate.detach()[:0]).dtype != self.gate.dtype
     if cast:
         for n in router: self._buffers[n] = None
