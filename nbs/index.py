@@ -95,7 +95,11 @@
 # `layer.experts_reason` says why its experts run where they do, and `backend=` (on the command line `--backend`)
 # forces one of the oracle's candidates — on the CPU a Triton one with `experts="triton"`, which runs it in the
 # interpreter. `select_experts_backend(cfg, quant, cfg.activation_format, DEVICES["h200"]).table()`
-# (`moe_lit.oracle`) is the decision table `moe-lit explain` prints, for any device model.
+# (`moe_lit.oracle`) is the decision table `moe-lit explain` prints, for any device model. A model's own
+# `config.json` gives the config: `moe_lit.models.moe_config_from_hf(path)` (then `FusedMoE.from_pretrained(dir,
+# layer_index)` for its weights). The dtype is the config's and fixed when the layer is built: a cast to it
+# (`model.to(torch.bfloat16)` around a bf16 layer) keeps the router fp32; a cast to another is refused — build the
+# layer in the dtype wanted (`config.replace(dtype=...)`).
 
 # %%
 import torch
