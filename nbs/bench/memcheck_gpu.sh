@@ -4,8 +4,12 @@
 # leaves torch's kernels (random inputs, float64 references) running uninstrumented, an order of magnitude faster.
 #   LIMIT=500 bash nbs/bench/memcheck_gpu.sh NAME tests/test_a.py tests/test_b.py ...   (pytest args after NAME)
 # Writes $OUT/memcheck_NAME_${CARD:-gpu}_$C.log: every test's outcome as it finishes (-v) and the sanitizer's summary.
+# torch's caching allocator is off (PYTORCH_NO_CUDA_MEMORY_CACHING=1; set it to 0 to keep it): every tensor is its own
+# cudaMalloc, so a read past one tensor into a neighbour of the same cached block is reported too, and a worker holds
+# only its live tensors (with the cache on, two workers of the quant tests ran an H100 out of memory under the sanitizer).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
+export PYTORCH_NO_CUDA_MEMORY_CACHING=${PYTORCH_NO_CUDA_MEMORY_CACHING:-1}
 name=$1; shift
 log="$OUT/memcheck_${name}_${CARD:-gpu}_$C.log"
 timeout "${LIMIT:-500}" compute-sanitizer --tool memcheck --error-exitcode 1 --kernel-regex 'kns=^_[a-z]' \
