@@ -287,7 +287,7 @@ def _check_moe_shapes(c: MoEConfig) -> None:
     for f in ("name", "model_type"):
         if not isinstance(getattr(c, f), str): raise ValueError(f"{f}: expected a str, got {type(getattr(c, f)).__name__} {getattr(c, f)!r}")
 
-# %% ../nbs/01_config.ipynb #d4a8d9ad0af8
+# %% ../nbs/01_config.ipynb #f55208b8ece8
 def _check_moe_routing(c: MoEConfig) -> None:
     "Routing options of a MoEConfig: types, group counts, and what grouped_topk and llama4 can run."
     check_choice("routing_method", c.routing_method, ROUTING_METHODS)
@@ -296,10 +296,10 @@ def _check_moe_routing(c: MoEConfig) -> None:
                  "has_expert_bias", "shared_expert_gate"):
         check_bool(flag, getattr(c, flag))
     check_choice("activation", c.activation, ACTIVATIONS)
-    check_positive_real("swiglu_alpha", c.swiglu_alpha); check_positive_real("swiglu_limit", c.swiglu_limit)
+    check_positive_real("swiglu_alpha", c.swiglu_alpha, fp32=True); check_positive_real("swiglu_limit", c.swiglu_limit, fp32=True)
     if c.shared_expert_gate and not c.num_shared_experts:
         raise ValueError("shared_expert_gate: expected False for a layer without shared experts, got True")
-    check_positive_real("routed_scaling_factor", c.routed_scaling_factor)
+    check_positive_real("routed_scaling_factor", c.routed_scaling_factor, fp32=True)
     for f in ("num_expert_group", "topk_group"):             # checked whenever given; required by grouped_topk
         if getattr(c, f) is not None or c.routing_method == "grouped_topk":
             check_int(f, getattr(c, f), lo=1, hi=SIZE_LIMIT)
@@ -318,6 +318,12 @@ def _check_moe_routing(c: MoEConfig) -> None:
         if c.routed_scaling_factor != 1:
             raise ValueError(f"routed_scaling_factor: expected 1.0 for routing_method 'llama4', "
                              f"got {c.routed_scaling_factor}")
+        if c.scoring_func != "sigmoid":                     # what it runs: a field that says otherwise would be ignored
+            raise ValueError(f"scoring_func: expected 'sigmoid' for routing_method 'llama4' (a sigmoid of the top "
+                             f"logit), got {c.scoring_func!r}")
+        if c.renormalize:
+            raise ValueError("renormalize: expected False for routing_method 'llama4' (one expert, its sigmoid "
+                             "weight), got True")
 
 # %% ../nbs/01_config.ipynb #972748aff453
 def _check_moe_deployment(c: MoEConfig) -> None:

@@ -23,7 +23,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.float().chunk(2, dim=-1) if x.dtype != torch.float64 else x.chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
-# %% ../nbs/05_formats.ipynb #65175e873c5d
+# %% ../nbs/05_formats.ipynb #5a79c2c57dc2
 @dataclass(frozen=True)
 class Activation:
     "The experts' gated activation `[..., 2·I]` (gate then up) `-> [..., I]`, computed in fp32 (fp64 for fp64)."
@@ -33,7 +33,7 @@ class Activation:
 
     def __post_init__(self):
         check_choice("activation", self.name, ACTIVATIONS)
-        check_positive_real("alpha", self.alpha); check_positive_real("limit", self.limit)
+        check_positive_real("alpha", self.alpha, fp32=True); check_positive_real("limit", self.limit, fp32=True)
 
     @classmethod
     def of(cls, config) -> "Activation":

@@ -247,7 +247,7 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
                    topk_group=check_int("config.json topk_group", topk_group, lo=1, hi=SIZE_LIMIT))
     return out
 
-# %% ../nbs/02_models.ipynb #762982e4d226
+# %% ../nbs/02_models.ipynb #38635e6cd219
 def _check_family(cfg: dict) -> str | None:
     "config.json's model_type: one of the families moe-lit reads, or None (no model_type: the file's keys decide)."
     t = _model_type(cfg)
@@ -280,11 +280,11 @@ def _routing_from_hf(cfg: dict) -> dict:
             raise ValueError(f"config.json norm_topk_prob: expected a bool, got {renormalize!r}")
     scoring = check_choice("config.json scoring_func", _get(cfg, "scoring_func", fam.get("scoring_func", "softmax")),
                            SCORING_FUNCS)
-    scale = check_positive_real("config.json routed_scaling_factor", _get(cfg, "routed_scaling_factor", 1.0))
+    scale = check_positive_real("config.json routed_scaling_factor", _get(cfg, "routed_scaling_factor", 1.0), fp32=True)
     return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
                 **_groups_from_hf(cfg, fam))
 
-# %% ../nbs/02_models.ipynb #c40585a6b017
+# %% ../nbs/02_models.ipynb #5d67a5447d23
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 def _shared_from_hf(cfg: dict, intermediate_size: int) -> tuple[int, int | None]:
@@ -310,8 +310,8 @@ def _experts_from_hf(cfg: dict) -> dict:
     if t is None and "swiglu_limit" in cfg: t = "gpt_oss"          # OpenAI's original/config.json has no model_type
     out = dict(_FAMILIES.get(t, {}).get("experts", {}), model_type=t or "")
     if out.get("activation") == "swigluoai":
-        out.update(swiglu_alpha=check_positive_real("config.json swiglu_alpha", _get(cfg, "swiglu_alpha", 1.702)),
-                   swiglu_limit=check_positive_real("config.json swiglu_limit", _get(cfg, "swiglu_limit", 7.0)))
+        out.update(swiglu_alpha=check_positive_real("config.json swiglu_alpha", _get(cfg, "swiglu_alpha", 1.702), fp32=True),
+                   swiglu_limit=check_positive_real("config.json swiglu_limit", _get(cfg, "swiglu_limit", 7.0), fp32=True))
     else:
         for key in ("swiglu_limit", "swiglu_alpha"):  # gpt-oss's constants on a SiLU family: a model moe-lit would misread
             if cfg.get(key) is not None:

@@ -176,27 +176,42 @@ def _check_replica_table(logical_to_physical: torch.Tensor, logical_replica_coun
         p = int((uses > 1).nonzero()[0])
         raise ValueError(f"logical_to_physical: expected each physical id once, got {p} {int(uses[p])} times")
 
-# %% ../nbs/04_placement.ipynb #585cd3a47f9f
+# %% ../nbs/04_placement.ipynb #ba31281cb6f0
 def map_to_physical(
     topk_ids: torch.Tensor,               # [num_tokens, top_k] int32/int64 (any shape), logical ids, -1 = empty slot
     logical_to_physical: torch.Tensor,    # [num_logical_experts, max_replicas] int64, -1 padded (see eplb_replicas)
     logical_replica_count: torch.Tensor,  # [num_logical_experts] int64, valid replicas per logical expert
     validate: bool = True,                # check the table and the ids (host syncs); False for a layer's own tables and ids
 ) -> torch.Tensor:                        # same shape as topk_ids, int32: physical ids, -1 where topk_ids is -1
-    "Replace each logical id by one of its physical replicas: replica = flat position % count (vLLM's EPLB mapping)."
+    """Replace each logical id by one of its physical replicas: replica = flat position % count (vLLM's EPLB mapping).
+
+    ValueError naming the argument for a wrong dtype, shape or device, `validate` not a bool, and (with `validate`,
+    one host sync) a table that is not a replica table or an id outside [-1, num_logical_experts) — or any tensor on
+    meta, which has no values to check. Unchecked (`validate=False`), nothing is read out of bounds: an id outside
+    that range maps to -1, a count below 1 or past the table's columns is clamped into it."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    if validate: _check_replica_table(logical_to_physical, logical_replica_count)
-    num_logical = logical_to_physical.shape[0]
+    check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
+    check_tensor("logical_replica_count", logical_replica_count, shape=(logical_to_physical.shape[0],), dtype=torch.int64)
+    for n, t in (("logical_to_physical", logical_to_physical), ("logical_replica_count", logical_replica_count)):
+        if t.device != topk_ids.device:
+            raise ValueError(f"{n}: expected a tensor on topk_ids' device {topk_ids.device}, got {t.device}")
+    if check_bool("validate", validate):
+        if topk_ids.device.type == "meta":
+            raise ValueError("topk_ids: expected tensors with values to validate, got meta (pass validate=False)")
+        _check_replica_table(logical_to_physical, logical_replica_count)
+    num_logical, max_replicas = logical_to_physical.shape
     ids = topk_ids.reshape(-1).long()
     if validate and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_logical):
         raise ValueError(f"topk_ids: expected ids in [-1, {num_logical}), got min {int(ids.min())}, "
                          f"max {int(ids.max())}")
-    safe = ids.clamp(min=0)                  # -1 must not index the last row (negative indexing wraps); masked below
-    replica = torch.arange(ids.numel(), device=ids.device) % logical_replica_count[safe]
-    physical = torch.where(ids >= 0, logical_to_physical[safe, replica], -1)
+    ok = (ids >= 0) & (ids < num_logical)   # (-1 must not index the last row: negative indexing wraps)
+    safe = torch.where(ok, ids, 0)
+    count = logical_replica_count[safe].clamp(1, max(1, max_replicas))   # (already in range when validated)
+    replica = torch.arange(ids.numel(), device=ids.device) % count
+    physical = torch.where(ok, logical_to_physical[safe, replica], -1)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
-# %% ../nbs/04_placement.ipynb #145dd15de98c
+# %% ../nbs/04_placement.ipynb #20c1f74de38e
 @dataclass(frozen=True, eq=False)
 class Placement:
     "Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables."
@@ -220,6 +235,8 @@ class Placement:
         compared on the host (a placement is made at set-up, never per forward); a table on `meta` holds none and is
         not compared. ValueError naming the field otherwise."""
         check_choice("strategy", self.strategy, PLACEMENT_STRATEGIES)
+        if not isinstance(self.reason, str):                    # reports print it
+            raise ValueError(f"reason: expected a str, got {type(self.reason).__name__} {self.reason!r}")
         check_int("ep_size", self.ep_size, lo=1); check_int("ep_rank", self.ep_rank, lo=0, hi=self.ep_size)
         E = check_int("num_experts", self.num_experts, lo=self.ep_size, hi=SIZE_LIMIT)
         L = check_int("num_local_experts", self.num_local_experts, lo=0, hi=E + 1)
@@ -269,21 +286,44 @@ class Placement:
         "First physical id of this rank's contiguous block (the linear offset; used with `global_to_physical`)."
         return expert_block(self.num_experts, self.ep_size, self.ep_rank)[0]
 
-# %% ../nbs/04_placement.ipynb #ba7acdf73ee3
+# %% ../nbs/04_placement.ipynb #4bc1666cb77d
 def local_slot_table(num_experts: int,                 # experts placed (physical)
                      num_local_experts: int,           # experts on this rank
                      physical_offset: int,             # this rank's first physical id (with tables)
                      expert_map: torch.Tensor | None,  # [num_experts] int32 global -> local or -1, or None
                      global_to_physical: torch.Tensor | None = None,  # [num_experts] int64 (round-robin tables)
                     ) -> torch.Tensor:                 # [num_experts + 1] int64, the last entry -1
-    "Local slot of every global id on one rank, then `-1` for id `-1`: the physical block with tables, else `expert_map`."
-    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT); check_int("num_local_experts", num_local_experts, lo=0)
+    """Local slot of every global id on one rank, then `-1` for id `-1`: the physical block with tables, else `expert_map`.
+
+    ValueError naming the argument unless the inputs describe one rank's experts: `num_local_experts <= num_experts`;
+    an `expert_map` whose non-negative values are the slots `0..num_local_experts-1` once each; a `global_to_physical`
+    that is a permutation of `0..num_experts-1`, with `physical_offset + num_local_experts <= num_experts`; and with
+    neither table, `num_local_experts == num_experts` (one rank holds them all). The value checks sync once; tables on
+    meta are checked by shape only."""
+    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
+    check_int("num_local_experts", num_local_experts, lo=0, hi=num_experts + 1)
     check_int("physical_offset", physical_offset, lo=0)
     if expert_map is not None:
         check_tensor("expert_map", expert_map, shape=(num_experts,), dtype=torch.int32)
-        if ((expert_map < -1) | (expert_map >= num_local_experts)).any():
-            raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {expert_map.tolist()}")
-    if global_to_physical is not None: check_tensor("global_to_physical", global_to_physical, shape=(num_experts,), dtype=torch.int64)
+        if expert_map.device.type != "meta":
+            if ((expert_map < -1) | (expert_map >= num_local_experts)).any():
+                raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {expert_map.tolist()}")
+            slots = torch.sort(expert_map[expert_map >= 0]).values.cpu()
+            if not torch.equal(slots, torch.arange(num_local_experts, dtype=slots.dtype)):
+                raise ValueError(f"expert_map: expected the local slots 0..{num_local_experts - 1} once each (one expert "
+                                 f"a slot), got {expert_map.tolist()}")
+    if global_to_physical is not None:
+        check_tensor("global_to_physical", global_to_physical, shape=(num_experts,), dtype=torch.int64)
+        if global_to_physical.device.type != "meta" and not torch.equal(
+                torch.sort(global_to_physical).values.cpu(), torch.arange(num_experts)):
+            raise ValueError(f"global_to_physical: expected a permutation of 0..{num_experts - 1} (one physical id "
+                             f"an expert), got {global_to_physical.tolist()}")
+        if physical_offset + num_local_experts > num_experts:
+            raise ValueError(f"physical_offset: expected physical_offset + num_local_experts <= num_experts = "
+                             f"{num_experts} (the rank's block of physical ids), got {physical_offset} + {num_local_experts}")
+    elif expert_map is None and num_local_experts != num_experts:
+        raise ValueError(f"num_local_experts: expected num_experts = {num_experts} without an expert_map or "
+                         f"global_to_physical (one rank holds every expert), got {num_local_experts}")
     if global_to_physical is not None:       # the DeepEP-LL / NIXL EP way: contiguous physical block per rank
         slot = global_to_physical.long() - physical_offset
         slot = torch.where((slot >= 0) & (slot < num_local_experts), slot, -1)

@@ -54,7 +54,7 @@ def _finish_weights(weights: torch.Tensor, invalid: torch.Tensor, renormalize: b
         weights = torch.where(total > 0, weights / total, weights)   # an all-zero row stays 0, never 0/0 = NaN
     return weights * scale
 
-# %% ../nbs/03_routing.ipynb #37a3b924ba8c
+# %% ../nbs/03_routing.ipynb #22fc70942954
 def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                top_k: int,                    # experts per token
                renormalize: bool,             # divide the top_k weights by their sum
@@ -70,7 +70,7 @@ def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any fl
     check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
     bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device, validate)
-    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
+    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor, fp32=True)
     scores, invalid = _router_scores(gating_output, scoring_func)
     choice = scores if bias is None else scores + bias           # select on the biased score ...
     choice = choice.masked_fill(invalid[:, None], float("-inf"))  # invalid tokens: all tie -> experts 0..top_k-1
@@ -110,7 +110,7 @@ def ungroupable_reason(num_experts: int,       # experts to split into groups
                 f"with a correction bias a group is scored by the sum of its top 2 experts")
     return None
 
-# %% ../nbs/03_routing.ipynb #ebc824f7fc66
+# %% ../nbs/03_routing.ipynb #6a8af8d01e90
 def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                  top_k: int, renormalize: bool,  # experts per token; divide the top_k weights by their sum
                  num_expert_group: int,          # groups of consecutive expert ids (equal sizes)
@@ -129,7 +129,7 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
     check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
     bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device, validate)
-    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
+    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor, fp32=True)
     reason = ungroupable_reason(num_experts, num_expert_group, bias is not None)
     if reason is not None:                                        # vLLM falls back silently; moe-lit says so
         warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=2)

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['TERMS', 'DIMENSIONS', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int', 'check_choice', 'check_bool',
-           'check_positive_real', 'env_choice', 'gradient_wanted', 'check_device', 'check_tensor', 'check_dense',
-           'check_disjoint', 'acc_dtype', 'check_finite', 'use_triton_interpreter_without_gpu', 'read_json_object',
-           'triton_interpreting', 'triton_imported_interpreting', 'default_device', 'progress']
+__all__ = ['TERMS', 'DIMENSIONS', 'FP32_NORMAL_RANGE', 'FLOAT_DTYPES', 'Term', 'vllm_name', 'hf_names', 'check_int',
+           'check_choice', 'check_bool', 'check_positive_real', 'env_choice', 'gradient_wanted', 'check_device',
+           'check_tensor', 'check_dense', 'check_disjoint', 'acc_dtype', 'check_finite',
+           'use_triton_interpreter_without_gpu', 'read_json_object', 'triton_interpreting',
+           'triton_imported_interpreting', 'default_device', 'progress']
 
 # %% ../nbs/00_terms.ipynb #f23de4e63227
 @dataclass(frozen=True)
@@ -99,18 +100,27 @@ def check_choice(name: str, value, choices) -> object:
     if not ok: raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
-# %% ../nbs/00_terms.ipynb #032380431994
+# %% ../nbs/00_terms.ipynb #54210fc598cd
 def check_bool(name: str, value) -> bool:
     "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     return value
 
-def check_positive_real(name: str, value) -> float:
-    "Check that `value` is a finite int or float > 0 (not a bool, not a str); returns it as a float."
+FP32_NORMAL_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)   # float32's smallest normal and largest value
+
+def check_positive_real(name: str, value,
+                        fp32: bool = False,   # the value also multiplies float32 tensors: it must be a normal float32
+                       ) -> float:
+    """Check that `value` is a finite int or float > 0 (not a bool, not a str); returns it as a float. With `fp32`,
+    also within `FP32_NORMAL_RANGE`: a factor the kernels apply in float32 (a routed scaling, a SwiGLU limit) must not
+    round to inf or 0 there, which would turn every output NaN or 0 without an error."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     try: ok = ok and math.isfinite(float(value)) and value > 0
     except OverflowError: ok = False                    # an int too large for a float
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
+    if fp32 and not FP32_NORMAL_RANGE[0] <= value <= FP32_NORMAL_RANGE[1]:
+        raise ValueError(f"{name}: expected a number float32 holds as a normal value ({FP32_NORMAL_RANGE[0]:.3g} to "
+                         f"{FP32_NORMAL_RANGE[1]:.3g}; it is applied in float32), got {value!r}")
     return float(value)
 
 def env_choice(name: str, default: str, choices: tuple) -> str:

@@ -169,12 +169,21 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     return value
 
-def check_positive_real(name: str, value) -> float:
-    "Check that `value` is a finite int or float > 0 (not a bool, not a str); returns it as a float."
+FP32_NORMAL_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)   # float32's smallest normal and largest value
+
+def check_positive_real(name: str, value,
+                        fp32: bool = False,   # the value also multiplies float32 tensors: it must be a normal float32
+                       ) -> float:
+    """Check that `value` is a finite int or float > 0 (not a bool, not a str); returns it as a float. With `fp32`,
+    also within `FP32_NORMAL_RANGE`: a factor the kernels apply in float32 (a routed scaling, a SwiGLU limit) must not
+    round to inf or 0 there, which would turn every output NaN or 0 without an error."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     try: ok = ok and math.isfinite(float(value)) and value > 0
     except OverflowError: ok = False                    # an int too large for a float
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
+    if fp32 and not FP32_NORMAL_RANGE[0] <= value <= FP32_NORMAL_RANGE[1]:
+        raise ValueError(f"{name}: expected a number float32 holds as a normal value ({FP32_NORMAL_RANGE[0]:.3g} to "
+                         f"{FP32_NORMAL_RANGE[1]:.3g}; it is applied in float32), got {value!r}")
     return float(value)
 
 def env_choice(name: str, default: str, choices: tuple) -> str:
@@ -207,6 +216,11 @@ test_fail(lambda: check_bool("renormalize", 1), contains="renormalize: expected 
 test_eq(check_positive_real("routed_scaling_factor", 2), 2.0)
 for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
     test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
+for bad in (1e39, 1e-39, 10**39):                  # finite in Python, inf or subnormal in float32
+    test_eq(check_positive_real("routed_scaling_factor", bad), float(bad))
+    test_fail(lambda: check_positive_real("routed_scaling_factor", bad, fp32=True),
+              contains="routed_scaling_factor: expected a number float32 holds as a normal value")
+test_eq(check_positive_real("swiglu_limit", 3.4e38, fp32=True), 3.4e38)
 test_eq(check_device("cpu"), torch.device("cpu"))
 trainable = torch.zeros(2, requires_grad=True)
 test_eq(gradient_wanted([("a", torch.zeros(2)), ("b", None), ("c", trainable)]), "c")

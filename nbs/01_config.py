@@ -508,8 +508,8 @@ class MoEConfig:
 #
 # - **Shapes** are ints in range and below `SIZE_LIMIT`, and so are the physical experts
 #   (`num_experts + num_redundant_experts`); `shared_intermediate_size` is `None` or at least 1; `name` is a str.
-# - **Routing options** are of their type — the flags are bools, `routed_scaling_factor` is a finite number
-#   above 0 — and `num_expert_group` and `topk_group`, whenever given, are ints >= 1 with
+# - **Routing options** are of their type — the flags are bools, `routed_scaling_factor` is a number above 0 that
+#   float32 holds as a normal value (it multiplies fp32 weights: 1e39 would be inf there, 1e-50 zero) — and `num_expert_group` and `topk_group`, whenever given, are ints >= 1 with
 #   `topk_group <= num_expert_group`, even if the routing is not grouped (the placement reads `num_expert_group`).
 # - **`grouped_topk`** needs both group counts, and when the experts split into groups it needs
 #   `top_k <= topk_group · num_experts / num_expert_group` (the kept groups must hold `top_k` experts). When they do
@@ -517,11 +517,12 @@ class MoEConfig:
 #   is accepted: `grouped_topk` then falls back to plain top-k with a `RoutingFallbackWarning`, as vLLM does (silently)
 #   for DeepSeek-V3's 8-expert, 8-group test model, and `top_k <= num_experts` is the only bound.
 # - **Expert semantics**: `activation` is one of `ACTIVATIONS` (`silu`, or gpt-oss's clamped `swigluoai` whose
-#   `swiglu_alpha` and `swiglu_limit` are finite and above 0); `has_expert_bias` adds `w13_bias`/`w2_bias` to the
+#   `swiglu_alpha` and `swiglu_limit` are above 0 and normal float32 values); `has_expert_bias` adds `w13_bias`/`w2_bias` to the
 #   two GEMMs; `has_router_bias` adds a bias to the router logits (it changes which experts are chosen, unlike the
 #   correction bias, which only selects); `shared_expert_gate` needs shared experts to gate.
-# - **`llama4`** routes one expert by its raw logit and has neither a correction bias nor a scaling factor, so it
-#   needs `top_k = 1`, `has_correction_bias = False` and `routed_scaling_factor = 1`.
+# - **`llama4`** routes one expert by its raw logit and weighs it by the logit's sigmoid, with neither a correction
+#   bias nor a scaling factor, so it needs `top_k = 1`, `has_correction_bias = False`, `routed_scaling_factor = 1`,
+#   `scoring_func = 'sigmoid'` and `renormalize = False` (fields that said otherwise would be ignored).
 # - **Deployment:** `parallel` is a `ParallelConfig`, and when tokens go through all2all kernels the backend can send
 #   `hidden_size` — `round_up_hidden_size` of its record decides (DeepEP low-latency and NIXL EP stop at 8192).
 
@@ -558,10 +559,10 @@ def _check_moe_routing(c: MoEConfig) -> None:
                  "has_expert_bias", "shared_expert_gate"):
         check_bool(flag, getattr(c, flag))
     check_choice("activation", c.activation, ACTIVATIONS)
-    check_positive_real("swiglu_alpha", c.swiglu_alpha); check_positive_real("swiglu_limit", c.swiglu_limit)
+    check_positive_real("swiglu_alpha", c.swiglu_alpha, fp32=True); check_positive_real("swiglu_limit", c.swiglu_limit, fp32=True)
     if c.shared_expert_gate and not c.num_shared_experts:
         raise ValueError("shared_expert_gate: expected False for a layer without shared experts, got True")
-    check_positive_real("routed_scaling_factor", c.routed_scaling_factor)
+    check_positive_real("routed_scaling_factor", c.routed_scaling_factor, fp32=True)
     for f in ("num_expert_group", "topk_group"):             # checked whenever given; required by grouped_topk
         if getattr(c, f) is not None or c.routing_method == "grouped_topk":
             check_int(f, getattr(c, f), lo=1, hi=SIZE_LIMIT)
@@ -580,6 +581,12 @@ def _check_moe_routing(c: MoEConfig) -> None:
         if c.routed_scaling_factor != 1:
             raise ValueError(f"routed_scaling_factor: expected 1.0 for routing_method 'llama4', "
                              f"got {c.routed_scaling_factor}")
+        if c.scoring_func != "sigmoid":                     # what it runs: a field that says otherwise would be ignored
+            raise ValueError(f"scoring_func: expected 'sigmoid' for routing_method 'llama4' (a sigmoid of the top "
+                             f"logit), got {c.scoring_func!r}")
+        if c.renormalize:
+            raise ValueError("renormalize: expected False for routing_method 'llama4' (one expert, its sigmoid "
+                             "weight), got True")
 
 # %%
 #| export
@@ -684,6 +691,10 @@ test_fail(lambda: MoEConfig(16, 1, 16, 16, has_correction_bias=True, **llama4),
           contains="has_correction_bias: expected False for routing_method 'llama4', got True")
 test_fail(lambda: MoEConfig(16, 1, 16, 16, routed_scaling_factor=2.0, **llama4),
           contains="routed_scaling_factor: expected 1.0 for routing_method 'llama4', got 2.0")
+test_fail(lambda: MoEConfig(16, 1, 16, 16, routing_method="llama4", renormalize=False),   # the default softmax
+          contains="scoring_func: expected 'sigmoid' for routing_method 'llama4'")
+test_fail(lambda: MoEConfig(16, 1, 16, 16, **{**llama4, "renormalize": True}),
+          contains="renormalize: expected False for routing_method 'llama4'")
 
 # %%
 #| test moe_config_expert_semantics
@@ -691,6 +702,9 @@ oss = MoEConfig(8, 2, 16, 16, activation="swigluoai", has_expert_bias=True, has_
 test_eq((oss.activation, oss.swiglu_alpha, oss.swiglu_limit), ("swigluoai", 1.702, 7.0))
 test_fail(lambda: MoEConfig(8, 2, 16, 16, activation="gelu"), contains="activation: expected one of")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, swiglu_limit=float("inf")), contains="swiglu_limit: expected")
+for f in ("routed_scaling_factor", "swiglu_limit", "swiglu_alpha"):   # inf or 0 in float32: NaN or 0 outputs
+    for v in (1e39, 1e-50):
+        test_fail(lambda: MoEConfig(8, 2, 16, 16, **{f: v}), contains=f"{f}: expected a number float32 holds")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, has_expert_bias=1), contains="has_expert_bias: expected a bool")
 test_fail(lambda: MoEConfig(8, 2, 16, 16, shared_expert_gate=True),
           contains="shared_expert_gate: expected False for a layer without shared experts")

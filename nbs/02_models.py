@@ -575,7 +575,7 @@ def _routing_from_hf(cfg: dict) -> dict:
             raise ValueError(f"config.json norm_topk_prob: expected a bool, got {renormalize!r}")
     scoring = check_choice("config.json scoring_func", _get(cfg, "scoring_func", fam.get("scoring_func", "softmax")),
                            SCORING_FUNCS)
-    scale = check_positive_real("config.json routed_scaling_factor", _get(cfg, "routed_scaling_factor", 1.0))
+    scale = check_positive_real("config.json routed_scaling_factor", _get(cfg, "routed_scaling_factor", 1.0), fp32=True)
     return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
                 **_groups_from_hf(cfg, fam))
 
@@ -606,8 +606,8 @@ def _experts_from_hf(cfg: dict) -> dict:
     if t is None and "swiglu_limit" in cfg: t = "gpt_oss"          # OpenAI's original/config.json has no model_type
     out = dict(_FAMILIES.get(t, {}).get("experts", {}), model_type=t or "")
     if out.get("activation") == "swigluoai":
-        out.update(swiglu_alpha=check_positive_real("config.json swiglu_alpha", _get(cfg, "swiglu_alpha", 1.702)),
-                   swiglu_limit=check_positive_real("config.json swiglu_limit", _get(cfg, "swiglu_limit", 7.0)))
+        out.update(swiglu_alpha=check_positive_real("config.json swiglu_alpha", _get(cfg, "swiglu_alpha", 1.702), fp32=True),
+                   swiglu_limit=check_positive_real("config.json swiglu_limit", _get(cfg, "swiglu_limit", 7.0), fp32=True))
     else:
         for key in ("swiglu_limit", "swiglu_alpha"):  # gpt-oss's constants on a SiLU family: a model moe-lit would misread
             if cfg.get(key) is not None:

@@ -168,7 +168,7 @@ def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any fl
     check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
     bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device, validate)
-    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
+    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor, fp32=True)
     scores, invalid = _router_scores(gating_output, scoring_func)
     choice = scores if bias is None else scores + bias           # select on the biased score ...
     choice = choice.masked_fill(invalid[:, None], float("-inf"))  # invalid tokens: all tie -> experts 0..top_k-1
@@ -411,7 +411,7 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
     check_bool("renormalize", renormalize)
     check_choice("scoring_func", scoring_func, SCORING_FUNCS)
     bias = _check_bias(e_score_correction_bias, num_experts, gating_output.device, validate)
-    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor)
+    scale = check_positive_real("routed_scaling_factor", routed_scaling_factor, fp32=True)
     reason = ungroupable_reason(num_experts, num_expert_group, bias is not None)
     if reason is not None:                                        # vLLM falls back silently; moe-lit says so
         warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=2)
@@ -650,7 +650,7 @@ assert torch.equal(w, w2) and torch.equal(ids, ids2)
 assert all(len(set((row // 32).tolist())) <= 4 for row in ids)         # at most topk_group=4 groups per token
 qwen = MoEConfig(128, 8, 64, 32)
 assert torch.equal(select_experts(qwen, g[:, :128])[1], fused_topk(g[:, :128], 8, True)[1])
-llama = MoEConfig(16, 1, 64, 32, routing_method="llama4", renormalize=False)
+llama = MoEConfig(16, 1, 64, 32, routing_method="llama4", scoring_func="sigmoid", renormalize=False)
 assert torch.equal(select_experts(llama, g[:, :16])[0], llama4_topk(g[:, :16])[0])
 
 # %%
@@ -663,7 +663,7 @@ test_fail(lambda: select_experts(cfg.replace(has_correction_bias=False), g, torc
 test_fail(lambda: select_experts(cfg, g, torch.zeros(15)), contains="e_score_correction_bias: expected shape [16]")
 test_fail(lambda: select_experts(cfg, g[:, :8], torch.zeros(16)), contains="gating_output: expected shape [*, 16]")
 test_fail(lambda: select_experts("cfg", g), contains="config: expected a MoEConfig")
-test_fail(lambda: select_experts(MoEConfig(16, 1, 64, 32, routing_method="llama4", routed_scaling_factor=2.0), g),
+test_fail(lambda: select_experts(MoEConfig(16, 1, 64, 32, routing_method="llama4", scoring_func="sigmoid", renormalize=False, routed_scaling_factor=2.0), g),
           contains="routed_scaling_factor: expected 1.0")                    # refused by the config itself
 
 # %% [markdown]

@@ -526,17 +526,32 @@ def map_to_physical(
     logical_replica_count: torch.Tensor,  # [num_logical_experts] int64, valid replicas per logical expert
     validate: bool = True,                # check the table and the ids (host syncs); False for a layer's own tables and ids
 ) -> torch.Tensor:                        # same shape as topk_ids, int32: physical ids, -1 where topk_ids is -1
-    "Replace each logical id by one of its physical replicas: replica = flat position % count (vLLM's EPLB mapping)."
+    """Replace each logical id by one of its physical replicas: replica = flat position % count (vLLM's EPLB mapping).
+
+    ValueError naming the argument for a wrong dtype, shape or device, `validate` not a bool, and (with `validate`,
+    one host sync) a table that is not a replica table or an id outside [-1, num_logical_experts) — or any tensor on
+    meta, which has no values to check. Unchecked (`validate=False`), nothing is read out of bounds: an id outside
+    that range maps to -1, a count below 1 or past the table's columns is clamped into it."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    if validate: _check_replica_table(logical_to_physical, logical_replica_count)
-    num_logical = logical_to_physical.shape[0]
+    check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
+    check_tensor("logical_replica_count", logical_replica_count, shape=(logical_to_physical.shape[0],), dtype=torch.int64)
+    for n, t in (("logical_to_physical", logical_to_physical), ("logical_replica_count", logical_replica_count)):
+        if t.device != topk_ids.device:
+            raise ValueError(f"{n}: expected a tensor on topk_ids' device {topk_ids.device}, got {t.device}")
+    if check_bool("validate", validate):
+        if topk_ids.device.type == "meta":
+            raise ValueError("topk_ids: expected tensors with values to validate, got meta (pass validate=False)")
+        _check_replica_table(logical_to_physical, logical_replica_count)
+    num_logical, max_replicas = logical_to_physical.shape
     ids = topk_ids.reshape(-1).long()
     if validate and ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= num_logical):
         raise ValueError(f"topk_ids: expected ids in [-1, {num_logical}), got min {int(ids.min())}, "
                          f"max {int(ids.max())}")
-    safe = ids.clamp(min=0)                  # -1 must not index the last row (negative indexing wraps); masked below
-    replica = torch.arange(ids.numel(), device=ids.device) % logical_replica_count[safe]
-    physical = torch.where(ids >= 0, logical_to_physical[safe, replica], -1)
+    ok = (ids >= 0) & (ids < num_logical)   # (-1 must not index the last row: negative indexing wraps)
+    safe = torch.where(ok, ids, 0)
+    count = logical_replica_count[safe].clamp(1, max(1, max_replicas))   # (already in range when validated)
+    replica = torch.arange(ids.numel(), device=ids.device) % count
+    physical = torch.where(ok, logical_to_physical[safe, replica], -1)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
 # %%
@@ -551,6 +566,16 @@ torch.manual_seed(0)
 ids = torch.randint(-1, 8, (64, 4))
 phys = map_to_physical(ids, l2p, count)
 test_eq(torch.where(ids >= 0, phys.long() % 8, -1), ids)              # every physical id maps back to its logical
+test_fail(lambda: map_to_physical(topk_ids, l2p, count, validate=0), contains="validate: expected a bool, got int 0")
+test_fail(lambda: map_to_physical(topk_ids.to("meta"), l2p.to("meta"), count.to("meta")),
+          contains="topk_ids: expected tensors with values to validate, got meta")
+test_fail(lambda: map_to_physical(topk_ids, l2p, count.to("meta")),
+          contains="logical_replica_count: expected a tensor on topk_ids' device cpu, got meta")
+test_fail(lambda: map_to_physical(torch.tensor([[9]]), l2p, count), contains="topk_ids: expected ids in [-1, 8)")
+# unchecked, out-of-range ids and counts never index out of bounds: ids past the table (or below -1) map to -1
+test_eq(map_to_physical(torch.tensor([[9, -5, 1]]), l2p, count, validate=False).tolist(), [[-1, -1, 1]])
+test_eq(map_to_physical(torch.tensor([[1, 1]]), l2p, torch.zeros(8, dtype=torch.int64), validate=False).tolist(), [[1, 1]])
+test_eq(map_to_physical(torch.tensor([[0, 0]]), l2p, torch.full((8,), 5), validate=False).tolist(), [[0, 8]])
 assert {8, 9} <= set(phys.flatten().tolist())                         # the replicas are used
 test_eq(map_to_physical(torch.empty(0, 2, dtype=torch.int32), l2p, count).shape, (0, 2))
 owner = lambda p: [r for r in range(2) if determine_expert_map(2, r, 10)[1][p] >= 0]
@@ -627,6 +652,8 @@ class Placement:
         compared on the host (a placement is made at set-up, never per forward); a table on `meta` holds none and is
         not compared. ValueError naming the field otherwise."""
         check_choice("strategy", self.strategy, PLACEMENT_STRATEGIES)
+        if not isinstance(self.reason, str):                    # reports print it
+            raise ValueError(f"reason: expected a str, got {type(self.reason).__name__} {self.reason!r}")
         check_int("ep_size", self.ep_size, lo=1); check_int("ep_rank", self.ep_rank, lo=0, hi=self.ep_size)
         E = check_int("num_experts", self.num_experts, lo=self.ep_size, hi=SIZE_LIMIT)
         L = check_int("num_local_experts", self.num_local_experts, lo=0, hi=E + 1)
@@ -688,14 +715,37 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
                      expert_map: torch.Tensor | None,  # [num_experts] int32 global -> local or -1, or None
                      global_to_physical: torch.Tensor | None = None,  # [num_experts] int64 (round-robin tables)
                     ) -> torch.Tensor:                 # [num_experts + 1] int64, the last entry -1
-    "Local slot of every global id on one rank, then `-1` for id `-1`: the physical block with tables, else `expert_map`."
-    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT); check_int("num_local_experts", num_local_experts, lo=0)
+    """Local slot of every global id on one rank, then `-1` for id `-1`: the physical block with tables, else `expert_map`.
+
+    ValueError naming the argument unless the inputs describe one rank's experts: `num_local_experts <= num_experts`;
+    an `expert_map` whose non-negative values are the slots `0..num_local_experts-1` once each; a `global_to_physical`
+    that is a permutation of `0..num_experts-1`, with `physical_offset + num_local_experts <= num_experts`; and with
+    neither table, `num_local_experts == num_experts` (one rank holds them all). The value checks sync once; tables on
+    meta are checked by shape only."""
+    check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
+    check_int("num_local_experts", num_local_experts, lo=0, hi=num_experts + 1)
     check_int("physical_offset", physical_offset, lo=0)
     if expert_map is not None:
         check_tensor("expert_map", expert_map, shape=(num_experts,), dtype=torch.int32)
-        if ((expert_map < -1) | (expert_map >= num_local_experts)).any():
-            raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {expert_map.tolist()}")
-    if global_to_physical is not None: check_tensor("global_to_physical", global_to_physical, shape=(num_experts,), dtype=torch.int64)
+        if expert_map.device.type != "meta":
+            if ((expert_map < -1) | (expert_map >= num_local_experts)).any():
+                raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {expert_map.tolist()}")
+            slots = torch.sort(expert_map[expert_map >= 0]).values.cpu()
+            if not torch.equal(slots, torch.arange(num_local_experts, dtype=slots.dtype)):
+                raise ValueError(f"expert_map: expected the local slots 0..{num_local_experts - 1} once each (one expert "
+                                 f"a slot), got {expert_map.tolist()}")
+    if global_to_physical is not None:
+        check_tensor("global_to_physical", global_to_physical, shape=(num_experts,), dtype=torch.int64)
+        if global_to_physical.device.type != "meta" and not torch.equal(
+                torch.sort(global_to_physical).values.cpu(), torch.arange(num_experts)):
+            raise ValueError(f"global_to_physical: expected a permutation of 0..{num_experts - 1} (one physical id "
+                             f"an expert), got {global_to_physical.tolist()}")
+        if physical_offset + num_local_experts > num_experts:
+            raise ValueError(f"physical_offset: expected physical_offset + num_local_experts <= num_experts = "
+                             f"{num_experts} (the rank's block of physical ids), got {physical_offset} + {num_local_experts}")
+    elif expert_map is None and num_local_experts != num_experts:
+        raise ValueError(f"num_local_experts: expected num_experts = {num_experts} without an expert_map or "
+                         f"global_to_physical (one rank holds every expert), got {num_local_experts}")
     if global_to_physical is not None:       # the DeepEP-LL / NIXL EP way: contiguous physical block per rank
         slot = global_to_physical.long() - physical_offset
         slot = torch.where((slot >= 0) & (slot < num_local_experts), slot, -1)
@@ -919,7 +969,19 @@ test_eq([getattr(on_meta, n).tolist() for n in PLACEMENT_TABLES + ("local_to_glo
 test_eq([getattr(good.to("meta").to("cpu"), n).tolist() for n in PLACEMENT_TABLES], [getattr(good, n).tolist() for n in PLACEMENT_TABLES])
 test_fail(lambda: moved.local_slot(torch.tensor([[1]])), contains="topk_ids: expected a tensor on meta")
 test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
+test_fail(lambda: dataclasses.replace(good, reason=5), contains="reason: expected a str, got int 5")
 test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")
+test_eq(local_slot_table(4, 2, 0, torch.tensor([-1, 1, 0, -1], dtype=torch.int32)).tolist(), [-1, 1, 0, -1, -1])
+for m in ([0, 0, -1, -1], [0, -1, -1, -1]):                  # two experts in one slot; a slot no expert fills
+    test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor(m, dtype=torch.int32)),
+              contains="expert_map: expected the local slots 0..1 once each")
+test_fail(lambda: local_slot_table(8, 40, 0, None), contains="num_local_experts: expected <= 8, got 40")
+test_fail(lambda: local_slot_table(8, 4, 0, None), contains="num_local_experts: expected num_experts = 8 without")
+test_fail(lambda: local_slot_table(8, 4, 0, None, torch.zeros(8, dtype=torch.int64)),
+          contains="global_to_physical: expected a permutation of 0..7")
+test_fail(lambda: local_slot_table(8, 4, 100, None, torch.arange(8)),
+          contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 8")
+test_eq(local_slot_table(8, 4, 4, None, torch.arange(8).flip(0)).tolist(), [3, 2, 1, 0, -1, -1, -1, -1, -1])
 
 # %% [markdown]
 # ## Pictures of a placement

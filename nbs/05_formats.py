@@ -99,7 +99,7 @@ class Activation:
 
     def __post_init__(self):
         check_choice("activation", self.name, ACTIVATIONS)
-        check_positive_real("alpha", self.alpha); check_positive_real("limit", self.limit)
+        check_positive_real("alpha", self.alpha, fp32=True); check_positive_real("limit", self.limit, fp32=True)
 
     @classmethod
     def of(cls, config) -> "Activation":

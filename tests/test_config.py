@@ -179,6 +179,10 @@ def test_moe_config_routing_rules():
               contains="has_correction_bias: expected False for routing_method 'llama4', got True")
     test_fail(lambda: MoEConfig(16, 1, 16, 16, routed_scaling_factor=2.0, **llama4),
               contains="routed_scaling_factor: expected 1.0 for routing_method 'llama4', got 2.0")
+    test_fail(lambda: MoEConfig(16, 1, 16, 16, routing_method="llama4", renormalize=False),   # the default softmax
+              contains="scoring_func: expected 'sigmoid' for routing_method 'llama4'")
+    test_fail(lambda: MoEConfig(16, 1, 16, 16, **{**llama4, "renormalize": True}),
+              contains="renormalize: expected False for routing_method 'llama4'")
 
 
 def test_moe_config_expert_semantics():
@@ -186,6 +190,9 @@ def test_moe_config_expert_semantics():
     test_eq((oss.activation, oss.swiglu_alpha, oss.swiglu_limit), ("swigluoai", 1.702, 7.0))
     test_fail(lambda: MoEConfig(8, 2, 16, 16, activation="gelu"), contains="activation: expected one of")
     test_fail(lambda: MoEConfig(8, 2, 16, 16, swiglu_limit=float("inf")), contains="swiglu_limit: expected")
+    for f in ("routed_scaling_factor", "swiglu_limit", "swiglu_alpha"):   # inf or 0 in float32: NaN or 0 outputs
+        for v in (1e39, 1e-50):
+            test_fail(lambda: MoEConfig(8, 2, 16, 16, **{f: v}), contains=f"{f}: expected a number float32 holds")
     test_fail(lambda: MoEConfig(8, 2, 16, 16, has_expert_bias=1), contains="has_expert_bias: expected a bool")
     test_fail(lambda: MoEConfig(8, 2, 16, 16, shared_expert_gate=True),
               contains="shared_expert_gate: expected False for a layer without shared experts")

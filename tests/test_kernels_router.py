@@ -29,7 +29,7 @@ def test_route_topk_matches_select_experts():
              dict(num_experts=160, top_k=6, routing_method="grouped_topk", num_expert_group=8, topk_group=3),   # V2
              dict(num_experts=64, top_k=6, routing_method="grouped_topk", num_expert_group=1, topk_group=1),
              dict(num_experts=512, top_k=10),                                               # Qwen3-Next
-             dict(num_experts=16, top_k=1, routing_method="llama4", renormalize=False),
+             dict(num_experts=16, top_k=1, routing_method="llama4", scoring_func="sigmoid", renormalize=False),
              dict(num_experts=32, top_k=4, scoring_func="sigmoid", has_correction_bias=True),
              dict(num_experts=12, top_k=3, routing_method="grouped_topk", num_expert_group=3, topk_group=2)]  # 3 groups
     for i, kw in enumerate(cases):
@@ -58,7 +58,7 @@ def test_route_tokens_matches_torch_router():
     for kw in (dict(num_experts=64, top_k=8),
                dict(num_experts=256, top_k=8, scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=8,
                     topk_group=4, routed_scaling_factor=2.5, has_correction_bias=True),       # DeepSeek-V3
-               dict(num_experts=16, top_k=1, routing_method="llama4", renormalize=False),
+               dict(num_experts=16, top_k=1, routing_method="llama4", scoring_func="sigmoid", renormalize=False),
                dict(num_experts=12, top_k=4, renormalize=False)):
         cfg = MoEConfig(hidden_size=H, intermediate_size=16, **kw)
         plan, E = router_plan(cfg), cfg.num_experts
@@ -97,7 +97,7 @@ def test_router_selects_in_the_logits_launch():
     for kw in (dict(num_experts=64, top_k=8),
                dict(num_experts=256, top_k=8, scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=8,
                     topk_group=4, routed_scaling_factor=2.5, has_correction_bias=True),       # DeepSeek-V3
-               dict(num_experts=16, top_k=1, routing_method="llama4", renormalize=False)):
+               dict(num_experts=16, top_k=1, routing_method="llama4", scoring_func="sigmoid", renormalize=False)):
         cfg = MoEConfig(hidden_size=1100, intermediate_size=16, **kw)
         plan, E = router_plan(cfg), cfg.num_experts
         bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE) if cfg.has_correction_bias else None
@@ -173,7 +173,7 @@ def test_route_topk_bad_arguments():
 def test_router_kernels_compile_for_sm90():
     g = torch.Generator().manual_seed(9)
     with record_launches() as seen:
-        for kw in (dict(), dict(renormalize=False), dict(routing_method="llama4", top_k=1, renormalize=False),
+        for kw in (dict(), dict(renormalize=False), dict(routing_method="llama4", scoring_func="sigmoid", top_k=1, renormalize=False),
                    dict(scoring_func="sigmoid", routing_method="grouped_topk", num_expert_group=4, topk_group=2,
                         routed_scaling_factor=2.5, has_correction_bias=True)):                 # DeepSeek-V3's method
             c = MoEConfig(**dict(dict(num_experts=16, top_k=4, hidden_size=1100, intermediate_size=16), **kw))

@@ -208,6 +208,16 @@ def test_map_to_physical():
     ids = torch.randint(-1, 8, (64, 4))
     phys = map_to_physical(ids, l2p, count)
     test_eq(torch.where(ids >= 0, phys.long() % 8, -1), ids)              # every physical id maps back to its logical
+    test_fail(lambda: map_to_physical(topk_ids, l2p, count, validate=0), contains="validate: expected a bool, got int 0")
+    test_fail(lambda: map_to_physical(topk_ids.to("meta"), l2p.to("meta"), count.to("meta")),
+              contains="topk_ids: expected tensors with values to validate, got meta")
+    test_fail(lambda: map_to_physical(topk_ids, l2p, count.to("meta")),
+              contains="logical_replica_count: expected a tensor on topk_ids' device cpu, got meta")
+    test_fail(lambda: map_to_physical(torch.tensor([[9]]), l2p, count), contains="topk_ids: expected ids in [-1, 8)")
+    # unchecked, out-of-range ids and counts never index out of bounds: ids past the table (or below -1) map to -1
+    test_eq(map_to_physical(torch.tensor([[9, -5, 1]]), l2p, count, validate=False).tolist(), [[-1, -1, 1]])
+    test_eq(map_to_physical(torch.tensor([[1, 1]]), l2p, torch.zeros(8, dtype=torch.int64), validate=False).tolist(), [[1, 1]])
+    test_eq(map_to_physical(torch.tensor([[0, 0]]), l2p, torch.full((8,), 5), validate=False).tolist(), [[0, 8]])
     assert {8, 9} <= set(phys.flatten().tolist())                         # the replicas are used
     test_eq(map_to_physical(torch.empty(0, 2, dtype=torch.int32), l2p, count).shape, (0, 2))
     owner = lambda p: [r for r in range(2) if determine_expert_map(2, r, 10)[1][p] >= 0]
@@ -364,7 +374,19 @@ def test_local_slot_edges():
     test_eq([getattr(good.to("meta").to("cpu"), n).tolist() for n in PLACEMENT_TABLES], [getattr(good, n).tolist() for n in PLACEMENT_TABLES])
     test_fail(lambda: moved.local_slot(torch.tensor([[1]])), contains="topk_ids: expected a tensor on meta")
     test_fail(lambda: local_slot_table(8, 4, 0, torch.tensor([0, 1, -1], dtype=torch.int32)), contains="expert_map: expected shape [8]")
+    test_fail(lambda: dataclasses.replace(good, reason=5), contains="reason: expected a str, got int 5")
     test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor([0, 5, -1, -1], dtype=torch.int32)), contains="expert_map: expected values in [-1, 2)")
+    test_eq(local_slot_table(4, 2, 0, torch.tensor([-1, 1, 0, -1], dtype=torch.int32)).tolist(), [-1, 1, 0, -1, -1])
+    for m in ([0, 0, -1, -1], [0, -1, -1, -1]):                  # two experts in one slot; a slot no expert fills
+        test_fail(lambda: local_slot_table(4, 2, 0, torch.tensor(m, dtype=torch.int32)),
+                  contains="expert_map: expected the local slots 0..1 once each")
+    test_fail(lambda: local_slot_table(8, 40, 0, None), contains="num_local_experts: expected <= 8, got 40")
+    test_fail(lambda: local_slot_table(8, 4, 0, None), contains="num_local_experts: expected num_experts = 8 without")
+    test_fail(lambda: local_slot_table(8, 4, 0, None, torch.zeros(8, dtype=torch.int64)),
+              contains="global_to_physical: expected a permutation of 0..7")
+    test_fail(lambda: local_slot_table(8, 4, 100, None, torch.arange(8)),
+              contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 8")
+    test_eq(local_slot_table(8, 4, 4, None, torch.arange(8).flip(0)).tolist(), [3, 2, 1, 0, -1, -1, -1, -1, -1])
 
 
 def test_placement_table():

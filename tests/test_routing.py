@@ -272,7 +272,7 @@ def test_select_experts_dispatch():
     assert all(len(set((row // 32).tolist())) <= 4 for row in ids)         # at most topk_group=4 groups per token
     qwen = MoEConfig(128, 8, 64, 32)
     assert torch.equal(select_experts(qwen, g[:, :128])[1], fused_topk(g[:, :128], 8, True)[1])
-    llama = MoEConfig(16, 1, 64, 32, routing_method="llama4", renormalize=False)
+    llama = MoEConfig(16, 1, 64, 32, routing_method="llama4", scoring_func="sigmoid", renormalize=False)
     assert torch.equal(select_experts(llama, g[:, :16])[0], llama4_topk(g[:, :16])[0])
 
 
@@ -285,7 +285,7 @@ def test_select_experts_bad_input():
     test_fail(lambda: select_experts(cfg, g, torch.zeros(15)), contains="e_score_correction_bias: expected shape [16]")
     test_fail(lambda: select_experts(cfg, g[:, :8], torch.zeros(16)), contains="gating_output: expected shape [*, 16]")
     test_fail(lambda: select_experts("cfg", g), contains="config: expected a MoEConfig")
-    test_fail(lambda: select_experts(MoEConfig(16, 1, 64, 32, routing_method="llama4", routed_scaling_factor=2.0), g),
+    test_fail(lambda: select_experts(MoEConfig(16, 1, 64, 32, routing_method="llama4", scoring_func="sigmoid", renormalize=False, routed_scaling_factor=2.0), g),
               contains="routed_scaling_factor: expected 1.0")                    # refused by the config itself
 
 

@@ -44,6 +44,11 @@ def test_check_bool_and_real():
     test_eq(check_positive_real("routed_scaling_factor", 2), 2.0)
     for bad in (0, -1.0, float("nan"), float("inf"), "2", True, 10**400):
         test_fail(lambda: check_positive_real("routed_scaling_factor", bad), contains="routed_scaling_factor: expected a finite number > 0")
+    for bad in (1e39, 1e-39, 10**39):                  # finite in Python, inf or subnormal in float32
+        test_eq(check_positive_real("routed_scaling_factor", bad), float(bad))
+        test_fail(lambda: check_positive_real("routed_scaling_factor", bad, fp32=True),
+                  contains="routed_scaling_factor: expected a number float32 holds as a normal value")
+    test_eq(check_positive_real("swiglu_limit", 3.4e38, fp32=True), 3.4e38)
     test_eq(check_device("cpu"), torch.device("cpu"))
     trainable = torch.zeros(2, requires_grad=True)
     test_eq(gradient_wanted([("a", torch.zeros(2)), ("b", None), ("c", trainable)]), "c")

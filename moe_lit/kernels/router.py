@@ -154,7 +154,7 @@ def _router_logits_kernel(
                               E, scale, TOP_K, K_PAD, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
                               TOPK_GROUP, GROUP_SIZE, TOP2, SPLIT, HAS_GATE_BIAS)
 
-# %% ../../nbs/03a_kernels.router.ipynb #689e468418ad
+# %% ../../nbs/03a_kernels.router.ipynb #f9a6b26ab8f1
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -182,7 +182,7 @@ class RouterPlan:
             raise ValueError(f"GROUP_SIZE: expected num_experts / NUM_GROUPS = {E} / {g}, got {self.GROUP_SIZE}")
         if self.TOP_K > self.TOPK_GROUP * self.GROUP_SIZE:
             raise ValueError(f"TOP_K: expected <= TOPK_GROUP * GROUP_SIZE = {self.TOPK_GROUP * self.GROUP_SIZE}, got {self.TOP_K}")
-        check_positive_real("scale", self.scale)
+        check_positive_real("scale", self.scale, fp32=True)
         if self.TOP2 and not (self.HAS_BIAS and g > 1 and self.GROUP_SIZE >= 2):      # a group's top-2 needs two experts
             raise ValueError(f"TOP2: expected True only with a correction bias, groups and >= 2 experts a group, got "
                              f"HAS_BIAS={self.HAS_BIAS}, NUM_GROUPS={g}, GROUP_SIZE={self.GROUP_SIZE}")

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Nsight Compute on the batched GEMM1 kernels of `ncu_fp4.py` (FP4 mma128 and bf16 at decode): speed of light, memory
+# workload, occupancy, launch statistics, warp states (stall reasons) and scheduler statistics of every launch, the
+# clocks left alone (the device notes: --clock-control none). Needs a machine whose ncu reads the counters
+# (Firecracker). Writes $OUT/ncu_fp4_<card>_<commit>.txt; `ncu_fp4.py` alone times the same launches.
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+timeout "${LIMIT:-420}" "$NCU" --clock-control none --target-processes all \
+  -k regex:'_batched_moe_gemm(_quant)?_kernel' \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+  --section WarpStateStats --section SchedulerStats \
+  python nbs/bench/ncu_fp4.py > "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt" 2>&1
+echo "ncu exit $?" >> "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt"
+grep -E "^==|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|ncu exit" \
+  "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt" | head -80
