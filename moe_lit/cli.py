@@ -21,8 +21,8 @@ from .testing import check_output
 from .report import format_report, format_sections, placement_head, placement_record
 
 # %% auto #0
-__all__ = ['DTYPES', 'TUNE_CHOICES', 'build_config', 'all2all_note', 'dispatch_hidden_size', 'run_report', 'tables_report',
-           'format_tables', 'explain_report', 'format_explain', 'main']
+__all__ = ['DTYPES', 'DISTRIBUTED_REFUSED', 'TUNE_CHOICES', 'build_config', 'all2all_note', 'dispatch_hidden_size', 'run_report',
+           'tables_report', 'format_tables', 'explain_report', 'format_explain', 'main']
 
 # %% ../nbs/15_cli.ipynb #dac26a7e9be6
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -206,7 +206,7 @@ def _tables_lines(t: dict) -> list[str]:
         lines += [f"rank {q['rank']}: local_to_global {q['local_to_global']}", f"        expert_map {q['expert_map']}"]
     return lines
 
-# %% ../nbs/15_cli.ipynb #be76ee2fc04f
+# %% ../nbs/15_cli.ipynb #de6cd14261f8
 _HELP = {
     "--quant": "quantize the experts at load (short names fp8, mxfp4, nvfp4 = fp8_w8a8_block, mxfp4_w4a16, nvfp4_w4a16): "
                "FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
@@ -224,11 +224,14 @@ _HELP = {
                "of --config's file (its dtype or torch_dtype key; both must agree; bf16 when it has neither), bf16 for every preset (the reference is always computed in float64)",
     "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
     "--device": "where the layer runs: auto = cuda when a GPU is present, else cpu",
-    "--tokens": "tokens in the batch (random hidden states)",
+    "--tokens": "tokens in the batch (random hidden states); with a batched-format all2all (deepep_low_latency, "
+                "nixl_ep) at most the config's max_num_tokens (256) per rank, as vLLM's default cap",
     "--seed": "seed of the random weights and hidden states: the same seed gives the same numbers",
 }
 
-# %% ../nbs/15_cli.ipynb #bcd8849f8749
+# %% ../nbs/15_cli.ipynb #119ccff14507
+DISTRIBUTED_REFUSED = ("--weights", "--tp", "--backend", "--quant", "--device")   # `run --distributed` takes none of these yet
+
 def _quant_scheme(name: str) -> str:
     "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`09_quant.quant_scheme_name`); argparse names the choices."
     return QUANT_ALIASES.get(name, name)
@@ -253,7 +256,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, type=_quant_scheme, choices=[*QUANT_SCHEMES, *QUANT_ALIASES], help=_HELP["--quant"])
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
-                   help="run across the processes torchrun started (one EP rank each; --ep defaults to their number)")
+                   help="run across the processes torchrun started (one EP rank each; --ep defaults to their number); "
+                        f"presets or a --config with unquantized experts only: not with {', '.join(DISTRIBUTED_REFUSED)}")
     p.add_argument("--weights", metavar="CHECKPOINT_DIR",
                    help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
                         "with its own weights instead of random ones (the model comes from its config.json)")
@@ -354,7 +358,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #67b8d9ea5f96
+# %% ../nbs/15_cli.ipynb #376907bd402b
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -401,10 +405,9 @@ def _checkpoint(args, cfg: MoEConfig):
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
-    unsupported = [f for f, given in (("--weights", args.weights is not None),
-                                      ("--tp", args.tp != 1), ("--backend", args.backend),
-                                      ("--quant", args.quant not in (None, "unquantized")), ("--device", args.device != "auto"))
-                   if given]
+    given = {"--weights": args.weights is not None, "--tp": args.tp != 1, "--backend": bool(args.backend),
+             "--quant": args.quant not in (None, "unquantized"), "--device": args.device != "auto"}
+    unsupported = [f for f in DISTRIBUTED_REFUSED if given[f]]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
                          f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")

@@ -80,7 +80,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #c0c27477b496
+# %% ../nbs/12_layer.ipynb #03f19b6ca3f3
 _ROUTER = ("gate", "gate_bias", "e_score_correction_bias")   # the router's tensors: fp32, replicated
 
 class FusedMoE(torch.nn.Module):
@@ -104,10 +104,12 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        if torch.get_default_device().type == "meta":           # `with torch.device("meta"):` around the construction
-            raise ValueError("device: expected torch's default device to hold values while the layer is built (it makes "
-                             "or loads weights and checks them), got meta; build it, then .to('meta'), or load a "
-                             "checkpoint with FusedMoE.from_pretrained")
+        asked = str(device).startswith("meta")                  # device="meta", or `with torch.device("meta"):` around it
+        if asked or torch.get_default_device().type == "meta":
+            what = "a device" if asked else "torch's default device"
+            raise ValueError(f"device: expected {what} to hold values while the layer is built (it makes or loads "
+                             f"weights and checks them), got meta; build it, then .to('meta'), or load a checkpoint "
+                             f"with FusedMoE.from_pretrained")
         device, quant = check_device(device), quant_scheme_name(quant)   # 'fp8' -> 'fp8_w8a8_block'
         self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
                                                             backend)
@@ -640,7 +642,7 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
 
-# %% ../nbs/12_layer.ipynb #fa39824087c4
+# %% ../nbs/12_layer.ipynb #0c31bb50ae7c
 @dataclass
 class EPRun:
     "Result of `run_emulated_ep`: outputs, checks and timings."
@@ -655,7 +657,8 @@ class EPRun:
     rank_seconds: list = field(default_factory=list)   # forward time of each rank (s)
     weight_seconds: float = 0.0       # time spent generating weights (s)
     quant: str = "unquantized"        # the experts' weights (references use the dequantized weights)
-    reference_unquantized: torch.Tensor | None = None   # [T, H] float64 on the weights before quantization (quantized runs)
+    reference_unquantized: torch.Tensor | None = None   # [T, H] float64 on the weights before quantization (runs that
+                                                        # quantized at load; None for a checkpoint's stored codes)
 
 # %% ../nbs/12_layer.ipynb #eda123210dc6
 def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
@@ -670,7 +673,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #9b7198aa32c4
+# %% ../nbs/12_layer.ipynb #442ab3fd8be5
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -685,7 +688,9 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     T, H = hidden.shape
     acc = acc_dtype(config.dtype)                                              # as the experts accumulate
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
-    ref_float = None if quant == "unquantized" else torch.zeros(T, H, dtype=torch.float64, device=hidden.device)
+    stored = getattr(weights, "quant_scheme", None) == quant and quant != "unquantized"   # a checkpoint's own codes:
+    ref_float = None if quant == "unquantized" or stored else \
+        torch.zeros(T, H, dtype=torch.float64, device=hidden.device)                    # no weights before quantization
     placements, rank_s, weight_s, topk = [], [], 0.0, None
     for r in progress(range(ep), "EP ranks"):
         t0 = time.perf_counter()

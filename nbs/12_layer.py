@@ -208,10 +208,12 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        if torch.get_default_device().type == "meta":           # `with torch.device("meta"):` around the construction
-            raise ValueError("device: expected torch's default device to hold values while the layer is built (it makes "
-                             "or loads weights and checks them), got meta; build it, then .to('meta'), or load a "
-                             "checkpoint with FusedMoE.from_pretrained")
+        asked = str(device).startswith("meta")                  # device="meta", or `with torch.device("meta"):` around it
+        if asked or torch.get_default_device().type == "meta":
+            what = "a device" if asked else "torch's default device"
+            raise ValueError(f"device: expected {what} to hold values while the layer is built (it makes or loads "
+                             f"weights and checks them), got meta; build it, then .to('meta'), or load a checkpoint "
+                             f"with FusedMoE.from_pretrained")
         device, quant = check_device(device), quant_scheme_name(quant)   # 'fp8' -> 'fp8_w8a8_block'
         self.experts, self.experts_reason = resolve_experts(experts, config.activation_format, device, quant, config,
                                                             backend)
@@ -1119,6 +1121,8 @@ test_fail(lambda: partial.load_state_dict({k: v for k, v in ref.state_dict().ite
 test_fail(lambda: partial(x.to(DEVICE)), contains="parameters and buffers: expected all on one device")
 with torch.device("meta"):                                   # built under torch's default device meta: refused by name
     test_fail(lambda: FusedMoE(cfg), contains="device: expected torch's default device to hold values")
+test_fail(lambda: FusedMoE(cfg, device="meta"), contains="device: expected a device to hold values while the layer is "
+          "built (it makes or loads weights and checks them), got meta; build it, then .to('meta')")
 assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
 qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
 test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")
@@ -1375,7 +1379,8 @@ class EPRun:
     rank_seconds: list = field(default_factory=list)   # forward time of each rank (s)
     weight_seconds: float = 0.0       # time spent generating weights (s)
     quant: str = "unquantized"        # the experts' weights (references use the dequantized weights)
-    reference_unquantized: torch.Tensor | None = None   # [T, H] float64 on the weights before quantization (quantized runs)
+    reference_unquantized: torch.Tensor | None = None   # [T, H] float64 on the weights before quantization (runs that
+                                                        # quantized at load; None for a checkpoint's stored codes)
 
 # %%
 #| export
@@ -1407,7 +1412,9 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     T, H = hidden.shape
     acc = acc_dtype(config.dtype)                                              # as the experts accumulate
     out, single, ref = (torch.zeros(T, H, dtype=d, device=hidden.device) for d in (acc, acc, torch.float64))
-    ref_float = None if quant == "unquantized" else torch.zeros(T, H, dtype=torch.float64, device=hidden.device)
+    stored = getattr(weights, "quant_scheme", None) == quant and quant != "unquantized"   # a checkpoint's own codes:
+    ref_float = None if quant == "unquantized" or stored else \
+        torch.zeros(T, H, dtype=torch.float64, device=hidden.device)                    # no weights before quantization
     placements, rank_s, weight_s, topk = [], [], 0.0, None
     for r in progress(range(ep), "EP ranks"):
         t0 = time.perf_counter()

@@ -422,7 +422,9 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
 # expert weight (`gate_up_proj`, `down_proj`, `up_proj`, `gate_proj`, `w1`, `w2`, `w3`) or an `nn.ModuleList` of
 # experts — and raises a `ValueError` naming the class of each one that does not dispatch through the experts
 # interface (not decorated, or with its own `forward`), and for a model with no MoE block at all. A block that
-# dispatches must also have a recipe, so an unsupported one raises too. It returns `experts_recipes(model)`.
+# dispatches must also have a recipe, so an unsupported one raises too. Last, it checks that every block's config
+# selects `"moe_lit"` — a model loaded without `experts_implementation="moe_lit"` is reachable but runs transformers'
+# own experts (`selected=False` skips this, to ask before switching). It returns `experts_recipes(model)`.
 
 # %%
 #| export
@@ -441,8 +443,12 @@ def _dispatches(m: torch.nn.Module) -> bool:
     return (all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated"))
             and (_DISPATCH_CODE is None or getattr(fwd, "__code__", None) is _DISPATCH_CODE))
 
-def check_model(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
-    "`experts_recipes(model)`; ValueError if `model` has an MoE block 'moe_lit' cannot reach, or none at all."
+def check_model(model: torch.nn.Module,
+                selected: bool = True,   # also require each block's config to select "moe_lit" (what runs now)
+               ) -> dict[str, ExpertsRecipe]:
+    """`experts_recipes(model)`: the MoE blocks whose experts moe-lit runs. ValueError if `model` has an MoE block
+    'moe_lit' cannot reach, none at all, or (with `selected`) a block whose config selects an implementation other than
+    one `register` made (a model loaded without `experts_implementation="moe_lit"` runs transformers' own experts)."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     blocks = {n: m for n, m in model.named_modules()
@@ -457,7 +463,20 @@ def check_model(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
                          f"{next(iter(unreached))}) do not dispatch through transformers' experts interface, so "
                          f"experts_implementation='moe_lit' would not reach them (they would run transformers' "
                          f"own code)")
-    return experts_recipes(model)
+    recipes = experts_recipes(model)
+    if check_bool("selected", selected):
+        other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)
+                 for n in recipes}
+        other = {n: impl for n, impl in other.items()            # (a name `register` was given: moe-lit's too)
+                 if not _is_ours(ExpertsInterface._global_mapping.get(impl) if isinstance(impl, str) else None)}
+        if other:
+            n, impl = next(iter(other.items()))
+            raise ValueError(f"model: expected experts_implementation 'moe_lit' (or a name register() was given) on "
+                             f"every MoE block, got {impl!r} on "
+                             f"{len(other)} of {len(recipes)} (e.g. {n}): call register(), then load with "
+                             f"from_pretrained(..., experts_implementation='moe_lit') or call "
+                             f"model.set_experts_implementation('moe_lit'); selected=False checks reach alone")
+    return recipes
 
 # %%
 experts_recipes(tiny_hf_model("gpt_oss"))
@@ -482,9 +501,14 @@ assert "alpha=1.702" in repr(experts_recipe(model.model.layers[0].mlp.experts)) 
 #| test check_model
 test_fail(lambda: check_model(tiny_hf_model("llama4_text")),
           contains="Llama4TextExperts (2 modules, e.g. model.layers.0.feed_forward.experts) do not dispatch")
+register()
 for model_type in [m for m in TINY_HF if m != "llama4_text"]:
-    model = tiny_hf_model(model_type)
+    model = tiny_hf_model(model_type)                               # loaded "eager": reachable, not running moe-lit
+    test_eq(check_model(model, selected=False), experts_recipes(model))
+    test_fail(lambda: check_model(model), contains="model: expected experts_implementation 'moe_lit' (or a name")
+    model.set_experts_implementation("moe_lit")
     test_eq(check_model(model), experts_recipes(model))
+test_fail(lambda: check_model(model, selected=1), contains="selected: expected a bool, got int 1")
 test_fail(lambda: check_model(torch.nn.Linear(2, 2)), contains="model: expected a model with MoE experts modules")
 test_fail(lambda: check_model("mixtral"), contains="model: expected a torch.nn.Module, got str")
 model = tiny_hf_model("mixtral")

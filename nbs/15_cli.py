@@ -415,12 +415,15 @@ _HELP = {
                "of --config's file (its dtype or torch_dtype key; both must agree; bf16 when it has neither), bf16 for every preset (the reference is always computed in float64)",
     "--experts": "experts implementation: auto = Triton on a GPU, the torch reference otherwise",
     "--device": "where the layer runs: auto = cuda when a GPU is present, else cpu",
-    "--tokens": "tokens in the batch (random hidden states)",
+    "--tokens": "tokens in the batch (random hidden states); with a batched-format all2all (deepep_low_latency, "
+                "nixl_ep) at most the config's max_num_tokens (256) per rank, as vLLM's default cap",
     "--seed": "seed of the random weights and hidden states: the same seed gives the same numbers",
 }
 
 # %%
 #| export
+DISTRIBUTED_REFUSED = ("--weights", "--tp", "--backend", "--quant", "--device")   # `run --distributed` takes none of these yet
+
 def _quant_scheme(name: str) -> str:
     "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`09_quant.quant_scheme_name`); argparse names the choices."
     return QUANT_ALIASES.get(name, name)
@@ -445,7 +448,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=None, type=_quant_scheme, choices=[*QUANT_SCHEMES, *QUANT_ALIASES], help=_HELP["--quant"])
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
-                   help="run across the processes torchrun started (one EP rank each; --ep defaults to their number)")
+                   help="run across the processes torchrun started (one EP rank each; --ep defaults to their number); "
+                        f"presets or a --config with unquantized experts only: not with {', '.join(DISTRIBUTED_REFUSED)}")
     p.add_argument("--weights", metavar="CHECKPOINT_DIR",
                    help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
                         "with its own weights instead of random ones (the model comes from its config.json)")
@@ -597,10 +601,9 @@ def _checkpoint(args, cfg: MoEConfig):
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
-    unsupported = [f for f, given in (("--weights", args.weights is not None),
-                                      ("--tp", args.tp != 1), ("--backend", args.backend),
-                                      ("--quant", args.quant not in (None, "unquantized")), ("--device", args.device != "auto"))
-                   if given]
+    given = {"--weights": args.weights is not None, "--tp": args.tp != 1, "--backend": bool(args.backend),
+             "--quant": args.quant not in (None, "unquantized"), "--device": args.device != "auto"}
+    unsupported = [f for f in DISTRIBUTED_REFUSED if given[f]]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
                          f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
@@ -777,7 +780,10 @@ with tempfile.TemporaryDirectory() as d:
 with tempfile.TemporaryDirectory() as d:                       # a pre-quantized checkpoint runs its stored codes
     write_fp8_block_checkpoint(d)
     with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--tokens", "3", "--json"]), 0)
-    test_eq(json.loads(out.getvalue())["experts"]["quant"], "fp8_w8a8_block")
+    rep = json.loads(out.getvalue())
+    test_eq((rep["experts"]["quant"], rep["quantization_error"]), ("fp8_w8a8_block", None))   # no weights before
+    with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--tokens", "3"]), 0)
+    assert "quantization error" not in out.getvalue()                  # the stored codes are the weights
 
 # %%
 #| test main_errors_name_the_flag
@@ -825,7 +831,7 @@ def exit_code(argv):
     try: main(argv)
     except SystemExit as e: return e.code
 for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
-                               (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
+                               (["run", "--help"], 0, "at most the config's max_num_tokens (256) per rank, as vLLM's default cap (default: 64)", None),
                                (["run", "--help"], 0, "unset means the model's own: the torch_dtype of --config's "
                                                       "file (its dtype or torch_dtype key; both must agree; bf16 when "
                                                       "it has neither), bf16 for every preset", None),

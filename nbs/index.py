@@ -25,7 +25,7 @@
 # ```
 #
 # It takes about two minutes with a fresh download and prints nothing of its own while it installs (a machine whose pip
-# configuration names package folders that do not exist has pip warn about each): the install about 70–90 s
+# configuration names package folders that do not exist has pip warn about each): the install about 70–90 s on an idle machine (2–2.5 minutes measured beside other jobs)
 # (`.venv` about 2 GB), then the run, 4–7 s on 2 idle cores (20–40 s measured on a busy machine or straight after the install), most of it generating the random weights and the float64 reference, at a peak of about 1.5 GiB
 # resident.
 #
@@ -95,7 +95,8 @@
 # `layer.experts_reason` says why its experts run where they do, and `backend=` (on the command line `--backend`)
 # forces one of the oracle's candidates — on the CPU a Triton one with `experts="triton"`, which runs it in the
 # interpreter. `select_experts_backend(cfg, quant, cfg.activation_format, DEVICES["h200"]).table()`
-# (`moe_lit.oracle`) is the decision table `moe-lit explain` prints, for any device model. A model's own
+# (`moe_lit.oracle`) gives the decision table `moe-lit explain` prints (as Markdown, where the command aligns plain
+# text), for any device model. A model's own
 # `config.json` gives the config: `moe_lit.models.moe_config_from_hf(path)` (then `FusedMoE.from_pretrained(dir,
 # layer_index)` for its weights). The dtype is the config's and fixed when the layer is built: a cast to it
 # (`model.to(torch.bfloat16)` around a bf16 layer) keeps the router fp32; a cast to another is refused — build the
@@ -166,7 +167,9 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 
 # %% [markdown]
 # `check_model` raises, naming the blocks, for a model whose experts moe-lit cannot reach (Llama-4's: transformers
-# does not send them through that interface). And the main job on a
+# does not send them through that interface), and for one loaded without `experts_implementation="moe_lit"` (its
+# blocks run transformers' own experts; `check_model(model, selected=False)` asks only whether moe-lit could reach
+# them). And the main job on a
 # checkpoint's layer: `.venv/bin/moe-lit run --weights CHECKPOINT_DIR --layer N` (any `--ep`/`--all2all` deployment;
 # without `--layer`, the first MoE layer; a pre-quantized checkpoint runs its stored codes unless `--quant` says
 # otherwise). On an expert-parallel deployment, `FusedMoE.from_pretrained(ckpt, N, parallel=...)` builds one rank's

@@ -216,7 +216,10 @@ def test_run_checkpoint_weights():
     with tempfile.TemporaryDirectory() as d:                       # a pre-quantized checkpoint runs its stored codes
         write_fp8_block_checkpoint(d)
         with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--tokens", "3", "--json"]), 0)
-        test_eq(json.loads(out.getvalue())["experts"]["quant"], "fp8_w8a8_block")
+        rep = json.loads(out.getvalue())
+        test_eq((rep["experts"]["quant"], rep["quantization_error"]), ("fp8_w8a8_block", None))   # no weights before
+        with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--tokens", "3"]), 0)
+        assert "quantization error" not in out.getvalue()                  # the stored codes are the weights
 
 
 def test_main_errors_name_the_flag():
@@ -264,7 +267,7 @@ def test_main_options():
         try: main(argv)
         except SystemExit as e: return e.code
     for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None),
-                                   (["run", "--help"], 0, "tokens in the batch (random hidden states) (default: 64)", None),
+                                   (["run", "--help"], 0, "at most the config's max_num_tokens (256) per rank, as vLLM's default cap (default: 64)", None),
                                    (["run", "--help"], 0, "unset means the model's own: the torch_dtype of --config's "
                                                           "file (its dtype or torch_dtype key; both must agree; bf16 when "
                                                           "it has neither), bf16 for every preset", None),

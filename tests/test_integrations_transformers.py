@@ -61,9 +61,14 @@ def test_recipes_of_families():
 def test_check_model():
     test_fail(lambda: check_model(tiny_hf_model("llama4_text")),
               contains="Llama4TextExperts (2 modules, e.g. model.layers.0.feed_forward.experts) do not dispatch")
+    register()
     for model_type in [m for m in TINY_HF if m != "llama4_text"]:
-        model = tiny_hf_model(model_type)
+        model = tiny_hf_model(model_type)                               # loaded "eager": reachable, not running moe-lit
+        test_eq(check_model(model, selected=False), experts_recipes(model))
+        test_fail(lambda: check_model(model), contains="model: expected experts_implementation 'moe_lit' (or a name")
+        model.set_experts_implementation("moe_lit")
         test_eq(check_model(model), experts_recipes(model))
+    test_fail(lambda: check_model(model, selected=1), contains="selected: expected a bool, got int 1")
     test_fail(lambda: check_model(torch.nn.Linear(2, 2)), contains="model: expected a model with MoE experts modules")
     test_fail(lambda: check_model("mixtral"), contains="model: expected a torch.nn.Module, got str")
     model = tiny_hf_model("mixtral")

@@ -241,7 +241,7 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #3e0427d3cd47
+# %% ../../nbs/12b_integrations.transformers.ipynb #c97df3688bf8
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
@@ -257,8 +257,12 @@ def _dispatches(m: torch.nn.Module) -> bool:
     return (all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated"))
             and (_DISPATCH_CODE is None or getattr(fwd, "__code__", None) is _DISPATCH_CODE))
 
-def check_model(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
-    "`experts_recipes(model)`; ValueError if `model` has an MoE block 'moe_lit' cannot reach, or none at all."
+def check_model(model: torch.nn.Module,
+                selected: bool = True,   # also require each block's config to select "moe_lit" (what runs now)
+               ) -> dict[str, ExpertsRecipe]:
+    """`experts_recipes(model)`: the MoE blocks whose experts moe-lit runs. ValueError if `model` has an MoE block
+    'moe_lit' cannot reach, none at all, or (with `selected`) a block whose config selects an implementation other than
+    one `register` made (a model loaded without `experts_implementation="moe_lit"` runs transformers' own experts)."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     blocks = {n: m for n, m in model.named_modules()
@@ -273,4 +277,17 @@ def check_model(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
                          f"{next(iter(unreached))}) do not dispatch through transformers' experts interface, so "
                          f"experts_implementation='moe_lit' would not reach them (they would run transformers' "
                          f"own code)")
-    return experts_recipes(model)
+    recipes = experts_recipes(model)
+    if check_bool("selected", selected):
+        other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)
+                 for n in recipes}
+        other = {n: impl for n, impl in other.items()            # (a name `register` was given: moe-lit's too)
+                 if not _is_ours(ExpertsInterface._global_mapping.get(impl) if isinstance(impl, str) else None)}
+        if other:
+            n, impl = next(iter(other.items()))
+            raise ValueError(f"model: expected experts_implementation 'moe_lit' (or a name register() was given) on "
+                             f"every MoE block, got {impl!r} on "
+                             f"{len(other)} of {len(recipes)} (e.g. {n}): call register(), then load with "
+                             f"from_pretrained(..., experts_implementation='moe_lit') or call "
+                             f"model.set_experts_implementation('moe_lit'); selected=False checks reach alone")
+    return recipes
