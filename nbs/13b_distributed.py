@@ -239,10 +239,10 @@ def _parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
     src.add_argument("--config", default=None, help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
-    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes (unset: that number)")
+    ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes; None: that number")
     ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
                     help="all2all backend; None: allgather_reducescatter with more than one rank, else none")
-    ap.add_argument("--placement", default=None, choices=["linear", "round_robin"], help="expert placement (unset: linear)")
+    ap.add_argument("--placement", default=None, choices=["linear", "round_robin"], help="expert placement; None: linear")
     ap.add_argument("--tokens", type=int, default=64, help="tokens in the whole batch, split over the ranks")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokens")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="None: the model's own")
