@@ -2007,8 +2007,8 @@ assert_quant_close(got[:3], want[:3])
 # (`fp4_variants_h200_ptx.json`, no activation, best of two tiles) reach 382 µs on Mixtral MXFP4 with the plain
 # layout and 344 µs (35 % of the floor) with the nibbles re-laid so that a byte holds codes j and j+32 of a 64-code
 # chunk (no `tl.join`), Qwen3 145 → 120 µs (43 %) — but on DeepSeek-V3 MXFP4 the re-laid loop was slower there (478 →
-# 531 µs). That re-layout is now the layer's (**split64**, `09a`; the kernels' `SPLIT` path above), and the tiles are
-# re-tuned for it (`nbs/bench/quant_gpu.sh tune`, sweep `tune_quant_h200_split_3a67d16.json`). Same run, same inputs,
+# 531 µs). That re-layout became the layer's then (**split64**, `09a`; the kernels' `LAYOUT == 1` path above, since
+# replaced by mma128, below), and the tiles were re-tuned for it (`nbs/bench/quant_gpu.sh tune`, sweep `tune_quant_h200_split_3a67d16.json`). Same run, same inputs,
 # GEMM1 + SiLU batched, plain bytes → split64 (`quant_bench_h200_split_7a54c45.json`): DeepSeek-V3 EP8 MXFP4 542 →
 # 425 µs, NVFP4 591 → 446; Qwen3-30B-A3B 152 → 146 and 172 → 156; Mixtral 436 → 348 and 471 → 368; gpt-oss 683 →
 # 627 and 773 → 723 — faster on every row, both formats (DeepSeek-V3 included, unlike the stand-alone loop). With the
@@ -2036,12 +2036,12 @@ assert_quant_close(got[:3], want[:3])
 # GEMM1 + SiLU, batched / contiguous): MXFP4 DeepSeek-V3 EP8 336 / 367 µs (36 / 33 % of the floor), Qwen3-30B-A3B
 # 109 / 106 (47 / 48 %), Mixtral 260 / 264 (45 %), gpt-oss 483 / 517 (55 / 51 %); NVFP4 342 / 374, 110 / 112,
 # 269 / 274, 513 / 560 (34–55 %). Against split64 with the prefetch, same tables' sweep: 1.19–1.59× faster on every
-# row (NVFP4 most: its scales decode inside the PTX block now). Each FP4 row is 1.4–2.0× faster than the bf16 batched
-# GEMM of the same run (472 / 196 / 458 / 967 µs). The tuner picked 64 weight rows, 4 warps, 3 stages and one M
-# tile per expert everywhere. The floor is still 1.8–2.8× away: half of the loop is now the decode itself (per word
-# 2 `prmt` + 4 × (`and`, `mul.lo`, `and`, 2 bf16x2 `fma`)). For MXFP4 one of the two `fma`s (the 2^126 of the bit
-# placement) now folds into the scale where every e8m0 byte is ≤ 128 (the scale fold above: 76.5 → 66.6 issue
-# cycles per KB in the sm_90 count; on the GPU, not yet timed).
+# row (NVFP4 most: its scales decode inside the PTX block now). Each batched FP4 row is 1.38–2.0× faster than the bf16
+# batched GEMM of the same run (472 / 196 / 458 / 967 µs), the DeepSeek-V3 contiguous rows 1.26–1.29×. The tuner
+# picked 64 weight rows, 4 warps, 3 stages and one M tile per expert everywhere. The floor was still 1.8–3.0× away:
+# half of that loop was the decode itself (per word, at that commit, 2 `prmt` + 4 × (`and`, `mul.lo`, `and`, 2 bf16x2
+# `fma`)); the scale fold and the bits placed at load (above) have since cut it to eight integer operations and four
+# `fma`s a word for MXFP4 (timed on an H100 above: 0–6 % faster).
 #
 # **The seed scenario's rank 0** (`nbs/bench/seed_scenario.py`, `seed_scenario_h200_2fa7b89.json`): DeepSeek-V3 EP8,
 # NIXL EP (batched format), round-robin placement, the whole layer replayed as a CUDA graph — routing, dispatch,

@@ -638,7 +638,10 @@ print(format_bench_quant(quant["quant"]))
 # split64 layout with its own tiles (`split64`, `quant_bench_h200_split_3a67d16.json`), and the mma128 layout with the
 # scale prefetch and its own tiles (`mma128`, `quant_bench_h200_mma128_8dcf083.json`) — the layer's path today.
 # FP8 block's kernel is the same in every run; its times moved with the launch path around it (the per-call checks,
-# `12_layer`'s "Checked once") and from run to run: Qwen3 contiguous 227, 283, 167, 147 µs across the four runs.
+# `12_layer`'s "Checked once") and from run to run: Qwen3 contiguous 227, 283, 167, 147, 129 µs across the five runs.
+# A file's name gives the commit it measured: the `commit` recorded inside a few older results is the copied tree's
+# stale HEAD, from before the GPU scripts took `REV` (`MOE_LIT_COMMIT`): 67966ba in `quant_bench_h200_mma128_8dcf083.json`
+# and `quant_bench_h200_prefetch_21d206f.json`, 17c0889 in `layer_bench_h200_8a184b7.json`.
 
 # %%
 load_quant = lambda name: json.loads(find_bench_results(f"bench/{name}").read_text())["quant"]
@@ -660,11 +663,11 @@ fig
 # **Interpretation.** FP8 w8a8 reads half the bytes of bf16 and runs 1.5–1.8× faster than the bf16 kernel on the
 # large decode rows (DeepSeek-V3 contiguous 260 vs 473 µs, 86% of its floor; Mixtral 271 µs, 82%; gpt-oss 605 µs,
 # 82%, in the table's run); on Qwen3-30B-A3B, whose GEMM is small (95 µs floor), the separate activation-quantization launch and the
-# 16-row tiles leave it at 34–57% in that run (58–64% in the figure's last) (the contiguous row moved from 227 to 283 µs between two runs of unchanged FP8
+# 16-row tiles leave it at 34–57% in that run (58–74% in the figure's last, mma128's) (the contiguous row moved from 227 to 283 µs between two runs of unchanged FP8
 # code: at 4 rows per expert the time is launch- and tail-bound). The FP4 w4a16 kernels are **not yet fast**: in the
 # table above (`swapab`) 19–27% of their floor (17% for NVFP4 contiguous on gpt-oss), about as slow as bf16 although
-# they read 0.53–0.56 bytes per weight; with the PTX decode and the split64 layout (the figure's last run) 28–42%,
-# 1.02–1.55× faster than the bf16 batched GEMM of the same run. They are bound by the per-element dequantization in the K loop, not by memory: every weight
+# they read 0.53–0.56 bytes per weight; with the PTX decode and the split64 layout 28–42%, 1.02–1.55× faster than the
+# bf16 batched GEMM of the same run; with mma128 (the figure's last run) 33–55%. They are bound by the per-element dequantization in the K loop, not by memory: every weight
 # element is decoded, scaled and converted once per program, and at decode there is one M tile per expert, so
 # nothing amortizes it. The history: the first version (interleaved nibbles, arithmetic decode, the scale applied
 # through a reshaped weight tile) measured 6.6–11% (`bench_h200_5412918.log`); even/odd dots with fp16 bit-field
@@ -673,7 +676,8 @@ fig
 # `09c_kernels.quant` (eight codes per 32-bit word) with tiles re-tuned for it 21–39% (`ptx`); the split64 layout,
 # which drops the nibble interleave from the K loop, 28–42% (`split64`); the mma128 layout, whose words decode
 # straight into the MMA's registers (no shared-memory round trip of the decoded tile), with the scales loaded a tile
-# ahead, 33–55% (`mma128`), 1.4–2.0× faster than the bf16 batched GEMM of its run. The rest — 1.8–3.0× to the floor —
+# ahead, 33–55% (`mma128`), its batched rows 1.38–2.0× faster than the bf16 batched GEMM of its run (DeepSeek-V3's
+# contiguous rows 1.26–1.29×). The rest — 1.8–3.0× to the floor —
 # is the decode's own instructions (about half the K loop, counted in `09c`'s Performance) and the second weight
 # read of experts that need two M tiles; Blackwell's native FP4 tensor cores would remove the first. Open work.
 

@@ -273,8 +273,8 @@ plot_bench_layer(layer_h100)
 #   (T = 2: 42.2 against 25.9), gpt-oss at T = 1 (96.0 against 92.8), DeepSeek-V3 nixl_ep at T ≤ 2 and allgather at
 #   T ≤ 4 (T = 4: 137.4 against 121.0). From T = 16 every row is at 1.04–1.33× its floor.
 # - **Faster than transformers at every T where it has the family** (Qwen3, Mixtral; eager against eager): at T = 1
-#   Qwen3 123 µs against `batched_mm`'s 200 and `grouped_mm`'s 512, Mixtral 263 against 548 and 794; at T = 256 463
-#   against 678 (Qwen3) and 1094 against 1318 (Mixtral). `batched_mm` ran out of the card's 80 GB at Mixtral T = 128.
+#   Qwen3 123 µs against `batched_mm`'s 200 and `grouped_mm`'s 512, Mixtral 263 against `grouped_mm`'s 548 and
+#   `batched_mm`'s 794; at T = 256 463 against 678 (Qwen3) and 1094 against 1318 (Mixtral). `batched_mm` ran out of the card's 80 GB at Mixtral T = 128.
 # - **Host overhead at T = 1** (eager − replay): Qwen3 70 µs, Qwen3 EP2 161, Mixtral 1 (the GPU is the bound),
 #   gpt-oss 38, DeepSeek-V3 201 (nixl_ep) and 188 (allgather). The 100 µs aimed at is met on one GPU, not on the
 #   multi-rank rows; the noise of one eager median is tens of µs (Qwen3 T = 2 113, T = 4 22).
@@ -284,10 +284,11 @@ plot_bench_layer(layer_h100)
 #
 # `nbs/bench/layer_bench_h200_0305a00.json` (with its log and figure) comes from one run of the layer benchmark
 # (`python nbs/bench/layer_bench_run.py OUT.json`: `bench_layer` over every deployment, then the figure) on an NVIDIA
-# H200, torch 2.11, Triton 3.6, 2026-12-05, on commit 0305a00: every launch through `launch_kernel`'s direct path,
+# H200, torch 2.11, Triton 3.6, 2026-12-05, on commit da73407 (the results committed in 0305a00, which names the
+# files): every launch through `launch_kernel`'s direct path,
 # the owned ModularKernel, the router selecting in the logits launch at T ≤ 2 in eager (its own launch in a graph),
 # the shared experts on moe-lit's grouped GEMM beside the routed ones in a graph, the split-K counters and the
-# dispatch counts kept (no fill launched for them), programmatic dependent launch off (its default).
+# dispatch counts kept (no fill launched for them), programmatic dependent launch off (its default then).
 # Columns: local experts the batch touched, floor, eager, replayed graph (µs), replay / floor, host overhead
 # (eager − replay), and transformers' `grouped_mm` / `batched_mm` blocks (eager; `OOM`: `batched_mm` gathers a weight
 # copy per pair and ran out of the card's 140 GB). Earlier runs are kept beside it: `layer_bench_h200_6f16892.json`
@@ -329,8 +330,9 @@ plot_bench_layer(layer_h200)
 #   66.6) and 5–10 µs slower on DeepSeek-V3 (nixl_ep T = 1, 2, 8: 45.1 → 50.1, 110.6 → 120.2, 135.8 → 145.2;
 #   allgather T = 1, 2: 84.0 → 92.2, 45.2 → 53.3), the deployments whose graph runs the shared experts on a side
 #   stream. A likely cause, not verified: programs launched early hold SMs while they wait, which the shared experts'
-#   GEMM beside them would have used. Eager times moved both ways by up to 190 µs with the host's noise. So it stays
-#   off by default; a per-layer choice (on where the forward is one chain) is the next step.
+#   GEMM beside them would have used. Eager times moved both ways by up to 190 µs with the host's noise. So it was
+#   kept off by default in that run; the per-layer choice — on where the forward is one chain, off where the shared
+#   experts run on a side stream — became the default at 663789a (`MOE_LIT_PDL=auto`), and the H100 run above used it.
 #
 # The bullets below describe the 1839958 run and the steps before it.
 #
