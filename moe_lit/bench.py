@@ -154,7 +154,7 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
     w13 = w2 = None
     return out
 
-# %% ../nbs/14_bench.ipynb #ee61a1d4ef53
+# %% ../nbs/14_bench.ipynb #58e94ff7c277
 def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
     "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
     check_choice("kernel", kernel, TUNABLE); check_int("expected_m", expected_m, lo=1)
@@ -163,6 +163,7 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)
                  for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((32, 4), (64, 4), (128, 4), (128, 8))
                  for st in (3, 4)]
+        cands += [dict(c, maxnreg=128) for c in cands if c["BLOCK_M"] <= 16 and c["BLOCK_N"] == 64 and c["num_warps"] == 4]
         return [c for c in cands if fit_shared_memory(c, True, 1) == c]
     if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side; the mma128
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)   # layout's K tile is 128
@@ -170,6 +171,7 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
                  for st in (1, 2, 3, 4, 5)]  # 64 weight rows a warp group (other pairings decode twice or through shared
         # memory); one stage: no load pipelining, but the MMAs of a K tile run back to back (09c, Performance; slower
         # on every H100 row measured); five: more code words in flight, which decode at 43-66 % of the floor may want
+        cands += [dict(c, maxnreg=96) for c in cands if c["BLOCK_M"] <= 32 and c["BLOCK_N"] == 64 and c["num_stages"] in (3, 4)]
         return [c for c in cands if fit_shared_memory(c, True, 2) == c]
     if expected_m <= 64:
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)

@@ -228,7 +228,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #2bc2691e939d
+# %% ../nbs/00_testing.ipynb #01649379033b
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -293,7 +293,7 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
                 if v % 16 == 0: div.append(name)
         elif isinstance(v, float): sig[name] = "fp32"
         else: raise ValueError(f"{fn.__name__}: expected a tensor, tensor descriptor, int, float, bool or None for {name}, got {type(v).__name__}")
-    options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages", "maxnreg")}
     module = fn.__module__
     if module == "__main__": module = _twin_module(fn)          # a notebook's kernel: its exported twin, same source
     elif getattr(getattr(sys.modules.get(module), fn.__name__, None), "fn", None) is not fn:
@@ -329,6 +329,17 @@ def _waits_first(ptx: str) -> bool:
     first = re.search(r"\b(ld|st|atom|red|prefetch)\.global|\bcp\.async", body)
     return wait >= 0 and (first is None or wait < first.start())
 
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    "`(registers a thread, stack bytes a thread)` of a compiled kernel, read by the cuobjdump Triton bundles; (-1, -1) without it."
+    import re, subprocess, tempfile, triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool): return -1, -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin); f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m[1]), int(m[2])) if m else (-1, -1)
+
 def _compile_specs(specs: list, capability: int) -> list:
     "In a process without the interpreter: compile each spec for `cuda:capability`."
     import importlib, time, triton
@@ -343,18 +354,19 @@ def _compile_specs(specs: list, capability: int) -> list:
                                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in s["divisible"]})
             c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=s["options"])
             ptx = c.asm.get("ptx", "")
+            regs, stack = _resource_usage(c.asm["cubin"])
             out.append(dict(kernel=s["kernel"], ok=True, error="", shared_bytes=int(c.metadata.shared),
                             seconds=time.perf_counter() - t0, pdl_wait=_waits_first(ptx),
-                            prefetches=ptx.count("prefetch.global")))
+                            prefetches=ptx.count("prefetch.global"), registers=regs, stack_bytes=stack))
         except Exception as e:   # the compiler's message, whatever its type: that is the finding
             out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}", shared_bytes=0,
-                            seconds=time.perf_counter() - t0, pdl_wait=False, prefetches=0))
+                            seconds=time.perf_counter() - t0, pdl_wait=False, prefetches=0, registers=-1, stack_bytes=-1))
     return out
 
 def compile_for_gpu(launches: list,           # `record_launches`' list, or specs from `launch_spec`
                     capability: int = 90,      # the target: 90 = Hopper (H100/H200)
                     timeout: float = 900,      # seconds for the whole batch
-                   ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, pdl_wait, prefetches, spec}
+                   ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, pdl_wait, prefetches, registers, stack_bytes, spec}
     "Compile each distinct recorded launch for `cuda:capability` with Triton's bundled compiler, in a subprocess without the interpreter."
     import json, subprocess, sys
     check_positive_real("timeout", timeout)

@@ -457,7 +457,7 @@ def launch_spec(kernel, args: tuple, kwargs: dict) -> dict:
                 if v % 16 == 0: div.append(name)
         elif isinstance(v, float): sig[name] = "fp32"
         else: raise ValueError(f"{fn.__name__}: expected a tensor, tensor descriptor, int, float, bool or None for {name}, got {type(v).__name__}")
-    options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages")}
+    options = {k: v for k, v in kwargs.items() if k not in params and k in ("num_warps", "num_stages", "maxnreg")}
     module = fn.__module__
     if module == "__main__": module = _twin_module(fn)          # a notebook's kernel: its exported twin, same source
     elif getattr(getattr(sys.modules.get(module), fn.__name__, None), "fn", None) is not fn:
@@ -493,6 +493,17 @@ def _waits_first(ptx: str) -> bool:
     first = re.search(r"\b(ld|st|atom|red|prefetch)\.global|\bcp\.async", body)
     return wait >= 0 and (first is None or wait < first.start())
 
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    "`(registers a thread, stack bytes a thread)` of a compiled kernel, read by the cuobjdump Triton bundles; (-1, -1) without it."
+    import re, subprocess, tempfile, triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool): return -1, -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin); f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m[1]), int(m[2])) if m else (-1, -1)
+
 def _compile_specs(specs: list, capability: int) -> list:
     "In a process without the interpreter: compile each spec for `cuda:capability`."
     import importlib, time, triton
@@ -507,18 +518,19 @@ def _compile_specs(specs: list, capability: int) -> list:
                                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in s["divisible"]})
             c = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=s["options"])
             ptx = c.asm.get("ptx", "")
+            regs, stack = _resource_usage(c.asm["cubin"])
             out.append(dict(kernel=s["kernel"], ok=True, error="", shared_bytes=int(c.metadata.shared),
                             seconds=time.perf_counter() - t0, pdl_wait=_waits_first(ptx),
-                            prefetches=ptx.count("prefetch.global")))
+                            prefetches=ptx.count("prefetch.global"), registers=regs, stack_bytes=stack))
         except Exception as e:   # the compiler's message, whatever its type: that is the finding
             out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}", shared_bytes=0,
-                            seconds=time.perf_counter() - t0, pdl_wait=False, prefetches=0))
+                            seconds=time.perf_counter() - t0, pdl_wait=False, prefetches=0, registers=-1, stack_bytes=-1))
     return out
 
 def compile_for_gpu(launches: list,           # `record_launches`' list, or specs from `launch_spec`
                     capability: int = 90,      # the target: 90 = Hopper (H100/H200)
                     timeout: float = 900,      # seconds for the whole batch
-                   ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, pdl_wait, prefetches, spec}
+                   ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, pdl_wait, prefetches, registers, stack_bytes, spec}
     "Compile each distinct recorded launch for `cuda:capability` with Triton's bundled compiler, in a subprocess without the interpreter."
     import json, subprocess, sys
     check_positive_real("timeout", timeout)

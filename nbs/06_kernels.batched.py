@@ -477,7 +477,8 @@ def _batched_moe_gemm_tma_kernel(
 # %% [markdown]
 # ## Tile configuration
 #
-# A tile configuration is `BLOCK_M/N/K`, `num_warps` and `num_stages`. moe-lit looks it up in a JSON table first and
+# A tile configuration is `BLOCK_M/N/K`, `num_warps` and `num_stages` (optionally `maxnreg`, ptxas's cap on registers
+# a thread: fewer registers, more programs an SM; the quantized GEMMs' tuner tries it, `14_bench`). moe-lit looks it up in a JSON table first and
 # falls back to a heuristic. The table follows vLLM's tuned-config format: one file per
 # `(kernel, E, N, device)`, named `E=<E>,N=<N>,device_name=<name>[,dtype=<dtype>].json` (spaces in the device name
 # become `_`), holding `{"<M>": {config}, ...}`; the entry whose `M` is nearest (as a ratio) to the expected rows per expert wins,
@@ -493,7 +494,8 @@ def _batched_moe_gemm_tma_kernel(
 
 # %%
 #| export
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M", "SPLIT_K")
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M", "SPLIT_K",
+             "maxnreg")   # maxnreg: ptxas's register cap a thread (fewer registers, more programs an SM), a launch option
 
 def check_tile_config(config,
                       need_block_m: bool = False,   # the batched launchers take BLOCK_M from the tile (the contiguous ones from the alignment)
@@ -515,6 +517,7 @@ def check_tile_config(config,
             v = check_int(f"config[{key!r}]", config[key], lo=lo, hi=1025)
             if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
     if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
+    if "maxnreg" in config: check_int("config['maxnreg']", config["maxnreg"], lo=32, hi=256)   # sm_90: at most 255
     if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
     for key in ("TMA", "WARP_SPECIALIZE"):
         if key in config: check_bool(f"config[{key!r}]", config[key])
@@ -527,6 +530,9 @@ test_fail(lambda: check_tile_config("fast"), contains="config: expected a dict")
 test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
 test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
 test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
+check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, maxnreg=96))
+for bad in (8, 300, 96.0, True):
+    test_fail(lambda: check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, maxnreg=bad)), contains="config['maxnreg']: expected")
 if not INTERPRET: test_fail(lambda: check_tile_config(dict(BLOCK_N=8, BLOCK_K=32)), contains="config['BLOCK_N']: expected >= 16, got 8")
 
 # %%

@@ -228,7 +228,12 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
 # (64 or 128) and their `BLOCK_M` activation rows should cover an expert's rows in one tile: every extra M tile
 # decodes the expert's weights again. The FP8 kernels (`--tune fp8`, 128×128 block weights, bf16 activations quantized
 # in the K loop as the layer runs them) take a K tile of at most one 128-wide scale group and none of the descriptor,
-# warp-specialised or grouped-order variants; without a table they run the bf16 heuristic's tile.
+# warp-specialised or grouped-order variants; without a table they run the bf16 heuristic's tile. Both quantized
+# families also try a register cap (`maxnreg`) on their decode tiles. The FP4 GEMM1 loop of the 32-row, 64-wide,
+# 4-warp tile holds 112 registers a thread (sm_90, Triton 3.6), so four programs fit an SM (16 warps). Capped at 96 it
+# compiles without a spill, 17 instructions a K step longer, and five fit (20 warps) — what a loop short of issue
+# slots to hide its decode's latency may want (`09c`, Performance). FP8's 16-row tile holds 142 registers; capped at
+# 128, four programs fit instead of three. Larger tiles spill under a cap, so they get none.
 
 # %%
 #| export
@@ -240,6 +245,7 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)
                  for bm in sorted({min(128, bm0), min(128, 2 * bm0)}) for bn, nw in ((32, 4), (64, 4), (128, 4), (128, 8))
                  for st in (3, 4)]
+        cands += [dict(c, maxnreg=128) for c in cands if c["BLOCK_M"] <= 16 and c["BLOCK_N"] == 64 and c["num_warps"] == 4]
         return [c for c in cands if fit_shared_memory(c, True, 1) == c]
     if kernel.endswith("_w4a16"):   # FP4 swaps the operands: BLOCK_N weight rows are the MMA's M side; the mma128
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, num_warps=nw, num_stages=st)   # layout's K tile is 128
@@ -247,6 +253,7 @@ def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[d
                  for st in (1, 2, 3, 4, 5)]  # 64 weight rows a warp group (other pairings decode twice or through shared
         # memory); one stage: no load pipelining, but the MMAs of a K tile run back to back (09c, Performance; slower
         # on every H100 row measured); five: more code words in flight, which decode at 43-66 % of the floor may want
+        cands += [dict(c, maxnreg=96) for c in cands if c["BLOCK_M"] <= 32 and c["BLOCK_N"] == 64 and c["num_stages"] in (3, 4)]
         return [c for c in cands if fit_shared_memory(c, True, 2) == c]
     if expected_m <= 64:
         cands = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st)
@@ -280,6 +287,10 @@ for kernel in TUNABLE:
         if kernel.endswith("_fp8"): assert all(c["BLOCK_K"] <= 128 and "TMA" not in c for c in cands)
         assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)          # no duplicates
 assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
+capped = lambda m, k: {(c["BLOCK_M"], c["maxnreg"]) for c in tile_candidates(m, k) if "maxnreg" in c}
+test_eq(capped(16, "batched_moe_gemm_w4a16"), {(16, 96), (32, 96)})      # decode tiles only: larger ones spill
+test_eq(capped(512, "batched_moe_gemm_w4a16"), set())
+test_eq(capped(4, "fused_moe_gemm_fp8"), {(16, 128)})
 test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")
 for bad in (-1, True, 2.5, "4", None): test_fail(lambda: tile_candidates(bad), contains="expected_m: expected")
 

@@ -36,6 +36,10 @@ def test_tile_candidates():
             if kernel.endswith("_fp8"): assert all(c["BLOCK_K"] <= 128 and "TMA" not in c for c in cands)
             assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands)          # no duplicates
     assert all(c["BLOCK_M"] >= 16 for c in tile_candidates(4, "fused_moe_gemm"))
+    capped = lambda m, k: {(c["BLOCK_M"], c["maxnreg"]) for c in tile_candidates(m, k) if "maxnreg" in c}
+    test_eq(capped(16, "batched_moe_gemm_w4a16"), {(16, 96), (32, 96)})      # decode tiles only: larger ones spill
+    test_eq(capped(512, "batched_moe_gemm_w4a16"), set())
+    test_eq(capped(4, "fused_moe_gemm_fp8"), {(16, 128)})
     test_fail(lambda: tile_candidates(4, "bmm"), contains="kernel: expected one of")
     for bad in (-1, True, 2.5, "4", None): test_fail(lambda: tile_candidates(bad), contains="expected_m: expected")
 

@@ -37,6 +37,9 @@ def test_check_tile_config():
     test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expected a BLOCK_N")
     test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
     test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
+    check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, maxnreg=96))
+    for bad in (8, 300, 96.0, True):
+        test_fail(lambda: check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, maxnreg=bad)), contains="config['maxnreg']: expected")
     if not INTERPRET: test_fail(lambda: check_tile_config(dict(BLOCK_N=8, BLOCK_K=32)), contains="config['BLOCK_N']: expected >= 16, got 8")
 
 

@@ -386,7 +386,13 @@ def test_quant_gemm_kernels_compile_for_sm90():
             if scheme == "mxfp4_w4a16":                                           # a scale byte past 128: the two-fma decode
                 big = dataclasses.replace(qw, w13_scale=qw.w13_scale.clone().fill_(129)).relayout("mma128")
                 batched_moe_gemm_quant(a, big, cnt, SILU, config=dict(cfg, BLOCK_K=128))
+                for cap in (None, 96):                        # the tuner's register cap (`14_bench`) reaches ptxas
+                    batched_moe_gemm_quant(a, qw.relayout("mma128"), cnt, SILU, config=dict(
+                        BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, **({"maxnreg": cap} if cap else {})))
     res = assert_compiles_for_gpu(seen)
+    tile32 = {r["spec"]["options"].get("maxnreg"): r for r in res if r["spec"]["constexprs"].get("BLOCK_M") == 32}
+    assert tile32[None]["registers"] > 96 and tile32[96]["registers"] <= 96 and tile32[96]["stack_bytes"] == 0, \
+        {k: (r["registers"], r["stack_bytes"]) for k, r in tile32.items()}        # capped without a spill
     variants = {(r["kernel"], r["spec"]["constexprs"].get("FMT"), r["spec"]["constexprs"].get("LAYOUT"),
                  r["spec"]["constexprs"].get("QUANT_A")) for r in res}
     assert ("_batched_moe_gemm_quant_kernel", 1, 0, True) in variants and ("_batched_moe_gemm_quant_kernel", 1, 0, False) in variants

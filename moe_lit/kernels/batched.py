@@ -271,8 +271,9 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
-# %% ../../nbs/06_kernels.batched.ipynb #a7ab4d05aa9f
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M", "SPLIT_K")
+# %% ../../nbs/06_kernels.batched.ipynb #4701ecdebc00
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M", "SPLIT_K",
+             "maxnreg")   # maxnreg: ptxas's register cap a thread (fewer registers, more programs an SM), a launch option
 
 def check_tile_config(config,
                       need_block_m: bool = False,   # the batched launchers take BLOCK_M from the tile (the contiguous ones from the alignment)
@@ -294,6 +295,7 @@ def check_tile_config(config,
             v = check_int(f"config[{key!r}]", config[key], lo=lo, hi=1025)
             if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
     if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
+    if "maxnreg" in config: check_int("config['maxnreg']", config["maxnreg"], lo=32, hi=256)   # sm_90: at most 255
     if "GROUP_M" in config: check_int("config['GROUP_M']", config["GROUP_M"], lo=0, hi=4097)
     for key in ("TMA", "WARP_SPECIALIZE"):
         if key in config: check_bool(f"config[{key!r}]", config[key])
