@@ -80,7 +80,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #03f19b6ca3f3
+# %% ../nbs/12_layer.ipynb #0f4eaea62fc5
 _ROUTER = ("gate", "gate_bias", "e_score_correction_bias")   # the router's tensors: fp32, replicated
 
 class FusedMoE(torch.nn.Module):
@@ -104,7 +104,8 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        asked = str(device).startswith("meta")                  # device="meta", or `with torch.device("meta"):` around it
+        try: asked = torch.device(device).type == "meta"        # device="meta", or `with torch.device("meta"):` around it
+        except (RuntimeError, TypeError): asked = False         # (check_device names a bad one below)
         if asked or torch.get_default_device().type == "meta":
             what = "a device" if asked else "torch's default device"
             raise ValueError(f"device: expected {what} to hold values while the layer is built (it makes or loads "

@@ -176,7 +176,7 @@ def _check_replica_table(logical_to_physical: torch.Tensor, logical_replica_coun
         p = int((uses > 1).nonzero()[0])
         raise ValueError(f"logical_to_physical: expected each physical id once, got {p} {int(uses[p])} times")
 
-# %% ../nbs/04_placement.ipynb #ba31281cb6f0
+# %% ../nbs/04_placement.ipynb #c6f2c1bb994e
 def map_to_physical(
     topk_ids: torch.Tensor,               # [num_tokens, top_k] int32/int64 (any shape), logical ids, -1 = empty slot
     logical_to_physical: torch.Tensor,    # [num_logical_experts, max_replicas] int64, -1 padded (see eplb_replicas)
@@ -192,6 +192,9 @@ def map_to_physical(
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
     check_tensor("logical_replica_count", logical_replica_count, shape=(logical_to_physical.shape[0],), dtype=torch.int64)
+    if 0 in logical_to_physical.shape:                       # nothing to map to: every gather would be out of bounds
+        raise ValueError(f"logical_to_physical: expected at least one logical expert (row) and one replica (column), "
+                         f"got shape {list(logical_to_physical.shape)}")
     for n, t in (("logical_to_physical", logical_to_physical), ("logical_replica_count", logical_replica_count)):
         if t.device != topk_ids.device:
             raise ValueError(f"{n}: expected a tensor on topk_ids' device {topk_ids.device}, got {t.device}")
@@ -286,7 +289,7 @@ class Placement:
         "First physical id of this rank's contiguous block (the linear offset; used with `global_to_physical`)."
         return expert_block(self.num_experts, self.ep_size, self.ep_rank)[0]
 
-# %% ../nbs/04_placement.ipynb #4bc1666cb77d
+# %% ../nbs/04_placement.ipynb #f980698d956e
 def local_slot_table(num_experts: int,                 # experts placed (physical)
                      num_local_experts: int,           # experts on this rank
                      physical_offset: int,             # this rank's first physical id (with tables)
@@ -321,6 +324,12 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
         if physical_offset + num_local_experts > num_experts:
             raise ValueError(f"physical_offset: expected physical_offset + num_local_experts <= num_experts = "
                              f"{num_experts} (the rank's block of physical ids), got {physical_offset} + {num_local_experts}")
+        if expert_map is not None and "meta" not in (expert_map.device.type, global_to_physical.device.type):
+            block = global_to_physical.long().cpu() - physical_offset          # both tables name this rank's experts
+            want = torch.where((block >= 0) & (block < num_local_experts), block, -1)
+            if not torch.equal(expert_map.long().cpu(), want):
+                raise ValueError(f"expert_map: expected the slots global_to_physical gives at physical_offset "
+                                 f"{physical_offset} ({want.tolist()}: one rank's tables), got {expert_map.tolist()}")
     elif expert_map is None and num_local_experts != num_experts:
         raise ValueError(f"num_local_experts: expected num_experts = {num_experts} without an expert_map or "
                          f"global_to_physical (one rank holds every expert), got {num_local_experts}")
@@ -331,7 +340,7 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
     else: slot = torch.arange(num_experts)   # one rank holds every expert
     return torch.cat([slot, slot.new_full((1,), -1)])
 
-# %% ../nbs/04_placement.ipynb #778a90b980b3
+# %% ../nbs/04_placement.ipynb #48e402762eec
 @patch(cls_method=True)
 def build(cls: Placement, config: MoEConfig,   # the layer; its `parallel` is the deployment
           strategy: str = "linear",        # requested placement: 'linear' or 'round_robin'
@@ -370,7 +379,10 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
                     local_to_global=torch.arange(num_experts) if expert_map is None else local_to_global(expert_map),
                     global_to_physical=tables[0], physical_to_global=tables[1],
                     slot_table=local_slot_table(num_experts, count, expert_block(num_experts, ep_size, ep_rank)[0],
-                                                expert_map, tables[0]))
+                                                None if strategy == "linear" and tables[0] is not None else expert_map,
+                                                tables[0]))
+        # (tables asked for a linear placement, which never has them: the slots are the tables', and the placement's
+        # own check names the expert_map that does not match them)
 
 # %% ../nbs/04_placement.ipynb #3c84e15563b4
 @patch

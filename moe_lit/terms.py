@@ -100,7 +100,7 @@ def check_choice(name: str, value, choices) -> object:
     if not ok: raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return value
 
-# %% ../nbs/00_terms.ipynb #54210fc598cd
+# %% ../nbs/00_terms.ipynb #db63e5d0a015
 def check_bool(name: str, value) -> bool:
     "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
@@ -112,15 +112,18 @@ def check_positive_real(name: str, value,
                         fp32: bool = False,   # the value also multiplies float32 tensors: it must be a normal float32
                        ) -> float:
     """Check that `value` is a finite int or float > 0 (not a bool, not a str); returns it as a float. With `fp32`,
-    also within `FP32_NORMAL_RANGE`: a factor the kernels apply in float32 (a routed scaling, a SwiGLU limit) must not
-    round to inf or 0 there, which would turn every output NaN or 0 without an error."""
+    also that it rounds to a normal float32 (`FP32_NORMAL_RANGE`): a factor the kernels apply in float32 (a routed
+    scaling, a SwiGLU limit) would otherwise be inf or 0 there, turning every output NaN or 0 without an error. (A
+    factor near float32's largest can still overflow the products it scales, as any float32 arithmetic does.)"""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     try: ok = ok and math.isfinite(float(value)) and value > 0
     except OverflowError: ok = False                    # an int too large for a float
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
-    if fp32 and not FP32_NORMAL_RANGE[0] <= value <= FP32_NORMAL_RANGE[1]:
-        raise ValueError(f"{name}: expected a number float32 holds as a normal value ({FP32_NORMAL_RANGE[0]:.3g} to "
-                         f"{FP32_NORMAL_RANGE[1]:.3g}; it is applied in float32), got {value!r}")
+    if fp32:
+        as32 = float(torch.tensor(float(value), dtype=torch.float32))     # float32's rounding: its printed limits pass
+        if not (math.isfinite(as32) and as32 >= FP32_NORMAL_RANGE[0]):
+            raise ValueError(f"{name}: expected a number float32 holds as a normal value ({FP32_NORMAL_RANGE[0]!r} to "
+                             f"{FP32_NORMAL_RANGE[1]!r}; it is applied in float32), got {value!r}")
     return float(value)
 
 def env_choice(name: str, default: str, choices: tuple) -> str:

@@ -175,15 +175,18 @@ def check_positive_real(name: str, value,
                         fp32: bool = False,   # the value also multiplies float32 tensors: it must be a normal float32
                        ) -> float:
     """Check that `value` is a finite int or float > 0 (not a bool, not a str); returns it as a float. With `fp32`,
-    also within `FP32_NORMAL_RANGE`: a factor the kernels apply in float32 (a routed scaling, a SwiGLU limit) must not
-    round to inf or 0 there, which would turn every output NaN or 0 without an error."""
+    also that it rounds to a normal float32 (`FP32_NORMAL_RANGE`): a factor the kernels apply in float32 (a routed
+    scaling, a SwiGLU limit) would otherwise be inf or 0 there, turning every output NaN or 0 without an error. (A
+    factor near float32's largest can still overflow the products it scales, as any float32 arithmetic does.)"""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     try: ok = ok and math.isfinite(float(value)) and value > 0
     except OverflowError: ok = False                    # an int too large for a float
     if not ok: raise ValueError(f"{name}: expected a finite number > 0, got {type(value).__name__} {value!r}")
-    if fp32 and not FP32_NORMAL_RANGE[0] <= value <= FP32_NORMAL_RANGE[1]:
-        raise ValueError(f"{name}: expected a number float32 holds as a normal value ({FP32_NORMAL_RANGE[0]:.3g} to "
-                         f"{FP32_NORMAL_RANGE[1]:.3g}; it is applied in float32), got {value!r}")
+    if fp32:
+        as32 = float(torch.tensor(float(value), dtype=torch.float32))     # float32's rounding: its printed limits pass
+        if not (math.isfinite(as32) and as32 >= FP32_NORMAL_RANGE[0]):
+            raise ValueError(f"{name}: expected a number float32 holds as a normal value ({FP32_NORMAL_RANGE[0]!r} to "
+                             f"{FP32_NORMAL_RANGE[1]!r}; it is applied in float32), got {value!r}")
     return float(value)
 
 def env_choice(name: str, default: str, choices: tuple) -> str:
@@ -221,6 +224,10 @@ for bad in (1e39, 1e-39, 10**39):                  # finite in Python, inf or su
     test_fail(lambda: check_positive_real("routed_scaling_factor", bad, fp32=True),
               contains="routed_scaling_factor: expected a number float32 holds as a normal value")
 test_eq(check_positive_real("swiglu_limit", 3.4e38, fp32=True), 3.4e38)
+for edge in (3.4028235e38, 1.1754943e-38, *FP32_NORMAL_RANGE):   # float32's limits as numpy prints them: accepted
+    test_eq(check_positive_real("routed_scaling_factor", edge, fp32=True), edge)
+for out in (3.41e38, 1.17e-38):
+    test_fail(lambda: check_positive_real("routed_scaling_factor", out, fp32=True), contains="(1.1754943508222875e-38 to")
 test_eq(check_device("cpu"), torch.device("cpu"))
 trainable = torch.zeros(2, requires_grad=True)
 test_eq(gradient_wanted([("a", torch.zeros(2)), ("b", None), ("c", trainable)]), "c")

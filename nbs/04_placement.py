@@ -535,6 +535,9 @@ def map_to_physical(
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
     check_tensor("logical_replica_count", logical_replica_count, shape=(logical_to_physical.shape[0],), dtype=torch.int64)
+    if 0 in logical_to_physical.shape:                       # nothing to map to: every gather would be out of bounds
+        raise ValueError(f"logical_to_physical: expected at least one logical expert (row) and one replica (column), "
+                         f"got shape {list(logical_to_physical.shape)}")
     for n, t in (("logical_to_physical", logical_to_physical), ("logical_replica_count", logical_replica_count)):
         if t.device != topk_ids.device:
             raise ValueError(f"{n}: expected a tensor on topk_ids' device {topk_ids.device}, got {t.device}")
@@ -576,6 +579,10 @@ test_fail(lambda: map_to_physical(torch.tensor([[9]]), l2p, count), contains="to
 test_eq(map_to_physical(torch.tensor([[9, -5, 1]]), l2p, count, validate=False).tolist(), [[-1, -1, 1]])
 test_eq(map_to_physical(torch.tensor([[1, 1]]), l2p, torch.zeros(8, dtype=torch.int64), validate=False).tolist(), [[1, 1]])
 test_eq(map_to_physical(torch.tensor([[0, 0]]), l2p, torch.full((8,), 5), validate=False).tolist(), [[0, 8]])
+for shape in ((0, 2), (4, 0)):                                 # an empty table: refused by its shape, unchecked too
+    test_fail(lambda: map_to_physical(torch.tensor([0]), torch.zeros(shape, dtype=torch.int64),
+                                      torch.ones(shape[0], dtype=torch.int64), validate=False),
+              contains="logical_to_physical: expected at least one logical expert (row) and one replica (column)")
 assert {8, 9} <= set(phys.flatten().tolist())                         # the replicas are used
 test_eq(map_to_physical(torch.empty(0, 2, dtype=torch.int32), l2p, count).shape, (0, 2))
 owner = lambda p: [r for r in range(2) if determine_expert_map(2, r, 10)[1][p] >= 0]
@@ -743,6 +750,12 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
         if physical_offset + num_local_experts > num_experts:
             raise ValueError(f"physical_offset: expected physical_offset + num_local_experts <= num_experts = "
                              f"{num_experts} (the rank's block of physical ids), got {physical_offset} + {num_local_experts}")
+        if expert_map is not None and "meta" not in (expert_map.device.type, global_to_physical.device.type):
+            block = global_to_physical.long().cpu() - physical_offset          # both tables name this rank's experts
+            want = torch.where((block >= 0) & (block < num_local_experts), block, -1)
+            if not torch.equal(expert_map.long().cpu(), want):
+                raise ValueError(f"expert_map: expected the slots global_to_physical gives at physical_offset "
+                                 f"{physical_offset} ({want.tolist()}: one rank's tables), got {expert_map.tolist()}")
     elif expert_map is None and num_local_experts != num_experts:
         raise ValueError(f"num_local_experts: expected num_experts = {num_experts} without an expert_map or "
                          f"global_to_physical (one rank holds every expert), got {num_local_experts}")
@@ -793,7 +806,10 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
                     local_to_global=torch.arange(num_experts) if expert_map is None else local_to_global(expert_map),
                     global_to_physical=tables[0], physical_to_global=tables[1],
                     slot_table=local_slot_table(num_experts, count, expert_block(num_experts, ep_size, ep_rank)[0],
-                                                expert_map, tables[0]))
+                                                None if strategy == "linear" and tables[0] is not None else expert_map,
+                                                tables[0]))
+        # (tables asked for a linear placement, which never has them: the slots are the tables', and the placement's
+        # own check names the expert_map that does not match them)
 
 
 # %%
@@ -982,6 +998,10 @@ test_fail(lambda: local_slot_table(8, 4, 0, None, torch.zeros(8, dtype=torch.int
 test_fail(lambda: local_slot_table(8, 4, 100, None, torch.arange(8)),
           contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 8")
 test_eq(local_slot_table(8, 4, 4, None, torch.arange(8).flip(0)).tolist(), [3, 2, 1, 0, -1, -1, -1, -1, -1])
+rr = placement_tables("round_robin", 2, 0, 4, True)                 # rank 0's tables with rank 1's offset: refused
+test_eq(local_slot_table(4, 2, 0, rr["expert_map"], rr["global_to_physical"]).tolist(), rr["slot_table"].tolist())
+test_fail(lambda: local_slot_table(4, 2, 2, rr["expert_map"], rr["global_to_physical"]),
+          contains="expert_map: expected the slots global_to_physical gives at physical_offset 2")
 
 # %% [markdown]
 # ## Pictures of a placement

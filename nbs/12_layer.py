@@ -208,7 +208,8 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-        asked = str(device).startswith("meta")                  # device="meta", or `with torch.device("meta"):` around it
+        try: asked = torch.device(device).type == "meta"        # device="meta", or `with torch.device("meta"):` around it
+        except (RuntimeError, TypeError): asked = False         # (check_device names a bad one below)
         if asked or torch.get_default_device().type == "meta":
             what = "a device" if asked else "torch's default device"
             raise ValueError(f"device: expected {what} to hold values while the layer is built (it makes or loads "
@@ -1123,6 +1124,7 @@ with torch.device("meta"):                                   # built under torch
     test_fail(lambda: FusedMoE(cfg), contains="device: expected torch's default device to hold values")
 test_fail(lambda: FusedMoE(cfg, device="meta"), contains="device: expected a device to hold values while the layer is "
           "built (it makes or loads weights and checks them), got meta; build it, then .to('meta')")
+test_fail(lambda: FusedMoE(cfg, device="metal"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'metal'")
 assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
 qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
 test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")

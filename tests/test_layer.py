@@ -317,6 +317,7 @@ def test_layer_moves_with_module():
         test_fail(lambda: FusedMoE(cfg), contains="device: expected torch's default device to hold values")
     test_fail(lambda: FusedMoE(cfg, device="meta"), contains="device: expected a device to hold values while the layer is "
               "built (it makes or loads weights and checks them), got meta; build it, then .to('meta')")
+    test_fail(lambda: FusedMoE(cfg, device="metal"), contains="device: expected 'cpu', 'cuda' or a torch.device, got 'metal'")
     assert "num_experts=4, top_k=2, hidden_size=64" in repr(layer) and "holding 4 experts" in repr(layer)   # print(layer)
     qlayer = FusedMoE(cfg, seed=1, quant="mxfp4_w4a16")
     test_fail(lambda: qlayer.to("meta"), contains="device: expected a device with values for a mxfp4_w4a16 layer")

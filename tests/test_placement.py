@@ -218,6 +218,10 @@ def test_map_to_physical():
     test_eq(map_to_physical(torch.tensor([[9, -5, 1]]), l2p, count, validate=False).tolist(), [[-1, -1, 1]])
     test_eq(map_to_physical(torch.tensor([[1, 1]]), l2p, torch.zeros(8, dtype=torch.int64), validate=False).tolist(), [[1, 1]])
     test_eq(map_to_physical(torch.tensor([[0, 0]]), l2p, torch.full((8,), 5), validate=False).tolist(), [[0, 8]])
+    for shape in ((0, 2), (4, 0)):                                 # an empty table: refused by its shape, unchecked too
+        test_fail(lambda: map_to_physical(torch.tensor([0]), torch.zeros(shape, dtype=torch.int64),
+                                          torch.ones(shape[0], dtype=torch.int64), validate=False),
+                  contains="logical_to_physical: expected at least one logical expert (row) and one replica (column)")
     assert {8, 9} <= set(phys.flatten().tolist())                         # the replicas are used
     test_eq(map_to_physical(torch.empty(0, 2, dtype=torch.int32), l2p, count).shape, (0, 2))
     owner = lambda p: [r for r in range(2) if determine_expert_map(2, r, 10)[1][p] >= 0]
@@ -387,6 +391,10 @@ def test_local_slot_edges():
     test_fail(lambda: local_slot_table(8, 4, 100, None, torch.arange(8)),
               contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 8")
     test_eq(local_slot_table(8, 4, 4, None, torch.arange(8).flip(0)).tolist(), [3, 2, 1, 0, -1, -1, -1, -1, -1])
+    rr = placement_tables("round_robin", 2, 0, 4, True)                 # rank 0's tables with rank 1's offset: refused
+    test_eq(local_slot_table(4, 2, 0, rr["expert_map"], rr["global_to_physical"]).tolist(), rr["slot_table"].tolist())
+    test_fail(lambda: local_slot_table(4, 2, 2, rr["expert_map"], rr["global_to_physical"]),
+              contains="expert_map: expected the slots global_to_physical gives at physical_offset 2")
 
 
 def test_placement_table():

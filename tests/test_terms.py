@@ -49,6 +49,10 @@ def test_check_bool_and_real():
         test_fail(lambda: check_positive_real("routed_scaling_factor", bad, fp32=True),
                   contains="routed_scaling_factor: expected a number float32 holds as a normal value")
     test_eq(check_positive_real("swiglu_limit", 3.4e38, fp32=True), 3.4e38)
+    for edge in (3.4028235e38, 1.1754943e-38, *FP32_NORMAL_RANGE):   # float32's limits as numpy prints them: accepted
+        test_eq(check_positive_real("routed_scaling_factor", edge, fp32=True), edge)
+    for out in (3.41e38, 1.17e-38):
+        test_fail(lambda: check_positive_real("routed_scaling_factor", out, fp32=True), contains="(1.1754943508222875e-38 to")
     test_eq(check_device("cpu"), torch.device("cpu"))
     trainable = torch.zeros(2, requires_grad=True)
     test_eq(gradient_wanted([("a", torch.zeros(2)), ("b", None), ("c", trainable)]), "c")
