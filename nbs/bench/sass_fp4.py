@@ -5,7 +5,9 @@
 
 Compiles the contiguous quantized GEMM (`_fused_moe_quant_kernel`, gated SiLU, MXFP4 / NVFP4 / FP8 block) for
 `cuda:90` with Triton's bundled ptxas, disassembles it with the bundled nvdisasm, finds the K loop (the longest
-backward branch) and counts its instructions by opcode. Strides of 1 and 16-divisible sizes are specialised as the
+backward branch) and counts its instructions by opcode, and reads each binary's registers a thread and stack bytes
+(the bundled cuobjdump, `moe_lit.testing._resource_usage`) and shared memory, hence how many programs fit an SM
+(65536 registers in 256-register units a warp, 228 KB of shared memory with 1 KB reserved a block, 64 warps). Strides of 1 and 16-divisible sizes are specialised as the
 launcher's calls are. The count per KB of codes is per warp (instructions · num_warps / 4 / KB a loop iteration),
 so tiles of different shapes compare: a K loop bound by instruction issue runs at most 16 B/clock/SM at the floor.
 OUT_DIR (optional) keeps each variant's TTGIR and SASS.
@@ -21,7 +23,7 @@ DIV16 = {"N_OUT", "K", "K_W", "stride_am", "stride_we", "stride_wn", "stride_wse
 
 
 def compile_gemm1(fmt: int, layout: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: int, num_warps: int, num_stages: int = 3,
-                  split_k: int = 1, quant_a: bool = False, scale_fold: bool = False):
+                  split_k: int = 1, quant_a: bool = False, scale_fold: bool = False, maxnreg: int | None = None):
     "The compiled contiguous GEMM1 (gated SiLU, token rows, top-2) for `cuda:90`; `quant_a`: FP8 block from bf16 a."
     fn = Q._fused_moe_quant_kernel
     fp8 = fmt < 2
@@ -39,7 +41,14 @@ def compile_gemm1(fmt: int, layout: int, BLOCK_M: int, BLOCK_N: int, BLOCK_K: in
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if sig[n].startswith("*") or n in DIV16}
     src = triton.compiler.ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
                                     constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                                         **({"maxnreg": maxnreg} if maxnreg else {})))
+
+
+def occupancy(regs: int, smem: int, num_warps: int) -> int:
+    "Programs of `num_warps` warps that fit one sm_90 SM with `regs` registers a thread and `smem` bytes of shared memory."
+    warp_regs = -(-regs * 32 // 256) * 256
+    return min(65536 // (warp_regs * num_warps), (228 * 1024) // (smem + 1024), 64 // num_warps, 32)
 
 
 def k_loop(sass: str) -> collections.Counter:
@@ -70,16 +79,19 @@ def serialized_mmas(sass: str) -> int:
 
 
 VARIANTS = [  # (label, FMT, LAYOUT, BLOCK_M, BLOCK_N, BLOCK_K, num_warps); "bf16 in": the K loop quantizes a (QUANT_A);
-              # "folded": e8m0 bytes <= 128, the 2^126 in the scale (SCALE_FOLD); "1st": num_stages=1 (else 3)
+              # "folded": e8m0 bytes <= 128, the 2^126 in the scale (SCALE_FOLD); "1st" / "5st": num_stages 1 / 5
+              # (else 3); "r96" / "r128": maxnreg, the tuner's register cap (`14_bench.tile_candidates`)
     ("mxfp4 plain", 2, 0, 32, 64, 64, 4), ("mxfp4 split64", 2, 1, 32, 64, 64, 4),
     ("mxfp4 split64", 2, 1, 32, 128, 128, 8), ("mxfp4 split64", 2, 1, 32, 128, 128, 4),
     ("mxfp4 mma128", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128", 2, 2, 32, 128, 128, 8),
     ("mxfp4 mma128 folded", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128 folded", 2, 2, 32, 128, 128, 8),
     ("mxfp4 mma128 folded 1st", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128 folded 1st", 2, 2, 32, 128, 128, 8),
+    ("mxfp4 mma128 folded 5st", 2, 2, 32, 64, 128, 4), ("mxfp4 mma128 folded r96", 2, 2, 32, 64, 128, 4),
+    ("mxfp4 mma128 folded", 2, 2, 16, 64, 128, 4),
     ("nvfp4 split64", 3, 1, 32, 64, 64, 4), ("nvfp4 mma128", 3, 2, 32, 64, 128, 4), ("nvfp4 mma128", 3, 2, 32, 128, 128, 8),
     ("nvfp4 mma128 folded", 3, 2, 32, 64, 128, 4), ("nvfp4 mma128 folded", 3, 2, 32, 128, 128, 8),
     ("nvfp4 mma128 folded 1st", 3, 2, 32, 64, 128, 4),
-    ("fp8 block", 1, 0, 16, 64, 128, 4), ("fp8 block bf16 in", 1, 0, 16, 64, 128, 4),
+    ("fp8 block", 1, 0, 16, 64, 128, 4), ("fp8 block r128", 1, 0, 16, 64, 128, 4), ("fp8 block bf16 in", 1, 0, 16, 64, 128, 4),
 ]
 
 def check_mma128() -> list[str]:
@@ -104,11 +116,16 @@ if __name__ == "__main__" and sys.argv[1:] == ["--check"]:
 elif __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else None
     if out: os.makedirs(out, exist_ok=True)
+    from moe_lit.testing import _resource_usage
     print(f"{'variant':<24}{'BM':>4}{'BN':>5}{'BK':>5}{'warps':>6}{'loop':>7}{'/KB':>7}  smem moves (STS LDS LDSM BAR)  "
-          f"MMAs waited on  top opcodes")
+          f"MMAs waited on  regs stack smemKB progs/SM  top opcodes")
     for label, fmt, layout, bm, bn, bk, nw in VARIANTS:
-        c = compile_gemm1(fmt, layout, bm, bn, bk, nw, num_stages=1 if label.endswith(" 1st") else 3,
-                          quant_a=label.endswith("bf16 in"), scale_fold=label.removesuffix(" 1st").endswith("folded"))
+        words = label.split()
+        c = compile_gemm1(fmt, layout, bm, bn, bk, nw, num_stages=1 if "1st" in words else 5 if "5st" in words else 3,
+                          quant_a=label.endswith("bf16 in"), scale_fold="folded" in words,
+                          maxnreg=96 if "r96" in words else 128 if "r128" in words else None)
+        regs, stack = _resource_usage(c.asm["cubin"])
+        smem = int(c.metadata.shared)
         path = os.path.join(out or "/tmp", f"gemm1_{label.replace(' ', '_')}_{bm}_{bn}_{bk}_{nw}")
         open(path + ".cubin", "wb").write(c.asm["cubin"])
         sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path + ".cubin"], capture_output=True, text=True,
@@ -121,4 +138,5 @@ elif __name__ == "__main__":
         mma = n["HGMMA"] or n["HMMA"]
         waited = f"{serialized_mmas(sass)}/{mma}" if n["HGMMA"] else "-"
         print(f"{label:<24}{bm:>4}{bn:>5}{bk:>5}{nw:>6}{total:>7}{total * nw / 4 / kb:>7.1f}  "
-              f"{n['STS']:>4}{n['LDS']:>4}{n['LDSM']:>5}{n['BAR']:>4}            {waited:>8}  {top}", flush=True)
+              f"{n['STS']:>4}{n['LDS']:>4}{n['LDSM']:>5}{n['BAR']:>4}            {waited:>8}  {regs:>4}{stack:>6}"
+              f"{smem / 1024:>7.1f}{occupancy(regs, smem, nw):>9}  {top}", flush=True)
