@@ -254,10 +254,10 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 #   codes a clock an SM. The floor asks for about 16 B/clk/SM on the H200 (4.24 TB/s over 132 SMs at about 2 GHz)
 #   and 12–13 on the H100. At this count, 80 % of the H200's floor needs about 69 % of all issue slots. The measured
 #   45–62 % of the floor is about 40–48 % of them.
-# - **Occupancy.** The kernel holds 112 registers a thread and 42 KB of shared memory a program (`cuobjdump
-#   -res-usage` on the sm_90 binary). That is 4 programs, 16 warps, an SM: 4 warps a scheduler to hide each decode
-#   chain's latency. The 16-row tile has 80 registers and 30 KB, so 6 programs fit. Five stages need 74 KB, so only
-#   3 programs fit, which may be why more stages never won the sweep. The 128-row, 8-warp tile's 146 registers leave
+# - **Occupancy.** The kernel holds 112 registers a thread and 41 KB of shared memory a program (the sm_90 binary
+#   read by `cuobjdump -res-usage`; `nbs/bench/sass_fp4.py`, `sass_fp4_sm90.log`). That is 4 programs, 16 warps, an
+#   SM: 4 warps a scheduler to hide each decode chain's latency. The 16-row tile has 80 registers and 29 KB, so 6
+#   programs fit. Five stages need 73 KB, so only 3 programs fit, which may be why more stages never won the sweep. The 128-row, 8-warp tile's 146 registers leave
 #   one program an SM.
 # - **What follows.** Reaching 80 % needs fewer instructions a code and more warps to issue them.
 #   - The tuner now tries `maxnreg=96` on the decode tiles (`14_bench`): no spill, 454 instructions, 5 programs.

@@ -230,7 +230,8 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
 # in the K loop as the layer runs them) take a K tile of at most one 128-wide scale group and none of the descriptor,
 # warp-specialised or grouped-order variants; without a table they run the bf16 heuristic's tile. Both quantized
 # families also try a register cap (`maxnreg`) on their decode tiles. The FP4 GEMM1 loop of the 32-row, 64-wide,
-# 4-warp tile holds 112 registers a thread (sm_90, Triton 3.6), so four programs fit an SM (16 warps). Capped at 96 it
+# 4-warp tile holds 112 registers a thread (sm_90, Triton 3.6; `nbs/bench/sass_fp4_sm90.log`), so four programs fit
+# an SM (16 warps). Capped at 96 it
 # compiles without a spill, 17 instructions a K step longer, and five fit (20 warps) — what a loop short of issue
 # slots to hide its decode's latency may want (`09c`, Performance). FP8's 16-row tile holds 142 registers; capped at
 # 128, four programs fit instead of three. Larger tiles spill under a cap, so they get none.
