@@ -11,13 +11,13 @@ timeout "${LIMIT:-420}" "$NCU" --clock-control none --target-processes all \
   -k regex:'_batched_moe_gemm(_quant)?_kernel' \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
   --section WarpStateStats --section SchedulerStats \
-  python nbs/bench/ncu_fp4.py > "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt" 2>&1
+  env MOE_LIT_NCU=1 python nbs/bench/ncu_fp4.py > "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt" 2>&1
 echo "ncu exit $?" >> "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt"
 # second pass, the first four FP4 launches (DeepSeek-V3 MXFP4 and NVFP4): every section's body printed, so the warp
 # states come as a table of stall reasons, and where in the code the stalls are sampled (SourceCounters)
 timeout "${LIMIT2:-180}" "$NCU" --clock-control none --target-processes all -k regex:'_batched_moe_gemm_quant_kernel' \
   --launch-count 4 --section WarpStateStats --section SourceCounters --print-details all \
-  python nbs/bench/ncu_fp4.py > "$OUT/ncu_fp4_stalls_${CARD:-gpu}_$C.txt" 2>&1
+  env MOE_LIT_NCU=1 python nbs/bench/ncu_fp4.py > "$OUT/ncu_fp4_stalls_${CARD:-gpu}_$C.txt" 2>&1
 echo "ncu exit $?" >> "$OUT/ncu_fp4_stalls_${CARD:-gpu}_$C.txt"
 grep -E "^==|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Stall|ncu exit" \
   "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt" | head -80
