@@ -38,7 +38,7 @@ from moe_lit.testing import assert_close, record_launches, assert_compiles_for_g
 # expert id, NaN rows routed to experts `0..top_k-1` with weight 0. They are also a dozen launches (softmax, `isnan`,
 # `masked_fill`, sort, gathers, sums, the group reduction) — at decode, where the experts of one token take a few
 # microseconds, routing that way costs more than the experts. One program per token can do all of it in registers:
-# a row of `num_experts ≤ 1024` scores fits in one block.
+# a token's row of scores fits in one block (up to `ROUTER_MAX_EXPERTS` = 65536 experts).
 #
 # ## The kernel
 #

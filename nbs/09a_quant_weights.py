@@ -254,7 +254,8 @@ def _check_chunk_padding(name: str, codes, scale, K: int, scheme: str, layout: s
 # Reading back: `dequantize_weight` gives one expert's weight in fp32 (or float64 for references) with the K padding
 # cropped; `dequantize` gives both weights of all experts. `nbytes` and `bytes_per_element` count the bytes as stored
 # (in the re-laid layouts below, the padding of K to whole 64- or 128-code chunks too — none when K is a multiple of
-# 128, as in every preset, but a layer with H = 64 stores twice its codes in mma128);
+# 128, as in every preset but gpt-oss's, whose 2880 pads to 2944, 2.2 % more; a layer with H = 64 stores twice its
+# codes in mma128);
 # the benchmark's weight-bytes floor counts the checkpoint's (plain) bytes. `select` keeps a subset of experts (one EP rank's), `to` moves everything.
 
 # %%

@@ -195,8 +195,8 @@ def _read_checkpoint_dir(checkpoint_dir) -> tuple[Path, dict]:
 # %% [markdown]
 # #### Key names and expected shapes
 #
-# One function names every key of a tensor in the layout the files use (`_keys`), another gives the shape each must
-# have (`_key_shapes`): the construction check and the readers share them, so a key cannot be read under one name
+# One function names every key of a tensor in the layout the files use (`_expert_key`, with the fused layout's names in
+# `_FUSED` and the layer's prefix from `_find_prefix`), another gives the shape each must have (`_key_shapes`): the construction check and the readers share them, so a key cannot be read under one name
 # and checked under another.
 
 # %%
@@ -490,8 +490,8 @@ def experts(self: CheckpointWeights, expert_ids) -> dict[str, torch.Tensor]:
 #   packing (`pack_fp4`) and transformers' `convert_moe_packed_tensors` agree — with the scales `[E, N, K/32]`
 #   as they are; gpt-oss's interleaved gate/up rows are permuted into gate rows then up rows.
 #
-# > `QuantizedExpertWeights` lives in a kernels module, which imports Triton; it is imported inside
-# > `quantized_experts` so that reading floats never does.
+# > `quantized_experts` imports `QuantizedExpertWeights` (`09a_quant_weights`, plain torch) where it makes one; a
+# > reader of float checkpoints never imports it.
 
 # %%
 #| export

@@ -579,7 +579,7 @@ def plot_bench(report: dict):
 # The committed results (`nbs/bench/batched_and_contiguous_h200_dba5a43.json`, with its log) come from one run of
 # `moe-lit bench` at commit dba5a43 on an NVIDIA H200, bf16, 2026-11-29, using the tuned tiles shipped in the
 # package's `configs/` for both kernels (found by `moe-lit bench --tune`; the contiguous kernel's sweep is in
-# `nbs/bench/batched_and_contiguous_h200_f606edd.json`, the batched prefill sweep in `tune_sweep_prefill_*.json`).
+# `nbs/bench/batched_and_contiguous_h200_f606edd.json`, the batched prefill sweep in `tune_sweep_prefill_097bb63.json`).
 
 # %%
 #| export
@@ -614,7 +614,7 @@ plot_bench(h200)
 # **Interpretation.** Both formats' kernels run every decode row at 98–107% of the floor (batched: DeepSeek-V3
 # 100.7%, Qwen3 99.2%, Mixtral 103.6%, gpt-oss 106.5%; contiguous: 99.5%, 99.6%, 101.4%, 105.6%): the weights of the
 # experts that have tokens are read once at the card's copy bandwidth, empty experts cost nothing, and the fused
-# SiLU-and-mul epilogue costs 1–4%. (Above 100% means the kernel read faster than the copy that defines the floor —
+# SiLU-and-mul epilogue costs 0.6–4.5% (Qwen3 192.0 → 193.1 µs, Mixtral 429.0 → 448.3 µs). (Above 100% means the kernel read faster than the copy that defines the floor —
 # a copy also writes.) The padded `torch.bmm` pays for its padding rows (89–98%), `torch._grouped_mm` stays near
 # 70%, and the per-expert loop collapses when there are many small experts (7% on Qwen3: launch-bound). At prefill,
 # compute-bound, the contiguous kernel reaches 90.0% of the floor (the floor uses cuBLAS's 8192³ rate measured in the
@@ -622,7 +622,8 @@ plot_bench(h200)
 # per-expert loop 89.3%, `torch._grouped_mm` 79.0%. Prefill rows move between runs: the contiguous prefill measured
 # 79.0% (f606edd), 90.0% (dba5a43) and 76.7% (5412918, `bench_h200_5412918.log`, a run whose cuBLAS reference rate
 # came out at 742 TFLOP/s instead of 685–694, which tightens the floor by 7%); the batched prefill 82.5%, 87.1% and
-# 79.7%. At the 80% bar the prefill row is met in one run of three — not reliably.
+# 79.7%. At the 80% bar the batched prefill row is met in two runs of three and the contiguous one in one — not
+# reliably.
 #
 # The decode table at the end separates what a Python caller pays (eager, launches included) from what the GPU does
 # (the same calls replayed as a CUDA graph). On the GPU `moe_align_block_size` costs 8.8 µs and the one-launch
