@@ -12,7 +12,9 @@ CPU spends in moe-lit's Python before any launch cost. Noise only adds, so run i
 It is one part of the GPU benchmark's host overhead (`bench_layer`'s `host_us` = eager − replay, 14a_bench_layer):
 that one adds Triton's launch path (about 20 µs a kernel through the JIT, `nbs/bench/launch_cost.py`) and the CUDA
 launches of torch's ops, on the GPU machine's CPU. `--quant` takes a full scheme name (mxfp4_w4a16, nvfp4_w4a16,
-fp8_w8a8_block, ...); `--profile` adds cProfile's top 12 functions by own time over 500 forwards; `--ops` adds what one
+fp8_w8a8_block, ...); `--profile` adds cProfile's top 12 functions by own time over 500 forwards; `--keys` adds what
+the GPU's direct launch path spends in Python on top (`launch_key` of every launch of one forward, timed here: the
+interpreter never takes that path); `--ops` adds what one
 forward asks of the device: its Triton launches and its top-level torch ops by name (torch's profiler on the CPU; the
 interpreter never splits K, so split-K's buffers do not show). `--only NAME` measures the deployments whose name
 contains NAME: two revisions compare best in alternating processes (`PYTHONPATH=<a worktree>`), since the figure
@@ -21,7 +23,11 @@ moves by several µs from one process to the next.
 import sys, time, torch, cProfile, pstats
 from triton.runtime.interpreter import InterpretedFunction
 RECORD = []                                                    # a list to note launches in, while `--ops` counts
-InterpretedFunction.run = lambda self, *a, **kw: RECORD and RECORD[0].append(self.fn.__name__)   # stub: moe-lit's own
+KEYS = []                                                      # a list for (args, kwargs) of each launch, for `--keys`
+def _stub(self, *a, **kw):                                     # stub: moe-lit's own work only, no kernel runs
+    if RECORD: RECORD[0].append(self.fn.__name__)
+    if KEYS: KEYS[0].append((a, {k: v for k, v in kw.items() if k not in ("grid", "warmup")}))
+InterpretedFunction.run = _stub
 from moe_lit.layer import FusedMoE
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
 
@@ -57,6 +63,14 @@ for dep in [d for d in LAYER_DEPLOYMENTS if only in d["name"]]:
             if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")):
                 ops[e.name[6:]] = ops.get(e.name[6:], 0) + 1
         print(f"    {len(launches)} Triton launches ({', '.join(launches)}); {sum(ops.values())} torch ops {ops}", flush=True)
+    if "--keys" in sys.argv:
+        from moe_lit.kernels.batched import launch_key
+        KEYS.append(seen := [])
+        layer(x)
+        KEYS.clear()
+        keys_us = per_forward(lambda _: [launch_key(a, kw) for a, kw in seen], None)
+        print(f"    direct-launch keys: {keys_us:5.1f} us a forward ({len(seen)} launches, {keys_us / max(1, len(seen)):.1f} "
+              f"us each)", flush=True)
     if "--profile" in sys.argv:
         pr = cProfile.Profile(); pr.enable()
         for _ in range(500): layer(x)
