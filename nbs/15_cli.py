@@ -555,6 +555,10 @@ def _quiet_closed_stdout() -> None:
 
 # %%
 #| export
+def _fail(args, message: str) -> int:
+    "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
+    print(f"moe-lit {args.command}: error: {message}", file=sys.stderr); return 2
+
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -574,8 +578,7 @@ def _run(args) -> int:
         quant = args.quant or (source.quant_scheme if source is not None else None) or "unquantized"   # stored codes
         report = run_report(cfg if source is None else source.config, args.tokens, args.placement, args.seed, args.tp,
                             args.experts, device, quant, args.backend, weights=source)
-    except ValueError as e:
-        print(f"moe-lit: error: {_flag_error(e)}", file=sys.stderr); return 2
+    except ValueError as e: return _fail(args, _flag_error(e))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     checks = [c for c in report["check"].values() if c is not None]
     return 0 if all(c["ok"] for c in checks) else 1
@@ -608,7 +611,7 @@ def _run_distributed(args) -> int:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
                          f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
     if not any(v in os.environ for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):   # not a launcher's: say so
-        print("moe-lit: note: --distributed without torchrun runs on this one process; for N ranks start it as "
+        print("moe-lit run: note: --distributed without torchrun runs on this one process; for N ranks start it as "
               "`torchrun --nproc-per-node N -m moe_lit.cli run --distributed ...`", file=sys.stderr)
     return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
@@ -617,18 +620,18 @@ def _run_distributed(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
+    args = _parser().parse_args(argv)
     try:
-        status = _run(_parser().parse_args(argv))
+        status = _run(args)
         sys.stdout.flush()                                # a reader that went away shows up here, not at exit
         return status
     except BrokenPipeError:                               # `moe-lit tables | head -1`: stop quietly, as SIGPIPE would
         _quiet_closed_stdout(); return 141
     except (MemoryError, RuntimeError) as e:              # a model too large for this machine: one line, no traceback
         if not _out_of_memory(e): raise
-        print(f"moe-lit: error: out of memory: this model and deployment need more memory than this machine has "
-              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try a smaller --model, more --ep ranks, or --tokens fewer",
-              file=sys.stderr)
-        return 2
+        return _fail(args, f"out of memory: this model and deployment need more memory than this machine has "
+                           f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try a smaller --model, more --ep "
+                           f"ranks, or --tokens fewer")
 
 def _out_of_memory(e: BaseException) -> bool:
     "Whether `e` is an allocation failure (host or GPU), as torch raises them."
@@ -641,34 +644,31 @@ def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
     def no_gpu() -> bool:                                          # it times kernels on the card: after the flags' checks
         if torch.cuda.is_available() and not triton_interpreting(): return False
-        print("moe-lit: error: bench: expected a CUDA GPU to time the kernels on (without Triton's interpreter), got "
+        _fail(args, "expected a CUDA GPU to time the kernels on (without Triton's interpreter), got "
               + ("none" if not torch.cuda.is_available() else "TRITON_INTERPRET set") +
-              "; on a CPU, `moe-lit run` checks the layer", file=sys.stderr)
+              "; on a CPU, `moe-lit run` checks the layer")
         return True
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
     if args.out and not Path(args.out).resolve().parent.is_dir():          # before minutes of measuring, not after
-        print(f"moe-lit: error: --out: expected a file in an existing directory, got {args.out}", file=sys.stderr); return 2
+        return _fail(args, f"--out: expected a file in an existing directory, got {args.out}")
     if args.layer:
         for flag, value in (("--tune", args.tune), ("--config-dir", args.config_dir)):
-            if value: print(f"moe-lit: error: {flag}: not used by --layer (only the GEMM benchmark tunes tiles), got "
-                            f"{value}", file=sys.stderr); return 2
+            if value: return _fail(args, f"{flag}: not used by --layer (only the GEMM benchmark tunes tiles), got {value}")
         from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
         deps = pick(LAYER_DEPLOYMENTS)
         if not deps:
-            print(f"moe-lit: error: --scenario: expected part of a deployment name ({'; '.join(repr(d['name']) for d in LAYER_DEPLOYMENTS)}), "
-                  f"got {args.scenario}", file=sys.stderr); return 2
+            return _fail(args, f"--scenario: expected part of a deployment name ({'; '.join(repr(d['name']) for d in "
+                               f"LAYER_DEPLOYMENTS)}), got {args.scenario}")
         show = lambda rows: print(format_bench_layer(dict(rows=rows)), file=sys.stderr, flush=True)
         if no_gpu(): return 2
         try: report = bench_layer(args.out, deps, on_rows=show)
-        except ValueError as e:
-            print(f"moe-lit: error: {e}", file=sys.stderr); return 2
+        except ValueError as e: return _fail(args, str(e))
         print(format_bench_layer(report)); return 0
     from moe_lit.bench import SCENARIOS, run_bench, format_bench
     scs = pick(SCENARIOS)
     if no_gpu(): return 2
     try: report = run_bench(args.out, args.tune or False, args.config_dir, scs, on_scenario=lambda n: print(f"... {n}", file=sys.stderr))
-    except ValueError as e:
-        print(f"moe-lit: error: {e}", file=sys.stderr); return 2
+    except ValueError as e: return _fail(args, str(e))
     print(format_bench(report)); return 0
 
 # %% [markdown]
@@ -793,9 +793,9 @@ with tempfile.TemporaryDirectory() as d:
     bad.write_text(json.dumps({"num_experts": "8", "num_experts_per_tok": 2, "hidden_size": 64, "intermediate_size": 8}))
     k9 = Path(d, "k9.json")
     k9.write_text(json.dumps({"num_experts": 8, "num_experts_per_tok": 9, "hidden_size": 64, "intermediate_size": 8}))
-    for argv, msg in ((["run", "--tokens", "0"], "moe-lit: error: --tokens: expected >= 1, got 0"),
-                      (["run", "--seed", "-1"], "moe-lit: error: --seed: expected >= 0, got -1"),
-                      (["tables", "--ep", "6", "--tp", "4"], "moe-lit: error: --tp: expected a divisor of ep=6, got 4"),
+    for argv, msg in ((["run", "--tokens", "0"], "moe-lit run: error: --tokens: expected >= 1, got 0"),
+                      (["run", "--seed", "-1"], "moe-lit run: error: --seed: expected >= 0, got -1"),
+                      (["tables", "--ep", "6", "--tp", "4"], "moe-lit tables: error: --tp: expected a divisor of ep=6, got 4"),
                       (["tables", "--config", str(Path(d, "missing.json"))], "--config: expected an existing config.json"),
                       (["tables", "--config", str(bad)], "--config: config.json num_experts: expected an int"),
                       (["tables", "--config", str(k9)], "--config: config.json num_experts_per_tok (top_k): expected <= 8, got 9"),
@@ -805,13 +805,13 @@ with tempfile.TemporaryDirectory() as d:
                       (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),
                       (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
                       (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3"),
-                      (["run", "--weights", d], "moe-lit: error: --weights: expected an existing config.json")):
+                      (["run", "--weights", d], "moe-lit run: error: --weights: expected an existing config.json")):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
         assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())
 if not torch.cuda.is_available():                       # the benchmark on a CPU: one line saying what it needs
     for argv in (["bench"], ["bench", "--layer"]):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
-        assert "moe-lit: error: bench: expected a CUDA GPU to time the kernels on" in err.getvalue(), err.getvalue()
+        assert "moe-lit bench: error: expected a CUDA GPU to time the kernels on" in err.getvalue(), err.getvalue()
 # a model too large for the machine: one line naming the cause (the allocation itself is not tried here: on a host
 # that overcommits memory it would succeed and then fill the machine)
 for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] ... can't allocate memory: you tried to allocate 8 TB")):
@@ -820,7 +820,7 @@ for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] ...
     try:
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(_cli.main(["run"]), 2)
     finally: _cli._run = real
-    assert err.getvalue().startswith("moe-lit: error: out of memory"), err.getvalue()
+    assert err.getvalue().startswith("moe-lit run: error: out of memory"), err.getvalue()
 real, _cli._run = _cli._run, lambda args: (_ for _ in ()).throw(RuntimeError("shape mismatch"))   # other errors propagate
 try: test_fail(lambda: _cli.main(["run"]), contains="shape mismatch")
 finally: _cli._run = real
