@@ -358,7 +358,11 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #376907bd402b
+# %% ../nbs/15_cli.ipynb #b1bc483ccbd9
+def _fail(args, message: str) -> int:
+    "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
+    print(f"moe-lit {args.command}: error: {message}", file=sys.stderr); return 2
+
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
@@ -378,8 +382,7 @@ def _run(args) -> int:
         quant = args.quant or (source.quant_scheme if source is not None else None) or "unquantized"   # stored codes
         report = run_report(cfg if source is None else source.config, args.tokens, args.placement, args.seed, args.tp,
                             args.experts, device, quant, args.backend, weights=source)
-    except ValueError as e:
-        print(f"moe-lit: error: {_flag_error(e)}", file=sys.stderr); return 2
+    except ValueError as e: return _fail(args, _flag_error(e))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     checks = [c for c in report["check"].values() if c is not None]
     return 0 if all(c["ok"] for c in checks) else 1
@@ -412,7 +415,7 @@ def _run_distributed(args) -> int:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
                          f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
     if not any(v in os.environ for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):   # not a launcher's: say so
-        print("moe-lit: note: --distributed without torchrun runs on this one process; for N ranks start it as "
+        print("moe-lit run: note: --distributed without torchrun runs on this one process; for N ranks start it as "
               "`torchrun --nproc-per-node N -m moe_lit.cli run --distributed ...`", file=sys.stderr)
     return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
@@ -421,57 +424,54 @@ def _run_distributed(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
+    args = _parser().parse_args(argv)
     try:
-        status = _run(_parser().parse_args(argv))
+        status = _run(args)
         sys.stdout.flush()                                # a reader that went away shows up here, not at exit
         return status
     except BrokenPipeError:                               # `moe-lit tables | head -1`: stop quietly, as SIGPIPE would
         _quiet_closed_stdout(); return 141
     except (MemoryError, RuntimeError) as e:              # a model too large for this machine: one line, no traceback
         if not _out_of_memory(e): raise
-        print(f"moe-lit: error: out of memory: this model and deployment need more memory than this machine has "
-              f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try a smaller --model, more --ep ranks, or --tokens fewer",
-              file=sys.stderr)
-        return 2
+        return _fail(args, f"out of memory: this model and deployment need more memory than this machine has "
+                           f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try a smaller --model, more --ep "
+                           f"ranks, or --tokens fewer")
 
 def _out_of_memory(e: BaseException) -> bool:
     "Whether `e` is an allocation failure (host or GPU), as torch raises them."
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or \
         "out of memory" in str(e).lower()
 
-# %% ../nbs/15_cli.ipynb #07dba32bd011
+# %% ../nbs/15_cli.ipynb #49f0f3d27f2e
 def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
     def no_gpu() -> bool:                                          # it times kernels on the card: after the flags' checks
         if torch.cuda.is_available() and not triton_interpreting(): return False
-        print("moe-lit: error: bench: expected a CUDA GPU to time the kernels on (without Triton's interpreter), got "
+        _fail(args, "expected a CUDA GPU to time the kernels on (without Triton's interpreter), got "
               + ("none" if not torch.cuda.is_available() else "TRITON_INTERPRET set") +
-              "; on a CPU, `moe-lit run` checks the layer", file=sys.stderr)
+              "; on a CPU, `moe-lit run` checks the layer")
         return True
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
     if args.out and not Path(args.out).resolve().parent.is_dir():          # before minutes of measuring, not after
-        print(f"moe-lit: error: --out: expected a file in an existing directory, got {args.out}", file=sys.stderr); return 2
+        return _fail(args, f"--out: expected a file in an existing directory, got {args.out}")
     if args.layer:
         for flag, value in (("--tune", args.tune), ("--config-dir", args.config_dir)):
-            if value: print(f"moe-lit: error: {flag}: not used by --layer (only the GEMM benchmark tunes tiles), got "
-                            f"{value}", file=sys.stderr); return 2
+            if value: return _fail(args, f"{flag}: not used by --layer (only the GEMM benchmark tunes tiles), got {value}")
         from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
         deps = pick(LAYER_DEPLOYMENTS)
         if not deps:
-            print(f"moe-lit: error: --scenario: expected part of a deployment name ({'; '.join(repr(d['name']) for d in LAYER_DEPLOYMENTS)}), "
-                  f"got {args.scenario}", file=sys.stderr); return 2
+            names = "; ".join(repr(d["name"]) for d in LAYER_DEPLOYMENTS)
+            return _fail(args, f"--scenario: expected part of a deployment name ({names}), got {args.scenario}")
         show = lambda rows: print(format_bench_layer(dict(rows=rows)), file=sys.stderr, flush=True)
         if no_gpu(): return 2
         try: report = bench_layer(args.out, deps, on_rows=show)
-        except ValueError as e:
-            print(f"moe-lit: error: {e}", file=sys.stderr); return 2
+        except ValueError as e: return _fail(args, str(e))
         print(format_bench_layer(report)); return 0
     from moe_lit.bench import SCENARIOS, run_bench, format_bench
     scs = pick(SCENARIOS)
     if no_gpu(): return 2
     try: report = run_bench(args.out, args.tune or False, args.config_dir, scs, on_scenario=lambda n: print(f"... {n}", file=sys.stderr))
-    except ValueError as e:
-        print(f"moe-lit: error: {e}", file=sys.stderr); return 2
+    except ValueError as e: return _fail(args, str(e))
     print(format_bench(report)); return 0
 
 # %% ../nbs/15_cli.ipynb #ded4c7a3ff3d

@@ -657,8 +657,8 @@ def _bench(args) -> int:
         from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
         deps = pick(LAYER_DEPLOYMENTS)
         if not deps:
-            return _fail(args, f"--scenario: expected part of a deployment name ({'; '.join(repr(d['name']) for d in "
-                               f"LAYER_DEPLOYMENTS)}), got {args.scenario}")
+            names = "; ".join(repr(d["name"]) for d in LAYER_DEPLOYMENTS)
+            return _fail(args, f"--scenario: expected part of a deployment name ({names}), got {args.scenario}")
         show = lambda rows: print(format_bench_layer(dict(rows=rows)), file=sys.stderr, flush=True)
         if no_gpu(): return 2
         try: report = bench_layer(args.out, deps, on_rows=show)

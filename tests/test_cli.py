@@ -229,9 +229,9 @@ def test_main_errors_name_the_flag():
         bad.write_text(json.dumps({"num_experts": "8", "num_experts_per_tok": 2, "hidden_size": 64, "intermediate_size": 8}))
         k9 = Path(d, "k9.json")
         k9.write_text(json.dumps({"num_experts": 8, "num_experts_per_tok": 9, "hidden_size": 64, "intermediate_size": 8}))
-        for argv, msg in ((["run", "--tokens", "0"], "moe-lit: error: --tokens: expected >= 1, got 0"),
-                          (["run", "--seed", "-1"], "moe-lit: error: --seed: expected >= 0, got -1"),
-                          (["tables", "--ep", "6", "--tp", "4"], "moe-lit: error: --tp: expected a divisor of ep=6, got 4"),
+        for argv, msg in ((["run", "--tokens", "0"], "moe-lit run: error: --tokens: expected >= 1, got 0"),
+                          (["run", "--seed", "-1"], "moe-lit run: error: --seed: expected >= 0, got -1"),
+                          (["tables", "--ep", "6", "--tp", "4"], "moe-lit tables: error: --tp: expected a divisor of ep=6, got 4"),
                           (["tables", "--config", str(Path(d, "missing.json"))], "--config: expected an existing config.json"),
                           (["tables", "--config", str(bad)], "--config: config.json num_experts: expected an int"),
                           (["tables", "--config", str(k9)], "--config: config.json num_experts_per_tok (top_k): expected <= 8, got 9"),
@@ -241,13 +241,13 @@ def test_main_errors_name_the_flag():
                           (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),
                           (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
                           (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3"),
-                          (["run", "--weights", d], "moe-lit: error: --weights: expected an existing config.json")):
+                          (["run", "--weights", d], "moe-lit run: error: --weights: expected an existing config.json")):
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
             assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())
     if not torch.cuda.is_available():                       # the benchmark on a CPU: one line saying what it needs
         for argv in (["bench"], ["bench", "--layer"]):
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
-            assert "moe-lit: error: bench: expected a CUDA GPU to time the kernels on" in err.getvalue(), err.getvalue()
+            assert "moe-lit bench: error: expected a CUDA GPU to time the kernels on" in err.getvalue(), err.getvalue()
     # a model too large for the machine: one line naming the cause (the allocation itself is not tried here: on a host
     # that overcommits memory it would succeed and then fill the machine)
     for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] ... can't allocate memory: you tried to allocate 8 TB")):
@@ -256,7 +256,7 @@ def test_main_errors_name_the_flag():
         try:
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(_cli.main(["run"]), 2)
         finally: _cli._run = real
-        assert err.getvalue().startswith("moe-lit: error: out of memory"), err.getvalue()
+        assert err.getvalue().startswith("moe-lit run: error: out of memory"), err.getvalue()
     real, _cli._run = _cli._run, lambda args: (_ for _ in ()).throw(RuntimeError("shape mismatch"))   # other errors propagate
     try: test_fail(lambda: _cli.main(["run"]), contains="shape mismatch")
     finally: _cli._run = real
