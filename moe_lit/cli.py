@@ -358,10 +358,11 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #b1bc483ccbd9
+# %% ../nbs/15_cli.ipynb #c2e80825ff97
 def _fail(args, message: str) -> int:
     "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
-    print(f"moe-lit {args.command}: error: {message}", file=sys.stderr); return 2
+    command = getattr(args, "command", None)                 # (None before the arguments were parsed)
+    print(f"moe-lit{' ' + command if command else ''}: error: {message}", file=sys.stderr); return 2
 
 def _run(args) -> int:
     if args.command == "bench": return _bench(args)
@@ -424,8 +425,9 @@ def _run_distributed(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
-    args = _parser().parse_args(argv)
-    try:
+    args = None
+    try:                                                  # (`moe-lit run --help | head -1` closes the pipe in here)
+        args = _parser().parse_args(argv)
         status = _run(args)
         sys.stdout.flush()                                # a reader that went away shows up here, not at exit
         return status
