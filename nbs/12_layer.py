@@ -459,7 +459,9 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # Every kernel of the layer is now launched through `launch_kernel` (`06_kernels.batched`), which calls the compiled
 # kernel directly after the first launch of each key: the JIT's binding and key took 47–50 µs of a decode forward's
 # five or six launches on the 2-core CPU, `launch_kernel`'s own key and argument list 25–26 µs
-# (`nbs/bench/launch_key_cpu.log`), and the JIT's other per-call work (launch metadata, hook chains, driver lookups)
+# (`nbs/bench/launch_key_cpu.log`; the key alone over one forward's real arguments, 2.9–3.4 µs a launch: 13–14 µs a
+# forward on one GPU, 22 µs on DeepSeek-V3, `host_overhead_cpu.py --keys`, `host_overhead_cpu_keys_6c08cb7.log`,
+# which the interpreter's proxy above does not include), and the JIT's other per-call work (launch metadata, hook chains, driver lookups)
 # is skipped too. On the H200 host, eager at T = 1 alternately through the JIT and through `launch_kernel`'s direct
 # path in one process (`nbs/bench/eager_vs_replay.py --ab launch`, `eager_vs_replay_launch_h200_6f16892.log`, the
 # same bits both ways): host time Qwen3 123 → 89 µs, Qwen3 EP2 157 → 116, gpt-oss 88 → 54, DeepSeek-V3 334 → 250
