@@ -444,7 +444,7 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or \
         "out of memory" in str(e).lower()
 
-# %% ../nbs/15_cli.ipynb #49f0f3d27f2e
+# %% ../nbs/15_cli.ipynb #fd80b808612e
 def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
     def no_gpu() -> bool:                                          # it times kernels on the card: after the flags' checks
@@ -471,6 +471,9 @@ def _bench(args) -> int:
         print(format_bench_layer(report)); return 0
     from moe_lit.bench import SCENARIOS, run_bench, format_bench
     scs = pick(SCENARIOS)
+    if not scs:                                   # (run_bench takes an empty list as "every scenario": refused here)
+        names = "; ".join(repr(s["name"]) for s in SCENARIOS)
+        return _fail(args, f"--scenario: expected part of a scenario name ({names}), got {args.scenario}")
     if no_gpu(): return 2
     try: report = run_bench(args.out, args.tune or False, args.config_dir, scs, on_scenario=lambda n: print(f"... {n}", file=sys.stderr))
     except ValueError as e: return _fail(args, str(e))

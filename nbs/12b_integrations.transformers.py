@@ -471,8 +471,9 @@ def check_model(model: torch.nn.Module,
                  if not _is_ours(ExpertsInterface._global_mapping.get(impl) if isinstance(impl, str) else None)}
         if other:
             n, impl = next(iter(other.items()))
+            unregistered = isinstance(impl, str) and impl not in ExpertsInterface._global_mapping
             raise ValueError(f"model: expected experts_implementation 'moe_lit' (or a name register() was given) on "
-                             f"every MoE block, got {impl!r} on "
+                             f"every MoE block, got {impl!r}{' (not registered in this process)' if unregistered else ''} on "
                              f"{len(other)} of {len(recipes)} (e.g. {n}): call register(), then load with "
                              f"from_pretrained(..., experts_implementation='moe_lit') or call "
                              f"model.set_experts_implementation('moe_lit'); selected=False checks reach alone")
@@ -509,6 +510,8 @@ for model_type in [m for m in TINY_HF if m != "llama4_text"]:
     model.set_experts_implementation("moe_lit")
     test_eq(check_model(model), experts_recipes(model))
 test_fail(lambda: check_model(model, selected=1), contains="selected: expected a bool, got int 1")
+model.config._experts_implementation = "moe_lit_elsewhere"           # a name this process never registered
+test_fail(lambda: check_model(model), contains="got 'moe_lit_elsewhere' (not registered in this process)")
 test_fail(lambda: check_model(torch.nn.Linear(2, 2)), contains="model: expected a model with MoE experts modules")
 test_fail(lambda: check_model("mixtral"), contains="model: expected a torch.nn.Module, got str")
 model = tiny_hf_model("mixtral")

@@ -668,6 +668,9 @@ def _bench(args) -> int:
         print(format_bench_layer(report)); return 0
     from moe_lit.bench import SCENARIOS, run_bench, format_bench
     scs = pick(SCENARIOS)
+    if not scs:                                   # (run_bench takes an empty list as "every scenario": refused here)
+        names = "; ".join(repr(s["name"]) for s in SCENARIOS)
+        return _fail(args, f"--scenario: expected part of a scenario name ({names}), got {args.scenario}")
     if no_gpu(): return 2
     try: report = run_bench(args.out, args.tune or False, args.config_dir, scs, on_scenario=lambda n: print(f"... {n}", file=sys.stderr))
     except ValueError as e: return _fail(args, str(e))
@@ -807,6 +810,7 @@ with tempfile.TemporaryDirectory() as d:
                       (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),
                       (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
                       (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3"),
+                      (["bench", "--tune", "--scenario", "nope"], "--scenario: expected part of a scenario name ('DeepSeek"),
                       (["run", "--weights", d], "moe-lit run: error: --weights: expected an existing config.json")):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
         assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())

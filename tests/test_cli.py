@@ -241,6 +241,7 @@ def test_main_errors_name_the_flag():
                           (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),
                           (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
                           (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3"),
+                          (["bench", "--tune", "--scenario", "nope"], "--scenario: expected part of a scenario name ('DeepSeek"),
                           (["run", "--weights", d], "moe-lit run: error: --weights: expected an existing config.json")):
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
             assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())

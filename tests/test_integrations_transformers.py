@@ -69,6 +69,8 @@ def test_check_model():
         model.set_experts_implementation("moe_lit")
         test_eq(check_model(model), experts_recipes(model))
     test_fail(lambda: check_model(model, selected=1), contains="selected: expected a bool, got int 1")
+    model.config._experts_implementation = "moe_lit_elsewhere"           # a name this process never registered
+    test_fail(lambda: check_model(model), contains="got 'moe_lit_elsewhere' (not registered in this process)")
     test_fail(lambda: check_model(torch.nn.Linear(2, 2)), contains="model: expected a model with MoE experts modules")
     test_fail(lambda: check_model("mixtral"), contains="model: expected a torch.nn.Module, got str")
     model = tiny_hf_model("mixtral")

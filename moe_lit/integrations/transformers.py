@@ -241,7 +241,7 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #c97df3688bf8
+# %% ../../nbs/12b_integrations.transformers.ipynb #2078685c6187
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
@@ -285,8 +285,9 @@ def check_model(model: torch.nn.Module,
                  if not _is_ours(ExpertsInterface._global_mapping.get(impl) if isinstance(impl, str) else None)}
         if other:
             n, impl = next(iter(other.items()))
+            unregistered = isinstance(impl, str) and impl not in ExpertsInterface._global_mapping
             raise ValueError(f"model: expected experts_implementation 'moe_lit' (or a name register() was given) on "
-                             f"every MoE block, got {impl!r} on "
+                             f"every MoE block, got {impl!r}{' (not registered in this process)' if unregistered else ''} on "
                              f"{len(other)} of {len(recipes)} (e.g. {n}): call register(), then load with "
                              f"from_pretrained(..., experts_implementation='moe_lit') or call "
                              f"model.set_experts_implementation('moe_lit'); selected=False checks reach alone")
