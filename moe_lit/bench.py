@@ -271,7 +271,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     if out_json: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14_bench.ipynb #1b84c94befb3
+# %% ../nbs/14_bench.ipynb #2e51bcf0d6a7
 QUANT_BENCH_SCHEMES = ("fp8_w8a8_block", "mxfp4_w4a16", "nvfp4_w4a16")
 
 def _quant_bytes(qw, which: str, experts) -> int:
@@ -290,9 +290,10 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
     `floor_us` (the checkpoint's plain bytes of the active experts' w13 plus activations in and out, at `copy_Bps`,
     whatever layout is timed), `bytes_per_weight`, `batched_us` / `contiguous_us` (median of `do_bench`) with their
     `_pct_floor`, the same two replayed as CUDA graphs (`batched_graph_us` / `contiguous_graph_us`), and
-    `bf16_batched_us` (the unquantized batched GEMM on the same row). FP8 block rows add `two_launch_batched_us` /
-    `two_launch_contiguous_us`: `fp8_quantize_activations` then the GEMM on its e4m3 output, eager (and replayed:
-    `two_launch_*_graph_us`) — the path 16-bit input took before the GEMMs quantized 1×128 groups in their K loop. FP4 layouts are timed once each ("kernel"
+    `bf16_batched_us` (the unquantized batched GEMM on the same row). FP8 block rows time the launchers on bf16 input as the
+    layer calls them (`09c`'s `FP8_ACT_QUANT`, by default a quantizer launch, then the GEMM) and add
+    `k_loop_batched_us` / `k_loop_contiguous_us` (replayed: `k_loop_*_graph_us`): the same GEMMs quantizing each 1×128
+    tile in their K loop instead (`FP8_ACT_QUANT = "loop"`). FP4 layouts are timed once each ("kernel"
     resolves to `FP4_KERNEL_LAYOUT`); FP8 schemes have one row."""
     import triton.testing
     from moe_lit.quant import QUANT_SCHEME_TABLE
@@ -304,7 +305,6 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
                    for lay in fp4_layouts]
     if not torch.cuda.is_available(): raise ValueError("device: expected a CUDA GPU for bench_quant, found none")
     from moe_lit.kernels.contiguous import moe_align_block_size
-    from moe_lit.kernels.quant_act import fp8_quantize_activations
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e-3
     replay = lambda f: triton.testing.do_bench_cudagraph(f, return_mode="median") * 1e-3
     rows = []
@@ -334,17 +334,15 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
                            batched_us=t_b * 1e6, batched_pct_floor=100 * floor_s / t_b,
                            contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c,
                            batched_graph_us=replay(f_b) * 1e6, contiguous_graph_us=replay(f_c) * 1e6)
-                if scheme == "fp8_w8a8_block":               # the two-launch path, for the comparison
-                    def two_b():
-                        q, s = fp8_quantize_activations(a, "group", counts, validate=False)
-                        return batched_moe_gemm_quant(q, qw, counts, "silu_and_mul", a_scale=s, expected_m=exp_m,
-                                                      validate=False)
-                    def two_c():
-                        q, s = fp8_quantize_activations(x, "group")
-                        return fused_moe_gemm_quant(q, qw, *aligned, ids.shape[1], bm, "silu_and_mul", a_scale=s)
-                    row.update(two_launch_batched_us=bench(two_b) * 1e6, two_launch_contiguous_us=bench(two_c) * 1e6,
-                               two_launch_batched_graph_us=replay(two_b) * 1e6,
-                               two_launch_contiguous_graph_us=replay(two_c) * 1e6)
+                if scheme == "fp8_w8a8_block":               # the other activation path, for the comparison
+                    switches = batched_moe_gemm_quant.__globals__
+                    mode, switches["FP8_ACT_QUANT"] = switches["FP8_ACT_QUANT"], "launch" if \
+                        switches["FP8_ACT_QUANT"] == "loop" else "loop"
+                    other = "two_launch" if mode == "loop" else "k_loop"
+                    try: row.update({f"{other}_batched_us": bench(f_b) * 1e6, f"{other}_contiguous_us": bench(f_c) * 1e6,
+                                     f"{other}_batched_graph_us": replay(f_b) * 1e6,
+                                     f"{other}_contiguous_graph_us": replay(f_c) * 1e6})
+                    finally: switches["FP8_ACT_QUANT"] = mode
                 rows.append(row)
             qw = plain = None
         a = w13 = w2 = None
@@ -361,8 +359,9 @@ def format_bench_quant(rows: list[dict]) -> str:
                      f"{r['contiguous_us']:>16.1f} ({r['contiguous_pct_floor']:5.1f}%){r['bf16_batched_us']:>17.1f}"
                      + (f"   replayed {r['batched_graph_us']:.1f} / {r['contiguous_graph_us']:.1f}"
                         if "batched_graph_us" in r else "")
-                     + (f"   two launches {r['two_launch_batched_us']:.1f} / {r['two_launch_contiguous_us']:.1f}"
-                        if "two_launch_batched_us" in r else ""))
+                     + "".join(f"   {label} {r[key + '_batched_us']:.1f} / {r[key + '_contiguous_us']:.1f}"
+                               for key, label in (("two_launch", "two launches"), ("k_loop", "K loop"))
+                               if key + "_batched_us" in r))
     return "\n".join(lines)
 
 def plot_bench_quant(runs: dict,                      # {label: bench_quant rows}, oldest first

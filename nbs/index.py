@@ -208,7 +208,7 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # | `09_quant` | `moe_lit.quant` | FP8 (tensor / channel / token / 128×128 block), MXFP4 and NVFP4 quantize and dequantize |
 # | `09a_quant_weights` | `moe_lit.quant_weights` | the quantized expert-weight container, the mma128 FP4 layout the kernels read (re-laid at load), quantizing a layer's experts, test weights (torch only) |
 # | `09b_kernels.quant_act` | `moe_lit.kernels.quant_act` | Triton FP8 activation quantizer (tensor / token / 1×128 group), padding rows skipped |
-# | `09c_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 (1×128 activation groups quantized in the K loop) and FP4 w4a16 Triton GEMMs of both formats |
+# | `09c_kernels.quant` | `moe_lit.kernels.quant` | FP8 w8a8 (1×128 activation groups) and FP4 w4a16 Triton GEMMs of both formats |
 # | `09d_kernels.quant_experts` | `moe_lit.kernels.quant_experts` | quantized experts of both formats: both GEMMs, expert biases, the intermediate re-quantized |
 # | `10_modular` | `moe_lit.modular` | prepare/finalize × experts composed only when formats match; shared experts once |
 # | `11_oracle` | `moe_lit.oracle` | experts-backend selection from the prepare/finalize's format, with a reason per candidate |

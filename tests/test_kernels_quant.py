@@ -303,54 +303,59 @@ def test_fp8_block_quantized_in_the_k_loop():
     wa13 = _weight_kernel_args(qw, "w13")
     bf = torch.bfloat16
     a16 = torch.zeros(2, 320, dtype=bf, device=DEVICE)
-    assert _fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
-    def same(x, y, name):                                          # equal bits, NaN where the other has NaN
-        assert torch.equal(x.float().nan_to_num(7.0).cpu(), y.float().nan_to_num(7.0).cpu()), f"{name}: {cfg}"
-        assert torch.equal(x.isnan().cpu(), y.isnan().cpu()) and x.isfinite().any(), name
-    cnt = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
-    a = poison_rows(random_activations((3, 8, 320), bf, seed=51), cnt)
-    a[2, 5, 7] = float("nan")                                     # its row's group scale is NaN in both paths
-    valid = (torch.arange(8, device=DEVICE)[None, :] < cnt[:, None])
-    g = torch.Generator().manual_seed(52)
-    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(5)]).int()
-    local = torch.where(ids < 3, ids, -1).to(DEVICE)               # id 3: another rank's expert
-    wts = torch.rand(5, 2, generator=g).to(DEVICE)
-    sid, eid, ntp = moe_align_block_size(local, 16, 3)
-    hid = random_activations((5, 320), bf, seed=53)
-    pair_ok = local.reshape(-1) >= 0
-    for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),       # the group is the K tile
-                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, SPLIT_K=2),
-                dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)):       # two K steps a group: one launch first
-        h = batched_moe_gemm_quant(a, qw, cnt, SILU, config=cfg)                            # batched GEMM1, bf16 in
-        q, sc = fp8_quantize_activations(a, "group", cnt)
-        same(h[valid], batched_moe_gemm_quant(q, qw, cnt, SILU, a_scale=sc, out_dtype=bf, config=cfg)[valid], "GEMM1")
-        y = batched_moe_gemm_quant(h, qw, cnt, config=cfg)                                   # batched GEMM2 (K = 192)
-        q, sc = fp8_quantize_activations(h, "group", cnt)
-        same(y[valid], batched_moe_gemm_quant(q, qw, cnt, a_scale=sc, out_dtype=bf, config=cfg)[valid], "GEMM2")
-        c = {k: v for k, v in cfg.items() if k != "BLOCK_M"}
-        h = fused_moe_gemm_quant(hid, qw, sid, eid, ntp, 2, 16, SILU, wts, "input", config=c)   # contiguous, token rows
-        q, sc = fp8_quantize_activations(hid, "group")
-        same(h[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
-                                              config=c)[pair_ok], "contiguous GEMM1")
-        h[~pair_ok] = float("nan")                                                            # rows GEMM2 never reads
-        y = fused_moe_gemm_quant(h, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", config=c)
-        q, sc = fp8_quantize_activations(h, "group")
-        same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
-                                              out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
-    # per token (fp8_w8a8_channel): the row's |max| over K in a first pass, then each tile quantized with it - the same bits
-    qc = quantize_expert_weights(*random_expert_weights(3, 320, 96, seed=54), "fp8_w8a8_channel")
-    for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
-                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, SPLIT_K=2)):   # splits read whole rows
-        h = batched_moe_gemm_quant(a, qc, cnt, SILU, config=cfg)
-        q, sc = fp8_quantize_activations(a, "token", cnt)
-        same(h[valid], batched_moe_gemm_quant(q, qc, cnt, SILU, a_scale=sc, out_dtype=bf, config=cfg)[valid], "token GEMM1")
-        c = {k: v for k, v in cfg.items() if k != "BLOCK_M"}
-        y = fused_moe_gemm_quant(hid, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", config=c)
-        q, sc = fp8_quantize_activations(hid, "token")
-        same(y[pair_ok], fused_moe_gemm_quant(q, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
-                                              config=c)[pair_ok], "token contiguous GEMM1")
-    test_eq(_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
-    # MOE_LIT_FP8_ACT_QUANT=launch (read at import): the quantizer's launch first, whatever the tile; a bad value raises
+    test_eq(_fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3], 1 if FP8_ACT_QUANT == "loop" else 0)   # the default: a launch
+    switches = _fp8_input.__globals__                             # the launchers' module (the notebook's, or moe_lit's)
+    mode, switches["FP8_ACT_QUANT"] = switches["FP8_ACT_QUANT"], "loop"   # as MOE_LIT_FP8_ACT_QUANT=loop at import
+    try:
+        assert _fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
+        def same(x, y, name):                                          # equal bits, NaN where the other has NaN
+            assert torch.equal(x.float().nan_to_num(7.0).cpu(), y.float().nan_to_num(7.0).cpu()), f"{name}: {cfg}"
+            assert torch.equal(x.isnan().cpu(), y.isnan().cpu()) and x.isfinite().any(), name
+        cnt = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+        a = poison_rows(random_activations((3, 8, 320), bf, seed=51), cnt)
+        a[2, 5, 7] = float("nan")                                     # its row's group scale is NaN in both paths
+        valid = (torch.arange(8, device=DEVICE)[None, :] < cnt[:, None])
+        g = torch.Generator().manual_seed(52)
+        ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(5)]).int()
+        local = torch.where(ids < 3, ids, -1).to(DEVICE)               # id 3: another rank's expert
+        wts = torch.rand(5, 2, generator=g).to(DEVICE)
+        sid, eid, ntp = moe_align_block_size(local, 16, 3)
+        hid = random_activations((5, 320), bf, seed=53)
+        pair_ok = local.reshape(-1) >= 0
+        for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),       # the group is the K tile
+                    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=2, SPLIT_K=2),
+                    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)):       # two K steps a group: one launch first
+            h = batched_moe_gemm_quant(a, qw, cnt, SILU, config=cfg)                            # batched GEMM1, bf16 in
+            q, sc = fp8_quantize_activations(a, "group", cnt)
+            same(h[valid], batched_moe_gemm_quant(q, qw, cnt, SILU, a_scale=sc, out_dtype=bf, config=cfg)[valid], "GEMM1")
+            y = batched_moe_gemm_quant(h, qw, cnt, config=cfg)                                   # batched GEMM2 (K = 192)
+            q, sc = fp8_quantize_activations(h, "group", cnt)
+            same(y[valid], batched_moe_gemm_quant(q, qw, cnt, a_scale=sc, out_dtype=bf, config=cfg)[valid], "GEMM2")
+            c = {k: v for k, v in cfg.items() if k != "BLOCK_M"}
+            h = fused_moe_gemm_quant(hid, qw, sid, eid, ntp, 2, 16, SILU, wts, "input", config=c)   # contiguous, token rows
+            q, sc = fp8_quantize_activations(hid, "group")
+            same(h[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
+                                                  config=c)[pair_ok], "contiguous GEMM1")
+            h[~pair_ok] = float("nan")                                                            # rows GEMM2 never reads
+            y = fused_moe_gemm_quant(h, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", config=c)
+            q, sc = fp8_quantize_activations(h, "group")
+            same(y[pair_ok], fused_moe_gemm_quant(q, qw, sid, eid, ntp, 2, 16, None, wts, "output", rows="pair", a_scale=sc,
+                                                  out_dtype=bf, config=c)[pair_ok], "contiguous GEMM2")
+        # per token (fp8_w8a8_channel): the row's |max| over K in a first pass, then each tile quantized with it - the same bits
+        qc = quantize_expert_weights(*random_expert_weights(3, 320, 96, seed=54), "fp8_w8a8_channel")
+        for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2),
+                    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2, SPLIT_K=2)):   # splits read whole rows
+            h = batched_moe_gemm_quant(a, qc, cnt, SILU, config=cfg)
+            q, sc = fp8_quantize_activations(a, "token", cnt)
+            same(h[valid], batched_moe_gemm_quant(q, qc, cnt, SILU, a_scale=sc, out_dtype=bf, config=cfg)[valid], "token GEMM1")
+            c = {k: v for k, v in cfg.items() if k != "BLOCK_M"}
+            y = fused_moe_gemm_quant(hid, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", config=c)
+            q, sc = fp8_quantize_activations(hid, "token")
+            same(y[pair_ok], fused_moe_gemm_quant(q, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
+                                                  config=c)[pair_ok], "token contiguous GEMM1")
+        test_eq(_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
+    finally: switches["FP8_ACT_QUANT"] = mode
+    # MOE_LIT_FP8_ACT_QUANT=loop (read at import): no quantizer launch, the GEMM quantizes (QUANT_A 1); unset, the launch; a bad value raises
     code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
             "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "
             "qw = quantize_expert_weights(*random_expert_weights(2, 128, 64), 'fp8_w8a8_block'); "
@@ -358,37 +363,42 @@ def test_fp8_block_quantized_in_the_k_loop():
             "a = torch.randn(2, 4, 128, device=dev).bfloat16(); cnt = torch.tensor([2, 4], dtype=torch.int32, device=dev)\n"
             "with record_launches() as seen: batched_moe_gemm_quant(a, qw, cnt, 'silu_and_mul')\n"
             "print(sorted({k.fn.__name__ for k, _, _ in seen}), [kw.get('QUANT_A') for k, _, kw in seen if 'QUANT_A' in kw])")
-    env = {**os.environ, "MOE_LIT_FP8_ACT_QUANT": "launch",                # (natively on a GPU, else the interpreter)
-           **({} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"})}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    test_eq(r.stdout.strip(), "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [0]")
+    env = {**os.environ, **({} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"})}   # (natively on a GPU, else the interpreter)
+    for mode, want in (("loop", "['_batched_moe_gemm_quant_kernel'] [1]"), ("", "['_batched_moe_gemm_quant_kernel', '_quantize_fp8_rows_kernel'] [0]")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**env, "MOE_LIT_FP8_ACT_QUANT": mode})
+        test_eq(r.stdout.strip(), want)
     r = subprocess.run([sys.executable, "-c", "import moe_lit.kernels.quant"], capture_output=True, text=True,
                        env={**env, "MOE_LIT_FP8_ACT_QUANT": "sometimes"}, timeout=300)
     assert r.returncode and "MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got 'sometimes'" in r.stderr, r.stderr[-500:]
 
 
 def test_quant_gemm_kernels_compile_for_sm90():
-    with record_launches() as seen:
-        for i, scheme in enumerate(QUANT_SCHEMES[1:]):
-            qw = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=60 + i), scheme)
-            for layout in (FP4_LAYOUTS if not QUANT_SCHEME_TABLE[scheme].is_fp8 else ("plain",)):
-                q = qw.relayout(layout) if layout != "plain" else qw
-                cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if layout != "split64" else 64, num_warps=4, num_stages=2,
-                           SPLIT_K=2)
-                a = random_activations((2, 16, 128), torch.bfloat16, seed=i)
-                cnt = torch.tensor([3, 16], dtype=torch.int32, device=DEVICE)
-                batched_moe_gemm_quant(a, q, cnt, SILU, config=cfg)
-                ids = torch.tensor([[0, 1], [1, -1]], dtype=torch.int32, device=DEVICE)
-                s_, e_, n_ = moe_align_block_size(ids, 16, 2)
-                fused_moe_gemm_quant(a[0, :2], q, s_, e_, n_, 2, 16, SILU, config={k: v for k, v in cfg.items() if k != "BLOCK_M"})
-            if scheme == "fp8_w8a8_block":                                        # two K steps a group: quantized first
-                batched_moe_gemm_quant(a, qw, cnt, SILU, config=dict(cfg, BLOCK_K=64, SPLIT_K=1))
-            if scheme == "mxfp4_w4a16":                                           # a scale byte past 128: the two-fma decode
-                big = dataclasses.replace(qw, w13_scale=qw.w13_scale.clone().fill_(129)).relayout("mma128")
-                batched_moe_gemm_quant(a, big, cnt, SILU, config=dict(cfg, BLOCK_K=128))
-                for cap in (None, 96):                        # the tuner's register cap (`14_bench`) reaches ptxas
-                    batched_moe_gemm_quant(a, qw.relayout("mma128"), cnt, SILU, config=dict(
-                        BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, **({"maxnreg": cap} if cap else {})))
+    sw = _fp8_input.__globals__                          # FP8 block quantized in the K loop (MOE_LIT_FP8_ACT_QUANT=loop)
+    mode, sw["FP8_ACT_QUANT"] = sw["FP8_ACT_QUANT"], "loop"
+    try:
+        with record_launches() as seen:
+            for i, scheme in enumerate(QUANT_SCHEMES[1:]):
+                qw = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=60 + i), scheme)
+                for layout in (FP4_LAYOUTS if not QUANT_SCHEME_TABLE[scheme].is_fp8 else ("plain",)):
+                    q = qw.relayout(layout) if layout != "plain" else qw
+                    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128 if layout != "split64" else 64, num_warps=4, num_stages=2,
+                               SPLIT_K=2)
+                    a = random_activations((2, 16, 128), torch.bfloat16, seed=i)
+                    cnt = torch.tensor([3, 16], dtype=torch.int32, device=DEVICE)
+                    batched_moe_gemm_quant(a, q, cnt, SILU, config=cfg)
+                    ids = torch.tensor([[0, 1], [1, -1]], dtype=torch.int32, device=DEVICE)
+                    s_, e_, n_ = moe_align_block_size(ids, 16, 2)
+                    fused_moe_gemm_quant(a[0, :2], q, s_, e_, n_, 2, 16, SILU, config={k: v for k, v in cfg.items() if k != "BLOCK_M"})
+                if scheme == "fp8_w8a8_block":                                        # two K steps a group: quantized first
+                    batched_moe_gemm_quant(a, qw, cnt, SILU, config=dict(cfg, BLOCK_K=64, SPLIT_K=1))
+                if scheme == "mxfp4_w4a16":                                           # a scale byte past 128: the two-fma decode
+                    big = dataclasses.replace(qw, w13_scale=qw.w13_scale.clone().fill_(129)).relayout("mma128")
+                    batched_moe_gemm_quant(a, big, cnt, SILU, config=dict(cfg, BLOCK_K=128))
+                    for cap in (None, 96):                        # the tuner's register cap (`14_bench`) reaches ptxas
+                        batched_moe_gemm_quant(a, qw.relayout("mma128"), cnt, SILU, config=dict(
+                            BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, **({"maxnreg": cap} if cap else {})))
+    finally: sw["FP8_ACT_QUANT"] = mode
     res = assert_compiles_for_gpu(seen)
     tile32 = {r["spec"]["options"].get("maxnreg"): r for r in res if r["spec"]["constexprs"].get("BLOCK_M") == 32}
     assert tile32[None]["registers"] > 96 and tile32[96]["registers"] <= 96 and tile32[96]["stack_bytes"] == 0, \

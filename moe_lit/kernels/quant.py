@@ -682,7 +682,7 @@ def _quant_block_m(static, E, expected_m, dtype, config_dir) -> int:
                          f"(from the fused_moe_gemm_{kind} tile table for E={E}, N={wa['N']})")
     return bm
 
-# %% ../../nbs/09c_kernels.quant.ipynb #6dced10b886d
+# %% ../../nbs/09c_kernels.quant.ipynb #16574fd7d2fa
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
     "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for per-tensor w8a8 (one scale over all rows: its own pass)."
     scheme, rows = qw.scheme, a.shape[-2]
@@ -705,17 +705,17 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
         if a_scale is not None: raise ValueError(f"a_scale: expected None for {a.dtype} a (it is quantized here), got a tensor")
         if out_dtype is not None and out_dtype != a.dtype: raise ValueError(f"out_dtype: expected {a.dtype} (a's dtype), got {out_dtype}")
         out_dtype = a.dtype
-        if gran in ("group", "token"): return a, a, (0, 0, 0), out_dtype   # quantized by the GEMM (`_fp8_input`)
+        if gran in ("group", "token"): return a, a, (0, 0, 0), out_dtype   # a launch or the K loop (`_fp8_input`)
         a, a_scale = _fp8_quantize_activations(a, gran, expert_num_tokens if batched else None, gk)   # (checked: ours)
     st = a_scale.stride() if batched else (0, *a_scale.stride())
     st = (st[0] if batched else 0, 0 if gran == "tensor" else st[1], st[2] if gran == "group" else 0)
     return a, a_scale, st, out_dtype
 
-FP8_ACT_QUANT = env_choice("MOE_LIT_FP8_ACT_QUANT", "loop", ("loop", "launch"))   # "loop": 1×128 groups quantized
-                                                                   # in the GEMMs' K loop; "launch": a quantizer first
+FP8_ACT_QUANT = env_choice("MOE_LIT_FP8_ACT_QUANT", "launch", ("loop", "launch"))   # "launch": a quantizer first (faster
+                                 # on every row measured, below); "loop": 1×128 groups quantized in the GEMMs' K loop
 
 def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
-    "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 stays 16-bit, quantized in the K loop (block: when the K tile is its group; per token), else one launch quantizes it."
+    "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 quantized by one launch first (`FP8_ACT_QUANT` 'launch', the default), or left 16-bit for the K loop ('loop'; block: when the K tile is its group; per token)."
     gran = wa["ACT_GRAN"]
     if wa["FMT"] > 1 or a_k.dtype not in ACTIVATION_DTYPES or gran == "tensor": return a_k, a_s, as_st, 0
     if FP8_ACT_QUANT == "loop" and gran == "token": return a_k, a_s, as_st, 2
