@@ -7,6 +7,9 @@
 # torch's caching allocator is off (PYTORCH_NO_CUDA_MEMORY_CACHING=1; set it to 0 to keep it): every tensor is its own
 # cudaMalloc, so a read past one tensor into a neighbour of the same cached block is reported too, and a worker holds
 # only its live tensors (with the cache on, two workers of the quant tests ran an H100 out of memory under the sanitizer).
+# CUDA-graph captures need the cache (a capture allocates from its private pool: cudaMalloc inside a capture fails), so
+# run the capture tests with PYTORCH_NO_CUDA_MEMORY_CACHING=0 (test_layer.py -k "cuda_graphs or fast_launch or
+# programmatic"); a test that starts Python subprocesses runs them under the sanitizer too (slow: leave it out).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 export PYTORCH_NO_CUDA_MEMORY_CACHING=${PYTORCH_NO_CUDA_MEMORY_CACHING:-1}

@@ -3,11 +3,14 @@
     python nbs/bench/tune_quant.py OUT_DIR [w4a16|fp8]    # default: both kernel sets
 writes OUT_DIR/configs/<kernel>/E=..,N=..,device_name=..,dtype=bf16.json (the tables the launchers read; copy them into
 moe_lit/configs/), OUT_DIR/tune_quant.json (every candidate's time) and OUT_DIR/quant_bench.json (bench_quant with the
-new tables).
+new tables). OUT_DIR/configs starts as a copy of the package's tables, so the kernels not tuned in this run keep theirs
+(and the bench times them as the layer would run them).
 """
-import json, os, sys
+import json, os, shutil, sys
 from pathlib import Path
+import moe_lit
 out = Path(sys.argv[1]); cfg_dir = out / "configs"
+shutil.copytree(Path(moe_lit.__file__).parent / "configs", cfg_dir, dirs_exist_ok=True)
 os.environ["MOE_LIT_TILE_CONFIG_DIR"] = str(cfg_dir)       # the launchers read the tables written here
 from moe_lit.bench import SCENARIOS, TUNE_SETS, measure_device, tune_scenario, _save_tile, bench_quant, format_bench_quant
 from moe_lit.bench import source_commit
