@@ -265,6 +265,35 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 #   - `tl.range(..., disallow_acc_multi_buffer=True)` on this loop leaves the MMAs serialized (still 16 of 16 waited
 #     on), so it is not used.
 #
+# **Measured with Nsight Compute (H100, 1fe07b0, `nbs/bench/ncu_fp4.sh`, `ncu_fp4_h100_1fe07b0.txt` and
+# `ncu_fp4_stalls_h100_1fe07b0.txt`).** The batched GEMM1 at decode, each launch profiled with the clocks left alone.
+# DeepSeek-V3 ran the heuristic's 64-row tile: no H100 table existed yet.
+#
+# | row | tile (rows × weight rows, stages) | registers | warps an SM | issued / scheduler / cycle | DRAM % of peak | µs |
+# |---|---|---|---|---|---|---|
+# | DeepSeek-V3 MXFP4 / NVFP4 | 64 × 64, 3 | 164 | 11.7 | 0.40 / 0.40 | 43.7 / 41.2 | 358 / 399 |
+# | Mixtral MXFP4 / NVFP4 | 32 × 64, 3 | 112 | 14.7 | 0.46 / 0.48 | 55.9 / 55.5 | 273 / 289 |
+# | Qwen3 MXFP4 / NVFP4 | 16 × 64, 3 | 78 | 22.4 | 0.48 / 0.51 | 60.9 / 57.7 | 113 / 122 |
+# | bf16, the same rows | its table's | 128–138 | 7.8–11.7 | 0.08–0.10 | 89–90 | 269–636 |
+#
+# - **Neither issue nor occupancy is the bound.** The schedulers issue on 40–51 % of their cycles, and on the tuned
+#   tiles more warps did not help: the register cap that gives 5 programs an SM instead of 4 (`maxnreg=96`) was
+#   slower in the H100 sweep (DeepSeek-V3 383 µs against 323, Mixtral 303 against 282;
+#   `tune_quant_w4a16_h100_1fe07b0.json`).
+# - **Warps wait on each other.** DeepSeek-V3 MXFP4, 7.41 cycles between a warp's issues: 2.35 at a CTA barrier
+#   (32 %: the `cp.async` pipeline's and the scale tile's `BAR`s), 1.06 on fixed-latency dependencies (the decode's
+#   chains), 0.94 on shared-memory results, 0.54 on global loads, 0.30 on the MMAs.
+# - **The scale bytes are loaded uncoalesced.** ncu counts 31 % of the L1 sector requests as excess: each thread's
+#   four `LDG.E.U8` a loop touch one 32-byte sector per row for 4 useful bytes. Two fixes were compiled for sm_90
+#   (`sass_fp4.py`) and not kept:
+#   - a scale load shaped like the code words (each thread loads its own words' bytes): 518 instructions a loop
+#     instead of 437, 5 barriers instead of 3, 57 KB of shared memory instead of 41;
+#   - the scales stored group-major (row stride 1), so a warp's bytes are contiguous: two `LDG.E.U16`, but 5
+#     barriers, 23 shared-memory loads instead of 11, and 136 registers instead of 112.
+#
+#   Both add barriers, the largest stall. What the profile points to instead is a K step with fewer CTA-wide barriers
+#   (a producer warp that loads the tiles, the consumers waiting on its arrival alone), which this kernel does not have.
+#
 # **NVFP4** folds too, for every scale: an e4m3 scale is at most 448 < 2^9, so times 2^118 it is still a bf16, and
 # `_E2M1_WORD_NV_FOLDED` multiplies the two decoded scales by 2^118 once a word (two `fma`s) and then does one `fma` a
 # pair: the decoded weights are `e2m1 · scale · 2^-8`, exact (the smallest, 0.5 · 2^-9 · 2^-8, is a normal bf16), and
