@@ -136,7 +136,7 @@ class FusedMoE(torch.nn.Module):
         self.register_load_state_dict_post_hook(_requantize_after_load)
         self._build_hot_path()
 
-# %% ../nbs/12_layer.ipynb #257deb00d8e3
+# %% ../nbs/12_layer.ipynb #8057040916be
 def _facts(c: MoEConfig) -> tuple:
     "What a weight source must agree on with the layer (its dtype may differ: the layer casts)."
     act = (c.activation, c.swiglu_alpha, c.swiglu_limit) if c.activation == "swigluoai" else c.activation
@@ -146,7 +146,18 @@ def _facts(c: MoEConfig) -> tuple:
 def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
     "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
     if weights is None: return RandomExpertWeights(config, seed)
-    if isinstance(weights, Mapping): return TensorWeights(config, weights)
+    if isinstance(weights, Mapping):
+        if "_extra_state" in weights:                # a FusedMoE state_dict: global only if it holds every expert
+            ids = weights["_extra_state"]
+            if not (isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point()
+                    and torch.equal(ids.detach().cpu().long(), torch.arange(config.num_experts))):
+                got = ids.tolist() if isinstance(ids, torch.Tensor) and ids.numel() <= 16 else type(ids).__name__ if \
+                    not isinstance(ids, torch.Tensor) else f"{ids.dtype} of shape {list(ids.shape)}"
+                raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {config.num_experts - 1} of a "
+                                 f"single-device layer's state_dict (global tensors), got {got}: one rank's state_dict "
+                                 f"holds only its experts; load it into that rank's layer with load_state_dict")
+            weights = {k: v for k, v in weights.items() if k != "_extra_state"}
+        return TensorWeights(config, weights)
     if not isinstance(weights, WeightSource) or not isinstance(getattr(weights, "config", None), MoEConfig):
         raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) with "
                          f"a MoEConfig, or a mapping of tensors, got {type(weights).__name__}")
@@ -213,11 +224,37 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #595dfa443dc6
+# %% ../nbs/12_layer.ipynb #b0102b88d2ec
+@patch
+def get_extra_state(self: FusedMoE) -> torch.Tensor:
+    "`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's `_extra_state`)."
+    return torch.tensor(self._settings["placement"][4], dtype=torch.int64) % self.config.num_experts   # (recorded at
+                                                                   # construction, on the host: a meta layer has them too)
+
+@patch
+def set_extra_state(self: FusedMoE, state) -> None:
+    "Nothing to set: the ids are the layer's own, and `load_state_dict`'s pre-hook has refused a state_dict of other experts."
+
+def _check_expert_ids(module, state_dict, prefix):
+    "A state_dict's `_extra_state` must name the experts `module` holds (another EP rank's weights have the same shapes)."
+    key, own = prefix + "_extra_state", module.get_extra_state()
+    got = state_dict.get(key)
+    if got is None: state_dict[key] = own; return      # built by hand: nothing says whose experts (strict loads pass)
+    if not (isinstance(got, torch.Tensor) and got.dtype in (torch.int32, torch.int64) and got.dim() == 1):
+        raise ValueError(f"state_dict[{key!r}]: expected the 1-D int64 tensor of the logical expert ids a FusedMoE's "
+                         f"state_dict carries, got {type(got).__name__ if not isinstance(got, torch.Tensor) else f'{got.dtype} of shape {list(got.shape)}'}")
+    if not torch.equal(got.detach().to("cpu", torch.int64), own):
+        p = module.placement
+        show = lambda t: str(t.tolist()) if t.numel() <= 16 else f"{t[:8].tolist()[:-1]} ... ({t.numel()} ids)"
+        raise ValueError(f"state_dict[{key!r}]: expected the experts this layer holds (EP rank {p.ep_rank} of "
+                         f"{p.ep_size}, logical ids {show(own)}), got ids {show(got.cpu())}: the weights of another "
+                         f"rank or placement; load that rank's layer, or build this one from the checkpoint")
+
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
     _check_settings_kept(module)                       # what the weights load into: the layer's own settings
+    _check_expert_ids(module, state_dict, prefix)      # and the experts they are
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)

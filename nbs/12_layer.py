@@ -259,7 +259,18 @@ def _facts(c: MoEConfig) -> tuple:
 def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
     "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
     if weights is None: return RandomExpertWeights(config, seed)
-    if isinstance(weights, Mapping): return TensorWeights(config, weights)
+    if isinstance(weights, Mapping):
+        if "_extra_state" in weights:                # a FusedMoE state_dict: global only if it holds every expert
+            ids = weights["_extra_state"]
+            if not (isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point()
+                    and torch.equal(ids.detach().cpu().long(), torch.arange(config.num_experts))):
+                got = ids.tolist() if isinstance(ids, torch.Tensor) and ids.numel() <= 16 else type(ids).__name__ if \
+                    not isinstance(ids, torch.Tensor) else f"{ids.dtype} of shape {list(ids.shape)}"
+                raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {config.num_experts - 1} of a "
+                                 f"single-device layer's state_dict (global tensors), got {got}: one rank's state_dict "
+                                 f"holds only its experts; load it into that rank's layer with load_state_dict")
+            weights = {k: v for k, v in weights.items() if k != "_extra_state"}
+        return TensorWeights(config, weights)
     if not isinstance(weights, WeightSource) or not isinstance(getattr(weights, "config", None), MoEConfig):
         raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) with "
                          f"a MoEConfig, or a mapping of tensors, got {type(weights).__name__}")
@@ -334,13 +345,45 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
 # state_dict carries float weights (a quantized layer's own state_dict holds its dequantized weights), and the layer
 # re-quantizes them, so the codes never go stale and a layer called quantized never runs anything else. Quantized
 # tensors in a state_dict are refused.
+#
+# **Whose experts.** Under EP every rank's state_dict has tensors of the same shapes — its own local experts — so
+# rank 1's weights would load into rank 0's layer without a complaint and route rank 0's tokens through the wrong
+# experts. The state_dict therefore also carries `_extra_state` (torch's hook for it): the logical ids of the experts
+# the layer holds, in slot order, an int64 tensor (so `safetensors` can store it). A load whose ids differ is refused
+# before anything is copied; a state_dict without the key (one built by hand) loads as before.
 
 # %%
 #| export
+@patch
+def get_extra_state(self: FusedMoE) -> torch.Tensor:
+    "`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's `_extra_state`)."
+    return torch.tensor(self._settings["placement"][4], dtype=torch.int64) % self.config.num_experts   # (recorded at
+                                                                   # construction, on the host: a meta layer has them too)
+
+@patch
+def set_extra_state(self: FusedMoE, state) -> None:
+    "Nothing to set: the ids are the layer's own, and `load_state_dict`'s pre-hook has refused a state_dict of other experts."
+
+def _check_expert_ids(module, state_dict, prefix):
+    "A state_dict's `_extra_state` must name the experts `module` holds (another EP rank's weights have the same shapes)."
+    key, own = prefix + "_extra_state", module.get_extra_state()
+    got = state_dict.get(key)
+    if got is None: state_dict[key] = own; return      # built by hand: nothing says whose experts (strict loads pass)
+    if not (isinstance(got, torch.Tensor) and got.dtype in (torch.int32, torch.int64) and got.dim() == 1):
+        raise ValueError(f"state_dict[{key!r}]: expected the 1-D int64 tensor of the logical expert ids a FusedMoE's "
+                         f"state_dict carries, got {type(got).__name__ if not isinstance(got, torch.Tensor) else f'{got.dtype} of shape {list(got.shape)}'}")
+    if not torch.equal(got.detach().to("cpu", torch.int64), own):
+        p = module.placement
+        show = lambda t: str(t.tolist()) if t.numel() <= 16 else f"{t[:8].tolist()[:-1]} ... ({t.numel()} ids)"
+        raise ValueError(f"state_dict[{key!r}]: expected the experts this layer holds (EP rank {p.ep_rank} of "
+                         f"{p.ep_size}, logical ids {show(own)}), got ids {show(got.cpu())}: the weights of another "
+                         f"rank or placement; load that rank's layer, or build this one from the checkpoint")
+
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
     _check_settings_kept(module)                       # what the weights load into: the layer's own settings
+    _check_expert_ids(module, state_dict, prefix)      # and the experts they are
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
@@ -1183,6 +1226,47 @@ before, y = {k: v.clone() for k, v in mx.state_dict().items()}, mx(x)
 big = {k: v.clone() for k, v in before.items()}; big["w13"].view(-1)[7] = 1e36   # finite in bf16, past MXFP4's range
 test_fail(lambda: mx.load_state_dict(big), contains="state_dict['w13']: expected |values| <= 6·2^113")
 assert all(torch.equal(v, before[k]) for k, v in mx.state_dict().items()) and torch.equal(mx(x), y)   # nothing changed
+
+# %% [markdown]
+# Under EP each rank's state_dict names its experts (`_extra_state`): rank 1's weights, the same shapes as rank 0's,
+# are refused by rank 0's layer, which keeps its own; its own state_dict, a state_dict without the key and a
+# safetensors round trip load.
+
+# %%
+#| test state_dict_names_its_experts
+import safetensors.torch, tempfile, os
+x = torch.randn(5, 128).bfloat16().to(DEVICE)
+for backend, quant in (("nixl_ep", "unquantized"), ("allgather_reducescatter", "fp8_w8a8_block")):
+    mk = lambda r: MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64,
+                             parallel=ParallelConfig.make(1, 2, dp_rank=r, enable_expert_parallel=True,
+                                                          all2all_backend=backend))
+    r0, r1 = (FusedMoE(mk(r), seed=1, quant=quant, device=DEVICE) for r in (0, 1))
+    sd0, sd1 = r0.state_dict(), r1.state_dict()
+    test_eq((sd0["_extra_state"].tolist(), sd1["_extra_state"].tolist(), sd1["_extra_state"].dtype), ([0, 1], [2, 3], torch.int64))
+    assert sd0["w13"].shape == sd1["w13"].shape and not torch.equal(sd0["w13"], sd1["w13"])   # same shapes, other experts
+    y = r0(x)
+    test_fail(lambda: r0.load_state_dict(sd1), contains="state_dict['_extra_state']: expected the experts this layer "
+              "holds (EP rank 0 of 2, logical ids [0, 1]), got ids [2, 3]")
+    assert all(torch.equal(v, sd0[k]) for k, v in r0.state_dict().items()) and torch.equal(r0(x), y)   # nothing changed
+    for bad, msg in (([0, 1], "got list"), (torch.tensor([0.0, 1.0]), "got torch.float32 of shape [2]")):
+        test_fail(lambda: r0.load_state_dict({**sd0, "_extra_state": bad}), contains=msg)
+    r0.load_state_dict(sd0)                                                     # its own
+    r0.load_state_dict({k: v for k, v in sd0.items() if k != "_extra_state"})    # built by hand: strict, no key
+    with tempfile.TemporaryDirectory() as d:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in sd0.items()}, os.path.join(d, "r0.safetensors"))
+        r0.load_state_dict(safetensors.torch.load_file(os.path.join(d, "r0.safetensors"), device=str(DEVICE)))
+    assert torch.equal(r0(x), y)
+rr = FusedMoE(MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64, scoring_func="sigmoid",
+                        routing_method="grouped_topk", num_expert_group=2, topk_group=1,
+                        parallel=ParallelConfig.make(1, 2, dp_rank=1, enable_expert_parallel=True,
+                                                     all2all_backend="nixl_ep")), seed=1, device=DEVICE,
+              placement="round_robin")
+test_eq((rr.placement.strategy, rr.state_dict()["_extra_state"].tolist()), ("round_robin", [1, 3, 5, 7]))   # r, r + 2, ...
+one = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64)
+glob = FusedMoE(one, seed=2, device=DEVICE).state_dict()                      # a single-device state_dict: global
+test_eq(torch.equal(FusedMoE(mk(1), weights=glob, device=DEVICE).w13, FusedMoE(mk(1), seed=2, device=DEVICE).w13), True)
+test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": torch.tensor([2, 3])}),
+          contains="weights['_extra_state']: expected the ids 0 .. 3 of a single-device layer's state_dict")
 
 # %% [markdown]
 # An in-place edit of a weight the hot path keeps a copy of — the gate (its bf16 copy for the router's GEMM), a

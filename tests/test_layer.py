@@ -371,6 +371,42 @@ def test_quantized_layer_load_state_dict():
     assert all(torch.equal(v, before[k]) for k, v in mx.state_dict().items()) and torch.equal(mx(x), y)   # nothing changed
 
 
+def test_state_dict_names_its_experts():
+    import safetensors.torch, tempfile, os
+    x = torch.randn(5, 128).bfloat16().to(DEVICE)
+    for backend, quant in (("nixl_ep", "unquantized"), ("allgather_reducescatter", "fp8_w8a8_block")):
+        mk = lambda r: MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64,
+                                 parallel=ParallelConfig.make(1, 2, dp_rank=r, enable_expert_parallel=True,
+                                                              all2all_backend=backend))
+        r0, r1 = (FusedMoE(mk(r), seed=1, quant=quant, device=DEVICE) for r in (0, 1))
+        sd0, sd1 = r0.state_dict(), r1.state_dict()
+        test_eq((sd0["_extra_state"].tolist(), sd1["_extra_state"].tolist(), sd1["_extra_state"].dtype), ([0, 1], [2, 3], torch.int64))
+        assert sd0["w13"].shape == sd1["w13"].shape and not torch.equal(sd0["w13"], sd1["w13"])   # same shapes, other experts
+        y = r0(x)
+        test_fail(lambda: r0.load_state_dict(sd1), contains="state_dict['_extra_state']: expected the experts this layer "
+                  "holds (EP rank 0 of 2, logical ids [0, 1]), got ids [2, 3]")
+        assert all(torch.equal(v, sd0[k]) for k, v in r0.state_dict().items()) and torch.equal(r0(x), y)   # nothing changed
+        for bad, msg in (([0, 1], "got list"), (torch.tensor([0.0, 1.0]), "got torch.float32 of shape [2]")):
+            test_fail(lambda: r0.load_state_dict({**sd0, "_extra_state": bad}), contains=msg)
+        r0.load_state_dict(sd0)                                                     # its own
+        r0.load_state_dict({k: v for k, v in sd0.items() if k != "_extra_state"})    # built by hand: strict, no key
+        with tempfile.TemporaryDirectory() as d:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in sd0.items()}, os.path.join(d, "r0.safetensors"))
+            r0.load_state_dict(safetensors.torch.load_file(os.path.join(d, "r0.safetensors"), device=str(DEVICE)))
+        assert torch.equal(r0(x), y)
+    rr = FusedMoE(MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64, scoring_func="sigmoid",
+                            routing_method="grouped_topk", num_expert_group=2, topk_group=1,
+                            parallel=ParallelConfig.make(1, 2, dp_rank=1, enable_expert_parallel=True,
+                                                         all2all_backend="nixl_ep")), seed=1, device=DEVICE,
+                  placement="round_robin")
+    test_eq((rr.placement.strategy, rr.state_dict()["_extra_state"].tolist()), ("round_robin", [1, 3, 5, 7]))   # r, r + 2, ...
+    one = MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64)
+    glob = FusedMoE(one, seed=2, device=DEVICE).state_dict()                      # a single-device state_dict: global
+    test_eq(torch.equal(FusedMoE(mk(1), weights=glob, device=DEVICE).w13, FusedMoE(mk(1), seed=2, device=DEVICE).w13), True)
+    test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": torch.tensor([2, 3])}),
+              contains="weights['_extra_state']: expected the ids 0 .. 3 of a single-device layer's state_dict")
+
+
 def test_layer_follows_inplace_edits():
     torch.manual_seed(12)
     cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64, dtype=torch.bfloat16)
