@@ -488,6 +488,14 @@ def _batched_moe_gemm_tma_kernel(
 # layer at 256 tokens, 1.9× its floor with the 16-row tile). Files live in `$MOE_LIT_TILE_CONFIG_DIR/<kernel>/` or
 # in the package's `configs/<kernel>/`.
 #
+# **A sibling card's table before the heuristic.** Where a kernel has no table for this card at all, the table of a
+# card of the same design answers (`TILE_TABLE_SIBLINGS`: the H100 SXM and the H200, both sm_90 with 132 SMs, which
+# differ in memory bandwidth and size). Measured on an H100 with no table of its own, before its tables were tuned
+# (`nbs/bench/quant_bench_fp8tuned_h100_1fe07b0.json`, `tune_quant_w4a16_h100_1fe07b0.json`): the heuristic's FP4
+# tile took DeepSeek-V3's GEMM1 364 µs where the tuned one, the same as the H200 table's, takes 323; the FP8
+# heuristic took 2485 µs where a tuned tile took 1154 (both on the K-loop activation path). The package ships the
+# bf16 tables for the H200 and the quantized ones for both cards.
+#
 # > **Which M.** vLLM looks its batched configs up with the padded capacity `max_tokens`, which at decode is many
 # > times the real rows per expert (`fused_batched_moe.py`'s config lookup). moe-lit's launcher takes `expected_m`, the caller's estimate
 # > of valid rows per expert (`num_tokens · top_k / num_experts`), and uses `max_tokens` only when none is given.
@@ -581,6 +589,8 @@ def _tile_config_root(config_dir=None) -> str | None:
     return str(config_dir)
 
 TILE_TABLE_REACH = 2   # a table entry measured at M rows serves M / 2 .. 2·M expected rows
+TILE_TABLE_SIBLINGS = {"NVIDIA H100 80GB HBM3": ("NVIDIA H200",),   # cards whose tables stand in for each other's
+                       "NVIDIA H200": ("NVIDIA H100 80GB HBM3",)}    # missing ones (same design: sm_90, 132 SMs)
 
 def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
                        device_name: str | None = None, config_dir: str | Path | None = None,
@@ -603,8 +613,8 @@ def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heur
     if config_dir is not None and not Path(config_dir).is_dir():   # a typo would silently drop every tuned table
         raise ValueError(f"config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory of tile tables, got {config_dir!r}")
     M = max(1, M)                                   # no rows expected: size the tile as for one
-    for dt in (dtype, None):
-        table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
+    for name in (device_name, *TILE_TABLE_SIBLINGS.get(device_name, ())):   # the card's own tables, else a sibling's
+        table = next((t for dt in (dtype, None) if (t := _load_table(tile_config_path(kernel, E, N, name, dt, config_dir)))), None)
         if not table: continue
         m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
         if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
@@ -680,6 +690,16 @@ with tempfile.TemporaryDirectory() as d:
             default_tile_config(32, 4096, 7168, 400, torch.float16))
     test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA H200", Path(d) / "typo"),
               contains="config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory")
+    h100 = "NVIDIA H100 80GB HBM3"                                            # no table of its own: the H200's answers
+    test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, h100, d), small)
+    test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA A100-SXM4-80GB", d),
+            default_tile_config(32, 4096, 7168, 20, torch.bfloat16))          # not a sibling: the heuristic
+    own = dict(small, num_stages=3)                                          # (a fresh E: tables are read once)
+    tile_config_path("batched_moe_gemm", 40, 4096, "NVIDIA H200", torch.bfloat16, d).write_text(json.dumps({"16": small}))
+    tile_config_path("batched_moe_gemm", 40, 4096, h100, None, d).write_text(json.dumps({"512": own}))   # its own, dtype-free:
+    test_eq(lookup_tile_config("batched_moe_gemm", 40, 4096, 7168, 400, torch.bfloat16, h100, d), own)   # it wins
+    test_eq(lookup_tile_config("batched_moe_gemm", 40, 4096, 7168, 20, torch.bfloat16, h100, d),   # nothing near 20 in it:
+            default_tile_config(40, 4096, 7168, 20, torch.bfloat16))          # the heuristic, not the sibling's entry
 for bad in (5, "", 0, False):                                                        # never a silent fall-through
     test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=bad), contains="config_dir: expected a directory")
 for kw, msg in ((dict(kernel=["k"]), "kernel: expected a kernel name"), (dict(dtype=[torch.bfloat16]), "dtype: expected one of"),

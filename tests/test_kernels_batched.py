@@ -83,6 +83,16 @@ def test_tile_config_table():
                 default_tile_config(32, 4096, 7168, 400, torch.float16))
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA H200", Path(d) / "typo"),
                   contains="config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory")
+        h100 = "NVIDIA H100 80GB HBM3"                                            # no table of its own: the H200's answers
+        test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, h100, d), small)
+        test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, "NVIDIA A100-SXM4-80GB", d),
+                default_tile_config(32, 4096, 7168, 20, torch.bfloat16))          # not a sibling: the heuristic
+        own = dict(small, num_stages=3)                                          # (a fresh E: tables are read once)
+        tile_config_path("batched_moe_gemm", 40, 4096, "NVIDIA H200", torch.bfloat16, d).write_text(json.dumps({"16": small}))
+        tile_config_path("batched_moe_gemm", 40, 4096, h100, None, d).write_text(json.dumps({"512": own}))   # its own, dtype-free:
+        test_eq(lookup_tile_config("batched_moe_gemm", 40, 4096, 7168, 400, torch.bfloat16, h100, d), own)   # it wins
+        test_eq(lookup_tile_config("batched_moe_gemm", 40, 4096, 7168, 20, torch.bfloat16, h100, d),   # nothing near 20 in it:
+                default_tile_config(40, 4096, 7168, 20, torch.bfloat16))          # the heuristic, not the sibling's entry
     for bad in (5, "", 0, False):                                                        # never a silent fall-through
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=bad), contains="config_dir: expected a directory")
     for kw, msg in ((dict(kernel=["k"]), "kernel: expected a kernel name"), (dict(dtype=[torch.bfloat16]), "dtype: expected one of"),

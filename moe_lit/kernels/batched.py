@@ -18,14 +18,14 @@ from ..testing import assert_close, poison_rows
 INTERPRET = triton_interpreting()   # Triton's CPU interpreter (TRITON_INTERPRET=1, true, ...): set before this module is imported
 
 # %% auto #0
-__all__ = ['INTERPRET', 'PDL', 'PDL_IN_CHAIN', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'SMEM_BUDGET', 'TILE_DEFAULTS',
-           'FAST_LAUNCH', 'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM', 'COUNTERS_MIN',
-           'GEMM_CASES', 'check_activation', 'batched_gemm_reference', 'gated_activation', 'add_expert_bias',
-           'plot_tile_map', 'check_tile_config', 'default_tile_config', 'tile_config_path', 'lookup_tile_config',
-           'check_extent', 'check_kernel_device', 'check_expert_bias', 'fit_shared_memory', 'epilogue_args',
-           'epilogue_constants', 'launch_key', 'launch_values', 'pdl_kwargs', 'launch_kernel', 'split_k_factor',
-           'split_k_launch', 'arrival_counters', 'expert_slots', 'check_max_active', 'batched_moe_gemm',
-           'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+__all__ = ['INTERPRET', 'PDL', 'PDL_IN_CHAIN', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'TILE_TABLE_SIBLINGS', 'SMEM_BUDGET',
+           'TILE_DEFAULTS', 'FAST_LAUNCH', 'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM',
+           'COUNTERS_MIN', 'GEMM_CASES', 'check_activation', 'batched_gemm_reference', 'gated_activation',
+           'add_expert_bias', 'plot_tile_map', 'check_tile_config', 'default_tile_config', 'tile_config_path',
+           'lookup_tile_config', 'check_extent', 'check_kernel_device', 'check_expert_bias', 'fit_shared_memory',
+           'epilogue_args', 'epilogue_constants', 'launch_key', 'launch_values', 'pdl_kwargs', 'launch_kernel',
+           'split_k_factor', 'split_k_launch', 'arrival_counters', 'expert_slots', 'check_max_active',
+           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -328,7 +328,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #b692ed471a9b
+# %% ../../nbs/06_kernels.batched.ipynb #b86f06e9df41
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -345,6 +345,8 @@ def _tile_config_root(config_dir=None) -> str | None:
     return str(config_dir)
 
 TILE_TABLE_REACH = 2   # a table entry measured at M rows serves M / 2 .. 2·M expected rows
+TILE_TABLE_SIBLINGS = {"NVIDIA H100 80GB HBM3": ("NVIDIA H200",),   # cards whose tables stand in for each other's
+                       "NVIDIA H200": ("NVIDIA H100 80GB HBM3",)}    # missing ones (same design: sm_90, 132 SMs)
 
 def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
                        device_name: str | None = None, config_dir: str | Path | None = None,
@@ -367,8 +369,8 @@ def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heur
     if config_dir is not None and not Path(config_dir).is_dir():   # a typo would silently drop every tuned table
         raise ValueError(f"config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory of tile tables, got {config_dir!r}")
     M = max(1, M)                                   # no rows expected: size the tile as for one
-    for dt in (dtype, None):
-        table = _load_table(tile_config_path(kernel, E, N, device_name, dt, config_dir))
+    for name in (device_name, *TILE_TABLE_SIBLINGS.get(device_name, ())):   # the card's own tables, else a sibling's
+        table = next((t for dt in (dtype, None) if (t := _load_table(tile_config_path(kernel, E, N, name, dt, config_dir)))), None)
         if not table: continue
         m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
         if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
