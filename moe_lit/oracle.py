@@ -136,7 +136,7 @@ class Decision:
 
     def _repr_markdown_(self): return self.table()
 
-# %% ../nbs/11_oracle.ipynb #eea17f8556bf
+# %% ../nbs/11_oracle.ipynb #c70d89a37b2a
 def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_format: ActivationFormat,
                            device: DeviceCaps, override: str | None = None) -> Decision:
     "Scan the priority list once; the first candidate that fits format, scheme, device and override is chosen."
@@ -158,7 +158,8 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
         elif c.implementation == "triton_quant" and moe_config.dtype not in (torch.bfloat16, torch.float16):
             ok, why = False, f"needs bf16/fp16 activations, the layer's dtype is {str(moe_config.dtype)[6:]}"
         else: ok, why = c.check(device)
-        if ok and quant_scheme != "unquantized": why += f"; {c.note}"
+        if ok and quant_scheme != "unquantized" and c.note:      # on the interpreter: what it emulates
+            why += f"; {'on a GPU, ' if device.interpreter and c.implementation != 'torch' else ''}{c.note}"
         if ok and override is not None and c.name != override: ok, why = False, f"not the override '{override}'"
         if ok and chosen is not None: why = f"fits, but '{chosen.name}' comes first"
         trace.append((c.name, ok, why))

@@ -1713,7 +1713,8 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # The helper is the stand-alone quantizer's own code, so **the bits are the same**: the GEMM on bf16 input equals, value
 # for value, the GEMM on `fp8_quantize_activations`' output (below, with split-K, a partial last group, an empty
 # expert and a NaN). Where the tile's `BLOCK_K` is narrower than the group (a tuned table may say 64), a group spans two
-# K steps and the launcher quantizes first (`_fp8_input`). **The loop is not the default: measured, it is slower on
+# K steps and the launcher quantizes first (`_fp8_input`; so does every GEMM whose K is below 128: its K tile is narrower
+# than a group). **The loop is not the default: measured, it is slower on
 # every row** (below), so the launchers quantize in a launch of their own unless `MOE_LIT_FP8_ACT_QUANT=loop` is set
 # before import. Per-token scales (`fp8_w8a8_channel`) need the
 # whole row first: the program makes one pass over the row's K tiles for its |max| (every split-K program reads the

@@ -197,7 +197,8 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
         elif c.implementation == "triton_quant" and moe_config.dtype not in (torch.bfloat16, torch.float16):
             ok, why = False, f"needs bf16/fp16 activations, the layer's dtype is {str(moe_config.dtype)[6:]}"
         else: ok, why = c.check(device)
-        if ok and quant_scheme != "unquantized": why += f"; {c.note}"
+        if ok and quant_scheme != "unquantized" and c.note:      # on the interpreter: what it emulates
+            why += f"; {'on a GPU, ' if device.interpreter and c.implementation != 'torch' else ''}{c.note}"
         if ok and override is not None and c.name != override: ok, why = False, f"not the override '{override}'"
         if ok and chosen is not None: why = f"fits, but '{chosen.name}' comes first"
         trace.append((c.name, ok, why))
@@ -283,6 +284,8 @@ for scheme in ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block"):
     d = select_experts_backend(cfg, scheme, S, DEVICES["a100"])
     test_eq(d.chosen.name, "triton_contiguous_dequant")
     assert "needs compute capability >= (8, 9)" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_fp8"]
+    why = dict((n, r) for n, _, r in select_experts_backend(cfg, scheme, S, CPU_INTERPRETER).trace)["triton_contiguous_fp8"]
+    assert "interpreter" in why and "on a GPU, hardware FP8" in why, why      # emulated here: no tensor cores
 d = select_nvfp4_moe_backend(cfg, S, DEVICES["b200"])
 test_eq(d.chosen.name, "triton_contiguous_w4a16")
 assert "needs the 'flashinfer' library" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]

@@ -525,8 +525,9 @@ def _build_hot_path(self: FusedMoE):
         self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
         import moe_lit.kernels.batched as kb
         self._kb = kb                             # its PDL switch: "auto" turns it on for a one-chain forward (below)
-        if self.experts == "triton_quant":        # its switches (MOE_LIT_FP4_*, MOE_LIT_FP8_ACT_QUANT, read at import):
-            import moe_lit.kernels.quant_experts  # a bad value is refused here, at construction, not at the first call
+        if self.experts == "triton_quant":        # its switches (MOE_LIT_FP4_*, MOE_LIT_FP8_ACT_QUANT, read once, at
+            import moe_lit.kernels.quant_experts  # import): a bad value is refused at the first such construction, not
+                                                  # at a call; later changes to the environment are not read
     else: self.router, self._kb = None, None
     self._one_chain = self._modules.get("shared_experts") is None    # no side stream beside the routed experts
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16

@@ -57,8 +57,9 @@
 # 11 billion random expert weights, then again the experts the tokens reach for the references) at a peak of about
 # 3.3 GiB resident (200 s and 3.25 GiB measured on an idle 2-core machine). `moe-lit tables` prints the placement tables
 # in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
-# reason and the oracle's decision table (for `explain`, `--device` names the GPU model the oracle decides for, or
-# `cpu-interpreter`, the CPU running the Triton kernels as `run --experts triton` does; for `run`, it is where the
+# reason and the oracle's decision table (for `explain`, `--device` names the GPU model the oracle decides for,
+# `cpu` (the torch reference), `cpu-interpreter` (the CPU running the Triton kernels as `run --experts triton` does),
+# or `detect` (this machine, the default); for `run`, it is where the
 # layer runs: `auto`, `cpu` or `cuda`); `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
 # quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the
 # default model's run takes 4–7 s unquantized, about 16 s with FP8 and 60–220 s with MXFP4 — nearly all of it generating and
@@ -184,7 +185,10 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # off). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
 # launch, so that each kernel's launch overlaps the end of the one before (`06_kernels.batched`: replays gain up to
 # 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it, so those layers keep it off);
-# `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. The Triton layer is an inference layer: it keeps no autograd
+# `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. FP8 w8a8 layers quantize their 16-bit
+# activations in a launch before each GEMM; `MOE_LIT_FP8_ACT_QUANT=loop`, set before import, has the GEMMs quantize
+# each 1×128 group in their K loop instead, where the K tile is one group (measured slower on every H100 row,
+# `09c_kernels.quant`). The Triton layer is an inference layer: it keeps no autograd
 # graph, so a forward whose input needs a gradient is refused by name (run it under `torch.inference_mode()`, or build
 # the layer with `experts="torch"` to train through it). `moe-lit bench --layer` measures the whole layer, eager and replayed,
 # against the bytes it must read and against transformers' own MoE blocks (`14a_bench_layer`).

@@ -47,6 +47,8 @@ def test_oracle_fp8_and_fp4_by_device():
         d = select_experts_backend(cfg, scheme, S, DEVICES["a100"])
         test_eq(d.chosen.name, "triton_contiguous_dequant")
         assert "needs compute capability >= (8, 9)" in dict((n, r) for n, _, r in d.trace)["triton_contiguous_fp8"]
+        why = dict((n, r) for n, _, r in select_experts_backend(cfg, scheme, S, CPU_INTERPRETER).trace)["triton_contiguous_fp8"]
+        assert "interpreter" in why and "on a GPU, hardware FP8" in why, why      # emulated here: no tensor cores
     d = select_nvfp4_moe_backend(cfg, S, DEVICES["b200"])
     test_eq(d.chosen.name, "triton_contiguous_w4a16")
     assert "needs the 'flashinfer' library" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
