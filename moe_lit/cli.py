@@ -24,7 +24,7 @@ from .report import format_report, format_sections, placement_head, placement_re
 __all__ = ['DTYPES', 'DISTRIBUTED_REFUSED', 'TUNE_CHOICES', 'build_config', 'all2all_note', 'dispatch_hidden_size', 'run_report',
            'tables_report', 'format_tables', 'explain_report', 'format_explain', 'main']
 
-# %% ../nbs/15_cli.ipynb #dac26a7e9be6
+# %% ../nbs/15_cli.ipynb #5fbee8bb258e
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def build_config(model: str | None = None,        # a preset name; None: DEFAULT_PRESET, or config_path's model
@@ -38,7 +38,7 @@ def build_config(model: str | None = None,        # a preset name; None: DEFAULT
     if model is not None and config_path is not None:
         raise ValueError(f"model: expected None when config_path is given (a preset or a config.json, not both), "
                          f"got {model!r}")
-    check_int("ep", ep, lo=1); check_int("tp", tp, lo=1)
+    check_int("ep", ep, lo=1, hi=2**31); check_int("tp", tp, lo=1, hi=2**31)   # ranks are int32 in every table
     if ep % tp: raise ValueError(f"tp: expected a divisor of ep={ep}, got {tp} (ep counts every device, so it holds "
                                  f"whole TP groups: ep={math.lcm(ep, tp)} for tp={tp}, or another multiple of {tp})")
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):

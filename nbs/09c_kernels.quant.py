@@ -1046,7 +1046,8 @@ def _quant_block_m(static, E, expected_m, dtype, config_dir) -> int:
     if not (16 <= bm <= 256 and bm & (bm - 1) == 0):                # a tile table's value: name where it came from
         kind = "fp8" if wa["FMT"] < 2 else "w4a16"
         raise ValueError(f"quant_block_m: expected GEMM1's BLOCK_M to be a power of two in [16, 256], got {bm} "
-                         f"(from the fused_moe_gemm_{kind} tile table for E={E}, N={wa['N']})")
+                         f"(from the fused_moe_gemm_{kind} tile table for E={E}, N={wa['N']} in "
+                         f"{config_dir or 'the package configs'})")
     return bm
 
 # %%
@@ -1534,9 +1535,10 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 2, bias)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
+    if per_pair and check_int("top_k", top_k, lo=1) and a.shape[0] % top_k:
+        raise ValueError(f"a: expected a multiple of top_k={top_k} pair rows, got {a.shape[0]}")
     check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs, gated=act is not None)
-    if per_pair and a.shape[0] % top_k: raise ValueError(f"a: expected a multiple of top_k={top_k} pair rows, got {a.shape[0]}")
     check_kernel_device("a", a, out=out, a_scale=a_scale, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids,
                         num_tokens_post_padded=num_tokens_post_padded, topk_weights=topk_weights)
     K = a.shape[1]

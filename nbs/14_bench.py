@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from moe_lit.terms import check_int, check_choice, progress
 from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
+from moe_lit.kernels.batched import _load_table
 
 # %%
 #| hide
@@ -20,6 +21,8 @@ from fastcore.test import test_eq, test_fail, test_close
 from moe_lit.kernels.batched import split_k_factor, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.models import PRESETS
+import tempfile
+from moe_lit.bench import _save_tile
 
 # %% [markdown]
 # In this notebook: `SCENARIOS`, `measure_device` (copy bandwidth and bf16 matmul rate), `roofline_floor`,
@@ -350,15 +353,23 @@ def source_commit() -> str:
 def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -> None:
     "Write the winning tile into `kernel`'s JSON table, keyed by the scenario's expected rows per expert."
     p = tile_config_path(kernel, sc["E"], sc["N"], device_name, torch.bfloat16, config_dir)
-    table = json.loads(p.read_text()) if p.exists() else {}
-    table[str(max(1, sc["rows"] // sc["E"]))] = cfg
+    table = {str(m): c for m, c in (_load_table.__wrapped__(p) or {}).items()}   # read as the launchers do (checked;
+    table[str(max(1, sc["rows"] // sc["E"]))] = cfg                              # uncached: this run wrote it)
     p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
 
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
               scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
     "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
     tune = {False: (), True: TUNABLE, **TUNE_SETS}[check_choice("tune", tune, (False, True, *TUNE_SETS))]
+    if config_dir is not None and not tune:
+        raise ValueError(f"config_dir (--config-dir): expected tune (--tune) with it, only tuning writes tables, got "
+                         f"config_dir={str(config_dir)!r} without tune")
+    if config_dir is not None and not Path(config_dir).is_dir():           # before minutes of tuning, not after
+        raise ValueError(f"config_dir (--config-dir): expected an existing directory for the tuned tables, got {str(config_dir)!r}")
     device = measure_device()
+    for sc in (scenarios or SCENARIOS) if tune else ():                   # the tables tuning will add to: readable
+        for kernel in tune:
+            _load_table.__wrapped__(tile_config_path(kernel, sc["E"], sc["N"], device["device_name"], torch.bfloat16, config_dir))
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):
         if on_scenario: on_scenario(sc["name"])
@@ -518,6 +529,20 @@ if not torch.cuda.is_available(): test_fail(lambda: bench_quant({}), contains="d
 for runs, kw, msg in (([], {}, "runs: expected a non-empty"), ({"r": []}, dict(fp4_layout="bogus"), "fp4_layout: expected one of"),
                       ({"r": []}, dict(schemes="mxfp4_w4a16"), "schemes: expected a non-empty tuple")):
     test_fail(lambda: plot_bench_quant(runs, **kw), contains=msg)
+with tempfile.TemporaryDirectory() as d:                 # --config-dir: refused before anything is measured
+    test_fail(lambda: run_bench(config_dir=d), contains="config_dir (--config-dir): expected tune (--tune) with it")
+    open(f := os.path.join(d, "afile"), "w").close()
+    for bad in (f, os.path.join(d, "missing")):
+        test_fail(lambda: run_bench(tune=True, config_dir=bad), contains="config_dir (--config-dir): expected an existing directory")
+    sc, cfg = dict(E=8, N=128, rows=64), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d)
+    _save_tile("batched_moe_gemm", dict(sc, rows=512), dict(cfg, BLOCK_M=64), "Some GPU", d)   # merged into the same file
+    p = tile_config_path("batched_moe_gemm", 8, 128, "Some GPU", torch.bfloat16, d)
+    test_eq(json.loads(p.read_text()), {"8": cfg, "64": dict(cfg, BLOCK_M=64)})
+    for bad, msg in (("[1, 2]", "tile table: expected a JSON object"), ("{not json", "tile table: expected valid JSON")):
+        p.write_text(bad)                                # a broken table is named, not overwritten or a traceback
+        test_fail(lambda: _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d), contains=str(p))
+        test_fail(lambda: _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d), contains=msg)
 
 # %% [markdown]
 # ## Reading the results

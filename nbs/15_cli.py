@@ -64,7 +64,7 @@ def build_config(model: str | None = None,        # a preset name; None: DEFAULT
     if model is not None and config_path is not None:
         raise ValueError(f"model: expected None when config_path is given (a preset or a config.json, not both), "
                          f"got {model!r}")
-    check_int("ep", ep, lo=1); check_int("tp", tp, lo=1)
+    check_int("ep", ep, lo=1, hi=2**31); check_int("tp", tp, lo=1, hi=2**31)   # ranks are int32 in every table
     if ep % tp: raise ValueError(f"tp: expected a divisor of ep={ep}, got {tp} (ep counts every device, so it holds "
                                  f"whole TP groups: ep={math.lcm(ep, tp)} for tp={tp}, or another multiple of {tp})")
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):

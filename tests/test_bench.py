@@ -6,10 +6,13 @@ from pathlib import Path
 import torch
 from moe_lit.terms import check_int, check_choice, progress
 from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
+from moe_lit.kernels.batched import _load_table
 from fastcore.test import test_eq, test_fail, test_close
 from moe_lit.kernels.batched import split_k_factor, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.models import PRESETS
+import tempfile
+from moe_lit.bench import _save_tile
 from moe_lit.bench import *
 
 
@@ -52,3 +55,17 @@ def test_bench_quant_arguments():
     for runs, kw, msg in (([], {}, "runs: expected a non-empty"), ({"r": []}, dict(fp4_layout="bogus"), "fp4_layout: expected one of"),
                           ({"r": []}, dict(schemes="mxfp4_w4a16"), "schemes: expected a non-empty tuple")):
         test_fail(lambda: plot_bench_quant(runs, **kw), contains=msg)
+    with tempfile.TemporaryDirectory() as d:                 # --config-dir: refused before anything is measured
+        test_fail(lambda: run_bench(config_dir=d), contains="config_dir (--config-dir): expected tune (--tune) with it")
+        open(f := os.path.join(d, "afile"), "w").close()
+        for bad in (f, os.path.join(d, "missing")):
+            test_fail(lambda: run_bench(tune=True, config_dir=bad), contains="config_dir (--config-dir): expected an existing directory")
+        sc, cfg = dict(E=8, N=128, rows=64), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+        _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d)
+        _save_tile("batched_moe_gemm", dict(sc, rows=512), dict(cfg, BLOCK_M=64), "Some GPU", d)   # merged into the same file
+        p = tile_config_path("batched_moe_gemm", 8, 128, "Some GPU", torch.bfloat16, d)
+        test_eq(json.loads(p.read_text()), {"8": cfg, "64": dict(cfg, BLOCK_M=64)})
+        for bad, msg in (("[1, 2]", "tile table: expected a JSON object"), ("{not json", "tile table: expected valid JSON")):
+            p.write_text(bad)                                # a broken table is named, not overwritten or a traceback
+            test_fail(lambda: _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d), contains=str(p))
+            test_fail(lambda: _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d), contains=msg)

@@ -263,6 +263,10 @@ def test_contiguous_bad_input():
     e_bad = e.clone(); e_bad[0] = 7                                    # an expert id past the local experts: block skipped
     out = fused_moe_gemm(x, w, s, e_bad, n, k, 16, "silu_and_mul", out=torch.full((T * k, I), float("nan"), device=DEVICE))
     assert out[s[:16][s[:16] < T * k].long()].isnan().all()
+    for top_k, rows in ((3, "token"), (1, "token"), (2, "pair")):     # not the alignment's pairs: its padding id (6) would
+        xx = x if rows == "token" else torch.randn(T * 3, H, device=DEVICE)   # be a pair of another count, read as one
+        test_fail(lambda: fused_moe_gemm(xx, w, s, e, n, top_k, 16, "silu_and_mul", rows=rows),
+                  contains=f"sorted_token_ids: expected {xx.shape[0] * (top_k if rows == 'token' else 1)} + num_experts · 15 entries")
     wts = torch.rand(T, k, device=DEVICE)
     test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids + 5), contains="local_ids: expected values in [-1, 2)")
     y = TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, torch.where(ids == 1, 9, ids).int(), validate=False)

@@ -576,7 +576,7 @@ def _batched_moe_gemm_quant_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #fee1fba04a9f
+# %% ../../nbs/09c_kernels.quant.ipynb #06f873a702ad
 def _weight_kernel_args(qw: QuantizedExpertWeights, which: str) -> dict:
     """The weight's tensors, scale strides (0 where a scale broadcasts), their stride keywords and constexprs, as the
     kernels take them; worked out once per container, weight and layout of its tensors and kept on it (a forward asks
@@ -679,7 +679,8 @@ def _quant_block_m(static, E, expected_m, dtype, config_dir) -> int:
     if not (16 <= bm <= 256 and bm & (bm - 1) == 0):                # a tile table's value: name where it came from
         kind = "fp8" if wa["FMT"] < 2 else "w4a16"
         raise ValueError(f"quant_block_m: expected GEMM1's BLOCK_M to be a power of two in [16, 256], got {bm} "
-                         f"(from the fused_moe_gemm_{kind} tile table for E={E}, N={wa['N']})")
+                         f"(from the fused_moe_gemm_{kind} tile table for E={E}, N={wa['N']} in "
+                         f"{config_dir or 'the package configs'})")
     return bm
 
 # %% ../../nbs/09c_kernels.quant.ipynb #16574fd7d2fa
@@ -916,7 +917,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #e291d5909480
+# %% ../../nbs/09c_kernels.quant.ipynb #922a145afe1d
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -940,9 +941,10 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 2, bias)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
+    if per_pair and check_int("top_k", top_k, lo=1) and a.shape[0] % top_k:
+        raise ValueError(f"a: expected a multiple of top_k={top_k} pair rows, got {a.shape[0]}")
     check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs, gated=act is not None)
-    if per_pair and a.shape[0] % top_k: raise ValueError(f"a: expected a multiple of top_k={top_k} pair rows, got {a.shape[0]}")
     check_kernel_device("a", a, out=out, a_scale=a_scale, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids,
                         num_tokens_post_padded=num_tokens_post_padded, topk_weights=topk_weights)
     K = a.shape[1]
