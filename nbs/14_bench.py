@@ -719,6 +719,21 @@ fig
 # read of experts that need two M tiles; Blackwell's native FP4 tensor cores would remove the first. Open work.
 
 # %% [markdown]
+# ### Quantized weights at decode, H100
+#
+# `nbs/bench/quant_bench_h100_630ba9b.json` (an H100 80GB HBM3, 2026-12-06, every quantized kernel on the H100 tables
+# tuned that day: FP4 by `quant_gpu.sh tune w4a16` at 1fe07b0, FP8 by `tune fp8` at 630ba9b). FP8's rows run the
+# layer's default path, a quantizer launch and then the GEMM; "K loop" times the same GEMMs quantizing in their K loop
+# instead (`09c`), slower on every row. FP4 is 53–66 % of its floor batched and 52–58 % contiguous; FP8 83–91 %
+# batched except Qwen3 (65 %), 87–92 % contiguous (replayed 85–95 %). Nsight Compute's reading of the FP4 loop on the
+# same card is in `09c`'s Performance.
+
+# %%
+quant_h100 = json.loads(find_bench_results("bench/quant_bench_h100_630ba9b.json").read_text())
+print(format_bench_quant(quant_h100["quant"]))
+test_eq(quant_h100["device"]["device_name"], "NVIDIA H100 80GB HBM3")
+
+# %% [markdown]
 # ### Split-K at decode, H200
 #
 # When a decode batch reaches one or a few experts, each expert GEMM is a grid of a few dozen programs on a 132-SM
