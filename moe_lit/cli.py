@@ -358,7 +358,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #c2e80825ff97
+# %% ../nbs/15_cli.ipynb #abf359120f00
 def _fail(args, message: str) -> int:
     "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
     command = getattr(args, "command", None)                 # (None before the arguments were parsed)
@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     args = None
+    if sys.stdout is None:                                # started with stdout closed (`>&-`): Python has none to print to
+        return _fail(None, "standard output: expected an open file to write the report to, got none (closed); "
+                           "redirect it to /dev/null to discard the report")
     try:                                                  # (`moe-lit run --help | head -1` closes the pipe in here)
         args = _parser().parse_args(argv)
         status = _run(args)

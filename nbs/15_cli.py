@@ -29,6 +29,7 @@ from moe_lit.report import format_report, format_sections, placement_head, place
 from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, subprocess, tempfile
+from unittest import mock
 from pathlib import Path
 from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 import moe_lit.cli as _cli
@@ -622,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     args = None
+    if sys.stdout is None:                                # started with stdout closed (`>&-`): Python has none to print to
+        return _fail(None, "standard output: expected an open file to write the report to, got none (closed); "
+                           "redirect it to /dev/null to discard the report")
     try:                                                  # (`moe-lit run --help | head -1` closes the pipe in here)
         args = _parser().parse_args(argv)
         status = _run(args)
@@ -855,6 +859,9 @@ class ClosedPipe(io.StringIO):                                 # stdout whose re
 with contextlib.redirect_stdout(ClosedPipe()), contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(main(["tables", "--ep", "2"]), 141)                # 128 + SIGPIPE, what a shell reports for `yes | head`
 test_eq(err.getvalue(), "")                                    # no traceback
+with mock.patch.object(sys, "stdout", None), contextlib.redirect_stderr(io.StringIO()) as err:   # started with `>&-`
+    test_eq(main(["tables", "--ep", "2"]), 2)
+assert err.getvalue().startswith("moe-lit: error: standard output: expected an open file"), err.getvalue()
 
 # %% [markdown]
 # `python -m moe_lit.cli` runs the command too. The cell is not evaluated in the notebook, where `sys.argv` holds the

@@ -19,6 +19,7 @@ from moe_lit.report import format_report, format_sections, placement_head, place
 from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, subprocess, tempfile
+from unittest import mock
 from pathlib import Path
 from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 import moe_lit.cli as _cli
@@ -286,6 +287,9 @@ def test_main_closed_pipe():
     with contextlib.redirect_stdout(ClosedPipe()), contextlib.redirect_stderr(io.StringIO()) as err:
         test_eq(main(["tables", "--ep", "2"]), 141)                # 128 + SIGPIPE, what a shell reports for `yes | head`
     test_eq(err.getvalue(), "")                                    # no traceback
+    with mock.patch.object(sys, "stdout", None), contextlib.redirect_stderr(io.StringIO()) as err:   # started with `>&-`
+        test_eq(main(["tables", "--ep", "2"]), 2)
+    assert err.getvalue().startswith("moe-lit: error: standard output: expected an open file"), err.getvalue()
 
 
 def test_explain_nixl_nvfp4():
