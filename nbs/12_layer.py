@@ -256,6 +256,13 @@ def _facts(c: MoEConfig) -> tuple:
     return (c.num_experts, c.hidden_size, c.intermediate_size, c.has_correction_bias, c.has_router_bias,
             c.has_expert_bias, act, c.num_shared_experts, c.shared_intermediate_size, c.shared_expert_gate)
 
+def _ids_text(t) -> str:
+    "Expert ids for a message: the list (a long one abridged), or what `t` is when it is not a 1-D integer tensor."
+    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex()):
+        return f"{str(t.dtype)[6:]} of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+    t = t.detach().cpu()
+    return str(t.tolist()) if t.numel() <= 16 else f"{str(t[:8].tolist())[:-1]}, ... ({t.numel()} ids)"
+
 def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
     "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
     if weights is None: return RandomExpertWeights(config, seed)
@@ -264,11 +271,9 @@ def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
             ids = weights["_extra_state"]
             if not (isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point()
                     and torch.equal(ids.detach().cpu().long(), torch.arange(config.num_experts))):
-                got = ids.tolist() if isinstance(ids, torch.Tensor) and ids.numel() <= 16 else type(ids).__name__ if \
-                    not isinstance(ids, torch.Tensor) else f"{ids.dtype} of shape {list(ids.shape)}"
                 raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {config.num_experts - 1} of a "
-                                 f"single-device layer's state_dict (global tensors), got {got}: one rank's state_dict "
-                                 f"holds only its experts; load it into that rank's layer with load_state_dict")
+                                 f"single-device layer's state_dict (global tensors), got {_ids_text(ids)}: one rank's "
+                                 f"state_dict holds only its experts; load it into that rank's layer with load_state_dict")
             weights = {k: v for k, v in weights.items() if k != "_extra_state"}
         return TensorWeights(config, weights)
     if not isinstance(weights, WeightSource) or not isinstance(getattr(weights, "config", None), MoEConfig):
@@ -371,12 +376,11 @@ def _check_expert_ids(module, state_dict, prefix):
     if got is None: state_dict[key] = own; return      # built by hand: nothing says whose experts (strict loads pass)
     if not (isinstance(got, torch.Tensor) and got.dtype in (torch.int32, torch.int64) and got.dim() == 1):
         raise ValueError(f"state_dict[{key!r}]: expected the 1-D int64 tensor of the logical expert ids a FusedMoE's "
-                         f"state_dict carries, got {type(got).__name__ if not isinstance(got, torch.Tensor) else f'{got.dtype} of shape {list(got.shape)}'}")
+                         f"state_dict carries, got {_ids_text(got)}")
     if not torch.equal(got.detach().to("cpu", torch.int64), own):
         p = module.placement
-        show = lambda t: str(t.tolist()) if t.numel() <= 16 else f"{t[:8].tolist()[:-1]} ... ({t.numel()} ids)"
         raise ValueError(f"state_dict[{key!r}]: expected the experts this layer holds (EP rank {p.ep_rank} of "
-                         f"{p.ep_size}, logical ids {show(own)}), got ids {show(got.cpu())}: the weights of another "
+                         f"{p.ep_size}, logical ids {_ids_text(own)}), got ids {_ids_text(got)}: the weights of another "
                          f"rank or placement; load that rank's layer, or build this one from the checkpoint")
 
 def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *args):
@@ -1249,7 +1253,7 @@ for backend, quant in (("nixl_ep", "unquantized"), ("allgather_reducescatter", "
     test_fail(lambda: r0.load_state_dict(sd1), contains="state_dict['_extra_state']: expected the experts this layer "
               "holds (EP rank 0 of 2, logical ids [0, 1]), got ids [2, 3]")
     assert all(torch.equal(v, sd0[k]) for k, v in r0.state_dict().items()) and torch.equal(r0(x), y)   # nothing changed
-    for bad, msg in (([0, 1], "got list"), (torch.tensor([0.0, 1.0]), "got torch.float32 of shape [2]")):
+    for bad, msg in (([0, 1], "got list"), (torch.tensor([0.0, 1.0]), "got float32 of shape [2]")):
         test_fail(lambda: r0.load_state_dict({**sd0, "_extra_state": bad}), contains=msg)
     r0.load_state_dict(sd0)                                                     # its own
     r0.load_state_dict({k: v for k, v in sd0.items() if k != "_extra_state"})    # built by hand: strict, no key
