@@ -293,6 +293,12 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
 #
 #   Both add barriers, the largest stall. What the profile points to instead is a K step with fewer CTA-wide barriers
 #   (a producer warp that loads the tiles, the consumers waiting on its arrival alone), which this kernel does not have.
+# - **Triton's own warp specialization does not give it.** `nbs/bench/ws_toy_sm90.py` compiles a toy of this loop for
+#   sm_90: code words and activations through tensor descriptors (TMA), an inline-PTX decode, the decoded tile as the
+#   MMA's left operand. `tl.range(..., warp_specialize=True)` compiles, but its loops hold 30–43 `BAR`s and 41–44
+#   mbarrier operations, against 10–15 `BAR`s without it (`ws_toy_sm90.log`); with plain pointer loads it does not
+#   compile (the `NVGPUWarpSpecialization` pass fails). A producer/consumer K loop would have to be written below
+#   Triton's `tl` level, e.g. in Gluon, with its barriers explicit.
 #
 # **NVFP4** folds too, for every scale: an e4m3 scale is at most 448 < 2^9, so times 2^118 it is still a bf16, and
 # `_E2M1_WORD_NV_FOLDED` multiplies the two decoded scales by 2^118 once a word (two `fma`s) and then does one `fma` a
