@@ -491,10 +491,11 @@ def _batched_moe_gemm_tma_kernel(
 # **A sibling card's table before the heuristic.** Where a kernel has no table for this card at all, the table of a
 # card of the same design answers (`TILE_TABLE_SIBLINGS`: the H100 SXM and the H200, both sm_90 with 132 SMs, which
 # differ in memory bandwidth and size). Measured on an H100 with no table of its own, before its tables were tuned
-# (`nbs/bench/quant_bench_fp8tuned_h100_1fe07b0.json`, `tune_quant_w4a16_h100_1fe07b0.json`): the heuristic's FP4
-# tile took DeepSeek-V3's GEMM1 364 µs where the tuned one, the same as the H200 table's, takes 323; the FP8
-# heuristic took 2485 µs where a tuned tile took 1154 (both on the K-loop activation path). The package ships the
-# bf16 tables for the H200 and the quantized ones for both cards.
+# (`nbs/bench/quant_bench_w4a16tuned_h100_1fe07b0.json`, the run after FP4 was tuned, and
+# `quant_bench_fp8tuned_h100_1fe07b0.json`, after FP8 was): the heuristic's FP4 tile took DeepSeek-V3's GEMM1 364 µs
+# where the tuned one, the same as the H200 table's, takes 323; the FP8 heuristic took 2485 µs where a tuned tile
+# took 1154 (both on the K-loop activation path). The package ships bf16 tables for the H200, FP4 tables for both
+# cards and FP8 tables for the H100.
 #
 # > **Which M.** vLLM looks its batched configs up with the padded capacity `max_tokens`, which at decode is many
 # > times the real rows per expert (`fused_batched_moe.py`'s config lookup). moe-lit's launcher takes `expected_m`, the caller's estimate
