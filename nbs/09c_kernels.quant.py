@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import functools, os
+import contextlib, functools, os
 import torch
 import triton
 import triton.language as tl
@@ -1089,6 +1089,15 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
 FP8_ACT_QUANT = env_choice("MOE_LIT_FP8_ACT_QUANT", "launch", ("loop", "launch"))   # "launch": a quantizer first (faster
                                  # on every row measured, below); "loop": 1×128 groups quantized in the GEMMs' K loop
 
+@contextlib.contextmanager
+def fp8_activation_path(mode: str):      # "launch" or "loop": as MOE_LIT_FP8_ACT_QUANT would set it at import
+    "Within the block, 16-bit input of the FP8 GEMMs takes `mode`'s path (to compare the two in one process); restored after."
+    global FP8_ACT_QUANT
+    check_choice("mode", mode, ("launch", "loop"))
+    before, FP8_ACT_QUANT = FP8_ACT_QUANT, mode
+    try: yield
+    finally: FP8_ACT_QUANT = before
+
 def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 quantized by one launch first (`FP8_ACT_QUANT` 'launch', the default), or left 16-bit for the K loop ('loop'; block: when the K tile is its group; per token)."
     gran = wa["ACT_GRAN"]
@@ -1776,9 +1785,8 @@ wa13 = _weight_kernel_args(qw, "w13")
 bf = torch.bfloat16
 a16 = torch.zeros(2, 320, dtype=bf, device=DEVICE)
 test_eq(_fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3], 1 if FP8_ACT_QUANT == "loop" else 0)   # the default: a launch
-switches = _fp8_input.__globals__                             # the launchers' module (the notebook's, or moe_lit's)
-mode, switches["FP8_ACT_QUANT"] = switches["FP8_ACT_QUANT"], "loop"   # as MOE_LIT_FP8_ACT_QUANT=loop at import
-try:
+test_fail(lambda: fp8_activation_path("sometimes").__enter__(), contains="mode: expected one of")
+with fp8_activation_path("loop"):                              # as MOE_LIT_FP8_ACT_QUANT=loop at import
     assert _fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
     def same(x, y, name):                                          # equal bits, NaN where the other has NaN
         assert torch.equal(x.float().nan_to_num(7.0).cpu(), y.float().nan_to_num(7.0).cpu()), f"{name}: {cfg}"
@@ -1826,7 +1834,7 @@ try:
         same(y[pair_ok], fused_moe_gemm_quant(q, qc, sid, eid, ntp, 2, 16, SILU, wts, "input", a_scale=sc, out_dtype=bf,
                                               config=c)[pair_ok], "token contiguous GEMM1")
     test_eq(_fp8_input(a16, a16, (0, 0, 0), _weight_kernel_args(qc, "w13"), 64)[3], 2)
-finally: switches["FP8_ACT_QUANT"] = mode
+test_eq(_fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3], 1 if FP8_ACT_QUANT == "loop" else 0)   # restored after the block
 # MOE_LIT_FP8_ACT_QUANT=loop (read at import): no quantizer launch, the GEMM quantizes (QUANT_A 1); unset, the launch; a bad value raises
 code = ("import torch; from moe_lit.testing import record_launches; from moe_lit.kernels.quant import batched_moe_gemm_quant; "
         "from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights; "
@@ -1851,9 +1859,7 @@ assert r.returncode and "MOE_LIT_FP8_ACT_QUANT: expected 'loop' or 'launch', got
 
 # %%
 #| test quant_gemm_kernels_compile_for_sm90
-sw = _fp8_input.__globals__                          # FP8 block quantized in the K loop (MOE_LIT_FP8_ACT_QUANT=loop)
-mode, sw["FP8_ACT_QUANT"] = sw["FP8_ACT_QUANT"], "loop"
-try:
+with fp8_activation_path("loop"):                    # FP8 block quantized in the K loop (MOE_LIT_FP8_ACT_QUANT=loop)
     with record_launches() as seen:
         for i, scheme in enumerate(QUANT_SCHEMES[1:]):
             qw = quantize_expert_weights(*random_expert_weights(2, 128, 64, seed=60 + i), scheme)
@@ -1875,7 +1881,6 @@ try:
                 for cap in (None, 96):                        # the tuner's register cap (`14_bench`) reaches ptxas
                     batched_moe_gemm_quant(a, qw.relayout("mma128"), cnt, SILU, config=dict(
                         BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, **({"maxnreg": cap} if cap else {})))
-finally: sw["FP8_ACT_QUANT"] = mode
 res = assert_compiles_for_gpu(seen)
 tile32 = {r["spec"]["options"].get("maxnreg"): r for r in res if r["spec"]["constexprs"].get("BLOCK_M") == 32}
 assert tile32[None]["registers"] > 96 and tile32[96]["registers"] <= 96 and tile32[96]["stack_bytes"] == 0, \

@@ -425,6 +425,7 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
     from moe_lit.quant import QUANT_SCHEME_TABLE
     from moe_lit.quant_weights import quantize_expert_weights, FP4_LAYOUTS, FP4_KERNEL_LAYOUT
     from moe_lit.kernels.quant import batched_moe_gemm_quant, fused_moe_gemm_quant, quant_block_m
+    import moe_lit.kernels.quant as Q
     if not isinstance(fp4_layouts, (tuple, list)) or not fp4_layouts:
         raise ValueError(f"fp4_layouts: expected a non-empty tuple of 'kernel', 'plain', 'split64', got {fp4_layouts!r}")
     fp4_layouts = [FP4_KERNEL_LAYOUT if check_choice("fp4_layouts", lay, ("kernel", *FP4_LAYOUTS)) == "kernel" else lay
@@ -461,14 +462,12 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
                            contiguous_us=t_c * 1e6, contiguous_pct_floor=100 * floor_s / t_c,
                            batched_graph_us=replay(f_b) * 1e6, contiguous_graph_us=replay(f_c) * 1e6)
                 if scheme == "fp8_w8a8_block":               # the other activation path, for the comparison
-                    switches = batched_moe_gemm_quant.__globals__
-                    mode, switches["FP8_ACT_QUANT"] = switches["FP8_ACT_QUANT"], "launch" if \
-                        switches["FP8_ACT_QUANT"] == "loop" else "loop"
-                    other = "two_launch" if mode == "loop" else "k_loop"
-                    try: row.update({f"{other}_batched_us": bench(f_b) * 1e6, f"{other}_contiguous_us": bench(f_c) * 1e6,
-                                     f"{other}_batched_graph_us": replay(f_b) * 1e6,
-                                     f"{other}_contiguous_graph_us": replay(f_c) * 1e6})
-                    finally: switches["FP8_ACT_QUANT"] = mode
+                    mode = "launch" if Q.FP8_ACT_QUANT == "loop" else "loop"
+                    other = "two_launch" if mode == "launch" else "k_loop"
+                    with Q.fp8_activation_path(mode):
+                        row.update({f"{other}_batched_us": bench(f_b) * 1e6, f"{other}_contiguous_us": bench(f_c) * 1e6,
+                                    f"{other}_batched_graph_us": replay(f_b) * 1e6,
+                                    f"{other}_contiguous_graph_us": replay(f_c) * 1e6})
                 rows.append(row)
             qw = plain = None
         a = w13 = w2 = None
