@@ -1091,7 +1091,10 @@ FP8_ACT_QUANT = env_choice("MOE_LIT_FP8_ACT_QUANT", "launch", ("loop", "launch")
 
 @contextlib.contextmanager
 def fp8_activation_path(mode: str):      # "launch" or "loop": as MOE_LIT_FP8_ACT_QUANT would set it at import
-    "Within the block, 16-bit input of the FP8 GEMMs takes `mode`'s path (to compare the two in one process); restored after."
+    """Within the block, 16-bit input of the FP8 w8a8 GEMMs (`batched_moe_gemm_quant`, `fused_moe_gemm_quant` and the
+    layer's experts) takes `mode`'s path: "launch", a quantizer launch first, or "loop", each 1×128 group quantized in
+    the K loop (`FP8_ACT_QUANT`); the setting before is restored on exit. For comparing the two in one process. Not
+    thread-safe (a module switch). ValueError naming `mode` for another value."""
     global FP8_ACT_QUANT
     check_choice("mode", mode, ("launch", "loop"))
     before, FP8_ACT_QUANT = FP8_ACT_QUANT, mode
@@ -1733,7 +1736,7 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # K steps and the launcher quantizes first (`_fp8_input`; so does every GEMM whose K is below 128: its K tile is narrower
 # than a group). **The loop is not the default: measured, it is slower on
 # every row** (below), so the launchers quantize in a launch of their own unless `MOE_LIT_FP8_ACT_QUANT=loop` is set
-# before import. Per-token scales (`fp8_w8a8_channel`) need the
+# before import (in one process, `with fp8_activation_path("loop"):`). Per-token scales (`fp8_w8a8_channel`) need the
 # whole row first: the program makes one pass over the row's K tiles for its |max| (every split-K program reads the
 # whole row, so all of them hold the same scale), then quantizes each tile with it in the loop — `09b`'s token mode,
 # bit for bit, at the price of reading a few activation rows twice at decode. A per-tensor scale needs every row of

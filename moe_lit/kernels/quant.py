@@ -683,7 +683,7 @@ def _quant_block_m(static, E, expected_m, dtype, config_dir) -> int:
                          f"{config_dir or 'the package configs'})")
     return bm
 
-# %% ../../nbs/09c_kernels.quant.ipynb #86e059750512
+# %% ../../nbs/09c_kernels.quant.ipynb #008b2b97f5fb
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
     "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for per-tensor w8a8 (one scale over all rows: its own pass)."
     scheme, rows = qw.scheme, a.shape[-2]
@@ -717,7 +717,10 @@ FP8_ACT_QUANT = env_choice("MOE_LIT_FP8_ACT_QUANT", "launch", ("loop", "launch")
 
 @contextlib.contextmanager
 def fp8_activation_path(mode: str):      # "launch" or "loop": as MOE_LIT_FP8_ACT_QUANT would set it at import
-    "Within the block, 16-bit input of the FP8 GEMMs takes `mode`'s path (to compare the two in one process); restored after."
+    """Within the block, 16-bit input of the FP8 w8a8 GEMMs (`batched_moe_gemm_quant`, `fused_moe_gemm_quant` and the
+    layer's experts) takes `mode`'s path: "launch", a quantizer launch first, or "loop", each 1×128 group quantized in
+    the K loop (`FP8_ACT_QUANT`); the setting before is restored on exit. For comparing the two in one process. Not
+    thread-safe (a module switch). ValueError naming `mode` for another value."""
     global FP8_ACT_QUANT
     check_choice("mode", mode, ("launch", "loop"))
     before, FP8_ACT_QUANT = FP8_ACT_QUANT, mode
