@@ -136,28 +136,33 @@ class FusedMoE(torch.nn.Module):
         self.register_load_state_dict_post_hook(_requantize_after_load)
         self._build_hot_path()
 
-# %% ../nbs/12_layer.ipynb #f09517b688d9
+# %% ../nbs/12_layer.ipynb #8348af94ea4c
 def _facts(c: MoEConfig) -> tuple:
     "What a weight source must agree on with the layer (its dtype may differ: the layer casts)."
     act = (c.activation, c.swiglu_alpha, c.swiglu_limit) if c.activation == "swigluoai" else c.activation
     return (c.num_experts, c.hidden_size, c.intermediate_size, c.has_correction_bias, c.has_router_bias,
             c.has_expert_bias, act, c.num_shared_experts, c.shared_intermediate_size, c.shared_expert_gate)
 
-def _ids_text(t) -> str:
-    "Expert ids for a message: the list (a long one abridged), or what `t` is when it is not a 1-D integer tensor."
-    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex()):
-        return f"{str(t.dtype)[6:]} of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-    t = t.detach().cpu()
+def _ids_text(t: torch.Tensor) -> str:
+    "Int64 expert ids on the host for a message: the list, a long one abridged."
     return str(t.tolist()) if t.numel() <= 16 else f"{str(t[:8].tolist())[:-1]}, ... ({t.numel()} ids)"
+
+def _expert_ids_arg(name: str, t) -> torch.Tensor:
+    "`t` as the `[n]` int64 host tensor of expert ids a FusedMoE state_dict's `_extra_state` holds; ValueError naming `name`."
+    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype in (torch.int32, torch.int64) and not t.is_meta):
+        got = type(t).__name__ if not isinstance(t, torch.Tensor) else \
+            f"a {str(t.dtype)[6:]} tensor of shape {list(t.shape)}" + (" on meta (no values)" if t.is_meta else "")
+        raise ValueError(f"{name}: expected the 1-D int32/int64 tensor of logical expert ids a FusedMoE's state_dict "
+                         f"carries, got {got}")
+    return t.detach().to("cpu", torch.int64)
 
 def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
     "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
     if weights is None: return RandomExpertWeights(config, seed)
     if isinstance(weights, Mapping):
         if "_extra_state" in weights:                # a FusedMoE state_dict: global only if it holds every expert
-            ids = weights["_extra_state"]
-            if not (isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point()
-                    and torch.equal(ids.detach().cpu().long(), torch.arange(config.num_experts))):
+            ids = _expert_ids_arg("weights['_extra_state']", weights["_extra_state"])
+            if not torch.equal(ids, torch.arange(config.num_experts)):
                 raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {config.num_experts - 1} of a "
                                  f"single-device layer's state_dict (global tensors), got {_ids_text(ids)}: one rank's "
                                  f"state_dict holds only its experts; load it into that rank's layer with load_state_dict")
@@ -229,7 +234,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #a53988edf0a4
+# %% ../nbs/12_layer.ipynb #c0db82e25775
 @patch
 def get_extra_state(self: FusedMoE) -> torch.Tensor:
     "`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's `_extra_state`)."
@@ -243,12 +248,9 @@ def set_extra_state(self: FusedMoE, state) -> None:
 def _check_expert_ids(module, state_dict, prefix):
     "A state_dict's `_extra_state` must name the experts `module` holds (another EP rank's weights have the same shapes)."
     key, own = prefix + "_extra_state", module.get_extra_state()
-    got = state_dict.get(key)
-    if got is None: state_dict[key] = own; return      # built by hand: nothing says whose experts (strict loads pass)
-    if not (isinstance(got, torch.Tensor) and got.dtype in (torch.int32, torch.int64) and got.dim() == 1):
-        raise ValueError(f"state_dict[{key!r}]: expected the 1-D int64 tensor of the logical expert ids a FusedMoE's "
-                         f"state_dict carries, got {_ids_text(got)}")
-    if not torch.equal(got.detach().to("cpu", torch.int64), own):
+    if key not in state_dict: state_dict[key] = own; return   # built by hand: nothing says whose experts (strict loads
+    got = _expert_ids_arg(f"state_dict[{key!r}]", state_dict[key])   # pass; another rank's weights are not caught)
+    if not torch.equal(got, own):
         p = module.placement
         raise ValueError(f"state_dict[{key!r}]: expected the experts this layer holds (EP rank {p.ep_rank} of "
                          f"{p.ep_size}, logical ids {_ids_text(own)}), got ids {_ids_text(got)}: the weights of another "

@@ -615,10 +615,11 @@ def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heur
         raise ValueError(f"config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory of tile tables, got {config_dir!r}")
     M = max(1, M)                                   # no rows expected: size the tile as for one
     for name in (device_name, *TILE_TABLE_SIBLINGS.get(device_name, ())):   # the card's own tables, else a sibling's
-        table = next((t for dt in (dtype, None) if (t := _load_table(tile_config_path(kernel, E, N, name, dt, config_dir)))), None)
-        if not table: continue
-        m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
-        if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
+        table = next((t for dt in (dtype, None) if (t := _load_table(tile_config_path(kernel, E, N, name, dt, config_dir)))
+                      is not None), None)
+        if table is None: continue                    # no file: a sibling's, else the heuristic
+        m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m), default=None)   # nearest as a ratio
+        if m is not None and abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
         break                                         # a table, but nothing measured near M: the heuristic
     cfg = heuristic(E, N, K, M, dtype)
     try:
@@ -701,6 +702,10 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(lookup_tile_config("batched_moe_gemm", 40, 4096, 7168, 400, torch.bfloat16, h100, d), own)   # it wins
     test_eq(lookup_tile_config("batched_moe_gemm", 40, 4096, 7168, 20, torch.bfloat16, h100, d),   # nothing near 20 in it:
             default_tile_config(40, 4096, 7168, 20, torch.bfloat16))          # the heuristic, not the sibling's entry
+    tile_config_path("batched_moe_gemm", 41, 4096, "NVIDIA H200", torch.bfloat16, d).write_text(json.dumps({"16": small}))
+    tile_config_path("batched_moe_gemm", 41, 4096, h100, torch.bfloat16, d).write_text("{}")   # its own, empty: a table
+    test_eq(lookup_tile_config("batched_moe_gemm", 41, 4096, 7168, 20, torch.bfloat16, h100, d),   # with nothing near M
+            default_tile_config(41, 4096, 7168, 20, torch.bfloat16))
 for bad in (5, "", 0, False):                                                        # never a silent fall-through
     test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=bad), contains="config_dir: expected a directory")
 for kw, msg in ((dict(kernel=["k"]), "kernel: expected a kernel name"), (dict(dtype=[torch.bfloat16]), "dtype: expected one of"),

@@ -625,12 +625,16 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
         raise ValueError("weight_stage: expected None or 'input' with a gated activation (a router weight on GEMM1's "
                          "output would scale only the gate half before the activation), got 'output'")
     check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32, contiguous=True)
-    extra = sorted_token_ids.numel() - num_pairs     # moe_align_block_size's length: pairs + num_experts · (block_m - 1)
-    if extra < 0 or (extra % (block_m - 1) if block_m > 1 else extra):   # (its padding id is its pair count: with
-        raise ValueError(                              # another count here, padding would be read as a pair)
-            f"sorted_token_ids: expected {num_pairs} + num_experts · {block_m - 1} entries (moe_align_block_size's length "
-            f"for the {num_pairs} pairs of these rows and top_k={top_k}, block_m={block_m}), got {sorted_token_ids.numel()}: "
-            f"align the same rows with the same top_k and block_m")
+    # The layouts' lengths: moe_align_block_size's pairs + num_experts · (block_m - 1), moe_pair_blocks' pairs · block_m
+    # — both pairs + a multiple of block_m - 1. Their padding id is their pair count: with another count here, padding
+    # would be read as a pair, or pairs dropped. The length catches most such mismatches (not every one: the number
+    # of experts is the alignment's, not known here); with no pairs nothing is read or written.
+    extra = sorted_token_ids.numel() - num_pairs
+    if num_pairs and (extra < 0 or (extra % (block_m - 1) if block_m > 1 else extra)):
+        raise ValueError(
+            f"sorted_token_ids: expected {num_pairs} + a multiple of {block_m - 1} entries (the length moe_align_block_size "
+            f"and moe_pair_blocks give the {num_pairs} pairs of these rows at top_k={top_k}, block_m={block_m}), got "
+            f"{sorted_token_ids.numel()}: align the same rows with the same top_k and block_m")
     check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32, contiguous=True)
     check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32, contiguous=True)
     if weight_stage is not None:
@@ -1033,7 +1037,10 @@ assert out[s[:16][s[:16] < T * k].long()].isnan().all()
 for top_k, rows in ((3, "token"), (1, "token"), (2, "pair")):     # not the alignment's pairs: its padding id (6) would
     xx = x if rows == "token" else torch.randn(T * 3, H, device=DEVICE)   # be a pair of another count, read as one
     test_fail(lambda: fused_moe_gemm(xx, w, s, e, n, top_k, 16, "silu_and_mul", rows=rows),
-              contains=f"sorted_token_ids: expected {xx.shape[0] * (top_k if rows == 'token' else 1)} + num_experts · 15 entries")
+              contains=f"sorted_token_ids: expected {xx.shape[0] * (top_k if rows == 'token' else 1)} + a multiple of 15 entries")
+for top_k in (1, 2):                                               # no pairs: nothing read or written, any layout
+    for layout in (moe_align_block_size(ids[:0], 16, E), moe_pair_blocks(ids[:0], 16, E)):
+        test_eq(fused_moe_gemm(x[:0], w, *layout, top_k, 16, "silu_and_mul").shape, (0, I))
 wts = torch.rand(T, k, device=DEVICE)
 test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids + 5), contains="local_ids: expected values in [-1, 2)")
 y = TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, torch.where(ids == 1, 9, ids).int(), validate=False)

@@ -1089,14 +1089,16 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
 FP8_ACT_QUANT = env_choice("MOE_LIT_FP8_ACT_QUANT", "launch", ("loop", "launch"))   # "launch": a quantizer first (faster
                                  # on every row measured, below); "loop": 1×128 groups quantized in the GEMMs' K loop
 
-@contextlib.contextmanager
 def fp8_activation_path(mode: str):      # "launch" or "loop": as MOE_LIT_FP8_ACT_QUANT would set it at import
     """Within the block, 16-bit input of the FP8 w8a8 GEMMs (`batched_moe_gemm_quant`, `fused_moe_gemm_quant` and the
     layer's experts) takes `mode`'s path: "launch", a quantizer launch first, or "loop", each 1×128 group quantized in
     the K loop (`FP8_ACT_QUANT`); the setting before is restored on exit. For comparing the two in one process. Not
-    thread-safe (a module switch). ValueError naming `mode` for another value."""
+    thread-safe (a module switch). ValueError naming `mode` for another value, when called."""
+    return _fp8_activation_path(check_choice("mode", mode, ("launch", "loop")))
+
+@contextlib.contextmanager
+def _fp8_activation_path(mode: str):
     global FP8_ACT_QUANT
-    check_choice("mode", mode, ("launch", "loop"))
     before, FP8_ACT_QUANT = FP8_ACT_QUANT, mode
     try: yield
     finally: FP8_ACT_QUANT = before
@@ -1788,7 +1790,7 @@ wa13 = _weight_kernel_args(qw, "w13")
 bf = torch.bfloat16
 a16 = torch.zeros(2, 320, dtype=bf, device=DEVICE)
 test_eq(_fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3], 1 if FP8_ACT_QUANT == "loop" else 0)   # the default: a launch
-test_fail(lambda: fp8_activation_path("sometimes").__enter__(), contains="mode: expected one of")
+test_fail(lambda: fp8_activation_path("sometimes"), contains="mode: expected one of")
 with fp8_activation_path("loop"):                              # as MOE_LIT_FP8_ACT_QUANT=loop at import
     assert _fp8_input(a16, a16, (0, 0, 0), wa13, 128)[3] and not _fp8_input(a16, a16, (0, 0, 0), wa13, 64)[3]
     def same(x, y, name):                                          # equal bits, NaN where the other has NaN

@@ -256,21 +256,26 @@ def _facts(c: MoEConfig) -> tuple:
     return (c.num_experts, c.hidden_size, c.intermediate_size, c.has_correction_bias, c.has_router_bias,
             c.has_expert_bias, act, c.num_shared_experts, c.shared_intermediate_size, c.shared_expert_gate)
 
-def _ids_text(t) -> str:
-    "Expert ids for a message: the list (a long one abridged), or what `t` is when it is not a 1-D integer tensor."
-    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex()):
-        return f"{str(t.dtype)[6:]} of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-    t = t.detach().cpu()
+def _ids_text(t: torch.Tensor) -> str:
+    "Int64 expert ids on the host for a message: the list, a long one abridged."
     return str(t.tolist()) if t.numel() <= 16 else f"{str(t[:8].tolist())[:-1]}, ... ({t.numel()} ids)"
+
+def _expert_ids_arg(name: str, t) -> torch.Tensor:
+    "`t` as the `[n]` int64 host tensor of expert ids a FusedMoE state_dict's `_extra_state` holds; ValueError naming `name`."
+    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype in (torch.int32, torch.int64) and not t.is_meta):
+        got = type(t).__name__ if not isinstance(t, torch.Tensor) else \
+            f"a {str(t.dtype)[6:]} tensor of shape {list(t.shape)}" + (" on meta (no values)" if t.is_meta else "")
+        raise ValueError(f"{name}: expected the 1-D int32/int64 tensor of logical expert ids a FusedMoE's state_dict "
+                         f"carries, got {got}")
+    return t.detach().to("cpu", torch.int64)
 
 def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
     "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
     if weights is None: return RandomExpertWeights(config, seed)
     if isinstance(weights, Mapping):
         if "_extra_state" in weights:                # a FusedMoE state_dict: global only if it holds every expert
-            ids = weights["_extra_state"]
-            if not (isinstance(ids, torch.Tensor) and ids.dim() == 1 and not ids.is_floating_point()
-                    and torch.equal(ids.detach().cpu().long(), torch.arange(config.num_experts))):
+            ids = _expert_ids_arg("weights['_extra_state']", weights["_extra_state"])
+            if not torch.equal(ids, torch.arange(config.num_experts)):
                 raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {config.num_experts - 1} of a "
                                  f"single-device layer's state_dict (global tensors), got {_ids_text(ids)}: one rank's "
                                  f"state_dict holds only its experts; load it into that rank's layer with load_state_dict")
@@ -372,12 +377,9 @@ def set_extra_state(self: FusedMoE, state) -> None:
 def _check_expert_ids(module, state_dict, prefix):
     "A state_dict's `_extra_state` must name the experts `module` holds (another EP rank's weights have the same shapes)."
     key, own = prefix + "_extra_state", module.get_extra_state()
-    got = state_dict.get(key)
-    if got is None: state_dict[key] = own; return      # built by hand: nothing says whose experts (strict loads pass)
-    if not (isinstance(got, torch.Tensor) and got.dtype in (torch.int32, torch.int64) and got.dim() == 1):
-        raise ValueError(f"state_dict[{key!r}]: expected the 1-D int64 tensor of the logical expert ids a FusedMoE's "
-                         f"state_dict carries, got {_ids_text(got)}")
-    if not torch.equal(got.detach().to("cpu", torch.int64), own):
+    if key not in state_dict: state_dict[key] = own; return   # built by hand: nothing says whose experts (strict loads
+    got = _expert_ids_arg(f"state_dict[{key!r}]", state_dict[key])   # pass; another rank's weights are not caught)
+    if not torch.equal(got, own):
         p = module.placement
         raise ValueError(f"state_dict[{key!r}]: expected the experts this layer holds (EP rank {p.ep_rank} of "
                          f"{p.ep_size}, logical ids {_ids_text(own)}), got ids {_ids_text(got)}: the weights of another "
@@ -1253,7 +1255,9 @@ for backend, quant in (("nixl_ep", "unquantized"), ("allgather_reducescatter", "
     test_fail(lambda: r0.load_state_dict(sd1), contains="state_dict['_extra_state']: expected the experts this layer "
               "holds (EP rank 0 of 2, logical ids [0, 1]), got ids [2, 3]")
     assert all(torch.equal(v, sd0[k]) for k, v in r0.state_dict().items()) and torch.equal(r0(x), y)   # nothing changed
-    for bad, msg in (([0, 1], "got list"), (torch.tensor([0.0, 1.0]), "got float32 of shape [2]")):
+    for bad, msg in (([0, 1], "got list"), (torch.tensor([0.0, 1.0]), "got a float32 tensor of shape [2]"), (None, "got NoneType"),
+                     (torch.tensor([0, 1], dtype=torch.uint8), "got a uint8 tensor"),
+                     (torch.arange(2, device="meta"), "on meta (no values)")):
         test_fail(lambda: r0.load_state_dict({**sd0, "_extra_state": bad}), contains=msg)
     r0.load_state_dict(sd0)                                                     # its own
     r0.load_state_dict({k: v for k, v in sd0.items() if k != "_extra_state"})    # built by hand: strict, no key
@@ -1272,6 +1276,8 @@ glob = FusedMoE(one, seed=2, device=DEVICE).state_dict()                      # 
 test_eq(torch.equal(FusedMoE(mk(1), weights=glob, device=DEVICE).w13, FusedMoE(mk(1), seed=2, device=DEVICE).w13), True)
 test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": torch.tensor([2, 3])}),
           contains="weights['_extra_state']: expected the ids 0 .. 3 of a single-device layer's state_dict")
+for bad in (None, torch.arange(4, dtype=torch.uint8), torch.arange(4, device="meta")):   # as load_state_dict refuses them
+    test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": bad}), contains="weights['_extra_state']: expected the 1-D")
 
 # %% [markdown]
 # An in-place edit of a weight the hot path keeps a copy of — the gate (its bf16 copy for the router's GEMM), a

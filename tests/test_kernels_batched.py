@@ -93,6 +93,10 @@ def test_tile_config_table():
         test_eq(lookup_tile_config("batched_moe_gemm", 40, 4096, 7168, 400, torch.bfloat16, h100, d), own)   # it wins
         test_eq(lookup_tile_config("batched_moe_gemm", 40, 4096, 7168, 20, torch.bfloat16, h100, d),   # nothing near 20 in it:
                 default_tile_config(40, 4096, 7168, 20, torch.bfloat16))          # the heuristic, not the sibling's entry
+        tile_config_path("batched_moe_gemm", 41, 4096, "NVIDIA H200", torch.bfloat16, d).write_text(json.dumps({"16": small}))
+        tile_config_path("batched_moe_gemm", 41, 4096, h100, torch.bfloat16, d).write_text("{}")   # its own, empty: a table
+        test_eq(lookup_tile_config("batched_moe_gemm", 41, 4096, 7168, 20, torch.bfloat16, h100, d),   # with nothing near M
+                default_tile_config(41, 4096, 7168, 20, torch.bfloat16))
     for bad in (5, "", 0, False):                                                        # never a silent fall-through
         test_fail(lambda: lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 20, torch.bfloat16, config_dir=bad), contains="config_dir: expected a directory")
     for kw, msg in ((dict(kernel=["k"]), "kernel: expected a kernel name"), (dict(dtype=[torch.bfloat16]), "dtype: expected one of"),

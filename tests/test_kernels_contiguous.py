@@ -266,7 +266,10 @@ def test_contiguous_bad_input():
     for top_k, rows in ((3, "token"), (1, "token"), (2, "pair")):     # not the alignment's pairs: its padding id (6) would
         xx = x if rows == "token" else torch.randn(T * 3, H, device=DEVICE)   # be a pair of another count, read as one
         test_fail(lambda: fused_moe_gemm(xx, w, s, e, n, top_k, 16, "silu_and_mul", rows=rows),
-                  contains=f"sorted_token_ids: expected {xx.shape[0] * (top_k if rows == 'token' else 1)} + num_experts · 15 entries")
+                  contains=f"sorted_token_ids: expected {xx.shape[0] * (top_k if rows == 'token' else 1)} + a multiple of 15 entries")
+    for top_k in (1, 2):                                               # no pairs: nothing read or written, any layout
+        for layout in (moe_align_block_size(ids[:0], 16, E), moe_pair_blocks(ids[:0], 16, E)):
+            test_eq(fused_moe_gemm(x[:0], w, *layout, top_k, 16, "silu_and_mul").shape, (0, I))
     wts = torch.rand(T, k, device=DEVICE)
     test_fail(lambda: TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, ids + 5), contains="local_ids: expected values in [-1, 2)")
     y = TritonExperts().apply(x, w, torch.randn(E, H, I, device=DEVICE), wts, torch.where(ids == 1, 9, ids).int(), validate=False)

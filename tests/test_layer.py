@@ -386,7 +386,9 @@ def test_state_dict_names_its_experts():
         test_fail(lambda: r0.load_state_dict(sd1), contains="state_dict['_extra_state']: expected the experts this layer "
                   "holds (EP rank 0 of 2, logical ids [0, 1]), got ids [2, 3]")
         assert all(torch.equal(v, sd0[k]) for k, v in r0.state_dict().items()) and torch.equal(r0(x), y)   # nothing changed
-        for bad, msg in (([0, 1], "got list"), (torch.tensor([0.0, 1.0]), "got float32 of shape [2]")):
+        for bad, msg in (([0, 1], "got list"), (torch.tensor([0.0, 1.0]), "got a float32 tensor of shape [2]"), (None, "got NoneType"),
+                         (torch.tensor([0, 1], dtype=torch.uint8), "got a uint8 tensor"),
+                         (torch.arange(2, device="meta"), "on meta (no values)")):
             test_fail(lambda: r0.load_state_dict({**sd0, "_extra_state": bad}), contains=msg)
         r0.load_state_dict(sd0)                                                     # its own
         r0.load_state_dict({k: v for k, v in sd0.items() if k != "_extra_state"})    # built by hand: strict, no key
@@ -405,6 +407,8 @@ def test_state_dict_names_its_experts():
     test_eq(torch.equal(FusedMoE(mk(1), weights=glob, device=DEVICE).w13, FusedMoE(mk(1), seed=2, device=DEVICE).w13), True)
     test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": torch.tensor([2, 3])}),
               contains="weights['_extra_state']: expected the ids 0 .. 3 of a single-device layer's state_dict")
+    for bad in (None, torch.arange(4, dtype=torch.uint8), torch.arange(4, device="meta")):   # as load_state_dict refuses them
+        test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": bad}), contains="weights['_extra_state']: expected the 1-D")
 
 
 def test_layer_follows_inplace_edits():

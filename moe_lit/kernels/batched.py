@@ -328,7 +328,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #b86f06e9df41
+# %% ../../nbs/06_kernels.batched.ipynb #cae56bef548d
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -370,10 +370,11 @@ def _lookup_tile_config(kernel, E, N, K, M, dtype, device_name, config_dir, heur
         raise ValueError(f"config_dir / MOE_LIT_TILE_CONFIG_DIR: expected an existing directory of tile tables, got {config_dir!r}")
     M = max(1, M)                                   # no rows expected: size the tile as for one
     for name in (device_name, *TILE_TABLE_SIBLINGS.get(device_name, ())):   # the card's own tables, else a sibling's
-        table = next((t for dt in (dtype, None) if (t := _load_table(tile_config_path(kernel, E, N, name, dt, config_dir)))), None)
-        if not table: continue
-        m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m))   # nearest as a ratio
-        if abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
+        table = next((t for dt in (dtype, None) if (t := _load_table(tile_config_path(kernel, E, N, name, dt, config_dir)))
+                      is not None), None)
+        if table is None: continue                    # no file: a sibling's, else the heuristic
+        m = min(table, key=lambda m: (abs(math.log2(max(1, m) / M)), m), default=None)   # nearest as a ratio
+        if m is not None and abs(math.log2(max(1, m) / M)) <= math.log2(TILE_TABLE_REACH): return dict(table[m])
         break                                         # a table, but nothing measured near M: the heuristic
     cfg = heuristic(E, N, K, M, dtype)
     try:

@@ -319,7 +319,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #bfd3c1d7bae0
+# %% ../../nbs/08_kernels.contiguous.ipynb #2a1bbf450a03
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -446,12 +446,16 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
         raise ValueError("weight_stage: expected None or 'input' with a gated activation (a router weight on GEMM1's "
                          "output would scale only the gate half before the activation), got 'output'")
     check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtype=torch.int32, contiguous=True)
-    extra = sorted_token_ids.numel() - num_pairs     # moe_align_block_size's length: pairs + num_experts · (block_m - 1)
-    if extra < 0 or (extra % (block_m - 1) if block_m > 1 else extra):   # (its padding id is its pair count: with
-        raise ValueError(                              # another count here, padding would be read as a pair)
-            f"sorted_token_ids: expected {num_pairs} + num_experts · {block_m - 1} entries (moe_align_block_size's length "
-            f"for the {num_pairs} pairs of these rows and top_k={top_k}, block_m={block_m}), got {sorted_token_ids.numel()}: "
-            f"align the same rows with the same top_k and block_m")
+    # The layouts' lengths: moe_align_block_size's pairs + num_experts · (block_m - 1), moe_pair_blocks' pairs · block_m
+    # — both pairs + a multiple of block_m - 1. Their padding id is their pair count: with another count here, padding
+    # would be read as a pair, or pairs dropped. The length catches most such mismatches (not every one: the number
+    # of experts is the alignment's, not known here); with no pairs nothing is read or written.
+    extra = sorted_token_ids.numel() - num_pairs
+    if num_pairs and (extra < 0 or (extra % (block_m - 1) if block_m > 1 else extra)):
+        raise ValueError(
+            f"sorted_token_ids: expected {num_pairs} + a multiple of {block_m - 1} entries (the length moe_align_block_size "
+            f"and moe_pair_blocks give the {num_pairs} pairs of these rows at top_k={top_k}, block_m={block_m}), got "
+            f"{sorted_token_ids.numel()}: align the same rows with the same top_k and block_m")
     check_tensor("expert_ids", expert_ids, shape=(-(-sorted_token_ids.numel() // block_m),), dtype=torch.int32, contiguous=True)
     check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32, contiguous=True)
     if weight_stage is not None:

@@ -683,7 +683,7 @@ def _quant_block_m(static, E, expected_m, dtype, config_dir) -> int:
                          f"{config_dir or 'the package configs'})")
     return bm
 
-# %% ../../nbs/09c_kernels.quant.ipynb #008b2b97f5fb
+# %% ../../nbs/09c_kernels.quant.ipynb #0eb3715dcbbc
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
     "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for per-tensor w8a8 (one scale over all rows: its own pass)."
     scheme, rows = qw.scheme, a.shape[-2]
@@ -715,14 +715,16 @@ def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batche
 FP8_ACT_QUANT = env_choice("MOE_LIT_FP8_ACT_QUANT", "launch", ("loop", "launch"))   # "launch": a quantizer first (faster
                                  # on every row measured, below); "loop": 1×128 groups quantized in the GEMMs' K loop
 
-@contextlib.contextmanager
 def fp8_activation_path(mode: str):      # "launch" or "loop": as MOE_LIT_FP8_ACT_QUANT would set it at import
     """Within the block, 16-bit input of the FP8 w8a8 GEMMs (`batched_moe_gemm_quant`, `fused_moe_gemm_quant` and the
     layer's experts) takes `mode`'s path: "launch", a quantizer launch first, or "loop", each 1×128 group quantized in
     the K loop (`FP8_ACT_QUANT`); the setting before is restored on exit. For comparing the two in one process. Not
-    thread-safe (a module switch). ValueError naming `mode` for another value."""
+    thread-safe (a module switch). ValueError naming `mode` for another value, when called."""
+    return _fp8_activation_path(check_choice("mode", mode, ("launch", "loop")))
+
+@contextlib.contextmanager
+def _fp8_activation_path(mode: str):
     global FP8_ACT_QUANT
-    check_choice("mode", mode, ("launch", "loop"))
     before, FP8_ACT_QUANT = FP8_ACT_QUANT, mode
     try: yield
     finally: FP8_ACT_QUANT = before
