@@ -206,12 +206,13 @@ def _finite(name: str, t: torch.Tensor, expert_ids, source) -> torch.Tensor:
         if hasattr(source, "description"): where.append(f"from {source.description}")
         raise ValueError(f"{e} ({'; '.join(where)})" if where else str(e)) from None
 
-# %% ../nbs/12_layer.ipynb #03f76c4f4fa0
+# %% ../nbs/12_layer.ipynb #ba08a9c97f1f
 @patch
 def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
     c = self.config
     ids = (self.placement.local_to_global % c.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
+    self._expert_ids = torch.tensor(ids, dtype=torch.int64)        # (on the host: the state_dict's `_extra_state`)
     pad = c.padded_hidden_size - c.hidden_size                     # the backend's wire size (zero columns)
     ex = _checked(source.experts(ids), c, ("w13", "w2", "w13_bias", "w2_bias"), num=len(ids), expert_ids=ids,
                   source=source)
@@ -234,12 +235,11 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #c0db82e25775
+# %% ../nbs/12_layer.ipynb #92eb663b63ad
 @patch
 def get_extra_state(self: FusedMoE) -> torch.Tensor:
     "`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's `_extra_state`)."
-    return torch.tensor(self._settings["placement"][4], dtype=torch.int64) % self.config.num_experts   # (recorded at
-                                                                   # construction, on the host: a meta layer has them too)
+    return self._expert_ids.clone()            # the ids `_load_experts` loaded (on the host: a meta layer has them too)
 
 @patch
 def set_extra_state(self: FusedMoE, state) -> None:

@@ -327,6 +327,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     "This rank's experts from `source`: checked, cast, padded, quantized (or their stored codes taken as they are)."
     c = self.config
     ids = (self.placement.local_to_global % c.num_experts).tolist()   # EPLB: physical p holds logical p % num_experts
+    self._expert_ids = torch.tensor(ids, dtype=torch.int64)        # (on the host: the state_dict's `_extra_state`)
     pad = c.padded_hidden_size - c.hidden_size                     # the backend's wire size (zero columns)
     ex = _checked(source.experts(ids), c, ("w13", "w2", "w13_bias", "w2_bias"), num=len(ids), expert_ids=ids,
                   source=source)
@@ -367,8 +368,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
 @patch
 def get_extra_state(self: FusedMoE) -> torch.Tensor:
     "`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's `_extra_state`)."
-    return torch.tensor(self._settings["placement"][4], dtype=torch.int64) % self.config.num_experts   # (recorded at
-                                                                   # construction, on the host: a meta layer has them too)
+    return self._expert_ids.clone()            # the ids `_load_experts` loaded (on the host: a meta layer has them too)
 
 @patch
 def set_extra_state(self: FusedMoE, state) -> None:
