@@ -632,9 +632,8 @@ def _device_name() -> str:
     "The current device's name, asked once (launchers look tables up on every call)."
     return torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
 
-@functools.lru_cache(maxsize=256)
-def _load_table(path: Path) -> dict | None:
-    "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
+def read_tile_table(path: Path) -> dict | None:
+    "The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the file."
     if path.is_symlink() and not path.exists():     # a link to nothing (or a loop): not silently "no table"
         raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere")
     if not path.exists(): return None
@@ -650,6 +649,8 @@ def _load_table(path: Path) -> dict | None:
         except ValueError as e: raise ValueError(f"tile table {path}, entry {key!r}: {e}") from None
         table[int(key)] = cfg
     return table
+
+_load_table = functools.lru_cache(maxsize=256)(read_tile_table)   # read once per process: launchers look tables up on every call
 
 # %%
 #| test tile_config_table

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from moe_lit.terms import check_int, check_choice, progress
 from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
-from moe_lit.kernels.batched import _load_table
+from moe_lit.kernels.batched import read_tile_table
 
 # %%
 #| hide
@@ -353,8 +353,8 @@ def source_commit() -> str:
 def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -> None:
     "Write the winning tile into `kernel`'s JSON table, keyed by the scenario's expected rows per expert."
     p = tile_config_path(kernel, sc["E"], sc["N"], device_name, torch.bfloat16, config_dir)
-    table = {str(m): c for m, c in (_load_table.__wrapped__(p) or {}).items()}   # read as the launchers do (checked;
-    table[str(max(1, sc["rows"] // sc["E"]))] = cfg                              # uncached: this run wrote it)
+    table = {str(m): c for m, c in (read_tile_table(p) or {}).items()}   # read as the launchers do, checked
+    table[str(max(1, sc["rows"] // sc["E"]))] = cfg                              # (uncached: this run wrote it)
     p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
 
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
@@ -369,7 +369,7 @@ def run_bench(out_json: str | Path | None = None, tune: bool | str = False, conf
     device = measure_device()
     for sc in (scenarios or SCENARIOS) if tune else ():                   # the tables tuning will add to: readable
         for kernel in tune:
-            _load_table.__wrapped__(tile_config_path(kernel, sc["E"], sc["N"], device["device_name"], torch.bfloat16, config_dir))
+            read_tile_table(tile_config_path(kernel, sc["E"], sc["N"], device["device_name"], torch.bfloat16, config_dir))
     results = []
     for sc in progress(scenarios or SCENARIOS, "scenarios"):
         if on_scenario: on_scenario(sc["name"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from moe_lit.terms import check_int, check_choice, progress
 from moe_lit.kernels.batched import batched_moe_gemm, lookup_tile_config, tile_config_path, fit_shared_memory, INTERPRET
-from moe_lit.kernels.batched import _load_table
+from moe_lit.kernels.batched import read_tile_table
 from fastcore.test import test_eq, test_fail, test_close
 from moe_lit.kernels.batched import split_k_factor, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.quant import QUANT_SCHEME_TABLE

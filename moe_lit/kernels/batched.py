@@ -22,9 +22,9 @@ __all__ = ['INTERPRET', 'PDL', 'PDL_IN_CHAIN', 'TILE_KEYS', 'DEVICE', 'TILE_TABL
            'TILE_DEFAULTS', 'FAST_LAUNCH', 'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM',
            'COUNTERS_MIN', 'GEMM_CASES', 'check_activation', 'batched_gemm_reference', 'gated_activation',
            'add_expert_bias', 'plot_tile_map', 'check_tile_config', 'default_tile_config', 'tile_config_path',
-           'lookup_tile_config', 'check_extent', 'check_kernel_device', 'check_expert_bias', 'fit_shared_memory',
-           'epilogue_args', 'epilogue_constants', 'launch_key', 'launch_values', 'pdl_kwargs', 'launch_kernel',
-           'split_k_factor', 'split_k_launch', 'arrival_counters', 'expert_slots', 'check_max_active',
+           'lookup_tile_config', 'read_tile_table', 'check_extent', 'check_kernel_device', 'check_expert_bias',
+           'fit_shared_memory', 'epilogue_args', 'epilogue_constants', 'launch_key', 'launch_values', 'pdl_kwargs',
+           'launch_kernel', 'split_k_factor', 'split_k_launch', 'arrival_counters', 'expert_slots', 'check_max_active',
            'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
@@ -328,7 +328,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #cae56bef548d
+# %% ../../nbs/06_kernels.batched.ipynb #6d87ea98c821
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -387,9 +387,8 @@ def _device_name() -> str:
     "The current device's name, asked once (launchers look tables up on every call)."
     return torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
 
-@functools.lru_cache(maxsize=256)
-def _load_table(path: Path) -> dict | None:
-    "A parsed, checked tile table, read once per process (launchers look tables up on every call); ValueError naming the file."
+def read_tile_table(path: Path) -> dict | None:
+    "The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the file."
     if path.is_symlink() and not path.exists():     # a link to nothing (or a loop): not silently "no table"
         raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere")
     if not path.exists(): return None
@@ -405,6 +404,8 @@ def _load_table(path: Path) -> dict | None:
         except ValueError as e: raise ValueError(f"tile table {path}, entry {key!r}: {e}") from None
         table[int(key)] = cfg
     return table
+
+_load_table = functools.lru_cache(maxsize=256)(read_tile_table)   # read once per process: launchers look tables up on every call
 
 # %% ../../nbs/06_kernels.batched.ipynb #4ed0db21cc4e
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
