@@ -22,7 +22,7 @@ from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.quant_weights import random_activations
 from moe_lit.testing import poison_rows
-from moe_lit.kernels.quant_act import _fp8_quantize_activations, _act_quant_block_rows
+from moe_lit.kernels.quant_act import _act_quant_block_rows
 
 # %% [markdown]
 # In this notebook: `fp8_quantize_activations` (a Triton kernel) and its spec `fp8_quantize_activations_reference`.
@@ -208,19 +208,16 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     return _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k)
 
-ACT_QUANT_MIN_ROWS = 16     # the fewest rows of a batched quantizer program when the expected rows are fewer
+ACT_QUANT_BATCHED_ROWS = 8   # rows of one quantizer program in the batched layout (the contiguous one takes up to 64)
 
-def _act_quant_block_rows(group: int, expected_rows: int | None) -> int:
-    """Rows of one quantizer program: up to 64 and 8192 elements; in the batched layout, with `expected_rows` (valid
-    rows per expert) given, `next_pow2(expected_rows)` but at least `ACT_QUANT_MIN_ROWS`. Each program of the batched
-    grid loads its whole [rows, group] tile under the count's mask, so a 64-row tile over an expert of 4 valid rows
-    spends its time on masked lanes: on an H100, Qwen3-30B-A3B decode's quantizer (128 experts of 64 slots, 4 rows
-    expected) took 57.7 µs with 64 rows a program, where the GEMM after it took 139 µs (`nbs/bench/ncu_fp8_h100_2345c90.txt`)."""
-    r = max(1, min(64, 8192 // group))
-    return r if expected_rows is None else min(r, max(ACT_QUANT_MIN_ROWS, _next_pow2(expected_rows)))
+def _act_quant_block_rows(group: int,          # columns of one program (the scale group, or the padded row)
+                          batched: bool) -> int:
+    """Rows of one quantizer program: at most 8192 elements; 64 rows in the contiguous layout, `ACT_QUANT_BATCHED_ROWS`
+    in the batched one. A batched program loads its whole tile under its expert's count mask, and decode's experts hold
+    a few valid rows each, so short tiles finish sooner (`nbs/bench/act_quant_rows_h100_fd9e6e2.json`)."""
+    return max(1, min(ACT_QUANT_BATCHED_ROWS if batched else 64, 8192 // group))
 
-def _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k,
-                              expected_rows: int | None = None):   # batched: valid rows expected per expert (a hint)
+def _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k):
     "`fp8_quantize_activations` after its checks: for the quantized GEMMs, whose callers checked the other arguments."
     _check_token_width(x, granularity)
     x3 = x[None] if expert_num_tokens is None else x
@@ -232,7 +229,7 @@ def _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k,
     q = torch.empty(x3.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s = (torch.empty if E and M else torch.ones)(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
     if E and M and K:
-        block_r = _act_quant_block_rows(group, expected_rows if expert_num_tokens is not None else None)
+        block_r = _act_quant_block_rows(group, expert_num_tokens is not None)
         grid = (_cdiv(M, block_r), _cdiv(K, group), E)
         if grid[1] > 65535 or E > 65535:           # CUDA's limit on a grid's y and z dimensions
             raise ValueError(f"x: expected at most 65535 experts and 65535 groups of {group} columns, got {E} and {grid[1]}")
@@ -274,14 +271,7 @@ for gran in ("tensor", "token", "group"):
     rq, rs = fp8_quantize_activations_reference(xc.cpu(), gran)
     test_eq((q.cpu().float(), s.cpu()), (rq.float(), rs))
     test_eq(tuple(s.shape), {"tensor": (1, 1), "token": (9, 1), "group": (9, 2)}[gran])
-for gran in ("tensor", "token", "group"):            # the batched GEMMs' hint: fewer rows a program, several blocks an expert
-    rq, rs = fp8_quantize_activations_reference(x.cpu(), gran, cnt.cpu())
-    sv = valid if gran != "tensor" else (cnt.cpu() > 0)[:, None]
-    for rows in (1, 5, 100):
-        q, s = _fp8_quantize_activations(x, gran, cnt, 128, expected_rows=rows)
-        test_eq((q.cpu()[valid].float(), s.cpu()[sv]), (rq[valid].float(), rs[sv]))
-test_eq([_act_quant_block_rows(128, r) for r in (None, 1, 4, 17, 32, 500)], [64, 16, 16, 32, 32, 64])
-test_eq([_act_quant_block_rows(4096, r) for r in (None, 1, 500)], [2, 2, 2])       # wide groups: the 8192 cap first
+test_eq([_act_quant_block_rows(g, b) for g in (128, 4096) for b in (False, True)], [64, 8, 2, 2])
 test_fail(lambda: fp8_quantize_activations(x, "block", cnt), contains="granularity: expected one of")
 test_fail(lambda: fp8_quantize_activations(x, "token"), contains="x: expected a 2-D [rows, K] tensor")
 test_fail(lambda: fp8_quantize_activations(x, "token", cnt + 30), contains="expert_num_tokens: expected values in [0, 24]")

@@ -1103,13 +1103,13 @@ def _fp8_activation_path(mode: str):
     try: yield
     finally: FP8_ACT_QUANT = before
 
-def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None, expected_m=None):
+def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 quantized by one launch first (`FP8_ACT_QUANT` 'launch', the default), or left 16-bit for the K loop ('loop'; block: when the K tile is its group; per token)."
     gran = wa["ACT_GRAN"]
     if wa["FMT"] > 1 or a_k.dtype not in ACTIVATION_DTYPES or gran == "tensor": return a_k, a_s, as_st, 0
     if FP8_ACT_QUANT == "loop" and gran == "token": return a_k, a_s, as_st, 2
     if FP8_ACT_QUANT == "loop" and bk == wa["GROUP_K"]: return a_k, a_s, as_st, 1
-    q, s = _fp8_quantize_activations(a_k, gran, expert_num_tokens, wa["GROUP_K"], expected_m)
+    q, s = _fp8_quantize_activations(a_k, gran, expert_num_tokens, wa["GROUP_K"])
     st = s.stride() if expert_num_tokens is not None else (0, *s.stride())
     return q, s, st, 0
 
@@ -1179,7 +1179,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
         None if config is None else tuple(sorted(config.items())), None if bias is None else bias.stride(),
         active_experts, max_active, out.device, _tile_config_root(), _split_target(wa["FMT"]),
         _batched.SPLIT_K_WORKSPACE_BYTES)
-    a_k, a_s, as_strides, quant_a = _fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens, expected_m)
+    a_k, a_s, as_strides, quant_a = _fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
     part, locks = _split_k_buffers(split, tiles, bm, bn, out.device)
     sa = a_k.stride()
     launch_kernel(_batched_moe_gemm_quant_kernel, grid)(

@@ -683,7 +683,7 @@ def _quant_block_m(static, E, expected_m, dtype, config_dir) -> int:
                          f"{config_dir or 'the package configs'})")
     return bm
 
-# %% ../../nbs/09c_kernels.quant.ipynb #4ffff93e0542
+# %% ../../nbs/09c_kernels.quant.ipynb #0eb3715dcbbc
 def _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched: bool):
     "`(a for the kernel, scale tensor, its (e, m, group) strides, output dtype)`; quantizes a for per-tensor w8a8 (one scale over all rows: its own pass)."
     scheme, rows = qw.scheme, a.shape[-2]
@@ -729,13 +729,13 @@ def _fp8_activation_path(mode: str):
     try: yield
     finally: FP8_ACT_QUANT = before
 
-def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None, expected_m=None):
+def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     "`(a, scales, strides, QUANT_A)`: 16-bit a of w8a8 quantized by one launch first (`FP8_ACT_QUANT` 'launch', the default), or left 16-bit for the K loop ('loop'; block: when the K tile is its group; per token)."
     gran = wa["ACT_GRAN"]
     if wa["FMT"] > 1 or a_k.dtype not in ACTIVATION_DTYPES or gran == "tensor": return a_k, a_s, as_st, 0
     if FP8_ACT_QUANT == "loop" and gran == "token": return a_k, a_s, as_st, 2
     if FP8_ACT_QUANT == "loop" and bk == wa["GROUP_K"]: return a_k, a_s, as_st, 1
-    q, s = _fp8_quantize_activations(a_k, gran, expert_num_tokens, wa["GROUP_K"], expected_m)
+    q, s = _fp8_quantize_activations(a_k, gran, expert_num_tokens, wa["GROUP_K"])
     st = s.stride() if expert_num_tokens is not None else (0, *s.stride())
     return q, s, st, 0
 
@@ -755,7 +755,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
-# %% ../../nbs/09c_kernels.quant.ipynb #e1fa6fc25dd0
+# %% ../../nbs/09c_kernels.quant.ipynb #20aa76906b1e
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -803,7 +803,7 @@ def _batched_moe_gemm_quant(a_k, a_s, as_strides, wa, expert_num_tokens, act, ou
         None if config is None else tuple(sorted(config.items())), None if bias is None else bias.stride(),
         active_experts, max_active, out.device, _tile_config_root(), _split_target(wa["FMT"]),
         _batched.SPLIT_K_WORKSPACE_BYTES)
-    a_k, a_s, as_strides, quant_a = _fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens, expected_m)
+    a_k, a_s, as_strides, quant_a = _fp8_input(a_k, a_s, as_strides, wa, bk, expert_num_tokens)
     part, locks = _split_k_buffers(split, tiles, bm, bn, out.device)
     sa = a_k.stride()
     launch_kernel(_batched_moe_gemm_quant_kernel, grid)(

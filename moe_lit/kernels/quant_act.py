@@ -13,7 +13,7 @@ from ..terms import check_int, check_tensor, check_choice
 from ..quant import FP8_MAX, quantize_fp8
 
 # %% auto #0
-__all__ = ['ACT_QUANT_MIN_ROWS', 'fp8_quantize_activations_reference', 'fp8_quantize_activations']
+__all__ = ['ACT_QUANT_BATCHED_ROWS', 'fp8_quantize_activations_reference', 'fp8_quantize_activations']
 
 # %% ../../nbs/09b_kernels.quant_act.ipynb #87e1735416fc
 @triton.jit
@@ -137,7 +137,7 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
         s[e, : (n if granularity != "tensor" else 1)] = se.reshape(-1, G)
     return (q[0], s[0]) if expert_num_tokens is None else (q, s)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #dd2effa2af6e
+# %% ../../nbs/09b_kernels.quant_act.ipynb #a12d244c7512
 def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous), float
                              granularity: str,           # 'tensor', 'token' or 'group' (1 x group_k)
                              expert_num_tokens: torch.Tensor | None = None,  # [E] int32: valid rows (batched)
@@ -151,19 +151,16 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     return _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k)
 
-ACT_QUANT_MIN_ROWS = 16     # the fewest rows of a batched quantizer program when the expected rows are fewer
+ACT_QUANT_BATCHED_ROWS = 8   # rows of one quantizer program in the batched layout (the contiguous one takes up to 64)
 
-def _act_quant_block_rows(group: int, expected_rows: int | None) -> int:
-    """Rows of one quantizer program: up to 64 and 8192 elements; in the batched layout, with `expected_rows` (valid
-    rows per expert) given, `next_pow2(expected_rows)` but at least `ACT_QUANT_MIN_ROWS`. Each program of the batched
-    grid loads its whole [rows, group] tile under the count's mask, so a 64-row tile over an expert of 4 valid rows
-    spends its time on masked lanes: on an H100, Qwen3-30B-A3B decode's quantizer (128 experts of 64 slots, 4 rows
-    expected) took 57.7 µs with 64 rows a program, where the GEMM after it took 139 µs (`nbs/bench/ncu_fp8_h100_2345c90.txt`)."""
-    r = max(1, min(64, 8192 // group))
-    return r if expected_rows is None else min(r, max(ACT_QUANT_MIN_ROWS, _next_pow2(expected_rows)))
+def _act_quant_block_rows(group: int,          # columns of one program (the scale group, or the padded row)
+                          batched: bool) -> int:
+    """Rows of one quantizer program: at most 8192 elements; 64 rows in the contiguous layout, `ACT_QUANT_BATCHED_ROWS`
+    in the batched one. A batched program loads its whole tile under its expert's count mask, and decode's experts hold
+    a few valid rows each, so short tiles finish sooner (`nbs/bench/act_quant_rows_h100_fd9e6e2.json`)."""
+    return max(1, min(ACT_QUANT_BATCHED_ROWS if batched else 64, 8192 // group))
 
-def _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k,
-                              expected_rows: int | None = None):   # batched: valid rows expected per expert (a hint)
+def _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k):
     "`fp8_quantize_activations` after its checks: for the quantized GEMMs, whose callers checked the other arguments."
     _check_token_width(x, granularity)
     x3 = x[None] if expert_num_tokens is None else x
@@ -175,7 +172,7 @@ def _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k,
     q = torch.empty(x3.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s = (torch.empty if E and M else torch.ones)(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
     if E and M and K:
-        block_r = _act_quant_block_rows(group, expected_rows if expert_num_tokens is not None else None)
+        block_r = _act_quant_block_rows(group, expert_num_tokens is not None)
         grid = (_cdiv(M, block_r), _cdiv(K, group), E)
         if grid[1] > 65535 or E > 65535:           # CUDA's limit on a grid's y and z dimensions
             raise ValueError(f"x: expected at most 65535 experts and 65535 groups of {group} columns, got {E} and {grid[1]}")
