@@ -1781,7 +1781,41 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # | gpt-oss-120b | 701 | 832 (84 %) | 821 (85 %) | 799 (88 %) | 786 (89 %) |
 #
 # Eager is within 1.10× of replayed on every row. The batched Qwen3 row (128 experts, about 4 rows each) stays far
-# from its floor, where the contiguous format of the same rows reaches 95 % replayed; why is not measured yet.
+# from its floor, where the contiguous format of the same rows reaches 95 % replayed.
+#
+# **Why, by Nsight Compute (H100, `nbs/bench/ncu_fp8.sh` at 2345c90, `ncu_fp8_h100_2345c90.txt`): not the GEMM but
+# its quantizer.** Qwen3's batched GEMM1 took 138.6 µs and the contiguous one 139.2 µs (88 and 86 % of DRAM peak); the
+# batched quantizer before it took 57.7 µs, the contiguous one 5.7 µs. The batched quantizer's grid is (row blocks,
+# 16 groups, 128 experts) with 64 rows a program: each expert's single live program loads a 64 × 128 tile under a
+# 4-row mask and waits on it, 2048 such programs at 23 % occupancy. Rows a program in the batched layout
+# (`nbs/bench/act_quant_rows.py`, `act_quant_rows_h100_fd9e6e2.json`: the quantizer alone on GEMM1's / GEMM2's input,
+# replayed, µs):
+#
+# | scenario (expected / max rows an expert) | 4 | 8 | 16 | 32 | 64 |
+# |---|---|---|---|---|---|
+# | DeepSeek-V3 EP8 (32 / 51) | 35.6 / 10.9 | 19.4 / 7.1 | 16.3 / 7.8 | 19.6 / 10.3 | 41.4 / 13.6 |
+# | Qwen3-30B-A3B (4 / 9) | 20.8 / 8.4 | 12.0 / 6.5 | 13.2 / 9.4 | 22.3 / 12.2 | 55.1 / 25.6 |
+# | Mixtral-8x7B (16 / 21) | 3.7 / 10.0 | 3.8 / 7.2 | 5.6 / 9.2 | 7.7 / 10.5 | 12.5 / 25.0 |
+# | gpt-oss-120b (4 / 9) | 29.5 | 16.3 | 17.3 | 30.6 | 80.5 |
+#
+# 8 rows is the fastest in sum on every row but DeepSeek-V3 (16 there, by 2 µs), so the batched layout takes
+# `ACT_QUANT_BATCHED_ROWS` = 8 (`09b`); the contiguous layout keeps 64 (one program a group of 64 tokens, the case its
+# 5.7 µs came from). Batched prefill-sized slabs (hundreds of rows an expert) were not timed with it.
+# After (H100, b7a0fbc, `nbs/bench/quant_bench_fp8_h100_b7a0fbc.json`), µs (% of the floor):
+#
+# | scenario | floor | batched eager | batched replayed | contiguous eager | contiguous replayed |
+# |---|---|---|---|---|---|
+# | DeepSeek-V3 EP8 | 315 | 353 (89 %) | 346 (91 %) | 348 (91 %) | 336 (94 %) |
+# | Qwen3-30B-A3B | 133 | 161 (83 %) | 150 (89 %) | 175 (76 %) | 140 (95 %) |
+# | Mixtral-8x7B | 311 | 334 (93 %) | 322 (96 %) | 341 (91 %) | 328 (95 %) |
+# | gpt-oss-120b | 701 | 767 (91 %) | 756 (93 %) | 798 (88 %) | 785 (89 %) |
+#
+# Batched Qwen3 went from 194 to 150 µs replayed, gpt-oss from 821 to 756, and both quantized experts of the batched
+# Qwen3 row (GEMM1, GEMM2 and both quantizers, `BatchedTritonQuantExperts`) from 292 to 232 µs. Two rows stay just
+# under 90 % replayed: batched Qwen3 (89 %) and contiguous gpt-oss (89 %). The contiguous Qwen3 row's eager time (175
+# against 153 µs in the run before, its replay unchanged) is the host's: the benchmark calls the public, checked
+# `fused_moe_gemm_quant`, and that run's machine was noisy on the host side (the layer benchmark of the same session
+# measured host overheads 2–5× its earlier ones).
 
 # %%
 #| test fp8_block_quantized_in_the_k_loop

@@ -725,12 +725,18 @@ fig
 # layer's default path, a quantizer launch and then the GEMM; "K loop" times the same GEMMs quantizing in their K loop
 # instead (`09c`), slower on every row. FP4 is 53–66 % of its floor batched and 52–58 % contiguous; FP8 83–91 %
 # batched except Qwen3 (65 %), 87–92 % contiguous (replayed 85–95 %). Nsight Compute's reading of the FP4 loop on the
-# same card is in `09c`'s Performance.
+# same card is in `09c`'s Performance. That chapter also has the FP8 rows after the batched quantizer's fix (Qwen3
+# batched 194 → 150 µs replayed), from `bench_quant` at b7a0fbc:
 
 # %%
 quant_h100 = json.loads(find_bench_results("bench/quant_bench_h100_630ba9b.json").read_text())
 print(format_bench_quant(quant_h100["quant"]))
 test_eq(quant_h100["device"]["device_name"], "NVIDIA H100 80GB HBM3")
+
+# %%
+fp8_h100 = json.loads(find_bench_results("bench/quant_bench_fp8_h100_b7a0fbc.json").read_text())
+print(format_bench_quant(fp8_h100["quant"]))
+test_eq({r["scheme"] for r in fp8_h100["quant"]}, {"fp8_w8a8_block"})
 
 # %% [markdown]
 # ### Split-K at decode, H200
