@@ -213,7 +213,9 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
     return _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k)
 
 ACT_QUANT_BATCHED_ROWS = 8   # rows of one quantizer program in the batched layout (the contiguous one takes up to 64)
-ACT_QUANT_BATCHED_GROUPS = 1 # groups one batched quantizer program takes in turn (the contiguous layout: 1)
+ACT_QUANT_BATCHED_GROUPS = 1 # groups one batched quantizer program takes in turn (the contiguous layout: 1); 2 was
+                             # 4 % faster in the quantizer-alone sum on an H100 and within 1 % either way end to end
+                             # (`nbs/bench/act_quant_sweep_h100_ecf327d.json`), 4 and more slower: one it stays
 
 def _act_quant_groups(groups: int,           # scale groups along K
                       batched: bool) -> int:

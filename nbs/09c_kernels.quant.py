@@ -1800,7 +1800,11 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 #
 # 8 rows is the fastest in sum on every row but DeepSeek-V3 (16 there, by 2 µs), so the batched layout takes
 # `ACT_QUANT_BATCHED_ROWS` = 8 (`09b`); the contiguous layout keeps 64 (one program a group of 64 tokens, the case its
-# 5.7 µs came from). Batched prefill-sized slabs (hundreds of rows an expert) were not timed with it.
+# 5.7 µs came from). Batched prefill-sized slabs (hundreds of rows an expert) were not timed with it. Fewer programs,
+# each taking several groups in turn (`ACT_QUANT_BATCHED_GROUPS`), did not pay: 8 rows × 2 groups was 4 % faster than
+# 8 × 1 in the quantizer-alone sum, GEMM1 + SiLU within 1 % either way, and 4 groups and more were slower on every row
+# (`nbs/bench/act_quant_sweep.py`, `act_quant_sweep_h100_ecf327d.json`) — a program's time is its own chain of load,
+# reduction and store, not the grid's size.
 # After (H100, b7a0fbc, `nbs/bench/quant_bench_fp8_h100_b7a0fbc.json`), µs (% of the floor):
 #
 # | scenario | floor | batched eager | batched replayed | contiguous eager | contiguous replayed |

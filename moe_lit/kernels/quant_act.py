@@ -141,7 +141,7 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
         s[e, : (n if granularity != "tensor" else 1)] = se.reshape(-1, G)
     return (q[0], s[0]) if expert_num_tokens is None else (q, s)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #49e5ebec9aa8
+# %% ../../nbs/09b_kernels.quant_act.ipynb #0bfc0ae88c47
 def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous), float
                              granularity: str,           # 'tensor', 'token' or 'group' (1 x group_k)
                              expert_num_tokens: torch.Tensor | None = None,  # [E] int32: valid rows (batched)
@@ -156,7 +156,9 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
     return _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k)
 
 ACT_QUANT_BATCHED_ROWS = 8   # rows of one quantizer program in the batched layout (the contiguous one takes up to 64)
-ACT_QUANT_BATCHED_GROUPS = 1 # groups one batched quantizer program takes in turn (the contiguous layout: 1)
+ACT_QUANT_BATCHED_GROUPS = 1 # groups one batched quantizer program takes in turn (the contiguous layout: 1); 2 was
+                             # 4 % faster in the quantizer-alone sum on an H100 and within 1 % either way end to end
+                             # (`nbs/bench/act_quant_sweep_h100_ecf327d.json`), 4 and more slower: one it stays
 
 def _act_quant_groups(groups: int,           # scale groups along K
                       batched: bool) -> int:
