@@ -3,9 +3,12 @@ program takes in turn (`ACT_QUANT_BATCHED_GROUPS`), on GEMM1's input [E, M, K] a
 decode scenario (`14_bench.SCENARIOS`), µs as medians of CUDA-graph replays; then, for the fastest pair in sum and for
 the package's setting, GEMM1 + SiLU (eager, replayed) and both quantized experts (`BatchedTritonQuantExperts`).
 
-    python nbs/bench/act_quant_sweep.py OUT.json
+    python nbs/bench/act_quant_sweep.py OUT.json [--rows 8,16] [--groups 1,2,4,8,16]
+
+(`act_quant_rows_h100_fd9e6e2.json`, rows 4–64 at one group, came from this sweep's predecessor at fd9e6e2:
+`--rows 4,8,16,32,64 --groups 1` measures the same.)
 """
-import json, sys, itertools, torch, triton.testing
+import argparse, json, itertools, torch, triton.testing
 from moe_lit.bench import SCENARIOS, _problem, source_commit
 from moe_lit.quant_weights import quantize_expert_weights
 from moe_lit.kernels import quant as Q, quant_act as QA
@@ -14,7 +17,11 @@ from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
 replay = lambda f: triton.testing.do_bench_cudagraph(f, return_mode="median") * 1e3
 eager = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e3
 package = (QA.ACT_QUANT_BATCHED_ROWS, QA.ACT_QUANT_BATCHED_GROUPS)
-shapes = list(itertools.product((8, 16), (1, 2, 4, 8, 16)))
+ints = lambda s: tuple(int(v) for v in s.split(","))
+ap = argparse.ArgumentParser(description="rows x groups of the batched FP8 activation quantizer")
+ap.add_argument("out"); ap.add_argument("--rows", type=ints, default=(8, 16)); ap.add_argument("--groups", type=ints, default=(1, 2, 4, 8, 16))
+args = ap.parse_args()
+shapes = list(itertools.product(args.rows, args.groups))
 def use(rows, groups): QA.ACT_QUANT_BATCHED_ROWS, QA.ACT_QUANT_BATCHED_GROUPS = rows, groups
 problems, out = [], dict(commit=source_commit(), device=torch.cuda.get_device_name(), package=package, rows=[])
 for sc in [s for s in SCENARIOS if "decode" in s["name"]]:
@@ -51,4 +58,4 @@ for (name, a, counts, exp_m, qw, h), row in zip(problems, out["rows"]):
                            f" experts {row[l]['experts_eager_us']:.1f}/{row[l]['experts_replay_us']:.1f}"
                            for l in ("package", "best")), flush=True)
 use(*package)
-json.dump(out, open(sys.argv[1], "w"), indent=1)
+json.dump(out, open(args.out, "w"), indent=1)

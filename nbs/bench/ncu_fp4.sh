@@ -6,11 +6,9 @@
 # every section's details, ncu_fp4_stalls_<card>_<commit>.txt; `ncu_fp4.py` alone times the same launches.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 timeout "${LIMIT:-420}" "$NCU" --clock-control none --target-processes all \
   -k regex:'_batched_moe_gemm(_quant)?_kernel' \
-  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-  --section WarpStateStats --section SchedulerStats \
+  "${NCU_SECTIONS[@]}" \
   env MOE_LIT_NCU=1 python nbs/bench/ncu_fp4.py > "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt" 2>&1
 echo "ncu exit $?" >> "$OUT/ncu_fp4_${CARD:-gpu}_$C.txt"
 # second pass, the first four FP4 launches (DeepSeek-V3 MXFP4 and NVFP4): every section's body printed, so the warp

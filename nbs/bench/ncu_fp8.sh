@@ -4,12 +4,10 @@
 # same launches (do_bench, no profiler) go first, to $OUT/ncu_fp8_times_<card>_<commit>.txt.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 timeout 120 python nbs/bench/ncu_fp8.py > "$OUT/ncu_fp8_times_${CARD:-gpu}_$C.txt" 2>&1
 timeout "${LIMIT:-240}" "$NCU" --clock-control none --target-processes all \
   -k regex:'_quantize_fp8_rows_kernel|_batched_moe_gemm_quant_kernel|_fused_moe_quant_kernel' \
-  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-  --section WarpStateStats --section SchedulerStats \
+  "${NCU_SECTIONS[@]}" \
   env MOE_LIT_NCU=1 python nbs/bench/ncu_fp8.py > "$OUT/ncu_fp8_${CARD:-gpu}_$C.txt" 2>&1
 echo "ncu exit $?" >> "$OUT/ncu_fp8_${CARD:-gpu}_$C.txt"
 cat "$OUT/ncu_fp8_times_${CARD:-gpu}_$C.txt" | grep -v Warn
