@@ -1788,8 +1788,8 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # batched quantizer before it took 57.7 µs, the contiguous one 5.7 µs. The batched quantizer's grid is (row blocks,
 # 16 groups, 128 experts) with 64 rows a program: each expert's single live program loads a 64 × 128 tile under a
 # 4-row mask and waits on it, 2048 such programs at 23 % occupancy. Rows a program in the batched layout
-# (`nbs/bench/act_quant_sweep.py --rows 4,8,16,32,64 --groups 1`, `act_quant_rows_h100_fd9e6e2.json`: the quantizer alone on GEMM1's / GEMM2's input,
-# replayed, µs):
+# (`nbs/bench/act_quant_sweep.py --rows 4,8,16,32,64 --groups 1`, `act_quant_rows_h100_fd9e6e2.json`: the quantizer
+# alone on GEMM1's / GEMM2's input, replayed, µs):
 #
 # | scenario (expected / max rows an expert) | 4 | 8 | 16 | 32 | 64 |
 # |---|---|---|---|---|---|
