@@ -13,9 +13,9 @@ from .kernels.batched import read_tile_table
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'TUNABLE', 'TUNE_SETS', 'QUANT_BENCH_SCHEMES', 'routed_counts', 'roofline_floor', 'measure_device',
-           'bench_scenario', 'align_cost', 'tile_candidates', 'tune_scenario', 'source_commit', 'run_bench',
-           'bench_quant', 'format_bench_quant', 'plot_bench_quant', 'format_bench', 'plot_bench', 'find_bench_results',
-           'load_bench_results']
+           'bench_scenario', 'align_cost', 'tile_candidates', 'tune_scenario', 'source_commit', 'check_bench_args',
+           'run_bench', 'bench_quant', 'format_bench_quant', 'plot_bench_quant', 'format_bench', 'plot_bench',
+           'find_bench_results', 'load_bench_results']
 
 # %% ../nbs/14_bench.ipynb #a28f9a709827
 SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per expert, routed rows)
@@ -243,7 +243,7 @@ def source_commit() -> str:
         except OSError: pass
     return commit or "unknown"
 
-# %% ../nbs/14_bench.ipynb #be9674801fb8
+# %% ../nbs/14_bench.ipynb #12844af0b8bf
 def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -> None:
     "Write the winning tile into `kernel`'s JSON table, keyed by the scenario's expected rows per expert."
     p = tile_config_path(kernel, sc["E"], sc["N"], device_name, torch.bfloat16, config_dir)
@@ -251,15 +251,29 @@ def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -
     table[str(max(1, sc["rows"] // sc["E"]))] = cfg                              # (uncached: this run wrote it)
     p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
 
-def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
-              scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
-    "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
+def check_bench_args(out_json: str | Path | None = None,   # where the JSON goes: a file in an existing directory
+                     tune: bool | str = False,             # False, True (every tunable kernel) or a `TUNE_SETS` name
+                     config_dir: str | Path | None = None, # only with tune: an existing directory for the tables
+                    ) -> tuple:                            # the kernels to tune (empty without tune)
+    """The benchmarks' arguments, checked before the card is touched (`run_bench`, `bench_layer`, `moe-lit bench`):
+    ValueError naming each argument and its flag, so a bad flag fails in a second, not after minutes of measuring."""
+    if out_json is not None:
+        if not isinstance(out_json, (str, Path)) or not str(out_json):
+            raise ValueError(f"out_json (--out): expected a file path (a non-empty str or Path) or None, got {out_json!r}")
+        if Path(out_json).is_dir() or not Path(out_json).resolve().parent.is_dir():
+            raise ValueError(f"out_json (--out): expected a file in an existing directory, got {str(out_json)!r}")
     tune = {False: (), True: TUNABLE, **TUNE_SETS}[check_choice("tune", tune, (False, True, *TUNE_SETS))]
     if config_dir is not None and not tune:
         raise ValueError(f"config_dir (--config-dir): expected tune (--tune) with it, only tuning writes tables, got "
                          f"config_dir={str(config_dir)!r} without tune")
-    if config_dir is not None and not Path(config_dir).is_dir():           # before minutes of tuning, not after
+    if config_dir is not None and not (str(config_dir) and Path(config_dir).is_dir()):   # ("": not the cwd)
         raise ValueError(f"config_dir (--config-dir): expected an existing directory for the tuned tables, got {str(config_dir)!r}")
+    return tune
+
+def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
+              scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
+    "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
+    tune = check_bench_args(out_json, tune, config_dir)
     device = measure_device()
     for sc in (scenarios or SCENARIOS) if tune else ():                   # the tables tuning will add to: readable
         for kernel in tune:

@@ -447,7 +447,7 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or \
         "out of memory" in str(e).lower()
 
-# %% ../nbs/15_cli.ipynb #fd80b808612e
+# %% ../nbs/15_cli.ipynb #8e0e50e54411
 def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
     def no_gpu() -> bool:                                          # it times kernels on the card: after the flags' checks
@@ -457,11 +457,14 @@ def _bench(args) -> int:
               "; on a CPU, `moe-lit run` checks the layer")
         return True
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
-    if args.out and not Path(args.out).resolve().parent.is_dir():          # before minutes of measuring, not after
-        return _fail(args, f"--out: expected a file in an existing directory, got {args.out}")
+    from moe_lit.bench import check_bench_args
     if args.layer:
         for flag, value in (("--tune", args.tune), ("--config-dir", args.config_dir)):
-            if value: return _fail(args, f"{flag}: not used by --layer (only the GEMM benchmark tunes tiles), got {value}")
+            if value is not None:
+                return _fail(args, f"{flag}: not used by --layer (only the GEMM benchmark tunes tiles), got {value!r}")
+    try: check_bench_args(args.out, args.tune or False, args.config_dir)   # before minutes of measuring, not after
+    except ValueError as e: return _fail(args, str(e))
+    if args.layer:
         from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
         deps = pick(LAYER_DEPLOYMENTS)
         if not deps:

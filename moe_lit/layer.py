@@ -136,7 +136,7 @@ class FusedMoE(torch.nn.Module):
         self.register_load_state_dict_post_hook(_requantize_after_load)
         self._build_hot_path()
 
-# %% ../nbs/12_layer.ipynb #8348af94ea4c
+# %% ../nbs/12_layer.ipynb #2e9bf317b7c3
 def _facts(c: MoEConfig) -> tuple:
     "What a weight source must agree on with the layer (its dtype may differ: the layer casts)."
     act = (c.activation, c.swiglu_alpha, c.swiglu_limit) if c.activation == "swigluoai" else c.activation
@@ -156,17 +156,43 @@ def _expert_ids_arg(name: str, t) -> torch.Tensor:
                          f"carries, got {got}")
     return t.detach().to("cpu", torch.int64)
 
+_SLOT_TENSORS = ("w13", "w2", "w13_bias", "w2_bias")   # a state_dict's tensors with one row per expert slot
+
+def _first_slots(name: str,            # the state_dict in messages: "weights" or "state_dict"
+                 tensors: Mapping,      # the state_dict (its `_SLOT_TENSORS` that are tensors are compared)
+                 ids: torch.Tensor,     # [slots] int64: the logical expert of each slot
+                 prefix: str = "") -> dict:
+    """`{logical id: its first slot}`; ValueError naming the tensor and both slots when two replicas of one logical
+    expert (EPLB's redundant slots) hold different weights — which copy a token reaches is the router's choice, so
+    both must be the expert."""
+    first = {}
+    for p, e in enumerate(ids.tolist()):
+        q = first.setdefault(e, p)
+        if q == p: continue
+        for n in _SLOT_TENSORS:
+            t = tensors.get(prefix + n)
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == len(ids) and not torch.equal(t[p], t[q]):
+                raise ValueError(f"{name}[{prefix + n!r}]: expected slots {q} and {p}, replicas of logical expert {e}, "
+                                 f"to hold the same weights, got different ones")
+    return first
+
 def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
     "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
     if weights is None: return RandomExpertWeights(config, seed)
     if isinstance(weights, Mapping):
         if "_extra_state" in weights:                # a FusedMoE state_dict: global only if it holds every expert
-            ids = _expert_ids_arg("weights['_extra_state']", weights["_extra_state"])
-            if not torch.equal(ids, torch.arange(config.num_experts)):
-                raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {config.num_experts - 1} of a "
-                                 f"single-device layer's state_dict (global tensors), got {_ids_text(ids)}: one rank's "
-                                 f"state_dict holds only its experts; load it into that rank's layer with load_state_dict")
+            ids, n = _expert_ids_arg("weights['_extra_state']", weights["_extra_state"]), config.num_experts
+            if sorted(set(ids.tolist())) != list(range(n)):
+                raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {n - 1} of a single-device layer's "
+                                 f"state_dict (global tensors: every expert, EPLB replicas too), got {_ids_text(ids)}: "
+                                 f"one rank's state_dict holds only its experts; load it into that rank's layer with "
+                                 f"load_state_dict")
             weights = {k: v for k, v in weights.items() if k != "_extra_state"}
+            if not torch.equal(ids, torch.arange(n)):    # EPLB's replicas: each logical expert once, from its first slot
+                first = _first_slots("weights", weights, ids)
+                rows = torch.tensor([first[e] for e in range(n)])
+                weights = {k: (v[rows.to(v.device)] if k in _SLOT_TENSORS and isinstance(v, torch.Tensor) and v.dim()
+                               and v.shape[0] == len(ids) else v) for k, v in weights.items()}
         return TensorWeights(config, weights)
     if not isinstance(weights, WeightSource) or not isinstance(getattr(weights, "config", None), MoEConfig):
         raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) with "
@@ -235,7 +261,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #92eb663b63ad
+# %% ../nbs/12_layer.ipynb #b28a6d7d6845
 @patch
 def get_extra_state(self: FusedMoE) -> torch.Tensor:
     "`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's `_extra_state`)."
@@ -260,7 +286,8 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
     _check_settings_kept(module)                       # what the weights load into: the layer's own settings
-    _check_expert_ids(module, state_dict, prefix)      # and the experts they are
+    _check_expert_ids(module, state_dict, prefix)      # and the experts they are, replicas alike
+    _first_slots("state_dict", state_dict, module.get_extra_state(), prefix)
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)

@@ -96,13 +96,14 @@ def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float d
     return {"max_rel_err": _max_rel(actual, reference), "rtol": rtol, "cosine": cos, "cosine_min": cos_min, "ok": ok,
             "detail": msg}
 
-# %% ../nbs/00_testing.ipynb #07e96fa8d018
+# %% ../nbs/00_testing.ipynb #16d02e9f0392
 def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     "`(relative error ‖got − want‖/‖want‖, cosine similarity)` in float64 over all elements."
     g, w = got.detach().double().flatten().cpu(), want.detach().double().flatten().cpu()
     if g.shape != w.shape: raise ValueError(f"got: expected {tuple(w.shape)} elements, got {tuple(g.shape)}")
     rel = ((g - w).norm() / w.norm().clamp(min=1e-300)).item()
-    cos = torch.nn.functional.cosine_similarity(g, w, dim=0).item() if w.numel() else 1.0
+    gn, wn = g.norm().item(), w.norm().item()          # (cosine_similarity's eps = 1e-8 would bend tiny vectors)
+    cos = 1.0 if gn == wn == 0.0 else 0.0 if gn * wn == 0.0 else (g @ w).item() / (gn * wn)
     return rel, cos
 
 def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1e-2, cos_min: float = 0.9999,

@@ -205,7 +205,8 @@ def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     g, w = got.detach().double().flatten().cpu(), want.detach().double().flatten().cpu()
     if g.shape != w.shape: raise ValueError(f"got: expected {tuple(w.shape)} elements, got {tuple(g.shape)}")
     rel = ((g - w).norm() / w.norm().clamp(min=1e-300)).item()
-    cos = torch.nn.functional.cosine_similarity(g, w, dim=0).item() if w.numel() else 1.0
+    gn, wn = g.norm().item(), w.norm().item()          # (cosine_similarity's eps = 1e-8 would bend tiny vectors)
+    cos = 1.0 if gn == wn == 0.0 else 0.0 if gn * wn == 0.0 else (g @ w).item() / (gn * wn)
     return rel, cos
 
 def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1e-2, cos_min: float = 0.9999,
@@ -228,6 +229,9 @@ assert_quant_close(w.float(), w)
 test_fail(lambda: assert_quant_close(-w, w), contains="cosine -1")
 test_fail(lambda: assert_quant_close(torch.full((3,), float("nan")), w[:3]), contains="non-finite value at [0]")
 test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05")
+assert_quant_close(w * 1e-10, w * 1e-10)                        # tiny but equal: cosine 1, not bent by an eps
+test_eq(quant_error(torch.zeros(3), torch.zeros(3))[1], 1.0)
+test_fail(lambda: assert_quant_close(torch.zeros(3, dtype=torch.float64), w[:3]), contains="cosine 0.000000")
 
 # %%
 #| export

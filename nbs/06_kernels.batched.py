@@ -523,7 +523,8 @@ def check_tile_config(config,
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
         if key in config:        # tl.dot needs 16 rows/columns on a GPU; the interpreter takes any size
             lo = 16 if key.startswith("BLOCK") and not INTERPRET else 1
-            v = check_int(f"config[{key!r}]", config[key], lo=lo, hi=1025)
+            hi = 33 if key == "num_warps" else 1025          # a CUDA block holds at most 1024 threads: 32 warps
+            v = check_int(f"config[{key!r}]", config[key], lo=lo, hi=hi)
             if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
     if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
     if "maxnreg" in config: check_int("config['maxnreg']", config["maxnreg"], lo=32, hi=256)   # sm_90: at most 255
@@ -540,6 +541,8 @@ test_fail(lambda: check_tile_config(dict(BLOCK_K=32)), contains="config: expecte
 test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
 test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
 check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, maxnreg=96))
+check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, num_warps=32))
+test_fail(lambda: check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, num_warps=64)), contains="config['num_warps']: expected <= 32, got 64")
 for bad in (8, 300, 96.0, True):
     test_fail(lambda: check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, maxnreg=bad)), contains="config['maxnreg']: expected")
 if not INTERPRET: test_fail(lambda: check_tile_config(dict(BLOCK_N=8, BLOCK_K=32)), contains="config['BLOCK_N']: expected >= 16, got 8")
@@ -632,8 +635,11 @@ def _device_name() -> str:
     "The current device's name, asked once (launchers look tables up on every call)."
     return torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
 
-def read_tile_table(path: Path) -> dict | None:
+def read_tile_table(path: Path | str) -> dict | None:
     "The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the file."
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ValueError(f"path: expected a tile table's file path (a non-empty str or Path), got {path!r}")
+    path = Path(path)
     if path.is_symlink() and not path.exists():     # a link to nothing (or a loop): not silently "no table"
         raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere")
     if not path.exists(): return None
@@ -666,6 +672,9 @@ with tempfile.TemporaryDirectory() as d:
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, far, torch.bfloat16, "NVIDIA H200", d),
                 default_tile_config(32, 4096, 7168, far, torch.bfloat16))
     test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), small)
+    test_eq(read_tile_table(str(p)), {16: small, 512: big})                   # a str path reads as a Path
+    test_eq(read_tile_table(str(p) + ".none"), None)
+    for bad in (None, "", 3): test_fail(lambda: read_tile_table(bad), contains="path: expected a tile table's file path")
     for E, bad, msg in ((1, {"8": dict(small, BLOCK_M=48)}, "entry '8': config['BLOCK_M']: expected a power of two, got 48"),
                         (2, {"8": dict(small, BLOCK_M=0)}, "entry '8': config['BLOCK_M']: expected >= "),
                         (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
+from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers, check_kernel_device
 from moe_lit.kernels.batched import _cdiv, _next_pow2
-from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.quant import FP8_MAX, quantize_fp8
 
 # %%
@@ -205,8 +205,17 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
                              group_k: int = 128,         # group width for 'group'
                              validate: bool = True,      # check counts on the host (one sync)
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Dynamic e4m3 quantization of activation rows on Triton: `(q float8_e4m3fn like x, scale fp32)`; padding untouched."
+    """Dynamic e4m3 quantization of activation rows on Triton: `(q float8_e4m3fn like x, scale fp32)`.
+
+    Scales are `[E, M, G]` batched (`[R, G]` contiguous) with G = ceil(K / group_k) for 'group', 1 for 'token', and
+    `[E, 1, 1]` (`[1, 1]`) for 'tensor'. Rows past an expert's count are unspecified in both outputs (not written; an
+    empty expert's per-tensor scale is computed from |max| 0), where the spec writes q = 0 and scale 1: compare valid
+    rows only. ValueError naming the argument for a bad granularity, dtype, shape, device (a CPU tensor without the
+    interpreter, a meta tensor), group_k, `validate` that is not a bool, or (with `validate`, one host sync) counts
+    outside [0, M]."""
     _check_act_quant_args(x, granularity, expert_num_tokens, group_k)
+    check_bool("validate", validate)
+    check_kernel_device("x", x, expert_num_tokens=expert_num_tokens)
     M = x.shape[-2]
     if validate and expert_num_tokens is not None and x.shape[0] and ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
@@ -311,6 +320,8 @@ test_fail(lambda: fp8_quantize_activations(x, "token", cnt.repeat(2)[::2]), cont
 test_fail(lambda: fp8_quantize_activations(x, "group", cnt, group_k=2**17), contains="group_k: expected")
 test_fail(lambda: fp8_quantize_activations(x[..., :0], "group", cnt), contains="x: expected at least one column")
 test_eq(fp8_quantize_activations(torch.zeros(0, 64, device=DEVICE), "tensor")[1].cpu(), torch.ones(1, 1))   # no rows: scale 1, set
+for bad in (1, "no", None): test_fail(lambda: fp8_quantize_activations(x, "group", cnt, validate=bad), contains="validate: expected a bool")
+test_fail(lambda: fp8_quantize_activations(torch.ones(4, 8, device="meta"), "token"), contains="x: expected a tensor with values")
 
 # %% [markdown]
 # The activation quantizer equals `quantize_fp8` value for value on the GPU too (it uses `div_rn` and the hardware's

@@ -269,17 +269,43 @@ def _expert_ids_arg(name: str, t) -> torch.Tensor:
                          f"carries, got {got}")
     return t.detach().to("cpu", torch.int64)
 
+_SLOT_TENSORS = ("w13", "w2", "w13_bias", "w2_bias")   # a state_dict's tensors with one row per expert slot
+
+def _first_slots(name: str,            # the state_dict in messages: "weights" or "state_dict"
+                 tensors: Mapping,      # the state_dict (its `_SLOT_TENSORS` that are tensors are compared)
+                 ids: torch.Tensor,     # [slots] int64: the logical expert of each slot
+                 prefix: str = "") -> dict:
+    """`{logical id: its first slot}`; ValueError naming the tensor and both slots when two replicas of one logical
+    expert (EPLB's redundant slots) hold different weights — which copy a token reaches is the router's choice, so
+    both must be the expert."""
+    first = {}
+    for p, e in enumerate(ids.tolist()):
+        q = first.setdefault(e, p)
+        if q == p: continue
+        for n in _SLOT_TENSORS:
+            t = tensors.get(prefix + n)
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == len(ids) and not torch.equal(t[p], t[q]):
+                raise ValueError(f"{name}[{prefix + n!r}]: expected slots {q} and {p}, replicas of logical expert {e}, "
+                                 f"to hold the same weights, got different ones")
+    return first
+
 def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
     "`weights` as a WeightSource for `config`: random from `seed` when None, a mapping wrapped in TensorWeights."
     if weights is None: return RandomExpertWeights(config, seed)
     if isinstance(weights, Mapping):
         if "_extra_state" in weights:                # a FusedMoE state_dict: global only if it holds every expert
-            ids = _expert_ids_arg("weights['_extra_state']", weights["_extra_state"])
-            if not torch.equal(ids, torch.arange(config.num_experts)):
-                raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {config.num_experts - 1} of a "
-                                 f"single-device layer's state_dict (global tensors), got {_ids_text(ids)}: one rank's "
-                                 f"state_dict holds only its experts; load it into that rank's layer with load_state_dict")
+            ids, n = _expert_ids_arg("weights['_extra_state']", weights["_extra_state"]), config.num_experts
+            if sorted(set(ids.tolist())) != list(range(n)):
+                raise ValueError(f"weights['_extra_state']: expected the ids 0 .. {n - 1} of a single-device layer's "
+                                 f"state_dict (global tensors: every expert, EPLB replicas too), got {_ids_text(ids)}: "
+                                 f"one rank's state_dict holds only its experts; load it into that rank's layer with "
+                                 f"load_state_dict")
             weights = {k: v for k, v in weights.items() if k != "_extra_state"}
+            if not torch.equal(ids, torch.arange(n)):    # EPLB's replicas: each logical expert once, from its first slot
+                first = _first_slots("weights", weights, ids)
+                rows = torch.tensor([first[e] for e in range(n)])
+                weights = {k: (v[rows.to(v.device)] if k in _SLOT_TENSORS and isinstance(v, torch.Tensor) and v.dim()
+                               and v.shape[0] == len(ids) else v) for k, v in weights.items()}
         return TensorWeights(config, weights)
     if not isinstance(weights, WeightSource) or not isinstance(getattr(weights, "config", None), MoEConfig):
         raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) with "
@@ -389,7 +415,8 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
     _check_settings_kept(module)                       # what the weights load into: the layer's own settings
-    _check_expert_ids(module, state_dict, prefix)      # and the experts they are
+    _check_expert_ids(module, state_dict, prefix)      # and the experts they are, replicas alike
+    _first_slots("state_dict", state_dict, module.get_extra_state(), prefix)
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
@@ -1278,6 +1305,20 @@ test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": torch.tensor([2
           contains="weights['_extra_state']: expected the ids 0 .. 3 of a single-device layer's state_dict")
 for bad in (None, torch.arange(4, dtype=torch.uint8), torch.arange(4, device="meta")):   # as load_state_dict refuses them
     test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": bad}), contains="weights['_extra_state']: expected the 1-D")
+eplb = one.replace(parallel=ParallelConfig.make(tp_size=1, dp_size=1, enable_eplb=True), num_redundant_experts=2)
+lb = FusedMoE(eplb, seed=2, device=DEVICE)                  # a single device with two replicas: slots of 0 1 2 3 0 1
+sd = lb.state_dict()
+test_eq(sd["_extra_state"].tolist(), [0, 1, 2, 3, 0, 1])
+test_eq(torch.equal(FusedMoE(one, weights=sd, device=DEVICE).w13, lb.w13[:4]), True)    # global: every expert is there
+test_eq(torch.equal(FusedMoE(eplb, weights=sd, device=DEVICE).w13, lb.w13), True)
+for key in ("w13", "w2"):                                   # replicas that differ: refused by both entry points, by slot
+    bad = {**sd, key: sd[key].clone()}
+    bad[key][5] += 1
+    test_fail(lambda: lb.load_state_dict(bad), contains=f"state_dict['{key}']: expected slots 1 and 5, replicas of "
+              "logical expert 1, to hold the same weights")
+    test_fail(lambda: FusedMoE(one, weights=bad), contains=f"weights['{key}']: expected slots 1 and 5")
+    test_fail(lambda: lb.load_state_dict({k: v for k, v in bad.items() if k != "_extra_state"}), contains="slots 1 and 5")
+assert torch.equal(lb.w13, sd["w13"].to(DEVICE)) and torch.equal(lb.w13[5], lb.w13[1])  # a refused load changes nothing
 
 # %% [markdown]
 # An in-place edit of a weight the hot path keeps a copy of — the gate (its bf16 copy for the router's GEMM), a

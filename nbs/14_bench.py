@@ -357,15 +357,29 @@ def _save_tile(kernel: str, sc: dict, cfg: dict, device_name: str, config_dir) -
     table[str(max(1, sc["rows"] // sc["E"]))] = cfg                              # (uncached: this run wrote it)
     p.parent.mkdir(parents=True, exist_ok=True); p.write_text(json.dumps(table, indent=1, sort_keys=True))
 
-def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
-              scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
-    "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
+def check_bench_args(out_json: str | Path | None = None,   # where the JSON goes: a file in an existing directory
+                     tune: bool | str = False,             # False, True (every tunable kernel) or a `TUNE_SETS` name
+                     config_dir: str | Path | None = None, # only with tune: an existing directory for the tables
+                    ) -> tuple:                            # the kernels to tune (empty without tune)
+    """The benchmarks' arguments, checked before the card is touched (`run_bench`, `bench_layer`, `moe-lit bench`):
+    ValueError naming each argument and its flag, so a bad flag fails in a second, not after minutes of measuring."""
+    if out_json is not None:
+        if not isinstance(out_json, (str, Path)) or not str(out_json):
+            raise ValueError(f"out_json (--out): expected a file path (a non-empty str or Path) or None, got {out_json!r}")
+        if Path(out_json).is_dir() or not Path(out_json).resolve().parent.is_dir():
+            raise ValueError(f"out_json (--out): expected a file in an existing directory, got {str(out_json)!r}")
     tune = {False: (), True: TUNABLE, **TUNE_SETS}[check_choice("tune", tune, (False, True, *TUNE_SETS))]
     if config_dir is not None and not tune:
         raise ValueError(f"config_dir (--config-dir): expected tune (--tune) with it, only tuning writes tables, got "
                          f"config_dir={str(config_dir)!r} without tune")
-    if config_dir is not None and not Path(config_dir).is_dir():           # before minutes of tuning, not after
+    if config_dir is not None and not (str(config_dir) and Path(config_dir).is_dir()):   # ("": not the cwd)
         raise ValueError(f"config_dir (--config-dir): expected an existing directory for the tuned tables, got {str(config_dir)!r}")
+    return tune
+
+def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
+              scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
+    "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
+    tune = check_bench_args(out_json, tune, config_dir)
     device = measure_device()
     for sc in (scenarios or SCENARIOS) if tune else ():                   # the tables tuning will add to: readable
         for kernel in tune:
@@ -531,8 +545,12 @@ for runs, kw, msg in (([], {}, "runs: expected a non-empty"), ({"r": []}, dict(f
 with tempfile.TemporaryDirectory() as d:                 # --config-dir: refused before anything is measured
     test_fail(lambda: run_bench(config_dir=d), contains="config_dir (--config-dir): expected tune (--tune) with it")
     open(f := os.path.join(d, "afile"), "w").close()
-    for bad in (f, os.path.join(d, "missing")):
+    for bad in (f, os.path.join(d, "missing"), ""):
         test_fail(lambda: run_bench(tune=True, config_dir=bad), contains="config_dir (--config-dir): expected an existing directory")
+    for bad, msg in ((d, "a file in an existing directory"), (os.path.join(d, "no", "x.json"), "a file in an existing"),
+                     ("", "a file path (a non-empty str or Path)"), (3, "a file path")):   # --out: before the card
+        test_fail(lambda: run_bench(bad), contains=f"out_json (--out): expected {msg}")
+    test_eq(check_bench_args(os.path.join(d, "x.json"), "fp8"), TUNE_SETS["fp8"])
     sc, cfg = dict(E=8, N=128, rows=64), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
     _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d)
     _save_tile("batched_moe_gemm", dict(sc, rows=512), dict(cfg, BLOCK_M=64), "Some GPU", d)   # merged into the same file

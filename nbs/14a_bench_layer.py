@@ -15,7 +15,7 @@ from moe_lit.terms import check_int, progress
 from moe_lit.config import ParallelConfig, MoEConfig
 from moe_lit.models import preset
 from moe_lit.layer import FusedMoE, rank_config
-from moe_lit.bench import measure_device, find_bench_results, source_commit
+from moe_lit.bench import measure_device, find_bench_results, source_commit, check_bench_args
 
 # %%
 #| hide
@@ -177,6 +177,7 @@ def bench_layer(out_json: str | Path | None = None,
                 seed: int = 0,
                 on_rows=None) -> dict:                # called with each deployment's rows as they finish
     "Measure the card, then every deployment at every T: floor, eager, replayed, transformers; JSON when `out_json`."
+    check_bench_args(out_json)
     device = measure_device()
     rows = []
     for dep in progress(deployments or LAYER_DEPLOYMENTS, "deployments"):

@@ -655,11 +655,14 @@ def _bench(args) -> int:
               "; on a CPU, `moe-lit run` checks the layer")
         return True
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
-    if args.out and not Path(args.out).resolve().parent.is_dir():          # before minutes of measuring, not after
-        return _fail(args, f"--out: expected a file in an existing directory, got {args.out}")
+    from moe_lit.bench import check_bench_args
     if args.layer:
         for flag, value in (("--tune", args.tune), ("--config-dir", args.config_dir)):
-            if value: return _fail(args, f"{flag}: not used by --layer (only the GEMM benchmark tunes tiles), got {value}")
+            if value is not None:
+                return _fail(args, f"{flag}: not used by --layer (only the GEMM benchmark tunes tiles), got {value!r}")
+    try: check_bench_args(args.out, args.tune or False, args.config_dir)   # before minutes of measuring, not after
+    except ValueError as e: return _fail(args, str(e))
+    if args.layer:
         from moe_lit.bench_layer import LAYER_DEPLOYMENTS, bench_layer, format_bench_layer
         deps = pick(LAYER_DEPLOYMENTS)
         if not deps:
@@ -811,7 +814,13 @@ with tempfile.TemporaryDirectory() as d:
                       (["tables", "--config", str(big), "--ep", "16"], "--ep: num_experts expected >= ep_size (16)"),
                       (["tables", "--config", str(big), "--ep", "2", "--all2all", "nixl_ep"],
                        "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000"),
-                      (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "--out: expected a file in an existing directory"),
+                      (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "(--out): expected a file in an existing directory"),
+                      (["bench", "--out", d], "(--out): expected a file in an existing directory"),
+                      (["bench", "--out", ""], "(--out): expected a file path (a non-empty str or Path)"),
+                      (["bench", "--config-dir", d], "(--config-dir): expected tune (--tune) with it"),
+                      (["bench", "--tune", "--config-dir", str(Path(d, "nowhere"))], "(--config-dir): expected an existing directory"),
+                      (["bench", "--layer", "--config-dir", ""], "--config-dir: not used by --layer"),
+                      (["bench", "--tune", "--config-dir", ""], "(--config-dir): expected an existing directory"),
                       (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
                       (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3"),
                       (["bench", "--tune", "--scenario", "nope"], "--scenario: expected part of a scenario name ('DeepSeek"),

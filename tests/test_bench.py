@@ -58,8 +58,12 @@ def test_bench_quant_arguments():
     with tempfile.TemporaryDirectory() as d:                 # --config-dir: refused before anything is measured
         test_fail(lambda: run_bench(config_dir=d), contains="config_dir (--config-dir): expected tune (--tune) with it")
         open(f := os.path.join(d, "afile"), "w").close()
-        for bad in (f, os.path.join(d, "missing")):
+        for bad in (f, os.path.join(d, "missing"), ""):
             test_fail(lambda: run_bench(tune=True, config_dir=bad), contains="config_dir (--config-dir): expected an existing directory")
+        for bad, msg in ((d, "a file in an existing directory"), (os.path.join(d, "no", "x.json"), "a file in an existing"),
+                         ("", "a file path (a non-empty str or Path)"), (3, "a file path")):   # --out: before the card
+            test_fail(lambda: run_bench(bad), contains=f"out_json (--out): expected {msg}")
+        test_eq(check_bench_args(os.path.join(d, "x.json"), "fp8"), TUNE_SETS["fp8"])
         sc, cfg = dict(E=8, N=128, rows=64), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
         _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d)
         _save_tile("batched_moe_gemm", dict(sc, rows=512), dict(cfg, BLOCK_M=64), "Some GPU", d)   # merged into the same file

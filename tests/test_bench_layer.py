@@ -8,7 +8,7 @@ from moe_lit.terms import check_int, progress
 from moe_lit.config import ParallelConfig, MoEConfig
 from moe_lit.models import preset
 from moe_lit.layer import FusedMoE, rank_config
-from moe_lit.bench import measure_device, find_bench_results, source_commit
+from moe_lit.bench import measure_device, find_bench_results, source_commit, check_bench_args
 from fastcore.test import test_eq, test_fail
 from moe_lit.bench_layer import *
 

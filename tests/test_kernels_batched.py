@@ -38,6 +38,8 @@ def test_check_tile_config():
     test_fail(lambda: check_tile_config(dict(BLOCK_N=24, BLOCK_K=32)), contains="config['BLOCK_N']: expected a power of two, got 24")
     test_fail(lambda: check_tile_config(dict(BLOCK_N=32, BLOCK_K=32, FOO=1)), contains="config: expected keys among")
     check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, maxnreg=96))
+    check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, num_warps=32))
+    test_fail(lambda: check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, num_warps=64)), contains="config['num_warps']: expected <= 32, got 64")
     for bad in (8, 300, 96.0, True):
         test_fail(lambda: check_tile_config(dict(BLOCK_N=64, BLOCK_K=128, maxnreg=bad)), contains="config['maxnreg']: expected")
     if not INTERPRET: test_fail(lambda: check_tile_config(dict(BLOCK_N=8, BLOCK_K=32)), contains="config['BLOCK_N']: expected >= 16, got 8")
@@ -56,6 +58,9 @@ def test_tile_config_table():
             test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, far, torch.bfloat16, "NVIDIA H200", d),
                     default_tile_config(32, 4096, 7168, far, torch.bfloat16))
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), small)
+        test_eq(read_tile_table(str(p)), {16: small, 512: big})                   # a str path reads as a Path
+        test_eq(read_tile_table(str(p) + ".none"), None)
+        for bad in (None, "", 3): test_fail(lambda: read_tile_table(bad), contains="path: expected a tile table's file path")
         for E, bad, msg in ((1, {"8": dict(small, BLOCK_M=48)}, "entry '8': config['BLOCK_M']: expected a power of two, got 48"),
                             (2, {"8": dict(small, BLOCK_M=0)}, "entry '8': config['BLOCK_M']: expected >= "),
                             (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),

@@ -4,9 +4,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
+from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers, check_kernel_device
 from moe_lit.kernels.batched import _cdiv, _next_pow2
-from moe_lit.terms import check_int, check_tensor, check_choice
+from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.quant import FP8_MAX, quantize_fp8
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE
@@ -59,6 +59,8 @@ def test_fp8_activation_quantizer_matches_spec():
     test_fail(lambda: fp8_quantize_activations(x, "group", cnt, group_k=2**17), contains="group_k: expected")
     test_fail(lambda: fp8_quantize_activations(x[..., :0], "group", cnt), contains="x: expected at least one column")
     test_eq(fp8_quantize_activations(torch.zeros(0, 64, device=DEVICE), "tensor")[1].cpu(), torch.ones(1, 1))   # no rows: scale 1, set
+    for bad in (1, "no", None): test_fail(lambda: fp8_quantize_activations(x, "group", cnt, validate=bad), contains="validate: expected a bool")
+    test_fail(lambda: fp8_quantize_activations(torch.ones(4, 8, device="meta"), "token"), contains="x: expected a tensor with values")
 
 
 @pytest.mark.gpu

@@ -409,6 +409,20 @@ def test_state_dict_names_its_experts():
               contains="weights['_extra_state']: expected the ids 0 .. 3 of a single-device layer's state_dict")
     for bad in (None, torch.arange(4, dtype=torch.uint8), torch.arange(4, device="meta")):   # as load_state_dict refuses them
         test_fail(lambda: FusedMoE(one, weights={**glob, "_extra_state": bad}), contains="weights['_extra_state']: expected the 1-D")
+    eplb = one.replace(parallel=ParallelConfig.make(tp_size=1, dp_size=1, enable_eplb=True), num_redundant_experts=2)
+    lb = FusedMoE(eplb, seed=2, device=DEVICE)                  # a single device with two replicas: slots of 0 1 2 3 0 1
+    sd = lb.state_dict()
+    test_eq(sd["_extra_state"].tolist(), [0, 1, 2, 3, 0, 1])
+    test_eq(torch.equal(FusedMoE(one, weights=sd, device=DEVICE).w13, lb.w13[:4]), True)    # global: every expert is there
+    test_eq(torch.equal(FusedMoE(eplb, weights=sd, device=DEVICE).w13, lb.w13), True)
+    for key in ("w13", "w2"):                                   # replicas that differ: refused by both entry points, by slot
+        bad = {**sd, key: sd[key].clone()}
+        bad[key][5] += 1
+        test_fail(lambda: lb.load_state_dict(bad), contains=f"state_dict['{key}']: expected slots 1 and 5, replicas of "
+                  "logical expert 1, to hold the same weights")
+        test_fail(lambda: FusedMoE(one, weights=bad), contains=f"weights['{key}']: expected slots 1 and 5")
+        test_fail(lambda: lb.load_state_dict({k: v for k, v in bad.items() if k != "_extra_state"}), contains="slots 1 and 5")
+    assert torch.equal(lb.w13, sd["w13"].to(DEVICE)) and torch.equal(lb.w13[5], lb.w13[1])  # a refused load changes nothing
 
 
 def test_layer_follows_inplace_edits():

@@ -271,7 +271,7 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
-# %% ../../nbs/06_kernels.batched.ipynb #4701ecdebc00
+# %% ../../nbs/06_kernels.batched.ipynb #ea321284f787
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M", "SPLIT_K",
              "maxnreg")   # maxnreg: ptxas's register cap a thread (fewer registers, more programs an SM), a launch option
 
@@ -292,7 +292,8 @@ def check_tile_config(config,
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps"):
         if key in config:        # tl.dot needs 16 rows/columns on a GPU; the interpreter takes any size
             lo = 16 if key.startswith("BLOCK") and not INTERPRET else 1
-            v = check_int(f"config[{key!r}]", config[key], lo=lo, hi=1025)
+            hi = 33 if key == "num_warps" else 1025          # a CUDA block holds at most 1024 threads: 32 warps
+            v = check_int(f"config[{key!r}]", config[key], lo=lo, hi=hi)
             if v & (v - 1): raise ValueError(f"config[{key!r}]: expected a power of two, got {v}")
     if "num_stages" in config: check_int("config['num_stages']", config["num_stages"], lo=1, hi=9)
     if "maxnreg" in config: check_int("config['maxnreg']", config["maxnreg"], lo=32, hi=256)   # sm_90: at most 255
@@ -328,7 +329,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #6d87ea98c821
+# %% ../../nbs/06_kernels.batched.ipynb #81c02a932696
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -387,8 +388,11 @@ def _device_name() -> str:
     "The current device's name, asked once (launchers look tables up on every call)."
     return torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
 
-def read_tile_table(path: Path) -> dict | None:
+def read_tile_table(path: Path | str) -> dict | None:
     "The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the file."
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ValueError(f"path: expected a tile table's file path (a non-empty str or Path), got {path!r}")
+    path = Path(path)
     if path.is_symlink() and not path.exists():     # a link to nothing (or a loop): not silently "no table"
         raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere")
     if not path.exists(): return None

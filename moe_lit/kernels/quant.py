@@ -755,7 +755,21 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act
 
-# %% ../../nbs/09c_kernels.quant.ipynb #20aa76906b1e
+# %% ../../nbs/09c_kernels.quant.ipynb #d6488fa1ff92
+def _check_act_scale_values(a_scale: torch.Tensor,                  # [E, M or 1, G] batched, [rows or 1, G] contiguous
+                            expert_num_tokens: torch.Tensor | None = None,   # [E] int32: the batched rows read
+                           ) -> None:
+    """A caller's pre-quantized activation scales, where the kernels read them: >= 0 and not infinite (one host sync).
+    NaN passes: `fp8_quantize_activations` gives a row-group with a NaN (or inf) input a NaN scale, so the output
+    row is NaN as the 16-bit path's would be; a negative scale (signs flipped) or an infinite one is no quantizer's."""
+    s = a_scale
+    if expert_num_tokens is not None:                 # an expert's valid rows only: the quantizer leaves the rest unset
+        s = s[torch.arange(s.shape[1], device=s.device)[None, :] < expert_num_tokens[:, None]]
+    bad = (s < 0) | torch.isinf(s)
+    if bad.any():
+        raise ValueError(f"a_scale: expected scales >= 0 and not infinite on the rows the kernels read (NaN marks a "
+                         f"NaN input), got {s[bad][0].item()} ({int(bad.sum())} such values)")
+
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
                            expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -766,7 +780,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
                            out_dtype: torch.dtype | None = None,  # output dtype for fp8 a (default bf16)
                            config: dict | None = None,        # tile override: BLOCK_M/N/K, num_warps, num_stages
                            expected_m: int | None = None,     # expected valid rows per expert (tile lookup only)
-                           validate: bool = True,             # check counts <= max_tokens on the host (one sync)
+                           validate: bool = True,             # check counts <= max_tokens and a_scale's values (one sync)
                            bias: torch.Tensor | None = None,  # [E, N] bf16/fp16/fp32, added in fp32 after the scales, before act
                            active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
                            max_active_experts: int | None = None,  # a bound on the experts with rows (`06`'s COMPACT)
@@ -781,6 +795,7 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
     if validate and E and ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
         raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     a_k, a_s, as_strides, odt = _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, K, batched=True)
+    if validate and a_scale is not None and E: _check_act_scale_values(a_scale, expert_num_tokens)
     out = torch.empty(E, M, n_out, dtype=odt, device=a.device) if out is None else \
         check_disjoint("out", check_tensor("out", out, shape=(E, M, n_out), dtype=odt, writable=True), a=a, a_k=a_k,
                       a_s=a_s, expert_num_tokens=expert_num_tokens, bias=bias,
@@ -931,7 +946,7 @@ def _fused_moe_quant_kernel(
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
-# %% ../../nbs/09c_kernels.quant.ipynb #922a145afe1d
+# %% ../../nbs/09c_kernels.quant.ipynb #0b4d24c690bb
 def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                          qw: QuantizedExpertWeights,       # the local experts' quantized weights
                          sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -950,6 +965,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                          config: dict | None = None,       # tile override (BLOCK_M is fixed by the alignment)
                          bias: torch.Tensor | None = None, # [E_local, N] bf16/fp16/fp32: fp32 add after the scales (see the spec)
                          active_experts: int | None = None,  # expected local experts with pairs (split-K; default min(E, pairs))
+                         validate: bool = True,            # with a_scale: check its values on the host (one sync)
                         ) -> torch.Tensor:                 # `out`
     "Quantized grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ W[e]ᵀ + bias[e])`, e = expert(block), fp32 accumulation."
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 2, bias)
@@ -963,6 +979,7 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                         num_tokens_post_padded=num_tokens_post_padded, topk_weights=topk_weights)
     K = a.shape[1]
     a_k, a_s, as_st, odt = _prepare_activations(a, qw, None, a_scale, out_dtype, K, batched=False)
+    if check_bool("validate", validate) and a_scale is not None: _check_act_scale_values(a_scale)
     out = torch.empty(num_pairs, n_out, dtype=odt, device=a.device) if out is None else \
         check_disjoint("out", check_tensor("out", out, shape=(num_pairs, n_out), dtype=odt, writable=True), a=a, a_k=a_k,
                       a_s=a_s, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids, topk_weights=topk_weights, bias=bias,
