@@ -446,7 +446,8 @@ def _dispatches(m: torch.nn.Module) -> bool:
 def check_model(model: torch.nn.Module,
                 selected: bool = True,   # also require each block's config to select "moe_lit" (what runs now)
                ) -> dict[str, ExpertsRecipe]:
-    """`experts_recipes(model)`: the MoE blocks whose experts moe-lit runs. ValueError if `model` has an MoE block
+    """The MoE blocks whose experts moe-lit runs, `{module name: ExpertsRecipe}` (`experts_recipes`' answer, checked).
+    ValueError if `model` has an MoE block
     'moe_lit' cannot reach, none at all, or (with `selected`) a block whose config selects an implementation other than
     one `register` made (a model loaded without `experts_implementation="moe_lit"` runs transformers' own experts)."""
     if not isinstance(model, torch.nn.Module):

@@ -49,27 +49,34 @@
 #
 # `moe-lit run` prints the resolved parallel config with the reason for every backend property, the backend's record
 # and whether the deployment uses it at all, the placement and routing tables, the per-expert load, the output checked
-# against a float64 reference and the time of each part (weights, forward, references and checks).
-# Try a deployment: `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs the eight
-# ranks of a DeepSeek-V3 wide-EP deployment one after another in one process (never holding more than one rank's
-# weights) and checks that they sum to the single-device result, which it computes from the weights by global id, a
-# few experts at a time, independently of the ranks; on 2 CPU cores it takes 3–7 minutes (generating DeepSeek-V3's
-# 11 billion random expert weights, then again the experts the tokens reach for the references) at a peak of about
-# 3.3 GiB resident (200 s and 3.25 GiB measured on an idle 2-core machine). `moe-lit tables` prints the placement tables
-# in full; `moe-lit explain --ep 8 --all2all nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its
-# reason and the oracle's decision table (for `explain`, `--device` names the GPU model the oracle decides for,
-# `cpu` (the torch reference), `cpu-interpreter` (the CPU running the Triton kernels as `run --experts triton` does),
-# or `detect` (this machine, the default); for `run`, it is where the
-# layer runs: `auto`, `cpu` or `cuda`); `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other schemes `--help` lists)
-# quantizes the experts at load, one expert at a time, and checks against the dequantized weights (on 2 otherwise idle CPU cores the
-# default model's run takes 4–7 s unquantized, about 16 s with FP8 and 60–220 s with MXFP4 — nearly all of it generating and
-# quantizing the random weights, and varying by 3× between machines of one kind — at a peak of 1.5, 3.2 and 3.1 GiB resident
-# memory; the report's last line gives the run's own peak, the figure `/usr/bin/time -v` reads). `run`'s text abridges long lists; with `--json`, `run`, `tables` and `explain` print their full data. `moe-lit run --help`
-# lists the options with their defaults, and `moe-lit --version` the version. Without a GPU the experts run as the
-# torch reference; `--experts triton` runs the Triton kernels in Triton's CPU interpreter, which is meant for small
-# shapes (a full-size model takes minutes): shrink a model by passing a small `config.json` with `--config` (any
-# family's keys, e.g. Qwen3-MoE's: `model_type` qwen3_moe, `hidden_size` 64, `moe_intermediate_size` 32, `num_experts`
-# 4 and `num_experts_per_tok` 2).
+# against a float64 reference and the time of each part (weights, forward, references and checks). More to try:
+#
+# - **A wide-EP deployment.** `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs
+#   the eight ranks of a DeepSeek-V3 deployment one after another in one process (never holding more than one rank's
+#   weights) and checks that they sum to the single-device result, computed from the weights by global id, a few
+#   experts at a time, independently of the ranks. On 2 idle CPU cores: 3–7 minutes (generating 11 billion random
+#   expert weights, then again the experts the tokens reach, for the references), about 3.3 GiB resident at peak.
+#   A placement the deployment cannot use falls back as vLLM's does, and the report says why (`placement linear
+#   (requested round_robin; fell back to linear: round_robin needs num_expert_group > 1 ...)`).
+# - **Tables and decisions.** `moe-lit tables` prints the placement tables in full; `moe-lit explain --ep 8 --all2all
+#   nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its reason and the oracle's decision table.
+#   For `explain`, `--device` is the GPU model the oracle decides for, `cpu` (the torch reference), `cpu-interpreter`
+#   (the CPU running the Triton kernels, as `run --experts triton` does) or `detect` (this machine, the default); for
+#   `run`, `--device` is where the layer runs: `auto`, `cpu` or `cuda`.
+# - **Quantized experts.** `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other
+#   schemes `--help` lists) quantizes the experts at load, one expert at a time, and checks against the dequantized
+#   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 and 60–220 s with
+#   MXFP4 (nearly all of it generating and quantizing the random weights; it varies 3× between machines of one kind),
+#   at a peak of 1.5, 3.2 and 3.1 GiB resident; the report's last line gives the run's own peak. The Triton FP4 kernels
+#   (`mxfp4`, `nvfp4`: weight-only, w4a16) take 16-bit activations, so a float32 layer is refused for them: pass
+#   `--dtype bf16`, or run the torch reference (`--experts torch`); FP8 w8a8 takes any of the three.
+# - **Small shapes.** Without a GPU the experts run as the torch reference; `--experts triton` runs the Triton kernels
+#   in Triton's CPU interpreter, meant for small shapes (a full-size model takes minutes). Shrink a model with a small
+#   `config.json` passed as `--config` (any family's keys, e.g. Qwen3-MoE's: `model_type` qwen3_moe, `hidden_size`
+#   64, `moe_intermediate_size` 32, `num_experts` 4 and `num_experts_per_tok` 2).
+#
+# `run`'s text abridges long lists; with `--json`, `run`, `tables` and `explain` print their full data.
+# `moe-lit run --help` lists the options with their defaults, and `moe-lit --version` the version.
 #
 # ## Documentation
 #
@@ -97,7 +104,8 @@
 # forces one of the oracle's candidates — on the CPU a Triton one with `experts="triton"`, which runs it in the
 # interpreter. `select_experts_backend(cfg, quant, cfg.activation_format, DEVICES["h200"]).table()`
 # (`moe_lit.oracle`) gives the decision table `moe-lit explain` prints (as Markdown, where the command aligns plain
-# text), for any device model. A model's own
+# text), for any device model. `FusedMoE(config, quant="fp8")` (or "mxfp4", "nvfp4", any name `moe-lit run --quant`
+# takes) quantizes the experts at construction, as `run --quant` does. A model's own
 # `config.json` gives the config: `moe_lit.models.moe_config_from_hf(path)` (then `FusedMoE.from_pretrained(dir,
 # layer_index)` for its weights). The dtype is the config's and fixed when the layer is built: a cast to it
 # (`model.to(torch.bfloat16)` around a bf16 layer) keeps the router fp32; a cast to another is refused — build the
@@ -167,6 +175,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # ['model.layers.0.mlp.experts', 'model.layers.1.mlp.experts']
 
 # %% [markdown]
+# On a CUDA device the registered experts run moe-lit's Triton kernels; on a CPU (and wherever a forward needs a
+# gradient) they run moe-lit's torch reference, which keeps the model's own dtype, float64 included.
 # `check_model` raises, naming the blocks, for a model whose experts moe-lit cannot reach (Llama-4's: transformers
 # does not send them through that interface), and for one loaded without `experts_implementation="moe_lit"` (its
 # blocks run transformers' own experts; `check_model(model, selected=False)` asks only whether moe-lit could reach

@@ -241,7 +241,7 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #2078685c6187
+# %% ../../nbs/12b_integrations.transformers.ipynb #52dd8e449222
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
@@ -260,7 +260,8 @@ def _dispatches(m: torch.nn.Module) -> bool:
 def check_model(model: torch.nn.Module,
                 selected: bool = True,   # also require each block's config to select "moe_lit" (what runs now)
                ) -> dict[str, ExpertsRecipe]:
-    """`experts_recipes(model)`: the MoE blocks whose experts moe-lit runs. ValueError if `model` has an MoE block
+    """The MoE blocks whose experts moe-lit runs, `{module name: ExpertsRecipe}` (`experts_recipes`' answer, checked).
+    ValueError if `model` has an MoE block
     'moe_lit' cannot reach, none at all, or (with `selected`) a block whose config selects an implementation other than
     one `register` made (a model loaded without `experts_implementation="moe_lit"` runs transformers' own experts)."""
     if not isinstance(model, torch.nn.Module):
