@@ -1805,7 +1805,7 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # batched quantizer before it took 57.7 µs, the contiguous one 5.7 µs. The batched quantizer's grid is (row blocks,
 # 16 groups, 128 experts) with 64 rows a program: each expert's single live program loads a 64 × 128 tile under a
 # 4-row mask and waits on it, 2048 such programs at 23 % occupancy. Rows a program in the batched layout
-# (`nbs/bench/act_quant_sweep.py --rows 4,8,16,32,64 --groups 1`, `act_quant_rows_h100_fd9e6e2.json`: the quantizer
+# (`nbs/bench/act_quant_sweep.py`, `act_quant_rows_h100_fd9e6e2.json`: the quantizer
 # alone on GEMM1's / GEMM2's input, replayed, µs):
 #
 # | scenario (expected / max rows an expert) | 4 | 8 | 16 | 32 | 64 |
@@ -1818,10 +1818,10 @@ for scheme in ("mxfp4_w4a16", "nvfp4_w4a16"):
 # 8 rows is the fastest in sum on every row but DeepSeek-V3 (16 there, by 2 µs), so the batched layout takes
 # `ACT_QUANT_BATCHED_ROWS` = 8 (`09b`); the contiguous layout keeps 64 (one program a group of 64 tokens, the case its
 # 5.7 µs came from). Batched prefill-sized slabs (hundreds of rows an expert) were not timed with it. Fewer programs,
-# each taking several groups in turn (`ACT_QUANT_BATCHED_GROUPS`), did not pay: 8 rows × 2 groups was 4 % faster than
-# 8 × 1 in the quantizer-alone sum, GEMM1 + SiLU within 1 % either way, and 4 groups and more were slower on every row
-# (`nbs/bench/act_quant_sweep.py`, `act_quant_sweep_h100_ecf327d.json`) — a program's time is its own chain of load,
-# reduction and store, not the grid's size.
+# each taking several groups in turn (a kernel variant tried at ecf327d), did not pay: 8 rows × 2 groups was 4 %
+# faster than 8 × 1 in the quantizer-alone sum, GEMM1 + SiLU within 1 % either way, and 4 groups and more were slower
+# on every row (`act_quant_sweep_h100_ecf327d.json`) — a program's time is its own chain of load, reduction and
+# store, not the grid's size — so the kernel keeps one group a program.
 # After (H100, b7a0fbc, `nbs/bench/quant_bench_fp8_h100_b7a0fbc.json`), µs (% of the floor):
 #
 # | scenario | floor | batched eager | batched replayed | contiguous eager | contiguous replayed |

@@ -13,7 +13,7 @@ from ..terms import check_int, check_tensor, check_choice, check_bool
 from ..quant import FP8_MAX, quantize_fp8
 
 # %% auto #0
-__all__ = ['ACT_QUANT_BATCHED_ROWS', 'ACT_QUANT_BATCHED_GROUPS', 'fp8_quantize_activations_reference', 'fp8_quantize_activations']
+__all__ = ['ACT_QUANT_BATCHED_ROWS', 'fp8_quantize_activations_reference', 'fp8_quantize_activations']
 
 # %% ../../nbs/09b_kernels.quant_act.ipynb #87e1735416fc
 @triton.jit
@@ -57,7 +57,7 @@ def _fp8_quantize_group(x, ROWS: tl.constexpr, GROUP: tl.constexpr, EMULATE_CAST
     s = _fp8_row_scales(amax, nan_row, ROWS)
     return _fp8_scaled(x, s, ROWS, GROUP, EMULATE_CAST).to(tl.float8e4nv), s
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #96383278a03b
+# %% ../../nbs/09b_kernels.quant_act.ipynb #ca1bed3818ea
 @triton.jit
 def _quantize_fp8_rows_kernel(
     x_ptr,              # [E, M, K] bf16/fp16/fp32 (E = 1 in the contiguous layout), unit stride along K
@@ -68,37 +68,33 @@ def _quantize_fp8_rows_kernel(
     M, K, stride_xe, stride_xm, stride_qe, stride_qm, stride_se, stride_sm,
     MODE: tl.constexpr, HAS_COUNTS: tl.constexpr, EMULATE_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
-    GROUPS: tl.constexpr = 1,    # groups one program quantizes, in turn (the last program's may pass K: masked)
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
-    "grid = (_cdiv(M, BLOCK_R), _cdiv(_cdiv(K, GROUP), GROUPS), E); programs whose rows start past the count exit at once."
+    "grid = (_cdiv(M, BLOCK_R), _cdiv(K, GROUP), E); programs whose rows start past the count exit at once."
     _await_producers(PDL)                                    # before any load or store
-    pid_r, pid_g, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_r, g, e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows_end = M
     if HAS_COUNTS: rows_end = tl.minimum(tl.load(counts_ptr + e), M)
     if pid_r * BLOCK_R >= rows_end: return
     e64 = e.to(tl.int64)
     offs_r = (pid_r * BLOCK_R).to(tl.int64) + tl.arange(0, BLOCK_R)   # int64 rows: rows × K may pass 2^31
+    offs_k = g * GROUP + tl.arange(0, GROUP)
     row_ok = offs_r < rows_end
-    for gi in range(GROUPS):
-        g = pid_g * GROUPS + gi
-        offs_k = g * GROUP + tl.arange(0, GROUP)
-        mask = row_ok[:, None] & (offs_k < K)[None, :]
-        x = tl.load(x_ptr + e64 * stride_xe + offs_r[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)                                      # also the interpreter's bf16 upcast
-        amax, nan_row = _fp8_row_amax(x)                          # [BLOCK_R]; masked entries are 0
-        if MODE == 1:                                             # a NaN anywhere: +inf here, so the scale is NaN
-            m = tl.where(tl.sum(nan_row.to(tl.int32), axis=0) > 0, float("inf"), tl.max(amax, axis=0))
-            tl.atomic_max(amax_ptr + e, m)
+    mask = row_ok[:, None] & (offs_k < K)[None, :]
+    x = tl.load(x_ptr + e64 * stride_xe + offs_r[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)                                          # also the interpreter's bf16 upcast
+    amax, nan_row = _fp8_row_amax(x)                              # [BLOCK_R]; masked entries are 0
+    if MODE == 1:                                                 # a NaN anywhere: +inf here, so the scale is NaN
+        m = tl.where(tl.sum(nan_row.to(tl.int32), axis=0) > 0, float("inf"), tl.max(amax, axis=0))
+        tl.atomic_max(amax_ptr + e, m)
+    else:
+        if MODE == 0:
+            s = _fp8_row_scales(amax, nan_row, BLOCK_R)
+            tl.store(s_ptr + e64 * stride_se + offs_r * stride_sm + g, s, mask=row_ok)
         else:
-            if MODE == 0:
-                s = _fp8_row_scales(amax, nan_row, BLOCK_R)
-                tl.store(s_ptr + e64 * stride_se + offs_r * stride_sm + g, s, mask=row_ok & (g * GROUP < K))
-            else:
-                s = tl.load(s_ptr + e) + tl.zeros((BLOCK_R,), tl.float32)
-            y = _fp8_scaled(x, s, BLOCK_R, GROUP, EMULATE_CAST)
-            tl.store(q_ptr + e64 * stride_qe + offs_r[:, None] * stride_qm + offs_k[None, :],
-                     y.to(q_ptr.dtype.element_ty), mask=mask)
+            s = tl.load(s_ptr + e) + tl.zeros((BLOCK_R,), tl.float32)
+        y = _fp8_scaled(x, s, BLOCK_R, GROUP, EMULATE_CAST)
+        tl.store(q_ptr + e64 * stride_qe + offs_r[:, None] * stride_qm + offs_k[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
 # %% ../../nbs/09b_kernels.quant_act.ipynb #6701ad9eaeef
 _GRAN_09 = {"tensor": "tensor", "token": "token", "group": "block"}
@@ -141,7 +137,7 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
         s[e, : (n if granularity != "tensor" else 1)] = se.reshape(-1, G)
     return (q[0], s[0]) if expert_num_tokens is None else (q, s)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #c958c9ae062f
+# %% ../../nbs/09b_kernels.quant_act.ipynb #43978d4fa30d
 def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous), float
                              granularity: str,           # 'tensor', 'token' or 'group' (1 x group_k)
                              expert_num_tokens: torch.Tensor | None = None,  # [E] int32: valid rows (batched)
@@ -165,14 +161,6 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
     return _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k)
 
 ACT_QUANT_BATCHED_ROWS = 8   # rows of one quantizer program in the batched layout (the contiguous one takes up to 64)
-ACT_QUANT_BATCHED_GROUPS = 1 # groups one batched quantizer program takes in turn (the contiguous layout: 1); 2 was
-                             # 4 % faster in the quantizer-alone sum on an H100 and within 1 % either way end to end
-                             # (`nbs/bench/act_quant_sweep_h100_ecf327d.json`), 4 and more slower: one it stays
-
-def _act_quant_groups(groups: int,           # scale groups along K
-                      batched: bool) -> int:
-    "Groups a quantizer program takes in turn: `ACT_QUANT_BATCHED_GROUPS` in the batched layout (at most `groups`), else 1."
-    return max(1, min(ACT_QUANT_BATCHED_GROUPS, groups)) if batched else 1
 
 def _act_quant_block_rows(group: int,          # columns of one program (the scale group, or the padded row)
                           batched: bool) -> int:
@@ -194,13 +182,11 @@ def _fp8_quantize_activations(x, granularity, expert_num_tokens, group_k):
     s = (torch.empty if E and M else torch.ones)(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
     if E and M and K:
         block_r = _act_quant_block_rows(group, expert_num_tokens is not None)
-        if _cdiv(K, group) > 65535 or E > 65535:   # CUDA's limit on a grid's y and z dimensions
-            raise ValueError(f"x: expected at most 65535 experts and 65535 groups of {group} columns, got {E} and {_cdiv(K, group)}")
-        groups = _act_quant_groups(_cdiv(K, group), expert_num_tokens is not None)
-        grid = (_cdiv(M, block_r), _cdiv(_cdiv(K, group), groups), E)
+        grid = (_cdiv(M, block_r), _cdiv(K, group), E)
+        if grid[1] > 65535 or E > 65535:           # CUDA's limit on a grid's y and z dimensions
+            raise ValueError(f"x: expected at most 65535 experts and 65535 groups of {group} columns, got {E} and {grid[1]}")
         counts = expert_num_tokens if expert_num_tokens is not None else s
-        common = dict(HAS_COUNTS=expert_num_tokens is not None, EMULATE_CAST=INTERPRET, BLOCK_R=block_r, GROUP=group,
-                      GROUPS=groups)
+        common = dict(HAS_COUNTS=expert_num_tokens is not None, EMULATE_CAST=INTERPRET, BLOCK_R=block_r, GROUP=group)
         args = (M, K, x3.stride(0), x3.stride(1), q.stride(0), q.stride(1))
         if granularity == "tensor":
             amax = torch.zeros(E, dtype=torch.float32, device=x.device)
