@@ -544,6 +544,15 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # (nixl_ep) and 324 → 249 (allgather). The host machines lent for these runs differ by 2–3× in speed (the same A/B on
 # another one, `eager_vs_replay_launch_h200_5ab72e3_slowhost.log`: Qwen3 416 → 309), so compare within a run.
 # Capture the forward (below) where host time matters.
+#
+# **What is left is the Python between the launches.** The same stubbed forward, with its Triton launches called
+# again straight from a record of their arguments and ten allocations (`nbs/bench/host_plan_bound.py`,
+# `host_plan_bound_cpu_2b07837.log`): DeepSeek-V3 nixl_ep 131 µs against 19 µs, allgather 105 against 18, Qwen3 on one
+# GPU 63 against 14. About 80 % of moe-lit's own host time is the routing, dispatch, experts and combine code deciding
+# again, on every call, what it decided on the last call of the same shape. A launch plan recorded once per shape
+# (token count, dtype, device, the layer's weights version and the process switches: `FP8_ACT_QUANT`, the tile-table
+# root, PDL) and replayed with the new input would remove most of it; it has to carry the forward's torch ops too
+# (the hidden padding, allocations, views) and the shared experts' side stream. Not built yet: open work.
 
 # %%
 #| export
