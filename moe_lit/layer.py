@@ -136,7 +136,7 @@ class FusedMoE(torch.nn.Module):
         self.register_load_state_dict_post_hook(_requantize_after_load)
         self._build_hot_path()
 
-# %% ../nbs/12_layer.ipynb #2e9bf317b7c3
+# %% ../nbs/12_layer.ipynb #fd592b7340cd
 def _facts(c: MoEConfig) -> tuple:
     "What a weight source must agree on with the layer (its dtype may differ: the layer casts)."
     act = (c.activation, c.swiglu_alpha, c.swiglu_limit) if c.activation == "swigluoai" else c.activation
@@ -162,16 +162,24 @@ def _first_slots(name: str,            # the state_dict in messages: "weights" o
                  tensors: Mapping,      # the state_dict (its `_SLOT_TENSORS` that are tensors are compared)
                  ids: torch.Tensor,     # [slots] int64: the logical expert of each slot
                  prefix: str = "") -> dict:
-    """`{logical id: its first slot}`; ValueError naming the tensor and both slots when two replicas of one logical
-    expert (EPLB's redundant slots) hold different weights — which copy a token reaches is the router's choice, so
-    both must be the expert."""
+    """`{logical id: its first slot}`; ValueError naming the tensor when one has not a row per id (`ids`' length), is
+    not dense, or is not finite, and naming both slots when two replicas of one logical expert (EPLB's redundant
+    slots) hold different weights — which copy a token reaches is the router's choice, so both must be the expert."""
+    slots = {}
+    for n in _SLOT_TENSORS:
+        t = tensors.get(prefix + n)
+        if not isinstance(t, torch.Tensor): continue
+        key = f"{name}[{prefix + n!r}]"
+        if t.dim() == 0 or t.shape[0] != len(ids):
+            raise ValueError(f"{key}: expected {len(ids)} rows, one per expert id of its _extra_state, got shape "
+                             f"{list(t.shape)}")
+        slots[n] = check_finite(key, check_dense(key, t))       # (before comparing: NaN is no replica's value)
     first = {}
     for p, e in enumerate(ids.tolist()):
         q = first.setdefault(e, p)
         if q == p: continue
-        for n in _SLOT_TENSORS:
-            t = tensors.get(prefix + n)
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == len(ids) and not torch.equal(t[p], t[q]):
+        for n, t in slots.items():
+            if not torch.equal(t[p], t[q]):
                 raise ValueError(f"{name}[{prefix + n!r}]: expected slots {q} and {p}, replicas of logical expert {e}, "
                                  f"to hold the same weights, got different ones")
     return first
@@ -188,11 +196,11 @@ def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
                                  f"one rank's state_dict holds only its experts; load it into that rank's layer with "
                                  f"load_state_dict")
             weights = {k: v for k, v in weights.items() if k != "_extra_state"}
-            if not torch.equal(ids, torch.arange(n)):    # EPLB's replicas: each logical expert once, from its first slot
-                first = _first_slots("weights", weights, ids)
+            first = _first_slots("weights", weights, ids)   # every slot tensor a row per id; replicas alike
+            if not torch.equal(ids, torch.arange(n)):    # EPLB's replicas, or another order: each expert from its first slot
                 rows = torch.tensor([first[e] for e in range(n)])
-                weights = {k: (v[rows.to(v.device)] if k in _SLOT_TENSORS and isinstance(v, torch.Tensor) and v.dim()
-                               and v.shape[0] == len(ids) else v) for k, v in weights.items()}
+                weights = {k: (v[rows.to(v.device)] if k in _SLOT_TENSORS and isinstance(v, torch.Tensor) else v)
+                           for k, v in weights.items()}
         return TensorWeights(config, weights)
     if not isinstance(weights, WeightSource) or not isinstance(getattr(weights, "config", None), MoEConfig):
         raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) with "
@@ -261,7 +269,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #b28a6d7d6845
+# %% ../nbs/12_layer.ipynb #2e7c5856be27
 @patch
 def get_extra_state(self: FusedMoE) -> torch.Tensor:
     "`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's `_extra_state`)."
@@ -286,8 +294,7 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
     _check_settings_kept(module)                       # what the weights load into: the layer's own settings
-    _check_expert_ids(module, state_dict, prefix)      # and the experts they are, replicas alike
-    _first_slots("state_dict", state_dict, module.get_extra_state(), prefix)
+    _check_expert_ids(module, state_dict, prefix)      # and the experts they are
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
@@ -315,6 +322,7 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         if n in ("w13", "w2") and module.quant != "unquantized":       # what the post-hook will quantize: in range too
             from moe_lit.quant_weights import check_quantizable
             check_quantizable(f"state_dict[{prefix + n!r}]", t, module.quant)
+    _first_slots("state_dict", state_dict, module.get_extra_state(), prefix)   # EPLB's replicas of one expert alike
 
 @torch.inference_mode(False)             # the codes it makes keep version counters (edits of them are followed)
 def _requantize_after_load(module, incompatible_keys):

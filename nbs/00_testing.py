@@ -204,6 +204,8 @@ def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     "`(relative error ‖got − want‖/‖want‖, cosine similarity)` in float64 over all elements."
     g, w = got.detach().double().flatten().cpu(), want.detach().double().flatten().cpu()
     if g.shape != w.shape: raise ValueError(f"got: expected {tuple(w.shape)} elements, got {tuple(g.shape)}")
+    top = max(g.abs().max().item(), w.abs().max().item()) if w.numel() else 0.0
+    if 0.0 < top < float("inf"): g, w = g / top, w / top   # both by one power: the norms neither overflow nor underflow
     rel = ((g - w).norm() / w.norm().clamp(min=1e-300)).item()
     gn, wn = g.norm().item(), w.norm().item()          # (cosine_similarity's eps = 1e-8 would bend tiny vectors)
     cos = 1.0 if gn == wn == 0.0 else 0.0 if gn * wn == 0.0 else (g @ w).item() / (gn * wn)
@@ -212,6 +214,7 @@ def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1e-2, cos_min: float = 0.9999,
                        name: str = "result"):
     "Assert finite `got` with relative error < `rel_tol` and cosine > `cos_min` against `want` (float64 spec)."
+    if got.dtype.itemsize == 1 and got.is_floating_point(): got = got.float()   # fp8: no isfinite of its own
     if not torch.isfinite(got).all():
         bad = (~torch.isfinite(got)).nonzero()[0].tolist()
         raise AssertionError(f"{name}: non-finite value at {bad}: {got[tuple(bad)].item()}")
@@ -230,6 +233,10 @@ test_fail(lambda: assert_quant_close(-w, w), contains="cosine -1")
 test_fail(lambda: assert_quant_close(torch.full((3,), float("nan")), w[:3]), contains="non-finite value at [0]")
 test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05")
 assert_quant_close(w * 1e-10, w * 1e-10)                        # tiny but equal: cosine 1, not bent by an eps
+for scale in (1e-170, 1e160):                                   # float64's extremes: the norms are taken scaled
+    assert_quant_close(w * scale, w * scale)
+    test_fail(lambda: assert_quant_close(-w * scale, w * scale), contains="cosine -1")
+assert_quant_close(w[:8].to(torch.float8_e4m3fn), w[:8].to(torch.float8_e4m3fn).double())   # fp8 `got`
 test_eq(quant_error(torch.zeros(3), torch.zeros(3))[1], 1.0)
 test_fail(lambda: assert_quant_close(torch.zeros(3, dtype=torch.float64), w[:3]), contains="cosine 0.000000")
 

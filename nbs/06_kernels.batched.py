@@ -640,12 +640,15 @@ def _device_name() -> str:
 
 def read_tile_table(path: Path | str) -> dict | None:
     "The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the file."
-    if not isinstance(path, (str, Path)) or not str(path):
-        raise ValueError(f"path: expected a tile table's file path (a non-empty str or Path), got {path!r}")
+    if not isinstance(path, (str, Path)) or not str(path) or "\0" in str(path):
+        raise ValueError(f"path: expected a tile table's file path (a non-empty str or Path without NUL bytes), got {path!r}")
     path = Path(path)
-    if path.is_symlink() and not path.exists():     # a link to nothing (or a loop): not silently "no table"
-        raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere")
-    if not path.exists(): return None
+    try: path.stat()
+    except OSError as e:                             # no such file: no table; a link to nothing (or a loop), a
+        if path.is_symlink():                        # component that is a file, no permission: not "no table"
+            raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere") from None
+        if isinstance(e, FileNotFoundError): return None
+        raise ValueError(f"tile table {path}: expected a readable file, got {type(e).__name__}: {e.strerror}") from None
     raw = read_json_object(path, "tile table", same_key=lambda k: k.lstrip("0") if k.isdigit() else k)   # "08" is "8"
     table = {}
     for key, cfg in raw.items():
@@ -677,7 +680,8 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), small)
     test_eq(read_tile_table(str(p)), {16: small, 512: big})                   # a str path reads as a Path
     test_eq(read_tile_table(str(p) + ".none"), None)
-    for bad in (None, "", 3): test_fail(lambda: read_tile_table(bad), contains="path: expected a tile table's file path")
+    for bad in (None, "", 3, "a\0b"): test_fail(lambda: read_tile_table(bad), contains="path: expected a tile table's file path")
+    test_fail(lambda: read_tile_table(p / "x.json"), contains="expected a readable file, got NotADirectoryError")   # under a file
     for E, bad, msg in ((1, {"8": dict(small, BLOCK_M=48)}, "entry '8': config['BLOCK_M']: expected a power of two, got 48"),
                         (2, {"8": dict(small, BLOCK_M=0)}, "entry '8': config['BLOCK_M']: expected >= "),
                         (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),

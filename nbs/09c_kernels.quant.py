@@ -15,7 +15,7 @@ import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint, env_choice
 from moe_lit.formats import Activation
-from moe_lit.quant import QUANT_SCHEME_TABLE
+from moe_lit.quant import QUANT_SCHEME_TABLE, FP8_MAX
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
 from moe_lit.quant_weights import FP4_WORD_PAIRS, E2M1_BF16_MASK, check_quant_weights
 from moe_lit.kernels.quant_act import fp8_quantize_activations, fp8_quantize_activations_reference, _fp8_quantize_group
@@ -1135,16 +1135,18 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
 def _check_act_scale_values(a_scale: torch.Tensor,                  # [E, M or 1, G] batched, [rows or 1, G] contiguous
                             expert_num_tokens: torch.Tensor | None = None,   # [E] int32: the batched rows read
                            ) -> None:
-    """A caller's pre-quantized activation scales, where the kernels read them: >= 0 and not infinite (one host sync).
-    NaN passes: `fp8_quantize_activations` gives a row-group with a NaN (or inf) input a NaN scale, so the output
-    row is NaN as the 16-bit path's would be; a negative scale (signs flipped) or an infinite one is no quantizer's."""
+    """A caller's pre-quantized activation scales, where the kernels read them: in [0, FP32 max / 448] (one host
+    sync). NaN passes: `fp8_quantize_activations` gives a row-group with a NaN (or inf) input a NaN scale, so the
+    output row is NaN as the 16-bit path's would be; a negative scale (signs flipped) or a larger one (448 × scale
+    past fp32) is no quantizer's."""
     s = a_scale
     if expert_num_tokens is not None:                 # an expert's valid rows only: the quantizer leaves the rest unset
         s = s[torch.arange(s.shape[1], device=s.device)[None, :] < expert_num_tokens[:, None]]
-    bad = (s < 0) | torch.isinf(s)
+    top = torch.finfo(torch.float32).max / FP8_MAX
+    bad = (s < 0) | (s > top)                         # (NaN is neither)
     if bad.any():
-        raise ValueError(f"a_scale: expected scales >= 0 and not infinite on the rows the kernels read (NaN marks a "
-                         f"NaN input), got {s[bad][0].item()} ({int(bad.sum())} such values)")
+        raise ValueError(f"a_scale: expected scales in [0, {top:.4g}] on the rows the kernels read (NaN marks a NaN "
+                         f"input), got {s[bad][0].item()} ({int(bad.sum())} such values)")
 
 def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16, or float8 with a_scale (w8a8)
                            qw: QuantizedExpertWeights,        # the experts' quantized weights
@@ -2046,15 +2048,15 @@ test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt), contains="a: expected K =
 q8, s_ok = a.to(torch.float8_e4m3fn), torch.ones(2, 8, 1, device=DEVICE)
 s_ok[0, 3:] = float("nan")                           # past expert 0's 3 rows: never read, not checked
 batched_moe_gemm_quant(q8, qw8, cnt, "silu_and_mul", a_scale=s_ok)
-for bad in (-1.0, float("inf"), -float("inf")):     # a caller's scale the kernels would read: refused, by value
+for bad in (-1.0, float("inf"), -float("inf"), 3e38):   # a caller's scale the kernels would read: refused, by value
     s_bad = s_ok.clone(); s_bad[1, 7] = bad
     test_fail(lambda: batched_moe_gemm_quant(q8, qw8, cnt, "silu_and_mul", a_scale=s_bad),
-              contains=f"a_scale: expected scales >= 0 and not infinite on the rows the kernels read (NaN marks a NaN input), got {bad}")
+              contains=f"a_scale: expected scales in [0, 7.596e+35] on the rows the kernels read (NaN marks a NaN input), got {s_bad[1, 7, 0].item()}")
     batched_moe_gemm_quant(q8, qw8, cnt, "silu_and_mul", a_scale=s_bad, validate=False)    # unchecked: the caller's word
 ids = torch.tensor([[0, 1], [1, 0], [0, 1]], dtype=torch.int32, device=DEVICE)
 al, x8 = moe_align_block_size(ids, 16, E), random_activations((3, H), torch.bfloat16).to(torch.float8_e4m3fn)
 sc = torch.ones(3, 1, device=DEVICE); sc[2, 0] = -2.0
-test_fail(lambda: fused_moe_gemm_quant(x8, qw8, *al, 2, 16, "silu_and_mul", a_scale=sc), contains="a_scale: expected scales >= 0")
+test_fail(lambda: fused_moe_gemm_quant(x8, qw8, *al, 2, 16, "silu_and_mul", a_scale=sc), contains="a_scale: expected scales in [0, ")
 fused_moe_gemm_quant(x8, qw8, *al, 2, 16, "silu_and_mul", a_scale=sc.abs())
 test_fail(lambda: fused_moe_gemm_quant(x8, qw8, *al, 2, 16, "silu_and_mul", a_scale=sc, validate=1), contains="validate: expected a bool")
 wide = random_activations((E, M, 2 * H), torch.bfloat16)                         # GEMM2 in place over its own input:

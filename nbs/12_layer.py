@@ -275,16 +275,24 @@ def _first_slots(name: str,            # the state_dict in messages: "weights" o
                  tensors: Mapping,      # the state_dict (its `_SLOT_TENSORS` that are tensors are compared)
                  ids: torch.Tensor,     # [slots] int64: the logical expert of each slot
                  prefix: str = "") -> dict:
-    """`{logical id: its first slot}`; ValueError naming the tensor and both slots when two replicas of one logical
-    expert (EPLB's redundant slots) hold different weights — which copy a token reaches is the router's choice, so
-    both must be the expert."""
+    """`{logical id: its first slot}`; ValueError naming the tensor when one has not a row per id (`ids`' length), is
+    not dense, or is not finite, and naming both slots when two replicas of one logical expert (EPLB's redundant
+    slots) hold different weights — which copy a token reaches is the router's choice, so both must be the expert."""
+    slots = {}
+    for n in _SLOT_TENSORS:
+        t = tensors.get(prefix + n)
+        if not isinstance(t, torch.Tensor): continue
+        key = f"{name}[{prefix + n!r}]"
+        if t.dim() == 0 or t.shape[0] != len(ids):
+            raise ValueError(f"{key}: expected {len(ids)} rows, one per expert id of its _extra_state, got shape "
+                             f"{list(t.shape)}")
+        slots[n] = check_finite(key, check_dense(key, t))       # (before comparing: NaN is no replica's value)
     first = {}
     for p, e in enumerate(ids.tolist()):
         q = first.setdefault(e, p)
         if q == p: continue
-        for n in _SLOT_TENSORS:
-            t = tensors.get(prefix + n)
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == len(ids) and not torch.equal(t[p], t[q]):
+        for n, t in slots.items():
+            if not torch.equal(t[p], t[q]):
                 raise ValueError(f"{name}[{prefix + n!r}]: expected slots {q} and {p}, replicas of logical expert {e}, "
                                  f"to hold the same weights, got different ones")
     return first
@@ -301,11 +309,11 @@ def _weight_source(config: MoEConfig, weights, seed: int) -> WeightSource:
                                  f"one rank's state_dict holds only its experts; load it into that rank's layer with "
                                  f"load_state_dict")
             weights = {k: v for k, v in weights.items() if k != "_extra_state"}
-            if not torch.equal(ids, torch.arange(n)):    # EPLB's replicas: each logical expert once, from its first slot
-                first = _first_slots("weights", weights, ids)
+            first = _first_slots("weights", weights, ids)   # every slot tensor a row per id; replicas alike
+            if not torch.equal(ids, torch.arange(n)):    # EPLB's replicas, or another order: each expert from its first slot
                 rows = torch.tensor([first[e] for e in range(n)])
-                weights = {k: (v[rows.to(v.device)] if k in _SLOT_TENSORS and isinstance(v, torch.Tensor) and v.dim()
-                               and v.shape[0] == len(ids) else v) for k, v in weights.items()}
+                weights = {k: (v[rows.to(v.device)] if k in _SLOT_TENSORS and isinstance(v, torch.Tensor) else v)
+                           for k, v in weights.items()}
         return TensorWeights(config, weights)
     if not isinstance(weights, WeightSource) or not isinstance(getattr(weights, "config", None), MoEConfig):
         raise ValueError(f"weights: expected a WeightSource (RandomExpertWeights, TensorWeights, CheckpointWeights) with "
@@ -415,8 +423,7 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
     "load_state_dict pre-hook: expert tensors must be finite floats, finite in the layer's dtype too (a quantized layer quantizes them itself)."
     assign = bool((local_metadata or {}).get("assign_to_params_buffers", False))
     _check_settings_kept(module)                       # what the weights load into: the layer's own settings
-    _check_expert_ids(module, state_dict, prefix)      # and the experts they are, replicas alike
-    _first_slots("state_dict", state_dict, module.get_extra_state(), prefix)
+    _check_expert_ids(module, state_dict, prefix)      # and the experts they are
     shared = _shared_by_key(module)
     for n in _TRACKED + tuple(shared):
         t = state_dict.get(prefix + n)
@@ -444,6 +451,7 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         if n in ("w13", "w2") and module.quant != "unquantized":       # what the post-hook will quantize: in range too
             from moe_lit.quant_weights import check_quantizable
             check_quantizable(f"state_dict[{prefix + n!r}]", t, module.quant)
+    _first_slots("state_dict", state_dict, module.get_extra_state(), prefix)   # EPLB's replicas of one expert alike
 
 @torch.inference_mode(False)             # the codes it makes keep version counters (edits of them are followed)
 def _requantize_after_load(module, incompatible_keys):
@@ -1328,6 +1336,19 @@ for key in ("w13", "w2"):                                   # replicas that diff
     test_fail(lambda: FusedMoE(one, weights=bad), contains=f"weights['{key}']: expected slots 1 and 5")
     test_fail(lambda: lb.load_state_dict({k: v for k, v in bad.items() if k != "_extra_state"}), contains="slots 1 and 5")
 assert torch.equal(lb.w13, sd["w13"].to(DEVICE)) and torch.equal(lb.w13[5], lb.w13[1])  # a refused load changes nothing
+for bad, msg in (({**sd, "w13": sd["w13"].to("meta")}, "expected a dense tensor with values, got a meta tensor"),
+                 ({**sd, "w2": sd["w2"].to_sparse()}, "expected a dense tensor with values, got layout torch.sparse_coo"),
+                 ({**sd, "w2": sd["w2"][[1, 0, 2, 3]]}, "['w2']: expected 6 rows, one per expert id of its _extra_state"),
+                 ({**sd, "_extra_state": torch.tensor([3, 2, 1, 0, 3])}, "['w13']: expected 5 rows, one per expert id")):
+    test_fail(lambda: FusedMoE(one, weights=bad), contains=msg)
+nan = {**sd, "w13": sd["w13"].clone()}
+nan["w13"][[1, 5], 0, 0] = float("nan")                     # both replicas NaN: named as NaN, not as a mismatch
+test_fail(lambda: FusedMoE(one, weights=nan), contains="weights['w13']: expected finite values")
+test_fail(lambda: lb.load_state_dict(nan), contains="state_dict['w13']: expected finite values")
+perm = FusedMoE(one, seed=4, device=DEVICE).state_dict()    # a state_dict of every expert in another order
+order = torch.tensor([2, 0, 3, 1])
+swapped = {**perm, "_extra_state": order, **{k: perm[k][order.to(perm[k].device)] for k in ("w13", "w2")}}
+test_eq(torch.equal(FusedMoE(one, weights=swapped, device=DEVICE).w13, perm["w13"].to(DEVICE)), True)
 
 # %% [markdown]
 # An in-place edit of a weight the hot path keeps a copy of — the gate (its bf16 copy for the router's GEMM), a

@@ -363,16 +363,18 @@ def check_bench_args(out_json: str | Path | None = None,   # where the JSON goes
                     ) -> tuple:                            # the kernels to tune (empty without tune)
     """The benchmarks' arguments, checked before the card is touched (`run_bench`, `bench_layer`, `moe-lit bench`):
     ValueError naming each argument and its flag, so a bad flag fails in a second, not after minutes of measuring."""
-    if out_json is not None:
-        if not isinstance(out_json, (str, Path)) or not str(out_json):
-            raise ValueError(f"out_json (--out): expected a file path (a non-empty str or Path) or None, got {out_json!r}")
-        if Path(out_json).is_dir() or not Path(out_json).resolve().parent.is_dir():
-            raise ValueError(f"out_json (--out): expected a file in an existing directory, got {str(out_json)!r}")
+    def where(name, p, want_dir):       # a path on this machine: its kind, or None when it cannot be read as one
+        if not isinstance(p, (str, Path)) or not str(p) or "\0" in str(p):
+            raise ValueError(f"{name}: expected a path (a non-empty str or Path without NUL bytes), got {p!r}")
+        try: return Path(p).is_dir() if want_dir else (not Path(p).is_dir() and Path(p).resolve(strict=False).parent.is_dir())
+        except (OSError, RuntimeError): return None     # a symbolic-link loop, a component that is a file, ...
+    if out_json is not None and not where("out_json (--out)", out_json, False):
+        raise ValueError(f"out_json (--out): expected a file in an existing directory, got {str(out_json)!r}")
     tune = {False: (), True: TUNABLE, **TUNE_SETS}[check_choice("tune", tune, (False, True, *TUNE_SETS))]
     if config_dir is not None and not tune:
         raise ValueError(f"config_dir (--config-dir): expected tune (--tune) with it, only tuning writes tables, got "
                          f"config_dir={str(config_dir)!r} without tune")
-    if config_dir is not None and not (str(config_dir) and Path(config_dir).is_dir()):   # ("": not the cwd)
+    if config_dir is not None and not where("config_dir (--config-dir)", config_dir, True):
         raise ValueError(f"config_dir (--config-dir): expected an existing directory for the tuned tables, got {str(config_dir)!r}")
     return tune
 
@@ -545,11 +547,16 @@ for runs, kw, msg in (([], {}, "runs: expected a non-empty"), ({"r": []}, dict(f
 with tempfile.TemporaryDirectory() as d:                 # --config-dir: refused before anything is measured
     test_fail(lambda: run_bench(config_dir=d), contains="config_dir (--config-dir): expected tune (--tune) with it")
     open(f := os.path.join(d, "afile"), "w").close()
-    for bad in (f, os.path.join(d, "missing"), ""):
+    for bad in (f, os.path.join(d, "missing")):
         test_fail(lambda: run_bench(tune=True, config_dir=bad), contains="config_dir (--config-dir): expected an existing directory")
+    os.symlink("loop", loop := os.path.join(d, "loop"))          # a symbolic link to itself
     for bad, msg in ((d, "a file in an existing directory"), (os.path.join(d, "no", "x.json"), "a file in an existing"),
-                     ("", "a file path (a non-empty str or Path)"), (3, "a file path")):   # --out: before the card
+                     (loop, "a file in an existing"), (os.path.join(loop, "x.json"), "a file in an existing"),
+                     (os.path.join(f, "x.json"), "a file in an existing"),
+                     ("", "a path (a non-empty str or Path"), (3, "a path"), ("a\0b", "a path (a non-empty str or Path without NUL bytes)")):   # before the card
         test_fail(lambda: run_bench(bad), contains=f"out_json (--out): expected {msg}")
+    for bad in (5, b"/tmp", loop, ""):
+        test_fail(lambda: run_bench(tune=True, config_dir=bad), contains="config_dir (--config-dir): expected")
     test_eq(check_bench_args(os.path.join(d, "x.json"), "fp8"), TUNE_SETS["fp8"])
     sc, cfg = dict(E=8, N=128, rows=64), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
     _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d)

@@ -58,11 +58,16 @@ def test_bench_quant_arguments():
     with tempfile.TemporaryDirectory() as d:                 # --config-dir: refused before anything is measured
         test_fail(lambda: run_bench(config_dir=d), contains="config_dir (--config-dir): expected tune (--tune) with it")
         open(f := os.path.join(d, "afile"), "w").close()
-        for bad in (f, os.path.join(d, "missing"), ""):
+        for bad in (f, os.path.join(d, "missing")):
             test_fail(lambda: run_bench(tune=True, config_dir=bad), contains="config_dir (--config-dir): expected an existing directory")
+        os.symlink("loop", loop := os.path.join(d, "loop"))          # a symbolic link to itself
         for bad, msg in ((d, "a file in an existing directory"), (os.path.join(d, "no", "x.json"), "a file in an existing"),
-                         ("", "a file path (a non-empty str or Path)"), (3, "a file path")):   # --out: before the card
+                         (loop, "a file in an existing"), (os.path.join(loop, "x.json"), "a file in an existing"),
+                         (os.path.join(f, "x.json"), "a file in an existing"),
+                         ("", "a path (a non-empty str or Path"), (3, "a path"), ("a\0b", "a path (a non-empty str or Path without NUL bytes)")):   # before the card
             test_fail(lambda: run_bench(bad), contains=f"out_json (--out): expected {msg}")
+        for bad in (5, b"/tmp", loop, ""):
+            test_fail(lambda: run_bench(tune=True, config_dir=bad), contains="config_dir (--config-dir): expected")
         test_eq(check_bench_args(os.path.join(d, "x.json"), "fp8"), TUNE_SETS["fp8"])
         sc, cfg = dict(E=8, N=128, rows=64), dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
         _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d)

@@ -63,7 +63,8 @@ def test_tile_config_table():
         test_eq(lookup_tile_config("batched_moe_gemm", 32, 4096, 7168, 8, torch.bfloat16, "NVIDIA H200", d), small)
         test_eq(read_tile_table(str(p)), {16: small, 512: big})                   # a str path reads as a Path
         test_eq(read_tile_table(str(p) + ".none"), None)
-        for bad in (None, "", 3): test_fail(lambda: read_tile_table(bad), contains="path: expected a tile table's file path")
+        for bad in (None, "", 3, "a\0b"): test_fail(lambda: read_tile_table(bad), contains="path: expected a tile table's file path")
+        test_fail(lambda: read_tile_table(p / "x.json"), contains="expected a readable file, got NotADirectoryError")   # under a file
         for E, bad, msg in ((1, {"8": dict(small, BLOCK_M=48)}, "entry '8': config['BLOCK_M']: expected a power of two, got 48"),
                             (2, {"8": dict(small, BLOCK_M=0)}, "entry '8': config['BLOCK_M']: expected >= "),
                             (3, {"8": {k: v for k, v in small.items() if k != "BLOCK_K"}}, "entry '8': config: expected a BLOCK_K"),

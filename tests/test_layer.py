@@ -423,6 +423,19 @@ def test_state_dict_names_its_experts():
         test_fail(lambda: FusedMoE(one, weights=bad), contains=f"weights['{key}']: expected slots 1 and 5")
         test_fail(lambda: lb.load_state_dict({k: v for k, v in bad.items() if k != "_extra_state"}), contains="slots 1 and 5")
     assert torch.equal(lb.w13, sd["w13"].to(DEVICE)) and torch.equal(lb.w13[5], lb.w13[1])  # a refused load changes nothing
+    for bad, msg in (({**sd, "w13": sd["w13"].to("meta")}, "expected a dense tensor with values, got a meta tensor"),
+                     ({**sd, "w2": sd["w2"].to_sparse()}, "expected a dense tensor with values, got layout torch.sparse_coo"),
+                     ({**sd, "w2": sd["w2"][[1, 0, 2, 3]]}, "['w2']: expected 6 rows, one per expert id of its _extra_state"),
+                     ({**sd, "_extra_state": torch.tensor([3, 2, 1, 0, 3])}, "['w13']: expected 5 rows, one per expert id")):
+        test_fail(lambda: FusedMoE(one, weights=bad), contains=msg)
+    nan = {**sd, "w13": sd["w13"].clone()}
+    nan["w13"][[1, 5], 0, 0] = float("nan")                     # both replicas NaN: named as NaN, not as a mismatch
+    test_fail(lambda: FusedMoE(one, weights=nan), contains="weights['w13']: expected finite values")
+    test_fail(lambda: lb.load_state_dict(nan), contains="state_dict['w13']: expected finite values")
+    perm = FusedMoE(one, seed=4, device=DEVICE).state_dict()    # a state_dict of every expert in another order
+    order = torch.tensor([2, 0, 3, 1])
+    swapped = {**perm, "_extra_state": order, **{k: perm[k][order.to(perm[k].device)] for k in ("w13", "w2")}}
+    test_eq(torch.equal(FusedMoE(one, weights=swapped, device=DEVICE).w13, perm["w13"].to(DEVICE)), True)
 
 
 def test_layer_follows_inplace_edits():

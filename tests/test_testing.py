@@ -68,6 +68,10 @@ def test_quant_error_measures():
     test_fail(lambda: assert_quant_close(torch.full((3,), float("nan")), w[:3]), contains="non-finite value at [0]")
     test_fail(lambda: assert_quant_close(w * 1.05, w), contains="relative error 0.05")
     assert_quant_close(w * 1e-10, w * 1e-10)                        # tiny but equal: cosine 1, not bent by an eps
+    for scale in (1e-170, 1e160):                                   # float64's extremes: the norms are taken scaled
+        assert_quant_close(w * scale, w * scale)
+        test_fail(lambda: assert_quant_close(-w * scale, w * scale), contains="cosine -1")
+    assert_quant_close(w[:8].to(torch.float8_e4m3fn), w[:8].to(torch.float8_e4m3fn).double())   # fp8 `got`
     test_eq(quant_error(torch.zeros(3), torch.zeros(3))[1], 1.0)
     test_fail(lambda: assert_quant_close(torch.zeros(3, dtype=torch.float64), w[:3]), contains="cosine 0.000000")
 

@@ -332,7 +332,7 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #81c02a932696
+# %% ../../nbs/06_kernels.batched.ipynb #9808e8d5fa9c
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
     "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
@@ -393,12 +393,15 @@ def _device_name() -> str:
 
 def read_tile_table(path: Path | str) -> dict | None:
     "The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the file."
-    if not isinstance(path, (str, Path)) or not str(path):
-        raise ValueError(f"path: expected a tile table's file path (a non-empty str or Path), got {path!r}")
+    if not isinstance(path, (str, Path)) or not str(path) or "\0" in str(path):
+        raise ValueError(f"path: expected a tile table's file path (a non-empty str or Path without NUL bytes), got {path!r}")
     path = Path(path)
-    if path.is_symlink() and not path.exists():     # a link to nothing (or a loop): not silently "no table"
-        raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere")
-    if not path.exists(): return None
+    try: path.stat()
+    except OSError as e:                             # no such file: no table; a link to nothing (or a loop), a
+        if path.is_symlink():                        # component that is a file, no permission: not "no table"
+            raise ValueError(f"tile table {path}: expected a file, got a symbolic link that leads nowhere") from None
+        if isinstance(e, FileNotFoundError): return None
+        raise ValueError(f"tile table {path}: expected a readable file, got {type(e).__name__}: {e.strerror}") from None
     raw = read_json_object(path, "tile table", same_key=lambda k: k.lstrip("0") if k.isdigit() else k)   # "08" is "8"
     table = {}
     for key, cfg in raw.items():
