@@ -366,16 +366,20 @@ def check_bench_args(out_json: str | Path | None = None,   # where the JSON goes
     def where(name, p, want_dir):       # a path on this machine: its kind, or None when it cannot be read as one
         if not isinstance(p, (str, Path)) or not str(p) or "\0" in str(p):
             raise ValueError(f"{name}: expected a path (a non-empty str or Path without NUL bytes), got {p!r}")
-        try: return Path(p).is_dir() if want_dir else (not Path(p).is_dir() and Path(p).resolve(strict=False).parent.is_dir())
+        try:
+            d = Path(p) if want_dir else None if Path(p).is_dir() else Path(p).resolve(strict=False).parent
+            return d is not None and d.is_dir() and os.access(d, os.W_OK | os.X_OK)   # (writable: checked now, not after)
         except (OSError, RuntimeError): return None     # a symbolic-link loop, a component that is a file, ...
     if out_json is not None and not where("out_json (--out)", out_json, False):
-        raise ValueError(f"out_json (--out): expected a file in an existing directory, got {str(out_json)!r}")
+        raise ValueError(f"out_json (--out): expected a file in an existing directory this process may write to, "
+                         f"got {str(out_json)!r}")
     tune = {False: (), True: TUNABLE, **TUNE_SETS}[check_choice("tune", tune, (False, True, *TUNE_SETS))]
     if config_dir is not None and not tune:
         raise ValueError(f"config_dir (--config-dir): expected tune (--tune) with it, only tuning writes tables, got "
                          f"config_dir={str(config_dir)!r} without tune")
     if config_dir is not None and not where("config_dir (--config-dir)", config_dir, True):
-        raise ValueError(f"config_dir (--config-dir): expected an existing directory for the tuned tables, got {str(config_dir)!r}")
+        raise ValueError(f"config_dir (--config-dir): expected an existing directory this process may write the tuned "
+                         f"tables to, got {str(config_dir)!r}")
     return tune
 
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
