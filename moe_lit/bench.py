@@ -13,9 +13,9 @@ from .kernels.batched import read_tile_table
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'TUNABLE', 'TUNE_SETS', 'QUANT_BENCH_SCHEMES', 'routed_counts', 'roofline_floor', 'measure_device',
-           'bench_scenario', 'align_cost', 'tile_candidates', 'tune_scenario', 'source_commit', 'check_bench_args',
-           'run_bench', 'bench_quant', 'format_bench_quant', 'plot_bench_quant', 'format_bench', 'plot_bench',
-           'find_bench_results', 'load_bench_results']
+           'bench_scenario', 'align_cost', 'tile_candidates', 'tune_scenario', 'host_loop_us', 'source_commit',
+           'check_bench_args', 'run_bench', 'bench_quant', 'format_bench_quant', 'plot_bench_quant', 'format_bench',
+           'plot_bench', 'find_bench_results', 'load_bench_results']
 
 # %% ../nbs/14_bench.ipynb #a28f9a709827
 SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per expert, routed rows)
@@ -234,7 +234,23 @@ def tune_scenario(sc: dict, dtype=torch.bfloat16, kernel: str = "batched_moe_gem
         timings.append((cfg, t * 1e3))
     return min(timings, key=lambda x: x[1])[0], timings
 
-# %% ../nbs/14_bench.ipynb #b42bafc8603b
+# %% ../nbs/14_bench.ipynb #72824cbde876
+def host_loop_us(f,                 # a zero-argument callable: its host-side cost is what is measured
+                 n: int = 1000,     # calls a loop
+                 blocks: int = 5,   # loops; the fastest counts (this machine's noise only adds)
+                 warmup: int = 100, # calls before the first loop
+                ) -> float:         # µs a call
+    """Wall time of `f` a call, µs: the fastest of `blocks` loops of `n` calls, with no device synchronisation —
+    the host's side of a launch path (the `nbs/bench/*_cpu.py` scripts, with Triton's launches stubbed or compiled-only)."""
+    check_int("n", n, lo=1); check_int("blocks", blocks, lo=1); check_int("warmup", warmup, lo=0)
+    for _ in range(warmup): f()
+    best = float("inf")
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(n): f()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
 def source_commit() -> str:
     "The commit a benchmark measured: `$MOE_LIT_COMMIT` when set (a copied tree), else `git rev-parse --short HEAD`."
     commit = os.environ.get("MOE_LIT_COMMIT", "")

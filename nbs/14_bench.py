@@ -340,6 +340,22 @@ def tune_scenario(sc: dict, dtype=torch.bfloat16, kernel: str = "batched_moe_gem
 
 # %%
 #| export
+def host_loop_us(f,                 # a zero-argument callable: its host-side cost is what is measured
+                 n: int = 1000,     # calls a loop
+                 blocks: int = 5,   # loops; the fastest counts (this machine's noise only adds)
+                 warmup: int = 100, # calls before the first loop
+                ) -> float:         # µs a call
+    """Wall time of `f` a call, µs: the fastest of `blocks` loops of `n` calls, with no device synchronisation —
+    the host's side of a launch path (the `nbs/bench/*_cpu.py` scripts, with Triton's launches stubbed or compiled-only)."""
+    check_int("n", n, lo=1); check_int("blocks", blocks, lo=1); check_int("warmup", warmup, lo=0)
+    for _ in range(warmup): f()
+    best = float("inf")
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(n): f()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
 def source_commit() -> str:
     "The commit a benchmark measured: `$MOE_LIT_COMMIT` when set (a copied tree), else `git rev-parse --short HEAD`."
     commit = os.environ.get("MOE_LIT_COMMIT", "")
@@ -538,6 +554,14 @@ def plot_bench_quant(runs: dict,                      # {label: bench_quant rows
     ax.set_ylim(0, 110); ax.legend(fontsize=7, ncol=2); ax.set_title("Quantized GEMM1 + SiLU-and-mul at decode", fontsize=9)
     fig.tight_layout(); plt.close(fig)
     return fig
+
+# %%
+#| test host_loop_us
+calls = []
+t = host_loop_us(lambda: calls.append(1), n=10, blocks=3, warmup=2)
+test_eq(len(calls), 2 + 3 * 10)
+assert 0 < t < 1e6
+test_fail(lambda: host_loop_us(lambda: None, n=0), contains="n: expected >= 1, got 0")
 
 # %%
 #| test bench_quant_arguments

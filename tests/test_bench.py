@@ -47,6 +47,14 @@ def test_tile_candidates():
     for bad in (-1, True, 2.5, "4", None): test_fail(lambda: tile_candidates(bad), contains="expected_m: expected")
 
 
+def test_host_loop_us():
+    calls = []
+    t = host_loop_us(lambda: calls.append(1), n=10, blocks=3, warmup=2)
+    test_eq(len(calls), 2 + 3 * 10)
+    assert 0 < t < 1e6
+    test_fail(lambda: host_loop_us(lambda: None, n=0), contains="n: expected >= 1, got 0")
+
+
 def test_bench_quant_arguments():
     for bad, msg in (("split64", "fp4_layouts: expected a non-empty tuple"), ((), "fp4_layouts: expected a non-empty tuple"),
                      (None, "fp4_layouts: expected a non-empty tuple"), (("split",), "fp4_layouts: expected one of")):

@@ -20,7 +20,7 @@ interpreter never splits K, so split-K's buffers do not show). `--only NAME` mea
 contains NAME: two revisions compare best in alternating processes (`PYTHONPATH=<a worktree>`), since the figure
 moves by several µs from one process to the next.
 """
-import sys, time, torch, cProfile, pstats
+import sys, torch, cProfile, pstats
 from triton.runtime.interpreter import InterpretedFunction
 RECORD = []                                                    # a list to note launches in, while `--ops` counts
 KEYS = []                                                      # a list for (args, kwargs) of each launch, for `--keys`
@@ -30,17 +30,12 @@ def _stub(self, *a, **kw):                                     # stub: moe-lit's
 InterpretedFunction.run = _stub
 from moe_lit.layer import FusedMoE
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
+from moe_lit.bench import host_loop_us
 
 
 def per_forward(layer, x, n=400, blocks=7):
     "The fastest of `blocks` loops of `n` forwards, per forward in µs (the minimum: this machine's noise only adds)."
-    for _ in range(20): layer(x)
-    best = float("inf")
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(n): layer(x)
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    return best
+    return host_loop_us(lambda: layer(x), n=n, blocks=blocks, warmup=20)
 
 
 quant = sys.argv[sys.argv.index("--quant") + 1] if "--quant" in sys.argv else "unquantized"

@@ -9,7 +9,7 @@ with ten `torch.empty` allocations — what a launch plan recorded once per shap
 (the GPU's launch cost itself comes on top of both). The lower the second figure against the first, the more of the
 host time is the Python between the launches.
 """
-import time, torch
+import torch
 from triton.runtime.interpreter import InterpretedFunction
 RECORD = []                                                     # while non-empty: [list] the launches are noted in
 def _stub(self, *a, **kw):
@@ -17,17 +17,8 @@ def _stub(self, *a, **kw):
 InterpretedFunction.run = _stub
 from moe_lit.layer import FusedMoE
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
-
-
-def per_call(f, n=3000, blocks=5):
-    "The fastest of `blocks` loops of `n` calls, µs a call."
-    for _ in range(100): f()
-    best = float("inf")
-    for _ in range(blocks):
-        t0 = time.perf_counter()
-        for _ in range(n): f()
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    return best
+from moe_lit.bench import host_loop_us
+per_call = lambda f: host_loop_us(f, n=3000, blocks=5, warmup=100)
 
 
 for name in ("nixl_ep round", "allgather", "Qwen3-30B-A3B, 1 GPU"):

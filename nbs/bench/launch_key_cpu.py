@@ -12,7 +12,7 @@ in µs (best of 5 loops of 20000):
 Neither includes the launcher call itself (6.5 µs for a 25-argument kernel on the H200 host, `launch_cost_h200.log`)
 nor the JIT's other per-call work (launch metadata and hook chains, driver lookups), which `launch_kernel` also skips.
 """
-import time, torch
+import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature, compute_cache_key
@@ -22,14 +22,8 @@ from moe_lit.layer import FusedMoE
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
 
 
-def per_call(f, n=20000, blocks=5):
-    for _ in range(200): f()
-    best = float("inf")
-    for _ in range(blocks):
-        t = time.perf_counter()
-        for _ in range(n): f()
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-    return best
+from moe_lit.bench import host_loop_us
+per_call = lambda f, n=20000: host_loop_us(f, n=n, blocks=5, warmup=200)
 
 
 backend = make_backend(GPUTarget("cuda", 90, 32))
