@@ -274,11 +274,14 @@ _SLOT_TENSORS = ("w13", "w2", "w13_bias", "w2_bias")   # a state_dict's tensors 
 def _first_slots(name: str,            # the state_dict in messages: "weights" or "state_dict"
                  tensors: Mapping,      # the state_dict (its `_SLOT_TENSORS` that are tensors are compared)
                  ids: torch.Tensor,     # [slots] int64: the logical expert of each slot
-                 prefix: str = "") -> dict:
+                 prefix: str = "",
+                 checked: bool = False, # the tensors were found dense and finite already (the load's pre-hook)
+                ) -> dict:
     """`{logical id: its first slot}`; ValueError naming the tensor when one has not a row per id (`ids`' length), is
     not dense, or is not finite, and naming both slots when two replicas of one logical expert (EPLB's redundant
-    slots) hold different weights — which copy a token reaches is the router's choice, so both must be the expert."""
-    slots = {}
+    slots) hold different weights — which copy a token reaches is the router's choice, so both must be the expert.
+    Without replicas nothing is compared, and the values are left to the caller's own checks."""
+    slots, replicas = {}, len(set(ids.tolist())) < len(ids)
     for n in _SLOT_TENSORS:
         t = tensors.get(prefix + n)
         if not isinstance(t, torch.Tensor): continue
@@ -286,7 +289,8 @@ def _first_slots(name: str,            # the state_dict in messages: "weights" o
         if t.dim() == 0 or t.shape[0] != len(ids):
             raise ValueError(f"{key}: expected {len(ids)} rows, one per expert id of its _extra_state, got shape "
                              f"{list(t.shape)}")
-        slots[n] = check_finite(key, check_dense(key, t))       # (before comparing: NaN is no replica's value)
+        if replicas and not checked: check_finite(key, check_dense(key, t))   # (before comparing: NaN is no replica's value)
+        slots[n] = t
     first = {}
     for p, e in enumerate(ids.tolist()):
         q = first.setdefault(e, p)
@@ -451,7 +455,7 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         if n in ("w13", "w2") and module.quant != "unquantized":       # what the post-hook will quantize: in range too
             from moe_lit.quant_weights import check_quantizable
             check_quantizable(f"state_dict[{prefix + n!r}]", t, module.quant)
-    _first_slots("state_dict", state_dict, module.get_extra_state(), prefix)   # EPLB's replicas of one expert alike
+    _first_slots("state_dict", state_dict, module.get_extra_state(), prefix, checked=True)   # EPLB's replicas alike
 
 @torch.inference_mode(False)             # the codes it makes keep version counters (edits of them are followed)
 def _requantize_after_load(module, incompatible_keys):
