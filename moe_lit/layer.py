@@ -24,7 +24,7 @@ from .quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 # %% auto #0
 __all__ = ['resolve_experts', 'FusedMoE', 'EPRun', 'rank_config', 'run_emulated_ep', 'reference_by_global_id']
 
-# %% ../nbs/12_layer.ipynb #1bd4845e158b
+# %% ../nbs/12_layer.ipynb #7cde5be79c48
 def _check_interpreter_switch():
     "TRITON_INTERPRET as moe-lit's kernels and Triton were imported with (they keep the switch they saw), else ValueError."
     kb = sys.modules.get("moe_lit.kernels.batched")
@@ -73,8 +73,8 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     impl = "triton_quant" if q else "triton"
     if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
-                         f"{str(config.dtype)[6:]} (build it with experts='torch' or a bf16 config; on the command line --experts torch "
-                         f"or --dtype bf16)")
+                         f"{str(config.dtype)[6:]} (build it with experts='torch' or a bf16/fp16 config; on the command line --experts "
+                         f"torch or --dtype bf16 / fp16)")
     if experts == "triton": return impl, f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                     " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"

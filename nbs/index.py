@@ -54,11 +54,12 @@
 # - **A wide-EP deployment.** `moe-lit run --model deepseek-v3 --ep 8 --all2all nixl_ep --placement round_robin` runs
 #   the eight ranks of a DeepSeek-V3 deployment one after another in one process (never holding more than one rank's
 #   weights) and checks that they sum to the single-device result, computed from the weights by global id, a few
-#   experts at a time, independently of the ranks. On 2 idle CPU cores: 3–7 minutes (generating 11 billion random
+#   experts at a time, independently of the ranks. On 2 idle CPU cores: 2.5–7 minutes (generating 11 billion random
 #   expert weights, then again the experts the tokens reach, for the references), about 3.3 GiB resident at peak.
 #   A placement the deployment cannot use falls back as vLLM's does, and the report says why (`placement linear
 #   (requested round_robin; fell back to linear: round_robin needs num_expert_group > 1 ...)`).
-# - **Tables and decisions.** `moe-lit tables` prints the placement tables in full; `moe-lit explain --ep 8 --all2all
+# - **Tables and decisions.** `moe-lit tables` takes `run`'s deployment flags and prints every rank's placement tables
+#   in full (`moe-lit tables --ep 8 --all2all nixl_ep`; without flags, the one rank of a single device); `moe-lit explain --ep 8 --all2all
 #   nixl_ep --quant nvfp4_w4a16 --device h200` prints every property with its reason and the oracle's decision table.
 #   For `explain`, `--device` is the GPU model the oracle decides for, `cpu` (the torch reference), `cpu-interpreter`
 #   (the CPU running the Triton kernels, as `run --experts triton` does) or `detect` (this machine, the default); for
@@ -67,9 +68,10 @@
 #   schemes `--help` lists) quantizes the experts at load, one expert at a time, and checks against the dequantized
 #   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 and 60–220 s with
 #   MXFP4 (nearly all of it generating and quantizing the random weights; it varies 3× between machines of one kind),
-#   at a peak of 1.5, 3.2 and 3.1 GiB resident; the report's last line gives the run's own peak. The Triton FP4 kernels
-#   (`mxfp4`, `nvfp4`: weight-only, w4a16) take 16-bit activations, so a float32 layer is refused for them: pass
-#   `--dtype bf16`, or run the torch reference (`--experts torch`); FP8 w8a8 takes any of the three.
+#   at a peak of 1.5, 3.2 and 3.1 GiB resident; the report's last line gives the run's own peak. The Triton kernels of
+#   every quantized scheme take 16-bit activations, so with `--experts triton` a float32 layer is refused for them:
+#   pass `--dtype bf16` (or `fp16`), or run the torch reference (`--experts torch`, the CPU's default), which takes
+#   float32 too.
 # - **Small shapes.** Without a GPU the experts run as the torch reference; `--experts triton` runs the Triton kernels
 #   in Triton's CPU interpreter, meant for small shapes (a full-size model takes minutes). Shrink a model with a small
 #   `config.json` passed as `--config` (any family's keys, e.g. Qwen3-MoE's: `model_type` qwen3_moe, `hidden_size`
