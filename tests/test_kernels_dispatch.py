@@ -41,6 +41,14 @@ def test_dispatch_all_translations():
     wide = torch.randn(3, 8192 + 72, generator=g).to(DEVICE, torch.bfloat16)     # a row past one block: two passes
     check_dispatch(wide, local[:3], 5, 3, local[:3], topk_weights=torch.rand(3, k, generator=g).to(DEVICE))
     check_dispatch(wide, local[:3], 5, 3, local[:3])
+    q8 = (torch.randn(T, 256, generator=g) * 100).clamp(-448, 448).to(DEVICE, torch.float8_e4m3fn)   # FP8 rows and
+    s8 = torch.rand(T, 2, generator=g).to(DEVICE) + 0.5                                              # their 2 group scales
+    n_local, emap = determine_expert_map(S, 1, E, "round_robin")
+    g2p, emap = round_robin_routing_tables(E, S, 1)[0].to(DEVICE), emap.to(DEVICE)
+    local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)
+    check_dispatch(q8, ids.long(), n_local, T, local, global_to_physical=g2p, physical_offset=expert_block(E, S, 1)[0],
+                   hidden_scale=s8, out_scale=torch.full((n_local, T, 2), float("nan"), device=DEVICE))
+    check_dispatch(q8, local, 5, T, local, hidden_scale=s8[:, :1].contiguous())            # local ids, one scale a row
 
 
 def test_dispatch_overflow_and_bad_input():
@@ -63,6 +71,16 @@ def test_dispatch_overflow_and_bad_input():
     test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32, device=DEVICE),
                                        global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
     test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
+    q8, s8 = hidden.to(torch.float8_e4m3fn), torch.ones(6, 1, device=DEVICE)
+    test_fail(lambda: batched_dispatch(q8, ids, 2, 6), contains="hidden_scale: expected [num_tokens, G] fp32 scales exactly when")
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, hidden_scale=s8), contains="hidden_scale: expected [num_tokens, G]")
+    test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8[:5]), contains="hidden_scale: expected shape")
+    test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8[:, :0]), contains="hidden_scale: expected at least one")
+    test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8, topk_weights=torch.ones(6, 2, device=DEVICE)),
+              contains="topk_weights: expected None with FP8 hidden")
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, out_scale=torch.ones(2, 6, 1, device=DEVICE)), contains="out_scale: expected None")
+    test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8, out_scale=torch.ones(2, 5, 1, device=DEVICE)),
+              contains="out_scale: expected shape")
     emap = torch.tensor([0, 1, -1, -1], dtype=torch.int32, device=DEVICE)                    # a strided table: read as its values
     strided = torch.stack([emap, torch.full_like(emap, 99)], 1)[:, 0]
     test_eq(batched_dispatch(hidden, ids, 2, 6, expert_map=strided)[1].tolist(), batched_dispatch(hidden, ids, 2, 6, expert_map=emap)[1].tolist())

@@ -16,7 +16,7 @@ from ..formats import dispatch_batched_reference
 __all__ = ['batched_dispatch', 'batched_combine', 'combine_pairs', 'check_addend', 'local_slots', 'check_dispatch',
            'batched_moe_triton']
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #7caab2f3af8d
+# %% ../../nbs/07_kernels.dispatch.ipynb #f38dafbb68f6
 @triton.jit
 def _batched_dispatch_kernel(
     hidden_ptr,         # [T, H]
@@ -29,8 +29,12 @@ def _batched_dispatch_kernel(
     overflow_ptr,       # [1] int32, set to 1 when a pair does not fit
     H, num_local_experts, num_experts, max_tokens, physical_offset,
     stride_ht, stride_ae, stride_am,
+    hscale_ptr,         # [T, G] fp32 (read when G_BLOCK > 0): the group scales of hidden's FP8 rows
+    ascale_ptr,         # [E_local, max_tokens, G] fp32 output: each row's scales beside it
+    G, stride_hst, stride_ase, stride_asm,
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SCALE: tl.constexpr,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
+    G_BLOCK: tl.constexpr = 0,   # > 0: rows travel quantized, with G scales each (a power of two >= G)
 ):
     _await_producers(PDL)                                    # before any load or store
     t = tl.program_id(0).to(tl.int64)
@@ -49,6 +53,10 @@ def _batched_dispatch_kernel(
         if row < max_tokens:
             slot = local * max_tokens + row
             w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
+            if G_BLOCK > 0:                                  # the row's scales, in the same pass
+                offs_g = tl.arange(0, G_BLOCK)
+                sc = tl.load(hscale_ptr + t * stride_hst + offs_g, mask=offs_g < G)
+                tl.store(ascale_ptr + local * stride_ase + row * stride_asm + offs_g, sc, mask=offs_g < G)
             for h0 in range(0, tl.cdiv(H, BLOCK_H)):                         # one pass when H <= BLOCK_H
                 hm = h0 * BLOCK_H + offs_h < H
                 if h0 > 0: x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
@@ -59,7 +67,7 @@ def _batched_dispatch_kernel(
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #d86d26cb99b7
+# %% ../../nbs/07_kernels.dispatch.ipynb #7d2348eae3ea
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -70,11 +78,35 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                      topk_weights: torch.Tensor | None = None, # [num_tokens, top_k] fp32: scale rows on input
                      out: torch.Tensor | None = None,          # [E_local, max_tokens, hidden_size] slab buffer
                      check_overflow: bool = True,              # raise on overflow (one host sync)
+                     hidden_scale: torch.Tensor | None = None, # [num_tokens, G] fp32: hidden is FP8, these its group scales
+                     out_scale: torch.Tensor | None = None,    # [E_local, max_tokens, G] fp32 buffer for the slabs' scales
                     ):
-    "Scatter pairs into slabs: `(a [E_local, max_tokens, H], expert_num_tokens [E_local] int32, slot_map [T, top_k] int64)`, plus the device overflow flag `[1]` int32 when `check_overflow` is False."
-    check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    """Scatter pairs into slabs: `(a [E_local, max_tokens, H], expert_num_tokens [E_local] int32, slot_map [T, top_k]
+    int64)`, then `a_scale [E_local, max_tokens, G]` fp32 when `hidden_scale` is given, then the device overflow flag
+    `[1]` int32 when `check_overflow` is False.
+
+    `hidden` is bf16, fp16 or fp32; or float8_e4m3fn with `hidden_scale`: activations quantized before dispatch, as
+    DeepEP low-latency and NIXL EP send them (their record's `quantizes_before_dispatch`, `01_config`), each row's
+    scales travelling beside it. Rows past a slab's count, in `a` and `a_scale`, are not written. ValueError naming
+    the argument for a shape, dtype, device, stride or overlap mismatch, ids or tables out of range (one host sync,
+    with `check_overflow`), a capacity overflow (the same sync), and `topk_weights` with FP8 rows (a weight applied
+    after quantization would need new scales). Source: the DeepEP low-latency dispatch contract
+    (https://github.com/deepseek-ai/DeepEP, `low_latency_dispatch`)."""
+    check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn))
     check_bool("check_overflow", check_overflow)
     T, H = hidden.shape
+    if (hidden.dtype == torch.float8_e4m3fn) != (hidden_scale is not None):
+        raise ValueError(f"hidden_scale: expected [num_tokens, G] fp32 scales exactly when hidden is float8_e4m3fn, got "
+                         f"{'none' if hidden_scale is None else 'a tensor'} with {hidden.dtype} hidden")
+    if hidden_scale is not None:
+        check_tensor("hidden_scale", hidden_scale, shape=(T, None), dtype=torch.float32)
+        if hidden_scale.shape[1] < 1: raise ValueError("hidden_scale: expected at least one group scale a row, got 0")
+        if hidden_scale.stride(-1) != 1:
+            raise ValueError(f"hidden_scale: expected a unit stride along its groups, got {hidden_scale.stride(-1)}")
+        if topk_weights is not None:
+            raise ValueError("topk_weights: expected None with FP8 hidden (a router weight applied after quantization "
+                             "would need new scales: apply it before quantizing), got a tensor")
+    elif out_scale is not None: raise ValueError("out_scale: expected None without hidden_scale, got a tensor")
     check_tensor("topk_ids", topk_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
     check_int("num_local_experts", num_local_experts, lo=1); check_int("max_tokens", max_tokens, lo=1, hi=2**31)   # int32 counts
     check_int("physical_offset", physical_offset, lo=0)
@@ -95,6 +127,17 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                       expert_map=expert_map, global_to_physical=global_to_physical)
     for name, t in (("hidden", hidden), ("out", a)):
         if t.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {t.stride(-1)}")
+    scales = None
+    if hidden_scale is not None:
+        G = hidden_scale.shape[1]
+        check_kernel_device("hidden", hidden, hidden_scale=hidden_scale, out_scale=out_scale)
+        a_scale = torch.empty(num_local_experts, max_tokens, G, dtype=torch.float32, device=hidden.device) \
+            if out_scale is None else check_disjoint(
+                "out_scale", check_tensor("out_scale", out_scale, shape=(num_local_experts, max_tokens, G),
+                                          dtype=torch.float32, writable=True),
+                hidden=hidden, hidden_scale=hidden_scale, topk_ids=topk_ids, slabs=a)
+        if a_scale.stride(-1) != 1: raise ValueError(f"out_scale: expected a unit stride along its groups, got {a_scale.stride(-1)}")
+        scales = (hidden_scale, a_scale)
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got "
                          f"{topk_ids.min().item()}..{topk_ids.max().item()}")
@@ -102,23 +145,29 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
         raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {table.min().item()}..{table.max().item()}")
     if check_overflow and mode == 2 and num_experts and table.min() < 0:
         raise ValueError(f"global_to_physical: expected physical ids >= 0, got {table.min().item()}")
-    return _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts,
-                             physical_offset, topk_weights, a, check_overflow)
+    res = _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts,
+                            physical_offset, topk_weights, a, check_overflow, scales=scales)
+    return res if scales is None else (*res[:3], scales[1], *res[3:])
 
 def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts, physical_offset,
                       topk_weights, a, check_overflow,
-                      zeroed=None):   # int32 [num_local_experts + 1] zeros the caller keeps (its combine zeroes them again)
+                      zeroed=None,    # int32 [num_local_experts + 1] zeros the caller keeps (its combine zeroes them again)
+                      scales=None):   # FP8 hidden: (hidden_scale [T, G], a_scale [E_local, max_tokens, G]), unit stride
     "`batched_dispatch` after its checks, `a` allocated: for a prepare whose ids and tables are its own (`10_modular`)."
     T, H = hidden.shape
     if zeroed is None: zeroed = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)   # both
     counts, flag = zeroed[:num_local_experts], zeroed[num_local_experts:]                    # the counts and the flag
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     if T:
+        hs, asc = scales if scales is not None else (hidden, a)
+        src, dst = (hidden.view(torch.uint8), a.view(torch.uint8)) if scales is not None else (hidden, a)   # FP8: bytes
         launch_kernel(_batched_dispatch_kernel, (T, topk_ids.shape[1]))(
-            hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
-            table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
-            physical_offset, hidden.stride(0), a.stride(0), a.stride(1), TOP_K=topk_ids.shape[1],
-            BLOCK_H=(bh := min(8192, _next_pow2(H))), MODE=mode, SCALE=topk_weights is not None,
+            src, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
+            table if mode else counts, dst, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
+            physical_offset, hidden.stride(0), a.stride(0), a.stride(1),
+            hs, asc, hs.shape[1] if scales is not None else 0, hs.stride(0), asc.stride(0), asc.stride(1),
+            TOP_K=topk_ids.shape[1], BLOCK_H=(bh := min(8192, _next_pow2(H))), MODE=mode,
+            SCALE=topk_weights is not None, G_BLOCK=_next_pow2(hs.shape[1]) if scales is not None else 0,
             num_warps=8 if bh >= 4096 else 4)
     if not check_overflow: return a, counts, slot_map, flag      # counts end at most max_tokens: a valid contract
     if int(flag.item()):
@@ -297,11 +346,14 @@ def _local_slots(topk_ids, slot_table) -> torch.Tensor:
                                                                BLOCK=1024)
     return out
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #c2f9ce177535
+# %% ../../nbs/07_kernels.dispatch.ipynb #64114acdb037
 def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, **kw):
     "Check `batched_dispatch` against `dispatch_batched_reference` on the local ids it should produce (test body)."
-    a, counts, slot_map = batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, **kw)
-    _, want_counts, want_map = dispatch_batched_reference(hidden.cpu(), local_ids.cpu(), num_local_experts, max_tokens)
+    res = batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, **kw)
+    a, counts, slot_map = res[:3]
+    _, want_counts, want_map = dispatch_batched_reference(hidden.cpu().float() if hidden.dtype == torch.float8_e4m3fn
+                                                          else hidden.cpu(), local_ids.cpu(), num_local_experts, max_tokens)
+    if hidden.dtype == torch.float8_e4m3fn: hidden, a = hidden.view(torch.uint8), a.view(torch.uint8)   # FP8: by bytes
     assert torch.equal(counts.cpu(), want_counts), (counts, want_counts)
     sm = slot_map.cpu()
     assert torch.equal(sm >= 0, want_map >= 0)                                    # the same pairs are local
@@ -311,6 +363,11 @@ def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, *
     assert ((valid % max_tokens) < counts.cpu().long()[valid // max_tokens]).all()  # rows are the leading ones
     rows = a.reshape(-1, hidden.shape[1])[slot_map.clamp(min=0)].cpu()           # [T, top_k, H]
     src = hidden.cpu()[:, None, :].expand_as(rows)
+    if (hs := kw.get("hidden_scale")) is not None:                               # each row's scales beside it
+        got = res[3].reshape(-1, hs.shape[1])[slot_map.clamp(min=0)].cpu()
+        assert torch.equal(got[sm >= 0], hs.cpu()[:, None, :].expand_as(got)[sm >= 0])
+        past = torch.arange(max_tokens)[None, :] >= counts.cpu()[:, None]         # rows past the counts: not written
+        if kw.get("out_scale") is not None: assert res[3].cpu()[past].isnan().all()
     scale = kw.get("topk_weights")
     if scale is not None and hidden.dtype != torch.float32:   # the fp32 product cast once: nearest on a GPU, truncated
         f = src.float() * scale.cpu()[..., None]              # by the interpreter, so within one unit of the last place
