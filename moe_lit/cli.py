@@ -128,7 +128,7 @@ def _checks(run, config: MoEConfig) -> dict:
             "ep_vs_single_device": None if run.config.ep_size == 1 else
                 check_output(run.output, run.single_device.double(), config.dtype, *q, between_runs=True)}
 
-# %% ../nbs/15_cli.ipynb #1af854419ec1
+# %% ../nbs/15_cli.ipynb #a0091fcc7534
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = None, seed: int = 0,   # None: linear
                tp_size: int = 1, experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
                backend: str | None = None,
@@ -148,7 +148,9 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
         "deployment": {"ep_size": c.ep_size, "tp_per_dp_rank": tp_size, "dp_size": c.parallel.dp_size,
                        "all2all_backend": c.parallel.all2all_backend, "all2all_used": c.use_all2all_kernels,
                        "all2all_note": all2all_note(c.parallel), "dispatch_hidden_size": dispatch_h,
-                       "hidden_size_note": h_note, "num_tokens": num_tokens},
+                       "hidden_size_note": h_note, "num_tokens": num_tokens,
+                       "dispatch_quant": None if run.dispatch_quant[0] is None else list(run.dispatch_quant[0]),
+                       "dispatch_quant_note": run.dispatch_quant[1]},
         "backend": {k: _plain(v) for k, v in asdict(c.backend).items()},
         "properties": [{"property": p, "value": v, "reason": r} for p, v, r in c.parallel.explain()],
         "experts": {"implementation": run.experts[0], "reason": run.experts[1], "device": str(hidden.device),

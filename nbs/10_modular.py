@@ -13,7 +13,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES, gradient_wanted
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.routing import matmul_acc
-from moe_lit.quant_weights import QuantizedExpertWeights
+from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
                              combine_batched_reference, Activation, SILU)
 
@@ -26,8 +26,7 @@ import dataclasses
 from moe_lit.testing import assert_close, record_launches
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
-from moe_lit.placement import Placement
-from moe_lit.config import ParallelConfig
+from moe_lit.quant_weights import quantize_expert_weights
 
 # %% [markdown]
 # In this notebook: `Prepared` (what prepare hands to the experts), the prepare/finalize implementations
@@ -67,6 +66,9 @@ class Prepared:
     num_experts: int | None = None           # the model's experts, global (the Standard experts' layout choice)
     active_experts: int | None = None        # expected local experts with rows (the GEMMs' split-K choice)
     max_active_experts: int | None = None    # at most this many local experts have rows (the batched grids' slots)
+    a_scale: torch.Tensor | None = None      # a quantized before dispatch (float8_e4m3fn): its group scales, fp32
+                                             # [E_local, max_tokens, G] (`dispatch_quantization`)
+    out_dtype: torch.dtype | None = None     # with a_scale: the experts' output dtype (the caller's hidden's)
 
 # %% [markdown]
 # ## Prepare/finalize
@@ -126,7 +128,8 @@ def _check_prepared(prepared, fmt: ActivationFormat, expert_out: torch.Tensor):
         raise ValueError(f"prepared: expected the Prepared this prepare/finalize's prepare returned, got {type(prepared).__name__}")
     if prepared.format != fmt:
         raise ValueError(f"prepared: expected a {fmt.value} Prepared (from this prepare/finalize), got {prepared.format.value}")
-    check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape), dtype=prepared.a.dtype)   # the slabs' / rows'
+    check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape),        # the slabs' / rows' (quantized before
+                 dtype=prepared.a.dtype if prepared.a_scale is None else prepared.out_dtype)   # dispatch: the caller's)
     if expert_out.device != prepared.a.device:
         raise ValueError(f"expert_out: expected device {prepared.a.device}, got {expert_out.device}")
     wts = check_tensor("prepared.topk_weights", prepared.topk_weights, ndim=2, dtype=torch.float32)
@@ -199,8 +202,16 @@ class BatchedPrepareFinalize:
 
     def __init__(self, max_num_tokens_per_rank: int, num_dispatchers: int, use_triton: bool = False,
                  topk_indices_dtype: torch.dtype = torch.int64, padded_hidden_size: int | None = None,
-                 validate: bool = True):   # check ids and capacity in prepare (host syncs); False for a router's own ids
+                 validate: bool = True,    # check ids and capacity in prepare (host syncs); False for a router's own ids
+                 quant_block: tuple | None = None):   # (1, group): rows sent as FP8 in groups (`dispatch_quantization`)
         self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
+        if quant_block is not None:
+            if not (isinstance(quant_block, tuple) and len(quant_block) == 2 and quant_block[0] == 1
+                    and type(quant_block[1]) is int and quant_block[1] >= 32 and not quant_block[1] & (quant_block[1] - 1)):
+                raise ValueError(f"quant_block: expected None or (1, group) with group a power of two >= 32, got {quant_block!r}")
+            if not use_triton: raise ValueError("quant_block: expected None without use_triton (the FP8 dispatch is a Triton launch), got "
+                                                f"{quant_block}")
+        self.quant_block = quant_block
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.num_dispatchers = check_int("num_dispatchers", num_dispatchers, lo=1)
         self.use_triton = check_bool("use_triton", use_triton)
@@ -221,30 +232,44 @@ class BatchedPrepareFinalize:
             if self.padded_hidden_size < H:
                 raise ValueError(f"hidden: expected at most padded_hidden_size={self.padded_hidden_size} columns, got {H}")
             hidden = torch.nn.functional.pad(hidden, (0, self.padded_hidden_size - H))
+        a_scale, dtype = None, hidden.dtype
         if self.use_triton:
-            if hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):   # the dispatch kernel's dtypes
-                raise ValueError(f"hidden: expected torch.bfloat16, torch.float16 or torch.float32 for the Triton dispatch "
-                                 f"(use_triton=True), got {hidden.dtype}")
+            ok = (torch.bfloat16, torch.float16) if self.quant_block else (torch.bfloat16, torch.float16, torch.float32)
+            if hidden.dtype not in ok:                                           # the dispatch kernel's / quantizer's
+                raise ValueError(f"hidden: expected {' or '.join(map(str, ok))} for the Triton dispatch (use_triton=True"
+                                 f"{', quant_block=' + str(self.quant_block) if self.quant_block else ''}), got {hidden.dtype}")
+            if self.quant_block and apply_router_weight_on_input:
+                raise ValueError(f"apply_router_weight_on_input: expected False with quant_block={self.quant_block} (a "
+                                 f"weight applied to FP8 rows would need new scales), got True")
             from moe_lit.kernels.dispatch import batched_dispatch, _batched_dispatch
             p, hidden = placement, hidden.contiguous()
             g2p, emap = p.global_to_physical, p.expert_map
             table, mode = (g2p, 2) if g2p is not None else (emap, 1) if emap is not None else (None, 0)
+            hs = None
+            if self.quant_block:                       # FP8 before dispatch: the T rows, not the slabs (`01_config`)
+                from moe_lit.kernels.quant_act import _fp8_quantize_activations
+                hidden, hs = _fp8_quantize_activations(hidden, "group", None, self.quant_block[1])
             if self.validate or (mode and table.device != hidden.device):        # checked, tables moved: the public call
                 kw = (dict(global_to_physical=g2p.to(hidden.device), physical_offset=p.physical_offset) if mode == 2 else
                       dict(expert_map=emap.to(hidden.device)) if mode == 1 else {})
-                a, counts, slot_map, *_ = batched_dispatch(hidden, topk_ids, p.num_local_experts, cap,
-                                                           topk_weights=scale, check_overflow=self.validate, **kw)
+                res = batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, topk_weights=scale,
+                                       check_overflow=self.validate, hidden_scale=hs, **kw)
+                a, counts, slot_map = res[:3]
+                if hs is not None: a_scale = res[3]
             else:   # the layer's hot path: ids from its router, the placement's tables on its device (checked above)
                 a = torch.empty(p.num_local_experts, cap, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+                if hs is not None: a_scale = torch.empty(*a.shape[:2], hs.shape[1], dtype=torch.float32, device=a.device)
                 a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, table, mode,
                                                            table.shape[0] if mode else p.num_local_experts,
                                                            p.physical_offset if mode == 2 else 0, scale, a, False,
-                                                           self._kept_counts(p.num_local_experts, hidden))
+                                                           self._kept_counts(p.num_local_experts, hidden),
+                                                           None if hs is None else (hs, a_scale))
         else:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids, self.validate),
                                                              placement.num_local_experts, cap, scale)
         return Prepared(self.activation_format, a, topk_weights, expert_num_tokens=counts, slot_map=slot_map,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
+                        a_scale=a_scale, out_dtype=None if a_scale is None else dtype,
                         **_expected_load(topk_ids, placement))   # not the padded capacity
 
     def _kept_counts(self, num_local_experts: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -414,16 +439,19 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     "Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
     trusted = weights_checked = False     # as TritonExpertsAdapter's
+    takes_quantized_input = True          # FP8 slabs with their scales (a prepare that quantizes before dispatch)
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
-        if self.trusted and prepared.a.dtype in (torch.bfloat16, torch.float16):   # the layer's 16-bit slabs
-            if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
-            return BatchedTritonQuantExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, prepared.expected_m,
+        a, quantized = prepared.a, prepared.a_scale is not None
+        if self.trusted and (a.dtype in (torch.bfloat16, torch.float16) or quantized):   # the layer's own slabs
+            if not self.weights_checked: _check_trusted_weights(a, w13, w2)
+            return BatchedTritonQuantExperts()._apply(a, prepared.expert_num_tokens, w13, prepared.expected_m,
                                                       w13_bias, w2_bias, activation, prepared.active_experts,
-                                                      prepared.max_active_experts)
-        return BatchedTritonQuantExperts().apply(prepared.a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
+                                                      prepared.max_active_experts, prepared.a_scale, prepared.out_dtype)
+        return BatchedTritonQuantExperts().apply(a, prepared.expert_num_tokens, w13, expected_m=prepared.expected_m,
                                                  active_experts=prepared.active_experts,
                                                  max_active_experts=prepared.max_active_experts, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
+                                                 a_scale=prepared.a_scale, out_dtype=prepared.out_dtype,
                                                  validate=False)   # counts from the dispatch: clamped
 
 EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
@@ -528,6 +556,10 @@ class ModularKernel:
                              f"({pf_fmt.value}), got {type(experts).__name__} ({ex_fmt.value})")
         if shared_experts is not None and not isinstance(shared_experts, SharedExperts):
             raise ValueError(f"shared_experts: expected a SharedExperts or None, got {type(shared_experts).__name__}")
+        if getattr(prepare_finalize, "quant_block", None) and not getattr(experts, "takes_quantized_input", False):
+            raise ValueError(f"experts: expected experts that take FP8 slabs with their scales (BatchedTritonQuantExpertsAdapter) "
+                             f"beside a prepare that quantizes before dispatch (quant_block={prepare_finalize.quant_block}), "
+                             f"got {type(experts).__name__}")
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
         self.overlap_shared = True     # in a CUDA graph, the shared experts on a side stream beside the routed ones
         self._shared_triton = getattr(prepare_finalize, "use_triton", False)   # the shared experts on Triton too
@@ -607,7 +639,45 @@ class _Clock:
 
 # %%
 #| export
-def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False, validate: bool = True):
+def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
+                          experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
+                          qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
+                         ) -> tuple:               # (block, reason): (1, group) or None, and one line saying why
+    """Whether this deployment's prepare quantizes the activations to FP8 before dispatch — `block`, the scale group
+    `(1, 128)`, or None — and why. Read from the backend record (`quantizes_before_dispatch`, `dispatch_quant_block`,
+    the activation format) and the experts: only FP8 block experts (1×g activation groups, g the record's) take FP8
+    slabs as they are, and only the batched format moves rows in this process. Then GEMM1 launches no quantizer: the
+    T rows are quantized once, before dispatch, and the slabs hold FP8 and its scales — half the bytes. ValueError
+    naming `config`, `experts` or `qweights` for a wrong type or value. Source: vLLM's DeepEP low-latency and NIXL EP
+    prepare/finalize (vllm-project/vllm `deepep_ll_prepare_finalize.py`), which send block-FP8 activations when the
+    experts' quant config asks for 128-wide groups; DeepEP's `low_latency_dispatch(..., use_fp8=True)`."""
+    if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+    check_choice("experts", experts, ("torch", "triton", "triton_quant"))
+    if qweights is not None and not isinstance(qweights, QuantizedExpertWeights):
+        raise ValueError(f"qweights: expected a QuantizedExpertWeights or None, got {type(qweights).__name__}")
+    b = config.backend
+    if not b.quantizes_before_dispatch:
+        return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
+    if config.activation_format is not ActivationFormat.BatchedExperts:
+        return None, (f"backend {b.name!r} may send FP8, but this deployment moves no rows here (format "
+                      f"{config.activation_format.value}): the experts quantize their own input")
+    if experts != "triton_quant" or qweights is None:
+        return None, "the experts take 16-bit activations (unquantized weights): rows travel in the model's dtype"
+    gran, blk = ACTIVATION_GRANULARITY.get(qweights.scheme), tuple(b.dispatch_quant_block)
+    if gran != "group":
+        return None, (f"the experts' scheme {qweights.scheme} takes " + ("16-bit activations" if gran is None else
+                      f"FP8 activations scaled per {gran}") + f", not the wire's {blk} groups: rows travel unquantized")
+    if (1, qweights.block_shape[1]) != blk:
+        return None, (f"the experts' activation groups (1, {qweights.block_shape[1]}) differ from the wire's {blk}: "
+                      f"rows travel unquantized")
+    if config.apply_router_weight_on_input:
+        return None, ("the router weight is applied to the rows at dispatch (a weight applied to FP8 rows would need "
+                      "new scales): rows travel unquantized")
+    return blk, (f"backend {b.name!r} quantizes before dispatch in {blk} groups (its record), which the "
+                 f"{qweights.scheme} experts take as they are: rows travel as FP8 with their scales, GEMM1 quantizes nothing")
+
+def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False, validate: bool = True,
+                          quant_block: tuple | None = None):   # from `dispatch_quantization` (batched format only)
     "The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype)."
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_int("num_tokens", num_tokens, lo=0)
@@ -617,7 +687,10 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
             raise ValueError(f"num_tokens: expected at most max_num_tokens={config.max_num_tokens} per rank "
                              f"({config.max_num_tokens * config.ep_size} in all), got {per_rank} per rank")
         return BatchedPrepareFinalize(max(per_rank, 1), config.ep_size, use_triton, config.topk_indices_dtype,
-                                      config.padded_hidden_size, validate)
+                                      config.padded_hidden_size, validate, quant_block)
+    if quant_block is not None:
+        raise ValueError(f"quant_block: expected None for the {config.activation_format.value} format (no rows move "
+                         f"in this process), got {quant_block}")
     return StandardPrepareFinalize(config.topk_indices_dtype, validate, use_triton)
 
 def make_experts(prepare_finalize, implementation: str = "torch",
@@ -860,6 +933,72 @@ assert pf._counts_dirty and int(kept.sum()) > 0
 mk.experts.apply = apply                            # the next forward zeroes them first
 forward_and_check(hidden, wts, ids, "after a failed forward")
 assert pf._counts is kept
+
+# %% [markdown]
+# ## FP8 before dispatch
+#
+# DeepEP low-latency and NIXL EP send FP8 when the experts want block-FP8 activations: their records say
+# `quantizes_before_dispatch=True` with `dispatch_quant_block=(1, 128)` (`01_config`). `dispatch_quantization` reads
+# the record and the experts and returns the block, or None, with the reason; the layer asks it once, at construction
+# (`FusedMoE.dispatch_quant`, `dispatch_quant_reason`). When the answer is a block, the batched prepare quantizes the
+# `T` rows once (`09b`'s quantizer, contiguous layout), the dispatch moves each FP8 row with its group scales in the
+# same launch (`07_kernels.dispatch`), and GEMM1 takes the slabs as they are. Before, GEMM1 quantized the slabs —
+# `E_local × max_tokens` rows of which a few are valid at decode, the launch `nbs/bench/ncu_fp8_h100_2345c90.txt`
+# found costing as much as a third of the GEMM. The quantizer is a function of one row's group, so the output is the
+# same, bit for bit, on either side of the dispatch: the test compares the two, checked and owned, on a round-robin
+# rank, then the decision on each record and the refusals.
+
+# %%
+#| test fp8_before_dispatch
+g = torch.Generator().manual_seed(7)
+E, H, I, T, k = 8, 256, 64, 7, 2
+par = lambda b: ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=b)
+cfg = MoEConfig(E, k, H, I, dtype=torch.bfloat16, parallel=par("nixl_ep"))
+p = Placement.build(cfg, "round_robin").to(DEVICE)
+Hp = cfg.padded_hidden_size                                          # NIXL EP sends 2048 columns: zero-padded weights
+w13 = torch.nn.functional.pad(torch.randn(p.num_local_experts, 2 * I, H, generator=g) / H**0.5, (0, Hp - H))
+w2 = torch.nn.functional.pad(torch.randn(p.num_local_experts, H, I, generator=g) / I**0.5, (0, 0, 0, Hp - H))
+qw = quantize_expert_weights(w13.to(DEVICE, torch.bfloat16), w2.to(DEVICE, torch.bfloat16), "fp8_w8a8_block").for_kernels()
+blk, why = dispatch_quantization(cfg, "triton_quant", qw)
+test_eq(blk, (1, 128)); assert "rows travel as FP8 with their scales" in why, why
+hidden = torch.randn(T, H, generator=g).to(DEVICE, torch.bfloat16)
+wts, ids = torch.rand(T, k, generator=g).to(DEVICE), torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEVICE)
+outs = {}
+for qb in (None, blk):
+    for owned in (False, True):
+        pf = make_prepare_finalize(cfg, T, use_triton=True, validate=not owned, quant_block=qb)
+        mk = ModularKernel(pf, make_experts(pf, "triton_quant", trusted=owned), owned=owned)
+        outs[qb, owned] = mk(hidden, qw, None, wts, ids, p)
+    prep = make_prepare_finalize(cfg, T, use_triton=True, quant_block=qb).prepare(hidden, wts, ids, p)
+    test_eq(prep.a.dtype, torch.float8_e4m3fn if qb else torch.bfloat16)
+    test_eq(None if prep.a_scale is None else tuple(prep.a_scale.shape), (p.num_local_experts, -(-T // 2) * 2, Hp // 128) if qb else None)   # slabs of ceil(T / 2) · 2 rows
+for key, out in outs.items(): assert torch.equal(out, outs[None, False]), f"quant_block={key[0]} owned={key[1]}"
+# the decision, on every record and kind of experts
+one = lambda **kw: quantize_expert_weights(torch.randn(2, 128, 256), torch.randn(2, 256, 64), **kw)
+for backend, experts, weights, want, says in (
+        ("deepep_low_latency", "triton_quant", qw, (1, 128), "quantizes before dispatch in (1, 128) groups"),
+        ("allgather_reducescatter", "triton_quant", qw, None, "sends activations as they are"),
+        ("deepep_high_throughput", "triton_quant", qw, None, "moves no rows here"),
+        ("nixl_ep", "triton", None, None, "take 16-bit activations"),
+        ("nixl_ep", "triton_quant", one(scheme="mxfp4_w4a16"), None, "takes 16-bit activations"),
+        ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_channel"), None, "scaled per token"),
+        ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):
+    got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
+    test_eq(got[0], want); assert says in got[1], (backend, got[1])
+on_input = MoEConfig(E, 1, H, I, dtype=torch.bfloat16, apply_router_weight_on_input=True, parallel=par("nixl_ep"))
+assert "router weight" in dispatch_quantization(on_input, "triton_quant", qw)[1]
+# refusals
+pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
+test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
+test_fail(lambda: pf.prepare(hidden, wts, ids, p, True), contains="apply_router_weight_on_input: expected False with quant_block")
+test_fail(lambda: pf.prepare(hidden.float(), wts, ids, p), contains="hidden: expected torch.bfloat16 or torch.float16 for the Triton")
+test_fail(lambda: BatchedPrepareFinalize(4, 2, quant_block=blk), contains="quant_block: expected None without use_triton")
+for bad in ((1, 100), (2, 128), [1, 128], (1, 16)):
+    test_fail(lambda: BatchedPrepareFinalize(4, 2, True, quant_block=bad), contains="quant_block: expected None or (1, group)")
+test_fail(lambda: make_prepare_finalize(MoEConfig(E, k, H, I), T, quant_block=blk), contains="quant_block: expected None for the standard format")
+test_fail(lambda: dispatch_quantization(cfg, "cuda"), contains="experts: expected one of")
+test_fail(lambda: dispatch_quantization(cfg, "triton_quant", "codes"), contains="qweights: expected a QuantizedExpertWeights")
+test_fail(lambda: dispatch_quantization("nixl_ep"), contains="config: expected a MoEConfig")
 
 # %% [markdown]
 # Each stage can be timed (the distributed runs report dispatch, experts and combine per rank): pass a dict as

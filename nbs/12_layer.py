@@ -20,7 +20,7 @@ from moe_lit.routing import select_experts, router_logits, check_topk_ids
 from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
-from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
+from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts, dispatch_quantization
 from moe_lit.oracle import DEVICES, CPU_INTERPRETER, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
@@ -601,6 +601,8 @@ def _build_hot_path(self: FusedMoE):
     self._router_counter = torch.zeros(1, dtype=torch.int32, device=dev) if self.use_triton and dev.type != "meta" else None
     self._ids_dtype = c.topk_indices_dtype                    # the config's derived facts, read once, not per forward
     self._slab_ranks = c.ep_size if c.activation_format is ActivationFormat.BatchedExperts else 0
+    self.dispatch_quant, self.dispatch_quant_reason = dispatch_quantization(   # FP8 before dispatch, or not, and why
+        c, self.experts, self.qweights if isinstance(self.qweights, QuantizedExpertWeights) else None)
     self._record_build()
 
 def _check_one_device(layer):
@@ -786,7 +788,8 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     key = -(-num_tokens // self._slab_ranks) if self._slab_ranks else 0
     mk = self._kernels.get(key)
     if mk is None:
-        pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug)
+        pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug,
+                                   quant_block=self.dispatch_quant)
         mk = self._kernels[key] = ModularKernel(pf, make_experts(pf, self.experts, trusted=not self.debug),   # weights
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
@@ -1167,6 +1170,8 @@ for fmt_backend in ("none", "nixl_ep"):
                            ("fp8_w8a8_channel", "torch")):
         layer = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE)
         test_eq(layer.experts, {"triton": "triton_quant", "torch": "torch"}[experts])
+        fp8_wire = (fmt_backend, quant, experts) == ("nixl_ep", "fp8_w8a8_block", "triton")   # FP8 before dispatch
+        test_eq(layer.dispatch_quant, (1, 128) if fp8_wire else None)
         topk = layer.route(x.to(DEVICE))
         local = layer.placement.local_slot(topk[1])
         w13, w2 = layer.w13[:, :, :64].double().cpu(), layer.w2[:, :64].double().cpu()   # NIXL EP pads H to 2048
@@ -1560,6 +1565,7 @@ class EPRun:
     quant: str = "unquantized"        # the experts' weights (references use the dequantized weights)
     reference_unquantized: torch.Tensor | None = None   # [T, H] float64 on the weights before quantization (runs that
                                                         # quantized at load; None for a checkpoint's stored codes)
+    dispatch_quant: tuple = (None, "")  # (block or None, reason): rank 0's rows quantized before dispatch (10_modular)
 
 # %%
 #| export
@@ -1609,12 +1615,12 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
             single += sh(hidden).to(acc); ref += sh(hidden.double())    # fp64 input: computed in fp64
             if ref_float is not None: ref_float += sh(hidden.double())
         placements.append(layer.placement)
-        impl = (layer.experts, layer.experts_reason)
+        impl, dq = (layer.experts, layer.experts_reason), (layer.dispatch_quant, layer.dispatch_quant_reason)
         if on_rank is not None: on_rank(r, layer)
         del layer
     reference_by_global_id(config, weights, hidden, *topk, single, ref, quant, ref_float)
     return EPRun(rank_config(config, 0, tp_size), placements, topk[0], topk[1], out.to(config.dtype),
-                 single.to(config.dtype), ref, impl, rank_s, weight_s, quant, ref_float)
+                 single.to(config.dtype), ref, impl, rank_s, weight_s, quant, ref_float, dispatch_quant=dq)
 
 def reference_by_global_id(config: MoEConfig, weights: WeightSource,
                            hidden: torch.Tensor,            # [T, H] config.dtype

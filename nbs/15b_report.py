@@ -56,8 +56,8 @@ def _section_model(r: dict) -> list[str]:
             "  " + " ".join(f"{k}={v}" for k, v in b.items() if k not in ("name", "summary")),
             f"  on this deployment: {d['all2all_note']}"] + (
             [f"  {d['hidden_size_note']}"] if d["hidden_size_note"] else []) + (
-            ["  activations travel unquantized here: FP8 dispatch is declared by the record but not emulated yet"]
-            if d["all2all_used"] and b["quantizes_before_dispatch"] else []) + (
+            [f"  activations on the wire: {d['dispatch_quant_note']}"]
+            if d["all2all_used"] and d.get("dispatch_quant_note") else []) + (
             [f"  note: {c}" for c in r.get("caveats", [])]) + (
             ["  weights and router are random (seeded); the load below comes from the random router, not the model"]
             if r.get("weights", "random").startswith("random") else [f"  weights: {r['weights']}"])

@@ -13,7 +13,7 @@ from moe_lit.routing import select_experts, router_logits, check_topk_ids
 from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
-from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts
+from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts, dispatch_quantization
 from moe_lit.oracle import DEVICES, CPU_INTERPRETER, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
@@ -265,6 +265,8 @@ def test_fused_moe_quantized():
                                ("fp8_w8a8_channel", "torch")):
             layer = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE)
             test_eq(layer.experts, {"triton": "triton_quant", "torch": "torch"}[experts])
+            fp8_wire = (fmt_backend, quant, experts) == ("nixl_ep", "fp8_w8a8_block", "triton")   # FP8 before dispatch
+            test_eq(layer.dispatch_quant, (1, 128) if fp8_wire else None)
             topk = layer.route(x.to(DEVICE))
             local = layer.placement.local_slot(topk[1])
             w13, w2 = layer.w13[:, :, :64].double().cpu(), layer.w2[:, :64].double().cpu()   # NIXL EP pads H to 2048

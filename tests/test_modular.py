@@ -6,7 +6,7 @@ import torch
 from moe_lit.terms import check_int, check_tensor, check_bool, check_choice, FLOAT_DTYPES, gradient_wanted
 from moe_lit.config import ActivationFormat, MoEConfig
 from moe_lit.routing import matmul_acc
-from moe_lit.quant_weights import QuantizedExpertWeights
+from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY
 from moe_lit.formats import (moe_reference_standard, dispatch_batched_reference, experts_reference_batched,
                              combine_batched_reference, Activation, SILU)
 from moe_lit.kernels.batched import DEVICE
@@ -16,8 +16,7 @@ import dataclasses
 from moe_lit.testing import assert_close, record_launches
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
-from moe_lit.placement import Placement
-from moe_lit.config import ParallelConfig
+from moe_lit.quant_weights import quantize_expert_weights
 from moe_lit.modular import *
 
 
@@ -232,6 +231,58 @@ def test_batched_hot_path_keeps_its_counts():
     mk.experts.apply = apply                            # the next forward zeroes them first
     forward_and_check(hidden, wts, ids, "after a failed forward")
     assert pf._counts is kept
+
+
+def test_fp8_before_dispatch():
+    g = torch.Generator().manual_seed(7)
+    E, H, I, T, k = 8, 256, 64, 7, 2
+    par = lambda b: ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=b)
+    cfg = MoEConfig(E, k, H, I, dtype=torch.bfloat16, parallel=par("nixl_ep"))
+    p = Placement.build(cfg, "round_robin").to(DEVICE)
+    Hp = cfg.padded_hidden_size                                          # NIXL EP sends 2048 columns: zero-padded weights
+    w13 = torch.nn.functional.pad(torch.randn(p.num_local_experts, 2 * I, H, generator=g) / H**0.5, (0, Hp - H))
+    w2 = torch.nn.functional.pad(torch.randn(p.num_local_experts, H, I, generator=g) / I**0.5, (0, 0, 0, Hp - H))
+    qw = quantize_expert_weights(w13.to(DEVICE, torch.bfloat16), w2.to(DEVICE, torch.bfloat16), "fp8_w8a8_block").for_kernels()
+    blk, why = dispatch_quantization(cfg, "triton_quant", qw)
+    test_eq(blk, (1, 128)); assert "rows travel as FP8 with their scales" in why, why
+    hidden = torch.randn(T, H, generator=g).to(DEVICE, torch.bfloat16)
+    wts, ids = torch.rand(T, k, generator=g).to(DEVICE), torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(DEVICE)
+    outs = {}
+    for qb in (None, blk):
+        for owned in (False, True):
+            pf = make_prepare_finalize(cfg, T, use_triton=True, validate=not owned, quant_block=qb)
+            mk = ModularKernel(pf, make_experts(pf, "triton_quant", trusted=owned), owned=owned)
+            outs[qb, owned] = mk(hidden, qw, None, wts, ids, p)
+        prep = make_prepare_finalize(cfg, T, use_triton=True, quant_block=qb).prepare(hidden, wts, ids, p)
+        test_eq(prep.a.dtype, torch.float8_e4m3fn if qb else torch.bfloat16)
+        test_eq(None if prep.a_scale is None else tuple(prep.a_scale.shape), (p.num_local_experts, -(-T // 2) * 2, Hp // 128) if qb else None)   # slabs of ceil(T / 2) · 2 rows
+    for key, out in outs.items(): assert torch.equal(out, outs[None, False]), f"quant_block={key[0]} owned={key[1]}"
+    # the decision, on every record and kind of experts
+    one = lambda **kw: quantize_expert_weights(torch.randn(2, 128, 256), torch.randn(2, 256, 64), **kw)
+    for backend, experts, weights, want, says in (
+            ("deepep_low_latency", "triton_quant", qw, (1, 128), "quantizes before dispatch in (1, 128) groups"),
+            ("allgather_reducescatter", "triton_quant", qw, None, "sends activations as they are"),
+            ("deepep_high_throughput", "triton_quant", qw, None, "moves no rows here"),
+            ("nixl_ep", "triton", None, None, "take 16-bit activations"),
+            ("nixl_ep", "triton_quant", one(scheme="mxfp4_w4a16"), None, "takes 16-bit activations"),
+            ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_channel"), None, "scaled per token"),
+            ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):
+        got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
+        test_eq(got[0], want); assert says in got[1], (backend, got[1])
+    on_input = MoEConfig(E, 1, H, I, dtype=torch.bfloat16, apply_router_weight_on_input=True, parallel=par("nixl_ep"))
+    assert "router weight" in dispatch_quantization(on_input, "triton_quant", qw)[1]
+    # refusals
+    pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
+    test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
+    test_fail(lambda: pf.prepare(hidden, wts, ids, p, True), contains="apply_router_weight_on_input: expected False with quant_block")
+    test_fail(lambda: pf.prepare(hidden.float(), wts, ids, p), contains="hidden: expected torch.bfloat16 or torch.float16 for the Triton")
+    test_fail(lambda: BatchedPrepareFinalize(4, 2, quant_block=blk), contains="quant_block: expected None without use_triton")
+    for bad in ((1, 100), (2, 128), [1, 128], (1, 16)):
+        test_fail(lambda: BatchedPrepareFinalize(4, 2, True, quant_block=bad), contains="quant_block: expected None or (1, group)")
+    test_fail(lambda: make_prepare_finalize(MoEConfig(E, k, H, I), T, quant_block=blk), contains="quant_block: expected None for the standard format")
+    test_fail(lambda: dispatch_quantization(cfg, "cuda"), contains="experts: expected one of")
+    test_fail(lambda: dispatch_quantization(cfg, "triton_quant", "codes"), contains="qweights: expected a QuantizedExpertWeights")
+    test_fail(lambda: dispatch_quantization("nixl_ep"), contains="config: expected a MoEConfig")
 
 
 def test_modular_stage_timings():
