@@ -136,7 +136,7 @@ class StandardPrepareFinalize:
         "`finalize` after its checks (an owning ModularKernel's own prepare and experts made both)."
         return expert_out if shared is None else expert_out + shared
 
-# %% ../nbs/10_modular.ipynb #0824a86ba3ed
+# %% ../nbs/10_modular.ipynb #8727b1f1c1cb
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -181,32 +181,27 @@ class BatchedPrepareFinalize:
             if hidden.dtype not in ok:                                           # the dispatch kernel's / quantizer's
                 raise ValueError(f"hidden: expected {' or '.join(map(str, ok))} for the Triton dispatch (use_triton=True"
                                  f"{', quant_block=' + str(self.quant_block) if self.quant_block else ''}), got {hidden.dtype}")
-            if self.quant_block and apply_router_weight_on_input:
-                raise ValueError(f"apply_router_weight_on_input: expected False with quant_block={self.quant_block} (a "
-                                 f"weight applied to FP8 rows would need new scales), got True")
             from moe_lit.kernels.dispatch import batched_dispatch, _batched_dispatch
             p, hidden = placement, hidden.contiguous()
             g2p, emap = p.global_to_physical, p.expert_map
             table, mode = (g2p, 2) if g2p is not None else (emap, 1) if emap is not None else (None, 0)
-            hs = None
-            if self.quant_block:                       # FP8 before dispatch: the T rows, not the slabs (`01_config`)
-                from moe_lit.kernels.quant_act import _fp8_quantize_activations
-                hidden, hs = _fp8_quantize_activations(hidden, "group", None, self.quant_block[1])
+            group = self.quant_block[1] if self.quant_block else None   # FP8 on the wire: quantized in the dispatch
             if self.validate or (mode and table.device != hidden.device):        # checked, tables moved: the public call
                 kw = (dict(global_to_physical=g2p.to(hidden.device), physical_offset=p.physical_offset) if mode == 2 else
                       dict(expert_map=emap.to(hidden.device)) if mode == 1 else {})
                 res = batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, topk_weights=scale,
-                                       check_overflow=self.validate, hidden_scale=hs, **kw)
+                                       check_overflow=self.validate, quant_group=group, **kw)
                 a, counts, slot_map = res[:3]
-                if hs is not None: a_scale = res[3]
+                if group: a_scale = res[3]
             else:   # the layer's hot path: ids from its router, the placement's tables on its device (checked above)
-                a = torch.empty(p.num_local_experts, cap, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-                if hs is not None: a_scale = torch.empty(*a.shape[:2], hs.shape[1], dtype=torch.float32, device=a.device)
-                a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, table, mode,
-                                                           table.shape[0] if mode else p.num_local_experts,
+                H_, E_ = hidden.shape[1], p.num_local_experts
+                a = torch.empty(E_, cap, H_, dtype=torch.float8_e4m3fn if group else hidden.dtype, device=hidden.device)
+                if group: a_scale = torch.empty(E_, cap, -(-H_ // group), dtype=torch.float32, device=hidden.device)
+                a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, E_, cap, table, mode,
+                                                           table.shape[0] if mode else E_,
                                                            p.physical_offset if mode == 2 else 0, scale, a, False,
-                                                           self._kept_counts(p.num_local_experts, hidden),
-                                                           None if hs is None else (hs, a_scale))
+                                                           self._kept_counts(E_, hidden),
+                                                           (group, a_scale) if group else None)
         else:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids, self.validate),
                                                              placement.num_local_experts, cap, scale)
@@ -521,7 +516,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #4292ee415110
+# %% ../nbs/10_modular.ipynb #68dbc552cecb
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
@@ -530,7 +525,8 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     `(1, 128)`, or None — and why. Read from the backend record (`quantizes_before_dispatch`, `dispatch_quant_block`,
     the activation format) and the experts: only FP8 block experts (1×g activation groups, g the record's) take FP8
     slabs as they are, and only the batched format moves rows in this process. Then GEMM1 launches no quantizer: the
-    T rows are quantized once, before dispatch, and the slabs hold FP8 and its scales — half the bytes. ValueError
+    dispatch quantizes each row it sends (after the router weight, when that is applied on the input) and the slabs
+    hold FP8 and its scales — half the bytes. ValueError
     naming `config`, `experts` or `qweights` for a wrong type or value. Source: vLLM's DeepEP low-latency and NIXL EP
     prepare/finalize (vllm-project/vllm `deepep_ll_prepare_finalize.py`), which send block-FP8 activations when the
     experts' quant config asks for 128-wide groups; DeepEP's `low_latency_dispatch(..., use_fp8=True)`."""
@@ -553,9 +549,6 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     if (1, qweights.block_shape[1]) != blk:
         return None, (f"the experts' activation groups (1, {qweights.block_shape[1]}) differ from the wire's {blk}: "
                       f"rows travel unquantized")
-    if config.apply_router_weight_on_input:
-        return None, ("the router weight is applied to the rows at dispatch (a weight applied to FP8 rows would need "
-                      "new scales): rows travel unquantized")
     return blk, (f"backend {b.name!r} quantizes before dispatch in {blk} groups (its record), which the "
                  f"{qweights.scheme} experts take as they are: rows travel as FP8 with their scales, GEMM1 quantizes nothing")
 

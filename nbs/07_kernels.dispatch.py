@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.formats import dispatch_batched_reference
+from moe_lit.kernels.quant_act import _fp8_quantize_group, fp8_quantize_activations_reference
 
 # %%
 #| hide
@@ -51,13 +52,15 @@ from moe_lit.placement import Placement
 #     row = atomic_add(counts[local], 1)                      # the next free row
 #     if row >= max_tokens: counts[local] −= 1; overflow = 1; slot_map[t, k] = −1; continue
 #     a[local, row, :] = hidden[t, :] (· topk_weights[t, k] when the weight is applied on the input)
-#     a_scale[local, row, :] = hidden_scale[t, :]             # FP8 rows only: their group scales travel beside them
+#     (FP8 on the wire: the row quantized in 1 × group blocks on the way, its scales to a_scale[local, row, :])
 #     slot_map[t, k] = local · max_tokens + row
 # ```
 #
 # Grid `(T, TOP_K)`; constexprs `TOP_K`, `BLOCK_H` (the row is copied in `BLOCK_H` chunks: one up to 8192 columns, so at decode a pair's whole row is one load issued before its row is claimed, and one store), `MODE` (0: ids are already
-# local, 1: `expert_map`, 2: `global_to_physical`), `SCALE` (apply the router weight on the input, in fp32), `G_BLOCK`
-# (rows quantized before dispatch: copy each row's `G` group scales too). Rows within an expert come in whatever order the atomics grant them — program order in the
+# local, 1: `expert_map`, 2: `global_to_physical`), `SCALE` (apply the router weight on the input, in fp32), `QUANT_GROUP`
+# (send the row as FP8 in `1 × QUANT_GROUP` groups, each with its fp32 scale: what DeepEP low-latency and NIXL EP do
+# when the experts take block-FP8 activations; the group's math is `09b_kernels.quant_act`'s, so the slabs hold the
+# same bits as quantizing them after the dispatch would give). Rows within an expert come in whatever order the atomics grant them — program order in the
 # interpreter, any order on a GPU — so tests check values and permutations, never row order.
 #
 # A pair that finds its expert's slab full takes its count back, so each count ends at `min(pairs, max_tokens)`: a valid
@@ -78,12 +81,12 @@ def _batched_dispatch_kernel(
     overflow_ptr,       # [1] int32, set to 1 when a pair does not fit
     H, num_local_experts, num_experts, max_tokens, physical_offset,
     stride_ht, stride_ae, stride_am,
-    hscale_ptr,         # [T, G] fp32 (read when G_BLOCK > 0): the group scales of hidden's FP8 rows
-    ascale_ptr,         # [E_local, max_tokens, G] fp32 output: each row's scales beside it
-    G, stride_hst, stride_ase, stride_asm,
+    ascale_ptr,         # QUANT_GROUP: [E_local, max_tokens, G] fp32 output, each row's group scales beside it
+    G, stride_ase, stride_asm,
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SCALE: tl.constexpr,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
-    G_BLOCK: tl.constexpr = 0,   # > 0: rows travel quantized, with G scales each (a power of two >= G)
+    QUANT_GROUP: tl.constexpr = 0,      # > 0: each row sent as FP8 (e4m3) in 1 × QUANT_GROUP groups (a divides BLOCK_H)
+    EMULATE_CAST: tl.constexpr = False, # the interpreter's e4m3 rounding (`09b`)
 ):
     _await_producers(PDL)                                    # before any load or store
     t = tl.program_id(0).to(tl.int64)
@@ -97,20 +100,24 @@ def _batched_dispatch_kernel(
     ok = in_range & (local >= 0) & (local < num_local_experts)
     slot = gid * 0 - 1                                       # int64 -1: the pair is not here
     if ok:
-        x = tl.load(hidden_ptr + t * stride_ht + offs_h, mask=offs_h < H)    # issued before the row is claimed:
-        row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)            # the two latencies overlap
+        x = tl.load(hidden_ptr + t * stride_ht + offs_h, mask=offs_h < H, other=0.0)   # issued before the row is
+        row = tl.atomic_add(counts_ptr + local, 1).to(tl.int64)            # claimed: the two latencies overlap
         if row < max_tokens:
             slot = local * max_tokens + row
             w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
-            if G_BLOCK > 0:                                  # the row's scales, in the same pass
-                offs_g = tl.arange(0, G_BLOCK)
-                sc = tl.load(hscale_ptr + t * stride_hst + offs_g, mask=offs_g < G)
-                tl.store(ascale_ptr + local * stride_ase + row * stride_asm + offs_g, sc, mask=offs_g < G)
             for h0 in range(0, tl.cdiv(H, BLOCK_H)):                         # one pass when H <= BLOCK_H
                 hm = h0 * BLOCK_H + offs_h < H
-                if h0 > 0: x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm)
-                if SCALE: x = (x.to(tl.float32) * w).to(a_ptr.dtype.element_ty)   # fp32 product, cast once
-                tl.store(a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h, x, mask=hm)
+                if h0 > 0: x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm, other=0.0)
+                if SCALE: x = (x.to(tl.float32) * w).to(hidden_ptr.dtype.element_ty)   # fp32 product, cast once
+                dst = a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h
+                if QUANT_GROUP > 0:                  # the row's groups, quantized as `09b`'s kernel does: same bits
+                    NG: tl.constexpr = BLOCK_H // QUANT_GROUP
+                    q, sc = _fp8_quantize_group(tl.reshape(x.to(tl.float32), (NG, QUANT_GROUP)), NG, QUANT_GROUP,
+                                                EMULATE_CAST)
+                    tl.store(dst, tl.reshape(q, (BLOCK_H,)), mask=hm)
+                    offs_g = h0 * NG + tl.arange(0, NG)
+                    tl.store(ascale_ptr + local * stride_ase + row * stride_asm + offs_g, sc, mask=offs_g < G)
+                else: tl.store(dst, x, mask=hm)
         else:                                            # no row: give the count back, so that it ends at
             tl.atomic_add(counts_ptr + local, -1)          # max_tokens (see below), and raise the flag
             tl.atomic_max(overflow_ptr, 1)
@@ -137,35 +144,28 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                      topk_weights: torch.Tensor | None = None, # [num_tokens, top_k] fp32: scale rows on input
                      out: torch.Tensor | None = None,          # [E_local, max_tokens, hidden_size] slab buffer
                      check_overflow: bool = True,              # raise on overflow (one host sync)
-                     hidden_scale: torch.Tensor | None = None, # [num_tokens, G] fp32: hidden is FP8, these its group scales
-                     out_scale: torch.Tensor | None = None,    # [E_local, max_tokens, G] fp32 buffer for the slabs' scales
+                     quant_group: int | None = None,           # send FP8 rows in 1 × quant_group groups (a power of 2)
+                     out_scale: torch.Tensor | None = None,    # [E_local, max_tokens, G] fp32 buffer for their scales
                     ):
     """Scatter pairs into slabs: `(a [E_local, max_tokens, H], expert_num_tokens [E_local] int32, slot_map [T, top_k]
-    int64)`, then `a_scale [E_local, max_tokens, G]` fp32 when `hidden_scale` is given, then the device overflow flag
-    `[1]` int32 when `check_overflow` is False.
+    int64)`, then `a_scale [E_local, max_tokens, G]` fp32 with `quant_group`, then the device overflow flag `[1]` int32
+    when `check_overflow` is False.
 
-    `hidden` is bf16, fp16 or fp32; or float8_e4m3fn with `hidden_scale`: activations quantized before dispatch, as
-    DeepEP low-latency and NIXL EP send them (their record's `quantizes_before_dispatch`, `01_config`), each row's
-    scales travelling beside it. Rows past a slab's count, in `a` and `a_scale`, are not written. ValueError naming
-    the argument for a shape, dtype, device, stride or overlap mismatch, ids or tables out of range (one host sync,
-    with `check_overflow`), a capacity overflow (the same sync), and `topk_weights` with FP8 rows (a weight applied
-    after quantization would need new scales). Source: the DeepEP low-latency dispatch contract
-    (https://github.com/deepseek-ai/DeepEP, `low_latency_dispatch`)."""
-    check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn))
+    With `quant_group`, each row is sent as FP8: `a` is float8_e4m3fn, quantized in `1 × quant_group` groups on the
+    way (G = ceil(H / quant_group) scales a row, `09b`'s dynamic scaling, after the router weight when it is applied
+    on the input), as DeepEP low-latency and NIXL EP send activations when the experts take block FP8 (their record's
+    `quantizes_before_dispatch`, `01_config`). Rows past a slab's count, in `a` and `a_scale`, are not written.
+    ValueError naming the argument for a shape, dtype, device, stride or overlap mismatch, a `quant_group` that is not
+    a power of two in [32, 8192], ids or tables out of range (one host sync, with `check_overflow`) and a capacity
+    overflow (the same sync). Source: DeepEP's low-latency dispatch (https://github.com/deepseek-ai/DeepEP,
+    `low_latency_dispatch(..., use_fp8=True)`)."""
+    check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_bool("check_overflow", check_overflow)
     T, H = hidden.shape
-    if (hidden.dtype == torch.float8_e4m3fn) != (hidden_scale is not None):
-        raise ValueError(f"hidden_scale: expected [num_tokens, G] fp32 scales exactly when hidden is float8_e4m3fn, got "
-                         f"{'none' if hidden_scale is None else 'a tensor'} with {hidden.dtype} hidden")
-    if hidden_scale is not None:
-        check_tensor("hidden_scale", hidden_scale, shape=(T, None), dtype=torch.float32)
-        if hidden_scale.shape[1] < 1: raise ValueError("hidden_scale: expected at least one group scale a row, got 0")
-        if hidden_scale.stride(-1) != 1:
-            raise ValueError(f"hidden_scale: expected a unit stride along its groups, got {hidden_scale.stride(-1)}")
-        if topk_weights is not None:
-            raise ValueError("topk_weights: expected None with FP8 hidden (a router weight applied after quantization "
-                             "would need new scales: apply it before quantizing), got a tensor")
-    elif out_scale is not None: raise ValueError("out_scale: expected None without hidden_scale, got a tensor")
+    if quant_group is not None:
+        check_int("quant_group", quant_group, lo=32, hi=8193)
+        if quant_group & (quant_group - 1): raise ValueError(f"quant_group: expected a power of two, got {quant_group}")
+    elif out_scale is not None: raise ValueError("out_scale: expected None without quant_group, got a tensor")
     check_tensor("topk_ids", topk_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
     check_int("num_local_experts", num_local_experts, lo=1); check_int("max_tokens", max_tokens, lo=1, hi=2**31)   # int32 counts
     check_int("physical_offset", physical_offset, lo=0)
@@ -180,23 +180,24 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if topk_weights is not None: check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     check_kernel_device("hidden", hidden, topk_ids=topk_ids, expert_map=expert_map, global_to_physical=global_to_physical,
                         topk_weights=topk_weights, out=out)
-    a = torch.empty(num_local_experts, max_tokens, H, dtype=hidden.dtype, device=hidden.device) if out is None else \
-        check_disjoint("out", check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=hidden.dtype,
+    adt = hidden.dtype if quant_group is None else torch.float8_e4m3fn
+    a = torch.empty(num_local_experts, max_tokens, H, dtype=adt, device=hidden.device) if out is None else \
+        check_disjoint("out", check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=adt,
                                            writable=True), hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights,
                       expert_map=expert_map, global_to_physical=global_to_physical)
     for name, t in (("hidden", hidden), ("out", a)):
         if t.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {t.stride(-1)}")
-    scales = None
-    if hidden_scale is not None:
-        G = hidden_scale.shape[1]
-        check_kernel_device("hidden", hidden, hidden_scale=hidden_scale, out_scale=out_scale)
+    quant = None
+    if quant_group is not None:
+        G = -(-H // quant_group)
+        check_kernel_device("hidden", hidden, out_scale=out_scale)
         a_scale = torch.empty(num_local_experts, max_tokens, G, dtype=torch.float32, device=hidden.device) \
             if out_scale is None else check_disjoint(
                 "out_scale", check_tensor("out_scale", out_scale, shape=(num_local_experts, max_tokens, G),
                                           dtype=torch.float32, writable=True),
-                hidden=hidden, hidden_scale=hidden_scale, topk_ids=topk_ids, slabs=a)
+                hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, slabs=a)
         if a_scale.stride(-1) != 1: raise ValueError(f"out_scale: expected a unit stride along its groups, got {a_scale.stride(-1)}")
-        scales = (hidden_scale, a_scale)
+        quant = (quant_group, a_scale)
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got "
                          f"{topk_ids.min().item()}..{topk_ids.max().item()}")
@@ -205,28 +206,28 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if check_overflow and mode == 2 and num_experts and table.min() < 0:
         raise ValueError(f"global_to_physical: expected physical ids >= 0, got {table.min().item()}")
     res = _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts,
-                            physical_offset, topk_weights, a, check_overflow, scales=scales)
-    return res if scales is None else (*res[:3], scales[1], *res[3:])
+                            physical_offset, topk_weights, a, check_overflow, quant=quant)
+    return res if quant is None else (*res[:3], quant[1], *res[3:])
 
 def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts, physical_offset,
                       topk_weights, a, check_overflow,
                       zeroed=None,    # int32 [num_local_experts + 1] zeros the caller keeps (its combine zeroes them again)
-                      scales=None):   # FP8 hidden: (hidden_scale [T, G], a_scale [E_local, max_tokens, G]), unit stride
+                      quant=None):    # FP8 on the wire: (group, a_scale [E_local, max_tokens, G] fp32, unit stride)
     "`batched_dispatch` after its checks, `a` allocated: for a prepare whose ids and tables are its own (`10_modular`)."
     T, H = hidden.shape
     if zeroed is None: zeroed = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)   # both
     counts, flag = zeroed[:num_local_experts], zeroed[num_local_experts:]                    # the counts and the flag
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     if T:
-        hs, asc = scales if scales is not None else (hidden, a)
-        src, dst = (hidden.view(torch.uint8), a.view(torch.uint8)) if scales is not None else (hidden, a)   # FP8: bytes
+        group, asc = quant if quant is not None else (0, a)
+        bh = max(min(8192, _next_pow2(H)), group)             # whole groups a pass
         launch_kernel(_batched_dispatch_kernel, (T, topk_ids.shape[1]))(
-            src, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
-            table if mode else counts, dst, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
+            hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
+            table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1),
-            hs, asc, hs.shape[1] if scales is not None else 0, hs.stride(0), asc.stride(0), asc.stride(1),
-            TOP_K=topk_ids.shape[1], BLOCK_H=(bh := min(8192, _next_pow2(H))), MODE=mode,
-            SCALE=topk_weights is not None, G_BLOCK=_next_pow2(hs.shape[1]) if scales is not None else 0,
+            asc, asc.shape[2] if quant is not None else 0, asc.stride(0), asc.stride(1),
+            TOP_K=topk_ids.shape[1], BLOCK_H=bh, MODE=mode, SCALE=topk_weights is not None,
+            **(dict(QUANT_GROUP=group, EMULATE_CAST=INTERPRET) if quant is not None else {}),
             num_warps=8 if bh >= 4096 else 4)
     if not check_overflow: return a, counts, slot_map, flag      # counts end at most max_tokens: a valid contract
     if int(flag.item()):
@@ -449,9 +450,7 @@ def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, *
     "Check `batched_dispatch` against `dispatch_batched_reference` on the local ids it should produce (test body)."
     res = batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, **kw)
     a, counts, slot_map = res[:3]
-    _, want_counts, want_map = dispatch_batched_reference(hidden.cpu().float() if hidden.dtype == torch.float8_e4m3fn
-                                                          else hidden.cpu(), local_ids.cpu(), num_local_experts, max_tokens)
-    if hidden.dtype == torch.float8_e4m3fn: hidden, a = hidden.view(torch.uint8), a.view(torch.uint8)   # FP8: by bytes
+    _, want_counts, want_map = dispatch_batched_reference(hidden.cpu(), local_ids.cpu(), num_local_experts, max_tokens)
     assert torch.equal(counts.cpu(), want_counts), (counts, want_counts)
     sm = slot_map.cpu()
     assert torch.equal(sm >= 0, want_map >= 0)                                    # the same pairs are local
@@ -461,11 +460,15 @@ def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, *
     assert ((valid % max_tokens) < counts.cpu().long()[valid // max_tokens]).all()  # rows are the leading ones
     rows = a.reshape(-1, hidden.shape[1])[slot_map.clamp(min=0)].cpu()           # [T, top_k, H]
     src = hidden.cpu()[:, None, :].expand_as(rows)
-    if (hs := kw.get("hidden_scale")) is not None:                               # each row's scales beside it
-        got = res[3].reshape(-1, hs.shape[1])[slot_map.clamp(min=0)].cpu()
-        assert torch.equal(got[sm >= 0], hs.cpu()[:, None, :].expand_as(got)[sm >= 0])
+    if (group := kw.get("quant_group")) is not None:                             # FP8 on the wire: `09b`'s spec, bit
+        q, s = fp8_quantize_activations_reference(hidden.cpu(), "group", group_k=group)   # for bit, and each row's
+        assert a.dtype == torch.float8_e4m3fn, a.dtype                           # scales beside it
+        assert torch.equal(rows.float()[sm >= 0], q.float()[:, None, :].expand_as(rows)[sm >= 0])
+        got = res[3].reshape(-1, s.shape[1])[slot_map.clamp(min=0)].cpu()
+        assert torch.equal(got[sm >= 0], s[:, None, :].expand_as(got)[sm >= 0])
         past = torch.arange(max_tokens)[None, :] >= counts.cpu()[:, None]         # rows past the counts: not written
         if kw.get("out_scale") is not None: assert res[3].cpu()[past].isnan().all()
+        return a, counts, slot_map
     scale = kw.get("topk_weights")
     if scale is not None and hidden.dtype != torch.float32:   # the fp32 product cast once: nearest on a GPU, truncated
         f = src.float() * scale.cpu()[..., None]              # by the interpreter, so within one unit of the last place
@@ -498,14 +501,14 @@ check_dispatch(hidden, local, 5, T, local, topk_weights=torch.rand(T, k, generat
 wide = torch.randn(3, 8192 + 72, generator=g).to(DEVICE, torch.bfloat16)     # a row past one block: two passes
 check_dispatch(wide, local[:3], 5, 3, local[:3], topk_weights=torch.rand(3, k, generator=g).to(DEVICE))
 check_dispatch(wide, local[:3], 5, 3, local[:3])
-q8 = (torch.randn(T, 256, generator=g) * 100).clamp(-448, 448).to(DEVICE, torch.float8_e4m3fn)   # FP8 rows and
-s8 = torch.rand(T, 2, generator=g).to(DEVICE) + 0.5                                              # their 2 group scales
-n_local, emap = determine_expert_map(S, 1, E, "round_robin")
-g2p, emap = round_robin_routing_tables(E, S, 1)[0].to(DEVICE), emap.to(DEVICE)
-local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)
-check_dispatch(q8, ids.long(), n_local, T, local, global_to_physical=g2p, physical_offset=expert_block(E, S, 1)[0],
-               hidden_scale=s8, out_scale=torch.full((n_local, T, 2), float("nan"), device=DEVICE))
-check_dispatch(q8, local, 5, T, local, hidden_scale=s8[:, :1].contiguous())            # local ids, one scale a row
+x = (torch.randn(T, 320, generator=g) * torch.logspace(-3, 3, T)[:, None]).to(DEVICE, torch.bfloat16)  # FP8 on the
+n_local, emap = determine_expert_map(S, 1, E, "round_robin")                          # wire: 3 groups of 128, the
+g2p, emap = round_robin_routing_tables(E, S, 1)[0].to(DEVICE), emap.to(DEVICE)         # last one partial; rows of
+local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)                       # very different scales
+check_dispatch(x, ids.long(), n_local, T, local, global_to_physical=g2p, physical_offset=expert_block(E, S, 1)[0],
+               quant_group=128, out_scale=torch.full((n_local, T, 3), float("nan"), device=DEVICE))
+check_dispatch(x.half()[:, :40], local, 5, T, local, quant_group=32)                   # H below the group, fp16
+check_dispatch(wide, local[:3], 5, 3, local[:3], quant_group=128)                      # two passes of whole groups
 
 # %%
 #| test dispatch_overflow_and_bad_input
@@ -528,16 +531,14 @@ test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, 
 test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32, device=DEVICE),
                                    global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
 test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
-q8, s8 = hidden.to(torch.float8_e4m3fn), torch.ones(6, 1, device=DEVICE)
-test_fail(lambda: batched_dispatch(q8, ids, 2, 6), contains="hidden_scale: expected [num_tokens, G] fp32 scales exactly when")
-test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, hidden_scale=s8), contains="hidden_scale: expected [num_tokens, G]")
-test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8[:5]), contains="hidden_scale: expected shape")
-test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8[:, :0]), contains="hidden_scale: expected at least one")
-test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8, topk_weights=torch.ones(6, 2, device=DEVICE)),
-          contains="topk_weights: expected None with FP8 hidden")
+test_fail(lambda: batched_dispatch(hidden.to(torch.float8_e4m3fn), ids, 2, 6), contains="hidden: expected dtype")
+for bad, msg in ((100, "quant_group: expected a power of two"), (16, "quant_group: expected"), (128.0, "quant_group: expected an int")):
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, quant_group=bad), contains=msg)
 test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, out_scale=torch.ones(2, 6, 1, device=DEVICE)), contains="out_scale: expected None")
-test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8, out_scale=torch.ones(2, 5, 1, device=DEVICE)),
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, quant_group=32, out_scale=torch.ones(2, 5, 1, device=DEVICE)),
           contains="out_scale: expected shape")
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, quant_group=32, out=torch.zeros(2, 6, 8, device=DEVICE)),
+          contains="out: expected dtype torch.float8_e4m3fn")
 emap = torch.tensor([0, 1, -1, -1], dtype=torch.int32, device=DEVICE)                    # a strided table: read as its values
 strided = torch.stack([emap, torch.full_like(emap, 99)], 1)[:, 0]
 test_eq(batched_dispatch(hidden, ids, 2, 6, expert_map=strided)[1].tolist(), batched_dispatch(hidden, ids, 2, 6, expert_map=emap)[1].tolist())

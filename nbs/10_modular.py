@@ -238,32 +238,27 @@ class BatchedPrepareFinalize:
             if hidden.dtype not in ok:                                           # the dispatch kernel's / quantizer's
                 raise ValueError(f"hidden: expected {' or '.join(map(str, ok))} for the Triton dispatch (use_triton=True"
                                  f"{', quant_block=' + str(self.quant_block) if self.quant_block else ''}), got {hidden.dtype}")
-            if self.quant_block and apply_router_weight_on_input:
-                raise ValueError(f"apply_router_weight_on_input: expected False with quant_block={self.quant_block} (a "
-                                 f"weight applied to FP8 rows would need new scales), got True")
             from moe_lit.kernels.dispatch import batched_dispatch, _batched_dispatch
             p, hidden = placement, hidden.contiguous()
             g2p, emap = p.global_to_physical, p.expert_map
             table, mode = (g2p, 2) if g2p is not None else (emap, 1) if emap is not None else (None, 0)
-            hs = None
-            if self.quant_block:                       # FP8 before dispatch: the T rows, not the slabs (`01_config`)
-                from moe_lit.kernels.quant_act import _fp8_quantize_activations
-                hidden, hs = _fp8_quantize_activations(hidden, "group", None, self.quant_block[1])
+            group = self.quant_block[1] if self.quant_block else None   # FP8 on the wire: quantized in the dispatch
             if self.validate or (mode and table.device != hidden.device):        # checked, tables moved: the public call
                 kw = (dict(global_to_physical=g2p.to(hidden.device), physical_offset=p.physical_offset) if mode == 2 else
                       dict(expert_map=emap.to(hidden.device)) if mode == 1 else {})
                 res = batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, topk_weights=scale,
-                                       check_overflow=self.validate, hidden_scale=hs, **kw)
+                                       check_overflow=self.validate, quant_group=group, **kw)
                 a, counts, slot_map = res[:3]
-                if hs is not None: a_scale = res[3]
+                if group: a_scale = res[3]
             else:   # the layer's hot path: ids from its router, the placement's tables on its device (checked above)
-                a = torch.empty(p.num_local_experts, cap, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
-                if hs is not None: a_scale = torch.empty(*a.shape[:2], hs.shape[1], dtype=torch.float32, device=a.device)
-                a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, table, mode,
-                                                           table.shape[0] if mode else p.num_local_experts,
+                H_, E_ = hidden.shape[1], p.num_local_experts
+                a = torch.empty(E_, cap, H_, dtype=torch.float8_e4m3fn if group else hidden.dtype, device=hidden.device)
+                if group: a_scale = torch.empty(E_, cap, -(-H_ // group), dtype=torch.float32, device=hidden.device)
+                a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, E_, cap, table, mode,
+                                                           table.shape[0] if mode else E_,
                                                            p.physical_offset if mode == 2 else 0, scale, a, False,
-                                                           self._kept_counts(p.num_local_experts, hidden),
-                                                           None if hs is None else (hs, a_scale))
+                                                           self._kept_counts(E_, hidden),
+                                                           (group, a_scale) if group else None)
         else:
             a, counts, slot_map = dispatch_batched_reference(hidden, placement.local_slot(topk_ids, self.validate),
                                                              placement.num_local_experts, cap, scale)
@@ -647,7 +642,8 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     `(1, 128)`, or None — and why. Read from the backend record (`quantizes_before_dispatch`, `dispatch_quant_block`,
     the activation format) and the experts: only FP8 block experts (1×g activation groups, g the record's) take FP8
     slabs as they are, and only the batched format moves rows in this process. Then GEMM1 launches no quantizer: the
-    T rows are quantized once, before dispatch, and the slabs hold FP8 and its scales — half the bytes. ValueError
+    dispatch quantizes each row it sends (after the router weight, when that is applied on the input) and the slabs
+    hold FP8 and its scales — half the bytes. ValueError
     naming `config`, `experts` or `qweights` for a wrong type or value. Source: vLLM's DeepEP low-latency and NIXL EP
     prepare/finalize (vllm-project/vllm `deepep_ll_prepare_finalize.py`), which send block-FP8 activations when the
     experts' quant config asks for 128-wide groups; DeepEP's `low_latency_dispatch(..., use_fp8=True)`."""
@@ -670,9 +666,6 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     if (1, qweights.block_shape[1]) != blk:
         return None, (f"the experts' activation groups (1, {qweights.block_shape[1]}) differ from the wire's {blk}: "
                       f"rows travel unquantized")
-    if config.apply_router_weight_on_input:
-        return None, ("the router weight is applied to the rows at dispatch (a weight applied to FP8 rows would need "
-                      "new scales): rows travel unquantized")
     return blk, (f"backend {b.name!r} quantizes before dispatch in {blk} groups (its record), which the "
                  f"{qweights.scheme} experts take as they are: rows travel as FP8 with their scales, GEMM1 quantizes nothing")
 
@@ -941,12 +934,13 @@ assert pf._counts is kept
 # `quantizes_before_dispatch=True` with `dispatch_quant_block=(1, 128)` (`01_config`). `dispatch_quantization` reads
 # the record and the experts and returns the block, or None, with the reason; the layer asks it once, at construction
 # (`FusedMoE.dispatch_quant`, `dispatch_quant_reason`). When the answer is a block, the batched prepare quantizes the
-# `T` rows once (`09b`'s quantizer, contiguous layout), the dispatch moves each FP8 row with its group scales in the
-# same launch (`07_kernels.dispatch`), and GEMM1 takes the slabs as they are. Before, GEMM1 quantized the slabs —
-# `E_local × max_tokens` rows of which a few are valid at decode, the launch `nbs/bench/ncu_fp8_h100_2345c90.txt`
-# found costing as much as a third of the GEMM. The quantizer is a function of one row's group, so the output is the
-# same, bit for bit, on either side of the dispatch: the test compares the two, checked and owned, on a round-robin
-# rank, then the decision on each record and the refusals.
+# dispatch quantizes each row as it sends it, in the same launch (`07_kernels.dispatch`, with `09b`'s group math), and
+# GEMM1 takes the slabs as they are. Before, GEMM1 quantized the slabs — `E_local × max_tokens` rows of which a few
+# are valid at decode — in a launch of its own (`nbs/bench/ncu_fp8_h100_2345c90.txt` found it costing as much as a
+# third of the GEMM before its tile was cut to 8 rows). The quantization is a function of one row's group, so the
+# output is the same, bit for bit, on either side of the dispatch: the test compares the two, checked and owned, on
+# a round-robin rank, with the router weight applied on the input too, then the decision on each record and the
+# refusals.
 
 # %%
 #| test fp8_before_dispatch
@@ -973,6 +967,10 @@ for qb in (None, blk):
     test_eq(prep.a.dtype, torch.float8_e4m3fn if qb else torch.bfloat16)
     test_eq(None if prep.a_scale is None else tuple(prep.a_scale.shape), (p.num_local_experts, -(-T // 2) * 2, Hp // 128) if qb else None)   # slabs of ceil(T / 2) · 2 rows
 for key, out in outs.items(): assert torch.equal(out, outs[None, False]), f"quant_block={key[0]} owned={key[1]}"
+on_in = {qb: ModularKernel(pf := make_prepare_finalize(cfg, T, use_triton=True, quant_block=qb),   # the weight first
+                           make_experts(pf, "triton_quant"))(hidden, qw, None, wts[:, :1], ids[:, :1], p, True)
+         for qb in (None, blk)}
+assert torch.equal(on_in[None], on_in[blk])
 # the decision, on every record and kind of experts
 one = lambda **kw: quantize_expert_weights(torch.randn(2, 128, 256), torch.randn(2, 256, 64), **kw)
 for backend, experts, weights, want, says in (
@@ -985,12 +983,9 @@ for backend, experts, weights, want, says in (
         ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):
     got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
     test_eq(got[0], want); assert says in got[1], (backend, got[1])
-on_input = MoEConfig(E, 1, H, I, dtype=torch.bfloat16, apply_router_weight_on_input=True, parallel=par("nixl_ep"))
-assert "router weight" in dispatch_quantization(on_input, "triton_quant", qw)[1]
 # refusals
 pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
 test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
-test_fail(lambda: pf.prepare(hidden, wts, ids, p, True), contains="apply_router_weight_on_input: expected False with quant_block")
 test_fail(lambda: pf.prepare(hidden.float(), wts, ids, p), contains="hidden: expected torch.bfloat16 or torch.float16 for the Triton")
 test_fail(lambda: BatchedPrepareFinalize(4, 2, quant_block=blk), contains="quant_block: expected None without use_triton")
 for bad in ((1, 100), (2, 128), [1, 128], (1, 16)):

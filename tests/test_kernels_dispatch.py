@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.formats import dispatch_batched_reference
+from moe_lit.kernels.quant_act import _fp8_quantize_group, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, poison_rows
@@ -41,14 +42,14 @@ def test_dispatch_all_translations():
     wide = torch.randn(3, 8192 + 72, generator=g).to(DEVICE, torch.bfloat16)     # a row past one block: two passes
     check_dispatch(wide, local[:3], 5, 3, local[:3], topk_weights=torch.rand(3, k, generator=g).to(DEVICE))
     check_dispatch(wide, local[:3], 5, 3, local[:3])
-    q8 = (torch.randn(T, 256, generator=g) * 100).clamp(-448, 448).to(DEVICE, torch.float8_e4m3fn)   # FP8 rows and
-    s8 = torch.rand(T, 2, generator=g).to(DEVICE) + 0.5                                              # their 2 group scales
-    n_local, emap = determine_expert_map(S, 1, E, "round_robin")
-    g2p, emap = round_robin_routing_tables(E, S, 1)[0].to(DEVICE), emap.to(DEVICE)
-    local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)
-    check_dispatch(q8, ids.long(), n_local, T, local, global_to_physical=g2p, physical_offset=expert_block(E, S, 1)[0],
-                   hidden_scale=s8, out_scale=torch.full((n_local, T, 2), float("nan"), device=DEVICE))
-    check_dispatch(q8, local, 5, T, local, hidden_scale=s8[:, :1].contiguous())            # local ids, one scale a row
+    x = (torch.randn(T, 320, generator=g) * torch.logspace(-3, 3, T)[:, None]).to(DEVICE, torch.bfloat16)  # FP8 on the
+    n_local, emap = determine_expert_map(S, 1, E, "round_robin")                          # wire: 3 groups of 128, the
+    g2p, emap = round_robin_routing_tables(E, S, 1)[0].to(DEVICE), emap.to(DEVICE)         # last one partial; rows of
+    local = torch.where(ids >= 0, emap[ids.clamp(min=0).long()], -1)                       # very different scales
+    check_dispatch(x, ids.long(), n_local, T, local, global_to_physical=g2p, physical_offset=expert_block(E, S, 1)[0],
+                   quant_group=128, out_scale=torch.full((n_local, T, 3), float("nan"), device=DEVICE))
+    check_dispatch(x.half()[:, :40], local, 5, T, local, quant_group=32)                   # H below the group, fp16
+    check_dispatch(wide, local[:3], 5, 3, local[:3], quant_group=128)                      # two passes of whole groups
 
 
 def test_dispatch_overflow_and_bad_input():
@@ -71,16 +72,14 @@ def test_dispatch_overflow_and_bad_input():
     test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.zeros(4, dtype=torch.int32, device=DEVICE),
                                        global_to_physical=torch.zeros(4, dtype=torch.int64, device=DEVICE)), contains="expert_map: expected None")
     test_fail(lambda: batched_dispatch(hidden, ids, 0, 6), contains="num_local_experts: expected >= 1")
-    q8, s8 = hidden.to(torch.float8_e4m3fn), torch.ones(6, 1, device=DEVICE)
-    test_fail(lambda: batched_dispatch(q8, ids, 2, 6), contains="hidden_scale: expected [num_tokens, G] fp32 scales exactly when")
-    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, hidden_scale=s8), contains="hidden_scale: expected [num_tokens, G]")
-    test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8[:5]), contains="hidden_scale: expected shape")
-    test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8[:, :0]), contains="hidden_scale: expected at least one")
-    test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8, topk_weights=torch.ones(6, 2, device=DEVICE)),
-              contains="topk_weights: expected None with FP8 hidden")
+    test_fail(lambda: batched_dispatch(hidden.to(torch.float8_e4m3fn), ids, 2, 6), contains="hidden: expected dtype")
+    for bad, msg in ((100, "quant_group: expected a power of two"), (16, "quant_group: expected"), (128.0, "quant_group: expected an int")):
+        test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, quant_group=bad), contains=msg)
     test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, out_scale=torch.ones(2, 6, 1, device=DEVICE)), contains="out_scale: expected None")
-    test_fail(lambda: batched_dispatch(q8, ids, 2, 6, hidden_scale=s8, out_scale=torch.ones(2, 5, 1, device=DEVICE)),
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, quant_group=32, out_scale=torch.ones(2, 5, 1, device=DEVICE)),
               contains="out_scale: expected shape")
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, quant_group=32, out=torch.zeros(2, 6, 8, device=DEVICE)),
+              contains="out: expected dtype torch.float8_e4m3fn")
     emap = torch.tensor([0, 1, -1, -1], dtype=torch.int32, device=DEVICE)                    # a strided table: read as its values
     strided = torch.stack([emap, torch.full_like(emap, 99)], 1)[:, 0]
     test_eq(batched_dispatch(hidden, ids, 2, 6, expert_map=strided)[1].tolist(), batched_dispatch(hidden, ids, 2, 6, expert_map=emap)[1].tolist())

@@ -257,6 +257,10 @@ def test_fp8_before_dispatch():
         test_eq(prep.a.dtype, torch.float8_e4m3fn if qb else torch.bfloat16)
         test_eq(None if prep.a_scale is None else tuple(prep.a_scale.shape), (p.num_local_experts, -(-T // 2) * 2, Hp // 128) if qb else None)   # slabs of ceil(T / 2) · 2 rows
     for key, out in outs.items(): assert torch.equal(out, outs[None, False]), f"quant_block={key[0]} owned={key[1]}"
+    on_in = {qb: ModularKernel(pf := make_prepare_finalize(cfg, T, use_triton=True, quant_block=qb),   # the weight first
+                               make_experts(pf, "triton_quant"))(hidden, qw, None, wts[:, :1], ids[:, :1], p, True)
+             for qb in (None, blk)}
+    assert torch.equal(on_in[None], on_in[blk])
     # the decision, on every record and kind of experts
     one = lambda **kw: quantize_expert_weights(torch.randn(2, 128, 256), torch.randn(2, 256, 64), **kw)
     for backend, experts, weights, want, says in (
@@ -269,12 +273,9 @@ def test_fp8_before_dispatch():
             ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):
         got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
         test_eq(got[0], want); assert says in got[1], (backend, got[1])
-    on_input = MoEConfig(E, 1, H, I, dtype=torch.bfloat16, apply_router_weight_on_input=True, parallel=par("nixl_ep"))
-    assert "router weight" in dispatch_quantization(on_input, "triton_quant", qw)[1]
     # refusals
     pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
     test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
-    test_fail(lambda: pf.prepare(hidden, wts, ids, p, True), contains="apply_router_weight_on_input: expected False with quant_block")
     test_fail(lambda: pf.prepare(hidden.float(), wts, ids, p), contains="hidden: expected torch.bfloat16 or torch.float16 for the Triton")
     test_fail(lambda: BatchedPrepareFinalize(4, 2, quant_block=blk), contains="quant_block: expected None without use_triton")
     for bad in ((1, 100), (2, 128), [1, 128], (1, 16)):

@@ -31,7 +31,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #1f69a7e52c21
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #75bb6282bd8d
 class BatchedTritonQuantExperts:
     "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
     activation_format = ActivationFormat.BatchedExperts
@@ -79,7 +79,9 @@ class BatchedTritonQuantExperts:
         """`apply` after its checks, 16-bit `a` (or FP8 `a` with its `a_scale`, quantized before dispatch): for a layer
         whose quantized weights (checked once) and dispatched slabs are its own (`10_modular`)."""
         (E, M, H), I = a.shape, qw.intermediate_size
-        a_k, a_s, as_st, odt = _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, H, batched=True)
+        if a_scale is not None and ACTIVATION_GRANULARITY.get(qw.scheme) == "group":   # the layer's FP8 dispatch: its
+            a_k, a_s, as_st, odt = a, a_scale, a_scale.stride(), out_dtype or torch.bfloat16   # own [E, M, G] scales
+        else: a_k, a_s, as_st, odt = _prepare_activations(a, qw, expert_num_tokens, a_scale, out_dtype, H, batched=True)
         h = torch.empty(E, M, I, dtype=odt, device=a.device)
         for name, t in (("a", a), ("h", h)): check_extent(name, t)      # the slabs' size: a capacity the caller set
         h = _batched_moe_gemm_quant(a_k, a_s, as_st, _weight_kernel_args(qw, "w13"), expert_num_tokens, activation, h,
