@@ -417,7 +417,7 @@ def read_tile_table(path: Path | str) -> dict | None:
 
 _load_table = functools.lru_cache(maxsize=256)(read_tile_table)   # read once per process: launchers look tables up on every call
 
-# %% ../../nbs/06_kernels.batched.ipynb #4ed0db21cc4e
+# %% ../../nbs/06_kernels.batched.ipynb #90073754fd10
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_extent(name: str, t: torch.Tensor):
@@ -427,10 +427,10 @@ def check_extent(name: str, t: torch.Tensor):
 
 def check_kernel_device(name: str, t: torch.Tensor, **others) -> torch.device:
     "A Triton launcher's tensors: `t` on a GPU (or the interpreter is on), every tensor of `others` on `t`'s device."
-    if t.device.type != "cuda" and not INTERPRET:
+    if t.is_meta: raise ValueError(f"{name}: expected a tensor with values for the Triton kernels, got a meta tensor")
+    if t.device.type != "cuda" and not INTERPRET:       # (meta first: the same answer with or without the interpreter)
         raise ValueError(f"{name}: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 set before "
                          f"moe_lit.kernels is imported), got a {t.device.type} tensor")
-    if t.is_meta: raise ValueError(f"{name}: expected a tensor with values for the Triton kernels, got a meta tensor")
     for n, o in others.items():          # None (and a non-tensor, which its own check refuses) is skipped
         if isinstance(o, torch.Tensor) and o.device != t.device: raise ValueError(f"{n}: expected device {t.device}, got {o.device}")
     return t.device
