@@ -977,11 +977,26 @@ def launch_kernel(kernel, grid: tuple):
         raise ValueError(f"kernel: expected a @triton.jit function, got {type(kernel).__name__}")
     _check_grid(grid)
     pdl = pdl_kwargs(kernel)                                           # {} unless PDL is on, on sm_90+
-    if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
-            or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
-            or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
-        return functools.partial(kernel[grid], **pdl) if pdl else kernel[grid]   # (the arguments go to the JIT as they are)
+    if not fast_launch_on() or getattr(kernel, "pre_run_hooks", None):  # (the arguments go to the JIT as they are)
+        fn = functools.partial(kernel[grid], **pdl) if pdl else kernel[grid]
+        return functools.partial(_recorded_call, fn) if RECORDERS else fn
     return functools.partial(_launch_direct, kernel, grid, **pdl)
+
+def fast_launch_on() -> bool:
+    """Whether `launch_kernel` may call compiled kernels directly: `FAST_LAUNCH`, and nothing watching Triton's launches
+    (a replaced `JITFunction.run`, launch hooks, a profiler's instrumented binaries), which only the JIT's path serves."""
+    return FAST_LAUNCH and _JITFunction.run is _JIT_RUN and not (
+        triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls
+        or triton.knobs.compilation.instrumentation_mode)
+
+RECORDERS: list = []   # a launch plan's recorder while a forward is recorded (`12_layer`): every launch reports to it
+
+def _recorded_call(fn, *args, **kwargs):
+    "A launch through the JIT (or the interpreter) while a plan records: noted, then run outside the recorder's view."
+    from torch.utils._python_dispatch import _disable_current_modes
+    RECORDERS[-1].call(fn, args, kwargs)
+    with _disable_current_modes():                                   # the interpreter's own torch calls are not steps
+        return fn(*args, **kwargs)
 
 def _launch_direct(kernel, grid, *args, **kwargs):
     "The launch of `launch_kernel`'s fast path: the compiled kernel of the launch's key, else the JIT's first launch."
@@ -991,12 +1006,17 @@ def _launch_direct(kernel, grid, *args, **kwargs):
         cache = _LAUNCHES.get(kernel)
         entry = None if cache is None else cache.get(key)
     except TypeError:                                  # an unhashable argument (a tensor descriptor): the JIT's path
+        if RECORDERS: return _recorded_call(kernel[grid], *args, **kwargs)
         return kernel[grid](*args, **kwargs)
-    if entry is None: return _first_launch(kernel, key, grid, args, kwargs)
+    if entry is None:
+        if RECORDERS: RECORDERS[-1].refuse(f"{kernel.fn.__name__}: a first launch (compiling) while recording")
+        return _first_launch(kernel, key, grid, args, kwargs)
     run, function, metadata, defaults, get, n = entry
     tail = () if n == 0 else get({**defaults, **kwargs})
-    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function, metadata,
-        None, None, None, *args, *((tail,) if n == 1 else tail))
+    argv = (*args, *((tail,) if n == 1 else tail))
+    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    if RECORDERS: RECORDERS[-1].direct(run, g, function, metadata, argv)
+    run(*g, stream, function, metadata, None, None, None, *argv)
 
 def _first_launch(kernel, key, grid, args, kwargs):
     "Launch through the JIT and keep its compiled kernel under `key` (not for tensors of other types: their key is their identity)."

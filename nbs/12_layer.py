@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
-from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, triton_imported_interpreting
+from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, triton_imported_interpreting, env_choice
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -595,7 +595,7 @@ def _build_hot_path(self: FusedMoE):
     self.placement = self.placement.to(dev)
     self.replicas = None if not c.num_redundant_experts else tuple(     # EPLB: (logical_to_physical, counts)
         t.to(dev) for t in eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size))
-    self._kernels, self.graphs = {}, {}
+    self._kernels, self.graphs, self._plans, self._seen = {}, {}, {}, set()   # (launch plans: this build's tensors)
     # the router's arrival counter: in eager decode the logits launch's last program also selects (03a); the kernel
     # leaves it 0. It is the layer's, so one eager forward of a layer runs at a time (on one stream)
     self._router_counter = torch.zeros(1, dtype=torch.int32, device=dev) if self.use_triton and dev.type != "meta" else None
@@ -904,6 +904,14 @@ def _forward(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> to
     if self.graphs and topk is None and add_shared is True and not torch.cuda.is_current_stream_capturing():
         out = self._replay(hidden)
         if out is not None: return out
+    if LAUNCH_PLANS and topk is None and add_shared is True and self.use_triton and not self.debug:
+        out = self._planned(hidden)                  # the eager forward's launches, replayed without its Python
+        if out is not None: return out
+    return self._eager(hidden, topk, add_shared)
+
+@patch
+def _eager(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torch.Tensor:
+    "The forward as Python runs it: route, then the ModularKernel (prepare, experts, finalize, shared experts)."
     wts, ids = self._route(hidden) if topk is None else self._check_topk(topk, len(hidden))
     mk = self._modular_kernel(len(hidden))
     w13, w2 = (self.qweights, None) if self.experts == "triton_quant" else (self.w13, self.w2)
@@ -970,6 +978,230 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     if T < bucket: x[T:].zero_()
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
+
+# %% [markdown]
+# ## Launch plans: the eager forward without its Python
+#
+# At decode the eager forward is host-bound: a few kernels of a few microseconds each, and between them moe-lit's
+# Python — argument checks of internal calls, tile choices, strides, allocation sizes — about 80 % of the layer's own
+# host time (`nbs/bench/host_plan_bound.py`). None of that Python depends on the tokens' values, only on their shape
+# and on what the layer holds, so it can be done once. The second eager forward of a shape is *recorded*: every torch
+# op it dispatches (a `TorchDispatchMode` sees allocations, views, pads) and every Triton launch (`06`'s
+# `launch_kernel` reports each to the recorder: on the GPU the compiled kernel and its final argument list, in the
+# interpreter the call), each tensor argument noted as the forward's input, the output of an earlier step, or a
+# tensor that existed before the forward (weights, tables, kept counters: held by reference, read as eager reads
+# them). From the third forward of that shape on, the plan runs those steps in order on the new input: the same
+# launches with the same arguments, so the same bits (the tests compare). A forward that reads a value on the host,
+# compiles a kernel while recording, or passes an intermediate inside a list is not planned and stays eager.
+#
+# A plan is kept per key: the token count, the input's strides and 16-byte alignment (the compiled kernels were
+# specialised on them), device and stream (split-K counters are per stream), and the switches a launch depends on
+# (`PDL`, the direct-launch path, Triton's debug flag, `FP8_ACT_QUANT`). Anything the layer rebuilds from — weights
+# swapped or edited, a move, a load — drops every plan (`_build_hot_path`), as it drops captured graphs. Plans are
+# skipped under `debug=True`, with a caller's `topk`, with `add_shared=False`, while a CUDA graph is captured, and when
+# `MOE_LIT_LAUNCH_PLAN=0` (read at import). Python-side state the forward touches is unchanged by a successful
+# forward (the batched prepare's counts are zeroed on the device by the combine); a replay that raises drops the plans
+# and marks those counts dirty, so the next eager prepare zeroes them first.
+
+# %%
+#| export
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+LAUNCH_PLANS = env_choice("MOE_LIT_LAUNCH_PLAN", "1", ("0", "1")) == "1"   # "0": every eager forward runs its Python
+_PLANS_MAX = 64                                    # keys kept per layer; past it, start over
+
+class _V:
+    "The i-th value of a recorded forward (0: its input)."
+    __slots__ = ("i",)
+    def __init__(self, i: int): self.i = i
+
+_aten = torch.ops.aten
+_PURE = {_aten.empty.memory_format, _aten.detach.default, _aten.view.default, _aten.unsqueeze.default,
+         _aten.slice.Tensor, _aten.select.int, _aten.t.default, _aten.expand.default}   # no effect but their output
+_FAST = {_aten.detach.default: torch.Tensor.detach, _aten.view.default: torch.Tensor.view,   # the Python-level call:
+         _aten.unsqueeze.default: torch.Tensor.unsqueeze}                                 # an OpOverload's costs more
+
+class _PlanRecorder(TorchDispatchMode):
+    "One forward's torch ops and launches as steps, tensors replaced by `_V` references (values known by identity)."
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.steps, self.ids, self.n, self.keep, self.why = [], {id(x): 0}, 1, [x], None   # keep: ids stay theirs
+    def ref(self, t):
+        return _V(self.ids[id(t)]) if isinstance(t, torch.Tensor) and id(t) in self.ids else t
+    def define(self, t):
+        if not isinstance(t, torch.Tensor): return t
+        self.ids[id(t)], self.n = self.n, self.n + 1
+        self.keep.append(t)
+        return _V(self.n - 1)
+    def refuse(self, why: str):
+        self.why = self.why or why
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is _aten._local_scalar_dense.default: self.refuse("the forward read a value on the host")
+        self.steps.append(("op", func, tree_map(self.ref, args), tree_map(self.ref, kwargs), tree_map(self.define, out)))
+        return out
+    def call(self, fn, args, kwargs):                 # a launch through the JIT or the interpreter
+        self.steps.append(("call", fn, tree_map(self.ref, args), tree_map(self.ref, kwargs), None))
+    def direct(self, run, grid, function, metadata, argv):   # a compiled kernel's launch (`06`'s fast path)
+        self.steps.append(("direct", (run, grid, function, metadata), tree_map(self.ref, argv), {}, None))
+
+def _holds_ref(v) -> bool:
+    "A `_V` anywhere in `v` (lists, tuples, dicts)."
+    if isinstance(v, _V): return True
+    if isinstance(v, (list, tuple)): return any(map(_holds_ref, v))
+    return isinstance(v, dict) and any(map(_holds_ref, v.values()))
+
+class LaunchPlan:
+    "A recorded eager forward's steps, run again on a new input of the recorded shape (see above)."
+    __slots__ = ("steps", "out", "stream")
+    def __init__(self, rec: _PlanRecorder,   # the recorder of one eager forward
+                 out: torch.Tensor,          # that forward's output
+                 stream):                    # () -> (device, stream): the current stream, as the direct launches take it
+        plan, out = rec.steps, rec.ref(out)
+        if rec.why: raise ValueError(rec.why)
+        if not isinstance(out, _V): raise ValueError("the output is not a value of the forward")
+        outs = lambda o: [r for r in (o if isinstance(o, (tuple, list)) else (o,))]
+        used, keep = {out.i}, []
+        for kind, fn, a, k, o in reversed(plan):                 # pure ops whose outputs nothing reads: dropped
+            if kind == "op" and fn in _PURE and not used.intersection(r.i for r in outs(o) if isinstance(r, _V)):
+                keep.append(False); continue
+            keep.append(True)
+            used.update(v.i for v in (*a, *k.values()) if isinstance(v, _V))
+        keep.reverse()
+        renum, n = {0: 0}, 1                                      # the kept steps' values, numbered again
+        for (kind, fn, a, k, o), kept in zip(plan, keep):
+            for r in outs(o) if kept else ():
+                if isinstance(r, _V): renum[r.i], n = n, n + 1
+        self.steps, self.out, self.stream = [], renum[out.i], None
+        for (kind, fn, a, k, o), kept in zip(plan, keep):
+            if not kept: continue
+            if any(not isinstance(v, _V) and _holds_ref(v) for v in (*a, *k.values())):
+                raise ValueError(f"{fn}: an intermediate inside a list argument")
+            a, k = list(a), dict(k)
+            fill_a = tuple((i, renum[v.i]) for i, v in enumerate(a) if isinstance(v, _V))
+            fill_k = tuple((key, renum[v.i]) for key, v in k.items() if isinstance(v, _V))
+            res = None if kind != "op" else tuple(renum[r.i] if isinstance(r, _V) else None for r in outs(o))
+            call = _FAST.get(fn, fn) if kind == "op" else fn
+            if fn is _aten.empty.memory_format and not fill_k:          # torch.empty itself, with what it was given
+                call, k = torch.empty, {n: k[n] for n in ("dtype", "device") if n in k}
+            if kind == "direct": self.stream = stream
+            self.steps.append((kind == "direct", call, a, k, fill_a, fill_k, res))
+
+    def replay(self, x: torch.Tensor) -> torch.Tensor:
+        "The forward's output for `x` (the recorded shape, strides and device)."
+        vals = [x]
+        stream = self.stream()[1] if self.stream is not None else None
+        for direct, call, a, k, fill_a, fill_k, res in self.steps:
+            if fill_a:
+                a = a.copy()
+                for i, v in fill_a: a[i] = vals[v]
+            if fill_k:
+                k = k.copy()
+                for key, v in fill_k: k[key] = vals[v]
+            if direct:
+                run, grid, function, metadata = call
+                run(*grid, stream, function, metadata, None, None, None, *a)
+                continue
+            got = call(*a, **k)
+            if res is not None:
+                for o, i in zip(got if isinstance(got, (tuple, list)) else (got,), res):
+                    if i is not None: vals.append(o)
+        return vals[self.out]
+
+def _plan_key(layer, hidden: torch.Tensor) -> tuple:
+    "What a launch plan was recorded for: shape, strides, alignment, device and stream, and the launch switches."
+    kb, q = layer._kb, sys.modules.get("moe_lit.kernels.quant")
+    return (hidden.shape[0], hidden.stride(), hidden.data_ptr() % 16, hidden.device,
+            kb._stream_of_current_device()[1] if hidden.is_cuda else None, kb.PDL, kb.fast_launch_on(),
+            kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None))
+
+@patch
+def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
+    "The forward from its launch plan (recorded at the second forward of its key), or None: run eagerly."
+    if hidden.is_cuda and torch.cuda.is_current_stream_capturing(): return None
+    key = _plan_key(self, hidden)
+    plan = self._plans.get(key)
+    if isinstance(plan, LaunchPlan):
+        try: return plan.replay(hidden)
+        except BaseException:                                    # the device state as eager would leave it: unknown
+            self._plans = {}
+            for mk in self._kernels.values():
+                if "_counts" in mk.prepare_finalize.__dict__: mk.prepare_finalize._counts_dirty = True
+            raise
+    if plan is not None: return None                             # seen once more than never: refused (a reason)
+    if key not in self._seen:
+        if len(self._seen) >= _PLANS_MAX: self._seen.clear()
+        self._seen.add(key); return None                         # the first forward of a key builds what it needs
+    rec = _PlanRecorder(hidden)
+    self._kb.RECORDERS.append(rec)
+    try:
+        with rec: out = self._eager(hidden, None, True)
+    finally: self._kb.RECORDERS.remove(rec)
+    if len(self._plans) >= _PLANS_MAX: self._plans.clear()
+    try: self._plans[key] = LaunchPlan(rec, out, self._kb._stream_of_current_device)
+    except ValueError as e: self._plans[key] = str(e)            # not plannable: this key stays eager
+    return out
+
+# %% [markdown]
+# The tests compare planned forwards with eager ones (`LAUNCH_PLANS` off) bit for bit, on fresh inputs, for both
+# formats, quantized or not, with shared experts; then what must invalidate or bypass a plan — an in-place edit of the
+# weights (read through the plan), a swapped gate (rebuilt: plans dropped), a strided input (its own key) — a replay
+# that fails (plans dropped, the next eager forward right), and the recorder's refusals.
+
+# %%
+#| test launch_plans
+import moe_lit.layer as layer_mod
+g = torch.Generator().manual_seed(11)
+base = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16,
+                 num_shared_experts=1, shared_intermediate_size=32)
+xs = [torch.randn(3, 64, generator=g).to(DEVICE, torch.bfloat16) for _ in range(4)]
+def planned_and_eager(layer, inputs):
+    got = [layer(x) for x in inputs]                          # the 2nd records, the 3rd and 4th replay
+    layer_mod.LAUNCH_PLANS = False
+    try: want = [layer(x) for x in inputs]
+    finally: layer_mod.LAUNCH_PLANS = True
+    return got, want
+for backend, quant in (("none", "unquantized"), ("nixl_ep", "unquantized"), ("nixl_ep", "fp8_w8a8_block"),
+                       ("allgather_reducescatter", "mxfp4_w4a16")):
+    cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend))
+    layer = FusedMoE(cfg, seed=1, experts="triton", quant=quant, device=DEVICE)
+    got, want = planned_and_eager(layer, xs)
+    test_eq([type(p).__name__ for p in layer._plans.values()], ["LaunchPlan"])
+    for i, (a, b) in enumerate(zip(got, want)): assert torch.equal(a, b), f"{backend} {quant} call {i}"
+layer = FusedMoE(base, seed=1, experts="triton", device=DEVICE)
+planned_and_eager(layer, xs)
+with torch.no_grad(): layer.w13.mul_(0.5)                     # edited in place: read through the plan as eager reads it
+got, want = planned_and_eager(layer, xs)
+for a, b in zip(got, want): assert torch.equal(a, b)
+strided = [torch.randn(3, 128, generator=g).to(DEVICE, torch.bfloat16)[:, ::2] for _ in range(4)]   # its own key
+got, want = planned_and_eager(layer, strided)
+for a, b in zip(got, want): assert torch.equal(a, b)
+test_eq(len(layer._plans), 2)
+layer.gate = torch.nn.Parameter(layer.gate * 2, requires_grad=False)   # swapped: rebuilt, every plan dropped
+layer(xs[0]); test_eq(layer._plans, {})
+# a replay that fails: the plans are dropped and the batched prepare's kept counts marked dirty; the next forward is right
+cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+layer = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)
+want = [layer(x) for x in xs[:2]]
+plan = next(iter(layer._plans.values()))
+def boom(*a, **k): raise RuntimeError("a launch failed")
+plan.steps.insert(len(plan.steps) // 2, (False, boom, [], {}, (), (), None))   # half way: the counts are dirty
+test_fail(lambda: layer(xs[0]), contains="a launch failed")
+test_eq(layer._plans, {})
+assert next(iter(layer._kernels.values())).prepare_finalize._counts_dirty
+assert torch.equal(layer(xs[1]), want[1])
+# what the recorder refuses: a value read on the host, an intermediate inside a list
+x = xs[0].float()
+for body, why in ((lambda: (x * 2, float((x * 2).sum())), "read a value on the host"),
+                  (lambda: (torch.cat([x * 2, x]),), "an intermediate inside a list argument")):
+    rec = layer_mod._PlanRecorder(x)
+    with rec: y = body()[0]
+    test_fail(lambda: LaunchPlan(rec, y, None), contains=why)
+rec = layer_mod._PlanRecorder(x)
+with rec: y = x * 2
+plan = LaunchPlan(rec, y, None)
+assert torch.equal(plan.replay(xs[1].float()), xs[1].float() * 2)           # a fresh input: its own result
 
 
 # %% [markdown]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
-from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, triton_imported_interpreting
+from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, triton_imported_interpreting, env_choice
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
@@ -90,6 +90,60 @@ def test_resolve_experts():
     finally:
         if saved is None: os.environ.pop("TRITON_INTERPRET")
         else: os.environ["TRITON_INTERPRET"] = saved
+
+
+def test_launch_plans():
+    import moe_lit.layer as layer_mod
+    g = torch.Generator().manual_seed(11)
+    base = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16,
+                     num_shared_experts=1, shared_intermediate_size=32)
+    xs = [torch.randn(3, 64, generator=g).to(DEVICE, torch.bfloat16) for _ in range(4)]
+    def planned_and_eager(layer, inputs):
+        got = [layer(x) for x in inputs]                          # the 2nd records, the 3rd and 4th replay
+        layer_mod.LAUNCH_PLANS = False
+        try: want = [layer(x) for x in inputs]
+        finally: layer_mod.LAUNCH_PLANS = True
+        return got, want
+    for backend, quant in (("none", "unquantized"), ("nixl_ep", "unquantized"), ("nixl_ep", "fp8_w8a8_block"),
+                           ("allgather_reducescatter", "mxfp4_w4a16")):
+        cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend))
+        layer = FusedMoE(cfg, seed=1, experts="triton", quant=quant, device=DEVICE)
+        got, want = planned_and_eager(layer, xs)
+        test_eq([type(p).__name__ for p in layer._plans.values()], ["LaunchPlan"])
+        for i, (a, b) in enumerate(zip(got, want)): assert torch.equal(a, b), f"{backend} {quant} call {i}"
+    layer = FusedMoE(base, seed=1, experts="triton", device=DEVICE)
+    planned_and_eager(layer, xs)
+    with torch.no_grad(): layer.w13.mul_(0.5)                     # edited in place: read through the plan as eager reads it
+    got, want = planned_and_eager(layer, xs)
+    for a, b in zip(got, want): assert torch.equal(a, b)
+    strided = [torch.randn(3, 128, generator=g).to(DEVICE, torch.bfloat16)[:, ::2] for _ in range(4)]   # its own key
+    got, want = planned_and_eager(layer, strided)
+    for a, b in zip(got, want): assert torch.equal(a, b)
+    test_eq(len(layer._plans), 2)
+    layer.gate = torch.nn.Parameter(layer.gate * 2, requires_grad=False)   # swapped: rebuilt, every plan dropped
+    layer(xs[0]); test_eq(layer._plans, {})
+    # a replay that fails: the plans are dropped and the batched prepare's kept counts marked dirty; the next forward is right
+    cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    layer = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)
+    want = [layer(x) for x in xs[:2]]
+    plan = next(iter(layer._plans.values()))
+    def boom(*a, **k): raise RuntimeError("a launch failed")
+    plan.steps.insert(len(plan.steps) // 2, (False, boom, [], {}, (), (), None))   # half way: the counts are dirty
+    test_fail(lambda: layer(xs[0]), contains="a launch failed")
+    test_eq(layer._plans, {})
+    assert next(iter(layer._kernels.values())).prepare_finalize._counts_dirty
+    assert torch.equal(layer(xs[1]), want[1])
+    # what the recorder refuses: a value read on the host, an intermediate inside a list
+    x = xs[0].float()
+    for body, why in ((lambda: (x * 2, float((x * 2).sum())), "read a value on the host"),
+                      (lambda: (torch.cat([x * 2, x]),), "an intermediate inside a list argument")):
+        rec = layer_mod._PlanRecorder(x)
+        with rec: y = body()[0]
+        test_fail(lambda: LaunchPlan(rec, y, None), contains=why)
+    rec = layer_mod._PlanRecorder(x)
+    with rec: y = x * 2
+    plan = LaunchPlan(rec, y, None)
+    assert torch.equal(plan.replay(xs[1].float()), xs[1].float() * 2)           # a fresh input: its own result
 
 
 def test_layer_debug_checks():

@@ -22,13 +22,14 @@ if INTERPRET:   # the interpreter computes masked-off lanes too (NaN-poisoned pa
 
 # %% auto #0
 __all__ = ['INTERPRET', 'PDL', 'PDL_IN_CHAIN', 'TILE_KEYS', 'DEVICE', 'TILE_TABLE_REACH', 'TILE_TABLE_SIBLINGS', 'SMEM_BUDGET',
-           'TILE_DEFAULTS', 'FAST_LAUNCH', 'LAUNCH_KEYS_MAX', 'SPLIT_K_WORKSPACE_BYTES', 'SPLIT_K_PROGRAMS_PER_SM',
-           'COUNTERS_MIN', 'GEMM_CASES', 'check_activation', 'batched_gemm_reference', 'gated_activation',
-           'add_expert_bias', 'plot_tile_map', 'check_tile_config', 'default_tile_config', 'tile_config_path',
-           'lookup_tile_config', 'read_tile_table', 'check_extent', 'check_kernel_device', 'check_expert_bias',
-           'fit_shared_memory', 'epilogue_args', 'epilogue_constants', 'launch_key', 'launch_values', 'pdl_kwargs',
-           'launch_kernel', 'split_k_factor', 'split_k_launch', 'arrival_counters', 'expert_slots', 'check_max_active',
-           'batched_moe_gemm', 'random_batched_problem', 'check_batched_gemm', 'BatchedTritonExperts']
+           'TILE_DEFAULTS', 'FAST_LAUNCH', 'LAUNCH_KEYS_MAX', 'RECORDERS', 'SPLIT_K_WORKSPACE_BYTES',
+           'SPLIT_K_PROGRAMS_PER_SM', 'COUNTERS_MIN', 'GEMM_CASES', 'check_activation', 'batched_gemm_reference',
+           'gated_activation', 'add_expert_bias', 'plot_tile_map', 'check_tile_config', 'default_tile_config',
+           'tile_config_path', 'lookup_tile_config', 'read_tile_table', 'check_extent', 'check_kernel_device',
+           'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'epilogue_constants', 'launch_key',
+           'launch_values', 'pdl_kwargs', 'launch_kernel', 'fast_launch_on', 'split_k_factor', 'split_k_launch',
+           'arrival_counters', 'expert_slots', 'check_max_active', 'batched_moe_gemm', 'random_batched_problem',
+           'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
 def check_activation(activation) -> Activation | None:
@@ -499,7 +500,7 @@ def epilogue_constants(act: Activation | None, bias_strides: tuple | None) -> di
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias_strides is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #93f0d14fc787
+# %% ../../nbs/06_kernels.batched.ipynb #d90c5943a691
 FAST_LAUNCH = (env_choice("MOE_LIT_FAST_LAUNCH", "1", ("0", "1")) == "1"   # "0": every launch through the JIT
                and not INTERPRET and triton.__version__.startswith("3.6."))   # the convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -593,11 +594,26 @@ def launch_kernel(kernel, grid: tuple):
         raise ValueError(f"kernel: expected a @triton.jit function, got {type(kernel).__name__}")
     _check_grid(grid)
     pdl = pdl_kwargs(kernel)                                           # {} unless PDL is on, on sm_90+
-    if not FAST_LAUNCH or _JITFunction.run is not _JIT_RUN or getattr(kernel, "pre_run_hooks", None) \
-            or triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls \
-            or triton.knobs.compilation.instrumentation_mode:          # a profiler's instrumented binaries: the JIT's
-        return functools.partial(kernel[grid], **pdl) if pdl else kernel[grid]   # (the arguments go to the JIT as they are)
+    if not fast_launch_on() or getattr(kernel, "pre_run_hooks", None):  # (the arguments go to the JIT as they are)
+        fn = functools.partial(kernel[grid], **pdl) if pdl else kernel[grid]
+        return functools.partial(_recorded_call, fn) if RECORDERS else fn
     return functools.partial(_launch_direct, kernel, grid, **pdl)
+
+def fast_launch_on() -> bool:
+    """Whether `launch_kernel` may call compiled kernels directly: `FAST_LAUNCH`, and nothing watching Triton's launches
+    (a replaced `JITFunction.run`, launch hooks, a profiler's instrumented binaries), which only the JIT's path serves."""
+    return FAST_LAUNCH and _JITFunction.run is _JIT_RUN and not (
+        triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls
+        or triton.knobs.compilation.instrumentation_mode)
+
+RECORDERS: list = []   # a launch plan's recorder while a forward is recorded (`12_layer`): every launch reports to it
+
+def _recorded_call(fn, *args, **kwargs):
+    "A launch through the JIT (or the interpreter) while a plan records: noted, then run outside the recorder's view."
+    from torch.utils._python_dispatch import _disable_current_modes
+    RECORDERS[-1].call(fn, args, kwargs)
+    with _disable_current_modes():                                   # the interpreter's own torch calls are not steps
+        return fn(*args, **kwargs)
 
 def _launch_direct(kernel, grid, *args, **kwargs):
     "The launch of `launch_kernel`'s fast path: the compiled kernel of the launch's key, else the JIT's first launch."
@@ -607,12 +623,17 @@ def _launch_direct(kernel, grid, *args, **kwargs):
         cache = _LAUNCHES.get(kernel)
         entry = None if cache is None else cache.get(key)
     except TypeError:                                  # an unhashable argument (a tensor descriptor): the JIT's path
+        if RECORDERS: return _recorded_call(kernel[grid], *args, **kwargs)
         return kernel[grid](*args, **kwargs)
-    if entry is None: return _first_launch(kernel, key, grid, args, kwargs)
+    if entry is None:
+        if RECORDERS: RECORDERS[-1].refuse(f"{kernel.fn.__name__}: a first launch (compiling) while recording")
+        return _first_launch(kernel, key, grid, args, kwargs)
     run, function, metadata, defaults, get, n = entry
     tail = () if n == 0 else get({**defaults, **kwargs})
-    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, function, metadata,
-        None, None, None, *args, *((tail,) if n == 1 else tail))
+    argv = (*args, *((tail,) if n == 1 else tail))
+    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    if RECORDERS: RECORDERS[-1].direct(run, g, function, metadata, argv)
+    run(*g, stream, function, metadata, None, None, None, *argv)
 
 def _first_launch(kernel, key, grid, args, kwargs):
     "Launch through the JIT and keep its compiled kernel under `key` (not for tensors of other types: their key is their identity)."

@@ -34,7 +34,7 @@ for dep in [d for d in LAYER_DEPLOYMENTS if d["backend"] == "nixl_ep"]:
         res[T].update(touched_experts=touched, floor_us=(touched * per_expert + shared + router + 2 * nbytes(x)) / dev["copy_Bps"] * 1e6)
     outs = {}
     for mode, block in (("before", chosen), ("after", None)):
-        layer.dispatch_quant, layer._kernels, layer.graphs = block, {}, {}
+        layer.dispatch_quant, layer._kernels, layer.graphs, layer._plans, layer._seen = block, {}, {}, {}, set()
         outs[mode] = {T: layer(x) for T, x in xs.items()}
         for T, x in xs.items(): res[T][f"{mode}_eager_us"] = bench(lambda: layer(x))
         layer.capture(TOKENS)
