@@ -279,6 +279,10 @@ plot_bench_layer(layer_h100)
 # - **Host overhead at T = 1** (eager − replay): Qwen3 70 µs, Qwen3 EP2 161, Mixtral 1 (the GPU is the bound),
 #   gpt-oss 38, DeepSeek-V3 201 (nixl_ep) and 188 (allgather). The 100 µs aimed at is met on one GPU, not on the
 #   multi-rank rows; the noise of one eager median is tens of µs (Qwen3 T = 2 113, T = 4 22).
+# - **Since be8465f the eager forward replays a launch plan** from the third call of a shape (`12_layer`): on an
+#   H100, host overhead at T = 1 with plans off → on, in one run (`nbs/bench/launch_plan_h100_be8465f.json`): Qwen3
+#   94 → 5 µs, Qwen3 EP2 83 → 3, gpt-oss 11 → 2, DeepSeek-V3 nixl_ep 145 → 21, allgather 222 → 24 — every deployment
+#   under the 100 µs aimed at. The table above predates them.
 
 # %% [markdown]
 # ## Results, H200
