@@ -194,11 +194,15 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # token bucket, and later calls replay the smallest bucket that fits; the forward never synchronises with the host
 # (`debug=True` turns the value checks back on). Eager, after the first call of each shape, every Triton kernel is
 # launched straight from its compiled binary, skipping the JIT's per-call binding (`MOE_LIT_FAST_LAUNCH=0` turns that
-# off). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
+# off), and from the third call of a shape the forward replays a *launch plan* recorded at the second — its torch ops
+# and launches without moe-lit's Python, the same bits (`12_layer`; on an H100 the host overhead at one token fell
+# from 11–222 µs to 2–24 µs; `MOE_LIT_LAUNCH_PLAN=0` turns it off). On NIXL EP and DeepEP low-latency deployments
+# with FP8 block experts the dispatch sends each row as FP8 with its 1×128 scales, as those backends do, and GEMM1
+# quantizes nothing (`10_modular.dispatch_quantization` says when and why; the run report prints it). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
 # launch, so that each kernel's launch overlaps the end of the one before (`06_kernels.batched`: replays gain up to
 # 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it, so those layers keep it off);
-# `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. FP8 w8a8 layers quantize their 16-bit
-# activations in a launch before each GEMM; `MOE_LIT_FP8_ACT_QUANT=loop`, set before import, has the GEMMs quantize
+# `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. Otherwise FP8 w8a8 layers quantize
+# their 16-bit activations in a launch before each GEMM; `MOE_LIT_FP8_ACT_QUANT=loop`, set before import, has the GEMMs quantize
 # each 1×128 group in their K loop instead, where the K tile is one group (measured slower on every H100 row,
 # `09c_kernels.quant`). The Triton layer is an inference layer: it keeps no autograd
 # graph, so a forward whose input needs a gradient is refused by name (run it under `torch.inference_mode()`, or build
