@@ -565,7 +565,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 # (token count, dtype, device, the layer's weights version and the process switches: `FP8_ACT_QUANT`, the tile-table
 # root, PDL) and replayed with the new input would remove most of it; it has to carry the forward's torch ops too
 # (the hidden padding, allocations, views) and the shared experts' side stream. A prototype on the CPU
-# (`nbs/bench/launch_plan_proto.py`, `launch_plan_proto_cpu_6b10a4a.log`: torch's `TorchDispatchMode` records the
+# (`launch_plan_proto_cpu_6b10a4a.log`; the script became the layer's own plans below: torch's `TorchDispatchMode` records the
 # aten ops, a wrapper the interpreter's kernel calls) replays every deployment's forward bit for bit on fresh inputs
 # and halves the host time: Qwen3 64 → 33 µs, Qwen3 EP2 93 → 54, DeepSeek-V3 nixl_ep 137 → 71, allgather 107 → 54.
 # The layer now keeps such plans, the GPU's direct launches and PDL included (the eager forward runs on one stream:
