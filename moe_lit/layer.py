@@ -372,7 +372,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #d36fa221f0d8
+# %% ../nbs/12_layer.ipynb #51a7d7c5dd4b
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -383,11 +383,11 @@ def _build_hot_path(self: FusedMoE):
         from moe_lit.kernels.router import router_plan, _route_tokens  # unchecked: the plan, gate and biases (checked
         self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
         import moe_lit.kernels.batched as kb
-        self._kb = kb                             # its PDL switch: "auto" turns it on for a one-chain forward (below)
+                                                  # (its PDL switch: "auto" turns it on for a one-chain forward, below)
         if self.experts == "triton_quant":        # its switches (MOE_LIT_FP4_*, MOE_LIT_FP8_ACT_QUANT, read once, at
             import moe_lit.kernels.quant_experts  # import): a bad value is refused at the first such construction, not
                                                   # at a call; later changes to the environment are not read
-    else: self.router, self._kb = None, None
+    else: self.router = None
     self._one_chain = self._modules.get("shared_experts") is None    # no side stream beside the routed experts
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
@@ -663,7 +663,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #81fde51b169d
+# %% ../nbs/12_layer.ipynb #62f6ab49ef0d
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
@@ -671,7 +671,10 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     if self.use_triton: _refuse_gradient(self, hidden, topk)
-    kb = self._kb
+    if torch.is_autocast_enabled(hidden.device.type):   # the router is fp32 and the experts the config's dtype, by
+        with torch.autocast(hidden.device.type, enabled=False):   # contract: autocast would recast their matmuls
+            return self.forward(hidden, topk, add_shared)
+    kb = sys.modules["moe_lit.kernels.batched"] if self.use_triton else None
     if kb is None or kb.PDL != "auto" or not self._one_chain or not hidden.is_cuda:
         return self._forward(hidden, topk, add_shared)
     kb.PDL_IN_CHAIN = True                           # programmatic dependent launch for this forward's launches (06)
@@ -738,7 +741,7 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
 
-# %% ../nbs/12_layer.ipynb #63118d6f14ce
+# %% ../nbs/12_layer.ipynb #4eacd8ce8f6a
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 LAUNCH_PLANS = env_choice("MOE_LIT_LAUNCH_PLAN", "1", ("0", "1")) == "1"   # "0": every eager forward runs its Python
@@ -845,10 +848,10 @@ class LaunchPlan:
 
 def _plan_key(layer, hidden: torch.Tensor) -> tuple:
     "What a launch plan was recorded for: shape, strides, alignment, device and stream, and the launch switches."
-    kb, q = layer._kb, sys.modules.get("moe_lit.kernels.quant")
+    kb, q = sys.modules["moe_lit.kernels.batched"], sys.modules.get("moe_lit.kernels.quant")
     return (hidden.shape[0], hidden.stride(), hidden.data_ptr() % 16, hidden.device,
             kb._stream_of_current_device()[1] if hidden.is_cuda else None, kb.PDL, kb.fast_launch_on(),
-            kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None))
+            kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None), kb._tile_config_root())
 
 @patch
 def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -857,6 +860,8 @@ def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     key = _plan_key(self, hidden)
     plan = self._plans.get(key)
     if isinstance(plan, LaunchPlan):
+        if any(mk.prepare_finalize.__dict__.get("_counts_dirty") for mk in self._kernels.values()):
+            return None                                          # a forward that failed left counts: eager zeroes them
         try: return plan.replay(hidden)
         except BaseException:                                    # the device state as eager would leave it: unknown
             self._plans = {}
@@ -867,13 +872,13 @@ def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     if key not in self._seen:
         if len(self._seen) >= _PLANS_MAX: self._seen.clear()
         self._seen.add(key); return None                         # the first forward of a key builds what it needs
-    rec = _PlanRecorder(hidden)
-    self._kb.RECORDERS.append(rec)
+    rec, kb = _PlanRecorder(hidden), sys.modules["moe_lit.kernels.batched"]
+    kb.RECORDERS.append(rec)
     try:
         with rec: out = self._eager(hidden, None, True)
-    finally: self._kb.RECORDERS.remove(rec)
+    finally: kb.RECORDERS.remove(rec)
     if len(self._plans) >= _PLANS_MAX: self._plans.clear()
-    try: self._plans[key] = LaunchPlan(rec, out, self._kb._stream_of_current_device)
+    try: self._plans[key] = LaunchPlan(rec, out, kb._stream_of_current_device)
     except ValueError as e: self._plans[key] = str(e)            # not plannable: this key stays eager
     return out
 

@@ -516,7 +516,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #68dbc552cecb
+# %% ../nbs/10_modular.ipynb #ed8c77ca656b
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
@@ -538,10 +538,13 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     if not b.quantizes_before_dispatch:
         return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
     if config.activation_format is not ActivationFormat.BatchedExperts:
-        return None, (f"backend {b.name!r} may send FP8, but this deployment moves no rows here (format "
-                      f"{config.activation_format.value}): the experts quantize their own input")
-    if experts != "triton_quant" or qweights is None:
-        return None, "the experts take 16-bit activations (unquantized weights): rows travel in the model's dtype"
+        return None, (f"backend {b.name!r} sends FP8 between ranks, but its {config.activation_format.value}-format "
+                      f"prepare copies no rows in this process: the experts quantize their own input")
+    if qweights is None:
+        return None, "the weights are unquantized: rows travel in the model's dtype"
+    if experts != "triton_quant":
+        return None, (f"the {experts!r} experts compute on the {qweights.scheme} weights dequantized, in the model's "
+                      f"dtype: rows travel in it (the Triton quantized experts take FP8 from the wire)")
     gran, blk = ACTIVATION_GRANULARITY.get(qweights.scheme), tuple(b.dispatch_quant_block)
     if gran != "group":
         return None, (f"the experts' scheme {qweights.scheme} takes " + ("16-bit activations" if gran is None else

@@ -655,10 +655,13 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     if not b.quantizes_before_dispatch:
         return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
     if config.activation_format is not ActivationFormat.BatchedExperts:
-        return None, (f"backend {b.name!r} may send FP8, but this deployment moves no rows here (format "
-                      f"{config.activation_format.value}): the experts quantize their own input")
-    if experts != "triton_quant" or qweights is None:
-        return None, "the experts take 16-bit activations (unquantized weights): rows travel in the model's dtype"
+        return None, (f"backend {b.name!r} sends FP8 between ranks, but its {config.activation_format.value}-format "
+                      f"prepare copies no rows in this process: the experts quantize their own input")
+    if qweights is None:
+        return None, "the weights are unquantized: rows travel in the model's dtype"
+    if experts != "triton_quant":
+        return None, (f"the {experts!r} experts compute on the {qweights.scheme} weights dequantized, in the model's "
+                      f"dtype: rows travel in it (the Triton quantized experts take FP8 from the wire)")
     gran, blk = ACTIVATION_GRANULARITY.get(qweights.scheme), tuple(b.dispatch_quant_block)
     if gran != "group":
         return None, (f"the experts' scheme {qweights.scheme} takes " + ("16-bit activations" if gran is None else
@@ -933,7 +936,7 @@ assert pf._counts is kept
 # DeepEP low-latency and NIXL EP send FP8 when the experts want block-FP8 activations: their records say
 # `quantizes_before_dispatch=True` with `dispatch_quant_block=(1, 128)` (`01_config`). `dispatch_quantization` reads
 # the record and the experts and returns the block, or None, with the reason; the layer asks it once, at construction
-# (`FusedMoE.dispatch_quant`, `dispatch_quant_reason`). When the answer is a block, the batched prepare quantizes the
+# (`FusedMoE.dispatch_quant`, `dispatch_quant_reason`). When the answer is a block, the batched prepare's
 # dispatch quantizes each row as it sends it, in the same launch (`07_kernels.dispatch`, with `09b`'s group math), and
 # GEMM1 takes the slabs as they are. Before, GEMM1 quantized the slabs — `E_local × max_tokens` rows of which a few
 # are valid at decode — in a launch of its own (`nbs/bench/ncu_fp8_h100_2345c90.txt` found it costing as much as a
@@ -976,8 +979,9 @@ one = lambda **kw: quantize_expert_weights(torch.randn(2, 128, 256), torch.randn
 for backend, experts, weights, want, says in (
         ("deepep_low_latency", "triton_quant", qw, (1, 128), "quantizes before dispatch in (1, 128) groups"),
         ("allgather_reducescatter", "triton_quant", qw, None, "sends activations as they are"),
-        ("deepep_high_throughput", "triton_quant", qw, None, "moves no rows here"),
-        ("nixl_ep", "triton", None, None, "take 16-bit activations"),
+        ("deepep_high_throughput", "triton_quant", qw, None, "copies no rows in this process"),
+        ("nixl_ep", "triton", None, None, "the weights are unquantized"),
+        ("nixl_ep", "torch", qw, None, "the 'torch' experts compute on the fp8_w8a8_block weights dequantized"),
         ("nixl_ep", "triton_quant", one(scheme="mxfp4_w4a16"), None, "takes 16-bit activations"),
         ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_channel"), None, "scaled per token"),
         ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):

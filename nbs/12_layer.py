@@ -583,11 +583,11 @@ def _build_hot_path(self: FusedMoE):
         from moe_lit.kernels.router import router_plan, _route_tokens  # unchecked: the plan, gate and biases (checked
         self.router, self._route_tokens = router_plan(c), _route_tokens   # at construction) are the layer's
         import moe_lit.kernels.batched as kb
-        self._kb = kb                             # its PDL switch: "auto" turns it on for a one-chain forward (below)
+                                                  # (its PDL switch: "auto" turns it on for a one-chain forward, below)
         if self.experts == "triton_quant":        # its switches (MOE_LIT_FP4_*, MOE_LIT_FP8_ACT_QUANT, read once, at
             import moe_lit.kernels.quant_experts  # import): a bad value is refused at the first such construction, not
                                                   # at a call; later changes to the environment are not read
-    else: self.router, self._kb = None, None
+    else: self.router = None
     self._one_chain = self._modules.get("shared_experts") is None    # no side stream beside the routed experts
     g = self.gate.to(c.dtype)                                 # exact for bf16 checkpoints: the GEMM reads bf16
     exact = dev.type != "meta" and torch.equal(g.float(), self.gate)          # (a meta layer holds no values to compare)
@@ -891,7 +891,10 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     if self.use_triton: _refuse_gradient(self, hidden, topk)
-    kb = self._kb
+    if torch.is_autocast_enabled(hidden.device.type):   # the router is fp32 and the experts the config's dtype, by
+        with torch.autocast(hidden.device.type, enabled=False):   # contract: autocast would recast their matmuls
+            return self.forward(hidden, topk, add_shared)
+    kb = sys.modules["moe_lit.kernels.batched"] if self.use_triton else None
     if kb is None or kb.PDL != "auto" or not self._one_chain or not hidden.is_cuda:
         return self._forward(hidden, topk, add_shared)
     kb.PDL_IN_CHAIN = True                           # programmatic dependent launch for this forward's launches (06)
@@ -996,12 +999,15 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
 #
 # A plan is kept per key: the token count, the input's strides and 16-byte alignment (the compiled kernels were
 # specialised on them), device and stream (split-K counters are per stream), and the switches a launch depends on
-# (`PDL`, the direct-launch path, Triton's debug flag, `FP8_ACT_QUANT`). Anything the layer rebuilds from — weights
+# (`PDL`, the direct-launch path, Triton's debug flag, `FP8_ACT_QUANT`, the tile-table directory). A forward under
+# `torch.autocast` runs with autocast off (the router is fp32 and the experts the config's dtype by contract), so
+# no plan ever holds an autocast cast. Anything the layer rebuilds from — weights
 # swapped or edited, a move, a load — drops every plan (`_build_hot_path`), as it drops captured graphs. Plans are
 # skipped under `debug=True`, with a caller's `topk`, with `add_shared=False`, while a CUDA graph is captured, and when
 # `MOE_LIT_LAUNCH_PLAN=0` (read at import). Python-side state the forward touches is unchanged by a successful
 # forward (the batched prepare's counts are zeroed on the device by the combine); a replay that raises drops the plans
-# and marks those counts dirty, so the next eager prepare zeroes them first.
+# and marks those counts dirty, and while any forward has left them dirty (an eager one that raised half way) the
+# next forward runs eagerly, whose prepare zeroes them first.
 #
 # **Measured.** On an H100 (`nbs/bench/launch_plan_gpu.py`, `launch_plan_h100_be8465f.json`; bf16, eager with plans
 # off and on alternating, beside the graph replay of the same forward, the planned outputs equal to the unplanned bit
@@ -1120,10 +1126,10 @@ class LaunchPlan:
 
 def _plan_key(layer, hidden: torch.Tensor) -> tuple:
     "What a launch plan was recorded for: shape, strides, alignment, device and stream, and the launch switches."
-    kb, q = layer._kb, sys.modules.get("moe_lit.kernels.quant")
+    kb, q = sys.modules["moe_lit.kernels.batched"], sys.modules.get("moe_lit.kernels.quant")
     return (hidden.shape[0], hidden.stride(), hidden.data_ptr() % 16, hidden.device,
             kb._stream_of_current_device()[1] if hidden.is_cuda else None, kb.PDL, kb.fast_launch_on(),
-            kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None))
+            kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None), kb._tile_config_root())
 
 @patch
 def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -1132,6 +1138,8 @@ def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     key = _plan_key(self, hidden)
     plan = self._plans.get(key)
     if isinstance(plan, LaunchPlan):
+        if any(mk.prepare_finalize.__dict__.get("_counts_dirty") for mk in self._kernels.values()):
+            return None                                          # a forward that failed left counts: eager zeroes them
         try: return plan.replay(hidden)
         except BaseException:                                    # the device state as eager would leave it: unknown
             self._plans = {}
@@ -1142,13 +1150,13 @@ def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     if key not in self._seen:
         if len(self._seen) >= _PLANS_MAX: self._seen.clear()
         self._seen.add(key); return None                         # the first forward of a key builds what it needs
-    rec = _PlanRecorder(hidden)
-    self._kb.RECORDERS.append(rec)
+    rec, kb = _PlanRecorder(hidden), sys.modules["moe_lit.kernels.batched"]
+    kb.RECORDERS.append(rec)
     try:
         with rec: out = self._eager(hidden, None, True)
-    finally: self._kb.RECORDERS.remove(rec)
+    finally: kb.RECORDERS.remove(rec)
     if len(self._plans) >= _PLANS_MAX: self._plans.clear()
-    try: self._plans[key] = LaunchPlan(rec, out, self._kb._stream_of_current_device)
+    try: self._plans[key] = LaunchPlan(rec, out, kb._stream_of_current_device)
     except ValueError as e: self._plans[key] = str(e)            # not plannable: this key stays eager
     return out
 
@@ -1160,7 +1168,7 @@ def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
 
 # %%
 #| test launch_plans
-import moe_lit.layer as layer_mod
+import moe_lit.layer as layer_mod, copy
 g = torch.Generator().manual_seed(11)
 base = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16,
                  num_shared_experts=1, shared_intermediate_size=32)
@@ -1200,6 +1208,36 @@ test_fail(lambda: layer(xs[0]), contains="a launch failed")
 test_eq(layer._plans, {})
 assert next(iter(layer._kernels.values())).prepare_finalize._counts_dirty
 assert torch.equal(layer(xs[1]), want[1])
+# an eager forward of another token count that fails after its dispatch leaves the shared counts dirty: the next
+# forward of a planned key runs eagerly (which zeroes them), not the plan
+layer = FusedMoE(cfg, seed=1, experts="triton", placement="round_robin", device=DEVICE)
+while True:                                                   # a row whose top-2 experts are both on this rank:
+    row = torch.randn(1, 64, generator=g).to(DEVICE, torch.bfloat16)   # repeated, it fills their slabs (capacity 8)
+    if bool((layer.placement.local_slot(layer.route(row)[1]) >= 0).all()): break
+x7, x8 = row.repeat(7, 1), row.repeat(8, 1)                    # one slab bucket: T = 7 and 8 share the counts
+want = layer(x7); layer(x7)                                   # the second forward of T = 7 records its plan
+assert isinstance(next(iter(layer._plans.values())), LaunchPlan)
+mk = layer._modular_kernel(8); apply = mk.experts.apply
+mk.experts.apply = boom
+test_fail(lambda: layer(x8), contains="a launch failed")      # T = 8 fails after its dispatch: the counts are dirty
+mk.experts.apply = apply
+assert torch.equal(layer(x7), want)                           # eager this time (the plan would add to the counts)
+assert torch.equal(layer(x7), want)                           # and the plan again
+# under autocast the layer runs as without it (no cast recorded into a plan); a bad tile-table directory is refused
+# by a planned forward as by an eager one (the directory is part of the key)
+layer = FusedMoE(base.replace(shared_intermediate_size=None, num_shared_experts=0), seed=1, experts="triton", device=DEVICE)
+x20 = torch.randn(20, 64, generator=g).to(DEVICE, torch.bfloat16)     # T > 16: the router's torch matmul
+want = layer(x20)
+with torch.autocast(x20.device.type, dtype=torch.bfloat16):
+    for _ in range(3): assert torch.equal(layer(x20), want)
+assert torch.equal(layer(x20), want)
+saved = os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
+os.environ["MOE_LIT_TILE_CONFIG_DIR"] = "/no/such/dir"
+try: test_fail(lambda: layer(x20), contains="MOE_LIT_TILE_CONFIG_DIR")
+finally:
+    if saved is None: os.environ.pop("MOE_LIT_TILE_CONFIG_DIR")
+    else: os.environ["MOE_LIT_TILE_CONFIG_DIR"] = saved
+assert torch.equal(copy.deepcopy(layer)(x20), want)           # a copy (plans and all) computes the same
 # what the recorder refuses: a value read on the host, an intermediate inside a list
 x = xs[0].float()
 for body, why in ((lambda: (x * 2, float((x * 2).sum())), "read a value on the host"),

@@ -55,7 +55,8 @@
 #   the eight ranks of a DeepSeek-V3 deployment one after another in one process (never holding more than one rank's
 #   weights) and checks that they sum to the single-device result, computed from the weights by global id, a few
 #   experts at a time, independently of the ranks. On 2 idle CPU cores: 2.5–7 minutes (generating 11 billion random
-#   expert weights, then again the experts the tokens reach, for the references), about 3.3 GiB resident at peak.
+#   expert weights, then again the experts the tokens reach, for the references), about 3.3 GiB resident at peak;
+#   several times that on a busy machine. The report prints at the end (a progress bar shows the ranks on a terminal).
 #   A placement the deployment cannot use falls back as vLLM's does, and the report says why (`placement linear
 #   (requested round_robin; fell back to linear: round_robin needs num_expert_group > 1 ...)`).
 # - **Tables and decisions.** `moe-lit tables` takes `run`'s deployment flags and prints every rank's placement tables
@@ -197,8 +198,10 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # off), and from the third call of a shape the forward replays a *launch plan* recorded at the second — its torch ops
 # and launches without moe-lit's Python, the same bits (`12_layer`; on an H100 the host overhead at one token fell
 # from 11–222 µs to 2–24 µs; `MOE_LIT_LAUNCH_PLAN=0` turns it off). On NIXL EP and DeepEP low-latency deployments
-# with FP8 block experts the dispatch sends each row as FP8 with its 1×128 scales, as those backends do, and GEMM1
-# quantizes nothing (`10_modular.dispatch_quantization` says when and why; the run report prints it). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
+# with FP8-block *Triton* experts (on a GPU, or `--experts triton --dtype bf16` in the interpreter) the dispatch sends
+# each row as FP8 with its 1×128 scales, as those backends do, and GEMM1 quantizes nothing;
+# `10_modular.dispatch_quantization` says when and why, and `moe-lit run`'s report prints it as "activations on the
+# wire" whenever the all2all is in use (the `--distributed` run has no quantized experts yet). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
 # launch, so that each kernel's launch overlaps the end of the one before (`06_kernels.batched`: replays gain up to
 # 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it, so those layers keep it off);
 # `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. Otherwise FP8 w8a8 layers quantize

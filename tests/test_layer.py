@@ -93,7 +93,7 @@ def test_resolve_experts():
 
 
 def test_launch_plans():
-    import moe_lit.layer as layer_mod
+    import moe_lit.layer as layer_mod, copy
     g = torch.Generator().manual_seed(11)
     base = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16,
                      num_shared_experts=1, shared_intermediate_size=32)
@@ -133,6 +133,36 @@ def test_launch_plans():
     test_eq(layer._plans, {})
     assert next(iter(layer._kernels.values())).prepare_finalize._counts_dirty
     assert torch.equal(layer(xs[1]), want[1])
+    # an eager forward of another token count that fails after its dispatch leaves the shared counts dirty: the next
+    # forward of a planned key runs eagerly (which zeroes them), not the plan
+    layer = FusedMoE(cfg, seed=1, experts="triton", placement="round_robin", device=DEVICE)
+    while True:                                                   # a row whose top-2 experts are both on this rank:
+        row = torch.randn(1, 64, generator=g).to(DEVICE, torch.bfloat16)   # repeated, it fills their slabs (capacity 8)
+        if bool((layer.placement.local_slot(layer.route(row)[1]) >= 0).all()): break
+    x7, x8 = row.repeat(7, 1), row.repeat(8, 1)                    # one slab bucket: T = 7 and 8 share the counts
+    want = layer(x7); layer(x7)                                   # the second forward of T = 7 records its plan
+    assert isinstance(next(iter(layer._plans.values())), LaunchPlan)
+    mk = layer._modular_kernel(8); apply = mk.experts.apply
+    mk.experts.apply = boom
+    test_fail(lambda: layer(x8), contains="a launch failed")      # T = 8 fails after its dispatch: the counts are dirty
+    mk.experts.apply = apply
+    assert torch.equal(layer(x7), want)                           # eager this time (the plan would add to the counts)
+    assert torch.equal(layer(x7), want)                           # and the plan again
+    # under autocast the layer runs as without it (no cast recorded into a plan); a bad tile-table directory is refused
+    # by a planned forward as by an eager one (the directory is part of the key)
+    layer = FusedMoE(base.replace(shared_intermediate_size=None, num_shared_experts=0), seed=1, experts="triton", device=DEVICE)
+    x20 = torch.randn(20, 64, generator=g).to(DEVICE, torch.bfloat16)     # T > 16: the router's torch matmul
+    want = layer(x20)
+    with torch.autocast(x20.device.type, dtype=torch.bfloat16):
+        for _ in range(3): assert torch.equal(layer(x20), want)
+    assert torch.equal(layer(x20), want)
+    saved = os.environ.get("MOE_LIT_TILE_CONFIG_DIR")
+    os.environ["MOE_LIT_TILE_CONFIG_DIR"] = "/no/such/dir"
+    try: test_fail(lambda: layer(x20), contains="MOE_LIT_TILE_CONFIG_DIR")
+    finally:
+        if saved is None: os.environ.pop("MOE_LIT_TILE_CONFIG_DIR")
+        else: os.environ["MOE_LIT_TILE_CONFIG_DIR"] = saved
+    assert torch.equal(copy.deepcopy(layer)(x20), want)           # a copy (plans and all) computes the same
     # what the recorder refuses: a value read on the host, an intermediate inside a list
     x = xs[0].float()
     for body, why in ((lambda: (x * 2, float((x * 2).sum())), "read a value on the host"),

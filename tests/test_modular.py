@@ -266,8 +266,9 @@ def test_fp8_before_dispatch():
     for backend, experts, weights, want, says in (
             ("deepep_low_latency", "triton_quant", qw, (1, 128), "quantizes before dispatch in (1, 128) groups"),
             ("allgather_reducescatter", "triton_quant", qw, None, "sends activations as they are"),
-            ("deepep_high_throughput", "triton_quant", qw, None, "moves no rows here"),
-            ("nixl_ep", "triton", None, None, "take 16-bit activations"),
+            ("deepep_high_throughput", "triton_quant", qw, None, "copies no rows in this process"),
+            ("nixl_ep", "triton", None, None, "the weights are unquantized"),
+            ("nixl_ep", "torch", qw, None, "the 'torch' experts compute on the fp8_w8a8_block weights dequantized"),
             ("nixl_ep", "triton_quant", one(scheme="mxfp4_w4a16"), None, "takes 16-bit activations"),
             ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_channel"), None, "scaled per token"),
             ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):
