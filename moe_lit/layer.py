@@ -663,7 +663,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #62f6ab49ef0d
+# %% ../nbs/12_layer.ipynb #dcf5e995f7a7
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
@@ -673,11 +673,16 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     if self.use_triton: _refuse_gradient(self, hidden, topk)
     if torch.is_autocast_enabled(hidden.device.type):   # the router is fp32 and the experts the config's dtype, by
         with torch.autocast(hidden.device.type, enabled=False):   # contract: autocast would recast their matmuls
-            return self.forward(hidden, topk, add_shared)
+            return self._chained(hidden, topk, add_shared)   # (checked once: not `forward` again)
+    return self._chained(hidden, topk, add_shared)
+
+@patch
+def _chained(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torch.Tensor:
+    "`forward` after its checks, with programmatic dependent launch on for a one-chain forward's launches (06)."
     kb = sys.modules["moe_lit.kernels.batched"] if self.use_triton else None
     if kb is None or kb.PDL != "auto" or not self._one_chain or not hidden.is_cuda:
         return self._forward(hidden, topk, add_shared)
-    kb.PDL_IN_CHAIN = True                           # programmatic dependent launch for this forward's launches (06)
+    kb.PDL_IN_CHAIN = True
     try: return self._forward(hidden, topk, add_shared)
     finally: kb.PDL_IN_CHAIN = False
 
@@ -741,7 +746,7 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
 
-# %% ../nbs/12_layer.ipynb #4eacd8ce8f6a
+# %% ../nbs/12_layer.ipynb #d7c27d50b528
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 LAUNCH_PLANS = env_choice("MOE_LIT_LAUNCH_PLAN", "1", ("0", "1")) == "1"   # "0": every eager forward runs its Python
@@ -790,7 +795,12 @@ def _holds_ref(v) -> bool:
     return isinstance(v, dict) and any(map(_holds_ref, v.values()))
 
 class LaunchPlan:
-    "A recorded eager forward's steps, run again on a new input of the recorded shape (see above)."
+    """A recorded eager forward's steps, run again on a new input of the recorded shape (see above). `FusedMoE` builds
+    one from its recorder at the second forward of a key; `replay(x)` takes `x` of the recorded shape, strides, dtype
+    and device and returns a new output tensor. ValueError, with the reason, for a forward it cannot replay: one that
+    read a value on the host, compiled a kernel while recording, passed an intermediate inside a list, or returned a
+    tensor it did not make. Source: torch's `TorchDispatchMode` (torch.utils._python_dispatch) for the ops; the launches
+    as `06`'s `launch_kernel` makes them."""
     __slots__ = ("steps", "out", "stream")
     def __init__(self, rec: _PlanRecorder,   # the recorder of one eager forward
                  out: torch.Tensor,          # that forward's output
