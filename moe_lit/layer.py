@@ -372,7 +372,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #51a7d7c5dd4b
+# %% ../nbs/12_layer.ipynb #8ca7be6d5d17
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -582,10 +582,14 @@ def extra_repr(self: FusedMoE) -> str:
             f"all2all={c.parallel.all2all_backend}, ep_rank={p.ep_rank}/{p.ep_size} holding {p.num_local_experts} "
             f"experts ({p.strategy}), experts={self.experts!r}, quant={self.quant}, device={self.gate.device}")
 
+def _kernel_key(layer, num_tokens: int) -> int:
+    "Which ModularKernel serves `num_tokens` tokens: one per slab capacity in the batched format, one in the Standard."
+    return -(-num_tokens // layer._slab_ranks) if layer._slab_ranks else 0
+
 @patch
 def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
-    key = -(-num_tokens // self._slab_ranks) if self._slab_ranks else 0
+    key = _kernel_key(self, num_tokens)
     mk = self._kernels.get(key)
     if mk is None:
         pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug,
@@ -746,7 +750,7 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
 
-# %% ../nbs/12_layer.ipynb #d7c27d50b528
+# %% ../nbs/12_layer.ipynb #dc51667fdfda
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 LAUNCH_PLANS = env_choice("MOE_LIT_LAUNCH_PLAN", "1", ("0", "1")) == "1"   # "0": every eager forward runs its Python
@@ -864,13 +868,21 @@ def _plan_key(layer, hidden: torch.Tensor) -> tuple:
             kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None), kb._tile_config_root())
 
 @patch
+def __getstate__(self: FusedMoE) -> dict:
+    "What pickling, `torch.save` and `copy.deepcopy` keep: everything but the launch plans, a cache of launch callables."
+    state = self.__dict__.copy()
+    state["_plans"], state["_seen"] = {}, set()
+    return state
+
+@patch
 def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     "The forward from its launch plan (recorded at the second forward of its key), or None: run eagerly."
     if hidden.is_cuda and torch.cuda.is_current_stream_capturing(): return None
     key = _plan_key(self, hidden)
     plan = self._plans.get(key)
     if isinstance(plan, LaunchPlan):
-        if any(mk.prepare_finalize.__dict__.get("_counts_dirty") for mk in self._kernels.values()):
+        mk = self._kernels.get(_kernel_key(self, hidden.shape[0]))   # the ModularKernel (and counts) it launches with
+        if mk is not None and mk.prepare_finalize.__dict__.get("_counts_dirty"):
             return None                                          # a forward that failed left counts: eager zeroes them
         try: return plan.replay(hidden)
         except BaseException:                                    # the device state as eager would leave it: unknown

@@ -136,7 +136,7 @@ class StandardPrepareFinalize:
         "`finalize` after its checks (an owning ModularKernel's own prepare and experts made both)."
         return expert_out if shared is None else expert_out + shared
 
-# %% ../nbs/10_modular.ipynb #8727b1f1c1cb
+# %% ../nbs/10_modular.ipynb #3e5a3c6667e9
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -217,7 +217,8 @@ class BatchedPrepareFinalize:
         capture is not kept (its memory is the graph's). One forward at a time, as the layer that owns this object."""
         kept = self.__dict__.get("_counts")
         if kept is None or kept.numel() != num_local_experts + 1 or kept.device != hidden.device:
-            kept = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)
+            with torch.inference_mode(False):      # a normal tensor: its zero_ below runs in or out of inference mode
+                kept = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)
             if hidden.is_cuda and torch.cuda.is_current_stream_capturing(): return kept
             self._counts = kept
         elif self.__dict__.get("_counts_dirty"): kept.zero_()

@@ -274,7 +274,8 @@ class BatchedPrepareFinalize:
         capture is not kept (its memory is the graph's). One forward at a time, as the layer that owns this object."""
         kept = self.__dict__.get("_counts")
         if kept is None or kept.numel() != num_local_experts + 1 or kept.device != hidden.device:
-            kept = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)
+            with torch.inference_mode(False):      # a normal tensor: its zero_ below runs in or out of inference mode
+                kept = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)
             if hidden.is_cuda and torch.cuda.is_current_stream_capturing(): return kept
             self._counts = kept
         elif self.__dict__.get("_counts_dirty"): kept.zero_()

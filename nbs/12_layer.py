@@ -783,10 +783,14 @@ def extra_repr(self: FusedMoE) -> str:
             f"all2all={c.parallel.all2all_backend}, ep_rank={p.ep_rank}/{p.ep_size} holding {p.num_local_experts} "
             f"experts ({p.strategy}), experts={self.experts!r}, quant={self.quant}, device={self.gate.device}")
 
+def _kernel_key(layer, num_tokens: int) -> int:
+    "Which ModularKernel serves `num_tokens` tokens: one per slab capacity in the batched format, one in the Standard."
+    return -(-num_tokens // layer._slab_ranks) if layer._slab_ranks else 0
+
 @patch
 def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
     "The ModularKernel for `num_tokens` tokens: built once (per slab capacity for the batched format), then reused."
-    key = -(-num_tokens // self._slab_ranks) if self._slab_ranks else 0
+    key = _kernel_key(self, num_tokens)
     mk = self._kernels.get(key)
     if mk is None:
         pf = make_prepare_finalize(self.config, num_tokens, use_triton=self.use_triton, validate=self.debug,
@@ -1143,13 +1147,21 @@ def _plan_key(layer, hidden: torch.Tensor) -> tuple:
             kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None), kb._tile_config_root())
 
 @patch
+def __getstate__(self: FusedMoE) -> dict:
+    "What pickling, `torch.save` and `copy.deepcopy` keep: everything but the launch plans, a cache of launch callables."
+    state = self.__dict__.copy()
+    state["_plans"], state["_seen"] = {}, set()
+    return state
+
+@patch
 def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     "The forward from its launch plan (recorded at the second forward of its key), or None: run eagerly."
     if hidden.is_cuda and torch.cuda.is_current_stream_capturing(): return None
     key = _plan_key(self, hidden)
     plan = self._plans.get(key)
     if isinstance(plan, LaunchPlan):
-        if any(mk.prepare_finalize.__dict__.get("_counts_dirty") for mk in self._kernels.values()):
+        mk = self._kernels.get(_kernel_key(self, hidden.shape[0]))   # the ModularKernel (and counts) it launches with
+        if mk is not None and mk.prepare_finalize.__dict__.get("_counts_dirty"):
             return None                                          # a forward that failed left counts: eager zeroes them
         try: return plan.replay(hidden)
         except BaseException:                                    # the device state as eager would leave it: unknown
@@ -1179,7 +1191,7 @@ def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
 
 # %%
 #| test launch_plans
-import moe_lit.layer as layer_mod, copy
+import moe_lit.layer as layer_mod, copy, io
 g = torch.Generator().manual_seed(11)
 base = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16,
                  num_shared_experts=1, shared_intermediate_size=32)
@@ -1236,6 +1248,12 @@ test_fail(lambda: layer(x8), contains="a launch failed")      # T = 8 fails afte
 mk.experts.apply = apply
 assert torch.equal(layer(x7), want)                           # eager this time (the plan would add to the counts)
 assert torch.equal(layer(x7), want)                           # and the plan again
+layer = FusedMoE(cfg, seed=1, experts="triton", placement="round_robin", device=DEVICE)
+with torch.inference_mode(): assert torch.equal(layer(x7), want)   # the kept counts made under inference mode,
+mk = layer._modular_kernel(8); apply, mk.experts.apply = mk.experts.apply, boom   # left dirty, zeroed outside it
+test_fail(lambda: layer(x8), contains="a launch failed")
+mk.experts.apply = apply
+assert torch.equal(layer(x7), want)
 # under autocast the layer runs as without it (no cast recorded into a plan); a bad tile-table directory is refused
 # by a planned forward as by an eager one (the directory is part of the key)
 layer = FusedMoE(base.replace(shared_intermediate_size=None, num_shared_experts=0), seed=1, experts="triton", device=DEVICE)
@@ -1250,7 +1268,9 @@ try: test_fail(lambda: layer(x20), contains="MOE_LIT_TILE_CONFIG_DIR")
 finally:
     if saved is None: os.environ.pop("MOE_LIT_TILE_CONFIG_DIR")
     else: os.environ["MOE_LIT_TILE_CONFIG_DIR"] = saved
-assert torch.equal(copy.deepcopy(layer)(x20), want)           # a copy (plans and all) computes the same
+assert torch.equal(copy.deepcopy(layer)(x20), want)           # a copy computes the same, and so does a pickled one
+buf = io.BytesIO(); torch.save(layer, buf); buf.seek(0)
+assert torch.equal(torch.load(buf, weights_only=False)(x20), want)
 # what the recorder refuses: a value read on the host, an intermediate inside a list
 x = xs[0].float()
 for body, why in ((lambda: (x * 2, float((x * 2).sum())), "read a value on the host"),

@@ -94,7 +94,7 @@ def test_resolve_experts():
 
 
 def test_launch_plans():
-    import moe_lit.layer as layer_mod, copy
+    import moe_lit.layer as layer_mod, copy, io
     g = torch.Generator().manual_seed(11)
     base = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16,
                      num_shared_experts=1, shared_intermediate_size=32)
@@ -151,6 +151,12 @@ def test_launch_plans():
     mk.experts.apply = apply
     assert torch.equal(layer(x7), want)                           # eager this time (the plan would add to the counts)
     assert torch.equal(layer(x7), want)                           # and the plan again
+    layer = FusedMoE(cfg, seed=1, experts="triton", placement="round_robin", device=DEVICE)
+    with torch.inference_mode(): assert torch.equal(layer(x7), want)   # the kept counts made under inference mode,
+    mk = layer._modular_kernel(8); apply, mk.experts.apply = mk.experts.apply, boom   # left dirty, zeroed outside it
+    test_fail(lambda: layer(x8), contains="a launch failed")
+    mk.experts.apply = apply
+    assert torch.equal(layer(x7), want)
     # under autocast the layer runs as without it (no cast recorded into a plan); a bad tile-table directory is refused
     # by a planned forward as by an eager one (the directory is part of the key)
     layer = FusedMoE(base.replace(shared_intermediate_size=None, num_shared_experts=0), seed=1, experts="triton", device=DEVICE)
@@ -165,7 +171,9 @@ def test_launch_plans():
     finally:
         if saved is None: os.environ.pop("MOE_LIT_TILE_CONFIG_DIR")
         else: os.environ["MOE_LIT_TILE_CONFIG_DIR"] = saved
-    assert torch.equal(copy.deepcopy(layer)(x20), want)           # a copy (plans and all) computes the same
+    assert torch.equal(copy.deepcopy(layer)(x20), want)           # a copy computes the same, and so does a pickled one
+    buf = io.BytesIO(); torch.save(layer, buf); buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x20), want)
     # what the recorder refuses: a value read on the host, an intermediate inside a list
     x = xs[0].float()
     for body, why in ((lambda: (x * 2, float((x * 2).sum())), "read a value on the host"),
