@@ -35,8 +35,12 @@ from fastcore.test import test_eq, test_fail
 #
 # - **eager** — `layer(x)` as Python calls it, timed by CUDA events around each call (`triton.testing.do_bench`,
 #   median): host time shows wherever the GPU waits for the next launch;
-# - **replay** — the same forward captured once with `layer.capture([T])` and replayed (`graph.replay()`), as a
-#   serving engine runs a decode step: GPU time only;
+# - **replay** — the same forward captured once with `layer.capture([T])` and replayed (`graph.replay()`): GPU time
+#   only, plus what launching a one-layer graph costs;
+# - **in a step** — a serving engine captures a whole decode step, every layer, in one graph and pays that launch
+#   once per step. `STEP_LAYERS` layers of the deployment, each with its own random weights (so none reads another's
+#   from L2), run on the same input in one graph; the time of one replay divided by the layers, beside the mean of
+#   their floors;
 # - **floor** — the bytes the forward cannot avoid, at the card's copy bandwidth measured in the same run: the
 #   weights of the local experts the batch routes to (each read once), the shared experts, the router's gate, the
 #   tokens in and the output out.
@@ -60,6 +64,7 @@ LAYER_DEPLOYMENTS = [   # (name, preset, EP size, all2all backend, placement, tr
          placement="linear", hf=None),
 ]
 LAYER_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STEP_LAYERS = 4                                   # layers of one deployment in the decode-step graph
 
 def deployment_config(dep: dict) -> MoEConfig:
     "Rank 0's MoEConfig of a `LAYER_DEPLOYMENTS` entry (the preset on its EP deployment)."
@@ -134,8 +139,23 @@ def hf_moe_peer(layer: FusedMoE,        # a single-device layer (all experts loc
 
 # %%
 #| export
-def _bench_deployment(dep: dict, device: dict, tokens, peers: bool, seed: int) -> list[dict]:
-    "Rows `{deployment, num_tokens, floor_us, eager_us, replay_us, host_us, peers...}` of one deployment."
+def _step_replays(layers: list, rows: list[dict], xs: dict, bench, copy_Bps: float) -> None:
+    "Add `step_replay_us` (per layer) and `step_floor_us` (their mean floor) to `rows`: `layers` in one graph per T."
+    side = torch.cuda.Stream()
+    for row in rows:
+        x = xs[row["num_tokens"]].clone()
+        row["step_floor_us"] = sum(layer_floor(l, x, copy_Bps)["floor_us"] for l in layers) / len(layers)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2): [l(x) for l in layers]                 # JIT, plans' first calls, cuBLAS
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=side): ys = [l(x) for l in layers]
+        row["step_replay_us"] = bench(g.replay) / len(layers)
+        del g, ys
+
+def _bench_deployment(dep: dict, device: dict, tokens, peers: bool, seed: int, step_layers: int) -> list[dict]:
+    "Rows `{deployment, num_tokens, floor_us, eager_us, replay_us, host_us, step_*, peers...}` of one deployment."
     import triton.testing
     bench = lambda f: triton.testing.do_bench(f, return_mode="median") * 1e3          # µs
     layer = FusedMoE(deployment_config(dep), seed=seed, device="cuda", placement=dep["placement"])
@@ -159,6 +179,13 @@ def _bench_deployment(dep: dict, device: dict, tokens, peers: bool, seed: int) -
                 out_of_memory.add(impl); row[f"hf_{impl}_us"] = None
                 torch.cuda.empty_cache()
         rows.append(row)
+    hf = None
+    if step_layers > 1:                                   # before `capture`: a captured layer replays its own graphs
+        more = [FusedMoE(deployment_config(dep), seed=seed + 1 + i, device="cuda", placement=dep["placement"])
+                for i in range(step_layers - 1)]
+        _step_replays([layer, *more], rows, xs, bench, device["copy_Bps"])
+        del more
+        torch.cuda.empty_cache()
     layer.capture(tokens)                                       # one graph per token count, one pool
     for row in rows:
         graph, static_x, _ = layer.graphs[row["num_tokens"]]
@@ -166,7 +193,7 @@ def _bench_deployment(dep: dict, device: dict, tokens, peers: bool, seed: int) -
         row["replay_us"] = bench(graph.replay)
         row["forward_replayed_us"] = bench(lambda: layer(xs[row["num_tokens"]]))   # copy in, replay, copy out
         row["host_us"] = row["eager_us"] - row["replay_us"]
-    layer = hf = None                                         # free the weights before the next deployment
+    layer = None                                              # free the weights before the next deployment
     torch.cuda.empty_cache()
     return rows
 
@@ -175,13 +202,16 @@ def bench_layer(out_json: str | Path | None = None,
                 tokens=LAYER_TOKENS,                  # token counts T
                 peers: bool = True,                   # time transformers' blocks where the family has one
                 seed: int = 0,
-                on_rows=None) -> dict:                # called with each deployment's rows as they finish
-    "Measure the card, then every deployment at every T: floor, eager, replayed, transformers; JSON when `out_json`."
+                on_rows=None,                         # called with each deployment's rows as they finish
+                step_layers: int = STEP_LAYERS,       # layers in the decode-step graph (1: no step rows)
+               ) -> dict:
+    "Measure the card, then every deployment at every T: floor, eager, replayed, in a step, transformers; JSON if `out_json`."
     check_bench_args(out_json)
+    check_int("step_layers", step_layers, lo=1)
     device = measure_device()
     rows = []
     for dep in progress(deployments or LAYER_DEPLOYMENTS, "deployments"):
-        rows += (new := _bench_deployment(dep, device, tokens, peers, seed))
+        rows += (new := _bench_deployment(dep, device, tokens, peers, seed, step_layers))
         if on_rows is not None: on_rows(new)
     report = dict(device=device, commit=source_commit(), date=time.strftime("%Y-%m-%d"), rows=rows)
     if out_json is not None: Path(out_json).write_text(json.dumps(report, indent=1))
@@ -192,12 +222,14 @@ def bench_layer(out_json: str | Path | None = None,
 def format_bench_layer(report: dict) -> str:
     "The layer rows as a text table: µs and the ratios that matter (replay / floor, host overhead, vs transformers)."
     lines = [f"{'deployment':<46}{'T':>4}{'experts':>8}{'floor':>8}{'eager':>9}{'replay':>9}{'replay/floor':>13}"
-             f"{'host':>8}{'hf grouped':>11}{'hf batched':>11}"]
+             f"{'host':>8}{'step':>8}{'step/floor':>11}{'hf grouped':>11}{'hf batched':>11}"]
     for r in report["rows"]:
         hf = lambda k: f"{r[k]:>11.1f}" if r.get(k) is not None else f"{'OOM' if k in r else '-':>11}"
+        step = (f"{r['step_replay_us']:>8.1f}{r['step_replay_us'] / r['step_floor_us']:>10.2f}x"
+                if r.get("step_replay_us") is not None else f"{'-':>8}{'-':>11}")
         lines.append(f"{r['deployment']:<46}{r['num_tokens']:>4}{r['touched_experts']:>8}{r['floor_us']:>8.1f}"
                      f"{r['eager_us']:>9.1f}{r['replay_us']:>9.1f}{r['replay_us'] / r['floor_us']:>12.2f}x"
-                     f"{r['host_us']:>8.1f}{hf('hf_grouped_mm_us')}{hf('hf_batched_mm_us')}")
+                     f"{r['host_us']:>8.1f}{step}{hf('hf_grouped_mm_us')}{hf('hf_batched_mm_us')}")
     return "\n".join(lines)
 
 def plot_bench_layer(report: dict):
@@ -209,6 +241,7 @@ def plot_bench_layer(report: dict):
     fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(names) // cols)),
                              layout="constrained", squeeze=False)
     series = [("floor_us", "floor", "k--"), ("replay_us", "moe-lit replayed", "C0-o"), ("eager_us", "moe-lit eager", "C0:"),
+              ("step_replay_us", "moe-lit, per layer of a step graph", "C4-x"),
               ("hf_grouped_mm_us", "transformers grouped_mm", "C1-s"), ("hf_batched_mm_us", "transformers batched_mm", "C2-^")]
     for ax, name in zip(axes.flat, names):
         rows = [r for r in report["rows"] if r["deployment"] == name]
@@ -230,10 +263,11 @@ def load_bench_layer(path) -> dict:
 #| test format_and_plot_bench_layer
 fake = dict(rows=[dict(deployment="d", num_tokens=T, touched_experts=2, floor_us=10.0 * T, eager_us=50.0 + T,
                        replay_us=12.0 * T, host_us=38.0, hf_grouped_mm_us=100.0) for T in (1, 2)])
+fake["rows"][1].update(step_replay_us=22.0, step_floor_us=20.0)
 text = format_bench_layer(fake)
-assert "1.20x" in text and text.count("\n") == 2, text
+assert "1.20x" in text and "1.10x" in text and text.count("\n") == 2, text
 fig = plot_bench_layer(fake)
-test_eq(len(fig.axes[0].lines), 4)                               # floor, replay, eager, one transformers series
+test_eq(len(fig.axes[0].lines), 5)                               # floor, replay, eager, step, one transformers series
 
 # %% [markdown]
 # On the GPU the benchmark runs end to end on one deployment with its transformers peer, at two token counts: every
@@ -247,6 +281,7 @@ test_eq([r["num_tokens"] for r in rep["rows"]], [1, 4])
 for r in rep["rows"]:
     assert r["floor_us"] > 0 and r["replay_us"] > 0.5 * r["floor_us"] and r["eager_us"] > 0 and r["touched_experts"] >= 1, r
     assert r["hf_grouped_mm_rel_err"] < 0.1 and r["hf_batched_mm_rel_err"] < 0.1, r     # same weights, same function
+    assert r["step_floor_us"] > 0 and r["step_replay_us"] > 0.5 * r["step_floor_us"], r  # per layer of a 4-layer graph
 assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 
 # %% [markdown]

@@ -22,10 +22,11 @@ def test_deployment_config():
 def test_format_and_plot_bench_layer():
     fake = dict(rows=[dict(deployment="d", num_tokens=T, touched_experts=2, floor_us=10.0 * T, eager_us=50.0 + T,
                            replay_us=12.0 * T, host_us=38.0, hf_grouped_mm_us=100.0) for T in (1, 2)])
+    fake["rows"][1].update(step_replay_us=22.0, step_floor_us=20.0)
     text = format_bench_layer(fake)
-    assert "1.20x" in text and text.count("\n") == 2, text
+    assert "1.20x" in text and "1.10x" in text and text.count("\n") == 2, text
     fig = plot_bench_layer(fake)
-    test_eq(len(fig.axes[0].lines), 4)                               # floor, replay, eager, one transformers series
+    test_eq(len(fig.axes[0].lines), 5)                               # floor, replay, eager, step, one transformers series
 
 
 @pytest.mark.gpu
@@ -35,4 +36,5 @@ def test_bench_layer_end_to_end():
     for r in rep["rows"]:
         assert r["floor_us"] > 0 and r["replay_us"] > 0.5 * r["floor_us"] and r["eager_us"] > 0 and r["touched_experts"] >= 1, r
         assert r["hf_grouped_mm_rel_err"] < 0.1 and r["hf_batched_mm_rel_err"] < 0.1, r     # same weights, same function
+        assert r["step_floor_us"] > 0 and r["step_replay_us"] > 0.5 * r["step_floor_us"], r  # per layer of a 4-layer graph
     assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
