@@ -231,8 +231,8 @@ _HELP = {
     "--seed": "seed of the random weights and hidden states: the same seed gives the same numbers",
 }
 
-# %% ../nbs/15_cli.ipynb #119ccff14507
-DISTRIBUTED_REFUSED = ("--weights", "--tp", "--backend", "--quant", "--device")   # `run --distributed` takes none of these yet
+# %% ../nbs/15_cli.ipynb #830a4d494136
+DISTRIBUTED_REFUSED = ("--weights", "--tp", "--backend", "--device")   # `run --distributed` takes none of these yet
 
 def _quant_scheme(name: str) -> str:
     "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`09_quant.quant_scheme_name`); argparse names the choices."
@@ -259,7 +259,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
                    help="run across the processes torchrun started (one EP rank each; --ep defaults to their number); "
-                        f"presets or a --config with unquantized experts only: not with {', '.join(DISTRIBUTED_REFUSED)}")
+                        f"presets or a --config only: not with {', '.join(DISTRIBUTED_REFUSED)}")
     p.add_argument("--weights", metavar="CHECKPOINT_DIR",
                    help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
                         "with its own weights instead of random ones (the model comes from its config.json)")
@@ -360,7 +360,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #abf359120f00
+# %% ../nbs/15_cli.ipynb #ec7344907aad
 def _fail(args, message: str) -> int:
     "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
     command = getattr(args, "command", None)                 # (None before the arguments were parsed)
@@ -412,17 +412,17 @@ def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
     given = {"--weights": args.weights is not None, "--tp": args.tp != 1, "--backend": bool(args.backend),
-             "--quant": args.quant not in (None, "unquantized"), "--device": args.device != "auto"}
+             "--device": args.device != "auto"}
     unsupported = [f for f in DISTRIBUTED_REFUSED if given[f]]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
-                         f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
+                         f"or a --config as data-parallel EP ranks on random weights so far), got {', '.join(unsupported)}")
     if not any(v in os.environ for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):   # not a launcher's: say so
         print("moe-lit run: note: --distributed without torchrun runs on this one process; for N ranks start it as "
               "`torchrun --nproc-per-node N -m moe_lit.cli run --distributed ...`", file=sys.stderr)
     return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
-                   as_json=args.json, config=args.config)
+                   as_json=args.json, config=args.config, quant=args.quant or "unquantized")
 
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."

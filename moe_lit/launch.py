@@ -196,7 +196,7 @@ def world_one_job(experts: str = "triton") -> list:
     out.append({"name": f"run_distributed/{experts}", "output": run.output, "reference": run.reference})
     return out
 
-# %% ../nbs/13c_launch.ipynb #2a0cde963c52
+# %% ../nbs/13c_launch.ipynb #e90d4a3a6c36
 def sweep_cases(world_size: int,        # ranks of the launch
                 triton: bool = False,   # include cases with the Triton experts (the interpreter on a CPU)
                ) -> list:               # kwargs of run_distributed, plus 'name' and 'expect_error'
@@ -223,7 +223,9 @@ def sweep_cases(world_size: int,        # ranks of the launch
         c = cfg(b, dtype=torch.bfloat16, num_shared_experts=1, apply_router_weight_on_input=True)
         cases.append(dict(name=f"{b}/bf16 shared on-input", config=c, num_tokens=3 * S, placement="round_robin"))
     if triton: cases += [dict(name=f"{b}/triton", config=cfg(b), num_tokens=2 * S, experts="triton")
-                         for b in ("allgather_reducescatter", "nixl_ep")]
+                         for b in ("allgather_reducescatter", "nixl_ep")] + [
+        dict(name=f"{b}/fp8", config=cfg(b, dtype=torch.bfloat16, num_shared_experts=1), num_tokens=3 * S,
+             experts="triton", quant="fp8", placement="round_robin") for b in ("deepep_high_throughput", "nixl_ep")]
     cases.append(dict(name="overflow", config=cfg("nixl_ep"), num_tokens=9 + S, token_counts=[10] + [1] * (S - 1),
                       expect_error="capacity overflow"))
     return cases

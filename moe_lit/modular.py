@@ -14,10 +14,10 @@ from .formats import (moe_reference_standard, dispatch_batched_reference, expert
                              combine_batched_reference, Activation, SILU)
 
 # %% auto #0
-__all__ = ['EXPERTS', 'Prepared', 'check_prepare_args', 'expected_load', 'StandardPrepareFinalize', 'BatchedPrepareFinalize',
-           'TorchStandardExperts', 'TorchBatchedExperts', 'TritonExpertsAdapter', 'BatchedTritonExpertsAdapter',
-           'TritonQuantExpertsAdapter', 'BatchedTritonQuantExpertsAdapter', 'SharedExperts', 'ModularKernel',
-           'dispatch_quantization', 'make_prepare_finalize', 'make_experts']
+__all__ = ['EXPERTS', 'Prepared', 'check_prepare_args', 'expected_load', 'StandardPrepareFinalize', 'check_quant_block',
+           'BatchedPrepareFinalize', 'TorchStandardExperts', 'TorchBatchedExperts', 'TritonExpertsAdapter',
+           'BatchedTritonExpertsAdapter', 'TritonQuantExpertsAdapter', 'BatchedTritonQuantExpertsAdapter',
+           'SharedExperts', 'ModularKernel', 'dispatch_quantization', 'make_prepare_finalize', 'make_experts']
 
 # %% ../nbs/10_modular.ipynb #19d156fdacf5
 @dataclass
@@ -136,7 +136,16 @@ class StandardPrepareFinalize:
         "`finalize` after its checks (an owning ModularKernel's own prepare and experts made both)."
         return expert_out if shared is None else expert_out + shared
 
-# %% ../nbs/10_modular.ipynb #3e5a3c6667e9
+# %% ../nbs/10_modular.ipynb #9c448ba34729
+def check_quant_block(quant_block) -> tuple | None:
+    """`quant_block` — None, or `(1, group)` with `group` a power of two >= 32: the scale groups of rows sent as FP8
+    (`dispatch_quantization`'s block) — returned as it is; ValueError naming it otherwise."""
+    if quant_block is not None and not (isinstance(quant_block, tuple) and len(quant_block) == 2 and quant_block[0] == 1
+                                        and type(quant_block[1]) is int and quant_block[1] >= 32
+                                        and not quant_block[1] & (quant_block[1] - 1)):
+        raise ValueError(f"quant_block: expected None or (1, group) with group a power of two >= 32, got {quant_block!r}")
+    return quant_block
+
 class BatchedPrepareFinalize:
     "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
     activation_format = ActivationFormat.BatchedExperts
@@ -148,12 +157,8 @@ class BatchedPrepareFinalize:
                  validate: bool = True,    # check ids and capacity in prepare (host syncs); False for a router's own ids
                  quant_block: tuple | None = None):   # (1, group): rows sent as FP8 in groups (`dispatch_quantization`)
         self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
-        if quant_block is not None:
-            if not (isinstance(quant_block, tuple) and len(quant_block) == 2 and quant_block[0] == 1
-                    and type(quant_block[1]) is int and quant_block[1] >= 32 and not quant_block[1] & (quant_block[1] - 1)):
-                raise ValueError(f"quant_block: expected None or (1, group) with group a power of two >= 32, got {quant_block!r}")
-            if not use_triton: raise ValueError("quant_block: expected None without use_triton (the FP8 dispatch is a Triton launch), got "
-                                                f"{quant_block}")
+        if check_quant_block(quant_block) is not None and not use_triton:
+            raise ValueError(f"quant_block: expected None without use_triton (the FP8 dispatch is a Triton launch), got {quant_block}")
         self.quant_block = quant_block
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.num_dispatchers = check_int("num_dispatchers", num_dispatchers, lo=1)
@@ -517,10 +522,11 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #ed8c77ca656b
+# %% ../nbs/10_modular.ipynb #0f78726681d8
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
+                          across_processes: bool = False,   # the all-to-all of `13a_transport`, not this process's
                          ) -> tuple:               # (block, reason): (1, group) or None, and one line saying why
     """Whether this deployment's prepare quantizes the activations to FP8 before dispatch — `block`, the scale group
     `(1, 128)`, or None — and why. Read from the backend record (`quantizes_before_dispatch`, `dispatch_quant_block`,
@@ -532,15 +538,18 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     prepare/finalize (vllm-project/vllm `deepep_ll_prepare_finalize.py`), which send block-FP8 activations when the
     experts' quant config asks for 128-wide groups; DeepEP's `low_latency_dispatch(..., use_fp8=True)`."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
-    check_choice("experts", experts, ("torch", "triton", "triton_quant"))
+    check_choice("experts", experts, ("torch", "triton", "triton_quant")); check_bool("across_processes", across_processes)
     if qweights is not None and not isinstance(qweights, QuantizedExpertWeights):
         raise ValueError(f"qweights: expected a QuantizedExpertWeights or None, got {type(qweights).__name__}")
     b = config.backend
     if not b.quantizes_before_dispatch:
         return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
     if config.activation_format is not ActivationFormat.BatchedExperts:
-        return None, (f"backend {b.name!r} sends FP8 between ranks, but its {config.activation_format.value}-format "
-                      f"prepare copies no rows in this process: the experts quantize their own input")
+        return None, (f"backend {b.name!r} sends FP8 between ranks, but " + (
+            f"moe-lit's all-gather of its {config.activation_format.value} format sends rows in the model's dtype "
+            f"(FP8 before the all-gather is not built): the experts quantize their own input" if across_processes else
+            f"its {config.activation_format.value}-format prepare copies no rows in this process: the experts "
+            f"quantize their own input"))
     if qweights is None:
         return None, "the weights are unquantized: rows travel in the model's dtype"
     if experts != "triton_quant":

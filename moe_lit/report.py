@@ -130,7 +130,7 @@ def format_report(report: dict,   # the data of `run_report`
     return format_sections(report, "report", "run_report", _REPORT_KEYS, lambda r: _section_model(r) + _section_properties(r)
                       + _section_placement(r) + _section_load_check(r) + _section_time(r))
 
-# %% ../nbs/15b_report.ipynb #1327fcd89f05
+# %% ../nbs/15b_report.ipynb #295895f5e422
 def _distributed_lines(r: dict) -> list[str]:
     c, t = r["check"], r["timing"]
     verdict = lambda x: f"{'ok' if x['ok'] else 'FAILED'} (max rel err {x['max_rel_err']:.2e}, rtol {x['rtol']:g})"
@@ -138,7 +138,8 @@ def _distributed_lines(r: dict) -> list[str]:
     lines = [f"moe-lit distributed: {r['model'] or 'model'} on {procs} ({r['process_group']}, {r['device']})",
              f"  deployment   all2all {r['all2all_backend']!r} -> {r['activation_format']} format",
              f"  transport    {r['transport']}",
-             f"  experts      {r['experts']['implementation']} ({r['experts']['reason']})",
+             f"  experts      {r['experts']['implementation']}, weights {r['experts'].get('quant', 'unquantized')} "
+             f"({r['experts']['reason']})",
              f"  placement    {r['placement']['strategy']} ({placement_why(r['placement'])})",
              f"  tokens       {r['num_tokens']} in all, per rank {r['tokens_per_rank']}",
              f"  pairs        sent per rank {r['pairs_sent_per_rank']}, received per rank {r['pairs_received_per_rank']}"]
@@ -146,9 +147,15 @@ def _distributed_lines(r: dict) -> list[str]:
         rows = [f"{min(n, default=0)}-{max(n, default=0)} ({n.count(0)} empty)" for n in r["expert_num_tokens_per_rank"]]
         lines.append(f"  slabs        rows per local expert, per rank: {', '.join(rows)}; layout matches the "
                      f"emulation: {r['slab_layout_matches_emulation']}")
+    if r.get("dispatch_quant_note"):
+        size = f" ({r['wire_bytes_per_pair']} bytes a pair)" if r.get("wire_bytes_per_pair") else ""
+        lines.append(f"  on the wire  {r['dispatch_quant_note']}{size}")
     lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
               f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",
               f"               single process vs float64: {verdict(c['single_process_vs_float64'])}",
+              *([f"  quantization error vs the float weights (information): max rel err "
+                 f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.5f}"]
+                if r.get("quantization_error") else []),
               f"  time         forward {max(t['forward_s_per_rank']):.3f} s (slowest rank), weights "
               f"{max(t['weights_s_per_rank']):.3f} s, reference on rank 0 {t['reference_s']:.3f} s"]
     return lines

@@ -18,7 +18,7 @@ from moe_lit.routing import check_topk_ids
 from moe_lit.config import ActivationFormat, MoEConfig, BACKENDS
 from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import send_plan, receive_layout, check_count_table
-from moe_lit.modular import Prepared, check_prepare_args
+from moe_lit.modular import Prepared, check_prepare_args, check_quant_block
 
 # %%
 #| hide
@@ -290,6 +290,15 @@ assert_close(got, want, name="allgather/reduce-scatter, one process")
 # its owner with `all_to_all_single`, and write the arriving rows into the slabs. Slab rows past
 # `expert_num_tokens[e]` are NaN, so an experts kernel that reads padding is caught (as the reference dispatch of
 # `05_formats` does). With `apply_router_weight_on_input` the sender scales each pair's row before sending, once.
+#
+# **FP8 on the wire.** Backends whose record says `quantizes_before_dispatch` (DeepEP low-latency, NIXL EP) send
+# block-FP8 rows when the experts take them (`10_modular.dispatch_quantization` decides, with `across_processes=True`,
+# and the layer's `dispatch_quant` is that decision). The sender quantizes each pair's row — after the router weight,
+# when that goes on the input — with `09b`'s group quantizer, and sends one row of bytes: the `H` e4m3 codes, then the
+# `G = ceil(H / group)` fp32 scales. For DeepSeek-V3 (H = 7168, groups of 128) that is 7392 bytes a pair instead of
+# 14336. The receiver splits the bytes into the FP8 slabs and their scales `a_scale [E_local, capacity, G]`, both NaN
+# past the counts, and GEMM1 takes them as they are (vLLM's DeepEP low-latency prepare does the same with DeepEP's
+# `low_latency_dispatch(use_fp8=True)`; vllm-project/vllm `deepep_ll_prepare_finalize.py`).
 
 # %%
 #| export
@@ -301,8 +310,10 @@ class AllToAllBatchedPrepareFinalize:
     def __init__(self, max_num_tokens_per_rank: int,        # per-rank token cap; slabs hold this · num_dispatchers rows
                  group=None,                                # the EP group (None: the default group)
                  topk_indices_dtype: torch.dtype = torch.int64,   # DeepEP low-latency and NIXL EP take int64 ids
-                 padded_hidden_size: int | None = None):    # wire width of the hidden rows (None: as they come)
+                 padded_hidden_size: int | None = None,     # wire width of the hidden rows (None: as they come)
+                 quant_block: tuple | None = None):         # (1, group): rows sent as FP8 (`dispatch_quantization`)
         self.group = check_group(group)
+        self.quant_block = check_quant_block(quant_block)
         self.max_num_tokens_per_rank = check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
         self.num_dispatchers, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
@@ -337,6 +348,9 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
     "Slabs `a [E_local, capacity, H_wire]` (padding NaN) and `expert_num_tokens [E_local]` int32 of this rank."
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
+    if self.quant_block and hidden.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire (quant_block="
+                         f"{self.quant_block}), got {hidden.dtype}")
     x = _pad_columns(hidden, self.padded_hidden_size)
     order, counts = send_plan(placement, topk_ids)
     table, token_counts = _exchange_counts(self, counts, T, placement)        # counts first: sizes and capacity
@@ -345,21 +359,47 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
     if apply_router_weight_on_input:                   # scaled once, at the sender (vLLM #43694 scaled twice)
         acc = acc_dtype(x.dtype)
         rows = (rows.to(acc) * topk_weights.flatten()[order, None].to(acc)).to(x.dtype)
+    Hw, group = x.shape[1], self.quant_block[1] if self.quant_block else None
+    if group: rows = _fp8_wire_rows(rows, group)       # [pairs, Hw + 4·G] bytes: codes, then scales
     total = int(table.sum())
     received = _all_to_all_rows(rows, send_counts, recv_counts, self.group) if total else rows[:0]
     E, cap = placement.num_local_experts, self.capacity
     recv_rows, senders = receive_layout(table[:, me].to(dev), E, cap)
-    a = torch.full((E * cap, x.shape[1]), float("nan"), dtype=x.dtype, device=dev)
-    a[recv_rows] = received
+    if group: a, a_scale = _fp8_slabs(received, recv_rows, E * cap, Hw, group)
+    else:
+        a, a_scale = torch.full((E * cap, Hw), float("nan"), dtype=x.dtype, device=dev), None
+        a[recv_rows] = received
     expert_num_tokens = table[:, me, :E].sum(0).to(device=dev, dtype=torch.int32)
     _record_a2a_stats(self, T, order, recv_rows, senders, expert_num_tokens, topk_ids, E)
+    self.stats["wire_bytes_per_pair"] = rows.shape[1] * rows.element_size()
     return DistributedPrepared(self.activation_format, a.view(E, cap, -1), topk_weights, expert_num_tokens=expert_num_tokens,
+                               a_scale=None if a_scale is None else a_scale.view(E, cap, -1),
+                               out_dtype=None if a_scale is None else x.dtype,
                                apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=H,
                                expected_m=max(1, total // placement.num_experts), token_counts=token_counts,
                                active_experts=(busy := int((table[:, me, :E].sum(0) > 0).sum())),   # exact: the
                                max_active_experts=busy,                                            # counts are here
                                send_order=order, send_counts=send_counts, recv_counts=recv_counts, recv_rows=recv_rows,
                                total_pairs=total)
+
+# %%
+#| export
+def _fp8_wire_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
+    "`[n, Hw]` 16-bit rows as `[n, Hw + 4·G]` uint8: each row's e4m3 codes, then its G fp32 group scales (`09b`)."
+    from moe_lit.kernels.quant_act import fp8_quantize_activations    # Triton: imported when FP8 is sent
+    n, Hw = rows.shape
+    if n == 0: return torch.empty(0, Hw + 4 * -(-Hw // group), dtype=torch.uint8, device=rows.device)
+    q, scale = fp8_quantize_activations(rows.contiguous(), "group", group_k=group, validate=False)
+    return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], 1)
+
+def _fp8_slabs(received: torch.Tensor, recv_rows: torch.Tensor, slots: int, Hw: int, group: int):
+    "Wire rows into `(a float8_e4m3fn [slots, Hw], a_scale fp32 [slots, G])`; slots nobody filled are NaN in both."
+    G = -(-Hw // group)
+    codes = torch.full((slots, Hw), 0x7F, dtype=torch.uint8, device=received.device)   # 0x7F: e4m3fn's NaN
+    a_scale = torch.full((slots, G), float("nan"), dtype=torch.float32, device=received.device)
+    codes[recv_rows] = received[:, :Hw]
+    a_scale[recv_rows] = received[:, Hw:].contiguous().view(torch.float32)
+    return codes.view(torch.float8_e4m3fn), a_scale
 
 # %% [markdown]
 # The statistics a report shows — and the tests compare with `slab_sources` — are kept by the last prepare.
@@ -413,6 +453,43 @@ with one_process_group():
     test_fail(lambda: wide.prepare(hidden, wts, ids.long(), layer.placement), contains="hidden: expected at most 32 columns")
     test_fail(lambda: pf.prepare(hidden, wts.to("meta"), ids.long(), layer.placement), contains="topk_weights: expected device cpu")
 assert_close(got, want, name="all-to-all batched, one process")
+
+# %% [markdown]
+# FP8 on the wire, in one process: each received slab row holds `09b`'s quantization of the token sent to it, codes
+# and scales bit for bit; every other slot is NaN; the experts' output is the layer's own (one rank: its GEMM1
+# quantizes the same rows with the same quantizer).
+
+# %%
+#| test all_to_all_fp8_on_the_wire
+from moe_lit.kernels.quant_act import fp8_quantize_activations_reference
+from moe_lit.dispatch_plan import send_plan
+layer = FusedMoE(MoEConfig(8, 2, 256, 64, dtype=torch.bfloat16), experts="triton", quant="fp8", seed=3)   # one rank:
+hidden = torch.randn(5, 256, generator=torch.Generator().manual_seed(5)).bfloat16()          # its GEMM1 quantizes
+wts, ids = layer.route(hidden)
+with one_process_group():
+    pf = AllToAllBatchedPrepareFinalize(8, quant_block=tuple(BACKENDS["nixl_ep"].dispatch_quant_block))   # (1, 128)
+    prep = pf.prepare(hidden, wts, ids.long(), layer.placement)
+    test_eq((prep.a.dtype, tuple(prep.a_scale.shape), prep.out_dtype), (torch.float8_e4m3fn, (8, 8, 2), torch.bfloat16))
+    test_eq(pf.stats["wire_bytes_per_pair"], 256 + 4 * 2)                      # codes, then two fp32 scales
+    q_ref, s_ref = fp8_quantize_activations_reference(hidden, "group", group_k=128)   # per token
+    tok = prep.send_order // 2                                                  # the token of each pair sent
+    codes, scales = prep.a.view(-1, 256).view(torch.uint8), prep.a_scale.view(-1, 2)
+    test_eq(codes[prep.recv_rows], q_ref[tok].view(torch.uint8))
+    test_eq(scales[prep.recv_rows], s_ref[tok])
+    rest = torch.ones(len(codes), dtype=torch.bool); rest[prep.recv_rows] = False
+    assert (codes[rest] == 0x7F).all() and scales[rest].isnan().all()           # NaN past the counts
+    got = ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(), layer.placement)
+    test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
+    test_fail(lambda: pf.prepare(hidden.float(), wts, ids.long(), layer.placement),
+              contains="hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire")
+    test_fail(lambda: make_distributed_prepare_finalize(layer.config, quant_block=(1, 128)),
+              contains="quant_block: expected None for the standard format")
+    test_fail(lambda: AllToAllBatchedPrepareFinalize(8, quant_block=(1, 100)), contains="quant_block: expected None or (1, group)")
+from moe_lit.modular import BatchedPrepareFinalize
+here = BatchedPrepareFinalize(8, 1, use_triton=True, quant_block=pf.quant_block)      # the in-process FP8 dispatch
+same = ModularKernel(here, make_experts(here, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(), layer.placement)
+assert_close(got, same, name="FP8 across processes vs the in-process FP8 dispatch")   # same slabs; the sums of a
+assert_close(got, layer(hidden), name="FP8 across processes vs the layer")            # token's pairs in another order
 
 
 # %% [markdown]
@@ -476,6 +553,7 @@ def make_distributed_prepare_finalize(
     config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
     group=None,                               # the EP group (None: the default group)
     max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
+    quant_block: tuple | None = None,         # (1, group): rows sent as FP8 (`dispatch_quantization`; batched only)
 ):
     "The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format."
     rank, size = config_rank_in_group(config, group)
@@ -484,7 +562,11 @@ def make_distributed_prepare_finalize(
     if max_num_tokens_per_rank is not None: check_int("max_num_tokens_per_rank", max_num_tokens_per_rank, lo=1)
     if config.activation_format is ActivationFormat.BatchedExperts:
         cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
-        return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size)
+        return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size,
+                                              check_quant_block(quant_block))
+    if check_quant_block(quant_block) is not None:
+        raise ValueError(f"quant_block: expected None for the {config.activation_format.value} format (its all-gather "
+                         f"sends rows in the model's dtype), got {quant_block}")
     return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size)
 
 # %% [markdown]

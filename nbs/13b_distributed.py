@@ -18,7 +18,8 @@ from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import slab_sources
-from moe_lit.modular import ModularKernel, SharedExperts, make_experts
+from moe_lit.modular import ModularKernel, SharedExperts, make_experts, dispatch_quantization
+from moe_lit.quant import quant_scheme_name, QUANT_SCHEMES, QUANT_ALIASES
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id
 from moe_lit.testing import check_output
 from moe_lit.report import format_distributed_report, placement_record
@@ -51,7 +52,9 @@ from pathlib import Path
 # 2. builds its `FusedMoE` (`12_layer`) — the same object a single-process user gets: only its own experts' weights
 #    (`RandomExpertWeights`: expert `g` depends only on `(seed, g)`; under EPLB a physical slot `p` holds logical
 #    expert `p % num_experts`, vLLM's initial EPLB map), the replicated router, the placement's tables, the experts
-#    the deployment's format and the device call for;
+#    the deployment's format and the device call for; with `quant` its experts are quantized at load, as a
+#    single-process layer's are, and `10_modular.dispatch_quantization` (asked `across_processes=True`) says whether
+#    the all-to-all sends FP8 rows (`13a_transport`) — the report's "on the wire" line gives the decision and why;
 # 3. takes its share of the tokens — the batch is drawn from the shared seed exactly as `moe-lit run` draws it, so
 #    both commands see the same tokens — and routes them with the layer's router (EPLB: each logical id then goes to
 #    one of its physical replicas);
@@ -93,11 +96,14 @@ class DistributedRun:
     rank_stats: list                        # per rank: what its prepare moved, weights_s and forward_s (seconds)
     experts: tuple = ("torch", "")          # (implementation, reason)
     prepare_finalize: str = ""              # class name of the prepare/finalize
+    quant: str = "unquantized"              # the experts' weight scheme (full name)
+    dispatch_quant: tuple = (None, "")      # (block or None, reason): FP8 on the wire or not, and why
     output: torch.Tensor | None = None          # [T, H] config.dtype, every rank's output in rank order (CPU)
     topk_weights: torch.Tensor | None = None    # [T, top_k] fp32, every rank's router weights
     topk_ids: torch.Tensor | None = None        # [T, top_k] int64, the logical ids every rank routed to
     single_device: torch.Tensor | None = None   # rank 0: [T, H] config.dtype, the single-process result
-    reference: torch.Tensor | None = None       # rank 0: [T, H] float64
+    reference: torch.Tensor | None = None       # rank 0: [T, H] float64 (the dequantized weights, when quantized)
+    reference_unquantized: torch.Tensor | None = None   # rank 0, quantized runs: [T, H] float64, the float weights
     report: dict | None = None                  # rank 0: JSON-ready report
 
 # %%
@@ -115,17 +121,21 @@ def _route(cfg: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor):
 
 # %%
 #| export
-def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor, wts, ids):
-    "`(single [T, H] config.dtype, reference [T, H] float64)`: every expert by global id (`12_layer`), then the shared ones."
+def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor, wts, ids,
+                    quant: str = "unquantized"):
+    """`(single [T, H] config.dtype, reference [T, H] float64, unquantized [T, H] float64 or None)`: every expert by
+    global id (`12_layer`; quantized: its dequantized weights, and the float ones for the last), then the shared ones."""
     T = hidden.shape[0]
     single = torch.zeros(T, config.hidden_size, dtype=acc_dtype(config.dtype))
     ref = torch.zeros(T, config.hidden_size, dtype=torch.float64)
-    reference_by_global_id(config, weights, hidden, wts, ids, single, ref)
+    ref_float = None if quant == "unquantized" else torch.zeros_like(ref)
+    reference_by_global_id(config, weights, hidden, wts, ids, single, ref, quant, ref_float)
     shared = weights.shared()
     if shared is not None:
         sh = SharedExperts(**shared)
         single += sh(hidden).to(single.dtype); ref += sh(hidden.double())
-    return single.to(config.dtype), ref
+        if ref_float is not None: ref_float += sh(hidden.double())
+    return single.to(config.dtype), ref, ref_float
 
 # %%
 #| export
@@ -136,25 +146,30 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
                     experts: str = "auto",             # 'auto', 'torch' or 'triton'
                     token_counts: list | None = None,  # tokens of each rank (sum = num_tokens); None: split_tokens
                     max_num_tokens_per_rank: int | None = None,   # batched capacity; None: config.max_num_tokens
-                    group=None) -> DistributedRun:     # the EP group (None: the default group)
+                    group=None,                        # the EP group (None: the default group)
+                    quant: str = "unquantized",        # experts' scheme, quantized at load (short names: 'fp8', ...)
+                   ) -> DistributedRun:
     "The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result."
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
-    weights = RandomExpertWeights(config, seed)
-    layer = FusedMoE(cfg, weights, "linear" if placement is None else placement, experts=experts, device=device)   # its experts, router, tables
+    weights, quant = RandomExpertWeights(config, seed), quant_scheme_name(quant)
+    layer = FusedMoE(cfg, weights, "linear" if placement is None else placement, experts=experts, device=device,
+                     quant=quant)                           # its experts (quantized at load), router, tables
     hidden_all = _tokens(config, num_tokens, seed)
     hidden = hidden_all[sum(counts[:rank]):sum(counts[:rank + 1])].to(device)
     wts, ids = layer.route(hidden)                          # EPLB: physical ids, one replica per logical choice
     logical = ids.long() % config.num_experts               # physical p is a copy of logical p % num_experts
-    pf = make_distributed_prepare_finalize(cfg, group, max_num_tokens_per_rank)
+    wire = dispatch_quantization(cfg, layer.experts, layer.qweights, across_processes=True)   # FP8 rows, or not: why
+    pf = make_distributed_prepare_finalize(cfg, group, max_num_tokens_per_rank, quant_block=wire[0])
     place, impl = layer.placement, (layer.experts, layer.experts_reason)
     mk, t1 = ModularKernel(pf, make_experts(pf, layer.experts), layer.shared_experts), time.perf_counter()
     stages = {}                                             # dispatch (prepare), experts, combine (finalize) seconds
-    out = mk(hidden, layer.w13, layer.w2, wts, ids, place, cfg.apply_router_weight_on_input, timings=stages,
+    w13, w2 = (layer.qweights, None) if layer.experts == "triton_quant" else (layer.w13, layer.w2)
+    out = mk(hidden, w13, w2, wts, ids, place, cfg.apply_router_weight_on_input, timings=stages,
              w13_bias=layer.w13_bias, w2_bias=layer.w2_bias, activation=layer.activation)
     if device.type == "cuda": torch.cuda.synchronize()
     stats = dict(pf.stats, weights_s=t1 - t0, forward_s=time.perf_counter() - t1, **stages)
-    run = DistributedRun(cfg, place, counts, out, [None] * S, impl, type(pf).__name__)
+    run = DistributedRun(cfg, place, counts, out, [None] * S, impl, type(pf).__name__, quant, wire)
     dist.all_gather_object(run.rank_stats, stats, group=group)
     run.output, run.topk_weights, run.topk_ids = (all_gather_rows(t, counts, group).cpu() for t in (out, wts, logical))
     if rank == 0: _finish_on_rank0(run, config, weights, hidden_all, placement, seed, dist.get_backend(group), device)
@@ -193,7 +208,9 @@ def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
 def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement, seed, backend, device) -> None:
     "Rank 0: the single-process result, the checks and the report, stored in `run`."
     t0, S, cfg = time.perf_counter(), len(run.token_counts), run.config
-    run.single_device, run.reference = _single_process(config, weights, hidden_all, run.topk_weights, run.topk_ids)
+    run.single_device, run.reference, run.reference_unquantized = _single_process(
+        config, weights, hidden_all, run.topk_weights, run.topk_ids, run.quant)
+    q = (run.quant, run.experts[0])                                 # w8a8 kernels round activations; references do not
     batched = cfg.activation_format is ActivationFormat.BatchedExperts
     slabs_ok = None
     if batched:
@@ -204,7 +221,10 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
     run.report = {"model": config.name, "world_size": S, "process_group": backend, "device": str(device),
                   "all2all_backend": cfg.backend.name, "activation_format": cfg.activation_format.value,
                   "transport": transport_note(cfg), "prepare_finalize": run.prepare_finalize,
-                  "experts": {"implementation": run.experts[0], "reason": run.experts[1]},
+                  "experts": {"implementation": run.experts[0], "reason": run.experts[1], "quant": run.quant},
+                  "dispatch_quant": None if run.dispatch_quant[0] is None else list(run.dispatch_quant[0]),
+                  "dispatch_quant_note": run.dispatch_quant[1],
+                  "wire_bytes_per_pair": run.rank_stats[0].get("wire_bytes_per_pair"),
                   "placement": placement_record(placement, run.placement),
                   "num_tokens": sum(run.token_counts), "tokens_per_rank": run.token_counts, "seed": seed,
                   "pairs_sent_per_rank": [s["pairs_sent"] for s in run.rank_stats],
@@ -212,10 +232,13 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                   "expert_num_tokens_per_rank": [s["expert_num_tokens"] for s in run.rank_stats] if batched else None,
                   "slab_layout_matches_emulation": slabs_ok,
                   "routing_same_as_single_process": bool(torch.equal(routed_here, run.topk_ids)),
-                  "check": {"distributed_vs_float64": check_output(run.output, run.reference, config.dtype),
+                  "check": {"distributed_vs_float64": check_output(run.output, run.reference, config.dtype, *q),
                             "single_process_vs_float64": check_output(run.single_device, run.reference, config.dtype),
                             "distributed_vs_single_process": check_output(run.output, run.single_device.double(), config.dtype,
-                                                                          between_runs=True)},
+                                                                          *q, between_runs=True)},
+                  "quantization_error": None if run.reference_unquantized is None else   # information, not a check
+                      {k: v for k, v in check_output(run.output, run.reference_unquantized, config.dtype, *q).items()
+                       if k in ("max_rel_err", "cosine")},
                   "timing": {"weights_s_per_rank": [s["weights_s"] for s in run.rank_stats],
                              "forward_s_per_rank": [s["forward_s"] for s in run.rank_stats],
                              **{f"{k}_per_rank": [s.get(k) for s in run.rank_stats]
@@ -247,6 +270,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokens")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="None: the model's own")
     ap.add_argument("--experts", default="auto", choices=["auto", "triton", "torch"], help="auto: Triton on a GPU")
+    ap.add_argument("--quant", default="unquantized", choices=[*QUANT_SCHEMES, *QUANT_ALIASES],
+                    help="quantize the experts at load (fp8 = fp8_w8a8_block: with Triton experts, NIXL EP and DeepEP "
+                         "low-latency send the rows as FP8)")
     ap.add_argument("--max-tokens-per-rank", type=int, default=None, help="batched capacity; None: the model's")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait for its peers")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -262,7 +288,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
             experts: str = "auto", max_tokens_per_rank: int | None = None,
             timeout: float = 600.0,                # seconds a collective may wait for its peers
             as_json: bool = False,                 # exit status: 0, 1 when a check fails, 2 on bad input
-            config: str | None = None) -> int:     # a config.json (file or directory) instead of `model`
+            config: str | None = None,             # a config.json (file or directory) instead of `model`
+            quant: str = "unquantized") -> int:    # the experts' scheme (a QUANT_SCHEMES name or short name)
     "The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report."
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try: rank, world, _ = init_distributed(timeout)
@@ -275,7 +302,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
         par = ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=all2all)
         cfg = preset(model, par) if config is None else moe_config_from_hf(config, par)
         if dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
-        run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank)
+        run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank,
+                              quant=quant)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first
         name, _, rest = str(e).partition(": ")         # the file --config names, as `moe-lit run` says it
         msg = f"--config: {rest}" if name == "path_or_dict" else str(e)
@@ -292,7 +320,7 @@ def main(argv: list | None = None) -> int:
     "`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report."
     a = _parser().parse_args(argv)
     return run_job(a.model, a.ep, a.all2all, a.placement, a.tokens, a.seed, a.dtype, a.experts, a.max_tokens_per_rank,
-                   a.timeout, a.json, a.config)
+                   a.timeout, a.json, a.config, a.quant)
 
 # %%
 #| export

@@ -248,6 +248,8 @@ def world_one_job(experts: str = "triton") -> list:
 # swapped so different replicas serve the same tokens), bf16 with a shared expert and router weights applied on the
 # input in both formats, the Triton experts (in the interpreter on a CPU), and an overflow that must raise on every
 # rank. Hidden size 24 is dispatched as 2048 by the batched backends, so the padding path is in every batched case.
+# With `triton`, two FP8 cases too: NIXL EP sends its rows as FP8 (2048 codes and 16 scales a pair), DeepEP
+# high-throughput's Standard format all-gathers them in bf16 and its experts quantize their own input.
 
 # %%
 #| export
@@ -277,7 +279,9 @@ def sweep_cases(world_size: int,        # ranks of the launch
         c = cfg(b, dtype=torch.bfloat16, num_shared_experts=1, apply_router_weight_on_input=True)
         cases.append(dict(name=f"{b}/bf16 shared on-input", config=c, num_tokens=3 * S, placement="round_robin"))
     if triton: cases += [dict(name=f"{b}/triton", config=cfg(b), num_tokens=2 * S, experts="triton")
-                         for b in ("allgather_reducescatter", "nixl_ep")]
+                         for b in ("allgather_reducescatter", "nixl_ep")] + [
+        dict(name=f"{b}/fp8", config=cfg(b, dtype=torch.bfloat16, num_shared_experts=1), num_tokens=3 * S,
+             experts="triton", quant="fp8", placement="round_robin") for b in ("deepep_high_throughput", "nixl_ep")]
     cases.append(dict(name="overflow", config=cfg("nixl_ep"), num_tokens=9 + S, token_counts=[10] + [1] * (S - 1),
                       expect_error="capacity overflow"))
     return cases
@@ -330,6 +334,9 @@ t0 = time.monotonic()
 results = launch(run_cases, 2, timeout_s=180, cases=sweep_cases(2, triton=not torch.cuda.is_available()))
 for res in results[0]:
     if "error" in res: continue
+    if res["report"]["experts"]["quant"] != "unquantized":    # w8a8: the report's checks allow for the activations'
+        assert all(c["ok"] for c in res["report"]["check"].values()), (res["name"], res["report"]["check"])   # rounding
+        continue
     for key, want in (("output", res["reference"]), ("single_device", res["reference"])):
         assert_close(res[key], want, name=f"{res['name']} {key}")
     assert_close(res["output"], res["single_device"].double(), name=f"{res['name']} vs single process")
@@ -338,6 +345,12 @@ by_name = {r["name"]: r for r in results[0]}
 test_eq(by_name["nixl_ep/round_robin"]["report"]["placement"]["strategy"], "round_robin")
 test_eq(by_name["allgather_reducescatter/round_robin"]["report"]["placement"]["strategy"], "linear")
 test_eq(by_name["nixl_ep/linear"]["report"]["tokens_per_rank"], [7, 0])
+if "nixl_ep/fp8" in by_name:                                       # the interpreter's run: FP8 on the wire or not, why
+    fp8, ht = by_name["nixl_ep/fp8"]["report"], by_name["deepep_high_throughput/fp8"]["report"]
+    test_eq((fp8["dispatch_quant"], fp8["wire_bytes_per_pair"]), ([1, 128], 2048 + 4 * 16))
+    test_eq((ht["dispatch_quant"], ht["wire_bytes_per_pair"]), (None, None))
+    assert "all-gather of its standard format sends rows in the model's dtype" in ht["dispatch_quant_note"], ht
+    assert "on the wire  backend 'nixl_ep' quantizes before dispatch" in format_distributed_report(fp8)
 assert 0 in by_name["one token: other ranks receive nothing"]["report"]["pairs_received_per_rank"]
 assert any((d >= 8).any() for d in by_name["eplb"]["dispatched"] + by_name["eplb/other replicas"]["dispatched"])
 for rank_results in results:                                       # the overflow raised on EVERY rank

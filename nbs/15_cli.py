@@ -425,7 +425,7 @@ _HELP = {
 
 # %%
 #| export
-DISTRIBUTED_REFUSED = ("--weights", "--tp", "--backend", "--quant", "--device")   # `run --distributed` takes none of these yet
+DISTRIBUTED_REFUSED = ("--weights", "--tp", "--backend", "--device")   # `run --distributed` takes none of these yet
 
 def _quant_scheme(name: str) -> str:
     "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`09_quant.quant_scheme_name`); argparse names the choices."
@@ -452,7 +452,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
     p.add_argument("--distributed", action="store_true",
                    help="run across the processes torchrun started (one EP rank each; --ep defaults to their number); "
-                        f"presets or a --config with unquantized experts only: not with {', '.join(DISTRIBUTED_REFUSED)}")
+                        f"presets or a --config only: not with {', '.join(DISTRIBUTED_REFUSED)}")
     p.add_argument("--weights", metavar="CHECKPOINT_DIR",
                    help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
                         "with its own weights instead of random ones (the model comes from its config.json)")
@@ -609,17 +609,17 @@ def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
     given = {"--weights": args.weights is not None, "--tp": args.tp != 1, "--backend": bool(args.backend),
-             "--quant": args.quant not in (None, "unquantized"), "--device": args.device != "auto"}
+             "--device": args.device != "auto"}
     unsupported = [f for f in DISTRIBUTED_REFUSED if given[f]]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
-                         f"or a --config as data-parallel EP ranks with unquantized experts so far), got {', '.join(unsupported)}")
+                         f"or a --config as data-parallel EP ranks on random weights so far), got {', '.join(unsupported)}")
     if not any(v in os.environ for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):   # not a launcher's: say so
         print("moe-lit run: note: --distributed without torchrun runs on this one process; for N ranks start it as "
               "`torchrun --nproc-per-node N -m moe_lit.cli run --distributed ...`", file=sys.stderr)
     return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
-                   as_json=args.json, config=args.config)
+                   as_json=args.json, config=args.config, quant=args.quant or "unquantized")
 
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
@@ -762,10 +762,15 @@ with tempfile.TemporaryDirectory() as d:                                        
     f = Path(d, "tiny.json")
     f.write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 4,
                              "num_experts_per_tok": 2}))
-    out = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tokens", "4"],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tokens", "4",
+                          "--quant", "fp8"], capture_output=True, text=True, env=env)
+    tp = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tp", "2"],
+                        capture_output=True, text=True, env=env)
 test_eq(out.returncode, 0)
 assert "--distributed without torchrun runs on this one process" in out.stderr and "on 1 process" in out.stdout, out.stderr
+assert "weights fp8_w8a8_block" in out.stdout and "quantization error vs the float weights" in out.stdout, out.stdout
+test_eq(tp.returncode, 2)
+assert "--distributed: expected none of --tp" in tp.stderr, tp.stderr
 
 # %% [markdown]
 # A checkpoint's own layer: `--weights CHECKPOINT_DIR` takes the model from the checkpoint's `config.json` and the

@@ -274,8 +274,10 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # ```
 #
 # `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets
-# or a `--config`, one EP rank per process, unquantized experts; `--ep` defaults to the number of processes and `--all2all` to
-# `allgather_reducescatter`). With a
+# or a `--config`, one EP rank per process; `--ep` defaults to the number of processes and `--all2all` to
+# `allgather_reducescatter`). `--quant` quantizes each rank's experts at load; with `--quant fp8` and Triton experts
+# (`--experts triton --dtype bf16` on a CPU), NIXL EP and DeepEP low-latency send each row as FP8 with its scales, about
+# half the bytes, and the report's "on the wire" line says so. With a
 # small `--config` (a config.json with hidden 64 and 4 experts, as in *Install and run*) the two processes finish in
 # seconds on a CPU. Each process holds its
 # own experts' weights, so DeepSeek-V3 needs about 12 GB per process at 2 processes.

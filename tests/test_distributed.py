@@ -11,7 +11,8 @@ from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import select_experts, router_logits
 from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import slab_sources
-from moe_lit.modular import ModularKernel, SharedExperts, make_experts
+from moe_lit.modular import ModularKernel, SharedExperts, make_experts, dispatch_quantization
+from moe_lit.quant import quant_scheme_name, QUANT_SCHEMES, QUANT_ALIASES
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id
 from moe_lit.testing import check_output
 from moe_lit.report import format_distributed_report, placement_record

@@ -274,6 +274,8 @@ def test_fp8_before_dispatch():
             ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):
         got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
         test_eq(got[0], want); assert says in got[1], (backend, got[1])
+    ht = dispatch_quantization(cfg.replace(parallel=par("deepep_high_throughput")), "triton_quant", qw, across_processes=True)
+    assert ht[0] is None and "all-gather of its standard format sends rows in the model's dtype" in ht[1], ht
     # refusals
     pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
     test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
