@@ -131,7 +131,7 @@ def launch(fn,                                  # a module-level function the wo
             raise _job_error(qual, tmp, procs, killed, timed_out, timeout_s)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
-# %% ../nbs/13c_launch.ipynb #034eaac8b51d
+# %% ../nbs/13c_launch.ipynb #439de7600979
 def run_cases(cases: list) -> list:
     "Job: `run_distributed(**case)` per case on every rank; rank 0 returns outputs and references, the others stats."
     out = []
@@ -169,6 +169,17 @@ def gather_mismatch_job() -> dict:
              "agree": (torch.full((1, 2), float(r)), [1] * S)}
     for name, (x, counts) in cases.items():
         try: out[name] = all_gather_rows(x, counts, None).tolist()
+        except ValueError as e: out[name] = str(e)
+    from moe_lit.placement import Placement                   # the all-to-all's rows: every rank must send the same
+    from moe_lit.layer import rank_config
+    cfg = MoEConfig(8, 2, 128, 64, dtype=torch.bfloat16,
+                    parallel=ParallelConfig.make(1, S, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    place, h, w, ids = Placement.build(rank_config(cfg, r)), torch.randn(2, 128).bfloat16(), torch.rand(2, 2), torch.tensor([[0, 5], [2, 7]])
+    for name, kw in {"a2a quant_block": dict(quant_block=(1, 128) if r == 0 else None),
+                     "a2a wire width": dict(padded_hidden_size=256 if r else None),
+                     "a2a capacity": dict(max_num_tokens_per_rank=8 if r == 0 else 4), "a2a dtype": {}}.items():
+        pf = AllToAllBatchedPrepareFinalize(kw.pop("max_num_tokens_per_rank", 8), **kw)
+        try: pf.prepare(h.half() if name == "a2a dtype" and r else h, w, ids, place); out[name] = "no error"
         except ValueError as e: out[name] = str(e)
     return out
 

@@ -136,14 +136,17 @@ class StandardPrepareFinalize:
         "`finalize` after its checks (an owning ModularKernel's own prepare and experts made both)."
         return expert_out if shared is None else expert_out + shared
 
-# %% ../nbs/10_modular.ipynb #9c448ba34729
+# %% ../nbs/10_modular.ipynb #306dd0623674
 def check_quant_block(quant_block) -> tuple | None:
-    """`quant_block` — None, or `(1, group)` with `group` a power of two >= 32: the scale groups of rows sent as FP8
-    (`dispatch_quantization`'s block) — returned as it is; ValueError naming it otherwise."""
-    if quant_block is not None and not (isinstance(quant_block, tuple) and len(quant_block) == 2 and quant_block[0] == 1
-                                        and type(quant_block[1]) is int and quant_block[1] >= 32
+    """`quant_block` — None, or `(1, group)` of ints with `group` a power of two in [32, 65536] (the activation
+    quantizer's widest group): the scale groups of rows sent as FP8 (`dispatch_quantization`'s block) — returned as it
+    is; ValueError naming it otherwise."""
+    if quant_block is not None and not (isinstance(quant_block, tuple) and len(quant_block) == 2
+                                        and type(quant_block[0]) is int and quant_block[0] == 1
+                                        and type(quant_block[1]) is int and 32 <= quant_block[1] <= 65536
                                         and not quant_block[1] & (quant_block[1] - 1)):
-        raise ValueError(f"quant_block: expected None or (1, group) with group a power of two >= 32, got {quant_block!r}")
+        raise ValueError(f"quant_block: expected None or (1, group) of ints with group a power of two in [32, 65536], "
+                         f"got {quant_block!r}")
     return quant_block
 
 class BatchedPrepareFinalize:
@@ -281,7 +284,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #3821249b525a
+# %% ../nbs/10_modular.ipynb #f3fcfcaa0cdf
 def _check_trusted_weights(a: torch.Tensor, w13, w2):
     "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
     H = a.shape[-1]
@@ -366,6 +369,10 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         a, quantized = prepared.a, prepared.a_scale is not None
+        if quantized and not self.trusted and isinstance(w13, QuantizedExpertWeights) and w13.block_shape \
+                and prepared.a_scale.shape[-1:] != (-(-a.shape[-1] // w13.block_shape[1]),):   # a prepare's groups
+            raise ValueError(f"quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, "
+                             f"{w13.block_shape[1]}), got {prepared.a_scale.shape[-1]} scales for {a.shape[-1]} columns")
         if self.trusted and (a.dtype in (torch.bfloat16, torch.float16) or quantized):   # the layer's own slabs
             if not self.weights_checked: _check_trusted_weights(a, w13, w2)
             return BatchedTritonQuantExperts()._apply(a, prepared.expert_num_tokens, w13, prepared.expected_m,
@@ -522,7 +529,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #0f78726681d8
+# %% ../nbs/10_modular.ipynb #205536d40b37
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
@@ -544,6 +551,8 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     b = config.backend
     if not b.quantizes_before_dispatch:
         return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
+    if across_processes and config.ep_size == 1:
+        return None, f"one rank: nothing travels between ranks (backend {b.name!r} would send FP8)"
     if config.activation_format is not ActivationFormat.BatchedExperts:
         return None, (f"backend {b.name!r} sends FP8 between ranks, but " + (
             f"moe-lit's all-gather of its {config.activation_format.value} format sends rows in the model's dtype "

@@ -195,12 +195,15 @@ class StandardPrepareFinalize:
 # %%
 #| export
 def check_quant_block(quant_block) -> tuple | None:
-    """`quant_block` — None, or `(1, group)` with `group` a power of two >= 32: the scale groups of rows sent as FP8
-    (`dispatch_quantization`'s block) — returned as it is; ValueError naming it otherwise."""
-    if quant_block is not None and not (isinstance(quant_block, tuple) and len(quant_block) == 2 and quant_block[0] == 1
-                                        and type(quant_block[1]) is int and quant_block[1] >= 32
+    """`quant_block` — None, or `(1, group)` of ints with `group` a power of two in [32, 65536] (the activation
+    quantizer's widest group): the scale groups of rows sent as FP8 (`dispatch_quantization`'s block) — returned as it
+    is; ValueError naming it otherwise."""
+    if quant_block is not None and not (isinstance(quant_block, tuple) and len(quant_block) == 2
+                                        and type(quant_block[0]) is int and quant_block[0] == 1
+                                        and type(quant_block[1]) is int and 32 <= quant_block[1] <= 65536
                                         and not quant_block[1] & (quant_block[1] - 1)):
-        raise ValueError(f"quant_block: expected None or (1, group) with group a power of two >= 32, got {quant_block!r}")
+        raise ValueError(f"quant_block: expected None or (1, group) of ints with group a power of two in [32, 65536], "
+                         f"got {quant_block!r}")
     return quant_block
 
 class BatchedPrepareFinalize:
@@ -444,6 +447,10 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         a, quantized = prepared.a, prepared.a_scale is not None
+        if quantized and not self.trusted and isinstance(w13, QuantizedExpertWeights) and w13.block_shape \
+                and prepared.a_scale.shape[-1:] != (-(-a.shape[-1] // w13.block_shape[1]),):   # a prepare's groups
+            raise ValueError(f"quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, "
+                             f"{w13.block_shape[1]}), got {prepared.a_scale.shape[-1]} scales for {a.shape[-1]} columns")
         if self.trusted and (a.dtype in (torch.bfloat16, torch.float16) or quantized):   # the layer's own slabs
             if not self.weights_checked: _check_trusted_weights(a, w13, w2)
             return BatchedTritonQuantExperts()._apply(a, prepared.expert_num_tokens, w13, prepared.expected_m,
@@ -661,6 +668,8 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     b = config.backend
     if not b.quantizes_before_dispatch:
         return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
+    if across_processes and config.ep_size == 1:
+        return None, f"one rank: nothing travels between ranks (backend {b.name!r} would send FP8)"
     if config.activation_format is not ActivationFormat.BatchedExperts:
         return None, (f"backend {b.name!r} sends FP8 between ranks, but " + (
             f"moe-lit's all-gather of its {config.activation_format.value} format sends rows in the model's dtype "
@@ -999,6 +1008,9 @@ for backend, experts, weights, want, says in (
     test_eq(got[0], want); assert says in got[1], (backend, got[1])
 ht = dispatch_quantization(cfg.replace(parallel=par("deepep_high_throughput")), "triton_quant", qw, across_processes=True)
 assert ht[0] is None and "all-gather of its standard format sends rows in the model's dtype" in ht[1], ht
+one = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(1, 1, all2all_backend="nixl_ep")), "triton_quant", qw,
+                            across_processes=True)                           # a group of one: nothing travels
+assert one[0] is None and one[1].startswith("one rank: nothing travels"), one
 # refusals
 pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
 test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")

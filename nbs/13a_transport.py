@@ -327,12 +327,21 @@ class AllToAllBatchedPrepareFinalize:
 
 # %%
 #| export
-def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Placement) -> tuple[torch.Tensor, list]:
-    "All-gather every rank's `[S, max_local]` pair counts and token count; check capacity the same way on every rank."
+def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Placement, dtype: torch.dtype,
+                     wire_width: int) -> tuple[torch.Tensor, list]:
+    """All-gather every rank's `[S, max_local]` pair counts and token count, with its row format (dtype, wire width,
+    FP8 group, capacity): a rank that would send rows of another size or read its peers' bytes as another dtype is
+    refused on every rank alike; then check capacity the same way on every rank."""
     S = pf.num_dispatchers
-    mine = torch.cat([counts.flatten(), torch.tensor([num_tokens], device=counts.device)])
-    table = all_gather_rows(mine[None], [1] * S, pf.group, check=False).cpu()              # [S, S·max_local + 1]
-    token_counts, table = table[:, -1].tolist(), table[:, :-1].view(S, S, -1)  # [S_send, S_recv, max_local]
+    fmt = [_GATHER_DTYPES.index(dtype), wire_width, pf.quant_block[1] if pf.quant_block else 0, pf.max_num_tokens_per_rank]
+    mine = torch.cat([counts.flatten(), torch.tensor([*fmt, num_tokens], device=counts.device)])
+    table = all_gather_rows(mine[None], [1] * S, pf.group, check=False).cpu()              # [S, S·max_local + 5]
+    formats = table[:, -5:-1]
+    if not bool((formats == formats[0]).all()):
+        got = [(str(_GATHER_DTYPES[int(f[0])]), int(f[1]), None if not f[2] else (1, int(f[2])), int(f[3])) for f in formats]
+        raise ValueError(f"hidden, quant_block, padded_hidden_size, max_num_tokens_per_rank: expected the same rows on "
+                         f"every rank, got (dtype, wire width, quant_block, max_num_tokens_per_rank) per rank {got}")
+    token_counts, table = table[:, -1].tolist(), table[:, :-5].view(S, S, -1)  # [S_send, S_recv, max_local]
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
 
@@ -353,7 +362,7 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                          f"{self.quant_block}), got {hidden.dtype}")
     x = _pad_columns(hidden, self.padded_hidden_size)
     order, counts = send_plan(placement, topk_ids)
-    table, token_counts = _exchange_counts(self, counts, T, placement)        # counts first: sizes and capacity
+    table, token_counts = _exchange_counts(self, counts, T, placement, x.dtype, x.shape[1])   # sizes and capacity first
     send_counts, recv_counts = table[me].sum(1).tolist(), table[:, me].sum(1).tolist()
     rows = x[order // k]
     if apply_router_weight_on_input:                   # scaled once, at the sender (vLLM #43694 scaled twice)
@@ -484,7 +493,11 @@ with one_process_group():
               contains="hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire")
     test_fail(lambda: make_distributed_prepare_finalize(layer.config, quant_block=(1, 128)),
               contains="quant_block: expected None for the standard format")
-    test_fail(lambda: AllToAllBatchedPrepareFinalize(8, quant_block=(1, 100)), contains="quant_block: expected None or (1, group)")
+    for bad in ((1, 100), (True, 128), (1.0, 128), (1, 2**20), [1, 128]):
+        test_fail(lambda: AllToAllBatchedPrepareFinalize(8, quant_block=bad), contains="quant_block: expected None or (1, group)")
+    narrow = AllToAllBatchedPrepareFinalize(8, quant_block=(1, 64))                  # groups the weights do not take
+    test_fail(lambda: ModularKernel(narrow, make_experts(narrow, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(),
+              layer.placement), contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
 from moe_lit.modular import BatchedPrepareFinalize
 here = BatchedPrepareFinalize(8, 1, use_triton=True, quant_block=pf.quant_block)      # the in-process FP8 dispatch
 same = ModularKernel(here, make_experts(here, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(), layer.placement)

@@ -169,7 +169,8 @@ def launch(fn,                                  # a module-level function the wo
 #
 # The functions `launch` runs must be importable by the workers, so they live here, not in test cells: `run_cases`
 # runs `run_distributed` once per case on every rank (process start-up is the expensive part, so one launch checks
-# many cases), `failing_job` and `sleeping_job` fail and hang on purpose, `gather_mismatch_job` disagrees on purpose, and `world_one_job` drives both
+# many cases), `failing_job` and `sleeping_job` fail and hang on purpose, `gather_mismatch_job` disagrees on purpose (in
+# an all-gather, and in the all-to-all's row format: dtype, wire width, FP8 group, capacity), and `world_one_job` drives both
 # prepare/finalize classes at world size 1 (the NCCL check on one GPU).
 
 # %%
@@ -211,6 +212,17 @@ def gather_mismatch_job() -> dict:
              "agree": (torch.full((1, 2), float(r)), [1] * S)}
     for name, (x, counts) in cases.items():
         try: out[name] = all_gather_rows(x, counts, None).tolist()
+        except ValueError as e: out[name] = str(e)
+    from moe_lit.placement import Placement                   # the all-to-all's rows: every rank must send the same
+    from moe_lit.layer import rank_config
+    cfg = MoEConfig(8, 2, 128, 64, dtype=torch.bfloat16,
+                    parallel=ParallelConfig.make(1, S, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    place, h, w, ids = Placement.build(rank_config(cfg, r)), torch.randn(2, 128).bfloat16(), torch.rand(2, 2), torch.tensor([[0, 5], [2, 7]])
+    for name, kw in {"a2a quant_block": dict(quant_block=(1, 128) if r == 0 else None),
+                     "a2a wire width": dict(padded_hidden_size=256 if r else None),
+                     "a2a capacity": dict(max_num_tokens_per_rank=8 if r == 0 else 4), "a2a dtype": {}}.items():
+        pf = AllToAllBatchedPrepareFinalize(kw.pop("max_num_tokens_per_rank", 8), **kw)
+        try: pf.prepare(h.half() if name == "a2a dtype" and r else h, w, ids, place); out[name] = "no error"
         except ValueError as e: out[name] = str(e)
     return out
 
@@ -406,6 +418,8 @@ assert all("token_counts: expected the same (num_tokens, token_counts, seed) on 
 for rank_out in launch(gather_mismatch_job, 2, timeout_s=120, collective_timeout_s=30):   # never bytes read as another
     for case in ("dtype", "counts", "shape"):                                           # rank's dtype or shape
         assert "expected the same dtype, row shape and counts on every rank" in rank_out[case], (case, rank_out[case])
+    for case in ("a2a quant_block", "a2a wire width", "a2a capacity", "a2a dtype"):     # the all-to-all's row format
+        assert "expected the same rows on every rank, got (dtype, wire width, quant_block" in rank_out[case], (case, rank_out[case])
     test_eq(rank_out["agree"], [[0.0, 0.0], [1.0, 1.0]])
 
 # %%

@@ -122,6 +122,8 @@ def test_gather_ranks_that_disagree_all_raise():
     for rank_out in launch(gather_mismatch_job, 2, timeout_s=120, collective_timeout_s=30):   # never bytes read as another
         for case in ("dtype", "counts", "shape"):                                           # rank's dtype or shape
             assert "expected the same dtype, row shape and counts on every rank" in rank_out[case], (case, rank_out[case])
+        for case in ("a2a quant_block", "a2a wire width", "a2a capacity", "a2a dtype"):     # the all-to-all's row format
+            assert "expected the same rows on every rank, got (dtype, wire width, quant_block" in rank_out[case], (case, rank_out[case])
         test_eq(rank_out["agree"], [[0.0, 0.0], [1.0, 1.0]])
 
 

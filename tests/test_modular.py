@@ -276,6 +276,9 @@ def test_fp8_before_dispatch():
         test_eq(got[0], want); assert says in got[1], (backend, got[1])
     ht = dispatch_quantization(cfg.replace(parallel=par("deepep_high_throughput")), "triton_quant", qw, across_processes=True)
     assert ht[0] is None and "all-gather of its standard format sends rows in the model's dtype" in ht[1], ht
+    one = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(1, 1, all2all_backend="nixl_ep")), "triton_quant", qw,
+                                across_processes=True)                           # a group of one: nothing travels
+    assert one[0] is None and one[1].startswith("one rank: nothing travels"), one
     # refusals
     pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
     test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")

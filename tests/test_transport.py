@@ -97,7 +97,11 @@ def test_all_to_all_fp8_on_the_wire():
                   contains="hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire")
         test_fail(lambda: make_distributed_prepare_finalize(layer.config, quant_block=(1, 128)),
                   contains="quant_block: expected None for the standard format")
-        test_fail(lambda: AllToAllBatchedPrepareFinalize(8, quant_block=(1, 100)), contains="quant_block: expected None or (1, group)")
+        for bad in ((1, 100), (True, 128), (1.0, 128), (1, 2**20), [1, 128]):
+            test_fail(lambda: AllToAllBatchedPrepareFinalize(8, quant_block=bad), contains="quant_block: expected None or (1, group)")
+        narrow = AllToAllBatchedPrepareFinalize(8, quant_block=(1, 64))                  # groups the weights do not take
+        test_fail(lambda: ModularKernel(narrow, make_experts(narrow, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(),
+                  layer.placement), contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
     from moe_lit.modular import BatchedPrepareFinalize
     here = BatchedPrepareFinalize(8, 1, use_triton=True, quant_block=pf.quant_block)      # the in-process FP8 dispatch
     same = ModularKernel(here, make_experts(here, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(), layer.placement)
