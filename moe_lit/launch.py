@@ -187,7 +187,7 @@ def sleeping_job(seconds: float) -> None:
     "Job: hang (sleep) — for the test that a hang fails within the launcher's deadline."
     time.sleep(seconds)
 
-# %% ../nbs/13c_launch.ipynb #cccb31614126
+# %% ../nbs/13c_launch.ipynb #ba9a31adad69
 def world_one_job(experts: str = "triton") -> list:
     "Job at world size 1: both prepare/finalize classes around `experts`, vs the float64 reference; plus run_distributed."
     device, g = group_device(None), torch.Generator().manual_seed(3)
@@ -205,6 +205,13 @@ def world_one_job(experts: str = "triton") -> list:
         out.append({"name": f"{type(pf).__name__}/{experts}", "output": got.cpu(), "reference": ref})
     run = run_distributed(cfg, num_tokens=9, experts=experts)
     out.append({"name": f"run_distributed/{experts}", "output": run.output, "reference": run.reference})
+    if experts == "triton":                  # FP8 on the wire: the all-to-all's slabs against the in-process FP8 dispatch
+        from moe_lit.modular import BatchedPrepareFinalize
+        q = FusedMoE(cfg, RandomExpertWeights(cfg, 1), experts="triton", quant="fp8", device=device)
+        fp8 = [ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, q.qweights, None, wts, ids.long(), place)
+               for pf in (AllToAllBatchedPrepareFinalize(16, quant_block=(1, 128)),
+                          BatchedPrepareFinalize(16, 1, use_triton=True, quant_block=(1, 128)))]
+        out.append({"name": "fp8 on the wire/triton", "output": fp8[0].cpu(), "reference": fp8[1].double().cpu()})
     return out
 
 # %% ../nbs/13c_launch.ipynb #e90d4a3a6c36

@@ -249,6 +249,13 @@ def world_one_job(experts: str = "triton") -> list:
         out.append({"name": f"{type(pf).__name__}/{experts}", "output": got.cpu(), "reference": ref})
     run = run_distributed(cfg, num_tokens=9, experts=experts)
     out.append({"name": f"run_distributed/{experts}", "output": run.output, "reference": run.reference})
+    if experts == "triton":                  # FP8 on the wire: the all-to-all's slabs against the in-process FP8 dispatch
+        from moe_lit.modular import BatchedPrepareFinalize
+        q = FusedMoE(cfg, RandomExpertWeights(cfg, 1), experts="triton", quant="fp8", device=device)
+        fp8 = [ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, q.qweights, None, wts, ids.long(), place)
+               for pf in (AllToAllBatchedPrepareFinalize(16, quant_block=(1, 128)),
+                          BatchedPrepareFinalize(16, 1, use_triton=True, quant_block=(1, 128)))]
+        out.append({"name": "fp8 on the wire/triton", "output": fp8[0].cpu(), "reference": fp8[1].double().cpu()})
     return out
 
 # %% [markdown]
@@ -442,13 +449,15 @@ test_fail(lambda: init_distributed(timeout_s=-1), contains="timeout_s: expected 
 test_fail(lambda: init_distributed(backend="mpi"), contains="backend: expected one of ['gloo', 'nccl'], got 'mpi'")
 
 # %% [markdown]
-# On a GPU: NCCL at world size 1, with the Triton experts, through both prepare/finalize classes and the main job.
+# On a GPU: NCCL at world size 1, with the Triton experts, through both prepare/finalize classes and the main job, and
+# the all-to-all's FP8 slabs (FP8 on the wire) against the in-process FP8 dispatch's.
 
 # %%
 #| test nccl_world_1
 #| gpu
-for res in launch(world_one_job, 1, timeout_s=300, backend="nccl", experts="triton")[0]:
-    assert_close(res["output"], res["reference"], name=res["name"])
+world_one = launch(world_one_job, 1, timeout_s=300, backend="nccl", experts="triton")[0]
+test_eq(world_one[-1]["name"], "fp8 on the wire/triton")
+for res in world_one: assert_close(res["output"], res["reference"], name=res["name"])
 if torch.cuda.device_count() >= 2:                                   # a machine with two GPUs: the sweep on NCCL too
     for res in launch(run_cases, 2, timeout_s=300, backend="nccl", cases=sweep_cases(2, triton=True))[0]:
         if "error" not in res: assert_close(res["output"], res["reference"], name=f"nccl {res['name']}")

@@ -148,8 +148,9 @@ def test_launch_bad_input():
 
 @pytest.mark.gpu
 def test_nccl_world_1():
-    for res in launch(world_one_job, 1, timeout_s=300, backend="nccl", experts="triton")[0]:
-        assert_close(res["output"], res["reference"], name=res["name"])
+    world_one = launch(world_one_job, 1, timeout_s=300, backend="nccl", experts="triton")[0]
+    test_eq(world_one[-1]["name"], "fp8 on the wire/triton")
+    for res in world_one: assert_close(res["output"], res["reference"], name=res["name"])
     if torch.cuda.device_count() >= 2:                                   # a machine with two GPUs: the sweep on NCCL too
         for res in launch(run_cases, 2, timeout_s=300, backend="nccl", cases=sweep_cases(2, triton=True))[0]:
             if "error" not in res: assert_close(res["output"], res["reference"], name=f"nccl {res['name']}")
