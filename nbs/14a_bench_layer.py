@@ -287,15 +287,16 @@ assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 # %% [markdown]
 # ## Results, H100 (the latest run)
 #
-# `nbs/bench/layer_bench_h100_57a349f.json` (log and figure beside it): the same benchmark
+# `nbs/bench/layer_bench_h100_0eb49a9.json` (log and figure beside it): the benchmark
 # (`python nbs/bench/layer_bench_run.py OUT.json`) on an NVIDIA H100 80GB HBM3, torch 2.11, Triton 3.6, 2026-12-06,
-# commit 57a349f: programmatic dependent launch on for the layers whose forward is one chain (`MOE_LIT_PDL=auto`,
-# the default since 663789a) and off for DeepSeek-V3's (shared experts on a side stream), the quantized launch plans
-# kept per shape. The card's copy bandwidth measured 3.02 TB/s (the H200's 4.24), so every floor is about 1.4×
-# the H200's and the bar's fixed 10 µs weighs less: compare the rows of one card only.
+# commit 0eb49a9: launch plans in the eager forward (from the third call of a shape, `12_layer`), programmatic
+# dependent launch where the forward is one chain (`MOE_LIT_PDL=auto`), and the decode-step column: `STEP_LAYERS` = 4
+# layers of each deployment, each with its own weights, in one graph. The card's copy bandwidth measured 3.04 TB/s
+# (the H200's 4.24): every floor is about 1.4× the H200's, so compare the rows of one card only. The H100 run before
+# plans and the step column is `layer_bench_h100_57a349f.json`.
 
 # %%
-layer_h100 = load_bench_layer("bench/layer_bench_h100_57a349f.json")
+layer_h100 = load_bench_layer("bench/layer_bench_h100_0eb49a9.json")
 print(format_bench_layer(layer_h100))
 
 # %%
@@ -304,20 +305,26 @@ plot_bench_layer(layer_h100)
 # %% [markdown]
 # **Reading.**
 #
-# - **42 of the 54 rows meet the 1.25 × floor + 10 µs bar.** The 12 misses are all at T ≤ 8 and all in the fixed
-#   cost of a short chain of launches: Qwen3 at T ≤ 2 (T = 1: 52.8 µs against a bar of 41.5), Qwen3 EP2 at T ≤ 8
-#   (T = 2: 42.2 against 25.9), gpt-oss at T = 1 (96.0 against 92.8), DeepSeek-V3 nixl_ep at T ≤ 2 and allgather at
-#   T ≤ 4 (T = 4: 137.4 against 121.0). From T = 16 every row is at 1.04–1.33× its floor.
-# - **Faster than transformers at every T where it has the family** (Qwen3, Mixtral; eager against eager): at T = 1
-#   Qwen3 123 µs against `batched_mm`'s 200 and `grouped_mm`'s 512, Mixtral 263 against `grouped_mm`'s 548 and
-#   `batched_mm`'s 794; at T = 256 463 against 678 (Qwen3) and 1094 against 1318 (Mixtral). `batched_mm` ran out of the card's 80 GB at Mixtral T = 128.
-# - **Host overhead at T = 1** (eager − replay): Qwen3 70 µs, Qwen3 EP2 161, Mixtral 1 (the GPU is the bound),
-#   gpt-oss 38, DeepSeek-V3 201 (nixl_ep) and 188 (allgather). The 100 µs aimed at is met on one GPU, not on the
-#   multi-rank rows; the noise of one eager median is tens of µs (Qwen3 T = 2 113, T = 4 22).
-# - **Since be8465f the eager forward replays a launch plan** from the third call of a shape (`12_layer`): on an
-#   H100, host overhead at T = 1 with plans off → on, in one run (`nbs/bench/launch_plan_h100_be8465f.json`): Qwen3
-#   94 → 5 µs, Qwen3 EP2 83 → 3, gpt-oss 11 → 2, DeepSeek-V3 nixl_ep 145 → 21, allgather 222 → 24 — every deployment
-#   under the 100 µs aimed at. The table above predates them.
+# - **Replayed as one graph per layer, 42 of the 54 rows meet the 1.25 × floor + 10 µs bar; in a decode step, 48.**
+#   The step graph launches once for four layers, as a serving engine's does for a whole model; per layer it is 6–51
+#   µs faster than the one-layer graph at T = 1 (the launch of a graph, paid once a step), and the median row gains
+#   6.7 µs. What is left over the floor at T = 1, per layer in the step, is 12–26 µs: five launches on one GPU, six
+#   (Qwen3 EP2) or nine (DeepSeek-V3, with the shared experts on a side stream). The six rows still over the bar in
+#   the step: Qwen3 T = 1 (42.0 µs against 41.3), Qwen3 EP2 T = 1, 2, 4 (34.2 against 26.7; 41.0 against 36.4; 62.5
+#   against 61.7), DeepSeek-V3 nixl_ep T = 1 (77.1 against 74.9) and allgather T = 1 (70.6 against 65.9).
+# - From T = 16, every row is at 1.00–1.30× its floor replayed and 0.99–1.19× in the step. A ratio under 1 means
+#   the GEMMs read weights faster than the copy bandwidth the floor is measured with (a copy also writes).
+# - **Faster than transformers at all 18 rows where it has the family** (Qwen3 and Mixtral), eager against eager and
+#   replayed: Qwen3 T = 1 52 µs eager against `batched_mm`'s 194; T = 256 454 against `grouped_mm`'s 680; Mixtral
+#   T = 256 1056 against 1309. `batched_mm` ran out of the card's 80 GB at Mixtral T = 128.
+# - **Host overhead at T = 1** (eager − replay): Qwen3 4.5 µs, gpt-oss 54, DeepSeek-V3 41 (nixl_ep) and 76
+#   (allgather), Qwen3 EP2 111; Mixtral's eager median came out under its replay's (−39: the GPU is the bound, and one
+#   median carries tens of µs of noise). The A/B of plans on and off in one process (`launch_plan_gpu.py`,
+#   `launch_plan_h100_be8465f.json`) is the cleaner measure: 94 → 5 µs (Qwen3), 83 → 3 (Qwen3 EP2), 11 → 2
+#   (gpt-oss), 145 → 21 (DeepSeek-V3 nixl_ep), 222 → 24 (allgather), every deployment under the 100 µs aimed at. In
+#   this run Qwen3 EP2 at T ≤ 4 (111, 106, 71 µs) and gpt-oss at T = 1 were slower than that A/B measured with plans
+#   off; the cause was not found before the device time ran out (a CPU check of every deployment at T = 1–8 found
+#   each key planned from the third call).
 
 # %% [markdown]
 # ## Results, H200
