@@ -144,7 +144,7 @@ def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
     if sum(counts) != num_tokens: raise ValueError(f"token_counts: expected a sum of num_tokens={num_tokens}, got {counts}")
     return counts
 
-# %% ../nbs/13b_distributed.ipynb #ed31700a5a2a
+# %% ../nbs/13b_distributed.ipynb #e6c342366e34
 def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement, seed, backend, device) -> None:
     "Rank 0: the single-process result, the checks and the report, stored in `run`."
     t0, S, cfg = time.perf_counter(), len(run.token_counts), run.config
@@ -165,6 +165,8 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                   "dispatch_quant": None if run.dispatch_quant[0] is None else list(run.dispatch_quant[0]),
                   "dispatch_quant_note": run.dispatch_quant[1],
                   "wire_bytes_per_pair": run.rank_stats[0].get("wire_bytes_per_pair"),
+                  "wire_width": run.rank_stats[0].get("wire_width"),          # columns a row travels with (padding)
+                  "hidden_size": config.hidden_size,
                   "placement": placement_record(placement, run.placement),
                   "num_tokens": sum(run.token_counts), "tokens_per_rank": run.token_counts, "seed": seed,
                   "pairs_sent_per_rank": [s["pairs_sent"] for s in run.rank_stats],

@@ -238,7 +238,7 @@ def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Place
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
 
-# %% ../nbs/13a_transport.ipynb #55073fed964f
+# %% ../nbs/13a_transport.ipynb #c02014b256cd
 @patch(nm="prepare")
 def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                  hidden: torch.Tensor,              # [T, H] this rank's tokens (T may be 0)
@@ -272,7 +272,7 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
         a[recv_rows] = received
     expert_num_tokens = table[:, me, :E].sum(0).to(device=dev, dtype=torch.int32)
     _record_a2a_stats(self, T, order, recv_rows, senders, expert_num_tokens, topk_ids, E)
-    self.stats["wire_bytes_per_pair"] = rows.shape[1] * rows.element_size()
+    self.stats.update(wire_bytes_per_pair=rows.shape[1] * rows.element_size(), wire_width=Hw)   # Hw: padded or not
     return DistributedPrepared(self.activation_format, a.view(E, cap, -1), topk_weights, expert_num_tokens=expert_num_tokens,
                                a_scale=None if a_scale is None else a_scale.view(E, cap, -1),
                                out_dtype=None if a_scale is None else x.dtype,

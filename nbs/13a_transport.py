@@ -380,7 +380,7 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
         a[recv_rows] = received
     expert_num_tokens = table[:, me, :E].sum(0).to(device=dev, dtype=torch.int32)
     _record_a2a_stats(self, T, order, recv_rows, senders, expert_num_tokens, topk_ids, E)
-    self.stats["wire_bytes_per_pair"] = rows.shape[1] * rows.element_size()
+    self.stats.update(wire_bytes_per_pair=rows.shape[1] * rows.element_size(), wire_width=Hw)   # Hw: padded or not
     return DistributedPrepared(self.activation_format, a.view(E, cap, -1), topk_weights, expert_num_tokens=expert_num_tokens,
                                a_scale=None if a_scale is None else a_scale.view(E, cap, -1),
                                out_dtype=None if a_scale is None else x.dtype,

@@ -225,6 +225,8 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                   "dispatch_quant": None if run.dispatch_quant[0] is None else list(run.dispatch_quant[0]),
                   "dispatch_quant_note": run.dispatch_quant[1],
                   "wire_bytes_per_pair": run.rank_stats[0].get("wire_bytes_per_pair"),
+                  "wire_width": run.rank_stats[0].get("wire_width"),          # columns a row travels with (padding)
+                  "hidden_size": config.hidden_size,
                   "placement": placement_record(placement, run.placement),
                   "num_tokens": sum(run.token_counts), "tokens_per_rank": run.token_counts, "seed": seed,
                   "pairs_sent_per_rank": [s["pairs_sent"] for s in run.rank_stats],

@@ -224,7 +224,10 @@ def _distributed_lines(r: dict) -> list[str]:
         lines.append(f"  slabs        rows per local expert, per rank: {', '.join(rows)}; layout matches the "
                      f"emulation: {r['slab_layout_matches_emulation']}")
     if r.get("dispatch_quant_note"):
-        size = f" ({r['wire_bytes_per_pair']} bytes a pair)" if r.get("wire_bytes_per_pair") else ""
+        w, pad = r.get("wire_width"), r.get("wire_width") != r.get("hidden_size")
+        size = (f" ({r['wire_bytes_per_pair']} bytes a pair: rows of {w} columns"
+                + (f", hidden {r.get('hidden_size')} padded to the backend's size)" if pad else ")")
+                if r.get("wire_bytes_per_pair") else "")
         lines.append(f"  on the wire  {r['dispatch_quant_note']}{size}")
     lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
               f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",

@@ -67,7 +67,8 @@
 #   `run`, `--device` is where the layer runs: `auto`, `cpu` or `cuda`.
 # - **Quantized experts.** `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other
 #   schemes `--help` lists) quantizes the experts at load, one expert at a time, and checks against the dequantized
-#   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 and 60–220 s with
+#   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 (several times that
+#   on a busy machine) and 60–220 s with
 #   MXFP4 (nearly all of it generating and quantizing the random weights; it varies 3× between machines of one kind),
 #   at a peak of 1.5, 3.2 and 3.1 GiB resident; the report's last line gives the run's own peak. The Triton kernels of
 #   every quantized scheme take 16-bit activations, so with `--experts triton` a float32 layer is refused for them:
@@ -198,10 +199,10 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # off), and from the third call of a shape the forward replays a *launch plan* recorded at the second — its torch ops
 # and launches without moe-lit's Python, the same bits (`12_layer`; on an H100 the host overhead at one token fell
 # from 11–222 µs to 2–24 µs; `MOE_LIT_LAUNCH_PLAN=0` turns it off). On NIXL EP and DeepEP low-latency deployments
-# with FP8-block *Triton* experts (on a GPU, or `--experts triton --dtype bf16` in the interpreter) the dispatch sends
+# with FP8-block *Triton* experts (on a GPU, or `--experts triton` in the interpreter, on a bf16 or fp16 model) the dispatch sends
 # each row as FP8 with its 1×128 scales, as those backends do, and GEMM1 quantizes nothing;
 # `10_modular.dispatch_quantization` says when and why, and `moe-lit run`'s report prints it as "activations on the
-# wire" whenever the all2all is in use (the `--distributed` run has no quantized experts yet). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
+# wire" whenever the all2all is in use (the `--distributed` run's report too: its all-to-all sends the FP8 rows). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
 # launch, so that each kernel's launch overlaps the end of the one before (`06_kernels.batched`: replays gain up to
 # 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it, so those layers keep it off);
 # `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. Otherwise FP8 w8a8 layers quantize
@@ -276,7 +277,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets
 # or a `--config`, one EP rank per process; `--ep` defaults to the number of processes and `--all2all` to
 # `allgather_reducescatter`). `--quant` quantizes each rank's experts at load; with `--quant fp8` and Triton experts
-# (`--experts triton --dtype bf16` on a CPU), NIXL EP and DeepEP low-latency send each row as FP8 with its scales, about
+# (`--experts triton` on a CPU; presets are bf16, a float32 `--config` needs `--dtype bf16`), NIXL EP and DeepEP
+# low-latency send each row as FP8 with its scales, about
 # half the bytes, and the report's "on the wire" line says so. With a
 # small `--config` (a config.json with hidden 64 and 4 experts, as in *Install and run*) the two processes finish in
 # seconds on a CPU. Each process holds its
