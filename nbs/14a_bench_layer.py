@@ -321,10 +321,11 @@ plot_bench_layer(layer_h100)
 #   (allgather), Qwen3 EP2 111; Mixtral's eager median came out under its replay's (−39: the GPU is the bound, and one
 #   median carries tens of µs of noise). The A/B of plans on and off in one process (`launch_plan_gpu.py`,
 #   `launch_plan_h100_be8465f.json`) is the cleaner measure: 94 → 5 µs (Qwen3), 83 → 3 (Qwen3 EP2), 11 → 2
-#   (gpt-oss), 145 → 21 (DeepSeek-V3 nixl_ep), 222 → 24 (allgather), every deployment under the 100 µs aimed at. In
-#   this run Qwen3 EP2 at T ≤ 4 (111, 106, 71 µs) and gpt-oss at T = 1 were slower than that A/B measured with plans
-#   off; the cause was not found before the device time ran out (a CPU check of every deployment at T = 1–8 found
-#   each key planned from the third call).
+#   (gpt-oss), 145 → 21 (DeepSeek-V3 nixl_ep), 222 → 24 (allgather), every deployment under the 100 µs aimed at; again
+#   at 4041ead (`launch_plan_h100_4041ead.json`, T = 1, plans off → on): 78 → 4, 153 → 32, 43 → 2, 215 → 21, 207 →
+#   21 µs, every key planned, outputs bit-equal. In this benchmark run Qwen3 EP2 at T ≤ 4 (111, 106, 71 µs) and
+#   gpt-oss at T = 1 came out slower than even that A/B's unplanned forward; the cause was not isolated (a CPU check of
+#   every deployment at T = 1–8 finds each key planned from the third call, as the A/B does on the GPU).
 
 # %% [markdown]
 # ## Results, H200
