@@ -211,7 +211,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
-# %% ../nbs/13b_distributed.ipynb #c7fd60751886
+# %% ../nbs/13b_distributed.ipynb #d649fcb8251c
+_FLAG_OF = {"path_or_dict": "--config", "quant": "--quant", "experts": "--experts", "num_tokens": "--tokens",
+            "seed": "--seed", "strategy": "--placement", "max_num_tokens_per_rank": "--max-tokens-per-rank"}
+
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
@@ -237,8 +240,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
         run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank,
                               quant=quant)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first
-        name, _, rest = str(e).partition(": ")         # the file --config names, as `moe-lit run` says it
-        msg = f"--config: {rest}" if name == "path_or_dict" else str(e)
+        name, _, rest = str(e).partition(": ")         # the argument as its flag, as `moe-lit run` says it
+        msg = f"{_FLAG_OF[name]}: {rest}" if name in _FLAG_OF else str(e)
         sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {msg}\n"); sys.stderr.flush()   # one write: no interleaving
         dist.destroy_process_group(); return 2
     status = 0

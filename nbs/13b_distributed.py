@@ -282,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
 
 # %%
 #| export
+_FLAG_OF = {"path_or_dict": "--config", "quant": "--quant", "experts": "--experts", "num_tokens": "--tokens",
+            "seed": "--seed", "strategy": "--placement", "max_num_tokens_per_rank": "--max-tokens-per-rank"}
+
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
@@ -307,8 +310,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
         run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank,
                               quant=quant)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first
-        name, _, rest = str(e).partition(": ")         # the file --config names, as `moe-lit run` says it
-        msg = f"--config: {rest}" if name == "path_or_dict" else str(e)
+        name, _, rest = str(e).partition(": ")         # the argument as its flag, as `moe-lit run` says it
+        msg = f"{_FLAG_OF[name]}: {rest}" if name in _FLAG_OF else str(e)
         sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {msg}\n"); sys.stderr.flush()   # one write: no interleaving
         dist.destroy_process_group(); return 2
     status = 0
@@ -348,5 +351,9 @@ if not dist.is_initialized() and not any(v in os.environ for v in ("RANK", "WORL
         assert "config.json num_experts_per_tok (top_k)" in err.getvalue(), err.getvalue()
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=str(Path(d, "none.json"))), 2)
         assert "error: --config: expected an existing config.json" in err.getvalue(), err.getvalue()
+        Path(d, "config.json").write_text(json.dumps(cfg_json))
+        with contextlib.redirect_stderr(io.StringIO()) as err:                   # a layer's argument, named as a flag
+            test_eq(run_job(config=d, tokens=6, experts="triton", quant="fp8", dtype="fp32"), 2)
+        assert "rank 0: error: --quant: expected a bf16 or fp16 layer" in err.getvalue(), err.getvalue()
     test_eq(dist.is_initialized(), False)                           # the job left no process group behind
 else: raise AssertionError("expected a process outside torchrun (no RANK/WORLD_SIZE/MASTER_* and no process group)")

@@ -50,5 +50,9 @@ def test_run_job_with_a_config():
             assert "config.json num_experts_per_tok (top_k)" in err.getvalue(), err.getvalue()
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=str(Path(d, "none.json"))), 2)
             assert "error: --config: expected an existing config.json" in err.getvalue(), err.getvalue()
+            Path(d, "config.json").write_text(json.dumps(cfg_json))
+            with contextlib.redirect_stderr(io.StringIO()) as err:                   # a layer's argument, named as a flag
+                test_eq(run_job(config=d, tokens=6, experts="triton", quant="fp8", dtype="fp32"), 2)
+            assert "rank 0: error: --quant: expected a bf16 or fp16 layer" in err.getvalue(), err.getvalue()
         test_eq(dist.is_initialized(), False)                           # the job left no process group behind
     else: raise AssertionError("expected a process outside torchrun (no RANK/WORLD_SIZE/MASTER_* and no process group)")
