@@ -8,11 +8,16 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['placement_record', 'placement_why', 'placement_head', 'format_sections', 'format_report', 'format_distributed_report']
 
-# %% ../nbs/15b_report.ipynb #8afaa978c550
+# %% ../nbs/15b_report.ipynb #db2ec80c118e
 def _abridge(xs: list | None, keep: int = 16) -> list | None:
     "`xs` with the middle replaced by '...' when longer than `keep` (for text only; the report keeps all)."
     if xs is None or len(xs) <= keep: return xs
     return xs[: keep // 2] + ["..."] + xs[-keep // 4:]
+
+def _spec_verdict(c: dict) -> str:
+    "A `check_spec_output` result in words."
+    return (f"rel err {c['rel_err']:.2e} (limit {c['rtol']:g}), cosine {c['cosine']:.6f} (limit {c['cosine_min']:g}) "
+            f"{'OK' if c['ok'] else 'FAIL: ' + c['detail']}")
 
 def _verdict(c: dict | None) -> str:
     if c is None: return "n/a (one rank)"
@@ -79,7 +84,7 @@ def _section_placement(r: dict) -> list[str]:
         f"  physical_to_global: {_abridge(t['physical_to_global'])}"]
     return out
 
-# %% ../nbs/15b_report.ipynb #c0872d6b923b
+# %% ../nbs/15b_report.ipynb #d076592cf20f
 def _section_load_check(r: dict) -> list[str]:
     l, c = r["load"], r["check"]
     return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
@@ -91,6 +96,11 @@ def _section_load_check(r: dict) -> list[str]:
                 if c['ep_vs_single_device'] or r["experts"]["implementation"] != "torch" else
                 "the same computation as the line above (one rank, torch experts)"),
             f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"] + (
+            [] if not c.get("vs_kernel_spec") else
+            [f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs the kernels spec:':<37}"
+             f"{_spec_verdict(c['vs_kernel_spec'])}",
+             "    (the quantized experts' float64 spec, activations rounded as the kernels round them: the bound of "
+             "the kernel tests)"]) + (
             [] if not r.get("quantization_error") else
             [f"  quantization error (output vs float64 on the weights before quantization, information): max rel err "
              f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.6f}"])
@@ -130,7 +140,7 @@ def format_report(report: dict,   # the data of `run_report`
     return format_sections(report, "report", "run_report", _REPORT_KEYS, lambda r: _section_model(r) + _section_properties(r)
                       + _section_placement(r) + _section_load_check(r) + _section_time(r))
 
-# %% ../nbs/15b_report.ipynb #9886dcb14c20
+# %% ../nbs/15b_report.ipynb #7c4cc4912425
 def _distributed_lines(r: dict) -> list[str]:
     c, t = r["check"], r["timing"]
     verdict = lambda x: f"{'ok' if x['ok'] else 'FAILED'} (max rel err {x['max_rel_err']:.2e}, rtol {x['rtol']:g})"
@@ -156,6 +166,8 @@ def _distributed_lines(r: dict) -> list[str]:
     lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
               f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",
               f"               single process vs float64: {verdict(c['single_process_vs_float64'])}",
+              *([f"               distributed vs the kernels' spec: {_spec_verdict(c['distributed_vs_kernel_spec'])}"]
+                if c.get("distributed_vs_kernel_spec") else []),
               *([f"  quantization error vs the float weights (information): max rel err "
                  f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.5f}"]
                 if r.get("quantization_error") else []),

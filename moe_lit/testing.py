@@ -11,9 +11,9 @@ from .quant import QUANT_SCHEMES, quant_scheme
 
 # %% auto #0
 __all__ = ['TINY_HF', 'GPU_CONSTEXPRS', 'tolerance', 'assert_close', 'poison_rows', 'check_tolerance', 'check_output',
-           'quant_error', 'assert_quant_close', 'experts_tolerance', 'tiny_hf_model', 'hf_moe_block', 'hf_moe_output',
-           'write_fp8_block_checkpoint', 'write_mxfp4_checkpoint', 'record_launches', 'launch_spec', 'compile_for_gpu',
-           'assert_compiles_for_gpu', 'check_launch_keys', 'emulate_ptx']
+           'quant_error', 'assert_quant_close', 'experts_tolerance', 'check_spec_output', 'tiny_hf_model',
+           'hf_moe_block', 'hf_moe_output', 'write_fp8_block_checkpoint', 'write_mxfp4_checkpoint', 'record_launches',
+           'launch_spec', 'compile_for_gpu', 'assert_compiles_for_gpu', 'check_launch_keys', 'emulate_ptx']
 
 # %% ../nbs/00_testing.ipynb #08630b781694
 _RTOL = {
@@ -120,11 +120,26 @@ def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1
     if not (rel < rel_tol and cos > cos_min):
         raise AssertionError(f"{name}: relative error {rel:.3g} (limit {rel_tol:g}), cosine {cos:.6f} (limit {cos_min:g})")
 
-# %% ../nbs/00_testing.ipynb #03f85629fbb8
+# %% ../nbs/00_testing.ipynb #d6bc01e442b9
 def experts_tolerance(scheme: str) -> tuple[float, float]:
     "`(relative error bound, cosine bound)` of a quantized experts class (two GEMMs) against its spec."
     if scheme not in QUANT_SCHEMES: raise ValueError(f"scheme: expected one of {list(QUANT_SCHEMES)}, got {scheme!r}")
     return (5e-2, 0.998) if quant_scheme(scheme).is_fp8 else (2e-2, 0.9995)
+
+def check_spec_output(actual: torch.Tensor,   # [T, H] a run's output on the Triton quantized experts
+                      spec: torch.Tensor,     # [T, H] float64: `09d`'s spec of those experts (activations rounded)
+                      quant: str,             # the experts' scheme (a QUANT_SCHEMES name)
+                     ) -> dict:
+    """A quantized run's check against its kernels' spec as data — `{rel_err, rtol, cosine, cosine_min, ok, detail}`
+    under `experts_tolerance(quant)`, the bound the kernel tests hold the experts to (never raises). The spec rounds
+    the activations as the kernels do, so this bound is several times tighter than the float64 check's for w8a8."""
+    rtol, cos_min = experts_tolerance(quant)
+    finite = bool(torch.isfinite(actual.float()).all())
+    rel, cos = quant_error(actual, spec)
+    ok = finite and rel < rtol and cos > cos_min
+    detail = "" if ok else ("non-finite values; " if not finite else "") + \
+        f"relative error {rel:.3g} (limit {rtol:g}), cosine {cos:.6f} (limit {cos_min:g})"
+    return dict(rel_err=rel, rtol=rtol, cosine=cos, cosine_min=cos_min, ok=ok, detail=detail)
 
 # %% ../nbs/00_testing.ipynb #880d82a52e5d
 TINY_HF = {   # model_type -> config.json keys of a tiny model of that family (2 decoder layers, hidden 32)

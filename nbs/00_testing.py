@@ -247,6 +247,32 @@ def experts_tolerance(scheme: str) -> tuple[float, float]:
     if scheme not in QUANT_SCHEMES: raise ValueError(f"scheme: expected one of {list(QUANT_SCHEMES)}, got {scheme!r}")
     return (5e-2, 0.998) if quant_scheme(scheme).is_fp8 else (2e-2, 0.9995)
 
+def check_spec_output(actual: torch.Tensor,   # [T, H] a run's output on the Triton quantized experts
+                      spec: torch.Tensor,     # [T, H] float64: `09d`'s spec of those experts (activations rounded)
+                      quant: str,             # the experts' scheme (a QUANT_SCHEMES name)
+                     ) -> dict:
+    """A quantized run's check against its kernels' spec as data — `{rel_err, rtol, cosine, cosine_min, ok, detail}`
+    under `experts_tolerance(quant)`, the bound the kernel tests hold the experts to (never raises). The spec rounds
+    the activations as the kernels do, so this bound is several times tighter than the float64 check's for w8a8."""
+    rtol, cos_min = experts_tolerance(quant)
+    finite = bool(torch.isfinite(actual.float()).all())
+    rel, cos = quant_error(actual, spec)
+    ok = finite and rel < rtol and cos > cos_min
+    detail = "" if ok else ("non-finite values; " if not finite else "") + \
+        f"relative error {rel:.3g} (limit {rtol:g}), cosine {cos:.6f} (limit {cos_min:g})"
+    return dict(rel_err=rel, rtol=rtol, cosine=cos, cosine_min=cos_min, ok=ok, detail=detail)
+
+# %%
+#| test check_spec_output
+w = torch.randn(64, 32, dtype=torch.float64)
+good = check_spec_output((w * 1.01).bfloat16(), w, "fp8_w8a8_block")
+assert good["ok"] and good["rtol"] == 0.05 and abs(good["rel_err"] - 0.01) < 5e-3, good
+bad = check_spec_output((w * 1.08).bfloat16(), w, "fp8_w8a8_block")             # FP8's bound is 5 %: 8 % fails
+assert not bad["ok"] and "relative error 0.08" in bad["detail"], bad
+assert not check_spec_output((w * 1.03).bfloat16(), w, "mxfp4_w4a16")["ok"]      # FP4's (16-bit activations): 2 %
+nan = w.clone(); nan[0, 0] = float("nan")
+assert check_spec_output(nan, w, "fp8_w8a8_block")["detail"].startswith("non-finite values")
+
 # %% [markdown]
 # ## Tiny Hugging Face models
 #

@@ -1878,6 +1878,7 @@ class EPRun:
     quant: str = "unquantized"        # the experts' weights (references use the dequantized weights)
     reference_unquantized: torch.Tensor | None = None   # [T, H] float64 on the weights before quantization (runs that
                                                         # quantized at load; None for a checkpoint's stored codes)
+    reference_kernels: torch.Tensor | None = None  # [T, H] float64: the Triton quantized experts' spec (their runs)
     dispatch_quant: tuple = (None, "")  # (block or None, reason): rank 0's rows quantized before dispatch (10_modular)
 
 # %%
@@ -1913,7 +1914,7 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
     stored = getattr(weights, "quant_scheme", None) == quant and quant != "unquantized"   # a checkpoint's own codes:
     ref_float = None if quant == "unquantized" or stored else \
         torch.zeros(T, H, dtype=torch.float64, device=hidden.device)                    # no weights before quantization
-    placements, rank_s, weight_s, topk = [], [], 0.0, None
+    placements, rank_s, weight_s, topk, shared_ref = [], [], 0.0, None, None
     for r in progress(range(ep), "EP ranks"):
         t0 = time.perf_counter()
         layer = FusedMoE(rank_config(config, r, tp_size), weights, placement, experts=experts,
@@ -1925,15 +1926,30 @@ def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, plac
         rank_s.append(time.perf_counter() - t1)
         if r == 0 and layer.shared_experts is not None:
             sh = layer.shared_experts
-            single += sh(hidden).to(acc); ref += sh(hidden.double())    # fp64 input: computed in fp64
-            if ref_float is not None: ref_float += sh(hidden.double())
+            single += sh(hidden).to(acc); ref += (shared_ref := sh(hidden.double()))   # fp64 input: in fp64
+            if ref_float is not None: ref_float += shared_ref
         placements.append(layer.placement)
         impl, dq = (layer.experts, layer.experts_reason), (layer.dispatch_quant, layer.dispatch_quant_reason)
         if on_rank is not None: on_rank(r, layer)
         del layer
-    reference_by_global_id(config, weights, hidden, *topk, single, ref, quant, ref_float)
+    ref_kernels = None
+    if kernels_spec_holds(quant, impl[0]):               # the kernels' own spec, shared experts as in `ref`
+        ref_kernels = torch.zeros_like(ref)
+        if shared_ref is not None: ref_kernels += shared_ref
+    reference_by_global_id(config, weights, hidden, *topk, single, ref, quant, ref_float, ref_kernels)
     return EPRun(rank_config(config, 0, tp_size), placements, topk[0], topk[1], out.to(config.dtype),
-                 single.to(config.dtype), ref, impl, rank_s, weight_s, quant, ref_float, dispatch_quant=dq)
+                 single.to(config.dtype), ref, impl, rank_s, weight_s, quant, ref_float, dispatch_quant=dq,
+                 reference_kernels=ref_kernels)
+
+def kernels_spec_holds(quant: str,            # the experts' scheme
+                       implementation: str,   # the experts' implementation ('torch', 'triton', 'triton_quant')
+                      ) -> bool:
+    """Whether `09d`'s spec of the quantized experts is a run's kernel semantics, so `reference_by_global_id` can give
+    it: Triton quantized experts whose activation scales are each row's own (FP8 per group or per token) or that take
+    16-bit activations (FP4). A per-tensor FP8 scale depends on which rows share a launch — each rank's, each expert
+    slab's in the batched format — so no spec of the whole batch holds for it."""
+    from moe_lit.quant_weights import ACTIVATION_GRANULARITY
+    return implementation == "triton_quant" and ACTIVATION_GRANULARITY.get(quant_scheme_name(quant)) != "tensor"
 
 def reference_by_global_id(config: MoEConfig, weights: WeightSource,
                            hidden: torch.Tensor,            # [T, H] config.dtype
@@ -1943,8 +1959,12 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
                            ref: torch.Tensor,               # [T, H] float64: added to in place
                            quant: str = "unquantized",      # the experts' scheme: the references use its dequantized weights
                            ref_float: torch.Tensor | None = None,   # [T, H] float64: the weights before quantization
+                           ref_kernels: torch.Tensor | None = None, # [T, H] float64: the Triton quantized experts' spec
                            ) -> None:
-    """Add every routed pair's expert MLP to `single` (computed in hidden's dtype), `ref` (float64) and `ref_float`,
+    """Add every routed pair's expert MLP to `single` (computed in hidden's dtype), `ref` (float64), `ref_float` and
+    `ref_kernels` (quantized only: `09d`'s spec of the Triton quantized experts, in float64 with the activations and
+    the intermediate rounded as those kernels round them — FP8 groups for w8a8 schemes — so the kernels' output is
+    held to the dtype's tolerance, not to the looser one of activation rounding),
     taking each pair's weights from `weights` by its global id (EPLB: physical `p` is logical `p % num_experts`), a few
     experts at a time: independent of any rank's placement and loaded weights — the check that EP emulation
     (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added.
@@ -1957,11 +1977,13 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     T, H = check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype).shape
     check_tensor("topk_weights", topk_weights, shape=(T, config.top_k), dtype=torch.float32)
     check_tensor("topk_ids", topk_ids, shape=(T, config.top_k), dtype=(torch.int32, torch.int64))
-    for n, t in (("single", single), ("ref", ref), ("ref_float", ref_float)):
-        if t is not None or n != "ref_float":
+    for n, t in (("single", single), ("ref", ref), ("ref_float", ref_float), ("ref_kernels", ref_kernels)):
+        if t is not None or n in ("single", "ref"):
             check_tensor(n, t, shape=(T, H), dtype=acc_dtype(config.dtype) if n == "single" else torch.float64)
+    if ref_kernels is not None and quant == "unquantized":
+        raise ValueError("ref_kernels: expected None for unquantized experts (the quantized experts' spec), got a tensor")
     for n, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("single", single), ("ref", ref),
-                 ("ref_float", ref_float)):
+                 ("ref_float", ref_float), ("ref_kernels", ref_kernels)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{n}: expected a tensor on hidden's device {hidden.device}, got {t.device}")
     if topk_ids.numel() and not (-1 <= int(topk_ids.min()) and int(topk_ids.max()) < config.num_physical_experts):
@@ -1981,8 +2003,11 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
             moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref_float, **ew)
         if quant != "unquantized":
             stored = weights.quantized_experts(chunk, quant)  # a checkpoint's codes, else quantized here as the layer does
-            q = stored if stored is not None else quantize_expert_weights(w["w13"], w["w2"], quant)
-            w["w13"], w["w2"] = q.to(hidden.device).dequantize(config.dtype)
+            q = (stored if stored is not None else quantize_expert_weights(w["w13"], w["w2"], quant)).to(hidden.device)
+            w["w13"], w["w2"] = q.dequantize(config.dtype)
+            if ref_kernels is not None:                   # the kernels' spec: FP8 activations rounded per group
+                from moe_lit.kernels.quant_experts import quant_experts_reference_standard
+                ref_kernels += quant_experts_reference_standard(hidden, q, topk_weights, pairs, **ew)
         moe_reference_standard(hidden, w["w13"], w["w2"], topk_weights, pairs, accumulate_into=single, **ew)
         moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref, **ew)
         w = None
@@ -2015,7 +2040,8 @@ for kw, msg in ((dict(weights={}), "weights: expected a WeightSource, got dict")
                 (dict(ref=z.float()), "ref: expected dtype torch.float64"),
                 (dict(single=z.float()[:5]), "single: expected shape [11, 32]"),
                 (dict(single=z.clone()), "single: expected dtype torch.float32"),
-                (dict(topk_ids=torch.full((11, 3), 8)), "topk_ids: expected ids in [-1, 8)")):
+                (dict(topk_ids=torch.full((11, 3), 8)), "topk_ids: expected ids in [-1, 8)"),
+                (dict(ref_kernels=z.clone()), "ref_kernels: expected None for unquantized experts")):
     args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.float(), ref=z.clone()) | kw
     test_fail(lambda: reference_by_global_id(**args), contains=msg)
 refs = {}
@@ -2023,6 +2049,8 @@ for quant in ("unquantized", "mxfp4"):                       # the scheme's weig
     refs[quant] = z.clone()
     reference_by_global_id(base, src, x, w, i, z.float(), refs[quant], quant)
 assert not torch.equal(refs["unquantized"], refs["mxfp4"])
+test_eq([kernels_spec_holds(q, impl) for q, impl in (("fp8", "triton_quant"), ("fp8_w8a8_channel", "triton_quant"),
+         ("mxfp4", "triton_quant"), ("fp8_w8a8_tensor", "triton_quant"), ("fp8", "torch"))], [True, True, True, False, False])
 
 # %% [markdown]
 # Rank count does not change the answer: 1, 2 and 4 ranks of the same model give the same output (to the dtype's

@@ -20,8 +20,8 @@ from moe_lit.placement import Placement
 from moe_lit.dispatch_plan import slab_sources
 from moe_lit.modular import ModularKernel, SharedExperts, make_experts, dispatch_quantization
 from moe_lit.quant import quant_scheme_name, QUANT_SCHEMES, QUANT_ALIASES
-from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id
-from moe_lit.testing import check_output
+from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id, kernels_spec_holds
+from moe_lit.testing import check_output, check_spec_output
 from moe_lit.report import format_distributed_report, placement_record
 from moe_lit.transport import (all_gather_rows, config_rank_in_group, group_device, init_distributed, transport_note,
                                make_distributed_prepare_finalize)
@@ -122,20 +122,23 @@ def _route(cfg: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor):
 # %%
 #| export
 def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: torch.Tensor, wts, ids,
-                    quant: str = "unquantized"):
-    """`(single [T, H] config.dtype, reference [T, H] float64, unquantized [T, H] float64 or None)`: every expert by
-    global id (`12_layer`; quantized: its dequantized weights, and the float ones for the last), then the shared ones."""
+                    quant: str = "unquantized", kernels_spec: bool = False):
+    """`(single [T, H] config.dtype, reference [T, H] float64, unquantized [T, H] float64 or None, kernels' spec
+    [T, H] float64 or None)`: every expert by global id (`12_layer`; quantized: its dequantized weights, the float
+    ones for the third, the Triton quantized experts' spec for the fourth when `kernels_spec`), then the shared ones."""
     T = hidden.shape[0]
     single = torch.zeros(T, config.hidden_size, dtype=acc_dtype(config.dtype))
     ref = torch.zeros(T, config.hidden_size, dtype=torch.float64)
     ref_float = None if quant == "unquantized" else torch.zeros_like(ref)
-    reference_by_global_id(config, weights, hidden, wts, ids, single, ref, quant, ref_float)
+    ref_kernels = torch.zeros_like(ref) if kernels_spec else None
+    reference_by_global_id(config, weights, hidden, wts, ids, single, ref, quant, ref_float, ref_kernels)
     shared = weights.shared()
     if shared is not None:
         sh = SharedExperts(**shared)
-        single += sh(hidden).to(single.dtype); ref += sh(hidden.double())
-        if ref_float is not None: ref_float += sh(hidden.double())
-    return single.to(config.dtype), ref, ref_float
+        single += sh(hidden).to(single.dtype); ref += (shared_ref := sh(hidden.double()))
+        for r in (ref_float, ref_kernels):
+            if r is not None: r += shared_ref
+    return single.to(config.dtype), ref, ref_float, ref_kernels
 
 # %%
 #| export
@@ -208,8 +211,8 @@ def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
 def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement, seed, backend, device) -> None:
     "Rank 0: the single-process result, the checks and the report, stored in `run`."
     t0, S, cfg = time.perf_counter(), len(run.token_counts), run.config
-    run.single_device, run.reference, run.reference_unquantized = _single_process(
-        config, weights, hidden_all, run.topk_weights, run.topk_ids, run.quant)
+    run.single_device, run.reference, run.reference_unquantized, spec = _single_process(
+        config, weights, hidden_all, run.topk_weights, run.topk_ids, run.quant, kernels_spec_holds(run.quant, run.experts[0]))
     q = (run.quant, run.experts[0])                                 # w8a8 kernels round activations; references do not
     batched = cfg.activation_format is ActivationFormat.BatchedExperts
     slabs_ok = None
@@ -237,7 +240,9 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                   "check": {"distributed_vs_float64": check_output(run.output, run.reference, config.dtype, *q),
                             "single_process_vs_float64": check_output(run.single_device, run.reference, config.dtype),
                             "distributed_vs_single_process": check_output(run.output, run.single_device.double(), config.dtype,
-                                                                          *q, between_runs=True)},
+                                                                          *q, between_runs=True),
+                            **({} if spec is None else      # activations rounded as the kernels do: their tests' bound
+                               {"distributed_vs_kernel_spec": check_spec_output(run.output, spec, run.quant)})},
                   "quantization_error": None if run.reference_unquantized is None else   # information, not a check
                       {k: v for k, v in check_output(run.output, run.reference_unquantized, config.dtype, *q).items()
                        if k in ("max_rel_err", "cosine")},

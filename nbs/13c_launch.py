@@ -367,6 +367,7 @@ test_eq(by_name["nixl_ep/linear"]["report"]["tokens_per_rank"], [7, 0])
 if "nixl_ep/fp8" in by_name:                                       # the interpreter's run: FP8 on the wire or not, why
     fp8, ht = by_name["nixl_ep/fp8"]["report"], by_name["deepep_high_throughput/fp8"]["report"]
     test_eq((fp8["dispatch_quant"], fp8["wire_bytes_per_pair"]), ([1, 128], 2048 + 4 * 16))
+    assert fp8["check"]["distributed_vs_kernel_spec"]["ok"], fp8["check"]          # the kernels' own spec, 5 %
     test_eq((ht["dispatch_quant"], ht["wire_bytes_per_pair"]), (None, None))
     assert "all-gather of its standard format sends rows in the model's dtype" in ht["dispatch_quant_note"], ht
     assert "on the wire  backend 'nixl_ep' quantizes before dispatch" in format_distributed_report(fp8)

@@ -33,6 +33,11 @@ def _abridge(xs: list | None, keep: int = 16) -> list | None:
     if xs is None or len(xs) <= keep: return xs
     return xs[: keep // 2] + ["..."] + xs[-keep // 4:]
 
+def _spec_verdict(c: dict) -> str:
+    "A `check_spec_output` result in words."
+    return (f"rel err {c['rel_err']:.2e} (limit {c['rtol']:g}), cosine {c['cosine']:.6f} (limit {c['cosine_min']:g}) "
+            f"{'OK' if c['ok'] else 'FAIL: ' + c['detail']}")
+
 def _verdict(c: dict | None) -> str:
     if c is None: return "n/a (one rank)"
     return f"max rel err {c['max_rel_err']:.2e} (rtol {c['rtol']:g}), cosine {c.get('cosine', 1.0):.6f} {'OK' if c['ok'] else 'FAIL: ' + c['detail']}"
@@ -113,6 +118,11 @@ def _section_load_check(r: dict) -> list[str]:
                 if c['ep_vs_single_device'] or r["experts"]["implementation"] != "torch" else
                 "the same computation as the line above (one rank, torch experts)"),
             f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"] + (
+            [] if not c.get("vs_kernel_spec") else
+            [f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs the kernels spec:':<37}"
+             f"{_spec_verdict(c['vs_kernel_spec'])}",
+             "    (the quantized experts' float64 spec, activations rounded as the kernels round them: the bound of "
+             "the kernel tests)"]) + (
             [] if not r.get("quantization_error") else
             [f"  quantization error (output vs float64 on the weights before quantization, information): max rel err "
              f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.6f}"])
@@ -232,6 +242,8 @@ def _distributed_lines(r: dict) -> list[str]:
     lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
               f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",
               f"               single process vs float64: {verdict(c['single_process_vs_float64'])}",
+              *([f"               distributed vs the kernels' spec: {_spec_verdict(c['distributed_vs_kernel_spec'])}"]
+                if c.get("distributed_vs_kernel_spec") else []),
               *([f"  quantization error vs the float weights (information): max rel err "
                  f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.5f}"]
                 if r.get("quantization_error") else []),

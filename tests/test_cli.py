@@ -14,7 +14,7 @@ from moe_lit.quant import QUANT_ALIASES
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
-from moe_lit.testing import check_output
+from moe_lit.testing import check_output, check_spec_output
 from moe_lit.report import format_report, format_sections, placement_head, placement_record
 from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
@@ -142,6 +142,8 @@ def test_run_quantized_cli():
             on_gpu = experts == "triton" or torch.cuda.is_available()              # auto: the oracle's kernels on a GPU
             test_eq(rep["experts"]["implementation"], "triton_quant" if on_gpu else "torch")
             assert rep["check"]["vs_float64"]["ok"] and rep["check"]["vs_float64"]["cosine"] > 0.99
+            spec = rep["check"]["vs_kernel_spec"]                     # the Triton kernels against their own spec
+            assert (spec is not None and spec["ok"] and spec["rel_err"] < spec["rtol"]) if on_gpu else spec is None, spec
         with contextlib.redirect_stderr(io.StringIO()) as err:
             test_eq(main(["run", "--config", str(f), "--quant", "nvfp4_w4a16", "--backend", "triton_contiguous_w4a16",
                           "--device", "cpu"]), 2)

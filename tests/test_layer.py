@@ -704,7 +704,8 @@ def test_emulated_ep_every_backend():
                     (dict(ref=z.float()), "ref: expected dtype torch.float64"),
                     (dict(single=z.float()[:5]), "single: expected shape [11, 32]"),
                     (dict(single=z.clone()), "single: expected dtype torch.float32"),
-                    (dict(topk_ids=torch.full((11, 3), 8)), "topk_ids: expected ids in [-1, 8)")):
+                    (dict(topk_ids=torch.full((11, 3), 8)), "topk_ids: expected ids in [-1, 8)"),
+                    (dict(ref_kernels=z.clone()), "ref_kernels: expected None for unquantized experts")):
         args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.float(), ref=z.clone()) | kw
         test_fail(lambda: reference_by_global_id(**args), contains=msg)
     refs = {}
@@ -712,6 +713,8 @@ def test_emulated_ep_every_backend():
         refs[quant] = z.clone()
         reference_by_global_id(base, src, x, w, i, z.float(), refs[quant], quant)
     assert not torch.equal(refs["unquantized"], refs["mxfp4"])
+    test_eq([kernels_spec_holds(q, impl) for q, impl in (("fp8", "triton_quant"), ("fp8_w8a8_channel", "triton_quant"),
+             ("mxfp4", "triton_quant"), ("fp8_w8a8_tensor", "triton_quant"), ("fp8", "torch"))], [True, True, True, False, False])
 
 
 def test_emulated_ep_rank_counts():

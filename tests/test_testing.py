@@ -76,6 +76,17 @@ def test_quant_error_measures():
     test_fail(lambda: assert_quant_close(torch.zeros(3, dtype=torch.float64), w[:3]), contains="cosine 0.000000")
 
 
+def test_check_spec_output():
+    w = torch.randn(64, 32, dtype=torch.float64)
+    good = check_spec_output((w * 1.01).bfloat16(), w, "fp8_w8a8_block")
+    assert good["ok"] and good["rtol"] == 0.05 and abs(good["rel_err"] - 0.01) < 5e-3, good
+    bad = check_spec_output((w * 1.08).bfloat16(), w, "fp8_w8a8_block")             # FP8's bound is 5 %: 8 % fails
+    assert not bad["ok"] and "relative error 0.08" in bad["detail"], bad
+    assert not check_spec_output((w * 1.03).bfloat16(), w, "mxfp4_w4a16")["ok"]      # FP4's (16-bit activations): 2 %
+    nan = w.clone(); nan[0, 0] = float("nan")
+    assert check_spec_output(nan, w, "fp8_w8a8_block")["detail"].startswith("non-finite values")
+
+
 def test_tiny_hf_models():
     for t in TINY_HF:                                 # transformers is a test dependency: this fails without it
         block = hf_moe_block(tiny_hf_model(t), 1)
