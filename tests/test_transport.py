@@ -96,8 +96,6 @@ def test_all_to_all_fp8_on_the_wire():
             test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
             test_fail(lambda: pf.prepare(hidden.float(), wts, ids.long(), layer.placement),
                       contains="hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire")
-            test_fail(lambda: make_distributed_prepare_finalize(layer.config, quant_block=(1, 128)),
-                      contains="quant_block: expected None for the standard format")
             for bad in ((1, 100), (True, 128), (1.0, 128), (1, 2**20), [1, 128]):
                 test_fail(lambda: AllToAllBatchedPrepareFinalize(8, quant_block=bad), contains="quant_block: expected None or (1, group)")
             narrow = AllToAllBatchedPrepareFinalize(8, quant_block=(1, 64))                  # groups the weights do not take
@@ -132,6 +130,9 @@ def test_factory_needs_a_group():
         test_fail(lambda: AllToAllBatchedPrepareFinalize(4), contains="group: expected an initialized torch.distributed")
         test_fail(lambda: AllGatherReduceScatterPrepareFinalize(), contains="group: expected an initialized")
     test_fail(lambda: make_distributed_prepare_finalize("cfg"), contains="config: expected a MoEConfig, got str")
+    with one_process_group():                                           # FP8 rows only in the batched format's all-to-all
+        test_fail(lambda: make_distributed_prepare_finalize(MoEConfig(8, 2, 256, 64), quant_block=(1, 128)),
+                  contains="quant_block: expected None for the standard format")
 
 
 def test_all_gather_rows_one_process():
