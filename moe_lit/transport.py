@@ -238,7 +238,7 @@ def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Place
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
 
-# %% ../nbs/13a_transport.ipynb #c02014b256cd
+# %% ../nbs/13a_transport.ipynb #995dddb6c6ca
 @patch(nm="prepare")
 def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                  hidden: torch.Tensor,              # [T, H] this rank's tokens (T may be 0)
@@ -246,7 +246,10 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                  topk_ids: torch.Tensor,            # [T, top_k] int32/int64 global (physical) ids, -1 = none
                  placement: Placement,              # this rank's placement
                  apply_router_weight_on_input: bool = False) -> DistributedPrepared:
-    "Slabs `a [E_local, capacity, H_wire]` (padding NaN) and `expert_num_tokens [E_local]` int32 of this rank."
+    """Slabs `a [E_local, capacity, H_wire]` (padding NaN) and `expert_num_tokens [E_local]` int32 of this rank; with
+    `quant_block`, `a` float8_e4m3fn and `a_scale [E_local, capacity, G]` fp32 (both NaN past the counts). A collective:
+    every rank calls it. ValueError, on every rank alike, for ranks whose rows differ (dtype, wire width, FP8 group,
+    capacity) or a capacity overflow; and for bad arguments, a non-16-bit `hidden` with `quant_block` among them."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
     if self.quant_block and hidden.dtype not in (torch.bfloat16, torch.float16):

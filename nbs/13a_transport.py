@@ -354,7 +354,10 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                  topk_ids: torch.Tensor,            # [T, top_k] int32/int64 global (physical) ids, -1 = none
                  placement: Placement,              # this rank's placement
                  apply_router_weight_on_input: bool = False) -> DistributedPrepared:
-    "Slabs `a [E_local, capacity, H_wire]` (padding NaN) and `expert_num_tokens [E_local]` int32 of this rank."
+    """Slabs `a [E_local, capacity, H_wire]` (padding NaN) and `expert_num_tokens [E_local]` int32 of this rank; with
+    `quant_block`, `a` float8_e4m3fn and `a_scale [E_local, capacity, G]` fp32 (both NaN past the counts). A collective:
+    every rank calls it. ValueError, on every rank alike, for ranks whose rows differ (dtype, wire width, FP8 group,
+    capacity) or a capacity overflow; and for bad arguments, a non-16-bit `hidden` with `quant_block` among them."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
     if self.quant_block and hidden.dtype not in (torch.bfloat16, torch.float16):
