@@ -937,7 +937,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #9f0e78e6ab1c
+# %% ../nbs/12_layer.ipynb #1b80b1378a99
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -990,7 +990,21 @@ def kernels_spec_holds(quant: str,            # the experts' scheme
     16-bit activations (FP4). A per-tensor FP8 scale depends on which rows share a launch — each rank's, each expert
     slab's in the batched format — so no spec of the whole batch holds for it."""
     from moe_lit.quant_weights import ACTIVATION_GRANULARITY
-    return implementation == "triton_quant" and ACTIVATION_GRANULARITY.get(quant_scheme_name(quant)) != "tensor"
+    quant = quant_scheme_name(quant)
+    return implementation == "triton_quant" and quant != "unquantized" and ACTIVATION_GRANULARITY.get(quant) != "tensor"
+
+def _kernels_spec(config: MoEConfig, hidden, q, topk_weights, pairs, ew: dict) -> torch.Tensor:
+    """`[T, H]` float64: `09d`'s spec of the Triton quantized experts on the pairs `pairs` (chunk-local ids, -1 none).
+    With the router weight on the input in the batched format, the dispatch weights each pair's row and stores it in
+    the model's dtype before the experts quantize it: the spec then runs on those rounded rows, one pair a row."""
+    from moe_lit.kernels.quant_experts import quant_experts_reference_standard
+    if not (ew["apply_router_weight_on_input"] and config.activation_format is ActivationFormat.BatchedExperts):
+        return quant_experts_reference_standard(hidden, q, topk_weights, pairs, **ew)
+    (T, k), acc = pairs.shape, acc_dtype(hidden.dtype)
+    rows = (hidden.to(acc)[:, None] * topk_weights.to(acc)[..., None]).to(hidden.dtype).reshape(T * k, -1)
+    ones = torch.ones(T * k, 1, dtype=torch.float32, device=hidden.device)
+    y = quant_experts_reference_standard(rows, q, ones, pairs.reshape(-1, 1), **dict(ew, apply_router_weight_on_input=False))
+    return y.view(T, k, -1).sum(1)
 
 def reference_by_global_id(config: MoEConfig, weights: WeightSource,
                            hidden: torch.Tensor,            # [T, H] config.dtype
@@ -1047,8 +1061,7 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
             q = (stored if stored is not None else quantize_expert_weights(w["w13"], w["w2"], quant)).to(hidden.device)
             w["w13"], w["w2"] = q.dequantize(config.dtype)
             if ref_kernels is not None:                   # the kernels' spec: FP8 activations rounded per group
-                from moe_lit.kernels.quant_experts import quant_experts_reference_standard
-                ref_kernels += quant_experts_reference_standard(hidden, q, topk_weights, pairs, **ew)
+                ref_kernels += _kernels_spec(config, hidden, q, topk_weights, pairs, ew)
         moe_reference_standard(hidden, w["w13"], w["w2"], topk_weights, pairs, accumulate_into=single, **ew)
         moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref, **ew)
         w = None

@@ -120,7 +120,7 @@ def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1
     if not (rel < rel_tol and cos > cos_min):
         raise AssertionError(f"{name}: relative error {rel:.3g} (limit {rel_tol:g}), cosine {cos:.6f} (limit {cos_min:g})")
 
-# %% ../nbs/00_testing.ipynb #d6bc01e442b9
+# %% ../nbs/00_testing.ipynb #5a954e5c48e4
 def experts_tolerance(scheme: str) -> tuple[float, float]:
     "`(relative error bound, cosine bound)` of a quantized experts class (two GEMMs) against its spec."
     if scheme not in QUANT_SCHEMES: raise ValueError(f"scheme: expected one of {list(QUANT_SCHEMES)}, got {scheme!r}")
@@ -131,9 +131,12 @@ def check_spec_output(actual: torch.Tensor,   # [T, H] a run's output on the Tri
                       quant: str,             # the experts' scheme (a QUANT_SCHEMES name)
                      ) -> dict:
     """A quantized run's check against its kernels' spec as data — `{rel_err, rtol, cosine, cosine_min, ok, detail}`
-    under `experts_tolerance(quant)`, the bound the kernel tests hold the experts to (never raises). The spec rounds
-    the activations as the kernels do, so this bound is several times tighter than the float64 check's for w8a8."""
-    rtol, cos_min = experts_tolerance(quant)
+    under `experts_tolerance(quant)`, the bound the kernel tests hold the experts to. The spec rounds the activations
+    as the kernels do, so this bound is several times tighter than the float64 check's for w8a8. A failed check is
+    data, not an exception; ValueError only for a `quant` that is not a quantized scheme (short names are taken) or
+    tensors of different sizes."""
+    from moe_lit.quant import quant_scheme_name
+    rtol, cos_min = experts_tolerance(quant_scheme_name(quant))
     finite = bool(torch.isfinite(actual.float()).all())
     rel, cos = quant_error(actual, spec)
     ok = finite and rel < rtol and cos > cos_min

@@ -252,9 +252,12 @@ def check_spec_output(actual: torch.Tensor,   # [T, H] a run's output on the Tri
                       quant: str,             # the experts' scheme (a QUANT_SCHEMES name)
                      ) -> dict:
     """A quantized run's check against its kernels' spec as data — `{rel_err, rtol, cosine, cosine_min, ok, detail}`
-    under `experts_tolerance(quant)`, the bound the kernel tests hold the experts to (never raises). The spec rounds
-    the activations as the kernels do, so this bound is several times tighter than the float64 check's for w8a8."""
-    rtol, cos_min = experts_tolerance(quant)
+    under `experts_tolerance(quant)`, the bound the kernel tests hold the experts to. The spec rounds the activations
+    as the kernels do, so this bound is several times tighter than the float64 check's for w8a8. A failed check is
+    data, not an exception; ValueError only for a `quant` that is not a quantized scheme (short names are taken) or
+    tensors of different sizes."""
+    from moe_lit.quant import quant_scheme_name
+    rtol, cos_min = experts_tolerance(quant_scheme_name(quant))
     finite = bool(torch.isfinite(actual.float()).all())
     rel, cos = quant_error(actual, spec)
     ok = finite and rel < rtol and cos > cos_min
@@ -271,7 +274,8 @@ bad = check_spec_output((w * 1.08).bfloat16(), w, "fp8_w8a8_block")             
 assert not bad["ok"] and "relative error 0.08" in bad["detail"], bad
 assert not check_spec_output((w * 1.03).bfloat16(), w, "mxfp4_w4a16")["ok"]      # FP4's (16-bit activations): 2 %
 nan = w.clone(); nan[0, 0] = float("nan")
-assert check_spec_output(nan, w, "fp8_w8a8_block")["detail"].startswith("non-finite values")
+assert check_spec_output(nan, w, "fp8")["detail"].startswith("non-finite values")          # a short name
+test_fail(lambda: check_spec_output(w, w, "unquantized"), contains="scheme: expected one of")
 
 # %% [markdown]
 # ## Tiny Hugging Face models

@@ -1949,7 +1949,21 @@ def kernels_spec_holds(quant: str,            # the experts' scheme
     16-bit activations (FP4). A per-tensor FP8 scale depends on which rows share a launch — each rank's, each expert
     slab's in the batched format — so no spec of the whole batch holds for it."""
     from moe_lit.quant_weights import ACTIVATION_GRANULARITY
-    return implementation == "triton_quant" and ACTIVATION_GRANULARITY.get(quant_scheme_name(quant)) != "tensor"
+    quant = quant_scheme_name(quant)
+    return implementation == "triton_quant" and quant != "unquantized" and ACTIVATION_GRANULARITY.get(quant) != "tensor"
+
+def _kernels_spec(config: MoEConfig, hidden, q, topk_weights, pairs, ew: dict) -> torch.Tensor:
+    """`[T, H]` float64: `09d`'s spec of the Triton quantized experts on the pairs `pairs` (chunk-local ids, -1 none).
+    With the router weight on the input in the batched format, the dispatch weights each pair's row and stores it in
+    the model's dtype before the experts quantize it: the spec then runs on those rounded rows, one pair a row."""
+    from moe_lit.kernels.quant_experts import quant_experts_reference_standard
+    if not (ew["apply_router_weight_on_input"] and config.activation_format is ActivationFormat.BatchedExperts):
+        return quant_experts_reference_standard(hidden, q, topk_weights, pairs, **ew)
+    (T, k), acc = pairs.shape, acc_dtype(hidden.dtype)
+    rows = (hidden.to(acc)[:, None] * topk_weights.to(acc)[..., None]).to(hidden.dtype).reshape(T * k, -1)
+    ones = torch.ones(T * k, 1, dtype=torch.float32, device=hidden.device)
+    y = quant_experts_reference_standard(rows, q, ones, pairs.reshape(-1, 1), **dict(ew, apply_router_weight_on_input=False))
+    return y.view(T, k, -1).sum(1)
 
 def reference_by_global_id(config: MoEConfig, weights: WeightSource,
                            hidden: torch.Tensor,            # [T, H] config.dtype
@@ -2006,8 +2020,7 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
             q = (stored if stored is not None else quantize_expert_weights(w["w13"], w["w2"], quant)).to(hidden.device)
             w["w13"], w["w2"] = q.dequantize(config.dtype)
             if ref_kernels is not None:                   # the kernels' spec: FP8 activations rounded per group
-                from moe_lit.kernels.quant_experts import quant_experts_reference_standard
-                ref_kernels += quant_experts_reference_standard(hidden, q, topk_weights, pairs, **ew)
+                ref_kernels += _kernels_spec(config, hidden, q, topk_weights, pairs, ew)
         moe_reference_standard(hidden, w["w13"], w["w2"], topk_weights, pairs, accumulate_into=single, **ew)
         moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref, **ew)
         w = None
@@ -2050,7 +2063,8 @@ for quant in ("unquantized", "mxfp4"):                       # the scheme's weig
     reference_by_global_id(base, src, x, w, i, z.float(), refs[quant], quant)
 assert not torch.equal(refs["unquantized"], refs["mxfp4"])
 test_eq([kernels_spec_holds(q, impl) for q, impl in (("fp8", "triton_quant"), ("fp8_w8a8_channel", "triton_quant"),
-         ("mxfp4", "triton_quant"), ("fp8_w8a8_tensor", "triton_quant"), ("fp8", "torch"))], [True, True, True, False, False])
+         ("mxfp4", "triton_quant"), ("fp8_w8a8_tensor", "triton_quant"), ("fp8", "torch"), ("unquantized", "triton_quant"))],
+        [True, True, True, False, False, False])
 
 # %% [markdown]
 # Rank count does not change the answer: 1, 2 and 4 ranks of the same model give the same output (to the dtype's

@@ -31,7 +31,8 @@ from moe_lit.dispatch_plan import plot_dispatch
 import contextlib, socket
 from moe_lit.layer import FusedMoE
 from moe_lit.formats import moe_reference_standard
-from moe_lit.modular import ModularKernel, make_experts
+from moe_lit.modular import ModularKernel, make_experts, BatchedPrepareFinalize
+from moe_lit.kernels.quant_act import fp8_quantize_activations_reference
 
 # %%
 #| helper
@@ -475,8 +476,6 @@ assert_close(got, want, name="all-to-all batched, one process")
 # %%
 #| test all_to_all_fp8_on_the_wire
 if not torch.cuda.is_available():                 # the interpreter (CPU); the GPU runs it in 13c over NCCL
-    from moe_lit.kernels.quant_act import fp8_quantize_activations_reference
-    from moe_lit.dispatch_plan import send_plan
     layer = FusedMoE(MoEConfig(8, 2, 256, 64, dtype=torch.bfloat16), experts="triton", quant="fp8", seed=3)   # one rank:
     hidden = torch.randn(5, 256, generator=torch.Generator().manual_seed(5)).bfloat16()          # its GEMM1 quantizes
     wts, ids = layer.route(hidden)
@@ -501,7 +500,6 @@ if not torch.cuda.is_available():                 # the interpreter (CPU); the G
         narrow = AllToAllBatchedPrepareFinalize(8, quant_block=(1, 64))                  # groups the weights do not take
         test_fail(lambda: ModularKernel(narrow, make_experts(narrow, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(),
                   layer.placement), contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
-    from moe_lit.modular import BatchedPrepareFinalize
     here = BatchedPrepareFinalize(8, 1, use_triton=True, quant_block=pf.quant_block)      # the in-process FP8 dispatch
     same = ModularKernel(here, make_experts(here, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(), layer.placement)
     assert_close(got, same, name="FP8 across processes vs the in-process FP8 dispatch")   # same slabs; the sums of a

@@ -56,7 +56,7 @@ def test_distributed_world_2():
     for res in results[0]:
         if "error" in res: continue
         if res["report"]["experts"]["quant"] != "unquantized":    # w8a8: the report's checks allow for the activations'
-            assert all(c["ok"] for c in res["report"]["check"].values()), (res["name"], res["report"]["check"])   # rounding
+            assert all(c["ok"] for c in res["report"]["check"].values() if c), (res["name"], res["report"]["check"])   # rounding
             continue
         for key, want in (("output", res["reference"]), ("single_device", res["reference"])):
             assert_close(res[key], want, name=f"{res['name']} {key}")

@@ -714,7 +714,8 @@ def test_emulated_ep_every_backend():
         reference_by_global_id(base, src, x, w, i, z.float(), refs[quant], quant)
     assert not torch.equal(refs["unquantized"], refs["mxfp4"])
     test_eq([kernels_spec_holds(q, impl) for q, impl in (("fp8", "triton_quant"), ("fp8_w8a8_channel", "triton_quant"),
-             ("mxfp4", "triton_quant"), ("fp8_w8a8_tensor", "triton_quant"), ("fp8", "torch"))], [True, True, True, False, False])
+             ("mxfp4", "triton_quant"), ("fp8_w8a8_tensor", "triton_quant"), ("fp8", "torch"), ("unquantized", "triton_quant"))],
+            [True, True, True, False, False, False])
 
 
 def test_emulated_ep_rank_counts():
