@@ -73,7 +73,9 @@
 #   at a peak of 1.5, 3.2 and 3.1 GiB resident; the report's last line gives the run's own peak. The Triton kernels of
 #   every quantized scheme take 16-bit activations, so with `--experts triton` a float32 layer is refused for them:
 #   pass `--dtype bf16` (or `fp16`), or run the torch reference (`--experts torch`, the CPU's default), which takes
-#   float32 too.
+#   float32 too. With the Triton quantized experts the report adds a check against the kernels' own float64 spec,
+#   which rounds the activations as the kernels do (5 % for FP8 where the float64 check allows 30 %; not for
+#   per-tensor FP8, whose scale depends on which rows share a launch).
 # - **Small shapes.** Without a GPU the experts run as the torch reference; `--experts triton` runs the Triton kernels
 #   in Triton's CPU interpreter, meant for small shapes (a full-size model takes minutes). Shrink a model with a small
 #   `config.json` passed as `--config` (any family's keys, e.g. Qwen3-MoE's: `model_type` qwen3_moe, `hidden_size`
