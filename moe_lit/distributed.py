@@ -87,7 +87,7 @@ def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: tor
             if r is not None: r += shared_ref
     return single.to(config.dtype), ref, ref_float, ref_kernels
 
-# %% ../nbs/13b_distributed.ipynb #5a0c4f197c0d
+# %% ../nbs/13b_distributed.ipynb #be9c63ce57d3
 def run_distributed(config: MoEConfig,                 # the model on its deployment: parallel.ep_size = world size
                     num_tokens: int = 64,              # tokens in the whole batch, split over the ranks
                     placement: str | None = None,      # requested placement: 'linear' or 'round_robin' (None: linear)
@@ -98,7 +98,11 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
                     group=None,                        # the EP group (None: the default group)
                     quant: str = "unquantized",        # experts' scheme, quantized at load (short names: 'fp8', ...)
                    ) -> DistributedRun:
-    "The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result."
+    """The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result
+    (float64, and for the Triton quantized experts their own spec). Returns a `DistributedRun` on every rank, its
+    references and report on rank 0. A collective: every rank calls it with the same arguments. ValueError, on every
+    rank alike, naming the argument for a bad config, token counts, seed, placement, experts or `quant`, ranks that
+    disagree, or a capacity overflow."""
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
     weights, quant = RandomExpertWeights(config, seed), quant_scheme_name(quant)

@@ -529,7 +529,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #205536d40b37
+# %% ../nbs/10_modular.ipynb #68b76771b4c3
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
@@ -540,8 +540,10 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
     the activation format) and the experts: only FP8 block experts (1×g activation groups, g the record's) take FP8
     slabs as they are, and only the batched format moves rows in this process. Then GEMM1 launches no quantizer: the
     dispatch quantizes each row it sends (after the router weight, when that is applied on the input) and the slabs
-    hold FP8 and its scales — half the bytes. ValueError
-    naming `config`, `experts` or `qweights` for a wrong type or value. Source: vLLM's DeepEP low-latency and NIXL EP
+    hold FP8 and its scales — half the bytes. With `across_processes` the question is the all-to-all of
+    `13a_transport` (real ranks): the same rules, except that a group of one sends nothing, and the Standard format's
+    all-gather sends rows in the model's dtype. ValueError naming `config`, `experts`, `qweights` or
+    `across_processes` for a wrong type or value. Source: vLLM's DeepEP low-latency and NIXL EP
     prepare/finalize (vllm-project/vllm `deepep_ll_prepare_finalize.py`), which send block-FP8 activations when the
     experts' quant config asks for 128-wide groups; DeepEP's `low_latency_dispatch(..., use_fp8=True)`."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")

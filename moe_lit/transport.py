@@ -356,14 +356,17 @@ def transport_note(config: MoEConfig) -> str:
         return f"{head}; the {module} library is installed, but moe-lit has no adapter for it yet, so it is not used"
     return f"{head}; the {module} library is not installed (moe-lit's implementation of the same contract is used)"
 
-# %% ../nbs/13a_transport.ipynb #8daf0706ee3b
+# %% ../nbs/13a_transport.ipynb #2904e480e87c
 def make_distributed_prepare_finalize(
     config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
     group=None,                               # the EP group (None: the default group)
     max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
     quant_block: tuple | None = None,         # (1, group): rows sent as FP8 (`dispatch_quantization`; batched only)
 ):
-    "The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format."
+    """The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format:
+    `AllToAllBatchedPrepareFinalize` (BatchedExperts; FP8 rows with `quant_block`) or
+    `AllGatherReduceScatterPrepareFinalize` (Standard). ValueError naming the argument for a config that is not this
+    rank's of the group, a bad capacity or `quant_block`, or a `quant_block` for the Standard format."""
     rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")

@@ -568,7 +568,10 @@ def make_distributed_prepare_finalize(
     max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
     quant_block: tuple | None = None,         # (1, group): rows sent as FP8 (`dispatch_quantization`; batched only)
 ):
-    "The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format."
+    """The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format:
+    `AllToAllBatchedPrepareFinalize` (BatchedExperts; FP8 rows with `quant_block`) or
+    `AllGatherReduceScatterPrepareFinalize` (Standard). ValueError naming the argument for a config that is not this
+    rank's of the group, a bad capacity or `quant_block`, or a `quant_block` for the Standard format."""
     rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")

@@ -152,7 +152,11 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
                     group=None,                        # the EP group (None: the default group)
                     quant: str = "unquantized",        # experts' scheme, quantized at load (short names: 'fp8', ...)
                    ) -> DistributedRun:
-    "The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result."
+    """The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result
+    (float64, and for the Triton quantized experts their own spec). Returns a `DistributedRun` on every rank, its
+    references and report on rank 0. A collective: every rank calls it with the same arguments. ValueError, on every
+    rank alike, naming the argument for a bad config, token counts, seed, placement, experts or `quant`, ranks that
+    disagree, or a capacity overflow."""
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
     weights, quant = RandomExpertWeights(config, seed), quant_scheme_name(quant)
