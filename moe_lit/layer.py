@@ -937,7 +937,7 @@ def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
                               all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #1b80b1378a99
+# %% ../nbs/12_layer.ipynb #119d8b1ef2dc
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -1019,7 +1019,7 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     """Add every routed pair's expert MLP to `single` (computed in hidden's dtype), `ref` (float64), `ref_float` and
     `ref_kernels` (quantized only: `09d`'s spec of the Triton quantized experts, in float64 with the activations and
     the intermediate rounded as those kernels round them — FP8 groups for w8a8 schemes — so the kernels' output is
-    held to the dtype's tolerance, not to the looser one of activation rounding),
+    held to the kernel tests' bound, `00_testing.experts_tolerance`, not to the looser one of activation rounding),
     taking each pair's weights from `weights` by its global id (EPLB: physical `p` is logical `p % num_experts`), a few
     experts at a time: independent of any rank's placement and loaded weights — the check that EP emulation
     (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added.

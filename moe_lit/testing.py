@@ -11,9 +11,10 @@ from .quant import QUANT_SCHEMES, quant_scheme
 
 # %% auto #0
 __all__ = ['TINY_HF', 'GPU_CONSTEXPRS', 'tolerance', 'assert_close', 'poison_rows', 'check_tolerance', 'check_output',
-           'quant_error', 'assert_quant_close', 'experts_tolerance', 'check_spec_output', 'tiny_hf_model',
-           'hf_moe_block', 'hf_moe_output', 'write_fp8_block_checkpoint', 'write_mxfp4_checkpoint', 'record_launches',
-           'launch_spec', 'compile_for_gpu', 'assert_compiles_for_gpu', 'check_launch_keys', 'emulate_ptx']
+           'quantization_error', 'quant_error', 'assert_quant_close', 'experts_tolerance', 'check_spec_output',
+           'tiny_hf_model', 'hf_moe_block', 'hf_moe_output', 'write_fp8_block_checkpoint', 'write_mxfp4_checkpoint',
+           'record_launches', 'launch_spec', 'compile_for_gpu', 'assert_compiles_for_gpu', 'check_launch_keys',
+           'emulate_ptx']
 
 # %% ../nbs/00_testing.ipynb #08630b781694
 _RTOL = {
@@ -73,7 +74,7 @@ def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementati
     if s is not None and s.is_fp8 and implementation == "triton_quant": return max(rtol, 0.3), 0.995   # (measured: above)
     return rtol, 0.999
 
-# %% ../nbs/00_testing.ipynb #4fbafd047501
+# %% ../nbs/00_testing.ipynb #4488aa59e12a
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "max |a - b| / max |b| (0 for an all-zero b)."
     a, b = a.double().cpu(), b.double().cpu()
@@ -95,6 +96,15 @@ def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float d
     if ok and cos < cos_min: ok, msg = False, f"cosine {cos:.6f} < {cos_min}"
     return {"max_rel_err": _max_rel(actual, reference), "rtol": rtol, "cosine": cos, "cosine_min": cos_min, "ok": ok,
             "detail": msg}
+
+def quantization_error(actual: torch.Tensor,               # [T, H] a quantized run's output
+                       unquantized: torch.Tensor | None,   # [T, H] float64 on the weights before quantization, or None
+                       dtype: torch.dtype) -> dict | None:
+    """`{max_rel_err, cosine}` of a quantized run against the float64 result of its weights before quantization —
+    information, not a check (what quantizing cost) — or None without that reference (a checkpoint's stored codes)."""
+    if unquantized is None: return None
+    c = check_output(actual, unquantized, dtype)
+    return {"max_rel_err": c["max_rel_err"], "cosine": c["cosine"]}
 
 # %% ../nbs/00_testing.ipynb #f6f2161260b4
 def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:

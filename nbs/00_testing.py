@@ -182,6 +182,15 @@ def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float d
     return {"max_rel_err": _max_rel(actual, reference), "rtol": rtol, "cosine": cos, "cosine_min": cos_min, "ok": ok,
             "detail": msg}
 
+def quantization_error(actual: torch.Tensor,               # [T, H] a quantized run's output
+                       unquantized: torch.Tensor | None,   # [T, H] float64 on the weights before quantization, or None
+                       dtype: torch.dtype) -> dict | None:
+    """`{max_rel_err, cosine}` of a quantized run against the float64 result of its weights before quantization —
+    information, not a check (what quantizing cost) — or None without that reference (a checkpoint's stored codes)."""
+    if unquantized is None: return None
+    c = check_output(actual, unquantized, dtype)
+    return {"max_rel_err": c["max_rel_err"], "cosine": c["cosine"]}
+
 # %% [markdown]
 # Two runs that each pass against float64 can still differ from each other by the sum of their errors: an element
 # 0.8·rtol above the reference in one run and 0.8·rtol below it in the other. Comparing two runs (the EP sum against

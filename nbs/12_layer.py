@@ -1978,7 +1978,7 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     """Add every routed pair's expert MLP to `single` (computed in hidden's dtype), `ref` (float64), `ref_float` and
     `ref_kernels` (quantized only: `09d`'s spec of the Triton quantized experts, in float64 with the activations and
     the intermediate rounded as those kernels round them — FP8 groups for w8a8 schemes — so the kernels' output is
-    held to the dtype's tolerance, not to the looser one of activation rounding),
+    held to the kernel tests' bound, `00_testing.experts_tolerance`, not to the looser one of activation rounding),
     taking each pair's weights from `weights` by its global id (EPLB: physical `p` is logical `p % num_experts`), a few
     experts at a time: independent of any rank's placement and loaded weights — the check that EP emulation
     (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added.

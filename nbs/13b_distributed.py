@@ -21,7 +21,7 @@ from moe_lit.dispatch_plan import slab_sources
 from moe_lit.modular import ModularKernel, SharedExperts, make_experts, dispatch_quantization
 from moe_lit.quant import quant_scheme_name, QUANT_SCHEMES, QUANT_ALIASES
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id, kernels_spec_holds
-from moe_lit.testing import check_output, check_spec_output
+from moe_lit.testing import check_output, check_spec_output, quantization_error
 from moe_lit.report import format_distributed_report, placement_record
 from moe_lit.transport import (all_gather_rows, config_rank_in_group, group_device, init_distributed, transport_note,
                                make_distributed_prepare_finalize)
@@ -247,9 +247,7 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                                                                           *q, between_runs=True),
                             "distributed_vs_kernel_spec": None if spec is None else   # activations rounded as the
                                 check_spec_output(run.output, spec, run.quant)},         # kernels do: their tests' bound
-                  "quantization_error": None if run.reference_unquantized is None else   # information, not a check
-                      {k: v for k, v in check_output(run.output, run.reference_unquantized, config.dtype, *q).items()
-                       if k in ("max_rel_err", "cosine")},
+                  "quantization_error": quantization_error(run.output, run.reference_unquantized, config.dtype),
                   "timing": {"weights_s_per_rank": [s["weights_s"] for s in run.rank_stats],
                              "forward_s_per_rank": [s["forward_s"] for s in run.rank_stats],
                              **{f"{k}_per_rank": [s.get(k) for s in run.rank_stats]
@@ -291,9 +289,6 @@ def _parser() -> argparse.ArgumentParser:
 
 # %%
 #| export
-_FLAG_OF = {"path_or_dict": "--config", "quant": "--quant", "experts": "--experts", "num_tokens": "--tokens",
-            "seed": "--seed", "strategy": "--placement", "max_num_tokens_per_rank": "--max-tokens-per-rank"}
-
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
@@ -319,8 +314,9 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
         run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank,
                               quant=quant)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first
-        name, _, rest = str(e).partition(": ")         # the argument as its flag, as `moe-lit run` says it
-        msg = f"{_FLAG_OF[name]}: {rest}" if name in _FLAG_OF else str(e)
+        from moe_lit.cli import _flag_error             # the argument as its flag, as `moe-lit run` says it
+        name, _, rest = str(e).partition(": ")
+        msg = f"--max-tokens-per-rank: {rest}" if name == "max_num_tokens_per_rank" else _flag_error(e)
         sys.stderr.write(f"moe-lit distributed: rank {rank}: error: {msg}\n"); sys.stderr.flush()   # one write: no interleaving
         dist.destroy_process_group(); return 2
     status = 0

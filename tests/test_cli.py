@@ -14,7 +14,7 @@ from moe_lit.quant import QUANT_ALIASES
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
-from moe_lit.testing import check_output, check_spec_output
+from moe_lit.testing import check_output, check_spec_output, quantization_error
 from moe_lit.report import format_report, format_sections, placement_head, placement_record
 from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close

@@ -14,7 +14,7 @@ from moe_lit.dispatch_plan import slab_sources
 from moe_lit.modular import ModularKernel, SharedExperts, make_experts, dispatch_quantization
 from moe_lit.quant import quant_scheme_name, QUANT_SCHEMES, QUANT_ALIASES
 from moe_lit.layer import FusedMoE, RandomExpertWeights, rank_config, reference_by_global_id, kernels_spec_holds
-from moe_lit.testing import check_output, check_spec_output
+from moe_lit.testing import check_output, check_spec_output, quantization_error
 from moe_lit.report import format_distributed_report, placement_record
 from moe_lit.transport import (all_gather_rows, config_rank_in_group, group_device, init_distributed, transport_note,
                                make_distributed_prepare_finalize)
