@@ -84,7 +84,7 @@ def _section_placement(r: dict) -> list[str]:
         f"  physical_to_global: {_abridge(t['physical_to_global'])}"]
     return out
 
-# %% ../nbs/15b_report.ipynb #d076592cf20f
+# %% ../nbs/15b_report.ipynb #c8f548d0a015
 def _section_load_check(r: dict) -> list[str]:
     l, c = r["load"], r["check"]
     return ["", f"load (token-slots per expert): min {l['min']}, mean {l['mean']:.2f}, max {l['max']}, "
@@ -97,7 +97,7 @@ def _section_load_check(r: dict) -> list[str]:
                 "the same computation as the line above (one rank, torch experts)"),
             f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"] + (
             [] if not c.get("vs_kernel_spec") else
-            [f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs the kernels spec:':<37}"
+            [f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs the kernels’ spec:':<37}"
              f"{_spec_verdict(c['vs_kernel_spec'])}",
              "    (the quantized experts' float64 spec, activations rounded as the kernels round them: the bound of "
              "the kernel tests)"]) + (
@@ -140,7 +140,7 @@ def format_report(report: dict,   # the data of `run_report`
     return format_sections(report, "report", "run_report", _REPORT_KEYS, lambda r: _section_model(r) + _section_properties(r)
                       + _section_placement(r) + _section_load_check(r) + _section_time(r))
 
-# %% ../nbs/15b_report.ipynb #7c4cc4912425
+# %% ../nbs/15b_report.ipynb #fa0b6c00b168
 def _distributed_lines(r: dict) -> list[str]:
     c, t = r["check"], r["timing"]
     verdict = lambda x: f"{'ok' if x['ok'] else 'FAILED'} (max rel err {x['max_rel_err']:.2e}, rtol {x['rtol']:g})"
@@ -166,7 +166,7 @@ def _distributed_lines(r: dict) -> list[str]:
     lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
               f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",
               f"               single process vs float64: {verdict(c['single_process_vs_float64'])}",
-              *([f"               distributed vs the kernels' spec: {_spec_verdict(c['distributed_vs_kernel_spec'])}"]
+              *([f"               distributed vs the kernels’ spec: {_spec_verdict(c['distributed_vs_kernel_spec'])}"]
                 if c.get("distributed_vs_kernel_spec") else []),
               *([f"  quantization error vs the float weights (information): max rel err "
                  f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.5f}"]

@@ -10,7 +10,7 @@
 from __future__ import annotations
 import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_tensor, check_positive_real, triton_interpreting
+from moe_lit.terms import check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 
 # %%
@@ -263,11 +263,16 @@ def check_spec_output(actual: torch.Tensor,   # [T, H] a run's output on the Tri
     """A quantized run's check against its kernels' spec as data — `{rel_err, rtol, cosine, cosine_min, ok, detail}`
     under `experts_tolerance(quant)`, the bound the kernel tests hold the experts to. The spec rounds the activations
     as the kernels do, so this bound is several times tighter than the float64 check's for w8a8. A failed check is
-    data, not an exception; ValueError only for a `quant` that is not a quantized scheme (short names are taken) or
-    tensors of different sizes."""
+    data, not an exception; ValueError naming the argument for a `quant` that is not a quantized scheme (short names
+    are taken), an `actual` that is not a dense float tensor, or a `spec` that is not a finite float64 tensor of
+    `actual`'s shape."""
     from moe_lit.quant import quant_scheme_name
-    rtol, cos_min = experts_tolerance(quant_scheme_name(quant))
-    finite = bool(torch.isfinite(actual.float()).all())
+    scheme = quant_scheme_name(quant)
+    if scheme not in QUANT_SCHEMES: raise ValueError(f"quant: expected one of {list(QUANT_SCHEMES)}, got {quant!r}")
+    rtol, cos_min = experts_tolerance(scheme)
+    check_dense("actual", check_tensor("actual", actual, dtype=FLOAT_DTYPES))
+    check_finite("spec", check_dense("spec", check_tensor("spec", spec, shape=tuple(actual.shape), dtype=torch.float64)))
+    finite = bool(torch.isfinite(actual).all())
     rel, cos = quant_error(actual, spec)
     ok = finite and rel < rtol and cos > cos_min
     detail = "" if ok else ("non-finite values; " if not finite else "") + \
@@ -284,7 +289,11 @@ assert not bad["ok"] and "relative error 0.08" in bad["detail"], bad
 assert not check_spec_output((w * 1.03).bfloat16(), w, "mxfp4_w4a16")["ok"]      # FP4's (16-bit activations): 2 %
 nan = w.clone(); nan[0, 0] = float("nan")
 assert check_spec_output(nan, w, "fp8")["detail"].startswith("non-finite values")          # a short name
-test_fail(lambda: check_spec_output(w, w, "unquantized"), contains="scheme: expected one of")
+test_fail(lambda: check_spec_output(w, w, "unquantized"), contains="quant: expected one of")
+test_fail(lambda: check_spec_output(w.flatten(), w, "fp8"), contains="spec: expected a 1-D tensor, got shape (64, 32)")
+test_fail(lambda: check_spec_output(w.float(), w.float(), "fp8"), contains="spec: expected dtype torch.float64")
+test_fail(lambda: check_spec_output(w.int(), w, "fp8"), contains="actual: expected dtype")
+test_fail(lambda: check_spec_output(w, nan, "fp8"), contains="spec: expected finite values")
 
 # %% [markdown]
 # ## Tiny Hugging Face models

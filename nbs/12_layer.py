@@ -1950,6 +1950,7 @@ def kernels_spec_holds(quant: str,            # the experts' scheme
     slab's in the batched format — so no spec of the whole batch holds for it."""
     from moe_lit.quant_weights import ACTIVATION_GRANULARITY
     quant = quant_scheme_name(quant)
+    check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))
     return implementation == "triton_quant" and quant != "unquantized" and ACTIVATION_GRANULARITY.get(quant) != "tensor"
 
 def _kernels_spec(config: MoEConfig, hidden, q, topk_weights, pairs, ew: dict) -> torch.Tensor:
@@ -1994,8 +1995,19 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     for n, t in (("single", single), ("ref", ref), ("ref_float", ref_float), ("ref_kernels", ref_kernels)):
         if t is not None or n in ("single", "ref"):
             check_tensor(n, t, shape=(T, H), dtype=acc_dtype(config.dtype) if n == "single" else torch.float64)
-    if ref_kernels is not None and quant == "unquantized":
-        raise ValueError("ref_kernels: expected None for unquantized experts (the quantized experts' spec), got a tensor")
+    if ref_kernels is not None and not kernels_spec_holds(quant, "triton_quant"):
+        raise ValueError(f"ref_kernels: expected None for {quant} experts (no spec of the Triton quantized experts holds "
+                         f"for the whole batch: see kernels_spec_holds), got a tensor")
+    if ref_kernels is not None and config.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"ref_kernels: expected a bf16 or fp16 config (the Triton quantized experts' activations), "
+                         f"got dtype {config.dtype}")
+    given = [(n, t) for n, t in (("single", single), ("ref", ref), ("ref_float", ref_float), ("ref_kernels", ref_kernels))
+             if t is not None]
+    for i, (n, t) in enumerate(given):                 # each is added to: none may share memory with another
+        check_tensor(n, t, writable=True)
+        for m, u in given[:i]:
+            if t.numel() and u.numel() and t.untyped_storage().data_ptr() == u.untyped_storage().data_ptr():
+                raise ValueError(f"{n}: expected a tensor of its own, got one sharing memory with {m}")
     for n, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids), ("single", single), ("ref", ref),
                  ("ref_float", ref_float), ("ref_kernels", ref_kernels)):
         if t is not None and t.device != hidden.device:
@@ -2054,7 +2066,9 @@ for kw, msg in ((dict(weights={}), "weights: expected a WeightSource, got dict")
                 (dict(single=z.float()[:5]), "single: expected shape [11, 32]"),
                 (dict(single=z.clone()), "single: expected dtype torch.float32"),
                 (dict(topk_ids=torch.full((11, 3), 8)), "topk_ids: expected ids in [-1, 8)"),
-                (dict(ref_kernels=z.clone()), "ref_kernels: expected None for unquantized experts")):
+                (dict(ref_kernels=z.clone()), "ref_kernels: expected None for unquantized experts"),
+                (dict(quant="mxfp4", ref_kernels=z.clone()), "ref_kernels: expected a bf16 or fp16 config"),
+                (dict(ref=(zr := z.clone()), ref_float=zr), "ref_float: expected a tensor of its own, got one sharing")):
     args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.float(), ref=z.clone()) | kw
     test_fail(lambda: reference_by_global_id(**args), contains=msg)
 refs = {}

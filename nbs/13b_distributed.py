@@ -12,7 +12,7 @@ import argparse, json, sys, time
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
-from moe_lit.terms import check_int, use_triton_interpreter_without_gpu, acc_dtype
+from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import select_experts, router_logits
@@ -310,7 +310,8 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
         all2all = all2all or ("allgather_reducescatter" if ep > 1 else "none")
         par = ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=all2all)
         cfg = preset(model, par) if config is None else moe_config_from_hf(config, par)
-        if dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+        if dtype: cfg = cfg.replace(dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+            check_choice("--dtype", dtype, ("bf16", "fp16", "fp32"))])
         run = run_distributed(cfg, tokens, placement, seed, experts, max_num_tokens_per_rank=max_tokens_per_rank,
                               quant=quant)
     except ValueError as e:                             # every rank says it: torchrun may stop the others first

@@ -207,7 +207,7 @@ def bench_layer(out_json: str | Path | None = None,
                ) -> dict:
     "Measure the card, then every deployment at every T: floor, eager, replayed, in a step, transformers; JSON if `out_json`."
     check_bench_args(out_json)
-    check_int("step_layers", step_layers, lo=1)
+    check_int("step_layers", step_layers, lo=1, hi=65)
     device = measure_device()
     rows = []
     for dep in progress(deployments or LAYER_DEPLOYMENTS, "deployments"):
@@ -226,7 +226,7 @@ def format_bench_layer(report: dict) -> str:
     for r in report["rows"]:
         hf = lambda k: f"{r[k]:>11.1f}" if r.get(k) is not None else f"{'OOM' if k in r else '-':>11}"
         step = (f"{r['step_replay_us']:>8.1f}{r['step_replay_us'] / r['step_floor_us']:>10.2f}x"
-                if r.get("step_replay_us") is not None else f"{'-':>8}{'-':>11}")
+                if r.get("step_replay_us") is not None and r.get("step_floor_us") else f"{'-':>8}{'-':>11}")
         lines.append(f"{r['deployment']:<46}{r['num_tokens']:>4}{r['touched_experts']:>8}{r['floor_us']:>8.1f}"
                      f"{r['eager_us']:>9.1f}{r['replay_us']:>9.1f}{r['replay_us'] / r['floor_us']:>12.2f}x"
                      f"{r['host_us']:>8.1f}{step}{hf('hf_grouped_mm_us')}{hf('hf_batched_mm_us')}")

@@ -119,7 +119,7 @@ def _section_load_check(r: dict) -> list[str]:
                 "the same computation as the line above (one rank, torch experts)"),
             f"  EP sum over ranks vs single device:  {_verdict(c['ep_vs_single_device'])}"] + (
             [] if not c.get("vs_kernel_spec") else
-            [f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs the kernels spec:':<37}"
+            [f"  {('EP' if c['ep_vs_single_device'] else 'layer') + ' output vs the kernels’ spec:':<37}"
              f"{_spec_verdict(c['vs_kernel_spec'])}",
              "    (the quantized experts' float64 spec, activations rounded as the kernels round them: the bound of "
              "the kernel tests)"]) + (
@@ -242,7 +242,7 @@ def _distributed_lines(r: dict) -> list[str]:
     lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
               f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",
               f"               single process vs float64: {verdict(c['single_process_vs_float64'])}",
-              *([f"               distributed vs the kernels' spec: {_spec_verdict(c['distributed_vs_kernel_spec'])}"]
+              *([f"               distributed vs the kernels’ spec: {_spec_verdict(c['distributed_vs_kernel_spec'])}"]
                 if c.get("distributed_vs_kernel_spec") else []),
               *([f"  quantization error vs the float weights (information): max rel err "
                  f"{r['quantization_error']['max_rel_err']:.2e}, cosine {r['quantization_error']['cosine']:.5f}"]

@@ -260,8 +260,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # generated from them by `python .ci/regen.py`, and the test command fails when the generated files are out of date.
 # Cells tagged `#| test NAME` are exported as pytest tests; cells tagged `#| gpu` run only with `bash .ci/test --gpu`
 # on a machine with a CUDA GPU. One chapter's tests, without a GPU:
-# `TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m "not gpu" tests/test_transport.py` (the file is the chapter's
-# module name).
+# `TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -m "not gpu" tests/test_transport.py` (the file is named by the
+# chapter's module, dots as underscores: `06_kernels.batched` is `tests/test_kernels_batched.py`).
 #
 # Without a GPU the Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`, set by the test command and by the `moe-lit` command; importing moe-lit never changes the environment), at
 # small shapes. On a machine with a CUDA GPU, `bash .ci/gpu` runs the whole suite including the full-size `gpu` tests,

@@ -5,7 +5,7 @@ import argparse, json, sys, time
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
-from moe_lit.terms import check_int, use_triton_interpreter_without_gpu, acc_dtype
+from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, acc_dtype
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf
 from moe_lit.routing import select_experts, router_logits

@@ -705,7 +705,9 @@ def test_emulated_ep_every_backend():
                     (dict(single=z.float()[:5]), "single: expected shape [11, 32]"),
                     (dict(single=z.clone()), "single: expected dtype torch.float32"),
                     (dict(topk_ids=torch.full((11, 3), 8)), "topk_ids: expected ids in [-1, 8)"),
-                    (dict(ref_kernels=z.clone()), "ref_kernels: expected None for unquantized experts")):
+                    (dict(ref_kernels=z.clone()), "ref_kernels: expected None for unquantized experts"),
+                    (dict(quant="mxfp4", ref_kernels=z.clone()), "ref_kernels: expected a bf16 or fp16 config"),
+                    (dict(ref=(zr := z.clone()), ref_float=zr), "ref_float: expected a tensor of its own, got one sharing")):
         args = dict(config=base, weights=src, hidden=x, topk_weights=w, topk_ids=i, single=z.float(), ref=z.clone()) | kw
         test_fail(lambda: reference_by_global_id(**args), contains=msg)
     refs = {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_tensor, check_positive_real, triton_interpreting
+from moe_lit.terms import check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE
@@ -85,7 +85,11 @@ def test_check_spec_output():
     assert not check_spec_output((w * 1.03).bfloat16(), w, "mxfp4_w4a16")["ok"]      # FP4's (16-bit activations): 2 %
     nan = w.clone(); nan[0, 0] = float("nan")
     assert check_spec_output(nan, w, "fp8")["detail"].startswith("non-finite values")          # a short name
-    test_fail(lambda: check_spec_output(w, w, "unquantized"), contains="scheme: expected one of")
+    test_fail(lambda: check_spec_output(w, w, "unquantized"), contains="quant: expected one of")
+    test_fail(lambda: check_spec_output(w.flatten(), w, "fp8"), contains="spec: expected a 1-D tensor, got shape (64, 32)")
+    test_fail(lambda: check_spec_output(w.float(), w.float(), "fp8"), contains="spec: expected dtype torch.float64")
+    test_fail(lambda: check_spec_output(w.int(), w, "fp8"), contains="actual: expected dtype")
+    test_fail(lambda: check_spec_output(w, nan, "fp8"), contains="spec: expected finite values")
 
 
 def test_tiny_hf_models():
