@@ -151,7 +151,7 @@ def _check_token_counts(token_counts, num_tokens: int, num_ranks: int) -> list:
     if sum(counts) != num_tokens: raise ValueError(f"token_counts: expected a sum of num_tokens={num_tokens}, got {counts}")
     return counts
 
-# %% ../nbs/13b_distributed.ipynb #ad92004ea60b
+# %% ../nbs/13b_distributed.ipynb #02a396f61b49
 def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement, seed, backend, device) -> None:
     "Rank 0: the single-process result, the checks and the report, stored in `run`."
     t0, S, cfg = time.perf_counter(), len(run.token_counts), run.config
@@ -171,7 +171,8 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                   "experts": {"implementation": run.experts[0], "reason": run.experts[1], "quant": run.quant},
                   "dispatch_quant": None if run.dispatch_quant[0] is None else list(run.dispatch_quant[0]),
                   "dispatch_quant_note": run.dispatch_quant[1],
-                  "wire_bytes_per_pair": run.rank_stats[0].get("wire_bytes_per_pair"),
+                  "wire_bytes_per_pair": run.rank_stats[0].get("wire_bytes_per_pair"),     # all-to-all: a pair's row
+                  "wire_bytes_per_token": run.rank_stats[0].get("wire_bytes_per_token"),   # all-gather: a token's row
                   "wire_width": run.rank_stats[0].get("wire_width"),          # columns a row travels with (padding)
                   "hidden_size": config.hidden_size,
                   "placement": placement_record(placement, run.placement),

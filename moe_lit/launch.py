@@ -131,7 +131,7 @@ def launch(fn,                                  # a module-level function the wo
             raise _job_error(qual, tmp, procs, killed, timed_out, timeout_s)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
-# %% ../nbs/13c_launch.ipynb #439de7600979
+# %% ../nbs/13c_launch.ipynb #27282ee62dc8
 def run_cases(cases: list) -> list:
     "Job: `run_distributed(**case)` per case on every rank; rank 0 returns outputs and references, the others stats."
     out = []
@@ -160,7 +160,7 @@ def disagreeing_counts_job(config: MoEConfig) -> None:
     run_distributed(config, num_tokens=4, token_counts=[1, 3] if dist.get_rank() == 0 else [3, 1])
 
 def gather_mismatch_job() -> dict:
-    "Job: `all_gather_rows` where the ranks disagree on the dtype, the counts or the row shape; each case's error per rank."
+    "Job: `all_gather_rows`, the all-to-all and the all-gather where the ranks disagree on their rows; each case's error per rank."
     from moe_lit.transport import all_gather_rows
     r, S, out = dist.get_rank(), dist.get_world_size(), {}
     cases = {"dtype": (torch.zeros(1, 2, dtype=torch.int32 if r else torch.float32), [1] * S),
@@ -181,13 +181,21 @@ def gather_mismatch_job() -> dict:
         pf = AllToAllBatchedPrepareFinalize(kw.pop("max_num_tokens_per_rank", 8), **kw)
         try: pf.prepare(h.half() if name == "a2a dtype" and r else h, w, ids, place); out[name] = "no error"
         except ValueError as e: out[name] = str(e)
+    place = Placement.build(rank_config(cfg.replace(parallel=ParallelConfig.make(                 # and the all-gather's
+        1, S, enable_expert_parallel=True, all2all_backend="deepep_high_throughput")), r))
+    for name, kw in {"ag quant_block": dict(quant_block=(1, 128) if r == 0 else None),
+                     "ag wire width": dict(padded_hidden_size=256 if r else None), "ag dtype": {}}.items():
+        try:
+            AllGatherReduceScatterPrepareFinalize(**kw).prepare(h.half() if name == "ag dtype" and r else h, w, ids, place)
+            out[name] = "no error"
+        except ValueError as e: out[name] = str(e)
     return out
 
 def sleeping_job(seconds: float) -> None:
     "Job: hang (sleep) — for the test that a hang fails within the launcher's deadline."
     time.sleep(seconds)
 
-# %% ../nbs/13c_launch.ipynb #ba9a31adad69
+# %% ../nbs/13c_launch.ipynb #d94e713003ab
 def world_one_job(experts: str = "triton") -> list:
     "Job at world size 1: both prepare/finalize classes around `experts`, vs the float64 reference; plus run_distributed."
     device, g = group_device(None), torch.Generator().manual_seed(3)
@@ -212,6 +220,10 @@ def world_one_job(experts: str = "triton") -> list:
                for pf in (AllToAllBatchedPrepareFinalize(16, quant_block=(1, 128)),
                           BatchedPrepareFinalize(16, 1, use_triton=True, quant_block=(1, 128)))]
         out.append({"name": "fp8 on the wire/triton", "output": fp8[0].cpu(), "reference": fp8[1].double().cpu()})
+        ag = [ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, q.qweights, None, wts, ids, place)   # the
+              for pf in (AllGatherReduceScatterPrepareFinalize(quant_block=(1, 128)),      # all-gather's FP8 rows
+                         AllGatherReduceScatterPrepareFinalize())]                         # against its 16-bit rows
+        out.append({"name": "fp8 all-gather/triton", "output": ag[0].cpu(), "reference": ag[1].cpu(), "exact": True})
     return out
 
 # %% ../nbs/13c_launch.ipynb #e90d4a3a6c36

@@ -22,15 +22,9 @@ __all__ = ['NATIVE_LIBRARIES', 'COLLECTIVE_TIMEOUT_MAX_S', 'all_gather_rows', 'D
            'AllToAllBatchedPrepareFinalize', 'transport_note', 'make_distributed_prepare_finalize', 'free_port',
            'init_distributed']
 
-# %% ../nbs/13a_transport.ipynb #d5355abb7097
+# %% ../nbs/13a_transport.ipynb #a52918f97334
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-def _gather_counts(n: int, group, device) -> list:
-    "The value `n` of every rank of `group`, in rank order (one all-gather)."
-    out = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
-    _all_gather_into(out, torch.tensor([n], dtype=torch.int64, device=device), group=group)
-    return out.tolist()
 
 _GATHER_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
                   torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
@@ -106,7 +100,7 @@ class DistributedPrepared(Prepared):
     recv_rows: torch.Tensor | None = None     # all-to-all: [n_recv] int64, e·capacity + row of each received pair
     total_pairs: int = 0                      # all-to-all: pairs dispatched by the whole group (0: nothing moves)
 
-# %% ../nbs/13a_transport.ipynb #8cf5db6c5f42
+# %% ../nbs/13a_transport.ipynb #e2a45f77aeb7
 def check_group(group):
     "`group` (None = the default group) after checking that torch.distributed is initialized."
     if not (dist.is_available() and dist.is_initialized()):
@@ -136,7 +130,15 @@ def _pad_columns(x: torch.Tensor, width: int | None) -> torch.Tensor:
     if width < x.shape[1]: raise ValueError(f"hidden: expected at most padded_hidden_size={width} columns, got {x.shape[1]}")
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
-# %% ../nbs/13a_transport.ipynb #6e1e3aa02c57
+def _fp8_wire_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
+    "`[n, Hw]` 16-bit rows as `[n, Hw + 4·G]` uint8: each row's e4m3 codes, then its G fp32 group scales (`09b`)."
+    from moe_lit.kernels.quant_act import fp8_quantize_activations    # Triton: imported when FP8 is sent
+    n, Hw = rows.shape
+    if n == 0: return torch.empty(0, Hw + 4 * -(-Hw // group), dtype=torch.uint8, device=rows.device)
+    q, scale = fp8_quantize_activations(rows.contiguous(), "group", group_k=group, validate=False)
+    return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], 1)
+
+# %% ../nbs/13a_transport.ipynb #eb104f6b19d7
 class AllGatherReduceScatterPrepareFinalize:
     "Standard format over torch.distributed: all-gather the group's tokens and routing, reduce-scatter the outputs."
     activation_format = ActivationFormat.Standard
@@ -145,14 +147,16 @@ class AllGatherReduceScatterPrepareFinalize:
 
     def __init__(self, group=None,                          # the EP group (None: the default group)
                  topk_indices_dtype: torch.dtype = torch.int32,   # dtype of topk_ids the router should produce
-                 padded_hidden_size: int | None = None):    # wire width of the hidden rows (None: as they come)
+                 padded_hidden_size: int | None = None,     # wire width of the hidden rows (None: as they come)
+                 quant_block: tuple | None = None):         # (1, group): rows sent as FP8 (`dispatch_quantization`)
         self.group = check_group(group)
+        self.quant_block = check_quant_block(quant_block)
         self.num_dispatchers, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.stats = {}                                     # what the last prepare moved (for reports)
 
-# %% ../nbs/13a_transport.ipynb #daa11ec1af58
+# %% ../nbs/13a_transport.ipynb #504ce6ee1612
 def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input):
     "The arguments every distributed prepare needs, and a placement of this rank of this group."
     check_prepare_args(hidden, topk_weights, topk_ids, placement)
@@ -166,6 +170,22 @@ def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_rou
     if wire is not None and hidden.shape[1] > wire:
         raise ValueError(f"hidden: expected at most {wire} columns (the wire's hidden size), got shape {list(hidden.shape)}")
     check_topk_ids(topk_ids, placement.num_experts)         # distinct per token: the slabs' capacity relies on it
+    if pf.quant_block and hidden.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire (quant_block="
+                         f"{pf.quant_block}), got {hidden.dtype}")
+
+def _row_format(pf, dtype: torch.dtype, wire_width: int) -> list:
+    "This rank's rows as ints: dtype (its `_GATHER_DTYPES` index), wire width, FP8 group (0: none), capacity (0: none)."
+    return [_GATHER_DTYPES.index(dtype), wire_width, pf.quant_block[1] if pf.quant_block else 0,
+            pf.max_num_tokens_per_rank or 0]
+
+def _check_row_formats(formats: torch.Tensor):   # [S, 4] every rank's `_row_format`, gathered
+    "Refuse, on every rank alike, ranks that would send rows of another size or read their peers' bytes as another dtype."
+    if not bool((formats == formats[0]).all()):
+        got = [(str(_GATHER_DTYPES[int(f[0])]), int(f[1]), None if not f[2] else (1, int(f[2])), int(f[3]) or None)
+               for f in formats]
+        raise ValueError(f"hidden, quant_block, padded_hidden_size, max_num_tokens_per_rank: expected the same rows on "
+                         f"every rank, got (dtype, wire width, quant_block, max_num_tokens_per_rank) per rank {got}")
 
 @patch(nm="prepare")
 def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
@@ -174,16 +194,28 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
                   topk_ids: torch.Tensor,            # [T, top_k] int32/int64 global (physical) ids, -1 = none
                   placement: Placement,              # this rank's placement
                   apply_router_weight_on_input: bool = False) -> DistributedPrepared:
-    "All-gather tokens `a [ΣT, H]`, weights and ids of the group; ids become this rank's local slots (or -1)."
+    """All-gather tokens `a [ΣT, H_wire]`, weights and ids of the group; ids become this rank's local slots (or -1).
+    With `quant_block`, `a` is float8_e4m3fn and `a_scale [ΣT, G]` fp32: each rank quantizes its own tokens once
+    (`09b`'s group quantizer) and sends codes and scales as one row of bytes. A collective: every rank calls it.
+    ValueError, on every rank alike, for ranks whose rows differ (dtype, wire width, FP8 group); and for bad arguments."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
-    counts = _gather_counts(hidden.shape[0], self.group, hidden.device)
-    a = all_gather_rows(_pad_columns(hidden, self.padded_hidden_size), counts, self.group, check=False)   # same code
-    wts = all_gather_rows(topk_weights, counts, self.group, check=False)                                 # on every
-    local = placement.local_slot(all_gather_rows(topk_ids, counts, self.group, check=False))             # rank
+    x, S = _pad_columns(hidden, self.padded_hidden_size), self.num_dispatchers
+    mine = torch.tensor([[*_row_format(self, x.dtype, x.shape[1]), x.shape[0]]], device=x.device)
+    table = all_gather_rows(mine, [1] * S, self.group, check=False).cpu()       # [S, 5]: formats, then token counts
+    _check_row_formats(table[:, :4])
+    counts, (Hw, group) = table[:, 4].tolist(), (x.shape[1], self.quant_block[1] if self.quant_block else None)
+    rows = _fp8_wire_rows(x, group) if group else x     # [T, Hw + 4·G] bytes: codes, then scales (as the all-to-all)
+    a = all_gather_rows(rows, counts, self.group, check=False)                                   # the same code
+    wts = all_gather_rows(topk_weights, counts, self.group, check=False)                         # on every rank
+    local = placement.local_slot(all_gather_rows(topk_ids, counts, self.group, check=False))
+    a_scale = None
+    if group: a, a_scale = a[:, :Hw].contiguous().view(torch.float8_e4m3fn), a[:, Hw:].contiguous().view(torch.float32)
     self.stats = {"tokens": hidden.shape[0], "pairs_sent": int((topk_ids >= 0).sum()),
-                  "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts)}
+                  "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts),
+                  "wire_bytes_per_token": rows.shape[1] * rows.element_size(), "wire_width": Hw}
     return DistributedPrepared(self.activation_format, a, wts, local_ids=local, hidden_size=hidden.shape[1],
-                               apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts)
+                               apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts,
+                               a_scale=a_scale, out_dtype=None if a_scale is None else x.dtype)
 
 # %% ../nbs/13a_transport.ipynb #6c815e378c2d
 @patch(nm="finalize")
@@ -219,26 +251,21 @@ class AllToAllBatchedPrepareFinalize:
         "Rows of each local expert's slab: `max_num_tokens_per_rank · num_dispatchers` (DeepEP low-latency's sizing)."
         return self.max_num_tokens_per_rank * self.num_dispatchers
 
-# %% ../nbs/13a_transport.ipynb #344b1050946b
+# %% ../nbs/13a_transport.ipynb #16d5f81eeb80
 def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Placement, dtype: torch.dtype,
                      wire_width: int) -> tuple[torch.Tensor, list]:
     """All-gather every rank's `[S, max_local]` pair counts and token count, with its row format (dtype, wire width,
     FP8 group, capacity): a rank that would send rows of another size or read its peers' bytes as another dtype is
     refused on every rank alike; then check capacity the same way on every rank."""
     S = pf.num_dispatchers
-    fmt = [_GATHER_DTYPES.index(dtype), wire_width, pf.quant_block[1] if pf.quant_block else 0, pf.max_num_tokens_per_rank]
-    mine = torch.cat([counts.flatten(), torch.tensor([*fmt, num_tokens], device=counts.device)])
+    mine = torch.cat([counts.flatten(), torch.tensor([*_row_format(pf, dtype, wire_width), num_tokens], device=counts.device)])
     table = all_gather_rows(mine[None], [1] * S, pf.group, check=False).cpu()              # [S, S·max_local + 5]
-    formats = table[:, -5:-1]
-    if not bool((formats == formats[0]).all()):
-        got = [(str(_GATHER_DTYPES[int(f[0])]), int(f[1]), None if not f[2] else (1, int(f[2])), int(f[3])) for f in formats]
-        raise ValueError(f"hidden, quant_block, padded_hidden_size, max_num_tokens_per_rank: expected the same rows on "
-                         f"every rank, got (dtype, wire width, quant_block, max_num_tokens_per_rank) per rank {got}")
+    _check_row_formats(table[:, -5:-1])
     token_counts, table = table[:, -1].tolist(), table[:, :-5].view(S, S, -1)  # [S_send, S_recv, max_local]
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
 
-# %% ../nbs/13a_transport.ipynb #995dddb6c6ca
+# %% ../nbs/13a_transport.ipynb #648639791fd6
 @patch(nm="prepare")
 def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                  hidden: torch.Tensor,              # [T, H] this rank's tokens (T may be 0)
@@ -252,9 +279,6 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
     capacity) or a capacity overflow; and for bad arguments, a non-16-bit `hidden` with `quant_block` among them."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
-    if self.quant_block and hidden.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire (quant_block="
-                         f"{self.quant_block}), got {hidden.dtype}")
     x = _pad_columns(hidden, self.padded_hidden_size)
     order, counts = send_plan(placement, topk_ids)
     table, token_counts = _exchange_counts(self, counts, T, placement, x.dtype, x.shape[1])   # sizes and capacity first
@@ -286,15 +310,7 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                                send_order=order, send_counts=send_counts, recv_counts=recv_counts, recv_rows=recv_rows,
                                total_pairs=total)
 
-# %% ../nbs/13a_transport.ipynb #e45936de58b9
-def _fp8_wire_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
-    "`[n, Hw]` 16-bit rows as `[n, Hw + 4·G]` uint8: each row's e4m3 codes, then its G fp32 group scales (`09b`)."
-    from moe_lit.kernels.quant_act import fp8_quantize_activations    # Triton: imported when FP8 is sent
-    n, Hw = rows.shape
-    if n == 0: return torch.empty(0, Hw + 4 * -(-Hw // group), dtype=torch.uint8, device=rows.device)
-    q, scale = fp8_quantize_activations(rows.contiguous(), "group", group_k=group, validate=False)
-    return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], 1)
-
+# %% ../nbs/13a_transport.ipynb #81cf47f1eb5a
 def _fp8_slabs(received: torch.Tensor, recv_rows: torch.Tensor, slots: int, Hw: int, group: int):
     "Wire rows into `(a float8_e4m3fn [slots, Hw], a_scale fp32 [slots, G])`; slots nobody filled are NaN in both."
     G = -(-Hw // group)
@@ -356,17 +372,17 @@ def transport_note(config: MoEConfig) -> str:
         return f"{head}; the {module} library is installed, but moe-lit has no adapter for it yet, so it is not used"
     return f"{head}; the {module} library is not installed (moe-lit's implementation of the same contract is used)"
 
-# %% ../nbs/13a_transport.ipynb #2904e480e87c
+# %% ../nbs/13a_transport.ipynb #0dcc925e2491
 def make_distributed_prepare_finalize(
     config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
     group=None,                               # the EP group (None: the default group)
     max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
-    quant_block: tuple | None = None,         # (1, group): rows sent as FP8 (`dispatch_quantization`; batched only)
+    quant_block: tuple | None = None,         # (1, group): rows sent as FP8 (`dispatch_quantization`)
 ):
     """The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format:
-    `AllToAllBatchedPrepareFinalize` (BatchedExperts; FP8 rows with `quant_block`) or
-    `AllGatherReduceScatterPrepareFinalize` (Standard). ValueError naming the argument for a config that is not this
-    rank's of the group, a bad capacity or `quant_block`, or a `quant_block` for the Standard format."""
+    `AllToAllBatchedPrepareFinalize` (BatchedExperts) or `AllGatherReduceScatterPrepareFinalize` (Standard), both
+    sending FP8 rows with `quant_block`. ValueError naming the argument for a config that is not this rank's of the
+    group, or a bad capacity or `quant_block`."""
     rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
@@ -375,10 +391,8 @@ def make_distributed_prepare_finalize(
         cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
         return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size,
                                               check_quant_block(quant_block))
-    if check_quant_block(quant_block) is not None:
-        raise ValueError(f"quant_block: expected None for the {config.activation_format.value} format (its all-gather "
-                         f"sends rows in the model's dtype), got {quant_block}")
-    return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size)
+    return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size,
+                                                 check_quant_block(quant_block))
 
 # %% ../nbs/13a_transport.ipynb #52e6c680d43c
 def free_port() -> int:

@@ -9,7 +9,8 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
+from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint, check_choice
+from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, check_quant_weights
@@ -24,7 +25,7 @@ from moe_lit.kernels.quant import _weight_kernel_args, _prepare_activations, _fu
 # %%
 #| hide
 from moe_lit.kernels.batched import DEVICE
-from moe_lit.quant import QUANT_SCHEMES, QUANT_SCHEME_TABLE
+from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
 from moe_lit.kernels.quant_act import fp8_quantize_activations
@@ -183,7 +184,7 @@ class TritonQuantExperts:
     activation_format = ActivationFormat.Standard
     pair_blocks_max_pairs = TritonExperts.pair_blocks_max_pairs   # the same layout rule as the unquantized experts
 
-    def apply(self, hidden: torch.Tensor,        # [T, H] bf16/fp16
+    def apply(self, hidden: torch.Tensor,        # [T, H] bf16/fp16, or float8_e4m3fn with a_scale (w8a8, quantized before)
               qw: QuantizedExpertWeights,        # both weights of the E local experts
               topk_weights: torch.Tensor,        # [T, top_k] fp32
               local_ids: torch.Tensor,           # [T, top_k] int32/int64, local expert per slot, -1 = not on this rank
@@ -196,11 +197,15 @@ class TritonQuantExperts:
               activation: Activation = SILU,     # the gated activation between the GEMMs
               num_experts: int | None = None,    # the model's experts, global (the pair-block rule); default E
               active_experts: int | None = None, # expected local experts with pairs (split-K choice; default min(E, T·top_k))
-              addend: torch.Tensor | None = None,  # [T, H] hidden's dtype: the shared experts' output, in the fp32 sum
-             ) -> torch.Tensor:                  # [T, H], hidden's dtype
-        "This rank's share of the MoE output for the flat token list, with quantized expert weights; ValueError on bad input."
+              addend: torch.Tensor | None = None,  # [T, H] the output's dtype: the shared experts' output, in the fp32 sum
+              a_scale: torch.Tensor | None = None, # [T, G] fp32: float8 hidden's scales, as `fused_moe_gemm_quant` takes them
+              out_dtype: torch.dtype | None = None,  # with float8 hidden: the intermediate's and output's dtype (bf16)
+             ) -> torch.Tensor:                  # [T, H], hidden's dtype (out_dtype for float8 hidden)
+        """This rank's share of the MoE output for the flat token list, with quantized expert weights. `hidden` may come
+        quantized already (FP8 w8a8 schemes: e4m3 codes and `a_scale`, e.g. gathered as FP8 from other ranks, `13a`);
+        GEMM1 then launches no quantizer. ValueError naming the argument on bad input."""
         check_quant_weights(qw)
-        check_tensor("hidden", hidden, shape=(None, qw.hidden_size), dtype=ACTIVATION_DTYPES)
+        check_tensor("hidden", hidden, shape=(None, qw.hidden_size), dtype=(*ACTIVATION_DTYPES, torch.float8_e4m3fn))
         _check_expert_semantics(qw, w13_bias, w2_bias, activation, hidden.device)
         check_tensor("local_ids", local_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
         check_tensor("topk_weights", topk_weights, shape=tuple(local_ids.shape), dtype=torch.float32)
@@ -212,24 +217,35 @@ class TritonQuantExperts:
         if qw.device != hidden.device: raise ValueError(f"qw: expected device {hidden.device}, got {qw.device}")
         if block_m is not None: check_block_m(block_m)
         for name in ("w13", "w2"): check_extent(name, getattr(qw, name))
-        check_addend(addend, hidden)
+        odt = hidden.dtype
+        if hidden.dtype == torch.float8_e4m3fn:    # a_scale's shape and dtype: checked in `_apply`, before any launch
+            if not QUANT_SCHEME_TABLE[qw.scheme].is_fp8:
+                raise ValueError(f"hidden: expected torch.bfloat16 or torch.float16 for the weight-only scheme {qw.scheme}, "
+                                 f"got {hidden.dtype}")
+            odt = check_choice("out_dtype", torch.bfloat16 if out_dtype is None else out_dtype, ACTIVATION_DTYPES)
+            check_kernel_device("hidden", hidden, a_scale=a_scale)
+        check_addend(addend, hidden, odt)
         return self._apply(hidden, qw, topk_weights, local_ids, apply_router_weight_on_input, block_m, expected_m,
-                           w13_bias, w2_bias, activation, num_experts, active_experts, addend)
+                           w13_bias, w2_bias, activation, num_experts, active_experts, addend, a_scale=a_scale,
+                           out_dtype=out_dtype)
 
     def _apply(self, hidden, qw, topk_weights, local_ids, apply_router_weight_on_input=False, block_m=None,
                expected_m=None, w13_bias=None, w2_bias=None, activation: Activation = SILU, num_experts=None,
                active_experts=None,
-               addend=None, join=None) -> torch.Tensor:   # the shared experts' [T, H], in the combine's sum (`07`)
+               addend=None, join=None,   # the shared experts' [T, H], in the combine's sum (`07`)
+               a_scale=None, out_dtype=None) -> torch.Tensor:   # float8 hidden's [T, G] scales (quantized before)
         "`apply` after its checks: for a layer whose quantized weights (checked once), ids and activations are its own (`10_modular`)."
         (T, k), E, I, on_in = local_ids.shape, qw.num_experts, qw.intermediate_size, apply_router_weight_on_input
-        if T == 0 or E == 0: return _no_pairs(T, qw.hidden_size, hidden, addend, join)
-        if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), hidden.dtype)   # checked
+        # rows arrived as FP8 with their scales (`13a`'s all-gather): taken as they are, no quantizer launch
+        x, xs, xs_st, odt = _prepare_activations(hidden.contiguous(), qw, None, a_scale, out_dtype, qw.hidden_size, False)
+        if T == 0 or E == 0: return _no_pairs(T, qw.hidden_size, hidden, addend, join, odt)
+        if block_m is None: block_m = quant_block_m(qw, max(1, expected_m or T * k // E), odt)   # checked; the
+                                                                      # 16-bit rows' tile (FP8 rows: the same tile)
         wa13, wa2 = _weight_kernel_args(qw, "w13"), _weight_kernel_args(qw, "w2")
         s, e, n = _align_pairs(local_ids, block_m, E, num_experts, self.pair_blocks_max_pairs)   # ids: the placement's
         # the launches below skip the GEMMs' checks: every argument was checked above or is built here.
         # rows of h for pairs on other ranks are never written by GEMM1 nor read by GEMM2 - but a per-tensor activation
         # scale spans every row of h: for fp8_w8a8_tensor they must hold zeros, not uninitialised memory
-        x, xs, xs_st, odt = _prepare_activations(hidden.contiguous(), qw, None, None, None, qw.hidden_size, False)
         h0 = torch.zeros if ACTIVATION_GRANULARITY.get(qw.scheme) == "tensor" else torch.empty
         h = _fused_moe_gemm_quant(x, xs, xs_st, wa13, E, s, e, n, k, block_m, activation, topk_weights,
                                   "input" if on_in else None, h0(T * k, I, dtype=odt, device=hidden.device),
@@ -313,6 +329,40 @@ for rank in range(2):
     local = torch.where((ids >= owned[0]) & (ids <= owned[-1]), ids - int(owned[0]), -1)
     total += TritonQuantExperts().apply(hidden, qw.select(owned.to(DEVICE)), wts, local).double().cpu()
 assert_quant_close(total, quant_experts_reference_standard(hidden, qw, wts, ids).cpu(), *experts_tolerance(qw.scheme))
+
+# %% [markdown]
+# Rows may arrive quantized: a Standard-format transport that quantizes before it sends (`13a`'s all-gather for DeepEP
+# high-throughput) hands the experts e4m3 codes and their scales, made by `09b`'s quantizer as the experts' own launch
+# would make them. GEMM1 takes them as they are, and the output is the same bits as from the 16-bit rows.
+
+# %%
+#| test triton_quant_experts_prequantized
+E, H, I, T, k = 4, 320, 64, 6, 2
+g = torch.Generator().manual_seed(8)
+ids = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(T)]).int()
+local = torch.where(ids < E, ids, -1).to(DEVICE)
+wts, hidden = torch.rand(T, k, generator=g).to(DEVICE), random_activations((T, H), torch.bfloat16, 81)
+for scheme, gran in (("fp8_w8a8_block", "group"), ("fp8_w8a8_channel", "token")):
+    qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=82), scheme)
+    q, sc = fp8_quantize_activations(hidden, gran)
+    shared = random_activations((T, H), torch.bfloat16, 83)
+    for on_in in (False, True):
+        want = TritonQuantExperts().apply(hidden, qw, wts, local, apply_router_weight_on_input=on_in, addend=shared)
+        got = TritonQuantExperts().apply(q, qw, wts, local, apply_router_weight_on_input=on_in, addend=shared, a_scale=sc)
+        test_eq((got.dtype, got.shape), (torch.bfloat16, hidden.shape))
+        assert torch.equal(got, want), (scheme, on_in)                 # the same codes, the same kernels: the same bits
+    test_eq(TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, out_dtype=torch.float16).dtype, torch.float16)
+    test_eq(TritonQuantExperts().apply(q[:0], qw, wts[:0], local[:0], a_scale=sc[:0]).dtype, torch.bfloat16)
+qw4 = quantize_expert_weights(*random_expert_weights(E, H, I, seed=82), "mxfp4_w4a16")
+test_fail(lambda: TritonQuantExperts().apply(q, qw4, wts, local, a_scale=sc), contains="hidden: expected torch.bfloat16 or "
+          "torch.float16 for the weight-only scheme mxfp4_w4a16, got torch.float8_e4m3fn")
+test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local), contains="a_scale: expected float32 scales of shape [6, 1]")
+test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc[:3]), contains="a_scale: expected shape [6, 1]")
+test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, out_dtype=torch.float32),
+          contains="out_dtype: expected one of")
+test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, addend=hidden.half()),
+          contains="addend: expected dtype torch.bfloat16")
+test_fail(lambda: TritonQuantExperts().apply(hidden, qw, wts, local, a_scale=sc), contains="a_scale: expected None for")
 
 # %% [markdown]
 # Both experts classes, for the two FP4 formats and FP8 blocks: the batched slabs with poisoned padding rows and

@@ -418,26 +418,38 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
                                             w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
+def _check_prepared_groups(prepared, w13):
+    "A prepare's FP8 rows (`a_scale`) against block-FP8 weights: the same 1×g activation groups (metadata only)."
+    a, sc = prepared.a, prepared.a_scale
+    if sc is not None and isinstance(w13, QuantizedExpertWeights) and w13.block_shape \
+            and sc.shape[-1:] != (-(-a.shape[-1] // w13.block_shape[1]),):
+        raise ValueError(f"quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, "
+                         f"{w13.block_shape[1]}), got {sc.shape[-1]} scales for {a.shape[-1]} columns")
+
 class TritonQuantExpertsAdapter(TorchStandardExperts):
     "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
     trusted = weights_checked = False     # as TritonExpertsAdapter's
     adds_shared = True                    # as TritonExpertsAdapter's
+    takes_quantized_input = True          # FP8 rows with their scales (`13a`'s all-gather that quantizes before it sends)
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
+        if not self.trusted: _check_prepared_groups(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                                prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                                w13_bias=w13_bias, w2_bias=w2_bias, activation=activation,
                                                num_experts=prepared.num_experts, active_experts=prepared.active_experts,
-                                               addend=shared, join=join)
+                                               addend=shared, join=join, a_scale=prepared.a_scale,
+                                               out_dtype=prepared.out_dtype)
         if join is not None: join()
         out = TritonQuantExperts().apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
                                          prepared.apply_router_weight_on_input, expected_m=prepared.expected_m,
                                          num_experts=prepared.num_experts, active_experts=prepared.active_experts,
                                          validate=False,     # ids from the placement
-                                         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation, addend=shared)
+                                         w13_bias=w13_bias, w2_bias=w2_bias, activation=activation, addend=shared,
+                                         a_scale=prepared.a_scale, out_dtype=prepared.out_dtype)
         return out
 
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
@@ -447,10 +459,7 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         a, quantized = prepared.a, prepared.a_scale is not None
-        if quantized and not self.trusted and isinstance(w13, QuantizedExpertWeights) and w13.block_shape \
-                and prepared.a_scale.shape[-1:] != (-(-a.shape[-1] // w13.block_shape[1]),):   # a prepare's groups
-            raise ValueError(f"quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, "
-                             f"{w13.block_shape[1]}), got {prepared.a_scale.shape[-1]} scales for {a.shape[-1]} columns")
+        if not self.trusted: _check_prepared_groups(prepared, w13)
         if self.trusted and (a.dtype in (torch.bfloat16, torch.float16) or quantized):   # the layer's own slabs
             if not self.weights_checked: _check_trusted_weights(a, w13, w2)
             return BatchedTritonQuantExperts()._apply(a, prepared.expert_num_tokens, w13, prepared.expected_m,
@@ -565,7 +574,7 @@ class ModularKernel:
         if shared_experts is not None and not isinstance(shared_experts, SharedExperts):
             raise ValueError(f"shared_experts: expected a SharedExperts or None, got {type(shared_experts).__name__}")
         if getattr(prepare_finalize, "quant_block", None) and not getattr(experts, "takes_quantized_input", False):
-            raise ValueError(f"experts: expected experts that take FP8 slabs with their scales (BatchedTritonQuantExpertsAdapter) "
+            raise ValueError(f"experts: expected experts that take FP8 rows with their scales (the Triton quantized experts) "
                              f"beside a prepare that quantizes before dispatch (quant_block={prepare_finalize.quant_block}), "
                              f"got {type(experts).__name__}")
         self.prepare_finalize, self.experts, self.shared_experts = prepare_finalize, experts, shared_experts
@@ -650,16 +659,17 @@ class _Clock:
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
-                          across_processes: bool = False,   # the all-to-all of `13a_transport`, not this process's
+                          across_processes: bool = False,   # the transport of `13a_transport`, not this process's
                          ) -> tuple:               # (block, reason): (1, group) or None, and one line saying why
     """Whether this deployment's prepare quantizes the activations to FP8 before dispatch — `block`, the scale group
     `(1, 128)`, or None — and why. Read from the backend record (`quantizes_before_dispatch`, `dispatch_quant_block`,
     the activation format) and the experts: only FP8 block experts (1×g activation groups, g the record's) take FP8
     slabs as they are, and only the batched format moves rows in this process. Then GEMM1 launches no quantizer: the
     dispatch quantizes each row it sends (after the router weight, when that is applied on the input) and the slabs
-    hold FP8 and its scales — half the bytes. With `across_processes` the question is the all-to-all of
-    `13a_transport` (real ranks): the same rules, except that a group of one sends nothing, and the Standard format's
-    all-gather sends rows in the model's dtype. ValueError naming `config`, `experts`, `qweights` or
+    hold FP8 and its scales — half the bytes. With `across_processes` the question is the transport of
+    `13a_transport` (real ranks): the same rules, except that a group of one sends nothing, and the Standard format
+    moves rows too (its all-gather sends each token's FP8 row and scales once, as DeepEP high-throughput's dispatch
+    does). ValueError naming `config`, `experts`, `qweights` or
     `across_processes` for a wrong type or value. Source: vLLM's DeepEP low-latency and NIXL EP
     prepare/finalize (vllm-project/vllm `deepep_ll_prepare_finalize.py`), which send block-FP8 activations when the
     experts' quant config asks for 128-wide groups; DeepEP's `low_latency_dispatch(..., use_fp8=True)`."""
@@ -672,12 +682,9 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
         return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
     if across_processes and config.ep_size == 1:
         return None, f"one rank: nothing travels between ranks (backend {b.name!r} would send FP8)"
-    if config.activation_format is not ActivationFormat.BatchedExperts:
-        return None, (f"backend {b.name!r} sends FP8 between ranks, but " + (
-            f"moe-lit's all-gather of its {config.activation_format.value} format sends rows in the model's dtype "
-            f"(FP8 before the all-gather is not built): the experts quantize their own input" if across_processes else
-            f"its {config.activation_format.value}-format prepare copies no rows in this process: the experts "
-            f"quantize their own input"))
+    if config.activation_format is not ActivationFormat.BatchedExperts and not across_processes:
+        return None, (f"backend {b.name!r} sends FP8 between ranks, but its {config.activation_format.value}-format "
+                      f"prepare copies no rows in this process: the experts quantize their own input")
     if qweights is None:
         return None, "the weights are unquantized: rows travel in the model's dtype"
     if experts != "triton_quant":
@@ -691,7 +698,10 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
         return None, (f"the experts' activation groups (1, {qweights.block_shape[1]}) differ from the wire's {blk}: "
                       f"rows travel unquantized")
     return blk, (f"backend {b.name!r} quantizes before dispatch in {blk} groups (its record), which the "
-                 f"{qweights.scheme} experts take as they are: rows travel as FP8 with their scales, GEMM1 quantizes nothing")
+                 f"{qweights.scheme} experts take as they are: rows travel as FP8 with their scales" + (
+                     "" if config.activation_format is ActivationFormat.BatchedExperts else
+                     f" (the {config.activation_format.value} format's all-gather: each token's row once to every rank)")
+                 + ", GEMM1 quantizes nothing")
 
 def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False, validate: bool = True,
                           quant_block: tuple | None = None):   # from `dispatch_quantization` (batched format only)
@@ -1009,13 +1019,13 @@ for backend, experts, weights, want, says in (
     got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
     test_eq(got[0], want); assert says in got[1], (backend, got[1])
 ht = dispatch_quantization(cfg.replace(parallel=par("deepep_high_throughput")), "triton_quant", qw, across_processes=True)
-assert ht[0] is None and "all-gather of its standard format sends rows in the model's dtype" in ht[1], ht
+assert ht[0] == (1, 128) and "the standard format's all-gather: each token's row once to every rank" in ht[1], ht
 one = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(1, 1, all2all_backend="nixl_ep")), "triton_quant", qw,
                             across_processes=True)                           # a group of one: nothing travels
 assert one[0] is None and one[1].startswith("one rank: nothing travels"), one
 # refusals
 pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
-test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
+test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 rows")
 test_fail(lambda: pf.prepare(hidden.float(), wts, ids, p), contains="hidden: expected torch.bfloat16 or torch.float16 for the Triton")
 test_fail(lambda: BatchedPrepareFinalize(4, 2, quant_block=blk), contains="quant_block: expected None without use_triton")
 for bad in ((1, 100), (2, 128), [1, 128], (1, 16)):

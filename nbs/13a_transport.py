@@ -77,12 +77,6 @@ def one_rank_problem(seed: int = 0):
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-def _gather_counts(n: int, group, device) -> list:
-    "The value `n` of every rank of `group`, in rank order (one all-gather)."
-    out = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
-    _all_gather_into(out, torch.tensor([n], dtype=torch.int64, device=device), group=group)
-    return out.tolist()
-
 _GATHER_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
                   torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
                   torch.uint64, torch.bool, torch.complex64, torch.complex128)   # what travels as bytes, by index
@@ -199,6 +193,14 @@ def _pad_columns(x: torch.Tensor, width: int | None) -> torch.Tensor:
     if width < x.shape[1]: raise ValueError(f"hidden: expected at most padded_hidden_size={width} columns, got {x.shape[1]}")
     return torch.nn.functional.pad(x, (0, width - x.shape[1]))
 
+def _fp8_wire_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
+    "`[n, Hw]` 16-bit rows as `[n, Hw + 4·G]` uint8: each row's e4m3 codes, then its G fp32 group scales (`09b`)."
+    from moe_lit.kernels.quant_act import fp8_quantize_activations    # Triton: imported when FP8 is sent
+    n, Hw = rows.shape
+    if n == 0: return torch.empty(0, Hw + 4 * -(-Hw // group), dtype=torch.uint8, device=rows.device)
+    q, scale = fp8_quantize_activations(rows.contiguous(), "group", group_k=group, validate=False)
+    return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], 1)
+
 # %%
 #| export
 class AllGatherReduceScatterPrepareFinalize:
@@ -209,8 +211,10 @@ class AllGatherReduceScatterPrepareFinalize:
 
     def __init__(self, group=None,                          # the EP group (None: the default group)
                  topk_indices_dtype: torch.dtype = torch.int32,   # dtype of topk_ids the router should produce
-                 padded_hidden_size: int | None = None):    # wire width of the hidden rows (None: as they come)
+                 padded_hidden_size: int | None = None,     # wire width of the hidden rows (None: as they come)
+                 quant_block: tuple | None = None):         # (1, group): rows sent as FP8 (`dispatch_quantization`)
         self.group = check_group(group)
+        self.quant_block = check_quant_block(quant_block)
         self.num_dispatchers, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.topk_indices_dtype = check_choice("topk_indices_dtype", topk_indices_dtype, (torch.int32, torch.int64))
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
@@ -231,6 +235,22 @@ def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_rou
     if wire is not None and hidden.shape[1] > wire:
         raise ValueError(f"hidden: expected at most {wire} columns (the wire's hidden size), got shape {list(hidden.shape)}")
     check_topk_ids(topk_ids, placement.num_experts)         # distinct per token: the slabs' capacity relies on it
+    if pf.quant_block and hidden.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire (quant_block="
+                         f"{pf.quant_block}), got {hidden.dtype}")
+
+def _row_format(pf, dtype: torch.dtype, wire_width: int) -> list:
+    "This rank's rows as ints: dtype (its `_GATHER_DTYPES` index), wire width, FP8 group (0: none), capacity (0: none)."
+    return [_GATHER_DTYPES.index(dtype), wire_width, pf.quant_block[1] if pf.quant_block else 0,
+            pf.max_num_tokens_per_rank or 0]
+
+def _check_row_formats(formats: torch.Tensor):   # [S, 4] every rank's `_row_format`, gathered
+    "Refuse, on every rank alike, ranks that would send rows of another size or read their peers' bytes as another dtype."
+    if not bool((formats == formats[0]).all()):
+        got = [(str(_GATHER_DTYPES[int(f[0])]), int(f[1]), None if not f[2] else (1, int(f[2])), int(f[3]) or None)
+               for f in formats]
+        raise ValueError(f"hidden, quant_block, padded_hidden_size, max_num_tokens_per_rank: expected the same rows on "
+                         f"every rank, got (dtype, wire width, quant_block, max_num_tokens_per_rank) per rank {got}")
 
 @patch(nm="prepare")
 def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
@@ -239,16 +259,28 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
                   topk_ids: torch.Tensor,            # [T, top_k] int32/int64 global (physical) ids, -1 = none
                   placement: Placement,              # this rank's placement
                   apply_router_weight_on_input: bool = False) -> DistributedPrepared:
-    "All-gather tokens `a [ΣT, H]`, weights and ids of the group; ids become this rank's local slots (or -1)."
+    """All-gather tokens `a [ΣT, H_wire]`, weights and ids of the group; ids become this rank's local slots (or -1).
+    With `quant_block`, `a` is float8_e4m3fn and `a_scale [ΣT, G]` fp32: each rank quantizes its own tokens once
+    (`09b`'s group quantizer) and sends codes and scales as one row of bytes. A collective: every rank calls it.
+    ValueError, on every rank alike, for ranks whose rows differ (dtype, wire width, FP8 group); and for bad arguments."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
-    counts = _gather_counts(hidden.shape[0], self.group, hidden.device)
-    a = all_gather_rows(_pad_columns(hidden, self.padded_hidden_size), counts, self.group, check=False)   # same code
-    wts = all_gather_rows(topk_weights, counts, self.group, check=False)                                 # on every
-    local = placement.local_slot(all_gather_rows(topk_ids, counts, self.group, check=False))             # rank
+    x, S = _pad_columns(hidden, self.padded_hidden_size), self.num_dispatchers
+    mine = torch.tensor([[*_row_format(self, x.dtype, x.shape[1]), x.shape[0]]], device=x.device)
+    table = all_gather_rows(mine, [1] * S, self.group, check=False).cpu()       # [S, 5]: formats, then token counts
+    _check_row_formats(table[:, :4])
+    counts, (Hw, group) = table[:, 4].tolist(), (x.shape[1], self.quant_block[1] if self.quant_block else None)
+    rows = _fp8_wire_rows(x, group) if group else x     # [T, Hw + 4·G] bytes: codes, then scales (as the all-to-all)
+    a = all_gather_rows(rows, counts, self.group, check=False)                                   # the same code
+    wts = all_gather_rows(topk_weights, counts, self.group, check=False)                         # on every rank
+    local = placement.local_slot(all_gather_rows(topk_ids, counts, self.group, check=False))
+    a_scale = None
+    if group: a, a_scale = a[:, :Hw].contiguous().view(torch.float8_e4m3fn), a[:, Hw:].contiguous().view(torch.float32)
     self.stats = {"tokens": hidden.shape[0], "pairs_sent": int((topk_ids >= 0).sum()),
-                  "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts)}
+                  "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts),
+                  "wire_bytes_per_token": rows.shape[1] * rows.element_size(), "wire_width": Hw}
     return DistributedPrepared(self.activation_format, a, wts, local_ids=local, hidden_size=hidden.shape[1],
-                               apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts)
+                               apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts,
+                               a_scale=a_scale, out_dtype=None if a_scale is None else x.dtype)
 
 # %%
 #| export
@@ -279,6 +311,42 @@ with one_process_group():
     test_eq(pf.stats["pairs_received"], 10)
 assert_close(got, want, name="allgather/reduce-scatter, one process")
 
+
+# %% [markdown]
+# **FP8 on the wire.** DeepEP high-throughput's record says `quantizes_before_dispatch` with `(1, 128)` groups: vLLM
+# quantizes the tokens before DeepEP's normal dispatch when the experts take block-FP8 activations. With `quant_block`
+# the all-gather does the same: each rank quantizes its own tokens once with `09b`'s group quantizer and sends one row
+# of bytes a token — the e4m3 codes, then the fp32 scales, as the all-to-all below sends a pair. Every rank gets `a`
+# in float8_e4m3fn and `a_scale [ΣT, G]`, and the Triton quantized experts take them as they are: their GEMM1
+# launches no quantizer. The bits are those the experts would have made from the 16-bit rows, so in a group of one
+# the output equals the unquantized wire's bit for bit.
+
+# %%
+#| test allgather_fp8_on_the_wire
+if not torch.cuda.is_available():                 # the interpreter (CPU); the GPU runs it in 13c over NCCL
+    layer = FusedMoE(MoEConfig(8, 2, 256, 64, dtype=torch.bfloat16), experts="triton", quant="fp8", seed=3)
+    hidden = torch.randn(5, 256, generator=torch.Generator().manual_seed(6)).bfloat16()
+    wts, ids = layer.route(hidden)
+    with one_process_group():
+        blk = tuple(BACKENDS["deepep_high_throughput"].dispatch_quant_block)                       # (1, 128)
+        pf = AllGatherReduceScatterPrepareFinalize(quant_block=blk)
+        prep = pf.prepare(hidden, wts, ids, layer.placement)
+        test_eq((prep.a.dtype, tuple(prep.a_scale.shape), prep.out_dtype), (torch.float8_e4m3fn, (5, 2), torch.bfloat16))
+        test_eq(pf.stats["wire_bytes_per_token"], 256 + 4 * 2)                      # codes, then two fp32 scales
+        q_ref, s_ref = fp8_quantize_activations_reference(hidden, "group", group_k=128)
+        test_eq(prep.a.view(torch.uint8), q_ref.view(torch.uint8)); test_eq(prep.a_scale, s_ref)
+        got = ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, layer.qweights, None, wts, ids, layer.placement)
+        plain = AllGatherReduceScatterPrepareFinalize()                             # 16-bit rows: the experts quantize
+        same = ModularKernel(plain, make_experts(plain, "triton_quant"))(hidden, layer.qweights, None, wts, ids, layer.placement)
+        assert torch.equal(got, same)                                               # the same codes: the same bits
+        test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 rows")
+        test_fail(lambda: pf.prepare(hidden.float(), wts, ids, layer.placement),
+                  contains="hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire")
+        narrow = AllGatherReduceScatterPrepareFinalize(quant_block=(1, 64))               # groups the weights do not take
+        test_fail(lambda: ModularKernel(narrow, make_experts(narrow, "triton_quant"))(hidden, layer.qweights, None, wts, ids,
+                  layer.placement), contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
+        test_fail(lambda: AllGatherReduceScatterPrepareFinalize(quant_block=(1, 100)), contains="quant_block: expected None or (1, group)")
+    assert_close(got, layer(hidden), name="FP8 all-gather vs the layer")
 
 # %% [markdown]
 # > The partial outputs are reduced in fp32 (float64 for float64 layers), not in the activation dtype: summing `S`
@@ -334,14 +402,9 @@ def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Place
     FP8 group, capacity): a rank that would send rows of another size or read its peers' bytes as another dtype is
     refused on every rank alike; then check capacity the same way on every rank."""
     S = pf.num_dispatchers
-    fmt = [_GATHER_DTYPES.index(dtype), wire_width, pf.quant_block[1] if pf.quant_block else 0, pf.max_num_tokens_per_rank]
-    mine = torch.cat([counts.flatten(), torch.tensor([*fmt, num_tokens], device=counts.device)])
+    mine = torch.cat([counts.flatten(), torch.tensor([*_row_format(pf, dtype, wire_width), num_tokens], device=counts.device)])
     table = all_gather_rows(mine[None], [1] * S, pf.group, check=False).cpu()              # [S, S·max_local + 5]
-    formats = table[:, -5:-1]
-    if not bool((formats == formats[0]).all()):
-        got = [(str(_GATHER_DTYPES[int(f[0])]), int(f[1]), None if not f[2] else (1, int(f[2])), int(f[3])) for f in formats]
-        raise ValueError(f"hidden, quant_block, padded_hidden_size, max_num_tokens_per_rank: expected the same rows on "
-                         f"every rank, got (dtype, wire width, quant_block, max_num_tokens_per_rank) per rank {got}")
+    _check_row_formats(table[:, -5:-1])
     token_counts, table = table[:, -1].tolist(), table[:, :-5].view(S, S, -1)  # [S_send, S_recv, max_local]
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
@@ -361,9 +424,6 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
     capacity) or a capacity overflow; and for bad arguments, a non-16-bit `hidden` with `quant_block` among them."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
-    if self.quant_block and hidden.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire (quant_block="
-                         f"{self.quant_block}), got {hidden.dtype}")
     x = _pad_columns(hidden, self.padded_hidden_size)
     order, counts = send_plan(placement, topk_ids)
     table, token_counts = _exchange_counts(self, counts, T, placement, x.dtype, x.shape[1])   # sizes and capacity first
@@ -397,14 +457,6 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
 
 # %%
 #| export
-def _fp8_wire_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
-    "`[n, Hw]` 16-bit rows as `[n, Hw + 4·G]` uint8: each row's e4m3 codes, then its G fp32 group scales (`09b`)."
-    from moe_lit.kernels.quant_act import fp8_quantize_activations    # Triton: imported when FP8 is sent
-    n, Hw = rows.shape
-    if n == 0: return torch.empty(0, Hw + 4 * -(-Hw // group), dtype=torch.uint8, device=rows.device)
-    q, scale = fp8_quantize_activations(rows.contiguous(), "group", group_k=group, validate=False)
-    return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], 1)
-
 def _fp8_slabs(received: torch.Tensor, recv_rows: torch.Tensor, slots: int, Hw: int, group: int):
     "Wire rows into `(a float8_e4m3fn [slots, Hw], a_scale fp32 [slots, G])`; slots nobody filled are NaN in both."
     G = -(-Hw // group)
@@ -492,7 +544,7 @@ if not torch.cuda.is_available():                 # the interpreter (CPU); the G
         rest = torch.ones(len(codes), dtype=torch.bool); rest[prep.recv_rows] = False
         assert (codes[rest] == 0x7F).all() and scales[rest].isnan().all()           # NaN past the counts
         got = ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(), layer.placement)
-        test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
+        test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 rows")
         test_fail(lambda: pf.prepare(hidden.float(), wts, ids.long(), layer.placement),
                   contains="hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire")
         for bad in ((1, 100), (True, 128), (1.0, 128), (1, 2**20), [1, 128]):
@@ -566,12 +618,12 @@ def make_distributed_prepare_finalize(
     config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
     group=None,                               # the EP group (None: the default group)
     max_num_tokens_per_rank: int | None = None,   # batched capacity per rank; None: config.max_num_tokens
-    quant_block: tuple | None = None,         # (1, group): rows sent as FP8 (`dispatch_quantization`; batched only)
+    quant_block: tuple | None = None,         # (1, group): rows sent as FP8 (`dispatch_quantization`)
 ):
     """The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format:
-    `AllToAllBatchedPrepareFinalize` (BatchedExperts; FP8 rows with `quant_block`) or
-    `AllGatherReduceScatterPrepareFinalize` (Standard). ValueError naming the argument for a config that is not this
-    rank's of the group, a bad capacity or `quant_block`, or a `quant_block` for the Standard format."""
+    `AllToAllBatchedPrepareFinalize` (BatchedExperts) or `AllGatherReduceScatterPrepareFinalize` (Standard), both
+    sending FP8 rows with `quant_block`. ValueError naming the argument for a config that is not this rank's of the
+    group, or a bad capacity or `quant_block`."""
     rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
@@ -580,10 +632,8 @@ def make_distributed_prepare_finalize(
         cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
         return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size,
                                               check_quant_block(quant_block))
-    if check_quant_block(quant_block) is not None:
-        raise ValueError(f"quant_block: expected None for the {config.activation_format.value} format (its all-gather "
-                         f"sends rows in the model's dtype), got {quant_block}")
-    return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size)
+    return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size,
+                                                 check_quant_block(quant_block))
 
 # %% [markdown]
 # Outside a process group the factory and both classes say what is missing:
@@ -596,9 +646,10 @@ if not dist.is_initialized():
     test_fail(lambda: AllToAllBatchedPrepareFinalize(4), contains="group: expected an initialized torch.distributed")
     test_fail(lambda: AllGatherReduceScatterPrepareFinalize(), contains="group: expected an initialized")
 test_fail(lambda: make_distributed_prepare_finalize("cfg"), contains="config: expected a MoEConfig, got str")
-with one_process_group():                                           # FP8 rows only in the batched format's all-to-all
-    test_fail(lambda: make_distributed_prepare_finalize(MoEConfig(8, 2, 256, 64), quant_block=(1, 128)),
-              contains="quant_block: expected None for the standard format")
+with one_process_group():
+    test_eq(make_distributed_prepare_finalize(MoEConfig(8, 2, 256, 64), quant_block=(1, 128)).quant_block, (1, 128))
+    test_fail(lambda: make_distributed_prepare_finalize(MoEConfig(8, 2, 256, 64), quant_block=(1, 100)),
+              contains="quant_block: expected None or (1, group)")
 
 # %% [markdown]
 # ## Joining the process group

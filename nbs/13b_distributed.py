@@ -54,7 +54,8 @@ from pathlib import Path
 #    expert `p % num_experts`, vLLM's initial EPLB map), the replicated router, the placement's tables, the experts
 #    the deployment's format and the device call for; with `quant` its experts are quantized at load, as a
 #    single-process layer's are, and `10_modular.dispatch_quantization` (asked `across_processes=True`) says whether
-#    the all-to-all sends FP8 rows (`13a_transport`) — the report's "on the wire" line gives the decision and why;
+#    the transport sends FP8 rows (`13a_transport`: the all-to-all a pair's, the all-gather a token's) — the report's
+#    "on the wire" line gives the decision and why;
 # 3. takes its share of the tokens — the batch is drawn from the shared seed exactly as `moe-lit run` draws it, so
 #    both commands see the same tokens — and routes them with the layer's router (EPLB: each logical id then goes to
 #    one of its physical replicas);
@@ -231,7 +232,8 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                   "experts": {"implementation": run.experts[0], "reason": run.experts[1], "quant": run.quant},
                   "dispatch_quant": None if run.dispatch_quant[0] is None else list(run.dispatch_quant[0]),
                   "dispatch_quant_note": run.dispatch_quant[1],
-                  "wire_bytes_per_pair": run.rank_stats[0].get("wire_bytes_per_pair"),
+                  "wire_bytes_per_pair": run.rank_stats[0].get("wire_bytes_per_pair"),     # all-to-all: a pair's row
+                  "wire_bytes_per_token": run.rank_stats[0].get("wire_bytes_per_token"),   # all-gather: a token's row
                   "wire_width": run.rank_stats[0].get("wire_width"),          # columns a row travels with (padding)
                   "hidden_size": config.hidden_size,
                   "placement": placement_record(placement, run.placement),

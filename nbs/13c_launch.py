@@ -203,7 +203,7 @@ def disagreeing_counts_job(config: MoEConfig) -> None:
     run_distributed(config, num_tokens=4, token_counts=[1, 3] if dist.get_rank() == 0 else [3, 1])
 
 def gather_mismatch_job() -> dict:
-    "Job: `all_gather_rows` where the ranks disagree on the dtype, the counts or the row shape; each case's error per rank."
+    "Job: `all_gather_rows`, the all-to-all and the all-gather where the ranks disagree on their rows; each case's error per rank."
     from moe_lit.transport import all_gather_rows
     r, S, out = dist.get_rank(), dist.get_world_size(), {}
     cases = {"dtype": (torch.zeros(1, 2, dtype=torch.int32 if r else torch.float32), [1] * S),
@@ -223,6 +223,14 @@ def gather_mismatch_job() -> dict:
                      "a2a capacity": dict(max_num_tokens_per_rank=8 if r == 0 else 4), "a2a dtype": {}}.items():
         pf = AllToAllBatchedPrepareFinalize(kw.pop("max_num_tokens_per_rank", 8), **kw)
         try: pf.prepare(h.half() if name == "a2a dtype" and r else h, w, ids, place); out[name] = "no error"
+        except ValueError as e: out[name] = str(e)
+    place = Placement.build(rank_config(cfg.replace(parallel=ParallelConfig.make(                 # and the all-gather's
+        1, S, enable_expert_parallel=True, all2all_backend="deepep_high_throughput")), r))
+    for name, kw in {"ag quant_block": dict(quant_block=(1, 128) if r == 0 else None),
+                     "ag wire width": dict(padded_hidden_size=256 if r else None), "ag dtype": {}}.items():
+        try:
+            AllGatherReduceScatterPrepareFinalize(**kw).prepare(h.half() if name == "ag dtype" and r else h, w, ids, place)
+            out[name] = "no error"
         except ValueError as e: out[name] = str(e)
     return out
 
@@ -256,6 +264,10 @@ def world_one_job(experts: str = "triton") -> list:
                for pf in (AllToAllBatchedPrepareFinalize(16, quant_block=(1, 128)),
                           BatchedPrepareFinalize(16, 1, use_triton=True, quant_block=(1, 128)))]
         out.append({"name": "fp8 on the wire/triton", "output": fp8[0].cpu(), "reference": fp8[1].double().cpu()})
+        ag = [ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, q.qweights, None, wts, ids, place)   # the
+              for pf in (AllGatherReduceScatterPrepareFinalize(quant_block=(1, 128)),      # all-gather's FP8 rows
+                         AllGatherReduceScatterPrepareFinalize())]                         # against its 16-bit rows
+        out.append({"name": "fp8 all-gather/triton", "output": ag[0].cpu(), "reference": ag[1].cpu(), "exact": True})
     return out
 
 # %% [markdown]
@@ -267,8 +279,8 @@ def world_one_job(experts: str = "triton") -> list:
 # swapped so different replicas serve the same tokens), bf16 with a shared expert and router weights applied on the
 # input in both formats, the Triton experts (in the interpreter on a CPU), and an overflow that must raise on every
 # rank. Hidden size 24 is dispatched as 2048 by the batched backends, so the padding path is in every batched case.
-# With `triton`, two FP8 cases too: NIXL EP sends its rows as FP8 (2048 codes and 16 scales a pair), DeepEP
-# high-throughput's Standard format all-gathers them in bf16 and its experts quantize their own input.
+# With `triton`, two FP8 cases too: NIXL EP sends its rows as FP8 (2048 codes and 16 scales a pair), and DeepEP
+# high-throughput's Standard format all-gathers them as FP8 (24 codes and one scale a token: no padding).
 
 # %%
 #| export
@@ -368,8 +380,10 @@ if "nixl_ep/fp8" in by_name:                                       # the interpr
     fp8, ht = by_name["nixl_ep/fp8"]["report"], by_name["deepep_high_throughput/fp8"]["report"]
     test_eq((fp8["dispatch_quant"], fp8["wire_bytes_per_pair"]), ([1, 128], 2048 + 4 * 16))
     assert fp8["check"]["distributed_vs_kernel_spec"]["ok"], fp8["check"]          # the kernels' own spec, 5 %
-    test_eq((ht["dispatch_quant"], ht["wire_bytes_per_pair"]), (None, None))
-    assert "all-gather of its standard format sends rows in the model's dtype" in ht["dispatch_quant_note"], ht
+    test_eq((ht["dispatch_quant"], ht["wire_bytes_per_pair"], ht["wire_bytes_per_token"]), ([1, 128], None, 24 + 4))
+    assert ht["check"]["distributed_vs_kernel_spec"]["ok"], ht["check"]          # no padding: 24 codes, one scale
+    assert "the standard format's all-gather: each token's row once to every rank" in ht["dispatch_quant_note"], ht
+    assert "(28 bytes a token: rows of 24 columns)" in format_distributed_report(ht)
     assert "on the wire  backend 'nixl_ep' quantizes before dispatch" in format_distributed_report(fp8)
 assert 0 in by_name["one token: other ranks receive nothing"]["report"]["pairs_received_per_rank"]
 assert any((d >= 8).any() for d in by_name["eplb"]["dispatched"] + by_name["eplb/other replicas"]["dispatched"])
@@ -426,7 +440,8 @@ assert all("token_counts: expected the same (num_tokens, token_counts, seed) on 
 for rank_out in launch(gather_mismatch_job, 2, timeout_s=120, collective_timeout_s=30):   # never bytes read as another
     for case in ("dtype", "counts", "shape"):                                           # rank's dtype or shape
         assert "expected the same dtype, row shape and counts on every rank" in rank_out[case], (case, rank_out[case])
-    for case in ("a2a quant_block", "a2a wire width", "a2a capacity", "a2a dtype"):     # the all-to-all's row format
+    for case in ("a2a quant_block", "a2a wire width", "a2a capacity", "a2a dtype",      # the all-to-all's row format
+                 "ag quant_block", "ag wire width", "ag dtype"):                          # and the all-gather's
         assert "expected the same rows on every rank, got (dtype, wire width, quant_block" in rank_out[case], (case, rank_out[case])
     test_eq(rank_out["agree"], [[0.0, 0.0], [1.0, 1.0]])
 
@@ -450,15 +465,18 @@ test_fail(lambda: init_distributed(timeout_s=-1), contains="timeout_s: expected 
 test_fail(lambda: init_distributed(backend="mpi"), contains="backend: expected one of ['gloo', 'nccl'], got 'mpi'")
 
 # %% [markdown]
-# On a GPU: NCCL at world size 1, with the Triton experts, through both prepare/finalize classes and the main job, and
-# the all-to-all's FP8 slabs (FP8 on the wire) against the in-process FP8 dispatch's.
+# On a GPU: NCCL at world size 1, with the Triton experts, through both prepare/finalize classes and the main job; the
+# all-to-all's FP8 slabs (FP8 on the wire) against the in-process FP8 dispatch's; and the all-gather's FP8 rows against
+# its 16-bit rows, bit for bit.
 
 # %%
 #| test nccl_world_1
 #| gpu
 world_one = launch(world_one_job, 1, timeout_s=300, backend="nccl", experts="triton")[0]
-test_eq(world_one[-1]["name"], "fp8 on the wire/triton")
-for res in world_one: assert_close(res["output"], res["reference"], name=res["name"])
+test_eq([r["name"] for r in world_one[-2:]], ["fp8 on the wire/triton", "fp8 all-gather/triton"])
+for res in world_one:
+    if res.get("exact"): assert torch.equal(res["output"], res["reference"]), res["name"]   # the same codes, the same bits
+    else: assert_close(res["output"], res["reference"], name=res["name"])
 if torch.cuda.device_count() >= 2:                                   # a machine with two GPUs: the sweep on NCCL too
     for res in launch(run_cases, 2, timeout_s=300, backend="nccl", cases=sweep_cases(2, triton=True))[0]:
         if "error" not in res: assert_close(res["output"], res["reference"], name=f"nccl {res['name']}")

@@ -235,9 +235,10 @@ def _distributed_lines(r: dict) -> list[str]:
                      f"emulation: {r['slab_layout_matches_emulation']}")
     if r.get("dispatch_quant_note"):
         w, pad = r.get("wire_width"), r.get("wire_width") != r.get("hidden_size")
-        size = (f" ({r['wire_bytes_per_pair']} bytes a pair: rows of {w} columns"
-                + (f", hidden {r.get('hidden_size')} padded to the backend's size)" if pad else ")")
-                if r.get("wire_bytes_per_pair") else "")
+        n, per = next(((r[k], k.rsplit("_", 1)[1]) for k in ("wire_bytes_per_pair", "wire_bytes_per_token") if r.get(k)),
+                      (None, None))
+        size = (f" ({n} bytes a {per}: rows of {w} columns"
+                + (f", hidden {r.get('hidden_size')} padded to the backend's size)" if pad else ")") if n else "")
         lines.append(f"  on the wire  {r['dispatch_quant_note']}{size}")
     lines += [f"  check        distributed vs float64: {verdict(c['distributed_vs_float64'])}",
               f"               distributed vs single process: {verdict(c['distributed_vs_single_process'])}",

@@ -204,7 +204,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # with FP8-block *Triton* experts (on a GPU, or `--experts triton` in the interpreter, on a bf16 or fp16 model) the dispatch sends
 # each row as FP8 with its 1×128 scales, as those backends do, and GEMM1 quantizes nothing;
 # `10_modular.dispatch_quantization` says when and why, and `moe-lit run`'s report prints it as "activations on the
-# wire" whenever the all2all is in use (the `--distributed` run's report too: its all-to-all sends the FP8 rows). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
+# wire" whenever the all2all is in use (the `--distributed` run's report too: its all-to-all sends the FP8 rows, and
+# DeepEP high-throughput's all-gather sends each token's row as FP8). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
 # launch, so that each kernel's launch overlaps the end of the one before (`06_kernels.batched`: replays gain up to
 # 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it, so those layers keep it off);
 # `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. Otherwise FP8 w8a8 layers quantize
@@ -281,8 +282,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets
 # or a `--config`, one EP rank per process; `--ep` defaults to the number of processes and `--all2all` to
 # `allgather_reducescatter`). `--quant` quantizes each rank's experts at load; with `--quant fp8` and Triton experts
-# (`--experts triton` on a CPU; presets are bf16, a float32 `--config` needs `--dtype bf16`), NIXL EP and DeepEP
-# low-latency send each row as FP8 with its scales, about
+# (`--experts triton` on a CPU; presets are bf16, a float32 `--config` needs `--dtype bf16`), NIXL EP, DeepEP
+# low-latency and DeepEP high-throughput send each row as FP8 with its scales, about
 # half the bytes, and the report's "on the wire" line says so. With a
 # small `--config` (a config.json with hidden 64 and 4 experts, as in *Install and run*) the two processes finish in
 # seconds on a CPU. Each process holds its

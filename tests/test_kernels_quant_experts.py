@@ -2,7 +2,8 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
+from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint, check_choice
+from moe_lit.quant import QUANT_SCHEME_TABLE
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, check_quant_weights
@@ -14,7 +15,7 @@ from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, bat
 from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m
 from moe_lit.kernels.quant import _weight_kernel_args, _prepare_activations, _fused_moe_gemm_quant, _batched_moe_gemm_quant
 from moe_lit.kernels.batched import DEVICE
-from moe_lit.quant import QUANT_SCHEMES, QUANT_SCHEME_TABLE
+from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
 from moe_lit.kernels.quant_act import fp8_quantize_activations
@@ -72,6 +73,35 @@ def test_triton_quant_experts_two_ranks():
         local = torch.where((ids >= owned[0]) & (ids <= owned[-1]), ids - int(owned[0]), -1)
         total += TritonQuantExperts().apply(hidden, qw.select(owned.to(DEVICE)), wts, local).double().cpu()
     assert_quant_close(total, quant_experts_reference_standard(hidden, qw, wts, ids).cpu(), *experts_tolerance(qw.scheme))
+
+
+def test_triton_quant_experts_prequantized():
+    E, H, I, T, k = 4, 320, 64, 6, 2
+    g = torch.Generator().manual_seed(8)
+    ids = torch.stack([torch.randperm(E + 1, generator=g)[:k] for _ in range(T)]).int()
+    local = torch.where(ids < E, ids, -1).to(DEVICE)
+    wts, hidden = torch.rand(T, k, generator=g).to(DEVICE), random_activations((T, H), torch.bfloat16, 81)
+    for scheme, gran in (("fp8_w8a8_block", "group"), ("fp8_w8a8_channel", "token")):
+        qw = quantize_expert_weights(*random_expert_weights(E, H, I, seed=82), scheme)
+        q, sc = fp8_quantize_activations(hidden, gran)
+        shared = random_activations((T, H), torch.bfloat16, 83)
+        for on_in in (False, True):
+            want = TritonQuantExperts().apply(hidden, qw, wts, local, apply_router_weight_on_input=on_in, addend=shared)
+            got = TritonQuantExperts().apply(q, qw, wts, local, apply_router_weight_on_input=on_in, addend=shared, a_scale=sc)
+            test_eq((got.dtype, got.shape), (torch.bfloat16, hidden.shape))
+            assert torch.equal(got, want), (scheme, on_in)                 # the same codes, the same kernels: the same bits
+        test_eq(TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, out_dtype=torch.float16).dtype, torch.float16)
+        test_eq(TritonQuantExperts().apply(q[:0], qw, wts[:0], local[:0], a_scale=sc[:0]).dtype, torch.bfloat16)
+    qw4 = quantize_expert_weights(*random_expert_weights(E, H, I, seed=82), "mxfp4_w4a16")
+    test_fail(lambda: TritonQuantExperts().apply(q, qw4, wts, local, a_scale=sc), contains="hidden: expected torch.bfloat16 or "
+              "torch.float16 for the weight-only scheme mxfp4_w4a16, got torch.float8_e4m3fn")
+    test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local), contains="a_scale: expected float32 scales of shape [6, 1]")
+    test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc[:3]), contains="a_scale: expected shape [6, 1]")
+    test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, out_dtype=torch.float32),
+              contains="out_dtype: expected one of")
+    test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, addend=hidden.half()),
+              contains="addend: expected dtype torch.bfloat16")
+    test_fail(lambda: TritonQuantExperts().apply(hidden, qw, wts, local, a_scale=sc), contains="a_scale: expected None for")
 
 
 def test_quant_experts_swigluoai_bias():

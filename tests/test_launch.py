@@ -70,8 +70,10 @@ def test_distributed_world_2():
         fp8, ht = by_name["nixl_ep/fp8"]["report"], by_name["deepep_high_throughput/fp8"]["report"]
         test_eq((fp8["dispatch_quant"], fp8["wire_bytes_per_pair"]), ([1, 128], 2048 + 4 * 16))
         assert fp8["check"]["distributed_vs_kernel_spec"]["ok"], fp8["check"]          # the kernels' own spec, 5 %
-        test_eq((ht["dispatch_quant"], ht["wire_bytes_per_pair"]), (None, None))
-        assert "all-gather of its standard format sends rows in the model's dtype" in ht["dispatch_quant_note"], ht
+        test_eq((ht["dispatch_quant"], ht["wire_bytes_per_pair"], ht["wire_bytes_per_token"]), ([1, 128], None, 24 + 4))
+        assert ht["check"]["distributed_vs_kernel_spec"]["ok"], ht["check"]          # no padding: 24 codes, one scale
+        assert "the standard format's all-gather: each token's row once to every rank" in ht["dispatch_quant_note"], ht
+        assert "(28 bytes a token: rows of 24 columns)" in format_distributed_report(ht)
         assert "on the wire  backend 'nixl_ep' quantizes before dispatch" in format_distributed_report(fp8)
     assert 0 in by_name["one token: other ranks receive nothing"]["report"]["pairs_received_per_rank"]
     assert any((d >= 8).any() for d in by_name["eplb"]["dispatched"] + by_name["eplb/other replicas"]["dispatched"])
@@ -123,7 +125,8 @@ def test_gather_ranks_that_disagree_all_raise():
     for rank_out in launch(gather_mismatch_job, 2, timeout_s=120, collective_timeout_s=30):   # never bytes read as another
         for case in ("dtype", "counts", "shape"):                                           # rank's dtype or shape
             assert "expected the same dtype, row shape and counts on every rank" in rank_out[case], (case, rank_out[case])
-        for case in ("a2a quant_block", "a2a wire width", "a2a capacity", "a2a dtype"):     # the all-to-all's row format
+        for case in ("a2a quant_block", "a2a wire width", "a2a capacity", "a2a dtype",      # the all-to-all's row format
+                     "ag quant_block", "ag wire width", "ag dtype"):                          # and the all-gather's
             assert "expected the same rows on every rank, got (dtype, wire width, quant_block" in rank_out[case], (case, rank_out[case])
         test_eq(rank_out["agree"], [[0.0, 0.0], [1.0, 1.0]])
 
@@ -150,8 +153,10 @@ def test_launch_bad_input():
 @pytest.mark.gpu
 def test_nccl_world_1():
     world_one = launch(world_one_job, 1, timeout_s=300, backend="nccl", experts="triton")[0]
-    test_eq(world_one[-1]["name"], "fp8 on the wire/triton")
-    for res in world_one: assert_close(res["output"], res["reference"], name=res["name"])
+    test_eq([r["name"] for r in world_one[-2:]], ["fp8 on the wire/triton", "fp8 all-gather/triton"])
+    for res in world_one:
+        if res.get("exact"): assert torch.equal(res["output"], res["reference"]), res["name"]   # the same codes, the same bits
+        else: assert_close(res["output"], res["reference"], name=res["name"])
     if torch.cuda.device_count() >= 2:                                   # a machine with two GPUs: the sweep on NCCL too
         for res in launch(run_cases, 2, timeout_s=300, backend="nccl", cases=sweep_cases(2, triton=True))[0]:
             if "error" not in res: assert_close(res["output"], res["reference"], name=f"nccl {res['name']}")

@@ -275,13 +275,13 @@ def test_fp8_before_dispatch():
         got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
         test_eq(got[0], want); assert says in got[1], (backend, got[1])
     ht = dispatch_quantization(cfg.replace(parallel=par("deepep_high_throughput")), "triton_quant", qw, across_processes=True)
-    assert ht[0] is None and "all-gather of its standard format sends rows in the model's dtype" in ht[1], ht
+    assert ht[0] == (1, 128) and "the standard format's all-gather: each token's row once to every rank" in ht[1], ht
     one = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(1, 1, all2all_backend="nixl_ep")), "triton_quant", qw,
                                 across_processes=True)                           # a group of one: nothing travels
     assert one[0] is None and one[1].startswith("one rank: nothing travels"), one
     # refusals
     pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
-    test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
+    test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 rows")
     test_fail(lambda: pf.prepare(hidden.float(), wts, ids, p), contains="hidden: expected torch.bfloat16 or torch.float16 for the Triton")
     test_fail(lambda: BatchedPrepareFinalize(4, 2, quant_block=blk), contains="quant_block: expected None without use_triton")
     for bad in ((1, 100), (2, 128), [1, 128], (1, 16)):

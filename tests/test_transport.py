@@ -58,6 +58,33 @@ def test_allgather_reducescatter_one_process():
     assert_close(got, want, name="allgather/reduce-scatter, one process")
 
 
+def test_allgather_fp8_on_the_wire():
+    if not torch.cuda.is_available():                 # the interpreter (CPU); the GPU runs it in 13c over NCCL
+        layer = FusedMoE(MoEConfig(8, 2, 256, 64, dtype=torch.bfloat16), experts="triton", quant="fp8", seed=3)
+        hidden = torch.randn(5, 256, generator=torch.Generator().manual_seed(6)).bfloat16()
+        wts, ids = layer.route(hidden)
+        with one_process_group():
+            blk = tuple(BACKENDS["deepep_high_throughput"].dispatch_quant_block)                       # (1, 128)
+            pf = AllGatherReduceScatterPrepareFinalize(quant_block=blk)
+            prep = pf.prepare(hidden, wts, ids, layer.placement)
+            test_eq((prep.a.dtype, tuple(prep.a_scale.shape), prep.out_dtype), (torch.float8_e4m3fn, (5, 2), torch.bfloat16))
+            test_eq(pf.stats["wire_bytes_per_token"], 256 + 4 * 2)                      # codes, then two fp32 scales
+            q_ref, s_ref = fp8_quantize_activations_reference(hidden, "group", group_k=128)
+            test_eq(prep.a.view(torch.uint8), q_ref.view(torch.uint8)); test_eq(prep.a_scale, s_ref)
+            got = ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, layer.qweights, None, wts, ids, layer.placement)
+            plain = AllGatherReduceScatterPrepareFinalize()                             # 16-bit rows: the experts quantize
+            same = ModularKernel(plain, make_experts(plain, "triton_quant"))(hidden, layer.qweights, None, wts, ids, layer.placement)
+            assert torch.equal(got, same)                                               # the same codes: the same bits
+            test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 rows")
+            test_fail(lambda: pf.prepare(hidden.float(), wts, ids, layer.placement),
+                      contains="hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire")
+            narrow = AllGatherReduceScatterPrepareFinalize(quant_block=(1, 64))               # groups the weights do not take
+            test_fail(lambda: ModularKernel(narrow, make_experts(narrow, "triton_quant"))(hidden, layer.qweights, None, wts, ids,
+                      layer.placement), contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
+            test_fail(lambda: AllGatherReduceScatterPrepareFinalize(quant_block=(1, 100)), contains="quant_block: expected None or (1, group)")
+        assert_close(got, layer(hidden), name="FP8 all-gather vs the layer")
+
+
 def test_all_to_all_batched_one_process():
     layer, hidden, wts, ids, want = one_rank_problem(1)
     with one_process_group():
@@ -92,7 +119,7 @@ def test_all_to_all_fp8_on_the_wire():
             rest = torch.ones(len(codes), dtype=torch.bool); rest[prep.recv_rows] = False
             assert (codes[rest] == 0x7F).all() and scales[rest].isnan().all()           # NaN past the counts
             got = ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, layer.qweights, None, wts, ids.long(), layer.placement)
-            test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 slabs")
+            test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 rows")
             test_fail(lambda: pf.prepare(hidden.float(), wts, ids.long(), layer.placement),
                       contains="hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire")
             for bad in ((1, 100), (True, 128), (1.0, 128), (1, 2**20), [1, 128]):
@@ -128,9 +155,10 @@ def test_factory_needs_a_group():
         test_fail(lambda: AllToAllBatchedPrepareFinalize(4), contains="group: expected an initialized torch.distributed")
         test_fail(lambda: AllGatherReduceScatterPrepareFinalize(), contains="group: expected an initialized")
     test_fail(lambda: make_distributed_prepare_finalize("cfg"), contains="config: expected a MoEConfig, got str")
-    with one_process_group():                                           # FP8 rows only in the batched format's all-to-all
-        test_fail(lambda: make_distributed_prepare_finalize(MoEConfig(8, 2, 256, 64), quant_block=(1, 128)),
-                  contains="quant_block: expected None for the standard format")
+    with one_process_group():
+        test_eq(make_distributed_prepare_finalize(MoEConfig(8, 2, 256, 64), quant_block=(1, 128)).quant_block, (1, 128))
+        test_fail(lambda: make_distributed_prepare_finalize(MoEConfig(8, 2, 256, 64), quant_block=(1, 100)),
+                  contains="quant_block: expected None or (1, group)")
 
 
 def test_all_gather_rows_one_process():

@@ -226,7 +226,7 @@ def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
     return slots, bh
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #236dcbcef2a0
+# %% ../../nbs/07_kernels.dispatch.ipynb #33d2a459158f
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -301,18 +301,20 @@ def _combine_pairs(y, local_ids, num_local,
             T * k, TOP_K=k, SLOTS=slots, BLOCK_H=bh, WEIGHTED=False, PAIRS=True, ADD=addend is not None)
     return out
 
-def check_addend(addend: torch.Tensor | None, hidden: torch.Tensor):
-    "A public experts call's `addend` (the shared experts' output): None, or `[T, H]` in hidden's dtype and device, unit stride along H."
+def check_addend(addend: torch.Tensor | None, hidden: torch.Tensor,
+                 dtype: torch.dtype | None = None):   # the output's dtype, where it is not hidden's (FP8 hidden)
+    "A public experts call's `addend` (the shared experts' output): None, or `[T, H]` in the output's dtype (hidden's) and hidden's device, unit stride along H."
     if addend is None: return
-    check_tensor("addend", addend, shape=tuple(hidden.shape), dtype=hidden.dtype)
+    check_tensor("addend", addend, shape=tuple(hidden.shape), dtype=dtype or hidden.dtype)
     check_kernel_device("hidden", hidden, addend=addend)
     if hidden.shape[1] and addend.stride(-1) != 1:
         raise ValueError(f"addend: expected a unit stride along hidden_size, got {addend.stride(-1)}")
 
-def _no_pairs(T: int, H: int, like: torch.Tensor, addend=None, join=None) -> torch.Tensor:
+def _no_pairs(T: int, H: int, like: torch.Tensor, addend=None, join=None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:   # the output's dtype (default like's)
     "The Standard experts' output when no pair has a row here (no token, or no local expert): zeros, or the addend."
     if join is not None: join()
-    return like.new_zeros(T, H) if addend is None else addend.clone()
+    return like.new_zeros(T, H, dtype=dtype or like.dtype) if addend is None else addend.clone()
 
 # %% ../../nbs/07_kernels.dispatch.ipynb #89f6f24f7379
 @triton.jit
