@@ -8,17 +8,18 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-spec}" in
 spec)
+  timeout 170 python -m pytest -q -n 4 -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_quant_experts.py tests/test_testing.py \
+    tests/test_report.py tests/test_launch.py -k "prequantized or spec or quant or nccl" 2>&1 | grep -E "^FAILED|passed|failed|rror" \
+    | tail -8 | tee "$OUT/pytest_spec_${CARD:-gpu}_$C.log"
   log="$OUT/run_kernel_spec_${CARD:-gpu}_$C.log"; : > "$log"
-  for args in "--quant fp8" "--quant mxfp4" "--quant nvfp4" "--model mixtral-8x7b --quant fp8" \
+  for args in "--quant fp8" "--quant nvfp4" "--model mixtral-8x7b --quant fp8" "--model gpt-oss-120b --quant mxfp4" \
               "--model deepseek-v3 --ep 8 --all2all nixl_ep --quant fp8" "--model deepseek-v3 --ep 8 --all2all nixl_ep --quant nvfp4" \
-              "--model gpt-oss-120b --quant mxfp4 --tokens 256"; do
+              "--model deepseek-v3 --ep 8 --all2all deepep_high_throughput --quant fp8"; do
     echo "== moe-lit run $args --experts triton" | tee -a "$log"
-    timeout 120 python -m moe_lit.cli run $args --experts triton 2>&1 | grep -v Warn | grep -iE "spec|float64|single|error|exit|ok|FAIL" | tee -a "$log"
+    timeout 75 python -m moe_lit.cli run $args --experts triton 2>&1 | grep -v Warn | grep -iE "spec|float64|single|wire|exit|error" | tee -a "$log"
     echo "exit ${PIPESTATUS[0]}" | tee -a "$log"
   done
-  timeout 150 python -m pytest -q -n 4 -p no:cacheprovider -m "gpu or not gpu" tests/test_testing.py tests/test_cli.py \
-    tests/test_report.py -k "spec or quant" 2>&1 | grep -E "^FAILED|passed|failed|error" | tail -8 | tee "$OUT/pytest_spec_${CARD:-gpu}_$C.log"
-  MOE_LIT_PDL=0 timeout 150 python nbs/bench/profile_small_t.py 1 2 4 2>&1 | grep -v Warn > "$OUT/profile_small_t_nopdl_${CARD:-gpu}_$C.log"
+  MOE_LIT_PDL=0 timeout 120 python nbs/bench/profile_small_t.py 1 2 4 2>&1 | grep -v Warn > "$OUT/profile_small_t_nopdl_${CARD:-gpu}_$C.log"
   grep "==" "$OUT/profile_small_t_nopdl_${CARD:-gpu}_$C.log" ;;
 suite)
   timeout "${LIMIT_SUITE:-400}" python -m pytest -q -n 4 -m "gpu or not gpu" tests 2>&1 | grep -v Warning \
