@@ -131,7 +131,7 @@ def launch(fn,                                  # a module-level function the wo
             raise _job_error(qual, tmp, procs, killed, timed_out, timeout_s)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
-# %% ../nbs/13c_launch.ipynb #27282ee62dc8
+# %% ../nbs/13c_launch.ipynb #269f56788a5f
 def run_cases(cases: list) -> list:
     "Job: `run_distributed(**case)` per case on every rank; rank 0 returns outputs and references, the others stats."
     out = []
@@ -184,9 +184,14 @@ def gather_mismatch_job() -> dict:
     place = Placement.build(rank_config(cfg.replace(parallel=ParallelConfig.make(                 # and the all-gather's
         1, S, enable_expert_parallel=True, all2all_backend="deepep_high_throughput")), r))
     for name, kw in {"ag quant_block": dict(quant_block=(1, 128) if r == 0 else None),
-                     "ag wire width": dict(padded_hidden_size=256 if r else None), "ag dtype": {}}.items():
+                     "ag wire width": dict(padded_hidden_size=256 if r else None), "ag dtype": {},
+                     "ag fp32 for FP8": dict(quant_block=(1, 128)),   # one rank's hidden may not be quantized:
+                     "ag ids dtype": {}, "ag top_k": {}}.items():     # every rank raises, none waits
+        hh = h.half() if name == "ag dtype" and r else h.float() if name == "ag fp32 for FP8" and r == 0 else h
+        ii, ww = (ids.int() if name == "ag ids dtype" and r else ids), w
+        if name == "ag top_k" and r: ii, ww = torch.tensor([[0, 5, 1], [2, 7, 3]]), torch.rand(2, 3)
         try:
-            AllGatherReduceScatterPrepareFinalize(**kw).prepare(h.half() if name == "ag dtype" and r else h, w, ids, place)
+            AllGatherReduceScatterPrepareFinalize(**kw).prepare(hh, ww, ii, place)
             out[name] = "no error"
         except ValueError as e: out[name] = str(e)
     return out

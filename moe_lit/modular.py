@@ -284,7 +284,7 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #15651d40689d
+# %% ../nbs/10_modular.ipynb #73f5ec3573c2
 def _check_trusted_weights(a: torch.Tensor, w13, w2):
     "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
     H = a.shape[-1]
@@ -341,10 +341,15 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
 def _check_prepared_groups(prepared, w13):
-    "A prepare's FP8 rows (`a_scale`) against block-FP8 weights: the same 1×g activation groups (metadata only)."
+    "A prepare's FP8 rows (`a_scale`) against the weights: block-FP8 weights, the same 1×g activation groups (metadata only)."
     a, sc = prepared.a, prepared.a_scale
-    if sc is not None and isinstance(w13, QuantizedExpertWeights) and w13.block_shape \
-            and sc.shape[-1:] != (-(-a.shape[-1] // w13.block_shape[1]),):
+    if sc is None or not isinstance(w13, QuantizedExpertWeights): return
+    gran = ACTIVATION_GRANULARITY.get(w13.scheme)
+    if gran != "group":                          # FP4 takes 16-bit rows; FP8 per token or tensor, its own scales
+        raise ValueError(f"quant_block: expected None for {w13.scheme} experts (they take " + (
+            "16-bit activations" if gran is None else f"FP8 activations scaled per {gran}") +
+            f", not FP8 rows in 1×g groups), got a prepare that sends FP8 rows with {sc.shape[-1]} scales a row")
+    if sc.shape[-1:] != (-(-a.shape[-1] // w13.block_shape[1]),):
         raise ValueError(f"quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, "
                          f"{w13.block_shape[1]}), got {sc.shape[-1]} scales for {a.shape[-1]} columns")
 
@@ -538,7 +543,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #4598b1198ea4
+# %% ../nbs/10_modular.ipynb #f591fbefc5b1
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
@@ -570,6 +575,8 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
                       f"prepare copies no rows in this process: the experts quantize their own input")
     if qweights is None:
         return None, "the weights are unquantized: rows travel in the model's dtype"
+    if config.dtype not in (torch.bfloat16, torch.float16):
+        return None, f"the model's dtype is {config.dtype}: FP8 rows are quantized from 16-bit rows, so rows travel as they are"
     if experts != "triton_quant":
         return None, (f"the {experts!r} experts compute on the {qweights.scheme} weights dequantized, in the model's "
                       f"dtype: rows travel in it (the Triton quantized experts take FP8 from the wire)")

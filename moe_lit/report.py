@@ -140,7 +140,7 @@ def format_report(report: dict,   # the data of `run_report`
     return format_sections(report, "report", "run_report", _REPORT_KEYS, lambda r: _section_model(r) + _section_properties(r)
                       + _section_placement(r) + _section_load_check(r) + _section_time(r))
 
-# %% ../nbs/15b_report.ipynb #28330b1f255c
+# %% ../nbs/15b_report.ipynb #17384493f6c8
 def _distributed_lines(r: dict) -> list[str]:
     c, t = r["check"], r["timing"]
     verdict = lambda x: f"{'ok' if x['ok'] else 'FAILED'} (max rel err {x['max_rel_err']:.2e}, rtol {x['rtol']:g})"
@@ -159,8 +159,8 @@ def _distributed_lines(r: dict) -> list[str]:
                      f"emulation: {r['slab_layout_matches_emulation']}")
     if r.get("dispatch_quant_note"):
         w, pad = r.get("wire_width"), r.get("wire_width") != r.get("hidden_size")
-        n, per = next(((r[k], k.rsplit("_", 1)[1]) for k in ("wire_bytes_per_pair", "wire_bytes_per_token") if r.get(k)),
-                      (None, None))
+        n, per = next(((r[k], k.rsplit("_", 1)[1]) for k in ("wire_bytes_per_pair", "wire_bytes_per_token")
+                       if r.get(k) and r["world_size"] > 1), (None, None))   # one rank: nothing travels
         size = (f" ({n} bytes a {per}: rows of {w} columns"
                 + (f", hidden {r.get('hidden_size')} padded to the backend's size)" if pad else ")") if n else "")
         lines.append(f"  on the wire  {r['dispatch_quant_note']}{size}")

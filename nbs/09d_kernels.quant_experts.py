@@ -21,6 +21,7 @@ from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
 from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m
 from moe_lit.kernels.quant import _weight_kernel_args, _prepare_activations, _fused_moe_gemm_quant, _batched_moe_gemm_quant
+from moe_lit.kernels.quant import _check_act_scale_values
 
 # %%
 #| hide
@@ -224,6 +225,8 @@ class TritonQuantExperts:
                                  f"got {hidden.dtype}")
             odt = check_choice("out_dtype", torch.bfloat16 if out_dtype is None else out_dtype, ACTIVATION_DTYPES)
             check_kernel_device("hidden", hidden, a_scale=a_scale)
+            if validate and isinstance(a_scale, torch.Tensor) and a_scale.dtype == torch.float32:   # (its shape: below)
+                _check_act_scale_values(a_scale)      # one host sync, as the ids' check: no quantizer's scale
         check_addend(addend, hidden, odt)
         return self._apply(hidden, qw, topk_weights, local_ids, apply_router_weight_on_input, block_m, expected_m,
                            w13_bias, w2_bias, activation, num_experts, active_experts, addend, a_scale=a_scale,
@@ -363,6 +366,7 @@ test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, out_
 test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, addend=hidden.half()),
           contains="addend: expected dtype torch.bfloat16")
 test_fail(lambda: TritonQuantExperts().apply(hidden, qw, wts, local, a_scale=sc), contains="a_scale: expected None for")
+test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=-sc), contains="a_scale: expected scales in [0, ")
 
 # %% [markdown]
 # Both experts classes, for the two FP4 formats and FP8 blocks: the batched slabs with poisoned padding rows and

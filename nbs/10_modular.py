@@ -419,10 +419,15 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
                                             validate=False)   # counts from the dispatch: clamped to the capacity
 
 def _check_prepared_groups(prepared, w13):
-    "A prepare's FP8 rows (`a_scale`) against block-FP8 weights: the same 1×g activation groups (metadata only)."
+    "A prepare's FP8 rows (`a_scale`) against the weights: block-FP8 weights, the same 1×g activation groups (metadata only)."
     a, sc = prepared.a, prepared.a_scale
-    if sc is not None and isinstance(w13, QuantizedExpertWeights) and w13.block_shape \
-            and sc.shape[-1:] != (-(-a.shape[-1] // w13.block_shape[1]),):
+    if sc is None or not isinstance(w13, QuantizedExpertWeights): return
+    gran = ACTIVATION_GRANULARITY.get(w13.scheme)
+    if gran != "group":                          # FP4 takes 16-bit rows; FP8 per token or tensor, its own scales
+        raise ValueError(f"quant_block: expected None for {w13.scheme} experts (they take " + (
+            "16-bit activations" if gran is None else f"FP8 activations scaled per {gran}") +
+            f", not FP8 rows in 1×g groups), got a prepare that sends FP8 rows with {sc.shape[-1]} scales a row")
+    if sc.shape[-1:] != (-(-a.shape[-1] // w13.block_shape[1]),):
         raise ValueError(f"quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, "
                          f"{w13.block_shape[1]}), got {sc.shape[-1]} scales for {a.shape[-1]} columns")
 
@@ -687,6 +692,8 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
                       f"prepare copies no rows in this process: the experts quantize their own input")
     if qweights is None:
         return None, "the weights are unquantized: rows travel in the model's dtype"
+    if config.dtype not in (torch.bfloat16, torch.float16):
+        return None, f"the model's dtype is {config.dtype}: FP8 rows are quantized from 16-bit rows, so rows travel as they are"
     if experts != "triton_quant":
         return None, (f"the {experts!r} experts compute on the {qweights.scheme} weights dequantized, in the model's "
                       f"dtype: rows travel in it (the Triton quantized experts take FP8 from the wire)")
@@ -1018,6 +1025,8 @@ for backend, experts, weights, want, says in (
         ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):
     got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
     test_eq(got[0], want); assert says in got[1], (backend, got[1])
+f32 = dispatch_quantization(cfg.replace(parallel=par("nixl_ep"), dtype=torch.float32), "triton_quant", qw)
+assert f32[0] is None and "FP8 rows are quantized from 16-bit rows" in f32[1], f32
 ht = dispatch_quantization(cfg.replace(parallel=par("deepep_high_throughput")), "triton_quant", qw, across_processes=True)
 assert ht[0] == (1, 128) and "the standard format's all-gather: each token's row once to every rank" in ht[1], ht
 one = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(1, 1, all2all_backend="nixl_ep")), "triton_quant", qw,

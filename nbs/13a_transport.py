@@ -33,6 +33,7 @@ from moe_lit.layer import FusedMoE
 from moe_lit.formats import moe_reference_standard
 from moe_lit.modular import ModularKernel, make_experts, BatchedPrepareFinalize
 from moe_lit.kernels.quant_act import fp8_quantize_activations_reference
+from moe_lit.quant_weights import quantize_expert_weights
 
 # %%
 #| helper
@@ -231,26 +232,31 @@ def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_rou
                          f"{placement.ep_rank} of {placement.ep_size}")
     for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         if t.device != hidden.device: raise ValueError(f"{name}: expected device {hidden.device} (hidden's), got {t.device}")
-    wire = getattr(pf, "padded_hidden_size", None)
+    check_topk_ids(topk_ids, placement.num_experts)         # distinct per token: the slabs' capacity relies on it
+
+def _row_format(pf, hidden: torch.Tensor, topk_ids: torch.Tensor) -> list:
+    """This rank's rows as ints, exchanged before anything moves: hidden's dtype (its `_GATHER_DTYPES` index), the wire
+    width, the FP8 group (0: none), the capacity (0: none), hidden's width, top_k and the ids' dtype."""
+    H = hidden.shape[1]
+    return [_GATHER_DTYPES.index(hidden.dtype), pf.padded_hidden_size or H, pf.quant_block[1] if pf.quant_block else 0,
+            pf.max_num_tokens_per_rank or 0, H, topk_ids.shape[1], _GATHER_DTYPES.index(topk_ids.dtype)]
+
+def _check_row_formats(pf, formats: torch.Tensor, hidden: torch.Tensor):   # [S, 7] every rank's `_row_format`
+    """Refuse ranks that would send rows of another size or read their peers' bytes as another dtype; then the checks
+    that read the row format. The formats are the same on every rank, so each raises on every rank alike (a check that
+    raised on one rank before the exchange would leave the others waiting in it)."""
+    if not bool((formats == formats[0]).all()):
+        got = [(str(_GATHER_DTYPES[int(f[0])]), int(f[1]), None if not f[2] else (1, int(f[2])), int(f[3]) or None,
+                int(f[4]), int(f[5]), str(_GATHER_DTYPES[int(f[6])])) for f in formats]
+        raise ValueError(f"hidden, topk_ids, quant_block, padded_hidden_size, max_num_tokens_per_rank: expected the same "
+                         f"rows on every rank, got (dtype, wire width, quant_block, max_num_tokens_per_rank, hidden size, "
+                         f"top_k, ids dtype) per rank {got}")
+    wire = pf.padded_hidden_size
     if wire is not None and hidden.shape[1] > wire:
         raise ValueError(f"hidden: expected at most {wire} columns (the wire's hidden size), got shape {list(hidden.shape)}")
-    check_topk_ids(topk_ids, placement.num_experts)         # distinct per token: the slabs' capacity relies on it
     if pf.quant_block and hidden.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"hidden: expected torch.bfloat16 or torch.float16 for FP8 on the wire (quant_block="
                          f"{pf.quant_block}), got {hidden.dtype}")
-
-def _row_format(pf, dtype: torch.dtype, wire_width: int) -> list:
-    "This rank's rows as ints: dtype (its `_GATHER_DTYPES` index), wire width, FP8 group (0: none), capacity (0: none)."
-    return [_GATHER_DTYPES.index(dtype), wire_width, pf.quant_block[1] if pf.quant_block else 0,
-            pf.max_num_tokens_per_rank or 0]
-
-def _check_row_formats(formats: torch.Tensor):   # [S, 4] every rank's `_row_format`, gathered
-    "Refuse, on every rank alike, ranks that would send rows of another size or read their peers' bytes as another dtype."
-    if not bool((formats == formats[0]).all()):
-        got = [(str(_GATHER_DTYPES[int(f[0])]), int(f[1]), None if not f[2] else (1, int(f[2])), int(f[3]) or None)
-               for f in formats]
-        raise ValueError(f"hidden, quant_block, padded_hidden_size, max_num_tokens_per_rank: expected the same rows on "
-                         f"every rank, got (dtype, wire width, quant_block, max_num_tokens_per_rank) per rank {got}")
 
 @patch(nm="prepare")
 def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
@@ -262,13 +268,15 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
     """All-gather tokens `a [ΣT, H_wire]`, weights and ids of the group; ids become this rank's local slots (or -1).
     With `quant_block`, `a` is float8_e4m3fn and `a_scale [ΣT, G]` fp32: each rank quantizes its own tokens once
     (`09b`'s group quantizer) and sends codes and scales as one row of bytes. A collective: every rank calls it.
-    ValueError, on every rank alike, for ranks whose rows differ (dtype, wire width, FP8 group); and for bad arguments."""
+    ValueError, on every rank alike, for ranks whose rows differ (dtype, widths, FP8 group, top_k, ids dtype), a
+    non-16-bit `hidden` with `quant_block` or a `hidden` wider than the wire; and, on the rank that passed them, for
+    bad arguments."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
-    x, S = _pad_columns(hidden, self.padded_hidden_size), self.num_dispatchers
-    mine = torch.tensor([[*_row_format(self, x.dtype, x.shape[1]), x.shape[0]]], device=x.device)
-    table = all_gather_rows(mine, [1] * S, self.group, check=False).cpu()       # [S, 5]: formats, then token counts
-    _check_row_formats(table[:, :4])
-    counts, (Hw, group) = table[:, 4].tolist(), (x.shape[1], self.quant_block[1] if self.quant_block else None)
+    mine = torch.tensor([[*_row_format(self, hidden, topk_ids), hidden.shape[0]]], device=hidden.device)
+    table = all_gather_rows(mine, [1] * self.num_dispatchers, self.group, check=False).cpu()   # formats, token counts
+    _check_row_formats(self, table[:, :-1], hidden)
+    x = _pad_columns(hidden, self.padded_hidden_size)
+    counts, (Hw, group) = table[:, -1].tolist(), (x.shape[1], self.quant_block[1] if self.quant_block else None)
     rows = _fp8_wire_rows(x, group) if group else x     # [T, Hw + 4·G] bytes: codes, then scales (as the all-to-all)
     a = all_gather_rows(rows, counts, self.group, check=False)                                   # the same code
     wts = all_gather_rows(topk_weights, counts, self.group, check=False)                         # on every rank
@@ -346,6 +354,10 @@ if not torch.cuda.is_available():                 # the interpreter (CPU); the G
         test_fail(lambda: ModularKernel(narrow, make_experts(narrow, "triton_quant"))(hidden, layer.qweights, None, wts, ids,
                   layer.placement), contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
         test_fail(lambda: AllGatherReduceScatterPrepareFinalize(quant_block=(1, 100)), contains="quant_block: expected None or (1, group)")
+        for scheme, says in (("fp8_w8a8_channel", "FP8 activations scaled per token"), ("mxfp4_w4a16", "16-bit activations")):
+            other = quantize_expert_weights(*layer.qweights.dequantize(torch.float32), scheme)   # not 1×128 groups
+            test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, other, None, wts, ids, layer.placement),
+                      contains=f"quant_block: expected None for {scheme} experts (they take {says}")
     assert_close(got, layer(hidden), name="FP8 all-gather vs the layer")
 
 # %% [markdown]
@@ -396,16 +408,16 @@ class AllToAllBatchedPrepareFinalize:
 
 # %%
 #| export
-def _exchange_counts(pf, counts: torch.Tensor, num_tokens: int, placement: Placement, dtype: torch.dtype,
-                     wire_width: int) -> tuple[torch.Tensor, list]:
-    """All-gather every rank's `[S, max_local]` pair counts and token count, with its row format (dtype, wire width,
-    FP8 group, capacity): a rank that would send rows of another size or read its peers' bytes as another dtype is
-    refused on every rank alike; then check capacity the same way on every rank."""
-    S = pf.num_dispatchers
-    mine = torch.cat([counts.flatten(), torch.tensor([*_row_format(pf, dtype, wire_width), num_tokens], device=counts.device)])
-    table = all_gather_rows(mine[None], [1] * S, pf.group, check=False).cpu()              # [S, S·max_local + 5]
-    _check_row_formats(table[:, -5:-1])
-    token_counts, table = table[:, -1].tolist(), table[:, :-5].view(S, S, -1)  # [S_send, S_recv, max_local]
+def _exchange_counts(pf, counts: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                     placement: Placement) -> tuple[torch.Tensor, list]:
+    """All-gather every rank's `[S, max_local]` pair counts and token count, with its row format (`_row_format`): a
+    rank that would send rows of another size or read its peers' bytes as another dtype is refused on every rank
+    alike; then check capacity the same way on every rank."""
+    S, fmt = pf.num_dispatchers, _row_format(pf, hidden, topk_ids)
+    mine = torch.cat([counts.flatten(), torch.tensor([*fmt, hidden.shape[0]], device=counts.device)])
+    table = all_gather_rows(mine[None], [1] * S, pf.group, check=False).cpu()   # [S, S·max_local + formats + 1]
+    _check_row_formats(pf, table[:, -len(fmt) - 1:-1], hidden)
+    token_counts, table = table[:, -1].tolist(), table[:, :-len(fmt) - 1].view(S, S, -1)   # [S_send, S_recv, max_local]
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
 
@@ -420,13 +432,14 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                  apply_router_weight_on_input: bool = False) -> DistributedPrepared:
     """Slabs `a [E_local, capacity, H_wire]` (padding NaN) and `expert_num_tokens [E_local]` int32 of this rank; with
     `quant_block`, `a` float8_e4m3fn and `a_scale [E_local, capacity, G]` fp32 (both NaN past the counts). A collective:
-    every rank calls it. ValueError, on every rank alike, for ranks whose rows differ (dtype, wire width, FP8 group,
-    capacity) or a capacity overflow; and for bad arguments, a non-16-bit `hidden` with `quant_block` among them."""
+    every rank calls it. ValueError, on every rank alike, for ranks whose rows differ (dtype, widths, FP8 group,
+    capacity, top_k, ids dtype), a non-16-bit `hidden` with `quant_block`, a `hidden` wider than the wire, or a
+    capacity overflow; and, on the rank that passed them, for bad arguments."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
-    x = _pad_columns(hidden, self.padded_hidden_size)
     order, counts = send_plan(placement, topk_ids)
-    table, token_counts = _exchange_counts(self, counts, T, placement, x.dtype, x.shape[1])   # sizes and capacity first
+    table, token_counts = _exchange_counts(self, counts, hidden, topk_ids, placement)   # rows and capacity first
+    x = _pad_columns(hidden, self.padded_hidden_size)
     send_counts, recv_counts = table[me].sum(1).tolist(), table[:, me].sum(1).tolist()
     rows = x[order // k]
     if apply_router_weight_on_input:                   # scaled once, at the sender (vLLM #43694 scaled twice)

@@ -170,7 +170,8 @@ def launch(fn,                                  # a module-level function the wo
 # The functions `launch` runs must be importable by the workers, so they live here, not in test cells: `run_cases`
 # runs `run_distributed` once per case on every rank (process start-up is the expensive part, so one launch checks
 # many cases), `failing_job` and `sleeping_job` fail and hang on purpose, `gather_mismatch_job` disagrees on purpose (in
-# an all-gather, and in the all-to-all's row format: dtype, wire width, FP8 group, capacity), and `world_one_job` drives both
+# `all_gather_rows`, and in the rows of both transports: dtype, widths, FP8 group, capacity, top_k, ids dtype), and
+# `world_one_job` drives both
 # prepare/finalize classes at world size 1 (the NCCL check on one GPU).
 
 # %%
@@ -227,9 +228,14 @@ def gather_mismatch_job() -> dict:
     place = Placement.build(rank_config(cfg.replace(parallel=ParallelConfig.make(                 # and the all-gather's
         1, S, enable_expert_parallel=True, all2all_backend="deepep_high_throughput")), r))
     for name, kw in {"ag quant_block": dict(quant_block=(1, 128) if r == 0 else None),
-                     "ag wire width": dict(padded_hidden_size=256 if r else None), "ag dtype": {}}.items():
+                     "ag wire width": dict(padded_hidden_size=256 if r else None), "ag dtype": {},
+                     "ag fp32 for FP8": dict(quant_block=(1, 128)),   # one rank's hidden may not be quantized:
+                     "ag ids dtype": {}, "ag top_k": {}}.items():     # every rank raises, none waits
+        hh = h.half() if name == "ag dtype" and r else h.float() if name == "ag fp32 for FP8" and r == 0 else h
+        ii, ww = (ids.int() if name == "ag ids dtype" and r else ids), w
+        if name == "ag top_k" and r: ii, ww = torch.tensor([[0, 5, 1], [2, 7, 3]]), torch.rand(2, 3)
         try:
-            AllGatherReduceScatterPrepareFinalize(**kw).prepare(h.half() if name == "ag dtype" and r else h, w, ids, place)
+            AllGatherReduceScatterPrepareFinalize(**kw).prepare(hh, ww, ii, place)
             out[name] = "no error"
         except ValueError as e: out[name] = str(e)
     return out
@@ -441,7 +447,7 @@ for rank_out in launch(gather_mismatch_job, 2, timeout_s=120, collective_timeout
     for case in ("dtype", "counts", "shape"):                                           # rank's dtype or shape
         assert "expected the same dtype, row shape and counts on every rank" in rank_out[case], (case, rank_out[case])
     for case in ("a2a quant_block", "a2a wire width", "a2a capacity", "a2a dtype",      # the all-to-all's row format
-                 "ag quant_block", "ag wire width", "ag dtype"):                          # and the all-gather's
+                 "ag quant_block", "ag wire width", "ag dtype", "ag fp32 for FP8", "ag ids dtype", "ag top_k"):
         assert "expected the same rows on every rank, got (dtype, wire width, quant_block" in rank_out[case], (case, rank_out[case])
     test_eq(rank_out["agree"], [[0.0, 0.0], [1.0, 1.0]])
 

@@ -235,8 +235,8 @@ def _distributed_lines(r: dict) -> list[str]:
                      f"emulation: {r['slab_layout_matches_emulation']}")
     if r.get("dispatch_quant_note"):
         w, pad = r.get("wire_width"), r.get("wire_width") != r.get("hidden_size")
-        n, per = next(((r[k], k.rsplit("_", 1)[1]) for k in ("wire_bytes_per_pair", "wire_bytes_per_token") if r.get(k)),
-                      (None, None))
+        n, per = next(((r[k], k.rsplit("_", 1)[1]) for k in ("wire_bytes_per_pair", "wire_bytes_per_token")
+                       if r.get(k) and r["world_size"] > 1), (None, None))   # one rank: nothing travels
         size = (f" ({n} bytes a {per}: rows of {w} columns"
                 + (f", hidden {r.get('hidden_size')} padded to the backend's size)" if pad else ")") if n else "")
         lines.append(f"  on the wire  {r['dispatch_quant_note']}{size}")

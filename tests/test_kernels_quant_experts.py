@@ -14,6 +14,7 @@ from moe_lit.kernels.batched import check_extent
 from moe_lit.kernels.quant import ACTIVATION_DTYPES, batched_moe_gemm_quant, batched_gemm_quant_reference
 from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m
 from moe_lit.kernels.quant import _weight_kernel_args, _prepare_activations, _fused_moe_gemm_quant, _batched_moe_gemm_quant
+from moe_lit.kernels.quant import _check_act_scale_values
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
@@ -102,6 +103,7 @@ def test_triton_quant_experts_prequantized():
     test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=sc, addend=hidden.half()),
               contains="addend: expected dtype torch.bfloat16")
     test_fail(lambda: TritonQuantExperts().apply(hidden, qw, wts, local, a_scale=sc), contains="a_scale: expected None for")
+    test_fail(lambda: TritonQuantExperts().apply(q, qw, wts, local, a_scale=-sc), contains="a_scale: expected scales in [0, ")
 
 
 def test_quant_experts_swigluoai_bias():

@@ -126,7 +126,7 @@ def test_gather_ranks_that_disagree_all_raise():
         for case in ("dtype", "counts", "shape"):                                           # rank's dtype or shape
             assert "expected the same dtype, row shape and counts on every rank" in rank_out[case], (case, rank_out[case])
         for case in ("a2a quant_block", "a2a wire width", "a2a capacity", "a2a dtype",      # the all-to-all's row format
-                     "ag quant_block", "ag wire width", "ag dtype"):                          # and the all-gather's
+                     "ag quant_block", "ag wire width", "ag dtype", "ag fp32 for FP8", "ag ids dtype", "ag top_k"):
             assert "expected the same rows on every rank, got (dtype, wire width, quant_block" in rank_out[case], (case, rank_out[case])
         test_eq(rank_out["agree"], [[0.0, 0.0], [1.0, 1.0]])
 

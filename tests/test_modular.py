@@ -274,6 +274,8 @@ def test_fp8_before_dispatch():
             ("nixl_ep", "triton_quant", one(scheme="fp8_w8a8_block", block_shape=(128, 64)), None, "(1, 64) differ from the wire's")):
         got = dispatch_quantization(cfg.replace(parallel=par(backend)), experts, weights)
         test_eq(got[0], want); assert says in got[1], (backend, got[1])
+    f32 = dispatch_quantization(cfg.replace(parallel=par("nixl_ep"), dtype=torch.float32), "triton_quant", qw)
+    assert f32[0] is None and "FP8 rows are quantized from 16-bit rows" in f32[1], f32
     ht = dispatch_quantization(cfg.replace(parallel=par("deepep_high_throughput")), "triton_quant", qw, across_processes=True)
     assert ht[0] == (1, 128) and "the standard format's all-gather: each token's row once to every rank" in ht[1], ht
     one = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(1, 1, all2all_backend="nixl_ep")), "triton_quant", qw,

@@ -23,6 +23,7 @@ from moe_lit.layer import FusedMoE
 from moe_lit.formats import moe_reference_standard
 from moe_lit.modular import ModularKernel, make_experts, BatchedPrepareFinalize
 from moe_lit.kernels.quant_act import fp8_quantize_activations_reference
+from moe_lit.quant_weights import quantize_expert_weights
 from moe_lit.transport import *
 
 
@@ -82,6 +83,10 @@ def test_allgather_fp8_on_the_wire():
             test_fail(lambda: ModularKernel(narrow, make_experts(narrow, "triton_quant"))(hidden, layer.qweights, None, wts, ids,
                       layer.placement), contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
             test_fail(lambda: AllGatherReduceScatterPrepareFinalize(quant_block=(1, 100)), contains="quant_block: expected None or (1, group)")
+            for scheme, says in (("fp8_w8a8_channel", "FP8 activations scaled per token"), ("mxfp4_w4a16", "16-bit activations")):
+                other = quantize_expert_weights(*layer.qweights.dequantize(torch.float32), scheme)   # not 1×128 groups
+                test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton_quant"))(hidden, other, None, wts, ids, layer.placement),
+                          contains=f"quant_block: expected None for {scheme} experts (they take {says}")
         assert_close(got, layer(hidden), name="FP8 all-gather vs the layer")
 
 
