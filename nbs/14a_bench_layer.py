@@ -326,6 +326,19 @@ plot_bench_layer(layer_h100)
 #   21 µs, every key planned, outputs bit-equal. In this benchmark run Qwen3 EP2 at T ≤ 4 (111, 106, 71 µs) and
 #   gpt-oss at T = 1 came out slower than even that A/B's unplanned forward; the cause was not isolated (a CPU check of
 #   every deployment at T = 1–8 finds each key planned from the third call, as the A/B does on the GPU).
+# - **Where a replay's time goes at small T, measured with programmatic dependent launch off** (`MOE_LIT_PDL=0
+#   python nbs/bench/profile_small_t.py 1 2 4` at 3386a2d, `profile_small_t_nopdl_h100_3386a2d.log`; with it on, a
+#   kernel's time includes its wait for the one before, so the sum is no breakdown). On the one-chain deployments
+#   the replay is the kernels' sum plus 13–17 µs, whatever the number of launches: Qwen3 T = 1 50.8 µs = 36.9 of
+#   kernels (router logits 1.8, selection 2.5, the two GEMMs 30.3, combine 2.3) + 13.9; Qwen3 EP2 T = 1 39.7 = 23.1
+#   (dispatch 1.9, the two batched GEMMs 14.5) + 16.6; gpt-oss T = 1 99.2 = 84.3 + 14.9; and Mixtral's T = 2 replay,
+#   12 launches, 509.4 = 492.6 + 16.8 against 15.6 at T = 1 with 5. So a launch inside a graph costs about a
+#   microsecond or less here, and the 13–17 µs is the graph's own launch and drain, which a decode step pays once for
+#   all its layers (the step column: per layer 6–51 µs under the one-layer graph at T = 1). What keeps the step rows
+#   over the bar is then the GEMMs at one or two rows an expert: Qwen3's pair takes 30.3 µs of a 25.0 µs floor for the
+#   whole layer, and the next gain there is in the GEMMs' tiles at T ≤ 4 on this card (the H100 runs the H200's tile
+#   tables, `TILE_TABLE_SIBLINGS`; `nbs/bench/tune_layer.py` has not run on an H100), not in fewer launches. (The
+#   DeepSeek-V3 rows run the shared experts on a side stream, so their kernels overlap and the sum says nothing.)
 
 # %% [markdown]
 # ## Results, H200
