@@ -78,6 +78,10 @@ for d in order:
     xs = {T: torch.randn(T, H, device="cuda", dtype=c.dtype, generator=g) for Ts in groups.values() for T in Ts}
     for gemm, N in ((1, N1), (2, N2)):
         path = tile_config_path(kernel, E, N, device_name, torch.bfloat16, cfg_dir)
+        for sib in kb.TILE_TABLE_SIBLINGS.get(device_name, ()):     # a card without its own table starts from the
+            sp = tile_config_path(kernel, E, N, sib, torch.bfloat16, cfg_dir)   # sibling's it ran on: entries not
+            if not path.exists() and sp.exists():                    # tuned here (prefill) stay as they were
+                path.parent.mkdir(parents=True, exist_ok=True); path.write_text(sp.read_text())
         for m, Ts in groups.items():
             Ts = sorted({Ts[0], Ts[-1]})
             table = json.loads(path.read_text()) if path.exists() else {}
