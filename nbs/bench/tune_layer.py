@@ -1,11 +1,11 @@
 """Tile tables for the layer's own GEMM calls at decode, tuned by replaying the whole layer (GPU).
 
-    python nbs/bench/tune_layer.py OUT_DIR [deployment index ...]
+    [TUNE_MAX_TOKENS=64] python nbs/bench/tune_layer.py OUT_DIR [deployment index ...]
 
 `bench --tune` (14_bench) tunes GEMM1 alone on synthetic slabs at one batch per model, so at small T the layer's
 two GEMMs mostly run on the heuristic tile (`default_tile_config`), and GEMM2's shape (N = hidden) has no table at
 all. This script tunes the tile of each GEMM call site of every `LAYER_DEPLOYMENTS` entry, per tile-table bucket
-(`expected_m` = T·top_k / num_experts, the key the layer looks tables up by), for T = 1 .. 64 where that bucket
+(`expected_m` = T·top_k / num_experts, the key the layer looks tables up by), for T = 1 .. TUNE_MAX_TOKENS (64) where that bucket
 is <= 16 rows per expert (decode). Each candidate is written into a copy of the package's tables under
 OUT_DIR/configs (`MOE_LIT_TILE_CONFIG_DIR`), the tile caches are cleared, and the layer is captured and replayed
 at the smallest and largest T of the bucket: the time is the whole layer's, so a tile is judged where it runs.
@@ -25,7 +25,7 @@ import moe_lit
 from moe_lit.bench import tile_candidates
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, LAYER_TOKENS, deployment_config
 from moe_lit.config import ActivationFormat
-from moe_lit.kernels import batched as kb, contiguous as kc
+from moe_lit.kernels import batched as kb, contiguous as kc, quant as kq
 from moe_lit.kernels.batched import fit_shared_memory, tile_config_path
 from moe_lit.layer import FusedMoE
 
@@ -33,13 +33,21 @@ out = Path(sys.argv[1]); cfg_dir = out / "configs"
 if not cfg_dir.exists(): shutil.copytree(Path(moe_lit.__file__).parent / "configs", cfg_dir)
 os.environ["MOE_LIT_TILE_CONFIG_DIR"] = str(cfg_dir)
 order = [int(a) for a in sys.argv[2:]] or [0, 4, 1, 3, 5, 2]
+max_tokens = int(os.environ.get("TUNE_MAX_TOKENS", 64))   # the largest T whose bucket is tuned (16: Qwen3's m = 1)
 device_name = torch.cuda.get_device_name()
 log = []
 
 
-def reset_tiles():
-    "Forget every resolved tile and parsed table (the layer resolves tiles once per shape)."
-    for f in (kb._lookup_tile_config, kb._load_table, kb._batched_tile, kc._fused_tile): f.cache_clear()
+def reset_tiles(layer):
+    """Forget every resolved tile, parsed table and launch plan: the kernels resolve tiles once per shape in their
+    `functools.lru_cache`s (a table's entry, the tile, the whole launch plan, the alignment block), and the layer keeps
+    its ModularKernels and recorded launches. Every such cache of the kernel modules is cleared, so one added later
+    cannot keep a stale tile (the first version of this script cleared four by name and, once launch plans were
+    cached, timed the same tile for every candidate)."""
+    for mod in (kb, kc, kq):
+        for f in vars(mod).values():
+            if callable(getattr(f, "cache_clear", None)): f.cache_clear()
+    layer._kernels, layer._plans, layer._seen, layer.graphs = {}, {}, set(), {}
 
 
 def candidates(m: int, kernel: str, gated: bool, block_m: int | None) -> list[dict]:
@@ -71,7 +79,7 @@ for d in order:
     kernel = "batched_moe_gemm" if c.activation_format is ActivationFormat.BatchedExperts else "fused_moe_gemm"
     (E, N1, K1), N2, H = layer.w13.shape, layer.w2.shape[1], c.hidden_size   # K1, N2: the padded hidden size
     groups = {}
-    for T in (t for t in LAYER_TOKENS if t <= 64):
+    for T in (t for t in LAYER_TOKENS if t <= max_tokens):
         m = max(1, T * c.top_k // layer.placement.num_experts)
         if m <= 16: groups.setdefault(m, []).append(T)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -93,7 +101,7 @@ for d in order:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if t: path.write_text(json.dumps(t, indent=1, sort_keys=True))
                 else: path.unlink(missing_ok=True)            # no entry: the heuristic, as before
-                reset_tiles()
+                reset_tiles(layer)
                 return [replay_us(layer, xs[T]) for T in Ts]
 
             base = measure(before)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tile tables for the layer's own GEMM calls at decode on this card (`tune_layer.py`), with the layer timed before and
 # after them in the same call (T = 1, 2, 4, 8; one graph per layer and the decode step; no transformers peers).
-#   REV=<commit> bash nbs/bench/tune_layer_gpu.sh [deployment index ...]   # default: 0 1 (Qwen3, one GPU and EP2)
+#   REV=<commit> [TUNE_MAX_TOKENS=64] bash nbs/bench/tune_layer_gpu.sh [deployment index ...]   # default: 0 1 (Qwen3, one GPU and EP2)
 # -> $OUT/layer_{before,after}_<card>_<commit>.json, tune_layer_<card>_<commit>.json, tune_configs_<card>_<commit>.tgz
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
