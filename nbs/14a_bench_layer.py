@@ -336,9 +336,17 @@ plot_bench_layer(layer_h100)
 #   microsecond or less here, and the 13–17 µs is the graph's own launch and drain, which a decode step pays once for
 #   all its layers (the step column: per layer 6–51 µs under the one-layer graph at T = 1). What keeps the step rows
 #   over the bar is then the GEMMs at one or two rows an expert: Qwen3's pair takes 30.3 µs of a 25.0 µs floor for the
-#   whole layer, and the next gain there is in the GEMMs' tiles at T ≤ 4 on this card (the H100 runs the H200's tile
-#   tables, `TILE_TABLE_SIBLINGS`; `nbs/bench/tune_layer.py` has not run on an H100), not in fewer launches. (The
-#   DeepSeek-V3 rows run the shared experts on a side stream, so their kernels overlap and the sum says nothing.)
+#   whole layer, and the next gain there is in the GEMMs themselves, not in fewer launches. (The DeepSeek-V3 rows run
+#   the shared experts on a side stream, so their kernels overlap and the sum says nothing.)
+# - **The tiles are not what is missing on this card.** The H100 runs the H200's tile tables (`TILE_TABLE_SIBLINGS`).
+#   Tuning Qwen3's two GEMM call sites on the H100 by replaying the whole layer (`TUNE_MAX_TOKENS=16 bash
+#   nbs/bench/tune_layer_gpu.sh 0` at 5a6d193: the bucket of one row an expert, T = 1 and 16 replayed,
+#   `tune_layer_h100_5a6d193.json`) kept the H200's tiles: of 11 GEMM1 and 10 GEMM2 candidates none beat them by the
+#   3 % asked (GEMM1 314 µs for the two replays against 317–331 for every other tile; GEMM2 317 against 315–326),
+#   and the layer before and after (`layer_{before,after}_h100_5a6d193.json`) replays alike: T = 1, 2, 4, 8 at
+#   1.91, 1.55, 1.29, 1.23× the floor (step 1.67, 1.32, 1.17, 1.15×). (Its first run timed one tile for every
+#   candidate: the kernels' launch-plan caches, added after the script, kept the first tile; the script now clears
+#   every cache of the kernel modules and the layer's launch plans between candidates.)
 
 # %% [markdown]
 # ## Results, H200
