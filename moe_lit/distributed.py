@@ -195,7 +195,7 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                                 for k in ("prepare_s", "experts_s", "finalize_s")},
                              "reference_s": time.perf_counter() - t0}}
 
-# %% ../nbs/13b_distributed.ipynb #c27f36f8bc6d
+# %% ../nbs/13b_distributed.ipynb #952ac7dd1fc9
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m moe_lit.distributed",
                                  description="The moe-lit main job on N processes (one EP rank each).",
@@ -211,9 +211,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokens")
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="None: the model's own")
     ap.add_argument("--experts", default="auto", choices=["auto", "triton", "torch"], help="auto: Triton on a GPU")
-    ap.add_argument("--quant", default="unquantized", choices=[*QUANT_SCHEMES, *QUANT_ALIASES],
-                    help="quantize the experts at load (fp8 = fp8_w8a8_block: with Triton experts, NIXL EP and DeepEP "
-                         "low-latency send the rows as FP8)")
+    ap.add_argument("--quant", default="unquantized", choices=["unquantized", *QUANT_SCHEMES, *QUANT_ALIASES],
+                    help="quantize the experts at load (fp8 = fp8_w8a8_block: with Triton experts, "
+                         + ", ".join(n for n, d in BACKENDS.items() if d.quantizes_before_dispatch)
+                         + " send the rows as FP8 with their scales)")
     ap.add_argument("--max-tokens-per-rank", type=int, default=None, help="batched capacity; None: the model's")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait for its peers")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")

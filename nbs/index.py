@@ -26,7 +26,7 @@
 #
 # It takes about two minutes with a fresh download and prints nothing of its own while it installs (a machine whose pip
 # configuration names package folders that do not exist has pip warn about each): the install about 70–90 s on an idle machine (2–2.5 minutes measured beside other jobs)
-# (`.venv` about 2 GB), then the run, 4–7 s on 2 idle cores (20–40 s measured on a busy machine or straight after the install), most of it generating the random weights and the float64 reference, at a peak of about 1.5 GiB
+# (`.venv` about 2 GB), then the run, 4–7 s on 2 idle cores (20–40 s measured on a busy machine or straight after the install), most of it the forward and the float64 reference (the report's time section splits it), at a peak of about 1.5 GiB
 # resident.
 #
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
@@ -109,7 +109,7 @@
 # `layer.experts_reason` says why its experts run where they do, and `backend=` (on the command line `--backend`)
 # forces one of the oracle's candidates — on the CPU a Triton one with `experts="triton"`, which runs it in the
 # interpreter. `select_experts_backend(cfg, quant, cfg.activation_format, DEVICES["h200"]).table()`
-# (`moe_lit.oracle`) gives the decision table `moe-lit explain` prints (as Markdown, where the command aligns plain
+# (both names from `moe_lit.oracle`) gives the decision table `moe-lit explain` prints (as Markdown, where the command aligns plain
 # text), for any device model. `FusedMoE(config, quant="fp8")` (or "mxfp4", "nvfp4", any name `moe-lit run --quant`
 # takes) quantizes the experts at construction, as `run --quant` does. A model's own
 # `config.json` gives the config: `moe_lit.models.moe_config_from_hf(path)` (then `FusedMoE.from_pretrained(dir,
@@ -280,8 +280,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # ```
 #
 # `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets
-# or a `--config`, one EP rank per process; `--ep` defaults to the number of processes and `--all2all` to
-# `allgather_reducescatter`). `--quant` quantizes each rank's experts at load; with `--quant fp8` and Triton experts
+# or a `--config`, one EP rank per process, on random weights; `--ep` defaults to the number of processes and
+# `--all2all` to `allgather_reducescatter`; `--weights`, `--tp`, `--backend` and `--device` are refused there). `--quant` quantizes each rank's experts at load; with `--quant fp8` and Triton experts
 # (`--experts triton` on a CPU; presets are bf16, a float32 `--config` needs `--dtype bf16`), NIXL EP, DeepEP
 # low-latency and DeepEP high-throughput send each row as FP8 with its scales, about
 # half the bytes, and the report's "on the wire" line says so. With a

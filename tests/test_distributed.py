@@ -25,6 +25,7 @@ from moe_lit.layer import rank_config
 from moe_lit.testing import assert_close
 from moe_lit.dispatch_plan import plot_dispatch
 import contextlib, io, json, os, tempfile
+from moe_lit.distributed import _parser
 from pathlib import Path
 from moe_lit.distributed import *
 
@@ -35,6 +36,14 @@ def test_split_tokens():
     test_eq(split_tokens(0, 2), [0, 0])
     test_fail(lambda: split_tokens(-1, 2), contains="num_tokens: expected >= 0, got -1")
     test_fail(lambda: split_tokens(4, 0), contains="num_ranks: expected >= 1, got 0")
+
+
+def test_distributed_quant_flag():
+    test_eq(_parser().parse_args(["--quant", "unquantized"]).quant, "unquantized")
+    test_eq(_parser().parse_args([]).quant, "unquantized")
+    _help = " ".join(_parser().format_help().split())
+    _quant_help = _help.split("quantize the experts at load", 1)[1].split("--max-tokens-per-rank")[0]
+    for _name, _d in BACKENDS.items(): test_eq(_name in _quant_help, _d.quantizes_before_dispatch)
 
 
 def test_run_job_with_a_config():
