@@ -32,3 +32,12 @@ def pytest_collection_modifyitems(config, items):
 import fastcore.test as _ft
 for _name in dir(_ft):
     if _name.startswith("test"): setattr(getattr(_ft, _name), "__test__", False)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """On a GPU, hand the blocks a test's tensors left in PyTorch's caching allocator back to the device after it: under
+    `pytest -n 4` the workers share one card, and a worker that ran a full-size test otherwise keeps tens of GiB
+    reserved while another worker's test runs out of memory (seen on an 80 GB card, never on a 141 GB one)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
