@@ -11,8 +11,8 @@ from .models import text_config_view, read_config_json
 from .quant import QUANT_SCHEME_TABLE
 
 # %% auto #0
-__all__ = ['LAYOUTS', 'MAX_LAYERS', 'MOE_LAYER_RULES', 'QUANT_METHODS', 'CheckpointLayout', 'checkpoint_layout',
-           'moe_layer_indices', 'quant_scheme_from_hf']
+__all__ = ['LAYOUTS', 'MAX_LAYERS', 'MOE_LAYER_RULES', 'MOE_LAYER_KEYS', 'QUANT_METHODS', 'CheckpointLayout', 'checkpoint_layout',
+           'moe_layer_indices', 'moe_layer_rule', 'quant_scheme_from_hf']
 
 # %% ../nbs/11b_layouts.ipynb #389d1388cd39
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> i
     "moe_layers": _rule_moe_layers,
 }
 
-# %% ../nbs/11b_layouts.ipynb #8b2fbcba2d0d
+# %% ../nbs/11b_layouts.ipynb #3252f18eb2a7
 def _check_config_dict(cfg):
     if not isinstance(cfg, dict): raise ValueError(f"cfg: expected a config.json's contents (a dict), got {type(cfg).__name__}")
 
@@ -119,6 +119,21 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
         raise ValueError(f"config.json num_hidden_layers: expected <= {MAX_LAYERS} (decoder layers of one model), got {n}")
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
+
+MOE_LAYER_KEYS = {"all": (), "first_k_dense_replace": ("first_k_dense_replace", "moe_layer_freq"),   # what each rule
+                  "decoder_sparse_step": ("decoder_sparse_step", "mlp_only_layers"),           # of MOE_LAYER_RULES reads
+                  "moe_layers": ("moe_layers", "interleave_moe_layer_step")}
+
+def moe_layer_rule(config,  # a config.json's contents (dict), its path, or the checkpoint directory
+                   ) -> str:
+    """Which rule `moe_layer_indices` applied and the config.json values it read (absent keys as None: the rule's
+    default), e.g. "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=2, first_k_dense_replace=1,
+    moe_layer_freq=2" -- for an error that says why a layer is not an MoE layer. ValueError as `moe_layer_indices`."""
+    if not isinstance(config, dict): config = read_config_json(config)[0]
+    t, layout = checkpoint_layout(config)
+    text = text_config_view(config)
+    keys = ("num_hidden_layers", *MOE_LAYER_KEYS[layout.moe_layers])
+    return f"the {layout.moe_layers} rule of {t}: " + ", ".join(f"{k}={text.get(k)!r}" for k in keys)
 
 # %% ../nbs/11b_layouts.ipynb #9f54553d5965
 QUANT_METHODS = {s.hf_quant_method: s.name for s in QUANT_SCHEME_TABLE.values() if s.hf_quant_method}   # -> scheme

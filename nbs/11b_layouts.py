@@ -186,6 +186,21 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
 
+MOE_LAYER_KEYS = {"all": (), "first_k_dense_replace": ("first_k_dense_replace", "moe_layer_freq"),   # what each rule
+                  "decoder_sparse_step": ("decoder_sparse_step", "mlp_only_layers"),           # of MOE_LAYER_RULES reads
+                  "moe_layers": ("moe_layers", "interleave_moe_layer_step")}
+
+def moe_layer_rule(config,  # a config.json's contents (dict), its path, or the checkpoint directory
+                   ) -> str:
+    """Which rule `moe_layer_indices` applied and the config.json values it read (absent keys as None: the rule's
+    default), e.g. "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=2, first_k_dense_replace=1,
+    moe_layer_freq=2" -- for an error that says why a layer is not an MoE layer. ValueError as `moe_layer_indices`."""
+    if not isinstance(config, dict): config = read_config_json(config)[0]
+    t, layout = checkpoint_layout(config)
+    text = text_config_view(config)
+    keys = ("num_hidden_layers", *MOE_LAYER_KEYS[layout.moe_layers])
+    return f"the {layout.moe_layers} rule of {t}: " + ", ".join(f"{k}={text.get(k)!r}" for k in keys)
+
 # %%
 #| test moe_layer_indices
 test_eq(moe_layer_indices({"model_type": "mixtral", "num_hidden_layers": 3}), [0, 1, 2])
@@ -194,6 +209,9 @@ test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers
 ds = {"model_type": "deepseek_v3", "num_hidden_layers": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1}
 test_eq(moe_layer_indices(ds), [1, 2, 3, 4, 5])
 test_eq(moe_layer_indices({**ds, "moe_layer_freq": 2}), [2, 4])
+test_eq(moe_layer_rule({**ds, "moe_layer_freq": 2}),
+        "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2")
+test_eq(set(MOE_LAYER_KEYS), set(MOE_LAYER_RULES))                 # every rule says what it reads
 test_eq(moe_layer_indices({"model_type": "deepseek_v3", "num_hidden_layers": 5}), [3, 4])   # DeepseekV3Config default 3
 test_eq(moe_layer_indices({"model_type": "glm4_moe", "num_hidden_layers": 3}), [1, 2])
 qw = {"model_type": "qwen2_moe", "num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}

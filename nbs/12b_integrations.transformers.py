@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import importlib, weakref
+import importlib, warnings, weakref
 from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
@@ -18,7 +18,7 @@ from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_int
 
 # %%
 #| hide
-import tempfile
+import tempfile, warnings
 from unittest import mock
 import transformers
 from fastcore.test import test_eq, test_fail
@@ -269,19 +269,28 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
 # they are, nothing is copied and nothing is cached. `clear_cache()` frees the copies, e.g. after switching back to
 # another implementation.
 #
+# Two cases bypass the cache and convert at every forward, because a cached copy would be wrong there:
+#
+# - **A gradient of the weights is wanted** (autograd on and a source parameter requires one, as in training): the
+#   conversion (a transpose, the gate/up split) then runs inside autograd, so the gradients reach the parameters as
+#   eager's do; the cached copies are made under `torch.no_grad()` and would cut them off.
+# - **Inference tensors** (parameters created or loaded under `torch.inference_mode()`) have no version counter, so
+#   an in-place write to them cannot be noticed; moe-lit warns once per module (`UserWarning`) and converts at every
+#   forward. Loading the model outside `inference_mode` (and running it inside) keeps the cache.
+#
 # > **Implementation notes.** A write through `param.data` (`p.data.copy_(...)`) does not bump `p._version` (`.data`
 # > has its own version counter), so it goes unnoticed for copied layouts; replacing `p.data` with a new tensor is
-# > noticed (a new `data_ptr`). The copies are made under `torch.no_grad()`: gradients do not reach the weights of a
-# > copied layout, so `"moe_lit"` is an inference implementation.
+# > noticed (a new `data_ptr`).
 
 # %%
 #| export
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # experts module -> (key, converted weights)
 
+_UNVERSIONED: weakref.WeakSet = weakref.WeakSet()   # experts modules already warned about inference-tensor weights
+
 def _weight_key(tensors) -> tuple:
-    "What identifies the contents of the source weights (see above)."
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version, tuple(t.shape), t.stride(), t.dtype,
-                  t.device) for t in tensors)
+    "What identifies the contents of the source weights (see above); inference tensors have no version (callers skip the cache)."
+    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 def clear_cache() -> int:
     "Drop every cached converted weight; returns the number of modules whose copies were dropped."
@@ -300,11 +309,21 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
     src = tuple(getattr(module, n) for n in names)
     if not recipe.transposed and not recipe.interleaved:             # moe-lit's layout already: no copy, no cache
         return convert_experts_weights(*src)
+    convert = lambda: convert_experts_weights(*src, transposed=recipe.transposed, interleaved=recipe.interleaved)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in src):
+        return convert()                               # inside autograd: the gradients reach the parameters
+    if any(t.is_inference() for t in src):             # no version counter: an in-place edit could not be seen
+        if module not in _UNVERSIONED:
+            _UNVERSIONED.add(module)
+            warnings.warn(f"moe_lit: {type(module).__name__}'s weights are inference tensors (made under "
+                          f"torch.inference_mode()), whose in-place edits cannot be detected, so their "
+                          f"{'transposed' if recipe.transposed else 'interleaved'} layout is converted at every "
+                          f"forward; load the model outside inference_mode to convert once", UserWarning, stacklevel=3)
+        with torch.no_grad(): return convert()
     key = (recipe.transposed, recipe.interleaved, _weight_key(src))
     hit = _CACHE.get(module)
     if hit is not None and hit[0] == key: return hit[1]
-    with torch.no_grad():
-        weights = convert_experts_weights(*src, transposed=recipe.transposed, interleaved=recipe.interleaved)
+    with torch.no_grad(): weights = convert()
     _CACHE[module] = (key, weights)
     return weights
 
@@ -472,7 +491,8 @@ def check_model(model: torch.nn.Module,
                  if not _is_ours(ExpertsInterface._global_mapping.get(impl) if isinstance(impl, str) else None)}
         if other:
             n, impl = next(iter(other.items()))
-            unregistered = isinstance(impl, str) and impl not in ExpertsInterface._global_mapping
+            unregistered = (isinstance(impl, str) and impl not in BUILTIN_EXPERTS
+                            and impl not in ExpertsInterface._global_mapping)
             raise ValueError(f"model: expected experts_implementation 'moe_lit' (or a name register() was given) on "
                              f"every MoE block, got {impl!r}{' (not registered in this process)' if unregistered else ''} on "
                              f"{len(other)} of {len(recipes)} (e.g. {n}): call register(), then load with "
@@ -508,6 +528,8 @@ for model_type in [m for m in TINY_HF if m != "llama4_text"]:
     model = tiny_hf_model(model_type)                               # loaded "eager": reachable, not running moe-lit
     test_eq(check_model(model, selected=False), experts_recipes(model))
     test_fail(lambda: check_model(model), contains="model: expected experts_implementation 'moe_lit' (or a name")
+    try: check_model(model)
+    except ValueError as e: assert "got 'eager' on" in str(e), e        # transformers' own: "not registered" is not why
     model.set_experts_implementation("moe_lit")
     test_eq(check_model(model), experts_recipes(model))
 test_fail(lambda: check_model(model, selected=1), contains="selected: expected a bool, got int 1")
@@ -619,13 +641,14 @@ assert_close(got, want, rtol=1e-5)
 
 # %% [markdown]
 # The cache: a copied layout (gpt-oss) converts once and reuses the copy; an in-place write to a weight, or a new
-# tensor behind it, rebuilds it; a matching layout (Mixtral) uses the parameters themselves.
+# tensor behind it, rebuilds it; a matching layout (Mixtral) uses the parameters themselves. (Inference, so no
+# gradient: a forward that wants one converts inside autograd, next test.)
 
 # %%
 #| test cache_invalidation
 register()
 clear_cache()
-model = tiny_hf_model("gpt_oss")
+model = tiny_hf_model("gpt_oss").requires_grad_(False)
 model.set_experts_implementation("moe_lit")
 experts = model.get_submodule(next(iter(experts_recipes(model))))
 x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
@@ -647,6 +670,37 @@ mixtral = tiny_hf_model("mixtral")
 experts = mixtral.get_submodule(next(iter(experts_recipes(mixtral))))
 assert experts_weights(experts)[0] is experts.gate_up_proj            # no copy ...
 test_eq(clear_cache(), 0)                                          # ... and nothing cached
+
+# %% [markdown]
+# Training a copied layout: the gradients reach gpt-oss's parameters and equal eager's. Inference tensors: a model
+# made under `torch.inference_mode()` and edited in place there gives eager's output after the edit (converted at
+# every forward, with one warning a module).
+
+# %%
+#| test copied_layout_gradients_and_inference_tensors
+register()
+ids_ = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+grads = {}
+for impl in ("eager", "moe_lit"):
+    model = tiny_hf_model("gpt_oss", dtype=torch.float64).train()
+    model.set_experts_implementation(impl)
+    model(ids_, labels=ids_).loss.backward()
+    grads[impl] = {n: p.grad for n, p in model.named_parameters() if ".experts." in n}
+assert grads["eager"] and all(g is not None for g in grads["moe_lit"].values()), grads["moe_lit"]
+for n, g in grads["eager"].items(): assert_close(grads["moe_lit"][n], g, rtol=1e-9, name=n)
+clear_cache()
+with torch.inference_mode():
+    model = tiny_hf_model("gpt_oss", dtype=torch.float64)
+    model.set_experts_implementation("moe_lit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(ids_)
+        model.load_state_dict(tiny_hf_model("gpt_oss", seed=1, dtype=torch.float64).state_dict())   # in place
+        got = model(ids_).logits
+    test_eq(sum("inference tensors" in str(c.message) for c in caught), model.config.num_hidden_layers)   # one a module
+    model.set_experts_implementation("eager")
+    assert_close(got, model(ids_).logits, rtol=1e-9)
+test_eq(clear_cache(), 0)                                          # nothing cached for them
 
 # %% [markdown]
 # Expert-parallel sentinels (ids `>= num_experts`) contribute 0, as a slot of router weight 0 would:

@@ -9,7 +9,7 @@ from safetensors import safe_open, SafetensorError
 from moe_lit.terms import check_int, read_json_object
 from moe_lit.config import ParallelConfig
 from moe_lit.models import moe_config_from_hf
-from moe_lit.layouts import checkpoint_layout, moe_layer_indices, quant_scheme_from_hf
+from moe_lit.layouts import checkpoint_layout, moe_layer_indices, moe_layer_rule, quant_scheme_from_hf
 from moe_lit.weights import WeightSource, check_expert_ids
 from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, fp8_nan_codes
 from moe_lit.formats import gate_up_from_interleaved
@@ -135,8 +135,9 @@ def test_llama4_multimodal_and_dense_layers():
         test_eq(moe_layer_indices(json.load(open(f"{d}/config.json"))), [1, 3])
         src = CheckpointWeights(d, 3)
         ex, sh, r = src.experts([2, 3]), src.shared(), src.router()
-        test_fail(lambda: CheckpointWeights(d, 0), contains="layer_index: expected one of the MoE layers [1, 3], got 0")
-        test_fail(lambda: CheckpointWeights(d, 4), contains="layer_index: expected one of the MoE layers [1, 3], got 4")
+        test_fail(lambda: CheckpointWeights(d, 0), contains="layer_index: expected one of the MoE layers [1, 3] (the "
+                  "moe_layers rule of llama4: num_hidden_layers=4, moe_layers=[1, 3], interleave_moe_layer_step=2), got 0")
+        test_fail(lambda: CheckpointWeights(d, 4), contains="layer_index: expected one of the MoE layers [1, 3] (")
     assert torch.equal(ex["w13"], sd[m + "experts.gate_up_proj"][[2, 3]].transpose(1, 2))
     assert torch.equal(ex["w2"], sd[m + "experts.down_proj"][[2, 3]].transpose(1, 2))
     assert torch.equal(sh["w2"], sd[m + "shared_expert.down_proj.weight"]) and torch.equal(r["gate"], sd[m + "router.weight"])
@@ -190,7 +191,10 @@ def test_bad_checkpoint_dirs_and_layers():
         test_fail(lambda: CheckpointWeights(d, 1), contains="checkpoint_dir: expected a config.json in")
         test_fail(lambda: CheckpointWeights(3, 1), contains="checkpoint_dir: expected a directory path, got int")
         test_eq(checkpoint(d).experts([3])["w13"].shape, (1, 32, 32)); test_eq(checkpoint(d).experts([])["w2"].shape, (0, 32, 16))
-        test_fail(lambda: checkpoint(d, layer_index=0), contains="layer_index: expected one of the MoE layers [1], got 0")
+        test_fail(lambda: checkpoint(d, layer_index=0), contains="layer_index: expected one of the MoE layers [1] (the")
+        extra = {**good, **{k.replace("experts.3.", "experts.4."): v.clone() for k, v in good.items() if "experts.3." in k}}
+        test_fail(lambda: checkpoint(d, extra), contains="checkpoint: expected experts 0..3 (config.json's 4 experts), got "
+                  "key 'model.layers.1.mlp.experts.4.gate_proj.weight' too")
         test_fail(lambda: checkpoint(d, layer_index="1"), contains="layer_index: expected an int, got str '1'")
         test_fail(lambda: checkpoint(d, layer_index=1.0), contains="layer_index: expected an int, got float 1.0")
         test_fail(lambda: checkpoint(d, layer_index=True), contains="layer_index: expected an int, got bool True")
@@ -253,6 +257,11 @@ def test_bad_checkpoint_fp8_dtypes_and_scales():
                   contains=f"expected key '{w}' of dtype F8_E4M3 (as '{P}experts.0.gate_proj.weight'), got F8_E5M2")
         test_fail(lambda: rewrite(d, {**t, w: t[w].bfloat16()}), contains=f"expected key '{w}' of dtype F8_E4M3 (as")
         test_fail(lambda: rewrite(d, {**t, sc: t[sc].bfloat16()}), contains=f"expected key '{sc}' of dtype F32 (FP8 block scales), got BF16")
+        floats = {k: v.bfloat16() if v.dtype == torch.float8_e4m3fn else v for k, v in t.items()}   # scales left beside
+        test_fail(lambda: rewrite(d, floats), contains=f"checkpoint: expected key '{P}experts.0.gate_proj.weight' of dtype "
+                  f"F8_E4M3 beside its scales '{P}experts.0.gate_proj.weight_scale_inv' (FP8 block codes), got BF16")
+        shared = {k: v.bfloat16() if "shared_experts" in k and v.dtype == torch.float8_e4m3fn else v for k, v in t.items()}
+        test_fail(lambda: rewrite(d, shared), contains=f"expected key '{P}shared_experts.gate_proj.weight' of dtype F8_E4M3 beside")
         for v in (float("nan"), float("inf"), -1.0, 0.0):
             bad = t[sc].clone(); bad[0, 0] = v
             src = rewrite(d, {**t, sc: bad})
