@@ -220,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
-# %% ../nbs/13b_distributed.ipynb #3d945e4b700a
+# %% ../nbs/13b_distributed.ipynb #56626cf17c1b
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
@@ -237,6 +237,7 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
     except ValueError as e:                             # the flag's name, not the function's argument
         print(f"moe-lit distributed: error: {str(e).replace('timeout_s:', '--timeout:', 1)}", file=sys.stderr); return 2
     try:
+        check_int("num_tokens", tokens, lo=1)           # a job runs a batch (as `moe-lit run`); the function takes 0
         ep = world if ep is None else ep
         if ep != world: raise ValueError(f"--ep: expected the number of processes ({world}), got {ep}")
         all2all = all2all or ("allgather_reducescatter" if ep > 1 else "none")

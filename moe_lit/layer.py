@@ -372,7 +372,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #8ca7be6d5d17
+# %% ../nbs/12_layer.ipynb #c0b6f7673814
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -428,8 +428,9 @@ def _weight_versions(self: FusedMoE) -> tuple:
     """What the hot path was built from, cheaply: the tensors the kernels read as `_identity` sees them (a swapped or
     resized one is noticed, and an in-place edit of one it keeps a copy of: the gate's bf16 copy, a quantized layer's
     codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts), its switches, and
-    the placement's tables (an in-place edit of one is checked again, as a new placement is), and last the quantized
-    experts' codes and scales (an in-place edit: the container checked again, as a new one is)."""
+    the placement's tables (an in-place edit of one is checked again, as a new placement is), the EPLB replica tables
+    (derived from the config: an edit is refused), and last the quantized experts' codes and scales (an in-place edit:
+    the container checked again, as a new one is)."""
     p, b, place = self._parameters, self._buffers, self.placement
     quantized = isinstance(self.qweights, QuantizedExpertWeights)   # (anything else: named below)
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
@@ -437,7 +438,15 @@ def _weight_versions(self: FusedMoE) -> tuple:
                                        id(self._modules.get("shared_experts")), self.debug, self.experts, self.quant) + \
         tuple(_identity(t, False) for t in _shared_tensors(self)) + \
         tuple(_identity(getattr(place, n, None), True) for n in PLACEMENT_TABLES) + \
+        (_replicas_identity(self.replicas),) + \
         ((tuple(_identity(getattr(self.qweights, n), True) for n in QUANT_TENSORS) if quantized else None),)
+
+def _replicas_identity(replicas) -> tuple | None:
+    "`_identity` of the EPLB tables `(logical_to_physical, counts)` (None without replicas; anything else by its type)."
+    if replicas is None: return None
+    if not (isinstance(replicas, tuple) and all(isinstance(t, torch.Tensor) for t in replicas)):
+        return (f"a {type(replicas).__name__}",)
+    return tuple(_identity(t, True) for t in replicas)
 
 _SHARED = ("w13", "w2", "gate")                    # the shared experts' tensors (`10_modular.SharedExperts`)
 
@@ -509,6 +518,16 @@ def _take_edits(self: FusedMoE, now: tuple):
     for n in _TRACKED:                                   # the unchecked launches read what they are given
         got = _meta(getattr(self, n))
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
+    for i, n in enumerate(_TRACKED):                     # a swapped or edited tensor's values, as at load (a sync an
+        t = getattr(self, n)                             # edit, not a call): a NaN gate would route every token to
+        if t is not None and now[i] != self._versions[i] and t.device.type != "meta": check_finite(n, t)   # weight 0
+    if now[-2] != self._versions[-2]:                    # EPLB's tables: the config's, which the weights were loaded by
+        c = self.config
+        want, r = eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size), self.replicas
+        if not (isinstance(r, tuple) and len(r) == 2 and all(isinstance(t, torch.Tensor) and t.shape == w.shape
+                                                               and torch.equal(t.cpu(), w) for t, w in zip(r, want))):
+            raise bad("replicas", "eplb_replicas(num_experts, num_redundant_experts, ep_size) of the config, fixed at "
+                      "construction", "an edit or another value")
     h = self._held
     _check_settings_kept(self)
     shared = tuple(_meta(t) for t in _shared_tensors(self))
@@ -598,7 +617,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #b1dd577418e5
+# %% ../nbs/12_layer.ipynb #69392b39eca1
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -632,7 +651,9 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
-    if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
+    if self.debug:                                   # the router's values, as at construction: one sync each
+        for n in _ROUTER:
+            if (t := getattr(self, n)) is not None: check_finite(n, t)
     if self.debug and self._router_counter is not None and (n := int(self._router_counter)) != 0:   # one sync
         raise ValueError(f"_router_counter: expected 0 before a forward (each launch leaves it 0; one eager forward of "
                          f"a layer at a time, on one stream), got {n}")
@@ -924,22 +945,30 @@ class EPRun:
     reference_kernels: torch.Tensor | None = None  # [T, H] float64: the Triton quantized experts' spec (their runs)
     dispatch_quant: tuple = (None, "")  # (block or None, reason): rank 0's rows quantized before dispatch (10_modular)
 
-# %% ../nbs/12_layer.ipynb #eda123210dc6
-def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
-    "The config of EP rank `ep_rank` of `config`'s deployment (DP·TP devices, EP on), built with `ParallelConfig.make`."
+# %% ../nbs/12_layer.ipynb #325aa20f0bee
+def rank_config(config: MoEConfig, ep_rank: int,
+                tp_size: int | None = None,   # TP size folded into EP; None: the config's, ep_size / (dp_size · pcp_size)
+               ) -> MoEConfig:
+    """The config of EP rank `ep_rank` of `config`'s deployment (DP·PCP·TP devices, EP on), built with
+    `ParallelConfig.make` from the config's own split; ValueError naming `ep_rank`, or `tp_size` when it is not the
+    config's (a TP+EP deployment with one DP rank moves no tokens; as DP ranks it would take the all2all)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     p = config.parallel
     check_int("ep_rank", ep_rank, lo=0, hi=p.ep_size)
-    check_int("tp_size", tp_size, lo=1)
-    if p.ep_size % tp_size: raise ValueError(f"tp_size: expected a divisor of ep_size={p.ep_size}, got {tp_size}")
-    par = ParallelConfig.make(tp_size=tp_size, dp_size=p.ep_size // tp_size, tp_rank=ep_rank % tp_size,
-                              dp_rank=ep_rank // tp_size, enable_expert_parallel=p.ep_size > 1,
-                              all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
+    own = p.ep_size // (p.dp_size * p.pcp_size) if p.use_ep else 1
+    if tp_size is not None and check_int("tp_size", tp_size, lo=1) != own:
+        raise ValueError(f"tp_size: expected the config's TP size {own} (ep_size {p.ep_size} / (dp_size {p.dp_size} "
+                         f"× pcp_size {p.pcp_size})) or None, got {tp_size}")
+    tp, pcp = own, p.pcp_size if p.use_ep else 1
+    par = ParallelConfig.make(tp_size=tp, dp_size=p.ep_size // (tp * pcp), pcp_size=pcp, tp_rank=ep_rank % tp,
+                              pcp_rank=(ep_rank // tp) % pcp, dp_rank=ep_rank // (tp * pcp),
+                              enable_expert_parallel=p.ep_size > 1, all2all_backend=p.all2all_backend,
+                              enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #c6523305d275
+# %% ../nbs/12_layer.ipynb #bb6c3f2ad72a
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
-                    tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
+                    tp_size: int | None = None, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
                     weights: WeightSource | Mapping | None = None,  # every rank's source; None: random from `seed`
                    ) -> EPRun:

@@ -170,6 +170,13 @@ test_fail(lambda: pack_fp4(codes[:, :3]), contains="codes: expected an even last
 # **token** (one per row of activations: the same shape rule), **block** (one per `128 × 128` tile: scale
 # `[ceil(N/128), ceil(K/128)]`). Partial last blocks take the maximum over the elements they have — the shapes use
 # ceil-div (a per-rank intermediate of 192 with block 128 gives 2 blocks, vLLM #48173).
+#
+# > **Per-tensor activations share one scale across the batch.** `fp8_w8a8_tensor` quantizes the activations of a
+# > launch with one dynamic scale, the maximum over every row that shares the launch. One token with a large
+# > magnitude then coarsens every other token's codes — at 1e6 among rows of order 1 the others round to 0 — and one
+# > NaN or inf makes the scale NaN and every row's output NaN. The per-token, per-channel and 128-block schemes keep
+# > such a row to itself. This is the scheme, not a fault of the kernels (vLLM's dynamic per-tensor FP8 behaves the
+# > same); serve models whose activations can hold outliers with a finer granularity.
 
 # %%
 #| export

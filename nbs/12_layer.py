@@ -629,8 +629,9 @@ def _weight_versions(self: FusedMoE) -> tuple:
     """What the hot path was built from, cheaply: the tensors the kernels read as `_identity` sees them (a swapped or
     resized one is noticed, and an in-place edit of one it keeps a copy of: the gate's bf16 copy, a quantized layer's
     codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts), its switches, and
-    the placement's tables (an in-place edit of one is checked again, as a new placement is), and last the quantized
-    experts' codes and scales (an in-place edit: the container checked again, as a new one is)."""
+    the placement's tables (an in-place edit of one is checked again, as a new placement is), the EPLB replica tables
+    (derived from the config: an edit is refused), and last the quantized experts' codes and scales (an in-place edit:
+    the container checked again, as a new one is)."""
     p, b, place = self._parameters, self._buffers, self.placement
     quantized = isinstance(self.qweights, QuantizedExpertWeights)   # (anything else: named below)
     return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
@@ -638,7 +639,15 @@ def _weight_versions(self: FusedMoE) -> tuple:
                                        id(self._modules.get("shared_experts")), self.debug, self.experts, self.quant) + \
         tuple(_identity(t, False) for t in _shared_tensors(self)) + \
         tuple(_identity(getattr(place, n, None), True) for n in PLACEMENT_TABLES) + \
+        (_replicas_identity(self.replicas),) + \
         ((tuple(_identity(getattr(self.qweights, n), True) for n in QUANT_TENSORS) if quantized else None),)
+
+def _replicas_identity(replicas) -> tuple | None:
+    "`_identity` of the EPLB tables `(logical_to_physical, counts)` (None without replicas; anything else by its type)."
+    if replicas is None: return None
+    if not (isinstance(replicas, tuple) and all(isinstance(t, torch.Tensor) for t in replicas)):
+        return (f"a {type(replicas).__name__}",)
+    return tuple(_identity(t, True) for t in replicas)
 
 _SHARED = ("w13", "w2", "gate")                    # the shared experts' tensors (`10_modular.SharedExperts`)
 
@@ -710,6 +719,16 @@ def _take_edits(self: FusedMoE, now: tuple):
     for n in _TRACKED:                                   # the unchecked launches read what they are given
         got = _meta(getattr(self, n))
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
+    for i, n in enumerate(_TRACKED):                     # a swapped or edited tensor's values, as at load (a sync an
+        t = getattr(self, n)                             # edit, not a call): a NaN gate would route every token to
+        if t is not None and now[i] != self._versions[i] and t.device.type != "meta": check_finite(n, t)   # weight 0
+    if now[-2] != self._versions[-2]:                    # EPLB's tables: the config's, which the weights were loaded by
+        c = self.config
+        want, r = eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size), self.replicas
+        if not (isinstance(r, tuple) and len(r) == 2 and all(isinstance(t, torch.Tensor) and t.shape == w.shape
+                                                               and torch.equal(t.cpu(), w) for t, w in zip(r, want))):
+            raise bad("replicas", "eplb_replicas(num_experts, num_redundant_experts, ep_size) of the config, fixed at "
+                      "construction", "an edit or another value")
     h = self._held
     _check_settings_kept(self)
     shared = tuple(_meta(t) for t in _shared_tensors(self))
@@ -843,7 +862,9 @@ def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
-    if self.debug and bias is not None: check_finite("e_score_correction_bias", bias)     # one sync
+    if self.debug:                                   # the router's values, as at construction: one sync each
+        for n in _ROUTER:
+            if (t := getattr(self, n)) is not None: check_finite(n, t)
     if self.debug and self._router_counter is not None and (n := int(self._router_counter)) != 0:   # one sync
         raise ValueError(f"_router_counter: expected 0 before a forward (each launch leaves it 0; one eager forward of "
                          f"a layer at a time, on one stream), got {n}")
@@ -1304,6 +1325,10 @@ for debug in (False, True):
     if debug: test_fail(lambda: layer(x), contains="e_score_correction_bias: expected finite values")
     else: layer(x)                                                      # not re-checked: no sync on the hot path
     layer.e_score_correction_bias[3] = 0.0
+    g = layer.gate[2, 3].item(); layer.gate.data[2, 3] = float("inf")     # through .data: no version, unseen
+    if debug: test_fail(lambda: layer(x), contains="gate: expected finite values, got inf at [2, 3]")
+    else: layer(x)
+    layer.gate.data[2, 3] = g
     wts, ids = layer.route(x)
     for bad in (8, -2):
         test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")
@@ -1655,6 +1680,13 @@ sd = lb.state_dict()
 test_eq(sd["_extra_state"].tolist(), [0, 1, 2, 3, 0, 1])
 test_eq(torch.equal(FusedMoE(one, weights=sd, device=DEVICE).w13, lb.w13[:4]), True)    # global: every expert is there
 test_eq(torch.equal(FusedMoE(eplb, weights=sd, device=DEVICE).w13, lb.w13), True)
+xe = torch.randn(3, eplb.hidden_size, dtype=eplb.dtype, device=DEVICE)
+want = lb(xe)
+with torch.no_grad(): lb.replicas[0].copy_(lb.replicas[0][[1, 0, 2, 3]])   # EPLB's table edited in place (a valid
+test_fail(lambda: lb(xe), contains="replicas: expected eplb_replicas(num_experts, num_redundant_experts, ep_size) of "
+          "the config")                                     # permutation): the weights were loaded by the config's
+with torch.no_grad(): lb.replicas[0].copy_(lb.replicas[0][[1, 0, 2, 3]])   # put back: taken
+test_eq(torch.equal(lb(xe), want), True)
 for key in ("w13", "w2"):                                   # replicas that differ: refused by both entry points, by slot
     bad = {**sd, key: sd[key].clone()}
     bad[key][5] += 1
@@ -1706,6 +1738,11 @@ for experts in ("torch", "triton"):
     fresh.load_state_dict(layer.state_dict())                                  # the edited gate, loaded
     test_eq(layer.route(x)[1].cpu(), fresh.route(x)[1].cpu())                  # (fastcore compares through numpy)
     assert not torch.equal(layer.route(x)[1].sort(-1).values, before.sort(-1).values)
+    g35 = layer.gate[3, 5].item()
+    with torch.no_grad(): layer.gate[3, 5] = float("nan")                   # a NaN written in: refused where it is
+    for f in (lambda: layer(x), lambda: layer.route(x)):                     # seen (it would route every token to
+        test_fail(f, contains="gate: expected finite values, got nan at [3, 5]")   # weight 0: an output of zeros)
+    with torch.no_grad(): layer.gate[3, 5] = g35
     q = FusedMoE(cfg, seed=1, quant="fp8_w8a8_block", experts=experts, device=DEVICE)
     codes = q.qweights.w13.clone()
     with torch.no_grad(): q.w13[:, :8].neg_()                                # (a power-of-two scale would keep the codes)
@@ -1883,22 +1920,30 @@ class EPRun:
 
 # %%
 #| export
-def rank_config(config: MoEConfig, ep_rank: int, tp_size: int = 1) -> MoEConfig:
-    "The config of EP rank `ep_rank` of `config`'s deployment (DP·TP devices, EP on), built with `ParallelConfig.make`."
+def rank_config(config: MoEConfig, ep_rank: int,
+                tp_size: int | None = None,   # TP size folded into EP; None: the config's, ep_size / (dp_size · pcp_size)
+               ) -> MoEConfig:
+    """The config of EP rank `ep_rank` of `config`'s deployment (DP·PCP·TP devices, EP on), built with
+    `ParallelConfig.make` from the config's own split; ValueError naming `ep_rank`, or `tp_size` when it is not the
+    config's (a TP+EP deployment with one DP rank moves no tokens; as DP ranks it would take the all2all)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     p = config.parallel
     check_int("ep_rank", ep_rank, lo=0, hi=p.ep_size)
-    check_int("tp_size", tp_size, lo=1)
-    if p.ep_size % tp_size: raise ValueError(f"tp_size: expected a divisor of ep_size={p.ep_size}, got {tp_size}")
-    par = ParallelConfig.make(tp_size=tp_size, dp_size=p.ep_size // tp_size, tp_rank=ep_rank % tp_size,
-                              dp_rank=ep_rank // tp_size, enable_expert_parallel=p.ep_size > 1,
-                              all2all_backend=p.all2all_backend, enable_eplb=p.enable_eplb)
+    own = p.ep_size // (p.dp_size * p.pcp_size) if p.use_ep else 1
+    if tp_size is not None and check_int("tp_size", tp_size, lo=1) != own:
+        raise ValueError(f"tp_size: expected the config's TP size {own} (ep_size {p.ep_size} / (dp_size {p.dp_size} "
+                         f"× pcp_size {p.pcp_size})) or None, got {tp_size}")
+    tp, pcp = own, p.pcp_size if p.use_ep else 1
+    par = ParallelConfig.make(tp_size=tp, dp_size=p.ep_size // (tp * pcp), pcp_size=pcp, tp_rank=ep_rank % tp,
+                              pcp_rank=(ep_rank // tp) % pcp, dp_rank=ep_rank // (tp * pcp),
+                              enable_expert_parallel=p.ep_size > 1, all2all_backend=p.all2all_backend,
+                              enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
 # %%
 #| export
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
-                    tp_size: int = 1, on_rank=None, experts: str = "auto", quant: str = "unquantized",
+                    tp_size: int | None = None, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
                     weights: WeightSource | Mapping | None = None,  # every rank's source; None: random from `seed`
                    ) -> EPRun:
@@ -2036,6 +2081,27 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
         moe_reference_standard(hidden, w["w13"], w["w2"], topk_weights, pairs, accumulate_into=single, **ew)
         moe_reference_standard(hidden.double(), w["w13"], w["w2"], topk_weights, pairs, accumulate_into=ref, **ew)
         w = None
+
+# %% [markdown]
+# Each rank's config keeps the deployment's split: TP 2 folded into EP with one DP rank moves no tokens (the Standard
+# format, no all2all kernels, no cap on the batch), so its ranks are not rebuilt as two DP ranks of the all2all.
+
+# %%
+#| test rank_config_keeps_the_split
+tp2 = ParallelConfig.make(tp_size=2, dp_size=1, enable_expert_parallel=True, all2all_backend="nixl_ep")
+c = MoEConfig(4, 2, 9000, 4, dtype=torch.float32, parallel=tp2)        # hidden past NIXL EP's sizes: never sent
+for r in (0, 1):
+    rc = rank_config(c, r)
+    test_eq((rc.parallel.dp_size, rc.parallel.ep_rank, rc.use_all2all_kernels), (1, r, False))
+test_eq(rank_config(c, 1, tp_size=2), rank_config(c, 1))
+test_fail(lambda: rank_config(c, 0, tp_size=1), contains="tp_size: expected the config's TP size 2 (ep_size 2 / (dp_size 1 × pcp_size 1)) or None, got 1")
+x9 = torch.randn(3, 9000)
+run = run_emulated_ep(c, x9, seed=1)
+test_eq((run.config.parallel.dp_size, run.config.use_all2all_kernels), (1, False))
+assert_close(run.output, run.reference); assert_close(run.single_device, run.reference)
+dp2 = ParallelConfig.make(tp_size=1, dp_size=2, pcp_size=2, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
+test_eq([(p.dp_rank, p.pcp_rank, p.ep_rank) for p in (rank_config(MoEConfig(8, 2, 16, 8, parallel=dp2), r).parallel
+                                                     for r in range(4))], [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)])
 
 # %% [markdown]
 # The emulated ranks sum to the single-device result for every backend of the descriptor table and both placements,

@@ -309,6 +309,7 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
     except ValueError as e:                             # the flag's name, not the function's argument
         print(f"moe-lit distributed: error: {str(e).replace('timeout_s:', '--timeout:', 1)}", file=sys.stderr); return 2
     try:
+        check_int("num_tokens", tokens, lo=1)           # a job runs a batch (as `moe-lit run`); the function takes 0
         ep = world if ep is None else ep
         if ep != world: raise ValueError(f"--ep: expected the number of processes ({world}), got {ep}")
         all2all = all2all or ("allgather_reducescatter" if ep > 1 else "none")
@@ -368,6 +369,8 @@ if not dist.is_initialized() and not any(v in os.environ for v in ("RANK", "WORL
         Path(d, "config.json").write_text(json.dumps(cfg_json))
         with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(run_job(config=d, tokens=6, experts="torch"), 0)
         assert "tiny-qwen3 on 1 process" in out.getvalue() and "distributed vs float64: ok" in out.getvalue(), out.getvalue()
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=d, tokens=0, experts="torch"), 2)
+        assert "--tokens: expected >= 1, got 0" in err.getvalue(), err.getvalue()
         Path(d, "config.json").write_text(json.dumps({**cfg_json, "num_experts_per_tok": 9}))
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=d, tokens=6), 2)
         assert "config.json num_experts_per_tok (top_k)" in err.getvalue(), err.getvalue()

@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import argparse, enum, json, math, os, sys, time
+import argparse, enum, json, math, os, re, sys, time
 from pathlib import Path
 from dataclasses import asdict
 import torch
@@ -545,8 +545,9 @@ def _flag_error(e: ValueError) -> str:
     name, _, rest = str(e).partition(": ")
     if name in _FLAGS: return f"{_FLAGS[name]}: {rest}"
     if name.startswith("config.json"): return f"--config: {e}"         # a bad key in the file --config names
-    if name in ("num_experts", "global_num_experts") and rest.startswith("expected >= ep_size"):   # more ranks than experts
-        return f"--ep: {name} {rest}"
+    m = re.fullmatch(r"expected >= ep_size \((\d+)\) .*, got (\d+)", rest, re.S)
+    if name in ("num_experts", "global_num_experts") and m:                     # more ranks than experts
+        return f"--ep: expected at most {m[2]} (the model's experts: every rank owns at least one), got {m[1]}"
     return str(e)
 
 def _quiet_closed_stdout() -> None:
@@ -824,7 +825,7 @@ with tempfile.TemporaryDirectory() as d:
                       (["tables", "--config", str(Path(d, "missing.json"))], "--config: expected an existing config.json"),
                       (["tables", "--config", str(bad)], "--config: config.json num_experts: expected an int"),
                       (["tables", "--config", str(k9)], "--config: config.json num_experts_per_tok (top_k): expected <= 8, got 9"),
-                      (["tables", "--config", str(big), "--ep", "16"], "--ep: num_experts expected >= ep_size (16)"),
+                      (["tables", "--config", str(big), "--ep", "16"], "--ep: expected at most 8 (the model's experts: every rank owns at least one), got 16"),
                       (["tables", "--config", str(big), "--ep", "2", "--all2all", "nixl_ep"],
                        "hidden_size: expected <= 8192 for all2all backend 'nixl_ep', got 9000"),
                       (["bench", "--layer", "--out", str(Path(d, "no", "x.json"))], "(--out): expected a file in an existing directory"),

@@ -75,7 +75,8 @@
 #   pass `--dtype bf16` (or `fp16`), or run the torch reference (`--experts torch`, the CPU's default), which takes
 #   float32 too. With the Triton quantized experts the report adds a check against the kernels' own float64 spec,
 #   which rounds the activations as the kernels do (5 % for FP8 where the float64 check allows 30 %; not for
-#   per-tensor FP8, whose scale depends on which rows share a launch).
+#   per-tensor FP8, whose scale depends on which rows share a launch: one outlier or NaN row there changes every
+#   row's output, see the quantization chapter).
 # - **Small shapes.** Without a GPU the experts run as the torch reference; `--experts triton` runs the Triton kernels
 #   in Triton's CPU interpreter, meant for small shapes (a full-size model takes minutes). Shrink a model with a small
 #   `config.json` passed as `--config` (any family's keys, e.g. Qwen3-MoE's: `model_type` qwen3_moe, `hidden_size`

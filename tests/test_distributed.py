@@ -54,6 +54,8 @@ def test_run_job_with_a_config():
             Path(d, "config.json").write_text(json.dumps(cfg_json))
             with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(run_job(config=d, tokens=6, experts="torch"), 0)
             assert "tiny-qwen3 on 1 process" in out.getvalue() and "distributed vs float64: ok" in out.getvalue(), out.getvalue()
+            with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=d, tokens=0, experts="torch"), 2)
+            assert "--tokens: expected >= 1, got 0" in err.getvalue(), err.getvalue()
             Path(d, "config.json").write_text(json.dumps({**cfg_json, "num_experts_per_tok": 9}))
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(run_job(config=d, tokens=6), 2)
             assert "config.json num_experts_per_tok (top_k)" in err.getvalue(), err.getvalue()

@@ -201,6 +201,10 @@ def test_layer_debug_checks():
         if debug: test_fail(lambda: layer(x), contains="e_score_correction_bias: expected finite values")
         else: layer(x)                                                      # not re-checked: no sync on the hot path
         layer.e_score_correction_bias[3] = 0.0
+        g = layer.gate[2, 3].item(); layer.gate.data[2, 3] = float("inf")     # through .data: no version, unseen
+        if debug: test_fail(lambda: layer(x), contains="gate: expected finite values, got inf at [2, 3]")
+        else: layer(x)
+        layer.gate.data[2, 3] = g
         wts, ids = layer.route(x)
         for bad in (8, -2):
             test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")
@@ -513,6 +517,13 @@ def test_state_dict_names_its_experts():
     test_eq(sd["_extra_state"].tolist(), [0, 1, 2, 3, 0, 1])
     test_eq(torch.equal(FusedMoE(one, weights=sd, device=DEVICE).w13, lb.w13[:4]), True)    # global: every expert is there
     test_eq(torch.equal(FusedMoE(eplb, weights=sd, device=DEVICE).w13, lb.w13), True)
+    xe = torch.randn(3, eplb.hidden_size, dtype=eplb.dtype, device=DEVICE)
+    want = lb(xe)
+    with torch.no_grad(): lb.replicas[0].copy_(lb.replicas[0][[1, 0, 2, 3]])   # EPLB's table edited in place (a valid
+    test_fail(lambda: lb(xe), contains="replicas: expected eplb_replicas(num_experts, num_redundant_experts, ep_size) of "
+              "the config")                                     # permutation): the weights were loaded by the config's
+    with torch.no_grad(): lb.replicas[0].copy_(lb.replicas[0][[1, 0, 2, 3]])   # put back: taken
+    test_eq(torch.equal(lb(xe), want), True)
     for key in ("w13", "w2"):                                   # replicas that differ: refused by both entry points, by slot
         bad = {**sd, key: sd[key].clone()}
         bad[key][5] += 1
@@ -548,6 +559,11 @@ def test_layer_follows_inplace_edits():
         fresh.load_state_dict(layer.state_dict())                                  # the edited gate, loaded
         test_eq(layer.route(x)[1].cpu(), fresh.route(x)[1].cpu())                  # (fastcore compares through numpy)
         assert not torch.equal(layer.route(x)[1].sort(-1).values, before.sort(-1).values)
+        g35 = layer.gate[3, 5].item()
+        with torch.no_grad(): layer.gate[3, 5] = float("nan")                   # a NaN written in: refused where it is
+        for f in (lambda: layer(x), lambda: layer.route(x)):                     # seen (it would route every token to
+            test_fail(f, contains="gate: expected finite values, got nan at [3, 5]")   # weight 0: an output of zeros)
+        with torch.no_grad(): layer.gate[3, 5] = g35
         q = FusedMoE(cfg, seed=1, quant="fp8_w8a8_block", experts=experts, device=DEVICE)
         codes = q.qweights.w13.clone()
         with torch.no_grad(): q.w13[:, :8].neg_()                                # (a power-of-two scale would keep the codes)
@@ -679,6 +695,23 @@ def test_layer_refuses_another_ranks_placement():
     half = FusedMoE(c.replace(dtype=torch.float16), quant="fp8_w8a8_block", experts="torch")   # fp16: max 65504
     half.qweights = dataclasses.replace(half.qweights, w13_scale=half.qweights.w13_scale * 1e6)   # a fine container...
     test_fail(lambda: half(x.half()), contains="qweights (its w13 dequantized to torch.float16): expected finite values")
+
+
+def test_rank_config_keeps_the_split():
+    tp2 = ParallelConfig.make(tp_size=2, dp_size=1, enable_expert_parallel=True, all2all_backend="nixl_ep")
+    c = MoEConfig(4, 2, 9000, 4, dtype=torch.float32, parallel=tp2)        # hidden past NIXL EP's sizes: never sent
+    for r in (0, 1):
+        rc = rank_config(c, r)
+        test_eq((rc.parallel.dp_size, rc.parallel.ep_rank, rc.use_all2all_kernels), (1, r, False))
+    test_eq(rank_config(c, 1, tp_size=2), rank_config(c, 1))
+    test_fail(lambda: rank_config(c, 0, tp_size=1), contains="tp_size: expected the config's TP size 2 (ep_size 2 / (dp_size 1 × pcp_size 1)) or None, got 1")
+    x9 = torch.randn(3, 9000)
+    run = run_emulated_ep(c, x9, seed=1)
+    test_eq((run.config.parallel.dp_size, run.config.use_all2all_kernels), (1, False))
+    assert_close(run.output, run.reference); assert_close(run.single_device, run.reference)
+    dp2 = ParallelConfig.make(tp_size=1, dp_size=2, pcp_size=2, enable_expert_parallel=True, all2all_backend="allgather_reducescatter")
+    test_eq([(p.dp_rank, p.pcp_rank, p.ep_rank) for p in (rank_config(MoEConfig(8, 2, 16, 8, parallel=dp2), r).parallel
+                                                         for r in range(4))], [(0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)])
 
 
 def test_emulated_ep_every_backend():
