@@ -19,7 +19,7 @@ __all__ = ['EXPERTS', 'Prepared', 'check_prepare_args', 'expected_load', 'Standa
            'BatchedTritonExpertsAdapter', 'TritonQuantExpertsAdapter', 'BatchedTritonQuantExpertsAdapter',
            'SharedExperts', 'ModularKernel', 'dispatch_quantization', 'make_prepare_finalize', 'make_experts']
 
-# %% ../nbs/10_modular.ipynb #19d156fdacf5
+# %% ../nbs/10_modular.ipynb #11c1547c7bd8
 @dataclass
 class Prepared:
     "The output of `prepare`: the activations in the prepare/finalize's format plus what finalize needs."
@@ -38,6 +38,8 @@ class Prepared:
     a_scale: torch.Tensor | None = None      # a quantized before dispatch (float8_e4m3fn): its group scales, fp32
                                              # [E_local, max_tokens, G] (`dispatch_quantization`)
     out_dtype: torch.dtype | None = None     # with a_scale: the experts' output dtype (the caller's hidden's)
+    num_local_experts: int | None = None     # Standard: the experts local_ids index (the weights must hold them);
+                                             # BatchedExperts: a's slabs (None: a.shape[0])
 
 # %% ../nbs/10_modular.ipynb #f299c7997c02
 def check_prepare_args(hidden, topk_weights, topk_ids, placement):
@@ -65,7 +67,7 @@ def _expected_load(topk_ids, placement) -> dict:
                 active_experts=min(E_local, max(1, -(-pairs * E_local // E))),   # this rank's share of the pairs
                 max_active_experts=min(E_local, pairs))                 # a bound: every pair on a different local expert
 
-# %% ../nbs/10_modular.ipynb #ddc2e6ada365
+# %% ../nbs/10_modular.ipynb #2e120d9930ea
 def _check_prepared(prepared, fmt: ActivationFormat, expert_out: torch.Tensor):
     "A finalize's `prepared`: a `Prepared` of this format whose tensors agree with `expert_out` (metadata only)."
     if not isinstance(prepared, Prepared):
@@ -123,7 +125,8 @@ class StandardPrepareFinalize:
         else: local = placement.local_slot(topk_ids, self.validate)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=local,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
-                        num_experts=placement.num_experts, **_expected_load(topk_ids, placement))
+                        num_experts=placement.num_experts, num_local_experts=placement.num_local_experts,
+                        **_expected_load(topk_ids, placement))
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
@@ -284,7 +287,17 @@ class TorchBatchedExperts:
         "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
-# %% ../nbs/10_modular.ipynb #73f5ec3573c2
+# %% ../nbs/10_modular.ipynb #440c13de6a21
+def _check_expert_count(prepared, w13):
+    """The weights hold the prepared rows' local experts (metadata only; every Triton adapter not owned by a layer, trusted
+    or not): fewer would be read past their end (a batched slab per expert) or drop pairs (Standard ids past them)."""
+    want = prepared.num_local_experts
+    if want is None and prepared.format is ActivationFormat.BatchedExperts: want = prepared.a.shape[0]
+    held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else \
+        w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None   # (anything else: named later)
+    if want is not None and held is not None and held != want:
+        raise ValueError(f"w13: expected the weights of the prepared rows' {want} local experts, got {held}")
+
 def _check_trusted_weights(a: torch.Tensor, w13, w2):
     "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
     H = a.shape[-1]
@@ -309,6 +322,7 @@ class TritonExpertsAdapter(TorchStandardExperts):
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):   # (adds_shared) added in the combine's fp32 sum; `join` before that launch
         from moe_lit.kernels.contiguous import TritonExperts
+        if not self.weights_checked: _check_expert_count(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
@@ -329,6 +343,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     trusted = weights_checked = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
+        if not self.weights_checked: _check_expert_count(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return BatchedTritonExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, w2, prepared.expected_m,
@@ -361,7 +376,7 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
-        if not self.trusted: _check_prepared_groups(prepared, w13)
+        if not self.weights_checked: _check_expert_count(prepared, w13); _check_prepared_groups(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
@@ -386,7 +401,7 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         a, quantized = prepared.a, prepared.a_scale is not None
-        if not self.trusted: _check_prepared_groups(prepared, w13)
+        if not self.weights_checked: _check_expert_count(prepared, w13); _check_prepared_groups(prepared, w13)
         if self.trusted and (a.dtype in (torch.bfloat16, torch.float16) or quantized):   # the layer's own slabs
             if not self.weights_checked: _check_trusted_weights(a, w13, w2)
             return BatchedTritonQuantExperts()._apply(a, prepared.expert_num_tokens, w13, prepared.expected_m,
@@ -543,7 +558,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #f591fbefc5b1
+# %% ../nbs/10_modular.ipynb #85963618773f
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
@@ -570,6 +585,9 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
         return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
     if across_processes and config.ep_size == 1:
         return None, f"one rank: nothing travels between ranks (backend {b.name!r} would send FP8)"
+    if across_processes and not config.use_all2all_kernels:   # TP+EP with one DP rank: the record is not in use
+        return None, (f"backend {b.name!r} is requested but not used on this deployment (no all2all kernels), so its "
+                      f"record does not apply: rows travel as they are")
     if config.activation_format is not ActivationFormat.BatchedExperts and not across_processes:
         return None, (f"backend {b.name!r} sends FP8 between ranks, but its {config.activation_format.value}-format "
                       f"prepare copies no rows in this process: the experts quantize their own input")
@@ -614,6 +632,10 @@ def make_experts(prepare_finalize, implementation: str = "torch",
                  trusted: bool = False):   # weights checked once by the caller (`FusedMoE`): unchecked launches
     "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."
     check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))
-    experts = EXPERTS[(implementation, prepare_finalize.activation_format)]()
+    fmt = getattr(prepare_finalize, "activation_format", None)
+    if not isinstance(fmt, ActivationFormat):
+        raise ValueError(f"prepare_finalize: expected a prepare/finalize declaring an activation_format, got "
+                         f"{type(prepare_finalize).__name__}")
+    experts = EXPERTS[(implementation, fmt)]()
     if check_bool("trusted", trusted) and hasattr(experts, "trusted"): experts.trusted = True
     return experts

@@ -340,7 +340,7 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
     else: slot = torch.arange(num_experts)   # one rank holds every expert
     return torch.cat([slot, slot.new_full((1,), -1)])
 
-# %% ../nbs/04_placement.ipynb #48e402762eec
+# %% ../nbs/04_placement.ipynb #6ebd3bd67bc8
 @patch(cls_method=True)
 def build(cls: Placement, config: MoEConfig,   # the layer; its `parallel` is the deployment
           strategy: str = "linear",        # requested placement: 'linear' or 'round_robin'
@@ -370,8 +370,10 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
     device (`with torch.device("meta")` included): `num_local_experts` (int), `expert_map` ([E] int32 or None),
     `local_to_global` ([L] int64), `global_to_physical` / `physical_to_global` ([E] int64, or None without
     `routing_tables`) and `slot_table` ([E + 1] int64). The one definition `Placement.build`, the placement's own
-    check and `Placement.to` (off meta) use. ValueError from the functions it calls for a bad rank or strategy.
+    check and `Placement.to` (off meta) use. ValueError naming `routing_tables` when it is not a bool, and from the
+    functions it calls for a bad rank or strategy.
     Source: vLLM's `determine_expert_map` and round-robin routing tables (vllm/model_executor/layers/fused_moe/layer.py)."""
+    check_bool("routing_tables", routing_tables)
     with torch.device("cpu"):
         count, expert_map = determine_expert_map(ep_size, ep_rank, num_experts, strategy)
         tables = round_robin_routing_tables(num_experts, ep_size, ep_rank)[:2] if routing_tables else (None, None)

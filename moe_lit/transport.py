@@ -156,7 +156,7 @@ class AllGatherReduceScatterPrepareFinalize:
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.stats = {}                                     # what the last prepare moved (for reports)
 
-# %% ../nbs/13a_transport.ipynb #a2aefe014407
+# %% ../nbs/13a_transport.ipynb #fa86855f7857
 def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input):
     "The arguments every distributed prepare needs, and a placement of this rank of this group."
     check_prepare_args(hidden, topk_weights, topk_ids, placement)
@@ -221,6 +221,7 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
                   "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts),
                   "wire_bytes_per_token": rows.shape[1] * rows.element_size(), "wire_width": Hw}
     return DistributedPrepared(self.activation_format, a, wts, local_ids=local, hidden_size=hidden.shape[1],
+                               num_local_experts=placement.num_local_experts,
                                apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts,
                                a_scale=a_scale, out_dtype=None if a_scale is None else x.dtype)
 

@@ -797,8 +797,10 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
     device (`with torch.device("meta")` included): `num_local_experts` (int), `expert_map` ([E] int32 or None),
     `local_to_global` ([L] int64), `global_to_physical` / `physical_to_global` ([E] int64, or None without
     `routing_tables`) and `slot_table` ([E + 1] int64). The one definition `Placement.build`, the placement's own
-    check and `Placement.to` (off meta) use. ValueError from the functions it calls for a bad rank or strategy.
+    check and `Placement.to` (off meta) use. ValueError naming `routing_tables` when it is not a bool, and from the
+    functions it calls for a bad rank or strategy.
     Source: vLLM's `determine_expert_map` and round-robin routing tables (vllm/model_executor/layers/fused_moe/layer.py)."""
+    check_bool("routing_tables", routing_tables)
     with torch.device("cpu"):
         count, expert_map = determine_expert_map(ep_size, ep_rank, num_experts, strategy)
         tables = round_robin_routing_tables(num_experts, ep_size, ep_rank)[:2] if routing_tables else (None, None)
@@ -998,6 +1000,7 @@ test_fail(lambda: local_slot_table(8, 4, 0, None, torch.zeros(8, dtype=torch.int
 test_fail(lambda: local_slot_table(8, 4, 100, None, torch.arange(8)),
           contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 8")
 test_eq(local_slot_table(8, 4, 4, None, torch.arange(8).flip(0)).tolist(), [3, 2, 1, 0, -1, -1, -1, -1, -1])
+for bad in ("x", 1.5, torch.zeros(0)): test_fail(lambda: placement_tables("linear", 2, 0, 4, bad), contains="routing_tables: expected a bool")
 rr = placement_tables("round_robin", 2, 0, 4, True)                 # rank 0's tables with rank 1's offset: refused
 test_eq(local_slot_table(4, 2, 0, rr["expert_map"], rr["global_to_physical"]).tolist(), rr["slot_table"].tolist())
 test_fail(lambda: local_slot_table(4, 2, 2, rr["expert_map"], rr["global_to_physical"]),

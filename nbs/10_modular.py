@@ -69,6 +69,8 @@ class Prepared:
     a_scale: torch.Tensor | None = None      # a quantized before dispatch (float8_e4m3fn): its group scales, fp32
                                              # [E_local, max_tokens, G] (`dispatch_quantization`)
     out_dtype: torch.dtype | None = None     # with a_scale: the experts' output dtype (the caller's hidden's)
+    num_local_experts: int | None = None     # Standard: the experts local_ids index (the weights must hold them);
+                                             # BatchedExperts: a's slabs (None: a.shape[0])
 
 # %% [markdown]
 # ## Prepare/finalize
@@ -179,7 +181,8 @@ class StandardPrepareFinalize:
         else: local = placement.local_slot(topk_ids, self.validate)
         return Prepared(self.activation_format, hidden, topk_weights, local_ids=local,
                         apply_router_weight_on_input=apply_router_weight_on_input, hidden_size=hidden.shape[1],
-                        num_experts=placement.num_experts, **_expected_load(topk_ids, placement))
+                        num_experts=placement.num_experts, num_local_experts=placement.num_local_experts,
+                        **_expected_load(topk_ids, placement))
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
@@ -363,6 +366,16 @@ class TorchBatchedExperts:
 
 # %%
 #| export
+def _check_expert_count(prepared, w13):
+    """The weights hold the prepared rows' local experts (metadata only; every Triton adapter not owned by a layer, trusted
+    or not): fewer would be read past their end (a batched slab per expert) or drop pairs (Standard ids past them)."""
+    want = prepared.num_local_experts
+    if want is None and prepared.format is ActivationFormat.BatchedExperts: want = prepared.a.shape[0]
+    held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else \
+        w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None   # (anything else: named later)
+    if want is not None and held is not None and held != want:
+        raise ValueError(f"w13: expected the weights of the prepared rows' {want} local experts, got {held}")
+
 def _check_trusted_weights(a: torch.Tensor, w13, w2):
     "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
     H = a.shape[-1]
@@ -387,6 +400,7 @@ class TritonExpertsAdapter(TorchStandardExperts):
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):   # (adds_shared) added in the combine's fp32 sum; `join` before that launch
         from moe_lit.kernels.contiguous import TritonExperts
+        if not self.weights_checked: _check_expert_count(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
@@ -407,6 +421,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     trusted = weights_checked = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
+        if not self.weights_checked: _check_expert_count(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return BatchedTritonExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, w2, prepared.expected_m,
@@ -439,7 +454,7 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
-        if not self.trusted: _check_prepared_groups(prepared, w13)
+        if not self.weights_checked: _check_expert_count(prepared, w13); _check_prepared_groups(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
@@ -464,7 +479,7 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         a, quantized = prepared.a, prepared.a_scale is not None
-        if not self.trusted: _check_prepared_groups(prepared, w13)
+        if not self.weights_checked: _check_expert_count(prepared, w13); _check_prepared_groups(prepared, w13)
         if self.trusted and (a.dtype in (torch.bfloat16, torch.float16) or quantized):   # the layer's own slabs
             if not self.weights_checked: _check_trusted_weights(a, w13, w2)
             return BatchedTritonQuantExperts()._apply(a, prepared.expert_num_tokens, w13, prepared.expected_m,
@@ -687,6 +702,9 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
         return None, f"backend {b.name!r} sends activations as they are (its record: quantizes_before_dispatch=False)"
     if across_processes and config.ep_size == 1:
         return None, f"one rank: nothing travels between ranks (backend {b.name!r} would send FP8)"
+    if across_processes and not config.use_all2all_kernels:   # TP+EP with one DP rank: the record is not in use
+        return None, (f"backend {b.name!r} is requested but not used on this deployment (no all2all kernels), so its "
+                      f"record does not apply: rows travel as they are")
     if config.activation_format is not ActivationFormat.BatchedExperts and not across_processes:
         return None, (f"backend {b.name!r} sends FP8 between ranks, but its {config.activation_format.value}-format "
                       f"prepare copies no rows in this process: the experts quantize their own input")
@@ -731,7 +749,11 @@ def make_experts(prepare_finalize, implementation: str = "torch",
                  trusted: bool = False):   # weights checked once by the caller (`FusedMoE`): unchecked launches
     "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."
     check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))
-    experts = EXPERTS[(implementation, prepare_finalize.activation_format)]()
+    fmt = getattr(prepare_finalize, "activation_format", None)
+    if not isinstance(fmt, ActivationFormat):
+        raise ValueError(f"prepare_finalize: expected a prepare/finalize declaring an activation_format, got "
+                         f"{type(prepare_finalize).__name__}")
+    experts = EXPERTS[(implementation, fmt)]()
     if check_bool("trusted", trusted) and hasattr(experts, "trusted"): experts.trusted = True
     return experts
 
@@ -755,6 +777,7 @@ for name, d in BACKENDS.items():
 test_fail(lambda: ModularKernel(StandardPrepareFinalize(), TorchBatchedExperts()),
           contains="expected standard experts to pair with StandardPrepareFinalize (standard), got TorchBatchedExperts (batched_experts)")
 test_fail(lambda: ModularKernel(object(), TorchStandardExperts()), contains="expected objects declaring an activation_format")
+test_fail(lambda: make_experts(object(), "torch"), contains="prepare_finalize: expected a prepare/finalize declaring an activation_format, got object")
 mk0 = ModularKernel(StandardPrepareFinalize(), TorchStandardExperts())
 h0, w0, ids0 = torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32)
 test_fail(lambda: mk0(h0, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="placement: expected a Placement")
@@ -1032,6 +1055,10 @@ assert ht[0] == (1, 128) and "the standard format's all-gather: each token's row
 one = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(1, 1, all2all_backend="nixl_ep")), "triton_quant", qw,
                             across_processes=True)                           # a group of one: nothing travels
 assert one[0] is None and one[1].startswith("one rank: nothing travels"), one
+tpep = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(2, 1, enable_expert_parallel=True,
+                                                                     all2all_backend="nixl_ep")), "triton_quant", qw,
+                             across_processes=True)                   # TP+EP, one DP rank: no all2all, whatever named
+assert tpep[0] is None and "requested but not used on this deployment" in tpep[1], tpep
 # refusals
 pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
 test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 rows")
@@ -1043,6 +1070,19 @@ test_fail(lambda: make_prepare_finalize(MoEConfig(E, k, H, I), T, quant_block=bl
 test_fail(lambda: dispatch_quantization(cfg, "cuda"), contains="experts: expected one of")
 test_fail(lambda: dispatch_quantization(cfg, "triton_quant", "codes"), contains="qweights: expected a QuantizedExpertWeights")
 test_fail(lambda: dispatch_quantization("nixl_ep"), contains="config: expected a MoEConfig")
+for trusted in (False, True):                                       # adapters used directly, not owned: the
+    prep = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk).prepare(hidden, wts, ids, p)   # weights
+    few = quantize_expert_weights(w13[:2].to(DEVICE, torch.bfloat16), w2[:2].to(DEVICE, torch.bfloat16),   # must hold
+                                  "fp8_w8a8_block").for_kernels()                                          # the slabs
+    test_fail(lambda: make_experts(pf, "triton_quant", trusted=trusted).apply(prep, few),
+              contains=f"w13: expected the weights of the prepared rows' {p.num_local_experts} local experts, got 2")
+    wide = make_prepare_finalize(cfg, T, use_triton=True, quant_block=(1, 64)).prepare(hidden, wts, ids, p)
+    test_fail(lambda: make_experts(pf, "triton_quant", trusted=trusted).apply(wide, qw),
+              contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
+    std = StandardPrepareFinalize(use_triton=True).prepare(hidden, wts, ids, p)
+    for impl, w in (("triton", (w13[:2].to(DEVICE, torch.bfloat16), w2[:2].to(DEVICE, torch.bfloat16))), ("triton_quant", (few,))):
+        test_fail(lambda: make_experts(StandardPrepareFinalize(), impl, trusted=trusted).apply(std, *w),
+                  contains=f"w13: expected the weights of the prepared rows' {p.num_local_experts} local experts, got 2")
 
 # %% [markdown]
 # Each stage can be timed (the distributed runs report dispatch, experts and combine per rank): pass a dict as

@@ -21,7 +21,7 @@ from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts, dispatch_quantization
-from moe_lit.oracle import DEVICES, CPU_INTERPRETER, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, CPU_INTERPRETER, CANDIDATES, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 
@@ -113,6 +113,14 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
                          f"{str(config.dtype)[6:]} (build it with experts='torch' or a bf16/fp16 config; on the command line --experts "
                          f"torch or --dtype bf16 / fp16)")
+    if experts == "triton" and device.type == "cuda" and not triton_interpreting():   # the oracle's record of the
+                                                                                         # kernels: this GPU runs them
+        cand = next(c for c in CANDIDATES if c.implementation == impl and c.activation_format is activation_format
+                    and quant in c.quant_schemes)
+        ok, why = cand.check(detect_device())
+        if not ok:
+            raise ValueError(f"experts: expected a GPU that runs {cand.name} for 'triton' on {quant} weights, got one "
+                             f"that does not ({why}); experts='auto' lets the oracle choose (e.g. the weights dequantized)")
     if experts == "triton": return impl, f"requested: {kernels}" + ("" if device.type == "cuda" else
                                                                     " (CPU: in the Triton interpreter)")
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
@@ -158,6 +166,16 @@ if not torch.cuda.is_available():
                        env={**env, "TRITON_INTERPRET": "1", "MOE_LIT_FP4_PREFETCH": "3"})
     assert "at construction: MOE_LIT_FP4_PREFETCH: expected '0' or '1' or '2' or '4' or '8', got '3'" in r.stdout, r.stdout + r.stderr[-800:]
 test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
+from unittest import mock                           # an explicit 'triton' on a GPU without FP8 tensor cores (an A100):
+with mock.patch("moe_lit.layer.detect_device", lambda: DEVICES["a100"]), \
+     mock.patch("moe_lit.layer.triton_interpreting", lambda: False), mock.patch("moe_lit.layer._check_interpreter_switch"):
+    for fmt in (S, B):                              # refused by the oracle's record, not run on unsupported hardware
+        test_fail(lambda: resolve_experts("triton", fmt, torch.device("cuda"), "fp8"),
+                  contains="experts: expected a GPU that runs triton_")
+        test_fail(lambda: resolve_experts("triton", fmt, torch.device("cuda"), "fp8"),
+                  contains="needs compute capability >= (8, 9), a100 has (8, 0)")
+    test_eq(resolve_experts("triton", S, torch.device("cuda"), "mxfp4")[0], "triton_quant")   # w4a16: sm80 and up
+    test_eq(resolve_experts("triton", B, torch.device("cuda"))[0], "triton")
 impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
 assert impl == "torch" and "dequantized once (an emulation)" in why
 impl, why = resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32), backend="torch_standard")

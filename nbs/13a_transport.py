@@ -287,6 +287,7 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
                   "pairs_received": int((local >= 0).sum()), "tokens_gathered": sum(counts),
                   "wire_bytes_per_token": rows.shape[1] * rows.element_size(), "wire_width": Hw}
     return DistributedPrepared(self.activation_format, a, wts, local_ids=local, hidden_size=hidden.shape[1],
+                               num_local_experts=placement.num_local_experts,
                                apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts,
                                a_scale=a_scale, out_dtype=None if a_scale is None else x.dtype)
 

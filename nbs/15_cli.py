@@ -14,10 +14,10 @@ from dataclasses import asdict
 import torch
 from moe_lit.entry import command_parser
 from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, triton_interpreting
-from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
+from moe_lit.config import BACKENDS, ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, CPU_INTERPRETER, QUANT_SCHEMES, detect_device, select_experts_backend
-from moe_lit.quant import QUANT_ALIASES
+from moe_lit.quant import QUANT_ALIASES, quant_scheme_name
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -249,7 +249,8 @@ def _checks(run, config: MoEConfig) -> dict:
 # %%
 #| export
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = None, seed: int = 0,   # None: linear
-               tp_size: int = 1, experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
+               tp_size: int | None = None,   # TP size folded into EP; None: the config's (`12_layer.rank_config`)
+               experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
                backend: str | None = None,
                weights=None,   # a WeightSource (e.g. moe_lit.checkpoint.CheckpointWeights); None: random from `seed`
               ) -> dict:
@@ -341,7 +342,7 @@ test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), cont
 #| export
 def tables_report(config: MoEConfig,        # the model on its deployment
                   placement: str | None = None,  # requested strategy: 'linear' or 'round_robin' (None: linear)
-                  tp_size: int = 1,           # TP size inside each DP rank (as `run_report`'s)
+                  tp_size: int | None = None,  # TP size inside each DP rank; None: the config's (as `run_report`'s)
                  ) -> dict:
     "Every rank's placement for `config`'s deployment as JSON-ready data: local experts, expert_map, routing tables."
     build = lambda c: Placement.build(c, strategy="linear" if placement is None else placement)
@@ -499,13 +500,17 @@ def _transport_note(config):
     return transport_note(config)
 
 def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = "detect", backend: str | None = None,
-                   num_tokens: int = 64, placement: str | None = None, tp_size: int = 1) -> dict:   # None: linear
+                   num_tokens: int | None = None,   # the batch the prepare/finalize is sized for; None: 64, at most
+                   placement: str | None = None,    # its capacity (the decision does not depend on it); None: linear
+                   tp_size: int | None = None) -> dict:   # None: the config's (`12_layer.rank_config`)
     "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
     from moe_lit.modular import make_prepare_finalize
     dev = detect_device() if device == "detect" else CPU_INTERPRETER if device == "cpu-interpreter" else \
         DEVICES.get(device) or check_choice("device", device, [*DEVICES, "cpu-interpreter"])
     place = Placement.build(rank_config(config, 0, tp_size), strategy="linear" if placement is None else placement)   # validates the deployment
-    pf = make_prepare_finalize(config, num_tokens)
+    quant = quant_scheme_name(quant)                 # the report names the full scheme ('fp8' is fp8_w8a8_block)
+    cap = config.max_num_tokens * config.ep_size if config.activation_format is ActivationFormat.BatchedExperts else 64
+    pf = make_prepare_finalize(config, min(64, cap) if num_tokens is None else num_tokens)
     d = select_experts_backend(config, quant, pf.activation_format, dev, backend)
     return {"model": config.name, "experts_function": describe_experts(config), "deployment": all2all_note(config.parallel),
             "placement": placement_record(placement, place),
@@ -912,6 +917,9 @@ with contextlib.redirect_stdout(io.StringIO()) as out:            # what run --e
     test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu-interpreter"]), 0)
 assert "device cpu in Triton interpreter" in out.getvalue() and "runs in Triton's CPU interpreter" in out.getvalue()
 test_eq(explain_report(build_config(ep=2, all2all="nixl_ep"), device="cpu-interpreter")["chosen"], "triton_batched")
+small = build_config(ep=2, all2all="nixl_ep").replace(max_num_tokens=16)   # sized within its capacity: decided, not refused
+test_eq((explain_report(small, "fp8", device="h200")["chosen"], explain_report(small, "fp8", device="h200")["quant_scheme"]),
+        ("triton_batched_fp8", "fp8_w8a8_block"))
 with contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(main(["explain", "--ep", "256", "--device", "cpu"]), 2)                 # more ranks than experts
 with contextlib.redirect_stdout(io.StringIO()) as out:

@@ -7,10 +7,10 @@ from dataclasses import asdict
 import torch
 from moe_lit.entry import command_parser
 from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, triton_interpreting
-from moe_lit.config import BACKENDS, MoEConfig, ParallelConfig
+from moe_lit.config import BACKENDS, ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, CPU_INTERPRETER, QUANT_SCHEMES, detect_device, select_experts_backend
-from moe_lit.quant import QUANT_ALIASES
+from moe_lit.quant import QUANT_ALIASES, quant_scheme_name
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement
 from moe_lit.layer import run_emulated_ep, rank_config
@@ -321,6 +321,9 @@ def test_explain_nixl_nvfp4():
         test_eq(main(["explain", "--ep", "2", "--backend", "triton_contiguous", "--device", "cpu-interpreter"]), 0)
     assert "device cpu in Triton interpreter" in out.getvalue() and "runs in Triton's CPU interpreter" in out.getvalue()
     test_eq(explain_report(build_config(ep=2, all2all="nixl_ep"), device="cpu-interpreter")["chosen"], "triton_batched")
+    small = build_config(ep=2, all2all="nixl_ep").replace(max_num_tokens=16)   # sized within its capacity: decided, not refused
+    test_eq((explain_report(small, "fp8", device="h200")["chosen"], explain_report(small, "fp8", device="h200")["quant_scheme"]),
+            ("triton_batched_fp8", "fp8_w8a8_block"))
     with contextlib.redirect_stderr(io.StringIO()) as err:
         test_eq(main(["explain", "--ep", "256", "--device", "cpu"]), 2)                 # more ranks than experts
     with contextlib.redirect_stdout(io.StringIO()) as out:

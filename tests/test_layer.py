@@ -14,7 +14,7 @@ from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts, dispatch_quantization
-from moe_lit.oracle import DEVICES, CPU_INTERPRETER, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, CPU_INTERPRETER, CANDIDATES, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 from moe_lit.formats import expert_mlp
@@ -66,6 +66,16 @@ def test_resolve_experts():
                            env={**env, "TRITON_INTERPRET": "1", "MOE_LIT_FP4_PREFETCH": "3"})
         assert "at construction: MOE_LIT_FP4_PREFETCH: expected '0' or '1' or '2' or '4' or '8', got '3'" in r.stdout, r.stdout + r.stderr[-800:]
     test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
+    from unittest import mock                           # an explicit 'triton' on a GPU without FP8 tensor cores (an A100):
+    with mock.patch("moe_lit.layer.detect_device", lambda: DEVICES["a100"]), \
+         mock.patch("moe_lit.layer.triton_interpreting", lambda: False), mock.patch("moe_lit.layer._check_interpreter_switch"):
+        for fmt in (S, B):                              # refused by the oracle's record, not run on unsupported hardware
+            test_fail(lambda: resolve_experts("triton", fmt, torch.device("cuda"), "fp8"),
+                      contains="experts: expected a GPU that runs triton_")
+            test_fail(lambda: resolve_experts("triton", fmt, torch.device("cuda"), "fp8"),
+                      contains="needs compute capability >= (8, 9), a100 has (8, 0)")
+        test_eq(resolve_experts("triton", S, torch.device("cuda"), "mxfp4")[0], "triton_quant")   # w4a16: sm80 and up
+        test_eq(resolve_experts("triton", B, torch.device("cuda"))[0], "triton")
     impl, why = resolve_experts("auto", B, torch.device("cpu"), "mxfp4_w4a16")
     assert impl == "torch" and "dequantized once (an emulation)" in why
     impl, why = resolve_experts("auto", S, torch.device("cpu"), "nvfp4_w4a16", MoEConfig(8, 2, 64, 32), backend="torch_standard")

@@ -41,6 +41,7 @@ def test_composition_walk():
     test_fail(lambda: ModularKernel(StandardPrepareFinalize(), TorchBatchedExperts()),
               contains="expected standard experts to pair with StandardPrepareFinalize (standard), got TorchBatchedExperts (batched_experts)")
     test_fail(lambda: ModularKernel(object(), TorchStandardExperts()), contains="expected objects declaring an activation_format")
+    test_fail(lambda: make_experts(object(), "torch"), contains="prepare_finalize: expected a prepare/finalize declaring an activation_format, got object")
     mk0 = ModularKernel(StandardPrepareFinalize(), TorchStandardExperts())
     h0, w0, ids0 = torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.int32)
     test_fail(lambda: mk0(h0, torch.zeros(1, 2, 4), torch.zeros(1, 4, 1), w0, ids0, None), contains="placement: expected a Placement")
@@ -281,6 +282,10 @@ def test_fp8_before_dispatch():
     one = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(1, 1, all2all_backend="nixl_ep")), "triton_quant", qw,
                                 across_processes=True)                           # a group of one: nothing travels
     assert one[0] is None and one[1].startswith("one rank: nothing travels"), one
+    tpep = dispatch_quantization(cfg.replace(parallel=ParallelConfig.make(2, 1, enable_expert_parallel=True,
+                                                                         all2all_backend="nixl_ep")), "triton_quant", qw,
+                                 across_processes=True)                   # TP+EP, one DP rank: no all2all, whatever named
+    assert tpep[0] is None and "requested but not used on this deployment" in tpep[1], tpep
     # refusals
     pf = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk)
     test_fail(lambda: ModularKernel(pf, make_experts(pf, "triton")), contains="experts: expected experts that take FP8 rows")
@@ -292,6 +297,19 @@ def test_fp8_before_dispatch():
     test_fail(lambda: dispatch_quantization(cfg, "cuda"), contains="experts: expected one of")
     test_fail(lambda: dispatch_quantization(cfg, "triton_quant", "codes"), contains="qweights: expected a QuantizedExpertWeights")
     test_fail(lambda: dispatch_quantization("nixl_ep"), contains="config: expected a MoEConfig")
+    for trusted in (False, True):                                       # adapters used directly, not owned: the
+        prep = make_prepare_finalize(cfg, T, use_triton=True, quant_block=blk).prepare(hidden, wts, ids, p)   # weights
+        few = quantize_expert_weights(w13[:2].to(DEVICE, torch.bfloat16), w2[:2].to(DEVICE, torch.bfloat16),   # must hold
+                                      "fp8_w8a8_block").for_kernels()                                          # the slabs
+        test_fail(lambda: make_experts(pf, "triton_quant", trusted=trusted).apply(prep, few),
+                  contains=f"w13: expected the weights of the prepared rows' {p.num_local_experts} local experts, got 2")
+        wide = make_prepare_finalize(cfg, T, use_triton=True, quant_block=(1, 64)).prepare(hidden, wts, ids, p)
+        test_fail(lambda: make_experts(pf, "triton_quant", trusted=trusted).apply(wide, qw),
+                  contains="quant_block: expected the prepare's FP8 groups to be the weights' activation groups (1, 128)")
+        std = StandardPrepareFinalize(use_triton=True).prepare(hidden, wts, ids, p)
+        for impl, w in (("triton", (w13[:2].to(DEVICE, torch.bfloat16), w2[:2].to(DEVICE, torch.bfloat16))), ("triton_quant", (few,))):
+            test_fail(lambda: make_experts(StandardPrepareFinalize(), impl, trusted=trusted).apply(std, *w),
+                      contains=f"w13: expected the weights of the prepared rows' {p.num_local_experts} local experts, got 2")
 
 
 def test_modular_stage_timings():

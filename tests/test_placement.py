@@ -391,6 +391,7 @@ def test_local_slot_edges():
     test_fail(lambda: local_slot_table(8, 4, 100, None, torch.arange(8)),
               contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 8")
     test_eq(local_slot_table(8, 4, 4, None, torch.arange(8).flip(0)).tolist(), [3, 2, 1, 0, -1, -1, -1, -1, -1])
+    for bad in ("x", 1.5, torch.zeros(0)): test_fail(lambda: placement_tables("linear", 2, 0, 4, bad), contains="routing_tables: expected a bool")
     rr = placement_tables("round_robin", 2, 0, 4, True)                 # rank 0's tables with rank 1's offset: refused
     test_eq(local_slot_table(4, 2, 0, rr["expert_map"], rr["global_to_physical"]).tolist(), rr["slot_table"].tolist())
     test_fail(lambda: local_slot_table(4, 2, 2, rr["expert_map"], rr["global_to_physical"]),
