@@ -67,8 +67,8 @@ def test_resolve_experts():
         assert "at construction: MOE_LIT_FP4_PREFETCH: expected '0' or '1' or '2' or '4' or '8', got '3'" in r.stdout, r.stdout + r.stderr[-800:]
     test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
     from unittest import mock                           # an explicit 'triton' on a GPU without FP8 tensor cores (an A100):
-    with mock.patch("moe_lit.layer.detect_device", lambda: DEVICES["a100"]), \
-         mock.patch("moe_lit.layer.triton_interpreting", lambda: False), mock.patch("moe_lit.layer._check_interpreter_switch"):
+    with mock.patch.dict(resolve_experts.__globals__, detect_device=lambda: DEVICES["a100"],   # where resolve_experts
+                         triton_interpreting=lambda: False, _check_interpreter_switch=lambda: None):   # looks them up
         for fmt in (S, B):                              # refused by the oracle's record, not run on unsupported hardware
             test_fail(lambda: resolve_experts("triton", fmt, torch.device("cuda"), "fp8"),
                       contains="experts: expected a GPU that runs triton_")
