@@ -381,7 +381,7 @@ def transport_note(config: MoEConfig) -> str:
         return f"{head}; the {module} library is installed, but moe-lit has no adapter for it yet, so it is not used"
     return f"{head}; the {module} library is not installed (moe-lit's implementation of the same contract is used)"
 
-# %% ../nbs/13a_transport.ipynb #0dcc925e2491
+# %% ../nbs/13a_transport.ipynb #1aa7bc63157a
 def make_distributed_prepare_finalize(
     config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
     group=None,                               # the EP group (None: the default group)
@@ -399,9 +399,9 @@ def make_distributed_prepare_finalize(
     if config.activation_format is ActivationFormat.BatchedExperts:
         cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
         return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size,
-                                              check_quant_block(quant_block))
+                                              quant_block)                 # (each constructor checks quant_block)
     return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size,
-                                                 check_quant_block(quant_block))
+                                                 quant_block)
 
 # %% ../nbs/13a_transport.ipynb #52e6c680d43c
 def free_port() -> int:

@@ -366,15 +366,17 @@ class TorchBatchedExperts:
 
 # %%
 #| export
-def _check_expert_count(prepared, w13):
-    """The weights hold the prepared rows' local experts (metadata only; every Triton adapter not owned by a layer, trusted
-    or not): fewer would be read past their end (a batched slab per expert) or drop pairs (Standard ids past them)."""
+def _check_fits_prepared(prepared, w13):
+    """What every Triton adapter not owned by a layer checks of its weights against the prepared rows, trusted or not
+    (metadata only): they hold the rows' local experts — fewer would be read past their end (a batched slab per expert)
+    or drop pairs (Standard ids past them) — and take the prepare's FP8 groups (`_check_prepared_groups`)."""
     want = prepared.num_local_experts
     if want is None and prepared.format is ActivationFormat.BatchedExperts: want = prepared.a.shape[0]
     held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else \
         w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None   # (anything else: named later)
     if want is not None and held is not None and held != want:
         raise ValueError(f"w13: expected the weights of the prepared rows' {want} local experts, got {held}")
+    _check_prepared_groups(prepared, w13)
 
 def _check_trusted_weights(a: torch.Tensor, w13, w2):
     "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
@@ -400,7 +402,7 @@ class TritonExpertsAdapter(TorchStandardExperts):
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):   # (adds_shared) added in the combine's fp32 sum; `join` before that launch
         from moe_lit.kernels.contiguous import TritonExperts
-        if not self.weights_checked: _check_expert_count(prepared, w13)
+        if not self.weights_checked: _check_fits_prepared(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonExperts()._apply(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
@@ -421,7 +423,7 @@ class BatchedTritonExpertsAdapter(TorchBatchedExperts):
     trusted = weights_checked = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.batched import BatchedTritonExperts
-        if not self.weights_checked: _check_expert_count(prepared, w13)
+        if not self.weights_checked: _check_fits_prepared(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return BatchedTritonExperts()._apply(prepared.a, prepared.expert_num_tokens, w13, w2, prepared.expected_m,
@@ -454,7 +456,7 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):
         from moe_lit.kernels.quant_experts import TritonQuantExperts
-        if not self.weights_checked: _check_expert_count(prepared, w13); _check_prepared_groups(prepared, w13)
+        if not self.weights_checked: _check_fits_prepared(prepared, w13)
         if self.trusted:
             if not self.weights_checked: _check_trusted_weights(prepared.a, w13, w2)
             return TritonQuantExperts()._apply(prepared.a, w13, prepared.topk_weights, prepared.local_ids,
@@ -479,7 +481,7 @@ class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         a, quantized = prepared.a, prepared.a_scale is not None
-        if not self.weights_checked: _check_expert_count(prepared, w13); _check_prepared_groups(prepared, w13)
+        if not self.weights_checked: _check_fits_prepared(prepared, w13)
         if self.trusted and (a.dtype in (torch.bfloat16, torch.float16) or quantized):   # the layer's own slabs
             if not self.weights_checked: _check_trusted_weights(a, w13, w2)
             return BatchedTritonQuantExperts()._apply(a, prepared.expert_num_tokens, w13, prepared.expected_m,

@@ -645,9 +645,9 @@ def make_distributed_prepare_finalize(
     if config.activation_format is ActivationFormat.BatchedExperts:
         cap = config.max_num_tokens if max_num_tokens_per_rank is None else max_num_tokens_per_rank
         return AllToAllBatchedPrepareFinalize(cap, group, config.topk_indices_dtype, config.padded_hidden_size,
-                                              check_quant_block(quant_block))
+                                              quant_block)                 # (each constructor checks quant_block)
     return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size,
-                                                 check_quant_block(quant_block))
+                                                 quant_block)
 
 # %% [markdown]
 # Outside a process group the factory and both classes say what is missing:
