@@ -26,7 +26,7 @@
 #
 # It takes about two minutes with a fresh download and prints nothing of its own while it installs (a machine whose pip
 # configuration names package folders that do not exist has pip warn about each): the install about 70–90 s on an idle machine (2–2.5 minutes measured beside other jobs)
-# (`.venv` about 2 GB), then the run, 4–7 s on 2 idle cores (20–40 s measured on a busy machine or straight after the install), most of it the forward and the float64 reference (the report's time section splits it), at a peak of about 1.5 GiB
+# (`.venv` about 2 GB), then the run, 4–7 s on 2 idle cores (20–40 s measured on a busy machine or straight after the install), most of it the float64 reference and the checks (the report's time section splits it), at a peak of about 1.5 GiB
 # resident.
 #
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
