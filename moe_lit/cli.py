@@ -130,7 +130,7 @@ def _checks(run, config: MoEConfig) -> dict:
             "vs_kernel_spec": None if run.reference_kernels is None else    # activations rounded as the kernels do:
                 check_spec_output(run.output, run.reference_kernels, run.quant)}   # the kernel tests' bound
 
-# %% ../nbs/15_cli.ipynb #130d7d39fd4b
+# %% ../nbs/15_cli.ipynb #52b988a79d48
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = None, seed: int = 0,   # None: linear
                tp_size: int | None = None,   # TP size folded into EP; None: the config's (`12_layer.rank_config`)
                experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
@@ -162,7 +162,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
         "caveats": preset_caveats(config) if weights is None else [],   # the caveats are about random weights
         "weights": getattr(weights, "description", None) or f"random (seed {seed})",
         "placement": {**_placement_rows(run), **placement_record(placement, run.placements[0])},
-        "load": _load_rows(run, config.num_experts),
+        "load": _load_rows(run, run.placements[0].num_experts),   # physical experts (EPLB: replicas too), as the ids
         "check": _checks(run, config),
         "quantization_error": quantization_error(run.output, run.reference_unquantized, config.dtype),
     }

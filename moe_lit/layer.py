@@ -380,7 +380,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #c0b6f7673814
+# %% ../nbs/12_layer.ipynb #32eab26bebb1
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -434,14 +434,14 @@ def _identity(t: torch.Tensor | None, version: bool) -> tuple | None:
 @patch
 def _weight_versions(self: FusedMoE) -> tuple:
     """What the hot path was built from, cheaply: the tensors the kernels read as `_identity` sees them (a swapped or
-    resized one is noticed, and an in-place edit of one it keeps a copy of: the gate's bf16 copy, a quantized layer's
-    codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts), its switches, and
+    resized one is noticed, and an in-place edit of the router's tensors — their values checked again, the gate's bf16
+    copy rebuilt — or of the float experts a quantized layer keeps codes of), then the objects it holds (qweights, config, placement, shared experts), its switches, and
     the placement's tables (an in-place edit of one is checked again, as a new placement is), the EPLB replica tables
     (derived from the config: an edit is refused), and last the quantized experts' codes and scales (an in-place edit:
     the container checked again, as a new one is)."""
     p, b, place = self._parameters, self._buffers, self.placement
     quantized = isinstance(self.qweights, QuantizedExpertWeights)   # (anything else: named below)
-    return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
+    return tuple(_identity(p[n] if n in p else b.get(n), n in _ROUTER or (quantized and n in ("w13", "w2")))
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
                                        id(self._modules.get("shared_experts")), self.debug, self.experts, self.quant) + \
         tuple(_identity(t, False) for t in _shared_tensors(self)) + \
@@ -953,7 +953,7 @@ class EPRun:
     reference_kernels: torch.Tensor | None = None  # [T, H] float64: the Triton quantized experts' spec (their runs)
     dispatch_quant: tuple = (None, "")  # (block or None, reason): rank 0's rows quantized before dispatch (10_modular)
 
-# %% ../nbs/12_layer.ipynb #325aa20f0bee
+# %% ../nbs/12_layer.ipynb #37f5c7e4d492
 def rank_config(config: MoEConfig, ep_rank: int,
                 tp_size: int | None = None,   # TP size folded into EP; None: the config's, ep_size / (dp_size · pcp_size)
                ) -> MoEConfig:
@@ -965,8 +965,9 @@ def rank_config(config: MoEConfig, ep_rank: int,
     check_int("ep_rank", ep_rank, lo=0, hi=p.ep_size)
     own = p.ep_size // (p.dp_size * p.pcp_size) if p.use_ep else 1
     if tp_size is not None and check_int("tp_size", tp_size, lo=1) != own:
-        raise ValueError(f"tp_size: expected the config's TP size {own} (ep_size {p.ep_size} / (dp_size {p.dp_size} "
-                         f"× pcp_size {p.pcp_size})) or None, got {tp_size}")
+        raise ValueError(f"tp_size: expected the config's TP size folded into EP, {own} " + (
+            f"(ep_size {p.ep_size} / (dp_size {p.dp_size} × pcp_size {p.pcp_size}))" if p.use_ep else
+            "(expert parallelism is off: each rank is built as one device)") + f", or None, got {tp_size}")
     tp, pcp = own, p.pcp_size if p.use_ep else 1
     par = ParallelConfig.make(tp_size=tp, dp_size=p.ep_size // (tp * pcp), pcp_size=pcp, tp_rank=ep_rank % tp,
                               pcp_rank=(ep_rank // tp) % pcp, dp_rank=ep_rank // (tp * pcp),

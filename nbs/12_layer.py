@@ -645,14 +645,14 @@ def _identity(t: torch.Tensor | None, version: bool) -> tuple | None:
 @patch
 def _weight_versions(self: FusedMoE) -> tuple:
     """What the hot path was built from, cheaply: the tensors the kernels read as `_identity` sees them (a swapped or
-    resized one is noticed, and an in-place edit of one it keeps a copy of: the gate's bf16 copy, a quantized layer's
-    codes of w13 and w2), then the objects it holds (qweights, config, placement, shared experts), its switches, and
+    resized one is noticed, and an in-place edit of the router's tensors — their values checked again, the gate's bf16
+    copy rebuilt — or of the float experts a quantized layer keeps codes of), then the objects it holds (qweights, config, placement, shared experts), its switches, and
     the placement's tables (an in-place edit of one is checked again, as a new placement is), the EPLB replica tables
     (derived from the config: an edit is refused), and last the quantized experts' codes and scales (an in-place edit:
     the container checked again, as a new one is)."""
     p, b, place = self._parameters, self._buffers, self.placement
     quantized = isinstance(self.qweights, QuantizedExpertWeights)   # (anything else: named below)
-    return tuple(_identity(p[n] if n in p else b.get(n), n == "gate" or (quantized and n in ("w13", "w2")))
+    return tuple(_identity(p[n] if n in p else b.get(n), n in _ROUTER or (quantized and n in ("w13", "w2")))
                  for n in _TRACKED) + (id(self.qweights), id(self.config), id(place),
                                        id(self._modules.get("shared_experts")), self.debug, self.experts, self.quant) + \
         tuple(_identity(t, False) for t in _shared_tensors(self)) + \
@@ -1340,8 +1340,8 @@ for debug in (False, True):
     layer = FusedMoE(cfg, seed=1, debug=debug)
     want = layer(x)
     layer.e_score_correction_bias[3] = float("nan")                     # changed behind the layer's back
-    if debug: test_fail(lambda: layer(x), contains="e_score_correction_bias: expected finite values")
-    else: layer(x)                                                      # not re-checked: no sync on the hot path
+    test_fail(lambda: layer(x), contains="e_score_correction_bias: expected finite values")   # the edit is seen:
+                                                                        # checked once (a sync an edit, not a call)
     layer.e_score_correction_bias[3] = 0.0
     g = layer.gate[2, 3].item(); layer.gate.data[2, 3] = float("inf")     # through .data: no version, unseen
     if debug: test_fail(lambda: layer(x), contains="gate: expected finite values, got inf at [2, 3]")
@@ -1756,6 +1756,13 @@ for experts in ("torch", "triton"):
     fresh.load_state_dict(layer.state_dict())                                  # the edited gate, loaded
     test_eq(layer.route(x)[1].cpu(), fresh.route(x)[1].cpu())                  # (fastcore compares through numpy)
     assert not torch.equal(layer.route(x)[1].sort(-1).values, before.sort(-1).values)
+    bl = FusedMoE(cfg.replace(has_router_bias=True, has_correction_bias=True, scoring_func="sigmoid"), seed=1,
+                  experts=experts, device=DEVICE)
+    for n in ("gate_bias", "e_score_correction_bias"):                       # every router tensor alike (a NaN
+        with torch.no_grad(): getattr(bl, n)[1] = float("nan")              # bias, too, zeroed the output)
+        test_fail(lambda: bl(x), contains=f"{n}: expected finite values, got nan at [1]")
+        with torch.no_grad(): getattr(bl, n)[1] = 0.0
+        test_eq(bl(x).shape, (6, 128))
     g35 = layer.gate[3, 5].item()
     with torch.no_grad(): layer.gate[3, 5] = float("nan")                   # a NaN written in: refused where it is
     for f in (lambda: layer(x), lambda: layer.route(x)):                     # seen (it would route every token to
@@ -1949,8 +1956,9 @@ def rank_config(config: MoEConfig, ep_rank: int,
     check_int("ep_rank", ep_rank, lo=0, hi=p.ep_size)
     own = p.ep_size // (p.dp_size * p.pcp_size) if p.use_ep else 1
     if tp_size is not None and check_int("tp_size", tp_size, lo=1) != own:
-        raise ValueError(f"tp_size: expected the config's TP size {own} (ep_size {p.ep_size} / (dp_size {p.dp_size} "
-                         f"× pcp_size {p.pcp_size})) or None, got {tp_size}")
+        raise ValueError(f"tp_size: expected the config's TP size folded into EP, {own} " + (
+            f"(ep_size {p.ep_size} / (dp_size {p.dp_size} × pcp_size {p.pcp_size}))" if p.use_ep else
+            "(expert parallelism is off: each rank is built as one device)") + f", or None, got {tp_size}")
     tp, pcp = own, p.pcp_size if p.use_ep else 1
     par = ParallelConfig.make(tp_size=tp, dp_size=p.ep_size // (tp * pcp), pcp_size=pcp, tp_rank=ep_rank % tp,
                               pcp_rank=(ep_rank // tp) % pcp, dp_rank=ep_rank // (tp * pcp),
@@ -2112,7 +2120,8 @@ for r in (0, 1):
     rc = rank_config(c, r)
     test_eq((rc.parallel.dp_size, rc.parallel.ep_rank, rc.use_all2all_kernels), (1, r, False))
 test_eq(rank_config(c, 1, tp_size=2), rank_config(c, 1))
-test_fail(lambda: rank_config(c, 0, tp_size=1), contains="tp_size: expected the config's TP size 2 (ep_size 2 / (dp_size 1 × pcp_size 1)) or None, got 1")
+test_fail(lambda: rank_config(c, 0, tp_size=1), contains="tp_size: expected the config's TP size folded into EP, 2 (ep_size 2 / (dp_size 1 × pcp_size 1)), or None, got 1")
+test_fail(lambda: rank_config(c.replace(parallel=ParallelConfig.make(2, 1)), 0, tp_size=2), contains="1 (expert parallelism is off")
 x9 = torch.randn(3, 9000)
 run = run_emulated_ep(c, x9, seed=1)
 test_eq((run.config.parallel.dp_size, run.config.use_all2all_kernels), (1, False))

@@ -273,7 +273,12 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
 #
 # - **A gradient of the weights is wanted** (autograd on and a source parameter requires one, as in training): the
 #   conversion (a transpose, the gate/up split) then runs inside autograd, so the gradients reach the parameters as
-#   eager's do; the cached copies are made under `torch.no_grad()` and would cut them off.
+#   eager's do; the cached copies are made under `torch.no_grad()` and would cut them off. Such a forward also drops
+#   the module's cached copy: the optimizer step after it may bump no version counter (PyTorch's fused optimizers
+#   write the parameters without one), so the next inference forward converts the stepped weights.
+#
+# The cached copies are made outside `inference_mode` even when a forward under it fills the cache, so a later
+# forward with autograd on (frozen experts, a trained head) can save them for backward.
 # - **Inference tensors** (parameters created or loaded under `torch.inference_mode()`) have no version counter, so
 #   an in-place write to them cannot be noticed; moe-lit warns once per module (`UserWarning`) and converts at every
 #   forward. Loading the model outside `inference_mode` (and running it inside) keeps the cache.
@@ -311,6 +316,7 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
         return convert_experts_weights(*src)
     convert = lambda: convert_experts_weights(*src, transposed=recipe.transposed, interleaved=recipe.interleaved)
     if torch.is_grad_enabled() and any(t.requires_grad for t in src):
+        _CACHE.pop(module, None)                       # a step may follow that bumps no version (fused optimizers)
         return convert()                               # inside autograd: the gradients reach the parameters
     if any(t.is_inference() for t in src):             # no version counter: an in-place edit could not be seen
         if module not in _UNVERSIONED:
@@ -323,8 +329,8 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
     key = (recipe.transposed, recipe.interleaved, _weight_key(src))
     hit = _CACHE.get(module)
     if hit is not None and hit[0] == key: return hit[1]
-    with torch.no_grad(): weights = convert()
-    _CACHE[module] = (key, weights)
+    with torch.inference_mode(False), torch.no_grad(): weights = convert()   # normal tensors, also when filled
+    _CACHE[module] = (key, weights)                                           # under inference_mode: reusable later
     return weights
 
 # %% [markdown]
@@ -701,6 +707,28 @@ with torch.inference_mode():
     model.set_experts_implementation("eager")
     assert_close(got, model(ids_).logits, rtol=1e-9)
 test_eq(clear_cache(), 0)                                          # nothing cached for them
+
+# %% [markdown]
+# After training steps with a fused optimizer (no version bump) an inference forward uses the stepped weights; a cache
+# filled under `inference_mode` serves a later forward with autograd on (the experts frozen, the head trained).
+
+# %%
+#| test copied_layout_cache_across_training
+register(); clear_cache()
+ids_ = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+model = tiny_hf_model("gpt_oss", dtype=torch.float64)
+model.set_experts_implementation("moe_lit")
+opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # its step bumps no version counter
+with torch.no_grad(): model(ids_)                                  # fills the cache
+for _ in range(2): model(ids_, labels=ids_).loss.backward(); opt.step(); opt.zero_grad()
+with torch.no_grad(): got = model(ids_).logits
+model.set_experts_implementation("eager")
+with torch.no_grad(): assert_close(got, model(ids_).logits, rtol=1e-9)
+model = tiny_hf_model("gpt_oss", dtype=torch.float64)
+model.set_experts_implementation("moe_lit"); model.requires_grad_(False); model.lm_head.requires_grad_(True)
+with torch.inference_mode(): model(ids_)                           # the cache filled under inference_mode
+model(ids_, labels=ids_).loss.backward()                           # reused with autograd on: no inference tensors
+assert model.lm_head.weight.grad is not None
 
 # %% [markdown]
 # Expert-parallel sentinels (ids `>= num_experts`) contribute 0, as a slot of router weight 0 would:

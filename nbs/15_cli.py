@@ -279,7 +279,7 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
         "caveats": preset_caveats(config) if weights is None else [],   # the caveats are about random weights
         "weights": getattr(weights, "description", None) or f"random (seed {seed})",
         "placement": {**_placement_rows(run), **placement_record(placement, run.placements[0])},
-        "load": _load_rows(run, config.num_experts),
+        "load": _load_rows(run, run.placements[0].num_experts),   # physical experts (EPLB: replicas too), as the ids
         "check": _checks(run, config),
         "quantization_error": quantization_error(run.output, run.reference_unquantized, config.dtype),
     }

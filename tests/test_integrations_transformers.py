@@ -211,6 +211,24 @@ def test_copied_layout_gradients_and_inference_tensors():
     test_eq(clear_cache(), 0)                                          # nothing cached for them
 
 
+def test_copied_layout_cache_across_training():
+    register(); clear_cache()
+    ids_ = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    model = tiny_hf_model("gpt_oss", dtype=torch.float64)
+    model.set_experts_implementation("moe_lit")
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)  # its step bumps no version counter
+    with torch.no_grad(): model(ids_)                                  # fills the cache
+    for _ in range(2): model(ids_, labels=ids_).loss.backward(); opt.step(); opt.zero_grad()
+    with torch.no_grad(): got = model(ids_).logits
+    model.set_experts_implementation("eager")
+    with torch.no_grad(): assert_close(got, model(ids_).logits, rtol=1e-9)
+    model = tiny_hf_model("gpt_oss", dtype=torch.float64)
+    model.set_experts_implementation("moe_lit"); model.requires_grad_(False); model.lm_head.requires_grad_(True)
+    with torch.inference_mode(): model(ids_)                           # the cache filled under inference_mode
+    model(ids_, labels=ids_).loss.backward()                           # reused with autograd on: no inference tensors
+    assert model.lm_head.weight.grad is not None
+
+
 def test_ep_sentinels():
     register()
     model = tiny_hf_model("mixtral", dtype=torch.float64)

@@ -208,8 +208,8 @@ def test_layer_debug_checks():
         layer = FusedMoE(cfg, seed=1, debug=debug)
         want = layer(x)
         layer.e_score_correction_bias[3] = float("nan")                     # changed behind the layer's back
-        if debug: test_fail(lambda: layer(x), contains="e_score_correction_bias: expected finite values")
-        else: layer(x)                                                      # not re-checked: no sync on the hot path
+        test_fail(lambda: layer(x), contains="e_score_correction_bias: expected finite values")   # the edit is seen:
+                                                                            # checked once (a sync an edit, not a call)
         layer.e_score_correction_bias[3] = 0.0
         g = layer.gate[2, 3].item(); layer.gate.data[2, 3] = float("inf")     # through .data: no version, unseen
         if debug: test_fail(lambda: layer(x), contains="gate: expected finite values, got inf at [2, 3]")
@@ -569,6 +569,13 @@ def test_layer_follows_inplace_edits():
         fresh.load_state_dict(layer.state_dict())                                  # the edited gate, loaded
         test_eq(layer.route(x)[1].cpu(), fresh.route(x)[1].cpu())                  # (fastcore compares through numpy)
         assert not torch.equal(layer.route(x)[1].sort(-1).values, before.sort(-1).values)
+        bl = FusedMoE(cfg.replace(has_router_bias=True, has_correction_bias=True, scoring_func="sigmoid"), seed=1,
+                      experts=experts, device=DEVICE)
+        for n in ("gate_bias", "e_score_correction_bias"):                       # every router tensor alike (a NaN
+            with torch.no_grad(): getattr(bl, n)[1] = float("nan")              # bias, too, zeroed the output)
+            test_fail(lambda: bl(x), contains=f"{n}: expected finite values, got nan at [1]")
+            with torch.no_grad(): getattr(bl, n)[1] = 0.0
+            test_eq(bl(x).shape, (6, 128))
         g35 = layer.gate[3, 5].item()
         with torch.no_grad(): layer.gate[3, 5] = float("nan")                   # a NaN written in: refused where it is
         for f in (lambda: layer(x), lambda: layer.route(x)):                     # seen (it would route every token to
@@ -714,7 +721,8 @@ def test_rank_config_keeps_the_split():
         rc = rank_config(c, r)
         test_eq((rc.parallel.dp_size, rc.parallel.ep_rank, rc.use_all2all_kernels), (1, r, False))
     test_eq(rank_config(c, 1, tp_size=2), rank_config(c, 1))
-    test_fail(lambda: rank_config(c, 0, tp_size=1), contains="tp_size: expected the config's TP size 2 (ep_size 2 / (dp_size 1 × pcp_size 1)) or None, got 1")
+    test_fail(lambda: rank_config(c, 0, tp_size=1), contains="tp_size: expected the config's TP size folded into EP, 2 (ep_size 2 / (dp_size 1 × pcp_size 1)), or None, got 1")
+    test_fail(lambda: rank_config(c.replace(parallel=ParallelConfig.make(2, 1)), 0, tp_size=2), contains="1 (expert parallelism is off")
     x9 = torch.randn(3, 9000)
     run = run_emulated_ep(c, x9, seed=1)
     test_eq((run.config.parallel.dp_size, run.config.use_all2all_kernels), (1, False))

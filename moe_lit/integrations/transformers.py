@@ -147,7 +147,7 @@ def clear_cache() -> int:
     _CACHE.clear()
     return n
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #2cd5e4d4a715
+# %% ../../nbs/12b_integrations.transformers.ipynb #4d9d8f7a84e4
 def experts_weights(module: torch.nn.Module,     # a transformers experts module
                     recipe: ExpertsRecipe | None = None,  # experts_recipe(module), if already computed
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -159,6 +159,7 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
         return convert_experts_weights(*src)
     convert = lambda: convert_experts_weights(*src, transposed=recipe.transposed, interleaved=recipe.interleaved)
     if torch.is_grad_enabled() and any(t.requires_grad for t in src):
+        _CACHE.pop(module, None)                       # a step may follow that bumps no version (fused optimizers)
         return convert()                               # inside autograd: the gradients reach the parameters
     if any(t.is_inference() for t in src):             # no version counter: an in-place edit could not be seen
         if module not in _UNVERSIONED:
@@ -171,8 +172,8 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
     key = (recipe.transposed, recipe.interleaved, _weight_key(src))
     hit = _CACHE.get(module)
     if hit is not None and hit[0] == key: return hit[1]
-    with torch.no_grad(): weights = convert()
-    _CACHE[module] = (key, weights)
+    with torch.inference_mode(False), torch.no_grad(): weights = convert()   # normal tensors, also when filled
+    _CACHE[module] = (key, weights)                                           # under inference_mode: reusable later
     return weights
 
 # %% ../../nbs/12b_integrations.transformers.ipynb #c25beed0e872
