@@ -3,7 +3,8 @@
 #   bash nbs/bench/head_gpu.sh spec   -> `moe-lit run` with Triton quantized experts at real sizes (FP8 block, MXFP4,
 #                                        NVFP4; one GPU and the seed scenario), each held to its kernels' spec; the
 #                                        tests of that check natively; the small-T kernel chain with PDL off
-#   bash nbs/bench/head_gpu.sh suite  -> the whole GPU suite (4 workers), then what failed again in one process
+#   bash nbs/bench/head_gpu.sh suite  -> the whole GPU suite (4 workers), then what failed again in one process (nothing
+#                                        when nothing failed: --lfnf none)
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-spec}" in
@@ -24,6 +25,6 @@ spec)
 suite)
   timeout "${LIMIT_SUITE:-400}" python -m pytest -q -n 4 -m "gpu or not gpu" tests 2>&1 | grep -v Warning \
     | tail -25 | tee "$OUT/pytest_gpu_${CARD:-gpu}_$C.log"
-  timeout "${LIMIT_LF:-150}" python -m pytest -q -m "gpu or not gpu" --lf tests 2>&1 | grep -v Warning | tail -8 \
+  timeout "${LIMIT_LF:-150}" python -m pytest -q -m "gpu or not gpu" --lf --lfnf none tests 2>&1 | grep -v Warning | tail -8 \
     | tee "$OUT/pytest_gpu_rerun_${CARD:-gpu}_$C.log" ;;
 esac

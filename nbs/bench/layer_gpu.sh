@@ -3,15 +3,13 @@
 #   bash nbs/bench/layer_gpu.sh smoke  -> the layer/router tests natively, two deployments at T = 1, 64
 #   bash nbs/bench/layer_gpu.sh tests  -> the GPU suite (pytest -n 4), a host/kernel profile of one forward, router logits
 #   bash nbs/bench/layer_gpu.sh bench  -> the whole layer benchmark (JSON + figure), memcheck of the layer's GPU tests
-#   bash nbs/bench/layer_gpu.sh final  -> hot-path tests natively, the layer benchmark (rows saved as they finish) + figure,
-#                                         then memcheck of every kernel test file's native tests in four parallel sanitizers
+#   bash nbs/bench/layer_gpu.sh final  -> hot-path tests natively (SKIP_HOT_TESTS=1: not, where the suite just ran), the layer
+#                                         benchmark (rows saved as they finish; LIMIT_BENCH seconds) + figure, then memcheck
+#                                         of every kernel test file's native tests in four parallel sanitizers
 # Results go under $OUT (default: nbs/bench/out). fastcore may be carried in .gpucarry/ where it is not installed.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD:$PWD/.gpucarry${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-nbs/bench/out}; mkdir -p "$OUT"
-rev=${REV:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; export MOE_LIT_COMMIT=$rev   # a copied tree may carry a stale HEAD: pass REV=
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"   # the root, the carried packages, $OUT, the commit ($C; pass REV=), the card
+rev=$C; card=${CARD:-gpu}
 python - <<'PY'
 import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
 PY
@@ -39,29 +37,30 @@ print(format_bench_layer(rep))
 PY
   ;;
 tests)
-  python -m pytest -q -n 4 -m "gpu or not gpu" tests 2>&1 | tail -8 | tee "$OUT/pytest_gpu_h200_$rev.log"
-  for d in 0 4 5; do python nbs/bench/profile_layer.py $d 1; done > "$OUT/profile_layer_h200_$rev.log" 2>&1
-  router_logits_bench | tee "$OUT/router_logits_h200_$rev.log"
+  python -m pytest -q -n 4 -m "gpu or not gpu" tests 2>&1 | tail -8 | tee "$OUT/pytest_gpu_${card}_$rev.log"
+  for d in 0 4 5; do python nbs/bench/profile_layer.py $d 1; done > "$OUT/profile_layer_${card}_$rev.log" 2>&1
+  router_logits_bench | tee "$OUT/router_logits_${card}_$rev.log"
   ;;
 bench)
-  python -m moe_lit.cli bench --layer --out "$OUT/layer_bench_h200_$rev.json" 2>&1 | tee "$OUT/layer_bench_h200_$rev.log" | tail -70
-  python - "$OUT/layer_bench_h200_$rev.json" "$OUT/layer_bench_h200_$rev.png" <<'PY'
+  python -m moe_lit.cli bench --layer --out "$OUT/layer_bench_${card}_$rev.json" 2>&1 | tee "$OUT/layer_bench_${card}_$rev.log" | tail -70
+  python - "$OUT/layer_bench_${card}_$rev.json" "$OUT/layer_bench_${card}_$rev.png" <<'PY'
 import sys
 from moe_lit.bench_layer import load_bench_layer, plot_bench_layer
 plot_bench_layer(load_bench_layer(sys.argv[1])).savefig(sys.argv[2], dpi=110)
 PY
-  for d in 4 5; do python nbs/bench/profile_layer.py $d 1 2>&1 | grep -E "per eager|side stream"; done | tee "$OUT/overlap_ab_h200_$rev.log"
+  for d in 4 5; do python nbs/bench/profile_layer.py $d 1 2>&1 | grep -E "per eager|side stream"; done | tee "$OUT/overlap_ab_${card}_$rev.log"
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -x -m gpu tests/test_layer.py 2>&1 | tail -6 \
-    | tee "$OUT/memcheck_layer_h200_$rev.log"
+    | tee "$OUT/memcheck_layer_${card}_$rev.log"
   ;;
 final)
-  timeout 120 python -m pytest -q -n 4 -m "not gpu" tests/test_kernels_dispatch.py tests/test_layer.py tests/test_modular.py \
-    tests/test_kernels_router.py 2>&1 | grep -E "FAILED|ERROR|passed|failed" | tee "$OUT/pytest_hot_path_h200_$rev.log"
-  timeout 330 python nbs/bench/layer_bench_run.py "$OUT/layer_bench_h200_$rev.json" 2>&1 | grep -v Warning | tee "$OUT/layer_bench_h200_$rev.log" | tail -60
+  [ "${SKIP_HOT_TESTS:-0}" = 1 ] || timeout 120 python -m pytest -q -n 4 -m "not gpu" tests/test_kernels_dispatch.py \
+    tests/test_layer.py tests/test_modular.py tests/test_kernels_router.py 2>&1 | grep -E "FAILED|ERROR|passed|failed" \
+    | tee "$OUT/pytest_hot_path_${card}_$rev.log"
+  timeout "${LIMIT_BENCH:-330}" python nbs/bench/layer_bench_run.py "$OUT/layer_bench_${card}_$rev.json" 2>&1 | grep -v Warning | tee "$OUT/layer_bench_${card}_$rev.log" | tail -60
   mc() { timeout 230 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" "$@" 2>&1 | tail -4; }
   { mc tests/test_kernels_quant.py > "$OUT/mc1.log" & mc tests/test_kernels_quant_experts.py tests/test_kernels_quant_act.py > "$OUT/mc2.log" &
     mc tests/test_layer.py tests/test_kernels_router.py tests/test_kernels_dispatch.py tests/test_modular.py > "$OUT/mc3.log" &
     mc tests/test_kernels_contiguous.py tests/test_kernels_batched.py > "$OUT/mc4.log" & wait; }
-  for f in "$OUT"/mc?.log; do echo "== $f"; cat "$f"; done | tee "$OUT/memcheck_h200_$rev.log"; rm -f "$OUT"/mc?.log
+  for f in "$OUT"/mc?.log; do echo "== $f"; cat "$f"; done | tee "$OUT/memcheck_${card}_$rev.log"; rm -f "$OUT"/mc?.log
   ;;
 esac
