@@ -5,7 +5,8 @@
 #   bash nbs/bench/layer_gpu.sh bench  -> the whole layer benchmark (JSON + figure), memcheck of the layer's GPU tests
 #   bash nbs/bench/layer_gpu.sh final  -> hot-path tests natively (SKIP_HOT_TESTS=1: not, where the suite just ran), the layer
 #                                         benchmark (rows saved as they finish; LIMIT_BENCH seconds) + figure, then memcheck
-#                                         of every kernel test file's native tests in four parallel sanitizers
+#                                         of every kernel test file's native tests in four parallel sanitizers (LIMIT_MC
+#                                         seconds; SKIP_MEMCHECK=1: not)
 # Results go under $OUT (default: nbs/bench/out). fastcore may be carried in .gpucarry/ where it is not installed.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"   # the root, the carried packages, $OUT, the commit ($C; pass REV=), the card
@@ -57,7 +58,8 @@ final)
     tests/test_layer.py tests/test_modular.py tests/test_kernels_router.py 2>&1 | grep -E "FAILED|ERROR|passed|failed" \
     | tee "$OUT/pytest_hot_path_${card}_$rev.log"
   timeout "${LIMIT_BENCH:-330}" python nbs/bench/layer_bench_run.py "$OUT/layer_bench_${card}_$rev.json" 2>&1 | grep -v Warning | tee "$OUT/layer_bench_${card}_$rev.log" | tail -60
-  mc() { timeout 230 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" "$@" 2>&1 | tail -4; }
+  [ "${SKIP_MEMCHECK:-0}" = 1 ] && exit 0
+  mc() { timeout "${LIMIT_MC:-230}" compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -m "not gpu" "$@" 2>&1 | tail -4; }
   { mc tests/test_kernels_quant.py > "$OUT/mc1.log" & mc tests/test_kernels_quant_experts.py tests/test_kernels_quant_act.py > "$OUT/mc2.log" &
     mc tests/test_layer.py tests/test_kernels_router.py tests/test_kernels_dispatch.py tests/test_modular.py > "$OUT/mc3.log" &
     mc tests/test_kernels_contiguous.py tests/test_kernels_batched.py > "$OUT/mc4.log" & wait; }
