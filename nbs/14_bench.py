@@ -792,6 +792,21 @@ print(format_bench_quant(fp8_h100["quant"]))
 test_eq({r["scheme"] for r in fp8_h100["quant"]}, {"fp8_w8a8_block"})
 
 # %% [markdown]
+# The FP8 tiles re-tuned on the H100 at 26b1797 (`python nbs/bench/tune_quant.py OUT fp8`, 103 s with the bench after
+# it; `tune_quant_fp8_h100_26b1797.json`, `quant_bench_fp8retune_h100_26b1797.json`) changed nothing worth a table
+# edit: on each of the eight decode call sites the table's tile was the sweep's best or within 2.3 % of it (the
+# largest gap, Qwen3's contiguous GEMM, 158.6 against 154.9 µs), under the run-to-run noise of these rows. That
+# machine ran the unchanged bf16 batched GEMM 3.5 % slower than b7a0fbc's (644.7 against 622.7 µs, DeepSeek-V3), and
+# FP8, replayed with the sweep's best tiles, at 87–93 % of the floor batched and 89–91 % contiguous, against 89–96 %
+# and 89–95 % at b7a0fbc with the tables' tiles: the rows near 90 % (Qwen3 batched, gpt-oss contiguous, 89 % there)
+# move across it with the card, not with the tile.
+
+# %%
+retune = json.loads(find_bench_results("bench/tune_quant_fp8_h100_26b1797.json").read_text())
+test_eq(len(retune["sweeps"]), 8)                 # 4 decode scenarios x (batched, contiguous)
+print(format_bench_quant(json.loads(find_bench_results("bench/quant_bench_fp8retune_h100_26b1797.json").read_text())["quant"]))
+
+# %% [markdown]
 # ### Split-K at decode, H200
 #
 # When a decode batch reaches one or a few experts, each expert GEMM is a grid of a few dozen programs on a 132-SM
