@@ -77,6 +77,10 @@
 #   which rounds the activations as the kernels do (5 % for FP8 where the float64 check allows 30 %; not for
 #   per-tensor FP8, whose scale depends on which rows share a launch: one outlier or NaN row there changes every
 #   row's output, see the quantization chapter).
+#   A quantized layer does not save memory yet: beside the codes the experts read, it keeps its experts'
+#   dequantized weights in the layer's dtype as its parameters (what its `state_dict` holds, what the references and
+#   the dequantized emulations read, and what an edit goes through), so it holds the 16-bit weights plus the codes
+#   (`12_layer`, "Quantized weights").
 # - **Small shapes.** Without a GPU the experts run as the torch reference; `--experts triton` runs the Triton kernels
 #   in Triton's CPU interpreter, meant for small shapes (a full-size model takes minutes). Shrink a model with a small
 #   `config.json` passed as `--config` (any family's keys, e.g. Qwen3-MoE's: `model_type` qwen3_moe, `hidden_size`
