@@ -9,7 +9,7 @@ import argparse, sys
 # %% auto #0
 __all__ = ['COMMANDS', 'command_parser', 'main']
 
-# %% ../nbs/15a_entry.ipynb #364c52bf97e2
+# %% ../nbs/15a_entry.ipynb #cfde639f7b63
 COMMANDS = {   # subcommand -> what it does (the top-level help)
     "run": "build a model's MoE layer on a deployment and report every decision and check",
     "tables": "print the placement and routing tables of a deployment",
@@ -38,5 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     if args in (["--version"], ["--help"], ["-h"]):
         try: command_parser()[0].parse_args(args)       # prints, then exits
         except SystemExit as e: return e.code
-    from moe_lit.cli import main as cli_main
+    try: from moe_lit.cli import main as cli_main
+    except ValueError as e:             # a moe-lit environment switch read when its module is imported (`env_choice`)
+        if not str(e).startswith("MOE_LIT_"): raise
+        prog = "moe-lit" + (f" {args[0]}" if args and args[0] in COMMANDS else "")
+        print(f"{prog}: error: {e}", file=sys.stderr)      # as argparse words a bad flag: one line, status 2
+        return 2
     return cli_main(args)

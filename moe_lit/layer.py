@@ -380,7 +380,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #32eab26bebb1
+# %% ../nbs/12_layer.ipynb #a58d13537fb6
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -565,6 +565,37 @@ def _take_edits(self: FusedMoE, now: tuple):
     if swapped or edited: _floats_follow_codes(self)    # new codes: the float experts (state_dict) follow them
     self._build_hot_path()
 
+def _check_copies_current(layer):
+    """debug: what the layer derived from its parameters still matches them — the router's 16-bit copy of the gate and
+    a quantized layer's codes (its floats are their dequantized values). An edit version counters do not see (through
+    `.data`) leaves them stale; `refresh()` re-derives them. Syncs: for `debug=True` only."""
+    hint = "an edit through .data, which no version counter sees; call layer.refresh() after such an edit"
+    g = layer.router_gate
+    if g is not layer.gate and layer.gate.device.type != "meta" and not torch.equal(g.float(), layer.gate):
+        raise ValueError(f"gate: expected the values the router's {g.dtype} copy was made from, got others ({hint})")
+    q = layer.qweights
+    if isinstance(q, QuantizedExpertWeights) and layer.w13.device.type != "meta":
+        for n, w in zip(("w13", "w2"), q.dequantize(layer.w13.dtype)):
+            if not torch.equal(w, getattr(layer, n)):
+                raise ValueError(f"{n}: expected the dequantized values of the {layer.quant} codes the experts run, "
+                                 f"got others ({hint})")
+
+@patch
+@torch.inference_mode(False)
+def refresh(self: FusedMoE) -> FusedMoE:
+    """Re-derive everything the layer keeps from its parameters, after an edit it cannot see: a write through `.data`
+    (which bumps no version counter) or into the memory by other means. The parameters are checked as at load (finite,
+    the layer's dtype), the router's 16-bit gate copy is rebuilt, a quantized layer re-quantizes its float experts (the
+    floats lead, as in `load_state_dict`), and launch plans and captured graphs are dropped. Returns the layer.
+    Raises ValueError as `load_state_dict` does. Edits in place (`with torch.no_grad(): layer.w13.mul_(2)`) and swaps
+    need no call: the next forward sees them."""
+    _check_one_device(self); _check_settings_kept(self)
+    for n in _TRACKED:
+        t = getattr(self, n)
+        if t is not None and t.device.type != "meta": check_finite(n, t)
+    _requantize_after_load(self, None)              # the hot path rebuilt; quantized: codes from the floats
+    return self
+
 @patch
 @torch.inference_mode(False)             # moved tensors keep version counters, as built ones do (below)
 def _apply(self: FusedMoE, fn, recurse=True):
@@ -625,7 +656,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #69392b39eca1
+# %% ../nbs/12_layer.ipynb #6f1cb382713e
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -662,6 +693,7 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if self.debug:                                   # the router's values, as at construction: one sync each
         for n in _ROUTER:
             if (t := getattr(self, n)) is not None: check_finite(n, t)
+        _check_copies_current(self)                  # and the copies made of them: an edit no counter saw
     if self.debug and self._router_counter is not None and (n := int(self._router_counter)) != 0:   # one sync
         raise ValueError(f"_router_counter: expected 0 before a forward (each launch leaves it 0; one eager forward of "
                          f"a layer at a time, on one stream), got {n}")
@@ -779,7 +811,7 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
 
-# %% ../nbs/12_layer.ipynb #dc51667fdfda
+# %% ../nbs/12_layer.ipynb #a0908bcaff48
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 LAUNCH_PLANS = env_choice("MOE_LIT_LAUNCH_PLAN", "1", ("0", "1")) == "1"   # "0": every eager forward runs its Python
@@ -898,10 +930,20 @@ def _plan_key(layer, hidden: torch.Tensor) -> tuple:
 
 @patch
 def __getstate__(self: FusedMoE) -> dict:
-    "What pickling, `torch.save` and `copy.deepcopy` keep: everything but the launch plans, a cache of launch callables."
+    """What pickling, `torch.save` and `copy.deepcopy` keep: everything but the launch plans, a cache of launch
+    callables, and captured CUDA graphs (bound to this layer's memory)."""
     state = self.__dict__.copy()
-    state["_plans"], state["_seen"] = {}, set()
+    state["_plans"], state["_seen"], state["graphs"] = {}, set(), {}
     return state
+
+@patch
+def __setstate__(self: FusedMoE, state: dict):
+    """A copy (`copy.deepcopy`, `torch.load`) holds new tensors of the same values: its hot path is built again from
+    them, and what the next call compares with recorded (a quantized copy's floats and codes are both new objects:
+    not an edit of both)."""
+    torch.nn.Module.__setstate__(self, state)
+    if "_versions" in state:                   # (a layer pickled mid-construction has nothing to rebuild)
+        with torch.inference_mode(False): self._build_hot_path()
 
 @patch
 def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:

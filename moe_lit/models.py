@@ -247,7 +247,7 @@ def _groups_from_hf(cfg: dict, fam: dict) -> dict:
                    topk_group=check_int("config.json topk_group", topk_group, lo=1, hi=SIZE_LIMIT))
     return out
 
-# %% ../nbs/02_models.ipynb #38635e6cd219
+# %% ../nbs/02_models.ipynb #c239458401bc
 def _check_family(cfg: dict) -> str | None:
     "config.json's model_type: one of the families moe-lit reads, or None (no model_type: the file's keys decide)."
     t = _model_type(cfg)
@@ -281,8 +281,11 @@ def _routing_from_hf(cfg: dict) -> dict:
     scoring = check_choice("config.json scoring_func", _get(cfg, "scoring_func", fam.get("scoring_func", "softmax")),
                            SCORING_FUNCS)
     scale = check_positive_real("config.json routed_scaling_factor", _get(cfg, "routed_scaling_factor", 1.0), fp32=True)
-    return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
-                **_groups_from_hf(cfg, fam))
+    groups = _groups_from_hf(cfg, fam)
+    if groups.get("num_expert_group") and isinstance(experts, int) and experts % groups["num_expert_group"]:
+        raise ValueError(f"config.json n_group: expected a group count dividing {key}={experts}, got "   # transformers
+                         f"{groups['num_expert_group']}")   # would view the scores in other groups: no fallback here
+    return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale, **groups)
 
 # %% ../nbs/02_models.ipynb #5d67a5447d23
 _HF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -576,8 +576,11 @@ def _routing_from_hf(cfg: dict) -> dict:
     scoring = check_choice("config.json scoring_func", _get(cfg, "scoring_func", fam.get("scoring_func", "softmax")),
                            SCORING_FUNCS)
     scale = check_positive_real("config.json routed_scaling_factor", _get(cfg, "routed_scaling_factor", 1.0), fp32=True)
-    return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale,
-                **_groups_from_hf(cfg, fam))
+    groups = _groups_from_hf(cfg, fam)
+    if groups.get("num_expert_group") and isinstance(experts, int) and experts % groups["num_expert_group"]:
+        raise ValueError(f"config.json n_group: expected a group count dividing {key}={experts}, got "   # transformers
+                         f"{groups['num_expert_group']}")   # would view the scores in other groups: no fallback here
+    return dict(scoring_func=scoring, renormalize=renormalize, routed_scaling_factor=scale, **groups)
 
 # %%
 #| export
@@ -723,6 +726,9 @@ test_fail(lambda: moe_config_from_hf({**deepseek_v3, "dtype": "float32"}),
           contains="config.json dtype: expected the same dtype as torch_dtype, got torch.float32 and torch.bfloat16")
 test_fail(lambda: c.replace(foo=1), contains="replace: expected fields of MoEConfig (")
 test_fail(lambda: moe_config_from_hf({**trimmed, "n_routed_experts": 12}), contains="config.json n_group: expected a group count dividing")
+for n in (3, 12, 512):                         # given, grouped and not dividing the experts: refused, not a fallback
+    test_fail(lambda: moe_config_from_hf({**deepseek_v3, "n_group": n}),
+              contains=f"config.json n_group: expected a group count dividing n_routed_experts=256, got {n}")
 spelled = {k: v for k, v in trimmed.items() if k != "n_routed_experts"}
 test_fail(lambda: moe_config_from_hf({**spelled, "num_experts": 12}), contains="dividing num_experts=12, got none")   # any spelling
 test_fail(lambda: moe_config_from_hf({**deepseek_v3, "norm_topk_prob": None}), contains="config.json norm_topk_prob: expected a bool, got null")

@@ -35,6 +35,7 @@ from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES
 from types import SimpleNamespace
+import copy, io
 import triton
 from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
@@ -776,6 +777,37 @@ def _take_edits(self: FusedMoE, now: tuple):
     if swapped or edited: _floats_follow_codes(self)    # new codes: the float experts (state_dict) follow them
     self._build_hot_path()
 
+def _check_copies_current(layer):
+    """debug: what the layer derived from its parameters still matches them — the router's 16-bit copy of the gate and
+    a quantized layer's codes (its floats are their dequantized values). An edit version counters do not see (through
+    `.data`) leaves them stale; `refresh()` re-derives them. Syncs: for `debug=True` only."""
+    hint = "an edit through .data, which no version counter sees; call layer.refresh() after such an edit"
+    g = layer.router_gate
+    if g is not layer.gate and layer.gate.device.type != "meta" and not torch.equal(g.float(), layer.gate):
+        raise ValueError(f"gate: expected the values the router's {g.dtype} copy was made from, got others ({hint})")
+    q = layer.qweights
+    if isinstance(q, QuantizedExpertWeights) and layer.w13.device.type != "meta":
+        for n, w in zip(("w13", "w2"), q.dequantize(layer.w13.dtype)):
+            if not torch.equal(w, getattr(layer, n)):
+                raise ValueError(f"{n}: expected the dequantized values of the {layer.quant} codes the experts run, "
+                                 f"got others ({hint})")
+
+@patch
+@torch.inference_mode(False)
+def refresh(self: FusedMoE) -> FusedMoE:
+    """Re-derive everything the layer keeps from its parameters, after an edit it cannot see: a write through `.data`
+    (which bumps no version counter) or into the memory by other means. The parameters are checked as at load (finite,
+    the layer's dtype), the router's 16-bit gate copy is rebuilt, a quantized layer re-quantizes its float experts (the
+    floats lead, as in `load_state_dict`), and launch plans and captured graphs are dropped. Returns the layer.
+    Raises ValueError as `load_state_dict` does. Edits in place (`with torch.no_grad(): layer.w13.mul_(2)`) and swaps
+    need no call: the next forward sees them."""
+    _check_one_device(self); _check_settings_kept(self)
+    for n in _TRACKED:
+        t = getattr(self, n)
+        if t is not None and t.device.type != "meta": check_finite(n, t)
+    _requantize_after_load(self, None)              # the hot path rebuilt; quantized: codes from the floats
+    return self
+
 @patch
 @torch.inference_mode(False)             # moved tensors keep version counters, as built ones do (below)
 def _apply(self: FusedMoE, fn, recurse=True):
@@ -883,6 +915,7 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if self.debug:                                   # the router's values, as at construction: one sync each
         for n in _ROUTER:
             if (t := getattr(self, n)) is not None: check_finite(n, t)
+        _check_copies_current(self)                  # and the copies made of them: an edit no counter saw
     if self.debug and self._router_counter is not None and (n := int(self._router_counter)) != 0:   # one sync
         raise ValueError(f"_router_counter: expected 0 before a forward (each launch leaves it 0; one eager forward of "
                          f"a layer at a time, on one stream), got {n}")
@@ -970,6 +1003,37 @@ def _eager(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torc
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
               add_shared=add_shared, w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation)
 
+
+# %% [markdown]
+# **Edits no counter sees, and copies.** A write through `.data` bumps no version counter, so the layer cannot see it:
+# the router would keep its 16-bit copy of the old gate and a quantized layer its old codes. `debug=True` compares
+# those copies with the parameters on every call and names the stale one; `refresh()` re-derives them (the
+# parameters lead, as in `load_state_dict`). A copy (`copy.deepcopy`, `torch.save` and `torch.load`) is built again
+# from its own tensors, so a quantized copy runs as its original does.
+
+# %%
+#| test layer_refresh_and_copies
+from moe_lit.models import preset
+cfg = preset("qwen3-30b-a3b").replace(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64)
+x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+for quant, experts, name in (("unquantized", "torch", "gate"), ("fp8_w8a8_block", "torch", "w13"),
+                             ("mxfp4_w4a16", "triton", "w2"), ("fp8_w8a8_block", "triton", "gate")):
+    seen = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE)
+    with torch.no_grad(): getattr(seen, name).mul_(-1)                    # seen: the next forward follows it
+    want = seen(x)
+    unseen = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE, debug=True)
+    getattr(unseen, name).data.mul_(-1)                                    # unseen: debug names the stale copy
+    msg = "gate: expected the values the router's" if name == "gate" else f"{name}: expected the dequantized values"
+    test_fail(lambda: unseen(x), contains=msg)
+    assert torch.equal(unseen.refresh()(x), want), (quant, experts, name)  # re-derived: as if the edit were seen
+    for dup in (copy.deepcopy(seen), torch.load(io.BytesIO((buf := io.BytesIO(), torch.save(seen, buf))[0].getvalue()),
+                                                weights_only=False)):
+        assert torch.equal(dup(x), want), (quant, experts, name)          # a copy runs as its original
+        with torch.no_grad(): dup.w13.mul_(2)                              # and follows its own edits, not the original's
+        assert not torch.equal(dup(x), want) and torch.equal(seen(x), want)
+bad = FusedMoE(cfg, seed=1, device=DEVICE)
+bad.gate.data[0, 0] = float("nan")                                         # refresh checks what it derives from
+test_fail(bad.refresh, contains="gate: expected finite values")
 
 # %% [markdown]
 # ## CUDA graphs
@@ -1187,10 +1251,20 @@ def _plan_key(layer, hidden: torch.Tensor) -> tuple:
 
 @patch
 def __getstate__(self: FusedMoE) -> dict:
-    "What pickling, `torch.save` and `copy.deepcopy` keep: everything but the launch plans, a cache of launch callables."
+    """What pickling, `torch.save` and `copy.deepcopy` keep: everything but the launch plans, a cache of launch
+    callables, and captured CUDA graphs (bound to this layer's memory)."""
     state = self.__dict__.copy()
-    state["_plans"], state["_seen"] = {}, set()
+    state["_plans"], state["_seen"], state["graphs"] = {}, set(), {}
     return state
+
+@patch
+def __setstate__(self: FusedMoE, state: dict):
+    """A copy (`copy.deepcopy`, `torch.load`) holds new tensors of the same values: its hot path is built again from
+    them, and what the next call compares with recorded (a quantized copy's floats and codes are both new objects:
+    not an edit of both)."""
+    torch.nn.Module.__setstate__(self, state)
+    if "_versions" in state:                   # (a layer pickled mid-construction has nothing to rebuild)
+        with torch.inference_mode(False): self._build_hot_path()
 
 @patch
 def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -284,8 +284,8 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
 #   forward. Loading the model outside `inference_mode` (and running it inside) keeps the cache.
 #
 # > **Implementation notes.** A write through `param.data` (`p.data.copy_(...)`) does not bump `p._version` (`.data`
-# > has its own version counter), so it goes unnoticed for copied layouts; replacing `p.data` with a new tensor is
-# > noticed (a new `data_ptr`).
+# > has its own version counter), so it goes unnoticed for copied layouts: call `clear_cache()` after one (the next
+# > forward converts again). Replacing `p.data` with a new tensor is noticed (a new `data_ptr`).
 
 # %%
 #| export
@@ -671,6 +671,13 @@ assert (after - before).abs().max() > 1e-3
 experts.gate_up_proj.data = experts.gate_up_proj.data * 3          # a new tensor behind the parameter
 assert torch.equal(experts_weights(experts)[0], convert_experts_weights(experts.gate_up_proj, experts.down_proj,
                                                                        transposed=True, interleaved=True)[0])
+experts.down_proj.data.mul_(3)                                     # through .data: no counter sees it ...
+stale = experts_weights(experts)[1]
+assert not torch.equal(stale, convert_experts_weights(experts.gate_up_proj, experts.down_proj, transposed=True,
+                                                      interleaved=True)[1])
+test_eq(clear_cache(), 1)                                          # ... until the cache is cleared
+assert torch.equal(experts_weights(experts)[1], convert_experts_weights(experts.gate_up_proj, experts.down_proj,
+                                                                       transposed=True, interleaved=True)[1])
 test_eq(clear_cache(), 1)                                          # the gpt-oss layer's copies
 mixtral = tiny_hf_model("mixtral")
 experts = mixtral.get_submodule(next(iter(experts_recipes(mixtral))))

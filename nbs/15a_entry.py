@@ -12,7 +12,7 @@ import argparse, sys
 
 # %%
 #| hide
-import subprocess
+import os, subprocess
 from fastcore.test import test_eq
 
 # %% [markdown]
@@ -52,11 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     if args in (["--version"], ["--help"], ["-h"]):
         try: command_parser()[0].parse_args(args)       # prints, then exits
         except SystemExit as e: return e.code
-    from moe_lit.cli import main as cli_main
+    try: from moe_lit.cli import main as cli_main
+    except ValueError as e:             # a moe-lit environment switch read when its module is imported (`env_choice`)
+        if not str(e).startswith("MOE_LIT_"): raise
+        prog = "moe-lit" + (f" {args[0]}" if args and args[0] in COMMANDS else "")
+        print(f"{prog}: error: {e}", file=sys.stderr)      # as argparse words a bad flag: one line, status 2
+        return 2
     return cli_main(args)
 
 # %%
 #| test version_without_torch
+code = "import sys, moe_lit.entry as e; sys.exit(e.main(['tables']))"      # a switch read at import: named, no traceback
+out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "MOE_LIT_LAUNCH_PLAN": "2"})
+test_eq((out.returncode, out.stderr.count("\n")), (2, 1))
+assert out.stderr.startswith("moe-lit tables: error: MOE_LIT_LAUNCH_PLAN: expected '0' or '1', got '2'"), out.stderr
 for flag, want in (("--version", "moe-lit "), ("--help", "usage: moe-lit")):
     code = f"import sys, moe_lit.entry as e; e.main([{flag!r}]); assert 'torch' not in sys.modules, 'torch imported'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

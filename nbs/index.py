@@ -189,6 +189,10 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # On a CUDA device the registered experts run moe-lit's Triton kernels; on a CPU (and wherever a forward needs a
 # gradient) they run moe-lit's torch reference, which keeps the model's own dtype, float64 included; the gradients
 # reach the expert parameters as eager's do, also for layouts moe-lit copies (gpt-oss's transposed, interleaved one).
+# Weights edited in place (`with torch.no_grad(): p.mul_(2)`, an optimizer step, `load_state_dict`) are followed; a
+# write through `p.data` bumps no version counter and is not: after one, call
+# `moe_lit.integrations.transformers.clear_cache()` (and `layer.refresh()` on a `FusedMoE`; `debug=True` names the
+# stale copy there).
 # `check_model` raises, naming the blocks, for a model whose experts moe-lit cannot reach (Llama-4's: transformers
 # does not send them through that interface), and for one loaded without `experts_implementation="moe_lit"` (its
 # blocks run transformers' own experts; `check_model(model, selected=False)` asks only whether moe-lit could reach

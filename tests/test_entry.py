@@ -2,12 +2,16 @@
 from __future__ import annotations
 import pytest
 import argparse, sys
-import subprocess
+import os, subprocess
 from fastcore.test import test_eq
 from moe_lit.entry import *
 
 
 def test_version_without_torch():
+    code = "import sys, moe_lit.entry as e; sys.exit(e.main(['tables']))"      # a switch read at import: named, no traceback
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "MOE_LIT_LAUNCH_PLAN": "2"})
+    test_eq((out.returncode, out.stderr.count("\n")), (2, 1))
+    assert out.stderr.startswith("moe-lit tables: error: MOE_LIT_LAUNCH_PLAN: expected '0' or '1', got '2'"), out.stderr
     for flag, want in (("--version", "moe-lit "), ("--help", "usage: moe-lit")):
         code = f"import sys, moe_lit.entry as e; e.main([{flag!r}]); assert 'torch' not in sys.modules, 'torch imported'"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

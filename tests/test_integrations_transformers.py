@@ -178,6 +178,13 @@ def test_cache_invalidation():
     experts.gate_up_proj.data = experts.gate_up_proj.data * 3          # a new tensor behind the parameter
     assert torch.equal(experts_weights(experts)[0], convert_experts_weights(experts.gate_up_proj, experts.down_proj,
                                                                            transposed=True, interleaved=True)[0])
+    experts.down_proj.data.mul_(3)                                     # through .data: no counter sees it ...
+    stale = experts_weights(experts)[1]
+    assert not torch.equal(stale, convert_experts_weights(experts.gate_up_proj, experts.down_proj, transposed=True,
+                                                          interleaved=True)[1])
+    test_eq(clear_cache(), 1)                                          # ... until the cache is cleared
+    assert torch.equal(experts_weights(experts)[1], convert_experts_weights(experts.gate_up_proj, experts.down_proj,
+                                                                           transposed=True, interleaved=True)[1])
     test_eq(clear_cache(), 1)                                          # the gpt-oss layer's copies
     mixtral = tiny_hf_model("mixtral")
     experts = mixtral.get_submodule(next(iter(experts_recipes(mixtral))))

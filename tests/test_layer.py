@@ -25,6 +25,7 @@ from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES
 from types import SimpleNamespace
+import copy, io
 import triton
 from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
@@ -101,6 +102,30 @@ def test_resolve_experts():
     finally:
         if saved is None: os.environ.pop("TRITON_INTERPRET")
         else: os.environ["TRITON_INTERPRET"] = saved
+
+
+def test_layer_refresh_and_copies():
+    from moe_lit.models import preset
+    cfg = preset("qwen3-30b-a3b").replace(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+    for quant, experts, name in (("unquantized", "torch", "gate"), ("fp8_w8a8_block", "torch", "w13"),
+                                 ("mxfp4_w4a16", "triton", "w2"), ("fp8_w8a8_block", "triton", "gate")):
+        seen = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE)
+        with torch.no_grad(): getattr(seen, name).mul_(-1)                    # seen: the next forward follows it
+        want = seen(x)
+        unseen = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE, debug=True)
+        getattr(unseen, name).data.mul_(-1)                                    # unseen: debug names the stale copy
+        msg = "gate: expected the values the router's" if name == "gate" else f"{name}: expected the dequantized values"
+        test_fail(lambda: unseen(x), contains=msg)
+        assert torch.equal(unseen.refresh()(x), want), (quant, experts, name)  # re-derived: as if the edit were seen
+        for dup in (copy.deepcopy(seen), torch.load(io.BytesIO((buf := io.BytesIO(), torch.save(seen, buf))[0].getvalue()),
+                                                    weights_only=False)):
+            assert torch.equal(dup(x), want), (quant, experts, name)          # a copy runs as its original
+            with torch.no_grad(): dup.w13.mul_(2)                              # and follows its own edits, not the original's
+            assert not torch.equal(dup(x), want) and torch.equal(seen(x), want)
+    bad = FusedMoE(cfg, seed=1, device=DEVICE)
+    bad.gate.data[0, 0] = float("nan")                                         # refresh checks what it derives from
+    test_fail(bad.refresh, contains="gate: expected finite values")
 
 
 def test_launch_plans():

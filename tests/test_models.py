@@ -170,6 +170,9 @@ def test_from_hf_deepseek_v3():
               contains="config.json dtype: expected the same dtype as torch_dtype, got torch.float32 and torch.bfloat16")
     test_fail(lambda: c.replace(foo=1), contains="replace: expected fields of MoEConfig (")
     test_fail(lambda: moe_config_from_hf({**trimmed, "n_routed_experts": 12}), contains="config.json n_group: expected a group count dividing")
+    for n in (3, 12, 512):                         # given, grouped and not dividing the experts: refused, not a fallback
+        test_fail(lambda: moe_config_from_hf({**deepseek_v3, "n_group": n}),
+                  contains=f"config.json n_group: expected a group count dividing n_routed_experts=256, got {n}")
     spelled = {k: v for k, v in trimmed.items() if k != "n_routed_experts"}
     test_fail(lambda: moe_config_from_hf({**spelled, "num_experts": 12}), contains="dividing num_experts=12, got none")   # any spelling
     test_fail(lambda: moe_config_from_hf({**deepseek_v3, "norm_topk_prob": None}), contains="config.json norm_topk_prob: expected a bool, got null")
