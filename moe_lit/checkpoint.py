@@ -217,7 +217,7 @@ def _need(self: CheckpointWeights, name: str | None, what: str) -> str:
         raise ValueError(f"config.json: the config has a {what}, but the {self.model_type!r} key layout has none")
     return name
 
-# %% ../nbs/11c_checkpoint.ipynb #db87bafa7366
+# %% ../nbs/11c_checkpoint.ipynb #abb54e1096a3
 def _scale_shape(shape: tuple, block: tuple) -> tuple:
     "Shape of the FP8 block scales of a weight `[..., N, K]` (ceil-div: partial blocks have a scale too)."
     return (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
@@ -246,10 +246,14 @@ def _check_keys(self: CheckpointWeights):
     if tuple(got) != (c.num_experts, c.hidden_size):
         raise ValueError(f"checkpoint: expected key {router!r} of shape {[c.num_experts, c.hidden_size]} (config.json's "
                          f"experts × hidden size), got {got}")
-    if not self.fused and self.quant_scheme != "mxfp4_w4a16" and self._expert_key("gate", c.num_experts) in self._shards:
-        raise ValueError(f"checkpoint: expected experts 0..{c.num_experts - 1} (config.json's {c.num_experts} experts), "
-                         f"got key {self._expert_key('gate', c.num_experts)!r} too: the config does not describe "
-                         f"these weights")
+    if not self.fused and self.quant_scheme != "mxfp4_w4a16":   # any expert past the config's, not only the next
+        head = f"{self.prefix}experts."
+        past = sorted({int(e) for k in self._shards.weight_map if k.startswith(head)
+                       and (e := k[len(head):].split(".", 1)[0]).isdigit() and int(e) >= c.num_experts})
+        if past:
+            raise ValueError(f"checkpoint: expected experts 0..{c.num_experts - 1} (config.json's {c.num_experts} "
+                             f"experts), got keys of expert{'s' * (len(past) > 1)} {past[:8]}"
+                             f"{' ...' * (len(past) > 8)} under {head!r} too: the config does not describe these weights")
     shapes, dtypes = self._key_shapes(), {}
     for key, want in shapes.items():
         got, dtypes[key] = self._shards.meta(key)

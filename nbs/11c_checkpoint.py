@@ -149,7 +149,7 @@ test_eq(runs([]), [])
 # layer (one of `moe_layer_indices`), the quantization scheme and which expert layout the files use — fused when
 # `P + "experts.gate_up_proj"` (or its `_blocks`) is a key, per-expert when `P + "experts.0.<gate>.weight"` is —
 # and then every key the layer needs, with its shape, from the shard headers (and no expert past the config's: a
-# per-expert key for expert `num_experts` means the config does not describe the weights). A float weight stored
+# per-expert key for an expert at or past `num_experts` means the config does not describe the weights). A float weight stored
 # beside FP8 block scales (`weight_scale_inv`) is refused: it would be read unscaled.
 
 # %%
@@ -328,10 +328,14 @@ def _check_keys(self: CheckpointWeights):
     if tuple(got) != (c.num_experts, c.hidden_size):
         raise ValueError(f"checkpoint: expected key {router!r} of shape {[c.num_experts, c.hidden_size]} (config.json's "
                          f"experts × hidden size), got {got}")
-    if not self.fused and self.quant_scheme != "mxfp4_w4a16" and self._expert_key("gate", c.num_experts) in self._shards:
-        raise ValueError(f"checkpoint: expected experts 0..{c.num_experts - 1} (config.json's {c.num_experts} experts), "
-                         f"got key {self._expert_key('gate', c.num_experts)!r} too: the config does not describe "
-                         f"these weights")
+    if not self.fused and self.quant_scheme != "mxfp4_w4a16":   # any expert past the config's, not only the next
+        head = f"{self.prefix}experts."
+        past = sorted({int(e) for k in self._shards.weight_map if k.startswith(head)
+                       and (e := k[len(head):].split(".", 1)[0]).isdigit() and int(e) >= c.num_experts})
+        if past:
+            raise ValueError(f"checkpoint: expected experts 0..{c.num_experts - 1} (config.json's {c.num_experts} "
+                             f"experts), got keys of expert{'s' * (len(past) > 1)} {past[:8]}"
+                             f"{' ...' * (len(past) > 8)} under {head!r} too: the config does not describe these weights")
     shapes, dtypes = self._key_shapes(), {}
     for key, want in shapes.items():
         got, dtypes[key] = self._shards.meta(key)
@@ -730,7 +734,11 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: checkpoint(d, layer_index=0), contains="layer_index: expected one of the MoE layers [1] (the")
     extra = {**good, **{k.replace("experts.3.", "experts.4."): v.clone() for k, v in good.items() if "experts.3." in k}}
     test_fail(lambda: checkpoint(d, extra), contains="checkpoint: expected experts 0..3 (config.json's 4 experts), got "
-              "key 'model.layers.1.mlp.experts.4.gate_proj.weight' too")
+              "keys of expert [4] under 'model.layers.1.mlp.experts.' too")
+    far = {**good, **{k.replace("experts.3.", "experts.9."): v.clone() for k, v in good.items() if "experts.3.down" in k}}
+    test_fail(lambda: checkpoint(d, far), contains="got keys of expert [9] under")          # not only the next id
+    for e in (12, 10): far.update({k.replace("experts.3.", f"experts.{e}."): v.clone() for k, v in good.items() if "experts.3.up" in k})
+    test_fail(lambda: checkpoint(d, far), contains="got keys of experts [9, 10, 12] under")
     test_fail(lambda: checkpoint(d, layer_index="1"), contains="layer_index: expected an int, got str '1'")
     test_fail(lambda: checkpoint(d, layer_index=1.0), contains="layer_index: expected an int, got float 1.0")
     test_fail(lambda: checkpoint(d, layer_index=True), contains="layer_index: expected an int, got bool True")

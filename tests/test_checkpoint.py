@@ -194,7 +194,11 @@ def test_bad_checkpoint_dirs_and_layers():
         test_fail(lambda: checkpoint(d, layer_index=0), contains="layer_index: expected one of the MoE layers [1] (the")
         extra = {**good, **{k.replace("experts.3.", "experts.4."): v.clone() for k, v in good.items() if "experts.3." in k}}
         test_fail(lambda: checkpoint(d, extra), contains="checkpoint: expected experts 0..3 (config.json's 4 experts), got "
-                  "key 'model.layers.1.mlp.experts.4.gate_proj.weight' too")
+                  "keys of expert [4] under 'model.layers.1.mlp.experts.' too")
+        far = {**good, **{k.replace("experts.3.", "experts.9."): v.clone() for k, v in good.items() if "experts.3.down" in k}}
+        test_fail(lambda: checkpoint(d, far), contains="got keys of expert [9] under")          # not only the next id
+        for e in (12, 10): far.update({k.replace("experts.3.", f"experts.{e}."): v.clone() for k, v in good.items() if "experts.3.up" in k})
+        test_fail(lambda: checkpoint(d, far), contains="got keys of experts [9, 10, 12] under")
         test_fail(lambda: checkpoint(d, layer_index="1"), contains="layer_index: expected an int, got str '1'")
         test_fail(lambda: checkpoint(d, layer_index=1.0), contains="layer_index: expected an int, got float 1.0")
         test_fail(lambda: checkpoint(d, layer_index=True), contains="layer_index: expected an int, got bool True")
