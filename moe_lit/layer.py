@@ -380,7 +380,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #a58d13537fb6
+# %% ../nbs/12_layer.ipynb #0923a240ee61
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -589,9 +589,10 @@ def refresh(self: FusedMoE) -> FusedMoE:
     floats lead, as in `load_state_dict`), and launch plans and captured graphs are dropped. Returns the layer.
     Raises ValueError as `load_state_dict` does. Edits in place (`with torch.no_grad(): layer.w13.mul_(2)`) and swaps
     need no call: the next forward sees them."""
+    self._follow_inplace_edits()                    # first what a counter saw; a `.data =` swap of another shape,
+                                                    # dtype or layout is refused there, as at a call
     _check_one_device(self); _check_settings_kept(self)
-    for n in _TRACKED:
-        t = getattr(self, n)
+    for n, t in [(n, getattr(self, n)) for n in _TRACKED] + list(_shared_by_key(self).items()):
         if t is not None and t.device.type != "meta": check_finite(n, t)
     _requantize_after_load(self, None)              # the hot path rebuilt; quantized: codes from the floats
     return self
@@ -601,6 +602,7 @@ def refresh(self: FusedMoE) -> FusedMoE:
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
+    if built: self._follow_inplace_edits()        # pending in-place edits first: the move rebuilds from what it runs
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
         _check_settings_kept(self)                                # (a move rebuilds: not over a swapped setting)
         try: fn(self.gate.detach()[:0])
@@ -811,7 +813,7 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
 
-# %% ../nbs/12_layer.ipynb #a0908bcaff48
+# %% ../nbs/12_layer.ipynb #3accab2736ef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 LAUNCH_PLANS = env_choice("MOE_LIT_LAUNCH_PLAN", "1", ("0", "1")) == "1"   # "0": every eager forward runs its Python
@@ -931,8 +933,10 @@ def _plan_key(layer, hidden: torch.Tensor) -> tuple:
 @patch
 def __getstate__(self: FusedMoE) -> dict:
     """What pickling, `torch.save` and `copy.deepcopy` keep: everything but the launch plans, a cache of launch
-    callables, and captured CUDA graphs (bound to this layer's memory)."""
-    state = self.__dict__.copy()
+    callables, and captured CUDA graphs (bound to this layer's memory), after pending in-place edits are taken (as the
+    next call would). Plain `pickle` of float8 tensors fails in torch itself: save a quantized layer with `torch.save`."""
+    if "_versions" in self.__dict__: self._follow_inplace_edits()   # an edit a counter saw is taken first: a copy
+    state = self.__dict__.copy()                                     # is built from what the original would run
     state["_plans"], state["_seen"], state["graphs"] = {}, set(), {}
     return state
 

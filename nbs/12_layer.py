@@ -801,9 +801,10 @@ def refresh(self: FusedMoE) -> FusedMoE:
     floats lead, as in `load_state_dict`), and launch plans and captured graphs are dropped. Returns the layer.
     Raises ValueError as `load_state_dict` does. Edits in place (`with torch.no_grad(): layer.w13.mul_(2)`) and swaps
     need no call: the next forward sees them."""
+    self._follow_inplace_edits()                    # first what a counter saw; a `.data =` swap of another shape,
+                                                    # dtype or layout is refused there, as at a call
     _check_one_device(self); _check_settings_kept(self)
-    for n in _TRACKED:
-        t = getattr(self, n)
+    for n, t in [(n, getattr(self, n)) for n in _TRACKED] + list(_shared_by_key(self).items()):
         if t is not None and t.device.type != "meta": check_finite(n, t)
     _requantize_after_load(self, None)              # the hot path rebuilt; quantized: codes from the floats
     return self
@@ -813,6 +814,7 @@ def refresh(self: FusedMoE) -> FusedMoE:
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
+    if built: self._follow_inplace_edits()        # pending in-place edits first: the move rebuilds from what it runs
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
         _check_settings_kept(self)                                # (a move rebuilds: not over a swapped setting)
         try: fn(self.gate.detach()[:0])
@@ -1034,6 +1036,23 @@ for quant, experts, name in (("unquantized", "torch", "gate"), ("fp8_w8a8_block"
 bad = FusedMoE(cfg, seed=1, device=DEVICE)
 bad.gate.data[0, 0] = float("nan")                                         # refresh checks what it derives from
 test_fail(bad.refresh, contains="gate: expected finite values")
+for name, swap in (("w13", lambda t: t[:2].clone()), ("gate", lambda t: t.bfloat16())):   # `.data =` another shape or
+    bad = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)                        # dtype: refused as at a call
+    getattr(bad, name).data = swap(getattr(bad, name).data)
+    test_fail(bad.refresh, contains=f"{name}: expected shape")
+ds = preset("deepseek-v3").replace(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64,
+                                   shared_intermediate_size=64, num_expert_group=2, topk_group=1)
+bad = FusedMoE(ds, seed=1, device=DEVICE)
+bad.shared_experts.w13.data[0, 0] = float("nan")                           # the shared experts' values too
+test_fail(bad.refresh, contains="shared_experts.w13: expected finite values")
+for quant in ("unquantized", "nvfp4_w4a16"):       # an edit a counter saw, then a copy or a move before the next call:
+    for move in (copy.deepcopy, lambda l: l.to(DEVICE)):                   # taken first, as that call would
+        pend = FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)
+        pend(x)
+        with torch.no_grad(): pend.w13.mul_(-1.5)
+        want = FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)
+        with torch.no_grad(): want.w13.mul_(-1.5)
+        assert torch.equal(move(pend)(x), want(x)) and torch.equal(pend(x), want(x)), quant
 
 # %% [markdown]
 # ## CUDA graphs
@@ -1252,8 +1271,10 @@ def _plan_key(layer, hidden: torch.Tensor) -> tuple:
 @patch
 def __getstate__(self: FusedMoE) -> dict:
     """What pickling, `torch.save` and `copy.deepcopy` keep: everything but the launch plans, a cache of launch
-    callables, and captured CUDA graphs (bound to this layer's memory)."""
-    state = self.__dict__.copy()
+    callables, and captured CUDA graphs (bound to this layer's memory), after pending in-place edits are taken (as the
+    next call would). Plain `pickle` of float8 tensors fails in torch itself: save a quantized layer with `torch.save`."""
+    if "_versions" in self.__dict__: self._follow_inplace_edits()   # an edit a counter saw is taken first: a copy
+    state = self.__dict__.copy()                                     # is built from what the original would run
     state["_plans"], state["_seen"], state["graphs"] = {}, set(), {}
     return state
 

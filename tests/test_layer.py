@@ -126,6 +126,23 @@ def test_layer_refresh_and_copies():
     bad = FusedMoE(cfg, seed=1, device=DEVICE)
     bad.gate.data[0, 0] = float("nan")                                         # refresh checks what it derives from
     test_fail(bad.refresh, contains="gate: expected finite values")
+    for name, swap in (("w13", lambda t: t[:2].clone()), ("gate", lambda t: t.bfloat16())):   # `.data =` another shape or
+        bad = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)                        # dtype: refused as at a call
+        getattr(bad, name).data = swap(getattr(bad, name).data)
+        test_fail(bad.refresh, contains=f"{name}: expected shape")
+    ds = preset("deepseek-v3").replace(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64,
+                                       shared_intermediate_size=64, num_expert_group=2, topk_group=1)
+    bad = FusedMoE(ds, seed=1, device=DEVICE)
+    bad.shared_experts.w13.data[0, 0] = float("nan")                           # the shared experts' values too
+    test_fail(bad.refresh, contains="shared_experts.w13: expected finite values")
+    for quant in ("unquantized", "nvfp4_w4a16"):       # an edit a counter saw, then a copy or a move before the next call:
+        for move in (copy.deepcopy, lambda l: l.to(DEVICE)):                   # taken first, as that call would
+            pend = FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)
+            pend(x)
+            with torch.no_grad(): pend.w13.mul_(-1.5)
+            want = FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)
+            with torch.no_grad(): want.w13.mul_(-1.5)
+            assert torch.equal(move(pend)(x), want(x)) and torch.equal(pend(x), want(x)), quant
 
 
 def test_launch_plans():
