@@ -1007,54 +1007,6 @@ def _eager(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torc
 
 
 # %% [markdown]
-# **Edits no counter sees, and copies.** A write through `.data` bumps no version counter, so the layer cannot see it:
-# the router would keep its 16-bit copy of the old gate and a quantized layer its old codes. `debug=True` compares
-# those copies with the parameters on every call and names the stale one; `refresh()` re-derives them (the
-# parameters lead, as in `load_state_dict`). A copy (`copy.deepcopy`, `torch.save` and `torch.load`) is built again
-# from its own tensors, so a quantized copy runs as its original does.
-
-# %%
-#| test layer_refresh_and_copies
-from moe_lit.models import preset
-cfg = preset("qwen3-30b-a3b").replace(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64)
-x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
-for quant, experts, name in (("unquantized", "torch", "gate"), ("fp8_w8a8_block", "torch", "w13"),
-                             ("mxfp4_w4a16", "triton", "w2"), ("fp8_w8a8_block", "triton", "gate")):
-    seen = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE)
-    with torch.no_grad(): getattr(seen, name).mul_(-1)                    # seen: the next forward follows it
-    want = seen(x)
-    unseen = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE, debug=True)
-    getattr(unseen, name).data.mul_(-1)                                    # unseen: debug names the stale copy
-    msg = "gate: expected the values the router's" if name == "gate" else f"{name}: expected the dequantized values"
-    test_fail(lambda: unseen(x), contains=msg)
-    assert torch.equal(unseen.refresh()(x), want), (quant, experts, name)  # re-derived: as if the edit were seen
-    for dup in (copy.deepcopy(seen), torch.load(io.BytesIO((buf := io.BytesIO(), torch.save(seen, buf))[0].getvalue()),
-                                                weights_only=False)):
-        assert torch.equal(dup(x), want), (quant, experts, name)          # a copy runs as its original
-        with torch.no_grad(): dup.w13.mul_(2)                              # and follows its own edits, not the original's
-        assert not torch.equal(dup(x), want) and torch.equal(seen(x), want)
-bad = FusedMoE(cfg, seed=1, device=DEVICE)
-bad.gate.data[0, 0] = float("nan")                                         # refresh checks what it derives from
-test_fail(bad.refresh, contains="gate: expected finite values")
-for name, swap in (("w13", lambda t: t[:2].clone()), ("gate", lambda t: t.bfloat16())):   # `.data =` another shape or
-    bad = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)                        # dtype: refused as at a call
-    getattr(bad, name).data = swap(getattr(bad, name).data)
-    test_fail(bad.refresh, contains=f"{name}: expected shape")
-ds = preset("deepseek-v3").replace(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64,
-                                   shared_intermediate_size=64, num_expert_group=2, topk_group=1)
-bad = FusedMoE(ds, seed=1, device=DEVICE)
-bad.shared_experts.w13.data[0, 0] = float("nan")                           # the shared experts' values too
-test_fail(bad.refresh, contains="shared_experts.w13: expected finite values")
-for quant in ("unquantized", "nvfp4_w4a16"):       # an edit a counter saw, then a copy or a move before the next call:
-    for move in (copy.deepcopy, lambda l: l.to(DEVICE)):                   # taken first, as that call would
-        pend = FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)
-        pend(x)
-        with torch.no_grad(): pend.w13.mul_(-1.5)
-        want = FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)
-        with torch.no_grad(): want.w13.mul_(-1.5)
-        assert torch.equal(move(pend)(x), want(x)) and torch.equal(pend(x), want(x)), quant
-
-# %% [markdown]
 # ## CUDA graphs
 #
 # `capture(batch_sizes)` records one graph of the whole forward — router, dispatch, experts, combine, shared
@@ -1998,6 +1950,55 @@ assert torch.equal(layer(x), want)
 half = FusedMoE(c.replace(dtype=torch.float16), quant="fp8_w8a8_block", experts="torch")   # fp16: max 65504
 half.qweights = dataclasses.replace(half.qweights, w13_scale=half.qweights.w13_scale * 1e6)   # a fine container...
 test_fail(lambda: half(x.half()), contains="qweights (its w13 dequantized to torch.float16): expected finite values")
+
+# %% [markdown]
+# **Edits no counter sees, and copies.** A write through `.data` bumps no version counter, so the layer cannot see it:
+# the router would keep its 16-bit copy of the old gate and a quantized layer its old codes. `debug=True` compares
+# those copies with the parameters on every call and names the stale one; `refresh()` re-derives them (the
+# parameters lead, as in `load_state_dict`). A copy (`copy.deepcopy`, `torch.save` and `torch.load`) is built again
+# from its own tensors, so a quantized copy runs as its original does.
+
+# %%
+#| test layer_refresh_and_copies
+from moe_lit.models import preset
+cfg = preset("qwen3-30b-a3b").replace(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64)
+x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+for quant, experts, name in (("unquantized", "torch", "gate"), ("fp8_w8a8_block", "torch", "w13"),
+                             ("mxfp4_w4a16", "triton", "w2"), ("fp8_w8a8_block", "triton", "gate")):
+    seen = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE)
+    with torch.no_grad(): getattr(seen, name).mul_(-1)                    # seen: the next forward follows it
+    want = seen(x)
+    unseen = FusedMoE(cfg, seed=1, quant=quant, experts=experts, device=DEVICE, debug=True)
+    getattr(unseen, name).data.mul_(-1)                                    # unseen: debug names the stale copy
+    msg = "gate: expected the values the router's" if name == "gate" else f"{name}: expected the dequantized values"
+    test_fail(lambda: unseen(x), contains=msg)
+    assert torch.equal(unseen.refresh()(x), want), (quant, experts, name)  # re-derived: as if the edit were seen
+    for dup in (copy.deepcopy(seen), torch.load(io.BytesIO((buf := io.BytesIO(), torch.save(seen, buf))[0].getvalue()),
+                                                weights_only=False)):
+        assert torch.equal(dup(x), want), (quant, experts, name)          # a copy runs as its original
+        with torch.no_grad(): dup.w13.mul_(2)                              # and follows its own edits, not the original's
+        assert not torch.equal(dup(x), want) and torch.equal(seen(x), want)
+bad = FusedMoE(cfg, seed=1, device=DEVICE)
+bad.gate.data[0, 0] = float("nan")                                         # refresh checks what it derives from
+test_fail(bad.refresh, contains="gate: expected finite values")
+for name, swap in (("w13", lambda t: t[:2].clone()), ("gate", lambda t: t.bfloat16())):   # `.data =` another shape or
+    bad = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)                        # dtype: refused as at a call
+    getattr(bad, name).data = swap(getattr(bad, name).data)
+    test_fail(bad.refresh, contains=f"{name}: expected shape")
+ds = preset("deepseek-v3").replace(num_experts=8, top_k=2, hidden_size=128, intermediate_size=64,
+                                   shared_intermediate_size=64, num_expert_group=2, topk_group=1)
+bad = FusedMoE(ds, seed=1, device=DEVICE)
+bad.shared_experts.w13.data[0, 0] = float("nan")                           # the shared experts' values too
+test_fail(bad.refresh, contains="shared_experts.w13: expected finite values")
+for quant in ("unquantized", "nvfp4_w4a16"):       # an edit a counter saw, then a copy or a move before the next call:
+    for move in (copy.deepcopy, lambda l: l.to(DEVICE)):                   # taken first, as that call would
+        pend = FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)
+        pend(x)
+        with torch.no_grad(): pend.w13.mul_(-1.5)
+        want = FusedMoE(cfg, seed=1, quant=quant, experts="triton", device=DEVICE)
+        with torch.no_grad(): want.w13.mul_(-1.5)
+        assert torch.equal(move(pend)(x), want(x)) and torch.equal(pend(x), want(x)), quant
+
 # %% [markdown]
 # ## Emulated expert parallelism
 #
