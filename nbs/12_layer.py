@@ -1955,8 +1955,12 @@ test_fail(lambda: half(x.half()), contains="qweights (its w13 dequantized to tor
 # **Edits no counter sees, and copies.** A write through `.data` bumps no version counter, so the layer cannot see it:
 # the router would keep its 16-bit copy of the old gate and a quantized layer its old codes. `debug=True` compares
 # those copies with the parameters on every call and names the stale one; `refresh()` re-derives them (the
-# parameters lead, as in `load_state_dict`). A copy (`copy.deepcopy`, `torch.save` and `torch.load`) is built again
-# from its own tensors, so a quantized copy runs as its original does.
+# parameters lead, as in `load_state_dict`). (A quantized layer on the torch experts reads its float parameters, so
+# there such a write does change the output, but unquantized, until `refresh()` re-quantizes; the 16-bit weights of
+# an unquantized layer are read as they are and need no refresh. Switching `debug` on rebuilds the gate's copy like
+# any setting the layer tracks, so a stale gate copy is named only by a layer that had `debug=True` before the write.)
+# A copy (`copy.deepcopy`, `torch.save` and `torch.load`) takes the pending in-place edits and is built again from its
+# own tensors, so a quantized copy runs as its original does.
 
 # %%
 #| test layer_refresh_and_copies

@@ -189,10 +189,12 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # On a CUDA device the registered experts run moe-lit's Triton kernels; on a CPU (and wherever a forward needs a
 # gradient) they run moe-lit's torch reference, which keeps the model's own dtype, float64 included; the gradients
 # reach the expert parameters as eager's do, also for layouts moe-lit copies (gpt-oss's transposed, interleaved one).
-# Weights edited in place (`with torch.no_grad(): p.mul_(2)`, an optimizer step, `load_state_dict`) are followed; a
-# write through `p.data` bumps no version counter and is not: after one, call
-# `moe_lit.integrations.transformers.clear_cache()` (and `layer.refresh()` on a `FusedMoE`; `debug=True` names the
-# stale copy there).
+# Weights edited in place (`with torch.no_grad(): p.mul_(2)`, an optimizer step, `load_state_dict`) are followed. A
+# write through `p.data` bumps no version counter, so what moe-lit derived from the weight stays as it was: in the
+# transformers integration, the converted copy of a layout it copies (gpt-oss's; Qwen3's and Mixtral's are used as
+# they are) — call `moe_lit.integrations.transformers.clear_cache()` after such a write; in a `FusedMoE`, the router's
+# 16-bit copy of the gate (bf16/fp16 layers) and a quantized layer's codes — call `layer.refresh()`, which re-derives
+# them (a layer built with `debug=True` names the stale one at its next call).
 # `check_model` raises, naming the blocks, for a model whose experts moe-lit cannot reach (Llama-4's: transformers
 # does not send them through that interface), and for one loaded without `experts_implementation="moe_lit"` (its
 # blocks run transformers' own experts; `check_model(model, selected=False)` asks only whether moe-lit could reach
