@@ -13,6 +13,24 @@
 # In moe-lit every such fact is declared **once**, in one backend descriptor table (`moe_lit.config.BACKENDS`), and
 # every decision is derived from it and can explain itself. Each module is a chapter: read the notebooks in order.
 #
+# Words used below (the chapter *Terms*, `00_terms`, has the whole vocabulary with vLLM's and Hugging Face's names):
+#
+# - **DP, TP, EP**: data, tensor and expert parallelism — ranks that split the tokens, each weight matrix, and the set
+#   of experts. `--ep 8` is a deployment of 8 expert-parallel ranks.
+# - **prepare / finalize**: the two halves of an all2all backend around the experts — prepare sends each token's row
+#   to the ranks that hold its experts (dispatch), finalize brings the expert outputs back and sums them with the
+#   router's weights (combine).
+# - **slab**: in the BatchedExperts format, one local expert's block of rows, `[max tokens per expert, hidden]`.
+# - **w13, w2**: an expert's fused gate-and-up projection `[2 · intermediate_size, hidden_size]` and its down
+#   projection `[hidden_size, intermediate_size]`.
+# - **placement, `expert_map`, routing tables**: which rank holds which expert (linear: contiguous blocks; round
+#   robin: every `ep_size`-th); `expert_map` turns a global expert id into this rank's local index; round-robin
+#   routing tables turn it into a *physical* id whose rank the dispatch can compute.
+#   `needs_round_robin_routing_tables` says whether a backend's dispatch translates ids through them (without it,
+#   round-robin placement falls back to linear, and the report says why).
+# - **oracle**: the function that picks the experts kernel for a deployment, a device and a quantization scheme, from
+#   the descriptor table, with the reason (`moe-lit explain` prints its decision table).
+#
 # ## Install and run
 #
 # On a fresh Linux machine with Python ≥ 3.11, from a clone of this repository, two commands. The first installs
@@ -24,10 +42,12 @@
 # bash .ci/install && .venv/bin/moe-lit run
 # ```
 #
-# It takes about two minutes with a fresh download and prints nothing of its own while it installs (a machine whose pip
-# configuration names package folders that do not exist has pip warn about each): the install about 70–90 s on an idle machine (2–2.5 minutes measured beside other jobs)
-# (`.venv` about 2 GB), then the run, 4–7 s on 2 idle cores (20–40 s measured on a busy machine or straight after the install), most of it the float64 reference and the checks (the report's time section splits it), at a peak of about 1.5 GiB
-# resident.
+# It takes about two minutes with a fresh download:
+#
+# - the install: 70–90 s on an idle machine, 2–2.5 minutes beside other jobs; `.venv` is about 2 GB. It prints
+#   nothing of its own (pip warns about each package folder its configuration names that does not exist);
+# - the run: 4–7 s on 2 idle cores, 20–40 s on a busy machine or straight after the install; most of it is the
+#   float64 reference and the checks (the report's time section splits it), at a peak of about 1.5 GiB resident.
 #
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
 # into a fresh venv, and the documentation site built (which executes every notebook and fails on any failing cell)
