@@ -380,7 +380,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #0923a240ee61
+# %% ../nbs/12_layer.ipynb #2fd01787ef74
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -516,6 +516,11 @@ def _follow_inplace_edits(self: FusedMoE):
     now = self._weight_versions()
     if now != self._versions: _take_edits(self, now)
 
+def _check_held_finite(named):
+    "Each `(name, tensor)` the layer holds refused by name if not finite (a sync each; None and meta tensors skipped)."
+    for n, t in named:
+        if t is not None and t.device.type != "meta": check_finite(n, t)
+
 @torch.inference_mode(False)             # what it rebuilds keeps version counters, under torch.inference_mode() too
 def _take_edits(self: FusedMoE, now: tuple):
     "`_follow_inplace_edits` once something changed (`now`: the layer's `_weight_versions`)."
@@ -526,9 +531,9 @@ def _take_edits(self: FusedMoE, now: tuple):
     for n in _TRACKED:                                   # the unchecked launches read what they are given
         got = _meta(getattr(self, n))
         if got != self._weight_meta[n]: raise bad(n, show(self._weight_meta[n]), show(got))
-    for i, n in enumerate(_TRACKED):                     # a swapped or edited tensor's values, as at load (a sync an
-        t = getattr(self, n)                             # edit, not a call): a NaN gate would route every token to
-        if t is not None and now[i] != self._versions[i] and t.device.type != "meta": check_finite(n, t)   # weight 0
+    _check_held_finite((n, getattr(self, n)) for i, n in enumerate(_TRACKED)   # a swapped or edited tensor's values,
+                       if now[i] != self._versions[i])   # as at load (a sync an edit, not a call): a NaN gate would
+                                                         # route every token to weight 0
     if now[-2] != self._versions[-2]:                    # EPLB's tables: the config's, which the weights were loaded by
         c = self.config
         want, r = eplb_replicas(c.num_experts, c.num_redundant_experts, c.ep_size), self.replicas
@@ -591,10 +596,9 @@ def refresh(self: FusedMoE) -> FusedMoE:
     need no call: the next forward sees them."""
     self._follow_inplace_edits()                    # first what a counter saw; a `.data =` swap of another shape,
                                                     # dtype or layout is refused there, as at a call
-    _check_one_device(self); _check_settings_kept(self)
-    for n, t in [(n, getattr(self, n)) for n in _TRACKED] + list(_shared_by_key(self).items()):
-        if t is not None and t.device.type != "meta": check_finite(n, t)
-    _requantize_after_load(self, None)              # the hot path rebuilt; quantized: codes from the floats
+    _check_settings_kept(self)
+    _check_held_finite([(n, getattr(self, n)) for n in _TRACKED] + list(_shared_by_key(self).items()))
+    _requantize_after_load(self, None)              # the hot path rebuilt (one device checked); quantized: codes from the floats
     return self
 
 @patch
@@ -602,8 +606,9 @@ def refresh(self: FusedMoE) -> FusedMoE:
 def _apply(self: FusedMoE, fn, recurse=True):
     "A move of the module (`.to`, `.cuda`) takes what is not a parameter along: quantized experts, device tables, gate copy."
     built = "_kernels" in self.__dict__                           # during construction `__init__` settles the rest
-    if built: self._follow_inplace_edits()        # pending in-place edits first: the move rebuilds from what it runs
     if built:                 # what the layer cannot follow is refused before anything moves: `fn` on empty views
+        self._follow_inplace_edits()                              # (pending in-place edits first: the move rebuilds
+                                                                  # from what the layer runs)
         _check_settings_kept(self)                                # (a move rebuilds: not over a swapped setting)
         try: fn(self.gate.detach()[:0])
         except NotImplementedError:                             # off meta: nothing to copy (before RuntimeError, its base)
@@ -658,7 +663,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #6f1cb382713e
+# %% ../nbs/12_layer.ipynb #71e26806264a
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -693,8 +698,7 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     "`route` after its checks of `hidden` (forward checked it)."
     bias = self.e_score_correction_bias
     if self.debug:                                   # the router's values, as at construction: one sync each
-        for n in _ROUTER:
-            if (t := getattr(self, n)) is not None: check_finite(n, t)
+        _check_held_finite((n, getattr(self, n)) for n in _ROUTER)
         _check_copies_current(self)                  # and the copies made of them: an edit no counter saw
     if self.debug and self._router_counter is not None and (n := int(self._router_counter)) != 0:   # one sync
         raise ValueError(f"_router_counter: expected 0 before a forward (each launch leaves it 0; one eager forward of "
