@@ -19,7 +19,7 @@ from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, epilogue_constants, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
-from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
+from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, _last_to_arrive, arrival_counters
 import moe_lit.kernels.batched as _batched
 from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 
@@ -30,6 +30,8 @@ from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.formats import moe_reference_standard
 from moe_lit.placement import determine_expert_map
+from moe_lit.kernels.contiguous import _fused_moe_gemm
+from moe_lit.kernels.dispatch import _combine_pairs
 
 # %% [markdown]
 # In this notebook: the spec `moe_align_block_size_reference`, the Triton `moe_align_block_size`, the grouped GEMM
@@ -293,8 +295,9 @@ test_fail(lambda: moe_align_block_size(torch.tensor([[1]], device=DEVICE), 0, 8)
 # benchmark of `14a_bench_layer` measured 2.5× the floor at T = 16 before this rule).
 #
 # Inside `TritonExperts` the layout is not even built: block `p` is pair `p`, so the GEMMs read the local ids
-# themselves (`PAIR_IDS`: the block's expert is `local_ids[p]`, its one row pair `p`) and the experts take three
-# launches at decode — GEMM1, GEMM2, the slot sum — where the built layout took four. `moe_pair_blocks` remains the
+# themselves (`PAIR_IDS`: the block's expert is `local_ids[p]`, its one row pair `p`), and GEMM2 sums each token's
+# slots itself (`COMBINE`, below): the experts take two launches at decode — GEMM1, then GEMM2 with the slot sum —
+# where the built layout took four. `moe_pair_blocks` remains the
 # public builder of the same layout (and what the GEMMs' public entry takes).
 
 # %%
@@ -426,6 +429,12 @@ def _fused_moe_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     PAIR_IDS: tl.constexpr = False,   # expert_ids_ptr holds the [T·top_k] local ids: block p is pair p alone (no alignment)
+    # COMBINE (GEMM2 with PAIR_IDS): the last of a token's local pairs to store its row sums the token's rows (the slot
+    # sum of `07`'s `_combine_pairs`, no launch of its own) into comb_out [T, N_OUT], plus comb_add in fp32 (ADD)
+    comb_out_ptr=None, comb_add_ptr=None,
+    comb_count_ptr=None,   # [T, cdiv(N_OUT, BLOCK_N)] int32 arrival counters, 0 before the launch and after it
+    stride_ot=0, stride_at=0, add_cols=0,
+    COMBINE: tl.constexpr = False, K_PAD: tl.constexpr = 1, ADD: tl.constexpr = False,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
     _await_producers(PDL)                                    # before any load or store
@@ -440,10 +449,19 @@ def _fused_moe_kernel(
         pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
     live, e, pairs = _block_pairs(pid_m, expert_ids_ptr, sorted_ptr, ntpp_ptr, num_pairs, num_sorted, num_local,
                                   BLOCK_M, PAIR_IDS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if COMBINE:                                                 # block pid_m is pair pid_m, of token pid_m // TOP_K
+        tok = (pid_m // TOP_K).to(tl.int64)
+        ks = tl.arange(0, K_PAD)
+        ids = tl.load(expert_ids_ptr + tok * TOP_K + ks, mask=ks < TOP_K, other=-1)
+        mine = (ids >= 0) & (ids < num_local) & (ks < TOP_K)   # the token's pairs with a row here
+        n_live = tl.sum(mine.to(tl.int32), axis=0)
+        if (n_live == 0) & (pid_m % TOP_K == 0) & (split == 0):  # none: the token's row is the addend, or 0
+            _combine_store(tl.zeros((BLOCK_N,), dtype=tl.float32), comb_out_ptr, comb_add_ptr, tok, offs_n, N_OUT,
+                           stride_ot, stride_at, add_cols, ADD)
     if not live: return                                         # past the padded end, or another rank's expert: no read
     valid = (pairs >= 0) & (pairs < num_pairs)                  # sentinel (and any out-of-range) rows are masked
     rows = pairs if A_PER_PAIR else pairs // TOP_K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_kt = tl.cdiv(K, BLOCK_K)
     kt_lo, kt_hi = split * n_kt // SPLIT_K, (split + 1) * n_kt // SPLIT_K   # this program's K tiles (all without split-K)
     offs_k = tl.arange(0, BLOCK_K)
@@ -476,6 +494,18 @@ def _fused_moe_kernel(
     if GATED: acc = gated_activation(acc, acc_up, alpha, limit, ACTIVATION)
     c_ptrs = c_ptr + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N_OUT))
+    if COMBINE:                                                 # counted in after the store; the last sums, in k order
+        if _last_to_arrive(comb_count_ptr + tok * tl.cdiv(N_OUT, BLOCK_N) + pid_n, n_live):
+            y = tl.load(c_ptr + (tok * TOP_K + ks)[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                        mask=mine[:, None] & (offs_n[None, :] < N_OUT), other=0.0).to(tl.float32)   # [K_PAD, BLOCK_N]
+            _combine_store(tl.sum(y, axis=0), comb_out_ptr, comb_add_ptr, tok, offs_n, N_OUT, stride_ot, stride_at,
+                           add_cols, ADD)
+
+@triton.jit
+def _combine_store(acc, out_ptr, add_ptr, tok, offs_n, N_OUT, stride_ot, stride_at, add_cols, ADD: tl.constexpr):
+    "Token `tok`'s columns `offs_n` of the combined output: `acc` (fp32), plus the addend's (ADD), cast once."
+    if ADD: acc += tl.load(add_ptr + tok * stride_at + offs_n, mask=offs_n < add_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tok * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
 
 @triton.jit
 def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.constexpr, EVEN_K: tl.constexpr,
@@ -540,8 +570,12 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
                            topk_weights, weight_stage, out, config, per_pair, expected_m, bias, active_experts)
 
 def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, act, topk_weights,
-                    weight_stage, out, config, per_pair, expected_m, bias, active_experts=None) -> torch.Tensor:
-    "`fused_moe_gemm` after its checks: for callers that built every argument themselves (`TritonExperts`)."
+                    weight_stage, out, config, per_pair, expected_m, bias, active_experts=None,
+                    combine=None,   # GEMM2 on pair blocks (`PAIR_IDS`): `(out [T, N], addend [T, N] or None)`, summed in
+                   ) -> torch.Tensor:
+    """`fused_moe_gemm` after its checks: for callers that built every argument themselves (`TritonExperts`). With
+    `combine`, the launch also writes each token's sum of its local pairs' rows (plus the addend) to `combine[0]`: the
+    slot sum of `_combine_pairs`, done by the last of the token's pairs to finish (`COMBINE`)."""
     E, N, K = w.shape
     n_out = N // 2 if act else N
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k
@@ -560,9 +594,17 @@ def _fused_moe_gemm(a, w, sorted_token_ids, expert_ids, num_tokens_post_padded, 
         w_desc = TensorDescriptor.from_tensor(w.view(E * N, K), [bn, bk])
     if pair_ids: sorted_token_ids = num_tokens_post_padded = expert_ids           # (unread pointers)
     part, locks = _split_k_buffers(split, tiles, bm, bn, a.device)
+    comb = {}
+    if combine is not None:                                     # counters past the split-K ones: disjoint in the launch
+        (comb_out, addend), nb, used = combine, _cdiv(kw["N_OUT"], bn), 0 if locks is None else locks.numel()
+        comb = dict(comb_out_ptr=comb_out, comb_add_ptr=comb_out if addend is None else addend,
+                    comb_count_ptr=arrival_counters(used + comb_out.shape[0] * nb, a.device)[used:],
+                    stride_ot=comb_out.stride(0), stride_at=0 if addend is None else addend.stride(0),
+                    add_cols=0 if addend is None else addend.shape[1], COMBINE=True, K_PAD=_next_pow2(top_k),
+                    ADD=addend is not None)
     launch_kernel(_fused_moe_kernel, (tiles, split))(
         a, w, w_desc, out, sorted_token_ids, expert_ids, num_tokens_post_padded, part_ptr=part, lock_ptr=locks,
-        weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, bias_ptr=bias, **kw)
+        weights_ptr=topk_weights.contiguous() if topk_weights is not None else out, bias_ptr=bias, **kw, **comb)
     return out
 
 @functools.lru_cache(maxsize=4096)
@@ -745,8 +787,9 @@ assert_close(out[tail], want, name="rows past 2^31")
 #
 # `TritonExperts` chains the pieces: align the pairs by local expert, GEMM1 with the expert bias and the gated
 # activation over token rows, GEMM2 with the expert bias and the router weight over pair rows, and the sum over each
-# token's slots — `combine_pairs` (`07_kernels.dispatch`), one launch that reads only the pairs whose expert is on this rank.
-# The block size follows the expected rows per expert.
+# token's slots — `combine_pairs` (`07_kernels.dispatch`), one launch that reads only the pairs whose expert is on this rank;
+# on pair blocks that sum is GEMM2's own last step (`combine_in_gemm2`). The block size follows the expected rows per
+# expert.
 #
 # It computes `out[t] = Σ_k w_tk · (W2·act(W13·x_t + b13) + b2)` over the slots with a local expert — or, with the
 # router weight on the input, `Σ_k W2·act(W13·(w_tk·x_t) + b13) + b2` — where `w13_bias [E_local, 2·I]` and
@@ -775,6 +818,8 @@ class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
     pair_blocks_max_pairs = 32          # at most this many (token, k) pairs: one block per pair, no alignment
+    combine_in_gemm2 = "auto"           # on pair blocks GEMM2 sums the slots (no launch of its own): "auto" (without
+                                        # an addend: the shared experts' side stream keeps its overlap), "always", "never"
 
     def apply(self, hidden: torch.Tensor,        # [T, H]
               w13: torch.Tensor,                 # [E_local, 2·I, H]
@@ -830,6 +875,12 @@ class TritonExperts:
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
                             "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
+        if s is None and (addend is None or self.combine_in_gemm2 == "always") and self.combine_in_gemm2 != "never":
+            out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)   # pair blocks: GEMM2 sums the slots
+            if join is not None: join()
+            _fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", None, None,
+                            True, expected_m, w2_bias, active_experts, combine=(out, addend))
+            return out
         y = _fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", None, None,
                             True, expected_m, w2_bias, active_experts)
         return _combine_pairs(y, local_ids, E, addend, join)   # router weights already applied; y is unit-stride
@@ -917,10 +968,55 @@ local = torch.where(ids < E, ids, -1); local[0, :2] = torch.tensor([1, 4]); loca
 hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
 with record_launches() as seen:
     got = TritonExperts().apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, local)), num_experts=E64)
-test_eq([kern.fn.__name__ for kern, _, _ in seen], ["_fused_moe_kernel", "_fused_moe_kernel", "_batched_combine_kernel"])
-test_eq(seen[0][2]["PAIR_IDS"], True)
+test_eq([kern.fn.__name__ for kern, _, _ in seen], ["_fused_moe_kernel", "_fused_moe_kernel"])   # GEMM2 sums the slots
+test_eq((seen[0][2]["PAIR_IDS"], seen[1][2]["COMBINE"]), (True, True))
 assert_compiles_for_gpu(seen)                                               # and Hopper compiles that variant
 assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local), name="pair ids")
+
+# %% [markdown]
+# On pair blocks GEMM2 sums each token's slots itself (`COMBINE`): the program that stores a token's pair row counts
+# itself in on the token's counter for its column block (`06`'s `_last_to_arrive`, the pattern of split-K), and the
+# last of the token's local pairs to arrive sums their rows, in slot order, as `_combine_pairs` would — one launch
+# fewer at decode. A token with no local pair gets its row from the program of its first slot: 0, or the addend. With
+# an addend (the shared experts', computed on a side stream in a graph) the default keeps the slot sum in its own
+# launch, so that the side stream overlaps GEMM2 too (`combine_in_gemm2 = "auto"`); `"always"` and `"never"` force
+# one way. Tested against the float64 reference and the three-launch path: tokens with two pairs on one expert, one
+# pair and none, with and without an addend, K split two ways, fp32 and bf16, each launch twice (the counters are
+# left at zero for the next).
+
+# %%
+#| test combine_in_gemm2
+g = torch.Generator().manual_seed(5)
+E, H, I, T, k, E64 = 6, 40, 48, 3, 4, 64
+w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+local = torch.tensor([[2, -1, 5, 2], [-1, -1, -1, -1], [-1, 0, -1, -1]], dtype=torch.int32)
+hidden, wts, addend = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g), torch.randn(T, H, generator=g)
+base = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local)
+for dtype in (torch.float32, torch.bfloat16):
+    args = [t.to(DEVICE) for t in (hidden.to(dtype), w13.to(dtype), w2.to(dtype), wts, local)]
+    for add in (None, addend.to(DEVICE, dtype)):
+        want = base if add is None else base + add.double().cpu()
+        for mode, n in (("auto", 3 if add is not None else 2), ("always", 2), ("never", 3)):
+            ex = TritonExperts(); ex.combine_in_gemm2 = mode
+            for _ in range(2):
+                with record_launches() as seen: got = ex.apply(*args, num_experts=E64, addend=add)
+                test_eq(len(seen), n)
+                assert_close(got, want, name=f"{dtype} addend={add is not None} {mode}")
+    h = torch.randn(T * k, I, generator=g).to(DEVICE, dtype)                # GEMM2 alone, K split in two
+    flat = local.reshape(-1).to(DEVICE)
+    for split in (1, 2):
+        cfg = dict(BLOCK_N=16, BLOCK_K=16, SPLIT_K=split)
+        y = _fused_moe_gemm(h, args[2], None, flat, None, k, 16, None, args[3], "output", None, cfg, True, None, None)
+        want = _combine_pairs(y, args[4], E, None)
+        for _ in range(2):
+            out = torch.full((T, H), float("nan"), dtype=dtype, device=DEVICE)
+            with record_launches() as seen:
+                _fused_moe_gemm(h, args[2], None, flat, None, k, 16, None, args[3], "output", None, cfg, True, None,
+                                None, combine=(out, None))
+            test_eq((seen[0][2]["SPLIT_K"], seen[0][2]["COMBINE"]), (split, True))
+            assert_close(out, want, name=f"split {split} {dtype}")
+            test_eq(out[1].abs().max().item(), 0)                             # no local pair: 0, NaN overwritten
+assert_compiles_for_gpu(seen)
 
 # %% [markdown]
 # The shared experts' MLP against the float64 reference (one expert, weight 1, every token): token counts around the

@@ -12,7 +12,7 @@ from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, epilogue_constants, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
-from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers
+from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, _last_to_arrive, arrival_counters
 import moe_lit.kernels.batched as _batched
 from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 from moe_lit.kernels.batched import DEVICE
@@ -20,6 +20,8 @@ from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.formats import moe_reference_standard
 from moe_lit.placement import determine_expert_map
+from moe_lit.kernels.contiguous import _fused_moe_gemm
+from moe_lit.kernels.dispatch import _combine_pairs
 from moe_lit.kernels.batched import tile_config_path
 import json, tempfile
 import moe_lit.kernels.contiguous as kc
@@ -173,10 +175,44 @@ def test_triton_experts_match_reference():
     hidden, wts = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g)
     with record_launches() as seen:
         got = TritonExperts().apply(*(t.to(DEVICE) for t in (hidden, w13, w2, wts, local)), num_experts=E64)
-    test_eq([kern.fn.__name__ for kern, _, _ in seen], ["_fused_moe_kernel", "_fused_moe_kernel", "_batched_combine_kernel"])
-    test_eq(seen[0][2]["PAIR_IDS"], True)
+    test_eq([kern.fn.__name__ for kern, _, _ in seen], ["_fused_moe_kernel", "_fused_moe_kernel"])   # GEMM2 sums the slots
+    test_eq((seen[0][2]["PAIR_IDS"], seen[1][2]["COMBINE"]), (True, True))
     assert_compiles_for_gpu(seen)                                               # and Hopper compiles that variant
     assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local), name="pair ids")
+
+
+def test_combine_in_gemm2():
+    g = torch.Generator().manual_seed(5)
+    E, H, I, T, k, E64 = 6, 40, 48, 3, 4, 64
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+    local = torch.tensor([[2, -1, 5, 2], [-1, -1, -1, -1], [-1, 0, -1, -1]], dtype=torch.int32)
+    hidden, wts, addend = torch.randn(T, H, generator=g), torch.rand(T, k, generator=g), torch.randn(T, H, generator=g)
+    base = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = [t.to(DEVICE) for t in (hidden.to(dtype), w13.to(dtype), w2.to(dtype), wts, local)]
+        for add in (None, addend.to(DEVICE, dtype)):
+            want = base if add is None else base + add.double().cpu()
+            for mode, n in (("auto", 3 if add is not None else 2), ("always", 2), ("never", 3)):
+                ex = TritonExperts(); ex.combine_in_gemm2 = mode
+                for _ in range(2):
+                    with record_launches() as seen: got = ex.apply(*args, num_experts=E64, addend=add)
+                    test_eq(len(seen), n)
+                    assert_close(got, want, name=f"{dtype} addend={add is not None} {mode}")
+        h = torch.randn(T * k, I, generator=g).to(DEVICE, dtype)                # GEMM2 alone, K split in two
+        flat = local.reshape(-1).to(DEVICE)
+        for split in (1, 2):
+            cfg = dict(BLOCK_N=16, BLOCK_K=16, SPLIT_K=split)
+            y = _fused_moe_gemm(h, args[2], None, flat, None, k, 16, None, args[3], "output", None, cfg, True, None, None)
+            want = _combine_pairs(y, args[4], E, None)
+            for _ in range(2):
+                out = torch.full((T, H), float("nan"), dtype=dtype, device=DEVICE)
+                with record_launches() as seen:
+                    _fused_moe_gemm(h, args[2], None, flat, None, k, 16, None, args[3], "output", None, cfg, True, None,
+                                    None, combine=(out, None))
+                test_eq((seen[0][2]["SPLIT_K"], seen[0][2]["COMBINE"]), (split, True))
+                assert_close(out, want, name=f"split {split} {dtype}")
+                test_eq(out[1].abs().max().item(), 0)                             # no local pair: 0, NaN overwritten
+    assert_compiles_for_gpu(seen)
 
 
 def test_shared_expert_mlp_matches_reference():

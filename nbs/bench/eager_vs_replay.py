@@ -1,6 +1,6 @@
 """Eager vs CUDA-graph-replayed forward of the whole layer at small T, every `LAYER_DEPLOYMENTS` entry (GPU).
 
-    python nbs/bench/eager_vs_replay.py [--quant SCHEME] [--tokens 1,2,8] [--ab launch|select|overlap|pdl]
+    python nbs/bench/eager_vs_replay.py [--quant SCHEME] [--tokens 1,2,8] [--ab launch|select|overlap|pdl|combine]
 
 eager: a loop of 200 `layer(x)` calls, synchronised once at the end, µs per call (the host-bound rate a Python caller
 sees); replay: the same forward captured with `layer.capture([T])`, a loop of 200 `graph.replay()`; host = eager −
@@ -14,17 +14,22 @@ for bit:
             experts are skipped)
   pdl     - programmatic dependent launch off and on (`moe_lit.kernels.batched.PDL`, as `MOE_LIT_PDL=1`): the
             replay is captured and timed in each mode too, since a graph is where the launches' gaps remain
+  combine - the Standard experts' slot sum in its own launch against GEMM2's last pair of a token
+            (`TritonExperts.combine_in_gemm2` "never" against "always", `08_kernels.contiguous`); replays too, as pdl.
+            The two sum the same bf16 rows in the same order, so "same bits" is expected but not promised
 """
 import sys, time, torch
 import moe_lit.kernels.batched as kb
 import moe_lit.kernels.router as kr
+from moe_lit.kernels.contiguous import TritonExperts
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
 from moe_lit.layer import FusedMoE
 
 quant = sys.argv[sys.argv.index("--quant") + 1] if "--quant" in sys.argv else "unquantized"
 ab = sys.argv[sys.argv.index("--ab") + 1] if "--ab" in sys.argv else None
 tokens = [int(t) for t in sys.argv[sys.argv.index("--tokens") + 1].split(",")] if "--tokens" in sys.argv else [1]
-assert ab in (None, "launch", "select", "overlap", "pdl"), f"--ab: expected launch, select, overlap or pdl, got {ab}"
+assert ab in (None, "launch", "select", "overlap", "pdl", "combine"), \
+    f"--ab: expected launch, select, overlap, pdl or combine, got {ab}"
 
 
 def loop_us(f, n=200):
@@ -42,6 +47,9 @@ def switch(layer, on: bool):
     elif ab == "overlap":
         for mk in layer._kernels.values(): mk.overlap_shared = on
     elif ab == "pdl": kb.PDL = on
+    elif ab == "combine":                         # not in a launch plan's key: the plans go with the switch
+        TritonExperts.combine_in_gemm2 = "always" if on else "never"
+        layer._plans, layer._seen = {}, set()
 
 
 def replay_us(layer, x):
@@ -67,12 +75,12 @@ for dep in LAYER_DEPLOYMENTS:
                 switch(layer, on)
                 outs[on] = layer(x)
                 best[on] = min(best.get(on, float("inf")), loop_us(lambda: layer(x)))
-                if ab == "pdl": replays[on] = min(replays.get(on, float("inf")), replay_us(layer, x))
+                if ab in ("pdl", "combine"): replays[on] = min(replays.get(on, float("inf")), replay_us(layer, x))
         switch(layer, True)
-        replay = replays[True] if ab == "pdl" else replay_us(layer, x)
+        replay = replays[True] if ab in ("pdl", "combine") else replay_us(layer, x)
         if ab:
             off, on = best[False], best[True]
-            extra = f"  replay off {replays[False]:6.1f} us" if ab == "pdl" else ""
+            extra = f"  replay off {replays[False]:6.1f} us" if ab in ("pdl", "combine") else ""
             print(f"{dep['name']:<45} {quant:<12} T={T} {ab}: eager off {off:7.1f} us  on {on:7.1f} us{extra}  replay "
                   f"{replay:6.1f} us  host off {off - replay:6.1f}  on {on - replay:6.1f}  same bits "
                   f"{torch.equal(outs[False], outs[True])}", flush=True)
@@ -82,3 +90,4 @@ for dep in LAYER_DEPLOYMENTS:
                   f"{eager - replay:7.1f} us", flush=True)
     del layer; torch.cuda.empty_cache()
 kb.FAST_LAUNCH, kr.ROUTER_SELECT_MAX_TOKENS, kb.PDL = launch_default, select_default, pdl_default
+TritonExperts.combine_in_gemm2 = "auto"

@@ -8,6 +8,9 @@
 #                                            seed scenario
 #   bash nbs/bench/small_t_gpu.sh launch  -> eager against replayed at T = 1, each host-side switch off and on
 #                                            (eager_vs_replay.py --ab launch / select / overlap)
+#   bash nbs/bench/small_t_gpu.sh combine -> the tests of the Standard experts and the layer natively, the kernel chain
+#                                            with PDL off at T = 1, 2, 4, and GEMM2's slot sum against its own launch
+#                                            (eager_vs_replay.py --ab combine, T = 1, 2, 4)
 #   bash nbs/bench/small_t_gpu.sh pdl     -> programmatic dependent launch off and on, eager and replayed, T = 1, 2,
 #                                            8 (eager_vs_replay.py --ab pdl), then the kernel chain with it on
 set -uo pipefail
@@ -30,6 +33,14 @@ launch)
   for m in launch select overlap; do
     timeout 150 python nbs/bench/eager_vs_replay.py --ab $m 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_${m}_${CARD:-gpu}_$C.log"
   done ;;
+combine)
+  timeout 200 python -m pytest -q -n 4 -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_contiguous.py tests/test_modular.py \
+    tests/test_layer.py tests/test_integrations_transformers.py 2>&1 | grep -E "^FAILED|passed|failed|rror" | tail -8 \
+    | tee "$OUT/pytest_combine_${CARD:-gpu}_$C.log"
+  MOE_LIT_PDL=0 timeout 120 python nbs/bench/profile_small_t.py 1 2 4 2>&1 | grep -v Warn > "$OUT/profile_small_t_nopdl_${CARD:-gpu}_$C.log"
+  grep "==" "$OUT/profile_small_t_nopdl_${CARD:-gpu}_$C.log"
+  timeout 200 python nbs/bench/eager_vs_replay.py --ab combine --tokens 1,2,4 2>&1 | grep -v Warning \
+    | tee "$OUT/eager_vs_replay_combine_${CARD:-gpu}_$C.log" ;;
 pdl)
   timeout 300 python nbs/bench/eager_vs_replay.py --ab pdl --tokens 1,2,8 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_pdl_${CARD:-gpu}_$C.log"
   MOE_LIT_PDL=1 timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_pdl_${CARD:-gpu}_$C.log"
