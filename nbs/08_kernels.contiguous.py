@@ -819,7 +819,7 @@ class TritonExperts:
     activation_format = ActivationFormat.Standard
     pair_blocks_max_pairs = 32          # at most this many (token, k) pairs: one block per pair, no alignment
     combine_in_gemm2 = "auto"           # on pair blocks GEMM2 sums the slots (no launch of its own): "auto" (without
-                                        # an addend: the shared experts' side stream keeps its overlap), "always", "never"
+                                        # an addend or a w2 bias, where it was measured faster), "always", "never"
 
     def apply(self, hidden: torch.Tensor,        # [T, H]
               w13: torch.Tensor,                 # [E_local, 2·I, H]
@@ -875,7 +875,8 @@ class TritonExperts:
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
                             "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
-        if s is None and (addend is None or self.combine_in_gemm2 == "always") and self.combine_in_gemm2 != "never":
+        mode = self.combine_in_gemm2
+        if s is None and mode != "never" and (mode == "always" or (addend is None and w2_bias is None)):
             out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)   # pair blocks: GEMM2 sums the slots
             if join is not None: join()
             _fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", None, None,
@@ -977,12 +978,23 @@ assert_close(got, moe_reference_standard(hidden.double(), w13.double(), w2.doubl
 # On pair blocks GEMM2 sums each token's slots itself (`COMBINE`): the program that stores a token's pair row counts
 # itself in on the token's counter for its column block (`06`'s `_last_to_arrive`, the pattern of split-K), and the
 # last of the token's local pairs to arrive sums their rows, in slot order, as `_combine_pairs` would — one launch
-# fewer at decode. A token with no local pair gets its row from the program of its first slot: 0, or the addend. With
-# an addend (the shared experts', computed on a side stream in a graph) the default keeps the slot sum in its own
-# launch, so that the side stream overlaps GEMM2 too (`combine_in_gemm2 = "auto"`); `"always"` and `"never"` force
-# one way. Tested against the float64 reference and the three-launch path: tokens with two pairs on one expert, one
-# pair and none, with and without an addend, K split two ways, fp32 and bf16, each launch twice (the counters are
-# left at zero for the next).
+# fewer at decode. A token with no local pair gets its row from the program of its first slot: 0, or the addend.
+#
+# Each program pays for it at its end: the barrier and the acquire-release atomic wait until its row's stores are
+# visible across the GPU before the SM takes its next program. Measured on an H200 in CUDA-graph replays of the
+# whole layer (`nbs/bench/eager_vs_replay.py --ab combine`, `eager_vs_replay_combine_h200_c51e71e.log`, slot sum in
+# its own launch → in GEMM2, µs): Qwen3-30B-A3B T = 1, 2, 4 30.4 → 29.7, 48.3 → 46.7, 80.0 → 78.9; Mixtral T = 1 184.4 →
+# 183.8; but gpt-oss-120b (a w2 bias) 66.8 → 68.0, 111.3 → 112.6, 187.4 → 191.3, and DeepSeek-V3 with the shared
+# experts' addend 84.0 → 86.1 at T = 1 (GEMM2 must then wait for the side stream, which otherwise overlaps it). The
+# cause of gpt-oss's loss is not isolated. A likely one, from the compiled code (`nbs/bench/sass_gemm2.py`, sm_90,
+# `sass_gemm2_cpu.log`): its GEMM2 tile takes 120 KB of shared memory, so one program an SM and two waves of
+# programs already at T = 1 (180 programs), and each program's end waits for its fence before the next starts;
+# Qwen3's takes 40 KB (five an SM: one wave up to T = 2). The slot sum adds 0–20 registers and 10–18 instructions to
+# the K loop. So the default (`combine_in_gemm2 = "auto"`) sums in GEMM2 only without an addend and without a w2
+# bias, the rule the measurements support; `"always"` and `"never"` force one way, and the
+# outputs are the same bits either way in every deployment measured. Tested against the float64 reference and the
+# three-launch path: tokens with two pairs on one expert, one pair and none, with and without an addend or a w2 bias,
+# K split two ways, fp32 and bf16, each launch twice (the counters are left at zero for the next).
 
 # %%
 #| test combine_in_gemm2
@@ -1002,6 +1014,13 @@ for dtype in (torch.float32, torch.bfloat16):
                 with record_launches() as seen: got = ex.apply(*args, num_experts=E64, addend=add)
                 test_eq(len(seen), n)
                 assert_close(got, want, name=f"{dtype} addend={add is not None} {mode}")
+    b2 = torch.randn(E, H, generator=g)                                     # a w2 bias: "auto" keeps the launch
+    want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local, w2_bias=b2.double())
+    for mode, n in (("auto", 3), ("always", 2)):
+        ex = TritonExperts(); ex.combine_in_gemm2 = mode
+        with record_launches() as seen: got = ex.apply(*args, num_experts=E64, w2_bias=b2.to(DEVICE, dtype))
+        test_eq(len(seen), n)
+        assert_close(got, want, name=f"{dtype} w2 bias {mode}")
     h = torch.randn(T * k, I, generator=g).to(DEVICE, dtype)                # GEMM2 alone, K split in two
     flat = local.reshape(-1).to(DEVICE)
     for split in (1, 2):

@@ -198,6 +198,13 @@ def test_combine_in_gemm2():
                     with record_launches() as seen: got = ex.apply(*args, num_experts=E64, addend=add)
                     test_eq(len(seen), n)
                     assert_close(got, want, name=f"{dtype} addend={add is not None} {mode}")
+        b2 = torch.randn(E, H, generator=g)                                     # a w2 bias: "auto" keeps the launch
+        want = moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, local, w2_bias=b2.double())
+        for mode, n in (("auto", 3), ("always", 2)):
+            ex = TritonExperts(); ex.combine_in_gemm2 = mode
+            with record_launches() as seen: got = ex.apply(*args, num_experts=E64, w2_bias=b2.to(DEVICE, dtype))
+            test_eq(len(seen), n)
+            assert_close(got, want, name=f"{dtype} w2 bias {mode}")
         h = torch.randn(T * k, I, generator=g).to(DEVICE, dtype)                # GEMM2 alone, K split in two
         flat = local.reshape(-1).to(DEVICE)
         for split in (1, 2):

@@ -527,13 +527,13 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
     if tiny: return None, local_ids.reshape(-1).contiguous(), None
     return moe_align_block_size(local_ids, block_m, num_local, validate=False)   # ids from a placement: in range
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #c9112567a6dd
+# %% ../../nbs/08_kernels.contiguous.ipynb #6768506e5184
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
     pair_blocks_max_pairs = 32          # at most this many (token, k) pairs: one block per pair, no alignment
     combine_in_gemm2 = "auto"           # on pair blocks GEMM2 sums the slots (no launch of its own): "auto" (without
-                                        # an addend: the shared experts' side stream keeps its overlap), "always", "never"
+                                        # an addend or a w2 bias, where it was measured faster), "always", "never"
 
     def apply(self, hidden: torch.Tensor,        # [T, H]
               w13: torch.Tensor,                 # [E_local, 2·I, H]
@@ -589,7 +589,8 @@ class TritonExperts:
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
                             "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
-        if s is None and (addend is None or self.combine_in_gemm2 == "always") and self.combine_in_gemm2 != "never":
+        mode = self.combine_in_gemm2
+        if s is None and mode != "never" and (mode == "always" or (addend is None and w2_bias is None)):
             out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)   # pair blocks: GEMM2 sums the slots
             if join is not None: join()
             _fused_moe_gemm(h, w2, s, e, n, k, block_m, None, topk_weights, None if on_in else "output", None, None,
