@@ -876,6 +876,8 @@ class TritonExperts:
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
                             "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
         mode = self.combine_in_gemm2
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"combine_in_gemm2: expected 'auto', 'always' or 'never', got {mode!r}")
         if s is None and mode != "never" and (mode == "always" or (addend is None and w2_bias is None)):
             out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)   # pair blocks: GEMM2 sums the slots
             if join is not None: join()
@@ -1036,6 +1038,8 @@ for dtype in (torch.float32, torch.bfloat16):
             assert_close(out, want, name=f"split {split} {dtype}")
             test_eq(out[1].abs().max().item(), 0)                             # no local pair: 0, NaN overwritten
 assert_compiles_for_gpu(seen)
+ex.combine_in_gemm2 = "sometimes"
+test_fail(lambda: ex.apply(*args, num_experts=E64), contains="combine_in_gemm2: expected 'auto', 'always' or 'never', got 'sometimes'")
 
 # %% [markdown]
 # The shared experts' MLP against the float64 reference (one expert, weight 1, every token): token counts around the

@@ -378,6 +378,39 @@ print(f"replay, 7663fb2 / 0eb49a9: median {ratio[len(ratio) // 2]:.3f}, from {ra
 # process (above) remains the measure of the layer's own Python.
 
 # %% [markdown]
+# ### The slot sum in GEMM2, at b6552ac
+#
+# `nbs/bench/layer_bench_h100_b6552ac.json` (log and figure beside it; `REV=b6552ac SKIP_HOT_TESTS=1 SKIP_MEMCHECK=1
+# LIMIT_BENCH=330 bash nbs/bench/layer_gpu.sh final`, an H100, 2026-12-06). One kernel change since 7663fb2: on pair
+# blocks the Standard experts' GEMM2 sums each token's slots in the program of its last pair (`08_kernels.contiguous`,
+# `COMBINE`), where the layer has no shared experts' addend and no w2 bias — Qwen3-30B-A3B and Mixtral on one GPU at
+# small T. Their replays are four launches where they were five.
+
+# %%
+layer_h100_comb = load_bench_layer("bench/layer_bench_h100_b6552ac.json")
+print(format_bench_layer(layer_h100_comb))
+test_eq([under(layer_h100_comb, "replay_us", "floor_us"), under(layer_h100_comb, "step_replay_us", "step_floor_us")], [41, 49])
+qwen = [(a["num_tokens"], a["step_replay_us"], b["step_replay_us"]) for a, b in zip(layer_h100_head["rows"], layer_h100_comb["rows"])
+        if a["deployment"].startswith("Qwen3-30B-A3B, 1 GPU") and a["num_tokens"] <= 4]
+print("Qwen3, 1 GPU, a layer of the step, 7663fb2 -> b6552ac:", ", ".join(f"T={t}: {x:.1f} -> {y:.1f} us" for t, x, y in qwen))
+
+# %%
+plot_bench_layer(layer_h100_comb)
+
+# %% [markdown]
+# **Reading.** 49 of the 54 rows meet the bar in the decode step (48 before), 41 replayed as one graph a layer. The
+# row that crossed is Qwen3 at T = 1: 41.1 µs a layer of the step against a bar of 41.5 (42.4 at 7663fb2). Qwen3 on
+# one GPU is 1.3–2.6 µs faster at T ≤ 4, replayed and in the step; every other row is within ±1.7 % (median ratio of
+# all replays 0.999), since no other row runs the changed path at those T. The five step misses left: Qwen3 EP2
+# (nixl_ep) at T = 1, 2, 4 (34.6, 41.4, 63.5 µs against 26.8, 36.6, 62.0), DeepSeek-V3 nixl_ep at T = 1 (78.3 against
+# 75.4) and allgather at T = 1 (70.2 against 66.3). The batched format's combine is the finalize's, a separate object
+# from the experts (`10_modular`); summing there in GEMM2 would need the slab row → pair map from the dispatch and the
+# dispatch counts zeroed by GEMM2's last program, not done. The A/B in one process on an H200
+# (`eager_vs_replay_combine_h200_c51e71e.log`, slot sum in its own launch → in GEMM2, both forced) is the cleaner
+# measure of the change alone: Qwen3 T = 1, 2, 4 replays 0.7–1.6 µs faster, gpt-oss 1.2–3.9 µs slower (hence not by
+# default with a w2 bias), the batched deployments, which do not run it, within 0.3 µs.
+
+# %% [markdown]
 # ## Results, H200
 #
 # `nbs/bench/layer_bench_h200_0305a00.json` (with its log and figure) comes from one run of the layer benchmark

@@ -220,6 +220,8 @@ def test_combine_in_gemm2():
                 assert_close(out, want, name=f"split {split} {dtype}")
                 test_eq(out[1].abs().max().item(), 0)                             # no local pair: 0, NaN overwritten
     assert_compiles_for_gpu(seen)
+    ex.combine_in_gemm2 = "sometimes"
+    test_fail(lambda: ex.apply(*args, num_experts=E64), contains="combine_in_gemm2: expected 'auto', 'always' or 'never', got 'sometimes'")
 
 
 def test_shared_expert_mlp_matches_reference():

@@ -527,7 +527,7 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
     if tiny: return None, local_ids.reshape(-1).contiguous(), None
     return moe_align_block_size(local_ids, block_m, num_local, validate=False)   # ids from a placement: in range
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #6768506e5184
+# %% ../../nbs/08_kernels.contiguous.ipynb #e67db7dccf89
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -590,6 +590,8 @@ class TritonExperts:
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
                             "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
         mode = self.combine_in_gemm2
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"combine_in_gemm2: expected 'auto', 'always' or 'never', got {mode!r}")
         if s is None and mode != "never" and (mode == "always" or (addend is None and w2_bias is None)):
             out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)   # pair blocks: GEMM2 sums the slots
             if join is not None: join()
