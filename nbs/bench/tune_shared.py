@@ -6,16 +6,17 @@ The shared experts run `08`'s grouped GEMM with E = 1 (`shared_expert_mlp`): GEM
 fused SiLU-and-mul, GEMM2 `[T, I_s] x [H, I_s]` on GEMM1's BLOCK_M. No table covers E = 1, so both ran on the
 heuristic tile (`default_tile_config`) — the layer benchmark's DeepSeek-V3 rows at T = 1 spend most of their time
 there, on a side stream beside the routed experts. For each shared-experts shape of `LAYER_DEPLOYMENTS` and each T
-(the tables' key: E = 1, so the expected rows are T), every `14_bench.tile_candidates` tile that fits shared memory
-is timed with SPLIT_K 1, 2, 4 and 8 (each split keeping at least two K tiles), `triton.testing.do_bench_cudagraph`
+(the tables' key: E = 1, so the expected rows are T), every `14_bench.tile_candidates` tile of the smallest BLOCK_M
+that fits shared memory is timed with SPLIT_K 1, 2, 4 and 8 (each split keeping at least two K tiles), `triton.testing.do_bench_cudagraph`
 (median) of the one GEMM; GEMM1 first, then GEMM2 on the winner's BLOCK_M. A tile is kept only when it beats the
 heuristic's time, measured in the same run, by 3 % and its output matches the heuristic's (relative error <= 2e-2).
-Tables go to OUT_DIR/configs/fused_moe_gemm/ under this card's name (the H100 and the H200 read each other's,
+Tables go to OUT_DIR/configs/fused_moe_gemm/ (a copy of the package's tables, for `MOE_LIT_TILE_CONFIG_DIR`) under this card's name (the H100 and the H200 read each other's,
 `TILE_TABLE_SIBLINGS`), and every timing to OUT_DIR/tune_shared.json.
 """
-import json, sys, time
+import json, shutil, sys, time
 from pathlib import Path
 import torch, triton.testing
+import moe_lit
 from moe_lit.bench import tile_candidates
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
 from moe_lit.formats import SILU
@@ -23,6 +24,7 @@ from moe_lit.kernels import contiguous as kc
 from moe_lit.kernels.batched import fit_shared_memory, tile_config_path, lookup_tile_config, _cdiv
 
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+if not (out / "configs").exists(): shutil.copytree(Path(moe_lit.__file__).parent / "configs", out / "configs")
 tokens = [int(a) for a in sys.argv[2:]] or [1, 2, 4, 8]
 dev, dtype, name = torch.device("cuda"), torch.bfloat16, torch.cuda.get_device_name()
 shapes = sorted({(c.hidden_size, c.shared_intermediate_size or c.num_shared_experts * c.intermediate_size)
@@ -64,7 +66,8 @@ for H, I in shapes:
             bm = tile["BLOCK_M"]; s, e, n = kc._dense_blocks(T, bm, dev)
             return kc._fused_moe_gemm(x, w13, s, e, n, 1, bm, SILU, None, None, None, tile, False, T, None, 1)
         splits = lambda k_tiles: [s for s in (1, 2, 4, 8) if k_tiles >= 2 * s]
-        c1 = [dict(c, SPLIT_K=s) for c in tile_candidates(T, "fused_moe_gemm") if fit_shared_memory(c, True, 2) == c
+        small = lambda cands: [c for c in cands if c["BLOCK_M"] == min(d["BLOCK_M"] for d in cands)]
+        c1 = [dict(c, SPLIT_K=s) for c in small(tile_candidates(T, "fused_moe_gemm")) if fit_shared_memory(c, True, 2) == c
               for s in splits(_cdiv(H, c["BLOCK_K"]))]
         bm1 = lookup_tile_config("fused_moe_gemm", 1, 2 * I, H, T, dtype)["BLOCK_M"]
         win1 = sweep("GEMM1", 2 * I, H, T, True, bm1, gemm1, c1)
@@ -74,7 +77,7 @@ for H, I in shapes:
         def gemm2(tile):
             s, e, n = kc._dense_blocks(T, tile["BLOCK_M"], dev)
             return kc._fused_moe_gemm(h, w2, s, e, n, 1, tile["BLOCK_M"], None, None, None, None, tile, True, T, None, 1)
-        c2 = list({tuple(sorted(d.items())): d for d in (dict(c, BLOCK_M=bm, SPLIT_K=s) for c in tile_candidates(T, "fused_moe_gemm")
+        c2 = list({tuple(sorted(d.items())): d for d in (dict(c, BLOCK_M=bm, SPLIT_K=s) for c in small(tile_candidates(T, "fused_moe_gemm"))
                                                           if fit_shared_memory(dict(c, BLOCK_M=bm), False, 2) == dict(c, BLOCK_M=bm)
                                                           for s in splits(_cdiv(I, c["BLOCK_K"])))}.values())
         win2 = sweep("GEMM2", H, I, T, False, bm, gemm2, c2)
