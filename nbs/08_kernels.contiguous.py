@@ -897,6 +897,17 @@ class TritonExperts:
 # kept (`_dense_blocks`). Two launches on the layer's path to the GPU, in place of torch's six or seven (the fp32
 # GEMM, the activation's split, SiLU, product and cast, the second GEMM and its cast), with the numerics of a routed
 # expert: fp32 products and sums, one rounding of the activation to the input dtype, one of the output.
+#
+# **Tiles.** The two GEMMs look their tiles up as any grouped GEMM does, with E = 1 and the token count as the
+# expected rows. Tuned at decode for DeepSeek-V3's shape (`nbs/bench/tune_shared.py`, each GEMM alone in CUDA-graph
+# replays, H200, `tune_shared_h200_de5b979.json`), GEMM1 (`[T, 7168] × [4096, 7168]`) took 19.6 µs at T = 1 with
+# `BLOCK_N 32, BLOCK_K 128, SPLIT_K 4` against 23.6 on the heuristic's tile, and 18.4 against 22.7 at T = 2 with
+# `BLOCK_K 256, SPLIT_K 2`; no GEMM2 tile beat the heuristic's by 3 %. In the whole layer, where the shared experts
+# run on a side stream beside the routed ones, only the T = 1 tile pays (`nbs/bench/shared_ab.py`, one process, both
+# tables alternately, `shared_ab_h200_e5da0e7.log` and `shared_ab_h200_180e7d2.log`): replays 54.0 → 51.8 µs
+# (nixl_ep) and 53.6 → 51.5 (allgather) at T = 1, the same bits; the T = 2 tile was 0.9 and 5.7 µs *slower* there
+# (its wider grid takes SMs from the routed GEMMs), so the table's T = 2 entry is the heuristic's own tile. Only the
+# H200's table exists; the H100 reads it (`TILE_TABLE_SIBLINGS`), not yet timed there.
 
 # %%
 #| export

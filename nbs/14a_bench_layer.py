@@ -409,6 +409,10 @@ plot_bench_layer(layer_h100_comb)
 # (`eager_vs_replay_combine_h200_c51e71e.log`, slot sum in its own launch → in GEMM2, both forced) is the cleaner
 # measure of the change alone: Qwen3 T = 1, 2, 4 replays 0.7–1.6 µs faster, gpt-oss 1.2–3.9 µs slower (hence not by
 # default with a w2 bias), the batched deployments, which do not run it, within 0.3 µs.
+#
+# After this run the shared experts got a tile table of their own at T = 1 (`08`, Tiles): DeepSeek-V3's replays at
+# T = 1 were 2.1–2.2 µs faster on an H200 in the A/B of both tables in one process. The two DeepSeek-V3 rows over
+# the bar need 2.9 and 3.9 µs on the H100; the benchmark has not been run again to see where they land.
 
 # %% [markdown]
 # ## Results, H200

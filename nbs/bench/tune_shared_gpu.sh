@@ -3,8 +3,10 @@
 # (DeepSeek-V3 EP8 rank 0, nixl_ep and allgather) timed before and after them in the same call (T = 1, 2, 4, 8; one
 # graph per layer and the decode step; no transformers peers; TOKENS, tuned and timed).
 #   REV=<commit> [TOKENS="1 2 4 8"] bash nbs/bench/tune_shared_gpu.sh
-# -> $OUT/layer_shared_{before,after}_<card>_<commit>.json, tune_shared_<card>_<commit>.json, and the tables under
-#    $OUT/shared_configs/ (E=1 files only)
+# -> $OUT/layer_shared_{before,after}_<card>_<commit>.json, tune_shared_<card>_<commit>.json and
+#    tune_shared_configs_<card>_<commit>.tgz (the E=1 tables: their names do not come back from the device as files).
+# On a fresh machine the first bench compiles every kernel: give it LIMIT_BENCH >= 150 (60 cut it before its rows).
+# `shared_ab.py` is the cleaner A/B of the tables once they are in the package (one process, both modes).
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 ab() { python - "$1" "${TOKENS:-1 2 4 8}" <<'PY' 2>&1 | grep -v Warn
@@ -15,9 +17,11 @@ rep = bench_layer(sys.argv[1], deps, tokens=tuple(int(t) for t in sys.argv[2].sp
 print(format_bench_layer(rep), flush=True)
 PY
 }
-timeout "${LIMIT_BENCH:-100}" bash -c "$(declare -f ab); ab '$OUT/layer_shared_before_${CARD:-gpu}_$C.json'"
+timeout "${LIMIT_BENCH:-150}" bash -c "$(declare -f ab); ab '$OUT/layer_shared_before_${CARD:-gpu}_$C.json'"
 timeout "${LIMIT_TUNE:-300}" python nbs/bench/tune_shared.py "$OUT/tune" ${TOKENS:-1 2 4 8} 2>&1 | grep -v Warn | tail -30
 cp "$OUT/tune/tune_shared.json" "$OUT/tune_shared_${CARD:-gpu}_$C.json" 2>/dev/null
-MOE_LIT_TILE_CONFIG_DIR="$OUT/tune/configs" timeout "${LIMIT_BENCH:-100}" \
+MOE_LIT_TILE_CONFIG_DIR="$OUT/tune/configs" timeout "${LIMIT_BENCH:-150}" \
   bash -c "$(declare -f ab); ab '$OUT/layer_shared_after_${CARD:-gpu}_$C.json'"
-mkdir -p "$OUT/shared_configs" && cp "$OUT"/tune/configs/fused_moe_gemm/E=1,* "$OUT/shared_configs/" 2>/dev/null; rm -rf "$OUT/tune"
+tables=$(cd "$OUT/tune/configs" 2>/dev/null && ls -d fused_moe_gemm/E=1,* 2>/dev/null)
+[ -n "$tables" ] && tar -C "$OUT/tune/configs" -czf "$OUT/tune_shared_configs_${CARD:-gpu}_$C.tgz" $tables
+rm -rf "$OUT/tune"
