@@ -866,7 +866,11 @@ class TritonExperts:
                addend=None, join=None) -> torch.Tensor:   # the shared experts' [T, H], in the combine's sum (`07`)
         "`apply` after its checks: for a layer whose weights (checked once), ids and activations are its own (`10_modular`)."
         (E, N, H), (T, k) = w13.shape, local_ids.shape
-        if T == 0 or E == 0: return _no_pairs(T, H, hidden, addend, join)   # no tokens, or no expert on this rank
+        mode = self.combine_in_gemm2
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"combine_in_gemm2: expected 'auto', 'always' or 'never', got {mode!r}")
+        if T == 0 or E == 0 or k == 0: return _no_pairs(T, H, hidden, addend, join)   # no pair: no token, no slot, or
+                                                                                      # no expert on this rank
         expected_m = expected_m or max(1, T * k // E)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = _gemm1_block_m(E, N, H, expected_m, hidden.dtype, _tile_config_root())
@@ -875,9 +879,6 @@ class TritonExperts:
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
                             "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
-        mode = self.combine_in_gemm2
-        if mode not in ("auto", "always", "never"):
-            raise ValueError(f"combine_in_gemm2: expected 'auto', 'always' or 'never', got {mode!r}")
         if s is None and mode != "never" and (mode == "always" or (addend is None and w2_bias is None)):
             out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)   # pair blocks: GEMM2 sums the slots
             if join is not None: join()
@@ -1049,8 +1050,14 @@ for dtype in (torch.float32, torch.bfloat16):
             assert_close(out, want, name=f"split {split} {dtype}")
             test_eq(out[1].abs().max().item(), 0)                             # no local pair: 0, NaN overwritten
 assert_compiles_for_gpu(seen)
-ex.combine_in_gemm2 = "sometimes"
-test_fail(lambda: ex.apply(*args, num_experts=E64), contains="combine_in_gemm2: expected 'auto', 'always' or 'never', got 'sometimes'")
+ex.combine_in_gemm2 = "sometimes"                                           # named, even where nothing launches
+for a in (args, [args[0][:0], *args[1:3], args[3][:0], args[4][:0]]):
+    test_fail(lambda: ex.apply(*a, num_experts=E64), contains="combine_in_gemm2: expected 'auto', 'always' or 'never', got 'sometimes'")
+for mode in ("auto", "always", "never"):                                    # top_k = 0: no pair, 0 or the addend
+    ex.combine_in_gemm2 = mode
+    for add in (None, addend.to(DEVICE, dtype)):
+        got = ex.apply(args[0], args[1], args[2], args[3][:, :0], args[4][:, :0], num_experts=E64, addend=add)
+        test_eq(torch.equal(got, torch.zeros_like(got) if add is None else add), True)
 
 # %% [markdown]
 # The shared experts' MLP against the float64 reference (one expert, weight 1, every token): token counts around the

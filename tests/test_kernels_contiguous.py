@@ -220,8 +220,14 @@ def test_combine_in_gemm2():
                 assert_close(out, want, name=f"split {split} {dtype}")
                 test_eq(out[1].abs().max().item(), 0)                             # no local pair: 0, NaN overwritten
     assert_compiles_for_gpu(seen)
-    ex.combine_in_gemm2 = "sometimes"
-    test_fail(lambda: ex.apply(*args, num_experts=E64), contains="combine_in_gemm2: expected 'auto', 'always' or 'never', got 'sometimes'")
+    ex.combine_in_gemm2 = "sometimes"                                           # named, even where nothing launches
+    for a in (args, [args[0][:0], *args[1:3], args[3][:0], args[4][:0]]):
+        test_fail(lambda: ex.apply(*a, num_experts=E64), contains="combine_in_gemm2: expected 'auto', 'always' or 'never', got 'sometimes'")
+    for mode in ("auto", "always", "never"):                                    # top_k = 0: no pair, 0 or the addend
+        ex.combine_in_gemm2 = mode
+        for add in (None, addend.to(DEVICE, dtype)):
+            got = ex.apply(args[0], args[1], args[2], args[3][:, :0], args[4][:, :0], num_experts=E64, addend=add)
+            test_eq(torch.equal(got, torch.zeros_like(got) if add is None else add), True)
 
 
 def test_shared_expert_mlp_matches_reference():

@@ -30,6 +30,7 @@ import triton
 from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 from moe_lit.layer import _PlanRecorder
+from moe_lit.kernels.contiguous import TritonExperts
 import moe_lit.kernels.batched as kb
 import subprocess, sys, os
 import dataclasses
@@ -136,6 +137,21 @@ def test_launch_plans():
     test_eq(len(layer._plans), 2)
     layer.gate = torch.nn.Parameter(layer.gate * 2, requires_grad=False)   # swapped: rebuilt, every plan dropped
     layer(xs[0]); test_eq(layer._plans, {})
+    # the Standard experts' class-wide switches are in the key: a plan recorded with GEMM2's slot sum is not replayed
+    # after it is turned off (pair blocks: 64 experts, 2 pairs), and a bad value is named, not replayed past
+    layer = FusedMoE(base.replace(num_experts=64, num_shared_experts=0, shared_intermediate_size=None), seed=1,
+                     experts="triton", device=DEVICE)
+    for _ in range(3): want = layer(xs[0][:1])                    # planned from the second call
+    names = lambda: [k.fn.__name__ for k, _, _ in seen]
+    try:
+        TritonExperts.combine_in_gemm2 = "never"
+        with record_launches() as seen: assert_close(layer(xs[0][:1]), want, name="slot sum off")
+        assert "_batched_combine_kernel" in names(), names()
+        TritonExperts.combine_in_gemm2 = "sometimes"
+        test_fail(lambda: layer(xs[0][:1]), contains="combine_in_gemm2: expected 'auto', 'always' or 'never'")
+    finally: TritonExperts.combine_in_gemm2 = "auto"
+    with record_launches() as seen: assert torch.equal(layer(xs[0][:1]), want)
+    assert "_batched_combine_kernel" not in names(), names()
     # a replay that fails: the plans are dropped and the batched prepare's kept counts marked dirty; the next forward is right
     cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
     layer = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)

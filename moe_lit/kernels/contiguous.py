@@ -527,7 +527,7 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
     if tiny: return None, local_ids.reshape(-1).contiguous(), None
     return moe_align_block_size(local_ids, block_m, num_local, validate=False)   # ids from a placement: in range
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #e67db7dccf89
+# %% ../../nbs/08_kernels.contiguous.ipynb #a8f5da97e4b1
 class TritonExperts:
     "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
     activation_format = ActivationFormat.Standard
@@ -580,7 +580,11 @@ class TritonExperts:
                addend=None, join=None) -> torch.Tensor:   # the shared experts' [T, H], in the combine's sum (`07`)
         "`apply` after its checks: for a layer whose weights (checked once), ids and activations are its own (`10_modular`)."
         (E, N, H), (T, k) = w13.shape, local_ids.shape
-        if T == 0 or E == 0: return _no_pairs(T, H, hidden, addend, join)   # no tokens, or no expert on this rank
+        mode = self.combine_in_gemm2
+        if mode not in ("auto", "always", "never"):
+            raise ValueError(f"combine_in_gemm2: expected 'auto', 'always' or 'never', got {mode!r}")
+        if T == 0 or E == 0 or k == 0: return _no_pairs(T, H, hidden, addend, join)   # no pair: no token, no slot, or
+                                                                                      # no expert on this rank
         expected_m = expected_m or max(1, T * k // E)
         if block_m is None:       # the tuned GEMM1 tile's BLOCK_M (one lookup per shape, cached)
             block_m = _gemm1_block_m(E, N, H, expected_m, hidden.dtype, _tile_config_root())
@@ -589,9 +593,6 @@ class TritonExperts:
         # the launches below skip `fused_moe_gemm`'s checks: every argument was checked above or built here
         h = _fused_moe_gemm(hidden.contiguous(), w13, s, e, n, k, block_m, activation, topk_weights,
                             "input" if on_in else None, None, None, False, expected_m, w13_bias, active_experts)
-        mode = self.combine_in_gemm2
-        if mode not in ("auto", "always", "never"):
-            raise ValueError(f"combine_in_gemm2: expected 'auto', 'always' or 'never', got {mode!r}")
         if s is None and mode != "never" and (mode == "always" or (addend is None and w2_bias is None)):
             out = torch.empty(T, H, dtype=hidden.dtype, device=hidden.device)   # pair blocks: GEMM2 sums the slots
             if join is not None: join()
