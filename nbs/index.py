@@ -240,7 +240,9 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # DeepEP high-throughput's all-gather sends each token's row as FP8). On Hopper and newer GPUs a layer without shared experts launches its kernels with programmatic dependent
 # launch, so that each kernel's launch overlaps the end of the one before (`06_kernels.batched`: replays gain up to
 # 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it, so those layers keep it off);
-# `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. Otherwise FP8 w8a8 layers quantize
+# `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. At decode the Standard-format experts'
+# second GEMM also sums each token's slots, one launch fewer, where that was measured faster: no shared experts' addend
+# and no w2 bias (`TritonExperts.combine_in_gemm2`, `08_kernels.contiguous`). Otherwise FP8 w8a8 layers quantize
 # their 16-bit activations in a launch before each GEMM; `MOE_LIT_FP8_ACT_QUANT=loop`, set before import, has the GEMMs quantize
 # each 1×128 group in their K loop instead, where the K tile is one group (measured slower on every H100 row,
 # `09c_kernels.quant`). The Triton layer is an inference layer: it keeps no autograd
