@@ -12,6 +12,10 @@ that fits shared memory is timed with SPLIT_K 1, 2, 4 and 8 (each split keeping 
 heuristic's time, measured in the same run, by 3 % and its output matches the heuristic's (relative error <= 2e-2).
 Tables go to OUT_DIR/configs/fused_moe_gemm/ (a copy of the package's tables, for `MOE_LIT_TILE_CONFIG_DIR`) under this card's name (the H100 and the H200 read each other's,
 `TILE_TABLE_SIBLINGS`), and every timing to OUT_DIR/tune_shared.json.
+
+Judged alone, a tile can win and still lose in the layer, where the shared experts run on a side stream beside the
+routed GEMMs: on the H200 the T = 2 winner (18.4 µs against 22.7 alone) made the replays 0.9 and 5.7 µs slower. Check
+every entry with `shared_ab.py` before committing it (the package's table keeps only what won there).
 """
 import json, shutil, sys, time
 from pathlib import Path
