@@ -837,7 +837,8 @@ class TritonExperts:
               active_experts: int | None = None, # expected local experts with pairs (split-K; default min(E, T·top_k))
               addend: torch.Tensor | None = None,  # [T, H] hidden's dtype: the shared experts' output, in the fp32 sum
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
-        "This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids."
+        """This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids, and on a
+        `combine_in_gemm2` other than "auto", "always" or "never"."""
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
         if hidden.shape[1] == 0: raise ValueError("hidden: expected at least one column (hidden_size >= 1), got 0")
         check_tensor("w13", w13, shape=(None, None, hidden.shape[1]), dtype=hidden.dtype)
