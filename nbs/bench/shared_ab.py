@@ -1,10 +1,11 @@
 """The shared experts' tile tables off and on, one process, CUDA-graph replays of the whole layer (GPU).
 
-    python nbs/bench/shared_ab.py [T ...]       # default T = 1 2
+    python nbs/bench/shared_ab.py [--tables DIR] [T ...]       # default T = 1 2
 
 For each `LAYER_DEPLOYMENTS` entry with shared experts: the layer is captured and its replay timed
 (`triton.testing.do_bench`, median) with the package's tables minus the E = 1 ones (the heuristic tile, as before
-`tune_shared.py`) and with them, alternately, twice each; the best of each is printed with the outputs' relative
+`tune_shared.py`) and with them (the package's, or DIR: a whole tables folder such as `tune_shared.py`'s
+OUT_DIR/configs), alternately, twice each; the best of each is printed with the outputs' relative
 difference (the tiles and splits differ, so the bits may).
 """
 import os, shutil, sys, tempfile
@@ -14,11 +15,15 @@ import moe_lit
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
 from moe_lit.layer import FusedMoE
 
-tokens = [int(a) for a in sys.argv[1:]] or [1, 2]
+args = sys.argv[1:]
+tables = ""                                                   # "": the package's own
+if "--tables" in args:
+    i = args.index("--tables"); tables = str(Path(args[i + 1]).resolve()); del args[i:i + 2]
+tokens = [int(a) for a in args] or [1, 2]
 base = Path(tempfile.mkdtemp()) / "configs"
 shutil.copytree(Path(moe_lit.__file__).parent / "configs", base)
 for p in (base / "fused_moe_gemm").glob("E=1,*"): p.unlink()
-modes = {"heuristic": str(base), "tuned": ""}
+modes = {"heuristic": str(base), "tuned": tables}
 for dep in LAYER_DEPLOYMENTS:
     cfg = deployment_config(dep)
     if not cfg.num_shared_experts: continue
