@@ -400,8 +400,9 @@ plot_bench_layer(layer_h100_comb)
 # %% [markdown]
 # **Reading.** 49 of the 54 rows meet the bar in the decode step (48 before), 41 replayed as one graph a layer. The
 # row that crossed is Qwen3 at T = 1: 41.1 µs a layer of the step against a bar of 41.5 (42.4 at 7663fb2). Qwen3 on
-# one GPU is 1.3–2.6 µs faster at T ≤ 4, replayed and in the step; every other row is within ±1.7 % (median ratio of
-# all replays 0.999), since no other row runs the changed path at those T. The five step misses left: Qwen3 EP2
+# one GPU is 2.1–2.6 µs faster at T = 2 and 4, replayed and in the step, and at T = 1 1.3 µs in the step, 0.4
+# replayed; every other row's replay is within −0.9 to +1.7 % and its step within −1.6 to +0.5 % (median ratio of all
+# replays 0.999), since no other row runs the changed path at those T. The five step misses left: Qwen3 EP2
 # (nixl_ep) at T = 1, 2, 4 (34.6, 41.4, 63.5 µs against 26.8, 36.6, 62.0), DeepSeek-V3 nixl_ep at T = 1 (78.3 against
 # 75.4) and allgather at T = 1 (70.2 against 66.3). The batched format's combine is the finalize's, a separate object
 # from the experts (`10_modular`); summing there in GEMM2 would need the slab row → pair map from the dispatch and the
