@@ -47,9 +47,7 @@ def switch(layer, on: bool):
     elif ab == "overlap":
         for mk in layer._kernels.values(): mk.overlap_shared = on
     elif ab == "pdl": kb.PDL = on
-    elif ab == "combine":                         # not in a launch plan's key: the plans go with the switch
-        TritonExperts.combine_in_gemm2 = "always" if on else "never"
-        layer._plans, layer._seen = {}, set()
+    elif ab == "combine": TritonExperts.combine_in_gemm2 = "always" if on else "never"   # in the plans' key (12_layer)
 
 
 def replay_us(layer, x):
