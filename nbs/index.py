@@ -133,8 +133,8 @@
 # `experts="triton"` (the `moe-lit` command sets it itself; importing moe-lit never changes the environment).
 # `layer.experts_reason` says why its experts run where they do, and `backend=` (on the command line `--backend`)
 # forces one of the oracle's candidates — on the CPU a Triton one with `experts="triton"`, which runs it in the
-# interpreter. `select_experts_backend(cfg, quant, cfg.activation_format, DEVICES["h200"]).table()`
-# (both names from `moe_lit.oracle`) gives the decision table `moe-lit explain` prints (as Markdown, where the command aligns plain
+# interpreter. `select_experts_backend(cfg, "fp8", cfg.activation_format, DEVICES["h200"]).table()` (a
+# quantization scheme's name, "unquantized" for none; `select_experts_backend` and `DEVICES` from `moe_lit.oracle`) gives the decision table `moe-lit explain` prints (as Markdown, where the command aligns plain
 # text), for any device model. `FusedMoE(config, quant="fp8")` (or "mxfp4", "nvfp4", any name `moe-lit run --quant`
 # takes) quantizes the experts at construction, as `run --quant` does. A model's own
 # `config.json` gives the config: `moe_lit.models.moe_config_from_hf(path)` (then `FusedMoE.from_pretrained(dir,
@@ -228,7 +228,7 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 #
 # For decode on a GPU, `layer.capture(batch_sizes=(1, 2, 4, ..., 256))` records one CUDA graph of the whole forward per
 # token bucket, and later calls replay the smallest bucket that fits; the forward never synchronises with the host
-# (`debug=True` turns the value checks back on). Eager, after the first call of each shape, every Triton kernel is
+# (`debug=True` turns the value checks back on, in eager forwards: a layer built with it refuses to capture). Eager, after the first call of each shape, every Triton kernel is
 # launched straight from its compiled binary, skipping the JIT's per-call binding (`MOE_LIT_FAST_LAUNCH=0` turns that
 # off), and from the third call of a shape the forward replays a *launch plan* recorded at the second — its torch ops
 # and launches without moe-lit's Python, the same bits (`12_layer`; on an H100 the host overhead at one token fell
@@ -242,7 +242,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # 5.5 µs on one chain of kernels and lose 5–10 µs where shared experts run beside it, so those layers keep it off);
 # `MOE_LIT_PDL=1` or `0`, set before import, turns it on or off for every layer. At decode the Standard-format experts'
 # second GEMM also sums each token's slots, one launch fewer, where that was measured faster: no shared experts' addend
-# and no w2 bias (`TritonExperts.combine_in_gemm2`, `08_kernels.contiguous`). Otherwise FP8 w8a8 layers quantize
+# and no w2 bias (the class attribute `moe_lit.kernels.contiguous.TritonExperts.combine_in_gemm2`: "auto", "always"
+# or "never"). Otherwise FP8 w8a8 layers quantize
 # their 16-bit activations in a launch before each GEMM; `MOE_LIT_FP8_ACT_QUANT=loop`, set before import, has the GEMMs quantize
 # each 1×128 group in their K loop instead, where the K tile is one group (measured slower on every H100 row,
 # `09c_kernels.quant`). The Triton layer is an inference layer: it keeps no autograd
