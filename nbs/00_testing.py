@@ -581,8 +581,11 @@ def _compile_specs(specs: list, capability: int) -> list:
             out.append(dict(kernel=s["kernel"], ok=True, error="", shared_bytes=int(c.metadata.shared),
                             seconds=time.perf_counter() - t0, pdl_wait=_waits_first(ptx),
                             prefetches=ptx.count("prefetch.global"), registers=regs, stack_bytes=stack))
-        except Exception as e:   # the compiler's message, whatever its type: that is the finding
-            out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}", shared_bytes=0,
+        except Exception as e:   # the compiler's message, whatever its type, and its innermost cause's: the finding
+            inner = e
+            while inner.__cause__ is not None: inner = inner.__cause__     # Triton's own error is where the call failed
+            why = "" if inner is e else f" <- {type(inner).__name__}: {str(inner)[-1500:]}"
+            out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}{why}", shared_bytes=0,
                             seconds=time.perf_counter() - t0, pdl_wait=False, prefetches=0, registers=-1, stack_bytes=-1))
     return out
 
