@@ -469,7 +469,7 @@ class SharedExperts(torch.nn.Module):
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #39dcb0674e36
+# %% ../nbs/10_modular.ipynb #f707af64136a
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None,
@@ -498,6 +498,12 @@ class ModularKernel:
         self._prepare = prepare_finalize._prepare if own else None
         self._finalize = prepare_finalize._finalize if own else prepare_finalize.finalize
 
+    def _make_side_stream(self, device: torch.device):
+        "The shared experts' stream in a captured graph, made outside the capture with its split-K counters (kept)."
+        from moe_lit.kernels.batched import arrival_counters, COUNTERS_MIN   # (Triton: imported once a GPU runs)
+        side = self._side_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(side): arrival_counters(COUNTERS_MIN, device)   # zeros, on that stream, before any use
+
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
                 add_shared: bool = True, timings: dict | None = None, w13_bias=None, w2_bias=None,
                 activation: Activation = SILU) -> torch.Tensor:
@@ -519,7 +525,9 @@ class ModularKernel:
                 side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream(hidden.device)
                 side.wait_stream(torch.cuda.current_stream(hidden.device))   # a graph's parallel branch, joined below
                 with torch.cuda.stream(side): shared = self._shared(hidden, self._shared_triton)
-            else: shared = self._shared(hidden, self._shared_triton)
+            else:
+                if hidden.is_cuda and "_side_stream" not in self.__dict__: self._make_side_stream(hidden.device)
+                shared = self._shared(hidden, self._shared_triton)
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")

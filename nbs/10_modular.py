@@ -565,7 +565,10 @@ class SharedExperts(torch.nn.Module):
 # line, `nbs/bench/overlap_ab_h200_efa90f1.log`). Eager forwards run them in line: at decode an eager forward is
 # bound by the host, and the fork and join cost more host time than the overlap saves (H200, T = 1, in line against a
 # side stream: DeepSeek-V3 nixl_ep 365 against 435 µs, allgather 494 against 584; `eager_vs_replay.py --ab overlap`,
-# `nbs/bench/eager_vs_replay_overlap_h200_eae306d.log`). With a
+# `nbs/bench/eager_vs_replay_overlap_h200_eae306d.log`). The side stream is made at the first eager forward, with the
+# split-K arrival counters its launches will take (`06`'s `arrival_counters`, kept per stream): made inside the
+# capture, fresh counters would be a fill recorded in the graph, at the head of the shared experts' branch — the
+# longer branch at decode for DeepSeek-V3. With a
 # prepare/finalize on Triton (the layer's, unless its experts are torch's) an ungated shared expert runs through
 # moe-lit's own grouped GEMM over one expert (`08_kernels.contiguous.shared_expert_mlp`): two launches, where torch
 # took six or seven (the fp32-result GEMM, the activation's split, SiLU, product and cast, the second GEMM and its
@@ -610,6 +613,12 @@ class ModularKernel:
         self._prepare = prepare_finalize._prepare if own else None
         self._finalize = prepare_finalize._finalize if own else prepare_finalize.finalize
 
+    def _make_side_stream(self, device: torch.device):
+        "The shared experts' stream in a captured graph, made outside the capture with its split-K counters (kept)."
+        from moe_lit.kernels.batched import arrival_counters, COUNTERS_MIN   # (Triton: imported once a GPU runs)
+        side = self._side_stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(side): arrival_counters(COUNTERS_MIN, device)   # zeros, on that stream, before any use
+
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
                 add_shared: bool = True, timings: dict | None = None, w13_bias=None, w2_bias=None,
                 activation: Activation = SILU) -> torch.Tensor:
@@ -631,7 +640,9 @@ class ModularKernel:
                 side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream(hidden.device)
                 side.wait_stream(torch.cuda.current_stream(hidden.device))   # a graph's parallel branch, joined below
                 with torch.cuda.stream(side): shared = self._shared(hidden, self._shared_triton)
-            else: shared = self._shared(hidden, self._shared_triton)
+            else:
+                if hidden.is_cuda and "_side_stream" not in self.__dict__: self._make_side_stream(hidden.device)
+                shared = self._shared(hidden, self._shared_triton)
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
         clock("prepare_s")

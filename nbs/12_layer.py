@@ -1439,7 +1439,8 @@ test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=[4, 0]), contains="batch_
 # %% [markdown]
 # On the GPU: a forward runs without one host sync (`torch.cuda.set_sync_debug_mode("error")` raises on any), and the
 # replayed graphs give the eager result — both formats, with and without quantization, a correction bias and shared
-# experts, at batch sizes that fill a bucket and that leave a padded tail.
+# experts, at batch sizes that fill a bucket and that leave a padded tail. The shared experts' side stream has its split-K counters
+# before the capture (`10_modular`).
 
 # %%
 #| test layer_cuda_graphs
@@ -1461,6 +1462,9 @@ for backend, placement in (("none", "linear"), ("allgather_reducescatter", "line
         try: layer(x[:13])                                       # no host sync anywhere in forward
         finally: torch.cuda.set_sync_debug_mode(0)
         layer.capture((8, 16))
+        for mk in layer._kernels.values():                       # the shared experts' stream was made before the capture,
+            if mk.shared_experts is not None:                    # its counters kept: no fill recorded in the graph
+                assert (torch.cuda.current_device(), mk._side_stream.cuda_stream) in kb._COUNTERS, (backend, quant)
         for T, want in eager.items():                            # 5 and 13 run with a padded tail
             got = layer(x[:T])
             test_eq(got.shape, (T, 256))

@@ -271,6 +271,9 @@ def test_layer_cuda_graphs():
             try: layer(x[:13])                                       # no host sync anywhere in forward
             finally: torch.cuda.set_sync_debug_mode(0)
             layer.capture((8, 16))
+            for mk in layer._kernels.values():                       # the shared experts' stream was made before the capture,
+                if mk.shared_experts is not None:                    # its counters kept: no fill recorded in the graph
+                    assert (torch.cuda.current_device(), mk._side_stream.cuda_stream) in kb._COUNTERS, (backend, quant)
             for T, want in eager.items():                            # 5 and 13 run with a padded tail
                 got = layer(x[:T])
                 test_eq(got.shape, (T, 256))
