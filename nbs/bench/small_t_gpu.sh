@@ -13,6 +13,9 @@
 #                                            (eager_vs_replay.py --ab combine, T = 1, 2, 4)
 #   bash nbs/bench/small_t_gpu.sh pdl     -> programmatic dependent launch off and on, eager and replayed, T = 1, 2,
 #                                            8 (eager_vs_replay.py --ab pdl), then the kernel chain with it on
+#   bash nbs/bench/small_t_gpu.sh select  -> the router, modular and layer tests natively, the selection kernel
+#                                            against BASE (default nbs/bench/_router_base.py; select_ab.py), T = 1, 2, 4,
+#                                            and the kernel chain at T = 1, 2
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 chain() { timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_${CARD:-gpu}_$C.log"; grep "==" "$OUT/profile_small_t_${CARD:-gpu}_$C.log"; }
@@ -45,4 +48,10 @@ pdl)
   timeout 300 python nbs/bench/eager_vs_replay.py --ab pdl --tokens 1,2,8 2>&1 | grep -v Warning | tee "$OUT/eager_vs_replay_pdl_${CARD:-gpu}_$C.log"
   MOE_LIT_PDL=1 timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_pdl_${CARD:-gpu}_$C.log"
   grep "==" "$OUT/profile_small_t_pdl_${CARD:-gpu}_$C.log" ;;
+select)
+  timeout 220 python -m pytest -q -n 6 -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_router.py tests/test_testing.py \
+    tests/test_modular.py tests/test_layer.py 2>&1 | grep -E "^FAILED|passed|failed|rror" | tail -8 | tee "$OUT/pytest_select_${CARD:-gpu}_$C.log"
+  timeout 220 python nbs/bench/select_ab.py "${BASE:-nbs/bench/_router_base.py}" 1 2 4 2>&1 | grep -v Warning \
+    | tee "$OUT/select_ab_${CARD:-gpu}_$C.log"
+  chain ;;
 esac
