@@ -663,7 +663,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #71e26806264a
+# %% ../nbs/12_layer.ipynb #0ef85a0b07b1
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -704,10 +704,9 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         raise ValueError(f"_router_counter: expected 0 before a forward (each launch leaves it 0; one eager forward of "
                          f"a layer at a time, on one stream), got {n}")
     if self.router is not None:       # logits and selection on the GPU (03a): at decode one launch in eager, where
-        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()   # the host is the bottleneck; two in
-        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),   # a graph
-                                      self.router_gate, self.gate_bias, bias, self._ids_dtype,
-                                      None if capturing else self._router_counter)
+        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),   # the host
+                                      self.router_gate, self.gate_bias, bias, self._ids_dtype,   # is the bottleneck;
+                                      self._router_counter)                                       # two in a graph
     else:
         logits = router_logits(hidden, self.router_gate, self.gate_bias)    # [T, num_experts] fp32
         wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug

@@ -199,7 +199,8 @@ def _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr,   #
 # DeepSeek-V3 EP8 (nixl_ep) 54.5 against 58.1 at T = 1 — one program's serial selection, with the block's
 # cross-warp reductions, takes longer than a one-warp kernel of its own, and a launch inside a graph costs about
 # nothing. In eager the host is the bottleneck (each launch is several µs of Python and driver time), so the layer
-# selects in the logits launch in eager and in a kernel of its own while a graph is captured.
+# selects in the logits launch in eager and in a kernel of its own while a graph is captured (`_route_tokens` decides,
+# by `ROUTER_SELECT_IN_GRAPHS`).
 # The products are fp32 products of the stored values, as `03_routing.matmul_acc` defines them; only the order of the
 # sum differs from cuBLAS's. Past `ROUTER_GEMV_MAX_TOKENS` tokens the weight is re-read per token block and a GEMM
 # is the better tool: the logits come from `matmul_acc` (one cuBLAS call), and only the bias moves into the selection.
@@ -217,6 +218,7 @@ ROUTER_BLOCK_K = 1024           # columns of one program's K slice in the decode
 ROUTER_GEMV_MAX_TOKENS = 16     # at most this many tokens take `_router_logits_kernel`; more take one cuBLAS GEMM
 ROUTER_TARGET_PROGRAMS = 256    # the logits grid grows its expert blocks down to 1 expert until it has this many
 ROUTER_SELECT_MAX_TOKENS = 2    # at most this many tokens are selected in the logits launch's last program
+ROUTER_SELECT_IN_GRAPHS = False  # also while a CUDA graph is captured (else a graph selects in a launch of its own)
 
 @triton.jit
 def _router_logits_kernel(
@@ -400,7 +402,8 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype,
                   counter: torch.Tensor | None = None,   # [1] int32, 0: the caller's own arrival counter (a layer's)
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """`route_tokens` after its checks (unit strides along hidden_size): the layer's hot path (`12_layer`). With the
-    caller's `counter` (zero, and left zero), up to `ROUTER_SELECT_MAX_TOKENS` tokens route in one launch. A counter
+    caller's `counter` (zero, and left zero), up to `ROUTER_SELECT_MAX_TOKENS` tokens route in one launch (while a CUDA
+    graph is captured, only with `ROUTER_SELECT_IN_GRAPHS`). A counter
     that is not 0 leaves the outputs unset or selects early — wrong ids, which the layer's kernels skip where they
     fall outside its experts; the layer with `debug=True` checks it before each forward."""
     T, H = hidden.shape
@@ -413,6 +416,8 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype,
     launch = launch_kernel(_router_logits_kernel, (_cdiv(E, bel), split))
     args = (hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0))
     tiles = dict(T_PAD=_next_pow2(T), BLOCK_EL=bel, BLOCK_K=ROUTER_BLOCK_K, num_warps=8 if bel == 8 else 4)
+    if counter is not None and not ROUTER_SELECT_IN_GRAPHS and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        counter = None                                  # (measured: the two launches replay the faster, above)
     if counter is None or T > ROUTER_SELECT_MAX_TOKENS:
         launch(*args, **tiles)
         return _route_topk(plan, parts if split > 1 else parts[0], bias, ids_dtype, gate_bias)

@@ -927,10 +927,9 @@ def _route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         raise ValueError(f"_router_counter: expected 0 before a forward (each launch leaves it 0; one eager forward of "
                          f"a layer at a time, on one stream), got {n}")
     if self.router is not None:       # logits and selection on the GPU (03a): at decode one launch in eager, where
-        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()   # the host is the bottleneck; two in
-        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),   # a graph
-                                      self.router_gate, self.gate_bias, bias, self._ids_dtype,
-                                      None if capturing else self._router_counter)
+        wts, ids = self._route_tokens(self.router, hidden if hidden.stride(-1) == 1 else hidden.contiguous(),   # the host
+                                      self.router_gate, self.gate_bias, bias, self._ids_dtype,   # is the bottleneck;
+                                      self._router_counter)                                       # two in a graph
     else:
         logits = router_logits(hidden, self.router_gate, self.gate_bias)    # [T, num_experts] fp32
         wts, ids = select_experts(self.config, logits, bias, validate=False)    # checked above when debug

@@ -16,7 +16,7 @@ from ..routing import ungroupable_reason, matmul_acc
 
 # %% auto #0
 __all__ = ['ROUTER_MAX_EXPERTS', 'ROUTER_BLOCK_K', 'ROUTER_GEMV_MAX_TOKENS', 'ROUTER_TARGET_PROGRAMS', 'ROUTER_SELECT_MAX_TOKENS',
-           'RouterPlan', 'router_plan', 'route_topk', 'route_tokens']
+           'ROUTER_SELECT_IN_GRAPHS', 'RouterPlan', 'router_plan', 'route_topk', 'route_tokens']
 
 # %% ../../nbs/03a_kernels.router.ipynb #9b1ecd1d71e0
 _NO_KEY = tl.constexpr(-9223372036854775808)            # the int64 minimum: below every key of an available lane
@@ -111,12 +111,13 @@ def _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr,   #
     tl.store(weights_ptr + t * TOP_K + rank, w * scale, mask=picked)
     tl.store(ids_ptr + t * TOP_K + rank, offs.to(ids_ptr.dtype.element_ty), mask=picked)
 
-# %% ../../nbs/03a_kernels.router.ipynb #21cc54a1e0ed
+# %% ../../nbs/03a_kernels.router.ipynb #6c75fc4d84c5
 ROUTER_MAX_EXPERTS = 65536      # a token's scores are one block of registers (Triton's blocks hold at most 2^20)
 ROUTER_BLOCK_K = 1024           # columns of one program's K slice in the decode logits kernel
 ROUTER_GEMV_MAX_TOKENS = 16     # at most this many tokens take `_router_logits_kernel`; more take one cuBLAS GEMM
 ROUTER_TARGET_PROGRAMS = 256    # the logits grid grows its expert blocks down to 1 expert until it has this many
 ROUTER_SELECT_MAX_TOKENS = 2    # at most this many tokens are selected in the logits launch's last program
+ROUTER_SELECT_IN_GRAPHS = False  # also while a CUDA graph is captured (else a graph selects in a launch of its own)
 
 @triton.jit
 def _router_logits_kernel(
@@ -153,7 +154,7 @@ def _router_logits_kernel(
                               E, scale, TOP_K, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
                               TOPK_GROUP, GROUP_SIZE, GS_PAD, TOP2, SPLIT, HAS_GATE_BIAS)
 
-# %% ../../nbs/03a_kernels.router.ipynb #551125098287
+# %% ../../nbs/03a_kernels.router.ipynb #ec6ca8038d1c
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -288,7 +289,8 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype,
                   counter: torch.Tensor | None = None,   # [1] int32, 0: the caller's own arrival counter (a layer's)
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """`route_tokens` after its checks (unit strides along hidden_size): the layer's hot path (`12_layer`). With the
-    caller's `counter` (zero, and left zero), up to `ROUTER_SELECT_MAX_TOKENS` tokens route in one launch. A counter
+    caller's `counter` (zero, and left zero), up to `ROUTER_SELECT_MAX_TOKENS` tokens route in one launch (while a CUDA
+    graph is captured, only with `ROUTER_SELECT_IN_GRAPHS`). A counter
     that is not 0 leaves the outputs unset or selects early — wrong ids, which the layer's kernels skip where they
     fall outside its experts; the layer with `debug=True` checks it before each forward."""
     T, H = hidden.shape
@@ -301,6 +303,8 @@ def _route_tokens(plan, hidden, gate, gate_bias, bias, ids_dtype,
     launch = launch_kernel(_router_logits_kernel, (_cdiv(E, bel), split))
     args = (hidden, gate, parts, T, E, H, hidden.stride(0), gate.stride(0))
     tiles = dict(T_PAD=_next_pow2(T), BLOCK_EL=bel, BLOCK_K=ROUTER_BLOCK_K, num_warps=8 if bel == 8 else 4)
+    if counter is not None and not ROUTER_SELECT_IN_GRAPHS and hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+        counter = None                                  # (measured: the two launches replay the faster, above)
     if counter is None or T > ROUTER_SELECT_MAX_TOKENS:
         launch(*args, **tiles)
         return _route_topk(plan, parts if split > 1 else parts[0], bias, ids_dtype, gate_bias)

@@ -11,8 +11,10 @@ For each deployment of the layer benchmark (bf16, random weights, the benchmark'
 - **alone**: the selection launch on the deployment's logits (fp32, random), 20 launches captured in one CUDA graph;
   µs a launch = the replay's median (`triton.testing.do_bench`) / 20. Ids (equal) and weights (the largest difference) of both versions;
 - **layer**: the layer's graph for T captured with each version's selection (`router._route_topk` swapped: the layer's
-  `_route_tokens` calls it while a graph is captured), replays timed alternately, 3 rounds, the least median each;
-  the outputs compared (the renormalising sum's order may differ by a rounding).
+  `_route_tokens` calls it while a graph is captured), and with this version selecting in the logits launch
+  (`ROUTER_SELECT_IN_GRAPHS`, "one launch"; up to `ROUTER_SELECT_MAX_TOKENS` tokens), replays timed alternately,
+  3 rounds, the least median each; the outputs compared with the base's (the renormalising sum's order may differ
+  by a rounding).
 """
 import importlib.util, sys, torch, triton.testing
 from moe_lit.bench_layer import LAYER_DEPLOYMENTS, deployment_config
@@ -35,8 +37,8 @@ def graph_us(fn, n=20) -> float:
         for _ in range(n): fn()
     return triton.testing.do_bench(g.replay, return_mode="median") * 1e3 / n
 
-print(f"{'deployment':<45} {'T':>3}  selection alone: base / new us  same ids, max |dw|   layer replay: base / new us  "
-      f"max |dy|")
+print(f"{'deployment':<45} {'T':>3}  selection alone: base / new us  same ids, max |dw|   layer replay: base / new / "
+      f"new in one launch us  max |dy|")
 for dep in LAYER_DEPLOYMENTS:
     cfg = deployment_config(dep)
     torch.manual_seed(0)
@@ -51,16 +53,17 @@ for dep in LAYER_DEPLOYMENTS:
         x = torch.randn(T, cfg.hidden_size, device="cuda", dtype=cfg.dtype, generator=torch.Generator("cuda").manual_seed(T))
         replay, y = {}, {}
         graphs = {}
-        for k, f in versions.items():
-            R._route_topk = f
+        for k, (f, one) in dict(base=(versions["base"], False), new=(versions["new"], False),
+                                one=(versions["new"], True)).items():
+            R._route_topk, R.ROUTER_SELECT_IN_GRAPHS = f, one
             try: layer.capture(batch_sizes=(T,))
-            finally: R._route_topk = versions["new"]
+            finally: R._route_topk, R.ROUTER_SELECT_IN_GRAPHS = versions["new"], False
             graphs[k] = layer.graphs[T]
             layer.graphs = {}
         for _ in range(3):
             for k, (g, gx, gy) in graphs.items():
                 gx.copy_(x); g.replay(); torch.cuda.synchronize(); y[k] = gy.clone()
                 replay[k] = min(replay.get(k, float("inf")), triton.testing.do_bench(g.replay, return_mode="median") * 1e3)
-        dy = (y["base"].float() - y["new"].float()).abs().max().item()
+        dy = max((y["base"].float() - y[k].float()).abs().max().item() for k in ("new", "one"))
         print(f"{dep['name']:<45} {T:>3}  {alone['base']:>8.2f} / {alone['new']:>5.2f}  {same_ids!s:<5} {dw:.1e}  "
-              f"{replay['base']:>13.1f} / {replay['new']:>5.1f}  {dy:.1e}", flush=True)
+              f"{replay['base']:>13.1f} / {replay['new']:>5.1f} / {replay['one']:>5.1f}  {dy:.1e}", flush=True)
