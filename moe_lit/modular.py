@@ -469,7 +469,7 @@ class SharedExperts(torch.nn.Module):
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #f707af64136a
+# %% ../nbs/10_modular.ipynb #232ddcbd04c1
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None,
@@ -526,7 +526,8 @@ class ModularKernel:
                 side.wait_stream(torch.cuda.current_stream(hidden.device))   # a graph's parallel branch, joined below
                 with torch.cuda.stream(side): shared = self._shared(hidden, self._shared_triton)
             else:
-                if hidden.is_cuda and "_side_stream" not in self.__dict__: self._make_side_stream(hidden.device)
+                if hidden.is_cuda and self.overlap_shared and "_side_stream" not in self.__dict__:
+                    self._make_side_stream(hidden.device)       # for a later capture
                 shared = self._shared(hidden, self._shared_triton)
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)

@@ -641,7 +641,8 @@ class ModularKernel:
                 side.wait_stream(torch.cuda.current_stream(hidden.device))   # a graph's parallel branch, joined below
                 with torch.cuda.stream(side): shared = self._shared(hidden, self._shared_triton)
             else:
-                if hidden.is_cuda and "_side_stream" not in self.__dict__: self._make_side_stream(hidden.device)
+                if hidden.is_cuda and self.overlap_shared and "_side_stream" not in self.__dict__:
+                    self._make_side_stream(hidden.device)       # for a later capture
                 shared = self._shared(hidden, self._shared_triton)
         prepared = self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input) if self._prepare \
             else self.prepare_finalize.prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
