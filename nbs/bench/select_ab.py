@@ -2,7 +2,8 @@
 
     python nbs/bench/select_ab.py BASE.py [T ...]
 
-BASE.py is `moe_lit/kernels/router.py` of another commit with its relative imports made absolute:
+BASE.py ("base") is `moe_lit/kernels/router.py` of another commit, older or a candidate, with its relative imports made
+absolute; "new" is this checkout's:
 
     git show REV:moe_lit/kernels/router.py | sed 's/^from \\.\\.\\([a-z_.]*\\) import/from moe_lit.\\1 import/; \\
         s/^from \\.\\([a-z_]*\\) import/from moe_lit.kernels.\\1 import/' > nbs/bench/_router_base.py
