@@ -1438,8 +1438,8 @@ test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=[4, 0]), contains="batch_
 # %% [markdown]
 # On the GPU: a forward runs without one host sync (`torch.cuda.set_sync_debug_mode("error")` raises on any), and the
 # replayed graphs give the eager result — both formats, with and without quantization, a correction bias and shared
-# experts, at batch sizes that fill a bucket and that leave a padded tail. The shared experts' side stream has its split-K counters
-# before the capture (`10_modular`).
+# experts, at batch sizes that fill a bucket and that leave a padded tail. The shared experts' side stream has its
+# split-K counters before the capture (`10_modular`).
 
 # %%
 #| test layer_cuda_graphs
