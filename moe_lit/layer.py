@@ -816,7 +816,7 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     g.replay()
     return y[:T].clone()                                     # the static output is overwritten by the next replay
 
-# %% ../nbs/12_layer.ipynb #3630df93b46a
+# %% ../nbs/12_layer.ipynb #2315d6568d29
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 LAUNCH_PLANS = env_choice("MOE_LIT_LAUNCH_PLAN", "1", ("0", "1")) == "1"   # "0": every eager forward runs its Python
@@ -927,14 +927,17 @@ class LaunchPlan:
         return vals[self.out]
 
 def _plan_key(layer, hidden: torch.Tensor) -> tuple:
-    """What a launch plan was recorded for: shape, strides, alignment, device and stream, the launch switches, and the
-    Standard experts' class-wide switches (`TritonExperts.combine_in_gemm2`, `pair_blocks_max_pairs`)."""
+    """What a launch plan was recorded for: shape, strides, alignment, device and stream, the launch switches, the
+    Standard experts' class-wide switches (`TritonExperts.combine_in_gemm2`, `pair_blocks_max_pairs`) and the router's
+    (`ROUTER_SELECT_MAX_TOKENS`: how many tokens select in the logits launch)."""
     kb, q = sys.modules["moe_lit.kernels.batched"], sys.modules.get("moe_lit.kernels.quant")
     te = getattr(sys.modules.get("moe_lit.kernels.contiguous"), "TritonExperts", None)   # its class-wide switches
+    kr = sys.modules.get("moe_lit.kernels.router")
     return (hidden.shape[0], hidden.stride(), hidden.data_ptr() % 16, hidden.device,
             kb._stream_of_current_device()[1] if hidden.is_cuda else None, kb.PDL, kb.fast_launch_on(),
             kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None), kb._tile_config_root(),
-            None if te is None else (te.combine_in_gemm2, te.pair_blocks_max_pairs))
+            None if te is None else (te.combine_in_gemm2, te.pair_blocks_max_pairs),
+            getattr(kr, "ROUTER_SELECT_MAX_TOKENS", None))
 
 @patch
 def __getstate__(self: FusedMoE) -> dict:

@@ -41,6 +41,7 @@ from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 from moe_lit.layer import _PlanRecorder
 from moe_lit.kernels.contiguous import TritonExperts
+import moe_lit.kernels.router as kr
 
 # %% [markdown]
 # In this notebook: `FusedMoE` (one rank's layer, from any weight source of `11a_weights` or a checkpoint) and
@@ -1218,14 +1219,17 @@ class LaunchPlan:
         return vals[self.out]
 
 def _plan_key(layer, hidden: torch.Tensor) -> tuple:
-    """What a launch plan was recorded for: shape, strides, alignment, device and stream, the launch switches, and the
-    Standard experts' class-wide switches (`TritonExperts.combine_in_gemm2`, `pair_blocks_max_pairs`)."""
+    """What a launch plan was recorded for: shape, strides, alignment, device and stream, the launch switches, the
+    Standard experts' class-wide switches (`TritonExperts.combine_in_gemm2`, `pair_blocks_max_pairs`) and the router's
+    (`ROUTER_SELECT_MAX_TOKENS`: how many tokens select in the logits launch)."""
     kb, q = sys.modules["moe_lit.kernels.batched"], sys.modules.get("moe_lit.kernels.quant")
     te = getattr(sys.modules.get("moe_lit.kernels.contiguous"), "TritonExperts", None)   # its class-wide switches
+    kr = sys.modules.get("moe_lit.kernels.router")
     return (hidden.shape[0], hidden.stride(), hidden.data_ptr() % 16, hidden.device,
             kb._stream_of_current_device()[1] if hidden.is_cuda else None, kb.PDL, kb.fast_launch_on(),
             kb.triton.knobs.runtime.debug, getattr(q, "FP8_ACT_QUANT", None), kb._tile_config_root(),
-            None if te is None else (te.combine_in_gemm2, te.pair_blocks_max_pairs))
+            None if te is None else (te.combine_in_gemm2, te.pair_blocks_max_pairs),
+            getattr(kr, "ROUTER_SELECT_MAX_TOKENS", None))
 
 @patch
 def __getstate__(self: FusedMoE) -> dict:
@@ -1330,6 +1334,15 @@ try:
 finally: TritonExperts.combine_in_gemm2 = "auto"
 with record_launches() as seen: assert torch.equal(layer(xs[0][:1]), want)
 assert "_batched_combine_kernel" not in names(), names()
+# and the router's: a plan recorded selecting in the logits launch is not replayed once that is turned off
+in_logits = lambda: [kw.get("SELECT", False) for k, _, kw in seen if k.fn.__name__ == "_router_logits_kernel"]
+test_eq(in_logits(), [True])
+select_default = kr.ROUTER_SELECT_MAX_TOKENS
+try:
+    kr.ROUTER_SELECT_MAX_TOKENS = 0
+    with record_launches() as seen: assert torch.equal(layer(xs[0][:1]), want)   # same code, same order: same bits
+    test_eq(in_logits(), [False]); assert "_route_topk_kernel" in names(), names()
+finally: kr.ROUTER_SELECT_MAX_TOKENS = select_default
 # a replay that fails: the plans are dropped and the batched prepare's kept counts marked dirty; the next forward is right
 cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
 layer = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)

@@ -31,6 +31,7 @@ from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 from moe_lit.layer import _PlanRecorder
 from moe_lit.kernels.contiguous import TritonExperts
+import moe_lit.kernels.router as kr
 import moe_lit.kernels.batched as kb
 import subprocess, sys, os
 import dataclasses
@@ -152,6 +153,15 @@ def test_launch_plans():
     finally: TritonExperts.combine_in_gemm2 = "auto"
     with record_launches() as seen: assert torch.equal(layer(xs[0][:1]), want)
     assert "_batched_combine_kernel" not in names(), names()
+    # and the router's: a plan recorded selecting in the logits launch is not replayed once that is turned off
+    in_logits = lambda: [kw.get("SELECT", False) for k, _, kw in seen if k.fn.__name__ == "_router_logits_kernel"]
+    test_eq(in_logits(), [True])
+    select_default = kr.ROUTER_SELECT_MAX_TOKENS
+    try:
+        kr.ROUTER_SELECT_MAX_TOKENS = 0
+        with record_launches() as seen: assert torch.equal(layer(xs[0][:1]), want)   # same code, same order: same bits
+        test_eq(in_logits(), [False]); assert "_route_topk_kernel" in names(), names()
+    finally: kr.ROUTER_SELECT_MAX_TOKENS = select_default
     # a replay that fails: the plans are dropped and the batched prepare's kept counts marked dirty; the next forward is right
     cfg = base.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="nixl_ep"))
     layer = FusedMoE(cfg, seed=1, experts="triton", device=DEVICE)
