@@ -469,7 +469,7 @@ class SharedExperts(torch.nn.Module):
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #232ddcbd04c1
+# %% ../nbs/10_modular.ipynb #ddb8f610ee92
 class ModularKernel:
     "A prepare/finalize and experts of the same activation format, plus optional shared experts."
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None,
@@ -497,6 +497,12 @@ class ModularKernel:
         own = owned and hasattr(prepare_finalize, "_prepare") and hasattr(prepare_finalize, "_finalize")
         self._prepare = prepare_finalize._prepare if own else None
         self._finalize = prepare_finalize._finalize if own else prepare_finalize.finalize
+
+    def __getstate__(self) -> dict:
+        "A copy or a pickle (a layer's `torch.save`, `deepcopy`) leaves the side stream behind: the copy makes its own."
+        state = self.__dict__.copy()
+        state.pop("_side_stream", None)                 # a stream belongs to this process, and cannot be pickled
+        return state
 
     def _make_side_stream(self, device: torch.device):
         "The shared experts' stream in a captured graph, made outside the capture with its split-K counters (kept)."

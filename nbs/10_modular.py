@@ -27,6 +27,7 @@ from moe_lit.testing import assert_close, record_launches
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
 from moe_lit.quant_weights import quantize_expert_weights
+import copy, pickle
 
 # %% [markdown]
 # In this notebook: `Prepared` (what prepare hands to the experts), the prepare/finalize implementations
@@ -613,6 +614,12 @@ class ModularKernel:
         self._prepare = prepare_finalize._prepare if own else None
         self._finalize = prepare_finalize._finalize if own else prepare_finalize.finalize
 
+    def __getstate__(self) -> dict:
+        "A copy or a pickle (a layer's `torch.save`, `deepcopy`) leaves the side stream behind: the copy makes its own."
+        state = self.__dict__.copy()
+        state.pop("_side_stream", None)                 # a stream belongs to this process, and cannot be pickled
+        return state
+
     def _make_side_stream(self, device: torch.device):
         "The shared experts' stream in a captured graph, made outside the capture with its split-K counters (kept)."
         from moe_lit.kernels.batched import arrival_counters, COUNTERS_MIN   # (Triton: imported once a GPU runs)
@@ -876,6 +883,11 @@ assert torch.equal(x, hidden)                                                   
 assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
              + expert_mlp(hidden.double(), sh.w13.double(), sh.w2.double()))
 test_fail(lambda: mk(x[:, :-1], w13, w2, wts, ids, p1), contains="hidden: expected shape [*, 32], got [9, 31]")
+# a copy or a pickle leaves the side stream (made at a GPU's first forward) behind; the original keeps its own
+mk._side_stream = torch.Stream(device="cpu")                                    # a stream cannot be pickled
+for c in (copy.deepcopy(mk), pickle.loads(pickle.dumps(mk))):
+    assert "_side_stream" not in c.__dict__ and torch.equal(c(x, w13, w2, wts, ids, p1), out)
+assert mk._side_stream is not None
 # weights of fewer experts than the placement holds are refused: the Triton experts would skip those pairs silently
 for impl in ("torch", "triton"):
     pf = make_prepare_finalize(MoEConfig(E, k, H, I, dtype=torch.float32), T, use_triton=impl == "triton")

@@ -17,6 +17,7 @@ from moe_lit.testing import assert_close, record_launches
 from moe_lit.config import BACKENDS, ParallelConfig
 from moe_lit.placement import Placement
 from moe_lit.quant_weights import quantize_expert_weights
+import copy, pickle
 from moe_lit.modular import *
 
 
@@ -121,6 +122,11 @@ def test_modular_kernels_agree():
     assert_close(out, moe_reference_standard(hidden.double(), w13.double(), w2.double(), wts, ids)
                  + expert_mlp(hidden.double(), sh.w13.double(), sh.w2.double()))
     test_fail(lambda: mk(x[:, :-1], w13, w2, wts, ids, p1), contains="hidden: expected shape [*, 32], got [9, 31]")
+    # a copy or a pickle leaves the side stream (made at a GPU's first forward) behind; the original keeps its own
+    mk._side_stream = torch.Stream(device="cpu")                                    # a stream cannot be pickled
+    for c in (copy.deepcopy(mk), pickle.loads(pickle.dumps(mk))):
+        assert "_side_stream" not in c.__dict__ and torch.equal(c(x, w13, w2, wts, ids, p1), out)
+    assert mk._side_stream is not None
     # weights of fewer experts than the placement holds are refused: the Triton experts would skip those pairs silently
     for impl in ("torch", "triton"):
         pf = make_prepare_finalize(MoEConfig(E, k, H, I, dtype=torch.float32), T, use_triton=impl == "triton")
