@@ -265,7 +265,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #be1d3a74e811
+# %% ../nbs/00_testing.ipynb #21f8fd5ca4b9
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -395,11 +395,16 @@ def _compile_specs(specs: list, capability: int) -> list:
             out.append(dict(kernel=s["kernel"], ok=True, error="", shared_bytes=int(c.metadata.shared),
                             seconds=time.perf_counter() - t0, pdl_wait=_waits_first(ptx),
                             prefetches=ptx.count("prefetch.global"), registers=regs, stack_bytes=stack))
-        except Exception as e:   # the compiler's message, whatever its type, and its innermost cause's: the finding
-            inner = e
-            while inner.__cause__ is not None: inner = inner.__cause__     # Triton's own error is where the call failed
-            why = "" if inner is e else f" <- {type(inner).__name__}: {str(inner)[-1500:]}"
-            out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}{why}", shared_bytes=0,
+        except Exception as e:   # the compiler's message, whatever its type: the finding
+            # A failure in a @triton.jit helper is a chain: a CompilationError per call level, then the cause. The
+            # deepest CompilationError names the line; its message ends with the source, the caret and the error.
+            chain = [e]
+            while chain[-1].__cause__ is not None: chain.append(chain[-1].__cause__)
+            at = [c for c in chain if type(c).__name__ == "CompilationError"] or [e]
+            cause = chain[-1]                                              # (shown when the message lacks it)
+            why = "" if cause is at[-1] or str(cause) in str(at[-1]) else f" <- {type(cause).__name__}: {str(cause)[-500:]}"
+            error = f"{type(at[-1]).__name__}: {str(at[-1])[-1500:]}{why}"
+            out.append(dict(kernel=s["kernel"], ok=False, error=error, shared_bytes=0,
                             seconds=time.perf_counter() - t0, pdl_wait=False, prefetches=0, registers=-1, stack_bytes=-1))
     return out
 

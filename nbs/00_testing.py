@@ -581,11 +581,16 @@ def _compile_specs(specs: list, capability: int) -> list:
             out.append(dict(kernel=s["kernel"], ok=True, error="", shared_bytes=int(c.metadata.shared),
                             seconds=time.perf_counter() - t0, pdl_wait=_waits_first(ptx),
                             prefetches=ptx.count("prefetch.global"), registers=regs, stack_bytes=stack))
-        except Exception as e:   # the compiler's message, whatever its type, and its innermost cause's: the finding
-            inner = e
-            while inner.__cause__ is not None: inner = inner.__cause__     # Triton's own error is where the call failed
-            why = "" if inner is e else f" <- {type(inner).__name__}: {str(inner)[-1500:]}"
-            out.append(dict(kernel=s["kernel"], ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}{why}", shared_bytes=0,
+        except Exception as e:   # the compiler's message, whatever its type: the finding
+            # A failure in a @triton.jit helper is a chain: a CompilationError per call level, then the cause. The
+            # deepest CompilationError names the line; its message ends with the source, the caret and the error.
+            chain = [e]
+            while chain[-1].__cause__ is not None: chain.append(chain[-1].__cause__)
+            at = [c for c in chain if type(c).__name__ == "CompilationError"] or [e]
+            cause = chain[-1]                                              # (shown when the message lacks it)
+            why = "" if cause is at[-1] or str(cause) in str(at[-1]) else f" <- {type(cause).__name__}: {str(cause)[-500:]}"
+            error = f"{type(at[-1]).__name__}: {str(at[-1])[-1500:]}{why}"
+            out.append(dict(kernel=s["kernel"], ok=False, error=error, shared_bytes=0,
                             seconds=time.perf_counter() - t0, pdl_wait=False, prefetches=0, registers=-1, stack_bytes=-1))
     return out
 
