@@ -24,7 +24,8 @@ import moe_lit.kernels.router as R
 
 path, tokens = sys.argv[1], [int(a) for a in sys.argv[2:]] or [1, 2, 4]
 spec = importlib.util.spec_from_file_location("router_base", path)
-base = importlib.util.module_from_spec(spec); spec.loader.exec_module(base)
+base = importlib.util.module_from_spec(spec); sys.modules["router_base"] = base  # dataclasses look their module up
+spec.loader.exec_module(base)
 versions = {"base": base._route_topk, "new": R._route_topk}
 
 def graph_us(fn, n=20) -> float:
