@@ -23,6 +23,7 @@ from unittest import mock
 import transformers
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, tiny_hf_model, hf_moe_block, TINY_HF
+from moe_lit.integrations.transformers import _weight_key
 
 # %% [markdown]
 # In this notebook: `register`, which makes `"moe_lit"` an experts implementation of transformers; the pieces it is
@@ -261,7 +262,11 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
 # read and write of the expert weights per layer per step. `experts_weights` keeps the converted tensors per module
 # (a `weakref.WeakKeyDictionary`, so they go when the module goes) together with a key of the source parameters:
 # `data_ptr()`, `_version` (bumped by every in-place write through the parameter: `copy_` in `load_state_dict`, an
-# optimizer step), shape, strides, dtype and device. A changed key means new weights, and the entry is rebuilt.
+# optimizer step), shape, strides, dtype and device. A changed key means new weights, and the entry is rebuilt. The
+# entry also holds weak references to the source parameters and is used only while they are the module's parameters
+# still: a parameter replaced by a new one is a miss even when the key matches, as it does when the allocator hands
+# the old weights' freed block to the new ones (same address, and a fresh tensor's `_version` after one `normal_`
+# equals the old one's). Weak, so the cache never keeps replaced weights alive.
 #
 # **Memory.** For those layouts the cache is a second copy of the expert weights, as large as the first: for
 # gpt-oss-20b dequantized to bf16, 24 layers × 32 experts × 3·2880² parameters × 2 bytes ≈ 38 GB. Concatenated,
@@ -289,7 +294,7 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
 
 # %%
 #| export
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # experts module -> (key, converted weights)
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # experts module -> (key, source refs, converted)
 
 _UNVERSIONED: weakref.WeakSet = weakref.WeakSet()   # experts modules already warned about inference-tensor weights
 
@@ -328,9 +333,9 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
         with torch.no_grad(): return convert()
     key = (recipe.transposed, recipe.interleaved, _weight_key(src))
     hit = _CACHE.get(module)
-    if hit is not None and hit[0] == key: return hit[1]
+    if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[1], src)): return hit[2]
     with torch.inference_mode(False), torch.no_grad(): weights = convert()   # normal tensors, also when filled
-    _CACHE[module] = (key, weights)                                           # under inference_mode: reusable later
+    _CACHE[module] = (key, tuple(weakref.ref(t) for t in src), weights)      # under inference_mode: reusable later
     return weights
 
 # %% [markdown]
@@ -646,8 +651,8 @@ got = moe_reference_standard(x, w13, w2, w.float(), top, apply_router_weight_on_
 assert_close(got, want, rtol=1e-5)
 
 # %% [markdown]
-# The cache: a copied layout (gpt-oss) converts once and reuses the copy; an in-place write to a weight, or a new
-# tensor behind it, rebuilds it; a matching layout (Mixtral) uses the parameters themselves. (Inference, so no
+# The cache: a copied layout (gpt-oss) converts once and reuses the copy; an in-place write to a weight, a new
+# tensor behind it, or a new parameter with the same key (what address reuse by the allocator looks like), rebuilds it; a matching layout (Mixtral) uses the parameters themselves. (Inference, so no
 # gradient: a forward that wants one converts inside autograd, next test.)
 
 # %%
@@ -661,6 +666,11 @@ x = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_
 ids, w = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [1, 0], [3, 2], [0, 2]]), torch.full((7, 2), 0.5)
 first = experts_weights(experts)
 assert experts_weights(experts)[0] is first[0]                    # cached: no second conversion
+old_key = _weight_key([experts.gate_up_proj])
+experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach(), requires_grad=False)   # a new parameter,
+test_eq(_weight_key([experts.gate_up_proj]), old_key)             # same address and version: the key cannot tell
+assert experts_weights(experts)[0] is not first[0]                # ... converted again all the same
+first = experts_weights(experts)
 before = experts(x, ids, w)
 with torch.no_grad(): experts.down_proj.mul_(2); experts.gate_up_proj_bias.add_(0.1)
 assert experts_weights(experts)[0] is not first[0]

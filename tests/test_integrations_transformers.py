@@ -13,6 +13,7 @@ from unittest import mock
 import transformers
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, tiny_hf_model, hf_moe_block, TINY_HF
+from moe_lit.integrations.transformers import _weight_key
 from moe_lit.integrations.transformers import *
 
 
@@ -168,6 +169,11 @@ def test_cache_invalidation():
     ids, w = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [1, 0], [3, 2], [0, 2]]), torch.full((7, 2), 0.5)
     first = experts_weights(experts)
     assert experts_weights(experts)[0] is first[0]                    # cached: no second conversion
+    old_key = _weight_key([experts.gate_up_proj])
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach(), requires_grad=False)   # a new parameter,
+    test_eq(_weight_key([experts.gate_up_proj]), old_key)             # same address and version: the key cannot tell
+    assert experts_weights(experts)[0] is not first[0]                # ... converted again all the same
+    first = experts_weights(experts)
     before = experts(x, ids, w)
     with torch.no_grad(): experts.down_proj.mul_(2); experts.gate_up_proj_bias.add_(0.1)
     assert experts_weights(experts)[0] is not first[0]

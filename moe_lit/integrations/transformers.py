@@ -132,8 +132,8 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
     return ExpertsRecipe(activation=act, transposed=bool(module.is_transposed), interleaved=rule.interleaved,
                          has_bias=has_bias)
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #504a40a4bca5
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # experts module -> (key, converted weights)
+# %% ../../nbs/12b_integrations.transformers.ipynb #80d57fdf2629
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # experts module -> (key, source refs, converted)
 
 _UNVERSIONED: weakref.WeakSet = weakref.WeakSet()   # experts modules already warned about inference-tensor weights
 
@@ -147,7 +147,7 @@ def clear_cache() -> int:
     _CACHE.clear()
     return n
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #4d9d8f7a84e4
+# %% ../../nbs/12b_integrations.transformers.ipynb #fc55bb662f1f
 def experts_weights(module: torch.nn.Module,     # a transformers experts module
                     recipe: ExpertsRecipe | None = None,  # experts_recipe(module), if already computed
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -171,9 +171,9 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
         with torch.no_grad(): return convert()
     key = (recipe.transposed, recipe.interleaved, _weight_key(src))
     hit = _CACHE.get(module)
-    if hit is not None and hit[0] == key: return hit[1]
+    if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[1], src)): return hit[2]
     with torch.inference_mode(False), torch.no_grad(): weights = convert()   # normal tensors, also when filled
-    _CACHE[module] = (key, weights)                                           # under inference_mode: reusable later
+    _CACHE[module] = (key, tuple(weakref.ref(t) for t in src), weights)      # under inference_mode: reusable later
     return weights
 
 # %% ../../nbs/12b_integrations.transformers.ipynb #c25beed0e872
