@@ -9,6 +9,7 @@
 #| export
 from __future__ import annotations
 import json, threading
+from collections import Counter
 from pathlib import Path
 import torch
 from fastcore.basics import patch
@@ -41,8 +42,10 @@ from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint
 # `11b_layouts`. A **reference** page.
 #
 # `CheckpointWeights(checkpoint_dir, layer_index, parallel=None, dtype=None)` reads `config.json` (through
-# `moe_config_from_hf`) and the safetensors files of `checkpoint_dir`: several shards listed by
-# `model.safetensors.index.json` (its `weight_map`), or one `model.safetensors`. Every tensor of the layer is
+# `moe_config_from_hf`) and the safetensors files of `checkpoint_dir`: one `model.safetensors`, or several shards
+# listed by `model.safetensors.index.json` (its `weight_map`). Where a directory holds both (`save_pretrained` into a
+# directory that held the other kind leaves the old file there) the single file is read, as transformers'
+# `from_pretrained` does, so the two load the same weights. Every tensor of the layer is
 # checked — present, of the shape and dtype the config implies — at construction, from the files' headers alone;
 # no weight is read until asked for. It then answers the protocol in moe-lit's layout (`[out, in]` matrices, `w13` = gate rows
 # then up rows), whatever layout the checkpoint uses:
@@ -67,8 +70,10 @@ from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint
 # %%
 #| export
 def _weight_map(root: Path) -> dict[str, str]:
-    "key -> shard file name: the index's `weight_map` when the directory has one, else every key of model.safetensors."
+    "key -> shard file name: every key of model.safetensors when the directory has one (transformers' order), else the index's `weight_map`."
     index, single = root / "model.safetensors.index.json", root / "model.safetensors"
+    if single.is_file():
+        with _safe_open(single) as f: return dict.fromkeys(f.keys(), single.name)
     if index.is_file():
         wm = read_json_object(index, "checkpoint_dir").get("weight_map")      # a key twice: refused, not the last kept
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
@@ -78,8 +83,6 @@ def _weight_map(root: Path) -> dict[str, str]:
                 raise ValueError(f"checkpoint_dir: expected weight_map file names in the checkpoint directory, got "
                                  f"{file!r} for {key!r} in {index}")
         return wm
-    if single.is_file():
-        with _safe_open(single) as f: return dict.fromkeys(f.keys(), single.name)
     raise ValueError(f"checkpoint_dir: expected model.safetensors or model.safetensors.index.json in '{root}', got neither")
 
 # %%
@@ -342,12 +345,13 @@ def _check_keys(self: CheckpointWeights):
         if tuple(got) != tuple(want):
             raise ValueError(f"checkpoint: expected key {key!r} of shape {list(want)}, got {got}")
     for group in self._weight_groups():                # one dtype a group: a stack never mixes FP8 codes and floats
-        first = group[0]
-        _check_dtype(first, dtypes[first], ("F8_E4M3", *_FLOAT_DTYPES), "FP8 e4m3 codes or floats")
-        for key in group[1:]:
-            if dtypes[key] != dtypes[first]:
-                raise ValueError(f"checkpoint: expected key {key!r} of dtype {dtypes[first]} (as {first!r}), "
-                                 f"got {dtypes[key]}")
+        common = Counter(dtypes[k] for k in group).most_common(1)[0][0]   # the odd key out is named, not its sibling
+        ref = next(k for k in group if dtypes[k] == common)               # (ties: the first key's dtype)
+        _check_dtype(ref, common, ("F8_E4M3", *_FLOAT_DTYPES), "FP8 e4m3 codes or floats")
+        for key in group:
+            if dtypes[key] != common:
+                raise ValueError(f"checkpoint: expected key {key!r} of dtype {common} (as {ref!r}, like most keys "
+                                 f"of its stack), got {dtypes[key]}")
     for key, dtype in dtypes.items():
         if key.endswith(("_blocks", "_scales")) and self.quant_scheme == "mxfp4_w4a16":
             _check_dtype(key, dtype, ("U8",), "MXFP4 codes and e8m0 scales")
@@ -810,9 +814,13 @@ k1 = P + "experts.1.gate_proj.weight"
 with tempfile.TemporaryDirectory() as d:
     for dt, name in ((torch.int32, "I32"), (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.float8_e5m2, "F8_E5M2")):
         test_fail(lambda: rewrite(d, {**good, k1: good[k1].to(dt)}, QWEN_CFG),
-                  contains=f"checkpoint: expected key '{k1}' of dtype F32 (as '{P}experts.0.gate_proj.weight'), got {name}")
-    test_fail(lambda: rewrite(d, {**good, P + "experts.0.gate_proj.weight": good[k1].int()}),
-              contains=f"expected key '{P}experts.0.gate_proj.weight' of dtype F8_E4M3 or F16 or BF16 or F32 or F64 (FP8 e4m3 codes or floats), got I32")
+                  contains=f"checkpoint: expected key '{k1}' of dtype F32 (as '{P}experts.0.gate_proj.weight', like most keys of its stack), got {name}")
+    k0 = P + "experts.0.gate_proj.weight"                  # the first key odd: it is named, not the sibling after it
+    for dt, name in ((torch.int32, "I32"), (torch.float64, "F64")):
+        test_fail(lambda: rewrite(d, {**good, k0: good[k0].to(dt)}),
+                  contains=f"expected key '{k0}' of dtype F32 (as '{P}experts.0.up_proj.weight', like most keys of its stack), got {name}")
+    test_fail(lambda: rewrite(d, {k: v.int() if "experts." in k else v for k, v in good.items()}),   # all of them odd
+              contains=f"expected key '{k0}' of dtype F8_E4M3 or F16 or BF16 or F32 or F64 (FP8 e4m3 codes or floats), got I32")
     test_fail(lambda: rewrite(d, {**good, P + "gate.weight": good[P + "gate.weight"].int()}),
               contains=f"expected key '{P}gate.weight' of dtype F16 or BF16 or F32 or F64 (floats), got I32")
 
@@ -823,7 +831,7 @@ with tempfile.TemporaryDirectory() as d:                   # FP8 block (DeepSeek
     P = "model.layers.1.mlp."
     w, sc = P + "experts.1.up_proj.weight", P + "experts.2.down_proj.weight_scale_inv"
     test_fail(lambda: rewrite(d, {**t, w: t[w].float().to(torch.float8_e5m2)}),
-              contains=f"expected key '{w}' of dtype F8_E4M3 (as '{P}experts.0.gate_proj.weight'), got F8_E5M2")
+              contains=f"expected key '{w}' of dtype F8_E4M3 (as '{P}experts.0.gate_proj.weight', like most keys of its stack), got F8_E5M2")
     test_fail(lambda: rewrite(d, {**t, w: t[w].bfloat16()}), contains=f"expected key '{w}' of dtype F8_E4M3 (as")
     test_fail(lambda: rewrite(d, {**t, sc: t[sc].bfloat16()}), contains=f"expected key '{sc}' of dtype F32 (FP8 block scales), got BF16")
     floats = {k: v.bfloat16() if v.dtype == torch.float8_e4m3fn else v for k, v in t.items()}   # scales left beside
@@ -869,6 +877,11 @@ with tempfile.TemporaryDirectory() as d:
     f.unlink(); half = {k: v for k, v in good.items() if "experts.3" not in k}
     save_file(half, f"{d}/a.safetensors"); save_file({k: v for k, v in good.items() if k not in half}, f"{d}/b.safetensors")
     index = lambda wm: json.dump({"weight_map": wm}, open(f"{d}/model.safetensors.index.json", "w"))
+    f.write_bytes(data); index({k: "a.safetensors" for k in good})   # model.safetensors and an index: the single file
+    test_eq(CheckpointWeights(d, 1).router()["gate"], good[P + "gate.weight"])   # is read (transformers' order), and
+    save_file({k: v + 1 for k, v in good.items()}, f"{d}/a.safetensors")         # the index's differing shard is not
+    test_eq(CheckpointWeights(d, 1).router()["gate"], good[P + "gate.weight"])
+    f.unlink(); save_file(half, f"{d}/a.safetensors")
     index({k: "a.safetensors" for k in good})              # the index promises keys the shard lacks
     test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected key '{P}experts.3.gate_proj.weight' in the shard file 'a.safetensors'")
     for outside in ("../a.safetensors", "/etc/passwd", "", "sub/a.safetensors"):   # beside the index only

@@ -2,6 +2,7 @@
 from __future__ import annotations
 import pytest
 import json, threading
+from collections import Counter
 from pathlib import Path
 import torch
 from fastcore.basics import patch
@@ -245,9 +246,13 @@ def test_bad_checkpoint_float_dtypes():
     with tempfile.TemporaryDirectory() as d:
         for dt, name in ((torch.int32, "I32"), (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.float8_e5m2, "F8_E5M2")):
             test_fail(lambda: rewrite(d, {**good, k1: good[k1].to(dt)}, QWEN_CFG),
-                      contains=f"checkpoint: expected key '{k1}' of dtype F32 (as '{P}experts.0.gate_proj.weight'), got {name}")
-        test_fail(lambda: rewrite(d, {**good, P + "experts.0.gate_proj.weight": good[k1].int()}),
-                  contains=f"expected key '{P}experts.0.gate_proj.weight' of dtype F8_E4M3 or F16 or BF16 or F32 or F64 (FP8 e4m3 codes or floats), got I32")
+                      contains=f"checkpoint: expected key '{k1}' of dtype F32 (as '{P}experts.0.gate_proj.weight', like most keys of its stack), got {name}")
+        k0 = P + "experts.0.gate_proj.weight"                  # the first key odd: it is named, not the sibling after it
+        for dt, name in ((torch.int32, "I32"), (torch.float64, "F64")):
+            test_fail(lambda: rewrite(d, {**good, k0: good[k0].to(dt)}),
+                      contains=f"expected key '{k0}' of dtype F32 (as '{P}experts.0.up_proj.weight', like most keys of its stack), got {name}")
+        test_fail(lambda: rewrite(d, {k: v.int() if "experts." in k else v for k, v in good.items()}),   # all of them odd
+                  contains=f"expected key '{k0}' of dtype F8_E4M3 or F16 or BF16 or F32 or F64 (FP8 e4m3 codes or floats), got I32")
         test_fail(lambda: rewrite(d, {**good, P + "gate.weight": good[P + "gate.weight"].int()}),
                   contains=f"expected key '{P}gate.weight' of dtype F16 or BF16 or F32 or F64 (floats), got I32")
 
@@ -258,7 +263,7 @@ def test_bad_checkpoint_fp8_dtypes_and_scales():
         P = "model.layers.1.mlp."
         w, sc = P + "experts.1.up_proj.weight", P + "experts.2.down_proj.weight_scale_inv"
         test_fail(lambda: rewrite(d, {**t, w: t[w].float().to(torch.float8_e5m2)}),
-                  contains=f"expected key '{w}' of dtype F8_E4M3 (as '{P}experts.0.gate_proj.weight'), got F8_E5M2")
+                  contains=f"expected key '{w}' of dtype F8_E4M3 (as '{P}experts.0.gate_proj.weight', like most keys of its stack), got F8_E5M2")
         test_fail(lambda: rewrite(d, {**t, w: t[w].bfloat16()}), contains=f"expected key '{w}' of dtype F8_E4M3 (as")
         test_fail(lambda: rewrite(d, {**t, sc: t[sc].bfloat16()}), contains=f"expected key '{sc}' of dtype F32 (FP8 block scales), got BF16")
         floats = {k: v.bfloat16() if v.dtype == torch.float8_e4m3fn else v for k, v in t.items()}   # scales left beside
@@ -304,6 +309,11 @@ def test_unreadable_checkpoint_files():
         f.unlink(); half = {k: v for k, v in good.items() if "experts.3" not in k}
         save_file(half, f"{d}/a.safetensors"); save_file({k: v for k, v in good.items() if k not in half}, f"{d}/b.safetensors")
         index = lambda wm: json.dump({"weight_map": wm}, open(f"{d}/model.safetensors.index.json", "w"))
+        f.write_bytes(data); index({k: "a.safetensors" for k in good})   # model.safetensors and an index: the single file
+        test_eq(CheckpointWeights(d, 1).router()["gate"], good[P + "gate.weight"])   # is read (transformers' order), and
+        save_file({k: v + 1 for k, v in good.items()}, f"{d}/a.safetensors")         # the index's differing shard is not
+        test_eq(CheckpointWeights(d, 1).router()["gate"], good[P + "gate.weight"])
+        f.unlink(); save_file(half, f"{d}/a.safetensors")
         index({k: "a.safetensors" for k in good})              # the index promises keys the shard lacks
         test_fail(lambda: CheckpointWeights(d, 1), contains=f"checkpoint: expected key '{P}experts.3.gate_proj.weight' in the shard file 'a.safetensors'")
         for outside in ("../a.safetensors", "/etc/passwd", "", "sub/a.safetensors"):   # beside the index only
