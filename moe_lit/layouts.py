@@ -52,7 +52,7 @@ LAYOUTS: dict[str, CheckpointLayout] = {   # model_type -> layout (the table abo
     "llama4":      CheckpointLayout(prefixes=("language_model.model.layers.{N}.feed_forward.",), **_LLAMA4),
 }
 
-# %% ../nbs/11b_layouts.ipynb #79839020fd7e
+# %% ../nbs/11b_layouts.ipynb #ad8253057aab
 _FIRST_K_DENSE_DEFAULT = {"deepseek_v2": 0, "deepseek_v3": 3, "glm4_moe": 1}   # the transformers config classes
 
 MAX_LAYERS = 2**16   # decoder layers a config.json may declare (the largest published models have a few hundred)
@@ -71,8 +71,8 @@ def _layer_set(cfg: dict, key: str) -> frozenset:
     return frozenset(check_int(f"config.json {key}[{j}]", i, lo=0, hi=SIZE_LIMIT) for j, i in enumerate(v))
 
 def _rule_first_k_dense(c, t, n):
-    k, freq = _count(c, "first_k_dense_replace", _FIRST_K_DENSE_DEFAULT.get(t, 0)), _count(c, "moe_layer_freq", 1, lo=1)
-    return lambda i: i >= k and i % freq == 0
+    k = _count(c, "first_k_dense_replace", _FIRST_K_DENSE_DEFAULT.get(t, 0))
+    return lambda i: i >= k                           # transformers' rule: moe_layer_freq is not read (note above)
 
 def _rule_sparse_step(c, t, n):
     dense, step = _layer_set(c, "mlp_only_layers"), _count(c, "decoder_sparse_step", 1, lo=1)
@@ -90,7 +90,7 @@ MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> i
     "moe_layers": _rule_moe_layers,
 }
 
-# %% ../nbs/11b_layouts.ipynb #3252f18eb2a7
+# %% ../nbs/11b_layouts.ipynb #55d8f7f586d7
 def _check_config_dict(cfg):
     if not isinstance(cfg, dict): raise ValueError(f"cfg: expected a config.json's contents (a dict), got {type(cfg).__name__}")
 
@@ -120,7 +120,7 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
 
-MOE_LAYER_KEYS = {"all": (), "first_k_dense_replace": ("first_k_dense_replace", "moe_layer_freq"),   # what each rule
+MOE_LAYER_KEYS = {"all": (), "first_k_dense_replace": ("first_k_dense_replace",),                  # what each rule
                   "decoder_sparse_step": ("decoder_sparse_step", "mlp_only_layers"),           # of MOE_LAYER_RULES reads
                   "moe_layers": ("moe_layers", "interleave_moe_layer_step")}
 
@@ -128,12 +128,15 @@ def moe_layer_rule(config,  # a config.json's contents (dict), its path, or the 
                    ) -> str:
     """Which rule `moe_layer_indices` applied and the config.json values it read (absent keys as None: the rule's
     default), e.g. "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=2, first_k_dense_replace=1,
-    moe_layer_freq=2" -- for an error that says why a layer is not an MoE layer. ValueError as `moe_layer_indices`."""
+    and "moe_layer_freq=2 is not read (transformers' rule)" where the config has a value other than 1 -- for an error
+    that says why a layer is not an MoE layer. ValueError as `moe_layer_indices`."""
     if not isinstance(config, dict): config = read_config_json(config)[0]
     t, layout = checkpoint_layout(config)
     text = text_config_view(config)
     keys = ("num_hidden_layers", *MOE_LAYER_KEYS[layout.moe_layers])
-    return f"the {layout.moe_layers} rule of {t}: " + ", ".join(f"{k}={text.get(k)!r}" for k in keys)
+    unread = (f"; moe_layer_freq={text['moe_layer_freq']!r} is not read (transformers' rule)"
+              if layout.moe_layers == "first_k_dense_replace" and text.get("moe_layer_freq", 1) not in (1, None) else "")
+    return f"the {layout.moe_layers} rule of {t}: " + ", ".join(f"{k}={text.get(k)!r}" for k in keys) + unread
 
 # %% ../nbs/11b_layouts.ipynb #9f54553d5965
 QUANT_METHODS = {s.hf_quant_method: s.name for s in QUANT_SCHEME_TABLE.values() if s.hf_quant_method}   # -> scheme

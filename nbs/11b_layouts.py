@@ -107,14 +107,18 @@ LAYOUTS: dict[str, CheckpointLayout] = {   # model_type -> layout (the table abo
 # | rule | families | layer `i` is MoE when |
 # |---|---|---|
 # | `all` | `mixtral`, `minimax_m2`, `gpt_oss` | always |
-# | `first_k_dense_replace` | `deepseek_v2`, `deepseek_v3`, `glm4_moe` | `i ≥ first_k_dense_replace` and `i % moe_layer_freq == 0` |
+# | `first_k_dense_replace` | `deepseek_v2`, `deepseek_v3`, `glm4_moe` | `i ≥ first_k_dense_replace` |
 # | `decoder_sparse_step` | `qwen2_moe`, `qwen3_moe`, `qwen3_next` | `i ∉ mlp_only_layers` and `(i + 1) % decoder_sparse_step == 0` |
 # | `moe_layers` | `llama4`, `llama4_text` | `i ∈ moe_layers`; without the key, `(i + 1) % interleave_moe_layer_step == 0` |
 #
-# > DeepSeek's `moe_layer_freq` condition is the one of its own modeling code on the Hub
-# > (`modeling_deepseek.py` of deepseek-ai/DeepSeek-V3); transformers' `DeepseekV3DecoderLayer` reads only
-# > `first_k_dense_replace`, which agrees for every released config (`moe_layer_freq: 1`). The defaults for an
-# > absent `first_k_dense_replace` are those of `DeepseekV2Config` (0), `DeepseekV3Config` (3) and `Glm4MoeConfig` (1).
+# > The rule is transformers': `DeepseekV2DecoderLayer`, `DeepseekV3DecoderLayer` and `Glm4MoeDecoderLayer` build an
+# > MoE block for every layer from `first_k_dense_replace` on, and read no `moe_layer_freq`. DeepSeek's own modeling
+# > code on the Hub (`modeling_deepseek.py` of deepseek-ai/DeepSeek-V3), and vLLM's model after it, also require
+# > `i % moe_layer_freq == 0`; every released config has `moe_layer_freq: 1`, where the two agree. A config with
+# > another value is loaded as transformers loads it (a checkpoint that transformers wrote from such a config has
+# > experts in every layer from `first_k_dense_replace` on), and `moe_layer_rule` says the value was not read. The
+# > defaults for an absent `first_k_dense_replace` are those of `DeepseekV2Config` (0), `DeepseekV3Config` (3) and
+# > `Glm4MoeConfig` (1).
 
 # %%
 #| export
@@ -136,8 +140,8 @@ def _layer_set(cfg: dict, key: str) -> frozenset:
     return frozenset(check_int(f"config.json {key}[{j}]", i, lo=0, hi=SIZE_LIMIT) for j, i in enumerate(v))
 
 def _rule_first_k_dense(c, t, n):
-    k, freq = _count(c, "first_k_dense_replace", _FIRST_K_DENSE_DEFAULT.get(t, 0)), _count(c, "moe_layer_freq", 1, lo=1)
-    return lambda i: i >= k and i % freq == 0
+    k = _count(c, "first_k_dense_replace", _FIRST_K_DENSE_DEFAULT.get(t, 0))
+    return lambda i: i >= k                           # transformers' rule: moe_layer_freq is not read (note above)
 
 def _rule_sparse_step(c, t, n):
     dense, step = _layer_set(c, "mlp_only_layers"), _count(c, "decoder_sparse_step", 1, lo=1)
@@ -186,7 +190,7 @@ def moe_layer_indices(config,  # a config.json's contents (dict), its path, or t
     is_moe = MOE_LAYER_RULES[layout.moe_layers](text, t, n)
     return [i for i in range(n) if is_moe(i)]
 
-MOE_LAYER_KEYS = {"all": (), "first_k_dense_replace": ("first_k_dense_replace", "moe_layer_freq"),   # what each rule
+MOE_LAYER_KEYS = {"all": (), "first_k_dense_replace": ("first_k_dense_replace",),                  # what each rule
                   "decoder_sparse_step": ("decoder_sparse_step", "mlp_only_layers"),           # of MOE_LAYER_RULES reads
                   "moe_layers": ("moe_layers", "interleave_moe_layer_step")}
 
@@ -194,12 +198,15 @@ def moe_layer_rule(config,  # a config.json's contents (dict), its path, or the 
                    ) -> str:
     """Which rule `moe_layer_indices` applied and the config.json values it read (absent keys as None: the rule's
     default), e.g. "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=2, first_k_dense_replace=1,
-    moe_layer_freq=2" -- for an error that says why a layer is not an MoE layer. ValueError as `moe_layer_indices`."""
+    and "moe_layer_freq=2 is not read (transformers' rule)" where the config has a value other than 1 -- for an error
+    that says why a layer is not an MoE layer. ValueError as `moe_layer_indices`."""
     if not isinstance(config, dict): config = read_config_json(config)[0]
     t, layout = checkpoint_layout(config)
     text = text_config_view(config)
     keys = ("num_hidden_layers", *MOE_LAYER_KEYS[layout.moe_layers])
-    return f"the {layout.moe_layers} rule of {t}: " + ", ".join(f"{k}={text.get(k)!r}" for k in keys)
+    unread = (f"; moe_layer_freq={text['moe_layer_freq']!r} is not read (transformers' rule)"
+              if layout.moe_layers == "first_k_dense_replace" and text.get("moe_layer_freq", 1) not in (1, None) else "")
+    return f"the {layout.moe_layers} rule of {t}: " + ", ".join(f"{k}={text.get(k)!r}" for k in keys) + unread
 
 # %%
 #| test moe_layer_indices
@@ -208,9 +215,10 @@ test_fail(lambda: moe_layer_indices({"model_type": "mixtral", "num_hidden_layers
           contains="config.json num_hidden_layers: expected <= 65536")
 ds = {"model_type": "deepseek_v3", "num_hidden_layers": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1}
 test_eq(moe_layer_indices(ds), [1, 2, 3, 4, 5])
-test_eq(moe_layer_indices({**ds, "moe_layer_freq": 2}), [2, 4])
-test_eq(moe_layer_rule({**ds, "moe_layer_freq": 2}),
-        "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2")
+test_eq(moe_layer_indices({**ds, "moe_layer_freq": 2}), [1, 2, 3, 4, 5])   # as transformers builds it (not Hub code's [2, 4])
+test_eq(moe_layer_rule({**ds, "moe_layer_freq": 2}), "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=6, "
+        "first_k_dense_replace=1; moe_layer_freq=2 is not read (transformers' rule)")
+test_eq(moe_layer_rule(ds), "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=6, first_k_dense_replace=1")
 test_eq(set(MOE_LAYER_KEYS), set(MOE_LAYER_RULES))                 # every rule says what it reads
 test_eq(moe_layer_indices({"model_type": "deepseek_v3", "num_hidden_layers": 5}), [3, 4])   # DeepseekV3Config default 3
 test_eq(moe_layer_indices({"model_type": "glm4_moe", "num_hidden_layers": 3}), [1, 2])

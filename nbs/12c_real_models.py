@@ -160,6 +160,22 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-6)):   # router wei
                 assert r["ids_equal"] and r["max_rel_err"] <= tol, (t, dtype, i, r)
 
 # %% [markdown]
+# Which layers are MoE is transformers' rule too (`11b_layouts`): with each family's interleaving keys set so that some
+# layers are dense, the MoE layers moe-lit lists are those transformers builds — including a DeepSeek config with
+# `moe_layer_freq: 2`, which transformers does not read (DeepSeek's Hub code would make layers 1 and 3 dense).
+
+# %%
+#| test moe_layers_as_transformers_builds_them
+interleave = {"deepseek_v2": dict(first_k_dense_replace=1, moe_layer_freq=2), "qwen3_moe": dict(decoder_sparse_step=2),
+              "deepseek_v3": dict(first_k_dense_replace=1, moe_layer_freq=2), "qwen3_next": dict(decoder_sparse_step=2),
+              "qwen2_moe": dict(decoder_sparse_step=2, mlp_only_layers=[3]), "llama4_text": dict(moe_layers=[1, 2])}
+for t in TINY_HF:
+    model = tiny_hf_model(t, num_hidden_layers=4, **interleave.get(t, {}))
+    built = [i for i in range(4) if hasattr(hf_moe_block(model, i), "experts")]
+    assert t not in interleave or len(built) < 4, (t, built)        # the keys did make some layer dense
+    test_eq(moe_layer_indices(json.loads(model.config.to_json_string())), built)
+
+# %% [markdown]
 # Routing keys a family's code does not read (`02_models`) leave transformers' block unchanged, and moe-lit's too:
 # each file below carries one, with a value that would change the routing if it were read.
 

@@ -16,9 +16,10 @@ def test_moe_layer_indices():
               contains="config.json num_hidden_layers: expected <= 65536")
     ds = {"model_type": "deepseek_v3", "num_hidden_layers": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1}
     test_eq(moe_layer_indices(ds), [1, 2, 3, 4, 5])
-    test_eq(moe_layer_indices({**ds, "moe_layer_freq": 2}), [2, 4])
-    test_eq(moe_layer_rule({**ds, "moe_layer_freq": 2}),
-            "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2")
+    test_eq(moe_layer_indices({**ds, "moe_layer_freq": 2}), [1, 2, 3, 4, 5])   # as transformers builds it (not Hub code's [2, 4])
+    test_eq(moe_layer_rule({**ds, "moe_layer_freq": 2}), "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=6, "
+            "first_k_dense_replace=1; moe_layer_freq=2 is not read (transformers' rule)")
+    test_eq(moe_layer_rule(ds), "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=6, first_k_dense_replace=1")
     test_eq(set(MOE_LAYER_KEYS), set(MOE_LAYER_RULES))                 # every rule says what it reads
     test_eq(moe_layer_indices({"model_type": "deepseek_v3", "num_hidden_layers": 5}), [3, 4])   # DeepseekV3Config default 3
     test_eq(moe_layer_indices({"model_type": "glm4_moe", "num_hidden_layers": 3}), [1, 2])

@@ -36,6 +36,17 @@ def test_parity_every_family():
                     assert r["ids_equal"] and r["max_rel_err"] <= tol, (t, dtype, i, r)
 
 
+def test_moe_layers_as_transformers_builds_them():
+    interleave = {"deepseek_v2": dict(first_k_dense_replace=1, moe_layer_freq=2), "qwen3_moe": dict(decoder_sparse_step=2),
+                  "deepseek_v3": dict(first_k_dense_replace=1, moe_layer_freq=2), "qwen3_next": dict(decoder_sparse_step=2),
+                  "qwen2_moe": dict(decoder_sparse_step=2, mlp_only_layers=[3]), "llama4_text": dict(moe_layers=[1, 2])}
+    for t in TINY_HF:
+        model = tiny_hf_model(t, num_hidden_layers=4, **interleave.get(t, {}))
+        built = [i for i in range(4) if hasattr(hf_moe_block(model, i), "experts")]
+        assert t not in interleave or len(built) < 4, (t, built)        # the keys did make some layer dense
+        test_eq(moe_layer_indices(json.loads(model.config.to_json_string())), built)
+
+
 def test_parity_ignores_keys_the_family_does_not_read():
     stray = [("mixtral", dict(routed_scaling_factor=2.5)), ("mixtral", dict(scoring_func="sigmoid")),
              ("qwen3_moe", dict(n_group=2, topk_group=1, topk_method="group_limited_greedy")),
