@@ -733,7 +733,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #dcf5e995f7a7
+# %% ../nbs/12_layer.ipynb #edf2febf5065
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
@@ -770,6 +770,9 @@ def _forward(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> to
 @patch
 def _eager(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torch.Tensor:
     "The forward as Python runs it: route, then the ModularKernel (prepare, experts, finalize, shared experts)."
+    if self.debug:                                   # the experts' values, as at load (a sync each): the kernels read
+        _check_held_finite([(n, getattr(self, n)) for n in _TRACKED if n not in _ROUTER]   # them as they are, and an
+                           + list(_shared_by_key(self).items()))   # unquantized layer follows no edit of them
     wts, ids = self._route(hidden) if topk is None else self._check_topk(topk, len(hidden))
     mk = self._modular_kernel(len(hidden))
     w13, w2 = (self.qweights, None) if self.experts == "triton_quant" else (self.w13, self.w2)

@@ -1004,6 +1004,9 @@ def _forward(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> to
 @patch
 def _eager(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torch.Tensor:
     "The forward as Python runs it: route, then the ModularKernel (prepare, experts, finalize, shared experts)."
+    if self.debug:                                   # the experts' values, as at load (a sync each): the kernels read
+        _check_held_finite([(n, getattr(self, n)) for n in _TRACKED if n not in _ROUTER]   # them as they are, and an
+                           + list(_shared_by_key(self).items()))   # unquantized layer follows no edit of them
     wts, ids = self._route(hidden) if topk is None else self._check_topk(topk, len(hidden))
     mk = self._modular_kernel(len(hidden))
     w13, w2 = (self.qweights, None) if self.experts == "triton_quant" else (self.w13, self.w2)
@@ -1408,8 +1411,9 @@ assert torch.equal(plan.replay(xs[1].float()), xs[1].float() * 2)           # a 
 
 # %% [markdown]
 # The hot path checks metadata only; `debug=True` re-checks the layer's own values on every call, and a caller's ids
-# are always checked. Each check below fails without it: a correction bias made non-finite after construction is
-# found only in debug mode; out-of-range caller ids are refused in both modes, before any kernel reads them.
+# are always checked. Each check below fails without it: a gate or expert value made non-finite after construction
+# (through `.data`, or an unquantized layer's experts edited in place: the kernels read them as they are) is found
+# only in debug mode; out-of-range caller ids are refused in both modes, before any kernel reads them.
 
 # %%
 #| test layer_debug_checks
@@ -1429,6 +1433,10 @@ for debug in (False, True):
     if debug: test_fail(lambda: layer(x), contains="gate: expected finite values, got inf at [2, 3]")
     else: layer(x)
     layer.gate.data[2, 3] = g
+    layer.w2.data[1, 0, 0] = float("nan")                               # an expert's value: read as it is, ...
+    if debug: test_fail(lambda: layer(x), contains="w2: expected finite values, got nan at [1, 0, 0]")
+    else: layer(x)
+    layer.w2.data[1, 0, 0] = 0.0
     wts, ids = layer.route(x)
     for bad in (8, -2):
         test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")

@@ -242,6 +242,10 @@ def test_layer_debug_checks():
         if debug: test_fail(lambda: layer(x), contains="gate: expected finite values, got inf at [2, 3]")
         else: layer(x)
         layer.gate.data[2, 3] = g
+        layer.w2.data[1, 0, 0] = float("nan")                               # an expert's value: read as it is, ...
+        if debug: test_fail(lambda: layer(x), contains="w2: expected finite values, got nan at [1, 0, 0]")
+        else: layer(x)
+        layer.w2.data[1, 0, 0] = 0.0
         wts, ids = layer.route(x)
         for bad in (8, -2):
             test_fail(lambda: layer(x, (wts, torch.full_like(ids, bad))), contains="topk_ids: expected ids in [-1, 8)")
