@@ -366,7 +366,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #ec7344907aad
+# %% ../nbs/15_cli.ipynb #8ebb27c22f90
 def _fail(args, message: str) -> int:
     "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
     command = getattr(args, "command", None)                 # (None before the arguments were parsed)
@@ -402,6 +402,12 @@ def _checkpoint(args, cfg: MoEConfig):
     from moe_lit.layouts import moe_layer_indices
     for flag, given in (("--config", args.config), ("--model", args.model)):
         if given: raise ValueError(f"--weights: expected no {flag} (the checkpoint's own config.json is used), got {given}")
+    w = Path(args.weights) if args.weights else None     # a file (its config.json, a shard), none, or a directory
+    if w is None or not (w / "config.json").is_file():   # without config.json: one message
+        got = ("no directory" if w is None or not w.exists() else "the file" if not w.is_dir()
+               else "a directory without config.json:")
+        raise ValueError(f"--weights: expected a checkpoint directory (config.json and its safetensors files), got "
+                         f"{got} {args.weights!r}")
     try:
         layer = args.layer
         if layer is None:

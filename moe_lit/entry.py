@@ -9,7 +9,7 @@ import argparse, sys
 # %% auto #0
 __all__ = ['COMMANDS', 'command_parser', 'main']
 
-# %% ../nbs/15a_entry.ipynb #cfde639f7b63
+# %% ../nbs/15a_entry.ipynb #c66c998a3026
 COMMANDS = {   # subcommand -> what it does (the top-level help)
     "run": "build a model's MoE layer on a deployment and report every decision and check",
     "tables": "print the placement and routing tables of a deployment",
@@ -27,10 +27,12 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict]:
     from moe_lit import __version__
     fmt = _DefaultsHelp
     ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
-                                 formatter_class=fmt)
+                                 formatter_class=fmt, allow_abbrev=False)   # a flag is spelled out: --config is not
+                                                                            # taken for bench's --config-dir
     ap.add_argument("--version", action="version", version=f"moe-lit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    return ap, {name: sub.add_parser(name, help=text, formatter_class=fmt) for name, text in COMMANDS.items()}
+    return ap, {name: sub.add_parser(name, help=text, formatter_class=fmt, allow_abbrev=False)
+                for name, text in COMMANDS.items()}
 
 def main(argv: list[str] | None = None) -> int:
     "The `moe-lit` console script: `--version` and `--help` from the skeleton alone; anything else is `moe_lit.cli.main`."

@@ -599,6 +599,12 @@ def _checkpoint(args, cfg: MoEConfig):
     from moe_lit.layouts import moe_layer_indices
     for flag, given in (("--config", args.config), ("--model", args.model)):
         if given: raise ValueError(f"--weights: expected no {flag} (the checkpoint's own config.json is used), got {given}")
+    w = Path(args.weights) if args.weights else None     # a file (its config.json, a shard), none, or a directory
+    if w is None or not (w / "config.json").is_file():   # without config.json: one message
+        got = ("no directory" if w is None or not w.exists() else "the file" if not w.is_dir()
+               else "a directory without config.json:")
+        raise ValueError(f"--weights: expected a checkpoint directory (config.json and its safetensors files), got "
+                         f"{got} {args.weights!r}")
     try:
         layer = args.layer
         if layer is None:
@@ -804,8 +810,12 @@ with tempfile.TemporaryDirectory() as d:
     for argv, msg in ((["--weights", d, "--layer", "0"], "--layer: expected one of the MoE layers [1]"),
                       (["--weights", d, "--config", d], "--weights: expected no --config"),
                       (["--weights", d, "--model", "mixtral-8x7b"], "--weights: expected no --model"),
-                      (["--weights", d + "-missing"], "--weights: expected an existing config.json"),
-                      (["--weights", ""], "--weights: "), (["--layer", "1"], "--layer: expected --weights with it")):
+                      (["--weights", d + "-missing"], f"--weights: expected a checkpoint directory (config.json and "
+                       f"its safetensors files), got no directory '{d}-missing'"),
+                      (["--weights", f"{d}/config.json"], f"got the file '{d}/config.json'"),
+                      (["--weights", str(shard := next(Path(d).glob("*.safetensors")))], f"got the file '{shard}'"),
+                      (["--weights", ""], "--weights: expected a checkpoint directory (config.json and its safetensors "
+                       "files), got no directory ''"), (["--layer", "1"], "--layer: expected --weights with it")):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", *argv]), 2)
         assert msg in err.getvalue(), err.getvalue()
 with tempfile.TemporaryDirectory() as d:                       # a pre-quantized checkpoint runs its stored codes
@@ -843,7 +853,8 @@ with tempfile.TemporaryDirectory() as d:
                       (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
                       (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3"),
                       (["bench", "--tune", "--scenario", "nope"], "--scenario: expected part of a scenario name ('DeepSeek"),
-                      (["run", "--weights", d], "moe-lit run: error: --weights: expected an existing config.json")):
+                      (["run", "--weights", d], "moe-lit run: error: --weights: expected a checkpoint directory "
+                       f"(config.json and its safetensors files), got a directory without config.json: '{d}'")):
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
         assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())
 if not torch.cuda.is_available():                       # the benchmark on a CPU: one line saying what it needs
@@ -879,6 +890,9 @@ for argv, code, has, lacks in ((["--version"], 0, f"moe-lit {__version__}", None
     assert has in text and (lacks is None or lacks not in text), (argv, text)
 with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(exit_code(["tables", "--dtype", "fp32"]), 2)
 assert "unrecognized arguments: --dtype" in err.getvalue()       # --dtype does nothing for tables, so it is not offered
+for argv in (["bench", "--config", "c.json"], ["run", "--tok", "3"]):   # flags are spelled out: --config is not taken
+    with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(exit_code(argv), 2)   # for bench's --config-dir
+    assert f"unrecognized arguments: {argv[1]}" in err.getvalue(), err.getvalue()
 
 # %%
 #| test main_closed_pipe

@@ -217,8 +217,12 @@ def test_run_checkpoint_weights():
         for argv, msg in ((["--weights", d, "--layer", "0"], "--layer: expected one of the MoE layers [1]"),
                           (["--weights", d, "--config", d], "--weights: expected no --config"),
                           (["--weights", d, "--model", "mixtral-8x7b"], "--weights: expected no --model"),
-                          (["--weights", d + "-missing"], "--weights: expected an existing config.json"),
-                          (["--weights", ""], "--weights: "), (["--layer", "1"], "--layer: expected --weights with it")):
+                          (["--weights", d + "-missing"], f"--weights: expected a checkpoint directory (config.json and "
+                           f"its safetensors files), got no directory '{d}-missing'"),
+                          (["--weights", f"{d}/config.json"], f"got the file '{d}/config.json'"),
+                          (["--weights", str(shard := next(Path(d).glob("*.safetensors")))], f"got the file '{shard}'"),
+                          (["--weights", ""], "--weights: expected a checkpoint directory (config.json and its safetensors "
+                           "files), got no directory ''"), (["--layer", "1"], "--layer: expected --weights with it")):
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["run", *argv]), 2)
             assert msg in err.getvalue(), err.getvalue()
     with tempfile.TemporaryDirectory() as d:                       # a pre-quantized checkpoint runs its stored codes
@@ -256,7 +260,8 @@ def test_main_errors_name_the_flag():
                           (["bench", "--layer", "--tune"], "--tune: not used by --layer"),
                           (["bench", "--layer", "--scenario", "nope"], "--scenario: expected part of a deployment name ('Qwen3"),
                           (["bench", "--tune", "--scenario", "nope"], "--scenario: expected part of a scenario name ('DeepSeek"),
-                          (["run", "--weights", d], "moe-lit run: error: --weights: expected an existing config.json")):
+                          (["run", "--weights", d], "moe-lit run: error: --weights: expected a checkpoint directory "
+                           f"(config.json and its safetensors files), got a directory without config.json: '{d}'")):
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(argv), 2)
             assert msg in err.getvalue() and "path_or_dict" not in err.getvalue(), (argv, err.getvalue())
     if not torch.cuda.is_available():                       # the benchmark on a CPU: one line saying what it needs
@@ -292,6 +297,9 @@ def test_main_options():
         assert has in text and (lacks is None or lacks not in text), (argv, text)
     with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(exit_code(["tables", "--dtype", "fp32"]), 2)
     assert "unrecognized arguments: --dtype" in err.getvalue()       # --dtype does nothing for tables, so it is not offered
+    for argv in (["bench", "--config", "c.json"], ["run", "--tok", "3"]):   # flags are spelled out: --config is not taken
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(exit_code(argv), 2)   # for bench's --config-dir
+        assert f"unrecognized arguments: {argv[1]}" in err.getvalue(), err.getvalue()
 
 
 def test_main_closed_pipe():
