@@ -1033,7 +1033,7 @@ def rank_config(config: MoEConfig, ep_rank: int,
                               enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #bb6c3f2ad72a
+# %% ../nbs/12_layer.ipynb #edec0c1377cc
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int | None = None, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -1095,6 +1095,11 @@ def _kernels_spec(config: MoEConfig, hidden, q, topk_weights, pairs, ew: dict) -
     With the router weight on the input in the batched format, the dispatch weights each pair's row and stores it in
     the model's dtype before the experts quantize it: the spec then runs on those rounded rows, one pair a row."""
     from moe_lit.kernels.quant_experts import quant_experts_reference_standard
+    bad = ~hidden.isfinite().all(-1)                  # a NaN or inf row: the kernels' FP8 scales of its groups are NaN,
+    if bad.any():                                     # so is its output (its own row only); the spec's quantizer refuses
+        y = _kernels_spec(config, hidden.masked_fill(bad[:, None], 0), q, topk_weights, pairs, ew)   # such rows: it
+        y[bad & (pairs >= 0).any(-1)] = float("nan")  # runs the others, and the row is NaN where it reaches an expert
+        return y
     if not (ew["apply_router_weight_on_input"] and config.activation_format is ActivationFormat.BatchedExperts):
         return quant_experts_reference_standard(hidden, q, topk_weights, pairs, **ew)
     (T, k), acc = pairs.shape, acc_dtype(hidden.dtype)

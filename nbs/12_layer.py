@@ -2179,6 +2179,11 @@ def _kernels_spec(config: MoEConfig, hidden, q, topk_weights, pairs, ew: dict) -
     With the router weight on the input in the batched format, the dispatch weights each pair's row and stores it in
     the model's dtype before the experts quantize it: the spec then runs on those rounded rows, one pair a row."""
     from moe_lit.kernels.quant_experts import quant_experts_reference_standard
+    bad = ~hidden.isfinite().all(-1)                  # a NaN or inf row: the kernels' FP8 scales of its groups are NaN,
+    if bad.any():                                     # so is its output (its own row only); the spec's quantizer refuses
+        y = _kernels_spec(config, hidden.masked_fill(bad[:, None], 0), q, topk_weights, pairs, ew)   # such rows: it
+        y[bad & (pairs >= 0).any(-1)] = float("nan")  # runs the others, and the row is NaN where it reaches an expert
+        return y
     if not (ew["apply_router_weight_on_input"] and config.activation_format is ActivationFormat.BatchedExperts):
         return quant_experts_reference_standard(hidden, q, topk_weights, pairs, **ew)
     (T, k), acc = pairs.shape, acc_dtype(hidden.dtype)
@@ -2347,6 +2352,11 @@ test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a Weig
 test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
 zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
 test_eq(zero.output.shape, (0, 32))
+xn = x.clone(); xn[2] = float("nan")            # a NaN row: NaN in its own row only, in the run and in the references
+for quant in ("unquantized", "fp8"):            # (FP8: the kernels' spec quantizes the other rows, not refusing them)
+    run = run_emulated_ep(cfg, xn, seed=5, experts="triton", quant=quant)
+    for t in (run.output, run.reference) + ((run.reference_kernels,) if quant == "fp8" else ()):
+        test_eq((~t.isfinite()).any(-1).nonzero().flatten().tolist(), [2])
 
 # %% [markdown]
 # EPLB replicas do not change the model: the same weights with 4 redundant experts on 4 ranks give the single-device
