@@ -166,13 +166,14 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, granularity: str = "blo
     check_tensor("scale", scale, shape=want, dtype=torch.float32)
     return (q.float() * _expand(scale, q.shape, granularity, block)).to(dtype)
 
-# %% ../nbs/09_quant.ipynb #e7e6ab9fbab8
+# %% ../nbs/09_quant.ipynb #4557e5f1ca58
 def quantize_mxfp4(x: torch.Tensor,   # [..., K] float, K a multiple of 32
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(packed uint8 [..., K/2], scales uint8 e8m0 [..., K/32])` per the OCP MX spec (nearest, ties to even)."
+    """`(packed uint8 [..., K/2], scales uint8 e8m0 [..., K/32])` per the OCP MX spec (nearest, ties to even). An empty
+    `x` gives empty codes and scales (no scale is shared across blocks, unlike FP8's and NVFP4's global ones)."""
     _check_float_input("x", x)
     if x.shape[-1] % 32: raise ValueError(f"x: expected a last dim that is a multiple of 32, got {tuple(x.shape)}")
-    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)   # (not -1: ambiguous for 0 rows)
     amax = blocks.abs().amax(-1)
     exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=2.0 ** -127))) - 2, torch.full_like(amax, -127))
     exp = exp.clamp(-127, 127)
@@ -189,15 +190,15 @@ def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     groups = v.reshape(*v.shape[:-1], v.shape[-1] // 32, 32)          # explicit sizes: also right for 0 rows
     return (groups * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
 
-# %% ../nbs/09_quant.ipynb #4e86d6c9f0a4
+# %% ../nbs/09_quant.ipynb #c7eff39c1987
 def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a multiple of 16
                    global_scale: float | None = None,      # fp32 global scale; default amax(x) / (6·448)
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
     "`(packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], global_scale)` (NVIDIA's NVFP4)."
     _check_float_input("x", x)
     if x.shape[-1] % 16: raise ValueError(f"x: expected a last dim that is a multiple of 16, got {tuple(x.shape)}")
-    blocks = x.float().reshape(*x.shape[:-1], -1, 16)
-    if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")   # (its global
+    blocks = x.float().reshape(*x.shape[:-1], -1, 16)                                                 # scale: amax)
     given = global_scale is not None
     if global_scale is None: global_scale = max(float(x.abs().max()) / (6.0 * FP8_MAX), _TINY)
     global_scale = check_positive_real("global_scale", global_scale)

@@ -278,10 +278,11 @@ test_eq(dequantize_fp8(q, s, "block", (1, 128)), x)                             
 #| export
 def quantize_mxfp4(x: torch.Tensor,   # [..., K] float, K a multiple of 32
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(packed uint8 [..., K/2], scales uint8 e8m0 [..., K/32])` per the OCP MX spec (nearest, ties to even)."
+    """`(packed uint8 [..., K/2], scales uint8 e8m0 [..., K/32])` per the OCP MX spec (nearest, ties to even). An empty
+    `x` gives empty codes and scales (no scale is shared across blocks, unlike FP8's and NVFP4's global ones)."""
     _check_float_input("x", x)
     if x.shape[-1] % 32: raise ValueError(f"x: expected a last dim that is a multiple of 32, got {tuple(x.shape)}")
-    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)   # (not -1: ambiguous for 0 rows)
     amax = blocks.abs().amax(-1)
     exp = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=2.0 ** -127))) - 2, torch.full_like(amax, -127))
     exp = exp.clamp(-127, 127)
@@ -328,8 +329,8 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
     "`(packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], global_scale)` (NVIDIA's NVFP4)."
     _check_float_input("x", x)
     if x.shape[-1] % 16: raise ValueError(f"x: expected a last dim that is a multiple of 16, got {tuple(x.shape)}")
-    blocks = x.float().reshape(*x.shape[:-1], -1, 16)
-    if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")   # (its global
+    blocks = x.float().reshape(*x.shape[:-1], -1, 16)                                                 # scale: amax)
     given = global_scale is not None
     if global_scale is None: global_scale = max(float(x.abs().max()) / (6.0 * FP8_MAX), _TINY)
     global_scale = check_positive_real("global_scale", global_scale)
@@ -379,6 +380,12 @@ test_fail(lambda: quantize_nvfp4(torch.zeros(2, 24)), contains="x: expected a la
 p, s = quantize_mxfp4(torch.randn(2, 64))
 test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
 test_fail(lambda: unpack_fp4(p.int()), contains="packed: expected dtype torch.uint8")
+for shape in ((0, 16), (4, 0)):                    # empty: refused by name where a global scale needs an amax ...
+    test_fail(lambda: quantize_nvfp4(torch.zeros(shape)), contains=f"x: expected a non-empty tensor, got shape {shape}")
+for shape in ((0, 64), (4, 0), (2, 0, 32)):         # ... and empty codes and scales where every scale is a block's
+    p, s = quantize_mxfp4(torch.zeros(shape))
+    test_eq((p.shape, s.shape), ((*shape[:-1], shape[-1] // 2), (*shape[:-1], shape[-1] // 32)))
+    test_eq(dequantize_mxfp4(p, s).shape, shape)
 
 # %%
 #| test quant_refuses_non_finite_and_bad_scales

@@ -102,6 +102,12 @@ def test_quant_bad_input():
     p, s = quantize_mxfp4(torch.randn(2, 64))
     test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
     test_fail(lambda: unpack_fp4(p.int()), contains="packed: expected dtype torch.uint8")
+    for shape in ((0, 16), (4, 0)):                    # empty: refused by name where a global scale needs an amax ...
+        test_fail(lambda: quantize_nvfp4(torch.zeros(shape)), contains=f"x: expected a non-empty tensor, got shape {shape}")
+    for shape in ((0, 64), (4, 0), (2, 0, 32)):         # ... and empty codes and scales where every scale is a block's
+        p, s = quantize_mxfp4(torch.zeros(shape))
+        test_eq((p.shape, s.shape), ((*shape[:-1], shape[-1] // 2), (*shape[:-1], shape[-1] // 32)))
+        test_eq(dequantize_mxfp4(p, s).shape, shape)
 
 
 def test_quant_refuses_non_finite_and_bad_scales():
