@@ -55,7 +55,7 @@ def detect_device() -> DeviceCaps:
     kind = next((k for k in ("h200", "h100", "b200", "a100") if k in name), "gpu")
     return DeviceCaps(kind, torch.cuda.get_device_capability(), libs)
 
-# %% ../nbs/11_oracle.ipynb #5c9947d88c75
+# %% ../nbs/11_oracle.ipynb #33548d8e5406
 @dataclass(frozen=True)
 class ExpertsBackend:
     "One experts implementation the oracle can choose."
@@ -72,10 +72,12 @@ class ExpertsBackend:
     expert_bias: bool = True                  # adds w13_bias / w2_bias in its GEMMs
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
-        "Device and library predicates: `(ok, reason)`."
+        "Device and library predicates: `(ok, reason)` (the reason installing nothing can change comes first)."
+        if self.implementation == "external":
+            lib = f" (the '{self.library}' library's)" if self.library else ""
+            return False, f"external backend{lib}: moe-lit has no adapter for it yet"
         if self.library is not None and self.library not in device.libraries:
             return False, f"needs the '{self.library}' library, not installed"
-        if self.implementation == "external": return False, "external backend: moe-lit has no adapter for it yet"
         if device.interpreter and self.implementation != "torch":    # Triton's interpreter emulates any GPU's features
             return True, "runs in Triton's CPU interpreter (slow: for checking the kernels)"
         if self.needs_gpu and not device.is_gpu:

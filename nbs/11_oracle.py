@@ -105,10 +105,12 @@ class ExpertsBackend:
     expert_bias: bool = True                  # adds w13_bias / w2_bias in its GEMMs
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
-        "Device and library predicates: `(ok, reason)`."
+        "Device and library predicates: `(ok, reason)` (the reason installing nothing can change comes first)."
+        if self.implementation == "external":
+            lib = f" (the '{self.library}' library's)" if self.library else ""
+            return False, f"external backend{lib}: moe-lit has no adapter for it yet"
         if self.library is not None and self.library not in device.libraries:
             return False, f"needs the '{self.library}' library, not installed"
-        if self.implementation == "external": return False, "external backend: moe-lit has no adapter for it yet"
         if device.interpreter and self.implementation != "torch":    # Triton's interpreter emulates any GPU's features
             return True, "runs in Triton's CPU interpreter (slow: for checking the kernels)"
         if self.needs_gpu and not device.is_gpu:
@@ -288,7 +290,8 @@ for scheme in ("fp8_w8a8_tensor", "fp8_w8a8_channel", "fp8_w8a8_block"):
     assert "interpreter" in why and "on a GPU, hardware FP8" in why, why      # emulated here: no tensor cores
 d = select_nvfp4_moe_backend(cfg, S, DEVICES["b200"])
 test_eq(d.chosen.name, "triton_contiguous_w4a16")
-assert "needs the 'flashinfer' library" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]
+why = dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_fp4"]   # not installed, and no adapter: the adapter
+assert why == "external backend (the 'flashinfer' library's): moe-lit has no adapter for it yet", why   # is named
 
 # %% [markdown]
 # The experts' function is part of the match too. gpt-oss's clamped SwiGLU with biases runs in moe-lit's Triton
