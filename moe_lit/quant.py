@@ -54,9 +54,11 @@ def quant_scheme(name: str) -> QuantScheme | None:
     name = quant_scheme_name(name)
     return None if name == "unquantized" else QUANT_SCHEME_TABLE[name]
 
-# %% ../nbs/09_quant.ipynb #18cd3c1a4678
+# %% ../nbs/09_quant.ipynb #819017d3d564
 def _check_float_input(name: str, x, min_dim: int = 1) -> torch.Tensor:
-    "A floating tensor of at least `min_dim` dims with finite values (a NaN or inf would poison its whole scale group)."
+    """A floating tensor of at least `min_dim` dims with finite values (a NaN or inf would poison its whole scale
+    group). float64 values past fp32's range are refused; those below its smallest subnormal (1.4e-45) quantize to 0,
+    as they would in fp32, which the scales and codes are computed in."""
     check_tensor(name, x, dtype=FLOAT_DTYPES)
     if x.dim() < min_dim: raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
     check_finite(name, x)

@@ -93,7 +93,9 @@ test_eq(quant_scheme("fp8"), quant_scheme("fp8_w8a8_block"))                    
 #| export
 
 def _check_float_input(name: str, x, min_dim: int = 1) -> torch.Tensor:
-    "A floating tensor of at least `min_dim` dims with finite values (a NaN or inf would poison its whole scale group)."
+    """A floating tensor of at least `min_dim` dims with finite values (a NaN or inf would poison its whole scale
+    group). float64 values past fp32's range are refused; those below its smallest subnormal (1.4e-45) quantize to 0,
+    as they would in fp32, which the scales and codes are computed in."""
     check_tensor(name, x, dtype=FLOAT_DTYPES)
     if x.dim() < min_dim: raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(x.shape)}")
     check_finite(name, x)
@@ -406,6 +408,8 @@ quantize_nvfp4(torch.full((1, 16), 1e-39))                                      
 huge = x.double(); huge[0, 0] = 1e300                                            # finite, but not in the fp32 scales
 for f in (lambda: quantize_fp8(huge, "token"), lambda: quantize_mxfp4(huge), lambda: quantize_nvfp4(huge)):
     test_fail(f, contains="x: expected values within the fp32 range")
+below = torch.full((1, 32), 1e-50, dtype=torch.float64)                         # below fp32's subnormals: 0, as in fp32
+assert (quantize_fp8(below, "token")[0].float() == 0).all() and (quantize_mxfp4(below)[0] == 0).all()
 q, s_ = quantize_fp8(torch.randn(256, 256))
 test_fail(lambda: dequantize_fp8(q, torch.ones(3, 3)), contains="scale: expected shape [2, 2]")
 test_fail(lambda: dequantize_fp8(q, s_, dtype=torch.int8), contains="dtype: expected one of")

@@ -128,6 +128,8 @@ def test_quant_refuses_non_finite_and_bad_scales():
     huge = x.double(); huge[0, 0] = 1e300                                            # finite, but not in the fp32 scales
     for f in (lambda: quantize_fp8(huge, "token"), lambda: quantize_mxfp4(huge), lambda: quantize_nvfp4(huge)):
         test_fail(f, contains="x: expected values within the fp32 range")
+    below = torch.full((1, 32), 1e-50, dtype=torch.float64)                         # below fp32's subnormals: 0, as in fp32
+    assert (quantize_fp8(below, "token")[0].float() == 0).all() and (quantize_mxfp4(below)[0] == 0).all()
     q, s_ = quantize_fp8(torch.randn(256, 256))
     test_fail(lambda: dequantize_fp8(q, torch.ones(3, 3)), contains="scale: expected shape [2, 2]")
     test_fail(lambda: dequantize_fp8(q, s_, dtype=torch.int8), contains="dtype: expected one of")
