@@ -10,8 +10,9 @@ from .terms import check_int, check_choice, check_tensor, check_bool, check_posi
 from .config import MoEConfig, SCORING_FUNCS, SIZE_LIMIT
 
 # %% auto #0
-__all__ = ['stable_topk', 'fused_topk', 'RoutingFallbackWarning', 'ungroupable_reason', 'grouped_topk', 'llama4_topk',
-           'select_experts', 'matmul_acc', 'router_logits', 'expert_load', 'check_topk_ids', 'plot_expert_load']
+__all__ = ['stable_topk', 'fused_topk', 'RoutingFallbackWarning', 'ungroupable_reason', 'warn_grouped_fallback', 'grouped_topk',
+           'llama4_topk', 'select_experts', 'matmul_acc', 'router_logits', 'expert_load', 'check_topk_ids',
+           'plot_expert_load']
 
 # %% ../nbs/03_routing.ipynb #2a2f8d004cec
 def stable_topk(values: torch.Tensor,  # [num_tokens, n] float, scores to select from
@@ -110,7 +111,13 @@ def ungroupable_reason(num_experts: int,       # experts to split into groups
                 f"with a correction bias a group is scored by the sum of its top 2 experts")
     return None
 
-# %% ../nbs/03_routing.ipynb #6a8af8d01e90
+# %% ../nbs/03_routing.ipynb #d5271e558daa
+def warn_grouped_fallback(reason: str,     # ungroupable_reason(...)'s answer
+                          stacklevel: int = 3):   # the caller of the router that falls back
+    "Say (a `RoutingFallbackWarning`) that grouped top-k routes as plain top-k: the torch router per call, the Triton router's plan once."
+    warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=stacklevel)
+
+# %% ../nbs/03_routing.ipynb #5e34c52051f1
 def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                  top_k: int, renormalize: bool,  # experts per token; divide the top_k weights by their sum
                  num_expert_group: int,          # groups of consecutive expert ids (equal sizes)
@@ -132,7 +139,7 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
     scale = check_positive_real("routed_scaling_factor", routed_scaling_factor, fp32=True)
     reason = ungroupable_reason(num_experts, num_expert_group, bias is not None)
     if reason is not None:                                        # vLLM falls back silently; moe-lit says so
-        warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=2)
+        warn_grouped_fallback(reason)
         return fused_topk(gating_output, top_k, renormalize, scoring_func, e_score_correction_bias, scale, validate)
     most = topk_group * (num_experts // num_expert_group)          # experts in the kept groups
     if top_k > most: raise ValueError(f"top_k: expected <= topk_group * experts per group = {most}, got {top_k}")

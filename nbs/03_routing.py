@@ -393,6 +393,13 @@ test_fail(lambda: ungroupable_reason(8, 0, True), contains="num_expert_group: ex
 
 # %%
 #| export
+def warn_grouped_fallback(reason: str,     # ungroupable_reason(...)'s answer
+                          stacklevel: int = 3):   # the caller of the router that falls back
+    "Say (a `RoutingFallbackWarning`) that grouped top-k routes as plain top-k: the torch router per call, the Triton router's plan once."
+    warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=stacklevel)
+
+# %%
+#| export
 def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                  top_k: int, renormalize: bool,  # experts per token; divide the top_k weights by their sum
                  num_expert_group: int,          # groups of consecutive expert ids (equal sizes)
@@ -414,7 +421,7 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
     scale = check_positive_real("routed_scaling_factor", routed_scaling_factor, fp32=True)
     reason = ungroupable_reason(num_experts, num_expert_group, bias is not None)
     if reason is not None:                                        # vLLM falls back silently; moe-lit says so
-        warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=2)
+        warn_grouped_fallback(reason)
         return fused_topk(gating_output, top_k, renormalize, scoring_func, e_score_correction_bias, scale, validate)
     most = topk_group * (num_experts // num_expert_group)          # experts in the kept groups
     if top_k > most: raise ValueError(f"top_k: expected <= topk_group * experts per group = {most}, got {top_k}")

@@ -16,13 +16,14 @@ from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, che
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device, launch_kernel
 from moe_lit.kernels.batched import _next_pow2, _cdiv, _last_to_arrive, _await_producers
-from moe_lit.routing import ungroupable_reason, matmul_acc
+from moe_lit.routing import ungroupable_reason, matmul_acc, warn_grouped_fallback
 
 # %%
 #| hide
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
-from moe_lit.routing import select_experts, router_logits
+from moe_lit.routing import select_experts, router_logits, RoutingFallbackWarning
+import warnings
 from moe_lit.kernels.router import _router_logits_kernel, _route_tokens, ROUTER_BLOCK_K, ROUTER_SELECT_MAX_TOKENS
 import dataclasses
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
@@ -259,7 +260,8 @@ def _router_logits_kernel(
 # ## The launcher
 #
 # `route_topk` takes the config's routing method and its options, resolved once by `router_plan` (the grouped
-# fall-back to plain top-k when the experts cannot be split, as `03_routing.grouped_topk` warns) — so the hot path
+# fall-back to plain top-k when the experts cannot be split, said once there with the `RoutingFallbackWarning` that
+# `03_routing.grouped_topk` gives on each call) — so the hot path
 # checks only the shapes and dtypes of its arguments, never their values. The correction bias is checked finite once,
 # by whoever owns it (the layer, at construction).
 #
@@ -301,12 +303,16 @@ class RouterPlan:
                              f"HAS_BIAS={self.HAS_BIAS}, NUM_GROUPS={g}, GROUP_SIZE={self.GROUP_SIZE}")
 
 def router_plan(config: MoEConfig) -> RouterPlan:
-    "The routing method of `config` as the kernel's constants (the grouped fall-back resolved), computed once."
+    """The routing method of `config` as the kernel's constants, computed once. A grouped method that cannot group
+    (`ungroupable_reason`) routes as plain top-k and says so here, once, with a `RoutingFallbackWarning` (the torch
+    router says it on each call). ValueError: `config` not a MoEConfig, `top_k` above what the kept groups hold."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     c = config
     groups, topk_group = 1, 1
-    if c.routing_method == "grouped_topk" and ungroupable_reason(c.num_experts, c.num_expert_group,
-                                                                  c.has_correction_bias) is None:
+    reason = ungroupable_reason(c.num_experts, c.num_expert_group, c.has_correction_bias) \
+        if c.routing_method == "grouped_topk" else None
+    if reason is not None: warn_grouped_fallback(reason)
+    elif c.routing_method == "grouped_topk":
         groups, topk_group = c.num_expert_group, c.topk_group
         most = topk_group * (c.num_experts // groups)
         if c.top_k > most: raise ValueError(f"top_k: expected <= topk_group * experts per group = {most}, got {c.top_k}")
@@ -467,6 +473,31 @@ for i, kw in enumerate(cases):
     test_eq(w[3].abs().sum().item(), 0.0); test_eq(ids[3].tolist(), list(range(cfg.top_k)))
     w0, ids0 = route_topk(plan, logits[:0], bias)                                # zero tokens
     test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, cfg.top_k), (0, cfg.top_k)))
+
+# %% [markdown]
+# A grouped method that cannot group (one expert a group with a correction bias: a group's score is its top two) routes
+# as plain top-k in both routers, and both say so: the plan once, the torch router on each call.
+
+# %%
+#| test router_plan_warns_on_the_grouped_fallback
+cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16, routing_method="grouped_topk",
+                num_expert_group=8, topk_group=2, scoring_func="sigmoid", has_correction_bias=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    plan = router_plan(cfg)
+test_eq([(type(c.message), "falling back to fused_topk" in str(c.message)) for c in caught], [(RoutingFallbackWarning, True)])
+test_eq((plan.NUM_GROUPS, plan.TOPK_GROUP, plan.TOP2), (1, 1, False))
+logits, bias = torch.randn(5, 8, device=DEVICE), torch.randn(8, device=DEVICE) * 0.1
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RoutingFallbackWarning)
+    want_w, want_ids = select_experts(cfg, logits, bias)
+w, ids = route_topk(plan, logits, bias)
+test_eq(ids.long().cpu().tolist(), want_ids.long().cpu().tolist())
+assert_close(w, want_w.double(), rtol=2e-6, name="fallback weights")
+with warnings.catch_warnings():
+    warnings.simplefilter("error", RoutingFallbackWarning)
+    test_fail(lambda: router_plan(cfg), contains="falling back to fused_topk")
+    router_plan(cfg.replace(num_expert_group=4))                                 # two experts a group: groups, no warning
 
 # %% [markdown]
 # `route_tokens` from hidden states against the torch path (`router_logits`, then `select_experts`): fp32 and bf16

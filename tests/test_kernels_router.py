@@ -9,10 +9,11 @@ from moe_lit.terms import check_tensor, check_int, check_choice, check_bool, che
 from moe_lit.config import MoEConfig
 from moe_lit.kernels.batched import check_kernel_device, launch_kernel
 from moe_lit.kernels.batched import _next_pow2, _cdiv, _last_to_arrive, _await_producers
-from moe_lit.routing import ungroupable_reason, matmul_acc
+from moe_lit.routing import ungroupable_reason, matmul_acc, warn_grouped_fallback
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE, INTERPRET
-from moe_lit.routing import select_experts, router_logits
+from moe_lit.routing import select_experts, router_logits, RoutingFallbackWarning
+import warnings
 from moe_lit.kernels.router import _router_logits_kernel, _route_tokens, ROUTER_BLOCK_K, ROUTER_SELECT_MAX_TOKENS
 import dataclasses
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
@@ -50,6 +51,27 @@ def test_route_topk_matches_select_experts():
         test_eq(w[3].abs().sum().item(), 0.0); test_eq(ids[3].tolist(), list(range(cfg.top_k)))
         w0, ids0 = route_topk(plan, logits[:0], bias)                                # zero tokens
         test_eq((tuple(w0.shape), tuple(ids0.shape)), ((0, cfg.top_k), (0, cfg.top_k)))
+
+
+def test_router_plan_warns_on_the_grouped_fallback():
+    cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=16, intermediate_size=16, routing_method="grouped_topk",
+                    num_expert_group=8, topk_group=2, scoring_func="sigmoid", has_correction_bias=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = router_plan(cfg)
+    test_eq([(type(c.message), "falling back to fused_topk" in str(c.message)) for c in caught], [(RoutingFallbackWarning, True)])
+    test_eq((plan.NUM_GROUPS, plan.TOPK_GROUP, plan.TOP2), (1, 1, False))
+    logits, bias = torch.randn(5, 8, device=DEVICE), torch.randn(8, device=DEVICE) * 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RoutingFallbackWarning)
+        want_w, want_ids = select_experts(cfg, logits, bias)
+    w, ids = route_topk(plan, logits, bias)
+    test_eq(ids.long().cpu().tolist(), want_ids.long().cpu().tolist())
+    assert_close(w, want_w.double(), rtol=2e-6, name="fallback weights")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RoutingFallbackWarning)
+        test_fail(lambda: router_plan(cfg), contains="falling back to fused_topk")
+        router_plan(cfg.replace(num_expert_group=4))                                 # two experts a group: groups, no warning
 
 
 def test_route_tokens_matches_torch_router():
