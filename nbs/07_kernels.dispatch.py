@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.formats import dispatch_batched_reference
+from moe_lit.placement import local_slot_table
 from moe_lit.kernels.quant_act import _fp8_quantize_group, fp8_quantize_activations_reference
 
 # %%
@@ -156,8 +157,10 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     on the input), as DeepEP low-latency and NIXL EP send activations when the experts take block FP8 (their record's
     `quantizes_before_dispatch`, `01_config`). Rows past a slab's count, in `a` and `a_scale`, are not written.
     ValueError naming the argument for a shape, dtype, device, stride or overlap mismatch, a `quant_group` that is not
-    a power of two in [32, 8192], ids or tables out of range (one host sync, with `check_overflow`) and a capacity
-    overflow (the same sync). Source: DeepEP's low-latency dispatch (https://github.com/deepseek-ai/DeepEP,
+    a power of two in [32, 8192], ids out of range, tables that are not one rank's (`04_placement.local_slot_table`:
+    an `expert_map` holding each local slot once, a `global_to_physical` permuting the experts with
+    `physical_offset + num_local_experts <= num_experts`) — host syncs, with `check_overflow` — and a capacity overflow
+    (its own sync). Source: DeepEP's low-latency dispatch (https://github.com/deepseek-ai/DeepEP,
     `low_latency_dispatch(..., use_fp8=True)`)."""
     check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_bool("check_overflow", check_overflow)
@@ -201,10 +204,8 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     if check_overflow and T and ((topk_ids < -1) | (topk_ids >= num_experts)).any():
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got "
                          f"{topk_ids.min().item()}..{topk_ids.max().item()}")
-    if check_overflow and mode == 1 and ((table < -1) | (table >= num_local_experts)).any():   # as local_slot_table
-        raise ValueError(f"expert_map: expected values in [-1, {num_local_experts}), got {table.min().item()}..{table.max().item()}")
-    if check_overflow and mode == 2 and num_experts and table.min() < 0:
-        raise ValueError(f"global_to_physical: expected physical ids >= 0, got {table.min().item()}")
+    if check_overflow and mode:   # one rank's tables, by placement's rule: each local slot once, a permutation
+        local_slot_table(num_experts, num_local_experts, physical_offset, expert_map, global_to_physical)
     res = _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mode, num_experts,
                             physical_offset, topk_weights, a, check_overflow, quant=quant)
     return res if quant is None else (*res[:3], quant[1], *res[3:])
@@ -527,7 +528,7 @@ test_eq(flag.item(), 1); test_eq(int((slot_map >= 0).sum()), 10); test_eq(counts
 rows = slot_map[slot_map >= 0]; test_eq(rows.unique().numel(), 10)                      # no row given twice
 emap = torch.tensor([-1, 0, -1, 1], dtype=torch.int32, device=DEVICE)                    # through a table: global 1, 3
 test_fail(lambda: batched_dispatch(hidden, ids * 2 + 1, 2, 4, expert_map=emap), contains="max_tokens: expected >= 6")
-g2p = torch.tensor([4, 0, 5, 1], dtype=torch.int64, device=DEVICE)                       # physical 0, 1 on this rank
+g2p = torch.tensor([2, 0, 3, 1], dtype=torch.int64, device=DEVICE)                       # physical 0, 1 on this rank
 a, counts, slot_map, flag = batched_dispatch(hidden, ids * 2 + 1, 2, 4, global_to_physical=g2p, check_overflow=False)
 test_eq((flag.item(), counts.tolist(), int((slot_map >= 0).sum())), (1, [4, 4], 8))
 test_fail(lambda: batched_dispatch(hidden, ids * 2 + 1, 2, 4, global_to_physical=g2p), contains="max_tokens: expected >= 6")
@@ -553,11 +554,15 @@ test_fail(lambda: batched_dispatch(torch.randn(8, 6, device=DEVICE).t(), ids, 2,
 slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
 test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),
           contains="out: expected a buffer that does not overlap topk_ids")
-bad_map = torch.tensor([0, 5, -1, -1], dtype=torch.int32, device=DEVICE)           # a table's values, checked as
-test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=bad_map),         # local_slot_table checks them
-          contains="expert_map: expected values in [-1, 2), got -1..5")
-test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, global_to_physical=torch.tensor([0, -5, 1, 2], device=DEVICE)),
-          contains="global_to_physical: expected physical ids >= 0, got -5")
+for bad, msg in (([0, 5, -1, -1], "expert_map: expected values in [-1, 2), got [0, 5, -1, -1]"),   # the tables are
+                 ([0, 0, -1, 1], "expert_map: expected the local slots 0..1 once each")):      # one rank's, by
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.tensor(bad, dtype=torch.int32, device=DEVICE)),
+              contains=msg)                                                                   # local_slot_table's rule
+for bad in ([0, -5, 1, 2], [0, 1, 2, 9], [2, 2, 0, 1]):          # out of range or two experts on one physical id
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, global_to_physical=torch.tensor(bad, device=DEVICE)),
+              contains="global_to_physical: expected a permutation of 0..3")
+test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, global_to_physical=g2p, physical_offset=3),
+          contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 4")
 test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, physical_offset=2),
           contains="physical_offset: expected 0 without global_to_physical")
 

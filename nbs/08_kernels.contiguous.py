@@ -17,6 +17,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
+from moe_lit.placement import local_slot_table
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, epilogue_constants, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, _last_to_arrive, arrival_counters
@@ -69,6 +70,8 @@ def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=Tr
         raise ValueError(f"topk_ids: expected values in [-1, {num_experts}), got {topk_ids.min().item()}..{topk_ids.max().item()}")
     if expert_map is not None:
         check_tensor("expert_map", expert_map, shape=(num_experts,), dtype=torch.int32)
+        if validate and expert_map.device.type != "meta":   # one rank's map: each local slot 0..n-1 once (placement's rule)
+            local_slot_table(num_experts, int((expert_map >= 0).sum()), 0, expert_map)
 
 def moe_align_block_size_reference(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
                                    block_size: int,            # BLOCK_M of the GEMM
@@ -355,6 +358,11 @@ test_eq((n.item(), e.cpu().tolist()), (0, [-1]))
 _, e, _ = moe_pair_blocks(torch.tensor([[0, 99]], device=DEVICE), 4, 2, validate=False)
 test_eq(e.cpu().tolist(), [0, -1])                                          # out-of-range ids: skipped, not indexed
 test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
+for layout in (moe_align_block_size, moe_pair_blocks):        # a map is one rank's: each local slot once (placement's rule)
+    for bad, msg in (([0, 7, -1, -1], "expert_map: expected values in [-1, 2), got [0, 7, -1, -1]"),
+                     ([0, 0, -1, 1], "expert_map: expected the local slots 0..2 once each")):     # two experts, one slot
+        test_fail(lambda: layout(torch.tensor([[0, 1]], device=DEVICE), 4, 4, torch.tensor(bad, dtype=torch.int32, device=DEVICE)),
+                  contains=msg)
 
 # %% [markdown]
 # ## The grouped GEMM over aligned blocks

@@ -26,8 +26,9 @@
 # - **placement, `expert_map`, routing tables**: which rank holds which expert (linear: contiguous blocks; round
 #   robin: every `ep_size`-th); `expert_map` turns a global expert id into this rank's local index; round-robin
 #   routing tables turn it into a *physical* id whose rank the dispatch can compute.
-#   `needs_round_robin_routing_tables` says whether a backend's dispatch translates ids through them (without it,
-#   round-robin placement falls back to linear, and the report says why).
+#   `needs_round_robin_routing_tables` says whether a backend's dispatch translates ids through them (where tokens
+#   travel through all2all kernels without it, round-robin placement falls back to linear, and the report says why;
+#   without all2all, each rank masks with its `expert_map` and round robin is kept).
 # - **oracle**: the function that picks the experts kernel for a deployment, a device and a quantization scheme, from
 #   the descriptor table, with the reason (`moe-lit explain` prints its decision table).
 #

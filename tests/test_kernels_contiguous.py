@@ -10,6 +10,7 @@ from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, che
 from moe_lit.config import ActivationFormat
 from moe_lit.formats import Activation, SILU
 from moe_lit.kernels.batched import lookup_tile_config, fit_shared_memory, check_tile_config, check_kernel_device, TILE_DEFAULTS
+from moe_lit.placement import local_slot_table
 from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogue_args, epilogue_constants, add_expert_bias, gated_activation
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, _last_to_arrive, arrival_counters
@@ -74,6 +75,11 @@ def test_pair_blocks_layout():
     _, e, _ = moe_pair_blocks(torch.tensor([[0, 99]], device=DEVICE), 4, 2, validate=False)
     test_eq(e.cpu().tolist(), [0, -1])                                          # out-of-range ids: skipped, not indexed
     test_fail(lambda: moe_pair_blocks(torch.tensor([[8]], device=DEVICE), 16, 8), contains="topk_ids: expected values in [-1, 8)")
+    for layout in (moe_align_block_size, moe_pair_blocks):        # a map is one rank's: each local slot once (placement's rule)
+        for bad, msg in (([0, 7, -1, -1], "expert_map: expected values in [-1, 2), got [0, 7, -1, -1]"),
+                         ([0, 0, -1, 1], "expert_map: expected the local slots 0..2 once each")):     # two experts, one slot
+            test_fail(lambda: layout(torch.tensor([[0, 1]], device=DEVICE), 4, 4, torch.tensor(bad, dtype=torch.int32, device=DEVICE)),
+                      contains=msg)
 
 
 def test_fused_moe_gemm_paths():

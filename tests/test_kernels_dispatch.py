@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_bool, check_disjoint
 from moe_lit.formats import dispatch_batched_reference
+from moe_lit.placement import local_slot_table
 from moe_lit.kernels.quant_act import _fp8_quantize_group, fp8_quantize_activations_reference
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
@@ -61,7 +62,7 @@ def test_dispatch_overflow_and_bad_input():
     rows = slot_map[slot_map >= 0]; test_eq(rows.unique().numel(), 10)                      # no row given twice
     emap = torch.tensor([-1, 0, -1, 1], dtype=torch.int32, device=DEVICE)                    # through a table: global 1, 3
     test_fail(lambda: batched_dispatch(hidden, ids * 2 + 1, 2, 4, expert_map=emap), contains="max_tokens: expected >= 6")
-    g2p = torch.tensor([4, 0, 5, 1], dtype=torch.int64, device=DEVICE)                       # physical 0, 1 on this rank
+    g2p = torch.tensor([2, 0, 3, 1], dtype=torch.int64, device=DEVICE)                       # physical 0, 1 on this rank
     a, counts, slot_map, flag = batched_dispatch(hidden, ids * 2 + 1, 2, 4, global_to_physical=g2p, check_overflow=False)
     test_eq((flag.item(), counts.tolist(), int((slot_map >= 0).sum())), (1, [4, 4], 8))
     test_fail(lambda: batched_dispatch(hidden, ids * 2 + 1, 2, 4, global_to_physical=g2p), contains="max_tokens: expected >= 6")
@@ -87,11 +88,15 @@ def test_dispatch_overflow_and_bad_input():
     slabs = torch.zeros(2, 6, 8, device=DEVICE)                                   # out whose memory also holds the ids
     test_fail(lambda: batched_dispatch(hidden, slabs.view(-1)[:12].view(torch.int32).view(6, 2), 2, 6, out=slabs),
               contains="out: expected a buffer that does not overlap topk_ids")
-    bad_map = torch.tensor([0, 5, -1, -1], dtype=torch.int32, device=DEVICE)           # a table's values, checked as
-    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=bad_map),         # local_slot_table checks them
-              contains="expert_map: expected values in [-1, 2), got -1..5")
-    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, global_to_physical=torch.tensor([0, -5, 1, 2], device=DEVICE)),
-              contains="global_to_physical: expected physical ids >= 0, got -5")
+    for bad, msg in (([0, 5, -1, -1], "expert_map: expected values in [-1, 2), got [0, 5, -1, -1]"),   # the tables are
+                     ([0, 0, -1, 1], "expert_map: expected the local slots 0..1 once each")):      # one rank's, by
+        test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, expert_map=torch.tensor(bad, dtype=torch.int32, device=DEVICE)),
+                  contains=msg)                                                                   # local_slot_table's rule
+    for bad in ([0, -5, 1, 2], [0, 1, 2, 9], [2, 2, 0, 1]):          # out of range or two experts on one physical id
+        test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, global_to_physical=torch.tensor(bad, device=DEVICE)),
+                  contains="global_to_physical: expected a permutation of 0..3")
+    test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, global_to_physical=g2p, physical_offset=3),
+              contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 4")
     test_fail(lambda: batched_dispatch(hidden, ids, 2, 6, physical_offset=2),
               contains="physical_offset: expected 0 without global_to_physical")
 
