@@ -176,7 +176,7 @@ def _check_replica_table(logical_to_physical: torch.Tensor, logical_replica_coun
         p = int((uses > 1).nonzero()[0])
         raise ValueError(f"logical_to_physical: expected each physical id once, got {p} {int(uses[p])} times")
 
-# %% ../nbs/04_placement.ipynb #c6f2c1bb994e
+# %% ../nbs/04_placement.ipynb #3d0aa9c6627f
 def map_to_physical(
     topk_ids: torch.Tensor,               # [num_tokens, top_k] int32/int64 (any shape), logical ids, -1 = empty slot
     logical_to_physical: torch.Tensor,    # [num_logical_experts, max_replicas] int64, -1 padded (see eplb_replicas)
@@ -187,8 +187,9 @@ def map_to_physical(
 
     ValueError naming the argument for a wrong dtype, shape or device, `validate` not a bool, and (with `validate`,
     one host sync) a table that is not a replica table or an id outside [-1, num_logical_experts) — or any tensor on
-    meta, which has no values to check. Unchecked (`validate=False`), nothing is read out of bounds: an id outside
-    that range maps to -1, a count below 1 or past the table's columns is clamped into it."""
+    meta, which has no values to check. Unchecked (`validate=False`), nothing is read out of bounds, but a bad table
+    drops pairs: an id outside that range maps to -1; a count below 1 or past the table's columns is clamped into
+    them, and a position that lands on the table's `-1` padding maps to -1 as well."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
     check_tensor("logical_replica_count", logical_replica_count, shape=(logical_to_physical.shape[0],), dtype=torch.int64)

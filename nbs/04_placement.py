@@ -530,8 +530,9 @@ def map_to_physical(
 
     ValueError naming the argument for a wrong dtype, shape or device, `validate` not a bool, and (with `validate`,
     one host sync) a table that is not a replica table or an id outside [-1, num_logical_experts) — or any tensor on
-    meta, which has no values to check. Unchecked (`validate=False`), nothing is read out of bounds: an id outside
-    that range maps to -1, a count below 1 or past the table's columns is clamped into it."""
+    meta, which has no values to check. Unchecked (`validate=False`), nothing is read out of bounds, but a bad table
+    drops pairs: an id outside that range maps to -1; a count below 1 or past the table's columns is clamped into
+    them, and a position that lands on the table's `-1` padding maps to -1 as well."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
     check_tensor("logical_replica_count", logical_replica_count, shape=(logical_to_physical.shape[0],), dtype=torch.int64)
