@@ -298,13 +298,8 @@ def _batched_combine_kernel(
                     mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [SLOTS, BLOCK_H]
         if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + ks, mask=valid, other=0.0)[:, None]
         acc += tl.sum(y, axis=0)
-    _combine_store(acc, out_ptr, add_ptr, t, offs_h, H, stride_ot, stride_at, add_cols, ADD)
-
-@triton.jit
-def _combine_store(acc, out_ptr, add_ptr, tok, offs_n, N_OUT, stride_ot, stride_at, add_cols, ADD: tl.constexpr):
-    "Token `tok`'s columns `offs_n` of the combined output: `acc` (fp32), plus the addend's (ADD), cast once."
-    if ADD: acc += tl.load(add_ptr + tok * stride_at + offs_n, mask=offs_n < add_cols, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tok * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
+    if ADD: acc += tl.load(add_ptr + t * stride_at + offs_h, mask=offs_h < add_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     "`(SLOTS, BLOCK_H)` of the combine: up to 32 slots a pass; BLOCK_H <= 1024, halved (not below 128) while T·blocks < 256."

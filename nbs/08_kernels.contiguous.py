@@ -22,7 +22,7 @@ from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogu
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, _last_to_arrive, arrival_counters
 import moe_lit.kernels.batched as _batched
-from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend, _combine_store
+from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 
 # %%
 #| hide
@@ -508,6 +508,12 @@ def _fused_moe_kernel(
                         mask=mine[:, None] & (offs_n[None, :] < N_OUT), other=0.0).to(tl.float32)   # [K_PAD, BLOCK_N]
             _combine_store(tl.sum(y, axis=0), comb_out_ptr, comb_add_ptr, tok, offs_n, N_OUT, stride_ot, stride_at,
                            add_cols, ADD)
+
+@triton.jit
+def _combine_store(acc, out_ptr, add_ptr, tok, offs_n, N_OUT, stride_ot, stride_at, add_cols, ADD: tl.constexpr):
+    "Token `tok`'s columns `offs_n` of the combined output: `acc` (fp32), plus the addend's (ADD), cast once."
+    if ADD: acc += tl.load(add_ptr + tok * stride_at + offs_n, mask=offs_n < add_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tok * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
 
 @triton.jit
 def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.constexpr, EVEN_K: tl.constexpr,

@@ -15,7 +15,7 @@ from moe_lit.kernels.batched import check_activation, check_expert_bias, epilogu
 from moe_lit.kernels.batched import _cdiv, _next_pow2, _tile_config_root, _split_k_sum, split_k_launch, SPLIT_K_PROGRAMS_PER_SM
 from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, _last_to_arrive, arrival_counters
 import moe_lit.kernels.batched as _batched
-from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend, _combine_store
+from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 from moe_lit.kernels.batched import DEVICE
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu

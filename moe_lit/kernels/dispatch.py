@@ -178,7 +178,7 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
                          f"got {max_tokens}: capacity overflow")
     return a, counts, slot_map
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #a40a8e3b91ac
+# %% ../../nbs/07_kernels.dispatch.ipynb #4f4fd2c6ced9
 @triton.jit
 def _batched_combine_kernel(
     expert_out_ptr,     # [E_local, max_tokens, H]
@@ -217,13 +217,8 @@ def _batched_combine_kernel(
                     mask=valid[:, None] & hm[None, :], other=0.0).to(tl.float32)          # [SLOTS, BLOCK_H]
         if WEIGHTED: y = y * tl.load(topk_weights_ptr + t * TOP_K + ks, mask=valid, other=0.0)[:, None]
         acc += tl.sum(y, axis=0)
-    _combine_store(acc, out_ptr, add_ptr, t, offs_h, H, stride_ot, stride_at, add_cols, ADD)
-
-@triton.jit
-def _combine_store(acc, out_ptr, add_ptr, tok, offs_n, N_OUT, stride_ot, stride_at, add_cols, ADD: tl.constexpr):
-    "Token `tok`'s columns `offs_n` of the combined output: `acc` (fp32), plus the addend's (ADD), cast once."
-    if ADD: acc += tl.load(add_ptr + tok * stride_at + offs_n, mask=offs_n < add_cols, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tok * stride_ot + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
+    if ADD: acc += tl.load(add_ptr + t * stride_at + offs_h, mask=offs_h < add_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + offs_h, acc.to(out_ptr.dtype.element_ty), mask=hm)
 
 def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     "`(SLOTS, BLOCK_H)` of the combine: up to 32 slots a pass; BLOCK_H <= 1024, halved (not below 128) while T·blocks < 256."

@@ -18,21 +18,12 @@ from ..routing import ungroupable_reason, matmul_acc, warn_grouped_fallback
 __all__ = ['ROUTER_MAX_EXPERTS', 'ROUTER_BLOCK_K', 'ROUTER_GEMV_MAX_TOKENS', 'ROUTER_TARGET_PROGRAMS', 'ROUTER_SELECT_MAX_TOKENS',
            'ROUTER_SELECT_IN_GRAPHS', 'RouterPlan', 'router_plan', 'route_topk', 'route_tokens']
 
-# %% ../../nbs/03a_kernels.router.ipynb #9b1ecd1d71e0
-_NO_KEY = tl.constexpr(-9223372036854775808)            # the int64 minimum: below every key of an available lane
-
+# %% ../../nbs/03a_kernels.router.ipynb #4a9304365335
 @triton.jit
-def _choice_key(choice, offs, LAST: tl.constexpr):
-    "int64 keys of fp32 values (none NaN) at ids `offs <= LAST`: ordered as the values, ties to the lower id."
-    b = (choice + 0.0).to(tl.int32, bitcast=True)         # + 0.0: -0 is +0 (they compare equal)
-    b = tl.where(b < 0, b ^ 0x7FFFFFFF, b)               # the same order as the floats
-    return (b.to(tl.int64) << 32) | (LAST - offs).to(tl.int64)
-
-@triton.jit
-def _key_value(key):
-    "The fp32 value a `_choice_key` holds (a `-0` comes back as `+0`)."
-    b = (key >> 32).to(tl.int32)
-    return tl.where(b < 0, b ^ 0x7FFFFFFF, b).to(tl.float32, bitcast=True)
+def _take_max(choice, avail, offs, BLOCK_E: tl.constexpr):
+    "Index of the largest available entry, ties to the lower index (every lane available counts, -inf included)."
+    best = tl.max(tl.where(avail, choice, float("-inf")), axis=0)
+    return tl.min(tl.where(avail & (choice == best), offs, BLOCK_E), axis=0)
 
 @triton.jit
 def _route_topk_kernel(
@@ -42,76 +33,86 @@ def _route_topk_kernel(
     weights_ptr,         # [T, TOP_K] fp32 out
     ids_ptr,             # [T, TOP_K] int32/int64 out
     E, stride_s, stride_t, scale,
-    TOP_K: tl.constexpr,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,   # K_PAD: TOP_K to a power of two
     SCORING: tl.constexpr,      # 0 softmax, 1 sigmoid, 2 llama4 (select on logits, weight sigmoid(logit))
     HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
     NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    GS_PAD: tl.constexpr,       # G_PAD, GS_PAD: NUM_GROUPS and GROUP_SIZE to powers of two (no groups: 1 group of E)
     TOP2: tl.constexpr,         # a group's score is the sum of its top 2 (else its max)
     SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
     _await_producers(PDL)                                    # before any load or store
     _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr, tl.program_id(0).to(tl.int64), E,
-                  stride_s, stride_t, scale, TOP_K, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
-                  TOPK_GROUP, GROUP_SIZE, GS_PAD, TOP2, SPLIT, HAS_GATE_BIAS)
+                  stride_s, stride_t, scale, TOP_K, K_PAD, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
+                  TOPK_GROUP, GROUP_SIZE, TOP2, SPLIT, HAS_GATE_BIAS)
 
 @triton.jit
 def _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr,   # as `_route_topk_kernel`'s
                   t,                                                        # the token (int64)
                   E, stride_s, stride_t, scale,
-                  TOP_K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
-                  NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                  GS_PAD: tl.constexpr, TOP2: tl.constexpr, SPLIT: tl.constexpr, HAS_GATE_BIAS: tl.constexpr):
+                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr, SCORING: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
+                  TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOP2: tl.constexpr, SPLIT: tl.constexpr,
+                  HAS_GATE_BIAS: tl.constexpr):
     "One token's selection: its top_k weights and ids stored (the body of `_route_topk_kernel`, one program's work)."
-    g_offs = tl.arange(0, G_PAD)
-    offs = g_offs[:, None] * GROUP_SIZE + tl.arange(0, GS_PAD)[None, :]      # [G_PAD, GS_PAD] expert ids
-    is_expert = (g_offs[:, None] < NUM_GROUPS) & (tl.arange(0, GS_PAD)[None, :] < GROUP_SIZE)
+    offs = tl.arange(0, BLOCK_E)
+    is_expert = offs < E
     x = tl.load(logits_ptr + t * stride_t + offs, mask=is_expert, other=float("-inf")).to(tl.float32)
     for s in tl.static_range(1, SPLIT):                  # the K slices' partial logits, summed in slice order
         x += tl.load(logits_ptr + s * stride_s + t * stride_t + offs, mask=is_expert, other=0.0)
     if HAS_GATE_BIAS: x += tl.load(gate_bias_ptr + offs, mask=is_expert, other=0.0).to(tl.float32)
     if SCORING == 0:
-        e = tl.exp(x - tl.max(tl.max(x, axis=0), axis=0))
-        score = e / tl.sum(tl.sum(e, axis=0), axis=0)
+        e = tl.exp(x - tl.max(x, axis=0))
+        score = e / tl.sum(e, axis=0)
     elif SCORING == 1:
         score = tl.sigmoid(x)
     else:
         score = x
     nan = is_expert & (score != score)
     if SCORING == 2: nan = is_expert & (x != x)
-    invalid = tl.max(tl.max(nan.to(tl.int32), axis=0), axis=0) > 0
+    invalid = tl.sum(nan.to(tl.int32), axis=0) > 0
     choice = score
     if HAS_BIAS: choice = choice + tl.load(bias_ptr + offs, mask=is_expert, other=0.0)
     choice = tl.where(invalid, 0.0, choice)              # an invalid row: every expert ties -> ids 0..top_k-1
     choice = tl.where(choice != choice, float("-inf"), choice)   # a NaN correction bias (unchecked): never chosen
-    key = tl.where(is_expert, _choice_key(choice, offs, G_PAD * GS_PAD - 1), _NO_KEY)
+    avail = is_expert
     if NUM_GROUPS > 1:                                   # keep the TOPK_GROUP best groups (ties: lower group)
-        first = tl.max(key, axis=1)                      # [G_PAD] each group's best
-        g_score = _key_value(first)
-        if TOP2: g_score = g_score + _key_value(tl.max(tl.where(key == first[:, None], _NO_KEY, key), axis=1))
-        g_key = tl.where(g_offs < NUM_GROUPS, _choice_key(g_score, g_offs, G_PAD - 1), _NO_KEY)
-        kept = g_offs < 0                                # all False
+        group = offs // GROUP_SIZE
+        g_offs = tl.arange(0, G_PAD)
+        g_score = tl.full((G_PAD,), float("-inf"), tl.float32)
+        for g in tl.static_range(NUM_GROUPS):
+            in_g = is_expert & (group == g)
+            first = _take_max(choice, in_g, offs, BLOCK_E)
+            s = tl.max(tl.where(in_g, choice, float("-inf")), axis=0)
+            if TOP2: s = s + tl.max(tl.where(in_g & (offs != first), choice, float("-inf")), axis=0)
+            g_score = tl.where(g_offs == g, s, g_score)
+        g_avail = g_offs < NUM_GROUPS
         for _ in tl.static_range(TOPK_GROUP):
-            hit = g_key == tl.max(g_key, axis=0)
-            kept, g_key = kept | hit, tl.where(hit, _NO_KEY, g_key)
-        key = tl.where(kept[:, None], key, _NO_KEY)
-    rank = tl.full((G_PAD, GS_PAD), TOP_K, tl.int32)    # TOP_K: not picked
+            g_best = _take_max(g_score, g_avail, g_offs, G_PAD)
+            g_avail = g_avail & (g_offs != g_best)
+        kept = offs < 0                                  # all False
+        for g in tl.static_range(NUM_GROUPS):
+            chosen = tl.sum(tl.where((g_offs == g) & g_avail, 1, 0), axis=0) == 0   # taken, so no longer available
+            kept = kept | ((group == g) & chosen)
+        avail = avail & kept
+    ids = tl.zeros((K_PAD,), tl.int32)
+    w = tl.zeros((K_PAD,), tl.float32)
+    k_offs = tl.arange(0, K_PAD)
     for k in tl.static_range(TOP_K):
-        best = tl.max(tl.max(key, axis=0), axis=0)
-        hit = key == best
-        rank = tl.where(hit, k, rank)
-        key = tl.where(hit, _NO_KEY, key)
-    picked = is_expert & (rank < TOP_K)
-    w = tl.sigmoid(x) if SCORING == 2 else score
-    w = tl.where(picked & ~invalid, w, 0.0)
+        i = _take_max(choice, avail, offs, BLOCK_E)
+        avail = avail & (offs != i)
+        wi = tl.sum(tl.where(offs == i, score, 0.0), axis=0)
+        if SCORING == 2: wi = tl.sigmoid(wi)
+        ids = tl.where(k_offs == k, i, ids)
+        w = tl.where(k_offs == k, wi, w)
+    w = tl.where(invalid, 0.0, w)
     if RENORMALIZE:
-        total = tl.sum(tl.sum(w, axis=0), axis=0)
+        total = tl.sum(w, axis=0)
         w = tl.where(total > 0, w / total, w)
-    tl.store(weights_ptr + t * TOP_K + rank, w * scale, mask=picked)
-    tl.store(ids_ptr + t * TOP_K + rank, offs.to(ids_ptr.dtype.element_ty), mask=picked)
+    tl.store(weights_ptr + t * TOP_K + k_offs, w * scale, mask=k_offs < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + k_offs, ids.to(ids_ptr.dtype.element_ty), mask=k_offs < TOP_K)
 
-# %% ../../nbs/03a_kernels.router.ipynb #6c75fc4d84c5
+# %% ../../nbs/03a_kernels.router.ipynb #87451729f48c
 ROUTER_MAX_EXPERTS = 65536      # a token's scores are one block of registers (Triton's blocks hold at most 2^20)
 ROUTER_BLOCK_K = 1024           # columns of one program's K slice in the decode logits kernel
 ROUTER_GEMV_MAX_TOKENS = 16     # at most this many tokens take `_router_logits_kernel`; more take one cuBLAS GEMM
@@ -129,10 +130,10 @@ def _router_logits_kernel(
     # SELECT: the program that finishes last also selects (`_select_token`, each token in turn), one launch in all
     count_ptr=None,      # [1] int32 arrival counter, 0 before the launch and after it (SELECT)
     bias_ptr=None, gate_bias_ptr=None, weights_ptr=None, ids_ptr=None, scale=1.0,   # as `_route_topk_kernel`'s
-    SELECT: tl.constexpr = False, TOP_K: tl.constexpr = 1,
+    SELECT: tl.constexpr = False, TOP_K: tl.constexpr = 1, K_PAD: tl.constexpr = 1, BLOCK_E: tl.constexpr = 1,
     SCORING: tl.constexpr = 0, HAS_BIAS: tl.constexpr = False, RENORMALIZE: tl.constexpr = False,
     NUM_GROUPS: tl.constexpr = 1, G_PAD: tl.constexpr = 1, TOPK_GROUP: tl.constexpr = 1, GROUP_SIZE: tl.constexpr = 1,
-    GS_PAD: tl.constexpr = 1, TOP2: tl.constexpr = False, SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
+    TOP2: tl.constexpr = False, SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
     _await_producers(PDL)                                    # before any load or store
@@ -151,10 +152,10 @@ def _router_logits_kernel(
         if _last_to_arrive(count_ptr, tl.num_programs(0) * tl.num_programs(1)):   # every partial is in
             for row in range(T):
                 _select_token(out_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr, tl.cast(row, tl.int64), E, T * E,
-                              E, scale, TOP_K, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
-                              TOPK_GROUP, GROUP_SIZE, GS_PAD, TOP2, SPLIT, HAS_GATE_BIAS)
+                              E, scale, TOP_K, K_PAD, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
+                              TOPK_GROUP, GROUP_SIZE, TOP2, SPLIT, HAS_GATE_BIAS)
 
-# %% ../../nbs/03a_kernels.router.ipynb #59aeb1e6b33e
+# %% ../../nbs/03a_kernels.router.ipynb #130c5fbd0663
 @dataclass(frozen=True)
 class RouterPlan:
     "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
@@ -249,16 +250,15 @@ def _route_topk(plan, logits, bias, ids_dtype, gate_bias=None) -> tuple[torch.Te
             logits, bias if bias is not None else logits,
             gate_bias if gate_bias is not None else logits, w, ids, E,
             T * E if split > 1 else 0, logits.stride(-2), plan.scale, **sel,
-            num_warps=1 if sel["G_PAD"] * sel["GS_PAD"] <= 256 else 2)   # one warp: reductions stay in shuffles
+            num_warps=1 if sel["BLOCK_E"] <= 256 else 2)   # one warp: reductions stay in shuffles
     return w, ids
 
 def _selection_constants(plan, split, has_gate_bias) -> dict:
     "The selection's compile-time constants (`_select_token`'s), from the plan: one place for both kernels that select."
-    g_pad = _next_pow2(plan.NUM_GROUPS)                  # a row of [g_pad, gs_pad] keys, 16 lanes at least
-    return dict(TOP_K=plan.TOP_K, SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
-                NUM_GROUPS=plan.NUM_GROUPS, G_PAD=g_pad, TOPK_GROUP=plan.TOPK_GROUP, GROUP_SIZE=plan.GROUP_SIZE,
-                GS_PAD=max(_next_pow2(plan.GROUP_SIZE), 16 // g_pad, 1), TOP2=plan.TOP2, SPLIT=split,
-                HAS_GATE_BIAS=has_gate_bias)
+    return dict(TOP_K=plan.TOP_K, K_PAD=_next_pow2(plan.TOP_K), BLOCK_E=max(_next_pow2(plan.num_experts), 16),
+                SCORING=plan.SCORING, HAS_BIAS=plan.HAS_BIAS, RENORMALIZE=plan.RENORMALIZE,
+                NUM_GROUPS=plan.NUM_GROUPS, G_PAD=_next_pow2(plan.NUM_GROUPS), TOPK_GROUP=plan.TOPK_GROUP,
+                GROUP_SIZE=plan.GROUP_SIZE, TOP2=plan.TOP2, SPLIT=split, HAS_GATE_BIAS=has_gate_bias)
 
 def route_tokens(plan: RouterPlan,                      # router_plan(config)
                  hidden: torch.Tensor,                  # [T, hidden_size] bf16/fp16/fp32

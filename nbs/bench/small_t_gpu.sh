@@ -13,7 +13,7 @@
 #                                            (eager_vs_replay.py --ab combine, T = 1, 2, 4)
 #   bash nbs/bench/small_t_gpu.sh pdl     -> programmatic dependent launch off and on, eager and replayed, T = 1, 2,
 #                                            8 (eager_vs_replay.py --ab pdl), then the kernel chain with it on
-#   bash nbs/bench/small_t_gpu.sh select  -> the router, combine, modular and layer tests natively, the selection kernel
+#   bash nbs/bench/small_t_gpu.sh select  -> the router, modular and layer tests natively, the selection kernel
 #                                            against BASE (default nbs/bench/_router_base.py; select_ab.py), T = 1, 2, 4,
 #                                            and the kernel chain at T = 1, 2
 set -uo pipefail
@@ -49,8 +49,8 @@ pdl)
   MOE_LIT_PDL=1 timeout 150 python nbs/bench/profile_small_t.py 1 2 2>&1 | grep -v Warning > "$OUT/profile_small_t_pdl_${CARD:-gpu}_$C.log"
   grep "==" "$OUT/profile_small_t_pdl_${CARD:-gpu}_$C.log" ;;
 select)
-  timeout 260 python -m pytest -q -n 6 -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_router.py tests/test_testing.py \
-    tests/test_modular.py tests/test_layer.py tests/test_kernels_dispatch.py tests/test_kernels_contiguous.py 2>&1 | grep -E "^FAILED|passed|failed|rror" | tail -8 | tee "$OUT/pytest_select_${CARD:-gpu}_$C.log"
+  timeout 220 python -m pytest -q -n 6 -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_router.py tests/test_testing.py \
+    tests/test_modular.py tests/test_layer.py 2>&1 | grep -E "^FAILED|passed|failed|rror" | tail -8 | tee "$OUT/pytest_select_${CARD:-gpu}_$C.log"
   timeout 220 python nbs/bench/select_ab.py "${BASE:-nbs/bench/_router_base.py}" 1 2 4 2>&1 | grep -v Warning \
     | tee "$OUT/select_ab_${CARD:-gpu}_$C.log"
   chain ;;
