@@ -2352,7 +2352,8 @@ test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a Weig
 test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
 zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
 test_eq(zero.output.shape, (0, 32))
-xn = x.clone(); xn[2] = float("nan")            # a NaN row: NaN in its own row only, in the run and in the references
+xn = x.clone().to(DEVICE); xn[2] = float("nan")   # a NaN row: NaN in its own row only, in the run and in the references
+                                                 # (on the kernels' device: a GPU when there is one)
 for quant in ("unquantized", "fp8"):            # (FP8: the kernels' spec quantizes the other rows, not refusing them)
     run = run_emulated_ep(cfg, xn, seed=5, experts="triton", quant=quant)
     for t in (run.output, run.reference) + ((run.reference_kernels,) if quant == "fp8" else ()):
