@@ -298,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmark the whole layer instead (FusedMoE eager and graph-replayed, floor, transformers)")
     return ap
 
-# %% ../nbs/15_cli.ipynb #29c38d8addfb
+# %% ../nbs/15_cli.ipynb #c788d8906245
 def _transport_note(config):
     "`moe_lit.transport.transport_note`, imported when `explain` runs (not at the command's start-up)."
     from moe_lit.transport import transport_note
@@ -308,8 +308,11 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
                    num_tokens: int | None = None,   # the batch the prepare/finalize is sized for; None: 64, at most
                    placement: str | None = None,    # its capacity (the decision does not depend on it); None: linear
                    tp_size: int | None = None) -> dict:   # None: the config's (`12_layer.rank_config`)
-    "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
+    """The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision.
+    ValueError naming the argument: `device` not 'detect', 'cpu-interpreter' or a DEVICES kind, `num_tokens` < 1,
+    `placement`, `tp_size`, `quant` or `backend` as `run_report` refuses them (the oracle's reason with `backend`)."""
     from moe_lit.modular import make_prepare_finalize
+    if num_tokens is not None: check_int("num_tokens", num_tokens, lo=1)       # as run_report: a batch has a token
     dev = detect_device() if device == "detect" else CPU_INTERPRETER if device == "cpu-interpreter" else \
         DEVICES.get(device) or check_choice("device", device, [*DEVICES, "cpu-interpreter"])
     place = Placement.build(rank_config(config, 0, tp_size), strategy="linear" if placement is None else placement)   # validates the deployment
@@ -344,9 +347,9 @@ def format_explain(rep: dict) -> str:
               f"  {c['reason']}" for c in rep["candidates"]]
     return "\n".join(lines)
 
-# %% ../nbs/15_cli.ipynb #38ea1c1d1949
-_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "checkpoint": "--weights", "override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
-          "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
+# %% ../nbs/15_cli.ipynb #6ea12347ba1b
+_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "checkpoint": "--weights", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
+          "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement", "placement": "--placement",
           "device": "--device", "experts": "--experts", "quant": "--quant", "backend": "--backend"}
 
 def _flag_error(e: ValueError) -> str:
@@ -366,7 +369,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #8ebb27c22f90
+# %% ../nbs/15_cli.ipynb #8b5811a618ac
 def _fail(args, message: str) -> int:
     "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
     command = getattr(args, "command", None)                 # (None before the arguments were parsed)
@@ -437,7 +440,10 @@ def _run_distributed(args) -> int:
                    as_json=args.json, config=args.config, quant=args.quant or "unquantized")
 
 def main(argv: list[str] | None = None) -> int:
-    "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
+    """The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe.
+    Bad input: argparse's usage errors (an unknown subcommand or flag, a value outside a flag's choices) print usage and
+    raise SystemExit(2), as argparse does; a bad value found later prints `moe-lit <command>: error: ...` naming the
+    flag and returns 2."""
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     args = None
     if sys.stdout is None:                                # started with stdout closed (`>&-`): Python has none to print to

@@ -138,16 +138,25 @@ class Decision:
 
     def _repr_markdown_(self): return self.table()
 
-# %% ../nbs/11_oracle.ipynb #c70d89a37b2a
-def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_format: ActivationFormat,
-                           device: DeviceCaps, override: str | None = None) -> Decision:
-    "Scan the priority list once; the first candidate that fits format, scheme, device and override is chosen."
+# %% ../nbs/11_oracle.ipynb #2a165c58b57f
+def select_experts_backend(moe_config: MoEConfig,                 # the layer (activation, biases, dtype)
+                           quant_scheme: str,                      # a QUANT_SCHEMES name (or its short name, 'fp8')
+                           activation_format: ActivationFormat,    # what the prepare/finalize produces
+                           device: DeviceCaps,                     # DEVICES[...] or detect_device()
+                           backend: str | None = None,             # force one candidate by name; None: the first that fits
+                          ) -> Decision:
+    """Scan the priority list `CANDIDATES` once; the first candidate that fits format, scheme, device and `backend` is
+    chosen, and the `Decision` keeps every candidate's reason. ValueError naming the argument: `moe_config` not a
+    MoEConfig, an unknown `quant_scheme`, `activation_format` not an ActivationFormat, `device` not a DeviceCaps,
+    `backend` not a candidate's name or one that does not fit (with its reason), and `quant_scheme` when no candidate
+    runs it. Source: vLLM's oracles, `vllm/model_executor/layers/fused_moe/oracle/{unquantized,fp8,mxfp4,nvfp4}.py`,
+    and the format check of https://github.com/vllm-project/vllm/pull/40412."""
     if not isinstance(moe_config, MoEConfig): raise ValueError(f"moe_config: expected a MoEConfig, got {type(moe_config).__name__}")
     quant_scheme = quant_scheme_name(quant_scheme, "quant_scheme")                     # a short name too
     if not isinstance(activation_format, ActivationFormat):
         raise ValueError(f"activation_format: expected an ActivationFormat, got {activation_format!r}")
     if not isinstance(device, DeviceCaps): raise ValueError(f"device: expected a DeviceCaps, got {type(device).__name__}")
-    if override is not None: check_choice("override", override, [c.name for c in CANDIDATES])
+    if backend is not None: check_choice("backend", backend, [c.name for c in CANDIDATES])
     trace, chosen = [], None
     for c in CANDIDATES:
         if c.activation_format is not activation_format:
@@ -162,33 +171,38 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
         else: ok, why = c.check(device)
         if ok and quant_scheme != "unquantized" and c.note:      # on the interpreter: what it emulates
             why += f"; {'on a GPU, ' if device.interpreter and c.implementation != 'torch' else ''}{c.note}"
-        if ok and override is not None and c.name != override: ok, why = False, f"not the override '{override}'"
+        if ok and backend is not None and c.name != backend: ok, why = False, f"not the backend asked for, '{backend}'"
         if ok and chosen is not None: why = f"fits, but '{chosen.name}' comes first"
         trace.append((c.name, ok, why))
         if ok and chosen is None: chosen = c
     if chosen is None:
-        reason = dict((n, r) for n, _, r in trace)[override] if override else "no candidate fits"
-        raise ValueError(f"override: expected a backend that fits this layer, got {override!r}: {reason}" if override
+        reason = dict((n, r) for n, _, r in trace)[backend] if backend else "no candidate fits"
+        raise ValueError(f"backend: expected a backend that fits this layer, got {backend!r}: {reason}" if backend
                          else f"quant_scheme: no experts backend runs {quant_scheme} in {activation_format.value} on {device.kind}")
     return Decision(chosen, activation_format, quant_scheme, device, tuple(trace))
 
-# %% ../nbs/11_oracle.ipynb #34355efa5c32
-def select_unquantized_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
-    "`select_experts_backend` for unquantized weights."
-    return select_experts_backend(moe_config, "unquantized", activation_format, device, override)
+# %% ../nbs/11_oracle.ipynb #abc3b548eecd
+def select_unquantized_moe_backend(moe_config: MoEConfig, activation_format: ActivationFormat, device: DeviceCaps,
+                                   backend: str | None = None) -> Decision:
+    "`select_experts_backend` for unquantized weights (vLLM's `oracle/unquantized.py`); raises as it does."
+    return select_experts_backend(moe_config, "unquantized", activation_format, device, backend)
 
-def select_fp8_moe_backend(moe_config, activation_format, device, override=None, granularity: str = "block") -> Decision:
-    "`select_experts_backend` for FP8 w8a8 with weight scales per 'tensor', 'channel' or 128×128 'block'."
+def select_fp8_moe_backend(moe_config: MoEConfig, activation_format: ActivationFormat, device: DeviceCaps,
+                           backend: str | None = None, granularity: str = "block") -> Decision:
+    """`select_experts_backend` for FP8 w8a8 with weight scales per 'tensor', 'channel' or 128×128 'block' (vLLM's
+    `oracle/fp8.py`); raises as it does, and ValueError naming `granularity` for another value."""
     check_choice("granularity", granularity, ("tensor", "channel", "block"))
-    return select_experts_backend(moe_config, f"fp8_w8a8_{granularity}", activation_format, device, override)
+    return select_experts_backend(moe_config, f"fp8_w8a8_{granularity}", activation_format, device, backend)
 
-def select_mxfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
-    "`select_experts_backend` for MXFP4 weights with 16-bit activations."
-    return select_experts_backend(moe_config, "mxfp4_w4a16", activation_format, device, override)
+def select_mxfp4_moe_backend(moe_config: MoEConfig, activation_format: ActivationFormat, device: DeviceCaps,
+                             backend: str | None = None) -> Decision:
+    "`select_experts_backend` for MXFP4 weights with 16-bit activations (vLLM's `oracle/mxfp4.py`); raises as it does."
+    return select_experts_backend(moe_config, "mxfp4_w4a16", activation_format, device, backend)
 
-def select_nvfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
-    "`select_experts_backend` for NVFP4 weights with 16-bit activations."
-    return select_experts_backend(moe_config, "nvfp4_w4a16", activation_format, device, override)
+def select_nvfp4_moe_backend(moe_config: MoEConfig, activation_format: ActivationFormat, device: DeviceCaps,
+                             backend: str | None = None) -> Decision:
+    "`select_experts_backend` for NVFP4 weights with 16-bit activations (vLLM's `oracle/nvfp4.py`); raises as it does."
+    return select_experts_backend(moe_config, "nvfp4_w4a16", activation_format, device, backend)
 
 # %% ../nbs/11_oracle.ipynb #a2949f2a4bdb
 def plot_decisions(moe_config: MoEConfig | None = None, devices=("cpu", "a100", "h200", "b200")):

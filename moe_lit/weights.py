@@ -35,15 +35,17 @@ def weight_shapes(config: MoEConfig) -> dict[str, tuple]:
 ROUTER_KEYS = ("gate", "gate_bias", "e_score_correction_bias")
 EXPERT_KEYS = ("w13", "w2", "w13_bias", "w2_bias")
 
-# %% ../nbs/11a_weights.ipynb #266005252f10
+# %% ../nbs/11a_weights.ipynb #f94a3bb0e240
 def check_expert_ids(expert_ids, num_experts: int) -> list[int]:
-    "`expert_ids` (a sequence or 1-D int tensor of global ids) as a list of ints in `[0, num_experts)`."
+    """`expert_ids` (a sequence or 1-D int32/int64 tensor of global ids) as a list of ints in `[0, num_experts)`.
+    ValueError naming `expert_ids` (not a sequence, a tensor of another rank or dtype) or `expert_ids[k]` at the
+    position k of a bad entry (not an int, or out of range)."""
     if isinstance(expert_ids, torch.Tensor):
         check_tensor("expert_ids", expert_ids, ndim=1, dtype=(torch.int32, torch.int64))
         expert_ids = expert_ids.tolist()
     if isinstance(expert_ids, (str, bytes)) or not hasattr(expert_ids, "__iter__"):
         raise ValueError(f"expert_ids: expected a sequence of ints, got {type(expert_ids).__name__}")
-    return [check_int("expert_ids[i]", g, lo=0, hi=num_experts) for g in expert_ids]
+    return [check_int(f"expert_ids[{k}]", g, lo=0, hi=num_experts) for k, g in enumerate(expert_ids)]
 
 class WeightSource:
     "The protocol of a layer's weights (see the table above); subclasses implement router, experts and shared."

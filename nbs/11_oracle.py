@@ -178,15 +178,24 @@ class Decision:
 
 # %%
 #| export
-def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_format: ActivationFormat,
-                           device: DeviceCaps, override: str | None = None) -> Decision:
-    "Scan the priority list once; the first candidate that fits format, scheme, device and override is chosen."
+def select_experts_backend(moe_config: MoEConfig,                 # the layer (activation, biases, dtype)
+                           quant_scheme: str,                      # a QUANT_SCHEMES name (or its short name, 'fp8')
+                           activation_format: ActivationFormat,    # what the prepare/finalize produces
+                           device: DeviceCaps,                     # DEVICES[...] or detect_device()
+                           backend: str | None = None,             # force one candidate by name; None: the first that fits
+                          ) -> Decision:
+    """Scan the priority list `CANDIDATES` once; the first candidate that fits format, scheme, device and `backend` is
+    chosen, and the `Decision` keeps every candidate's reason. ValueError naming the argument: `moe_config` not a
+    MoEConfig, an unknown `quant_scheme`, `activation_format` not an ActivationFormat, `device` not a DeviceCaps,
+    `backend` not a candidate's name or one that does not fit (with its reason), and `quant_scheme` when no candidate
+    runs it. Source: vLLM's oracles, `vllm/model_executor/layers/fused_moe/oracle/{unquantized,fp8,mxfp4,nvfp4}.py`,
+    and the format check of https://github.com/vllm-project/vllm/pull/40412."""
     if not isinstance(moe_config, MoEConfig): raise ValueError(f"moe_config: expected a MoEConfig, got {type(moe_config).__name__}")
     quant_scheme = quant_scheme_name(quant_scheme, "quant_scheme")                     # a short name too
     if not isinstance(activation_format, ActivationFormat):
         raise ValueError(f"activation_format: expected an ActivationFormat, got {activation_format!r}")
     if not isinstance(device, DeviceCaps): raise ValueError(f"device: expected a DeviceCaps, got {type(device).__name__}")
-    if override is not None: check_choice("override", override, [c.name for c in CANDIDATES])
+    if backend is not None: check_choice("backend", backend, [c.name for c in CANDIDATES])
     trace, chosen = [], None
     for c in CANDIDATES:
         if c.activation_format is not activation_format:
@@ -201,13 +210,13 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
         else: ok, why = c.check(device)
         if ok and quant_scheme != "unquantized" and c.note:      # on the interpreter: what it emulates
             why += f"; {'on a GPU, ' if device.interpreter and c.implementation != 'torch' else ''}{c.note}"
-        if ok and override is not None and c.name != override: ok, why = False, f"not the override '{override}'"
+        if ok and backend is not None and c.name != backend: ok, why = False, f"not the backend asked for, '{backend}'"
         if ok and chosen is not None: why = f"fits, but '{chosen.name}' comes first"
         trace.append((c.name, ok, why))
         if ok and chosen is None: chosen = c
     if chosen is None:
-        reason = dict((n, r) for n, _, r in trace)[override] if override else "no candidate fits"
-        raise ValueError(f"override: expected a backend that fits this layer, got {override!r}: {reason}" if override
+        reason = dict((n, r) for n, _, r in trace)[backend] if backend else "no candidate fits"
+        raise ValueError(f"backend: expected a backend that fits this layer, got {backend!r}: {reason}" if backend
                          else f"quant_scheme: no experts backend runs {quant_scheme} in {activation_format.value} on {device.kind}")
     return Decision(chosen, activation_format, quant_scheme, device, tuple(trace))
 
@@ -218,22 +227,27 @@ def select_experts_backend(moe_config: MoEConfig, quant_scheme: str, activation_
 
 # %%
 #| export
-def select_unquantized_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
-    "`select_experts_backend` for unquantized weights."
-    return select_experts_backend(moe_config, "unquantized", activation_format, device, override)
+def select_unquantized_moe_backend(moe_config: MoEConfig, activation_format: ActivationFormat, device: DeviceCaps,
+                                   backend: str | None = None) -> Decision:
+    "`select_experts_backend` for unquantized weights (vLLM's `oracle/unquantized.py`); raises as it does."
+    return select_experts_backend(moe_config, "unquantized", activation_format, device, backend)
 
-def select_fp8_moe_backend(moe_config, activation_format, device, override=None, granularity: str = "block") -> Decision:
-    "`select_experts_backend` for FP8 w8a8 with weight scales per 'tensor', 'channel' or 128×128 'block'."
+def select_fp8_moe_backend(moe_config: MoEConfig, activation_format: ActivationFormat, device: DeviceCaps,
+                           backend: str | None = None, granularity: str = "block") -> Decision:
+    """`select_experts_backend` for FP8 w8a8 with weight scales per 'tensor', 'channel' or 128×128 'block' (vLLM's
+    `oracle/fp8.py`); raises as it does, and ValueError naming `granularity` for another value."""
     check_choice("granularity", granularity, ("tensor", "channel", "block"))
-    return select_experts_backend(moe_config, f"fp8_w8a8_{granularity}", activation_format, device, override)
+    return select_experts_backend(moe_config, f"fp8_w8a8_{granularity}", activation_format, device, backend)
 
-def select_mxfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
-    "`select_experts_backend` for MXFP4 weights with 16-bit activations."
-    return select_experts_backend(moe_config, "mxfp4_w4a16", activation_format, device, override)
+def select_mxfp4_moe_backend(moe_config: MoEConfig, activation_format: ActivationFormat, device: DeviceCaps,
+                             backend: str | None = None) -> Decision:
+    "`select_experts_backend` for MXFP4 weights with 16-bit activations (vLLM's `oracle/mxfp4.py`); raises as it does."
+    return select_experts_backend(moe_config, "mxfp4_w4a16", activation_format, device, backend)
 
-def select_nvfp4_moe_backend(moe_config, activation_format, device, override=None) -> Decision:
-    "`select_experts_backend` for NVFP4 weights with 16-bit activations."
-    return select_experts_backend(moe_config, "nvfp4_w4a16", activation_format, device, override)
+def select_nvfp4_moe_backend(moe_config: MoEConfig, activation_format: ActivationFormat, device: DeviceCaps,
+                             backend: str | None = None) -> Decision:
+    "`select_experts_backend` for NVFP4 weights with 16-bit activations (vLLM's `oracle/nvfp4.py`); raises as it does."
+    return select_experts_backend(moe_config, "nvfp4_w4a16", activation_format, device, backend)
 
 # %% [markdown]
 # ## Tests
@@ -318,14 +332,14 @@ assert "no adapter" in dict((n, r) for n, _, r in d.trace)["flashinfer_cutlass_f
 #| test oracle_override_and_bad_input
 cfg = MoEConfig(8, 2, 64, 32)
 S = ActivationFormat.Standard
-test_eq(select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], override="torch_standard").chosen.name, "torch_standard")
-test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], override="triton_batched"),
+test_eq(select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="torch_standard").chosen.name, "torch_standard")
+test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="triton_batched"),
           contains="consumes batched_experts")                                  # an incompatible override raises
-test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], override="triton_contiguous"),
+test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], backend="triton_contiguous"),
           contains="needs a CUDA GPU")
 test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")
 test_fail(lambda: select_experts_backend(cfg, "unquantized", "standard", DEVICES["cpu"]), contains="activation_format: expected an ActivationFormat")
-test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], override="cutlass"), contains="override: expected one of")
+test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], backend="cutlass"), contains="backend: expected one of")
 test_fail(lambda: DeviceCaps("h100", "9.0"), contains="capability: expected None or a pair of ints")
 test_fail(lambda: DeviceCaps("cpu", (9, 0)), contains="capability: expected None exactly for kind 'cpu'")
 test_fail(lambda: DeviceCaps("h100", (9, 0), "flashinfer_x"), contains="libraries: expected a frozenset")

@@ -72,13 +72,15 @@ test_eq(sorted(weight_shapes(oss)), ["gate", "gate_bias", "w13", "w13_bias", "w2
 # %%
 #| export
 def check_expert_ids(expert_ids, num_experts: int) -> list[int]:
-    "`expert_ids` (a sequence or 1-D int tensor of global ids) as a list of ints in `[0, num_experts)`."
+    """`expert_ids` (a sequence or 1-D int32/int64 tensor of global ids) as a list of ints in `[0, num_experts)`.
+    ValueError naming `expert_ids` (not a sequence, a tensor of another rank or dtype) or `expert_ids[k]` at the
+    position k of a bad entry (not an int, or out of range)."""
     if isinstance(expert_ids, torch.Tensor):
         check_tensor("expert_ids", expert_ids, ndim=1, dtype=(torch.int32, torch.int64))
         expert_ids = expert_ids.tolist()
     if isinstance(expert_ids, (str, bytes)) or not hasattr(expert_ids, "__iter__"):
         raise ValueError(f"expert_ids: expected a sequence of ints, got {type(expert_ids).__name__}")
-    return [check_int("expert_ids[i]", g, lo=0, hi=num_experts) for g in expert_ids]
+    return [check_int(f"expert_ids[{k}]", g, lo=0, hi=num_experts) for k, g in enumerate(expert_ids)]
 
 class WeightSource:
     "The protocol of a layer's weights (see the table above); subclasses implement router, experts and shared."
@@ -168,8 +170,8 @@ a, b = src.experts([0, 1, 2, 3, 4, 5]), src.experts([4, 1])
 assert torch.equal(a["w13"][[4, 1]], b["w13"]) and torch.equal(a["w2"][[4, 1]], b["w2"])   # the same expert, whoever asks
 assert not torch.equal(a["w13"][0], a["w13"][1])                                           # different experts differ
 test_eq((a["w13"].dtype, sorted(a)), (torch.bfloat16, ["w13", "w2"]))
-test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected <= 5, got 6")
-test_fail(lambda: src.experts([2.7]), contains="expert_ids[i]: expected an int, got float")
+test_fail(lambda: src.experts([6]), contains="expert_ids[0]: expected <= 5, got 6")
+test_fail(lambda: src.experts([1, 2.7]), contains="expert_ids[1]: expected an int, got float")
 test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
 test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected <= 1099511627775")
 oss = RandomExpertWeights(cfg.replace(has_expert_bias=True, has_router_bias=True), seed=3)

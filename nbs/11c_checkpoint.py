@@ -19,7 +19,7 @@ from moe_lit.config import ParallelConfig
 from moe_lit.models import moe_config_from_hf
 from moe_lit.layouts import checkpoint_layout, moe_layer_indices, moe_layer_rule, quant_scheme_from_hf
 from moe_lit.weights import WeightSource, check_expert_ids
-from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, fp8_nan_codes
+from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, fp8_nan_codes, quant_scheme_name
 from moe_lit.formats import gate_up_from_interleaved
 
 # %%
@@ -516,8 +516,11 @@ def experts(self: CheckpointWeights, expert_ids) -> dict[str, torch.Tensor]:
 #| export
 @patch
 def quantized_experts(self: CheckpointWeights, expert_ids, scheme: str):
-    "The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when stored in `scheme`; else None."
+    """The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when the checkpoint stores them in
+    `scheme` (a QUANT_SCHEMES name or a short name, 'fp8'); None when it stores them otherwise, or `scheme` is None.
+    ValueError naming `scheme` for an unknown name, `expert_ids[k]` for an id outside [0, num_experts)."""
     ids = check_expert_ids(expert_ids, self.config.num_experts)
+    if scheme is not None: scheme = quant_scheme_name(scheme, "scheme")
     if scheme is None or scheme != self.quant_scheme: return None
     from moe_lit.quant_weights import QuantizedExpertWeights
     c, I = self.config, self.config.intermediate_size
@@ -756,7 +759,7 @@ with tempfile.TemporaryDirectory() as d:
               contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got ['fp8']")
     test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": [True, 128]}}),
               contains="quantization_config.weight_block_size: expected two positive ints (at most 65536), got [True, 128]")
-    test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[i]: expected <= 3, got 4")
+    test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[0]: expected <= 3, got 4")
 
 # %%
 #| test bad_checkpoint_keys
@@ -910,6 +913,8 @@ with tempfile.TemporaryDirectory() as d:
     src = CheckpointWeights(d, 1)
     q, ex, sh, rt = src.quantized_experts([2, 0], "fp8_w8a8_block"), src.experts([2, 0]), src.shared(), src.router()
     test_eq((src.quant_scheme, src.quantized_experts([2, 0], "mxfp4_w4a16"), src.block_shape), ("fp8_w8a8_block", None, (128, 128)))
+    test_eq(src.quantized_experts([2, 0], "fp8").w13.dtype, torch.float8_e4m3fn)           # a short name is the scheme
+    test_fail(lambda: src.quantized_experts([2, 0], "int3"), contains="scheme: expected one of")   # not a silent None
     test_eq((src.quantized_experts([], "fp8_w8a8_block").num_experts, src.experts([])["w13"].shape), (0, (0, 2 * I, H)))
 for f in ("w13", "w2"):                                   # the stored bytes, untouched
     assert torch.equal(getattr(q, f).view(torch.uint8), getattr(qw, f)[[2, 0]].view(torch.uint8))

@@ -17,7 +17,7 @@ from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, tr
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
-from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to_physical
+from moe_lit.placement import Placement, PLACEMENT_TABLES, PLACEMENT_STRATEGIES, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts, dispatch_quantization
@@ -92,10 +92,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
         if config is None: raise ValueError("config: expected the MoEConfig when a backend is forced, got None")
         caps = detect_device() if device.type == "cuda" else \
             CPU_INTERPRETER if experts == "triton" and triton_interpreting() else DEVICES["cpu"]   # Triton's, asked for
-        try: d = select_experts_backend(config, quant, activation_format, caps, backend)   # the oracle decides
-        except ValueError as e:                                                       # the argument is `backend` here
-            if str(e).startswith("override:"): raise ValueError("backend:" + str(e)[len("override:"):]) from None
-            raise
+        d = select_experts_backend(config, quant, activation_format, caps, backend)   # the oracle decides
         impl = d.chosen.implementation
         if impl != "torch": _check_interpreter_switch()
         if experts != "auto" and (impl == "torch") != (experts == "torch"):    # two requests that disagree: not guessed
@@ -230,6 +227,7 @@ class FusedMoE(torch.nn.Module):
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        check_choice("placement", placement, PLACEMENT_STRATEGIES)       # named as the caller knows it, not `strategy`
         try: asked = torch.device(device).type == "meta"        # device="meta", or `with torch.device("meta"):` around it
         except (RuntimeError, TypeError): asked = False         # (check_device names a bad one below)
         if asked or torch.get_default_device().type == "meta":
@@ -1703,6 +1701,7 @@ test_fail(lambda: torch.nn.Sequential(layer).half(), contains="w13: expected the
 if not torch.cuda.is_available():
     test_fail(lambda: layer.cuda(), contains="device: expected a device this machine has, got an error moving there")
 test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), backend="foo"), contains="backend: expected one of")
+test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), placement="bogus"), contains="placement: expected one of ['linear', 'round_robin']")
 if not torch.cuda.is_available():        # a forced Triton backend on the CPU runs in the interpreter (resolve_experts)
     c8 = MoEConfig(8, 2, 64, 32)
     lay = FusedMoE(c8, seed=1, experts="triton", quant="fp8", backend="triton_contiguous_dequant")   # FP8 dequantized

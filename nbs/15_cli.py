@@ -503,8 +503,11 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
                    num_tokens: int | None = None,   # the batch the prepare/finalize is sized for; None: 64, at most
                    placement: str | None = None,    # its capacity (the decision does not depend on it); None: linear
                    tp_size: int | None = None) -> dict:   # None: the config's (`12_layer.rank_config`)
-    "The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision."
+    """The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision.
+    ValueError naming the argument: `device` not 'detect', 'cpu-interpreter' or a DEVICES kind, `num_tokens` < 1,
+    `placement`, `tp_size`, `quant` or `backend` as `run_report` refuses them (the oracle's reason with `backend`)."""
     from moe_lit.modular import make_prepare_finalize
+    if num_tokens is not None: check_int("num_tokens", num_tokens, lo=1)       # as run_report: a batch has a token
     dev = detect_device() if device == "detect" else CPU_INTERPRETER if device == "cpu-interpreter" else \
         DEVICES.get(device) or check_choice("device", device, [*DEVICES, "cpu-interpreter"])
     place = Placement.build(rank_config(config, 0, tp_size), strategy="linear" if placement is None else placement)   # validates the deployment
@@ -541,8 +544,8 @@ def format_explain(rep: dict) -> str:
 
 # %%
 #| export
-_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "checkpoint": "--weights", "override": "--backend", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
-          "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement",
+_FLAGS = {"layer_index": "--layer", "checkpoint_dir": "--weights", "checkpoint": "--weights", "quant_scheme": "--quant", "num_tokens": "--tokens", "seed": "--seed", "path_or_dict": "--config", "ep": "--ep", "tp": "--tp",
+          "tp_size": "--tp", "all2all_backend": "--all2all", "dtype": "--dtype", "strategy": "--placement", "placement": "--placement",
           "device": "--device", "experts": "--experts", "quant": "--quant", "backend": "--backend"}
 
 def _flag_error(e: ValueError) -> str:
@@ -634,7 +637,10 @@ def _run_distributed(args) -> int:
                    as_json=args.json, config=args.config, quant=args.quant or "unquantized")
 
 def main(argv: list[str] | None = None) -> int:
-    "The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe."
+    """The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe.
+    Bad input: argparse's usage errors (an unknown subcommand or flag, a value outside a flag's choices) print usage and
+    raise SystemExit(2), as argparse does; a bad value found later prints `moe-lit <command>: error: ...` naming the
+    flag and returns 2."""
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     args = None
     if sys.stdout is None:                                # started with stdout closed (`>&-`): Python has none to print to
@@ -934,6 +940,10 @@ test_eq(explain_report(build_config(ep=2, all2all="nixl_ep"), device="cpu-interp
 small = build_config(ep=2, all2all="nixl_ep").replace(max_num_tokens=16)   # sized within its capacity: decided, not refused
 test_eq((explain_report(small, "fp8", device="h200")["chosen"], explain_report(small, "fp8", device="h200")["quant_scheme"]),
         ("triton_batched_fp8", "fp8_w8a8_block"))
+test_fail(lambda: explain_report(small, device="h200", num_tokens=0), contains="num_tokens: expected >= 1, got 0")
+test_fail(lambda: explain_report(small, device="h200", backend="nope"), contains="backend: expected one of")   # the
+test_fail(lambda: explain_report(small, device="h200", backend="torch_standard"),     # oracle's own argument name
+          contains="backend: expected a backend that fits this layer, got 'torch_standard'")
 with contextlib.redirect_stderr(io.StringIO()) as err:
     test_eq(main(["explain", "--ep", "256", "--device", "cpu"]), 2)                 # more ranks than experts
 with contextlib.redirect_stdout(io.StringIO()) as out:

@@ -197,7 +197,7 @@ text = format_report(run_report(wide.replace(parallel=ParallelConfig.make(1, 2, 
 assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
 assert "placement linear (as requested)" in text                                # asked for, not the default
 for bad in ("", 0, False):                                                      # falsy is not "unset": refused
-    test_fail(lambda: run_report(small, num_tokens=2, placement=bad), contains="strategy: expected one of ['linear', 'round_robin']")
+    test_fail(lambda: run_report(small, num_tokens=2, placement=bad), contains="placement: expected one of ['linear', 'round_robin']")
 
 # %%
 #| test format_report_bad_input

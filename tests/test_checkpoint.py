@@ -12,7 +12,7 @@ from moe_lit.config import ParallelConfig
 from moe_lit.models import moe_config_from_hf
 from moe_lit.layouts import checkpoint_layout, moe_layer_indices, moe_layer_rule, quant_scheme_from_hf
 from moe_lit.weights import WeightSource, check_expert_ids
-from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, fp8_nan_codes
+from moe_lit.quant import dequantize_fp8, dequantize_mxfp4, fp8_nan_codes, quant_scheme_name
 from moe_lit.formats import gate_up_from_interleaved
 import pickle, tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -213,7 +213,7 @@ def test_bad_checkpoint_dirs_and_layers():
                   contains="quantization_config.quant_method: expected one of ['fp8', 'mxfp4'], got ['fp8']")
         test_fail(lambda: checkpoint(d, config={**cfg, "quantization_config": {"quant_method": "fp8", "weight_block_size": [True, 128]}}),
                   contains="quantization_config.weight_block_size: expected two positive ints (at most 65536), got [True, 128]")
-        test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[i]: expected <= 3, got 4")
+        test_fail(lambda: checkpoint(d).experts([4]), contains="expert_ids[0]: expected <= 3, got 4")
 
 
 def test_bad_checkpoint_keys():
@@ -334,6 +334,8 @@ def test_fp8_block_checkpoint():
         src = CheckpointWeights(d, 1)
         q, ex, sh, rt = src.quantized_experts([2, 0], "fp8_w8a8_block"), src.experts([2, 0]), src.shared(), src.router()
         test_eq((src.quant_scheme, src.quantized_experts([2, 0], "mxfp4_w4a16"), src.block_shape), ("fp8_w8a8_block", None, (128, 128)))
+        test_eq(src.quantized_experts([2, 0], "fp8").w13.dtype, torch.float8_e4m3fn)           # a short name is the scheme
+        test_fail(lambda: src.quantized_experts([2, 0], "int3"), contains="scheme: expected one of")   # not a silent None
         test_eq((src.quantized_experts([], "fp8_w8a8_block").num_experts, src.experts([])["w13"].shape), (0, (0, 2 * I, H)))
     for f in ("w13", "w2"):                                   # the stored bytes, untouched
         assert torch.equal(getattr(q, f).view(torch.uint8), getattr(qw, f)[[2, 0]].view(torch.uint8))

@@ -332,6 +332,10 @@ def test_explain_nixl_nvfp4():
     small = build_config(ep=2, all2all="nixl_ep").replace(max_num_tokens=16)   # sized within its capacity: decided, not refused
     test_eq((explain_report(small, "fp8", device="h200")["chosen"], explain_report(small, "fp8", device="h200")["quant_scheme"]),
             ("triton_batched_fp8", "fp8_w8a8_block"))
+    test_fail(lambda: explain_report(small, device="h200", num_tokens=0), contains="num_tokens: expected >= 1, got 0")
+    test_fail(lambda: explain_report(small, device="h200", backend="nope"), contains="backend: expected one of")   # the
+    test_fail(lambda: explain_report(small, device="h200", backend="torch_standard"),     # oracle's own argument name
+              contains="backend: expected a backend that fits this layer, got 'torch_standard'")
     with contextlib.redirect_stderr(io.StringIO()) as err:
         test_eq(main(["explain", "--ep", "256", "--device", "cpu"]), 2)                 # more ranks than experts
     with contextlib.redirect_stdout(io.StringIO()) as out:

@@ -34,7 +34,7 @@ def test_one_process_group():
             test_fail(lambda: run_distributed(two), contains="config.parallel.ep_size: expected the group's world size 1")
             one = MoEConfig(8, 2, 16, 16)
             test_fail(lambda: run_distributed(one, 4, token_counts=[3]), contains="token_counts: expected a sum of num_tokens=4, got [3]")
-            test_fail(lambda: run_distributed(one, 4, placement="zigzag"), contains="strategy: expected one of")
+            test_fail(lambda: run_distributed(one, 4, placement="zigzag"), contains="placement: expected one of")
             test_fail(lambda: run_distributed(one, -1), contains="num_tokens: expected >= 0, got -1")
             test_fail(lambda: AllToAllBatchedPrepareFinalize(0), contains="max_num_tokens_per_rank: expected >= 1, got 0")
             test_fail(lambda: AllGatherReduceScatterPrepareFinalize(topk_indices_dtype=torch.float32),

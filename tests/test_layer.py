@@ -10,7 +10,7 @@ from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, tr
 from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
-from moe_lit.placement import Placement, PLACEMENT_TABLES, eplb_replicas, map_to_physical
+from moe_lit.placement import Placement, PLACEMENT_TABLES, PLACEMENT_STRATEGIES, eplb_replicas, map_to_physical
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts, dispatch_quantization
@@ -479,6 +479,7 @@ def test_layer_moves_with_module():
     if not torch.cuda.is_available():
         test_fail(lambda: layer.cuda(), contains="device: expected a device this machine has, got an error moving there")
     test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), backend="foo"), contains="backend: expected one of")
+    test_fail(lambda: FusedMoE(MoEConfig(8, 2, 32, 16), placement="bogus"), contains="placement: expected one of ['linear', 'round_robin']")
     if not torch.cuda.is_available():        # a forced Triton backend on the CPU runs in the interpreter (resolve_experts)
         c8 = MoEConfig(8, 2, 64, 32)
         lay = FusedMoE(c8, seed=1, experts="triton", quant="fp8", backend="triton_contiguous_dequant")   # FP8 dequantized

@@ -73,14 +73,14 @@ def test_oracle_knows_activations():
 def test_oracle_override_and_bad_input():
     cfg = MoEConfig(8, 2, 64, 32)
     S = ActivationFormat.Standard
-    test_eq(select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], override="torch_standard").chosen.name, "torch_standard")
-    test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], override="triton_batched"),
+    test_eq(select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="torch_standard").chosen.name, "torch_standard")
+    test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="triton_batched"),
               contains="consumes batched_experts")                                  # an incompatible override raises
-    test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], override="triton_contiguous"),
+    test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], backend="triton_contiguous"),
               contains="needs a CUDA GPU")
     test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")
     test_fail(lambda: select_experts_backend(cfg, "unquantized", "standard", DEVICES["cpu"]), contains="activation_format: expected an ActivationFormat")
-    test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], override="cutlass"), contains="override: expected one of")
+    test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], backend="cutlass"), contains="backend: expected one of")
     test_fail(lambda: DeviceCaps("h100", "9.0"), contains="capability: expected None or a pair of ints")
     test_fail(lambda: DeviceCaps("cpu", (9, 0)), contains="capability: expected None exactly for kind 'cpu'")
     test_fail(lambda: DeviceCaps("h100", (9, 0), "flashinfer_x"), contains="libraries: expected a frozenset")

@@ -37,7 +37,7 @@ def test_format_report():
     assert "hidden_size 2880 is dispatched padded to 3072 by 'deepep_low_latency'" in text
     assert "placement linear (as requested)" in text                                # asked for, not the default
     for bad in ("", 0, False):                                                      # falsy is not "unset": refused
-        test_fail(lambda: run_report(small, num_tokens=2, placement=bad), contains="strategy: expected one of ['linear', 'round_robin']")
+        test_fail(lambda: run_report(small, num_tokens=2, placement=bad), contains="placement: expected one of ['linear', 'round_robin']")
 
 
 def test_format_report_bad_input():

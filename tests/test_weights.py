@@ -28,8 +28,8 @@ def test_random_weights_are_per_expert():
     assert torch.equal(a["w13"][[4, 1]], b["w13"]) and torch.equal(a["w2"][[4, 1]], b["w2"])   # the same expert, whoever asks
     assert not torch.equal(a["w13"][0], a["w13"][1])                                           # different experts differ
     test_eq((a["w13"].dtype, sorted(a)), (torch.bfloat16, ["w13", "w2"]))
-    test_fail(lambda: src.experts([6]), contains="expert_ids[i]: expected <= 5, got 6")
-    test_fail(lambda: src.experts([2.7]), contains="expert_ids[i]: expected an int, got float")
+    test_fail(lambda: src.experts([6]), contains="expert_ids[0]: expected <= 5, got 6")
+    test_fail(lambda: src.experts([1, 2.7]), contains="expert_ids[1]: expected an int, got float")
     test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
     test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected <= 1099511627775")
     oss = RandomExpertWeights(cfg.replace(has_expert_bias=True, has_router_bias=True), seed=3)
