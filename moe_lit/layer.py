@@ -359,7 +359,7 @@ def _floats_follow_codes(layer):
             check_finite(f"qweights (its {n} dequantized to {w.dtype})", w)
         layer.w13.copy_(w13); layer.w2.copy_(w2)
 
-# %% ../nbs/12_layer.ipynb #f6a30b8b06a9
+# %% ../nbs/12_layer.ipynb #2069fb1c5beb
 @patch(cls_method=True)
 def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: ParallelConfig | None = None,
                      dtype: torch.dtype | None = None, **kwargs) -> "FusedMoE":
@@ -370,7 +370,11 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     (ValueError listing them otherwise). `parallel`: an expert-parallel `ParallelConfig` reads only this rank's
     experts. `dtype`: the layer's dtype (default: the checkpoint's). Every other keyword goes to `FusedMoE` —
     `experts`, `quant` (default: the checkpoint's own quantization, run as stored), `device`, `placement`, `debug`;
-    `weights` and `config` come from the checkpoint and are refused."""
+    `weights` and `config` come from the checkpoint and are refused.
+
+    ValueError naming `checkpoint_dir` (no directory, no config.json, a family moe-lit does not know, missing or
+    misshaped tensors: the safetensors key), `layer_index`, `dtype` (not a float torch.dtype), `weights` or `config`
+    (given), and whatever `FusedMoE` refuses. Source: transformers' `from_pretrained` layout of the same checkpoint."""
     from moe_lit.checkpoint import CheckpointWeights
     for k in ("weights", "config"):
         if k in kwargs: raise ValueError(f"{k}: expected none with from_pretrained (the checkpoint gives it), got {kwargs[k]!r:.40}")
@@ -661,7 +665,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #0ef85a0b07b1
+# %% ../nbs/12_layer.ipynb #dc286efe1587
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -684,7 +688,11 @@ def _refuse_gradient(layer, hidden: torch.Tensor, topk=None, weights: bool = Tru
 
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in the backend's dtype)` for `hidden [T, H]`."
+    """`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] in config.topk_indices_dtype)` for `hidden [T, H]` (any float
+    dtype): the router's logits in fp32 (Triton on a GPU layer, torch otherwise), then the config's routing method.
+    A NaN row gets ids 0..top_k-1 with weight 0. No host sync unless `debug`. ValueError naming `hidden` for a wrong
+    shape, dtype or device, or for needing a gradient a Triton layer cannot give, and the layer's tensor that an
+    in-place edit made invalid. Source: vLLM's `FusedMoE.select_experts` (fused_moe/layer.py)."""
     self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=FLOAT_DTYPES)
     _check_on_layer_device(self, hidden)
@@ -731,10 +739,18 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #edf2febf5065
+# %% ../nbs/12_layer.ipynb #3a7d8e3c8e18
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
-    "This rank's share of the MoE output `[T, H]` (hidden's dtype); the sum over ranks is the layer's output."
+    """This rank's share of the MoE output `[T, H]` in config.dtype; the sum over ranks is the layer's output.
+
+    `hidden [T, H]` config.dtype on the layer's device. `topk`: None (the layer routes, `route`) or a caller's
+    `(topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32/int64 global ids, -1 none)`, checked with one host sync
+    (finite weights, ids in range and distinct per token). `add_shared`: add the shared experts (one rank of an
+    emulated EP run adds them). Replays a captured graph where one fits (`capture`). Non-finite `hidden` is not checked:
+    a NaN row gives a NaN output row. ValueError naming `hidden`, `topk`, `topk_weights`, `topk_ids` or `add_shared`
+    (also for needing a gradient a Triton layer cannot give). Source: vLLM's `FusedMoE.forward` and modular kernel
+    (fused_moe/layer.py, modular_kernel.py)."""
     self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
@@ -777,12 +793,16 @@ def _eager(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torc
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
               add_shared=add_shared, w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation)
 
-# %% ../nbs/12_layer.ipynb #913e4ea9f87b
+# %% ../nbs/12_layer.ipynb #6b142d28efa9
 @patch
 def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token counts to record, one graph each
              warmup: int = 2,                                         # eager runs before each capture (JIT, cuBLAS)
             ) -> "FusedMoE":
-    "Record one CUDA graph of `forward` per token count in `batch_sizes`; later calls replay the smallest that fits."
+    """Record one CUDA graph of `forward` per token count in `batch_sizes`; later calls replay the smallest that fits,
+    the tail rows padded (they contribute nothing), and a batch past the largest runs eagerly. Returns the layer.
+    ValueError naming `capture` (a layer not on a CUDA GPU or without Triton experts), `debug` (True), `batch_sizes`
+    (empty, not a sequence, or a count < 1) or `warmup` (< 1). Source: the CUDA-graph capture sizes of serving engines
+    (vLLM's `cudagraph_capture_sizes`), `torch.cuda.graph`."""
     if self.gate.device.type != "cuda" or not self.use_triton:
         raise ValueError(f"capture: expected a layer on a CUDA GPU with Triton experts, got device {self.gate.device} "
                          f"and experts {self.experts!r}")
@@ -1031,13 +1051,20 @@ def rank_config(config: MoEConfig, ep_rank: int,
                               enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #edec0c1377cc
+# %% ../nbs/12_layer.ipynb #0b9cc300b7ca
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int | None = None, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
                     weights: WeightSource | Mapping | None = None,  # every rank's source; None: random from `seed`
                    ) -> EPRun:
-    "Run every EP rank of `config`'s deployment in turn on `hidden [T, H]`; sum them and check them (see above)."
+    """Run every EP rank of `config`'s deployment in turn, in this process, on `hidden [T, H]` (config.dtype, on the
+    device the ranks run on), sum their outputs and compute the references: an `EPRun` with the output `[T, H]`
+    config.dtype, the single-device output and the float64 reference by global expert id (`reference_by_global_id`),
+    the placements, and each rank's forward time (s). `placement` 'linear' or 'round_robin'; `tp_size` the TP folded into
+    EP (`rank_config`); `on_rank(r, layer)` is called after rank r's forward; `experts`, `quant`, `backend` as FusedMoE;
+    `weights` every rank's source (None: random from `seed`). ValueError naming `config`, `hidden`, `on_rank`,
+    `placement`, `tp_size`, `quant`, `backend`, `experts` or `weights`. Source: vLLM's expert-parallel layout
+    (`FusedMoEParallelConfig`, `determine_expert_map`), its ranks emulated one after another."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_dense("hidden", check_tensor("hidden", hidden, shape=(None, config.hidden_size), dtype=config.dtype))
     if on_rank is not None and not callable(on_rank): raise ValueError(f"on_rank: expected a callable, got {on_rank!r}")

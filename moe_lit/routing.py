@@ -14,11 +14,13 @@ __all__ = ['stable_topk', 'fused_topk', 'RoutingFallbackWarning', 'ungroupable_r
            'llama4_topk', 'select_experts', 'matmul_acc', 'router_logits', 'expert_load', 'check_topk_ids',
            'plot_expert_load']
 
-# %% ../nbs/03_routing.ipynb #2a2f8d004cec
+# %% ../nbs/03_routing.ipynb #e0a0d07d7168
 def stable_topk(values: torch.Tensor,  # [num_tokens, n] float, scores to select from
                 top_k: int,            # entries kept per row, 1 <= top_k <= n
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "The `top_k` largest entries of each row, descending, ties to the lower index, NaN as -inf: (values, int64 ids)."
+    """The `top_k` largest entries of each row, descending, ties to the lower index, NaN as -inf: `(values [T, top_k]
+    values' dtype, ids [T, top_k] int64)`. ValueError naming `values` (not 2-D float) or `top_k` (not in [1, n]).
+    Source: the tie and NaN rules of vLLM #55514 (ties to the lower id) and #39391 (NaN logits)."""
     check_tensor("values", values, ndim=2, dtype=FLOAT_DTYPES)   # an int tensor cannot hold the -inf NaN becomes
     check_int("top_k", top_k, lo=1, hi=values.shape[1] + 1)
     clean = values.masked_fill(values.isnan(), float("-inf"))
@@ -163,13 +165,17 @@ def llama4_topk(gating_output: torch.Tensor,  # [num_tokens, num_experts] any fl
     weights = logits.gather(1, ids).sigmoid().masked_fill(invalid[:, None], 0.0)
     return weights, ids.to(torch.int32)
 
-# %% ../nbs/03_routing.ipynb #97cb832f3f0a
+# %% ../nbs/03_routing.ipynb #f4ed0bccf5c3
 def select_experts(config: MoEConfig,             # the layer: routing_method and its options, num_experts, top_k
                    gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                    e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, iff config says so
                    validate: bool = True,   # check the bias is finite (one sync; the layer checks its own once)
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Route with the router `config.routing_method` names: (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32)."
+    """Route with the router `config.routing_method` names: (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32).
+    `gating_output [T, num_experts]` any float dtype. ValueError naming `config`, `gating_output` or
+    `e_score_correction_bias` (given iff `config.has_correction_bias`, `[num_experts]`, finite when `validate`); a
+    grouped method that cannot group warns (`RoutingFallbackWarning`). Source: vLLM's `FusedMoE.select_experts` and its
+    routers (fused_moe/router/)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_tensor("gating_output", gating_output, shape=(None, config.num_experts))
     bias = e_score_correction_bias

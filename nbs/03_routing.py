@@ -73,7 +73,9 @@ import numpy as np
 def stable_topk(values: torch.Tensor,  # [num_tokens, n] float, scores to select from
                 top_k: int,            # entries kept per row, 1 <= top_k <= n
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "The `top_k` largest entries of each row, descending, ties to the lower index, NaN as -inf: (values, int64 ids)."
+    """The `top_k` largest entries of each row, descending, ties to the lower index, NaN as -inf: `(values [T, top_k]
+    values' dtype, ids [T, top_k] int64)`. ValueError naming `values` (not 2-D float) or `top_k` (not in [1, n]).
+    Source: the tie and NaN rules of vLLM #55514 (ties to the lower id) and #39391 (NaN logits)."""
     check_tensor("values", values, ndim=2, dtype=FLOAT_DTYPES)   # an int tensor cannot hold the -inf NaN becomes
     check_int("top_k", top_k, lo=1, hi=values.shape[1] + 1)
     clean = values.masked_fill(values.isnan(), float("-inf"))
@@ -629,7 +631,11 @@ def select_experts(config: MoEConfig,             # the layer: routing_method an
                    e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, iff config says so
                    validate: bool = True,   # check the bias is finite (one sync; the layer checks its own once)
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Route with the router `config.routing_method` names: (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32)."
+    """Route with the router `config.routing_method` names: (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32).
+    `gating_output [T, num_experts]` any float dtype. ValueError naming `config`, `gating_output` or
+    `e_score_correction_bias` (given iff `config.has_correction_bias`, `[num_experts]`, finite when `validate`); a
+    grouped method that cannot group warns (`RoutingFallbackWarning`). Source: vLLM's `FusedMoE.select_experts` and its
+    routers (fused_moe/router/)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_tensor("gating_output", gating_output, shape=(None, config.num_experts))
     bias = e_score_correction_bias

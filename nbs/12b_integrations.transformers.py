@@ -372,7 +372,10 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
                             top_k_index: torch.Tensor,   # [num_tokens, top_k] int, global expert per slot
                             top_k_weights: torch.Tensor, # [num_tokens, top_k] float, router weight per slot
                            ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden_states' dtype
-    "transformers' experts forward, computed by moe-lit (the function `register` puts in the ExpertsInterface)."
+    """transformers' experts forward, computed by moe-lit (the function `register` puts in the ExpertsInterface).
+    ValueError naming `hidden_states` (shape, float dtype), `top_k_index` (shape, int dtype, ids outside [0, E) other
+    than an EP rank's sentinel), `top_k_weights` (shape, float dtype) or the module's weight that does not fit its
+    recipe. Source: transformers' `use_experts_implementation` / `ExpertsInterface` (src/transformers/integrations/moe.py)."""
     recipe = experts_recipe(self)
     w13, w2, b13, b2 = experts_weights(self, recipe)
     E, H = w13.shape[0], w13.shape[2]
@@ -415,7 +418,9 @@ def _is_ours(fn) -> bool:
     return getattr(fn, "is_moe_lit", False) is True
 
 def register(name: str = "moe_lit") -> str:
-    "Register `moe_lit_experts_forward` as transformers experts implementation `name` (idempotent); returns `name`."
+    """Register `moe_lit_experts_forward` as transformers experts implementation `name` (idempotent); returns `name`,
+    to pass as a model's `experts_implementation`. ValueError naming `name`: empty or not a str, or a name transformers
+    (or another function) already holds. Source: transformers' `ExpertsInterface` (src/transformers/integrations/moe.py)."""
     if not isinstance(name, str) or not name: raise ValueError(f"name: expected a non-empty str, got {name!r}")
     held = ExpertsInterface._global_mapping.get(name)
     if name in BUILTIN_EXPERTS or (held is not None and not _is_ours(held)):
