@@ -633,9 +633,20 @@ assert_close(batched_combine(a2, wts2, slot_map2), combine_batched_reference(a2.
 
 # %%
 #| export
-def batched_moe_triton(hidden, w13, w2, topk_weights, topk_ids, num_local_experts, max_tokens, expected_m=None,
-                       apply_router_weight_on_input=False, **table):
-    "Dispatch -> batched experts -> combine on Triton; `table` is `expert_map=` or `global_to_physical=, physical_offset=`."
+def batched_moe_triton(hidden: torch.Tensor,         # [T, H] bf16/fp16/fp32
+                       w13: torch.Tensor,            # [E_local, 2·I, H] hidden's dtype
+                       w2: torch.Tensor,             # [E_local, H, I] hidden's dtype
+                       topk_weights: torch.Tensor,   # [T, top_k] fp32
+                       topk_ids: torch.Tensor,       # [T, top_k] int32/int64 global ids, -1 = none
+                       num_local_experts: int,       # E_local
+                       max_tokens: int,              # rows per slab (capacity)
+                       expected_m: int | None = None,  # expected rows per slab (the GEMM's tile choice)
+                       apply_router_weight_on_input: bool = False,
+                       **table) -> torch.Tensor:     # [T, H] hidden's dtype: this rank's share
+    """Dispatch -> batched experts -> combine on Triton; `table` is `expert_map=` or `global_to_physical=,
+    physical_offset=`. ValueError as `batched_dispatch` (shapes, tables, capacity overflow: host syncs),
+    `BatchedTritonExperts.apply` and `batched_combine` raise. Source: vLLM's batched experts path
+    (`BatchedTritonExperts`, fused_moe/fused_batched_moe.py) behind DeepEP low-latency / NIXL EP dispatch."""
     a, counts, slot_map = batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens,
                                            topk_weights=topk_weights if apply_router_weight_on_input else None, **table)
     y = BatchedTritonExperts().apply(a, counts, w13, w2, expected_m=expected_m)

@@ -101,14 +101,19 @@ def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, num_e
     start = tl.load(offsets_ptr + ids, mask=ok, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=ok)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #c6257e345098
+# %% ../../nbs/08_kernels.contiguous.ipynb #f38bb709b4ca
 def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
                          block_size: int,            # BLOCK_M of the GEMM that consumes the blocks
                          num_experts: int,           # global experts
                          expert_map: torch.Tensor | None = None,  # [num_experts] int32, global -> local or -1
                          validate: bool = True,      # check the id range on the host (one sync; off in hot paths)
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Sort pairs by expert, each run padded to `block_size`: `(sorted_token_ids, expert_ids, num_tokens_post_padded)`."
+    """Sort pairs by expert, each run padded to `block_size`: `(sorted_token_ids [max_padded] int32 (pair index, T·top_k
+    the padding sentinel), expert_ids [max_padded / block_size] int32 (local id, -1 not here), num_tokens_post_padded
+    [1] int32)`, max_padded = T·top_k + num_experts·(block_size − 1). ValueError naming `topk_ids` (rank, dtype; with
+    `validate` ids outside [-1, num_experts), one host sync), `block_size`, `num_experts`, or `expert_map` (shape,
+    dtype; with `validate`, not one rank's map: placement's rule). Source: vLLM's `moe_align_block_size`
+    (csrc/moe/moe_align_sum_kernels.cu, fused_moe/moe_align_block_size.py)."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
     dev, n = topk_ids.device, topk_ids.numel()
     max_padded = n + num_experts * (block_size - 1)
