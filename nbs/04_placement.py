@@ -105,7 +105,9 @@ def determine_expert_map(
     global_num_experts: int,    # experts to place (the physical count under EPLB)
     strategy: str = "linear",   # 'linear' (contiguous blocks) or 'round_robin' (rank r owns r, r + ep_size, ...)
 ) -> tuple[int, torch.Tensor | None]:  # (num_local_experts, expert_map [global_num_experts] int32 or None)
-    "This rank's expert count and `expert_map` (global id -> local index, -1 = not local), as vLLM's does."
+    """This rank's expert count and `expert_map` (global id -> local index, -1 = not local), as vLLM's does (None when
+    one rank holds every expert). ValueError naming `ep_size`, `ep_rank`, `global_num_experts` or `strategy`. Source:
+    vLLM's `determine_expert_map` (fused_moe/layer.py; round robin from vLLM #23745)."""
     check_int("ep_size", ep_size, lo=1)
     check_int("global_num_experts", global_num_experts, lo=1, hi=SIZE_LIMIT)   # before allocating the map
     if global_num_experts < ep_size:

@@ -215,7 +215,12 @@ def quantize_fp8(x: torch.Tensor,                  # [..., N, K] (weights) or [.
                  granularity: str = "block",       # 'tensor', 'channel', 'token' or 'block'
                  block: tuple = (128, 128),        # block shape for 'block'
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(q float8_e4m3fn like x, scale fp32)`: each group's |max| maps to 448; scale shapes use ceil-div."
+    """`(q float8_e4m3fn like x, scale fp32)`: each group's |max| maps to 448 (E4M3's largest finite value); scale
+    shapes use ceil-div — `[1]` for 'tensor', `[..., N, 1]` for 'channel' and 'token', `[..., ceil(N/bn), ceil(K/bk)]`
+    for 'block'. ValueError naming `x` (not float, fewer than 2 dims, empty, non-finite, past fp32's range),
+    `granularity` or `block`.
+    Source: the OCP 8-bit floating point spec (E4M3) and vLLM's FP8 scaling (`scaled_fp8_quant`,
+    `per_token_group_quant_fp8`)."""
     _check_float_input("x", x, min_dim=2)
     check_choice("granularity", granularity, ("tensor", "channel", "token", "block"))
     _check_block(block)
@@ -228,7 +233,9 @@ def quantize_fp8(x: torch.Tensor,                  # [..., N, K] (weights) or [.
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, granularity: str = "block", block: tuple = (128, 128),
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    "`q · scale` broadcast over each group, in `dtype`."
+    """`q · scale` broadcast over each group, in `dtype`: `q [..., N, K]` float8_e4m3fn and `scale` fp32 shaped as
+    `quantize_fp8` returns it. ValueError naming `q` (dtype, fewer than 2 dims), `scale` (dtype or shape),
+    `granularity`, `block` or `dtype`. Source: the inverse of `quantize_fp8`, as vLLM dequantizes block FP8."""
     check_tensor("q", q, dtype=torch.float8_e4m3fn)
     check_choice("granularity", granularity, ("tensor", "channel", "token", "block"))
     _check_block(block); _check_out_dtype(dtype)
