@@ -469,9 +469,13 @@ class SharedExperts(torch.nn.Module):
         if self.gate is not None: y = y * torch.sigmoid(matmul_acc(hidden, self.gate))   # [T, 1]
         return y.to(hidden.dtype)
 
-# %% ../nbs/10_modular.ipynb #ddb8f610ee92
+# %% ../nbs/10_modular.ipynb #38dd6a92664d
 class ModularKernel:
-    "A prepare/finalize and experts of the same activation format, plus optional shared experts."
+    """A prepare/finalize and experts of the same activation format, plus optional shared experts. ValueError naming
+    `prepare_finalize, experts` when either declares no activation format, `experts` when its format differs from the
+    prepare/finalize's (the NIXL EP bug class: a batched dispatch must never meet Standard experts) or it cannot take
+    the FP8 rows a quantizing dispatch sends, and `shared_experts` when it is not SharedExperts or None.
+    Source: vLLM's `FusedMoEModularKernel` (fused_moe/modular_kernel.py)."""
     def __init__(self, prepare_finalize, experts, shared_experts: SharedExperts | None = None,
                  owned: bool = False):   # the caller (`FusedMoE`) checked the arguments of every call and owns the weights
         pf_fmt, ex_fmt = getattr(prepare_finalize, "activation_format", None), getattr(experts, "activation_format", None)
@@ -513,7 +517,12 @@ class ModularKernel:
     def forward(self, hidden, w13, w2, topk_weights, topk_ids, placement, apply_router_weight_on_input=False,
                 add_shared: bool = True, timings: dict | None = None, w13_bias=None, w2_bias=None,
                 activation: Activation = SILU) -> torch.Tensor:
-        "Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`."
+        """Routed experts of this rank (prepare -> experts -> finalize), plus the shared experts once when `add_shared`:
+        `[T, H]` in hidden's dtype. `hidden [T, H]`, `w13 [E_local, 2·I, H]` and `w2 [E_local, H, I]` (or their
+        QuantizedExpertWeights), `topk_weights [T, top_k]` fp32, `topk_ids [T, top_k]` int32/int64 global ids,
+        `placement` this rank's Placement; `timings` (a dict) gets each stage's seconds, synchronized. Unless `owned`:
+        ValueError naming `hidden`, `add_shared` or `w13` (not the placement's local expert count), and the
+        prepare/finalize's and experts' own errors."""
         if not self.owned:
             check_bool("add_shared", add_shared)
             if not isinstance(hidden, torch.Tensor): raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
@@ -575,7 +584,7 @@ class _Clock:
         if self.timings is None: return
         t = self._now(); self.timings[name] = self.timings.get(name, 0.0) + t - self.t; self.t = t
 
-# %% ../nbs/10_modular.ipynb #85963618773f
+# %% ../nbs/10_modular.ipynb #7d929a2eaf59
 def dispatch_quantization(config: MoEConfig,     # the deployment: its backend record and format
                           experts: str = "torch",  # the experts implementation ('torch', 'triton', 'triton_quant')
                           qweights=None,           # the experts' QuantizedExpertWeights, or None (unquantized)
@@ -630,7 +639,10 @@ def dispatch_quantization(config: MoEConfig,     # the deployment: its backend r
 
 def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool = False, validate: bool = True,
                           quant_block: tuple | None = None):   # from `dispatch_quantization` (batched format only)
-    "The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype)."
+    """The prepare/finalize of `config`'s deployment, from its backend record (format and topk id dtype), sized for
+    `num_tokens` in all (the batched format: ceil(num_tokens / ep_size) a rank). ValueError naming `config`,
+    `num_tokens` (< 0, or past `max_num_tokens` a rank) or `quant_block` (given for the Standard format). Source: vLLM's
+    `maybe_make_prepare_finalize` and its prepare/finalize classes (fused_moe/prepare_finalize/)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     check_int("num_tokens", num_tokens, lo=0)
     if config.activation_format is ActivationFormat.BatchedExperts:
@@ -647,7 +659,9 @@ def make_prepare_finalize(config: MoEConfig, num_tokens: int, use_triton: bool =
 
 def make_experts(prepare_finalize, implementation: str = "torch",
                  trusted: bool = False):   # weights checked once by the caller (`FusedMoE`): unchecked launches
-    "Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch'/'triton'."
+    """Experts chosen by the prepare/finalize's format — the one source of truth — in `implementation` 'torch', 'triton'
+    or 'triton_quant'. ValueError naming `implementation`, `prepare_finalize` (no activation format) or `trusted`.
+    Source: the format check vLLM #40412 added for NIXL EP, made the only way to choose."""
     check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))
     fmt = getattr(prepare_finalize, "activation_format", None)
     if not isinstance(fmt, ActivationFormat):
