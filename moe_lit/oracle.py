@@ -138,7 +138,7 @@ class Decision:
 
     def _repr_markdown_(self): return self.table()
 
-# %% ../nbs/11_oracle.ipynb #2a165c58b57f
+# %% ../nbs/11_oracle.ipynb #f91b8a6ff8f6
 def select_experts_backend(moe_config: MoEConfig,                 # the layer (activation, biases, dtype)
                            quant_scheme: str,                      # a QUANT_SCHEMES name (or its short name, 'fp8')
                            activation_format: ActivationFormat,    # what the prepare/finalize produces
@@ -177,7 +177,9 @@ def select_experts_backend(moe_config: MoEConfig,                 # the layer (a
         if ok and chosen is None: chosen = c
     if chosen is None:
         reason = dict((n, r) for n, _, r in trace)[backend] if backend else "no candidate fits"
-        raise ValueError(f"backend: expected a backend that fits this layer, got {backend!r}: {reason}" if backend
+        fits = [n for n, _, r in trace if r.startswith("not the backend asked for")]   # what would have been taken
+        raise ValueError(f"backend: expected a backend that fits this layer, got {backend!r}: {reason}; "
+                         f"{'these fit: ' + ', '.join(fits) if fits else 'none fits'} (`moe-lit explain` lists why)" if backend
                          else f"quant_scheme: no experts backend runs {quant_scheme} in {activation_format.value} on {device.kind}")
     return Decision(chosen, activation_format, quant_scheme, device, tuple(trace))
 

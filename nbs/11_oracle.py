@@ -216,7 +216,9 @@ def select_experts_backend(moe_config: MoEConfig,                 # the layer (a
         if ok and chosen is None: chosen = c
     if chosen is None:
         reason = dict((n, r) for n, _, r in trace)[backend] if backend else "no candidate fits"
-        raise ValueError(f"backend: expected a backend that fits this layer, got {backend!r}: {reason}" if backend
+        fits = [n for n, _, r in trace if r.startswith("not the backend asked for")]   # what would have been taken
+        raise ValueError(f"backend: expected a backend that fits this layer, got {backend!r}: {reason}; "
+                         f"{'these fit: ' + ', '.join(fits) if fits else 'none fits'} (`moe-lit explain` lists why)" if backend
                          else f"quant_scheme: no experts backend runs {quant_scheme} in {activation_format.value} on {device.kind}")
     return Decision(chosen, activation_format, quant_scheme, device, tuple(trace))
 
@@ -335,6 +337,8 @@ S = ActivationFormat.Standard
 test_eq(select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="torch_standard").chosen.name, "torch_standard")
 test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="triton_batched"),
           contains="consumes batched_experts")                                  # an incompatible override raises
+test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="triton_batched"),
+          contains="these fit: triton_contiguous, torch_standard (`moe-lit explain` lists why)")   # and names the ones that fit
 test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], backend="triton_contiguous"),
           contains="needs a CUDA GPU")
 test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")

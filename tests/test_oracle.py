@@ -76,6 +76,8 @@ def test_oracle_override_and_bad_input():
     test_eq(select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="torch_standard").chosen.name, "torch_standard")
     test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="triton_batched"),
               contains="consumes batched_experts")                                  # an incompatible override raises
+    test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["h200"], backend="triton_batched"),
+              contains="these fit: triton_contiguous, torch_standard (`moe-lit explain` lists why)")   # and names the ones that fit
     test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], backend="triton_contiguous"),
               contains="needs a CUDA GPU")
     test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")
