@@ -15,16 +15,19 @@ __all__ = ['BACKENDS', 'SIZE_LIMIT', 'MAX_EXPERTS', 'ROUTING_METHODS', 'SCORING_
            'BackendDescriptor', 'get_backend', 'ParallelConfig', 'use_all2all_kernels', 'use_batched_activation_format',
            'activation_format', 'needs_round_robin_routing_tables', 'topk_indices_dtype', 'MoEConfig']
 
-# %% ../nbs/01_config.ipynb #da5f2e56fa3f
+# %% ../nbs/01_config.ipynb #38f1dd56300b
 class ActivationFormat(enum.Enum):
-    "How dispatched activations are laid out for the experts (mirrors vLLM's `FusedMoEActivationFormat`)."
+    """How dispatched activations are laid out for the experts (mirrors vLLM's `FusedMoEActivationFormat`). Raises
+    nothing of its own; `ActivationFormat(value)` with an unknown value raises the enum's ValueError."""
     Standard = "standard"                 # a1 [num_tokens, hidden_size]; ids travel beside it
     BatchedExperts = "batched_experts"    # a1 [num_local_experts, max_tokens, hidden_size] + expert_num_tokens
 
-# %% ../nbs/01_config.ipynb #b74da357caf6
+# %% ../nbs/01_config.ipynb #4f8b4311444d
 @dataclass(frozen=True)
 class BackendDescriptor:
-    "Every fact moe-lit needs about one all2all backend; all backend-dependent decisions read these fields."
+    """Every fact moe-lit needs about one all2all backend; all backend-dependent decisions read these fields. Raises
+    nothing: the fields are not checked (the records of `BACKENDS` are the module's constants, pinned by its tests).
+    Source: moe-lit's own (DESIGN §4), the values from vLLM's prepare/finalize classes (see below)."""
     name: str                                  # the `all2all_backend` string, as vLLM spells it
     activation_format: ActivationFormat        # layout the experts receive
     moves_tokens: bool                         # True: tokens travel between ranks (an all2all); False: masking only
@@ -38,7 +41,9 @@ class BackendDescriptor:
     native_library: str | None = None          # Python module of the library that implements it (None: moe-lit's own)
 
     def round_up_hidden_size(self, hidden_size: int) -> int:
-        "Smallest supported hidden size >= `hidden_size` (tokens).  Raises ValueError above the largest."
+        """Smallest supported hidden size >= `hidden_size` (elements of one token row). ValueError naming
+        `hidden_size`: not an int >= 1 (`check_int`), or above the largest supported size. Source: vLLM's
+        `maybe_roundup_layer_hidden_size` (DeepEP low-latency and NIXL EP sizes)."""
         check_int("hidden_size", hidden_size, lo=1)
         if self.supported_hidden_sizes is None: return hidden_size
         for h in sorted(self.supported_hidden_sizes):
@@ -46,7 +51,7 @@ class BackendDescriptor:
         raise ValueError(f"hidden_size: expected <= {max(self.supported_hidden_sizes)} for all2all backend "
                          f"{self.name!r}, got {hidden_size}")
 
-# %% ../nbs/01_config.ipynb #a47b7e68b9fc
+# %% ../nbs/01_config.ipynb #b9e2293beed0
 _LL_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 
 _S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
@@ -81,7 +86,8 @@ BACKENDS: dict[str, BackendDescriptor] = {d.name: d for d in (
 )}
 
 def get_backend(name: str) -> BackendDescriptor:
-    "The descriptor of all2all backend `name`; raises ValueError listing the known backends."
+    """The descriptor of all2all backend `name`; raises ValueError naming `all2all_backend` and listing the known
+    backends. Source: moe-lit's own table; the names are vLLM's `all2all_backend` strings."""
     if not isinstance(name, str) or name not in BACKENDS:   # a list or dict must not reach the dict look-up
         raise ValueError(f"all2all_backend: expected one of {list(BACKENDS)}, got {name!r}")
     return BACKENDS[name]
@@ -90,10 +96,12 @@ def get_backend(name: str) -> BackendDescriptor:
 SIZE_LIMIT = 2**31   # exclusive bound of every size and id: expert ids, maps and counts are int32 tensors
 MAX_EXPERTS = 2**24  # inclusive bound of a layer's num_experts (per-expert tables on every rank: see above)
 
-# %% ../nbs/01_config.ipynb #64fe7f065b6f
+# %% ../nbs/01_config.ipynb #4387ab240fc3
 @dataclass(frozen=True)
 class ParallelConfig:
-    "The MoE layer's view of the deployment on one device (mirrors vLLM's `FusedMoEParallelConfig`)."
+    """The MoE layer's view of the deployment on one device (mirrors vLLM's `FusedMoEParallelConfig`). ValueError on
+    construction naming the field: a size not an int in [1, 2**31), a rank outside [0, size), `use_ep`/`enable_eplb`
+    not a bool, an unknown `all2all_backend`, or a state the flattening rule of `make` cannot produce."""
     tp_size: int = 1
     tp_rank: int = 0
     dp_size: int = 1
@@ -117,7 +125,8 @@ class ParallelConfig:
 
     @property
     def backend(self) -> BackendDescriptor:
-        "The descriptor record of `all2all_backend`."
+        """The descriptor record of `all2all_backend`. Raises nothing (the name was checked when the config was made).
+        Source: moe-lit's own (DESIGN §4)."""
         return get_backend(self.all2all_backend)
 
 # %% ../nbs/01_config.ipynb #3c4abbff3ade
@@ -162,40 +171,46 @@ def make(cls: ParallelConfig, tp_size: int, dp_size: int, pcp_size: int = 1, tp_
                pcp_rank=pcp_rank, ep_size=ep[0], ep_rank=ep[1], use_ep=use_ep, all2all_backend=all2all_backend,
                enable_eplb=enable_eplb)
 
-# %% ../nbs/01_config.ipynb #33d0a4444861
+# %% ../nbs/01_config.ipynb #945af308c9e2
 def _prop(f):
     setattr(ParallelConfig, f.__name__, property(f))
     return f
 
 @_prop
 def use_all2all_kernels(self) -> bool:
-    "Tokens are dispatched between EP ranks: EP on, DP or PCP > 1, and the backend moves tokens."
+    """Tokens are dispatched between EP ranks: EP on, DP or PCP > 1, and the backend moves tokens. Raises nothing.
+    Source: vLLM's `FusedMoEParallelConfig.use_all2all_kernels` (fused_moe/config.py, without its sequence-parallel
+    term), plus the record's `moves_tokens`."""
     return self.use_ep and (self.dp_size > 1 or self.pcp_size > 1) and self.backend.moves_tokens
 
 @_prop
 def use_batched_activation_format(self) -> bool:
-    "Experts receive `[E_local, max_tokens, H]` slabs (DeepEP low-latency, NIXL EP, ...)."
+    """Experts receive `[E_local, max_tokens, H]` slabs (DeepEP low-latency, NIXL EP, ...). Raises nothing. Source:
+    vLLM's `FusedMoEParallelConfig.use_batched_activation_format` (NIXL EP added by vLLM PR #40412)."""
     return self.use_all2all_kernels and self.backend.activation_format is ActivationFormat.BatchedExperts
 
 @_prop
 def activation_format(self) -> ActivationFormat:
-    "The format the experts receive on this deployment."
+    """The format the experts receive on this deployment. Raises nothing. Source: moe-lit's own (vLLM's oracles
+    compute the same from `use_batched_activation_format`)."""
     return ActivationFormat.BatchedExperts if self.use_batched_activation_format else ActivationFormat.Standard
 
 @_prop
 def needs_round_robin_routing_tables(self) -> bool:
-    "Dispatch needs `global_to_physical` when experts are placed round robin."
+    """Dispatch needs `global_to_physical` when experts are placed round robin. Raises nothing. Source: vLLM's
+    `FusedMoEParallelConfig.needs_round_robin_routing_tables` (round robin with DeepEP-LL: vLLM PR #28449)."""
     return self.use_all2all_kernels and self.backend.needs_round_robin_routing_tables
 
 @_prop
 def topk_indices_dtype(self) -> torch.dtype:
-    "dtype of `topk_ids` handed to dispatch (int32 when nothing is dispatched)."
+    """dtype of `topk_ids` handed to dispatch (int32 when nothing is dispatched). Raises nothing. Source: vLLM's
+    prepare/finalize `topk_indices_dtype()` (int64 for DeepEP-LL and NIXL EP)."""
     return self.backend.topk_id_dtype if self.use_all2all_kernels else torch.int32
 
-# %% ../nbs/01_config.ipynb #c581ba96d1da
+# %% ../nbs/01_config.ipynb #8261258e47c4
 def _is(name):
     def f(self) -> bool: return self.use_all2all_kernels and self.backend.name == name
-    f.__doc__ = f"vLLM's name for: all2all kernels are in use and the backend is `{name}`."
+    f.__doc__ = f"vLLM's name for: all2all kernels are in use and the backend is `{name}`. Raises nothing."
     return property(f)
 
 ParallelConfig.use_ag_rs_all2all_kernels = _is("allgather_reducescatter")
@@ -203,10 +218,11 @@ ParallelConfig.use_deepep_ht_kernels = _is("deepep_high_throughput")
 ParallelConfig.use_deepep_ll_kernels = _is("deepep_low_latency")
 ParallelConfig.use_nixl_ep_kernels = _is("nixl_ep")
 
-# %% ../nbs/01_config.ipynb #082f46edd614
+# %% ../nbs/01_config.ipynb #26dcb6a7b047
 @patch
 def explain(self: ParallelConfig) -> list[tuple[str, object, str]]:
-    "One `(property, value, reason)` row per derived property; each reason holds whichever value the row has."
+    """One `(property, value, reason)` row per derived property; each reason holds whichever value the row has.
+    Raises nothing. Source: moe-lit's own (the `moe-lit run`/`explain` report)."""
     d, a2a = self.backend, self.use_all2all_kernels
     fmt, rr = d.activation_format.value, d.needs_round_robin_routing_tables
     why_a2a = (f"use_ep and (dp_size > 1 or pcp_size > 1) and the backend moves tokens: use_ep={self.use_ep}, "
@@ -227,14 +243,16 @@ def explain(self: ParallelConfig) -> list[tuple[str, object, str]]:
         rows.append((p, getattr(self, p), "vLLM's name; moe-lit decides by the rows above"))
     return rows
 
-# %% ../nbs/01_config.ipynb #3264b08faefc
+# %% ../nbs/01_config.ipynb #3dc009439530
 ROUTING_METHODS = ("topk", "grouped_topk", "llama4")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu", "swigluoai")   # gated SiLU (most models); gpt-oss's clamped SwiGLU (see 05_formats)
 
 @dataclass(frozen=True)
 class MoEConfig:
-    "One MoE layer: shapes, routing options, dtype and deployment."
+    """One MoE layer: shapes, routing options, dtype and deployment. ValueError on construction (and in `replace`)
+    naming the field that breaks a guarantee listed below. Source: vLLM's `FusedMoEConfig` (fused_moe/config.py),
+    with moe-lit's own routing and expert fields."""
     num_experts: int                      # routed experts (global, logical)
     top_k: int                            # experts per token
     hidden_size: int                      # H
@@ -333,10 +351,13 @@ def _check_moe_deployment(c: MoEConfig) -> None:
     if c.parallel.use_all2all_kernels:
         c.parallel.backend.round_up_hidden_size(c.hidden_size)   # ValueError above the largest size it sends
 
-# %% ../nbs/01_config.ipynb #5eed52c3a43b
+# %% ../nbs/01_config.ipynb #e7dc9d2e17a5
 def _delegate(name):
     def f(self): return getattr(self.parallel, name)
-    f.__doc__ = f"Delegated to `self.parallel.{name}`."
+    f.__doc__ = (f"Delegated to `self.parallel.{name}`. Raises nothing (`parallel` was checked when the config was "
+                 f"made). Source: " + ("vLLM's `FusedMoEConfig`, which delegates it to `moe_parallel_config` likewise."
+                 if name in ("ep_size", "ep_rank", "use_ep", "needs_round_robin_routing_tables") else
+                 "moe-lit's own delegation, so one record decides it."))
     setattr(MoEConfig, name, property(f))
 
 for _n in ("use_batched_activation_format", "needs_round_robin_routing_tables", "activation_format",
@@ -345,12 +366,14 @@ for _n in ("use_batched_activation_format", "needs_round_robin_routing_tables", 
 
 @patch(as_prop=True)
 def num_physical_experts(self: MoEConfig) -> int:
-    "Physical experts: routed experts plus EPLB redundant replicas."
+    """Physical experts: routed experts plus EPLB redundant replicas. Raises nothing (the sum was checked below
+    2**31 on construction). Source: vLLM's `global_num_experts = num_experts + num_redundant_experts` (layer.py)."""
     return self.num_experts + self.num_redundant_experts
 
 @patch
 def replace(self: MoEConfig, **kw) -> MoEConfig:
-    "A copy with the fields in `kw` changed (validated again on construction); ValueError naming an unknown field."
+    """A copy with the fields in `kw` changed (validated again on construction); ValueError naming an unknown field.
+    Source: moe-lit's own (`dataclasses.replace`)."""
     fields = {f.name for f in dataclasses.fields(self) if f.init}
     if unknown := sorted(set(kw) - fields):
         raise ValueError(f"replace: expected fields of MoEConfig ({', '.join(sorted(fields))}), got {unknown}")
@@ -358,5 +381,7 @@ def replace(self: MoEConfig, **kw) -> MoEConfig:
 
 @patch(as_prop=True)
 def padded_hidden_size(self: MoEConfig) -> int:
-    "Hidden size the dispatch sends: rounded up to a size the backend supports when tokens travel (else unchanged)."
+    """Hidden size the dispatch sends: rounded up to a size the backend supports when tokens travel (else unchanged).
+    Raises nothing (the config refused a hidden size its backend cannot send). Source: vLLM's
+    `maybe_roundup_layer_hidden_size`."""
     return self.backend.round_up_hidden_size(self.hidden_size) if self.use_all2all_kernels else self.hidden_size

@@ -14,19 +14,24 @@ __all__ = ['SILU', 'silu_and_mul', 'Activation', 'gate_up_from_interleaved', 'ex
            'dispatch_batched_reference', 'experts_reference_batched', 'combine_batched_reference',
            'moe_reference_batched']
 
-# %% ../nbs/05_formats.ipynb #291e71c2e08d
+# %% ../nbs/05_formats.ipynb #637cf154eb04
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    "SiLU of the first half of the last dim times the second half: `[..., 2·I] -> [..., I]`, same dtype as `x`."
+    """SiLU of the first half of the last dim times the second half: `[..., 2·I] -> [..., I]`, same dtype as `x`
+    (computed in fp32, fp64 for fp64). ValueError naming `x` (not a float tensor, or an odd or missing last dim).
+    Source: vLLM's `silu_and_mul` (`SiluAndMul`, vllm/model_executor/layers/activation.py)."""
     check_tensor("x", x, dtype=FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x: expected an even last dim (gate then up), got shape {tuple(x.shape)}")
     gate, up = x.float().chunk(2, dim=-1) if x.dtype != torch.float64 else x.chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
 
-# %% ../nbs/05_formats.ipynb #5a79c2c57dc2
+# %% ../nbs/05_formats.ipynb #eba97f575b73
 @dataclass(frozen=True)
 class Activation:
-    "The experts' gated activation `[..., 2·I]` (gate then up) `-> [..., I]`, computed in fp32 (fp64 for fp64)."
+    """The experts' gated activation `[..., 2·I]` (gate then up) `-> [..., I]`, computed in fp32 (fp64 for fp64).
+    ValueError on construction naming `activation` (not in ACTIVATIONS), `alpha` or `limit` (not a normal float32
+    > 0). Source: vLLM's `SiluAndMul` / `SwigluOAIAndMul` (layers/activation.py); swigluoai is gpt-oss's clamped
+    SwiGLU as transformers' `GptOssExperts` computes it."""
     name: str = "silu"        # one of ACTIVATIONS
     alpha: float = 1.702      # swigluoai: gate · σ(alpha · gate)
     limit: float = 7.0        # swigluoai: gate <= limit, |up| <= limit
@@ -37,7 +42,9 @@ class Activation:
 
     @classmethod
     def of(cls, config) -> "Activation":
-        "The activation of a MoEConfig."
+        """The activation of a MoEConfig. ValueError naming `config` when it has no `swiglu_limit` (another object that
+        has one but lacks `activation` gives AttributeError), or from `Activation` for its values. Source: moe-lit's
+        own (MoEConfig's `activation`, `swiglu_alpha`, `swiglu_limit`)."""
         if not hasattr(config, "swiglu_limit"): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
         return cls(config.activation, config.swiglu_alpha, config.swiglu_limit)
 
@@ -46,11 +53,14 @@ class Activation:
 
     @property
     def code(self) -> int:
-        "The Triton epilogues' constexpr: the index in ACTIVATIONS (0 silu, 1 swigluoai)."
+        """The Triton epilogues' constexpr: the index in ACTIVATIONS (0 silu, 1 swigluoai). Raises nothing (`name` was
+        checked on construction). Source: moe-lit's own."""
         return ACTIVATIONS.index(self.name)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        "The activation of `x [..., 2·I]` in the accumulation dtype's precision, cast back to `x.dtype`."
+        """The activation of `x [..., 2·I]` in the accumulation dtype's precision, cast back to `x.dtype`. ValueError
+        naming `x` (not a float tensor, or an odd last dim). Source: vLLM's `silu_and_mul` / `swigluoai_and_mul`:
+        `(up + 1) · gate · σ(alpha · gate)` with gate <= limit and |up| <= limit."""
         if self.name == "silu": return silu_and_mul(x)
         check_tensor("x", x, dtype=FLOAT_DTYPES)
         if x.dim() < 1 or x.shape[-1] % 2:
@@ -61,11 +71,12 @@ class Activation:
 
 SILU = Activation()
 
-# %% ../nbs/05_formats.ipynb #fc8e3e962168
+# %% ../nbs/05_formats.ipynb #98946b56ec04
 def gate_up_from_interleaved(t: torch.Tensor,   # [..., 2·I, ...] gate/up alternating along `dim` (gate at even positions)
                              dim: int = 1,       # the 2·I dimension (rows of w13 [E, 2·I, H]; columns of a bias [E, 2·I])
                             ) -> torch.Tensor:   # same shape and dtype (codes too): gate half, then up half
-    "Reorder gate/up interleaved entries (gpt-oss's layout) into moe-lit's `w13` order: all gates, then all ups."
+    """Reorder gate/up interleaved entries (gpt-oss's layout) into moe-lit's `w13` order: all gates, then all ups.
+    ValueError naming `t` (not a tensor, `dim` out of range, or an odd size along `dim`)."""
     check_tensor("t", t)
     if not -t.dim() <= dim < t.dim() or t.shape[dim] % 2:
         raise ValueError(f"t: expected an even size along dim {dim}, got shape {tuple(t.shape)}")
@@ -73,7 +84,7 @@ def gate_up_from_interleaved(t: torch.Tensor,   # [..., 2·I, ...] gate/up alter
     order = torch.cat([torch.arange(0, n, 2), torch.arange(1, n, 2)]).to(t.device)
     return t.index_select(dim, order)
 
-# %% ../nbs/05_formats.ipynb #e5a28692a4d3
+# %% ../nbs/05_formats.ipynb #d6e93b692a53
 def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
                w13: torch.Tensor, # [2·intermediate_size, hidden_size], gate rows then up rows
                w2: torch.Tensor,  # [hidden_size, intermediate_size]
@@ -81,7 +92,10 @@ def expert_mlp(x: torch.Tensor,   # [n, hidden_size], rows routed to one expert
                w2_bias: torch.Tensor | None = None,   # [hidden_size], added to GEMM2's output
                activation: Activation = SILU,         # the gated activation between the GEMMs
               ) -> torch.Tensor:  # [n, hidden_size] in the accumulation dtype (fp32, or fp64 for fp64 inputs)
-    "One gated expert, with the kernels' precision: fp32 products (+ bias), the activation cast once to the input dtype."
+    """One gated expert, with the kernels' precision: fp32 products (+ bias), the activation cast once to the input
+    dtype. ValueError naming `x`, `w13`, `w2`, `w13_bias` or `w2_bias` (shape, float dtype, or another device than
+    `x`) or `activation` (not an Activation). Source: the expert of vLLM's fused MoE (GEMM1 on w13, the gated
+    activation, GEMM2 on w2; fused_moe.py)."""
     check_tensor("x", x, ndim=2, dtype=FLOAT_DTYPES)
     check_tensor("w13", w13, shape=(None, x.shape[1]), dtype=FLOAT_DTYPES)
     check_tensor("w2", w2, shape=(x.shape[1], w13.shape[0] // 2), dtype=FLOAT_DTYPES)
@@ -115,8 +129,8 @@ def _local_ids(topk_ids, num_local_experts, expert_map):
                          f"{topk_ids.max().item()}")
     return torch.where(topk_ids >= 0, expert_map.to(topk_ids.device)[topk_ids.clamp(min=0).long()].long(), -1)
 
-# %% ../nbs/05_formats.ipynb #452349661118
-def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
+# %% ../nbs/05_formats.ipynb #67bfb43c224f
+def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids, ids_name="topk_ids"):
     check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
     T, H = hidden.shape
     check_tensor("w13", w13, ndim=3, dtype=FLOAT_DTYPES)
@@ -124,7 +138,7 @@ def _check_moe_args(hidden, w13, w2, topk_weights, topk_ids):
     check_tensor("w13", w13, shape=(E, None, H))
     if two_i % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {two_i}")
     check_tensor("w2", w2, shape=(E, H, two_i // 2), dtype=w13.dtype)
-    check_tensor("topk_ids", topk_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
+    check_tensor(ids_name, topk_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtype=torch.float32)
     return T, H, E
 
@@ -139,7 +153,7 @@ def _row(t, e):
     "Row `e` of an optional per-expert tensor."
     return None if t is None else t[e]
 
-# %% ../nbs/05_formats.ipynb #b9e44abd2060
+# %% ../nbs/05_formats.ipynb #e6426ab417b0
 def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_size] f64/f32/f16/bf16
                            w13: torch.Tensor,           # [num_local_experts, 2·intermediate_size, hidden_size]
                            w2: torch.Tensor,            # [num_local_experts, hidden_size, intermediate_size]
@@ -152,7 +166,11 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
                            w2_bias: torch.Tensor | None = None,   # [num_local_experts, hidden_size]
                            activation: Activation = SILU,         # the experts' gated activation
                           ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
-    "Standard-format MoE: per local expert, gather its (token, slot) pairs, run the expert, weighted-add the rows."
+    """Standard-format MoE: per local expert, gather its (token, slot) pairs, run the expert, weighted-add the rows.
+    ValueError naming `hidden`, `w13`, `w2`, `topk_weights`, `topk_ids` (shape, dtype, or ids outside the map's or
+    the local range), `expert_map`, a bias, `activation`, `apply_router_weight_on_input` or `accumulate_into` (not
+    `[T, H]` in the accumulation dtype). Source: the Standard path of vLLM's modular kernel (reference study §2.1),
+    written as a loop over experts."""
     T, H, E = _check_moe_args(hidden, w13, w2, topk_weights, topk_ids)
     _check_expert_bias(w13_bias, w2_bias, w13, w2, activation)
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
@@ -170,14 +188,17 @@ def moe_reference_standard(hidden: torch.Tensor,        # [num_tokens, hidden_si
         out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
     return out if accumulate_into is not None else out.to(hidden.dtype)
 
-# %% ../nbs/05_formats.ipynb #678ac9ed3540
+# %% ../nbs/05_formats.ipynb #0be45ab0030b
 def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_size]
                                local_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, local expert or -1
                                num_local_experts: int,   # E_local, slabs to fill
                                max_tokens: int,          # rows per slab (capacity)
                                topk_weights: torch.Tensor | None = None,  # [num_tokens, top_k] fp32: scale rows
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Scatter pairs into `a [E_local, max_tokens, H]` (padding NaN); returns `(a, expert_num_tokens, slot_map)`."
+    """Scatter pairs into `a [E_local, max_tokens, H]` (padding NaN); returns `(a, expert_num_tokens, slot_map)`.
+    ValueError naming `hidden`, `local_ids` (shape, dtype, values outside [-1, E_local)), `topk_weights`,
+    `num_local_experts` or `max_tokens` (not an int >= 1, or a capacity overflow). Source: the prepare step of vLLM's
+    `BatchedPrepareAndFinalize` (which zero-fills where this pads with NaN)."""
     check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
     T, H = hidden.shape
     check_tensor("local_ids", local_ids, shape=(T, None), dtype=(torch.int32, torch.int64))
@@ -203,7 +224,7 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
     a[slot_map[slot_map >= 0]] = src[slot_map >= 0]
     return a.view(num_local_experts, max_tokens, H), counts.int(), slot_map.view(T, local_ids.shape[1])
 
-# %% ../nbs/05_formats.ipynb #36607c365deb
+# %% ../nbs/05_formats.ipynb #c704cee291ec
 def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_tokens, hidden_size]
                               expert_num_tokens: torch.Tensor,  # [E_local] int32, valid leading rows
                               w13: torch.Tensor,                # [E_local, 2·intermediate_size, hidden_size]
@@ -213,7 +234,10 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
                               w2_bias: torch.Tensor | None = None,   # [E_local, hidden_size]
                               activation: Activation = SILU,         # the experts' gated activation
                              ) -> torch.Tensor:                 # `out`; rows >= count untouched
-    "Batched-format experts: `out[e, :n_e] = expert_e(a[e, :n_e])`; padding rows are never read or written."
+    """Batched-format experts: `out[e, :n_e] = expert_e(a[e, :n_e])`; padding rows are never read or written.
+    ValueError naming `a`, `expert_num_tokens` (not `[E]` int32, or a count outside [0, max_tokens]), `w13`, `w2`,
+    a bias, `activation` or `out`. Source: the contract of vLLM's `BatchedTritonExperts`
+    (experts/fused_batched_moe.py)."""
     check_tensor("a", a, ndim=3, dtype=FLOAT_DTYPES)
     E, M, H = a.shape
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
@@ -228,13 +252,16 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
         if n: out[e, :n] = expert_mlp(a[e, :n], w13[e], w2[e], _row(w13_bias, e), _row(w2_bias, e), activation).to(a.dtype)
     return out
 
-# %% ../nbs/05_formats.ipynb #be65842168c4
+# %% ../nbs/05_formats.ipynb #6fdbf5610930
 def combine_batched_reference(expert_out: torch.Tensor,    # [E_local, max_tokens, hidden_size]
                               topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
                               slot_map: torch.Tensor,      # [num_tokens, top_k] int64, e·max_tokens+row or -1
                               apply_router_weight_on_input: bool = False,  # weights were applied at dispatch
                              ) -> torch.Tensor:            # [num_tokens, hidden_size], expert_out's dtype
-    "Weighted sum over the `top_k` slots of each token: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`."
+    """Weighted sum over the `top_k` slots of each token: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`.
+    ValueError naming `expert_out`, `topk_weights`, `slot_map` (shape, dtype, values outside [-1, E·max_tokens)) or
+    `apply_router_weight_on_input`. Source: the finalize of vLLM's `BatchedPrepareAndFinalize`
+    (`TopKWeightAndReduceNaiveBatched`)."""
     check_tensor("expert_out", expert_out, ndim=3, dtype=FLOAT_DTYPES)
     check_tensor("topk_weights", topk_weights, ndim=2, dtype=torch.float32)
     check_tensor("slot_map", slot_map, shape=tuple(topk_weights.shape), dtype=torch.int64)
@@ -251,7 +278,7 @@ def combine_batched_reference(expert_out: torch.Tensor,    # [E_local, max_token
     valid = (slot_map >= 0)[..., None]
     return torch.where(valid, rows * w[..., None].to(acc), 0).sum(1).to(expert_out.dtype)
 
-# %% ../nbs/05_formats.ipynb #8c8f9337585f
+# %% ../nbs/05_formats.ipynb #4599e6134118
 def moe_reference_batched(hidden: torch.Tensor,        # [num_tokens, hidden_size]
                           w13: torch.Tensor,           # [E_local, 2·intermediate_size, hidden_size]
                           w2: torch.Tensor,            # [E_local, hidden_size, intermediate_size]
@@ -263,8 +290,11 @@ def moe_reference_batched(hidden: torch.Tensor,        # [num_tokens, hidden_siz
                           w2_bias: torch.Tensor | None = None,   # [E_local, hidden_size]
                           activation: Activation = SILU,         # the experts' gated activation
                          ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden's dtype
-    "BatchedExperts-format MoE: dispatch -> experts on valid rows -> weighted combine."
-    _check_moe_args(hidden, w13, w2, topk_weights, local_ids)
+    """BatchedExperts-format MoE: dispatch -> experts on valid rows -> weighted combine. ValueError as
+    `moe_reference_standard`'s for the tensors (`local_ids` in place of `topk_ids`), and from the three steps
+    below (`max_tokens` too small: capacity overflow). Source: vLLM's `BatchedPrepareAndFinalize` with batched
+    experts (reference study §2.2)."""
+    _check_moe_args(hidden, w13, w2, topk_weights, local_ids, "local_ids")
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
     if max_tokens is None:                              # enough for any routing, duplicates in a row included
         flat = local_ids.reshape(-1).long()

@@ -55,7 +55,7 @@ PRESETS["gpt-oss-20b"] = MoEConfig(num_experts=32, top_k=4, hidden_size=2880, in
 PRESETS["gpt-oss-120b"] = MoEConfig(num_experts=128, top_k=4, hidden_size=2880, intermediate_size=2880,
                                     name="openai/gpt-oss-120b", **_GPT_OSS)
 
-# %% ../nbs/02_models.ipynb #7b6ce5560c71
+# %% ../nbs/02_models.ipynb #ade265487fd9
 _CAVEATS = {   # model_type -> what a run of that family should know
     "gpt_oss": "gpt-oss's released experts are MXFP4; random weights run in the chosen dtype unless --quant mxfp4 "
                "(a checkpoint's own MXFP4 codes load as they are)",
@@ -64,7 +64,8 @@ _CAVEATS = {   # model_type -> what a run of that family should know
 }
 
 def preset_caveats(config: MoEConfig) -> list[str]:
-    "What a run of `config`'s model family should know (keyed by `model_type`); empty for other families."
+    """What a run of `config`'s model family should know (keyed by `model_type`); empty for other families.
+    ValueError naming `config` when it is not a MoEConfig. Source: moe-lit's own (the released checkpoints' formats)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     return [_CAVEATS[config.model_type]] if config.model_type in _CAVEATS else []
 
@@ -81,21 +82,24 @@ PRESETS["llama-4-scout"] = MoEConfig(
 # %% ../nbs/02_models.ipynb #35010f537c77
 DEFAULT_PRESET = "qwen3-30b-a3b"   # the layer `moe-lit run` builds when no model is named
 
-# %% ../nbs/02_models.ipynb #cae5b2971b74
+# %% ../nbs/02_models.ipynb #ffc98153168b
 def preset(name: str,                              # a key of PRESETS, e.g. 'qwen3-30b-a3b'
            parallel: ParallelConfig | None = None,  # deployment to attach; None keeps the single-device default
           ) -> MoEConfig:
-    "The MoEConfig of the built-in preset `name`, with `parallel` attached when given."
+    """The MoEConfig of the built-in preset `name`, with `parallel` attached when given. ValueError naming `name` (not
+    a key of PRESETS), `parallel` (not a ParallelConfig), or a field the deployment refuses (e.g. `hidden_size` above
+    the backend's limit). Source: each model's Hugging Face config.json, quoted beside its entry."""
     check_choice("name", name, tuple(PRESETS))
     if parallel is None: return PRESETS[name]
     if not isinstance(parallel, ParallelConfig):
         raise ValueError(f"parallel: expected a ParallelConfig, got {type(parallel).__name__}")
     return PRESETS[name].replace(parallel=parallel)
 
-# %% ../nbs/02_models.ipynb #8b6f0d3e7366
+# %% ../nbs/02_models.ipynb #2de17c56bcf4
 def describe_routing(cfg: MoEConfig,  # the layer whose router to describe
                     ) -> str:
-    "The routing steps of `cfg` in order, e.g. 'softmax → top-8 → renormalize' (the order vLLM's `fused_topk` / `grouped_topk` apply them)."
+    """The routing steps of `cfg` in order, e.g. 'softmax → top-8 → renormalize' (the order vLLM's `fused_topk` /
+    `grouped_topk` apply them). ValueError naming `cfg` when it is not a MoEConfig."""
     if not isinstance(cfg, MoEConfig): raise ValueError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
     if cfg.routing_method == "llama4":
         steps = [f"top-{cfg.top_k} logit", "sigmoid"]            # no normalisation over experts
@@ -108,10 +112,11 @@ def describe_routing(cfg: MoEConfig,  # the layer whose router to describe
     if cfg.apply_router_weight_on_input: steps.append("weight applied to the input")
     return " → ".join(steps)
 
-# %% ../nbs/02_models.ipynb #80ae08c72338
+# %% ../nbs/02_models.ipynb #ce0241156507
 def describe_experts(cfg: MoEConfig,  # the layer whose experts to describe
                     ) -> str:
-    "What one expert (and the shared expert) computes, e.g. 'SiLU-gated: silu(gate) · up; no biases'."
+    """What one expert (and the shared expert) computes, e.g. 'SiLU-gated: silu(gate) · up; no biases'. ValueError
+    naming `cfg` when it is not a MoEConfig. Source: moe-lit's own wording of `expert_mlp` (05_formats)."""
     if not isinstance(cfg, MoEConfig): raise ValueError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
     if cfg.activation == "swigluoai":
         what = (f"clamped SwiGLU (swigluoai): (up + 1) · gate · σ({cfg.swiglu_alpha:g} · gate), gate ≤ {cfg.swiglu_limit:g}, "
@@ -123,9 +128,10 @@ def describe_experts(cfg: MoEConfig,  # the layer whose experts to describe
         parts.append("shared expert" + (" scaled by σ(x · shared_expert_gate)" if cfg.shared_expert_gate else " added once"))
     return "; ".join(parts)
 
-# %% ../nbs/02_models.ipynb #70968050a6d9
+# %% ../nbs/02_models.ipynb #c29178a35e8c
 def preset_table() -> list[dict]:
-    "One row per preset: name, Hugging Face repo, E, top_k, H, I, shared experts and routing steps."
+    """One row per preset: name, Hugging Face repo, E, top_k, H, I, shared experts and routing steps. Raises nothing
+    (the presets are valid MoEConfigs). Source: moe-lit's own (PRESETS)."""
     rows = []
     for name, c in PRESETS.items():
         shared = f"{c.num_shared_experts} (I={c.shared_intermediate_size or c.num_shared_experts * c.intermediate_size})" \
@@ -134,10 +140,11 @@ def preset_table() -> list[dict]:
                          I=c.intermediate_size, shared=shared, routing=describe_routing(c)))
     return rows
 
-# %% ../nbs/02_models.ipynb #69e854669939
+# %% ../nbs/02_models.ipynb #15c6e6e56b1f
 def markdown_table(rows: list[dict],  # rows with the same keys, in column order
                   ) -> str:
-    "Render `rows` as a GitHub-flavoured markdown table (a `|` inside a cell is escaped)."
+    """Render `rows` as a GitHub-flavoured markdown table (a `|` inside a cell is escaped). ValueError naming `rows`
+    (not a non-empty list of dicts) or `rows[i]` (other keys than the first row's). Source: moe-lit's own."""
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"rows: expected a non-empty list of dicts, got {type(rows).__name__} {rows!r:.60}")
     cols = list(rows[0])
@@ -155,9 +162,11 @@ HF_KEYS: dict[str, tuple] = {   # moe-lit field -> config.json spellings, in the
     "intermediate_size": hf_names("intermediate_size"),   # moe_intermediate_size first: it wins when both are present
 }
 
-# %% ../nbs/02_models.ipynb #ffb913e5e179
+# %% ../nbs/02_models.ipynb #008dab67b0d2
 def read_config_json(path_or_dict) -> tuple[dict, str]:
-    "The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name."
+    """The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name.
+    ValueError naming `path_or_dict`: not a dict, str or Path, no such file, or (from `read_json_object`) not a JSON
+    object; a dict is returned unchecked. Source: moe-lit's own (Hugging Face's config.json layout)."""
     if isinstance(path_or_dict, dict): return path_or_dict, ""
     if not isinstance(path_or_dict, (str, Path)):
         raise ValueError(f"path_or_dict: expected a dict, a config.json path or a directory, "
@@ -171,7 +180,9 @@ def read_config_json(path_or_dict) -> tuple[dict, str]:
     return cfg, p.stem if p.stem != "config" else p.resolve().parent.name   # gpt-oss-20b.json names its model
 
 def text_config_view(cfg: dict) -> dict:
-    "The top-level keys overlaid by `text_config` (multimodal checkpoints keep the language model's keys there)."
+    """The top-level keys overlaid by `text_config` (multimodal checkpoints keep the language model's keys there).
+    ValueError naming `config.json text_config` when it is not an object; `cfg` must be a dict (else AttributeError).
+    Source: transformers' composite configs (e.g. Llama-4's `text_config`)."""
     text = cfg.get("text_config")
     if text is None: return cfg
     if not isinstance(text, dict): raise ValueError(f"config.json text_config: expected an object, got {type(text).__name__}")
@@ -337,12 +348,14 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
         raise ValueError(f"config.json dtype: expected the same dtype as torch_dtype, got {found['dtype']} and {found['torch_dtype']}")
     return next(iter(found.values()), torch.bfloat16)
 
-# %% ../nbs/02_models.ipynb #b7742c3542d4
+# %% ../nbs/02_models.ipynb #caa6bb77e4bc
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
                       ) -> MoEConfig:
-    "The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe reads)."
+    """The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe
+    reads). ValueError naming `path_or_dict`, the config.json key at fault (a missing or invalid shape, an unknown
+    `model_type`, routing or activation keys moe-lit cannot run), or a MoEConfig field such as `dtype`."""
     raw, file_name = read_config_json(path_or_dict)
     cfg = text_config_view(raw)
     family = _check_family(cfg)                 # first: a dense model's type is named (its file has no experts' count)

@@ -16,7 +16,7 @@ __all__ = ['PLACEMENT_STRATEGIES', 'PLACEMENT_TABLES', 'expert_block', 'determin
            'resolve_placement_strategy', 'round_robin_routing_tables', 'eplb_replicas', 'map_to_physical', 'Placement',
            'local_slot_table', 'placement_tables', 'placement_table', 'plot_expert_ownership']
 
-# %% ../nbs/04_placement.ipynb #460aa329f509
+# %% ../nbs/04_placement.ipynb #ddb5e07c5c1f
 PLACEMENT_STRATEGIES = ("linear", "round_robin")   # vLLM's `expert_placement_strategy` values
 
 def expert_block(
@@ -24,7 +24,9 @@ def expert_block(
     ep_size: int,       # EP ranks
     ep_rank: int,       # the rank asked about, in [0, ep_size)
 ) -> tuple[int, int]:   # (first id of the rank's contiguous block, number of experts the rank holds)
-    "The contiguous block `[offset, offset + count)` rank `ep_rank` holds in a linear layout (first `rem` ranks +1)."
+    """The contiguous block `[offset, offset + count)` rank `ep_rank` holds in a linear layout (first `rem` ranks +1).
+    ValueError naming `ep_size`, `ep_rank` (not in [0, ep_size)) or `num_experts` (not an int in [ep_size, 2**31)).
+    Source: the linear split of vLLM's `determine_expert_map` (fused_moe/layer.py)."""
     check_int("ep_size", ep_size, lo=1)
     check_int("ep_rank", ep_rank, lo=0, hi=ep_size)
     check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
@@ -58,11 +60,13 @@ def determine_expert_map(
     expert_map[owned] = torch.arange(count, dtype=torch.int32)
     return count, expert_map
 
-# %% ../nbs/04_placement.ipynb #eb080899f7e7
+# %% ../nbs/04_placement.ipynb #fda670aa2bf2
 def local_to_global(
     expert_map: torch.Tensor,   # [num_experts] int32/int64, global id -> local index, -1 = not local
 ) -> torch.Tensor:              # [num_local_experts] int64, local index -> global id
-    "Global id of each local expert, in local order, so that `expert_map[local_to_global[j]] == j`."
+    """Global id of each local expert, in local order, so that `expert_map[local_to_global[j]] == j`. ValueError naming
+    `expert_map` (not 1-D int32/int64, or its non-negative values not 0..n-1 once each; one sync). Source: vLLM's
+    local->global list, `torch.where(expert_map != -1)` (fused_moe/layer.py), ordered by local index here."""
     check_tensor("expert_map", expert_map, ndim=1, dtype=(torch.int32, torch.int64))
     owned = torch.nonzero(expert_map != -1).flatten()         # int64 global ids held here
     local = expert_map[owned].long()
@@ -88,7 +92,7 @@ def _round_robin_blockers(parallel, num_expert_group, num_redundant_experts, ena
                    f"True; {parallel.all2all_backend!r} declares False")
     return out
 
-# %% ../nbs/04_placement.ipynb #50bcece8ca8d
+# %% ../nbs/04_placement.ipynb #8fb8a58bd952
 def resolve_placement_strategy(
     strategy: str,                   # requested: 'linear' or 'round_robin'
     parallel: ParallelConfig,        # the deployment; only its properties are read
@@ -96,7 +100,9 @@ def resolve_placement_strategy(
     num_redundant_experts: int,      # EPLB extra physical replicas
     enable_eplb: bool,               # expert-load balancer on
 ) -> tuple[str, str]:                # (strategy used, reason: 'requested' or the conditions that forced linear)
-    "The placement strategy actually used and why (vLLM's `determine_expert_placement_strategy` + the ep_size rule)."
+    """The placement strategy actually used and why (vLLM's `determine_expert_placement_strategy` + the ep_size rule).
+    ValueError naming `strategy`, `parallel` (not a ParallelConfig), `num_expert_group` (not None or an int >= 1),
+    `num_redundant_experts` (not an int >= 0) or `enable_eplb` (not a bool); a fallback is a reason, not an error."""
     check_choice("strategy", strategy, PLACEMENT_STRATEGIES)
     if not isinstance(parallel, ParallelConfig):
         raise ValueError(f"parallel: expected a ParallelConfig, got {type(parallel).__name__}")
@@ -109,13 +115,15 @@ def resolve_placement_strategy(
     if blockers: return "linear", "fell back to linear: " + " | ".join(blockers)
     return "round_robin", "requested"
 
-# %% ../nbs/04_placement.ipynb #3df7e149f135
+# %% ../nbs/04_placement.ipynb #639cdec7af5b
 def round_robin_routing_tables(
     num_experts: int,   # experts placed round robin
     ep_size: int,       # EP ranks
     ep_rank: int,       # the rank whose local_to_global is returned
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "`(global_to_physical [E] int64, physical_to_global [E] int64, local_to_global [E_local] int64)` for round robin."
+    """`(global_to_physical [E] int64, physical_to_global [E] int64, local_to_global [E_local] int64)` for round robin.
+    ValueError from `expert_block` naming `num_experts`, `ep_size` or `ep_rank`. Source: vLLM's round-robin routing
+    tables (fused_moe/layer.py, later expert_map_manager.py; added for DeepEP-LL by vLLM PR #28449)."""
     offset, count = expert_block(num_experts, ep_size, ep_rank)   # validates all three
     g = torch.arange(num_experts)
     owner, local_index = g % ep_size, g // ep_size
@@ -126,13 +134,15 @@ def round_robin_routing_tables(
     local_to_global = torch.arange(ep_rank, num_experts, ep_size)[:count]
     return global_to_physical, physical_to_global, local_to_global
 
-# %% ../nbs/04_placement.ipynb #bdcaeed966ac
+# %% ../nbs/04_placement.ipynb #3740187a14a9
 def eplb_replicas(
     num_logical_experts: int,     # experts the router chooses from
     num_redundant_experts: int,   # extra physical replicas
     ep_size: int,                 # EP ranks; the physical count must divide by it
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (logical_to_physical [L, max_replicas] int64, -1 padded; counts [L] int64)
-    "Physical replicas of each logical expert: physical `p` holds logical `p % L` (vLLM's initial EPLB map)."
+    """Physical replicas of each logical expert: physical `p` holds logical `p % L` (vLLM's initial EPLB map).
+    ValueError naming `num_logical_experts`, `num_redundant_experts` (not an int, or a physical count >= 2**31) or
+    `ep_size` (not a divisor of the physical count, as vLLM's EPLB requires)."""
     check_int("num_logical_experts", num_logical_experts, lo=1)
     check_int("num_redundant_experts", num_redundant_experts, lo=0)
     check_int("ep_size", ep_size, lo=1)
@@ -217,10 +227,12 @@ def map_to_physical(
     physical = torch.where(ok, logical_to_physical[safe, replica], -1)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
-# %% ../nbs/04_placement.ipynb #20c1f74de38e
+# %% ../nbs/04_placement.ipynb #c341cf554cd5
 @dataclass(frozen=True, eq=False)
 class Placement:
-    "Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables."
+    """Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables.
+    ValueError on construction naming the field that disagrees with what `build` makes (see `__post_init__`). Source:
+    vLLM's `expert_map` and round-robin routing tables (fused_moe/layer.py; `ExpertMapManager` in newer vLLM)."""
     strategy: str                      # placement actually used: 'linear' or 'round_robin'
     reason: str                        # 'requested', or the conditions that forced linear
     ep_size: int                       # EP ranks
@@ -284,15 +296,18 @@ class Placement:
 
     @property
     def holds_every_expert(self) -> bool:
-        "One rank holds every (physical) expert in id order: the local slot of an id in range is the id itself."
+        """One rank holds every (physical) expert in id order: the local slot of an id in range is the id itself.
+        Raises nothing. Source: moe-lit's own (vLLM's `expert_map` is None in that case)."""
         return self.ep_size == 1 and self.num_local_experts == self.num_experts and self.expert_map is None
 
     @property
     def physical_offset(self) -> int:
-        "First physical id of this rank's contiguous block (the linear offset; used with `global_to_physical`)."
+        """First physical id of this rank's contiguous block (the linear offset; used with `global_to_physical`).
+        Raises nothing (the sizes were checked on construction). Source: vLLM's round-robin tables,
+        `physical_offset = owner * base + min(owner, rem)`."""
         return expert_block(self.num_experts, self.ep_size, self.ep_rank)[0]
 
-# %% ../nbs/04_placement.ipynb #f980698d956e
+# %% ../nbs/04_placement.ipynb #2ae15ef963cc
 def local_slot_table(num_experts: int,                 # experts placed (physical)
                      num_local_experts: int,           # experts on this rank
                      physical_offset: int,             # this rank's first physical id (with tables)
@@ -305,7 +320,8 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
     an `expert_map` whose non-negative values are the slots `0..num_local_experts-1` once each; a `global_to_physical`
     that is a permutation of `0..num_experts-1`, with `physical_offset + num_local_experts <= num_experts`; and with
     neither table, `num_local_experts == num_experts` (one rank holds them all). The value checks sync once; tables on
-    meta are checked by shape only."""
+    meta are checked by shape only. Source: moe-lit's own (one gather replaces vLLM's `expert_map` masking and
+    `global_to_physical` lookup)."""
     check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
     check_int("num_local_experts", num_local_experts, lo=0, hi=num_experts + 1)
     check_int("physical_offset", physical_offset, lo=0)
@@ -389,12 +405,14 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
         # (tables asked for a linear placement, which never has them: the slots are the tables', and the placement's
         # own check names the expert_map that does not match them)
 
-# %% ../nbs/04_placement.ipynb #3c84e15563b4
+# %% ../nbs/04_placement.ipynb #025c1e545eed
 @patch
 def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
                 validate: bool = True,        # check the id range (one host sync); False for ids a router just made
                 ) -> torch.Tensor:            # same shape, int64: local expert index on this rank, -1 = not local
-    "Local slot of each id on this rank: one gather from `slot_table`; ids outside [-1, num_experts) raise (or map to -1)."
+    """Local slot of each id on this rank: one gather from `slot_table`; ids outside [-1, num_experts) raise (or map to
+    -1 with `validate=False`). ValueError naming `topk_ids` (not int32/int64, an id out of range: one sync, or not on
+    meta when the tables are) or `validate`. Source: moe-lit's own."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     if check_bool("validate", validate) and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
         raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(topk_ids.min())}, "
@@ -406,7 +424,7 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
         self.num_experts, self.num_local_experts, self.physical_offset, self.expert_map, self.global_to_physical)
     return table.to(topk_ids.device)[topk_ids.clamp(-1, self.num_experts)]   # never out of bounds: both ends read -1
 
-# %% ../nbs/04_placement.ipynb #74bf1c67d866
+# %% ../nbs/04_placement.ipynb #e37ae122067d
 PLACEMENT_TABLES = ("expert_map", "global_to_physical", "slot_table")   # the tables the dispatch and routing kernels read
 
 @patch
@@ -417,7 +435,7 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
     once, at construction, so no forward copies a table. Tables on meta (a layer built there, then `to_empty` or
     `load_state_dict(assign=True)`) hold no values to copy: off meta they are made again from the placement's strategy,
     `ep_size`, `ep_rank` and `num_experts`, which determine them. ValueError for a device that is not cpu, cuda (on a
-    machine with a GPU) or meta."""
+    machine with a GPU) or meta. Source: moe-lit's own."""
     device = check_device(device, allow_meta=True)
     held = {n: getattr(self, n) for n in PLACEMENT_TABLES if getattr(self, n) is not None}
     made = self._tables() if device.type != "meta" and any(t.is_meta for t in held.values()) else {}
@@ -425,25 +443,28 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
 
 
 
-# %% ../nbs/04_placement.ipynb #130ee76de343
+# %% ../nbs/04_placement.ipynb #c411c67a0510
 def placement_table(
     num_experts: int,           # experts placed
     ep_size: int,               # EP ranks
     strategy: str = "linear",   # 'linear' or 'round_robin'
 ) -> torch.Tensor:              # [ep_size, num_experts] int64, 1 where the rank holds the expert
-    "Ownership matrix of a placement: row r is 1 at the experts rank r holds."
+    """Ownership matrix of a placement: row r is 1 at the experts rank r holds. ValueError naming `strategy`, or from
+    `expert_block` naming `num_experts` or `ep_size`. Source: moe-lit's own (rows of vLLM's `determine_expert_map`)."""
     check_choice("strategy", strategy, PLACEMENT_STRATEGIES)
     expert_block(num_experts, ep_size, 0)   # validates num_experts and ep_size
     if ep_size == 1: return torch.ones(1, num_experts, dtype=torch.int64)
     return torch.stack([(determine_expert_map(ep_size, r, num_experts, strategy)[1] != -1).long()
                         for r in range(ep_size)])
 
-# %% ../nbs/04_placement.ipynb #590c6ea369fc
+# %% ../nbs/04_placement.ipynb #6b3b4c55db44
 def plot_expert_ownership(
     num_experts: int,   # experts placed
     ep_size: int,       # EP ranks
 ):                      # matplotlib Figure
-    "Two rank × expert heat-maps side by side, linear and round robin; each owned cell shows its local slot."
+    """Two rank × expert heat-maps side by side, linear and round robin; each owned cell shows its local slot.
+    ValueError from `expert_block` naming `num_experts` or `ep_size`; ImportError without matplotlib (it also selects
+    matplotlib's Agg backend). Source: moe-lit's own."""
     expert_block(num_experts, ep_size, 0)   # validates before importing matplotlib
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -57,7 +57,7 @@ def _finish_weights(weights: torch.Tensor, invalid: torch.Tensor, renormalize: b
         weights = torch.where(total > 0, weights / total, weights)   # an all-zero row stays 0, never 0/0 = NaN
     return weights * scale
 
-# %% ../nbs/03_routing.ipynb #22fc70942954
+# %% ../nbs/03_routing.ipynb #71d41d7ae960
 def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                top_k: int,                    # experts per token
                renormalize: bool,             # divide the top_k weights by their sum
@@ -66,7 +66,9 @@ def fused_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any fl
                routed_scaling_factor: float = 1.0,  # multiplies the weights after renormalising
                validate: bool = True,         # check the bias is finite (one sync; off for a bias checked by its owner)
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Top-k routing (vLLM's `fused_topk` / `fused_topk_bias`): (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32)."
+    """Top-k routing (vLLM's `fused_topk` / `fused_topk_bias`): (topk_weights [T, top_k] fp32, topk_ids [T, top_k]
+    int32). ValueError naming `gating_output`, `top_k`, `renormalize`, `scoring_func`, `e_score_correction_bias` (not
+    `[num_experts]` float, or not finite when `validate`), `validate` or `routed_scaling_factor`."""
     _check_logits(gating_output)
     num_experts = gating_output.shape[1]
     check_int("top_k", top_k, lo=1, hi=num_experts + 1)
@@ -94,16 +96,20 @@ def _kept_group_experts(choice: torch.Tensor, num_expert_group: int, topk_group:
     offsets = torch.arange(size, device=choice.device)
     return (kept[:, :, None] * size + offsets).flatten(1)
 
-# %% ../nbs/03_routing.ipynb #3f58a7159e25
+# %% ../nbs/03_routing.ipynb #a161f3921299
 class RoutingFallbackWarning(UserWarning):
-    "A router used a simpler routing method than the one asked for; the message names both and the reason."
+    """A router used a simpler routing method than the one asked for; the message names both and the reason. Raises
+    nothing itself: `warn_grouped_fallback` issues it (`warnings.simplefilter("error", RoutingFallbackWarning)` makes
+    it an error). Source: moe-lit's own (vLLM's `GroupedTopKRouter` falls back silently)."""
 
-# %% ../nbs/03_routing.ipynb #b1398ec702ee
+# %% ../nbs/03_routing.ipynb #d1b5ced2b108
 def ungroupable_reason(num_experts: int,       # experts to split into groups
                        num_expert_group: int,  # groups asked for
                        has_bias: bool,         # a correction bias is present (groups are scored by their top 2)
                        ) -> str | None:
-    "Why `num_experts` cannot be split into `num_expert_group` groups for grouped top-k, or None when it can."
+    """Why `num_experts` cannot be split into `num_expert_group` groups for grouped top-k, or None when it can.
+    ValueError naming `num_experts` or `num_expert_group` (not an int >= 1); `has_bias` is read as a truth value.
+    Source: moe-lit's own (where vLLM's `GroupedTopKRouter` falls back silently, e.g. E % groups != 0)."""
     check_int("num_experts", num_experts, lo=1)
     check_int("num_expert_group", num_expert_group, lo=1)
     if num_experts % num_expert_group:
@@ -113,13 +119,14 @@ def ungroupable_reason(num_experts: int,       # experts to split into groups
                 f"with a correction bias a group is scored by the sum of its top 2 experts")
     return None
 
-# %% ../nbs/03_routing.ipynb #d5271e558daa
+# %% ../nbs/03_routing.ipynb #bc59ec60cf7f
 def warn_grouped_fallback(reason: str,     # ungroupable_reason(...)'s answer
                           stacklevel: int = 3):   # the caller of the router that falls back
-    "Say (a `RoutingFallbackWarning`) that grouped top-k routes as plain top-k: the torch router per call, the Triton router's plan once."
+    """Say (a `RoutingFallbackWarning`) that grouped top-k routes as plain top-k: the torch router per call, the Triton
+    router's plan once. Raises only if the warning filter makes the warning an error. Source: moe-lit's own."""
     warnings.warn(f"grouped_topk: falling back to fused_topk: {reason}", RoutingFallbackWarning, stacklevel=stacklevel)
 
-# %% ../nbs/03_routing.ipynb #5e34c52051f1
+# %% ../nbs/03_routing.ipynb #c7ce1256f595
 def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any float dtype, router logits
                  top_k: int, renormalize: bool,  # experts per token; divide the top_k weights by their sum
                  num_expert_group: int,          # groups of consecutive expert ids (equal sizes)
@@ -129,7 +136,10 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
                  e_score_correction_bias: torch.Tensor | None = None,  # [num_experts] float, selection only
                  validate: bool = True,          # check the bias is finite (one sync)
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Group-limited top-k (DeepSeek-V2/V3, vLLM's `grouped_topk`): (topk_weights fp32, topk_ids int32), [T, top_k]."
+    """Group-limited top-k (DeepSeek-V2/V3, vLLM's `grouped_topk`): (topk_weights fp32, topk_ids int32), [T, top_k].
+    ValueError naming the argument as `fused_topk` does, or `num_expert_group`, `topk_group` (not in [1, groups]) or
+    `top_k` (above topk_group * experts per group); experts that do not split warn (`RoutingFallbackWarning`) and
+    route as `fused_topk`."""
     _check_logits(gating_output)
     num_experts = gating_output.shape[1]
     check_int("num_expert_group", num_expert_group, lo=1)
@@ -152,11 +162,13 @@ def grouped_topk(gating_output: torch.Tensor,   # [num_tokens, num_experts] any 
     ids = candidates.gather(1, pos)
     return _finish_weights(scores.gather(1, ids), invalid, renormalize, scale), ids.to(torch.int32)
 
-# %% ../nbs/03_routing.ipynb #e2ffe4dde80d
+# %% ../nbs/03_routing.ipynb #f9bc18a9e453
 def llama4_topk(gating_output: torch.Tensor,  # [num_tokens, num_experts] any float dtype, router logits
                 top_k: int = 1,               # experts per token (Llama-4 uses 1)
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Llama-4 routing: top-k of the raw logits, weight sigmoid(logit), not renormalised: (fp32 weights, int32 ids)."
+    """Llama-4 routing: top-k of the raw logits, weight sigmoid(logit), not renormalised: (fp32 weights, int32 ids),
+    each [T, top_k]. ValueError naming `gating_output` (not 2-D float with >= 1 column) or `top_k`. Source: vLLM's
+    Llama-4 custom routing function (vllm/model_executor/models/llama4.py)."""
     _check_logits(gating_output)
     check_int("top_k", top_k, lo=1, hi=gating_output.shape[1] + 1)
     logits = gating_output.float()
@@ -191,7 +203,7 @@ def select_experts(config: MoEConfig,             # the layer: routing_method an
                             c.scoring_func, c.routed_scaling_factor, bias, validate)
     return fused_topk(gating_output, c.top_k, c.renormalize, c.scoring_func, bias, c.routed_scaling_factor, validate)
 
-# %% ../nbs/03_routing.ipynb #327bb172a9c7
+# %% ../nbs/03_routing.ipynb #05982b9e1bbd
 def _mm_out_dtype_ok() -> bool:
     "Whether this torch has `torch.mm(..., out_dtype=torch.float32)` for bf16 on CUDA (asked once, on first use)."
     global _MM_OUT_DTYPE
@@ -207,7 +219,9 @@ _MM_OUT_DTYPE = None
 def matmul_acc(a: torch.Tensor,   # [M, K] float
                b: torch.Tensor,   # [N, K] float (a weight stored as rows, like nn.Linear)
               ) -> torch.Tensor:  # [M, N] in the accumulation dtype: fp32 (fp64 when either is fp64)
-    "`a @ bᵀ` with fp32 products and result: one cuBLAS call writing fp32 for same-dtype bf16/fp16 on a GPU, else upcast."
+    """`a @ bᵀ` with fp32 products and result: one cuBLAS call writing fp32 for same-dtype bf16/fp16 on a GPU, else
+    upcast. ValueError naming `a` (not 2-D float) or `b` (not `[N, K]` float, or on another device). Source: moe-lit's
+    own (torch's `torch.mm(..., out_dtype=torch.float32)` where this torch has it)."""
     check_tensor("a", a, ndim=2, dtype=FLOAT_DTYPES); check_tensor("b", b, shape=(None, a.shape[1]), dtype=FLOAT_DTYPES)
     if b.device != a.device:              # torch would multiply a CPU tensor by a meta one into uninitialised memory
         raise ValueError(f"b: expected a tensor on a's device {a.device}, got {b.device}")
@@ -216,12 +230,14 @@ def matmul_acc(a: torch.Tensor,   # [M, K] float
     acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     return a.to(acc) @ b.to(acc).T
 
-# %% ../nbs/03_routing.ipynb #270d96a4696a
+# %% ../nbs/03_routing.ipynb #757b8facaf3a
 def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_size] any float dtype
                   gate: torch.Tensor,                   # [num_experts, hidden_size] router weight
                   gate_bias: torch.Tensor | None = None,  # [num_experts] router bias (gpt-oss), or None
                  ) -> torch.Tensor:                     # [num_tokens, num_experts] fp32 (fp64 for fp64 hidden)
-    "Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references); ValueError naming a misshaped or misplaced argument."
+    """Router logits `hidden · gateᵀ (+ gate_bias)` in fp32 (fp64 for fp64 inputs, for the references); ValueError
+    naming a misshaped or misplaced argument. Source: the router `nn.Linear` of transformers' MoE blocks (the bias is
+    gpt-oss's `GptOssTopKRouter`)."""
     check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
     check_tensor("gate", gate, shape=(None, hidden.shape[1]), dtype=FLOAT_DTYPES)
     if gate_bias is not None: check_tensor("gate_bias", gate_bias, shape=(gate.shape[0],), dtype=FLOAT_DTYPES)
@@ -231,11 +247,13 @@ def router_logits(hidden: torch.Tensor,                 # [num_tokens, hidden_si
     logits = matmul_acc(hidden, gate)
     return logits if gate_bias is None else logits + gate_bias.to(logits.dtype)
 
-# %% ../nbs/03_routing.ipynb #24c657275cbd
+# %% ../nbs/03_routing.ipynb #49745292386e
 def expert_load(topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, expert id per slot (-1 = not routed here)
                 num_experts: int,        # length of the result
                 ) -> torch.Tensor:
-    "Slots routed to each expert: `[num_experts]` int64 counts, `-1` ids ignored."
+    """Slots routed to each expert: `[num_experts]` int64 counts, `-1` ids ignored. ValueError naming `num_experts`
+    (not an int in [1, 2**31)) or `topk_ids` (not 2-D int32/int64, or an id outside [-1, num_experts); one sync).
+    Source: moe-lit's own (`torch.bincount`)."""
     check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)   # ids are int32: no larger count is meaningful
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
     ids = topk_ids.flatten().long()
@@ -245,11 +263,13 @@ def expert_load(topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64, expe
                          f"[{ids.min().item()}, {ids.max().item()}]")
     return torch.bincount(ids, minlength=num_experts)
 
-# %% ../nbs/03_routing.ipynb #25c2582635c1
+# %% ../nbs/03_routing.ipynb #5500bf637f51
 def check_topk_ids(topk_ids: torch.Tensor,   # [num_tokens, top_k] int32/int64, expert id per slot (-1 = none)
                    num_experts: int,         # ids must be < this (physical experts with EPLB)
                   ) -> torch.Tensor:         # topk_ids, unchanged
-    "Ids in `[-1, num_experts)` and distinct per token (one host sync); ValueError naming `topk_ids` otherwise."
+    """Ids in `[-1, num_experts)` and distinct per token (one host sync); ValueError naming `topk_ids` otherwise (or
+    `num_experts`, not an int in [1, 2**31)). Source: moe-lit's own check of vLLM's `topk_ids` contract (-1 = not
+    routed here)."""
     check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
     ids = check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
     if ids.is_meta: raise ValueError("topk_ids: expected a tensor with values (CPU or GPU), got one on the meta device")
@@ -262,11 +282,13 @@ def check_topk_ids(topk_ids: torch.Tensor,   # [num_tokens, top_k] int32/int64, 
         raise ValueError(f"topk_ids: expected distinct ids per token (-1 may repeat), got {ids[t].tolist()} for token {t}")
     return topk_ids
 
-# %% ../nbs/03_routing.ipynb #baa96ec882c7
+# %% ../nbs/03_routing.ipynb #f9adf146b980
 def plot_expert_load(counts: torch.Tensor,              # [num_experts] int or float, slots per expert
                      title: str = "slots per expert",   # axes title
                      ):
-    "Bar chart of `counts` with the mean as a dashed line; returns the matplotlib Figure."
+    """Bar chart of `counts` with the mean as a dashed line; returns the matplotlib Figure. ValueError naming `counts`
+    when it is not a 1-D tensor; ImportError without matplotlib (it also selects matplotlib's Agg backend). Source:
+    moe-lit's own."""
     check_tensor("counts", counts, ndim=1)
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -33,7 +33,9 @@ from fastcore.test import test_eq, test_fail
 #| export
 @dataclass(frozen=True)
 class Term:
-    "One moe-lit name with its meaning and its spelling in vLLM and in Hugging Face configs."
+    """One moe-lit name with its meaning and its spelling in vLLM and in Hugging Face configs. Raises nothing: the
+    fields are not checked (the `terms_lookup` test keeps `TERMS` one-to-one). Source: moe-lit's own table; the vLLM
+    spellings are those of vLLM's fused_moe package (shared/reference/vllm_fused_moe.md)."""
     name: str            # the moe-lit spelling, used everywhere in code and docs
     meaning: str         # one line, with shape and dtype for tensors
     vllm: str            # vLLM's spelling ("" when vLLM has none)
@@ -84,7 +86,8 @@ def vllm_name(name: str) -> str:
     raise ValueError(f"name: expected one of {[t.name for t in TERMS]}, got {name!r}")
 
 def hf_names(name: str) -> tuple:
-    "The Hugging Face config.json keys that carry the moe-lit term `name` (empty when none does)."
+    """The Hugging Face config.json keys that carry the moe-lit term `name` (empty when none does). ValueError from
+    `vllm_name` naming `name` for an unknown term."""
     vllm_name(name)  # validates
     return next(t.hf for t in TERMS if t.name == name)
 
@@ -127,7 +130,8 @@ assert set(DIMENSIONS) == set("TEHIMNK") and "never top_k" in DIMENSIONS["K"]
 # %%
 #| export
 def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    "Check that `value` is an int (not a bool) with `lo <= value` and `value < hi` when given; returns it."
+    """Check that `value` is an int (not a bool) with `lo <= value` and `value < hi` when given; returns it. ValueError
+    naming `name` (not an int, or out of range). Source: moe-lit's own (`<argument>: expected <x>, got <y>`)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     if lo is not None and value < lo: raise ValueError(f"{name}: expected >= {lo}, got {value}")
@@ -145,8 +149,12 @@ test_fail(lambda: check_int("top_k", True), contains="expected an int, got bool"
 # %%
 #| export
 def check_choice(name: str, value, choices) -> object:
-    "Check that `value` is one of `choices` (a bool matches only a bool: `1` is not `True`); returns it."
+    """Check that `value` is one of `choices` (a bool matches only a bool: `1` is not `True`); returns it. ValueError
+    naming `name` and listing `choices` (a tensor is refused: its `==` is elementwise). Membership is `==`, so `1.0`
+    passes for `1`. Source: moe-lit's own."""
     choices = tuple(choices)
+    if isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: expected one of {list(choices)}, got a tensor of shape {tuple(value.shape)}")
     ok = value in choices
     if ok and (type(value) is bool or any(type(c) is bool for c in choices)):   # `in` compares with ==: 1 == True
         ok = any(type(c) is type(value) and c == value for c in choices)
@@ -161,11 +169,14 @@ test_fail(lambda: check_choice("scoring_func", "relu", ("softmax", "sigmoid")),
 test_eq(check_choice("tune", True, (False, True, "all")), True)
 for bad, choices in ((1, (False, True, "all")), (0, (False, True)), (True, (1, 2))):     # == alone would let them in
     test_fail(lambda: check_choice("tune", bad, choices), contains=f"tune: expected one of {list(choices)}, got {bad!r}")
+for bad in (torch.tensor(1), torch.tensor([1, 2])):    # `in` would pass the first and fail the second with a RuntimeError
+    test_fail(lambda: check_choice("ep_size", bad, (1, 2)), contains="ep_size: expected one of [1, 2], got a tensor")
 
 # %%
 #| export
 def check_bool(name: str, value) -> bool:
-    "Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it."
+    """Check that `value` is a Python bool (not 1, not a numpy or torch bool); returns it. ValueError naming `name`.
+    Source: moe-lit's own."""
     if not isinstance(value, bool): raise ValueError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     return value
 
@@ -177,7 +188,8 @@ def check_positive_real(name: str, value,
     """Check that `value` is a finite int or float > 0 (not a bool, not a str); returns it as a float. With `fp32`,
     also that it rounds to a normal float32 (`FP32_NORMAL_RANGE`): a factor the kernels apply in float32 (a routed
     scaling, a SwiGLU limit) would otherwise be inf or 0 there, turning every output NaN or 0 without an error. (A
-    factor near float32's largest can still overflow the products it scales, as any float32 arithmetic does.)"""
+    factor near float32's largest can still overflow the products it scales, as any float32 arithmetic does.)
+    ValueError naming `name` (not a finite number > 0, or with `fp32` not a normal float32). Source: moe-lit's own."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     try: ok = ok and math.isfinite(float(value)) and value > 0
     except OverflowError: ok = False                    # an int too large for a float
@@ -190,7 +202,8 @@ def check_positive_real(name: str, value,
     return float(value)
 
 def env_choice(name: str, default: str, choices: tuple) -> str:
-    "The environment variable `name` as read now (unset or empty: `default`), one of `choices`; ValueError naming it otherwise."
+    """The environment variable `name` as read now (unset or empty: `default`), one of `choices`; ValueError naming it
+    otherwise. Source: moe-lit's own."""
     value = os.environ.get(name, "") or default
     if value not in choices: raise ValueError(f"{name}: expected {' or '.join(map(repr, choices))}, got {value!r} (an "
                                               f"environment setting of moe-lit's kernels, read when their module is "
@@ -198,13 +211,16 @@ def env_choice(name: str, default: str, choices: tuple) -> str:
     return value
 
 def gradient_wanted(named) -> str | None:
-    "The name of the first `(name, tensor)` pair whose tensor wants a gradient under autograd, else None (also when autograd is off)."
+    """The name of the first `(name, tensor)` pair whose tensor wants a gradient under autograd, else None (also when
+    autograd is off). Raises nothing of its own (non-tensors are skipped; a non-iterable `named` gives Python's
+    TypeError). Source: moe-lit's own (torch's `is_grad_enabled` and `requires_grad`)."""
     if not torch.is_grad_enabled(): return None
     return next((n for n, t in named if isinstance(t, torch.Tensor) and t.requires_grad), None)
 
 def check_device(device, name: str = "device",
                  allow_meta: bool = False) -> torch.device:   # meta too (a layer built without values)
-    "`device` as a torch.device, refusing unknown names, types other than cpu and cuda (and meta with `allow_meta`), and CUDA on a machine without a GPU."
+    """`device` as a torch.device, refusing unknown names, types other than cpu and cuda (and meta with
+    `allow_meta`), and CUDA on a machine without a GPU. ValueError naming `name` (default `device`) in each case."""
     try: d = torch.device(device)
     except (RuntimeError, TypeError): raise ValueError(f"{name}: expected 'cpu', 'cuda' or a torch.device, got {device!r}") from None
     kinds = ("cpu", "cuda", "meta") if allow_meta else ("cpu", "cuda")
@@ -258,7 +274,9 @@ def check_tensor(name: str, t, shape: tuple | None = None, dtype=None, ndim: int
                  contiguous: bool = False,
                  writable: bool = False,   # an output buffer: no two elements may share memory (no stride-0 expand)
                 ) -> torch.Tensor:
-    "Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous or writable; returns it."
+    """Check that `t` is a tensor with the given rank, shape (None = any size), dtype(s) and, if asked, contiguous or
+    writable; returns it. ValueError naming `name`: not a tensor, not strided, wrong rank, shape or dtype, not
+    contiguous, or (with `writable`) overlapping elements. Metadata only, no sync. Source: moe-lit's own."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:                # sparse: no strides, no kernel reads it
@@ -302,7 +320,8 @@ test_fail(lambda: check_tensor("expert_num_tokens", x[0, ::2], contiguous=True),
 # %%
 #| export
 def check_dense(name: str, t: torch.Tensor) -> torch.Tensor:
-    "Check that tensor `t` holds values one can read: strided (not sparse), not on the meta device; returns it."
+    """Check that tensor `t` holds values one can read: strided (not sparse), not on the meta device; returns it.
+    ValueError naming `name`; a non-tensor `t` is not checked (AttributeError). Source: moe-lit's own."""
     if t.layout != torch.strided or t.is_meta:
         raise ValueError(f"{name}: expected a dense tensor with values, got "
                          f"{'a meta tensor' if t.is_meta else f'layout {t.layout}'}")
@@ -316,7 +335,10 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 def check_disjoint(name: str, out: torch.Tensor, **inputs) -> torch.Tensor:
-    "Check that output buffer `out` shares no memory with any of `inputs` (None skipped): a kernel would read what it already overwrote. Metadata only."
+    """Check that output buffer `out` shares no memory with any of `inputs` (None skipped): a kernel would read what
+    it already overwrote. Metadata only (byte ranges, so interleaved views that touch no common element are refused
+    too). ValueError naming `name` and the overlapping input; `out` must be a tensor (else AttributeError). Source:
+    moe-lit's own."""
     lo, hi = _byte_span(out)
     for n, t in inputs.items():
         if isinstance(t, torch.Tensor) and t.device == out.device and lo < hi:
@@ -342,7 +364,9 @@ test_fail(lambda: check_disjoint("out", big[1:3], a=big[2:]), contains="does not
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)   # the float dtypes moe-lit computes in
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    "Accumulation dtype of a computation in `dtype`: float64 for float64 inputs, float32 for everything else."
+    """Accumulation dtype of a computation in `dtype`: float64 for float64 inputs, float32 for everything else.
+    Raises nothing: any other value, an integer dtype or a non-dtype included, gives float32. Source: moe-lit's own
+    (float32 accumulation as in vLLM's Triton MoE kernels; float64 for the float64 references)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 # %%
@@ -352,7 +376,9 @@ test_eq([acc_dtype(d) for d in FLOAT_DTYPES], [torch.float64, torch.float32, tor
 # %%
 #| export
 def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
-    "Check that every value of `t` is finite (a value check: it synchronizes, so it runs at construction or on request)."
+    """Check that every value of `t` is finite (a value check: it synchronizes, so it runs at construction or on
+    request). ValueError naming `name` with the first bad value and its index, or for a non-empty meta tensor.
+    Source: moe-lit's own."""
     if not t.numel(): return t
     if t.is_meta: raise ValueError(f"{name}: expected a tensor with values to check, got a meta tensor")
     if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):   # one reduction, no mask: min and
@@ -366,7 +392,9 @@ def check_finite(name: str, t: torch.Tensor) -> torch.Tensor:
 # %%
 #| export
 def use_triton_interpreter_without_gpu() -> bool:
-    "For entry points only (the CLI, the test set-up): without a CUDA GPU, run Triton kernels in its CPU interpreter."
+    """For entry points only (the CLI, the test set-up): without a CUDA GPU, run Triton kernels in its CPU interpreter.
+    Returns whether it chose the interpreter; raises nothing (an existing `TRITON_INTERPRET` is kept). Source:
+    moe-lit's own, on Triton's `TRITON_INTERPRET` switch."""
     if torch.cuda.is_available(): return False
     os.environ.setdefault("TRITON_INTERPRET", "1")   # read when moe_lit.kernels is first imported: call this before
     return True
@@ -377,7 +405,8 @@ def read_json_object(path,                # a JSON file (str or Path)
                      ) -> dict:
     """The JSON object in the file at `path`, every object in it holding each key once: Python's json keeps the last of
     a repeated key, so a config.json giving `hidden_size` twice would be read silently as its second value. ValueError
-    naming `name` and the file for unreadable text, invalid JSON, a repeated key, or a top level that is not an object."""
+    naming `name` and the file for unreadable text, invalid JSON, a repeated key, or a top level that is not an object.
+    Source: moe-lit's own (Python's `json` with an `object_pairs_hook`)."""
     def unique(pairs):
         seen = {}
         for k, _ in pairs: seen.setdefault(same_key(k) if same_key else k, []).append(k)
@@ -396,20 +425,24 @@ def read_json_object(path,                # a JSON file (str or Path)
 def triton_interpreting() -> bool:
     """Whether Triton runs its CPU interpreter, read as Triton reads `TRITON_INTERPRET` now ('1', 'true', 'yes', 'on' in
     any case: `triton.knobs.runtime.interpret`), so that moe-lit and Triton never disagree about it. Asking does not
-    import Triton: its own `@jit` helpers take the setting when it is imported, so the answer must not fix it early."""
+    import Triton: its own `@jit` helpers take the setting when it is imported, so the answer must not fix it early.
+    Raises nothing: an unrecognised value means False, as it does for Triton."""
     import sys
     knobs = getattr(sys.modules.get("triton"), "knobs", None)
     if knobs is None: return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on")
     return bool(knobs.runtime.interpret)
 
 def triton_imported_interpreting() -> bool | None:
-    "Whether Triton's own `@jit` helpers were built for the interpreter (the setting when Triton was imported); None before."
+    """Whether Triton's own `@jit` helpers were built for the interpreter (the setting when Triton was imported); None
+    before. Raises nothing. Source: moe-lit's own (reads whether `triton.language.standard.sum` is Triton's
+    `InterpretedFunction`)."""
     import sys
     std = sys.modules.get("triton.language.standard")
     return None if std is None else type(getattr(std, "sum", None)).__name__ == "InterpretedFunction"
 
 def default_device() -> str:
-    "Where kernel tensors live by default: `'cuda'` with a GPU and without Triton's interpreter (`TRITON_INTERPRET=1`), else `'cpu'`."
+    """Where kernel tensors live by default: `'cuda'` with a GPU and without Triton's interpreter
+    (`TRITON_INTERPRET=1`), else `'cpu'`. Raises nothing. Source: moe-lit's own."""
     return "cuda" if torch.cuda.is_available() and not triton_interpreting() else "cpu"
 
 # %%
@@ -461,7 +494,9 @@ test_fail(lambda: check_finite("bias", torch.zeros(3, device="meta")), contains=
 # %%
 #| export
 def progress(iterable, desc: str = "", total: int | None = None):
-    "`iterable` wrapped in a tqdm progress bar on stderr when tqdm is installed and progress is on; else as is."
+    """`iterable` wrapped in a tqdm progress bar on stderr when tqdm is installed and progress is on; else as is.
+    Raises nothing of its own (`MOE_LIT_PROGRESS=0` or no tqdm: `iterable` is returned unchecked). Source: moe-lit's
+    own wrapper of `tqdm.auto.tqdm`."""
     import os, sys
     if os.environ.get("MOE_LIT_PROGRESS", "1") == "0": return iterable
     try: from tqdm.auto import tqdm

@@ -10,7 +10,7 @@
 from __future__ import annotations
 import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
+from moe_lit.terms import check_int, check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 
 # %%
@@ -49,7 +49,8 @@ _RTOL = {
 }
 
 def tolerance(dtype: torch.dtype) -> float:
-    "Relative tolerance of the result dtype `dtype` against a float64 reference (the package's one table)."
+    """Relative tolerance of the result dtype `dtype` against a float64 reference (the package's one table).
+    ValueError naming `dtype` for anything but float64/32/16 and bfloat16. Source: moe-lit's own (unit roundoffs)."""
     if not isinstance(dtype, torch.dtype) or dtype not in _RTOL: raise ValueError(f"dtype: expected one of {list(_RTOL)}, got {dtype}")
     return _RTOL[dtype]
 
@@ -62,7 +63,9 @@ test_fail(lambda: tolerance(torch.int32), contains="dtype: expected one of")
 #| export
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
                  rtol: float | None = None, name: str = "result"):
-    "Assert `actual` matches the float64 `expected` within the dtype's tolerance; report the worst elements."
+    """Assert `actual` matches the float64 `expected` within the dtype's tolerance; report the worst elements.
+    AssertionError naming `name` for another dtype, shape or values (NaN and inf must match exactly); ValueError naming
+    `actual`/`expected` (not tensors), `dtype` (no tolerance) or `rtol`. Source: moe-lit's own policy (DESIGN §9)."""
     check_tensor("actual", actual); check_tensor("expected", expected)
     dtype = actual.dtype if dtype is None else dtype
     if actual.dtype != dtype: raise AssertionError(f"{name}: expected dtype {dtype}, got {actual.dtype}")
@@ -114,7 +117,9 @@ test_fail(lambda: assert_close([1.0], ref), contains="actual: expected a torch.T
 # %%
 #| export
 def poison_rows(slab: torch.Tensor, expert_num_tokens: torch.Tensor, value: float = float("nan")) -> torch.Tensor:
-    "Fill rows `>= expert_num_tokens[e]` of `slab [E, max_tokens, ...]` with `value`, in place; returns `slab`."
+    """Fill rows `>= expert_num_tokens[e]` of `slab [E, max_tokens, ...]` with `value`, in place; returns `slab`.
+    ValueError naming `slab` (fewer than 2 dims, not float or bool) or `expert_num_tokens` (not `[E]` int32/int64).
+    Source: moe-lit's own (DESIGN §9: padded rows poisoned with NaN)."""
     check_tensor("slab", slab)
     if slab.dim() < 2: raise ValueError(f"slab: expected at least 2 dims [E, max_tokens, ...], got shape {tuple(slab.shape)}")
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(slab.shape[0],), dtype=(torch.int32, torch.int64))
@@ -152,7 +157,9 @@ test_fail(lambda: poison_rows(torch.zeros(3, 4, dtype=torch.int32), torch.tensor
 # %%
 #| export
 def check_tolerance(dtype: torch.dtype, quant: str = "unquantized", implementation: str = "torch") -> tuple[float, float]:
-    "`(rtol, minimum cosine)` of a run's output against its float64 reference: the dtype's, wider where w8a8 rounds activations."
+    """`(rtol, minimum cosine)` of a run's output against its float64 reference: the dtype's, wider where w8a8 rounds
+    activations. ValueError from `tolerance` naming `dtype` or from `quant_scheme` naming `quant`; `implementation`
+    is not checked (an unknown name gets the dtype's bound). Source: moe-lit's own (measured bounds above)."""
     rtol = tolerance(dtype)
     s = quant_scheme(quant)
     if s is not None and s.is_fp8 and implementation == "triton_quant": return max(rtol, 0.3), 0.995   # (measured: above)
@@ -171,7 +178,10 @@ def check_output(actual: torch.Tensor,      # [T, H] a run's output (any float d
                  quant: str = "unquantized", implementation: str = "torch",
                  between_runs: bool = False,   # `reference` is a second run: each is within rtol of float64, so the
                 ) -> dict:                     # two are held to 2·rtol (and twice the cosine gap)
-    "A run's check as data: `{max_rel_err, rtol, cosine, cosine_min, ok, detail}` under `check_tolerance` (never raises)."
+    """A run's check as data: `{max_rel_err, rtol, cosine, cosine_min, ok, detail}` under `check_tolerance`. A failed
+    comparison is data, not an exception, but bad arguments still raise: ValueError from `check_tolerance` (`dtype`,
+    `quant`) or `assert_close` (non-tensors), and torch's RuntimeError when the element counts differ. Source:
+    moe-lit's own."""
     rtol, cos_min = check_tolerance(dtype, quant, implementation)
     if between_runs: rtol, cos_min = 2 * rtol, 1 - 2 * (1 - cos_min)
     try: assert_close(actual, reference, dtype=dtype, rtol=rtol); ok, msg = True, ""
@@ -186,7 +196,9 @@ def quantization_error(actual: torch.Tensor,               # [T, H] a quantized 
                        unquantized: torch.Tensor | None,   # [T, H] float64 on the weights before quantization, or None
                        dtype: torch.dtype) -> dict | None:
     """`{max_rel_err, cosine}` of a quantized run against the float64 result of its weights before quantization —
-    information, not a check (what quantizing cost) — or None without that reference (a checkpoint's stored codes)."""
+    information, not a check (what quantizing cost) — or None without that reference (a checkpoint's stored codes).
+    Raises as `check_output` does (ValueError naming `dtype`; RuntimeError for different element counts). Source:
+    moe-lit's own."""
     if unquantized is None: return None
     c = check_output(actual, unquantized, dtype)
     return {"max_rel_err": c["max_rel_err"], "cosine": c["cosine"]}
@@ -210,7 +222,8 @@ assert not check_output((ref * (1 + 3 * rtol)).bfloat16(), down.double(), torch.
 # %%
 #| export
 def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
-    "`(relative error ‖got − want‖/‖want‖, cosine similarity)` in float64 over all elements."
+    """`(relative error ‖got − want‖/‖want‖, cosine similarity)` in float64 over all elements (any shapes with the same
+    element count). ValueError naming `got` when the counts differ. Source: moe-lit's own."""
     g, w = got.detach().double().flatten().cpu(), want.detach().double().flatten().cpu()
     if g.shape != w.shape: raise ValueError(f"got: expected {tuple(w.shape)} elements, got {tuple(g.shape)}")
     top = max(g.abs().max().item(), w.abs().max().item()) if w.numel() else 0.0
@@ -222,7 +235,9 @@ def quant_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 
 def assert_quant_close(got: torch.Tensor, want: torch.Tensor, rel_tol: float = 1e-2, cos_min: float = 0.9999,
                        name: str = "result"):
-    "Assert finite `got` with relative error < `rel_tol` and cosine > `cos_min` against `want` (float64 spec)."
+    """Assert finite `got` with relative error < `rel_tol` and cosine > `cos_min` against `want` (float64 spec).
+    AssertionError naming `name` (a non-finite value, or a bound missed); ValueError from `quant_error` naming `got`
+    when the element counts differ. Source: moe-lit's own."""
     if got.dtype.itemsize == 1 and got.is_floating_point(): got = got.float()   # fp8: no isfinite of its own
     if not torch.isfinite(got).all():
         bad = (~torch.isfinite(got)).nonzero()[0].tolist()
@@ -252,7 +267,8 @@ test_fail(lambda: assert_quant_close(torch.zeros(3, dtype=torch.float64), w[:3])
 # %%
 #| export
 def experts_tolerance(scheme: str) -> tuple[float, float]:
-    "`(relative error bound, cosine bound)` of a quantized experts class (two GEMMs) against its spec."
+    """`(relative error bound, cosine bound)` of a quantized experts class (two GEMMs) against its spec. ValueError
+    naming `scheme` unless it is a full QUANT_SCHEMES name other than 'unquantized'. Source: moe-lit's own."""
     if scheme not in QUANT_SCHEMES: raise ValueError(f"scheme: expected one of {list(QUANT_SCHEMES)}, got {scheme!r}")
     return (5e-2, 0.998) if quant_scheme(scheme).is_fp8 else (2e-2, 0.9995)
 
@@ -265,7 +281,7 @@ def check_spec_output(actual: torch.Tensor,   # [T, H] a run's output on the Tri
     as the kernels do, so this bound is several times tighter than the float64 check's for w8a8. A failed check is
     data, not an exception; ValueError naming the argument for a `quant` that is not a quantized scheme (short names
     are taken), an `actual` that is not a dense float tensor, or a `spec` that is not a finite float64 tensor of
-    `actual`'s shape."""
+    `actual`'s shape. Source: moe-lit's own."""
     from moe_lit.quant import quant_scheme_name
     scheme = quant_scheme_name(quant)
     if scheme not in QUANT_SCHEMES: raise ValueError(f"quant: expected one of {list(QUANT_SCHEMES)}, got {quant!r}")
@@ -330,7 +346,9 @@ def tiny_hf_model(model_type: str,       # a key of TINY_HF
                   seed: int = 0,         # torch seed of the random initialisation
                   dtype: torch.dtype = torch.float32,
                   **overrides):          # config keys to change
-    "A seeded transformers causal LM of `model_type` with tiny sizes (2 layers, hidden 32), biases and buffers randomised."
+    """A seeded transformers causal LM of `model_type` with tiny sizes (2 layers, hidden 32), biases and buffers
+    randomised. ValueError naming `model_type` outside TINY_HF; ImportError without transformers; `overrides` are
+    passed unchecked to transformers' config. Source: transformers' `AutoConfig.for_model` and model classes."""
     if model_type not in TINY_HF: raise ValueError(f"model_type: expected one of {sorted(TINY_HF)}, got {model_type!r}")
     import transformers
     kw = dict(hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
@@ -348,12 +366,15 @@ def tiny_hf_model(model_type: str,       # a key of TINY_HF
     return model
 
 def hf_moe_block(model, layer_index: int):
-    "The MoE block (router + experts + shared) of decoder layer `layer_index` of a transformers model."
+    """The MoE block (router + experts + shared) of decoder layer `layer_index` of a transformers model. Raises nothing
+    of its own: IndexError for a layer past the model, AttributeError for a model without `model.layers`. Source:
+    transformers' decoder layers (`mlp`, Llama-4's `feed_forward`)."""
     layer = model.model.layers[layer_index]
     return getattr(layer, "feed_forward", None) or layer.mlp          # Llama-4 calls it feed_forward
 
 def hf_moe_output(block, x: torch.Tensor) -> torch.Tensor:
-    "`[T, H]` output of a transformers MoE block on `x [T, H]` (blocks that also return router data are unwrapped)."
+    """`[T, H]` output of a transformers MoE block on `x [T, H]` (blocks that also return router data are unwrapped).
+    Raises nothing of its own: a bad `x` fails inside the block. Source: transformers' MoE block `forward`."""
     with torch.no_grad(): out = block(x[None])
     out = out[0] if isinstance(out, tuple) else out
     return out.reshape(x.shape)
@@ -381,8 +402,12 @@ test_fail(lambda: tiny_hf_model("bert"), contains="model_type: expected one of")
 def write_fp8_block_checkpoint(directory,                 # an existing empty directory
                                E: int = 4, H: int = 320, I: int = 128,   # H = 2.5 blocks: a partial block column
                                seed: int = 0) -> dict:
-    "A DeepSeek-V3-style FP8 block checkpoint (layer 1 MoE): returns `{experts, shared, gate, bias}` as stored."
+    """A DeepSeek-V3-style FP8 block checkpoint (layer 1 MoE): returns `{experts, shared, gate, bias}` as stored.
+    ValueError naming `E`, `H` or `I` (`I` a positive multiple of 128: the gate and up halves split the scale rows);
+    OSError for a missing `directory`. Source: DeepSeek-V3's checkpoint layout (`weight_scale_inv`, 128x128 blocks)."""
     import json
+    check_int("E", E, lo=1); check_int("H", H, lo=1); check_int("I", I, lo=128)
+    if I % 128: raise ValueError(f"I: expected a multiple of 128 (one scale row per 128 rows of gate and of up), got {I}")
     from safetensors.torch import save_file
     from moe_lit.quant_weights import quantize_expert_weights
     torch.manual_seed(seed)
@@ -410,8 +435,13 @@ def write_fp8_block_checkpoint(directory,                 # an existing empty di
 #| export
 def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed: int = 0,
                            swiglu_limit: float = 7.0) -> dict:
-    "A gpt-oss-style MXFP4 checkpoint (one layer): returns `{experts, w13_bias, w2_bias, tensors}` as stored."
+    """A gpt-oss-style MXFP4 checkpoint (one layer): returns `{experts, w13_bias, w2_bias, tensors}` as stored.
+    ValueError naming `E`, `H` or `I` (`H` and `I` positive multiples of 32, the MXFP4 block); OSError for a missing
+    `directory`. Source: gpt-oss's checkpoint layout (`*_blocks`/`*_scales`, gate and up rows interleaved)."""
     import json
+    check_int("E", E, lo=1)
+    for n, v in (("H", H), ("I", I)):
+        if check_int(n, v, lo=32) % 32: raise ValueError(f"{n}: expected a multiple of 32 (the MXFP4 block), got {v}")
     from safetensors.torch import save_file
     from moe_lit.quant_weights import quantize_expert_weights
     torch.manual_seed(seed)
@@ -430,6 +460,15 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
               "quantization_config": {"quant_method": "mxfp4"}}
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
+
+# %%
+#| test checkpoint_writers_refuse_bad_shapes
+for bad, msg in ((dict(I=64), "I: expected >= 128"), (dict(I=192), "I: expected a multiple of 128"),
+                 (dict(E=0), "E: expected >= 1")):       # checked before anything is written: no directory needed
+    test_fail(lambda: write_fp8_block_checkpoint("/nonexistent", **bad), contains=msg)
+for bad, msg in ((dict(H=40), "H: expected a multiple of 32"), (dict(I=16), "I: expected >= 32"),
+                 (dict(I=48), "I: expected a multiple of 32")):
+    test_fail(lambda: write_mxfp4_checkpoint("/nonexistent", **bad), contains=msg)
 
 # %% [markdown]
 # ## The kernels as the GPU compiles them, on any machine
@@ -459,7 +498,9 @@ GPU_CONSTEXPRS = {"UPCAST": False, "PRECISION": "tf32", "EMULATE_CAST": False,  
                   "PDL": True}   # and programmatic dependent launch on: its instructions compile too
 
 class record_launches:
-    "Context manager: `with record_launches() as seen:` appends `(kernel, args, kwargs)` of every Triton launch (the launch still runs)."
+    """Context manager: `with record_launches() as seen:` appends `(kernel, args, kwargs)` of every Triton launch (the
+    launch still runs). Raises nothing of its own (ImportError without Triton). Source: moe-lit's own (it wraps
+    Triton's `JITFunction.run`, or `InterpretedFunction.run` under the interpreter)."""
     def __enter__(self) -> list:
         import triton
         from triton.runtime.interpreter import InterpretedFunction
@@ -598,7 +639,10 @@ def compile_for_gpu(launches: list,           # `record_launches`' list, or spec
                     capability: int = 90,      # the target: 90 = Hopper (H100/H200)
                     timeout: float = 900,      # seconds for the whole batch
                    ) -> list[dict]:            # per distinct spec: {kernel, ok, error, shared_bytes, seconds, pdl_wait, prefetches, registers, stack_bytes, spec}
-    "Compile each distinct recorded launch for `cuda:capability` with Triton's bundled compiler, in a subprocess without the interpreter."
+    """Compile each distinct recorded launch for `cuda:capability` with Triton's bundled compiler, in a subprocess
+    without the interpreter. ValueError naming `timeout`, `capability` or `launches` (or from `launch_spec`);
+    RuntimeError when the subprocess fails, `subprocess.TimeoutExpired` past `timeout` seconds; a kernel that does
+    not compile is a row with `ok=False`. Source: Triton's `triton.compile(ASTSource, target=GPUTarget)`."""
     import json, subprocess, sys
     check_positive_real("timeout", timeout)
     if isinstance(capability, bool) or not isinstance(capability, int) or not 70 <= capability < 200:
@@ -623,7 +667,8 @@ def compile_for_gpu(launches: list,           # `record_launches`' list, or spec
     return [dict(res, spec=s) for res, s in zip(json.loads(r.stdout.strip().splitlines()[-1]), specs)]
 
 def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_bytes: int = 227 * 1024) -> list[dict]:
-    "`compile_for_gpu` and raise AssertionError naming each kernel that does not compile or needs more shared memory than an SM gives one program."
+    """`compile_for_gpu` and raise AssertionError naming each kernel that does not compile or needs more shared memory
+    than an SM gives one program (227 KiB on Hopper). Source: moe-lit's own, on Triton's compiler."""
     res = compile_for_gpu(launches, capability)
     bad = [f"{r['kernel']}: " + (r["error"] or f"{r['shared_bytes']} B of shared memory, past {max_shared_bytes}") for r in res
            if not r["ok"] or r["shared_bytes"] > max_shared_bytes]
@@ -686,7 +731,9 @@ def _moved(t: torch.Tensor, offset: int) -> torch.Tensor:
 
 def check_launch_keys(launches: list,   # `record_launches`' list of (kernel, args, kwargs)
                      ) -> int:          # launches checked, perturbed copies included
-    "AssertionError where two launches share a `launch_key` but not Triton's specialisation, or `launch_values` differs from the JIT's bound arguments."
+    """AssertionError where two launches share a `launch_key` but not Triton's specialisation, or `launch_values`
+    differs from the JIT's bound arguments; ValueError naming `launches` when it is not a non-empty list. Source:
+    moe-lit's own, against Triton's binder (`triton.runtime.jit.create_function_from_signature`)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature

@@ -41,7 +41,8 @@ from fastcore.test import test_eq, test_fail
 # %%
 #| export
 class ActivationFormat(enum.Enum):
-    "How dispatched activations are laid out for the experts (mirrors vLLM's `FusedMoEActivationFormat`)."
+    """How dispatched activations are laid out for the experts (mirrors vLLM's `FusedMoEActivationFormat`). Raises
+    nothing of its own; `ActivationFormat(value)` with an unknown value raises the enum's ValueError."""
     Standard = "standard"                 # a1 [num_tokens, hidden_size]; ids travel beside it
     BatchedExperts = "batched_experts"    # a1 [num_local_experts, max_tokens, hidden_size] + expert_num_tokens
 
@@ -52,7 +53,9 @@ class ActivationFormat(enum.Enum):
 #| export
 @dataclass(frozen=True)
 class BackendDescriptor:
-    "Every fact moe-lit needs about one all2all backend; all backend-dependent decisions read these fields."
+    """Every fact moe-lit needs about one all2all backend; all backend-dependent decisions read these fields. Raises
+    nothing: the fields are not checked (the records of `BACKENDS` are the module's constants, pinned by its tests).
+    Source: moe-lit's own (DESIGN §4), the values from vLLM's prepare/finalize classes (see below)."""
     name: str                                  # the `all2all_backend` string, as vLLM spells it
     activation_format: ActivationFormat        # layout the experts receive
     moves_tokens: bool                         # True: tokens travel between ranks (an all2all); False: masking only
@@ -66,7 +69,9 @@ class BackendDescriptor:
     native_library: str | None = None          # Python module of the library that implements it (None: moe-lit's own)
 
     def round_up_hidden_size(self, hidden_size: int) -> int:
-        "Smallest supported hidden size >= `hidden_size` (tokens).  Raises ValueError above the largest."
+        """Smallest supported hidden size >= `hidden_size` (elements of one token row). ValueError naming
+        `hidden_size`: not an int >= 1 (`check_int`), or above the largest supported size. Source: vLLM's
+        `maybe_roundup_layer_hidden_size` (DeepEP low-latency and NIXL EP sizes)."""
         check_int("hidden_size", hidden_size, lo=1)
         if self.supported_hidden_sizes is None: return hidden_size
         for h in sorted(self.supported_hidden_sizes):
@@ -121,7 +126,8 @@ BACKENDS: dict[str, BackendDescriptor] = {d.name: d for d in (
 )}
 
 def get_backend(name: str) -> BackendDescriptor:
-    "The descriptor of all2all backend `name`; raises ValueError listing the known backends."
+    """The descriptor of all2all backend `name`; raises ValueError naming `all2all_backend` and listing the known
+    backends. Source: moe-lit's own table; the names are vLLM's `all2all_backend` strings."""
     if not isinstance(name, str) or name not in BACKENDS:   # a list or dict must not reach the dict look-up
         raise ValueError(f"all2all_backend: expected one of {list(BACKENDS)}, got {name!r}")
     return BACKENDS[name]
@@ -177,7 +183,9 @@ test_eq(SIZE_LIMIT - 1, torch.iinfo(torch.int32).max)   # the largest id an int3
 #| export
 @dataclass(frozen=True)
 class ParallelConfig:
-    "The MoE layer's view of the deployment on one device (mirrors vLLM's `FusedMoEParallelConfig`)."
+    """The MoE layer's view of the deployment on one device (mirrors vLLM's `FusedMoEParallelConfig`). ValueError on
+    construction naming the field: a size not an int in [1, 2**31), a rank outside [0, size), `use_ep`/`enable_eplb`
+    not a bool, an unknown `all2all_backend`, or a state the flattening rule of `make` cannot produce."""
     tp_size: int = 1
     tp_rank: int = 0
     dp_size: int = 1
@@ -201,7 +209,8 @@ class ParallelConfig:
 
     @property
     def backend(self) -> BackendDescriptor:
-        "The descriptor record of `all2all_backend`."
+        """The descriptor record of `all2all_backend`. Raises nothing (the name was checked when the config was made).
+        Source: moe-lit's own (DESIGN §4)."""
         return get_backend(self.all2all_backend)
 
 # %% [markdown]
@@ -342,34 +351,40 @@ def _prop(f):
 
 @_prop
 def use_all2all_kernels(self) -> bool:
-    "Tokens are dispatched between EP ranks: EP on, DP or PCP > 1, and the backend moves tokens."
+    """Tokens are dispatched between EP ranks: EP on, DP or PCP > 1, and the backend moves tokens. Raises nothing.
+    Source: vLLM's `FusedMoEParallelConfig.use_all2all_kernels` (fused_moe/config.py, without its sequence-parallel
+    term), plus the record's `moves_tokens`."""
     return self.use_ep and (self.dp_size > 1 or self.pcp_size > 1) and self.backend.moves_tokens
 
 @_prop
 def use_batched_activation_format(self) -> bool:
-    "Experts receive `[E_local, max_tokens, H]` slabs (DeepEP low-latency, NIXL EP, ...)."
+    """Experts receive `[E_local, max_tokens, H]` slabs (DeepEP low-latency, NIXL EP, ...). Raises nothing. Source:
+    vLLM's `FusedMoEParallelConfig.use_batched_activation_format` (NIXL EP added by vLLM PR #40412)."""
     return self.use_all2all_kernels and self.backend.activation_format is ActivationFormat.BatchedExperts
 
 @_prop
 def activation_format(self) -> ActivationFormat:
-    "The format the experts receive on this deployment."
+    """The format the experts receive on this deployment. Raises nothing. Source: moe-lit's own (vLLM's oracles
+    compute the same from `use_batched_activation_format`)."""
     return ActivationFormat.BatchedExperts if self.use_batched_activation_format else ActivationFormat.Standard
 
 @_prop
 def needs_round_robin_routing_tables(self) -> bool:
-    "Dispatch needs `global_to_physical` when experts are placed round robin."
+    """Dispatch needs `global_to_physical` when experts are placed round robin. Raises nothing. Source: vLLM's
+    `FusedMoEParallelConfig.needs_round_robin_routing_tables` (round robin with DeepEP-LL: vLLM PR #28449)."""
     return self.use_all2all_kernels and self.backend.needs_round_robin_routing_tables
 
 @_prop
 def topk_indices_dtype(self) -> torch.dtype:
-    "dtype of `topk_ids` handed to dispatch (int32 when nothing is dispatched)."
+    """dtype of `topk_ids` handed to dispatch (int32 when nothing is dispatched). Raises nothing. Source: vLLM's
+    prepare/finalize `topk_indices_dtype()` (int64 for DeepEP-LL and NIXL EP)."""
     return self.backend.topk_id_dtype if self.use_all2all_kernels else torch.int32
 
 # %%
 #| export
 def _is(name):
     def f(self) -> bool: return self.use_all2all_kernels and self.backend.name == name
-    f.__doc__ = f"vLLM's name for: all2all kernels are in use and the backend is `{name}`."
+    f.__doc__ = f"vLLM's name for: all2all kernels are in use and the backend is `{name}`. Raises nothing."
     return property(f)
 
 ParallelConfig.use_ag_rs_all2all_kernels = _is("allgather_reducescatter")
@@ -405,7 +420,8 @@ test_eq(ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend="
 #| export
 @patch
 def explain(self: ParallelConfig) -> list[tuple[str, object, str]]:
-    "One `(property, value, reason)` row per derived property; each reason holds whichever value the row has."
+    """One `(property, value, reason)` row per derived property; each reason holds whichever value the row has.
+    Raises nothing. Source: moe-lit's own (the `moe-lit run`/`explain` report)."""
     d, a2a = self.backend, self.use_all2all_kernels
     fmt, rr = d.activation_format.value, d.needs_round_robin_routing_tables
     why_a2a = (f"use_ep and (dp_size > 1 or pcp_size > 1) and the backend moves tokens: use_ep={self.use_ep}, "
@@ -469,7 +485,9 @@ ACTIVATIONS = ("silu", "swigluoai")   # gated SiLU (most models); gpt-oss's clam
 
 @dataclass(frozen=True)
 class MoEConfig:
-    "One MoE layer: shapes, routing options, dtype and deployment."
+    """One MoE layer: shapes, routing options, dtype and deployment. ValueError on construction (and in `replace`)
+    naming the field that breaks a guarantee listed below. Source: vLLM's `FusedMoEConfig` (fused_moe/config.py),
+    with moe-lit's own routing and expert fields."""
     num_experts: int                      # routed experts (global, logical)
     top_k: int                            # experts per token
     hidden_size: int                      # H
@@ -605,7 +623,10 @@ def _check_moe_deployment(c: MoEConfig) -> None:
 #| export
 def _delegate(name):
     def f(self): return getattr(self.parallel, name)
-    f.__doc__ = f"Delegated to `self.parallel.{name}`."
+    f.__doc__ = (f"Delegated to `self.parallel.{name}`. Raises nothing (`parallel` was checked when the config was "
+                 f"made). Source: " + ("vLLM's `FusedMoEConfig`, which delegates it to `moe_parallel_config` likewise."
+                 if name in ("ep_size", "ep_rank", "use_ep", "needs_round_robin_routing_tables") else
+                 "moe-lit's own delegation, so one record decides it."))
     setattr(MoEConfig, name, property(f))
 
 for _n in ("use_batched_activation_format", "needs_round_robin_routing_tables", "activation_format",
@@ -614,12 +635,14 @@ for _n in ("use_batched_activation_format", "needs_round_robin_routing_tables", 
 
 @patch(as_prop=True)
 def num_physical_experts(self: MoEConfig) -> int:
-    "Physical experts: routed experts plus EPLB redundant replicas."
+    """Physical experts: routed experts plus EPLB redundant replicas. Raises nothing (the sum was checked below
+    2**31 on construction). Source: vLLM's `global_num_experts = num_experts + num_redundant_experts` (layer.py)."""
     return self.num_experts + self.num_redundant_experts
 
 @patch
 def replace(self: MoEConfig, **kw) -> MoEConfig:
-    "A copy with the fields in `kw` changed (validated again on construction); ValueError naming an unknown field."
+    """A copy with the fields in `kw` changed (validated again on construction); ValueError naming an unknown field.
+    Source: moe-lit's own (`dataclasses.replace`)."""
     fields = {f.name for f in dataclasses.fields(self) if f.init}
     if unknown := sorted(set(kw) - fields):
         raise ValueError(f"replace: expected fields of MoEConfig ({', '.join(sorted(fields))}), got {unknown}")
@@ -627,7 +650,9 @@ def replace(self: MoEConfig, **kw) -> MoEConfig:
 
 @patch(as_prop=True)
 def padded_hidden_size(self: MoEConfig) -> int:
-    "Hidden size the dispatch sends: rounded up to a size the backend supports when tokens travel (else unchanged)."
+    """Hidden size the dispatch sends: rounded up to a size the backend supports when tokens travel (else unchanged).
+    Raises nothing (the config refused a hidden size its backend cannot send). Source: vLLM's
+    `maybe_roundup_layer_hidden_size`."""
     return self.backend.round_up_hidden_size(self.hidden_size) if self.use_all2all_kernels else self.hidden_size
 
 # %%

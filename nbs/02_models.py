@@ -158,7 +158,8 @@ _CAVEATS = {   # model_type -> what a run of that family should know
 }
 
 def preset_caveats(config: MoEConfig) -> list[str]:
-    "What a run of `config`'s model family should know (keyed by `model_type`); empty for other families."
+    """What a run of `config`'s model family should know (keyed by `model_type`); empty for other families.
+    ValueError naming `config` when it is not a MoEConfig. Source: moe-lit's own (the released checkpoints' formats)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     return [_CAVEATS[config.model_type]] if config.model_type in _CAVEATS else []
 
@@ -228,7 +229,9 @@ test_eq(sorted(PRESETS), sorted(["mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a2
 def preset(name: str,                              # a key of PRESETS, e.g. 'qwen3-30b-a3b'
            parallel: ParallelConfig | None = None,  # deployment to attach; None keeps the single-device default
           ) -> MoEConfig:
-    "The MoEConfig of the built-in preset `name`, with `parallel` attached when given."
+    """The MoEConfig of the built-in preset `name`, with `parallel` attached when given. ValueError naming `name` (not
+    a key of PRESETS), `parallel` (not a ParallelConfig), or a field the deployment refuses (e.g. `hidden_size` above
+    the backend's limit). Source: each model's Hugging Face config.json, quoted beside its entry."""
     check_choice("name", name, tuple(PRESETS))
     if parallel is None: return PRESETS[name]
     if not isinstance(parallel, ParallelConfig):
@@ -255,7 +258,8 @@ test_fail(lambda: preset("qwen3-30b-a3b", parallel="ep8"), contains="parallel: e
 #| export
 def describe_routing(cfg: MoEConfig,  # the layer whose router to describe
                     ) -> str:
-    "The routing steps of `cfg` in order, e.g. 'softmax → top-8 → renormalize' (the order vLLM's `fused_topk` / `grouped_topk` apply them)."
+    """The routing steps of `cfg` in order, e.g. 'softmax → top-8 → renormalize' (the order vLLM's `fused_topk` /
+    `grouped_topk` apply them). ValueError naming `cfg` when it is not a MoEConfig."""
     if not isinstance(cfg, MoEConfig): raise ValueError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
     if cfg.routing_method == "llama4":
         steps = [f"top-{cfg.top_k} logit", "sigmoid"]            # no normalisation over experts
@@ -272,7 +276,8 @@ def describe_routing(cfg: MoEConfig,  # the layer whose router to describe
 #| export
 def describe_experts(cfg: MoEConfig,  # the layer whose experts to describe
                     ) -> str:
-    "What one expert (and the shared expert) computes, e.g. 'SiLU-gated: silu(gate) · up; no biases'."
+    """What one expert (and the shared expert) computes, e.g. 'SiLU-gated: silu(gate) · up; no biases'. ValueError
+    naming `cfg` when it is not a MoEConfig. Source: moe-lit's own wording of `expert_mlp` (05_formats)."""
     if not isinstance(cfg, MoEConfig): raise ValueError(f"cfg: expected a MoEConfig, got {type(cfg).__name__}")
     if cfg.activation == "swigluoai":
         what = (f"clamped SwiGLU (swigluoai): (up + 1) · gate · σ({cfg.swiglu_alpha:g} · gate), gate ≤ {cfg.swiglu_limit:g}, "
@@ -311,7 +316,8 @@ test_fail(lambda: describe_routing(MoEConfig(8, 2, 16, 16, routed_scaling_factor
 # %%
 #| export
 def preset_table() -> list[dict]:
-    "One row per preset: name, Hugging Face repo, E, top_k, H, I, shared experts and routing steps."
+    """One row per preset: name, Hugging Face repo, E, top_k, H, I, shared experts and routing steps. Raises nothing
+    (the presets are valid MoEConfigs). Source: moe-lit's own (PRESETS)."""
     rows = []
     for name, c in PRESETS.items():
         shared = f"{c.num_shared_experts} (I={c.shared_intermediate_size or c.num_shared_experts * c.intermediate_size})" \
@@ -334,7 +340,8 @@ test_eq(next(r for r in rows if r["name"] == "qwen3-30b-a3b")["shared"], "none")
 #| export
 def markdown_table(rows: list[dict],  # rows with the same keys, in column order
                   ) -> str:
-    "Render `rows` as a GitHub-flavoured markdown table (a `|` inside a cell is escaped)."
+    """Render `rows` as a GitHub-flavoured markdown table (a `|` inside a cell is escaped). ValueError naming `rows`
+    (not a non-empty list of dicts) or `rows[i]` (other keys than the first row's). Source: moe-lit's own."""
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"rows: expected a non-empty list of dicts, got {type(rows).__name__} {rows!r:.60}")
     cols = list(rows[0])
@@ -411,7 +418,9 @@ test_eq(HF_KEYS["intermediate_size"], ("moe_intermediate_size", "intermediate_si
 # %%
 #| export
 def read_config_json(path_or_dict) -> tuple[dict, str]:
-    "The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name."
+    """The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name.
+    ValueError naming `path_or_dict`: not a dict, str or Path, no such file, or (from `read_json_object`) not a JSON
+    object; a dict is returned unchecked. Source: moe-lit's own (Hugging Face's config.json layout)."""
     if isinstance(path_or_dict, dict): return path_or_dict, ""
     if not isinstance(path_or_dict, (str, Path)):
         raise ValueError(f"path_or_dict: expected a dict, a config.json path or a directory, "
@@ -425,7 +434,9 @@ def read_config_json(path_or_dict) -> tuple[dict, str]:
     return cfg, p.stem if p.stem != "config" else p.resolve().parent.name   # gpt-oss-20b.json names its model
 
 def text_config_view(cfg: dict) -> dict:
-    "The top-level keys overlaid by `text_config` (multimodal checkpoints keep the language model's keys there)."
+    """The top-level keys overlaid by `text_config` (multimodal checkpoints keep the language model's keys there).
+    ValueError naming `config.json text_config` when it is not an object; `cfg` must be a dict (else AttributeError).
+    Source: transformers' composite configs (e.g. Llama-4's `text_config`)."""
     text = cfg.get("text_config")
     if text is None: return cfg
     if not isinstance(text, dict): raise ValueError(f"config.json text_config: expected an object, got {type(text).__name__}")
@@ -642,7 +653,9 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
                       ) -> MoEConfig:
-    "The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe reads)."
+    """The MoEConfig of a Hugging Face checkpoint's MoE layer, from its config.json (the keys vLLM's benchmark_moe
+    reads). ValueError naming `path_or_dict`, the config.json key at fault (a missing or invalid shape, an unknown
+    `model_type`, routing or activation keys moe-lit cannot run), or a MoEConfig field such as `dtype`."""
     raw, file_name = read_config_json(path_or_dict)
     cfg = text_config_view(raw)
     family = _check_family(cfg)                 # first: a dense model's type is named (its file has no experts' count)

@@ -261,7 +261,10 @@ def _router_logits_kernel(
 #| export
 @dataclass(frozen=True)
 class RouterPlan:
-    "A config's routing method as the router kernel's constants (made by `router_plan`, once per layer)."
+    """A config's routing method as the router kernel's constants (made by `router_plan`, once per layer). ValueError
+    on construction naming the field: `num_experts` (not in [1, ROUTER_MAX_EXPERTS]), `TOP_K`, `SCORING` (not 0, 1 or
+    2), a flag not a bool, `NUM_GROUPS`, `TOPK_GROUP`, `GROUP_SIZE` (not E / NUM_GROUPS), `scale` or an impossible
+    `TOP2`. Source: moe-lit's own (the rules of vLLM's `fused_topk` and `grouped_topk` as kernel constants)."""
     num_experts: int
     TOP_K: int
     SCORING: int            # 0 softmax, 1 sigmoid, 2 llama4
@@ -294,7 +297,8 @@ class RouterPlan:
 def router_plan(config: MoEConfig) -> RouterPlan:
     """The routing method of `config` as the kernel's constants, computed once. A grouped method that cannot group
     (`ungroupable_reason`) routes as plain top-k and says so here, once, with a `RoutingFallbackWarning` (the torch
-    router says it on each call). ValueError: `config` not a MoEConfig, `top_k` above what the kept groups hold."""
+    router says it on each call). ValueError: `config` not a MoEConfig, `top_k` above what the kept groups hold, or
+    (from `RouterPlan`) more than ROUTER_MAX_EXPERTS experts. Source: moe-lit's own."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     c = config
     groups, topk_group = 1, 1
@@ -330,7 +334,11 @@ def route_topk(plan: RouterPlan,                    # router_plan(config)
                ids_dtype: torch.dtype = torch.int32,  # topk_ids dtype (the backend's topk_indices_dtype)
                validate: bool = True,               # check the bias is finite (one sync), as `select_experts` does
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` in one launch; the same result as `select_experts`."
+    """`(topk_weights [T, top_k] fp32, topk_ids [T, top_k] ids_dtype)` in one launch; the same result as
+    `select_experts`. ValueError naming `plan`, `ids_dtype` (not int32/int64), `validate`, `bias` (given iff the plan
+    has one; `[num_experts]` fp32, finite when `validate`: one sync) or `logits` (shape, dtype, a CPU tensor without
+    the interpreter, or another device than `bias`). Source: moe-lit's own Triton kernel, in place of vLLM's CUDA
+    `topk_softmax` / `topk_sigmoid` / `grouped_topk` ops."""
     bias = _check_plan_args(plan, bias, ids_dtype, validate)
     check_tensor("logits", logits, shape=(None, plan.num_experts), dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64))
     check_kernel_device("logits", logits, bias=bias)
@@ -378,7 +386,8 @@ def route_tokens(plan: RouterPlan,                      # router_plan(config)
     `select_experts(config, router_logits(hidden, gate, gate_bias), bias)` except where two logits differ by about an
     ulp (the sum's order differs). ValueError naming the argument for a shape, dtype or device mismatch, and for a
     NaN or inf correction bias when `validate` (the one value read; the layer checks its weights once and calls
-    `_route_tokens`). Ids are in `[0, num_experts)` whatever the values."""
+    `_route_tokens`). Ids are in `[0, num_experts)` whatever the values. Source: moe-lit's own (the router GEMV with
+    the selection fused into its last program; vLLM runs the gate Linear, then its top-k op)."""
     bias = _check_plan_args(plan, bias, ids_dtype, validate)
     E, fl = plan.num_experts, (torch.bfloat16, torch.float16, torch.float32)
     check_tensor("hidden", hidden, ndim=2, dtype=fl)

@@ -57,7 +57,9 @@ def expert_block(
     ep_size: int,       # EP ranks
     ep_rank: int,       # the rank asked about, in [0, ep_size)
 ) -> tuple[int, int]:   # (first id of the rank's contiguous block, number of experts the rank holds)
-    "The contiguous block `[offset, offset + count)` rank `ep_rank` holds in a linear layout (first `rem` ranks +1)."
+    """The contiguous block `[offset, offset + count)` rank `ep_rank` holds in a linear layout (first `rem` ranks +1).
+    ValueError naming `ep_size`, `ep_rank` (not in [0, ep_size)) or `num_experts` (not an int in [ep_size, 2**31)).
+    Source: the linear split of vLLM's `determine_expert_map` (fused_moe/layer.py)."""
     check_int("ep_size", ep_size, lo=1)
     check_int("ep_rank", ep_rank, lo=0, hi=ep_size)
     check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
@@ -168,7 +170,9 @@ test_fail(lambda: determine_expert_map(2, 0, 10**12), contains="global_num_exper
 def local_to_global(
     expert_map: torch.Tensor,   # [num_experts] int32/int64, global id -> local index, -1 = not local
 ) -> torch.Tensor:              # [num_local_experts] int64, local index -> global id
-    "Global id of each local expert, in local order, so that `expert_map[local_to_global[j]] == j`."
+    """Global id of each local expert, in local order, so that `expert_map[local_to_global[j]] == j`. ValueError naming
+    `expert_map` (not 1-D int32/int64, or its non-negative values not 0..n-1 once each; one sync). Source: vLLM's
+    local->global list, `torch.where(expert_map != -1)` (fused_moe/layer.py), ordered by local index here."""
     check_tensor("expert_map", expert_map, ndim=1, dtype=(torch.int32, torch.int64))
     owned = torch.nonzero(expert_map != -1).flatten()         # int64 global ids held here
     local = expert_map[owned].long()
@@ -253,7 +257,9 @@ def resolve_placement_strategy(
     num_redundant_experts: int,      # EPLB extra physical replicas
     enable_eplb: bool,               # expert-load balancer on
 ) -> tuple[str, str]:                # (strategy used, reason: 'requested' or the conditions that forced linear)
-    "The placement strategy actually used and why (vLLM's `determine_expert_placement_strategy` + the ep_size rule)."
+    """The placement strategy actually used and why (vLLM's `determine_expert_placement_strategy` + the ep_size rule).
+    ValueError naming `strategy`, `parallel` (not a ParallelConfig), `num_expert_group` (not None or an int >= 1),
+    `num_redundant_experts` (not an int >= 0) or `enable_eplb` (not a bool); a fallback is a reason, not an error."""
     check_choice("strategy", strategy, PLACEMENT_STRATEGIES)
     if not isinstance(parallel, ParallelConfig):
         raise ValueError(f"parallel: expected a ParallelConfig, got {type(parallel).__name__}")
@@ -351,7 +357,9 @@ def round_robin_routing_tables(
     ep_size: int,       # EP ranks
     ep_rank: int,       # the rank whose local_to_global is returned
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "`(global_to_physical [E] int64, physical_to_global [E] int64, local_to_global [E_local] int64)` for round robin."
+    """`(global_to_physical [E] int64, physical_to_global [E] int64, local_to_global [E_local] int64)` for round robin.
+    ValueError from `expert_block` naming `num_experts`, `ep_size` or `ep_rank`. Source: vLLM's round-robin routing
+    tables (fused_moe/layer.py, later expert_map_manager.py; added for DeepEP-LL by vLLM PR #28449)."""
     offset, count = expert_block(num_experts, ep_size, ep_rank)   # validates all three
     g = torch.arange(num_experts)
     owner, local_index = g % ep_size, g // ep_size
@@ -431,7 +439,9 @@ def eplb_replicas(
     num_redundant_experts: int,   # extra physical replicas
     ep_size: int,                 # EP ranks; the physical count must divide by it
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (logical_to_physical [L, max_replicas] int64, -1 padded; counts [L] int64)
-    "Physical replicas of each logical expert: physical `p` holds logical `p % L` (vLLM's initial EPLB map)."
+    """Physical replicas of each logical expert: physical `p` holds logical `p % L` (vLLM's initial EPLB map).
+    ValueError naming `num_logical_experts`, `num_redundant_experts` (not an int, or a physical count >= 2**31) or
+    `ep_size` (not a divisor of the physical count, as vLLM's EPLB requires)."""
     check_int("num_logical_experts", num_logical_experts, lo=1)
     check_int("num_redundant_experts", num_redundant_experts, lo=0)
     check_int("ep_size", ep_size, lo=1)
@@ -641,7 +651,9 @@ test_eq(map_to_physical(one, l2p[swap], count[swap]).tolist(), [[1]])          #
 #| export
 @dataclass(frozen=True, eq=False)
 class Placement:
-    "Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables."
+    """Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables.
+    ValueError on construction naming the field that disagrees with what `build` makes (see `__post_init__`). Source:
+    vLLM's `expert_map` and round-robin routing tables (fused_moe/layer.py; `ExpertMapManager` in newer vLLM)."""
     strategy: str                      # placement actually used: 'linear' or 'round_robin'
     reason: str                        # 'requested', or the conditions that forced linear
     ep_size: int                       # EP ranks
@@ -705,12 +717,15 @@ class Placement:
 
     @property
     def holds_every_expert(self) -> bool:
-        "One rank holds every (physical) expert in id order: the local slot of an id in range is the id itself."
+        """One rank holds every (physical) expert in id order: the local slot of an id in range is the id itself.
+        Raises nothing. Source: moe-lit's own (vLLM's `expert_map` is None in that case)."""
         return self.ep_size == 1 and self.num_local_experts == self.num_experts and self.expert_map is None
 
     @property
     def physical_offset(self) -> int:
-        "First physical id of this rank's contiguous block (the linear offset; used with `global_to_physical`)."
+        """First physical id of this rank's contiguous block (the linear offset; used with `global_to_physical`).
+        Raises nothing (the sizes were checked on construction). Source: vLLM's round-robin tables,
+        `physical_offset = owner * base + min(owner, rem)`."""
         return expert_block(self.num_experts, self.ep_size, self.ep_rank)[0]
 
 # %% [markdown]
@@ -731,7 +746,8 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
     an `expert_map` whose non-negative values are the slots `0..num_local_experts-1` once each; a `global_to_physical`
     that is a permutation of `0..num_experts-1`, with `physical_offset + num_local_experts <= num_experts`; and with
     neither table, `num_local_experts == num_experts` (one rank holds them all). The value checks sync once; tables on
-    meta are checked by shape only."""
+    meta are checked by shape only. Source: moe-lit's own (one gather replaces vLLM's `expert_map` masking and
+    `global_to_physical` lookup)."""
     check_int("num_experts", num_experts, lo=1, hi=SIZE_LIMIT)
     check_int("num_local_experts", num_local_experts, lo=0, hi=num_experts + 1)
     check_int("physical_offset", physical_offset, lo=0)
@@ -879,7 +895,9 @@ test_fail(lambda: Placement.build(cfg(dp=4, E=3)), contains="num_experts: expect
 def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
                 validate: bool = True,        # check the id range (one host sync); False for ids a router just made
                 ) -> torch.Tensor:            # same shape, int64: local expert index on this rank, -1 = not local
-    "Local slot of each id on this rank: one gather from `slot_table`; ids outside [-1, num_experts) raise (or map to -1)."
+    """Local slot of each id on this rank: one gather from `slot_table`; ids outside [-1, num_experts) raise (or map to
+    -1 with `validate=False`). ValueError naming `topk_ids` (not int32/int64, an id out of range: one sync, or not on
+    meta when the tables are) or `validate`. Source: moe-lit's own."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     if check_bool("validate", validate) and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
         raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(topk_ids.min())}, "
@@ -904,7 +922,7 @@ def to(self: Placement, device: str | torch.device,  # where the dispatch and ro
     once, at construction, so no forward copies a table. Tables on meta (a layer built there, then `to_empty` or
     `load_state_dict(assign=True)`) hold no values to copy: off meta they are made again from the placement's strategy,
     `ep_size`, `ep_rank` and `num_experts`, which determine them. ValueError for a device that is not cpu, cuda (on a
-    machine with a GPU) or meta."""
+    machine with a GPU) or meta. Source: moe-lit's own."""
     device = check_device(device, allow_meta=True)
     held = {n: getattr(self, n) for n in PLACEMENT_TABLES if getattr(self, n) is not None}
     made = self._tables() if device.type != "meta" and any(t.is_meta for t in held.values()) else {}
@@ -1022,7 +1040,8 @@ def placement_table(
     ep_size: int,               # EP ranks
     strategy: str = "linear",   # 'linear' or 'round_robin'
 ) -> torch.Tensor:              # [ep_size, num_experts] int64, 1 where the rank holds the expert
-    "Ownership matrix of a placement: row r is 1 at the experts rank r holds."
+    """Ownership matrix of a placement: row r is 1 at the experts rank r holds. ValueError naming `strategy`, or from
+    `expert_block` naming `num_experts` or `ep_size`. Source: moe-lit's own (rows of vLLM's `determine_expert_map`)."""
     check_choice("strategy", strategy, PLACEMENT_STRATEGIES)
     expert_block(num_experts, ep_size, 0)   # validates num_experts and ep_size
     if ep_size == 1: return torch.ones(1, num_experts, dtype=torch.int64)
@@ -1048,7 +1067,9 @@ def plot_expert_ownership(
     num_experts: int,   # experts placed
     ep_size: int,       # EP ranks
 ):                      # matplotlib Figure
-    "Two rank × expert heat-maps side by side, linear and round robin; each owned cell shows its local slot."
+    """Two rank × expert heat-maps side by side, linear and round robin; each owned cell shows its local slot.
+    ValueError from `expert_block` naming `num_experts` or `ep_size`; ImportError without matplotlib (it also selects
+    matplotlib's Agg backend). Source: moe-lit's own."""
     expert_block(num_experts, ep_size, 0)   # validates before importing matplotlib
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -36,6 +36,8 @@ def test_check_choice():
     test_eq(check_choice("tune", True, (False, True, "all")), True)
     for bad, choices in ((1, (False, True, "all")), (0, (False, True)), (True, (1, 2))):     # == alone would let them in
         test_fail(lambda: check_choice("tune", bad, choices), contains=f"tune: expected one of {list(choices)}, got {bad!r}")
+    for bad in (torch.tensor(1), torch.tensor([1, 2])):    # `in` would pass the first and fail the second with a RuntimeError
+        test_fail(lambda: check_choice("ep_size", bad, (1, 2)), contains="ep_size: expected one of [1, 2], got a tensor")
 
 
 def test_check_bool_and_real():

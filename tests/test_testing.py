@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
+from moe_lit.terms import check_int, check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE
@@ -99,6 +99,15 @@ def test_tiny_hf_models():
         biases = [p for n, p in [*block.named_parameters(), *block.named_buffers()] if n.endswith(("bias",))]
         assert all(b.abs().sum() > 0 for b in biases), t                 # no zero bias hides a dropped one
     test_fail(lambda: tiny_hf_model("bert"), contains="model_type: expected one of")
+
+
+def test_checkpoint_writers_refuse_bad_shapes():
+    for bad, msg in ((dict(I=64), "I: expected >= 128"), (dict(I=192), "I: expected a multiple of 128"),
+                     (dict(E=0), "E: expected >= 1")):       # checked before anything is written: no directory needed
+        test_fail(lambda: write_fp8_block_checkpoint("/nonexistent", **bad), contains=msg)
+    for bad, msg in ((dict(H=40), "H: expected a multiple of 32"), (dict(I=16), "I: expected >= 32"),
+                     (dict(I=48), "I: expected a multiple of 32")):
+        test_fail(lambda: write_mxfp4_checkpoint("/nonexistent", **bad), contains=msg)
 
 
 def test_compile_for_gpu_bad_input():
