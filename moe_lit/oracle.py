@@ -15,10 +15,13 @@ __all__ = ['DEVICES', 'CPU_INTERPRETER', 'QUANT_SCHEMES', 'CANDIDATES', 'DeviceC
            'Decision', 'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
            'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'plot_decisions']
 
-# %% ../nbs/11_oracle.ipynb #8661fbab0a84
+# %% ../nbs/11_oracle.ipynb #32e21f6113df
 @dataclass(frozen=True)
 class DeviceCaps:
-    "What the oracle needs to know about the device: kind, compute capability and the libraries installed."
+    """What the oracle needs to know about the device: kind, compute capability and the libraries installed. ValueError
+    at construction naming `kind` (not a str), `capability` (not None or an int pair; None exactly for 'cpu'),
+    `libraries` (not a frozenset of str) or `interpreter` (not a bool; True only for 'cpu'). Source: moe-lit's own, in
+    the place of the `current_platform` capability queries of vLLM's oracles."""
     kind: str                                  # 'cpu', 'a100', 'h100', 'h200', 'b200'
     capability: tuple | None                   # CUDA compute capability, None on the CPU
     libraries: frozenset = frozenset()         # optional kernel libraries installed (e.g. 'flashinfer', 'deep_gemm')
@@ -38,7 +41,9 @@ class DeviceCaps:
                              f"{self.interpreter!r} for {self.kind!r}")
 
     @property
-    def is_gpu(self) -> bool: return self.capability is not None
+    def is_gpu(self) -> bool:
+        "Whether this is a CUDA device (it has a compute capability). Raises nothing. Source: moe-lit's own."
+        return self.capability is not None
 
 DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
@@ -47,7 +52,9 @@ CPU_INTERPRETER = DeviceCaps("cpu", None, interpreter=True)   # Triton's kernels
 QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant` and `09d_kernels.quant_experts`)
 
 def detect_device() -> DeviceCaps:
-    "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."
+    """The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here.
+    Raises nothing of its own (a GPU of no known kind is 'gpu'; torch's RuntimeError if the CUDA driver fails). Source:
+    moe-lit's own (`torch.cuda` queries, `importlib.util.find_spec`)."""
     import importlib.util
     libs = frozenset(l for l in ("flashinfer", "deep_gemm") if importlib.util.find_spec(l) is not None)
     if not torch.cuda.is_available(): return DeviceCaps("cpu", None, libs)
@@ -55,10 +62,12 @@ def detect_device() -> DeviceCaps:
     kind = next((k for k in ("h200", "h100", "b200", "a100") if k in name), "gpu")
     return DeviceCaps(kind, torch.cuda.get_device_capability(), libs)
 
-# %% ../nbs/11_oracle.ipynb #33548d8e5406
+# %% ../nbs/11_oracle.ipynb #ff42a052ce7a
 @dataclass(frozen=True)
 class ExpertsBackend:
-    "One experts implementation the oracle can choose."
+    """One experts implementation the oracle can choose. Raises nothing: a frozen record, its fields not checked at
+    construction (the entries of `CANDIDATES` are fixed). Source: moe-lit's own; the backends vLLM's oracles choose
+    between (fused_moe/oracle/*.py)."""
     name: str
     activation_format: ActivationFormat
     quant_schemes: tuple
@@ -72,7 +81,9 @@ class ExpertsBackend:
     expert_bias: bool = True                  # adds w13_bias / w2_bias in its GEMMs
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
-        "Device and library predicates: `(ok, reason)` (the reason installing nothing can change comes first)."
+        """Device and library predicates: `(ok, reason)` (the reason installing nothing can change comes first). Raises
+        nothing for a `DeviceCaps` (AttributeError for anything else). Source: moe-lit's own; vLLM's
+        `_supports_current_device` and capability checks (`is_supported_config`, modular_kernel.py)."""
         if self.implementation == "external":
             lib = f" (the '{self.library}' library's)" if self.library else ""
             return False, f"external backend{lib}: moe-lit has no adapter for it yet"
@@ -118,10 +129,12 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
     ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT),
 )
 
-# %% ../nbs/11_oracle.ipynb #f4c7fe859e6d
+# %% ../nbs/11_oracle.ipynb #d7a55d6111a4
 @dataclass(frozen=True)
 class Decision:
-    "The chosen backend and, for every candidate in priority order, `(name, accepted, reason)`."
+    """The chosen backend and, for every candidate in priority order, `(name, accepted, reason)`. Raises nothing: a
+    frozen record made by `select_experts_backend`, not checked at construction. Source: moe-lit's own (vLLM's oracles
+    return the backend alone and log their reasons)."""
     chosen: ExpertsBackend
     activation_format: ActivationFormat
     quant_scheme: str
@@ -129,7 +142,8 @@ class Decision:
     trace: tuple
 
     def table(self) -> str:
-        "The decision as a markdown table (the CLI and the notebook show it)."
+        """The decision as a markdown table (the CLI and the notebook show it). Raises nothing for a Decision of
+        `select_experts_backend`. Source: moe-lit's own."""
         rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else ('accepted' if ok else 'rejected')} | {r} |"
                 for n, ok, r in self.trace]
         return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}"
@@ -206,9 +220,11 @@ def select_nvfp4_moe_backend(moe_config: MoEConfig, activation_format: Activatio
     "`select_experts_backend` for NVFP4 weights with 16-bit activations (vLLM's `oracle/nvfp4.py`); raises as it does."
     return select_experts_backend(moe_config, "nvfp4_w4a16", activation_format, device, backend)
 
-# %% ../nbs/11_oracle.ipynb #a2949f2a4bdb
+# %% ../nbs/11_oracle.ipynb #2da2f217b35c
 def plot_decisions(moe_config: MoEConfig | None = None, devices=("cpu", "a100", "h200", "b200")):
-    "Table figure: the chosen backend per (activation format, device) row and quant-scheme column. Returns the Figure."
+    """Table figure: the chosen backend per (activation format, device) row and quant-scheme column. Returns the Figure.
+    ValueError from `select_experts_backend` (a `moe_config` that is not a MoEConfig, or a cell no candidate runs);
+    KeyError for a device name not in `DEVICES`; ImportError without matplotlib. Source: moe-lit's own."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cfg = moe_config or MoEConfig(128, 4, 3072, 2880)

@@ -68,7 +68,9 @@ import moe_lit.kernels.batched as kb
 # %%
 #| export
 def check_activation(activation) -> Activation | None:
-    "A launcher's `activation` as an `Activation` (None for a plain GEMM); `'silu_and_mul'` names `SILU`."
+    """A launcher's `activation` as an `Activation` (None for a plain GEMM); `'silu_and_mul'` names `SILU`. ValueError
+    from `check_choice` naming `activation` for any other value (a str such as `'swigluoai'` included). Source:
+    moe-lit's own; `'silu_and_mul'` is vLLM's name for the gated SiLU (`torch.ops._C.silu_and_mul`)."""
     if activation is None or isinstance(activation, Activation): return activation
     check_choice("activation", activation, (None, "silu_and_mul"))
     return SILU
@@ -89,13 +91,22 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
                            out: torch.Tensor | None = None,  # [E, max_tokens, N or N/2]; rows >= count untouched
                            bias: torch.Tensor | None = None, # [E, N], added to the product before the activation
                           ) -> torch.Tensor:
-    "`out[e, :n_e] = act(a[e, :n_e] @ w[e].T + bias[e])`, computed in a's dtype (float64 for a float64 reference)."
+    """`out[e, :n_e] = act(a[e, :n_e] @ w[e].T + bias[e])`, computed in a's dtype (float64 for a float64 reference).
+    Float tensors of one dtype in, `out` in `a`'s dtype. ValueError naming `activation`, or `expert_num_tokens` (not
+    `[E]`, or a count outside `[0, max_tokens]`); no other checks (a spec): mismatched shapes raise torch's
+    RuntimeError.
+    Source: moe-lit's spec of vLLM's batched-experts GEMM (`NaiveBatchedExperts`' per-expert loop,
+    experts/fused_batched_moe.py)."""
     act = check_activation(activation)
     E, M, _ = a.shape
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,))
+    counts = expert_num_tokens.tolist()                 # a spec: one sync is fine
+    if any(not 0 <= n <= M for n in counts):            # a negative count would slice from the end, a large one be cut
+        raise ValueError(f"expert_num_tokens: expected counts in [0, {M}] (max_tokens), got {counts}")
     n_out = w.shape[1] // 2 if act else w.shape[1]
     out = torch.full((E, M, n_out), float("nan"), dtype=a.dtype, device=a.device) if out is None else out
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    for e, n in enumerate(expert_num_tokens.tolist()):
+    for e, n in enumerate(counts):
         if n == 0: continue
         y = a[e, :n].to(acc) @ w[e].to(acc).T
         if bias is not None: y = y + bias[e].to(acc)
@@ -395,7 +406,9 @@ def plot_tile_map(expert_num_tokens: torch.Tensor,   # [E] int, valid rows per e
                   max_tokens: int,                   # rows per slab
                   block_m: int = 16,                 # BLOCK_M of the kernel
                   title: str = ""):
-    "Heat-map of the (expert, M-tile) programs of one N column: valid-row fraction, blank where the program exits."
+    """Heat-map of the (expert, M-tile) programs of one N column: valid-row fraction, blank where the program exits.
+    Returns a matplotlib Figure. No argument checks: ImportError without matplotlib, ZeroDivisionError for `block_m` 0.
+    Source: moe-lit's own."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     counts = expert_num_tokens.detach().cpu().long()
@@ -512,7 +525,10 @@ TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", 
 def check_tile_config(config,
                       need_block_m: bool = False,   # the batched launchers take BLOCK_M from the tile (the contiguous ones from the alignment)
                      ) -> dict | None:
-    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
+    """A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes.
+    ValueError naming `config` (not a dict, an unknown key, a missing block, SPLIT_K > 1 with TMA) or `config[key]` (a
+    value out of range or not a power of two). Source: vLLM's tuned tile entries (`BLOCK_SIZE_M/N/K`, `GROUP_SIZE_M`,
+    `num_warps`, `num_stages`; fused_moe.py `get_moe_configs`), with moe-lit's names and extra keys."""
     if config is None: return None
     if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
     unknown = sorted(set(config) - set(TILE_KEYS))
@@ -564,7 +580,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
-    "Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`; ValueError on non-int sizes."
+    """Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`; ValueError
+    on non-int sizes. Source: moe-lit's own heuristic, in the place of vLLM's `get_default_config` (fused_moe.py)."""
     for name, v in (("E", E), ("N", N), ("K", K), ("M", M)): check_int(name, v, lo=0 if name == "M" else 1)
     if INTERPRET:   # the interpreter's cost is programs x K-steps, so use few, large tiles
         return dict(BLOCK_M=min(64, max(16, _next_pow2(M))), BLOCK_N=min(128, max(16, _next_pow2(N))),
@@ -582,7 +599,9 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
 #| export
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
-    "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
+    """Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming). ValueError naming
+    `config_dir` when it is not a non-empty str or Path; KeyError for a `dtype` other than bf16/fp16/fp32 and
+    AttributeError for a non-str `device_name` (unchecked: `lookup_tile_config` checks both)."""
     import moe_lit
     root = Path(_tile_config_root(config_dir) or Path(moe_lit.__file__).resolve().parent / "configs")
     tag = "" if dtype is None else f",dtype={_DTYPE_TAG[dtype]}"
@@ -602,7 +621,11 @@ TILE_TABLE_SIBLINGS = {"NVIDIA H100 80GB HBM3": ("NVIDIA H200",),   # cards whos
 def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
                        device_name: str | None = None, config_dir: str | Path | None = None,
                        heuristic=None) -> dict:   # f(E, N, K, M, dtype) -> tile when no table entry is near; default_tile_config
-    "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
+    """The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file
+    first), else the heuristic. ValueError naming `heuristic`, `E`/`N`/`K`/`M`, `kernel`, `device_name`, `dtype`
+    (bf16/fp16/fp32), a `config_dir` that is not an existing directory, a bad table file (`read_tile_table`) or a
+    heuristic's bad tile. Source: vLLM's `try_get_optimal_moe_config` / `get_moe_configs` (fused_moe.py: one JSON per E,
+    N, device, nearest M); the reach limit and the sibling cards are moe-lit's own."""
     if device_name is None: device_name = _device_name()
     root = _tile_config_root(config_dir)
     if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
@@ -639,7 +662,9 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 def read_tile_table(path: Path | str) -> dict | None:
-    "The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the file."
+    """The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the
+    file. Source: vLLM's tuned-config JSON (`{"<M>": {BLOCK_SIZE_M, ...}}`, fused_moe.py `get_moe_configs`), moe-lit's
+    keys."""
     if not isinstance(path, (str, Path)) or not str(path) or "\0" in str(path):
         raise ValueError(f"path: expected a tile table's file path (a non-empty str or Path without NUL bytes), got {path!r}")
     path = Path(path)
@@ -753,12 +778,16 @@ for kw, msg in ((dict(dtype=torch.int8), "dtype: expected one of"), (dict(M="4")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_extent(name: str, t: torch.Tensor):
-    "Offsets inside one expert (or one row list) are int32 in the kernels that call this: refuse an extent of 2^31 elements or more; ValueError naming `name`."
+    """Offsets inside one expert (or one row list) are int32 in the kernels that call this: refuse an extent of 2^31
+    elements or more; ValueError naming `name`. Source: moe-lit's own (int32 offsets inside an expert, int64 only for
+    its base: the Motivation above)."""
     extent = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
     if extent >= 2**31: raise ValueError(f"{name}: expected a per-expert extent < 2^31 elements, got {extent}")
 
 def check_kernel_device(name: str, t: torch.Tensor, **others) -> torch.device:
-    "A Triton launcher's tensors: `t` on a GPU (or the interpreter is on), every tensor of `others` on `t`'s device."
+    """A Triton launcher's tensors: `t` on a GPU (or the interpreter is on), every tensor of `others` on `t`'s device.
+    Returns `t.device`. ValueError naming `name` for a meta tensor or, without the interpreter, a non-CUDA one, and
+    naming the keyword of an `others` tensor on another device. Source: moe-lit's own."""
     if t.is_meta: raise ValueError(f"{name}: expected a tensor with values for the Triton kernels, got a meta tensor")
     if t.device.type != "cuda" and not INTERPRET:       # (meta first: the same answer with or without the interpreter)
         raise ValueError(f"{name}: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 set before "
@@ -771,7 +800,9 @@ def check_expert_bias(name: str,                   # the argument's name in erro
                       bias: torch.Tensor | None,   # [E, N] bf16/fp16/fp32, or None
                       E: int, N: int,              # experts, and rows of the weight it belongs to
                       device: torch.device) -> torch.Tensor | None:
-    "An expert bias as the kernels take it: `[E, N]`, any of bf16/fp16/fp32 (read as fp32), on `device`; None passes."
+    """An expert bias as the kernels take it: `[E, N]`, any of bf16/fp16/fp32 (read as fp32), on `device`; None passes.
+    ValueError naming `name` for a non-tensor, a wrong shape or dtype (`check_tensor`) or another device. Source: vLLM's
+    `HAS_BIAS` epilogue (`bias[e, n]` added before the activation, fused_moe.py `fused_moe_kernel`)."""
     if bias is None: return None
     check_tensor(name, bias, shape=(E, N), dtype=_FLOATS)
     if bias.device != device: raise ValueError(f"{name}: expected device {device}, got {bias.device}")
@@ -807,7 +838,10 @@ SMEM_BUDGET = 224 * 1024   # bytes of shared memory per program on Hopper (23244
 TILE_DEFAULTS = {"num_warps": 4, "num_stages": 3}   # what an override or a table entry may leave out
 
 def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
-    "Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit shared memory."
+    """Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit
+    shared memory. `cfg` is a resolved tile (BLOCK_M/N/K present: KeyError otherwise), `element_size` in bytes.
+    ValueError naming `config` when BLOCK_M and BLOCK_N alone overflow `SMEM_BUDGET` bytes. Source: moe-lit's own
+    estimate (Hopper's shared memory per block)."""
     cfg = {**TILE_DEFAULTS, **cfg}
     while silu and 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 32 * cfg["num_warps"] and cfg["BLOCK_N"] > 16:
         cfg["BLOCK_N"] //= 2             # SiLU keeps two fp32 accumulators: at most 128 registers a thread for them
@@ -835,11 +869,15 @@ test_fail(lambda: fit_shared_memory(dict(BLOCK_M=1024, BLOCK_N=1024, BLOCK_K=64)
 def epilogue_args(act: Activation | None,           # the gated activation, or None for a plain GEMM
                   bias: torch.Tensor | None,        # [E, N_w] expert bias, or None
                  ) -> dict:
-    "The epilogue's kernel arguments, by keyword: bias pointer and strides, `alpha`, `limit` and the three constexprs."
+    """The epilogue's kernel arguments, by keyword: bias pointer and strides, `alpha`, `limit` and the three constexprs.
+    Raises nothing of its own (AttributeError for an `act` that is not an `Activation` or a non-tensor `bias`): the
+    launchers check both first. Source: moe-lit's own."""
     return dict(bias_ptr=bias, **epilogue_constants(act, None if bias is None else bias.stride()))
 
 def epilogue_constants(act: Activation | None, bias_strides: tuple | None) -> dict:
-    "`epilogue_args` but the bias pointer, from the bias's strides (None: no bias): what a launch plan kept per shape holds."
+    """`epilogue_args` but the bias pointer, from the bias's strides (None: no bias): what a launch plan kept per shape
+    holds. Raises nothing of its own (AttributeError or IndexError for a bad `act` or fewer than two strides): callers
+    pass checked values. Source: moe-lit's own."""
     return dict(stride_be=bias_strides[0] if bias_strides else 0, stride_bn=bias_strides[1] if bias_strides else 0,
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias_strides is not None)
@@ -896,7 +934,9 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.dtype, t.data_ptr() & 15)
 
 def launch_key(args: tuple, kwargs: dict) -> tuple:
-    "A launch's key, finer than Triton's specialisation: tensors' dtype and address mod 16; other arguments' type and value; keyword names."
+    """A launch's key, finer than Triton's specialisation: tensors' dtype and address mod 16; other arguments' type and
+    value; keyword names. Raises nothing for a tuple and a dict (the key may hold unhashable values: the caller's lookup
+    raises TypeError then). Source: moe-lit's own (mirrors what Triton 3.6's `JITFunction.run` specialises on)."""
     vals = (*args, *kwargs.values())
     types = tuple(map(type, vals))
     where = _TENSOR_SLOTS.get(types)
@@ -917,7 +957,9 @@ def _launch_tail(kernel, nargs: int, kwargs: dict) -> tuple:
     return defaults, (operator.itemgetter(*names) if names else None), len(names)
 
 def launch_values(kernel, args: tuple, kwargs: dict) -> tuple:
-    "Every parameter's value in signature order, as the JIT hands them to the compiled kernel's launcher."
+    """Every parameter's value in signature order, as the JIT hands them to the compiled kernel's launcher. No checks:
+    AttributeError for a `kernel` that is not `@triton.jit`, KeyError naming a parameter that has neither an argument
+    nor a default. Source: moe-lit's own (Triton 3.6's JIT argument binding)."""
     defaults, get, n = _launch_tail(kernel, len(args), kwargs)
     tail = () if n == 0 else get({**defaults, **kwargs})
     return (*args, *((tail,) if n == 1 else tail))
@@ -948,7 +990,10 @@ _TAKES_PDL: dict = {}         # kernel -> whether its signature has the PDL cons
 _PDL_DEVICES: dict = {}       # device index -> whether it is sm_90 or newer
 
 def pdl_kwargs(kernel) -> dict:
-    "`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when PDL is on (or auto, in a one-chain layer's forward) and the GPU is sm_90+, else `{}`."
+    """`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when PDL is on (or auto, in a one-chain
+    layer's forward) and the GPU is sm_90+, else `{}`. Raises nothing of its own (`MOE_LIT_PDL` is checked at import by
+    `env_choice`). Source: CUDA's programmatic dependent launch, through Triton's `launch_pdl` launch option; the policy
+    is moe-lit's own."""
     if PDL is not True and not (PDL_IN_CHAIN and PDL == "auto"): return {}
     takes = _TAKES_PDL.get(kernel)
     if takes is None: takes = _TAKES_PDL[kernel] = "PDL" in getattr(kernel, "arg_names", ())
@@ -971,7 +1016,10 @@ def _check_grid(grid):
     _GRIDS.add(grid)
 
 def launch_kernel(kernel, grid: tuple):
-    "`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
+    """`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes
+    through Triton's JIT, later ones call the compiled kernel. ValueError naming `kernel` (not `@triton.jit`) or `grid`
+    (not a tuple of 1-3 ints >= 0); RuntimeError under Triton 3.6's interpreter with numpy >= 2.4. Source: moe-lit's own
+    (Triton 3.6's compiled-kernel launcher convention; timings in `nbs/bench/launch_key_cpu.log`)."""
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
     if getattr(kernel, "fn", None) is None:
         raise ValueError(f"kernel: expected a @triton.jit function, got {type(kernel).__name__}")
@@ -984,7 +1032,8 @@ def launch_kernel(kernel, grid: tuple):
 
 def fast_launch_on() -> bool:
     """Whether `launch_kernel` may call compiled kernels directly: `FAST_LAUNCH`, and nothing watching Triton's launches
-    (a replaced `JITFunction.run`, launch hooks, a profiler's instrumented binaries), which only the JIT's path serves."""
+    (a replaced `JITFunction.run`, launch hooks, a profiler's instrumented binaries), which only the JIT's path serves.
+    Raises nothing. Source: moe-lit's own (Triton's `triton.knobs` launch hooks and instrumentation mode)."""
     return FAST_LAUNCH and _JITFunction.run is _JIT_RUN and not (
         triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls
         or triton.knobs.compilation.instrumentation_mode)
@@ -1199,7 +1248,8 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     The workspace is fp32 `[SPLIT_K, num_tiles, 2, block_m, block_n]` (gate and up partials), the counters int32
     `[num_tiles]` zeros kept per stream (`arrival_counters`: the launch must leave them zero), both on `device`; neither
     is made without a split. ValueError naming `config['SPLIT_K']`
-    for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
+    for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`.
+    Source: moe-lit's own plumbing around `split_k_factor` (whose docstring gives the split's sources)."""
     if not isinstance(cfg, dict): raise ValueError(f"cfg: expected a dict (a resolved tile), got {type(cfg).__name__}")
     for name, v, lo in (("tiles_per_expert", tiles_per_expert, 1), ("active_experts", active_experts, 0),
                         ("k_tiles", k_tiles, 1), ("num_tiles", num_tiles, 0), ("block_m", block_m, 1), ("block_n", block_n, 1)):
@@ -1271,13 +1321,17 @@ def arrival_counters(n: int, device) -> torch.Tensor:
 def expert_slots(E: int,                    # experts of the launch (slabs)
                  max_active: int | None,    # a bound on the experts with rows, or None
                 ) -> tuple:                 # (slots on grid axis 1, COMPACT, BLOCK_E)
-    "The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer; ValueError on a non-int or negative E or bound."
+    """The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer;
+    ValueError on a non-int or negative E or bound. (The bound is named `max_active_experts`, as the launchers call it.)
+    Source: moe-lit's own."""
     check_int("E", E, lo=0)
     if max_active is None or check_int("max_active_experts", max_active, lo=0) >= E: return E, False, 1
     return max(1, max_active), True, _next_pow2(E)
 
 def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, validate: bool):
-    "A caller's bound on the experts with rows: an int >= 0, checked against the counts on the host when `validate` (one sync)."
+    """A caller's bound on the experts with rows: an int >= 0, checked against the counts on the host when `validate`
+    (one sync). `expert_num_tokens` is `[E]` int. ValueError naming `validate` (not a bool) or `max_active_experts` (not
+    an int, negative, or with `validate` fewer than the experts with rows). Source: moe-lit's own."""
     check_bool("validate", validate)
     if max_active is None: return None
     check_int("max_active_experts", max_active, lo=0)
@@ -1340,7 +1394,12 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
                      active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
                      max_active_experts: int | None = None,  # a bound on the experts with rows: the grid's expert slots
                     ) -> torch.Tensor:                  # `out`
-    "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ + bias[e])`, fp32 accumulation (the batched-experts contract)."
+    """Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ + bias[e])`, fp32 accumulation (the batched-experts
+    contract). ValueError naming the argument: `a`, `w`, `expert_num_tokens`, `out`, `bias` (shape, dtype, device,
+    overlap), `activation`, `expected_m`, `active_experts`, `max_active_experts`, `validate`, `config`; with `validate`,
+    counts outside [0, max_tokens]; any per-expert extent >= 2^31 elements. Source: vLLM's
+    `invoke_moe_batched_triton_kernel` / `batched_triton_kernel` (experts/fused_batched_moe.py), redone as the
+    Motivation describes."""
     E, M, K, N, n_out, act = _check_gemm_args(a, w, expert_num_tokens, activation, out, bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
@@ -1425,7 +1484,9 @@ def _batched_tile(E, N, K, expected_m, dtype, gated, config_items, config_dir) -
 # %%
 #| export
 def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
-    "Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1)."
+    """Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1). `a [E, M,
+    K]`, `w [E, N, K]` in `dtype`, counts int32 `[len(counts)]`, on `device` (default `DEVICE`). No checks: torch's
+    RuntimeError for a negative size; counts are not compared with E or M. Source: moe-lit's own."""
     g, device = torch.Generator().manual_seed(seed), device or DEVICE
     a = torch.randn(E, M, K, generator=g).to(device=device, dtype=dtype)
     w = (torch.randn(E, N, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
@@ -1444,7 +1505,9 @@ GEMM_CASES = [
 #| export
 def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None,
                        bias_dtype=None, max_active=None):
-    "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
+    """Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body).
+    Returns the output `[E, M, N or N/2]`. AssertionError on a mismatch or a written padding row; ValueError from
+    `batched_moe_gemm` for bad arguments. Source: moe-lit's own (padding rows poisoned with `poison`)."""
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
     device = a.device
     bias = None if bias_dtype is None else \
@@ -1504,6 +1567,10 @@ gate, up = pre[..., :6].clamp(max=0.5), pre[..., 6:].clamp(-0.5, 0.5)
 want = (up + 1) * gate * torch.sigmoid(1.702 * gate)
 got = batched_gemm_reference(a, w, cnt, Activation("swigluoai", limit=0.5), bias=b)
 assert_close(got[0], want[0]); assert_close(got[1, :2], want[1, :2]); assert got[1, 2:].isnan().all()
+for bad in ([-1, 2], [5, 6]):                      # -1 would slice all but the last row; 6 would be cut to 5
+    test_fail(lambda: batched_gemm_reference(a, w, torch.tensor(bad, dtype=torch.int32)),
+              contains=f"expert_num_tokens: expected counts in [0, 5] (max_tokens), got {bad}")
+test_fail(lambda: batched_gemm_reference(a, w, cnt[:1]), contains="expert_num_tokens: expected shape [2]")
 
 # %% [markdown]
 # The tensor-descriptor kernel is checked the same way, forced on through the tile (it runs in the interpreter too).
@@ -1654,7 +1721,9 @@ assert check_launch_keys(seen) > 10 * len(seen)
 # %%
 #| export
 class BatchedTritonExperts:
-    "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
+    """Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only. Stateless:
+    construction takes nothing and raises nothing; `apply` checks its arguments. Source: vLLM's `BatchedTritonExperts`
+    (experts/fused_batched_moe.py), with the activation fused into GEMM1's epilogue."""
     activation_format = ActivationFormat.BatchedExperts
 
     def apply(self, a: torch.Tensor,                   # [E, max_tokens, H]
@@ -1670,7 +1739,11 @@ class BatchedTritonExperts:
               active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
               max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
-        "Run the experts on the valid rows of each slab (the two launches share the count validation)."
+        """Run the experts on the valid rows of each slab (the two launches share the count validation). Returns `out
+        [E, max_tokens, H]` in `a`'s dtype. ValueError naming `a`, `w13` (odd rows too), `w2`, `activation`, `w13_bias`,
+        `w2_bias`, `out`, and through `batched_moe_gemm` `expert_num_tokens` (with `validate`, counts outside [0,
+        max_tokens]), `expected_m`, `active_experts`, `max_active_experts`. Source: vLLM's `BatchedTritonExperts.apply`
+        (GEMM1, activation, GEMM2; experts/fused_batched_moe.py)."""
         check_tensor("a", a, ndim=3, dtype=_FLOATS)
         check_tensor("w13", w13, shape=(a.shape[0], None, a.shape[2]), dtype=a.dtype)      # named here, not as GEMM1's `w`
         if w13.shape[1] % 2: raise ValueError(f"w13: expected gate and up rows (an even 2·intermediate_size), got shape {list(w13.shape)}")

@@ -78,7 +78,10 @@ def moe_align_block_size_reference(topk_ids: torch.Tensor,     # [T, top_k] int3
                                    num_experts: int,           # global experts (ids are < num_experts)
                                    expert_map: torch.Tensor | None = None,  # [num_experts] int32 global -> local/-1
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Spec: `(sorted_token_ids, expert_ids, num_tokens_post_padded)` with pairs in ascending (expert, pair) order."
+    """Spec: `(sorted_token_ids, expert_ids, num_tokens_post_padded)` with pairs in ascending (expert, pair) order. All
+    int32, on the CPU. ValueError naming `topk_ids` (rank, dtype, ids outside [-1, num_experts)), `block_size`,
+    `num_experts` or `expert_map` (shape, dtype, not one rank's map). Source: vLLM's `moe_align_block_size`
+    (fused_moe/moe_align_block_size.py), its `ignore_invalid_experts=False` mode: count globally, then map to local."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map)
     n, sentinel = topk_ids.numel(), topk_ids.numel()
     flat = topk_ids.reshape(-1).long().cpu()
@@ -210,7 +213,8 @@ def plot_aligned_layout(sorted_token_ids: torch.Tensor,  # [max_padded] int32
                         expert_ids: torch.Tensor,        # [num_blocks] int32
                         num_tokens_post_padded,          # [1] int32 tensor or int
                         block_size: int, num_pairs: int, title: str = ""):
-    "Strip of the sorted, padded positions: colour = block's expert, grey = sentinel; returns the Figure."
+    """Strip of the sorted, padded positions: colour = block's expert, grey = sentinel; returns the Figure. No argument
+    checks: ImportError without matplotlib, ZeroDivisionError for `block_size` 0. Source: moe-lit's own."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = int(num_tokens_post_padded)
@@ -243,7 +247,9 @@ plot_aligned_layout(*moe_align_block_size_reference(demo_ids, 4, 5), block_size=
 # %%
 #| export
 def check_alignment(topk_ids, block_size, num_experts, expert_map=None):
-    "Compare `moe_align_block_size` with its spec through order-free invariants (the test body)."
+    """Compare `moe_align_block_size` with its spec through order-free invariants (the test body). Returns the kernel's
+    `(sorted_token_ids, expert_ids, num_tokens_post_padded)` on the CPU. AssertionError on a broken invariant;
+    ValueError from the alignment for bad arguments. Source: moe-lit's own."""
     s, e, n = moe_align_block_size(topk_ids, block_size, num_experts, expert_map)
     rs, re_, rn = moe_align_block_size_reference(topk_ids.cpu(), block_size, num_experts,
                                                  None if expert_map is None else expert_map.cpu())
@@ -332,7 +338,10 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
                     expert_map: torch.Tensor | None = None,  # [num_experts] int32, global -> local or -1
                     validate: bool = True,      # check the id range on the host (one sync)
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "One block per (token, k) pair, in one launch: `(sorted_token_ids, expert_ids, num_tokens_post_padded)`."
+    """One block per (token, k) pair, in one launch: `(sorted_token_ids, expert_ids, num_tokens_post_padded)`. All
+    int32: `[max(1, T·top_k)·block_size]`, `[max(1, T·top_k)]`, `[1]`. ValueError naming `topk_ids`, `block_size`,
+    `num_experts` or `expert_map`, as `moe_align_block_size`. Source: vLLM's naive block assignment
+    (`naive_block_assignment` in fused_moe.py: block `p` holds pair `p` alone)."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
     dev, n = topk_ids.device, topk_ids.numel()
     sorted_ids = torch.empty(max(1, n) * block_size, dtype=torch.int32, device=dev)
@@ -559,7 +568,12 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
                    bias: torch.Tensor | None = None, # [E_local, N] bf16/fp16/fp32: fp32 add before act / router weight
                    active_experts: int | None = None,  # expected local experts with pairs (split-K; default min(E, pairs))
                   ) -> torch.Tensor:
-    "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[e]ᵀ + bias[e])`, e = expert(block) (vLLM's fused_moe_kernel)."
+    """Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[e]ᵀ + bias[e])`, e = expert(block) (vLLM's
+    fused_moe_kernel). ValueError naming the argument: `a`, `w` (odd N when gated), `out`, `bias`, the layout
+    (`sorted_token_ids`, `expert_ids`, `num_tokens_post_padded`: `check_aligned_args`), `top_k`, `block_m`,
+    `weight_stage`, `topk_weights`, `activation`, `rows`, `config`, `expected_m`, `active_experts`, or a tensor on
+    another device. The layout's values are not read on the host: blocks whose expert is outside [0, E_local) are
+    skipped."""
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_tensor("w", w, shape=(None, None, a.shape[1]), dtype=a.dtype)
     check_kernel_device("a", a, w=w, out=out, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids,
@@ -673,7 +687,11 @@ def _fused_tile(E, N, K, expected_m, dtype, block_m, gated, config_items, config
 def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs,
                         gated: bool = False):       # a gated activation is fused: the router weight cannot go on its output
-    "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes (devices: the caller's `check_kernel_device`)."
+    """The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes (devices: the
+    caller's `check_kernel_device`). ValueError naming `top_k`, `block_m`, `weight_stage` ('output' with `gated` too),
+    `sorted_token_ids` (dtype, contiguity, a length that does not fit `num_pairs`), `expert_ids`,
+    `num_tokens_post_padded` or `topk_weights`. Source: moe-lit's own checks of vLLM's aligned layout
+    (`moe_align_block_size`'s outputs)."""
     check_int("top_k", top_k, lo=1); check_block_m(block_m)
     check_choice("weight_stage", weight_stage, (None, "input", "output"))
     if gated and weight_stage == "output":
@@ -696,13 +714,15 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
         check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
 
 def check_local_ids(local_ids: torch.Tensor, num_local: int, validate: bool):
-    "With `validate`, local ids in [-1, num_local) (one host sync); the experts' hot paths pass False."
+    """With `validate`, local ids in [-1, num_local) (one host sync); the experts' hot paths pass False. ValueError
+    naming `validate` (not a bool) or `local_ids`. Source: moe-lit's own."""
     check_bool("validate", validate)
     if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= num_local)).any():
         raise ValueError(f"local_ids: expected values in [-1, {num_local}), got {local_ids.min().item()}..{local_ids.max().item()}")
 
 def check_block_m(block_m) -> int:
-    "BLOCK_M of the alignment and the GEMM: a power of two, at least 16 for the tensor cores (1 in the interpreter)."
+    """BLOCK_M of the alignment and the GEMM: a power of two, at least 16 for the tensor cores (1 in the interpreter).
+    At most 256. ValueError naming `block_m`. Source: moe-lit's own (`tl.dot`'s 16-row minimum on a GPU)."""
     check_int("block_m", block_m, lo=16 if not INTERPRET else 1, hi=257)
     if block_m & (block_m - 1): raise ValueError(f"block_m: expected a power of two, got {block_m}")
     return block_m
@@ -828,7 +848,9 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
 # %%
 #| export
 class TritonExperts:
-    "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
+    """Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum
+    over slots. Construction takes nothing and raises nothing; `apply` checks its arguments (and `combine_in_gemm2`).
+    Source: vLLM's `TritonExperts` (fused_moe.py's `fused_moe_kernel` path), with the activation fused into GEMM1."""
     activation_format = ActivationFormat.Standard
     pair_blocks_max_pairs = 32          # at most this many (token, k) pairs: one block per pair, no alignment
     combine_in_gemm2 = "auto"           # on pair blocks GEMM2 sums the slots (no launch of its own): "auto" (without
@@ -851,7 +873,8 @@ class TritonExperts:
               addend: torch.Tensor | None = None,  # [T, H] hidden's dtype: the shared experts' output, in the fp32 sum
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         """This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids, and on a
-        `combine_in_gemm2` other than "auto", "always" or "never"."""
+        `combine_in_gemm2` other than "auto", "always" or "never". Source: vLLM's `TritonExperts.apply` (align, GEMM1,
+        activation, GEMM2 with `MUL_ROUTED_WEIGHT`, `moe_sum`; fused_moe.py)."""
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
         if hidden.shape[1] == 0: raise ValueError("hidden: expected at least one column (hidden_size >= 1), got 0")
         check_tensor("w13", w13, shape=(None, None, hidden.shape[1]), dtype=hidden.dtype)

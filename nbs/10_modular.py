@@ -54,7 +54,10 @@ import copy, pickle
 #| export
 @dataclass
 class Prepared:
-    "The output of `prepare`: the activations in the prepare/finalize's format plus what finalize needs."
+    """The output of `prepare`: the activations in the prepare/finalize's format plus what finalize needs. Raises
+    nothing: a plain dataclass, not checked at construction; a finalize checks it against the experts' output
+    (`prepared`, `expert_out`, `prepared.topk_weights`, `prepared.slot_map`). Source: vLLM's `PrepareResultType` (`(a1q,
+    a1q_scale, ExpertTokensMetadata, topk_ids, topk_weights)`, fused_moe/modular_kernel.py), as one record."""
     format: ActivationFormat
     a: torch.Tensor                          # Standard: [T, H]; BatchedExperts: [E_local, max_tokens, H]
     topk_weights: torch.Tensor               # [T, top_k] fp32
@@ -89,7 +92,10 @@ class Prepared:
 # %%
 #| export
 def check_prepare_args(hidden, topk_weights, topk_ids, placement):
-    "What every prepare needs: `hidden [T, H]` float, `topk_ids` and `topk_weights [T, top_k]`, a Placement."
+    """What every prepare needs: `hidden [T, H]` float, `topk_ids` and `topk_weights [T, top_k]`, a Placement.
+    `topk_ids` int32/int64, `topk_weights` fp32. ValueError naming `hidden`, `topk_ids`, `topk_weights` or `placement`;
+    metadata only (no id range: that is the placement's `local_slot`). Source: moe-lit's own, for the arguments of
+    vLLM's `FusedMoEPrepareAndFinalize.prepare`."""
     from moe_lit.placement import Placement
     check_tensor("hidden", hidden, ndim=2, dtype=FLOAT_DTYPES)
     check_tensor("topk_ids", topk_ids, shape=(hidden.shape[0], None), dtype=(torch.int32, torch.int64))
@@ -101,7 +107,10 @@ def check_prepare_args(hidden, topk_weights, topk_ids, placement):
 def expected_load(topk_ids: torch.Tensor,   # [T, top_k] this rank's routing (only its shape is read: no sync)
                   placement,                # the Placement: global and local expert counts
                  ) -> dict:                 # Prepared's `expected_m`, `active_experts` and `max_active_experts`
-    "What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert, local experts with rows, their bound."
+    """What the kernels' tile choices assume of a batch, from shapes alone: rows per local expert, local experts with
+    rows, their bound. ValueError naming `topk_ids` (not a 2-D tensor) or `placement` (not a Placement). Source:
+    moe-lit's own (uniform routing; vLLM looks tiles up by the padded capacity instead,
+    `BatchedTritonExperts.apply`)."""
     from moe_lit.placement import Placement
     check_tensor("topk_ids", topk_ids, ndim=2)
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
@@ -151,7 +160,9 @@ def _check_shared(shared, T: int, H: int, like: torch.Tensor):
     if shared.device != like.device: raise ValueError(f"shared: expected device {like.device}, got {shared.device}")
 
 class StandardPrepareFinalize:
-    "No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows."
+    """No dispatch: the flat token list with this rank's local ids; finalize returns the experts' summed rows.
+    ValueError at construction naming `topk_indices_dtype` (int32 or int64), `validate` or `use_triton` (bools). Source:
+    vLLM's `MoEPrepareAndFinalizeNoDPEPModular` (fused_moe/prepare_finalize/no_dp_ep.py), without its quantization."""
     activation_format = ActivationFormat.Standard
     output_is_reduced = False
     adds_shared = True             # finalize takes the shared experts' output and adds it
@@ -166,7 +177,10 @@ class StandardPrepareFinalize:
         self.use_triton = check_bool("use_triton", use_triton)
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
-        "`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`."
+        """`Prepared` with `a = hidden` (not copied, not modified) and `local_ids = placement.local_slot(topk_ids)`.
+        ValueError naming `hidden`, `topk_ids`, `topk_weights`, `placement` (`check_prepare_args`),
+        `apply_router_weight_on_input`, and with `validate` ids outside [-1, num_experts) (`topk_ids`). Source: vLLM's
+        `MoEPrepareAndFinalizeNoDPEPModular.prepare` (no_dp_ep.py)."""
         check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
@@ -187,7 +201,10 @@ class StandardPrepareFinalize:
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
-        "The Standard experts already weighted and summed each token's slots: `[T, H]` as it is (plus `shared`)."
+        """The Standard experts already weighted and summed each token's slots: `[T, H]` as it is (plus `shared`).
+        ValueError naming `prepared` (not a Standard Prepared, a bad `hidden_size`), `expert_out` (shape, dtype,
+        device), `prepared.topk_weights` or `shared` (not `[T, H]` in the experts' dtype and device). Source: vLLM's
+        no-DP/EP finalize, where `TritonExperts`' `TopKWeightAndReduceNoOP` leaves the summed rows as they are."""
         _check_prepared(prepared, self.activation_format, expert_out)
         _check_shared(shared, expert_out.shape[0], prepared.hidden_size or expert_out.shape[1], expert_out)
         return self._finalize(expert_out, prepared, shared)
@@ -201,7 +218,8 @@ class StandardPrepareFinalize:
 def check_quant_block(quant_block) -> tuple | None:
     """`quant_block` — None, or `(1, group)` of ints with `group` a power of two in [32, 65536] (the activation
     quantizer's widest group): the scale groups of rows sent as FP8 (`dispatch_quantization`'s block) — returned as it
-    is; ValueError naming it otherwise."""
+    is; ValueError naming it otherwise. Source: moe-lit's own; DeepEP LL's FP8 dispatch in 1×128 groups
+    (vLLM's `DeepEPLLPrepareAndFinalize`) is the usual value."""
     if quant_block is not None and not (isinstance(quant_block, tuple) and len(quant_block) == 2
                                         and type(quant_block[0]) is int and quant_block[0] == 1
                                         and type(quant_block[1]) is int and 32 <= quant_block[1] <= 65536
@@ -211,7 +229,10 @@ def check_quant_block(quant_block) -> tuple | None:
     return quant_block
 
 class BatchedPrepareFinalize:
-    "In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract)."
+    """In-process dispatch into per-expert slabs and the weighted combine (the DeepEP-LL / NIXL EP contract). ValueError
+    at construction naming `max_num_tokens_per_rank`, `num_dispatchers`, `padded_hidden_size` (ints >= 1), `use_triton`,
+    `validate` (bools), `topk_indices_dtype`, or `quant_block` (bad, or given without `use_triton`). Source: vLLM's
+    `BatchedPrepareAndFinalize` (fused_moe/prepare_finalize/batched.py)."""
     activation_format = ActivationFormat.BatchedExperts
     output_is_reduced = False
     adds_shared = True             # finalize takes the shared experts' output: on Triton, in the combine's own sum
@@ -231,7 +252,11 @@ class BatchedPrepareFinalize:
         self.validate = check_bool("validate", validate)
 
     def prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input=False) -> Prepared:
-        "Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation."
+        """Slabs `[E_local, max_num_tokens_per_rank · num_dispatchers, H]` through the placement's id translation.
+        ValueError naming `hidden`, `topk_ids`, `topk_weights`, `placement` (`check_prepare_args`),
+        `apply_router_weight_on_input`, `hidden` again (more columns than `padded_hidden_size`; on Triton a dtype the
+        dispatch does not take), and with `validate` ids out of range or a slab overflow (`max_tokens`). Source: vLLM's
+        `BatchedPrepareAndFinalize.prepare` (batched.py: each expert's pairs in token order)."""
         check_prepare_args(hidden, topk_weights, topk_ids, placement)
         check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
         return self._prepare(hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
@@ -296,7 +321,10 @@ class BatchedPrepareFinalize:
 
     def finalize(self, expert_out: torch.Tensor, prepared: Prepared,
                  shared: torch.Tensor | None = None) -> torch.Tensor:   # [T, H] the shared experts' output, added
-        "Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32 (with `shared`, on Triton in the same sum)."
+        """Each pair's row back to its token, weighted (unless applied at dispatch) and summed in fp32 (with `shared`,
+        on Triton in the same sum). `[T, hidden_size]` in the experts' dtype. ValueError naming `prepared`,
+        `expert_out`, `prepared.topk_weights`, `prepared.slot_map` (shape, dtype, device) or `shared`; metadata only.
+        Source: vLLM's `TopKWeightAndReduceNaiveBatched`, the finalize of `BatchedPrepareAndFinalize`."""
         _check_prepared(prepared, self.activation_format, expert_out)
         _check_shared(shared, prepared.topk_weights.shape[0], prepared.hidden_size or expert_out.shape[2], expert_out)
         return self._finalize(expert_out, prepared, shared)            # (a hand-built Prepared may not say its width)
@@ -337,26 +365,42 @@ class BatchedPrepareFinalize:
 # %%
 #| export
 class TorchStandardExperts:
-    "Standard-format experts, torch reference: per local expert, gather its pairs, run it, weighted-add."
+    """Standard-format experts, torch reference: per local expert, gather its pairs, run it, weighted-add. Stateless:
+    construction raises nothing. Source: moe-lit's own reference (`05_formats.moe_reference_standard`) in the role of
+    vLLM's Standard `FusedMoEPermuteExpertsUnpermute` (modular_kernel.py)."""
     activation_format = ActivationFormat.Standard
     def apply(self, prepared: Prepared, w13: torch.Tensor, w2: torch.Tensor, w13_bias=None, w2_bias=None,
               activation: Activation = SILU) -> torch.Tensor:
+        """`[T, H]` in `prepared.a`'s dtype: `moe_reference_standard` on the prepared rows and local ids. ValueError
+        naming `w13` (holding another number of experts than the prepared rows' local experts) or, from
+        `moe_reference_standard`, `w2`, the biases or `activation`; AttributeError for a `prepared` that is not a
+        Prepared (its format is ModularKernel's check). Source: moe-lit's own reference (`05_formats`)."""
+        _check_holds_local_experts(prepared, w13)
         return moe_reference_standard(prepared.a, w13, w2, prepared.topk_weights, prepared.local_ids,
                                       apply_router_weight_on_input=prepared.apply_router_weight_on_input,
                                       w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
     def workspace_shapes(self, T, H, I, top_k, E_local, max_tokens=None):
-        "Shapes of (intermediate, per-expert output, result): `[T·top_k, I]`, `[T·top_k, H]`, `[T, H]`."
+        """Shapes of (intermediate, per-expert output, result): `[T·top_k, I]`, `[T·top_k, H]`, `[T, H]`. No checks;
+        raises nothing of its own (integer arithmetic on its arguments). Source: vLLM's `workspace_shapes`
+        (modular_kernel.py), which returns (workspace13, workspace2, output)."""
         return (T * top_k, I), (T * top_k, H), (T, H)
 
 class TorchBatchedExperts:
-    "Batched-format experts, torch reference: each expert on the valid rows of its slab."
+    """Batched-format experts, torch reference: each expert on the valid rows of its slab. Stateless: construction
+    raises nothing. Source: vLLM's `NaiveBatchedExperts` (experts/fused_batched_moe.py), here
+    `05_formats.experts_reference_batched`."""
     activation_format = ActivationFormat.BatchedExperts
     def apply(self, prepared: Prepared, w13: torch.Tensor, w2: torch.Tensor, w13_bias=None, w2_bias=None,
               activation: Activation = SILU) -> torch.Tensor:
+        """`[E_local, max_tokens, H]` in `prepared.a`'s dtype, padding rows NaN. ValueError from
+        `experts_reference_batched` naming `a` (a Standard Prepared's 2-D rows too), `expert_num_tokens`, `w13`, `w2` or
+        the biases. Source: vLLM's `NaiveBatchedExperts.apply` (per-expert loop, fused_batched_moe.py)."""
         return experts_reference_batched(prepared.a, prepared.expert_num_tokens, w13, w2, w13_bias=w13_bias,
                                          w2_bias=w2_bias, activation=activation)
     def workspace_shapes(self, T, H, I, top_k, E_local, max_tokens):
-        "Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`."
+        """Shapes of (intermediate, output, result): `[E_local, max_tokens, I]`, `[E_local, max_tokens, H]`, `[T, H]`.
+        No checks; raises nothing of its own (integer arithmetic on its arguments). Source: vLLM's `workspace_shapes`
+        (modular_kernel.py), which returns (workspace13, workspace2, output)."""
         return (E_local, max_tokens, I), (E_local, max_tokens, H), (T, H)
 
 # %% [markdown]
@@ -371,13 +415,17 @@ def _check_fits_prepared(prepared, w13):
     """What every Triton adapter not owned by a layer checks of its weights against the prepared rows, trusted or not
     (metadata only): they hold the rows' local experts — fewer would be read past their end (a batched slab per expert)
     or drop pairs (Standard ids past them) — and take the prepare's FP8 groups (`_check_prepared_groups`)."""
+    _check_holds_local_experts(prepared, w13)
+    _check_prepared_groups(prepared, w13)
+
+def _check_holds_local_experts(prepared, w13):
+    "ValueError naming `w13` when the weights hold another number of experts than the prepared rows' (metadata only)."
     want = prepared.num_local_experts
     if want is None and prepared.format is ActivationFormat.BatchedExperts: want = prepared.a.shape[0]
     held = w13.num_experts if isinstance(w13, QuantizedExpertWeights) else \
         w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else None   # (anything else: named later)
     if want is not None and held is not None and held != want:
         raise ValueError(f"w13: expected the weights of the prepared rows' {want} local experts, got {held}")
-    _check_prepared_groups(prepared, w13)
 
 def _check_trusted_weights(a: torch.Tensor, w13, w2):
     "What trusted experts still check of their weights each call, metadata only: shapes against the prepared `a`, dtype, device."
@@ -394,7 +442,8 @@ def _check_trusted_weights(a: torch.Tensor, w13, w2):
         if t.device != a.device: raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
 
 class TritonExpertsAdapter(TorchStandardExperts):
-    "Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`)."
+    """Standard-format experts on Triton (`08_kernels.contiguous.TritonExperts`). Construction raises nothing; `apply`
+    checks. Source: moe-lit's adapter to vLLM's `TritonExperts` (fused_moe.py)."""
     trusted = False     # True (`make_experts(..., trusted=True)`): the caller's weights were checked once, at its
                         # construction, and its prepare built the rest: the launches skip the per-call checks but
                         # the weights' shapes, dtype and device (`_check_trusted_weights`, metadata only)
@@ -402,6 +451,10 @@ class TritonExpertsAdapter(TorchStandardExperts):
     adds_shared = True  # `apply` takes the shared experts' output (`shared`): trusted or not, the same arithmetic
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):   # (adds_shared) added in the combine's fp32 sum; `join` before that launch
+        """`[T, H]`: `TritonExperts` on the prepared rows, plus `shared [T, H]` in its fp32 sum. ValueError naming `w13`
+        (not the prepared rows' local experts), `quant_block` (FP8 rows for these weights), and `TritonExperts.apply`'s
+        own; trusted, only the weights' metadata (`_check_trusted_weights`), and in an owning ModularKernel nothing per
+        call. Source: vLLM's `TritonExperts.apply` through the modular experts interface (modular_kernel.py)."""
         from moe_lit.kernels.contiguous import TritonExperts
         if not self.weights_checked: _check_fits_prepared(prepared, w13)
         if self.trusted:
@@ -420,9 +473,14 @@ class TritonExpertsAdapter(TorchStandardExperts):
         return out
 
 class BatchedTritonExpertsAdapter(TorchBatchedExperts):
-    "Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`)."
+    """Batched-format experts on Triton (`06_kernels.batched.BatchedTritonExperts`). Construction raises nothing;
+    `apply` checks. Source: moe-lit's adapter to vLLM's `BatchedTritonExperts` (experts/fused_batched_moe.py)."""
     trusted = weights_checked = False     # as TritonExpertsAdapter's
     def apply(self, prepared, w13, w2, w13_bias=None, w2_bias=None, activation: Activation = SILU):
+        """`[E_local, max_tokens, H]`: `BatchedTritonExperts` on the prepared slabs (counts not re-validated: the
+        dispatch clamps them). ValueError naming `w13` (not the slabs' experts), `quant_block`, and
+        `BatchedTritonExperts.apply`'s own; trusted, only the weights' metadata. Source: vLLM's
+        `BatchedTritonExperts.apply` (experts/fused_batched_moe.py)."""
         from moe_lit.kernels.batched import BatchedTritonExperts
         if not self.weights_checked: _check_fits_prepared(prepared, w13)
         if self.trusted:
@@ -450,12 +508,17 @@ def _check_prepared_groups(prepared, w13):
                          f"{w13.block_shape[1]}), got {sc.shape[-1]} scales for {a.shape[-1]} columns")
 
 class TritonQuantExpertsAdapter(TorchStandardExperts):
-    "Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the QuantizedExpertWeights, `w2` None."
+    """Standard-format experts on quantized weights (`09d_kernels.quant_experts.TritonQuantExperts`): `w13` is the
+    QuantizedExpertWeights, `w2` None. Construction raises nothing; `apply` checks. Source: moe-lit's adapter; vLLM's
+    counterpart is `TritonExperts` with a quantized `FusedMoEQuantConfig` (fused_moe.py)."""
     trusted = weights_checked = False     # as TritonExpertsAdapter's
     adds_shared = True                    # as TritonExpertsAdapter's
     takes_quantized_input = True          # FP8 rows with their scales (`13a`'s all-gather that quantizes before it sends)
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU,
               shared=None, join=None):
+        """`[T, H]` in the caller's dtype (`prepared.out_dtype` for FP8 rows). ValueError naming `w13` (not the prepared
+        rows' local experts; not a QuantizedExpertWeights: named `qw`), `quant_block`, and `TritonQuantExperts.apply`'s
+        own; trusted, only the weights' metadata. Source: vLLM's quantized `TritonExperts.apply` (fused_moe.py)."""
         from moe_lit.kernels.quant_experts import TritonQuantExperts
         if not self.weights_checked: _check_fits_prepared(prepared, w13)
         if self.trusted:
@@ -476,10 +539,15 @@ class TritonQuantExpertsAdapter(TorchStandardExperts):
         return out
 
 class BatchedTritonQuantExpertsAdapter(TorchBatchedExperts):
-    "Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the QuantizedExpertWeights."
+    """Batched-format experts on quantized weights (`09d_kernels.quant_experts.BatchedTritonQuantExperts`): `w13` is the
+    QuantizedExpertWeights. Construction raises nothing; `apply` checks. Source: moe-lit's adapter; vLLM's counterpart
+    is `BatchedTritonExperts` with a quantized config (experts/fused_batched_moe.py)."""
     trusted = weights_checked = False     # as TritonExpertsAdapter's
     takes_quantized_input = True          # FP8 slabs with their scales (a prepare that quantizes before dispatch)
     def apply(self, prepared, w13, w2=None, w13_bias=None, w2_bias=None, activation: Activation = SILU):
+        """`[E_local, max_tokens, H]` in the caller's dtype. ValueError naming `w13` (not the slabs' experts; not a
+        QuantizedExpertWeights: named `qw`), `quant_block`, and `BatchedTritonQuantExperts.apply`'s own; trusted, only
+        the weights' metadata. Source: vLLM's quantized `BatchedTritonExperts.apply` (experts/fused_batched_moe.py)."""
         from moe_lit.kernels.quant_experts import BatchedTritonQuantExperts
         a, quantized = prepared.a, prepared.a_scale is not None
         if not self.weights_checked: _check_fits_prepared(prepared, w13)
@@ -512,7 +580,10 @@ EXPERTS = {("torch", ActivationFormat.Standard): TorchStandardExperts,
 # %%
 #| export
 class SharedExperts(torch.nn.Module):
-    "The always-on experts as one gated SiLU MLP `w13 [2·I_s, H]` (gate then up), `w2 [H, I_s]`; optionally gated per token."
+    """The always-on experts as one gated SiLU MLP `w13 [2·I_s, H]` (gate then up), `w2 [H, I_s]`; optionally gated per
+    token. ValueError at construction naming `w13` (not 2-D float, odd or zero rows, zero columns), `w2` or `gate`
+    (shape, dtype, another device). Source: DeepSeekMoE's shared experts (arXiv:2401.06066); the sigmoid gate is
+    Qwen2-MoE's `shared_expert_gate` (transformers' `Qwen2MoeSparseMoeBlock`)."""
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor,
                  gate: torch.Tensor | None = None):   # [1, H]: output scaled by sigmoid(x · gateᵀ) (Qwen2-MoE)
         super().__init__()
@@ -638,7 +709,8 @@ class ModularKernel:
         QuantizedExpertWeights), `topk_weights [T, top_k]` fp32, `topk_ids [T, top_k]` int32/int64 global ids,
         `placement` this rank's Placement; `timings` (a dict) gets each stage's seconds, synchronized. Unless `owned`:
         ValueError naming `hidden`, `add_shared` or `w13` (not the placement's local expert count), and the
-        prepare/finalize's and experts' own errors."""
+        prepare/finalize's and experts' own errors. Source: vLLM's `FusedMoEModularKernel.forward`
+        (fused_moe/modular_kernel.py: prepare, experts, finalize; shared experts as in its older version)."""
         if not self.owned:
             check_bool("add_shared", add_shared)
             if not isinstance(hidden, torch.Tensor): raise ValueError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
@@ -1123,6 +1195,9 @@ for trusted in (False, True):                                       # adapters u
     for impl, w in (("triton", (w13[:2].to(DEVICE, torch.bfloat16), w2[:2].to(DEVICE, torch.bfloat16))), ("triton_quant", (few,))):
         test_fail(lambda: make_experts(StandardPrepareFinalize(), impl, trusted=trusted).apply(std, *w),
                   contains=f"w13: expected the weights of the prepared rows' {p.num_local_experts} local experts, got 2")
+std = StandardPrepareFinalize().prepare(hidden.cpu(), wts.cpu(), ids.cpu(), p)          # the torch reference names
+test_fail(lambda: TorchStandardExperts().apply(std, w13[:2].cpu(), w2[:2].cpu()),      # the weights too
+          contains=f"w13: expected the weights of the prepared rows' {p.num_local_experts} local experts, got 2")
 
 # %% [markdown]
 # Each stage can be timed (the distributed runs report dispatch, experts and combine per rank): pass a dict as

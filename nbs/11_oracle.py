@@ -39,7 +39,10 @@ from moe_lit.modular import make_prepare_finalize
 #| export
 @dataclass(frozen=True)
 class DeviceCaps:
-    "What the oracle needs to know about the device: kind, compute capability and the libraries installed."
+    """What the oracle needs to know about the device: kind, compute capability and the libraries installed. ValueError
+    at construction naming `kind` (not a str), `capability` (not None or an int pair; None exactly for 'cpu'),
+    `libraries` (not a frozenset of str) or `interpreter` (not a bool; True only for 'cpu'). Source: moe-lit's own, in
+    the place of the `current_platform` capability queries of vLLM's oracles."""
     kind: str                                  # 'cpu', 'a100', 'h100', 'h200', 'b200'
     capability: tuple | None                   # CUDA compute capability, None on the CPU
     libraries: frozenset = frozenset()         # optional kernel libraries installed (e.g. 'flashinfer', 'deep_gemm')
@@ -59,7 +62,9 @@ class DeviceCaps:
                              f"{self.interpreter!r} for {self.kind!r}")
 
     @property
-    def is_gpu(self) -> bool: return self.capability is not None
+    def is_gpu(self) -> bool:
+        "Whether this is a CUDA device (it has a compute capability). Raises nothing. Source: moe-lit's own."
+        return self.capability is not None
 
 DEVICES = {"cpu": DeviceCaps("cpu", None), "a100": DeviceCaps("a100", (8, 0)), "h100": DeviceCaps("h100", (9, 0)),
            "h200": DeviceCaps("h200", (9, 0)), "b200": DeviceCaps("b200", (10, 0))}
@@ -68,7 +73,9 @@ CPU_INTERPRETER = DeviceCaps("cpu", None, interpreter=True)   # Triton's kernels
 QUANT_SCHEMES = ("unquantized", *QUANT_SCHEME_TABLE)     # the schemes of `09_quant` (run by `09c_kernels.quant` and `09d_kernels.quant_experts`)
 
 def detect_device() -> DeviceCaps:
-    "The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here."
+    """The current machine's `DeviceCaps` (the first CUDA device, else the CPU), with the libraries importable here.
+    Raises nothing of its own (a GPU of no known kind is 'gpu'; torch's RuntimeError if the CUDA driver fails). Source:
+    moe-lit's own (`torch.cuda` queries, `importlib.util.find_spec`)."""
     import importlib.util
     libs = frozenset(l for l in ("flashinfer", "deep_gemm") if importlib.util.find_spec(l) is not None)
     if not torch.cuda.is_available(): return DeviceCaps("cpu", None, libs)
@@ -91,7 +98,9 @@ def detect_device() -> DeviceCaps:
 #| export
 @dataclass(frozen=True)
 class ExpertsBackend:
-    "One experts implementation the oracle can choose."
+    """One experts implementation the oracle can choose. Raises nothing: a frozen record, its fields not checked at
+    construction (the entries of `CANDIDATES` are fixed). Source: moe-lit's own; the backends vLLM's oracles choose
+    between (fused_moe/oracle/*.py)."""
     name: str
     activation_format: ActivationFormat
     quant_schemes: tuple
@@ -105,7 +114,9 @@ class ExpertsBackend:
     expert_bias: bool = True                  # adds w13_bias / w2_bias in its GEMMs
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
-        "Device and library predicates: `(ok, reason)` (the reason installing nothing can change comes first)."
+        """Device and library predicates: `(ok, reason)` (the reason installing nothing can change comes first). Raises
+        nothing for a `DeviceCaps` (AttributeError for anything else). Source: moe-lit's own; vLLM's
+        `_supports_current_device` and capability checks (`is_supported_config`, modular_kernel.py)."""
         if self.implementation == "external":
             lib = f" (the '{self.library}' library's)" if self.library else ""
             return False, f"external backend{lib}: moe-lit has no adapter for it yet"
@@ -159,7 +170,9 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
 #| export
 @dataclass(frozen=True)
 class Decision:
-    "The chosen backend and, for every candidate in priority order, `(name, accepted, reason)`."
+    """The chosen backend and, for every candidate in priority order, `(name, accepted, reason)`. Raises nothing: a
+    frozen record made by `select_experts_backend`, not checked at construction. Source: moe-lit's own (vLLM's oracles
+    return the backend alone and log their reasons)."""
     chosen: ExpertsBackend
     activation_format: ActivationFormat
     quant_scheme: str
@@ -167,7 +180,8 @@ class Decision:
     trace: tuple
 
     def table(self) -> str:
-        "The decision as a markdown table (the CLI and the notebook show it)."
+        """The decision as a markdown table (the CLI and the notebook show it). Raises nothing for a Decision of
+        `select_experts_backend`. Source: moe-lit's own."""
         rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else ('accepted' if ok else 'rejected')} | {r} |"
                 for n, ok, r in self.trace]
         return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}"
@@ -365,7 +379,9 @@ select_experts_backend(MoEConfig(128, 4, 3072, 2880, parallel=ParallelConfig.mak
 # %%
 #| export
 def plot_decisions(moe_config: MoEConfig | None = None, devices=("cpu", "a100", "h200", "b200")):
-    "Table figure: the chosen backend per (activation format, device) row and quant-scheme column. Returns the Figure."
+    """Table figure: the chosen backend per (activation format, device) row and quant-scheme column. Returns the Figure.
+    ValueError from `select_experts_backend` (a `moe_config` that is not a MoEConfig, or a cell no candidate runs);
+    KeyError for a device name not in `DEVICES`; ImportError without matplotlib. Source: moe-lit's own."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cfg = moe_config or MoEConfig(128, 4, 3072, 2880)

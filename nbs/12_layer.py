@@ -82,7 +82,12 @@ def _check_interpreter_switch():
 def resolve_experts(experts: str, activation_format: ActivationFormat, device: torch.device,
                     quant: str = "unquantized", config: MoEConfig | None = None, backend: str | None = None,
                    ) -> tuple[str, str]:
-    "`(implementation, reason)`: 'triton', 'triton_quant' or 'torch' for the requested `experts` ('auto', 'triton', 'torch')."
+    """`(implementation, reason)`: 'triton', 'triton_quant' or 'torch' for the requested `experts` ('auto', 'triton',
+    'torch'). ValueError naming `experts` (unknown; 'triton' for a float64 layer, on the CPU without the interpreter, on
+    a GPU that cannot run the kernels, or disagreeing with a forced `backend`), `config` (None with a `backend`),
+    `quant` (unknown; Triton quantized kernels on a layer that is not bf16/fp16), `TRITON_INTERPRET` (changed since the
+    kernels were imported), and `select_experts_backend`'s own (`backend`, `quant_scheme`). Source: vLLM's oracle entry
+    points (`select_*_moe_backend`, fused_moe/oracle/); the fallbacks without a GPU are moe-lit's own."""
     check_choice("experts", experts, ("auto", "triton", "torch")); quant = quant_scheme_name(quant)
     fmt, q = activation_format.value, quant != "unquantized"
     if experts == "triton" and config is not None and config.dtype == torch.float64:
@@ -425,12 +430,15 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
 #| export
 @patch
 def get_extra_state(self: FusedMoE) -> torch.Tensor:
-    "`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's `_extra_state`)."
+    """`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's
+    `_extra_state`). Raises nothing. Source: torch's `nn.Module.get_extra_state` hook."""
     return self._expert_ids.clone()            # the ids `_load_experts` loaded (on the host: a meta layer has them too)
 
 @patch
 def set_extra_state(self: FusedMoE, state) -> None:
-    "Nothing to set: the ids are the layer's own, and `load_state_dict`'s pre-hook has refused a state_dict of other experts."
+    """Nothing to set: the ids are the layer's own, and `load_state_dict`'s pre-hook has refused a state_dict of other
+    experts. Raises nothing (`state` is ignored); the pre-hook raises ValueError naming
+    `state_dict['<prefix>_extra_state']` for other ids. Source: torch's `nn.Module.set_extra_state` hook."""
 
 def _check_expert_ids(module, state_dict, prefix):
     "A state_dict's `_extra_state` must name the experts `module` holds (another EP rank's weights have the same shapes)."
@@ -856,7 +864,8 @@ def _apply(self: FusedMoE, fn, recurse=True):
 
 @patch
 def extra_repr(self: FusedMoE) -> str:
-    "What `print(layer)` shows: the sizes, this rank's experts and where they run (torch's module repr)."
+    """What `print(layer)` shows: the sizes, this rank's experts and where they run (torch's module repr). Raises
+    nothing. Source: torch's `nn.Module.extra_repr`."""
     c, p = self.config, self.placement
     return (f"num_experts={c.num_experts}, top_k={c.top_k}, hidden_size={c.hidden_size}, "
             f"intermediate_size={c.intermediate_size}, dtype={c.dtype}, format={c.activation_format.value}, "
@@ -1219,7 +1228,9 @@ class LaunchPlan:
             self.steps.append((kind == "direct", call, a, k, fill_a, fill_k, res))
 
     def replay(self, x: torch.Tensor) -> torch.Tensor:
-        "The forward's output for `x` (the recorded shape, strides and device)."
+        """The forward's output for `x` (the recorded shape, strides and device). No checks, raises nothing of its own
+        (a hot path): `FusedMoE` replays a plan only for an `x` whose `_plan_key` matches the recording; called directly
+        with another shape it runs the recorded launches unchecked. Source: moe-lit's own."""
         vals = [x]
         stream = self.stream()[1] if self.stream is not None else None
         for direct, call, a, k, fill_a, fill_k, res in self.steps:
@@ -2095,7 +2106,8 @@ for quant in ("unquantized", "nvfp4_w4a16"):       # an edit a counter saw, then
 #| export
 @dataclass
 class EPRun:
-    "Result of `run_emulated_ep`: outputs, checks and timings."
+    """Result of `run_emulated_ep`: outputs, checks and timings. Raises nothing: a record that `run_emulated_ep` fills,
+    not checked at construction. Source: moe-lit's own."""
     config: MoEConfig                 # the deployment as seen by rank 0
     placements: list                  # one Placement per rank
     topk_weights: torch.Tensor        # [T, top_k] fp32
@@ -2119,7 +2131,9 @@ def rank_config(config: MoEConfig, ep_rank: int,
                ) -> MoEConfig:
     """The config of EP rank `ep_rank` of `config`'s deployment (DP·PCP·TP devices, EP on), built with
     `ParallelConfig.make` from the config's own split; ValueError naming `ep_rank`, or `tp_size` when it is not the
-    config's (a TP+EP deployment with one DP rank moves no tokens; as DP ranks it would take the all2all)."""
+    config's (a TP+EP deployment with one DP rank moves no tokens; as DP ranks it would take the all2all), and
+    `config` when it is not a MoEConfig. Source: vLLM's `FusedMoEParallelConfig.make` (fused_moe/config.py: TP
+    flattened across DP and PCP, then the flat group as EP)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     p = config.parallel
     check_int("ep_rank", ep_rank, lo=0, hi=p.ep_size)
@@ -2194,7 +2208,8 @@ def kernels_spec_holds(quant: str,            # the experts' scheme
     """Whether `09d`'s spec of the quantized experts is a run's kernel semantics, so `reference_by_global_id` can give
     it: Triton quantized experts whose activation scales are each row's own (FP8 per group or per token) or that take
     16-bit activations (FP4). A per-tensor FP8 scale depends on which rows share a launch — each rank's, each expert
-    slab's in the batched format — so no spec of the whole batch holds for it."""
+    slab's in the batched format — so no spec of the whole batch holds for it. ValueError naming `quant` (unknown
+    scheme) or `implementation`. Source: moe-lit's own."""
     from moe_lit.quant_weights import ACTIVATION_GRANULARITY
     quant = quant_scheme_name(quant)
     check_choice("implementation", implementation, ("torch", "triton", "triton_quant"))

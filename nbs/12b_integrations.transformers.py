@@ -97,7 +97,10 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
                             transposed: bool = False,     # stored [E, in, out] (x @ W) instead of [E, out, in]
                             interleaved: bool = False,    # gate/up alternate along 2·I (gate even) instead of halves
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    "moe-lit's `(w13 [E, 2·I, H] gate then up, w2 [E, H, I], w13_bias [E, 2·I], w2_bias [E, H])`; a matching layout is returned as is."
+    """moe-lit's `(w13 [E, 2·I, H] gate then up, w2 [E, H, I], w13_bias [E, 2·I], w2_bias [E, H])`; a matching layout is
+    returned as is. ValueError naming `gate_up_proj` (not 3-D or floating point, an odd 2·I), `down_proj` (another
+    dtype, device or shape), `gate_up_proj_bias`, `down_proj_bias` (shape, device, not floating point), `transposed` or
+    `interleaved` (not bools)."""
     check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
     check_bool("transposed", transposed); check_bool("interleaved", interleaved)
     if not gate_up_proj.is_floating_point():
@@ -166,7 +169,8 @@ test_fail(lambda: convert_experts_weights(cat, down, None, torch.zeros(E, H, dty
 #| export
 @dataclass(frozen=True)
 class GateRule:
-    "A transformers experts gate that moe-lit reproduces: where the function lives and what it computes."
+    """A transformers experts gate that moe-lit reproduces: where the function lives and what it computes. Raises
+    nothing: a frozen record, not checked (a rule naming a missing function matches no module)."""
     module: str               # the transformers module that defines the function
     qualname: str             # the function's name in it (dotted for a method)
     activation: str           # moe-lit's Activation name
@@ -209,7 +213,8 @@ def _is_silu(act_fn) -> bool:
 #| export
 @dataclass(frozen=True)
 class ExpertsRecipe:
-    "What moe-lit runs for one transformers experts module."
+    """What moe-lit runs for one transformers experts module. Raises nothing: a frozen record, not checked at
+    construction; `experts_recipe` checks the module it describes."""
     activation: Activation    # the gated activation between the GEMMs
     transposed: bool          # the module stores [E, in, out] weights
     interleaved: bool         # the module's gate/up columns alternate
@@ -303,7 +308,8 @@ def _weight_key(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 def clear_cache() -> int:
-    "Drop every cached converted weight; returns the number of modules whose copies were dropped."
+    """Drop every cached converted weight; returns the number of modules whose copies were dropped. Raises nothing.
+    Source: moe-lit's own."""
     n = len(_CACHE)
     _CACHE.clear()
     return n
@@ -313,7 +319,9 @@ def clear_cache() -> int:
 def experts_weights(module: torch.nn.Module,     # a transformers experts module
                     recipe: ExpertsRecipe | None = None,  # experts_recipe(module), if already computed
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    "The module's `(w13, w2, w13_bias, w2_bias)` in moe-lit's layout, converted once per weight version."
+    """The module's `(w13, w2, w13_bias, w2_bias)` in moe-lit's layout, converted once per weight version. ValueError
+    from `experts_recipe` (naming the module's class) or `convert_experts_weights` (naming the tensor); a UserWarning,
+    once per module, for inference-tensor weights (converted at every call)."""
     recipe = experts_recipe(module) if recipe is None else recipe
     names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if recipe.has_bias else ())
     src = tuple(getattr(module, n) for n in names)
@@ -448,7 +456,9 @@ def register(name: str = "moe_lit") -> str:
 # %%
 #| export
 def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
-    "`{module name: recipe}` for every experts module of `model` that dispatches through the experts interface."
+    """`{module name: recipe}` for every experts module of `model` that dispatches through the experts interface.
+    ValueError from `experts_recipe`, naming the class of a module it cannot run. Source: transformers' experts
+    interface flags (`@use_experts_implementation`: `has_gate`, `is_transposed`, `is_concatenated`)."""
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 

@@ -323,6 +323,10 @@ def test_batched_gemm_reference_swigluoai():
     want = (up + 1) * gate * torch.sigmoid(1.702 * gate)
     got = batched_gemm_reference(a, w, cnt, Activation("swigluoai", limit=0.5), bias=b)
     assert_close(got[0], want[0]); assert_close(got[1, :2], want[1, :2]); assert got[1, 2:].isnan().all()
+    for bad in ([-1, 2], [5, 6]):                      # -1 would slice all but the last row; 6 would be cut to 5
+        test_fail(lambda: batched_gemm_reference(a, w, torch.tensor(bad, dtype=torch.int32)),
+                  contains=f"expert_num_tokens: expected counts in [0, 5] (max_tokens), got {bad}")
+    test_fail(lambda: batched_gemm_reference(a, w, cnt[:1]), contains="expert_num_tokens: expected shape [2]")
 
 
 def test_batched_gemm_tma_kernel():

@@ -316,6 +316,9 @@ def test_fp8_before_dispatch():
         for impl, w in (("triton", (w13[:2].to(DEVICE, torch.bfloat16), w2[:2].to(DEVICE, torch.bfloat16))), ("triton_quant", (few,))):
             test_fail(lambda: make_experts(StandardPrepareFinalize(), impl, trusted=trusted).apply(std, *w),
                       contains=f"w13: expected the weights of the prepared rows' {p.num_local_experts} local experts, got 2")
+    std = StandardPrepareFinalize().prepare(hidden.cpu(), wts.cpu(), ids.cpu(), p)          # the torch reference names
+    test_fail(lambda: TorchStandardExperts().apply(std, w13[:2].cpu(), w2[:2].cpu()),      # the weights too
+              contains=f"w13: expected the weights of the prepared rows' {p.num_local_experts} local experts, got 2")
 
 
 def test_modular_stage_timings():

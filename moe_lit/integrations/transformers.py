@@ -16,7 +16,7 @@ from ..formats import Activation, moe_reference_standard, gate_up_from_interleav
 __all__ = ['GATE_RULES', 'BUILTIN_EXPERTS', 'convert_experts_weights', 'GateRule', 'ExpertsRecipe', 'experts_recipe',
            'clear_cache', 'experts_weights', 'moe_lit_experts_forward', 'register', 'experts_recipes', 'check_model']
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #5c4674e55e5c
+# %% ../../nbs/12b_integrations.transformers.ipynb #819f47a16bf4
 def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H, 2·I] when transposed
                             down_proj: torch.Tensor,      # [E, H, I]; [E, I, H] when transposed
                             gate_up_proj_bias: torch.Tensor | None = None,  # [E, 2·I], same order as the columns
@@ -24,7 +24,10 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
                             transposed: bool = False,     # stored [E, in, out] (x @ W) instead of [E, out, in]
                             interleaved: bool = False,    # gate/up alternate along 2·I (gate even) instead of halves
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    "moe-lit's `(w13 [E, 2·I, H] gate then up, w2 [E, H, I], w13_bias [E, 2·I], w2_bias [E, H])`; a matching layout is returned as is."
+    """moe-lit's `(w13 [E, 2·I, H] gate then up, w2 [E, H, I], w13_bias [E, 2·I], w2_bias [E, H])`; a matching layout is
+    returned as is. ValueError naming `gate_up_proj` (not 3-D or floating point, an odd 2·I), `down_proj` (another
+    dtype, device or shape), `gate_up_proj_bias`, `down_proj_bias` (shape, device, not floating point), `transposed` or
+    `interleaved` (not bools)."""
     check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
     check_bool("transposed", transposed); check_bool("interleaved", interleaved)
     if not gate_up_proj.is_floating_point():
@@ -50,10 +53,11 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
         b13 = None if b13 is None else gate_up_from_interleaved(b13)
     return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #ed9ed4d3535e
+# %% ../../nbs/12b_integrations.transformers.ipynb #156be1592cfe
 @dataclass(frozen=True)
 class GateRule:
-    "A transformers experts gate that moe-lit reproduces: where the function lives and what it computes."
+    """A transformers experts gate that moe-lit reproduces: where the function lives and what it computes. Raises
+    nothing: a frozen record, not checked (a rule naming a missing function matches no module)."""
     module: str               # the transformers module that defines the function
     qualname: str             # the function's name in it (dotted for a method)
     activation: str           # moe-lit's Activation name
@@ -84,10 +88,11 @@ def _is_silu(act_fn) -> bool:
     return (type(act_fn) in (torch.nn.SiLU, SiLUActivation) and not act_fn._forward_hooks
             and not act_fn._forward_pre_hooks and "forward" not in vars(act_fn))
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #7de6417920df
+# %% ../../nbs/12b_integrations.transformers.ipynb #0be6696a4036
 @dataclass(frozen=True)
 class ExpertsRecipe:
-    "What moe-lit runs for one transformers experts module."
+    """What moe-lit runs for one transformers experts module. Raises nothing: a frozen record, not checked at
+    construction; `experts_recipe` checks the module it describes."""
     activation: Activation    # the gated activation between the GEMMs
     transposed: bool          # the module stores [E, in, out] weights
     interleaved: bool         # the module's gate/up columns alternate
@@ -132,7 +137,7 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
     return ExpertsRecipe(activation=act, transposed=bool(module.is_transposed), interleaved=rule.interleaved,
                          has_bias=has_bias)
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #80d57fdf2629
+# %% ../../nbs/12b_integrations.transformers.ipynb #3bdc27bb4afc
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # experts module -> (key, source refs, converted)
 
 _UNVERSIONED: weakref.WeakSet = weakref.WeakSet()   # experts modules already warned about inference-tensor weights
@@ -142,16 +147,19 @@ def _weight_key(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 def clear_cache() -> int:
-    "Drop every cached converted weight; returns the number of modules whose copies were dropped."
+    """Drop every cached converted weight; returns the number of modules whose copies were dropped. Raises nothing.
+    Source: moe-lit's own."""
     n = len(_CACHE)
     _CACHE.clear()
     return n
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #fc55bb662f1f
+# %% ../../nbs/12b_integrations.transformers.ipynb #ddf5e6b0978e
 def experts_weights(module: torch.nn.Module,     # a transformers experts module
                     recipe: ExpertsRecipe | None = None,  # experts_recipe(module), if already computed
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    "The module's `(w13, w2, w13_bias, w2_bias)` in moe-lit's layout, converted once per weight version."
+    """The module's `(w13, w2, w13_bias, w2_bias)` in moe-lit's layout, converted once per weight version. ValueError
+    from `experts_recipe` (naming the module's class) or `convert_experts_weights` (naming the tensor); a UserWarning,
+    once per module, for inference-tensor weights (converted at every call)."""
     recipe = experts_recipe(module) if recipe is None else recipe
     names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if recipe.has_bias else ())
     src = tuple(getattr(module, n) for n in names)
@@ -252,9 +260,11 @@ def register(name: str = "moe_lit") -> str:
     ExpertsInterface.register(name, moe_lit_experts_forward)
     return name
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #3f25660f3258
+# %% ../../nbs/12b_integrations.transformers.ipynb #356b189fbda2
 def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
-    "`{module name: recipe}` for every experts module of `model` that dispatches through the experts interface."
+    """`{module name: recipe}` for every experts module of `model` that dispatches through the experts interface.
+    ValueError from `experts_recipe`, naming the class of a module it cannot run. Source: transformers' experts
+    interface flags (`@use_experts_implementation`: `has_gate`, `is_transposed`, `is_concatenated`)."""
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 

@@ -31,14 +31,16 @@ __all__ = ['INTERPRET', 'PDL', 'PDL_IN_CHAIN', 'TILE_KEYS', 'DEVICE', 'TILE_TABL
            'arrival_counters', 'expert_slots', 'check_max_active', 'batched_moe_gemm', 'random_batched_problem',
            'check_batched_gemm', 'BatchedTritonExperts']
 
-# %% ../../nbs/06_kernels.batched.ipynb #a927ebdec19c
+# %% ../../nbs/06_kernels.batched.ipynb #36daca04494a
 def check_activation(activation) -> Activation | None:
-    "A launcher's `activation` as an `Activation` (None for a plain GEMM); `'silu_and_mul'` names `SILU`."
+    """A launcher's `activation` as an `Activation` (None for a plain GEMM); `'silu_and_mul'` names `SILU`. ValueError
+    from `check_choice` naming `activation` for any other value (a str such as `'swigluoai'` included). Source:
+    moe-lit's own; `'silu_and_mul'` is vLLM's name for the gated SiLU (`torch.ops._C.silu_and_mul`)."""
     if activation is None or isinstance(activation, Activation): return activation
     check_choice("activation", activation, (None, "silu_and_mul"))
     return SILU
 
-# %% ../../nbs/06_kernels.batched.ipynb #17ff97698882
+# %% ../../nbs/06_kernels.batched.ipynb #035898eea675
 def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K]
                            w: torch.Tensor,                  # [E, N, K]
                            expert_num_tokens: torch.Tensor,  # [E] int32, valid leading rows of each slab
@@ -46,13 +48,22 @@ def batched_gemm_reference(a: torch.Tensor,                  # [E, max_tokens, K
                            out: torch.Tensor | None = None,  # [E, max_tokens, N or N/2]; rows >= count untouched
                            bias: torch.Tensor | None = None, # [E, N], added to the product before the activation
                           ) -> torch.Tensor:
-    "`out[e, :n_e] = act(a[e, :n_e] @ w[e].T + bias[e])`, computed in a's dtype (float64 for a float64 reference)."
+    """`out[e, :n_e] = act(a[e, :n_e] @ w[e].T + bias[e])`, computed in a's dtype (float64 for a float64 reference).
+    Float tensors of one dtype in, `out` in `a`'s dtype. ValueError naming `activation`, or `expert_num_tokens` (not
+    `[E]`, or a count outside `[0, max_tokens]`); no other checks (a spec): mismatched shapes raise torch's
+    RuntimeError.
+    Source: moe-lit's spec of vLLM's batched-experts GEMM (`NaiveBatchedExperts`' per-expert loop,
+    experts/fused_batched_moe.py)."""
     act = check_activation(activation)
     E, M, _ = a.shape
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,))
+    counts = expert_num_tokens.tolist()                 # a spec: one sync is fine
+    if any(not 0 <= n <= M for n in counts):            # a negative count would slice from the end, a large one be cut
+        raise ValueError(f"expert_num_tokens: expected counts in [0, {M}] (max_tokens), got {counts}")
     n_out = w.shape[1] // 2 if act else w.shape[1]
     out = torch.full((E, M, n_out), float("nan"), dtype=a.dtype, device=a.device) if out is None else out
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    for e, n in enumerate(expert_num_tokens.tolist()):
+    for e, n in enumerate(counts):
         if n == 0: continue
         y = a[e, :n].to(acc) @ w[e].to(acc).T
         if bias is not None: y = y + bias[e].to(acc)
@@ -212,12 +223,14 @@ def _batched_moe_gemm_kernel(
     c_ptrs = c_ptr + e64 * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-# %% ../../nbs/06_kernels.batched.ipynb #3297a63c6977
+# %% ../../nbs/06_kernels.batched.ipynb #5e0dea774b0f
 def plot_tile_map(expert_num_tokens: torch.Tensor,   # [E] int, valid rows per expert
                   max_tokens: int,                   # rows per slab
                   block_m: int = 16,                 # BLOCK_M of the kernel
                   title: str = ""):
-    "Heat-map of the (expert, M-tile) programs of one N column: valid-row fraction, blank where the program exits."
+    """Heat-map of the (expert, M-tile) programs of one N column: valid-row fraction, blank where the program exits.
+    Returns a matplotlib Figure. No argument checks: ImportError without matplotlib, ZeroDivisionError for `block_m` 0.
+    Source: moe-lit's own."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     counts = expert_num_tokens.detach().cpu().long()
@@ -275,14 +288,17 @@ def _batched_moe_gemm_tma_kernel(
     c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < count) & (offs_n[None, :] < N_OUT))
 
-# %% ../../nbs/06_kernels.batched.ipynb #ea321284f787
+# %% ../../nbs/06_kernels.batched.ipynb #a5783323468d
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "TMA", "WARP_SPECIALIZE", "GROUP_M", "SPLIT_K",
              "maxnreg")   # maxnreg: ptxas's register cap a thread (fewer registers, more programs an SM), a launch option
 
 def check_tile_config(config,
                       need_block_m: bool = False,   # the batched launchers take BLOCK_M from the tile (the contiguous ones from the alignment)
                      ) -> dict | None:
-    "A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes."
+    """A tile override as the launchers accept it: a dict of `TILE_KEYS`, power-of-two blocks and warps; None passes.
+    ValueError naming `config` (not a dict, an unknown key, a missing block, SPLIT_K > 1 with TMA) or `config[key]` (a
+    value out of range or not a power of two). Source: vLLM's tuned tile entries (`BLOCK_SIZE_M/N/K`, `GROUP_SIZE_M`,
+    `num_warps`, `num_stages`; fused_moe.py `get_moe_configs`), with moe-lit's names and extra keys."""
     if config is None: return None
     if not isinstance(config, dict): raise ValueError(f"config: expected a dict of tile parameters or None, got {config!r}")
     unknown = sorted(set(config) - set(TILE_KEYS))
@@ -306,7 +322,7 @@ def check_tile_config(config,
         if key in config: check_bool(f"config[{key!r}]", config[key])
     return config
 
-# %% ../../nbs/06_kernels.batched.ipynb #461b962a90ba
+# %% ../../nbs/06_kernels.batched.ipynb #50d671ffc890
 DEVICE = default_device()                       # where kernel tensors live by default (`00_terms`)
 _DTYPE_TAG = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -319,7 +335,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> dict:
-    "Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`; ValueError on non-int sizes."
+    """Heuristic tile for `E` experts of `[M, K] x [K, N]` (M = expected valid rows per expert) in `dtype`; ValueError
+    on non-int sizes. Source: moe-lit's own heuristic, in the place of vLLM's `get_default_config` (fused_moe.py)."""
     for name, v in (("E", E), ("N", N), ("K", K), ("M", M)): check_int(name, v, lo=0 if name == "M" else 1)
     if INTERPRET:   # the interpreter's cost is programs x K-steps, so use few, large tiles
         return dict(BLOCK_M=min(64, max(16, _next_pow2(M))), BLOCK_N=min(128, max(16, _next_pow2(N))),
@@ -333,10 +350,12 @@ def default_tile_config(E: int, N: int, K: int, M: int, dtype: torch.dtype) -> d
         return dict(BLOCK_M=min(64, bm), BLOCK_N=64, BLOCK_K=256 if M <= 32 else 128, num_warps=4, num_stages=4)
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, TMA=True)
 
-# %% ../../nbs/06_kernels.batched.ipynb #9808e8d5fa9c
+# %% ../../nbs/06_kernels.batched.ipynb #93b95ce27e58
 def tile_config_path(kernel: str, E: int, N: int, device_name: str, dtype: torch.dtype | None = None,
                      config_dir: str | Path | None = None) -> Path:
-    "Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming)."
+    """Path of the JSON tile table for `(kernel, E, N, device_name[, dtype])` (vLLM's file naming). ValueError naming
+    `config_dir` when it is not a non-empty str or Path; KeyError for a `dtype` other than bf16/fp16/fp32 and
+    AttributeError for a non-str `device_name` (unchecked: `lookup_tile_config` checks both)."""
     import moe_lit
     root = Path(_tile_config_root(config_dir) or Path(moe_lit.__file__).resolve().parent / "configs")
     tag = "" if dtype is None else f",dtype={_DTYPE_TAG[dtype]}"
@@ -356,7 +375,11 @@ TILE_TABLE_SIBLINGS = {"NVIDIA H100 80GB HBM3": ("NVIDIA H200",),   # cards whos
 def lookup_tile_config(kernel: str, E: int, N: int, K: int, M: int, dtype: torch.dtype,
                        device_name: str | None = None, config_dir: str | Path | None = None,
                        heuristic=None) -> dict:   # f(E, N, K, M, dtype) -> tile when no table entry is near; default_tile_config
-    "The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file first), else the heuristic."
+    """The tile for `M` expected rows: the table's nearest-M entry within `TILE_TABLE_REACH` (dtype-specific file
+    first), else the heuristic. ValueError naming `heuristic`, `E`/`N`/`K`/`M`, `kernel`, `device_name`, `dtype`
+    (bf16/fp16/fp32), a `config_dir` that is not an existing directory, a bad table file (`read_tile_table`) or a
+    heuristic's bad tile. Source: vLLM's `try_get_optimal_moe_config` / `get_moe_configs` (fused_moe.py: one JSON per E,
+    N, device, nearest M); the reach limit and the sibling cards are moe-lit's own."""
     if device_name is None: device_name = _device_name()
     root = _tile_config_root(config_dir)
     if heuristic is not None and not callable(heuristic): raise ValueError(f"heuristic: expected a callable or None, got {heuristic!r}")
@@ -393,7 +416,9 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 def read_tile_table(path: Path | str) -> dict | None:
-    "The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the file."
+    """The tile table at `path` parsed and checked (`{rows: tile}`), None when there is no file; ValueError naming the
+    file. Source: vLLM's tuned-config JSON (`{"<M>": {BLOCK_SIZE_M, ...}}`, fused_moe.py `get_moe_configs`), moe-lit's
+    keys."""
     if not isinstance(path, (str, Path)) or not str(path) or "\0" in str(path):
         raise ValueError(f"path: expected a tile table's file path (a non-empty str or Path without NUL bytes), got {path!r}")
     path = Path(path)
@@ -418,16 +443,20 @@ def read_tile_table(path: Path | str) -> dict | None:
 
 _load_table = functools.lru_cache(maxsize=256)(read_tile_table)   # read once per process: launchers look tables up on every call
 
-# %% ../../nbs/06_kernels.batched.ipynb #90073754fd10
+# %% ../../nbs/06_kernels.batched.ipynb #6e50f39e5fe7
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_extent(name: str, t: torch.Tensor):
-    "Offsets inside one expert (or one row list) are int32 in the kernels that call this: refuse an extent of 2^31 elements or more; ValueError naming `name`."
+    """Offsets inside one expert (or one row list) are int32 in the kernels that call this: refuse an extent of 2^31
+    elements or more; ValueError naming `name`. Source: moe-lit's own (int32 offsets inside an expert, int64 only for
+    its base: the Motivation above)."""
     extent = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
     if extent >= 2**31: raise ValueError(f"{name}: expected a per-expert extent < 2^31 elements, got {extent}")
 
 def check_kernel_device(name: str, t: torch.Tensor, **others) -> torch.device:
-    "A Triton launcher's tensors: `t` on a GPU (or the interpreter is on), every tensor of `others` on `t`'s device."
+    """A Triton launcher's tensors: `t` on a GPU (or the interpreter is on), every tensor of `others` on `t`'s device.
+    Returns `t.device`. ValueError naming `name` for a meta tensor or, without the interpreter, a non-CUDA one, and
+    naming the keyword of an `others` tensor on another device. Source: moe-lit's own."""
     if t.is_meta: raise ValueError(f"{name}: expected a tensor with values for the Triton kernels, got a meta tensor")
     if t.device.type != "cuda" and not INTERPRET:       # (meta first: the same answer with or without the interpreter)
         raise ValueError(f"{name}: expected a CUDA tensor for the Triton kernels (or TRITON_INTERPRET=1 set before "
@@ -440,7 +469,9 @@ def check_expert_bias(name: str,                   # the argument's name in erro
                       bias: torch.Tensor | None,   # [E, N] bf16/fp16/fp32, or None
                       E: int, N: int,              # experts, and rows of the weight it belongs to
                       device: torch.device) -> torch.Tensor | None:
-    "An expert bias as the kernels take it: `[E, N]`, any of bf16/fp16/fp32 (read as fp32), on `device`; None passes."
+    """An expert bias as the kernels take it: `[E, N]`, any of bf16/fp16/fp32 (read as fp32), on `device`; None passes.
+    ValueError naming `name` for a non-tensor, a wrong shape or dtype (`check_tensor`) or another device. Source: vLLM's
+    `HAS_BIAS` epilogue (`bias[e, n]` added before the activation, fused_moe.py `fused_moe_kernel`)."""
     if bias is None: return None
     check_tensor(name, bias, shape=(E, N), dtype=_FLOATS)
     if bias.device != device: raise ValueError(f"{name}: expected device {device}, got {bias.device}")
@@ -463,7 +494,7 @@ def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
             raise ValueError(f"{name}: expected device {a.device}, got {t.device}")
     return E, M, K, N, n_out, act
 
-# %% ../../nbs/06_kernels.batched.ipynb #810d9a1cc869
+# %% ../../nbs/06_kernels.batched.ipynb #7091bb808d1a
 def _tma_ok(a: torch.Tensor, w: torch.Tensor) -> bool:
     "Tensor descriptors need contiguous 16-byte-aligned rows and int32 row coordinates; fp32 stays on the pointer kernel."
     return (a.dtype != torch.float32 and a.is_contiguous() and w.is_contiguous()
@@ -475,7 +506,10 @@ SMEM_BUDGET = 224 * 1024   # bytes of shared memory per program on Hopper (23244
 TILE_DEFAULTS = {"num_warps": 4, "num_stages": 3}   # what an override or a table entry may leave out
 
 def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
-    "Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit shared memory."
+    """Fit a tile to the GPU: halve BLOCK_N for SiLU's two accumulators when large; shrink stages, then BLOCK_K, to fit
+    shared memory. `cfg` is a resolved tile (BLOCK_M/N/K present: KeyError otherwise), `element_size` in bytes.
+    ValueError naming `config` when BLOCK_M and BLOCK_N alone overflow `SMEM_BUDGET` bytes. Source: moe-lit's own
+    estimate (Hopper's shared memory per block)."""
     cfg = {**TILE_DEFAULTS, **cfg}
     while silu and 2 * cfg["BLOCK_M"] * cfg["BLOCK_N"] > 128 * 32 * cfg["num_warps"] and cfg["BLOCK_N"] > 16:
         cfg["BLOCK_N"] //= 2             # SiLU keeps two fp32 accumulators: at most 128 registers a thread for them
@@ -487,20 +521,24 @@ def fit_shared_memory(cfg: dict, silu: bool, element_size: int) -> dict:
                          f"and BLOCK_K 32, got BLOCK_M={cfg['BLOCK_M']}, BLOCK_N={cfg['BLOCK_N']} ({need(cfg)} bytes)")
     return cfg
 
-# %% ../../nbs/06_kernels.batched.ipynb #a5008b09476c
+# %% ../../nbs/06_kernels.batched.ipynb #2e0ad54db851
 def epilogue_args(act: Activation | None,           # the gated activation, or None for a plain GEMM
                   bias: torch.Tensor | None,        # [E, N_w] expert bias, or None
                  ) -> dict:
-    "The epilogue's kernel arguments, by keyword: bias pointer and strides, `alpha`, `limit` and the three constexprs."
+    """The epilogue's kernel arguments, by keyword: bias pointer and strides, `alpha`, `limit` and the three constexprs.
+    Raises nothing of its own (AttributeError for an `act` that is not an `Activation` or a non-tensor `bias`): the
+    launchers check both first. Source: moe-lit's own."""
     return dict(bias_ptr=bias, **epilogue_constants(act, None if bias is None else bias.stride()))
 
 def epilogue_constants(act: Activation | None, bias_strides: tuple | None) -> dict:
-    "`epilogue_args` but the bias pointer, from the bias's strides (None: no bias): what a launch plan kept per shape holds."
+    """`epilogue_args` but the bias pointer, from the bias's strides (None: no bias): what a launch plan kept per shape
+    holds. Raises nothing of its own (AttributeError or IndexError for a bad `act` or fewer than two strides): callers
+    pass checked values. Source: moe-lit's own."""
     return dict(stride_be=bias_strides[0] if bias_strides else 0, stride_bn=bias_strides[1] if bias_strides else 0,
                 alpha=float(act.alpha) if act else 1.0, limit=float(act.limit) if act else 0.0,
                 GATED=act is not None, ACTIVATION=act.code if act else 0, HAS_BIAS=bias_strides is not None)
 
-# %% ../../nbs/06_kernels.batched.ipynb #d90c5943a691
+# %% ../../nbs/06_kernels.batched.ipynb #ac972a5ee425
 FAST_LAUNCH = (env_choice("MOE_LIT_FAST_LAUNCH", "1", ("0", "1")) == "1"   # "0": every launch through the JIT
                and not INTERPRET and triton.__version__.startswith("3.6."))   # the convention `launch_kernel` follows
 _TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
@@ -513,7 +551,9 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.dtype, t.data_ptr() & 15)
 
 def launch_key(args: tuple, kwargs: dict) -> tuple:
-    "A launch's key, finer than Triton's specialisation: tensors' dtype and address mod 16; other arguments' type and value; keyword names."
+    """A launch's key, finer than Triton's specialisation: tensors' dtype and address mod 16; other arguments' type and
+    value; keyword names. Raises nothing for a tuple and a dict (the key may hold unhashable values: the caller's lookup
+    raises TypeError then). Source: moe-lit's own (mirrors what Triton 3.6's `JITFunction.run` specialises on)."""
     vals = (*args, *kwargs.values())
     types = tuple(map(type, vals))
     where = _TENSOR_SLOTS.get(types)
@@ -534,7 +574,9 @@ def _launch_tail(kernel, nargs: int, kwargs: dict) -> tuple:
     return defaults, (operator.itemgetter(*names) if names else None), len(names)
 
 def launch_values(kernel, args: tuple, kwargs: dict) -> tuple:
-    "Every parameter's value in signature order, as the JIT hands them to the compiled kernel's launcher."
+    """Every parameter's value in signature order, as the JIT hands them to the compiled kernel's launcher. No checks:
+    AttributeError for a `kernel` that is not `@triton.jit`, KeyError naming a parameter that has neither an argument
+    nor a default. Source: moe-lit's own (Triton 3.6's JIT argument binding)."""
     defaults, get, n = _launch_tail(kernel, len(args), kwargs)
     tail = () if n == 0 else get({**defaults, **kwargs})
     return (*args, *((tail,) if n == 1 else tail))
@@ -565,7 +607,10 @@ _TAKES_PDL: dict = {}         # kernel -> whether its signature has the PDL cons
 _PDL_DEVICES: dict = {}       # device index -> whether it is sm_90 or newer
 
 def pdl_kwargs(kernel) -> dict:
-    "`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when PDL is on (or auto, in a one-chain layer's forward) and the GPU is sm_90+, else `{}`."
+    """`{'PDL': True, 'launch_pdl': True}` for a kernel with a `PDL` constexpr when PDL is on (or auto, in a one-chain
+    layer's forward) and the GPU is sm_90+, else `{}`. Raises nothing of its own (`MOE_LIT_PDL` is checked at import by
+    `env_choice`). Source: CUDA's programmatic dependent launch, through Triton's `launch_pdl` launch option; the policy
+    is moe-lit's own."""
     if PDL is not True and not (PDL_IN_CHAIN and PDL == "auto"): return {}
     takes = _TAKES_PDL.get(kernel)
     if takes is None: takes = _TAKES_PDL[kernel] = "PDL" in getattr(kernel, "arg_names", ())
@@ -588,7 +633,10 @@ def _check_grid(grid):
     _GRIDS.add(grid)
 
 def launch_kernel(kernel, grid: tuple):
-    "`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes through Triton's JIT, later ones call the compiled kernel."
+    """`kernel[grid]`, to call with the kernel's arguments; on the GPU the first launch of each `launch_key` goes
+    through Triton's JIT, later ones call the compiled kernel. ValueError naming `kernel` (not `@triton.jit`) or `grid`
+    (not a tuple of 1-3 ints >= 0); RuntimeError under Triton 3.6's interpreter with numpy >= 2.4. Source: moe-lit's own
+    (Triton 3.6's compiled-kernel launcher convention; timings in `nbs/bench/launch_key_cpu.log`)."""
     if _INTERPRETER_PROBLEM: raise RuntimeError(_INTERPRETER_PROBLEM)
     if getattr(kernel, "fn", None) is None:
         raise ValueError(f"kernel: expected a @triton.jit function, got {type(kernel).__name__}")
@@ -601,7 +649,8 @@ def launch_kernel(kernel, grid: tuple):
 
 def fast_launch_on() -> bool:
     """Whether `launch_kernel` may call compiled kernels directly: `FAST_LAUNCH`, and nothing watching Triton's launches
-    (a replaced `JITFunction.run`, launch hooks, a profiler's instrumented binaries), which only the JIT's path serves."""
+    (a replaced `JITFunction.run`, launch hooks, a profiler's instrumented binaries), which only the JIT's path serves.
+    Raises nothing. Source: moe-lit's own (Triton's `triton.knobs` launch hooks and instrumentation mode)."""
     return FAST_LAUNCH and _JITFunction.run is _JIT_RUN and not (
         triton.knobs.runtime.launch_enter_hook.calls or triton.knobs.runtime.launch_exit_hook.calls
         or triton.knobs.compilation.instrumentation_mode)
@@ -645,7 +694,7 @@ def _first_launch(kernel, key, grid, args, kwargs):
     cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, *_launch_tail(kernel, len(args), kwargs))
     return compiled
 
-# %% ../../nbs/06_kernels.batched.ipynb #0084f0122492
+# %% ../../nbs/06_kernels.batched.ipynb #03dc09b12170
 SPLIT_K_WORKSPACE_BYTES = 64 << 20          # the most fp32 partial-tile workspace a heuristic split may take
 SPLIT_K_PROGRAMS_PER_SM = {"16-bit": 0.5, "fp8": 0.5, "fp4": 4.0}   # each kernel family's split target (H200 sweep)
 
@@ -685,7 +734,8 @@ def split_k_launch(cfg: dict,                # the resolved tile; its SPLIT_K (a
     The workspace is fp32 `[SPLIT_K, num_tiles, 2, block_m, block_n]` (gate and up partials), the counters int32
     `[num_tiles]` zeros kept per stream (`arrival_counters`: the launch must leave them zero), both on `device`; neither
     is made without a split. ValueError naming `config['SPLIT_K']`
-    for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`."""
+    for an override that is not an int in [1, 64] or whose workspace passes 16 × `SPLIT_K_WORKSPACE_BYTES`.
+    Source: moe-lit's own plumbing around `split_k_factor` (whose docstring gives the split's sources)."""
     if not isinstance(cfg, dict): raise ValueError(f"cfg: expected a dict (a resolved tile), got {type(cfg).__name__}")
     for name, v, lo in (("tiles_per_expert", tiles_per_expert, 1), ("active_experts", active_experts, 0),
                         ("k_tiles", k_tiles, 1), ("num_tiles", num_tiles, 0), ("block_m", block_m, 1), ("block_n", block_n, 1)):
@@ -752,17 +802,21 @@ def arrival_counters(n: int, device) -> torch.Tensor:
     _COUNTERS.setdefault(key, []).append(buf)
     return buf[:n]
 
-# %% ../../nbs/06_kernels.batched.ipynb #2be335702887
+# %% ../../nbs/06_kernels.batched.ipynb #c50f443aae85
 def expert_slots(E: int,                    # experts of the launch (slabs)
                  max_active: int | None,    # a bound on the experts with rows, or None
                 ) -> tuple:                 # (slots on grid axis 1, COMPACT, BLOCK_E)
-    "The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer; ValueError on a non-int or negative E or bound."
+    """The batched grid's expert axis (`_slot_expert`): all E, or `max_active` compact slots when that is fewer;
+    ValueError on a non-int or negative E or bound. (The bound is named `max_active_experts`, as the launchers call it.)
+    Source: moe-lit's own."""
     check_int("E", E, lo=0)
     if max_active is None or check_int("max_active_experts", max_active, lo=0) >= E: return E, False, 1
     return max(1, max_active), True, _next_pow2(E)
 
 def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, validate: bool):
-    "A caller's bound on the experts with rows: an int >= 0, checked against the counts on the host when `validate` (one sync)."
+    """A caller's bound on the experts with rows: an int >= 0, checked against the counts on the host when `validate`
+    (one sync). `expert_num_tokens` is `[E]` int. ValueError naming `validate` (not a bool) or `max_active_experts` (not
+    an int, negative, or with `validate` fewer than the experts with rows). Source: moe-lit's own."""
     check_bool("validate", validate)
     if max_active is None: return None
     check_int("max_active_experts", max_active, lo=0)
@@ -770,7 +824,7 @@ def check_max_active(max_active: int | None, expert_num_tokens: torch.Tensor, va
         raise ValueError(f"max_active_experts: expected >= the {busy} experts with rows in expert_num_tokens, got {max_active}")
     return max_active
 
-# %% ../../nbs/06_kernels.batched.ipynb #94ca4d30e265
+# %% ../../nbs/06_kernels.batched.ipynb #28b43b62610a
 def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf16/fp16/fp32; rows >= count unread
                      w: torch.Tensor,                   # [E, N, K] same dtype (gate rows then up rows when gated)
                      expert_num_tokens: torch.Tensor,   # [E] int32, valid leading rows, <= max_tokens
@@ -783,7 +837,12 @@ def batched_moe_gemm(a: torch.Tensor,                   # [E, max_tokens, K] bf1
                      active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
                      max_active_experts: int | None = None,  # a bound on the experts with rows: the grid's expert slots
                     ) -> torch.Tensor:                  # `out`
-    "Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ + bias[e])`, fp32 accumulation (the batched-experts contract)."
+    """Masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ w[e]ᵀ + bias[e])`, fp32 accumulation (the batched-experts
+    contract). ValueError naming the argument: `a`, `w`, `expert_num_tokens`, `out`, `bias` (shape, dtype, device,
+    overlap), `activation`, `expected_m`, `active_experts`, `max_active_experts`, `validate`, `config`; with `validate`,
+    counts outside [0, max_tokens]; any per-expert extent >= 2^31 elements. Source: vLLM's
+    `invoke_moe_batched_triton_kernel` / `batched_triton_kernel` (experts/fused_batched_moe.py), redone as the
+    Motivation describes."""
     E, M, K, N, n_out, act = _check_gemm_args(a, w, expert_num_tokens, activation, out, bias)
     if expected_m is not None: check_int("expected_m", expected_m, lo=1)
     if active_experts is not None: check_int("active_experts", active_experts, lo=0)
@@ -858,9 +917,11 @@ def _batched_tile(E, N, K, expected_m, dtype, gated, config_items, config_dir) -
     if not tma: cfg.pop("WARP_SPECIALIZE", None)
     return bm, bn, bk, tma, cfg
 
-# %% ../../nbs/06_kernels.batched.ipynb #81ad315e3da3
+# %% ../../nbs/06_kernels.batched.ipynb #08617694d154
 def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
-    "Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1)."
+    """Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1). `a [E, M,
+    K]`, `w [E, N, K]` in `dtype`, counts int32 `[len(counts)]`, on `device` (default `DEVICE`). No checks: torch's
+    RuntimeError for a negative size; counts are not compared with E or M. Source: moe-lit's own."""
     g, device = torch.Generator().manual_seed(seed), device or DEVICE
     a = torch.randn(E, M, K, generator=g).to(device=device, dtype=dtype)
     w = (torch.randn(E, N, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
@@ -875,10 +936,12 @@ GEMM_CASES = [
     (2, 70, 128, 128, [70, 66], "more rows than one M tile"),
 ]
 
-# %% ../../nbs/06_kernels.batched.ipynb #639e648bcb0a
+# %% ../../nbs/06_kernels.batched.ipynb #e3c9de6e3c55
 def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None,
                        bias_dtype=None, max_active=None):
-    "Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body)."
+    """Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body).
+    Returns the output `[E, M, N or N/2]`. AssertionError on a mismatch or a written padding row; ValueError from
+    `batched_moe_gemm` for bad arguments. Source: moe-lit's own (padding rows poisoned with `poison`)."""
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
     device = a.device
     bias = None if bias_dtype is None else \
@@ -895,9 +958,11 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
 
-# %% ../../nbs/06_kernels.batched.ipynb #015f40aafbad
+# %% ../../nbs/06_kernels.batched.ipynb #94651d505a01
 class BatchedTritonExperts:
-    "Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only."
+    """Batched-format experts on Triton: `h = act(a @ w13ᵀ + b13)`, `out = h @ w2ᵀ + b2`, valid rows only. Stateless:
+    construction takes nothing and raises nothing; `apply` checks its arguments. Source: vLLM's `BatchedTritonExperts`
+    (experts/fused_batched_moe.py), with the activation fused into GEMM1's epilogue."""
     activation_format = ActivationFormat.BatchedExperts
 
     def apply(self, a: torch.Tensor,                   # [E, max_tokens, H]
@@ -913,7 +978,11 @@ class BatchedTritonExperts:
               active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
               max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
-        "Run the experts on the valid rows of each slab (the two launches share the count validation)."
+        """Run the experts on the valid rows of each slab (the two launches share the count validation). Returns `out
+        [E, max_tokens, H]` in `a`'s dtype. ValueError naming `a`, `w13` (odd rows too), `w2`, `activation`, `w13_bias`,
+        `w2_bias`, `out`, and through `batched_moe_gemm` `expert_num_tokens` (with `validate`, counts outside [0,
+        max_tokens]), `expected_m`, `active_experts`, `max_active_experts`. Source: vLLM's `BatchedTritonExperts.apply`
+        (GEMM1, activation, GEMM2; experts/fused_batched_moe.py)."""
         check_tensor("a", a, ndim=3, dtype=_FLOATS)
         check_tensor("w13", w13, shape=(a.shape[0], None, a.shape[2]), dtype=a.dtype)      # named here, not as GEMM1's `w`
         if w13.shape[1] % 2: raise ValueError(f"w13: expected gate and up rows (an even 2·intermediate_size), got shape {list(w13.shape)}")

@@ -25,7 +25,7 @@ __all__ = ['moe_align_block_size_reference', 'moe_align_block_size', 'plot_align
            'fused_moe_gemm', 'check_aligned_args', 'check_local_ids', 'check_block_m', 'TritonExperts',
            'shared_expert_mlp']
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #229c51804f41
+# %% ../../nbs/08_kernels.contiguous.ipynb #b1890842c3ee
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
     check_int("block_size", block_size, lo=1, hi=4097)
@@ -42,7 +42,10 @@ def moe_align_block_size_reference(topk_ids: torch.Tensor,     # [T, top_k] int3
                                    num_experts: int,           # global experts (ids are < num_experts)
                                    expert_map: torch.Tensor | None = None,  # [num_experts] int32 global -> local/-1
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Spec: `(sorted_token_ids, expert_ids, num_tokens_post_padded)` with pairs in ascending (expert, pair) order."
+    """Spec: `(sorted_token_ids, expert_ids, num_tokens_post_padded)` with pairs in ascending (expert, pair) order. All
+    int32, on the CPU. ValueError naming `topk_ids` (rank, dtype, ids outside [-1, num_experts)), `block_size`,
+    `num_experts` or `expert_map` (shape, dtype, not one rank's map). Source: vLLM's `moe_align_block_size`
+    (fused_moe/moe_align_block_size.py), its `ignore_invalid_experts=False` mode: count globally, then map to local."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map)
     n, sentinel = topk_ids.numel(), topk_ids.numel()
     flat = topk_ids.reshape(-1).long().cpu()
@@ -134,12 +137,13 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
                                                                    BLOCK=BLOCK)
     return sorted_ids, expert_ids, ntpp
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #72af491dec9c
+# %% ../../nbs/08_kernels.contiguous.ipynb #f074d16db10f
 def plot_aligned_layout(sorted_token_ids: torch.Tensor,  # [max_padded] int32
                         expert_ids: torch.Tensor,        # [num_blocks] int32
                         num_tokens_post_padded,          # [1] int32 tensor or int
                         block_size: int, num_pairs: int, title: str = ""):
-    "Strip of the sorted, padded positions: colour = block's expert, grey = sentinel; returns the Figure."
+    """Strip of the sorted, padded positions: colour = block's expert, grey = sentinel; returns the Figure. No argument
+    checks: ImportError without matplotlib, ZeroDivisionError for `block_size` 0. Source: moe-lit's own."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = int(num_tokens_post_padded)
@@ -157,9 +161,11 @@ def plot_aligned_layout(sorted_token_ids: torch.Tensor,  # [max_padded] int32
     fig.tight_layout(); plt.close(fig)
     return fig
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #d40465dfe190
+# %% ../../nbs/08_kernels.contiguous.ipynb #4f4655e20376
 def check_alignment(topk_ids, block_size, num_experts, expert_map=None):
-    "Compare `moe_align_block_size` with its spec through order-free invariants (the test body)."
+    """Compare `moe_align_block_size` with its spec through order-free invariants (the test body). Returns the kernel's
+    `(sorted_token_ids, expert_ids, num_tokens_post_padded)` on the CPU. AssertionError on a broken invariant;
+    ValueError from the alignment for bad arguments. Source: moe-lit's own."""
     s, e, n = moe_align_block_size(topk_ids, block_size, num_experts, expert_map)
     rs, re_, rn = moe_align_block_size_reference(topk_ids.cpu(), block_size, num_experts,
                                                  None if expert_map is None else expert_map.cpu())
@@ -183,7 +189,7 @@ def _same_run(s, rs, b, e, block_size):
     lo, hi = int(run.min()) * block_size, (int(run.max()) + 1) * block_size
     return torch.equal(s[lo:hi].sort().values, rs[lo:hi].sort().values)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #525dd791b74c
+# %% ../../nbs/08_kernels.contiguous.ipynb #86aa721a08c4
 @triton.jit
 def _pair_blocks_kernel(ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr, n, num_experts,
                         BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
@@ -206,7 +212,10 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
                     expert_map: torch.Tensor | None = None,  # [num_experts] int32, global -> local or -1
                     validate: bool = True,      # check the id range on the host (one sync)
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "One block per (token, k) pair, in one launch: `(sorted_token_ids, expert_ids, num_tokens_post_padded)`."
+    """One block per (token, k) pair, in one launch: `(sorted_token_ids, expert_ids, num_tokens_post_padded)`. All
+    int32: `[max(1, T·top_k)·block_size]`, `[max(1, T·top_k)]`, `[1]`. ValueError naming `topk_ids`, `block_size`,
+    `num_experts` or `expert_map`, as `moe_align_block_size`. Source: vLLM's naive block assignment
+    (`naive_block_assignment` in fused_moe.py: block `p` holds pair `p` alone)."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
     dev, n = topk_ids.device, topk_ids.numel()
     sorted_ids = torch.empty(max(1, n) * block_size, dtype=torch.int32, device=dev)
@@ -354,7 +363,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #07ca10ed4858
+# %% ../../nbs/08_kernels.contiguous.ipynb #0edcbed53f23
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -372,7 +381,12 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
                    bias: torch.Tensor | None = None, # [E_local, N] bf16/fp16/fp32: fp32 add before act / router weight
                    active_experts: int | None = None,  # expected local experts with pairs (split-K; default min(E, pairs))
                   ) -> torch.Tensor:
-    "Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[e]ᵀ + bias[e])`, e = expert(block) (vLLM's fused_moe_kernel)."
+    """Grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ w[e]ᵀ + bias[e])`, e = expert(block) (vLLM's
+    fused_moe_kernel). ValueError naming the argument: `a`, `w` (odd N when gated), `out`, `bias`, the layout
+    (`sorted_token_ids`, `expert_ids`, `num_tokens_post_padded`: `check_aligned_args`), `top_k`, `block_m`,
+    `weight_stage`, `topk_weights`, `activation`, `rows`, `config`, `expected_m`, `active_experts`, or a tensor on
+    another device. The layout's values are not read on the host: blocks whose expert is outside [0, E_local) are
+    skipped."""
     check_tensor("a", a, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_tensor("w", w, shape=(None, None, a.shape[1]), dtype=a.dtype)
     check_kernel_device("a", a, w=w, out=out, sorted_token_ids=sorted_token_ids, expert_ids=expert_ids,
@@ -486,7 +500,11 @@ def _fused_tile(E, N, K, expected_m, dtype, block_m, gated, config_items, config
 def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top_k, block_m, weight_stage,
                         topk_weights, num_pairs,
                         gated: bool = False):       # a gated activation is fused: the router weight cannot go on its output
-    "The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes (devices: the caller's `check_kernel_device`)."
+    """The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes (devices: the
+    caller's `check_kernel_device`). ValueError naming `top_k`, `block_m`, `weight_stage` ('output' with `gated` too),
+    `sorted_token_ids` (dtype, contiguity, a length that does not fit `num_pairs`), `expert_ids`,
+    `num_tokens_post_padded` or `topk_weights`. Source: moe-lit's own checks of vLLM's aligned layout
+    (`moe_align_block_size`'s outputs)."""
     check_int("top_k", top_k, lo=1); check_block_m(block_m)
     check_choice("weight_stage", weight_stage, (None, "input", "output"))
     if gated and weight_stage == "output":
@@ -509,13 +527,15 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
         check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
 
 def check_local_ids(local_ids: torch.Tensor, num_local: int, validate: bool):
-    "With `validate`, local ids in [-1, num_local) (one host sync); the experts' hot paths pass False."
+    """With `validate`, local ids in [-1, num_local) (one host sync); the experts' hot paths pass False. ValueError
+    naming `validate` (not a bool) or `local_ids`. Source: moe-lit's own."""
     check_bool("validate", validate)
     if validate and local_ids.numel() and ((local_ids < -1) | (local_ids >= num_local)).any():
         raise ValueError(f"local_ids: expected values in [-1, {num_local}), got {local_ids.min().item()}..{local_ids.max().item()}")
 
 def check_block_m(block_m) -> int:
-    "BLOCK_M of the alignment and the GEMM: a power of two, at least 16 for the tensor cores (1 in the interpreter)."
+    """BLOCK_M of the alignment and the GEMM: a power of two, at least 16 for the tensor cores (1 in the interpreter).
+    At most 256. ValueError naming `block_m`. Source: moe-lit's own (`tl.dot`'s 16-row minimum on a GPU)."""
     check_int("block_m", block_m, lo=16 if not INTERPRET else 1, hi=257)
     if block_m & (block_m - 1): raise ValueError(f"block_m: expected a power of two, got {block_m}")
     return block_m
@@ -535,9 +555,11 @@ def _align_pairs(local_ids: torch.Tensor,        # [T, top_k] int32/int64 local 
     if tiny: return None, local_ids.reshape(-1).contiguous(), None
     return moe_align_block_size(local_ids, block_m, num_local, validate=False)   # ids from a placement: in range
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #f90dc5685e0b
+# %% ../../nbs/08_kernels.contiguous.ipynb #0fe856316f36
 class TritonExperts:
-    "Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
+    """Standard-format experts on Triton: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum
+    over slots. Construction takes nothing and raises nothing; `apply` checks its arguments (and `combine_in_gemm2`).
+    Source: vLLM's `TritonExperts` (fused_moe.py's `fused_moe_kernel` path), with the activation fused into GEMM1."""
     activation_format = ActivationFormat.Standard
     pair_blocks_max_pairs = 32          # at most this many (token, k) pairs: one block per pair, no alignment
     combine_in_gemm2 = "auto"           # on pair blocks GEMM2 sums the slots (no launch of its own): "auto" (without
@@ -560,7 +582,8 @@ class TritonExperts:
               addend: torch.Tensor | None = None,  # [T, H] hidden's dtype: the shared experts' output, in the fp32 sum
              ) -> torch.Tensor:                  # [T, H], hidden's dtype
         """This rank's share of the MoE output for the flat token list; raises ValueError on bad shapes or ids, and on a
-        `combine_in_gemm2` other than "auto", "always" or "never"."""
+        `combine_in_gemm2` other than "auto", "always" or "never". Source: vLLM's `TritonExperts.apply` (align, GEMM1,
+        activation, GEMM2 with `MUL_ROUTED_WEIGHT`, `moe_sum`; fused_moe.py)."""
         check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
         if hidden.shape[1] == 0: raise ValueError("hidden: expected at least one column (hidden_size >= 1), got 0")
         check_tensor("w13", w13, shape=(None, None, hidden.shape[1]), dtype=hidden.dtype)

@@ -227,7 +227,7 @@ def _combine_tile(T: int, H: int, top_k: int) -> tuple[int, int]:
     while not INTERPRET and bh > 128 and T * _cdiv(H, bh) < 256: bh //= 2    # the interpreter pays per program
     return slots, bh
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #33d2a459158f
+# %% ../../nbs/07_kernels.dispatch.ipynb #6427d0b31213
 def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, hidden_size]
                     topk_weights: torch.Tensor,         # [num_tokens, top_k] fp32
                     slot_map: torch.Tensor,             # [num_tokens, top_k] int64 from batched_dispatch
@@ -235,7 +235,11 @@ def batched_combine(expert_out: torch.Tensor,           # [E_local, max_tokens, 
                     apply_router_weight_on_input: bool = False,  # weights were applied at dispatch: sum with 1
                     validate: bool = True,              # check slot_map's range on the host (one sync)
                    ) -> torch.Tensor:                   # `out`
-    "Weighted sum over each token's slots: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`, fp32 accumulation."
+    """Weighted sum over each token's slots: `out[t] = Σ_k w[t,k]·expert_out.flat[slot_map[t,k]]`, fp32 accumulation.
+    ValueError naming `expert_out`, `topk_weights`, `slot_map`, `out` (shape, dtype, device, overlap, a non-unit stride
+    along hidden_size), `apply_router_weight_on_input` or `validate` (not bools), and with `validate` a `slot_map` value
+    outside [-1, E·max_tokens). Source: the weighted combine of vLLM's batched finalize
+    (`TopKWeightAndReduceNaiveBatched`) and of DeepEP LL's `low_latency_combine`, in one process."""
     check_tensor("expert_out", expert_out, ndim=3, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_bool("apply_router_weight_on_input", apply_router_weight_on_input); check_bool("validate", validate)
     E, M, H = expert_out.shape
@@ -277,7 +281,10 @@ def combine_pairs(y: torch.Tensor,           # [T·top_k, H] one row per (token,
                   local_ids: torch.Tensor,   # [T, top_k] int32/int64 local expert per slot; others have no row
                   num_local: int,            # local experts: ids outside [0, num_local) are skipped, never read
                  ) -> torch.Tensor:          # [T, H], y's dtype
-    "Each token's sum of its pairs' rows (the Standard format's finish), in one launch: `out[t] = Σ_k y[t·top_k + k]`."
+    """Each token's sum of its pairs' rows (the Standard format's finish), in one launch: `out[t] = Σ_k y[t·top_k + k]`.
+    ValueError naming `local_ids`, `y` (shape, dtype, device, non-unit stride along H) or `num_local`. Source: vLLM's
+    `ops.moe_sum` over top_k after GEMM2 (fused_moe.py); skipping non-local pairs (vLLM sums their zeroed rows) is
+    moe-lit's own."""
     check_tensor("local_ids", local_ids, ndim=2, dtype=(torch.int32, torch.int64))
     T, k = local_ids.shape
     check_tensor("y", y, shape=(T * k, None), dtype=(torch.bfloat16, torch.float16, torch.float32))
@@ -304,7 +311,9 @@ def _combine_pairs(y, local_ids, num_local,
 
 def check_addend(addend: torch.Tensor | None, hidden: torch.Tensor,
                  dtype: torch.dtype | None = None):   # the output's dtype, where it is not hidden's (FP8 hidden)
-    "A public experts call's `addend` (the shared experts' output): None, or `[T, H]` in the output's dtype (hidden's) and hidden's device, unit stride along H."
+    """A public experts call's `addend` (the shared experts' output): None, or `[T, H]` in the output's dtype (hidden's)
+    and hidden's device, unit stride along H. ValueError naming `addend` (shape, dtype, device, stride) or `hidden` (not
+    on a GPU without the interpreter). Source: moe-lit's own."""
     if addend is None: return
     check_tensor("addend", addend, shape=tuple(hidden.shape), dtype=dtype or hidden.dtype)
     check_kernel_device("hidden", hidden, addend=addend)
@@ -317,7 +326,7 @@ def _no_pairs(T: int, H: int, like: torch.Tensor, addend=None, join=None,
     if join is not None: join()
     return like.new_zeros(T, H, dtype=dtype or like.dtype) if addend is None else addend.clone()
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #89f6f24f7379
+# %% ../../nbs/07_kernels.dispatch.ipynb #e614bd3a120a
 @triton.jit
 def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
                        table_ptr,    # [num_experts + 1] int64 slot table, last entry -1
@@ -333,7 +342,9 @@ def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
 def local_slots(topk_ids: torch.Tensor,     # [T, top_k] int32/int64 global (physical) ids, -1 = none
                 slot_table: torch.Tensor,   # [num_experts + 1] int64 (`Placement.slot_table`), last entry -1
                ) -> torch.Tensor:           # [T, top_k] int64 local slot on this rank, -1 = not local
-    "`Placement.local_slot(topk_ids, validate=False)` in one launch: ids outside `[0, num_experts)` give -1; ValueError on a shape, dtype or device mismatch."
+    """`Placement.local_slot(topk_ids, validate=False)` in one launch: ids outside `[0, num_experts)` give -1;
+    ValueError on a shape, dtype or device mismatch. (It names `topk_ids` or `slot_table`.) Source: moe-lit's own (the
+    table is vLLM's `expert_map` plus a -1 entry)."""
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
     check_tensor("slot_table", slot_table, ndim=1, dtype=torch.int64)
     if slot_table.shape[0] < 1: raise ValueError("slot_table: expected [num_experts + 1] entries, got 0")
@@ -348,9 +359,11 @@ def _local_slots(topk_ids, slot_table) -> torch.Tensor:
                                                                BLOCK=1024)
     return out
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #0d1e1d0c272f
+# %% ../../nbs/07_kernels.dispatch.ipynb #abc0dd65fb27
 def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, **kw):
-    "Check `batched_dispatch` against `dispatch_batched_reference` on the local ids it should produce (test body)."
+    """Check `batched_dispatch` against `dispatch_batched_reference` on the local ids it should produce (test body).
+    Returns `(a, counts, slot_map)`. AssertionError on any mismatch; ValueError from `batched_dispatch` for bad
+    arguments. Source: moe-lit's own."""
     res = batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, **kw)
     a, counts, slot_map = res[:3]
     _, want_counts, want_map = dispatch_batched_reference(hidden.cpu(), local_ids.cpu(), num_local_experts, max_tokens)
