@@ -17,7 +17,7 @@ from .bench import measure_device, find_bench_results, source_commit, check_benc
 __all__ = ['LAYER_DEPLOYMENTS', 'LAYER_TOKENS', 'STEP_LAYERS', 'deployment_config', 'layer_floor', 'hf_moe_peer', 'bench_layer',
            'format_bench_layer', 'plot_bench_layer', 'load_bench_layer']
 
-# %% ../nbs/14a_bench_layer.ipynb #0ddd8503dc94
+# %% ../nbs/14a_bench_layer.ipynb #23f12d68f527
 LAYER_DEPLOYMENTS = [   # (name, preset, EP size, all2all backend, placement, transformers model_type or None)
     dict(name="Qwen3-30B-A3B, 1 GPU", model="qwen3-30b-a3b", ep=1, backend="none", placement="linear", hf="qwen3_moe"),
     dict(name="Qwen3-30B-A3B EP2 rank 0, nixl_ep", model="qwen3-30b-a3b", ep=2, backend="nixl_ep",
@@ -33,17 +33,21 @@ LAYER_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_LAYERS = 4                                   # layers of one deployment in the decode-step graph
 
 def deployment_config(dep: dict) -> MoEConfig:
-    "Rank 0's MoEConfig of a `LAYER_DEPLOYMENTS` entry (the preset on its EP deployment)."
+    """Rank 0's MoEConfig of a `LAYER_DEPLOYMENTS` entry (the preset on its EP deployment). ValueError naming `ep`
+    (< 1), `all2all_backend` (from `ParallelConfig.make`) or `name` (an unknown preset); KeyError for an entry without
+    model, ep or backend. Source: vLLM's wide-EP deployment, `FusedMoEParallelConfig.make` (`ParallelConfig.make`)."""
     ep = check_int("ep", dep["ep"], lo=1)
     par = ParallelConfig.make(1, ep, enable_expert_parallel=ep > 1, all2all_backend=dep["backend"])
     return rank_config(preset(dep["model"]).replace(parallel=par), 0)
 
-# %% ../nbs/14a_bench_layer.ipynb #ee3b22a1bb88
+# %% ../nbs/14a_bench_layer.ipynb #fdd5c332d72f
 def layer_floor(layer: FusedMoE,      # a layer on the GPU
                 x: torch.Tensor,      # [T, H] the batch
                 copy_Bps: float,      # the card's copy bandwidth (bytes/s, from measure_device)
                ) -> dict:
-    "`{bytes, floor_us, touched_experts}`: the bytes one forward of `x` must move, and their time at `copy_Bps`."
+    """`{bytes, floor_us, touched_experts}`: the bytes one forward of `x` must move, and their time at `copy_Bps`.
+    ValueError from the layer's router naming `hidden` for an `x` of the wrong shape; a zero `copy_Bps` is a
+    ZeroDivisionError. Source: moe-lit's own (the memory side of the roofline model, as `14_bench.roofline_floor`)."""
     nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts if t is not None)
     _, ids = layer.route(x)
     local = layer.placement.local_slot(ids)
@@ -54,7 +58,7 @@ def layer_floor(layer: FusedMoE,      # a layer on the GPU
     total = touched * per_expert + shared + router + 2 * nbytes(x)
     return dict(bytes=total, floor_us=total / copy_Bps * 1e6, touched_experts=touched)
 
-# %% ../nbs/14a_bench_layer.ipynb #7e3ede7e233c
+# %% ../nbs/14a_bench_layer.ipynb #d58c03c16229
 _HF_KEYS = {"qwen3_moe": lambda c: dict(num_experts=c.num_experts, moe_intermediate_size=c.intermediate_size,
                                         norm_topk_prob=c.renormalize, decoder_sparse_step=1, mlp_only_layers=[]),
             "mixtral": lambda c: dict(num_local_experts=c.num_experts, intermediate_size=c.intermediate_size)}
@@ -62,7 +66,10 @@ _HF_KEYS = {"qwen3_moe": lambda c: dict(num_experts=c.num_experts, moe_intermedi
 def hf_moe_peer(layer: FusedMoE,        # a single-device layer (all experts local) on the GPU
                 model_type: str,        # a key of _HF_KEYS: 'qwen3_moe' or 'mixtral'
                ) -> torch.nn.Module:
-    "transformers' MoE block of `model_type` at the layer's sizes, on its device and dtype, holding the layer's weights."
+    """transformers' MoE block of `model_type` at the layer's sizes, on its device and dtype, holding the layer's
+    weights. ValueError naming `model_type` (not 'qwen3_moe' or 'mixtral', or transformers' experts in another layout)
+    or `layer` (ep_size != 1); ImportError without transformers; AttributeError for a `layer` that is not a FusedMoE.
+    Source: transformers' `Qwen3MoeSparseMoeBlock` / `MixtralSparseMoeBlock` (via `testing.hf_moe_block`)."""
     import transformers
     from moe_lit.testing import tiny_hf_model, hf_moe_block
     from moe_lit.integrations.transformers import experts_recipe
@@ -81,7 +88,7 @@ def hf_moe_peer(layer: FusedMoE,        # a single-device layer (all experts loc
         block.gate.weight.copy_(layer.gate)
     return block
 
-# %% ../nbs/14a_bench_layer.ipynb #fe44154fb766
+# %% ../nbs/14a_bench_layer.ipynb #286217502680
 def _step_replays(layers: list, rows: list[dict], xs: dict, bench, copy_Bps: float) -> None:
     "Add `step_replay_us` (per layer) and `step_floor_us` (their mean floor) to `rows`: `layers` in one graph per T."
     side = torch.cuda.Stream()
@@ -148,7 +155,11 @@ def bench_layer(out_json: str | Path | None = None,
                 on_rows=None,                         # called with each deployment's rows as they finish
                 step_layers: int = STEP_LAYERS,       # layers in the decode-step graph (1: no step rows)
                ) -> dict:
-    "Measure the card, then every deployment at every T: floor, eager, replayed, in a step, transformers; JSON if `out_json`."
+    """Measure the card, then every deployment at every T: floor, eager, replayed, in a step, transformers; JSON if
+    `out_json`. ValueError naming `out_json (--out)` (`check_bench_args`), `step_layers` (not an int in [1, 64]) or,
+    without a CUDA GPU, `device` (`measure_device`); `deployments`, `tokens` and `seed` are not checked here
+    (`deployment_config`'s and `FusedMoE`'s errors). Source: moe-lit's own; triton.testing's `do_bench`, torch's CUDA
+    graphs, and transformers' MoE blocks as the peers."""
     check_bench_args(out_json)
     check_int("step_layers", step_layers, lo=1, hi=65)
     device = measure_device()
@@ -160,9 +171,11 @@ def bench_layer(out_json: str | Path | None = None,
     if out_json is not None: Path(out_json).write_text(json.dumps(report, indent=1))
     return report
 
-# %% ../nbs/14a_bench_layer.ipynb #d05fd23ba372
+# %% ../nbs/14a_bench_layer.ipynb #bf4dcf7d74a6
 def format_bench_layer(report: dict) -> str:
-    "The layer rows as a text table: µs and the ratios that matter (replay / floor, host overhead, vs transformers)."
+    """The layer rows as a text table: µs and the ratios that matter (replay / floor, host overhead, vs transformers).
+    Nothing is checked: KeyError for rows without `bench_layer`'s keys, ZeroDivisionError for a `floor_us` of 0.
+    Source: moe-lit's own."""
     lines = [f"{'deployment':<46}{'T':>4}{'experts':>8}{'floor':>8}{'eager':>9}{'replay':>9}{'replay/floor':>13}"
              f"{'host':>8}{'step':>8}{'step/floor':>11}{'hf grouped':>11}{'hf batched':>11}"]
     for r in report["rows"]:
@@ -175,7 +188,9 @@ def format_bench_layer(report: dict) -> str:
     return "\n".join(lines)
 
 def plot_bench_layer(report: dict):
-    "One panel per deployment: µs against T (log-log) for floor, eager, replay and transformers. Returns the Figure."
+    """One panel per deployment: µs against T (log-log) for floor, eager, replay and transformers. Returns the Figure.
+    Nothing is checked: KeyError for rows without `bench_layer`'s keys, matplotlib's ValueError for a report of no
+    rows. Source: moe-lit's own (matplotlib)."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(dict.fromkeys(r["deployment"] for r in report["rows"]))
@@ -198,5 +213,6 @@ def plot_bench_layer(report: dict):
     return fig
 
 def load_bench_layer(path) -> dict:
-    "A committed layer benchmark JSON (by path, or by name under `nbs/bench/`)."
+    """A committed layer benchmark JSON (by path, or by name under `nbs/bench/`). ValueError naming `paths` when no
+    such file exists (`find_bench_results`); json's JSONDecodeError for one that is not JSON. Source: moe-lit's own."""
     return json.loads(find_bench_results(path).read_text())

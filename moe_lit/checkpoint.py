@@ -88,9 +88,14 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
         else: runs.append((g, g + 1))
     return runs
 
-# %% ../nbs/11c_checkpoint.ipynb #863c50b86593
+# %% ../nbs/11c_checkpoint.ipynb #f4a452add490
 class CheckpointWeights(WeightSource):
-    "One MoE layer of a Hugging Face checkpoint directory (config.json + safetensors), served in moe-lit's layout."
+    """One MoE layer of a Hugging Face checkpoint directory (config.json + safetensors), served in moe-lit's layout.
+    Construction reads config.json and the safetensors headers only. ValueError naming `checkpoint_dir` (not a path,
+    no directory, no config.json or safetensors), `layer_index` (not an int, not an MoE layer), `dtype` or `parallel`
+    (MoEConfig's checks), a config.json key (`config.json ...`: model_type, sizes, quantization_config), or
+    `checkpoint` (a key missing, of the wrong shape or dtype, an unreadable shard). Source: Hugging Face's safetensors checkpoints as transformers saves them
+    (`11b_layouts`), served in vLLM's FusedMoE layout (`w13` gate rows then up rows)."""
     def __init__(self, checkpoint_dir: str | Path,                # a directory holding config.json and safetensors
                  layer_index: int,                               # the decoder layer, one of moe_layer_indices
                  parallel: ParallelConfig | None = None,         # deployment; None = single device
@@ -112,7 +117,7 @@ class CheckpointWeights(WeightSource):
 
     @property
     def description(self) -> str:
-        "One line for reports: where the weights come from."
+        "One line for reports: where the weights come from. Raises nothing. Source: moe-lit's own."
         return (f"checkpoint {self.checkpoint_dir}, layer {self.layer_index} ({self.model_type}, "
                 f"{'fused' if self.fused else 'per-expert'} experts, {self.quant_scheme or 'float'} weights)")
 
@@ -316,10 +321,12 @@ def _read_experts(self: CheckpointWeights, key: str, ids: list[int], raw: bool =
     parts = [get(key, run) for run in _runs(ids)]
     return torch.cat(parts) if parts else get(key, (0, 0))
 
-# %% ../nbs/11c_checkpoint.ipynb #f9934c60e68e
+# %% ../nbs/11c_checkpoint.ipynb #d8fbf4d43b08
 @patch
 def router(self: CheckpointWeights) -> dict[str, torch.Tensor]:
-    "`gate [E, H]`, and `gate_bias [E]` / `e_score_correction_bias [E]` when the config has them."
+    """`gate [E, H]`, and `gate_bias [E]` / `e_score_correction_bias [E]` when the config has them, as stored (FP8 keys
+    dequantized). ValueError naming `checkpoint` when a shard has become unreadable or a key is gone since
+    construction. Source: the family's router keys (`11b_layouts`), e.g. transformers' `gate.weight`."""
     c, p, L = self.config, self.prefix, self.layout
     with self._shards:
         out = {"gate": self._read(p + L.router)}
@@ -329,7 +336,9 @@ def router(self: CheckpointWeights) -> dict[str, torch.Tensor]:
 
 @patch
 def shared(self: CheckpointWeights) -> dict[str, torch.Tensor] | None:
-    "The shared expert: `w13 [2·I_s, H]` (gate rows then up rows), `w2 [H, I_s]` (+ `gate [1, H]`); None without one."
+    """The shared expert: `w13 [2·I_s, H]` (gate rows then up rows), `w2 [H, I_s]` (+ `gate [1, H]`); None without one.
+    ValueError naming `checkpoint` for an unreadable shard, or FP8 codes or scales that are NaN or not > 0. Source:
+    the family's `shared_experts.` / `shared_expert.` keys (`11b_layouts`), stacked as vLLM's `w13`."""
     c = self.config
     if not c.num_shared_experts: return None
     s = self.prefix + self.layout.shared
@@ -371,7 +380,7 @@ def _dequantized_mxfp4(self: CheckpointWeights, which: str, ids: list[int]) -> t
     codes, scales = self._mxfp4_parts(which, ids)
     return dequantize_mxfp4(codes, scales, self.config.dtype)[..., :K]
 
-# %% ../nbs/11c_checkpoint.ipynb #6cf96b7cddc4
+# %% ../nbs/11c_checkpoint.ipynb #a0350f30d339
 @patch
 def _per_expert(self: CheckpointWeights, ids: list[int]) -> dict[str, torch.Tensor]:
     "w13 / w2 (+ biases) of `ids` from per-expert keys: only the keys of experts `ids` are opened."
@@ -391,16 +400,21 @@ def _per_expert(self: CheckpointWeights, ids: list[int]) -> dict[str, torch.Tens
 
 @patch
 def experts(self: CheckpointWeights, expert_ids) -> dict[str, torch.Tensor]:
-    "Floats of the global experts `expert_ids`: `w13 [n, 2·I, H]` (gate rows then up rows), `w2 [n, H, I]` (+ biases)."
+    """Floats of the global experts `expert_ids`: `w13 [n, 2·I, H]` (gate rows then up rows), `w2 [n, H, I]` (+ biases).
+    ValueError naming `expert_ids` / `expert_ids[k]` (`check_expert_ids`), or `checkpoint` for an unreadable shard or
+    bad stored values (NaN FP8 codes, scales not > 0, e8m0 byte 255). Source: the checkpoint layouts of `11b_layouts`
+    (gpt-oss's interleaved, Llama-4's transposed fused tensors) turned into vLLM's `w13` / `w2` layout."""
     ids = check_expert_ids(expert_ids, self.config.num_experts)
     with self._shards: return self._fused_experts(ids) if self.fused else self._per_expert(ids)
 
-# %% ../nbs/11c_checkpoint.ipynb #1c8cca7c42e1
+# %% ../nbs/11c_checkpoint.ipynb #1fc6a53f0641
 @patch
 def quantized_experts(self: CheckpointWeights, expert_ids, scheme: str):
     """The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when the checkpoint stores them in
     `scheme` (a QUANT_SCHEMES name or a short name, 'fp8'); None when it stores them otherwise, or `scheme` is None.
-    ValueError naming `scheme` for an unknown name, `expert_ids[k]` for an id outside [0, num_experts)."""
+    ValueError naming `scheme` for an unknown name, `expert_ids[k]` for an id outside [0, num_experts). Source: the
+    FP8 block (DeepSeek-V3 `weight_scale_inv`) and MXFP4 (gpt-oss `_blocks` / `_scales`, transformers'
+    `convert_moe_packed_tensors`) checkpoint formats."""
     ids = check_expert_ids(expert_ids, self.config.num_experts)
     if scheme is not None: scheme = quant_scheme_name(scheme, "scheme")
     if scheme is None or scheme != self.quant_scheme: return None

@@ -11,12 +11,15 @@ from .placement import Placement, expert_block, round_robin_routing_tables
 # %% auto #0
 __all__ = ['dispatch_destinations', 'send_plan', 'receive_layout', 'check_count_table', 'slab_sources', 'plot_dispatch']
 
-# %% ../nbs/13_dispatch_plan.ipynb #963de5e22f83
+# %% ../nbs/13_dispatch_plan.ipynb #b88157f27490
 def dispatch_destinations(
     placement: Placement,     # a rank's placement; every rank of the deployment gives the same answer
     topk_ids: torch.Tensor,   # [num_tokens, top_k] int32/int64, global (physical under EPLB) ids, -1 = empty slot
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (dest_rank, dest_slot): [num_tokens, top_k] int64 each, -1 for empty slots
-    "Owner rank and local slot of every `(token, k)` pair, found as DeepEP low-latency does: by physical id blocks."
+    """Owner rank and local slot of every `(token, k)` pair, found as DeepEP low-latency does: by physical id blocks.
+    ValueError naming `placement` (not a Placement) or `topk_ids` (not 2-D int32/int64, or an id outside
+    [-1, num_experts)). Source: vLLM's `DeepEPLLPrepareAndFinalize`, which sends `global_to_physical[topk_ids]` to
+    DeepEP's `low_latency_dispatch` (fused_moe/prepare_finalize/deepep_ll.py)."""
     if not isinstance(placement, Placement): raise ValueError(f"placement: expected a Placement, got {type(placement).__name__}")
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
     p, ids = placement, topk_ids.long()
@@ -32,9 +35,13 @@ def dispatch_destinations(
     slot = phys - offsets[rank]
     return rank.masked_fill(ids < 0, -1), slot.masked_fill(ids < 0, -1)
 
-# %% ../nbs/13_dispatch_plan.ipynb #8cd8e4651a09
-def send_plan(placement: Placement, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(order [n_send] int64 flat pair index t·top_k + k in send order, counts [S, max_local] int64)`."
+# %% ../nbs/13_dispatch_plan.ipynb #07154a0e599f
+def send_plan(placement: Placement,     # this (sending) rank's placement
+              topk_ids: torch.Tensor,    # [T, top_k] int32/int64 global (physical) ids, -1 = empty slot
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(order [n_send] int64 flat pair index t·top_k + k in send order, counts [S, max_local] int64)`.
+    ValueError naming `placement` or `topk_ids`, from `dispatch_destinations`. Source: moe-lit's own (no counterpart
+    in vLLM: DeepEP's dispatch kernel plans on the GPU)."""
     dest_rank, dest_slot = dispatch_destinations(placement, topk_ids)
     width = expert_block(placement.num_experts, placement.ep_size, 0)[1]    # rank 0 holds the most experts
     key = (dest_rank * width + dest_slot).flatten()
@@ -43,8 +50,14 @@ def send_plan(placement: Placement, topk_ids: torch.Tensor) -> tuple[torch.Tenso
     counts = torch.bincount(sorted_key, minlength=placement.ep_size * width).view(placement.ep_size, width)
     return valid[perm], counts
 
-def receive_layout(recv_table: torch.Tensor, num_local_experts: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(rows [n_recv] int64: e·capacity + row of each arriving pair, senders [n_recv] int64)` from `recv_table [S, max_local]`."
+def receive_layout(recv_table: torch.Tensor,   # [S_send, max_local] int64, pairs each sender sends this rank per slot
+                   num_local_experts: int,      # this rank's slabs (<= max_local)
+                   capacity: int,               # rows of a slab (max_num_tokens_per_rank · S)
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(rows [n_recv] int64: e·capacity + row of each arriving pair, senders [n_recv] int64)` from
+    `recv_table [S, max_local]`. Checks nothing (`check_count_table` checks the counts against `capacity` first); a
+    `num_local_experts` above `max_local` is a torch RuntimeError. Source: moe-lit's own order (senders in rank order
+    within a slab) in the slab shape `[E_local, capacity, H]` of DeepEP low-latency's receive buffer."""
     cnt = recv_table[:, :num_local_experts]                                 # [S_send, E_local]
     dev, flat = cnt.device, cnt.flatten()                                   # sender-major, as the rows arrive
     base = cnt.cumsum(0) - cnt                                              # rows of slot e taken by earlier senders
@@ -54,12 +67,17 @@ def receive_layout(recv_table: torch.Tensor, num_local_experts: int, capacity: i
     senders = torch.arange(cnt.shape[0], device=dev).repeat_interleave(num_local_experts).repeat_interleave(flat)
     return start.flatten().repeat_interleave(flat) + within, senders
 
-# %% ../nbs/13_dispatch_plan.ipynb #4173b2c31e34
+# %% ../nbs/13_dispatch_plan.ipynb #56cf1a0c9a4c
 def check_count_table(table: torch.Tensor,       # [S_send, S_recv, max_local] int64, pairs per (sender, rank, slot)
-                       token_counts: list,        # tokens of each rank
+                       token_counts: list,        # tokens of each rank (ints, rank order)
                        num_experts: int,          # physical experts placed
-                       max_num_tokens_per_rank: int) -> None:
-    "Raise the same ValueError on every rank when any rank's tokens or any slab's rows exceed the capacity."
+                       max_num_tokens_per_rank: int,   # per-rank token cap (tokens); slabs hold this · S rows
+                      ) -> None:
+    """Raise the same ValueError on every rank when any rank's tokens or any slab's rows exceed the capacity.
+    ValueError naming `num_tokens` (a rank over `max_num_tokens_per_rank`), `expert_num_tokens` (a slab over
+    `max_num_tokens_per_rank · S` rows) or `placement` (pairs for a slot a rank does not hold); the arguments' types are
+    not checked (the callers build them). Source: vLLM's DeepEP low-latency capacity (`max_tokens_per_rank`, slabs of
+    `max_tokens_per_rank × num_dispatchers` rows); raising on every rank is moe-lit's own (bug class E.24)."""
     S = len(token_counts)
     over = [r for r, n in enumerate(token_counts) if n > max_num_tokens_per_rank]
     if over:
@@ -76,13 +94,16 @@ def check_count_table(table: torch.Tensor,       # [S_send, S_recv, max_local] i
             raise ValueError(f"placement: expected every rank to place {num_experts} experts the same way, got pairs "
                              f"for a local slot rank {r} does not hold")
 
-# %% ../nbs/13_dispatch_plan.ipynb #c64dcb5d3e04
+# %% ../nbs/13_dispatch_plan.ipynb #e06bc0c0df04
 def slab_sources(
     placements: list,               # one Placement per rank, rank order
     topk_ids: list,                 # one [T_r, top_k] int32/int64 tensor of dispatched ids per rank
     max_num_tokens_per_rank: int,   # per-rank token cap; slabs hold max_num_tokens_per_rank · S rows
 ) -> list:                          # per rank: [E_local, max_num_tokens_per_rank · S] int64, sender rank, -1 = padding
-    "Single-process emulation of the all-to-all dispatch: the sender of every slab row on every rank."
+    """Single-process emulation of the all-to-all dispatch: the sender of every slab row on every rank.
+    ValueError naming `placements` (empty, not Placements, not ranks 0..S-1 of one deployment), `topk_ids` (not one
+    2-D int tensor per rank, or an id out of range), `max_num_tokens_per_rank` (< 1), or `check_count_table`'s
+    capacity overflow. Source: moe-lit's own (the plan `AllToAllBatchedPrepareFinalize` runs across processes)."""
     if not isinstance(placements, (list, tuple)) or not placements or not all(isinstance(p, Placement) for p in placements):
         raise ValueError(f"placements: expected a non-empty list of Placement, got {placements!r:.80}")
     S = len(placements)
@@ -106,13 +127,14 @@ def slab_sources(
         out.append(src.view(p.num_local_experts, cap))
     return out
 
-# %% ../nbs/13_dispatch_plan.ipynb #8dd9aaf13db8
+# %% ../nbs/13_dispatch_plan.ipynb #fe03050491ec
 def plot_dispatch(
     placements: list,               # one Placement per rank
-    topk_ids: list,                 # one [T_r, top_k] tensor of dispatched ids per rank
+    topk_ids: list,                 # one [T_r, top_k] int32/int64 tensor of dispatched ids per rank
     max_num_tokens_per_rank: int,   # per-rank token cap (slab capacity = this · S)
 ):                                  # matplotlib Figure
-    "One panel per receiving rank: its slabs `[E_local, capacity]`, each row coloured by the rank that sent it."
+    """One panel per receiving rank: its slabs `[E_local, capacity]`, each row coloured by the rank that sent it.
+    ValueError as `slab_sources` raises it, before matplotlib is imported. Source: moe-lit's own figure."""
     sources = slab_sources(placements, topk_ids, max_num_tokens_per_rank)   # validates before importing matplotlib
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -25,19 +25,23 @@ from .transport import (all_gather_rows, config_rank_in_group, group_device, ini
 # %% auto #0
 __all__ = ['split_tokens', 'DistributedRun', 'run_distributed', 'run_job', 'main']
 
-# %% ../nbs/13b_distributed.ipynb #c92d0a227cdb
+# %% ../nbs/13b_distributed.ipynb #384ea812a016
 def split_tokens(num_tokens: int,   # tokens in the whole batch
                  num_ranks: int,    # ranks sharing it
                 ) -> list:          # tokens of each rank
-    "Split a batch over ranks as evenly as possible, the first `num_tokens % num_ranks` ranks taking one more."
+    """Split a batch over ranks as evenly as possible, the first `num_tokens % num_ranks` ranks taking one more.
+    ValueError from `check_int` naming `num_tokens` (not an int >= 0) or `num_ranks` (not an int >= 1). Source: the
+    split of `torch.tensor_split` (the first `n % k` sections one larger), the rule linear placement follows."""
     check_int("num_tokens", num_tokens, lo=0); check_int("num_ranks", num_ranks, lo=1)
     base, rem = divmod(num_tokens, num_ranks)
     return [base + (r < rem) for r in range(num_ranks)]
 
-# %% ../nbs/13b_distributed.ipynb #52428a02d276
+# %% ../nbs/13b_distributed.ipynb #2d34ffd0fc7a
 @dataclass
 class DistributedRun:
-    "What `run_distributed` returns on every rank; the references and the report on rank 0 only."
+    """What `run_distributed` returns on every rank; the references and the report on rank 0 only.
+    Raises nothing: a plain dataclass, its fields are not checked (`run_distributed` fills them). Source: moe-lit's own
+    (no counterpart in vLLM)."""
     config: MoEConfig                       # this rank's config
     placement: Placement                    # this rank's placement
     token_counts: list                      # tokens of each rank
@@ -87,7 +91,7 @@ def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: tor
             if r is not None: r += shared_ref
     return single.to(config.dtype), ref, ref_float, ref_kernels
 
-# %% ../nbs/13b_distributed.ipynb #be9c63ce57d3
+# %% ../nbs/13b_distributed.ipynb #2cb924399db3
 def run_distributed(config: MoEConfig,                 # the model on its deployment: parallel.ep_size = world size
                     num_tokens: int = 64,              # tokens in the whole batch, split over the ranks
                     placement: str | None = None,      # requested placement: 'linear' or 'round_robin' (None: linear)
@@ -102,7 +106,8 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
     (float64, and for the Triton quantized experts their own spec). Returns a `DistributedRun` on every rank, its
     references and report on rank 0. A collective: every rank calls it with the same arguments. ValueError, on every
     rank alike, naming the argument for a bad config, token counts, seed, placement, experts or `quant`, ranks that
-    disagree, or a capacity overflow."""
+    disagree, or a capacity overflow. Source: moe-lit's own job (`moe-lit run` across processes); the dispatch and
+    combine follow vLLM's all2all backends (`13a_transport`)."""
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
     weights, quant = RandomExpertWeights(config, seed), quant_scheme_name(quant)
@@ -220,18 +225,24 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
-# %% ../nbs/13b_distributed.ipynb #56626cf17c1b
+# %% ../nbs/13b_distributed.ipynb #5d84614c9b63
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
-            placement: str | None = None, tokens: int = 64, seed: int = 0,
+            placement: str | None = None,          # 'linear' or 'round_robin'; None: linear
+            tokens: int = 64,                      # tokens in the whole batch (>= 1), split over the ranks
+            seed: int = 0,                         # seed of the weights and the tokens
             dtype: str | None = None,              # 'bf16', 'fp16', 'fp32'; None: the model's own
-            experts: str = "auto", max_tokens_per_rank: int | None = None,
+            experts: str = "auto",                 # 'auto', 'torch' or 'triton'
+            max_tokens_per_rank: int | None = None,   # batched capacity (tokens a rank); None: the model's
             timeout: float = 600.0,                # seconds a collective may wait for its peers
             as_json: bool = False,                 # exit status: 0, 1 when a check fails, 2 on bad input
             config: str | None = None,             # a config.json (file or directory) instead of `model`
             quant: str = "unquantized") -> int:    # the experts' scheme (a QUANT_SCHEMES name or short name)
-    "The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report."
+    """The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report.
+    Returns 0, 1 when a check fails (rank 0), or 2 on bad input: a ValueError from joining the group or from the job is
+    printed to stderr naming the flag (`--timeout`, `--tokens`, `--ep`, ...) and not raised. Other errors (a peer that
+    dies, a collective's timeout) propagate. Source: moe-lit's own (what torchrun runs on each rank)."""
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try: rank, world, _ = init_distributed(timeout)
     except ValueError as e:                             # the flag's name, not the function's argument
@@ -261,7 +272,9 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
     return status
 
 def main(argv: list | None = None) -> int:
-    "`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report."
+    """`torchrun --nproc-per-node N -m moe_lit.distributed ...`: the main job on N processes; rank 0 prints the report.
+    A bad flag or choice raises SystemExit(2) from argparse (`--help`: SystemExit(0)); otherwise `run_job`'s status.
+    Source: argparse for the options; torchrun (torch.distributed.run) for the environment each process gets."""
     a = _parser().parse_args(argv)
     return run_job(a.model, a.ep, a.all2all, a.placement, a.tokens, a.seed, a.dtype, a.experts, a.max_tokens_per_rank,
                    a.timeout, a.json, a.config, a.quant)

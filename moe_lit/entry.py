@@ -9,7 +9,7 @@ import argparse, sys
 # %% auto #0
 __all__ = ['COMMANDS', 'command_parser', 'main']
 
-# %% ../nbs/15a_entry.ipynb #c66c998a3026
+# %% ../nbs/15a_entry.ipynb #f43f99e179f5
 COMMANDS = {   # subcommand -> what it does (the top-level help)
     "run": "build a model's MoE layer on a deployment and report every decision and check",
     "tables": "print the placement and routing tables of a deployment",
@@ -23,7 +23,9 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 def command_parser() -> tuple[argparse.ArgumentParser, dict]:
-    "`(parser, {subcommand: its parser})`: the `moe-lit` command with its subcommands and none of their options."
+    """`(parser, {subcommand: its parser})`: the `moe-lit` command with its subcommands and none of their options.
+    Raises nothing itself; the parser it returns raises SystemExit(2) for a bad command line and SystemExit(0) after
+    `--help` or `--version`, as argparse does. Source: argparse's subcommands (`add_subparsers`)."""
     from moe_lit import __version__
     fmt = _DefaultsHelp
     ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
@@ -35,7 +37,10 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict]:
                 for name, text in COMMANDS.items()}
 
 def main(argv: list[str] | None = None) -> int:
-    "The `moe-lit` console script: `--version` and `--help` from the skeleton alone; anything else is `moe_lit.cli.main`."
+    """The `moe-lit` console script: `--version` and `--help` from the skeleton alone; anything else is
+    `moe_lit.cli.main`. Returns 0 after `--version`/`--help`, 2 for a bad `MOE_LIT_*` environment switch (one line on
+    stderr); other ValueErrors from importing `moe_lit.cli` propagate, and a bad command line is argparse's
+    SystemExit(2) from `moe_lit.cli.main`. Source: argparse, and the console-script entry point of the package."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args in (["--version"], ["--help"], ["-h"]):
         try: command_parser()[0].parse_args(args)       # prints, then exits

@@ -14,10 +14,13 @@ from .quant import QUANT_SCHEME_TABLE
 __all__ = ['LAYOUTS', 'MAX_LAYERS', 'MOE_LAYER_RULES', 'MOE_LAYER_KEYS', 'QUANT_METHODS', 'CheckpointLayout', 'checkpoint_layout',
            'moe_layer_indices', 'moe_layer_rule', 'quant_scheme_from_hf']
 
-# %% ../nbs/11b_layouts.ipynb #389d1388cd39
+# %% ../nbs/11b_layouts.ipynb #1fa4ab6d3d6a
 @dataclass(frozen=True)
 class CheckpointLayout:
-    "Where one model family's checkpoint keeps a MoE layer's tensors; keys are relative to its prefix."
+    """Where one model family's checkpoint keeps a MoE layer's tensors; keys are relative to its prefix. A frozen
+    record; it checks nothing and raises nothing (`LAYOUTS` is its only producer). Source: transformers'
+    `conversion_mapping.py` and each family's `modeling_*.py` (e.g. `GptOssExperts`, `Llama4TextExperts`), with the
+    key names read off `save_pretrained` checkpoints (table above)."""
     prefixes: tuple                               # layer N's MoE block ('{N}' = the index): the first holding the router wins
     router: str = "gate.weight"                   # [E, H]
     router_bias: str | None = None                # [E], added to the logits (read when config.has_router_bias)
@@ -90,13 +93,15 @@ MOE_LAYER_RULES = {   # rule -> (config dict, model_type, number of layers) -> i
     "moe_layers": _rule_moe_layers,
 }
 
-# %% ../nbs/11b_layouts.ipynb #55d8f7f586d7
+# %% ../nbs/11b_layouts.ipynb #1237e584a5f6
 def _check_config_dict(cfg):
     if not isinstance(cfg, dict): raise ValueError(f"cfg: expected a config.json's contents (a dict), got {type(cfg).__name__}")
 
 def checkpoint_layout(cfg: dict,  # a config.json's contents
                      ) -> tuple[str, CheckpointLayout]:
-    "(model_type, its CheckpointLayout) of a config.json dict (the top-level model_type names the key prefix); ValueError for an unknown or non-str model_type."
+    """(model_type, its CheckpointLayout) of a config.json dict (the top-level model_type names the key prefix);
+    ValueError for an unknown or non-str model_type, and naming `cfg` when it is not a dict. Source: moe-lit's own
+    `LAYOUTS` table, read from transformers' `conversion_mapping.py` and `modeling_*.py` (table above)."""
     _check_config_dict(cfg)
     t = cfg.get("model_type")
     if t is not None and not isinstance(t, str):     # as moe_lit.models reads it: a str, looked up in a table
@@ -108,8 +113,12 @@ def checkpoint_layout(cfg: dict,  # a config.json's contents
 
 def moe_layer_indices(config,  # a config.json's contents (dict), its path, or the checkpoint directory
                      ) -> list[int]:
-    "The indices of the decoder layers of `config` that are MoE layers, by its family's rule (table above)."
-    if not isinstance(config, dict): config = read_config_json(config)[0]
+    """The indices of the decoder layers of `config` that are MoE layers, by its family's rule (table above). ValueError
+    naming `config` (not a dict, a missing file), the config.json key at fault (`model_type`,
+    `num_hidden_layers` absent or past 2^16, a rule's key such as `first_k_dense_replace`, `decoder_sparse_step`,
+    `mlp_only_layers`, `moe_layers`), or an unreadable JSON file. Source: transformers' decoder layers
+    (`DeepseekV3DecoderLayer`, `Qwen2MoeDecoderLayer`, ...) and config-class defaults (note above)."""
+    if not isinstance(config, dict): config = read_config_json(config, "config")[0]
     t, layout = checkpoint_layout(config)
     text = text_config_view(config)
     if text.get("num_hidden_layers") is None:
@@ -130,7 +139,7 @@ def moe_layer_rule(config,  # a config.json's contents (dict), its path, or the 
     default), e.g. "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=2, first_k_dense_replace=1,
     and "moe_layer_freq=2 is not read (transformers' rule)" where the config has a value other than 1 -- for an error
     that says why a layer is not an MoE layer. ValueError as `moe_layer_indices`."""
-    if not isinstance(config, dict): config = read_config_json(config)[0]
+    if not isinstance(config, dict): config = read_config_json(config, "config")[0]
     t, layout = checkpoint_layout(config)
     text = text_config_view(config)
     keys = ("num_hidden_layers", *MOE_LAYER_KEYS[layout.moe_layers])

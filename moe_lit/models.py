@@ -162,21 +162,23 @@ HF_KEYS: dict[str, tuple] = {   # moe-lit field -> config.json spellings, in the
     "intermediate_size": hf_names("intermediate_size"),   # moe_intermediate_size first: it wins when both are present
 }
 
-# %% ../nbs/02_models.ipynb #008dab67b0d2
-def read_config_json(path_or_dict) -> tuple[dict, str]:
+# %% ../nbs/02_models.ipynb #c77688925d33
+def read_config_json(path_or_dict,
+                     name: str = "path_or_dict",   # the caller's argument, named in the errors
+                     ) -> tuple[dict, str]:
     """The config dict, and a fallback model name: the file's stem unless it is 'config', else its directory's name.
-    ValueError naming `path_or_dict`: not a dict, str or Path, no such file, or (from `read_json_object`) not a JSON
+    ValueError naming `name` (default `path_or_dict`): not a dict, str or Path, no such file, or (from `read_json_object`) not a JSON
     object; a dict is returned unchecked. Source: moe-lit's own (Hugging Face's config.json layout)."""
     if isinstance(path_or_dict, dict): return path_or_dict, ""
     if not isinstance(path_or_dict, (str, Path)):
-        raise ValueError(f"path_or_dict: expected a dict, a config.json path or a directory, "
+        raise ValueError(f"{name}: expected a dict, a config.json path or a directory, "
                          f"got {type(path_or_dict).__name__}")
     p = Path(path_or_dict)
     if p.is_dir(): p = p / "config.json"
     if not p.is_file():
-        raise ValueError(f"path_or_dict: expected an existing config.json or a directory holding one, "
+        raise ValueError(f"{name}: expected an existing config.json or a directory holding one, "
                          f"got '{path_or_dict}'")
-    cfg = read_json_object(p, "path_or_dict")
+    cfg = read_json_object(p, name)
     return cfg, p.stem if p.stem != "config" else p.resolve().parent.name   # gpt-oss-20b.json names its model
 
 def text_config_view(cfg: dict) -> dict:

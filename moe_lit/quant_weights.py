@@ -48,7 +48,7 @@ def _scale_shape(scheme: str, E: int, N: int, K: int, block: tuple | None, layou
     if scheme == "fp8_w8a8_block": return (E, -(-N // block[0]), -(-K // block[1]))
     return (E, N, 2 * _storage_cols(scheme, K, layout) // FP4_GROUP[scheme])
 
-# %% ../nbs/09a_quant_weights.ipynb #b61a06d76a78
+# %% ../nbs/09a_quant_weights.ipynb #a3234a0a295a
 def _check_block_shape(scheme: str, block) -> tuple | None:
     "The scale group of `scheme`: fixed for FP4, None for tensor/channel, a (rows, power-of-2 ≥ 32 cols) pair for block."
     if block is not None and not isinstance(block, (tuple, list)):
@@ -71,16 +71,23 @@ def quant_weight_shapes(scheme: str,      # one of QUANT_SCHEMES
                         E: int, N: int, K: int,   # experts, rows and (unpadded) columns of one weight [E, N, K]
                         block_shape: tuple | None = None,  # FP8 block scale group, default (128, 128)
                        ) -> tuple[tuple, tuple]:
-    "`(codes shape, scale shape)` of a weight `[E, N, K]` stored in `scheme` (what a checkpoint loader allocates)."
+    """`(codes shape, scale shape)` of a weight `[E, N, K]` stored in `scheme` (what a checkpoint loader allocates).
+    ValueError naming `scheme` (a full name: short names are refused), `E` (< 0), `N`, `K` (< 1) or `block_shape`.
+    Source: vLLM's quantized FusedMoE parameter shapes (ModelOpt NVFP4 `w13_weight [E, 2I, H/2]`, MXFP4 scales
+    `[E, 2I, H/32]`; FP8 block scales ceil-div, vLLM #48173)."""
     check_choice("scheme", scheme, QUANT_SCHEMES)
     for name, v in (("E", E), ("N", N), ("K", K)): check_int(name, v, lo=0 if name == "E" else 1)
     block = _check_block_shape(scheme, block_shape)
     return (E, N, _storage_cols(scheme, K)), _scale_shape(scheme, E, N, K, block)
 
-# %% ../nbs/09a_quant_weights.ipynb #a5f6122320a7
+# %% ../nbs/09a_quant_weights.ipynb #cfdfba51776e
 @dataclass(frozen=True)
 class QuantizedExpertWeights:
-    "The quantized `w13`/`w2` of `E` experts in one scheme: codes, scales, NVFP4 global scales and the unpadded K."
+    """The quantized `w13`/`w2` of `E` experts in one scheme: codes, scales, NVFP4 global scales and the unpadded K.
+    Construction raises ValueError naming `scheme`, `fp4_layout`, `hidden_size`, `intermediate_size`, `block_shape`,
+    or the tensor at fault (`w13`, `w2`, `*_scale`, `*_global_scale`: shape, dtype, device, density, NaN codes or
+    scales, mma128 alignment, chunk padding). Source: vLLM's quantized FusedMoE parameters (`w13_weight`,
+    `w13_weight_scale`, NVFP4's `w13_weight_scale_2` global); the re-laid `fp4_layout`s are moe-lit's own."""
     scheme: str                      # one of QUANT_SCHEMES
     w13: torch.Tensor                # [E, 2·I, H] float8_e4m3fn, or [E, 2·I, H_pad/2] uint8 (two e2m1 codes a byte)
     w13_scale: torch.Tensor          # quant_weight_shapes(...)[1]: fp32 (fp8), uint8 e8m0 (MXFP4), e4m3 (NVFP4)
@@ -175,18 +182,20 @@ def _check_chunk_padding(name: str, codes, scale, K: int, scheme: str, layout: s
         raise ValueError(f"{name}: expected the {layout} padding past K = {K} to hold code 0 with scale 1 (as relayout "
                          f"writes it), got other values")
 
-# %% ../nbs/09a_quant_weights.ipynb #273f96111340
+# %% ../nbs/09a_quant_weights.ipynb #8568ffbb0af1
 @patch
 def weight_parts(self: QuantizedExpertWeights, which: str) -> tuple:
-    "`(codes, scale, global scale or None, N, K)` of `which` in ('w13', 'w2'); K is the unpadded K."
-    check_choice("weight", which, ("w13", "w2"))
+    """`(codes, scale, global scale or None, N, K)` of `which` in ('w13', 'w2'); K is the unpadded K. ValueError
+    naming `which` for any other name. Source: moe-lit's own."""
+    check_choice("which", which, ("w13", "w2"))
     codes = getattr(self, which)
     K = self.hidden_size if which == "w13" else self.intermediate_size
     return codes, getattr(self, which + "_scale"), getattr(self, which + "_global_scale"), codes.shape[1], K
 
 @patch
 def dequantize_weight(self: QuantizedExpertWeights, which: str, expert: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    "`[N, K]` weight of one expert, dequantized into `dtype` (K padding cropped)."
+    """`[N, K]` weight of one expert, dequantized into `dtype` (K padding cropped). ValueError naming `which`, `expert` (outside [0, E)) or `dtype` (not a float dtype). Source: `09_quant`'s dequantizers, after
+    undoing a re-laid `fp4_layout`."""
     codes, scale, gs, N, K = self.weight_parts(which)
     check_int("expert", expert, lo=0, hi=codes.shape[0])
     c, s = codes[expert], scale[expert]
@@ -201,7 +210,8 @@ def dequantize_weight(self: QuantizedExpertWeights, which: str, expert: int, dty
 
 @patch
 def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(w13 [E, 2·I, H], w2 [E, H, I])` dequantized into `dtype`: the reference weights of every kernel here."
+    """`(w13 [E, 2·I, H], w2 [E, H, I])` dequantized into `dtype`: the reference weights of every kernel here.
+    ValueError naming `dtype` (not float64/32/16 or bf16). Source: `09_quant`'s dequantizers, one expert at a time."""
     check_choice("dtype", dtype, FLOAT_DTYPES)
     E, out = self.w13.shape[0], []
     for w in ("w13", "w2"):                        # filled one expert at a time: no second copy of the stack
@@ -211,7 +221,7 @@ def dequantize(self: QuantizedExpertWeights, dtype: torch.dtype = torch.float32)
         out.append(t)
     return tuple(out)
 
-# %% ../nbs/09a_quant_weights.ipynb #e6a643bd819b
+# %% ../nbs/09a_quant_weights.ipynb #795e27ab100c
 QUANT_TENSORS = ("w13", "w13_scale", "w2", "w2_scale", "w13_global_scale", "w2_global_scale")   # a container's tensors
 
 def _tensors(qw) -> dict:
@@ -224,20 +234,24 @@ def _version(t) -> int | None:
     except RuntimeError: return None
 
 def quant_tensor_versions(qw) -> tuple:
-    "The in-place edit counts of a container's tensors, `QUANT_TENSORS` order: what `recheck_if_edited` compares with its check's."
+    """The in-place edit counts of a container's tensors, `QUANT_TENSORS` order: what `recheck_if_edited` compares with
+    its check's. Checks nothing: a `qw` without those attributes raises AttributeError. Source: moe-lit's own (torch's
+    `Tensor._version` counter)."""
     return tuple(_version(getattr(qw, f)) for f in QUANT_TENSORS)
 
 @patch
 def recheck_if_edited(self: QuantizedExpertWeights) -> bool:
     """Check the container again, as its construction did (values, the MXFP4 scale facts the decode folds), if one of
     its tensors was edited in place since the last check; True when it was. ValueError as at construction. An edit
-    through `.data`, or of an inference tensor, keeps no count and is not seen: build a new container after those."""
+    through `.data`, or of an inference tensor, keeps no count and is not seen: build a new container after those.
+    Source: moe-lit's own."""
     if quant_tensor_versions(self) == self.checked_versions: return False
     self.__post_init__()
     return True
 
 def check_quant_weights(qw, name: str = "qw") -> QuantizedExpertWeights:
-    "`qw` if it is a `QuantizedExpertWeights` (checked again after an in-place edit: `recheck_if_edited`); ValueError naming `name` otherwise."
+    """`qw` if it is a `QuantizedExpertWeights` (checked again after an in-place edit: `recheck_if_edited`); ValueError
+    naming `name` otherwise (or the construction's ValueError after a bad edit). Source: moe-lit's own."""
     if not isinstance(qw, QuantizedExpertWeights): raise ValueError(f"{name}: expected a QuantizedExpertWeights, got {type(qw).__name__}")
     qw.recheck_if_edited()
     return qw
@@ -250,7 +264,10 @@ def _qw_replace(qw, fn):
 
 @patch
 def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
-    "The weights of a subset of experts (`experts`: a list or 1-D integer tensor of ids in [0, E), or a slice), e.g. one EP rank's."
+    """The weights of a subset of experts (`experts`: a list or 1-D integer tensor of ids in [0, E), or a slice), e.g.
+    one EP rank's. ValueError naming `experts` (another type, a bool, a non-int or non-positive slice step, a tensor
+    not 1-D int32/int64 or on a third device, ids outside [0, E)). Source: moe-lit's own (an EP rank's slice, as vLLM
+    loads only the experts its `expert_map` keeps)."""
     E = self.num_experts
     if isinstance(experts, slice):
         if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (experts.start, experts.stop, experts.step)) \
@@ -274,28 +291,31 @@ def select(self: QuantizedExpertWeights, experts) -> QuantizedExpertWeights:
 
 @patch
 def to(self: QuantizedExpertWeights, device) -> QuantizedExpertWeights:
-    "Every tensor moved to `device` (cpu, or cuda on a machine with a GPU: codes and scales are values, so not meta); ValueError naming `device` otherwise."
+    """Every tensor moved to `device` (cpu, or cuda on a machine with a GPU: codes and scales are values, so not meta);
+    ValueError naming `device` otherwise. Source: moe-lit's own (`torch.Tensor.to` on each tensor)."""
     device = check_device(device)
     return _qw_replace(self, lambda t: t.to(device))
 
 @patch(as_prop=True)
 def nbytes(self: QuantizedExpertWeights) -> int:
-    "Bytes of codes, scales and global scales: what streaming these experts' weights reads."
+    """Bytes of codes, scales and global scales: what streaming these experts' weights reads. Raises nothing. Source:
+    moe-lit's own."""
     return sum(t.numel() * t.element_size() for t in _tensors(self).values() if t is not None)
 
 @patch(as_prop=True)
 def num_experts(self: QuantizedExpertWeights) -> int:
-    "E, the experts held."
+    "E, the experts held (`w13.shape[0]`). Raises nothing. Source: moe-lit's own."
     return self.w13.shape[0]
 
 @patch(as_prop=True)
 def device(self: QuantizedExpertWeights) -> torch.device:
-    "The device of every tensor."
+    "The device of every tensor (checked equal at construction). Raises nothing. Source: moe-lit's own."
     return self.w13.device
 
 @patch(as_prop=True)
 def bytes_per_element(self: QuantizedExpertWeights) -> float:
-    "Bytes of codes and scales per logical weight element (3·H·I elements per expert)."
+    """Bytes of codes and scales per logical weight element (3·H·I elements per expert); 0.0 when E = 0. Raises
+    nothing. Source: moe-lit's own."""
     return self.nbytes / max(1, 3 * self.num_experts * self.hidden_size * self.intermediate_size)
 
 @patch
@@ -305,7 +325,7 @@ def __repr__(self: QuantizedExpertWeights) -> str:
             f"{'' if _is_fp8(self.scheme) else f'fp4_layout={self.fp4_layout}, '}{self.bytes_per_element:.4f} bytes/element, "
             f"device={self.device})")
 
-# %% ../nbs/09a_quant_weights.ipynb #33554938af7f
+# %% ../nbs/09a_quant_weights.ipynb #32c99eceafc0
 def _check_whole_chunks(name: str, t: torch.Tensor, chunk: int):
     "`t`'s last dim holds whole chunks of `chunk` FP4 codes (`chunk / 2` bytes each); ValueError naming `name`."
     if t.dim() < 1 or t.shape[-1] % (chunk // 2):
@@ -313,7 +333,9 @@ def _check_whole_chunks(name: str, t: torch.Tensor, chunk: int):
 
 def split_fp4_codes(packed: torch.Tensor,   # [..., K/2] uint8 in the plain order, K a multiple of 64
                    ) -> torch.Tensor:       # [..., K/2] uint8 in the split64 order
-    "Plain FP4 bytes (byte j = code 2j | code 2j+1 << 4) -> split64 (in each 64-code chunk, byte j = code j | code 32+j << 4)."
+    """Plain FP4 bytes (byte j = code 2j | code 2j+1 << 4) -> split64 (in each 64-code chunk, byte j = code j | code
+    32+j << 4). ValueError naming `packed` (not a uint8 tensor, 0 dims, a last dim not a multiple of 32 bytes).
+    Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     codes = unpack_fp4(packed)
     _check_whole_chunks("packed", packed, SPLIT_CHUNK)
     c = codes.unflatten(-1, (-1, 2, SPLIT_CHUNK // 2))                       # [..., chunk, half, 32]
@@ -321,7 +343,8 @@ def split_fp4_codes(packed: torch.Tensor,   # [..., K/2] uint8 in the plain orde
 
 def unsplit_fp4_codes(split: torch.Tensor,  # [..., K/2] uint8 in the split64 order
                      ) -> torch.Tensor:     # [..., K/2] uint8 in the plain order
-    "Inverse of `split_fp4_codes`, exact."
+    """Inverse of `split_fp4_codes`, exact. ValueError naming `split` (not a uint8 tensor, 0 dims, a last dim not a
+    multiple of 32 bytes). Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     check_tensor("split", split, dtype=torch.uint8)
     _check_whole_chunks("split", split, SPLIT_CHUNK)
     c = split.unflatten(-1, (-1, SPLIT_CHUNK // 2))                          # [..., chunk, 32]
@@ -354,7 +377,10 @@ def _check_word_pairs(pairs) -> tuple:
     return tuple(tuple(r) for r in pairs)
 
 def fp4_word_bit_positions(pairs: tuple = FP4_WORD_PAIRS) -> tuple:
-    "`[8][4]`: the bit of an mma128 word that holds bit b of its code j, as `pairs` reads it (ValueError if it reads none or two)."
+    """`[8][4]`: the bit of an mma128 word that holds bit b of its code j, as `pairs` reads it (ValueError if it reads
+    none or two). ValueError naming `pairs` or `pairs[p]` (not four recipes, a malformed recipe, a multiply whose
+    partial products share a bit, a word bit used twice or never). Source: moe-lit's own decode (no counterpart in
+    vLLM)."""
     pairs, pos = _check_word_pairs(pairs), []
     for j in range(8):
         recipe, row = pairs[j // 2], []
@@ -372,7 +398,9 @@ FP4_WORD_BITS = fp4_word_bit_positions()
 
 def fp4_codes_to_words(codes: torch.Tensor,  # [..., W, 8] uint8 codes 0..15: code j of each of W words
                       ) -> torch.Tensor:     # [..., 4·W] uint8: the words' bytes, little-endian
-    "Eight e2m1 codes a 32-bit word, bit b of code j at `FP4_WORD_BITS[j][b]` (mma128's placement within a word)."
+    """Eight e2m1 codes a 32-bit word, bit b of code j at `FP4_WORD_BITS[j][b]` (mma128's placement within a word).
+    ValueError naming `codes` (not a uint8 tensor, not `[..., W, 8]`, a value above 15).
+    Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     check_tensor("codes", codes, dtype=torch.uint8)
     if codes.dim() < 2 or codes.shape[-1] != 8:
         raise ValueError(f"codes: expected [..., W, 8] (eight codes a word), got shape {tuple(codes.shape)}")
@@ -385,7 +413,8 @@ def fp4_codes_to_words(codes: torch.Tensor,  # [..., W, 8] uint8 codes 0..15: co
 
 def fp4_words_to_codes(words: torch.Tensor,  # [..., 4·W] uint8: words as `fp4_codes_to_words` makes them
                       ) -> torch.Tensor:     # [..., W, 8] uint8 codes 0..15
-    "Inverse of `fp4_codes_to_words`, exact."
+    """Inverse of `fp4_codes_to_words`, exact. ValueError naming `words` (not a uint8 tensor, 0 dims, a last dim not a
+    multiple of 4). Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     check_tensor("words", words, dtype=torch.uint8)
     if words.dim() < 1 or words.shape[-1] % 4: raise ValueError(f"words: expected a last dim that is a multiple of 4 bytes, got shape {tuple(words.shape)}")
     w = words.unflatten(-1, (-1, 4))
@@ -399,7 +428,9 @@ _MMA_K_DIMS, _MMA_STORE_PERM = (4, 2, 2, 4, 2), (3, 0, 1, 2, 4)
 
 def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain order, K a multiple of 128
                  ) -> torch.Tensor:         # [..., K/2] uint8 in the mma128 order
-    "Plain FP4 bytes -> mma128: in each 128-code chunk, word `4t + c` holds the eight codes a thread's MMA registers need."
+    """Plain FP4 bytes -> mma128: in each 128-code chunk, word `4t + c` holds the eight codes a thread's MMA registers
+    need. ValueError naming `packed` (not a uint8 tensor, 0 dims, a last dim not a multiple of 64 bytes). Source:
+    moe-lit's own, after the register layout of Hopper's `wgmma` A operand (NVIDIA PTX ISA)."""
     codes = unpack_fp4(packed)
     _check_whole_chunks("packed", packed, MMA_CHUNK)
     c = codes.unflatten(-1, (-1, *_MMA_K_DIMS))                              # [..., chunk, c, j2, j1, t, j0]
@@ -409,7 +440,8 @@ def mma_fp4_codes(packed: torch.Tensor,     # [..., K/2] uint8 in the plain orde
 
 def unmma_fp4_codes(mma: torch.Tensor,      # [..., K/2] uint8 in the mma128 order
                    ) -> torch.Tensor:       # [..., K/2] uint8 in the plain order
-    "Inverse of `mma_fp4_codes`, exact."
+    """Inverse of `mma_fp4_codes`, exact. ValueError naming `mma` (not a uint8 tensor, 0 dims, a last dim not a
+    multiple of 64 bytes). Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     check_tensor("mma", mma, dtype=torch.uint8)
     _check_whole_chunks("mma", mma, MMA_CHUNK)
     c = fp4_words_to_codes(mma).unflatten(-2, (-1, 16)).flatten(-2)          # [..., chunk, 128] stored order
@@ -419,19 +451,25 @@ def unmma_fp4_codes(mma: torch.Tensor,      # [..., K/2] uint8 in the mma128 ord
     return pack_fp4(c.permute(*range(lead), *(lead + d for d in inv)).flatten(-6))
 
 def fp4_codes_from_plain(packed: torch.Tensor, layout: str) -> torch.Tensor:
-    "Plain FP4 bytes (K a multiple of the layout's chunk) in `layout`'s order."
+    """Plain FP4 bytes (K a multiple of the layout's chunk) in `layout`'s order. ValueError naming `layout`, or
+    `packed` from `split_fp4_codes` / `mma_fp4_codes`; 'plain' returns `packed` unchecked.
+    Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     return {"plain": lambda x: x, "split64": split_fp4_codes, "mma128": mma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](packed)
 
 def fp4_codes_to_plain(codes: torch.Tensor, layout: str) -> torch.Tensor:
-    "FP4 bytes in `layout`'s order back in the plain order, exact."
+    """FP4 bytes in `layout`'s order back in the plain order, exact. ValueError naming `layout`, or `split` / `mma`
+    from the inverse it calls; 'plain' returns `codes` unchecked. Source: moe-lit's own FP4 re-layout
+    (no counterpart in vLLM)."""
     return {"plain": lambda x: x, "split64": unsplit_fp4_codes, "mma128": unmma_fp4_codes}[check_choice("layout", layout, FP4_LAYOUTS)](codes)
 
 def mma128_slot_to_k() -> torch.Tensor:
-    "`[128]` int64: the K position (within a 128-code chunk) of code j of mma128 word w, at slot 8w + j (a word is 8 slots)."
+    """`[128]` int64: the K position (within a 128-code chunk) of code j of mma128 word w, at slot 8w + j (a word is 8
+    slots). Takes nothing, raises nothing. Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     return torch.arange(MMA_CHUNK).unflatten(0, _MMA_K_DIMS).permute(_MMA_STORE_PERM).flatten()
 
 def plot_mma128_layout():
-    "Figure: one row's 128-code chunk in K order and as mma128 stores it, each code coloured by the lane that reads it."
+    """Figure: one row's 128-code chunk in K order and as mma128 stores it, each code coloured by the lane that reads
+    it. Takes nothing; ImportError without matplotlib. Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     slot_to_k = mma128_slot_to_k()
@@ -453,7 +491,9 @@ def plot_mma128_layout():
 def relayout(self: QuantizedExpertWeights,
              layout: str,                   # "mma128" (the Hopper kernels'), "split64" or "plain" (the checkpoint's)
             ) -> QuantizedExpertWeights:
-    "The same weights with their FP4 bytes in `layout` (a copy; `self` when already there). Exact both ways."
+    """The same weights with their FP4 bytes in `layout` (a copy; `self` when already there). Exact both ways.
+    ValueError naming `layout` (not in `FP4_LAYOUTS`, or not 'plain' for an FP8 scheme).
+    Source: moe-lit's own FP4 re-layout (no counterpart in vLLM)."""
     check_choice("layout", layout, FP4_LAYOUTS)
     if layout == self.fp4_layout: return self
     if _is_fp8(self.scheme): raise ValueError(f"layout: expected 'plain' for the FP8 scheme {self.scheme}, got {layout!r}")
@@ -476,10 +516,12 @@ def relayout(self: QuantizedExpertWeights,
 
 @patch
 def for_kernels(self: QuantizedExpertWeights) -> QuantizedExpertWeights:
-    "These weights as the GEMMs read them fastest: FP4 re-laid into `FP4_KERNEL_LAYOUT` (once, at load), FP8 as is."
+    """These weights as the GEMMs read them fastest: FP4 re-laid into `FP4_KERNEL_LAYOUT` (once, at load), FP8 as is.
+    Raises nothing of its own (a constructed container re-lays). Source: moe-lit's own FP4 re-layout
+    (no counterpart in vLLM)."""
     return self if _is_fp8(self.scheme) else self.relayout(FP4_KERNEL_LAYOUT)
 
-# %% ../nbs/09a_quant_weights.ipynb #810336a82ad7
+# %% ../nbs/09a_quant_weights.ipynb #7329a34f6053
 def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
     "(codes, scale, global scale or None) of one expert's `[N, K]` weight."
     if _is_fp8(scheme):
@@ -494,7 +536,8 @@ def _quantize_one(w: torch.Tensor, scheme: str, block) -> tuple:
 def check_quantizable(name: str, w: torch.Tensor, scheme: str) -> torch.Tensor:
     """`w` (float, any shape), checked as `quantize_expert_weights` needs it for `scheme`: finite values, and for
     mxfp4_w4a16 |values| <= 6·2^113 (the largest e8m0 scale the kernels decode, 2^113, times e2m1's 6); ValueError
-    naming `name` otherwise. One pass over `w` (a host sync); returns `w`."""
+    naming `name` otherwise (also not a float tensor, or meta), or `scheme`. One pass over `w` (a host sync); returns
+    `w`. Source: moe-lit's own (the 2^113 bound is its kernels' e8m0 decode)."""
     check_choice("scheme", scheme, QUANT_SCHEMES)
     check_tensor(name, w, dtype=FLOAT_DTYPES)
     if w.is_meta: raise ValueError(f"{name}: expected a tensor with values, got a meta tensor")
@@ -509,7 +552,10 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
                             scheme: str,              # one of QUANT_SCHEMES
                             block_shape: tuple | None = None,  # FP8 block scales: (rows, cols), default (128, 128)
                            ) -> QuantizedExpertWeights:
-    "Quantize both expert weights into `scheme`, one expert at a time (09_quant's quantizers)."
+    """Quantize both expert weights into `scheme`, one expert at a time (09_quant's quantizers). ValueError naming
+    `scheme` (a full name), `block_shape`, `w13` (not a 3-D float tensor, empty, odd 2·I, non-finite, too large for
+    MXFP4) or `w2` (shape, dtype, device, values). Source: vLLM's MoE weight formats (FP8 block as DeepSeek-V3, MXFP4
+    as gpt-oss, NVFP4 as ModelOpt), quantized with moe-lit's own `09_quant` code."""
     check_choice("scheme", scheme, QUANT_SCHEMES)
     block = _check_block_shape(scheme, block_shape)
     check_tensor("w13", w13, ndim=3, dtype=FLOAT_DTYPES)
@@ -529,7 +575,7 @@ def quantize_expert_weights(w13: torch.Tensor,        # [E, 2·I, H] float, gate
         parts[name], parts[name + "_scale"], parts[name + "_global_scale"] = out
     return QuantizedExpertWeights(scheme, hidden_size=H, intermediate_size=two_i // 2, block_shape=block, **parts)
 
-# %% ../nbs/09a_quant_weights.ipynb #b0042d82116d
+# %% ../nbs/09a_quant_weights.ipynb #1175387c3622
 def _structured(N: int, K: int, g: torch.Generator) -> torch.Tensor:
     "`[N, K]` Gaussian values whose power-of-two magnitude changes per 128×128 block and per 16-column group, with a per-block offset."
     kw = dict(generator=g, device=g.device)
@@ -542,7 +588,9 @@ def _structured(N: int, K: int, g: torch.Generator) -> torch.Tensor:
 
 def random_expert_weights(E: int, H: int, I: int, seed: int = 0, device=None,
                           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(w13 [E, 2·I, H], w2 [E, H, I])` with block-wise exponents (see above), scaled so outputs are O(1); built on `device`."
+    """`(w13 [E, 2·I, H], w2 [E, H, I])` with block-wise exponents (see above), scaled so outputs are O(1); built on
+    `device`. Checks nothing: a negative size raises torch's RuntimeError, a zero H or I gives empty weights, and an
+    integer `dtype` silently truncates the values (mostly to 0). Source: moe-lit's own test weights."""
     device = torch.device(device or default_device())
     g = torch.Generator(device=device).manual_seed(seed)            # one expert at a time: memory stays one expert wide
     w13, w2 = torch.empty(E, 2 * I, H, dtype=dtype, device=device), torch.empty(E, H, I, dtype=dtype, device=device)
@@ -551,13 +599,15 @@ def random_expert_weights(E: int, H: int, I: int, seed: int = 0, device=None,
     return w13, w2
 
 def random_activations(shape: tuple, dtype: torch.dtype, seed: int = 0, device=None) -> torch.Tensor:
-    "Activations `[..., K]` whose magnitude changes by powers of two (2^-2 … 2^2) every 64 columns of each row."
+    """Activations `[..., K]` whose magnitude changes by powers of two (2^-2 … 2^2) every 64 columns of each row, in
+    `dtype` on `device`. Checks nothing: `shape=()` raises an unnamed ValueError, a negative size torch's RuntimeError,
+    and an integer `dtype` silently truncates. Source: moe-lit's own test activations."""
     g = torch.Generator().manual_seed(seed)
     *lead, K = shape
     e = torch.randint(-2, 3, (*lead, -(-K // 64)), generator=g).float().repeat_interleave(64, -1)[..., :K]
     return (torch.randn(shape, generator=g) * torch.exp2(e)).to(device=device or default_device(), dtype=dtype)
 
-# %% ../nbs/09a_quant_weights.ipynb #f5454af7578d
+# %% ../nbs/09a_quant_weights.ipynb #b7e6d0f1423f
 def _element_scales(qw: QuantizedExpertWeights, which: str, expert: int) -> torch.Tensor:
     "`[N, K]` fp32: the factor each weight element's code is multiplied by (NVFP4: block scale · global scale)."
     codes, scale, gs, N, K = qw.weight_parts(which)
@@ -569,7 +619,8 @@ def _element_scales(qw: QuantizedExpertWeights, which: str, expert: int) -> torc
     return out * float(gs[expert]) if gs is not None else out
 
 def plot_weight_scales(qw: QuantizedExpertWeights, which: str = "w13", expert: int = 0, title: str = ""):
-    "Heat-map of log2 of the scale each element of one expert's weight gets; returns the Figure."
+    """Heat-map of log2 of the scale each element of one expert's weight gets; returns the Figure. ValueError naming
+    `weight` (for `which`) or `expert`; a `qw` that is not a container raises AttributeError. Source: moe-lit's own."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     s = _element_scales(qw, which, expert).cpu()

@@ -14,9 +14,10 @@ from .routing import router_logits
 # %% auto #0
 __all__ = ['layout_table', 'hf_topk', 'parity', 'selection_gap']
 
-# %% ../nbs/12c_real_models.ipynb #1d09a5643e3a
+# %% ../nbs/12c_real_models.ipynb #5304039e2687
 def layout_table() -> str:
-    "The key layout of every model family moe-lit reads, as a markdown table (from `moe_lit.layouts.LAYOUTS`)."
+    """The key layout of every model family moe-lit reads, as a markdown table (from `moe_lit.layouts.LAYOUTS`). Takes
+    no argument and raises nothing."""
     rows = []
     for t, l in LAYOUTS.items():
         experts = (f"fused `gate_up_proj`/`down_proj`{' (transposed)' if l.fused_transposed else ''}"
@@ -28,9 +29,12 @@ def layout_table() -> str:
                      "shared": (f"`{l.shared}*`" if l.shared else "—") + (f" + `{l.shared_gate}`" if l.shared_gate else "")})
     return markdown_table(rows)
 
-# %% ../nbs/12c_real_models.ipynb #ddf7b6d79070
+# %% ../nbs/12c_real_models.ipynb #ba38c6a5bc05
 def hf_topk(block, x: torch.Tensor) -> torch.Tensor:
-    "`topk_ids [T, top_k]` a transformers MoE block routes `x [T, H]` to (from its experts call, or its router)."
+    """`topk_ids [T, top_k]` a transformers MoE block routes `x [T, H]` to (from its experts call, or its router).
+    Checks nothing: a `block` without `experts` raises AttributeError, a misshaped `x` whatever the block raises.
+    Source: moe-lit's own probe of transformers 5's MoE blocks (the `top_k_index` their experts module is called with;
+    Llama-4's dense router scores)."""
     seen = {}
     def grab(module, args, kwargs):
         a = list(args) + [kwargs[k] for k in ("top_k_index", "top_k_weights") if k in kwargs]
@@ -43,9 +47,11 @@ def hf_topk(block, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(): scores = block.router(x)[0]             # Llama-4: dense [T, E] scores, -inf off the top-k
     return scores.topk(block.top_k, dim=-1).indices
 
-# %% ../nbs/12c_real_models.ipynb #0a360987679b
+# %% ../nbs/12c_real_models.ipynb #9eb22f3c08ab
 def parity(model, checkpoint_dir, layer_index: int, x: torch.Tensor, **layer_kwargs) -> dict:
-    "moe-lit's layer from `checkpoint_dir` against `model`'s block on `x [T, H]`: `{ids_equal, max_rel_err, min_gap}`."
+    """moe-lit's layer from `checkpoint_dir` against `model`'s block on `x [T, H]`: `{ids_equal, max_rel_err, min_gap}`.
+    Checks nothing of its own: a `model` without decoder layers raises AttributeError, and `FusedMoE.from_pretrained`'s
+    ValueErrors (naming `checkpoint_dir`, `layer_index`, ...) pass through."""
     block = hf_moe_block(model, layer_index)
     layer = FusedMoE.from_pretrained(checkpoint_dir, layer_index, dtype=x.dtype, **layer_kwargs)
     want, got = hf_moe_output(block, x), layer(x)
@@ -55,7 +61,10 @@ def parity(model, checkpoint_dir, layer_index: int, x: torch.Tensor, **layer_kwa
             "min_gap": selection_gap(layer, x)}
 
 def selection_gap(layer: FusedMoE, x: torch.Tensor) -> float:
-    "Smallest gap, over tokens, between the last chosen and the first unchosen expert's selection score (fp64)."
+    """Smallest gap, over tokens, between the last chosen and the first unchosen expert's selection score (fp64); inf
+    when top_k = E. ValueError from `router_logits` naming `gate` for an `x` of the wrong width; T = 0 raises torch's
+    RuntimeError, a `layer` that is not a FusedMoE AttributeError. Source: moe-lit's own (ungrouped scores: a bound
+    for grouped routers)."""
     c = layer.config
     logits = router_logits(x.double(), layer.gate, layer.gate_bias)
     scores = logits if c.routing_method == "llama4" else logits.softmax(-1) if c.scoring_func == "softmax" else logits.sigmoid()

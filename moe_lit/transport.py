@@ -22,7 +22,7 @@ __all__ = ['NATIVE_LIBRARIES', 'COLLECTIVE_TIMEOUT_MAX_S', 'all_gather_rows', 'D
            'AllToAllBatchedPrepareFinalize', 'transport_note', 'make_distributed_prepare_finalize', 'free_port',
            'init_distributed']
 
-# %% ../nbs/13a_transport.ipynb #a52918f97334
+# %% ../nbs/13a_transport.ipynb #d2ce9ebfc742
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -35,7 +35,12 @@ def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows: a
                     group,
                     check: bool = True,  # compare dtype, row shape and counts across ranks first (one small collective)
                    ) -> torch.Tensor:   # [sum(counts), ...] every rank's rows, in rank order
-    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it); ValueError on bad arguments, on every rank alike."
+    """All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls
+    it); ValueError on bad arguments, on every rank alike. ValueError naming `group` (`check_group`), `x` (not a dense
+    tensor of rows of a `_GATHER_DTYPES` dtype), `check`, `counts` (not S ints >= 0, or `counts[rank]` not x's rows) or,
+    with `check`, `x, counts` (ranks that disagree on dtype, row shape or counts). Source: torch.distributed's
+    `all_gather_into_tensor` (`all_gather_single` where torch has it); the uneven-count gather of vLLM's
+    `AgRsAll2AllManager.dispatch` (`all_gatherv`, vllm/distributed/device_communicators/all2all.py)."""
     group = check_group(group)
     check_dense("x", check_tensor("x", x, dtype=_GATHER_DTYPES))
     if x.is_quantized or x.is_nested: raise ValueError("x: expected a plain dense tensor, got a quantized or nested one")
@@ -89,10 +94,12 @@ def _all_to_all_rows(x: torch.Tensor, send_counts: list, recv_counts: list, grou
     dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
     return out
 
-# %% ../nbs/13a_transport.ipynb #b842e44210e1
+# %% ../nbs/13a_transport.ipynb #82ff94b771f5
 @dataclass
 class DistributedPrepared(Prepared):
-    "`Prepared` plus the bookkeeping the distributed finalize needs to return the rows to their ranks."
+    """`Prepared` plus the bookkeeping the distributed finalize needs to return the rows to their ranks.
+    Raises nothing: a plain dataclass whose fields the prepares fill (nothing is checked). Source: moe-lit's own (vLLM's
+    DeepEP prepare/finalize keeps the library's dispatch handle for the combine instead)."""
     token_counts: list | None = None          # tokens of each rank of the group
     send_order: torch.Tensor | None = None    # all-to-all: [n_send] int64, flat pair index t·top_k + k of each sent row
     send_counts: list | None = None           # all-to-all: rows sent to each rank
@@ -100,9 +107,11 @@ class DistributedPrepared(Prepared):
     recv_rows: torch.Tensor | None = None     # all-to-all: [n_recv] int64, e·capacity + row of each received pair
     total_pairs: int = 0                      # all-to-all: pairs dispatched by the whole group (0: nothing moves)
 
-# %% ../nbs/13a_transport.ipynb #e2a45f77aeb7
+# %% ../nbs/13a_transport.ipynb #e59342e0af77
 def check_group(group):
-    "`group` (None = the default group) after checking that torch.distributed is initialized."
+    """`group` (None = the default group) after checking that torch.distributed is initialized.
+    ValueError naming `group` when no process group is initialized or `group` is neither a ProcessGroup nor None.
+    Source: torch.distributed's `is_initialized` and `ProcessGroup`."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group: expected an initialized torch.distributed process group (call init_distributed, or "
                          "run under torchrun), got none")
@@ -112,7 +121,9 @@ def check_group(group):
 
 def config_rank_in_group(config: MoEConfig,   # the deployment (its ep_size must be the group's size)
                          group) -> tuple[int, int]:   # (this process's rank in the group, the group's size)
-    "This process's rank and the group's size after checking `config` and `group`; ValueError naming the mismatch."
+    """This process's rank and the group's size after checking `config` and `group`; ValueError naming the mismatch:
+    `config` (not a MoEConfig), `group` (`check_group`) or `config.parallel.ep_size` (not the group's size).
+    Source: torch.distributed's `get_rank` / `get_world_size`; the check is moe-lit's own."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     group = check_group(group)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
@@ -121,7 +132,9 @@ def config_rank_in_group(config: MoEConfig,   # the deployment (its ep_size must
     return rank, size
 
 def group_device(group) -> torch.device:
-    "Where tensors of `group`'s collectives live: this process's GPU for NCCL, the CPU for gloo."
+    """Where tensors of `group`'s collectives live: this process's GPU for NCCL, the CPU for gloo.
+    ValueError from torch.distributed's `get_backend` when no process group is initialized (its message, no argument
+    named). Source: torch.distributed's backends (NCCL moves CUDA tensors, gloo CPU ones)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 def _pad_columns(x: torch.Tensor, width: int | None) -> torch.Tensor:
@@ -138,9 +151,13 @@ def _fp8_wire_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
     q, scale = fp8_quantize_activations(rows.contiguous(), "group", group_k=group, validate=False)
     return torch.cat([q.view(torch.uint8), scale.contiguous().view(torch.uint8)], 1)
 
-# %% ../nbs/13a_transport.ipynb #eb104f6b19d7
+# %% ../nbs/13a_transport.ipynb #97f2ec0d5226
 class AllGatherReduceScatterPrepareFinalize:
-    "Standard format over torch.distributed: all-gather the group's tokens and routing, reduce-scatter the outputs."
+    """Standard format over torch.distributed: all-gather the group's tokens and routing, reduce-scatter the outputs.
+    The constructor raises ValueError naming `group` (`check_group`), `quant_block` (not None or (1, group) with group
+    a power of two in [32, 65536]), `topk_indices_dtype` (not int32/int64) or `padded_hidden_size` (< 1).
+    Source: vLLM's `allgather_reducescatter` backend, `AgRsAll2AllManager` (vllm/distributed/device_communicators/
+    all2all.py)."""
     activation_format = ActivationFormat.Standard
     output_is_reduced = True                     # finalize returns this rank's tokens summed over every rank's experts
     max_num_tokens_per_rank = None               # no capacity: the gathered batch is as large as it needs to be
@@ -156,7 +173,7 @@ class AllGatherReduceScatterPrepareFinalize:
         self.padded_hidden_size = None if padded_hidden_size is None else check_int("padded_hidden_size", padded_hidden_size, lo=1)
         self.stats = {}                                     # what the last prepare moved (for reports)
 
-# %% ../nbs/13a_transport.ipynb #fa86855f7857
+# %% ../nbs/13a_transport.ipynb #e492a341ea4b
 def _check_dist_prepare(pf, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input):
     "The arguments every distributed prepare needs, and a placement of this rank of this group."
     check_prepare_args(hidden, topk_weights, topk_ids, placement)
@@ -204,7 +221,9 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
     (`09b`'s group quantizer) and sends codes and scales as one row of bytes. A collective: every rank calls it.
     ValueError, on every rank alike, for ranks whose rows differ (dtype, widths, FP8 group, top_k, ids dtype), a
     non-16-bit `hidden` with `quant_block` or a `hidden` wider than the wire; and, on the rank that passed them, for
-    bad arguments."""
+    bad arguments. Source: vLLM's `AgRsAll2AllManager.dispatch` (`all_gatherv` of hidden states, topk weights and ids;
+    vllm/distributed/device_communicators/all2all.py); the FP8 rows as vLLM quantizes before DeepEP's normal
+    dispatch."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     mine = torch.tensor([[*_row_format(self, hidden, topk_ids), hidden.shape[0]]], device=hidden.device)
     table = all_gather_rows(mine, [1] * self.num_dispatchers, self.group, check=False).cpu()   # formats, token counts
@@ -225,19 +244,25 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
                                apply_router_weight_on_input=apply_router_weight_on_input, token_counts=counts,
                                a_scale=a_scale, out_dtype=None if a_scale is None else x.dtype)
 
-# %% ../nbs/13a_transport.ipynb #6c815e378c2d
+# %% ../nbs/13a_transport.ipynb #836e72e9443d
 @patch(nm="finalize")
 def _agrs_finalize(self: AllGatherReduceScatterPrepareFinalize,
                    expert_out: torch.Tensor,         # [ΣT, H_wire] this rank's partial sums for every gathered token
                    prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens, summed over ranks
-    "Reduce-scatter the partial outputs in fp32 (fp64 for fp64) and keep this rank's rows, unpadded."
+    """Reduce-scatter the partial outputs in fp32 (fp64 for fp64) and keep this rank's rows, unpadded. A collective:
+    every rank calls it. ValueError naming `expert_out` unless it is a dense tensor shaped as `prepared.a`. Source:
+    vLLM's `AgRsAll2AllManager.combine` (`reduce_scatterv`; vllm/distributed/device_communicators/all2all.py)."""
     check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
     mine = _reduce_scatter_rows(expert_out.to(acc_dtype(expert_out.dtype)), prepared.token_counts, self.group)
     return mine[:, :prepared.hidden_size].to(expert_out.dtype)
 
-# %% ../nbs/13a_transport.ipynb #41563f94bbc3
+# %% ../nbs/13a_transport.ipynb #6e68c77d73e9
 class AllToAllBatchedPrepareFinalize:
-    "BatchedExperts over torch.distributed all-to-all: pairs to their expert's owner, outputs back to their sender."
+    """BatchedExperts over torch.distributed all-to-all: pairs to their expert's owner, outputs back to their sender.
+    The constructor raises ValueError naming `group` (`check_group`), `quant_block`, `max_num_tokens_per_rank` (< 1),
+    `topk_indices_dtype` (not int32/int64) or `padded_hidden_size` (< 1). Source: the contract of vLLM's
+    `DeepEPLLPrepareAndFinalize` and `NixlEPPrepareAndFinalize` (fused_moe/prepare_finalize/), carried by
+    torch.distributed's `all_to_all_single`."""
     activation_format = ActivationFormat.BatchedExperts
     output_is_reduced = True                     # combine returns this rank's tokens with every slot summed
 
@@ -256,7 +281,9 @@ class AllToAllBatchedPrepareFinalize:
 
     @property
     def capacity(self) -> int:
-        "Rows of each local expert's slab: `max_num_tokens_per_rank · num_dispatchers` (DeepEP low-latency's sizing)."
+        """Rows of each local expert's slab: `max_num_tokens_per_rank · num_dispatchers` (DeepEP low-latency's sizing).
+        Raises nothing (both factors are checked by the constructor). Source: DeepEP's low-latency receive buffer
+        `[num_local_experts, num_max_dispatch_tokens_per_rank × num_ranks, hidden]`, as vLLM sizes it."""
         return self.max_num_tokens_per_rank * self.num_dispatchers
 
 # %% ../nbs/13a_transport.ipynb #2e68f85ddcb7
@@ -273,7 +300,7 @@ def _exchange_counts(pf, counts: torch.Tensor, hidden: torch.Tensor, topk_ids: t
     check_count_table(table, token_counts, placement.num_experts, pf.max_num_tokens_per_rank)
     return table, token_counts
 
-# %% ../nbs/13a_transport.ipynb #5de1c316c578
+# %% ../nbs/13a_transport.ipynb #602ccdd875b0
 @patch(nm="prepare")
 def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
                  hidden: torch.Tensor,              # [T, H] this rank's tokens (T may be 0)
@@ -285,7 +312,9 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
     `quant_block`, `a` float8_e4m3fn and `a_scale [E_local, capacity, G]` fp32 (both NaN past the counts). A collective:
     every rank calls it. ValueError, on every rank alike, for ranks whose rows differ (dtype, widths, FP8 group,
     capacity, top_k, ids dtype), a non-16-bit `hidden` with `quant_block`, a `hidden` wider than the wire, or a
-    capacity overflow; and, on the rank that passed them, for bad arguments."""
+    capacity overflow; and, on the rank that passed them, for bad arguments. Source: vLLM's
+    `DeepEPLLPrepareAndFinalize.prepare` over DeepEP's `low_latency_dispatch` (`use_fp8=True` for FP8 rows;
+    fused_moe/prepare_finalize/deepep_ll.py), here with torch.distributed's `all_to_all_single`."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
     order, counts = send_plan(placement, topk_ids)
@@ -338,12 +367,15 @@ def _record_a2a_stats(pf, T, order, recv_rows, senders, expert_num_tokens, topk_
                 "expert_num_tokens": expert_num_tokens.tolist(), "slab_source": src.view(E, pf.capacity),
                 "topk_ids": topk_ids.cpu()}
 
-# %% ../nbs/13a_transport.ipynb #d62dd7385799
+# %% ../nbs/13a_transport.ipynb #7f9a3eeaa8d6
 @patch(nm="finalize")
 def _a2a_finalize(self: AllToAllBatchedPrepareFinalize,
                   expert_out: torch.Tensor,         # [E_local, capacity, H_wire]; rows >= expert_num_tokens unread
                   prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens
-    "Send each received row's output back to its sender, who weights (unless applied on input) and sums in fp32."
+    """Send each received row's output back to its sender, who weights (unless applied on input) and sums in fp32.
+    A collective: every rank calls it. ValueError naming `expert_out` unless it is a dense tensor shaped
+    `[E_local, capacity, H_wire]` (as `prepared.a`). Source: vLLM's DeepEP low-latency finalize, whose
+    `low_latency_combine` weights and sums on the token's own rank (fused_moe/prepare_finalize/deepep_ll.py)."""
     E, cap, Hw = prepared.a.shape
     check_tensor("expert_out", expert_out, shape=(E, cap, Hw))
     out_rows = expert_out.reshape(E * cap, Hw)[prepared.recv_rows]          # valid rows only: padding never travels
@@ -364,9 +396,11 @@ def _installed(module: str) -> bool:
     try: return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError): return False
 
-# %% ../nbs/13a_transport.ipynb #4d752762888f
+# %% ../nbs/13a_transport.ipynb #516c9a86c51b
 def transport_note(config: MoEConfig) -> str:
-    "One sentence: which implementation carries `config`'s dispatch across processes, and the real library's status."
+    """One sentence: which implementation carries `config`'s dispatch across processes, and the real library's status.
+    ValueError naming `config` when it is not a MoEConfig. Source: moe-lit's own (the library looked up with
+    `importlib.util.find_spec`, never imported)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     d, fmt = config.backend, config.activation_format
     impl = ("AllToAllBatchedPrepareFinalize (moe-lit's torch.distributed all-to-all into per-expert slabs)"
@@ -381,7 +415,7 @@ def transport_note(config: MoEConfig) -> str:
         return f"{head}; the {module} library is installed, but moe-lit has no adapter for it yet, so it is not used"
     return f"{head}; the {module} library is not installed (moe-lit's implementation of the same contract is used)"
 
-# %% ../nbs/13a_transport.ipynb #1aa7bc63157a
+# %% ../nbs/13a_transport.ipynb #adee8c14e34e
 def make_distributed_prepare_finalize(
     config: MoEConfig,                        # this rank's layer and deployment (ep_size = the group's size)
     group=None,                               # the EP group (None: the default group)
@@ -391,7 +425,8 @@ def make_distributed_prepare_finalize(
     """The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format:
     `AllToAllBatchedPrepareFinalize` (BatchedExperts) or `AllGatherReduceScatterPrepareFinalize` (Standard), both
     sending FP8 rows with `quant_block`. ValueError naming the argument for a config that is not this rank's of the
-    group, or a bad capacity or `quant_block`."""
+    group, or a bad capacity or `quant_block`. Source: vLLM's `maybe_make_prepare_finalize`, which picks the class by
+    all2all backend; here the activation format picks it (the rule of vLLM #40412)."""
     rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
@@ -403,20 +438,26 @@ def make_distributed_prepare_finalize(
     return AllGatherReduceScatterPrepareFinalize(group, config.topk_indices_dtype, config.padded_hidden_size,
                                                  quant_block)
 
-# %% ../nbs/13a_transport.ipynb #52e6c680d43c
+# %% ../nbs/13a_transport.ipynb #c4397c9e6b89
 def free_port() -> int:
-    "A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it). OSError from `socket.bind` when none can be
+    had; another process may take the port before it is used. Source: the bind-to-port-0 idiom of Python's `socket`
+    (moe-lit's own helper)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-# %% ../nbs/13a_transport.ipynb #0071fbdba369
+# %% ../nbs/13a_transport.ipynb #6ab66c52971f
 COLLECTIVE_TIMEOUT_MAX_S = 2**31 // 1000      # s: the largest timeout torch's TCP store holds (int32 milliseconds)
 
 def init_distributed(timeout_s: float = 600.0,      # seconds a collective may wait for its peers
                      backend: str | None = None,    # 'gloo' or 'nccl'; None: NCCL with a GPU, else gloo
                     ) -> tuple[int, int, torch.device]:   # (rank, world size, this process's device)
-    "Join the process group torchrun's environment describes (or a one-process group without it)."
+    """Join the process group torchrun's environment describes (or a one-process group without it). ValueError naming
+    `timeout_s` (not a finite number > 0, or over COLLECTIVE_TIMEOUT_MAX_S), `backend` (not 'gloo' or 'nccl', or 'nccl'
+    without a CUDA GPU), `environment` (some of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT unset) or `LOCAL_RANK` (no
+    such GPU); `init_process_group`'s own errors (a rendezvous that times out) propagate. Source: torch.distributed's
+    `init_process_group` with the env:// variables torchrun sets."""
     if check_positive_real("timeout_s", timeout_s) > COLLECTIVE_TIMEOUT_MAX_S:   # the store counts milliseconds in
         raise ValueError(f"timeout_s: expected <= {COLLECTIVE_TIMEOUT_MAX_S} (24 days: the store's timeout is int32 "   # an int32
                          f"milliseconds), got {timeout_s:g}")

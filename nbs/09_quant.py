@@ -34,7 +34,10 @@ from moe_lit.testing import assert_close
 #| export
 @dataclass(frozen=True)
 class QuantScheme:
-    "One quantization scheme of the experts: its weight code, its scales, its activations, and the names it goes by."
+    """One quantization scheme of the experts: its weight code, its scales, its activations, and the names it goes by.
+    A frozen record; it checks nothing and raises nothing (`QUANT_SCHEME_TABLE` is its only producer; `quant_scheme`
+    refuses unknown names). Source: moe-lit's own descriptor table; the names follow vLLM's `FusedMoEQuantConfig`
+    schemes (`fp8_w8a8`, `mxfp4_w4a16`, `nvfp4_w4a16`; fused_moe/config.py)."""
     name: str                           # e.g. 'fp8_w8a8_block'
     weight: str                         # the weight code: 'fp8_e4m3', or 'e2m1' (FP4, two codes a byte)
     weight_scales: str                  # FP8: 'tensor', 'channel' or 'block' (128×128); FP4: 'group' (along K)
@@ -45,7 +48,8 @@ class QuantScheme:
 
     @property
     def is_fp8(self) -> bool:
-        "FP8 weights and activations (w8a8); otherwise FP4 weights with 16-bit activations (w4a16)."
+        """FP8 weights and activations (w8a8); otherwise FP4 weights with 16-bit activations (w4a16). Raises nothing.
+        Source: moe-lit's own (read from the record's `weight`)."""
         return self.weight == "fp8_e4m3"
 
 QUANT_SCHEME_TABLE = {s.name: s for s in (
@@ -60,14 +64,16 @@ QUANT_SCHEMES = tuple(QUANT_SCHEME_TABLE)
 QUANT_ALIASES = {s.alias: s.name for s in QUANT_SCHEME_TABLE.values() if s.alias}   # short names ('fp8'), from the table
 
 def quant_scheme_name(name: str, arg: str = "quant") -> str:
-    "The full name `name` stands for: 'unquantized' or a scheme name as it is, a short name resolved; ValueError naming `arg` otherwise."
+    """The full name `name` stands for: 'unquantized' or a scheme name as it is, a short name resolved; ValueError
+    naming `arg` otherwise. Source: moe-lit's own (`QUANT_SCHEME_TABLE` and its `alias` column)."""
     if isinstance(name, str) and name in QUANT_ALIASES: return QUANT_ALIASES[name]
     if isinstance(name, str) and (name == "unquantized" or name in QUANT_SCHEME_TABLE): return name
     raise ValueError(f"{arg}: expected one of {['unquantized', *QUANT_SCHEMES]} or a short name {list(QUANT_ALIASES)}, "
                      f"got {name!r}")
 
 def quant_scheme(name: str) -> QuantScheme | None:
-    "The record of scheme `name` (a full or short name); None for 'unquantized'. Raises ValueError naming the schemes for anything else."
+    """The record of scheme `name` (a full or short name); None for 'unquantized'. Raises ValueError naming the
+    schemes for anything else. Source: moe-lit's own (`QUANT_SCHEME_TABLE`)."""
     name = quant_scheme_name(name)
     return None if name == "unquantized" else QUANT_SCHEME_TABLE[name]
 
@@ -119,7 +125,10 @@ _E2M1_UP = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])     # boundarie
 _TIE_UP = torch.tensor([False, True, False, True, False, True, False])  # at a tie, round up iff the upper is even
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
-    "Nearest e2m1 code (uint8 0–15, sign in bit 3) of each element of float `x`, ties to even, saturating at ±6."
+    """Nearest e2m1 code (uint8 0–15, sign in bit 3) of each element of float `x`, ties to even, saturating at ±6.
+    `x` any shape (0-D too), float64/32/16 or bf16; the codes have its shape. ValueError naming `x` (not a float
+    tensor, NaN or inf, float64 past fp32's range). Source: the OCP Microscaling Formats (MX) v1.0 spec's E2M1; the
+    thresholds are those of vLLM's `ref_nvfp4_quant`."""
     _check_float_input("x", x, min_dim=0)
     a = x.abs().float()
     up = _E2M1_UP.to(a.device)
@@ -131,7 +140,8 @@ def _check_codes(name, codes):
     if codes.numel() and int(codes.max()) > 15: raise ValueError(f"{name}: expected values in [0, 15], got {int(codes.max())}")
 
 def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
-    "float32 values of uint8 e2m1 codes."
+    """float32 values of uint8 e2m1 codes (any shape; the values have its shape). ValueError naming `code` (not a
+    uint8 tensor, a value above 15). Source: the OCP Microscaling Formats (MX) v1.0 spec's E2M1 table."""
     _check_codes("code", code)
     v = E2M1_VALUES.to(code.device)[(code & 7).long()]
     return torch.where(code & 8 > 0, -v, v)
@@ -146,13 +156,16 @@ test_eq(e2m1_decode(e2m1_encode(torch.tensor([0.25, 0.75, 1.25, 2.5, 5.0, 7.0, -
 # %%
 #| export
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
-    "Pack uint8 e2m1 codes `[..., K]` (K even) two per byte: `[..., K/2]`, element 2j in the low nibble."
+    """Pack uint8 e2m1 codes `[..., K]` (K even) two per byte: `[..., K/2]`, element 2j in the low nibble.
+    ValueError naming `codes` (not a uint8 tensor, a value above 15, 0 dims or an odd last dim). Source: vLLM's and
+    ModelOpt's nibble order for NVFP4 and MXFP4 (low nibble = even element)."""
     _check_codes("codes", codes)
     if codes.dim() < 1 or codes.shape[-1] % 2: raise ValueError(f"codes: expected an even last dim, got shape {tuple(codes.shape)}")
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
-    "Inverse of `pack_fp4`: `[..., K/2]` uint8 -> `[..., K]` uint8 codes."
+    """Inverse of `pack_fp4`: `[..., K/2]` uint8 -> `[..., K]` uint8 codes. ValueError naming `packed` (not a uint8
+    tensor, or 0 dims). Source: vLLM's and ModelOpt's nibble order (low nibble = even element)."""
     check_tensor("packed", packed, dtype=torch.uint8)
     if packed.dim() < 1: raise ValueError(f"packed: expected at least 1 dim, got shape {tuple(packed.shape)}")
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
@@ -186,7 +199,9 @@ FP8_MAX = 448.0
 
 def fp8_nan_codes(codes: torch.Tensor,   # float8_e4m3fn (any shape)
                   ) -> torch.Tensor:     # bool, same shape: True where the byte is one of e4m3fn's two NaNs
-    "Where `codes` hold NaN: e4m3fn has no infinities, and its only NaNs are the bytes 0x7F and 0xFF (OCP FP8 spec)."
+    """Where `codes` hold NaN: e4m3fn has no infinities, and its only NaNs are the bytes 0x7F and 0xFF (OCP FP8 spec).
+    Checks nothing: a non-tensor raises AttributeError, and a tensor of another dtype is read byte by byte (the
+    caller passes float8_e4m3fn). Source: the OCP 8-bit Floating Point Specification (OFP8), E4M3."""
     return (codes.view(torch.uint8) & 0x7F) == 0x7F
 
 def _group_amax(x: torch.Tensor, granularity: str, block: tuple) -> torch.Tensor:
@@ -288,7 +303,9 @@ test_eq(dequantize_fp8(q, s, "block", (1, 128)), x)                             
 def quantize_mxfp4(x: torch.Tensor,   # [..., K] float, K a multiple of 32
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(packed uint8 [..., K/2], scales uint8 e8m0 [..., K/32])` per the OCP MX spec (nearest, ties to even). An empty
-    `x` gives empty codes and scales (no scale is shared across blocks, unlike FP8's and NVFP4's global ones)."""
+    `x` gives empty codes and scales (no scale is shared across blocks, unlike FP8's and NVFP4's global ones).
+    ValueError naming `x` (not a float tensor, 0 dims, NaN or inf, float64 past fp32's range, a last dim not a
+    multiple of 32). Source: the OCP Microscaling Formats (MX) v1.0 spec (scale exponent floor(log2 amax) − 2)."""
     _check_float_input("x", x)
     if x.shape[-1] % 32: raise ValueError(f"x: expected a last dim that is a multiple of 32, got {tuple(x.shape)}")
     blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)   # (not -1: ambiguous for 0 rows)
@@ -299,14 +316,19 @@ def quantize_mxfp4(x: torch.Tensor,   # [..., K] float, K a multiple of 32
     return pack_fp4(codes), (exp + 127).to(torch.uint8)
 
 def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    "`e2m1(code) · 2^(scale − 127)` over groups of 32, in `dtype`: `[..., K]`."
-    _check_out_dtype(dtype)
+    """`e2m1(code) · 2^(scale − 127)` over groups of 32, in `dtype`: `[..., K]`, from `packed` uint8 `[..., K/2]` and
+    `scales` uint8 e8m0 `[..., K/32]`. ValueError naming `dtype`, `packed` (0 dims, a last dim not a multiple of 16,
+    not uint8, not a tensor) or `scales` (shape or dtype). The e8m0 byte 255 is NaN, as the spec has it: its
+    group decodes to NaN. Source: the OCP Microscaling Formats (MX) v1.0 spec (vLLM calls quark's
+    `dq_mxfp4`)."""
+    _check_out_dtype(dtype); check_tensor("packed", packed)
     if packed.dim() < 1 or packed.shape[-1] % 16:
         raise ValueError(f"packed: expected a last dim that is a multiple of 16 (32 values), got shape {tuple(packed.shape)}")
     v = e2m1_decode(unpack_fp4(packed))
     check_tensor("scales", scales, shape=(*packed.shape[:-1], v.shape[-1] // 32), dtype=torch.uint8)
     groups = v.reshape(*v.shape[:-1], v.shape[-1] // 32, 32)          # explicit sizes: also right for 0 rows
-    return (groups * torch.exp2(scales.float() - 127)[..., None]).reshape(v.shape).to(dtype)
+    scale = torch.exp2(scales.float() - 127).masked_fill(scales == 255, float("nan"))   # 255: e8m0's NaN
+    return (groups * scale[..., None]).reshape(v.shape).to(dtype)
 
 # %%
 #| test mxfp4_exact_and_accurate
@@ -335,7 +357,10 @@ test_fail(lambda: quantize_mxfp4(torch.zeros(2, 48)), contains="x: expected a la
 def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a multiple of 16
                    global_scale: float | None = None,      # fp32 global scale; default amax(x) / (6·448)
                   ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    "`(packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], global_scale)` (NVIDIA's NVFP4)."
+    """`(packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], global_scale)` (NVIDIA's NVFP4).
+    ValueError naming `x` (not a float tensor, 0 dims, empty, NaN or inf, float64 past fp32's range, a last dim not a
+    multiple of 16) or `global_scale` (not a finite number > 0; so small the block scales pass 448; so large they fall
+    below e4m3's smallest normal). Source: NVIDIA's NVFP4 as ModelOpt stores it and vLLM's `ref_nvfp4_quant`."""
     _check_float_input("x", x)
     if x.shape[-1] % 16: raise ValueError(f"x: expected a last dim that is a multiple of 16, got {tuple(x.shape)}")
     if x.numel() == 0: raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")   # (its global
@@ -357,8 +382,11 @@ def quantize_nvfp4(x: torch.Tensor,                        # [..., K] float, K a
 
 def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale: float,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    "`e2m1(code) · fp32(block scale) · global_scale` over groups of 16, in `dtype`."
-    global_scale = check_positive_real("global_scale", global_scale); _check_out_dtype(dtype)
+    """`e2m1(code) · fp32(block scale) · global_scale` over groups of 16, in `dtype`: `[..., K]` from `packed` uint8
+    `[..., K/2]` and `scales` float8_e4m3fn `[..., K/16]`. ValueError naming `global_scale` (not a finite number > 0),
+    `dtype`, `packed` (0 dims, a last dim not a multiple of 8, not uint8, not a tensor) or `scales` (shape or dtype).
+    Source: vLLM's NVFP4 weight dequant (`e2m1 · block scale · weight_scale_2`)."""
+    global_scale = check_positive_real("global_scale", global_scale); _check_out_dtype(dtype); check_tensor("packed", packed)
     if packed.dim() < 1 or packed.shape[-1] % 8:
         raise ValueError(f"packed: expected a last dim that is a multiple of 8 (16 values), got shape {tuple(packed.shape)}")
     v = e2m1_decode(unpack_fp4(packed))
@@ -388,6 +416,10 @@ test_fail(lambda: dequantize_fp8(torch.zeros(2, 8), torch.ones(1)), contains="q:
 test_fail(lambda: quantize_nvfp4(torch.zeros(2, 24)), contains="x: expected a last dim that is a multiple of 16")
 p, s = quantize_mxfp4(torch.randn(2, 64))
 test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
+test_fail(lambda: dequantize_mxfp4(p.tolist(), s), contains="packed: expected a torch.Tensor, got list")
+nan_group = s.clone(); nan_group[1, 0] = 255                                    # e8m0's NaN: that group only
+d = dequantize_mxfp4(p, nan_group)
+assert d[1, :32].isnan().all() and not d[1, 32:].isnan().any() and not d[0].isnan().any()
 test_fail(lambda: unpack_fp4(p.int()), contains="packed: expected dtype torch.uint8")
 for shape in ((0, 16), (4, 0)):                    # empty: refused by name where a global scale needs an amax ...
     test_fail(lambda: quantize_nvfp4(torch.zeros(shape)), contains=f"x: expected a non-empty tensor, got shape {shape}")

@@ -178,7 +178,10 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
                                        expert_num_tokens: torch.Tensor | None = None,  # [E] int32 (batched)
                                        group_k: int = 128,         # group width for 'group'
                                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Spec of `fp8_quantize_activations`: 09_quant's `quantize_fp8` on each expert's valid rows."
+    """Spec of `fp8_quantize_activations`: 09_quant's `quantize_fp8` on each expert's valid rows; rows past a count
+    get q = 0 and scale 1. ValueError naming `granularity`, `group_k`, `x` (dtype, shape, no columns, too wide for
+    'token'; a NaN or inf in a valid row, where the kernel gives NaN scales) or `expert_num_tokens` (shape, dtype).
+    Counts are not range-checked. Source: vLLM's `batched_moe_kernel_quantize_input` (a loop over experts)."""
     _check_act_quant_args(x, granularity, expert_num_tokens, group_k)
     x3 = x[None] if expert_num_tokens is None else x
     E, M, K = x3.shape
@@ -208,7 +211,8 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
     empty expert's per-tensor scale is computed from |max| 0), where the spec writes q = 0 and scale 1: compare valid
     rows only. ValueError naming the argument for a bad granularity, dtype, shape, device (a CPU tensor without the
     interpreter, a meta tensor), group_k, `validate` that is not a bool, or (with `validate`, one host sync) counts
-    outside [0, M]."""
+    outside [0, M]. Source: vLLM's `moe_kernel_quantize_input` / `batched_moe_kernel_quantize_input` (dynamic
+    per-tensor, per-token and 1×128-group FP8, as `scaled_fp8_quant` and `per_token_group_quant_fp8`)."""
     _check_act_quant_args(x, granularity, expert_num_tokens, group_k)
     check_bool("validate", validate)
     check_kernel_device("x", x, expert_num_tokens=expert_num_tokens)

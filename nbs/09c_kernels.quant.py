@@ -825,7 +825,10 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
                                  a_scale: torch.Tensor | None = None,  # pre-quantized a's scales (w8a8)
                                  bias: torch.Tensor | None = None, # [E, N] expert bias, added before the activation
                                 ) -> torch.Tensor:                 # [E, max_tokens, N or N/2] float64, NaN past counts
-    "Spec: `out[e, :n_e] = act(deq(quant(a[e, :n_e])) @ deq(W[e])ᵀ + bias[e])` in float64."
+    """Spec: `out[e, :n_e] = act(deq(quant(a[e, :n_e])) @ deq(W[e])ᵀ + bias[e])` in float64. ValueError naming
+    `activation` or `weight`, and (w8a8) `fp8_quantize_activations_reference`'s on `a`; `a`, `qw`, the counts and
+    `bias` are otherwise unchecked (a count past max_tokens or negative slices as Python does). Source: vLLM's
+    `NaiveBatchedExperts` (dequantize, then a per-expert GEMM)."""
     act = check_activation(activation)
     which = _which(weight, act)
     _, _, _, N, K = qw.weight_parts(which)
@@ -980,7 +983,8 @@ def _weight_kernel_args_of(qw: QuantizedExpertWeights, which: str) -> dict:
     return args
 
 def check_quant_tile_config(config, need_block_m: bool = False) -> dict | None:
-    "A quantized GEMM's tile override: `06`'s checks, and no switch these kernels do not have (TMA, WARP_SPECIALIZE, GROUP_M: ValueError)."
+    """A quantized GEMM's tile override: `06`'s checks, and no switch these kernels do not have (TMA, WARP_SPECIALIZE,
+    GROUP_M: ValueError). Source: moe-lit's own (vLLM's counterpart is `override_config`)."""
     if isinstance(config, dict):
         for key in ("TMA", "WARP_SPECIALIZE", "GROUP_M"):
             if config.get(key):
@@ -997,7 +1001,9 @@ def _named_strides(tensor: str, dims: str, strides) -> dict:
     return {f"stride_{tensor}{d}": int(st) for d, st in zip(dims, strides, strict=True)}
 
 def fp4_default_tile(E: int, N: int, K: int, M: int, dtype) -> dict:
-    "Heuristic tile of the FP4 GEMMs (operands swapped): one M tile per expert, 64 weight rows, 128-wide K steps at decode."
+    """Heuristic tile of the FP4 GEMMs (operands swapped): one M tile per expert, 64 weight rows, 128-wide K steps at
+    decode. ValueError from `default_tile_config` naming `E`, `N`, `K` (< 1) or `M` (< 0); `dtype` is not checked.
+    Source: moe-lit's own heuristic (one Hopper warp group per 64 weight rows)."""
     cfg = default_tile_config(E, N, K, M, dtype)
     if INTERPRET or M > 64: return cfg
     return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)   # one warp group: 64 rows
@@ -1036,7 +1042,10 @@ def quant_block_m(qw: QuantizedExpertWeights,   # the local experts' quantized w
                   expected_m: int,              # expected rows per local expert (>= 1)
                   dtype: torch.dtype = torch.bfloat16,   # the activations' (and output's) dtype
                  ) -> int:                      # a power of two >= 16
-    "The alignment block for the contiguous quantized GEMMs: BLOCK_M of GEMM1's tile (the scheme's tuned table, else the heuristic)."
+    """The alignment block for the contiguous quantized GEMMs: BLOCK_M of GEMM1's tile (the scheme's tuned table, else
+    the heuristic). ValueError naming `qw` (not a container), `dtype`, `expected_m` (< 1), or `quant_block_m` when a
+    tile table's BLOCK_M is not a power of two in [16, 256]. Source: vLLM's `moe_align_block_size` takes its block
+    from the tuned config's BLOCK_SIZE_M the same way (fused_moe.py)."""
     if not isinstance(qw, QuantizedExpertWeights):
         raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
     check_choice("dtype", dtype, ACTIVATION_DTYPES)
@@ -1093,7 +1102,8 @@ def fp8_activation_path(mode: str):      # "launch" or "loop": as MOE_LIT_FP8_AC
     """Within the block, 16-bit input of the FP8 w8a8 GEMMs (`batched_moe_gemm_quant`, `fused_moe_gemm_quant` and the
     layer's experts) takes `mode`'s path: "launch", a quantizer launch first, or "loop", each 1×128 group quantized in
     the K loop (`FP8_ACT_QUANT`); the setting before is restored on exit. For comparing the two in one process. Not
-    thread-safe (a module switch). ValueError naming `mode` for another value, when called."""
+    thread-safe (a module switch). ValueError naming `mode` for another value, when called. Source: moe-lit's own
+    (vLLM quantizes in a separate launch, the "launch" path)."""
     return _fp8_activation_path(check_choice("mode", mode, ("launch", "loop")))
 
 @contextlib.contextmanager
@@ -1163,7 +1173,11 @@ def batched_moe_gemm_quant(a: torch.Tensor,                   # [E, max_tokens, 
                            active_experts: int | None = None, # expected experts with rows (split-K choice; default E)
                            max_active_experts: int | None = None,  # a bound on the experts with rows (`06`'s COMPACT)
                           ) -> torch.Tensor:                  # `out`
-    "Quantized masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ W[e]ᵀ + bias[e])` (FP8 w8a8 or FP4 w4a16), fp32 accumulation."
+    """Quantized masked grouped GEMM `out[e, :n_e] = act(a[e, :n_e] @ W[e]ᵀ + bias[e])` (FP8 w8a8 or FP4 w4a16), fp32
+    accumulation. ValueError naming the argument at fault: `qw`, `activation`, `weight`, `a` (shape, K, E, dtype,
+    device), `expert_num_tokens` (shape, dtype; with `validate` values outside [0, max_tokens]), `a_scale`, `out_dtype`,
+    `out`, `bias`, `expected_m`, `active_experts`, `max_active_experts`, `validate` or `config`. Source: vLLM's
+    `invoke_moe_batched_triton_kernel` (fused_batched_moe.py) for FP8; the in-register FP4 decode is moe-lit's own."""
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 3, bias)
     E, M, K = a.shape
     if E != qw.num_experts: raise ValueError(f"a: expected {qw.num_experts} experts in dim 0, got shape {list(a.shape)}")
@@ -1452,7 +1466,10 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
                                    a_scale: torch.Tensor | None = None,  # pre-quantized a's scales (w8a8)
                                    bias: torch.Tensor | None = None,     # [E, N] expert bias
                                   ) -> torch.Tensor:                # [T·top_k, N or N/2] float64, NaN for non-local pairs
-    "Spec: `out[p] = act(rw·deq(quant(a[row(p)])) @ deq(W[e])ᵀ + bias[e])`, e = local(p), in float64 (rw on the output: `rw·(… + bias[e])`)."
+    """Spec: `out[p] = act(rw·deq(quant(a[row(p)])) @ deq(W[e])ᵀ + bias[e])`, e = local(p), in float64 (rw on the
+    output: `rw·(… + bias[e])`). ValueError naming `activation`, `weight`, or `weight_stage` ('output' with a gated
+    activation); the rest is unchecked (a local id >= E is read as non-local, and any `rows` other than 'pair' as
+    'token'). Source: moe-lit's own float64 spec (vLLM's tests compare with `torch_moe` the same way)."""
     act = check_activation(activation)
     if act and weight_stage == "output":       # the launcher's rule (`check_aligned_args`)
         raise ValueError("weight_stage: expected None or 'input' with a gated activation, got 'output'")
@@ -1569,7 +1586,11 @@ def fused_moe_gemm_quant(a: torch.Tensor,                  # [T, K] token rows (
                          active_experts: int | None = None,  # expected local experts with pairs (split-K; default min(E, pairs))
                          validate: bool = True,            # with a_scale: check its values on the host (one sync)
                         ) -> torch.Tensor:                 # `out`
-    "Quantized grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ W[e]ᵀ + bias[e])`, e = expert(block), fp32 accumulation."
+    """Quantized grouped GEMM over aligned blocks: `out[pair] = act(a[row(pair)] @ W[e]ᵀ + bias[e])`, e = expert(block),
+    fp32 accumulation. ValueError naming the argument at fault: `qw`, `activation`, `weight`, `rows`, `top_k`, `a`
+    (shape, K, dtype, device), the aligned arguments (`sorted_token_ids`, `expert_ids`, `num_tokens_post_padded`,
+    `block_m`, `weight_stage`, `topk_weights`), `a_scale`, `out_dtype`, `out`, `bias`, `validate`, `config` or
+    `active_experts`. Source: vLLM's `fused_moe_kernel` (fused_moe.py) FP8 branches; the FP4 decode is moe-lit's own."""
     which, wa, n_out, act = _check_quant_gemm_common(a, qw, activation, weight, 2, bias)
     per_pair = check_choice("rows", rows, ("token", "pair")) == "pair"
     num_pairs = a.shape[0] if per_pair else a.shape[0] * top_k

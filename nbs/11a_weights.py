@@ -43,7 +43,9 @@ from fastcore.test import test_eq, test_fail
 # %%
 #| export
 def weight_shapes(config: MoEConfig) -> dict[str, tuple]:
-    "Name -> global shape of every tensor a layer of `config` needs (state_dict names, all experts, unpadded)."
+    """Name -> global shape of every tensor a layer of `config` needs (state_dict names, all experts, unpadded).
+    ValueError naming `config` when it is not a `MoEConfig`. Source: vLLM's FusedMoE parameters (`w13_weight
+    [E, 2I, H]` gate rows then up rows, `w2_weight [E, H, I]`), under moe-lit's own state_dict names."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     c = config
     E, H, I = c.num_experts, c.hidden_size, c.intermediate_size
@@ -74,7 +76,7 @@ test_eq(sorted(weight_shapes(oss)), ["gate", "gate_bias", "w13", "w13_bias", "w2
 def check_expert_ids(expert_ids, num_experts: int) -> list[int]:
     """`expert_ids` (a sequence or 1-D int32/int64 tensor of global ids) as a list of ints in `[0, num_experts)`.
     ValueError naming `expert_ids` (not a sequence, a tensor of another rank or dtype) or `expert_ids[k]` at the
-    position k of a bad entry (not an int, or out of range)."""
+    position k of a bad entry (not an int, or out of range). Source: moe-lit's own."""
     if isinstance(expert_ids, torch.Tensor):
         check_tensor("expert_ids", expert_ids, ndim=1, dtype=(torch.int32, torch.int64))
         expert_ids = expert_ids.tolist()
@@ -83,16 +85,30 @@ def check_expert_ids(expert_ids, num_experts: int) -> list[int]:
     return [check_int(f"expert_ids[{k}]", g, lo=0, hi=num_experts) for k, g in enumerate(expert_ids)]
 
 class WeightSource:
-    "The protocol of a layer's weights (see the table above); subclasses implement router, experts and shared."
+    """The protocol of a layer's weights (see the table above); subclasses implement router, experts and shared.
+    The base class checks nothing and raises nothing at construction; its three abstract methods raise
+    NotImplementedError. Source: moe-lit's own (vLLM's loader pushes checkpoint tensors through `weight_loader`
+    instead)."""
     config: MoEConfig
     quant_scheme: str | None = None           # the scheme the experts are stored in; None = float weights
 
-    def router(self) -> dict[str, torch.Tensor]: raise NotImplementedError
-    def experts(self, expert_ids) -> dict[str, torch.Tensor]: raise NotImplementedError
-    def shared(self) -> dict[str, torch.Tensor] | None: raise NotImplementedError
+    def router(self) -> dict[str, torch.Tensor]:
+        """`gate [E, H]` and the config's router biases (`gate_bias [E]`, `e_score_correction_bias [E]`), CPU tensors.
+        NotImplementedError here: a subclass implements it. Source: moe-lit's own protocol."""
+        raise NotImplementedError
+    def experts(self, expert_ids) -> dict[str, torch.Tensor]:
+        """`w13 [n, 2·I, H]`, `w2 [n, H, I]` (+ biases) of the global `expert_ids`, CPU tensors. NotImplementedError
+        here: a subclass implements it (and refuses bad ids with `check_expert_ids`'s ValueError). Source: moe-lit's
+        own protocol."""
+        raise NotImplementedError
+    def shared(self) -> dict[str, torch.Tensor] | None:
+        """The shared experts as one MLP (`w13 [2·I_s, H]`, `w2 [H, I_s]`, `gate [1, H]`), or None. NotImplementedError
+        here: a subclass implements it. Source: moe-lit's own protocol."""
+        raise NotImplementedError
 
     def quantized_experts(self, expert_ids, scheme: str):
-        "The stored codes of `expert_ids` as a `QuantizedExpertWeights` when stored in `scheme`; else None."
+        """The stored codes of `expert_ids` as a `QuantizedExpertWeights` when stored in `scheme`; else None. The base
+        returns None for any argument and raises nothing. Source: moe-lit's own protocol."""
         return None
 
 # %% [markdown]
@@ -108,7 +124,8 @@ class WeightSource:
 # %%
 #| export
 class RandomExpertWeights(WeightSource):
-    "Deterministic random weights for a model's MoE layer: expert `g`'s tensors depend only on `(seed, g)`."
+    """Deterministic random weights for a model's MoE layer: expert `g`'s tensors depend only on `(seed, g)`.
+    ValueError naming `config` (not a `MoEConfig`) or `seed` (not an int in [0, 2^40)). Source: moe-lit's own."""
     def __init__(self, config: MoEConfig, seed: int = 0):
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
         self.config, self.seed = config, check_int("seed", seed, lo=0, hi=2**40)   # seed·1_000_003 + g stays < 2^63
@@ -117,7 +134,9 @@ class RandomExpertWeights(WeightSource):
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
 
     def router(self) -> dict[str, torch.Tensor]:
-        "`gate [num_experts, hidden_size]` fp32 (logits ~ N(0, 1)) holding values of a bf16/fp16 config's dtype, as such a checkpoint stores them; and the biases the config has."
+        """`gate [num_experts, hidden_size]` fp32 (logits ~ N(0, 1)) holding values of a bf16/fp16 config's dtype, as
+        such a checkpoint stores them; and the biases the config has (fp32 `[E]`). Takes no argument; raises nothing.
+        Source: moe-lit's own."""
         c, g = self.config, self._gen(0)
         gate = torch.randn(c.num_experts, c.hidden_size, generator=g) / math.sqrt(c.hidden_size)
         if c.dtype in (torch.bfloat16, torch.float16): gate = gate.to(c.dtype).float()   # the layer's router reads that dtype
@@ -130,7 +149,8 @@ class RandomExpertWeights(WeightSource):
 #| export
 @patch
 def experts(self: RandomExpertWeights, expert_ids) -> dict[str, torch.Tensor]:
-    "Stacked weights of the global experts `expert_ids`: `w13 [n, 2·I, H]`, `w2 [n, H, I]` (+ biases), config dtype."
+    """Stacked weights of the global experts `expert_ids`: `w13 [n, 2·I, H]`, `w2 [n, H, I]` (+ biases), config dtype.
+    ValueError from `check_expert_ids` naming `expert_ids` or `expert_ids[k]`. Source: moe-lit's own."""
     c = self.config
     ids = check_expert_ids(expert_ids, c.num_experts)
     n, I, H = len(ids), c.intermediate_size, c.hidden_size
@@ -150,7 +170,8 @@ def experts(self: RandomExpertWeights, expert_ids) -> dict[str, torch.Tensor]:
 
 @patch
 def shared(self: RandomExpertWeights) -> dict[str, torch.Tensor] | None:
-    "The shared experts as one MLP: `w13 [2·I_s, H]`, `w2 [H, I_s]` (+ `gate [1, H]`); None without shared experts."
+    """The shared experts as one MLP: `w13 [2·I_s, H]`, `w2 [H, I_s]` (+ `gate [1, H]`); None without shared experts.
+    Takes no argument; raises nothing. Source: moe-lit's own."""
     c = self.config
     if not c.num_shared_experts: return None
     shapes = weight_shapes(c)
@@ -188,7 +209,9 @@ assert torch.equal(oss.experts([1, 5])["w2_bias"][0], oss.experts([1])["w2_bias"
 # %%
 #| export
 class TensorWeights(WeightSource):
-    "A mapping of global tensors named like the layer's state_dict (see `weight_shapes`), served per expert."
+    """A mapping of global tensors named like the layer's state_dict (see `weight_shapes`), served per expert.
+    ValueError naming `config` (not a `MoEConfig`), `weights` (sic: the argument is `tensors`; not a mapping, or keys
+    the config has no use for) or `weights[key]` (missing, wrong shape, not float, not dense). Source: moe-lit's own."""
     def __init__(self, config: MoEConfig, tensors: Mapping):
         shapes = weight_shapes(config)
         if not isinstance(tensors, Mapping): raise ValueError(f"weights: expected a mapping of tensors, got {type(tensors).__name__}")
@@ -199,13 +222,19 @@ class TensorWeights(WeightSource):
             check_dense(f"weights[{key!r}]", check_tensor(f"weights[{key!r}]", tensors[key], shape=shape, dtype=FLOAT_DTYPES))
         self.config, self.tensors = config, dict(tensors)
 
-    def router(self): return {k: self.tensors[k] for k in ROUTER_KEYS if k in self.tensors}
+    def router(self):
+        "The router's tensors as given (`gate [E, H]`, biases `[E]`). Raises nothing. Source: moe-lit's own."
+        return {k: self.tensors[k] for k in ROUTER_KEYS if k in self.tensors}
 
     def experts(self, expert_ids):
+        """`w13 [n, 2·I, H]`, `w2 [n, H, I]` (+ biases) of the global `expert_ids`, copied to the CPU. ValueError from
+        `check_expert_ids` naming `expert_ids` or `expert_ids[k]`. Source: moe-lit's own."""
         ids = torch.tensor(check_expert_ids(expert_ids, self.config.num_experts), dtype=torch.long)
         return {k: self.tensors[k][ids.to(self.tensors[k].device)].cpu() for k in EXPERT_KEYS if k in self.tensors}
 
     def shared(self):
+        """The `shared_experts.*` tensors without the prefix (`w13 [2·I_s, H]`, `w2 [H, I_s]`, `gate [1, H]`), or None.
+        Raises nothing. Source: moe-lit's own."""
         if not self.config.num_shared_experts: return None
         return {k.split(".", 1)[1]: v for k, v in self.tensors.items() if k.startswith("shared_experts.")}
 

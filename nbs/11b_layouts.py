@@ -61,7 +61,10 @@ from fastcore.test import test_eq, test_fail
 #| export
 @dataclass(frozen=True)
 class CheckpointLayout:
-    "Where one model family's checkpoint keeps a MoE layer's tensors; keys are relative to its prefix."
+    """Where one model family's checkpoint keeps a MoE layer's tensors; keys are relative to its prefix. A frozen
+    record; it checks nothing and raises nothing (`LAYOUTS` is its only producer). Source: transformers'
+    `conversion_mapping.py` and each family's `modeling_*.py` (e.g. `GptOssExperts`, `Llama4TextExperts`), with the
+    key names read off `save_pretrained` checkpoints (table above)."""
     prefixes: tuple                               # layer N's MoE block ('{N}' = the index): the first holding the router wins
     router: str = "gate.weight"                   # [E, H]
     router_bias: str | None = None                # [E], added to the logits (read when config.has_router_bias)
@@ -166,7 +169,9 @@ def _check_config_dict(cfg):
 
 def checkpoint_layout(cfg: dict,  # a config.json's contents
                      ) -> tuple[str, CheckpointLayout]:
-    "(model_type, its CheckpointLayout) of a config.json dict (the top-level model_type names the key prefix); ValueError for an unknown or non-str model_type."
+    """(model_type, its CheckpointLayout) of a config.json dict (the top-level model_type names the key prefix);
+    ValueError for an unknown or non-str model_type, and naming `cfg` when it is not a dict. Source: moe-lit's own
+    `LAYOUTS` table, read from transformers' `conversion_mapping.py` and `modeling_*.py` (table above)."""
     _check_config_dict(cfg)
     t = cfg.get("model_type")
     if t is not None and not isinstance(t, str):     # as moe_lit.models reads it: a str, looked up in a table
@@ -178,8 +183,12 @@ def checkpoint_layout(cfg: dict,  # a config.json's contents
 
 def moe_layer_indices(config,  # a config.json's contents (dict), its path, or the checkpoint directory
                      ) -> list[int]:
-    "The indices of the decoder layers of `config` that are MoE layers, by its family's rule (table above)."
-    if not isinstance(config, dict): config = read_config_json(config)[0]
+    """The indices of the decoder layers of `config` that are MoE layers, by its family's rule (table above). ValueError
+    naming `config` (not a dict, a missing file), the config.json key at fault (`model_type`,
+    `num_hidden_layers` absent or past 2^16, a rule's key such as `first_k_dense_replace`, `decoder_sparse_step`,
+    `mlp_only_layers`, `moe_layers`), or an unreadable JSON file. Source: transformers' decoder layers
+    (`DeepseekV3DecoderLayer`, `Qwen2MoeDecoderLayer`, ...) and config-class defaults (note above)."""
+    if not isinstance(config, dict): config = read_config_json(config, "config")[0]
     t, layout = checkpoint_layout(config)
     text = text_config_view(config)
     if text.get("num_hidden_layers") is None:
@@ -200,7 +209,7 @@ def moe_layer_rule(config,  # a config.json's contents (dict), its path, or the 
     default), e.g. "the first_k_dense_replace rule of deepseek_v3: num_hidden_layers=2, first_k_dense_replace=1,
     and "moe_layer_freq=2 is not read (transformers' rule)" where the config has a value other than 1 -- for an error
     that says why a layer is not an MoE layer. ValueError as `moe_layer_indices`."""
-    if not isinstance(config, dict): config = read_config_json(config)[0]
+    if not isinstance(config, dict): config = read_config_json(config, "config")[0]
     t, layout = checkpoint_layout(config)
     text = text_config_view(config)
     keys = ("num_hidden_layers", *MOE_LAYER_KEYS[layout.moe_layers])
@@ -232,7 +241,7 @@ test_eq(moe_layer_indices({**l4, "text_config": {**l4["text_config"], "moe_layer
 test_fail(lambda: moe_layer_indices({"model_type": "llama", "num_hidden_layers": 2}),
           contains="config.json model_type: expected one of")
 test_fail(lambda: moe_layer_indices({**qw, "decoder_sparse_step": 0}), contains="config.json decoder_sparse_step: expected >= 1")
-test_fail(lambda: moe_layer_indices("no-such-dir"), contains="path_or_dict: expected an existing config.json")
+test_fail(lambda: moe_layer_indices("no-such-dir"), contains="config: expected an existing config.json")
 for bad in ("0", 5): test_fail(lambda: moe_layer_indices({**qw, "mlp_only_layers": bad}),
                                contains=f"config.json mlp_only_layers: expected a list of layer indices (ints), got")
 for bad in ("01", 3): test_fail(lambda: moe_layer_indices({**l4, "text_config": {**l4["text_config"], "moe_layers": bad}}),

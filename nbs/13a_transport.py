@@ -87,7 +87,12 @@ def all_gather_rows(x: torch.Tensor,   # [counts[rank], ...] this rank's rows: a
                     group,
                     check: bool = True,  # compare dtype, row shape and counts across ranks first (one small collective)
                    ) -> torch.Tensor:   # [sum(counts), ...] every rank's rows, in rank order
-    "All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls it); ValueError on bad arguments, on every rank alike."
+    """All-gather rows of uneven counts across `group`: pad to the max, gather, unpad (a collective: every rank calls
+    it); ValueError on bad arguments, on every rank alike. ValueError naming `group` (`check_group`), `x` (not a dense
+    tensor of rows of a `_GATHER_DTYPES` dtype), `check`, `counts` (not S ints >= 0, or `counts[rank]` not x's rows) or,
+    with `check`, `x, counts` (ranks that disagree on dtype, row shape or counts). Source: torch.distributed's
+    `all_gather_into_tensor` (`all_gather_single` where torch has it); the uneven-count gather of vLLM's
+    `AgRsAll2AllManager.dispatch` (`all_gatherv`, vllm/distributed/device_communicators/all2all.py)."""
     group = check_group(group)
     check_dense("x", check_tensor("x", x, dtype=_GATHER_DTYPES))
     if x.is_quantized or x.is_nested: raise ValueError("x: expected a plain dense tensor, got a quantized or nested one")
@@ -155,7 +160,9 @@ def _all_to_all_rows(x: torch.Tensor, send_counts: list, recv_counts: list, grou
 #| export
 @dataclass
 class DistributedPrepared(Prepared):
-    "`Prepared` plus the bookkeeping the distributed finalize needs to return the rows to their ranks."
+    """`Prepared` plus the bookkeeping the distributed finalize needs to return the rows to their ranks.
+    Raises nothing: a plain dataclass whose fields the prepares fill (nothing is checked). Source: moe-lit's own (vLLM's
+    DeepEP prepare/finalize keeps the library's dispatch handle for the combine instead)."""
     token_counts: list | None = None          # tokens of each rank of the group
     send_order: torch.Tensor | None = None    # all-to-all: [n_send] int64, flat pair index t·top_k + k of each sent row
     send_counts: list | None = None           # all-to-all: rows sent to each rank
@@ -166,7 +173,9 @@ class DistributedPrepared(Prepared):
 # %%
 #| export
 def check_group(group):
-    "`group` (None = the default group) after checking that torch.distributed is initialized."
+    """`group` (None = the default group) after checking that torch.distributed is initialized.
+    ValueError naming `group` when no process group is initialized or `group` is neither a ProcessGroup nor None.
+    Source: torch.distributed's `is_initialized` and `ProcessGroup`."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group: expected an initialized torch.distributed process group (call init_distributed, or "
                          "run under torchrun), got none")
@@ -176,7 +185,9 @@ def check_group(group):
 
 def config_rank_in_group(config: MoEConfig,   # the deployment (its ep_size must be the group's size)
                          group) -> tuple[int, int]:   # (this process's rank in the group, the group's size)
-    "This process's rank and the group's size after checking `config` and `group`; ValueError naming the mismatch."
+    """This process's rank and the group's size after checking `config` and `group`; ValueError naming the mismatch:
+    `config` (not a MoEConfig), `group` (`check_group`) or `config.parallel.ep_size` (not the group's size).
+    Source: torch.distributed's `get_rank` / `get_world_size`; the check is moe-lit's own."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     group = check_group(group)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
@@ -185,7 +196,9 @@ def config_rank_in_group(config: MoEConfig,   # the deployment (its ep_size must
     return rank, size
 
 def group_device(group) -> torch.device:
-    "Where tensors of `group`'s collectives live: this process's GPU for NCCL, the CPU for gloo."
+    """Where tensors of `group`'s collectives live: this process's GPU for NCCL, the CPU for gloo.
+    ValueError from torch.distributed's `get_backend` when no process group is initialized (its message, no argument
+    named). Source: torch.distributed's backends (NCCL moves CUDA tensors, gloo CPU ones)."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 def _pad_columns(x: torch.Tensor, width: int | None) -> torch.Tensor:
@@ -205,7 +218,11 @@ def _fp8_wire_rows(rows: torch.Tensor, group: int) -> torch.Tensor:
 # %%
 #| export
 class AllGatherReduceScatterPrepareFinalize:
-    "Standard format over torch.distributed: all-gather the group's tokens and routing, reduce-scatter the outputs."
+    """Standard format over torch.distributed: all-gather the group's tokens and routing, reduce-scatter the outputs.
+    The constructor raises ValueError naming `group` (`check_group`), `quant_block` (not None or (1, group) with group
+    a power of two in [32, 65536]), `topk_indices_dtype` (not int32/int64) or `padded_hidden_size` (< 1).
+    Source: vLLM's `allgather_reducescatter` backend, `AgRsAll2AllManager` (vllm/distributed/device_communicators/
+    all2all.py)."""
     activation_format = ActivationFormat.Standard
     output_is_reduced = True                     # finalize returns this rank's tokens summed over every rank's experts
     max_num_tokens_per_rank = None               # no capacity: the gathered batch is as large as it needs to be
@@ -270,7 +287,9 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
     (`09b`'s group quantizer) and sends codes and scales as one row of bytes. A collective: every rank calls it.
     ValueError, on every rank alike, for ranks whose rows differ (dtype, widths, FP8 group, top_k, ids dtype), a
     non-16-bit `hidden` with `quant_block` or a `hidden` wider than the wire; and, on the rank that passed them, for
-    bad arguments."""
+    bad arguments. Source: vLLM's `AgRsAll2AllManager.dispatch` (`all_gatherv` of hidden states, topk weights and ids;
+    vllm/distributed/device_communicators/all2all.py); the FP8 rows as vLLM quantizes before DeepEP's normal
+    dispatch."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     mine = torch.tensor([[*_row_format(self, hidden, topk_ids), hidden.shape[0]]], device=hidden.device)
     table = all_gather_rows(mine, [1] * self.num_dispatchers, self.group, check=False).cpu()   # formats, token counts
@@ -297,7 +316,9 @@ def _agrs_prepare(self: AllGatherReduceScatterPrepareFinalize,
 def _agrs_finalize(self: AllGatherReduceScatterPrepareFinalize,
                    expert_out: torch.Tensor,         # [ΣT, H_wire] this rank's partial sums for every gathered token
                    prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens, summed over ranks
-    "Reduce-scatter the partial outputs in fp32 (fp64 for fp64) and keep this rank's rows, unpadded."
+    """Reduce-scatter the partial outputs in fp32 (fp64 for fp64) and keep this rank's rows, unpadded. A collective:
+    every rank calls it. ValueError naming `expert_out` unless it is a dense tensor shaped as `prepared.a`. Source:
+    vLLM's `AgRsAll2AllManager.combine` (`reduce_scatterv`; vllm/distributed/device_communicators/all2all.py)."""
     check_tensor("expert_out", expert_out, shape=tuple(prepared.a.shape))
     mine = _reduce_scatter_rows(expert_out.to(acc_dtype(expert_out.dtype)), prepared.token_counts, self.group)
     return mine[:, :prepared.hidden_size].to(expert_out.dtype)
@@ -385,7 +406,11 @@ if not torch.cuda.is_available():                 # the interpreter (CPU); the G
 # %%
 #| export
 class AllToAllBatchedPrepareFinalize:
-    "BatchedExperts over torch.distributed all-to-all: pairs to their expert's owner, outputs back to their sender."
+    """BatchedExperts over torch.distributed all-to-all: pairs to their expert's owner, outputs back to their sender.
+    The constructor raises ValueError naming `group` (`check_group`), `quant_block`, `max_num_tokens_per_rank` (< 1),
+    `topk_indices_dtype` (not int32/int64) or `padded_hidden_size` (< 1). Source: the contract of vLLM's
+    `DeepEPLLPrepareAndFinalize` and `NixlEPPrepareAndFinalize` (fused_moe/prepare_finalize/), carried by
+    torch.distributed's `all_to_all_single`."""
     activation_format = ActivationFormat.BatchedExperts
     output_is_reduced = True                     # combine returns this rank's tokens with every slot summed
 
@@ -404,7 +429,9 @@ class AllToAllBatchedPrepareFinalize:
 
     @property
     def capacity(self) -> int:
-        "Rows of each local expert's slab: `max_num_tokens_per_rank · num_dispatchers` (DeepEP low-latency's sizing)."
+        """Rows of each local expert's slab: `max_num_tokens_per_rank · num_dispatchers` (DeepEP low-latency's sizing).
+        Raises nothing (both factors are checked by the constructor). Source: DeepEP's low-latency receive buffer
+        `[num_local_experts, num_max_dispatch_tokens_per_rank × num_ranks, hidden]`, as vLLM sizes it."""
         return self.max_num_tokens_per_rank * self.num_dispatchers
 
 # %%
@@ -435,7 +462,9 @@ def _a2a_prepare(self: AllToAllBatchedPrepareFinalize,
     `quant_block`, `a` float8_e4m3fn and `a_scale [E_local, capacity, G]` fp32 (both NaN past the counts). A collective:
     every rank calls it. ValueError, on every rank alike, for ranks whose rows differ (dtype, widths, FP8 group,
     capacity, top_k, ids dtype), a non-16-bit `hidden` with `quant_block`, a `hidden` wider than the wire, or a
-    capacity overflow; and, on the rank that passed them, for bad arguments."""
+    capacity overflow; and, on the rank that passed them, for bad arguments. Source: vLLM's
+    `DeepEPLLPrepareAndFinalize.prepare` over DeepEP's `low_latency_dispatch` (`use_fp8=True` for FP8 rows;
+    fused_moe/prepare_finalize/deepep_ll.py), here with torch.distributed's `all_to_all_single`."""
     _check_dist_prepare(self, hidden, topk_weights, topk_ids, placement, apply_router_weight_on_input)
     (T, H), k, dev, me = hidden.shape, topk_ids.shape[1], hidden.device, self.rank
     order, counts = send_plan(placement, topk_ids)
@@ -503,7 +532,10 @@ def _record_a2a_stats(pf, T, order, recv_rows, senders, expert_num_tokens, topk_
 def _a2a_finalize(self: AllToAllBatchedPrepareFinalize,
                   expert_out: torch.Tensor,         # [E_local, capacity, H_wire]; rows >= expert_num_tokens unread
                   prepared: DistributedPrepared) -> torch.Tensor:   # [T, H] this rank's tokens
-    "Send each received row's output back to its sender, who weights (unless applied on input) and sums in fp32."
+    """Send each received row's output back to its sender, who weights (unless applied on input) and sums in fp32.
+    A collective: every rank calls it. ValueError naming `expert_out` unless it is a dense tensor shaped
+    `[E_local, capacity, H_wire]` (as `prepared.a`). Source: vLLM's DeepEP low-latency finalize, whose
+    `low_latency_combine` weights and sums on the token's own rank (fused_moe/prepare_finalize/deepep_ll.py)."""
     E, cap, Hw = prepared.a.shape
     check_tensor("expert_out", expert_out, shape=(E, cap, Hw))
     out_rows = expert_out.reshape(E * cap, Hw)[prepared.recv_rows]          # valid rows only: padding never travels
@@ -596,7 +628,9 @@ def _installed(module: str) -> bool:
 # %%
 #| export
 def transport_note(config: MoEConfig) -> str:
-    "One sentence: which implementation carries `config`'s dispatch across processes, and the real library's status."
+    """One sentence: which implementation carries `config`'s dispatch across processes, and the real library's status.
+    ValueError naming `config` when it is not a MoEConfig. Source: moe-lit's own (the library looked up with
+    `importlib.util.find_spec`, never imported)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     d, fmt = config.backend, config.activation_format
     impl = ("AllToAllBatchedPrepareFinalize (moe-lit's torch.distributed all-to-all into per-expert slabs)"
@@ -637,7 +671,8 @@ def make_distributed_prepare_finalize(
     """The prepare/finalize that carries `config`'s deployment across processes, chosen by its activation format:
     `AllToAllBatchedPrepareFinalize` (BatchedExperts) or `AllGatherReduceScatterPrepareFinalize` (Standard), both
     sending FP8 rows with `quant_block`. ValueError naming the argument for a config that is not this rank's of the
-    group, or a bad capacity or `quant_block`."""
+    group, or a bad capacity or `quant_block`. Source: vLLM's `maybe_make_prepare_finalize`, which picks the class by
+    all2all backend; here the activation format picks it (the rule of vLLM #40412)."""
     rank, size = config_rank_in_group(config, group)
     if config.ep_rank != rank:
         raise ValueError(f"config.parallel.ep_rank: expected this process's rank in the group ({rank}), got {config.ep_rank}")
@@ -676,7 +711,9 @@ with one_process_group():
 # %%
 #| export
 def free_port() -> int:
-    "A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it). OSError from `socket.bind` when none can be
+    had; another process may take the port before it is used. Source: the bind-to-port-0 idiom of Python's `socket`
+    (moe-lit's own helper)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -688,7 +725,11 @@ COLLECTIVE_TIMEOUT_MAX_S = 2**31 // 1000      # s: the largest timeout torch's T
 def init_distributed(timeout_s: float = 600.0,      # seconds a collective may wait for its peers
                      backend: str | None = None,    # 'gloo' or 'nccl'; None: NCCL with a GPU, else gloo
                     ) -> tuple[int, int, torch.device]:   # (rank, world size, this process's device)
-    "Join the process group torchrun's environment describes (or a one-process group without it)."
+    """Join the process group torchrun's environment describes (or a one-process group without it). ValueError naming
+    `timeout_s` (not a finite number > 0, or over COLLECTIVE_TIMEOUT_MAX_S), `backend` (not 'gloo' or 'nccl', or 'nccl'
+    without a CUDA GPU), `environment` (some of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT unset) or `LOCAL_RANK` (no
+    such GPU); `init_process_group`'s own errors (a rendezvous that times out) propagate. Source: torch.distributed's
+    `init_process_group` with the env:// variables torchrun sets."""
     if check_positive_real("timeout_s", timeout_s) > COLLECTIVE_TIMEOUT_MAX_S:   # the store counts milliseconds in
         raise ValueError(f"timeout_s: expected <= {COLLECTIVE_TIMEOUT_MAX_S} (24 days: the store's timeout is int32 "   # an int32
                          f"milliseconds), got {timeout_s:g}")

@@ -51,13 +51,17 @@ from moe_lit.layer import rank_config
 # %%
 #| export
 class DistributedJobError(RuntimeError):
-    "A launched job failed: `errors` maps each failed rank to its error text; `pids` are the processes (all ended)."
+    """A launched job failed: `errors` maps each failed rank to its error text; `pids` are the processes (all ended).
+    A RuntimeError that `launch` raises; its constructor raises nothing. Source: moe-lit's own (no counterpart in
+    vLLM)."""
     def __init__(self, message: str, errors: dict, pids: list):
         super().__init__(message)
         self.errors, self.pids = errors, pids
 
 class DistributedTimeoutError(DistributedJobError, TimeoutError):
-    "A launched job was still running at its deadline: every process was killed."
+    """A launched job was still running at its deadline: every process was killed.
+    Both a DistributedJobError and a TimeoutError, raised by `launch`; its constructor raises nothing. Source: moe-lit's
+    own."""
 
 _WORKER = "import sys; from moe_lit.launch import worker_main; worker_main(sys.argv[1])"
 
@@ -71,7 +75,10 @@ def _describe_failure(e: BaseException) -> str:
     return f"stopped in a collective because a peer rank failed or timed out ({text.splitlines()[0][:300]})" if peer else text
 
 def worker_main(spec_path: str) -> None:
-    "The entry point of a process started by `launch`: join the group, run the job, write the result or the error."
+    """The entry point of a process started by `launch`: join the group, run the job, write the result or the error.
+    Never raises from the job: any exception (BaseException) of joining or of the job goes to `rank{r}.err` and the
+    process leaves with `os._exit(1)`; reading the spec (OSError, pickle's errors, KeyError without `RANK`) raises.
+    Source: moe-lit's own (what torchrun's worker would run)."""
     with open(spec_path, "rb") as f: spec = pickle.load(f)
     rank, out = int(os.environ["RANK"]), spec["out"]
     try:
@@ -140,7 +147,12 @@ def launch(fn,                                  # a module-level function the wo
            backend: str = "gloo",               # 'gloo' (CPU) or 'nccl' (one GPU per process)
            collective_timeout_s: float | None = None,   # timeout of each collective (s); None: timeout_s / 2
            **kwargs) -> list:                   # fn(**kwargs) of every rank, in rank order
-    "Run `fn(**kwargs)` on `world_size` fresh processes joined by torch.distributed; raise if any rank fails or hangs."
+    """Run `fn(**kwargs)` on `world_size` fresh processes joined by torch.distributed; raise if any rank fails or hangs.
+    ValueError naming `fn` (not a module-level function), `world_size` (not an int in [1, 256]), `timeout_s` or
+    `collective_timeout_s` (not a finite number > 0) or `backend` (not 'gloo'/'nccl'); pickle's errors for `kwargs`
+    that cannot be pickled; DistributedJobError naming each failed rank; DistributedTimeoutError at the deadline.
+    Source: the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK); moe-lit's own
+    launcher."""
     name, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if name == "__main__" and "<" not in qual:                 # this notebook's copy of an exported job: the module's
         fn = getattr(importlib.import_module("moe_lit.launch"), qual, fn)
@@ -177,7 +189,9 @@ def launch(fn,                                  # a module-level function the wo
 # %%
 #| export
 def run_cases(cases: list) -> list:
-    "Job: `run_distributed(**case)` per case on every rank; rank 0 returns outputs and references, the others stats."
+    """Job: `run_distributed(**case)` per case on every rank; rank 0 returns outputs and references, the others stats.
+    Re-raises a case's ValueError unless its `expect_error` is in the message; AssertionError when a case with
+    `expect_error` raises none; `run_distributed`'s other errors propagate. Source: moe-lit's own test job."""
     out = []
     for case in cases:
         kw = dict(case); name, expect = kw.pop("name"), kw.pop("expect_error", None)
@@ -194,17 +208,22 @@ def run_cases(cases: list) -> list:
     return out
 
 def failing_job(fail_rank: int, config: MoEConfig) -> None:
-    "Job: one healthy run on every rank, then rank `fail_rank` raises while the others start the next run."
+    """Job: one healthy run on every rank, then rank `fail_rank` raises while the others start the next run.
+    RuntimeError on rank `fail_rank` (by design); the others stop in a collective. Source: moe-lit's own test job."""
     run_distributed(config, num_tokens=4)
     if dist.get_rank() == fail_rank: raise RuntimeError(f"injected failure on rank {fail_rank}")
     run_distributed(config, num_tokens=4)                    # the others wait in a collective for the dead rank
 
 def disagreeing_counts_job(config: MoEConfig) -> None:
-    "Job: the ranks pass different `token_counts` for the same batch (a caller's bug that every rank must catch)."
+    """Job: the ranks pass different `token_counts` for the same batch (a caller's bug that every rank must catch).
+    Raises, by design, `run_distributed`'s ValueError naming `token_counts` on every rank (on a group of 2 ranks).
+    Source: moe-lit's own test job."""
     run_distributed(config, num_tokens=4, token_counts=[1, 3] if dist.get_rank() == 0 else [3, 1])
 
 def gather_mismatch_job() -> dict:
-    "Job: `all_gather_rows`, the all-to-all and the all-gather where the ranks disagree on their rows; each case's error per rank."
+    """Job: `all_gather_rows`, the all-to-all and the all-gather where the ranks disagree on their rows; each case's
+    error per rank. The cases' ValueErrors are returned, not raised; outside a process group torch.distributed's
+    ValueError ("Default process group has not been initialized"). Source: moe-lit's own test job."""
     from moe_lit.transport import all_gather_rows
     r, S, out = dist.get_rank(), dist.get_world_size(), {}
     cases = {"dtype": (torch.zeros(1, 2, dtype=torch.int32 if r else torch.float32), [1] * S),
@@ -241,13 +260,16 @@ def gather_mismatch_job() -> dict:
     return out
 
 def sleeping_job(seconds: float) -> None:
-    "Job: hang (sleep) — for the test that a hang fails within the launcher's deadline."
+    """Job: hang (sleep) — for the test that a hang fails within the launcher's deadline. `seconds` is not checked:
+    `time.sleep`'s ValueError for a negative one, TypeError for a non-number. Source: moe-lit's own test job."""
     time.sleep(seconds)
 
 # %%
 #| export
 def world_one_job(experts: str = "triton") -> list:
-    "Job at world size 1: both prepare/finalize classes around `experts`, vs the float64 reference; plus run_distributed."
+    """Job at world size 1: both prepare/finalize classes around `experts`, vs the float64 reference; plus
+    run_distributed. ValueError outside a process group (torch.distributed's), for an `experts` value FusedMoE
+    refuses, or from the prepares' placement check on a group of more than one rank. Source: moe-lit's own test job."""
     device, g = group_device(None), torch.Generator().manual_seed(3)
     cfg = MoEConfig(8, 2, 64, 32, dtype=torch.bfloat16, num_shared_experts=1, name="world-one")
     layer = FusedMoE(cfg, RandomExpertWeights(cfg, 1), experts=experts, device=device)
@@ -293,7 +315,8 @@ def world_one_job(experts: str = "triton") -> list:
 def sweep_cases(world_size: int,        # ranks of the launch
                 triton: bool = False,   # include cases with the Triton experts (the interpreter on a CPU)
                ) -> list:               # kwargs of run_distributed, plus 'name' and 'expect_error'
-    "The cases of the multi-process test sweep at `world_size` (see above)."
+    """The cases of the multi-process test sweep at `world_size` (see above). ValueError naming `world_size` (not an
+    int in [2, 8]) or `triton` (not a bool). Source: moe-lit's own test sweep."""
     check_int("world_size", world_size, lo=2, hi=9); check_bool("triton", triton)
     S = world_size
     def cfg(backend, eplb=False, **kw):

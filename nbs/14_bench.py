@@ -56,8 +56,14 @@ SCENARIOS = [   # (name, E local experts, K = hidden, N = 2·I, M = capacity per
     dict(name="gpt-oss-120b decode", E=128, K=2880, N=5760, M=64, rows=512, top_k=4),
 ]
 
-def routed_counts(E: int, M: int, rows: int, seed: int = 0) -> torch.Tensor:
-    "`expert_num_tokens [E]` int32 for `rows` pairs routed uniformly at random (fixed seed), capped at `M` each."
+def routed_counts(E: int,          # local experts
+                  M: int,          # capacity: rows an expert's slab holds
+                  rows: int,       # routed (token, slot) pairs in all, at most E·M
+                  seed: int = 0,   # seed of the routing (a torch.Generator seed)
+                 ) -> torch.Tensor:
+    """`expert_num_tokens [E]` int32 for `rows` pairs routed uniformly at random (fixed seed), capped at `M` each.
+    ValueError from `check_int` naming `E` or `M` (< 1) or `rows` (< 0 or > E·M); `seed` is not checked (torch's
+    RuntimeError for a non-int). Source: moe-lit's own (uniform random routing)."""
     check_int("E", E, lo=1); check_int("M", M, lo=1); check_int("rows", rows, lo=0, hi=E * M + 1)
     g = torch.Generator().manual_seed(seed)
     counts = torch.bincount(torch.randint(0, E, (rows,), generator=g), minlength=E)
@@ -75,9 +81,16 @@ test_fail(lambda: routed_counts(4, 2, 9), contains="rows: expected <= 8, got 9")
 
 # %%
 #| export
-def roofline_floor(E_active: int, rows: int, K: int, N: int, bytes_per_el: int, copy_Bps: float,
-                   flops_per_s: float) -> dict:
-    "Floor time (s) of GEMM1 over the active experts: max of the byte time and the flop time."
+def roofline_floor(E_active: int,        # experts with at least one row (their weights are read once)
+                   rows: int,            # routed (token, slot) pairs
+                   K: int, N: int,       # GEMM1's reduction (hidden) and output (2·intermediate) sizes, elements
+                   bytes_per_el: int,    # bytes an element (2 for bf16)
+                   copy_Bps: float,      # copy bandwidth, bytes/s (read + write, `measure_device`)
+                   flops_per_s: float,   # matmul rate, FLOP/s
+                  ) -> dict:             # {bytes, flops, floor_s (seconds), bound: 'memory' or 'compute'}
+    """Floor time (s) of GEMM1 over the active experts: max of the byte time and the flop time.
+    Nothing is checked: a zero `copy_Bps` or `flops_per_s` is a ZeroDivisionError, negative counts give a negative
+    floor. Source: the roofline model (Williams, Waterman and Patterson, "Roofline", CACM 2009)."""
     nbytes = (E_active * N * K + rows * K + rows * N) * bytes_per_el
     flops = 2.0 * rows * N * K
     return dict(bytes=nbytes, flops=flops, floor_s=max(nbytes / copy_Bps, flops / flops_per_s),
@@ -97,8 +110,13 @@ test_eq(roofline_floor(32, 16384, 7168, 4096, 2, 4.3e12, 790e12)["bound"], "comp
 
 # %%
 #| export
-def measure_device(copy_bytes: int = 2 << 30, mm_size: int = 8192) -> dict:
-    "Copy bandwidth (B/s, read + write) and bf16 matmul rate (FLOP/s) of the current CUDA device."
+def measure_device(copy_bytes: int = 2 << 30,   # bytes copied device to device (read once, written once)
+                   mm_size: int = 8192,         # n of the n×n by n×n bf16 matmul
+                  ) -> dict:                    # {device_name, copy_Bps (B/s), bf16_flops (FLOP/s), torch}
+    """Copy bandwidth (B/s, read + write) and bf16 matmul rate (FLOP/s) of the current CUDA device.
+    ValueError naming `device` without a CUDA GPU or under the Triton interpreter; the sizes are not checked (torch's
+    errors, e.g. OutOfMemoryError). Source: triton.testing's `do_bench` (median of each); the two ceilings are
+    moe-lit's own choice of roofline."""
     import triton.testing
     if not torch.cuda.is_available() or INTERPRET: raise ValueError("device: expected a CUDA GPU, got none")
     src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
@@ -147,7 +165,10 @@ def _peers(a, w, counts):
 #| export
 def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=torch.bfloat16,
                    with_peers: bool = True, contiguous_config: dict | None = None) -> dict:
-    "Time moe-lit's GEMM1 (plain and fused SiLU) and the peers on scenario `sc`; µs and % of the roofline floor."
+    """Time moe-lit's GEMM1 (plain and fused SiLU) and the peers on scenario `sc`; µs and % of the roofline floor.
+    Needs a CUDA GPU (without one, torch's RuntimeError for a CUDA generator); nothing is checked: KeyError for an `sc`
+    without E, K, N, M or rows or a `device` without copy_Bps and bf16_flops, and the kernels run unvalidated.
+    Source: triton.testing's `do_bench` (median) for every implementation; the peers are torch's own ops."""
     import triton.testing
     a, w, counts = _problem(sc, dtype)
     E, M, K = a.shape
@@ -193,7 +214,10 @@ def bench_scenario(sc: dict, device: dict, configs: dict | None = None, dtype=to
 #| export
 def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_size: int = 7168,
                intermediate_size: int = 2048, tokens=(1, 2, 4, 8, 16)) -> list[dict]:
-    "Median µs per token count of both layouts' builders and of rank 0's whole `TritonExperts.apply` with each (GPU)."
+    """Median µs per token count of both layouts' builders and of rank 0's whole `TritonExperts.apply` with each (GPU).
+    Needs a CUDA GPU (torch's RuntimeError without one); the sizes are not checked (`num_experts // ep_size` local
+    experts, a remainder dropped). Source: moe-lit's own measurement of vLLM's `moe_align_block_size` layout against
+    `moe_pair_blocks`, timed with triton.testing's `do_bench` and `do_bench_cudagraph`."""
     import triton.testing
     from moe_lit.kernels.contiguous import moe_align_block_size, moe_pair_blocks, TritonExperts
     E = num_experts // ep_size                                       # rank 0 holds experts 0 .. E-1
@@ -242,7 +266,9 @@ def align_cost(num_experts: int = 256, top_k: int = 8, ep_size: int = 8, hidden_
 # %%
 #| export
 def tile_candidates(expected_m: int, kernel: str = "batched_moe_gemm") -> list[dict]:
-    "Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert."
+    """Candidate tiles of `kernel` (one of `TUNABLE`) for `expected_m` rows per expert. ValueError naming `kernel`
+    (not in TUNABLE) or `expected_m` (not an int >= 1). Source: moe-lit's own search space (vLLM tunes its fused-MoE
+    tiles with `benchmarks/kernels/benchmark_moe.py --tune`)."""
     check_choice("kernel", kernel, TUNABLE); check_int("expected_m", expected_m, lo=1)
     bm0 = max(16, 1 << (expected_m - 1).bit_length())
     if kernel.endswith("_fp8"):     # one-byte weights, a K tile within a 128-wide scale group, pointer loads only
@@ -327,7 +353,10 @@ def _gemm1_callable(sc: dict, kernel: str, dtype=torch.bfloat16):
     return run
 
 def tune_scenario(sc: dict, dtype=torch.bfloat16, kernel: str = "batched_moe_gemm") -> tuple[dict, list]:
-    "`(best tile, [(tile, µs)...])` for GEMM1 of scenario `sc` on `kernel` (candidates that fail to compile are skipped)."
+    """`(best tile, [(tile, µs)...])` for GEMM1 of scenario `sc` on `kernel` (candidates that fail to compile are
+    skipped). ValueError naming `kernel` (not in TUNABLE); a candidate that raises is timed as inf, not raised; needs a
+    CUDA GPU (torch's RuntimeError without one). Source: triton.testing's `do_bench`; the sweep plays the part of
+    vLLM's `benchmarks/kernels/benchmark_moe.py --tune`."""
     import triton.testing
     check_choice("kernel", kernel, TUNABLE)
     run = _gemm1_callable(sc, kernel, dtype)
@@ -346,7 +375,10 @@ def host_loop_us(f,                 # a zero-argument callable: its host-side co
                  warmup: int = 100, # calls before the first loop
                 ) -> float:         # µs a call
     """Wall time of `f` a call, µs: the fastest of `blocks` loops of `n` calls, with no device synchronisation —
-    the host's side of a launch path (the `nbs/bench/*_cpu.py` scripts, with Triton's launches stubbed or compiled-only)."""
+    the host's side of a launch path (the `nbs/bench/*_cpu.py` scripts, with Triton's launches stubbed or
+    compiled-only).
+    ValueError from `check_int` naming `n` or `blocks` (< 1) or `warmup` (< 0); whatever `f` raises propagates.
+    Source: the best-of-repeats rule of Python's `timeit` (`Timer.repeat`: the minimum is the measure)."""
     check_int("n", n, lo=1); check_int("blocks", blocks, lo=1); check_int("warmup", warmup, lo=0)
     for _ in range(warmup): f()
     best = float("inf")
@@ -357,7 +389,8 @@ def host_loop_us(f,                 # a zero-argument callable: its host-side co
     return best
 
 def source_commit() -> str:
-    "The commit a benchmark measured: `$MOE_LIT_COMMIT` when set (a copied tree), else `git rev-parse --short HEAD`."
+    """The commit a benchmark measured: `$MOE_LIT_COMMIT` when set (a copied tree), else `git rev-parse --short HEAD`.
+    Raises nothing: without git (OSError) or outside a checkout it returns 'unknown'. Source: git's `rev-parse`."""
     commit = os.environ.get("MOE_LIT_COMMIT", "")
     if not commit:
         try: commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -400,7 +433,10 @@ def check_bench_args(out_json: str | Path | None = None,   # where the JSON goes
 
 def run_bench(out_json: str | Path | None = None, tune: bool | str = False, config_dir: str | Path | None = None,
               scenarios: list | None = None, on_scenario=None, align: bool = True, quant: bool = True) -> dict:
-    "Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given."
+    """Measure the card, (optionally) tune, then benchmark every scenario; save JSON when `out_json` is given.
+    ValueError from `check_bench_args` naming `out_json (--out)`, `tune` or `config_dir (--config-dir)` before the card
+    is touched, then `measure_device`'s naming `device` without a GPU and `read_tile_table`'s naming a broken tile
+    table. Source: moe-lit's own; the tuned tables use vLLM's file naming (`E=..,N=..,device_name=...json`)."""
     tune = check_bench_args(out_json, tune, config_dir)
     device = measure_device()
     for sc in (scenarios or SCENARIOS) if tune else ():                   # the tables tuning will add to: readable
@@ -456,7 +492,8 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
     layer calls them (`09c`'s `FP8_ACT_QUANT`, by default a quantizer launch, then the GEMM) and add
     `k_loop_batched_us` / `k_loop_contiguous_us` (replayed: `k_loop_*_graph_us`): the same GEMMs quantizing each 1×128
     tile in their K loop instead (`FP8_ACT_QUANT = "loop"`). FP4 layouts are timed once each ("kernel"
-    resolves to `FP4_KERNEL_LAYOUT`); FP8 schemes have one row."""
+    resolves to `FP4_KERNEL_LAYOUT`); FP8 schemes have one row. Source: triton.testing's `do_bench` and
+    `do_bench_cudagraph`; the weight-bytes floor is moe-lit's own."""
     import triton.testing
     from moe_lit.quant import QUANT_SCHEME_TABLE
     from moe_lit.quant_weights import quantize_expert_weights, FP4_LAYOUTS, FP4_KERNEL_LAYOUT
@@ -510,7 +547,8 @@ def bench_quant(device: dict, scenarios: list | None = None, schemes=QUANT_BENCH
     return rows
 
 def format_bench_quant(rows: list[dict]) -> str:
-    "The quantized rows as a text table."
+    """The quantized rows as a text table. Nothing is checked: KeyError for a row without `bench_quant`'s keys.
+    Source: moe-lit's own."""
     lines = [f"{'scenario':<24}{'scheme':<16}{'layout':<9}{'B/weight':>9}{'floor us':>10}{'batched us (% floor)':>24}"
              f"{'contiguous us (% floor)':>26}{'bf16 batched us':>17}"]
     for r in rows:
@@ -530,7 +568,9 @@ def plot_bench_quant(runs: dict,                      # {label: bench_quant rows
                      fp4_layout: str = "split64",      # a run that timed several FP4 layouts: the bars of this one
                                                        # (a run of one FP4 layout shows it whatever this says)
                     ):
-    "Bars: % of the weight-bytes floor per (scenario, scheme), one bar per run and format. Returns the Figure."
+    """Bars: % of the weight-bytes floor per (scenario, scheme), one bar per run and format. Returns the Figure.
+    ValueError naming `runs` (not a non-empty dict), `fp4_layout` (not in FP4_LAYOUTS) or `schemes` (a str or empty);
+    KeyError for rows without `bench_quant`'s keys. Source: moe-lit's own (matplotlib)."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     if not isinstance(runs, dict) or not runs:
@@ -602,7 +642,8 @@ with tempfile.TemporaryDirectory() as d:                 # --config-dir: refused
 # %%
 #| export
 def format_bench(report: dict) -> str:
-    "The benchmark report as a text table: µs and % of the floor per implementation and scenario."
+    """The benchmark report as a text table: µs and % of the floor per implementation and scenario.
+    Nothing is checked: KeyError for a dict without `run_bench`'s keys. Source: moe-lit's own."""
     d = report["device"]
     lines = [f"{d['device_name']}: copy {d['copy_Bps'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
              f"{d['bf16_flops'] / 1e12:.0f} TFLOP/s; {report['dtype']}, {report['date']}, commit {report['commit']}"]
@@ -631,7 +672,9 @@ def format_bench(report: dict) -> str:
 # %%
 #| export
 def plot_bench(report: dict):
-    "Grouped bars: % of the roofline floor per scenario and implementation. Returns the matplotlib Figure."
+    """Grouped bars: % of the roofline floor per scenario and implementation. Returns the matplotlib Figure.
+    Nothing is checked: KeyError for a dict without `run_bench`'s keys, IndexError for no scenarios. Source: moe-lit's
+    own (matplotlib)."""
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(report["scenarios"][0]["results"])
@@ -660,7 +703,9 @@ def plot_bench(report: dict):
 # %%
 #| export
 def find_bench_results(p) -> Path:
-    "A results file by path, else under `nbs/bench/` of the checkout the current directory is in (docs builds move)."
+    """A results file by path, else under `nbs/bench/` of the checkout the current directory is in (docs builds move).
+    ValueError naming `paths` when neither exists; TypeError from `Path` for a `p` that is not a path. Source: moe-lit's
+    own."""
     p = Path(p)
     if p.exists(): return p
     for d in (Path.cwd(), *Path.cwd().parents):
@@ -668,16 +713,33 @@ def find_bench_results(p) -> Path:
     raise ValueError(f"paths: expected an existing benchmark results file, got {str(p)!r}")
 
 def load_bench_results(*paths) -> dict:
-    "Merge committed benchmark JSON files: later files replace earlier ones' scenarios of the same name."
+    """Merge committed benchmark JSON files: later files replace earlier ones' scenarios of the same name.
+    ValueError naming `paths` (none given, or a later file's scenario the first lacks) or, from `find_bench_results`,
+    a file that is not there; json's JSONDecodeError for a file that is not JSON. Source: moe-lit's own."""
+    if not paths: raise ValueError("paths: expected at least one benchmark JSON file, got none")
     merged = None
     for p in paths:
         rep = json.loads(find_bench_results(p).read_text())
         if merged is None: merged = dict(rep, scenarios=list(rep["scenarios"]), commit=rep["commit"])
         else:
             names = {r["scenario"]["name"]: i for i, r in enumerate(merged["scenarios"])}
-            for r in rep["scenarios"]: merged["scenarios"][names[r["scenario"]["name"]]] = r
+            for r in rep["scenarios"]:
+                if r["scenario"]["name"] not in names:
+                    raise ValueError(f"paths: {p} has scenario {r['scenario']['name']!r}, which the first file lacks "
+                                     f"(expected one of {sorted(names)}): a later file only replaces scenarios")
+                merged["scenarios"][names[r["scenario"]["name"]]] = r
             merged["commit"] += "+" + rep["commit"]
     return merged
+
+# %%
+#| test load_bench_results_refuses
+import tempfile
+test_fail(lambda: load_bench_results(), contains="paths: expected at least one benchmark JSON file")
+with tempfile.TemporaryDirectory() as d:
+    for name, scen in (("a", "x"), ("b", "y")):
+        Path(d, f"{name}.json").write_text(json.dumps({"commit": name, "scenarios": [{"scenario": {"name": scen}}]}))
+    test_eq(len(load_bench_results(f"{d}/a.json", f"{d}/a.json")["scenarios"]), 1)
+    test_fail(lambda: load_bench_results(f"{d}/a.json", f"{d}/b.json"), contains="has scenario 'y', which the first file lacks")
 
 # %%
 h200 = load_bench_results("bench/batched_and_contiguous_h200_dba5a43.json")

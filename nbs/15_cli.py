@@ -13,13 +13,13 @@ from pathlib import Path
 from dataclasses import asdict
 import torch
 from moe_lit.entry import command_parser
-from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, triton_interpreting
+from moe_lit.terms import check_int, check_choice, check_device, use_triton_interpreter_without_gpu, triton_interpreting
 from moe_lit.config import BACKENDS, ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, CPU_INTERPRETER, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.quant import QUANT_ALIASES, quant_scheme_name
 from moe_lit.routing import expert_load
-from moe_lit.placement import Placement
+from moe_lit.placement import Placement, PLACEMENT_STRATEGIES
 from moe_lit.layer import run_emulated_ep, rank_config
 from moe_lit.testing import check_output, check_spec_output, quantization_error
 from moe_lit.report import format_report, format_sections, placement_head, placement_record
@@ -61,7 +61,11 @@ def build_config(model: str | None = None,        # a preset name; None: DEFAULT
                                                   # when there is more than one DP rank, else 'none'
                  dtype: str | None = None,        # 'bf16', 'fp16' or 'fp32'; None: the model's own dtype
                 ) -> MoEConfig:
-    "The MoE config of a preset `model` (or an HF `config_path`) deployed on `ep` EP ranks of `tp`-way TP groups."
+    """The MoE config of a preset `model` (or an HF `config_path`) deployed on `ep` EP ranks of `tp`-way TP groups.
+    ValueError naming `model` (given with `config_path`), `ep` or `tp` (not an int >= 1, or `tp` not dividing `ep`),
+    `dtype`, `all2all_backend` (`ParallelConfig.make`), `name` (an unknown preset), or `path_or_dict` or the file's
+    key for a bad config.json (`moe_config_from_hf`). Source: vLLM's wide-EP deployment
+    (`FusedMoEParallelConfig.make` flattens DP×TP into one EP group) and its default all2all backend."""
     if model is not None and config_path is not None:
         raise ValueError(f"model: expected None when config_path is given (a preset or a config.json, not both), "
                          f"got {model!r}")
@@ -112,7 +116,9 @@ with tempfile.TemporaryDirectory() as d:                                        
 #| export
 def all2all_note(parallel: ParallelConfig,   # the deployment; only its properties and backend record are read
                 ) -> str:                    # one sentence for reports
-    "Does `parallel`'s all2all backend dispatch tokens, and if not, why not (a requested backend left unused is named)."
+    """Does `parallel`'s all2all backend dispatch tokens, and if not, why not (a requested backend left unused is
+    named). ValueError naming `parallel` when it is not a ParallelConfig. Source: moe-lit's own sentence over vLLM's
+    `FusedMoEParallelConfig.use_all2all_kernels` and the backend record's `moves_tokens`."""
     if not isinstance(parallel, ParallelConfig):
         raise ValueError(f"parallel: expected a ParallelConfig, got {type(parallel).__name__}")
     d = parallel.backend
@@ -153,7 +159,9 @@ test_fail(lambda: all2all_note("ep8"), contains="parallel: expected a ParallelCo
 #| export
 def dispatch_hidden_size(config: MoEConfig,   # the layer on its deployment (rank 0's config)
                         ) -> tuple[int, str | None]:   # (elements per token the dispatch sends, note or None)
-    "The hidden size the all2all dispatch sends, rounded up to a size the backend supports; ValueError above its largest."
+    """The hidden size the all2all dispatch sends, rounded up to a size the backend supports; ValueError above its
+    largest (naming `hidden_size`), or naming `config` when it is not a MoEConfig. Source: vLLM's
+    `maybe_roundup_layer_hidden_size` (DeepEP low-latency and NIXL EP take eight sizes, 2048 to 8192)."""
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     d, h = config.backend, config.hidden_size
     if not config.use_all2all_kernels or d.supported_hidden_sizes is None: return h, None
@@ -254,8 +262,13 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
                backend: str | None = None,
                weights=None,   # a WeightSource (e.g. moe_lit.checkpoint.CheckpointWeights); None: random from `seed`
               ) -> dict:
-    "Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data."
+    """Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data.
+    ValueError naming `num_tokens` (not an int in [1, 65536]), `seed` (not an int in [0, 2**40)), `hidden_size` (too
+    wide for the backend), and `config`, `placement`, `tp_size`, `experts`, `quant`, `backend` or `weights` as
+    `run_emulated_ep` refuses them, and `device` (not cpu or cuda, or cuda without a GPU). Source: moe-lit's own job; the properties, placement and tables
+    follow vLLM's `FusedMoEParallelConfig` and `determine_expert_map` (fused_moe/config.py, layer.py)."""
     check_int("num_tokens", num_tokens, lo=1, hi=65537); check_int("seed", seed, lo=0, hi=2**40)   # a batch, not a dataset
+    check_device(device)
     dispatch_h, h_note = dispatch_hidden_size(rank_config(config, 0, tp_size))   # H the backend cannot send: fail now
     t0 = time.perf_counter()
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
@@ -330,6 +343,7 @@ test_close(t["weights_s"] + t["forward_s"] + t["reference_and_checks_s"], t["tot
 assert t["reference_and_checks_s"] > 0 and "not a serving throughput" in t["tokens_per_s_is"]
 assert 0.05 < t["peak_resident_gb"] < 64, t["peak_resident_gb"]         # torch alone is a few hundred MB resident
 test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), contains="hidden_size: expected <= 8192")
+test_fail(lambda: run_report(wide, num_tokens=3, device="bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device")
 
 # %% [markdown]
 # ## Placement tables
@@ -344,7 +358,10 @@ def tables_report(config: MoEConfig,        # the model on its deployment
                   placement: str | None = None,  # requested strategy: 'linear' or 'round_robin' (None: linear)
                   tp_size: int | None = None,  # TP size inside each DP rank; None: the config's (as `run_report`'s)
                  ) -> dict:
-    "Every rank's placement for `config`'s deployment as JSON-ready data: local experts, expert_map, routing tables."
+    """Every rank's placement for `config`'s deployment as JSON-ready data: local experts, expert_map, routing tables.
+    ValueError naming `config`, `tp_size` (`rank_config`), `placement` or `hidden_size` (`dispatch_hidden_size`). Source: vLLM's `determine_expert_map` and round-robin routing tables
+    (vllm/model_executor/layers/fused_moe/layer.py)."""
+    check_choice("placement", "linear" if placement is None else placement, PLACEMENT_STRATEGIES)
     build = lambda c: Placement.build(c, strategy="linear" if placement is None else placement)
     first = build(rank_config(config, 0, tp_size))   # an impossible deployment is refused here, before a loop of ep_size
     ranks = [rank_config(config, r, tp_size) for r in range(config.ep_size)]     # the deployment as run uses it
@@ -367,7 +384,8 @@ _TABLES_KEYS = ("model", "num_experts", "ep_size", "placement", "all2all_note", 
 
 def format_tables(tables: dict,   # the data of `tables_report`
                  ) -> str:
-    "The tables of `tables_report` as text, in full."
+    """The tables of `tables_report` as text, in full. ValueError naming `tables` for anything but the dict
+    `tables_report` returns (`format_sections`). Source: moe-lit's own."""
     return format_sections(tables, "tables", "tables_report", _TABLES_KEYS, _tables_lines)
 
 def _tables_lines(t: dict) -> list[str]:
@@ -384,6 +402,7 @@ def _tables_lines(t: dict) -> list[str]:
 #| test tables_report
 cfg = build_config("deepseek-v3", ep=2, all2all="nixl_ep")
 tables = tables_report(cfg.replace(num_experts=8, num_expert_group=2, topk_group=2), placement="round_robin")
+test_fail(lambda: tables_report(cfg, placement="x"), contains="placement: expected one of ['linear', 'round_robin']")
 text = format_tables(tables)
 assert "global_to_physical: [0, 4, 1, 5, 2, 6, 3, 7]" in text and "rank 1: local_to_global [1, 3, 5, 7]" in text
 assert "placement round_robin (as requested)" in text and "dispatches tokens between 2 EP ranks" in text
@@ -505,7 +524,9 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
                    tp_size: int | None = None) -> dict:   # None: the config's (`12_layer.rank_config`)
     """The deployment's properties with reasons, its placement, the prepare/finalize's format and the oracle's decision.
     ValueError naming the argument: `device` not 'detect', 'cpu-interpreter' or a DEVICES kind, `num_tokens` < 1,
-    `placement`, `tp_size`, `quant` or `backend` as `run_report` refuses them (the oracle's reason with `backend`)."""
+    `placement`, `tp_size`, `quant` or `backend` as `run_report` refuses them (the oracle's reason with `backend`).
+    Source: vLLM's oracles (vllm/model_executor/layers/fused_moe/oracle/{unquantized,fp8,mxfp4,nvfp4}.py) and the
+    properties of its `FusedMoEParallelConfig`."""
     from moe_lit.modular import make_prepare_finalize
     if num_tokens is not None: check_int("num_tokens", num_tokens, lo=1)       # as run_report: a batch has a token
     dev = detect_device() if device == "detect" else CPU_INTERPRETER if device == "cpu-interpreter" else \
@@ -526,7 +547,8 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
             "candidates": [{"name": n, "accepted": ok, "reason": r} for n, ok, r in d.trace]}
 
 def format_explain(rep: dict) -> str:
-    "`explain_report` as text: properties, then the decision table."
+    """`explain_report` as text: properties, then the decision table. Nothing is checked: KeyError for a dict without
+    `explain_report`'s keys. Source: moe-lit's own."""
     w = max(len(p["property"]) for p in rep["properties"])
     lines = [f"moe-lit explain: {rep['model'] or 'custom model'}; {rep['deployment']}",
              f"experts: {rep['experts_function']}", ""]

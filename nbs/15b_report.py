@@ -78,18 +78,24 @@ def _section_properties(r: dict) -> list[str]:
 #| export
 def placement_record(requested: str | None, placement) -> dict:
     """A report's placement: the strategy asked for (`requested`; None: none, linear by default), the strategy the
-    `Placement` uses, and why: 'requested', 'default' (none asked for), or the conditions that forced linear."""
+    `Placement` uses, and why: 'requested', 'default' (none asked for), or the conditions that forced linear.
+    Nothing is checked: `requested` is stored as given, and a `placement` without `reason` and `strategy` is an
+    AttributeError. Source: moe-lit's own (the reason comes from `04_placement`'s resolver, after vLLM's
+    `determine_expert_placement_strategy`)."""
     why = "default" if placement.reason == "requested" and requested is None else placement.reason
     return {"requested": requested, "strategy": placement.strategy, "reason": why}
 
 def placement_why(p: dict) -> str:
-    "Why a report's placement is what it is: 'as requested', 'the default' (none requested), or the request and the reason it was not honoured."
+    """Why a report's placement is what it is: 'as requested', 'the default' (none requested), or the request and the
+    reason it was not honoured. Nothing is checked: KeyError for a dict without `placement_record`'s `reason` (and
+    `requested` when it was not honoured). Source: moe-lit's own."""
     if p["reason"] == "default" or (p["reason"] == "requested" and not p.get("requested")): return "the default"
     if p["reason"] == "requested": return "as requested"
     return f"requested {p['requested']}; {p['reason']}"
 
 def placement_head(p: dict) -> str:
-    "'placement linear (the default)', 'placement round_robin (as requested)', or the request and why it was not honoured."
+    """'placement linear (the default)', 'placement round_robin (as requested)', or the request and why it was not
+    honoured. Nothing is checked: KeyError for a dict without `placement_record`'s keys. Source: moe-lit's own."""
     return f"placement {p['strategy']} ({placement_why(p)})"
 
 def _section_placement(r: dict) -> list[str]:
@@ -152,7 +158,8 @@ def _memory_line(t: dict) -> list[str]:
 _REPORT_KEYS = ("model", "deployment", "backend", "properties", "experts", "placement", "load", "check", "timing")
 
 def format_sections(data, name: str, made_by: str, keys: tuple, lines) -> str:
-    "'\\n'.join(lines(data)); ValueError naming `name` unless `data` has the shape of the dict `made_by` returns."
+    """'\\n'.join(lines(data)); ValueError naming `name` unless `data` has the shape of the dict `made_by` returns.
+    Source: moe-lit's own."""
     missing = [k for k in keys if k not in data] if isinstance(data, dict) else None
     if missing is None or missing:
         got = type(data).__name__ if missing is None else f"a dict without {missing}"
@@ -164,7 +171,8 @@ def format_sections(data, name: str, made_by: str, keys: tuple, lines) -> str:
 
 def format_report(report: dict,   # the data of `run_report`
                  ) -> str:
-    "The report of `run_report` as text, long lists abridged."
+    """The report of `run_report` as text, long lists abridged. ValueError naming `report` for anything but the dict
+    `run_report` returns (`format_sections`). Source: moe-lit's own."""
     return format_sections(report, "report", "run_report", _REPORT_KEYS, lambda r: _section_model(r) + _section_properties(r)
                       + _section_placement(r) + _section_load_check(r) + _section_time(r))
 
@@ -260,7 +268,8 @@ _DISTRIBUTED_KEYS = ("model", "world_size", "process_group", "device", "all2all_
 
 def format_distributed_report(report: dict,   # `run_distributed(...).report` (rank 0)
                              ) -> str:
-    "The report of `run_distributed` (`13b_distributed`) as a few lines of text; ValueError unless it has that shape."
+    """The report of `run_distributed` (`13b_distributed`) as a few lines of text; ValueError unless it has that shape
+    (naming `report`, from `format_sections`). Source: moe-lit's own."""
     return format_sections(report, "report", "run_distributed(...).report", _DISTRIBUTED_KEYS, _distributed_lines)
 
 # %%

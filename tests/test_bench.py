@@ -86,3 +86,13 @@ def test_bench_quant_arguments():
             p.write_text(bad)                                # a broken table is named, not overwritten or a traceback
             test_fail(lambda: _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d), contains=str(p))
             test_fail(lambda: _save_tile("batched_moe_gemm", sc, cfg, "Some GPU", d), contains=msg)
+
+
+def test_load_bench_results_refuses():
+    import tempfile
+    test_fail(lambda: load_bench_results(), contains="paths: expected at least one benchmark JSON file")
+    with tempfile.TemporaryDirectory() as d:
+        for name, scen in (("a", "x"), ("b", "y")):
+            Path(d, f"{name}.json").write_text(json.dumps({"commit": name, "scenarios": [{"scenario": {"name": scen}}]}))
+        test_eq(len(load_bench_results(f"{d}/a.json", f"{d}/a.json")["scenarios"]), 1)
+        test_fail(lambda: load_bench_results(f"{d}/a.json", f"{d}/b.json"), contains="has scenario 'y', which the first file lacks")

@@ -6,13 +6,13 @@ from pathlib import Path
 from dataclasses import asdict
 import torch
 from moe_lit.entry import command_parser
-from moe_lit.terms import check_int, check_choice, use_triton_interpreter_without_gpu, triton_interpreting
+from moe_lit.terms import check_int, check_choice, check_device, use_triton_interpreter_without_gpu, triton_interpreting
 from moe_lit.config import BACKENDS, ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
 from moe_lit.oracle import DEVICES, CPU_INTERPRETER, QUANT_SCHEMES, detect_device, select_experts_backend
 from moe_lit.quant import QUANT_ALIASES, quant_scheme_name
 from moe_lit.routing import expert_load
-from moe_lit.placement import Placement
+from moe_lit.placement import Placement, PLACEMENT_STRATEGIES
 from moe_lit.layer import run_emulated_ep, rank_config
 from moe_lit.testing import check_output, check_spec_output, quantization_error
 from moe_lit.report import format_report, format_sections, placement_head, placement_record
@@ -112,11 +112,13 @@ def test_run_report_full_data():
     assert t["reference_and_checks_s"] > 0 and "not a serving throughput" in t["tokens_per_s_is"]
     assert 0.05 < t["peak_resident_gb"] < 64, t["peak_resident_gb"]         # torch alone is a few hundred MB resident
     test_fail(lambda: run_report(wide.replace(hidden_size=9000), num_tokens=3), contains="hidden_size: expected <= 8192")
+    test_fail(lambda: run_report(wide, num_tokens=3, device="bogus"), contains="device: expected 'cpu', 'cuda' or a torch.device")
 
 
 def test_tables_report():
     cfg = build_config("deepseek-v3", ep=2, all2all="nixl_ep")
     tables = tables_report(cfg.replace(num_experts=8, num_expert_group=2, topk_group=2), placement="round_robin")
+    test_fail(lambda: tables_report(cfg, placement="x"), contains="placement: expected one of ['linear', 'round_robin']")
     text = format_tables(tables)
     assert "global_to_physical: [0, 4, 1, 5, 2, 6, 3, 7]" in text and "rank 1: local_to_global [1, 3, 5, 7]" in text
     assert "placement round_robin (as requested)" in text and "dispatches tokens between 2 EP ranks" in text

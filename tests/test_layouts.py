@@ -33,7 +33,7 @@ def test_moe_layer_indices():
     test_fail(lambda: moe_layer_indices({"model_type": "llama", "num_hidden_layers": 2}),
               contains="config.json model_type: expected one of")
     test_fail(lambda: moe_layer_indices({**qw, "decoder_sparse_step": 0}), contains="config.json decoder_sparse_step: expected >= 1")
-    test_fail(lambda: moe_layer_indices("no-such-dir"), contains="path_or_dict: expected an existing config.json")
+    test_fail(lambda: moe_layer_indices("no-such-dir"), contains="config: expected an existing config.json")
     for bad in ("0", 5): test_fail(lambda: moe_layer_indices({**qw, "mlp_only_layers": bad}),
                                    contains=f"config.json mlp_only_layers: expected a list of layer indices (ints), got")
     for bad in ("01", 3): test_fail(lambda: moe_layer_indices({**l4, "text_config": {**l4["text_config"], "moe_layers": bad}}),

@@ -101,6 +101,10 @@ def test_quant_bad_input():
     test_fail(lambda: quantize_nvfp4(torch.zeros(2, 24)), contains="x: expected a last dim that is a multiple of 16")
     p, s = quantize_mxfp4(torch.randn(2, 64))
     test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
+    test_fail(lambda: dequantize_mxfp4(p.tolist(), s), contains="packed: expected a torch.Tensor, got list")
+    nan_group = s.clone(); nan_group[1, 0] = 255                                    # e8m0's NaN: that group only
+    d = dequantize_mxfp4(p, nan_group)
+    assert d[1, :32].isnan().all() and not d[1, 32:].isnan().any() and not d[0].isnan().any()
     test_fail(lambda: unpack_fp4(p.int()), contains="packed: expected dtype torch.uint8")
     for shape in ((0, 16), (4, 0)):                    # empty: refused by name where a global scale needs an amax ...
         test_fail(lambda: quantize_nvfp4(torch.zeros(shape)), contains=f"x: expected a non-empty tensor, got shape {shape}")

@@ -96,7 +96,7 @@ def _quantize_fp8_rows_kernel(
         y = _fp8_scaled(x, s, BLOCK_R, GROUP, EMULATE_CAST)
         tl.store(q_ptr + e64 * stride_qe + offs_r[:, None] * stride_qm + offs_k[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #6701ad9eaeef
+# %% ../../nbs/09b_kernels.quant_act.ipynb #7e95175721ad
 _GRAN_09 = {"tensor": "tensor", "token": "token", "group": "block"}
 
 def _check_act_quant_args(x, granularity, expert_num_tokens, group_k):
@@ -122,7 +122,10 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
                                        expert_num_tokens: torch.Tensor | None = None,  # [E] int32 (batched)
                                        group_k: int = 128,         # group width for 'group'
                                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Spec of `fp8_quantize_activations`: 09_quant's `quantize_fp8` on each expert's valid rows."
+    """Spec of `fp8_quantize_activations`: 09_quant's `quantize_fp8` on each expert's valid rows; rows past a count
+    get q = 0 and scale 1. ValueError naming `granularity`, `group_k`, `x` (dtype, shape, no columns, too wide for
+    'token'; a NaN or inf in a valid row, where the kernel gives NaN scales) or `expert_num_tokens` (shape, dtype).
+    Counts are not range-checked. Source: vLLM's `batched_moe_kernel_quantize_input` (a loop over experts)."""
     _check_act_quant_args(x, granularity, expert_num_tokens, group_k)
     x3 = x[None] if expert_num_tokens is None else x
     E, M, K = x3.shape
@@ -137,7 +140,7 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
         s[e, : (n if granularity != "tensor" else 1)] = se.reshape(-1, G)
     return (q[0], s[0]) if expert_num_tokens is None else (q, s)
 
-# %% ../../nbs/09b_kernels.quant_act.ipynb #43978d4fa30d
+# %% ../../nbs/09b_kernels.quant_act.ipynb #b9460627508e
 def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) or [R, K] (contiguous), float
                              granularity: str,           # 'tensor', 'token' or 'group' (1 x group_k)
                              expert_num_tokens: torch.Tensor | None = None,  # [E] int32: valid rows (batched)
@@ -151,7 +154,8 @@ def fp8_quantize_activations(x: torch.Tensor,            # [E, M, K] (batched) o
     empty expert's per-tensor scale is computed from |max| 0), where the spec writes q = 0 and scale 1: compare valid
     rows only. ValueError naming the argument for a bad granularity, dtype, shape, device (a CPU tensor without the
     interpreter, a meta tensor), group_k, `validate` that is not a bool, or (with `validate`, one host sync) counts
-    outside [0, M]."""
+    outside [0, M]. Source: vLLM's `moe_kernel_quantize_input` / `batched_moe_kernel_quantize_input` (dynamic
+    per-tensor, per-token and 1×128-group FP8, as `scaled_fp8_quant` and `per_token_group_quant_fp8`)."""
     _check_act_quant_args(x, granularity, expert_num_tokens, group_k)
     check_bool("validate", validate)
     check_kernel_device("x", x, expert_num_tokens=expert_num_tokens)

@@ -33,9 +33,11 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #75bb6282bd8d
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #497633cc81a4
 class BatchedTritonQuantExperts:
-    "Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or FP4 w4a16)."
+    """Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or
+    FP4 w4a16). Construction takes no argument and raises nothing; `apply` checks its inputs. Source: vLLM's
+    `BatchedTritonExperts` (fused_moe/fused_batched_moe.py), with moe-lit's own FP4 decode."""
     activation_format = ActivationFormat.BatchedExperts
 
     def apply(self, a: torch.Tensor,                   # [E, max_tokens, H] bf16/fp16, or float8 with a_scale (w8a8)
@@ -52,7 +54,10 @@ class BatchedTritonQuantExperts:
               active_experts: int | None = None,       # expected experts with rows (split-K choice; default E)
               max_active_experts: int | None = None,   # a bound on the experts with rows (the grid's expert slots)
              ) -> torch.Tensor:
-        "Run the quantized experts on the valid rows of each slab (the two launches share the count validation)."
+        """Run the quantized experts on the valid rows of each slab (the two launches share the count validation):
+        `[E, max_tokens, H]`, `out_dtype` (bf16 for float8 `a`) or `a`'s dtype. ValueError naming `a`, `qw`,
+        `activation`, `w13_bias`, `w2_bias`, `validate`, `out_dtype`, `out`, or `batched_moe_gemm_quant`'s arguments
+        (`expert_num_tokens`, `a_scale`, `expected_m`, ...). Source: vLLM's `BatchedTritonExperts.apply`."""
         check_tensor("a", a, ndim=3)
         _check_expert_semantics(qw, w13_bias, w2_bias, activation, a.device)
         check_bool("validate", validate)
@@ -93,14 +98,16 @@ class BatchedTritonQuantExperts:
                                        torch.empty(E, M, qw.hidden_size, dtype=odt, device=a.device), None, expected_m,
                                        w2_bias, active_experts, max_active_experts)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #d7a7e38c9352
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #0ab0a7e7dfab
 def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Tensor, qw: QuantizedExpertWeights,
                                     a_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                                     w13_bias: torch.Tensor | None = None,  # [E, 2·I]
                                     w2_bias: torch.Tensor | None = None,   # [E, H]
                                     activation: Activation = SILU,
                                    ) -> torch.Tensor:          # [E, max_tokens, H] float64, NaN past the counts
-    "Spec of `BatchedTritonQuantExperts`: the two GEMM specs, with the intermediate stored in the activation dtype."
+    """Spec of `BatchedTritonQuantExperts`: the two GEMM specs, with the intermediate stored in the activation dtype.
+    ValueError naming `a` (3-D, `[E, M, H]`), `qw`, `activation`, `w13_bias`, `w2_bias` or `expert_num_tokens` (shape,
+    int32, values outside [0, M]). Source: vLLM's `NaiveBatchedExperts` (dequantize, per-expert GEMMs)."""
     check_tensor("a", a, ndim=3)
     _check_expert_semantics(qw, w13_bias, w2_bias, activation, a.device)
     check_tensor("a", a, shape=(qw.num_experts, None, qw.hidden_size))
@@ -111,9 +118,11 @@ def quant_experts_reference_batched(a: torch.Tensor, expert_num_tokens: torch.Te
     h = batched_gemm_quant_reference(a, qw, expert_num_tokens, activation, a_scale=a_scale, bias=w13_bias).to(hdt)
     return batched_gemm_quant_reference(h, qw, expert_num_tokens, bias=w2_bias)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #6b36ebcab7b0
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #616d614e0cf6
 class TritonQuantExperts:
-    "Standard-format experts, quantized: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum over slots."
+    """Standard-format experts, quantized: align -> GEMM1 + bias + activation -> GEMM2 + bias (x router weight) -> sum
+    over slots. Construction takes no argument and raises nothing; `apply` checks its inputs. Source: vLLM's
+    `TritonExperts` (fused_moe/fused_moe.py), with moe-lit's own FP4 decode."""
     activation_format = ActivationFormat.Standard
     pair_blocks_max_pairs = TritonExperts.pair_blocks_max_pairs   # the same layout rule as the unquantized experts
 
@@ -136,7 +145,8 @@ class TritonQuantExperts:
              ) -> torch.Tensor:                  # [T, H], hidden's dtype (out_dtype for float8 hidden)
         """This rank's share of the MoE output for the flat token list, with quantized expert weights. `hidden` may come
         quantized already (FP8 w8a8 schemes: e4m3 codes and `a_scale`, e.g. gathered as FP8 from other ranks, `13a`);
-        GEMM1 then launches no quantizer. ValueError naming the argument on bad input."""
+        GEMM1 then launches no quantizer. ValueError naming the argument on bad input. Source: vLLM's
+        `TritonExperts.apply` (moe_align_block_size, two `fused_moe_kernel` launches, the sum over slots)."""
         check_quant_weights(qw)
         check_tensor("hidden", hidden, shape=(None, qw.hidden_size), dtype=(*ACTIVATION_DTYPES, torch.float8_e4m3fn))
         _check_expert_semantics(qw, w13_bias, w2_bias, activation, hidden.device)
@@ -192,14 +202,17 @@ class TritonQuantExperts:
                                   active_experts)
         return _combine_pairs(y, local_ids, E, addend, join)   # router weights already applied; y is unit-stride
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #c42cae33d7e5
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #fe7e5082a483
 def quant_experts_reference_standard(hidden: torch.Tensor, qw: QuantizedExpertWeights, topk_weights: torch.Tensor,
                                      local_ids: torch.Tensor, apply_router_weight_on_input: bool = False,
                                      w13_bias: torch.Tensor | None = None,  # [E, 2·I]
                                      w2_bias: torch.Tensor | None = None,   # [E, H]
                                      activation: Activation = SILU,
                                     ) -> torch.Tensor:         # [T, H] float64
-    "Spec of `TritonQuantExperts`: the two GEMM specs over the pairs, the intermediate in hidden's dtype, the slot sum."
+    """Spec of `TritonQuantExperts`: the two GEMM specs over the pairs, the intermediate in hidden's dtype, the slot
+    sum. ValueError naming `hidden` (2-D bf16/fp16 `[T, H]`), `qw`, `activation`, `w13_bias`, `w2_bias`, `local_ids` or
+    `topk_weights`; `apply_router_weight_on_input` is read for its truth. Source: moe-lit's own float64 spec (vLLM's
+    tests check `TritonExperts` against `torch_moe` the same way)."""
     check_tensor("hidden", hidden, ndim=2, dtype=ACTIVATION_DTYPES)
     _check_expert_semantics(qw, w13_bias, w2_bias, activation, hidden.device)
     check_tensor("hidden", hidden, shape=(None, qw.hidden_size))
