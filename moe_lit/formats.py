@@ -11,7 +11,7 @@ from .config import ACTIVATIONS
 
 # %% auto #0
 __all__ = ['SILU', 'silu_and_mul', 'Activation', 'gate_up_from_interleaved', 'expert_mlp', 'moe_reference_standard',
-           'dispatch_batched_reference', 'experts_reference_batched', 'combine_batched_reference',
+           'dispatch_batched_reference', 'slab_counts', 'experts_reference_batched', 'combine_batched_reference',
            'moe_reference_batched']
 
 # %% ../nbs/05_formats.ipynb #637cf154eb04
@@ -224,7 +224,23 @@ def dispatch_batched_reference(hidden: torch.Tensor,     # [num_tokens, hidden_s
     a[slot_map[slot_map >= 0]] = src[slot_map >= 0]
     return a.view(num_local_experts, max_tokens, H), counts.int(), slot_map.view(T, local_ids.shape[1])
 
-# %% ../nbs/05_formats.ipynb #c704cee291ec
+# %% ../nbs/05_formats.ipynb #0f1a6088461e
+def slab_counts(expert_num_tokens: torch.Tensor,  # [E] int32/int64, valid leading rows of each expert's slab
+                E: int,                           # experts (slabs)
+                max_tokens: int,                  # rows a slab holds
+                dtype=(torch.int32, torch.int64), # dtypes accepted
+               ) -> list[int]:
+    """The counts as a Python list, each checked to lie in `[0, max_tokens]`: a negative count would slice rows from
+    the end of a slab and a larger one be cut to it, both silently. One device sync: for specs and validated paths,
+    never the hot path. ValueError naming `expert_num_tokens` (not `[E]` of `dtype`, or a count outside the range).
+    Source: moe-lit's own (the batched format's count contract, vLLM's `expert_num_tokens`)."""
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=dtype)
+    counts = expert_num_tokens.tolist()
+    if any(not 0 <= n <= max_tokens for n in counts):
+        raise ValueError(f"expert_num_tokens: expected values in [0, {max_tokens}] (max_tokens), got {counts}")
+    return counts
+
+# %% ../nbs/05_formats.ipynb #979bfae5de37
 def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_tokens, hidden_size]
                               expert_num_tokens: torch.Tensor,  # [E_local] int32, valid leading rows
                               w13: torch.Tensor,                # [E_local, 2·intermediate_size, hidden_size]
@@ -240,15 +256,13 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
     (experts/fused_batched_moe.py)."""
     check_tensor("a", a, ndim=3, dtype=FLOAT_DTYPES)
     E, M, H = a.shape
-    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
+    counts = slab_counts(expert_num_tokens, E, M, torch.int32)
     check_tensor("w13", w13, shape=(E, None, H), dtype=a.dtype)
     if w13.shape[1] % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {w13.shape[1]}")
     check_tensor("w2", w2, shape=(E, H, w13.shape[1] // 2), dtype=a.dtype)
     _check_expert_bias(w13_bias, w2_bias, w13, w2, activation)
-    if ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
-        raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.full_like(a, float("nan")) if out is None else check_tensor("out", out, shape=(E, M, H), dtype=a.dtype)
-    for e, n in enumerate(expert_num_tokens.tolist()):
+    for e, n in enumerate(counts):
         if n: out[e, :n] = expert_mlp(a[e, :n], w13[e], w2[e], _row(w13_bias, e), _row(w2_bias, e), activation).to(a.dtype)
     return out
 

@@ -124,14 +124,15 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     if packed.dim() < 1: raise ValueError(f"packed: expected at least 1 dim, got shape {tuple(packed.shape)}")
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
 
-# %% ../nbs/09_quant.ipynb #b856b67be6b5
+# %% ../nbs/09_quant.ipynb #c9fad61e7fc3
 FP8_MAX = 448.0
 
 def fp8_nan_codes(codes: torch.Tensor,   # float8_e4m3fn (any shape)
                   ) -> torch.Tensor:     # bool, same shape: True where the byte is one of e4m3fn's two NaNs
     """Where `codes` hold NaN: e4m3fn has no infinities, and its only NaNs are the bytes 0x7F and 0xFF (OCP FP8 spec).
-    Checks nothing: a non-tensor raises AttributeError, and a tensor of another dtype is read byte by byte (the
-    caller passes float8_e4m3fn). Source: the OCP 8-bit Floating Point Specification (OFP8), E4M3."""
+    ValueError naming `codes` (not a float8_e4m3fn tensor: another dtype's bytes mean something else). Metadata check
+    only. Source: the OCP 8-bit Floating Point Specification (OFP8), E4M3."""
+    check_tensor("codes", codes, dtype=torch.float8_e4m3fn)
     return (codes.view(torch.uint8) & 0x7F) == 0x7F
 
 def _group_amax(x: torch.Tensor, granularity: str, block: tuple) -> torch.Tensor:

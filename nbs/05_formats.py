@@ -455,6 +455,31 @@ test_eq((tuple(slot_map.shape), counts.tolist()), ((0, 2), [0, 0, 0]))
 
 # %%
 #| export
+def slab_counts(expert_num_tokens: torch.Tensor,  # [E] int32/int64, valid leading rows of each expert's slab
+                E: int,                           # experts (slabs)
+                max_tokens: int,                  # rows a slab holds
+                dtype=(torch.int32, torch.int64), # dtypes accepted
+               ) -> list[int]:
+    """The counts as a Python list, each checked to lie in `[0, max_tokens]`: a negative count would slice rows from
+    the end of a slab and a larger one be cut to it, both silently. One device sync: for specs and validated paths,
+    never the hot path. ValueError naming `expert_num_tokens` (not `[E]` of `dtype`, or a count outside the range).
+    Source: moe-lit's own (the batched format's count contract, vLLM's `expert_num_tokens`)."""
+    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=dtype)
+    counts = expert_num_tokens.tolist()
+    if any(not 0 <= n <= max_tokens for n in counts):
+        raise ValueError(f"expert_num_tokens: expected values in [0, {max_tokens}] (max_tokens), got {counts}")
+    return counts
+
+# %%
+#| test slab_counts
+test_eq(slab_counts(torch.tensor([0, 3, 4], dtype=torch.int32), 3, 4), [0, 3, 4])
+for bad in ([-1, 0, 0], [0, 5, 0]):              # -1 would slice all but the last row, 5 be cut to the slab's 4
+    test_fail(lambda: slab_counts(torch.tensor(bad), 3, 4), contains=f"expert_num_tokens: expected values in [0, 4] (max_tokens), got {bad}")
+test_fail(lambda: slab_counts(torch.tensor([1, 2]), 3, 4), contains="expert_num_tokens: expected shape [3]")
+test_fail(lambda: slab_counts(torch.tensor([1., 2., 3.]), 3, 4), contains="expert_num_tokens: expected dtype")
+
+# %%
+#| export
 def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_tokens, hidden_size]
                               expert_num_tokens: torch.Tensor,  # [E_local] int32, valid leading rows
                               w13: torch.Tensor,                # [E_local, 2·intermediate_size, hidden_size]
@@ -470,15 +495,13 @@ def experts_reference_batched(a: torch.Tensor,                  # [E_local, max_
     (experts/fused_batched_moe.py)."""
     check_tensor("a", a, ndim=3, dtype=FLOAT_DTYPES)
     E, M, H = a.shape
-    check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32)
+    counts = slab_counts(expert_num_tokens, E, M, torch.int32)
     check_tensor("w13", w13, shape=(E, None, H), dtype=a.dtype)
     if w13.shape[1] % 2: raise ValueError(f"w13: expected an even dim 1 (2·intermediate_size), got {w13.shape[1]}")
     check_tensor("w2", w2, shape=(E, H, w13.shape[1] // 2), dtype=a.dtype)
     _check_expert_bias(w13_bias, w2_bias, w13, w2, activation)
-    if ((expert_num_tokens < 0) | (expert_num_tokens > M)).any():
-        raise ValueError(f"expert_num_tokens: expected values in [0, {M}], got {expert_num_tokens.tolist()}")
     out = torch.full_like(a, float("nan")) if out is None else check_tensor("out", out, shape=(E, M, H), dtype=a.dtype)
-    for e, n in enumerate(expert_num_tokens.tolist()):
+    for e, n in enumerate(counts):
         if n: out[e, :n] = expert_mlp(a[e, :n], w13[e], w2[e], _row(w13_bias, e), _row(w2_bias, e), activation).to(a.dtype)
     return out
 

@@ -200,8 +200,9 @@ FP8_MAX = 448.0
 def fp8_nan_codes(codes: torch.Tensor,   # float8_e4m3fn (any shape)
                   ) -> torch.Tensor:     # bool, same shape: True where the byte is one of e4m3fn's two NaNs
     """Where `codes` hold NaN: e4m3fn has no infinities, and its only NaNs are the bytes 0x7F and 0xFF (OCP FP8 spec).
-    Checks nothing: a non-tensor raises AttributeError, and a tensor of another dtype is read byte by byte (the
-    caller passes float8_e4m3fn). Source: the OCP 8-bit Floating Point Specification (OFP8), E4M3."""
+    ValueError naming `codes` (not a float8_e4m3fn tensor: another dtype's bytes mean something else). Metadata check
+    only. Source: the OCP 8-bit Floating Point Specification (OFP8), E4M3."""
+    check_tensor("codes", codes, dtype=torch.float8_e4m3fn)
     return (codes.view(torch.uint8) & 0x7F) == 0x7F
 
 def _group_amax(x: torch.Tensor, granularity: str, block: tuple) -> torch.Tensor:
@@ -417,6 +418,7 @@ test_fail(lambda: quantize_nvfp4(torch.zeros(2, 24)), contains="x: expected a la
 p, s = quantize_mxfp4(torch.randn(2, 64))
 test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
 test_fail(lambda: dequantize_mxfp4(p.tolist(), s), contains="packed: expected a torch.Tensor, got list")
+test_fail(lambda: fp8_nan_codes(torch.zeros(2, 3)), contains="codes: expected dtype torch.float8_e4m3fn")
 nan_group = s.clone(); nan_group[1, 0] = 255                                    # e8m0's NaN: that group only
 d = dequantize_mxfp4(p, nan_group)
 assert d[1, :32].isnan().all() and not d[1, 32:].isnan().any() and not d[0].isnan().any()

@@ -15,6 +15,7 @@ from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers, 
 from moe_lit.kernels.batched import _cdiv, _next_pow2
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.quant import FP8_MAX, quantize_fp8
+from moe_lit.formats import slab_counts
 
 # %%
 #| hide
@@ -181,14 +182,14 @@ def fp8_quantize_activations_reference(x: torch.Tensor,            # [E, M, K] (
     """Spec of `fp8_quantize_activations`: 09_quant's `quantize_fp8` on each expert's valid rows; rows past a count
     get q = 0 and scale 1. ValueError naming `granularity`, `group_k`, `x` (dtype, shape, no columns, too wide for
     'token'; a NaN or inf in a valid row, where the kernel gives NaN scales) or `expert_num_tokens` (shape, dtype).
-    Counts are not range-checked. Source: vLLM's `batched_moe_kernel_quantize_input` (a loop over experts)."""
+    A count outside `[0, M]` is refused (`slab_counts`). Source: vLLM's `batched_moe_kernel_quantize_input` (a loop over experts)."""
     _check_act_quant_args(x, granularity, expert_num_tokens, group_k)
     x3 = x[None] if expert_num_tokens is None else x
     E, M, K = x3.shape
     G = {"tensor": 1, "token": 1, "group": -(-K // group_k)}[granularity]
     q = torch.zeros(x3.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.ones(E, M if granularity != "tensor" else 1, G, dtype=torch.float32, device=x.device)
-    counts = [M] * E if expert_num_tokens is None else expert_num_tokens.tolist()
+    counts = [M] * E if expert_num_tokens is None else slab_counts(expert_num_tokens, E, M)
     for e, n in enumerate(counts):
         if n == 0: continue
         qe, se = quantize_fp8(x3[e, :n], _GRAN_09[granularity], (1, group_k))
@@ -288,6 +289,8 @@ test_eq([_act_quant_block_rows(g, b) for g in (128, 4096) for b in (False, True)
 test_fail(lambda: fp8_quantize_activations(x, "block", cnt), contains="granularity: expected one of")
 test_fail(lambda: fp8_quantize_activations(x, "token"), contains="x: expected a 2-D [rows, K] tensor")
 test_fail(lambda: fp8_quantize_activations(x, "token", cnt + 30), contains="expert_num_tokens: expected values in [0, 24]")
+test_fail(lambda: fp8_quantize_activations_reference(x.cpu(), "token", cnt.cpu() - 1),     # its spec refuses them too
+          contains="expert_num_tokens: expected values in [0, 24] (max_tokens), got [-1, 0, 6, 23]")
 test_fail(lambda: fp8_quantize_activations(x, "token", cnt.repeat(2)[::2]), contains="expert_num_tokens: expected a contiguous tensor")
 test_fail(lambda: fp8_quantize_activations(x, "group", cnt, group_k=2**17), contains="group_k: expected")
 test_fail(lambda: fp8_quantize_activations(x[..., :0], "group", cnt), contains="x: expected at least one column")

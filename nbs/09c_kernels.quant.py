@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint, env_choice
-from moe_lit.formats import Activation
+from moe_lit.formats import Activation, slab_counts
 from moe_lit.quant import QUANT_SCHEME_TABLE, FP8_MAX
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
 from moe_lit.quant_weights import FP4_WORD_PAIRS, E2M1_BF16_MASK, check_quant_weights
@@ -826,16 +826,21 @@ def batched_gemm_quant_reference(a: torch.Tensor,                  # [E, max_tok
                                  bias: torch.Tensor | None = None, # [E, N] expert bias, added before the activation
                                 ) -> torch.Tensor:                 # [E, max_tokens, N or N/2] float64, NaN past counts
     """Spec: `out[e, :n_e] = act(deq(quant(a[e, :n_e])) @ deq(W[e])ᵀ + bias[e])` in float64. ValueError naming
-    `activation` or `weight`, and (w8a8) `fp8_quantize_activations_reference`'s on `a`; `a`, `qw`, the counts and
-    `bias` are otherwise unchecked (a count past max_tokens or negative slices as Python does). Source: vLLM's
+    `activation`, `weight`, `a` (not 3-D), `qw` (not a QuantizedExpertWeights) or `expert_num_tokens` (a count outside
+    `[0, max_tokens]`, `slab_counts`), and (w8a8) `fp8_quantize_activations_reference`'s on `a`; `bias` is unchecked.
+    Source: vLLM's
     `NaiveBatchedExperts` (dequantize, then a per-expert GEMM)."""
     act = check_activation(activation)
     which = _which(weight, act)
+    if not isinstance(qw, QuantizedExpertWeights):
+        raise ValueError(f"qw: expected a QuantizedExpertWeights, got {type(qw).__name__}")
     _, _, _, N, K = qw.weight_parts(which)
+    check_tensor("a", a, ndim=3)
     E, M, _ = a.shape
+    counts = slab_counts(expert_num_tokens, E, M)
     out = torch.full((E, M, N // 2 if act else N), float("nan"), dtype=torch.float64, device=a.device)
     ad = _dequantized_rows(a, qw, expert_num_tokens, a_scale, K)
-    for e, n in enumerate(expert_num_tokens.tolist()):
+    for e, n in enumerate(counts):
         if n == 0: continue
         y = ad[e, :n] @ qw.dequantize_weight(which, e, torch.float64).to(a.device).T
         if bias is not None: y = y + bias[e].double().to(a.device)
@@ -1468,15 +1473,18 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
                                   ) -> torch.Tensor:                # [T·top_k, N or N/2] float64, NaN for non-local pairs
     """Spec: `out[p] = act(rw·deq(quant(a[row(p)])) @ deq(W[e])ᵀ + bias[e])`, e = local(p), in float64 (rw on the
     output: `rw·(… + bias[e])`). ValueError naming `activation`, `weight`, or `weight_stage` ('output' with a gated
-    activation); the rest is unchecked (a local id >= E is read as non-local, and any `rows` other than 'pair' as
-    'token'). Source: moe-lit's own float64 spec (vLLM's tests compare with `torch_moe` the same way)."""
+    activation), `rows` (not 'token' or 'pair') or `local_ids` (a value outside `[-1, E)`); the rest is unchecked.
+    Source: moe-lit's own float64 spec (vLLM's tests compare with `torch_moe` the same way)."""
     act = check_activation(activation)
     if act and weight_stage == "output":       # the launcher's rule (`check_aligned_args`)
         raise ValueError("weight_stage: expected None or 'input' with a gated activation, got 'output'")
     which = _which(weight, act)
+    check_choice("rows", rows, ("token", "pair"))
     _, _, _, N, K = qw.weight_parts(which)
     T, top_k = local_ids.shape
     flat = local_ids.reshape(-1).to(a.device)
+    if flat.numel() and not (-1 <= int(flat.min()) and int(flat.max()) < qw.num_experts):   # a spec: syncs are fine
+        raise ValueError(f"local_ids: expected values in [-1, {qw.num_experts}), got [{int(flat.min())}, {int(flat.max())}]")
     used = flat >= 0 if rows == "pair" else (local_ids.to(a.device) >= 0).any(1)   # rows some local pair reads
     ad = _dequantized_rows(a, qw, None, a_scale, K, used)
     out = torch.full((T * top_k, N // 2 if act else N), float("nan"), dtype=torch.float64, device=a.device)
@@ -2066,6 +2074,15 @@ test_fail(lambda: batched_moe_gemm_quant(a.to(torch.float8_e4m3fn), qw8, cnt, "s
 test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, "silu_and_mul", a_scale=torch.ones(2, 8, 1, device=DEVICE)),
           contains="a_scale: expected None")
 test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt), contains="a: expected K = 32 (intermediate_size of w2)")
+# the float64 specs refuse what would silently compute the wrong rows
+for bad in ([-1, 8], [3, 9]):
+    test_fail(lambda: batched_gemm_quant_reference(a, qw8, torch.tensor(bad, dtype=torch.int32), "silu_and_mul"),
+              contains=f"expert_num_tokens: expected values in [0, 8] (max_tokens), got {bad}")
+test_fail(lambda: batched_gemm_quant_reference(a, 5, cnt, "silu_and_mul"), contains="qw: expected a QuantizedExpertWeights, got int")
+ids = torch.tensor([[0, 5], [1, -1]], dtype=torch.int32)
+test_fail(lambda: fused_moe_gemm_quant_reference(a[0, :2], qw8, ids, "silu_and_mul"), contains="local_ids: expected values in [-1, 2), got [-1, 5]")
+test_fail(lambda: fused_moe_gemm_quant_reference(a[0, :2], qw8, ids.clamp(max=1), "silu_and_mul", rows="foo"),
+          contains="rows: expected one of ['token', 'pair'], got 'foo'")
 q8, s_ok = a.to(torch.float8_e4m3fn), torch.ones(2, 8, 1, device=DEVICE)
 s_ok[0, 3:] = float("nan")                           # past expert 0's 3 rows: never read, not checked
 batched_moe_gemm_quant(q8, qw8, cnt, "silu_and_mul", a_scale=s_ok)

@@ -137,6 +137,14 @@ def test_dispatch_batched():
     test_eq((tuple(slot_map.shape), counts.tolist()), ((0, 2), [0, 0, 0]))
 
 
+def test_slab_counts():
+    test_eq(slab_counts(torch.tensor([0, 3, 4], dtype=torch.int32), 3, 4), [0, 3, 4])
+    for bad in ([-1, 0, 0], [0, 5, 0]):              # -1 would slice all but the last row, 5 be cut to the slab's 4
+        test_fail(lambda: slab_counts(torch.tensor(bad), 3, 4), contains=f"expert_num_tokens: expected values in [0, 4] (max_tokens), got {bad}")
+    test_fail(lambda: slab_counts(torch.tensor([1, 2]), 3, 4), contains="expert_num_tokens: expected shape [3]")
+    test_fail(lambda: slab_counts(torch.tensor([1., 2., 3.]), 3, 4), contains="expert_num_tokens: expected dtype")
+
+
 def test_batched_equals_standard():
     torch.manual_seed(4)
     T, H, I, E, k = 10, 16, 8, 4, 2

@@ -9,7 +9,7 @@ import triton.language as tl
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, default_device, check_disjoint
 from moe_lit.terms import check_positive_real, check_device, env_choice, triton_interpreting, read_json_object
 from moe_lit.config import ActivationFormat
-from moe_lit.formats import Activation, SILU
+from moe_lit.formats import Activation, SILU, slab_counts
 from moe_lit.testing import assert_close, poison_rows
 
 INTERPRET = triton_interpreting()   # Triton's CPU interpreter (TRITON_INTERPRET=1, true, ...): set before this module is imported
@@ -325,7 +325,7 @@ def test_batched_gemm_reference_swigluoai():
     assert_close(got[0], want[0]); assert_close(got[1, :2], want[1, :2]); assert got[1, 2:].isnan().all()
     for bad in ([-1, 2], [5, 6]):                      # -1 would slice all but the last row; 6 would be cut to 5
         test_fail(lambda: batched_gemm_reference(a, w, torch.tensor(bad, dtype=torch.int32)),
-                  contains=f"expert_num_tokens: expected counts in [0, 5] (max_tokens), got {bad}")
+                  contains=f"expert_num_tokens: expected values in [0, 5] (max_tokens), got {bad}")
     test_fail(lambda: batched_gemm_reference(a, w, cnt[:1]), contains="expert_num_tokens: expected shape [2]")
 
 

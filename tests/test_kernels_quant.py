@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_disjoint, env_choice
-from moe_lit.formats import Activation
+from moe_lit.formats import Activation, slab_counts
 from moe_lit.quant import QUANT_SCHEME_TABLE, FP8_MAX
 from moe_lit.quant_weights import QuantizedExpertWeights, ACTIVATION_GRANULARITY, FP4_LAYOUTS
 from moe_lit.quant_weights import FP4_WORD_PAIRS, E2M1_BF16_MASK, check_quant_weights
@@ -469,6 +469,15 @@ def test_quant_gemm_bad_input():
     test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt, "silu_and_mul", a_scale=torch.ones(2, 8, 1, device=DEVICE)),
               contains="a_scale: expected None")
     test_fail(lambda: batched_moe_gemm_quant(a, qw8, cnt), contains="a: expected K = 32 (intermediate_size of w2)")
+    # the float64 specs refuse what would silently compute the wrong rows
+    for bad in ([-1, 8], [3, 9]):
+        test_fail(lambda: batched_gemm_quant_reference(a, qw8, torch.tensor(bad, dtype=torch.int32), "silu_and_mul"),
+                  contains=f"expert_num_tokens: expected values in [0, 8] (max_tokens), got {bad}")
+    test_fail(lambda: batched_gemm_quant_reference(a, 5, cnt, "silu_and_mul"), contains="qw: expected a QuantizedExpertWeights, got int")
+    ids = torch.tensor([[0, 5], [1, -1]], dtype=torch.int32)
+    test_fail(lambda: fused_moe_gemm_quant_reference(a[0, :2], qw8, ids, "silu_and_mul"), contains="local_ids: expected values in [-1, 2), got [-1, 5]")
+    test_fail(lambda: fused_moe_gemm_quant_reference(a[0, :2], qw8, ids.clamp(max=1), "silu_and_mul", rows="foo"),
+              contains="rows: expected one of ['token', 'pair'], got 'foo'")
     q8, s_ok = a.to(torch.float8_e4m3fn), torch.ones(2, 8, 1, device=DEVICE)
     s_ok[0, 3:] = float("nan")                           # past expert 0's 3 rows: never read, not checked
     batched_moe_gemm_quant(q8, qw8, cnt, "silu_and_mul", a_scale=s_ok)

@@ -8,6 +8,7 @@ from moe_lit.kernels.batched import INTERPRET, launch_kernel, _await_producers, 
 from moe_lit.kernels.batched import _cdiv, _next_pow2
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool
 from moe_lit.quant import FP8_MAX, quantize_fp8
+from moe_lit.formats import slab_counts
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.quant_weights import random_activations
@@ -37,6 +38,8 @@ def test_fp8_activation_quantizer_matches_spec():
     test_fail(lambda: fp8_quantize_activations(x, "block", cnt), contains="granularity: expected one of")
     test_fail(lambda: fp8_quantize_activations(x, "token"), contains="x: expected a 2-D [rows, K] tensor")
     test_fail(lambda: fp8_quantize_activations(x, "token", cnt + 30), contains="expert_num_tokens: expected values in [0, 24]")
+    test_fail(lambda: fp8_quantize_activations_reference(x.cpu(), "token", cnt.cpu() - 1),     # its spec refuses them too
+              contains="expert_num_tokens: expected values in [0, 24] (max_tokens), got [-1, 0, 6, 23]")
     test_fail(lambda: fp8_quantize_activations(x, "token", cnt.repeat(2)[::2]), contains="expert_num_tokens: expected a contiguous tensor")
     test_fail(lambda: fp8_quantize_activations(x, "group", cnt, group_k=2**17), contains="group_k: expected")
     test_fail(lambda: fp8_quantize_activations(x[..., :0], "group", cnt), contains="x: expected at least one column")

@@ -102,6 +102,7 @@ def test_quant_bad_input():
     p, s = quantize_mxfp4(torch.randn(2, 64))
     test_fail(lambda: dequantize_mxfp4(p, s[:, :1]), contains="scales: expected shape [2, 2]")
     test_fail(lambda: dequantize_mxfp4(p.tolist(), s), contains="packed: expected a torch.Tensor, got list")
+    test_fail(lambda: fp8_nan_codes(torch.zeros(2, 3)), contains="codes: expected dtype torch.float8_e4m3fn")
     nan_group = s.clone(); nan_group[1, 0] = 255                                    # e8m0's NaN: that group only
     d = dequantize_mxfp4(p, nan_group)
     assert d[1, :32].isnan().all() and not d[1, 32:].isnan().any() and not d[0].isnan().any()
