@@ -35,7 +35,7 @@ def dispatch_destinations(
     slot = phys - offsets[rank]
     return rank.masked_fill(ids < 0, -1), slot.masked_fill(ids < 0, -1)
 
-# %% ../nbs/13_dispatch_plan.ipynb #07154a0e599f
+# %% ../nbs/13_dispatch_plan.ipynb #292d586372e3
 def send_plan(placement: Placement,     # this (sending) rank's placement
               topk_ids: torch.Tensor,    # [T, top_k] int32/int64 global (physical) ids, -1 = empty slot
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +55,16 @@ def receive_layout(recv_table: torch.Tensor,   # [S_send, max_local] int64, pair
                    capacity: int,               # rows of a slab (max_num_tokens_per_rank · S)
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(rows [n_recv] int64: e·capacity + row of each arriving pair, senders [n_recv] int64)` from
-    `recv_table [S, max_local]`. Checks nothing (`check_count_table` checks the counts against `capacity` first); a
-    `num_local_experts` above `max_local` is a torch RuntimeError. Source: moe-lit's own order (senders in rank order
+    `recv_table [S, max_local]`. ValueError naming `recv_table` (not 2-D int64), `num_local_experts` (not in
+    `[0, max_local]`), `capacity` (not >= 1) or `expert_num_tokens` (a slab's rows over `capacity`: two pairs would
+    share a row; `check_count_table` raises the same on every rank first). Source: moe-lit's own order (senders in rank order
     within a slab) in the slab shape `[E_local, capacity, H]` of DeepEP low-latency's receive buffer."""
+    check_tensor("recv_table", recv_table, ndim=2, dtype=torch.int64)
+    check_int("num_local_experts", num_local_experts, lo=0, hi=recv_table.shape[1] + 1); check_int("capacity", capacity, lo=1)
     cnt = recv_table[:, :num_local_experts]                                 # [S_send, E_local]
+    rows = cnt.sum(0)                                                       # [E_local] rows of each slab
+    if rows.numel() and int(rows.max()) > capacity:                         # (the layout syncs below anyway)
+        raise ValueError(f"expert_num_tokens: expected at most capacity={capacity} rows per slab, got {rows.tolist()}")
     dev, flat = cnt.device, cnt.flatten()                                   # sender-major, as the rows arrive
     base = cnt.cumsum(0) - cnt                                              # rows of slot e taken by earlier senders
     start = torch.arange(num_local_experts, device=dev)[None, :] * capacity + base

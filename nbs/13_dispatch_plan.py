@@ -143,10 +143,16 @@ def receive_layout(recv_table: torch.Tensor,   # [S_send, max_local] int64, pair
                    capacity: int,               # rows of a slab (max_num_tokens_per_rank · S)
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(rows [n_recv] int64: e·capacity + row of each arriving pair, senders [n_recv] int64)` from
-    `recv_table [S, max_local]`. Checks nothing (`check_count_table` checks the counts against `capacity` first); a
-    `num_local_experts` above `max_local` is a torch RuntimeError. Source: moe-lit's own order (senders in rank order
+    `recv_table [S, max_local]`. ValueError naming `recv_table` (not 2-D int64), `num_local_experts` (not in
+    `[0, max_local]`), `capacity` (not >= 1) or `expert_num_tokens` (a slab's rows over `capacity`: two pairs would
+    share a row; `check_count_table` raises the same on every rank first). Source: moe-lit's own order (senders in rank order
     within a slab) in the slab shape `[E_local, capacity, H]` of DeepEP low-latency's receive buffer."""
+    check_tensor("recv_table", recv_table, ndim=2, dtype=torch.int64)
+    check_int("num_local_experts", num_local_experts, lo=0, hi=recv_table.shape[1] + 1); check_int("capacity", capacity, lo=1)
     cnt = recv_table[:, :num_local_experts]                                 # [S_send, E_local]
+    rows = cnt.sum(0)                                                       # [E_local] rows of each slab
+    if rows.numel() and int(rows.max()) > capacity:                         # (the layout syncs below anyway)
+        raise ValueError(f"expert_num_tokens: expected at most capacity={capacity} rows per slab, got {rows.tolist()}")
     dev, flat = cnt.device, cnt.flatten()                                   # sender-major, as the rows arrive
     base = cnt.cumsum(0) - cnt                                              # rows of slot e taken by earlier senders
     start = torch.arange(num_local_experts, device=dev)[None, :] * capacity + base
@@ -238,6 +244,12 @@ test_eq(src[0].tolist(), [[0, 0, 1, -1], [0, -1, -1, -1]])                  # ex
 test_eq(src[1].tolist(), [[-1] * 4, [0, 1, -1, -1]])                        # expert 2 receives nothing
 test_eq([int((s >= 0).sum()) for s in src], [4, 2])                         # 6 pairs in all
 empty = slab_sources(ps, [ids[0][:0], ids[1][:0]], 1)                      # no tokens anywhere
+rows, senders = receive_layout(torch.tensor([[1, 0], [2, 1]]), 2, 4)       # slab 0: sender 0's row, then sender 1's two
+test_eq((rows.tolist(), senders.tolist()), ([0, 1, 2, 4], [0, 1, 1, 1]))
+test_fail(lambda: receive_layout(torch.tensor([[1, 0], [0, 1]]), 2, 0), contains="capacity: expected >= 1")
+test_fail(lambda: receive_layout(torch.tensor([[2, 0], [1, 1]]), 2, 2),    # three rows for a slab of two: rows shared
+          contains="expert_num_tokens: expected at most capacity=2 rows per slab, got [3, 1]")
+test_fail(lambda: receive_layout(torch.tensor([[1, 0]]), 3, 2), contains="num_local_experts: expected <= 2, got 3")
 test_eq([int((s >= 0).sum()) for s in empty], [0, 0])
 test_fail(lambda: slab_sources(ps, ids, 1), contains="num_tokens: expected at most max_num_tokens_per_rank=1 tokens "
           "on every rank, got [2, 1] (ranks [0] over): capacity overflow")

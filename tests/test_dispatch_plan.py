@@ -42,6 +42,12 @@ def test_slab_sources():
     test_eq(src[1].tolist(), [[-1] * 4, [0, 1, -1, -1]])                        # expert 2 receives nothing
     test_eq([int((s >= 0).sum()) for s in src], [4, 2])                         # 6 pairs in all
     empty = slab_sources(ps, [ids[0][:0], ids[1][:0]], 1)                      # no tokens anywhere
+    rows, senders = receive_layout(torch.tensor([[1, 0], [2, 1]]), 2, 4)       # slab 0: sender 0's row, then sender 1's two
+    test_eq((rows.tolist(), senders.tolist()), ([0, 1, 2, 4], [0, 1, 1, 1]))
+    test_fail(lambda: receive_layout(torch.tensor([[1, 0], [0, 1]]), 2, 0), contains="capacity: expected >= 1")
+    test_fail(lambda: receive_layout(torch.tensor([[2, 0], [1, 1]]), 2, 2),    # three rows for a slab of two: rows shared
+              contains="expert_num_tokens: expected at most capacity=2 rows per slab, got [3, 1]")
+    test_fail(lambda: receive_layout(torch.tensor([[1, 0]]), 3, 2), contains="num_local_experts: expected <= 2, got 3")
     test_eq([int((s >= 0).sum()) for s in empty], [0, 0])
     test_fail(lambda: slab_sources(ps, ids, 1), contains="num_tokens: expected at most max_num_tokens_per_rank=1 tokens "
               "on every rank, got [2, 1] (ranks [0] over): capacity overflow")
