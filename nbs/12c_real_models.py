@@ -14,6 +14,7 @@ from moe_lit.layouts import LAYOUTS
 from moe_lit.models import markdown_table
 from moe_lit.testing import hf_moe_block, hf_moe_output
 from moe_lit.routing import router_logits
+from moe_lit.terms import check_tensor, FLOAT_DTYPES
 
 # %%
 #| echo: false
@@ -28,7 +29,7 @@ from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF, write_fp8_bloc
 from moe_lit.testing import check_output
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.kernels.batched import DEVICE
-from moe_lit.config import ParallelConfig
+from moe_lit.config import ParallelConfig, MoEConfig
 from moe_lit.checkpoint import CheckpointWeights
 from moe_lit.layouts import moe_layer_indices
 from moe_lit.layer import run_emulated_ep
@@ -143,10 +144,12 @@ def parity(model, checkpoint_dir, layer_index: int, x: torch.Tensor, **layer_kwa
 
 def selection_gap(layer: FusedMoE, x: torch.Tensor) -> float:
     """Smallest gap, over tokens, between the last chosen and the first unchosen expert's selection score (fp64); inf
-    when top_k = E. ValueError from `router_logits` naming `gate` for an `x` of the wrong width; T = 0 raises torch's
-    RuntimeError, a `layer` that is not a FusedMoE AttributeError. Source: moe-lit's own (ungrouped scores: a bound
+    when top_k = E. ValueError naming `layer` (not a FusedMoE) or `x` (not `[T >= 1, hidden_size]` float). Source: moe-lit's own (ungrouped scores: a bound
     for grouped routers)."""
+    if not isinstance(layer, FusedMoE): raise ValueError(f"layer: expected a FusedMoE, got {type(layer).__name__}")
     c = layer.config
+    check_tensor("x", x, shape=(None, c.hidden_size), dtype=FLOAT_DTYPES)
+    if not x.shape[0]: raise ValueError("x: expected at least one token, got 0")
     logits = router_logits(x.double(), layer.gate, layer.gate_bias)
     scores = logits if c.routing_method == "llama4" else logits.softmax(-1) if c.scoring_func == "softmax" else logits.sigmoid()
     if layer.e_score_correction_bias is not None: scores = scores + layer.e_score_correction_bias.double()
@@ -167,6 +170,10 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-6)):   # router wei
                 r = parity(model, d, i, x)
                 assert r["min_gap"] > 1e-6, (t, r)                  # no near-tie: a rounding cannot pick another expert
                 assert r["ids_equal"] and r["max_rel_err"] <= tol, (t, dtype, i, r)
+small = FusedMoE(MoEConfig(4, 2, 8, 6, dtype=torch.float32))
+test_fail(lambda: selection_gap(small, torch.randn(3, 9)), contains="x: expected shape [*, 8]")
+test_fail(lambda: selection_gap(small, torch.randn(0, 8)), contains="x: expected at least one token, got 0")
+test_fail(lambda: selection_gap("layer", torch.randn(3, 8)), contains="layer: expected a FusedMoE, got str")
 
 # %% [markdown]
 # Which layers are MoE is transformers' rule too (`11b_layouts`): with each family's interleaving keys set so that some

@@ -7,6 +7,7 @@ from moe_lit.layouts import LAYOUTS
 from moe_lit.models import markdown_table
 from moe_lit.testing import hf_moe_block, hf_moe_output
 from moe_lit.routing import router_logits
+from moe_lit.terms import check_tensor, FLOAT_DTYPES
 import tempfile, json
 from pathlib import Path
 from fastcore.test import test_eq, test_fail
@@ -14,7 +15,7 @@ from moe_lit.testing import tiny_hf_model, assert_close, TINY_HF, write_fp8_bloc
 from moe_lit.testing import check_output
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.kernels.batched import DEVICE
-from moe_lit.config import ParallelConfig
+from moe_lit.config import ParallelConfig, MoEConfig
 from moe_lit.checkpoint import CheckpointWeights
 from moe_lit.layouts import moe_layer_indices
 from moe_lit.layer import run_emulated_ep
@@ -34,6 +35,10 @@ def test_parity_every_family():
                     r = parity(model, d, i, x)
                     assert r["min_gap"] > 1e-6, (t, r)                  # no near-tie: a rounding cannot pick another expert
                     assert r["ids_equal"] and r["max_rel_err"] <= tol, (t, dtype, i, r)
+    small = FusedMoE(MoEConfig(4, 2, 8, 6, dtype=torch.float32))
+    test_fail(lambda: selection_gap(small, torch.randn(3, 9)), contains="x: expected shape [*, 8]")
+    test_fail(lambda: selection_gap(small, torch.randn(0, 8)), contains="x: expected at least one token, got 0")
+    test_fail(lambda: selection_gap("layer", torch.randn(3, 8)), contains="layer: expected a FusedMoE, got str")
 
 
 def test_moe_layers_as_transformers_builds_them():
