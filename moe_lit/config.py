@@ -243,7 +243,7 @@ def explain(self: ParallelConfig) -> list[tuple[str, object, str]]:
         rows.append((p, getattr(self, p), "vLLM's name; moe-lit decides by the rows above"))
     return rows
 
-# %% ../nbs/01_config.ipynb #3dc009439530
+# %% ../nbs/01_config.ipynb #51a7d87b2efb
 ROUTING_METHODS = ("topk", "grouped_topk", "llama4")
 SCORING_FUNCS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu", "swigluoai")   # gated SiLU (most models); gpt-oss's clamped SwiGLU (see 05_formats)
@@ -267,7 +267,8 @@ class MoEConfig:
     topk_group: int | None = None         # grouped top-k: groups kept per token
     routed_scaling_factor: float = 1.0    # multiplies routed weights (after renormalising)
     has_correction_bias: bool = False     # e_score_correction_bias selects experts (DeepSeek-V3 noaux_tc)
-    apply_router_weight_on_input: bool = False   # scale the input by the weight (Llama-4, top_k = 1)
+    apply_router_weight_on_input: bool = False   # scale the input by the weight (Llama-4, top_k = 1; with top_k > 1
+                                                 # each pair's input by its own weight, where vLLM asserts top_k = 1)
     has_router_bias: bool = False         # the router is a Linear with a bias added to the logits (gpt-oss)
     activation: str = "silu"              # the experts' gated activation, one of ACTIVATIONS
     swiglu_alpha: float = 1.702           # swigluoai only: gate * sigmoid(alpha * gate)

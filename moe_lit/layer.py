@@ -748,7 +748,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #3a7d8e3c8e18
+# %% ../nbs/12_layer.ipynb #7c57bb3ea192
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     """This rank's share of the MoE output `[T, H]` in config.dtype; the sum over ranks is the layer's output.
@@ -757,11 +757,16 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     `(topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32/int64 global ids, -1 none)`, checked with one host sync
     (finite weights, ids in range and distinct per token). `add_shared`: add the shared experts (one rank of an
     emulated EP run adds them). Replays a captured graph where one fits (`capture`). Non-finite `hidden` is not checked:
-    a NaN row gives a NaN output row. ValueError naming `hidden`, `topk`, `topk_weights`, `topk_ids` or `add_shared`
+    a NaN row gives a NaN output row. ValueError naming `hidden` (also for more rows than the batched format's slabs
+    hold: `max_num_tokens` a rank), `topk`, `topk_weights`, `topk_ids` or `add_shared`
     (also for needing a gradient a Triton layer cannot give). Source: vLLM's `FusedMoE.forward` and modular kernel
     (fused_moe/layer.py, modular_kernel.py)."""
     self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
+    if self._slab_ranks and -(-hidden.shape[0] // self._slab_ranks) > self.config.max_num_tokens:   # slabs' capacity
+        raise ValueError(f"hidden: expected at most max_num_tokens · ep_size = {self.config.max_num_tokens} · "
+                         f"{self._slab_ranks} = {self.config.max_num_tokens * self._slab_ranks} rows (max_num_tokens "
+                         f"a rank), got {hidden.shape[0]}")
     _check_on_layer_device(self, hidden); check_bool("add_shared", add_shared)
     if self.use_triton: _refuse_gradient(self, hidden, topk)
     if torch.is_autocast_enabled(hidden.device.type):   # the router is fp32 and the experts the config's dtype, by

@@ -214,29 +214,30 @@ def _model_type(cfg: dict) -> str | None:
         raise ValueError(f"config.json model_type: expected a str, got {type(t).__name__} {t!r}")
     return t
 
-# %% ../nbs/02_models.ipynb #c574fb9df6f1
+# %% ../nbs/02_models.ipynb #1fb53e65921a
 _OSS_EXPERTS = dict(activation="swigluoai", has_expert_bias=True, has_router_bias=True)   # GptOssExperts, GptOssTopKRouter
 _QWEN_READS = ("norm_topk_prob",)
 _DEEPSEEK_READS = ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
 _FAMILIES = {   # model_type -> routing and expert facts its code fixes, the routing keys it reads (`reads`: the others
-                # are ignored, as its transformers code ignores them), defaults for keys its config.json may omit
+                # are ignored, as its transformers code ignores them), defaults for keys its config.json may omit;
+                # `moe_width`: the experts' width is `moe_intermediate_size` (`intermediate_size`: the dense layers')
     "mixtral":     dict(renormalize=True, reads=()),   # MixtralSparseMoeBlock divides the top-2 by their sum; no key
     "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS, reads=()),   # softmax over the top-k logits == renormalise
     "llama4":      dict(routing_method="llama4", reads=()),
     "llama4_text": dict(routing_method="llama4", reads=()),
-    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,   # Qwen2MoeSparseMoeBlock
+    "qwen2_moe":   dict(moe_width=True, norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,   # Qwen2MoeSparseMoeBlock
                         shared=dict(shared_expert_intermediate_size=5632)),   # Qwen2MoeConfig's default
-    "qwen3_moe":   dict(norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
-    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,    # Qwen3NextSparseMoeBlock
+    "qwen3_moe":   dict(moe_width=True, norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
+    "qwen3_next":  dict(moe_width=True, norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,    # Qwen3NextSparseMoeBlock
                         shared=dict(shared_expert_intermediate_size=512)),    # Qwen3NextConfig's default
     "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=()),   # MiniMaxM2TopKRouter
-    "deepseek_v2": dict(norm_default=False, topk_method="greedy", methods=("greedy", "group_limited_greedy"),
+    "deepseek_v2": dict(moe_width=True, norm_default=False, topk_method="greedy", methods=("greedy", "group_limited_greedy"),
                         reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor"),    # (no noaux_tc)
                         shared=dict(n_shared_experts=2)),                     # DeepseekV2Config's default
-    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
+    "deepseek_v3": dict(moe_width=True, norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
                         defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4),   # DeepseekV3Config's defaults
                         shared=dict(n_shared_experts=1)),
-    "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
+    "glm4_moe":    dict(moe_width=True, norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
                         defaults=dict(n_group=1, topk_group=1), shared=dict(n_shared_experts=1)),   # Glm4MoeConfig's
 }
 _ROUTING_KEYS = ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
@@ -350,7 +351,7 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
         raise ValueError(f"config.json dtype: expected the same dtype as torch_dtype, got {found['dtype']} and {found['torch_dtype']}")
     return next(iter(found.values()), torch.bfloat16)
 
-# %% ../nbs/02_models.ipynb #caa6bb77e4bc
+# %% ../nbs/02_models.ipynb #8ed0ff4729a0
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
@@ -363,6 +364,10 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
     family = _check_family(cfg)                 # first: a dense model's type is named (its file has no experts' count)
     num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)" if family is None else
                          f" (a {family} config.json gives its number of routed experts)")
+    if (family is not None and _FAMILIES[family].get("moe_width") and cfg.get("moe_intermediate_size") is None
+            and cfg.get("intermediate_size") is not None):   # (neither: `_shape` names both keys)
+        raise ValueError(f"config.json moe_intermediate_size: expected the experts' width (a {family} model's "
+                         f"intermediate_size, {cfg.get('intermediate_size')}, is its dense layers' width), got none")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)
     for key in ("_name_or_path", "name_or_path"):
@@ -377,8 +382,8 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                          **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
     except ValueError as e:                  # a field the file set: name the file's key, as the readers above do
         field, _, rest = str(e).partition(": ")
-        key = next((k for k in HF_KEYS.get(field, ()) if k in cfg), None)
-        if key is None or key == field: raise                # the message already names the file's key
-        raise ValueError(f"config.json {key} ({field}): {rest}") from None
+        key = next((k for k in HF_KEYS.get(field, ()) if k in cfg), field if field in cfg else None)
+        if key is None: raise                                # not a key of the file: the message names the field
+        raise ValueError(f"config.json {key}: {rest}" if key == field else f"config.json {key} ({field}): {rest}") from None
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)

@@ -135,7 +135,7 @@ def shared(self: RandomExpertWeights) -> dict[str, torch.Tensor] | None:
     if c.shared_expert_gate: out["gate"] = torch.empty(1, H, dtype=c.dtype).normal_(0.0, 1.0 / math.sqrt(H), generator=gen)
     return out
 
-# %% ../nbs/11a_weights.ipynb #509738ff3a53
+# %% ../nbs/11a_weights.ipynb #b3705a543128
 class TensorWeights(WeightSource):
     """A mapping of global tensors named like the layer's state_dict (see `weight_shapes`), served per expert.
     ValueError naming `config` (not a `MoEConfig`), `weights` (sic: the argument is `tensors`; not a mapping, or keys
@@ -143,7 +143,7 @@ class TensorWeights(WeightSource):
     def __init__(self, config: MoEConfig, tensors: Mapping):
         shapes = weight_shapes(config)
         if not isinstance(tensors, Mapping): raise ValueError(f"weights: expected a mapping of tensors, got {type(tensors).__name__}")
-        unknown = sorted(map(repr, set(tensors) - set(shapes)))
+        unknown = sorted(set(tensors) - set(shapes), key=repr)          # (keys of any type: sorted by their repr)
         if unknown: raise ValueError(f"weights: expected only the keys {sorted(shapes)} for this config, got {unknown}")
         for key, shape in shapes.items():
             if key not in tensors: raise ValueError(f"weights[{key!r}]: expected a tensor of shape {list(shape)}, got none")

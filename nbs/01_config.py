@@ -502,7 +502,8 @@ class MoEConfig:
     topk_group: int | None = None         # grouped top-k: groups kept per token
     routed_scaling_factor: float = 1.0    # multiplies routed weights (after renormalising)
     has_correction_bias: bool = False     # e_score_correction_bias selects experts (DeepSeek-V3 noaux_tc)
-    apply_router_weight_on_input: bool = False   # scale the input by the weight (Llama-4, top_k = 1)
+    apply_router_weight_on_input: bool = False   # scale the input by the weight (Llama-4, top_k = 1; with top_k > 1
+                                                 # each pair's input by its own weight, where vLLM asserts top_k = 1)
     has_router_bias: bool = False         # the router is a Linear with a bias added to the logits (gpt-oss)
     activation: str = "silu"              # the experts' gated activation, one of ACTIVATIONS
     swiglu_alpha: float = 1.702           # swigluoai only: gate * sigmoid(alpha * gate)

@@ -513,24 +513,25 @@ _OSS_EXPERTS = dict(activation="swigluoai", has_expert_bias=True, has_router_bia
 _QWEN_READS = ("norm_topk_prob",)
 _DEEPSEEK_READS = ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
 _FAMILIES = {   # model_type -> routing and expert facts its code fixes, the routing keys it reads (`reads`: the others
-                # are ignored, as its transformers code ignores them), defaults for keys its config.json may omit
+                # are ignored, as its transformers code ignores them), defaults for keys its config.json may omit;
+                # `moe_width`: the experts' width is `moe_intermediate_size` (`intermediate_size`: the dense layers')
     "mixtral":     dict(renormalize=True, reads=()),   # MixtralSparseMoeBlock divides the top-2 by their sum; no key
     "gpt_oss":     dict(renormalize=True, experts=_OSS_EXPERTS, reads=()),   # softmax over the top-k logits == renormalise
     "llama4":      dict(routing_method="llama4", reads=()),
     "llama4_text": dict(routing_method="llama4", reads=()),
-    "qwen2_moe":   dict(norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,   # Qwen2MoeSparseMoeBlock
+    "qwen2_moe":   dict(moe_width=True, norm_default=False, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,   # Qwen2MoeSparseMoeBlock
                         shared=dict(shared_expert_intermediate_size=5632)),   # Qwen2MoeConfig's default
-    "qwen3_moe":   dict(norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
-    "qwen3_next":  dict(norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,    # Qwen3NextSparseMoeBlock
+    "qwen3_moe":   dict(moe_width=True, norm_default=False, reads=_QWEN_READS),  # Qwen2MoeConfig / Qwen3MoeConfig default norm_topk_prob=False
+    "qwen3_next":  dict(moe_width=True, norm_default=True, experts=dict(shared_expert_gate=True), reads=_QWEN_READS,    # Qwen3NextSparseMoeBlock
                         shared=dict(shared_expert_intermediate_size=512)),    # Qwen3NextConfig's default
     "minimax_m2":  dict(renormalize=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=()),   # MiniMaxM2TopKRouter
-    "deepseek_v2": dict(norm_default=False, topk_method="greedy", methods=("greedy", "group_limited_greedy"),
+    "deepseek_v2": dict(moe_width=True, norm_default=False, topk_method="greedy", methods=("greedy", "group_limited_greedy"),
                         reads=("n_group", "topk_group", "topk_method", "routed_scaling_factor"),    # (no noaux_tc)
                         shared=dict(n_shared_experts=2)),                     # DeepseekV2Config's default
-    "deepseek_v3": dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
+    "deepseek_v3": dict(moe_width=True, norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
                         defaults=dict(routed_scaling_factor=2.5, n_group=8, topk_group=4),   # DeepseekV3Config's defaults
                         shared=dict(n_shared_experts=1)),
-    "glm4_moe":    dict(norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
+    "glm4_moe":    dict(moe_width=True, norm_default=True, scoring_func="sigmoid", topk_method="noaux_tc", reads=_DEEPSEEK_READS,
                         defaults=dict(n_group=1, topk_group=1), shared=dict(n_shared_experts=1)),   # Glm4MoeConfig's
 }
 _ROUTING_KEYS = ("scoring_func", "routed_scaling_factor", "n_group", "topk_group", "topk_method", "norm_topk_prob",
@@ -663,6 +664,10 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
     family = _check_family(cfg)                 # first: a dense model's type is named (its file has no experts' count)
     num_experts = _shape(cfg, "num_experts", hint=" (a dense model has no MoE layer)" if family is None else
                          f" (a {family} config.json gives its number of routed experts)")
+    if (family is not None and _FAMILIES[family].get("moe_width") and cfg.get("moe_intermediate_size") is None
+            and cfg.get("intermediate_size") is not None):   # (neither: `_shape` names both keys)
+        raise ValueError(f"config.json moe_intermediate_size: expected the experts' width (a {family} model's "
+                         f"intermediate_size, {cfg.get('intermediate_size')}, is its dense layers' width), got none")
     intermediate_size = _shape(cfg, "intermediate_size")
     num_shared, shared_width = _shared_from_hf(cfg, intermediate_size)
     for key in ("_name_or_path", "name_or_path"):
@@ -677,9 +682,9 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                          **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
     except ValueError as e:                  # a field the file set: name the file's key, as the readers above do
         field, _, rest = str(e).partition(": ")
-        key = next((k for k in HF_KEYS.get(field, ()) if k in cfg), None)
-        if key is None or key == field: raise                # the message already names the file's key
-        raise ValueError(f"config.json {key} ({field}): {rest}") from None
+        key = next((k for k in HF_KEYS.get(field, ()) if k in cfg), field if field in cfg else None)
+        if key is None: raise                                # not a key of the file: the message names the field
+        raise ValueError(f"config.json {key}: {rest}" if key == field else f"config.json {key} ({field}): {rest}") from None
 
 MoEConfig.from_hf_config = staticmethod(moe_config_from_hf)
 
@@ -907,6 +912,15 @@ test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**40}), contai
 test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**22}),   # 2**22 * 768 is too wide for one MLP
           contains="shared_intermediate_size: expected <= 2147483647")
 test_fail(lambda: moe_config_from_hf({**moe, "_name_or_path": ["Qwen"]}), contains="config.json _name_or_path: expected a str")
+for family in ("qwen3_moe", "qwen2_moe", "deepseek_v3"):   # the dense width is not the experts': no silent fallback
+    test_fail(lambda: moe_config_from_hf({**{k: v for k, v in moe.items() if k != "moe_intermediate_size"},
+                                          "model_type": family, "intermediate_size": 6144}),
+              contains=f"config.json moe_intermediate_size: expected the experts' width (a {family} model's "
+                       f"intermediate_size, 6144, is its dense layers' width), got none")
+test_eq(moe_config_from_hf({**{k: v for k, v in moe.items() if k != "moe_intermediate_size"}, "model_type": "mixtral",
+                            "intermediate_size": 6144}).intermediate_size, 6144)   # Mixtral's experts are intermediate_size wide
+test_fail(lambda: moe_config_from_hf({**moe, "model_type": "deepseek_v3", "n_group": 8, "topk_group": 9}),
+          contains="config.json topk_group: expected <= 8, got 9")    # a MoEConfig check, named as the file's key
 
 # %%
 #| test from_hf_bad_source

@@ -215,7 +215,7 @@ class TensorWeights(WeightSource):
     def __init__(self, config: MoEConfig, tensors: Mapping):
         shapes = weight_shapes(config)
         if not isinstance(tensors, Mapping): raise ValueError(f"weights: expected a mapping of tensors, got {type(tensors).__name__}")
-        unknown = sorted(map(repr, set(tensors) - set(shapes)))
+        unknown = sorted(set(tensors) - set(shapes), key=repr)          # (keys of any type: sorted by their repr)
         if unknown: raise ValueError(f"weights: expected only the keys {sorted(shapes)} for this config, got {unknown}")
         for key, shape in shapes.items():
             if key not in tensors: raise ValueError(f"weights[{key!r}]: expected a tensor of shape {list(shape)}, got none")
@@ -247,5 +247,5 @@ assert torch.equal(src.experts([3, 1])["w13"], full["w13"][[3, 1]]); test_eq(src
 test_fail(lambda: TensorWeights(cfg, {**full, "w2": torch.randn(4, 6, 8)}),
           contains="weights['w2']: expected shape [4, 8, 6], got [4, 6, 8]")
 test_fail(lambda: TensorWeights(cfg, {k: v for k, v in full.items() if k != "gate"}), contains="weights['gate']: expected a tensor")
-test_fail(lambda: TensorWeights(cfg, {**full, "w13_bias": torch.zeros(4, 12)}), contains="expected only the keys")
+test_fail(lambda: TensorWeights(cfg, {**full, "w13_bias": torch.zeros(4, 12)}), contains="weights: expected only the keys ['gate', 'w13', 'w2'] for this config, got ['w13_bias']")
 test_fail(lambda: TensorWeights(cfg, [1, 2]), contains="weights: expected a mapping of tensors, got list")

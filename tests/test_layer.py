@@ -864,6 +864,9 @@ def test_emulated_ep_rank_counts():
     test_fail(lambda: FusedMoE(cfg, weights=RandomExpertWeights(cfg.replace(hidden_size=16))), contains="weights: expected weights for")
     test_fail(lambda: FusedMoE(cfg, weights="x"), contains="weights: expected a WeightSource")
     test_fail(lambda: FusedMoE("x"), contains="config: expected a MoEConfig, got str")
+    small = cfg.replace(max_num_tokens=2)                    # slabs for 2 tokens a rank: 13 rows over 4 ranks do not fit
+    for f in (lambda: FusedMoE(small)(x), lambda: run_emulated_ep(small, x)):
+        test_fail(f, contains="hidden: expected at most max_num_tokens · ep_size = 2 · 4 = 8 rows (max_num_tokens a rank), got 13")
     zero = run_emulated_ep(cfg, x[:0])                                             # zero tokens: an empty output
     test_eq(zero.output.shape, (0, 32))
     xn = x.clone().to(DEVICE); xn[2] = float("nan")   # a NaN row: NaN in its own row only, in the run and in the references

@@ -325,6 +325,15 @@ def test_from_hf_bad_values():
     test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**22}),   # 2**22 * 768 is too wide for one MLP
               contains="shared_intermediate_size: expected <= 2147483647")
     test_fail(lambda: moe_config_from_hf({**moe, "_name_or_path": ["Qwen"]}), contains="config.json _name_or_path: expected a str")
+    for family in ("qwen3_moe", "qwen2_moe", "deepseek_v3"):   # the dense width is not the experts': no silent fallback
+        test_fail(lambda: moe_config_from_hf({**{k: v for k, v in moe.items() if k != "moe_intermediate_size"},
+                                              "model_type": family, "intermediate_size": 6144}),
+                  contains=f"config.json moe_intermediate_size: expected the experts' width (a {family} model's "
+                           f"intermediate_size, 6144, is its dense layers' width), got none")
+    test_eq(moe_config_from_hf({**{k: v for k, v in moe.items() if k != "moe_intermediate_size"}, "model_type": "mixtral",
+                                "intermediate_size": 6144}).intermediate_size, 6144)   # Mixtral's experts are intermediate_size wide
+    test_fail(lambda: moe_config_from_hf({**moe, "model_type": "deepseek_v3", "n_group": 8, "topk_group": 9}),
+              contains="config.json topk_group: expected <= 8, got 9")    # a MoEConfig check, named as the file's key
 
 
 def test_from_hf_bad_source():

@@ -45,5 +45,5 @@ def test_tensor_weights():
     test_fail(lambda: TensorWeights(cfg, {**full, "w2": torch.randn(4, 6, 8)}),
               contains="weights['w2']: expected shape [4, 8, 6], got [4, 6, 8]")
     test_fail(lambda: TensorWeights(cfg, {k: v for k, v in full.items() if k != "gate"}), contains="weights['gate']: expected a tensor")
-    test_fail(lambda: TensorWeights(cfg, {**full, "w13_bias": torch.zeros(4, 12)}), contains="expected only the keys")
+    test_fail(lambda: TensorWeights(cfg, {**full, "w13_bias": torch.zeros(4, 12)}), contains="weights: expected only the keys ['gate', 'w13', 'w2'] for this config, got ['w13_bias']")
     test_fail(lambda: TensorWeights(cfg, [1, 2]), contains="weights: expected a mapping of tensors, got list")
