@@ -674,7 +674,7 @@ def _modular_kernel(self: FusedMoE, num_tokens: int) -> ModularKernel:
                                                 self.shared_experts, owned=not self.debug)                # checked at load
     return mk
 
-# %% ../nbs/12_layer.ipynb #dc286efe1587
+# %% ../nbs/12_layer.ipynb #c3237c42efbf
 def _check_on_layer_device(layer: FusedMoE, t: torch.Tensor, name: str = "hidden"):
     "A tensor on the layer's device (metadata only: no sync); ValueError naming it otherwise."
     if t.device != layer.gate.device:
@@ -693,7 +693,8 @@ def _refuse_gradient(layer, hidden: torch.Tensor, topk=None, weights: bool = Tru
         raise ValueError(f"{name}: expected a tensor that needs no gradient (the Triton kernels keep no autograd "
                          f"graph), got one with requires_grad=True under autograd: run inference under "
                          f"torch.inference_mode() or torch.no_grad(), detach it, or build the layer with "
-                         f"experts='torch' to train through it")
+                         f"experts='torch' for gradients through it (its w13 and w2 are created frozen: "
+                         f"requires_grad_() them to train them; the router's gate is a buffer)")
 
 @patch
 def route(self: FusedMoE, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

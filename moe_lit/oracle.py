@@ -12,7 +12,7 @@ from .quant import QUANT_SCHEME_TABLE, quant_scheme_name   # the records only: t
 
 # %% auto #0
 __all__ = ['DEVICES', 'CPU_INTERPRETER', 'QUANT_SCHEMES', 'CANDIDATES', 'DeviceCaps', 'detect_device', 'ExpertsBackend',
-           'Decision', 'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
+           'verdict', 'Decision', 'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
            'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'plot_decisions']
 
 # %% ../nbs/11_oracle.ipynb #32e21f6113df
@@ -129,7 +129,12 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
     ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT),
 )
 
-# %% ../nbs/11_oracle.ipynb #d7a55d6111a4
+# %% ../nbs/11_oracle.ipynb #02c29ebae7e5
+def verdict(ok: bool, chosen: bool) -> str:
+    """One candidate's verdict, in the words the decision table and `moe-lit explain` both print: 'chosen', 'accepted'
+    (fits, but a candidate before it was chosen) or 'rejected'. Raises nothing. Source: moe-lit's own."""
+    return "chosen" if chosen else "accepted" if ok else "rejected"
+
 @dataclass(frozen=True)
 class Decision:
     """The chosen backend and, for every candidate in priority order, `(name, accepted, reason)`. Raises nothing: a
@@ -144,7 +149,7 @@ class Decision:
     def table(self) -> str:
         """The decision as a markdown table (the CLI and the notebook show it). Raises nothing for a Decision of
         `select_experts_backend`. Source: moe-lit's own."""
-        rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else ('accepted' if ok else 'rejected')} | {r} |"
+        rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else verdict(ok, False)} | {r} |"
                 for n, ok, r in self.trace]
         return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}"
                           + (" in Triton interpreter" if self.device.interpreter else ""),

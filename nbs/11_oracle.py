@@ -168,6 +168,11 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
 
 # %%
 #| export
+def verdict(ok: bool, chosen: bool) -> str:
+    """One candidate's verdict, in the words the decision table and `moe-lit explain` both print: 'chosen', 'accepted'
+    (fits, but a candidate before it was chosen) or 'rejected'. Raises nothing. Source: moe-lit's own."""
+    return "chosen" if chosen else "accepted" if ok else "rejected"
+
 @dataclass(frozen=True)
 class Decision:
     """The chosen backend and, for every candidate in priority order, `(name, accepted, reason)`. Raises nothing: a
@@ -182,7 +187,7 @@ class Decision:
     def table(self) -> str:
         """The decision as a markdown table (the CLI and the notebook show it). Raises nothing for a Decision of
         `select_experts_backend`. Source: moe-lit's own."""
-        rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else ('accepted' if ok else 'rejected')} | {r} |"
+        rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else verdict(ok, False)} | {r} |"
                 for n, ok, r in self.trace]
         return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}"
                           + (" in Triton interpreter" if self.device.interpreter else ""),

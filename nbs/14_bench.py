@@ -733,7 +733,6 @@ def load_bench_results(*paths) -> dict:
 
 # %%
 #| test load_bench_results_refuses
-import tempfile
 test_fail(lambda: load_bench_results(), contains="paths: expected at least one benchmark JSON file")
 with tempfile.TemporaryDirectory() as d:
     for name, scen in (("a", "x"), ("b", "y")):

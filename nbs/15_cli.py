@@ -16,7 +16,7 @@ from moe_lit.entry import command_parser
 from moe_lit.terms import check_int, check_choice, check_device, use_triton_interpreter_without_gpu, triton_interpreting
 from moe_lit.config import BACKENDS, ActivationFormat, MoEConfig, ParallelConfig
 from moe_lit.models import PRESETS, DEFAULT_PRESET, preset, moe_config_from_hf, preset_caveats, describe_experts
-from moe_lit.oracle import DEVICES, CPU_INTERPRETER, QUANT_SCHEMES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, CPU_INTERPRETER, QUANT_SCHEMES, detect_device, select_experts_backend, verdict
 from moe_lit.quant import QUANT_ALIASES, quant_scheme_name
 from moe_lit.routing import expert_load
 from moe_lit.placement import Placement, PLACEMENT_STRATEGIES
@@ -560,8 +560,8 @@ def format_explain(rep: dict) -> str:
                   f"{' in Triton interpreter' if dev.get('interpreter') else ''} "
                   f"(capability {dev['capability']}); quant {rep['quant_scheme']}", ""]
     n = max(len(c["name"]) for c in rep["candidates"])
-    lines += [f"  {c['name']:<{n}}  {'CHOSEN  ' if c['name'] == rep['chosen'] else ('ok      ' if c['accepted'] else 'rejected')}"
-              f"  {c['reason']}" for c in rep["candidates"]]
+    lines += [f"  {c['name']:<{n}}  {verdict(c['accepted'], c['name'] == rep['chosen']):<8}  {c['reason']}"
+              for c in rep["candidates"]]
     return "\n".join(lines)
 
 # %%
@@ -947,7 +947,11 @@ if __name__ == "__main__": sys.exit(main())
 rep = explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), "nvfp4_w4a16", "h200")
 test_eq((rep["prepare_finalize"]["activation_format"], rep["chosen"]), ("batched_experts", "triton_batched_w4a16"))
 text = format_explain(rep)
-assert "CHOSEN" in text and "consumes standard, the prepare/finalize produces batched_experts" in text
+names = {c["name"] for c in rep["candidates"]}
+verdicts = {l.split()[0]: l.split()[1] for l in text.splitlines() if l.split() and l.split()[0] in names}
+test_eq(verdicts["triton_batched_w4a16"], "chosen")                       # the decision table's words (11_oracle.verdict)
+assert set(verdicts.values()) >= {"chosen", "rejected"} and set(verdicts.values()) <= {"chosen", "accepted", "rejected"}, verdicts
+assert "consumes standard, the prepare/finalize produces batched_experts" in text
 with contextlib.redirect_stdout(io.StringIO()) as out:
     test_eq(main(["explain", "--model", "deepseek-v3", "--ep", "8", "--all2all", "nixl_ep", "--quant", "fp8_w8a8_block",
                   "--device", "cpu", "--json"]), 0)

@@ -53,7 +53,7 @@
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
 # into a fresh venv, and the documentation site built (which executes every notebook and fails on any failing cell)
 # and opened in headless Chromium (8–12 minutes on 2 otherwise idle CPU cores: pytest 3–5, the docs build 3–6;
-# longer when other work shares them). Its exit status says whether it passed (0: every step passed; it stops at the
+# measured 20 minutes with other runs sharing the 2 cores: run it alone for the idle figures). Its exit status says whether it passed (0: every step passed; it stops at the
 # first that fails); after a pass the last line is the browser check's. When Chromium is missing it
 # first installs Debian's package, which needs root or sudo and takes about a minute:
 #
@@ -77,7 +77,7 @@
 #   weights) and checks that they sum to the single-device result, computed from the weights by global id, a few
 #   experts at a time, independently of the ranks. On 2 idle CPU cores: 2.5–7 minutes (generating 11 billion random
 #   expert weights, then again the experts the tokens reach, for the references), about 3.3 GiB resident at peak;
-#   several times that on a busy machine. The report prints at the end (a progress bar shows the ranks on a terminal).
+#   up to 12 minutes measured with other jobs sharing the cores. The report prints at the end (a progress bar shows the ranks on a terminal).
 #   A placement the deployment cannot use falls back as vLLM's does, and the report says why (`placement linear
 #   (requested round_robin; fell back to linear: round_robin needs num_expert_group > 1 ...)`).
 # - **Tables and decisions.** `moe-lit tables` takes `run`'s deployment flags and prints every rank's placement tables
@@ -88,8 +88,8 @@
 #   `run`, `--device` is where the layer runs: `auto`, `cpu` or `cuda`.
 # - **Quantized experts.** `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other
 #   schemes `--help` lists) quantizes the experts at load, one expert at a time, and checks against the dequantized
-#   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 (several times that
-#   on a busy machine) and 60–220 s with
+#   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 (5 minutes was
+#   measured beside other jobs on the same 2 cores) and 60–220 s with
 #   MXFP4 (nearly all of it generating and quantizing the random weights; it varies 3× between machines of one kind),
 #   at a peak of 1.5, 3.2 and 3.1 GiB resident; the report's last line gives the run's own peak. The Triton kernels of
 #   every quantized scheme take 16-bit activations, so with `--experts triton` a float32 layer is refused for them:
@@ -249,7 +249,9 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # each 1×128 group in their K loop instead, where the K tile is one group (measured slower on every H100 row,
 # `09c_kernels.quant`). The Triton layer is an inference layer: it keeps no autograd
 # graph, so a forward whose input needs a gradient is refused by name (run it under `torch.inference_mode()`, or build
-# the layer with `experts="torch"` to train through it). `moe-lit bench --layer` measures the whole layer, eager and replayed,
+# the layer with `experts="torch"` for gradients through it: to `hidden` as built, and to the experts' `w13` and `w2`
+# once you call `requires_grad_()` on them, since they are created frozen; the router's `gate` is a buffer, never trained).
+# `moe-lit bench --layer` measures the whole layer, eager and replayed,
 # against the bytes it must read and against transformers' own MoE blocks (`14a_bench_layer`).
 #
 # %% [markdown]

@@ -89,7 +89,6 @@ def test_bench_quant_arguments():
 
 
 def test_load_bench_results_refuses():
-    import tempfile
     test_fail(lambda: load_bench_results(), contains="paths: expected at least one benchmark JSON file")
     with tempfile.TemporaryDirectory() as d:
         for name, scen in (("a", "x"), ("b", "y")):

@@ -31,6 +31,10 @@ from moe_lit.quant_weights import quantize_expert_weights
 import moe_lit.kernels.batched as kb
 from moe_lit.layer import _PlanRecorder
 from moe_lit.kernels.contiguous import TritonExperts
+from unittest import mock
+import moe_lit.layer as layer_mod
+import safetensors.torch, tempfile
+from moe_lit.models import preset
 import moe_lit.kernels.router as kr
 import moe_lit.kernels.batched as kb
 import subprocess, sys, os
@@ -69,7 +73,7 @@ def test_resolve_experts():
                            env={**env, "TRITON_INTERPRET": "1", "MOE_LIT_FP4_PREFETCH": "3"})
         assert "at construction: MOE_LIT_FP4_PREFETCH: expected '0' or '1' or '2' or '4' or '8', got '3'" in r.stdout, r.stdout + r.stderr[-800:]
     test_eq(resolve_experts("triton", S, torch.device(DEVICE), "fp8_w8a8_block")[0], "triton_quant")
-    from unittest import mock                           # an explicit 'triton' on a GPU without FP8 tensor cores (an A100):
+    # an explicit 'triton' on a GPU without FP8 tensor cores (an A100):
     with mock.patch.dict(resolve_experts.__globals__, detect_device=lambda: DEVICES["a100"],   # where resolve_experts
                          triton_interpreting=lambda: False, _check_interpreter_switch=lambda: None):   # looks them up
         for fmt in (S, B):                              # refused by the oracle's record, not run on unsupported hardware
@@ -107,7 +111,6 @@ def test_resolve_experts():
 
 
 def test_launch_plans():
-    import moe_lit.layer as layer_mod, copy, io
     g = torch.Generator().manual_seed(11)
     base = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16,
                      num_shared_experts=1, shared_intermediate_size=32)
@@ -396,6 +399,11 @@ def test_layer_refuses_a_gradient():
     xt = x.detach().cpu().requires_grad_()
     torch_layer(xt).square().sum().backward()                                      # the torch layer's gradient flows
     assert xt.grad is not None and xt.grad.abs().sum() > 0
+    assert torch_layer.w13.grad is None                                             # its weights are created frozen ...
+    for p in (torch_layer.w13, torch_layer.w2): p.requires_grad_(True)              # ... and train once asked to
+    torch_layer(xt).square().sum().backward()
+    assert torch_layer.w13.grad.abs().sum() > 0 and torch_layer.w2.grad.abs().sum() > 0
+    for p in (torch_layer.w13, torch_layer.w2): p.requires_grad_(False); p.grad = None
     assert_close(torch_layer(x.detach().cpu()), y.cpu())
 
 
@@ -519,7 +527,6 @@ def test_quantized_layer_load_state_dict():
 
 
 def test_state_dict_names_its_experts():
-    import safetensors.torch, tempfile, os
     x = torch.randn(5, 128).bfloat16().to(DEVICE)
     for backend, quant in (("nixl_ep", "unquantized"), ("allgather_reducescatter", "fp8_w8a8_block")):
         mk = lambda r: MoEConfig(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64,
@@ -750,7 +757,6 @@ def test_layer_refuses_another_ranks_placement():
 
 
 def test_layer_refresh_and_copies():
-    from moe_lit.models import preset
     cfg = preset("qwen3-30b-a3b").replace(num_experts=4, top_k=2, hidden_size=128, intermediate_size=64)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
     for quant, experts, name in (("unquantized", "torch", "gate"), ("fp8_w8a8_block", "torch", "w13"),
