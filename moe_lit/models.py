@@ -190,7 +190,7 @@ def text_config_view(cfg: dict) -> dict:
     if not isinstance(text, dict): raise ValueError(f"config.json text_config: expected an object, got {type(text).__name__}")
     return {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **text}
 
-# %% ../nbs/02_models.ipynb #6bad4d544339
+# %% ../nbs/02_models.ipynb #f964827a3b51
 def _get(cfg: dict, key: str, default=None):
     "cfg[key], or `default` when the key is missing or null."
     v = cfg.get(key)
@@ -202,9 +202,18 @@ def _first(cfg: dict, field: str, keys: tuple, hint: str = ""):
         if cfg.get(k) is not None: return k, cfg[k]
     raise ValueError(f"config.json {field}: expected one of the keys {list(keys)}, got none of them{hint}")
 
+_SYNONYMS = ("num_experts", "top_k")   # fields whose spellings mean one thing (intermediate_size's do not: dense / MoE)
+
 def _shape(cfg: dict, field: str, hint: str = "") -> int:
-    "The positive int, below SIZE_LIMIT, stored under the first spelling of `field` (see HF_KEYS) that the file has."
+    """The positive int, below SIZE_LIMIT, stored under the first spelling of `field` (see HF_KEYS) that the file has;
+    for a field of `_SYNONYMS`, every spelling the file gives must agree (gpt-oss writes both `num_experts_per_tok` and
+    `experts_per_token`)."""
     key, v = _first(cfg, field, HF_KEYS[field], hint)
+    if field in _SYNONYMS:
+        for other in HF_KEYS[field]:
+            if other != key and cfg.get(other) is not None and cfg[other] != v:
+                raise ValueError(f"config.json {other}: expected {v!r}, the {key} of the same file (both spell "
+                                 f"moe-lit's {field}), got {cfg[other]!r}")
     return check_int(f"config.json {key}", v, lo=1, hi=SIZE_LIMIT)
 
 def _model_type(cfg: dict) -> str | None:

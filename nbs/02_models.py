@@ -457,9 +457,18 @@ def _first(cfg: dict, field: str, keys: tuple, hint: str = ""):
         if cfg.get(k) is not None: return k, cfg[k]
     raise ValueError(f"config.json {field}: expected one of the keys {list(keys)}, got none of them{hint}")
 
+_SYNONYMS = ("num_experts", "top_k")   # fields whose spellings mean one thing (intermediate_size's do not: dense / MoE)
+
 def _shape(cfg: dict, field: str, hint: str = "") -> int:
-    "The positive int, below SIZE_LIMIT, stored under the first spelling of `field` (see HF_KEYS) that the file has."
+    """The positive int, below SIZE_LIMIT, stored under the first spelling of `field` (see HF_KEYS) that the file has;
+    for a field of `_SYNONYMS`, every spelling the file gives must agree (gpt-oss writes both `num_experts_per_tok` and
+    `experts_per_token`)."""
     key, v = _first(cfg, field, HF_KEYS[field], hint)
+    if field in _SYNONYMS:
+        for other in HF_KEYS[field]:
+            if other != key and cfg.get(other) is not None and cfg[other] != v:
+                raise ValueError(f"config.json {other}: expected {v!r}, the {key} of the same file (both spell "
+                                 f"moe-lit's {field}), got {cfg[other]!r}")
     return check_int(f"config.json {key}", v, lo=1, hi=SIZE_LIMIT)
 
 def _model_type(cfg: dict) -> str | None:
@@ -912,6 +921,10 @@ test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**40}), contai
 test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**22}),   # 2**22 * 768 is too wide for one MLP
           contains="shared_intermediate_size: expected <= 2147483647")
 test_fail(lambda: moe_config_from_hf({**moe, "_name_or_path": ["Qwen"]}), contains="config.json _name_or_path: expected a str")
+test_fail(lambda: moe_config_from_hf({**moe, "experts_per_token": 5}),    # two spellings of top_k that disagree
+          contains="config.json experts_per_token: expected 8, the num_experts_per_tok of the same file (both spell "
+                   "moe-lit's top_k), got 5")
+test_eq(moe_config_from_hf({**moe, "experts_per_token": 8}).top_k, 8)    # agreeing (gpt-oss writes both): fine
 for family in ("qwen3_moe", "qwen2_moe", "deepseek_v3"):   # the dense width is not the experts': no silent fallback
     test_fail(lambda: moe_config_from_hf({**{k: v for k, v in moe.items() if k != "moe_intermediate_size"},
                                           "model_type": family, "intermediate_size": 6144}),

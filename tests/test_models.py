@@ -325,6 +325,10 @@ def test_from_hf_bad_values():
     test_fail(lambda: moe_config_from_hf({**moe, "n_shared_experts": 2**22}),   # 2**22 * 768 is too wide for one MLP
               contains="shared_intermediate_size: expected <= 2147483647")
     test_fail(lambda: moe_config_from_hf({**moe, "_name_or_path": ["Qwen"]}), contains="config.json _name_or_path: expected a str")
+    test_fail(lambda: moe_config_from_hf({**moe, "experts_per_token": 5}),    # two spellings of top_k that disagree
+              contains="config.json experts_per_token: expected 8, the num_experts_per_tok of the same file (both spell "
+                       "moe-lit's top_k), got 5")
+    test_eq(moe_config_from_hf({**moe, "experts_per_token": 8}).top_k, 8)    # agreeing (gpt-oss writes both): fine
     for family in ("qwen3_moe", "qwen2_moe", "deepseek_v3"):   # the dense width is not the experts': no silent fallback
         test_fail(lambda: moe_config_from_hf({**{k: v for k, v in moe.items() if k != "moe_intermediate_size"},
                                               "model_type": family, "intermediate_size": 6144}),
