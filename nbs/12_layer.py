@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import os, sys, time, dataclasses
+import inspect, os, sys, time, dataclasses
 from dataclasses import dataclass, field
 import torch
 from fastcore.basics import patch
@@ -529,10 +529,13 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 
     ValueError naming `checkpoint_dir` (no directory, no config.json, a family moe-lit does not know, missing or
     misshaped tensors: the safetensors key), `layer_index`, `dtype` (not a float torch.dtype), `weights` or `config`
-    (given), and whatever `FusedMoE` refuses. Source: transformers' `from_pretrained` layout of the same checkpoint."""
+    (given), any other keyword `FusedMoE` does not take, and whatever `FusedMoE` refuses. Source: transformers' `from_pretrained` layout of the same checkpoint."""
     from moe_lit.checkpoint import CheckpointWeights
     for k in ("weights", "config"):
         if k in kwargs: raise ValueError(f"{k}: expected none with from_pretrained (the checkpoint gives it), got {kwargs[k]!r:.40}")
+    takes = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "config", "weights")]
+    for k in kwargs:                                  # before reading the checkpoint: a typo costs no load
+        if k not in takes: raise ValueError(f"{k}: expected one of the FusedMoE keywords {takes}, got {k}={kwargs[k]!r:.40}")
     src = CheckpointWeights(checkpoint_dir, layer_index, parallel=parallel, dtype=dtype)
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)

@@ -283,6 +283,9 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: FusedMoE.from_pretrained(d, 0), contains="layer_index")       # DeepSeek's first layer is dense
     test_fail(lambda: FusedMoE.from_pretrained(d, 7), contains="layer_index")
     test_eq(FusedMoE.from_pretrained(d, 1, experts="torch").experts, "torch")
+    test_fail(lambda: FusedMoE.from_pretrained(d, 1, expert="torch"),          # a typo: named before the load
+              contains="expert: expected one of the FusedMoE keywords ['placement', 'seed', 'experts'")
+    test_fail(lambda: FusedMoE.from_pretrained(d, 1, weights={}), contains="weights: expected none with from_pretrained")
     with torch.no_grad(): model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")   # global expert 2
     model.save_pretrained(d)
     test_fail(lambda: FusedMoE.from_pretrained(d, 1), contains="(index 0 is the expert: global expert 2; from checkpoint")
