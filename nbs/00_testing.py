@@ -702,6 +702,9 @@ test_fail(lambda: launch_spec(k, args + (1,) * 40, kw), contains="args: expected
 test_fail(lambda: launch_spec(print, args, kw), contains="kernel: expected a @triton.jit function")
 @triton.jit
 def _local_copy(x_ptr, y_ptr, B: tl.constexpr):                                   # not a module attribute: refused
+    """Copies B elements from x to y (a test helper defined in a cell, so not a module attribute).
+
+    grid = (1,) at its one launch; no program exits early. Constexprs: `B` elements copied (a power of two)."""
     tl.store(y_ptr + tl.arange(0, B), tl.load(x_ptr + tl.arange(0, B)))
 with record_launches() as mine: _local_copy[(1,)](torch.zeros(16, device=DEVICE), torch.zeros(16, device=DEVICE), B=16)
 test_fail(lambda: compile_for_gpu(mine), contains="kernel: expected")

@@ -84,6 +84,17 @@ def _route_topk_kernel(
     SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    """One token's routing: program t sums the SPLIT planes of its logits row (plus the gate bias), scores it, selects
+    its TOP_K experts and stores their weights and ids (`_select_token`).
+
+    grid = (T,), one program per token (launched only when T > 0); no program exits early.
+    Constexprs: `TOP_K` experts a token; `K_PAD` TOP_K to a power of two (lanes past TOP_K never stored);
+    `BLOCK_E` max(next_pow2(E), 16), a token's row in one block; `SCORING` 0 softmax, 1 sigmoid, 2 llama4;
+    `HAS_BIAS` add the correction bias for selection; `RENORMALIZE` weights divided by their sum (when > 0);
+    `NUM_GROUPS` expert groups (1: no grouping); `G_PAD` NUM_GROUPS to a power of two; `TOPK_GROUP` groups kept;
+    `GROUP_SIZE` E / NUM_GROUPS; `TOP2` a group's score is its top-2 sum (else its max); `SPLIT` logits planes summed
+    (1: plain [T, E] logits); `HAS_GATE_BIAS` add the router's own bias to the logits; `PDL` programmatic dependent
+    launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     _select_token(logits_ptr, bias_ptr, gate_bias_ptr, weights_ptr, ids_ptr, tl.program_id(0).to(tl.int64), E,
                   stride_s, stride_t, scale, TOP_K, K_PAD, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE, NUM_GROUPS, G_PAD,
@@ -226,6 +237,18 @@ def _router_logits_kernel(
     TOP2: tl.constexpr = False, SPLIT: tl.constexpr = 1, HAS_GATE_BIAS: tl.constexpr = False,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    """The decode router GEMV: program (b, s) multiplies experts [b·BLOCK_EL, (b+1)·BLOCK_EL) of the gate by columns
+    [s·BLOCK_K, (s+1)·BLOCK_K) of each of the T hidden rows and stores the fp32 partial logits in plane s of `out`.
+    With SELECT the program that arrives last then selects every token in turn (`_select_token` on the partials).
+
+    grid = (cdiv(E, BLOCK_EL), cdiv(H, ROUTER_BLOCK_K)), launched by `_route_tokens` for 0 < T <= ROUTER_GEMV_MAX_TOKENS
+    and H > 0; no program exits early (experts past E and tokens past T are masked).
+    Constexprs: `T_PAD` next_pow2(T), the unrolled token loop; `BLOCK_EL` experts a program (8, 4, 2 or 1:
+    `_router_block_el`); `BLOCK_K` columns of a K slice (ROUTER_BLOCK_K = 1024); `SELECT` the last program also selects
+    (`_route_tokens`: up to ROUTER_SELECT_MAX_TOKENS tokens, with the caller's counter); with SELECT, `TOP_K`, `K_PAD`,
+    `BLOCK_E`, `SCORING`, `HAS_BIAS`, `RENORMALIZE`, `NUM_GROUPS`, `G_PAD`, `TOPK_GROUP`, `GROUP_SIZE`, `TOP2`, `SPLIT`
+    (= grid axis 1, the planes summed) and `HAS_GATE_BIAS` as `_route_topk_kernel`'s (unused without SELECT); `PDL`
+    programmatic dependent launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     offs_e = tl.program_id(0) * BLOCK_EL + tl.arange(0, BLOCK_EL)
     s = tl.program_id(1)

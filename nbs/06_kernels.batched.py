@@ -343,6 +343,21 @@ def _batched_moe_gemm_kernel(
     SPLIT_K: tl.constexpr, COMPACT: tl.constexpr, BLOCK_E: tl.constexpr,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    """One `[BLOCK_M, BLOCK_N]` output tile of one expert's masked GEMM, `c[e, m] = act(a[e, m] @ w[e]ᵀ + bias[e])`
+    for the tile's rows m < count: M-tile pid % num_m_tiles, N-tile pid // num_m_tiles, over split s's share of the K
+    tiles; with SPLIT_K > 1 the last split of the tile to arrive sums the partials and runs the epilogue.
+
+    grid = (cdiv(max_tokens, BLOCK_M)·cdiv(N_OUT, BLOCK_N), E or, with COMPACT, max(1, max_active_experts) slots,
+    SPLIT_K) (`_batched_plan`). A program whose tile starts at or past its expert's count,
+    min(expert_num_tokens[e], max_tokens), exits before reading a weight (a COMPACT slot past the experts with rows has
+    count 0); with SPLIT_K > 1 every split but the last to arrive returns after storing its partial.
+    Constexprs: `GATED` w holds gate then up rows, the gated activation fused; `ACTIVATION` `Activation.code`
+    (0 SiLU·up, 1 gpt-oss clamped SwiGLU), read when GATED; `HAS_BIAS` add bias[e] in fp32 before the activation;
+    `EVEN_K` K % BLOCK_K == 0 (no K mask); `EVEN_N` N_OUT % BLOCK_N == 0 (no N mask on w); `UPCAST` operands to fp32
+    (the interpreter with bf16); `PRECISION` `tl.dot` input precision ("ieee" for fp32 inputs, else "tf32");
+    `BLOCK_M`, `BLOCK_N`, `BLOCK_K` tile sizes (powers of two); `SPLIT_K` K splits, grid axis 2 (1: none);
+    `COMPACT` axis 1 counts slots over the experts with rows (`_slot_expert`); `BLOCK_E` next_pow2(E) with COMPACT,
+    else 1; `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(2)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles
@@ -460,6 +475,15 @@ def _batched_moe_gemm_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    """One `[BLOCK_M, BLOCK_N]` output tile of one expert's masked GEMM, as `_batched_moe_gemm_kernel`'s but over all
+    of K, its a and w tiles loaded through tensor descriptors (rows past the count may be loaded, never stored).
+
+    grid = (cdiv(max_tokens, BLOCK_M)·cdiv(N_OUT, BLOCK_N), E), M-tile fastest on axis 0; launched by
+    `_batched_moe_gemm` when the tile has TMA and `_tma_ok` holds. A program whose tile starts at or past
+    min(expert_num_tokens[e], max_tokens) exits before reading a weight.
+    Constexprs: `GATED`, `ACTIVATION`, `HAS_BIAS`, `UPCAST` as `_batched_moe_gemm_kernel`'s; `BLOCK_M`, `BLOCK_N`,
+    `BLOCK_K` tile sizes, the descriptors' boxes; `WARP_SPECIALIZE` warp-specialise the K loop (`tl.range`, the tile's
+    flag); `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     pid, e = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_tiles, pid % num_m_tiles

@@ -86,9 +86,20 @@ def _batched_dispatch_kernel(
     G, stride_ase, stride_asm,
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, MODE: tl.constexpr, SCALE: tl.constexpr,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
-    QUANT_GROUP: tl.constexpr = 0,      # > 0: each row sent as FP8 (e4m3) in 1 × QUANT_GROUP groups (a divides BLOCK_H)
+    QUANT_GROUP: tl.constexpr = 0,      # > 0: each row sent as FP8 (e4m3) in 1 × QUANT_GROUP groups (it divides BLOCK_H)
     EMULATE_CAST: tl.constexpr = False, # the interpreter's e4m3 rounding (`09b`)
 ):
+    """One (token, slot) pair: translate its expert id to a local expert, claim the next row of that expert's slab
+    (`atomic_add` on its count), copy the token's hidden row there (times the router weight with SCALE; FP8 with
+    QUANT_GROUP, its group scales to `ascale`) and store the pair's slot `local·max_tokens + row`, or -1 when the
+    expert is not local or its slab is full (the count is given back and the overflow flag set).
+
+    grid = (T, TOP_K) (`_batched_dispatch`, launched only when T > 0); no program exits early: each stores its slot.
+    Constexprs: `TOP_K` slots a token (grid axis 1); `BLOCK_H` columns a pass, max(min(8192, next_pow2(H)),
+    QUANT_GROUP); `MODE` id translation: 0 ids already local, 1 `expert_map`, 2 `global_to_physical` − physical_offset;
+    `SCALE` multiply the row by topk_weights[t, k] (fp32, cast once); `PDL` programmatic dependent launch
+    (`launch_kernel` sets it on sm_90+ when PDL is on); `QUANT_GROUP` 0, or the FP8 group width (a power of two >= 32,
+    dividing BLOCK_H); `EMULATE_CAST` the interpreter's e4m3 rounding (True in the interpreter)."""
     _await_producers(PDL)                                    # before any load or store
     t = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)                                     # one program per (token, slot) pair
@@ -278,6 +289,18 @@ def _batched_combine_kernel(
     n_reset=0, BLOCK_R: tl.constexpr = 1, RESET: tl.constexpr = False,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    """Token t's columns [h·BLOCK_H, (h+1)·BLOCK_H) of the combine: the fp32 sum over its TOP_K slots of the expert
+    rows they name (times the router weights with WEIGHTED), plus the addend with ADD, cast once; slots outside
+    [0, num_slots) are masked and add 0. With RESET, program (0, 0) also zeroes `reset_ptr`'s n_reset entries.
+
+    grid = (T, cdiv(H, BLOCK_H)) in both launchers (`_batched_combine`, `_combine_pairs`), launched only when T and H
+    are > 0; no program exits early.
+    Constexprs: `TOP_K` slots a token; `SLOTS` slots loaded a pass, min(32, next_pow2(TOP_K)); `BLOCK_H` columns a
+    program, min(1024, next_pow2(H), 8192 / SLOTS), halved (not below 128) while T·cdiv(H, BLOCK_H) < 256 outside the
+    interpreter (`_combine_tile`); `WEIGHTED` multiply by topk_weights (False when applied on the input, and for pair
+    rows); `PAIRS` slot_map holds local ids and expert_out a row per pair (`_combine_pairs`); `ADD` add `add_ptr`'s
+    first add_cols columns in fp32; `BLOCK_R` next_pow2(n_reset); `RESET` zero the kept dispatch counts; `PDL`
+    programmatic dependent launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -425,6 +448,12 @@ def _local_slot_kernel(ids_ptr,      # [n] int32/int64 global ids, -1 = none
                        table_ptr,    # [num_experts + 1] int64 slot table, last entry -1
                        out_ptr,      # [n] int64 local slots
                        n, num_experts, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """BLOCK consecutive ids: `out[i] = table[ids[i]]` for ids in [0, num_experts), else -1 (nothing read).
+
+    grid = (cdiv(n, 1024),) with BLOCK = 1024 (`_local_slots`, launched only when n > 0); no program exits early,
+    lanes past n are masked.
+    Constexprs: `BLOCK` ids a program (1024); `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+
+    when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n

@@ -334,7 +334,11 @@ prmt.b32 t1, $4, z, 0x4342;
 def _e2m1_bf16_pairs(b,      # uint8 codes, two a byte
                      s_lo,   # bf16 scale of each byte's low-nibble code
                      s_hi):  # bf16 scale of each byte's high-nibble code (the same tensor in the plain layout)
-    "`(e2m1(b & 0xF) · s_lo, e2m1(b >> 4) · s_hi)` in bf16, eight codes per PTX block (exact: see the table above)."
+    """`(e2m1(b & 0xF) · s_lo, e2m1(b >> 4) · s_hi)` in bf16, eight codes per PTX block (exact: see the table above).
+
+    Elementwise: `b` uint8 and `s_lo`, `s_hi` bf16 of one shape; returns two bf16 tensors of that shape (the low and
+    the high nibbles' values). Inline PTX (`_E2M1X8_PTX`, four bytes a call): GPU only, called under `PACKED_DECODE`
+    (the interpreter takes the portable decode). No constexprs."""
     return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
@@ -668,9 +672,21 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                         BLOCK_K: tl.constexpr,
                         LAYOUT: tl.constexpr,   # FP4 byte order (`09a`): 0 plain, 1 split64 (two MMAs a K tile), 2 mma128
                         QUANT_A: tl.constexpr,  # 16-bit a quantized here: 1 each K tile a 1×GROUP_K group (FMT 1),
-                                                # 2 per token (FMT 0: the row's |max| over K first); 0 a is e4m3
-                        SCALE_FOLD: tl.constexpr = False):   # MXFP4, e8m0 bytes <= 128: the word decode's one-fma form
-    "Both formats' main loop: `(acc, acc_up)` of one output tile over K tiles `[kt_lo, kt_hi)`, every scale applied (real-valued fp32)."
+                                                # 2 per token (FMT 0: the row's |max| over K first); 0 a as
+                                                # given: e4m3 for FP8 (FMT 0, 1), 16-bit for FP4 (FMT >= 2)
+                        SCALE_FOLD: tl.constexpr = False):   # the word decode's one-fma form (MXFP4 with e8m0
+                                                                     # bytes <= 128, NVFP4 in mma128)
+    """Both formats' main loop: `(acc, acc_up)` of one output tile over K tiles `[kt_lo, kt_hi)`, every scale applied
+    (real-valued fp32).
+
+    Inputs as commented; returns two `[BLOCK_M, BLOCK_N]` fp32 tiles (acc_up zeros unless GATED), rows not `row_ok`
+    read as 0. FP8 takes a K step per tile (`_quant_k_step`); FP4 decodes the weight tile and computes outᵀ = W · aᵀ.
+    Constexprs: `FMT` 0 FP8 tensor/channel, 1 FP8 block, 2 MXFP4, 3 NVFP4; `GATED` also the up half (weight rows +
+    N_OUT); `UPCAST` 16-bit activations to fp32 (the interpreter); `PRECISION` `tl.dot` input precision ("ieee" with
+    UPCAST, else "tf32"); `GROUP_N`, `GROUP_K` the weight scale group (block FP8's block_shape, FP4's 1 × 32 or 1 × 16,
+    else 1 × 1); `BLOCK_M`, `BLOCK_N`, `BLOCK_K` tile sizes; `LAYOUT` FP4 byte order (0 plain, 1 split64, 2 mma128);
+    `QUANT_A` 16-bit a quantized here (1 per K tile, FMT 1; 2 per token, FMT 0; 0 none); `SCALE_FOLD` the word decode's
+    folded form (set for MXFP4 with e8m0 bytes <= 128 and for NVFP4 in mma128)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_rows[:, None] + (kt_lo * BLOCK_K + offs_k)[None, :] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -1510,7 +1526,8 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
 # linear in its input), after GEMM2 otherwise. The epilogue is `08`'s: with the router weight on the input the
 # accumulators are scaled first and the expert bias added after; on the output the bias is added first and then
 # weighted; the gated activation comes last. Token and pair indices are int64 (`T·top_k·N` passes 2^31 at long prefills,
-# sglang#4727). **Grid** `(cdiv(max_padded, BLOCK_M) · cdiv(N_out, BLOCK_N), SPLIT_K)`, N-tile major; split-K as in
+# sglang#4727). **Grid** `(num_m_blocks · cdiv(N_out, BLOCK_N), SPLIT_K)`, `num_m_blocks = expert_ids.numel()` (as in
+# `08`: aligned blocks or `T·top_k` pair blocks), N-tile major; split-K as in
 # the batched kernel.
 
 # %%
@@ -1536,7 +1553,8 @@ def _fused_moe_quant_kernel(
     PAIR_IDS: tl.constexpr = False,   # expert_ids_ptr holds the [T·top_k] local ids: block p is pair p alone (`08`)
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
-    "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), SPLIT_K); blocks past num_tokens_post_padded or of expert -1 exit."
+    """grid = (num_m_blocks·_cdiv(N_OUT, BLOCK_N), SPLIT_K), num_m_blocks = expert_ids.numel() (_cdiv(max_padded,
+    BLOCK_M) aligned, T·top_k pair blocks); blocks past num_tokens_post_padded or of expert -1 exit."""
     _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks

@@ -62,9 +62,15 @@ def moe_align_block_size_reference(topk_ids: torch.Tensor,     # [T, top_k] int3
         pos += padded
     return sorted_ids, expert_ids, torch.tensor([pos], dtype=torch.int32)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #5373a94727c2
+# %% ../../nbs/08_kernels.contiguous.ipynb #b628eb733023
 @triton.jit
 def _align_count_kernel(ids_ptr, counts_ptr, n, num_experts, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """BLOCK pairs of the flat ids: `counts[id] += 1` (atomics) for each id in [0, num_experts); others are skipped.
+
+    grid = (cdiv(T·top_k, BLOCK),) with BLOCK = 256 (`moe_align_block_size`, launched only when T·top_k > 0); no
+    program exits early, lanes past n are masked.
+    Constexprs: `BLOCK` pairs a program (256); `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+
+    when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
@@ -73,6 +79,12 @@ def _align_count_kernel(ids_ptr, counts_ptr, n, num_experts, BLOCK: tl.constexpr
 @triton.jit
 def _align_offsets_kernel(counts_ptr, offsets_ptr, ntpp_ptr, num_experts,
                           BLOCK_SIZE: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+    """Every expert at once: each count padded to a multiple of BLOCK_SIZE, their exclusive prefix sum stored to
+    `offsets`, and the padded total to `num_tokens_post_padded`.
+
+    grid = (1,) (`moe_align_block_size`, always launched).
+    Constexprs: `BLOCK_SIZE` the alignment block (the GEMM's BLOCK_M); `BLOCK_E` next_pow2(num_experts), all counts in
+    one block; `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     e = tl.arange(0, BLOCK_E)
     cnt = tl.load(counts_ptr + e, mask=e < num_experts, other=0)
@@ -84,6 +96,12 @@ def _align_offsets_kernel(counts_ptr, offsets_ptr, ntpp_ptr, num_experts,
 @triton.jit
 def _align_expert_ids_kernel(counts_ptr, offsets_ptr, map_ptr, expert_ids_ptr,
                              BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, PDL: tl.constexpr = False):
+    """Expert x's blocks: `expert_ids[b]` = its local id (x, or expert_map[x], -1 when not local) for the
+    cdiv(counts[x], BLOCK_SIZE) blocks from offsets[x] / BLOCK_SIZE; an expert without pairs writes nothing.
+
+    grid = (num_experts,), one program per global expert (`moe_align_block_size`, always launched).
+    Constexprs: `BLOCK_SIZE` the alignment block (the GEMM's BLOCK_M); `HAS_MAP` translate through expert_map (else
+    the id is the local id); `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     x = tl.program_id(0)                                        # one program per expert: its blocks get its id
     c = tl.load(counts_ptr + x)
@@ -96,6 +114,13 @@ def _align_expert_ids_kernel(counts_ptr, offsets_ptr, map_ptr, expert_ids_ptr,
 @triton.jit
 def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, num_experts, BLOCK: tl.constexpr,
                           PDL: tl.constexpr = False):
+    """BLOCK pairs of the flat ids: each pair p with an id in [0, num_experts) is written to
+    `sorted[offsets[id] + atomic_add(cursor[id], 1)]` (its run, in the order the atomics grant).
+
+    grid = (cdiv(T·top_k, BLOCK),) with BLOCK = 256 (`moe_align_block_size`, launched only when T·top_k > 0); no
+    program exits early, lanes past n are masked.
+    Constexprs: `BLOCK` pairs a program (256); `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+
+    when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1)
@@ -189,10 +214,18 @@ def _same_run(s, rs, b, e, block_size):
     lo, hi = int(run.min()) * block_size, (int(run.max()) + 1) * block_size
     return torch.equal(s[lo:hi].sort().values, rs[lo:hi].sort().values)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #86aa721a08c4
+# %% ../../nbs/08_kernels.contiguous.ipynb #eef9896aa992
 @triton.jit
 def _pair_blocks_kernel(ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr, n, num_experts,
                         BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """BLOCK positions of the pair-block layout: position p·BLOCK_SIZE holds pair p and the rest the sentinel n;
+    `expert_ids[p]` is pair p's local expert (through expert_map with HAS_MAP; -1 for an id outside [0, num_experts));
+    program 0 also stores `num_tokens_post_padded` = n·BLOCK_SIZE.
+
+    grid = (cdiv(n·block_size, BLOCK),) with BLOCK = max(256, next_pow2(block_size)) (`moe_pair_blocks`, launched only
+    when n = T·top_k > 0); no program exits early, positions past n·BLOCK_SIZE are masked.
+    Constexprs: `BLOCK_SIZE` the block (the GEMM's BLOCK_M); `HAS_MAP` translate through expert_map; `BLOCK` positions a
+    program; `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)            # sorted positions
     ok = offs < n * BLOCK_SIZE
@@ -245,7 +278,7 @@ def _block_pairs(pid_m, expert_ids_ptr, sorted_ptr, ntpp_ptr, num_pairs, num_sor
         pairs = tl.load(sorted_ptr + offs_s, mask=tl.where(live, offs_s < num_sorted, False), other=num_pairs).to(tl.int64)
     return live, e, pairs
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #4631a929b81d
+# %% ../../nbs/08_kernels.contiguous.ipynb #2a706de10a2a
 @triton.jit
 def _fused_moe_kernel(
     a_ptr,                 # [T, K] (GEMM1, token rows) or [T·top_k, K] (GEMM2, pair rows)
@@ -273,6 +306,26 @@ def _fused_moe_kernel(
     COMBINE: tl.constexpr = False, K_PAD: tl.constexpr = 1, ADD: tl.constexpr = False,
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
+    """One `[BLOCK_M, BLOCK_N]` output tile of the grouped GEMM over aligned blocks: block pid_m's pairs (with PAIR_IDS
+    pair pid_m alone) gather their a rows (token rows pair // TOP_K, or pair rows with A_PER_PAIR), times the block's
+    expert's weight tile pid_n over split s's share of K; the epilogue (router weight, bias, activation) runs on the
+    full sum and the valid pairs' rows are stored. With COMBINE the last of a token's local pairs to store also writes
+    the token's sum of their rows (plus the addend with ADD) to comb_out.
+
+    grid = (num_m_blocks·cdiv(N_OUT, BLOCK_N), SPLIT_K) with num_m_blocks = expert_ids.numel(): cdiv(max_padded,
+    BLOCK_M) for `moe_align_block_size`'s layout, T·top_k for pair blocks (`_fused_moe_gemm`). A block past
+    num_tokens_post_padded, or whose expert is outside [0, num_local) (-1: another rank's), exits before reading a
+    weight; with SPLIT_K > 1 every split but the last to arrive returns after storing its partial. With COMBINE, a
+    token none of whose pairs is local gets its row (0, or the addend) from the programs of its first slot (split 0)
+    before they exit. (`w_desc`, a runtime argument, is None for pointer loads or a descriptor for TMA.)
+    Constexprs: `TOP_K` slots a token; `A_PER_PAIR` a has a row per pair (GEMM2), else per token (GEMM1); `GATED`,
+    `ACTIVATION`, `HAS_BIAS`, `UPCAST`, `EVEN_K`, `EVEN_N`, `PRECISION` as `06`'s `_batched_moe_gemm_kernel`'s;
+    `WEIGHT` router weight: 0 none, 1 on the input (scales the accumulators before the bias), 2 on the output (after
+    the bias); `GROUP_M` program order: 0 N-tile major, else grouped by GROUP_M blocks (the tile's); `BLOCK_M` the
+    alignment block; `BLOCK_N`, `BLOCK_K` tile sizes; `SPLIT_K` K splits, grid axis 1 (1 with TMA); `PAIR_IDS`
+    expert_ids holds the [T·top_k] local ids, block p = pair p; `COMBINE` sum each token's pair rows here (GEMM2 with
+    PAIR_IDS); `K_PAD` next_pow2(TOP_K) (COMBINE); `ADD` add comb_add's first add_cols columns in fp32 (COMBINE);
+    `PDL` programmatic dependent launch (`launch_kernel` sets it on sm_90+ when PDL is on)."""
     _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(1)
     if GROUP_M == 0:                                            # N-tile major: a weight tile serves every block

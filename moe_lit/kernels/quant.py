@@ -70,7 +70,7 @@ def _fp8_tile_scales(ws_ptr, rows, row_ok, k0, K, stride_wsn, stride_wsk, GROUP_
     "`[BLOCK_N]` fp32 block weight scales of the K tile at `k0` (FMT 1); 0 past the rows or past K (a prefetch past the end reads nothing)."
     return tl.load(ws_ptr + (rows // GROUP_N) * stride_wsn + (k0 // GROUP_K) * stride_wsk, mask=tl.where(k0 < K, row_ok, False), other=0.0)
 
-# %% ../../nbs/09c_kernels.quant.ipynb #258f5aa9637b
+# %% ../../nbs/09c_kernels.quant.ipynb #29e71a6e007b
 FP4_DECODE = env_choice("MOE_LIT_FP4_DECODE", "ptx", ("ptx", "portable"))   # "ptx": the packed decode below (GPU only)
 PACKED_DECODE = tl.constexpr(FP4_DECODE == "ptx" and not INTERPRET)   # the interpreter runs the portable one
 
@@ -96,7 +96,11 @@ prmt.b32 t1, $4, z, 0x4342;
 def _e2m1_bf16_pairs(b,      # uint8 codes, two a byte
                      s_lo,   # bf16 scale of each byte's low-nibble code
                      s_hi):  # bf16 scale of each byte's high-nibble code (the same tensor in the plain layout)
-    "`(e2m1(b & 0xF) · s_lo, e2m1(b >> 4) · s_hi)` in bf16, eight codes per PTX block (exact: see the table above)."
+    """`(e2m1(b & 0xF) · s_lo, e2m1(b >> 4) · s_hi)` in bf16, eight codes per PTX block (exact: see the table above).
+
+    Elementwise: `b` uint8 and `s_lo`, `s_hi` bf16 of one shape; returns two bf16 tensors of that shape (the low and
+    the high nibbles' values). Inline PTX (`_E2M1X8_PTX`, four bytes a call): GPU only, called under `PACKED_DECODE`
+    (the interpreter takes the portable decode). No constexprs."""
     return tl.inline_asm_elementwise(_E2M1X8_PTX, "=r,=r,=r,=r,r,r,r,r,r", [b, s_lo, s_hi],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
@@ -356,7 +360,7 @@ def _quant_output_scales(acc,        # [BLOCK_M, BLOCK_N] fp32
         acc = acc * gs
     return acc
 
-# %% ../../nbs/09c_kernels.quant.ipynb #45239e9fca21
+# %% ../../nbs/09c_kernels.quant.ipynb #7970b34dd5ee
 @triton.jit
 def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activation rows at K = 0
                         as_ptrs,    # [BLOCK_M] pointers to the rows' activation scales (w8a8)
@@ -370,9 +374,21 @@ def _quant_tile_product(a_rows,     # [BLOCK_M] pointers to the tile's activatio
                         BLOCK_K: tl.constexpr,
                         LAYOUT: tl.constexpr,   # FP4 byte order (`09a`): 0 plain, 1 split64 (two MMAs a K tile), 2 mma128
                         QUANT_A: tl.constexpr,  # 16-bit a quantized here: 1 each K tile a 1×GROUP_K group (FMT 1),
-                                                # 2 per token (FMT 0: the row's |max| over K first); 0 a is e4m3
-                        SCALE_FOLD: tl.constexpr = False):   # MXFP4, e8m0 bytes <= 128: the word decode's one-fma form
-    "Both formats' main loop: `(acc, acc_up)` of one output tile over K tiles `[kt_lo, kt_hi)`, every scale applied (real-valued fp32)."
+                                                # 2 per token (FMT 0: the row's |max| over K first); 0 a as
+                                                # given: e4m3 for FP8 (FMT 0, 1), 16-bit for FP4 (FMT >= 2)
+                        SCALE_FOLD: tl.constexpr = False):   # the word decode's one-fma form (MXFP4 with e8m0
+                                                                     # bytes <= 128, NVFP4 in mma128)
+    """Both formats' main loop: `(acc, acc_up)` of one output tile over K tiles `[kt_lo, kt_hi)`, every scale applied
+    (real-valued fp32).
+
+    Inputs as commented; returns two `[BLOCK_M, BLOCK_N]` fp32 tiles (acc_up zeros unless GATED), rows not `row_ok`
+    read as 0. FP8 takes a K step per tile (`_quant_k_step`); FP4 decodes the weight tile and computes outᵀ = W · aᵀ.
+    Constexprs: `FMT` 0 FP8 tensor/channel, 1 FP8 block, 2 MXFP4, 3 NVFP4; `GATED` also the up half (weight rows +
+    N_OUT); `UPCAST` 16-bit activations to fp32 (the interpreter); `PRECISION` `tl.dot` input precision ("ieee" with
+    UPCAST, else "tf32"); `GROUP_N`, `GROUP_K` the weight scale group (block FP8's block_shape, FP4's 1 × 32 or 1 × 16,
+    else 1 × 1); `BLOCK_M`, `BLOCK_N`, `BLOCK_K` tile sizes; `LAYOUT` FP4 byte order (0 plain, 1 split64, 2 mma128);
+    `QUANT_A` 16-bit a quantized here (1 per K tile, FMT 1; 2 per token, FMT 0; 0 none); `SCALE_FOLD` the word decode's
+    folded form (set for MXFP4 with e8m0 bytes <= 128 and for NVFP4 in mma128)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_rows[:, None] + (kt_lo * BLOCK_K + offs_k)[None, :] * stride_ak
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -918,7 +934,7 @@ def fused_moe_gemm_quant_reference(a: torch.Tensor,                 # [T, K] (to
         out[pairs] = act(y) if act else y
     return out
 
-# %% ../../nbs/09c_kernels.quant.ipynb #89276e40d1c1
+# %% ../../nbs/09c_kernels.quant.ipynb #1f38fed3d427
 @triton.jit
 def _fused_moe_quant_kernel(
     a_ptr,          # [T, K] (token rows) or [T·top_k, K] (pair rows): float8 (w8a8) or bf16/fp16 (w4a16)
@@ -940,7 +956,8 @@ def _fused_moe_quant_kernel(
     PAIR_IDS: tl.constexpr = False,   # expert_ids_ptr holds the [T·top_k] local ids: block p is pair p alone (`08`)
     PDL: tl.constexpr = False,   # programmatic dependent launch (`06`'s `_await_producers`)
 ):
-    "grid = (_cdiv(max_padded, BLOCK_M)·_cdiv(N_OUT, BLOCK_N), SPLIT_K); blocks past num_tokens_post_padded or of expert -1 exit."
+    """grid = (num_m_blocks·_cdiv(N_OUT, BLOCK_N), SPLIT_K), num_m_blocks = expert_ids.numel() (_cdiv(max_padded,
+    BLOCK_M) aligned, T·top_k pair blocks); blocks past num_tokens_post_padded or of expert -1 exit."""
     _await_producers(PDL)                                    # before any load or store
     pid, split = tl.program_id(0), tl.program_id(1)
     pid_n, pid_m = pid // num_m_blocks, pid % num_m_blocks
