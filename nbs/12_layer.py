@@ -1005,7 +1005,7 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     (fused_moe/layer.py, modular_kernel.py)."""
     self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
-    if self._slab_ranks and -(-hidden.shape[0] // self._slab_ranks) > self.config.max_num_tokens:   # slabs' capacity
+    if _kernel_key(self, hidden.shape[0]) > self.config.max_num_tokens:   # batched: rows a rank's slab needs (else 0)
         raise ValueError(f"hidden: expected at most max_num_tokens · ep_size = {self.config.max_num_tokens} · "
                          f"{self._slab_ranks} = {self.config.max_num_tokens * self._slab_ranks} rows (max_num_tokens "
                          f"a rank), got {hidden.shape[0]}")

@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import torch
-from moe_lit.terms import check_int, check_tensor
+from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.placement import Placement, expert_block, round_robin_routing_tables
 
 # %%
@@ -141,17 +141,20 @@ def send_plan(placement: Placement,     # this (sending) rank's placement
 def receive_layout(recv_table: torch.Tensor,   # [S_send, max_local] int64, pairs each sender sends this rank per slot
                    num_local_experts: int,      # this rank's slabs (<= max_local)
                    capacity: int,               # rows of a slab (max_num_tokens_per_rank · S)
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                   validate: bool = True,       # check the slabs' rows against capacity (one sync); off where the
+                  ) -> tuple[torch.Tensor, torch.Tensor]:   # caller ran `check_count_table` on the same table
     """`(rows [n_recv] int64: e·capacity + row of each arriving pair, senders [n_recv] int64)` from
     `recv_table [S, max_local]`. ValueError naming `recv_table` (not 2-D int64), `num_local_experts` (not in
     `[0, max_local]`), `capacity` (not >= 1) or `expert_num_tokens` (a slab's rows over `capacity`: two pairs would
-    share a row; `check_count_table` raises the same on every rank first). Source: moe-lit's own order (senders in rank order
+    share a row, with `validate`; callers that ran `check_count_table`, which raises it on every rank, pass False).
+    Source: moe-lit's own order (senders in rank order
     within a slab) in the slab shape `[E_local, capacity, H]` of DeepEP low-latency's receive buffer."""
     check_tensor("recv_table", recv_table, ndim=2, dtype=torch.int64)
     check_int("num_local_experts", num_local_experts, lo=0, hi=recv_table.shape[1] + 1); check_int("capacity", capacity, lo=1)
+    check_bool("validate", validate)
     cnt = recv_table[:, :num_local_experts]                                 # [S_send, E_local]
     rows = cnt.sum(0)                                                       # [E_local] rows of each slab
-    if rows.numel() and int(rows.max()) > capacity:                         # (the layout syncs below anyway)
+    if validate and rows.numel() and int(rows.max()) > capacity:
         raise ValueError(f"expert_num_tokens: expected at most capacity={capacity} rows per slab, got {rows.tolist()}")
     dev, flat = cnt.device, cnt.flatten()                                   # sender-major, as the rows arrive
     base = cnt.cumsum(0) - cnt                                              # rows of slot e taken by earlier senders
@@ -223,7 +226,7 @@ def slab_sources(
     check_count_table(table, [len(i) for i in topk_ids], placements[0].num_experts, max_num_tokens_per_rank)
     out, cap = [], max_num_tokens_per_rank * S
     for r, p in enumerate(placements):
-        rows, senders = receive_layout(table[:, r], p.num_local_experts, cap)
+        rows, senders = receive_layout(table[:, r], p.num_local_experts, cap, validate=False)   # checked above
         src = torch.full((p.num_local_experts * cap,), -1, dtype=torch.int64)
         src[rows] = senders
         out.append(src.view(p.num_local_experts, cap))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 import pytest
 import torch
-from moe_lit.terms import check_int, check_tensor
+from moe_lit.terms import check_int, check_tensor, check_bool
 from moe_lit.placement import Placement, expert_block, round_robin_routing_tables
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_fail
