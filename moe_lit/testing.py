@@ -10,11 +10,11 @@ from .terms import check_int, check_tensor, check_positive_real, triton_interpre
 from .quant import QUANT_SCHEMES, quant_scheme
 
 # %% auto #0
-__all__ = ['TINY_HF', 'GPU_CONSTEXPRS', 'tolerance', 'assert_close', 'poison_rows', 'check_tolerance', 'check_output',
+__all__ = ['TINY_HF', 'GPU_CONSTEXPRS', 'FILL_OPS', 'tolerance', 'assert_close', 'poison_rows', 'check_tolerance', 'check_output',
            'quantization_error', 'quant_error', 'assert_quant_close', 'experts_tolerance', 'check_spec_output',
            'tiny_hf_model', 'hf_moe_block', 'hf_moe_output', 'write_fp8_block_checkpoint', 'write_mxfp4_checkpoint',
-           'record_launches', 'launch_spec', 'compile_for_gpu', 'assert_compiles_for_gpu', 'check_launch_keys',
-           'emulate_ptx']
+           'record_launches', 'record_fills', 'launch_spec', 'compile_for_gpu', 'assert_compiles_for_gpu',
+           'check_launch_keys', 'emulate_ptx']
 
 # %% ../nbs/00_testing.ipynb #38f277d73ab0
 _RTOL = {
@@ -295,7 +295,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #6c8fbf49e76a
+# %% ../nbs/00_testing.ipynb #96fa67a50b87
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -319,6 +319,34 @@ class record_launches:
         return seen
     def __exit__(self, *exc):
         self.cls.run = self.orig
+
+FILL_OPS = ("zero", "fill", "full", "ones", "arange")   # aten ops that write a constant or a range: one launch each on a GPU
+
+class record_fills:
+    """Context manager: `with record_fills() as seen:` appends `(aten op, moe-lit frames)` of every op that writes a
+    constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange) made inside it; with `capturing=True`
+    (default) only those made while the current CUDA stream is being captured, which a graph replays as a launch of
+    their own on every replay. The frames are `file:line function` of moe-lit's code, innermost first (at most 4). The
+    ops still run. Raises nothing of its own. Source: moe-lit's own, on torch's `TorchDispatchMode`."""
+    def __init__(self, capturing: bool = True): self.capturing = capturing
+    def __enter__(self) -> list:
+        import traceback
+        from torch.utils._python_dispatch import TorchDispatchMode
+        seen, capturing = [], self.capturing
+        class _Fills(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func)
+                if any(k in name for k in FILL_OPS) and not (capturing and not (torch.cuda.is_available()
+                                                                                 and torch.cuda.is_current_stream_capturing())):
+                    frames = [f for f in traceback.extract_stack() if f"{os.sep}moe_lit{os.sep}" in f.filename
+                              and f.name != "__torch_dispatch__"][-4:]
+                    seen.append((name, [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames)]))
+                return func(*args, **(kwargs or {}))
+        self.mode = _Fills()
+        self.mode.__enter__()
+        return seen
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
 
 def _source_hash(fn) -> str:
     import hashlib

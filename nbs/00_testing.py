@@ -515,6 +515,34 @@ class record_launches:
     def __exit__(self, *exc):
         self.cls.run = self.orig
 
+FILL_OPS = ("zero", "fill", "full", "ones", "arange")   # aten ops that write a constant or a range: one launch each on a GPU
+
+class record_fills:
+    """Context manager: `with record_fills() as seen:` appends `(aten op, moe-lit frames)` of every op that writes a
+    constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange) made inside it; with `capturing=True`
+    (default) only those made while the current CUDA stream is being captured, which a graph replays as a launch of
+    their own on every replay. The frames are `file:line function` of moe-lit's code, innermost first (at most 4). The
+    ops still run. Raises nothing of its own. Source: moe-lit's own, on torch's `TorchDispatchMode`."""
+    def __init__(self, capturing: bool = True): self.capturing = capturing
+    def __enter__(self) -> list:
+        import traceback
+        from torch.utils._python_dispatch import TorchDispatchMode
+        seen, capturing = [], self.capturing
+        class _Fills(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func)
+                if any(k in name for k in FILL_OPS) and not (capturing and not (torch.cuda.is_available()
+                                                                                 and torch.cuda.is_current_stream_capturing())):
+                    frames = [f for f in traceback.extract_stack() if f"{os.sep}moe_lit{os.sep}" in f.filename
+                              and f.name != "__torch_dispatch__"][-4:]
+                    seen.append((name, [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames)]))
+                return func(*args, **(kwargs or {}))
+        self.mode = _Fills()
+        self.mode.__enter__()
+        return seen
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
 def _source_hash(fn) -> str:
     import hashlib
     return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
@@ -680,6 +708,7 @@ def assert_compiles_for_gpu(launches: list, capability: int = 90, max_shared_byt
 # %%
 #| hide
 from moe_lit.testing import _waits_first, _bf16_bits
+from moe_lit.placement import determine_expert_map
 
 # %%
 #| test compile_for_gpu_bad_input
@@ -709,6 +738,23 @@ def _local_copy(x_ptr, y_ptr, B: tl.constexpr):                                 
 with record_launches() as mine: _local_copy[(1,)](torch.zeros(16, device=DEVICE), torch.zeros(16, device=DEVICE), B=16)
 test_fail(lambda: compile_for_gpu(mine), contains="kernel: expected")
 test_fail(lambda: assert_compiles_for_gpu(seen, max_shared_bytes=-1), contains="need more shared memory than an SM gives")
+
+# %% [markdown]
+# `record_fills` lists the constant and range writes (zeros, full, fill_, ones, arange) made inside it, each with the
+# moe-lit lines that made it. A CUDA graph replays every one of them as a launch of its own, so the layer's tests
+# capture a forward under it and ask for none (`12_layer`); `nbs/bench/capture_fills.py` prints them for every
+# benchmark deployment.
+
+# %%
+#| test record_fills
+with record_fills(capturing=False) as seen:
+    torch.zeros(2); torch.full((1,), 3.0); torch.empty(4).zero_(); torch.arange(3) + 1; torch.empty(2)
+test_eq([n for n, _ in seen], ["aten.zeros.default", "aten.full.default", "aten.zero_.default", "aten.arange.default"])
+assert all(frames == [] for _, frames in seen), seen                          # made here, not in moe-lit's code
+with record_fills(capturing=False) as seen: determine_expert_map(2, 1, 8)        # moe-lit's own fills, named
+assert seen and all(f and f[0].startswith("placement.py:") for _, f in seen), seen
+with record_fills() as seen: torch.zeros(2)                                   # no capture: nothing recorded
+test_eq(seen, [])
 
 # %% [markdown]
 # ### Launch keys against Triton's specialisation

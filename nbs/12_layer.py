@@ -29,7 +29,7 @@ from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 #| hide
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
-from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu, check_launch_keys
+from moe_lit.testing import assert_close, record_launches, record_fills, assert_compiles_for_gpu, check_launch_keys
 from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
@@ -1501,7 +1501,8 @@ test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=[4, 0]), contains="batch_
 # On the GPU: a forward runs without one host sync (`torch.cuda.set_sync_debug_mode("error")` raises on any), and the
 # replayed graphs give the eager result — both formats, with and without quantization, a correction bias and shared
 # experts, at batch sizes that fill a bucket and that leave a padded tail. The shared experts' side stream has its
-# split-K counters before the capture (`10_modular`).
+# split-K counters before the capture (`10_modular`), and a capture of the decode buckets records no fill
+# (`record_fills`, `00_testing`): each would be one more launch in every replay.
 
 # %%
 #| test layer_cuda_graphs
@@ -1522,6 +1523,8 @@ for backend, placement in (("none", "linear"), ("allgather_reducescatter", "line
         torch.cuda.set_sync_debug_mode("error")
         try: layer(x[:13])                                       # no host sync anywhere in forward
         finally: torch.cuda.set_sync_debug_mode(0)
+        with record_fills() as fills: layer.capture((1, 2))      # decode buckets (pair blocks: no alignment's fills)
+        assert not fills, (backend, quant, fills)                # every constant a replay needs was made before it
         layer.capture((8, 16))
         for mk in layer._kernels.values():                       # the shared experts' stream was made before the capture,
             if mk.shared_experts is not None:                    # its counters kept: no fill recorded in the graph

@@ -19,7 +19,7 @@ from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
-from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu, check_launch_keys
+from moe_lit.testing import assert_close, record_launches, record_fills, assert_compiles_for_gpu, check_launch_keys
 from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
@@ -287,6 +287,8 @@ def test_layer_cuda_graphs():
             torch.cuda.set_sync_debug_mode("error")
             try: layer(x[:13])                                       # no host sync anywhere in forward
             finally: torch.cuda.set_sync_debug_mode(0)
+            with record_fills() as fills: layer.capture((1, 2))      # decode buckets (pair blocks: no alignment's fills)
+            assert not fills, (backend, quant, fills)                # every constant a replay needs was made before it
             layer.capture((8, 16))
             for mk in layer._kernels.values():                       # the shared experts' stream was made before the capture,
                 if mk.shared_experts is not None:                    # its counters kept: no fill recorded in the graph

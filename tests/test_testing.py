@@ -11,6 +11,7 @@ import triton, triton.language as tl
 from moe_lit.kernels.router import route_topk, router_plan
 from moe_lit.config import MoEConfig
 from moe_lit.testing import _waits_first, _bf16_bits
+from moe_lit.placement import determine_expert_map
 from moe_lit.testing import *
 
 
@@ -137,6 +138,17 @@ def test_compile_for_gpu_bad_input():
     with record_launches() as mine: _local_copy[(1,)](torch.zeros(16, device=DEVICE), torch.zeros(16, device=DEVICE), B=16)
     test_fail(lambda: compile_for_gpu(mine), contains="kernel: expected")
     test_fail(lambda: assert_compiles_for_gpu(seen, max_shared_bytes=-1), contains="need more shared memory than an SM gives")
+
+
+def test_record_fills():
+    with record_fills(capturing=False) as seen:
+        torch.zeros(2); torch.full((1,), 3.0); torch.empty(4).zero_(); torch.arange(3) + 1; torch.empty(2)
+    test_eq([n for n, _ in seen], ["aten.zeros.default", "aten.full.default", "aten.zero_.default", "aten.arange.default"])
+    assert all(frames == [] for _, frames in seen), seen                          # made here, not in moe-lit's code
+    with record_fills(capturing=False) as seen: determine_expert_map(2, 1, 8)        # moe-lit's own fills, named
+    assert seen and all(f and f[0].startswith("placement.py:") for _, f in seen), seen
+    with record_fills() as seen: torch.zeros(2)                                   # no capture: nothing recorded
+    test_eq(seen, [])
 
 
 def test_emulate_ptx_runs_the_subset():
