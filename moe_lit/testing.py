@@ -295,7 +295,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #96fa67a50b87
+# %% ../nbs/00_testing.ipynb #c614fe8cca3f
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -320,11 +320,13 @@ class record_launches:
     def __exit__(self, *exc):
         self.cls.run = self.orig
 
-FILL_OPS = ("zero", "fill", "full", "ones", "arange")   # aten ops that write a constant or a range: one launch each on a GPU
+FILL_OPS = frozenset({"zeros", "zeros_like", "new_zeros", "zero_", "full", "full_like", "new_full", "fill_", "ones",
+                      "ones_like", "new_ones", "arange"})   # aten ops that write a constant or a range: a launch each on a GPU
 
 class record_fills:
     """Context manager: `with record_fills() as seen:` appends `(aten op, moe-lit frames)` of every op that writes a
-    constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange) made inside it; with `capturing=True`
+    constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange and their `_like` / `new_` forms) made
+    inside it; with `capturing=True`
     (default) only those made while the current CUDA stream is being captured, which a graph replays as a launch of
     their own on every replay. The frames are `file:line function` of moe-lit's code, innermost first (at most 4). The
     ops still run. Raises nothing of its own. Source: moe-lit's own, on torch's `TorchDispatchMode`."""
@@ -336,7 +338,7 @@ class record_fills:
         class _Fills(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = str(func)
-                if any(k in name for k in FILL_OPS) and not (capturing and not (torch.cuda.is_available()
+                if func.overloadpacket.__name__ in FILL_OPS and not (capturing and not (torch.cuda.is_available()
                                                                                  and torch.cuda.is_current_stream_capturing())):
                     frames = [f for f in traceback.extract_stack() if f"{os.sep}moe_lit{os.sep}" in f.filename
                               and f.name != "__torch_dispatch__"][-4:]

@@ -515,11 +515,13 @@ class record_launches:
     def __exit__(self, *exc):
         self.cls.run = self.orig
 
-FILL_OPS = ("zero", "fill", "full", "ones", "arange")   # aten ops that write a constant or a range: one launch each on a GPU
+FILL_OPS = frozenset({"zeros", "zeros_like", "new_zeros", "zero_", "full", "full_like", "new_full", "fill_", "ones",
+                      "ones_like", "new_ones", "arange"})   # aten ops that write a constant or a range: a launch each on a GPU
 
 class record_fills:
     """Context manager: `with record_fills() as seen:` appends `(aten op, moe-lit frames)` of every op that writes a
-    constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange) made inside it; with `capturing=True`
+    constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange and their `_like` / `new_` forms) made
+    inside it; with `capturing=True`
     (default) only those made while the current CUDA stream is being captured, which a graph replays as a launch of
     their own on every replay. The frames are `file:line function` of moe-lit's code, innermost first (at most 4). The
     ops still run. Raises nothing of its own. Source: moe-lit's own, on torch's `TorchDispatchMode`."""
@@ -531,7 +533,7 @@ class record_fills:
         class _Fills(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = str(func)
-                if any(k in name for k in FILL_OPS) and not (capturing and not (torch.cuda.is_available()
+                if func.overloadpacket.__name__ in FILL_OPS and not (capturing and not (torch.cuda.is_available()
                                                                                  and torch.cuda.is_current_stream_capturing())):
                     frames = [f for f in traceback.extract_stack() if f"{os.sep}moe_lit{os.sep}" in f.filename
                               and f.name != "__torch_dispatch__"][-4:]
@@ -749,7 +751,9 @@ test_fail(lambda: assert_compiles_for_gpu(seen, max_shared_bytes=-1), contains="
 #| test record_fills
 with record_fills(capturing=False) as seen:
     torch.zeros(2); torch.full((1,), 3.0); torch.empty(4).zero_(); torch.arange(3) + 1; torch.empty(2)
-test_eq([n for n, _ in seen], ["aten.zeros.default", "aten.full.default", "aten.zero_.default", "aten.arange.default"])
+    torch.ones(3).masked_fill(torch.tensor([True, False, True]), 0.0).nonzero()     # computed, not constants
+test_eq([n for n, _ in seen], ["aten.zeros.default", "aten.full.default", "aten.zero_.default", "aten.arange.default",
+                               "aten.ones.default"])
 assert all(frames == [] for _, frames in seen), seen                          # made here, not in moe-lit's code
 with record_fills(capturing=False) as seen: determine_expert_map(2, 1, 8)        # moe-lit's own fills, named
 assert seen and all(f and f[0].startswith("placement.py:") for _, f in seen), seen

@@ -269,6 +269,22 @@ def test_layer_debug_checks():
     test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=[4, 0]), contains="batch_sizes: expected >= 1")
 
 
+def test_layer_decode_writes_no_constants():
+    torch.manual_seed(10)
+    cfg = MoEConfig(num_experts=16, top_k=4, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16,
+                    routing_method="grouped_topk", num_expert_group=4, topk_group=2, scoring_func="sigmoid",
+                    has_correction_bias=True, routed_scaling_factor=2.5, num_shared_experts=1, shared_intermediate_size=32)
+    x = torch.randn(1, 64, device=DEVICE).bfloat16()
+    for backend, placement in (("none", "linear"), ("allgather_reducescatter", "linear"), ("nixl_ep", "round_robin"),
+                               ("deepep_low_latency", "linear")):
+        par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)
+        layer = FusedMoE(cfg.replace(parallel=par), seed=1, device=DEVICE, experts="triton", placement=placement)
+        want = layer(x); layer(x)
+        with record_fills(capturing=False) as fills: got = layer(x)
+        assert not fills, (backend, fills)
+        assert torch.equal(got, want), backend
+
+
 @pytest.mark.gpu
 def test_layer_cuda_graphs():
     torch.manual_seed(8)
@@ -287,7 +303,8 @@ def test_layer_cuda_graphs():
             torch.cuda.set_sync_debug_mode("error")
             try: layer(x[:13])                                       # no host sync anywhere in forward
             finally: torch.cuda.set_sync_debug_mode(0)
-            with record_fills() as fills: layer.capture((1, 2))      # decode buckets (pair blocks: no alignment's fills)
+            with record_fills() as fills: layer.capture((1,))        # one pair block a pair: no alignment, whose buffers
+                                                                     # are filled each forward (4 pairs <= 16 experts / 4)
             assert not fills, (backend, quant, fills)                # every constant a replay needs was made before it
             layer.capture((8, 16))
             for mk in layer._kernels.values():                       # the shared experts' stream was made before the capture,

@@ -143,7 +143,9 @@ def test_compile_for_gpu_bad_input():
 def test_record_fills():
     with record_fills(capturing=False) as seen:
         torch.zeros(2); torch.full((1,), 3.0); torch.empty(4).zero_(); torch.arange(3) + 1; torch.empty(2)
-    test_eq([n for n, _ in seen], ["aten.zeros.default", "aten.full.default", "aten.zero_.default", "aten.arange.default"])
+        torch.ones(3).masked_fill(torch.tensor([True, False, True]), 0.0).nonzero()     # computed, not constants
+    test_eq([n for n, _ in seen], ["aten.zeros.default", "aten.full.default", "aten.zero_.default", "aten.arange.default",
+                                   "aten.ones.default"])
     assert all(frames == [] for _, frames in seen), seen                          # made here, not in moe-lit's code
     with record_fills(capturing=False) as seen: determine_expert_map(2, 1, 8)        # moe-lit's own fills, named
     assert seen and all(f and f[0].startswith("placement.py:") for _, f in seen), seen
