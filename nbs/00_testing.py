@@ -10,7 +10,7 @@
 from __future__ import annotations
 import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_int, check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
+from moe_lit.terms import check_int, check_bool, check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 
 # %%
@@ -521,11 +521,11 @@ FILL_OPS = frozenset({"zeros", "zeros_like", "new_zeros", "zero_", "full", "full
 class record_fills:
     """Context manager: `with record_fills() as seen:` appends `(aten op, moe-lit frames)` of every op that writes a
     constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange and their `_like` / `new_` forms) made
-    inside it; with `capturing=True`
-    (default) only those made while the current CUDA stream is being captured, which a graph replays as a launch of
-    their own on every replay. The frames are `file:line function` of moe-lit's code, innermost first (at most 4). The
-    ops still run. Raises nothing of its own. Source: moe-lit's own, on torch's `TorchDispatchMode`."""
-    def __init__(self, capturing: bool = True): self.capturing = capturing
+    inside it; with `capturing=True` (default) only those made while the current CUDA stream is being captured, which
+    a graph replays as a launch of their own on every replay. The frames are `file:line function` of moe-lit's code,
+    innermost first (at most 4). The ops still run. ValueError naming `capturing` for a non-bool. Source: moe-lit's
+    own, on torch's `TorchDispatchMode`."""
+    def __init__(self, capturing: bool = True): self.capturing = check_bool("capturing", capturing)
     def __enter__(self) -> list:
         import traceback
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -533,8 +533,8 @@ class record_fills:
         class _Fills(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = str(func)
-                if func.overloadpacket.__name__ in FILL_OPS and not (capturing and not (torch.cuda.is_available()
-                                                                                 and torch.cuda.is_current_stream_capturing())):
+                wanted = not capturing or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+                if wanted and func.overloadpacket.__name__ in FILL_OPS:
                     frames = [f for f in traceback.extract_stack() if f"{os.sep}moe_lit{os.sep}" in f.filename
                               and f.name != "__torch_dispatch__"][-4:]
                     seen.append((name, [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames)]))
@@ -759,6 +759,7 @@ with record_fills(capturing=False) as seen: determine_expert_map(2, 1, 8)       
 assert seen and all(f and f[0].startswith("placement.py:") for _, f in seen), seen
 with record_fills() as seen: torch.zeros(2)                                   # no capture: nothing recorded
 test_eq(seen, [])
+test_fail(lambda: record_fills(capturing="no"), contains="capturing: expected a bool")
 
 # %% [markdown]
 # ### Launch keys against Triton's specialisation

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import inspect, math, os, sys
 import torch
-from moe_lit.terms import check_int, check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
+from moe_lit.terms import check_int, check_bool, check_tensor, check_positive_real, triton_interpreting, check_dense, check_finite, FLOAT_DTYPES
 from moe_lit.quant import QUANT_SCHEMES, quant_scheme
 from fastcore.test import test_eq, test_fail
 from moe_lit.kernels.batched import DEVICE
@@ -151,6 +151,7 @@ def test_record_fills():
     assert seen and all(f and f[0].startswith("placement.py:") for _, f in seen), seen
     with record_fills() as seen: torch.zeros(2)                                   # no capture: nothing recorded
     test_eq(seen, [])
+    test_fail(lambda: record_fills(capturing="no"), contains="capturing: expected a bool")
 
 
 def test_emulate_ptx_runs_the_subset():
