@@ -129,7 +129,7 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
     ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT),
 )
 
-# %% ../nbs/11_oracle.ipynb #02c29ebae7e5
+# %% ../nbs/11_oracle.ipynb #2d19154fdf12
 def verdict(ok: bool, chosen: bool) -> str:
     """One candidate's verdict, in the words the decision table and `moe-lit explain` both print: 'chosen', 'accepted'
     (fits, but a candidate before it was chosen) or 'rejected'. Raises nothing. Source: moe-lit's own."""
@@ -149,8 +149,8 @@ class Decision:
     def table(self) -> str:
         """The decision as a markdown table (the CLI and the notebook show it). Raises nothing for a Decision of
         `select_experts_backend`. Source: moe-lit's own."""
-        rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else verdict(ok, False)} | {r} |"
-                for n, ok, r in self.trace]
+        bold = lambda v: f"**{v}**" if v == "chosen" else v            # the one chosen stands out
+        rows = [f"| {n} | {bold(verdict(ok, n == self.chosen.name))} | {r} |" for n, ok, r in self.trace]
         return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}"
                           + (" in Triton interpreter" if self.device.interpreter else ""),
                           "", "| candidate | verdict | reason |", "|---|---|---|", *rows])

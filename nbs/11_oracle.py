@@ -187,8 +187,8 @@ class Decision:
     def table(self) -> str:
         """The decision as a markdown table (the CLI and the notebook show it). Raises nothing for a Decision of
         `select_experts_backend`. Source: moe-lit's own."""
-        rows = [f"| {n} | {'**chosen**' if n == self.chosen.name else verdict(ok, False)} | {r} |"
-                for n, ok, r in self.trace]
+        bold = lambda v: f"**{v}**" if v == "chosen" else v            # the one chosen stands out
+        rows = [f"| {n} | {bold(verdict(ok, n == self.chosen.name))} | {r} |" for n, ok, r in self.trace]
         return "\n".join([f"format {self.activation_format.value}, quant {self.quant_scheme}, device {self.device.kind}"
                           + (" in Triton interpreter" if self.device.interpreter else ""),
                           "", "| candidate | verdict | reason |", "|---|---|---|", *rows])
