@@ -295,7 +295,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #04d73fdd21af
+# %% ../nbs/00_testing.ipynb #796b9b817018
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -328,11 +328,12 @@ class record_fills:
     constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange and their `_like` / `new_` forms) made
     inside it; with `capturing=True` (default) only those made while the current CUDA stream is being captured, which
     a graph replays as a launch of their own on every replay. The frames are `file:line function` of moe-lit's code,
-    innermost first (at most 4). The ops still run. ValueError naming `capturing` for a non-bool. Source: moe-lit's
-    own, on torch's `TorchDispatchMode`."""
-    def __init__(self, capturing: bool = True): self.capturing = check_bool("capturing", capturing)
+    innermost first (at most 4). The ops still run. ValueError naming `capturing` for a non-bool; RuntimeError when
+    one instance is entered again inside itself. Source: moe-lit's own, on torch's `TorchDispatchMode`."""
+    def __init__(self, capturing: bool = True): self.capturing, self.mode = check_bool("capturing", capturing), None
     def __enter__(self) -> list:
         import traceback
+        if self.mode is not None: raise RuntimeError("record_fills: already entered (nest another instance instead)")
         from torch.utils._python_dispatch import TorchDispatchMode
         seen, capturing = [], self.capturing
         class _Fills(TorchDispatchMode):
@@ -348,7 +349,7 @@ class record_fills:
         self.mode.__enter__()
         return seen
     def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
+        self.mode.__exit__(*exc); self.mode = None
 
 def _source_hash(fn) -> str:
     import hashlib

@@ -523,11 +523,12 @@ class record_fills:
     constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange and their `_like` / `new_` forms) made
     inside it; with `capturing=True` (default) only those made while the current CUDA stream is being captured, which
     a graph replays as a launch of their own on every replay. The frames are `file:line function` of moe-lit's code,
-    innermost first (at most 4). The ops still run. ValueError naming `capturing` for a non-bool. Source: moe-lit's
-    own, on torch's `TorchDispatchMode`."""
-    def __init__(self, capturing: bool = True): self.capturing = check_bool("capturing", capturing)
+    innermost first (at most 4). The ops still run. ValueError naming `capturing` for a non-bool; RuntimeError when
+    one instance is entered again inside itself. Source: moe-lit's own, on torch's `TorchDispatchMode`."""
+    def __init__(self, capturing: bool = True): self.capturing, self.mode = check_bool("capturing", capturing), None
     def __enter__(self) -> list:
         import traceback
+        if self.mode is not None: raise RuntimeError("record_fills: already entered (nest another instance instead)")
         from torch.utils._python_dispatch import TorchDispatchMode
         seen, capturing = [], self.capturing
         class _Fills(TorchDispatchMode):
@@ -543,7 +544,7 @@ class record_fills:
         self.mode.__enter__()
         return seen
     def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
+        self.mode.__exit__(*exc); self.mode = None
 
 def _source_hash(fn) -> str:
     import hashlib
@@ -760,6 +761,15 @@ assert seen and all(f and f[0].startswith("placement.py:") for _, f in seen), se
 with record_fills() as seen: torch.zeros(2)                                   # no capture: nothing recorded
 test_eq(seen, [])
 test_fail(lambda: record_fills(capturing="no"), contains="capturing: expected a bool")
+rec = record_fills(capturing=False)
+def twice():
+    with rec:
+        with rec: pass
+test_fail(twice, contains="record_fills: already entered")
+with record_fills(capturing=False) as seen: torch.zeros(1)                      # the instance's mode was popped:
+test_eq(len(seen), 1)                                                          # a fresh one records again
+with rec as again: torch.zeros(1)                                              # and the refused one is usable
+test_eq(len(again), 1)
 
 # %% [markdown]
 # ### Launch keys against Triton's specialisation

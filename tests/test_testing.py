@@ -152,6 +152,15 @@ def test_record_fills():
     with record_fills() as seen: torch.zeros(2)                                   # no capture: nothing recorded
     test_eq(seen, [])
     test_fail(lambda: record_fills(capturing="no"), contains="capturing: expected a bool")
+    rec = record_fills(capturing=False)
+    def twice():
+        with rec:
+            with rec: pass
+    test_fail(twice, contains="record_fills: already entered")
+    with record_fills(capturing=False) as seen: torch.zeros(1)                      # the instance's mode was popped:
+    test_eq(len(seen), 1)                                                          # a fresh one records again
+    with rec as again: torch.zeros(1)                                              # and the refused one is usable
+    test_eq(len(again), 1)
 
 
 def test_emulate_ptx_runs_the_subset():
