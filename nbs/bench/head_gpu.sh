@@ -5,6 +5,8 @@
 #                                        tests of that check natively; the small-T kernel chain with PDL off
 #   bash nbs/bench/head_gpu.sh suite  -> the whole GPU suite (4 workers), then what failed again in one process (nothing
 #                                        when nothing failed: --lfnf none)
+#   bash nbs/bench/head_gpu.sh owed   -> one 10-minute call: the fills a capture records (`capture_fills.py 1 2`), the
+#                                        whole suite with 8 workers (-v), memcheck of the split-K and bad-launch tests
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-spec}" in
@@ -27,4 +29,12 @@ suite)
     | tail -25 | tee "$OUT/pytest_gpu_${CARD:-gpu}_$C.log"
   timeout "${LIMIT_LF:-150}" python -m pytest -q -m "gpu or not gpu" --lf --lfnf none tests 2>&1 | grep -v Warning | tail -8 \
     | tee "$OUT/pytest_gpu_rerun_${CARD:-gpu}_$C.log" ;;
+owed)
+  timeout 110 python nbs/bench/capture_fills.py 1 2 2>&1 | grep -v Warn > "$OUT/capture_fills_${CARD:-gpu}_$C.log"
+  grep -E "^==|^  [123]\.|^     " "$OUT/capture_fills_${CARD:-gpu}_$C.log" | head -60
+  timeout "${LIMIT_SUITE:-320}" python -m pytest -v -n 8 -p no:cacheprovider -m "gpu or not gpu" tests \
+    > "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" 2>&1
+  grep -E "^FAILED|^ERROR| passed| failed" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | tail -15
+  LIMIT=${LIMIT_MEMCHECK:-130} WORKERS=1 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
+    -k "real_shapes or split_k or launch_arguments_refused" ;;
 esac
