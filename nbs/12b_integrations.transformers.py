@@ -381,13 +381,15 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
                             top_k_weights: torch.Tensor, # [num_tokens, top_k] float, router weight per slot
                            ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden_states' dtype
     """transformers' experts forward, computed by moe-lit (the function `register` puts in the ExpertsInterface).
-    ValueError naming `hidden_states` (shape, float dtype), `top_k_index` (shape, int dtype, ids outside [0, E) other
+    ValueError naming `hidden_states` (shape, float dtype, not on the experts' device), `top_k_index` (shape, int dtype, ids outside [0, E) other
     than an EP rank's sentinel), `top_k_weights` (shape, float dtype) or the module's weight that does not fit its
     recipe. Source: transformers' `use_experts_implementation` / `ExpertsInterface` (src/transformers/integrations/moe.py)."""
     recipe = experts_recipe(self)
     w13, w2, b13, b2 = experts_weights(self, recipe)
     E, H = w13.shape[0], w13.shape[2]
     check_tensor("hidden_states", hidden_states, shape=(None, H), dtype=FLOAT_DTYPES)
+    if hidden_states.device != w13.device:        # (a GPU batch with CPU weights would reach the kernels with them)
+        raise ValueError(f"hidden_states: expected the experts' device {w13.device}, got {hidden_states.device}")
     check_tensor("top_k_index", top_k_index, shape=(hidden_states.shape[0], None))
     check_tensor("top_k_weights", top_k_weights, shape=tuple(top_k_index.shape), dtype=FLOAT_DTYPES)
     for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
@@ -510,6 +512,8 @@ def check_model(model: torch.nn.Module,
                          f"experts_implementation='moe_lit' would not reach them (they would run transformers' "
                          f"own code)")
     recipes = experts_recipes(model)
+    for n, m in blocks.items():           # reached, but past experts_recipes' filter (ungated: up_proj, no gate_up_proj)
+        if n not in recipes: recipes[n] = experts_recipe(m)     # its reason, naming the class, when moe-lit cannot run it
     if check_bool("selected", selected):
         other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)
                  for n in recipes}
@@ -569,6 +573,13 @@ experts.forward = lambda *a: a[0]                                   # its own fo
 test_fail(lambda: check_model(model), contains="MixtralExperts (1 modules, e.g. model.layers.1.mlp.experts)")
 model = tiny_hf_model("mixtral", hidden_act="gelu")                 # reached but not runnable: raises too
 test_fail(lambda: check_model(model), contains="MixtralExperts: act_fn GELUActivation")
+import transformers                                                 # ungated experts (up_proj, no gate_up_proj):
+base = transformers.AutoConfig.for_model("nemotron_h")              # reached, and refused by name, not passed over
+kw = dict(hidden_size=32, intermediate_size=16, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+          num_key_value_heads=2, vocab_size=64, head_dim=16, n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1)
+model = transformers.AutoModelForCausalLM.from_config(
+    transformers.AutoConfig.for_model("nemotron_h", **{k: v for k, v in kw.items() if hasattr(base, k)}))
+test_fail(lambda: check_model(model, selected=False), contains="NemotronHExperts: ungated experts (has_gate=False)")
 
 # %% [markdown]
 # ## Tests
@@ -850,6 +861,8 @@ E = experts.gate_up_proj.shape[0]
 test_fail(lambda: experts(x, torch.tensor([[0, 1], [7, 2]]), w), contains=f"top_k_index: expected ids in [0, {E})")
 test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")
 test_fail(lambda: experts(x, torch.tensor([[0., 1.], [2., 3.]]), w), contains="top_k_index: expected dtype torch.int32 or torch.int64, got torch.float32")
+ids = torch.tensor([[0, 1], [3, 2]])                                # every input on another device than the experts'
+test_fail(lambda: experts(x.to("meta"), ids.to("meta"), w.to("meta")), contains="hidden_states: expected the experts' device cpu, got meta")
 experts._is_expert_parallel = True
 experts(x, torch.tensor([[0, 1], [7, 2]]), w)                       # a sentinel: fine
 test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")

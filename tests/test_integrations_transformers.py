@@ -82,6 +82,13 @@ def test_check_model():
     test_fail(lambda: check_model(model), contains="MixtralExperts (1 modules, e.g. model.layers.1.mlp.experts)")
     model = tiny_hf_model("mixtral", hidden_act="gelu")                 # reached but not runnable: raises too
     test_fail(lambda: check_model(model), contains="MixtralExperts: act_fn GELUActivation")
+    import transformers                                                 # ungated experts (up_proj, no gate_up_proj):
+    base = transformers.AutoConfig.for_model("nemotron_h")              # reached, and refused by name, not passed over
+    kw = dict(hidden_size=32, intermediate_size=16, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=2, vocab_size=64, head_dim=16, n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model("nemotron_h", **{k: v for k, v in kw.items() if hasattr(base, k)}))
+    test_fail(lambda: check_model(model, selected=False), contains="NemotronHExperts: ungated experts (has_gate=False)")
 
 
 def test_module_matches_eager():
@@ -318,6 +325,8 @@ def test_expert_ids_out_of_range_raise():
     test_fail(lambda: experts(x, torch.tensor([[0, 1], [7, 2]]), w), contains=f"top_k_index: expected ids in [0, {E})")
     test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")
     test_fail(lambda: experts(x, torch.tensor([[0., 1.], [2., 3.]]), w), contains="top_k_index: expected dtype torch.int32 or torch.int64, got torch.float32")
+    ids = torch.tensor([[0, 1], [3, 2]])                                # every input on another device than the experts'
+    test_fail(lambda: experts(x.to("meta"), ids.to("meta"), w.to("meta")), contains="hidden_states: expected the experts' device cpu, got meta")
     experts._is_expert_parallel = True
     experts(x, torch.tensor([[0, 1], [7, 2]]), w)                       # a sentinel: fine
     test_fail(lambda: experts(x, torch.tensor([[0, 1], [-5, 2]]), w), contains="got -5")

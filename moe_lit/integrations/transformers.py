@@ -196,20 +196,22 @@ def _reference_experts(x, w13, w2, b13, b2, weights, ids, activation):
         out += y * weights[:, k:k + 1].to(acc)
     return out
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #80fcea01d6ae
+# %% ../../nbs/12b_integrations.transformers.ipynb #960980f927bd
 def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers experts module
                             hidden_states: torch.Tensor, # [num_tokens, hidden_size]
                             top_k_index: torch.Tensor,   # [num_tokens, top_k] int, global expert per slot
                             top_k_weights: torch.Tensor, # [num_tokens, top_k] float, router weight per slot
                            ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden_states' dtype
     """transformers' experts forward, computed by moe-lit (the function `register` puts in the ExpertsInterface).
-    ValueError naming `hidden_states` (shape, float dtype), `top_k_index` (shape, int dtype, ids outside [0, E) other
+    ValueError naming `hidden_states` (shape, float dtype, not on the experts' device), `top_k_index` (shape, int dtype, ids outside [0, E) other
     than an EP rank's sentinel), `top_k_weights` (shape, float dtype) or the module's weight that does not fit its
     recipe. Source: transformers' `use_experts_implementation` / `ExpertsInterface` (src/transformers/integrations/moe.py)."""
     recipe = experts_recipe(self)
     w13, w2, b13, b2 = experts_weights(self, recipe)
     E, H = w13.shape[0], w13.shape[2]
     check_tensor("hidden_states", hidden_states, shape=(None, H), dtype=FLOAT_DTYPES)
+    if hidden_states.device != w13.device:        # (a GPU batch with CPU weights would reach the kernels with them)
+        raise ValueError(f"hidden_states: expected the experts' device {w13.device}, got {hidden_states.device}")
     check_tensor("top_k_index", top_k_index, shape=(hidden_states.shape[0], None))
     check_tensor("top_k_weights", top_k_weights, shape=tuple(top_k_index.shape), dtype=FLOAT_DTYPES)
     for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
@@ -268,7 +270,7 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #64c5354bdc36
+# %% ../../nbs/12b_integrations.transformers.ipynb #ee7ade07688e
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
@@ -306,6 +308,8 @@ def check_model(model: torch.nn.Module,
                          f"experts_implementation='moe_lit' would not reach them (they would run transformers' "
                          f"own code)")
     recipes = experts_recipes(model)
+    for n, m in blocks.items():           # reached, but past experts_recipes' filter (ungated: up_proj, no gate_up_proj)
+        if n not in recipes: recipes[n] = experts_recipe(m)     # its reason, naming the class, when moe-lit cannot run it
     if check_bool("selected", selected):
         other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)
                  for n in recipes}
