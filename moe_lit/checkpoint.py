@@ -223,7 +223,7 @@ def _need(self: CheckpointWeights, name: str | None, what: str) -> str:
         raise ValueError(f"config.json: the config has a {what}, but the {self.model_type!r} key layout has none")
     return name
 
-# %% ../nbs/11c_checkpoint.ipynb #6cb400a61f2a
+# %% ../nbs/11c_checkpoint.ipynb #6dc7521417af
 def _scale_shape(shape: tuple, block: tuple) -> tuple:
     "Shape of the FP8 block scales of a weight `[..., N, K]` (ceil-div: partial blocks have a scale too)."
     return (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
@@ -290,8 +290,10 @@ def _check_keys(self: CheckpointWeights):
             if tuple(sgot) != want:
                 raise ValueError(f"checkpoint: expected key {key + '_scale_inv'!r} of shape {list(want)}, got {sgot}")
             _check_dtype(key + "_scale_inv", sdtype, ("F32",), "FP8 block scales")
+            shapes = {**shapes, key + "_scale_inv": want}
+    self._shapes = {k: tuple(v) for k, v in shapes.items()}   # what every later read is held to (files can change)
 
-# %% ../nbs/11c_checkpoint.ipynb #73b771d7a0c6
+# %% ../nbs/11c_checkpoint.ipynb #198f3b78455c
 @patch
 def _read(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
     "Tensor `key` (rows `rows` of dim 0 when given) as floats: FP8 weights dequantized with their block scales."
@@ -304,6 +306,10 @@ def _read(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch
 def _read_raw(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
     "Tensor `key` (rows `rows`) as stored; quantization scales and FP8 codes are checked (a bad one would give NaN or wrong weights)."
     t = self._shards.read(key, rows)
+    want = self._shapes.get(key)                       # as checked at construction: a file rewritten since is named
+    if want is not None and tuple(t.shape) != (want if rows is None else (rows[1] - rows[0], *want[1:])):
+        raise ValueError(f"checkpoint: expected key {key!r} of shape {list(want)} (as when this source was made), got "
+                         f"{list(self._shards.meta(key)[0])}: the file changed")
     if key.endswith("_scale_inv"): bad, want = ~(torch.isfinite(t) & (t > 0)), "finite FP8 block scales > 0"
     elif key.endswith("_scales"): bad, want = t == 255, "e8m0 scale bytes other than 255 (NaN)"
     elif t.dtype == torch.float8_e4m3fn: bad, want = fp8_nan_codes(t), "FP8 e4m3 codes, none NaN (0x7F/0xFF)"

@@ -9,7 +9,7 @@
 #| export
 from __future__ import annotations
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastcore.basics import patch
@@ -75,13 +75,16 @@ test_eq(sorted(weight_shapes(oss)), ["gate", "gate_bias", "w13", "w13_bias", "w2
 #| export
 def check_expert_ids(expert_ids, num_experts: int) -> list[int]:
     """`expert_ids` (a sequence or 1-D int32/int64 tensor of global ids) as a list of ints in `[0, num_experts)`.
-    ValueError naming `expert_ids` (not a sequence, a tensor of another rank or dtype) or `expert_ids[k]` at the
+    ValueError naming `expert_ids` (not a sequence, a set or mapping, a tensor of another rank or dtype) or `expert_ids[k]` at the
     position k of a bad entry (not an int, or out of range). Source: moe-lit's own."""
     if isinstance(expert_ids, torch.Tensor):
         check_tensor("expert_ids", expert_ids, ndim=1, dtype=(torch.int32, torch.int64))
         expert_ids = expert_ids.tolist()
     if isinstance(expert_ids, (str, bytes)) or not hasattr(expert_ids, "__iter__"):
         raise ValueError(f"expert_ids: expected a sequence of ints, got {type(expert_ids).__name__}")
+    if isinstance(expert_ids, (AbstractSet, Mapping)):     # the output's rows follow the ids' order: it must have one
+        raise ValueError(f"expert_ids: expected an ordered sequence of ints (the rows come back in its order), got "
+                         f"{type(expert_ids).__name__}")
     return [check_int(f"expert_ids[{k}]", g, lo=0, hi=num_experts) for k, g in enumerate(expert_ids)]
 
 class WeightSource:
@@ -194,6 +197,8 @@ test_eq((a["w13"].dtype, sorted(a)), (torch.bfloat16, ["w13", "w2"]))
 test_fail(lambda: src.experts([6]), contains="expert_ids[0]: expected <= 5, got 6")
 test_fail(lambda: src.experts([1, 2.7]), contains="expert_ids[1]: expected an int, got float")
 test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
+for unordered in ({2, 1}, frozenset({1}), {1: 0}):
+    test_fail(lambda: src.experts(unordered), contains="expert_ids: expected an ordered sequence of ints")
 test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected <= 1099511627775")
 oss = RandomExpertWeights(cfg.replace(has_expert_bias=True, has_router_bias=True), seed=3)
 test_eq(sorted(oss.experts([1])), ["w13", "w13_bias", "w2", "w2_bias"]); test_eq(sorted(oss.router()), ["gate", "gate_bias"])

@@ -374,6 +374,8 @@ def _check_keys(self: CheckpointWeights):
             if tuple(sgot) != want:
                 raise ValueError(f"checkpoint: expected key {key + '_scale_inv'!r} of shape {list(want)}, got {sgot}")
             _check_dtype(key + "_scale_inv", sdtype, ("F32",), "FP8 block scales")
+            shapes = {**shapes, key + "_scale_inv": want}
+    self._shapes = {k: tuple(v) for k, v in shapes.items()}   # what every later read is held to (files can change)
 
 
 # %% [markdown]
@@ -397,6 +399,10 @@ def _read(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch
 def _read_raw(self: CheckpointWeights, key: str, rows: tuple | None = None) -> torch.Tensor:
     "Tensor `key` (rows `rows`) as stored; quantization scales and FP8 codes are checked (a bad one would give NaN or wrong weights)."
     t = self._shards.read(key, rows)
+    want = self._shapes.get(key)                       # as checked at construction: a file rewritten since is named
+    if want is not None and tuple(t.shape) != (want if rows is None else (rows[1] - rows[0], *want[1:])):
+        raise ValueError(f"checkpoint: expected key {key!r} of shape {list(want)} (as when this source was made), got "
+                         f"{list(self._shards.meta(key)[0])}: the file changed")
     if key.endswith("_scale_inv"): bad, want = ~(torch.isfinite(t) & (t > 0)), "finite FP8 block scales > 0"
     elif key.endswith("_scales"): bad, want = t == 255, "e8m0 scale bytes other than 255 (NaN)"
     elif t.dtype == torch.float8_e4m3fn: bad, want = fp8_nan_codes(t), "FP8 e4m3 codes, none NaN (0x7F/0xFF)"
@@ -909,6 +915,10 @@ with tempfile.TemporaryDirectory() as d:
     index({k: "a.safetensors" if k in half else "b.safetensors" for k in good}); src = CheckpointWeights(d, 1)
     Path(f"{d}/b.safetensors").write_bytes(bytes(100))     # zeroed after construction: the read names the file
     src.experts([0, 1]); test_fail(lambda: src.experts([3]), contains=f"expected a readable safetensors file {d}/b.safetensors")
+    down = f"{P}experts.3.down_proj.weight"                   # rewritten since with another shape: named, not returned
+    save_file({**{k: v for k, v in good.items() if k not in half}, down: good[down][:, :8].contiguous()}, f"{d}/b.safetensors")
+    test_fail(lambda: src.experts([3]), contains=f"checkpoint: expected key '{down}' of shape [32, 16] (as when this source "
+                                                 f"was made), got [32, 8]: the file changed")
 
 # %% [markdown]
 # ## Pre-quantized checkpoints

@@ -324,6 +324,10 @@ def test_unreadable_checkpoint_files():
         index({k: "a.safetensors" if k in half else "b.safetensors" for k in good}); src = CheckpointWeights(d, 1)
         Path(f"{d}/b.safetensors").write_bytes(bytes(100))     # zeroed after construction: the read names the file
         src.experts([0, 1]); test_fail(lambda: src.experts([3]), contains=f"expected a readable safetensors file {d}/b.safetensors")
+        down = f"{P}experts.3.down_proj.weight"                   # rewritten since with another shape: named, not returned
+        save_file({**{k: v for k, v in good.items() if k not in half}, down: good[down][:, :8].contiguous()}, f"{d}/b.safetensors")
+        test_fail(lambda: src.experts([3]), contains=f"checkpoint: expected key '{down}' of shape [32, 16] (as when this source "
+                                                     f"was made), got [32, 8]: the file changed")
 
 
 def test_fp8_block_checkpoint():

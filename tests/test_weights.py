@@ -2,7 +2,7 @@
 from __future__ import annotations
 import pytest
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastcore.basics import patch
@@ -31,6 +31,8 @@ def test_random_weights_are_per_expert():
     test_fail(lambda: src.experts([6]), contains="expert_ids[0]: expected <= 5, got 6")
     test_fail(lambda: src.experts([1, 2.7]), contains="expert_ids[1]: expected an int, got float")
     test_fail(lambda: src.experts("12"), contains="expert_ids: expected a sequence of ints, got str")
+    for unordered in ({2, 1}, frozenset({1}), {1: 0}):
+        test_fail(lambda: src.experts(unordered), contains="expert_ids: expected an ordered sequence of ints")
     test_fail(lambda: RandomExpertWeights(cfg, seed=10**14), contains="seed: expected <= 1099511627775")
     oss = RandomExpertWeights(cfg.replace(has_expert_bias=True, has_router_bias=True), seed=3)
     test_eq(sorted(oss.experts([1])), ["w13", "w13_bias", "w2", "w2_bias"]); test_eq(sorted(oss.router()), ["gate", "gate_bias"])
