@@ -138,7 +138,7 @@ def _checks(run, config: MoEConfig) -> dict:
             "vs_kernel_spec": None if run.reference_kernels is None else    # activations rounded as the kernels do:
                 check_spec_output(run.output, run.reference_kernels, run.quant)}   # the kernel tests' bound
 
-# %% ../nbs/15_cli.ipynb #6ccb58d7491b
+# %% ../nbs/15_cli.ipynb #28613bb3ddd1
 def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = None, seed: int = 0,   # None: linear
                tp_size: int | None = None,   # TP size folded into EP; None: the config's (`12_layer.rank_config`)
                experts: str = "auto", device: str = "cpu", quant: str = "unquantized",
@@ -146,13 +146,19 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
                weights=None,   # a WeightSource (e.g. moe_lit.checkpoint.CheckpointWeights); None: random from `seed`
               ) -> dict:
     """Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data.
-    ValueError naming `num_tokens` (not an int in [1, 65536]), `seed` (not an int in [0, 2**40)), `hidden_size` (too
+    ValueError naming `num_tokens` (not an int in [1, 65536], or more than a batched format's slabs hold:
+    max_num_tokens · ep_size), `seed` (not an int in [0, 2**40)), `hidden_size` (too
     wide for the backend), and `config`, `placement`, `tp_size`, `experts`, `quant`, `backend` or `weights` as
     `run_emulated_ep` refuses them, and `device` (not cpu or cuda, or cuda without a GPU). Source: moe-lit's own job; the properties, placement and tables
     follow vLLM's `FusedMoEParallelConfig` and `determine_expert_map` (fused_moe/config.py, layer.py)."""
     check_int("num_tokens", num_tokens, lo=1, hi=65537); check_int("seed", seed, lo=0, hi=2**40)   # a batch, not a dataset
     check_device(device)
-    dispatch_h, h_note = dispatch_hidden_size(rank_config(config, 0, tp_size))   # H the backend cannot send: fail now
+    rc = rank_config(config, 0, tp_size)
+    dispatch_h, h_note = dispatch_hidden_size(rc)                 # H the backend cannot send: fail now
+    if rc.activation_format is ActivationFormat.BatchedExperts and num_tokens > rc.max_num_tokens * rc.ep_size:
+        raise ValueError(f"num_tokens: expected at most max_num_tokens · ep_size = {rc.max_num_tokens} · {rc.ep_size} = "
+                         f"{rc.max_num_tokens * rc.ep_size} with {rc.parallel.all2all_backend}'s batched format (its "
+                         f"slabs hold max_num_tokens a rank), got {num_tokens}")
     t0 = time.perf_counter()
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
     hidden = hidden.to(device=device, dtype=config.dtype)
@@ -389,7 +395,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #8b5811a618ac
+# %% ../nbs/15_cli.ipynb #45002a271194
 def _fail(args, message: str) -> int:
     "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
     command = getattr(args, "command", None)                 # (None before the arguments were parsed)
@@ -412,12 +418,19 @@ def _run(args) -> int:
         source = _checkpoint(args, cfg) if args.weights is not None else None
         if source is None and args.layer is not None: raise ValueError("--layer: expected --weights with it, got none")
         quant = args.quant or (source.quant_scheme if source is not None else None) or "unquantized"   # stored codes
-        report = run_report(cfg if source is None else source.config, args.tokens, args.placement, args.seed, args.tp,
-                            args.experts, device, quant, args.backend, weights=source)
+        try: report = run_report(cfg if source is None else source.config, args.tokens, args.placement, args.seed,
+                                 args.tp, args.experts, device, quant, args.backend, weights=source)
+        except ValueError as e: raise _stored_quant_error(e, args, quant) from None
     except ValueError as e: return _fail(args, _flag_error(e))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     checks = [c for c in report["check"].values() if c is not None]
     return 0 if all(c["ok"] for c in checks) else 1
+
+def _stored_quant_error(e: ValueError, args, quant: str) -> ValueError:
+    "`e`, but a complaint about `quant` that no --quant gave (the checkpoint's stored codes) names --weights instead."
+    name, _, rest = str(e).partition(": ")
+    if name != "quant" or args.quant is not None or getattr(args, "weights", None) is None: return e
+    return ValueError(f"--weights (its stored {quant} codes; no --quant given): {rest}")
 
 def _checkpoint(args, cfg: MoEConfig):
     "`--weights DIR --layer N`: the checkpoint's MoE layer N (default: its first) on the deployment of `cfg`."
@@ -478,9 +491,11 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_closed_stdout(); return 141
     except (MemoryError, RuntimeError) as e:              # a model too large for this machine: one line, no traceback
         if not _out_of_memory(e): raise
+        tables = getattr(args, "command", None) == "tables"     # its tables grow with ranks × experts, not tokens
         return _fail(args, f"out of memory: this model and deployment need more memory than this machine has "
-                           f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try a smaller --model, more --ep "
-                           f"ranks, or --tokens fewer")
+                           f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try "
+                           + ("a smaller --model or fewer --ep ranks (the tables hold every rank's map of every expert)"
+                              if tables else "a smaller --model, more --ep ranks, or --tokens fewer"))
 
 def _out_of_memory(e: BaseException) -> bool:
     "Whether `e` is an allocation failure (host or GPU), as torch raises them."

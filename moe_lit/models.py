@@ -360,7 +360,7 @@ def _dtype_from_hf(cfg: dict) -> torch.dtype:
         raise ValueError(f"config.json dtype: expected the same dtype as torch_dtype, got {found['dtype']} and {found['torch_dtype']}")
     return next(iter(found.values()), torch.bfloat16)
 
-# %% ../nbs/02_models.ipynb #8ed0ff4729a0
+# %% ../nbs/02_models.ipynb #170acc2371ac
 def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json contents, its path, or the checkpoint directory
                        parallel: ParallelConfig | None = None,  # deployment; None = single device
                        dtype: torch.dtype | None = None,        # activation/weight dtype; None = the file's torch_dtype
@@ -391,6 +391,7 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                          **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
     except ValueError as e:                  # a field the file set: name the file's key, as the readers above do
         field, _, rest = str(e).partition(": ")
+        if field == "parallel" or (field == "dtype" and dtype is not None): raise   # the caller's, not the file's
         key = next((k for k in HF_KEYS.get(field, ()) if k in cfg), field if field in cfg else None)
         if key is None: raise                                # not a key of the file: the message names the field
         raise ValueError(f"config.json {key}: {rest}" if key == field else f"config.json {key} ({field}): {rest}") from None

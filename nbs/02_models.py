@@ -691,6 +691,7 @@ def moe_config_from_hf(path_or_dict: dict | str | Path,         # config.json co
                          **_routing_from_hf(cfg), **{**_experts_from_hf(cfg), **({} if num_shared else {"shared_expert_gate": False})})
     except ValueError as e:                  # a field the file set: name the file's key, as the readers above do
         field, _, rest = str(e).partition(": ")
+        if field == "parallel" or (field == "dtype" and dtype is not None): raise   # the caller's, not the file's
         key = next((k for k in HF_KEYS.get(field, ()) if k in cfg), field if field in cfg else None)
         if key is None: raise                                # not a key of the file: the message names the field
         raise ValueError(f"config.json {key}: {rest}" if key == field else f"config.json {key} ({field}): {rest}") from None
@@ -858,6 +859,12 @@ test_eq(moe_config_from_hf({"num_experts": 8, "num_experts_per_tok": 2, "hidden_
                             "intermediate_size": 32}).renormalize, True)
 par = ParallelConfig.make(tp_size=1, dp_size=4, dp_rank=1, enable_expert_parallel=True)
 test_eq(MoEConfig.from_hf_config(qwen2_moe, parallel=par), moe_config_from_hf(qwen2_moe).replace(parallel=par))
+for file_dtype in ("torch_dtype", "dtype"):                               # a bad dtype *argument* is the caller's,
+    test_fail(lambda: moe_config_from_hf({**qwen2_moe, file_dtype: "float32"}, dtype="bf16"),   # even where the file
+              contains="dtype: expected one of")                                              # has a key of that name
+    try: moe_config_from_hf({**qwen2_moe, file_dtype: "float32"}, dtype="bf16")
+    except ValueError as e: assert not str(e).startswith("config.json"), e
+test_fail(lambda: moe_config_from_hf({**qwen2_moe, "parallel": 1}, parallel="x"), contains="parallel: expected")
 
 # %% [markdown]
 # ### Bad input

@@ -29,6 +29,7 @@ from moe_lit.layer import rank_config
 from moe_lit.testing import assert_close
 from moe_lit.dispatch_plan import plot_dispatch
 import contextlib, socket
+from unittest import mock
 from moe_lit.layer import FusedMoE
 from moe_lit.formats import moe_reference_standard
 from moe_lit.modular import ModularKernel, make_experts, BatchedPrepareFinalize
@@ -722,13 +723,25 @@ def free_port() -> int:
 #| export
 COLLECTIVE_TIMEOUT_MAX_S = 2**31 // 1000      # s: the largest timeout torch's TCP store holds (int32 milliseconds)
 
+def _env_int(name: str, lo: int, hi: int | None = None) -> int:
+    "The integer in environment variable `name` (set), within [lo, hi]; ValueError naming it otherwise."
+    raw = os.environ[name]
+    try: v = int(raw)
+    except ValueError: v = None
+    if v is None or v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name}: expected an integer in [{lo}, {'...' if hi is None else hi}] (torchrun's "
+                         f"environment), got {raw!r}")
+    return v
+
 def init_distributed(timeout_s: float = 600.0,      # seconds a collective may wait for its peers
                      backend: str | None = None,    # 'gloo' or 'nccl'; None: NCCL with a GPU, else gloo
                     ) -> tuple[int, int, torch.device]:   # (rank, world size, this process's device)
     """Join the process group torchrun's environment describes (or a one-process group without it). ValueError naming
     `timeout_s` (not a finite number > 0, or over COLLECTIVE_TIMEOUT_MAX_S), `backend` (not 'gloo' or 'nccl', or 'nccl'
-    without a CUDA GPU), `environment` (some of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT unset) or `LOCAL_RANK` (no
-    such GPU); `init_process_group`'s own errors (a rendezvous that times out) propagate. Source: torch.distributed's
+    without a CUDA GPU), `environment` (some of RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT unset), `WORLD_SIZE` (not an
+    integer >= 1), `RANK` (not in [0, WORLD_SIZE)), `MASTER_PORT` (not in [1, 65535]) or `LOCAL_RANK` (not an integer
+    >= 0, or no such GPU), all before any rendezvous; `init_process_group`'s own errors (a rendezvous that times out:
+    a peer that never starts) propagate. Source: torch.distributed's
     `init_process_group` with the env:// variables torchrun sets."""
     if check_positive_real("timeout_s", timeout_s) > COLLECTIVE_TIMEOUT_MAX_S:   # the store counts milliseconds in
         raise ValueError(f"timeout_s: expected <= {COLLECTIVE_TIMEOUT_MAX_S} (24 days: the store's timeout is int32 "   # an int32
@@ -741,7 +754,10 @@ def init_distributed(timeout_s: float = 600.0,      # seconds a collective may w
     missing = [n for n in names if n not in os.environ]
     if missing and len(missing) < len(names):
         raise ValueError(f"environment: expected {', '.join(names)} (torchrun sets them), got {missing} unset")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if not missing:                                # each value checked here: a wrong one would wait out the rendezvous
+        _env_int("RANK", 0, _env_int("WORLD_SIZE", 1) - 1)
+        _env_int("MASTER_PORT", 1, 65535)
+    local = _env_int("LOCAL_RANK", 0) if "LOCAL_RANK" in os.environ else 0
     device = torch.device("cpu")
     if backend == "nccl":
         if local >= torch.cuda.device_count():
@@ -760,6 +776,14 @@ def init_distributed(timeout_s: float = 600.0,      # seconds a collective may w
 #| test all_gather_rows_one_process
 assert not dist.is_initialized()
 for bad in (1e10, 1e16): test_fail(lambda: init_distributed(bad), contains="timeout_s: expected <= 2147483 (24 days")
+env = dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", LOCAL_RANK="0")
+for name, bad, want in (("RANK", "5", "RANK: expected an integer in [0, 1]"), ("RANK", "-1", "in [0, 1]"),
+                        ("WORLD_SIZE", "abc", "WORLD_SIZE: expected an integer in [1, ...] (torchrun's environment), got 'abc'"),
+                        ("WORLD_SIZE", "0", "WORLD_SIZE: expected"), ("MASTER_PORT", "99999", "MASTER_PORT: expected an integer in [1, 65535]"),
+                        ("LOCAL_RANK", "abc", "LOCAL_RANK: expected an integer in [0, ...]")):
+    with mock.patch.dict(os.environ, {**env, name: bad}):        # refused before a rendezvous that would wait
+        test_fail(lambda: init_distributed(60, backend="gloo"), contains=want)
+assert not dist.is_initialized()
 init_distributed(60, backend="gloo")                 # no torchrun environment: a one-process group
 try:
     x = torch.arange(6.).reshape(3, 2)

@@ -263,13 +263,19 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
                weights=None,   # a WeightSource (e.g. moe_lit.checkpoint.CheckpointWeights); None: random from `seed`
               ) -> dict:
     """Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data.
-    ValueError naming `num_tokens` (not an int in [1, 65536]), `seed` (not an int in [0, 2**40)), `hidden_size` (too
+    ValueError naming `num_tokens` (not an int in [1, 65536], or more than a batched format's slabs hold:
+    max_num_tokens · ep_size), `seed` (not an int in [0, 2**40)), `hidden_size` (too
     wide for the backend), and `config`, `placement`, `tp_size`, `experts`, `quant`, `backend` or `weights` as
     `run_emulated_ep` refuses them, and `device` (not cpu or cuda, or cuda without a GPU). Source: moe-lit's own job; the properties, placement and tables
     follow vLLM's `FusedMoEParallelConfig` and `determine_expert_map` (fused_moe/config.py, layer.py)."""
     check_int("num_tokens", num_tokens, lo=1, hi=65537); check_int("seed", seed, lo=0, hi=2**40)   # a batch, not a dataset
     check_device(device)
-    dispatch_h, h_note = dispatch_hidden_size(rank_config(config, 0, tp_size))   # H the backend cannot send: fail now
+    rc = rank_config(config, 0, tp_size)
+    dispatch_h, h_note = dispatch_hidden_size(rc)                 # H the backend cannot send: fail now
+    if rc.activation_format is ActivationFormat.BatchedExperts and num_tokens > rc.max_num_tokens * rc.ep_size:
+        raise ValueError(f"num_tokens: expected at most max_num_tokens · ep_size = {rc.max_num_tokens} · {rc.ep_size} = "
+                         f"{rc.max_num_tokens * rc.ep_size} with {rc.parallel.all2all_backend}'s batched format (its "
+                         f"slabs hold max_num_tokens a rank), got {num_tokens}")
     t0 = time.perf_counter()
     hidden = torch.randn(num_tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed + 7))
     hidden = hidden.to(device=device, dtype=config.dtype)
@@ -323,6 +329,9 @@ rep = run_report(ungrouped, num_tokens=4, placement="round_robin")
 test_eq(rep["placement"]["strategy"], "linear"); assert "group" in rep["placement"]["reason"]
 p = run_report(ungrouped, num_tokens=4)["placement"]                            # none asked for: the default, so said
 test_eq((p["requested"], p["strategy"], p["reason"]), (None, "linear", "default"))
+cap = ungrouped.max_num_tokens * 4                                              # the batched slabs' rows, all ranks
+test_fail(lambda: run_report(ungrouped, num_tokens=cap + 1), contains=f"num_tokens: expected at most max_num_tokens · "
+          f"ep_size = {ungrouped.max_num_tokens} · 4 = {cap} with nixl_ep's batched format")
 
 # %% [markdown]
 # The report keeps every entry of every table, however many experts there are — the text abridges, the data does
@@ -611,12 +620,19 @@ def _run(args) -> int:
         source = _checkpoint(args, cfg) if args.weights is not None else None
         if source is None and args.layer is not None: raise ValueError("--layer: expected --weights with it, got none")
         quant = args.quant or (source.quant_scheme if source is not None else None) or "unquantized"   # stored codes
-        report = run_report(cfg if source is None else source.config, args.tokens, args.placement, args.seed, args.tp,
-                            args.experts, device, quant, args.backend, weights=source)
+        try: report = run_report(cfg if source is None else source.config, args.tokens, args.placement, args.seed,
+                                 args.tp, args.experts, device, quant, args.backend, weights=source)
+        except ValueError as e: raise _stored_quant_error(e, args, quant) from None
     except ValueError as e: return _fail(args, _flag_error(e))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     checks = [c for c in report["check"].values() if c is not None]
     return 0 if all(c["ok"] for c in checks) else 1
+
+def _stored_quant_error(e: ValueError, args, quant: str) -> ValueError:
+    "`e`, but a complaint about `quant` that no --quant gave (the checkpoint's stored codes) names --weights instead."
+    name, _, rest = str(e).partition(": ")
+    if name != "quant" or args.quant is not None or getattr(args, "weights", None) is None: return e
+    return ValueError(f"--weights (its stored {quant} codes; no --quant given): {rest}")
 
 def _checkpoint(args, cfg: MoEConfig):
     "`--weights DIR --layer N`: the checkpoint's MoE layer N (default: its first) on the deployment of `cfg`."
@@ -677,9 +693,11 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_closed_stdout(); return 141
     except (MemoryError, RuntimeError) as e:              # a model too large for this machine: one line, no traceback
         if not _out_of_memory(e): raise
+        tables = getattr(args, "command", None) == "tables"     # its tables grow with ranks × experts, not tokens
         return _fail(args, f"out of memory: this model and deployment need more memory than this machine has "
-                           f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try a smaller --model, more --ep "
-                           f"ranks, or --tokens fewer")
+                           f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); try "
+                           + ("a smaller --model or fewer --ep ranks (the tables hold every rank's map of every expert)"
+                              if tables else "a smaller --model, more --ep ranks, or --tokens fewer"))
 
 def _out_of_memory(e: BaseException) -> bool:
     "Whether `e` is an allocation failure (host or GPU), as torch raises them."
@@ -853,6 +871,10 @@ with tempfile.TemporaryDirectory() as d:                       # a pre-quantized
     test_eq((rep["experts"]["quant"], rep["quantization_error"]), ("fp8_w8a8_block", None))   # no weights before
     with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--tokens", "3"]), 0)
     assert "quantization error" not in out.getvalue()                  # the stored codes are the weights
+    with contextlib.redirect_stderr(io.StringIO()) as err:            # a dtype the stored codes' kernels refuse: the
+        test_eq(main(["run", "--weights", d, "--experts", "triton", "--dtype", "fp32"]), 2)   # codes are named, not --quant
+    assert "error: --weights (its stored fp8_w8a8_block codes; no --quant given): expected a bf16 or fp16 layer" in \
+        err.getvalue(), err.getvalue()
 
 # %%
 #| test main_errors_name_the_flag
@@ -898,6 +920,12 @@ for exc in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] ...
         with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(_cli.main(["run"]), 2)
     finally: _cli._run = real
     assert err.getvalue().startswith("moe-lit run: error: out of memory"), err.getvalue()
+    assert "more --ep ranks" in err.getvalue(), err.getvalue()
+real, _cli._run = _cli._run, lambda args: (_ for _ in ()).throw(MemoryError())      # `tables`: ranks × experts
+try:
+    with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(_cli.main(["tables"]), 2)
+finally: _cli._run = real
+assert "try a smaller --model or fewer --ep ranks (the tables hold" in err.getvalue(), err.getvalue()
 real, _cli._run = _cli._run, lambda args: (_ for _ in ()).throw(RuntimeError("shape mismatch"))   # other errors propagate
 try: test_fail(lambda: _cli.main(["run"]), contains="shape mismatch")
 finally: _cli._run = real

@@ -96,6 +96,9 @@ def test_run_report_small():
     test_eq(rep["placement"]["strategy"], "linear"); assert "group" in rep["placement"]["reason"]
     p = run_report(ungrouped, num_tokens=4)["placement"]                            # none asked for: the default, so said
     test_eq((p["requested"], p["strategy"], p["reason"]), (None, "linear", "default"))
+    cap = ungrouped.max_num_tokens * 4                                              # the batched slabs' rows, all ranks
+    test_fail(lambda: run_report(ungrouped, num_tokens=cap + 1), contains=f"num_tokens: expected at most max_num_tokens · "
+              f"ep_size = {ungrouped.max_num_tokens} · 4 = {cap} with nixl_ep's batched format")
 
 
 def test_run_report_full_data():
@@ -234,6 +237,10 @@ def test_run_checkpoint_weights():
         test_eq((rep["experts"]["quant"], rep["quantization_error"]), ("fp8_w8a8_block", None))   # no weights before
         with contextlib.redirect_stdout(io.StringIO()) as out: test_eq(main(["run", "--weights", d, "--tokens", "3"]), 0)
         assert "quantization error" not in out.getvalue()                  # the stored codes are the weights
+        with contextlib.redirect_stderr(io.StringIO()) as err:            # a dtype the stored codes' kernels refuse: the
+            test_eq(main(["run", "--weights", d, "--experts", "triton", "--dtype", "fp32"]), 2)   # codes are named, not --quant
+        assert "error: --weights (its stored fp8_w8a8_block codes; no --quant given): expected a bf16 or fp16 layer" in \
+            err.getvalue(), err.getvalue()
 
 
 def test_main_errors_name_the_flag():
@@ -279,6 +286,12 @@ def test_main_errors_name_the_flag():
             with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(_cli.main(["run"]), 2)
         finally: _cli._run = real
         assert err.getvalue().startswith("moe-lit run: error: out of memory"), err.getvalue()
+        assert "more --ep ranks" in err.getvalue(), err.getvalue()
+    real, _cli._run = _cli._run, lambda args: (_ for _ in ()).throw(MemoryError())      # `tables`: ranks × experts
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(_cli.main(["tables"]), 2)
+    finally: _cli._run = real
+    assert "try a smaller --model or fewer --ep ranks (the tables hold" in err.getvalue(), err.getvalue()
     real, _cli._run = _cli._run, lambda args: (_ for _ in ()).throw(RuntimeError("shape mismatch"))   # other errors propagate
     try: test_fail(lambda: _cli.main(["run"]), contains="shape mismatch")
     finally: _cli._run = real

@@ -273,6 +273,12 @@ def test_from_hf_sources_and_options():
                                 "intermediate_size": 32}).renormalize, True)
     par = ParallelConfig.make(tp_size=1, dp_size=4, dp_rank=1, enable_expert_parallel=True)
     test_eq(MoEConfig.from_hf_config(qwen2_moe, parallel=par), moe_config_from_hf(qwen2_moe).replace(parallel=par))
+    for file_dtype in ("torch_dtype", "dtype"):                               # a bad dtype *argument* is the caller's,
+        test_fail(lambda: moe_config_from_hf({**qwen2_moe, file_dtype: "float32"}, dtype="bf16"),   # even where the file
+                  contains="dtype: expected one of")                                              # has a key of that name
+        try: moe_config_from_hf({**qwen2_moe, file_dtype: "float32"}, dtype="bf16")
+        except ValueError as e: assert not str(e).startswith("config.json"), e
+    test_fail(lambda: moe_config_from_hf({**qwen2_moe, "parallel": 1}, parallel="x"), contains="parallel: expected")
 
 
 def test_from_hf_bad_keys():

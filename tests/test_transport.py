@@ -19,6 +19,7 @@ from moe_lit.layer import rank_config
 from moe_lit.testing import assert_close
 from moe_lit.dispatch_plan import plot_dispatch
 import contextlib, socket
+from unittest import mock
 from moe_lit.layer import FusedMoE
 from moe_lit.formats import moe_reference_standard
 from moe_lit.modular import ModularKernel, make_experts, BatchedPrepareFinalize
@@ -169,6 +170,14 @@ def test_factory_needs_a_group():
 def test_all_gather_rows_one_process():
     assert not dist.is_initialized()
     for bad in (1e10, 1e16): test_fail(lambda: init_distributed(bad), contains="timeout_s: expected <= 2147483 (24 days")
+    env = dict(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", LOCAL_RANK="0")
+    for name, bad, want in (("RANK", "5", "RANK: expected an integer in [0, 1]"), ("RANK", "-1", "in [0, 1]"),
+                            ("WORLD_SIZE", "abc", "WORLD_SIZE: expected an integer in [1, ...] (torchrun's environment), got 'abc'"),
+                            ("WORLD_SIZE", "0", "WORLD_SIZE: expected"), ("MASTER_PORT", "99999", "MASTER_PORT: expected an integer in [1, 65535]"),
+                            ("LOCAL_RANK", "abc", "LOCAL_RANK: expected an integer in [0, ...]")):
+        with mock.patch.dict(os.environ, {**env, name: bad}):        # refused before a rendezvous that would wait
+            test_fail(lambda: init_distributed(60, backend="gloo"), contains=want)
+    assert not dist.is_initialized()
     init_distributed(60, backend="gloo")                 # no torchrun environment: a one-process group
     try:
         x = torch.arange(6.).reshape(3, 2)
