@@ -11,11 +11,12 @@ from .config import ActivationFormat, MoEConfig
 from .quant import QUANT_SCHEME_TABLE, quant_scheme_name   # the records only: the oracle imports no Triton
 
 # %% auto #0
-__all__ = ['DEVICES', 'CPU_INTERPRETER', 'QUANT_SCHEMES', 'CANDIDATES', 'DeviceCaps', 'detect_device', 'ExpertsBackend',
-           'verdict', 'Decision', 'select_experts_backend', 'select_unquantized_moe_backend', 'select_fp8_moe_backend',
-           'select_mxfp4_moe_backend', 'select_nvfp4_moe_backend', 'plot_decisions']
+__all__ = ['DEVICES', 'CPU_INTERPRETER', 'QUANT_SCHEMES', 'KERNEL_DTYPES', 'HALF_DTYPES', 'CANDIDATES', 'DeviceCaps',
+           'detect_device', 'ExpertsBackend', 'verdict', 'Decision', 'select_experts_backend',
+           'select_unquantized_moe_backend', 'select_fp8_moe_backend', 'select_mxfp4_moe_backend',
+           'select_nvfp4_moe_backend', 'plot_decisions']
 
-# %% ../nbs/11_oracle.ipynb #32e21f6113df
+# %% ../nbs/11_oracle.ipynb #187715ca60d0
 @dataclass(frozen=True)
 class DeviceCaps:
     """What the oracle needs to know about the device: kind, compute capability and the libraries installed. ValueError
@@ -30,8 +31,8 @@ class DeviceCaps:
     def __post_init__(self):
         if not isinstance(self.kind, str): raise ValueError(f"kind: expected a str, got {self.kind!r}")
         cap = self.capability
-        if cap is not None and not (isinstance(cap, tuple) and len(cap) == 2 and all(isinstance(c, int) for c in cap)):
-            raise ValueError(f"capability: expected None or a pair of ints, got {cap!r}")
+        if cap is not None and not (isinstance(cap, tuple) and len(cap) == 2 and all(type(c) is int and c >= 0 for c in cap)):
+            raise ValueError(f"capability: expected None or a pair of ints >= 0 (major, minor), got {cap!r}")
         if (self.kind == "cpu") != (cap is None):
             raise ValueError(f"capability: expected None exactly for kind 'cpu', got {cap!r} for {self.kind!r}")
         if not (isinstance(self.libraries, frozenset) and all(isinstance(l, str) for l in self.libraries)):
@@ -62,7 +63,10 @@ def detect_device() -> DeviceCaps:
     kind = next((k for k in ("h200", "h100", "b200", "a100") if k in name), "gpu")
     return DeviceCaps(kind, torch.cuda.get_device_capability(), libs)
 
-# %% ../nbs/11_oracle.ipynb #ff42a052ce7a
+# %% ../nbs/11_oracle.ipynb #74e7ecebe38e
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)   # the layer dtypes moe-lit's Triton kernels run
+HALF_DTYPES = (torch.bfloat16, torch.float16)                   # ... and its quantized ones (16-bit activations)
+
 @dataclass(frozen=True)
 class ExpertsBackend:
     """One experts implementation the oracle can choose. Raises nothing: a frozen record, its fields not checked at
@@ -79,6 +83,7 @@ class ExpertsBackend:
     note: str = ""                            # how it runs a quantized scheme (appended to an accepting reason)
     activations: tuple = ("silu", "swigluoai")  # the gated activations its GEMM1 epilogue computes
     expert_bias: bool = True                  # adds w13_bias / w2_bias in its GEMMs
+    dtypes: tuple = KERNEL_DTYPES             # the layer dtypes (activations and weights) it runs
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
         """Device and library predicates: `(ok, reason)` (the reason installing nothing can change comes first). Raises
@@ -99,7 +104,7 @@ class ExpertsBackend:
             return False, f"needs compute capability >= {self.min_capability}, {device.kind} has {device.capability}"
         return True, "device and libraries fit"
 
-# %% ../nbs/11_oracle.ipynb #4aacd0997021
+# %% ../nbs/11_oracle.ipynb #d7799e193fad
 _S, _B = ActivationFormat.Standard, ActivationFormat.BatchedExperts
 _ALL = QUANT_SCHEMES
 _Q = QUANT_SCHEMES[1:]
@@ -117,16 +122,18 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
                    **_SILU_ONLY),
     ExpertsBackend("triton_contiguous", _S, ("unquantized",), "triton", needs_gpu=True),
     ExpertsBackend("triton_batched", _B, ("unquantized",), "triton", needs_gpu=True),
-    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
-    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
+    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
+                   dtypes=HALF_DTYPES),
+    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
+                   dtypes=HALF_DTYPES),
     ExpertsBackend("triton_contiguous_w4a16", _S, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16),
+                   min_capability=(8, 0), note=_W4A16, dtypes=HALF_DTYPES),
     ExpertsBackend("triton_batched_w4a16", _B, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16),
+                   min_capability=(8, 0), note=_W4A16, dtypes=HALF_DTYPES),
     ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
-    ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT),
-    ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT),
+    ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT, dtypes=(*KERNEL_DTYPES, torch.float64)),
+    ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT, dtypes=(*KERNEL_DTYPES, torch.float64)),
 )
 
 # %% ../nbs/11_oracle.ipynb #2d19154fdf12
@@ -157,7 +164,7 @@ class Decision:
 
     def _repr_markdown_(self): return self.table()
 
-# %% ../nbs/11_oracle.ipynb #f91b8a6ff8f6
+# %% ../nbs/11_oracle.ipynb #8c3382cb087e
 def select_experts_backend(moe_config: MoEConfig,                 # the layer (activation, biases, dtype)
                            quant_scheme: str,                      # a QUANT_SCHEMES name (or its short name, 'fp8')
                            activation_format: ActivationFormat,    # what the prepare/finalize produces
@@ -185,8 +192,9 @@ def select_experts_backend(moe_config: MoEConfig,                 # the layer (a
             ok, why = False, f"runs {'/'.join(c.activations)} experts, the layer's activation is {moe_config.activation}"
         elif moe_config.has_expert_bias and not c.expert_bias:
             ok, why = False, "runs bias-free experts, the layer's experts have biases (w13_bias, w2_bias)"
-        elif c.implementation == "triton_quant" and moe_config.dtype not in (torch.bfloat16, torch.float16):
-            ok, why = False, f"needs bf16/fp16 activations, the layer's dtype is {str(moe_config.dtype)[6:]}"
+        elif moe_config.dtype not in c.dtypes:
+            ok, why = False, (f"runs {'/'.join(str(d)[6:] for d in c.dtypes)} layers, the layer's dtype is "
+                              f"{str(moe_config.dtype)[6:]}")
         else: ok, why = c.check(device)
         if ok and quant_scheme != "unquantized" and c.note:      # on the interpreter: what it emulates
             why += f"; {'on a GPU, ' if device.interpreter and c.implementation != 'torch' else ''}{c.note}"

@@ -51,8 +51,8 @@ class DeviceCaps:
     def __post_init__(self):
         if not isinstance(self.kind, str): raise ValueError(f"kind: expected a str, got {self.kind!r}")
         cap = self.capability
-        if cap is not None and not (isinstance(cap, tuple) and len(cap) == 2 and all(isinstance(c, int) for c in cap)):
-            raise ValueError(f"capability: expected None or a pair of ints, got {cap!r}")
+        if cap is not None and not (isinstance(cap, tuple) and len(cap) == 2 and all(type(c) is int and c >= 0 for c in cap)):
+            raise ValueError(f"capability: expected None or a pair of ints >= 0 (major, minor), got {cap!r}")
         if (self.kind == "cpu") != (cap is None):
             raise ValueError(f"capability: expected None exactly for kind 'cpu', got {cap!r} for {self.kind!r}")
         if not (isinstance(self.libraries, frozenset) and all(isinstance(l, str) for l in self.libraries)):
@@ -96,6 +96,9 @@ def detect_device() -> DeviceCaps:
 
 # %%
 #| export
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)   # the layer dtypes moe-lit's Triton kernels run
+HALF_DTYPES = (torch.bfloat16, torch.float16)                   # ... and its quantized ones (16-bit activations)
+
 @dataclass(frozen=True)
 class ExpertsBackend:
     """One experts implementation the oracle can choose. Raises nothing: a frozen record, its fields not checked at
@@ -112,6 +115,7 @@ class ExpertsBackend:
     note: str = ""                            # how it runs a quantized scheme (appended to an accepting reason)
     activations: tuple = ("silu", "swigluoai")  # the gated activations its GEMM1 epilogue computes
     expert_bias: bool = True                  # adds w13_bias / w2_bias in its GEMMs
+    dtypes: tuple = KERNEL_DTYPES             # the layer dtypes (activations and weights) it runs
 
     def check(self, device: DeviceCaps) -> tuple[bool, str]:
         """Device and library predicates: `(ok, reason)` (the reason installing nothing can change comes first). Raises
@@ -151,16 +155,18 @@ CANDIDATES = (   # one priority list; per scheme the oracle scans it in this ord
                    **_SILU_ONLY),
     ExpertsBackend("triton_contiguous", _S, ("unquantized",), "triton", needs_gpu=True),
     ExpertsBackend("triton_batched", _B, ("unquantized",), "triton", needs_gpu=True),
-    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
-    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8),
+    ExpertsBackend("triton_contiguous_fp8", _S, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
+                   dtypes=HALF_DTYPES),
+    ExpertsBackend("triton_batched_fp8", _B, _FP8, "triton_quant", needs_gpu=True, min_capability=(8, 9), note=_HW_FP8,
+                   dtypes=HALF_DTYPES),
     ExpertsBackend("triton_contiguous_w4a16", _S, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16),
+                   min_capability=(8, 0), note=_W4A16, dtypes=HALF_DTYPES),
     ExpertsBackend("triton_batched_w4a16", _B, _FP4, "triton_quant", emulated=True, needs_gpu=True,
-                   min_capability=(8, 0), note=_W4A16),
+                   min_capability=(8, 0), note=_W4A16, dtypes=HALF_DTYPES),
     ExpertsBackend("triton_contiguous_dequant", _S, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
     ExpertsBackend("triton_batched_dequant", _B, _Q, "triton", emulated=True, needs_gpu=True, note=_DEQUANT),
-    ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT),
-    ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT),
+    ExpertsBackend("torch_standard", _S, _ALL, "torch", note=_DEQUANT, dtypes=(*KERNEL_DTYPES, torch.float64)),
+    ExpertsBackend("torch_batched", _B, _ALL, "torch", note=_DEQUANT, dtypes=(*KERNEL_DTYPES, torch.float64)),
 )
 
 # %% [markdown]
@@ -224,8 +230,9 @@ def select_experts_backend(moe_config: MoEConfig,                 # the layer (a
             ok, why = False, f"runs {'/'.join(c.activations)} experts, the layer's activation is {moe_config.activation}"
         elif moe_config.has_expert_bias and not c.expert_bias:
             ok, why = False, "runs bias-free experts, the layer's experts have biases (w13_bias, w2_bias)"
-        elif c.implementation == "triton_quant" and moe_config.dtype not in (torch.bfloat16, torch.float16):
-            ok, why = False, f"needs bf16/fp16 activations, the layer's dtype is {str(moe_config.dtype)[6:]}"
+        elif moe_config.dtype not in c.dtypes:
+            ok, why = False, (f"runs {'/'.join(str(d)[6:] for d in c.dtypes)} layers, the layer's dtype is "
+                              f"{str(moe_config.dtype)[6:]}")
         else: ok, why = c.check(device)
         if ok and quant_scheme != "unquantized" and c.note:      # on the interpreter: what it emulates
             why += f"; {'on a GPU, ' if device.interpreter and c.implementation != 'torch' else ''}{c.note}"
@@ -363,7 +370,15 @@ test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], 
 test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")
 test_fail(lambda: select_experts_backend(cfg, "unquantized", "standard", DEVICES["cpu"]), contains="activation_format: expected an ActivationFormat")
 test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], backend="cutlass"), contains="backend: expected one of")
-test_fail(lambda: DeviceCaps("h100", "9.0"), contains="capability: expected None or a pair of ints")
+for cap in ("9.0", (True, False), (-1, 0), (9.0, 0)):
+    test_fail(lambda: DeviceCaps("h100", cap), contains="capability: expected None or a pair of ints >= 0 (major, minor)")
+f64 = MoEConfig(8, 2, 64, 32, dtype=torch.float64)             # the kernels' dtypes are the candidates' own record:
+for dev in (DEVICES["h200"], CPU_INTERPRETER):                 # float64 goes to torch, on a GPU and in the interpreter
+    d = select_experts_backend(f64, "unquantized", S, dev)
+    test_eq(d.chosen.name, "torch_standard")
+    test_eq(dict((n, r) for n, _, r in d.trace)["triton_contiguous"], "runs bfloat16/float16/float32 layers, the layer's dtype is float64")
+d = select_experts_backend(cfg.replace(dtype=torch.float32), "fp8_w8a8_block", S, DEVICES["h200"])
+test_eq(dict((n, r) for n, _, r in d.trace)["triton_contiguous_fp8"], "runs bfloat16/float16 layers, the layer's dtype is float32")
 test_fail(lambda: DeviceCaps("cpu", (9, 0)), contains="capability: expected None exactly for kind 'cpu'")
 test_fail(lambda: DeviceCaps("h100", (9, 0), "flashinfer_x"), contains="libraries: expected a frozenset")
 test_fail(lambda: select_fp8_moe_backend(cfg, S, DEVICES["cpu"], granularity="row"), contains="granularity: expected one of")

@@ -21,7 +21,7 @@ from moe_lit.placement import Placement, PLACEMENT_TABLES, PLACEMENT_STRATEGIES,
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts, dispatch_quantization
-from moe_lit.oracle import DEVICES, CPU_INTERPRETER, CANDIDATES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, CPU_INTERPRETER, CANDIDATES, KERNEL_DTYPES, HALF_DTYPES, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 
@@ -94,9 +94,9 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     points (`select_*_moe_backend`, fused_moe/oracle/); the fallbacks without a GPU are moe-lit's own."""
     check_choice("experts", experts, ("auto", "triton", "torch")); quant = quant_scheme_name(quant)
     fmt, q = activation_format.value, quant != "unquantized"
-    if experts == "triton" and config is not None and config.dtype == torch.float64:
-        raise ValueError("experts: expected 'torch' or 'auto' for a float64 layer (the Triton kernels run bf16, fp16 "
-                         "and fp32), got 'triton'")
+    if experts == "triton" and config is not None and config.dtype not in KERNEL_DTYPES:   # (the oracle's record)
+        raise ValueError(f"experts: expected 'torch' or 'auto' for a {str(config.dtype)[6:]} layer (the Triton kernels "
+                         f"run {', '.join(str(d)[6:] for d in KERNEL_DTYPES)}), got 'triton'")
     if backend is not None or (experts == "auto" and device.type == "cuda" and config is not None):
         if config is None: raise ValueError("config: expected the MoEConfig when a backend is forced, got None")
         caps = detect_device() if device.type == "cuda" else \
@@ -118,7 +118,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
                          "triton and moe_lit.kernels are imported (Triton's CPU interpreter; the moe-lit command sets it), got "
                          f"device cpu with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')!r}")
     impl = "triton_quant" if q else "triton"
-    if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in (torch.bfloat16, torch.float16):
+    if impl == "triton_quant" and experts == "triton" and config is not None and config.dtype not in HALF_DTYPES:
         raise ValueError(f"quant: expected a bf16 or fp16 layer for the Triton {quant} kernels, got dtype "
                          f"{str(config.dtype)[6:]} (build it with experts='torch' or a bf16/fp16 config; on the command line --experts "
                          f"torch or --dtype bf16 / fp16)")
@@ -151,6 +151,9 @@ test_eq(resolve_experts("auto", B, torch.device("cpu"))[0], "torch")
 test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
 test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
 test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+f64 = MoEConfig(8, 2, 64, 32, dtype=torch.float64)          # the kernels' dtypes: the oracle's record, one place
+test_fail(lambda: resolve_experts("triton", B, torch.device("cpu"), config=f64),
+          contains="experts: expected 'torch' or 'auto' for a float64 layer (the Triton kernels run bfloat16, float16, float32)")
 # the interpreter switch, in fresh processes without it: the refusal imports no Triton, so setting it afterwards
 head = ["import os, sys, torch", "from moe_lit.config import MoEConfig", "from moe_lit.layer import FusedMoE",
         "c = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)"]   # works; Triton imported

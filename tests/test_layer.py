@@ -14,7 +14,7 @@ from moe_lit.placement import Placement, PLACEMENT_TABLES, PLACEMENT_STRATEGIES,
 from moe_lit.formats import moe_reference_standard, Activation
 from moe_lit.weights import WeightSource, RandomExpertWeights, TensorWeights, weight_shapes
 from moe_lit.modular import ModularKernel, SharedExperts, make_prepare_finalize, make_experts, dispatch_quantization
-from moe_lit.oracle import DEVICES, CPU_INTERPRETER, CANDIDATES, detect_device, select_experts_backend
+from moe_lit.oracle import DEVICES, CPU_INTERPRETER, CANDIDATES, KERNEL_DTYPES, HALF_DTYPES, detect_device, select_experts_backend
 from moe_lit.quant import quant_scheme_name
 from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 from moe_lit.formats import expert_mlp
@@ -49,6 +49,9 @@ def test_resolve_experts():
     test_eq(resolve_experts("triton", S, torch.device("cuda"))[0], "triton")
     test_eq(resolve_experts("auto", S, torch.device("cpu"))[0], "torch")
     test_fail(lambda: resolve_experts("cutlass", B, torch.device("cpu")), contains="experts: expected one of")
+    f64 = MoEConfig(8, 2, 64, 32, dtype=torch.float64)          # the kernels' dtypes: the oracle's record, one place
+    test_fail(lambda: resolve_experts("triton", B, torch.device("cpu"), config=f64),
+              contains="experts: expected 'torch' or 'auto' for a float64 layer (the Triton kernels run bfloat16, float16, float32)")
     # the interpreter switch, in fresh processes without it: the refusal imports no Triton, so setting it afterwards
     head = ["import os, sys, torch", "from moe_lit.config import MoEConfig", "from moe_lit.layer import FusedMoE",
             "c = MoEConfig(num_experts=4, top_k=2, hidden_size=64, intermediate_size=32)"]   # works; Triton imported

@@ -83,7 +83,15 @@ def test_oracle_override_and_bad_input():
     test_fail(lambda: select_experts_backend(cfg, "int4", S, DEVICES["cpu"]), contains="quant_scheme: expected one of")
     test_fail(lambda: select_experts_backend(cfg, "unquantized", "standard", DEVICES["cpu"]), contains="activation_format: expected an ActivationFormat")
     test_fail(lambda: select_experts_backend(cfg, "unquantized", S, DEVICES["cpu"], backend="cutlass"), contains="backend: expected one of")
-    test_fail(lambda: DeviceCaps("h100", "9.0"), contains="capability: expected None or a pair of ints")
+    for cap in ("9.0", (True, False), (-1, 0), (9.0, 0)):
+        test_fail(lambda: DeviceCaps("h100", cap), contains="capability: expected None or a pair of ints >= 0 (major, minor)")
+    f64 = MoEConfig(8, 2, 64, 32, dtype=torch.float64)             # the kernels' dtypes are the candidates' own record:
+    for dev in (DEVICES["h200"], CPU_INTERPRETER):                 # float64 goes to torch, on a GPU and in the interpreter
+        d = select_experts_backend(f64, "unquantized", S, dev)
+        test_eq(d.chosen.name, "torch_standard")
+        test_eq(dict((n, r) for n, _, r in d.trace)["triton_contiguous"], "runs bfloat16/float16/float32 layers, the layer's dtype is float64")
+    d = select_experts_backend(cfg.replace(dtype=torch.float32), "fp8_w8a8_block", S, DEVICES["h200"])
+    test_eq(dict((n, r) for n, _, r in d.trace)["triton_contiguous_fp8"], "runs bfloat16/float16 layers, the layer's dtype is float32")
     test_fail(lambda: DeviceCaps("cpu", (9, 0)), contains="capability: expected None exactly for kind 'cpu'")
     test_fail(lambda: DeviceCaps("h100", (9, 0), "flashinfer_x"), contains="libraries: expected a frozenset")
     test_fail(lambda: select_fp8_moe_backend(cfg, S, DEVICES["cpu"], granularity="row"), contains="granularity: expected one of")
