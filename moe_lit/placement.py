@@ -60,14 +60,15 @@ def determine_expert_map(
     expert_map[owned] = torch.arange(count, dtype=torch.int32)
     return count, expert_map
 
-# %% ../nbs/04_placement.ipynb #fda670aa2bf2
+# %% ../nbs/04_placement.ipynb #b8b8944f0310
 def local_to_global(
     expert_map: torch.Tensor,   # [num_experts] int32/int64, global id -> local index, -1 = not local
 ) -> torch.Tensor:              # [num_local_experts] int64, local index -> global id
     """Global id of each local expert, in local order, so that `expert_map[local_to_global[j]] == j`. ValueError naming
-    `expert_map` (not 1-D int32/int64, or its non-negative values not 0..n-1 once each; one sync). Source: vLLM's
+    `expert_map` (not 1-D int32/int64, on meta, or its non-negative values not 0..n-1 once each; one sync). Source: vLLM's
     local->global list, `torch.where(expert_map != -1)` (fused_moe/layer.py), ordered by local index here."""
     check_tensor("expert_map", expert_map, ndim=1, dtype=(torch.int32, torch.int64))
+    if expert_map.is_meta: raise ValueError("expert_map: expected a tensor with values (the local ids are read), got meta")
     owned = torch.nonzero(expert_map != -1).flatten()         # int64 global ids held here
     local = expert_map[owned].long()
     if (expert_map < -1).any() or not torch.equal(local.sort().values, torch.arange(len(owned))):
@@ -188,7 +189,7 @@ def _check_replica_table(logical_to_physical: torch.Tensor, logical_replica_coun
         p = int((uses > 1).nonzero()[0])
         raise ValueError(f"logical_to_physical: expected each physical id once, got {p} {int(uses[p])} times")
 
-# %% ../nbs/04_placement.ipynb #3d0aa9c6627f
+# %% ../nbs/04_placement.ipynb #395c55fea831
 def map_to_physical(
     topk_ids: torch.Tensor,               # [num_tokens, top_k] int32/int64 (any shape), logical ids, -1 = empty slot
     logical_to_physical: torch.Tensor,    # [num_logical_experts, max_replicas] int64, -1 padded (see eplb_replicas)
@@ -201,7 +202,8 @@ def map_to_physical(
     one host sync) a table that is not a replica table or an id outside [-1, num_logical_experts) — or any tensor on
     meta, which has no values to check. Unchecked (`validate=False`), nothing is read out of bounds, but a bad table
     drops pairs: an id outside that range maps to -1; a count below 1 or past the table's columns is clamped into
-    them, and a position that lands on the table's `-1` padding maps to -1 as well."""
+    them, and a position that lands on the table's `-1` padding, or on an entry that is negative or past int32's
+    range, maps to -1 as well."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
     check_tensor("logical_replica_count", logical_replica_count, shape=(logical_to_physical.shape[0],), dtype=torch.int64)
@@ -224,10 +226,11 @@ def map_to_physical(
     safe = torch.where(ok, ids, 0)
     count = logical_replica_count[safe].clamp(1, max(1, max_replicas))   # (already in range when validated)
     replica = torch.arange(ids.numel(), device=ids.device) % count
-    physical = torch.where(ok, logical_to_physical[safe, replica], -1)
+    p = logical_to_physical[safe, replica]
+    physical = torch.where(ok & (p >= 0) & (p <= torch.iinfo(torch.int32).max), p, -1)   # (never wrapped onto an expert)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
-# %% ../nbs/04_placement.ipynb #c341cf554cd5
+# %% ../nbs/04_placement.ipynb #b65a980d08f6
 @dataclass(frozen=True, eq=False)
 class Placement:
     """Where the experts live, seen from ONE EP rank: the strategy used (and why), expert_map and routing tables.
@@ -291,8 +294,9 @@ class Placement:
 
     def _tables(self) -> dict:
         "`placement_tables` of this placement: what the check above compares and `to` makes again off meta."
-        return placement_tables(self.strategy, self.ep_size, self.ep_rank, self.num_experts,
-                                self.global_to_physical is not None)
+        return placement_tables(self.strategy, self.ep_size, self.ep_rank, self.num_experts,   # (a linear placement's
+                                self.global_to_physical is not None and self.strategy == "round_robin")   # tables:
+                                                                       # the check names them, not `routing_tables`)
 
     @property
     def holds_every_expert(self) -> bool:
@@ -359,7 +363,7 @@ def local_slot_table(num_experts: int,                 # experts placed (physica
     else: slot = torch.arange(num_experts)   # one rank holds every expert
     return torch.cat([slot, slot.new_full((1,), -1)])
 
-# %% ../nbs/04_placement.ipynb #6ebd3bd67bc8
+# %% ../nbs/04_placement.ipynb #d722286b5be9
 @patch(cls_method=True)
 def build(cls: Placement, config: MoEConfig,   # the layer; its `parallel` is the deployment
           strategy: str = "linear",        # requested placement: 'linear' or 'round_robin'
@@ -389,10 +393,14 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
     device (`with torch.device("meta")` included): `num_local_experts` (int), `expert_map` ([E] int32 or None),
     `local_to_global` ([L] int64), `global_to_physical` / `physical_to_global` ([E] int64, or None without
     `routing_tables`) and `slot_table` ([E + 1] int64). The one definition `Placement.build`, the placement's own
-    check and `Placement.to` (off meta) use. ValueError naming `routing_tables` when it is not a bool, and from the
+    check and `Placement.to` (off meta) use. ValueError naming `routing_tables` when it is not a bool or is True for
+    a linear strategy, and from the
     functions it calls for a bad rank or strategy.
     Source: vLLM's `determine_expert_map` and round-robin routing tables (vllm/model_executor/layers/fused_moe/layer.py)."""
     check_bool("routing_tables", routing_tables)
+    if routing_tables and strategy == "linear":            # tables whose slots contradict the map: refused, not made
+        raise ValueError(f"routing_tables: expected False for strategy {strategy!r} (routing tables belong to round "
+                         f"robin), got True")
     with torch.device("cpu"):
         count, expert_map = determine_expert_map(ep_size, ep_rank, num_experts, strategy)
         tables = round_robin_routing_tables(num_experts, ep_size, ep_rank)[:2] if routing_tables else (None, None)
@@ -400,21 +408,20 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
                     local_to_global=torch.arange(num_experts) if expert_map is None else local_to_global(expert_map),
                     global_to_physical=tables[0], physical_to_global=tables[1],
                     slot_table=local_slot_table(num_experts, count, expert_block(num_experts, ep_size, ep_rank)[0],
-                                                None if strategy == "linear" and tables[0] is not None else expert_map,
-                                                tables[0]))
-        # (tables asked for a linear placement, which never has them: the slots are the tables', and the placement's
-        # own check names the expert_map that does not match them)
+                                                expert_map, tables[0]))
 
-# %% ../nbs/04_placement.ipynb #025c1e545eed
+# %% ../nbs/04_placement.ipynb #06c199f5e036
 @patch
 def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
                 validate: bool = True,        # check the id range (one host sync); False for ids a router just made
                 ) -> torch.Tensor:            # same shape, int64: local expert index on this rank, -1 = not local
     """Local slot of each id on this rank: one gather from `slot_table`; ids outside [-1, num_experts) raise (or map to
-    -1 with `validate=False`). ValueError naming `topk_ids` (not int32/int64, an id out of range: one sync, or not on
-    meta when the tables are) or `validate`. Source: moe-lit's own."""
+    -1 with `validate=False`). ValueError naming `topk_ids` (not int32/int64, an id out of range: one sync, on meta
+    with `validate`, or not on meta when the tables are) or `validate`. Source: moe-lit's own."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    if check_bool("validate", validate) and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
+    if check_bool("validate", validate) and topk_ids.is_meta:
+        raise ValueError("topk_ids: expected a tensor with values to validate, got meta (pass validate=False)")
+    if validate and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
         raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(topk_ids.min())}, "
                          f"max {int(topk_ids.max())}")
     if self.slot_table is not None and self.slot_table.device.type == "meta" and topk_ids.device.type != "meta":

@@ -171,9 +171,10 @@ def local_to_global(
     expert_map: torch.Tensor,   # [num_experts] int32/int64, global id -> local index, -1 = not local
 ) -> torch.Tensor:              # [num_local_experts] int64, local index -> global id
     """Global id of each local expert, in local order, so that `expert_map[local_to_global[j]] == j`. ValueError naming
-    `expert_map` (not 1-D int32/int64, or its non-negative values not 0..n-1 once each; one sync). Source: vLLM's
+    `expert_map` (not 1-D int32/int64, on meta, or its non-negative values not 0..n-1 once each; one sync). Source: vLLM's
     local->global list, `torch.where(expert_map != -1)` (fused_moe/layer.py), ordered by local index here."""
     check_tensor("expert_map", expert_map, ndim=1, dtype=(torch.int32, torch.int64))
+    if expert_map.is_meta: raise ValueError("expert_map: expected a tensor with values (the local ids are read), got meta")
     owned = torch.nonzero(expert_map != -1).flatten()         # int64 global ids held here
     local = expert_map[owned].long()
     if (expert_map < -1).any() or not torch.equal(local.sort().values, torch.arange(len(owned))):
@@ -208,6 +209,7 @@ test_fail(lambda: local_to_global(torch.tensor([0, 2, -1])), contains="expert_ma
 test_fail(lambda: local_to_global(torch.tensor([0, -2, 1])), contains="expert_map: expected -1 or the local indices")
 test_fail(lambda: local_to_global(torch.tensor([0.0, 1.0])), contains="expert_map: expected dtype")
 test_fail(lambda: local_to_global(torch.zeros(2, 2, dtype=torch.int32)), contains="expert_map: expected a 1-D tensor")
+test_fail(lambda: local_to_global(torch.tensor([0, 1], dtype=torch.int32, device="meta")), contains="expert_map: expected a tensor with values")
 test_fail(lambda: local_to_global([0, 1]), contains="expert_map: expected a torch.Tensor")
 
 # %% [markdown]
@@ -544,7 +546,8 @@ def map_to_physical(
     one host sync) a table that is not a replica table or an id outside [-1, num_logical_experts) — or any tensor on
     meta, which has no values to check. Unchecked (`validate=False`), nothing is read out of bounds, but a bad table
     drops pairs: an id outside that range maps to -1; a count below 1 or past the table's columns is clamped into
-    them, and a position that lands on the table's `-1` padding maps to -1 as well."""
+    them, and a position that lands on the table's `-1` padding, or on an entry that is negative or past int32's
+    range, maps to -1 as well."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
     check_tensor("logical_to_physical", logical_to_physical, ndim=2, dtype=torch.int64)
     check_tensor("logical_replica_count", logical_replica_count, shape=(logical_to_physical.shape[0],), dtype=torch.int64)
@@ -567,7 +570,8 @@ def map_to_physical(
     safe = torch.where(ok, ids, 0)
     count = logical_replica_count[safe].clamp(1, max(1, max_replicas))   # (already in range when validated)
     replica = torch.arange(ids.numel(), device=ids.device) % count
-    physical = torch.where(ok, logical_to_physical[safe, replica], -1)
+    p = logical_to_physical[safe, replica]
+    physical = torch.where(ok & (p >= 0) & (p <= torch.iinfo(torch.int32).max), p, -1)   # (never wrapped onto an expert)
     return physical.to(torch.int32).reshape(topk_ids.shape)
 
 # %%
@@ -578,6 +582,8 @@ phys = map_to_physical(topk_ids, l2p, count)
 test_eq((phys.dtype, phys.shape), (torch.int32, topk_ids.shape))
 test_eq(phys.tolist(), [[0, 9], [0, 9], [0, 2], [-1, 7]])   # flat positions 0,2,4 -> replicas 0,0,0 of logical 0
 test_eq(map_to_physical(torch.zeros(3, 3, dtype=torch.int64), l2p, count).flatten().tolist(), [0, 8] * 4 + [0])
+bad = l2p.clone(); bad[0, 1], bad[1, 0] = 2**40, -5                 # unchecked: dropped (-1), never wrapped to 0
+test_eq(map_to_physical(torch.tensor([[0, 0], [1, 2]]), bad, count, validate=False).tolist(), [[0, -1], [-1, 2]])
 torch.manual_seed(0)
 ids = torch.randint(-1, 8, (64, 4))
 phys = map_to_physical(ids, l2p, count)
@@ -712,8 +718,9 @@ class Placement:
 
     def _tables(self) -> dict:
         "`placement_tables` of this placement: what the check above compares and `to` makes again off meta."
-        return placement_tables(self.strategy, self.ep_size, self.ep_rank, self.num_experts,
-                                self.global_to_physical is not None)
+        return placement_tables(self.strategy, self.ep_size, self.ep_rank, self.num_experts,   # (a linear placement's
+                                self.global_to_physical is not None and self.strategy == "round_robin")   # tables:
+                                                                       # the check names them, not `routing_tables`)
 
     @property
     def holds_every_expert(self) -> bool:
@@ -816,10 +823,14 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
     device (`with torch.device("meta")` included): `num_local_experts` (int), `expert_map` ([E] int32 or None),
     `local_to_global` ([L] int64), `global_to_physical` / `physical_to_global` ([E] int64, or None without
     `routing_tables`) and `slot_table` ([E + 1] int64). The one definition `Placement.build`, the placement's own
-    check and `Placement.to` (off meta) use. ValueError naming `routing_tables` when it is not a bool, and from the
+    check and `Placement.to` (off meta) use. ValueError naming `routing_tables` when it is not a bool or is True for
+    a linear strategy, and from the
     functions it calls for a bad rank or strategy.
     Source: vLLM's `determine_expert_map` and round-robin routing tables (vllm/model_executor/layers/fused_moe/layer.py)."""
     check_bool("routing_tables", routing_tables)
+    if routing_tables and strategy == "linear":            # tables whose slots contradict the map: refused, not made
+        raise ValueError(f"routing_tables: expected False for strategy {strategy!r} (routing tables belong to round "
+                         f"robin), got True")
     with torch.device("cpu"):
         count, expert_map = determine_expert_map(ep_size, ep_rank, num_experts, strategy)
         tables = round_robin_routing_tables(num_experts, ep_size, ep_rank)[:2] if routing_tables else (None, None)
@@ -827,10 +838,7 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
                     local_to_global=torch.arange(num_experts) if expert_map is None else local_to_global(expert_map),
                     global_to_physical=tables[0], physical_to_global=tables[1],
                     slot_table=local_slot_table(num_experts, count, expert_block(num_experts, ep_size, ep_rank)[0],
-                                                None if strategy == "linear" and tables[0] is not None else expert_map,
-                                                tables[0]))
-        # (tables asked for a linear placement, which never has them: the slots are the tables', and the placement's
-        # own check names the expert_map that does not match them)
+                                                expert_map, tables[0]))
 
 
 # %%
@@ -896,10 +904,12 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
                 validate: bool = True,        # check the id range (one host sync); False for ids a router just made
                 ) -> torch.Tensor:            # same shape, int64: local expert index on this rank, -1 = not local
     """Local slot of each id on this rank: one gather from `slot_table`; ids outside [-1, num_experts) raise (or map to
-    -1 with `validate=False`). ValueError naming `topk_ids` (not int32/int64, an id out of range: one sync, or not on
-    meta when the tables are) or `validate`. Source: moe-lit's own."""
+    -1 with `validate=False`). ValueError naming `topk_ids` (not int32/int64, an id out of range: one sync, on meta
+    with `validate`, or not on meta when the tables are) or `validate`. Source: moe-lit's own."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    if check_bool("validate", validate) and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
+    if check_bool("validate", validate) and topk_ids.is_meta:
+        raise ValueError("topk_ids: expected a tensor with values to validate, got meta (pass validate=False)")
+    if validate and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
         raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(topk_ids.min())}, "
                          f"max {int(topk_ids.max())}")
     if self.slot_table is not None and self.slot_table.device.type == "meta" and topk_ids.device.type != "meta":
@@ -961,6 +971,7 @@ test_eq(p.local_slot(torch.empty(0, 2, dtype=torch.int32)).shape, (0, 2))
 test_fail(lambda: p.local_slot(torch.tensor([[16]])), contains="topk_ids: expected ids in [-1, 16), got min 16")
 test_fail(lambda: p.local_slot(torch.tensor([[-3]])), contains="topk_ids: expected ids in [-1, 16)")
 test_fail(lambda: p.local_slot(torch.tensor([[1.0]])), contains="topk_ids: expected dtype")
+test_fail(lambda: p.local_slot(torch.tensor([[1]], device="meta")), contains="topk_ids: expected a tensor with values to validate, got meta")
 test_fail(lambda: p.local_slot([[1]]), contains="topk_ids: expected a torch.Tensor")
 test_eq(p.local_slot(torch.tensor([[-2, 16, 99, 13]]), validate=False).tolist(), [[-1, -1, -1, 1]])   # unchecked: still in bounds
 test_fail(lambda: p.local_slot(torch.tensor([[1]]), validate=None), contains="validate: expected a bool")
@@ -1022,6 +1033,7 @@ test_fail(lambda: local_slot_table(8, 4, 100, None, torch.arange(8)),
           contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 8")
 test_eq(local_slot_table(8, 4, 4, None, torch.arange(8).flip(0)).tolist(), [3, 2, 1, 0, -1, -1, -1, -1, -1])
 for bad in ("x", 1.5, torch.zeros(0)): test_fail(lambda: placement_tables("linear", 2, 0, 4, bad), contains="routing_tables: expected a bool")
+test_fail(lambda: placement_tables("linear", 2, 0, 4, True), contains="routing_tables: expected False for strategy 'linear'")
 rr = placement_tables("round_robin", 2, 0, 4, True)                 # rank 0's tables with rank 1's offset: refused
 test_eq(local_slot_table(4, 2, 0, rr["expert_map"], rr["global_to_physical"]).tolist(), rr["slot_table"].tolist())
 test_fail(lambda: local_slot_table(4, 2, 2, rr["expert_map"], rr["global_to_physical"]),

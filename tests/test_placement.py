@@ -81,6 +81,7 @@ def test_local_to_global_bad_input():
     test_fail(lambda: local_to_global(torch.tensor([0, -2, 1])), contains="expert_map: expected -1 or the local indices")
     test_fail(lambda: local_to_global(torch.tensor([0.0, 1.0])), contains="expert_map: expected dtype")
     test_fail(lambda: local_to_global(torch.zeros(2, 2, dtype=torch.int32)), contains="expert_map: expected a 1-D tensor")
+    test_fail(lambda: local_to_global(torch.tensor([0, 1], dtype=torch.int32, device="meta")), contains="expert_map: expected a tensor with values")
     test_fail(lambda: local_to_global([0, 1]), contains="expert_map: expected a torch.Tensor")
 
 
@@ -204,6 +205,8 @@ def test_map_to_physical():
     test_eq((phys.dtype, phys.shape), (torch.int32, topk_ids.shape))
     test_eq(phys.tolist(), [[0, 9], [0, 9], [0, 2], [-1, 7]])   # flat positions 0,2,4 -> replicas 0,0,0 of logical 0
     test_eq(map_to_physical(torch.zeros(3, 3, dtype=torch.int64), l2p, count).flatten().tolist(), [0, 8] * 4 + [0])
+    bad = l2p.clone(); bad[0, 1], bad[1, 0] = 2**40, -5                 # unchecked: dropped (-1), never wrapped to 0
+    test_eq(map_to_physical(torch.tensor([[0, 0], [1, 2]]), bad, count, validate=False).tolist(), [[0, -1], [-1, 2]])
     torch.manual_seed(0)
     ids = torch.randint(-1, 8, (64, 4))
     phys = map_to_physical(ids, l2p, count)
@@ -331,6 +334,7 @@ def test_local_slot_edges():
     test_fail(lambda: p.local_slot(torch.tensor([[16]])), contains="topk_ids: expected ids in [-1, 16), got min 16")
     test_fail(lambda: p.local_slot(torch.tensor([[-3]])), contains="topk_ids: expected ids in [-1, 16)")
     test_fail(lambda: p.local_slot(torch.tensor([[1.0]])), contains="topk_ids: expected dtype")
+    test_fail(lambda: p.local_slot(torch.tensor([[1]], device="meta")), contains="topk_ids: expected a tensor with values to validate, got meta")
     test_fail(lambda: p.local_slot([[1]]), contains="topk_ids: expected a torch.Tensor")
     test_eq(p.local_slot(torch.tensor([[-2, 16, 99, 13]]), validate=False).tolist(), [[-1, -1, -1, 1]])   # unchecked: still in bounds
     test_fail(lambda: p.local_slot(torch.tensor([[1]]), validate=None), contains="validate: expected a bool")
@@ -392,6 +396,7 @@ def test_local_slot_edges():
               contains="physical_offset: expected physical_offset + num_local_experts <= num_experts = 8")
     test_eq(local_slot_table(8, 4, 4, None, torch.arange(8).flip(0)).tolist(), [3, 2, 1, 0, -1, -1, -1, -1, -1])
     for bad in ("x", 1.5, torch.zeros(0)): test_fail(lambda: placement_tables("linear", 2, 0, 4, bad), contains="routing_tables: expected a bool")
+    test_fail(lambda: placement_tables("linear", 2, 0, 4, True), contains="routing_tables: expected False for strategy 'linear'")
     rr = placement_tables("round_robin", 2, 0, 4, True)                 # rank 0's tables with rank 1's offset: refused
     test_eq(local_slot_table(4, 2, 0, rr["expert_map"], rr["global_to_physical"]).tolist(), rr["slot_table"].tolist())
     test_fail(lambda: local_slot_table(4, 2, 2, rr["expert_map"], rr["global_to_physical"]),
