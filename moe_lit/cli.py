@@ -321,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmark the whole layer instead (FusedMoE eager and graph-replayed, floor, transformers)")
     return ap
 
-# %% ../nbs/15_cli.ipynb #94373d26894e
+# %% ../nbs/15_cli.ipynb #2813ebc8d611
 def _transport_note(config):
     "`moe_lit.transport.transport_note`, imported when `explain` runs (not at the command's start-up)."
     from moe_lit.transport import transport_note
@@ -339,7 +339,7 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
     from moe_lit.modular import make_prepare_finalize
     if num_tokens is not None: check_int("num_tokens", num_tokens, lo=1)       # as run_report: a batch has a token
     dev = detect_device() if device == "detect" else CPU_INTERPRETER if device == "cpu-interpreter" else \
-        DEVICES.get(device) or check_choice("device", device, [*DEVICES, "cpu-interpreter"])
+        (isinstance(device, str) and DEVICES.get(device)) or check_choice("device", device, ["detect", *DEVICES, "cpu-interpreter"])
     place = Placement.build(rank_config(config, 0, tp_size), strategy="linear" if placement is None else placement)   # validates the deployment
     quant = quant_scheme_name(quant)                 # the report names the full scheme ('fp8' is fp8_w8a8_block)
     cap = config.max_num_tokens * config.ep_size if config.activation_format is ActivationFormat.BatchedExperts else 64

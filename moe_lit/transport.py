@@ -396,7 +396,7 @@ def _installed(module: str) -> bool:
     try: return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError): return False
 
-# %% ../nbs/13a_transport.ipynb #516c9a86c51b
+# %% ../nbs/13a_transport.ipynb #6f4f8cefaa4f
 def transport_note(config: MoEConfig) -> str:
     """One sentence: which implementation carries `config`'s dispatch across processes, and the real library's status.
     ValueError naming `config` when it is not a MoEConfig. Source: moe-lit's own (the library looked up with
@@ -407,8 +407,13 @@ def transport_note(config: MoEConfig) -> str:
             if fmt is ActivationFormat.BatchedExperts else
             "AllGatherReduceScatterPrepareFinalize (moe-lit's torch.distributed all-gather / reduce-scatter)")
     if config.ep_size == 1: return f"{d.name}: one rank, nothing travels; {impl} runs as a no-op exchange"
-    head = (f"{d.name}: {fmt.value} format served by {impl}" if config.use_all2all_kernels else
-            f"{d.name}: no all2all on this deployment, so every rank all-gathers every token: {impl}")
+    p = config.parallel
+    if not config.use_all2all_kernels:        # this backend's transport is not used here: its library is beside the point
+        if p.dp_size * p.pcp_size == 1:
+            return (f"{d.name}: no all2all on this deployment: one DP rank, so every EP rank already holds every token "
+                    f"(TP replicates them); `moe-lit run --distributed` does not take --tp yet")
+        return f"{d.name}: no all2all on this deployment, so every rank all-gathers every token: {impl}"
+    head = f"{d.name}: {fmt.value} format served by {impl}"
     module = d.native_library
     if module is None: return head
     if _installed(module):

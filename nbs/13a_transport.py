@@ -638,8 +638,13 @@ def transport_note(config: MoEConfig) -> str:
             if fmt is ActivationFormat.BatchedExperts else
             "AllGatherReduceScatterPrepareFinalize (moe-lit's torch.distributed all-gather / reduce-scatter)")
     if config.ep_size == 1: return f"{d.name}: one rank, nothing travels; {impl} runs as a no-op exchange"
-    head = (f"{d.name}: {fmt.value} format served by {impl}" if config.use_all2all_kernels else
-            f"{d.name}: no all2all on this deployment, so every rank all-gathers every token: {impl}")
+    p = config.parallel
+    if not config.use_all2all_kernels:        # this backend's transport is not used here: its library is beside the point
+        if p.dp_size * p.pcp_size == 1:
+            return (f"{d.name}: no all2all on this deployment: one DP rank, so every EP rank already holds every token "
+                    f"(TP replicates them); `moe-lit run --distributed` does not take --tp yet")
+        return f"{d.name}: no all2all on this deployment, so every rank all-gathers every token: {impl}"
+    head = f"{d.name}: {fmt.value} format served by {impl}"
     module = d.native_library
     if module is None: return head
     if _installed(module):
@@ -659,6 +664,9 @@ for name, d in BACKENDS.items():
 assert "no all2all on this deployment" in transport_note(make("none"))
 assert "deep_ep library is not installed" in transport_note(make("deepep_low_latency")) or importlib.util.find_spec("deep_ep")
 assert "one rank, nothing travels" in transport_note(make("nixl_ep", dp=1))
+tp_ep = MoEConfig(8, 2, 16, 16, parallel=ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+note = transport_note(tp_ep)                     # EP over TP alone: nothing is dispatched, so no library is named
+assert "every EP rank already holds every token" in note and "library" not in note and "nixl_ep: " in note, note
 test_fail(lambda: transport_note("nixl_ep"), contains="config: expected a MoEConfig, got str")
 
 # %%

@@ -539,7 +539,7 @@ def explain_report(config: MoEConfig, quant: str = "unquantized", device: str = 
     from moe_lit.modular import make_prepare_finalize
     if num_tokens is not None: check_int("num_tokens", num_tokens, lo=1)       # as run_report: a batch has a token
     dev = detect_device() if device == "detect" else CPU_INTERPRETER if device == "cpu-interpreter" else \
-        DEVICES.get(device) or check_choice("device", device, [*DEVICES, "cpu-interpreter"])
+        (isinstance(device, str) and DEVICES.get(device)) or check_choice("device", device, ["detect", *DEVICES, "cpu-interpreter"])
     place = Placement.build(rank_config(config, 0, tp_size), strategy="linear" if placement is None else placement)   # validates the deployment
     quant = quant_scheme_name(quant)                 # the report names the full scheme ('fp8' is fp8_w8a8_block)
     cap = config.max_num_tokens * config.ep_size if config.activation_format is ActivationFormat.BatchedExperts else 64
@@ -995,6 +995,8 @@ small = build_config(ep=2, all2all="nixl_ep").replace(max_num_tokens=16)   # siz
 test_eq((explain_report(small, "fp8", device="h200")["chosen"], explain_report(small, "fp8", device="h200")["quant_scheme"]),
         ("triton_batched_fp8", "fp8_w8a8_block"))
 test_fail(lambda: explain_report(small, device="h200", num_tokens=0), contains="num_tokens: expected >= 1, got 0")
+for dev in (["h200"], "h9000", None):                       # the device named, not a TypeError from a dict lookup
+    test_fail(lambda: explain_report(small, device=dev), contains="device: expected one of")
 test_fail(lambda: explain_report(small, device="h200", backend="nope"), contains="backend: expected one of")   # the
 test_fail(lambda: explain_report(small, device="h200", backend="torch_standard"),     # oracle's own argument name
           contains="backend: expected a backend that fits this layer, got 'torch_standard'")

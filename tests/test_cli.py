@@ -352,6 +352,8 @@ def test_explain_nixl_nvfp4():
     test_eq((explain_report(small, "fp8", device="h200")["chosen"], explain_report(small, "fp8", device="h200")["quant_scheme"]),
             ("triton_batched_fp8", "fp8_w8a8_block"))
     test_fail(lambda: explain_report(small, device="h200", num_tokens=0), contains="num_tokens: expected >= 1, got 0")
+    for dev in (["h200"], "h9000", None):                       # the device named, not a TypeError from a dict lookup
+        test_fail(lambda: explain_report(small, device=dev), contains="device: expected one of")
     test_fail(lambda: explain_report(small, device="h200", backend="nope"), contains="backend: expected one of")   # the
     test_fail(lambda: explain_report(small, device="h200", backend="torch_standard"),     # oracle's own argument name
               contains="backend: expected a backend that fits this layer, got 'torch_standard'")

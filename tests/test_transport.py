@@ -151,6 +151,9 @@ def test_transport_note():
     assert "no all2all on this deployment" in transport_note(make("none"))
     assert "deep_ep library is not installed" in transport_note(make("deepep_low_latency")) or importlib.util.find_spec("deep_ep")
     assert "one rank, nothing travels" in transport_note(make("nixl_ep", dp=1))
+    tp_ep = MoEConfig(8, 2, 16, 16, parallel=ParallelConfig.make(2, 1, enable_expert_parallel=True, all2all_backend="nixl_ep"))
+    note = transport_note(tp_ep)                     # EP over TP alone: nothing is dispatched, so no library is named
+    assert "every EP rank already holds every token" in note and "library" not in note and "nixl_ep: " in note, note
     test_fail(lambda: transport_note("nixl_ep"), contains="config: expected a MoEConfig, got str")
 
 
