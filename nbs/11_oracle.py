@@ -86,8 +86,10 @@ def detect_device() -> DeviceCaps:
 # %% [markdown]
 # ## Candidates
 #
-# Each candidate declares the activation format it consumes, the quant schemes it runs, and a predicate over the
-# device that returns `(ok, reason)`. moe-lit's Triton kernels run unquantized weights (`06`, `08`), FP8 w8a8 on the
+# Each candidate declares the activation format it consumes, the quant schemes it runs, the gated activations and
+# biases its GEMMs compute, the layer dtypes it runs (`KERNEL_DTYPES` for the Triton kernels, `HALF_DTYPES` for the
+# quantized ones, float64 too for the torch references: `resolve_experts` reads the same record), and a predicate
+# over the device that returns `(ok, reason)`. moe-lit's Triton kernels run unquantized weights (`06`, `08`), FP8 w8a8 on the
 # hardware FP8 path of Ada/Hopper and later (`09c`), and FP4 weights with 16-bit activations by dequantizing in the
 # K loop (`09c`) — an **emulation** on Hopper, which has no FP4 tensor cores, and said so in the reason. Where none of
 # those fits (FP8 on an A100), the **dequant** candidates dequantize the weights once and run the unquantized experts
