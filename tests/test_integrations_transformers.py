@@ -82,8 +82,8 @@ def test_check_model():
     test_fail(lambda: check_model(model), contains="MixtralExperts (1 modules, e.g. model.layers.1.mlp.experts)")
     model = tiny_hf_model("mixtral", hidden_act="gelu")                 # reached but not runnable: raises too
     test_fail(lambda: check_model(model), contains="MixtralExperts: act_fn GELUActivation")
-    import transformers                                                 # ungated experts (up_proj, no gate_up_proj):
-    base = transformers.AutoConfig.for_model("nemotron_h")              # reached, and refused by name, not passed over
+    base = transformers.AutoConfig.for_model("nemotron_h")              # ungated experts (up_proj, no gate_up_proj):
+                                                                        # reached, and refused by name, not passed over
     kw = dict(hidden_size=32, intermediate_size=16, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=2, vocab_size=64, head_dim=16, n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1)
     model = transformers.AutoModelForCausalLM.from_config(
