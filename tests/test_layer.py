@@ -309,6 +309,10 @@ def test_layer_cuda_graphs():
             with record_fills() as fills: layer.capture((1,))        # one pair block a pair: no alignment, whose buffers
                                                                      # are filled each forward (4 pairs <= 16 experts / 4)
             assert not fills, (backend, quant, fills)                # every constant a replay needs was made before it
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:   # and what the replay
+                layer.graphs[1][0].replay(); torch.cuda.synchronize()                                  # launches: no fill,
+            launched = [e.name for e in prof.events() if e.device_type.name == "CUDA"]                # whichever op (an aten
+            assert not [k for k in launched if "FillFunctor" in k], (backend, quant, launched)        # op's own included)
             layer.capture((8, 16))
             for mk in layer._kernels.values():                       # the shared experts' stream was made before the capture,
                 if mk.shared_experts is not None:                    # its counters kept: no fill recorded in the graph
