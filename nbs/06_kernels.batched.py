@@ -831,7 +831,9 @@ def check_expert_bias(name: str,                   # the argument's name in erro
 
 def _check_gemm_args(a, w, expert_num_tokens, activation, out, bias):
     check_tensor("a", a, ndim=3, dtype=_FLOATS)
+    check_kernel_device("a", a)                          # meta: named here, before any read of the counts
     E, M, K = a.shape
+    if K == 0 and E and M: raise ValueError(f"a: expected at least one column (K >= 1), got shape {list(a.shape)}")
     check_tensor("w", w, shape=(E, None, K), dtype=a.dtype)
     check_tensor("expert_num_tokens", expert_num_tokens, shape=(E,), dtype=torch.int32, contiguous=True)
     act = check_activation(activation)
@@ -1771,17 +1773,21 @@ class BatchedTritonExperts:
         check_tensor("w2", w2, shape=(a.shape[0], a.shape[2], w13.shape[1] // 2), dtype=a.dtype)
         if not isinstance(activation, Activation):
             raise ValueError(f"activation: expected an Activation, got {type(activation).__name__}")
+        if w13.shape[1] == 0 and a.shape[0] and a.shape[1]:
+            raise ValueError(f"w13: expected a positive even number of rows (gate, then up), got shape {list(w13.shape)}")
         check_expert_bias("w13_bias", w13_bias, a.shape[0], w13.shape[1], a.device)
         check_expert_bias("w2_bias", w2_bias, a.shape[0], a.shape[2], a.device)
+        E, M, H = a.shape
+        if out is not None: check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True)
+        check_kernel_device("a", a, w2=w2, out=out)          # all of it before GEMM1 launches
+        for name, t in (("w2", w2), ("out", out)):
+            if t is not None: check_extent(name, t)
+        if out is not None:                                   # (`a` may be `out`: GEMM1 has read it before GEMM2 writes)
+            check_disjoint("out", out, w2=w2, expert_num_tokens=expert_num_tokens, w2_bias=w2_bias)
         h = batched_moe_gemm(a, w13, expert_num_tokens, activation, expected_m=expected_m, bias=w13_bias,
                              validate=validate, active_experts=active_experts,   # checks a, w13, counts, extents
-                             max_active_experts=max_active_experts)
-        E, M, H = a.shape
+                             max_active_experts=max_active_experts)    # (h: a fresh tensor, apart from `out`)
         if out is None: out = torch.empty(E, M, H, dtype=a.dtype, device=a.device)
-        else: check_disjoint("out", check_tensor("out", out, shape=(E, M, H), dtype=a.dtype, writable=True), h=h, w2=w2,
-                                 expert_num_tokens=expert_num_tokens, w2_bias=w2_bias)
-        check_kernel_device("a", a, w2=w2, out=out)
-        for name, t in (("w2", w2), ("out", out)): check_extent(name, t)
         return _batched_moe_gemm(h, w2, expert_num_tokens, None, out, None, expected_m, w2_bias,   # h is GEMM1's
                                  active_experts, max_active_experts)
 

@@ -64,6 +64,7 @@ from moe_lit.kernels.dispatch import _combine_pairs
 #| export
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    check_kernel_device("topk_ids", topk_ids, expert_map=expert_map)   # meta named before the range check reads it
     check_int("block_size", block_size, lo=1, hi=4097)
     check_int("num_experts", num_experts, lo=1, hi=2**16 + 1)         # the work buffers grow with E·block_size
     if validate and topk_ids.numel() and ((topk_ids < -1) | (topk_ids >= num_experts)).any():   # one host sync
@@ -640,6 +641,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
                         topk_weights, num_pairs, gated=act is not None)
     check_tile_config(config)
     E, N, K = w.shape
+    if K == 0 and num_pairs and E: raise ValueError(f"a: expected at least one column (K >= 1), got shape {list(a.shape)}")
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
     check_expert_bias("bias", bias, E, N, a.device)
     n_out = N // 2 if act else N
@@ -742,7 +744,7 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
                         topk_weights, num_pairs,
                         gated: bool = False):       # a gated activation is fused: the router weight cannot go on its output
     """The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes (devices: the
-    caller's `check_kernel_device`). ValueError naming `top_k`, `block_m`, `weight_stage` ('output' with `gated` too),
+    caller's `check_kernel_device`). ValueError naming `top_k`, `block_m`, `weight_stage` ('output' with `gated` too; None with `topk_weights`),
     `sorted_token_ids` (dtype, contiguity, a length that does not fit `num_pairs`), `expert_ids`,
     `num_tokens_post_padded` or `topk_weights`. Source: moe-lit's own checks of vLLM's aligned layout
     (`moe_align_block_size`'s outputs)."""
@@ -766,6 +768,9 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
     check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32, contiguous=True)
     if weight_stage is not None:
         check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
+    elif topk_weights is not None:                          # given, and silently not applied: refused
+        raise ValueError("weight_stage: expected 'input' or 'output' with topk_weights given (where the router weight "
+                         "multiplies), got None")
 
 def check_local_ids(local_ids: torch.Tensor, num_local: int, validate: bool):
     """With `validate`, local ids in [-1, num_local) (one host sync); the experts' hot paths pass False. ValueError
@@ -840,7 +845,8 @@ for H, I in ((64, 64), (48, 40)):                                          # eve
         for on_in, bias_dtype in ((False, torch.float32), (True, torch.bfloat16)):
             rw = wts.double()[..., None] if on_in else 1.0
             want1 = act(pre * rw + b13.to(bias_dtype).double()[e_of]).reshape(T * k, I)
-            out = fused_moe_gemm(x.to(DEVICE), w13.to(DEVICE), *aligned, k, 16, act, wts.to(DEVICE), "input" if on_in else None,
+            out = fused_moe_gemm(x.to(DEVICE), w13.to(DEVICE), *aligned, k, 16, act, wts.to(DEVICE) if on_in else None,
+                                 "input" if on_in else None,
                                  out=torch.full((T * k, I), float("nan"), device=DEVICE), config=cfg, bias=b13.to(DEVICE, bias_dtype)).cpu()
             assert out[~live].isnan().all(), f"{cfg}: a pair without a local expert was written"
             assert_close(out[live], want1[live], name=f"GEMM1 H={H} I={I} on_input={on_in} {cfg}")
@@ -1256,6 +1262,16 @@ x, w = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, 2 * I, H, gener
 ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
 s, e, n = moe_align_block_size(ids, 16, E)
 big = torch.full((20, I), float("nan"), device=DEVICE)
+for validate in (True, False):                                     # meta ids: named before any read of them
+    test_fail(lambda: moe_align_block_size(ids.to("meta"), 16, E, validate=validate), contains="topk_ids: expected a tensor with values")
+test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", topk_weights=torch.ones(T, k, device=DEVICE)),
+          contains="weight_stage: expected 'input' or 'output' with topk_weights given")   # not silently unweighted
+test_fail(lambda: fused_moe_gemm(x[:, :0], w[:, :, :0], s, e, n, k, 16, "silu_and_mul"), contains="a: expected at least one column")
+for validate in (True, False):                                     # meta ids: named before any read of them
+    test_fail(lambda: moe_align_block_size(ids.to("meta"), 16, E, validate=validate), contains="topk_ids: expected a tensor with values")
+test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", topk_weights=torch.ones(T, k, device=DEVICE)),
+          contains="weight_stage: expected 'input' or 'output' with topk_weights given")   # not silently unweighted
+test_fail(lambda: fused_moe_gemm(x[:, :0], w[:, :, :0], s, e, n, k, 16, "silu_and_mul"), contains="a: expected at least one column")
 s_bad = s.clone(); s_bad[0] = -1                                   # a negative pair index: masked, not written
 fused_moe_gemm(x, w, s_bad, e, n, k, 16, "silu_and_mul", out=big[10:16])
 assert big[:10].isnan().all() and big[16:].isnan().all()

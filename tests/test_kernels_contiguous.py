@@ -128,7 +128,8 @@ def test_fused_moe_gemm_swigluoai_bias():
             for on_in, bias_dtype in ((False, torch.float32), (True, torch.bfloat16)):
                 rw = wts.double()[..., None] if on_in else 1.0
                 want1 = act(pre * rw + b13.to(bias_dtype).double()[e_of]).reshape(T * k, I)
-                out = fused_moe_gemm(x.to(DEVICE), w13.to(DEVICE), *aligned, k, 16, act, wts.to(DEVICE), "input" if on_in else None,
+                out = fused_moe_gemm(x.to(DEVICE), w13.to(DEVICE), *aligned, k, 16, act, wts.to(DEVICE) if on_in else None,
+                                     "input" if on_in else None,
                                      out=torch.full((T * k, I), float("nan"), device=DEVICE), config=cfg, bias=b13.to(DEVICE, bias_dtype)).cpu()
                 assert out[~live].isnan().all(), f"{cfg}: a pair without a local expert was written"
                 assert_close(out[live], want1[live], name=f"GEMM1 H={H} I={I} on_input={on_in} {cfg}")
@@ -314,6 +315,16 @@ def test_contiguous_bad_input():
     ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
     s, e, n = moe_align_block_size(ids, 16, E)
     big = torch.full((20, I), float("nan"), device=DEVICE)
+    for validate in (True, False):                                     # meta ids: named before any read of them
+        test_fail(lambda: moe_align_block_size(ids.to("meta"), 16, E, validate=validate), contains="topk_ids: expected a tensor with values")
+    test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", topk_weights=torch.ones(T, k, device=DEVICE)),
+              contains="weight_stage: expected 'input' or 'output' with topk_weights given")   # not silently unweighted
+    test_fail(lambda: fused_moe_gemm(x[:, :0], w[:, :, :0], s, e, n, k, 16, "silu_and_mul"), contains="a: expected at least one column")
+    for validate in (True, False):                                     # meta ids: named before any read of them
+        test_fail(lambda: moe_align_block_size(ids.to("meta"), 16, E, validate=validate), contains="topk_ids: expected a tensor with values")
+    test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", topk_weights=torch.ones(T, k, device=DEVICE)),
+              contains="weight_stage: expected 'input' or 'output' with topk_weights given")   # not silently unweighted
+    test_fail(lambda: fused_moe_gemm(x[:, :0], w[:, :, :0], s, e, n, k, 16, "silu_and_mul"), contains="a: expected at least one column")
     s_bad = s.clone(); s_bad[0] = -1                                   # a negative pair index: masked, not written
     fused_moe_gemm(x, w, s_bad, e, n, k, 16, "silu_and_mul", out=big[10:16])
     assert big[:10].isnan().all() and big[16:].isnan().all()

@@ -25,9 +25,10 @@ __all__ = ['moe_align_block_size_reference', 'moe_align_block_size', 'plot_align
            'fused_moe_gemm', 'check_aligned_args', 'check_local_ids', 'check_block_m', 'TritonExperts',
            'shared_expert_mlp']
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #b1890842c3ee
+# %% ../../nbs/08_kernels.contiguous.ipynb #38b2bc7af32b
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
+    check_kernel_device("topk_ids", topk_ids, expert_map=expert_map)   # meta named before the range check reads it
     check_int("block_size", block_size, lo=1, hi=4097)
     check_int("num_experts", num_experts, lo=1, hi=2**16 + 1)         # the work buffers grow with E·block_size
     if validate and topk_ids.numel() and ((topk_ids < -1) | (topk_ids >= num_experts)).any():   # one host sync
@@ -416,7 +417,7 @@ def _load_w(w_ptrs, w_desc, row_w, k0, up_off, k_ok, n_ok, N_OUT, GATED: tl.cons
             if GATED: w_up = tl.load(w_ptrs + up_off, mask=mask, other=0.0)
     return w, w_up
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #0edcbed53f23
+# %% ../../nbs/08_kernels.contiguous.ipynb #a4b74a066818
 def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1) or [T·top_k, K] pair rows (GEMM2)
                    w: torch.Tensor,                  # [E_local, N, K]; gate rows then up rows when gated
                    sorted_token_ids: torch.Tensor,   # [max_padded] int32 from moe_align_block_size
@@ -452,6 +453,7 @@ def fused_moe_gemm(a: torch.Tensor,                  # [T, K] token rows (GEMM1)
                         topk_weights, num_pairs, gated=act is not None)
     check_tile_config(config)
     E, N, K = w.shape
+    if K == 0 and num_pairs and E: raise ValueError(f"a: expected at least one column (K >= 1), got shape {list(a.shape)}")
     if act and N % 2: raise ValueError(f"w: expected an even N (gate rows, then up rows) for {act.name}, got {N}")
     check_expert_bias("bias", bias, E, N, a.device)
     n_out = N // 2 if act else N
@@ -554,7 +556,7 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
                         topk_weights, num_pairs,
                         gated: bool = False):       # a gated activation is fused: the router weight cannot go on its output
     """The aligned layout and router-weight arguments every grouped GEMM over aligned blocks takes (devices: the
-    caller's `check_kernel_device`). ValueError naming `top_k`, `block_m`, `weight_stage` ('output' with `gated` too),
+    caller's `check_kernel_device`). ValueError naming `top_k`, `block_m`, `weight_stage` ('output' with `gated` too; None with `topk_weights`),
     `sorted_token_ids` (dtype, contiguity, a length that does not fit `num_pairs`), `expert_ids`,
     `num_tokens_post_padded` or `topk_weights`. Source: moe-lit's own checks of vLLM's aligned layout
     (`moe_align_block_size`'s outputs)."""
@@ -578,6 +580,9 @@ def check_aligned_args(sorted_token_ids, expert_ids, num_tokens_post_padded, top
     check_tensor("num_tokens_post_padded", num_tokens_post_padded, shape=(1,), dtype=torch.int32, contiguous=True)
     if weight_stage is not None:
         check_tensor("topk_weights", topk_weights, shape=(num_pairs // top_k, top_k), dtype=torch.float32)
+    elif topk_weights is not None:                          # given, and silently not applied: refused
+        raise ValueError("weight_stage: expected 'input' or 'output' with topk_weights given (where the router weight "
+                         "multiplies), got None")
 
 def check_local_ids(local_ids: torch.Tensor, num_local: int, validate: bool):
     """With `validate`, local ids in [-1, num_local) (one host sync); the experts' hot paths pass False. ValueError
