@@ -1157,6 +1157,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
         raise ValueError(f"a: expected K = {wa['K']} ({'hidden_size' if which == 'w13' else 'intermediate_size'} of "
                          f"{which}) in the last dim, got shape {list(a.shape)}")
     if act and wa["N"] % 2: raise ValueError(f"{which}: expected an even N for a gated activation ({act.name}), got {wa['N']}")
+    check_kernel_device("a", a)                                   # a meta `a` is named as such, not as qw's device
     if a.device != qw.device: raise ValueError(f"qw: expected device {a.device}, got {qw.device}")
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act

@@ -107,6 +107,9 @@ class BatchedTritonQuantExperts:
         if out_dtype is not None and out_dtype not in ACTIVATION_DTYPES:    # it is also GEMM2's input dtype
             raise ValueError(f"out_dtype: expected torch.bfloat16 or torch.float16 (the intermediate between the GEMMs "
                              f"and the output), or None, got {out_dtype}")
+        if out is not None:                # its device, shape and size before GEMM1 launches (its dtype: GEMM1's below)
+            check_tensor("out", out, shape=(a.shape[0], a.shape[1], qw.hidden_size), writable=True)
+            check_kernel_device("a", a, out=out); check_extent("out", out)
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
                                    expected_m=expected_m, bias=w13_bias, validate=validate,   # checks a, qw, the counts
                                    active_experts=active_experts, max_active_experts=max_active_experts)
@@ -553,6 +556,15 @@ test_fail(lambda: TritonQuantExperts().apply(a[0, :2], qw8, wts[:, :1], ids), co
 test_fail(lambda: TritonQuantExperts().apply(a[0, :2, :32], qw8, wts, ids), contains="hidden: expected shape [*, 64]")
 test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8.w13), contains="qw: expected a QuantizedExpertWeights")
 test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8, validate=1), contains="validate: expected a bool")
+test_fail(lambda: batched_moe_gemm_quant(a.to("meta"), qw8, cnt, "silu_and_mul"), contains="a: expected a tensor with values for the Triton kernels")
+module_globals = BatchedTritonQuantExperts.apply.__globals__        # out's device and shape before GEMM1 launches
+real = module_globals["batched_moe_gemm_quant"]
+def _launched(*args, **kw): raise AssertionError("GEMM1 launched before out was checked")
+module_globals["batched_moe_gemm_quant"] = _launched
+try:
+    for bad, want in ((torch.empty(E, M, H, device="meta"), "out: expected device"), (torch.empty(E, M, H - 1, device=DEVICE), "out: expected shape")):
+        test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8, out=bad), contains=want)
+finally: module_globals["batched_moe_gemm_quant"] = real
 q, s = fp8_quantize_activations(a.reshape(-1, H), "group")
 test_fail(lambda: BatchedTritonQuantExperts().apply(q.view(E, M, H), cnt, qw8, a_scale=s.view(E, M, -1), out_dtype=torch.float32),
           contains="out_dtype: expected torch.bfloat16 or torch.float16")

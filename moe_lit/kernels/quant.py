@@ -770,7 +770,7 @@ def _fp8_input(a_k, a_s, as_st, wa, bk, expert_num_tokens=None):
     st = s.stride() if expert_num_tokens is not None else (0, *s.stride())
     return q, s, st, 0
 
-# %% ../../nbs/09c_kernels.quant.ipynb #0716fd9d4653
+# %% ../../nbs/09c_kernels.quant.ipynb #8eb77e2b66aa
 def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
     "`(which weight, its kernel arguments, output columns, Activation or None)`; checks qw, a's K and the bias `[E, N]`."
     check_quant_weights(qw)                                       # (checked again after an in-place edit)
@@ -782,6 +782,7 @@ def _check_quant_gemm_common(a, qw, activation, weight, ndim, bias):
         raise ValueError(f"a: expected K = {wa['K']} ({'hidden_size' if which == 'w13' else 'intermediate_size'} of "
                          f"{which}) in the last dim, got shape {list(a.shape)}")
     if act and wa["N"] % 2: raise ValueError(f"{which}: expected an even N for a gated activation ({act.name}), got {wa['N']}")
+    check_kernel_device("a", a)                                   # a meta `a` is named as such, not as qw's device
     if a.device != qw.device: raise ValueError(f"qw: expected device {a.device}, got {qw.device}")
     check_expert_bias("bias", bias, qw.num_experts, wa["N"], a.device)
     return which, wa, (wa["N"] // 2 if act else wa["N"]), act

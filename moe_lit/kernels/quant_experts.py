@@ -33,7 +33,7 @@ def _check_expert_semantics(qw, w13_bias, w2_bias, activation, device):
     check_expert_bias("w13_bias", w13_bias, E, 2 * qw.intermediate_size, device)
     check_expert_bias("w2_bias", w2_bias, E, qw.hidden_size, device)
 
-# %% ../../nbs/09d_kernels.quant_experts.ipynb #497633cc81a4
+# %% ../../nbs/09d_kernels.quant_experts.ipynb #53ce10d1c7c1
 class BatchedTritonQuantExperts:
     """Batched-format experts, quantized: `h = act(a @ W13ᵀ + b13)`, `out = h @ W2ᵀ + b2` on valid rows (FP8 w8a8 or
     FP4 w4a16). Construction takes no argument and raises nothing; `apply` checks its inputs. Source: vLLM's
@@ -64,6 +64,9 @@ class BatchedTritonQuantExperts:
         if out_dtype is not None and out_dtype not in ACTIVATION_DTYPES:    # it is also GEMM2's input dtype
             raise ValueError(f"out_dtype: expected torch.bfloat16 or torch.float16 (the intermediate between the GEMMs "
                              f"and the output), or None, got {out_dtype}")
+        if out is not None:                # its device, shape and size before GEMM1 launches (its dtype: GEMM1's below)
+            check_tensor("out", out, shape=(a.shape[0], a.shape[1], qw.hidden_size), writable=True)
+            check_kernel_device("a", a, out=out); check_extent("out", out)
         h = batched_moe_gemm_quant(a, qw, expert_num_tokens, activation, a_scale=a_scale, out_dtype=out_dtype,
                                    expected_m=expected_m, bias=w13_bias, validate=validate,   # checks a, qw, the counts
                                    active_experts=active_experts, max_active_experts=max_active_experts)
