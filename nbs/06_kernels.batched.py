@@ -27,6 +27,7 @@ if INTERPRET:   # the interpreter computes masked-off lanes too (NaN-poisoned pa
 # %%
 #| hide
 import tempfile, json
+from unittest import mock
 from moe_lit.bench import load_bench_results, plot_bench
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
@@ -1677,6 +1678,17 @@ test_fail(lambda: batched_moe_gemm(a, w, cnt, bias=torch.zeros(2, 16, device=DEV
 test_fail(lambda: batched_moe_gemm(a, w, cnt, bias=torch.zeros(2, 32, device=DEVICE, dtype=torch.float64)), contains="bias: expected dtype")
 test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16, device=DEVICE)), contains="out: expected shape [2, 8, 32]")
 test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
+for validate in (True, False):                                      # meta: named before the count check reads it
+    test_fail(lambda: batched_moe_gemm(a.to("meta"), w.to("meta"), cnt.to("meta"), validate=validate),
+              contains="a: expected a tensor with values for the Triton kernels")
+test_fail(lambda: batched_moe_gemm(a[:, :, :0], w[:, :, :0], cnt), contains="a: expected at least one column (K >= 1)")
+w13, w2 = w, torch.randn(2, 16, 16, device=DEVICE)                 # the experts' checks all run before GEMM1 launches
+def _launched(*args, **kw): raise AssertionError("GEMM1 launched before the arguments were checked")
+with mock.patch.dict(BatchedTritonExperts.apply.__globals__, _batched_moe_gemm=_launched):   # the module's launcher
+    for bad, want in ((dict(w2=w2.to("meta")), "w2: expected device"), (dict(out=torch.empty(2, 8, 16, device="meta")), "out: expected device"),
+                      (dict(out=torch.empty(2, 8, 15, device=DEVICE)), "out: expected shape [2, 8, 16]")):
+        test_fail(lambda: BatchedTritonExperts().apply(a, cnt, w13, **{"w2": w2, **bad}), contains=want)
+    test_fail(lambda: BatchedTritonExperts().apply(a, cnt, w13[:, :0], w2[:, :, :0]), contains="w13: expected a positive even number of rows")
 
 # %% [markdown]
 # On the GPU the same check runs at the benchmark's real shapes (with counts that include 0, 1, 17 and the

@@ -17,6 +17,7 @@ if INTERPRET:   # the interpreter computes masked-off lanes too (NaN-poisoned pa
     import warnings   # about them ("invalid value encountered", "All-NaN slice") say nothing of the stored values
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 import tempfile, json
+from unittest import mock
 from moe_lit.bench import load_bench_results, plot_bench
 from fastcore.test import test_eq, test_fail
 from moe_lit.formats import experts_reference_batched
@@ -395,6 +396,17 @@ def test_batched_gemm_bad_input():
     test_fail(lambda: batched_moe_gemm(a, w, cnt, bias=torch.zeros(2, 32, device=DEVICE, dtype=torch.float64)), contains="bias: expected dtype")
     test_fail(lambda: batched_moe_gemm(a, w, cnt, out=torch.empty(2, 8, 16, device=DEVICE)), contains="out: expected shape [2, 8, 32]")
     test_fail(lambda: batched_moe_gemm(a.int(), w, cnt), contains="a: expected dtype")
+    for validate in (True, False):                                      # meta: named before the count check reads it
+        test_fail(lambda: batched_moe_gemm(a.to("meta"), w.to("meta"), cnt.to("meta"), validate=validate),
+                  contains="a: expected a tensor with values for the Triton kernels")
+    test_fail(lambda: batched_moe_gemm(a[:, :, :0], w[:, :, :0], cnt), contains="a: expected at least one column (K >= 1)")
+    w13, w2 = w, torch.randn(2, 16, 16, device=DEVICE)                 # the experts' checks all run before GEMM1 launches
+    def _launched(*args, **kw): raise AssertionError("GEMM1 launched before the arguments were checked")
+    with mock.patch.dict(BatchedTritonExperts.apply.__globals__, _batched_moe_gemm=_launched):   # the module's launcher
+        for bad, want in ((dict(w2=w2.to("meta")), "w2: expected device"), (dict(out=torch.empty(2, 8, 16, device="meta")), "out: expected device"),
+                          (dict(out=torch.empty(2, 8, 15, device=DEVICE)), "out: expected shape [2, 8, 16]")):
+            test_fail(lambda: BatchedTritonExperts().apply(a, cnt, w13, **{"w2": w2, **bad}), contains=want)
+        test_fail(lambda: BatchedTritonExperts().apply(a, cnt, w13[:, :0], w2[:, :, :0]), contains="w13: expected a positive even number of rows")
 
 
 @pytest.mark.gpu
