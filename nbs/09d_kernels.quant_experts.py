@@ -26,6 +26,7 @@ from moe_lit.kernels.quant import _check_act_scale_values
 # %%
 #| hide
 from moe_lit.kernels.batched import DEVICE
+from unittest import mock
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
@@ -120,7 +121,6 @@ class BatchedTritonQuantExperts:
                            expert_num_tokens=expert_num_tokens, w2_bias=w2_bias, w2_codes=wa2["codes"],
                            w2_scale=wa2["scale"], w2_global_scale=wa2["gs"])
         else: out = torch.empty(E, M, H, dtype=h.dtype, device=h.device)
-        check_kernel_device("a", a, out=out)
         for name, t in (("w2", wa2["codes"]), ("out", out)): check_extent(name, t)
         hq, hs, hs_st, _ = _prepare_activations(h, qw, expert_num_tokens, None, None, qw.intermediate_size, batched=True)
         return _batched_moe_gemm_quant(hq, hs, hs_st, wa2, expert_num_tokens, None, out, None, expected_m, w2_bias,
@@ -557,14 +557,10 @@ test_fail(lambda: TritonQuantExperts().apply(a[0, :2, :32], qw8, wts, ids), cont
 test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8.w13), contains="qw: expected a QuantizedExpertWeights")
 test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8, validate=1), contains="validate: expected a bool")
 test_fail(lambda: batched_moe_gemm_quant(a.to("meta"), qw8, cnt, "silu_and_mul"), contains="a: expected a tensor with values for the Triton kernels")
-module_globals = BatchedTritonQuantExperts.apply.__globals__        # out's device and shape before GEMM1 launches
-real = module_globals["batched_moe_gemm_quant"]
 def _launched(*args, **kw): raise AssertionError("GEMM1 launched before out was checked")
-module_globals["batched_moe_gemm_quant"] = _launched
-try:
+with mock.patch.dict(BatchedTritonQuantExperts.apply.__globals__, batched_moe_gemm_quant=_launched):   # out's device
     for bad, want in ((torch.empty(E, M, H, device="meta"), "out: expected device"), (torch.empty(E, M, H - 1, device=DEVICE), "out: expected shape")):
         test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8, out=bad), contains=want)
-finally: module_globals["batched_moe_gemm_quant"] = real
 q, s = fp8_quantize_activations(a.reshape(-1, H), "group")
 test_fail(lambda: BatchedTritonQuantExperts().apply(q.view(E, M, H), cnt, qw8, a_scale=s.view(E, M, -1), out_dtype=torch.float32),
           contains="out_dtype: expected torch.bfloat16 or torch.float16")

@@ -16,6 +16,7 @@ from moe_lit.kernels.quant import fused_moe_gemm_quant_reference, quant_block_m
 from moe_lit.kernels.quant import _weight_kernel_args, _prepare_activations, _fused_moe_gemm_quant, _batched_moe_gemm_quant
 from moe_lit.kernels.quant import _check_act_scale_values
 from moe_lit.kernels.batched import DEVICE
+from unittest import mock
 from moe_lit.quant import QUANT_SCHEMES
 from moe_lit.testing import poison_rows, assert_quant_close, quant_error, experts_tolerance
 from moe_lit.quant_weights import quantize_expert_weights, random_expert_weights, random_activations
@@ -246,14 +247,10 @@ def test_quant_experts_bad_input():
     test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8.w13), contains="qw: expected a QuantizedExpertWeights")
     test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8, validate=1), contains="validate: expected a bool")
     test_fail(lambda: batched_moe_gemm_quant(a.to("meta"), qw8, cnt, "silu_and_mul"), contains="a: expected a tensor with values for the Triton kernels")
-    module_globals = BatchedTritonQuantExperts.apply.__globals__        # out's device and shape before GEMM1 launches
-    real = module_globals["batched_moe_gemm_quant"]
     def _launched(*args, **kw): raise AssertionError("GEMM1 launched before out was checked")
-    module_globals["batched_moe_gemm_quant"] = _launched
-    try:
+    with mock.patch.dict(BatchedTritonQuantExperts.apply.__globals__, batched_moe_gemm_quant=_launched):   # out's device
         for bad, want in ((torch.empty(E, M, H, device="meta"), "out: expected device"), (torch.empty(E, M, H - 1, device=DEVICE), "out: expected shape")):
             test_fail(lambda: BatchedTritonQuantExperts().apply(a, cnt, qw8, out=bad), contains=want)
-    finally: module_globals["batched_moe_gemm_quant"] = real
     q, s = fp8_quantize_activations(a.reshape(-1, H), "group")
     test_fail(lambda: BatchedTritonQuantExperts().apply(q.view(E, M, H), cnt, qw8, a_scale=s.view(E, M, -1), out_dtype=torch.float32),
               contains="out_dtype: expected torch.bfloat16 or torch.float16")
