@@ -410,7 +410,7 @@ def placement_tables(strategy: str, ep_size: int, ep_rank: int,
                     slot_table=local_slot_table(num_experts, count, expert_block(num_experts, ep_size, ep_rank)[0],
                                                 expert_map, tables[0]))
 
-# %% ../nbs/04_placement.ipynb #06c199f5e036
+# %% ../nbs/04_placement.ipynb #6736ad75c77e
 @patch
 def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] int32/int64 (any shape), global ids, -1 = none
                 validate: bool = True,        # check the id range (one host sync); False for ids a router just made
@@ -419,7 +419,7 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
     -1 with `validate=False`). ValueError naming `topk_ids` (not int32/int64, an id out of range: one sync, on meta
     with `validate`, or not on meta when the tables are) or `validate`. Source: moe-lit's own."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    if check_bool("validate", validate) and topk_ids.is_meta:
+    if check_bool("validate", validate) and topk_ids.is_meta and topk_ids.numel():   # (no ids: nothing to read)
         raise ValueError("topk_ids: expected a tensor with values to validate, got meta (pass validate=False)")
     if validate and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
         raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(topk_ids.min())}, "

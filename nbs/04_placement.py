@@ -907,7 +907,7 @@ def local_slot(self: Placement, topk_ids: torch.Tensor,  # [num_tokens, top_k] i
     -1 with `validate=False`). ValueError naming `topk_ids` (not int32/int64, an id out of range: one sync, on meta
     with `validate`, or not on meta when the tables are) or `validate`. Source: moe-lit's own."""
     check_tensor("topk_ids", topk_ids, dtype=(torch.int32, torch.int64))
-    if check_bool("validate", validate) and topk_ids.is_meta:
+    if check_bool("validate", validate) and topk_ids.is_meta and topk_ids.numel():   # (no ids: nothing to read)
         raise ValueError("topk_ids: expected a tensor with values to validate, got meta (pass validate=False)")
     if validate and topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= self.num_experts):
         raise ValueError(f"topk_ids: expected ids in [-1, {self.num_experts}), got min {int(topk_ids.min())}, "
@@ -972,6 +972,7 @@ test_fail(lambda: p.local_slot(torch.tensor([[16]])), contains="topk_ids: expect
 test_fail(lambda: p.local_slot(torch.tensor([[-3]])), contains="topk_ids: expected ids in [-1, 16)")
 test_fail(lambda: p.local_slot(torch.tensor([[1.0]])), contains="topk_ids: expected dtype")
 test_fail(lambda: p.local_slot(torch.tensor([[1]], device="meta")), contains="topk_ids: expected a tensor with values to validate, got meta")
+test_eq(p.local_slot(torch.empty(0, 2, dtype=torch.int32, device="meta")).shape, (0, 2))   # no ids: nothing to read
 test_fail(lambda: p.local_slot([[1]]), contains="topk_ids: expected a torch.Tensor")
 test_eq(p.local_slot(torch.tensor([[-2, 16, 99, 13]]), validate=False).tolist(), [[-1, -1, -1, 1]])   # unchecked: still in bounds
 test_fail(lambda: p.local_slot(torch.tensor([[1]]), validate=None), contains="validate: expected a bool")

@@ -27,6 +27,7 @@ from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 # %%
 #| hide
 from moe_lit.kernels.batched import DEVICE
+from unittest import mock
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.formats import moe_reference_standard
@@ -64,7 +65,7 @@ from moe_lit.kernels.dispatch import _combine_pairs
 #| export
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
-    check_kernel_device("topk_ids", topk_ids, expert_map=expert_map)   # meta named before the range check reads it
+    if topk_ids.is_meta: raise ValueError("topk_ids: expected a tensor with values, got a meta tensor")   # before a read
     check_int("block_size", block_size, lo=1, hi=4097)
     check_int("num_experts", num_experts, lo=1, hi=2**16 + 1)         # the work buffers grow with E·block_size
     if validate and topk_ids.numel() and ((topk_ids < -1) | (topk_ids >= num_experts)).any():   # one host sync
@@ -207,6 +208,7 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     dtype; with `validate`, not one rank's map: placement's rule). Source: vLLM's `moe_align_block_size`
     (csrc/moe/moe_align_sum_kernels.cu, fused_moe/moe_align_block_size.py)."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
+    check_kernel_device("topk_ids", topk_ids, expert_map=expert_map)   # the Triton launchers' own (not the spec's)
     dev, n = topk_ids.device, topk_ids.numel()
     max_padded = n + num_experts * (block_size - 1)
     sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=dev)           # sentinel everywhere first
@@ -377,6 +379,7 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
     `num_experts` or `expert_map`, as `moe_align_block_size`. Source: vLLM's naive block assignment
     (`naive_block_assignment` in fused_moe.py: block `p` holds pair `p` alone)."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
+    check_kernel_device("topk_ids", topk_ids, expert_map=expert_map)   # the Triton launchers' own (not the spec's)
     dev, n = topk_ids.device, topk_ids.numel()
     sorted_ids = torch.empty(max(1, n) * block_size, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(max(1, n), dtype=torch.int32, device=dev)
@@ -1262,6 +1265,8 @@ x, w = torch.randn(T, H, generator=g).to(DEVICE), torch.randn(E, 2 * I, H, gener
 ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
 s, e, n = moe_align_block_size(ids, 16, E)
 big = torch.full((20, I), float("nan"), device=DEVICE)
+with mock.patch.dict(check_kernel_device.__globals__, INTERPRET=False):   # as on a GPU host: the CPU spec is no launcher,
+    test_eq(moe_align_block_size_reference(ids.cpu(), 16, E)[2], moe_align_block_size_reference(ids.cpu(), 16, E)[2])   # and runs
 for validate in (True, False):                                     # meta ids: named before any read of them
     test_fail(lambda: moe_align_block_size(ids.to("meta"), 16, E, validate=validate), contains="topk_ids: expected a tensor with values")
 test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", topk_weights=torch.ones(T, k, device=DEVICE)),

@@ -765,7 +765,8 @@ def init_distributed(timeout_s: float = 600.0,      # seconds a collective may w
     if not missing:                                # each value checked here: a wrong one would wait out the rendezvous
         _env_int("RANK", 0, _env_int("WORLD_SIZE", 1) - 1)
         _env_int("MASTER_PORT", 1, 65535)
-    local = _env_int("LOCAL_RANK", 0) if "LOCAL_RANK" in os.environ else 0
+    local = max(0, _env_int("LOCAL_RANK", -1 if missing else 0)) if "LOCAL_RANK" in os.environ else 0   # (-1: "not
+                                                                   # distributed", as some launchers say, on one process)
     device = torch.device("cpu")
     if backend == "nccl":
         if local >= torch.cuda.device_count():
@@ -792,7 +793,8 @@ for name, bad, want in (("RANK", "5", "RANK: expected an integer in [0, 1]"), ("
     with mock.patch.dict(os.environ, {**env, name: bad}):        # refused before a rendezvous that would wait
         test_fail(lambda: init_distributed(60, backend="gloo"), contains=want)
 assert not dist.is_initialized()
-init_distributed(60, backend="gloo")                 # no torchrun environment: a one-process group
+with mock.patch.dict(os.environ, {"LOCAL_RANK": "-1"}):   # no torchrun environment: a one-process group (LOCAL_RANK=-1,
+    init_distributed(60, backend="gloo")                 # "not distributed" as some launchers set it, is taken as 0)
 try:
     x = torch.arange(6.).reshape(3, 2)
     test_eq(all_gather_rows(x, [3], None), x)

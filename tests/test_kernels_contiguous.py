@@ -17,6 +17,7 @@ from moe_lit.kernels.batched import _split_k_choice, _split_k_buffers, _last_to_
 import moe_lit.kernels.batched as _batched
 from moe_lit.kernels.dispatch import _combine_pairs, _no_pairs, check_addend
 from moe_lit.kernels.batched import DEVICE
+from unittest import mock
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, assert_compiles_for_gpu
 from moe_lit.formats import moe_reference_standard
@@ -315,6 +316,8 @@ def test_contiguous_bad_input():
     ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=torch.int32, device=DEVICE)
     s, e, n = moe_align_block_size(ids, 16, E)
     big = torch.full((20, I), float("nan"), device=DEVICE)
+    with mock.patch.dict(check_kernel_device.__globals__, INTERPRET=False):   # as on a GPU host: the CPU spec is no launcher,
+        test_eq(moe_align_block_size_reference(ids.cpu(), 16, E)[2], moe_align_block_size_reference(ids.cpu(), 16, E)[2])   # and runs
     for validate in (True, False):                                     # meta ids: named before any read of them
         test_fail(lambda: moe_align_block_size(ids.to("meta"), 16, E, validate=validate), contains="topk_ids: expected a tensor with values")
     test_fail(lambda: fused_moe_gemm(x, w, s, e, n, k, 16, "silu_and_mul", topk_weights=torch.ones(T, k, device=DEVICE)),

@@ -335,6 +335,7 @@ def test_local_slot_edges():
     test_fail(lambda: p.local_slot(torch.tensor([[-3]])), contains="topk_ids: expected ids in [-1, 16)")
     test_fail(lambda: p.local_slot(torch.tensor([[1.0]])), contains="topk_ids: expected dtype")
     test_fail(lambda: p.local_slot(torch.tensor([[1]], device="meta")), contains="topk_ids: expected a tensor with values to validate, got meta")
+    test_eq(p.local_slot(torch.empty(0, 2, dtype=torch.int32, device="meta")).shape, (0, 2))   # no ids: nothing to read
     test_fail(lambda: p.local_slot([[1]]), contains="topk_ids: expected a torch.Tensor")
     test_eq(p.local_slot(torch.tensor([[-2, 16, 99, 13]]), validate=False).tolist(), [[-1, -1, -1, 1]])   # unchecked: still in bounds
     test_fail(lambda: p.local_slot(torch.tensor([[1]]), validate=None), contains="validate: expected a bool")

@@ -181,7 +181,8 @@ def test_all_gather_rows_one_process():
         with mock.patch.dict(os.environ, {**env, name: bad}):        # refused before a rendezvous that would wait
             test_fail(lambda: init_distributed(60, backend="gloo"), contains=want)
     assert not dist.is_initialized()
-    init_distributed(60, backend="gloo")                 # no torchrun environment: a one-process group
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "-1"}):   # no torchrun environment: a one-process group (LOCAL_RANK=-1,
+        init_distributed(60, backend="gloo")                 # "not distributed" as some launchers set it, is taken as 0)
     try:
         x = torch.arange(6.).reshape(3, 2)
         test_eq(all_gather_rows(x, [3], None), x)

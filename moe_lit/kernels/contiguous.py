@@ -25,10 +25,10 @@ __all__ = ['moe_align_block_size_reference', 'moe_align_block_size', 'plot_align
            'fused_moe_gemm', 'check_aligned_args', 'check_local_ids', 'check_block_m', 'TritonExperts',
            'shared_expert_mlp']
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #38b2bc7af32b
+# %% ../../nbs/08_kernels.contiguous.ipynb #7916be918b82
 def _check_align_args(topk_ids, block_size, num_experts, expert_map, validate=True):
     check_tensor("topk_ids", topk_ids, ndim=2, dtype=(torch.int32, torch.int64))
-    check_kernel_device("topk_ids", topk_ids, expert_map=expert_map)   # meta named before the range check reads it
+    if topk_ids.is_meta: raise ValueError("topk_ids: expected a tensor with values, got a meta tensor")   # before a read
     check_int("block_size", block_size, lo=1, hi=4097)
     check_int("num_experts", num_experts, lo=1, hi=2**16 + 1)         # the work buffers grow with E·block_size
     if validate and topk_ids.numel() and ((topk_ids < -1) | (topk_ids >= num_experts)).any():   # one host sync
@@ -130,7 +130,7 @@ def _align_scatter_kernel(ids_ptr, offsets_ptr, cursor_ptr, sorted_ptr, n, num_e
     start = tl.load(offsets_ptr + ids, mask=ok, other=0)
     tl.store(sorted_ptr + start + rank, offs, mask=ok)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #f38bb709b4ca
+# %% ../../nbs/08_kernels.contiguous.ipynb #13452f7f278d
 def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = no expert
                          block_size: int,            # BLOCK_M of the GEMM that consumes the blocks
                          num_experts: int,           # global experts
@@ -144,6 +144,7 @@ def moe_align_block_size(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -
     dtype; with `validate`, not one rank's map: placement's rule). Source: vLLM's `moe_align_block_size`
     (csrc/moe/moe_align_sum_kernels.cu, fused_moe/moe_align_block_size.py)."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
+    check_kernel_device("topk_ids", topk_ids, expert_map=expert_map)   # the Triton launchers' own (not the spec's)
     dev, n = topk_ids.device, topk_ids.numel()
     max_padded = n + num_experts * (block_size - 1)
     sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=dev)           # sentinel everywhere first
@@ -215,7 +216,7 @@ def _same_run(s, rs, b, e, block_size):
     lo, hi = int(run.min()) * block_size, (int(run.max()) + 1) * block_size
     return torch.equal(s[lo:hi].sort().values, rs[lo:hi].sort().values)
 
-# %% ../../nbs/08_kernels.contiguous.ipynb #eef9896aa992
+# %% ../../nbs/08_kernels.contiguous.ipynb #a5e17782ba4a
 @triton.jit
 def _pair_blocks_kernel(ids_ptr, map_ptr, sorted_ptr, expert_ids_ptr, ntpp_ptr, n, num_experts,
                         BLOCK_SIZE: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
@@ -251,6 +252,7 @@ def moe_pair_blocks(topk_ids: torch.Tensor,     # [T, top_k] int32/int64, -1 = n
     `num_experts` or `expert_map`, as `moe_align_block_size`. Source: vLLM's naive block assignment
     (`naive_block_assignment` in fused_moe.py: block `p` holds pair `p` alone)."""
     _check_align_args(topk_ids, block_size, num_experts, expert_map, validate)
+    check_kernel_device("topk_ids", topk_ids, expert_map=expert_map)   # the Triton launchers' own (not the spec's)
     dev, n = topk_ids.device, topk_ids.numel()
     sorted_ids = torch.empty(max(1, n) * block_size, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(max(1, n), dtype=torch.int32, device=dev)
