@@ -1682,13 +1682,6 @@ for validate in (True, False):                                      # meta: name
     test_fail(lambda: batched_moe_gemm(a.to("meta"), w.to("meta"), cnt.to("meta"), validate=validate),
               contains="a: expected a tensor with values for the Triton kernels")
 test_fail(lambda: batched_moe_gemm(a[:, :, :0], w[:, :, :0], cnt), contains="a: expected at least one column (K >= 1)")
-w13, w2 = w, torch.randn(2, 16, 16, device=DEVICE)                 # the experts' checks all run before GEMM1 launches
-def _launched(*args, **kw): raise AssertionError("GEMM1 launched before the arguments were checked")
-with mock.patch.dict(BatchedTritonExperts.apply.__globals__, _batched_moe_gemm=_launched):   # the module's launcher
-    for bad, want in ((dict(w2=w2.to("meta")), "w2: expected device"), (dict(out=torch.empty(2, 8, 16, device="meta")), "out: expected device"),
-                      (dict(out=torch.empty(2, 8, 15, device=DEVICE)), "out: expected shape [2, 8, 16]")):
-        test_fail(lambda: BatchedTritonExperts().apply(a, cnt, w13, **{"w2": w2, **bad}), contains=want)
-    test_fail(lambda: BatchedTritonExperts().apply(a, cnt, w13[:, :0], w2[:, :, :0]), contains="w13: expected a positive even number of rows")
 
 # %% [markdown]
 # On the GPU the same check runs at the benchmark's real shapes (with counts that include 0, 1, 17 and the
@@ -1830,6 +1823,15 @@ for dtype in (torch.float32, torch.bfloat16):
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None]
     assert_close(out[valid], want[valid]); assert out[~valid].isnan().all()
 test_eq(BatchedTritonExperts.activation_format, ActivationFormat.BatchedExperts)
+
+a, w13, cnt = random_batched_problem(2, 8, 16, 32, [3, 8], torch.float32)   # the checks all run before GEMM1 launches
+w2 = torch.randn(2, 16, 16, device=DEVICE)
+def _launched(*args, **kw): raise AssertionError("GEMM1 launched before the arguments were checked")
+with mock.patch.dict(BatchedTritonExperts.apply.__globals__, _batched_moe_gemm=_launched):   # the module's launcher
+    for bad, want in ((dict(w2=w2.to("meta")), "w2: expected device"), (dict(out=torch.empty(2, 8, 16, device="meta")), "out: expected device"),
+                      (dict(out=torch.empty(2, 8, 15, device=DEVICE)), "out: expected shape [2, 8, 16]")):
+        test_fail(lambda: BatchedTritonExperts().apply(a, cnt, w13, **{"w2": w2, **bad}), contains=want)
+    test_fail(lambda: BatchedTritonExperts().apply(a, cnt, w13[:, :0], w2[:, :, :0]), contains="w13: expected a positive even number of rows")
 
 # %% [markdown]
 # gpt-oss's experts: biases on both GEMMs and the clamped SwiGLU, against the float64 reference of
