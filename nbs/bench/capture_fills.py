@@ -1,7 +1,7 @@
 """Which constant fills the layer launches per decode forward (each one a launch in every replay), with the lines
 that made them.
 
-    python nbs/bench/capture_fills.py [T ...]          # default T = 1
+    python nbs/bench/capture_fills.py [T ...] [--test]   # default T = 1; --test: the layers of test_layer_cuda_graphs
 
 For each entry of `LAYER_DEPLOYMENTS` and each T, three views of the same question:
 1. `layer.capture(batch_sizes=(T,))` under `moe_lit.testing.record_fills()`: every zeros / full / fill_ / zero_ / ones /
@@ -30,14 +30,31 @@ def callers(evt, n: int = 8) -> str:
         e = e.cpu_parent
     return " <- ".join(out) or "(no moe-lit frame)"
 
-tokens = [int(a) for a in sys.argv[1:]] or [1]
-for dep in LAYER_DEPLOYMENTS:
-    cfg = deployment_config(dep)
-    torch.manual_seed(0)
-    layer = FusedMoE(cfg, device="cuda", placement=dep["placement"])
+def test_layers():
+    "The layers of `tests/test_layer.py::test_layer_cuda_graphs` (`--test`): 16 experts, shared, grouped sigmoid; EP2."
+    from moe_lit.config import MoEConfig, ParallelConfig
+    base = MoEConfig(num_experts=16, top_k=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16,
+                     routing_method="grouped_topk", num_expert_group=4, topk_group=2, scoring_func="sigmoid",
+                     has_correction_bias=True, routed_scaling_factor=2.5, num_shared_experts=1, shared_intermediate_size=64)
+    for backend, placement in (("none", "linear"), ("allgather_reducescatter", "linear"), ("nixl_ep", "round_robin"),
+                               ("deepep_low_latency", "linear")):
+        for quant in ("unquantized", "fp8_w8a8_block", "mxfp4_w4a16"):
+            par = ParallelConfig.make(1, 2, enable_expert_parallel=True, all2all_backend=backend)
+            yield f"test config {backend} {quant}", FusedMoE(base.replace(parallel=par), seed=1, device="cuda", quant=quant,
+                                                             placement=placement)
+
+def deployment_layers():
+    for dep in LAYER_DEPLOYMENTS:
+        torch.manual_seed(0)
+        yield dep["name"], FusedMoE(deployment_config(dep), device="cuda", placement=dep["placement"])
+
+args = sys.argv[1:]
+tokens = [int(a) for a in args if a != "--test"] or [1]
+for name, layer in (test_layers() if "--test" in args else deployment_layers()):
+    cfg = layer.config
     for T in tokens:
         with record_fills() as fills: layer.capture(batch_sizes=(T,))
-        print(f"== {dep['name']} T={T}", flush=True)
+        print(f"== {name} T={T}", flush=True)
         print(f"  1. capture: {len(fills)} fills asked for by Python")
         for name, frames in fills: print(f"     {name}: " + " <- ".join(frames))
         g = layer.graphs[T][0]
