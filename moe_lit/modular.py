@@ -156,7 +156,7 @@ class StandardPrepareFinalize:
         "`finalize` after its checks (an owning ModularKernel's own prepare and experts made both)."
         return expert_out if shared is None else expert_out + shared
 
-# %% ../nbs/10_modular.ipynb #065252a85619
+# %% ../nbs/10_modular.ipynb #19e2f0e282bc
 def check_quant_block(quant_block) -> tuple | None:
     """`quant_block` — None, or `(1, group)` of ints with `group` a power of two in [32, 65536] (the activation
     quantizer's widest group): the scale groups of rows sent as FP8 (`dispatch_quantization`'s block) — returned as it
@@ -207,11 +207,10 @@ class BatchedPrepareFinalize:
         "`prepare` after its checks (an owning ModularKernel's caller checked every argument)."
         cap, scale = self.max_num_tokens_per_rank * self.num_dispatchers, topk_weights if apply_router_weight_on_input else None
         H = hidden.shape[1]
-        if self.padded_hidden_size is not None and self.padded_hidden_size != H:   # the backend's wire size: zeros
-            if self.padded_hidden_size < H:
-                raise ValueError(f"hidden: expected at most padded_hidden_size={self.padded_hidden_size} columns, got {H}")
-            hidden = torch.nn.functional.pad(hidden, (0, self.padded_hidden_size - H))
-        a_scale, dtype = None, hidden.dtype
+        W = H if self.padded_hidden_size is None else self.padded_hidden_size   # the backend's wire size: zeros past H
+        if W < H: raise ValueError(f"hidden: expected at most padded_hidden_size={W} columns, got {H}")
+        if W != H and not self.use_triton: hidden = torch.nn.functional.pad(hidden, (0, W - H))   # (Triton: the
+        a_scale, dtype = None, hidden.dtype                                                        # dispatch sends them)
         if self.use_triton:
             ok = (torch.bfloat16, torch.float16) if self.quant_block else (torch.bfloat16, torch.float16, torch.float32)
             if hidden.dtype not in ok:                                           # the dispatch kernel's / quantizer's
@@ -226,13 +225,13 @@ class BatchedPrepareFinalize:
                 kw = (dict(global_to_physical=g2p.to(hidden.device), physical_offset=p.physical_offset) if mode == 2 else
                       dict(expert_map=emap.to(hidden.device)) if mode == 1 else {})
                 res = batched_dispatch(hidden, topk_ids, p.num_local_experts, cap, topk_weights=scale,
-                                       check_overflow=self.validate, quant_group=group, **kw)
+                                       check_overflow=self.validate, quant_group=group, hidden_width=W, **kw)
                 a, counts, slot_map = res[:3]
                 if group: a_scale = res[3]
             else:   # the layer's hot path: ids from its router, the placement's tables on its device (checked above)
-                H_, E_ = hidden.shape[1], p.num_local_experts
-                a = torch.empty(E_, cap, H_, dtype=torch.float8_e4m3fn if group else hidden.dtype, device=hidden.device)
-                if group: a_scale = torch.empty(E_, cap, -(-H_ // group), dtype=torch.float32, device=hidden.device)
+                E_ = p.num_local_experts
+                a = torch.empty(E_, cap, W, dtype=torch.float8_e4m3fn if group else hidden.dtype, device=hidden.device)
+                if group: a_scale = torch.empty(E_, cap, -(-W // group), dtype=torch.float32, device=hidden.device)
                 a, counts, slot_map, _ = _batched_dispatch(hidden, topk_ids, E_, cap, table, mode,
                                                            table.shape[0] if mode else E_,
                                                            p.physical_offset if mode == 2 else 0, scale, a, False,

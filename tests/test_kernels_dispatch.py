@@ -51,6 +51,13 @@ def test_dispatch_all_translations():
                    quant_group=128, out_scale=torch.full((n_local, T, 3), float("nan"), device=DEVICE))
     check_dispatch(x.half()[:, :40], local, 5, T, local, quant_group=32)                   # H below the group, fp16
     check_dispatch(wide, local[:3], 5, 3, local[:3], quant_group=128)                      # two passes of whole groups
+    nan = lambda *shape, dtype=torch.bfloat16: torch.full(shape, float("nan"), device=DEVICE).to(dtype)
+    check_dispatch(hidden.bfloat16(), local, 5, T, local, hidden_width=64, out=nan(5, T, 64))   # a wire wider than the
+    check_dispatch(wide, local[:3], 5, 3, local[:3], hidden_width=8192 + 256,                   # rows: zeros sent past H
+                   topk_weights=torch.rand(3, k, generator=g).to(DEVICE), out=nan(5, 3, 8192 + 256))   # (two passes)
+    check_dispatch(x[:, :200], local, 5, T, local, quant_group=128, hidden_width=384,            # FP8: the third group
+                   out_scale=nan(5, T, 3, dtype=torch.float32))                                  # all zeros, as the spec's
+    test_fail(lambda: batched_dispatch(hidden, local, 5, T, hidden_width=39), contains="hidden_width: expected >= 40")
 
 
 def test_dispatch_overflow_and_bad_input():

@@ -18,18 +18,18 @@ from .quant_act import _fp8_quantize_group, fp8_quantize_activations_reference
 __all__ = ['batched_dispatch', 'batched_combine', 'combine_pairs', 'check_addend', 'local_slots', 'check_dispatch',
            'batched_moe_triton']
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #708efa939c42
+# %% ../../nbs/07_kernels.dispatch.ipynb #080540e074f4
 @triton.jit
 def _batched_dispatch_kernel(
     hidden_ptr,         # [T, H]
     topk_ids_ptr,       # [T, TOP_K] int32/int64, global (or local, MODE 0) expert ids, -1 = none
     topk_weights_ptr,   # [T, TOP_K] fp32 (read when SCALE)
     map_ptr,            # MODE 1: expert_map [num_experts] int32; MODE 2: global_to_physical [num_experts] int64
-    a_ptr,              # [E_local, max_tokens, H] output slabs
+    a_ptr,              # [E_local, max_tokens, W] output slabs (W >= H: the columns past H written as zeros)
     counts_ptr,         # [E_local] int32, zeroed; becomes expert_num_tokens (at most max_tokens)
     slot_map_ptr,       # [T, TOP_K] int64 output
     overflow_ptr,       # [1] int32, set to 1 when a pair does not fit
-    H, num_local_experts, num_experts, max_tokens, physical_offset,
+    H, W, num_local_experts, num_experts, max_tokens, physical_offset,
     stride_ht, stride_ae, stride_am,
     ascale_ptr,         # QUANT_GROUP: [E_local, max_tokens, G] fp32 output, each row's group scales beside it
     G, stride_ase, stride_asm,
@@ -39,12 +39,13 @@ def _batched_dispatch_kernel(
     EMULATE_CAST: tl.constexpr = False, # the interpreter's e4m3 rounding (`09b`)
 ):
     """One (token, slot) pair: translate its expert id to a local expert, claim the next row of that expert's slab
-    (`atomic_add` on its count), copy the token's hidden row there (times the router weight with SCALE; FP8 with
-    QUANT_GROUP, its group scales to `ascale`) and store the pair's slot `local·max_tokens + row`, or -1 when the
+    (`atomic_add` on its count), copy the token's hidden row there, zeros in its columns past H up to the slab's W (the
+    backend's wire width; times the router weight with SCALE; FP8 with QUANT_GROUP, its group scales to `ascale`) and
+    store the pair's slot `local·max_tokens + row`, or -1 when the
     expert is not local or its slab is full (the count is given back and the overflow flag set).
 
     grid = (T, TOP_K) (`_batched_dispatch`, launched only when T > 0); no program exits early: each stores its slot.
-    Constexprs: `TOP_K` slots a token (grid axis 1); `BLOCK_H` columns a pass, max(min(8192, next_pow2(H)),
+    Constexprs: `TOP_K` slots a token (grid axis 1); `BLOCK_H` columns a pass, max(min(8192, next_pow2(W)),
     QUANT_GROUP); `MODE` id translation: 0 ids already local, 1 `expert_map`, 2 `global_to_physical` − physical_offset;
     `SCALE` multiply the row by topk_weights[t, k] (fp32, cast once); `PDL` programmatic dependent launch
     (`launch_kernel` sets it on sm_90+ when PDL is on); `QUANT_GROUP` 0, or the FP8 group width (a power of two >= 32,
@@ -66,9 +67,10 @@ def _batched_dispatch_kernel(
         if row < max_tokens:
             slot = local * max_tokens + row
             w = tl.load(topk_weights_ptr + t * TOP_K + k) if SCALE else 1.0
-            for h0 in range(0, tl.cdiv(H, BLOCK_H)):                         # one pass when H <= BLOCK_H
-                hm = h0 * BLOCK_H + offs_h < H
-                if h0 > 0: x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h, mask=hm, other=0.0)
+            for h0 in range(0, tl.cdiv(W, BLOCK_H)):                         # one pass when W <= BLOCK_H
+                hm = h0 * BLOCK_H + offs_h < W                               # stored: the slab's row, pad included
+                if h0 > 0: x = tl.load(hidden_ptr + t * stride_ht + h0 * BLOCK_H + offs_h,
+                                       mask=h0 * BLOCK_H + offs_h < H, other=0.0)   # read: the token's (pad: zeros)
                 if SCALE: x = (x.to(tl.float32) * w).to(hidden_ptr.dtype.element_ty)   # fp32 product, cast once
                 dst = a_ptr + local * stride_ae + row * stride_am + h0 * BLOCK_H + offs_h
                 if QUANT_GROUP > 0:                  # the row's groups, quantized as `09b`'s kernel does: same bits
@@ -84,7 +86,7 @@ def _batched_dispatch_kernel(
             tl.atomic_max(overflow_ptr, 1)
     tl.store(slot_map_ptr + t * TOP_K + k, slot)
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #8a898ae58913
+# %% ../../nbs/07_kernels.dispatch.ipynb #2380df8de233
 def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hidden_size]
                      topk_ids: torch.Tensor,                   # [num_tokens, top_k] int32/int64 global ids, -1 = none
                      num_local_experts: int,                   # E_local: slabs on this rank
@@ -97,24 +99,28 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
                      check_overflow: bool = True,              # raise on overflow (one host sync)
                      quant_group: int | None = None,           # send FP8 rows in 1 × quant_group groups (a power of 2)
                      out_scale: torch.Tensor | None = None,    # [E_local, max_tokens, G] fp32 buffer for their scales
+                     hidden_width: int | None = None,          # W: the slabs' row width (None: H; more: zero columns)
                     ):
-    """Scatter pairs into slabs: `(a [E_local, max_tokens, H], expert_num_tokens [E_local] int32, slot_map [T, top_k]
+    """Scatter pairs into slabs: `(a [E_local, max_tokens, W], expert_num_tokens [E_local] int32, slot_map [T, top_k]
     int64)`, then `a_scale [E_local, max_tokens, G]` fp32 with `quant_group`, then the device overflow flag `[1]` int32
-    when `check_overflow` is False.
+    when `check_overflow` is False. W = `hidden_width` (default H): a backend's wire width (`01_config`
+    `padded_hidden_size`); the columns past H are sent as zeros, written by the same launch (no padded copy of
+    `hidden`, no fill).
 
     With `quant_group`, each row is sent as FP8: `a` is float8_e4m3fn, quantized in `1 × quant_group` groups on the
-    way (G = ceil(H / quant_group) scales a row, `09b`'s dynamic scaling, after the router weight when it is applied
+    way (G = ceil(W / quant_group) scales a row, `09b`'s dynamic scaling, after the router weight when it is applied
     on the input), as DeepEP low-latency and NIXL EP send activations when the experts take block FP8 (their record's
     `quantizes_before_dispatch`, `01_config`). Rows past a slab's count, in `a` and `a_scale`, are not written.
-    ValueError naming the argument for a shape, dtype, device, stride or overlap mismatch, a `quant_group` that is not
-    a power of two in [32, 8192], ids out of range, tables that are not one rank's (`04_placement.local_slot_table`:
-    an `expert_map` holding each local slot once, a `global_to_physical` permuting the experts with
+    ValueError naming the argument for a shape, dtype, device, stride or overlap mismatch, a `hidden_width` under H,
+    a `quant_group` that is not a power of two in [32, 8192], ids out of range, tables that are not one rank's
+    (`04_placement.local_slot_table`: an `expert_map` holding each local slot once, a `global_to_physical` permuting the experts with
     `physical_offset + num_local_experts <= num_experts`) — host syncs, with `check_overflow` — and a capacity overflow
     (its own sync). Source: DeepEP's low-latency dispatch (https://github.com/deepseek-ai/DeepEP,
     `low_latency_dispatch(..., use_fp8=True)`)."""
     check_tensor("hidden", hidden, ndim=2, dtype=(torch.bfloat16, torch.float16, torch.float32))
     check_bool("check_overflow", check_overflow)
     T, H = hidden.shape
+    W = H if hidden_width is None else check_int("hidden_width", hidden_width, lo=H)
     if quant_group is not None:
         check_int("quant_group", quant_group, lo=32, hi=8193)
         if quant_group & (quant_group - 1): raise ValueError(f"quant_group: expected a power of two, got {quant_group}")
@@ -134,15 +140,15 @@ def batched_dispatch(hidden: torch.Tensor,                     # [num_tokens, hi
     check_kernel_device("hidden", hidden, topk_ids=topk_ids, expert_map=expert_map, global_to_physical=global_to_physical,
                         topk_weights=topk_weights, out=out)
     adt = hidden.dtype if quant_group is None else torch.float8_e4m3fn
-    a = torch.empty(num_local_experts, max_tokens, H, dtype=adt, device=hidden.device) if out is None else \
-        check_disjoint("out", check_tensor("out", out, shape=(num_local_experts, max_tokens, H), dtype=adt,
+    a = torch.empty(num_local_experts, max_tokens, W, dtype=adt, device=hidden.device) if out is None else \
+        check_disjoint("out", check_tensor("out", out, shape=(num_local_experts, max_tokens, W), dtype=adt,
                                            writable=True), hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights,
                       expert_map=expert_map, global_to_physical=global_to_physical)
     for name, t in (("hidden", hidden), ("out", a)):
         if t.stride(-1) != 1: raise ValueError(f"{name}: expected a unit stride along hidden_size, got {t.stride(-1)}")
     quant = None
     if quant_group is not None:
-        G = -(-H // quant_group)
+        G = -(-W // quant_group)
         check_kernel_device("hidden", hidden, out_scale=out_scale)
         a_scale = torch.empty(num_local_experts, max_tokens, G, dtype=torch.float32, device=hidden.device) \
             if out_scale is None else check_disjoint(
@@ -165,16 +171,16 @@ def _batched_dispatch(hidden, topk_ids, num_local_experts, max_tokens, table, mo
                       zeroed=None,    # int32 [num_local_experts + 1] zeros the caller keeps (its combine zeroes them again)
                       quant=None):    # FP8 on the wire: (group, a_scale [E_local, max_tokens, G] fp32, unit stride)
     "`batched_dispatch` after its checks, `a` allocated: for a prepare whose ids and tables are its own (`10_modular`)."
-    T, H = hidden.shape
+    (T, H), W = hidden.shape, a.shape[2]                  # W >= H: the slabs' row width (the wire's), pad zeros
     if zeroed is None: zeroed = torch.zeros(num_local_experts + 1, dtype=torch.int32, device=hidden.device)   # both
     counts, flag = zeroed[:num_local_experts], zeroed[num_local_experts:]                    # the counts and the flag
     slot_map = torch.empty(T, topk_ids.shape[1], dtype=torch.int64, device=hidden.device)
     if T:
         group, asc = quant if quant is not None else (0, a)
-        bh = max(min(8192, _next_pow2(H)), group)             # whole groups a pass
+        bh = max(min(8192, _next_pow2(W)), group)             # whole groups a pass
         launch_kernel(_batched_dispatch_kernel, (T, topk_ids.shape[1]))(
             hidden, topk_ids.contiguous(), topk_weights.contiguous() if topk_weights is not None else hidden,
-            table if mode else counts, a, counts, slot_map, flag, H, num_local_experts, num_experts, max_tokens,
+            table if mode else counts, a, counts, slot_map, flag, H, W, num_local_experts, num_experts, max_tokens,
             physical_offset, hidden.stride(0), a.stride(0), a.stride(1),
             asc, asc.shape[2] if quant is not None else 0, asc.stride(0), asc.stride(1),
             TOP_K=topk_ids.shape[1], BLOCK_H=bh, MODE=mode, SCALE=topk_weights is not None,
@@ -388,7 +394,7 @@ def _local_slots(topk_ids, slot_table) -> torch.Tensor:
                                                                BLOCK=1024)
     return out
 
-# %% ../../nbs/07_kernels.dispatch.ipynb #abc0dd65fb27
+# %% ../../nbs/07_kernels.dispatch.ipynb #1cf1c8f42340
 def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, **kw):
     """Check `batched_dispatch` against `dispatch_batched_reference` on the local ids it should produce (test body).
     Returns `(a, counts, slot_map)`. AssertionError on any mismatch; ValueError from `batched_dispatch` for bad
@@ -403,10 +409,12 @@ def check_dispatch(hidden, topk_ids, num_local_experts, max_tokens, local_ids, *
     valid = sm[sm >= 0]
     assert valid.unique().numel() == valid.numel()                                 # no row given twice
     assert ((valid % max_tokens) < counts.cpu().long()[valid // max_tokens]).all()  # rows are the leading ones
-    rows = a.reshape(-1, hidden.shape[1])[slot_map.clamp(min=0)].cpu()           # [T, top_k, H]
-    src = hidden.cpu()[:, None, :].expand_as(rows)
+    W = a.shape[2]                                                               # the wire's width: past H, zeros
+    sent = torch.nn.functional.pad(hidden.cpu(), (0, W - hidden.shape[1]))       # (`hidden_width`)
+    rows = a.reshape(-1, W)[slot_map.clamp(min=0)].cpu()                         # [T, top_k, W]
+    src = sent[:, None, :].expand_as(rows)
     if (group := kw.get("quant_group")) is not None:                             # FP8 on the wire: `09b`'s spec, bit
-        q, s = fp8_quantize_activations_reference(hidden.cpu(), "group", group_k=group)   # for bit, and each row's
+        q, s = fp8_quantize_activations_reference(sent, "group", group_k=group)  # for bit, and each row's
         assert a.dtype == torch.float8_e4m3fn, a.dtype                           # scales beside it
         assert torch.equal(rows.float()[sm >= 0], q.float()[:, None, :].expand_as(rows)[sm >= 0])
         got = res[3].reshape(-1, s.shape[1])[slot_map.clamp(min=0)].cpu()
