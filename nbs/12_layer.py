@@ -1503,9 +1503,10 @@ test_fail(lambda: FusedMoE.capture(on_gpu, batch_sizes=[4, 0]), contains="batch_
 # %% [markdown]
 # A decode forward writes no constant buffer of its own: what it needs zeroed (dispatch counts, split-K counters) is
 # made once and left zero again by the kernel that used it, and a few pairs take one block each with no alignment
-# buffers (`08_kernels.contiguous`). `record_fills` (`00_testing`) lists any zeros / full / fill_ / arange made during
-# the third forward at T = 1 — the launch plan's — for both formats, with shared experts and a grouped router; each
-# would be one more launch on every step.
+# buffers (`08_kernels.contiguous`); the batched dispatch writes the wire's zero columns itself where a backend sends
+# rows wider than the model's (`07`, `hidden_width`). `record_fills` (`00_testing`) lists any zeros / full / fill_ /
+# arange / pad made during the third forward at T = 1 — the launch plan's — for both formats, with shared experts and
+# a grouped router; each would be one more launch on every step.
 
 # %%
 #| test layer_decode_writes_no_constants
