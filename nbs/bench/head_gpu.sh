@@ -5,8 +5,11 @@
 #                                        tests of that check natively; the small-T kernel chain with PDL off
 #   bash nbs/bench/head_gpu.sh suite  -> the whole GPU suite (4 workers), then what failed again in one process (nothing
 #                                        when nothing failed: --lfnf none)
-#   bash nbs/bench/head_gpu.sh owed   -> one 10-minute call: the fills a capture records (`capture_fills.py 1 2`), the
-#                                        whole suite with 8 workers (-v), memcheck of the split-K and bad-launch tests
+#   bash nbs/bench/head_gpu.sh owed   -> one 10-minute call: the fills of test_layer_cuda_graphs' layers at T = 1
+#                                        (`capture_fills.py 1 --test`), then the whole suite with 8 workers (-v; it did
+#                                        not finish in 320 s at d36b5cf: 95 %)
+#   bash nbs/bench/head_gpu.sh owed_memcheck -> a second call: memcheck of the batched GEMM's real shapes, split-K and
+#                                        bad-launch tests (real_shapes alone passed 130 s at d36b5cf) and the dispatch
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 case "${1:-spec}" in
@@ -30,11 +33,13 @@ suite)
   timeout "${LIMIT_LF:-150}" python -m pytest -q -m "gpu or not gpu" --lf --lfnf none tests 2>&1 | grep -v Warning | tail -8 \
     | tee "$OUT/pytest_gpu_rerun_${CARD:-gpu}_$C.log" ;;
 owed)
-  timeout 110 python nbs/bench/capture_fills.py 1 2 2>&1 | grep -v Warn > "$OUT/capture_fills_${CARD:-gpu}_$C.log"
-  grep -E "^==|^  [123]\.|^     " "$OUT/capture_fills_${CARD:-gpu}_$C.log" | head -60
-  timeout "${LIMIT_SUITE:-320}" python -m pytest -v -n 8 -p no:cacheprovider -m "gpu or not gpu" tests \
+  timeout 90 python nbs/bench/capture_fills.py 1 --test 2>&1 | grep -v Warn > "$OUT/capture_fills_test_${CARD:-gpu}_$C.log"
+  grep -E "^==|^  [123]\.|^     " "$OUT/capture_fills_test_${CARD:-gpu}_$C.log" | head -60
+  timeout "${LIMIT_SUITE:-470}" python -m pytest -v -n 8 --tb=short -p no:cacheprovider -m "gpu or not gpu" tests \
     > "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" 2>&1
   grep -E "^FAILED|^ERROR| passed| failed" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | tail -15
-  LIMIT=${LIMIT_MEMCHECK:-130} WORKERS=1 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
-    -k "real_shapes or split_k or launch_arguments_refused" ;;
+  grep -A4 "^E  " "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | cut -c1-600 | head -20 ;;
+owed_memcheck)
+  LIMIT=${LIMIT_MEMCHECK:-560} WORKERS=2 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
+    tests/test_kernels_dispatch.py -k "real_shapes or split_k or launch_arguments_refused or dispatch" ;;
 esac
