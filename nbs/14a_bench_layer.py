@@ -544,7 +544,11 @@ plot_bench_layer(layer_h200)
 #   92.8 → 81.1 µs, allgather 81.4 → 77.0 and 94.9 → 83.6, Qwen3 EP2 42.7 → 40.7 and 42.7 → 37.5, Qwen3 T = 2 63.9 →
 #   58.6. The median row moved −0.3 µs (from −11.7 to +4.4). A replay at T = 1 is now 5 launches (one GPU), 6 (Qwen3
 #   EP2) or 9 (DeepSeek-V3; 11 before), `profile_small_t_pdl_h200_da73407.log`; the one fill left in DeepSeek-V3's is
-#   the shared experts' split-K counters on the side stream, made inside the capture.
+#   the shared experts' split-K counters on the side stream, made inside the capture. Since the side stream is made
+#   with its counters before a capture (`10_modular`), none is left: at d36b5cf (an H100, `python
+#   nbs/bench/capture_fills.py 1 2`, `capture_fills_h100_d36b5cf.log`) every deployment's replay at T = 1 and 2
+#   launches no fill (DeepSeek-V3: 8 launches), except Mixtral's at T = 2, whose alignment makes its three buffers
+#   (`08_kernels.contiguous`) once a batch has more pairs than a quarter of the experts (one block a pair up to there).
 # - **Host overhead at T = 1 (eager − replay), 0305a00:** Qwen3 92 µs, Qwen3 EP2 163, gpt-oss 206, Mixtral 28 (the
 #   GPU is the bound), DeepSeek-V3 255 (nixl_ep) and 468 (allgather). This machine's host was slower than
 #   6f16892's: transformers' eager blocks, the same code in both runs, took 1.4–1.5× longer (Qwen3 T = 1 `grouped_mm`
