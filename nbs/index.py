@@ -76,7 +76,8 @@
 #   the eight ranks of a DeepSeek-V3 deployment one after another in one process (never holding more than one rank's
 #   weights) and checks that they sum to the single-device result, computed from the weights by global id, a few
 #   experts at a time, independently of the ranks. On 2 idle CPU cores: 2.5–7 minutes (generating 11 billion random
-#   expert weights, then again the experts the tokens reach, for the references), about 3.3 GiB resident at peak;
+#   expert weights, then again the experts the tokens reach for the float64 references, which with the checks take
+#   the larger part), about 3.3 GiB resident at peak;
 #   up to 12 minutes measured with other jobs sharing the cores. The report prints at the end (a progress bar shows the ranks on a terminal).
 #   A placement the deployment cannot use falls back as vLLM's does, and the report says why (`placement linear
 #   (requested round_robin; fell back to linear: round_robin needs num_expert_group > 1 ...)`).
@@ -158,7 +159,9 @@ print(y.shape, y.dtype, layer.experts)                 # torch.Size([8, 128]) to
 
 # %% [markdown]
 # The same layer on four expert-parallel ranks behind NIXL EP, run one rank after another in this process and summed
-# (`run_emulated_ep`), against the float64 reference and the single-device output above:
+# (`run_emulated_ep`), against the float64 reference and the single-device output above. (`ParallelConfig.make`'s
+# `all2all_backend` defaults to `"none"`: every rank sees every token and masks with its `expert_map`. The command's
+# `--ep` without `--all2all` takes `allgather_reducescatter`, vLLM's default backend.)
 
 # %%
 par = ParallelConfig.make(tp_size=1, dp_size=4, enable_expert_parallel=True, all2all_backend="nixl_ep")
