@@ -35,10 +35,11 @@ suite)
 owed)
   timeout 90 python nbs/bench/capture_fills.py 1 --test 2>&1 | grep -v Warn > "$OUT/capture_fills_test_${CARD:-gpu}_$C.log"
   grep -E "^==|^  [123]\.|^     " "$OUT/capture_fills_test_${CARD:-gpu}_$C.log" | head -60
-  timeout "${LIMIT_SUITE:-470}" python -m pytest -v -n 8 --tb=short -p no:cacheprovider -m "gpu or not gpu" tests \
+  timeout "${LIMIT_SUITE:-470}" python -m pytest -v -n 8 --tb=short --durations=25 -p no:cacheprovider -m "gpu or not gpu" tests \
     > "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" 2>&1
   grep -E "^FAILED|^ERROR| passed| failed" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | tail -15
-  grep -A4 "^E  " "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | cut -c1-600 | head -20 ;;
+  grep -A4 "^E  " "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | cut -c1-600 | head -20
+  grep -A26 "slowest 25 durations" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | head -27 ;;
 owed_memcheck)
   LIMIT=${LIMIT_MEMCHECK:-560} WORKERS=2 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
     tests/test_kernels_dispatch.py -k "real_shapes or split_k or launch_arguments_refused or dispatch" ;;
