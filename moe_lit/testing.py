@@ -295,7 +295,7 @@ def write_mxfp4_checkpoint(directory, E: int = 4, H: int = 96, I: int = 64, seed
     json.dump(config, open(f"{directory}/config.json", "w")); save_file(tensors, f"{directory}/model.safetensors")
     return {"experts": qw, "w13_bias": b13, "w2_bias": b2, "tensors": tensors}
 
-# %% ../nbs/00_testing.ipynb #cc516daa17dc
+# %% ../nbs/00_testing.ipynb #7dc540dda304
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
                  torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
                  torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
@@ -320,16 +320,16 @@ class record_launches:
     def __exit__(self, *exc):
         self.cls.run = self.orig
 
+# aten ops that write a constant or a range: a launch each on a GPU (a constant pad: its fill, then a copy)
 FILL_OPS = frozenset({"zeros", "zeros_like", "new_zeros", "zero_", "full", "full_like", "new_full", "fill_", "ones",
-                      "ones_like", "new_ones", "arange", "constant_pad_nd"})   # aten ops that write a constant or a range:
-                                                            # a launch each on a GPU (a pad: its fill, then a copy)
+                      "ones_like", "new_ones", "arange", "constant_pad_nd"})
 
 class record_fills:
     """Context manager: `with record_fills() as seen:` appends `(aten op, moe-lit frames)` of every op that writes a
     constant or a range (`FILL_OPS`: zeros, full, fill_, zero_, ones, arange, their `_like` / `new_` forms, and a
     constant pad, `F.pad`) made inside it; with `capturing=True` (default) only those made while the current CUDA
-    stream is being captured, which a graph replays as a launch of their own on every replay. The frames are `file:line function` of moe-lit's code,
-    innermost first (at most 4). The ops still run. ValueError naming `capturing` for a non-bool; RuntimeError when
+    stream is being captured, which a graph replays as a launch of their own on every replay. The frames are
+    `file:line function` of moe-lit's code, innermost first (at most 4). The ops still run. ValueError naming `capturing` for a non-bool; RuntimeError when
     one instance is entered again inside itself. Source: moe-lit's own, on torch's `TorchDispatchMode`."""
     def __init__(self, capturing: bool = True): self.capturing, self.mode = check_bool("capturing", capturing), None
     def __enter__(self) -> list:

@@ -452,7 +452,7 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-# %% ../nbs/13a_transport.ipynb #2b3f74ee1016
+# %% ../nbs/13a_transport.ipynb #0d6655870014
 COLLECTIVE_TIMEOUT_MAX_S = 2**31 // 1000      # s: the largest timeout torch's TCP store holds (int32 milliseconds)
 
 def _env_int(name: str, lo: int, hi: int | None = None) -> int:
@@ -489,8 +489,9 @@ def init_distributed(timeout_s: float = 600.0,      # seconds a collective may w
     if not missing:                                # each value checked here: a wrong one would wait out the rendezvous
         _env_int("RANK", 0, _env_int("WORLD_SIZE", 1) - 1)
         _env_int("MASTER_PORT", 1, 65535)
-    local = max(0, _env_int("LOCAL_RANK", -1 if missing else 0)) if "LOCAL_RANK" in os.environ else 0   # (-1: "not
-                                                                   # distributed", as some launchers say, on one process)
+    local = 0
+    if "LOCAL_RANK" in os.environ:               # -1 on one process: "not distributed", as some launchers say
+        local = max(0, _env_int("LOCAL_RANK", -1 if missing else 0))
     device = torch.device("cpu")
     if backend == "nccl":
         if local >= torch.cuda.device_count():

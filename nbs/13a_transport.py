@@ -765,8 +765,9 @@ def init_distributed(timeout_s: float = 600.0,      # seconds a collective may w
     if not missing:                                # each value checked here: a wrong one would wait out the rendezvous
         _env_int("RANK", 0, _env_int("WORLD_SIZE", 1) - 1)
         _env_int("MASTER_PORT", 1, 65535)
-    local = max(0, _env_int("LOCAL_RANK", -1 if missing else 0)) if "LOCAL_RANK" in os.environ else 0   # (-1: "not
-                                                                   # distributed", as some launchers say, on one process)
+    local = 0
+    if "LOCAL_RANK" in os.environ:               # -1 on one process: "not distributed", as some launchers say
+        local = max(0, _env_int("LOCAL_RANK", -1 if missing else 0))
     device = torch.device("cpu")
     if backend == "nccl":
         if local >= torch.cuda.device_count():
