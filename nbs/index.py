@@ -43,18 +43,20 @@
 # bash .ci/install && .venv/bin/moe-lit run
 # ```
 #
-# It takes about two minutes with a fresh download:
+# It takes about two minutes:
 #
 # - the install: 70–90 s on an idle machine, 2–2.5 minutes beside other jobs; `.venv` is about 2 GB. It prints
-#   nothing of its own (pip warns about each package folder its configuration names that does not exist);
+#   nothing of its own; pip's `WARNING: Location '…' is ignored: it is neither a file nor a directory` lines name
+#   package folders its configuration lists that this machine does not have, and are harmless;
 # - the run: 4–7 s on 2 idle cores, 20–40 s on a busy machine or straight after the install; most of it is the
 #   float64 reference and the checks (the report's time section splits it), at a peak of about 1.5 GiB resident.
 #
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
 # into a fresh venv, and the documentation site built (which executes every notebook and fails on any failing cell)
 # and opened in headless Chromium (8–12 minutes on 2 otherwise idle CPU cores: pytest 3–5, the docs build 3–6;
-# measured 20 minutes with other runs sharing the 2 cores: run it alone for the idle figures). Its exit status says whether it passed (0: every step passed; it stops at the
-# first that fails); after a pass the last line is the browser check's. When Chromium is missing it
+# 20–25 minutes measured with other runs sharing the 2 cores, which brings the docs build near its 15-minute limit:
+# run it alone). Its exit status says whether it passed (0: every step passed; it stops at the first that fails);
+# after a pass the last line is the browser check's. When Chromium is missing it
 # first installs Debian's package, which needs root or sudo and takes about a minute:
 #
 # ```sh
