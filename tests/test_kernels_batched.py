@@ -292,6 +292,16 @@ def test_split_k_factor():
     test_fail(lambda: check_max_active(1, torch.tensor([0, 2, 3]), None), contains="validate: expected a bool, got NoneType None")
 
 
+def test_sampled_columns():
+    cols = sampled_columns(4096, 512)
+    test_eq((len(cols) <= 513, int(cols[-1]), len(set((cols % 16).tolist()))), (True, 4095, 16))
+    for tile in (16, 32, 64, 128): test_eq(len(set((cols // tile).tolist())), 4096 // tile)   # every tile holds one
+    test_eq((sampled_columns(100, None), sampled_columns(100, 100)), (None, None))
+    test_fail(lambda: sampled_columns(100, 0), contains="columns: expected an int >= 1, got 0")
+    check_batched_gemm(4, 40, 96, 160, [0, 1, 17, 40], torch.float32, "silu_and_mul", bias_dtype=torch.float32, columns=16)
+    check_batched_gemm(4, 40, 96, 80, [0, 1, 17, 40], torch.bfloat16, columns=7)
+
+
 def test_batched_gemm_catalog():
     for E, M, K, N, counts, what in GEMM_CASES:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -410,7 +420,7 @@ def test_batched_gemm_real_shapes():
         counts = torch.bincount(torch.randint(0, E, (rows,), generator=g), minlength=E).clamp(max=M)
         counts[:4] = torch.tensor([0, 1, 17, M])                                  # the edge counts, every time
         for dtype, act in ((torch.bfloat16, None), (torch.bfloat16, "silu_and_mul"), (torch.float16, None)):
-            check_batched_gemm(E, M, K, N, counts.tolist(), dtype, act, device="cuda")
+            check_batched_gemm(E, M, K, N, counts.tolist(), dtype, act, device="cuda", columns=512)
 
 
 @pytest.mark.gpu

@@ -370,11 +370,11 @@ def test_contiguous_bad_input():
 @pytest.mark.gpu
 def test_triton_experts_real_shapes():
     for T in (128, 2048):
-        g = torch.Generator().manual_seed(T)
+        g, gpu = torch.Generator().manual_seed(T), torch.Generator("cuda").manual_seed(T)   # weights drawn on the GPU
         E, H, I, k = 32, 7168, 2048, 8
-        w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).bfloat16().cuda()
-        w2 = (torch.randn(E, H, I, generator=g) / I**0.5).bfloat16().cuda()
-        hidden = torch.randn(T, H, generator=g).bfloat16().cuda()
+        w13 = torch.randn(E, 2 * I, H, generator=gpu, device="cuda", dtype=torch.bfloat16).div_(H**0.5)
+        w2 = torch.randn(E, H, I, generator=gpu, device="cuda", dtype=torch.bfloat16).div_(I**0.5)
+        hidden = torch.randn(T, H, generator=gpu, device="cuda", dtype=torch.bfloat16)
         ids = torch.stack([torch.randperm(4 * E, generator=g)[:k] for _ in range(T)]).int()   # 3/4 of slots not local
         local = torch.where(ids < E, ids, -1).cuda()
         wts = torch.rand(T, k, generator=g).cuda()

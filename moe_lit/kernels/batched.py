@@ -29,7 +29,7 @@ __all__ = ['INTERPRET', 'PDL', 'PDL_IN_CHAIN', 'TILE_KEYS', 'DEVICE', 'TILE_TABL
            'check_expert_bias', 'fit_shared_memory', 'epilogue_args', 'epilogue_constants', 'launch_key',
            'launch_values', 'pdl_kwargs', 'launch_kernel', 'fast_launch_on', 'split_k_factor', 'split_k_launch',
            'arrival_counters', 'expert_slots', 'check_max_active', 'batched_moe_gemm', 'random_batched_problem',
-           'check_batched_gemm', 'BatchedTritonExperts']
+           'sampled_columns', 'check_batched_gemm', 'BatchedTritonExperts']
 
 # %% ../../nbs/06_kernels.batched.ipynb #36daca04494a
 def check_activation(activation) -> Activation | None:
@@ -940,15 +940,38 @@ def _batched_tile(E, N, K, expected_m, dtype, gated, config_items, config_dir) -
     if not tma: cfg.pop("WARP_SPECIALIZE", None)
     return bm, bn, bk, tma, cfg
 
-# %% ../../nbs/06_kernels.batched.ipynb #08617694d154
+# %% ../../nbs/06_kernels.batched.ipynb #5fd70d8fa6eb
 def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
     """Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1). `a [E, M,
-    K]`, `w [E, N, K]` in `dtype`, counts int32 `[len(counts)]`, on `device` (default `DEVICE`). No checks: torch's
-    RuntimeError for a negative size; counts are not compared with E or M. Source: moe-lit's own."""
-    g, device = torch.Generator().manual_seed(seed), device or DEVICE
-    a = torch.randn(E, M, K, generator=g).to(device=device, dtype=dtype)
-    w = (torch.randn(E, N, K, generator=g) / K**0.5).to(device=device, dtype=dtype)
+    K]`, `w [E, N, K]` in `dtype`, counts int32 `[len(counts)]`, on `device` (default `DEVICE`). On a CUDA device the
+    values are drawn there, in `dtype`, from a generator of that device (a billion weights drawn on the host took
+    tens of seconds); elsewhere in float32 on the host, then cast. One `seed` so gives other values on the GPU than
+    on the CPU. No checks: torch's RuntimeError for a negative size; counts are not compared with E or M.
+    Source: moe-lit's own."""
+    device = torch.device(device or DEVICE)
+    on_gpu = device.type == "cuda"
+    g = torch.Generator(device=device if on_gpu else "cpu").manual_seed(seed)
+    kw = dict(generator=g, device=g.device, dtype=dtype if on_gpu else torch.float32)
+    a = torch.randn(E, M, K, **kw).to(device=device, dtype=dtype)
+    w = torch.randn(E, N, K, **kw).div_(K**0.5).to(device=device, dtype=dtype)
     return a, w, torch.tensor(counts, dtype=torch.int32, device=device)
+
+
+def sampled_columns(n: int,              # output columns
+                    columns: int | None, # at most this many (about), or None for all
+                    seed: int = 0,
+                   ) -> torch.Tensor | None:
+    """Output columns a test compares with its float64 reference when a full reference would cost too much: every
+    s-th column from an offset in [0, s), s odd (so the columns fall at every position within power-of-two tiles,
+    and every tile at least s wide holds one), plus the last column (the partial tile's edge). int64 `[~columns]` on
+    the CPU, or None (compare all) when `columns` is None or at least `n`. ValueError naming `columns` (< 1).
+    Source: moe-lit's own."""
+    if columns is None or columns >= n: return None
+    if not (isinstance(columns, int) and columns >= 1): raise ValueError(f"columns: expected an int >= 1, got {columns!r}")
+    s = -(-n // columns)
+    s += 1 - s % 2                                                            # odd
+    cols = torch.arange(seed % s, n, s)
+    return cols if int(cols[-1]) == n - 1 else torch.cat([cols, torch.tensor([n - 1])])
 
 # (E, max_tokens, K, N, counts, what it covers)
 GEMM_CASES = [
@@ -959,12 +982,15 @@ GEMM_CASES = [
     (2, 70, 128, 128, [70, 66], "more rows than one M tile"),
 ]
 
-# %% ../../nbs/06_kernels.batched.ipynb #e3c9de6e3c55
+# %% ../../nbs/06_kernels.batched.ipynb #ec090703b0f3
 def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, poison=float("nan"), config=None,
-                       bias_dtype=None, max_active=None):
+                       bias_dtype=None, max_active=None, columns=None):
     """Run `batched_moe_gemm` on a poisoned random problem and compare with the float64 reference (the test body).
-    Returns the output `[E, M, N or N/2]`. AssertionError on a mismatch or a written padding row; ValueError from
-    `batched_moe_gemm` for bad arguments. Source: moe-lit's own (padding rows poisoned with `poison`)."""
+    With `columns`, the reference is computed for about that many output columns (`sampled_columns`; with a gated
+    activation, their gate and up rows of `w`) and every valid row is compared there; the padding rows are checked
+    in full. Returns the output `[E, M, N or N/2]`. AssertionError on a mismatch or a written padding row; ValueError
+    from `batched_moe_gemm` for bad arguments, or naming `columns`. Source: moe-lit's own (padding rows poisoned with
+    `poison`)."""
     a, w, cnt = random_batched_problem(E, M, K, N, counts, dtype, device)
     device = a.device
     bias = None if bias_dtype is None else \
@@ -973,10 +999,14 @@ def check_batched_gemm(E, M, K, N, counts, dtype, activation=None, device=None, 
     n_out = N // 2 if activation else N
     out = poison_rows(torch.zeros(E, M, n_out, dtype=dtype, device=device), cnt, poison)
     got = batched_moe_gemm(a, w, cnt, activation, out=out, config=config, bias=bias, max_active_experts=max_active)
-    want = batched_gemm_reference(a.double(), w.double(), cnt, activation,
-                                  bias=None if bias is None else bias.double()).cpu()
+    cols = sampled_columns(n_out, columns, seed=E + N)
+    rows = None if cols is None else (torch.cat([cols, cols + n_out]) if activation else cols).to(device)
+    pick = (lambda t: t) if rows is None else (lambda t: t.index_select(1, rows))   # w's rows / bias's columns
+    want = batched_gemm_reference(a.double(), pick(w).double(), cnt, activation,
+                                  bias=None if bias is None else pick(bias).double()).cpu()
     valid = torch.arange(M)[None, :] < cnt.cpu()[:, None].long()             # [E, M]
-    assert_close(got.cpu()[valid], want[valid], name=f"{E}x{M}x{K}x{N} {dtype} {activation}")
+    seen = got.cpu() if cols is None else got.cpu()[..., cols]
+    assert_close(seen[valid], want[valid], name=f"{E}x{M}x{K}x{N} {dtype} {activation}")
     pad = got.cpu()[~valid]
     assert (pad.isnan().all() if poison != poison else (pad == poison).all()), "a padding row was written"
     return got
