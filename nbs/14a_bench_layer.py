@@ -24,7 +24,8 @@ from fastcore.test import test_eq, test_fail
 # %% [markdown]
 # In this notebook: `bench_layer` (every deployment of `LAYER_DEPLOYMENTS` at every token count), `layer_floor` (the
 # bytes one forward must move), `hf_moe_peer` (transformers' MoE block of the same family with the layer's weights),
-# `format_bench_layer` and `plot_bench_layer`; the committed H200 results with their reading. A **how-to** page.
+# `format_bench_layer` and `plot_bench_layer`; every committed run at a glance, and the latest H100 and H200 runs with
+# their readings. A **how-to** page.
 #
 # ## What is measured
 #
@@ -301,138 +302,52 @@ for r in rep["rows"]:
 assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 
 # %% [markdown]
-# ## Results, H100 (the latest run)
+# ## Results
 #
-# `nbs/bench/layer_bench_h100_0eb49a9.json` (log and figure beside it): the benchmark
-# (`python nbs/bench/layer_bench_run.py OUT.json`) on an NVIDIA H100 80GB HBM3, torch 2.11, Triton 3.6, 2026-12-06,
-# commit 0eb49a9: launch plans in the eager forward (from the third call of a shape, `12_layer`), programmatic
-# dependent launch where the forward is one chain (`MOE_LIT_PDL=auto`), and the decode-step column: `STEP_LAYERS` = 4
-# layers of each deployment, each with its own weights, in one graph. The card's copy bandwidth measured 3.04 TB/s
-# (the H200's 4.24): every floor is about 1.4× the H200's, so compare the rows of one card only. The H100 run before
-# plans and the step column is `layer_bench_h100_57a349f.json`.
+# Every run of this benchmark committed under `nbs/bench/`, at a glance: the card, the tree it measured, and how many
+# of its 54 rows (deployment × T) meet the 1.25 × floor + 10 µs bar replayed as one graph a layer and, where the run
+# has the column, in a decode step of `STEP_LAYERS` layers; then at how many of the 18 rows where transformers has the
+# family the replay beats transformers' faster block (timed eager). Compare rows of one card only: the H100's copy
+# bandwidth measures about 3.04 TB/s and the H200's 4.25, so an H100 floor is about 1.4× the H200's. The sections
+# after it read the latest run on each card; the earlier runs, and what each change between them moved, follow under
+# *Earlier runs*.
 
 # %%
-layer_h100 = load_bench_layer("bench/layer_bench_h100_0eb49a9.json")
-print(format_bench_layer(layer_h100))
-
-# %%
-plot_bench_layer(layer_h100)
-
-# %% [markdown]
-# **Reading.**
-#
-# - **Replayed as one graph per layer, 42 of the 54 rows meet the 1.25 × floor + 10 µs bar; in a decode step, 48.**
-#   The step graph launches once for four layers, as a serving engine's does for a whole model; per layer it is 6–51
-#   µs faster than the one-layer graph at T = 1 (the launch of a graph, paid once a step), and the median row gains
-#   6.7 µs. What is left over the floor at T = 1, per layer in the step, is 12–26 µs: five launches on one GPU, six
-#   (Qwen3 EP2) or nine (DeepSeek-V3, with the shared experts on a side stream). The six rows still over the bar in
-#   the step: Qwen3 T = 1 (42.0 µs against 41.3), Qwen3 EP2 T = 1, 2, 4 (34.2 against 26.7; 41.0 against 36.4; 62.5
-#   against 61.7), DeepSeek-V3 nixl_ep T = 1 (77.1 against 74.9) and allgather T = 1 (70.6 against 65.9).
-# - From T = 16, every row is at 1.00–1.30× its floor replayed and 0.99–1.19× in the step. A ratio under 1 means
-#   the GEMMs read weights faster than the copy bandwidth the floor is measured with (a copy also writes).
-# - **Faster than transformers at all 18 rows where it has the family** (Qwen3 and Mixtral), eager against eager and
-#   replayed: Qwen3 T = 1 52 µs eager against `batched_mm`'s 194; T = 256 454 against `grouped_mm`'s 680; Mixtral
-#   T = 256 1056 against 1309. `batched_mm` ran out of the card's 80 GB at Mixtral T = 128.
-# - **Host overhead at T = 1** (eager − replay): Qwen3 4.5 µs, gpt-oss 54, DeepSeek-V3 41 (nixl_ep) and 76
-#   (allgather), Qwen3 EP2 111; Mixtral's eager median came out under its replay's (−39: the GPU is the bound, and one
-#   median carries tens of µs of noise). The A/B of plans on and off in one process (`launch_plan_gpu.py`,
-#   `launch_plan_h100_be8465f.json`) is the cleaner measure: 94 → 5 µs (Qwen3), 83 → 3 (Qwen3 EP2), 11 → 2
-#   (gpt-oss), 145 → 21 (DeepSeek-V3 nixl_ep), 222 → 24 (allgather), every deployment under the 100 µs aimed at; again
-#   at 4041ead (`launch_plan_h100_4041ead.json`, T = 1, plans off → on): 78 → 4, 153 → 32, 43 → 2, 215 → 21, 207 →
-#   21 µs, every key planned, outputs bit-equal. In this benchmark run Qwen3 EP2 at T ≤ 4 (111, 106, 71 µs) and
-#   gpt-oss at T = 1 came out slower than even that A/B's unplanned forward; the cause was not isolated (a CPU check of
-#   every deployment at T = 1–8 finds each key planned from the third call, as the A/B does on the GPU).
-# - **Where a replay's time goes at small T, measured with programmatic dependent launch off** (`MOE_LIT_PDL=0
-#   python nbs/bench/profile_small_t.py 1 2 4` at 3386a2d, `profile_small_t_nopdl_h100_3386a2d.log`; with it on, a
-#   kernel's time includes its wait for the one before, so the sum is no breakdown). On the one-chain deployments
-#   the replay is the kernels' sum plus 13–17 µs, whatever the number of launches: Qwen3 T = 1 50.8 µs = 36.9 of
-#   kernels (router logits 1.8, selection 2.5, the two GEMMs 30.3, combine 2.3) + 13.9; Qwen3 EP2 T = 1 39.7 = 23.1
-#   (dispatch 1.9, the two batched GEMMs 14.5) + 16.6; gpt-oss T = 1 99.2 = 84.3 + 14.9; and Mixtral's T = 2 replay,
-#   12 launches, 509.4 = 492.6 + 16.8 against 15.6 at T = 1 with 5. So a launch inside a graph costs about a
-#   microsecond or less here, and the 13–17 µs is the graph's own launch and drain, which a decode step pays once for
-#   all its layers (the step column: per layer 6–51 µs under the one-layer graph at T = 1). What keeps the step rows
-#   over the bar is then the GEMMs at one or two rows an expert: Qwen3's pair takes 30.3 µs of a 25.0 µs floor for the
-#   whole layer, and the next gain there is in the GEMMs themselves, not in fewer launches. (The DeepSeek-V3 rows run
-#   the shared experts on a side stream, so their kernels overlap and the sum says nothing.)
-# - **The tiles are not what is missing on this card.** The H100 runs the H200's tile tables (`TILE_TABLE_SIBLINGS`).
-#   Tuning Qwen3's two GEMM call sites on the H100 by replaying the whole layer (`TUNE_MAX_TOKENS=16 bash
-#   nbs/bench/tune_layer_gpu.sh 0` at 5a6d193: the bucket of one row an expert, T = 1 and 16 replayed,
-#   `tune_layer_h100_5a6d193.json`) kept the H200's tiles: of 11 GEMM1 and 10 GEMM2 candidates none beat them by the
-#   3 % asked (GEMM1 314 µs for the two replays against 317–331 for every other tile; GEMM2 317 against 315–326),
-#   and the layer before and after (`layer_{before,after}_h100_5a6d193.json`) replays alike: T = 1, 2, 4, 8 at
-#   1.91, 1.55, 1.29, 1.23× the floor (step 1.67, 1.32, 1.17, 1.15×). (Its first run timed one tile for every
-#   candidate: the kernels' launch-plan caches, added after the script, kept the first tile; the script now clears
-#   every cache of the kernel modules and the layer's launch plans between candidates.)
-
-# %% [markdown]
-# ### The same benchmark at 7663fb2
-#
-# `nbs/bench/layer_bench_h100_7663fb2.json` (log and figure beside it): the run above repeated on the tree of
-# 2026-12-06's last changes (`REV=7663fb2 SKIP_HOT_TESTS=1 SKIP_MEMCHECK=1 LIMIT_BENCH=570 bash nbs/bench/layer_gpu.sh
-# final`, 209 s). Between the two, no kernel changed (the last change to `moe_lit/kernels` is 3386a2d); what changed
-# is host-side Python: the checks of the values the layer owns made once, router tensors' edits tracked by version.
-
-# %%
-layer_h100_head = load_bench_layer("bench/layer_bench_h100_7663fb2.json")
-print(format_bench_layer(layer_h100_head))
-bar = lambda floor: 1.25 * floor + 10
+bar = lambda floor: 1.25 * floor + 10                       # a row's aim: 1.25 × floor + 10 µs
 under = lambda rep, t, f: sum(r[t] <= bar(r[f]) for r in rep["rows"])
-test_eq([under(rep, "replay_us", "floor_us") for rep in (layer_h100, layer_h100_head)], [42, 41])
-test_eq([under(rep, "step_replay_us", "step_floor_us") for rep in (layer_h100, layer_h100_head)], [48, 48])
-ratio = sorted(b["replay_us"] / a["replay_us"] for a, b in zip(layer_h100["rows"], layer_h100_head["rows"]))
-print(f"replay, 7663fb2 / 0eb49a9: median {ratio[len(ratio) // 2]:.3f}, from {ratio[0]:.3f} to {ratio[-1]:.3f}")
+LAYER_RUNS = {          # every committed run, in the order made: its file -> what changed before it
+    "layer_bench_h200_8a184b7.json": "the first run",
+    "layer_bench_h200_e6a765c.json": "tile tables serve rows within 2x of a measured entry",
+    "layer_bench_h200_481820b.json": "tile heuristic: BLOCK_M covers twice an expert's mean rows",
+    "layer_bench_h200_e7361ab.json": "the layer's own tile tables; one-load combine",
+    "layer_bench_h200_65d70b5.json": "split-K",
+    "layer_bench_h200_1839958.json": "one router logits kernel; one-pass dispatch",
+    "layer_bench_h200_6f16892.json": "shared experts on the grouped GEMM",
+    "layer_bench_h200_5ab72e3.json": "direct launches; the owned ModularKernel (slower host)",
+    "layer_bench_h200_eae306d.json": "shared experts on a side stream in a graph (slower host)",
+    "layer_bench_h200_0305a00.json": "kept counters; the shared experts' add in the combine",
+    "layer_bench_h100_57a349f.json": "the first H100 run",
+    "layer_bench_h100_fd9e6e2.json": "FP8 activation quantizer work",
+    "layer_bench_h100_0eb49a9.json": "launch plans; PDL where one chain; the step column",
+    "layer_bench_h100_7663fb2.json": "the layer's own values checked once (host side)",
+    "layer_bench_h100_b6552ac.json": "the slot sum in GEMM2 (Standard format, small T)",
+    "layer_bench_h100_2900586.json": "the shared experts' tile table at T = 1",
+}
+bench_dir = find_bench_results("layer_bench_h100_2900586.json").parent
+test_eq(set(LAYER_RUNS), {p.name for p in bench_dir.glob("layer_bench_h[12]00_*.json")})   # a new run gets its line
+print(f"{'card':<6}{'tree':>9}{'date':>12}{'replay':>8}{'step':>6}{'vs hf':>7}   what changed before it")
+for name, what in LAYER_RUNS.items():
+    run = load_bench_layer(name)
+    card = "H100" if "H100" in run["device"]["device_name"] else "H200"
+    step = under(run, "step_replay_us", "step_floor_us") if "step_replay_us" in run["rows"][0] else "-"
+    hf = [(r["replay_us"], min(v for v in (r.get("hf_grouped_mm_us"), r.get("hf_batched_mm_us")) if v))
+          for r in run["rows"] if r.get("hf_grouped_mm_us") or r.get("hf_batched_mm_us")]
+    faster = f"{sum(ours < theirs for ours, theirs in hf)}/{len(hf)}"
+    print(f"{card:<6}{run['commit']:>9}{run.get('date', '?'):>12}{under(run, 'replay_us', 'floor_us'):>8}{step:>6}"
+          f"{faster:>7}   {what}")
 
 # %% [markdown]
-# **Reading.** The same picture, every replay 0.7–4.5 % slower (median 2.5 %): 41 of the 54 rows meet the bar
-# replayed as one graph a layer (Mixtral T = 1 fell to the other side: 303.9 µs against 301.9), 48 in the decode step
-# with the same six misses as above, each 0.2–1.0 µs slower, and moe-lit is faster than transformers at all 18 rows.
-# The slowdown is the card's, not the code's: a replay does not run the host-side Python that changed, and the
-# session's `bench_quant` on the same machine timed the unchanged bf16 batched GEMM at 644.7 µs on DeepSeek-V3's
-# decode shape against 622.7 at b7a0fbc (3.5 % slower; `quant_bench_fp8retune_h100_26b1797.json`,
-# `quant_bench_fp8_h100_b7a0fbc.json`). The eager column's host overhead at T = 1 moved tens of µs either way (Qwen3
-# 4.5 → 58.9, gpt-oss 54.2 → 2.4, DeepSeek-V3 41 and 76 → 23 and 24), the device host's noise: the plans' A/B in one
-# process (above) remains the measure of the layer's own Python.
-
-# %% [markdown]
-# ### The slot sum in GEMM2, at b6552ac
-#
-# `nbs/bench/layer_bench_h100_b6552ac.json` (log and figure beside it; `REV=b6552ac SKIP_HOT_TESTS=1 SKIP_MEMCHECK=1
-# LIMIT_BENCH=330 bash nbs/bench/layer_gpu.sh final`, an H100, 2026-12-06). One kernel change since 7663fb2: on pair
-# blocks the Standard experts' GEMM2 sums each token's slots in the program of its last pair (`08_kernels.contiguous`,
-# `COMBINE`), where the layer has no shared experts' addend and no w2 bias — Qwen3-30B-A3B and Mixtral on one GPU at
-# small T. Their replays are four launches where they were five.
-
-# %%
-layer_h100_comb = load_bench_layer("bench/layer_bench_h100_b6552ac.json")
-print(format_bench_layer(layer_h100_comb))
-test_eq([under(layer_h100_comb, "replay_us", "floor_us"), under(layer_h100_comb, "step_replay_us", "step_floor_us")], [41, 49])
-qwen = [(a["num_tokens"], a["step_replay_us"], b["step_replay_us"]) for a, b in zip(layer_h100_head["rows"], layer_h100_comb["rows"])
-        if a["deployment"].startswith("Qwen3-30B-A3B, 1 GPU") and a["num_tokens"] <= 4]
-print("Qwen3, 1 GPU, a layer of the step, 7663fb2 -> b6552ac:", ", ".join(f"T={t}: {x:.1f} -> {y:.1f} us" for t, x, y in qwen))
-
-# %%
-plot_bench_layer(layer_h100_comb)
-
-# %% [markdown]
-# **Reading.** 49 of the 54 rows meet the bar in the decode step (48 before), 41 replayed as one graph a layer. The
-# row that crossed is Qwen3 at T = 1: 41.1 µs a layer of the step against a bar of 41.5 (42.4 at 7663fb2). Qwen3 on
-# one GPU is 2.1–2.6 µs faster at T = 2 and 4, replayed and in the step, and at T = 1 1.3 µs in the step, 0.4
-# replayed; every other row's replay is within −0.9 to +1.7 % and its step within −1.6 to +0.5 % (median ratio of all
-# replays 0.999), since no other row runs the changed path at those T. The five step misses left: Qwen3 EP2
-# (nixl_ep) at T = 1, 2, 4 (34.6, 41.4, 63.5 µs against 26.8, 36.6, 62.0), DeepSeek-V3 nixl_ep at T = 1 (78.3 against
-# 75.4) and allgather at T = 1 (70.2 against 66.3). The batched format's combine is the finalize's, a separate object
-# from the experts (`10_modular`); summing there in GEMM2 would need the slab row → pair map from the dispatch and the
-# dispatch counts zeroed by GEMM2's last program, not done. The A/B in one process on an H200
-# (`eager_vs_replay_combine_h200_c51e71e.log`, slot sum in its own launch → in GEMM2, both forced) is the cleaner
-# measure of the change alone: Qwen3 T = 1, 2, 4 replays 0.7–1.6 µs faster, gpt-oss 1.2–3.9 µs slower (hence not by
-# default with a w2 bias), the batched deployments, which do not run it, within 0.3 µs.
-#
-# After this run the shared experts got a tile table of their own at T = 1 (`08`, Tiles): DeepSeek-V3's replays at
-# T = 1 were 2.1–2.2 µs faster on an H200 in the A/B of both tables in one process. The two DeepSeek-V3 rows over
-# the bar need 2.9 and 3.9 µs on the H100; the benchmark has not been run again to see where they land.
-
-# %% [markdown]
-# ### The whole tree at 2900586
+# ### H100, the latest run: the whole tree at 2900586
 #
 # `nbs/bench/layer_bench_h100_2900586.json` (log and figure beside it; `REV=2900586 SKIP_HOT_TESTS=1 SKIP_MEMCHECK=1
 # LIMIT_BENCH=320 bash nbs/bench/layer_gpu.sh final`, an H100 80GB HBM3, 2026-12-07). Since b6552ac the shared experts
@@ -444,6 +359,7 @@ plot_bench_layer(layer_h100_comb)
 
 # %%
 layer_h100_tree = load_bench_layer("bench/layer_bench_h100_2900586.json")
+layer_h100_comb = load_bench_layer("bench/layer_bench_h100_b6552ac.json")   # the run before (Earlier runs)
 print(format_bench_layer(layer_h100_tree))
 test_eq([under(layer_h100_tree, "replay_us", "floor_us"), under(layer_h100_tree, "step_replay_us", "step_floor_us")], [43, 50])
 over = [(r["deployment"], r["num_tokens"], r["step_replay_us"], bar(r["step_floor_us"])) for r in layer_h100_tree["rows"]
@@ -451,23 +367,58 @@ over = [(r["deployment"], r["num_tokens"], r["step_replay_us"], bar(r["step_floo
 for name, t, got, want in over: print(f"over the bar in the step: {name}, T={t}: {got:.1f} us against {want:.1f}")
 ratio = sorted(b["step_replay_us"] / a["step_replay_us"] for a, b in zip(layer_h100_comb["rows"], layer_h100_tree["rows"]))
 print(f"step, 2900586 / b6552ac: median {ratio[len(ratio) // 2]:.3f}, from {ratio[0]:.3f} to {ratio[-1]:.3f}")
+big = [r for r in layer_h100_tree["rows"] if r["num_tokens"] >= 16]
+for t, f in (("replay_us", "floor_us"), ("step_replay_us", "step_floor_us")):
+    print(f"T >= 16, {t} / {f}: {min(r[t] / r[f] for r in big):.2f} to {max(r[t] / r[f] for r in big):.2f}")
 
 # %%
 plot_bench_layer(layer_h100_tree)
 
 # %% [markdown]
-# **Reading.** 50 of the 54 rows meet the bar in the decode step, 43 replayed as one graph a layer; moe-lit is faster
-# than transformers' best at all 18 rows where it has the family, eager and replayed. Every replay came out 0.4–4.4 %
-# faster than at b6552ac (median 2.6 %), and the step rows by as much (one 0.7 % slower). That is the card, not the
-# code: every deployment moved by 1.6–3.7 % (median of its rows), the rows whose path did not change as much as the
-# others. Beyond that, DeepSeek-V3's replays at T = 1 gained 1.5 % more (4.3 and 3.9 %), the shared experts' table, and
-# its nixl_ep row crossed the bar in the step (73.7 µs against 74.9; 78.3 at b6552ac); allgather at T = 1 is still
-# 1.2 µs over (67.1 against 65.9). The other three misses are Qwen3 EP2 (nixl_ep) at T = 1, 2, 4: 34.8, 41.0, 62.9 µs
-# against 26.7, 36.4, 61.7. There the floor is 13 µs of weights and the layer is six launches (router logits,
-# selection, dispatch, two batched GEMMs, combine: 23 µs of kernels without PDL at 3386a2d); the bar would need the dispatch and combine
-# that stand in for NIXL EP's own kernels fused into the GEMMs, which would tie the batched experts to one transport,
-# so it is not done. The eager column's host overhead at T = 1 (Qwen3 16 µs, Qwen3 EP2 43, gpt-oss 65, DeepSeek-V3
-# 165 and 56) again moved by tens of µs from run to run; the plans' A/B in one process above is the measure.
+# **Reading.**
+#
+# - **The bar: 50 of the 54 rows meet it in the decode step, 43 replayed as one graph a layer.** The four misses in
+#   the step: Qwen3 EP2 (nixl_ep) at T = 1, 2, 4 (34.8, 41.0, 62.9 µs against 26.7, 36.4, 61.7) and DeepSeek-V3
+#   allgather at T = 1 (67.1 against 65.9). For Qwen3 EP2 the floor is 13 µs of weights and the layer is six launches
+#   (router logits, selection, dispatch, two batched GEMMs, combine: 23 µs of kernels without PDL at 3386a2d); the
+#   next section measures that fixed cost. From T = 16 every row is at 1.00–1.29× its floor replayed and 0.99–1.19×
+#   in the step; a ratio under 1 means the GEMMs read weights faster than the copy the floor is measured with (a copy
+#   also writes).
+# - **Faster than transformers' best at all 18 rows where it has the family** (Qwen3 and Mixtral), eager against
+#   eager and replayed.
+# - **Against the run before (b6552ac):** every replay came out 0.4–4.4 % faster (median 2.6 %), and the step rows by
+#   as much (one 0.7 % slower). That is the card, not the code: every deployment moved by 1.6–3.7 % (median of its
+#   rows), the rows whose path did not change as much as the others. Beyond that, DeepSeek-V3's replays at T = 1
+#   gained 1.5 % more (4.3 and 3.9 %), the shared experts' table, and its nixl_ep row crossed the bar in the step
+#   (73.7 µs against 74.9; 78.3 at b6552ac).
+# - **Host overhead at T = 1** (eager − replay): Qwen3 16 µs, Qwen3 EP2 43, gpt-oss 65, DeepSeek-V3 165 (nixl_ep) and
+#   56 (allgather); Mixtral's eager median came out under its replay's (the GPU is the bound). These move by tens of
+#   µs from run to run with the device host's noise. The A/B of launch plans on and off in one process
+#   (`launch_plan_gpu.py`, `launch_plan_h100_be8465f.json`) is the cleaner measure: 94 → 5 µs (Qwen3), 83 → 3 (Qwen3
+#   EP2), 11 → 2 (gpt-oss), 145 → 21 (DeepSeek-V3 nixl_ep), 222 → 24 (allgather), every deployment under the 100 µs
+#   aimed at; again at 4041ead (`launch_plan_h100_4041ead.json`, T = 1, plans off → on): 78 → 4, 153 → 32, 43 → 2,
+#   215 → 21, 207 → 21 µs, every key planned, outputs bit-equal.
+# - **Where a replay's time goes at small T, measured with programmatic dependent launch off** (`MOE_LIT_PDL=0
+#   python nbs/bench/profile_small_t.py 1 2 4` at 3386a2d, `profile_small_t_nopdl_h100_3386a2d.log`; with it on, a
+#   kernel's time includes its wait for the one before, so the sum is no breakdown). On the one-chain deployments
+#   the replay is the kernels' sum plus 13–17 µs, whatever the number of launches: Qwen3 T = 1 50.8 µs = 36.9 of
+#   kernels (router logits 1.8, selection 2.5, the two GEMMs 30.3, combine 2.3) + 13.9; Qwen3 EP2 T = 1 39.7 = 23.1
+#   (dispatch 1.9, the two batched GEMMs 14.5) + 16.6; gpt-oss T = 1 99.2 = 84.3 + 14.9; and Mixtral's T = 2 replay,
+#   12 launches, 509.4 = 492.6 + 16.8 against 15.6 at T = 1 with 5. So a launch inside a graph costs about a
+#   microsecond or less here, and the 13–17 µs is the graph's own launch and drain, which a decode step pays once for
+#   all its layers (the step column at 0eb49a9: per layer 6–51 µs under the one-layer graph at T = 1). What keeps
+#   the step rows over the bar is then the GEMMs at one or two rows an expert: Qwen3's pair takes 30.3 µs of a 25.0 µs floor for the
+#   whole layer, and the next gain there is in the GEMMs themselves, not in fewer launches. (The DeepSeek-V3 rows run
+#   the shared experts on a side stream, so their kernels overlap and the sum says nothing.)
+# - **The tiles are not what is missing on this card.** The H100 runs the H200's tile tables (`TILE_TABLE_SIBLINGS`).
+#   Tuning Qwen3's two GEMM call sites on the H100 by replaying the whole layer (`TUNE_MAX_TOKENS=16 bash
+#   nbs/bench/tune_layer_gpu.sh 0` at 5a6d193: the bucket of one row an expert, T = 1 and 16 replayed,
+#   `tune_layer_h100_5a6d193.json`) kept the H200's tiles: of 11 GEMM1 and 10 GEMM2 candidates none beat them by the
+#   3 % asked (GEMM1 314 µs for the two replays against 317–331 for every other tile; GEMM2 317 against 315–326),
+#   and the layer before and after (`layer_{before,after}_h100_5a6d193.json`) replays alike: T = 1, 2, 4, 8 at
+#   1.91, 1.55, 1.29, 1.23× the floor (step 1.67, 1.32, 1.17, 1.15×). (Its first run timed one tile for every
+#   candidate: the kernels' launch-plan caches, added after the script, kept the first tile; the script now clears
+#   every cache of the kernel modules and the layer's launch plans between candidates.)
 
 # %% [markdown]
 # ### What a layer pays whatever its batch
@@ -507,7 +458,7 @@ assert all(r["step_replay_us"] > bar(r["step_floor_us"]) for r in small
 # and 2 over. The 1.25 × floor + 10 µs aim, as it stands, counts those launches as the layer's.
 
 # %% [markdown]
-# ## Results, H200
+# ### H200, the latest run: 0305a00
 #
 # `nbs/bench/layer_bench_h200_0305a00.json` (with its log and figure) comes from one run of the layer benchmark
 # (`python nbs/bench/layer_bench_run.py OUT.json`: `bench_layer` over every deployment, then the figure) on an NVIDIA
@@ -563,7 +514,122 @@ plot_bench_layer(layer_h200)
 #   stream. A likely cause, not verified: programs launched early hold SMs while they wait, which the shared experts'
 #   GEMM beside them would have used. Eager times moved both ways by up to 190 µs with the host's noise. So it was
 #   kept off by default in that run; the per-layer choice — on where the forward is one chain, off where the shared
-#   experts run on a side stream — became the default at 663789a (`MOE_LIT_PDL=auto`), and the H100 run above used it.
+#   experts run on a side stream — became the default at 663789a (`MOE_LIT_PDL=auto`), and the H100 runs used it.
+
+# %% [markdown]
+# ## Earlier runs
+#
+# The readings of the runs before the latest on each card, kept as they were written ("now" in them means the tree
+# they measured): the H100's three runs before 2900586, oldest first, then the H200's 1839958 run and the steps
+# before it. The table under Results lists every run.
+
+# %% [markdown]
+# ### H100 at 0eb49a9: launch plans, programmatic dependent launch, the step column
+#
+# `nbs/bench/layer_bench_h100_0eb49a9.json` (log and figure beside it): the benchmark
+# (`python nbs/bench/layer_bench_run.py OUT.json`) on an NVIDIA H100 80GB HBM3, torch 2.11, Triton 3.6, 2026-12-06,
+# commit 0eb49a9: launch plans in the eager forward (from the third call of a shape, `12_layer`), programmatic
+# dependent launch where the forward is one chain (`MOE_LIT_PDL=auto`), and the decode-step column: `STEP_LAYERS` = 4
+# layers of each deployment, each with its own weights, in one graph. The card's copy bandwidth measured 3.04 TB/s
+# (the H200's 4.24): every floor is about 1.4× the H200's, so compare the rows of one card only. The H100 run before
+# plans and the step column is `layer_bench_h100_57a349f.json`.
+
+# %%
+layer_h100 = load_bench_layer("bench/layer_bench_h100_0eb49a9.json")
+print(format_bench_layer(layer_h100))
+
+# %%
+plot_bench_layer(layer_h100)
+
+# %% [markdown]
+# **Reading.**
+#
+# - **Replayed as one graph per layer, 42 of the 54 rows meet the 1.25 × floor + 10 µs bar; in a decode step, 48.**
+#   The step graph launches once for four layers, as a serving engine's does for a whole model; per layer it is 6–51
+#   µs faster than the one-layer graph at T = 1 (the launch of a graph, paid once a step), and the median row gains
+#   6.7 µs. What is left over the floor at T = 1, per layer in the step, is 12–26 µs: five launches on one GPU, six
+#   (Qwen3 EP2) or nine (DeepSeek-V3, with the shared experts on a side stream). The six rows still over the bar in
+#   the step: Qwen3 T = 1 (42.0 µs against 41.3), Qwen3 EP2 T = 1, 2, 4 (34.2 against 26.7; 41.0 against 36.4; 62.5
+#   against 61.7), DeepSeek-V3 nixl_ep T = 1 (77.1 against 74.9) and allgather T = 1 (70.6 against 65.9).
+# - From T = 16, every row is at 1.00–1.30× its floor replayed and 0.99–1.19× in the step. A ratio under 1 means
+#   the GEMMs read weights faster than the copy bandwidth the floor is measured with (a copy also writes).
+# - **Faster than transformers at all 18 rows where it has the family** (Qwen3 and Mixtral), eager against eager and
+#   replayed: Qwen3 T = 1 52 µs eager against `batched_mm`'s 194; T = 256 454 against `grouped_mm`'s 680; Mixtral
+#   T = 256 1056 against 1309. `batched_mm` ran out of the card's 80 GB at Mixtral T = 128.
+# - **Host overhead at T = 1** (eager − replay): Qwen3 4.5 µs, gpt-oss 54, DeepSeek-V3 41 (nixl_ep) and 76
+#   (allgather), Qwen3 EP2 111; Mixtral's eager median came out under its replay's (−39: the GPU is the bound, and one
+#   median carries tens of µs of noise; the A/B of plans under the latest run is the cleaner measure). In this
+#   benchmark run Qwen3 EP2 at T ≤ 4 (111, 106, 71 µs) and gpt-oss at T = 1 came out slower than even that A/B's
+#   unplanned forward; the cause was not isolated (a CPU check of every deployment at T = 1–8 finds each key planned
+#   from the third call, as the A/B does on the GPU).
+
+# %% [markdown]
+# ### H100 at 7663fb2: the same benchmark on the next day's tree
+#
+# `nbs/bench/layer_bench_h100_7663fb2.json` (log and figure beside it): the run above repeated on the tree of
+# 2026-12-06's last changes (`REV=7663fb2 SKIP_HOT_TESTS=1 SKIP_MEMCHECK=1 LIMIT_BENCH=570 bash nbs/bench/layer_gpu.sh
+# final`, 209 s). Between the two, no kernel changed (the last change to `moe_lit/kernels` is 3386a2d); what changed
+# is host-side Python: the checks of the values the layer owns made once, router tensors' edits tracked by version.
+
+# %%
+layer_h100_head = load_bench_layer("bench/layer_bench_h100_7663fb2.json")
+print(format_bench_layer(layer_h100_head))
+test_eq([under(rep, "replay_us", "floor_us") for rep in (layer_h100, layer_h100_head)], [42, 41])
+test_eq([under(rep, "step_replay_us", "step_floor_us") for rep in (layer_h100, layer_h100_head)], [48, 48])
+ratio = sorted(b["replay_us"] / a["replay_us"] for a, b in zip(layer_h100["rows"], layer_h100_head["rows"]))
+print(f"replay, 7663fb2 / 0eb49a9: median {ratio[len(ratio) // 2]:.3f}, from {ratio[0]:.3f} to {ratio[-1]:.3f}")
+
+# %% [markdown]
+# **Reading.** The same picture, every replay 0.7–4.5 % slower (median 2.5 %): 41 of the 54 rows meet the bar
+# replayed as one graph a layer (Mixtral T = 1 fell to the other side: 303.9 µs against 301.9), 48 in the decode step
+# with the same six misses as at 0eb49a9, each 0.2–1.0 µs slower, and moe-lit is faster than transformers at all 18 rows.
+# The slowdown is the card's, not the code's: a replay does not run the host-side Python that changed, and the
+# session's `bench_quant` on the same machine timed the unchanged bf16 batched GEMM at 644.7 µs on DeepSeek-V3's
+# decode shape against 622.7 at b7a0fbc (3.5 % slower; `quant_bench_fp8retune_h100_26b1797.json`,
+# `quant_bench_fp8_h100_b7a0fbc.json`). The eager column's host overhead at T = 1 moved tens of µs either way (Qwen3
+# 4.5 → 58.9, gpt-oss 54.2 → 2.4, DeepSeek-V3 41 and 76 → 23 and 24), the device host's noise: the plans' A/B in one
+# process (above) remains the measure of the layer's own Python.
+
+# %% [markdown]
+# ### H100 at b6552ac: the slot sum in GEMM2
+#
+# `nbs/bench/layer_bench_h100_b6552ac.json` (log and figure beside it; `REV=b6552ac SKIP_HOT_TESTS=1 SKIP_MEMCHECK=1
+# LIMIT_BENCH=330 bash nbs/bench/layer_gpu.sh final`, an H100, 2026-12-06). One kernel change since 7663fb2: on pair
+# blocks the Standard experts' GEMM2 sums each token's slots in the program of its last pair (`08_kernels.contiguous`,
+# `COMBINE`), where the layer has no shared experts' addend and no w2 bias — Qwen3-30B-A3B and Mixtral on one GPU at
+# small T. Their replays are four launches where they were five.
+
+# %%
+print(format_bench_layer(layer_h100_comb))
+test_eq([under(layer_h100_comb, "replay_us", "floor_us"), under(layer_h100_comb, "step_replay_us", "step_floor_us")], [41, 49])
+qwen = [(a["num_tokens"], a["step_replay_us"], b["step_replay_us"]) for a, b in zip(layer_h100_head["rows"], layer_h100_comb["rows"])
+        if a["deployment"].startswith("Qwen3-30B-A3B, 1 GPU") and a["num_tokens"] <= 4]
+print("Qwen3, 1 GPU, a layer of the step, 7663fb2 -> b6552ac:", ", ".join(f"T={t}: {x:.1f} -> {y:.1f} us" for t, x, y in qwen))
+
+# %%
+plot_bench_layer(layer_h100_comb)
+
+# %% [markdown]
+# **Reading.** 49 of the 54 rows meet the bar in the decode step (48 at 7663fb2), 41 replayed as one graph a layer. The
+# row that crossed is Qwen3 at T = 1: 41.1 µs a layer of the step against a bar of 41.5 (42.4 at 7663fb2). Qwen3 on
+# one GPU is 2.1–2.6 µs faster at T = 2 and 4, replayed and in the step, and at T = 1 1.3 µs in the step, 0.4
+# replayed; every other row's replay is within −0.9 to +1.7 % and its step within −1.6 to +0.5 % (median ratio of all
+# replays 0.999), since no other row runs the changed path at those T. The five step misses left: Qwen3 EP2
+# (nixl_ep) at T = 1, 2, 4 (34.6, 41.4, 63.5 µs against 26.8, 36.6, 62.0), DeepSeek-V3 nixl_ep at T = 1 (78.3 against
+# 75.4) and allgather at T = 1 (70.2 against 66.3). The batched format's combine is the finalize's, a separate object
+# from the experts (`10_modular`); summing there in GEMM2 would need the slab row → pair map from the dispatch and the
+# dispatch counts zeroed by GEMM2's last program, not done. The A/B in one process on an H200
+# (`eager_vs_replay_combine_h200_c51e71e.log`, slot sum in its own launch → in GEMM2, both forced) is the cleaner
+# measure of the change alone: Qwen3 T = 1, 2, 4 replays 0.7–1.6 µs faster, gpt-oss 1.2–3.9 µs slower (hence not by
+# default with a w2 bias), the batched deployments, which do not run it, within 0.3 µs.
+#
+# After this run the shared experts got a tile table of their own at T = 1 (`08`, Tiles): DeepSeek-V3's replays at
+# T = 1 were 2.1–2.2 µs faster on an H200 in the A/B of both tables in one process. The two DeepSeek-V3 rows over
+# the bar needed 2.9 and 3.9 µs on the H100; the latest run (2900586, above) measured where they landed: nixl_ep
+# crossed the bar in the step, allgather is 1.2 µs over.
+
+# %% [markdown]
+# ### H200 at 1839958 and the steps before it
 #
 # The bullets below describe the 1839958 run and the steps before it.
 #
