@@ -311,7 +311,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # small shapes. On a machine with a CUDA GPU, `bash .ci/gpu` runs the whole suite including the full-size `gpu` tests,
 # a `compute-sanitizer` memcheck of the kernel tests, the DeepSeek-V3 EP8 job on the GPU and `moe-lit bench`
 # (`bash .ci/gpu --tune` re-tunes the tile tables first); `bash .ci/gpu-multi` runs the distributed job over NCCL
-# with one GPU per process. The committed H200 results are in `nbs/bench/`.
+# with one GPU per process. The committed H100 and H200 results are in `nbs/bench/`; `14a_bench_layer` lists every
+# run of the layer benchmark.
 #
 # ## Across processes
 #
