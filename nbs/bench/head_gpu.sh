@@ -8,7 +8,7 @@
 #   bash nbs/bench/head_gpu.sh owed   -> one 10-minute call: the fills of test_layer_cuda_graphs' layers at T = 1
 #                                        (`capture_fills.py 1 --test`), then the whole suite with 8 workers (-v; it did
 #                                        not finish in 320 s at d36b5cf: 95 %)
-#   bash nbs/bench/head_gpu.sh owed_one -> both in one call: the suite beside the memcheck, the fills only on failure
+#   bash nbs/bench/head_gpu.sh owed_one -> both in one call: the suite, then the memcheck, the fills only on failure
 #   bash nbs/bench/head_gpu.sh owed_memcheck -> a second call: memcheck of the batched GEMM's real shapes, split-K and
 #                                        bad-launch tests (real_shapes alone passed 130 s at d36b5cf) and the dispatch
 set -uo pipefail
@@ -42,18 +42,19 @@ owed)
   grep -A4 "^E  " "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | cut -c1-600 | head -20
   grep -A26 "slowest 25 durations" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | head -27 ;;
 owed_one)
-  # both owed checks in one call: the memcheck (2 workers) beside the whole suite (8 workers), then the fills of
-  # test_layer_cuda_graphs' layers only if that test failed
-  LIMIT=${LIMIT_MEMCHECK:-450} WORKERS=2 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
-    tests/test_kernels_dispatch.py -k "real_shapes or split_k or launch_arguments_refused or dispatch" > "$OUT/memcheck_summary.txt" 2>&1 &
-  timeout "${LIMIT_SUITE:-450}" python -m pytest -v -n 8 --tb=short --durations=25 -p no:cacheprovider -m "gpu or not gpu" tests \
+  # both owed checks in one call, one after the other (a memcheck beside the suite ran big tests out of memory at
+  # 57a349f): the whole suite (8 workers), the memcheck, then the fills of test_layer_cuda_graphs' layers only if
+  # that test failed
+  timeout "${LIMIT_SUITE:-330}" python -m pytest -v -n 8 --tb=short --durations=25 -p no:cacheprovider -m "gpu or not gpu" tests \
     > "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" 2>&1
-  echo "suite exit $?"; wait; cat "$OUT/memcheck_summary.txt"
+  echo "suite exit $?"
   grep -E "^FAILED|^ERROR| passed| failed" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | tail -15
   grep -A4 "^E  " "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | cut -c1-600 | head -30
   grep -A26 "slowest 25 durations" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | head -27
+  LIMIT=${LIMIT_MEMCHECK:-180} WORKERS=2 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
+    tests/test_kernels_dispatch.py -k "real_shapes or split_k or launch_arguments_refused or dispatch"
   if grep -q "FAILED.*test_layer_cuda_graphs" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log"; then
-    timeout 90 python nbs/bench/capture_fills.py 1 --test 2>&1 | grep -v Warn > "$OUT/capture_fills_test_${CARD:-gpu}_$C.log"
+    timeout 70 python nbs/bench/capture_fills.py 1 --test 2>&1 | grep -v Warn > "$OUT/capture_fills_test_${CARD:-gpu}_$C.log"
     grep -E "^==|^  [123]\.|^     " "$OUT/capture_fills_test_${CARD:-gpu}_$C.log" | head -60
   fi ;;
 owed_memcheck)
