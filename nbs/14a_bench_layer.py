@@ -308,7 +308,9 @@ assert "Qwen3-30B-A3B, 1 GPU" in format_bench_layer(rep)
 # of its 54 rows (deployment × T) meet the 1.25 × floor + 10 µs bar replayed as one graph a layer and, where the run
 # has the column, in a decode step of `STEP_LAYERS` layers; then at how many of the 18 rows where transformers has the
 # family the replay beats transformers' faster block (timed eager). Compare rows of one card only: the H100's copy
-# bandwidth measures about 3.04 TB/s and the H200's 4.25, so an H100 floor is about 1.4× the H200's. The sections
+# bandwidth measures about 3.04 TB/s and the H200's 4.25–4.27, so an H100 floor is about 1.4× the H200's. The tree
+# column is the commit each run measured, which two files name otherwise: `layer_bench_h200_8a184b7.json` measured
+# 17c0889 (its JSON has no date) and `layer_bench_h200_0305a00.json` measured da73407. The sections
 # after it read the latest run on each card; the earlier runs, and what each change between them moved, follow under
 # *Earlier runs*.
 
@@ -325,11 +327,11 @@ LAYER_RUNS = {          # every committed run, in the order made: its file -> wh
     "layer_bench_h200_6f16892.json": "shared experts on the grouped GEMM",
     "layer_bench_h200_5ab72e3.json": "direct launches; the owned ModularKernel (slower host)",
     "layer_bench_h200_eae306d.json": "shared experts on a side stream in a graph (slower host)",
-    "layer_bench_h200_0305a00.json": "kept counters; the shared experts' add in the combine",
+    "layer_bench_h200_0305a00.json": "split-K and dispatch counters kept: no fill for them",
     "layer_bench_h100_57a349f.json": "the first H100 run",
-    "layer_bench_h100_fd9e6e2.json": "FP8 activation quantizer work",
+    "layer_bench_h100_fd9e6e2.json": "FP8 activation quantizer work (not on this bf16 path)",
     "layer_bench_h100_0eb49a9.json": "launch plans; PDL where one chain; the step column",
-    "layer_bench_h100_7663fb2.json": "the layer's own values checked once (host side)",
+    "layer_bench_h100_7663fb2.json": "host side: owned values checked once, edits tracked",
     "layer_bench_h100_b6552ac.json": "the slot sum in GEMM2 (Standard format, small T)",
     "layer_bench_h100_2900586.json": "the shared experts' tile table at T = 1",
 }
@@ -351,9 +353,8 @@ for name, what in LAYER_RUNS.items():
 #
 # `nbs/bench/layer_bench_h100_2900586.json` (log and figure beside it; `REV=2900586 SKIP_HOT_TESTS=1 SKIP_MEMCHECK=1
 # LIMIT_BENCH=320 bash nbs/bench/layer_gpu.sh final`, an H100 80GB HBM3, 2026-12-07). Since b6552ac the shared experts
-# have their own tile table at T = 1 (`08`, Tiles); the rest is host-side: the checks of the values the layer owns
-# made once, the tables' checks on the public kernel entry points, the router plan's fallback warning, messages and
-# docstrings. The same tree passed the whole GPU suite natively in the same session (354 passed,
+# have their own tile table at T = 1 (`08`, Tiles); the rest is host-side: the tables' checks on the public kernel
+# entry points, `debug=True`'s value checks, the router plan's fallback warning, messages and docstrings. The same tree passed the whole GPU suite natively in the same session (354 passed,
 # `pytest_gpu_v_h100_2900586.log`) and memcheck of the router, dispatch, modular, layer and contiguous tests
 # (`memcheck_h100_2900586.log`).
 
@@ -379,17 +380,18 @@ plot_bench_layer(layer_h100_tree)
 #
 # - **The bar: 50 of the 54 rows meet it in the decode step, 43 replayed as one graph a layer.** The four misses in
 #   the step: Qwen3 EP2 (nixl_ep) at T = 1, 2, 4 (34.8, 41.0, 62.9 µs against 26.7, 36.4, 61.7) and DeepSeek-V3
-#   allgather at T = 1 (67.1 against 65.9). For Qwen3 EP2 the floor is 13 µs of weights and the layer is six launches
+#   allgather at T = 1 (67.1 against 65.9, 1.3 µs over). For Qwen3 EP2 the floor is 13 µs of weights and the layer is six launches
 #   (router logits, selection, dispatch, two batched GEMMs, combine: 23 µs of kernels without PDL at 3386a2d); the
 #   next section measures that fixed cost. From T = 16 every row is at 1.00–1.29× its floor replayed and 0.99–1.19×
 #   in the step; a ratio under 1 means the GEMMs read weights faster than the copy the floor is measured with (a copy
 #   also writes).
 # - **Faster than transformers' best at all 18 rows where it has the family** (Qwen3 and Mixtral), eager against
 #   eager and replayed.
-# - **Against the run before (b6552ac):** every replay came out 0.4–4.4 % faster (median 2.6 %), and the step rows by
-#   as much (one 0.7 % slower). That is the card, not the code: every deployment moved by 1.6–3.7 % (median of its
-#   rows), the rows whose path did not change as much as the others. Beyond that, DeepSeek-V3's replays at T = 1
-#   gained 1.5 % more (4.3 and 3.9 %), the shared experts' table, and its nixl_ep row crossed the bar in the step
+# - **Against the run before (b6552ac):** every replay came out 0.4–4.4 % faster (median 2.6 %), and the step rows
+#   from 0.7 % slower (Qwen3 EP2 at T = 1) to 5.9 % faster (DeepSeek-V3 nixl_ep at T = 1). That is mostly the card,
+#   not the code: every deployment's replays moved by 1.6–3.7 % (median of its rows), the rows whose path did not
+#   change as much as the others. Beyond that, DeepSeek-V3's replays at T = 1 gained 1.2–1.7 points more than their
+#   deployments' medians (4.3 and 3.9 %), the shared experts' table, and its nixl_ep row crossed the bar in the step
 #   (73.7 µs against 74.9; 78.3 at b6552ac).
 # - **Host overhead at T = 1** (eager − replay): Qwen3 16 µs, Qwen3 EP2 43, gpt-oss 65, DeepSeek-V3 165 (nixl_ep) and
 #   56 (allgather); Mixtral's eager median came out under its replay's (the GPU is the bound). These move by tens of
@@ -406,10 +408,11 @@ plot_bench_layer(layer_h100_tree)
 #   (dispatch 1.9, the two batched GEMMs 14.5) + 16.6; gpt-oss T = 1 99.2 = 84.3 + 14.9; and Mixtral's T = 2 replay,
 #   12 launches, 509.4 = 492.6 + 16.8 against 15.6 at T = 1 with 5. So a launch inside a graph costs about a
 #   microsecond or less here, and the 13–17 µs is the graph's own launch and drain, which a decode step pays once for
-#   all its layers (the step column at 0eb49a9: per layer 6–51 µs under the one-layer graph at T = 1). What keeps
-#   the step rows over the bar is then the GEMMs at one or two rows an expert: Qwen3's pair takes 30.3 µs of a 25.0 µs floor for the
-#   whole layer, and the next gain there is in the GEMMs themselves, not in fewer launches. (The DeepSeek-V3 rows run
-#   the shared experts on a side stream, so their kernels overlap and the sum says nothing.)
+#   all its layers (the step column of this run: per layer 7–51 µs under the one-layer graph at T = 1). At 3386a2d
+#   that left Qwen3 on one GPU over the bar at T = 1 on its GEMMs at one or two rows an expert (the pair took 30.3 µs
+#   of a 25.0 µs floor for the whole layer); it has met the bar in the step since b6552ac's slot sum. The rows still
+#   over are the ones the next section is about, where faster GEMMs cannot help. (The DeepSeek-V3 rows run the shared
+#   experts on a side stream, so their kernels overlap and the sum says nothing.)
 # - **The tiles are not what is missing on this card.** The H100 runs the H200's tile tables (`TILE_TABLE_SIBLINGS`).
 #   Tuning Qwen3's two GEMM call sites on the H100 by replaying the whole layer (`TUNE_MAX_TOKENS=16 bash
 #   nbs/bench/tune_layer_gpu.sh 0` at 5a6d193: the bucket of one row an expert, T = 1 and 16 replayed,
@@ -448,8 +451,9 @@ assert all(r["step_replay_us"] > bar(r["step_floor_us"]) for r in small
 # %% [markdown]
 # **Reading.** Qwen3 EP2's step is 20–22 µs over its floor at every T up to 8 while the floor grows from 13 to 86 µs:
 # that cost does not come from the weights. DeepSeek-V3's is 22–33 µs (its shared experts on a side stream). On one
-# GPU it is 12–17 µs at T = 1, and where the floor is hundreds of µs (Mixtral, gpt-oss from T = 4) the GEMMs, which
-# read weights faster than the copy the floor is measured with, hide it. Qwen3 EP2's floor at T = 1, 2, 4 (13–41 µs)
+# GPU it is 12–17 µs at T = 1; where the floor is hundreds of µs the GEMMs, which read weights faster than the copy
+# the floor is measured with, hide it (Mixtral from T = 4: 2.3 and −0.6 µs; gpt-oss at T = 8: 3.9), and Qwen3's
+# grows to 25.0 µs at T = 8, its GEMMs at two rows an expert, still well under that row's bar. Qwen3 EP2's floor at T = 1, 2, 4 (13–41 µs)
 # is under the 4 × (21.5 − 10) = 46 µs the bar needs there: faster GEMMs cannot bring those rows under it, only
 # fewer launches, and they need 8.1, 4.6 and 1.2 µs less. The layer is six launches there: router logits and
 # selection (`03a`), the dispatch, two batched GEMMs, the combine. The dispatch and combine (about 1.9 + 2.4 µs of
@@ -472,8 +476,9 @@ assert all(r["step_replay_us"] > bar(r["step_floor_us"]) for r in small
 # copy per pair and ran out of the card's 140 GB). Earlier runs are kept beside it: `layer_bench_h200_6f16892.json`
 # (before the kept counters and the shared add in the combine), `layer_bench_h200_eae306d.json` (a slower machine),
 # `layer_bench_h200_1839958.json` (the chain of two router launches, one-pass dispatch), `layer_bench_h200_65d70b5.json`
-# (split-K), `layer_bench_h200_e7361ab.json`, `layer_bench_h200_481820b.json`, `layer_bench_h200_e6a765c.json` and
-# `layer_bench_h200_8a184b7.json`.
+# (split-K), `layer_bench_h200_5ab72e3.json` (direct launches, the owned ModularKernel, on a slower host),
+# `layer_bench_h200_e7361ab.json`, `layer_bench_h200_481820b.json`, `layer_bench_h200_e6a765c.json` and
+# `layer_bench_h200_8a184b7.json`; the table under Results counts each.
 
 # %%
 layer_h200 = load_bench_layer("bench/layer_bench_h200_0305a00.json")
@@ -486,8 +491,8 @@ plot_bench_layer(layer_h200)
 # **Reading.**
 #
 # - **38 of the 54 rows meet the 1.25 × floor + 10 µs bar**, as at 6f16892 (35 at eae306d on a slower machine, 33 at
-#   1839958, 32 at 65d70b5, 30 at e7361ab, 25 at 481820b, 15 at 8a184b7), and the 16 misses are the same rows, each
-#   closer to the bar: Qwen3 at T ≤ 2 (T = 1: 41.0 µs against a bar of 32.4; 1.27× the bar, 1.32× at 6f16892), Qwen3
+#   1839958, 32 at 65d70b5, 30 at e7361ab, 25 at 481820b, 15 at 8a184b7), and the 16 misses are the same rows, none
+#   further from the bar and the small-T ones closer: Qwen3 at T ≤ 2 (T = 1: 41.0 µs against a bar of 32.4; 1.27× the bar, 1.32× at 6f16892), Qwen3
 #   EP2 at T ≤ 16 and 256 (T = 2: 1.76×, 2.01× before), Mixtral at 256, gpt-oss at 1, DeepSeek-V3 at T ≤ 2 (nixl_ep;
 #   T = 2: 1.29×, 1.47× before) and T ≤ 8 (allgather; T = 2: 1.33×, 1.51× before).
 # - **What the kept counters and the shared add moved** (6f16892 → 0305a00, replayed): the rows with a split-K GEMM, a
@@ -625,8 +630,8 @@ plot_bench_layer(layer_h100_comb)
 #
 # After this run the shared experts got a tile table of their own at T = 1 (`08`, Tiles): DeepSeek-V3's replays at
 # T = 1 were 2.1–2.2 µs faster on an H200 in the A/B of both tables in one process. The two DeepSeek-V3 rows over
-# the bar needed 2.9 and 3.9 µs on the H100; the latest run (2900586, above) measured where they landed: nixl_ep
-# crossed the bar in the step, allgather is 1.2 µs over.
+# the bar needed about 3 and 4 µs on the H100; the latest run (2900586, above) measured where they landed: nixl_ep
+# crossed the bar in the step, allgather is 1.3 µs over.
 
 # %% [markdown]
 # ### H200 at 1839958 and the steps before it
