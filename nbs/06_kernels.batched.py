@@ -1524,16 +1524,18 @@ def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
 
 
 def sampled_columns(n: int,              # output columns
-                    columns: int | None, # at most this many (about), or None for all
+                    columns: int | None, # at most this many (plus the last column), or None for all
                     seed: int = 0,
                    ) -> torch.Tensor | None:
     """Output columns a test compares with its float64 reference when a full reference would cost too much: every
     s-th column from an offset in [0, s), s odd (so the columns fall at every position within power-of-two tiles,
-    and every tile at least s wide holds one), plus the last column (the partial tile's edge). int64 `[~columns]` on
-    the CPU, or None (compare all) when `columns` is None or at least `n`. ValueError naming `columns` (< 1).
-    Source: moe-lit's own."""
-    if columns is None or columns >= n: return None
-    if not (isinstance(columns, int) and columns >= 1): raise ValueError(f"columns: expected an int >= 1, got {columns!r}")
+    and every tile at least s wide holds one), plus the last column (the partial tile's edge). int64 `[<= columns + 1]`
+    on the CPU, or None (compare all) when `columns` is None or at least `n`. ValueError naming `columns` (not an int
+    >= 1). Source: moe-lit's own."""
+    if columns is None: return None
+    if not (isinstance(columns, int) and not isinstance(columns, bool) and columns >= 1):
+        raise ValueError(f"columns: expected an int >= 1, got {columns!r}")
+    if columns >= n: return None
     s = -(-n // columns)
     s += 1 - s % 2                                                            # odd
     cols = torch.arange(seed % s, n, s)
@@ -1590,7 +1592,7 @@ cols = sampled_columns(4096, 512)
 test_eq((len(cols) <= 513, int(cols[-1]), len(set((cols % 16).tolist()))), (True, 4095, 16))
 for tile in (16, 32, 64, 128): test_eq(len(set((cols // tile).tolist())), 4096 // tile)   # every tile holds one
 test_eq((sampled_columns(100, None), sampled_columns(100, 100)), (None, None))
-test_fail(lambda: sampled_columns(100, 0), contains="columns: expected an int >= 1, got 0")
+for bad in (0, -3, 2.5, "5", True): test_fail(lambda: sampled_columns(100, bad), contains="columns: expected an int >= 1")
 check_batched_gemm(4, 40, 96, 160, [0, 1, 17, 40], torch.float32, "silu_and_mul", bias_dtype=torch.float32, columns=16)
 check_batched_gemm(4, 40, 96, 80, [0, 1, 17, 40], torch.bfloat16, columns=7)
 

@@ -297,7 +297,7 @@ def test_sampled_columns():
     test_eq((len(cols) <= 513, int(cols[-1]), len(set((cols % 16).tolist()))), (True, 4095, 16))
     for tile in (16, 32, 64, 128): test_eq(len(set((cols // tile).tolist())), 4096 // tile)   # every tile holds one
     test_eq((sampled_columns(100, None), sampled_columns(100, 100)), (None, None))
-    test_fail(lambda: sampled_columns(100, 0), contains="columns: expected an int >= 1, got 0")
+    for bad in (0, -3, 2.5, "5", True): test_fail(lambda: sampled_columns(100, bad), contains="columns: expected an int >= 1")
     check_batched_gemm(4, 40, 96, 160, [0, 1, 17, 40], torch.float32, "silu_and_mul", bias_dtype=torch.float32, columns=16)
     check_batched_gemm(4, 40, 96, 80, [0, 1, 17, 40], torch.bfloat16, columns=7)
 

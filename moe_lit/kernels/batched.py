@@ -940,7 +940,7 @@ def _batched_tile(E, N, K, expected_m, dtype, gated, config_items, config_dir) -
     if not tma: cfg.pop("WARP_SPECIALIZE", None)
     return bm, bn, bk, tma, cfg
 
-# %% ../../nbs/06_kernels.batched.ipynb #5fd70d8fa6eb
+# %% ../../nbs/06_kernels.batched.ipynb #9876f8c91128
 def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
     """Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1). `a [E, M,
     K]`, `w [E, N, K]` in `dtype`, counts int32 `[len(counts)]`, on `device` (default `DEVICE`). On a CUDA device the
@@ -958,16 +958,18 @@ def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
 
 
 def sampled_columns(n: int,              # output columns
-                    columns: int | None, # at most this many (about), or None for all
+                    columns: int | None, # at most this many (plus the last column), or None for all
                     seed: int = 0,
                    ) -> torch.Tensor | None:
     """Output columns a test compares with its float64 reference when a full reference would cost too much: every
     s-th column from an offset in [0, s), s odd (so the columns fall at every position within power-of-two tiles,
-    and every tile at least s wide holds one), plus the last column (the partial tile's edge). int64 `[~columns]` on
-    the CPU, or None (compare all) when `columns` is None or at least `n`. ValueError naming `columns` (< 1).
-    Source: moe-lit's own."""
-    if columns is None or columns >= n: return None
-    if not (isinstance(columns, int) and columns >= 1): raise ValueError(f"columns: expected an int >= 1, got {columns!r}")
+    and every tile at least s wide holds one), plus the last column (the partial tile's edge). int64 `[<= columns + 1]`
+    on the CPU, or None (compare all) when `columns` is None or at least `n`. ValueError naming `columns` (not an int
+    >= 1). Source: moe-lit's own."""
+    if columns is None: return None
+    if not (isinstance(columns, int) and not isinstance(columns, bool) and columns >= 1):
+        raise ValueError(f"columns: expected an int >= 1, got {columns!r}")
+    if columns >= n: return None
     s = -(-n // columns)
     s += 1 - s % 2                                                            # odd
     cols = torch.arange(seed % s, n, s)
