@@ -2,8 +2,10 @@
 
     python .ci/docs.py            -> _docs/  (a static HTML site: one page per notebook, sidebar in reading order)
 
-Steps: regenerate the notebooks; execute each on the CPU with execnb (a worker process per core), skipping the cells nbdev_test skips (`#| gpu`,
-`#| notest`, `#| eval: false`), so outputs and figures are fresh; run nbdev's own processing into _proc/ (what
+Steps: regenerate the notebooks; execute each on the CPU with execnb (a worker process per core), skipping the cells
+nbdev_test skips (`#| gpu`, `#| notest`, `#| eval: false`) and the test cells (`#| test NAME`: pytest runs them as
+the exported tests, so each runs once in CI; they show as code, and a cell after one that needs its names fails the
+build), so outputs and figures are fresh; run nbdev's own processing into _proc/ (what
 `nbdev_docs` hands to Quarto: show_doc for every export, doclinks, Quarto cell options); render each processed page
 with pandoc (the pypandoc-binary wheel), honouring the cell options nbdev emits (echo, include, output), with a
 sidebar from nbdev's sidebar.yml. Where `quarto` is on PATH, `nbdev_docs` renders the same _proc/ with Quarto.
@@ -15,11 +17,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NBS, PROC, DOCS = ROOT / "nbs", ROOT / "_proc", ROOT / "_docs"
 OPT = re.compile(r"^#\|\s*([\w-]+)\s*:\s*(.*)$")
-SKIP = {"gpu", "notest"}
+SKIP = {"gpu", "notest", "test"}     # test cells: pytest runs them (tests/, from .ci/regen.py)
 
 
 def execute(nb_path: Path):
-    "Run a notebook top to bottom (cwd = nbs/) like nbdev_test does, and save its outputs into the .ipynb."
+    "Run a notebook's cells but the skipped ones top to bottom (cwd = nbs/), and save its outputs into the .ipynb."
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
     from nbdev.process import extract_directives

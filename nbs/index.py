@@ -52,7 +52,8 @@
 #   float64 reference and the checks (the report's time section splits it), at a peak of about 1.5 GiB resident.
 #
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
-# into a fresh venv, and the documentation site built (which executes every notebook and fails on any failing cell)
+# into a fresh venv, and the documentation site built (which executes every notebook but its test cells, which pytest
+# has run, and fails on any failing cell)
 # and opened in headless Chromium (8–12 minutes on 2 otherwise idle CPU cores: pytest 3–5, the docs build 3–6;
 # 20–25 minutes measured with other runs sharing the 2 cores, which brings the docs build near its 15-minute limit:
 # run it alone). Its exit status says whether it passed (0: every step passed; it stops at the first that fails);
@@ -119,7 +120,7 @@
 # or `.venv/bin/python .ci/docs.py`, below). On a machine with Quarto, `nbdev_docs` builds it as a Quarto
 # website (`_quarto.yml`). Where Quarto cannot be installed (it downloads itself at install time),
 # `.venv/bin/python .ci/docs.py` builds the same chapters offline into `_docs/`: it executes every notebook on the CPU
-# (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc. `bash .ci/test`
+# but its test cells (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc. `bash .ci/test`
 # runs that build itself and then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
 # `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton, numpy and fastcore
 # (`[plot]` adds matplotlib, `[progress]` tqdm). Without a GPU the Triton kernels run in Triton's interpreter. The
