@@ -53,11 +53,10 @@
 #
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
 # into a fresh venv, and the documentation site built (which executes every notebook but its test cells, which pytest
-# has run, and fails on any failing cell)
-# and opened in headless Chromium (8–12 minutes on 2 otherwise idle CPU cores: pytest 3–5, the docs build 3–6;
-# 20–25 minutes measured with other runs sharing the 2 cores, which brings the docs build near its 15-minute limit:
-# run it alone). Its exit status says whether it passed (0: every step passed; it stops at the first that fails);
-# after a pass the last line is the browser check's. When Chromium is missing it
+# has run, and fails on any failing cell) and opened in headless Chromium (about 8 minutes on 2 otherwise idle CPU
+# cores: pytest about 4.5, the docs build about 1; longer with other runs sharing the cores, where pytest alone has
+# taken 10.5). Its exit status says whether it passed (0: every step passed; it stops at the first that fails); after
+# a pass the last line is the browser check's. When Chromium is missing it
 # first installs Debian's package, which needs root or sudo and takes about a minute:
 #
 # ```sh
