@@ -91,7 +91,7 @@ def resolve_experts(experts: str, activation_format: ActivationFormat, device: t
     if device.type == "cuda": return impl, f"format {fmt} on a GPU: {kernels}"
     return "torch", f"format {fmt} on the CPU: the torch reference{deq}; --experts triton (from Python: experts='triton' with TRITON_INTERPRET=1) runs the kernels in the interpreter"
 
-# %% ../nbs/12_layer.ipynb #dd086c3101ce
+# %% ../nbs/12_layer.ipynb #b41cae9959f2
 _ROUTER = ("gate", "gate_bias", "e_score_correction_bias")   # the router's tensors: fp32, replicated
 
 class FusedMoE(torch.nn.Module):
@@ -111,7 +111,7 @@ class FusedMoE(torch.nn.Module):
                  weights: WeightSource | Mapping | None = None,  # a source, a mapping of global tensors, or None: random
                  placement: str = "linear", seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu",
                  quant: str = "unquantized", backend: str | None = None,
-                 debug: bool = False):   # re-check the layer's own values (bias, ids, capacity) on every call: host syncs
+                 debug: bool = False):   # re-check values on every call (see "The hot path"): host syncs
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -393,7 +393,7 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
     kwargs.setdefault("quant", src.quant_scheme or "unquantized")     # pre-quantized codes run as they are stored
     return cls(src.config, weights=src, **kwargs)
 
-# %% ../nbs/12_layer.ipynb #d4f8963b0dab
+# %% ../nbs/12_layer.ipynb #b704b0b85db4
 @patch
 def _build_hot_path(self: FusedMoE):
     "Settle what forward needs and does not depend on the batch: router plan, gate copy, device tables; drop graphs."
@@ -605,8 +605,9 @@ def refresh(self: FusedMoE) -> FusedMoE:
     (which bumps no version counter) or into the memory by other means. The parameters are checked as at load (finite,
     the layer's dtype), the router's 16-bit gate copy is rebuilt, a quantized layer re-quantizes its float experts (the
     floats lead, as in `load_state_dict`), and launch plans and captured graphs are dropped. Returns the layer.
-    Raises ValueError as `load_state_dict` does. Edits in place (`with torch.no_grad(): layer.w13.mul_(2)`) and swaps
-    need no call: the next forward sees them."""
+    Raises ValueError as `load_state_dict` does (naming the tensor: not finite, another shape, dtype or device). Edits
+    in place (`with torch.no_grad(): layer.w13.mul_(2)`) and swaps need no call: the next forward sees them.
+    Source: moe-lit's own (the check and rebuild of `load_state_dict`'s hooks)."""
     self._follow_inplace_edits()                    # first what a counter saw; a `.data =` swap of another shape,
                                                     # dtype or layout is refused there, as at a call
     _check_settings_kept(self)
@@ -752,7 +753,7 @@ def _check_topk(self: FusedMoE, topk, num_tokens: int) -> tuple[torch.Tensor, to
                              f"replica of logical p % {n}): {e}") from None
     return wts, ids.to(self.config.topk_indices_dtype)
 
-# %% ../nbs/12_layer.ipynb #bdc5d468ac2a
+# %% ../nbs/12_layer.ipynb #be9479d6b832
 @patch
 def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add_shared: bool = True) -> torch.Tensor:
     """This rank's share of the MoE output `[T, H]` in config.dtype; the sum over ranks is the layer's output.
@@ -762,8 +763,9 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     (finite weights, ids in range and distinct per token). `add_shared`: add the shared experts (one rank of an
     emulated EP run adds them). Replays a captured graph where one fits (`capture`). Non-finite `hidden` is not checked:
     a NaN row gives a NaN output row. ValueError naming `hidden` (also for more rows than the batched format's slabs
-    hold: `max_num_tokens` a rank), `topk`, `topk_weights`, `topk_ids` or `add_shared`
-    (also for needing a gradient a Triton layer cannot give). Source: vLLM's `FusedMoE.forward` and modular kernel
+    hold: `max_num_tokens` a rank), `topk`, `topk_weights`, `topk_ids` or `add_shared`; for an input or weight that
+    needs a gradient a Triton layer cannot give, `hidden`, `topk_weights` or the weight's name; for an in-place edit
+    the layer refuses (as `route`), the edited tensor's name. Source: vLLM's `FusedMoE.forward` and modular kernel
     (fused_moe/layer.py, modular_kernel.py)."""
     self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
@@ -811,13 +813,16 @@ def _eager(self: FusedMoE, hidden: torch.Tensor, topk, add_shared: bool) -> torc
     return mk(hidden, w13, w2, wts, ids, self.placement, self.config.apply_router_weight_on_input,
               add_shared=add_shared, w13_bias=self.w13_bias, w2_bias=self.w2_bias, activation=self.activation)
 
-# %% ../nbs/12_layer.ipynb #6b142d28efa9
+# %% ../nbs/12_layer.ipynb #556bc0eae2bf
 @patch
 def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # token counts to record, one graph each
              warmup: int = 2,                                         # eager runs before each capture (JIT, cuBLAS)
             ) -> "FusedMoE":
     """Record one CUDA graph of `forward` per token count in `batch_sizes`; later calls replay the smallest that fits,
     the tail rows padded (they contribute nothing), and a batch past the largest runs eagerly. Returns the layer.
+    The graphs read the layer's tensors by address and hold their own activations (one memory pool, the largest
+    bucket's); a load or move drops them. A bucket past what the layer takes (`forward`'s `max_num_tokens` for the
+    batched format) fails in its warm-up, with `forward`'s ValueError naming `hidden`.
     ValueError naming `capture` (a layer not on a CUDA GPU or without Triton experts), `debug` (True), `batch_sizes`
     (empty, not a sequence, or a count < 1) or `warmup` (< 1). Source: the CUDA-graph capture sizes of serving engines
     (vLLM's `cudagraph_capture_sizes`), `torch.cuda.graph`."""
@@ -1074,7 +1079,7 @@ def rank_config(config: MoEConfig, ep_rank: int,
                               enable_eplb=p.enable_eplb)
     return config.replace(parallel=par)
 
-# %% ../nbs/12_layer.ipynb #b3663138c765
+# %% ../nbs/12_layer.ipynb #91e5a1809a13
 def run_emulated_ep(config: MoEConfig, hidden: torch.Tensor, seed: int = 0, placement: str = "linear",
                     tp_size: int | None = None, on_rank=None, experts: str = "auto", quant: str = "unquantized",
                     backend: str | None = None,
@@ -1175,7 +1180,8 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     experts at a time: independent of any rank's placement and loaded weights — the check that EP emulation
     (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added.
     ValueError naming the argument for a config that is not a MoEConfig, weights that are not a WeightSource, or a
-    tensor of the wrong shape, dtype or device."""
+    tensor of the wrong shape, dtype or device. Source: moe-lit's own (the per-expert loop of `formats`' Standard
+    reference, by global id)."""
     from moe_lit.quant_weights import quantize_expert_weights
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     if not isinstance(weights, WeightSource): raise ValueError(f"weights: expected a WeightSource, got {type(weights).__name__}")

@@ -66,7 +66,10 @@ import moe_lit.kernels.router as kr
 # experts (`06_kernels.batched`, `07_kernels.dispatch`), a flat token list needs the contiguous path
 # (`08_kernels.contiguous`) — and the device decides the implementation within it: the Triton kernels on a GPU, the
 # torch reference of the same contract on the CPU, where Triton would run in its slow interpreter.
-# `experts="triton"` forces the kernels (in the interpreter without a GPU).
+# `experts="triton"` forces the kernels; without a GPU they run in Triton's interpreter, which needs
+# `TRITON_INTERPRET=1` set before Triton is imported (the `moe-lit` command and the test command set it), and a layer
+# built otherwise says so by name. *Using the layer*, after the CUDA graphs and launch plans below, shows the calls a
+# user makes.
 
 # %%
 #| export
@@ -235,7 +238,7 @@ class FusedMoE(torch.nn.Module):
                  weights: WeightSource | Mapping | None = None,  # a source, a mapping of global tensors, or None: random
                  placement: str = "linear", seed: int = 0, experts: str = "auto", device: str | torch.device = "cpu",
                  quant: str = "unquantized", backend: str | None = None,
-                 debug: bool = False):   # re-check the layer's own values (bias, ids, capacity) on every call: host syncs
+                 debug: bool = False):   # re-check values on every call (see "The hot path"): host syncs
         super().__init__()
         self.debug = check_bool("debug", debug)
         if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
@@ -422,10 +425,12 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
 
 
 # %% [markdown]
-# **A quantized layer quantizes what it is given** — at construction, and again after `load_state_dict`: the
-# state_dict carries float weights (a quantized layer's own state_dict holds its dequantized weights), and the layer
-# re-quantizes them, so the codes never go stale and a layer called quantized never runs anything else. Quantized
-# tensors in a state_dict are refused.
+# **A quantized layer quantizes what it is given** — float weights at construction, and again after
+# `load_state_dict`: the state_dict carries float weights (a quantized layer's own state_dict holds its dequantized
+# weights), and the layer re-quantizes them, so the codes never go stale and a layer called quantized never runs
+# anything else. Quantized tensors in a state_dict are refused. A checkpoint's own codes are the exception:
+# `from_pretrained` of a quantized checkpoint runs them as stored (below); a later `load_state_dict` of floats then
+# replaces them with the layer's own quantization of those floats.
 #
 # **Whose experts.** Under EP every rank's state_dict has tensors of the same shapes — its own local experts — so
 # rank 1's weights would load into rank 0's layer without a complaint and route rank 0's tokens through the wrong
@@ -555,63 +560,28 @@ def from_pretrained(cls: FusedMoE, checkpoint_dir, layer_index: int, parallel: P
 #   and again by `load_state_dict`'s hooks; per call only shapes and dtypes — Python metadata — are checked;
 # - **the router plan** (`03a_kernels.router.router_plan`: the method, its options, the grouped fall-back) and the
 #   gate in the layer's dtype when that copy is exact (every bf16 checkpoint's is), read at half the bytes of an
-#   fp32 gate: up to 16 tokens by `03a`'s logits kernel and the selection (`route_tokens`: two launches), past that
-#   by one cuBLAS call with an fp32 result (`matmul_acc`) before the selection;
+#   fp32 gate: up to `ROUTER_GEMV_MAX_TOKENS` = 16 tokens by `03a`'s logits kernel and the selection — one launch in
+#   eager up to `ROUTER_SELECT_MAX_TOKENS` = 2 tokens (the logits program that finishes last selects), two launches
+#   past that and always inside a captured graph, where two are the faster — and past 16 tokens by one cuBLAS call
+#   with an fp32 result (`matmul_acc`) before the selection;
 # - **the placement's tables on the layer's device** (`expert_map`, `global_to_physical`);
 # - **the prepare/finalize, experts and ModularKernel**, built on first use and kept: one for the Standard format,
 #   one per per-rank token count for the batched format (its slab capacity).
 #
 # The ids the layer's own router makes are in range by construction, and the batched slabs of this layer hold
 # `ceil(T / ep_size) · ep_size ≥ T` rows, so no expert can overflow (a token's `top_k` experts are distinct): the
-# hot path runs the kernels without their host-side checks. `debug=True` turns those checks back on, one sync each:
-# the correction bias is finite, the ids are in range where the placement looks them up (EPLB's replica table too),
-# the dispatch did not overflow, the batched GEMMs' counts are within their slabs. It does not re-read the weights
-# (they are checked at construction and by `load_state_dict`). Ids a *caller* passes in `topk` are not the layer's:
-# they are checked (range, and distinct per token; one sync) before anything reads them.
+# hot path runs the kernels without their host-side checks. **`debug=True`** — the one place that lists what it
+# does — turns those checks back on and re-reads the layer's values on every call, one sync each: the router's
+# tensors (gate, its bias, the correction bias) and every expert tensor (the shared experts' too) are finite; the
+# router's 16-bit gate copy and a quantized layer's codes still match the parameters they were made from (an edit
+# through `.data` leaves them stale: *Edits no counter sees*, below); the router's arrival counter is 0; the ids are
+# in range where the placement looks them up (EPLB's replica table too); the dispatch did not overflow; the batched
+# GEMMs' counts are within their slabs. A debug layer runs no launch plan and cannot be captured (`capture` refuses
+# it): its checks read values on the host. Ids a *caller* passes in `topk` are not the layer's: they are checked
+# (range, and distinct per token; one sync) in both modes, before anything reads them.
 #
-# **Checked once, not once per launcher.** The metadata checks cost host time too: each public launcher
-# (`fused_moe_gemm`, `batched_moe_gemm`, the quantized GEMMs, `route_topk`, `combine_pairs`, `batched_dispatch` /
-# `batched_combine`) checks every argument it is given, and an experts class used to call them one after another,
-# so one forward checked the same tensors up to three times (the layer, the experts class, then each launcher: 28
-# `check_tensor` calls at T = 1, `nbs/bench/host_overhead_cpu_da44b2c.log`). Now each public
-# function is its checks plus an unchecked twin (`_fused_moe_gemm`, `_batched_moe_gemm`, `_fused_moe_gemm_quant`,
-# `_batched_moe_gemm_quant`, `_route_topk` / `_route_tokens`, `_combine_pairs`, `_batched_dispatch`, `_batched_combine`, `_local_slots`), and a caller
-# that has checked or built every argument itself — the experts classes, the prepare/finalize on the layer's own
-# ids, the layer's router — calls the twin. Tile choices are resolved once per shape (an `lru_cache`), and the
-# host-side grid arithmetic avoids `triton.cdiv` / `triton.next_power_of_2`, whose Python wrappers (Triton's
-# constexpr-function machinery) cost 2–4 µs a call under cProfile here. Measured on 2 CPU cores
-# with the launches stubbed (`nbs/bench/host_overhead_cpu.py`, `host_overhead_cpu_checked_once.log`), moe-lit's own
-# Python per forward went from 121–179 µs to 70–137 µs unquantized and from 150–224 to 93–158 µs with NVFP4 over
-# the benchmark's deployments. On the H200 host the whole eager forward at T = 1 is still 350–820 µs against
-# 43–196 µs replayed (`eager_vs_replay_h200_400d47b.log`, unquantized): the host is the bottleneck there. Triton's
-# launch path (about 20 µs a kernel through the JIT against 6.5 µs for a compiled kernel's direct launch,
-# `launch_cost_h200.log`) is part of it; how much of the rest is that machine's Python was not measured separately.
-# Every kernel of the layer is now launched through `launch_kernel` (`06_kernels.batched`), which calls the compiled
-# kernel directly after the first launch of each key: the JIT's binding and key took 47–50 µs of a decode forward's
-# five or six launches on the 2-core CPU, `launch_kernel`'s own key and argument list 25–26 µs
-# (`nbs/bench/launch_key_cpu.log`; the key alone over one forward's real arguments, 2.9–3.4 µs a launch: 13–14 µs a
-# forward on one GPU, 22 µs on DeepSeek-V3, `host_overhead_cpu.py --keys`, `host_overhead_cpu_keys_6c08cb7.log`,
-# which the interpreter's proxy above does not include), and the JIT's other per-call work (launch metadata, hook chains, driver lookups)
-# is skipped too. On the H200 host, eager at T = 1 alternately through the JIT and through `launch_kernel`'s direct
-# path in one process (`nbs/bench/eager_vs_replay.py --ab launch`, `eager_vs_replay_launch_h200_6f16892.log`, the
-# same bits both ways): host time Qwen3 123 → 89 µs, Qwen3 EP2 157 → 116, gpt-oss 88 → 54, DeepSeek-V3 334 → 250
-# (nixl_ep) and 324 → 249 (allgather). The host machines lent for these runs differ by 2–3× in speed (the same A/B on
-# another one, `eager_vs_replay_launch_h200_5ab72e3_slowhost.log`: Qwen3 416 → 309), so compare within a run.
-# Capture the forward (below) where host time matters.
-#
-# **What is left is the Python between the launches.** The same stubbed forward, with its Triton launches called
-# again straight from a record of their arguments and ten allocations (`nbs/bench/host_plan_bound.py`,
-# `host_plan_bound_cpu_2b07837.log`): DeepSeek-V3 nixl_ep 131 µs against 19 µs, allgather 105 against 18, Qwen3 on one
-# GPU 63 against 14. About 80 % of moe-lit's own host time is the routing, dispatch, experts and combine code deciding
-# again, on every call, what it decided on the last call of the same shape. A launch plan recorded once per shape
-# (token count, dtype, device, the layer's weights version and the process switches: `FP8_ACT_QUANT`, the tile-table
-# root, PDL) and replayed with the new input would remove most of it; it has to carry the forward's torch ops too
-# (the hidden padding, allocations, views) and the shared experts' side stream. A prototype on the CPU
-# (`launch_plan_proto_cpu_6b10a4a.log`; the script became the layer's own plans below: torch's `TorchDispatchMode` records the
-# aten ops, a wrapper the interpreter's kernel calls) replays every deployment's forward bit for bit on fresh inputs
-# and halves the host time: Qwen3 64 → 33 µs, Qwen3 EP2 93 → 54, DeepSeek-V3 nixl_ep 137 → 71, allgather 107 → 54.
-# The layer now keeps such plans, the GPU's direct launches and PDL included (the eager forward runs on one stream:
-# the shared experts' side stream exists only inside a captured graph): **Launch plans** below.
+# How much host time the checks, the launches and the Python between them cost, measured step by step, is under
+# *Host time, measured*, after the launch plans.
 
 # %%
 #| export
@@ -826,8 +796,9 @@ def refresh(self: FusedMoE) -> FusedMoE:
     (which bumps no version counter) or into the memory by other means. The parameters are checked as at load (finite,
     the layer's dtype), the router's 16-bit gate copy is rebuilt, a quantized layer re-quantizes its float experts (the
     floats lead, as in `load_state_dict`), and launch plans and captured graphs are dropped. Returns the layer.
-    Raises ValueError as `load_state_dict` does. Edits in place (`with torch.no_grad(): layer.w13.mul_(2)`) and swaps
-    need no call: the next forward sees them."""
+    Raises ValueError as `load_state_dict` does (naming the tensor: not finite, another shape, dtype or device). Edits
+    in place (`with torch.no_grad(): layer.w13.mul_(2)`) and swaps need no call: the next forward sees them.
+    Source: moe-lit's own (the check and rebuild of `load_state_dict`'s hooks)."""
     self._follow_inplace_edits()                    # first what a counter saw; a `.data =` swap of another shape,
                                                     # dtype or layout is refused there, as at a call
     _check_settings_kept(self)
@@ -1003,8 +974,9 @@ def forward(self: FusedMoE, hidden: torch.Tensor, topk: tuple | None = None, add
     (finite weights, ids in range and distinct per token). `add_shared`: add the shared experts (one rank of an
     emulated EP run adds them). Replays a captured graph where one fits (`capture`). Non-finite `hidden` is not checked:
     a NaN row gives a NaN output row. ValueError naming `hidden` (also for more rows than the batched format's slabs
-    hold: `max_num_tokens` a rank), `topk`, `topk_weights`, `topk_ids` or `add_shared`
-    (also for needing a gradient a Triton layer cannot give). Source: vLLM's `FusedMoE.forward` and modular kernel
+    hold: `max_num_tokens` a rank), `topk`, `topk_weights`, `topk_ids` or `add_shared`; for an input or weight that
+    needs a gradient a Triton layer cannot give, `hidden`, `topk_weights` or the weight's name; for an in-place edit
+    the layer refuses (as `route`), the edited tensor's name. Source: vLLM's `FusedMoE.forward` and modular kernel
     (fused_moe/layer.py, modular_kernel.py)."""
     self._follow_inplace_edits()                     # first: a swapped-out gate or config is named, not read
     check_tensor("hidden", hidden, shape=(None, self.config.hidden_size), dtype=self.config.dtype)
@@ -1080,6 +1052,9 @@ def capture(self: FusedMoE, batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256),   # 
             ) -> "FusedMoE":
     """Record one CUDA graph of `forward` per token count in `batch_sizes`; later calls replay the smallest that fits,
     the tail rows padded (they contribute nothing), and a batch past the largest runs eagerly. Returns the layer.
+    The graphs read the layer's tensors by address and hold their own activations (one memory pool, the largest
+    bucket's); a load or move drops them. A bucket past what the layer takes (`forward`'s `max_num_tokens` for the
+    batched format) fails in its warm-up, with `forward`'s ValueError naming `hidden`.
     ValueError naming `capture` (a layer not on a CUDA GPU or without Triton experts), `debug` (True), `batch_sizes`
     (empty, not a sequence, or a count < 1) or `warmup` (< 1). Source: the CUDA-graph capture sizes of serving engines
     (vLLM's `cudagraph_capture_sizes`), `torch.cuda.graph`."""
@@ -1134,7 +1109,9 @@ def _replay(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
 #
 # A plan is kept per key: the token count, the input's strides and 16-byte alignment (the compiled kernels were
 # specialised on them), device and stream (split-K counters are per stream), and the switches a launch depends on
-# (`PDL`, the direct-launch path, Triton's debug flag, `FP8_ACT_QUANT`, the tile-table directory). A forward under
+# (`PDL`, the direct-launch path, Triton's debug flag, `FP8_ACT_QUANT`, the tile-table directory, the Standard
+# experts' `TritonExperts.combine_in_gemm2` and `pair_blocks_max_pairs`, the router's `ROUTER_SELECT_MAX_TOKENS`). A
+# forward under
 # `torch.autocast` runs with autocast off (the router is fp32 and the experts the config's dtype by contract), so
 # no plan ever holds an autocast cast. Anything the layer rebuilds from — weights
 # swapped or edited, a move, a load — drops every plan (`_build_hot_path`), as it drops captured graphs. Plans are
@@ -1327,6 +1304,80 @@ def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
     try: self._plans[key] = LaunchPlan(rec, out, kb._stream_of_current_device)
     except ValueError as e: self._plans[key] = str(e)            # not plannable: this key stays eager
     return out
+
+# %% [markdown]
+# ### Host time, measured
+#
+# How the layer's host time came down to what the plans leave, step by step.
+#
+# **Checked once, not once per launcher.** The metadata checks cost host time too: each public launcher
+# (`fused_moe_gemm`, `batched_moe_gemm`, the quantized GEMMs, `route_topk`, `combine_pairs`, `batched_dispatch` /
+# `batched_combine`) checks every argument it is given, and an experts class used to call them one after another,
+# so one forward checked the same tensors up to three times (the layer, the experts class, then each launcher: 28
+# `check_tensor` calls at T = 1, `nbs/bench/host_overhead_cpu_da44b2c.log`). Now each public
+# function is its checks plus an unchecked twin (`_fused_moe_gemm`, `_batched_moe_gemm`, `_fused_moe_gemm_quant`,
+# `_batched_moe_gemm_quant`, `_route_topk` / `_route_tokens`, `_combine_pairs`, `_batched_dispatch`, `_batched_combine`, `_local_slots`), and a caller
+# that has checked or built every argument itself — the experts classes, the prepare/finalize on the layer's own
+# ids, the layer's router — calls the twin. Tile choices are resolved once per shape (an `lru_cache`), and the
+# host-side grid arithmetic avoids `triton.cdiv` / `triton.next_power_of_2`, whose Python wrappers (Triton's
+# constexpr-function machinery) cost 2–4 µs a call under cProfile here. Measured on 2 CPU cores
+# with the launches stubbed (`nbs/bench/host_overhead_cpu.py`, `host_overhead_cpu_checked_once.log`), moe-lit's own
+# Python per forward went from 121–179 µs to 70–137 µs unquantized and from 150–224 to 93–158 µs with NVFP4 over
+# the benchmark's deployments. On the H200 host the whole eager forward at T = 1 is still 350–820 µs against
+# 43–196 µs replayed (`eager_vs_replay_h200_400d47b.log`, unquantized): the host is the bottleneck there. Triton's
+# launch path (about 20 µs a kernel through the JIT against 6.5 µs for a compiled kernel's direct launch,
+# `launch_cost_h200.log`) is part of it; how much of the rest is that machine's Python was not measured separately.
+# Every kernel of the layer is now launched through `launch_kernel` (`06_kernels.batched`), which calls the compiled
+# kernel directly after the first launch of each key: the JIT's binding and key took 47–50 µs of a decode forward's
+# five or six launches on the 2-core CPU, `launch_kernel`'s own key and argument list 25–26 µs
+# (`nbs/bench/launch_key_cpu.log`; the key alone over one forward's real arguments, 2.9–3.4 µs a launch: 13–14 µs a
+# forward on one GPU, 22 µs on DeepSeek-V3, `host_overhead_cpu.py --keys`, `host_overhead_cpu_keys_6c08cb7.log`,
+# which the stubbed-launch measurement above does not include), and the JIT's other per-call work (launch metadata, hook chains, driver lookups)
+# is skipped too. On the H200 host, eager at T = 1 alternately through the JIT and through `launch_kernel`'s direct
+# path in one process (`nbs/bench/eager_vs_replay.py --ab launch`, `eager_vs_replay_launch_h200_6f16892.log`, the
+# same bits both ways): host time Qwen3 123 → 89 µs, Qwen3 EP2 157 → 116, gpt-oss 88 → 54, DeepSeek-V3 334 → 250
+# (nixl_ep) and 324 → 249 (allgather). The host machines lent for these runs differ by 2–3× in speed (the same A/B on
+# another one, `eager_vs_replay_launch_h200_5ab72e3_slowhost.log`: Qwen3 416 → 309), so compare within a run.
+# Capture the forward (*CUDA graphs*, above) where host time matters.
+#
+# **What is left is the Python between the launches.** The same stubbed forward, with its Triton launches called
+# again straight from a record of their arguments and ten allocations (`nbs/bench/host_plan_bound.py`,
+# `host_plan_bound_cpu_2b07837.log`): DeepSeek-V3 nixl_ep 131 µs against 19 µs, allgather 105 against 18, Qwen3 on one
+# GPU 63 against 14. About 80 % of moe-lit's own host time is the routing, dispatch, experts and combine code deciding
+# again, on every call, what it decided on the last call of the same shape. A launch plan recorded once per shape
+# (token count, dtype, device, the layer's weights version and the process switches: `FP8_ACT_QUANT`, the tile-table
+# root, PDL) and replayed with the new input would remove most of it; it has to carry the forward's torch ops too
+# (the hidden padding, allocations, views) and the shared experts' side stream. A prototype on the CPU
+# (`launch_plan_proto_cpu_6b10a4a.log`; the script became the layer's own plans, above: torch's `TorchDispatchMode` records the
+# aten ops, a wrapper the interpreter's kernel calls) replays every deployment's forward bit for bit on fresh inputs
+# and halves the host time: Qwen3 64 → 33 µs, Qwen3 EP2 93 → 54, DeepSeek-V3 nixl_ep 137 → 71, allgather 107 → 54.
+# The layer now keeps such plans, the GPU's direct launches and PDL included (the eager forward runs on one stream:
+# the shared experts' side stream exists only inside a captured graph): the plans above.
+
+# %% [markdown]
+# ## Using the layer
+#
+# The calls a user makes, on a small layer with random weights so that the cell runs anywhere (on the CPU the
+# experts are the torch reference; on a GPU, the Triton kernels). From a checkpoint,
+# `FusedMoE.from_pretrained(checkpoint_dir, layer_index, parallel=...)` builds the same layer from one MoE layer's
+# tensors (`11c_checkpoint`; `12c_real_models` checks it against transformers' own blocks). Under expert parallelism
+# each rank builds its own layer with its `ParallelConfig` and `forward` returns that rank's share: the layer's
+# output is the sum over ranks (the all-reduce, or the backend's combine; `run_emulated_ep` below runs every rank in
+# one process, `13b_distributed` across processes).
+
+# %%
+cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)
+layer = FusedMoE(cfg, seed=0, device=DEVICE)                       # random weights; `weights=` takes a source
+x = torch.randn(5, 64, device=DEVICE).to(torch.bfloat16)          # [T, hidden_size] in config.dtype
+y = layer(x)                                                        # [5, 64] bf16: route, experts, combine
+topk_weights, topk_ids = layer.route(x)                            # the router alone: [5, 2] fp32, [5, 2] int32
+state = layer.state_dict()                                          # the local experts' tensors, by name
+print({k: tuple(v.shape) for k, v in state.items() if v is not None and k in ("gate", "w13", "w2")})
+layer.load_state_dict(state)                                        # checked (finite, shapes) and taken
+if layer.gate.is_cuda:
+    layer.capture([1, 2, 4, 8])                                     # one CUDA graph per bucket
+    assert_close(layer(x), y.double(), name="replayed")             # 5 tokens: the bucket of 8 replays
+print(layer.experts, tuple(y.shape), y.dtype, tuple(topk_ids.shape), topk_ids.dtype)
 
 # %% [markdown]
 # The tests compare planned forwards with eager ones (`LAUNCH_PLANS` off) bit for bit, on fresh inputs, for both
@@ -1685,7 +1736,8 @@ for p in (torch_layer.w13, torch_layer.w2): p.requires_grad_(False); p.grad = No
 assert_close(torch_layer(x.detach().cpu()), y.cpu())
 
 # %% [markdown]
-# **Quantized weights.** With `quant`, the layer quantizes its experts at load (`09a_quant_weights`) and keeps the
+# **Quantized weights.** With `quant`, the layer quantizes float experts at load (`09a_quant_weights`; a quantized
+# checkpoint's codes run as stored, `from_pretrained`) and keeps the
 # dequantized weights beside the codes: the quantized experts read the codes, the torch references (and the dequant
 # emulations) read the dequantized weights, so a check against the reference measures the kernels, and the
 # activation quantization of w8a8 — never the weight rounding, which both sides share. The price is memory: the layer holds
@@ -1915,7 +1967,7 @@ test_eq(torch.equal(FusedMoE(one, weights=swapped, device=DEVICE).w13, perm["w13
 # graphs are dropped then. The layer makes its tensors outside inference mode even when it is built, moved or
 # reloaded inside `torch.inference_mode()` (whose tensors keep no version counter), so edits there are followed
 # too. An edit through `.data` (`layer.gate.data.copy_(w)`) bypasses the version counter, and so does one to an
-# inference tensor swapped in by hand: after those, call `layer.load_state_dict` (or rebuild the layer).
+# inference tensor swapped in by hand: after those, call `layer.refresh()` (*Edits no counter sees*, below).
 
 # %%
 #| hide
@@ -2138,8 +2190,8 @@ for quant in ("unquantized", "nvfp4_w4a16"):       # an edit a counter saw, then
 # ranks' outputs are summed — the all-reduce (no all2all) or the combine at the tokens' owners (all2all). Alongside,
 # from the weight source itself, it accumulates
 #
-# - the **single-device** result: the Standard path over all experts with fp32 accumulation, one expert at a time
-#   (`accumulate_into`), so that no more than one expert's weights are alive at any time;
+# - the **single-device** result: the Standard path over all experts with fp32 accumulation, a few experts at a time
+#   (as many as torch's CPU threads, `accumulate_into`), so that only those experts' weights are alive at once;
 # - the **float64 reference**: the same computation in float64.
 #
 # Both take each pair's weights by its global id (EPLB: physical `p` is logical `p % num_experts`), from
@@ -2301,7 +2353,8 @@ def reference_by_global_id(config: MoEConfig, weights: WeightSource,
     experts at a time: independent of any rank's placement and loaded weights — the check that EP emulation
     (`run_emulated_ep`) and the multi-process run (`13b_distributed`) are held to. Shared experts are not added.
     ValueError naming the argument for a config that is not a MoEConfig, weights that are not a WeightSource, or a
-    tensor of the wrong shape, dtype or device."""
+    tensor of the wrong shape, dtype or device. Source: moe-lit's own (the per-expert loop of `formats`' Standard
+    reference, by global id)."""
     from moe_lit.quant_weights import quantize_expert_weights
     if not isinstance(config, MoEConfig): raise ValueError(f"config: expected a MoEConfig, got {type(config).__name__}")
     if not isinstance(weights, WeightSource): raise ValueError(f"weights: expected a WeightSource, got {type(weights).__name__}")
