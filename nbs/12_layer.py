@@ -50,7 +50,14 @@ import moe_lit.kernels.router as kr
 # %% [markdown]
 # In this notebook: `FusedMoE` (one rank's layer, from any weight source of `11a_weights` or a checkpoint) and
 # `run_emulated_ep` (every rank of a deployment in turn, checked against the single-device and the float64 results).
-# A **how-to** page with the reference of each symbol.
+# A **how-to** page with the reference of each symbol. The calls a user makes are in one cell, under *Using the layer*.
+#
+# Words from other chapters: slab, prepare / finalize, placement, `expert_map` and oracle are in the overview's list
+# (`index`), every tensor name in `00_terms`; the ModularKernel (`10_modular`) is prepare → experts → finalize in one
+# object; the descriptor table is `01_config`'s record per all2all backend; pair blocks (one block of the GEMM per
+# token-expert pair at decode) are `08_kernels.contiguous`'s; PDL, programmatic dependent launch (a kernel's launch
+# overlapping the end of the one before, sm_90+), and the split-K arrival counters are `06_kernels.batched`'s; EPLB,
+# replicated experts, is `04_placement`'s.
 
 # %% [markdown]
 # ## FusedMoE: one rank's layer
@@ -282,6 +289,15 @@ class FusedMoE(torch.nn.Module):
 # shape once, here, casts to the layer's dtype and pads `hidden_size` to the backend's wire size with zeros (zero
 # columns of `w13`, zero rows of `w2` and `w2_bias`). A source built for another model — other shapes, biases,
 # activation or shared experts — is refused by naming both.
+#
+# **The state_dict.** `gate [num_experts, H]` fp32 (with `gate_bias` and `e_score_correction_bias` where the family
+# has them), `w13 [E_local, 2·I, H_padded]` — the gate projection's rows, then the up projection's (transformers'
+# `gate_proj` then `up_proj`; vLLM's `w13_weight`) —, `w2 [E_local, H_padded, I]` (`down_proj`; `w2_weight`), the
+# experts' biases where the family has them, `shared_experts.w13 / w2 / gate` with shared experts, and `_extra_state`
+# (the local experts' global ids). `H_padded` is `config.padded_hidden_size`: `hidden_size` itself unless the tokens
+# travel through an all2all backend that sends a rounded size (gpt-oss's 2880 over NIXL EP: 3072). A state_dict holds
+# the padded tensors, so it loads into a layer of the same deployment; for another, build from the unpadded source
+# (`weights=`, `from_pretrained`).
 
 # %%
 #| export
