@@ -294,11 +294,10 @@ class FusedMoE(torch.nn.Module):
 # has them), `w13 [E_local, 2·I, H_padded]` — the gate projection's rows, then the up projection's (transformers'
 # `gate_proj` then `up_proj`; vLLM's `w13_weight`) —, `w2 [E_local, H_padded, I]` (`down_proj`; `w2_weight`), the
 # experts' biases where the family has them, `shared_experts.w13` and `.w2` with shared experts (and `.gate` where the
-# family gates them), and `_extra_state`
-# (the local experts' global ids). `H_padded` is `config.padded_hidden_size`: `hidden_size` itself unless the tokens
-# travel through an all2all backend that sends a rounded size (gpt-oss's 2880 over NIXL EP: 3072). A state_dict holds
-# the padded tensors, so it loads into a layer of the same deployment; for another, build from the unpadded source
-# (`weights=`, `from_pretrained`).
+# family gates them), and `_extra_state` (the local experts' global ids). `H_padded` is `config.padded_hidden_size`:
+# `hidden_size` itself unless the tokens travel through an all2all backend that sends a rounded size (gpt-oss's 2880
+# over NIXL EP: 3072). A state_dict holds the padded tensors, so it loads into a layer of the same deployment; for
+# another, build from the unpadded source (`weights=`, `from_pretrained`).
 
 # %%
 #| export
