@@ -285,7 +285,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #4258b65e978f
+# %% ../nbs/12_layer.ipynb #cefff8280d48
 @patch
 def get_extra_state(self: FusedMoE) -> torch.Tensor:
     """`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's
@@ -321,10 +321,19 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         own = shared[n] if n in shared else getattr(module, n, None)
         check_dense(f"state_dict[{prefix + n!r}]", t)
         if isinstance(own, torch.Tensor) and tuple(t.shape) != tuple(own.shape):
-            raise ValueError(f"state_dict[{prefix + n!r}]: expected shape {list(own.shape)}, got {list(t.shape)}")
+            c, hint = module.config, ""               # only the hidden dimension differs: another deployment's padding
+            diff = [d for d, (a, b) in enumerate(zip(own.shape, t.shape)) if a != b] if t.dim() == own.dim() else []
+            if len(diff) == 1 and own.shape[diff[0]] == c.padded_hidden_size:
+                pad = (f"hidden_size {c.hidden_size} padded to {c.padded_hidden_size} for "
+                       f"{c.parallel.all2all_backend}'s wire" if c.padded_hidden_size != c.hidden_size
+                       else f"hidden_size {c.hidden_size}, not padded")
+                hint = (f" (the hidden dimension: this deployment's is {pad}; a state_dict of a deployment that pads "
+                        f"otherwise? build the layer from the unpadded weights instead: weights= or from_pretrained)")
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected shape {list(own.shape)}, got {list(t.shape)}{hint}")
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"state_dict[{prefix + n!r}]: expected float weights (a {module.quant} layer quantizes what "
-                             f"it is given), got dtype {str(t.dtype)[6:]}")
+            what = ("float weights" if module.quant == "unquantized" else
+                    f"float weights (a {module.quant} layer quantizes what it is given)")
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected {what}, got dtype {str(t.dtype)[6:]}")
         if assign and isinstance(own, torch.Tensor) and not t.is_contiguous():  # the kernels read it as laid out
             raise ValueError(f"state_dict[{prefix + n!r}]: expected a contiguous tensor with assign=True (or load "
                              f"without assign, which copies), got strides {tuple(t.stride())}")

@@ -295,8 +295,9 @@ class FusedMoE(torch.nn.Module):
 # `gate_proj` then `up_proj`; vLLM's `w13_weight`) —, `w2 [E_local, H_padded, I]` (`down_proj`; `w2_weight`), the
 # experts' biases where the family has them, `shared_experts.w13` and `.w2` with shared experts (and `.gate` where the
 # family gates them), and `_extra_state` (the local experts' global ids). `H_padded` is `config.padded_hidden_size`:
-# `hidden_size` itself unless the tokens travel through an all2all backend that sends a rounded size (gpt-oss's 2880
-# over NIXL EP: 3072). A state_dict holds the padded tensors, so it loads into a layer of the same deployment; for
+# `hidden_size` itself unless the tokens travel through an all2all backend that sends only some sizes (NIXL EP and
+# DeepEP low-latency: the next of their supported sizes, so 2880 becomes 3072 and a small test shape's 64 becomes
+# 2048). A state_dict holds the padded tensors, so it loads into a layer of the same deployment; for
 # another, build from the unpadded source (`weights=`, `from_pretrained`).
 
 # %%
@@ -491,10 +492,19 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         own = shared[n] if n in shared else getattr(module, n, None)
         check_dense(f"state_dict[{prefix + n!r}]", t)
         if isinstance(own, torch.Tensor) and tuple(t.shape) != tuple(own.shape):
-            raise ValueError(f"state_dict[{prefix + n!r}]: expected shape {list(own.shape)}, got {list(t.shape)}")
+            c, hint = module.config, ""               # only the hidden dimension differs: another deployment's padding
+            diff = [d for d, (a, b) in enumerate(zip(own.shape, t.shape)) if a != b] if t.dim() == own.dim() else []
+            if len(diff) == 1 and own.shape[diff[0]] == c.padded_hidden_size:
+                pad = (f"hidden_size {c.hidden_size} padded to {c.padded_hidden_size} for "
+                       f"{c.parallel.all2all_backend}'s wire" if c.padded_hidden_size != c.hidden_size
+                       else f"hidden_size {c.hidden_size}, not padded")
+                hint = (f" (the hidden dimension: this deployment's is {pad}; a state_dict of a deployment that pads "
+                        f"otherwise? build the layer from the unpadded weights instead: weights= or from_pretrained)")
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected shape {list(own.shape)}, got {list(t.shape)}{hint}")
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"state_dict[{prefix + n!r}]: expected float weights (a {module.quant} layer quantizes what "
-                             f"it is given), got dtype {str(t.dtype)[6:]}")
+            what = ("float weights" if module.quant == "unquantized" else
+                    f"float weights (a {module.quant} layer quantizes what it is given)")
+            raise ValueError(f"state_dict[{prefix + n!r}]: expected {what}, got dtype {str(t.dtype)[6:]}")
         if assign and isinstance(own, torch.Tensor) and not t.is_contiguous():  # the kernels read it as laid out
             raise ValueError(f"state_dict[{prefix + n!r}]: expected a contiguous tensor with assign=True (or load "
                              f"without assign, which copies), got strides {tuple(t.stride())}")
@@ -1382,9 +1392,12 @@ def _planned(self: FusedMoE, hidden: torch.Tensor) -> torch.Tensor | None:
 # one process, `13b_distributed` across processes).
 
 # %%
+# outside this notebook: from moe_lit.config import MoEConfig; from moe_lit.layer import FusedMoE;
+#                        from moe_lit.testing import assert_close
+device = "cuda" if torch.cuda.is_available() else "cpu"
 cfg = MoEConfig(num_experts=8, top_k=2, hidden_size=64, intermediate_size=32, dtype=torch.bfloat16)
-layer = FusedMoE(cfg, seed=0, device=DEVICE)                       # random weights; `weights=` takes a source
-x = torch.randn(5, 64, device=DEVICE).to(torch.bfloat16)          # [T, hidden_size] in config.dtype
+layer = FusedMoE(cfg, seed=0, device=device)                       # random weights; `weights=` takes a source
+x = torch.randn(5, 64, device=device).to(torch.bfloat16)          # [T, hidden_size] in config.dtype
 y = layer(x)                                                        # [5, 64] bf16: route, experts, combine
 topk_weights, topk_ids = layer.route(x)                            # the router alone: [5, 2] fp32, [5, 2] int32
 state = layer.state_dict()                                          # the local experts' tensors, by name
@@ -1560,6 +1573,15 @@ for debug in (False, True):
     sd = layer.state_dict(); sd["gate"] = sd["gate"][:, :7]
     test_fail(lambda: layer.load_state_dict(sd), contains="state_dict['gate']: expected shape [8, 32], got [8, 7]")
     assert layer._modular_kernel(5) is layer._modular_kernel(5)        # built once, reused
+ep2 = lambda backend: FusedMoE(cfg.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
+                                                                        all2all_backend=backend)), seed=1)
+wide, narrow = ep2("nixl_ep"), ep2("allgather_reducescatter")      # the same experts; NIXL EP pads H 32 to 2048
+test_fail(lambda: wide.load_state_dict(narrow.state_dict()),
+          contains="expected shape [4, 32, 2048], got [4, 32, 32] (the hidden dimension: this deployment's is "
+                   "hidden_size 32 padded to 2048 for nixl_ep's wire")
+test_fail(lambda: narrow.load_state_dict(wide.state_dict()),
+          contains="expected shape [4, 32, 32], got [4, 32, 2048] (the hidden dimension: this deployment's is "
+                   "hidden_size 32, not padded")
 test_fail(lambda: FusedMoE(cfg, debug=1), contains="debug: expected a bool")
 test_fail(lambda: FusedMoE(cfg).capture(), contains="capture: expected a layer on a CUDA GPU with Triton experts")
 on_gpu = SimpleNamespace(gate=SimpleNamespace(device=torch.device("cuda", 0)), use_triton=True, debug=False)  # the

@@ -52,8 +52,8 @@
 #   float64 reference and the checks (the report's time section splits it), at a peak of about 1.5 GiB resident.
 #
 # The second runs the whole test suite — the regeneration check, the exported tests under pytest, the wheel installed
-# into a fresh venv, and the documentation site built (which executes every notebook but its test cells, which pytest
-# has run, and fails on any failing cell) and opened in headless Chromium (about 8 minutes on 2 otherwise idle CPU
+# into a fresh venv, and the documentation site built (which executes every notebook except its test cells, which
+# pytest has run, and fails on any failing cell) and opened in headless Chromium (about 8 minutes on 2 otherwise idle CPU
 # cores: pytest about 4.5, the docs build about 1; longer with other runs sharing the cores, where pytest alone has
 # taken 10.5). Its exit status says whether it passed (0: every step passed; it stops at the first that fails); after
 # a pass the last line is the browser check's. When Chromium is missing it
@@ -119,7 +119,7 @@
 # or `.venv/bin/python .ci/docs.py`, below). On a machine with Quarto, `nbdev_docs` builds it as a Quarto
 # website (`_quarto.yml`). Where Quarto cannot be installed (it downloads itself at install time),
 # `.venv/bin/python .ci/docs.py` builds the same chapters offline into `_docs/`: it executes every notebook on the CPU
-# but its test cells (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc. `bash .ci/test`
+# except its test cells (fresh outputs and figures), runs nbdev's own page processing, and renders each page with pandoc. `bash .ci/test`
 # runs that build itself and then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
 # `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton, numpy and fastcore
 # (`[plot]` adds matplotlib, `[progress]` tqdm). Without a GPU the Triton kernels run in Triton's interpreter. The

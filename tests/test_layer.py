@@ -264,6 +264,15 @@ def test_layer_debug_checks():
         sd = layer.state_dict(); sd["gate"] = sd["gate"][:, :7]
         test_fail(lambda: layer.load_state_dict(sd), contains="state_dict['gate']: expected shape [8, 32], got [8, 7]")
         assert layer._modular_kernel(5) is layer._modular_kernel(5)        # built once, reused
+    ep2 = lambda backend: FusedMoE(cfg.replace(parallel=ParallelConfig.make(1, 2, enable_expert_parallel=True,
+                                                                            all2all_backend=backend)), seed=1)
+    wide, narrow = ep2("nixl_ep"), ep2("allgather_reducescatter")      # the same experts; NIXL EP pads H 32 to 2048
+    test_fail(lambda: wide.load_state_dict(narrow.state_dict()),
+              contains="expected shape [4, 32, 2048], got [4, 32, 32] (the hidden dimension: this deployment's is "
+                       "hidden_size 32 padded to 2048 for nixl_ep's wire")
+    test_fail(lambda: narrow.load_state_dict(wide.state_dict()),
+              contains="expected shape [4, 32, 32], got [4, 32, 2048] (the hidden dimension: this deployment's is "
+                       "hidden_size 32, not padded")
     test_fail(lambda: FusedMoE(cfg, debug=1), contains="debug: expected a bool")
     test_fail(lambda: FusedMoE(cfg).capture(), contains="capture: expected a layer on a CUDA GPU with Triton experts")
     on_gpu = SimpleNamespace(gate=SimpleNamespace(device=torch.device("cuda", 0)), use_triton=True, debug=False)  # the
