@@ -35,9 +35,10 @@
 # ## Install and run
 #
 # On a fresh Linux machine with Python ≥ 3.11, from a clone of this repository, two commands. The first installs
-# moe-lit into `.venv` (torch 2.13 first — pip takes the build its index offers: a CPU wheel where one is configured,
-# PyPI's default CUDA build on Linux otherwise, several GB more — then the package with its development tools) and runs the main job on
-# the built-in default, the MoE layer of Qwen3-30B-A3B (128 experts, top-8, hidden 2048, expert width 768):
+# moe-lit into `.venv` and runs the main job on the built-in default, the MoE layer of Qwen3-30B-A3B (128 experts,
+# top-8, hidden 2048, expert width 768). The install puts torch 2.13 in first, then the package with its development
+# tools; pip takes the torch build its index offers: a CPU wheel where one is configured, otherwise PyPI's default
+# CUDA build on Linux, several GB more.
 #
 # ```sh
 # bash .ci/install && .venv/bin/moe-lit run
