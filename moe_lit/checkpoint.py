@@ -88,7 +88,7 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
         else: runs.append((g, g + 1))
     return runs
 
-# %% ../nbs/11c_checkpoint.ipynb #f4a452add490
+# %% ../nbs/11c_checkpoint.ipynb #b4d5e3102440
 class CheckpointWeights(WeightSource):
     """One MoE layer of a Hugging Face checkpoint directory (config.json + safetensors), served in moe-lit's layout.
     Construction reads config.json and the safetensors headers only. ValueError naming `checkpoint_dir` (not a path,
@@ -99,7 +99,7 @@ class CheckpointWeights(WeightSource):
     def __init__(self, checkpoint_dir: str | Path,                # a directory holding config.json and safetensors
                  layer_index: int,                               # the decoder layer, one of moe_layer_indices
                  parallel: ParallelConfig | None = None,         # deployment; None = single device
-                 dtype: torch.dtype | None = None):              # layer dtype; None = config.json's torch_dtype
+                 dtype: torch.dtype | None = None):              # the layer's dtype (config.dtype); None = torch_dtype
         root, raw = _read_checkpoint_dir(checkpoint_dir)
         self.config = moe_config_from_hf(root, parallel, dtype)
         self.model_type, self.layout = checkpoint_layout(raw)
@@ -386,7 +386,7 @@ def _dequantized_mxfp4(self: CheckpointWeights, which: str, ids: list[int]) -> t
     codes, scales = self._mxfp4_parts(which, ids)
     return dequantize_mxfp4(codes, scales, self.config.dtype)[..., :K]
 
-# %% ../nbs/11c_checkpoint.ipynb #a0350f30d339
+# %% ../nbs/11c_checkpoint.ipynb #d78549bf29be
 @patch
 def _per_expert(self: CheckpointWeights, ids: list[int]) -> dict[str, torch.Tensor]:
     "w13 / w2 (+ biases) of `ids` from per-expert keys: only the keys of experts `ids` are opened."
@@ -406,19 +406,25 @@ def _per_expert(self: CheckpointWeights, ids: list[int]) -> dict[str, torch.Tens
 
 @patch
 def experts(self: CheckpointWeights, expert_ids) -> dict[str, torch.Tensor]:
-    """Floats of the global experts `expert_ids`: `w13 [n, 2·I, H]` (gate rows then up rows), `w2 [n, H, I]` (+ biases).
+    """Floats of the global experts `expert_ids`: `w13 [n, 2·I, H]` (gate rows then up rows), `w2 [n, H, I]` (+ biases
+    `w13_bias [n, 2·I]`, `w2_bias [n, H]`), in the dtype they are stored in (a quantized checkpoint's dequantized
+    experts: `config.dtype`; its biases as stored).
     ValueError naming `expert_ids` / `expert_ids[k]` (`check_expert_ids`), or `checkpoint` for an unreadable shard or
     bad stored values (NaN FP8 codes, scales not > 0, e8m0 byte 255). Source: the checkpoint layouts of `11b_layouts`
     (gpt-oss's interleaved, Llama-4's transposed fused tensors) turned into vLLM's `w13` / `w2` layout."""
     ids = check_expert_ids(expert_ids, self.config.num_experts)
     with self._shards: return self._fused_experts(ids) if self.fused else self._per_expert(ids)
 
-# %% ../nbs/11c_checkpoint.ipynb #1fc6a53f0641
+# %% ../nbs/11c_checkpoint.ipynb #6f42efb0e1d3
 @patch
 def quantized_experts(self: CheckpointWeights, expert_ids, scheme: str):
     """The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when the checkpoint stores them in
     `scheme` (a QUANT_SCHEMES name or a short name, 'fp8'); None when it stores them otherwise, or `scheme` is None.
-    ValueError naming `scheme` for an unknown name, `expert_ids[k]` for an id outside [0, num_experts). Source: the
+    FP8 block: `w13 [n, 2·I, H]` float8_e4m3fn with `w13_scale [n, ⌈2·I/bn⌉, ⌈H/bk⌉]` fp32 (`w2` likewise); MXFP4:
+    `w13 [n, 2·I, H/2]` uint8 (two codes a byte) with `w13_scale [n, 2·I, H/32]` uint8 (e8m0). ValueError naming
+    `scheme` for an unknown name, `expert_ids[k]` for an id outside [0, num_experts), or `checkpoint` for bad stored
+    values (NaN codes, scales not > 0, e8m0 byte 255) or, for FP8 per-expert keys, an `intermediate_size` that is
+    not a multiple of the block's rows. Source: the
     FP8 block (DeepSeek-V3 `weight_scale_inv`) and MXFP4 (gpt-oss `_blocks` / `_scales`, transformers'
     `convert_moe_packed_tensors`) checkpoint formats."""
     ids = check_expert_ids(expert_ids, self.config.num_experts)

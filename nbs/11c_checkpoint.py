@@ -33,13 +33,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, Llama4Config, Llama4F
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 import moe_lit.checkpoint as checkpoint_module
 from moe_lit.quant_weights import quantize_expert_weights
-from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint
+from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint, tiny_hf_model
 
 # %% [markdown]
 # In this notebook: `CheckpointWeights`, the `WeightSource` of `11a_weights` for one MoE layer of a checkpoint
 # directory. Where each family keeps that layer's tensors (`LAYOUTS`), which decoder layers are MoE
 # (`moe_layer_indices`) and which scheme a quantized checkpoint names (`quant_scheme_from_hf`) are the tables of
-# `11b_layouts`. A **reference** page.
+# `11b_layouts`. A **reference** page; *Using it*, after the class, shows the calls a user makes, and
+# `FusedMoE.from_pretrained(checkpoint_dir, layer_index)` (`12_layer`) builds a layer from this source in one call.
+# The families read are `11b_layouts`' `LAYOUTS`: Mixtral, MiniMax-M2, Qwen2-MoE, Qwen3-MoE, Qwen3-Next,
+# DeepSeek-V2 and V3, GLM-4-MoE, gpt-oss and Llama-4.
 #
 # `CheckpointWeights(checkpoint_dir, layer_index, parallel=None, dtype=None)` reads `config.json` (through
 # `moe_config_from_hf`) and the safetensors files of `checkpoint_dir`: one `model.safetensors`, or several shards
@@ -47,7 +50,10 @@ from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint
 # directory that held the other kind leaves the old file there) the single file is read, as transformers'
 # `from_pretrained` does, so the two load the same weights. Every tensor of the layer is
 # checked — present, of the shape and dtype the config implies — at construction, from the files' headers alone;
-# no weight is read until asked for. It then answers the protocol in moe-lit's layout (`[out, in]` matrices, `w13` = gate rows
+# no weight is read until asked for, and what only the values can show (NaN FP8 codes, scales not > 0, the FP8 block
+# rule for a per-expert checkpoint's rows) is checked when they are read. `dtype` is the layer's (`config.dtype`;
+# None: config.json's `torch_dtype`): float tensors come back as stored, the layer built from the source casts them,
+# and dequantized experts (`experts` of a quantized checkpoint) come in it. It then answers the protocol in moe-lit's layout (`[out, in]` matrices, `w13` = gate rows
 # then up rows), whatever layout the checkpoint uses:
 #
 # - `router()`, `shared()`: the router (+ its bias, the correction bias) and the shared expert (+ its gate);
@@ -167,7 +173,7 @@ class CheckpointWeights(WeightSource):
     def __init__(self, checkpoint_dir: str | Path,                # a directory holding config.json and safetensors
                  layer_index: int,                               # the decoder layer, one of moe_layer_indices
                  parallel: ParallelConfig | None = None,         # deployment; None = single device
-                 dtype: torch.dtype | None = None):              # layer dtype; None = config.json's torch_dtype
+                 dtype: torch.dtype | None = None):              # the layer's dtype (config.dtype); None = torch_dtype
         root, raw = _read_checkpoint_dir(checkpoint_dir)
         self.config = moe_config_from_hf(root, parallel, dtype)
         self.model_type, self.layout = checkpoint_layout(raw)
@@ -506,7 +512,9 @@ def _per_expert(self: CheckpointWeights, ids: list[int]) -> dict[str, torch.Tens
 
 @patch
 def experts(self: CheckpointWeights, expert_ids) -> dict[str, torch.Tensor]:
-    """Floats of the global experts `expert_ids`: `w13 [n, 2·I, H]` (gate rows then up rows), `w2 [n, H, I]` (+ biases).
+    """Floats of the global experts `expert_ids`: `w13 [n, 2·I, H]` (gate rows then up rows), `w2 [n, H, I]` (+ biases
+    `w13_bias [n, 2·I]`, `w2_bias [n, H]`), in the dtype they are stored in (a quantized checkpoint's dequantized
+    experts: `config.dtype`; its biases as stored).
     ValueError naming `expert_ids` / `expert_ids[k]` (`check_expert_ids`), or `checkpoint` for an unreadable shard or
     bad stored values (NaN FP8 codes, scales not > 0, e8m0 byte 255). Source: the checkpoint layouts of `11b_layouts`
     (gpt-oss's interleaved, Llama-4's transposed fused tensors) turned into vLLM's `w13` / `w2` layout."""
@@ -536,7 +544,11 @@ def experts(self: CheckpointWeights, expert_ids) -> dict[str, torch.Tensor]:
 def quantized_experts(self: CheckpointWeights, expert_ids, scheme: str):
     """The stored codes and scales of `expert_ids` as a `QuantizedExpertWeights` when the checkpoint stores them in
     `scheme` (a QUANT_SCHEMES name or a short name, 'fp8'); None when it stores them otherwise, or `scheme` is None.
-    ValueError naming `scheme` for an unknown name, `expert_ids[k]` for an id outside [0, num_experts). Source: the
+    FP8 block: `w13 [n, 2·I, H]` float8_e4m3fn with `w13_scale [n, ⌈2·I/bn⌉, ⌈H/bk⌉]` fp32 (`w2` likewise); MXFP4:
+    `w13 [n, 2·I, H/2]` uint8 (two codes a byte) with `w13_scale [n, 2·I, H/32]` uint8 (e8m0). ValueError naming
+    `scheme` for an unknown name, `expert_ids[k]` for an id outside [0, num_experts), or `checkpoint` for bad stored
+    values (NaN codes, scales not > 0, e8m0 byte 255) or, for FP8 per-expert keys, an `intermediate_size` that is
+    not a multiple of the block's rows. Source: the
     FP8 block (DeepSeek-V3 `weight_scale_inv`) and MXFP4 (gpt-oss `_blocks` / `_scales`, transformers'
     `convert_moe_packed_tensors`) checkpoint formats."""
     ids = check_expert_ids(expert_ids, self.config.num_experts)
@@ -580,6 +592,23 @@ def _fp8_empty(self: CheckpointWeights, which: str) -> torch.Tensor:
     if which.endswith("scale"): return torch.empty(0, *_scale_shape(shape, self.block_shape))
     return torch.empty(0, *shape, dtype=torch.float8_e4m3fn)
 
+
+# %% [markdown]
+# ## Using it
+#
+# The calls a user makes on a checkpoint directory: which decoder layers are MoE, the source and what it found, and
+# one rank's experts. The directory here is a tiny Qwen3-MoE that transformers itself builds and saves, standing in
+# for a downloaded one; any directory `save_pretrained` wrote reads the same way.
+
+# %%
+# outside this notebook: from moe_lit.checkpoint import CheckpointWeights; from moe_lit.layouts import moe_layer_indices
+#                        from moe_lit.testing import tiny_hf_model
+ckpt_dir = tempfile.mkdtemp()
+tiny_hf_model("qwen3_moe").save_pretrained(ckpt_dir)
+layers = moe_layer_indices(ckpt_dir)                    # the decoder layers that are MoE: [0, 1]
+src = CheckpointWeights(ckpt_dir, layers[0])            # config.json and the headers only
+print(layers, src)
+print({k: (tuple(v.shape), v.dtype) for k, v in src.experts([0, 1]).items()}, tuple(src.router()["gate"].shape))
 
 # %% [markdown]
 # ## Tests against transformers
@@ -740,8 +769,9 @@ for model_type, kw in (("qwen3_moe", dict(num_experts=8, moe_intermediate_size=1
 # %% [markdown]
 # ## Bad input
 #
-# Everything is checked at construction, and each error names what was wrong: the directory, the config, the
-# layer, or the checkpoint's key with the shapes expected and found.
+# Everything the config and the files' headers can show is checked at construction (values, when read), and each
+# error names what was wrong: the directory, the config, the layer, or the checkpoint's key with the shapes expected
+# and found.
 
 # %%
 #| test bad_checkpoint_dirs_and_layers
@@ -923,7 +953,8 @@ with tempfile.TemporaryDirectory() as d:
 # %% [markdown]
 # ## Pre-quantized checkpoints
 #
-# The two checkpoints below are written by hand in each format's layout, from codes made by moe-lit's own quantizer
+# The two checkpoints below are written in each format's layout by `00_testing`'s `write_fp8_block_checkpoint` and
+# `write_mxfp4_checkpoint`, from codes made by moe-lit's own quantizer
 # (`quantize_expert_weights`); the codes read back must be those codes, bit for bit, and the floats `experts()`
 # returns their dequantization. A DeepSeek-V3-style FP8 checkpoint (two shards and an index; the shared expert is
 # FP8 too, the router is not):

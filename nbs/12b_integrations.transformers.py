@@ -3,7 +3,7 @@
 
 # %% [markdown]
 # # transformers: moe-lit as an experts implementation
-# > register() adds "moe_lit" to transformers' experts interface, so from_pretrained(path, experts_implementation="moe_lit") runs every MoE layer's experts through moe-lit.
+# > register() adds "moe_lit" to transformers' experts interface, so from_pretrained(path, experts_implementation="moe_lit") runs the experts of every MoE layer transformers dispatches through it; check_model says which.
 
 # %%
 #| export
@@ -40,7 +40,10 @@ from moe_lit.integrations.transformers import _weight_key
 #
 # register()
 # model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moe_lit")
+# check_model(model)        # the MoE blocks moe-lit runs; a ValueError names any it cannot reach
 # ```
+#
+# The same, run on a tiny model, is the cell under *Which modules it reaches*.
 #
 # > **What is reached.** `"moe_lit"` runs only the experts modules that transformers dispatches through its experts
 # > interface (classes decorated with `@use_experts_implementation`). transformers accepts
@@ -100,7 +103,8 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     """moe-lit's `(w13 [E, 2·I, H] gate then up, w2 [E, H, I], w13_bias [E, 2·I], w2_bias [E, H])`; a matching layout is
     returned as is. ValueError naming `gate_up_proj` (not 3-D or floating point, an odd 2·I), `down_proj` (another
     dtype, device or shape), `gate_up_proj_bias`, `down_proj_bias` (shape, device, not floating point), `transposed` or
-    `interleaved` (not bools)."""
+    `interleaved` (not bools). Source: transformers 5's experts layouts (`integrations/moe.py`, gpt-oss's interleaved
+    and Llama-4's transposed tensors) turned into vLLM's `w13` / `w2` layout."""
     check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
     check_bool("transposed", transposed); check_bool("interleaved", interleaved)
     if not gate_up_proj.is_floating_point():
@@ -170,7 +174,8 @@ test_fail(lambda: convert_experts_weights(cat, down, None, torch.zeros(E, H, dty
 @dataclass(frozen=True)
 class GateRule:
     """A transformers experts gate that moe-lit reproduces: where the function lives and what it computes. Raises
-    nothing: a frozen record, not checked (a rule naming a missing function matches no module)."""
+    nothing: a frozen record, not checked (a rule naming a missing function matches no module). Source: the gate
+    functions of transformers' `integrations/moe.py` and `modeling_gpt_oss.py`."""
     module: str               # the transformers module that defines the function
     qualname: str             # the function's name in it (dotted for a method)
     activation: str           # moe-lit's Activation name
@@ -214,7 +219,8 @@ def _is_silu(act_fn) -> bool:
 @dataclass(frozen=True)
 class ExpertsRecipe:
     """What moe-lit runs for one transformers experts module. Raises nothing: a frozen record, not checked at
-    construction; `experts_recipe` checks the module it describes."""
+    construction; `experts_recipe` checks the module it describes. Source: the flags transformers'
+    `@use_experts_implementation` sets on an experts module (`has_bias`, `is_transposed`, ...)."""
     activation: Activation    # the gated activation between the GEMMs
     transposed: bool          # the module stores [E, in, out] weights
     interleaved: bool         # the module's gate/up columns alternate
@@ -230,7 +236,11 @@ class ExpertsRecipe:
 # %%
 #| export
 def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
-    "The activation and layout moe-lit needs for a transformers experts module; ValueError if it cannot run it."
+    """The activation and layout moe-lit needs for a transformers experts module. ValueError naming the module's class
+    when it cannot run it: no `@use_experts_implementation` flags, ungated experts, a norm after each expert, a gate
+    function none of `GATE_RULES` reproduces, an `act_fn` other than SiLU where the gate calls it, or flags that
+    contradict the module (`is_concatenated`, `has_bias`; `alpha`/`limit` not positive). Source:
+    transformers' experts interface (`integrations/moe.py`)."""
     name = type(module).__name__
     if not all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated")):
         raise ValueError(f"{name}: not a transformers experts module (no @use_experts_implementation flags)")
@@ -319,9 +329,11 @@ def clear_cache() -> int:
 def experts_weights(module: torch.nn.Module,     # a transformers experts module
                     recipe: ExpertsRecipe | None = None,  # experts_recipe(module), if already computed
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The module's `(w13, w2, w13_bias, w2_bias)` in moe-lit's layout, converted once per weight version. ValueError
-    from `experts_recipe` (naming the module's class) or `convert_experts_weights` (naming the tensor); a UserWarning,
-    once per module, for inference-tensor weights (converted at every call)."""
+    """The module's `(w13 [E, 2·I, H], w2 [E, H, I], w13_bias [E, 2·I] or None, w2_bias [E, H] or None)` in moe-lit's
+    layout and the module's dtype, converted once per weight version (a module already in that layout: its own
+    tensors). ValueError from `experts_recipe` (naming the module's class) or `convert_experts_weights` (naming the
+    tensor); a UserWarning, once per module, for inference-tensor weights (converted at every call). Source: moe-lit's
+    own cache over `convert_experts_weights`."""
     recipe = experts_recipe(module) if recipe is None else recipe
     names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if recipe.has_bias else ())
     src = tuple(getattr(module, n) for n in names)
@@ -349,8 +361,9 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
 # %% [markdown]
 # ## The experts forward
 #
-# On a CUDA device the experts run on `TritonExperts` (imported only there, so that importing this module on a CPU
-# machine loads no Triton kernel) — unless the forward needs a gradient (autograd on, and the input, the router
+# On a CUDA device the experts of a 16-bit or fp32 model run on `TritonExperts` (imported only there, so that
+# importing this module on a CPU machine loads no Triton kernel; a float64 model takes the reference below) — unless
+# the forward needs a gradient (autograd on, and the input, the router
 # weights or an expert weight requires one): the kernels keep no autograd graph, so that forward takes the
 # reference below, whose torch ops do (a plain `model(**inputs)` outside `torch.no_grad()` is such a forward).
 # Elsewhere they run on the float64-capable reference `moe_reference_standard`, once
@@ -358,7 +371,9 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
 # fp32, and rounding a float64 model's weights to fp32 would cost it ~1e-8 of relative accuracy. Ids must lie in
 # `[0, num_experts)`; the one exception is transformers' expert-parallel sentinel: on a module with
 # `_is_expert_parallel` set, an id `>= num_experts` becomes `-1` and contributes 0. Any other id raises a `ValueError`
-# (never dropped: a router bug must not become a silently smaller output).
+# (never dropped: a router bug must not become a silently smaller output) — except while a CUDA graph is captured,
+# where the check would need a host sync: there the kernels skip such an id (its slot contributes 0, nothing is read
+# out of bounds).
 
 # %%
 #| export
@@ -382,8 +397,8 @@ def moe_lit_experts_forward(self: torch.nn.Module,       # the transformers expe
                            ) -> torch.Tensor:            # [num_tokens, hidden_size], hidden_states' dtype
     """transformers' experts forward, computed by moe-lit (the function `register` puts in the ExpertsInterface).
     ValueError naming `hidden_states` (shape, float dtype, not on the experts' device), `top_k_index` (shape, int dtype, ids outside [0, E) other
-    than an EP rank's sentinel), `top_k_weights` (shape, float dtype) or the module's weight that does not fit its
-    recipe. Source: transformers' `use_experts_implementation` / `ExpertsInterface` (src/transformers/integrations/moe.py)."""
+    than an EP rank's sentinel; not checked while a CUDA graph is captured, where the kernels skip such an id),
+    `top_k_weights` (shape, float dtype) or the module's weight that does not fit its recipe. Source: transformers' `use_experts_implementation` / `ExpertsInterface` (src/transformers/integrations/moe.py)."""
     recipe = experts_recipe(self)
     w13, w2, b13, b2 = experts_weights(self, recipe)
     E, H = w13.shape[0], w13.shape[2]
@@ -496,7 +511,9 @@ def check_model(model: torch.nn.Module,
     """The MoE blocks whose experts moe-lit runs, `{module name: ExpertsRecipe}` (`experts_recipes`' answer, checked).
     ValueError if `model` has an MoE block
     'moe_lit' cannot reach, none at all, or (with `selected`) a block whose config selects an implementation other than
-    one `register` made (a model loaded without `experts_implementation="moe_lit"` runs transformers' own experts)."""
+    one `register` made (a model loaded without `experts_implementation="moe_lit"` runs transformers' own experts);
+    naming `model` (not a torch.nn.Module) or `selected` (not a bool). Source: transformers' experts interface and
+    `set_experts_implementation`."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     blocks = {n: m for n, m in model.named_modules()
@@ -532,6 +549,19 @@ def check_model(model: torch.nn.Module,
 
 # %%
 experts_recipes(tiny_hf_model("gpt_oss"))
+
+# %% [markdown]
+# The whole use, on a tiny Qwen3-MoE that transformers builds and saves (standing in for a downloaded checkpoint):
+# register, load with `experts_implementation="moe_lit"`, check what moe-lit reaches, run.
+
+# %%
+# outside this notebook: from moe_lit.integrations.transformers import register, check_model
+register()
+path = tempfile.mkdtemp()
+tiny_hf_model("qwen3_moe").save_pretrained(path)
+model = transformers.AutoModelForCausalLM.from_pretrained(path, experts_implementation="moe_lit")
+print(check_model(model))                      # {module name: ExpertsRecipe} of every MoE block moe-lit runs
+with torch.no_grad(): print(model(torch.tensor([[1, 5, 9]])).logits.shape)
 
 # %%
 #| test recipes_of_families

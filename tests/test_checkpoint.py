@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Llama4Config, Llama4F
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 import moe_lit.checkpoint as checkpoint_module
 from moe_lit.quant_weights import quantize_expert_weights
-from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint
+from moe_lit.testing import write_fp8_block_checkpoint, write_mxfp4_checkpoint, tiny_hf_model
 from moe_lit.checkpoint import *
 
 
