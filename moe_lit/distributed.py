@@ -91,7 +91,7 @@ def _single_process(config: MoEConfig, weights: RandomExpertWeights, hidden: tor
             if r is not None: r += shared_ref
     return single.to(config.dtype), ref, ref_float, ref_kernels
 
-# %% ../nbs/13b_distributed.ipynb #2cb924399db3
+# %% ../nbs/13b_distributed.ipynb #6ce82fe4b473
 def run_distributed(config: MoEConfig,                 # the model on its deployment: parallel.ep_size = world size
                     num_tokens: int = 64,              # tokens in the whole batch, split over the ranks
                     placement: str | None = None,      # requested placement: 'linear' or 'round_robin' (None: linear)
@@ -104,9 +104,11 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
                    ) -> DistributedRun:
     """The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result
     (float64, and for the Triton quantized experts their own spec). Returns a `DistributedRun` on every rank, its
-    references and report on rank 0. A collective: every rank calls it with the same arguments. ValueError, on every
-    rank alike, naming the argument for a bad config, token counts, seed, placement, experts or `quant`, ranks that
-    disagree, or a capacity overflow. Source: moe-lit's own job (`moe-lit run` across processes); the dispatch and
+    references and report on rank 0. A collective: every rank calls it with the same arguments, in a process group
+    that exists (`13a_transport.init_distributed`; under NCCL each rank on its own GPU, `torch.cuda.set_device`, as
+    `init_distributed` sets it). ValueError, on every rank alike, naming the argument for a bad config (experts that
+    are not SiLU-gated without biases: gpt-oss), token counts (`num_tokens` in [0, 65536]), `seed` (in [0, 2^40]),
+    placement, experts or `quant`, ranks that disagree, or a capacity overflow. Source: moe-lit's own job (`moe-lit run` across processes); the dispatch and
     combine follow vLLM's all2all backends (`13a_transport`)."""
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
@@ -200,13 +202,14 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
                                 for k in ("prepare_s", "experts_s", "finalize_s")},
                              "reference_s": time.perf_counter() - t0}}
 
-# %% ../nbs/13b_distributed.ipynb #952ac7dd1fc9
+# %% ../nbs/13b_distributed.ipynb #f1cdd0f3bafc
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m moe_lit.distributed",
                                  description="The moe-lit main job on N processes (one EP rank each).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
+    src.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                     help="a built-in preset (SiLU experts without biases: not the gpt-oss ones)")
     src.add_argument("--config", default=None, help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
     ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes; None: that number")
     ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
@@ -220,12 +223,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="quantize the experts at load (fp8 = fp8_w8a8_block: with Triton experts, "
                          + ", ".join(n for n, d in BACKENDS.items() if d.quantizes_before_dispatch)
                          + " send the rows as FP8 with their scales)")
-    ap.add_argument("--max-tokens-per-rank", type=int, default=None, help="batched capacity; None: the model's")
+    ap.add_argument("--max-tokens-per-rank", type=int, default=None,
+                    help="batched capacity (nixl_ep, deepep_low_latency; the others ignore it); None: the model's")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait for its peers")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
-# %% ../nbs/13b_distributed.ipynb #5d84614c9b63
+# %% ../nbs/13b_distributed.ipynb #def096365038
 def run_job(model: str = DEFAULT_PRESET,          # a preset
             ep: int | None = None,                 # EP ranks; None: the number of processes (which it must equal)
             all2all: str | None = None,            # None: allgather_reducescatter with more than one rank, else none
@@ -236,12 +240,15 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
             experts: str = "auto",                 # 'auto', 'torch' or 'triton'
             max_tokens_per_rank: int | None = None,   # batched capacity (tokens a rank); None: the model's
             timeout: float = 600.0,                # seconds a collective may wait for its peers
-            as_json: bool = False,                 # exit status: 0, 1 when a check fails, 2 on bad input
+            as_json: bool = False,                 # rank 0 prints the report as JSON, not as text
             config: str | None = None,             # a config.json (file or directory) instead of `model`
             quant: str = "unquantized") -> int:    # the experts' scheme (a QUANT_SCHEMES name or short name)
     """The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report.
-    Returns 0, 1 when a check fails (rank 0), or 2 on bad input: a ValueError from joining the group or from the job is
-    printed to stderr naming the flag (`--timeout`, `--tokens`, `--ep`, ...) and not raised. Other errors (a peer that
+    Joins the process group from torchrun's variables (`init_distributed`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT; NCCL where CUDA is visible, else gloo; one process without them) and destroys it at the end, a
+    caller's too. Returns 0, 1 when a check fails (rank 0), or 2 on bad input: a ValueError from joining the group or
+    from the job is printed to stderr naming the flag (`--timeout`, `--tokens` up to 65536, `--ep`, ...) and not
+    raised. Other errors (a peer that
     dies, a collective's timeout) propagate. Source: moe-lit's own (what torchrun runs on each rank)."""
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try: rank, world, _ = init_distributed(timeout)

@@ -63,7 +63,8 @@ from pathlib import Path
 # 4. runs `ModularKernel(make_distributed_prepare_finalize(...), the layer's experts and shared experts)` on the
 #    layer's weights and gets its own tokens' output. Only the prepare/finalize differs from the layer's own forward.
 #
-# Rank 0 gathers every rank's output and routing, and computes the single-process result the way EP emulation does
+# Every rank gathers every rank's output and routing (on the CPU); rank 0 computes the single-process result the
+# way EP emulation (`12_layer.run_emulated_ep`, every rank in one process) does
 # (`12_layer.reference_by_global_id`: the Standard path over the experts the tokens reach, a few at a time from the
 # weight source by global id, into an fp32 accumulator, and the same in float64) from the routing the ranks used. It then checks the distributed output against both, with the package's one
 # `assert_close` policy.
@@ -160,9 +161,11 @@ def run_distributed(config: MoEConfig,                 # the model on its deploy
                    ) -> DistributedRun:
     """The main job on every rank of `group`; rank 0 gathers the output and checks it against the single-process result
     (float64, and for the Triton quantized experts their own spec). Returns a `DistributedRun` on every rank, its
-    references and report on rank 0. A collective: every rank calls it with the same arguments. ValueError, on every
-    rank alike, naming the argument for a bad config, token counts, seed, placement, experts or `quant`, ranks that
-    disagree, or a capacity overflow. Source: moe-lit's own job (`moe-lit run` across processes); the dispatch and
+    references and report on rank 0. A collective: every rank calls it with the same arguments, in a process group
+    that exists (`13a_transport.init_distributed`; under NCCL each rank on its own GPU, `torch.cuda.set_device`, as
+    `init_distributed` sets it). ValueError, on every rank alike, naming the argument for a bad config (experts that
+    are not SiLU-gated without biases: gpt-oss), token counts (`num_tokens` in [0, 65536]), `seed` (in [0, 2^40]),
+    placement, experts or `quant`, ranks that disagree, or a capacity overflow. Source: moe-lit's own job (`moe-lit run` across processes); the dispatch and
     combine follow vLLM's all2all backends (`13a_transport`)."""
     rank, S, counts = _check_run_args(config, num_tokens, seed, token_counts, group)   # the same answer on every rank
     device, cfg, t0 = group_device(group), rank_config(config, rank), time.perf_counter()
@@ -267,8 +270,27 @@ def _finish_on_rank0(run: DistributedRun, config, weights, hidden_all, placement
 #
 # `main` is what `torchrun ... -m moe_lit.distributed` runs on every process: a few options, the model from the
 # presets (or any Hugging Face `config.json` with `--config`: a tiny one makes a quick multi-process run on a CPU), the
-# deployment `--ep N` data-parallel ranks with EP on (`N` = the number of processes). Exit status: 0, 1
-# when a check fails, 2 on bad input (the same on every rank: each rank validates the same arguments).
+# deployment `--ep N` data-parallel ranks with EP on (`N` = the number of processes). Across processes the experts
+# must be SiLU-gated without biases: the gpt-oss presets are refused (exit 2; `12_layer.run_emulated_ep` runs them in
+# one process). EPLB replicas are not a flag here (`run_distributed` takes a config with them from Python).
+# `--max-tokens-per-rank` sizes the batched format's slabs (NIXL EP, DeepEP low-latency) and is ignored by the
+# Standard-format backends.
+#
+# **Running it.** `torchrun` starts the processes and sets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and
+# `MASTER_PORT`, which `13a_transport.init_distributed` reads: NCCL with one GPU a process (`cuda:LOCAL_RANK`) where
+# CUDA is visible, gloo on CPUs otherwise; without those variables it makes a one-process group. On two CPU processes:
+#
+# ```sh
+# .venv/bin/torchrun --nproc-per-node 2 -m moe_lit.distributed --model qwen3-30b-a3b --all2all nixl_ep
+# ```
+#
+# prints rank 0's report (`15b_report.format_distributed_report`; `13c_launch`, *A run, and its report*, shows one).
+# From Python, in each process: `rank, world, device = init_distributed()`, then
+# `run_distributed(preset("qwen3-30b-a3b", ParallelConfig.make(1, world, enable_expert_parallel=True,
+# all2all_backend="nixl_ep")), num_tokens=64)`, whose `.report` rank 0 holds; `run_job(...)` is the same with the
+# command's checks and exit status, and it destroys the process group when it ends (the one it joined, or the
+# caller's). Exit status: 0, 1 when a check fails (rank 0 says which), 2 on bad input: every rank checks the same
+# arguments, so each refuses them alike; an error in joining the group (a bad `LOCAL_RANK`, say) can be one rank's.
 
 # %%
 #| export
@@ -277,7 +299,8 @@ def _parser() -> argparse.ArgumentParser:
                                  description="The moe-lit main job on N processes (one EP rank each).",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS), help="a built-in preset")
+    src.add_argument("--model", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                     help="a built-in preset (SiLU experts without biases: not the gpt-oss ones)")
     src.add_argument("--config", default=None, help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
     ap.add_argument("--ep", type=int, default=None, help="EP ranks; must equal the number of processes; None: that number")
     ap.add_argument("--all2all", default=None, choices=list(BACKENDS),
@@ -291,7 +314,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="quantize the experts at load (fp8 = fp8_w8a8_block: with Triton experts, "
                          + ", ".join(n for n, d in BACKENDS.items() if d.quantizes_before_dispatch)
                          + " send the rows as FP8 with their scales)")
-    ap.add_argument("--max-tokens-per-rank", type=int, default=None, help="batched capacity; None: the model's")
+    ap.add_argument("--max-tokens-per-rank", type=int, default=None,
+                    help="batched capacity (nixl_ep, deepep_low_latency; the others ignore it); None: the model's")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait for its peers")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
@@ -308,12 +332,15 @@ def run_job(model: str = DEFAULT_PRESET,          # a preset
             experts: str = "auto",                 # 'auto', 'torch' or 'triton'
             max_tokens_per_rank: int | None = None,   # batched capacity (tokens a rank); None: the model's
             timeout: float = 600.0,                # seconds a collective may wait for its peers
-            as_json: bool = False,                 # exit status: 0, 1 when a check fails, 2 on bad input
+            as_json: bool = False,                 # rank 0 prints the report as JSON, not as text
             config: str | None = None,             # a config.json (file or directory) instead of `model`
             quant: str = "unquantized") -> int:    # the experts' scheme (a QUANT_SCHEMES name or short name)
     """The main job on this process's rank (what `main` and `moe-lit run --distributed` call); rank 0 prints the report.
-    Returns 0, 1 when a check fails (rank 0), or 2 on bad input: a ValueError from joining the group or from the job is
-    printed to stderr naming the flag (`--timeout`, `--tokens`, `--ep`, ...) and not raised. Other errors (a peer that
+    Joins the process group from torchrun's variables (`init_distributed`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT; NCCL where CUDA is visible, else gloo; one process without them) and destroys it at the end, a
+    caller's too. Returns 0, 1 when a check fails (rank 0), or 2 on bad input: a ValueError from joining the group or
+    from the job is printed to stderr naming the flag (`--timeout`, `--tokens` up to 65536, `--ep`, ...) and not
+    raised. Other errors (a peer that
     dies, a collective's timeout) propagate. Source: moe-lit's own (what torchrun runs on each rank)."""
     use_triton_interpreter_without_gpu()                # before any kernel module is imported
     try: rank, world, _ = init_distributed(timeout)
