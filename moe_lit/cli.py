@@ -255,8 +255,8 @@ _HELP = {
     "--seed": "seed of the random weights and hidden states: the same seed gives the same numbers",
 }
 
-# %% ../nbs/15_cli.ipynb #830a4d494136
-DISTRIBUTED_REFUSED = ("--weights", "--tp", "--backend", "--device")   # `run --distributed` takes none of these yet
+# %% ../nbs/15_cli.ipynb #5d1404434b0d
+DISTRIBUTED_REFUSED = ("--weights", "--layer", "--tp", "--backend", "--device")   # `run --distributed` takes none yet
 
 def _quant_scheme(name: str) -> str:
     "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`09_quant.quant_scheme_name`); argparse names the choices."
@@ -266,7 +266,8 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     "The options `run` and `tables` share: the model and the deployment."
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, choices=sorted(PRESETS), help=f"a built-in preset (unset: {DEFAULT_PRESET})")
-    src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
+    src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model "
+                                      "(unset: --model)")
     p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
     p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
     p.add_argument("--all2all", default=None, choices=list(BACKENDS), help=_HELP["--all2all"])
@@ -280,19 +281,22 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=64, help=_HELP["--tokens"])
     p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
     p.add_argument("--quant", default=None, type=_quant_scheme, choices=[*QUANT_SCHEMES, *QUANT_ALIASES], help=_HELP["--quant"])
-    p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
+    p.add_argument("--backend", default=None, help="an experts backend to force (`moe-lit explain` lists them); refused "
+                                                    "with the reason if it does not fit; unset: the oracle's choice")
     p.add_argument("--distributed", action="store_true",
-                   help="run across the processes torchrun started (one EP rank each; --ep defaults to their number); "
+                   help="run across the processes torchrun started (one EP rank each; --ep must equal their number, "
+                        "unset: that number); "
                         f"presets or a --config only: not with {', '.join(DISTRIBUTED_REFUSED)}")
     p.add_argument("--weights", metavar="CHECKPOINT_DIR",
                    help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
-                        "with its own weights instead of random ones (the model comes from its config.json)")
+                        "with its own weights instead of random ones (the model comes from its config.json); unset: "
+                        "random weights")
     p.add_argument("--layer", type=int, default=None,
                    help="with --weights: the decoder layer whose MoE block to load; unset means the "
                         "checkpoint's first MoE layer")
     p.add_argument("--json", action="store_true", help="print the full report (no list abridged) as JSON")
 
-# %% ../nbs/15_cli.ipynb #e0fd8153e2f9
+# %% ../nbs/15_cli.ipynb #341fdeb9e27e
 TUNE_CHOICES = ["all", "batched", "contiguous", "w4a16", "fp8"]   # `moe-lit bench --tune`: `14_bench.TUNE_SETS`' keys
                                                                   # (the bench module is imported only by `bench`)
 
@@ -314,9 +318,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tune", nargs="?", const="all", default=None, choices=TUNE_CHOICES,
                    help="sweep tile candidates of these kernels first and save the winners (no value: all; w4a16: "
                         "both FP4 kernels; fp8: both FP8 block kernels; unset: no tuning, the saved tables)")
-    b.add_argument("--config-dir", help="where tuned tile tables are written (unset: the package's configs/)")
-    b.add_argument("--out", help="write the results as JSON to this file")
-    b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
+    b.add_argument("--config-dir", help="with --tune: where tuned tile tables are written (unset: the package's configs/)")
+    b.add_argument("--out", help="write the results as JSON to this file (unset: none written)")
+    b.add_argument("--scenario", action="append", help="run only scenarios (with --layer: deployments) whose name "
+                                                         "contains this, any case (repeatable; unset: all)")
     b.add_argument("--layer", action="store_true",
                    help="benchmark the whole layer instead (FusedMoE eager and graph-replayed, floor, transformers)")
     return ap
@@ -395,7 +400,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #45002a271194
+# %% ../nbs/15_cli.ipynb #85abf7f17160
 def _fail(args, message: str) -> int:
     "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
     command = getattr(args, "command", None)                 # (None before the arguments were parsed)
@@ -459,8 +464,8 @@ def _checkpoint(args, cfg: MoEConfig):
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
-    given = {"--weights": args.weights is not None, "--tp": args.tp != 1, "--backend": bool(args.backend),
-             "--device": args.device != "auto"}
+    given = {"--weights": args.weights is not None, "--layer": args.layer is not None, "--tp": args.tp != 1,
+             "--backend": bool(args.backend), "--device": args.device != "auto"}
     unsupported = [f for f in DISTRIBUTED_REFUSED if given[f]]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
@@ -473,7 +478,8 @@ def _run_distributed(args) -> int:
                    as_json=args.json, config=args.config, quant=args.quant or "unquantized")
 
 def main(argv: list[str] | None = None) -> int:
-    """The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe.
+    """The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input (also when the model does
+    not fit the machine's memory, or `bench` has no CUDA GPU), 141 on a closed pipe.
     Bad input: argparse's usage errors (an unknown subcommand or flag, a value outside a flag's choices) print usage and
     raise SystemExit(2), as argparse does; a bad value found later prints `moe-lit <command>: error: ...` naming the
     flag and returns 2."""

@@ -7,15 +7,18 @@ from __future__ import annotations
 import argparse, sys
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command_parser', 'main']
+__all__ = ['COMMANDS', 'EXIT_STATUS', 'command_parser', 'main']
 
-# %% ../nbs/15a_entry.ipynb #f43f99e179f5
+# %% ../nbs/15a_entry.ipynb #9a4a1102fea4
 COMMANDS = {   # subcommand -> what it does (the top-level help)
     "run": "build a model's MoE layer on a deployment and report every decision and check",
     "tables": "print the placement and routing tables of a deployment",
     "explain": "the resolved properties and the oracle's decision table for a deployment",
     "bench": "benchmark the experts GEMMs of both formats (with --layer, the whole layer) against peers and the roofline (GPU)",
 }
+
+EXIT_STATUS = ("exit status: 0 when every check passes, 1 when a check of run fails, 2 on bad input (also a model "
+               "too large for this machine's memory, or bench without a CUDA GPU), 141 on a closed output pipe")
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     "Help with each option's default, except where it is None: those options say in their text what unset means."
@@ -29,11 +32,11 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict]:
     from moe_lit import __version__
     fmt = _DefaultsHelp
     ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
-                                 formatter_class=fmt, allow_abbrev=False)   # a flag is spelled out: --config is not
+                                 epilog=EXIT_STATUS, formatter_class=fmt, allow_abbrev=False)   # a flag is spelled out: --config is not
                                                                             # taken for bench's --config-dir
     ap.add_argument("--version", action="version", version=f"moe-lit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    return ap, {name: sub.add_parser(name, help=text, formatter_class=fmt, allow_abbrev=False)
+    return ap, {name: sub.add_parser(name, help=text, epilog=EXIT_STATUS, formatter_class=fmt, allow_abbrev=False)
                 for name, text in COMMANDS.items()}
 
 def main(argv: list[str] | None = None) -> int:

@@ -425,8 +425,12 @@ test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the 
 # %% [markdown]
 # ## The entry point
 #
-# Every option's help shows its default. Errors from the command line name the flag that set the bad value
-# (`--tokens`, not `num_tokens`), and a closed output pipe (`moe-lit tables | head -1`) ends the command quietly.
+# Every option's help shows its default, or what leaving it unset means. Errors from the command line name the flag
+# that set the bad value (`--tokens`, not `num_tokens`), and a closed output pipe (`moe-lit tables | head -1`) ends
+# the command quietly. The exit status, which `--help` also gives: 0 when every check passes, 1 when a check of
+# `run` fails, 2 on bad input (and when the model does not fit the machine's memory, or `bench` finds no CUDA GPU),
+# 141 on a closed pipe. `run --distributed` reports its errors as the torchrun job does (`moe-lit distributed: rank
+# R: error: ...`), since every rank prints them.
 
 # %%
 #| export
@@ -454,7 +458,7 @@ _HELP = {
 
 # %%
 #| export
-DISTRIBUTED_REFUSED = ("--weights", "--tp", "--backend", "--device")   # `run --distributed` takes none of these yet
+DISTRIBUTED_REFUSED = ("--weights", "--layer", "--tp", "--backend", "--device")   # `run --distributed` takes none yet
 
 def _quant_scheme(name: str) -> str:
     "`--quant` value: a scheme name, or a short name of `QUANT_ALIASES` (`09_quant.quant_scheme_name`); argparse names the choices."
@@ -464,7 +468,8 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     "The options `run` and `tables` share: the model and the deployment."
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, choices=sorted(PRESETS), help=f"a built-in preset (unset: {DEFAULT_PRESET})")
-    src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model")
+    src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model "
+                                      "(unset: --model)")
     p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
     p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
     p.add_argument("--all2all", default=None, choices=list(BACKENDS), help=_HELP["--all2all"])
@@ -478,13 +483,16 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=64, help=_HELP["--tokens"])
     p.add_argument("--seed", type=int, default=0, help=_HELP["--seed"])
     p.add_argument("--quant", default=None, type=_quant_scheme, choices=[*QUANT_SCHEMES, *QUANT_ALIASES], help=_HELP["--quant"])
-    p.add_argument("--backend", default=None, help="an experts backend to force (see `moe-lit explain`); refused with the reason if it does not fit")
+    p.add_argument("--backend", default=None, help="an experts backend to force (`moe-lit explain` lists them); refused "
+                                                    "with the reason if it does not fit; unset: the oracle's choice")
     p.add_argument("--distributed", action="store_true",
-                   help="run across the processes torchrun started (one EP rank each; --ep defaults to their number); "
+                   help="run across the processes torchrun started (one EP rank each; --ep must equal their number, "
+                        "unset: that number); "
                         f"presets or a --config only: not with {', '.join(DISTRIBUTED_REFUSED)}")
     p.add_argument("--weights", metavar="CHECKPOINT_DIR",
                    help="a Hugging Face checkpoint directory (config.json + *.safetensors): run the MoE layer --layer "
-                        "with its own weights instead of random ones (the model comes from its config.json)")
+                        "with its own weights instead of random ones (the model comes from its config.json); unset: "
+                        "random weights")
     p.add_argument("--layer", type=int, default=None,
                    help="with --weights: the decoder layer whose MoE block to load; unset means the "
                         "checkpoint's first MoE layer")
@@ -513,9 +521,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tune", nargs="?", const="all", default=None, choices=TUNE_CHOICES,
                    help="sweep tile candidates of these kernels first and save the winners (no value: all; w4a16: "
                         "both FP4 kernels; fp8: both FP8 block kernels; unset: no tuning, the saved tables)")
-    b.add_argument("--config-dir", help="where tuned tile tables are written (unset: the package's configs/)")
-    b.add_argument("--out", help="write the results as JSON to this file")
-    b.add_argument("--scenario", action="append", help="run only scenarios whose name contains this (repeatable)")
+    b.add_argument("--config-dir", help="with --tune: where tuned tile tables are written (unset: the package's configs/)")
+    b.add_argument("--out", help="write the results as JSON to this file (unset: none written)")
+    b.add_argument("--scenario", action="append", help="run only scenarios (with --layer: deployments) whose name "
+                                                         "contains this, any case (repeatable; unset: all)")
     b.add_argument("--layer", action="store_true",
                    help="benchmark the whole layer instead (FusedMoE eager and graph-replayed, floor, transformers)")
     return ap
@@ -661,8 +670,8 @@ def _checkpoint(args, cfg: MoEConfig):
 def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
-    given = {"--weights": args.weights is not None, "--tp": args.tp != 1, "--backend": bool(args.backend),
-             "--device": args.device != "auto"}
+    given = {"--weights": args.weights is not None, "--layer": args.layer is not None, "--tp": args.tp != 1,
+             "--backend": bool(args.backend), "--device": args.device != "auto"}
     unsupported = [f for f in DISTRIBUTED_REFUSED if given[f]]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
@@ -675,7 +684,8 @@ def _run_distributed(args) -> int:
                    as_json=args.json, config=args.config, quant=args.quant or "unquantized")
 
 def main(argv: list[str] | None = None) -> int:
-    """The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input, 141 on a closed pipe.
+    """The `moe-lit` command. Exit status: 0, 1 when a check of `run` fails, 2 on bad input (also when the model does
+    not fit the machine's memory, or `bench` has no CUDA GPU), 141 on a closed pipe.
     Bad input: argparse's usage errors (an unknown subcommand or flag, a value outside a flag's choices) print usage and
     raise SystemExit(2), as argparse does; a bad value found later prints `moe-lit <command>: error: ...` naming the
     flag and returns 2."""
@@ -828,13 +838,14 @@ with tempfile.TemporaryDirectory() as d:                                        
                              "num_experts_per_tok": 2}))
     out = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tokens", "4",
                           "--quant", "fp8"], capture_output=True, text=True, env=env)
-    tp = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tp", "2"],
+    tp = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tp", "2",
+                         "--layer", "1"],
                         capture_output=True, text=True, env=env)
 test_eq(out.returncode, 0)
 assert "--distributed without torchrun runs on this one process" in out.stderr and "on 1 process" in out.stdout, out.stderr
 assert "weights fp8_w8a8_block" in out.stdout and "quantization error vs the float weights" in out.stdout, out.stdout
 test_eq(tp.returncode, 2)
-assert "--distributed: expected none of --tp" in tp.stderr, tp.stderr
+assert "--distributed: expected none of --layer, --tp" in tp.stderr, tp.stderr
 
 # %% [markdown]
 # A checkpoint's own layer: `--weights CHECKPOINT_DIR` takes the model from the checkpoint's `config.json` and the
@@ -1018,3 +1029,43 @@ assert "placement round_robin" in out.getvalue()
 # %%
 for q in ("nvfp4_w4a16", "mxfp4_w4a16"):
     print(format_explain(explain_report(build_config("gpt-oss-120b", ep=8, all2all="nixl_ep"), q, "h200")), end="\n\n")
+
+# %% [markdown]
+# ## Using it
+#
+# Each subcommand as a user types it, run here through `main`, which the console script calls. First, a layer on a
+# config.json of your own: here a tiny Qwen3-MoE, which runs in seconds on a CPU, on two EP ranks with NIXL EP,
+# emulated in this one process:
+#
+# ```sh
+# moe-lit run --config tiny.json --tokens 8 --ep 2 --all2all nixl_ep
+# ```
+
+# %%
+tiny = Path(tempfile.mkdtemp(), "tiny.json")
+tiny.write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64, "moe_intermediate_size": 32,
+                            "num_experts": 4, "num_experts_per_tok": 2}))
+status = main(["run", "--config", str(tiny), "--tokens", "8", "--ep", "2", "--all2all", "nixl_ep"])
+assert status == 0
+
+# %% [markdown]
+# The placement and routing tables of the same deployment, asking for round-robin placement
+# (`moe-lit tables --config tiny.json --ep 2 --all2all nixl_ep --placement round_robin`); this config has no expert
+# groups, so the placement falls back to linear, and the first line says why:
+
+# %%
+assert main(["tables", "--config", str(tiny), "--ep", "2", "--all2all", "nixl_ep", "--placement", "round_robin"]) == 0
+
+# %% [markdown]
+# The others, as command lines:
+#
+# - **A checkpoint's own layer:** `moe-lit run --weights CHECKPOINT_DIR --layer 1` runs the MoE block of decoder
+#   layer 1 with the checkpoint's weights (the model from its `config.json`; unset `--layer`: the first MoE layer).
+# - **Across processes:** `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed --config tiny.json --all2all
+#   nixl_ep` runs one EP rank a process (`13b_distributed`); rank 0 prints the report.
+# - **The oracle's decision:** `moe-lit explain --model gpt-oss-120b --ep 8 --all2all nixl_ep --quant nvfp4
+#   --device h200` (the cell above).
+# - **Benchmarks, on a CUDA GPU:** `moe-lit bench` times the experts GEMMs of both formats against their peers and
+#   the measured roofline (`14_bench`); `moe-lit bench --layer --scenario DeepSeek-V3 --out layer.json` times the
+#   whole layer of the DeepSeek-V3 deployments, eager and replayed, and writes the rows as JSON (`14a_bench_layer`).
+# - `--json` on `run`, `tables` and `explain` prints the whole report as JSON instead of text.

@@ -31,6 +31,9 @@ COMMANDS = {   # subcommand -> what it does (the top-level help)
     "bench": "benchmark the experts GEMMs of both formats (with --layer, the whole layer) against peers and the roofline (GPU)",
 }
 
+EXIT_STATUS = ("exit status: 0 when every check passes, 1 when a check of run fails, 2 on bad input (also a model "
+               "too large for this machine's memory, or bench without a CUDA GPU), 141 on a closed output pipe")
+
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     "Help with each option's default, except where it is None: those options say in their text what unset means."
     def _get_help_string(self, action):
@@ -43,11 +46,11 @@ def command_parser() -> tuple[argparse.ArgumentParser, dict]:
     from moe_lit import __version__
     fmt = _DefaultsHelp
     ap = argparse.ArgumentParser(prog="moe-lit", description="Mixture-of-Experts layers with expert parallelism.",
-                                 formatter_class=fmt, allow_abbrev=False)   # a flag is spelled out: --config is not
+                                 epilog=EXIT_STATUS, formatter_class=fmt, allow_abbrev=False)   # a flag is spelled out: --config is not
                                                                             # taken for bench's --config-dir
     ap.add_argument("--version", action="version", version=f"moe-lit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    return ap, {name: sub.add_parser(name, help=text, formatter_class=fmt, allow_abbrev=False)
+    return ap, {name: sub.add_parser(name, help=text, epilog=EXIT_STATUS, formatter_class=fmt, allow_abbrev=False)
                 for name, text in COMMANDS.items()}
 
 def main(argv: list[str] | None = None) -> int:

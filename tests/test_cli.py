@@ -199,13 +199,14 @@ def test_experts_triton_from_a_plain_shell():
                                  "num_experts_per_tok": 2}))
         out = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tokens", "4",
                               "--quant", "fp8"], capture_output=True, text=True, env=env)
-        tp = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tp", "2"],
+        tp = subprocess.run([sys.executable, "-m", "moe_lit.cli", "run", "--distributed", "--config", str(f), "--tp", "2",
+                             "--layer", "1"],
                             capture_output=True, text=True, env=env)
     test_eq(out.returncode, 0)
     assert "--distributed without torchrun runs on this one process" in out.stderr and "on 1 process" in out.stdout, out.stderr
     assert "weights fp8_w8a8_block" in out.stdout and "quantization error vs the float weights" in out.stdout, out.stdout
     test_eq(tp.returncode, 2)
-    assert "--distributed: expected none of --tp" in tp.stderr, tp.stderr
+    assert "--distributed: expected none of --layer, --tp" in tp.stderr, tp.stderr
 
 
 def test_run_checkpoint_weights():
