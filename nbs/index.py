@@ -90,6 +90,9 @@
 #   For `explain`, `--device` is the GPU model the oracle decides for, `cpu` (the torch reference), `cpu-interpreter`
 #   (the CPU running the Triton kernels, as `run --experts triton` does) or `detect` (this machine, the default); for
 #   `run`, `--device` is where the layer runs: `auto`, `cpu` or `cuda`.
+# - **Exit status** (also in `--help`): 0 when every check passes, 1 when a check of `run` fails, 2 on bad input (the
+#   message names the flag), on a model too large for the machine's memory, or for `bench` without a CUDA GPU; 141
+#   when the output pipe closes (`moe-lit tables | head`).
 # - **Quantized experts.** `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other
 #   schemes `--help` lists) quantizes the experts at load, one expert at a time, and checks against the dequantized
 #   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 (5 minutes was
@@ -325,7 +328,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # ```
 #
 # `torchrun --nproc-per-node 2 -m moe_lit.cli run --distributed ...` is the same job through `moe-lit run` (presets
-# or a `--config`, one EP rank per process, on random weights; `--ep` defaults to the number of processes and
+# or a `--config`, one EP rank per process, on random weights; `--ep` must equal the number of processes (unset:
+# that number) and
 # `--all2all` to `allgather_reducescatter`; `--weights`, `--tp`, `--backend` and `--device` are refused there). `--quant` quantizes each rank's experts at load; with `--quant fp8` and Triton experts
 # (`--experts triton` on a CPU; presets are bf16, a float32 `--config` needs `--dtype bf16`), NIXL EP, DeepEP
 # low-latency and DeepEP high-throughput send each row as FP8 with its scales, about
