@@ -321,7 +321,7 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # ## Across processes
 #
 # The same layer runs across real processes on torch.distributed (gloo on CPUs, NCCL with one GPU per process);
-# rank 0 gathers the output and checks it against the single-process result:
+# the ranks gather the output, and rank 0 checks it against the single-process result:
 #
 # ```sh
 # .venv/bin/torchrun --nproc-per-node 2 -m moe_lit.distributed --model qwen3-30b-a3b --all2all nixl_ep
