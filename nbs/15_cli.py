@@ -262,7 +262,14 @@ def run_report(config: MoEConfig, num_tokens: int = 64, placement: str | None = 
                backend: str | None = None,
                weights=None,   # a WeightSource (e.g. moe_lit.checkpoint.CheckpointWeights); None: random from `seed`
               ) -> dict:
-    """Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data.
+    """Run the main job on `num_tokens` random tokens and return the full report (nothing abridged) as JSON-ready data:
+    `model` (the MoEConfig's fields), `deployment` (EP, TP, DP sizes, all2all and hidden-size notes, the wire's
+    quantization), `backend` (its descriptor), `properties` (value and reason of each), `experts` (implementation,
+    reason, device, quant), `experts_function`, `caveats`, `weights`, `placement` (each rank's tables), `load` (pairs
+    per physical expert), `check` (each check's error, tolerance and `ok`), `quantization_error`, and `timing`
+    (seconds: `weights_s`, `forward_s`, `reference_and_checks_s`, `total_s`; `peak_resident_gb` and `peak_gpu_gb` in
+    GiB; `tokens_per_s` of the emulation). `experts`: 'auto', 'triton' or 'torch'; `quant`: a QUANT_SCHEMES name or
+    short name; `device`: 'cpu', 'cuda' or a torch.device (the command's `auto` is resolved before the call).
     ValueError naming `num_tokens` (not an int in [1, 65536], or more than a batched format's slabs hold:
     max_num_tokens · ep_size), `seed` (not an int in [0, 2**40)), `hidden_size` (too
     wide for the backend), and `config`, `placement`, `tp_size`, `experts`, `quant`, `backend` or `weights` as
