@@ -43,6 +43,11 @@ from pathlib import Path
 # `torchrun -m moe_lit.distributed` entry point) over the transport of `13a_transport`; its report's text is
 # `15b_report`'s `format_distributed_report`. The launcher that starts the processes from Python, and the tests
 # across real processes, are in `13c_launch`. An **explanation** page with a **how-to** (the command below).
+#
+# Words from other chapters: DP rank, prepare / finalize, slab and the two activation formats (Standard: a flat list
+# of tokens; batched: one slab of rows a local expert) are in the overview's list (`index`) and `05_formats`; EPLB,
+# replicated experts, is `04_placement`'s; EP emulation, every rank in turn in one process, is `12_layer`'s
+# `run_emulated_ep`.
 
 # %% [markdown]
 # ## The main job across processes
