@@ -1510,8 +1510,8 @@ def _batched_tile(E, N, K, expected_m, dtype, gated, config_items, config_dir) -
 def random_batched_problem(E, M, K, N, counts, dtype, device=None, seed=0):
     """Random `(a, w, expert_num_tokens)` for the tests and the benchmark; weights scaled so outputs are O(1). `a [E, M,
     K]`, `w [E, N, K]` in `dtype`, counts int32 `[len(counts)]`, on `device` (default `DEVICE`). On a CUDA device the
-    values are drawn there, in `dtype`, from a generator of that device (a billion weights drawn on the host took
-    tens of seconds); elsewhere in float32 on the host, then cast. One `seed` so gives other values on the GPU than
+    values are drawn there, in `dtype`, from a generator of that device (drawing a billion weights on the
+    host is slow); elsewhere in float32 on the host, then cast. One `seed` so gives other values on the GPU than
     on the CPU. No checks: torch's RuntimeError for a negative size; counts are not compared with E or M.
     Source: moe-lit's own."""
     device = torch.device(device or DEVICE)

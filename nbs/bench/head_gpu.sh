@@ -13,6 +13,23 @@
 #                                        bad-launch tests (real_shapes alone passed 130 s at d36b5cf) and the dispatch
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
+# the steps the owed modes share
+fills_of_test() {   # capture_fills of test_layer_cuda_graphs' layers at T = 1; $1: time limit (s)
+  timeout "$1" python nbs/bench/capture_fills.py 1 --test 2>&1 | grep -v Warn > "$OUT/capture_fills_test_${CARD:-gpu}_$C.log"
+  grep -E "^==|^  [123]\.|^     " "$OUT/capture_fills_test_${CARD:-gpu}_$C.log" | head -60
+}
+whole_suite() {     # every test on 8 workers, -v; prints failures, their first lines, the 25 slowest; $1: time limit (s)
+  timeout "$1" python -m pytest -v -n 8 --tb=short --durations=25 -p no:cacheprovider -m "gpu or not gpu" tests \
+    > "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" 2>&1
+  echo "suite exit $?"
+  grep -E "^FAILED|^ERROR| passed| failed" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | tail -15
+  grep -A4 "^E  " "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | cut -c1-600 | head -30
+  grep -A26 "slowest 25 durations" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | head -27
+}
+owed_memcheck() {  # memcheck of the batched GEMM's real-shape, split-K and bad-launch tests and the dispatch tests
+  LIMIT=$1 WORKERS=2 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
+    tests/test_kernels_dispatch.py -k "real_shapes or split_k or launch_arguments_refused or dispatch"
+}
 case "${1:-spec}" in
 spec)
   timeout 170 python -m pytest -q -n 4 -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels_quant_experts.py tests/test_testing.py \
@@ -34,30 +51,15 @@ suite)
   timeout "${LIMIT_LF:-150}" python -m pytest -q -m "gpu or not gpu" --lf --lfnf none tests 2>&1 | grep -v Warning | tail -8 \
     | tee "$OUT/pytest_gpu_rerun_${CARD:-gpu}_$C.log" ;;
 owed)
-  timeout 90 python nbs/bench/capture_fills.py 1 --test 2>&1 | grep -v Warn > "$OUT/capture_fills_test_${CARD:-gpu}_$C.log"
-  grep -E "^==|^  [123]\.|^     " "$OUT/capture_fills_test_${CARD:-gpu}_$C.log" | head -60
-  timeout "${LIMIT_SUITE:-470}" python -m pytest -v -n 8 --tb=short --durations=25 -p no:cacheprovider -m "gpu or not gpu" tests \
-    > "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" 2>&1
-  grep -E "^FAILED|^ERROR| passed| failed" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | tail -15
-  grep -A4 "^E  " "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | cut -c1-600 | head -20
-  grep -A26 "slowest 25 durations" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | head -27 ;;
+  fills_of_test 90
+  whole_suite "${LIMIT_SUITE:-470}" ;;
 owed_one)
   # both owed checks in one call, one after the other (a memcheck beside the suite ran big tests out of memory at
   # 57a349f): the whole suite (8 workers), the memcheck, then the fills of test_layer_cuda_graphs' layers only if
   # that test failed
-  timeout "${LIMIT_SUITE:-330}" python -m pytest -v -n 8 --tb=short --durations=25 -p no:cacheprovider -m "gpu or not gpu" tests \
-    > "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" 2>&1
-  echo "suite exit $?"
-  grep -E "^FAILED|^ERROR| passed| failed" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | tail -15
-  grep -A4 "^E  " "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | cut -c1-600 | head -30
-  grep -A26 "slowest 25 durations" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log" | head -27
-  LIMIT=${LIMIT_MEMCHECK:-180} WORKERS=2 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
-    tests/test_kernels_dispatch.py -k "real_shapes or split_k or launch_arguments_refused or dispatch"
-  if grep -q "FAILED.*test_layer_cuda_graphs" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log"; then
-    timeout 70 python nbs/bench/capture_fills.py 1 --test 2>&1 | grep -v Warn > "$OUT/capture_fills_test_${CARD:-gpu}_$C.log"
-    grep -E "^==|^  [123]\.|^     " "$OUT/capture_fills_test_${CARD:-gpu}_$C.log" | head -60
-  fi ;;
+  whole_suite "${LIMIT_SUITE:-330}"
+  owed_memcheck "${LIMIT_MEMCHECK:-180}"
+  if grep -q "FAILED.*test_layer_cuda_graphs" "$OUT/pytest_gpu_v_${CARD:-gpu}_$C.log"; then fills_of_test 70; fi ;;
 owed_memcheck)
-  LIMIT=${LIMIT_MEMCHECK:-560} WORKERS=2 bash "$(dirname "$0")/memcheck_gpu.sh" owed tests/test_kernels_batched.py \
-    tests/test_kernels_dispatch.py -k "real_shapes or split_k or launch_arguments_refused or dispatch" ;;
+  owed_memcheck "${LIMIT_MEMCHECK:-560}" ;;
 esac
