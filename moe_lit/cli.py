@@ -239,13 +239,13 @@ def _tables_lines(t: dict) -> list[str]:
         lines += [f"rank {q['rank']}: local_to_global {q['local_to_global']}", f"        expert_map {q['expert_map']}"]
     return lines
 
-# %% ../nbs/15_cli.ipynb #de6cd14261f8
+# %% ../nbs/15_cli.ipynb #699a6d834935
 _HELP = {
     "--quant": "quantize the experts at load (short names fp8, mxfp4, nvfp4 = fp8_w8a8_block, mxfp4_w4a16, nvfp4_w4a16): "
                "FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
                "16-bit activations (MXFP4, NVFP4); the check compares with the dequantized weights; unset means "
                "unquantized, or with --weights a pre-quantized checkpoint's own scheme (its stored codes)",
-    "--ep": "expert-parallel ranks (devices) in all",
+    "--ep": "expert-parallel ranks (devices) in all; unset means 1 (with --distributed: the number of processes)",
     "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
             "rank: no all2all, experts masked with expert_map",
     "--all2all": "all2all backend that moves tokens between EP ranks (used only with more than one DP rank); "
@@ -262,7 +262,7 @@ _HELP = {
     "--seed": "seed of the random weights and hidden states: the same seed gives the same numbers",
 }
 
-# %% ../nbs/15_cli.ipynb #5d1404434b0d
+# %% ../nbs/15_cli.ipynb #f2d75c6c3508
 DISTRIBUTED_REFUSED = ("--weights", "--layer", "--tp", "--backend", "--device")   # `run --distributed` takes none yet
 
 def _quant_scheme(name: str) -> str:
@@ -275,7 +275,8 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default=None, choices=sorted(PRESETS), help=f"a built-in preset (unset: {DEFAULT_PRESET})")
     src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model "
                                       "(unset: --model)")
-    p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
+    p.add_argument("--ep", type=int, default=None, help=_HELP["--ep"])   # None: unset (1; with --distributed, the
+                                                                        # number of processes)
     p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
     p.add_argument("--all2all", default=None, choices=list(BACKENDS), help=_HELP["--all2all"])
     p.add_argument("--placement", default=None, choices=["linear", "round_robin"], help=_HELP["--placement"])
@@ -407,7 +408,7 @@ def _quiet_closed_stdout() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, fd); os.close(devnull)
 
-# %% ../nbs/15_cli.ipynb #85abf7f17160
+# %% ../nbs/15_cli.ipynb #09e9eaf6996d
 def _fail(args, message: str) -> int:
     "Print `moe-lit <command>: error: <message>` to stderr, as argparse words its own errors; returns exit status 2."
     command = getattr(args, "command", None)                 # (None before the arguments were parsed)
@@ -417,7 +418,7 @@ def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
         if args.command == "run" and args.distributed: return _run_distributed(args)   # before --ep/--tp are resolved
-        cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all,
+        cfg = build_config(None if args.config else args.model, args.config, 1 if args.ep is None else args.ep, args.tp, args.all2all,
                            getattr(args, "dtype", None))           # `tables` has no --dtype
         if args.command == "explain":
             rep = explain_report(cfg, args.quant, args.device, args.backend, placement=args.placement, tp_size=args.tp)
@@ -472,7 +473,7 @@ def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
     given = {"--weights": args.weights is not None, "--layer": args.layer is not None, "--tp": args.tp != 1,
-             "--backend": bool(args.backend), "--device": args.device != "auto"}
+             "--backend": args.backend is not None, "--device": args.device != "auto"}
     unsupported = [f for f in DISTRIBUTED_REFUSED if given[f]]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
@@ -480,7 +481,7 @@ def _run_distributed(args) -> int:
     if not any(v in os.environ for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):   # not a launcher's: say so
         print("moe-lit run: note: --distributed without torchrun runs on this one process; for N ranks start it as "
               "`torchrun --nproc-per-node N -m moe_lit.cli run --distributed ...`", file=sys.stderr)
-    return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
+    return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
                    as_json=args.json, config=args.config, quant=args.quant or "unquantized")
 
@@ -515,7 +516,7 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e) or \
         "out of memory" in str(e).lower()
 
-# %% ../nbs/15_cli.ipynb #8e0e50e54411
+# %% ../nbs/15_cli.ipynb #caf06934587f
 def _bench(args) -> int:
     "`moe-lit bench`: needs a CUDA GPU; prints a table and optionally writes JSON and tuned tile tables."
     def no_gpu() -> bool:                                          # it times kernels on the card: after the flags' checks
@@ -524,6 +525,8 @@ def _bench(args) -> int:
               + ("none" if not torch.cuda.is_available() else "TRITON_INTERPRET set") +
               "; on a CPU, `moe-lit run` checks the layer")
         return True
+    if args.scenario and not all(x.strip() for x in args.scenario):        # "" is part of every name: it picks all
+        return _fail(args, f"--scenario: expected a non-empty part of a name, got {args.scenario}")
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
     from moe_lit.bench import check_bench_args
     if args.layer:

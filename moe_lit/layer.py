@@ -285,7 +285,7 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
     self.w13, self.w2 = param(w13), param(w2)                      # [E_local, 2·I, H_padded], [E_local, H_padded, I]
     self.w13_bias, self.w2_bias = param(b13), param(b2)            # [E_local, 2·I], [E_local, H_padded] or None
 
-# %% ../nbs/12_layer.ipynb #7ddbc4a9c692
+# %% ../nbs/12_layer.ipynb #4b2b1d29a123
 @patch
 def get_extra_state(self: FusedMoE) -> torch.Tensor:
     """`[num_local_experts]` int64 on the CPU: the logical ids of the experts in this layer's slots (its state_dict's
@@ -323,7 +323,8 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         if isinstance(own, torch.Tensor) and tuple(t.shape) != tuple(own.shape):
             c, hint = module.config, ""               # only the hidden dimension differs: another deployment's padding
             diff = [d for d, (a, b) in enumerate(zip(own.shape, t.shape)) if a != b] if t.dim() == own.dim() else []
-            if diff == [{"w13": 2, "w2": 1, "w2_bias": 1}.get(n, -1)]:   # the padded tensors' hidden dimension
+            if diff == [{"w13": 2, "w2": 1, "w2_bias": 1}.get(n, -1)] and t.shape[diff[0]] >= c.hidden_size:
+                # the padded tensors' hidden dimension, at least hidden_size wide (padding only rounds up)
                 pad = (f"hidden_size {c.hidden_size} padded to {c.padded_hidden_size} for "
                        f"{c.parallel.all2all_backend}'s wire" if c.padded_hidden_size != c.hidden_size
                        else f"hidden_size {c.hidden_size}, not padded")

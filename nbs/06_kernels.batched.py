@@ -8,7 +8,7 @@
 # %%
 #| export
 from __future__ import annotations
-import os, json, functools, math, inspect
+import os, json, functools, math, inspect, operator
 from pathlib import Path
 import torch
 import triton
@@ -1533,12 +1533,16 @@ def sampled_columns(n: int,              # output columns
     on the CPU, or None (compare all) when `columns` is None or at least `n`. ValueError naming `columns` (not an int
     >= 1). Source: moe-lit's own."""
     if columns is None: return None
-    if not (isinstance(columns, int) and not isinstance(columns, bool) and columns >= 1):
-        raise ValueError(f"columns: expected an int >= 1, got {columns!r}")
+    as_int = lambda v: None if isinstance(v, bool) or not hasattr(v, "__index__") else operator.index(v)   # numpy ints too
+    c, n_, seed_ = as_int(columns), as_int(n), as_int(seed)
+    if c is None or c < 1 or n_ is None or seed_ is None:
+        raise ValueError(f"columns: expected an int >= 1 (and n, seed ints), got columns={columns!r}, n={n!r}, "
+                         f"seed={seed!r}")
+    columns, n, seed = c, n_, seed_
     if columns >= n: return None
     s = -(-n // columns)
     s += 1 - s % 2                                                            # odd
-    cols = torch.arange(seed % s, n, s)
+    cols = torch.arange(seed % min(s, n), n, s)                               # an offset below n: never empty
     return cols if int(cols[-1]) == n - 1 else torch.cat([cols, torch.tensor([n - 1])])
 
 # (E, max_tokens, K, N, counts, what it covers)
@@ -1593,6 +1597,8 @@ test_eq((len(cols) <= 513, int(cols[-1]), len(set((cols % 16).tolist()))), (True
 for tile in (16, 32, 64, 128): test_eq(len(set((cols // tile).tolist())), 4096 // tile)   # every tile holds one
 test_eq((sampled_columns(100, None), sampled_columns(100, 100)), (None, None))
 for bad in (0, -3, 2.5, "5", True): test_fail(lambda: sampled_columns(100, bad), contains="columns: expected an int >= 1")
+test_eq(sampled_columns(2, 1, seed=2).tolist(), [0, 1])                      # an odd step past n: the offset stays below n
+test_eq(sampled_columns(numpy.int64(20), numpy.int64(3), seed=numpy.int64(1)).tolist(), [1, 8, 15, 19])
 check_batched_gemm(4, 40, 96, 160, [0, 1, 17, 40], torch.float32, "silu_and_mul", bias_dtype=torch.float32, columns=16)
 _ = check_batched_gemm(4, 40, 96, 80, [0, 1, 17, 40], torch.bfloat16, columns=7)
 

@@ -494,7 +494,8 @@ def _refuse_quantized_state(module, state_dict, prefix, local_metadata=None, *ar
         if isinstance(own, torch.Tensor) and tuple(t.shape) != tuple(own.shape):
             c, hint = module.config, ""               # only the hidden dimension differs: another deployment's padding
             diff = [d for d, (a, b) in enumerate(zip(own.shape, t.shape)) if a != b] if t.dim() == own.dim() else []
-            if diff == [{"w13": 2, "w2": 1, "w2_bias": 1}.get(n, -1)]:   # the padded tensors' hidden dimension
+            if diff == [{"w13": 2, "w2": 1, "w2_bias": 1}.get(n, -1)] and t.shape[diff[0]] >= c.hidden_size:
+                # the padded tensors' hidden dimension, at least hidden_size wide (padding only rounds up)
                 pad = (f"hidden_size {c.hidden_size} padded to {c.padded_hidden_size} for "
                        f"{c.parallel.all2all_backend}'s wire" if c.padded_hidden_size != c.hidden_size
                        else f"hidden_size {c.hidden_size}, not padded")

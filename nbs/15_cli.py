@@ -30,6 +30,7 @@ from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, subprocess, tempfile
 from unittest import mock
+import moe_lit.distributed as dist_module
 from pathlib import Path
 from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 import moe_lit.cli as _cli
@@ -446,7 +447,7 @@ _HELP = {
                "FP8 w8a8 (tensor/channel/128x128 block scales) or FP4 weights with "
                "16-bit activations (MXFP4, NVFP4); the check compares with the dequantized weights; unset means "
                "unquantized, or with --weights a pre-quantized checkpoint's own scheme (its stored codes)",
-    "--ep": "expert-parallel ranks (devices) in all",
+    "--ep": "expert-parallel ranks (devices) in all; unset means 1 (with --distributed: the number of processes)",
     "--tp": "tensor-parallel size inside each data-parallel rank; --tp equal to --ep means TP+EP with a single DP "
             "rank: no all2all, experts masked with expert_map",
     "--all2all": "all2all backend that moves tokens between EP ranks (used only with more than one DP rank); "
@@ -477,7 +478,8 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default=None, choices=sorted(PRESETS), help=f"a built-in preset (unset: {DEFAULT_PRESET})")
     src.add_argument("--config", help="a Hugging Face config.json (file or checkpoint directory) instead of --model "
                                       "(unset: --model)")
-    p.add_argument("--ep", type=int, default=1, help=_HELP["--ep"])
+    p.add_argument("--ep", type=int, default=None, help=_HELP["--ep"])   # None: unset (1; with --distributed, the
+                                                                        # number of processes)
     p.add_argument("--tp", type=int, default=1, help=_HELP["--tp"])
     p.add_argument("--all2all", default=None, choices=list(BACKENDS), help=_HELP["--all2all"])
     p.add_argument("--placement", default=None, choices=["linear", "round_robin"], help=_HELP["--placement"])
@@ -623,7 +625,7 @@ def _run(args) -> int:
     if args.command == "bench": return _bench(args)
     try:
         if args.command == "run" and args.distributed: return _run_distributed(args)   # before --ep/--tp are resolved
-        cfg = build_config(None if args.config else args.model, args.config, args.ep, args.tp, args.all2all,
+        cfg = build_config(None if args.config else args.model, args.config, 1 if args.ep is None else args.ep, args.tp, args.all2all,
                            getattr(args, "dtype", None))           # `tables` has no --dtype
         if args.command == "explain":
             rep = explain_report(cfg, args.quant, args.device, args.backend, placement=args.placement, tp_size=args.tp)
@@ -678,7 +680,7 @@ def _run_distributed(args) -> int:
     "`moe-lit run --distributed`: the same job over torch.distributed (`moe_lit.distributed.run_job`), rank 0 reports."
     from moe_lit.distributed import run_job
     given = {"--weights": args.weights is not None, "--layer": args.layer is not None, "--tp": args.tp != 1,
-             "--backend": bool(args.backend), "--device": args.device != "auto"}
+             "--backend": args.backend is not None, "--device": args.device != "auto"}
     unsupported = [f for f in DISTRIBUTED_REFUSED if given[f]]
     if unsupported:
         raise ValueError(f"--distributed: expected none of {', '.join(unsupported)} (across processes moe-lit runs presets "
@@ -686,7 +688,7 @@ def _run_distributed(args) -> int:
     if not any(v in os.environ for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")):   # not a launcher's: say so
         print("moe-lit run: note: --distributed without torchrun runs on this one process; for N ranks start it as "
               "`torchrun --nproc-per-node N -m moe_lit.cli run --distributed ...`", file=sys.stderr)
-    return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep if args.ep != 1 else None, all2all=args.all2all,
+    return run_job(model=args.model or DEFAULT_PRESET, ep=args.ep, all2all=args.all2all,
                    placement=args.placement, tokens=args.tokens, seed=args.seed, dtype=args.dtype, experts=args.experts,
                    as_json=args.json, config=args.config, quant=args.quant or "unquantized")
 
@@ -731,6 +733,8 @@ def _bench(args) -> int:
               + ("none" if not torch.cuda.is_available() else "TRITON_INTERPRET set") +
               "; on a CPU, `moe-lit run` checks the layer")
         return True
+    if args.scenario and not all(x.strip() for x in args.scenario):        # "" is part of every name: it picks all
+        return _fail(args, f"--scenario: expected a non-empty part of a name, got {args.scenario}")
     pick = lambda items: [s for s in items if not args.scenario or any(x.lower() in s["name"].lower() for x in args.scenario)]
     from moe_lit.bench import check_bench_args
     if args.layer:
@@ -853,6 +857,21 @@ assert "--distributed without torchrun runs on this one process" in out.stderr a
 assert "weights fp8_w8a8_block" in out.stdout and "quantization error vs the float weights" in out.stdout, out.stdout
 test_eq(tp.returncode, 2)
 assert "--distributed: expected none of --layer, --tp" in tp.stderr, tp.stderr
+
+# %%
+#| test main_flags_taken_as_given
+seen = []
+with tempfile.TemporaryDirectory() as d, mock.patch.object(dist_module, "run_job", lambda **kw: seen.append(kw) or 0):
+    f = Path(d, "tiny.json"); f.write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64,
+                                                       "moe_intermediate_size": 32, "num_experts": 4,
+                                                       "num_experts_per_tok": 2}))
+    for extra in ([], ["--ep", "1"]): main(["run", "--distributed", "--config", str(f), *extra])
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        test_eq(main(["run", "--distributed", "--config", str(f), "--backend", ""]), 2)   # given, though empty
+    assert "--distributed: expected none of --backend" in err.getvalue(), err.getvalue()
+test_eq([kw["ep"] for kw in seen], [None, 1])          # an explicit --ep 1 is checked against the processes, not unset
+with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["bench", "--scenario", ""]), 2)
+assert "--scenario: expected a non-empty part of a name" in err.getvalue(), err.getvalue()
 
 # %% [markdown]
 # A checkpoint's own layer: `--weights CHECKPOINT_DIR` takes the model from the checkpoint's `config.json` and the

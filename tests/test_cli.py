@@ -20,6 +20,7 @@ from moe_lit import __version__
 from fastcore.test import test_eq, test_fail, test_close
 import io, contextlib, json, subprocess, tempfile
 from unittest import mock
+import moe_lit.distributed as dist_module
 from pathlib import Path
 from moe_lit.testing import tiny_hf_model, write_fp8_block_checkpoint
 import moe_lit.cli as _cli
@@ -207,6 +208,21 @@ def test_experts_triton_from_a_plain_shell():
     assert "weights fp8_w8a8_block" in out.stdout and "quantization error vs the float weights" in out.stdout, out.stdout
     test_eq(tp.returncode, 2)
     assert "--distributed: expected none of --layer, --tp" in tp.stderr, tp.stderr
+
+
+def test_main_flags_taken_as_given():
+    seen = []
+    with tempfile.TemporaryDirectory() as d, mock.patch.object(dist_module, "run_job", lambda **kw: seen.append(kw) or 0):
+        f = Path(d, "tiny.json"); f.write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64,
+                                                           "moe_intermediate_size": 32, "num_experts": 4,
+                                                           "num_experts_per_tok": 2}))
+        for extra in ([], ["--ep", "1"]): main(["run", "--distributed", "--config", str(f), *extra])
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            test_eq(main(["run", "--distributed", "--config", str(f), "--backend", ""]), 2)   # given, though empty
+        assert "--distributed: expected none of --backend" in err.getvalue(), err.getvalue()
+    test_eq([kw["ep"] for kw in seen], [None, 1])          # an explicit --ep 1 is checked against the processes, not unset
+    with contextlib.redirect_stderr(io.StringIO()) as err: test_eq(main(["bench", "--scenario", ""]), 2)
+    assert "--scenario: expected a non-empty part of a name" in err.getvalue(), err.getvalue()
 
 
 def test_run_checkpoint_weights():
