@@ -92,7 +92,7 @@
 #   `run`, `--device` is where the layer runs: `auto`, `cpu` or `cuda`.
 # - **Exit status** (also in `--help`): 0 when every check passes, 1 when a check of `run` fails, 2 on bad input (the
 #   message names the flag), on a model too large for the machine's memory, or for `bench` without a CUDA GPU; 141
-#   when the output pipe closes (`moe-lit tables | head`).
+#   when the output pipe closes early (`moe-lit tables --model deepseek-v3 --ep 8 --all2all nixl_ep | head -1`).
 # - **Quantized experts.** `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other
 #   schemes `--help` lists) quantizes the experts at load, one expert at a time, and checks against the dequantized
 #   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 (5 minutes was
@@ -115,7 +115,7 @@
 #   64, `moe_intermediate_size` 32, `num_experts` 4 and `num_experts_per_tok` 2).
 #
 # `run`'s text abridges long lists; with `--json`, `run`, `tables` and `explain` print their full data.
-# `moe-lit run --help` lists the options with their defaults, and `moe-lit --version` the version.
+# `moe-lit run --help` lists the options with their defaults (or what leaving one unset means), and `moe-lit --version` the version.
 #
 # ## Documentation
 #
@@ -127,8 +127,8 @@
 # runs that build itself and then opens every page in headless Chromium (`.ci/browser.py`). The package itself installs as a wheel:
 # `python -m build` gives `moe_lit-<version>-py3-none-any.whl`, which needs only torch, triton, numpy and fastcore
 # (`[plot]` adds matplotlib, `[progress]` tqdm). Without a GPU the Triton kernels run in Triton's interpreter. The
-# interpreter of triton 3.6, which `.ci/install` pins, fails with numpy 2.4 or newer, so `.ci/install` pins numpy below
-# it; installing the wheel alone lets pip pick a newer triton, whose interpreter works with the newer numpy (the wheel
+# interpreter of triton 3.6, which the `[dev]` extra `.ci/install` installs pins, fails with numpy 2.4 or newer, so
+# that extra pins numpy below it; installing the wheel alone lets pip pick a newer triton, whose interpreter works with the newer numpy (the wheel
 # check prints the pair it got, e.g. `triton 3.9.0 numpy 2.4.6`). Should triton 3.6 meet numpy 2.4, moe-lit names the
 # clash instead of failing inside Triton.
 #
