@@ -235,13 +235,30 @@ class ExpertsRecipe:
 
 # %%
 #| export
+_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
+
+def _check_unquantized(module: torch.nn.Module):
+    """ValueError naming the module's class when an expert weight is not in a float dtype moe-lit computes in: a
+    quantized checkpoint (FP8 `float8_e4m3fn`, MXFP4 packed in `uint8`) that transformers runs through its own
+    quantized experts classes, which `"moe_lit"` does not replace."""
+    for w in _EXPERT_WEIGHTS:
+        t = getattr(module, w, None)
+        if isinstance(t, torch.Tensor) and t.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{type(module).__name__}: quantized expert weights ({w} is {t.dtype}); 'moe_lit' runs the experts "
+                f"of bf16, fp16 or fp32 modules, and transformers runs quantized experts with its own code. Load the "
+                f"checkpoint dequantized (quantization_config=FineGrainedFP8Config(dequantize=True) or "
+                f"Mxfp4Config(dequantize=True)), or run its MoE layers with moe_lit.checkpoint.CheckpointWeights, "
+                f"which keeps FP8-block and MXFP4 weights quantized")
+
 def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
     """The activation and layout moe-lit needs for a transformers experts module. ValueError naming the module's class
-    when it cannot run it: no `@use_experts_implementation` flags, ungated experts, a norm after each expert, a gate
+    when it cannot run it: quantized expert weights (a float8 or packed-uint8 dtype), no `@use_experts_implementation` flags, ungated experts, a norm after each expert, a gate
     function none of `GATE_RULES` reproduces, an `act_fn` other than SiLU where the gate calls it, or flags that
     contradict the module (`is_concatenated`, `has_bias`; `alpha`/`limit` not positive). Source:
     transformers' experts interface (`integrations/moe.py`)."""
     name = type(module).__name__
+    _check_unquantized(module)
     if not all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated")):
         raise ValueError(f"{name}: not a transformers experts module (no @use_experts_implementation flags)")
     if not module.has_gate: raise ValueError(f"{name}: ungated experts (has_gate=False) are not supported by moe_lit")
@@ -483,14 +500,16 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
 # `check_model(model)` is the check to run: it finds the MoE blocks of a model by their weights — a module with a 3-D
 # expert weight (`gate_up_proj`, `down_proj`, `up_proj`, `gate_proj`, `w1`, `w2`, `w3`) or an `nn.ModuleList` of
 # experts — and raises a `ValueError` naming the class of each one that does not dispatch through the experts
-# interface (not decorated, or with its own `forward`), and for a model with no MoE block at all. A block that
+# interface (not decorated, or with its own `forward`), and for a model with no MoE block at all. A quantized model is
+# refused first, with what to do instead: transformers swaps a quantized checkpoint's experts for its own classes
+# (`FP8Experts`, which looks its implementation up in a separate FP8 registry, and `Mxfp4GptOssExperts`, which does
+# not dispatch at all), so `"moe_lit"` would raise a `KeyError` mid-forward or run nothing. A block that
 # dispatches must also have a recipe, so an unsupported one raises too. Last, it checks that every block's config
 # selects `"moe_lit"` — a model loaded without `experts_implementation="moe_lit"` is reachable but runs transformers'
 # own experts (`selected=False` skips this, to ask before switching). It returns `experts_recipes(model)`.
 
 # %%
 #| export
-_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
     probe = type("_Probe", (torch.nn.Module,), {"forward": lambda self: None})
@@ -521,6 +540,7 @@ def check_model(model: torch.nn.Module,
               or (isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] == "experts")}
     if not blocks:
         raise ValueError(f"model: expected a model with MoE experts modules, got {type(model).__name__} with none")
+    for m in blocks.values(): _check_unquantized(m)      # first: a quantized class may dispatch or not; this is why
     unreached = {n: type(m).__name__ for n, m in blocks.items() if not _dispatches(m)}
     if unreached:
         classes = ", ".join(sorted(set(unreached.values())))
@@ -610,6 +630,23 @@ kw = dict(hidden_size=32, intermediate_size=16, moe_intermediate_size=16, num_hi
 model = transformers.AutoModelForCausalLM.from_config(
     transformers.AutoConfig.for_model("nemotron_h", **{k: v for k, v in kw.items() if hasattr(base, k)}))
 test_fail(lambda: check_model(model, selected=False), contains="NemotronHExperts: ungated experts (has_gate=False)")
+
+# %%
+#| test quantized_models_refused
+from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+from transformers.integrations.mxfp4 import Mxfp4GptOssExperts, Mxfp4GptOssMLP
+register()
+model = tiny_hf_model("qwen3_moe")                                  # what from_pretrained does with an FP8 checkpoint
+replace_with_fp8_linear(model, quantization_config=transformers.FineGrainedFP8Config(weight_block_size=(16, 16)),
+                        modules_to_not_convert=["lm_head"])
+model.set_experts_implementation("moe_lit")
+test_fail(lambda: check_model(model), contains="FP8Experts: quantized expert weights (gate_up_proj is torch.float8_e4m3fn)")
+test_fail(lambda: experts_recipes(model), contains="FP8Experts: quantized expert weights")
+model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (the swap, without its kernels)
+for i, layer in enumerate(model.model.layers):
+    model.model.layers[i].mlp = Mxfp4GptOssMLP(layer.mlp.router, Mxfp4GptOssExperts(model.config))
+test_fail(lambda: check_model(model, selected=False),
+          contains="Mxfp4GptOssExperts: quantized expert weights (gate_up_proj is torch.uint8)")
 
 # %% [markdown]
 # ## Tests

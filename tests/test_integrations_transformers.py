@@ -91,6 +91,23 @@ def test_check_model():
     test_fail(lambda: check_model(model, selected=False), contains="NemotronHExperts: ungated experts (has_gate=False)")
 
 
+def test_quantized_models_refused():
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts, Mxfp4GptOssMLP
+    register()
+    model = tiny_hf_model("qwen3_moe")                                  # what from_pretrained does with an FP8 checkpoint
+    replace_with_fp8_linear(model, quantization_config=transformers.FineGrainedFP8Config(weight_block_size=(16, 16)),
+                            modules_to_not_convert=["lm_head"])
+    model.set_experts_implementation("moe_lit")
+    test_fail(lambda: check_model(model), contains="FP8Experts: quantized expert weights (gate_up_proj is torch.float8_e4m3fn)")
+    test_fail(lambda: experts_recipes(model), contains="FP8Experts: quantized expert weights")
+    model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (the swap, without its kernels)
+    for i, layer in enumerate(model.model.layers):
+        model.model.layers[i].mlp = Mxfp4GptOssMLP(layer.mlp.router, Mxfp4GptOssExperts(model.config))
+    test_fail(lambda: check_model(model, selected=False),
+              contains="Mxfp4GptOssExperts: quantized expert weights (gate_up_proj is torch.uint8)")
+
+
 def test_module_matches_eager():
     register()
     for model_type in [m for m in TINY_HF if m != "llama4_text"]:

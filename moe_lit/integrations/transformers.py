@@ -108,14 +108,31 @@ class ExpertsRecipe:
         return (f"ExpertsRecipe(activation={act}, transposed={self.transposed}, interleaved={self.interleaved}, "
                 f"has_bias={self.has_bias})")
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #d3c90b799455
+# %% ../../nbs/12b_integrations.transformers.ipynb #7f6e2408de9d
+_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
+
+def _check_unquantized(module: torch.nn.Module):
+    """ValueError naming the module's class when an expert weight is not in a float dtype moe-lit computes in: a
+    quantized checkpoint (FP8 `float8_e4m3fn`, MXFP4 packed in `uint8`) that transformers runs through its own
+    quantized experts classes, which `"moe_lit"` does not replace."""
+    for w in _EXPERT_WEIGHTS:
+        t = getattr(module, w, None)
+        if isinstance(t, torch.Tensor) and t.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{type(module).__name__}: quantized expert weights ({w} is {t.dtype}); 'moe_lit' runs the experts "
+                f"of bf16, fp16 or fp32 modules, and transformers runs quantized experts with its own code. Load the "
+                f"checkpoint dequantized (quantization_config=FineGrainedFP8Config(dequantize=True) or "
+                f"Mxfp4Config(dequantize=True)), or run its MoE layers with moe_lit.checkpoint.CheckpointWeights, "
+                f"which keeps FP8-block and MXFP4 weights quantized")
+
 def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
     """The activation and layout moe-lit needs for a transformers experts module. ValueError naming the module's class
-    when it cannot run it: no `@use_experts_implementation` flags, ungated experts, a norm after each expert, a gate
+    when it cannot run it: quantized expert weights (a float8 or packed-uint8 dtype), no `@use_experts_implementation` flags, ungated experts, a norm after each expert, a gate
     function none of `GATE_RULES` reproduces, an `act_fn` other than SiLU where the gate calls it, or flags that
     contradict the module (`is_concatenated`, `has_bias`; `alpha`/`limit` not positive). Source:
     transformers' experts interface (`integrations/moe.py`)."""
     name = type(module).__name__
+    _check_unquantized(module)
     if not all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "is_concatenated")):
         raise ValueError(f"{name}: not a transformers experts module (no @use_experts_implementation flags)")
     if not module.has_gate: raise ValueError(f"{name}: ungated experts (has_gate=False) are not supported by moe_lit")
@@ -279,8 +296,7 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #a362c5febeb1
-_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
+# %% ../../nbs/12b_integrations.transformers.ipynb #cebeaec515aa
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
     probe = type("_Probe", (torch.nn.Module,), {"forward": lambda self: None})
@@ -311,6 +327,7 @@ def check_model(model: torch.nn.Module,
               or (isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] == "experts")}
     if not blocks:
         raise ValueError(f"model: expected a model with MoE experts modules, got {type(model).__name__} with none")
+    for m in blocks.values(): _check_unquantized(m)      # first: a quantized class may dispatch or not; this is why
     unreached = {n: type(m).__name__ for n, m in blocks.items() if not _dispatches(m)}
     if unreached:
         classes = ", ".join(sorted(set(unreached.values())))
