@@ -459,18 +459,28 @@ def _is_ours(fn) -> bool:
     "Whether `fn` is a `moe_lit_experts_forward` (also one defined before an `importlib.reload` of this module)."
     return getattr(fn, "is_moe_lit", False) is True
 
+def _registries() -> tuple:
+    """transformers' experts registries: `ExpertsInterface`, and `FP8ExpertsInterface` where this transformers has it
+    (its `FP8Experts` look their implementation up there; `"moe_lit"` there only says why it cannot run them)."""
+    try: from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+    except ImportError: return (ExpertsInterface,)
+    return (ExpertsInterface, FP8ExpertsInterface)
+
 def register(name: str = "moe_lit") -> str:
     """Register `moe_lit_experts_forward` as transformers experts implementation `name` (idempotent); returns `name`,
-    to pass as a model's `experts_implementation`. ValueError naming `name`: empty or not a str, or a name transformers
+    to pass as a model's `experts_implementation`. It goes in the FP8 experts registry too, so that a quantized model
+    loaded with `name` raises `experts_recipe`'s ValueError (what to do instead) rather than transformers' KeyError.
+    ValueError naming `name`: empty or not a str, or a name transformers
     (or another function) already holds. Source: transformers' `ExpertsInterface` (src/transformers/integrations/moe.py)."""
     if not isinstance(name, str) or not name: raise ValueError(f"name: expected a non-empty str, got {name!r}")
-    held = ExpertsInterface._global_mapping.get(name)
-    if name in BUILTIN_EXPERTS or (held is not None and not _is_ours(held)):
+    registries = _registries()
+    held = [r._global_mapping.get(name) for r in registries]
+    if name in BUILTIN_EXPERTS or any(h is not None and not _is_ours(h) for h in held):
         # the registry is global: taking a name transformers (or someone else) defines would reroute every model
-        taken = set(BUILTIN_EXPERTS) | {k for k, v in ExpertsInterface._global_mapping.items() if not _is_ours(v)}
+        taken = set(BUILTIN_EXPERTS) | {k for r in registries for k, v in r._global_mapping.items() if not _is_ours(v)}
         raise ValueError(f"name: expected a name transformers does not already define, got {name!r} "
                          f"(taken: {', '.join(sorted(taken))})")
-    ExpertsInterface.register(name, moe_lit_experts_forward)
+    for r in registries: r.register(name, moe_lit_experts_forward)
     return name
 
 # %% [markdown]
@@ -642,6 +652,11 @@ replace_with_fp8_linear(model, quantization_config=transformers.FineGrainedFP8Co
 model.set_experts_implementation("moe_lit")
 test_fail(lambda: check_model(model), contains="FP8Experts: quantized expert weights (gate_up_proj is torch.float8_e4m3fn)")
 test_fail(lambda: experts_recipes(model), contains="FP8Experts: quantized expert weights")
+experts = model.model.layers[0].mlp.experts                         # a forward without check_model: the same words,
+hidden = torch.randn(3, model.config.hidden_size)                   # not transformers' KeyError
+test_fail(lambda: experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)),
+          contains="FP8Experts: quantized expert weights")
+test_fail(lambda: register("deepgemm_megamoe"), contains="taken: batched_mm, deepgemm, deepgemm_megamoe")
 model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (the swap, without its kernels)
 for i, layer in enumerate(model.model.layers):
     model.model.layers[i].mlp = Mxfp4GptOssMLP(layer.mlp.router, Mxfp4GptOssExperts(model.config))

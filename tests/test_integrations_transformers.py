@@ -101,6 +101,11 @@ def test_quantized_models_refused():
     model.set_experts_implementation("moe_lit")
     test_fail(lambda: check_model(model), contains="FP8Experts: quantized expert weights (gate_up_proj is torch.float8_e4m3fn)")
     test_fail(lambda: experts_recipes(model), contains="FP8Experts: quantized expert weights")
+    experts = model.model.layers[0].mlp.experts                         # a forward without check_model: the same words,
+    hidden = torch.randn(3, model.config.hidden_size)                   # not transformers' KeyError
+    test_fail(lambda: experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)),
+              contains="FP8Experts: quantized expert weights")
+    test_fail(lambda: register("deepgemm_megamoe"), contains="taken: batched_mm, deepgemm, deepgemm_megamoe")
     model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (the swap, without its kernels)
     for i, layer in enumerate(model.model.layers):
         model.model.layers[i].mlp = Mxfp4GptOssMLP(layer.mlp.router, Mxfp4GptOssExperts(model.config))
