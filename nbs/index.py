@@ -228,7 +228,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # `check_model` raises, naming the blocks, for a model whose experts moe-lit cannot reach (Llama-4's: transformers
 # does not send them through that interface), and for one loaded without `experts_implementation="moe_lit"` (its
 # blocks run transformers' own experts; `check_model(model, selected=False)` asks only whether moe-lit could reach
-# them). And the main job on a
+# them), and for a quantized one (transformers runs FP8 and MXFP4 experts with its own classes: load it dequantized,
+# or run its layers with moe-lit as below, which keeps the FP8-block and MXFP4 codes). And the main job on a
 # checkpoint's layer: `.venv/bin/moe-lit run --weights CHECKPOINT_DIR --layer N` (any `--ep`/`--all2all` deployment;
 # without `--layer`, the first MoE layer; a pre-quantized checkpoint runs its stored codes unless `--quant` says
 # otherwise). On an expert-parallel deployment, `FusedMoE.from_pretrained(ckpt, N, parallel=...)` builds one rank's
