@@ -238,12 +238,13 @@ class ExpertsRecipe:
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 
 def _check_unquantized(module: torch.nn.Module):
-    """ValueError naming the module's class when an expert weight is not in a float dtype moe-lit computes in: a
-    quantized checkpoint (FP8 `float8_e4m3fn`, MXFP4 packed in `uint8`) that transformers runs through its own
-    quantized experts classes, which `"moe_lit"` does not replace."""
+    """ValueError naming the module's class when an expert weight (a tensor of 3 or more dims under one of
+    `_EXPERT_WEIGHTS`' names) is not in a float dtype moe-lit computes in: a quantized checkpoint (FP8
+    `float8_e4m3fn`; MXFP4 packed in `uint8`, 3-D or, in transformers 5.17, 4-D) that transformers runs through its
+    own quantized experts classes, which `"moe_lit"` does not replace."""
     for w in _EXPERT_WEIGHTS:
         t = getattr(module, w, None)
-        if isinstance(t, torch.Tensor) and t.dtype not in FLOAT_DTYPES:
+        if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"{type(module).__name__}: quantized expert weights ({w} is {t.dtype}); 'moe_lit' runs the experts "
                 f"of bf16, fp16 or fp32 modules, and transformers runs quantized experts with its own code. Load the "
@@ -545,12 +546,12 @@ def check_model(model: torch.nn.Module,
     `set_experts_implementation`."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for m in model.modules(): _check_unquantized(m)      # first: a quantized class may dispatch or not; this is why
     blocks = {n: m for n, m in model.named_modules()
               if any(isinstance(getattr(m, w, None), torch.Tensor) and getattr(m, w).dim() == 3 for w in _EXPERT_WEIGHTS)
               or (isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] == "experts")}
     if not blocks:
         raise ValueError(f"model: expected a model with MoE experts modules, got {type(model).__name__} with none")
-    for m in blocks.values(): _check_unquantized(m)      # first: a quantized class may dispatch or not; this is why
     unreached = {n: type(m).__name__ for n, m in blocks.items() if not _dispatches(m)}
     if unreached:
         classes = ", ".join(sorted(set(unreached.values())))
@@ -644,7 +645,7 @@ test_fail(lambda: check_model(model, selected=False), contains="NemotronHExperts
 # %%
 #| test quantized_models_refused
 from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
-from transformers.integrations.mxfp4 import Mxfp4GptOssExperts, Mxfp4GptOssMLP
+from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
 register()
 model = tiny_hf_model("qwen3_moe")                                  # what from_pretrained does with an FP8 checkpoint
 replace_with_fp8_linear(model, quantization_config=transformers.FineGrainedFP8Config(weight_block_size=(16, 16)),
@@ -657,9 +658,8 @@ hidden = torch.randn(3, model.config.hidden_size)                   # not transf
 test_fail(lambda: experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)),
           contains="FP8Experts: quantized expert weights")
 test_fail(lambda: register("deepgemm_megamoe"), contains="taken: batched_mm, deepgemm, deepgemm_megamoe")
-model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (the swap, without its kernels)
-for i, layer in enumerate(model.model.layers):
-    model.model.layers[i].mlp = Mxfp4GptOssMLP(layer.mlp.router, Mxfp4GptOssExperts(model.config))
+model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (its experts, without kernels)
+for layer in model.model.layers: layer.mlp.experts = Mxfp4GptOssExperts(model.config)
 test_fail(lambda: check_model(model, selected=False),
           contains="Mxfp4GptOssExperts: quantized expert weights (gate_up_proj is torch.uint8)")
 

@@ -93,7 +93,7 @@ def test_check_model():
 
 def test_quantized_models_refused():
     from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
-    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts, Mxfp4GptOssMLP
+    from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
     register()
     model = tiny_hf_model("qwen3_moe")                                  # what from_pretrained does with an FP8 checkpoint
     replace_with_fp8_linear(model, quantization_config=transformers.FineGrainedFP8Config(weight_block_size=(16, 16)),
@@ -106,9 +106,8 @@ def test_quantized_models_refused():
     test_fail(lambda: experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)),
               contains="FP8Experts: quantized expert weights")
     test_fail(lambda: register("deepgemm_megamoe"), contains="taken: batched_mm, deepgemm, deepgemm_megamoe")
-    model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (the swap, without its kernels)
-    for i, layer in enumerate(model.model.layers):
-        model.model.layers[i].mlp = Mxfp4GptOssMLP(layer.mlp.router, Mxfp4GptOssExperts(model.config))
+    model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (its experts, without kernels)
+    for layer in model.model.layers: layer.mlp.experts = Mxfp4GptOssExperts(model.config)
     test_fail(lambda: check_model(model, selected=False),
               contains="Mxfp4GptOssExperts: quantized expert weights (gate_up_proj is torch.uint8)")
 

@@ -108,16 +108,17 @@ class ExpertsRecipe:
         return (f"ExpertsRecipe(activation={act}, transposed={self.transposed}, interleaved={self.interleaved}, "
                 f"has_bias={self.has_bias})")
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #7f6e2408de9d
+# %% ../../nbs/12b_integrations.transformers.ipynb #de0f59a149a8
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 
 def _check_unquantized(module: torch.nn.Module):
-    """ValueError naming the module's class when an expert weight is not in a float dtype moe-lit computes in: a
-    quantized checkpoint (FP8 `float8_e4m3fn`, MXFP4 packed in `uint8`) that transformers runs through its own
-    quantized experts classes, which `"moe_lit"` does not replace."""
+    """ValueError naming the module's class when an expert weight (a tensor of 3 or more dims under one of
+    `_EXPERT_WEIGHTS`' names) is not in a float dtype moe-lit computes in: a quantized checkpoint (FP8
+    `float8_e4m3fn`; MXFP4 packed in `uint8`, 3-D or, in transformers 5.17, 4-D) that transformers runs through its
+    own quantized experts classes, which `"moe_lit"` does not replace."""
     for w in _EXPERT_WEIGHTS:
         t = getattr(module, w, None)
-        if isinstance(t, torch.Tensor) and t.dtype not in FLOAT_DTYPES:
+        if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.dtype not in FLOAT_DTYPES:
             raise ValueError(
                 f"{type(module).__name__}: quantized expert weights ({w} is {t.dtype}); 'moe_lit' runs the experts "
                 f"of bf16, fp16 or fp32 modules, and transformers runs quantized experts with its own code. Load the "
@@ -306,7 +307,7 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #cebeaec515aa
+# %% ../../nbs/12b_integrations.transformers.ipynb #87d712917e27
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
     probe = type("_Probe", (torch.nn.Module,), {"forward": lambda self: None})
@@ -332,12 +333,12 @@ def check_model(model: torch.nn.Module,
     `set_experts_implementation`."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for m in model.modules(): _check_unquantized(m)      # first: a quantized class may dispatch or not; this is why
     blocks = {n: m for n, m in model.named_modules()
               if any(isinstance(getattr(m, w, None), torch.Tensor) and getattr(m, w).dim() == 3 for w in _EXPERT_WEIGHTS)
               or (isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] == "experts")}
     if not blocks:
         raise ValueError(f"model: expected a model with MoE experts modules, got {type(model).__name__} with none")
-    for m in blocks.values(): _check_unquantized(m)      # first: a quantized class may dispatch or not; this is why
     unreached = {n: type(m).__name__ for n, m in blocks.items() if not _dispatches(m)}
     if unreached:
         classes = ", ".join(sorted(set(unreached.values())))
