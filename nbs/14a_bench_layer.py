@@ -357,6 +357,14 @@ for name, what in LAYER_RUNS.items():
 # entry points, `debug=True`'s value checks, the router plan's fallback warning, messages and docstrings. The same tree passed the whole GPU suite natively in the same session (354 passed,
 # `pytest_gpu_v_h100_2900586.log`) and memcheck of the router, dispatch, modular, layer and contiguous tests
 # (`memcheck_h100_2900586.log`).
+#
+# No layer run has been made since, so the batched dispatch without its per-forward pad (5bdcb49, `07`) has no
+# numbers here yet. Its tests have run: the whole GPU suite at 177125d (an H100, 2026-12-07, 8 workers, 309 s,
+# `pytest_gpu_v_h100_177125d.log`): 361 passed, `test_layer_cuda_graphs` among them, and 1 failed. The failure was a
+# test new in that tree, which imported a class that the device's transformers 5.17 does not have; it was fixed at
+# 203bf36 and passes on 5.17 and 5.25 on the CPU. The memcheck of the batched GEMM's real-shape, split-K and
+# bad-launch tests and of the dispatch tests ran at the same tree: 11 passed, 0 errors
+# (`memcheck_owed_h100_177125d.log`).
 
 # %%
 layer_h100_tree = load_bench_layer("bench/layer_bench_h100_2900586.json")
