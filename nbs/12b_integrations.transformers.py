@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib, warnings, weakref
 from dataclasses import dataclass
 import torch
-from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+from transformers.integrations.moe import ExpertsInterface, ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.activations import SiLUActivation
 from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype, FLOAT_DTYPES, gradient_wanted
 from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved
@@ -237,24 +237,32 @@ class ExpertsRecipe:
 #| export
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 
-def _check_unquantized(module: torch.nn.Module):
-    """ValueError naming the module's class when an expert weight (a tensor of 3 or more dims under one of
-    `_EXPERT_WEIGHTS`' names) is not in a float dtype moe-lit computes in: a quantized checkpoint (FP8
-    `float8_e4m3fn`; MXFP4 packed in `uint8`, 3-D or, in transformers 5.17, 4-D) that transformers runs through its
-    own quantized experts classes, which `"moe_lit"` does not replace."""
+def _check_unquantized(module: torch.nn.Module,  # an experts module
+                       plain: bool = False,       # also refuse a tensor subclass (check_model: a torchao-style weight)
+                      ):
+    """ValueError naming the module's class when an expert weight (an attribute under one of `_EXPERT_WEIGHTS`' names)
+    is not a tensor in a float dtype moe-lit computes in: the codes of a quantized checkpoint (FP8 `float8_e4m3fn`;
+    MXFP4 packed in `uint8`, 3-D, in transformers 5.17 4-D, or, once its kernels have loaded them, a
+    `triton_kernels` tensor that is no `torch.Tensor` at all) that transformers runs with its own experts classes,
+    which `"moe_lit"` does not replace. With `plain`, a tensor subclass is refused too, even one that reports a float
+    dtype."""
     for w in _EXPERT_WEIGHTS:
         t = getattr(module, w, None)
-        if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.dtype not in FLOAT_DTYPES:
-            raise ValueError(
-                f"{type(module).__name__}: quantized expert weights ({w} is {t.dtype}); 'moe_lit' runs the experts "
-                f"of bf16, fp16 or fp32 modules, and transformers runs quantized experts with its own code. Load the "
-                f"checkpoint dequantized (quantization_config=FineGrainedFP8Config(dequantize=True) or "
-                f"Mxfp4Config(dequantize=True)), or run its MoE layers with moe_lit.checkpoint.CheckpointWeights, "
-                f"which keeps FP8-block and MXFP4 weights quantized")
+        if t is None or isinstance(t, torch.nn.Module): continue
+        if not isinstance(t, torch.Tensor): got = f"a {type(t).__module__}.{type(t).__name__}, not a torch.Tensor"
+        elif t.dtype not in FLOAT_DTYPES: got = str(t.dtype)
+        elif plain and type(t) not in (torch.Tensor, torch.nn.Parameter): got = f"a tensor subclass {type(t).__name__}"
+        else: continue
+        raise ValueError(
+            f"{type(module).__name__}: expert weight {w} is {got}; 'moe_lit' reads plain tensors in "
+            f"{', '.join(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)}. A quantized checkpoint's experts run "
+            f"with transformers' own code: load it dequantized (quantization_config=FineGrainedFP8Config("
+            f"dequantize=True) or Mxfp4Config(dequantize=True)), or run its MoE layers with "
+            f"moe_lit.checkpoint.CheckpointWeights, which keeps FP8-block and MXFP4 weights quantized")
 
 def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
     """The activation and layout moe-lit needs for a transformers experts module. ValueError naming the module's class
-    when it cannot run it: quantized expert weights (a float8 or packed-uint8 dtype), no `@use_experts_implementation` flags, ungated experts, a norm after each expert, a gate
+    when it cannot run it: quantized expert weights (not a tensor, or not in a float dtype: `_check_unquantized`), no `@use_experts_implementation` flags, ungated experts, a norm after each expert, a gate
     function none of `GATE_RULES` reproduces, an `act_fn` other than SiLU where the gate calls it, or flags that
     contradict the module (`is_concatenated`, `has_bias`; `alpha`/`limit` not positive). Source:
     transformers' experts interface (`integrations/moe.py`)."""
@@ -461,11 +469,13 @@ def _is_ours(fn) -> bool:
     return getattr(fn, "is_moe_lit", False) is True
 
 def _registries() -> tuple:
-    """transformers' experts registries: `ExpertsInterface`, and `FP8ExpertsInterface` where this transformers has it
-    (its `FP8Experts` look their implementation up there; `"moe_lit"` there only says why it cannot run them)."""
-    try: from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
-    except ImportError: return (ExpertsInterface,)
-    return (ExpertsInterface, FP8ExpertsInterface)
+    """transformers' experts registries, the instances its decorated classes look a name up in (an instance's local
+    mapping first, then its class-wide one): `ALL_EXPERTS_FUNCTIONS`, and `ALL_FP8_EXPERTS_FUNCTIONS` where this
+    transformers has it (its `FP8Experts` look their implementation up there; `"moe_lit"` there only says why it cannot
+    run them)."""
+    try: from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+    except ImportError: return (ALL_EXPERTS_FUNCTIONS,)
+    return (ALL_EXPERTS_FUNCTIONS, ALL_FP8_EXPERTS_FUNCTIONS)
 
 def register(name: str = "moe_lit") -> str:
     """Register `moe_lit_experts_forward` as transformers experts implementation `name` (idempotent); returns `name`,
@@ -475,13 +485,13 @@ def register(name: str = "moe_lit") -> str:
     (or another function) already holds. Source: transformers' `ExpertsInterface` (src/transformers/integrations/moe.py)."""
     if not isinstance(name, str) or not name: raise ValueError(f"name: expected a non-empty str, got {name!r}")
     registries = _registries()
-    held = [r._global_mapping.get(name) for r in registries]
+    held = [r.get(name) for r in registries]
     if name in BUILTIN_EXPERTS or any(h is not None and not _is_ours(h) for h in held):
         # the registry is global: taking a name transformers (or someone else) defines would reroute every model
-        taken = set(BUILTIN_EXPERTS) | {k for r in registries for k, v in r._global_mapping.items() if not _is_ours(v)}
+        taken = set(BUILTIN_EXPERTS) | {k for r in registries for k, v in r.items() if not _is_ours(v)}
         raise ValueError(f"name: expected a name transformers does not already define, got {name!r} "
                          f"(taken: {', '.join(sorted(taken))})")
-    for r in registries: r.register(name, moe_lit_experts_forward)
+    for r in registries: type(r).register(name, moe_lit_experts_forward)
     return name
 
 # %% [markdown]
@@ -514,9 +524,13 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
 # interface (not decorated, or with its own `forward`), and for a model with no MoE block at all. A quantized model is
 # refused first, with what to do instead: transformers swaps a quantized checkpoint's experts for its own classes
 # (`FP8Experts`, which looks its implementation up in a separate FP8 registry, and `Mxfp4GptOssExperts`, which does
-# not dispatch at all), so `"moe_lit"` would raise a `KeyError` mid-forward or run nothing. A block that
+# not dispatch at all), so `"moe_lit"` would raise a `KeyError` mid-forward or run nothing. It looks at every experts
+# module (an MoE block, a module named `experts`, or one with the interface's flags), and an expert weight there must
+# be a plain tensor (not a subclass, nor the `triton_kernels` tensor MXFP4's kernels load) in a float dtype, whatever
+# its rank. A block that
 # dispatches must also have a recipe, so an unsupported one raises too. Last, it checks that every block's config
-# selects `"moe_lit"` — a model loaded without `experts_implementation="moe_lit"` is reachable but runs transformers'
+# selects `"moe_lit"` (looked up as transformers does: a name shadowed in `ALL_EXPERTS_FUNCTIONS`' local mapping is
+# not moe-lit's) — a model loaded without `experts_implementation="moe_lit"` is reachable but runs transformers'
 # own experts (`selected=False` skips this, to ask before switching). It returns `experts_recipes(model)`.
 
 # %%
@@ -529,29 +543,36 @@ def _dispatch_code():
 
 _DISPATCH_CODE = _dispatch_code()
 
+def _has_flags(m: torch.nn.Module) -> bool:
+    "Whether `m` carries the flags `@use_experts_implementation` sets."
+    return all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated"))
+
 def _dispatches(m: torch.nn.Module) -> bool:
     "Whether `m` is an experts module whose forward goes through the experts interface."
     fwd = vars(m).get("forward", type(m).forward)
-    return (all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated"))
+    return (_has_flags(m)
             and (_DISPATCH_CODE is None or getattr(fwd, "__code__", None) is _DISPATCH_CODE))
 
 def check_model(model: torch.nn.Module,
                 selected: bool = True,   # also require each block's config to select "moe_lit" (what runs now)
                ) -> dict[str, ExpertsRecipe]:
     """The MoE blocks whose experts moe-lit runs, `{module name: ExpertsRecipe}` (`experts_recipes`' answer, checked).
-    ValueError if `model` has an MoE block
-    'moe_lit' cannot reach, none at all, or (with `selected`) a block whose config selects an implementation other than
+    ValueError if `model` has an experts module with an expert weight that is not a plain float tensor (a quantized
+    checkpoint: `_check_unquantized`), an MoE block 'moe_lit' cannot reach, none at all, or (with `selected`) a block whose config selects an implementation other than
     one `register` made (a model loaded without `experts_implementation="moe_lit"` runs transformers' own experts);
     naming `model` (not a torch.nn.Module) or `selected` (not a bool). Source: transformers' experts interface and
     `set_experts_implementation`."""
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    for m in model.modules(): _check_unquantized(m)      # first: a quantized class may dispatch or not; this is why
     blocks = {n: m for n, m in model.named_modules()
               if any(isinstance(getattr(m, w, None), torch.Tensor) and getattr(m, w).dim() == 3 for w in _EXPERT_WEIGHTS)
               or (isinstance(m, torch.nn.ModuleList) and n.rsplit(".", 1)[-1] == "experts")}
+    for n, m in model.named_modules():    # first: a quantized class may dispatch or not, and this is why it cannot run
+        if n in blocks or n.rsplit(".", 1)[-1] == "experts" or _has_flags(m): _check_unquantized(m, plain=True)
     if not blocks:
-        raise ValueError(f"model: expected a model with MoE experts modules, got {type(model).__name__} with none")
+        raise ValueError(f"model: expected a model with MoE experts modules (a module with a 3-D expert weight named "
+                         f"{', '.join(_EXPERT_WEIGHTS)}, or a ModuleList named experts), got "
+                         f"{type(model).__name__} with none")
     unreached = {n: type(m).__name__ for n, m in blocks.items() if not _dispatches(m)}
     if unreached:
         classes = ", ".join(sorted(set(unreached.values())))
@@ -566,11 +587,11 @@ def check_model(model: torch.nn.Module,
         other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)
                  for n in recipes}
         other = {n: impl for n, impl in other.items()            # (a name `register` was given: moe-lit's too)
-                 if not _is_ours(ExpertsInterface._global_mapping.get(impl) if isinstance(impl, str) else None)}
+                 if not _is_ours(ALL_EXPERTS_FUNCTIONS.get(impl) if isinstance(impl, str) else None)}
         if other:
             n, impl = next(iter(other.items()))
             unregistered = (isinstance(impl, str) and impl not in BUILTIN_EXPERTS
-                            and impl not in ExpertsInterface._global_mapping)
+                            and impl not in ALL_EXPERTS_FUNCTIONS)
             raise ValueError(f"model: expected experts_implementation 'moe_lit' (or a name register() was given) on "
                              f"every MoE block, got {impl!r}{' (not registered in this process)' if unregistered else ''} on "
                              f"{len(other)} of {len(recipes)} (e.g. {n}): call register(), then load with "
@@ -651,17 +672,44 @@ model = tiny_hf_model("qwen3_moe")                                  # what from_
 replace_with_fp8_linear(model, quantization_config=transformers.FineGrainedFP8Config(weight_block_size=(16, 16)),
                         modules_to_not_convert=["lm_head"])
 model.set_experts_implementation("moe_lit")
-test_fail(lambda: check_model(model), contains="FP8Experts: quantized expert weights (gate_up_proj is torch.float8_e4m3fn)")
-test_fail(lambda: experts_recipes(model), contains="FP8Experts: quantized expert weights")
+test_fail(lambda: check_model(model), contains="FP8Experts: expert weight gate_up_proj is torch.float8_e4m3fn; 'moe_lit' "
+                                              "reads plain tensors in float64, float32, float16, bfloat16")
+test_fail(lambda: experts_recipes(model), contains="FP8Experts: expert weight gate_up_proj is torch.float8_e4m3fn")
 experts = model.model.layers[0].mlp.experts                         # a forward without check_model: the same words,
 hidden = torch.randn(3, model.config.hidden_size)                   # not transformers' KeyError
 test_fail(lambda: experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)),
-          contains="FP8Experts: quantized expert weights")
+          contains="FP8Experts: expert weight gate_up_proj is torch.float8_e4m3fn")
 test_fail(lambda: register("deepgemm_megamoe"), contains="taken: batched_mm, deepgemm, deepgemm_megamoe")
 model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (its experts, without kernels)
 for layer in model.model.layers: layer.mlp.experts = Mxfp4GptOssExperts(model.config)
+test_fail(lambda: check_model(model, selected=False), contains="Mxfp4GptOssExperts: expert weight gate_up_proj is torch.uint8")
+
+class Packed:                                                       # what MXFP4's kernels load: no torch.Tensor
+    def __init__(self, shape): self.shape = shape
+model = tiny_hf_model("gpt_oss")
+experts = Mxfp4GptOssExperts(model.config)
+experts._parameters.pop("gate_up_proj"); experts.gate_up_proj = Packed((4, 32, 16))
+model.model.layers[1].mlp.experts = experts                         # layer 0 left as it was: still refused
+test_fail(lambda: check_model(model, selected=False), contains="Mxfp4GptOssExperts: expert weight gate_up_proj is a ")
 test_fail(lambda: check_model(model, selected=False),
-          contains="Mxfp4GptOssExperts: quantized expert weights (gate_up_proj is torch.uint8)")
+          contains="Packed, not a torch.Tensor; 'moe_lit' reads plain tensors")
+
+class Wrapped(torch.Tensor):                                        # a weight subclass that reports a float dtype
+    pass
+model = tiny_hf_model("mixtral")
+model.set_experts_implementation("moe_lit")
+experts = model.model.layers[0].mlp.experts
+experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().as_subclass(Wrapped), requires_grad=False)
+test_fail(lambda: check_model(model), contains="MixtralExperts: expert weight down_proj is a tensor subclass Wrapped")
+model = tiny_hf_model("mixtral")
+experts = model.model.layers[0].mlp.experts
+experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().flatten(0, 1).to(torch.uint8),
+                                          requires_grad=False)     # packed 2-D: refused whatever its rank
+test_fail(lambda: check_model(model, selected=False), contains="MixtralExperts: expert weight gate_up_proj is torch.uint8")
+test_fail(lambda: experts_recipe(experts), contains="MixtralExperts: expert weight gate_up_proj is torch.uint8")
+model = tiny_hf_model("mixtral")                                    # a 2-D tensor under an expert's name outside the
+model.model.norm.register_buffer("w1", torch.zeros(2, 2, dtype=torch.int64))   # experts modules: not an expert weight
+test_eq(len(check_model(model, selected=False)), 2)
 
 # %% [markdown]
 # ## Tests
@@ -981,6 +1029,13 @@ for name in ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe"):
 with mock.patch.dict(ExpertsInterface._global_mapping, {"theirs": lambda *a: None}):
     test_fail(lambda: register("theirs"), contains="got 'theirs'")
     assert ExpertsInterface._global_mapping["theirs"] is not moe_lit_experts_forward
+register()
+model = tiny_hf_model("mixtral")
+model.set_experts_implementation("moe_lit")
+test_eq(len(check_model(model)), 2)
+with mock.patch.dict(ALL_EXPERTS_FUNCTIONS._local_mapping, {"moe_lit": lambda *a: None}):   # transformers looks a name
+    test_fail(lambda: check_model(model), contains="got 'moe_lit' on 2 of 2")              # up here first: shadowed
+    test_fail(lambda: register(), contains="got 'moe_lit'")
 test_eq(register(), "moe_lit"); test_eq(register(), "moe_lit")
 
 # %% [markdown]

@@ -4,7 +4,7 @@ import pytest
 import importlib, warnings, weakref
 from dataclasses import dataclass
 import torch
-from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+from transformers.integrations.moe import ExpertsInterface, ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.activations import SiLUActivation
 from moe_lit.terms import check_tensor, check_bool, check_positive_real, acc_dtype, FLOAT_DTYPES, gradient_wanted
 from moe_lit.formats import Activation, moe_reference_standard, gate_up_from_interleaved
@@ -99,17 +99,44 @@ def test_quantized_models_refused():
     replace_with_fp8_linear(model, quantization_config=transformers.FineGrainedFP8Config(weight_block_size=(16, 16)),
                             modules_to_not_convert=["lm_head"])
     model.set_experts_implementation("moe_lit")
-    test_fail(lambda: check_model(model), contains="FP8Experts: quantized expert weights (gate_up_proj is torch.float8_e4m3fn)")
-    test_fail(lambda: experts_recipes(model), contains="FP8Experts: quantized expert weights")
+    test_fail(lambda: check_model(model), contains="FP8Experts: expert weight gate_up_proj is torch.float8_e4m3fn; 'moe_lit' "
+                                                  "reads plain tensors in float64, float32, float16, bfloat16")
+    test_fail(lambda: experts_recipes(model), contains="FP8Experts: expert weight gate_up_proj is torch.float8_e4m3fn")
     experts = model.model.layers[0].mlp.experts                         # a forward without check_model: the same words,
     hidden = torch.randn(3, model.config.hidden_size)                   # not transformers' KeyError
     test_fail(lambda: experts(hidden, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)),
-              contains="FP8Experts: quantized expert weights")
+              contains="FP8Experts: expert weight gate_up_proj is torch.float8_e4m3fn")
     test_fail(lambda: register("deepgemm_megamoe"), contains="taken: batched_mm, deepgemm, deepgemm_megamoe")
     model = tiny_hf_model("gpt_oss")                                    # and with an MXFP4 one (its experts, without kernels)
     for layer in model.model.layers: layer.mlp.experts = Mxfp4GptOssExperts(model.config)
+    test_fail(lambda: check_model(model, selected=False), contains="Mxfp4GptOssExperts: expert weight gate_up_proj is torch.uint8")
+
+    class Packed:                                                       # what MXFP4's kernels load: no torch.Tensor
+        def __init__(self, shape): self.shape = shape
+    model = tiny_hf_model("gpt_oss")
+    experts = Mxfp4GptOssExperts(model.config)
+    experts._parameters.pop("gate_up_proj"); experts.gate_up_proj = Packed((4, 32, 16))
+    model.model.layers[1].mlp.experts = experts                         # layer 0 left as it was: still refused
+    test_fail(lambda: check_model(model, selected=False), contains="Mxfp4GptOssExperts: expert weight gate_up_proj is a ")
     test_fail(lambda: check_model(model, selected=False),
-              contains="Mxfp4GptOssExperts: quantized expert weights (gate_up_proj is torch.uint8)")
+              contains="Packed, not a torch.Tensor; 'moe_lit' reads plain tensors")
+
+    class Wrapped(torch.Tensor):                                        # a weight subclass that reports a float dtype
+        pass
+    model = tiny_hf_model("mixtral")
+    model.set_experts_implementation("moe_lit")
+    experts = model.model.layers[0].mlp.experts
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().as_subclass(Wrapped), requires_grad=False)
+    test_fail(lambda: check_model(model), contains="MixtralExperts: expert weight down_proj is a tensor subclass Wrapped")
+    model = tiny_hf_model("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.detach().flatten(0, 1).to(torch.uint8),
+                                              requires_grad=False)     # packed 2-D: refused whatever its rank
+    test_fail(lambda: check_model(model, selected=False), contains="MixtralExperts: expert weight gate_up_proj is torch.uint8")
+    test_fail(lambda: experts_recipe(experts), contains="MixtralExperts: expert weight gate_up_proj is torch.uint8")
+    model = tiny_hf_model("mixtral")                                    # a 2-D tensor under an expert's name outside the
+    model.model.norm.register_buffer("w1", torch.zeros(2, 2, dtype=torch.int64))   # experts modules: not an expert weight
+    test_eq(len(check_model(model, selected=False)), 2)
 
 
 def test_module_matches_eager():
@@ -384,6 +411,13 @@ def test_register_refuses_taken_names():
     with mock.patch.dict(ExpertsInterface._global_mapping, {"theirs": lambda *a: None}):
         test_fail(lambda: register("theirs"), contains="got 'theirs'")
         assert ExpertsInterface._global_mapping["theirs"] is not moe_lit_experts_forward
+    register()
+    model = tiny_hf_model("mixtral")
+    model.set_experts_implementation("moe_lit")
+    test_eq(len(check_model(model)), 2)
+    with mock.patch.dict(ALL_EXPERTS_FUNCTIONS._local_mapping, {"moe_lit": lambda *a: None}):   # transformers looks a name
+        test_fail(lambda: check_model(model), contains="got 'moe_lit' on 2 of 2")              # up here first: shadowed
+        test_fail(lambda: register(), contains="got 'moe_lit'")
     test_eq(register(), "moe_lit"); test_eq(register(), "moe_lit")
 
 
