@@ -688,7 +688,7 @@ class Packed:                                                       # what MXFP4
     def __init__(self, shape): self.shape = shape
 model = tiny_hf_model("gpt_oss")
 experts = Mxfp4GptOssExperts(model.config)
-experts._parameters.pop("gate_up_proj"); experts.gate_up_proj = Packed((4, 32, 16))
+for w in ("gate_up_proj", "down_proj"): experts._parameters.pop(w); setattr(experts, w, Packed((4, 32, 16)))
 model.model.layers[1].mlp.experts = experts                         # layer 0 left as it was: still refused
 test_fail(lambda: check_model(model, selected=False), contains="Mxfp4GptOssExperts: expert weight gate_up_proj is a ")
 test_fail(lambda: check_model(model, selected=False),
