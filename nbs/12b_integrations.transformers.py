@@ -105,8 +105,18 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     dtype, device or shape), `gate_up_proj_bias`, `down_proj_bias` (shape, device, not floating point), `transposed` or
     `interleaved` (not bools). Source: transformers 5's experts layouts (`integrations/moe.py`, gpt-oss's interleaved
     and Llama-4's transposed tensors) turned into vLLM's `w13` / `w2` layout."""
+    check_bool("interleaved", interleaved)
+    w13, w2 = _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed)
+    b13 = gate_up_proj_bias
+    if interleaved:                                                  # gate0 up0 gate1 up1 ... -> gate block, up block
+        w13 = gate_up_from_interleaved(w13)
+        b13 = None if b13 is None else gate_up_from_interleaved(b13)
+    return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
+
+def _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed):
+    "`convert_experts_weights`' checks, and its `(w13, w2)` as views (no copy): what `check_model` runs up front."
     check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
-    check_bool("transposed", transposed); check_bool("interleaved", interleaved)
+    check_bool("transposed", transposed)
     if not gate_up_proj.is_floating_point():
         raise ValueError(f"gate_up_proj: expected a floating-point dtype, got {gate_up_proj.dtype}")
     if down_proj.dtype != gate_up_proj.dtype:
@@ -122,13 +132,9 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     E, N, H = w13.shape
     if N % 2: raise ValueError(f"gate_up_proj: expected an even 2·intermediate_size, got shape {list(gate_up_proj.shape)}")
     check_tensor("down_proj (as [E, H, I])", w2, shape=(E, H, N // 2))
-    b13 = gate_up_proj_bias
-    if b13 is not None: check_tensor("gate_up_proj_bias", b13, shape=(E, N))
+    if gate_up_proj_bias is not None: check_tensor("gate_up_proj_bias", gate_up_proj_bias, shape=(E, N))
     if down_proj_bias is not None: check_tensor("down_proj_bias", down_proj_bias, shape=(E, H))
-    if interleaved:                                                  # gate0 up0 gate1 up1 ... -> gate block, up block
-        w13 = gate_up_from_interleaved(w13)
-        b13 = None if b13 is None else gate_up_from_interleaved(b13)
-    return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
+    return w13, w2
 
 # %% [markdown]
 # A gpt-oss-style expert, written out: transposed and interleaved weights must give the same expert as the converted
@@ -293,7 +299,8 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
                              f"{'present' if present else 'missing or None'}")
     act = Activation(rule.activation, *(check_positive_real(f"{name}.{p}", getattr(module, p, None))
                                         for p in rule.params))
-    return ExpertsRecipe(activation=act, transposed=bool(module.is_transposed), interleaved=rule.interleaved,
+    return ExpertsRecipe(activation=act, transposed=check_bool(f"{name}.is_transposed", module.is_transposed),
+                         interleaved=rule.interleaved,
                          has_bias=has_bias)
 
 # %% [markdown]
@@ -331,7 +338,10 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
 #
 # > **Implementation notes.** A write through `param.data` (`p.data.copy_(...)`) does not bump `p._version` (`.data`
 # > has its own version counter), so it goes unnoticed for copied layouts: call `clear_cache()` after one (the next
-# > forward converts again). Replacing `p.data` with a new tensor is noticed (a new `data_ptr`).
+# > forward converts again). Replacing `p.data` with a new tensor is noticed (a new `data_ptr`). The same holds for a
+# > fused optimizer's step taken while the model ran another implementation (trained with `"eager"`, say, then switched
+# > back to `"moe_lit"`): no moe-lit forward saw the gradient, so nothing dropped the cached copy — call `clear_cache()`
+# > after switching back.
 
 # %%
 #| export
@@ -573,6 +583,8 @@ def check_model(model: torch.nn.Module,
         raise ValueError(f"model: expected a model with MoE experts modules (a module with a 3-D expert weight named "
                          f"{', '.join(_EXPERT_WEIGHTS)}, or a ModuleList named experts), got "
                          f"{type(model).__name__} with none")
+    for m in blocks.values():             # a module with the interface's flags whose own forward overrides the
+        if _has_flags(m) and not _dispatches(m): experts_recipe(m)   # decorator's: its recipe's refusal is the better why
     unreached = {n: type(m).__name__ for n, m in blocks.items() if not _dispatches(m)}
     if unreached:
         classes = ", ".join(sorted(set(unreached.values())))
@@ -583,6 +595,11 @@ def check_model(model: torch.nn.Module,
     recipes = experts_recipes(model)
     for n, m in blocks.items():           # reached, but past experts_recipes' filter (ungated: up_proj, no gate_up_proj)
         if n not in recipes: recipes[n] = experts_recipe(m)     # its reason, naming the class, when moe-lit cannot run it
+    for n, r in recipes.items():          # the weights' own checks, as the forward runs them (views: no copy)
+        m = model.get_submodule(n)
+        try: _checked_views(m.gate_up_proj, m.down_proj, m.gate_up_proj_bias if r.has_bias else None,
+                            m.down_proj_bias if r.has_bias else None, r.transposed)
+        except ValueError as e: raise ValueError(f"{type(m).__name__} ({n}): {e}") from None
     if check_bool("selected", selected):
         other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)
                  for n in recipes}
@@ -653,6 +670,17 @@ model = tiny_hf_model("mixtral")
 experts = model.model.layers[1].mlp.experts
 experts.forward = lambda *a: a[0]                                   # its own forward: bypasses the interface
 test_fail(lambda: check_model(model), contains="MixtralExperts (1 modules, e.g. model.layers.1.mlp.experts)")
+experts.has_gate = False                                            # its own forward, and a recipe that refuses it:
+test_fail(lambda: check_model(model), contains="MixtralExperts: ungated experts")   # that reason, the better one
+model = tiny_hf_model("qwen3_moe")
+model.set_experts_implementation("moe_lit")
+experts = model.model.layers[0].mlp.experts
+experts.gate_up_proj.data = experts.gate_up_proj.data.half()        # the forward would refuse it: so does check_model
+test_fail(lambda: check_model(model), contains="Qwen3MoeExperts (model.layers.0.mlp.experts): down_proj: expected "
+                                              "gate_up_proj's dtype torch.float16, got torch.float32")
+experts.gate_up_proj.data = experts.gate_up_proj.data.float()
+experts.is_transposed = "no"
+test_fail(lambda: check_model(model), contains="Qwen3MoeExperts.is_transposed: expected a bool, got str 'no'")
 model = tiny_hf_model("mixtral", hidden_act="gelu")                 # reached but not runnable: raises too
 test_fail(lambda: check_model(model), contains="MixtralExperts: act_fn GELUActivation")
 base = transformers.AutoConfig.for_model("nemotron_h")              # ungated experts (up_proj, no gate_up_proj):

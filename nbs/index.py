@@ -222,7 +222,8 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # Weights edited in place (`with torch.no_grad(): p.mul_(2)`, an optimizer step, `load_state_dict`) are followed. A
 # write through `p.data` bumps no version counter, so what moe-lit derived from the weight stays as it was: in the
 # transformers integration, the converted copy of a layout it copies (gpt-oss's; Qwen3's and Mixtral's are used as
-# they are) — call `moe_lit.integrations.transformers.clear_cache()` after such a write; in a `FusedMoE`, the router's
+# they are) — call `moe_lit.integrations.transformers.clear_cache()` after such a write, and after a fused
+# optimizer's steps taken while the model ran another experts implementation; in a `FusedMoE`, the router's
 # 16-bit copy of the gate (bf16/fp16 layers) and a quantized layer's codes — call `layer.refresh()`, which re-derives
 # them (a layer built with `debug=True` names the stale one at its next call).
 # `check_model` raises, naming the blocks, for a model whose experts moe-lit cannot reach (Llama-4's: transformers

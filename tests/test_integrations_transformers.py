@@ -80,6 +80,17 @@ def test_check_model():
     experts = model.model.layers[1].mlp.experts
     experts.forward = lambda *a: a[0]                                   # its own forward: bypasses the interface
     test_fail(lambda: check_model(model), contains="MixtralExperts (1 modules, e.g. model.layers.1.mlp.experts)")
+    experts.has_gate = False                                            # its own forward, and a recipe that refuses it:
+    test_fail(lambda: check_model(model), contains="MixtralExperts: ungated experts")   # that reason, the better one
+    model = tiny_hf_model("qwen3_moe")
+    model.set_experts_implementation("moe_lit")
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj.data = experts.gate_up_proj.data.half()        # the forward would refuse it: so does check_model
+    test_fail(lambda: check_model(model), contains="Qwen3MoeExperts (model.layers.0.mlp.experts): down_proj: expected "
+                                                  "gate_up_proj's dtype torch.float16, got torch.float32")
+    experts.gate_up_proj.data = experts.gate_up_proj.data.float()
+    experts.is_transposed = "no"
+    test_fail(lambda: check_model(model), contains="Qwen3MoeExperts.is_transposed: expected a bool, got str 'no'")
     model = tiny_hf_model("mixtral", hidden_act="gelu")                 # reached but not runnable: raises too
     test_fail(lambda: check_model(model), contains="MixtralExperts: act_fn GELUActivation")
     base = transformers.AutoConfig.for_model("nemotron_h")              # ungated experts (up_proj, no gate_up_proj):

@@ -16,7 +16,7 @@ from ..formats import Activation, moe_reference_standard, gate_up_from_interleav
 __all__ = ['GATE_RULES', 'BUILTIN_EXPERTS', 'convert_experts_weights', 'GateRule', 'ExpertsRecipe', 'experts_recipe',
            'clear_cache', 'experts_weights', 'moe_lit_experts_forward', 'register', 'experts_recipes', 'check_model']
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #4f8f04ca26d6
+# %% ../../nbs/12b_integrations.transformers.ipynb #90d31a820570
 def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H, 2·I] when transposed
                             down_proj: torch.Tensor,      # [E, H, I]; [E, I, H] when transposed
                             gate_up_proj_bias: torch.Tensor | None = None,  # [E, 2·I], same order as the columns
@@ -29,8 +29,18 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     dtype, device or shape), `gate_up_proj_bias`, `down_proj_bias` (shape, device, not floating point), `transposed` or
     `interleaved` (not bools). Source: transformers 5's experts layouts (`integrations/moe.py`, gpt-oss's interleaved
     and Llama-4's transposed tensors) turned into vLLM's `w13` / `w2` layout."""
+    check_bool("interleaved", interleaved)
+    w13, w2 = _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed)
+    b13 = gate_up_proj_bias
+    if interleaved:                                                  # gate0 up0 gate1 up1 ... -> gate block, up block
+        w13 = gate_up_from_interleaved(w13)
+        b13 = None if b13 is None else gate_up_from_interleaved(b13)
+    return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
+
+def _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed):
+    "`convert_experts_weights`' checks, and its `(w13, w2)` as views (no copy): what `check_model` runs up front."
     check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
-    check_bool("transposed", transposed); check_bool("interleaved", interleaved)
+    check_bool("transposed", transposed)
     if not gate_up_proj.is_floating_point():
         raise ValueError(f"gate_up_proj: expected a floating-point dtype, got {gate_up_proj.dtype}")
     if down_proj.dtype != gate_up_proj.dtype:
@@ -46,13 +56,9 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     E, N, H = w13.shape
     if N % 2: raise ValueError(f"gate_up_proj: expected an even 2·intermediate_size, got shape {list(gate_up_proj.shape)}")
     check_tensor("down_proj (as [E, H, I])", w2, shape=(E, H, N // 2))
-    b13 = gate_up_proj_bias
-    if b13 is not None: check_tensor("gate_up_proj_bias", b13, shape=(E, N))
+    if gate_up_proj_bias is not None: check_tensor("gate_up_proj_bias", gate_up_proj_bias, shape=(E, N))
     if down_proj_bias is not None: check_tensor("down_proj_bias", down_proj_bias, shape=(E, H))
-    if interleaved:                                                  # gate0 up0 gate1 up1 ... -> gate block, up block
-        w13 = gate_up_from_interleaved(w13)
-        b13 = None if b13 is None else gate_up_from_interleaved(b13)
-    return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
+    return w13, w2
 
 # %% ../../nbs/12b_integrations.transformers.ipynb #376dad4e48de
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ class ExpertsRecipe:
         return (f"ExpertsRecipe(activation={act}, transposed={self.transposed}, interleaved={self.interleaved}, "
                 f"has_bias={self.has_bias})")
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #5a614a04d7f1
+# %% ../../nbs/12b_integrations.transformers.ipynb #ce068eab2198
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 
 def _check_unquantized(module: torch.nn.Module,  # an experts module
@@ -167,7 +173,8 @@ def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
                              f"{'present' if present else 'missing or None'}")
     act = Activation(rule.activation, *(check_positive_real(f"{name}.{p}", getattr(module, p, None))
                                         for p in rule.params))
-    return ExpertsRecipe(activation=act, transposed=bool(module.is_transposed), interleaved=rule.interleaved,
+    return ExpertsRecipe(activation=act, transposed=check_bool(f"{name}.is_transposed", module.is_transposed),
+                         interleaved=rule.interleaved,
                          has_bias=has_bias)
 
 # %% ../../nbs/12b_integrations.transformers.ipynb #3bdc27bb4afc
@@ -317,7 +324,7 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #e8bd286da852
+# %% ../../nbs/12b_integrations.transformers.ipynb #3f6323dccbc6
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
     probe = type("_Probe", (torch.nn.Module,), {"forward": lambda self: None})
@@ -356,6 +363,8 @@ def check_model(model: torch.nn.Module,
         raise ValueError(f"model: expected a model with MoE experts modules (a module with a 3-D expert weight named "
                          f"{', '.join(_EXPERT_WEIGHTS)}, or a ModuleList named experts), got "
                          f"{type(model).__name__} with none")
+    for m in blocks.values():             # a module with the interface's flags whose own forward overrides the
+        if _has_flags(m) and not _dispatches(m): experts_recipe(m)   # decorator's: its recipe's refusal is the better why
     unreached = {n: type(m).__name__ for n, m in blocks.items() if not _dispatches(m)}
     if unreached:
         classes = ", ".join(sorted(set(unreached.values())))
@@ -366,6 +375,11 @@ def check_model(model: torch.nn.Module,
     recipes = experts_recipes(model)
     for n, m in blocks.items():           # reached, but past experts_recipes' filter (ungated: up_proj, no gate_up_proj)
         if n not in recipes: recipes[n] = experts_recipe(m)     # its reason, naming the class, when moe-lit cannot run it
+    for n, r in recipes.items():          # the weights' own checks, as the forward runs them (views: no copy)
+        m = model.get_submodule(n)
+        try: _checked_views(m.gate_up_proj, m.down_proj, m.gate_up_proj_bias if r.has_bias else None,
+                            m.down_proj_bias if r.has_bias else None, r.transposed)
+        except ValueError as e: raise ValueError(f"{type(m).__name__} ({n}): {e}") from None
     if check_bool("selected", selected):
         other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)
                  for n in recipes}
