@@ -14,7 +14,7 @@ import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, triton_imported_interpreting, env_choice
-from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
+from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
 from moe_lit.placement import Placement, PLACEMENT_TABLES, PLACEMENT_STRATEGIES, eplb_replicas, map_to_physical
@@ -30,7 +30,6 @@ from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, record_fills, assert_compiles_for_gpu, check_launch_keys
-from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES
@@ -427,8 +426,14 @@ def _load_experts(self: FusedMoE, source: WeightSource, device: torch.device):
         b2 = None if b2 is None else torch.nn.functional.pad(b2, (0, pad))
     self.qweights, stored = None, self.quant != "unquantized" and source.quant_scheme == self.quant
     if stored:                                                     # the checkpoint's codes: no dequantize -> requantize
-        if pad: raise ValueError(f"quant: expected a deployment without hidden-size padding for {self.quant} codes "
-                                 f"read as stored, got hidden_size {c.hidden_size} padded to {c.padded_hidden_size}")
+        if pad:                                                    # (zero columns would need codes and scales)
+            as_is = [n for n, d in BACKENDS.items() if d.moves_tokens and d.round_up_hidden_size(c.hidden_size) ==
+                     c.hidden_size]
+            raise ValueError(f"quant: expected a deployment without hidden-size padding for {self.quant} codes read "
+                             f"as stored, got hidden_size {c.hidden_size} padded to {c.padded_hidden_size} for "
+                             f"{c.parallel.all2all_backend}'s wire; run them on an all2all that sends this size as it "
+                             f"is ({', '.join(as_is)}), or dequantize them (quant='unquantized'; moe-lit run "
+                             f"--quant unquantized)")
         self.qweights = source.quantized_experts(ids, self.quant).to(device).for_kernels()   # FP4: re-laid once
     elif self.quant != "unquantized":                              # quantize at load
         from moe_lit.quant_weights import quantize_expert_weights

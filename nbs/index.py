@@ -229,11 +229,13 @@ print(sorted(check_model(hf)))              # the MoE blocks whose experts moe-l
 # `check_model` raises, naming the blocks, for a model whose experts moe-lit cannot reach (Llama-4's: transformers
 # does not send them through that interface), and for one loaded without `experts_implementation="moe_lit"` (its
 # blocks run transformers' own experts; `check_model(model, selected=False)` asks only whether moe-lit could reach
-# them), and for a quantized one (transformers runs FP8 and MXFP4 experts with its own classes: load it dequantized,
-# or run its layers with moe-lit as below, which keeps the FP8-block and MXFP4 codes). And the main job on a
+# them), and for a quantized one: on a GPU transformers keeps an FP8 or MXFP4 checkpoint's experts quantized, in its
+# own classes (loading either needs `pip install accelerate`; on a CPU it dequantizes FP8 by itself). Load it
+# dequantized, or run its MoE layers with moe-lit as below (`FusedMoE.from_pretrained`, `moe-lit run --weights`), which
+# keeps the FP8-block and MXFP4 codes. And the main job on a
 # checkpoint's layer: `.venv/bin/moe-lit run --weights CHECKPOINT_DIR --layer N` (any `--ep`/`--all2all` deployment;
 # without `--layer`, the first MoE layer; a pre-quantized checkpoint runs its stored codes unless `--quant` says
-# otherwise). On an expert-parallel deployment, `FusedMoE.from_pretrained(ckpt, N, parallel=...)` builds one rank's
+# otherwise, on an all2all that sends its hidden size unpadded — the error names those that do). On an expert-parallel deployment, `FusedMoE.from_pretrained(ckpt, N, parallel=...)` builds one rank's
 # layer and reads only that rank's experts. Each rank's `forward` adds the shared experts by default: to sum the ranks'
 # outputs for the same tokens, call all ranks but one with `add_shared=False`, as `run_emulated_ep` does. The chapter *Loading a real model*
 # (`12c_real_models`) has the key layouts and the parity with transformers' own blocks for every family.

@@ -258,6 +258,14 @@ def test_run_checkpoint_weights():
             test_eq(main(["run", "--weights", d, "--experts", "triton", "--dtype", "fp32"]), 2)   # codes are named, not --quant
         assert "error: --weights (its stored fp8_w8a8_block codes; no --quant given): expected a bf16 or fp16 layer" in \
             err.getvalue(), err.getvalue()
+        with contextlib.redirect_stderr(io.StringIO()) as err:            # a wire that pads the hidden size: what else runs
+            test_eq(main(["run", "--weights", d, "--ep", "2", "--all2all", "nixl_ep"]), 2)
+        assert ("hidden_size 320 padded to 2048 for nixl_ep's wire; run them on an all2all that sends this size as it is "
+                "(allgather_reducescatter, deepep_high_throughput), or dequantize them (quant='unquantized'; moe-lit run "
+                "--quant unquantized)") in err.getvalue(), err.getvalue()
+        with contextlib.redirect_stdout(io.StringIO()):                   # and both of those do
+            for extra in (["--all2all", "deepep_high_throughput"], ["--all2all", "nixl_ep", "--quant", "unquantized"]):
+                test_eq(main(["run", "--weights", d, "--ep", "2", "--tokens", "3", *extra]), 0)
 
 
 def test_main_errors_name_the_flag():

@@ -7,7 +7,7 @@ import torch
 from fastcore.basics import patch
 from moe_lit.terms import check_int, check_tensor, check_choice, check_bool, check_finite, check_dense, progress, FLOAT_DTYPES, acc_dtype
 from moe_lit.terms import check_device, gradient_wanted, triton_interpreting, triton_imported_interpreting, env_choice
-from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig
+from moe_lit.config import ActivationFormat, MoEConfig, ParallelConfig, BACKENDS
 from collections.abc import Mapping
 from moe_lit.routing import select_experts, router_logits, check_topk_ids
 from moe_lit.placement import Placement, PLACEMENT_TABLES, PLACEMENT_STRATEGIES, eplb_replicas, map_to_physical
@@ -20,7 +20,6 @@ from moe_lit.quant_weights import QUANT_TENSORS, QuantizedExpertWeights
 from moe_lit.formats import expert_mlp
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, record_launches, record_fills, assert_compiles_for_gpu, check_launch_keys
-from moe_lit.config import BACKENDS
 from moe_lit.kernels.batched import DEVICE
 from moe_lit.testing import check_tolerance, check_output
 from moe_lit.quant import QUANT_SCHEMES

@@ -114,7 +114,7 @@ class ExpertsRecipe:
         return (f"ExpertsRecipe(activation={act}, transposed={self.transposed}, interleaved={self.interleaved}, "
                 f"has_bias={self.has_bias})")
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #ce068eab2198
+# %% ../../nbs/12b_integrations.transformers.ipynb #12c40e8747d2
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "up_proj", "gate_proj", "w1", "w2", "w3")
 
 def _check_unquantized(module: torch.nn.Module,  # an experts module
@@ -137,8 +137,9 @@ def _check_unquantized(module: torch.nn.Module,  # an experts module
             f"{type(module).__name__}: expert weight {w} is {got}; 'moe_lit' reads plain tensors in "
             f"{', '.join(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)}. A quantized checkpoint's experts run "
             f"with transformers' own code: load it dequantized (quantization_config=FineGrainedFP8Config("
-            f"dequantize=True) or Mxfp4Config(dequantize=True)), or run its MoE layers with "
-            f"moe_lit.checkpoint.CheckpointWeights, which keeps FP8-block and MXFP4 weights quantized")
+            f"dequantize=True) or Mxfp4Config(dequantize=True); transformers needs accelerate for either), or run "
+            f"its MoE layers with moe-lit, which keeps FP8-block and MXFP4 codes as stored: "
+            f"FusedMoE.from_pretrained(checkpoint_dir, layer_index) or moe-lit run --weights CHECKPOINT_DIR")
 
 def experts_recipe(module: torch.nn.Module) -> ExpertsRecipe:
     """The activation and layout moe-lit needs for a transformers experts module. ValueError naming the module's class
