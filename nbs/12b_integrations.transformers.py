@@ -106,14 +106,14 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     `interleaved` (not bools). Source: transformers 5's experts layouts (`integrations/moe.py`, gpt-oss's interleaved
     and Llama-4's transposed tensors) turned into vLLM's `w13` / `w2` layout."""
     check_bool("interleaved", interleaved)
-    w13, w2 = _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed)
+    w13, w2 = _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed=transposed)
     b13 = gate_up_proj_bias
     if interleaved:                                                  # gate0 up0 gate1 up1 ... -> gate block, up block
         w13 = gate_up_from_interleaved(w13)
         b13 = None if b13 is None else gate_up_from_interleaved(b13)
     return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
 
-def _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed):
+def _checked_views(gate_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None, transposed=False):
     "`convert_experts_weights`' checks, and its `(w13, w2)` as views (no copy): what `check_model` runs up front."
     check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
     check_bool("transposed", transposed)
@@ -363,6 +363,11 @@ def clear_cache() -> int:
 
 # %%
 #| export
+def _expert_tensors(module: torch.nn.Module, recipe: ExpertsRecipe) -> tuple:
+    "The module's tensors its recipe reads, in `convert_experts_weights`' order: `gate_up_proj`, `down_proj` (+ biases)."
+    names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if recipe.has_bias else ())
+    return tuple(getattr(module, n) for n in names)
+
 def experts_weights(module: torch.nn.Module,     # a transformers experts module
                     recipe: ExpertsRecipe | None = None,  # experts_recipe(module), if already computed
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -372,8 +377,7 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
     tensor); a UserWarning, once per module, for inference-tensor weights (converted at every call). Source: moe-lit's
     own cache over `convert_experts_weights`."""
     recipe = experts_recipe(module) if recipe is None else recipe
-    names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if recipe.has_bias else ())
-    src = tuple(getattr(module, n) for n in names)
+    src = _expert_tensors(module, recipe)
     if not recipe.transposed and not recipe.interleaved:             # moe-lit's layout already: no copy, no cache
         return convert_experts_weights(*src)
     convert = lambda: convert_experts_weights(*src, transposed=recipe.transposed, interleaved=recipe.interleaved)
@@ -598,8 +602,7 @@ def check_model(model: torch.nn.Module,
         if n not in recipes: recipes[n] = experts_recipe(m)     # its reason, naming the class, when moe-lit cannot run it
     for n, r in recipes.items():          # the weights' own checks, as the forward runs them (views: no copy)
         m = model.get_submodule(n)
-        try: _checked_views(m.gate_up_proj, m.down_proj, m.gate_up_proj_bias if r.has_bias else None,
-                            m.down_proj_bias if r.has_bias else None, r.transposed)
+        try: _checked_views(*_expert_tensors(m, r), transposed=r.transposed)
         except ValueError as e: raise ValueError(f"{type(m).__name__} ({n}): {e}") from None
     if check_bool("selected", selected):
         other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)

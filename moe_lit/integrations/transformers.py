@@ -16,7 +16,7 @@ from ..formats import Activation, moe_reference_standard, gate_up_from_interleav
 __all__ = ['GATE_RULES', 'BUILTIN_EXPERTS', 'convert_experts_weights', 'GateRule', 'ExpertsRecipe', 'experts_recipe',
            'clear_cache', 'experts_weights', 'moe_lit_experts_forward', 'register', 'experts_recipes', 'check_model']
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #90d31a820570
+# %% ../../nbs/12b_integrations.transformers.ipynb #ca7a0fd3219d
 def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H, 2·I] when transposed
                             down_proj: torch.Tensor,      # [E, H, I]; [E, I, H] when transposed
                             gate_up_proj_bias: torch.Tensor | None = None,  # [E, 2·I], same order as the columns
@@ -30,14 +30,14 @@ def convert_experts_weights(gate_up_proj: torch.Tensor,   # [E, 2·I, H]; [E, H,
     `interleaved` (not bools). Source: transformers 5's experts layouts (`integrations/moe.py`, gpt-oss's interleaved
     and Llama-4's transposed tensors) turned into vLLM's `w13` / `w2` layout."""
     check_bool("interleaved", interleaved)
-    w13, w2 = _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed)
+    w13, w2 = _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed=transposed)
     b13 = gate_up_proj_bias
     if interleaved:                                                  # gate0 up0 gate1 up1 ... -> gate block, up block
         w13 = gate_up_from_interleaved(w13)
         b13 = None if b13 is None else gate_up_from_interleaved(b13)
     return w13.contiguous(), w2.contiguous(), b13, down_proj_bias   # .contiguous(): no copy when already contiguous
 
-def _checked_views(gate_up_proj, down_proj, gate_up_proj_bias, down_proj_bias, transposed):
+def _checked_views(gate_up_proj, down_proj, gate_up_proj_bias=None, down_proj_bias=None, transposed=False):
     "`convert_experts_weights`' checks, and its `(w13, w2)` as views (no copy): what `check_model` runs up front."
     check_tensor("gate_up_proj", gate_up_proj, ndim=3); check_tensor("down_proj", down_proj, ndim=3)
     check_bool("transposed", transposed)
@@ -194,7 +194,12 @@ def clear_cache() -> int:
     _CACHE.clear()
     return n
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #244a2c8f8c24
+# %% ../../nbs/12b_integrations.transformers.ipynb #18ca9f2b00db
+def _expert_tensors(module: torch.nn.Module, recipe: ExpertsRecipe) -> tuple:
+    "The module's tensors its recipe reads, in `convert_experts_weights`' order: `gate_up_proj`, `down_proj` (+ biases)."
+    names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if recipe.has_bias else ())
+    return tuple(getattr(module, n) for n in names)
+
 def experts_weights(module: torch.nn.Module,     # a transformers experts module
                     recipe: ExpertsRecipe | None = None,  # experts_recipe(module), if already computed
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -204,8 +209,7 @@ def experts_weights(module: torch.nn.Module,     # a transformers experts module
     tensor); a UserWarning, once per module, for inference-tensor weights (converted at every call). Source: moe-lit's
     own cache over `convert_experts_weights`."""
     recipe = experts_recipe(module) if recipe is None else recipe
-    names = ("gate_up_proj", "down_proj") + (("gate_up_proj_bias", "down_proj_bias") if recipe.has_bias else ())
-    src = tuple(getattr(module, n) for n in names)
+    src = _expert_tensors(module, recipe)
     if not recipe.transposed and not recipe.interleaved:             # moe-lit's layout already: no copy, no cache
         return convert_experts_weights(*src)
     convert = lambda: convert_experts_weights(*src, transposed=recipe.transposed, interleaved=recipe.interleaved)
@@ -325,7 +329,7 @@ def experts_recipes(model: torch.nn.Module) -> dict[str, ExpertsRecipe]:
     return {n: experts_recipe(m) for n, m in model.named_modules()
             if all(hasattr(m, a) for a in ("has_gate", "is_transposed", "is_concatenated", "gate_up_proj"))}
 
-# %% ../../nbs/12b_integrations.transformers.ipynb #3f6323dccbc6
+# %% ../../nbs/12b_integrations.transformers.ipynb #ffa230f9110d
 def _dispatch_code():
     "The code of the decorator's forward, which every decorated class shares (None if this transformers differs)."
     probe = type("_Probe", (torch.nn.Module,), {"forward": lambda self: None})
@@ -378,8 +382,7 @@ def check_model(model: torch.nn.Module,
         if n not in recipes: recipes[n] = experts_recipe(m)     # its reason, naming the class, when moe-lit cannot run it
     for n, r in recipes.items():          # the weights' own checks, as the forward runs them (views: no copy)
         m = model.get_submodule(n)
-        try: _checked_views(m.gate_up_proj, m.down_proj, m.gate_up_proj_bias if r.has_bias else None,
-                            m.down_proj_bias if r.has_bias else None, r.transposed)
+        try: _checked_views(*_expert_tensors(m, r), transposed=r.transposed)
         except ValueError as e: raise ValueError(f"{type(m).__name__} ({n}): {e}") from None
     if check_bool("selected", selected):
         other = {n: getattr(getattr(model.get_submodule(n), "config", None), "_experts_implementation", None)
