@@ -434,8 +434,8 @@ test_fail(lambda: format_tables({"model": "x"}), contains="tables: expected the 
 # ## The entry point
 #
 # Every option's help shows its default, or what leaving it unset means. Errors from the command line name the flag
-# that set the bad value (`--tokens`, not `num_tokens`), and a closed output pipe (`moe-lit tables | head -1`) ends
-# the command quietly. The exit status, which `--help` also gives: 0 when every check passes, 1 when a check of
+# that set the bad value (`--tokens`, not `num_tokens`), and an output pipe closed before the command has written
+# everything (`moe-lit tables --model deepseek-v3 --ep 256 --all2all nixl_ep --json | head -c 10`) ends it quietly. The exit status, which `--help` also gives: 0 when every check passes, 1 when a check of
 # `run` fails, 2 on bad input (and when the model does not fit the machine's memory, or `bench` finds no CUDA GPU),
 # 141 on a closed pipe. `run --distributed` reports its errors as the torchrun job does (`moe-lit distributed: rank
 # R: error: ...`), since every rank prints them.

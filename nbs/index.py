@@ -92,7 +92,9 @@
 #   `run`, `--device` is where the layer runs: `auto`, `cpu` or `cuda`.
 # - **Exit status** (also in `--help`): 0 when every check passes, 1 when a check of `run` fails, 2 on bad input (the
 #   message names the flag), on a model too large for the machine's memory, or for `bench` without a CUDA GPU; 141
-#   when the output pipe closes early (`moe-lit tables --model deepseek-v3 --ep 8 --all2all nixl_ep | head -1`).
+#   when the output pipe closes before the command has written everything (an output larger than the pipe's buffer:
+#   `moe-lit tables --model deepseek-v3 --ep 256 --all2all nixl_ep --json | head -c 10`, about 550 kB; a short
+#   output written whole before the reader closes ends with 0).
 # - **Quantized experts.** `moe-lit run --quant fp8` (short for `fp8_w8a8_block`; also `mxfp4`, `nvfp4` and the other
 #   schemes `--help` lists) quantizes the experts at load, one expert at a time, and checks against the dequantized
 #   weights. On 2 idle CPU cores the default model takes 4–7 s unquantized, about 16 s with FP8 (5 minutes was
