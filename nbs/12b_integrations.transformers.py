@@ -24,6 +24,8 @@ import transformers
 from fastcore.test import test_eq, test_fail
 from moe_lit.testing import assert_close, tiny_hf_model, hf_moe_block, TINY_HF
 from moe_lit.integrations.transformers import _weight_key
+from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
 
 # %% [markdown]
 # In this notebook: `register`, which makes `"moe_lit"` an experts implementation of transformers; the pieces it is
@@ -697,8 +699,6 @@ test_fail(lambda: check_model(model, selected=False), contains="NemotronHExperts
 
 # %%
 #| test quantized_models_refused
-from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
-from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
 register()
 model = tiny_hf_model("qwen3_moe")                                  # what from_pretrained does with an FP8 checkpoint
 replace_with_fp8_linear(model, quantization_config=transformers.FineGrainedFP8Config(weight_block_size=(16, 16)),
